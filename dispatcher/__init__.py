@@ -1,0 +1,64 @@
+"""LinchKit plugin dispatcher: call plugin methods wherever they run.
+
+from dispatcher import Dispatcher
+
+async with Dispatcher.from_file("plugins.yaml") as d:
+    result = await d.call("echo", "say", {"text": "hi"})
+"""
+
+from dispatcher._dispatcher import Call, Dispatcher, TargetHealth
+from dispatcher.config import (
+    Manifest,
+    MethodSpec,
+    PluginSpec,
+    Policies,
+    load_manifest,
+    parse_manifest,
+)
+from dispatcher.errors import (
+    CircuitOpen,
+    DeadlineExceeded,
+    DispatchError,
+    Forbidden,
+    InvalidParams,
+    ManifestError,
+    ManifestProblem,
+    MethodNotFound,
+    Overloaded,
+    PluginError,
+    PluginNotFound,
+    ProviderError,
+    RateLimited,
+    TargetUnavailable,
+    Unauthorized,
+)
+from dispatcher.invocation import Invocation, Outcome
+
+__all__ = [
+    "Call",
+    "CircuitOpen",
+    "DeadlineExceeded",
+    "DispatchError",
+    "Dispatcher",
+    "Forbidden",
+    "InvalidParams",
+    "Invocation",
+    "Manifest",
+    "ManifestError",
+    "ManifestProblem",
+    "MethodNotFound",
+    "MethodSpec",
+    "Outcome",
+    "Overloaded",
+    "PluginError",
+    "PluginNotFound",
+    "PluginSpec",
+    "Policies",
+    "ProviderError",
+    "RateLimited",
+    "TargetHealth",
+    "TargetUnavailable",
+    "Unauthorized",
+    "load_manifest",
+    "parse_manifest",
+]

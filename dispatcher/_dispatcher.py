@@ -1,0 +1,354 @@
+"""``Dispatcher``: what the host calls.
+
+It resolves ``plugin.method`` to a route built once when the dispatcher starts (target,
+provider, compiled params schema, deadline), then hands the invocation to the provider.
+Routes are immutable after start, so the hot path is two dict lookups and one await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
+
+from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
+from dispatcher.errors import (
+    DeadlineExceeded,
+    DispatchError,
+    InvalidParams,
+    MethodNotFound,
+    PluginNotFound,
+)
+from dispatcher.invocation import Invocation, new_request_id
+from providers import provider_classes
+from providers.base import Health, Provider, TargetConfig
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["Call", "Dispatcher", "TargetHealth"]
+
+log = logging.getLogger("dispatcher")
+
+EventHandler = Callable[[str, Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call for ``Dispatcher.call_many``; a plain ``(plugin, method, params)`` tuple works too."""
+
+    plugin: str
+    method: str
+    params: Any = None
+    caller: str | None = None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TargetHealth:
+    plugin: str
+    version: str
+    target: str
+    health: Health
+
+
+class _Route:
+    """Everything a call of one method needs, resolved once."""
+
+    __slots__ = ("invoke", "method", "plugin", "timeout", "validate", "version")
+
+    def __init__(self, plugin: PluginSpec[Any], method: str, provider: Provider[Any]) -> None:
+        target = plugin.target_of(method)
+        policies = plugin.policies_of(method)
+        self.plugin = plugin.id
+        self.version = plugin.version
+        self.method = method
+        self.timeout = (policies.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
+        self.validate = _params_validator(plugin.methods[method].params_schema)
+        self.invoke = _bind(provider, target)
+
+
+def _bind(provider: Provider[Any], target: TargetConfig) -> Callable[[Invocation], Any]:
+    invoke = provider.invoke
+
+    def call_target(invocation: Invocation) -> Any:
+        return invoke(target, invocation)
+
+    return call_target
+
+
+def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | None:
+    if schema is None:
+        return None
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    validator = Draft202012Validator(schema)
+
+    def validate(params: Any) -> None:
+        error = best_match(validator.iter_errors(params))
+        if error is not None:
+            where = "params" + "".join(f"[{part!r}]" for part in error.absolute_path)
+            raise InvalidParams(
+                f"{where}: {error.message}", details={"schema_path": list(error.schema_path)}
+            )
+
+    return validate
+
+
+class Dispatcher:
+    """Calls plugin methods on their function targets.
+
+    Use it as an async context manager: entering starts every provider and plugin,
+    leaving stops them and closes every client, task and process they opened.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest[Any],
+        *,
+        providers: dict[str, Provider[Any]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.manifest = manifest
+        self._clock = clock
+        self._handlers: dict[tuple[str, str], list[EventHandler]] = defaultdict(list)
+        self._providers = providers if providers is not None else self._make_providers()
+        for provider in self._providers.values():
+            provider.event_sink = self._emit
+        self._event_tasks: set[asyncio.Task[Any]] = set()
+        self._latest: dict[str, dict[str, _Route]] = {}
+        self._versions: dict[tuple[str, str], dict[str, _Route]] = {}
+        self._attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]] = []
+        self._started_providers: list[Provider[Any]] = []
+        self._state = "new"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], **options: Any) -> Self:
+        """A dispatcher for the manifest at ``path`` (YAML or TOML)."""
+        return cls(load_manifest(path), **options)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"a dispatcher starts once; this one is {self._state}")
+        self._state = "starting"
+        try:
+            for provider in self._providers.values():
+                await provider.start()
+                self._started_providers.append(provider)
+            for plugin in self.manifest.plugins:
+                await self._attach(plugin)
+        except BaseException:
+            await self.aclose()
+            raise
+        self._state = "running"
+
+    async def aclose(self) -> None:
+        """Stop every plugin (in reverse start order), then close every provider."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        self._latest.clear()
+        self._versions.clear()
+        for task in list(self._event_tasks):
+            task.cancel()
+        await asyncio.gather(*self._event_tasks, return_exceptions=True)
+        while self._attached:
+            provider, plugin, target = self._attached.pop()
+            try:
+                await provider.detach(plugin, target)
+            except Exception:
+                log.exception("detaching %s from %s failed", plugin.key, target.describe())
+        while self._started_providers:
+            provider = self._started_providers.pop()
+            try:
+                await provider.aclose()
+            except Exception:
+                log.exception("closing provider %s failed", provider.name)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- calls -----------------------------------------------------------------------
+
+    async def call(
+        self,
+        plugin: str,
+        method: str,
+        params: Any = None,
+        *,
+        version: str | None = None,
+        caller: str | None = None,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+        idempotency_key: str | None = None,
+        request_id: str | None = None,
+    ) -> Any:
+        """Call ``plugin.method`` with ``params`` and return its result.
+
+        ``timeout`` (seconds) overrides the method's ``timeout_ms`` and bounds the whole
+        call. Raises a ``DispatchError`` subclass on any failure.
+        """
+        route = self._route(plugin, method, version)
+        if params is None:
+            params = {}
+        if route.validate is not None:
+            route.validate(params)
+        budget = route.timeout if timeout is None else timeout
+        if budget <= 0:
+            raise DeadlineExceeded(f"{plugin}.{method} was given no time (timeout={timeout})")
+        invocation = Invocation(
+            plugin=route.plugin,
+            version=route.version,
+            method=method,
+            params=params,
+            deadline=self._clock() + budget,
+            request_id=request_id or new_request_id(),
+            caller=caller,
+            traceparent=traceparent,
+            idempotency_key=idempotency_key,
+        )
+        return await route.invoke(invocation)
+
+    async def call_many(
+        self,
+        calls: Iterable[Call | tuple[str, str] | tuple[str, str, Any]],
+        *,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Run several calls concurrently; results in the order of ``calls``.
+
+        Every call runs to its end. Then, unless ``return_exceptions``, the first error
+        (in call order) is raised; with it, errors take the place of their results.
+        """
+        pending = [self._one(item) for item in calls]
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return results
+
+    def _one(self, item: Call | tuple[str, str] | tuple[str, str, Any]) -> Any:
+        if isinstance(item, Call):
+            return self.call(
+                item.plugin, item.method, item.params, caller=item.caller, timeout=item.timeout
+            )
+        return self.call(*item)
+
+    # -- introspection -----------------------------------------------------------------
+
+    async def health(self, *, timeout: float = 5.0) -> list[TargetHealth]:
+        """Probe every target of every plugin, concurrently."""
+        checks: list[tuple[PluginSpec[Any], TargetConfig]] = [
+            (plugin, target) for plugin in self.manifest.plugins for target in plugin.targets()
+        ]
+        reports = await asyncio.gather(*(self._probe(target, timeout) for _, target in checks))
+        return [
+            TargetHealth(plugin.id, plugin.version, target.describe(), report)
+            for (plugin, target), report in zip(checks, reports, strict=True)
+        ]
+
+    def on(self, plugin: str, event: str, handler: EventHandler) -> None:
+        """Run ``handler(event, data)`` whenever ``plugin`` emits ``event`` (``"*"``: any event)."""
+        self._handlers[(plugin, event)].append(handler)
+
+    @property
+    def providers(self) -> dict[str, Provider[Any]]:
+        return dict(self._providers)
+
+    def __repr__(self) -> str:
+        plugins = ", ".join(plugin.key for plugin in self.manifest.plugins)
+        return f"<Dispatcher {self._state} plugins=[{plugins}]>"
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _route(self, plugin: str, method: str, version: str | None) -> _Route:
+        methods = (
+            self._latest.get(plugin) if version is None else self._versions.get((plugin, version))
+        )
+        if methods is None:
+            raise self._plugin_not_found(plugin, version)
+        route = methods.get(method)
+        if route is None:
+            known = ", ".join(sorted(methods))
+            raise MethodNotFound(f"plugin {plugin!r} has no method {method!r}; it has: {known}")
+        return route
+
+    def _plugin_not_found(self, plugin: str, version: str | None) -> DispatchError:
+        if self._state != "running":
+            return PluginNotFound(f"the dispatcher is {self._state}; call it inside 'async with'")
+        wanted = plugin if version is None else f"{plugin}@{version}"
+        known = ", ".join(sorted(f"{p}@{v}" for p, v in self._versions)) or "none"
+        return PluginNotFound(f"no plugin {wanted!r} in the manifest; known: {known}")
+
+    async def _attach(self, plugin: PluginSpec[Any]) -> None:
+        for target in plugin.targets():
+            provider = self._providers[target.provider]
+            await provider.attach(plugin, target)
+            self._attached.append((provider, plugin, target))
+        routes = {
+            name: _Route(plugin, name, self._providers[plugin.target_of(name).provider])
+            for name in plugin.methods
+        }
+        self._versions[(plugin.id, plugin.version)] = routes
+        current = self._latest_version(plugin.id)
+        if current is None or _version_key(plugin.version) > _version_key(current):
+            self._latest[plugin.id] = routes
+
+    def _latest_version(self, plugin_id: str) -> str | None:
+        routes = self._latest.get(plugin_id)
+        return next(iter(routes.values())).version if routes else None
+
+    async def _probe(self, target: TargetConfig, timeout: float) -> Health:
+        provider = self._providers[target.provider]
+        try:
+            async with asyncio.timeout(timeout):
+                return await provider.health(target)
+        except TimeoutError:
+            return Health("not_serving", f"no health answer within {timeout:.1f} s")
+        except Exception as error:
+            return Health("unknown", f"health probe failed: {error!r}")
+
+    def _make_providers(self) -> dict[str, Provider[Any]]:
+        used = {target.provider for plugin in self.manifest.plugins for target in plugin.targets()}
+        classes = provider_classes()
+        providers: dict[str, Provider[Any]] = {}
+        for name in sorted(used):
+            providers[name] = classes[name]()
+        return providers
+
+    def _emit(self, plugin: str, event: str, data: Any) -> None:
+        for handler in (
+            *self._handlers.get((plugin, event), ()),
+            *self._handlers.get((plugin, "*"), ()),
+        ):
+            try:
+                outcome = handler(event, data)
+                if asyncio.iscoroutine(outcome):
+                    task = asyncio.get_running_loop().create_task(outcome)
+                    self._event_tasks.add(task)
+                    task.add_done_callback(self._event_tasks.discard)
+            except Exception:
+                log.exception("event handler for %s/%s failed", plugin, event)
+
+
+def _version_key(version: str) -> tuple[Sequence[int], bool, str]:
+    core, _, rest = version.partition("+")[0].partition("-")
+    return tuple(int(part) for part in core.split(".")), not rest, rest

@@ -1,0 +1,241 @@
+"""The errors a caller of the dispatcher can see.
+
+Every failure of a call is one of these, whatever the transport underneath.
+Providers translate their vendor's exceptions at their boundary (``raise … from exc``);
+nothing from aiohttp, botocore or grpc reaches a caller.
+
+    DispatchError                 type                  retryable
+    ├── PluginNotFound            plugin_not_found      no
+    ├── MethodNotFound            method_not_found      no
+    ├── InvalidParams             invalid_params        no
+    ├── Unauthorized              unauthorized          no
+    ├── Forbidden                 forbidden             no
+    ├── RateLimited               rate_limited          yes (retry_after)
+    ├── Overloaded                overloaded            yes
+    ├── CircuitOpen               circuit_open          yes (retry_after)
+    ├── DeadlineExceeded          deadline_exceeded     yes, with a new deadline
+    ├── TargetUnavailable         target_unavailable    yes
+    ├── PluginError               plugin_error          as the plugin says
+    └── ProviderError             provider_error        no
+
+``type`` is stable and travels on the wire (``docs/protocol.md``); ``retryable`` tells
+the retry policy whether another attempt may succeed; ``retry_after`` (seconds) is set
+when the target or a policy knows when to come back.
+
+``ManifestError`` is not a call failure: it is raised when a manifest cannot be loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "CircuitOpen",
+    "DeadlineExceeded",
+    "DispatchError",
+    "Forbidden",
+    "InvalidParams",
+    "ManifestError",
+    "ManifestProblem",
+    "MethodNotFound",
+    "Overloaded",
+    "PluginError",
+    "PluginNotFound",
+    "ProviderError",
+    "RateLimited",
+    "TargetUnavailable",
+    "Unauthorized",
+    "error_from_wire",
+]
+
+
+class DispatchError(Exception):
+    """Base of every error a call can end with."""
+
+    type: ClassVar[str] = "dispatch_error"
+    default_retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = self.default_retryable if retryable is None else retryable
+        self.retry_after = retry_after
+        self.details: dict[str, Any] = dict(details) if details else {}
+
+    def to_wire(self) -> dict[str, Any]:
+        """The ``error`` object of a response envelope."""
+        wire: dict[str, Any] = {
+            "type": self.type,
+            "message": self.message,
+            "retryable": self.retryable,
+        }
+        if self.details:
+            wire["details"] = self.details
+        if self.retry_after is not None:
+            wire["retry_after"] = self.retry_after
+        return wire
+
+    def __repr__(self) -> str:
+        extra = f", retry_after={self.retry_after}" if self.retry_after is not None else ""
+        return f"{type(self).__name__}({self.message!r}, retryable={self.retryable}{extra})"
+
+
+class PluginNotFound(DispatchError):
+    type = "plugin_not_found"
+
+
+class MethodNotFound(DispatchError):
+    type = "method_not_found"
+
+
+class InvalidParams(DispatchError):
+    type = "invalid_params"
+
+
+class Unauthorized(DispatchError):
+    type = "unauthorized"
+
+
+class Forbidden(DispatchError):
+    type = "forbidden"
+
+
+class RateLimited(DispatchError):
+    type = "rate_limited"
+    default_retryable = True
+
+
+class Overloaded(DispatchError):
+    """A bulkhead is full: too many calls already in flight or waiting."""
+
+    type = "overloaded"
+    default_retryable = True
+
+
+class CircuitOpen(DispatchError):
+    type = "circuit_open"
+    default_retryable = True
+
+
+class DeadlineExceeded(DispatchError):
+    type = "deadline_exceeded"
+    default_retryable = True
+
+
+class TargetUnavailable(DispatchError):
+    """The target could not be reached or failed as a service (connection, 5xx, crash)."""
+
+    type = "target_unavailable"
+    default_retryable = True
+
+
+class PluginError(DispatchError):
+    """Raised by plugin code. Keeps the plugin's own error type and message."""
+
+    type = "plugin_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        remote_type: str = "Exception",
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, retryable=retryable, retry_after=retry_after, details=details)
+        self.remote_type = remote_type
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = super().to_wire()
+        wire["type"] = self.remote_type
+        return wire
+
+    def __str__(self) -> str:
+        return f"{self.remote_type}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"PluginError({self.remote_type!r}, {self.message!r}, retryable={self.retryable})"
+
+
+class ProviderError(DispatchError):
+    """The provider or target broke the contract (malformed answer, misconfiguration)."""
+
+    type = "provider_error"
+
+
+_BY_TYPE: dict[str, type[DispatchError]] = {
+    cls.type: cls
+    for cls in (
+        PluginNotFound,
+        MethodNotFound,
+        InvalidParams,
+        Unauthorized,
+        Forbidden,
+        RateLimited,
+        Overloaded,
+        CircuitOpen,
+        DeadlineExceeded,
+        TargetUnavailable,
+        ProviderError,
+    )
+}
+
+
+def error_from_wire(error: object) -> DispatchError:
+    """Turn the ``error`` object of a response envelope back into an exception.
+
+    A known ``type`` becomes that class; any other type is the plugin's own error.
+    A malformed error object is itself a contract breach: ``ProviderError``.
+    """
+    if not isinstance(error, dict):
+        return ProviderError(f"target answered a malformed error object: {error!r:.200}")
+    remote_type = error.get("type")
+    message = error.get("message")
+    if not isinstance(remote_type, str) or not isinstance(message, str):
+        return ProviderError(f"target answered an error without type/message: {error!r:.200}")
+    retryable = error.get("retryable")
+    retry_after = error.get("retry_after")
+    details = error.get("details")
+    kwargs: dict[str, Any] = {
+        "retryable": retryable if isinstance(retryable, bool) else None,
+        "retry_after": float(retry_after) if isinstance(retry_after, int | float) else None,
+        "details": details if isinstance(details, dict) else None,
+    }
+    known = _BY_TYPE.get(remote_type)
+    if known is not None:
+        return known(message, **kwargs)
+    return PluginError(message, remote_type=remote_type, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestProblem:
+    """One thing wrong with a manifest, located as precisely as the format allows."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def render(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line is not None else source
+        return f"{where}: {self.path or '<root>'}: {self.message}"
+
+
+class ManifestError(Exception):
+    """The manifest could not be loaded. ``problems`` lists every problem found."""
+
+    def __init__(self, source: str, problems: list[ManifestProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [p.render(source) for p in problems]
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"invalid manifest {source} ({count}):\n  " + "\n  ".join(lines))

@@ -1,0 +1,94 @@
+"""What one call is, and what one item of a batch comes back as.
+
+``Invocation`` is the single input every policy step and every provider receives; it is
+immutable so a retry or a batch can hold it without copying. ``deadline`` is an absolute
+reading of the dispatcher's monotonic clock; on the wire it travels as the milliseconds
+left (``deadline_ms``), because two machines' monotonic clocks mean nothing to each other.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any, Generic, TypeVar
+
+from dispatcher.errors import DispatchError
+
+__all__ = ["Invocation", "Outcome", "new_request_id"]
+
+T = TypeVar("T")
+
+# A process-unique prefix and a counter: unique enough to correlate logs across
+# processes, and ~10x cheaper per call than uuid4 (no syscall for randomness).
+_REQUEST_PREFIX = os.urandom(6).hex()
+_REQUEST_COUNTER = count(1)
+
+
+def new_request_id() -> str:
+    return f"{_REQUEST_PREFIX}-{next(_REQUEST_COUNTER):x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One call of ``plugin.method`` as the providers see it."""
+
+    plugin: str
+    version: str
+    method: str
+    params: Any
+    deadline: float
+    request_id: str
+    caller: str | None = None
+    traceparent: str | None = None
+    idempotency_key: str | None = None
+
+    def remaining(self, now: float | None = None) -> float:
+        """Seconds left before the deadline (negative once it has passed)."""
+        return self.deadline - (time.monotonic() if now is None else now)
+
+    def context_wire(self, now: float | None = None) -> dict[str, Any]:
+        """The envelope's ``context`` object."""
+        context: dict[str, Any] = {
+            "request_id": self.request_id,
+            "deadline_ms": max(0, int(self.remaining(now) * 1000)),
+        }
+        if self.caller is not None:
+            context["caller"] = self.caller
+        if self.traceparent is not None:
+            context["traceparent"] = self.traceparent
+        if self.idempotency_key is not None:
+            context["idempotency_key"] = self.idempotency_key
+        return context
+
+    def request_wire(self, now: float | None = None) -> dict[str, Any]:
+        """The request envelope (``docs/protocol.md``) for this invocation."""
+        return {
+            "v": 1,
+            "plugin": self.plugin,
+            "method": self.method,
+            "params": self.params,
+            "context": self.context_wire(now),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[T]):
+    """The result of one item of a batch: a value or the error that item ended with."""
+
+    result: T | None = None
+    error: DispatchError | None = field(default=None)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+    @classmethod
+    def failure(cls, error: DispatchError) -> Outcome[Any]:
+        return cls(error=error)

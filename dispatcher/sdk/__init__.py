@@ -1,0 +1,28 @@
+"""The Python plugin SDK: write a plugin class once, run it in-process or as an HTTP function.
+
+    from dispatcher.sdk import Plugin
+
+    class Echo(Plugin):
+        async def say(self, text: str) -> dict:
+            return {"text": text}
+
+In-process: ``provider: local`` with ``entrypoint: mymodule:Echo``.
+As an HTTP function: ``dispatcher-plugin serve mymodule:Echo --port 8081``, or
+``create_app(Echo)`` under any ASGI server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dispatcher.errors import PluginError
+from dispatcher.sdk.asgi import PluginApp
+from dispatcher.sdk.host import PluginHost
+from dispatcher.sdk.plugin import Plugin, current_context
+
+__all__ = ["Plugin", "PluginApp", "PluginError", "PluginHost", "create_app", "current_context"]
+
+
+def create_app(plugin_class: type[Any], *, config: dict[str, Any] | None = None) -> PluginApp:
+    """An ASGI app serving a new instance of ``plugin_class``."""
+    return PluginApp(PluginHost(plugin_class()), config=config)

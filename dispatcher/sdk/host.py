@@ -1,0 +1,210 @@
+"""Runs one plugin object: its lifecycle, its methods, and its errors as envelope errors.
+
+The in-process provider and the HTTP server of the SDK both host plugins through this
+class, so a plugin behaves the same whether it runs inside the host or as a function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from dispatcher.errors import (
+    DeadlineExceeded,
+    DispatchError,
+    InvalidParams,
+    MethodNotFound,
+    PluginError,
+    ProviderError,
+)
+from dispatcher.sdk.plugin import LIFECYCLE_HOOKS, _current_context
+
+__all__ = ["PluginHost", "load_plugin_class"]
+
+log = logging.getLogger("dispatcher.plugin")
+
+EventSink = Callable[[str, Any], None]
+
+
+def load_plugin_class(entrypoint: str, path: str | Path | None = None) -> type[Any]:
+    """Import ``package.module:Class``, optionally from the folder ``path``."""
+    module_name, _, attribute = entrypoint.partition(":")
+    if not module_name or not attribute:
+        raise ProviderError(
+            f"plugin entrypoint {entrypoint!r} must look like 'package.module:Class'"
+        )
+    if path is not None and str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    try:
+        module = importlib.import_module(module_name)
+        plugin_class = getattr(module, attribute)
+    except (ImportError, AttributeError) as error:
+        raise ProviderError(f"cannot load plugin {entrypoint!r}: {error}") from error
+    if not isinstance(plugin_class, type):
+        raise ProviderError(f"plugin entrypoint {entrypoint!r} is not a class")
+    return plugin_class
+
+
+def _exposed_methods(plugin: Any) -> dict[str, Callable[..., Any]]:
+    declared = getattr(type(plugin), "methods", None)
+    names = (
+        declared
+        if isinstance(declared, tuple | list)
+        else [
+            name
+            for name in dir(type(plugin))
+            if not name.startswith("_")
+            and name not in LIFECYCLE_HOOKS
+            and name != "methods"
+            and inspect.isfunction(getattr(type(plugin), name))
+        ]
+    )
+    return {name: getattr(plugin, name) for name in names}
+
+
+class PluginHost:
+    """One plugin instance and the way to call it."""
+
+    def __init__(self, plugin: Any, *, emit: EventSink | None = None) -> None:
+        self.plugin = plugin
+        self.methods = _exposed_methods(plugin)
+        self._is_async = {
+            name: inspect.iscoroutinefunction(fn) for name, fn in self.methods.items()
+        }
+        self._state = "created"
+        if emit is not None and hasattr(plugin, "emit"):
+            plugin._emit = emit
+
+    @classmethod
+    def load(
+        cls, entrypoint: str, path: str | Path | None = None, *, emit: EventSink | None = None
+    ) -> PluginHost:
+        plugin_class = load_plugin_class(entrypoint, path)
+        try:
+            return cls(plugin_class(), emit=emit)
+        except Exception as error:
+            raise ProviderError(f"cannot instantiate plugin {entrypoint!r}: {error!r}") from error
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    async def open(self, config: dict[str, Any]) -> None:
+        """Run ``init(config)`` then ``start()``."""
+        await self._hook("init", config)
+        await self._hook("start")
+        self._state = "started"
+
+    async def close(self) -> None:
+        """Run ``stop()`` then ``destroy()``; both run even if one fails."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        try:
+            await self._hook("stop")
+        finally:
+            await self._hook("destroy")
+
+    async def health(self) -> tuple[bool, str]:
+        if self._state != "started":
+            return False, f"plugin is {self._state}"
+        try:
+            answer = await self._hook("health_check")
+        except Exception as error:
+            return False, f"health_check raised {error!r}"
+        if isinstance(answer, dict):
+            return bool(answer.get("ok", answer.get("healthy", True))), str(answer)
+        return answer is not False, ""
+
+    async def call(self, method: str, params: Any, context: dict[str, Any] | None = None) -> Any:
+        """Run ``method`` with ``params``; any failure is raised as a ``DispatchError``."""
+        function = self.methods.get(method)
+        if function is None:
+            raise MethodNotFound(
+                f"plugin has no method {method!r}; it has: {', '.join(sorted(self.methods)) or 'none'}"
+            )
+        args, kwargs = _arguments(params)
+        token = _current_context.set(context)
+        try:
+            if self._is_async[method]:
+                return await function(*args, **kwargs)
+            return await asyncio.to_thread(function, *args, **kwargs)
+        except DispatchError:
+            raise
+        except TypeError as error:
+            raise _binding_error(function, args, kwargs, error) from error
+        except Exception as error:
+            raise _plugin_error(error) from error
+        finally:
+            _current_context.reset(token)
+
+    async def call_with_deadline(
+        self, method: str, params: Any, context: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """``call`` bounded by ``timeout`` seconds (a sync method's thread runs on, unobserved)."""
+        if timeout is None:
+            return await self.call(method, params, context)
+        if timeout <= 0:
+            raise DeadlineExceeded(f"deadline passed before {method!r} started")
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.call(method, params, context)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{method!r} did not finish within {timeout * 1000:.0f} ms"
+            ) from None
+
+    async def _hook(self, name: str, *args: Any) -> Any:
+        hook: Callable[..., Any] | None = getattr(self.plugin, name, None)
+        if hook is None:
+            return True if name == "health_check" else None
+        result = (
+            hook(*args)
+            if inspect.iscoroutinefunction(hook)
+            else await asyncio.to_thread(hook, *args)
+        )
+        if isinstance(result, Awaitable):
+            result = await result
+        return result
+
+    def __repr__(self) -> str:
+        return f"<PluginHost {type(self.plugin).__name__} {self._state} methods={sorted(self.methods)}>"
+
+
+def _arguments(params: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if params is None:
+        return (), {}
+    if type(params) is dict:
+        return (), params
+    if type(params) is list:
+        return tuple(params), {}
+    return (params,), {}
+
+
+def _binding_error(
+    function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], error: TypeError
+) -> DispatchError:
+    # Tell "the caller sent the wrong params" from "plugin code raised TypeError": only the
+    # former fails to bind to the signature. Checked on failure only, so calls pay nothing.
+    try:
+        inspect.signature(function).bind(*args, **kwargs)
+    except TypeError as binding:
+        return InvalidParams(f"params do not match the method: {binding}")
+    return _plugin_error(error)
+
+
+def _plugin_error(error: Exception) -> PluginError:
+    log.debug("plugin raised", exc_info=error)
+    details = getattr(error, "details", None)
+    return PluginError(
+        str(error) or type(error).__name__,
+        remote_type=type(error).__name__,
+        retryable=bool(getattr(error, "retryable", False)),
+        details=details if isinstance(details, dict) else None,
+    )

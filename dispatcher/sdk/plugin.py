@@ -1,0 +1,62 @@
+"""What a Python plugin author writes.
+
+A plugin is a class with lifecycle hooks and methods. Subclassing ``Plugin`` is optional
+(any class with the same hooks works, as with the older local plugin system); it gives
+no-op hooks and ``emit``. Every public function defined on the class, other than the
+hooks, is a callable method; set ``methods = ("a", "b")`` on the class to expose fewer.
+Methods may be ``async def`` or plain ``def`` (run in a worker thread so they never block
+the host's event loop). Params arrive as keyword arguments.
+
+Raise anything to fail a call: the caller sees ``PluginError`` with the exception's class
+name as its type and its text as the message. Set ``retryable = True`` on an exception
+class whose failures are transient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, ClassVar
+
+__all__ = ["LIFECYCLE_HOOKS", "Plugin", "current_context"]
+
+LIFECYCLE_HOOKS = frozenset({"init", "start", "stop", "destroy", "health_check", "emit"})
+
+_current_context: ContextVar[dict[str, Any] | None] = ContextVar(
+    "plugin_call_context", default=None
+)
+
+
+def current_context() -> dict[str, Any]:
+    """The envelope ``context`` of the call being served (request_id, caller, deadline_ms, …)."""
+    return _current_context.get() or {}
+
+
+class Plugin:
+    """Optional base class for plugins; every hook is a no-op until overridden."""
+
+    #: Methods exposed to callers; ``None`` means every public function on the class.
+    methods: ClassVar[tuple[str, ...] | None] = None
+
+    _emit: Callable[[str, Any], None] | None = None
+
+    async def init(self, config: dict[str, Any]) -> None:
+        """Called once with the manifest's ``config`` before ``start``."""
+
+    async def start(self) -> None:
+        """Called once; the plugin is callable afterwards."""
+
+    async def stop(self) -> None:
+        """Called once; stop background work, calls have ended."""
+
+    async def destroy(self) -> None:
+        """Called once after ``stop``: release every resource."""
+
+    async def health_check(self) -> bool:
+        """True while the plugin can serve calls."""
+        return True
+
+    def emit(self, event: str, data: Any = None) -> None:
+        """Send an event to the host's handlers (``Dispatcher.on``); dropped if nobody listens."""
+        if self._emit is not None:
+            self._emit(event, data)

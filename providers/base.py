@@ -1,0 +1,138 @@
+"""The provider seam: what a function target driver implements.
+
+A provider drives one kind of function target (in-process, HTTP, Lambda, …). The
+dispatcher makes one instance per provider kind and shares it across every plugin that
+uses it, so clients and connection pools are pooled per dispatcher. Providers know
+nothing of policies (cache, retries, breakers): those wrap ``invoke`` from outside.
+
+Contract, for implementers:
+
+* ``invoke`` returns the plugin's result or raises a ``DispatchError``; every vendor
+  exception is translated here, at the boundary, and nowhere else.
+* ``invoke`` honours ``invocation.deadline`` with the transport's own timeout and raises
+  ``DeadlineExceeded`` when it passes.
+* ``invoke_batch`` returns one ``Outcome`` per invocation, in order; one item's failure
+  fails only that item. The default fans out concurrently; providers whose wire has a
+  batch form override it and set ``native_batch``.
+* Everything ``start`` opens, ``aclose`` closes: no task, socket or process outlives it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from dispatcher.errors import DispatchError, ProviderError
+from dispatcher.invocation import Invocation, Outcome
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from dispatcher.config import PluginSpec
+
+__all__ = ["Health", "Provider", "TargetConfig"]
+
+
+class TargetConfig(BaseModel):
+    """Base of every provider's target model; ``provider`` is the manifest's discriminator.
+
+    Subclasses declare ``provider: Literal["name"]`` and their own fields. Unknown keys
+    are errors, and targets are immutable once loaded.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: str
+
+    def describe(self) -> str:
+        """One line for ``dispatcher list``: where calls go."""
+        return self.provider
+
+
+TargetT = TypeVar("TargetT", bound=TargetConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A target's health as a provider sees it."""
+
+    status: Literal["serving", "not_serving", "unknown"]
+    detail: str = ""
+    latency_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "serving"
+
+
+class Provider(abc.ABC, Generic[TargetT]):
+    """Drives one kind of function target."""
+
+    #: The value of ``target.provider`` this driver serves.
+    name: ClassVar[str]
+    #: The pydantic model of this provider's targets.
+    target_model: ClassVar[type[TargetConfig]]
+    #: True when ``invoke_batch`` sends a whole batch in one request.
+    native_batch: ClassVar[bool] = False
+    #: Where plugin events go, as ``sink(plugin_id, event, data)``; set by the dispatcher.
+    event_sink: Callable[[str, str, Any], None] | None = None
+
+    async def start(self) -> None:
+        """Open clients and pools. Called once, before any plugin is attached."""
+
+    async def aclose(self) -> None:
+        """Close everything ``start`` and ``attach`` opened."""
+
+    async def attach(self, plugin: PluginSpec[Any], target: TargetT) -> None:
+        """Make ``plugin`` callable on ``target`` (run its lifecycle where the provider owns it).
+
+        Remote targets run their own lifecycle on their own servers; the default does nothing.
+        """
+
+    async def detach(self, plugin: PluginSpec[Any], target: TargetT) -> None:
+        """Undo ``attach``: stop and destroy what the provider started."""
+
+    @abc.abstractmethod
+    async def invoke(self, target: TargetT, invocation: Invocation) -> Any:
+        """Run one invocation; return its result or raise ``DispatchError``."""
+
+    async def invoke_batch(
+        self, target: TargetT, invocations: Sequence[Invocation]
+    ) -> list[Outcome[Any]]:
+        """Run several invocations; one outcome each, in order."""
+        return list(await asyncio.gather(*(self._outcome(target, i) for i in invocations)))
+
+    async def health(self, target: TargetT) -> Health:
+        """Probe the target. Must not raise: report what is wrong in ``Health``."""
+        return Health("unknown", "this provider has no health probe")
+
+    async def deploy(self, plugin: PluginSpec[Any], target: TargetT) -> str:
+        """Create or update the function behind ``target``; returns a summary."""
+        raise ProviderError(f"the {self.name} provider cannot deploy plugins")
+
+    async def _outcome(self, target: TargetT, invocation: Invocation) -> Outcome[Any]:
+        try:
+            return Outcome(result=await self.invoke(target, invocation))
+        except DispatchError as error:
+            return Outcome(error=error)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,124 @@
+"""In-process plugins: a Python class loaded into the host, the backward-compatible path.
+
+The provider owns each plugin instance's lifecycle: ``attach`` runs ``init``/``start``,
+``detach`` runs ``stop``/``destroy``. Params must be JSON, exactly as for remote targets,
+so a plugin can move out of process without its callers noticing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+from pydantic import Field, ValidationInfo, field_validator
+
+from dispatcher.errors import InvalidParams, ProviderError, TargetUnavailable
+from dispatcher.invocation import Invocation
+from dispatcher.sdk.host import EventSink, PluginHost
+from providers.base import Health, Provider, TargetConfig
+
+if TYPE_CHECKING:
+    from dispatcher.config import PluginSpec
+
+__all__ = ["LocalProvider", "LocalTarget"]
+
+log = logging.getLogger("dispatcher.providers.local")
+
+
+class LocalTarget(TargetConfig):
+    """``provider: local``: a plugin class imported into the host process."""
+
+    provider: Literal["local"]
+    entrypoint: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", examples=["echo:EchoPlugin"])
+    path: Path | None = Field(
+        default=None, description="Folder to import from, relative to the manifest."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _relative_to_manifest(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        if path is None or path.is_absolute():
+            return path
+        base = (info.context or {}).get("base_dir", Path.cwd())
+        return (Path(base) / path).resolve()
+
+    def describe(self) -> str:
+        return f"local {self.entrypoint}"
+
+
+class LocalProvider(Provider[LocalTarget]):
+    name = "local"
+    target_model = LocalTarget
+
+    def __init__(self) -> None:
+        self._hosts: dict[tuple[str, str, str], PluginHost] = {}
+
+    async def attach(self, plugin: PluginSpec[Any], target: LocalTarget) -> None:
+        key = (plugin.id, plugin.version, target.entrypoint)
+        if key in self._hosts:
+            return
+        host = PluginHost.load(target.entrypoint, target.path, emit=self._sink(plugin.id))
+        try:
+            async with asyncio.timeout(plugin.lifecycle.init_timeout_ms / 1000):
+                await host.open(plugin.config)
+        except TimeoutError:
+            await self._close(host, plugin)
+            raise ProviderError(
+                f"{plugin.key} did not init/start within its init timeout"
+            ) from None
+        except Exception as error:
+            await self._close(host, plugin)
+            raise ProviderError(f"{plugin.key} failed to start: {error!r}") from error
+        self._hosts[key] = host
+
+    async def detach(self, plugin: PluginSpec[Any], target: LocalTarget) -> None:
+        host = self._hosts.pop((plugin.id, plugin.version, target.entrypoint), None)
+        if host is not None:
+            await self._close(host, plugin)
+
+    async def aclose(self) -> None:
+        hosts, self._hosts = self._hosts, {}
+        for host in hosts.values():
+            await host.close()
+
+    async def invoke(self, target: LocalTarget, invocation: Invocation) -> Any:
+        host = self._hosts.get((invocation.plugin, invocation.version, target.entrypoint))
+        if host is None:
+            raise TargetUnavailable(f"{invocation.plugin}@{invocation.version} is not started")
+        try:
+            orjson.dumps(invocation.params)
+        except TypeError as error:
+            raise InvalidParams(f"params must be JSON-serializable: {error}") from None
+        return await host.call_with_deadline(
+            invocation.method,
+            invocation.params,
+            invocation.context_wire(),
+            invocation.remaining(),
+        )
+
+    async def health(self, target: LocalTarget) -> Health:
+        hosts = [host for key, host in self._hosts.items() if key[2] == target.entrypoint]
+        if not hosts:
+            return Health("not_serving", "not started")
+        for host in hosts:
+            healthy, detail = await host.health()
+            if not healthy:
+                return Health("not_serving", detail)
+        return Health("serving")
+
+    def _sink(self, plugin_id: str) -> EventSink | None:
+        emit = self.event_sink
+        if emit is None:
+            return None
+        return lambda event, data: emit(plugin_id, event, data)
+
+    @staticmethod
+    async def _close(host: PluginHost, plugin: PluginSpec[Any]) -> None:
+        try:
+            async with asyncio.timeout(plugin.lifecycle.stop_timeout_ms / 1000):
+                await host.close()
+        except Exception:  # stopping must go on for the other plugins
+            log.exception("stopping %s failed", plugin.key)

@@ -1,0 +1,75 @@
+"""Shared fixtures: real servers on 127.0.0.1 port 0, the example plugin, manifests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from dispatcher import Manifest, parse_manifest
+from dispatcher.sdk import PluginApp, PluginHost
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "python"
+sys.path.insert(0, str(EXAMPLES))
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+async def serve_asgi(app: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a fresh port in this event loop; yields the base URL."""
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@pytest.fixture
+async def echo_url() -> AsyncIterator[str]:
+    """The example plugin served as an HTTP function by the SDK."""
+    from echo_plugin import EchoPlugin
+
+    app = PluginApp(PluginHost(EchoPlugin()), config={"greeting": "from http"})
+    async for url in serve_asgi(app):
+        yield url
+
+
+def manifest(*plugins: dict[str, Any]) -> Manifest[Any]:
+    return parse_manifest({"version": 1, "plugins": list(plugins)}, base_dir=ROOT)
+
+
+def echo_plugin(plugin_id: str, target: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A manifest entry for the example plugin's methods on ``target``."""
+    return {
+        "id": plugin_id,
+        "version": "1.0.0",
+        "config": {"greeting": "from local"},
+        "target": target,
+        "methods": {"say": {}, "digest": {}, "sleep": {}, "withdraw": {}},
+        **extra,
+    }
+
+
+LOCAL_TARGET = {"provider": "local", "entrypoint": "echo_plugin:EchoPlugin", "path": str(EXAMPLES)}
