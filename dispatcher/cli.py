@@ -138,6 +138,34 @@ def health(context: click.Context) -> None:
         context.exit(EXIT_FAILED)
 
 
+@main.command()
+@click.argument("plugins", nargs=-1, metavar="[PLUGIN]...")
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@click.pass_context
+def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool) -> None:
+    """Package Lambda plugins and create/update, publish and alias their functions."""
+    from dispatcher.deploy import deploy_targets
+
+    manifest = _manifest(context)
+    try:
+        deployments = asyncio.run(
+            deploy_targets(
+                manifest,
+                only=plugins,
+                dry_run=dry_run,
+                on_target=lambda plugin, target: click.echo(f"{plugin} → {target}"),
+                progress=lambda step: click.echo(f"  {step.render()}"),
+            )
+        )
+    except DispatchError as error:
+        click.echo(f"error: {error}", err=True)
+        context.exit(EXIT_FAILED)
+    if not deployments:
+        click.echo("nothing to deploy: no lambda target has 'deploy' settings")
+    elif not any(deployment.changed for deployment in deployments):
+        click.echo("up to date: nothing changed")
+
+
 def _run(manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]) -> T:
     async def session() -> T:
         async with Dispatcher(manifest) as dispatcher:

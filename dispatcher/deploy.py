@@ -45,16 +45,18 @@ from dispatcher.errors import ProviderError
 from dispatcher.sdk.aws_lambda import CONFIG_ENVIRONMENT_VARIABLE
 
 if TYPE_CHECKING:
-    from dispatcher.config import PluginSpec
+    from dispatcher.config import Manifest, PluginSpec
     from providers.aws_lambda import LambdaDeploySettings, LambdaProvider, LambdaTarget
 
 __all__ = [
     "HANDLER",
+    "Deployment",
     "FunctionSpec",
     "Package",
     "Step",
     "build_package",
     "deploy_plugin",
+    "deploy_targets",
     "function_spec",
 ]
 
@@ -315,3 +317,49 @@ def _distribution_files(
         path = Path(str(distribution.locate_file(file)))
         if path.is_file():
             yield name, path.read_bytes()
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """What ``deploy_targets`` did for one plugin's target."""
+
+    plugin: str
+    target: str
+    steps: list[Step]
+
+    @property
+    def changed(self) -> bool:
+        return any(step.changed for step in self.steps)
+
+
+async def deploy_targets(
+    manifest: Manifest[Any],
+    *,
+    only: Iterable[str] = (),
+    dry_run: bool = False,
+    on_target: Callable[[str, str], None] | None = None,
+    progress: Progress | None = None,
+) -> list[Deployment]:
+    """Deploy every Lambda target (with ``deploy`` settings) of ``manifest``, or of ``only``."""
+    from providers.aws_lambda import LambdaProvider, LambdaTarget
+
+    wanted = set(only)
+    known = {plugin.id for plugin in manifest.plugins} | {p.key for p in manifest.plugins}
+    unknown = wanted - known
+    if unknown:
+        raise ProviderError(f"no plugin {', '.join(sorted(unknown))} in the manifest")
+    deployments: list[Deployment] = []
+    async with LambdaProvider() as provider:
+        for plugin in manifest.plugins:
+            if wanted and plugin.id not in wanted and plugin.key not in wanted:
+                continue
+            for target in plugin.targets():
+                if not isinstance(target, LambdaTarget) or target.deploy is None:
+                    continue
+                if on_target is not None:
+                    on_target(plugin.key, target.describe())
+                steps = await deploy_plugin(
+                    provider, plugin, target, dry_run=dry_run, progress=progress
+                )
+                deployments.append(Deployment(plugin.key, target.describe(), steps))
+    return deployments
