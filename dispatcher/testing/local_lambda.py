@@ -544,7 +544,7 @@ class LocalLambda:
         if idle:
             return idle.pop()
         full = len(self._all) + self._starting >= self.max_environments
-        if full and not self._evict_idle():
+        if full and not self._evict_idle(keep=function.key):
             return None
         self._starting += 1
         try:
@@ -555,8 +555,10 @@ class LocalLambda:
         self.cold_starts += 1
         return environment
 
-    def _evict_idle(self) -> bool:
-        for key, idle in self._idle.items():
+    def _evict_idle(self, keep: str) -> bool:
+        """Remove the least recently idle environment, of another function version first."""
+        candidates = sorted(self._idle.items(), key=lambda item: item[0] == keep)
+        for key, idle in candidates:
             if idle:
                 environment = idle.pop(0)
                 self._all.discard(environment)
