@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean lambda-runtime
+.PHONY: demo demo-lambda test lint bench clean lambda-runtime
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+# The example plugin deployed to a local Lambda (moto + the real runtime in Docker), called.
+demo-lambda: $(STAMP) lambda-runtime
+	$(BIN)/python examples/lambda_demo.py
 
 test: $(STAMP) lambda-runtime
 	$(BIN)/ruff check .

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import statistics
 import sys
@@ -75,6 +76,7 @@ async def run(*, warm_samples: int = 200, cold_samples: int = 3) -> dict[str, fl
     from dispatcher.testing.local_lambda import LocalLambda
     from providers.aws_lambda import LambdaProvider
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     for name, value in FAKE_CREDENTIALS.items():
         os.environ.setdefault(name, value)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
