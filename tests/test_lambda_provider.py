@@ -135,6 +135,16 @@ async def test_the_lambda_timeout_is_a_deadline_exceeded(env: Env) -> None:
         await env.provider.invoke(env.target(envelope=False), invocation({"sleep": 6}))
 
 
+async def test_a_function_that_outlives_the_callers_deadline_is_cut_off(env: Env) -> None:
+    # A handler that ignores deadlines: the provider's own timeout ends the call.
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="did not answer within"):
+        await env.provider.invoke(
+            env.target(envelope=False), invocation({"sleep": 2.5}, timeout=0.5)
+        )
+    assert time.monotonic() - started < 2
+
+
 async def test_the_client_context_carries_the_envelope_context(env: Env) -> None:
     call = invocation({"x": 1}, caller="bob", traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
     result = await env.provider.invoke(env.target(envelope=False), call)

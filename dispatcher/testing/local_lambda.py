@@ -140,6 +140,21 @@ class DockerEngine:
         status, answer = await self.request("GET", f"/containers/{container}/json")
         return status == 200 and bool(orjson.loads(answer)["State"]["Running"])
 
+    async def orphans(self) -> list[str]:
+        """Containers of local Lambdas whose owning process is gone (killed, crashed)."""
+        filters = orjson.dumps({"label": ["linchkit.local-lambda"]}).decode()
+        status, answer = await self.request(
+            "GET", "/containers/json", params={"all": "1", "filters": filters}
+        )
+        if status != 200:
+            return []
+        found = []
+        for container in orjson.loads(answer):
+            owner = container.get("Labels", {}).get("linchkit.owner-pid", "")
+            if owner.isdigit() and not _alive(int(owner)):
+                found.append(str(container["Id"]))
+        return found
+
     async def remove(self, container: str) -> None:
         await self.request("DELETE", f"/containers/{container}", params={"force": "1", "v": "1"})
 
@@ -273,6 +288,9 @@ class LocalLambda:
                 f"no local runtime image {self.image!r}; build it with "
                 "infra/lambda/build-runtime-image.sh (make test does)"
             )
+        # Every container is removed by aclose(); these are from processes that never got there.
+        for orphan in await self.docker.orphans():
+            await self.docker.remove(orphan)
         self._session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application(client_max_size=SYNC_PAYLOAD_LIMIT * 2)
         app.router.add_post("/2015-03-31/functions/{name}/invocations", self._invoke)
@@ -722,6 +740,16 @@ def _region(request: web.Request) -> str:
     _, _, credential = authorization.partition("Credential=")
     parts = credential.split("/")
     return parts[2] if len(parts) > 2 else ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _exists(path: str) -> bool:
