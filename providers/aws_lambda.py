@@ -175,6 +175,7 @@ class LambdaProvider(Provider[LambdaTarget]):
         self._session: Any = None
         self._clients: dict[tuple[str | None, str | None], Any] = {}
         self._exits = contextlib.AsyncExitStack()
+        self._opening = asyncio.Lock()
 
     def __repr__(self) -> str:
         regions = sorted(f"{region or 'default'}@{url or 'aws'}" for region, url in self._clients)
@@ -207,6 +208,13 @@ class LambdaProvider(Provider[LambdaTarget]):
         client = self._clients.get(key)
         if client is not None:
             return client
+        async with self._opening:  # concurrent first calls share one client
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = await self._open_client(target)
+            return client
+
+    async def _open_client(self, target: LambdaTarget) -> Any:
         if self._session is None:
             raise ProviderError(
                 "the lambda provider is not started (use the Dispatcher as a context manager)"
@@ -235,7 +243,6 @@ class LambdaProvider(Provider[LambdaTarget]):
             raise ProviderError(
                 f"cannot make a Lambda client for {target.describe()}: {error}"
             ) from error
-        self._clients[key] = client
         return client
 
     # -- calls ---------------------------------------------------------------------------

@@ -259,3 +259,10 @@ async def test_one_client_per_region_for_the_providers_life(env: Env) -> None:
     )
     assert first is again
     assert other is not first
+
+
+async def test_concurrent_first_calls_share_one_client(env: Env) -> None:
+    async with LambdaProvider() as provider:
+        clients = await asyncio.gather(*(provider.client(env.target()) for _ in range(5)))
+        assert all(client is clients[0] for client in clients)
+        assert "us-east-1" in repr(provider)
