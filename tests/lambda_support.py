@@ -67,8 +67,9 @@ def handler(event, context):
 """
 
 
-def raw_zip() -> bytes:
+def raw_zip(comment: str = "") -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr(zipfile.ZipInfo("raw.py", (1980, 1, 1, 0, 0, 0)), RAW_HANDLER)
+        source = RAW_HANDLER + (f"# {comment}\n" if comment else "")
+        archive.writestr(zipfile.ZipInfo("raw.py", (1980, 1, 1, 0, 0, 0)), source)
     return buffer.getvalue()

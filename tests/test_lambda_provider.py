@@ -266,3 +266,26 @@ async def test_concurrent_first_calls_share_one_client(env: Env) -> None:
         clients = await asyncio.gather(*(provider.client(env.target()) for _ in range(5)))
         assert all(client is clients[0] for client in clients)
         assert "us-east-1" in repr(provider)
+
+
+async def test_a_service_failure_is_target_unavailable(env: Env) -> None:
+    # A function created behind the local Lambda's back (straight in moto): it has no code
+    # to run it with and answers 500 ServiceException, as Lambda does when it fails itself.
+    direct = LambdaTarget(
+        provider="lambda",
+        function_name="no-code",
+        endpoint_url=env.local.control_plane_url,
+        region="us-east-1",
+    )
+    client = await env.provider.client(direct)
+    await client.create_function(
+        FunctionName="no-code",
+        Runtime="python3.11",
+        Role=ROLE,
+        Handler="raw.handler",
+        Code={"ZipFile": raw_zip("never seen by the local Lambda")},
+    )
+    with pytest.raises(TargetUnavailable, match="ServiceException") as caught:
+        await env.provider.invoke(env.target("no-code"), invocation({}))
+    assert caught.value.retryable
+    assert caught.value.details["status"] == 500

@@ -469,7 +469,10 @@ class LocalLambda:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
-        environment = await self._acquire(function)
+        try:
+            environment = await self._acquire(function)
+        except LocalLambdaError as error:
+            return _aws_error(500, "ServiceException", str(error), request_id, Type="Service")
         if environment is None:
             return _throttled("ConcurrentInvocationLimitExceeded", request_id)
         client_context = request.headers.get("X-Amz-Client-Context")
@@ -490,9 +493,13 @@ class LocalLambda:
 
     async def _run_event(self, function: _Function, body: bytes, request_id: str) -> None:
         # Lambda queues Event invocations; here they wait for a free environment.
-        while (environment := await self._acquire(function)) is None:
-            self._released.clear()
-            await self._released.wait()
+        try:
+            while (environment := await self._acquire(function)) is None:
+                self._released.clear()
+                await self._released.wait()
+        except LocalLambdaError:
+            log.exception("Event invocation %s of %s could not start", request_id, function.name)
+            return
         _, payload, function_error, _ = await self._run(environment, function, body, None, False)
         if function_error:
             log.info(
@@ -566,7 +573,15 @@ class LocalLambda:
             return None
         self._starting += 1
         try:
-            environment = await self._start_environment(function)
+            try:
+                environment = await self._start_environment(function)
+            except LocalLambdaError as error:
+                # The free ports were picked before the container bound them; another
+                # process may have taken one in between. Once more, on new ports.
+                log.warning(
+                    "starting an environment of %s failed, retrying: %s", function.name, error
+                )
+                environment = await self._start_environment(function)
         finally:
             self._starting -= 1
         self._all.add(environment)
@@ -714,7 +729,7 @@ def _classify(payload: bytes) -> tuple[bytes, str | None]:
 def _aws_error(status: int, code: str, message: str, request_id: str, **extra: Any) -> web.Response:
     from aiohttp import web
 
-    body = {"Type": "User", "message": message, **extra}
+    body = {"Type": "User", "message": message} | extra
     return web.Response(
         status=status,
         body=orjson.dumps(body),
