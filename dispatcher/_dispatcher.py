@@ -25,6 +25,7 @@ from dispatcher.errors import (
     PluginNotFound,
 )
 from dispatcher.invocation import Invocation, new_request_id
+from dispatcher.policies import PolicyRuntime, Step
 from providers import provider_classes
 from providers.base import Health, Provider, TargetConfig
 
@@ -62,24 +63,14 @@ class _Route:
 
     __slots__ = ("invoke", "method", "plugin", "timeout", "validate", "version")
 
-    def __init__(self, plugin: PluginSpec[Any], method: str, provider: Provider[Any]) -> None:
-        target = plugin.target_of(method)
+    def __init__(self, plugin: PluginSpec[Any], method: str, invoke: Step) -> None:
         policies = plugin.policies_of(method)
         self.plugin = plugin.id
         self.version = plugin.version
         self.method = method
         self.timeout = (policies.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
         self.validate = _params_validator(plugin.methods[method].params_schema)
-        self.invoke = _bind(provider, target)
-
-
-def _bind(provider: Provider[Any], target: TargetConfig) -> Callable[[Invocation], Any]:
-    invoke = provider.invoke
-
-    def call_target(invocation: Invocation) -> Any:
-        return invoke(target, invocation)
-
-    return call_target
+        self.invoke = invoke
 
 
 def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | None:
@@ -113,10 +104,10 @@ class Dispatcher:
         manifest: Manifest[Any],
         *,
         providers: dict[str, Provider[Any]] | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.manifest = manifest
-        self._clock = clock
+        self._clock: Callable[[], float] = time.monotonic  # the running loop's, from start()
+        self.policies: PolicyRuntime | None = None
         self._handlers: dict[tuple[str, str], list[EventHandler]] = defaultdict(list)
         self._providers = providers if providers is not None else self._make_providers()
         for provider in self._providers.values():
@@ -139,6 +130,8 @@ class Dispatcher:
         if self._state != "new":
             raise RuntimeError(f"a dispatcher starts once; this one is {self._state}")
         self._state = "starting"
+        self._clock = asyncio.get_running_loop().time
+        self.policies = PolicyRuntime(self._clock)
         try:
             for provider in self._providers.values():
                 await provider.start()
@@ -157,6 +150,8 @@ class Dispatcher:
         self._state = "closed"
         self._latest.clear()
         self._versions.clear()
+        if self.policies is not None:
+            await self.policies.aclose()  # batches still queued go out before targets detach
         for task in list(self._event_tasks):
             task.cancel()
         await asyncio.gather(*self._event_tasks, return_exceptions=True)
@@ -265,6 +260,14 @@ class Dispatcher:
             for (plugin, target), report in zip(checks, reports, strict=True)
         ]
 
+    def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
+        """Drop cached results: of one plugin, one of its methods, or everything."""
+        return self.policies.invalidate(plugin, method) if self.policies is not None else 0
+
+    def stats(self) -> dict[str, Any]:
+        """Cache, breaker, batch and retry-budget counters."""
+        return self.policies.stats() if self.policies is not None else {}
+
     def on(self, plugin: str, event: str, handler: EventHandler) -> None:
         """Run ``handler(event, data)`` whenever ``plugin`` emits ``event`` (``"*"``: any event)."""
         self._handlers[(plugin, event)].append(handler)
@@ -303,14 +306,17 @@ class Dispatcher:
             provider = self._providers[target.provider]
             await provider.attach(plugin, target)
             self._attached.append((provider, plugin, target))
-        routes = {
-            name: _Route(plugin, name, self._providers[plugin.target_of(name).provider])
-            for name in plugin.methods
-        }
+        assert self.policies is not None
+        routes = {name: _Route(plugin, name, self._chain(plugin, name)) for name in plugin.methods}
         self._versions[(plugin.id, plugin.version)] = routes
         current = self._latest_version(plugin.id)
         if current is None or _version_key(plugin.version) > _version_key(current):
             self._latest[plugin.id] = routes
+
+    def _chain(self, plugin: PluginSpec[Any], method: str) -> Step:
+        assert self.policies is not None
+        target = plugin.target_of(method)
+        return self.policies.chain(plugin, method, self._providers[target.provider], target)
 
     def _latest_version(self, plugin_id: str) -> str | None:
         routes = self._latest.get(plugin_id)

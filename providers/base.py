@@ -80,6 +80,9 @@ class Provider(abc.ABC, Generic[TargetT]):
     target_model: ClassVar[type[TargetConfig]]
     #: True when ``invoke_batch`` sends a whole batch in one request.
     native_batch: ClassVar[bool] = False
+    #: True when ``invoke`` ends every call by its deadline with the transport's own
+    #: timeout; otherwise the dispatcher wraps calls in a deadline guard.
+    enforces_deadline: ClassVar[bool] = True
     #: Where plugin events go, as ``sink(plugin_id, event, data)``; set by the dispatcher.
     event_sink: Callable[[str, str, Any], None] | None = None
 
