@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -60,7 +60,7 @@ class TargetHealth:
 class _Route:
     """Everything a call of one method needs, resolved once."""
 
-    __slots__ = ("invoke", "method", "plugin", "timeout", "validate", "version")
+    __slots__ = ("invoke", "method", "plugin", "stream", "timeout", "validate", "version")
 
     def __init__(self, plugin: PluginSpec[Any], method: str, provider: Provider[Any]) -> None:
         target = plugin.target_of(method)
@@ -71,6 +71,7 @@ class _Route:
         self.timeout = (policies.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
         self.validate = _params_validator(plugin.methods[method].params_schema)
         self.invoke = _bind(provider, target)
+        self.stream = _bind_stream(provider, target)
 
 
 def _bind(provider: Provider[Any], target: TargetConfig) -> Callable[[Invocation], Any]:
@@ -80,6 +81,17 @@ def _bind(provider: Provider[Any], target: TargetConfig) -> Callable[[Invocation
         return invoke(target, invocation)
 
     return call_target
+
+
+def _bind_stream(
+    provider: Provider[Any], target: TargetConfig
+) -> Callable[[Invocation], AsyncIterator[Any]]:
+    stream = provider.stream
+
+    def stream_target(invocation: Invocation) -> AsyncIterator[Any]:
+        return stream(target, invocation)
+
+    return stream_target
 
 
 def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | None:
@@ -252,6 +264,60 @@ class Dispatcher:
             )
         return self.call(*item)
 
+    async def stream(
+        self,
+        plugin: str,
+        method: str,
+        params: Any = None,
+        *,
+        version: str | None = None,
+        caller: str | None = None,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """Call a streaming method; yields its chunks as they arrive.
+
+        ``timeout`` bounds the whole stream (the target's deadline). A provider without
+        streaming raises ``ProviderError``; a failure mid-stream raises its ``DispatchError``
+        after the chunks already yielded.
+        """
+        route = self._route(plugin, method, version)
+        if params is None:
+            params = {}
+        if route.validate is not None:
+            route.validate(params)
+        budget = route.timeout if timeout is None else timeout
+        if budget <= 0:
+            raise DeadlineExceeded(f"{plugin}.{method} was given no time (timeout={timeout})")
+        invocation = Invocation(
+            plugin=route.plugin,
+            version=route.version,
+            method=method,
+            params=params,
+            deadline=self._clock() + budget,
+            request_id=request_id or new_request_id(),
+            caller=caller,
+            traceparent=traceparent,
+        )
+        chunks = route.stream(invocation)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def publish(
+        self, plugin: str, event: str, data: Any = None, *, version: str | None = None
+    ) -> None:
+        """Send the host event ``event`` to ``plugin`` (every target it runs on)."""
+        self._route_any(plugin, version)
+        wanted = version or self._latest_version(plugin)
+        for spec in self.manifest.plugins:
+            if spec.id == plugin and spec.version == wanted:
+                for target in spec.targets():
+                    await self._providers[target.provider].send_event(target, event, data)
+
     # -- introspection -----------------------------------------------------------------
 
     async def health(self, *, timeout: float = 5.0) -> list[TargetHealth]:
@@ -290,6 +356,13 @@ class Dispatcher:
             known = ", ".join(sorted(methods))
             raise MethodNotFound(f"plugin {plugin!r} has no method {method!r}; it has: {known}")
         return route
+
+    def _route_any(self, plugin: str, version: str | None) -> None:
+        methods = (
+            self._latest.get(plugin) if version is None else self._versions.get((plugin, version))
+        )
+        if not methods:
+            raise self._plugin_not_found(plugin, version)
 
     def _plugin_not_found(self, plugin: str, version: str | None) -> DispatchError:
         if self._state != "running":
