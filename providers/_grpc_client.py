@@ -167,6 +167,7 @@ class PluginConnection:
         self.describe = describe or f"grpc {address}"
         self._pb = plugin_pb2
         security = security or ChannelSecurity()
+        self.security = security
         options = list(_CHANNEL_OPTIONS)
         if security.server_name:
             options.append(("grpc.ssl_target_name_override", security.server_name))

@@ -160,6 +160,10 @@ class _Child:
     async def terminate(self, grace: float) -> int | None:
         """Close stdin, SIGTERM, then SIGKILL after ``grace`` seconds; reap; clean up."""
         process = self.process
+        if self.connection is not None:
+            # First: ending our Events stream lets the plugin's server stop without a grace wait.
+            await self.connection.close()
+            self.connection = None
         if process.stdin is not None:
             with contextlib.suppress(Exception):
                 process.stdin.close()

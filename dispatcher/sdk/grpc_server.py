@@ -89,7 +89,7 @@ class PluginServer:
         self._health_pb = health_pb2
         self.health = HealthServicer()
         self._serving_from_start = serving_from_start
-        self._subscribers: set[asyncio.Queue[tuple[str, bytes]]] = set()
+        self._subscribers: set[asyncio.Queue[tuple[str, bytes] | None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._config: Any = {}
         host_plugin = host.plugin
@@ -174,15 +174,14 @@ class PluginServer:
             yield pb.StreamItem(error=self._error(error))
 
     async def Events(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
-        queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         self._subscribers.add(queue)
         # Headers now: the host knows the stream is registered, so no emit is lost.
         await context.send_initial_metadata(())
         reader = asyncio.get_running_loop().create_task(self._host_events(request_iterator))
         try:
-            while True:
-                name, data = await queue.get()
-                yield self._pb.PluginEvent(name=name, data_json=data)
+            while (item := await queue.get()) is not None:
+                yield self._pb.PluginEvent(name=item[0], data_json=item[1])
         finally:
             self._subscribers.discard(queue)
             reader.cancel()
@@ -296,6 +295,8 @@ class PluginServer:
             await stop.wait()
         finally:
             await self.health.enter_graceful_shutdown()
+            for queue in list(self._subscribers):  # Events streams never end by themselves
+                queue.put_nowait(None)
             await server.stop(grace=2)
             with contextlib.suppress(Exception):
                 await self.host.close()
