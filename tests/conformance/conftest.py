@@ -31,7 +31,14 @@ from providers._grpc_client import PluginConnection
 from tests.conftest import ROOT
 
 SDK = ROOT / "sdk"
-LANGUAGES = sorted(build.parent.name for build in SDK.glob("*/build.sh"))
+# Extra executables to hold to the contract, e.g. another checkout's build:
+# LINCHKIT_CONFORMANCE_PLUGINS="go=/elsewhere/sdk/go/dist/example-plugin,rust=…"
+EXTRA = dict(
+    item.split("=", 1)
+    for item in os.environ.get("LINCHKIT_CONFORMANCE_PLUGINS", "").split(",")
+    if "=" in item
+)
+LANGUAGES = sorted({build.parent.name for build in SDK.glob("*/build.sh")} | set(EXTRA))
 MODES = ("service", "subprocess")
 METHODS = ("echo", "digest", "fail", "sleep", "count", "emit", "config", "no_such_method")
 CONFIG = {"region": "eu", "limits": {"max": 3}, "tags": ["a", "b"]}
@@ -39,10 +46,12 @@ START_TIMEOUT = 60.0  # a cold JVM on a busy 2-core machine
 
 
 def executable(language: str) -> Path:
-    path = SDK / language / "dist" / "example-plugin"
+    path = (
+        Path(EXTRA[language]) if language in EXTRA else SDK / language / "dist" / "example-plugin"
+    )
     if not os.access(path, os.X_OK):
         pytest.fail(
-            f"sdk/{language}/build.sh exists but {path.relative_to(ROOT)} is missing or not "
+            f"sdk/{language}/build.sh exists but {path} is missing or not "
             "executable: run `make test` (it builds every SDK) and fix that build"
         )
     return path
