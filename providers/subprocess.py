@@ -21,7 +21,8 @@ Modelled on hashicorp/go-plugin (``docs/protocol.md``, "Subprocess plugins"):
 
 No child outlives the dispatcher: the child's stdin is a pipe whose write end only the
 dispatcher holds (end-of-file when it dies, however it dies: plugins exit on it), and on
-Linux the child is started with a parent-death signal (``PR_SET_PDEATHSIG``, SIGKILL).
+Linux the child is started with a parent-death signal (``PR_SET_PDEATHSIG``, SIGKILL,
+set by util-linux ``setpriv`` where present, else by ``prctl`` between fork and exec).
 """
 
 from __future__ import annotations
@@ -117,18 +118,24 @@ def _sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the kernel SIGKILL the child when this process dies.
+def _with_parent_death_signal(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """The command and ``preexec_fn`` that make the kernel SIGKILL the child if we die.
 
-    ``prctl`` is resolved here, before the fork, so the child only calls it. If the parent
-    already died between fork and prctl, the child exits at once.
+    Preferred: util-linux ``setpriv --pdeathsig KILL`` execs the plugin with the signal set,
+    so Python can spawn without running Python code between fork and exec (grpcio's threads
+    make that unsafe, and it logs a warning). Without setpriv: a ``preexec_fn`` calling
+    ``prctl`` resolved before the fork, which also exits if the parent is already gone.
+    (A parent dying in the instant before setpriv's prctl is covered by the stdin rule.)
     """
     if not sys.platform.startswith("linux"):
-        return None
+        return argv, None
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return None
+        return argv, None
     parent = os.getpid()
 
     def set_parent_death_signal() -> None:
@@ -136,7 +143,7 @@ def _parent_death_signal() -> Callable[[], None] | None:
         if os.getppid() != parent:
             os._exit(1)
 
-    return set_parent_death_signal
+    return argv, set_parent_death_signal
 
 
 class _Child:
@@ -308,15 +315,15 @@ class PluginProcess:
             environment["LINCHKIT_PLUGIN_CLIENT_CERT"] = client_certificate.certificate_pem.decode()
         else:
             environment.pop("LINCHKIT_PLUGIN_CLIENT_CERT", None)
+        argv, preexec = _with_parent_death_signal([executable, *target.command[1:]])
         try:
             process = await asyncio.create_subprocess_exec(
-                executable,
-                *target.command[1:],
+                *argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=environment,
-                preexec_fn=_parent_death_signal(),
+                preexec_fn=preexec,
             )
         except OSError as error:
             shutil.rmtree(folder, ignore_errors=True)
@@ -528,9 +535,17 @@ class SubprocessProvider(Provider[SubprocessTarget]):
 
     def __init__(self) -> None:
         self._processes: dict[tuple[str, str, str], PluginProcess] = {}
+        self._keys: dict[int, str] = {}
+
+    def _key(self, target: SubprocessTarget) -> str:
+        # Targets hold dicts (env), so they are not hashable; their JSON is, computed once.
+        key = self._keys.get(id(target))
+        if key is None:
+            key = self._keys[id(target)] = target.model_dump_json()
+        return key
 
     async def attach(self, plugin: PluginSpec[Any], target: SubprocessTarget) -> None:
-        key = (plugin.id, plugin.version, target.model_dump_json())
+        key = (plugin.id, plugin.version, self._key(target))
         if key in self._processes:
             return
         sink = self.event_sink
@@ -544,7 +559,7 @@ class SubprocessProvider(Provider[SubprocessTarget]):
         self._processes[key] = process
 
     async def detach(self, plugin: PluginSpec[Any], target: SubprocessTarget) -> None:
-        process = self._processes.pop((plugin.id, plugin.version, target.model_dump_json()), None)
+        process = self._processes.pop((plugin.id, plugin.version, self._key(target)), None)
         if process is not None:
             await process.stop()
 
@@ -553,7 +568,7 @@ class SubprocessProvider(Provider[SubprocessTarget]):
         await asyncio.gather(*(process.stop() for process in processes.values()))
 
     def process(self, plugin: str, version: str, target: SubprocessTarget) -> PluginProcess:
-        found = self._processes.get((plugin, version, target.model_dump_json()))
+        found = self._processes.get((plugin, version, self._key(target)))
         if found is None:
             raise TargetUnavailable(f"{plugin}@{version} is not started on {target.describe()}")
         return found
@@ -581,11 +596,11 @@ class SubprocessProvider(Provider[SubprocessTarget]):
 
     async def send_event(self, target: SubprocessTarget, event: str, data: Any) -> None:
         for (_, _, key), process in self._processes.items():
-            if key == target.model_dump_json():
+            if key == self._key(target):
                 (await process.connection()).send_event(event, data)
 
     async def health(self, target: SubprocessTarget) -> Health:
-        key = target.model_dump_json()
+        key = self._key(target)
         found = [process for (_, _, k), process in self._processes.items() if k == key]
         if not found:
             return Health("not_serving", "not started")

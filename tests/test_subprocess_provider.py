@@ -257,3 +257,40 @@ def test_no_plugin_outlives_a_sigkilled_dispatcher() -> None:
             child.wait()
         if child.stdout is not None:
             child.stdout.close()
+
+
+def test_the_parent_death_signal_alone_ends_a_child_that_ignores_stdin() -> None:
+    # `sleep` never reads stdin, so only PR_SET_PDEATHSIG can end it when its parent dies.
+    middle = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "import dispatcher\n"  # first: `import providers` alone is a circular import today
+            "from providers.subprocess import _with_parent_death_signal\n"
+            "argv, preexec = _with_parent_death_signal(['sleep', '60'])\n"
+            "child = subprocess.Popen(argv, preexec_fn=preexec, stdin=subprocess.DEVNULL)\n"
+            "time.sleep(0.3)\n"  # let setpriv exec sleep
+            "print(child.pid, flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert middle.stdout is not None
+        sleeper = int(middle.stdout.readline())
+        assert alive(sleeper)
+        middle.kill()
+        middle.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while alive(sleeper) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(sleeper), "the parent-death signal did not end the child"
+    finally:
+        if middle.poll() is None:
+            middle.kill()
+            middle.wait()
+        if middle.stdout is not None:
+            middle.stdout.close()
