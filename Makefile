@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) sdks
 	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/polyglot_demo.py
 
 # The example plugin of every SDK folder present (sdk/<lang>/build.sh, idempotent); the
 # conformance suite runs against each. A build that fails fails the run.
