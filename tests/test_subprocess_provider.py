@@ -294,3 +294,8 @@ def test_the_parent_death_signal_alone_ends_a_child_that_ignores_stdin() -> None
             middle.wait()
         if middle.stdout is not None:
             middle.stdout.close()
+
+
+async def test_the_plugin_chooses_a_version_among_those_offered() -> None:
+    async with Dispatcher(manifest(crashing(protocol_versions=[3, 1]))) as dispatcher:
+        assert await dispatcher.call("crashing", "echo", {"value": "v1"}) == "v1"
