@@ -215,6 +215,8 @@ class PluginProcess:
         self._pinger: asyncio.Task[None] | None = None
         self._plugin_log = logging.getLogger(f"dispatcher.plugin.{plugin.id}")
         self._last_error = ""
+        #: The return code of the last process stopped by ``stop`` (negative: its signal).
+        self.exit_code: int | None = None
 
     @property
     def pid(self) -> int | None:
@@ -256,7 +258,7 @@ class PluginProcess:
                     await child.connection.lifecycle(step, timeout)
                 except DispatchError as error:
                     log.warning("%s %s failed: %s", self.plugin.key, step, error)
-        await child.terminate(self.target.stop_grace_ms / 1000)
+        self.exit_code = await child.terminate(self.target.stop_grace_ms / 1000)
 
     # -- calls -------------------------------------------------------------------------------
 

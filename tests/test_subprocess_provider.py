@@ -77,6 +77,7 @@ async def test_launch_logs_stderr_and_stop_leaves_nothing(caplog: pytest.LogCapt
     assert not alive(pid)
     assert not Path(folder).exists()  # noqa: ASYNC240 - a test's one stat
     assert process.state == "stopped"
+    assert process.exit_code == 0  # it left by itself, before any signal
 
 
 async def test_a_crashed_plugin_is_restarted_as_a_new_process() -> None:
@@ -299,3 +300,15 @@ def test_the_parent_death_signal_alone_ends_a_child_that_ignores_stdin() -> None
 async def test_the_plugin_chooses_a_version_among_those_offered() -> None:
     async with Dispatcher(manifest(crashing(protocol_versions=[3, 1]))) as dispatcher:
         assert await dispatcher.call("crashing", "echo", {"value": "v1"}) == "v1"
+
+
+async def test_a_plugin_that_will_not_exit_is_killed_after_the_grace_period() -> None:
+    target = {"env": {"HANG_ON_EXIT": "1"}, "stop_grace_ms": 300}
+    dispatcher = Dispatcher(manifest(crashing(**target)))
+    async with dispatcher:
+        pid = await dispatcher.call("crashing", "pid")
+        process = the_process(dispatcher)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    assert not alive(pid)
+    assert process.exit_code == -signal.SIGKILL

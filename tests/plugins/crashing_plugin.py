@@ -2,13 +2,17 @@
 
 It says hello on stderr (the host must log it), serves like any plugin, and when
 ``CRASH_AFTER_MS`` is set it dies abruptly (``os._exit(3)``) that long after ``Start``.
+With ``HANG_ON_EXIT`` it ignores SIGTERM and hangs while exiting: only SIGKILL ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import signal
 import sys
+import time
 from typing import Any
 
 from dispatcher.sdk import Plugin
@@ -18,6 +22,9 @@ from dispatcher.sdk.grpc_server import main
 class CrashingPlugin(Plugin):
     async def start(self) -> None:
         print(f"crashing plugin {os.getpid()} started", file=sys.stderr, flush=True)
+        if os.environ.get("HANG_ON_EXIT"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            atexit.register(time.sleep, 60)
         crash_after = os.environ.get("CRASH_AFTER_MS")
         if crash_after:
             asyncio.get_running_loop().call_later(int(crash_after) / 1000, os._exit, 3)
