@@ -34,3 +34,21 @@ def test_generated_service_has_the_protocol_package() -> None:
         "CallStream",
         "Events",
     }
+
+
+def test_importing_the_dispatcher_and_loading_grpc_targets_does_not_import_grpcio() -> None:
+    code = (
+        "import sys\n"
+        "from dispatcher import parse_manifest\n"
+        "parse_manifest({'version': 1, 'plugins': [\n"
+        "  {'id': 'a', 'version': '1.0.0', 'methods': {'m': {}},\n"
+        "   'target': {'provider': 'grpc', 'address': '127.0.0.1:1'}},\n"
+        "  {'id': 'b', 'version': '1.0.0', 'methods': {'m': {}},\n"
+        "   'target': {'provider': 'subprocess', 'command': ['plugin']}}]})\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in {'grpc', 'cryptography', 'google'}]\n"
+        "print(heavy)\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert ran.stdout.strip() == "[]"
