@@ -28,7 +28,8 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -45,10 +46,6 @@ from dispatcher.errors import (
 )
 from dispatcher.invocation import Invocation, Outcome
 from providers.base import Health
-
-if TYPE_CHECKING:
-    import grpc
-    import grpc.aio
 
 __all__ = ["HEALTH_SERVICE", "ChannelSecurity", "PluginConnection", "translate_rpc_error"]
 
@@ -98,8 +95,29 @@ def _status_names() -> dict[Any, tuple[type[DispatchError], bool | None]]:
 _BY_STATUS: dict[Any, tuple[type[DispatchError], bool | None]] = {}
 
 
-def translate_rpc_error(error: grpc.aio.AioRpcError, what: str) -> DispatchError:
-    """The dispatcher error for a failed RPC; ``what`` names the call for the message."""
+def _grpc_errors() -> tuple[type[Exception], ...]:
+    """What ``except`` catches around a call: every exception grpc.aio raises from one.
+
+    A function, evaluated only when an exception is being handled, so grpcio stays unimported
+    until a connection opens.
+    """
+    import grpc.aio
+
+    return (grpc.aio.AioRpcError, grpc.aio.BaseError)
+
+
+def translate_rpc_error(error: Exception, what: str) -> DispatchError:
+    """The dispatcher error for a failed RPC; ``what`` names the call for the message.
+
+    Besides statuses, grpc.aio raises ``UsageError`` on a closed channel (the dispatcher is
+    closing: not retryable) and ``InternalError`` when it cannot start the call at all.
+    """
+    import grpc.aio
+
+    if not isinstance(error, grpc.aio.AioRpcError):
+        if isinstance(error, grpc.aio.UsageError):
+            return TargetUnavailable(f"{what}: the connection is closed", retryable=False)
+        return ProviderError(f"{what}: grpc could not make the call: {error}")
     if not _BY_STATUS:
         _BY_STATUS.update(_status_names())
     status = error.code()
@@ -113,6 +131,17 @@ def translate_rpc_error(error: grpc.aio.AioRpcError, what: str) -> DispatchError
                 with contextlib.suppress(ValueError):
                     retry_after = float(value)
     return kind(message, retryable=retryable, retry_after=retry_after)
+
+
+_HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
+
+
+def _header(value: str) -> str:
+    """A metadata value gRPC accepts: printable ASCII as is, anything else percent-encoded
+    (UTF-8). The exact value also travels in ``CallContext``."""
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe=_HEADER_SAFE)
 
 
 def _json(data: Any) -> bytes:
@@ -207,11 +236,11 @@ class PluginConnection:
         )
 
     def _call_metadata(self, invocation: Invocation) -> tuple[tuple[str, str], ...]:
-        metadata = [*self._metadata, ("x-request-id", invocation.request_id)]
+        metadata = [*self._metadata, ("x-request-id", _header(invocation.request_id))]
         if invocation.caller is not None:
-            metadata.append(("x-caller", invocation.caller))
+            metadata.append(("x-caller", _header(invocation.caller)))
         if invocation.traceparent is not None:
-            metadata.append(("traceparent", invocation.traceparent))
+            metadata.append(("traceparent", _header(invocation.traceparent)))
         return tuple(metadata)
 
     def _remaining(self, invocation: Invocation) -> float:
@@ -221,7 +250,6 @@ class PluginConnection:
         return remaining
 
     async def call(self, invocation: Invocation) -> Any:
-        import grpc.aio
 
         remaining = self._remaining(invocation)
         request = self._request(invocation)
@@ -229,7 +257,7 @@ class PluginConnection:
             reply = await self._stub.Call(
                 request, timeout=remaining, metadata=self._call_metadata(invocation)
             )
-        except grpc.aio.AioRpcError as error:
+        except _grpc_errors() as error:
             raise translate_rpc_error(
                 error, f"{self.describe} {invocation.plugin}.{invocation.method}"
             ) from error
@@ -243,7 +271,6 @@ class PluginConnection:
         raise _wire_error(reply.error)
 
     async def call_batch(self, invocations: Sequence[Invocation]) -> list[Outcome[Any]]:
-        import grpc.aio
 
         earliest = min(invocations, key=lambda invocation: invocation.deadline)
         remaining = self._remaining(earliest)
@@ -255,7 +282,7 @@ class PluginConnection:
             reply = await self._stub.CallBatch(
                 request, timeout=remaining, metadata=self._call_metadata(earliest)
             )
-        except grpc.aio.AioRpcError as error:
+        except _grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} batch") from error
         if len(reply.results) != len(invocations):
             raise ProviderError(
@@ -271,7 +298,6 @@ class PluginConnection:
 
     async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
         """The chunks of a streaming method; its error item, or a failed RPC, raises."""
-        import grpc.aio
 
         remaining = self._remaining(invocation)
         call = self._stub.CallStream(
@@ -282,7 +308,7 @@ class PluginConnection:
                 if item.WhichOneof("item") == "error":
                     raise _wire_error(item.error)
                 yield _loads(item.chunk_json, self.describe)
-        except grpc.aio.AioRpcError as error:
+        except _grpc_errors() as error:
             raise translate_rpc_error(
                 error, f"{self.describe} {invocation.plugin}.{invocation.method} stream"
             ) from error
@@ -292,11 +318,10 @@ class PluginConnection:
     # -- lifecycle and health ------------------------------------------------------------
 
     async def describe_plugin(self, timeout: float) -> dict[str, Any]:
-        import grpc.aio
 
         try:
             info = await self._stub.Describe(self._pb.DescribeRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError as error:
+        except _grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} Describe") from error
         return {
             "id": info.id,
@@ -308,7 +333,6 @@ class PluginConnection:
 
     async def lifecycle(self, step: str, timeout: float, config: Any = None) -> None:
         """Run one of ``Init`` (with ``config``), ``Start``, ``Stop``, ``Destroy``."""
-        import grpc.aio
 
         pb = self._pb
         request = (
@@ -318,11 +342,10 @@ class PluginConnection:
         )
         try:
             await getattr(self._stub, step)(request, timeout=timeout)
-        except grpc.aio.AioRpcError as error:
+        except _grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} {step}") from error
 
     async def health(self, timeout: float = 5.0, service: str = HEALTH_SERVICE) -> Health:
-        import grpc.aio
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel)
@@ -331,8 +354,8 @@ class PluginConnection:
             answer = await stub.Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
-        except grpc.aio.AioRpcError as error:
-            return Health("not_serving", f"{error.code().name}: {error.details()}")
+        except _grpc_errors() as error:
+            return Health("not_serving", translate_rpc_error(error, "health").message)
         latency_ms = (time.perf_counter() - started) * 1000
         status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
         if answer.status == health_pb2.HealthCheckResponse.SERVING:

@@ -16,6 +16,7 @@ grpcio is imported when a connection is opened, not when this module loads.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -68,6 +69,18 @@ class GrpcTarget(TargetConfig):
             return path
         base = (info.context or {}).get("base_dir", Path.cwd())
         return (Path(base) / path).resolve()
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_is_valid_for_grpc(cls, metadata: dict[str, str]) -> dict[str, str]:
+        for key, value in metadata.items():
+            if not re.fullmatch(r"[0-9a-z_.-]+", key) or key.startswith("grpc-"):
+                raise ValueError(
+                    f"metadata key {key!r}: lowercase letters, digits, '-', '_', '.'; not grpc-*"
+                )
+            if not (value.isascii() and value.isprintable()):
+                raise ValueError(f"metadata value of {key!r} must be printable ASCII")
+        return metadata
 
     @model_validator(mode="after")
     def _client_certificate_needs_its_key(self) -> GrpcTarget:

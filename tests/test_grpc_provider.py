@@ -399,7 +399,40 @@ def test_target_validation() -> None:
         GrpcTarget(provider="grpc", address="127.0.0.1:1", cert_file=Path("/x.pem"))
     with pytest.raises(ValueError, match="address"):
         GrpcTarget(provider="grpc", address="http://nope")
+    with pytest.raises(ValueError, match="metadata key"):
+        GrpcTarget(provider="grpc", address="127.0.0.1:1", metadata={"X-Upper": "v"})
+    with pytest.raises(ValueError, match="printable ASCII"):
+        GrpcTarget(provider="grpc", address="127.0.0.1:1", metadata={"x-name": "ünï"})
     target = GrpcTarget(provider="grpc", address="127.0.0.1:1", ca_file=Path("/nonexistent.pem"))
     assert target.describe() == "grpcs 127.0.0.1:1"
     with pytest.raises(ProviderError, match="cannot read TLS file"):
         target.security()
+
+
+async def test_metadata_that_is_not_ascii_is_percent_encoded_and_exact_in_the_context(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    servicer, address, _ = scripted
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+        await d.call("scripted", "echo", {}, caller="ålice\n", request_id="ид-1")
+    (seen,) = servicer.calls
+    assert seen["metadata"]["x-caller"] == "%C3%A5lice%0A"
+    assert seen["metadata"]["x-request-id"] == "%D0%B8%D0%B4-1"
+    assert (seen["caller"], seen["request_id"]) == ("ålice\n", "ид-1")
+
+
+async def test_a_call_on_a_closed_connection_is_a_dispatch_error(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    from dispatcher import Invocation
+
+    _, address, _ = scripted
+    provider = GrpcProvider()
+    async with Dispatcher(
+        manifest(plugin({"provider": "grpc", "address": address})), providers={"grpc": provider}
+    ):
+        (connection,) = provider._by_value.values()
+    invocation = Invocation("scripted", "1.0.0", "echo", {}, time.monotonic() + 5, "r-1")
+    with pytest.raises(TargetUnavailable, match="closed") as caught:
+        await connection.call(invocation)
+    assert caught.value.retryable is False
