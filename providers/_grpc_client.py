@@ -298,20 +298,22 @@ class PluginConnection:
 
     async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
         """The chunks of a streaming method; its error item, or a failed RPC, raises."""
-
         remaining = self._remaining(invocation)
-        call = self._stub.CallStream(
-            self._request(invocation), timeout=remaining, metadata=self._call_metadata(invocation)
-        )
+        request = self._request(invocation)
+        what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
+        try:
+            call = self._stub.CallStream(
+                request, timeout=remaining, metadata=self._call_metadata(invocation)
+            )
+        except _grpc_errors() as error:  # a closed channel refuses at once
+            raise translate_rpc_error(error, what) from error
         try:
             async for item in call:
                 if item.WhichOneof("item") == "error":
                     raise _wire_error(item.error)
                 yield _loads(item.chunk_json, self.describe)
         except _grpc_errors() as error:
-            raise translate_rpc_error(
-                error, f"{self.describe} {invocation.plugin}.{invocation.method} stream"
-            ) from error
+            raise translate_rpc_error(error, what) from error
         finally:
             call.cancel()
 
@@ -399,7 +401,11 @@ class PluginConnection:
 
         backoff = 0.05
         while not self._closed:
-            call = self._stub.Events(self._outgoing_events())
+            try:
+                call = self._stub.Events(self._outgoing_events())
+            except grpc.aio.BaseError as error:  # the channel closed under us
+                log.debug("%s Events stream cannot open: %s", self.describe, error)
+                return
             try:
                 async for event in call:
                     backoff = 0.05
@@ -408,12 +414,17 @@ class PluginConnection:
                     except ProviderError:
                         log.warning("%s sent event %r with bad JSON", self.describe, event.name)
                         continue
-                    sink(event.name, data)
+                    try:
+                        sink(event.name, data)
+                    except Exception:  # one bad handler must not end the stream
+                        log.exception("%s: delivering event %r failed", self.describe, event.name)
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.UNIMPLEMENTED:
                     log.info("%s has no Events stream", self.describe)
                     return
                 log.debug("%s Events stream ended: %s", self.describe, error.code().name)
+            except grpc.aio.BaseError as error:
+                log.debug("%s Events stream failed: %s", self.describe, error)
             finally:
                 call.cancel()
             # The stream ended (the plugin restarted or went away): reopen it, gently.
