@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -85,10 +85,10 @@ def _bind(provider: Provider[Any], target: TargetConfig) -> Callable[[Invocation
 
 def _bind_stream(
     provider: Provider[Any], target: TargetConfig
-) -> Callable[[Invocation], AsyncIterator[Any]]:
+) -> Callable[[Invocation], AsyncGenerator[Any, None]]:
     stream = provider.stream
 
-    def stream_target(invocation: Invocation) -> AsyncIterator[Any]:
+    def stream_target(invocation: Invocation) -> AsyncGenerator[Any, None]:
         return stream(target, invocation)
 
     return stream_target
@@ -305,7 +305,7 @@ class Dispatcher:
             async for chunk in chunks:
                 yield chunk
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await chunks.aclose()
 
     async def publish(
         self, plugin: str, event: str, data: Any = None, *, version: str | None = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 
@@ -108,7 +108,7 @@ class Provider(abc.ABC, Generic[TargetT]):
         """Run several invocations; one outcome each, in order."""
         return list(await asyncio.gather(*(self._outcome(target, i) for i in invocations)))
 
-    def stream(self, target: TargetT, invocation: Invocation) -> AsyncIterator[Any]:
+    def stream(self, target: TargetT, invocation: Invocation) -> AsyncGenerator[Any, None]:
         """The chunks of a streaming method, as they come; errors raise ``DispatchError``.
 
         Providers whose wire streams (gRPC, subprocess) override this with an async
@@ -150,7 +150,7 @@ class Provider(abc.ABC, Generic[TargetT]):
         return f"<{type(self).__name__} {self.name!r}>"
 
 
-async def _no_stream(provider: str, invocation: Invocation) -> AsyncIterator[Any]:
+async def _no_stream(provider: str, invocation: Invocation) -> AsyncGenerator[Any, None]:
     raise ProviderError(
         f"{invocation.plugin}.{invocation.method}: the {provider} provider has no streaming calls"
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -164,7 +164,7 @@ class GrpcProvider(Provider[GrpcTarget]):
             return await super().invoke_batch(target, invocations)
         return await self._connection(target).call_batch(invocations)
 
-    async def stream(self, target: GrpcTarget, invocation: Invocation) -> AsyncIterator[Any]:
+    async def stream(self, target: GrpcTarget, invocation: Invocation) -> AsyncGenerator[Any, None]:
         async for chunk in self._connection(target).stream(invocation):
             yield chunk
 

@@ -39,7 +39,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -590,7 +590,9 @@ class SubprocessProvider(Provider[SubprocessTarget]):
         connection = await process.connection(first)
         return await connection.call_batch(invocations)
 
-    async def stream(self, target: SubprocessTarget, invocation: Invocation) -> AsyncIterator[Any]:
+    async def stream(
+        self, target: SubprocessTarget, invocation: Invocation
+    ) -> AsyncGenerator[Any, None]:
         process = self.process(invocation.plugin, invocation.version, target)
         connection = await process.connection(invocation)
         async for chunk in connection.stream(invocation):
