@@ -257,4 +257,4 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     results = runner(run(type("Options", (), {"quick": "--quick" in sys.argv})()))
     for name, value in results.items():
-        print(f"{name:<44} {value:>12.1f}")
+        print(f"{name:<44} {value:>12.{3 if abs(value) < 10 else 1}f}")

@@ -436,3 +436,14 @@ async def test_a_call_on_a_closed_connection_is_a_dispatch_error(
     with pytest.raises(TargetUnavailable, match="closed") as caught:
         await connection.call(invocation)
     assert caught.value.retryable is False
+
+
+async def test_publish_names_what_is_wrong() -> None:
+    from dispatcher import PluginNotFound
+    from tests.conftest import LOCAL_TARGET, echo_plugin
+
+    async with Dispatcher(manifest(echo_plugin("echo", LOCAL_TARGET))) as d:
+        with pytest.raises(PluginNotFound):
+            await d.publish("nope", "ping")
+        with pytest.raises(ProviderError, match="cannot send events"):
+            await d.publish("echo", "ping", {"x": 1})
