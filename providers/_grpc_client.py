@@ -214,6 +214,7 @@ class PluginConnection:
         self._metadata = tuple(metadata)
         self._events_task: asyncio.Task[None] | None = None
         self._outgoing: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._events_open = asyncio.Event()
         self._closed = False
 
     # -- calls -------------------------------------------------------------------------
@@ -383,6 +384,17 @@ class PluginConnection:
                 self._run_events(sink), name=f"events {self.describe}"
             )
 
+    async def events_ready(self, timeout: float) -> bool:
+        """Wait until the plugin has answered the Events stream's headers (so an ``emit``
+        from now on is not lost); False after ``timeout`` (plugins that send headers only
+        with their first event)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._events_open.wait()
+        except TimeoutError:
+            return False
+        return True
+
     def send_event(self, name: str, data: Any) -> None:
         """Queue a host event for the plugin (delivered while the Events stream is open)."""
         if self._events_task is None:
@@ -407,6 +419,8 @@ class PluginConnection:
                 log.debug("%s Events stream cannot open: %s", self.describe, error)
                 return
             try:
+                await call.initial_metadata()
+                self._events_open.set()
                 async for event in call:
                     backoff = 0.05
                     try:
@@ -426,6 +440,7 @@ class PluginConnection:
             except grpc.aio.BaseError as error:
                 log.debug("%s Events stream failed: %s", self.describe, error)
             finally:
+                self._events_open.clear()
                 call.cancel()
             # The stream ended (the plugin restarted or went away): reopen it, gently.
             await asyncio.sleep(backoff)

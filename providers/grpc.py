@@ -133,6 +133,8 @@ class GrpcProvider(Provider[GrpcTarget]):
             init_timeout = plugin.lifecycle.init_timeout_ms / 1000
             await connection.lifecycle("Init", init_timeout, plugin.config)
             await connection.lifecycle("Start", init_timeout)
+            if target.events and self.event_sink is not None:
+                await connection.events_ready(0.25)  # as the subprocess provider does
 
     async def detach(self, plugin: PluginSpec[Any], target: GrpcTarget) -> None:
         connection = self._connections.get(id(target))

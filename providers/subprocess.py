@@ -61,6 +61,9 @@ log = logging.getLogger("dispatcher.providers.subprocess")
 MAGIC_COOKIE_KEY = "LINCHKIT_PLUGIN_MAGIC_COOKIE"
 MAGIC_COOKIE_VALUE = "d1spatch3r-pl4g1n"
 CORE_VERSION = "1"
+#: How long a launch waits for the Events stream's headers (docs/protocol.md: plugins
+#: should send them at once; those that do not cost this much per launch, no more).
+_EVENTS_READY_WAIT = 0.25
 
 
 class HandshakeError(ProviderError):
@@ -363,6 +366,9 @@ class PluginProcess:
                 connection.open_events(self._event_sink)
             await connection.lifecycle("Init", init_timeout, self.plugin.config)
             await connection.lifecycle("Start", init_timeout)
+            if target.events and self._event_sink is not None:
+                # Events emitted from now on reach the host, where the plugin says when.
+                await connection.events_ready(_EVENTS_READY_WAIT)
         except BaseException:
             await child.terminate(0.5)
             raise

@@ -33,7 +33,7 @@ def crashing(**target: Any) -> dict[str, Any]:
         "id": "crashing",
         "version": "1.0.0",
         "target": {"provider": "subprocess", "command": CRASHING, **target},
-        "methods": {"pid": {}, "echo": {}},
+        "methods": {"pid": {}, "echo": {}, "announce": {}},
     }
 
 
@@ -90,6 +90,11 @@ async def test_a_crashed_plugin_is_restarted_as_a_new_process() -> None:
         second = await dispatcher.call("crashing", "pid", timeout=10)
         assert second != first
         assert not alive(first)
+        # The new process's events reach the same handlers: Events reopened on the new channel.
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        dispatcher.on("crashing", "hello", lambda _event, data: events.put_nowait(data))
+        assert await dispatcher.call("crashing", "announce", {"name": "hello"}) is True
+        assert await asyncio.wait_for(events.get(), 10) == second
         (report,) = await dispatcher.health()
         assert report.health.status == "serving"
         assert report.health.extra["restarts"] == 1

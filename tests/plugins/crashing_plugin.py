@@ -35,6 +35,11 @@ class CrashingPlugin(Plugin):
     async def echo(self, value: Any = None) -> Any:
         return value
 
+    async def announce(self, name: str) -> bool:
+        """Emit the plugin event ``name`` with this process's pid."""
+        self.emit(name, os.getpid())
+        return True
+
 
 if __name__ == "__main__":
     sys.exit(main(CrashingPlugin, plugin_id="crashing", version="1.0.0"))
