@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -61,9 +61,11 @@ class TargetHealth:
 class _Route:
     """Everything a call of one method needs, resolved once."""
 
-    __slots__ = ("invoke", "method", "plugin", "timeout", "validate", "version")
+    __slots__ = ("invoke", "method", "plugin", "stream", "timeout", "validate", "version")
 
-    def __init__(self, plugin: PluginSpec[Any], method: str, invoke: Step) -> None:
+    def __init__(
+        self, plugin: PluginSpec[Any], method: str, provider: Provider[Any], invoke: Step
+    ) -> None:
         policies = plugin.policies_of(method)
         self.plugin = plugin.id
         self.version = plugin.version
@@ -71,6 +73,19 @@ class _Route:
         self.timeout = (policies.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
         self.validate = _params_validator(plugin.methods[method].params_schema)
         self.invoke = invoke
+        target = plugin.target_of(method)
+        self.stream = _bind_stream(provider, target)
+
+
+def _bind_stream(
+    provider: Provider[Any], target: TargetConfig
+) -> Callable[[Invocation], AsyncGenerator[Any, None]]:
+    stream = provider.stream
+
+    def stream_target(invocation: Invocation) -> AsyncGenerator[Any, None]:
+        return stream(target, invocation)
+
+    return stream_target
 
 
 def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | None:
@@ -247,6 +262,60 @@ class Dispatcher:
             )
         return self.call(*item)
 
+    async def stream(
+        self,
+        plugin: str,
+        method: str,
+        params: Any = None,
+        *,
+        version: str | None = None,
+        caller: str | None = None,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """Call a streaming method; yields its chunks as they arrive.
+
+        ``timeout`` bounds the whole stream (the target's deadline). A provider without
+        streaming raises ``ProviderError``; a failure mid-stream raises its ``DispatchError``
+        after the chunks already yielded.
+        """
+        route = self._route(plugin, method, version)
+        if params is None:
+            params = {}
+        if route.validate is not None:
+            route.validate(params)
+        budget = route.timeout if timeout is None else timeout
+        if budget <= 0:
+            raise DeadlineExceeded(f"{plugin}.{method} was given no time (timeout={timeout})")
+        invocation = Invocation(
+            plugin=route.plugin,
+            version=route.version,
+            method=method,
+            params=params,
+            deadline=self._clock() + budget,
+            request_id=request_id or new_request_id(),
+            caller=caller,
+            traceparent=traceparent,
+        )
+        chunks = route.stream(invocation)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def publish(
+        self, plugin: str, event: str, data: Any = None, *, version: str | None = None
+    ) -> None:
+        """Send the host event ``event`` to ``plugin`` (every target it runs on)."""
+        self._route_any(plugin, version)
+        wanted = version or self._latest_version(plugin)
+        for spec in self.manifest.plugins:
+            if spec.id == plugin and spec.version == wanted:
+                for target in spec.targets():
+                    await self._providers[target.provider].send_event(target, event, data)
+
     # -- introspection -----------------------------------------------------------------
 
     async def health(self, *, timeout: float = 5.0) -> list[TargetHealth]:
@@ -294,6 +363,13 @@ class Dispatcher:
             raise MethodNotFound(f"plugin {plugin!r} has no method {method!r}; it has: {known}")
         return route
 
+    def _route_any(self, plugin: str, version: str | None) -> None:
+        methods = (
+            self._latest.get(plugin) if version is None else self._versions.get((plugin, version))
+        )
+        if not methods:
+            raise self._plugin_not_found(plugin, version)
+
     def _plugin_not_found(self, plugin: str, version: str | None) -> DispatchError:
         if self._state != "running":
             return PluginNotFound(f"the dispatcher is {self._state}; call it inside 'async with'")
@@ -307,16 +383,22 @@ class Dispatcher:
             await provider.attach(plugin, target)
             self._attached.append((provider, plugin, target))
         assert self.policies is not None
-        routes = {name: _Route(plugin, name, self._chain(plugin, name)) for name in plugin.methods}
+        routes = {
+            name: _Route(plugin, name, self._provider_of(plugin, name), self._chain(plugin, name))
+            for name in plugin.methods
+        }
         self._versions[(plugin.id, plugin.version)] = routes
         current = self._latest_version(plugin.id)
         if current is None or _version_key(plugin.version) > _version_key(current):
             self._latest[plugin.id] = routes
 
+    def _provider_of(self, plugin: PluginSpec[Any], method: str) -> Provider[Any]:
+        return self._providers[plugin.target_of(method).provider]
+
     def _chain(self, plugin: PluginSpec[Any], method: str) -> Step:
         assert self.policies is not None
         target = plugin.target_of(method)
-        return self.policies.chain(plugin, method, self._providers[target.provider], target)
+        return self.policies.chain(plugin, method, self._provider_of(plugin, method), target)
 
     def _latest_version(self, plugin_id: str) -> str | None:
         routes = self._latest.get(plugin_id)

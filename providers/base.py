@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 
@@ -111,6 +111,18 @@ class Provider(abc.ABC, Generic[TargetT]):
         """Run several invocations; one outcome each, in order."""
         return list(await asyncio.gather(*(self._outcome(target, i) for i in invocations)))
 
+    def stream(self, target: TargetT, invocation: Invocation) -> AsyncGenerator[Any, None]:
+        """The chunks of a streaming method, as they come; errors raise ``DispatchError``.
+
+        Providers whose wire streams (gRPC, subprocess) override this with an async
+        generator; the default raises ``ProviderError`` on the first chunk.
+        """
+        return _no_stream(self.name, invocation)
+
+    async def send_event(self, target: TargetT, event: str, data: Any) -> None:
+        """Deliver a host event to the plugin behind ``target`` (``Dispatcher.publish``)."""
+        raise ProviderError(f"the {self.name} provider cannot send events to plugins")
+
     async def health(self, target: TargetT) -> Health:
         """Probe the target. Must not raise: report what is wrong in ``Health``."""
         return Health("unknown", "this provider has no health probe")
@@ -139,3 +151,10 @@ class Provider(abc.ABC, Generic[TargetT]):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+async def _no_stream(provider: str, invocation: Invocation) -> AsyncGenerator[Any, None]:
+    raise ProviderError(
+        f"{invocation.plugin}.{invocation.method}: the {provider} provider has no streaming calls"
+    )
+    yield  # pragma: no cover - makes this an async generator

@@ -27,8 +27,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pybreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, CircuitMemoryStorage
-
 from dispatcher.errors import (
     CircuitOpen,
     DeadlineExceeded,
@@ -55,9 +53,11 @@ def is_health_failure(error: BaseException) -> bool:
 
 
 class BreakerState(StrEnum):
-    CLOSED = STATE_CLOSED
-    OPEN = STATE_OPEN
-    HALF_OPEN = STATE_HALF_OPEN
+    """pybreaker's state names, so its storages read and write ours."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
 
 
 class CircuitBreaker:
@@ -79,8 +79,12 @@ class CircuitBreaker:
         self.reset_timeout = reset_timeout
         self.half_open_max_calls = half_open_max_calls
         self.success_threshold = success_threshold
+        # Imported here: pybreaker pulls in redis (and its crypto) when that is installed,
+        # which a host that configures no breaker should not pay for at import.
+        from pybreaker import CircuitMemoryStorage
+
         self._clock = clock
-        self._storage = CircuitMemoryStorage(STATE_CLOSED)
+        self._storage = CircuitMemoryStorage(BreakerState.CLOSED.value)
         self._probes_in_flight = 0
         self.listeners: list[StateListener] = list(listeners)
 

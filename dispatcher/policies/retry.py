@@ -18,8 +18,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tenacity import RetryCallState, wait_random_exponential
-
 from dispatcher.config import RetryPolicy
 from dispatcher.errors import DispatchError
 from dispatcher.invocation import Invocation
@@ -62,8 +60,10 @@ class RetryBudget:
         )
 
 
-class _AttemptNumber(RetryCallState):
-    """The one field tenacity's wait strategies read."""
+class _AttemptNumber:
+    """The one field of tenacity's ``RetryCallState`` its wait strategies read."""
+
+    __slots__ = ("attempt_number",)
 
     def __init__(self, attempt_number: int) -> None:
         self.attempt_number = attempt_number
@@ -73,6 +73,8 @@ class RetryStep:
     __slots__ = ("attempts", "backoff", "budget", "next", "retries")
 
     def __init__(self, policy: RetryPolicy, budget: RetryBudget, next_step: Next) -> None:
+        from tenacity import wait_random_exponential  # only methods that retry pay its import
+
         self.attempts = policy.attempts
         self.backoff = wait_random_exponential(
             multiplier=policy.initial_backoff_ms / 1000, max=policy.max_backoff_ms / 1000
@@ -93,7 +95,8 @@ class RetryStep:
     async def _retry(self, invocation: Invocation, error: DispatchError) -> Any:
         loop = asyncio.get_running_loop()
         for attempt in range(1, self.attempts):
-            delay = max(self.backoff(_AttemptNumber(attempt)), error.retry_after or 0.0)
+            backoff = self.backoff(_AttemptNumber(attempt))  # type: ignore[arg-type]
+            delay = max(backoff, error.retry_after or 0.0)
             if loop.time() + delay >= invocation.deadline or not self.budget.withdraw():
                 raise error
             self.retries += 1
