@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-lambda test lint bench clean lambda-runtime
+.PHONY: demo demo-lambda test lint bench clean proto sdks lambda-runtime
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,14 +12,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) sdks
 	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/polyglot_demo.py
 
 # The example plugin deployed to a local Lambda (moto + the real runtime in Docker), called.
 demo-lambda: $(STAMP) lambda-runtime
 	$(BIN)/python examples/lambda_demo.py
 
-test: $(STAMP) lambda-runtime
+# The example plugin of every SDK folder present (sdk/<lang>/build.sh, idempotent); the
+# conformance suite runs against each. A build that fails fails the run.
+sdks: $(STAMP)
+	@set -e; for build in sdk/*/build.sh; do \
+		[ -e "$$build" ] || continue; \
+		echo "building $$build"; VENV="$(abspath $(VENV))" bash "$$build"; \
+	done
+
+# Regenerate dispatcher/_proto from proto/plugin.proto (tests fail when it is stale).
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+test: $(STAMP) sdks lambda-runtime
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status

@@ -161,7 +161,7 @@ async def run(*, warm_samples: int = 200, cold_samples: int = 3) -> dict[str, fl
                         version="1.0.0",
                         method="say",
                         params={"text": str(index)},
-                        deadline=time.monotonic() + 30,
+                        deadline=asyncio.get_running_loop().time() + 30,
                         request_id=new_request_id(),
                     )
                     for index in range(calls)

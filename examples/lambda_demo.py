@@ -86,7 +86,12 @@ async def main(moto_url: str) -> None:
             target = manifest.plugins[0].target
             batch = [
                 Invocation(
-                    "echo-lambda", "1.0.0", "say", {"text": str(i)}, time.monotonic() + 10, f"b{i}"
+                    "echo-lambda",
+                    "1.0.0",
+                    "say",
+                    {"text": str(i)},
+                    asyncio.get_running_loop().time() + 10,
+                    f"b{i}",
                 )
                 for i in range(5)
             ]

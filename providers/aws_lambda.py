@@ -248,7 +248,7 @@ class LambdaProvider(Provider[LambdaTarget]):
     # -- calls ---------------------------------------------------------------------------
 
     async def invoke(self, target: LambdaTarget, invocation: Invocation) -> Any:
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         event: Any = invocation.request_wire(now) if target.envelope else invocation.params
         payload = await self._invoke(target, event, invocation.context_wire(now), invocation)
         if target.invocation_type == "Event":
@@ -263,7 +263,7 @@ class LambdaProvider(Provider[LambdaTarget]):
         # One invocation for the whole batch, bounded by its earliest deadline; each item
         # still carries its own deadline_ms.
         earliest = min(invocations, key=lambda invocation: invocation.deadline)
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         body = {"batch": [invocation.request_wire(now) for invocation in invocations]}
         try:
             payload = await self._invoke(target, body, earliest.context_wire(now), earliest)

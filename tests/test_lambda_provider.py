@@ -59,7 +59,7 @@ def invocation(
         version="1.0.0",
         method=method,
         params=params,
-        deadline=time.monotonic() + timeout,
+        deadline=asyncio.get_running_loop().time() + timeout,
         request_id="req-1",
         **extra,
     )
