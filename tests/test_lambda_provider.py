@@ -25,8 +25,9 @@ from dispatcher import (
     PluginNotFound,
     RateLimited,
     TargetUnavailable,
+    parse_manifest,
 )
-from dispatcher.testing import create_role, deploy_manifest, reset_moto
+from dispatcher.testing import create_role, deploy_manifest, point_at, reset_moto
 from dispatcher.testing.local_lambda import LocalLambda
 from providers.aws_lambda import LambdaProvider, LambdaTarget
 from tests.conftest import ROOT
@@ -289,3 +290,15 @@ async def test_a_service_failure_is_target_unavailable(env: Env) -> None:
         await env.provider.invoke(env.target("no-code"), invocation({}))
     assert caught.value.retryable
     assert caught.value.details["status"] == 500
+
+
+async def test_the_batching_policy_sends_concurrent_calls_as_one_invocation(env: Env) -> None:
+    document = point_at(echo_lambda_manifest(), env.local.url)
+    document["plugins"][0]["methods"]["say"] = {"batch": {"max_size": 50, "max_wait_ms": 50}}
+    async with Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher:
+        before = env.local.invocations
+        answers = await asyncio.gather(
+            *(dispatcher.call("echo-lambda", "say", {"text": str(i)}) for i in range(20))
+        )
+    assert [answer["text"] for answer in answers] == [str(i) for i in range(20)]
+    assert env.local.invocations - before <= 2  # one batch, or two if the window split it
