@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import yaml
 
@@ -62,3 +63,21 @@ def test_the_sam_template_describes_the_function_deploy_makes() -> None:
         )
     }
     assert granted == {"logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"}
+
+
+def test_deploy_without_deploy_settings_or_with_an_unknown_plugin(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+
+    document = echo_lambda_manifest()
+    del document["plugins"][0]["target"]["deploy"]
+    manifest = tmp_path / "plugins.yaml"
+    manifest.write_text(yaml.safe_dump(document))
+    runner = CliRunner()
+    nothing = runner.invoke(main, ["-m", str(manifest), "deploy", "--dry-run"])
+    assert nothing.exit_code == 0, nothing.output
+    assert "nothing to deploy" in nothing.output
+    unknown = runner.invoke(main, ["-m", str(manifest), "deploy", "nope"])
+    assert unknown.exit_code == 1
+    assert "no plugin nope in the manifest" in unknown.output

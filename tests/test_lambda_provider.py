@@ -25,6 +25,7 @@ from dispatcher import (
     PluginNotFound,
     RateLimited,
     TargetUnavailable,
+    Unauthorized,
     parse_manifest,
 )
 from dispatcher.testing import create_role, deploy_manifest, point_at, reset_moto
@@ -302,3 +303,16 @@ async def test_the_batching_policy_sends_concurrent_calls_as_one_invocation(env:
         )
     assert [answer["text"] for answer in answers] == [str(i) for i in range(20)]
     assert env.local.invocations - before <= 2  # one batch, or two if the window split it
+
+
+async def test_no_credentials_in_the_standard_chain_is_unauthorized(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    async with LambdaProvider() as provider:
+        with pytest.raises(Unauthorized, match="no usable AWS credentials"):
+            await provider.invoke(env.target(envelope=False), invocation({}))
