@@ -16,6 +16,8 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
+	sdk/typescript/build.sh   # the example plugins the polyglot tests call; no-ops when up to date
+	sdk/java/build.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status

@@ -40,8 +40,8 @@ async function serveService(plugin: Plugin, address: string): Promise<void> {
   const server = new PluginServer(plugin, { servingFromStart: true });
   const port = await server.bind(address, grpc.ServerCredentials.createInsecure());
   const host = address.slice(0, address.lastIndexOf(':'));
+  stopOn(['SIGTERM', 'SIGINT'], plugin, server); // before the line: the host may stop us at once
   process.stdout.write(handshakeLine(1, 'tcp', `${host}:${port}`) + '\n');
-  stopOn(['SIGTERM', 'SIGINT'], plugin, server);
 }
 
 async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv): Promise<void> {
@@ -82,13 +82,13 @@ async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv): Promise<
   }
   process.on('exit', () => cleanup());
 
+  const stop = stopOn(['SIGTERM', 'SIGINT'], plugin, server); // before the line: the host may stop us at once
   process.stdout.write(handshakeLine(config.appVersion, config.network, address, certDer) + '\n');
   // The host reads no more of stdout: a pipe nobody drains would block the event loop.
   console.log = console.error;
   console.info = console.error;
   console.debug = console.error;
 
-  const stop = stopOn(['SIGTERM', 'SIGINT'], plugin, server);
   // Parent death: the host holds our stdin's write end; end-of-file means it is gone.
   process.stdin.on('end', stop);
   process.stdin.on('close', stop);
