@@ -7,14 +7,18 @@ The messages are compiled from ``proto/plugin.proto`` at test time into a privat
 descriptor pool, so they cannot clash with generated modules of the same proto that other
 tests import into protobuf's default pool.
 
-The full conformance suite (``tests/conformance/``) runs the same plugins as subprocess
-plugins too; this file only proves that each SDK speaks the protocol.
+Subprocess mode (handshake environment, AutoMTLS on a Unix socket, exit on stdin EOF) is
+checked by the TypeScript SDK's node:test harness, pointed at each plugin in turn: it
+makes the host's one-time client certificate with the SDK's own code, which Python could
+only do with a package the project does not otherwise need. The full conformance suite
+(``tests/conformance/``) runs the same plugins as subprocess plugins from the Python host.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import selectors
 import shutil
 import signal
@@ -349,3 +353,25 @@ def test_sigterm_stops_the_service_gracefully(language: str) -> None:
     started = time.monotonic()
     assert stop(process) == 0
     assert time.monotonic() - started < 8
+
+
+@pytest.mark.parametrize("language", sorted(LANGUAGES))
+def test_subprocess_mode_with_automtls(language: str) -> None:
+    build("typescript")  # the harness; needs node whichever plugin it drives
+    executable = build(language)
+    harness = ROOT / "sdk" / "typescript" / "dist" / "lib" / "test" / "subprocess.test.js"
+    env = {
+        **os.environ,
+        "LINCHKIT_EXAMPLE_PLUGIN": str(executable),
+        "LINCHKIT_EXAMPLE_RUNTIME": language,
+    }
+    done = subprocess.run(
+        ["node", "--test", str(harness)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+    assert "# fail 0" in done.stdout

@@ -1,6 +1,9 @@
 /**
  * The compiled example plugin run as the host runs it: handshake environment, AutoMTLS on
  * a Unix socket, then the calls the conformance suite makes, and exit on stdin EOF.
+ *
+ * LINCHKIT_EXAMPLE_PLUGIN and LINCHKIT_EXAMPLE_RUNTIME point it at another language's
+ * example plugin (tests/polyglot runs it against the Java one this way).
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -15,7 +18,8 @@ import { MAGIC_COOKIE_VALUE, parseHandshakeLine } from '../src/handshake';
 import { protoPath } from '../src/server';
 import { generateServerCertificate } from '../src/tls';
 
-const PLUGIN = path.resolve(__dirname, '../../example-plugin');
+const PLUGIN = process.env.LINCHKIT_EXAMPLE_PLUGIN || path.resolve(__dirname, '../../example-plugin');
+const RUNTIME = process.env.LINCHKIT_EXAMPLE_RUNTIME || 'typescript';
 
 function derToPem(der: Buffer): string {
   return `-----BEGIN CERTIFICATE-----\n${der.toString('base64').replace(/(.{64})/g, '$1\n')}\n-----END CERTIFICATE-----\n`;
@@ -87,7 +91,7 @@ test('Describe names the plugin and its methods', async () => {
   const info = await unary('Describe', {});
   assert.equal(info.id, 'example');
   assert.equal(info.version, '1.0.0');
-  assert.equal(info.runtime, 'typescript');
+  assert.equal(info.runtime, RUNTIME);
   assert.equal(info.protocol_version, 1);
   const names = info.methods.map((m: { name: string }) => m.name).sort();
   assert.deepEqual(names, ['config', 'count', 'digest', 'echo', 'emit', 'fail', 'sleep']);
