@@ -16,6 +16,7 @@ only do with a package the project does not otherwise need. The full conformance
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -375,3 +376,73 @@ def test_subprocess_mode_with_automtls(language: str) -> None:
     )
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
     assert "# fail 0" in done.stdout
+
+
+def host_certificate(folder: Path) -> tuple[bytes, bytes]:
+    """A one-time ECDSA P-256 client certificate for the host, as PEM (key, certificate)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the host certificate here, and it is not installed")
+    key, cert = folder / "host.key", folder / "host.pem"
+    command = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1"
+    extensions = ["basicConstraints=critical,CA:FALSE", "extendedKeyUsage=clientAuth"]
+    subprocess.run(
+        [*command.split(), "-keyout", str(key), "-out", str(cert), "-subj", "/CN=host"]
+        + [argument for extension in extensions for argument in ("-addext", extension)],
+        check=True,
+        capture_output=True,
+    )
+    return key.read_bytes(), cert.read_bytes()
+
+
+@pytest.mark.parametrize("language", sorted(LANGUAGES))
+def test_python_host_over_automtls(language: str, messages: Messages, tmp_path: Path) -> None:
+    """A Python host as the dispatcher is one: handshake env, pinned server cert, stdin EOF."""
+    executable = build(language)
+    key, cert = host_certificate(tmp_path)
+    env = {
+        **os.environ,
+        "LINCHKIT_PLUGIN_MAGIC_COOKIE": "d1spatch3r-pl4g1n",
+        "LINCHKIT_PLUGIN_PROTOCOL_VERSIONS": "1",
+        "LINCHKIT_PLUGIN_NETWORK": "unix",
+        "LINCHKIT_PLUGIN_SOCKET_DIR": str(tmp_path),
+        "LINCHKIT_PLUGIN_CLIENT_CERT": cert.decode(),
+    }
+    process = subprocess.Popen(
+        [str(executable)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None
+    )
+    assert process.stdin is not None
+    try:
+        core, app, network, address, protocol, server_cert = (
+            read_line(process, START_TIMEOUT).strip().split("|")
+        )
+        assert (core, app, network, protocol) == ("1", "1", "unix", "grpc")
+        assert Path(address).parent == tmp_path
+        assert "=" not in server_cert, "RawStdEncoding: no padding"
+        der = base64.b64decode(server_cert + "=" * (-len(server_cert) % 4))
+        server_pem = (
+            b"-----BEGIN CERTIFICATE-----\n"
+            + base64.encodebytes(der)
+            + b"-----END CERTIFICATE-----\n"
+        )
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=server_pem, private_key=key, certificate_chain=cert
+        )
+        options = [("grpc.ssl_target_name_override", "localhost")]
+        with grpc.secure_channel(f"unix:{address}", credentials, options=options) as channel:
+            client = Client(channel, messages)
+            assert client.describe().runtime == language
+            assert client.health(SERVICE) == 2, "NOT_SERVING before Start"
+            client.lifecycle("Init", config_json=b"{}")
+            client.lifecycle("Start")
+            assert client.health(SERVICE) == 1
+            assert client.result("echo", {"over": "mtls"}) == {"over": "mtls"}
+        # Parent death: the host's end of stdin closes, the plugin exits by itself.
+        process.stdin.close()
+        assert process.wait(timeout=10) == 0
+        assert not Path(address).exists(), "the plugin removes its socket"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
