@@ -319,6 +319,9 @@ def test_call_stream(plugin: tuple[str, Client]) -> None:
     items = client.stream("count", {"n": 5})
     assert [json.loads(item.chunk_json) for item in items] == [{"i": i} for i in range(5)]
     assert client.stream("count", {"n": 0}) == []
+    many = client.stream("count", {"n": 20_000})  # past the transport's buffers: flow control
+    assert json.loads(many[-1].chunk_json) == {"i": 19_999}
+    assert len(many) == 20_000
     (only,) = client.stream("count", {"n": "x"})
     assert only.WhichOneof("item") == "error"
     assert only.error.type == "invalid_params"

@@ -235,9 +235,18 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     ServerCallStreamObserver<StreamItem> out = (ServerCallStreamObserver<StreamItem>) observer;
     CompletableFuture<Void> finished = new CompletableFuture<>();
     AtomicBoolean ended = new AtomicBoolean();
+    Object readiness = new Object();
     out.setOnCancelHandler(() -> {
       ended.set(true);
       finished.complete(null);
+      synchronized (readiness) {
+        readiness.notifyAll();
+      }
+    });
+    out.setOnReadyHandler(() -> {
+      synchronized (readiness) {
+        readiness.notifyAll();
+      }
     });
     // Ends the stream once: with an error item when `error` is not null.
     java.util.function.Consumer<Throwable> end = error -> {
@@ -264,6 +273,17 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       return;
     }
     Plugin.ChunkSink sink = chunk -> {
+      // Flow control: a method that produces faster than the host reads waits here.
+      while (!ended.get() && !out.isReady()) {
+        synchronized (readiness) {
+          try {
+            readiness.wait(50);
+          } catch (InterruptedException interrupted) {
+            Thread.currentThread().interrupt();
+            throw ctx.overError();
+          }
+        }
+      }
       if (ended.get()) throw ctx.overError();
       synchronized (out) {
         out.onNext(StreamItem.newBuilder().setChunkJson(encodeJson(Plugin.toJson(chunk))).build());
