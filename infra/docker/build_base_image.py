@@ -220,7 +220,7 @@ class _Tree:
 
     def __init__(self) -> None:
         self.buffer = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buffer, mode="w")
+        self.tar = tarfile.open(fileobj=self.buffer, mode="w")  # noqa: SIM115  # closed in close()
         self.added: set[str] = set()
 
     def directory(self, name: str, mode: int = 0o755) -> None:
