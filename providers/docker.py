@@ -382,6 +382,7 @@ class DockerProvider(Provider[DockerTarget]):
             return
         pool = self._pools[key] = _Pool(plugin, target)
         if target.min_instances:
+            pool.starting += target.min_instances
             starts = [self._start_instance(pool) for _ in range(target.min_instances)]
             results = await asyncio.gather(*starts, return_exceptions=True)
             for result in results:
@@ -568,6 +569,7 @@ class DockerProvider(Provider[DockerTarget]):
             pool.notify()
 
     def _spawn(self, pool: _Pool) -> None:
+        pool.starting += 1  # now, not when the task runs: the next waiter must count it
         task = asyncio.create_task(self._start_quietly(pool), name=f"docker-start {pool.label}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -577,7 +579,7 @@ class DockerProvider(Provider[DockerTarget]):
             await self._start_instance(pool)
 
     async def _start_instance(self, pool: _Pool) -> _Instance:
-        pool.starting += 1
+        """Start one container; the caller has already counted it in ``pool.starting``."""
         try:
             instance = await self._run_container(pool)
         except DispatchError as error:

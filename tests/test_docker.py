@@ -1,0 +1,343 @@
+"""The docker provider against the real engine: lifecycle, crashes, cleanup, containment.
+
+Images are built once per session with the provider's own ``deploy`` on the base image
+of ``infra/docker/build-base-image.sh`` (both idempotent; the engine is started by
+``scripts/start-docker.sh``). Waits poll for a state with a generous bound instead of
+sleeping a fixed time, so a slow, shared 2-core machine makes them slower, not flaky.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from dispatcher import (
+    DeadlineExceeded,
+    Dispatcher,
+    ManifestError,
+    ProviderError,
+    TargetUnavailable,
+    parse_manifest,
+)
+from providers.docker import LABEL_OWNER, DockerProvider
+from tests.conftest import ROOT, manifest
+
+ECHO_IMAGE = "linchkit-test/echo:1"
+UNRULY_IMAGE = "linchkit-test/unruly:1"
+UNRULY_METHODS = (
+    "whoami",
+    "nap",
+    "crash",
+    "hog_memory",
+    "fork_bomb",
+    "write",
+    "connect",
+    "sandbox",
+)
+
+
+def echo_box(**target: Any) -> dict[str, Any]:
+    """The example plugin in a container."""
+    return {
+        "id": "echo-box",
+        "version": "1.0.0",
+        "config": {"greeting": "from a container"},
+        "target": {
+            "provider": "docker",
+            "image": ECHO_IMAGE,
+            "build": {"context": "examples/python", "entrypoint": "echo_plugin:EchoPlugin"},
+            **target,
+        },
+        "methods": {"say": {}, "digest": {}, "sleep": {}},
+    }
+
+
+def unruly(**target: Any) -> dict[str, Any]:
+    """The misbehaving test plugin, with tight limits."""
+    return {
+        "id": "unruly",
+        "version": "1.0.0",
+        "defaults": {"timeout_ms": 60_000},
+        "target": {
+            "provider": "docker",
+            "image": UNRULY_IMAGE,
+            "limits": {"memory_mb": 96, "pids": 48, "cpus": 0.5},
+            "build": {"context": "tests/docker_plugin", "entrypoint": "unruly_plugin:UnrulyPlugin"},
+            **target,
+        },
+        "methods": {name: {} for name in UNRULY_METHODS},
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def docker_images() -> None:
+    """Start the engine, build the base image and both plugin images (once per session)."""
+    subprocess.run([str(ROOT / "scripts" / "start-docker.sh")], check=True)
+    subprocess.run(
+        [str(ROOT / "infra" / "docker" / "build-base-image.sh")],
+        check=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        stdout=subprocess.DEVNULL,
+    )
+
+    async def deploy() -> None:
+        plugins = manifest(echo_box(), unruly()).plugins
+        provider = DockerProvider()
+        for plugin in plugins:
+            await provider.deploy(plugin, plugin.target)
+
+    asyncio.run(deploy())
+
+
+def containers(owner: str, *, running_only: bool = False) -> list[str]:
+    """Ids of the containers labelled with ``owner``, asked of the engine by the CLI."""
+    command = ["docker", "ps", "-q", "--no-trunc", "--filter", f"label={LABEL_OWNER}={owner}"]
+    if not running_only:
+        command.append("-a")
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return output.split()
+
+
+def owner_of(dispatcher: Dispatcher) -> str:
+    provider = dispatcher.providers["docker"]
+    assert isinstance(provider, DockerProvider)
+    return provider.owner
+
+
+async def eventually(check: Callable[[], bool], *, within: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {within} s: {what}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+def listener() -> Iterator[tuple[socket.socket, int]]:
+    """A TCP listener on the host's loopback, to see whether a container can reach it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.setblocking(False)
+    try:
+        yield server, server.getsockname()[1]
+    finally:
+        server.close()
+
+
+def accepted_any(server: socket.socket) -> bool:
+    try:
+        connection, _ = server.accept()
+    except BlockingIOError:
+        return False
+    connection.close()
+    return True
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+
+async def test_cold_start_then_warm_reuse_then_removed_on_exit() -> None:
+    async with Dispatcher(manifest(echo_box())) as dispatcher:
+        owner = owner_of(dispatcher)
+        assert containers(owner) == [], "nothing runs before the first call"
+        first = await dispatcher.call("echo-box", "say", {"text": "hi"}, caller="alice")
+        assert first == {"text": "hi", "greeting": "from a container", "caller": "alice"}
+        started = containers(owner)
+        assert len(started) == 1
+        for _ in range(5):
+            await dispatcher.call("echo-box", "say", {"text": "again"})
+        assert containers(owner) == started, "warm calls reuse the same container"
+        health = await dispatcher.health()
+        assert health[0].health.ok, health
+    assert containers(owner) == []
+
+
+async def test_min_instances_start_with_the_dispatcher() -> None:
+    async with Dispatcher(manifest(echo_box(min_instances=2, max_instances=2))) as dispatcher:
+        assert len(containers(owner_of(dispatcher), running_only=True)) == 2
+
+
+async def test_idle_container_is_stopped_and_the_next_call_starts_one() -> None:
+    async with Dispatcher(manifest(echo_box(idle_timeout_s=0.5))) as dispatcher:
+        owner = owner_of(dispatcher)
+        await dispatcher.call("echo-box", "say", {"text": "hi"})
+        assert len(containers(owner)) == 1
+        await eventually(lambda: containers(owner) == [], what="the idle container is removed")
+        again = await dispatcher.call("echo-box", "say", {"text": "back"})
+        assert again["text"] == "back"
+
+
+async def test_scales_up_to_max_instances_under_concurrent_calls() -> None:
+    plugins = manifest(unruly(concurrency=1, max_instances=3))
+    async with Dispatcher(plugins) as dispatcher:
+        answers = await asyncio.gather(
+            *(dispatcher.call("unruly", "nap", {"seconds": 1.0}) for _ in range(6))
+        )
+        hosts = {answer["hostname"] for answer in answers}
+        assert len(hosts) == 3, answers
+        assert len(containers(owner_of(dispatcher))) == 3
+
+
+async def test_waiting_for_a_busy_container_ends_at_the_deadline() -> None:
+    plugins = manifest(unruly(concurrency=1, max_instances=1))
+    async with Dispatcher(plugins) as dispatcher:
+        await dispatcher.call("unruly", "whoami")
+        busy = asyncio.create_task(dispatcher.call("unruly", "nap", {"seconds": 3}))
+        await asyncio.sleep(0.2)
+        with pytest.raises(DeadlineExceeded, match="no container"):
+            await dispatcher.call("unruly", "whoami", timeout=0.5)
+        await busy
+
+
+async def test_crash_fails_the_calls_in_flight_and_the_container_is_replaced() -> None:
+    async with Dispatcher(manifest(unruly(min_instances=1))) as dispatcher:
+        owner = owner_of(dispatcher)
+        [original] = containers(owner)
+        in_flight = asyncio.create_task(dispatcher.call("unruly", "nap", {"seconds": 30}))
+        await asyncio.sleep(0.3)
+        with pytest.raises(TargetUnavailable) as crashed:
+            await dispatcher.call("unruly", "crash", {"code": 3})
+        assert crashed.value.retryable
+        assert crashed.value.details["exit_code"] == 3
+        assert "died mid-call" in crashed.value.message
+        with pytest.raises(TargetUnavailable):
+            await in_flight
+
+        def replaced() -> bool:
+            running = containers(owner, running_only=True)
+            return len(running) == 1 and running[0] != original
+
+        await eventually(replaced, what="a replacement container runs (min_instances=1)")
+        answer = await dispatcher.call("unruly", "whoami")
+        assert not original.startswith(answer["hostname"])
+
+
+async def test_missing_image_is_a_provider_error_naming_deploy() -> None:
+    plugins = manifest(echo_box(image="linchkit-test/never-built:0"))
+    async with Dispatcher(plugins) as dispatcher:
+        with pytest.raises(ProviderError, match="dispatcher deploy"):
+            await dispatcher.call("echo-box", "say", {"text": "hi"})
+        health = await dispatcher.health()
+        assert not health[0].health.ok
+
+
+_ORPHAN_MAKER = """
+import asyncio, json, sys
+sys.path.insert(0, {root!r})
+from dispatcher import Dispatcher
+from tests.conftest import manifest
+from tests.test_docker import echo_box
+
+async def main():
+    async with Dispatcher(manifest(echo_box(min_instances=1))) as dispatcher:
+        print(json.dumps({{"owner": dispatcher.providers["docker"].owner}}), flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_containers_of_a_sigkilled_dispatcher_are_removed_by_the_next() -> None:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _ORPHAN_MAKER.format(root=str(ROOT)), stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), 120)
+        owner = json.loads(line)["owner"]
+        orphans = containers(owner, running_only=True)
+        assert len(orphans) == 1
+    finally:
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+    assert containers(owner) == orphans, "SIGKILL gave the dispatcher no chance to clean up"
+    async with Dispatcher(manifest(unruly())):
+        assert containers(owner) == [], "the next dispatcher removed the orphan on start"
+
+
+def test_tcp_transport_needs_host_network_said_in_the_manifest() -> None:
+    with pytest.raises(ManifestError, match=r"sandbox\.network: host"):
+        parse_manifest(
+            {"version": 1, "plugins": [echo_box(transport="tcp")]},
+            base_dir=ROOT,
+        )
+
+
+# -- containment -------------------------------------------------------------------------
+
+
+async def test_sandbox_defaults_non_root_no_capabilities_read_only_root() -> None:
+    async with Dispatcher(manifest(unruly())) as dispatcher:
+        seen = await dispatcher.call("unruly", "sandbox")
+        assert seen["uid"] == 65534
+        assert seen["gid"] == 65534
+        assert int(seen["cap_effective"], 16) == 0
+        assert int(seen["cap_bounding"], 16) == 0
+        assert seen["no_new_privs"] == "1"
+        assert "ro" in seen["root_options"]
+        for path in ("/var/tmp/escape", "/plugin/escape", "/etc/escape"):
+            attempt = await dispatcher.call("unruly", "write", {"path": path})
+            assert attempt["ok"] is False, path
+            assert attempt["errno"] == 30, (path, attempt)  # EROFS
+        assert (await dispatcher.call("unruly", "write", {"path": "/tmp/scratch"}))["ok"]
+
+
+async def test_network_egress_fails(listener: tuple[socket.socket, int]) -> None:
+    server, port = listener
+    async with Dispatcher(manifest(unruly())) as dispatcher:
+        attempt = await dispatcher.call("unruly", "connect", {"host": "127.0.0.1", "port": port})
+    assert attempt["ok"] is False, attempt
+    assert attempt["interfaces"] == ["lo"], "only the container's own loopback exists"
+    assert not accepted_any(server), "the host's listener was not reached"
+
+
+async def test_relaxed_network_is_explicit_and_then_works(
+    listener: tuple[socket.socket, int],
+) -> None:
+    server, port = listener
+    relaxed = unruly(transport="tcp", sandbox={"network": "host"})
+    async with Dispatcher(manifest(relaxed)) as dispatcher:
+        attempt = await dispatcher.call("unruly", "connect", {"host": "127.0.0.1", "port": port})
+    assert attempt["ok"] is True, attempt
+    assert accepted_any(server)
+
+
+async def test_memory_hog_is_killed_with_a_typed_error_while_others_keep_working() -> None:
+    async with Dispatcher(manifest(unruly(), echo_box())) as dispatcher:
+        await dispatcher.call("echo-box", "say", {"text": "warm"})
+        hog = asyncio.create_task(dispatcher.call("unruly", "hog_memory", {"step_mb": 8}))
+        while not hog.done():
+            answer = await dispatcher.call("echo-box", "say", {"text": "still here"})
+            assert answer["text"] == "still here"
+            await asyncio.sleep(0.05)
+        with pytest.raises(TargetUnavailable) as killed:
+            await hog
+        assert killed.value.retryable
+        assert killed.value.details["oom_killed"] is True
+        assert "memory limit" in killed.value.message
+        assert (await dispatcher.call("unruly", "whoami"))["uid"] == 65534
+
+
+async def test_fork_bomb_stops_at_the_pids_limit_while_others_keep_working() -> None:
+    async with Dispatcher(manifest(unruly(), echo_box())) as dispatcher:
+        await dispatcher.call("echo-box", "say", {"text": "warm"})
+        bomb = asyncio.create_task(dispatcher.call("unruly", "fork_bomb", {"hold_s": 2.0}))
+        while not bomb.done():
+            answer = await dispatcher.call("echo-box", "say", {"text": "still here"})
+            assert answer["text"] == "still here"
+            await asyncio.sleep(0.05)
+        result = bomb.result()
+        assert "Errno 11" in result["refused"], result  # EAGAIN: the pids cgroup said no
+        assert result["processes_at_peak"] <= 48, result
+        assert (await dispatcher.call("unruly", "whoami"))["uid"] == 65534
