@@ -432,7 +432,11 @@ class DockerProvider(Provider[DockerTarget]):
                 continue
             name = (summary.get("Names") or ["?"])[0].lstrip("/")
             log.warning("removing %s, left by dispatcher %s", name, labels.get(LABEL_OWNER))
-            await self._force_remove(docker, summary["Id"], labels.get(LABEL_SOCKET_DIR))
+            socket_dir = labels.get(LABEL_SOCKET_DIR)
+            await self._force_remove(docker, summary["Id"], socket_dir)
+            if socket_dir:
+                with contextlib.suppress(OSError):  # the dead dispatcher's socket root, if empty
+                    Path(socket_dir).parent.rmdir()
             removed.append(name)
         return removed
 
@@ -740,22 +744,38 @@ class DockerProvider(Provider[DockerTarget]):
     async def _reap_idle(self) -> None:
         while True:
             await asyncio.sleep(self._reap_interval())
-            now = self._clock()
-            for pool in list(self._pools.values()):
-                idle = sorted(
-                    (
-                        instance
-                        for instance in pool.ready()
-                        if instance.inflight == 0
-                        and now - instance.last_used >= pool.target.idle_timeout_s
-                    ),
-                    key=lambda instance: instance.last_used,
-                )
-                surplus = len(pool.ready()) - pool.target.min_instances
-                for instance in idle[: max(0, surplus)]:
-                    log.info("stopping %s of %s: idle", instance.name, pool.label)
-                    pool.instances = [i for i in pool.instances if i is not instance]
-                    await self._retire(instance, graceful=True)
+            try:
+                await self._reap_once()
+            except Exception:  # the reaper must outlive one failed stop
+                log.exception("stopping idle containers failed")
+
+    async def _reap_once(self) -> None:
+        now = self._clock()
+        retiring: list[_Instance] = []
+        for pool in self._pools.values():
+            idle = sorted(
+                (
+                    instance
+                    for instance in pool.ready()
+                    if instance.inflight == 0
+                    and now - instance.last_used >= pool.target.idle_timeout_s
+                ),
+                key=lambda instance: instance.last_used,
+            )
+            surplus = len(pool.ready()) - pool.target.min_instances
+            for instance in idle[: max(0, surplus)]:
+                # Out of the pool before the first await, so no call can pick it meanwhile.
+                log.info("stopping %s of %s: idle", instance.name, pool.label)
+                instance.state = "stopping"
+                pool.instances = [i for i in pool.instances if i is not instance]
+                retiring.append(instance)
+        results = await asyncio.gather(
+            *(self._retire(instance, graceful=True) for instance in retiring),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("stopping an idle container failed: %r", result)
 
     def _reap_interval(self) -> float:
         if self._reap_interval_s is not None:

@@ -17,9 +17,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from dispatcher import (
     DeadlineExceeded,
@@ -30,7 +32,7 @@ from dispatcher import (
     parse_manifest,
 )
 from providers.docker import LABEL_OWNER, DockerProvider
-from tests.conftest import ROOT, manifest
+from tests.conftest import EXAMPLES, LOCAL_TARGET, ROOT, manifest
 
 ECHO_IMAGE = "linchkit-test/echo:1"
 UNRULY_IMAGE = "linchkit-test/unruly:1"
@@ -169,13 +171,16 @@ async def test_min_instances_start_with_the_dispatcher() -> None:
 
 
 async def test_idle_container_is_stopped_and_the_next_call_starts_one() -> None:
-    async with Dispatcher(manifest(echo_box(idle_timeout_s=0.5))) as dispatcher:
+    async with Dispatcher(manifest(unruly(idle_timeout_s=0.5))) as dispatcher:
         owner = owner_of(dispatcher)
-        await dispatcher.call("echo-box", "say", {"text": "hi"})
-        assert len(containers(owner)) == 1
-        await eventually(lambda: containers(owner) == [], what="the idle container is removed")
-        again = await dispatcher.call("echo-box", "say", {"text": "back"})
-        assert again["text"] == "back"
+        first = (await dispatcher.call("unruly", "whoami"))["hostname"]
+
+        def gone() -> bool:
+            return not any(container.startswith(first) for container in containers(owner))
+
+        await eventually(gone, what="the idle container is removed")
+        second = (await dispatcher.call("unruly", "whoami"))["hostname"]
+        assert second != first, "a new container answered"
 
 
 async def test_scales_up_to_max_instances_under_concurrent_calls() -> None:
@@ -341,3 +346,20 @@ async def test_fork_bomb_stops_at_the_pids_limit_while_others_keep_working() -> 
         assert "Errno 11" in result["refused"], result  # EAGAIN: the pids cgroup said no
         assert result["processes_at_peak"] <= 48, result
         assert (await dispatcher.call("unruly", "whoami"))["uid"] == 65534
+
+
+def test_cli_deploy_builds_the_docker_image_and_skips_the_rest(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+
+    plugins = [
+        echo_box(build={"context": str(EXAMPLES), "entrypoint": "echo_plugin:EchoPlugin"}),
+        {**echo_box(), "id": "in-process", "target": LOCAL_TARGET},
+    ]
+    file = tmp_path / "plugins.yaml"
+    file.write_text(yaml.safe_dump({"version": 1, "plugins": plugins}))
+    result = CliRunner().invoke(main, ["-m", str(file), "deploy"])
+    assert result.exit_code == 0, result.output
+    assert f"echo-box@1.0.0: built {ECHO_IMAGE}" in result.output
+    assert "in-process@1.0.0: local echo_plugin:EchoPlugin: nothing to deploy" in result.output
