@@ -186,12 +186,15 @@ async def test_idle_container_is_stopped_and_the_next_call_starts_one() -> None:
 async def test_scales_up_to_max_instances_under_concurrent_calls() -> None:
     plugins = manifest(unruly(concurrency=1, max_instances=3))
     async with Dispatcher(plugins) as dispatcher:
+        # Six calls, one per container at a time: exactly three containers start (the
+        # waiting calls count the starts already under way), and each call naps long
+        # enough that a slow start still gets its share of the calls.
         answers = await asyncio.gather(
-            *(dispatcher.call("unruly", "nap", {"seconds": 1.0}) for _ in range(6))
+            *(dispatcher.call("unruly", "nap", {"seconds": 3.0}) for _ in range(6))
         )
+        assert len(containers(owner_of(dispatcher))) == 3
         hosts = {answer["hostname"] for answer in answers}
         assert len(hosts) == 3, answers
-        assert len(containers(owner_of(dispatcher))) == 3
 
 
 async def test_waiting_for_a_busy_container_ends_at_the_deadline() -> None:
