@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from dispatcher import (
     DeadlineExceeded,
     Dispatcher,
     ManifestError,
+    MethodNotFound,
     ProviderError,
     TargetUnavailable,
     parse_manifest,
@@ -366,3 +368,48 @@ def test_cli_deploy_builds_the_docker_image_and_skips_the_rest(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     assert f"echo-box@1.0.0: built {ECHO_IMAGE}" in result.output
     assert "in-process@1.0.0: local echo_plugin:EchoPlugin: nothing to deploy" in result.output
+
+
+@pytest.fixture
+def static_plugin_context(tmp_path: Path) -> Path:
+    """A build context holding the Go test plugin, built as one static binary."""
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    if not Path(go).exists():
+        pytest.skip("no Go toolchain here to build the static plugin binary")
+    source = ROOT / "tests" / "docker_plugin_go"
+    context = tmp_path / "context"
+    context.mkdir()
+    shutil.copy(source / "Dockerfile", context)
+    subprocess.run(
+        [go, "build", "-trimpath", "-ldflags=-s -w", "-o", str(context / "echo-plugin"), "."],
+        cwd=source,
+        env={**os.environ, "CGO_ENABLED": "0"},
+        check=True,
+    )
+    return context
+
+
+async def test_static_binary_runs_from_scratch_in_the_same_sandbox(
+    static_plugin_context: Path,
+) -> None:
+    plugins = manifest(
+        {
+            "id": "go-echo",
+            "version": "1.0.0",
+            "runtime": "go",
+            "target": {
+                "provider": "docker",
+                "image": "linchkit-test/go-echo:1",
+                "build": {"context": str(static_plugin_context), "dockerfile": "Dockerfile"},
+            },
+            "methods": {"echo": {}, "missing": {}},
+        }
+    )
+    plugin = plugins.plugins[0]
+    summary = await DockerProvider().deploy(plugin, plugin.target)
+    size_mb = float(summary.split(", ")[1].split(" MB")[0])
+    assert size_mb < 15, f"FROM scratch holds only the binary: {summary}"
+    async with Dispatcher(plugins) as dispatcher:
+        assert await dispatcher.call("go-echo", "echo", {"list": [1, 2]}) == {"list": [1, 2]}
+        with pytest.raises(MethodNotFound):
+            await dispatcher.call("go-echo", "missing", {})
