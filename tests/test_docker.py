@@ -242,6 +242,16 @@ async def test_missing_image_is_a_provider_error_naming_deploy() -> None:
         assert not health[0].health.ok
 
 
+async def test_container_that_exits_before_ready_is_reported_with_its_output() -> None:
+    broken = echo_box(command=["no_such_module:Nothing", "--path", "/plugin"])
+    async with Dispatcher(manifest(broken)) as dispatcher:
+        with pytest.raises(TargetUnavailable, match="exited before it was ready") as failed:
+            await dispatcher.call("echo-box", "say", {"text": "hi"})
+        assert "cannot load plugin 'no_such_module:Nothing'" in failed.value.message
+        assert failed.value.details["exit_code"] == 1
+        assert containers(owner_of(dispatcher)) == [], "the failed container is removed"
+
+
 _ORPHAN_MAKER = """
 import asyncio, json, sys
 sys.path.insert(0, {root!r})
