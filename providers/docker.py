@@ -438,6 +438,7 @@ class DockerProvider(Provider[DockerTarget]):
                 with contextlib.suppress(OSError):  # the dead dispatcher's socket root, if empty
                     Path(socket_dir).parent.rmdir()
             removed.append(name)
+        _remove_empty_socket_roots()
         return removed
 
     # -- calls ---------------------------------------------------------------------------
@@ -985,6 +986,16 @@ def _owner_alive(labels: dict[str, str]) -> bool:
         return False
     recorded = labels.get(LABEL_PID_START)
     return not recorded or recorded == started
+
+
+def _remove_empty_socket_roots() -> None:
+    """Socket folders of dead dispatchers that never started a container (or whose
+    containers were removed above); only empty ones, and only if their process is gone."""
+    for root in Path(tempfile.gettempdir()).glob("linchkit-docker-*-*"):
+        pid = root.name.split("-")[2]
+        if pid.isdigit() and _process_start(int(pid)) is None:
+            with contextlib.suppress(OSError):
+                root.rmdir()
 
 
 def _build_context(plugin: PluginSpec[Any], build: DockerBuild) -> tuple[io.BytesIO, str]:

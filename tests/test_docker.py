@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,6 +111,11 @@ def containers(owner: str, *, running_only: bool = False) -> list[str]:
         command.append("-a")
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return output.split()
+
+
+def socket_folders(pid: int) -> list[Path]:
+    """The docker provider's socket folders made by the dispatcher process ``pid``."""
+    return list(Path(tempfile.gettempdir()).glob(f"linchkit-docker-{pid}-*"))
 
 
 def owner_of(dispatcher: Dispatcher) -> str:
@@ -284,6 +290,7 @@ async def test_containers_of_a_sigkilled_dispatcher_are_removed_by_the_next() ->
     assert containers(owner) == orphans, "SIGKILL gave the dispatcher no chance to clean up"
     async with Dispatcher(manifest(unruly())):
         assert containers(owner) == [], "the next dispatcher removed the orphan on start"
+    assert socket_folders(child.pid) == [], "and the dead dispatcher's socket folder"
 
 
 def test_tcp_transport_needs_host_network_said_in_the_manifest() -> None:
