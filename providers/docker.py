@@ -216,12 +216,21 @@ class DockerTarget(TargetConfig):
 # -- one container -----------------------------------------------------------------------
 
 
+class _ContainerHttpTarget(HttpTarget):
+    """An HTTP target whose error messages name the container, not a made-up URL."""
+
+    container: str
+
+    def describe(self) -> str:
+        return f"container {self.container}"
+
+
 class _HttpChannel:
     """Speaks the HTTP envelope to one container, through the HTTP provider's code."""
 
-    def __init__(self, url: str, unix_socket: str | None) -> None:
+    def __init__(self, url: str, unix_socket: str | None, container: str) -> None:
         self._http = HttpProvider(unix_socket=unix_socket, max_connections=64)
-        self._target = HttpTarget(provider="http", url=url)
+        self._target = _ContainerHttpTarget(provider="http", url=url, container=container)
 
     async def open(self) -> None:
         await self._http.start()
@@ -478,7 +487,8 @@ class DockerProvider(Provider[DockerTarget]):
                     f"{len(failing)} of {len(ready)} containers unhealthy: {failing[0].detail}",
                 )
             latency = max(report.latency_ms or 0.0 for report in reports)
-            return Health("serving", f"{len(ready)} containers ready", latency)
+            plural = "s" if len(ready) != 1 else ""
+            return Health("serving", f"{len(ready)} container{plural} ready", latency)
         docker = self._require_docker()
         import aiodocker
 
@@ -616,12 +626,14 @@ class DockerProvider(Provider[DockerTarget]):
             socket_dir.mkdir()
             socket_dir.chmod(0o777)  # the container's user creates the socket; parent is 0700
             env["LINCHKIT_PLUGIN_UDS"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
-            channel = _HttpChannel(f"http://{name}", str(socket_dir / SOCKET_NAME))
+            channel = _HttpChannel(
+                f"http://{name}", str(socket_dir / SOCKET_NAME), f"{name} of {pool.label}"
+            )
         else:
             port = target.port or _free_port()
             env["LINCHKIT_PLUGIN_HOST"] = "127.0.0.1"
             env["LINCHKIT_PLUGIN_PORT"] = str(port)
-            channel = _HttpChannel(f"http://127.0.0.1:{port}", None)
+            channel = _HttpChannel(f"http://127.0.0.1:{port}", None, f"{name} of {pool.label}")
         config = _container_config(target, env, socket_dir)
         config["Labels"] = {
             **self._owner_labels,
