@@ -140,7 +140,7 @@ async def docker_demo() -> None:
         await attempt(dispatcher, "echo-box", "withdraw", {"amount": 500})
         await attempt(dispatcher, "echo-box", "sleep", {"seconds": 5}, timeout=0.2)
         for report in await dispatcher.health():
-            show(f"health {report.target}", f"{report.health.status}: {report.health.detail}")
+            show("health", f"{report.target}: {report.health.status} ({report.health.detail})")
     show("after exit", "every container of this dispatcher is removed")
 
 
