@@ -382,7 +382,11 @@ class DockerProvider(Provider[DockerTarget]):
     async def start(self) -> None:
         self._docker = await self._connect()
         self._socket_root = Path(tempfile.mkdtemp(prefix=f"linchkit-docker-{os.getpid()}-"))
-        await self.remove_orphans()
+        try:
+            await self.remove_orphans()
+        except BaseException:
+            await self.aclose()  # the dispatcher only closes providers that started
+            raise
         self._reaper = asyncio.create_task(self._reap_idle(), name="docker-idle-reaper")
 
     async def attach(self, plugin: PluginSpec[Any], target: DockerTarget) -> None:
@@ -465,6 +469,8 @@ class DockerProvider(Provider[DockerTarget]):
     async def invoke_batch(
         self, target: DockerTarget, invocations: Sequence[Invocation]
     ) -> list[Outcome[Any]]:
+        if not invocations:
+            return []
         pool = self._pool(target, invocations[0])
         earliest = min(invocations, key=lambda invocation: invocation.deadline)
         instance = await self._acquire(pool, earliest)
@@ -855,9 +861,14 @@ class DockerProvider(Provider[DockerTarget]):
     @staticmethod
     async def _list(docker: aiodocker.Docker, *labels: str) -> list[dict[str, Any]]:
         """Summaries (``GET /containers/json``) of every container with all ``labels``."""
-        containers = await docker.containers.list(
-            all="1", filters=json.dumps({"label": list(labels)})
-        )
+        import aiodocker
+
+        try:
+            containers = await docker.containers.list(
+                all="1", filters=json.dumps({"label": list(labels)})
+            )
+        except aiodocker.DockerError as error:
+            raise ProviderError(f"cannot list containers: {error.message}") from error
         return [container._container for container in containers]
 
     async def _sweep(self, docker: aiodocker.Docker, labels: dict[str, str]) -> None:

@@ -430,3 +430,11 @@ async def test_static_binary_runs_from_scratch_in_the_same_sandbox(
         assert await dispatcher.call("go-echo", "echo", {"list": [1, 2]}) == {"list": [1, 2]}
         with pytest.raises(MethodNotFound):
             await dispatcher.call("go-echo", "missing", {})
+
+
+async def test_unreachable_engine_is_a_provider_error_saying_how_to_start_it(
+    tmp_path: Path,
+) -> None:
+    provider = DockerProvider(docker_url=f"unix://{tmp_path}/no-engine.sock")
+    with pytest.raises(ProviderError, match=r"scripts/start-docker\.sh"):
+        await provider.start()
