@@ -39,7 +39,10 @@ was SIGKILLed); on ``aclose`` it stops its own and sweeps anything left with its
 A per-container watcher (``POST /containers/{id}/wait``) notices a container that dies,
 fails nothing itself (calls in flight fail on their broken connection and are reported
 with the exit code and ``OOMKilled``), removes it, and starts a replacement when the pool
-falls below ``min_instances``; without ``min_instances`` the next call starts one.
+falls below ``min_instances``; without ``min_instances`` the next call starts one. One
+background loop per provider stops idle containers and probes each ready container's
+``/health`` every ``health_interval_s``; after ``unhealthy_after`` failures in a row the
+container is killed and replaced the same way (a hung plugin does not exit by itself).
 
 Errors, all translated here:
 
@@ -192,6 +195,14 @@ class DockerTarget(TargetConfig):
     idle_timeout_s: float = Field(default=300.0, gt=0)
     ready_timeout_s: float = Field(default=30.0, gt=0)
     stop_timeout_s: int = Field(default=5, ge=0, description="SIGTERM to SIGKILL.")
+    health_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="How often each ready container's /health is probed; 0: never.",
+    )
+    unhealthy_after: int = Field(
+        default=3, ge=1, description="Failed probes in a row before a container is replaced."
+    )
     build: DockerBuild | None = None
 
     @model_validator(mode="after")
@@ -255,10 +266,12 @@ class _Instance:
         "channel",
         "container",
         "death",
+        "failed_probes",
         "id",
         "inflight",
         "last_used",
         "name",
+        "next_probe",
         "socket_dir",
         "state",
         "stop_timeout_s",
@@ -281,6 +294,8 @@ class _Instance:
         self.channel = channel
         self.inflight = 0
         self.last_used = 0.0
+        self.next_probe = 0.0
+        self.failed_probes = 0
         self.state: Literal["starting", "ready", "stopping", "dead"] = "starting"
         self.death: dict[str, Any] | None = None
         self.watcher: asyncio.Task[None] | None = None
@@ -358,8 +373,9 @@ class DockerProvider(Provider[DockerTarget]):
         reap_interval_s: float | None = None,
     ) -> None:
         """``docker_url``: the engine (default: ``DOCKER_HOST`` or the local socket).
-        ``reap_interval_s``: how often idle containers are looked for (default: a quarter
-        of the shortest ``idle_timeout_s``, between 0.05 and 5 s)."""
+        ``reap_interval_s``: how often idle and unhealthy containers are looked for
+        (default: the shortest of a quarter of each ``idle_timeout_s`` and each
+        ``health_interval_s``, between 0.05 and 5 s)."""
         self._docker_url = docker_url
         self._clock = clock
         self._reap_interval_s = reap_interval_s
@@ -387,7 +403,7 @@ class DockerProvider(Provider[DockerTarget]):
         except BaseException:
             await self.aclose()  # the dispatcher only closes providers that started
             raise
-        self._reaper = asyncio.create_task(self._reap_idle(), name="docker-idle-reaper")
+        self._reaper = asyncio.create_task(self._maintain(), name="docker-reaper-and-prober")
 
     async def attach(self, plugin: PluginSpec[Any], target: DockerTarget) -> None:
         key = (plugin.id, plugin.version, id(target))
@@ -760,13 +776,46 @@ class DockerProvider(Provider[DockerTarget]):
             return False
         return bool(state.get("Running"))
 
-    async def _reap_idle(self) -> None:
+    async def _maintain(self) -> None:
+        """The provider's one background loop: stop idle containers, probe ready ones."""
         while True:
-            await asyncio.sleep(self._reap_interval())
+            await asyncio.sleep(self._tick())
             try:
                 await self._reap_once()
-            except Exception:  # the reaper must outlive one failed stop
-                log.exception("stopping idle containers failed")
+                await self._probe_once()
+            except Exception:  # the loop must outlive one failed stop or probe
+                log.exception("looking after the containers failed")
+
+    async def _probe_once(self) -> None:
+        now = self._clock()
+        due = [
+            (pool, instance)
+            for pool in self._pools.values()
+            if pool.target.health_interval_s > 0
+            for instance in pool.ready()
+            if instance.next_probe <= now
+        ]
+        reports = await asyncio.gather(*(instance.channel.health() for _, instance in due))
+        for (pool, instance), report in zip(due, reports, strict=True):
+            instance.next_probe = now + pool.target.health_interval_s
+            instance.failed_probes = 0 if report.ok else instance.failed_probes + 1
+            if instance.failed_probes < pool.target.unhealthy_after or instance.state != "ready":
+                continue
+            log.warning(
+                "replacing %s of %s: %d failed health probes (%s)",
+                instance.name, pool.label, instance.failed_probes, report.detail[:120],
+            )  # fmt: skip
+            instance.state = "stopping"
+            instance.death = {
+                "exit_code": None,
+                "oom_killed": False,
+                "error": f"stopped after {instance.failed_probes} failed health probes",
+            }
+            pool.instances = [i for i in pool.instances if i is not instance]
+            pool.notify()
+            if not pool.closed and len(pool.instances) + pool.starting < pool.target.min_instances:
+                self._spawn(pool)
+            await self._retire(instance, graceful=False)
 
     async def _reap_once(self) -> None:
         now = self._clock()
@@ -796,11 +845,14 @@ class DockerProvider(Provider[DockerTarget]):
             if isinstance(result, Exception):
                 log.warning("stopping an idle container failed: %r", result)
 
-    def _reap_interval(self) -> float:
+    def _tick(self) -> float:
         if self._reap_interval_s is not None:
             return self._reap_interval_s
-        shortest = min((pool.target.idle_timeout_s for pool in self._pools.values()), default=20)
-        return min(5.0, max(0.05, shortest / 4))
+        periods = [pool.target.idle_timeout_s / 4 for pool in self._pools.values()]
+        periods += [
+            p.target.health_interval_s for p in self._pools.values() if p.target.health_interval_s
+        ]
+        return min(5.0, max(0.05, min(periods, default=5.0)))
 
     async def _close_pool(self, pool: _Pool) -> None:
         pool.closed = True

@@ -48,6 +48,7 @@ UNRULY_METHODS = (
     "write",
     "connect",
     "sandbox",
+    "sicken",
 )
 
 
@@ -237,6 +238,31 @@ async def test_crash_fails_the_calls_in_flight_and_the_container_is_replaced() -
         await eventually(replaced, what="a replacement container runs (min_instances=1)")
         answer = await dispatcher.call("unruly", "whoami")
         assert not original.startswith(answer["hostname"])
+
+
+async def test_unhealthy_container_is_replaced() -> None:
+    plugins = manifest(unruly(min_instances=1, health_interval_s=0.2, unhealthy_after=2))
+    async with Dispatcher(plugins) as dispatcher:
+        owner = owner_of(dispatcher)
+        sick = (await dispatcher.call("unruly", "whoami"))["hostname"]
+        await dispatcher.call("unruly", "sicken")
+
+        def replaced() -> bool:
+            running = containers(owner, running_only=True)
+            return len(running) == 1 and not running[0].startswith(sick)
+
+        await eventually(replaced, what="the container failing /health is replaced")
+        assert (await dispatcher.call("unruly", "whoami"))["hostname"] != sick
+
+
+async def test_container_never_healthy_fails_at_ready_timeout() -> None:
+    # The plugin listens somewhere the provider does not look, so /health never answers.
+    elsewhere = ["echo_plugin:EchoPlugin", "--path", "/plugin", "--uds", "/tmp/elsewhere.sock"]
+    plugins = manifest(echo_box(command=elsewhere, ready_timeout_s=1.5))
+    async with Dispatcher(plugins) as dispatcher:
+        with pytest.raises(TargetUnavailable, match=r"not healthy within ready_timeout_s=1\.5"):
+            await dispatcher.call("echo-box", "say", {"text": "hi"})
+        assert containers(owner_of(dispatcher)) == []
 
 
 async def test_missing_image_is_a_provider_error_naming_deploy() -> None:

@@ -24,6 +24,15 @@ def _outcome(action: Any) -> dict[str, Any]:
 
 
 class UnrulyPlugin(Plugin):
+    sick = False
+
+    async def health_check(self) -> bool:
+        return not self.sick
+
+    async def sicken(self) -> None:
+        """From now on, answer /health with 503 while still answering calls."""
+        self.sick = True
+
     async def whoami(self) -> dict[str, Any]:
         """Which container answered: its hostname is the container id's prefix."""
         return {"hostname": socket.gethostname(), "pid": os.getpid(), "uid": os.getuid()}
