@@ -17,8 +17,9 @@ not when this module loads.
 
 Speaking to a container: the HTTP envelope (``docs/protocol.md``), sent by the HTTP
 provider's own code (one ``HttpProvider`` per container, over a Unix socket or a loopback
-port). ``protocol`` is the seam for gRPC: a channel class per protocol (``_HttpChannel``
-today) with ``invoke``/``invoke_batch``/``health``/``aclose``.
+port). ``protocol`` is the seam for gRPC: ``_Channel`` is what the provider needs of a
+wire (``invoke``/``invoke_batch``/``health``/``aclose``), ``_CHANNELS`` maps each protocol
+to its implementation, and ``_HttpChannel`` is the only one today.
 
 Sandbox by default (each relaxation is a key under ``sandbox`` in the manifest):
 
@@ -73,9 +74,10 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib.util import cache_from_source
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -236,12 +238,40 @@ class _ContainerHttpTarget(HttpTarget):
         return f"container {self.container}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Address:
+    """Where one container listens: a Unix socket on the host, or a loopback port."""
+
+    container: str  # for messages: "linchkit-echo-1a2b3c4d of echo@1.0.0 (image)"
+    unix_socket: str | None = None
+    port: int | None = None
+
+
+class _Channel(Protocol):
+    """How the provider speaks to one container: one implementation per ``protocol``.
+
+    The seam for gRPC: a ``_GrpcChannel`` built on the grpc provider's client, added to
+    ``_CHANNELS``, is all a ``protocol: grpc`` target needs (plus the Literal's new value).
+    """
+
+    async def open(self) -> None: ...
+    async def invoke(self, invocation: Invocation) -> Any: ...
+    async def invoke_batch(self, invocations: Sequence[Invocation]) -> list[Outcome[Any]]: ...
+    async def health(self) -> Health: ...
+    async def aclose(self) -> None: ...
+
+
 class _HttpChannel:
     """Speaks the HTTP envelope to one container, through the HTTP provider's code."""
 
-    def __init__(self, url: str, unix_socket: str | None, container: str) -> None:
-        self._http = HttpProvider(unix_socket=unix_socket, max_connections=64)
-        self._target = _ContainerHttpTarget(provider="http", url=url, container=container)
+    def __init__(self, address: _Address) -> None:
+        if address.unix_socket is not None:
+            # The host part of the URL is only a label: the connector dials the socket.
+            url = "http://container"
+        else:
+            url = f"http://127.0.0.1:{address.port}"
+        self._http = HttpProvider(unix_socket=address.unix_socket, max_connections=64)
+        self._target = _ContainerHttpTarget(provider="http", url=url, container=address.container)
 
     async def open(self) -> None:
         await self._http.start()
@@ -257,6 +287,9 @@ class _HttpChannel:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+_CHANNELS: dict[str, Callable[[_Address], _Channel]] = {"http": _HttpChannel}
 
 
 class _Instance:
@@ -283,7 +316,7 @@ class _Instance:
         container: DockerContainer,
         name: str,
         socket_dir: Path | None,
-        channel: _HttpChannel,
+        channel: _Channel,
         stop_timeout_s: int,
     ) -> None:
         self.container = container
@@ -648,14 +681,13 @@ class DockerProvider(Provider[DockerTarget]):
             socket_dir.mkdir()
             socket_dir.chmod(0o777)  # the container's user creates the socket; parent is 0700
             env["LINCHKIT_PLUGIN_UDS"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
-            channel = _HttpChannel(
-                f"http://{name}", str(socket_dir / SOCKET_NAME), f"{name} of {pool.label}"
-            )
+            address = _Address(f"{name} of {pool.label}", unix_socket=str(socket_dir / SOCKET_NAME))
         else:
             port = target.port or _free_port()
             env["LINCHKIT_PLUGIN_HOST"] = "127.0.0.1"
             env["LINCHKIT_PLUGIN_PORT"] = str(port)
-            channel = _HttpChannel(f"http://127.0.0.1:{port}", None, f"{name} of {pool.label}")
+            address = _Address(f"{name} of {pool.label}", port=port)
+        channel = _CHANNELS[target.protocol](address)
         config = _container_config(target, env, socket_dir)
         config["Labels"] = {
             **self._owner_labels,
