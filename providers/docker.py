@@ -652,11 +652,18 @@ class DockerProvider(Provider[DockerTarget]):
         """Start one container; the caller has already counted it in ``pool.starting``."""
         try:
             instance = await self._run_container(pool)
-        except DispatchError as error:
+        except Exception as error:
+            failure = (
+                error
+                if isinstance(error, DispatchError)
+                else ProviderError(f"starting a container of {pool.label} failed: {error!r}")
+            )
             pool.failures += 1
-            pool.last_failure = error
-            log.warning("starting a container of %s failed: %s", pool.label, error)
-            raise
+            pool.last_failure = failure
+            log.warning("starting a container of %s failed: %s", pool.label, failure)
+            if failure is error:
+                raise
+            raise failure from error
         finally:
             pool.starting -= 1
             pool.notify()
@@ -757,6 +764,8 @@ class DockerProvider(Provider[DockerTarget]):
             state = (await instance.container.show()).get("State", {})
         except aiodocker.DockerError as error:
             state = {"Error": error.message}
+        except Exception as error:  # the engine's connection broke: treat it as lost
+            state = {"Error": f"lost track of it: {error!r}"}
         if instance.state == "stopping":
             return
         was_ready = instance.state == "ready"
@@ -813,7 +822,7 @@ class DockerProvider(Provider[DockerTarget]):
         while True:
             await asyncio.sleep(self._tick())
             try:
-                await self._reap_once()
+                await self.stop_idle()
                 await self._probe_once()
             except Exception:  # the loop must outlive one failed stop or probe
                 log.exception("looking after the containers failed")
@@ -849,7 +858,11 @@ class DockerProvider(Provider[DockerTarget]):
                 self._spawn(pool)
             await self._retire(instance, graceful=False)
 
-    async def _reap_once(self) -> None:
+    async def stop_idle(self) -> None:
+        """Stop the containers idle past their ``idle_timeout_s``, keeping ``min_instances``.
+
+        The background loop calls this every tick; tests with their own clock call it too.
+        """
         now = self._clock()
         retiring: list[_Instance] = []
         for pool in self._pools.values():

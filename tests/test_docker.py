@@ -192,6 +192,24 @@ async def test_idle_container_is_stopped_and_the_next_call_starts_one() -> None:
         assert second != first, "a new container answered"
 
 
+async def test_idle_stop_keeps_min_instances_on_an_injected_clock() -> None:
+    now = [1000.0]
+    # A background tick of an hour: only the explicit stop_idle() calls below stop anything.
+    provider = DockerProvider(clock=lambda: now[0], reap_interval_s=3600)
+    plugins = manifest(unruly(min_instances=1, max_instances=2, concurrency=1, idle_timeout_s=60))
+    async with Dispatcher(plugins, providers={"docker": provider}) as dispatcher:
+        await asyncio.gather(
+            *(dispatcher.call("unruly", "nap", {"seconds": 1.0}) for _ in range(2))
+        )
+        assert len(containers(provider.owner)) == 2, "the second call started a second one"
+        now[0] += 59
+        await provider.stop_idle()
+        assert len(containers(provider.owner)) == 2, "59 s idle is not 60"
+        now[0] += 2
+        await provider.stop_idle()
+        assert len(containers(provider.owner)) == 1, "idle down to min_instances, no further"
+
+
 async def test_scales_up_to_max_instances_under_concurrent_calls() -> None:
     plugins = manifest(unruly(concurrency=1, max_instances=3))
     async with Dispatcher(plugins) as dispatcher:
