@@ -89,20 +89,37 @@ class HttpProvider(Provider[HttpTarget]):
     target_model = HttpTarget
     native_batch = True
 
-    def __init__(self, *, max_connections: int = 512, keepalive_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        max_connections: int = 512,
+        keepalive_seconds: float = 30.0,
+        unix_socket: str | None = None,
+    ) -> None:
+        """``unix_socket``: send every request over this socket (the docker provider's
+        sandboxed containers listen on one); the URL then only names the host."""
         self._max_connections = max_connections
         self._keepalive_seconds = keepalive_seconds
+        self._unix_socket = unix_socket
         self._session: aiohttp.ClientSession | None = None
         self._routes: dict[int, _Route] = {}
 
     async def start(self) -> None:
         import aiohttp
 
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections,
-            limit_per_host=0,
-            keepalive_timeout=self._keepalive_seconds,
-        )
+        connector: aiohttp.BaseConnector
+        if self._unix_socket is not None:
+            connector = aiohttp.UnixConnector(
+                self._unix_socket,
+                limit=self._max_connections,
+                keepalive_timeout=self._keepalive_seconds,
+            )
+        else:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                limit_per_host=0,
+                keepalive_timeout=self._keepalive_seconds,
+            )
         self._session = aiohttp.ClientSession(
             connector=connector,
             skip_auto_headers=("User-Agent",),
