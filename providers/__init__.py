@@ -22,6 +22,7 @@ ENTRY_POINT_GROUP = "dispatcher.providers"
 _BUILT_IN = {
     "local": "providers.local:LocalProvider",
     "http": "providers.http:HttpProvider",
+    "knative": "providers.knative:KnativeProvider",
 }
 
 

@@ -213,8 +213,9 @@ def _json(payload: bytes, target: HttpTarget) -> Any:
 
 
 def _status_error(
-    status: int, payload: bytes, retry_after_header: str | None, target: HttpTarget
+    status: int, payload: bytes, retry_after_header: str | None, target: TargetConfig
 ) -> DispatchError:
+    # Shared with providers/knative.py, whose ingress answers with the same statuses.
     retry_after = _retry_after_seconds(retry_after_header)
     error = _envelope_error(payload)
     if error is not None:
