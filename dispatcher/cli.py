@@ -138,6 +138,51 @@ def health(context: click.Context) -> None:
         context.exit(EXIT_FAILED)
 
 
+@main.command()
+@click.argument("plugins", nargs=-1, metavar="[PLUGIN]...")
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would be deployed; write and apply nothing."
+)
+@click.pass_context
+def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool) -> None:
+    """Deploy the targets of PLUGINs (default: all) that their provider can deploy.
+
+    knative: renders a Service per plugin into infra/knative/ and applies it when the
+    target's deploy.cluster is set; --dry-run prints the YAML instead.
+    """
+    from providers import Provider, provider_classes
+
+    manifest = _manifest(context)
+    known = {plugin.id for plugin in manifest.plugins}
+    unknown = sorted(set(plugins) - known)
+    if unknown:
+        raise click.UsageError(f"no plugin {', '.join(unknown)} in {context.obj}")
+    selected = [plugin for plugin in manifest.plugins if not plugins or plugin.id in plugins]
+
+    async def run() -> list[str]:
+        lines: list[str] = []
+        for plugin in selected:
+            for target in plugin.targets():
+                cls = provider_classes()[target.provider]
+                if cls.deploy is Provider.deploy:
+                    lines.append(f"{plugin.key}: {target.describe()}: nothing to deploy")
+                    continue
+                async with cls() as provider:
+                    if dry_run:
+                        lines.append(provider.render_deployment(plugin, target).rstrip() + "\n---")
+                    else:
+                        lines.append(await provider.deploy(plugin, target))
+        return lines
+
+    try:
+        lines = asyncio.run(run())
+    except DispatchError as error:
+        click.echo(f"error: {error}", err=True)
+        context.exit(EXIT_FAILED)
+    for line in lines:
+        click.echo(line)
+
+
 def _run(manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]) -> T:
     async def session() -> T:
         async with Dispatcher(manifest) as dispatcher:

@@ -368,7 +368,7 @@ class KnativeProvider(Provider[KnativeTarget]):
 
         return await deploy(plugin, target, self.infra_dir)
 
-    def render(self, plugin: PluginSpec[Any], target: KnativeTarget) -> str:
+    def render_deployment(self, plugin: PluginSpec[Any], target: KnativeTarget) -> str:
         """The Service as YAML, validated, without writing or applying it (``--dry-run``)."""
         from providers._knative_service import render_yaml
 
