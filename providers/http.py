@@ -199,7 +199,9 @@ class HttpProvider(Provider[HttpTarget]):
         return self._session
 
 
-async def _read_limited(response: aiohttp.ClientResponse, limit: int, target: HttpTarget) -> bytes:
+async def _read_limited(
+    response: aiohttp.ClientResponse, limit: int, target: TargetConfig
+) -> bytes:
     """The whole body, refusing more than ``limit`` bytes; an incomplete body raises."""
     length = response.content_length
     if length is not None and length <= limit:

@@ -68,7 +68,7 @@ from dispatcher.errors import (
 )
 from dispatcher.invocation import Invocation
 from providers.base import Health, Provider, TargetConfig
-from providers.http import HttpProvider, _retry_after_seconds, _status_error
+from providers.http import HttpProvider, _read_limited, _retry_after_seconds, _status_error
 
 if TYPE_CHECKING:
     from dispatcher.config import PluginSpec
@@ -326,14 +326,16 @@ class KnativeProvider(Provider[KnativeTarget]):
                 )
                 error.args = (error.message,)
                 raise error
-            activating = True
+            # A refused connection is the ingress being down, not a revision activating.
+            activating = activating or error.details.get("stage") != "connect"
             delay = min(backoff, target.activation_backoff_max_ms / 1000)
             delay = max(delay, error.retry_after or 0.0) * (0.5 + self._random.random() / 2)
             if invocation.remaining() <= delay:
+                state = "was still activating" if activating else "could not be reached"
                 raise DeadlineExceeded(
-                    f"{target.host} was still activating when the deadline passed"
+                    f"{target.host} {state} when the deadline passed"
                     f" ({attempts} attempts; last: {error.message})",
-                    details={"attempts": attempts, "activating": True},
+                    details={"attempts": attempts, "activating": activating},
                 ) from error
             self.stats.activation_retries += 1
             await asyncio.sleep(delay)
@@ -395,7 +397,7 @@ class KnativeProvider(Provider[KnativeTarget]):
                 headers={**route.headers, **headers},
                 timeout=aiohttp.ClientTimeout(total=remaining),
             ) as response:
-                payload = await response.content.read(target.max_response_bytes + 1)
+                payload = await _read_limited(response, target.max_response_bytes, target)
                 answer = _Answer(
                     response.status,
                     {key.lower(): value for key, value in response.headers.items()},
@@ -407,15 +409,12 @@ class KnativeProvider(Provider[KnativeTarget]):
             )
         except aiohttp.ClientConnectorError as error:
             return Failure.NOT_REACHED, TargetUnavailable(
-                f"cannot connect to the ingress {target.ingress} for {target.host}: {error.os_error}"
+                f"cannot connect to the ingress {target.ingress} for {target.host}: {error.os_error}",
+                details={"stage": "connect"},
             )
         except aiohttp.ClientError as error:
             return Failure.MAYBE_REACHED, TargetUnavailable(
                 f"{target.host} failed mid-call: {type(error).__name__}: {error}"
-            )
-        if len(answer.body) > target.max_response_bytes:
-            return Failure.FINAL, ProviderError(
-                f"{target.host} answered more than max_response_bytes={target.max_response_bytes}"
             )
         if answer.status == 200:
             try:

@@ -280,8 +280,11 @@ async def test_health_uses_the_readiness_path(standin: KnativeStandIn) -> None:
 async def test_unreachable_ingress_is_target_unavailable_within_the_deadline() -> None:
     plugins = manifest(ledger("ledger", knative("http://127.0.0.1:9", "ledger")))
     async with Dispatcher(plugins) as dispatcher:
-        with pytest.raises(DeadlineExceeded, match="cannot connect"):
+        provider = dispatcher.providers["knative"]
+        assert isinstance(provider, KnativeProvider)
+        with pytest.raises(DeadlineExceeded, match=r"could not be reached.*cannot connect"):
             await dispatcher.call("ledger", "charge", {"amount": 1}, timeout=0.5)
+    assert provider.stats.cold_starts == 0
 
 
 def test_failure_classification_table() -> None:
