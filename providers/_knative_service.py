@@ -113,7 +113,7 @@ def render_service(plugin: PluginSpec[Any], target: KnativeTarget) -> dict[str, 
             "template": {
                 "metadata": {
                     "name": revision_name(target.service, plugin.version),
-                    "labels": labels,
+                    "labels": dict(labels),  # a copy: YAML would print an anchor
                     "annotations": annotations,
                 },
                 "spec": revision_spec,

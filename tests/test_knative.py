@@ -207,7 +207,7 @@ async def test_idle_revision_scales_to_zero_and_the_next_call_is_cold_again(
             assert isinstance(provider, KnativeProvider)
             await dispatcher.call("ledger", "whoami")
             assert provider.stats.cold_starts == 1
-            await _until(lambda: revision.state == "scaled_to_zero", within=30)
+            await standin.wait_scaled_to_zero(revision)
             await dispatcher.call("ledger", "whoami")
             assert provider.stats.cold_starts == 2
         assert revision.starts == 2
@@ -302,11 +302,3 @@ def test_failure_classification_table() -> None:
     assert classify_failure(status=502, headers={}, body=b"") is Failure.MAYBE_REACHED
     for status in (400, 404, 429, 500, 504):
         assert classify_failure(status=status, headers={}, body=b"") is Failure.FINAL
-
-
-async def _until(condition: Any, *, within: float) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
-        await asyncio.sleep(0.05)

@@ -103,6 +103,7 @@ class Revision:
     _process: asyncio.subprocess.Process | None = None
     _port: int = 0
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _at_zero: asyncio.Event = field(default_factory=asyncio.Event)
     _watcher: asyncio.Task[None] | None = None
     _last_request: float = 0.0
     _in_flight: int = 0
@@ -206,12 +207,18 @@ class KnativeStandIn:
         async with asyncio.timeout(timeout or self.ready_timeout):
             await revision._ready.wait()
 
+    async def wait_scaled_to_zero(self, revision: Revision, timeout: float = 60.0) -> None:
+        """Wait until ``revision`` has no process (the idle reaper or a failure stopped it)."""
+        async with asyncio.timeout(timeout):
+            await revision._at_zero.wait()
+
     async def scale_to_zero(self, revision: Revision) -> None:
         """Stop the revision's process now (SIGTERM, SIGKILL after 10 s)."""
         process, revision._process = revision._process, None
         watcher, revision._watcher = revision._watcher, None
         revision.state = "scaled_to_zero"
         revision._ready.clear()
+        revision._at_zero.set()
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -229,6 +236,7 @@ class KnativeStandIn:
         port = _free_port()
         revision.starts += 1
         revision.state = "activating"
+        revision._at_zero.clear()
         revision._port = port
         env = {
             **os.environ,
