@@ -474,6 +474,7 @@ class KnativeProvider(Provider[KnativeTarget]):
 
     def _status_error(self, target: KnativeTarget, answer: _Answer) -> DispatchError:
         payload = answer.body
+        runtime_message: str | None = None
         if _made_by_function(answer.headers, payload) and target.mode != "envelope":
             # func-python answers its own failures as a CloudEvent: {"message": ...}.
             try:
@@ -483,8 +484,11 @@ class KnativeProvider(Provider[KnativeTarget]):
             if isinstance(data, dict) and "ok" in data:
                 payload = orjson.dumps(data)
             elif isinstance(data, dict) and isinstance(data.get("message"), str):
-                payload = data["message"].encode()
+                runtime_message = data["message"]
         error = _status_error(answer.status, payload, answer.headers.get("retry-after"), target)
+        if runtime_message is not None:
+            error.message = f"{error.message}: {runtime_message[:500]}"
+            error.args = (error.message,)
         if error.retry_after is None:
             error.retry_after = _retry_after_seconds(answer.headers.get("retry-after"))
         return error

@@ -85,6 +85,7 @@ def ledger(plugin_id: str, target: dict[str, Any], **methods: dict[str, Any]) ->
             "charge": {},
             "crash": {},
             "crash_once": {"idempotent": True},
+            "odd": {},
             "refund": {},  # in the manifest, not in the plugin: the plugin answers method_not_found
             **methods,
         },
@@ -149,6 +150,10 @@ async def test_cloudevents_modes_reach_func_python(standin: KnativeStandIn, mode
             await dispatcher.call("ledger", "charge", {"amount": 500})
         with pytest.raises(MethodNotFound, match="refund"):
             await dispatcher.call("ledger", "refund", {"amount": 1})
+        # func-python's own failure (it cannot encode the answer) is a CloudEvent with a
+        # message, which the error keeps.
+        with pytest.raises(TargetUnavailable, match=r"HTTP 500: .*not JSON serializable"):
+            await dispatcher.call("ledger", "odd")
     assert answer["request_id"] == "req-ce-1"
     # The event id is the request id: what the stand-in saw on the wire is the CloudEvent's id.
     assert revision.times_forwarded("req-ce-1") == 1

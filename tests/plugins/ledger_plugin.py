@@ -36,6 +36,10 @@ class LedgerPlugin(Plugin):
             raise InsufficientFunds(f"cannot charge {amount}: balance is 100")
         return {"charged": amount}
 
+    async def odd(self) -> set[int]:
+        """Returns what JSON cannot carry: the runtime itself fails to answer."""
+        return {1, 2}
+
     def crash(self) -> None:
         """The process dies while the request is in flight."""
         os._exit(3)
