@@ -238,7 +238,13 @@ def _made_by_function(headers: dict[str, str], body: bytes) -> bool:
 
 @dataclass(slots=True)
 class KnativeStats:
-    """What the provider saw of Knative's scaling, since it started."""
+    """What the provider saw of Knative's scaling, since it started.
+
+    ``cold_starts`` counts calls that met a revision activating (503/502/reset answers)
+    before they were answered: calls that paid for a cold start, so a burst arriving at a
+    service at zero counts each of its calls. ``unsafe_retries_refused`` counts calls not
+    resent because they may have reached the plugin and are not idempotent.
+    """
 
     calls: int = 0
     cold_starts: int = 0

@@ -29,10 +29,11 @@ from dispatcher import (
 )
 from dispatcher.testing.knative import KnativeStandIn, Revision
 from providers.knative import Failure, KnativeProvider, classify_failure
-from tests.conftest import manifest
+from tests.conftest import bound_socket, manifest
 
 PLUGINS = Path(__file__).parent / "plugins"
 ENTRYPOINT = "ledger_plugin:LedgerPlugin"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def func_python_revision(name: str, **config: Any) -> Revision:
@@ -144,7 +145,9 @@ async def test_cloudevents_modes_reach_func_python(standin: KnativeStandIn, mode
     await standin.wait_ready(revision)
     plugins = manifest(ledger("ledger", knative(standin.url, "ledger", mode=mode)))
     async with Dispatcher(plugins) as dispatcher:
-        answer = await dispatcher.call("ledger", "whoami", request_id="req-ce-1")
+        answer = await dispatcher.call(
+            "ledger", "whoami", request_id="req-ce-1", traceparent=TRACEPARENT
+        )
         assert await dispatcher.call("ledger", "charge", {"amount": 5}) == {"charged": 5}
         with pytest.raises(PluginError) as refused:
             await dispatcher.call("ledger", "charge", {"amount": 500})
@@ -155,6 +158,15 @@ async def test_cloudevents_modes_reach_func_python(standin: KnativeStandIn, mode
         with pytest.raises(TargetUnavailable, match=r"HTTP 500: .*not JSON serializable"):
             await dispatcher.call("ledger", "odd")
     assert answer["request_id"] == "req-ce-1"
+    assert answer["traceparent"] == TRACEPARENT
+    (sent,) = [request for request in revision.forwarded if request.request_id == "req-ce-1"]
+    if mode == "binary":
+        assert sent.headers["ce-type"] == "dev.linchkit.plugin.call.v1"
+        assert sent.headers["ce-traceparent"] == TRACEPARENT  # distributed-tracing extension
+        assert sent.headers["ce-subject"] == "ledger.whoami"
+    else:
+        assert sent.headers["content-type"].startswith("application/cloudevents+json")
+        assert not any(name.startswith("ce-") for name in sent.headers)
     # The event id is the request id: what the stand-in saw on the wire is the CloudEvent's id.
     assert revision.times_forwarded("req-ce-1") == 1
     assert refused.value.remote_type == "InsufficientFunds"
@@ -197,6 +209,27 @@ async def test_scale_from_zero_is_retried_and_counted_as_a_cold_start(
     assert revision.times_forwarded("cold-1") == 1
     assert revision.times_forwarded("warm-1") == 1
     assert revision.starts == 1
+
+
+async def test_concurrent_calls_during_a_cold_start_each_reach_the_plugin_once(
+    standin: KnativeStandIn,
+) -> None:
+    revision = func_python_revision("ledger-00001")
+    standin.add_service("ledger", revision, namespace="plugins")
+    plugins = manifest(ledger("ledger", knative(standin.url, "ledger")))
+    async with Dispatcher(plugins) as dispatcher:
+        provider = dispatcher.providers["knative"]
+        assert isinstance(provider, KnativeProvider)
+        results = await asyncio.gather(
+            *(
+                dispatcher.call("ledger", "charge", {"amount": i}, request_id=f"burst-{i}")
+                for i in range(12)
+            )
+        )
+    assert results == [{"charged": i} for i in range(12)]
+    assert revision.starts == 1
+    assert all(revision.times_forwarded(f"burst-{i}") == 1 for i in range(12))
+    assert provider.stats.cold_starts == 12  # every call paid for the same activation
 
 
 async def test_idle_revision_scales_to_zero_and_the_next_call_is_cold_again(
@@ -283,12 +316,15 @@ async def test_health_uses_the_readiness_path(standin: KnativeStandIn) -> None:
 
 
 async def test_unreachable_ingress_is_target_unavailable_within_the_deadline() -> None:
-    plugins = manifest(ledger("ledger", knative("http://127.0.0.1:9", "ledger")))
+    closed = bound_socket()  # bound, never listening: connections to it are refused
+    port = closed.getsockname()[1]
+    plugins = manifest(ledger("ledger", knative(f"http://127.0.0.1:{port}", "ledger")))
     async with Dispatcher(plugins) as dispatcher:
         provider = dispatcher.providers["knative"]
         assert isinstance(provider, KnativeProvider)
         with pytest.raises(DeadlineExceeded, match=r"could not be reached.*cannot connect"):
             await dispatcher.call("ledger", "charge", {"amount": 1}, timeout=0.5)
+    closed.close()
     assert provider.stats.cold_starts == 0
 
 

@@ -82,6 +82,7 @@ class ForwardedRequest:
     path: str
     request_id: str | None
     status: int | None  # None: the process failed before answering (the caller got 502)
+    headers: Mapping[str, str] = field(default_factory=dict)  # as received, lower-case names
 
 
 @dataclass(eq=False)
@@ -322,6 +323,7 @@ class KnativeStandIn:
     ) -> web.StreamResponse:
         assert self._client is not None
         request_id = _request_id(request.headers.get("ce-id"), body)
+        seen = {key.lower(): value for key, value in request.headers.items()}
         headers = {
             key: value for key, value in request.headers.items() if key.lower() not in _HOP_BY_HOP
         }
@@ -339,7 +341,7 @@ class KnativeStandIn:
                 status = response.status
         except (ClientError, TimeoutError) as error:
             revision.forwarded.append(
-                ForwardedRequest(request.method, request.path, request_id, None)
+                ForwardedRequest(request.method, request.path, request_id, None, seen)
             )
             process = revision._process
             if process is not None:
@@ -350,7 +352,7 @@ class KnativeStandIn:
                     await self.scale_to_zero(revision)
             return web.Response(status=502, text=f"error proxying to {revision.name}: {error}\n")
         revision.forwarded.append(
-            ForwardedRequest(request.method, request.path, request_id, status)
+            ForwardedRequest(request.method, request.path, request_id, status, seen)
         )
         return web.Response(status=status, headers=answer_headers, body=payload)
 

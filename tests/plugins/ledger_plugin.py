@@ -28,6 +28,7 @@ class LedgerPlugin(Plugin):
             "service": os.environ.get("K_SERVICE"),
             "greeting": self.greeting,
             "request_id": current_context().get("request_id"),
+            "traceparent": current_context().get("traceparent"),
         }
 
     async def charge(self, amount: int) -> dict[str, Any]:
