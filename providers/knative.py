@@ -314,13 +314,13 @@ class KnativeProvider(Provider[KnativeTarget]):
         activating = False
         while True:
             attempts += 1
-            failure, error = await self._attempt(target, invocation)
+            failure, outcome = await self._attempt(target, invocation)
             if failure is None:
                 if activating:
                     self.stats.cold_starts += 1
                     log.info("%s: cold start, answered after %d attempts", target.host, attempts)
-                return error  # the decoded result
-            assert isinstance(error, DispatchError)
+                return outcome
+            error: DispatchError = outcome
             if failure is Failure.FINAL:
                 raise error
             if failure is Failure.MAYBE_REACHED and not idempotent:
