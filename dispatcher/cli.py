@@ -142,12 +142,17 @@ def health(context: click.Context) -> None:
 
 @main.command()
 @click.argument("plugins", nargs=-1, metavar="[PLUGIN]...")
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would be deployed; write and apply nothing."
+)
 @click.pass_context
-def deploy(context: click.Context, plugins: tuple[str, ...]) -> None:
+def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool) -> None:
     """Build or publish the function behind each target of PLUGIN (default: every plugin).
 
-    Each provider deploys its own way (docker: builds the image locally); targets whose
-    provider has nothing to deploy (local, http) are listed and skipped.
+    Each provider deploys its own way (docker: builds the image locally; knative: renders a
+    Service into infra/knative/ and applies it when the target's deploy.cluster is set).
+    Targets whose provider has nothing to deploy (local, http) are listed and skipped.
+    --dry-run prints what would be deployed instead.
     """
     manifest = _manifest(context)
     known = {name for plugin in manifest.plugins for name in (plugin.id, plugin.key)}
@@ -166,7 +171,12 @@ def deploy(context: click.Context, plugins: tuple[str, ...]) -> None:
                     continue
                 try:
                     async with provider:
-                        click.echo(f"{plugin.key}: {await provider.deploy(plugin, target)}")
+                        if dry_run:
+                            click.echo(
+                                provider.render_deployment(plugin, target).rstrip() + "\n---"
+                            )
+                        else:
+                            click.echo(f"{plugin.key}: {await provider.deploy(plugin, target)}")
                 except DispatchError as error:
                     click.echo(f"{plugin.key}: {target.describe()}: {error}", err=True)
                     ok = False

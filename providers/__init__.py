@@ -25,6 +25,7 @@ _BUILT_IN = {
     "grpc": "providers.grpc:GrpcProvider",
     "subprocess": "providers.subprocess:SubprocessProvider",
     "docker": "providers.docker:DockerProvider",
+    "knative": "providers.knative:KnativeProvider",
 }
 
 

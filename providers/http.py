@@ -217,7 +217,9 @@ class HttpProvider(Provider[HttpTarget]):
         return self._session
 
 
-async def _read_limited(response: aiohttp.ClientResponse, limit: int, target: HttpTarget) -> bytes:
+async def _read_limited(
+    response: aiohttp.ClientResponse, limit: int, target: TargetConfig
+) -> bytes:
     """The whole body, refusing more than ``limit`` bytes; an incomplete body raises."""
     length = response.content_length
     if length is not None and length <= limit:
@@ -244,8 +246,9 @@ def _json(payload: bytes, target: HttpTarget) -> Any:
 
 
 def _status_error(
-    status: int, payload: bytes, retry_after_header: str | None, target: HttpTarget
+    status: int, payload: bytes, retry_after_header: str | None, target: TargetConfig
 ) -> DispatchError:
+    # Shared with providers/knative.py, whose ingress answers with the same statuses.
     retry_after = _retry_after_seconds(retry_after_header)
     error = _envelope_error(payload)
     if error is not None:
