@@ -121,7 +121,7 @@ def health(context: click.Context) -> None:
     except DispatchError as error:
         click.echo(f"error: {error}", err=True)
         context.exit(EXIT_FAILED)
-    rows = [("PLUGIN", "TARGET", "STATUS", "LATENCY", "DETAIL")]
+    rows = [("PLUGIN", "TARGET", "STATUS", "CIRCUIT", "LATENCY", "DETAIL")]
     for report in reports:
         latency = (
             f"{report.health.latency_ms:.1f} ms" if report.health.latency_ms is not None else "-"
@@ -131,6 +131,7 @@ def health(context: click.Context) -> None:
                 f"{report.plugin}@{report.version}",
                 report.target,
                 report.health.status,
+                report.circuit or "-",
                 latency,
                 report.health.detail[:60],
             )
