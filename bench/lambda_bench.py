@@ -72,7 +72,7 @@ async def run(*, warm_samples: int = 200, cold_samples: int = 3) -> dict[str, fl
 
     from dispatcher import Dispatcher, Invocation
     from dispatcher.invocation import new_request_id
-    from dispatcher.testing import FAKE_CREDENTIALS, deploy_manifest
+    from dispatcher.testing.lambda_kit import FAKE_CREDENTIALS, deploy_manifest
     from dispatcher.testing.local_lambda import LocalLambda
     from providers.aws_lambda import LambdaProvider
 

@@ -176,6 +176,8 @@ class LambdaProvider(Provider[LambdaTarget]):
         self._clients: dict[tuple[str | None, str | None], Any] = {}
         self._exits = contextlib.AsyncExitStack()
         self._opening = asyncio.Lock()
+        #: Called with each deploy step as it ends (the CLI prints them).
+        self.deploy_progress: Callable[[Step], None] | None = None
 
     def __repr__(self) -> str:
         regions = sorted(f"{region or 'default'}@{url or 'aws'}" for region, url in self._clients)
@@ -300,11 +302,38 @@ class LambdaProvider(Provider[LambdaTarget]):
     # -- deploy (the Lambda API side of ``dispatcher.deploy``) ----------------------------
 
     async def deploy(self, plugin: PluginSpec[Any], target: LambdaTarget) -> str:
-        """Package ``plugin`` and deploy it as the function behind ``target``."""
+        """Package ``plugin`` and deploy it as the function behind ``target``; idempotent.
+
+        Each step goes to ``deploy_progress`` as it ends; the summary lists them all.
+        """
         from dispatcher.deploy import deploy_plugin
 
-        steps = await deploy_plugin(self, plugin, target)
-        return "; ".join(f"{step.name} {step.action}" for step in steps)
+        steps = await deploy_plugin(self, plugin, target, progress=self.deploy_progress)
+        return _summary(target, steps)
+
+    async def plan_deployment(self, plugin: PluginSpec[Any], target: LambdaTarget) -> str:
+        """What ``deploy`` would change, read from the live function (``--dry-run``)."""
+        from dispatcher.deploy import deploy_plugin
+
+        steps = await deploy_plugin(
+            self, plugin, target, dry_run=True, progress=self.deploy_progress
+        )
+        return _summary(target, steps, dry_run=True)
+
+    def render_deployment(self, plugin: PluginSpec[Any], target: LambdaTarget) -> str:
+        """The function ``deploy`` makes, without asking AWS what exists."""
+        from dispatcher.deploy import build_package, function_spec
+
+        spec = function_spec(plugin, target)
+        package = build_package(plugin, target)
+        configuration = spec.configuration()
+        variables = sorted(configuration.pop("Environment")["Variables"])
+        lines = [f"function {spec.name} ({spec.architecture})"]
+        lines += [f"  {key}: {value}" for key, value in configuration.items()]
+        lines.append(f"  Environment: {', '.join(variables) or '-'}")
+        lines.append(f"  CodeSha256: {package.code_sha256} ({len(package.zip_bytes)} bytes)")
+        lines.append(f"  alias {spec.alias} → the version published from it")
+        return "\n".join(lines)
 
     async def apply_function(
         self,
@@ -544,6 +573,16 @@ class LambdaProvider(Provider[LambdaTarget]):
             raise ProviderError(
                 f"{target.describe()} answered a payload that is not JSON: {payload[:80]!r}"
             ) from None
+
+
+def _summary(target: LambdaTarget, steps: list[Step], *, dry_run: bool = False) -> str:
+    changed = any(step.changed for step in steps)
+    verdict = (
+        ("would change" if changed else "up to date")
+        if dry_run
+        else ("deployed" if changed else "up to date: nothing changed")
+    )
+    return f"{target.describe()}: {verdict} ({'; '.join(f'{s.name} {s.action}' for s in steps)})"
 
 
 def _client_context(context: dict[str, Any]) -> str | None:

@@ -20,7 +20,7 @@ import yaml
 
 from dispatcher import Dispatcher, parse_manifest
 from dispatcher.deploy import deploy_plugin, deploy_targets
-from dispatcher.testing import create_role, point_at, reset_moto
+from dispatcher.testing.lambda_kit import create_role, point_at, reset_moto
 from dispatcher.testing.local_lambda import LocalLambda
 from providers.aws_lambda import LambdaProvider
 from tests.conftest import ROOT
@@ -155,9 +155,10 @@ async def test_the_cli_deploys_then_reports_up_to_date(local: LocalLambda, tmp_p
         return output.decode()
 
     planned = await run("--dry-run")
-    assert "function  would create" in planned
+    assert "echo-lambda@1.0.0: function  would create" in planned
+    assert "lambda deploy-cli:live (us-east-1): would change" in planned
     done = await run()
-    assert "echo-lambda@1.0.0 → lambda deploy-cli:live" in done
-    assert "alias     create" in done
+    assert "echo-lambda@1.0.0: alias     create           live → 1" in done
+    assert "echo-lambda@1.0.0: lambda deploy-cli:live (us-east-1): deployed" in done
     again = await run()
     assert "up to date: nothing changed" in again

@@ -75,9 +75,21 @@ def test_deploy_without_deploy_settings_or_with_an_unknown_plugin(tmp_path: Path
     manifest = tmp_path / "plugins.yaml"
     manifest.write_text(yaml.safe_dump(document))
     runner = CliRunner()
-    nothing = runner.invoke(main, ["-m", str(manifest), "deploy", "--dry-run"])
-    assert nothing.exit_code == 0, nothing.output
-    assert "nothing to deploy" in nothing.output
+    unset = runner.invoke(main, ["-m", str(manifest), "deploy", "--dry-run"])
+    assert unset.exit_code == 1, unset.output
+    assert "has no 'deploy' settings (role, entrypoint, path)" in unset.output
     unknown = runner.invoke(main, ["-m", str(manifest), "deploy", "nope"])
-    assert unknown.exit_code == 1
-    assert "no plugin nope in the manifest" in unknown.output
+    assert unknown.exit_code == 2
+    assert "not in the manifest: nope" in unknown.output
+
+
+def test_render_deployment_shows_the_function_without_asking_aws() -> None:
+    from providers.aws_lambda import LambdaProvider
+
+    manifest = parse_manifest(echo_lambda_manifest(), base_dir=ROOT)
+    plugin = manifest.plugins[0]
+    text = LambdaProvider().render_deployment(plugin, plugin.target)
+    assert "function echo-plugin (x86_64)" in text
+    assert f"Handler: {HANDLER}" in text
+    assert build_package(plugin, plugin.target).code_sha256 in text
+    assert "Environment: LINCHKIT_PLUGIN_CONFIG" in text

@@ -28,7 +28,7 @@ from dispatcher import (
     Unauthorized,
     parse_manifest,
 )
-from dispatcher.testing import create_role, deploy_manifest, point_at, reset_moto
+from dispatcher.testing.lambda_kit import create_role, deploy_manifest, point_at, reset_moto
 from dispatcher.testing.local_lambda import LocalLambda
 from providers.aws_lambda import LambdaProvider, LambdaTarget
 from tests.conftest import ROOT

@@ -1,0 +1,206 @@
+"""Test kit for plugin authors: your plugin deployed to a local Lambda, called through a Dispatcher.
+
+(``dispatcher.testing.lambda_kit``, registered as the ``dispatcher`` pytest plugin.)
+
+A pytest plugin, loaded automatically once ``linchkit-dispatcher[dev]`` (or ``[lambda]``
+plus ``moto[server]``) is installed. In your tests::
+
+    async def test_my_plugin_on_lambda(lambda_dispatcher):
+        assert await lambda_dispatcher.call("my-plugin", "say", {"text": "hi"}) == ...
+
+``lambda_dispatcher`` reads your manifest (``plugins.yaml`` in the rootdir, or override
+the ``lambda_manifest`` fixture), points every ``provider: lambda`` target at a local
+Lambda, creates the execution roles its ``deploy`` settings name, deploys each Lambda
+plugin with ``dispatcher deploy``'s own code, and yields a started ``Dispatcher``.
+
+The local Lambda is real: moto's server (``ThreadedMotoServer``) keeps functions,
+versions and aliases, and your handler runs in the AWS Lambda runtime (``awslambdaric``
+under ``aws-lambda-rie``) in a local Docker container (``dispatcher.testing.local_lambda``).
+It needs a Docker engine and the runtime image (``infra/lambda/build-runtime-image.sh``);
+without them the fixture fails and says what to run, it never skips.
+
+Fixtures: ``moto_server`` (session; URL), ``local_lambda`` (a started ``LocalLambda``),
+``lambda_manifest`` (path), ``lambda_dispatcher``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from dispatcher._dispatcher import Dispatcher
+    from dispatcher.config import Manifest
+    from dispatcher.deploy import Step
+    from dispatcher.testing.local_lambda import LocalLambda
+
+__all__ = [
+    "FAKE_CREDENTIALS",
+    "create_role",
+    "deploy_manifest",
+    "lambda_dispatcher",
+    "lambda_manifest",
+    "local_lambda",
+    "moto_server",
+    "point_at",
+    "reset_moto",
+]
+
+#: moto accepts any credentials; these keep the standard chain from finding real ones.
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+ACCOUNT = "123456789012"  # moto's default account
+LAMBDA_TRUST = (
+    '{"Version":"2012-10-17","Statement":[{"Effect":"Allow",'
+    '"Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}]}'
+)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """moto's server on a free loopback port, for the session; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {name: os.environ.get(name) for name in FAKE_CREDENTIALS}
+    os.environ.update(FAKE_CREDENTIALS)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture
+async def local_lambda(moto_server: str) -> AsyncIterator[LocalLambda]:
+    """A started local Lambda in front of a freshly reset moto."""
+    from dispatcher.testing.local_lambda import LocalLambda
+
+    await reset_moto(moto_server)
+    async with LocalLambda(moto_server) as local:
+        yield local
+
+
+@pytest.fixture
+def lambda_manifest(request: pytest.FixtureRequest) -> Path:
+    """The manifest ``lambda_dispatcher`` deploys; override it to use another file."""
+    return Path(request.config.rootpath) / "plugins.yaml"
+
+
+@pytest.fixture
+async def lambda_dispatcher(
+    local_lambda: LocalLambda, lambda_manifest: Path
+) -> AsyncIterator[Dispatcher]:
+    """Every Lambda plugin of the manifest deployed locally; a started Dispatcher for all."""
+    from dispatcher._dispatcher import Dispatcher
+
+    manifest = await deploy_manifest(lambda_manifest, local_lambda.url)
+    async with Dispatcher(manifest) as dispatcher:
+        yield dispatcher
+
+
+async def reset_moto(url: str) -> None:
+    """Forget every resource moto holds (``POST /moto-api/reset``)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.post(f"{url}/moto-api/reset") as answer:
+        answer.raise_for_status()
+
+
+async def create_role(url: str, name: str, *, region: str = "us-east-1") -> str:
+    """Create (or find) the IAM role ``name`` in moto; returns its ARN.
+
+    A plain IAM Query request: the vendor SDK stays in ``providers/aws_lambda.py``.
+    """
+    import aiohttp
+
+    form = {
+        "Action": "CreateRole",
+        "Version": "2010-05-08",
+        "RoleName": name,
+        "AssumeRolePolicyDocument": LAMBDA_TRUST,
+    }
+    headers = {
+        "Authorization": (
+            f"AWS4-HMAC-SHA256 Credential=testing/20240101/{region}/iam/aws4_request, "
+            "SignedHeaders=host, Signature=0"
+        )
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/", data=form, headers=headers) as answer,
+    ):
+        text = await answer.text()
+        if answer.status != 200 and "EntityAlreadyExists" not in text:
+            raise RuntimeError(f"moto did not create role {name}: {answer.status} {text[:200]}")
+    return f"arn:aws:iam::{ACCOUNT}:role/{name}"
+
+
+def point_at(data: Any, endpoint_url: str, region: str = "us-east-1") -> Any:
+    """A copy of a manifest document with every lambda target sent to ``endpoint_url``."""
+    if isinstance(data, dict):
+        copied = {key: point_at(value, endpoint_url, region) for key, value in data.items()}
+        if copied.get("provider") == "lambda":
+            copied["endpoint_url"] = endpoint_url
+            copied["region"] = region
+        return copied
+    if isinstance(data, list):
+        return [point_at(item, endpoint_url, region) for item in data]
+    return data
+
+
+async def deploy_manifest(
+    source: Path | dict[str, Any],
+    endpoint_url: str,
+    *,
+    base_dir: Path | None = None,
+    progress: Callable[[Step], None] | None = None,
+) -> Manifest[Any]:
+    """Deploy every Lambda plugin of a manifest to the local Lambda at ``endpoint_url``.
+
+    ``source`` is a manifest file or an already parsed document. Returns the manifest,
+    its lambda targets pointed at ``endpoint_url``, ready for a ``Dispatcher``.
+    """
+    from dispatcher.config import parse_manifest
+    from dispatcher.deploy import deploy_plugin
+    from providers.aws_lambda import LambdaProvider, LambdaTarget
+
+    if isinstance(source, Path):
+        data = _read_yaml(source)
+        base_dir = base_dir or source.parent
+    else:
+        data = source
+    manifest = parse_manifest(point_at(data, endpoint_url), base_dir=base_dir)
+    roles: set[str] = set()
+    async with LambdaProvider() as provider:
+        for plugin in manifest.plugins:
+            for target in plugin.targets():
+                if not isinstance(target, LambdaTarget) or target.deploy is None:
+                    continue
+                role = target.deploy.role.rpartition("/")[2]
+                if role not in roles:
+                    # The local Lambda passes IAM requests through to moto.
+                    await create_role(endpoint_url, role)
+                    roles.add(role)
+                await deploy_plugin(provider, plugin, target, progress=progress)
+    return manifest
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
