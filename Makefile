@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean sdks
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP)
+# The plugin SDKs in other languages: each build script is idempotent (seconds when nothing
+# changed), runs its language's own tests, and leaves sdk/<lang>/dist/example-plugin for pytest.
+SDK_BUILDS := sdk/go/build.sh
+
+sdks:
+	set -e; for build in $(SDK_BUILDS); do bash $$build; done
+
+test: $(STAMP) sdks
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status
