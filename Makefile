@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 # The plugin SDKs in other languages: each build script is idempotent (seconds when nothing
 # changed), runs its language's own tests, and leaves sdk/<lang>/dist/example-plugin for pytest.
-SDK_BUILDS := sdk/go/build.sh
+SDK_BUILDS := sdk/go/build.sh sdk/rust/build.sh
 
 sdks:
 	set -e; for build in $(SDK_BUILDS); do bash $$build; done

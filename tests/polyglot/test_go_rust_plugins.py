@@ -296,7 +296,10 @@ def test_subprocess_mode_over_a_unix_socket(executable: Path, pb: Messages, tmp_
         core, app, network, address, protocol, cert = read_line(process).split("|")
         assert (core, app, network, protocol, cert) == ("1", "1", "unix", "grpc", "")
         assert Path(address).parent == tmp_path
-        with grpc.insecure_channel(f"unix:{address}") as channel:
+        # gRPC's C core sends the socket path as :authority, which a Rust (h2) server
+        # refuses as malformed; "localhost" is the convention for Unix sockets.
+        options = [("grpc.default_authority", "localhost")]
+        with grpc.insecure_channel(f"unix:{address}", options=options) as channel:
             client = PluginClient(channel, pb)
             assert client.health_of(SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
             client.start(pb.LifecycleRequest(), timeout=5)
