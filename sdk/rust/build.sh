@@ -9,7 +9,7 @@ jobs="${CARGO_BUILD_JOBS:-2}"   # the machine is shared: keep builds lean
 
 cargo build --release --locked -j "$jobs" --bin example-plugin
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    cargo test --release --locked -j "$jobs" --quiet
+    cargo test --release --locked -j "$jobs" --quiet --tests
 fi
 mkdir -p dist
 # Copy only when changed, so a warm run leaves dist/ untouched.
