@@ -13,12 +13,14 @@ own generated code when both are imported in one pytest run.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import select
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -128,6 +130,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe:
+            pipe.close()
 
 
 @pytest.fixture(scope="module", params=["go", "rust"])
@@ -151,9 +156,6 @@ def service(executable: Path) -> Iterator[Running]:
         yield Running(process, read_line(process).split("|"))
     finally:
         stop(process)
-        for stream in (process.stdout, process.stderr):
-            if stream:
-                stream.close()
 
 
 @pytest.fixture(scope="module")
@@ -263,8 +265,6 @@ def test_sigterm_stops_the_service(executable: Path) -> None:
         assert process.wait(timeout=10) == 0
     finally:
         stop(process)
-        assert process.stdout is not None
-        process.stdout.close()
 
 
 def test_refuses_to_run_without_the_host(executable: Path) -> None:
@@ -311,5 +311,52 @@ def test_subprocess_mode_over_a_unix_socket(executable: Path, pb: Messages, tmp_
         assert process.wait(timeout=10) == 0
     finally:
         stop(process)
-        assert process.stdout is not None
-        process.stdout.close()
+
+
+def make_host_cert(folder: Path, name: str) -> tuple[bytes, bytes]:
+    """A host certificate and key (PEM), as the dispatcher makes one per launch."""
+    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
+         "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert.read_bytes(), key.read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the host certificate")
+def test_subprocess_mode_with_auto_mtls(executable: Path, pb: Messages, tmp_path: Path) -> None:
+    host_cert, host_key = make_host_cert(tmp_path, "host")
+    env = {
+        **os.environ,
+        "LINCHKIT_PLUGIN_MAGIC_COOKIE": "d1spatch3r-pl4g1n",
+        "LINCHKIT_PLUGIN_PROTOCOL_VERSIONS": "1",
+        "LINCHKIT_PLUGIN_NETWORK": "unix",
+        "LINCHKIT_PLUGIN_SOCKET_DIR": str(tmp_path),
+        "LINCHKIT_PLUGIN_CLIENT_CERT": host_cert.decode(),
+    }
+    process = subprocess.Popen(
+        [str(executable)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )  # fmt: skip
+    try:
+        fields = read_line(process).split("|")
+        der = base64.b64decode(fields[5] + "=" * (-len(fields[5]) % 4))
+        server_pem = ssl.DER_cert_to_PEM_cert(der).encode()
+        options = [
+            ("grpc.ssl_target_name_override", "localhost"),
+            ("grpc.default_authority", "localhost"),
+        ]
+
+        def channel(cert: bytes, key: bytes) -> grpc.Channel:
+            credentials = grpc.ssl_channel_credentials(server_pem, key, cert)
+            return grpc.secure_channel(f"unix:{fields[3]}", credentials, options=options)
+
+        with channel(host_cert, host_key) as host:
+            assert PluginClient(host, pb).call("echo", {"tls": True}) == {"tls": True}
+        with channel(*make_host_cert(tmp_path, "stranger")) as stranger:
+            with pytest.raises(grpc.RpcError) as refused:
+                PluginClient(stranger, pb).call("echo", 1)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop(process)
