@@ -15,6 +15,7 @@
 package plugin
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -39,13 +40,18 @@ type Call struct {
 	plugin *Plugin
 }
 
-// Bind decodes the params into v (a pointer). A decoding failure, or a missing field
-// tagged `plugin:"required"`, is answered as invalid_params.
+// Bind decodes the params into v (a pointer). Into a struct, an array of params is
+// positional: its items fill the fields in order (docs/protocol.md). A decoding failure,
+// or a missing field tagged `plugin:"required"`, is answered as invalid_params.
 func (c *Call) Bind(v any) error {
-	if err := json.Unmarshal(c.Params, v); err != nil {
+	params := c.Params
+	if named, ok := positionalToNamed(params, v); ok {
+		params = named
+	}
+	if err := json.Unmarshal(params, v); err != nil {
 		return InvalidParams("params of %s: %v", c.Method, err)
 	}
-	if missing := missingRequired(c.Params, v); missing != "" {
+	if missing := missingRequired(params, v); missing != "" {
 		return InvalidParams("params of %s: missing required field %q", c.Method, missing)
 	}
 	return nil
@@ -178,29 +184,76 @@ func encodeJSON(v any) (json.RawMessage, error) {
 	return json.Marshal(v)
 }
 
-// missingRequired names the first struct field tagged `plugin:"required"` whose JSON
-// key is absent from params, or returns "".
-func missingRequired(params json.RawMessage, v any) string {
+func structType(v any) reflect.Type {
 	t := reflect.TypeOf(v)
 	for t != nil && t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
 	if t == nil || t.Kind() != reflect.Struct {
+		return nil
+	}
+	return t
+}
+
+// jsonKey is the key of a struct field in JSON, or "" for a field JSON skips.
+func jsonKey(field reflect.StructField) string {
+	if !field.IsExported() {
+		return ""
+	}
+	key, _, _ := strings.Cut(field.Tag.Get("json"), ",")
+	switch key {
+	case "-":
+		return ""
+	case "":
+		return field.Name
+	}
+	return key
+}
+
+// positionalToNamed turns an array of params into an object keyed by the fields of the
+// struct v points to, in order; ok is false when params are not such an array.
+func positionalToNamed(params json.RawMessage, v any) (json.RawMessage, bool) {
+	t := structType(v)
+	trimmed := bytes.TrimSpace(params)
+	if t == nil || len(trimmed) == 0 || trimmed[0] != '[' {
+		return nil, false
+	}
+	var items []json.RawMessage
+	if err := json.Unmarshal(trimmed, &items); err != nil {
+		return nil, false
+	}
+	var keys []string
+	for i := range t.NumField() {
+		if key := jsonKey(t.Field(i)); key != "" {
+			keys = append(keys, key)
+		}
+	}
+	if len(items) > len(keys) {
+		return nil, false // too many: decoding the array fails as invalid_params
+	}
+	named := make(map[string]json.RawMessage, len(items))
+	for i, item := range items {
+		named[keys[i]] = item
+	}
+	raw, err := json.Marshal(named)
+	return raw, err == nil
+}
+
+// missingRequired names the first struct field tagged `plugin:"required"` whose JSON
+// key is absent from params, or returns "".
+func missingRequired(params json.RawMessage, v any) string {
+	t := structType(v)
+	if t == nil {
 		return ""
 	}
 	var present map[string]json.RawMessage
 	_ = json.Unmarshal(params, &present)
 	for i := range t.NumField() {
 		field := t.Field(i)
-		if field.Tag.Get("plugin") != "required" {
-			continue
-		}
-		key, _, _ := strings.Cut(field.Tag.Get("json"), ",")
-		if key == "" {
-			key = field.Name
-		}
-		if _, ok := present[key]; !ok {
-			return key
+		if key := jsonKey(field); key != "" && field.Tag.Get("plugin") == "required" {
+			if _, ok := present[key]; !ok {
+				return key
+			}
 		}
 	}
 	return ""

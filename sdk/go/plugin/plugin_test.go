@@ -89,7 +89,7 @@ func TestErrorMapping(t *testing.T) {
 		{"panics", `{}`, &pluginpb.Error{Type: "PluginError", Message: "method panicked: boom"}},
 		{"needs", `{}`, &pluginpb.Error{Type: "invalid_params", Message: `params of needs: missing required field "n"`}},
 		{"needs", `{"n": "three"}`, nil},
-		{"needs", `[1]`, nil},
+		{"needs", `[1, 2]`, nil},
 		{"echo", `{not json`, &pluginpb.Error{Type: "invalid_params", Message: "params of echo are not valid JSON"}},
 	}
 	for _, c := range cases {
@@ -128,6 +128,7 @@ func TestResults(t *testing.T) {
 		{"echo", `{"a": [1, 2.5, "x"], "big": 12345678901234567890}`, `{"a": [1, 2.5, "x"], "big": 12345678901234567890}`},
 		{"echo", ``, `null`},
 		{"needs", `{"n": 3}`, `3`},
+		{"needs", `[4]`, `4`},                        // positional
 		{"count", `{}`, `[{"i":0},{"i":1},{"i":2}]`}, // a streaming method called once
 	} {
 		reply := call(t, p, c.method, c.params, 0)
