@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 export CGO_ENABLED=0   # a static binary: runs anywhere, even FROM scratch
-export GOFLAGS="${GOFLAGS:-} -buildvcs=false"
+# -trimpath for tests and build alike, so both reuse the same compiled packages.
+export GOFLAGS="${GOFLAGS:-} -buildvcs=false -trimpath"
 
 PROTOC_GEN_GO_VERSION=v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION=v1.6.2
@@ -37,5 +38,5 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     go test ./...
 fi
 mkdir -p dist
-go build -trimpath -ldflags="-s -w" -o dist/example-plugin ./cmd/example-plugin
+go build -ldflags="-s -w" -o dist/example-plugin ./cmd/example-plugin
 echo "built sdk/go/dist/example-plugin" >&2
