@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean sdks
+.PHONY: demo test lint bench clean proto sdks
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,15 +12,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) sdks
 	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/polyglot_demo.py
 
-# The plugin SDKs in other languages: each build script is idempotent (seconds when nothing
-# changed), runs its language's own tests, and leaves sdk/<lang>/dist/example-plugin for pytest.
-SDK_BUILDS := sdk/go/build.sh sdk/rust/build.sh
+# The example plugin of every SDK folder present (sdk/<lang>/build.sh, idempotent); the
+# conformance suite runs against each. A build that fails fails the run.
+sdks: $(STAMP)
+	@set -e; for build in sdk/*/build.sh; do \
+		[ -e "$$build" ] || continue; \
+		echo "building $$build"; VENV="$(abspath $(VENV))" bash "$$build"; \
+	done
 
-sdks:
-	set -e; for build in $(SDK_BUILDS); do bash $$build; done
+# Regenerate dispatcher/_proto from proto/plugin.proto (tests fail when it is stale).
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
 
 test: $(STAMP) sdks
 	$(BIN)/ruff check .

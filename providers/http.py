@@ -18,6 +18,7 @@ Status mapping, for answers that carry no error envelope:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
@@ -123,7 +124,7 @@ class HttpProvider(Provider[HttpTarget]):
             return await super().invoke_batch(target, invocations)
         # The batch ends at its earliest deadline; each item carries its own deadline_ms.
         earliest = min(invocations, key=lambda invocation: invocation.deadline)
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         body = {"batch": [invocation.request_wire(now) for invocation in invocations]}
         payload = await self._post(target, body, earliest)
         return decode_batch_response(payload, len(invocations))
