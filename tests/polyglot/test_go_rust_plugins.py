@@ -2,18 +2,19 @@
 
 Each plugin is built with its own ``sdk/<lang>/build.sh`` (``make test`` has already run
 it, so here it takes a second), started for real, and called over gRPC: as a service
-(``serve --address 127.0.0.1:0``) and once as a subprocess plugin over a Unix socket, to
-check the handshake and the parent-death rule (the plugin exits when its stdin closes).
+(``serve --address 127.0.0.1:0``) and as a subprocess plugin over a Unix socket, plain and
+with AutoMTLS, to check the handshake and the parent-death rule (the plugin exits when its
+stdin closes).
 The full cross-language conformance suite lives in ``tests/conformance/``.
 
-The message classes are compiled from ``proto/plugin.proto`` at test time with
-grpcio-tools into a private descriptor pool, so they can never clash with the project's
-own generated code when both are imported in one pytest run.
+The raw client uses the project's generated code (``dispatcher/_proto``) and nothing
+else of the dispatcher, so a failure here points at the plugin, not at a provider.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import os
@@ -22,7 +23,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,76 +31,38 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from dispatcher._proto import plugin_pb2 as pb
+from dispatcher._proto import plugin_pb2_grpc
+
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = "linchkit.plugin.v1"
-SERVICE = f"{PACKAGE}.PluginService"
+SERVICE = "linchkit.plugin.v1.PluginService"
 TOOLCHAINS = {"go": "go", "rust": "cargo"}
 STARTUP_TIMEOUT = 20.0
-
-
-class Messages:
-    """The protocol's message classes, by their proto names (``Messages.CallRequest``)."""
-
-    def __init__(self, descriptor_set: bytes) -> None:
-        files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set)
-        pool = descriptor_pool.DescriptorPool()
-        for file in files.file:
-            pool.Add(file)
-        self._pool = pool
-
-    def __getattr__(self, name: str) -> Any:
-        return message_factory.GetMessageClass(
-            self._pool.FindMessageTypeByName(f"{PACKAGE}.{name}")
-        )
-
-
-@pytest.fixture(scope="module")
-def pb(tmp_path_factory: pytest.TempPathFactory) -> Messages:
-    out = tmp_path_factory.mktemp("proto") / "plugin.desc"
-    subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}",
-         f"--descriptor_set_out={out}", "plugin.proto"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return Messages(out.read_bytes())
 
 
 class PluginClient:
     """PluginService over one channel, with JSON in and out."""
 
-    def __init__(self, channel: grpc.Channel, pb: Messages) -> None:
-        self.pb = pb
-        self.channel = channel
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.stub = plugin_pb2_grpc.PluginServiceStub(channel)
         self.health = health_pb2_grpc.HealthStub(channel)
 
-        def rpc(kind: str, name: str, request: str, reply: str) -> Any:
-            return getattr(channel, kind)(
-                f"/{SERVICE}/{name}",
-                request_serializer=getattr(pb, request).SerializeToString,
-                response_deserializer=getattr(pb, reply).FromString,
-            )
-
-        self.describe = rpc("unary_unary", "Describe", "DescribeRequest", "PluginInfo")
-        self.init = rpc("unary_unary", "Init", "InitRequest", "LifecycleReply")
-        self.start = rpc("unary_unary", "Start", "LifecycleRequest", "LifecycleReply")
-        self.call_raw = rpc("unary_unary", "Call", "CallRequest", "CallReply")
-        self.call_batch = rpc("unary_unary", "CallBatch", "BatchRequest", "BatchReply")
-        self.call_stream = rpc("unary_stream", "CallStream", "CallRequest", "StreamItem")
-        self.events = rpc("stream_stream", "Events", "HostEvent", "PluginEvent")
-
     def request(self, method: str, params: Any = None, *, deadline_ms: int = 0) -> Any:
-        return self.pb.CallRequest(
+        return pb.CallRequest(
             v=1, plugin="example", method=method,
             params_json=json.dumps(params).encode(),
-            context=self.pb.CallContext(request_id=f"req-{method}", deadline_ms=deadline_ms),
+            context=pb.CallContext(request_id=f"req-{method}", deadline_ms=deadline_ms),
         )  # fmt: skip
 
     def call(self, method: str, params: Any = None, *, deadline_ms: int = 0) -> Any:
         """The result, or the CallReply's error message when the call failed."""
-        reply = self.call_raw(self.request(method, params, deadline_ms=deadline_ms), timeout=10)
+        reply = self.stub.Call(self.request(method, params, deadline_ms=deadline_ms), timeout=10)
         return json.loads(reply.result_json) if reply.ok else reply.error
 
     def health_of(self, service: str) -> int:
@@ -159,9 +121,9 @@ def service(executable: Path) -> Iterator[Running]:
 
 
 @pytest.fixture(scope="module")
-def client(service: Running, pb: Messages) -> Iterator[PluginClient]:
+def client(service: Running) -> Iterator[PluginClient]:
     with grpc.insecure_channel(service.fields[3]) as channel:
-        yield PluginClient(channel, pb)
+        yield PluginClient(channel)
 
 
 def runtime_of(executable: Path) -> str:
@@ -175,7 +137,7 @@ def test_service_mode_handshake_line(service: Running) -> None:
 
 
 def test_describe_and_health(client: PluginClient, executable: Path) -> None:
-    info = client.describe(client.pb.DescribeRequest(), timeout=5)
+    info = client.stub.Describe(pb.DescribeRequest(), timeout=5)
     assert (info.id, info.version, info.protocol_version) == ("example", "1.0.0", 1)
     assert info.runtime == runtime_of(executable)
     methods = {m.name: m.streaming for m in info.methods}
@@ -221,18 +183,18 @@ def test_sleep_gives_up_at_the_deadline(client: PluginClient) -> None:
 
 
 def test_call_stream(client: PluginClient) -> None:
-    items = list(client.call_stream(client.request("count", {"n": 4}), timeout=10))
+    items = list(client.stub.CallStream(client.request("count", {"n": 4}), timeout=10))
     assert [json.loads(item.chunk_json) for item in items] == [{"i": i} for i in range(4)]
-    (item,) = client.call_stream(client.request("count", {}), timeout=10)
+    (item,) = client.stub.CallStream(client.request("count", {}), timeout=10)
     assert item.WhichOneof("item") == "error"
     assert item.error.type == "invalid_params"
 
 
 def test_call_batch_fails_items_alone(client: PluginClient) -> None:
-    batch = client.pb.BatchRequest(
+    batch = pb.BatchRequest(
         calls=[client.request("echo", 1), client.request("fail", {"message": "x"})]
     )
-    first, second = client.call_batch(batch, timeout=10).results
+    first, second = client.stub.CallBatch(batch, timeout=10).results
     assert first.ok
     assert json.loads(first.result_json) == 1
     assert not second.ok
@@ -240,12 +202,12 @@ def test_call_batch_fails_items_alone(client: PluginClient) -> None:
 
 
 def test_init_config_and_events(client: PluginClient) -> None:
-    client.init(client.pb.InitRequest(config_json=b'{"region": "eu", "limit": 3}'), timeout=5)
-    client.start(client.pb.LifecycleRequest(), timeout=5)
+    client.stub.Init(pb.InitRequest(config_json=b'{"region": "eu", "limit": 3}'), timeout=5)
+    client.stub.Start(pb.LifecycleRequest(), timeout=5)
     assert client.call("config", {}) == {"region": "eu", "limit": 3}
 
-    outgoing: list[Any] = [client.pb.HostEvent(name="ping", data_json=b'{"seq": 1}')]
-    events = client.events(iter(outgoing), timeout=10)
+    outgoing = [pb.HostEvent(name="ping", data_json=b'{"seq": 1}')]
+    events = client.stub.Events(iter(outgoing), timeout=10)
     pong = next(events)
     assert (pong.name, json.loads(pong.data_json)) == ("pong", {"seq": 1})
     assert client.call("emit", {"name": "progress", "data": [1, 2]}) is True
@@ -276,7 +238,7 @@ def test_refuses_to_run_without_the_host(executable: Path) -> None:
     assert b"dispatcher" in done.stderr
 
 
-def test_subprocess_mode_over_a_unix_socket(executable: Path, pb: Messages, tmp_path: Path) -> None:
+def test_subprocess_mode_over_a_unix_socket(executable: Path, tmp_path: Path) -> None:
     env = {
         **os.environ,
         "LINCHKIT_PLUGIN_MAGIC_COOKIE": "d1spatch3r-pl4g1n",
@@ -300,9 +262,9 @@ def test_subprocess_mode_over_a_unix_socket(executable: Path, pb: Messages, tmp_
         # refuses as malformed; "localhost" is the convention for Unix sockets.
         options = [("grpc.default_authority", "localhost")]
         with grpc.insecure_channel(f"unix:{address}", options=options) as channel:
-            client = PluginClient(channel, pb)
+            client = PluginClient(channel)
             assert client.health_of(SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
-            client.start(pb.LifecycleRequest(), timeout=5)
+            client.stub.Start(pb.LifecycleRequest(), timeout=5)
             assert client.health_of(SERVICE) == health_pb2.HealthCheckResponse.SERVING
             assert client.call("echo", [1, "two"]) == [1, "two"]
         # The host "dies": its end of the plugin's stdin closes, and the plugin exits.
@@ -313,21 +275,32 @@ def test_subprocess_mode_over_a_unix_socket(executable: Path, pb: Messages, tmp_
         stop(process)
 
 
-def make_host_cert(folder: Path, name: str) -> tuple[bytes, bytes]:
+def make_host_cert(name: str) -> tuple[bytes, bytes]:
     """A host certificate and key (PEM), as the dispatcher makes one per launch."""
-    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
-         "-addext", "subjectAltName=DNS:localhost"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert.read_bytes(), key.read_bytes()
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the host certificate")
-def test_subprocess_mode_with_auto_mtls(executable: Path, pb: Messages, tmp_path: Path) -> None:
-    host_cert, host_key = make_host_cert(tmp_path, "host")
+def test_subprocess_mode_with_auto_mtls(executable: Path, tmp_path: Path) -> None:
+    host_cert, host_key = make_host_cert("host")
     env = {
         **os.environ,
         "LINCHKIT_PLUGIN_MAGIC_COOKIE": "d1spatch3r-pl4g1n",
@@ -353,10 +326,10 @@ def test_subprocess_mode_with_auto_mtls(executable: Path, pb: Messages, tmp_path
             return grpc.secure_channel(f"unix:{fields[3]}", credentials, options=options)
 
         with channel(host_cert, host_key) as host:
-            assert PluginClient(host, pb).call("echo", {"tls": True}) == {"tls": True}
-        with channel(*make_host_cert(tmp_path, "stranger")) as stranger:
+            assert PluginClient(host).call("echo", {"tls": True}) == {"tls": True}
+        with channel(*make_host_cert("stranger")) as stranger:
             with pytest.raises(grpc.RpcError) as refused:
-                PluginClient(stranger, pb).call("echo", 1)
+                PluginClient(stranger).call("echo", 1)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         stop(process)
