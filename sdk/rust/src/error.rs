@@ -51,7 +51,10 @@ impl Error {
 
     /// The plugin has no method of that name.
     pub fn method_not_found(method: &str) -> Self {
-        Error::new(types::METHOD_NOT_FOUND, format!("plugin has no method {method:?}"))
+        Error::new(
+            types::METHOD_NOT_FOUND,
+            format!("plugin has no method {method:?}"),
+        )
     }
 
     /// The call's deadline passed before the method finished (retryable with a new one).

@@ -33,7 +33,10 @@ impl Emitter {
 
     /// Sends plugin event `name` with `data` to the host over the `Events` stream.
     pub fn emit(&self, name: &str, data: Json) {
-        let event = pb::PluginEvent { name: name.to_string(), data_json: data.into_bytes() };
+        let event = pb::PluginEvent {
+            name: name.to_string(),
+            data_json: data.into_bytes(),
+        };
         let mut hub = self.0.lock().unwrap();
         hub.subscribers.retain(|queue| !queue.is_closed());
         if hub.subscribers.is_empty() {

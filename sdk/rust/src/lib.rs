@@ -61,9 +61,12 @@ impl Json {
 
     /// Encodes a value.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, Error> {
-        serde_json::to_vec(value)
-            .map(Json)
-            .map_err(|err| Error::new(types::PLUGIN_ERROR, format!("value is not JSON-encodable: {err}")))
+        serde_json::to_vec(value).map(Json).map_err(|err| {
+            Error::new(
+                types::PLUGIN_ERROR,
+                format!("value is not JSON-encodable: {err}"),
+            )
+        })
     }
 
     /// Decodes into a value.
@@ -223,7 +226,10 @@ impl Plugin {
     }
 
     fn register(mut self, name: &str, description: &str, handler: Handler) -> Self {
-        let method = Method { description: description.to_string(), handler };
+        let method = Method {
+            description: description.to_string(),
+            handler,
+        };
         if self.methods.insert(name.to_string(), method).is_some() {
             panic!("plugin {}: method {name:?} registered twice", self.id);
         }

@@ -115,20 +115,38 @@ impl Plugin {
 
     /// Serves until `shutdown` completes (or, as a subprocess, stdin closes). `serve` is
     /// `run` on the real process; it is public for tests and for embedding.
-    pub async fn run(self, mut env: Environment, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+    pub async fn run(
+        self,
+        mut env: Environment,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
         if env.args.first().map(String::as_str) == Some("serve") {
             let address = service_address(&env.args[1..])?;
-            let listener = TcpListener::bind(&address).await.map_err(failed(&format!("serve: cannot listen on {address}")))?;
+            let listener = TcpListener::bind(&address)
+                .await
+                .map_err(failed(&format!("serve: cannot listen on {address}")))?;
             let bound = listener.local_addr().map_err(failed("serve"))?.to_string();
             let (shared, router) = build(self, true).await;
-            write_line(&mut env.stdout, &handshake_line(PROTOCOL_VERSION, "tcp", &bound, "")).await?;
-            return serve_on(shared, router, TcpListenerStream::new(listener), None, shutdown).await;
+            write_line(
+                &mut env.stdout,
+                &handshake_line(PROTOCOL_VERSION, "tcp", &bound, ""),
+            )
+            .await?;
+            return serve_on(
+                shared,
+                router,
+                TcpListenerStream::new(listener),
+                None,
+                shutdown,
+            )
+            .await;
         }
 
         if env.var(ENV_MAGIC_COOKIE) != MAGIC_COOKIE_VALUE {
             return Err(ServeError::NotLaunchedByHost);
         }
-        let version = negotiate_version(env.var(ENV_PROTOCOL_VERSIONS)).map_err(ServeError::Failed)?;
+        let version =
+            negotiate_version(env.var(ENV_PROTOCOL_VERSIONS)).map_err(ServeError::Failed)?;
         let network = match env.var(ENV_NETWORK) {
             "" => "unix".to_string(),
             other => other.to_string(),
@@ -164,20 +182,46 @@ impl Plugin {
         match network.as_str() {
             "unix" => {
                 let path = socket_path(&socket_dir);
-                let listener = UnixListener::bind(&path).map_err(failed("cannot listen for the host"))?;
+                let listener =
+                    UnixListener::bind(&path).map_err(failed("cannot listen for the host"))?;
                 let line = handshake_line(version, "unix", &path.to_string_lossy(), &server_cert);
                 write_line(&mut env.stdout, &line).await?;
-                let outcome = serve_on(shared, router, UnixListenerStream::new(listener), acceptor, stop).await;
+                let outcome = serve_on(
+                    shared,
+                    router,
+                    UnixListenerStream::new(listener),
+                    acceptor,
+                    stop,
+                )
+                .await;
                 let _ = std::fs::remove_file(&path);
                 outcome
             }
             "tcp" => {
-                let listener = TcpListener::bind("127.0.0.1:0").await.map_err(failed("cannot listen for the host"))?;
-                let bound = listener.local_addr().map_err(failed("cannot listen for the host"))?.to_string();
-                write_line(&mut env.stdout, &handshake_line(version, "tcp", &bound, &server_cert)).await?;
-                serve_on(shared, router, TcpListenerStream::new(listener), acceptor, stop).await
+                let listener = TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .map_err(failed("cannot listen for the host"))?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(failed("cannot listen for the host"))?
+                    .to_string();
+                write_line(
+                    &mut env.stdout,
+                    &handshake_line(version, "tcp", &bound, &server_cert),
+                )
+                .await?;
+                serve_on(
+                    shared,
+                    router,
+                    TcpListenerStream::new(listener),
+                    acceptor,
+                    stop,
+                )
+                .await
             }
-            other => Err(ServeError::Failed(format!("{ENV_NETWORK}={other:?}: expected unix or tcp"))),
+            other => Err(ServeError::Failed(format!(
+                "{ENV_NETWORK}={other:?}: expected unix or tcp"
+            ))),
         }
     }
 }
@@ -211,13 +255,16 @@ where
     };
     let mut server = match acceptor {
         None => tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal)),
-        Some(acceptor) => tokio::spawn(router.serve_with_incoming_shutdown(tls_incoming(incoming, acceptor), signal)),
+        Some(acceptor) => tokio::spawn(
+            router.serve_with_incoming_shutdown(tls_incoming(incoming, acceptor), signal),
+        ),
     };
-    let outcome = |done: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>| match done {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(err)) => Err(ServeError::Failed(format!("gRPC server failed: {err}"))),
-        Err(err) => Err(ServeError::Failed(format!("gRPC server failed: {err}"))),
-    };
+    let outcome =
+        |done: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>| match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(ServeError::Failed(format!("gRPC server failed: {err}"))),
+            Err(err) => Err(ServeError::Failed(format!("gRPC server failed: {err}"))),
+        };
     tokio::select! {
         done = &mut server => return outcome(done),
         () = stop => {}
@@ -234,7 +281,10 @@ where
 }
 
 /// Completes TLS handshakes off the accept loop, so one slow client cannot hold up others.
-fn tls_incoming<St, IO>(mut incoming: St, acceptor: TlsAcceptor) -> ReceiverStream<io::Result<tokio_rustls::server::TlsStream<IO>>>
+fn tls_incoming<St, IO>(
+    mut incoming: St,
+    acceptor: TlsAcceptor,
+) -> ReceiverStream<io::Result<tokio_rustls::server::TlsStream<IO>>>
 where
     St: Stream<Item = io::Result<IO>> + Send + Unpin + 'static,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -260,7 +310,9 @@ where
                             Ok(tls) => {
                                 let _ = connections.send(Ok(tls)).await;
                             }
-                            Err(err) => eprintln!("linchkit plugin: refused a TLS connection: {err}"),
+                            Err(err) => {
+                                eprintln!("linchkit plugin: refused a TLS connection: {err}")
+                            }
                         }
                     });
                 }
@@ -284,15 +336,25 @@ fn termination() -> io::Result<impl Future<Output = ()>> {
     })
 }
 
-async fn write_line(stdout: &mut (dyn AsyncWrite + Send + Unpin), line: &str) -> Result<(), ServeError> {
+async fn write_line(
+    stdout: &mut (dyn AsyncWrite + Send + Unpin),
+    line: &str,
+) -> Result<(), ServeError> {
     let write = async {
         stdout.write_all(format!("{line}\n").as_bytes()).await?;
         stdout.flush().await
     };
-    write.await.map_err(failed("cannot write the handshake line"))
+    write
+        .await
+        .map_err(failed("cannot write the handshake line"))
 }
 
-pub(crate) fn handshake_line(version: u32, network: &str, address: &str, server_cert: &str) -> String {
+pub(crate) fn handshake_line(
+    version: u32,
+    network: &str,
+    address: &str,
+    server_cert: &str,
+) -> String {
     format!("{CORE_VERSION}|{version}|{network}|{address}|grpc|{server_cert}")
 }
 
@@ -303,15 +365,18 @@ pub(crate) fn negotiate_version(offered: &str) -> Result<u32, String> {
     }
     let mut best = None;
     for field in offered.split(',') {
-        let version: u32 = field
-            .trim()
-            .parse()
-            .map_err(|_| format!("{ENV_PROTOCOL_VERSIONS}={offered:?}: expected comma-separated integers"))?;
+        let version: u32 = field.trim().parse().map_err(|_| {
+            format!("{ENV_PROTOCOL_VERSIONS}={offered:?}: expected comma-separated integers")
+        })?;
         if version == PROTOCOL_VERSION {
             best = best.max(Some(version));
         }
     }
-    best.ok_or_else(|| format!("the host speaks protocol versions {offered}; this plugin speaks {PROTOCOL_VERSION}"))
+    best.ok_or_else(|| {
+        format!(
+            "the host speaks protocol versions {offered}; this plugin speaks {PROTOCOL_VERSION}"
+        )
+    })
 }
 
 fn service_address(args: &[String]) -> Result<String, ServeError> {
@@ -321,16 +386,28 @@ fn service_address(args: &[String]) -> Result<String, ServeError> {
         if let Some(value) = arg.strip_prefix("--address=") {
             address = value.to_string();
         } else if arg == "--address" {
-            address = args.next().cloned().ok_or_else(|| ServeError::Failed("serve: --address needs HOST:PORT".into()))?;
+            address = args
+                .next()
+                .cloned()
+                .ok_or_else(|| ServeError::Failed("serve: --address needs HOST:PORT".into()))?;
         } else {
-            return Err(ServeError::Failed(format!("serve: unknown argument {arg:?}; usage: serve [--address HOST:PORT]")));
+            return Err(ServeError::Failed(format!(
+                "serve: unknown argument {arg:?}; usage: serve [--address HOST:PORT]"
+            )));
         }
     }
     Ok(address)
 }
 
 fn socket_path(dir: &str) -> PathBuf {
-    let dir = if dir.is_empty() { std::env::temp_dir() } else { PathBuf::from(dir) };
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let dir = if dir.is_empty() {
+        std::env::temp_dir()
+    } else {
+        PathBuf::from(dir)
+    };
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     dir.join(format!("plugin-{}-{nanos:08x}.sock", std::process::id()))
 }

@@ -42,7 +42,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) async fn new(plugin: Plugin, health: HealthReporter, serving_from_start: bool) -> Arc<Self> {
+    pub(crate) async fn new(
+        plugin: Plugin,
+        health: HealthReporter,
+        serving_from_start: bool,
+    ) -> Arc<Self> {
         let shared = Arc::new(Shared {
             id: plugin.id,
             version: plugin.version,
@@ -60,7 +64,11 @@ impl Shared {
     }
 
     async fn set_serving(&self, serving: bool) {
-        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
         self.health.set_service_status("", status).await;
         self.health.set_service_status(SERVICE_NAME, status).await;
     }
@@ -72,16 +80,31 @@ impl Shared {
         self.emitter.close();
         let (need_stop, need_destroy) = {
             let state = self.lifecycle.lock().unwrap();
-            (state.started && !state.stopped, state.inited && !state.destroyed)
+            (
+                state.started && !state.stopped,
+                state.inited && !state.destroyed,
+            )
         };
-        let hooks = [(need_stop, "stop", &self.hooks.stop), (need_destroy, "destroy", &self.hooks.destroy)];
+        let hooks = [
+            (need_stop, "stop", &self.hooks.stop),
+            (need_destroy, "destroy", &self.hooks.destroy),
+        ];
         for (needed, name, hook) in hooks {
             if let (true, Some(hook)) = (needed, hook) {
                 let hook = hook.clone();
-                match tokio::time::timeout(Duration::from_secs(5), guarded(async move { hook().await })).await {
+                match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    guarded(async move { hook().await }),
+                )
+                .await
+                {
                     Ok(Ok(())) => {}
-                    Ok(Err(err)) => eprintln!("linchkit plugin: {name} hook failed at shutdown: {err}"),
-                    Err(_) => eprintln!("linchkit plugin: {name} hook did not finish within 5s at shutdown"),
+                    Ok(Err(err)) => {
+                        eprintln!("linchkit plugin: {name} hook failed at shutdown: {err}")
+                    }
+                    Err(_) => eprintln!(
+                        "linchkit plugin: {name} hook did not finish within 5s at shutdown"
+                    ),
                 }
             }
         }
@@ -100,13 +123,22 @@ impl Shared {
         if request.v != 0 && request.v != PROTOCOL_VERSION {
             return Err(Error::new(
                 types::PROVIDER_ERROR,
-                format!("envelope version {} is not supported; this plugin speaks {PROTOCOL_VERSION}", request.v),
+                format!(
+                    "envelope version {} is not supported; this plugin speaks {PROTOCOL_VERSION}",
+                    request.v
+                ),
             ));
         }
-        let method = self.methods.get(&request.method).ok_or_else(|| Error::method_not_found(&request.method))?;
+        let method = self
+            .methods
+            .get(&request.method)
+            .ok_or_else(|| Error::method_not_found(&request.method))?;
         let params = Json::from_wire(request.params_json);
         if serde_json::from_slice::<serde::de::IgnoredAny>(params.as_bytes()).is_err() {
-            return Err(Error::invalid_params(format!("params of {} are not valid JSON", request.method)));
+            return Err(Error::invalid_params(format!(
+                "params of {} are not valid JSON",
+                request.method
+            )));
         }
         let context = request.context.unwrap_or_default();
         let deadline = (context.deadline_ms > 0)
@@ -157,24 +189,39 @@ impl Shared {
             }
         };
         match outcome {
-            Ok(result) => pb::CallReply { ok: true, result_json: result.into_bytes(), error: None },
+            Ok(result) => pb::CallReply {
+                ok: true,
+                result_json: result.into_bytes(),
+                error: None,
+            },
             Err(err) => error_reply(&err),
         }
     }
 }
 
 fn error_reply(err: &Error) -> pb::CallReply {
-    pb::CallReply { ok: false, result_json: Vec::new(), error: Some(err.to_proto()) }
+    pb::CallReply {
+        ok: false,
+        result_json: Vec::new(),
+        error: Some(err.to_proto()),
+    }
 }
 
 /// Bounds `work` by the call's deadline: past it the work is dropped (and its task
 /// aborted) and the answer is `deadline_exceeded`.
-async fn within<T>(deadline: Option<Instant>, work: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+async fn within<T>(
+    deadline: Option<Instant>,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
     match deadline {
         None => work.await,
-        Some(deadline) => tokio::time::timeout_at(deadline, work).await.unwrap_or_else(|_| {
-            Err(Error::deadline_exceeded("the call's deadline passed before the method finished"))
-        }),
+        Some(deadline) => tokio::time::timeout_at(deadline, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::deadline_exceeded(
+                    "the call's deadline passed before the method finished",
+                ))
+            }),
     }
 }
 
@@ -202,7 +249,10 @@ pub(crate) async fn guarded<T: Send + 'static>(
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a non-string panic".to_string());
-            Err(Error::new(types::PLUGIN_ERROR, format!("method panicked: {message}")))
+            Err(Error::new(
+                types::PLUGIN_ERROR,
+                format!("method panicked: {message}"),
+            ))
         }
         Err(_) => Err(Error::deadline_exceeded("the call was cancelled")),
     }
@@ -217,7 +267,9 @@ pub(crate) struct Service(pub(crate) Arc<Shared>);
 impl Service {
     async fn run_hook(&self, name: &str, hook: &Option<crate::HookFn>) -> Result<(), Status> {
         if let Some(hook) = hook.clone() {
-            guarded(async move { hook().await }).await.map_err(|err| hook_status(name, err))?;
+            guarded(async move { hook().await })
+                .await
+                .map_err(|err| hook_status(name, err))?;
         }
         Ok(())
     }
@@ -227,16 +279,23 @@ type ItemStream = ReceiverStream<Result<pb::StreamItem, Status>>;
 type EventStream = ReceiverStream<Result<pb::PluginEvent, Status>>;
 
 fn chunk_item(chunk: Json) -> pb::StreamItem {
-    pb::StreamItem { item: Some(pb::stream_item::Item::ChunkJson(chunk.into_bytes())) }
+    pb::StreamItem {
+        item: Some(pb::stream_item::Item::ChunkJson(chunk.into_bytes())),
+    }
 }
 
 fn error_item(err: &Error) -> pb::StreamItem {
-    pb::StreamItem { item: Some(pb::stream_item::Item::Error(err.to_proto())) }
+    pb::StreamItem {
+        item: Some(pb::stream_item::Item::Error(err.to_proto())),
+    }
 }
 
 #[tonic::async_trait]
 impl PluginService for Service {
-    async fn describe(&self, _: Request<pb::DescribeRequest>) -> Result<Response<pb::PluginInfo>, Status> {
+    async fn describe(
+        &self,
+        _: Request<pb::DescribeRequest>,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
         let shared = &self.0;
         let methods = shared
             .order
@@ -259,56 +318,85 @@ impl PluginService for Service {
         }))
     }
 
-    async fn init(&self, request: Request<pb::InitRequest>) -> Result<Response<pb::LifecycleReply>, Status> {
+    async fn init(
+        &self,
+        request: Request<pb::InitRequest>,
+    ) -> Result<Response<pb::LifecycleReply>, Status> {
         let mut config = request.into_inner().config_json;
         if config.is_empty() {
             config = b"{}".to_vec();
         }
         if serde_json::from_slice::<serde::de::IgnoredAny>(&config).is_err() {
-            return Err(Status::invalid_argument("Init: config_json is not valid JSON"));
+            return Err(Status::invalid_argument(
+                "Init: config_json is not valid JSON",
+            ));
         }
         let config = Json::raw(config);
         *self.0.config.write().unwrap() = Arc::new(config.clone());
         if let Some(hook) = self.0.hooks.init.clone() {
-            guarded(async move { hook(config).await }).await.map_err(|err| hook_status("init", err))?;
+            guarded(async move { hook(config).await })
+                .await
+                .map_err(|err| hook_status("init", err))?;
         }
         self.0.mark(|state| state.inited = true);
         Ok(Response::new(pb::LifecycleReply {}))
     }
 
-    async fn start(&self, _: Request<pb::LifecycleRequest>) -> Result<Response<pb::LifecycleReply>, Status> {
+    async fn start(
+        &self,
+        _: Request<pb::LifecycleRequest>,
+    ) -> Result<Response<pb::LifecycleReply>, Status> {
         self.run_hook("start", &self.0.hooks.start).await?;
         self.0.mark(|state| state.started = true);
         self.0.set_serving(true).await;
         Ok(Response::new(pb::LifecycleReply {}))
     }
 
-    async fn stop(&self, _: Request<pb::LifecycleRequest>) -> Result<Response<pb::LifecycleReply>, Status> {
+    async fn stop(
+        &self,
+        _: Request<pb::LifecycleRequest>,
+    ) -> Result<Response<pb::LifecycleReply>, Status> {
         self.0.set_serving(false).await;
         self.run_hook("stop", &self.0.hooks.stop).await?;
         self.0.mark(|state| state.stopped = true);
         Ok(Response::new(pb::LifecycleReply {}))
     }
 
-    async fn destroy(&self, _: Request<pb::LifecycleRequest>) -> Result<Response<pb::LifecycleReply>, Status> {
+    async fn destroy(
+        &self,
+        _: Request<pb::LifecycleRequest>,
+    ) -> Result<Response<pb::LifecycleReply>, Status> {
         self.run_hook("destroy", &self.0.hooks.destroy).await?;
         self.0.mark(|state| state.destroyed = true);
         Ok(Response::new(pb::LifecycleReply {}))
     }
 
-    async fn call(&self, request: Request<pb::CallRequest>) -> Result<Response<pb::CallReply>, Status> {
+    async fn call(
+        &self,
+        request: Request<pb::CallRequest>,
+    ) -> Result<Response<pb::CallReply>, Status> {
         Ok(Response::new(self.0.invoke(request.into_inner()).await))
     }
 
-    async fn call_batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchReply>, Status> {
-        let calls = request.into_inner().calls.into_iter().map(|call| self.0.invoke(call));
+    async fn call_batch(
+        &self,
+        request: Request<pb::BatchRequest>,
+    ) -> Result<Response<pb::BatchReply>, Status> {
+        let calls = request
+            .into_inner()
+            .calls
+            .into_iter()
+            .map(|call| self.0.invoke(call));
         let results = futures_util::future::join_all(calls).await;
         Ok(Response::new(pb::BatchReply { results }))
     }
 
     type CallStreamStream = ItemStream;
 
-    async fn call_stream(&self, request: Request<pb::CallRequest>) -> Result<Response<ItemStream>, Status> {
+    async fn call_stream(
+        &self,
+        request: Request<pb::CallRequest>,
+    ) -> Result<Response<ItemStream>, Status> {
         let (items, receiver) = mpsc::channel(64);
         let (call, handler) = match self.0.prepare(request.into_inner()) {
             Ok(prepared) => prepared,
@@ -351,7 +439,10 @@ impl PluginService for Service {
 
     type EventsStream = EventStream;
 
-    async fn events(&self, request: Request<Streaming<pb::HostEvent>>) -> Result<Response<EventStream>, Status> {
+    async fn events(
+        &self,
+        request: Request<Streaming<pb::HostEvent>>,
+    ) -> Result<Response<EventStream>, Status> {
         let receiver = self.0.emitter.subscribe();
         let mut host_events = request.into_inner();
         let handlers = self.0.handlers.clone();

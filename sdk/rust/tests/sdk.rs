@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use linchkit_plugin::pb::plugin_service_client::PluginServiceClient;
 use linchkit_plugin::pb::{self, stream_item};
-use linchkit_plugin::{Call, ChunkSender, Environment, Error, Json, Plugin, ServeError, SERVICE_NAME};
+use linchkit_plugin::{
+    Call, ChunkSender, Environment, Error, Json, Plugin, ServeError, SERVICE_NAME,
+};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -23,7 +25,9 @@ use tonic_health::pb::HealthCheckRequest;
 
 fn test_plugin() -> Plugin {
     Plugin::new("test", "0.1.0")
-        .method("echo", "", |call: Call| async move { Ok(call.raw_params().clone()) })
+        .method("echo", "", |call: Call| async move {
+            Ok(call.raw_params().clone())
+        })
         .method("typed", "", |_: Call| async move {
             Err::<Json, _>(
                 Error::new("Overdrawn", "balance is 100")
@@ -72,7 +76,10 @@ async fn start(args: &[&str], vars: &[(&str, &str)]) -> Running {
     let (stdout_plugin, stdout_host) = tokio::io::duplex(4096);
     let env = Environment {
         args: args.iter().map(|s| s.to_string()).collect(),
-        vars: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>(),
+        vars: vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
         stdin: Box::new(stdin_plugin),
         stdout: Box::new(stdout_plugin),
     };
@@ -81,22 +88,40 @@ async fn start(args: &[&str], vars: &[(&str, &str)]) -> Running {
         let _ = stopped.await;
     }));
     let mut line = String::new();
-    BufReader::new(stdout_host).read_line(&mut line).await.expect("a handshake line");
+    BufReader::new(stdout_host)
+        .read_line(&mut line)
+        .await
+        .expect("a handshake line");
     let fields: Vec<String> = line.trim_end().split('|').map(String::from).collect();
     assert_eq!(fields.len(), 6, "handshake line {line:?}");
-    Running { fields, stdin: Some(stdin_host), stop: Some(stop), task }
+    Running {
+        fields,
+        stdin: Some(stdin_host),
+        stop: Some(stop),
+        task,
+    }
 }
 
 impl Running {
     async fn client(&self) -> (PluginServiceClient<Channel>, HealthClient<Channel>) {
-        let channel = Channel::from_shared(format!("http://{}", self.fields[3])).unwrap().connect().await.unwrap();
-        (PluginServiceClient::new(channel.clone()), HealthClient::new(channel))
+        let channel = Channel::from_shared(format!("http://{}", self.fields[3]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        (
+            PluginServiceClient::new(channel.clone()),
+            HealthClient::new(channel),
+        )
     }
 
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         let outcome = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-        assert!(matches!(outcome, Ok(Ok(Ok(())))), "plugin did not stop cleanly");
+        assert!(
+            matches!(outcome, Ok(Ok(Ok(())))),
+            "plugin did not stop cleanly"
+        );
     }
 }
 
@@ -106,12 +131,23 @@ fn request(method: &str, params: &str, deadline_ms: i64) -> pb::CallRequest {
         plugin: "test".into(),
         method: method.into(),
         params_json: params.as_bytes().to_vec(),
-        context: Some(pb::CallContext { request_id: "r1".into(), deadline_ms, ..Default::default() }),
+        context: Some(pb::CallContext {
+            request_id: "r1".into(),
+            deadline_ms,
+            ..Default::default()
+        }),
     }
 }
 
 async fn health(client: &mut HealthClient<Channel>, service: &str) -> i32 {
-    client.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status
+    client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
 }
 
 #[tokio::test]
@@ -122,50 +158,128 @@ async fn service_mode_maps_errors_into_call_reply() {
     assert_eq!(running.fields[4..], ["grpc", ""]);
     let (mut client, mut health_client) = running.client().await;
     for service in ["", SERVICE_NAME] {
-        assert_eq!(health(&mut health_client, service).await, ServingStatus::Serving as i32);
+        assert_eq!(
+            health(&mut health_client, service).await,
+            ServingStatus::Serving as i32
+        );
     }
-    let info = client.describe(pb::DescribeRequest {}).await.unwrap().into_inner();
-    assert_eq!((info.id.as_str(), info.runtime.as_str(), info.protocol_version), ("test", "rust", 1));
+    let info = client
+        .describe(pb::DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            info.id.as_str(),
+            info.runtime.as_str(),
+            info.protocol_version
+        ),
+        ("test", "rust", 1)
+    );
 
     let error_of = |reply: pb::CallReply| {
         assert!(!reply.ok);
         reply.error.unwrap()
     };
-    let unknown = error_of(client.call(request("nope", "{}", 0)).await.unwrap().into_inner());
-    assert_eq!((unknown.r#type.as_str(), unknown.retryable), ("method_not_found", false));
+    let unknown = error_of(
+        client
+            .call(request("nope", "{}", 0))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        (unknown.r#type.as_str(), unknown.retryable),
+        ("method_not_found", false)
+    );
 
-    let typed = error_of(client.call(request("typed", "{}", 0)).await.unwrap().into_inner());
+    let typed = error_of(
+        client
+            .call(request("typed", "{}", 0))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     assert_eq!(typed.r#type, "Overdrawn");
     assert_eq!(typed.message, "balance is 100");
     assert!(typed.retryable);
     assert_eq!(typed.details_json, br#"{"balance":100}"#);
     assert_eq!(typed.retry_after, 1.5);
 
-    let panicked = error_of(client.call(request("panics", "{}", 0)).await.unwrap().into_inner());
-    assert_eq!((panicked.r#type.as_str(), panicked.message.as_str()), ("PluginError", "method panicked: boom"));
+    let panicked = error_of(
+        client
+            .call(request("panics", "{}", 0))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        (panicked.r#type.as_str(), panicked.message.as_str()),
+        ("PluginError", "method panicked: boom")
+    );
 
     for params in ["{}", r#"{"n": "three"}"#, "{not json"] {
-        let invalid = error_of(client.call(request("needs", params, 0)).await.unwrap().into_inner());
+        let invalid = error_of(
+            client
+                .call(request("needs", params, 0))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
         assert_eq!(invalid.r#type, "invalid_params", "params {params}");
     }
 
     let started = Instant::now();
-    let late = error_of(client.call(request("waits", "{}", 50)).await.unwrap().into_inner());
-    assert_eq!((late.r#type.as_str(), late.retryable), ("deadline_exceeded", true));
+    let late = error_of(
+        client
+            .call(request("waits", "{}", 50))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        (late.r#type.as_str(), late.retryable),
+        ("deadline_exceeded", true)
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
 
-    let version = error_of(client.call(pb::CallRequest { v: 2, ..request("echo", "1", 0) }).await.unwrap().into_inner());
+    let version = error_of(
+        client
+            .call(pb::CallRequest {
+                v: 2,
+                ..request("echo", "1", 0)
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     assert_eq!(version.r#type, "provider_error");
 
     // Results: bytes kept as sent, a streaming method called once gives the list.
-    let echoed = client.call(request("echo", r#"{"big": 12345678901234567890}"#, 0)).await.unwrap().into_inner();
+    let echoed = client
+        .call(request("echo", r#"{"big": 12345678901234567890}"#, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(echoed.result_json, br#"{"big": 12345678901234567890}"#);
-    let listed = client.call(request("count", "{}", 0)).await.unwrap().into_inner();
+    let listed = client
+        .call(request("count", "{}", 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.result_json, br#"[{"i":0},{"i":1},{"i":2}]"#);
 
     // CallStream: chunks of a streaming method, one chunk of a unary one, one error item.
-    for (method, want) in [("count", vec!["chunk"; 3]), ("echo", vec!["chunk"]), ("nope", vec!["error"])] {
-        let mut stream = client.call_stream(request(method, "5", 0)).await.unwrap().into_inner();
+    for (method, want) in [
+        ("count", vec!["chunk"; 3]),
+        ("echo", vec!["chunk"]),
+        ("nope", vec!["error"]),
+    ] {
+        let mut stream = client
+            .call_stream(request(method, "5", 0))
+            .await
+            .unwrap()
+            .into_inner();
         let mut items = Vec::new();
         while let Some(item) = stream.message().await.unwrap() {
             items.push(match item.item.unwrap() {
@@ -177,10 +291,20 @@ async fn service_mode_maps_errors_into_call_reply() {
     }
 
     // Events: ping → pong.
-    let outgoing = tokio_stream::iter(vec![pb::HostEvent { name: "ping".into(), data_json: b"[7]".to_vec() }]);
+    let outgoing = tokio_stream::iter(vec![pb::HostEvent {
+        name: "ping".into(),
+        data_json: b"[7]".to_vec(),
+    }]);
     let mut events = client.events(outgoing).await.unwrap().into_inner();
-    let pong = tokio::time::timeout(Duration::from_secs(5), events.message()).await.unwrap().unwrap().unwrap();
-    assert_eq!((pong.name.as_str(), pong.data_json.as_slice()), ("pong", b"[7]".as_slice()));
+    let pong = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (pong.name.as_str(), pong.data_json.as_slice()),
+        ("pong", b"[7]".as_slice())
+    );
 
     running.stop().await;
 }
@@ -217,7 +341,10 @@ async fn subprocess_mode_negotiates_and_exits_when_stdin_closes() {
 
     drop(running.stdin.take()); // the host died
     let outcome = tokio::time::timeout(Duration::from_secs(10), &mut running.task).await;
-    assert!(matches!(outcome, Ok(Ok(Ok(())))), "plugin did not stop when its stdin closed");
+    assert!(
+        matches!(outcome, Ok(Ok(Ok(())))),
+        "plugin did not stop when its stdin closed"
+    );
     assert!(!socket.exists(), "socket left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -278,13 +405,18 @@ impl ServerCertVerifier for PinnedServer {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 fn host_identity() -> (String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["host".to_string()]).unwrap().self_signed(&key).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["host".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     (cert.pem(), vec![cert.der().clone()], der)
 }
@@ -295,11 +427,13 @@ async fn handshake(
     server_cert: CertificateDer<'static>,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Option<Vec<u8>>, std::io::Error> {
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServer(server_cert)));
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(PinnedServer(server_cert)));
     let mut config = match identity {
         Some((certs, key)) => builder.with_client_auth_cert(certs, key).unwrap(),
         None => builder.with_no_client_auth(),
@@ -307,10 +441,13 @@ async fn handshake(
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(address).await?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let mut tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await?;
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
     // TLS 1.3 reports a refused client certificate after the handshake: read to see it.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await?;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await?;
     let mut first = [0u8; 9];
     tls.read_exact(&mut first).await?;
     Ok(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
@@ -334,11 +471,24 @@ async fn auto_mtls_serves_only_the_host() {
         .expect("SERVER-CERT is base64 without padding");
     let server_cert = CertificateDer::from(der);
 
-    let alpn = handshake(&running.fields[3], server_cert.clone(), Some((host_certs, host_key))).await;
+    let alpn = handshake(
+        &running.fields[3],
+        server_cert.clone(),
+        Some((host_certs, host_key)),
+    )
+    .await;
     assert_eq!(alpn.expect("the host is served"), Some(b"h2".to_vec()));
 
     let (_, stranger_certs, stranger_key) = host_identity();
-    assert!(handshake(&running.fields[3], server_cert.clone(), Some((stranger_certs, stranger_key))).await.is_err());
-    assert!(handshake(&running.fields[3], server_cert, None).await.is_err());
+    assert!(handshake(
+        &running.fields[3],
+        server_cert.clone(),
+        Some((stranger_certs, stranger_key))
+    )
+    .await
+    .is_err());
+    assert!(handshake(&running.fields[3], server_cert, None)
+        .await
+        .is_err());
     running.stop().await;
 }

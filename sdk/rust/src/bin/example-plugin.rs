@@ -89,9 +89,17 @@ async fn config(call: Call) -> Result<Json, Error> {
 fn main() {
     Plugin::new("example", "1.0.0")
         .method("echo", "returns the params unchanged", echo)
-        .method("digest", "hex SHA-256 of data applied rounds times (CPU-bound)", digest)
+        .method(
+            "digest",
+            "hex SHA-256 of data applied rounds times (CPU-bound)",
+            digest,
+        )
         .method("fail", "fails with the business error ExampleFailure", fail)
-        .method("sleep", "sleeps ms milliseconds, giving up at the call's deadline", sleep)
+        .method(
+            "sleep",
+            "sleeps ms milliseconds, giving up at the call's deadline",
+            sleep,
+        )
         .streaming_method("count", "streams {\"i\": 0} … {\"i\": n-1}", count)
         .method("emit", "emits plugin event name with data", emit)
         .method("config", "the config object passed to Init", config)
