@@ -18,6 +18,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"reflect"
 	"strings"
@@ -49,6 +50,10 @@ func (c *Call) Bind(v any) error {
 		params = named
 	}
 	if err := json.Unmarshal(params, v); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) && typeErr.Field != "" {
+			return InvalidParams("params of %s: %s must be of type %s, not a JSON %s", c.Method, typeErr.Field, typeErr.Type, typeErr.Value)
+		}
 		return InvalidParams("params of %s: %v", c.Method, err)
 	}
 	if missing := missingRequired(params, v); missing != "" {

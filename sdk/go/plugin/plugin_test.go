@@ -88,7 +88,7 @@ func TestErrorMapping(t *testing.T) {
 		{"plain", `{}`, &pluginpb.Error{Type: "PluginError", Message: "disk full"}},
 		{"panics", `{}`, &pluginpb.Error{Type: "PluginError", Message: "method panicked: boom"}},
 		{"needs", `{}`, &pluginpb.Error{Type: "invalid_params", Message: `params of needs: missing required field "n"`}},
-		{"needs", `{"n": "three"}`, nil},
+		{"needs", `{"n": "three"}`, &pluginpb.Error{Type: "invalid_params", Message: "params of needs: n must be of type int, not a JSON string"}},
 		{"needs", `[1, 2]`, nil},
 		{"echo", `{not json`, &pluginpb.Error{Type: "invalid_params", Message: "params of echo are not valid JSON"}},
 	}
