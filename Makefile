@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean proto sdks
+.PHONY: demo test lint bench clean proto sdks docker-prereqs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP) sdks
+demo: $(STAMP) sdks docker-prereqs
 	$(BIN)/python examples/demo.py
 	$(BIN)/python examples/polyglot_demo.py
 
@@ -28,7 +28,13 @@ sdks: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
 
-test: $(STAMP) sdks
+# The docker provider's tests need the engine and the offline base image; both scripts are
+# idempotent (a second run costs about a second).
+docker-prereqs: $(STAMP)
+	scripts/start-docker.sh
+	PYTHON=$(BIN)/python infra/docker/build-base-image.sh
+
+test: $(STAMP) sdks docker-prereqs
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status

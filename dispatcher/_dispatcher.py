@@ -56,6 +56,8 @@ class TargetHealth:
     version: str
     target: str
     health: Health
+    #: The state of the target's circuit breaker, when one is configured.
+    circuit: str | None = None
 
 
 class _Route:
@@ -325,9 +327,15 @@ class Dispatcher:
         ]
         reports = await asyncio.gather(*(self._probe(target, timeout) for _, target in checks))
         return [
-            TargetHealth(plugin.id, plugin.version, target.describe(), report)
+            TargetHealth(
+                plugin.id, plugin.version, target.describe(), report, self._circuit_state(target)
+            )
             for (plugin, target), report in zip(checks, reports, strict=True)
         ]
+
+    def _circuit_state(self, target: TargetConfig) -> str | None:
+        breaker = self.policies.breaker_of(target) if self.policies is not None else None
+        return str(breaker.state) if breaker is not None else None
 
     def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
         """Drop cached results: of one plugin, one of its methods, or everything."""

@@ -24,6 +24,8 @@ _BUILT_IN = {
     "http": "providers.http:HttpProvider",
     "grpc": "providers.grpc:GrpcProvider",
     "subprocess": "providers.subprocess:SubprocessProvider",
+    "docker": "providers.docker:DockerProvider",
+    "knative": "providers.knative:KnativeProvider",
 }
 
 

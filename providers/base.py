@@ -131,6 +131,13 @@ class Provider(abc.ABC, Generic[TargetT]):
         """Create or update the function behind ``target``; returns a summary."""
         raise ProviderError(f"the {self.name} provider cannot deploy plugins")
 
+    def render_deployment(self, plugin: PluginSpec[Any], target: TargetT) -> str:
+        """What ``deploy`` would create, as text (``dispatcher deploy --dry-run``).
+
+        Writes and applies nothing. Providers that deploy should override both.
+        """
+        raise ProviderError(f"the {self.name} provider cannot render deployments")
+
     async def _outcome(self, target: TargetT, invocation: Invocation) -> Outcome[Any]:
         try:
             return Outcome(result=await self.invoke(target, invocation))

@@ -336,6 +336,8 @@ async def test_business_errors_and_invalid_params_never_open_the_breaker() -> No
         breaker = next(iter(dispatcher.policies.breakers.values()))  # type: ignore[union-attr]
         assert breaker.state is BreakerState.CLOSED
         assert "closed" in repr(breaker)
+        [report] = await dispatcher.health()
+        assert report.circuit == "closed"
 
 
 # -- deadlines, retries, bulkheads ------------------------------------------------------

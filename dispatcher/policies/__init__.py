@@ -118,6 +118,9 @@ class PolicyRuntime:
             step = CacheStep(cache, step)
         return step
 
+    def breaker_of(self, target: TargetConfig) -> CircuitBreaker | None:
+        return self.breakers.get(_target_key(target))
+
     def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
         """Drop cached results of a plugin (any version), of one method, or all; returns how many."""
         dropped = 0
