@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) sdks docker-prereqs
 	$(BIN)/python examples/demo.py
 	$(BIN)/python examples/polyglot_demo.py
+	$(BIN)/python examples/knative_demo.py
 
 # The example plugin of every SDK folder present (sdk/<lang>/build.sh, idempotent); the
 # conformance suite runs against each. A build that fails fails the run.
