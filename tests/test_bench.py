@@ -1,0 +1,52 @@
+"""The benchmark package runs and reports the figures it promises (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import Goal, Options, discover, merge_results, render_table, run_benchmarks
+
+
+def test_every_benchmark_module_is_discovered() -> None:
+    modules = discover()
+    assert "http" in modules
+    for module in modules.values():
+        assert callable(module.run)
+
+
+@pytest.mark.slow
+def test_a_tiny_http_run_produces_every_figure() -> None:
+    figures, goals = run_benchmarks(
+        ["http"], Options(calls=40, rounds=1, quick=True), report=lambda _: None
+    )
+    for concurrency in (1, 64):
+        for variant in ("aiohttp", "httpx", "dispatcher", "floor"):
+            for unit in ("calls_per_s", "p50_us", "p99_us"):
+                assert figures[f"http_c{concurrency}_{variant}_{unit}"] > 0
+        assert figures[f"http_c{concurrency}_ratio_to_fastest_raw"] > 0
+        assert f"http_c{concurrency}_p50_added_us" in figures
+    assert figures["http_sdk_c64_dispatcher_calls_per_s"] > 0
+    assert figures["http_sdk_c64_ratio_to_aiohttp"] > 0
+    assert set(goals) == {"http_c64_ratio_to_fastest_raw", "http_c1_p50_added_us"}
+    assert "http_c64_ratio_to_fastest_raw" in render_table(figures, goals)
+
+
+def test_results_are_merged_not_overwritten(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"lambda_c1_p50_us": 900.0, "http_rounds": 1}))
+    merge_results({"http_rounds": 3.0, "http_c1_p50_added_us": 12.5}, results)
+    assert json.loads(results.read_text()) == {
+        "http_c1_p50_added_us": 12.5,
+        "http_rounds": 3.0,
+        "lambda_c1_p50_us": 900.0,
+    }
+
+
+def test_goals_compare_both_ways() -> None:
+    assert Goal(">=", 0.8).met(0.8)
+    assert not Goal(">=", 0.8).met(0.79)
+    assert Goal("<=", 20).met(19.5)
+    assert not Goal("<=", 20).met(20.1)
