@@ -195,6 +195,7 @@ def parse_manifest(
         problems.extend(_semantic_problems(manifest))
     if problems:
         located = [_locate(problem, yaml_root) for problem in problems]
+        located.sort(key=lambda problem: problem.line or 0)
         raise ManifestError(source, located)
     assert manifest is not None
     return manifest

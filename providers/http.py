@@ -166,7 +166,7 @@ class HttpProvider(Provider[HttpTarget]):
                 headers=route.headers,
                 timeout=aiohttp.ClientTimeout(total=remaining),
             ) as response:
-                payload = await response.content.read(target.max_response_bytes + 1)
+                payload = await _read_limited(response, target.max_response_bytes, target)
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
         except TimeoutError:
@@ -181,10 +181,6 @@ class HttpProvider(Provider[HttpTarget]):
             raise TargetUnavailable(
                 f"{target.describe()} failed mid-call: {type(error).__name__}: {error}"
             ) from error
-        if len(payload) > target.max_response_bytes:
-            raise ProviderError(
-                f"{target.describe()} answered more than max_response_bytes={target.max_response_bytes}"
-            )
         if status == 200:
             return _json(payload, target)
         raise _status_error(status, payload, retry_after, target)
@@ -201,6 +197,23 @@ class HttpProvider(Provider[HttpTarget]):
                 "the http provider is not started (use the Dispatcher as a context manager)"
             )
         return self._session
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int, target: HttpTarget) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes; an incomplete body raises."""
+    length = response.content_length
+    if length is not None and length <= limit:
+        return await response.read()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise ProviderError(
+                f"{target.describe()} answered more than max_response_bytes={limit}"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _json(payload: bytes, target: HttpTarget) -> Any:

@@ -18,6 +18,7 @@ from dispatcher.sdk import PluginApp, PluginHost
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "python"
 sys.path.insert(0, str(EXAMPLES))
+sys.path.insert(0, str(ROOT / "tests" / "plugins"))
 
 
 def bound_socket() -> socket.socket:

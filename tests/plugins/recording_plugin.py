@@ -1,0 +1,58 @@
+"""Test plugins that record what the host did to them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from dispatcher.sdk import Plugin
+
+EVENTS: list[str] = []
+
+
+class RecordingPlugin(Plugin):
+    async def init(self, config: dict[str, Any]) -> None:
+        EVENTS.append(f"init {config}")
+
+    async def start(self) -> None:
+        EVENTS.append("start")
+
+    async def stop(self) -> None:
+        EVENTS.append("stop")
+
+    async def destroy(self) -> None:
+        EVENTS.append("destroy")
+
+    def blocking(self, seconds: float) -> str:
+        """Sync and blocking: must run off the event loop."""
+        time.sleep(seconds)
+        return threading.current_thread().name
+
+    async def shout(self, text: str) -> str:
+        self.emit("shouted", {"text": text})
+        return text.upper()
+
+    def broken(self) -> None:
+        raise TypeError("plugin code has a bug")
+
+
+class FailingStartPlugin(Plugin):
+    async def start(self) -> None:
+        raise RuntimeError("cannot open the database")
+
+    async def ping(self) -> str:
+        return "pong"
+
+
+class LegacyPlugin:
+    """No base class, sync hooks: the older local plugin system's shape."""
+
+    def init(self, config: dict[str, Any]) -> None:
+        self.prefix = config["prefix"]
+
+    def greet(self, name: str) -> str:
+        return f"{self.prefix} {name}"
+
+    def health_check(self) -> dict[str, Any]:
+        return {"ok": True, "connections": 0}

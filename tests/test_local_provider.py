@@ -1,0 +1,150 @@
+"""In-process plugins: lifecycle, sync methods off the loop, errors, events, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+import recording_plugin
+
+from dispatcher import (
+    DeadlineExceeded,
+    Dispatcher,
+    InvalidParams,
+    MethodNotFound,
+    PluginError,
+    ProviderError,
+)
+from tests.conftest import manifest
+
+RECORDING = {"provider": "local", "entrypoint": "recording_plugin:RecordingPlugin"}
+
+
+def recording(**extra: Any) -> dict[str, Any]:
+    return {
+        "id": "rec",
+        "version": "1.0.0",
+        "config": {"colour": "blue"},
+        "target": RECORDING,
+        "methods": {"blocking": {}, "shout": {}, "broken": {}},
+        **extra,
+    }
+
+
+async def test_lifecycle_runs_in_order_once() -> None:
+    recording_plugin.EVENTS.clear()
+    async with Dispatcher(manifest(recording())) as dispatcher:
+        assert recording_plugin.EVENTS == ["init {'colour': 'blue'}", "start"]
+        assert await dispatcher.call("rec", "shout", {"text": "hi"}) == "HI"
+    assert recording_plugin.EVENTS == ["init {'colour': 'blue'}", "start", "stop", "destroy"]
+
+
+async def test_sync_methods_run_in_a_worker_thread_without_blocking_the_loop() -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async with Dispatcher(manifest(recording())) as dispatcher:
+        task = asyncio.create_task(ticker())
+        thread_name = await dispatcher.call("rec", "blocking", {"seconds": 0.3})
+        task.cancel()
+    assert thread_name != threading.main_thread().name
+    assert ticks >= 5  # the loop kept turning while the method slept
+
+
+async def test_plugin_exceptions_become_plugin_errors_and_the_dispatcher_survives() -> None:
+    async with Dispatcher(manifest(recording())) as dispatcher:
+        with pytest.raises(PluginError) as caught:
+            await dispatcher.call("rec", "broken")
+        assert caught.value.remote_type == "TypeError"
+        assert "plugin code has a bug" in caught.value.message
+        assert await dispatcher.call("rec", "shout", {"text": "still here"}) == "STILL HERE"
+
+
+async def test_params_that_do_not_bind_are_invalid_params() -> None:
+    async with Dispatcher(manifest(recording())) as dispatcher:
+        with pytest.raises(InvalidParams, match="text"):
+            await dispatcher.call("rec", "shout", {"txt": "typo"})
+        with pytest.raises(InvalidParams, match="JSON"):
+            await dispatcher.call("rec", "shout", {"text": {1, 2}})
+        with pytest.raises(MethodNotFound):
+            await dispatcher.call("rec", "whisper")
+
+
+async def test_an_async_method_past_its_deadline_is_cut_off() -> None:
+    plugin = {
+        "id": "echo",
+        "version": "1.0.0",
+        "target": {"provider": "local", "entrypoint": "echo_plugin:EchoPlugin"},
+        "methods": {"sleep": {"timeout_ms": 100}},
+    }
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await dispatcher.call("echo", "sleep", {"seconds": 5})
+        assert time.monotonic() - started < 1.0
+
+
+async def test_events_reach_host_handlers() -> None:
+    seen: list[tuple[str, Any]] = []
+    async_seen: list[str] = []
+
+    async def async_handler(event: str, data: Any) -> None:
+        async_seen.append(event)
+
+    async with Dispatcher(manifest(recording())) as dispatcher:
+        dispatcher.on("rec", "shouted", lambda event, data: seen.append((event, data)))
+        dispatcher.on("rec", "*", async_handler)
+        await dispatcher.call("rec", "shout", {"text": "hey"})
+        await asyncio.sleep(0)
+    assert seen == [("shouted", {"text": "hey"})]
+    assert async_seen == ["shouted"]
+
+
+async def test_a_plugin_that_fails_to_start_fails_the_dispatcher_cleanly() -> None:
+    recording_plugin.EVENTS.clear()
+    failing = {
+        "id": "bad",
+        "version": "1.0.0",
+        "target": {"provider": "local", "entrypoint": "recording_plugin:FailingStartPlugin"},
+        "methods": {"ping": {}},
+    }
+    with pytest.raises(ProviderError, match="cannot open the database"):
+        async with Dispatcher(manifest(recording(), failing)):
+            pass
+    # the plugin that did start was stopped again
+    assert recording_plugin.EVENTS[-2:] == ["stop", "destroy"]
+
+
+async def test_an_unknown_entrypoint_is_a_clear_error() -> None:
+    missing = {
+        "id": "ghost",
+        "version": "1.0.0",
+        "target": {"provider": "local", "entrypoint": "no_such_module:Plugin"},
+        "methods": {"boo": {}},
+    }
+    with pytest.raises(ProviderError, match="cannot load plugin 'no_such_module:Plugin'"):
+        async with Dispatcher(manifest(missing)):
+            pass
+
+
+async def test_legacy_plugins_without_the_base_class_work() -> None:
+    legacy = {
+        "id": "legacy",
+        "version": "0.9.0",
+        "config": {"prefix": "hello"},
+        "target": {"provider": "local", "entrypoint": "recording_plugin:LegacyPlugin"},
+        "methods": {"greet": {}},
+    }
+    async with Dispatcher(manifest(legacy)) as dispatcher:
+        assert await dispatcher.call("legacy", "greet", {"name": "ada"}) == "hello ada"
+        assert await dispatcher.call("legacy", "greet", ["bob"]) == "hello bob"
+        [report] = await dispatcher.health()
+    assert report.health.ok

@@ -1,0 +1,163 @@
+"""The manifest: valid files load; every invalid one says where and what, all at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispatcher import ManifestError, load_manifest
+from providers.http import HttpTarget
+from providers.local import LocalTarget
+
+VALID_YAML = """\
+version: 1
+plugins:
+  - id: echo
+    version: 1.2.3-beta.1
+    target: {provider: local, entrypoint: "echo_plugin:EchoPlugin", path: plugins}
+    defaults: {timeout_ms: 500}
+    methods:
+      say: {}
+      slow:
+        timeout_ms: 9000
+        target: {provider: http, url: "http://127.0.0.1:${TEST_PORT:-9}", bearer_token: "${TEST_TOKEN}"}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "plugins.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    return [problem.render(caught.value.source) for problem in caught.value.problems]
+
+
+def test_yaml_loads_with_inherited_targets_policies_and_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_TOKEN", "s3cret")
+    manifest = load_manifest(write(tmp_path, VALID_YAML))
+    plugin = manifest.plugins[0]
+    say, slow = plugin.target_of("say"), plugin.target_of("slow")
+    assert isinstance(say, LocalTarget)
+    assert say.path == (tmp_path / "plugins").resolve()
+    assert isinstance(slow, HttpTarget)
+    assert str(slow.url) == "http://127.0.0.1:9/"
+    assert slow.bearer_token is not None
+    assert slow.bearer_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(slow)
+    assert plugin.policies_of("say").timeout_ms == 500
+    assert plugin.policies_of("slow").timeout_ms == 9000
+
+
+def test_toml_is_accepted(tmp_path: Path) -> None:
+    text = """
+version = 1
+[[plugins]]
+id = "echo"
+version = "1.0.0"
+target = { provider = "local", entrypoint = "echo_plugin:EchoPlugin" }
+[plugins.methods.say]
+timeout_ms = 100
+"""
+    manifest = load_manifest(write(tmp_path, text, "plugins.toml"))
+    assert manifest.plugins[0].policies_of("say").timeout_ms == 100
+
+
+def test_every_problem_is_reported_with_file_line_and_path(tmp_path: Path) -> None:
+    text = """\
+version: 1
+plugins:
+  - id: echo
+    version: "1.0"
+    colour: blue
+    methods:
+      say:
+        target:
+          provider: http
+          url: "not a url"
+      hum: {}
+      beep:
+        target: {provider: lambda-typo, function: x}
+"""
+    found = problems(write(tmp_path, text))
+    source = str(tmp_path / "plugins.yaml")
+    assert (
+        f"{source}:4: plugins[0].version: expected a semantic version such as 1.2.3, got '1.0'"
+        in found
+    )
+    assert any(p.startswith(f"{source}:5: plugins[0].colour: unknown key 'colour'") for p in found)
+    assert any(p.startswith(f"{source}:10: plugins[0].methods.say.target.url: ") for p in found)
+    assert any(
+        p.startswith(f"{source}:13: plugins[0].methods.beep.target: ") and "'lambda-typo'" in p
+        for p in found
+    )
+    assert len(found) == 4
+
+
+def test_a_method_without_any_target_is_an_error(tmp_path: Path) -> None:
+    text = "plugins:\n  - id: echo\n    version: 1.0.0\n    methods:\n      say: {}\n"
+    assert problems(write(tmp_path, text)) == [
+        f"{tmp_path / 'plugins.yaml'}:5: plugins[0].methods.say.target: "
+        "no target: set 'target' on the method or a default 'target' on the plugin"
+    ]
+
+
+def test_a_missing_environment_variable_is_an_error(tmp_path: Path) -> None:
+    entry = """\
+  - id: echo
+    version: 1.0.0
+    target: {provider: http, url: "http://${NOT_SET_ANYWHERE}"}
+    methods: {say: {}}
+"""
+    found = problems(write(tmp_path, "plugins:\n" + entry + entry))
+    assert any("environment variable NOT_SET_ANYWHERE is not set" in p for p in found)
+
+
+def test_duplicate_plugin_versions(tmp_path: Path) -> None:
+    entry = """\
+  - id: echo
+    version: 1.0.0
+    target: {provider: local, entrypoint: "echo_plugin:EchoPlugin"}
+    methods: {say: {}}
+"""
+    found = problems(write(tmp_path, "plugins:\n" + entry + entry))
+    assert found == [
+        f"{tmp_path / 'plugins.yaml'}:7: plugins[1].version: echo@1.0.0 is already declared at plugins[0]"
+    ]
+
+
+def test_invalid_params_schema_and_bad_yaml(tmp_path: Path) -> None:
+    schema = """\
+plugins:
+  - id: echo
+    version: 1.0.0
+    target: {provider: local, entrypoint: "echo_plugin:EchoPlugin"}
+    methods:
+      say: {params_schema: {type: 12}}
+"""
+    assert "not a valid JSON Schema" in problems(write(tmp_path, schema))[0]
+    broken = problems(write(tmp_path, "plugins: [\n  - id: x\n", "broken.yaml"))
+    assert len(broken) == 1
+    assert "not valid YAML" in broken[0]
+
+
+def test_validate_command_exits_2_without_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, "plugins:\n  - id: echo\n    version: one\n    methods: {}\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "-m", str(path), "validate"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert "plugins[0].version" in run.stderr
+    assert "plugins[0].methods" in run.stderr
