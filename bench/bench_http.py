@@ -6,7 +6,9 @@ at concurrency 1 and 64. The server answers a fixed reply from a raw uvloop prot
 own process pinned to CPU 0, the client runs pinned to CPU 1, so the client side is what is
 measured. Variants run interleaved, in a rotating order, for several rounds; each figure
 is the median over the rounds of a figure computed within one round (ratios included), so
-a noisy neighbour on the machine moves numerator and denominator together.
+a noisy neighbour on the machine moves numerator and denominator together. Besides wall
+time, each measurement records this process's CPU time per call (``cpu_us_per_call``): on
+a shared machine it is the steadier view of what the client side costs.
 
 Variants:
   aiohttp      aiohttp.ClientSession, one pooled keep-alive connector
@@ -47,8 +49,12 @@ CLIENT_CPU = 1
 CONCURRENCY = (1, 64)
 RAW_CLIENTS = ("aiohttp", "httpx")
 VARIANTS = ("aiohttp", "httpx", "dispatcher", "floor")
-DEFAULT_CALLS = 4000
-DEFAULT_ROUNDS = 3
+DEFAULT_CALLS = 3000
+DEFAULT_ROUNDS = 5
+# httpx makes at most this many calls per measurement: at concurrency 64 it manages a few
+# hundred calls/s here, and N calls of it would take most of the run. Its figures are rates
+# and percentiles, comparable whatever the count.
+HTTPX_MAX_CALLS = 600
 PARAMS = {"text": "hi"}
 
 GOALS = {
@@ -62,12 +68,18 @@ Call = Callable[[], Awaitable[Any]]
 async def run(options: Options) -> dict[str, float]:
     calls = options.calls or (200 if options.quick else DEFAULT_CALLS)
     rounds = options.rounds or (1 if options.quick else DEFAULT_ROUNDS)
-    figures: dict[str, float] = {"http_calls_per_measurement": calls, "http_rounds": rounds}
+    figures: dict[str, float] = {
+        "http_calls_per_measurement": calls,
+        "http_httpx_calls_per_measurement": min(calls, HTTPX_MAX_CALLS),
+        "http_rounds": rounds,
+    }
     pinned_server = SERVER_CPU if {SERVER_CPU, CLIENT_CPU} <= available_cpus() else None
     with pinned_to_cpu(CLIENT_CPU):
         async with fixed_reply_server(pinned_server) as url:
-            samples = await _measure_all(url, calls, rounds)
+            samples, paired = await _measure_all(url, calls, rounds)
         figures.update(_figures(samples))
+        # Measured call by call against the fastest raw client, alternating (see measure_paired).
+        figures["http_c1_p50_added_us"] = _median(paired)
         async with sdk_server(pinned_server) as url:
             figures.update(await _measure_sdk(url, max(calls // 2, 100), rounds))
     return figures
@@ -83,6 +95,7 @@ class Sample:
     calls_per_s: float
     p50_us: float
     p99_us: float
+    cpu_us_per_call: float  # this (client) process's CPU time per call
 
 
 async def measure(call: Call, calls: int, concurrency: int) -> Sample:
@@ -101,15 +114,37 @@ async def measure(call: Call, calls: int, concurrency: int) -> Sample:
             latencies[index] = clock() - started
 
     gc.collect()
+    cpu_started = time.process_time()
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     latencies.sort()
     return Sample(
         calls_per_s=calls / elapsed,
         p50_us=latencies[calls // 2] / 1000,
         p99_us=latencies[min(calls - 1, calls * 99 // 100)] / 1000,
+        cpu_us_per_call=cpu / calls * 1e6,
     )
+
+
+async def measure_paired(ours: Call, theirs: Call, calls: int) -> float:
+    """p50 of ``ours`` minus p50 of ``theirs``, in µs, one call of each in turn at concurrency 1.
+
+    Two separate runs at concurrency 1 differ by whatever the machine's other tenants did
+    meanwhile, which on a shared machine is more than the 20 µs this figure is about.
+    Alternating single calls (in a changing order) puts both under the same conditions.
+    """
+    clock = time.perf_counter_ns
+    ours_ns: list[int] = []
+    theirs_ns: list[int] = []
+    gc.collect()
+    for index in range(calls):
+        for call, into in ((ours, ours_ns), (theirs, theirs_ns))[:: 1 if index % 2 else -1]:
+            started = clock()
+            await call()
+            into.append(clock() - started)
+    return (statistics.median(ours_ns) - statistics.median(theirs_ns)) / 1000
 
 
 async def _warm_and_measure(call: Call, calls: int, concurrency: int) -> Sample:
@@ -121,16 +156,23 @@ async def _warm_and_measure(call: Call, calls: int, concurrency: int) -> Sample:
 Samples = dict[tuple[int, str], list[Sample]]
 
 
-async def _measure_all(url: str, calls: int, rounds: int) -> Samples:
+async def _measure_all(url: str, calls: int, rounds: int) -> tuple[Samples, list[float]]:
     samples: Samples = {}
+    paired: list[float] = []
     async with contextlib.AsyncExitStack() as stack:
         clients = {name: await stack.enter_async_context(_CLIENTS[name](url)) for name in VARIANTS}
         for round_index in range(rounds):
             for concurrency in CONCURRENCY:
                 for name in _rotated(VARIANTS, round_index):
-                    sample = await _warm_and_measure(clients[name], calls, concurrency)
+                    count = min(calls, HTTPX_MAX_CALLS) if name == "httpx" else calls
+                    sample = await _warm_and_measure(clients[name], count, concurrency)
                     samples.setdefault((concurrency, name), []).append(sample)
-    return samples
+                if concurrency == 1:
+                    fastest = max(RAW_CLIENTS, key=lambda name: samples[(1, name)][-1].calls_per_s)
+                    paired.append(
+                        await measure_paired(clients["dispatcher"], clients[fastest], calls)
+                    )
+    return samples, paired
 
 
 def _rotated(names: tuple[str, ...], by: int) -> list[str]:
@@ -146,8 +188,9 @@ def _figures(samples: Samples) -> dict[str, float]:
         figures[f"{prefix}_calls_per_s"] = _median(run.calls_per_s for run in runs)
         figures[f"{prefix}_p50_us"] = _median(run.p50_us for run in runs)
         figures[f"{prefix}_p99_us"] = _median(run.p99_us for run in runs)
+        figures[f"{prefix}_cpu_us_per_call"] = _median(run.cpu_us_per_call for run in runs)
     for concurrency in CONCURRENCY:
-        ratios, added = [], []
+        ratios, added, cpu_added = [], [], []
         for index in range(rounds):
             # The fastest raw client of this round, by calls/s.
             fastest = max(
@@ -157,8 +200,11 @@ def _figures(samples: Samples) -> dict[str, float]:
             ours = samples[(concurrency, "dispatcher")][index]
             ratios.append(ours.calls_per_s / fastest.calls_per_s)
             added.append(ours.p50_us - fastest.p50_us)
+            cpu_added.append(ours.cpu_us_per_call - fastest.cpu_us_per_call)
         figures[f"http_c{concurrency}_ratio_to_fastest_raw"] = _median(ratios)
-        figures[f"http_c{concurrency}_p50_added_us"] = _median(added)
+        if concurrency != 1:  # at concurrency 1 it is measured paired, call by call
+            figures[f"http_c{concurrency}_p50_added_us"] = _median(added)
+        figures[f"http_c{concurrency}_cpu_added_us_per_call"] = _median(cpu_added)
         figures[f"http_c{concurrency}_aiohttp_over_httpx_ratio"] = _median(
             samples[(concurrency, "aiohttp")][index].calls_per_s
             / samples[(concurrency, "httpx")][index].calls_per_s

@@ -24,7 +24,7 @@ def test_a_tiny_http_run_produces_every_figure() -> None:
     )
     for concurrency in (1, 64):
         for variant in ("aiohttp", "httpx", "dispatcher", "floor"):
-            for unit in ("calls_per_s", "p50_us", "p99_us"):
+            for unit in ("calls_per_s", "p50_us", "p99_us", "cpu_us_per_call"):
                 assert figures[f"http_c{concurrency}_{variant}_{unit}"] > 0
         assert figures[f"http_c{concurrency}_ratio_to_fastest_raw"] > 0
         assert f"http_c{concurrency}_p50_added_us" in figures
