@@ -72,6 +72,8 @@ async def run(options: Options) -> dict[str, float]:
         "http_calls_per_measurement": calls,
         "http_httpx_calls_per_measurement": min(calls, HTTPX_MAX_CALLS),
         "http_rounds": rounds,
+        # Other tenants' load while this ran: read the figures below in its light.
+        "http_load_average_1min_at_start": os.getloadavg()[0],
     }
     pinned_server = SERVER_CPU if {SERVER_CPU, CLIENT_CPU} <= available_cpus() else None
     with pinned_to_cpu(CLIENT_CPU):
@@ -82,6 +84,7 @@ async def run(options: Options) -> dict[str, float]:
         figures["http_c1_p50_added_us"] = _median(paired)
         async with sdk_server(pinned_server) as url:
             figures.update(await _measure_sdk(url, max(calls // 2, 100), rounds))
+    figures["http_load_average_1min_at_end"] = os.getloadavg()[0]
     return figures
 
 
