@@ -78,10 +78,13 @@ async def run(options: Options) -> dict[str, float]:
     pinned_server = SERVER_CPU if {SERVER_CPU, CLIENT_CPU} <= available_cpus() else None
     with pinned_to_cpu(CLIENT_CPU):
         async with fixed_reply_server(pinned_server) as url:
-            samples, paired = await _measure_all(url, calls, rounds)
+            samples, paired, control = await _measure_all(url, calls, rounds)
         figures.update(_figures(samples))
         # Measured call by call against the fastest raw client, alternating (see measure_paired).
         figures["http_c1_p50_added_us"] = _median(paired)
+        # The same measurement of aiohttp against a second aiohttp session: what "added"
+        # reads when nothing is added, i.e. the resolution of the figure above.
+        figures["http_c1_p50_added_control_us"] = _median(control)
         async with sdk_server(pinned_server) as url:
             figures.update(await _measure_sdk(url, max(calls // 2, 100), rounds))
     figures["http_load_average_1min_at_end"] = os.getloadavg()[0]
@@ -159,11 +162,15 @@ async def _warm_and_measure(call: Call, calls: int, concurrency: int) -> Sample:
 Samples = dict[tuple[int, str], list[Sample]]
 
 
-async def _measure_all(url: str, calls: int, rounds: int) -> tuple[Samples, list[float]]:
+async def _measure_all(
+    url: str, calls: int, rounds: int
+) -> tuple[Samples, list[float], list[float]]:
     samples: Samples = {}
     paired: list[float] = []
+    control: list[float] = []
     async with contextlib.AsyncExitStack() as stack:
         clients = {name: await stack.enter_async_context(_CLIENTS[name](url)) for name in VARIANTS}
+        second_aiohttp = await stack.enter_async_context(aiohttp_client(url))
         for round_index in range(rounds):
             for concurrency in CONCURRENCY:
                 for name in _rotated(VARIANTS, round_index):
@@ -175,7 +182,10 @@ async def _measure_all(url: str, calls: int, rounds: int) -> tuple[Samples, list
                     paired.append(
                         await measure_paired(clients["dispatcher"], clients[fastest], calls)
                     )
-    return samples, paired
+                    control.append(
+                        await measure_paired(second_aiohttp, clients["aiohttp"], calls // 2)
+                    )
+    return samples, paired, control
 
 
 def _rotated(names: tuple[str, ...], by: int) -> list[str]:

@@ -28,6 +28,7 @@ def test_a_tiny_http_run_produces_every_figure() -> None:
                 assert figures[f"http_c{concurrency}_{variant}_{unit}"] > 0
         assert figures[f"http_c{concurrency}_ratio_to_fastest_raw"] > 0
         assert f"http_c{concurrency}_p50_added_us" in figures
+    assert "http_c1_p50_added_control_us" in figures
     assert figures["http_sdk_c64_dispatcher_calls_per_s"] > 0
     assert figures["http_sdk_c64_ratio_to_aiohttp"] > 0
     assert set(goals) == {"http_c64_ratio_to_fastest_raw", "http_c1_p50_added_us"}
