@@ -181,7 +181,7 @@ async def _measure_all(
         # all rounds compare sessions of the same shape: an aiohttp session holding one
         # connection read ~9 us faster at c1 than one holding 64 (the A/A control, below).
         for call in [*clients.values(), second_aiohttp]:
-            await measure(call, 4 * CONCURRENCY[-1], CONCURRENCY[-1])
+            await measure(call, min(calls, 4 * CONCURRENCY[-1]), CONCURRENCY[-1])
         for round_index in range(rounds):
             for concurrency in CONCURRENCY:
                 for name in _rotated(VARIANTS, round_index):
@@ -194,7 +194,7 @@ async def _measure_all(
                         await measure_paired(clients["dispatcher"], clients[fastest], calls)
                     )
                     # Keep its pool shaped like the measured clients' (they ran at c64).
-                    await measure(second_aiohttp, 4 * CONCURRENCY[-1], CONCURRENCY[-1])
+                    await measure(second_aiohttp, min(calls, 4 * CONCURRENCY[-1]), CONCURRENCY[-1])
                     control.append(await measure_paired(second_aiohttp, clients["aiohttp"], calls))
     return samples, paired, control
 
