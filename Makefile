@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean proto sdks docker-prereqs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +12,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) sdks docker-prereqs
 	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/polyglot_demo.py
 
-test: $(STAMP)
+# The example plugin of every SDK folder present (sdk/<lang>/build.sh, idempotent); the
+# conformance suite runs against each. A build that fails fails the run.
+sdks: $(STAMP)
+	@set -e; for build in sdk/*/build.sh; do \
+		[ -e "$$build" ] || continue; \
+		echo "building $$build"; VENV="$(abspath $(VENV))" bash "$$build"; \
+	done
+
+# Regenerate dispatcher/_proto from proto/plugin.proto (tests fail when it is stale).
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+# The docker provider's tests need the engine and the offline base image; both scripts are
+# idempotent (a second run costs about a second).
+docker-prereqs: $(STAMP)
+	scripts/start-docker.sh
+	PYTHON=$(BIN)/python infra/docker/build-base-image.sh
+
+test: $(STAMP) sdks docker-prereqs
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -25,6 +25,7 @@ from dispatcher.errors import (
     PluginNotFound,
 )
 from dispatcher.invocation import Invocation, new_request_id
+from dispatcher.policies import PolicyRuntime, Step
 from providers import provider_classes
 from providers.base import Health, Provider, TargetConfig
 
@@ -55,31 +56,38 @@ class TargetHealth:
     version: str
     target: str
     health: Health
+    #: The state of the target's circuit breaker, when one is configured.
+    circuit: str | None = None
 
 
 class _Route:
     """Everything a call of one method needs, resolved once."""
 
-    __slots__ = ("invoke", "method", "plugin", "timeout", "validate", "version")
+    __slots__ = ("invoke", "method", "plugin", "stream", "timeout", "validate", "version")
 
-    def __init__(self, plugin: PluginSpec[Any], method: str, provider: Provider[Any]) -> None:
-        target = plugin.target_of(method)
+    def __init__(
+        self, plugin: PluginSpec[Any], method: str, provider: Provider[Any], invoke: Step
+    ) -> None:
         policies = plugin.policies_of(method)
         self.plugin = plugin.id
         self.version = plugin.version
         self.method = method
         self.timeout = (policies.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
         self.validate = _params_validator(plugin.methods[method].params_schema)
-        self.invoke = _bind(provider, target)
+        self.invoke = invoke
+        target = plugin.target_of(method)
+        self.stream = _bind_stream(provider, target)
 
 
-def _bind(provider: Provider[Any], target: TargetConfig) -> Callable[[Invocation], Any]:
-    invoke = provider.invoke
+def _bind_stream(
+    provider: Provider[Any], target: TargetConfig
+) -> Callable[[Invocation], AsyncGenerator[Any, None]]:
+    stream = provider.stream
 
-    def call_target(invocation: Invocation) -> Any:
-        return invoke(target, invocation)
+    def stream_target(invocation: Invocation) -> AsyncGenerator[Any, None]:
+        return stream(target, invocation)
 
-    return call_target
+    return stream_target
 
 
 def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | None:
@@ -113,10 +121,10 @@ class Dispatcher:
         manifest: Manifest[Any],
         *,
         providers: dict[str, Provider[Any]] | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.manifest = manifest
-        self._clock = clock
+        self._clock: Callable[[], float] = time.monotonic  # the running loop's, from start()
+        self.policies: PolicyRuntime | None = None
         self._handlers: dict[tuple[str, str], list[EventHandler]] = defaultdict(list)
         self._providers = providers if providers is not None else self._make_providers()
         for provider in self._providers.values():
@@ -139,6 +147,8 @@ class Dispatcher:
         if self._state != "new":
             raise RuntimeError(f"a dispatcher starts once; this one is {self._state}")
         self._state = "starting"
+        self._clock = asyncio.get_running_loop().time
+        self.policies = PolicyRuntime(self._clock)
         try:
             for provider in self._providers.values():
                 await provider.start()
@@ -157,6 +167,8 @@ class Dispatcher:
         self._state = "closed"
         self._latest.clear()
         self._versions.clear()
+        if self.policies is not None:
+            await self.policies.aclose()  # batches still queued go out before targets detach
         for task in list(self._event_tasks):
             task.cancel()
         await asyncio.gather(*self._event_tasks, return_exceptions=True)
@@ -253,6 +265,60 @@ class Dispatcher:
             )
         return self.call(*item)
 
+    async def stream(
+        self,
+        plugin: str,
+        method: str,
+        params: Any = None,
+        *,
+        version: str | None = None,
+        caller: str | None = None,
+        timeout: float | None = None,
+        traceparent: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """Call a streaming method; yields its chunks as they arrive.
+
+        ``timeout`` bounds the whole stream (the target's deadline). A provider without
+        streaming raises ``ProviderError``; a failure mid-stream raises its ``DispatchError``
+        after the chunks already yielded.
+        """
+        route = self._route(plugin, method, version)
+        if params is None:
+            params = {}
+        if route.validate is not None:
+            route.validate(params)
+        budget = route.timeout if timeout is None else timeout
+        if budget <= 0:
+            raise DeadlineExceeded(f"{plugin}.{method} was given no time (timeout={timeout})")
+        invocation = Invocation(
+            plugin=route.plugin,
+            version=route.version,
+            method=method,
+            params=params,
+            deadline=self._clock() + budget,
+            request_id=request_id or new_request_id(),
+            caller=caller,
+            traceparent=traceparent,
+        )
+        chunks = route.stream(invocation)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def publish(
+        self, plugin: str, event: str, data: Any = None, *, version: str | None = None
+    ) -> None:
+        """Send the host event ``event`` to ``plugin`` (every target it runs on)."""
+        self._route_any(plugin, version)
+        wanted = version or self._latest_version(plugin)
+        for spec in self.manifest.plugins:
+            if spec.id == plugin and spec.version == wanted:
+                for target in spec.targets():
+                    await self._providers[target.provider].send_event(target, event, data)
+
     # -- introspection -----------------------------------------------------------------
 
     async def health(self, *, timeout: float = 5.0) -> list[TargetHealth]:
@@ -262,9 +328,23 @@ class Dispatcher:
         ]
         reports = await asyncio.gather(*(self._probe(target, timeout) for _, target in checks))
         return [
-            TargetHealth(plugin.id, plugin.version, target.describe(), report)
+            TargetHealth(
+                plugin.id, plugin.version, target.describe(), report, self._circuit_state(target)
+            )
             for (plugin, target), report in zip(checks, reports, strict=True)
         ]
+
+    def _circuit_state(self, target: TargetConfig) -> str | None:
+        breaker = self.policies.breaker_of(target) if self.policies is not None else None
+        return str(breaker.state) if breaker is not None else None
+
+    def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
+        """Drop cached results: of one plugin, one of its methods, or everything."""
+        return self.policies.invalidate(plugin, method) if self.policies is not None else 0
+
+    def stats(self) -> dict[str, Any]:
+        """Cache, breaker, batch and retry-budget counters."""
+        return self.policies.stats() if self.policies is not None else {}
 
     def on(self, plugin: str, event: str, handler: EventHandler) -> None:
         """Run ``handler(event, data)`` whenever ``plugin`` emits ``event`` (``"*"``: any event)."""
@@ -292,6 +372,13 @@ class Dispatcher:
             raise MethodNotFound(f"plugin {plugin!r} has no method {method!r}; it has: {known}")
         return route
 
+    def _route_any(self, plugin: str, version: str | None) -> None:
+        methods = (
+            self._latest.get(plugin) if version is None else self._versions.get((plugin, version))
+        )
+        if not methods:
+            raise self._plugin_not_found(plugin, version)
+
     def _plugin_not_found(self, plugin: str, version: str | None) -> DispatchError:
         if self._state != "running":
             return PluginNotFound(f"the dispatcher is {self._state}; call it inside 'async with'")
@@ -304,14 +391,23 @@ class Dispatcher:
             provider = self._providers[target.provider]
             await provider.attach(plugin, target)
             self._attached.append((provider, plugin, target))
+        assert self.policies is not None
         routes = {
-            name: _Route(plugin, name, self._providers[plugin.target_of(name).provider])
+            name: _Route(plugin, name, self._provider_of(plugin, name), self._chain(plugin, name))
             for name in plugin.methods
         }
         self._versions[(plugin.id, plugin.version)] = routes
         current = self._latest_version(plugin.id)
         if current is None or _version_key(plugin.version) > _version_key(current):
             self._latest[plugin.id] = routes
+
+    def _provider_of(self, plugin: PluginSpec[Any], method: str) -> Provider[Any]:
+        return self._providers[plugin.target_of(method).provider]
+
+    def _chain(self, plugin: PluginSpec[Any], method: str) -> Step:
+        assert self.policies is not None
+        target = plugin.target_of(method)
+        return self.policies.chain(plugin, method, self._provider_of(plugin, method), target)
 
     def _latest_version(self, plugin_id: str) -> str | None:
         routes = self._latest.get(plugin_id)

@@ -1,4 +1,4 @@
-"""``dispatcher``: validate a manifest, list and call plugins, check their health.
+"""``dispatcher``: validate a manifest, list, call and deploy plugins, check their health.
 
 Exit codes: 0 success; 1 a call failed or a target is unhealthy; 2 bad usage or an
 invalid manifest. Errors are printed as one line (or one JSON object for ``call``),
@@ -18,6 +18,8 @@ import orjson
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, load_manifest
 from dispatcher.errors import DispatchError, ManifestError
+from providers import provider_classes
+from providers.base import Provider
 
 T = TypeVar("T")
 
@@ -119,7 +121,7 @@ def health(context: click.Context) -> None:
     except DispatchError as error:
         click.echo(f"error: {error}", err=True)
         context.exit(EXIT_FAILED)
-    rows = [("PLUGIN", "TARGET", "STATUS", "LATENCY", "DETAIL")]
+    rows = [("PLUGIN", "TARGET", "STATUS", "CIRCUIT", "LATENCY", "DETAIL")]
     for report in reports:
         latency = (
             f"{report.health.latency_ms:.1f} ms" if report.health.latency_ms is not None else "-"
@@ -129,12 +131,59 @@ def health(context: click.Context) -> None:
                 f"{report.plugin}@{report.version}",
                 report.target,
                 report.health.status,
+                report.circuit or "-",
                 latency,
                 report.health.detail[:60],
             )
         )
     _table(rows)
     if not all(report.health.ok for report in reports):
+        context.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.argument("plugins", nargs=-1, metavar="[PLUGIN]...")
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would be deployed; write and apply nothing."
+)
+@click.pass_context
+def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool) -> None:
+    """Build or publish the function behind each target of PLUGIN (default: every plugin).
+
+    Each provider deploys its own way (docker: builds the image locally; knative: renders a
+    Service into infra/knative/ and applies it when the target's deploy.cluster is set).
+    Targets whose provider has nothing to deploy (local, http) are listed and skipped.
+    --dry-run prints what would be deployed instead.
+    """
+    manifest = _manifest(context)
+    known = {name for plugin in manifest.plugins for name in (plugin.id, plugin.key)}
+    unknown = [name for name in plugins if name not in known]
+    if unknown:
+        raise click.UsageError(f"not in the manifest: {', '.join(unknown)}")
+    chosen = [p for p in manifest.plugins if not plugins or {p.id, p.key} & set(plugins)]
+
+    async def run() -> bool:
+        ok = True
+        for plugin in chosen:
+            for target in plugin.targets():
+                provider = provider_classes()[target.provider]()
+                if type(provider).deploy is Provider.deploy:
+                    click.echo(f"{plugin.key}: {target.describe()}: nothing to deploy")
+                    continue
+                try:
+                    async with provider:
+                        if dry_run:
+                            click.echo(
+                                provider.render_deployment(plugin, target).rstrip() + "\n---"
+                            )
+                        else:
+                            click.echo(f"{plugin.key}: {await provider.deploy(plugin, target)}")
+                except DispatchError as error:
+                    click.echo(f"{plugin.key}: {target.describe()}: {error}", err=True)
+                    ok = False
+        return ok
+
+    if not asyncio.run(run()):
         context.exit(EXIT_FAILED)
 
 

@@ -54,14 +54,96 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CachePolicy(_Strict):
+    """Keep results of a pure method: same params (key order aside), same result."""
+
+    ttl_ms: Annotated[int, Field(gt=0)]
+    max_entries: Annotated[int, Field(gt=0)] = 1024
+    per_caller: bool = Field(default=False, description="Key the cache by caller too.")
+
+
+class BatchPolicy(_Strict):
+    """Coalesce concurrent calls of a method into one invocation of the target."""
+
+    max_size: Annotated[int, Field(ge=1, le=10_000)] = 100
+    max_wait_ms: Annotated[float, Field(ge=0)] = 5
+
+
+class RateLimit(_Strict):
+    """A leaky bucket: ``rate`` calls per second on average, ``burst`` at once."""
+
+    rate: Annotated[float, Field(gt=0)]
+    burst: Annotated[int, Field(ge=1)] | None = None
+    scope: Literal["method", "target", "caller"] = "method"
+    mode: Literal["wait", "reject"] = "wait"
+
+    @property
+    def capacity(self) -> int:
+        return self.burst if self.burst is not None else max(1, round(self.rate))
+
+
+class BreakerPolicy(_Strict):
+    """One circuit breaker per target instance."""
+
+    fail_max: Annotated[int, Field(ge=1)] = 5
+    reset_timeout_ms: Annotated[int, Field(gt=0)] = 30_000
+    half_open_max_calls: Annotated[int, Field(ge=1)] = 1
+    success_threshold: Annotated[int, Field(ge=1)] = 1
+
+
+class RetryPolicy(_Strict):
+    """Retries of retryable errors, for idempotent methods only."""
+
+    attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    initial_backoff_ms: Annotated[float, Field(gt=0)] = 50
+    max_backoff_ms: Annotated[float, Field(gt=0)] = 2_000
+    budget_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.2, description="Retries may add at most this share of extra load on a target."
+    )
+
+
+class ConcurrencyPolicy(_Strict):
+    """A bulkhead: at most ``max_in_flight`` calls at once, ``max_waiting`` queued."""
+
+    max_in_flight: Annotated[int, Field(ge=1)]
+    max_waiting: Annotated[int, Field(ge=0)] = 0
+    scope: Literal["method", "target"] = "method"
+
+
 class Policies(_Strict):
     """Per-method behaviour; set on a method, or on a plugin's ``defaults`` for all its methods.
 
     Every field left unset inherits: method → plugin ``defaults`` → built-in default.
+    Safe by default: nothing is cached unless a method is ``pure``, nothing is retried
+    unless it is ``idempotent`` (``pure`` implies ``idempotent``).
     """
 
     timeout_ms: Annotated[int, Field(gt=0)] | None = None
     idempotent: bool | None = None
+    pure: bool | None = None
+    cache: CachePolicy | None = None
+    batch: BatchPolicy | None = None
+    rate_limit: list[RateLimit] | None = None
+    breaker: BreakerPolicy | None = None
+    retry: RetryPolicy | None = None
+    concurrency: ConcurrencyPolicy | None = None
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _one_or_many_limits(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+    @property
+    def may_cache(self) -> bool:
+        return self.cache is not None and bool(self.pure)
+
+    @property
+    def may_retry(self) -> bool:
+        return (
+            self.retry is not None
+            and self.retry.attempts > 1
+            and bool(self.idempotent or self.pure)
+        )
 
 
 class MethodSpec(Policies, Generic[TargetT]):
@@ -128,10 +210,10 @@ class PluginSpec(_Strict, Generic[TargetT]):
 
     def policies_of(self, method: str) -> Policies:
         """The method's policies, with what it leaves unset taken from the plugin's defaults."""
-        explicit = self.methods[method].model_dump(
-            include=set(Policies.model_fields), exclude_unset=True
-        )
-        return self.defaults.model_copy(update=explicit)
+        fields = set(Policies.model_fields)
+        inherited = self.defaults.model_dump(exclude_unset=True)
+        explicit = self.methods[method].model_dump(include=fields, exclude_unset=True)
+        return Policies.model_validate({**inherited, **explicit})
 
     def targets(self) -> list[TargetT]:
         """Every distinct target this plugin's methods use, in manifest order."""
@@ -300,6 +382,25 @@ def _semantic_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
                     f"{where}.methods.{name}.target",
                     "no target: set 'target' on the method or a default 'target' on the plugin",
                 )
+            yield from _unsafe_policy_problems(
+                f"{where}.methods.{name}", plugin.policies_of(name), method
+            )
+
+
+def _unsafe_policy_problems(
+    where: str, policies: Policies, method: MethodSpec[Any]
+) -> Iterator[ManifestProblem]:
+    # A policy written on the method itself that can never apply is a mistake worth
+    # stopping for; one inherited from the plugin's defaults just does not apply here.
+    if method.cache is not None and not policies.pure:
+        yield ManifestProblem(
+            f"{where}.cache",
+            "caching needs 'pure: true': only a pure method's results can be reused",
+        )
+    if method.retry is not None and not (policies.idempotent or policies.pure):
+        yield ManifestProblem(
+            f"{where}.retry", "retries need 'idempotent: true': a retried call may run twice"
+        )
 
 
 def _render_path(location: tuple[str | int, ...]) -> str:

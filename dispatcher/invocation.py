@@ -2,14 +2,16 @@
 
 ``Invocation`` is the single input every policy step and every provider receives; it is
 immutable so a retry or a batch can hold it without copying. ``deadline`` is an absolute
-reading of the dispatcher's monotonic clock; on the wire it travels as the milliseconds
-left (``deadline_ms``), because two machines' monotonic clocks mean nothing to each other.
+reading of the event loop's clock (``loop.time()``), the clock every timer, limiter and
+timeout of the dispatcher runs on, so a test that fakes the loop's time fakes them all;
+on the wire it travels as the milliseconds left (``deadline_ms``), because two machines'
+monotonic clocks mean nothing to each other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-import time
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Generic, TypeVar
@@ -46,12 +48,12 @@ class Invocation:
 
     def remaining(self, now: float | None = None) -> float:
         """Seconds left before the deadline (negative once it has passed)."""
-        return self.deadline - (time.monotonic() if now is None else now)
+        return self.deadline - (asyncio.get_running_loop().time() if now is None else now)
 
     def context_wire(self, now: float | None = None) -> dict[str, Any]:
         """The envelope's ``context`` object."""
         # Every remote call builds this: plain arithmetic, no helper calls (bench_http).
-        left_ms = int((self.deadline - (time.monotonic() if now is None else now)) * 1000)
+        left_ms = int((self.deadline - (asyncio.get_running_loop().time() if now is None else now)) * 1000)
         context: dict[str, Any] = {
             "request_id": self.request_id,
             "deadline_ms": left_ms if left_ms > 0 else 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -107,8 +108,48 @@ async def main() -> None:
             show(f"{report.plugin}@{report.version} {report.target}", report.health.status)
 
 
+def docker_engine_and_base_image() -> bool:
+    """Is a Docker engine up? If so, make sure the offline base image is built (idempotent)."""
+    if (
+        not shutil.which("docker")
+        or subprocess.run(["docker", "info"], capture_output=True).returncode
+    ):
+        return False
+    subprocess.run(
+        [str(ROOT / "infra" / "docker" / "build-base-image.sh")],
+        check=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        stdout=subprocess.DEVNULL,
+    )
+    return True
+
+
+async def docker_demo() -> None:
+    """The same plugin as a sandboxed container (docs/docker.md)."""
+    from dispatcher.config import load_manifest
+    from providers.docker import DockerProvider
+
+    print("\necho-box (docker):")
+    manifest = load_manifest(ROOT / "examples" / "docker-plugins.yaml")
+    plugin = manifest.plugins[0]
+    show("dispatcher deploy echo-box", await DockerProvider().deploy(plugin, plugin.target))
+    async with Dispatcher(manifest) as dispatcher:
+        await attempt(dispatcher, "echo-box", "say", {"text": "cold start"}, caller="demo")
+        await attempt(dispatcher, "echo-box", "say", {"text": "warm"}, caller="demo")
+        await attempt(dispatcher, "echo-box", "digest", {"data": "abc", "rounds": 20000})
+        await attempt(dispatcher, "echo-box", "withdraw", {"amount": 500})
+        await attempt(dispatcher, "echo-box", "sleep", {"seconds": 5}, timeout=0.2)
+        for report in await dispatcher.health():
+            show("health", f"{report.target}: {report.health.status} ({report.health.detail})")
+    show("after exit", "every container of this dispatcher is removed")
+
+
 if __name__ == "__main__":
     port = free_port()
     os.environ["ECHO_HTTP_PORT"] = str(port)
     with http_function(port):
         asyncio.run(main())
+    if docker_engine_and_base_image():
+        asyncio.run(docker_demo())
+    else:
+        print("\necho-box (docker): skipped, no Docker engine (scripts/start-docker.sh starts one)")

@@ -22,6 +22,10 @@ ENTRY_POINT_GROUP = "dispatcher.providers"
 _BUILT_IN = {
     "local": "providers.local:LocalProvider",
     "http": "providers.http:HttpProvider",
+    "grpc": "providers.grpc:GrpcProvider",
+    "subprocess": "providers.subprocess:SubprocessProvider",
+    "docker": "providers.docker:DockerProvider",
+    "knative": "providers.knative:KnativeProvider",
 }
 
 

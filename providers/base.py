@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 
@@ -80,6 +80,9 @@ class Provider(abc.ABC, Generic[TargetT]):
     target_model: ClassVar[type[TargetConfig]]
     #: True when ``invoke_batch`` sends a whole batch in one request.
     native_batch: ClassVar[bool] = False
+    #: True when ``invoke`` ends every call by its deadline with the transport's own
+    #: timeout; otherwise the dispatcher wraps calls in a deadline guard.
+    enforces_deadline: ClassVar[bool] = True
     #: Where plugin events go, as ``sink(plugin_id, event, data)``; set by the dispatcher.
     event_sink: Callable[[str, str, Any], None] | None = None
 
@@ -108,6 +111,18 @@ class Provider(abc.ABC, Generic[TargetT]):
         """Run several invocations; one outcome each, in order."""
         return list(await asyncio.gather(*(self._outcome(target, i) for i in invocations)))
 
+    def stream(self, target: TargetT, invocation: Invocation) -> AsyncGenerator[Any, None]:
+        """The chunks of a streaming method, as they come; errors raise ``DispatchError``.
+
+        Providers whose wire streams (gRPC, subprocess) override this with an async
+        generator; the default raises ``ProviderError`` on the first chunk.
+        """
+        return _no_stream(self.name, invocation)
+
+    async def send_event(self, target: TargetT, event: str, data: Any) -> None:
+        """Deliver a host event to the plugin behind ``target`` (``Dispatcher.publish``)."""
+        raise ProviderError(f"the {self.name} provider cannot send events to plugins")
+
     async def health(self, target: TargetT) -> Health:
         """Probe the target. Must not raise: report what is wrong in ``Health``."""
         return Health("unknown", "this provider has no health probe")
@@ -115,6 +130,13 @@ class Provider(abc.ABC, Generic[TargetT]):
     async def deploy(self, plugin: PluginSpec[Any], target: TargetT) -> str:
         """Create or update the function behind ``target``; returns a summary."""
         raise ProviderError(f"the {self.name} provider cannot deploy plugins")
+
+    def render_deployment(self, plugin: PluginSpec[Any], target: TargetT) -> str:
+        """What ``deploy`` would create, as text (``dispatcher deploy --dry-run``).
+
+        Writes and applies nothing. Providers that deploy should override both.
+        """
+        raise ProviderError(f"the {self.name} provider cannot render deployments")
 
     async def _outcome(self, target: TargetT, invocation: Invocation) -> Outcome[Any]:
         try:
@@ -136,3 +158,10 @@ class Provider(abc.ABC, Generic[TargetT]):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+async def _no_stream(provider: str, invocation: Invocation) -> AsyncGenerator[Any, None]:
+    raise ProviderError(
+        f"{invocation.plugin}.{invocation.method}: the {provider} provider has no streaming calls"
+    )
+    yield  # pragma: no cover - makes this an async generator

@@ -74,3 +74,11 @@ def echo_plugin(plugin_id: str, target: dict[str, Any], **extra: Any) -> dict[st
 
 
 LOCAL_TARGET = {"provider": "local", "entrypoint": "echo_plugin:EchoPlugin", "path": str(EXAMPLES)}
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Any:
+    import gc
+
+    yield
+    gc.collect()

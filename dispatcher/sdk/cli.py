@@ -12,6 +12,8 @@ from dispatcher.errors import ProviderError
 from dispatcher.sdk.asgi import PluginApp
 from dispatcher.sdk.host import PluginHost
 
+_ENV = "LINCHKIT_PLUGIN_"
+
 
 @click.group()
 def main() -> None:
@@ -20,15 +22,37 @@ def main() -> None:
 
 @main.command()
 @click.argument("entrypoint")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
-@click.option("--port", default=8081, show_default=True, type=int, help="Port to bind (0: any).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar=_ENV + "HOST",
+    help="Interface to bind.",
+)
+@click.option(
+    "--port", default=8081, show_default=True, type=int, envvar=_ENV + "PORT", help="Port (0: any)."
+)
+@click.option("--uds", envvar=_ENV + "UDS", help="Listen on this Unix socket, not --host/--port.")
 @click.option("--path", "search_path", default=None, help="Folder to import the plugin from.")
-@click.option("--config", "config_json", default="{}", help="JSON object passed to init().")
+@click.option(
+    "--config", "config_json", default="{}", envvar=_ENV + "CONFIG", help="JSON for init()."
+)
 @click.option("--log-level", default="warning", show_default=True)
 def serve(
-    entrypoint: str, host: str, port: int, search_path: str | None, config_json: str, log_level: str
+    entrypoint: str,
+    host: str,
+    port: int,
+    uds: str | None,
+    search_path: str | None,
+    config_json: str,
+    log_level: str,
 ) -> None:
-    """Serve ENTRYPOINT (package.module:Class) over HTTP, speaking the dispatcher envelope."""
+    """Serve ENTRYPOINT (package.module:Class) over HTTP, speaking the dispatcher envelope.
+
+    --host, --port, --uds and --config can also come from the environment as
+    LINCHKIT_PLUGIN_HOST, _PORT, _UDS and _CONFIG: that is how the docker provider tells
+    a plugin container where to listen and what to pass to init().
+    """
     try:
         import uvicorn
     except ImportError:  # pragma: no cover - depends on the installed extras
@@ -47,6 +71,7 @@ def serve(
         app,
         host=host,
         port=port,
+        uds=uds,
         log_level=log_level,
         access_log=False,
         lifespan="on",

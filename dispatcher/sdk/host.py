@@ -11,7 +11,7 @@ import importlib
 import inspect
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,10 @@ class PluginHost:
         self._is_async = {
             name: inspect.iscoroutinefunction(fn) for name, fn in self.methods.items()
         }
+        #: Streaming methods: async generator functions; a unary call gets their chunks as a list.
+        self.streaming = frozenset(
+            name for name, fn in self.methods.items() if inspect.isasyncgenfunction(fn)
+        )
         self._state = "created"
         if emit is not None and hasattr(plugin, "emit"):
             plugin._emit = emit
@@ -97,19 +101,63 @@ class PluginHost:
 
     async def open(self, config: dict[str, Any]) -> None:
         """Run ``init(config)`` then ``start()``."""
+        await self.init(config)
+        await self.start()
+
+    async def init(self, config: dict[str, Any]) -> None:
+        """Run the plugin's ``init(config)`` alone (the gRPC binding has one RPC per step)."""
         await self._hook("init", config)
+        self._state = "initialized"
+
+    async def start(self) -> None:
         await self._hook("start")
         self._state = "started"
 
-    async def close(self) -> None:
-        """Run ``stop()`` then ``destroy()``; both run even if one fails."""
+    async def stop(self) -> None:
+        if self._state in {"stopped", "closed"}:
+            return
+        self._state = "stopped"
+        await self._hook("stop")
+
+    async def destroy(self) -> None:
         if self._state == "closed":
             return
         self._state = "closed"
+        await self._hook("destroy")
+
+    async def deliver(self, event: str, data: Any) -> None:
+        """Hand a host event to the plugin's ``on_event(event, data)``, if it has one."""
+        await self._hook("on_event", event, data)
+
+    async def stream(
+        self, method: str, params: Any, context: dict[str, Any] | None = None
+    ) -> AsyncIterator[Any]:
+        """The chunks of streaming ``method``; a unary method yields its one result."""
+        if method not in self.streaming:
+            yield await self.call(method, params, context)
+            return
+        args, kwargs = _arguments_for(self.methods[method], params)
+        token = _current_context.set(context)
         try:
-            await self._hook("stop")
+            try:
+                chunks = self.methods[method](*args, **kwargs)
+            except TypeError as error:
+                raise _binding_error(self.methods[method], args, kwargs, error) from error
+            async for chunk in chunks:
+                yield chunk
+        except DispatchError:
+            raise
+        except Exception as error:
+            raise _plugin_error(error) from error
         finally:
-            await self._hook("destroy")
+            _current_context.reset(token)
+
+    async def close(self) -> None:
+        """Run ``stop()`` then ``destroy()``; both run even if one fails."""
+        try:
+            await self.stop()
+        finally:
+            await self.destroy()
 
     async def health(self) -> tuple[bool, str]:
         if self._state != "started":
@@ -129,7 +177,9 @@ class PluginHost:
             raise MethodNotFound(
                 f"plugin has no method {method!r}; it has: {', '.join(sorted(self.methods)) or 'none'}"
             )
-        args, kwargs = _arguments(params)
+        if method in self.streaming:
+            return [chunk async for chunk in self.stream(method, params, context)]
+        args, kwargs = _arguments_for(function, params)
         token = _current_context.set(context)
         try:
             if self._is_async[method]:
@@ -175,6 +225,14 @@ class PluginHost:
 
     def __repr__(self) -> str:
         return f"<PluginHost {type(self.plugin).__name__} {self._state} methods={sorted(self.methods)}>"
+
+
+def _arguments_for(
+    function: Callable[..., Any], params: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if getattr(function, "__plugin_raw_params__", False):
+        return (params,), {}
+    return _arguments(params)
 
 
 def _arguments(params: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -16,15 +16,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-__all__ = ["LIFECYCLE_HOOKS", "Plugin", "current_context"]
+__all__ = ["LIFECYCLE_HOOKS", "Plugin", "current_context", "raw_params"]
 
-LIFECYCLE_HOOKS = frozenset({"init", "start", "stop", "destroy", "health_check", "emit"})
+LIFECYCLE_HOOKS = frozenset(
+    {"init", "start", "stop", "destroy", "health_check", "emit", "on_event"}
+)
 
 _current_context: ContextVar[dict[str, Any] | None] = ContextVar(
     "plugin_call_context", default=None
 )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def raw_params(method: F) -> F:
+    """Mark a method to receive the call's params as one argument, whatever their JSON shape."""
+    method.__plugin_raw_params__ = True  # type: ignore[attr-defined]
+    return method
 
 
 def current_context() -> dict[str, Any]:
@@ -55,6 +66,9 @@ class Plugin:
     async def health_check(self) -> bool:
         """True while the plugin can serve calls."""
         return True
+
+    async def on_event(self, event: str, data: Any) -> None:
+        """Called with each event the host sends (``Dispatcher.publish``); ignores them by default."""
 
     def emit(self, event: str, data: Any = None) -> None:
         """Send an event to the host's handlers (``Dispatcher.on``); dropped if nobody listens."""

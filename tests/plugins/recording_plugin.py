@@ -56,3 +56,29 @@ class LegacyPlugin:
 
     def health_check(self) -> dict[str, Any]:
         return {"ok": True, "connections": 0}
+
+
+class CountingPlugin(Plugin):
+    """Counts the calls that really reach it."""
+
+    calls = 0
+    finished: list[str] = []
+
+    async def lookup(self, key: str, delay: float = 0.0) -> dict[str, Any]:
+        type(self).calls += 1
+        if delay:
+            import asyncio
+
+            await asyncio.sleep(delay)
+        return {"key": key, "call": type(self).calls}
+
+    async def slow(self, seconds: float, tag: str) -> str:
+        import asyncio
+
+        await asyncio.sleep(seconds)
+        type(self).finished.append(tag)
+        return tag
+
+    async def fails(self) -> None:
+        type(self).calls += 1
+        raise ValueError("no")

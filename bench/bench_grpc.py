@@ -1,0 +1,260 @@
+"""gRPC unary through the dispatcher vs raw grpc.aio, and CPU work in-process vs a subprocess.
+
+The server is the example plugin of ``sdk/go`` when it is built (a Python grpc.aio server
+caps near 3.9k calls/s whatever the client, so it would measure itself, not the client),
+else ``sdk/python``'s; ``grpc_server_is_go`` says which. The plugin runs pinned to CPU 0,
+the client to CPU 1, when both are available.
+
+Figures:
+* ``grpc_raw_c{1,64}_calls_per_s``        a bare ``grpc.aio`` stub calling ``echo``;
+* ``grpc_dispatcher_c{1,64}_calls_per_s`` ``Dispatcher.call`` on ``provider: grpc``;
+* ``grpc_dispatcher_c64_ratio``           dispatcher / raw at concurrency 64 (goal ≥ 0.8);
+* ``grpc_{raw,dispatcher}_c1_p50_us``     median latency of one call alone;
+* ``grpc_subprocess_c64_calls_per_s``     ``provider: subprocess`` (Unix socket + AutoMTLS);
+* ``grpc_digest_{inprocess,subprocess}_calls_per_s`` and ``..._loop_lag_max_ms``: a
+  CPU-heavy method (20,000 SHA-256 rounds) run in the host's worker threads vs in the
+  subprocess plugin, 8 at a time, with the worst event-loop delay seen meanwhile.
+
+Runs under ``python -m bench`` (``run(options)``) or alone: ``python bench/bench_grpc.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_CPU, CLIENT_CPU = 0, 1
+
+try:  # the harness's Goal, when it is there
+    from bench._core import Goal
+
+    GOALS = {"grpc_dispatcher_c64_ratio": Goal(">=", 0.8)}
+except ImportError:  # pragma: no cover - standalone run
+    GOALS = {}
+
+
+def _plugin_executable() -> tuple[Path, bool]:
+    chosen = os.environ.get("BENCH_GRPC_PLUGIN")  # another build, e.g. another checkout's
+    if chosen:
+        return Path(chosen), "/go/" in chosen
+    go = ROOT / "sdk" / "go" / "dist" / "example-plugin"
+    if os.access(go, os.X_OK):
+        return go, True
+    python = ROOT / "sdk" / "python" / "dist" / "example-plugin"
+    if not os.access(python, os.X_OK):
+        raise SystemExit("no example plugin built: run sdk/python/build.sh (or make test)")
+    return python, False
+
+
+def _pin(pid: int, cpu: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        if {SERVER_CPU, CLIENT_CPU} <= os.sched_getaffinity(0) | {cpu}:
+            os.sched_setaffinity(pid, {cpu})
+
+
+@contextlib.contextmanager
+def _client_pinned() -> Iterator[None]:
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    if not {SERVER_CPU, CLIENT_CPU} <= before:
+        yield
+        return
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextlib.asynccontextmanager
+async def _service(executable: Path) -> AsyncIterator[str]:
+    process = await asyncio.create_subprocess_exec(
+        str(executable),
+        "serve",
+        "--address",
+        "127.0.0.1:0",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            line = (await process.stdout.readline()).decode().strip()
+        _pin(process.pid, SERVER_CPU)
+        yield line.split("|")[3]
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def _throughput(call: Callable[[], Awaitable[Any]], calls: int, concurrency: int) -> float:
+    for _ in range(min(200, calls)):  # warm the channel and both sides' caches
+        await call()
+    remaining = calls
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return calls / (time.perf_counter() - started)
+
+
+async def _p50_us(call: Callable[[], Awaitable[Any]], calls: int) -> float:
+    samples = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1e6
+
+
+def _manifest(target: dict[str, Any], plugin_id: str = "example") -> Any:
+    from dispatcher import parse_manifest
+
+    return parse_manifest(
+        {
+            "version": 1,
+            "plugins": [
+                {
+                    "id": plugin_id,
+                    "version": "1.0.0",
+                    "target": target,
+                    "lifecycle": {"init_timeout_ms": 60_000},
+                    "methods": {"echo": {}, "digest": {"timeout_ms": 60_000}},
+                }
+            ],
+        },
+        base_dir=ROOT,
+    )
+
+
+async def _loop_lag_during(work: Awaitable[Any]) -> tuple[Any, float]:
+    worst = 0.0
+    done = False
+
+    async def probe() -> None:
+        nonlocal worst
+        while not done:
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            worst = max(worst, time.perf_counter() - started - 0.001)
+
+    prober = asyncio.create_task(probe())
+    try:
+        result = await work
+    finally:
+        done = True
+        await prober
+    return result, worst * 1000
+
+
+async def run(options: Any = None) -> dict[str, float]:
+    import grpc.aio
+
+    from dispatcher import Dispatcher
+    from dispatcher._proto import plugin_pb2, plugin_pb2_grpc
+
+    quick = bool(getattr(options, "quick", False))
+    calls = getattr(options, "calls", None) or (300 if quick else 5_000)
+    executable, is_go = _plugin_executable()
+    figures: dict[str, float] = {"grpc_server_is_go": float(is_go)}
+    params = {"id": 12345, "name": "benchmark", "tags": ["a", "b"]}
+
+    with _client_pinned():
+        async with _service(executable) as address:
+            channel = grpc.aio.insecure_channel(address)
+            stub = plugin_pb2_grpc.PluginServiceStub(channel)
+            import orjson
+
+            def raw() -> Awaitable[Any]:
+                request = plugin_pb2.CallRequest(
+                    v=1,
+                    plugin="example",
+                    method="echo",
+                    params_json=orjson.dumps(params),
+                    context=plugin_pb2.CallContext(request_id="r", deadline_ms=30_000),
+                )
+                return stub.Call(request, timeout=30)
+
+            async with Dispatcher(_manifest({"provider": "grpc", "address": address})) as d:
+
+                def through() -> Awaitable[Any]:
+                    return d.call("example", "echo", params)
+
+                # Interleaved, so drift on a shared machine hits both sides alike.
+                for concurrency in (1, 64):
+                    raws, dispatched = [], []
+                    for _ in range(1 if quick else 3):
+                        raws.append(await _throughput(raw, calls, concurrency))
+                        dispatched.append(await _throughput(through, calls, concurrency))
+                    figures[f"grpc_raw_c{concurrency}_calls_per_s"] = statistics.median(raws)
+                    figures[f"grpc_dispatcher_c{concurrency}_calls_per_s"] = statistics.median(
+                        dispatched
+                    )
+                figures["grpc_raw_c1_p50_us"] = await _p50_us(raw, min(calls, 2_000))
+                figures["grpc_dispatcher_c1_p50_us"] = await _p50_us(through, min(calls, 2_000))
+            await channel.close()
+        figures["grpc_dispatcher_c64_ratio"] = (
+            figures["grpc_dispatcher_c64_calls_per_s"] / figures["grpc_raw_c64_calls_per_s"]
+        )
+
+        subprocess_target = {"provider": "subprocess", "command": [str(executable)]}
+        async with Dispatcher(_manifest(subprocess_target)) as d:
+            provider: Any = d.providers["subprocess"]
+            for process in provider._processes.values():
+                if process.pid is not None:
+                    _pin(process.pid, SERVER_CPU)
+            figures["grpc_subprocess_c64_calls_per_s"] = await _throughput(
+                lambda: d.call("example", "echo", params), calls, 64
+            )
+            digest_calls = 16 if quick else 64
+            heavy = {"data": "benchmark", "rounds": 20_000}
+
+            async def digests(plugin: str) -> float:
+                return await _throughput(lambda: d.call(plugin, "digest", heavy), digest_calls, 8)
+
+            rate, lag = await _loop_lag_during(digests("example"))
+            figures["grpc_digest_subprocess_calls_per_s"] = rate
+            figures["grpc_digest_subprocess_loop_lag_max_ms"] = lag
+
+        local = {
+            "provider": "local",
+            "entrypoint": "echo_plugin:EchoPlugin",
+            "path": str(ROOT / "examples" / "python"),
+        }
+        async with Dispatcher(_manifest(local, "local")) as d:
+
+            async def local_digests() -> float:
+                return await _throughput(lambda: d.call("local", "digest", heavy), digest_calls, 8)
+
+            rate, lag = await _loop_lag_during(local_digests())
+            figures["grpc_digest_inprocess_calls_per_s"] = rate
+            figures["grpc_digest_inprocess_loop_lag_max_ms"] = lag
+    return figures
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        runner: Callable[..., Any] = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    sys.path.insert(0, str(ROOT))
+    results = runner(run(type("Options", (), {"quick": "--quick" in sys.argv})()))
+    for name, value in results.items():
+        print(f"{name:<44} {value:>12.{3 if abs(value) < 10 else 1}f}")

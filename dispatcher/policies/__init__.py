@@ -1,0 +1,216 @@
+"""Policies: what the dispatcher adds before a call reaches its target.
+
+Each policy is one step over ``async (Invocation) -> result`` that awaits the next one.
+The chain of a method is assembled once, when the dispatcher starts, from the method's
+policies (manifest: method → plugin ``defaults``); a method without policies calls its
+provider directly. Outer to inner:
+
+    cache ─► rate limits ─► bulkhead ─► retry ─► batcher or breaker ─► provider
+
+* cache first, so a hit costs no quota, no slot and no target call;
+* rate limits before retries: one logical call takes one unit of quota; the retry
+  budget bounds the extra load retries add;
+* the breaker is per target instance and sees each attempt (or each batch) as one call.
+
+``PolicyRuntime`` holds what methods share (breakers, budgets, bulkheads and limiters
+per target) and owns every task the policies start; ``aclose`` ends them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiolimiter import AsyncLimiter
+
+from dispatcher.config import BreakerPolicy, Policies, RateLimit
+from dispatcher.invocation import Invocation, Outcome
+from dispatcher.policies.batching import Batcher
+from dispatcher.policies.breaker import (
+    BreakerState,
+    BreakerStep,
+    CircuitBreaker,
+    StateListener,
+    guard_batch,
+)
+from dispatcher.policies.cache import CacheStep, ResultCache
+from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
+from dispatcher.policies.ratelimit import Limit, RateLimitStep, new_limiter
+from dispatcher.policies.retry import RetryBudget, RetryStep
+from dispatcher.policies.timeout import DeadlineGuard
+
+if TYPE_CHECKING:
+    from dispatcher.config import PluginSpec
+    from providers.base import Provider, TargetConfig
+
+__all__ = [
+    "Batcher",
+    "BreakerState",
+    "Bulkhead",
+    "CircuitBreaker",
+    "PolicyRuntime",
+    "ResultCache",
+    "RetryBudget",
+    "Step",
+]
+
+
+class Step(Protocol):
+    """One link of a method's chain."""
+
+    def __call__(self, invocation: Invocation, /) -> Awaitable[Any]: ...
+
+
+def _target_key(target: TargetConfig) -> str:
+    return f"{target.provider}:{target.model_dump_json()}"
+
+
+class PolicyRuntime:
+    """The policy state of one dispatcher."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.budgets: dict[str, RetryBudget] = {}
+        self.bulkheads: dict[str, Bulkhead] = {}
+        self.limiters: dict[tuple[str, RateLimit], AsyncLimiter] = {}
+        self.caches: dict[tuple[str, str], ResultCache] = {}
+        self.batchers: list[Batcher] = []
+        self.breaker_listeners: list[StateListener] = []
+
+    def chain(
+        self, plugin: PluginSpec[Any], method: str, provider: Provider[Any], target: TargetConfig
+    ) -> Step:
+        """The chain of ``plugin.method``, built from its policies."""
+        policies = plugin.policies_of(method)
+        name = f"{plugin.id}.{method}"
+        key = _target_key(target)
+        invoke = provider.invoke
+
+        def call_target(invocation: Invocation) -> Awaitable[Any]:
+            return invoke(target, invocation)
+
+        step: Step = call_target
+        if not provider.enforces_deadline:
+            step = DeadlineGuard(name, step)
+        breaker = self._breaker(key, target, policies.breaker) if policies.breaker else None
+        if policies.batch is not None:
+            batcher = Batcher(name, policies.batch, self._batch_sender(provider, target, breaker))
+            self.batchers.append(batcher)
+            step = batcher
+        elif breaker is not None:
+            step = BreakerStep(breaker, step)
+        if policies.may_retry:
+            assert policies.retry is not None
+            budget = self.budgets.setdefault(
+                key, RetryBudget(target.describe(), policies.retry.budget_ratio)
+            )
+            step = RetryStep(policies.retry, budget, step)
+        if policies.concurrency is not None:
+            step = BulkheadStep(self._bulkhead(name, key, target, policies), step)
+        if policies.rate_limit:
+            limits = [self._limit(name, key, target, spec) for spec in policies.rate_limit]
+            step = RateLimitStep(limits, step)
+        if policies.may_cache:
+            assert policies.cache is not None
+            cache = ResultCache(f"{plugin.key}.{method}", policies.cache, self.clock)
+            self.caches[(plugin.key, method)] = cache
+            step = CacheStep(cache, step)
+        return step
+
+    def breaker_of(self, target: TargetConfig) -> CircuitBreaker | None:
+        return self.breakers.get(_target_key(target))
+
+    def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
+        """Drop cached results of a plugin (any version), of one method, or all; returns how many."""
+        dropped = 0
+        for (plugin_key, name), cache in self.caches.items():
+            if plugin is not None and plugin_key.partition("@")[0] != plugin:
+                continue
+            if method is not None and name != method:
+                continue
+            dropped += cache.invalidate()
+        return dropped
+
+    async def aclose(self) -> None:
+        for batcher in self.batchers:
+            await batcher.aclose()
+        for cache in self.caches.values():
+            await cache.aclose()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and states, for ``dispatcher health``, metrics and debugging."""
+        return {
+            "caches": {
+                f"{plugin_key}.{method}": {
+                    "hits": cache.hits,
+                    "misses": cache.misses,
+                    "size": len(cache.entries),
+                    "hit_ratio": cache.hit_ratio,
+                }
+                for (plugin_key, method), cache in self.caches.items()
+            },
+            "breakers": {
+                breaker.name: {"state": str(breaker.state), "failures": breaker.failures}
+                for breaker in self.breakers.values()
+            },
+            "batchers": {
+                batcher.name: {"batches": batcher.batches, "mean_size": batcher.mean_batch_size}
+                for batcher in self.batchers
+            },
+            "retry_budgets": {
+                budget.name: {"spent": budget.spent, "refused": budget.refused}
+                for budget in self.budgets.values()
+            },
+        }
+
+    def _breaker(self, key: str, target: TargetConfig, policy: BreakerPolicy) -> CircuitBreaker:
+        # One breaker per target instance: the first method that configures it decides
+        # its settings, every method calling that target shares it.
+        breaker = self.breakers.get(key)
+        if breaker is None:
+            breaker = self.breakers[key] = CircuitBreaker(
+                target.describe(),
+                fail_max=policy.fail_max,
+                reset_timeout=policy.reset_timeout_ms / 1000,
+                half_open_max_calls=policy.half_open_max_calls,
+                success_threshold=policy.success_threshold,
+                clock=self.clock,
+                listeners=self.breaker_listeners,
+            )
+        return breaker
+
+    def _bulkhead(self, name: str, key: str, target: TargetConfig, policies: Policies) -> Bulkhead:
+        spec = policies.concurrency
+        assert spec is not None
+        if spec.scope == "method":
+            return Bulkhead(name, spec.max_in_flight, spec.max_waiting)
+        bulkhead = self.bulkheads.get(key)
+        if bulkhead is None:
+            bulkhead = self.bulkheads[key] = Bulkhead(
+                target.describe(), spec.max_in_flight, spec.max_waiting
+            )
+        return bulkhead
+
+    def _limit(self, name: str, key: str, target: TargetConfig, spec: RateLimit) -> Limit:
+        if spec.scope != "target":
+            return Limit(name, spec)
+        shared = self.limiters.get((key, spec))
+        if shared is None:
+            shared = self.limiters[(key, spec)] = new_limiter(spec)
+        return Limit(target.describe(), spec, shared)
+
+    @staticmethod
+    def _batch_sender(
+        provider: Provider[Any], target: TargetConfig, breaker: CircuitBreaker | None
+    ) -> Callable[[Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]:
+        invoke_batch = provider.invoke_batch
+        if breaker is None:
+            return lambda invocations: invoke_batch(target, invocations)
+        return lambda invocations: guard_batch(breaker, lambda: invoke_batch(target, invocations))
+
+    def __repr__(self) -> str:
+        return (
+            f"<PolicyRuntime breakers={len(self.breakers)} caches={len(self.caches)} "
+            f"batchers={len(self.batchers)}>"
+        )

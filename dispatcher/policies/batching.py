@@ -1,0 +1,135 @@
+"""Batching: concurrent calls of one method coalesce into one invocation of the target.
+
+A batch is sent when it holds ``max_size`` calls, ``max_wait_ms`` after its first call,
+or earlier when a call in it would otherwise miss its deadline. Each caller gets its own
+item's outcome; one failed item fails only its caller; a batch that fails as a whole fails
+each of its callers. The batcher owns its flush tasks: ``aclose`` sends what is queued,
+waits for batches in flight (bounded by their deadlines and a grace period) and fails
+whatever is left, so no caller hangs and no task outlives the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from dispatcher.config import BatchPolicy
+from dispatcher.errors import DeadlineExceeded, DispatchError, TargetUnavailable
+from dispatcher.invocation import Invocation, Outcome
+
+__all__ = ["Batcher"]
+
+SendBatch = Callable[[Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]
+Waiter = tuple[Invocation, "asyncio.Future[Any]"]
+
+CLOSE_GRACE_SECONDS = 5.0
+
+
+class Batcher:
+    def __init__(self, name: str, policy: BatchPolicy, send: SendBatch) -> None:
+        self.name = name
+        self.max_size = policy.max_size
+        self.max_wait = policy.max_wait_ms / 1000
+        self._send = send
+        self._pending: list[Waiter] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_at = 0.0
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.batches = 0
+        self.items = 0
+        self.timed_flushes = 0
+
+    async def __call__(self, invocation: Invocation) -> Any:
+        if self._closed:
+            raise TargetUnavailable(f"{self.name}: the dispatcher is closing")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((invocation, future))
+        if len(self._pending) >= self.max_size:
+            self._flush()
+        elif len(self._pending) == 1 or invocation.deadline < self._flush_at:
+            self._schedule(loop, min(loop.time() + self.max_wait, invocation.deadline))
+        return await future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._flush_at = when
+        self._timer = loop.call_at(when, self._flush_on_timer)
+
+    def _flush_on_timer(self) -> None:
+        self._timer = None
+        self.timed_flushes += 1
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        live: list[Waiter] = []
+        for invocation, future in batch:
+            if future.done():  # its caller gave up
+                continue
+            if invocation.deadline <= now:
+                future.set_exception(
+                    DeadlineExceeded(f"{self.name}: deadline passed while batching")
+                )
+            else:
+                live.append((invocation, future))
+        if live:
+            task = loop.create_task(self._deliver(live))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _deliver(self, waiters: list[Waiter]) -> None:
+        self.batches += 1
+        self.items += len(waiters)
+        try:
+            outcomes = await self._send([invocation for invocation, _ in waiters])
+        except DispatchError as error:
+            _fail_all(waiters, error)
+            return
+        except asyncio.CancelledError:
+            _fail_all(waiters, TargetUnavailable(f"{self.name}: the dispatcher closed mid-batch"))
+            raise
+        for (_, future), outcome in zip(waiters, outcomes, strict=True):
+            if future.done():
+                continue
+            if outcome.error is not None:
+                future.set_exception(outcome.error)
+            else:
+                future.set_result(outcome.result)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._pending:
+            self._flush()
+        if self._in_flight:
+            _, late = await asyncio.wait(self._in_flight, timeout=CLOSE_GRACE_SECONDS)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Batcher {self.name} queued={len(self._pending)} in_flight={len(self._in_flight)} "
+            f"batches={self.batches} mean_size={self.mean_batch_size:.1f}>"
+        )
+
+
+def _fail_all(waiters: list[Waiter], error: DispatchError) -> None:
+    for _, future in waiters:
+        if not future.done():
+            # One exception object per caller: raising a shared one in many tasks would
+            # chain every caller's traceback onto it.
+            future.set_exception(copy.copy(error))

@@ -1,0 +1,108 @@
+"""Rate limits (aiolimiter's leaky bucket) per method, per target or per caller.
+
+A limit of ``rate`` calls/s with ``burst`` B is a bucket of capacity B draining at
+``rate``: over T seconds at most ``B + rate·T`` calls pass. ``mode: reject`` fails a call
+over the limit at once with ``RateLimited`` and a ``retry_after``; ``mode: wait`` queues it
+until the bucket has room or the call's deadline passes. Cache hits never get here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiolimiter import AsyncLimiter
+from cachetools import TTLCache
+
+from dispatcher.config import RateLimit
+from dispatcher.errors import RateLimited
+from dispatcher.invocation import Invocation
+
+__all__ = ["Limit", "RateLimitStep", "new_limiter"]
+
+Next = Callable[[Invocation], Awaitable[Any]]
+
+#: Per-caller buckets are forgotten after this long unused, so callers cannot grow memory.
+CALLER_BUCKET_IDLE_SECONDS = 600.0
+MAX_CALLER_BUCKETS = 100_000
+
+
+def new_limiter(limit: RateLimit) -> AsyncLimiter:
+    return AsyncLimiter(limit.capacity, limit.capacity / limit.rate)
+
+
+class Limit:
+    """One configured limit and its bucket(s)."""
+
+    def __init__(self, name: str, spec: RateLimit, shared: AsyncLimiter | None = None) -> None:
+        self.name = name
+        self.spec = spec
+        self.reject = spec.mode == "reject"
+        self.retry_after = 1 / spec.rate
+        self._single = (
+            shared
+            if shared is not None
+            else (None if spec.scope == "caller" else new_limiter(spec))
+        )
+        self._per_caller: TTLCache[str, AsyncLimiter] | None = (
+            TTLCache(MAX_CALLER_BUCKETS, CALLER_BUCKET_IDLE_SECONDS)
+            if spec.scope == "caller"
+            else None
+        )
+        self.rejected = 0
+        self.waited = 0
+
+    def bucket(self, invocation: Invocation) -> AsyncLimiter:
+        if self._per_caller is None:
+            assert self._single is not None
+            return self._single
+        caller = invocation.caller or ""
+        try:
+            return self._per_caller[caller]
+        except KeyError:
+            limiter = self._per_caller[caller] = new_limiter(self.spec)
+            return limiter
+
+    async def acquire(self, invocation: Invocation) -> None:
+        bucket = self.bucket(invocation)
+        if bucket.has_capacity():
+            await bucket.acquire()  # returns at once: there is room
+            return
+        if self.reject:
+            self.rejected += 1
+            raise RateLimited(
+                f"{self.name} is over its limit of {self.spec.rate:g}/s ({self.spec.scope})",
+                retry_after=self.retry_after,
+            )
+        self.waited += 1
+        remaining = invocation.remaining()
+        try:
+            async with asyncio.timeout(remaining):
+                await bucket.acquire()
+        except TimeoutError:
+            self.rejected += 1
+            raise RateLimited(
+                f"{self.name}: queued {remaining * 1000:.0f} ms for its {self.spec.rate:g}/s limit "
+                "and the deadline passed",
+                retry_after=self.retry_after,
+            ) from None
+
+    def __repr__(self) -> str:
+        return (
+            f"<Limit {self.name} {self.spec.rate:g}/s burst={self.spec.capacity} "
+            f"{self.spec.scope} {self.spec.mode} rejected={self.rejected} waited={self.waited}>"
+        )
+
+
+class RateLimitStep:
+    __slots__ = ("limits", "next")
+
+    def __init__(self, limits: Sequence[Limit], next_step: Next) -> None:
+        self.limits = tuple(limits)
+        self.next = next_step
+
+    async def __call__(self, invocation: Invocation) -> Any:
+        for limit in self.limits:
+            await limit.acquire(invocation)
+        return await self.next(invocation)

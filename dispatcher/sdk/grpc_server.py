@@ -1,0 +1,426 @@
+"""Serve a plugin class over the gRPC binding, as a service or as a subprocess plugin.
+
+    from dispatcher.sdk.grpc_server import main
+    main(MyPlugin, runtime="python")          # in the plugin's executable
+
+Run the executable:
+
+* ``example-plugin serve --address 127.0.0.1:0`` — a gRPC service: prints one handshake
+  line with ``tcp`` and the bound address (``1|1|tcp|127.0.0.1:40123|grpc|``), serves
+  plain gRPC until SIGTERM.
+* started by a host with the handshake environment (``docs/protocol.md``) — a subprocess
+  plugin: checks the magic cookie, negotiates the protocol version, listens on a Unix
+  socket (or TCP), serves mutual TLS when the host sent its certificate, prints the
+  handshake line and exits when its stdin reaches end-of-file (the host is gone).
+* any other way — prints a hint and exits 1.
+
+Methods run through ``PluginHost`` exactly as in-process or over HTTP; async generator
+methods are the streaming ones (``CallStream``); ``emit`` reaches every open ``Events``
+stream and host events reach the plugin's ``on_event``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import orjson
+
+from dispatcher.envelope import PROTOCOL_VERSION
+from dispatcher.errors import DeadlineExceeded, DispatchError, ProviderError
+from dispatcher.sdk.host import PluginHost
+
+__all__ = [
+    "HANDSHAKE_CORE_VERSION",
+    "MAGIC_COOKIE_KEY",
+    "MAGIC_COOKIE_VALUE",
+    "PluginServer",
+    "main",
+]
+
+MAGIC_COOKIE_KEY = "LINCHKIT_PLUGIN_MAGIC_COOKIE"
+MAGIC_COOKIE_VALUE = "d1spatch3r-pl4g1n"
+HANDSHAKE_CORE_VERSION = 1
+SERVICE_NAME = "linchkit.plugin.v1.PluginService"
+
+_HINT = (
+    "This is a LinchKit plugin: it is started by the dispatcher, not by hand.\n"
+    "To run it as a gRPC service instead: {program} serve --address 127.0.0.1:50051\n"
+)
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError as error:
+        raise ProviderError(f"the plugin returned a value that is not JSON: {error}") from None
+
+
+class PluginServer:
+    """A ``grpc.aio`` server hosting one plugin: the servicer of ``PluginService`` + health."""
+
+    def __init__(
+        self,
+        host: PluginHost,
+        *,
+        plugin_id: str,
+        version: str,
+        runtime: str = "python",
+        serving_from_start: bool = False,
+    ) -> None:
+        from grpc_health.v1 import health_pb2
+        from grpc_health.v1._async import HealthServicer
+
+        from dispatcher._proto import plugin_pb2
+
+        self.host = host
+        self.plugin_id = plugin_id
+        self.version = version
+        self.runtime = runtime
+        self._pb = plugin_pb2
+        self._health_pb = health_pb2
+        self.health = HealthServicer()
+        self._serving_from_start = serving_from_start
+        self._subscribers: set[asyncio.Queue[tuple[str, bytes] | None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._config: Any = {}
+        host_plugin = host.plugin
+        if hasattr(host_plugin, "emit"):
+            host_plugin._emit = self.emit
+
+    # -- events from the plugin -------------------------------------------------------------
+
+    def emit(self, event: str, data: Any = None) -> None:
+        """Send a plugin event to every open Events stream; callable from any thread."""
+        loop = self._loop
+        if loop is None:
+            return
+        payload = (event, _dumps(data))
+        for queue in list(self._subscribers):
+            loop.call_soon_threadsafe(queue.put_nowait, payload)
+
+    # -- the service ------------------------------------------------------------------------
+
+    async def Describe(self, request: Any, context: Any) -> Any:
+        pb = self._pb
+        return pb.PluginInfo(
+            id=self.plugin_id,
+            version=self.version,
+            protocol_version=PROTOCOL_VERSION,
+            runtime=self.runtime,
+            methods=[
+                pb.MethodInfo(
+                    name=name,
+                    streaming=name in self.host.streaming,
+                    description=(function.__doc__ or "").strip().split("\n")[0],
+                )
+                for name, function in sorted(self.host.methods.items())
+            ],
+        )
+
+    async def Init(self, request: Any, context: Any) -> Any:
+        import grpc
+
+        try:
+            config = orjson.loads(request.config_json) if request.config_json else {}
+        except orjson.JSONDecodeError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"config is not JSON: {error}")
+        if not isinstance(config, dict):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "config must be a JSON object")
+        self._config = config
+        await self._lifecycle(context, "init", config)
+        return self._pb.LifecycleReply()
+
+    async def Start(self, request: Any, context: Any) -> Any:
+        await self._lifecycle(context, "start")
+        await self._set_serving(True)
+        return self._pb.LifecycleReply()
+
+    async def Stop(self, request: Any, context: Any) -> Any:
+        await self._set_serving(False)
+        await self._lifecycle(context, "stop")
+        return self._pb.LifecycleReply()
+
+    async def Destroy(self, request: Any, context: Any) -> Any:
+        await self._lifecycle(context, "destroy")
+        return self._pb.LifecycleReply()
+
+    async def Call(self, request: Any, context: Any) -> Any:
+        return await self._answer(request, context)
+
+    async def CallBatch(self, request: Any, context: Any) -> Any:
+        replies = await asyncio.gather(*(self._answer(call, context) for call in request.calls))
+        return self._pb.BatchReply(results=replies)
+
+    async def CallStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        pb = self._pb
+        try:
+            params, call_context, timeout = await self._parse(request, context)
+            async with asyncio.timeout(timeout):
+                async for chunk in self.host.stream(request.method, params, call_context):
+                    yield pb.StreamItem(chunk_json=_dumps(chunk))
+        except TimeoutError:
+            error = DeadlineExceeded(f"{request.method!r} did not finish before its deadline")
+            yield pb.StreamItem(error=self._error(error))
+        except DispatchError as error:
+            yield pb.StreamItem(error=self._error(error))
+
+    async def Events(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._subscribers.add(queue)
+        # Headers now: the host knows the stream is registered, so no emit is lost.
+        await context.send_initial_metadata(())
+        reader = asyncio.get_running_loop().create_task(self._host_events(request_iterator))
+        try:
+            while (item := await queue.get()) is not None:
+                yield self._pb.PluginEvent(name=item[0], data_json=item[1])
+        finally:
+            self._subscribers.discard(queue)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    # -- internals --------------------------------------------------------------------------
+
+    async def _host_events(self, request_iterator: Any) -> None:
+        async for event in request_iterator:
+            try:
+                data = orjson.loads(event.data_json) if event.data_json else None
+                await self.host.deliver(event.name, data)
+            except Exception as error:  # one bad event must not end the stream
+                print(f"host event {event.name!r} failed: {error!r}", file=sys.stderr)
+
+    async def _parse(self, request: Any, context: Any) -> tuple[Any, dict[str, Any], float | None]:
+        import grpc
+
+        if request.v != PROTOCOL_VERSION:
+            raise ProviderError(
+                f"unsupported envelope version {request.v}; this plugin speaks v{PROTOCOL_VERSION}"
+            )
+        try:
+            params = orjson.loads(request.params_json) if request.params_json else None
+        except orjson.JSONDecodeError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"params are not JSON: {error}")
+        wire = request.context
+        call_context: dict[str, Any] = {"request_id": wire.request_id}
+        if wire.deadline_ms:
+            call_context["deadline_ms"] = wire.deadline_ms
+        for key in ("caller", "traceparent", "idempotency_key"):
+            if getattr(wire, key):
+                call_context[key] = getattr(wire, key)
+        timeouts = [wire.deadline_ms / 1000] if wire.deadline_ms else []
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeouts.append(remaining)
+        return params, call_context, min(timeouts) if timeouts else None
+
+    async def _answer(self, request: Any, context: Any) -> Any:
+        pb = self._pb
+        try:
+            params, call_context, timeout = await self._parse(request, context)
+            result = await self.host.call_with_deadline(
+                request.method, params, call_context, timeout
+            )
+            return pb.CallReply(ok=True, result_json=_dumps(result))
+        except DispatchError as error:
+            return pb.CallReply(ok=False, error=self._error(error))
+
+    def _error(self, error: DispatchError) -> Any:
+        wire = error.to_wire()
+        return self._pb.Error(
+            type=wire["type"],
+            message=wire["message"],
+            retryable=wire["retryable"],
+            details_json=orjson.dumps(wire["details"]) if "details" in wire else b"",
+            retry_after=wire.get("retry_after") or 0.0,
+        )
+
+    async def _lifecycle(self, context: Any, step: str, *args: Any) -> None:
+        import grpc
+
+        try:
+            await getattr(self.host, step)(*args)
+        except Exception as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{step} failed: {error!r}")
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = self._health_pb.HealthCheckResponse
+        await self.health.set(SERVICE_NAME, status.SERVING if serving else status.NOT_SERVING)
+
+    async def serve(
+        self,
+        address: str,
+        *,
+        credentials: Any = None,
+        on_ready: Any = None,
+        stop: asyncio.Event,
+    ) -> None:
+        """Listen on ``address``, call ``on_ready(bound_port)``, serve until ``stop`` is set."""
+        import grpc.aio
+        from grpc_health.v1 import health_pb2_grpc
+
+        from dispatcher._proto import plugin_pb2_grpc
+
+        self._loop = asyncio.get_running_loop()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        plugin_pb2_grpc.add_PluginServiceServicer_to_server(self, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+        if port == 0 and not address.startswith("unix:"):
+            raise OSError(f"cannot listen on {address}")
+        status = self._health_pb.HealthCheckResponse
+        await self.health.set("", status.SERVING)
+        await self._set_serving(self._serving_from_start)
+        await server.start()
+        try:
+            if on_ready is not None:
+                on_ready(port)
+            await stop.wait()
+        finally:
+            await self.health.enter_graceful_shutdown()
+            for queue in list(self._subscribers):  # Events streams never end by themselves
+                queue.put_nowait(None)
+            await server.stop(grace=2)
+            with contextlib.suppress(Exception):
+                await self.host.close()
+
+
+# -- the executable's entry point ----------------------------------------------------------
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: get SIGTERM when the parent dies (the host also watches stdin; belt and braces)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+
+
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """Set ``stop`` when stdin reaches end-of-file: the host has gone, however it died."""
+
+    def read_until_eof() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while sys.stdin.buffer.read(4096):
+                pass
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=read_until_eof, name="stdin-eof", daemon=True).start()
+
+
+def _handshake(network: str, address: str, certificate: str) -> None:
+    line = f"{HANDSHAKE_CORE_VERSION}|{PROTOCOL_VERSION}|{network}|{address}|grpc|{certificate}"
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    if arguments is not None:  # service mode
+        address = arguments.address
+        host_part = address.rsplit(":", 1)[0]
+
+        def ready(port: int) -> None:
+            _handshake("tcp", f"{host_part}:{port}", "")
+
+        await server.serve(address, on_ready=ready, stop=stop)
+        return 0
+
+    # Subprocess mode: the handshake environment.
+    offered = os.environ.get("LINCHKIT_PLUGIN_PROTOCOL_VERSIONS", "")
+    if str(PROTOCOL_VERSION) not in {part.strip() for part in offered.split(",")}:
+        sys.stderr.write(
+            f"plugin speaks protocol {PROTOCOL_VERSION}; the host offered {offered!r}\n"
+        )
+        return 1
+    _set_parent_death_signal()
+    _watch_stdin(loop, stop)
+    network = os.environ.get("LINCHKIT_PLUGIN_NETWORK", "unix") or "unix"
+    credentials = None
+    certificate_text = ""
+    client_pem = os.environ.get("LINCHKIT_PLUGIN_CLIENT_CERT", "")
+    if client_pem:
+        import grpc
+
+        from dispatcher._automtls import generate_certificate
+
+        certificate = generate_certificate("plugin")
+        credentials = grpc.ssl_server_credentials(
+            [(certificate.private_key_pem, certificate.certificate_pem)],
+            root_certificates=client_pem.encode(),
+            require_client_auth=True,
+        )
+        certificate_text = certificate.handshake_text
+    if network == "unix":
+        folder = os.environ.get("LINCHKIT_PLUGIN_SOCKET_DIR") or "/tmp"
+        path = os.path.join(folder, f"plugin-{os.getpid()}.sock")
+        await server.serve(
+            f"unix:{path}",
+            credentials=credentials,
+            on_ready=lambda _port: _handshake("unix", path, certificate_text),
+            stop=stop,
+        )
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    elif network == "tcp":
+        await server.serve(
+            "127.0.0.1:0",
+            credentials=credentials,
+            on_ready=lambda port: _handshake("tcp", f"127.0.0.1:{port}", certificate_text),
+            stop=stop,
+        )
+    else:
+        sys.stderr.write(f"unsupported LINCHKIT_PLUGIN_NETWORK {network!r}; use unix or tcp\n")
+        return 1
+    return 0
+
+
+def main(
+    plugin_class: type[Any],
+    *,
+    plugin_id: str,
+    version: str,
+    runtime: str = "python",
+    argv: Sequence[str] | None = None,
+) -> int:
+    """The plugin executable: service mode, subprocess mode, or a hint."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    arguments: argparse.Namespace | None = None
+    if argv and argv[0] == "serve":
+        parser = argparse.ArgumentParser(prog=f"{os.path.basename(sys.argv[0])} serve")
+        parser.add_argument("--address", default="127.0.0.1:0", help="host:port to listen on")
+        arguments = parser.parse_args(argv[1:])
+    elif os.environ.get(MAGIC_COOKIE_KEY) != MAGIC_COOKIE_VALUE:
+        sys.stderr.write(_HINT.format(program=os.path.basename(sys.argv[0])))
+        return 1
+    host = PluginHost(plugin_class())
+    server = PluginServer(
+        host,
+        plugin_id=plugin_id,
+        version=version,
+        runtime=runtime,
+        serving_from_start=arguments is not None,
+    )
+    return asyncio.run(_run(server, arguments))

@@ -1,0 +1,174 @@
+"""Serve a plugin as a Knative Function, in the real Knative Functions Python runtime.
+
+The runtime is ``func-python`` (the middleware ``func`` builds Python functions with):
+hypercorn, the readiness and liveness routes (``/health/readiness``, ``/health/liveness``),
+CloudEvent decoding of every other request, and the Knative container contract
+(``LISTEN_ADDRESS``, default ``[::]:8080``). This module adds only the plugin side:
+
+* the request is a CloudEvent (binary or structured mode) whose ``data`` is the dispatcher's
+  request envelope (``docs/protocol.md``) and whose ``type`` is ``CALL_EVENT_TYPE``;
+* the answer is a CloudEvent of type ``RESPONSE_EVENT_TYPE`` in the same mode as the request,
+  whose ``data`` is the response envelope and whose ``id`` is the request's ``id``;
+* the plugin's ``init``/``start`` run before the runtime reports ready, ``stop``/``destroy``
+  at shutdown.
+
+Run it with ``python -m dispatcher.sdk.knative package.module:Class [--path DIR]
+[--config JSON]``; in a container image that is the entrypoint, and Knative sets ``PORT``.
+``func-python`` is imported lazily: ``pip install 'linchkit-dispatcher[knative]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from dispatcher.envelope import error_response, ok_response, parse_request
+from dispatcher.errors import DispatchError, ProviderError
+from dispatcher.sdk.host import PluginHost
+
+__all__ = [
+    "CALL_EVENT_TYPE",
+    "RESPONSE_EVENT_TYPE",
+    "KnativeFunction",
+    "main",
+    "serve",
+]
+
+#: ``type`` of the CloudEvent the dispatcher sends: one call of a plugin method.
+CALL_EVENT_TYPE = "dev.linchkit.plugin.call.v1"
+#: ``type`` of the CloudEvent a plugin answers with.
+RESPONSE_EVENT_TYPE = "dev.linchkit.plugin.response.v1"
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+
+class KnativeFunction:
+    """A Knative Function instance (the shape ``func-python`` serves) hosting one plugin.
+
+    ``handle`` receives ``scope["event"]`` already decoded by the runtime and answers with
+    ``send(event)`` (structured) or ``send.binary(event)``, as the runtime's
+    ``CloudEventSender`` offers.
+    """
+
+    def __init__(self, host: PluginHost, *, config: dict[str, Any] | None = None) -> None:
+        self.host = host
+        self.config = config or {}
+        self.source = "/{}/{}".format(
+            os.environ.get("K_SERVICE", "plugin"), os.environ.get("K_REVISION", "local")
+        )
+        self._ready = False
+
+    async def open(self) -> None:
+        await self.host.open(self.config)
+        self._ready = True
+
+    async def close(self) -> None:
+        self._ready = False
+        await self.host.close()
+
+    def ready(self) -> tuple[bool, str]:
+        return (True, "OK") if self._ready else (False, f"plugin is {self.host.state}")
+
+    def alive(self) -> tuple[bool, str]:
+        return True, "OK"
+
+    async def handle(self, scope: Scope, receive: Receive, send: Any) -> None:
+        from cloudevents.core.v1.event import CloudEvent
+
+        event = scope["event"]
+        headers = dict(scope.get("headers") or ())
+        structured = headers.get(b"content-type", b"").startswith(b"application/cloudevents")
+        answer = await self._answer(event.get_type(), event.get_data())
+        reply = CloudEvent(
+            attributes={
+                "type": RESPONSE_EVENT_TYPE,
+                "source": self.source,
+                "id": event.get_id(),
+                "datacontenttype": "application/json",
+            },
+            data=answer,
+        )
+        if structured:
+            await send.structured(reply)
+        else:
+            await send.binary(reply)
+
+    async def _answer(self, event_type: str, data: Any) -> dict[str, Any]:
+        if event_type != CALL_EVENT_TYPE:
+            return error_response(
+                ProviderError(f"this function answers {CALL_EVENT_TYPE} events, not {event_type!r}")
+            )
+        if isinstance(data, bytes | str):
+            try:
+                data = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return error_response(ProviderError("event data is not a JSON request envelope"))
+        try:
+            request = parse_request(data)
+        except DispatchError as error:
+            return error_response(error)
+        deadline_ms = request.deadline_ms
+        try:
+            result = await self.host.call_with_deadline(
+                request.method,
+                request.params,
+                request.context,
+                deadline_ms / 1000 if deadline_ms is not None else None,
+            )
+        except DispatchError as error:
+            return error_response(error)
+        return ok_response(result)
+
+
+def serve(function: KnativeFunction) -> None:
+    """Run ``function`` in func-python's CloudEvent runtime until SIGTERM/SIGINT."""
+    try:
+        from func_python.cloudevent import ASGIApplication
+    except ImportError:  # pragma: no cover - depends on the installed extras
+        raise SystemExit(
+            "serving a Knative function needs func-python: pip install 'linchkit-dispatcher[knative]'"
+        ) from None
+
+    class _Application(ASGIApplication):  # type: ignore[misc]
+        # func-python calls a function's start()/stop() synchronously; plugin lifecycle hooks
+        # are async, so they are awaited here, inside the runtime's own lifespan handling.
+        async def on_start(self) -> None:
+            await function.open()
+
+        async def on_stop(self) -> None:
+            await function.close()
+            self.stop_event.set()
+
+    _Application(function).serve()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dispatcher.sdk.knative",
+        description="Serve a plugin class as a Knative Function (CloudEvents, func-python).",
+    )
+    parser.add_argument("entrypoint", help="package.module:Class")
+    parser.add_argument("--path", default=None, help="Folder to import the plugin from.")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("LINCHKIT_PLUGIN_CONFIG", "{}"),
+        help="JSON object passed to init() (default: $LINCHKIT_PLUGIN_CONFIG, set by deploy).",
+    )
+    arguments = parser.parse_args(argv)
+    config = orjson.loads(arguments.config)
+    if not isinstance(config, dict):
+        parser.error("--config must be a JSON object")
+    if "LISTEN_ADDRESS" not in os.environ and "PORT" in os.environ:
+        # The Knative runtime contract gives the port in PORT; func-python reads LISTEN_ADDRESS.
+        os.environ["LISTEN_ADDRESS"] = f"0.0.0.0:{os.environ['PORT']}"
+    host = PluginHost.load(arguments.entrypoint, arguments.path)
+    serve(KnativeFunction(host, config=config))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,116 @@
+"""The example plugin as a Knative service, offline: `python examples/knative_demo.py`.
+
+No Kubernetes runs here, so the cluster is the local stand-in of Knative's ingress and
+activator (``dispatcher.testing.knative``, an emulation: routing by Host, 503 while a
+revision activates, scale to zero after idle). Each revision is the example plugin in the
+real Knative Functions Python runtime (func-python), answering CloudEvents.
+
+Shows: a cold start retried and counted, warm calls, the canary tag's own revision, both
+CloudEvents modes, a plugin error, scale to zero, and the Service `dispatcher deploy`
+would apply (its --dry-run output).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from dispatcher import Dispatcher, DispatchError, parse_manifest
+from dispatcher.testing.knative import KnativeStandIn, Revision
+from providers.knative import KnativeProvider
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def revision(name: str, greeting: str) -> Revision:
+    config = orjson.dumps({"greeting": greeting}).decode()
+    command = [sys.executable, "-m", "dispatcher.sdk.knative", "echo_plugin:EchoPlugin"]
+    return Revision(
+        name, [*command, "--path", str(ROOT / "examples" / "python"), "--config", config]
+    )
+
+
+def plugin(plugin_id: str, ingress: str, **target: Any) -> dict[str, Any]:
+    return {
+        "id": plugin_id,
+        "version": "1.1.0",
+        "config": {"greeting": "hello from Knative"},
+        "target": {
+            "provider": "knative",
+            "ingress": ingress,
+            "service": "echo",
+            "namespace": "plugins",
+            **target,
+        },
+        "defaults": {"timeout_ms": 20_000},
+        "methods": {"say": {"idempotent": True}, "withdraw": {}},
+    }
+
+
+async def attempt(dispatcher: Dispatcher, plugin_id: str, method: str, params: Any) -> None:
+    started = time.perf_counter()
+    try:
+        result = await dispatcher.call(plugin_id, method, params, caller="demo")
+    except DispatchError as error:
+        result = f"{type(error).__name__}: {error}"
+    elapsed = (time.perf_counter() - started) * 1000
+    print(
+        f"  {plugin_id + '.' + method + '(' + orjson.dumps(params).decode() + ')':<52} → {result}  [{elapsed:.0f} ms]"
+    )
+
+
+async def main() -> None:
+    stable = revision("echo-1-0-0", "hello from revision echo-1-0-0")
+    canary = revision("echo-1-1-0", "hello from the canary echo-1-1-0")
+    async with KnativeStandIn(idle_seconds=3.0) as cluster:
+        cluster.add_service("echo", stable, namespace="plugins", tags={"canary": canary})
+        deploy = {
+            "image": "registry.example.com/plugins/echo:1.1.0",
+            "args": ["echo_plugin:EchoPlugin"],
+            "container_concurrency": 10,
+            "max_scale": 5,
+            "timeout_seconds": 30,
+            "limits": {"cpu": "500m", "memory": "256Mi"},
+            "canary": {"stable_version": "1.0.0", "percent": 10},
+        }
+        manifest = parse_manifest(
+            {
+                "version": 1,
+                "plugins": [
+                    plugin("echo-knative", cluster.url, deploy=deploy),
+                    plugin("echo-structured", cluster.url, mode="structured"),
+                    plugin("echo-canary", cluster.url, tag="canary"),
+                ],
+            },
+            base_dir=ROOT,
+        )
+        async with Dispatcher(manifest) as dispatcher:
+            provider = dispatcher.providers["knative"]
+            assert isinstance(provider, KnativeProvider)
+            print(f"\nKnative stand-in at {cluster.url}; every revision starts at zero.")
+            print("\necho.plugins.example.com (binary CloudEvents):")
+            await attempt(dispatcher, "echo-knative", "say", {"text": "cold"})
+            await attempt(dispatcher, "echo-knative", "say", {"text": "warm"})
+            await attempt(dispatcher, "echo-knative", "withdraw", {"amount": 500})
+            print("\nthe same service, structured CloudEvents:")
+            await attempt(dispatcher, "echo-structured", "say", {"text": "structured"})
+            print("\ncanary-echo.plugins.example.com (the canary tag's revision):")
+            await attempt(dispatcher, "echo-canary", "say", {"text": "canary"})
+            print(f"\n  {provider!r}")
+            print("\nidle for 3 s: the stand-in scales both revisions to zero ...")
+            await cluster.wait_scaled_to_zero(stable)
+            await cluster.wait_scaled_to_zero(canary)
+            await attempt(dispatcher, "echo-knative", "say", {"text": "cold again"})
+            print(f"  {provider!r}")
+            print("\n`dispatcher deploy --dry-run` for echo-knative:\n")
+            echo = dispatcher.manifest.plugins[0]
+            print(provider.render_deployment(echo, echo.target))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

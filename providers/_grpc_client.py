@@ -1,0 +1,460 @@
+"""Calling a plugin over the gRPC binding (``proto/plugin.proto``): shared by the ``grpc``
+and ``subprocess`` providers, and the one place on the host side that touches grpcio.
+
+``PluginConnection`` is one ``grpc.aio`` channel to one plugin, reused by every call to it,
+with the plugin's ``Events`` stream kept open in a task it owns. Every grpc status is
+translated here into the dispatcher's errors:
+
+    gRPC status                      dispatcher error             retryable
+    UNAVAILABLE, CANCELLED, ABORTED  TargetUnavailable            yes
+    UNKNOWN, INTERNAL                TargetUnavailable            yes (a handler crashed)
+    DEADLINE_EXCEEDED                DeadlineExceeded             yes
+    RESOURCE_EXHAUSTED               RateLimited                  yes (``retry-after`` trailer)
+    INVALID_ARGUMENT, OUT_OF_RANGE   InvalidParams                no
+    UNAUTHENTICATED                  Unauthorized                 no
+    PERMISSION_DENIED                Forbidden                    no
+    UNIMPLEMENTED, NOT_FOUND         ProviderError                no (the target lacks the RPC)
+    FAILED_PRECONDITION, other       ProviderError                no
+
+A plugin's own failures come back in ``CallReply.error`` and go through
+``dispatcher.errors.error_from_wire`` like every other transport's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from dispatcher.errors import (
+    DeadlineExceeded,
+    DispatchError,
+    Forbidden,
+    InvalidParams,
+    ProviderError,
+    RateLimited,
+    TargetUnavailable,
+    Unauthorized,
+    error_from_wire,
+)
+from dispatcher.invocation import Invocation, Outcome
+from providers.base import Health
+
+__all__ = ["HEALTH_SERVICE", "ChannelSecurity", "PluginConnection", "translate_rpc_error"]
+
+log = logging.getLogger("dispatcher.providers.grpc")
+
+HEALTH_SERVICE = "linchkit.plugin.v1.PluginService"
+
+#: Channel options: keepalive so a dead peer is noticed between calls, large messages.
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSecurity:
+    """TLS material of a channel, as PEM bytes. ``root`` None with ``tls``: system roots."""
+
+    tls: bool = False
+    root: bytes | None = None
+    private_key: bytes | None = None
+    certificate_chain: bytes | None = None
+    server_name: str | None = None
+
+
+def _status_names() -> dict[Any, tuple[type[DispatchError], bool | None]]:
+    import grpc
+
+    code = grpc.StatusCode
+    return {
+        code.UNAVAILABLE: (TargetUnavailable, None),
+        code.CANCELLED: (TargetUnavailable, None),
+        code.ABORTED: (TargetUnavailable, None),
+        code.UNKNOWN: (TargetUnavailable, None),
+        code.INTERNAL: (TargetUnavailable, None),
+        code.DEADLINE_EXCEEDED: (DeadlineExceeded, None),
+        code.RESOURCE_EXHAUSTED: (RateLimited, None),
+        code.INVALID_ARGUMENT: (InvalidParams, None),
+        code.OUT_OF_RANGE: (InvalidParams, None),
+        code.UNAUTHENTICATED: (Unauthorized, None),
+        code.PERMISSION_DENIED: (Forbidden, None),
+    }
+
+
+_BY_STATUS: dict[Any, tuple[type[DispatchError], bool | None]] = {}
+
+
+def _grpc_errors() -> tuple[type[Exception], ...]:
+    """What ``except`` catches around a call: every exception grpc.aio raises from one.
+
+    A function, evaluated only when an exception is being handled, so grpcio stays unimported
+    until a connection opens.
+    """
+    import grpc.aio
+
+    return (grpc.aio.AioRpcError, grpc.aio.BaseError)
+
+
+def translate_rpc_error(error: Exception, what: str) -> DispatchError:
+    """The dispatcher error for a failed RPC; ``what`` names the call for the message.
+
+    Besides statuses, grpc.aio raises ``UsageError`` on a closed channel (the dispatcher is
+    closing: not retryable) and ``InternalError`` when it cannot start the call at all.
+    """
+    import grpc.aio
+
+    if not isinstance(error, grpc.aio.AioRpcError):
+        if isinstance(error, grpc.aio.UsageError):
+            return TargetUnavailable(f"{what}: the connection is closed", retryable=False)
+        return ProviderError(f"{what}: grpc could not make the call: {error}")
+    if not _BY_STATUS:
+        _BY_STATUS.update(_status_names())
+    status = error.code()
+    details = error.details() or ""
+    message = f"{what}: {status.name} {details}".rstrip()
+    kind, retryable = _BY_STATUS.get(status, (ProviderError, None))
+    retry_after: float | None = None
+    if kind is RateLimited:
+        for key, value in error.trailing_metadata() or ():
+            if key == "retry-after":
+                with contextlib.suppress(ValueError):
+                    retry_after = float(value)
+    return kind(message, retryable=retryable, retry_after=retry_after)
+
+
+_HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
+
+
+def _header(value: str) -> str:
+    """A metadata value gRPC accepts: printable ASCII as is, anything else percent-encoded
+    (UTF-8). The exact value also travels in ``CallContext``."""
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe=_HEADER_SAFE)
+
+
+def _json(data: Any) -> bytes:
+    try:
+        return orjson.dumps(data)
+    except TypeError as error:
+        raise InvalidParams(f"params must be JSON-serializable: {error}") from None
+
+
+def _loads(data: bytes, what: str) -> Any:
+    if not data:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        raise ProviderError(f"{what} answered bytes that are not JSON: {error}") from None
+
+
+def _wire_error(error: Any) -> DispatchError:
+    details = _loads(error.details_json, "plugin") if error.details_json else None
+    return error_from_wire(
+        {
+            "type": error.type,
+            "message": error.message,
+            "retryable": error.retryable,
+            "details": details,
+            "retry_after": error.retry_after or None,
+        }
+    )
+
+
+class PluginConnection:
+    """One reusable channel to one plugin, and its Events stream.
+
+    ``address`` is a gRPC target: ``host:port`` or ``unix:/path/to.sock``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        security: ChannelSecurity | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        describe: str = "",
+    ) -> None:
+        import grpc
+        import grpc.aio
+
+        from dispatcher._proto import plugin_pb2, plugin_pb2_grpc
+
+        self.address = address
+        self.describe = describe or f"grpc {address}"
+        self._pb = plugin_pb2
+        security = security or ChannelSecurity()
+        self.security = security
+        options = list(_CHANNEL_OPTIONS)
+        if security.server_name:
+            options.append(("grpc.ssl_target_name_override", security.server_name))
+            options.append(("grpc.default_authority", security.server_name))
+        if security.tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=security.root,
+                private_key=security.private_key,
+                certificate_chain=security.certificate_chain,
+            )
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._stub = plugin_pb2_grpc.PluginServiceStub(self._channel)
+        self._metadata = tuple(metadata)
+        self._events_task: asyncio.Task[None] | None = None
+        self._outgoing: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._events_open = asyncio.Event()
+        self._closed = False
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _request(self, invocation: Invocation, now: float | None = None) -> Any:
+        pb = self._pb
+        remaining_ms = max(1, int(invocation.remaining(now) * 1000))
+        return pb.CallRequest(
+            v=1,
+            plugin=invocation.plugin,
+            method=invocation.method,
+            params_json=_json(invocation.params),
+            context=pb.CallContext(
+                request_id=invocation.request_id,
+                deadline_ms=remaining_ms,
+                caller=invocation.caller or "",
+                traceparent=invocation.traceparent or "",
+                idempotency_key=invocation.idempotency_key or "",
+            ),
+        )
+
+    def _call_metadata(self, invocation: Invocation) -> tuple[tuple[str, str], ...]:
+        metadata = [*self._metadata, ("x-request-id", _header(invocation.request_id))]
+        if invocation.caller is not None:
+            metadata.append(("x-caller", _header(invocation.caller)))
+        if invocation.traceparent is not None:
+            metadata.append(("traceparent", _header(invocation.traceparent)))
+        return tuple(metadata)
+
+    def _remaining(self, invocation: Invocation) -> float:
+        remaining = invocation.remaining()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"deadline passed before calling {self.describe}")
+        return remaining
+
+    async def call(self, invocation: Invocation) -> Any:
+
+        remaining = self._remaining(invocation)
+        request = self._request(invocation)
+        try:
+            reply = await self._stub.Call(
+                request, timeout=remaining, metadata=self._call_metadata(invocation)
+            )
+        except _grpc_errors() as error:
+            raise translate_rpc_error(
+                error, f"{self.describe} {invocation.plugin}.{invocation.method}"
+            ) from error
+        return self._result(reply)
+
+    def _result(self, reply: Any) -> Any:
+        if reply.ok:
+            return _loads(reply.result_json, self.describe)
+        if not reply.HasField("error"):
+            raise ProviderError(f"{self.describe} answered ok=false without an error")
+        raise _wire_error(reply.error)
+
+    async def call_batch(self, invocations: Sequence[Invocation]) -> list[Outcome[Any]]:
+
+        earliest = min(invocations, key=lambda invocation: invocation.deadline)
+        remaining = self._remaining(earliest)
+        now = time.monotonic()
+        request = self._pb.BatchRequest(
+            calls=[self._request(invocation, now) for invocation in invocations]
+        )
+        try:
+            reply = await self._stub.CallBatch(
+                request, timeout=remaining, metadata=self._call_metadata(earliest)
+            )
+        except _grpc_errors() as error:
+            raise translate_rpc_error(error, f"{self.describe} batch") from error
+        if len(reply.results) != len(invocations):
+            raise ProviderError(
+                f"{self.describe} answered {len(reply.results)} results for a batch of {len(invocations)}"
+            )
+        outcomes: list[Outcome[Any]] = []
+        for item in reply.results:
+            try:
+                outcomes.append(Outcome(result=self._result(item)))
+            except DispatchError as error:
+                outcomes.append(Outcome(error=error))
+        return outcomes
+
+    async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
+        """The chunks of a streaming method; its error item, or a failed RPC, raises."""
+        remaining = self._remaining(invocation)
+        request = self._request(invocation)
+        what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
+        try:
+            call = self._stub.CallStream(
+                request, timeout=remaining, metadata=self._call_metadata(invocation)
+            )
+        except _grpc_errors() as error:  # a closed channel refuses at once
+            raise translate_rpc_error(error, what) from error
+        try:
+            async for item in call:
+                if item.WhichOneof("item") == "error":
+                    raise _wire_error(item.error)
+                yield _loads(item.chunk_json, self.describe)
+        except _grpc_errors() as error:
+            raise translate_rpc_error(error, what) from error
+        finally:
+            call.cancel()
+
+    # -- lifecycle and health ------------------------------------------------------------
+
+    async def describe_plugin(self, timeout: float) -> dict[str, Any]:
+
+        try:
+            info = await self._stub.Describe(self._pb.DescribeRequest(), timeout=timeout)
+        except _grpc_errors() as error:
+            raise translate_rpc_error(error, f"{self.describe} Describe") from error
+        return {
+            "id": info.id,
+            "version": info.version,
+            "protocol_version": info.protocol_version,
+            "runtime": info.runtime,
+            "methods": {method.name: {"streaming": method.streaming} for method in info.methods},
+        }
+
+    async def lifecycle(self, step: str, timeout: float, config: Any = None) -> None:
+        """Run one of ``Init`` (with ``config``), ``Start``, ``Stop``, ``Destroy``."""
+
+        pb = self._pb
+        request = (
+            pb.InitRequest(config_json=_json(config or {}))
+            if step == "Init"
+            else pb.LifecycleRequest()
+        )
+        try:
+            await getattr(self._stub, step)(request, timeout=timeout)
+        except _grpc_errors() as error:
+            raise translate_rpc_error(error, f"{self.describe} {step}") from error
+
+    async def health(self, timeout: float = 5.0, service: str = HEALTH_SERVICE) -> Health:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        started = time.perf_counter()
+        try:
+            answer = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except _grpc_errors() as error:
+            return Health("not_serving", translate_rpc_error(error, "health").message)
+        latency_ms = (time.perf_counter() - started) * 1000
+        status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        if answer.status == health_pb2.HealthCheckResponse.SERVING:
+            return Health("serving", status_name, latency_ms)
+        return Health("not_serving", status_name, latency_ms)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the channel connects; ``TargetUnavailable`` when it does not."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._channel.channel_ready()
+        except TimeoutError:
+            raise TargetUnavailable(
+                f"{self.describe} did not accept a connection within {timeout:.1f} s"
+            ) from None
+
+    # -- events ----------------------------------------------------------------------------
+
+    def open_events(self, sink: Callable[[str, Any], None]) -> None:
+        """Keep the plugin's ``Events`` stream open in a task; its events go to ``sink``."""
+        if self._events_task is None:
+            self._events_task = asyncio.get_running_loop().create_task(
+                self._run_events(sink), name=f"events {self.describe}"
+            )
+
+    async def events_ready(self, timeout: float) -> bool:
+        """Wait until the plugin has answered the Events stream's headers (so an ``emit``
+        from now on is not lost); False after ``timeout`` (plugins that send headers only
+        with their first event)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._events_open.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def send_event(self, name: str, data: Any) -> None:
+        """Queue a host event for the plugin (delivered while the Events stream is open)."""
+        if self._events_task is None:
+            raise ProviderError(f"{self.describe} has no open Events stream")
+        self._outgoing.put_nowait((name, _json(data)))
+
+    async def _outgoing_events(self) -> AsyncIterator[Any]:
+        while True:
+            item = await self._outgoing.get()
+            if item is None:
+                return
+            yield self._pb.HostEvent(name=item[0], data_json=item[1])
+
+    async def _run_events(self, sink: Callable[[str, Any], None]) -> None:
+        import grpc.aio
+
+        backoff = 0.05
+        while not self._closed:
+            try:
+                call = self._stub.Events(self._outgoing_events())
+            except grpc.aio.BaseError as error:  # the channel closed under us
+                log.debug("%s Events stream cannot open: %s", self.describe, error)
+                return
+            try:
+                await call.initial_metadata()
+                self._events_open.set()
+                async for event in call:
+                    backoff = 0.05
+                    try:
+                        data = _loads(event.data_json, self.describe)
+                    except ProviderError:
+                        log.warning("%s sent event %r with bad JSON", self.describe, event.name)
+                        continue
+                    try:
+                        sink(event.name, data)
+                    except Exception:  # one bad handler must not end the stream
+                        log.exception("%s: delivering event %r failed", self.describe, event.name)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    log.info("%s has no Events stream", self.describe)
+                    return
+                log.debug("%s Events stream ended: %s", self.describe, error.code().name)
+            except grpc.aio.BaseError as error:
+                log.debug("%s Events stream failed: %s", self.describe, error)
+            finally:
+                self._events_open.clear()
+                call.cancel()
+            # The stream ended (the plugin restarted or went away): reopen it, gently.
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def close(self) -> None:
+        self._closed = True
+        task, self._events_task = self._events_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._channel.close()
+
+    def __repr__(self) -> str:
+        events = "open" if self._events_task is not None else "none"
+        return f"<PluginConnection {self.describe} events={events} closed={self._closed}>"

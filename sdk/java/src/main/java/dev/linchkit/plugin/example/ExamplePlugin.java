@@ -1,0 +1,73 @@
+package dev.linchkit.plugin.example;
+
+import com.google.gson.JsonObject;
+import dev.linchkit.plugin.sdk.Params;
+import dev.linchkit.plugin.sdk.Plugin;
+import dev.linchkit.plugin.sdk.PluginException;
+import dev.linchkit.plugin.sdk.Serve;
+import java.nio.charset.StandardCharsets;
+import java.security.MessageDigest;
+import java.security.NoSuchAlgorithmException;
+import java.util.HexFormat;
+import java.util.Map;
+
+/**
+ * The example plugin of docs/protocol.md ("The example plugin, in every language"),
+ * written on the Java SDK: the author writes only the methods.
+ */
+public final class ExamplePlugin {
+  private ExamplePlugin() {}
+
+  /** Hex of SHA-256 applied {@code rounds} times, each round hashing the previous digest. */
+  public static String digest(String data, long rounds) throws NoSuchAlgorithmException {
+    MessageDigest sha256 = MessageDigest.getInstance("SHA-256");
+    byte[] bytes = data.getBytes(StandardCharsets.UTF_8);
+    for (long i = 0; i < rounds; i++) bytes = sha256.digest(bytes);
+    return HexFormat.of().formatHex(bytes);
+  }
+
+  public static Plugin plugin() {
+    Plugin plugin = new Plugin("example", "1.0.0", "java");
+
+    plugin.method("echo", "the params, unchanged", (params, ctx) -> params);
+
+    plugin.method("digest", "hex of SHA-256 applied `rounds` times to `data` (CPU-bound)", (params, ctx) -> {
+      Params p = new Params(params, "digest");
+      return digest(p.string("data"), p.integer("rounds", 0, Long.MAX_VALUE));
+    });
+
+    plugin.method("fail", "fails with the business error ExampleFailure", (params, ctx) -> {
+      Params p = new Params(params, "fail");
+      throw new PluginException("ExampleFailure", p.string("message"), false);
+    });
+
+    plugin.method("sleep", "sleeps `ms` milliseconds, or gives up at the deadline", (params, ctx) -> {
+      long ms = new Params(params, "sleep").integer("ms", 0, Long.MAX_VALUE);
+      ctx.sleep(ms);
+      return Map.of("slept_ms", ms);
+    });
+
+    plugin.streamingMethod("count", "chunks {\"i\": 0} … {\"i\": n-1}", (params, ctx, out) -> {
+      long n = new Params(params, "count").integer("n", 0, Integer.MAX_VALUE);
+      for (long i = 0; i < n; i++) out.send(Map.of("i", i));
+    });
+
+    plugin.method("emit", "emits plugin event `name` with `data`", (params, ctx) -> {
+      Params p = new Params(params, "emit");
+      plugin.emit(p.string("name"), p.any("data"));
+      return true;
+    });
+
+    plugin.method("config", "the JSON object passed to Init", (params, ctx) -> {
+      JsonObject config = plugin.config();
+      return config;
+    });
+
+    plugin.on("ping", (name, data) -> plugin.emit("pong", data));
+    return plugin;
+  }
+
+  public static void main(String[] args) {
+    Serve.serve(plugin(), args);
+  }
+}

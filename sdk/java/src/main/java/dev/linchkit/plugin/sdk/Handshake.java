@@ -1,0 +1,103 @@
+package dev.linchkit.plugin.sdk;
+
+import java.util.Arrays;
+import java.util.Base64;
+import java.util.List;
+import java.util.Map;
+import java.util.OptionalInt;
+
+/**
+ * The subprocess handshake of docs/protocol.md, free of I/O so it is tested directly:
+ * reading the host's environment, choosing a protocol version, and the one stdout line.
+ */
+public final class Handshake {
+  private Handshake() {}
+
+  public static final int CORE_PROTOCOL_VERSION = 1;
+  public static final String MAGIC_COOKIE_KEY = "LINCHKIT_PLUGIN_MAGIC_COOKIE";
+  public static final String MAGIC_COOKIE_VALUE = "d1spatch3r-pl4g1n";
+  public static final String PROTOCOL_VERSIONS_KEY = "LINCHKIT_PLUGIN_PROTOCOL_VERSIONS";
+  public static final String NETWORK_KEY = "LINCHKIT_PLUGIN_NETWORK";
+  public static final String SOCKET_DIR_KEY = "LINCHKIT_PLUGIN_SOCKET_DIR";
+  public static final String CLIENT_CERT_KEY = "LINCHKIT_PLUGIN_CLIENT_CERT";
+
+  /** App protocol versions this SDK speaks. */
+  public static final List<Integer> SUPPORTED_VERSIONS = List.of(1);
+
+  /** The plugin cannot go on; the message is for a person, on stderr, before exit 1. */
+  public static final class HandshakeException extends Exception {
+    public HandshakeException(String message) {
+      super(message);
+    }
+  }
+
+  /** What the host asked for. {@code socketDir} and {@code clientCertPem} may be null. */
+  public record Config(int appVersion, String network, String socketDir, String clientCertPem) {}
+
+  /** {@code serve --address HOST:PORT} (service mode, address non-null) or nothing (subprocess mode). */
+  public record Command(String serviceAddress) {
+    public boolean isService() {
+      return serviceAddress != null;
+    }
+  }
+
+  /** The highest version both sides speak. An empty or missing offer means 1. */
+  public static OptionalInt negotiate(String offered, List<Integer> supported) {
+    String text = offered == null || offered.isBlank() ? "1" : offered;
+    return Arrays.stream(text.split(","))
+        .map(String::trim)
+        .filter(part -> part.matches("\\d{1,9}"))
+        .mapToInt(Integer::parseInt)
+        .filter(supported::contains)
+        .max();
+  }
+
+  public static Config readEnv(Map<String, String> env) throws HandshakeException {
+    if (!MAGIC_COOKIE_VALUE.equals(env.get(MAGIC_COOKIE_KEY))) {
+      throw new HandshakeException("This binary is a LinchKit plugin. It is started by the dispatcher, not by hand ("
+          + MAGIC_COOKIE_KEY + " is missing or wrong). To run it as a gRPC service: serve --address 127.0.0.1:0");
+    }
+    OptionalInt version = negotiate(env.get(PROTOCOL_VERSIONS_KEY), SUPPORTED_VERSIONS);
+    if (version.isEmpty()) {
+      throw new HandshakeException("no common protocol version: the host offers '" + env.get(PROTOCOL_VERSIONS_KEY)
+          + "', this plugin speaks " + SUPPORTED_VERSIONS);
+    }
+    String network = env.getOrDefault(NETWORK_KEY, "").trim();
+    if (network.isEmpty()) network = "unix";
+    if (!network.equals("unix") && !network.equals("tcp")) {
+      throw new HandshakeException(NETWORK_KEY + " must be 'unix' or 'tcp', got '" + network + "'");
+    }
+    String cert = env.get(CLIENT_CERT_KEY);
+    if (cert != null && cert.isBlank()) cert = null;
+    if (cert != null && !cert.contains("-----BEGIN CERTIFICATE-----")) {
+      throw new HandshakeException(CLIENT_CERT_KEY + " must be a PEM certificate");
+    }
+    String socketDir = env.get(SOCKET_DIR_KEY);
+    if (socketDir != null && socketDir.isBlank()) socketDir = null;
+    return new Config(version.getAsInt(), network, socketDir, cert);
+  }
+
+  /** {@code CORE-VERSION|APP-VERSION|NETWORK|ADDRESS|PROTOCOL|SERVER-CERT}; the certificate in unpadded base64. */
+  public static String line(int appVersion, String network, String address, byte[] serverCertDer) {
+    String cert = serverCertDer == null ? "" : Base64.getEncoder().withoutPadding().encodeToString(serverCertDer);
+    return CORE_PROTOCOL_VERSION + "|" + appVersion + "|" + network + "|" + address + "|grpc|" + cert;
+  }
+
+  public static Command parseCommand(String[] args) throws HandshakeException {
+    if (args.length == 0) return new Command(null);
+    if (!args[0].equals("serve")) {
+      throw new HandshakeException("unknown command '" + args[0] + "'; usage: serve [--address HOST:PORT]");
+    }
+    String address = "127.0.0.1:0";
+    for (int i = 1; i < args.length; i++) {
+      if (args[i].equals("--address") && i + 1 < args.length) {
+        address = args[++i];
+      } else if (args[i].startsWith("--address=")) {
+        address = args[i].substring("--address=".length());
+      } else {
+        throw new HandshakeException("unknown argument '" + args[i] + "'; usage: serve [--address HOST:PORT]");
+      }
+    }
+    return new Command(address);
+  }
+}

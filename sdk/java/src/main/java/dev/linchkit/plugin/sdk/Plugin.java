@@ -1,0 +1,265 @@
+package dev.linchkit.plugin.sdk;
+
+import com.google.gson.Gson;
+import com.google.gson.JsonArray;
+import com.google.gson.JsonElement;
+import com.google.gson.JsonNull;
+import com.google.gson.JsonObject;
+import java.util.ArrayDeque;
+import java.util.ArrayList;
+import java.util.Collections;
+import java.util.Deque;
+import java.util.EnumSet;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
+import java.util.Set;
+import java.util.TreeSet;
+import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.CopyOnWriteArrayList;
+import java.util.function.BiConsumer;
+
+/**
+ * What a plugin author writes against: methods, lifecycle hooks and event handlers, then
+ * {@link Serve#serve(Plugin, String[])}. Nothing here knows about gRPC.
+ *
+ * <pre>{@code
+ * Plugin plugin = new Plugin("shop", "1.2.0");
+ * plugin.method("price", (params, ctx) -> Map.of("cents", 120));
+ * plugin.streamingMethod("rows", (params, ctx, out) -> out.send(Map.of("row", 1)));
+ * plugin.onInit(config -> ...);
+ * plugin.on("ping", (name, data) -> plugin.emit("pong", data));
+ * Serve.serve(plugin, args);
+ * }</pre>
+ */
+public final class Plugin {
+  /** A unary method: JSON params in, any Gson-serialisable result out. */
+  @FunctionalInterface
+  public interface UnaryMethod {
+    Object call(JsonElement params, CallContext ctx) throws Exception;
+  }
+
+  /** Where a streaming method sends its chunks. */
+  @FunctionalInterface
+  public interface ChunkSink {
+    void send(Object chunk) throws PluginException;
+  }
+
+  /** A streaming method: sends zero or more chunks, then returns. */
+  @FunctionalInterface
+  public interface StreamingMethod {
+    void call(JsonElement params, CallContext ctx, ChunkSink out) throws Exception;
+  }
+
+  @FunctionalInterface
+  public interface Hook {
+    void run() throws Exception;
+  }
+
+  @FunctionalInterface
+  public interface InitHook {
+    void run(JsonObject config) throws Exception;
+  }
+
+  /** A host event's handler: its name and JSON data. */
+  @FunctionalInterface
+  public interface EventHandler {
+    void handle(String name, JsonElement data) throws Exception;
+  }
+
+  /** A method as Describe reports it. */
+  public record MethodInfo(String name, boolean streaming, String description) {}
+
+  private record Registered(UnaryMethod unary, StreamingMethod streaming, String description) {}
+
+  private enum Phase { INIT, START, STOP, DESTROY }
+
+  /** Events emitted while no host listens are kept, up to this many, for the first listener. */
+  private static final int PENDING_EVENTS_LIMIT = 1024;
+
+  static final Gson GSON = new Gson();
+
+  private final String id;
+  private final String version;
+  private final String runtime;
+  private volatile JsonObject config = new JsonObject();
+  private final Map<String, Registered> methods = new LinkedHashMap<>();
+  private final List<InitHook> initHooks = new ArrayList<>();
+  private final List<Hook> startHooks = new ArrayList<>();
+  private final List<Hook> stopHooks = new ArrayList<>();
+  private final List<Hook> destroyHooks = new ArrayList<>();
+  private final Set<Phase> done = EnumSet.noneOf(Phase.class);
+  private final Map<String, List<EventHandler>> eventHandlers = new ConcurrentHashMap<>();
+  private final List<BiConsumer<String, JsonElement>> sinks = new CopyOnWriteArrayList<>();
+  private final Deque<Object[]> pending = new ArrayDeque<>();
+
+  public Plugin(String id, String version) {
+    this(id, version, "java");
+  }
+
+  public Plugin(String id, String version, String runtime) {
+    this.id = id;
+    this.version = version;
+    this.runtime = runtime;
+  }
+
+  public String id() { return id; }
+  public String version() { return version; }
+  public String runtime() { return runtime; }
+
+  /** The JSON object the host passed to Init ({} before that). */
+  public JsonObject config() {
+    return config;
+  }
+
+  public Plugin method(String name, UnaryMethod method) {
+    return method(name, "", method);
+  }
+
+  public Plugin method(String name, String description, UnaryMethod method) {
+    register(name, new Registered(method, null, description));
+    return this;
+  }
+
+  /** A method answered chunk by chunk on CallStream; a unary Call gets the list of chunks. */
+  public Plugin streamingMethod(String name, StreamingMethod method) {
+    return streamingMethod(name, "", method);
+  }
+
+  public Plugin streamingMethod(String name, String description, StreamingMethod method) {
+    register(name, new Registered(null, method, description));
+    return this;
+  }
+
+  private synchronized void register(String name, Registered entry) {
+    if (methods.containsKey(name)) throw new IllegalArgumentException("method " + name + " is registered twice");
+    methods.put(name, entry);
+  }
+
+  public Plugin onInit(InitHook hook) { initHooks.add(hook); return this; }
+  public Plugin onStart(Hook hook) { startHooks.add(hook); return this; }
+  public Plugin onStop(Hook hook) { stopHooks.add(hook); return this; }
+  public Plugin onDestroy(Hook hook) { destroyHooks.add(hook); return this; }
+
+  /** Handle host events named {@code name} ("*" for every event). */
+  public Plugin on(String name, EventHandler handler) {
+    eventHandlers.computeIfAbsent(name, key -> new CopyOnWriteArrayList<>()).add(handler);
+    return this;
+  }
+
+  /** Send event {@code name} with {@code data} (any Gson-serialisable value) to the host's handlers. */
+  public void emit(String name, Object data) {
+    JsonElement json = toJson(data);
+    synchronized (pending) {
+      if (sinks.isEmpty()) {
+        if (pending.size() >= PENDING_EVENTS_LIMIT) pending.removeFirst();
+        pending.addLast(new Object[] {name, json});
+        return;
+      }
+    }
+    for (BiConsumer<String, JsonElement> sink : sinks) sink.accept(name, json);
+  }
+
+  public synchronized List<MethodInfo> describe() {
+    List<MethodInfo> infos = new ArrayList<>();
+    methods.forEach((name, entry) -> infos.add(new MethodInfo(name, entry.streaming() != null, entry.description())));
+    return Collections.unmodifiableList(infos);
+  }
+
+  static JsonElement toJson(Object value) {
+    if (value == null) return JsonNull.INSTANCE;
+    if (value instanceof JsonElement json) return json;
+    return GSON.toJsonTree(value);
+  }
+
+  // ---- used by the server binding ----------------------------------------------------
+
+  /** Where emitted events go; returns the unsubscribe action. */
+  Runnable addEventSink(BiConsumer<String, JsonElement> sink) {
+    synchronized (pending) {
+      sinks.add(sink);
+      while (!pending.isEmpty()) {
+        Object[] event = pending.removeFirst();
+        sink.accept((String) event[0], (JsonElement) event[1]);
+      }
+    }
+    return () -> sinks.remove(sink);
+  }
+
+  void deliverHostEvent(String name, JsonElement data) throws Exception {
+    List<EventHandler> handlers = new ArrayList<>(eventHandlers.getOrDefault(name, List.of()));
+    handlers.addAll(eventHandlers.getOrDefault("*", List.of()));
+    for (EventHandler handler : handlers) handler.handle(name, data);
+  }
+
+  /** Run Init's hooks, once. */
+  void init(JsonObject configuration) throws Exception {
+    if (!markDone(Phase.INIT)) return;
+    config = configuration;
+    for (InitHook hook : initHooks) hook.run(configuration);
+  }
+
+  void start() throws Exception { runOnce(Phase.START, startHooks); }
+  void stop() throws Exception { runOnce(Phase.STOP, stopHooks); }
+  void destroy() throws Exception { runOnce(Phase.DESTROY, destroyHooks); }
+
+  /** Stop (if started) then destroy, both even if one fails, when the host did not. */
+  void close() throws Exception {
+    try {
+      boolean started;
+      synchronized (done) {
+        started = done.contains(Phase.START);
+      }
+      if (started) stop();
+    } finally {
+      destroy();
+    }
+  }
+
+  private boolean markDone(Phase phase) {
+    synchronized (done) {
+      return done.add(phase);
+    }
+  }
+
+  private void runOnce(Phase phase, List<Hook> hooks) throws Exception {
+    if (!markDone(phase)) return;
+    for (Hook hook : hooks) hook.run();
+  }
+
+  private synchronized Registered lookup(String name) throws PluginException {
+    Registered entry = methods.get(name);
+    if (entry == null) {
+      String known = methods.isEmpty() ? "none" : String.join(", ", new TreeSet<>(methods.keySet()));
+      throw PluginException.methodNotFound("plugin " + id + " has no method '" + name + "'; it has: " + known);
+    }
+    return entry;
+  }
+
+  /** Fails with method_not_found before any work when {@code name} is unknown. */
+  void checkMethod(String name) throws PluginException {
+    lookup(name);
+  }
+
+  /** One unary answer: a streaming method's chunks are gathered into a list. */
+  JsonElement invoke(String name, JsonElement params, CallContext ctx) throws Exception {
+    Registered entry = lookup(name);
+    if (entry.unary() != null) return toJson(entry.unary().call(params, ctx));
+    JsonArray chunks = new JsonArray();
+    entry.streaming().call(params, ctx, chunk -> {
+      ctx.checkDeadline();
+      chunks.add(toJson(chunk));
+    });
+    return chunks;
+  }
+
+  /** The chunks of a call: a unary method's result is its one chunk. */
+  void invokeStream(String name, JsonElement params, CallContext ctx, ChunkSink out) throws Exception {
+    Registered entry = lookup(name);
+    if (entry.unary() != null) {
+      out.send(toJson(entry.unary().call(params, ctx)));
+      return;
+    }
+    entry.streaming().call(params, ctx, out);
+  }
+}

@@ -1,0 +1,425 @@
+package dev.linchkit.plugin.sdk;
+
+import com.google.gson.JsonElement;
+import com.google.gson.JsonNull;
+import com.google.gson.JsonObject;
+import com.google.gson.JsonParser;
+import com.google.gson.JsonSyntaxException;
+import com.google.protobuf.ByteString;
+import dev.linchkit.plugin.v1.BatchReply;
+import dev.linchkit.plugin.v1.BatchRequest;
+import dev.linchkit.plugin.v1.CallReply;
+import dev.linchkit.plugin.v1.CallRequest;
+import dev.linchkit.plugin.v1.DescribeRequest;
+import dev.linchkit.plugin.v1.HostEvent;
+import dev.linchkit.plugin.v1.InitRequest;
+import dev.linchkit.plugin.v1.LifecycleReply;
+import dev.linchkit.plugin.v1.LifecycleRequest;
+import dev.linchkit.plugin.v1.MethodInfo;
+import dev.linchkit.plugin.v1.PluginEvent;
+import dev.linchkit.plugin.v1.PluginInfo;
+import dev.linchkit.plugin.v1.PluginServiceGrpc;
+import dev.linchkit.plugin.v1.StreamItem;
+import io.grpc.Context;
+import io.grpc.Contexts;
+import io.grpc.Deadline;
+import io.grpc.Metadata;
+import io.grpc.ServerCall;
+import io.grpc.ServerCallHandler;
+import io.grpc.ServerInterceptor;
+import io.grpc.Status;
+import io.grpc.protobuf.services.HealthStatusManager;
+import io.grpc.health.v1.HealthCheckResponse.ServingStatus;
+import io.grpc.stub.ServerCallStreamObserver;
+import io.grpc.stub.StreamObserver;
+import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.concurrent.CompletableFuture;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
+import java.util.concurrent.ScheduledExecutorService;
+import java.util.concurrent.ScheduledFuture;
+import java.util.concurrent.ThreadFactory;
+import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicInteger;
+
+/**
+ * The gRPC binding of a {@link Plugin}: linchkit.plugin.v1.PluginService. Plugin failures
+ * travel in CallReply.error; gRPC status codes are kept for protocol failures (a malformed
+ * config, a failing lifecycle hook). Methods run on the SDK's own worker threads, so a
+ * deadline can answer {@code deadline_exceeded} and interrupt a method that overruns it.
+ */
+public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase {
+  public static final int PROTOCOL_VERSION = 1;
+  public static final String SERVICE_NAME = "linchkit.plugin.v1.PluginService";
+
+  private static final Context.Key<Metadata> HEADERS = Context.key("linchkit-call-headers");
+  private static final Metadata.Key<String> REQUEST_ID = Metadata.Key.of("x-request-id", Metadata.ASCII_STRING_MARSHALLER);
+  private static final Metadata.Key<String> CALLER = Metadata.Key.of("x-caller", Metadata.ASCII_STRING_MARSHALLER);
+  private static final Metadata.Key<String> TRACEPARENT = Metadata.Key.of("traceparent", Metadata.ASCII_STRING_MARSHALLER);
+
+  /** Makes each call's headers (x-request-id, x-caller, traceparent) visible to the service. */
+  public static final ServerInterceptor HEADERS_INTERCEPTOR = new ServerInterceptor() {
+    @Override
+    public <Q, A> ServerCall.Listener<Q> interceptCall(ServerCall<Q, A> call, Metadata headers, ServerCallHandler<Q, A> next) {
+      return Contexts.interceptCall(Context.current().withValue(HEADERS, headers), call, headers, next);
+    }
+  };
+
+  private final Plugin plugin;
+  private final HealthStatusManager health;
+  private final ExecutorService workers = Executors.newCachedThreadPool(daemonThreads("plugin-method"));
+  private final ScheduledExecutorService timers = Executors.newSingleThreadScheduledExecutor(daemonThreads("plugin-deadline"));
+
+  public PluginService(Plugin plugin, HealthStatusManager health, boolean servingFromStart) {
+    this.plugin = plugin;
+    this.health = health;
+    setServing(servingFromStart);
+  }
+
+  private static ThreadFactory daemonThreads(String prefix) {
+    AtomicInteger count = new AtomicInteger();
+    return runnable -> {
+      Thread thread = new Thread(runnable, prefix + "-" + count.incrementAndGet());
+      thread.setDaemon(true);
+      return thread;
+    };
+  }
+
+  public void setServing(boolean serving) {
+    ServingStatus status = serving ? ServingStatus.SERVING : ServingStatus.NOT_SERVING;
+    health.setStatus("", status);
+    health.setStatus(SERVICE_NAME, status);
+  }
+
+  /** Ends the SDK's threads; methods still running are interrupted. */
+  public void close() {
+    workers.shutdownNow();
+    timers.shutdownNow();
+  }
+
+  // ---- JSON ----------------------------------------------------------------------------
+
+  static ByteString encodeJson(JsonElement value) {
+    return ByteString.copyFrom((value == null ? JsonNull.INSTANCE : value).toString(), StandardCharsets.UTF_8);
+  }
+
+  /** JSON bytes to a value; empty bytes are JSON null. */
+  static JsonElement decodeJson(ByteString bytes, String what) throws PluginException {
+    if (bytes.isEmpty()) return JsonNull.INSTANCE;
+    try {
+      return JsonParser.parseString(bytes.toStringUtf8());
+    } catch (JsonSyntaxException error) {
+      throw PluginException.invalidParams(what + " is not valid JSON: " + error.getMessage());
+    }
+  }
+
+  static CallReply errorReply(Throwable thrown) {
+    return CallReply.newBuilder().setOk(false).setError(Errors.toWire(thrown)).build();
+  }
+
+  // ---- calls ---------------------------------------------------------------------------
+
+  private static String header(Metadata headers, Metadata.Key<String> key) {
+    String value = headers == null ? null : headers.get(key);
+    return value == null ? "" : value;
+  }
+
+  private static String firstNonEmpty(String first, String second) {
+    return first.isEmpty() ? second : first;
+  }
+
+  /** The call's context: the earlier of the envelope's deadline_ms and the gRPC deadline. */
+  private static CallContext contextOf(CallRequest request) {
+    long now = System.nanoTime();
+    long deadline = Long.MAX_VALUE;
+    if (request.getContext().getDeadlineMs() > 0) {
+      deadline = now + TimeUnit.MILLISECONDS.toNanos(request.getContext().getDeadlineMs());
+    }
+    Deadline grpcDeadline = Context.current().getDeadline();
+    if (grpcDeadline != null) {
+      deadline = Math.min(deadline, now + grpcDeadline.timeRemaining(TimeUnit.NANOSECONDS));
+    }
+    Metadata headers = HEADERS.get();
+    var message = request.getContext();
+    return new CallContext(
+        request.getMethod(),
+        firstNonEmpty(message.getRequestId(), header(headers, REQUEST_ID)),
+        firstNonEmpty(message.getCaller(), header(headers, CALLER)),
+        firstNonEmpty(message.getTraceparent(), header(headers, TRACEPARENT)),
+        message.getIdempotencyKey(),
+        deadline);
+  }
+
+  /** Protocol checks common to Call, CallBatch and CallStream; the params. */
+  private JsonElement checkRequest(CallRequest request) throws PluginException {
+    if (request.getV() != 0 && request.getV() != PROTOCOL_VERSION) {
+      throw PluginException.providerError("envelope version " + request.getV() + " is not supported; this plugin speaks " + PROTOCOL_VERSION);
+    }
+    if (request.getMethod().isEmpty()) throw PluginException.invalidParams("the request names no method");
+    return decodeJson(request.getParamsJson(), "params_json");
+  }
+
+  /** One unary call, answered as a CallReply whatever happens, at the latest at its deadline. */
+  CompletableFuture<CallReply> answer(CallRequest request) {
+    JsonElement params;
+    try {
+      params = checkRequest(request);
+    } catch (PluginException error) {
+      return CompletableFuture.completedFuture(errorReply(error));
+    }
+    CallContext ctx = contextOf(request);
+    CompletableFuture<CallReply> reply = new CompletableFuture<>();
+    Future<?> task = workers.submit(() -> {
+      try {
+        JsonElement result = plugin.invoke(request.getMethod(), params, ctx);
+        reply.complete(CallReply.newBuilder().setOk(true).setResultJson(encodeJson(result)).build());
+      } catch (Throwable error) {
+        reply.complete(errorReply(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error));
+      }
+    });
+    Runnable giveUp = () -> {
+      if (reply.complete(errorReply(ctx.overError()))) task.cancel(true);
+    };
+    watch(ctx, reply, giveUp);
+    return reply;
+  }
+
+  /** At the deadline or on cancellation, {@code giveUp}; both watches end with {@code done}. */
+  private void watch(CallContext ctx, CompletableFuture<?> done, Runnable giveUp) {
+    ScheduledFuture<?> timer = ctx.hasDeadline()
+        ? timers.schedule(giveUp, Math.max(0, ctx.deadlineNanos() - System.nanoTime()), TimeUnit.NANOSECONDS)
+        : null;
+    Context grpcContext = Context.current();
+    Context.CancellationListener onCancel = cancelled -> {
+      ctx.cancel();
+      giveUp.run();
+    };
+    grpcContext.addListener(onCancel, Runnable::run);
+    done.whenComplete((value, error) -> {
+      if (timer != null) timer.cancel(false);
+      grpcContext.removeListener(onCancel);
+    });
+  }
+
+  private static <T> void reply(StreamObserver<T> observer, T value) {
+    try {
+      observer.onNext(value);
+      observer.onCompleted();
+    } catch (RuntimeException cancelled) {
+      // The host went away first; nobody is left to answer.
+    }
+  }
+
+  @Override
+  public void call(CallRequest request, StreamObserver<CallReply> observer) {
+    answer(request).thenAccept(reply -> reply(observer, reply));
+  }
+
+  @Override
+  public void callBatch(BatchRequest request, StreamObserver<BatchReply> observer) {
+    List<CompletableFuture<CallReply>> replies = new ArrayList<>();
+    for (CallRequest call : request.getCallsList()) replies.add(answer(call));
+    CompletableFuture.allOf(replies.toArray(CompletableFuture[]::new)).thenRun(() -> {
+      BatchReply.Builder batch = BatchReply.newBuilder();
+      for (CompletableFuture<CallReply> reply : replies) batch.addResults(reply.join());
+      reply(observer, batch.build());
+    });
+  }
+
+  @Override
+  public void callStream(CallRequest request, StreamObserver<StreamItem> observer) {
+    ServerCallStreamObserver<StreamItem> out = (ServerCallStreamObserver<StreamItem>) observer;
+    CompletableFuture<Void> finished = new CompletableFuture<>();
+    AtomicBoolean ended = new AtomicBoolean();
+    Object readiness = new Object();
+    out.setOnCancelHandler(() -> {
+      ended.set(true);
+      finished.complete(null);
+      synchronized (readiness) {
+        readiness.notifyAll();
+      }
+    });
+    out.setOnReadyHandler(() -> {
+      synchronized (readiness) {
+        readiness.notifyAll();
+      }
+    });
+    // Ends the stream once: with an error item when `error` is not null.
+    java.util.function.Consumer<Throwable> end = error -> {
+      if (!ended.compareAndSet(false, true)) return;
+      synchronized (out) {
+        try {
+          if (error != null) out.onNext(StreamItem.newBuilder().setError(Errors.toWire(error)).build());
+          out.onCompleted();
+        } catch (RuntimeException cancelled) {
+          // the host went away first
+        }
+      }
+      finished.complete(null);
+    };
+
+    JsonElement params;
+    CallContext ctx;
+    try {
+      params = checkRequest(request);
+      plugin.checkMethod(request.getMethod()); // method_not_found before any chunk
+      ctx = contextOf(request);
+    } catch (PluginException error) {
+      end.accept(error);
+      return;
+    }
+    Plugin.ChunkSink sink = chunk -> {
+      // Flow control: a method that produces faster than the host reads waits here.
+      while (!ended.get() && !out.isReady()) {
+        synchronized (readiness) {
+          try {
+            readiness.wait(50);
+          } catch (InterruptedException interrupted) {
+            Thread.currentThread().interrupt();
+            throw ctx.overError();
+          }
+        }
+      }
+      if (ended.get()) throw ctx.overError();
+      synchronized (out) {
+        out.onNext(StreamItem.newBuilder().setChunkJson(encodeJson(Plugin.toJson(chunk))).build());
+      }
+    };
+    Future<?> task = workers.submit(() -> {
+      try {
+        plugin.invokeStream(request.getMethod(), params, ctx, sink);
+        end.accept(null);
+      } catch (Throwable error) {
+        end.accept(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error);
+      }
+    });
+    watch(ctx, finished, () -> {
+      end.accept(ctx.overError());
+      task.cancel(true);
+    });
+  }
+
+  @Override
+  public StreamObserver<HostEvent> events(StreamObserver<PluginEvent> observer) {
+    ServerCallStreamObserver<PluginEvent> out = (ServerCallStreamObserver<PluginEvent>) observer;
+    AtomicBoolean closed = new AtomicBoolean();
+    Runnable[] unsubscribe = new Runnable[1];
+    out.setOnCancelHandler(() -> {
+      closed.set(true);
+      if (unsubscribe[0] != null) unsubscribe[0].run();
+    });
+    unsubscribe[0] = plugin.addEventSink((name, data) -> {
+      synchronized (out) {
+        if (closed.get() || out.isCancelled()) return;
+        try {
+          out.onNext(PluginEvent.newBuilder().setName(name).setDataJson(encodeJson(data)).build());
+        } catch (RuntimeException cancelled) {
+          closed.set(true);
+        }
+      }
+    });
+    return new StreamObserver<>() {
+      @Override
+      public void onNext(HostEvent event) {
+        workers.submit(() -> {
+          try {
+            plugin.deliverHostEvent(event.getName(), decodeJson(event.getDataJson(), "data of host event " + event.getName()));
+          } catch (Throwable error) {
+            System.err.println("linchkit plugin: host event " + event.getName() + " failed: " + error);
+          }
+        });
+      }
+
+      @Override
+      public void onError(Throwable error) {
+        closed.set(true);
+        unsubscribe[0].run();
+      }
+
+      @Override
+      public void onCompleted() {
+        unsubscribe[0].run();
+        synchronized (out) {
+          if (closed.compareAndSet(false, true)) {
+            try {
+              out.onCompleted();
+            } catch (RuntimeException cancelled) {
+              // the host went away first
+            }
+          }
+        }
+      }
+    };
+  }
+
+  // ---- identity and lifecycle ---------------------------------------------------------------
+
+  @Override
+  public void describe(DescribeRequest request, StreamObserver<PluginInfo> observer) {
+    PluginInfo.Builder info = PluginInfo.newBuilder()
+        .setId(plugin.id())
+        .setVersion(plugin.version())
+        .setProtocolVersion(PROTOCOL_VERSION)
+        .setRuntime(plugin.runtime());
+    for (Plugin.MethodInfo method : plugin.describe()) {
+      info.addMethods(MethodInfo.newBuilder().setName(method.name()).setStreaming(method.streaming()).setDescription(method.description()));
+    }
+    reply(observer, info.build());
+  }
+
+  @FunctionalInterface
+  private interface Step {
+    void run() throws Exception;
+  }
+
+  private void lifecycle(StreamObserver<LifecycleReply> observer, Step step) {
+    try {
+      step.run();
+    } catch (Throwable error) {
+      var wire = Errors.toWire(error);
+      observer.onError(Status.INTERNAL.withDescription(wire.getType() + ": " + wire.getMessage()).asRuntimeException());
+      return;
+    }
+    reply(observer, LifecycleReply.getDefaultInstance());
+  }
+
+  @Override
+  public void init(InitRequest request, StreamObserver<LifecycleReply> observer) {
+    JsonObject config;
+    try {
+      JsonElement value = decodeJson(request.getConfigJson(), "config_json");
+      if (value.isJsonNull()) value = new JsonObject();
+      if (!value.isJsonObject()) throw PluginException.invalidParams("config_json must be a JSON object");
+      config = value.getAsJsonObject();
+    } catch (PluginException error) {
+      observer.onError(Status.INVALID_ARGUMENT.withDescription(error.getMessage()).asRuntimeException());
+      return;
+    }
+    lifecycle(observer, () -> plugin.init(config));
+  }
+
+  @Override
+  public void start(LifecycleRequest request, StreamObserver<LifecycleReply> observer) {
+    lifecycle(observer, () -> {
+      plugin.start();
+      setServing(true);
+    });
+  }
+
+  @Override
+  public void stop(LifecycleRequest request, StreamObserver<LifecycleReply> observer) {
+    lifecycle(observer, () -> {
+      setServing(false);
+      plugin.stop();
+    });
+  }
+
+  @Override
+  public void destroy(LifecycleRequest request, StreamObserver<LifecycleReply> observer) {
+    lifecycle(observer, plugin::destroy);
+  }
+}

@@ -1,0 +1,69 @@
+package dev.linchkit.plugin.sdk;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import com.google.gson.JsonObject;
+import com.google.gson.JsonParser;
+import dev.linchkit.plugin.example.ExamplePlugin;
+import dev.linchkit.plugin.v1.CallReply;
+import dev.linchkit.plugin.v1.Error;
+import java.util.concurrent.CompletionException;
+import org.junit.jupiter.api.Test;
+
+class ErrorsTest {
+  @Test
+  void aPluginsOwnErrorKeepsTypeRetryableDetailsAndRetryAfter() {
+    JsonObject details = new JsonObject();
+    details.addProperty("balance", 100);
+    Error wire = Errors.toWire(new PluginException("InsufficientFunds", "balance is 100", true, details, 1.5));
+    assertEquals("InsufficientFunds", wire.getType());
+    assertEquals("balance is 100", wire.getMessage());
+    assertTrue(wire.getRetryable());
+    assertEquals(1.5, wire.getRetryAfter());
+    assertEquals(details, JsonParser.parseString(wire.getDetailsJson().toStringUtf8()));
+  }
+
+  @Test
+  void theStableTypesAndTheirRetryability() {
+    assertEquals("invalid_params", Errors.toWire(PluginException.invalidParams("x")).getType());
+    assertFalse(Errors.toWire(PluginException.invalidParams("x")).getRetryable());
+    assertTrue(Errors.toWire(PluginException.invalidParams("x")).getDetailsJson().isEmpty(), "no details: empty bytes");
+    assertEquals("method_not_found", Errors.toWire(PluginException.methodNotFound("x")).getType());
+    Error late = Errors.toWire(PluginException.deadlineExceeded("late"));
+    assertEquals("deadline_exceeded", late.getType());
+    assertTrue(late.getRetryable());
+  }
+
+  @Test
+  void anythingElseIsAnsweredWithItsClassNameNotRetryable() {
+    Error wire = Errors.toWire(new IllegalStateException("broken"));
+    assertEquals("IllegalStateException", wire.getType());
+    assertEquals("broken", wire.getMessage());
+    assertFalse(wire.getRetryable());
+    // wrappers from the SDK's own plumbing are looked through
+    assertEquals("ExampleFailure", Errors.toWire(new CompletionException(new PluginException("ExampleFailure", "x"))).getType());
+    CallReply reply = PluginService.errorReply(new NullPointerException());
+    assertFalse(reply.getOk());
+    assertEquals("NullPointerException", reply.getError().getType());
+  }
+
+  @Test
+  void paramsOfTheWrongShapeAreInvalidParams() throws Exception {
+    assertThrows(PluginException.class, () -> new Params(JsonParser.parseString("[1, 2]"), "count"));
+    Params params = new Params(JsonParser.parseString("{\"n\": 2.5, \"s\": 1, \"big\": 3.0}"), "count");
+    assertEquals("invalid_params", assertThrows(PluginException.class, () -> params.integer("n")).type());
+    assertTrue(assertThrows(PluginException.class, () -> params.integer("missing")).getMessage().contains("'missing'"));
+    assertThrows(PluginException.class, () -> params.string("s"));
+    assertEquals(3, params.integer("big"), "3.0 is an integer in JSON");
+    assertEquals(3, new Params(JsonParser.parseString("{\"n\": 3}"), "count").integer("n", 0, 10));
+  }
+
+  @Test
+  void digestHashesThePreviousDigestEachRound() throws Exception {
+    assertEquals("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", ExamplePlugin.digest("abc", 1));
+    assertEquals("4f8b42c22dd3729b519ba6f68d2da7cc5b2d606d05daed5ad5128cc03e6c6358", ExamplePlugin.digest("abc", 2));
+  }
+}

@@ -1,0 +1,82 @@
+"""The example plugin every SDK implements (docs/protocol.md, "The example plugin"), in Python.
+
+Built by ``sdk/python/build.sh`` into ``sdk/python/dist/example-plugin``; runs as a
+subprocess plugin (handshake) or as a gRPC service (``example-plugin serve --address …``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dispatcher.errors import InvalidParams
+from dispatcher.sdk import Plugin
+from dispatcher.sdk.grpc_server import main
+from dispatcher.sdk.plugin import raw_params
+
+
+class ExampleFailure(Exception):
+    """The business error of ``fail``: the host sees PluginError(remote_type='ExampleFailure')."""
+
+
+def _integer(name: str, value: Any) -> int:
+    if type(value) is not int:
+        raise InvalidParams(f"{name!r} must be an integer, got {value!r:.40}")
+    return value
+
+
+class ExamplePlugin(Plugin):
+    methods = ("echo", "digest", "fail", "sleep", "count", "emit", "config")
+
+    async def init(self, config: dict[str, Any]) -> None:
+        self._config = config
+
+    @raw_params
+    async def echo(self, params: Any) -> Any:
+        """The params, unchanged."""
+        return params
+
+    def digest(self, data: str, rounds: int) -> str:
+        """Hex SHA-256 applied ``rounds`` times; CPU-bound, so it runs in a worker thread."""
+        if not isinstance(data, str):
+            raise InvalidParams(f"'data' must be a string, got {data!r:.40}")
+        value = data.encode()
+        for _ in range(_integer("rounds", rounds)):
+            value = hashlib.sha256(value).digest()
+        return value.hex()
+
+    async def fail(self, message: str) -> None:
+        """Always fails with the business error ExampleFailure."""
+        raise ExampleFailure(message)
+
+    async def sleep(self, ms: int) -> dict[str, int]:
+        """Sleeps ``ms`` milliseconds (the host's deadline cuts it short)."""
+        await asyncio.sleep(_integer("ms", ms) / 1000)
+        return {"slept_ms": ms}
+
+    async def count(self, n: int) -> AsyncIterator[dict[str, int]]:
+        """Streams {"i": 0} … {"i": n-1}."""
+        for i in range(_integer("n", n)):
+            yield {"i": i}
+
+    async def emit(self, name: str, data: Any = None) -> bool:  # type: ignore[override]
+        """Emits the plugin event ``name`` with ``data``."""
+        if not isinstance(name, str):
+            raise InvalidParams("'name' must be a string")
+        Plugin.emit(self, name, data)
+        return True
+
+    async def config(self) -> Any:
+        """The JSON object passed to Init."""
+        return getattr(self, "_config", {})
+
+    async def on_event(self, event: str, data: Any) -> None:
+        if event == "ping":
+            Plugin.emit(self, "pong", data)
+
+
+if __name__ == "__main__":
+    sys.exit(main(ExamplePlugin, plugin_id="example", version="1.0.0", runtime="python"))

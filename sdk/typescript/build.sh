@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds the TypeScript SDK and its example plugin from the npm registry, then runs the
+# SDK's tests: leaves sdk/typescript/dist/example-plugin. Idempotent: with nothing changed
+# since the last good build it returns at once.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+STAMP=dist/.built
+SOURCES=(src examples test package.json package-lock.json tsconfig.json build.sh ../../proto/plugin.proto)
+
+if [[ -f $STAMP && -x dist/example-plugin && -d node_modules ]] \
+  && [[ -z $(find "${SOURCES[@]}" -newer "$STAMP" -print -quit) ]]; then
+  echo "sdk/typescript: up to date"
+  exit 0
+fi
+
+# Dependencies exactly as locked; only when the lock changed since the last install.
+if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules/.package-lock.json ]]; then
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+rm -f "$STAMP"
+node_modules/.bin/tsc -p tsconfig.json
+mkdir -p dist/proto
+cp ../../proto/plugin.proto dist/proto/plugin.proto
+
+cat > dist/example-plugin <<'WRAPPER'
+#!/bin/sh
+# The TypeScript example plugin (built by sdk/typescript/build.sh).
+exec node "$(dirname "$0")/lib/examples/example-plugin.js" "$@"
+WRAPPER
+chmod +x dist/example-plugin
+
+node --test dist/lib/test/
+touch "$STAMP"
+echo "sdk/typescript: built dist/example-plugin"

@@ -1,0 +1,74 @@
+/**
+ * The example plugin of docs/protocol.md ("The example plugin, in every language"),
+ * written on the TypeScript SDK: the author writes only the methods.
+ */
+import { createHash } from 'node:crypto';
+import { Params, Plugin, PluginError, serve } from '../src';
+
+export function digest(data: string, rounds: number): string {
+  let bytes: Buffer = createHash('sha256').update(data, 'utf8').digest();
+  for (let i = 1; i < rounds; i++) bytes = createHash('sha256').update(bytes).digest();
+  return rounds === 0 ? Buffer.from(data, 'utf8').toString('hex') : bytes.toString('hex');
+}
+
+export function examplePlugin(): Plugin {
+  const plugin = new Plugin({ id: 'example', version: '1.0.0', runtime: 'typescript' });
+
+  plugin.method('echo', (params) => params, { description: 'the params, unchanged' });
+
+  plugin.method(
+    'digest',
+    (params) => {
+      const p = new Params(params, 'digest');
+      return digest(p.str('data'), p.int('rounds', { min: 0 }));
+    },
+    { description: 'hex of SHA-256 applied `rounds` times to `data` (CPU-bound)' },
+  );
+
+  plugin.method(
+    'fail',
+    (params) => {
+      const p = new Params(params, 'fail');
+      throw new PluginError('ExampleFailure', p.str('message'), { retryable: false });
+    },
+    { description: 'fails with the business error ExampleFailure' },
+  );
+
+  plugin.method(
+    'sleep',
+    async (params, ctx) => {
+      const ms = new Params(params, 'sleep').int('ms', { min: 0 });
+      await ctx.sleep(ms);
+      return { slept_ms: ms };
+    },
+    { description: 'sleeps `ms` milliseconds, or gives up at the deadline' },
+  );
+
+  plugin.streamingMethod(
+    'count',
+    function* (params) {
+      const n = new Params(params, 'count').int('n', { min: 0 });
+      for (let i = 0; i < n; i++) yield { i };
+    },
+    { description: 'chunks {"i": 0} … {"i": n-1}' },
+  );
+
+  plugin.method(
+    'emit',
+    (params) => {
+      const p = new Params(params, 'emit');
+      plugin.emit(p.str('name'), p.any('data'));
+      return true;
+    },
+    { description: 'emits plugin event `name` with `data`' },
+  );
+
+  plugin.method('config', () => plugin.config, { description: 'the JSON object passed to Init' });
+
+  plugin.on('ping', (data) => plugin.emit('pong', data));
+  return plugin;
+}
+
+if (require.main === module) {
+  void serve(examplePlugin());
+}

@@ -1,0 +1,11 @@
+/** The LinchKit plugin SDK for TypeScript: see plugin.ts for how a plugin is written. */
+export { Plugin } from './plugin';
+export type { CallContext, EventHandler, LifecycleHook, MethodInfo, MethodOptions, PluginOptions, StreamingMethod, UnaryMethod } from './plugin';
+export { DeadlineExceeded, InvalidParams, MethodNotFound, PluginError, ProviderError, toWireError } from './errors';
+export type { PluginErrorOptions, WireError } from './errors';
+export { Params, expectObject, isObject } from './params';
+export type { JsonObject } from './params';
+export { serve } from './serve';
+export type { ServeOptions } from './serve';
+export { PluginServer, PROTOCOL_VERSION, SERVICE_NAME } from './server';
+export * as handshake from './handshake';

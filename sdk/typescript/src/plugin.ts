@@ -1,0 +1,213 @@
+/**
+ * What a plugin author writes against: register methods, lifecycle hooks and event
+ * handlers on a `Plugin`, then `serve(plugin)`. Nothing here knows about gRPC; the
+ * binding lives in server.ts.
+ *
+ *     const plugin = new Plugin({ id: 'shop', version: '1.2.0' });
+ *     plugin.method('price', async (params, ctx) => ({ cents: 120 }));
+ *     plugin.streamingMethod('rows', async function* (params, ctx) { yield { row: 1 }; });
+ *     plugin.onInit((config) => { ... });
+ *     plugin.on('ping', (data) => plugin.emit('pong', data));
+ *     serve(plugin);
+ */
+import { DeadlineExceeded, MethodNotFound } from './errors';
+import type { JsonObject } from './params';
+
+/** What a method knows about the call it is serving. */
+export interface CallContext {
+  readonly method: string;
+  readonly requestId: string;
+  readonly caller: string;
+  readonly traceparent: string;
+  readonly idempotencyKey: string;
+  /** Epoch milliseconds after which the host has given up; undefined for none. */
+  readonly deadline: number | undefined;
+  /** Aborted when the deadline passes or the host cancels the call. */
+  readonly signal: AbortSignal;
+  /** Milliseconds left before the deadline; undefined for none. */
+  remainingMs(): number | undefined;
+  /** Sleep `ms`, or reject with `DeadlineExceeded` (or the cancellation) as soon as the call is over. */
+  sleep(ms: number): Promise<void>;
+}
+
+export type UnaryMethod = (params: unknown, ctx: CallContext) => unknown;
+export type StreamingMethod = (params: unknown, ctx: CallContext) => AsyncIterable<unknown> | Iterable<unknown>;
+export type LifecycleHook = (config: JsonObject) => void | Promise<void>;
+export type EventHandler = (data: unknown, name: string) => void | Promise<void>;
+export type EventSink = (name: string, data: unknown) => void;
+
+export interface MethodOptions {
+  description?: string;
+}
+
+export interface MethodInfo {
+  name: string;
+  streaming: boolean;
+  description: string;
+}
+
+type Registered =
+  | { streaming: false; handler: UnaryMethod; description: string }
+  | { streaming: true; handler: StreamingMethod; description: string };
+
+type Phase = 'init' | 'start' | 'stop' | 'destroy';
+
+/** Events emitted while no host listens are kept, up to this many, for the first listener. */
+const PENDING_EVENTS_LIMIT = 1024;
+
+export interface PluginOptions {
+  id: string;
+  version: string;
+  /** The language, as Describe reports it. */
+  runtime?: string;
+}
+
+export class Plugin {
+  readonly id: string;
+  readonly version: string;
+  readonly runtime: string;
+  /** The JSON object the host passed to Init ({} before that). */
+  config: JsonObject = {};
+
+  private readonly methods = new Map<string, Registered>();
+  private readonly hooks: Record<Phase, LifecycleHook[]> = { init: [], start: [], stop: [], destroy: [] };
+  private readonly done = new Set<Phase>();
+  private readonly eventHandlers = new Map<string, EventHandler[]>();
+  private readonly sinks = new Set<EventSink>();
+  private pending: Array<[string, unknown]> = [];
+
+  constructor(options: PluginOptions) {
+    this.id = options.id;
+    this.version = options.version;
+    this.runtime = options.runtime ?? 'typescript';
+  }
+
+  method(name: string, handler: UnaryMethod, options: MethodOptions = {}): this {
+    this.register(name, { streaming: false, handler, description: options.description ?? '' });
+    return this;
+  }
+
+  /** A method answered chunk by chunk on CallStream; a unary Call gets the list of chunks. */
+  streamingMethod(name: string, handler: StreamingMethod, options: MethodOptions = {}): this {
+    this.register(name, { streaming: true, handler, description: options.description ?? '' });
+    return this;
+  }
+
+  private register(name: string, entry: Registered): void {
+    if (this.methods.has(name)) throw new Error(`method ${JSON.stringify(name)} is registered twice`);
+    this.methods.set(name, entry);
+  }
+
+  onInit(hook: LifecycleHook): this {
+    this.hooks.init.push(hook);
+    return this;
+  }
+  onStart(hook: () => void | Promise<void>): this {
+    this.hooks.start.push(hook);
+    return this;
+  }
+  onStop(hook: () => void | Promise<void>): this {
+    this.hooks.stop.push(hook);
+    return this;
+  }
+  onDestroy(hook: () => void | Promise<void>): this {
+    this.hooks.destroy.push(hook);
+    return this;
+  }
+
+  /** Handle host events named `name` ('*' for every event). */
+  on(name: string, handler: EventHandler): this {
+    const handlers = this.eventHandlers.get(name) ?? [];
+    handlers.push(handler);
+    this.eventHandlers.set(name, handlers);
+    return this;
+  }
+
+  /** Send event `name` with JSON `data` to the host's handlers. */
+  emit(name: string, data: unknown = null): void {
+    if (this.sinks.size === 0) {
+      if (this.pending.length >= PENDING_EVENTS_LIMIT) this.pending.shift();
+      this.pending.push([name, data]);
+      return;
+    }
+    for (const sink of this.sinks) sink(name, data);
+  }
+
+  describe(): MethodInfo[] {
+    return [...this.methods].map(([name, entry]) => ({ name, streaming: entry.streaming, description: entry.description }));
+  }
+
+  get started(): boolean {
+    return this.done.has('start') && !this.done.has('stop');
+  }
+
+  // ---- used by the server binding -------------------------------------------------
+
+  /** @internal Where emitted events go; returns the unsubscribe function. */
+  addEventSink(sink: EventSink): () => void {
+    this.sinks.add(sink);
+    const pending = this.pending;
+    this.pending = [];
+    for (const [name, data] of pending) sink(name, data);
+    return () => this.sinks.delete(sink);
+  }
+
+  /** @internal A host event reaching the plugin. */
+  async deliverHostEvent(name: string, data: unknown): Promise<void> {
+    const handlers = [...(this.eventHandlers.get(name) ?? []), ...(this.eventHandlers.get('*') ?? [])];
+    for (const handler of handlers) await handler(data, name);
+  }
+
+  /** @internal Run a lifecycle phase's hooks, once. */
+  async runPhase(phase: Phase, config?: JsonObject): Promise<void> {
+    if (this.done.has(phase)) return;
+    this.done.add(phase);
+    if (phase === 'init') this.config = config ?? {};
+    for (const hook of this.hooks[phase]) await hook(this.config);
+  }
+
+  /** @internal Stop then destroy, both even if one fails, when the host did not. */
+  async close(): Promise<void> {
+    try {
+      if (this.done.has('start')) await this.runPhase('stop');
+    } finally {
+      await this.runPhase('destroy');
+    }
+  }
+
+  /** @internal */
+  lookup(name: string): Registered {
+    const entry = this.methods.get(name);
+    if (entry === undefined) {
+      const known = [...this.methods.keys()].sort().join(', ') || 'none';
+      throw new MethodNotFound(`plugin ${this.id} has no method ${JSON.stringify(name)}; it has: ${known}`);
+    }
+    return entry;
+  }
+
+  /** @internal One unary answer: a streaming method's chunks are gathered into a list. */
+  async invoke(name: string, params: unknown, ctx: CallContext): Promise<unknown> {
+    const entry = this.lookup(name);
+    if (!entry.streaming) return await entry.handler(params, ctx);
+    const chunks: unknown[] = [];
+    for await (const chunk of entry.handler(params, ctx)) {
+      throwIfAborted(ctx.signal);
+      chunks.push(chunk);
+    }
+    return chunks;
+  }
+
+  /** @internal The chunks of a call: a unary method's result is its one chunk. */
+  async *invokeStream(name: string, params: unknown, ctx: CallContext): AsyncGenerator<unknown> {
+    const entry = this.lookup(name);
+    if (!entry.streaming) {
+      yield await entry.handler(params, ctx);
+      return;
+    }
+    yield* entry.handler(params, ctx);
+  }
+}
+
+function throwIfAborted(signal: AbortSignal): void {
+  if (signal.aborted) throw signal.reason ?? new DeadlineExceeded('the call is over');
+}

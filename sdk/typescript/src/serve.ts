@@ -1,0 +1,115 @@
+/**
+ * The plugin executable's entry point: `serve(plugin)` picks the mode from argv and env.
+ *
+ * - `serve --address 127.0.0.1:0`: a plain gRPC service; prints `1|1|tcp|ADDR|grpc|`.
+ * - no arguments: a subprocess plugin started by the host with the handshake environment
+ *   (docs/protocol.md): cookie, version negotiation, Unix socket or TCP, AutoMTLS. It exits
+ *   when its stdin reaches end-of-file, which happens however the host dies.
+ * Both stop gracefully on SIGTERM or SIGINT.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { HandshakeError, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
+import type { Plugin } from './plugin';
+import { PluginServer } from './server';
+import { generateServerCertificate } from './tls';
+
+export interface ServeOptions {
+  argv?: readonly string[];
+  env?: NodeJS.ProcessEnv;
+}
+
+/** Serve `plugin` until the host stops it; never returns normally (the process exits). */
+export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise<void> {
+  const argv = options.argv ?? process.argv.slice(2);
+  const env = options.env ?? process.env;
+  try {
+    const command = parseCommand(argv);
+    if (command.mode === 'service') await serveService(plugin, command.address);
+    else await serveSubprocess(plugin, env);
+  } catch (error) {
+    const message = error instanceof HandshakeError ? error.message : String((error as Error)?.stack ?? error);
+    process.stderr.write(`${message}\n`);
+    process.exit(1);
+  }
+}
+
+async function serveService(plugin: Plugin, address: string): Promise<void> {
+  const server = new PluginServer(plugin, { servingFromStart: true });
+  const port = await server.bind(address, grpc.ServerCredentials.createInsecure());
+  const host = address.slice(0, address.lastIndexOf(':'));
+  stopOn(['SIGTERM', 'SIGINT'], plugin, server); // before the line: the host may stop us at once
+  process.stdout.write(handshakeLine(1, 'tcp', `${host}:${port}`) + '\n');
+}
+
+async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv): Promise<void> {
+  const config = readHandshakeEnv(env);
+  const server = new PluginServer(plugin, { servingFromStart: false });
+
+  let credentials = grpc.ServerCredentials.createInsecure();
+  let certDer: Uint8Array | undefined;
+  if (config.clientCertPem !== undefined) {
+    const certificate = await generateServerCertificate();
+    certDer = certificate.certDer;
+    // The host's one-time certificate is the only trusted root, and it is required.
+    credentials = grpc.ServerCredentials.createSsl(
+      Buffer.from(config.clientCertPem),
+      [{ private_key: Buffer.from(certificate.keyPem), cert_chain: Buffer.from(certificate.certPem) }],
+      true,
+    );
+  }
+
+  let address: string;
+  let cleanup = (): void => undefined;
+  if (config.network === 'unix') {
+    let socketPath: string;
+    if (config.socketDir !== undefined) {
+      socketPath = path.join(config.socketDir, `plugin-${process.pid}.sock`);
+      cleanup = () => rmSync(socketPath, { force: true });
+    } else {
+      const dir = mkdtempSync(path.join(os.tmpdir(), 'lk-plugin-'));
+      socketPath = path.join(dir, 'plugin.sock');
+      cleanup = () => rmSync(dir, { recursive: true, force: true });
+    }
+    rmSync(socketPath, { force: true });
+    await server.bind(`unix://${socketPath}`, credentials);
+    address = socketPath;
+  } else {
+    const port = await server.bind('127.0.0.1:0', credentials);
+    address = `127.0.0.1:${port}`;
+  }
+  process.on('exit', () => cleanup());
+
+  const stop = stopOn(['SIGTERM', 'SIGINT'], plugin, server); // before the line: the host may stop us at once
+  process.stdout.write(handshakeLine(config.appVersion, config.network, address, certDer) + '\n');
+  // The host reads no more of stdout: a pipe nobody drains would block the event loop.
+  console.log = console.error;
+  console.info = console.error;
+  console.debug = console.error;
+
+  // Parent death: the host holds our stdin's write end; end-of-file means it is gone.
+  process.stdin.on('end', stop);
+  process.stdin.on('close', stop);
+  process.stdin.on('error', stop);
+  process.stdin.on('data', () => undefined);
+  process.stdin.resume();
+}
+
+/** Stop once on any of `signals`: health off, stop/destroy hooks if the host did not, drain, exit. */
+function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer): () => void {
+  let stopping = false;
+  const stop = (): void => {
+    if (stopping) return;
+    stopping = true;
+    server.setServing(false);
+    const hooks = plugin.close().catch((error: unknown) => {
+      process.stderr.write(`linchkit plugin: stop/destroy failed: ${String(error)}\n`);
+    });
+    const bounded = Promise.race([hooks, new Promise((resolve) => setTimeout(resolve, 5000).unref())]);
+    void bounded.then(() => server.shutdown(2000)).then(() => process.exit(0));
+  };
+  for (const signal of signals) process.on(signal, stop);
+  return stop;
+}

@@ -1,0 +1,371 @@
+/**
+ * The gRPC binding of a `Plugin`: linchkit.plugin.v1.PluginService plus grpc.health.v1,
+ * on a @grpc/grpc-js server. Plugin failures travel in CallReply.error; gRPC status codes
+ * are kept for protocol failures (a malformed request, a failing lifecycle hook).
+ */
+import { parse, stringify } from 'lossless-json';
+import { once } from 'node:events';
+import { existsSync } from 'node:fs';
+import * as path from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { HealthImplementation } from 'grpc-health-check';
+import { DeadlineExceeded, InvalidParams, ProviderError, toWireError, type WireError } from './errors';
+import { isObject, type JsonObject } from './params';
+import type { CallContext, Plugin } from './plugin';
+
+export const PROTOCOL_VERSION = 1;
+export const SERVICE_NAME = 'linchkit.plugin.v1.PluginService';
+
+/** Where plugin.proto is: next to the compiled SDK (dist/proto), or the repository's proto/. */
+export function protoPath(): string {
+  const candidates = [
+    process.env.LINCHKIT_PLUGIN_PROTO,
+    path.resolve(__dirname, '../../proto/plugin.proto'),
+    path.resolve(__dirname, '../../../../../proto/plugin.proto'),
+  ];
+  for (const candidate of candidates) if (candidate && existsSync(candidate)) return candidate;
+  throw new Error(`plugin.proto not found; looked in ${candidates.filter(Boolean).join(', ')}`);
+}
+
+let cachedDefinition: grpc.ServiceDefinition | undefined;
+
+/** The PluginService definition, loaded from plugin.proto once. */
+export function serviceDefinition(): grpc.ServiceDefinition {
+  if (cachedDefinition === undefined) {
+    const packageDefinition = protoLoader.loadSync(protoPath(), {
+      keepCase: true,
+      longs: Number,
+      enums: String,
+      defaults: true,
+      oneofs: true,
+    });
+    const loaded = grpc.loadPackageDefinition(packageDefinition) as any;
+    cachedDefinition = loaded.linchkit.plugin.v1.PluginService.service as grpc.ServiceDefinition;
+  }
+  return cachedDefinition;
+}
+
+// The messages as @grpc/proto-loader gives them (keepCase, defaults).
+interface CallContextMessage {
+  request_id: string;
+  deadline_ms: number;
+  caller: string;
+  traceparent: string;
+  idempotency_key: string;
+}
+export interface CallRequestMessage {
+  v: number;
+  plugin: string;
+  method: string;
+  params_json: Buffer;
+  context: CallContextMessage | null;
+}
+interface ErrorMessage {
+  type: string;
+  message: string;
+  retryable: boolean;
+  details_json: Buffer;
+  retry_after: number;
+}
+export interface CallReplyMessage {
+  ok: boolean;
+  result_json?: Buffer;
+  error?: ErrorMessage;
+}
+
+export function errorMessage(wire: WireError): ErrorMessage {
+  return {
+    type: wire.type,
+    message: wire.message,
+    retryable: wire.retryable,
+    details_json: wire.details === undefined ? Buffer.alloc(0) : encodeJson(wire.details),
+    retry_after: wire.retryAfter ?? 0,
+  };
+}
+
+/** The reply for anything a method threw. */
+export function errorReply(thrown: unknown): CallReplyMessage {
+  return { ok: false, error: errorMessage(toWireError(thrown)) };
+}
+
+// JSON through lossless-json, not JSON.parse: the protocol carries JSON bytes so that an
+// integer above 2^53 (an int64 id) survives, and JSON.parse would round it to a double.
+// Integers that fit a double stay numbers; larger ones become BigInt and are written back exactly.
+function parseNumber(text: string): number | bigint {
+  const value = Number(text);
+  return Number.isSafeInteger(value) || !/^-?\d+$/.test(text) ? value : BigInt(text);
+}
+
+export function encodeJson(value: unknown): Buffer {
+  return Buffer.from(stringify(value === undefined ? null : value) ?? 'null');
+}
+
+/** JSON bytes to a value; empty bytes are null. */
+export function decodeJson(bytes: Buffer | Uint8Array | undefined, what: string): unknown {
+  if (bytes === undefined || bytes.length === 0) return null;
+  try {
+    return parse(Buffer.from(bytes).toString('utf8'), null, parseNumber);
+  } catch (error) {
+    throw new InvalidParams(`${what} is not valid JSON: ${(error as Error).message}`);
+  }
+}
+
+function metadataValue(metadata: grpc.Metadata, key: string): string {
+  const values = metadata.get(key);
+  return values.length > 0 ? String(values[0]) : '';
+}
+
+/** What every kind of server call has. */
+type SurfaceCall = grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown>;
+
+/** A call's context and the means to end it; `finish()` releases its timer. */
+interface LiveContext {
+  ctx: CallContext;
+  finish(): void;
+  /** Rejects when the call is over (deadline or cancellation); never resolves. */
+  over: Promise<never>;
+}
+
+function liveContext(method: string, request: CallRequestMessage, call: SurfaceCall): LiveContext {
+  const message = request.context;
+  const now = Date.now();
+  const deadlines: number[] = [];
+  if (message && message.deadline_ms > 0) deadlines.push(now + Number(message.deadline_ms));
+  const grpcDeadline = call.getDeadline();
+  const grpcDeadlineMs = grpcDeadline instanceof Date ? grpcDeadline.getTime() : Number(grpcDeadline);
+  if (Number.isFinite(grpcDeadlineMs)) deadlines.push(grpcDeadlineMs);
+  const deadline = deadlines.length > 0 ? Math.min(...deadlines) : undefined;
+
+  const controller = new AbortController();
+  let timer: NodeJS.Timeout | undefined;
+  if (deadline !== undefined) {
+    timer = setTimeout(
+      () => controller.abort(new DeadlineExceeded(`${method} did not finish before its deadline`)),
+      Math.max(0, deadline - now),
+    );
+  }
+  const onCancelled = (): void => controller.abort(new DeadlineExceeded(`${method} was cancelled by the host`));
+  call.on('cancelled', onCancelled);
+  const over = new Promise<never>((_, reject) => {
+    controller.signal.addEventListener('abort', () => reject(controller.signal.reason), { once: true });
+  });
+  over.catch(() => undefined); // observed by whoever races it; never an unhandled rejection
+
+  const ctx: CallContext = {
+    method,
+    requestId: message?.request_id || metadataValue(call.metadata, 'x-request-id'),
+    caller: message?.caller || metadataValue(call.metadata, 'x-caller'),
+    traceparent: message?.traceparent || metadataValue(call.metadata, 'traceparent'),
+    idempotencyKey: message?.idempotency_key ?? '',
+    deadline,
+    signal: controller.signal,
+    remainingMs: () => (deadline === undefined ? undefined : Math.max(0, deadline - Date.now())),
+    sleep: (ms: number) =>
+      new Promise<void>((resolve, reject) => {
+        if (controller.signal.aborted) return reject(controller.signal.reason);
+        const onAbort = (): void => {
+          clearTimeout(sleeper);
+          reject(controller.signal.reason);
+        };
+        const sleeper = setTimeout(() => {
+          controller.signal.removeEventListener('abort', onAbort);
+          resolve();
+        }, ms);
+        controller.signal.addEventListener('abort', onAbort, { once: true });
+      }),
+  };
+  return {
+    ctx,
+    over,
+    finish: () => {
+      if (timer !== undefined) clearTimeout(timer);
+      call.removeListener('cancelled', onCancelled);
+    },
+  };
+}
+
+/** Protocol checks common to Call, CallBatch and CallStream; throws a PluginError. */
+function checkRequest(request: CallRequestMessage): unknown {
+  if (request.v !== 0 && request.v !== PROTOCOL_VERSION) {
+    throw new ProviderError(`envelope version ${request.v} is not supported; this plugin speaks ${PROTOCOL_VERSION}`);
+  }
+  if (!request.method) throw new InvalidParams('the request names no method');
+  return decodeJson(request.params_json, 'params_json');
+}
+
+export interface PluginServerOptions {
+  /** Health answers SERVING before Start (service mode). */
+  servingFromStart: boolean;
+}
+
+/** A grpc-js Server carrying the plugin's service and the health service. */
+export class PluginServer {
+  readonly server: grpc.Server;
+  readonly health: HealthImplementation;
+  private readonly plugin: Plugin;
+
+  constructor(plugin: Plugin, options: PluginServerOptions) {
+    this.plugin = plugin;
+    this.server = new grpc.Server();
+    const initial = options.servingFromStart ? 'SERVING' : 'NOT_SERVING';
+    this.health = new HealthImplementation({ '': initial, [SERVICE_NAME]: initial });
+    this.health.addToServer(this.server);
+    this.server.addService(serviceDefinition(), this.implementation());
+  }
+
+  setServing(serving: boolean): void {
+    const status = serving ? 'SERVING' : 'NOT_SERVING';
+    this.health.setStatus('', status);
+    this.health.setStatus(SERVICE_NAME, status);
+  }
+
+  bind(address: string, credentials: grpc.ServerCredentials): Promise<number> {
+    return new Promise((resolve, reject) => {
+      this.server.bindAsync(address, credentials, (error, port) => (error ? reject(error) : resolve(port)));
+    });
+  }
+
+  /** Graceful stop, forced after `graceMs`. */
+  shutdown(graceMs = 5000): Promise<void> {
+    return new Promise((resolve) => {
+      const force = setTimeout(() => {
+        this.server.forceShutdown();
+        resolve();
+      }, graceMs);
+      force.unref();
+      this.server.tryShutdown(() => {
+        clearTimeout(force);
+        resolve();
+      });
+    });
+  }
+
+  /** One unary call, answered as a CallReply whatever happens. */
+  async answer(request: CallRequestMessage, call: SurfaceCall): Promise<CallReplyMessage> {
+    let live: LiveContext | undefined;
+    try {
+      const params = checkRequest(request);
+      live = liveContext(request.method, request, call);
+      const running = Promise.resolve().then(() => this.plugin.invoke(request.method, params, live!.ctx));
+      const result = await Promise.race([running, live.over]);
+      return { ok: true, result_json: encodeJson(result) };
+    } catch (error) {
+      return errorReply(error);
+    } finally {
+      live?.finish();
+    }
+  }
+
+  private async stream(call: grpc.ServerWritableStream<CallRequestMessage, unknown>): Promise<void> {
+    const request = call.request;
+    let live: LiveContext | undefined;
+    let iterator: AsyncIterator<unknown> | undefined;
+    try {
+      const params = checkRequest(request);
+      live = liveContext(request.method, request, call);
+      this.plugin.lookup(request.method); // method_not_found before any chunk
+      iterator = this.plugin.invokeStream(request.method, params, live.ctx)[Symbol.asyncIterator]();
+      for (;;) {
+        const next = await Promise.race([iterator.next(), live.over]);
+        if (next.done) break;
+        if (!call.write({ chunk_json: encodeJson(next.value) })) await once(call, 'drain');
+      }
+    } catch (error) {
+      void iterator?.return?.(undefined)?.catch(() => undefined);
+      if (!call.cancelled) call.write({ error: errorMessage(toWireError(error)) });
+    } finally {
+      live?.finish();
+    }
+    if (!call.cancelled) call.end();
+  }
+
+  private lifecycle(run: () => Promise<void>): grpc.handleUnaryCall<unknown, object> {
+    return (_call, callback) => {
+      run().then(
+        () => callback(null, {}),
+        (error: unknown) => {
+          const wire = toWireError(error);
+          callback({ code: grpc.status.INTERNAL, details: `${wire.type}: ${wire.message}` });
+        },
+      );
+    };
+  }
+
+  private implementation(): grpc.UntypedServiceImplementation {
+    const plugin = this.plugin;
+    return {
+      Describe: (_call: grpc.ServerUnaryCall<unknown, unknown>, callback: grpc.sendUnaryData<unknown>) => {
+        callback(null, {
+          id: plugin.id,
+          version: plugin.version,
+          protocol_version: PROTOCOL_VERSION,
+          runtime: plugin.runtime,
+          methods: plugin.describe(),
+        });
+      },
+      Init: (call: grpc.ServerUnaryCall<{ config_json: Buffer }, object>, callback: grpc.sendUnaryData<object>) => {
+        let config: JsonObject;
+        try {
+          const value = decodeJson(call.request.config_json, 'config_json') ?? {};
+          if (!isObject(value)) throw new InvalidParams('config_json must be a JSON object');
+          config = value;
+        } catch (error) {
+          callback({ code: grpc.status.INVALID_ARGUMENT, details: (error as Error).message });
+          return;
+        }
+        this.lifecycle(() => plugin.runPhase('init', config))(call, callback);
+      },
+      Start: this.lifecycle(async () => {
+        await plugin.runPhase('start');
+        this.setServing(true);
+      }),
+      Stop: this.lifecycle(async () => {
+        this.setServing(false);
+        await plugin.runPhase('stop');
+      }),
+      Destroy: this.lifecycle(() => plugin.runPhase('destroy')),
+      Call: (call: grpc.ServerUnaryCall<CallRequestMessage, CallReplyMessage>, callback: grpc.sendUnaryData<CallReplyMessage>) => {
+        void this.answer(call.request, call).then((reply) => callback(null, reply));
+      },
+      CallBatch: (
+        call: grpc.ServerUnaryCall<{ calls: CallRequestMessage[] }, unknown>,
+        callback: grpc.sendUnaryData<unknown>,
+      ) => {
+        call.setMaxListeners(0); // one 'cancelled' listener per item of the batch
+        void Promise.all(call.request.calls.map((request) => this.answer(request, call))).then((results) =>
+          callback(null, { results }),
+        );
+      },
+      CallStream: (call: grpc.ServerWritableStream<CallRequestMessage, unknown>) => {
+        void this.stream(call);
+      },
+      Events: (call: grpc.ServerDuplexStream<{ name: string; data_json: Buffer }, unknown>) => {
+        // Headers at once tell the host the stream is open, so it need not wait for an event.
+        call.sendMetadata(new grpc.Metadata());
+        const unsubscribe = plugin.addEventSink((name, data) => {
+          if (!call.cancelled && call.writable) call.write({ name, data_json: encodeJson(data) });
+        });
+        call.on('data', (event: { name: string; data_json: Buffer }) => {
+          let data: unknown;
+          try {
+            data = decodeJson(event.data_json, `data of host event ${event.name}`);
+          } catch (error) {
+            process.stderr.write(`linchkit plugin: dropped host event ${event.name}: ${(error as Error).message}\n`);
+            return;
+          }
+          plugin.deliverHostEvent(event.name, data).catch((error: unknown) => {
+            process.stderr.write(`linchkit plugin: handler of host event ${event.name} failed: ${String(error)}\n`);
+          });
+        });
+        const close = (): void => {
+          unsubscribe();
+          if (!call.cancelled && call.writable) call.end();
+        };
+        call.on('end', close);
+        call.on('cancelled', unsubscribe);
+        call.on('error', unsubscribe);
+      },
+    };
+  }
+}

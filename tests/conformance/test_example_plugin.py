@@ -1,0 +1,195 @@
+"""The conformance suite: docs/protocol.md's example-plugin table, for every language, two ways.
+
+Each test runs once per (language, mode) of ``conftest.example``. What a case checks is
+only what the protocol promises, so every SDK is held to the same contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+import pytest
+
+from dispatcher import (
+    DeadlineExceeded,
+    InvalidParams,
+    Invocation,
+    MethodNotFound,
+    PluginError,
+)
+from dispatcher.invocation import new_request_id
+from tests.conformance.conftest import CONFIG, Example
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def digest(data: str, rounds: int) -> str:
+    value = data.encode()
+    for _ in range(rounds):
+        value = hashlib.sha256(value).digest()
+    return value.hex()
+
+
+async def call(example: Example, method: str, params: Any = None, **options: Any) -> Any:
+    return await example.dispatcher.call(example.plugin, method, params, **options)
+
+
+async def test_describe_names_the_plugin_and_its_methods(example: Example) -> None:
+    info = await example.connection().describe_plugin(timeout=10)
+    assert (info["id"], info["version"], info["protocol_version"]) == ("example", "1.0.0", 1)
+    assert info["runtime"] == example.language
+    expected = {"echo", "digest", "fail", "sleep", "count", "emit", "config"}
+    assert expected <= set(info["methods"])
+    assert info["methods"]["count"]["streaming"] is True
+    assert info["methods"]["echo"]["streaming"] is False
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"text": "hi", "n": 1, "nested": {"list": [1, 2.5, None, True]}},
+        [1, "two", {"three": 3}],
+        "a string with unicode: ünïcødé ✓",
+        42,
+        2**60,  # beyond a double's exact integers: JSON bytes keep it exact
+        True,
+        {},
+        [],
+    ],
+    ids=["object", "array", "string", "int", "int64", "bool", "empty-object", "empty-array"],
+)
+async def test_echo_returns_the_params_unchanged(example: Example, params: Any) -> None:
+    assert await call(example, "echo", params) == params
+
+
+async def test_digest_hashes_rounds_times(example: Example) -> None:
+    assert await call(example, "digest", {"data": "abc", "rounds": 1}) == digest("abc", 1)
+    assert await call(example, "digest", {"data": "ünï", "rounds": 1000}) == digest("ünï", 1000)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"data": "abc", "rounds": "many"}, {"data": "abc"}, {"rounds": 3}, {"data": 5, "rounds": 1}],
+    ids=["rounds-not-int", "no-rounds", "no-data", "data-not-string"],
+)
+async def test_digest_with_wrong_params_is_invalid_params(
+    example: Example, params: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidParams):
+        await call(example, "digest", params)
+
+
+async def test_fail_is_the_plugins_own_error(example: Example) -> None:
+    with pytest.raises(PluginError) as caught:
+        await call(example, "fail", {"message": "card declined"})
+    assert caught.value.remote_type == "ExampleFailure"
+    assert caught.value.message == "card declined"
+    assert caught.value.retryable is False
+
+
+async def test_sleep_answers_after_sleeping(example: Example) -> None:
+    started = time.perf_counter()
+    assert await call(example, "sleep", {"ms": 50}) == {"slept_ms": 50}
+    assert time.perf_counter() - started >= 0.045
+
+
+async def test_sleep_past_the_deadline_is_deadline_exceeded_on_time(example: Example) -> None:
+    started = time.perf_counter()
+    with pytest.raises(DeadlineExceeded):
+        await call(example, "sleep", {"ms": 5_000}, timeout=0.3)
+    assert time.perf_counter() - started < 2.0
+    assert await call(example, "echo", "still serving") == "still serving"
+
+
+async def test_count_as_a_unary_call_is_the_list_of_chunks(example: Example) -> None:
+    assert await call(example, "count", {"n": 3}) == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+async def test_count_streams_its_chunks(example: Example) -> None:
+    chunks = [c async for c in example.dispatcher.stream("example", "count", {"n": 5})]
+    assert chunks == [{"i": i} for i in range(5)]
+    assert [c async for c in example.dispatcher.stream("example", "count", {"n": 0})] == []
+
+
+async def test_count_stream_with_wrong_params_is_invalid_params(example: Example) -> None:
+    with pytest.raises(InvalidParams):
+        async for _ in example.dispatcher.stream("example", "count", {}):
+            pass
+    with pytest.raises(InvalidParams):
+        await call(example, "count", {"n": "three"})
+
+
+async def test_a_stream_can_be_left_early(example: Example) -> None:
+    stream = example.dispatcher.stream("example", "count", {"n": 10_000})
+    async for chunk in stream:
+        assert chunk == {"i": 0}
+        break
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert await call(example, "echo", 1) == 1
+
+
+async def test_emit_reaches_the_hosts_handlers(example: Example) -> None:
+    # The Events stream opens with the dispatcher; a ping/pong first proves it is live.
+    await example.dispatcher.publish("example", "ping", {"seq": 1})
+    assert await example.next_event("pong") == {"seq": 1}
+    assert await call(example, "emit", {"name": "order.paid", "data": {"id": 7}}) is True
+    assert await example.next_event("order.paid") == {"id": 7}
+
+
+async def test_host_ping_is_answered_by_pong_with_the_same_data(example: Example) -> None:
+    payload = {"nested": [1, {"x": "y"}], "n": 2**40}
+    await example.dispatcher.publish("example", "ping", payload)
+    assert await example.next_event("pong") == payload
+
+
+async def test_config_is_what_init_received(example: Example) -> None:
+    assert await call(example, "config", {}) == CONFIG
+
+
+async def test_an_unknown_method_is_method_not_found(example: Example) -> None:
+    with pytest.raises(MethodNotFound):
+        await call(example, "no_such_method", {})
+
+
+async def test_health_is_serving(example: Example) -> None:
+    (report,) = await example.dispatcher.health()
+    assert report.health.status == "serving", report.health.detail
+    connection = example.connection()
+    overall = await connection.health(service="")
+    assert overall.status == "serving", overall.detail
+
+
+async def test_a_batch_answers_each_item_in_order(example: Example) -> None:
+    spec = example.dispatcher.manifest.plugins[0]
+    target = spec.target
+    provider = example.dispatcher.providers[target.provider]
+    deadline = time.monotonic() + 10
+
+    def invocation(method: str, params: Any) -> Invocation:
+        return Invocation("example", "1.0.0", method, params, deadline, new_request_id())
+
+    outcomes = await provider.invoke_batch(
+        target,
+        [
+            invocation("echo", {"a": 1}),
+            invocation("fail", {"message": "item two"}),
+            invocation("digest", {"data": "x", "rounds": 2}),
+            invocation("no_such_method", {}),
+            invocation("count", {"n": 2}),
+        ],
+    )
+    assert [outcome.ok for outcome in outcomes] == [True, False, True, False, True]
+    assert outcomes[0].result == {"a": 1}
+    assert isinstance(outcomes[1].error, PluginError)
+    assert outcomes[1].error.remote_type == "ExampleFailure"
+    assert outcomes[2].result == digest("x", 2)
+    assert isinstance(outcomes[3].error, MethodNotFound)
+    assert outcomes[4].result == [{"i": 0}, {"i": 1}]
+
+
+async def test_concurrent_calls_all_answer(example: Example) -> None:
+    results = await asyncio.gather(*(call(example, "echo", {"i": i}) for i in range(64)))
+    assert results == [{"i": i} for i in range(64)]

@@ -1,0 +1,3 @@
+module linchkit.test/echoplugin
+
+go 1.22

@@ -1,0 +1,45 @@
+"""A subprocess plugin for the supervision tests, run as ``python crashing_plugin.py``.
+
+It says hello on stderr (the host must log it), serves like any plugin, and when
+``CRASH_AFTER_MS`` is set it dies abruptly (``os._exit(3)``) that long after ``Start``.
+With ``HANG_ON_EXIT`` it ignores SIGTERM and hangs while exiting: only SIGKILL ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from dispatcher.sdk import Plugin
+from dispatcher.sdk.grpc_server import main
+
+
+class CrashingPlugin(Plugin):
+    async def start(self) -> None:
+        print(f"crashing plugin {os.getpid()} started", file=sys.stderr, flush=True)
+        if os.environ.get("HANG_ON_EXIT"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            atexit.register(time.sleep, 60)
+        crash_after = os.environ.get("CRASH_AFTER_MS")
+        if crash_after:
+            asyncio.get_running_loop().call_later(int(crash_after) / 1000, os._exit, 3)
+
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def echo(self, value: Any = None) -> Any:
+        return value
+
+    async def announce(self, name: str) -> bool:
+        """Emit the plugin event ``name`` with this process's pid."""
+        self.emit(name, os.getpid())
+        return True
+
+
+if __name__ == "__main__":
+    sys.exit(main(CrashingPlugin, plugin_id="crashing", version="1.0.0"))

@@ -1,0 +1,449 @@
+"""provider: grpc against real grpc.aio servers on 127.0.0.1 port 0 in this loop.
+
+A scripted ``PluginService`` answers with the status a test asks for (by method name) and
+records what reached it, so the status mapping, metadata, deadlines, TLS and channel
+reuse are checked on the wire, not against a mock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import orjson
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from dispatcher import (
+    DeadlineExceeded,
+    Dispatcher,
+    Forbidden,
+    InvalidParams,
+    PluginError,
+    ProviderError,
+    RateLimited,
+    TargetUnavailable,
+    Unauthorized,
+)
+from dispatcher._automtls import generate_certificate
+from dispatcher._proto import plugin_pb2, plugin_pb2_grpc
+from providers.grpc import GrpcProvider, GrpcTarget
+from tests.conftest import manifest
+
+STATUS_BY_METHOD = {
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "unimplemented": grpc.StatusCode.UNIMPLEMENTED,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "denied": grpc.StatusCode.PERMISSION_DENIED,
+    "internal": grpc.StatusCode.INTERNAL,
+    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+class ScriptedPlugin:
+    """A PluginService whose answers the tests choose; it records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.lifecycle: list[str] = []
+        self.batches = 0
+
+    async def Describe(self, request: Any, context: Any) -> Any:
+        return plugin_pb2.PluginInfo(id="scripted", version="1.0.0", protocol_version=1)
+
+    async def Init(self, request: Any, context: Any) -> Any:
+        self.lifecycle.append(f"Init {orjson.loads(request.config_json)}")
+        return plugin_pb2.LifecycleReply()
+
+    async def Start(self, request: Any, context: Any) -> Any:
+        self.lifecycle.append("Start")
+        return plugin_pb2.LifecycleReply()
+
+    async def Stop(self, request: Any, context: Any) -> Any:
+        self.lifecycle.append("Stop")
+        return plugin_pb2.LifecycleReply()
+
+    async def Destroy(self, request: Any, context: Any) -> Any:
+        self.lifecycle.append("Destroy")
+        return plugin_pb2.LifecycleReply()
+
+    async def Call(self, request: Any, context: Any) -> Any:
+        self.calls.append(
+            {
+                "method": request.method,
+                "metadata": dict(context.invocation_metadata()),
+                "time_remaining": context.time_remaining(),
+                "deadline_ms": request.context.deadline_ms,
+                "caller": request.context.caller,
+                "request_id": request.context.request_id,
+            }
+        )
+        status = STATUS_BY_METHOD.get(request.method)
+        if status is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            context.set_trailing_metadata((("retry-after", "2.5"),))
+        if status is not None:
+            await context.abort(status, f"scripted {status.name}")
+        if request.method == "slow":
+            await asyncio.sleep(5)
+        if request.method == "business":
+            return plugin_pb2.CallReply(
+                ok=False,
+                error=plugin_pb2.Error(
+                    type="OutOfStock",
+                    message="no more",
+                    retryable=True,
+                    details_json=b'{"sku": 3}',
+                ),
+            )
+        if request.method == "limited":
+            return plugin_pb2.CallReply(
+                ok=False,
+                error=plugin_pb2.Error(type="rate_limited", message="slow down", retry_after=1.5),
+            )
+        return plugin_pb2.CallReply(ok=True, result_json=request.params_json)
+
+    async def CallBatch(self, request: Any, context: Any) -> Any:
+        self.batches += 1
+        return plugin_pb2.BatchReply(
+            results=[await self.Call(call, context) for call in request.calls]
+        )
+
+    async def CallStream(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        for i in range(3):
+            yield plugin_pb2.StreamItem(chunk_json=orjson.dumps(i))
+        yield plugin_pb2.StreamItem(error=plugin_pb2.Error(type="StreamBroke", message="at 3"))
+
+    async def Events(self, request_iterator: Any, context: Any) -> None:
+        # A plugin without events: the host must take UNIMPLEMENTED calmly and stop asking.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no events here")
+
+
+async def serve(
+    servicer: ScriptedPlugin, credentials: Any = None
+) -> tuple[grpc.aio.Server, str, HealthServicer]:
+    server = grpc.aio.server()
+    plugin_pb2_grpc.add_PluginServiceServicer_to_server(servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    return server, f"127.0.0.1:{port}", health
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[ScriptedPlugin, str, HealthServicer]]:
+    servicer = ScriptedPlugin()
+    server, address, health = await serve(servicer)
+    try:
+        yield servicer, address, health
+    finally:
+        await server.stop(grace=None)
+
+
+def plugin(target: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    methods = [*STATUS_BY_METHOD, "echo", "slow", "business", "limited", "stream"]
+    return {
+        "id": "scripted",
+        "version": "1.0.0",
+        "config": {"k": "v"},
+        "target": target,
+        "methods": {name: {} for name in methods},
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "error", "retryable"),
+    [
+        ("unavailable", TargetUnavailable, True),
+        ("exhausted", RateLimited, True),
+        ("invalid", InvalidParams, False),
+        ("unimplemented", ProviderError, False),
+        ("unauthenticated", Unauthorized, False),
+        ("denied", Forbidden, False),
+        ("internal", TargetUnavailable, True),
+        ("precondition", ProviderError, False),
+    ],
+)
+async def test_grpc_statuses_become_dispatcher_errors(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+    method: str,
+    error: type[Exception],
+    retryable: bool,
+) -> None:
+    _, address, _ = scripted
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+        with pytest.raises(error) as caught:
+            await d.call("scripted", method, {})
+    assert type(caught.value) is error
+    assert caught.value.retryable is retryable  # type: ignore[attr-defined]
+    if method == "exhausted":
+        assert caught.value.retry_after == 2.5  # type: ignore[attr-defined]
+
+
+async def test_reply_errors_travel_as_the_envelope_says(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    _, address, _ = scripted
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+        with pytest.raises(PluginError) as business:
+            await d.call("scripted", "business", {})
+        with pytest.raises(RateLimited) as limited:
+            await d.call("scripted", "limited", {})
+    assert business.value.remote_type == "OutOfStock"
+    assert business.value.retryable is True
+    assert business.value.details == {"sku": 3}
+    assert limited.value.retry_after == 1.5
+
+
+async def test_metadata_and_deadline_reach_the_server(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    servicer, address, _ = scripted
+    target = {"provider": "grpc", "address": address, "metadata": {"x-tenant": "acme"}}
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with Dispatcher(manifest(plugin(target))) as d:
+        await d.call(
+            "scripted",
+            "echo",
+            {"a": 1},
+            caller="alice",
+            traceparent=traceparent,
+            request_id="req-42",
+            timeout=3.0,
+        )
+    (seen,) = servicer.calls
+    assert seen["metadata"]["x-request-id"] == "req-42"
+    assert seen["metadata"]["x-caller"] == "alice"
+    assert seen["metadata"]["traceparent"] == traceparent
+    assert seen["metadata"]["x-tenant"] == "acme"
+    assert (seen["request_id"], seen["caller"]) == ("req-42", "alice")
+    assert 2.0 < seen["time_remaining"] <= 3.1  # the gRPC deadline is the call's (grpc rounds up)
+    assert 2000 < seen["deadline_ms"] <= 3000
+
+
+async def test_a_slow_target_is_deadline_exceeded_when_the_deadline_passes(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    _, address, _ = scripted
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+        started = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            await d.call("scripted", "slow", {}, timeout=0.2)
+    assert time.perf_counter() - started < 1.0
+
+
+async def test_one_channel_per_target_is_reused(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    _, address, _ = scripted
+    provider = GrpcProvider()
+    async with Dispatcher(
+        manifest(plugin({"provider": "grpc", "address": address})), providers={"grpc": provider}
+    ) as d:
+        await asyncio.gather(*(d.call("scripted", "echo", {"i": i}) for i in range(20)))
+        assert len(provider._by_value) == 1
+        assert "connections=1" in repr(provider)
+    assert provider._by_value == {}
+
+
+async def test_batch_is_one_call_batch(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    from dispatcher import Invocation
+    from dispatcher.invocation import new_request_id
+
+    servicer, address, _ = scripted
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+        target = d.manifest.plugins[0].target
+        deadline = time.monotonic() + 5
+        outcomes = await d.providers["grpc"].invoke_batch(
+            target,
+            [
+                Invocation("scripted", "1.0.0", "echo", [i], deadline, new_request_id())
+                for i in range(5)
+            ],
+        )
+    assert [outcome.unwrap() for outcome in outcomes] == [[i] for i in range(5)]
+    assert servicer.batches == 1
+
+
+async def test_stream_yields_chunks_then_raises_the_error_item(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    _, address, _ = scripted
+    chunks: list[Any] = []
+
+    async def consume(stream: AsyncIterator[Any]) -> None:
+        async for chunk in stream:
+            chunks.append(chunk)
+
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+        with pytest.raises(PluginError, match="at 3"):
+            await consume(d.stream("scripted", "stream", {}))
+    assert chunks == [0, 1, 2]
+
+
+async def test_streaming_on_a_provider_without_streams_is_a_typed_error() -> None:
+    from tests.conftest import LOCAL_TARGET, echo_plugin
+
+    async with Dispatcher(manifest(echo_plugin("echo", LOCAL_TARGET))) as d:
+        with pytest.raises(ProviderError, match="no streaming"):
+            async for _ in d.stream("echo", "say", {"text": "x"}):
+                pass
+
+
+async def test_lifecycle_runs_when_the_dispatcher_owns_it(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    servicer, address, _ = scripted
+    owned = {"provider": "grpc", "address": address, "lifecycle": "dispatcher"}
+    async with Dispatcher(manifest(plugin(owned))):
+        assert servicer.lifecycle == ["Init {'k': 'v'}", "Start"]
+    assert servicer.lifecycle == ["Init {'k': 'v'}", "Start", "Stop", "Destroy"]
+    servicer.lifecycle.clear()
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))):
+        pass
+    assert servicer.lifecycle == []  # 'remote': the service runs its own
+
+
+async def test_health_follows_grpc_health_v1(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    _, address, health = scripted
+    service = "linchkit.plugin.v1.PluginService"
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        assert (await d.health())[0].health.status == "serving"
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        (report,) = await d.health()
+    assert report.health.status == "not_serving"
+    assert "NOT_SERVING" in report.health.detail
+
+
+async def test_nothing_listening_is_target_unavailable() -> None:
+    from tests.conftest import bound_socket
+
+    with bound_socket() as sock:  # bound, never listening: connections are refused
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+        async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+            with pytest.raises(TargetUnavailable):
+                await d.call("scripted", "echo", {}, timeout=2)
+            (report,) = await d.health()
+    assert report.health.status == "not_serving"
+
+
+def write(folder: Path, name: str, data: bytes) -> Path:
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
+async def test_mutual_tls_works_with_the_client_certificate_and_is_refused_without(
+    tmp_path: Path,
+) -> None:
+    server_certificate = generate_certificate("server")
+    client_certificate = generate_certificate("client")
+    credentials = grpc.ssl_server_credentials(
+        [(server_certificate.private_key_pem, server_certificate.certificate_pem)],
+        root_certificates=client_certificate.certificate_pem,
+        require_client_auth=True,
+    )
+    server, address, _ = await serve(ScriptedPlugin(), credentials)
+    ca = write(tmp_path, "server.pem", server_certificate.certificate_pem)
+    cert = write(tmp_path, "client.pem", client_certificate.certificate_pem)
+    key = write(tmp_path, "client.key", client_certificate.private_key_pem)
+    secured = {
+        "provider": "grpc",
+        "address": address,
+        "ca_file": str(ca),
+        "cert_file": str(cert),
+        "key_file": str(key),
+        "server_name": "localhost",
+    }
+    tls_only = {
+        "provider": "grpc",
+        "address": address,
+        "ca_file": str(ca),
+        "server_name": "localhost",
+    }
+    plain = {"provider": "grpc", "address": address}
+    try:
+        async with Dispatcher(manifest(plugin(secured))) as d:
+            assert await d.call("scripted", "echo", {"over": "mtls"}) == {"over": "mtls"}
+        for refused in (tls_only, plain):
+            async with Dispatcher(manifest(plugin(refused))) as d:
+                with pytest.raises(TargetUnavailable):
+                    await d.call("scripted", "echo", {}, timeout=2)
+    finally:
+        await server.stop(grace=None)
+
+
+def test_target_validation() -> None:
+    assert (
+        GrpcTarget(provider="grpc", address="unix:/run/x.sock").describe()
+        == "grpc unix:/run/x.sock"
+    )
+    with pytest.raises(ValueError, match="go together"):
+        GrpcTarget(provider="grpc", address="127.0.0.1:1", cert_file=Path("/x.pem"))
+    with pytest.raises(ValueError, match="address"):
+        GrpcTarget(provider="grpc", address="http://nope")
+    with pytest.raises(ValueError, match="metadata key"):
+        GrpcTarget(provider="grpc", address="127.0.0.1:1", metadata={"X-Upper": "v"})
+    with pytest.raises(ValueError, match="printable ASCII"):
+        GrpcTarget(provider="grpc", address="127.0.0.1:1", metadata={"x-name": "ünï"})
+    target = GrpcTarget(provider="grpc", address="127.0.0.1:1", ca_file=Path("/nonexistent.pem"))
+    assert target.describe() == "grpcs 127.0.0.1:1"
+    with pytest.raises(ProviderError, match="cannot read TLS file"):
+        target.security()
+
+
+async def test_metadata_that_is_not_ascii_is_percent_encoded_and_exact_in_the_context(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    servicer, address, _ = scripted
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+        await d.call("scripted", "echo", {}, caller="ålice\n", request_id="ид-1")
+    (seen,) = servicer.calls
+    assert seen["metadata"]["x-caller"] == "%C3%A5lice%0A"
+    assert seen["metadata"]["x-request-id"] == "%D0%B8%D0%B4-1"
+    assert (seen["caller"], seen["request_id"]) == ("ålice\n", "ид-1")
+
+
+async def test_a_call_on_a_closed_connection_is_a_dispatch_error(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    from dispatcher import Invocation
+
+    _, address, _ = scripted
+    provider = GrpcProvider()
+    async with Dispatcher(
+        manifest(plugin({"provider": "grpc", "address": address})), providers={"grpc": provider}
+    ):
+        (connection,) = provider._by_value.values()
+    invocation = Invocation("scripted", "1.0.0", "echo", {}, time.monotonic() + 5, "r-1")
+    with pytest.raises(TargetUnavailable, match="closed") as caught:
+        await connection.call(invocation)
+    assert caught.value.retryable is False
+
+
+async def test_publish_names_what_is_wrong() -> None:
+    from dispatcher import PluginNotFound
+    from tests.conftest import LOCAL_TARGET, echo_plugin
+
+    async with Dispatcher(manifest(echo_plugin("echo", LOCAL_TARGET))) as d:
+        with pytest.raises(PluginNotFound):
+            await d.publish("nope", "ping")
+        with pytest.raises(ProviderError, match="cannot send events"):
+            await d.publish("echo", "ping", {"x": 1})

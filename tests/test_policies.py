@@ -1,0 +1,439 @@
+"""Policies under concurrency, against real targets; time faked where the issue asks for it."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import recording_plugin
+from recording_plugin import CountingPlugin
+
+from dispatcher import (
+    CircuitOpen,
+    DeadlineExceeded,
+    Dispatcher,
+    InvalidParams,
+    Invocation,
+    ManifestError,
+    Overloaded,
+    PluginError,
+    RateLimited,
+    TargetUnavailable,
+)
+from dispatcher.config import CachePolicy, RateLimit
+from dispatcher.invocation import new_request_id
+from dispatcher.policies import BreakerState, CircuitBreaker, ResultCache
+from dispatcher.policies.breaker import BreakerStep
+from dispatcher.policies.ratelimit import Limit, RateLimitStep
+from tests.conftest import echo_plugin, manifest
+from tests.test_http_provider import answering, raw_server
+
+COUNTING = {"provider": "local", "entrypoint": "recording_plugin:CountingPlugin"}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock only moves when the test moves it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def counting(methods: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"id": "count", "version": "1.0.0", "target": COUNTING, "methods": methods, **extra}
+
+
+def invocation(
+    params: Any = None, *, deadline_in: float = 30.0, caller: str | None = None
+) -> Invocation:
+    deadline = asyncio.get_running_loop().time() + deadline_in
+    return Invocation("p", "1.0.0", "m", params or {}, deadline, new_request_id(), caller=caller)
+
+
+@pytest.fixture(autouse=True)
+def _reset_counting_plugin() -> None:
+    CountingPlugin.calls = 0
+    CountingPlugin.finished = []
+
+
+# -- cache ------------------------------------------------------------------------------
+
+
+async def test_a_thousand_concurrent_identical_misses_make_one_target_call() -> None:
+    plugin = counting({"lookup": {"pure": True, "cache": {"ttl_ms": 60_000}}})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        results = await asyncio.gather(
+            *(dispatcher.call("count", "lookup", {"key": "k", "delay": 0.05}) for _ in range(1000))
+        )
+        again = await dispatcher.call("count", "lookup", {"delay": 0.05, "key": "k"})  # key order
+        stats = dispatcher.stats()["caches"]["count@1.0.0.lookup"]
+    assert CountingPlugin.calls == 1
+    assert all(result == {"key": "k", "call": 1} for result in results)
+    assert again == {"key": "k", "call": 1}
+    assert (stats["hits"], stats["misses"]) == (1, 1000)
+
+
+async def test_cache_ttl_on_a_fake_clock_and_per_caller_keys() -> None:
+    clock = FakeClock()
+    cache = ResultCache("p.m", CachePolicy(ttl_ms=10_000, per_caller=True), clock)
+    first = cache.key(invocation({"a": 1, "b": 2}, caller="alice"))
+    assert first == cache.key(invocation({"b": 2, "a": 1}, caller="alice"))
+    assert first != cache.key(invocation({"a": 1, "b": 2}, caller="bob"))
+    cache.entries[first] = "value"
+    clock.now += 9.999
+    assert cache.entries.get(first) == "value"
+    clock.now += 0.002
+    assert cache.entries.get(first) is None
+
+
+async def test_errors_are_not_cached_and_invalidation_works() -> None:
+    plugin = counting(
+        {
+            "lookup": {"pure": True, "cache": {"ttl_ms": 60_000}},
+            "fails": {"pure": True, "cache": {"ttl_ms": 60_000}},
+        }
+    )
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        for _ in range(3):
+            with pytest.raises(PluginError):
+                await dispatcher.call("count", "fails")
+        assert CountingPlugin.calls == 3
+        await dispatcher.call("count", "lookup", {"key": "x"})
+        await dispatcher.call("count", "lookup", {"key": "x"})
+        assert CountingPlugin.calls == 4
+        assert dispatcher.invalidate("count", "lookup") == 1
+        await dispatcher.call("count", "lookup", {"key": "x"})
+        assert CountingPlugin.calls == 5
+        assert dispatcher.invalidate() == 1
+
+
+def test_caching_or_retrying_an_unsafe_method_is_refused() -> None:
+    with pytest.raises(ManifestError) as caught:
+        manifest(
+            counting({"lookup": {"cache": {"ttl_ms": 10}}, "fails": {"retry": {"attempts": 2}}})
+        )
+    messages = [problem.message for problem in caught.value.problems]
+    assert any("needs 'pure: true'" in message for message in messages)
+    assert any("need 'idempotent: true'" in message for message in messages)
+
+
+# -- batching ---------------------------------------------------------------------------
+
+
+async def test_ten_thousand_batched_calls_each_get_their_own_result(echo_url: str) -> None:
+    plugin = echo_plugin(
+        "echo",
+        {"provider": "http", "url": echo_url},
+        defaults={"timeout_ms": 30_000},
+        methods={"say": {"batch": {"max_size": 100, "max_wait_ms": 20}}},
+    )
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        calls = [
+            dispatcher.call("echo", "say", {"txt": "wrong key"} if i == 4321 else {"text": f"n{i}"})
+            for i in range(10_000)
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        batcher = dispatcher.policies.batchers[0]  # type: ignore[union-attr]
+    assert isinstance(results[4321], InvalidParams)
+    for index, result in enumerate(results):
+        if index != 4321:
+            assert result["text"] == f"n{index}", (index, result)
+    assert batcher.items == 10_000
+    assert batcher.batches <= math.ceil(10_000 / 100) + batcher.timed_flushes
+
+
+async def test_a_batch_that_fails_as_a_whole_fails_each_caller_and_close_leaves_nothing() -> None:
+    async with raw_server(answering(503, b"down")) as url:
+        plugin = echo_plugin(
+            "echo", {"provider": "http", "url": url}, methods={"say": {"batch": {"max_size": 10}}}
+        )
+        async with Dispatcher(manifest(plugin)) as dispatcher:
+            results = await asyncio.gather(
+                *(dispatcher.call("echo", "say", {"text": str(i)}) for i in range(25)),
+                return_exceptions=True,
+            )
+            tasks_before_close = len(asyncio.all_tasks())
+        assert all(isinstance(result, TargetUnavailable) for result in results)
+        assert len(asyncio.all_tasks()) <= tasks_before_close
+
+
+async def test_queued_batch_items_are_sent_when_the_dispatcher_closes(echo_url: str) -> None:
+    plugin = echo_plugin(
+        "echo",
+        {"provider": "http", "url": echo_url},
+        methods={"say": {"batch": {"max_size": 100, "max_wait_ms": 60_000}}},
+    )
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        pending = [
+            asyncio.create_task(dispatcher.call("echo", "say", {"text": str(i)})) for i in range(5)
+        ]
+        await asyncio.sleep(0.01)
+        assert not any(task.done() for task in pending)
+    results = await asyncio.gather(*pending)
+    assert [result["text"] for result in results] == ["0", "1", "2", "3", "4"]
+
+
+# -- rate limits ------------------------------------------------------------------------
+
+
+def test_rate_100_per_second_burst_10_admits_1010_of_10000_offered_in_10_fake_seconds() -> None:
+    loop = FakeTimeLoop()
+
+    async def offer() -> int:
+        async def admitted(_: Invocation) -> bool:
+            return True
+
+        step = RateLimitStep([Limit("m", RateLimit(rate=100, burst=10, mode="reject"))], admitted)
+        passed = 0
+        for tick in range(10_000):  # 1,000 calls/s for 10 s
+            loop.now = tick / 1000
+            try:
+                passed += await step(invocation(deadline_in=1.0))
+            except RateLimited as error:
+                assert error.retry_after == pytest.approx(0.01)
+        return passed
+
+    try:
+        passed = loop.run_until_complete(offer())
+    finally:
+        loop.close()
+    assert abs(passed - 1010) <= 0.02 * 1010
+
+
+async def test_wait_mode_queues_until_the_deadline_and_caller_scope_is_per_caller() -> None:
+    plugin = counting(
+        {"lookup": {"rate_limit": [{"rate": 20, "burst": 1, "mode": "wait", "scope": "caller"}]}}
+    )
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        started = time.monotonic()
+        await asyncio.gather(
+            *(dispatcher.call("count", "lookup", {"key": "a"}, caller="ann") for _ in range(3))
+        )
+        waited = time.monotonic() - started
+        await dispatcher.call(
+            "count", "lookup", {"key": "b"}, caller="bob"
+        )  # bob has his own bucket
+        assert time.monotonic() - started - waited < 0.04
+        await dispatcher.call("count", "lookup", {"key": "a"}, caller="ann")  # drain ann's bucket
+        with pytest.raises(RateLimited):
+            await asyncio.gather(
+                *(
+                    dispatcher.call("count", "lookup", {"key": "a"}, caller="ann", timeout=0.02)
+                    for _ in range(3)
+                )
+            )
+    assert waited >= 0.08  # 3 calls at 20/s with burst 1: two waits of 50 ms
+
+
+async def test_cache_hits_do_not_use_quota() -> None:
+    plugin = counting(
+        {
+            "lookup": {
+                "pure": True,
+                "cache": {"ttl_ms": 60_000},
+                "rate_limit": {"rate": 1, "burst": 1, "mode": "reject"},
+            }
+        }
+    )
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        for _ in range(50):
+            await dispatcher.call("count", "lookup", {"key": "same"})
+        with pytest.raises(RateLimited) as caught:
+            await dispatcher.call("count", "lookup", {"key": "other"})
+    assert caught.value.retry_after == pytest.approx(1.0)
+
+
+# -- circuit breaker --------------------------------------------------------------------
+
+
+async def test_scripted_breaker_sequence_against_a_real_target() -> None:
+    failing = True
+    reached = 0
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal reached
+        while True:
+            from tests.test_http_provider import read_request
+
+            await read_request(reader)
+            reached += 1
+            body = b'{"ok": true, "result": "fine"}'
+            status = b"503 Down" if failing else b"200 OK"
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+            await writer.drain()
+
+    transitions: list[tuple[str, str]] = []
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        "target",
+        fail_max=3,
+        reset_timeout=10,
+        clock=clock,
+        listeners=[lambda _, old, new: transitions.append((old.value, new.value))],
+    )
+    from providers.http import HttpProvider, HttpTarget
+
+    async with raw_server(target) as url, HttpProvider() as provider:
+        http_target = HttpTarget(provider="http", url=url)  # type: ignore[arg-type]
+        step = BreakerStep(breaker, lambda i: provider.invoke(http_target, i))
+
+        for _ in range(3):  # closed: three health failures in a row open it
+            with pytest.raises(TargetUnavailable):
+                await step(invocation())
+        assert breaker.state is BreakerState.OPEN
+        assert transitions == [("closed", "open")]
+
+        for _ in range(20):  # open: nothing reaches the target
+            with pytest.raises(CircuitOpen) as caught:
+                await step(invocation())
+        assert reached == 3
+        assert caught.value.retry_after == pytest.approx(10)
+
+        clock.now += 10  # half-open: one probe; it fails, so open again
+        with pytest.raises(TargetUnavailable):
+            await step(invocation())
+        assert transitions[-2:] == [("open", "half-open"), ("half-open", "open")]
+        assert reached == 4
+
+        clock.now += 10
+        failing = False
+        probe = asyncio.create_task(step(invocation()))
+        await asyncio.sleep(0)
+        with pytest.raises(CircuitOpen):  # a second caller while the probe is in flight
+            await step(invocation())
+        assert await probe == "fine"
+        assert breaker.state is BreakerState.CLOSED
+        assert transitions[-2:] == [("open", "half-open"), ("half-open", "closed")]
+        assert await step(invocation()) == "fine"
+        assert reached == 6
+
+
+async def test_business_errors_and_invalid_params_never_open_the_breaker() -> None:
+    plugin = counting({"fails": {}, "lookup": {}}, defaults={"breaker": {"fail_max": 2}})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        for _ in range(10):
+            with pytest.raises(PluginError):
+                await dispatcher.call("count", "fails")
+            with pytest.raises(InvalidParams):
+                await dispatcher.call("count", "lookup", {"wrong": 1})
+        breaker = next(iter(dispatcher.policies.breakers.values()))  # type: ignore[union-attr]
+        assert breaker.state is BreakerState.CLOSED
+        assert "closed" in repr(breaker)
+        [report] = await dispatcher.health()
+        assert report.circuit == "closed"
+
+
+# -- deadlines, retries, bulkheads ------------------------------------------------------
+
+
+async def test_a_target_sleeping_twice_the_deadline_gives_deadline_exceeded_on_time() -> None:
+    plugin = counting({"slow": {"timeout_ms": 100}})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        started = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            await dispatcher.call("count", "slow", {"seconds": 0.2, "tag": "late"})
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(0.25)  # long enough for a late result to show up
+    assert 0.1 <= elapsed < 0.1 + 0.02
+    assert CountingPlugin.finished == []  # the plugin's work was cancelled, no late result
+
+
+async def test_non_idempotent_methods_are_never_retried_and_retries_stay_in_budget() -> None:
+    async with raw_server(answering(503, b"down")) as url:
+        calls = 0
+
+        async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal calls
+            from tests.test_http_provider import read_request
+
+            while True:
+                await read_request(reader)
+                calls += 1
+                writer.write(b"HTTP/1.1 503 Down\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+
+        del url
+        async with raw_server(counted) as counted_url:
+            retry = {
+                "attempts": 5,
+                "initial_backoff_ms": 0.1,
+                "max_backoff_ms": 0.5,
+                "budget_ratio": 0.2,
+            }
+            plugin = echo_plugin(
+                "echo",
+                {"provider": "http", "url": counted_url},
+                defaults={"retry": retry},
+                methods={"say": {}, "digest": {"idempotent": True}},
+            )
+            async with Dispatcher(manifest(plugin)) as dispatcher:
+                for _ in range(100):
+                    with pytest.raises(TargetUnavailable):
+                        await dispatcher.call("echo", "say", {"text": "x"})
+                assert calls == 100  # not idempotent: exactly one attempt each
+                calls = 0
+                for _ in range(200):
+                    with pytest.raises(TargetUnavailable):
+                        await dispatcher.call("echo", "digest", {"data": "x"})
+                budget = next(iter(dispatcher.policies.budgets.values()))  # type: ignore[union-attr]
+    retries = calls - 200
+    assert retries > 0
+    assert retries <= 0.2 * 300 + budget.capacity  # every first attempt (both methods) earned 0.2
+
+
+async def test_retries_honour_retry_after_and_stop_at_the_deadline() -> None:
+    async with raw_server(answering(429, b"", "Retry-After: 0.15")) as url:
+        plugin = echo_plugin(
+            "echo",
+            {"provider": "http", "url": url},
+            methods={
+                "say": {"idempotent": True, "retry": {"attempts": 5, "initial_backoff_ms": 1}}
+            },
+        )
+        async with Dispatcher(manifest(plugin)) as dispatcher:
+            started = time.monotonic()
+            with pytest.raises(RateLimited):
+                await dispatcher.call("echo", "say", {"text": "x"}, timeout=1.0)
+            elapsed = time.monotonic() - started
+            step = dispatcher._latest["echo"]["say"].invoke  # the retry step
+            retries = step.retries  # type: ignore[attr-defined]
+    assert retries >= 3  # waited Retry-After (0.15 s) between attempts, not 1 ms
+    assert elapsed >= 0.15 * retries
+    assert elapsed < 1.0
+
+
+async def test_the_bulkhead_bounds_in_flight_and_waiting_calls() -> None:
+    plugin = counting({"slow": {"concurrency": {"max_in_flight": 2, "max_waiting": 1}}})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        results = await asyncio.gather(
+            *(dispatcher.call("count", "slow", {"seconds": 0.05, "tag": str(i)}) for i in range(5)),
+            return_exceptions=True,
+        )
+    overloaded = [result for result in results if isinstance(result, Overloaded)]
+    assert len(overloaded) == 2
+    assert sorted(result for result in results if isinstance(result, str)) == ["0", "1", "2"]
+
+
+def test_recording_plugin_module_is_the_one_under_test() -> None:
+    assert recording_plugin.CountingPlugin is CountingPlugin
+
+
+def _unused(_: Callable[..., Any]) -> None:  # keeps imports honest for type checkers
+    pass

@@ -1,0 +1,319 @@
+"""provider: subprocess with real child processes: handshake, AutoMTLS, supervision, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from dispatcher import Dispatcher, ProviderError, TargetUnavailable
+from dispatcher._automtls import generate_certificate
+from dispatcher._proto import plugin_pb2, plugin_pb2_grpc
+from providers.subprocess import HandshakeError, PluginProcess, SubprocessProvider
+from tests.conftest import ROOT, manifest
+
+PLUGINS = ROOT / "tests" / "plugins"
+CRASHING = [sys.executable, str(PLUGINS / "crashing_plugin.py")]
+
+
+def crashing(**target: Any) -> dict[str, Any]:
+    return {
+        "id": "crashing",
+        "version": "1.0.0",
+        "target": {"provider": "subprocess", "command": CRASHING, **target},
+        "methods": {"pid": {}, "echo": {}, "announce": {}},
+    }
+
+
+def the_process(dispatcher: Dispatcher) -> PluginProcess:
+    provider = dispatcher.providers["subprocess"]
+    assert isinstance(provider, SubprocessProvider)
+    (process,) = provider._processes.values()
+    return process
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+async def test_launch_logs_stderr_and_stop_leaves_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dispatcher.plugin.crashing")
+    async with Dispatcher(manifest(crashing())) as dispatcher:
+        process = the_process(dispatcher)
+        pid = await dispatcher.call("crashing", "pid")
+        assert pid == process.pid
+        child = process._child
+        assert child is not None
+        assert child.connection is not None
+        assert child.connection.address.startswith("unix:")  # the default network
+        assert child.connection.security.tls  # AutoMTLS by default
+        folder = child.folder
+        await eventually(lambda: f"crashing plugin {pid} started" in caplog.text)
+    assert not alive(pid)
+    assert not Path(folder).exists()  # noqa: ASYNC240 - a test's one stat
+    assert process.state == "stopped"
+    assert process.exit_code == 0  # it left by itself, before any signal
+
+
+async def test_a_crashed_plugin_is_restarted_as_a_new_process() -> None:
+    target = {"restart_backoff_ms": 20}
+    async with Dispatcher(manifest(crashing(**target))) as dispatcher:
+        process = the_process(dispatcher)
+        first = await dispatcher.call("crashing", "pid")
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: process.restarts == 1 and process.state == "running")
+        second = await dispatcher.call("crashing", "pid", timeout=10)
+        assert second != first
+        assert not alive(first)
+        # The new process's events reach the same handlers: Events reopened on the new channel.
+        events: asyncio.Queue[Any] = asyncio.Queue()
+        dispatcher.on("crashing", "hello", lambda _event, data: events.put_nowait(data))
+        assert await dispatcher.call("crashing", "announce", {"name": "hello"}) is True
+        assert await asyncio.wait_for(events.get(), 10) == second
+        (report,) = await dispatcher.health()
+        assert report.health.status == "serving"
+        assert report.health.extra["restarts"] == 1
+
+
+async def test_a_crash_loop_stops_restarting_and_fails_calls() -> None:
+    target = {
+        "env": {"CRASH_AFTER_MS": "150"},
+        "max_restarts": 2,
+        "restart_backoff_ms": 10,
+        "restart_window_s": 60,
+    }
+    async with Dispatcher(manifest(crashing(**target))) as dispatcher:
+        process = the_process(dispatcher)
+        await eventually(lambda: process.state == "failed", timeout=30)
+        assert process.restarts == 2
+        with pytest.raises(TargetUnavailable, match="failed") as caught:
+            await dispatcher.call("crashing", "pid", timeout=2)
+        assert caught.value.retryable is False
+        (report,) = await dispatcher.health()
+        assert report.health.status == "not_serving"
+
+
+async def test_calls_during_a_restart_wait_for_the_new_process() -> None:
+    async with Dispatcher(manifest(crashing(restart_backoff_ms=300))) as dispatcher:
+        process = the_process(dispatcher)
+        first = await dispatcher.call("crashing", "pid")
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: process.state == "restarting")
+        second = await dispatcher.call("crashing", "pid", timeout=20)
+        assert second not in (first, None)
+
+
+async def test_an_unresponsive_plugin_is_killed_by_health_pings_and_restarted() -> None:
+    target = {"health_interval_ms": 200, "health_failures": 2, "restart_backoff_ms": 10}
+    async with Dispatcher(manifest(crashing(**target))) as dispatcher:
+        process = the_process(dispatcher)
+        first = await dispatcher.call("crashing", "pid")
+        os.kill(first, signal.SIGSTOP)  # alive but answering nothing
+        await eventually(lambda: process.restarts == 1 and process.state == "running")
+        assert await dispatcher.call("crashing", "pid", timeout=10) != first
+
+
+async def test_an_executable_whose_sha256_differs_is_refused() -> None:
+    with pytest.raises(ProviderError, match=r"refusing to run .* SHA-256"):
+        async with Dispatcher(manifest(crashing(sha256="0" * 64))):
+            pass
+    actual = hashlib.sha256(Path(sys.executable).read_bytes()).hexdigest()  # noqa: ASYNC240
+    async with Dispatcher(manifest(crashing(sha256=actual.upper()))) as dispatcher:
+        assert await dispatcher.call("crashing", "echo", {"value": 1}) == 1
+
+
+async def test_no_common_protocol_version_fails_the_launch_with_the_plugins_reason() -> None:
+    with pytest.raises(HandshakeError, match=r"(?s)exited with code 1 .*offered '2'"):
+        async with Dispatcher(manifest(crashing(protocol_versions=[2]))):
+            pass
+
+
+async def test_a_plugin_that_never_answers_the_handshake_times_out() -> None:
+    silent = {
+        "id": "silent",
+        "version": "1.0.0",
+        "target": {
+            "provider": "subprocess",
+            "command": [sys.executable, "-c", "import time; time.sleep(60)"],
+            "handshake_timeout_ms": 300,
+        },
+        "methods": {"x": {}},
+    }
+    started = time.monotonic()
+    with pytest.raises(HandshakeError, match="no handshake line"):
+        async with Dispatcher(manifest(silent)):
+            pass
+    assert time.monotonic() - started < 5
+
+
+async def test_a_malformed_handshake_line_is_refused() -> None:
+    noisy = {
+        "id": "noisy",
+        "version": "1.0.0",
+        "target": {
+            "provider": "subprocess",
+            "command": [sys.executable, "-c", "print('hello world'); import time; time.sleep(60)"],
+        },
+        "methods": {"x": {}},
+    }
+    with pytest.raises(HandshakeError, match="malformed handshake line 'hello world'"):
+        async with Dispatcher(manifest(noisy)):
+            pass
+
+
+def test_run_by_hand_the_plugin_prints_a_hint_and_exits_1() -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LINCHKIT_PLUGIN")}
+    ran = subprocess.run(CRASHING, env=environment, capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 1
+    assert "started by the dispatcher" in ran.stderr
+
+
+async def test_tcp_without_tls_works_when_asked_for() -> None:
+    async with Dispatcher(manifest(crashing(network="tcp", auto_mtls=False))) as dispatcher:
+        process = the_process(dispatcher)
+        assert process._child is not None
+        assert process._child.connection is not None
+        assert process._child.connection.address.startswith("127.0.0.1:")
+        assert await dispatcher.call("crashing", "echo", {"value": "tcp"}) == "tcp"
+
+
+@pytest.mark.parametrize("network", ["unix", "tcp"])
+async def test_automtls_refuses_clients_without_the_hosts_certificate(network: str) -> None:
+    async with Dispatcher(manifest(crashing(network=network))) as dispatcher:
+        process = the_process(dispatcher)
+        assert process._child is not None
+        connection = process._child.connection
+        assert connection is not None
+        security = connection.security
+        stranger = generate_certificate("stranger")
+        attempts = {
+            "plain text": grpc.aio.insecure_channel(connection.address),
+            "tls, no client certificate": grpc.aio.secure_channel(
+                connection.address,
+                grpc.ssl_channel_credentials(root_certificates=security.root),
+                options=[("grpc.ssl_target_name_override", "localhost")],
+            ),
+            "tls, another client certificate": grpc.aio.secure_channel(
+                connection.address,
+                grpc.ssl_channel_credentials(
+                    root_certificates=security.root,
+                    private_key=stranger.private_key_pem,
+                    certificate_chain=stranger.certificate_pem,
+                ),
+                options=[("grpc.ssl_target_name_override", "localhost")],
+            ),
+        }
+        for name, channel in attempts.items():
+            stub = plugin_pb2_grpc.PluginServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Describe(plugin_pb2.DescribeRequest(), timeout=3)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, name
+            await channel.close()
+        # The host's own connection, with its certificate, still works.
+        assert (await connection.describe_plugin(timeout=3))["id"] == "crashing"
+
+
+def test_no_plugin_outlives_a_sigkilled_dispatcher() -> None:
+    child = subprocess.Popen(
+        [sys.executable, str(PLUGINS / "dispatcher_child.py"), *CRASHING],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        assert line.isdigit(), f"the dispatcher child printed {line!r}"
+        plugin_pid = int(line)
+        assert alive(plugin_pid)
+        child.kill()  # SIGKILL: no cleanup code runs in the dispatcher
+        child.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while alive(plugin_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(plugin_pid), f"plugin {plugin_pid} survived its dispatcher"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def test_the_parent_death_signal_alone_ends_a_child_that_ignores_stdin() -> None:
+    # `sleep` never reads stdin, so only PR_SET_PDEATHSIG can end it when its parent dies.
+    middle = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "import dispatcher\n"  # first: `import providers` alone is a circular import today
+            "from providers.subprocess import _with_parent_death_signal\n"
+            "argv, preexec = _with_parent_death_signal(['sleep', '60'])\n"
+            "child = subprocess.Popen(argv, preexec_fn=preexec, stdin=subprocess.DEVNULL)\n"
+            "time.sleep(0.3)\n"  # let setpriv exec sleep
+            "print(child.pid, flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert middle.stdout is not None
+        sleeper = int(middle.stdout.readline())
+        assert alive(sleeper)
+        middle.kill()
+        middle.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while alive(sleeper) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(sleeper), "the parent-death signal did not end the child"
+    finally:
+        if middle.poll() is None:
+            middle.kill()
+            middle.wait()
+        if middle.stdout is not None:
+            middle.stdout.close()
+
+
+async def test_the_plugin_chooses_a_version_among_those_offered() -> None:
+    async with Dispatcher(manifest(crashing(protocol_versions=[3, 1]))) as dispatcher:
+        assert await dispatcher.call("crashing", "echo", {"value": "v1"}) == "v1"
+
+
+async def test_a_plugin_that_will_not_exit_is_killed_after_the_grace_period() -> None:
+    target = {"env": {"HANG_ON_EXIT": "1"}, "stop_grace_ms": 300}
+    dispatcher = Dispatcher(manifest(crashing(**target)))
+    async with dispatcher:
+        pid = await dispatcher.call("crashing", "pid")
+        process = the_process(dispatcher)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    assert not alive(pid)
+    assert process.exit_code == -signal.SIGKILL
