@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bench._core import (
     RESULTS_PATH,
+    BenchmarksFailed,
     Options,
     discover,
     env_int,
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<12} {summary[0] if summary else ''}")
         return 0
     options = Options(calls=arguments.calls, rounds=arguments.rounds, quick=arguments.quick)
-    figures, goals = run_benchmarks(arguments.names, options)
+    failed: list[str] = []
+    try:
+        figures, goals = run_benchmarks(arguments.names, options)
+    except BenchmarksFailed as error:
+        figures, goals, failed = error.figures, error.goals, error.failed
     print()
     print(render_table(figures, goals))
     if not arguments.no_write:
@@ -61,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if missed:
         print(f"goals not met: {', '.join(missed)}", file=sys.stderr)
+    if failed:
+        print(f"benchmarks that failed (see above): {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
