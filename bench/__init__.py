@@ -1,6 +1,6 @@
 """The dispatcher's benchmarks: ``python -m bench [NAME ...]`` (``make bench`` runs them all).
 
-Each benchmark is a module ``bench/bench_<name>.py`` exposing
+Each benchmark is a module ``bench/bench_<name>.py`` (or ``bench/<name>_bench.py``) exposing
 
     async def run(options: bench.Options) -> dict[str, float]   # figure name -> number
     GOALS: dict[str, bench.Goal]                                  # optional
