@@ -51,3 +51,29 @@ def test_goals_compare_both_ways() -> None:
     assert not Goal(">=", 0.8).met(0.79)
     assert Goal("<=", 20).met(19.5)
     assert not Goal("<=", 20).met(20.1)
+
+
+def test_a_failing_benchmark_does_not_cost_the_others_their_figures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    import bench._core
+
+    async def broken(options: Options) -> dict[str, float]:
+        raise RuntimeError("no engine here")
+
+    async def fine(options: Options) -> dict[str, float]:
+        return {"fine_calls_per_s": 1.0}
+
+    modules = {
+        "broken": types.SimpleNamespace(run=broken),
+        "fine": types.SimpleNamespace(run=fine, GOALS={"fine_calls_per_s": Goal(">=", 1)}),
+    }
+    monkeypatch.setattr(bench._core, "discover", lambda: modules)
+    reports: list[str] = []
+    with pytest.raises(bench._core.BenchmarksFailed) as caught:
+        run_benchmarks([], Options(), report=reports.append)
+    assert caught.value.failed == ["broken"]
+    assert caught.value.figures == {"fine_calls_per_s": 1.0}
+    assert "no engine here" in "".join(reports)
