@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) sdks docker-prereqs
 	$(BIN)/python examples/demo.py
 	$(BIN)/python examples/polyglot_demo.py
+	$(BIN)/python examples/knative_demo.py
 
 # The example plugin deployed to a local Lambda (moto + the real runtime in Docker), called.
 demo-lambda: $(STAMP) lambda-runtime
@@ -48,7 +49,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: $(STAMP)
+bench: $(STAMP) lambda-runtime
 	$(BIN)/python -m bench
 
 # The Lambda tests run handler code in the real AWS Lambda runtime, in local containers:

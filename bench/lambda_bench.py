@@ -7,7 +7,8 @@ So the figures are this machine's loopback + container, not AWS's network; what 
 compare fairly is the client side: the same function, the same envelope, the same local
 endpoint, with and without the dispatcher on top of aiobotocore.
 
-    python bench/lambda_bench.py            # prints the flat JSON results
+    python bench/lambda_bench.py            # alone: prints the flat JSON results
+    python -m bench lambda                  # through the harness (make bench runs all)
     (needs Docker and the runtime image: `make lambda-runtime`)
 
 Keys (milliseconds unless named ``_per_s``):
@@ -65,8 +66,16 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def run(*, warm_samples: int = 200, cold_samples: int = 3) -> dict[str, float]:
-    """Measure and return the flat results (see the module docstring)."""
+async def run(options: Any = None) -> dict[str, float]:
+    """Measure and return the flat results (see the module docstring).
+
+    ``options`` is ``bench.Options`` when run by ``python -m bench``: ``calls`` sets the
+    warm samples per path (default 200), ``rounds`` the cold ones (default 3), ``quick``
+    makes it 20 and 1.
+    """
+    quick = bool(getattr(options, "quick", False))
+    warm_samples = getattr(options, "calls", None) or (20 if quick else 200)
+    cold_samples = getattr(options, "rounds", None) or (1 if quick else 3)
     sys.path.insert(0, str(ROOT))
     from moto.server import ThreadedMotoServer
 

@@ -1,9 +1,9 @@
 """LinchKit plugin dispatcher: call plugin methods wherever they run.
 
-    from dispatcher import Dispatcher
+from dispatcher import Dispatcher
 
-    async with Dispatcher.from_file("plugins.yaml") as d:
-        result = await d.call("echo", "say", {"text": "hi"})
+async with Dispatcher.from_file("plugins.yaml") as d:
+    result = await d.call("echo", "say", {"text": "hi"})
 """
 
 from __future__ import annotations

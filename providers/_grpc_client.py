@@ -94,6 +94,10 @@ def _status_names() -> dict[Any, tuple[type[DispatchError], bool | None]]:
 
 _BY_STATUS: dict[Any, tuple[type[DispatchError], bool | None]] = {}
 
+#: How far ahead of our deadline a server's copy of it may fire: the grpc-timeout header
+#: is rounded, and the server starts counting when the request arrives.
+DEADLINE_SKEW_SECONDS = 0.02
+
 
 def _grpc_errors() -> tuple[type[Exception], ...]:
     """What ``except`` catches around a call: every exception grpc.aio raises from one.
@@ -106,12 +110,17 @@ def _grpc_errors() -> tuple[type[Exception], ...]:
     return (grpc.aio.AioRpcError, grpc.aio.BaseError)
 
 
-def translate_rpc_error(error: Exception, what: str) -> DispatchError:
+def translate_rpc_error(
+    error: Exception, what: str, deadline: float | None = None
+) -> DispatchError:
     """The dispatcher error for a failed RPC; ``what`` names the call for the message.
 
     Besides statuses, grpc.aio raises ``UsageError`` on a closed channel (the dispatcher is
     closing: not retryable) and ``InternalError`` when it cannot start the call at all.
+    A server whose own copy of the deadline fires first may reset the stream (CANCELLED)
+    a moment before our deadline does: at the ``deadline``, that is the deadline.
     """
+    import grpc
     import grpc.aio
 
     if not isinstance(error, grpc.aio.AioRpcError):
@@ -123,6 +132,12 @@ def translate_rpc_error(error: Exception, what: str) -> DispatchError:
     status = error.code()
     details = error.details() or ""
     message = f"{what}: {status.name} {details}".rstrip()
+    if (
+        deadline is not None
+        and status == grpc.StatusCode.CANCELLED
+        and asyncio.get_running_loop().time() >= deadline - DEADLINE_SKEW_SECONDS
+    ):
+        return DeadlineExceeded(message)
     kind, retryable = _BY_STATUS.get(status, (ProviderError, None))
     retry_after: float | None = None
     if kind is RateLimited:
@@ -260,7 +275,9 @@ class PluginConnection:
             )
         except _grpc_errors() as error:
             raise translate_rpc_error(
-                error, f"{self.describe} {invocation.plugin}.{invocation.method}"
+                error,
+                f"{self.describe} {invocation.plugin}.{invocation.method}",
+                invocation.deadline,
             ) from error
         return self._result(reply)
 
@@ -275,7 +292,7 @@ class PluginConnection:
 
         earliest = min(invocations, key=lambda invocation: invocation.deadline)
         remaining = self._remaining(earliest)
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         request = self._pb.BatchRequest(
             calls=[self._request(invocation, now) for invocation in invocations]
         )
@@ -284,7 +301,7 @@ class PluginConnection:
                 request, timeout=remaining, metadata=self._call_metadata(earliest)
             )
         except _grpc_errors() as error:
-            raise translate_rpc_error(error, f"{self.describe} batch") from error
+            raise translate_rpc_error(error, f"{self.describe} batch", earliest.deadline) from error
         if len(reply.results) != len(invocations):
             raise ProviderError(
                 f"{self.describe} answered {len(reply.results)} results for a batch of {len(invocations)}"
@@ -314,7 +331,7 @@ class PluginConnection:
                     raise _wire_error(item.error)
                 yield _loads(item.chunk_json, self.describe)
         except _grpc_errors() as error:
-            raise translate_rpc_error(error, what) from error
+            raise translate_rpc_error(error, what, invocation.deadline) from error
         finally:
             call.cancel()
 

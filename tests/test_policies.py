@@ -85,7 +85,7 @@ async def test_a_thousand_concurrent_identical_misses_make_one_target_call() -> 
     assert CountingPlugin.calls == 1
     assert all(result == {"key": "k", "call": 1} for result in results)
     assert again == {"key": "k", "call": 1}
-    assert (stats["hits"], stats["misses"]) == (1, 1000)
+    assert (stats["hits"], stats["misses"], stats["coalesced"]) == (1, 1, 999)
 
 
 async def test_cache_ttl_on_a_fake_clock_and_per_caller_keys() -> None:
@@ -323,6 +323,25 @@ async def test_scripted_breaker_sequence_against_a_real_target() -> None:
         assert transitions[-2:] == [("open", "half-open"), ("half-open", "closed")]
         assert await step(invocation()) == "fine"
         assert reached == 6
+
+
+async def test_circuit_changes_reach_listeners_through_the_dispatcher() -> None:
+    changes: list[tuple[str, str]] = []
+    async with raw_server(answering(503, b"down")) as url:
+        plugin = echo_plugin(
+            "echo", {"provider": "http", "url": url}, defaults={"breaker": {"fail_max": 2}}
+        )
+        dispatcher = Dispatcher(manifest(plugin))
+        dispatcher.on_circuit_change(lambda _, old, new: changes.append((old.value, new.value)))
+        async with dispatcher:
+            for _ in range(2):
+                with pytest.raises(TargetUnavailable):
+                    await dispatcher.call("echo", "say", {"text": "x"})
+            with pytest.raises(CircuitOpen):
+                await dispatcher.call("echo", "say", {"text": "x"})
+            [report] = await dispatcher.health()
+    assert changes == [("closed", "open")]
+    assert report.circuit == "open"
 
 
 async def test_business_errors_and_invalid_params_never_open_the_breaker() -> None:

@@ -135,8 +135,6 @@ class PolicyRuntime:
     async def aclose(self) -> None:
         for batcher in self.batchers:
             await batcher.aclose()
-        for cache in self.caches.values():
-            await cache.aclose()
 
     def stats(self) -> dict[str, Any]:
         """Counters and states, for ``dispatcher health``, metrics and debugging."""
@@ -145,6 +143,7 @@ class PolicyRuntime:
                 f"{plugin_key}.{method}": {
                     "hits": cache.hits,
                     "misses": cache.misses,
+                    "coalesced": cache.coalesced,
                     "size": len(cache.entries),
                     "hit_ratio": cache.hit_ratio,
                 }

@@ -86,6 +86,7 @@ class CircuitBreaker:
         self._clock = clock
         self._storage = CircuitMemoryStorage(BreakerState.CLOSED.value)
         self._probes_in_flight = 0
+        self._opened_at: float | None = None
         self.listeners: list[StateListener] = list(listeners)
 
     @property
@@ -98,10 +99,9 @@ class CircuitBreaker:
 
     def retry_after(self) -> float:
         """Seconds until an open breaker lets a probe through (0 when it would now)."""
-        opened_at = self._storage.opened_at
-        if opened_at is None:
+        if self._opened_at is None:
             return 0.0
-        return max(0.0, opened_at.timestamp() + self.reset_timeout - self._clock())
+        return max(0.0, self._opened_at + self.reset_timeout - self._clock())
 
     def admit(self) -> bool:
         """Let a call through or raise ``CircuitOpen``. True when the call is a probe."""
@@ -148,7 +148,9 @@ class CircuitBreaker:
     def _move(self, new: BreakerState) -> None:
         old = self.state
         if new is BreakerState.OPEN:
-            self._storage.opened_at = datetime.fromtimestamp(self._clock(), UTC)
+            # Kept exactly here; the storage's datetime (microseconds) is for other replicas.
+            self._opened_at = self._clock()
+            self._storage.opened_at = datetime.fromtimestamp(self._opened_at, UTC)
         if new is BreakerState.CLOSED:
             self._storage.reset_counter()
         self._storage.reset_success_counter()

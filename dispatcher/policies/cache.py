@@ -35,9 +35,10 @@ class ResultCache:
         self.entries: TTLCache[bytes, Any] = TTLCache(
             maxsize=policy.max_entries, ttl=policy.ttl_ms / 1000, timer=clock
         )
-        self.filling: dict[bytes, asyncio.Task[Any]] = {}
+        self.filling: dict[bytes, asyncio.Future[Any]] = {}
         self.hits = 0
-        self.misses = 0
+        self.misses = 0  # calls that reached the target
+        self.coalesced = 0  # calls that waited for another caller's identical call
 
     def key(self, invocation: Invocation) -> bytes:
         try:
@@ -54,12 +55,6 @@ class ResultCache:
         self.entries.clear()
         return dropped
 
-    async def aclose(self) -> None:
-        tasks = list(self.filling.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
     @property
     def hit_ratio(self) -> float:
         total = self.hits + self.misses
@@ -68,8 +63,13 @@ class ResultCache:
     def __repr__(self) -> str:
         return (
             f"<ResultCache {self.name} size={len(self.entries)}/{self.entries.maxsize}"
-            f" hits={self.hits} misses={self.misses} filling={len(self.filling)}>"
+            f" hits={self.hits} misses={self.misses} coalesced={self.coalesced}"
+            f" filling={len(self.filling)}>"
         )
+
+
+class _LeaderGone(Exception):
+    """The call a waiter shared was cancelled by its own caller: look again."""
 
 
 class CacheStep:
@@ -82,32 +82,50 @@ class CacheStep:
     async def __call__(self, invocation: Invocation) -> Any:
         cache = self.cache
         key = cache.key(invocation)
-        try:
-            result = cache.entries[key]  # `[]`, not `.get`: TTLCache.get looks the key up twice
-        except KeyError:
-            pass
-        else:
-            cache.hits += 1
-            return result
-        cache.misses += 1
-        task = cache.filling.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._fill(key, invocation))
-            cache.filling[key] = task
-        remaining = invocation.remaining()
-        try:
-            async with asyncio.timeout(remaining):
-                # shield: a waiter giving up must not cancel the call the others wait for.
-                return await asyncio.shield(task)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"{cache.name}: no result within {remaining * 1000:.0f} ms"
-            ) from None
+        while True:
+            try:
+                result = cache.entries[key]  # `[]`, not `.get`: TTLCache.get looks twice
+            except KeyError:
+                pass
+            else:
+                cache.hits += 1
+                return result
+            shared = cache.filling.get(key)
+            if shared is None:
+                cache.misses += 1
+                return await self._lead(key, invocation)
+            cache.coalesced += 1
+            try:
+                return await _follow(shared, invocation, cache.name)
+            except _LeaderGone:
+                continue
 
-    async def _fill(self, key: bytes, invocation: Invocation) -> Any:
+    async def _lead(self, key: bytes, invocation: Invocation) -> Any:
+        # The first caller makes the call itself (no task: the miss path stays cheap) and
+        # hands its outcome to whoever arrived meanwhile through a future.
+        shared: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.cache.filling[key] = shared
         try:
             result = await self.next(invocation)
+        except BaseException as error:
+            shared.set_exception(
+                _LeaderGone() if isinstance(error, asyncio.CancelledError) else error
+            )
+            shared.exception()  # followers still get it; with none, asyncio must not log it
+            raise
+        else:
             self.cache.entries[key] = result
+            shared.set_result(result)
             return result
         finally:
             del self.cache.filling[key]
+
+
+async def _follow(shared: asyncio.Future[Any], invocation: Invocation, name: str) -> Any:
+    remaining = invocation.remaining()
+    try:
+        async with asyncio.timeout(remaining):
+            # shield: a waiter giving up must not cancel what the others wait for.
+            return await asyncio.shield(shared)
+    except TimeoutError:
+        raise DeadlineExceeded(f"{name}: no result within {remaining * 1000:.0f} ms") from None

@@ -1,0 +1,119 @@
+// The example plugin of docs/protocol.md ("The example plugin, in every language"),
+// written on the Go SDK. Every SDK ships the same one, so one conformance suite runs
+// against all of them.
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"time"
+
+	"github.com/linchkit/dispatcher/sdk/go/plugin"
+)
+
+func main() {
+	p := plugin.New("example", "1.0.0")
+
+	p.Method("echo", "returns the params unchanged", func(_ context.Context, call *plugin.Call) (any, error) {
+		return call.Params, nil
+	})
+
+	p.Method("digest", "hex SHA-256 of data applied rounds times (CPU-bound)", func(ctx context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Data   string `json:"data" plugin:"required"`
+			Rounds int    `json:"rounds" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		if params.Rounds < 0 {
+			return nil, plugin.InvalidParams("rounds must not be negative, got %d", params.Rounds)
+		}
+		value := []byte(params.Data)
+		for round := range params.Rounds {
+			if round%65536 == 65535 && ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			sum := sha256.Sum256(value)
+			value = sum[:]
+		}
+		return hex.EncodeToString(value), nil
+	})
+
+	p.Method("fail", "fails with the business error ExampleFailure", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Message string `json:"message" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		return nil, plugin.NewError("ExampleFailure", params.Message)
+	})
+
+	p.Method("sleep", "sleeps ms milliseconds, giving up at the call's deadline", func(ctx context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Ms int64 `json:"ms" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		if params.Ms < 0 {
+			return nil, plugin.InvalidParams("ms must not be negative, got %d", params.Ms)
+		}
+		timer := time.NewTimer(time.Duration(params.Ms) * time.Millisecond)
+		defer timer.Stop()
+		select {
+		case <-timer.C:
+			return map[string]int64{"slept_ms": params.Ms}, nil
+		case <-ctx.Done():
+			return nil, plugin.DeadlineExceeded("sleep: the call's deadline passed before the sleep ended")
+		}
+	})
+
+	p.StreamingMethod("count", "streams {\"i\": 0} … {\"i\": n-1}", func(ctx context.Context, call *plugin.Call, send func(any) error) error {
+		var params struct {
+			N int `json:"n" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return err
+		}
+		if params.N < 0 {
+			return plugin.InvalidParams("n must not be negative, got %d", params.N)
+		}
+		for i := range params.N {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if err := send(map[string]int{"i": i}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+
+	p.Method("emit", "emits plugin event name with data", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Name string          `json:"name" plugin:"required"`
+			Data json.RawMessage `json:"data"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		if err := call.Emit(params.Name, params.Data); err != nil {
+			return nil, err
+		}
+		return true, nil
+	})
+
+	p.Method("config", "the config object passed to Init", func(_ context.Context, call *plugin.Call) (any, error) {
+		return p.Config(), nil
+	})
+
+	p.OnEvent("ping", func(_ context.Context, data json.RawMessage) {
+		_ = p.Emit("pong", data)
+	})
+
+	p.Serve()
+}

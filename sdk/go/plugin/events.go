@@ -1,0 +1,68 @@
+package plugin
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+)
+
+// Bounds on events waiting for the host: kept while no Events stream is open (the host
+// may open it a moment after the first call that emits), and queued per open stream.
+const (
+	pendingEventLimit = 1024
+	streamQueueLimit  = 1024
+)
+
+// eventHub fans plugin events out to the open Events streams.
+type eventHub struct {
+	mu          sync.Mutex
+	subscribers map[chan *pluginpb.PluginEvent]struct{}
+	pending     []*pluginpb.PluginEvent
+}
+
+func newEventHub() *eventHub {
+	return &eventHub{subscribers: map[chan *pluginpb.PluginEvent]struct{}{}}
+}
+
+func (h *eventHub) publish(name string, data json.RawMessage) {
+	event := &pluginpb.PluginEvent{Name: name, DataJson: data}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.subscribers) == 0 {
+		if len(h.pending) == pendingEventLimit {
+			h.pending = h.pending[1:]
+		}
+		h.pending = append(h.pending, event)
+		return
+	}
+	for queue := range h.subscribers {
+		select {
+		case queue <- event:
+		default:
+			// Never block a method on a host that does not read its events.
+			fmt.Fprintf(os.Stderr, "linchkit plugin: host is not reading events, dropped %q\n", name)
+		}
+	}
+}
+
+// subscribe opens a queue for one Events stream, holding the events that waited for it.
+func (h *eventHub) subscribe() chan *pluginpb.PluginEvent {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	queue := make(chan *pluginpb.PluginEvent, streamQueueLimit+pendingEventLimit)
+	for _, event := range h.pending {
+		queue <- event
+	}
+	h.pending = nil
+	h.subscribers[queue] = struct{}{}
+	return queue
+}
+
+func (h *eventHub) unsubscribe(queue chan *pluginpb.PluginEvent) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.subscribers, queue)
+}

@@ -1,0 +1,265 @@
+// Package plugin lets a LinchKit dispatcher plugin be written in Go: register methods,
+// lifecycle hooks and event handlers on a Plugin, then call Serve. The SDK speaks the
+// plugin protocol (docs/protocol.md) over gRPC, either as a subprocess plugin started by
+// the host with the handshake environment, or as a network service
+// (`example-plugin serve --address 127.0.0.1:0`).
+//
+//	p := plugin.New("example", "1.0.0")
+//	p.Method("echo", "returns its params", func(ctx context.Context, call *plugin.Call) (any, error) {
+//		return call.Params, nil
+//	})
+//	p.Serve()
+//
+// A method's failure is an *Error (type, message, retryable, details), answered inside
+// CallReply.error; any other Go error becomes a non-retryable "PluginError".
+package plugin
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"reflect"
+	"strings"
+	"sync"
+)
+
+// ProtocolVersion is the version of the plugin protocol this SDK speaks.
+const ProtocolVersion = 1
+
+// Call is one invocation of a method: its params and the context the host sent.
+type Call struct {
+	Method string
+	// Params is the JSON the host sent ("null" when it sent none).
+	Params         json.RawMessage
+	RequestID      string
+	Caller         string
+	Traceparent    string
+	IdempotencyKey string
+
+	plugin *Plugin
+}
+
+// Bind decodes the params into v (a pointer). Into a struct, an array of params is
+// positional: its items fill the fields in order (docs/protocol.md). A decoding failure,
+// or a missing field tagged `plugin:"required"`, is answered as invalid_params.
+func (c *Call) Bind(v any) error {
+	params := c.Params
+	if named, ok := positionalToNamed(params, v); ok {
+		params = named
+	}
+	if err := json.Unmarshal(params, v); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) && typeErr.Field != "" {
+			return InvalidParams("params of %s: %s must be of type %s, not a JSON %s", c.Method, typeErr.Field, typeErr.Type, typeErr.Value)
+		}
+		return InvalidParams("params of %s: %v", c.Method, err)
+	}
+	if missing := missingRequired(params, v); missing != "" {
+		return InvalidParams("params of %s: missing required field %q", c.Method, missing)
+	}
+	return nil
+}
+
+// Emit sends a plugin event to the host (see Plugin.Emit).
+func (c *Call) Emit(name string, data any) error { return c.plugin.Emit(name, data) }
+
+// UnaryMethod answers a call with one result, which is encoded as JSON (a
+// json.RawMessage is sent as it is).
+type UnaryMethod func(ctx context.Context, call *Call) (any, error)
+
+// StreamMethod answers a call with chunks passed to send, in order. As a unary Call the
+// host gets the list of the chunks.
+type StreamMethod func(ctx context.Context, call *Call, send func(chunk any) error) error
+
+// Hook is a lifecycle hook: start, stop or destroy.
+type Hook func(ctx context.Context) error
+
+// InitHook receives the config JSON the host passed to Init.
+type InitHook func(ctx context.Context, config json.RawMessage) error
+
+// EventHandler receives the data of a host event.
+type EventHandler func(ctx context.Context, data json.RawMessage)
+
+type method struct {
+	name        string
+	description string
+	unary       UnaryMethod
+	stream      StreamMethod
+}
+
+// Plugin holds what a plugin offers. Register everything before Serve.
+type Plugin struct {
+	id      string
+	version string
+	runtime string
+
+	methods   map[string]*method
+	order     []string
+	onInit    InitHook
+	onStart   Hook
+	onStop    Hook
+	onDestroy Hook
+	handlers  map[string]EventHandler
+
+	events *eventHub
+
+	mu     sync.Mutex
+	config json.RawMessage
+}
+
+// New starts the description of a plugin with its id and version.
+func New(id, version string) *Plugin {
+	return &Plugin{
+		id:       id,
+		version:  version,
+		runtime:  "go",
+		methods:  map[string]*method{},
+		handlers: map[string]EventHandler{},
+		events:   newEventHub(),
+		config:   json.RawMessage("{}"),
+	}
+}
+
+// Method registers a unary method.
+func (p *Plugin) Method(name, description string, fn UnaryMethod) {
+	p.register(&method{name: name, description: description, unary: fn})
+}
+
+// StreamingMethod registers a streaming method (CallStream).
+func (p *Plugin) StreamingMethod(name, description string, fn StreamMethod) {
+	p.register(&method{name: name, description: description, stream: fn})
+}
+
+func (p *Plugin) register(m *method) {
+	if _, exists := p.methods[m.name]; exists {
+		panic(fmt.Sprintf("plugin %s: method %q registered twice", p.id, m.name))
+	}
+	p.methods[m.name] = m
+	p.order = append(p.order, m.name)
+}
+
+// OnInit sets the hook run by Init with the host's config JSON.
+func (p *Plugin) OnInit(fn InitHook) { p.onInit = fn }
+
+// OnStart sets the hook run by Start.
+func (p *Plugin) OnStart(fn Hook) { p.onStart = fn }
+
+// OnStop sets the hook run by Stop (and at shutdown if the host never called Stop).
+func (p *Plugin) OnStop(fn Hook) { p.onStop = fn }
+
+// OnDestroy sets the hook run by Destroy (and at shutdown if the host never called it).
+func (p *Plugin) OnDestroy(fn Hook) { p.onDestroy = fn }
+
+// OnEvent sets the handler of host events with this name; other names are ignored.
+func (p *Plugin) OnEvent(name string, fn EventHandler) { p.handlers[name] = fn }
+
+// Emit sends a plugin event to the host over the Events stream. Events emitted while no
+// stream is open are kept (up to a bound) and delivered when the host opens one.
+func (p *Plugin) Emit(name string, data any) error {
+	raw, err := encodeJSON(data)
+	if err != nil {
+		return fmt.Errorf("event %s: data is not JSON-encodable: %w", name, err)
+	}
+	p.events.publish(name, raw)
+	return nil
+}
+
+// Config is the config JSON the host passed to Init ("{}" before Init).
+func (p *Plugin) Config() json.RawMessage {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.config
+}
+
+func (p *Plugin) setConfig(config json.RawMessage) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.config = config
+}
+
+func encodeJSON(v any) (json.RawMessage, error) {
+	if raw, ok := v.(json.RawMessage); ok {
+		if len(raw) == 0 {
+			return json.RawMessage("null"), nil
+		}
+		return raw, nil
+	}
+	return json.Marshal(v)
+}
+
+func structType(v any) reflect.Type {
+	t := reflect.TypeOf(v)
+	for t != nil && t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t == nil || t.Kind() != reflect.Struct {
+		return nil
+	}
+	return t
+}
+
+// jsonKey is the key of a struct field in JSON, or "" for a field JSON skips.
+func jsonKey(field reflect.StructField) string {
+	if !field.IsExported() {
+		return ""
+	}
+	key, _, _ := strings.Cut(field.Tag.Get("json"), ",")
+	switch key {
+	case "-":
+		return ""
+	case "":
+		return field.Name
+	}
+	return key
+}
+
+// positionalToNamed turns an array of params into an object keyed by the fields of the
+// struct v points to, in order; ok is false when params are not such an array.
+func positionalToNamed(params json.RawMessage, v any) (json.RawMessage, bool) {
+	t := structType(v)
+	trimmed := bytes.TrimSpace(params)
+	if t == nil || len(trimmed) == 0 || trimmed[0] != '[' {
+		return nil, false
+	}
+	var items []json.RawMessage
+	if err := json.Unmarshal(trimmed, &items); err != nil {
+		return nil, false
+	}
+	var keys []string
+	for i := range t.NumField() {
+		if key := jsonKey(t.Field(i)); key != "" {
+			keys = append(keys, key)
+		}
+	}
+	if len(items) > len(keys) {
+		return nil, false // too many: decoding the array fails as invalid_params
+	}
+	named := make(map[string]json.RawMessage, len(items))
+	for i, item := range items {
+		named[keys[i]] = item
+	}
+	raw, err := json.Marshal(named)
+	return raw, err == nil
+}
+
+// missingRequired names the first struct field tagged `plugin:"required"` whose JSON
+// key is absent from params, or returns "".
+func missingRequired(params json.RawMessage, v any) string {
+	t := structType(v)
+	if t == nil {
+		return ""
+	}
+	var present map[string]json.RawMessage
+	_ = json.Unmarshal(params, &present)
+	for i := range t.NumField() {
+		field := t.Field(i)
+		if key := jsonKey(field); key != "" && field.Tag.Get("plugin") == "required" {
+			if _, ok := present[key]; !ok {
+				return key
+			}
+		}
+	}
+	return ""
+}

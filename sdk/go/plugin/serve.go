@@ -1,0 +1,211 @@
+package plugin
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+)
+
+// The subprocess handshake (docs/protocol.md, "Subprocess plugins: the handshake").
+const (
+	EnvMagicCookie      = "LINCHKIT_PLUGIN_MAGIC_COOKIE"
+	MagicCookieValue    = "d1spatch3r-pl4g1n"
+	EnvProtocolVersions = "LINCHKIT_PLUGIN_PROTOCOL_VERSIONS"
+	EnvNetwork          = "LINCHKIT_PLUGIN_NETWORK"
+	EnvSocketDir        = "LINCHKIT_PLUGIN_SOCKET_DIR"
+	EnvClientCert       = "LINCHKIT_PLUGIN_CLIENT_CERT"
+
+	// CoreVersion is the version of the handshake line's format.
+	CoreVersion = 1
+)
+
+// gracePeriod bounds how long in-flight calls may take to finish at shutdown.
+const gracePeriod = 5 * time.Second
+
+// ErrNotLaunchedByHost is returned when the plugin runs without the handshake
+// environment and without `serve`.
+var ErrNotLaunchedByHost = errors.New("this is a LinchKit dispatcher plugin: the dispatcher starts it as a subprocess; " +
+	"to run it by hand as a gRPC service use `serve --address 127.0.0.1:0`")
+
+// Serve runs the plugin until it is told to stop, then exits the process. With the
+// arguments `serve [--address HOST:PORT]` it is a gRPC service on that address; otherwise
+// it expects the handshake environment of a subprocess plugin and exits with status 1
+// without it. It stops gracefully on SIGTERM or SIGINT, and as a subprocess also when its
+// stdin reaches end-of-file (the host died).
+func (p *Plugin) Serve() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	env := Environment{Args: os.Args[1:], Getenv: os.Getenv, Stdin: os.Stdin, Stdout: os.Stdout}
+	if err := p.Run(ctx, env); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+// Environment is what Run reads from the process; tests pass their own.
+type Environment struct {
+	Args   []string
+	Getenv func(string) string
+	Stdin  io.Reader
+	Stdout io.Writer
+}
+
+// Run serves the plugin until ctx is done (or, as a subprocess, stdin closes). Serve is
+// Run on the real process; it is exported for tests and for embedding.
+func (p *Plugin) Run(ctx context.Context, env Environment) error {
+	if len(env.Args) > 0 && env.Args[0] == "serve" {
+		return p.runService(ctx, env)
+	}
+	return p.runSubprocess(ctx, env)
+}
+
+func (p *Plugin) runService(ctx context.Context, env Environment) error {
+	flags := flag.NewFlagSet("serve", flag.ContinueOnError)
+	address := flags.String("address", "127.0.0.1:0", "host:port to serve gRPC on")
+	if err := flags.Parse(env.Args[1:]); err != nil {
+		return err
+	}
+	listener, err := net.Listen("tcp", *address)
+	if err != nil {
+		return fmt.Errorf("serve: cannot listen on %s: %w", *address, err)
+	}
+	return p.serveOn(ctx, listener, nil, true, handshakeLine(ProtocolVersion, "tcp", listener.Addr().String(), ""), env.Stdout, nil)
+}
+
+func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
+	if env.Getenv(EnvMagicCookie) != MagicCookieValue {
+		return ErrNotLaunchedByHost
+	}
+	version, err := negotiateVersion(env.Getenv(EnvProtocolVersions))
+	if err != nil {
+		return err
+	}
+	network := env.Getenv(EnvNetwork)
+	if network == "" {
+		network = "unix"
+	}
+	var listener net.Listener
+	switch network {
+	case "unix":
+		listener, err = listenUnix(env.Getenv(EnvSocketDir))
+	case "tcp":
+		listener, err = net.Listen("tcp", "127.0.0.1:0")
+	default:
+		return fmt.Errorf("%s=%q: expected unix or tcp", EnvNetwork, network)
+	}
+	if err != nil {
+		return fmt.Errorf("cannot listen for the host: %w", err)
+	}
+	var creds credentials.TransportCredentials
+	serverCert := ""
+	if clientPEM := env.Getenv(EnvClientCert); clientPEM != "" {
+		tlsConfig, certDER, err := autoMTLS([]byte(clientPEM))
+		if err != nil {
+			listener.Close()
+			return err
+		}
+		creds = credentials.NewTLS(tlsConfig)
+		serverCert = encodeCert(certDER)
+	}
+	// The host holds our stdin's write end: end-of-file means it is gone, however it died.
+	stdinClosed := make(chan struct{})
+	go func() {
+		_, _ = io.Copy(io.Discard, env.Stdin)
+		close(stdinClosed)
+	}()
+	line := handshakeLine(version, network, listener.Addr().String(), serverCert)
+	return p.serveOn(ctx, listener, creds, false, line, env.Stdout, stdinClosed)
+}
+
+// serveOn serves on listener, prints the handshake line once serving, and stops
+// gracefully when ctx is done or stdinClosed closes.
+func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds credentials.TransportCredentials,
+	servingFromStart bool, line string, stdout io.Writer, stdinClosed <-chan struct{}) error {
+	var options []grpc.ServerOption
+	if creds != nil {
+		options = append(options, grpc.Creds(creds))
+	}
+	server := grpc.NewServer(options...)
+	svc := newService(p, servingFromStart)
+	pluginpb.RegisterPluginServiceServer(server, svc)
+	healthpb.RegisterHealthServer(server, svc.health)
+
+	served := make(chan error, 1)
+	go func() { served <- server.Serve(listener) }()
+	if _, err := io.WriteString(stdout, line+"\n"); err != nil {
+		server.Stop()
+		return fmt.Errorf("cannot write the handshake line: %w", err)
+	}
+
+	select {
+	case err := <-served:
+		return err
+	case <-ctx.Done():
+	case <-stdinClosed:
+		fmt.Fprintln(os.Stderr, "linchkit plugin: stdin closed, the host is gone; stopping")
+	}
+	svc.shutdown()
+	stopped := make(chan struct{})
+	go func() { server.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(gracePeriod):
+		server.Stop()
+	}
+	return nil
+}
+
+func handshakeLine(version int, network, address, serverCert string) string {
+	return fmt.Sprintf("%d|%d|%s|%s|grpc|%s", CoreVersion, version, network, address, serverCert)
+}
+
+// negotiateVersion picks the highest protocol version both sides speak. A host that
+// names none speaks version 1.
+func negotiateVersion(offered string) (int, error) {
+	if strings.TrimSpace(offered) == "" {
+		return ProtocolVersion, nil
+	}
+	best := 0
+	for _, field := range strings.Split(offered, ",") {
+		v, err := strconv.Atoi(strings.TrimSpace(field))
+		if err != nil {
+			return 0, fmt.Errorf("%s=%q: expected comma-separated integers", EnvProtocolVersions, offered)
+		}
+		if v == ProtocolVersion && v > best {
+			best = v
+		}
+	}
+	if best == 0 {
+		return 0, fmt.Errorf("the host speaks protocol versions %s; this plugin speaks %d", offered, ProtocolVersion)
+	}
+	return best, nil
+}
+
+func listenUnix(dir string) (net.Listener, error) {
+	if dir == "" {
+		dir = os.TempDir()
+	}
+	suffix := make([]byte, 6)
+	_, _ = rand.Read(suffix)
+	path := filepath.Join(dir, fmt.Sprintf("plugin-%d-%s.sock", os.Getpid(), hex.EncodeToString(suffix)))
+	return net.Listen("unix", path)
+}

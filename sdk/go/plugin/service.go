@@ -1,0 +1,314 @@
+package plugin
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+
+	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+)
+
+// ServiceName is the health service name of the plugin service.
+const ServiceName = "linchkit.plugin.v1.PluginService"
+
+// service answers the PluginService RPCs for one Plugin.
+type service struct {
+	pluginpb.UnimplementedPluginServiceServer
+
+	plugin  *Plugin
+	health  *health.Server
+	closing chan struct{} // closed at shutdown: ends the long-lived Events streams
+
+	mu        sync.Mutex
+	inited    bool
+	started   bool
+	stopped   bool
+	destroyed bool
+}
+
+func newService(p *Plugin, servingFromStart bool) *service {
+	s := &service{plugin: p, health: health.NewServer(), closing: make(chan struct{})}
+	s.setServing(servingFromStart)
+	return s
+}
+
+func (s *service) setServing(serving bool) {
+	state := healthpb.HealthCheckResponse_NOT_SERVING
+	if serving {
+		state = healthpb.HealthCheckResponse_SERVING
+	}
+	s.health.SetServingStatus("", state)
+	s.health.SetServingStatus(ServiceName, state)
+}
+
+func (s *service) Describe(context.Context, *pluginpb.DescribeRequest) (*pluginpb.PluginInfo, error) {
+	p := s.plugin
+	info := &pluginpb.PluginInfo{Id: p.id, Version: p.version, ProtocolVersion: ProtocolVersion, Runtime: p.runtime}
+	for _, name := range p.order {
+		m := p.methods[name]
+		info.Methods = append(info.Methods, &pluginpb.MethodInfo{Name: name, Streaming: m.stream != nil, Description: m.description})
+	}
+	return info, nil
+}
+
+func (s *service) Init(ctx context.Context, req *pluginpb.InitRequest) (*pluginpb.LifecycleReply, error) {
+	config := json.RawMessage(req.GetConfigJson())
+	if len(config) == 0 {
+		config = json.RawMessage("{}")
+	}
+	if !json.Valid(config) {
+		return nil, status.Error(codes.InvalidArgument, "Init: config_json is not valid JSON")
+	}
+	s.plugin.setConfig(config)
+	if hook := s.plugin.onInit; hook != nil {
+		if err := runMethod(func() error { return hook(ctx, config) }); err != nil {
+			return nil, hookStatus("init", err)
+		}
+	}
+	s.mark(&s.inited)
+	return &pluginpb.LifecycleReply{}, nil
+}
+
+func (s *service) Start(ctx context.Context, _ *pluginpb.LifecycleRequest) (*pluginpb.LifecycleReply, error) {
+	if err := s.runLifecycle(ctx, "start", s.plugin.onStart, &s.started); err != nil {
+		return nil, err
+	}
+	s.setServing(true)
+	return &pluginpb.LifecycleReply{}, nil
+}
+
+func (s *service) Stop(ctx context.Context, _ *pluginpb.LifecycleRequest) (*pluginpb.LifecycleReply, error) {
+	s.setServing(false)
+	if err := s.runLifecycle(ctx, "stop", s.plugin.onStop, &s.stopped); err != nil {
+		return nil, err
+	}
+	return &pluginpb.LifecycleReply{}, nil
+}
+
+func (s *service) Destroy(ctx context.Context, _ *pluginpb.LifecycleRequest) (*pluginpb.LifecycleReply, error) {
+	if err := s.runLifecycle(ctx, "destroy", s.plugin.onDestroy, &s.destroyed); err != nil {
+		return nil, err
+	}
+	return &pluginpb.LifecycleReply{}, nil
+}
+
+func (s *service) runLifecycle(ctx context.Context, name string, hook Hook, done *bool) error {
+	if hook != nil {
+		if err := runMethod(func() error { return hook(ctx) }); err != nil {
+			return hookStatus(name, err)
+		}
+	}
+	s.mark(done)
+	return nil
+}
+
+func (s *service) mark(flag *bool) {
+	s.mu.Lock()
+	*flag = true
+	s.mu.Unlock()
+}
+
+// shutdown runs the stop and destroy hooks the host did not call, so a plugin ended by
+// SIGTERM or by its host's death still cleans up.
+func (s *service) shutdown() {
+	s.health.Shutdown()
+	close(s.closing)
+	s.mu.Lock()
+	needStop := s.started && !s.stopped
+	needDestroy := s.inited && !s.destroyed
+	s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if needStop {
+		if err := s.runLifecycle(ctx, "stop", s.plugin.onStop, &s.stopped); err != nil {
+			fmt.Fprintln(os.Stderr, "linchkit plugin:", err)
+		}
+	}
+	if needDestroy {
+		if err := s.runLifecycle(ctx, "destroy", s.plugin.onDestroy, &s.destroyed); err != nil {
+			fmt.Fprintln(os.Stderr, "linchkit plugin:", err)
+		}
+	}
+}
+
+func (s *service) Call(ctx context.Context, req *pluginpb.CallRequest) (*pluginpb.CallReply, error) {
+	return s.plugin.invoke(ctx, req), nil
+}
+
+func (s *service) CallBatch(ctx context.Context, req *pluginpb.BatchRequest) (*pluginpb.BatchReply, error) {
+	results := make([]*pluginpb.CallReply, len(req.GetCalls()))
+	var wg sync.WaitGroup
+	for i, call := range req.GetCalls() {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = s.plugin.invoke(ctx, call)
+		}()
+	}
+	wg.Wait()
+	return &pluginpb.BatchReply{Results: results}, nil
+}
+
+func (s *service) CallStream(req *pluginpb.CallRequest, stream pluginpb.PluginService_CallStreamServer) error {
+	sendError := func(e *Error) error {
+		return stream.Send(&pluginpb.StreamItem{Item: &pluginpb.StreamItem_Error{Error: e.toProto()}})
+	}
+	ctx, cancel, call, m, callErr := s.plugin.prepare(stream.Context(), req)
+	defer cancel()
+	if callErr != nil {
+		return sendError(callErr)
+	}
+	send := func(chunk any) error {
+		raw, err := encodeJSON(chunk)
+		if err != nil {
+			return fmt.Errorf("chunk is not JSON-encodable: %w", err)
+		}
+		return stream.Send(&pluginpb.StreamItem{Item: &pluginpb.StreamItem_ChunkJson{ChunkJson: raw}})
+	}
+	var err error
+	if m.stream != nil {
+		err = runMethod(func() error { return m.stream(ctx, call, send) })
+	} else {
+		// A unary method streamed: its result is the one chunk.
+		var result any
+		err = runMethod(func() (e error) { result, e = m.unary(ctx, call); return e })
+		if err == nil {
+			err = send(result)
+		}
+	}
+	if err != nil {
+		if stream.Context().Err() != nil {
+			return status.FromContextError(stream.Context().Err()).Err()
+		}
+		return sendError(toError(err))
+	}
+	return nil
+}
+
+func (s *service) Events(stream pluginpb.PluginService_EventsServer) error {
+	queue := s.plugin.events.subscribe()
+	defer s.plugin.events.unsubscribe(queue)
+	go func() {
+		for {
+			event, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			if handler := s.plugin.handlers[event.GetName()]; handler != nil {
+				data := json.RawMessage(event.GetDataJson())
+				if len(data) == 0 {
+					data = json.RawMessage("null")
+				}
+				if err := runMethod(func() error { handler(stream.Context(), data); return nil }); err != nil {
+					fmt.Fprintf(os.Stderr, "linchkit plugin: host event %q: %v\n", event.GetName(), err)
+				}
+			}
+		}
+	}()
+	for {
+		select {
+		case event := <-queue:
+			if err := stream.Send(event); err != nil {
+				return err
+			}
+		case <-stream.Context().Done():
+			return nil
+		case <-s.closing:
+			return nil
+		}
+	}
+}
+
+// invoke runs one unary call and never fails: every failure is a CallReply error.
+func (p *Plugin) invoke(parent context.Context, req *pluginpb.CallRequest) *pluginpb.CallReply {
+	ctx, cancel, call, m, callErr := p.prepare(parent, req)
+	defer cancel()
+	if callErr != nil {
+		return errorReply(callErr)
+	}
+	var result any
+	var err error
+	if m.unary != nil {
+		err = runMethod(func() (e error) { result, e = m.unary(ctx, call); return e })
+	} else {
+		// A streaming method called once: the list of its chunks.
+		chunks := []json.RawMessage{}
+		err = runMethod(func() error {
+			return m.stream(ctx, call, func(chunk any) error {
+				raw, err := encodeJSON(chunk)
+				if err != nil {
+					return fmt.Errorf("chunk is not JSON-encodable: %w", err)
+				}
+				chunks = append(chunks, raw)
+				return nil
+			})
+		})
+		result = chunks
+	}
+	if err != nil {
+		return errorReply(toError(err))
+	}
+	raw, err := encodeJSON(result)
+	if err != nil {
+		return errorReply(&Error{Type: "PluginError", Message: fmt.Sprintf("result of %s is not JSON-encodable: %v", call.Method, err)})
+	}
+	return &pluginpb.CallReply{Ok: true, ResultJson: raw}
+}
+
+// prepare checks the envelope, finds the method, and bounds the context by the call's
+// deadline_ms (the gRPC deadline, when the host set one, already bounds it).
+func (p *Plugin) prepare(parent context.Context, req *pluginpb.CallRequest) (context.Context, context.CancelFunc, *Call, *method, *Error) {
+	ctx, cancel := parent, context.CancelFunc(func() {})
+	if ms := req.GetContext().GetDeadlineMs(); ms > 0 {
+		ctx, cancel = context.WithTimeout(parent, time.Duration(ms)*time.Millisecond)
+	}
+	if v := req.GetV(); v != 0 && v != ProtocolVersion {
+		return ctx, cancel, nil, nil, &Error{Type: TypeProviderError, Message: fmt.Sprintf("envelope version %d is not supported; this plugin speaks %d", v, ProtocolVersion)}
+	}
+	m := p.methods[req.GetMethod()]
+	if m == nil {
+		return ctx, cancel, nil, nil, MethodNotFound(req.GetMethod())
+	}
+	params := json.RawMessage(req.GetParamsJson())
+	if len(params) == 0 {
+		params = json.RawMessage("null")
+	} else if !json.Valid(params) {
+		return ctx, cancel, nil, nil, InvalidParams("params of %s are not valid JSON", m.name)
+	}
+	c := req.GetContext()
+	call := &Call{
+		Method: m.name, Params: params, RequestID: c.GetRequestId(), Caller: c.GetCaller(),
+		Traceparent: c.GetTraceparent(), IdempotencyKey: c.GetIdempotencyKey(), plugin: p,
+	}
+	return ctx, cancel, call, m, nil
+}
+
+func errorReply(e *Error) *pluginpb.CallReply {
+	return &pluginpb.CallReply{Ok: false, Error: e.toProto()}
+}
+
+// runMethod turns a panic in plugin code into an error, so one bad call cannot end the
+// plugin.
+func runMethod(fn func() error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			fmt.Fprintf(os.Stderr, "linchkit plugin: method panicked: %v\n%s", r, debug.Stack())
+			err = &Error{Type: "PluginError", Message: fmt.Sprintf("method panicked: %v", r)}
+		}
+	}()
+	return fn()
+}
+
+func hookStatus(name string, err error) error {
+	e := toError(err)
+	return status.Errorf(codes.FailedPrecondition, "%s hook failed: %s: %s", name, e.Type, e.Message)
+}

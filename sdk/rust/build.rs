@@ -1,0 +1,14 @@
+// Generates the Rust code of proto/plugin.proto at build time with a protoc binary taken
+// from crates.io (protoc-bin-vendored), so building needs nothing but cargo.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let proto = proto_dir.join("plugin.proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    // SAFETY: build scripts are single-threaded; the variable is for tonic-prost-build.
+    unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&[proto], &[proto_dir])?;
+    Ok(())
+}

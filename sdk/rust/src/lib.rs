@@ -1,0 +1,293 @@
+//! Write LinchKit dispatcher plugins in Rust: register methods, lifecycle hooks and event
+//! handlers on a [`Plugin`], then call [`Plugin::serve`]. The SDK speaks the plugin protocol
+//! (docs/protocol.md) over gRPC, either as a subprocess plugin started by the host with the
+//! handshake environment, or as a network service (`my-plugin serve --address 127.0.0.1:0`).
+//!
+//! ```no_run
+//! use linchkit_plugin::{Call, Error, Json, Plugin};
+//!
+//! fn main() {
+//!     Plugin::new("example", "1.0.0")
+//!         .method("echo", "returns its params", |call: Call| async move {
+//!             Ok::<Json, Error>(call.raw_params().clone())
+//!         })
+//!         .serve()
+//! }
+//! ```
+//!
+//! A method fails with an [`Error`] (type, message, retryable, details), answered inside
+//! `CallReply.error`. A method that panics answers a `PluginError`; the plugin goes on.
+
+mod error;
+mod events;
+mod serve;
+mod service;
+mod tls;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+pub use error::{types, Error};
+pub use events::Emitter;
+pub use serve::{Environment, ServeError};
+
+/// The protocol's generated types and gRPC service (package `linchkit.plugin.v1`).
+pub mod pb {
+    tonic::include_proto!("linchkit.plugin.v1");
+}
+
+/// The version of the plugin protocol this SDK speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The health service name of the plugin service.
+pub const SERVICE_NAME: &str = "linchkit.plugin.v1.PluginService";
+
+/// UTF-8 JSON text: params, results, chunks, config and event data travel as JSON bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Json(Vec<u8>);
+
+impl Json {
+    /// JSON text taken as it is (not checked).
+    pub fn raw(bytes: impl Into<Vec<u8>>) -> Self {
+        Json(bytes.into())
+    }
+
+    /// Encodes a value.
+    pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, Error> {
+        serde_json::to_vec(value).map(Json).map_err(|err| {
+            Error::new(
+                types::PLUGIN_ERROR,
+                format!("value is not JSON-encodable: {err}"),
+            )
+        })
+    }
+
+    /// Decodes into a value.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.0)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+
+    /// Empty bytes on the wire mean JSON `null`.
+    pub(crate) fn from_wire(bytes: Vec<u8>) -> Self {
+        if bytes.is_empty() {
+            Json::raw("null")
+        } else {
+            Json(bytes)
+        }
+    }
+}
+
+impl From<serde_json::Value> for Json {
+    fn from(value: serde_json::Value) -> Self {
+        Json(value.to_string().into_bytes())
+    }
+}
+
+/// One invocation of a method: its params and the context the host sent.
+pub struct Call {
+    pub method: String,
+    pub request_id: String,
+    pub caller: String,
+    pub traceparent: String,
+    pub idempotency_key: String,
+    /// When the call's deadline passes (from `deadline_ms`). The SDK stops waiting for the
+    /// method then and answers `deadline_exceeded`; CPU-bound code may check it to stop early.
+    pub deadline: Option<Instant>,
+    params: Json,
+    config: Arc<Json>,
+    emitter: Emitter,
+}
+
+impl Call {
+    /// Decodes the params; a decoding failure (a missing field, a wrong type) is answered
+    /// as `invalid_params`.
+    pub fn params<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        self.params
+            .decode()
+            .map_err(|err| Error::invalid_params(format!("params of {}: {err}", self.method)))
+    }
+
+    /// The params as the host sent them (`null` when it sent none).
+    pub fn raw_params(&self) -> &Json {
+        &self.params
+    }
+
+    /// The config JSON the host passed to `Init` (`{}` before `Init`).
+    pub fn config(&self) -> &Json {
+        &self.config
+    }
+
+    /// Sends a plugin event to the host (see [`Emitter::emit`]).
+    pub fn emit(&self, name: &str, data: Json) {
+        self.emitter.emit(name, data);
+    }
+}
+
+/// Sends the chunks of a streaming method, in order.
+#[derive(Clone)]
+pub struct ChunkSender(mpsc::Sender<Json>);
+
+impl ChunkSender {
+    /// Sends one chunk; fails when the host stopped listening.
+    pub async fn send(&self, chunk: impl Into<Json>) -> Result<(), Error> {
+        self.0
+            .send(chunk.into())
+            .await
+            .map_err(|_| Error::deadline_exceeded("the host stopped reading the stream"))
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type UnaryFn = Arc<dyn Fn(Call) -> BoxFuture<Result<Json, Error>> + Send + Sync>;
+type StreamFn = Arc<dyn Fn(Call, ChunkSender) -> BoxFuture<Result<(), Error>> + Send + Sync>;
+type InitFn = Arc<dyn Fn(Json) -> BoxFuture<Result<(), Error>> + Send + Sync>;
+type HookFn = Arc<dyn Fn() -> BoxFuture<Result<(), Error>> + Send + Sync>;
+type EventFn = Arc<dyn Fn(Json, &Emitter) + Send + Sync>;
+
+#[derive(Clone)]
+enum Handler {
+    Unary(UnaryFn),
+    Stream(StreamFn),
+}
+
+struct Method {
+    description: String,
+    handler: Handler,
+}
+
+#[derive(Default, Clone)]
+struct Hooks {
+    init: Option<InitFn>,
+    start: Option<HookFn>,
+    stop: Option<HookFn>,
+    destroy: Option<HookFn>,
+}
+
+/// What a plugin offers. Build it, then [`serve`](Plugin::serve) it.
+pub struct Plugin {
+    id: String,
+    version: String,
+    methods: HashMap<String, Method>,
+    order: Vec<String>,
+    hooks: Hooks,
+    handlers: HashMap<String, EventFn>,
+    emitter: Emitter,
+    config: Arc<RwLock<Arc<Json>>>,
+}
+
+impl Plugin {
+    pub fn new(id: impl Into<String>, version: impl Into<String>) -> Self {
+        Plugin {
+            id: id.into(),
+            version: version.into(),
+            methods: HashMap::new(),
+            order: Vec::new(),
+            hooks: Hooks::default(),
+            handlers: HashMap::new(),
+            emitter: Emitter::new(),
+            config: Arc::new(RwLock::new(Arc::new(Json::raw("{}")))),
+        }
+    }
+
+    /// Registers a unary method.
+    pub fn method<F, Fut>(self, name: &str, description: &str, method: F) -> Self
+    where
+        F: Fn(Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Json, Error>> + Send + 'static,
+    {
+        let handler: UnaryFn = Arc::new(move |call| Box::pin(method(call)));
+        self.register(name, description, Handler::Unary(handler))
+    }
+
+    /// Registers a streaming method (`CallStream`); called with a unary `Call`, the host
+    /// gets the list of its chunks.
+    pub fn streaming_method<F, Fut>(self, name: &str, description: &str, method: F) -> Self
+    where
+        F: Fn(Call, ChunkSender) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        let handler: StreamFn = Arc::new(move |call, chunks| Box::pin(method(call, chunks)));
+        self.register(name, description, Handler::Stream(handler))
+    }
+
+    fn register(mut self, name: &str, description: &str, handler: Handler) -> Self {
+        let method = Method {
+            description: description.to_string(),
+            handler,
+        };
+        if self.methods.insert(name.to_string(), method).is_some() {
+            panic!("plugin {}: method {name:?} registered twice", self.id);
+        }
+        self.order.push(name.to_string());
+        self
+    }
+
+    /// The hook run by `Init` with the host's config JSON.
+    pub fn on_init<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(Json) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        self.hooks.init = Some(Arc::new(move |config| Box::pin(hook(config))));
+        self
+    }
+
+    /// The hook run by `Start`.
+    pub fn on_start<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        self.hooks.start = Some(Arc::new(move || Box::pin(hook())));
+        self
+    }
+
+    /// The hook run by `Stop`, and at shutdown if the host never called `Stop`.
+    pub fn on_stop<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        self.hooks.stop = Some(Arc::new(move || Box::pin(hook())));
+        self
+    }
+
+    /// The hook run by `Destroy`, and at shutdown if the host never called it.
+    pub fn on_destroy<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        self.hooks.destroy = Some(Arc::new(move || Box::pin(hook())));
+        self
+    }
+
+    /// The handler of host events with this name; other names are ignored.
+    pub fn on_event<F>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(Json, &Emitter) + Send + Sync + 'static,
+    {
+        self.handlers.insert(name.to_string(), Arc::new(handler));
+        self
+    }
+
+    /// Emits plugin events from outside a call (a background task, a hook).
+    pub fn emitter(&self) -> Emitter {
+        self.emitter.clone()
+    }
+}

@@ -1,0 +1,459 @@
+//! The `PluginService` RPCs for one plugin.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::pb::plugin_service_server::PluginService;
+use crate::{
+    pb, types, Call, ChunkSender, Emitter, Error, EventFn, Handler, Hooks, Json, Method, Plugin,
+    PROTOCOL_VERSION, SERVICE_NAME,
+};
+
+#[derive(Default)]
+struct Lifecycle {
+    inited: bool,
+    started: bool,
+    stopped: bool,
+    destroyed: bool,
+}
+
+/// Everything the RPCs share, built once from the [`Plugin`] when it starts serving.
+pub(crate) struct Shared {
+    id: String,
+    version: String,
+    methods: HashMap<String, Method>,
+    order: Vec<String>,
+    hooks: Hooks,
+    handlers: Arc<HashMap<String, EventFn>>,
+    emitter: Emitter,
+    config: Arc<RwLock<Arc<Json>>>,
+    health: HealthReporter,
+    lifecycle: Mutex<Lifecycle>,
+}
+
+impl Shared {
+    pub(crate) async fn new(
+        plugin: Plugin,
+        health: HealthReporter,
+        serving_from_start: bool,
+    ) -> Arc<Self> {
+        let shared = Arc::new(Shared {
+            id: plugin.id,
+            version: plugin.version,
+            methods: plugin.methods,
+            order: plugin.order,
+            hooks: plugin.hooks,
+            handlers: Arc::new(plugin.handlers),
+            emitter: plugin.emitter,
+            config: plugin.config,
+            health,
+            lifecycle: Mutex::default(),
+        });
+        shared.set_serving(serving_from_start).await;
+        shared
+    }
+
+    async fn set_serving(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.health.set_service_status("", status).await;
+        self.health.set_service_status(SERVICE_NAME, status).await;
+    }
+
+    /// Ends the `Events` streams and runs the stop and destroy hooks the host did not call,
+    /// so a plugin ended by SIGTERM or by its host's death still cleans up.
+    pub(crate) async fn shutdown(&self) {
+        self.set_serving(false).await;
+        self.emitter.close();
+        let (need_stop, need_destroy) = {
+            let state = self.lifecycle.lock().unwrap();
+            (
+                state.started && !state.stopped,
+                state.inited && !state.destroyed,
+            )
+        };
+        let hooks = [
+            (need_stop, "stop", &self.hooks.stop),
+            (need_destroy, "destroy", &self.hooks.destroy),
+        ];
+        for (needed, name, hook) in hooks {
+            if let (true, Some(hook)) = (needed, hook) {
+                let hook = hook.clone();
+                match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    guarded(async move { hook().await }),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => {
+                        eprintln!("linchkit plugin: {name} hook failed at shutdown: {err}")
+                    }
+                    Err(_) => eprintln!(
+                        "linchkit plugin: {name} hook did not finish within 5s at shutdown"
+                    ),
+                }
+            }
+        }
+    }
+
+    fn mark(&self, set: impl FnOnce(&mut Lifecycle)) {
+        set(&mut self.lifecycle.lock().unwrap());
+    }
+
+    fn config(&self) -> Arc<Json> {
+        self.config.read().unwrap().clone()
+    }
+
+    /// Checks the envelope and finds the method: the call and its handler, or the error.
+    fn prepare(&self, request: pb::CallRequest) -> Result<(Call, Handler), Error> {
+        if request.v != 0 && request.v != PROTOCOL_VERSION {
+            return Err(Error::new(
+                types::PROVIDER_ERROR,
+                format!(
+                    "envelope version {} is not supported; this plugin speaks {PROTOCOL_VERSION}",
+                    request.v
+                ),
+            ));
+        }
+        let method = self
+            .methods
+            .get(&request.method)
+            .ok_or_else(|| Error::method_not_found(&request.method))?;
+        let params = Json::from_wire(request.params_json);
+        if serde_json::from_slice::<serde::de::IgnoredAny>(params.as_bytes()).is_err() {
+            return Err(Error::invalid_params(format!(
+                "params of {} are not valid JSON",
+                request.method
+            )));
+        }
+        let context = request.context.unwrap_or_default();
+        let deadline = (context.deadline_ms > 0)
+            .then(|| Instant::now() + Duration::from_millis(context.deadline_ms as u64));
+        let call = Call {
+            method: request.method,
+            request_id: context.request_id,
+            caller: context.caller,
+            traceparent: context.traceparent,
+            idempotency_key: context.idempotency_key,
+            deadline,
+            params,
+            config: self.config(),
+            emitter: self.emitter.clone(),
+        };
+        Ok((call, method.handler.clone()))
+    }
+
+    /// Runs one unary call; never fails: every failure is a `CallReply` error.
+    pub(crate) async fn invoke(&self, request: pb::CallRequest) -> pb::CallReply {
+        let outcome = match self.prepare(request) {
+            Err(err) => Err(err),
+            Ok((call, Handler::Unary(method))) => {
+                let deadline = call.deadline;
+                within(deadline, guarded(method(call))).await
+            }
+            Ok((call, Handler::Stream(method))) => {
+                // A streaming method called once: the list of its chunks.
+                let deadline = call.deadline;
+                let (sender, mut receiver) = mpsc::channel::<Json>(64);
+                let run = guarded(method(call, ChunkSender(sender)));
+                let collect = async move {
+                    let mut list = b"[".to_vec();
+                    while let Some(chunk) = receiver.recv().await {
+                        if list.len() > 1 {
+                            list.push(b',');
+                        }
+                        list.extend_from_slice(chunk.as_bytes());
+                    }
+                    list.push(b']');
+                    Json::raw(list)
+                };
+                within(deadline, async move {
+                    let (outcome, list) = tokio::join!(run, collect);
+                    outcome.map(|()| list)
+                })
+                .await
+            }
+        };
+        match outcome {
+            Ok(result) => pb::CallReply {
+                ok: true,
+                result_json: result.into_bytes(),
+                error: None,
+            },
+            Err(err) => error_reply(&err),
+        }
+    }
+}
+
+fn error_reply(err: &Error) -> pb::CallReply {
+    pb::CallReply {
+        ok: false,
+        result_json: Vec::new(),
+        error: Some(err.to_proto()),
+    }
+}
+
+/// Bounds `work` by the call's deadline: past it the work is dropped (and its task
+/// aborted) and the answer is `deadline_exceeded`.
+async fn within<T>(
+    deadline: Option<Instant>,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match deadline {
+        None => work.await,
+        Some(deadline) => tokio::time::timeout_at(deadline, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::deadline_exceeded(
+                    "the call's deadline passed before the method finished",
+                ))
+            }),
+    }
+}
+
+/// Aborts the task when the caller stops waiting for it (deadline, cancelled RPC).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs plugin code in its own task, so a panic answers a `PluginError` instead of
+/// ending the plugin.
+pub(crate) async fn guarded<T: Send + 'static>(
+    work: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    let mut task = AbortOnDrop(tokio::spawn(work));
+    match (&mut task.0).await {
+        Ok(outcome) => outcome,
+        Err(err) if err.is_panic() => {
+            let panic = err.into_panic();
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string panic".to_string());
+            Err(Error::new(
+                types::PLUGIN_ERROR,
+                format!("method panicked: {message}"),
+            ))
+        }
+        Err(_) => Err(Error::deadline_exceeded("the call was cancelled")),
+    }
+}
+
+fn hook_status(name: &str, err: Error) -> Status {
+    Status::failed_precondition(format!("{name} hook failed: {err}"))
+}
+
+pub(crate) struct Service(pub(crate) Arc<Shared>);
+
+impl Service {
+    async fn run_hook(&self, name: &str, hook: &Option<crate::HookFn>) -> Result<(), Status> {
+        if let Some(hook) = hook.clone() {
+            guarded(async move { hook().await })
+                .await
+                .map_err(|err| hook_status(name, err))?;
+        }
+        Ok(())
+    }
+}
+
+type ItemStream = ReceiverStream<Result<pb::StreamItem, Status>>;
+type EventStream = ReceiverStream<Result<pb::PluginEvent, Status>>;
+
+fn chunk_item(chunk: Json) -> pb::StreamItem {
+    pb::StreamItem {
+        item: Some(pb::stream_item::Item::ChunkJson(chunk.into_bytes())),
+    }
+}
+
+fn error_item(err: &Error) -> pb::StreamItem {
+    pb::StreamItem {
+        item: Some(pb::stream_item::Item::Error(err.to_proto())),
+    }
+}
+
+#[tonic::async_trait]
+impl PluginService for Service {
+    async fn describe(
+        &self,
+        _: Request<pb::DescribeRequest>,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        let shared = &self.0;
+        let methods = shared
+            .order
+            .iter()
+            .map(|name| {
+                let method = &shared.methods[name];
+                pb::MethodInfo {
+                    name: name.clone(),
+                    streaming: matches!(method.handler, Handler::Stream(_)),
+                    description: method.description.clone(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::PluginInfo {
+            id: shared.id.clone(),
+            version: shared.version.clone(),
+            protocol_version: PROTOCOL_VERSION,
+            runtime: "rust".to_string(),
+            methods,
+        }))
+    }
+
+    async fn init(
+        &self,
+        request: Request<pb::InitRequest>,
+    ) -> Result<Response<pb::LifecycleReply>, Status> {
+        let mut config = request.into_inner().config_json;
+        if config.is_empty() {
+            config = b"{}".to_vec();
+        }
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&config).is_err() {
+            return Err(Status::invalid_argument(
+                "Init: config_json is not valid JSON",
+            ));
+        }
+        let config = Json::raw(config);
+        *self.0.config.write().unwrap() = Arc::new(config.clone());
+        if let Some(hook) = self.0.hooks.init.clone() {
+            guarded(async move { hook(config).await })
+                .await
+                .map_err(|err| hook_status("init", err))?;
+        }
+        self.0.mark(|state| state.inited = true);
+        Ok(Response::new(pb::LifecycleReply {}))
+    }
+
+    async fn start(
+        &self,
+        _: Request<pb::LifecycleRequest>,
+    ) -> Result<Response<pb::LifecycleReply>, Status> {
+        self.run_hook("start", &self.0.hooks.start).await?;
+        self.0.mark(|state| state.started = true);
+        self.0.set_serving(true).await;
+        Ok(Response::new(pb::LifecycleReply {}))
+    }
+
+    async fn stop(
+        &self,
+        _: Request<pb::LifecycleRequest>,
+    ) -> Result<Response<pb::LifecycleReply>, Status> {
+        self.0.set_serving(false).await;
+        self.run_hook("stop", &self.0.hooks.stop).await?;
+        self.0.mark(|state| state.stopped = true);
+        Ok(Response::new(pb::LifecycleReply {}))
+    }
+
+    async fn destroy(
+        &self,
+        _: Request<pb::LifecycleRequest>,
+    ) -> Result<Response<pb::LifecycleReply>, Status> {
+        self.run_hook("destroy", &self.0.hooks.destroy).await?;
+        self.0.mark(|state| state.destroyed = true);
+        Ok(Response::new(pb::LifecycleReply {}))
+    }
+
+    async fn call(
+        &self,
+        request: Request<pb::CallRequest>,
+    ) -> Result<Response<pb::CallReply>, Status> {
+        Ok(Response::new(self.0.invoke(request.into_inner()).await))
+    }
+
+    async fn call_batch(
+        &self,
+        request: Request<pb::BatchRequest>,
+    ) -> Result<Response<pb::BatchReply>, Status> {
+        let calls = request
+            .into_inner()
+            .calls
+            .into_iter()
+            .map(|call| self.0.invoke(call));
+        let results = futures_util::future::join_all(calls).await;
+        Ok(Response::new(pb::BatchReply { results }))
+    }
+
+    type CallStreamStream = ItemStream;
+
+    async fn call_stream(
+        &self,
+        request: Request<pb::CallRequest>,
+    ) -> Result<Response<ItemStream>, Status> {
+        let (items, receiver) = mpsc::channel(64);
+        let (call, handler) = match self.0.prepare(request.into_inner()) {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                let _ = items.try_send(Ok(error_item(&err)));
+                return Ok(Response::new(ReceiverStream::new(receiver)));
+            }
+        };
+        let deadline = call.deadline;
+        tokio::spawn(async move {
+            let (chunks, mut chunk_receiver) = mpsc::channel::<Json>(64);
+            let run = async move {
+                match handler {
+                    Handler::Stream(method) => guarded(method(call, ChunkSender(chunks))).await,
+                    // A unary method streamed: its result is the one chunk.
+                    Handler::Unary(method) => {
+                        let result = guarded(method(call)).await?;
+                        ChunkSender(chunks).send(result).await
+                    }
+                }
+            };
+            let forward = async {
+                while let Some(chunk) = chunk_receiver.recv().await {
+                    if items.send(Ok(chunk_item(chunk))).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let outcome = tokio::select! {
+                (outcome, ()) = async { tokio::join!(within(deadline, run), forward) } => outcome,
+                // The host went away: dropping `run` aborts the method's task.
+                () = items.closed() => return,
+            };
+            if let Err(err) = outcome {
+                let _ = items.send(Ok(error_item(&err))).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    type EventsStream = EventStream;
+
+    async fn events(
+        &self,
+        request: Request<Streaming<pb::HostEvent>>,
+    ) -> Result<Response<EventStream>, Status> {
+        let receiver = self.0.emitter.subscribe();
+        let mut host_events = request.into_inner();
+        let handlers = self.0.handlers.clone();
+        let emitter = self.0.emitter.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(event)) = host_events.message().await {
+                if let Some(handler) = handlers.get(&event.name) {
+                    handler(Json::from_wire(event.data_json), &emitter);
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}

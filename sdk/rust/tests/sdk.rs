@@ -1,0 +1,494 @@
+//! The SDK as a host sees it: a plugin served in this process on real sockets, called
+//! with a tonic client; the handshake, AutoMTLS and the mapping of errors.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use linchkit_plugin::pb::plugin_service_client::PluginServiceClient;
+use linchkit_plugin::pb::{self, stream_item};
+use linchkit_plugin::{
+    Call, ChunkSender, Environment, Error, Json, Plugin, ServeError, SERVICE_NAME,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+fn test_plugin() -> Plugin {
+    Plugin::new("test", "0.1.0")
+        .method("echo", "", |call: Call| async move {
+            Ok(call.raw_params().clone())
+        })
+        .method("typed", "", |_: Call| async move {
+            Err::<Json, _>(
+                Error::new("Overdrawn", "balance is 100")
+                    .retryable(true)
+                    .with_details(json!({"balance": 100}))
+                    .with_retry_after(1.5),
+            )
+        })
+        .method("panics", "", |_: Call| async move {
+            if true {
+                panic!("boom");
+            }
+            Ok(Json::raw("null"))
+        })
+        .method("needs", "", |call: Call| async move {
+            #[derive(serde::Deserialize)]
+            struct Params {
+                n: i64,
+            }
+            let params: Params = call.params()?;
+            Ok(json!(params.n).into())
+        })
+        .method("waits", "", |_: Call| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(Json::raw("null"))
+        })
+        .streaming_method("count", "", |_: Call, chunks: ChunkSender| async move {
+            for i in 0..3 {
+                chunks.send(json!({ "i": i })).await?;
+            }
+            Ok(())
+        })
+        .on_event("ping", |data, events| events.emit("pong", data))
+}
+
+/// A plugin running in this process; dropping `stdin` is the host dying.
+struct Running {
+    fields: Vec<String>,
+    stdin: Option<DuplexStream>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+async fn start(args: &[&str], vars: &[(&str, &str)]) -> Running {
+    let (stdin_host, stdin_plugin) = tokio::io::duplex(64);
+    let (stdout_plugin, stdout_host) = tokio::io::duplex(4096);
+    let env = Environment {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        vars: vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+        stdin: Box::new(stdin_plugin),
+        stdout: Box::new(stdout_plugin),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(test_plugin().run(env, async move {
+        let _ = stopped.await;
+    }));
+    let mut line = String::new();
+    BufReader::new(stdout_host)
+        .read_line(&mut line)
+        .await
+        .expect("a handshake line");
+    let fields: Vec<String> = line.trim_end().split('|').map(String::from).collect();
+    assert_eq!(fields.len(), 6, "handshake line {line:?}");
+    Running {
+        fields,
+        stdin: Some(stdin_host),
+        stop: Some(stop),
+        task,
+    }
+}
+
+impl Running {
+    async fn client(&self) -> (PluginServiceClient<Channel>, HealthClient<Channel>) {
+        let channel = Channel::from_shared(format!("http://{}", self.fields[3]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        (
+            PluginServiceClient::new(channel.clone()),
+            HealthClient::new(channel),
+        )
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let outcome = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        assert!(
+            matches!(outcome, Ok(Ok(Ok(())))),
+            "plugin did not stop cleanly"
+        );
+    }
+}
+
+fn request(method: &str, params: &str, deadline_ms: i64) -> pb::CallRequest {
+    pb::CallRequest {
+        v: 1,
+        plugin: "test".into(),
+        method: method.into(),
+        params_json: params.as_bytes().to_vec(),
+        context: Some(pb::CallContext {
+            request_id: "r1".into(),
+            deadline_ms,
+            ..Default::default()
+        }),
+    }
+}
+
+async fn health(client: &mut HealthClient<Channel>, service: &str) -> i32 {
+    client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+#[tokio::test]
+async fn service_mode_maps_errors_into_call_reply() {
+    let running = start(&["serve", "--address", "127.0.0.1:0"], &[]).await;
+    assert_eq!(running.fields[..3], ["1", "1", "tcp"]);
+    assert!(running.fields[3].starts_with("127.0.0.1:"));
+    assert_eq!(running.fields[4..], ["grpc", ""]);
+    let (mut client, mut health_client) = running.client().await;
+    for service in ["", SERVICE_NAME] {
+        assert_eq!(
+            health(&mut health_client, service).await,
+            ServingStatus::Serving as i32
+        );
+    }
+    let info = client
+        .describe(pb::DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            info.id.as_str(),
+            info.runtime.as_str(),
+            info.protocol_version
+        ),
+        ("test", "rust", 1)
+    );
+
+    let error_of = |reply: pb::CallReply| {
+        assert!(!reply.ok);
+        reply.error.unwrap()
+    };
+    let unknown = error_of(
+        client
+            .call(request("nope", "{}", 0))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        (unknown.r#type.as_str(), unknown.retryable),
+        ("method_not_found", false)
+    );
+
+    let typed = error_of(
+        client
+            .call(request("typed", "{}", 0))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(typed.r#type, "Overdrawn");
+    assert_eq!(typed.message, "balance is 100");
+    assert!(typed.retryable);
+    assert_eq!(typed.details_json, br#"{"balance":100}"#);
+    assert_eq!(typed.retry_after, 1.5);
+
+    let panicked = error_of(
+        client
+            .call(request("panics", "{}", 0))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        (panicked.r#type.as_str(), panicked.message.as_str()),
+        ("PluginError", "method panicked: boom")
+    );
+
+    for params in ["{}", r#"{"n": "three"}"#, "{not json"] {
+        let invalid = error_of(
+            client
+                .call(request("needs", params, 0))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        assert_eq!(invalid.r#type, "invalid_params", "params {params}");
+    }
+
+    let started = Instant::now();
+    let late = error_of(
+        client
+            .call(request("waits", "{}", 50))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        (late.r#type.as_str(), late.retryable),
+        ("deadline_exceeded", true)
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let version = error_of(
+        client
+            .call(pb::CallRequest {
+                v: 2,
+                ..request("echo", "1", 0)
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(version.r#type, "provider_error");
+
+    // Results: bytes kept as sent, a streaming method called once gives the list.
+    let echoed = client
+        .call(request("echo", r#"{"big": 12345678901234567890}"#, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(echoed.result_json, br#"{"big": 12345678901234567890}"#);
+    let listed = client
+        .call(request("count", "{}", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.result_json, br#"[{"i":0},{"i":1},{"i":2}]"#);
+
+    // CallStream: chunks of a streaming method, one chunk of a unary one, one error item.
+    for (method, want) in [
+        ("count", vec!["chunk"; 3]),
+        ("echo", vec!["chunk"]),
+        ("nope", vec!["error"]),
+    ] {
+        let mut stream = client
+            .call_stream(request(method, "5", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut items = Vec::new();
+        while let Some(item) = stream.message().await.unwrap() {
+            items.push(match item.item.unwrap() {
+                stream_item::Item::ChunkJson(_) => "chunk",
+                stream_item::Item::Error(_) => "error",
+            });
+        }
+        assert_eq!(items, want, "CallStream {method}");
+    }
+
+    // Events: ping → pong.
+    let outgoing = tokio_stream::iter(vec![pb::HostEvent {
+        name: "ping".into(),
+        data_json: b"[7]".to_vec(),
+    }]);
+    let mut events = client.events(outgoing).await.unwrap().into_inner();
+    let pong = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (pong.name.as_str(), pong.data_json.as_slice()),
+        ("pong", b"[7]".as_slice())
+    );
+
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_handshake_environment_it_refuses() {
+    let env = Environment {
+        args: vec![],
+        vars: HashMap::new(),
+        stdin: Box::new(tokio::io::empty()),
+        stdout: Box::new(tokio::io::sink()),
+    };
+    let outcome = test_plugin().run(env, std::future::pending()).await;
+    assert!(matches!(outcome, Err(ServeError::NotLaunchedByHost)));
+}
+
+#[tokio::test]
+async fn subprocess_mode_negotiates_and_exits_when_stdin_closes() {
+    let dir = std::env::temp_dir().join(format!("lk-rust-sdk-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut running = start(
+        &[],
+        &[
+            ("LINCHKIT_PLUGIN_MAGIC_COOKIE", "d1spatch3r-pl4g1n"),
+            ("LINCHKIT_PLUGIN_PROTOCOL_VERSIONS", "2, 1"),
+            ("LINCHKIT_PLUGIN_SOCKET_DIR", dir.to_str().unwrap()),
+        ],
+    )
+    .await;
+    assert_eq!(running.fields[..3], ["1", "1", "unix"]);
+    let socket = std::path::PathBuf::from(&running.fields[3]);
+    assert_eq!(socket.parent(), Some(dir.as_path()));
+    assert!(socket.exists());
+
+    drop(running.stdin.take()); // the host died
+    let outcome = tokio::time::timeout(Duration::from_secs(10), &mut running.task).await;
+    assert!(
+        matches!(outcome, Ok(Ok(Ok(())))),
+        "plugin did not stop when its stdin closed"
+    );
+    assert!(!socket.exists(), "socket left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn subprocess_mode_refuses_a_host_it_cannot_speak_to() {
+    let env = Environment {
+        args: vec![],
+        vars: [
+            ("LINCHKIT_PLUGIN_MAGIC_COOKIE", "d1spatch3r-pl4g1n"),
+            ("LINCHKIT_PLUGIN_PROTOCOL_VERSIONS", "2,3"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        stdin: Box::new(tokio::io::empty()),
+        stdout: Box::new(tokio::io::sink()),
+    };
+    let outcome = test_plugin().run(env, std::future::pending()).await;
+    assert!(matches!(outcome, Err(ServeError::Failed(message)) if message.contains("speaks 1")));
+}
+
+/// The host's side of AutoMTLS in a test: trusts exactly the certificate of the handshake.
+#[derive(Debug)]
+struct PinnedServer(CertificateDer<'static>);
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        assert_eq!(end_entity.as_ref(), self.0.as_ref());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(m, c, d, &algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(m, c, d, &algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn host_identity() -> (String, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["host".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    (cert.pem(), vec![cert.der().clone()], der)
+}
+
+/// A TLS handshake with the plugin: the ALPN protocol it chose, or the failure.
+async fn handshake(
+    address: &str,
+    server_cert: CertificateDer<'static>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Option<Vec<u8>>, std::io::Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(PinnedServer(server_cert)));
+    let mut config = match identity {
+        Some((certs, key)) => builder.with_client_auth_cert(certs, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(address).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    // TLS 1.3 reports a refused client certificate after the handshake: read to see it.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await?;
+    let mut first = [0u8; 9];
+    tls.read_exact(&mut first).await?;
+    Ok(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+}
+
+#[tokio::test]
+async fn auto_mtls_serves_only_the_host() {
+    let (host_pem, host_certs, host_key) = host_identity();
+    let running = start(
+        &[],
+        &[
+            ("LINCHKIT_PLUGIN_MAGIC_COOKIE", "d1spatch3r-pl4g1n"),
+            ("LINCHKIT_PLUGIN_NETWORK", "tcp"),
+            ("LINCHKIT_PLUGIN_CLIENT_CERT", &host_pem),
+        ],
+    )
+    .await;
+    assert_eq!(running.fields[..3], ["1", "1", "tcp"]);
+    let der = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(&running.fields[5])
+        .expect("SERVER-CERT is base64 without padding");
+    let server_cert = CertificateDer::from(der);
+
+    let alpn = handshake(
+        &running.fields[3],
+        server_cert.clone(),
+        Some((host_certs, host_key)),
+    )
+    .await;
+    assert_eq!(alpn.expect("the host is served"), Some(b"h2".to_vec()));
+
+    let (_, stranger_certs, stranger_key) = host_identity();
+    assert!(handshake(
+        &running.fields[3],
+        server_cert.clone(),
+        Some((stranger_certs, stranger_key))
+    )
+    .await
+    .is_err());
+    assert!(handshake(&running.fields[3], server_cert, None)
+        .await
+        .is_err());
+    running.stop().await;
+}

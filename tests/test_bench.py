@@ -1,0 +1,79 @@
+"""The benchmark package runs and reports the figures it promises (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import Goal, Options, discover, merge_results, render_table, run_benchmarks
+
+
+def test_every_benchmark_module_is_discovered() -> None:
+    modules = discover()
+    assert "http" in modules
+    for module in modules.values():
+        assert callable(module.run)
+
+
+@pytest.mark.slow
+def test_a_tiny_http_run_produces_every_figure() -> None:
+    figures, goals = run_benchmarks(
+        ["http"], Options(calls=40, rounds=1, quick=True), report=lambda _: None
+    )
+    for concurrency in (1, 64):
+        for variant in ("aiohttp", "httpx", "dispatcher", "floor"):
+            for unit in ("calls_per_s", "p50_us", "p99_us", "cpu_us_per_call"):
+                assert figures[f"http_c{concurrency}_{variant}_{unit}"] > 0
+        assert figures[f"http_c{concurrency}_ratio_to_fastest_raw"] > 0
+        assert f"http_c{concurrency}_p50_added_us" in figures
+    assert "http_c1_p50_added_control_us" in figures
+    assert figures["http_sdk_c64_dispatcher_calls_per_s"] > 0
+    assert figures["http_sdk_c64_ratio_to_aiohttp"] > 0
+    assert set(goals) == {"http_c64_ratio_to_fastest_raw", "http_c1_p50_added_us"}
+    assert "http_c64_ratio_to_fastest_raw" in render_table(figures, goals)
+
+
+def test_results_are_merged_not_overwritten(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"lambda_c1_p50_us": 900.0, "http_rounds": 1}))
+    merge_results({"http_rounds": 3.0, "http_c1_p50_added_us": 12.5}, results)
+    assert json.loads(results.read_text()) == {
+        "http_c1_p50_added_us": 12.5,
+        "http_rounds": 3.0,
+        "lambda_c1_p50_us": 900.0,
+    }
+
+
+def test_goals_compare_both_ways() -> None:
+    assert Goal(">=", 0.8).met(0.8)
+    assert not Goal(">=", 0.8).met(0.79)
+    assert Goal("<=", 20).met(19.5)
+    assert not Goal("<=", 20).met(20.1)
+
+
+def test_a_failing_benchmark_does_not_cost_the_others_their_figures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    import bench._core
+
+    async def broken(options: Options) -> dict[str, float]:
+        raise RuntimeError("no engine here")
+
+    async def fine(options: Options) -> dict[str, float]:
+        return {"fine_calls_per_s": 1.0}
+
+    modules = {
+        "broken": types.SimpleNamespace(run=broken),
+        "fine": types.SimpleNamespace(run=fine, GOALS={"fine_calls_per_s": Goal(">=", 1)}),
+    }
+    monkeypatch.setattr(bench._core, "discover", lambda: modules)
+    reports: list[str] = []
+    with pytest.raises(bench._core.BenchmarksFailed) as caught:
+        run_benchmarks([], Options(), report=reports.append)
+    assert caught.value.failed == ["broken"]
+    assert caught.value.figures == {"fine_calls_per_s": 1.0}
+    assert "no engine here" in "".join(reports)
