@@ -53,7 +53,9 @@ class Invocation:
     def context_wire(self, now: float | None = None) -> dict[str, Any]:
         """The envelope's ``context`` object."""
         # Every remote call builds this: plain arithmetic, no helper calls (bench_http).
-        left_ms = int((self.deadline - (asyncio.get_running_loop().time() if now is None else now)) * 1000)
+        left_ms = int(
+            (self.deadline - (asyncio.get_running_loop().time() if now is None else now)) * 1000
+        )
         context: dict[str, Any] = {
             "request_id": self.request_id,
             "deadline_ms": left_ms if left_ms > 0 else 0,

@@ -91,34 +91,29 @@ class CacheStep:
                 cache.hits += 1
                 return result
             shared = cache.filling.get(key)
-            if shared is None:
-                cache.misses += 1
-                return await self._lead(key, invocation)
-            cache.coalesced += 1
+            if shared is not None:
+                cache.coalesced += 1
+                try:
+                    return await _follow(shared, invocation, cache.name)
+                except _LeaderGone:
+                    continue
+            # The first caller makes the call itself (no task: the miss path stays cheap)
+            # and hands its outcome to whoever arrived meanwhile through a future.
+            cache.misses += 1
+            shared = cache.filling[key] = asyncio.get_running_loop().create_future()
             try:
-                return await _follow(shared, invocation, cache.name)
-            except _LeaderGone:
-                continue
-
-    async def _lead(self, key: bytes, invocation: Invocation) -> Any:
-        # The first caller makes the call itself (no task: the miss path stays cheap) and
-        # hands its outcome to whoever arrived meanwhile through a future.
-        shared: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.cache.filling[key] = shared
-        try:
-            result = await self.next(invocation)
-        except BaseException as error:
-            shared.set_exception(
-                _LeaderGone() if isinstance(error, asyncio.CancelledError) else error
-            )
-            shared.exception()  # followers still get it; with none, asyncio must not log it
-            raise
-        else:
-            self.cache.entries[key] = result
-            shared.set_result(result)
-            return result
-        finally:
-            del self.cache.filling[key]
+                result = await self.next(invocation)
+            except BaseException as error:
+                gone = isinstance(error, asyncio.CancelledError)
+                shared.set_exception(_LeaderGone() if gone else error)
+                shared.exception()  # followers still get it; with none, asyncio must not log
+                raise
+            else:
+                cache.entries[key] = result
+                shared.set_result(result)
+                return result
+            finally:
+                del cache.filling[key]
 
 
 async def _follow(shared: asyncio.Future[Any], invocation: Invocation, name: str) -> Any:
