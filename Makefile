@@ -12,10 +12,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP) sdks docker-prereqs
+demo: $(STAMP) sdks docker-prereqs lambda-runtime
 	$(BIN)/python examples/demo.py
 	$(BIN)/python examples/polyglot_demo.py
 	$(BIN)/python examples/knative_demo.py
+	$(BIN)/python examples/lambda_demo.py
 
 # The example plugin deployed to a local Lambda (moto + the real runtime in Docker), called.
 demo-lambda: $(STAMP) lambda-runtime
