@@ -221,18 +221,36 @@ class Dispatcher:
         call. Raises a ``DispatchError`` subclass on any failure.
         """
         route = self._route(plugin, method, version)
+        invocation = self._invocation(
+            route, params, timeout, request_id, caller, traceparent, idempotency_key
+        )
+        return await route.invoke(invocation)
+
+    def _invocation(
+        self,
+        route: _Route,
+        params: Any,
+        timeout: float | None,
+        request_id: str | None,
+        caller: str | None,
+        traceparent: str | None,
+        idempotency_key: str | None,
+    ) -> Invocation:
+        """Check the params and fix the deadline of one call of ``route``."""
         if params is None:
             params = {}
         if route.validate is not None:
             route.validate(params)
         budget = route.timeout if timeout is None else timeout
         if budget <= 0:
-            raise DeadlineExceeded(f"{plugin}.{method} was given no time (timeout={timeout})")
+            raise DeadlineExceeded(
+                f"{route.plugin}.{route.method} was given no time (timeout={timeout})"
+            )
         # Positional: keyword arguments cost a third more on this, the per-call hot path.
-        invocation = Invocation(
+        return Invocation(
             route.plugin,  # plugin
             route.version,  # version
-            method,  # method
+            route.method,  # method
             params,  # params
             self._clock() + budget,  # deadline
             request_id or new_request_id(),  # request_id
@@ -240,7 +258,6 @@ class Dispatcher:
             traceparent,  # traceparent
             idempotency_key,  # idempotency_key
         )
-        return await route.invoke(invocation)
 
     async def call_many(
         self,
@@ -287,23 +304,7 @@ class Dispatcher:
         after the chunks already yielded.
         """
         route = self._route(plugin, method, version)
-        if params is None:
-            params = {}
-        if route.validate is not None:
-            route.validate(params)
-        budget = route.timeout if timeout is None else timeout
-        if budget <= 0:
-            raise DeadlineExceeded(f"{plugin}.{method} was given no time (timeout={timeout})")
-        invocation = Invocation(
-            plugin=route.plugin,
-            version=route.version,
-            method=method,
-            params=params,
-            deadline=self._clock() + budget,
-            request_id=request_id or new_request_id(),
-            caller=caller,
-            traceparent=traceparent,
-        )
+        invocation = self._invocation(route, params, timeout, request_id, caller, traceparent, None)
         chunks = route.stream(invocation)
         try:
             async for chunk in chunks:
