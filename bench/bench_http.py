@@ -435,15 +435,20 @@ _CLIENTS: dict[str, Callable[..., contextlib.AbstractAsyncContextManager[Call]]]
 
 
 @contextlib.asynccontextmanager
-async def fixed_reply_server(cpu: int | None) -> AsyncIterator[str]:
-    """``bench._fixed_server`` in a subprocess pinned to ``cpu``; yields its base URL."""
-    arguments = ["-m", "bench._fixed_server"] + ([] if cpu is None else ["--cpu", str(cpu)])
+async def port_server(module: str, cpu: int | None) -> AsyncIterator[str]:
+    """``python -m module`` that prints its port, pinned to ``cpu``; yields its base URL."""
+    arguments = ["-m", module] + ([] if cpu is None else ["--cpu", str(cpu)])
     async with _subprocess(arguments, cpu) as process:
         assert process.stdout is not None
         line = await asyncio.wait_for(process.stdout.readline(), timeout=20)
         if not line.strip().isdigit():
-            raise RuntimeError(f"the fixed-reply server did not start: {line!r}")
+            raise RuntimeError(f"{module} did not start: {line!r}")
         yield f"http://127.0.0.1:{int(line)}"
+
+
+def fixed_reply_server(cpu: int | None) -> contextlib.AbstractAsyncContextManager[str]:
+    """``bench._fixed_server`` in a subprocess pinned to ``cpu``; yields its base URL."""
+    return port_server("bench._fixed_server", cpu)
 
 
 @contextlib.asynccontextmanager

@@ -41,11 +41,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from dispatcher.envelope import decode_batch_response, decode_response
 from dispatcher.errors import (
@@ -61,7 +60,7 @@ from dispatcher.errors import (
     Unauthorized,
 )
 from dispatcher.invocation import Invocation, Outcome
-from providers.base import Health, Provider, TargetConfig
+from providers.base import Health, ManifestPath, Provider, TargetConfig
 
 if TYPE_CHECKING:
     from dispatcher.config import PluginSpec
@@ -111,7 +110,7 @@ class LambdaDeploySettings(BaseModel):
         description="Execution role ARN (infra/lambda/template.yaml creates a least-privilege one).",
     )
     entrypoint: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", examples=["echo:EchoPlugin"])
-    path: Path | None = Field(
+    path: ManifestPath | None = Field(
         default=None, description="Folder holding the plugin's modules, relative to the manifest."
     )
     requirements: list[str] = Field(
@@ -124,14 +123,6 @@ class LambdaDeploySettings(BaseModel):
     alias: str = Field(default="live", pattern=r"^[a-zA-Z0-9_-]*[a-zA-Z_-][a-zA-Z0-9_-]*$")
     environment: dict[str, str] = Field(default_factory=dict)
     architecture: Literal["x86_64"] = "x86_64"
-
-    @field_validator("path")
-    @classmethod
-    def _relative_to_manifest(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is None or path.is_absolute():
-            return path
-        base = (info.context or {}).get("base_dir", Path.cwd())
-        return (Path(base) / path).resolve()
 
 
 class LambdaTarget(TargetConfig):

@@ -23,9 +23,10 @@ import abc
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
 from dispatcher.errors import DispatchError, ProviderError
 from dispatcher.invocation import Invocation, Outcome
@@ -35,7 +36,18 @@ if TYPE_CHECKING:
 
     from dispatcher.config import PluginSpec
 
-__all__ = ["Health", "Provider", "TargetConfig"]
+__all__ = ["Health", "ManifestPath", "Provider", "TargetConfig"]
+
+
+def _relative_to_manifest(path: Path, info: ValidationInfo) -> Path:
+    if path.is_absolute():
+        return path
+    base = (info.context or {}).get("base_dir", Path.cwd())
+    return (Path(base) / path).resolve()
+
+
+#: A path in a target model: relative paths are taken from the manifest's folder.
+ManifestPath = Annotated[Path, AfterValidator(_relative_to_manifest)]
 
 
 class TargetConfig(BaseModel):

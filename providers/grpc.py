@@ -18,15 +18,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import AsyncGenerator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from dispatcher.errors import ProviderError, TargetUnavailable
 from dispatcher.invocation import Invocation, Outcome
 from providers._grpc_client import HEALTH_SERVICE, ChannelSecurity, PluginConnection
-from providers.base import Health, Provider, TargetConfig
+from providers.base import Health, ManifestPath, Provider, TargetConfig
 
 if TYPE_CHECKING:
     from dispatcher.config import PluginSpec
@@ -46,9 +45,15 @@ class GrpcTarget(TargetConfig):
         examples=["127.0.0.1:50051", "unix:/run/plugins/echo.sock"],
     )
     tls: bool = Field(default=False, description="Use TLS; implied by any of the files below.")
-    ca_file: Path | None = Field(default=None, description="PEM roots to verify the server with.")
-    cert_file: Path | None = Field(default=None, description="Client certificate (mTLS), PEM.")
-    key_file: Path | None = Field(default=None, description="Client private key (mTLS), PEM.")
+    ca_file: ManifestPath | None = Field(
+        default=None, description="PEM roots to verify the server with."
+    )
+    cert_file: ManifestPath | None = Field(
+        default=None, description="Client certificate (mTLS), PEM."
+    )
+    key_file: ManifestPath | None = Field(
+        default=None, description="Client private key (mTLS), PEM."
+    )
     server_name: str | None = Field(
         default=None, description="Name to verify in the server certificate (and :authority)."
     )
@@ -61,14 +66,6 @@ class GrpcTarget(TargetConfig):
     events: bool = Field(default=True, description="Keep the plugin's Events stream open.")
     health_service: str = HEALTH_SERVICE
     connect_timeout_ms: int = Field(default=5_000, gt=0)
-
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _relative_to_manifest(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is None or path.is_absolute():
-            return path
-        base = (info.context or {}).get("base_dir", Path.cwd())
-        return (Path(base) / path).resolve()
 
     @field_validator("metadata")
     @classmethod

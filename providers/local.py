@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
 from dispatcher.errors import InvalidParams, ProviderError, TargetUnavailable
 from dispatcher.invocation import Invocation
 from dispatcher.sdk.host import EventSink, PluginHost
-from providers.base import Health, Provider, TargetConfig
+from providers.base import Health, ManifestPath, Provider, TargetConfig
 
 if TYPE_CHECKING:
     from dispatcher.config import PluginSpec
@@ -33,17 +32,9 @@ class LocalTarget(TargetConfig):
 
     provider: Literal["local"]
     entrypoint: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", examples=["echo:EchoPlugin"])
-    path: Path | None = Field(
+    path: ManifestPath | None = Field(
         default=None, description="Folder to import from, relative to the manifest."
     )
-
-    @field_validator("path")
-    @classmethod
-    def _relative_to_manifest(cls, path: Path | None, info: ValidationInfo) -> Path | None:
-        if path is None or path.is_absolute():
-            return path
-        base = (info.context or {}).get("base_dir", Path.cwd())
-        return (Path(base) / path).resolve()
 
     def describe(self) -> str:
         return f"local {self.entrypoint}"
