@@ -122,6 +122,18 @@ async def test_errors_are_not_cached_and_invalidation_works() -> None:
         assert dispatcher.invalidate() == 1
 
 
+async def test_concurrent_misses_share_a_failure_but_not_its_exception_object() -> None:
+    plugin = counting({"fails": {"pure": True, "cache": {"ttl_ms": 60_000}}})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        errors = await asyncio.gather(
+            *(dispatcher.call("count", "fails", {"delay": 0.05}) for _ in range(20)),
+            return_exceptions=True,
+        )
+    assert CountingPlugin.calls == 1
+    assert all(isinstance(error, PluginError) for error in errors)
+    assert len({id(error) for error in errors}) == 20
+
+
 def test_caching_or_retrying_an_unsafe_method_is_refused() -> None:
     with pytest.raises(ManifestError) as caught:
         manifest(

@@ -10,6 +10,7 @@ callers: treat them as read-only.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +19,7 @@ import orjson
 from cachetools import TTLCache
 
 from dispatcher.config import CachePolicy
-from dispatcher.errors import DeadlineExceeded, InvalidParams
+from dispatcher.errors import DeadlineExceeded, DispatchError, InvalidParams
 from dispatcher.invocation import Invocation
 
 __all__ = ["CacheStep", "ResultCache"]
@@ -122,5 +123,9 @@ async def _follow(shared: asyncio.Future[Any], invocation: Invocation, name: str
         async with asyncio.timeout(remaining):
             # shield: a waiter giving up must not cancel what the others wait for.
             return await asyncio.shield(shared)
+    except DispatchError as error:
+        # One exception object per waiter, as the batcher does: raising the shared one in
+        # many tasks would chain every waiter's traceback onto it.
+        raise copy.copy(error) from error.__cause__
     except TimeoutError:
         raise DeadlineExceeded(f"{name}: no result within {remaining * 1000:.0f} ms") from None

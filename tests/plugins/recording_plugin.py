@@ -79,6 +79,10 @@ class CountingPlugin(Plugin):
         type(self).finished.append(tag)
         return tag
 
-    async def fails(self) -> None:
+    async def fails(self, delay: float = 0.0) -> None:
         type(self).calls += 1
+        if delay:
+            import asyncio
+
+            await asyncio.sleep(delay)
         raise ValueError("no")
