@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo demo-lambda test lint bench clean proto sdks docker-prereqs lambda-runtime
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e './sdk/python[http,grpc,knative]' -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP) sdks docker-prereqs lambda-runtime
@@ -30,7 +30,7 @@ sdks: $(STAMP)
 		echo "building $$build"; VENV="$(abspath $(VENV))" bash "$$build"; \
 	done
 
-# Regenerate dispatcher/_proto from proto/plugin.proto (tests fail when it is stale).
+# Regenerate linchkit_plugin/_proto from proto/plugin.proto (tests fail when it is stale).
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
 
@@ -43,12 +43,14 @@ docker-prereqs: $(STAMP)
 test: $(STAMP) sdks docker-prereqs lambda-runtime
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP) lambda-runtime
 	$(BIN)/python -m bench

@@ -166,7 +166,7 @@ async def run(options: Any = None) -> dict[str, float]:
     import grpc.aio
 
     from dispatcher import Dispatcher
-    from dispatcher._proto import plugin_pb2, plugin_pb2_grpc
+    from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 
     quick = bool(getattr(options, "quick", False))
     calls = getattr(options, "calls", None) or (300 if quick else 5_000)

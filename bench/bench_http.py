@@ -267,7 +267,7 @@ def _median(values: Iterable[float]) -> float:
 
 def envelope_bytes(method: str) -> bytes:
     """The request envelope a raw client posts: the shape and size the dispatcher sends."""
-    from dispatcher.invocation import Invocation, new_request_id
+    from providers.invocation import Invocation, new_request_id
 
     invocation = Invocation(
         plugin="bench",
@@ -456,7 +456,7 @@ async def sdk_server(cpu: int | None) -> AsyncIterator[str]:
     """The example plugin behind ``dispatcher-plugin serve``; yields its base URL."""
     port = _free_port()
     arguments = [
-        "-m", "dispatcher.sdk.cli", "serve", "echo_plugin:EchoPlugin",
+        "-m", "linchkit_plugin.cli", "serve", "echo_plugin:EchoPlugin",
         "--path", str(ROOT / "examples" / "python"), "--port", str(port),
         "--config", '{"greeting": "bench"}',
     ]  # fmt: skip

@@ -80,10 +80,10 @@ async def run(options: Any = None) -> dict[str, float]:
     from moto.server import ThreadedMotoServer
 
     from dispatcher import Dispatcher, Invocation
-    from dispatcher.invocation import new_request_id
     from dispatcher.testing.lambda_kit import FAKE_CREDENTIALS, deploy_manifest
     from dispatcher.testing.local_lambda import LocalLambda
     from providers.aws_lambda import LambdaProvider
+    from providers.invocation import new_request_id
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     for name, value in FAKE_CREDENTIALS.items():

@@ -17,18 +17,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
-from dispatcher.errors import (
+from dispatcher.policies import PolicyRuntime, Step
+from dispatcher.policies.breaker import StateListener as CircuitListener
+from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
     InvalidParams,
     MethodNotFound,
     PluginNotFound,
 )
-from dispatcher.invocation import Invocation, new_request_id
-from dispatcher.policies import PolicyRuntime, Step
-from dispatcher.policies.breaker import StateListener as CircuitListener
 from providers import provider_classes
-from providers.base import Health, Provider, TargetConfig
+from providers.base import Health, Provider
+from providers.invocation import Invocation, new_request_id
+from providers.target import TargetConfig
 
 if TYPE_CHECKING:
     from types import TracebackType

@@ -16,10 +16,11 @@ import click
 import orjson
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, load_manifest
-from dispatcher.errors import DispatchError, ManifestError
+from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, ManifestError, PluginSpec, load_manifest
+from linchkit_plugin.errors import DispatchError
 from providers import provider_classes
-from providers.base import Provider
+from providers.deploy import Step
+from providers.target import TargetConfig
 
 T = TypeVar("T")
 
@@ -146,14 +147,16 @@ def health(context: click.Context) -> None:
 @click.option(
     "--dry-run", is_flag=True, help="Print what would be deployed; write and apply nothing."
 )
+@click.option("--remove", is_flag=True, help="Delete what deploy created, instead.")
 @click.pass_context
-def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool) -> None:
+def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool, remove: bool) -> None:
     """Build or publish the function behind each target of PLUGIN (default: every plugin).
 
     Each provider deploys its own way (docker: builds the image locally; knative: renders a
-    Service into infra/knative/ and applies it when the target's deploy.cluster is set).
-    Targets whose provider has nothing to deploy (local, http) are listed and skipped.
-    --dry-run prints what would be deployed instead.
+    Service into infra/knative/ and applies it when the target's deploy.cluster is set;
+    lambda: packages the plugin with its SDK and publishes it). Targets whose provider has
+    nothing to deploy (local, http) are listed and skipped. --dry-run prints the plan
+    instead; --remove deletes what deploy created (with --dry-run: what it would delete).
     """
     manifest = _manifest(context)
     known = {name for plugin in manifest.plugins for name in (plugin.id, plugin.key)}
@@ -166,33 +169,49 @@ def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool) -> N
         ok = True
         for plugin in chosen:
             for target in plugin.targets():
-                provider = provider_classes()[target.provider]()
-                if type(provider).deploy is Provider.deploy:
-                    click.echo(f"{plugin.key}: {target.describe()}: nothing to deploy")
-                    continue
-                # Providers whose deploy has steps report each as it ends (lambda).
-                if hasattr(provider, "deploy_progress"):
-                    provider.deploy_progress = lambda step, key=plugin.key: click.echo(
-                        f"{key}: {step.render()}"
-                    )
-                try:
-                    async with provider:
-                        plan = getattr(provider, "plan_deployment", None)
-                        if dry_run and plan is not None:  # a plan read from the live state
-                            click.echo(f"{plugin.key}: {await plan(plugin, target)}")
-                        elif dry_run:
-                            click.echo(
-                                provider.render_deployment(plugin, target).rstrip() + "\n---"
-                            )
-                        else:
-                            click.echo(f"{plugin.key}: {await provider.deploy(plugin, target)}")
-                except DispatchError as error:
-                    click.echo(f"{plugin.key}: {target.describe()}: {error}", err=True)
-                    ok = False
+                ok = await _deploy_one(plugin, target, dry_run=dry_run, remove=remove) and ok
         return ok
 
     if not asyncio.run(run()):
         context.exit(EXIT_FAILED)
+
+
+async def _deploy_one(
+    plugin: PluginSpec[Any], target: TargetConfig, *, dry_run: bool, remove: bool
+) -> bool:
+    provider = provider_classes()[target.provider]()
+    deployer = provider.deployer()
+    if deployer is None:
+        click.echo(f"{plugin.key}: {target.describe()}: nothing to deploy")
+        return True
+
+    def progress(step: Step) -> None:
+        click.echo(f"{plugin.key}: {step.render()}")
+
+    try:
+        async with provider:
+            if dry_run and remove:
+                click.echo(f"{plugin.key}: would remove {target.describe()}")
+            elif dry_run:
+                click.echo(f"{plugin.key}: {(await deployer.plan(plugin, target)).render()}")
+            elif remove:
+                plan = await deployer.remove(plugin, target, progress)
+                click.echo(
+                    f"{plugin.key}: removed {plan.target}"
+                    if plan.changes
+                    else f"{plugin.key}: {plan.target}: nothing to remove"
+                )
+            else:
+                plan = await deployer.apply(plugin, target, progress)
+                click.echo(
+                    f"{plugin.key}: deployed {plan.target}"
+                    if plan.changes
+                    else f"{plugin.key}: {plan.target}: up to date"
+                )
+    except DispatchError as error:
+        click.echo(f"{plugin.key}: {target.describe()}: {error}", err=True)
+        return False
+    return True
 
 
 def _run(manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]) -> T:

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def revision(name: str, greeting: str) -> Revision:
     config = orjson.dumps({"greeting": greeting}).decode()
-    command = [sys.executable, "-m", "dispatcher.sdk.knative", "echo_plugin:EchoPlugin"]
+    command = [sys.executable, "-m", "linchkit_plugin.knative", "echo_plugin:EchoPlugin"]
     return Revision(
         name, [*command, "--path", str(ROOT / "examples" / "python"), "--config", config]
     )

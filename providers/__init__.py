@@ -13,7 +13,8 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
-from providers.base import Health, Provider, TargetConfig
+from providers.base import Health, Provider
+from providers.target import TargetConfig
 
 __all__ = ["ENTRY_POINT_GROUP", "Health", "Provider", "TargetConfig", "provider_classes"]
 

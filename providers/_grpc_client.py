@@ -17,7 +17,7 @@ translated here into the dispatcher's errors:
     FAILED_PRECONDITION, other       ProviderError                no
 
 A plugin's own failures come back in ``CallReply.error`` and go through
-``dispatcher.errors.error_from_wire`` like every other transport's.
+``linchkit_plugin.errors.error_from_wire`` like every other transport's.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import orjson
 
-from dispatcher.errors import (
+from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
     Forbidden,
@@ -44,8 +44,8 @@ from dispatcher.errors import (
     Unauthorized,
     error_from_wire,
 )
-from dispatcher.invocation import Invocation, Outcome
 from providers.base import Health
+from providers.invocation import Invocation, Outcome
 
 __all__ = ["HEALTH_SERVICE", "ChannelSecurity", "PluginConnection", "translate_rpc_error"]
 
@@ -205,7 +205,7 @@ class PluginConnection:
         import grpc
         import grpc.aio
 
-        from dispatcher._proto import plugin_pb2, plugin_pb2_grpc
+        from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 
         self.address = address
         self.describe = describe or f"grpc {address}"

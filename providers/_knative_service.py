@@ -9,7 +9,7 @@ Service (https://knative.dev/docs/serving/reference/serving-api/):
 * ``autoscaling.knative.dev/min-scale``/``max-scale`` annotations bound the scale
   (https://knative.dev/docs/serving/autoscaling/scale-bounds/);
 * ``containerConcurrency`` and ``timeoutSeconds`` on the revision; the plugin's ``config``
-  travels in ``LINCHKIT_PLUGIN_CONFIG`` (read by ``python -m dispatcher.sdk.knative``);
+  travels in ``LINCHKIT_PLUGIN_CONFIG`` (read by ``python -m linchkit_plugin.knative``);
 * traffic: all to the latest revision, or with ``canary`` a split between the stable
   revision (tag ``stable``) and the latest (tag ``canary.tag``), each reachable on its tag
   host.
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import yaml
 
-from dispatcher.errors import (
+from linchkit_plugin.errors import (
     DispatchError,
     Forbidden,
     InvalidParams,
@@ -41,8 +41,8 @@ from dispatcher.errors import (
 )
 
 if TYPE_CHECKING:
-    from dispatcher.config import PluginSpec
     from providers.knative import KnativeTarget
+    from providers.target import PluginInfo
 
 __all__ = ["apply", "deploy", "render_service", "render_yaml", "validate_service"]
 
@@ -58,7 +58,7 @@ def revision_name(service: str, version: str) -> str:
     return f"{service}-{suffix}"[:63].rstrip("-")
 
 
-def render_service(plugin: PluginSpec[Any], target: KnativeTarget) -> dict[str, Any]:
+def render_service(plugin: PluginInfo, target: KnativeTarget) -> dict[str, Any]:
     """The Service manifest for ``plugin`` on ``target`` (which must have ``deploy``)."""
     spec = target.deploy
     if spec is None:
@@ -123,7 +123,7 @@ def render_service(plugin: PluginSpec[Any], target: KnativeTarget) -> dict[str, 
     }
 
 
-def render_yaml(plugin: PluginSpec[Any], target: KnativeTarget) -> str:
+def render_yaml(plugin: PluginInfo, target: KnativeTarget) -> str:
     service = render_service(plugin, target)
     validate_service(service)
     return yaml.safe_dump(service, sort_keys=False)
@@ -204,7 +204,7 @@ def manifest_path(infra_dir: Path, target: KnativeTarget) -> Path:
     return infra_dir / target.namespace / f"{target.service}.yaml"
 
 
-async def deploy(plugin: PluginSpec[Any], target: KnativeTarget, infra_dir: Path) -> str:
+async def deploy(plugin: PluginInfo, target: KnativeTarget, infra_dir: Path) -> str:
     text = render_yaml(plugin, target)
     path = manifest_path(infra_dir, target)
     path.parent.mkdir(parents=True, exist_ok=True)

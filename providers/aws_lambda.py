@@ -46,8 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from dispatcher.envelope import decode_batch_response, decode_response
-from dispatcher.errors import (
+from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
     Forbidden,
@@ -59,12 +58,14 @@ from dispatcher.errors import (
     TargetUnavailable,
     Unauthorized,
 )
-from dispatcher.invocation import Invocation, Outcome
-from providers.base import Health, ManifestPath, Provider, TargetConfig
+from providers.base import Health, Provider
+from providers.envelope import decode_batch_response, decode_response
+from providers.invocation import Invocation, Outcome
+from providers.target import ManifestPath, TargetConfig
 
 if TYPE_CHECKING:
-    from dispatcher.config import PluginSpec
     from dispatcher.deploy import FunctionSpec, Package, Step
+    from providers.target import PluginInfo
 
 __all__ = ["LambdaDeploySettings", "LambdaProvider", "LambdaTarget"]
 
@@ -190,7 +191,7 @@ class LambdaProvider(Provider[LambdaTarget]):
         exits, self._exits = self._exits, contextlib.AsyncExitStack()
         await exits.aclose()
 
-    async def attach(self, plugin: PluginSpec[Any], target: LambdaTarget) -> None:
+    async def attach(self, plugin: PluginInfo, target: LambdaTarget) -> None:
         # Open the region's client now, so credential and region problems show at start,
         # not on the first call, and the first call does not pay for the client.
         await self.client(target)
@@ -292,7 +293,7 @@ class LambdaProvider(Provider[LambdaTarget]):
 
     # -- deploy (the Lambda API side of ``dispatcher.deploy``) ----------------------------
 
-    async def deploy(self, plugin: PluginSpec[Any], target: LambdaTarget) -> str:
+    async def deploy(self, plugin: PluginInfo, target: LambdaTarget) -> str:
         """Package ``plugin`` and deploy it as the function behind ``target``; idempotent.
 
         Each step goes to ``deploy_progress`` as it ends; the summary lists them all.
@@ -302,7 +303,7 @@ class LambdaProvider(Provider[LambdaTarget]):
         steps = await deploy_plugin(self, plugin, target, progress=self.deploy_progress)
         return _summary(target, steps)
 
-    async def plan_deployment(self, plugin: PluginSpec[Any], target: LambdaTarget) -> str:
+    async def plan_deployment(self, plugin: PluginInfo, target: LambdaTarget) -> str:
         """What ``deploy`` would change, read from the live function (``--dry-run``)."""
         from dispatcher.deploy import deploy_plugin
 
@@ -311,7 +312,7 @@ class LambdaProvider(Provider[LambdaTarget]):
         )
         return _summary(target, steps, dry_run=True)
 
-    def render_deployment(self, plugin: PluginSpec[Any], target: LambdaTarget) -> str:
+    def render_deployment(self, plugin: PluginInfo, target: LambdaTarget) -> str:
         """The function ``deploy`` makes, without asking AWS what exists."""
         from dispatcher.deploy import build_package, function_spec
 

@@ -23,47 +23,17 @@ import abc
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
-
-from dispatcher.errors import DispatchError, ProviderError
-from dispatcher.invocation import Invocation, Outcome
+from linchkit_plugin.errors import DispatchError, ProviderError
+from providers.deploy import Deployer
+from providers.invocation import Invocation, Outcome
+from providers.target import PluginInfo, TargetConfig
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from dispatcher.config import PluginSpec
-
-__all__ = ["Health", "ManifestPath", "Provider", "TargetConfig"]
-
-
-def _relative_to_manifest(path: Path, info: ValidationInfo) -> Path:
-    if path.is_absolute():
-        return path
-    base = (info.context or {}).get("base_dir", Path.cwd())
-    return (Path(base) / path).resolve()
-
-
-#: A path in a target model: relative paths are taken from the manifest's folder.
-ManifestPath = Annotated[Path, AfterValidator(_relative_to_manifest)]
-
-
-class TargetConfig(BaseModel):
-    """Base of every provider's target model; ``provider`` is the manifest's discriminator.
-
-    Subclasses declare ``provider: Literal["name"]`` and their own fields. Unknown keys
-    are errors, and targets are immutable once loaded.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    provider: str
-
-    def describe(self) -> str:
-        """One line for ``dispatcher list``: where calls go."""
-        return self.provider
+__all__ = ["Health", "Provider", "TargetConfig"]
 
 
 TargetT = TypeVar("TargetT", bound=TargetConfig)
@@ -104,13 +74,13 @@ class Provider(abc.ABC, Generic[TargetT]):
     async def aclose(self) -> None:
         """Close everything ``start`` and ``attach`` opened."""
 
-    async def attach(self, plugin: PluginSpec[Any], target: TargetT) -> None:
+    async def attach(self, plugin: PluginInfo, target: TargetT) -> None:
         """Make ``plugin`` callable on ``target`` (run its lifecycle where the provider owns it).
 
         Remote targets run their own lifecycle on their own servers; the default does nothing.
         """
 
-    async def detach(self, plugin: PluginSpec[Any], target: TargetT) -> None:
+    async def detach(self, plugin: PluginInfo, target: TargetT) -> None:
         """Undo ``attach``: stop and destroy what the provider started."""
 
     @abc.abstractmethod
@@ -139,16 +109,9 @@ class Provider(abc.ABC, Generic[TargetT]):
         """Probe the target. Must not raise: report what is wrong in ``Health``."""
         return Health("unknown", "this provider has no health probe")
 
-    async def deploy(self, plugin: PluginSpec[Any], target: TargetT) -> str:
-        """Create or update the function behind ``target``; returns a summary."""
-        raise ProviderError(f"the {self.name} provider cannot deploy plugins")
-
-    def render_deployment(self, plugin: PluginSpec[Any], target: TargetT) -> str:
-        """What ``deploy`` would create, as text (``dispatcher deploy --dry-run``).
-
-        Writes and applies nothing. Providers that deploy should override both.
-        """
-        raise ProviderError(f"the {self.name} provider cannot render deployments")
+    def deployer(self) -> Deployer[TargetT] | None:
+        """How this provider deploys its targets (``dispatcher deploy``); None if it cannot."""
+        return None
 
     async def _outcome(self, target: TargetT, invocation: Invocation) -> Outcome[Any]:
         try:

@@ -81,21 +81,22 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from dispatcher.errors import (
+from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
     ProviderError,
     TargetUnavailable,
 )
-from dispatcher.invocation import Invocation, Outcome
-from providers.base import Health, Provider, TargetConfig
+from providers.base import Health, Provider
 from providers.http import HttpProvider, HttpTarget
+from providers.invocation import Invocation, Outcome
+from providers.target import TargetConfig
 
 if TYPE_CHECKING:
     import aiodocker
     from aiodocker.containers import DockerContainer
 
-    from dispatcher.config import PluginSpec
+    from providers.target import PluginInfo
 
 __all__ = [
     "BASE_IMAGE",
@@ -340,7 +341,7 @@ class _Instance:
 class _Pool:
     """The containers of one plugin target, and the calls waiting for one."""
 
-    def __init__(self, plugin: PluginSpec[Any], target: DockerTarget) -> None:
+    def __init__(self, plugin: PluginInfo, target: DockerTarget) -> None:
         self.plugin = plugin
         self.target = target
         self.label = f"{plugin.key} ({target.image})"
@@ -438,7 +439,7 @@ class DockerProvider(Provider[DockerTarget]):
             raise
         self._reaper = asyncio.create_task(self._maintain(), name="docker-reaper-and-prober")
 
-    async def attach(self, plugin: PluginSpec[Any], target: DockerTarget) -> None:
+    async def attach(self, plugin: PluginInfo, target: DockerTarget) -> None:
         key = (plugin.id, plugin.version, id(target))
         if key in self._pools:
             return
@@ -451,7 +452,7 @@ class DockerProvider(Provider[DockerTarget]):
                 if isinstance(result, BaseException):
                     raise result
 
-    async def detach(self, plugin: PluginSpec[Any], target: DockerTarget) -> None:
+    async def detach(self, plugin: PluginInfo, target: DockerTarget) -> None:
         pool = self._pools.pop((plugin.id, plugin.version, id(target)), None)
         if pool is not None:
             await self._close_pool(pool)
@@ -555,7 +556,7 @@ class DockerProvider(Provider[DockerTarget]):
 
     # -- deploy --------------------------------------------------------------------------
 
-    async def deploy(self, plugin: PluginSpec[Any], target: DockerTarget) -> str:
+    async def deploy(self, plugin: PluginInfo, target: DockerTarget) -> str:
         """Build ``target.image`` from ``target.build`` with the local engine (no registry)."""
         if target.build is None:
             raise ProviderError(
@@ -1118,7 +1119,7 @@ def _remove_empty_socket_roots() -> None:
                 root.rmdir()
 
 
-def _build_context(plugin: PluginSpec[Any], build: DockerBuild) -> tuple[io.BytesIO, str]:
+def _build_context(plugin: PluginInfo, build: DockerBuild) -> tuple[io.BytesIO, str]:
     """The build context as a tar: the plugin's folder, plus a Dockerfile for Python plugins.
 
     Python sources are compiled here into ``__pycache__`` (the container's root filesystem

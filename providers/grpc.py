@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dispatcher.errors import ProviderError, TargetUnavailable
-from dispatcher.invocation import Invocation, Outcome
+from linchkit_plugin.errors import ProviderError, TargetUnavailable
 from providers._grpc_client import HEALTH_SERVICE, ChannelSecurity, PluginConnection
-from providers.base import Health, ManifestPath, Provider, TargetConfig
+from providers.base import Health, Provider
+from providers.invocation import Invocation, Outcome
+from providers.target import ManifestPath, TargetConfig
 
 if TYPE_CHECKING:
-    from dispatcher.config import PluginSpec
+    from providers.target import PluginInfo
 
 __all__ = ["GrpcProvider", "GrpcTarget"]
 
@@ -116,10 +117,10 @@ class GrpcProvider(Provider[GrpcTarget]):
     native_batch = True
 
     def __init__(self) -> None:
-        self._connections: dict[int, PluginConnection] = {}
+        self._connections: dict[str, PluginConnection] = {}
         self._by_value: dict[str, PluginConnection] = {}
 
-    async def attach(self, plugin: PluginSpec[Any], target: GrpcTarget) -> None:
+    async def attach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
         connection = self._open(target)
         if target.events and self.event_sink is not None:
             sink = self.event_sink
@@ -133,8 +134,8 @@ class GrpcProvider(Provider[GrpcTarget]):
             if target.events and self.event_sink is not None:
                 await connection.events_ready(0.25)  # as the subprocess provider does
 
-    async def detach(self, plugin: PluginSpec[Any], target: GrpcTarget) -> None:
-        connection = self._connections.get(id(target))
+    async def detach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
+        connection = self._connections.get(target.key)
         if connection is None:
             return
         if target.lifecycle == "dispatcher":
@@ -187,18 +188,18 @@ class GrpcProvider(Provider[GrpcTarget]):
                 describe=target.describe(),
             )
             self._by_value[_key(target)] = connection
-        self._connections[id(target)] = connection
+        self._connections[target.key] = connection
         return connection
 
     def _connection(self, target: GrpcTarget) -> PluginConnection:
-        connection = self._connections.get(id(target))
+        connection = self._connections.get(target.key)
         if connection is not None:
             return connection
         # An equal target object of another method of the same plugin: same channel.
         connection = self._by_value.get(_key(target))
         if connection is None:
             raise TargetUnavailable(f"{target.describe()} is not attached")
-        self._connections[id(target)] = connection
+        self._connections[target.key] = connection
         return connection
 
     async def _forget(self, target: GrpcTarget) -> None:

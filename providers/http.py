@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import AnyHttpUrl, Field, SecretStr
 
-from dispatcher.envelope import decode_batch_response, decode_response
-from dispatcher.errors import (
+from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
     Forbidden,
@@ -39,8 +38,10 @@ from dispatcher.errors import (
     Unauthorized,
     error_from_wire,
 )
-from dispatcher.invocation import Invocation, Outcome
-from providers.base import Health, Provider, TargetConfig
+from providers.base import Health, Provider
+from providers.envelope import decode_batch_response, decode_response
+from providers.invocation import Invocation, Outcome
+from providers.target import TargetConfig
 
 if TYPE_CHECKING:
     import aiohttp
@@ -102,7 +103,7 @@ class HttpProvider(Provider[HttpTarget]):
         self._keepalive_seconds = keepalive_seconds
         self._unix_socket = unix_socket
         self._session: aiohttp.ClientSession | None = None
-        self._routes: dict[int, _Route] = {}
+        self._routes: dict[str, _Route] = {}
         self._timeouts: dict[int, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
@@ -180,7 +181,7 @@ class HttpProvider(Provider[HttpTarget]):
             data = orjson.dumps(body)
         except TypeError as error:
             raise InvalidParams(f"params must be JSON-serializable: {error}") from None
-        route = self._routes.get(id(target)) or self._route(target)
+        route = self._routes.get(target.key) or self._route(target)
         session = self._session or self._require_session()
         try:
             async with session.post(
@@ -234,9 +235,9 @@ class HttpProvider(Provider[HttpTarget]):
         return timeout
 
     def _route(self, target: HttpTarget) -> _Route:
-        route = self._routes.get(id(target))
+        route = self._routes.get(target.key)
         if route is None:
-            route = self._routes[id(target)] = _Route(target)
+            route = self._routes[target.key] = _Route(target)
         return route
 
     def _require_session(self) -> aiohttp.ClientSession:
@@ -283,7 +284,7 @@ def _status_error(
     error = _envelope_error(payload)
     if error is not None:
         if retry_after is not None and error.retry_after is None:
-            error.retry_after = retry_after
+            return error.with_retry_after(retry_after)
         return error
     where = target.describe()
     if status == 401:

@@ -12,7 +12,7 @@ this provider does about it:
 * **Payloads.** ``mode: envelope`` POSTs the dispatcher's JSON envelope (a function served by
   ``dispatcher-plugin serve``); ``binary`` and ``structured`` send it as the ``data`` of a
   CloudEvent (``ce-*`` headers, or ``application/cloudevents+json``), which is what a
-  Knative Function in the ``func-python`` runtime accepts (``dispatcher.sdk.knative``). The
+  Knative Function in the ``func-python`` runtime accepts (``linchkit_plugin.knative``). The
   event ``id`` is the request id and stays the same on every attempt, so a receiver may
   deduplicate on ``(source, id)`` as the CloudEvents spec allows.
 * **Deadlines.** Each attempt gets the time left before the call's deadline as its total
@@ -33,7 +33,7 @@ When a retry is safe (``classify_failure``):
           body. The activator and queue-proxy answer 503 only *before* they forward a
           request (no capacity within the activation timeout, queue full); once they have
           forwarded it, a failure of the pod comes back as 502 (Go's ReverseProxy default).
-          Functions served by ``dispatcher.sdk`` never answer a bare 503 on the invoke path,
+          Functions served by ``linchkit_plugin`` never answer a bare 503 on the invoke path,
           so a bare 503 cannot be the plugin's.
     may have reached the plugin → retried only for methods marked ``idempotent: true``
         - 502 (the pod failed while or after receiving the request);
@@ -58,20 +58,21 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import orjson
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
-from dispatcher.envelope import decode_response
-from dispatcher.errors import (
+from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
     InvalidParams,
     ProviderError,
     TargetUnavailable,
 )
-from dispatcher.invocation import Invocation
-from providers.base import Health, Provider, TargetConfig
+from linchkit_plugin.wire import decode_response
+from providers.base import Health, Provider
 from providers.http import HttpProvider, _read_limited, _retry_after_seconds, _status_error
+from providers.invocation import Invocation
+from providers.target import TargetConfig
 
 if TYPE_CHECKING:
-    from dispatcher.config import PluginSpec
+    from providers.target import PluginInfo
 
 __all__ = [
     "CALL_EVENT_TYPE",
@@ -88,7 +89,7 @@ __all__ = [
 
 log = logging.getLogger("dispatcher.providers.knative")
 
-# The same strings as dispatcher.sdk.knative, which the plugin side imports; repeated here so
+# The same strings as linchkit_plugin.knative, which the plugin side imports; repeated here so
 # loading this module does not import the SDK.
 CALL_EVENT_TYPE = "dev.linchkit.plugin.call.v1"
 RESPONSE_EVENT_TYPE = "dev.linchkit.plugin.response.v1"
@@ -301,7 +302,7 @@ class KnativeProvider(Provider[KnativeTarget]):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def attach(self, plugin: PluginSpec[Any], target: KnativeTarget) -> None:
+    async def attach(self, plugin: PluginInfo, target: KnativeTarget) -> None:
         for method in plugin.methods:
             if plugin.target_of(method) == target and plugin.policies_of(method).idempotent:
                 self._idempotent.add((plugin.id, plugin.version, method))
@@ -370,13 +371,13 @@ class KnativeProvider(Provider[KnativeTarget]):
             detail = f"activating (scaled to zero?): {detail}"
         return Health("not_serving", f"HTTP {status}: {detail}", latency_ms, {"host": target.host})
 
-    async def deploy(self, plugin: PluginSpec[Any], target: KnativeTarget) -> str:
+    async def deploy(self, plugin: PluginInfo, target: KnativeTarget) -> str:
         """Render the Service into ``infra_dir``; apply it when ``deploy.cluster`` is set."""
         from providers._knative_service import deploy
 
         return await deploy(plugin, target, self.infra_dir)
 
-    def render_deployment(self, plugin: PluginSpec[Any], target: KnativeTarget) -> str:
+    def render_deployment(self, plugin: PluginInfo, target: KnativeTarget) -> str:
         """The Service as YAML, validated, without writing or applying it (``--dry-run``)."""
         from providers._knative_service import render_yaml
 

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import Field
 
-from dispatcher.errors import InvalidParams, ProviderError, TargetUnavailable
-from dispatcher.invocation import Invocation
-from dispatcher.sdk.host import EventSink, PluginHost
-from providers.base import Health, ManifestPath, Provider, TargetConfig
+from linchkit_plugin.errors import InvalidParams, ProviderError, TargetUnavailable
+from linchkit_plugin.host import EventSink, PluginHost
+from providers.base import Health, Provider
+from providers.invocation import Invocation
+from providers.target import ManifestPath, TargetConfig
 
 if TYPE_CHECKING:
-    from dispatcher.config import PluginSpec
+    from providers.target import PluginInfo
 
 __all__ = ["LocalProvider", "LocalTarget"]
 
@@ -47,7 +48,7 @@ class LocalProvider(Provider[LocalTarget]):
     def __init__(self) -> None:
         self._hosts: dict[tuple[str, str, str], PluginHost] = {}
 
-    async def attach(self, plugin: PluginSpec[Any], target: LocalTarget) -> None:
+    async def attach(self, plugin: PluginInfo, target: LocalTarget) -> None:
         key = (plugin.id, plugin.version, target.entrypoint)
         if key in self._hosts:
             return
@@ -65,7 +66,7 @@ class LocalProvider(Provider[LocalTarget]):
             raise ProviderError(f"{plugin.key} failed to start: {error!r}") from error
         self._hosts[key] = host
 
-    async def detach(self, plugin: PluginSpec[Any], target: LocalTarget) -> None:
+    async def detach(self, plugin: PluginInfo, target: LocalTarget) -> None:
         host = self._hosts.pop((plugin.id, plugin.version, target.entrypoint), None)
         if host is not None:
             await self._close(host, plugin)
@@ -107,7 +108,7 @@ class LocalProvider(Provider[LocalTarget]):
         return lambda event, data: emit(plugin_id, event, data)
 
     @staticmethod
-    async def _close(host: PluginHost, plugin: PluginSpec[Any]) -> None:
+    async def _close(host: PluginHost, plugin: PluginInfo) -> None:
         try:
             async with asyncio.timeout(plugin.lifecycle.stop_timeout_ms / 1000):
                 await host.close()

@@ -45,14 +45,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from dispatcher._automtls import der_from_handshake, generate_certificate, pem_from_der
-from dispatcher.errors import DeadlineExceeded, DispatchError, ProviderError, TargetUnavailable
-from dispatcher.invocation import Invocation, Outcome
+from linchkit_plugin._automtls import der_from_handshake, generate_certificate, pem_from_der
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError, TargetUnavailable
 from providers._grpc_client import ChannelSecurity, PluginConnection
-from providers.base import Health, Provider, TargetConfig
+from providers.base import Health, Provider
+from providers.invocation import Invocation, Outcome
+from providers.target import TargetConfig
 
 if TYPE_CHECKING:
-    from dispatcher.config import PluginSpec
+    from providers.target import PluginInfo
 
 __all__ = ["HandshakeError", "SubprocessProvider", "SubprocessTarget"]
 
@@ -201,7 +202,7 @@ class PluginProcess:
 
     def __init__(
         self,
-        plugin: PluginSpec[Any],
+        plugin: PluginInfo,
         target: SubprocessTarget,
         *,
         event_sink: Callable[[str, Any], None] | None,
@@ -552,7 +553,7 @@ class SubprocessProvider(Provider[SubprocessTarget]):
             key = self._keys[id(target)] = target.model_dump_json()
         return key
 
-    async def attach(self, plugin: PluginSpec[Any], target: SubprocessTarget) -> None:
+    async def attach(self, plugin: PluginInfo, target: SubprocessTarget) -> None:
         key = (plugin.id, plugin.version, self._key(target))
         if key in self._processes:
             return
@@ -566,7 +567,7 @@ class SubprocessProvider(Provider[SubprocessTarget]):
         await process.start()
         self._processes[key] = process
 
-    async def detach(self, plugin: PluginSpec[Any], target: SubprocessTarget) -> None:
+    async def detach(self, plugin: PluginInfo, target: SubprocessTarget) -> None:
         process = self._processes.pop((plugin.id, plugin.version, self._key(target)), None)
         if process is not None:
             await process.stop()

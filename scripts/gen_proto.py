@@ -1,10 +1,10 @@
-"""Generate the Python code of proto/plugin.proto into dispatcher/_proto (``make proto``).
+"""Generate the Python code of proto/plugin.proto into linchkit_plugin/_proto (``make proto``).
 
-    python scripts/gen_proto.py            # (re)write dispatcher/_proto
+    python scripts/gen_proto.py            # (re)write linchkit_plugin/_proto
     python scripts/gen_proto.py --check    # exit 1 if the committed code is stale
 
-The proto is compiled under the virtual path ``dispatcher/_proto/plugin.proto`` so the
-generated ``plugin_pb2_grpc.py`` imports ``from dispatcher._proto import plugin_pb2``
+The proto is compiled under the virtual path ``linchkit_plugin/_proto/plugin.proto`` so the
+generated ``plugin_pb2_grpc.py`` imports ``from linchkit_plugin._proto import plugin_pb2``
 instead of a bare top-level ``plugin_pb2``. grpcio-tools is pinned in pyproject's dev
 extra: another version writes other bytes, and tests/test_proto_codegen.py compares them.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-PACKAGE = "dispatcher/_proto"
-OUTPUT = ROOT / PACKAGE
+PACKAGE = "linchkit_plugin/_proto"
+OUTPUT = ROOT / "sdk" / "python" / PACKAGE
 GENERATED = ("plugin_pb2.py", "plugin_pb2.pyi", "plugin_pb2_grpc.py")
 INIT = '"""Generated from proto/plugin.proto by scripts/gen_proto.py; do not edit."""\n'
 
@@ -46,7 +46,7 @@ def generate(into: Path) -> dict[str, bytes]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if dispatcher/_proto is stale")
+    parser.add_argument("--check", action="store_true", help="fail if linchkit_plugin/_proto is stale")
     options = parser.parse_args()
     files = generate(OUTPUT)
     if options.check:

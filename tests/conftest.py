@@ -13,12 +13,15 @@ import pytest
 import uvicorn
 
 from dispatcher import Manifest, parse_manifest
-from dispatcher.sdk import PluginApp, PluginHost
+from linchkit_plugin import PluginApp, PluginHost
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "python"
 sys.path.insert(0, str(EXAMPLES))
 sys.path.insert(0, str(ROOT / "tests" / "plugins"))
+
+# The test kit is opt-in for plugin authors too (README, "Testing a plugin").
+pytest_plugins = ["dispatcher.testing.lambda_kit"]
 
 
 def bound_socket() -> socket.socket:

@@ -22,8 +22,8 @@ from dispatcher import (
     PluginError,
     PluginNotFound,
 )
-from dispatcher.invocation import new_request_id
 from providers.http import HttpProvider, HttpTarget
+from providers.invocation import new_request_id
 from tests.conftest import LOCAL_TARGET, ROOT, echo_plugin, manifest
 
 ENVELOPE_SCHEMA = json.loads((ROOT / "proto" / "envelope.schema.json").read_text())

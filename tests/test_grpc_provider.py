@@ -31,8 +31,8 @@ from dispatcher import (
     TargetUnavailable,
     Unauthorized,
 )
-from dispatcher._automtls import generate_certificate
-from dispatcher._proto import plugin_pb2, plugin_pb2_grpc
+from linchkit_plugin._automtls import generate_certificate
+from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from providers.grpc import GrpcProvider, GrpcTarget
 from tests.conftest import manifest
 
@@ -262,7 +262,7 @@ async def test_batch_is_one_call_batch(
     scripted: tuple[ScriptedPlugin, str, HealthServicer],
 ) -> None:
     from dispatcher import Invocation
-    from dispatcher.invocation import new_request_id
+    from providers.invocation import new_request_id
 
     servicer, address, _ = scripted
     async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:

@@ -11,7 +11,8 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize(
-    "module", ["providers", "providers.base", "providers.http", "dispatcher.errors", "dispatcher"]
+    "module",
+    ["providers", "providers.base", "providers.http", "linchkit_plugin.errors", "dispatcher"],
 )
 def test_each_public_module_imports_on_its_own(module: str) -> None:
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True, cwd=ROOT)

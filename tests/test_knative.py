@@ -43,7 +43,7 @@ def func_python_revision(name: str, **config: Any) -> Revision:
         command=[
             sys.executable,
             "-m",
-            "dispatcher.sdk.knative",
+            "linchkit_plugin.knative",
             ENTRYPOINT,
             "--path",
             str(PLUGINS),
@@ -61,7 +61,7 @@ def envelope_revision(name: str, **config: Any) -> Revision:
         command=[
             sys.executable,
             "-m",
-            "dispatcher.sdk.cli",
+            "linchkit_plugin.cli",
             "serve",
             ENTRYPOINT,
             "--path",

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
-from dispatcher.sdk.aws_lambda import CONFIG_ENVIRONMENT_VARIABLE, LambdaPlugin, lambda_handler
+from linchkit_plugin.aws_lambda import CONFIG_ENVIRONMENT_VARIABLE, LambdaPlugin, lambda_handler
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Recorder:
         return self.config
 
     async def context_of(self) -> dict[str, Any]:
-        from dispatcher.sdk import current_context
+        from linchkit_plugin import current_context
 
         return current_context()
 

@@ -1,4 +1,4 @@
-"""The generated protobuf code in dispatcher/_proto matches proto/plugin.proto."""
+"""The generated protobuf code in linchkit_plugin/_proto matches proto/plugin.proto."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_generated_code_is_fresh() -> None:
 
 
 def test_generated_service_has_the_protocol_package() -> None:
-    from dispatcher._proto import plugin_pb2
+    from linchkit_plugin._proto import plugin_pb2
 
     service = plugin_pb2.DESCRIPTOR.services_by_name["PluginService"]
     assert service.full_name == "linchkit.plugin.v1.PluginService"

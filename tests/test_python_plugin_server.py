@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dispatcher._automtls import der_from_handshake
+from linchkit_plugin._automtls import der_from_handshake
 from tests.conftest import ROOT
 
 PLUGIN = [sys.executable, str(ROOT / "tests" / "plugins" / "crashing_plugin.py")]
@@ -49,7 +49,7 @@ def test_the_plugin_exits_when_its_stdin_ends(tmp_path: Path) -> None:
 
 
 def test_with_a_client_certificate_it_answers_its_own_server_certificate(tmp_path: Path) -> None:
-    from dispatcher._automtls import generate_certificate
+    from linchkit_plugin._automtls import generate_certificate
 
     client = generate_certificate("host")
     environment = handshake_environment(

@@ -19,8 +19,8 @@ import grpc.aio
 import pytest
 
 from dispatcher import Dispatcher, ProviderError, TargetUnavailable
-from dispatcher._automtls import generate_certificate
-from dispatcher._proto import plugin_pb2, plugin_pb2_grpc
+from linchkit_plugin._automtls import generate_certificate
+from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from providers.subprocess import HandshakeError, PluginProcess, SubprocessProvider
 from tests.conftest import ROOT, manifest
 

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiolimiter import AsyncLimiter
 
 from dispatcher.config import BreakerPolicy, Policies, RateLimit
-from dispatcher.invocation import Invocation, Outcome
 from dispatcher.policies.batching import Batcher
 from dispatcher.policies.breaker import (
     BreakerState,
@@ -38,10 +37,12 @@ from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
 from dispatcher.policies.ratelimit import Limit, RateLimitStep, new_limiter
 from dispatcher.policies.retry import RetryBudget, RetryStep
 from dispatcher.policies.timeout import DeadlineGuard
+from providers.invocation import Invocation, Outcome
 
 if TYPE_CHECKING:
     from dispatcher.config import PluginSpec
-    from providers.base import Provider, TargetConfig
+    from providers.base import Provider
+    from providers.target import TargetConfig
 
 __all__ = [
     "Batcher",
@@ -59,10 +60,6 @@ class Step(Protocol):
     """One link of a method's chain."""
 
     def __call__(self, invocation: Invocation, /) -> Awaitable[Any]: ...
-
-
-def _target_key(target: TargetConfig) -> str:
-    return f"{target.provider}:{target.model_dump_json()}"
 
 
 class PolicyRuntime:
@@ -84,7 +81,7 @@ class PolicyRuntime:
         """The chain of ``plugin.method``, built from its policies."""
         policies = plugin.policies_of(method)
         name = f"{plugin.id}.{method}"
-        key = _target_key(target)
+        key = target.key
         invoke = provider.invoke
 
         def call_target(invocation: Invocation) -> Awaitable[Any]:
@@ -119,7 +116,7 @@ class PolicyRuntime:
         return step
 
     def breaker_of(self, target: TargetConfig) -> CircuitBreaker | None:
-        return self.breakers.get(_target_key(target))
+        return self.breakers.get(target.key)
 
     def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
         """Drop cached results of a plugin (any version), of one method, or all; returns how many."""

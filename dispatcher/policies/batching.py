@@ -11,13 +11,12 @@ whatever is left, so no caller hangs and no task outlives the dispatcher.
 from __future__ import annotations
 
 import asyncio
-import copy
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from dispatcher.config import BatchPolicy
-from dispatcher.errors import DeadlineExceeded, DispatchError, TargetUnavailable
-from dispatcher.invocation import Invocation, Outcome
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, TargetUnavailable
+from providers.invocation import Invocation, Outcome
 
 __all__ = ["Batcher"]
 
@@ -132,4 +131,4 @@ def _fail_all(waiters: list[Waiter], error: DispatchError) -> None:
         if not future.done():
             # One exception object per caller: raising a shared one in many tasks would
             # chain every caller's traceback onto it.
-            future.set_exception(copy.copy(error))
+            future.set_exception(error.clone())

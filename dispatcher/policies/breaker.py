@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from dispatcher.errors import (
+from linchkit_plugin.errors import (
     CircuitOpen,
     DeadlineExceeded,
     DispatchError,
@@ -35,7 +35,7 @@ from dispatcher.errors import (
     RateLimited,
     TargetUnavailable,
 )
-from dispatcher.invocation import Invocation, Outcome
+from providers.invocation import Invocation, Outcome
 
 __all__ = ["BreakerState", "BreakerStep", "CircuitBreaker", "guard_batch", "is_health_failure"]
 

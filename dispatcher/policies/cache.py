@@ -10,7 +10,6 @@ callers: treat them as read-only.
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,8 +18,8 @@ import orjson
 from cachetools import TTLCache
 
 from dispatcher.config import CachePolicy
-from dispatcher.errors import DeadlineExceeded, DispatchError, InvalidParams
-from dispatcher.invocation import Invocation
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams
+from providers.invocation import Invocation
 
 __all__ = ["CacheStep", "ResultCache"]
 
@@ -126,6 +125,6 @@ async def _follow(shared: asyncio.Future[Any], invocation: Invocation, name: str
     except DispatchError as error:
         # One exception object per waiter, as the batcher does: raising the shared one in
         # many tasks would chain every waiter's traceback onto it.
-        raise copy.copy(error) from error.__cause__
+        raise error.clone() from error.__cause__
     except TimeoutError:
         raise DeadlineExceeded(f"{name}: no result within {remaining * 1000:.0f} ms") from None

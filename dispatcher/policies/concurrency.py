@@ -11,8 +11,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dispatcher.errors import Overloaded
-from dispatcher.invocation import Invocation
+from linchkit_plugin.errors import Overloaded
+from providers.invocation import Invocation
 
 __all__ = ["Bulkhead", "BulkheadStep"]
 

@@ -16,8 +16,8 @@ from aiolimiter import AsyncLimiter
 from cachetools import TTLCache
 
 from dispatcher.config import RateLimit
-from dispatcher.errors import RateLimited
-from dispatcher.invocation import Invocation
+from linchkit_plugin.errors import RateLimited
+from providers.invocation import Invocation
 
 __all__ = ["Limit", "RateLimitStep", "new_limiter"]
 

@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.config import RetryPolicy
-from dispatcher.errors import DispatchError
-from dispatcher.invocation import Invocation
+from linchkit_plugin.errors import DispatchError
+from providers.invocation import Invocation
 
 __all__ = ["RetryBudget", "RetryStep"]
 

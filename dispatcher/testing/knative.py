@@ -3,7 +3,7 @@
 No Kubernetes runs here, so this process plays the parts of Knative Serving that a caller
 of a Knative service can observe, as Knative documents them, and runs each revision as a
 real local process (for example the plugin in the Knative Functions Python runtime,
-``python -m dispatcher.sdk.knative``):
+``python -m linchkit_plugin.knative``):
 
 * **Ingress, routing by Host** — ``{service}.{namespace}.{domain}`` reaches the service's
   main route, ``{tag}-{service}.{namespace}.{domain}`` its tagged traffic target; an

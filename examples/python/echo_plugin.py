@@ -11,7 +11,7 @@ import hashlib
 import time
 from typing import Any
 
-from dispatcher.sdk import Plugin, current_context
+from linchkit_plugin import Plugin, current_context
 
 
 class InsufficientFunds(Exception):

@@ -8,13 +8,14 @@ What goes in, and why it stays small (~45 MB):
   ``__pycache__`` Debian compiled at install time (the root filesystem of a plugin
   container is read-only, so nothing could be compiled at run time).
 * The shared libraries those binaries and extension modules link, found with ``ldd``.
-* The plugin SDK (``dispatcher``, ``providers``) from this checkout and exactly the
-  third-party distributions it imports when serving (uvicorn, orjson, pydantic, …),
+* The plugin SDK (``linchkit_plugin``, from ``sdk/python`` of this checkout) and exactly
+  the third-party distributions it imports when serving (uvicorn, orjson, …), never the
+  host's (``dispatcher``, ``providers``, aiohttp, pydantic),
   copied from the virtualenv's site-packages into ``/opt/linchkit/site`` and compiled
   there by the image's own interpreter. Their compiled wheels are cp311 manylinux
   builds, which Debian's CPython 3.11 loads as well.
 
-The image runs ``python3 -m dispatcher.sdk.cli serve`` as uid 65534 (nobody); a plugin
+The image runs ``python3 -m linchkit_plugin.cli serve`` as uid 65534 (nobody); a plugin
 image adds its code under ``/plugin`` and names its class in ``CMD``.
 """
 
@@ -52,7 +53,7 @@ SKIPPED_EXTENSIONS = (
 
 # What ``dispatcher-plugin serve`` imports; the distributions behind them are copied.
 SDK_IMPORTS = (
-    "dispatcher.sdk.cli",
+    "linchkit_plugin.cli",
     "uvicorn.main",
     "uvicorn.server",
     "uvicorn.loops.auto",
@@ -69,7 +70,7 @@ for name in sys.argv[1:]:
     importlib.import_module(name)
 tops = {name.partition(".")[0] for name in sys.modules}
 by_top = md.packages_distributions()
-skip = {"linchkit-dispatcher", "setuptools", "pip", "wheel"}  # setuptools: its .pth hack
+skip = {"linchkit-dispatcher", "linchkit-plugin", "setuptools", "pip", "wheel"}  # setuptools: its .pth hack
 dists = sorted({d for top in tops for d in by_top.get(top, ())} - skip)
 out = []
 for name in dists:
@@ -114,11 +115,13 @@ def _sdk_distributions() -> list[dict[str, object]]:
     return distributions
 
 
+SDK_PACKAGE = ROOT / "sdk" / "python" / "linchkit_plugin"
+
+
 def _project_sources() -> list[Path]:
     return sorted(
         path
-        for package in ("dispatcher", "providers")
-        for path in (ROOT / package).rglob("*")
+        for path in SDK_PACKAGE.rglob("*")
         if path.is_file() and "__pycache__" not in path.parts
     )
 
@@ -142,10 +145,9 @@ def _inputs_digest(distributions: list[dict[str, object]]) -> str:
 
 def _stage_site(site: Path, distributions: list[dict[str, object]]) -> None:
     site.mkdir(parents=True)
-    for package in ("dispatcher", "providers"):
-        shutil.copytree(
-            ROOT / package, site / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
+    shutil.copytree(
+        SDK_PACKAGE, site / SDK_PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__")
+    )
     for file in _files_of(distributions):
         if "__pycache__" in file.parts or not file.is_file():
             continue
@@ -328,7 +330,7 @@ def _docker_import(archive: bytes, tag: str) -> None:
         "ENV HOME=/tmp",
         "USER 65534:65534",
         "WORKDIR /plugin",
-        'ENTRYPOINT ["/usr/bin/python3", "-m", "dispatcher.sdk.cli", "serve"]',
+        'ENTRYPOINT ["/usr/bin/python3", "-m", "linchkit_plugin.cli", "serve"]',
         "LABEL org.linchkit.base-image=python",
     ]
     args = ["import"]

@@ -20,7 +20,7 @@ from dispatcher import (
     MethodNotFound,
     PluginError,
 )
-from dispatcher.invocation import new_request_id
+from providers.invocation import new_request_id
 from tests.conformance.conftest import CONFIG, Example
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any
 
-from dispatcher.sdk import Plugin
+from linchkit_plugin import Plugin
 
 
 def _outcome(action: Any) -> dict[str, Any]:

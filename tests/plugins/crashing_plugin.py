@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any
 
-from dispatcher.sdk import Plugin
-from dispatcher.sdk.grpc_server import main
+from linchkit_plugin import Plugin
+from linchkit_plugin.grpc_server import main
 
 
 class CrashingPlugin(Plugin):

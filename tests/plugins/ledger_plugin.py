@@ -1,6 +1,6 @@
 """A plugin for the Knative tests: tells which revision answered, charges, and can crash.
 
-Runs in the Knative Functions Python runtime (``python -m dispatcher.sdk.knative``) or as
+Runs in the Knative Functions Python runtime (``python -m linchkit_plugin.knative``) or as
 an HTTP function (``dispatcher-plugin serve``), in its own process started by the stand-in.
 """
 
@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dispatcher.sdk import Plugin, current_context
+from linchkit_plugin import Plugin, current_context
 
 
 class InsufficientFunds(Exception):

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from dispatcher.sdk import Plugin
+from linchkit_plugin import Plugin
 
 EVENTS: list[str] = []
 

@@ -7,7 +7,7 @@ with AutoMTLS, to check the handshake and the parent-death rule (the plugin exit
 stdin closes).
 The full cross-language conformance suite lives in ``tests/conformance/``.
 
-The raw client uses the project's generated code (``dispatcher/_proto``) and nothing
+The raw client uses the project's generated code (``linchkit_plugin/_proto``) and nothing
 else of the dispatcher, so a failure here points at the plugin, not at a provider.
 """
 
@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dispatcher._proto import plugin_pb2 as pb
-from dispatcher._proto import plugin_pb2_grpc
+from linchkit_plugin._proto import plugin_pb2 as pb
+from linchkit_plugin._proto import plugin_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "linchkit.plugin.v1.PluginService"

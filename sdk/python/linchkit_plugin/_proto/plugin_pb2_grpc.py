@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from dispatcher._proto import plugin_pb2 as dispatcher_dot___proto_dot_plugin__pb2
+from linchkit_plugin._proto import plugin_pb2 as linchkit__plugin_dot___proto_dot_plugin__pb2
 
 GRPC_GENERATED_VERSION = '1.76.0'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in dispatcher/_proto/plugin_pb2_grpc.py depends on'
+        + ' but the generated code in linchkit_plugin/_proto/plugin_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,48 +36,48 @@ class PluginServiceStub(object):
         """
         self.Describe = channel.unary_unary(
                 '/linchkit.plugin.v1.PluginService/Describe',
-                request_serializer=dispatcher_dot___proto_dot_plugin__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=dispatcher_dot___proto_dot_plugin__pb2.PluginInfo.FromString,
+                request_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.PluginInfo.FromString,
                 _registered_method=True)
         self.Init = channel.unary_unary(
                 '/linchkit.plugin.v1.PluginService/Init',
-                request_serializer=dispatcher_dot___proto_dot_plugin__pb2.InitRequest.SerializeToString,
-                response_deserializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
+                request_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.InitRequest.SerializeToString,
+                response_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
                 _registered_method=True)
         self.Start = channel.unary_unary(
                 '/linchkit.plugin.v1.PluginService/Start',
-                request_serializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
-                response_deserializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
+                request_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
+                response_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
                 _registered_method=True)
         self.Stop = channel.unary_unary(
                 '/linchkit.plugin.v1.PluginService/Stop',
-                request_serializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
-                response_deserializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
+                request_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
+                response_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
                 _registered_method=True)
         self.Destroy = channel.unary_unary(
                 '/linchkit.plugin.v1.PluginService/Destroy',
-                request_serializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
-                response_deserializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
+                request_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
+                response_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
                 _registered_method=True)
         self.Call = channel.unary_unary(
                 '/linchkit.plugin.v1.PluginService/Call',
-                request_serializer=dispatcher_dot___proto_dot_plugin__pb2.CallRequest.SerializeToString,
-                response_deserializer=dispatcher_dot___proto_dot_plugin__pb2.CallReply.FromString,
+                request_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.CallRequest.SerializeToString,
+                response_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.CallReply.FromString,
                 _registered_method=True)
         self.CallBatch = channel.unary_unary(
                 '/linchkit.plugin.v1.PluginService/CallBatch',
-                request_serializer=dispatcher_dot___proto_dot_plugin__pb2.BatchRequest.SerializeToString,
-                response_deserializer=dispatcher_dot___proto_dot_plugin__pb2.BatchReply.FromString,
+                request_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.BatchRequest.SerializeToString,
+                response_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.BatchReply.FromString,
                 _registered_method=True)
         self.CallStream = channel.unary_stream(
                 '/linchkit.plugin.v1.PluginService/CallStream',
-                request_serializer=dispatcher_dot___proto_dot_plugin__pb2.CallRequest.SerializeToString,
-                response_deserializer=dispatcher_dot___proto_dot_plugin__pb2.StreamItem.FromString,
+                request_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.CallRequest.SerializeToString,
+                response_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.StreamItem.FromString,
                 _registered_method=True)
         self.Events = channel.stream_stream(
                 '/linchkit.plugin.v1.PluginService/Events',
-                request_serializer=dispatcher_dot___proto_dot_plugin__pb2.HostEvent.SerializeToString,
-                response_deserializer=dispatcher_dot___proto_dot_plugin__pb2.PluginEvent.FromString,
+                request_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.HostEvent.SerializeToString,
+                response_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.PluginEvent.FromString,
                 _registered_method=True)
 
 
@@ -150,48 +150,48 @@ def add_PluginServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=dispatcher_dot___proto_dot_plugin__pb2.DescribeRequest.FromString,
-                    response_serializer=dispatcher_dot___proto_dot_plugin__pb2.PluginInfo.SerializeToString,
+                    request_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.DescribeRequest.FromString,
+                    response_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.PluginInfo.SerializeToString,
             ),
             'Init': grpc.unary_unary_rpc_method_handler(
                     servicer.Init,
-                    request_deserializer=dispatcher_dot___proto_dot_plugin__pb2.InitRequest.FromString,
-                    response_serializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.SerializeToString,
+                    request_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.InitRequest.FromString,
+                    response_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.SerializeToString,
             ),
             'Start': grpc.unary_unary_rpc_method_handler(
                     servicer.Start,
-                    request_deserializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleRequest.FromString,
-                    response_serializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.SerializeToString,
+                    request_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleRequest.FromString,
+                    response_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.SerializeToString,
             ),
             'Stop': grpc.unary_unary_rpc_method_handler(
                     servicer.Stop,
-                    request_deserializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleRequest.FromString,
-                    response_serializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.SerializeToString,
+                    request_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleRequest.FromString,
+                    response_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.SerializeToString,
             ),
             'Destroy': grpc.unary_unary_rpc_method_handler(
                     servicer.Destroy,
-                    request_deserializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleRequest.FromString,
-                    response_serializer=dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.SerializeToString,
+                    request_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleRequest.FromString,
+                    response_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.SerializeToString,
             ),
             'Call': grpc.unary_unary_rpc_method_handler(
                     servicer.Call,
-                    request_deserializer=dispatcher_dot___proto_dot_plugin__pb2.CallRequest.FromString,
-                    response_serializer=dispatcher_dot___proto_dot_plugin__pb2.CallReply.SerializeToString,
+                    request_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.CallRequest.FromString,
+                    response_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.CallReply.SerializeToString,
             ),
             'CallBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.CallBatch,
-                    request_deserializer=dispatcher_dot___proto_dot_plugin__pb2.BatchRequest.FromString,
-                    response_serializer=dispatcher_dot___proto_dot_plugin__pb2.BatchReply.SerializeToString,
+                    request_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.BatchRequest.FromString,
+                    response_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.BatchReply.SerializeToString,
             ),
             'CallStream': grpc.unary_stream_rpc_method_handler(
                     servicer.CallStream,
-                    request_deserializer=dispatcher_dot___proto_dot_plugin__pb2.CallRequest.FromString,
-                    response_serializer=dispatcher_dot___proto_dot_plugin__pb2.StreamItem.SerializeToString,
+                    request_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.CallRequest.FromString,
+                    response_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.StreamItem.SerializeToString,
             ),
             'Events': grpc.stream_stream_rpc_method_handler(
                     servicer.Events,
-                    request_deserializer=dispatcher_dot___proto_dot_plugin__pb2.HostEvent.FromString,
-                    response_serializer=dispatcher_dot___proto_dot_plugin__pb2.PluginEvent.SerializeToString,
+                    request_deserializer=linchkit__plugin_dot___proto_dot_plugin__pb2.HostEvent.FromString,
+                    response_serializer=linchkit__plugin_dot___proto_dot_plugin__pb2.PluginEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,8 +219,8 @@ class PluginService(object):
             request,
             target,
             '/linchkit.plugin.v1.PluginService/Describe',
-            dispatcher_dot___proto_dot_plugin__pb2.DescribeRequest.SerializeToString,
-            dispatcher_dot___proto_dot_plugin__pb2.PluginInfo.FromString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.DescribeRequest.SerializeToString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.PluginInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -246,8 +246,8 @@ class PluginService(object):
             request,
             target,
             '/linchkit.plugin.v1.PluginService/Init',
-            dispatcher_dot___proto_dot_plugin__pb2.InitRequest.SerializeToString,
-            dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.InitRequest.SerializeToString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -273,8 +273,8 @@ class PluginService(object):
             request,
             target,
             '/linchkit.plugin.v1.PluginService/Start',
-            dispatcher_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
-            dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -300,8 +300,8 @@ class PluginService(object):
             request,
             target,
             '/linchkit.plugin.v1.PluginService/Stop',
-            dispatcher_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
-            dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -327,8 +327,8 @@ class PluginService(object):
             request,
             target,
             '/linchkit.plugin.v1.PluginService/Destroy',
-            dispatcher_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
-            dispatcher_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleRequest.SerializeToString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.LifecycleReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -354,8 +354,8 @@ class PluginService(object):
             request,
             target,
             '/linchkit.plugin.v1.PluginService/Call',
-            dispatcher_dot___proto_dot_plugin__pb2.CallRequest.SerializeToString,
-            dispatcher_dot___proto_dot_plugin__pb2.CallReply.FromString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.CallRequest.SerializeToString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.CallReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -381,8 +381,8 @@ class PluginService(object):
             request,
             target,
             '/linchkit.plugin.v1.PluginService/CallBatch',
-            dispatcher_dot___proto_dot_plugin__pb2.BatchRequest.SerializeToString,
-            dispatcher_dot___proto_dot_plugin__pb2.BatchReply.FromString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.BatchRequest.SerializeToString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.BatchReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -408,8 +408,8 @@ class PluginService(object):
             request,
             target,
             '/linchkit.plugin.v1.PluginService/CallStream',
-            dispatcher_dot___proto_dot_plugin__pb2.CallRequest.SerializeToString,
-            dispatcher_dot___proto_dot_plugin__pb2.StreamItem.FromString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.CallRequest.SerializeToString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.StreamItem.FromString,
             options,
             channel_credentials,
             insecure,
@@ -435,8 +435,8 @@ class PluginService(object):
             request_iterator,
             target,
             '/linchkit.plugin.v1.PluginService/Events',
-            dispatcher_dot___proto_dot_plugin__pb2.HostEvent.SerializeToString,
-            dispatcher_dot___proto_dot_plugin__pb2.PluginEvent.FromString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.HostEvent.SerializeToString,
+            linchkit__plugin_dot___proto_dot_plugin__pb2.PluginEvent.FromString,
             options,
             channel_credentials,
             insecure,

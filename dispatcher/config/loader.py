@@ -1,12 +1,7 @@
-"""The manifest: which plugins exist, their methods, and where each method runs.
+"""Loading a manifest: YAML or TOML text → validated ``Manifest``, or every problem at once.
 
-Loaded from YAML or TOML into pydantic models. Every problem is reported at once, each
-naming the file, the line where the format tells it, the path inside the document
-(``plugins[0].methods.say.target.url``) and what was expected. Unknown keys are errors.
-
-A method's ``target`` is a union discriminated on ``provider``; its members are the
-target models of every registered provider (built-in or from the ``dispatcher.providers``
-entry points), so third-party targets validate exactly like ours.
+Every problem names the file, the line where the format tells it, the path inside the
+document (``plugins[0].methods.say.target.url``) and what was expected.
 """
 
 from __future__ import annotations
@@ -17,219 +12,19 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Generic, Literal, TypeVar, Union
+from typing import Annotated, Any, Union
 
 import yaml
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
-from dispatcher.errors import ManifestError, ManifestProblem
+from dispatcher.config.errors import ManifestError, ManifestProblem
+from dispatcher.config.manifest import Manifest, MethodSpec
+from dispatcher.config.policies import Policies
 from providers import provider_classes
-from providers.base import TargetConfig
 
-__all__ = [
-    "Manifest",
-    "MethodSpec",
-    "PluginSpec",
-    "Policies",
-    "load_manifest",
-    "parse_manifest",
-]
+__all__ = ["load_manifest", "parse_manifest"]
 
-TargetT = TypeVar("TargetT", bound=TargetConfig)
-
-_SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
-)
-_IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_.-]*$"
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-DEFAULT_TIMEOUT_MS = 30_000
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CachePolicy(_Strict):
-    """Keep results of a pure method: same params (key order aside), same result."""
-
-    ttl_ms: Annotated[int, Field(gt=0)]
-    max_entries: Annotated[int, Field(gt=0)] = 1024
-    per_caller: bool = Field(default=False, description="Key the cache by caller too.")
-
-
-class BatchPolicy(_Strict):
-    """Coalesce concurrent calls of a method into one invocation of the target."""
-
-    max_size: Annotated[int, Field(ge=1, le=10_000)] = 100
-    max_wait_ms: Annotated[float, Field(ge=0)] = 5
-
-
-class RateLimit(_Strict):
-    """A leaky bucket: ``rate`` calls per second on average, ``burst`` at once."""
-
-    rate: Annotated[float, Field(gt=0)]
-    burst: Annotated[int, Field(ge=1)] | None = None
-    scope: Literal["method", "target", "caller"] = "method"
-    mode: Literal["wait", "reject"] = "wait"
-
-    @property
-    def capacity(self) -> int:
-        return self.burst if self.burst is not None else max(1, round(self.rate))
-
-
-class BreakerPolicy(_Strict):
-    """One circuit breaker per target instance."""
-
-    fail_max: Annotated[int, Field(ge=1)] = 5
-    reset_timeout_ms: Annotated[int, Field(gt=0)] = 30_000
-    half_open_max_calls: Annotated[int, Field(ge=1)] = 1
-    success_threshold: Annotated[int, Field(ge=1)] = 1
-
-
-class RetryPolicy(_Strict):
-    """Retries of retryable errors, for idempotent methods only."""
-
-    attempts: Annotated[int, Field(ge=1, le=20)] = 3
-    initial_backoff_ms: Annotated[float, Field(gt=0)] = 50
-    max_backoff_ms: Annotated[float, Field(gt=0)] = 2_000
-    budget_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
-        default=0.2, description="Retries may add at most this share of extra load on a target."
-    )
-
-
-class ConcurrencyPolicy(_Strict):
-    """A bulkhead: at most ``max_in_flight`` calls at once, ``max_waiting`` queued."""
-
-    max_in_flight: Annotated[int, Field(ge=1)]
-    max_waiting: Annotated[int, Field(ge=0)] = 0
-    scope: Literal["method", "target"] = "method"
-
-
-class Policies(_Strict):
-    """Per-method behaviour; set on a method, or on a plugin's ``defaults`` for all its methods.
-
-    Every field left unset inherits: method → plugin ``defaults`` → built-in default.
-    Safe by default: nothing is cached unless a method is ``pure``, nothing is retried
-    unless it is ``idempotent`` (``pure`` implies ``idempotent``).
-    """
-
-    timeout_ms: Annotated[int, Field(gt=0)] | None = None
-    idempotent: bool | None = None
-    pure: bool | None = None
-    cache: CachePolicy | None = None
-    batch: BatchPolicy | None = None
-    rate_limit: list[RateLimit] | None = None
-    breaker: BreakerPolicy | None = None
-    retry: RetryPolicy | None = None
-    concurrency: ConcurrencyPolicy | None = None
-
-    @field_validator("rate_limit", mode="before")
-    @classmethod
-    def _one_or_many_limits(cls, value: Any) -> Any:
-        return [value] if isinstance(value, dict) else value
-
-    @property
-    def may_cache(self) -> bool:
-        return self.cache is not None and bool(self.pure)
-
-    @property
-    def may_retry(self) -> bool:
-        return (
-            self.retry is not None
-            and self.retry.attempts > 1
-            and bool(self.idempotent or self.pure)
-        )
-
-
-class MethodSpec(Policies, Generic[TargetT]):
-    """One method of a plugin: where it runs, what it accepts, how it is called."""
-
-    description: str = ""
-    target: TargetT | None = None
-    params_schema: dict[str, Any] | None = Field(
-        default=None, description="JSON Schema (2020-12) the params must match."
-    )
-
-    @field_validator("params_schema")
-    @classmethod
-    def _schema_is_valid(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
-        if schema is not None:
-            try:
-                Draft202012Validator.check_schema(schema)
-            except SchemaError as error:
-                raise ValueError(f"not a valid JSON Schema: {error.message}") from None
-        return schema
-
-
-class Lifecycle(_Strict):
-    init_timeout_ms: Annotated[int, Field(gt=0)] = 30_000
-    stop_timeout_ms: Annotated[int, Field(gt=0)] = 10_000
-
-
-class PluginSpec(_Strict, Generic[TargetT]):
-    """One plugin at one version."""
-
-    id: Annotated[str, Field(pattern=_IDENTIFIER, max_length=128)]
-    version: str
-    runtime: Literal["python", "go", "rust", "java", "typescript", "javascript", "other"] = "python"
-    description: str = ""
-    config: dict[str, Any] = Field(default_factory=dict)
-    target: TargetT | None = None
-    defaults: Policies = Field(default_factory=Policies)
-    lifecycle: Lifecycle = Field(default_factory=Lifecycle)
-    methods: Annotated[dict[str, MethodSpec[TargetT]], Field(min_length=1)]
-
-    @field_validator("version")
-    @classmethod
-    def _version_is_semver(cls, version: str) -> str:
-        if not _SEMVER.match(version):
-            raise ValueError(f"expected a semantic version such as 1.2.3, got {version!r}")
-        return version
-
-    @field_validator("methods")
-    @classmethod
-    def _method_names_are_identifiers(cls, methods: dict[str, Any]) -> dict[str, Any]:
-        for name in methods:
-            if not re.match(_IDENTIFIER, name):
-                raise ValueError(f"method name {name!r} must start with a letter; [A-Za-z0-9_.-]")
-        return methods
-
-    @property
-    def key(self) -> str:
-        return f"{self.id}@{self.version}"
-
-    def target_of(self, method: str) -> TargetT:
-        target = self.methods[method].target or self.target
-        assert target is not None, "checked when the manifest loaded"
-        return target
-
-    def policies_of(self, method: str) -> Policies:
-        """The method's policies, with what it leaves unset taken from the plugin's defaults."""
-        fields = set(Policies.model_fields)
-        inherited = self.defaults.model_dump(exclude_unset=True)
-        explicit = self.methods[method].model_dump(include=fields, exclude_unset=True)
-        return Policies.model_validate({**inherited, **explicit})
-
-    def targets(self) -> list[TargetT]:
-        """Every distinct target this plugin's methods use, in manifest order."""
-        distinct: list[TargetT] = []
-        for name in self.methods:
-            target = self.target_of(name)
-            if target not in distinct:
-                distinct.append(target)
-        return distinct
-
-
-class Manifest(_Strict, Generic[TargetT]):
-    """A whole manifest file."""
-
-    version: Literal[1] = 1
-    plugins: list[PluginSpec[TargetT]] = Field(default_factory=list)
 
 
 @cache

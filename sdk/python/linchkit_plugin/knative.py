@@ -12,7 +12,7 @@ CloudEvent decoding of every other request, and the Knative container contract
 * the plugin's ``init``/``start`` run before the runtime reports ready, ``stop``/``destroy``
   at shutdown.
 
-Run it with ``python -m dispatcher.sdk.knative package.module:Class [--path DIR]
+Run it with ``python -m linchkit_plugin.knative package.module:Class [--path DIR]
 [--config JSON]``; in a container image that is the entrypoint, and Knative sets ``PORT``.
 ``func-python`` is imported lazily: ``pip install 'linchkit-dispatcher[knative]'``.
 """
@@ -26,9 +26,9 @@ from typing import Any
 
 import orjson
 
-from dispatcher.envelope import error_response, ok_response, parse_request
-from dispatcher.errors import DispatchError, ProviderError
-from dispatcher.sdk.host import PluginHost
+from linchkit_plugin.errors import DispatchError, ProviderError
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.wire import error_response, ok_response, parse_request
 
 __all__ = [
     "CALL_EVENT_TYPE",
@@ -149,7 +149,7 @@ def serve(function: KnativeFunction) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m dispatcher.sdk.knative",
+        prog="python -m linchkit_plugin.knative",
         description="Serve a plugin class as a Knative Function (CloudEvents, func-python).",
     )
     parser.add_argument("entrypoint", help="package.module:Class")

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from dispatcher.errors import (
+from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
     InvalidParams,
@@ -23,7 +23,7 @@ from dispatcher.errors import (
     PluginError,
     ProviderError,
 )
-from dispatcher.sdk.plugin import LIFECYCLE_HOOKS, _current_context
+from linchkit_plugin.plugin import LIFECYCLE_HOOKS, _current_context
 
 __all__ = ["PluginHost", "load_plugin_class"]
 

@@ -22,14 +22,13 @@ nothing from aiohttp, botocore or grpc reaches a caller.
 the retry policy whether another attempt may succeed; ``retry_after`` (seconds) is set
 when the target or a policy knows when to come back.
 
-``ManifestError`` is not a call failure: it is raised when a manifest cannot be loaded.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 __all__ = [
     "CircuitOpen",
@@ -37,8 +36,6 @@ __all__ = [
     "DispatchError",
     "Forbidden",
     "InvalidParams",
-    "ManifestError",
-    "ManifestProblem",
     "MethodNotFound",
     "Overloaded",
     "PluginError",
@@ -70,6 +67,37 @@ class DispatchError(Exception):
         self.retryable = self.default_retryable if retryable is None else retryable
         self.retry_after = retry_after
         self.details: dict[str, Any] = dict(details) if details else {}
+
+    def clone(self) -> Self:
+        """A new exception with the same fields and no traceback.
+
+        For handing one failure to several callers (a batch, coalesced cache misses):
+        raising one shared object in many tasks would chain every traceback onto it.
+        Errors are treated as immutable once raised; change one through a clone.
+        """
+        twin = copy.copy(self)
+        twin.details = dict(self.details)
+        twin.__traceback__ = None
+        return twin
+
+    def with_message(self, message: str) -> Self:
+        """A clone saying ``message`` instead."""
+        twin = self.clone()
+        twin.message = message
+        twin.args = (message,)
+        return twin
+
+    def with_retry_after(self, seconds: float | None) -> Self:
+        """A clone telling the caller when to come back."""
+        twin = self.clone()
+        twin.retry_after = seconds
+        return twin
+
+    def with_details(self, **details: Any) -> Self:
+        """A clone with ``details`` added to its own."""
+        twin = self.clone()
+        twin.details.update(details)
+        return twin
 
     def to_wire(self) -> dict[str, Any]:
         """The ``error`` object of a response envelope."""
@@ -215,27 +243,3 @@ def error_from_wire(error: object) -> DispatchError:
     if known is not None:
         return known(message, **kwargs)
     return PluginError(message, remote_type=remote_type, **kwargs)
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestProblem:
-    """One thing wrong with a manifest, located as precisely as the format allows."""
-
-    path: str
-    message: str
-    line: int | None = None
-
-    def render(self, source: str) -> str:
-        where = f"{source}:{self.line}" if self.line is not None else source
-        return f"{where}: {self.path or '<root>'}: {self.message}"
-
-
-class ManifestError(Exception):
-    """The manifest could not be loaded. ``problems`` lists every problem found."""
-
-    def __init__(self, source: str, problems: list[ManifestProblem]) -> None:
-        self.source = source
-        self.problems = problems
-        lines = [p.render(source) for p in problems]
-        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"invalid manifest {source} ({count}):\n  " + "\n  ".join(lines))

@@ -12,10 +12,10 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from dispatcher.errors import InvalidParams
-from dispatcher.sdk import Plugin
-from dispatcher.sdk.grpc_server import main
-from dispatcher.sdk.plugin import raw_params
+from linchkit_plugin import Plugin
+from linchkit_plugin.errors import InvalidParams
+from linchkit_plugin.grpc_server import main
+from linchkit_plugin.plugin import raw_params
 
 
 class ExampleFailure(Exception):

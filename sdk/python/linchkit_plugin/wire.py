@@ -1,8 +1,8 @@
 """The wire envelope shared by every JSON transport (``docs/protocol.md``).
 
-Both sides live here: the host side decodes response envelopes into results or
-``DispatchError``; the plugin side (``dispatcher.sdk``) parses request envelopes and
-encodes responses. The JSON Schema of the same shapes is ``proto/envelope.schema.json``.
+Both sides use this one module: a plugin parses request envelopes and encodes responses;
+the host encodes requests and decodes responses (``providers.envelope`` adds the batch
+form). The JSON Schema of the same shapes is ``proto/envelope.schema.json``.
 """
 
 from __future__ import annotations
@@ -10,20 +10,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dispatcher.errors import DispatchError, ProviderError, error_from_wire
-from dispatcher.invocation import Outcome
+import orjson
+
+from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError, error_from_wire
 
 __all__ = [
     "PROTOCOL_VERSION",
     "RequestEnvelope",
-    "decode_batch_response",
     "decode_response",
+    "encode_json",
     "error_response",
     "ok_response",
     "parse_request",
 ]
 
 PROTOCOL_VERSION = 1
+
+
+def encode_json(value: Any, *, sort_keys: bool = False) -> bytes:
+    """``value`` as JSON bytes; anything JSON cannot carry is the caller's ``InvalidParams``.
+
+    Every path that puts params on a wire (or keys a cache by them) encodes here, so what
+    counts as valid params is decided once.
+    """
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
+    except TypeError as error:
+        raise InvalidParams(f"params must be JSON-serializable: {error}") from None
 
 
 def decode_response(payload: Any) -> Any:
@@ -37,24 +50,6 @@ def decode_response(payload: Any) -> Any:
     raise ProviderError(
         f"target answered something that is not a response envelope: {payload!r:.200}"
     )
-
-
-def decode_batch_response(payload: Any, expected: int) -> list[Outcome[Any]]:
-    """One outcome per item of a batch response, in request order."""
-    results = payload.get("results") if isinstance(payload, dict) else None
-    if not isinstance(results, list):
-        if isinstance(payload, dict) and payload.get("ok") is False:
-            raise error_from_wire(payload.get("error"))
-        raise ProviderError(f"target answered a batch without a results list: {payload!r:.200}")
-    if len(results) != expected:
-        raise ProviderError(f"target answered {len(results)} results for a batch of {expected}")
-    outcomes: list[Outcome[Any]] = []
-    for item in results:
-        try:
-            outcomes.append(Outcome(result=decode_response(item)))
-        except DispatchError as error:
-            outcomes.append(Outcome(error=error))
-    return outcomes
 
 
 def ok_response(result: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Serve a plugin class as an AWS Lambda function, speaking the dispatcher envelope.
 
     # handler.py, deployed with the plugin (``dispatcher deploy`` writes this for you)
-    from dispatcher.sdk.aws_lambda import lambda_handler
+    from linchkit_plugin.aws_lambda import lambda_handler
     from my_plugin import MyPlugin
 
     handler = lambda_handler(MyPlugin)
@@ -34,9 +34,9 @@ from typing import Any
 
 import orjson
 
-from dispatcher.envelope import error_response, ok_response, parse_request
-from dispatcher.errors import DispatchError, ProviderError
-from dispatcher.sdk.host import PluginHost
+from linchkit_plugin.errors import DispatchError, ProviderError
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.wire import error_response, ok_response, parse_request
 
 __all__ = ["CONFIG_ENVIRONMENT_VARIABLE", "LambdaPlugin", "lambda_handler"]
 

@@ -1,6 +1,6 @@
 """Serve a plugin class over the gRPC binding, as a service or as a subprocess plugin.
 
-    from dispatcher.sdk.grpc_server import main
+    from linchkit_plugin.grpc_server import main
     main(MyPlugin, runtime="python")          # in the plugin's executable
 
 Run the executable:
@@ -34,9 +34,9 @@ from typing import Any
 
 import orjson
 
-from dispatcher.envelope import PROTOCOL_VERSION
-from dispatcher.errors import DeadlineExceeded, DispatchError, ProviderError
-from dispatcher.sdk.host import PluginHost
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.wire import PROTOCOL_VERSION
 
 __all__ = [
     "HANDSHAKE_CORE_VERSION",
@@ -79,7 +79,7 @@ class PluginServer:
         from grpc_health.v1 import health_pb2
         from grpc_health.v1._async import HealthServicer
 
-        from dispatcher._proto import plugin_pb2
+        from linchkit_plugin._proto import plugin_pb2
 
         self.host = host
         self.plugin_id = plugin_id
@@ -267,7 +267,7 @@ class PluginServer:
         import grpc.aio
         from grpc_health.v1 import health_pb2_grpc
 
-        from dispatcher._proto import plugin_pb2_grpc
+        from linchkit_plugin._proto import plugin_pb2_grpc
 
         self._loop = asyncio.get_running_loop()
         server = grpc.aio.server(
@@ -364,7 +364,7 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
     if client_pem:
         import grpc
 
-        from dispatcher._automtls import generate_certificate
+        from linchkit_plugin._automtls import generate_certificate
 
         certificate = generate_certificate("plugin")
         credentials = grpc.ssl_server_credentials(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Generic, TypeVar
 
-from dispatcher.errors import DispatchError
+from linchkit_plugin.errors import DispatchError
 
 __all__ = ["Invocation", "Outcome", "new_request_id"]
 

@@ -21,15 +21,15 @@ from typing import Any
 
 import orjson
 
-from dispatcher.envelope import (
+from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.wire import (
     PROTOCOL_VERSION,
     RequestEnvelope,
     error_response,
     ok_response,
     parse_request,
 )
-from dispatcher.errors import DispatchError, InvalidParams, ProviderError
-from dispatcher.sdk.host import PluginHost
 
 __all__ = ["PluginApp"]
 

@@ -1,6 +1,6 @@
 """The Python plugin SDK: write a plugin class once, run it in-process or as an HTTP function.
 
-    from dispatcher.sdk import Plugin
+    from linchkit_plugin import Plugin
 
     class Echo(Plugin):
         async def say(self, text: str) -> dict:
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from dispatcher.errors import PluginError
-from dispatcher.sdk.asgi import PluginApp
-from dispatcher.sdk.host import PluginHost
-from dispatcher.sdk.plugin import Plugin, current_context
+from linchkit_plugin.asgi import PluginApp
+from linchkit_plugin.errors import PluginError
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.plugin import Plugin, current_context
 
 __all__ = ["Plugin", "PluginApp", "PluginError", "PluginHost", "create_app", "current_context"]
 

@@ -1,0 +1,40 @@
+"""The manifest: which plugins exist, their methods, where each runs and how it is called.
+
+``policies`` holds the policy settings, ``manifest`` the plugin and method models,
+``loader`` reads YAML or TOML into them, ``errors`` reports what is wrong with a file.
+"""
+
+from __future__ import annotations
+
+from dispatcher.config.errors import ManifestError, ManifestProblem
+from dispatcher.config.loader import load_manifest, parse_manifest
+from dispatcher.config.manifest import Lifecycle, Manifest, MethodSpec, PluginSpec
+from dispatcher.config.policies import (
+    DEFAULT_TIMEOUT_MS,
+    BatchPolicy,
+    BreakerPolicy,
+    CachePolicy,
+    ConcurrencyPolicy,
+    Policies,
+    RateLimit,
+    RetryPolicy,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT_MS",
+    "BatchPolicy",
+    "BreakerPolicy",
+    "CachePolicy",
+    "ConcurrencyPolicy",
+    "Lifecycle",
+    "Manifest",
+    "ManifestError",
+    "ManifestProblem",
+    "MethodSpec",
+    "PluginSpec",
+    "Policies",
+    "RateLimit",
+    "RetryPolicy",
+    "load_manifest",
+    "parse_manifest",
+]

@@ -1,0 +1,31 @@
+"""``ManifestError``: not a call failure, but a manifest that cannot be loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ManifestError", "ManifestProblem"]
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestProblem:
+    """One thing wrong with a manifest, located as precisely as the format allows."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def render(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line is not None else source
+        return f"{where}: {self.path or '<root>'}: {self.message}"
+
+
+class ManifestError(Exception):
+    """The manifest could not be loaded. ``problems`` lists every problem found."""
+
+    def __init__(self, source: str, problems: list[ManifestProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [p.render(source) for p in problems]
+        count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"invalid manifest {source} ({count}):\n  " + "\n  ".join(lines))

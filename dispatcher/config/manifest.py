@@ -1,0 +1,114 @@
+"""The manifest's plugins and methods: which plugins exist and where each method runs.
+
+A method's ``target`` is a union discriminated on ``provider``; ``loader`` specialises
+``Manifest`` to the target models of every registered provider.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from pydantic import Field, field_validator
+
+from dispatcher.config.policies import Policies
+from providers.target import StrictModel, TargetConfig
+
+__all__ = ["IDENTIFIER", "Lifecycle", "Manifest", "MethodSpec", "PluginSpec"]
+
+TargetT = TypeVar("TargetT", bound=TargetConfig)
+
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+IDENTIFIER = r"^[A-Za-z][A-Za-z0-9_.-]*$"
+
+
+class MethodSpec(Policies, Generic[TargetT]):
+    """One method of a plugin: where it runs, what it accepts, how it is called."""
+
+    description: str = ""
+    target: TargetT | None = None
+    params_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema (2020-12) the params must match."
+    )
+
+    @field_validator("params_schema")
+    @classmethod
+    def _schema_is_valid(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            try:
+                Draft202012Validator.check_schema(schema)
+            except SchemaError as error:
+                raise ValueError(f"not a valid JSON Schema: {error.message}") from None
+        return schema
+
+
+class Lifecycle(StrictModel):
+    init_timeout_ms: Annotated[int, Field(gt=0)] = 30_000
+    stop_timeout_ms: Annotated[int, Field(gt=0)] = 10_000
+
+
+class PluginSpec(StrictModel, Generic[TargetT]):
+    """One plugin at one version."""
+
+    id: Annotated[str, Field(pattern=IDENTIFIER, max_length=128)]
+    version: str
+    runtime: Literal["python", "go", "rust", "java", "typescript", "javascript", "other"] = "python"
+    description: str = ""
+    config: dict[str, Any] = Field(default_factory=dict)
+    target: TargetT | None = None
+    defaults: Policies = Field(default_factory=Policies)
+    lifecycle: Lifecycle = Field(default_factory=Lifecycle)
+    methods: Annotated[dict[str, MethodSpec[TargetT]], Field(min_length=1)]
+
+    @field_validator("version")
+    @classmethod
+    def _version_is_semver(cls, version: str) -> str:
+        if not _SEMVER.match(version):
+            raise ValueError(f"expected a semantic version such as 1.2.3, got {version!r}")
+        return version
+
+    @field_validator("methods")
+    @classmethod
+    def _method_names_are_identifiers(cls, methods: dict[str, Any]) -> dict[str, Any]:
+        for name in methods:
+            if not re.match(IDENTIFIER, name):
+                raise ValueError(f"method name {name!r} must start with a letter; [A-Za-z0-9_.-]")
+        return methods
+
+    @property
+    def key(self) -> str:
+        return f"{self.id}@{self.version}"
+
+    def target_of(self, method: str) -> TargetT:
+        target = self.methods[method].target or self.target
+        assert target is not None, "checked when the manifest loaded"
+        return target
+
+    def policies_of(self, method: str) -> Policies:
+        """The method's policies, with what it leaves unset taken from the plugin's defaults."""
+        fields = set(Policies.model_fields)
+        inherited = self.defaults.model_dump(exclude_unset=True)
+        explicit = self.methods[method].model_dump(include=fields, exclude_unset=True)
+        return Policies.model_validate({**inherited, **explicit})
+
+    def targets(self) -> list[TargetT]:
+        """Every distinct target this plugin's methods use, in manifest order."""
+        distinct: list[TargetT] = []
+        for name in self.methods:
+            target = self.target_of(name)
+            if target not in distinct:
+                distinct.append(target)
+        return distinct
+
+
+class Manifest(StrictModel, Generic[TargetT]):
+    """A whole manifest file."""
+
+    version: Literal[1] = 1
+    plugins: list[PluginSpec[TargetT]] = Field(default_factory=list)

@@ -1,0 +1,117 @@
+"""Per-method policy settings as the manifest states them (``cache``, ``retry``, …).
+
+The models only: ``dispatcher.policies`` turns them into the steps that run.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from providers.target import StrictModel
+
+__all__ = [
+    "DEFAULT_TIMEOUT_MS",
+    "BatchPolicy",
+    "BreakerPolicy",
+    "CachePolicy",
+    "ConcurrencyPolicy",
+    "Policies",
+    "RateLimit",
+    "RetryPolicy",
+]
+
+DEFAULT_TIMEOUT_MS = 30_000
+
+
+class CachePolicy(StrictModel):
+    """Keep results of a pure method: same params (key order aside), same result."""
+
+    ttl_ms: Annotated[int, Field(gt=0)]
+    max_entries: Annotated[int, Field(gt=0)] = 1024
+    per_caller: bool = Field(default=False, description="Key the cache by caller too.")
+
+
+class BatchPolicy(StrictModel):
+    """Coalesce concurrent calls of a method into one invocation of the target."""
+
+    max_size: Annotated[int, Field(ge=1, le=10_000)] = 100
+    max_wait_ms: Annotated[float, Field(ge=0)] = 5
+
+
+class RateLimit(StrictModel):
+    """A leaky bucket: ``rate`` calls per second on average, ``burst`` at once."""
+
+    rate: Annotated[float, Field(gt=0)]
+    burst: Annotated[int, Field(ge=1)] | None = None
+    scope: Literal["method", "target", "caller"] = "method"
+    mode: Literal["wait", "reject"] = "wait"
+
+    @property
+    def capacity(self) -> int:
+        return self.burst if self.burst is not None else max(1, round(self.rate))
+
+
+class BreakerPolicy(StrictModel):
+    """One circuit breaker per target instance."""
+
+    fail_max: Annotated[int, Field(ge=1)] = 5
+    reset_timeout_ms: Annotated[int, Field(gt=0)] = 30_000
+    half_open_max_calls: Annotated[int, Field(ge=1)] = 1
+    success_threshold: Annotated[int, Field(ge=1)] = 1
+
+
+class RetryPolicy(StrictModel):
+    """Retries of retryable errors, for idempotent methods only."""
+
+    attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    initial_backoff_ms: Annotated[float, Field(gt=0)] = 50
+    max_backoff_ms: Annotated[float, Field(gt=0)] = 2_000
+    budget_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.2, description="Retries may add at most this share of extra load on a target."
+    )
+
+
+class ConcurrencyPolicy(StrictModel):
+    """A bulkhead: at most ``max_in_flight`` calls at once, ``max_waiting`` queued."""
+
+    max_in_flight: Annotated[int, Field(ge=1)]
+    max_waiting: Annotated[int, Field(ge=0)] = 0
+    scope: Literal["method", "target"] = "method"
+
+
+class Policies(StrictModel):
+    """Per-method behaviour; set on a method, or on a plugin's ``defaults`` for all its methods.
+
+    Every field left unset inherits: method → plugin ``defaults`` → built-in default.
+    Safe by default: nothing is cached unless a method is ``pure``, nothing is retried
+    unless it is ``idempotent`` (``pure`` implies ``idempotent``).
+    """
+
+    timeout_ms: Annotated[int, Field(gt=0)] | None = None
+    idempotent: bool | None = None
+    pure: bool | None = None
+    cache: CachePolicy | None = None
+    batch: BatchPolicy | None = None
+    rate_limit: list[RateLimit] | None = None
+    breaker: BreakerPolicy | None = None
+    retry: RetryPolicy | None = None
+    concurrency: ConcurrencyPolicy | None = None
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _one_or_many_limits(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+    @property
+    def may_cache(self) -> bool:
+        return self.cache is not None and bool(self.pure)
+
+    @property
+    def may_retry(self) -> bool:
+        return (
+            self.retry is not None
+            and self.retry.attempts > 1
+            and bool(self.idempotent or self.pure)
+        )
