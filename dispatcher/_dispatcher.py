@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
-from dispatcher.policies import PolicyRuntime, Step
+from dispatcher.policies import Gate, PolicyRuntime, Step
 from dispatcher.policies.breaker import StateListener as CircuitListener
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -65,10 +65,15 @@ class TargetHealth:
 class _Route:
     """Everything a call of one method needs, resolved once."""
 
-    __slots__ = ("invoke", "method", "plugin", "stream", "timeout", "validate", "version")
+    __slots__ = ("gate", "invoke", "method", "plugin", "stream", "timeout", "validate", "version")
 
     def __init__(
-        self, plugin: PluginSpec[Any], method: str, provider: Provider[Any], invoke: Step
+        self,
+        plugin: PluginSpec[Any],
+        method: str,
+        provider: Provider[Any],
+        invoke: Step,
+        gate: Gate,
     ) -> None:
         policies = plugin.policies_of(method)
         self.plugin = plugin.id
@@ -77,6 +82,7 @@ class _Route:
         self.timeout = (policies.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
         self.validate = _params_validator(plugin.methods[method].params_schema)
         self.invoke = invoke
+        self.gate = gate
         target = plugin.target_of(method)
         self.stream = _bind_stream(provider, target)
 
@@ -300,13 +306,14 @@ class Dispatcher:
     ) -> AsyncIterator[Any]:
         """Call a streaming method; yields its chunks as they arrive.
 
-        ``timeout`` bounds the whole stream (the target's deadline). A provider without
-        streaming raises ``ProviderError``; a failure mid-stream raises its ``DispatchError``
-        after the chunks already yielded.
+        ``timeout`` bounds the whole stream (the target's deadline). The method's rate
+        limits, bulkhead and breaker apply (``dispatcher.policies.gate``); its cache,
+        batching and retries do not. A provider without streaming raises ``ProviderError``;
+        a failure mid-stream raises its ``DispatchError`` after the chunks already yielded.
         """
         route = self._route(plugin, method, version)
         invocation = self._invocation(route, params, timeout, request_id, caller, traceparent, None)
-        chunks = route.stream(invocation)
+        chunks = route.gate.stream(invocation, route.stream)
         try:
             async for chunk in chunks:
                 yield chunk
@@ -314,15 +321,46 @@ class Dispatcher:
             await chunks.aclose()
 
     async def publish(
-        self, plugin: str, event: str, data: Any = None, *, version: str | None = None
+        self,
+        plugin: str,
+        event: str,
+        data: Any = None,
+        *,
+        version: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_MS / 1000,
     ) -> None:
-        """Send the host event ``event`` to ``plugin`` (every target it runs on)."""
+        """Send the host event ``event`` to ``plugin`` (every target it runs on).
+
+        Each target's own rate limits, bulkhead and breaker apply (those scoped to the
+        target: an event belongs to no method), and ``timeout`` bounds the whole publish.
+        """
         self._route_any(plugin, version)
+        if not timeout > 0:
+            raise DeadlineExceeded(f"publishing {event!r} to {plugin} was given no time")
         wanted = version or self._latest_version(plugin)
-        for spec in self.manifest.plugins:
-            if spec.id == plugin and spec.version == wanted:
-                for target in spec.targets():
-                    await self._providers[target.provider].send_event(target, event, data)
+        assert wanted is not None
+        invocation = Invocation(
+            plugin, wanted, event, data, self._clock() + timeout, new_request_id()
+        )
+        try:
+            async with asyncio.timeout_at(invocation.deadline):
+                for spec in self.manifest.plugins:
+                    if spec.id == plugin and spec.version == wanted:
+                        for target in spec.targets():
+                            await self._publish_to(target, invocation, event, data)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"publishing {event!r} to {plugin} took longer than {timeout:g} s"
+            ) from None
+
+    async def _publish_to(
+        self, target: TargetConfig, invocation: Invocation, event: str, data: Any
+    ) -> None:
+        assert self.policies is not None
+        send_event = self._providers[target.provider].send_event
+        await self.policies.event_gate(target).send(
+            invocation, lambda: send_event(target, event, data)
+        )
 
     # -- introspection -----------------------------------------------------------------
 
@@ -403,10 +441,7 @@ class Dispatcher:
             await provider.attach(plugin, target)
             self._attached.append((provider, plugin, target))
         assert self.policies is not None
-        routes = {
-            name: _Route(plugin, name, self._provider_of(plugin, name), self._chain(plugin, name))
-            for name in plugin.methods
-        }
+        routes = {name: self._new_route(plugin, name) for name in plugin.methods}
         self._versions[(plugin.id, plugin.version)] = routes
         current = self._latest_version(plugin.id)
         if current is None or _version_key(plugin.version) > _version_key(current):
@@ -415,10 +450,11 @@ class Dispatcher:
     def _provider_of(self, plugin: PluginSpec[Any], method: str) -> Provider[Any]:
         return self._providers[plugin.target_of(method).provider]
 
-    def _chain(self, plugin: PluginSpec[Any], method: str) -> Step:
+    def _new_route(self, plugin: PluginSpec[Any], method: str) -> _Route:
         assert self.policies is not None
-        target = plugin.target_of(method)
-        return self.policies.chain(plugin, method, self._provider_of(plugin, method), target)
+        provider = self._provider_of(plugin, method)
+        invoke = self.policies.chain(plugin, method, provider, plugin.target_of(method))
+        return _Route(plugin, method, provider, invoke, self.policies.gate(plugin, method))
 
     def _latest_version(self, plugin_id: str) -> str | None:
         routes = self._latest.get(plugin_id)

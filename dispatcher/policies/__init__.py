@@ -12,6 +12,9 @@ provider directly. Outer to inner:
   budget bounds the extra load retries add;
 * the breaker is per target instance and sees each attempt (or each batch) as one call.
 
+Streams and host events are not request/response calls: they pass a ``Gate`` (``gate``),
+the part of the chain that fits them (rate limits, bulkhead, breaker), sharing its state.
+
 ``PolicyRuntime`` holds what methods share (breakers, budgets, bulkheads and limiters
 per target) and owns every task the policies start; ``aclose`` ends them.
 """
@@ -34,6 +37,7 @@ from dispatcher.policies.breaker import (
 )
 from dispatcher.policies.cache import CacheStep, ResultCache
 from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
+from dispatcher.policies.gate import Gate
 from dispatcher.policies.ratelimit import Limit, RateLimitStep, new_limiter
 from dispatcher.policies.retry import RetryBudget, RetryStep
 from dispatcher.policies.timeout import DeadlineGuard
@@ -49,6 +53,7 @@ __all__ = [
     "BreakerState",
     "Bulkhead",
     "CircuitBreaker",
+    "Gate",
     "PolicyRuntime",
     "ResultCache",
     "RetryBudget",
@@ -73,6 +78,7 @@ class PolicyRuntime:
         self.limiters: dict[tuple[str, RateLimit], AsyncLimiter] = {}
         self.caches: dict[tuple[str, str], ResultCache] = {}
         self.batchers: list[Batcher] = []
+        self.gates: dict[tuple[str, str], Gate] = {}
         self.breaker_listeners: list[StateListener] = []
 
     def chain(
@@ -103,20 +109,36 @@ class PolicyRuntime:
                 key, RetryBudget(target.describe(), policies.retry.budget_ratio)
             )
             step = RetryStep(policies.retry, budget, step)
-        if policies.concurrency is not None:
-            step = BulkheadStep(self._bulkhead(name, key, target, policies), step)
-        if policies.rate_limit:
-            limits = [self._limit(name, key, target, spec) for spec in policies.rate_limit]
+        bulkhead = self._bulkhead(name, key, target, policies) if policies.concurrency else None
+        if bulkhead is not None:
+            step = BulkheadStep(bulkhead, step)
+        limits = tuple(self._limit(name, key, target, spec) for spec in policies.rate_limit or ())
+        if limits:
             step = RateLimitStep(limits, step)
         if policies.may_cache:
             assert policies.cache is not None
             cache = ResultCache(f"{plugin.key}.{method}", policies.cache, self.clock)
             self.caches[(plugin.key, method)] = cache
             step = CacheStep(cache, step)
+        self.gates[(plugin.key, method)] = Gate(limits, bulkhead, breaker)
         return step
 
     def breaker_of(self, target: TargetConfig) -> CircuitBreaker | None:
         return self.breakers.get(target.key)
+
+    def gate(self, plugin: PluginSpec[Any], method: str) -> Gate:
+        """What a stream of ``plugin.method`` passes through (``dispatcher.policies.gate``)."""
+        return self.gates[(plugin.key, method)]
+
+    def event_gate(self, target: TargetConfig) -> Gate:
+        """What a host event to ``target`` passes through: the policies scoped to the target."""
+        key = target.key
+        limits = tuple(
+            Limit(target.describe(), spec, limiter)
+            for (limited, spec), limiter in self.limiters.items()
+            if limited == key
+        )
+        return Gate(limits, self.bulkheads.get(key), self.breakers.get(key))
 
     def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
         """Drop cached results of a plugin (any version), of one method, or all; returns how many."""
