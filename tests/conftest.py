@@ -85,3 +85,34 @@ def _collect_garbage_after_each_test() -> Any:
 
     yield
     gc.collect()
+
+
+# -- markers: what a test needs beyond Python ---------------------------------------------
+# `pytest -m "not docker and not toolchain"` runs the rest anywhere in seconds; `make test`
+# runs everything. Marked here, from what each test uses, so a new test that uses one of
+# these fixtures or folders is marked without anyone remembering to.
+# moto_server backs the local Lambda, whose functions run in the Lambda runtime image.
+_DOCKER_FIXTURES = {"docker_images", "local_lambda", "lambda_dispatcher", "moto_server"}
+_DOCKER_TESTS = {"test_the_demo_runs_end_to_end"}  # the demo starts sandboxed containers
+_TOOLCHAIN_TESTS = {"test_the_demo_runs_end_to_end"}  # … and the Go example plugin
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        name = getattr(item, "originalname", item.name)
+        if fixtures & _DOCKER_FIXTURES or name in _DOCKER_TESTS:
+            item.add_marker(pytest.mark.docker)
+        if name in _TOOLCHAIN_TESTS or _needs_toolchain(item):
+            item.add_marker(pytest.mark.toolchain)
+        if name in _DOCKER_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
+def _needs_toolchain(item: pytest.Item) -> bool:
+    """Plugins built by another language's toolchain (``make sdks``): polyglot, conformance."""
+    if "polyglot" in item.path.parts:
+        return True
+    callspec = getattr(item, "callspec", None)
+    language = callspec.params.get("example", ("python",))[0] if callspec else "python"
+    return "conformance" in item.path.parts and language != "python"
