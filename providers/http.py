@@ -38,6 +38,7 @@ from linchkit_plugin.errors import (
     Unauthorized,
     error_from_wire,
 )
+from linchkit_plugin.wire import encode_json
 from providers.base import Health, Provider
 from providers.envelope import decode_batch_response, decode_response
 from providers.invocation import Invocation, Outcome
@@ -177,10 +178,7 @@ class HttpProvider(Provider[HttpTarget]):
 
         if remaining <= 0:
             raise DeadlineExceeded(f"deadline passed before calling {target.describe()}")
-        try:
-            data = orjson.dumps(body)
-        except TypeError as error:
-            raise InvalidParams(f"params must be JSON-serializable: {error}") from None
+        data = encode_json(body)
         route = self._routes.get(target.key) or self._route(target)
         session = self._session or self._require_session()
         try:

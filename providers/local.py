@@ -11,11 +11,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
-import orjson
 from pydantic import Field
 
-from linchkit_plugin.errors import InvalidParams, ProviderError, TargetUnavailable
+from linchkit_plugin.errors import ProviderError, TargetUnavailable
 from linchkit_plugin.host import EventSink, PluginHost
+from linchkit_plugin.wire import encode_json
 from providers.base import Health, Provider
 from providers.invocation import Invocation
 from providers.target import ManifestPath, TargetConfig
@@ -80,10 +80,7 @@ class LocalProvider(Provider[LocalTarget]):
         host = self._hosts.get((invocation.plugin, invocation.version, target.entrypoint))
         if host is None:
             raise TargetUnavailable(f"{invocation.plugin}@{invocation.version} is not started")
-        try:
-            orjson.dumps(invocation.params)
-        except TypeError as error:
-            raise InvalidParams(f"params must be JSON-serializable: {error}") from None
+        encode_json(invocation.params)  # what a remote plugin could not get, a local one does not
         return await host.call_with_deadline(
             invocation.method,
             invocation.params,

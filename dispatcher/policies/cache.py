@@ -14,11 +14,11 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 from cachetools import TTLCache
 
 from dispatcher.config import CachePolicy
-from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError
+from linchkit_plugin.wire import encode_json
 from providers.invocation import Invocation
 
 __all__ = ["CacheStep", "ResultCache"]
@@ -41,10 +41,7 @@ class ResultCache:
         self.coalesced = 0  # calls that waited for another caller's identical call
 
     def key(self, invocation: Invocation) -> bytes:
-        try:
-            canonical = orjson.dumps(invocation.params, option=orjson.OPT_SORT_KEYS)
-        except TypeError as error:
-            raise InvalidParams(f"params must be JSON-serializable: {error}") from None
+        canonical = encode_json(invocation.params, sort_keys=True)
         if self.per_caller:
             canonical = (invocation.caller or "").encode() + b"\0" + canonical
         return hashlib.blake2b(canonical, digest_size=16).digest()
