@@ -1,8 +1,8 @@
-"""``Dispatcher``: what the host calls.
+"""``Dispatcher``: what the host calls, and the owner of everything a call needs.
 
-It resolves ``plugin.method`` to a route built once when the dispatcher starts (target,
-provider, compiled params schema, deadline), then hands the invocation to the provider.
-Routes are immutable after start, so the hot path is two dict lookups and one await.
+It starts the providers and attaches the plugins, resolves ``plugin.method`` through the
+routing table (``dispatcher._routes``) built once at start, fixes each call's deadline,
+and hands the invocation to the method's policy chain; leaving it stops all of that.
 """
 
 from __future__ import annotations
@@ -12,19 +12,16 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
+from dispatcher._routes import Route, RouteTable
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
-from dispatcher.policies import Gate, PolicyRuntime, Step
+from dispatcher.policies import PolicyRuntime
 from dispatcher.policies.breaker import StateListener as CircuitListener
 from linchkit_plugin.errors import (
     DeadlineExceeded,
-    DispatchError,
-    InvalidParams,
-    MethodNotFound,
-    PluginNotFound,
 )
 from providers import provider_classes
 from providers.base import Health, Provider
@@ -62,61 +59,6 @@ class TargetHealth:
     circuit: str | None = None
 
 
-class _Route:
-    """Everything a call of one method needs, resolved once."""
-
-    __slots__ = ("gate", "invoke", "method", "plugin", "stream", "timeout", "validate", "version")
-
-    def __init__(
-        self,
-        plugin: PluginSpec[Any],
-        method: str,
-        provider: Provider[Any],
-        invoke: Step,
-        gate: Gate,
-    ) -> None:
-        policies = plugin.policies_of(method)
-        self.plugin = plugin.id
-        self.version = plugin.version
-        self.method = method
-        self.timeout = (policies.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
-        self.validate = _params_validator(plugin.methods[method].params_schema)
-        self.invoke = invoke
-        self.gate = gate
-        target = plugin.target_of(method)
-        self.stream = _bind_stream(provider, target)
-
-
-def _bind_stream(
-    provider: Provider[Any], target: TargetConfig
-) -> Callable[[Invocation], AsyncGenerator[Any, None]]:
-    stream = provider.stream
-
-    def stream_target(invocation: Invocation) -> AsyncGenerator[Any, None]:
-        return stream(target, invocation)
-
-    return stream_target
-
-
-def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | None:
-    if schema is None:
-        return None
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import best_match
-
-    validator = Draft202012Validator(schema)
-
-    def validate(params: Any) -> None:
-        error = best_match(validator.iter_errors(params))
-        if error is not None:
-            where = "params" + "".join(f"[{part!r}]" for part in error.absolute_path)
-            raise InvalidParams(
-                f"{where}: {error.message}", details={"schema_path": list(error.schema_path)}
-            )
-
-    return validate
-
-
 class Dispatcher:
     """Calls plugin methods on their function targets.
 
@@ -139,8 +81,7 @@ class Dispatcher:
         for provider in self._providers.values():
             provider.event_sink = self._emit
         self._event_tasks: set[asyncio.Task[Any]] = set()
-        self._latest: dict[str, dict[str, _Route]] = {}
-        self._versions: dict[tuple[str, str], dict[str, _Route]] = {}
+        self._routes = RouteTable()
         self._attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]] = []
         self._started_providers: list[Provider[Any]] = []
         self._state = "new"
@@ -175,8 +116,7 @@ class Dispatcher:
         if self._state == "closed":
             return
         self._state = "closed"
-        self._latest.clear()
-        self._versions.clear()
+        self._routes.clear()
         if self.policies is not None:
             await self.policies.aclose()  # batches still queued go out before targets detach
         for task in list(self._event_tasks):
@@ -227,7 +167,7 @@ class Dispatcher:
         ``timeout`` (seconds) overrides the method's ``timeout_ms`` and bounds the whole
         call. Raises a ``DispatchError`` subclass on any failure.
         """
-        route = self._route(plugin, method, version)
+        route = self._routes.find(plugin, method, version, self._state)
         invocation = self._invocation(
             route, params, timeout, request_id, caller, traceparent, idempotency_key
         )
@@ -235,7 +175,7 @@ class Dispatcher:
 
     def _invocation(
         self,
-        route: _Route,
+        route: Route,
         params: Any,
         timeout: float | None,
         request_id: str | None,
@@ -311,7 +251,7 @@ class Dispatcher:
         batching and retries do not. A provider without streaming raises ``ProviderError``;
         a failure mid-stream raises its ``DispatchError`` after the chunks already yielded.
         """
-        route = self._route(plugin, method, version)
+        route = self._routes.find(plugin, method, version, self._state)
         invocation = self._invocation(route, params, timeout, request_id, caller, traceparent, None)
         chunks = route.gate.stream(invocation, route.stream)
         try:
@@ -334,11 +274,9 @@ class Dispatcher:
         Each target's own rate limits, bulkhead and breaker apply (those scoped to the
         target: an event belongs to no method), and ``timeout`` bounds the whole publish.
         """
-        self._route_any(plugin, version)
+        wanted = self._routes.version_of(plugin, version, self._state)
         if not timeout > 0:
             raise DeadlineExceeded(f"publishing {event!r} to {plugin} was given no time")
-        wanted = version or self._latest_version(plugin)
-        assert wanted is not None
         invocation = Invocation(
             plugin, wanted, event, data, self._clock() + timeout, new_request_id()
         )
@@ -409,56 +347,22 @@ class Dispatcher:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _route(self, plugin: str, method: str, version: str | None) -> _Route:
-        methods = (
-            self._latest.get(plugin) if version is None else self._versions.get((plugin, version))
-        )
-        if methods is None:
-            raise self._plugin_not_found(plugin, version)
-        route = methods.get(method)
-        if route is None:
-            known = ", ".join(sorted(methods))
-            raise MethodNotFound(f"plugin {plugin!r} has no method {method!r}; it has: {known}")
-        return route
-
-    def _route_any(self, plugin: str, version: str | None) -> None:
-        methods = (
-            self._latest.get(plugin) if version is None else self._versions.get((plugin, version))
-        )
-        if not methods:
-            raise self._plugin_not_found(plugin, version)
-
-    def _plugin_not_found(self, plugin: str, version: str | None) -> DispatchError:
-        if self._state != "running":
-            return PluginNotFound(f"the dispatcher is {self._state}; call it inside 'async with'")
-        wanted = plugin if version is None else f"{plugin}@{version}"
-        known = ", ".join(sorted(f"{p}@{v}" for p, v in self._versions)) or "none"
-        return PluginNotFound(f"no plugin {wanted!r} in the manifest; known: {known}")
-
     async def _attach(self, plugin: PluginSpec[Any]) -> None:
         for target in plugin.targets():
             provider = self._providers[target.provider]
             await provider.attach(plugin, target)
             self._attached.append((provider, plugin, target))
         assert self.policies is not None
-        routes = {name: self._new_route(plugin, name) for name in plugin.methods}
-        self._versions[(plugin.id, plugin.version)] = routes
-        current = self._latest_version(plugin.id)
-        if current is None or _version_key(plugin.version) > _version_key(current):
-            self._latest[plugin.id] = routes
+        self._routes.add(plugin, {name: self._new_route(plugin, name) for name in plugin.methods})
 
     def _provider_of(self, plugin: PluginSpec[Any], method: str) -> Provider[Any]:
         return self._providers[plugin.target_of(method).provider]
 
-    def _new_route(self, plugin: PluginSpec[Any], method: str) -> _Route:
+    def _new_route(self, plugin: PluginSpec[Any], method: str) -> Route:
         assert self.policies is not None
         provider = self._provider_of(plugin, method)
         invoke = self.policies.chain(plugin, method, provider, plugin.target_of(method))
-        return _Route(plugin, method, provider, invoke, self.policies.gate(plugin, method))
-
-    def _latest_version(self, plugin_id: str) -> str | None:
-        routes = self._latest.get(plugin_id)
-        return next(iter(routes.values())).version if routes else None
+        return Route(plugin, method, provider, invoke, self.policies.gate(plugin, method))
 
     async def _probe(self, target: TargetConfig, timeout: float) -> Health:
         provider = self._providers[target.provider]
@@ -491,8 +395,3 @@ class Dispatcher:
                     task.add_done_callback(self._event_tasks.discard)
             except Exception:
                 log.exception("event handler for %s/%s failed", plugin, event)
-
-
-def _version_key(version: str) -> tuple[Sequence[int], bool, str]:
-    core, _, rest = version.partition("+")[0].partition("-")
-    return tuple(int(part) for part in core.split(".")), not rest, rest

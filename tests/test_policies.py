@@ -443,7 +443,7 @@ async def test_retries_honour_retry_after_and_stop_at_the_deadline() -> None:
             with pytest.raises(RateLimited):
                 await dispatcher.call("echo", "say", {"text": "x"}, timeout=1.0)
             elapsed = time.monotonic() - started
-            step = dispatcher._latest["echo"]["say"].invoke  # the retry step
+            step = dispatcher._routes["echo"]["say"].invoke  # the retry step
             retries = step.retries  # type: ignore[attr-defined]
     assert retries >= 3  # waited Retry-After (0.15 s) between attempts, not 1 ms
     assert elapsed >= 0.15 * retries

@@ -1,0 +1,139 @@
+"""The routing table: ``plugin[@version].method`` → the route a call of it takes.
+
+Built once per plugin version when the dispatcher starts; a route holds everything a
+call needs resolved (the policy chain, the stream gate, the compiled params schema, the
+default deadline), so the hot path is two dict lookups and one await. Without a version,
+calls go to the highest version of the plugin (semantic version order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
+
+from dispatcher.config import DEFAULT_TIMEOUT_MS, PluginSpec
+from dispatcher.policies import Gate, Step
+from linchkit_plugin.errors import DispatchError, InvalidParams, MethodNotFound, PluginNotFound
+from providers.base import Provider
+from providers.invocation import Invocation
+from providers.target import TargetConfig
+
+__all__ = ["Route", "RouteTable"]
+
+
+class Route:
+    """Everything a call of one method needs, resolved once."""
+
+    __slots__ = ("gate", "invoke", "method", "plugin", "stream", "timeout", "validate", "version")
+
+    def __init__(
+        self,
+        plugin: PluginSpec[Any],
+        method: str,
+        provider: Provider[Any],
+        invoke: Step,
+        gate: Gate,
+    ) -> None:
+        policies = plugin.policies_of(method)
+        self.plugin = plugin.id
+        self.version = plugin.version
+        self.method = method
+        self.timeout = (policies.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
+        self.validate = _params_validator(plugin.methods[method].params_schema)
+        self.invoke = invoke
+        self.gate = gate
+        target = plugin.target_of(method)
+        self.stream = _bind_stream(provider, target)
+
+
+def _bind_stream(
+    provider: Provider[Any], target: TargetConfig
+) -> Callable[[Invocation], AsyncGenerator[Any, None]]:
+    stream = provider.stream
+
+    def stream_target(invocation: Invocation) -> AsyncGenerator[Any, None]:
+        return stream(target, invocation)
+
+    return stream_target
+
+
+def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | None:
+    if schema is None:
+        return None
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    validator = Draft202012Validator(schema)
+
+    def validate(params: Any) -> None:
+        error = best_match(validator.iter_errors(params))
+        if error is not None:
+            where = "params" + "".join(f"[{part!r}]" for part in error.absolute_path)
+            raise InvalidParams(
+                f"{where}: {error.message}", details={"schema_path": list(error.schema_path)}
+            )
+
+    return validate
+
+
+class RouteTable:
+    """Every route, by plugin version and by plugin (its highest version)."""
+
+    __slots__ = ("_latest", "_versions")
+
+    def __init__(self) -> None:
+        self._latest: dict[str, dict[str, Route]] = {}
+        self._versions: dict[tuple[str, str], dict[str, Route]] = {}
+
+    def add(self, plugin: PluginSpec[Any], routes: dict[str, Route]) -> None:
+        """Add the routes of one plugin version; the highest version becomes the default."""
+        self._versions[(plugin.id, plugin.version)] = routes
+        current = self.latest_version(plugin.id)
+        if current is None or _version_key(plugin.version) > _version_key(current):
+            self._latest[plugin.id] = routes
+
+    def find(self, plugin: str, method: str, version: str | None, state: str) -> Route:
+        """The route of ``plugin.method``; ``state`` explains a miss while not running."""
+        methods = self._methods(plugin, version, state)
+        route = methods.get(method)
+        if route is None:
+            known = ", ".join(sorted(methods))
+            raise MethodNotFound(f"plugin {plugin!r} has no method {method!r}; it has: {known}")
+        return route
+
+    def version_of(self, plugin: str, version: str | None, state: str) -> str:
+        """The version a call of ``plugin`` goes to (``version``, or the highest)."""
+        methods = self._methods(plugin, version, state)
+        return next(iter(methods.values())).version
+
+    def latest_version(self, plugin_id: str) -> str | None:
+        routes = self._latest.get(plugin_id)
+        return next(iter(routes.values())).version if routes else None
+
+    def clear(self) -> None:
+        self._latest.clear()
+        self._versions.clear()
+
+    def _methods(self, plugin: str, version: str | None, state: str) -> dict[str, Route]:
+        methods = (
+            self._latest.get(plugin) if version is None else self._versions.get((plugin, version))
+        )
+        if not methods:
+            raise self._not_found(plugin, version, state)
+        return methods
+
+    def _not_found(self, plugin: str, version: str | None, state: str) -> DispatchError:
+        if state != "running":
+            return PluginNotFound(f"the dispatcher is {state}; call it inside 'async with'")
+        wanted = plugin if version is None else f"{plugin}@{version}"
+        known = ", ".join(sorted(f"{p}@{v}" for p, v in self._versions)) or "none"
+        return PluginNotFound(f"no plugin {wanted!r} in the manifest; known: {known}")
+
+    def __getitem__(self, plugin: str) -> dict[str, Route]:
+        """The routes of ``plugin``'s highest version (for tests and debugging)."""
+        return self._latest[plugin]
+
+
+def _version_key(version: str) -> tuple[Sequence[int], bool, str]:
+    core, _, rest = version.partition("+")[0].partition("-")
+    return tuple(int(part) for part in core.split(".")), not rest, rest
