@@ -105,7 +105,8 @@ async def _prepare() -> None:
     """The engine, the base image, the plugin image: each idempotent."""
     await asyncio.to_thread(_engine_and_base_image)
     plugin = _manifest().plugins[0]
-    await DockerProvider().deploy(plugin, plugin.target)
+    async with DockerProvider() as provider:
+        await provider.deployer().apply(plugin, plugin.target)
 
 
 def _engine_and_base_image() -> None:

@@ -1,6 +1,6 @@
 """The docker provider against the real engine: lifecycle, crashes, cleanup, containment.
 
-Images are built once per session with the provider's own ``deploy`` on the base image
+Images are built once per session with the provider's own deployer on the base image
 of ``infra/docker/build-base-image.sh`` (both idempotent; the engine is started by
 ``scripts/start-docker.sh``). Waits poll for a state with a generous bound instead of
 sleeping a fixed time, so a slow, shared 2-core machine makes them slower, not flaky.
@@ -30,6 +30,7 @@ from dispatcher import (
     Dispatcher,
     ManifestError,
     MethodNotFound,
+    PluginError,
     ProviderError,
     TargetUnavailable,
     parse_manifest,
@@ -38,7 +39,9 @@ from providers.docker import LABEL_OWNER, DockerProvider
 from tests.conftest import EXAMPLES, LOCAL_TARGET, ROOT, manifest
 
 ECHO_IMAGE = "linchkit-test/echo:1"
-UNRULY_IMAGE = "linchkit-test/unruly:1"
+# :2 since the plugin learnt ``refuse``: a run of an older tree rebuilding :1 meanwhile
+# must not take the method away.
+UNRULY_IMAGE = "linchkit-test/unruly:2"
 UNRULY_METHODS = (
     "whoami",
     "nap",
@@ -49,6 +52,7 @@ UNRULY_METHODS = (
     "connect",
     "sandbox",
     "sicken",
+    "refuse",
 )
 
 
@@ -98,9 +102,9 @@ def docker_images() -> None:
 
     async def deploy() -> None:
         plugins = manifest(echo_box(), unruly()).plugins
-        provider = DockerProvider()
-        for plugin in plugins:
-            await provider.deploy(plugin, plugin.target)
+        async with DockerProvider() as provider:
+            for plugin in plugins:
+                await provider.deployer().apply(plugin, plugin.target)
 
     asyncio.run(deploy())
 
@@ -112,6 +116,12 @@ def containers(owner: str, *, running_only: bool = False) -> list[str]:
         command.append("-a")
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return output.split()
+
+
+def image_size_mb(tag: str) -> float:
+    """The image's size, asked of the engine by the CLI."""
+    command = ["docker", "image", "inspect", "-f", "{{.Size}}", tag]
+    return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout) / 1e6
 
 
 def socket_folders(pid: int) -> list[Path]:
@@ -337,6 +347,17 @@ async def test_containers_of_a_sigkilled_dispatcher_are_removed_by_the_next() ->
     assert socket_folders(child.pid) == [], "and the dead dispatcher's socket folder"
 
 
+async def test_a_plugin_error_keeps_the_plugins_own_type() -> None:
+    async with Dispatcher(manifest(unruly())) as dispatcher:
+        with pytest.raises(PluginError) as refused:
+            await dispatcher.call("unruly", "refuse", {"reason": "not today"})
+        assert refused.value.remote_type == "Refusal"
+        assert refused.value.message == "not today"
+        assert not refused.value.retryable
+        # The container is fine: a plugin's error is an answer, not a crash.
+        assert (await dispatcher.call("unruly", "whoami"))["uid"] == 65534
+
+
 def test_tcp_transport_needs_host_network_said_in_the_manifest() -> None:
     with pytest.raises(ManifestError, match=r"sandbox\.network: host"):
         parse_manifest(
@@ -414,21 +435,43 @@ async def test_fork_bomb_stops_at_the_pids_limit_while_others_keep_working() -> 
         assert (await dispatcher.call("unruly", "whoami"))["uid"] == 65534
 
 
-def test_cli_deploy_builds_the_docker_image_and_skips_the_rest(tmp_path: Path) -> None:
+def test_cli_deploy_builds_the_docker_image_once_and_skips_the_rest(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from dispatcher.cli import main
 
+    # A context and tag of this test's own, so the first deploy must build and the
+    # removal at the end touches no image another test (or another run) uses.
+    context = tmp_path / "plugin"
+    shutil.copytree(EXAMPLES, context, ignore=shutil.ignore_patterns("__pycache__"))
+    (context / "run.txt").write_text(tmp_path.name)
+    image = f"linchkit-test/echo-cli:{os.getpid()}-{time.monotonic_ns()}"
+    build = {"context": str(context), "entrypoint": "echo_plugin:EchoPlugin"}
     plugins = [
-        echo_box(build={"context": str(EXAMPLES), "entrypoint": "echo_plugin:EchoPlugin"}),
+        echo_box(image=image, build=build),
         {**echo_box(), "id": "in-process", "target": LOCAL_TARGET},
     ]
     file = tmp_path / "plugins.yaml"
     file.write_text(yaml.safe_dump({"version": 1, "plugins": plugins}))
-    result = CliRunner().invoke(main, ["-m", str(file), "deploy"])
-    assert result.exit_code == 0, result.output
-    assert f"echo-box@1.0.0: built {ECHO_IMAGE}" in result.output
-    assert "in-process@1.0.0: local echo_plugin:EchoPlugin: nothing to deploy" in result.output
+
+    def deploy(*options: str) -> str:
+        result = CliRunner().invoke(main, ["-m", str(file), "deploy", *options])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert f"echo-box@1.0.0: docker {image}\n  build image {image}" in deploy("--dry-run")
+    try:
+        built = deploy()
+        assert f"echo-box@1.0.0: built image {image}" in built
+        assert f"echo-box@1.0.0: deployed docker {image}" in built
+        assert "in-process@1.0.0: local echo_plugin:EchoPlugin: nothing to deploy" in built
+        again = deploy()
+        assert f"echo-box@1.0.0: unchanged image {image}" in again, "same inputs: no build"
+        assert f"echo-box@1.0.0: docker {image}: up to date" in again
+    finally:
+        removed = deploy("--remove")
+    assert f"echo-box@1.0.0: removed docker {image}" in removed
+    assert f"echo-box@1.0.0: docker {image}: nothing to remove" in deploy("--remove")
 
 
 @pytest.fixture
@@ -467,9 +510,10 @@ async def test_static_binary_runs_from_scratch_in_the_same_sandbox(
         }
     )
     plugin = plugins.plugins[0]
-    summary = await DockerProvider().deploy(plugin, plugin.target)
-    size_mb = float(summary.split(", ")[1].split(" MB")[0])
-    assert size_mb < 15, f"FROM scratch holds only the binary: {summary}"
+    async with DockerProvider() as provider:
+        await provider.deployer().apply(plugin, plugin.target)
+    size_mb = image_size_mb("linchkit-test/go-echo:1")
+    assert size_mb < 15, f"FROM scratch holds only the binary: {size_mb:.1f} MB"
     async with Dispatcher(plugins) as dispatcher:
         assert await dispatcher.call("go-echo", "echo", {"list": [1, 2]}) == {"list": [1, 2]}
         with pytest.raises(MethodNotFound):

@@ -23,6 +23,10 @@ def _outcome(action: Any) -> dict[str, Any]:
     return {"ok": True}
 
 
+class Refusal(Exception):
+    """The plugin's own error type: the caller should see it by name."""
+
+
 class UnrulyPlugin(Plugin):
     sick = False
 
@@ -32,6 +36,10 @@ class UnrulyPlugin(Plugin):
     async def sicken(self) -> None:
         """From now on, answer /health with 503 while still answering calls."""
         self.sick = True
+
+    async def refuse(self, reason: str) -> None:
+        """Fail the call with the plugin's own error type."""
+        raise Refusal(reason)
 
     async def whoami(self) -> dict[str, Any]:
         """Which container answered: its hostname is the container id's prefix."""

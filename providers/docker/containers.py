@@ -1,0 +1,254 @@
+"""Starting, watching and removing the containers of the provider's pools.
+
+A container is started for a pool when a call needs one (``spawn``) or when the plugin is
+attached with ``min_instances`` (``start``): a socket folder is made and mounted, the
+container created with the sandbox of ``sandbox.py`` and the owner's labels, and the
+plugin's ``GET /health`` polled until ``ready_timeout_s``. A per-container watcher
+(``POST /containers/{id}/wait``) notices a container that dies, fails nothing itself
+(calls in flight fail on their broken connection; the provider reports them with the
+exit code and ``OOMKilled``), removes it, and starts a replacement when the pool falls
+below ``min_instances``. ``retire`` stops and removes one container, ``aclose`` all of
+them, with anything else carrying this dispatcher's label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import shutil
+import socket
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from linchkit_plugin.errors import DispatchError, ProviderError, TargetUnavailable
+from linchkit_plugin.wire import encode_json
+from providers.docker.channel import CHANNELS, Address
+from providers.docker.engine import (
+    LABEL_OWNER,
+    LABEL_PLUGIN,
+    LABEL_SOCKET_DIR,
+    Engine,
+    EngineError,
+    start_failure,
+)
+from providers.docker.pool import Instance, Pool, death_details, death_text
+from providers.docker.sandbox import SOCKET_MOUNT, SOCKET_NAME, container_config
+
+__all__ = ["Containers"]
+
+log = logging.getLogger("dispatcher.providers.docker")
+
+
+class Containers:
+    """The containers of one started provider, on one engine connection."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        socket_root: Path,
+        owner_labels: dict[str, str],
+        clock: Callable[[], float],
+    ) -> None:
+        self.engine = engine
+        self._socket_root = socket_root
+        self._owner_labels = owner_labels
+        self._clock = clock
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def aclose(self, pools: list[Pool]) -> None:
+        """Stop every container of ``pools``, then remove anything left with the owner's
+        label, and close the engine connection."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(self.close_pool(pool) for pool in pools), return_exceptions=True)
+        try:
+            await self.engine.sweep({LABEL_OWNER: self._owner_labels[LABEL_OWNER]})
+        finally:
+            await self.engine.close()
+            shutil.rmtree(self._socket_root, ignore_errors=True)
+
+    def _track(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run ``work`` as a task that ``aclose`` cancels."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def spawn(self, pool: Pool) -> None:
+        pool.starting += 1  # now, not when the task runs: the next waiter must count it
+        self._track(self._start_quietly(pool), f"docker-start {pool.label}")
+
+    async def _start_quietly(self, pool: Pool) -> None:
+        with contextlib.suppress(DispatchError):  # recorded on the pool; waiting calls report it
+            await self.start(pool)
+
+    async def start(self, pool: Pool) -> Instance:
+        """Start one container; the caller has already counted it in ``pool.starting``."""
+        try:
+            instance = await self._run(pool)
+        except Exception as error:
+            failure = (
+                error
+                if isinstance(error, DispatchError)
+                else ProviderError(f"starting a container of {pool.label} failed: {error!r}")
+            )
+            pool.failures += 1
+            pool.last_failure = failure
+            log.warning("starting a container of %s failed: %s", pool.label, failure)
+            if failure is error:
+                raise
+            raise failure from error
+        finally:
+            pool.starting -= 1
+            pool.notify()
+        return instance
+
+    async def _run(self, pool: Pool) -> Instance:
+        engine = self.engine
+        target = pool.target
+        name = f"linchkit-{_slug(pool.plugin.id)}-{secrets.token_hex(4)}"
+        socket_dir: Path | None = None
+        env = {
+            **target.env,
+            "LINCHKIT_PLUGIN_CONFIG": encode_json(pool.plugin.config).decode(),
+            "LINCHKIT_PLUGIN_ID": pool.plugin.id,
+            "LINCHKIT_PLUGIN_VERSION": pool.plugin.version,
+        }
+        if target.transport == "unix":
+            socket_dir = self._socket_root / name
+            socket_dir.mkdir()
+            socket_dir.chmod(0o777)  # the container's user creates the socket; parent is 0700
+            env["LINCHKIT_PLUGIN_UDS"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
+            address = Address(f"{name} of {pool.label}", unix_socket=str(socket_dir / SOCKET_NAME))
+        else:
+            port = target.port or _free_port()
+            env["LINCHKIT_PLUGIN_HOST"] = "127.0.0.1"
+            env["LINCHKIT_PLUGIN_PORT"] = str(port)
+            address = Address(f"{name} of {pool.label}", port=port)
+        channel = CHANNELS[target.protocol](address)
+        config = container_config(target, env, socket_dir)
+        config["Labels"] = {
+            **self._owner_labels,
+            LABEL_PLUGIN: pool.plugin.key,
+            LABEL_SOCKET_DIR: str(socket_dir or ""),
+        }
+        container_id: str | None = None
+        try:
+            try:
+                container_id = await engine.create(config, name)
+                await engine.start(container_id)
+            except EngineError as error:
+                raise start_failure(error, target.image, pool.label) from error
+            instance = Instance(container_id, name, socket_dir, channel, target.stop_timeout_s)
+            await channel.open()
+            instance.watcher = self._track(self._watch(pool, instance), f"docker-watch {name}")
+            pool.instances.append(instance)
+            await self._wait_ready(pool, instance)
+        except BaseException:
+            await channel.aclose()
+            if container_id is not None:
+                pool.instances = [i for i in pool.instances if i.id != container_id]
+                directory = str(socket_dir) if socket_dir else None
+                await asyncio.shield(engine.force_remove(container_id, directory))
+            elif socket_dir is not None:
+                shutil.rmtree(socket_dir, ignore_errors=True)
+            raise
+        instance.state = "ready"
+        instance.last_used = self._clock()
+        log.info("container %s of %s is ready", name, pool.label)
+        return instance
+
+    async def _wait_ready(self, pool: Pool, instance: Instance) -> None:
+        target = pool.target
+        deadline = self._clock() + target.ready_timeout_s
+        delay = 0.01
+        while True:
+            if instance.state == "dead" or instance.death is not None:
+                raise TargetUnavailable(
+                    f"container {instance.name} of {pool.label} exited before it was ready "
+                    f"({death_text(instance.death)}); its last output:\n"
+                    + await self.engine.logs(instance.id),
+                    details=death_details(instance),
+                )
+            health = await instance.channel.health()
+            if health.ok:
+                return
+            if self._clock() >= deadline:
+                raise TargetUnavailable(
+                    f"container {instance.name} of {pool.label} was not healthy within "
+                    f"ready_timeout_s={target.ready_timeout_s} (last probe: {health.detail[:120]}); "
+                    "its last output:\n" + await self.engine.logs(instance.id),
+                    details={"container": instance.id},
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+
+    async def _watch(self, pool: Pool, instance: Instance) -> None:
+        """Wait for the container to stop; if nobody asked it to, record why and replace it."""
+        try:
+            state = await self.engine.wait(instance.id)
+        except EngineError as error:
+            state = {"Error": error.message}
+        except Exception as error:  # the engine's connection broke: treat it as lost
+            state = {"Error": f"lost track of it: {error!r}"}
+        if instance.state == "stopping":
+            return
+        was_ready = instance.state == "ready"
+        instance.state = "dead"
+        instance.death = {
+            "exit_code": state.get("ExitCode"),
+            "oom_killed": bool(state.get("OOMKilled")),
+            "error": state.get("Error") or "",
+        }
+        pool.discard(instance)
+        if not was_ready:
+            return  # _run reports it and removes the container
+        log.warning(
+            "container %s of %s died (%s)", instance.name, pool.label, death_text(instance.death)
+        )
+        if pool.below_minimum():
+            self.spawn(pool)
+        await self.retire(instance, graceful=False)
+
+    async def close_pool(self, pool: Pool) -> None:
+        pool.closed = True
+        pool.notify()
+        instances, pool.instances = pool.instances, []
+        await asyncio.gather(
+            *(self.retire(instance, graceful=True) for instance in instances),
+            return_exceptions=True,
+        )
+
+    async def retire(self, instance: Instance, *, graceful: bool) -> None:
+        """Stop (SIGTERM, then SIGKILL after stop_timeout_s) and remove one container."""
+        if instance.state != "dead":
+            instance.state = "stopping"
+        watcher = instance.watcher
+        if watcher is not None and watcher is not asyncio.current_task():
+            watcher.cancel()
+        await instance.channel.aclose()
+        engine = self.engine
+        if graceful:
+            try:
+                await engine.stop(instance.id, instance.stop_timeout_s)
+            except EngineError as error:
+                log.debug("stopping %s: %s", instance.name, error.message)
+        await engine.force_remove(
+            instance.id, str(instance.socket_dir) if instance.socket_dir else None
+        )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:30] or "plugin"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
