@@ -132,7 +132,11 @@ async def docker_demo() -> None:
     print("\necho-box (docker):")
     manifest = load_manifest(ROOT / "examples" / "docker-plugins.yaml")
     plugin = manifest.plugins[0]
-    show("dispatcher deploy echo-box", await DockerProvider().deploy(plugin, plugin.target))
+    async with DockerProvider() as provider:
+        deployer = provider.deployer()
+        assert deployer is not None
+        plan = await deployer.apply(plugin, plugin.target)
+    show("dispatcher deploy echo-box", plan.render())
     async with Dispatcher(manifest) as dispatcher:
         await attempt(dispatcher, "echo-box", "say", {"text": "cold start"}, caller="demo")
         await attempt(dispatcher, "echo-box", "say", {"text": "warm"}, caller="demo")
