@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
-from dispatcher._routes import Route, RouteTable
+from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
 from dispatcher.policies import PolicyRuntime
 from dispatcher.policies.breaker import StateListener as CircuitListener
@@ -188,11 +188,7 @@ class Dispatcher:
             params = {}
         if route.validate is not None:
             route.validate(params)
-        budget = route.timeout if timeout is None else timeout
-        if budget <= 0:
-            raise DeadlineExceeded(
-                f"{route.plugin}.{route.method} was given no time (timeout={timeout})"
-            )
+        budget = route.timeout if timeout is None else checked_timeout(timeout, route.name)
         # Positional: keyword arguments cost a third more on this, the per-call hot path.
         return Invocation(
             route.plugin,  # plugin
@@ -275,8 +271,7 @@ class Dispatcher:
         target: an event belongs to no method), and ``timeout`` bounds the whole publish.
         """
         wanted = self._routes.version_of(plugin, version, self._state)
-        if not timeout > 0:
-            raise DeadlineExceeded(f"publishing {event!r} to {plugin} was given no time")
+        timeout = checked_timeout(timeout, f"publishing {event!r} to {plugin}")
         invocation = Invocation(
             plugin, wanted, event, data, self._clock() + timeout, new_request_id()
         )

@@ -13,18 +13,38 @@ from typing import Any
 
 from dispatcher.config import DEFAULT_TIMEOUT_MS, PluginSpec
 from dispatcher.policies import Gate, Step
-from linchkit_plugin.errors import DispatchError, InvalidParams, MethodNotFound, PluginNotFound
+from linchkit_plugin.errors import (
+    DeadlineExceeded,
+    DispatchError,
+    InvalidParams,
+    MethodNotFound,
+    PluginNotFound,
+)
 from providers.base import Provider
 from providers.invocation import Invocation
 from providers.target import TargetConfig
 
-__all__ = ["Route", "RouteTable"]
+__all__ = ["MAX_TIMEOUT_SECONDS", "Route", "RouteTable", "checked_timeout"]
+
+#: The longest deadline a call may have: a day. Longer work belongs in an async job, and a
+#: bound keeps ``deadline_ms`` a sane integer on every wire.
+MAX_TIMEOUT_SECONDS = 86_400.0
 
 
 class Route:
     """Everything a call of one method needs, resolved once."""
 
-    __slots__ = ("gate", "invoke", "method", "plugin", "stream", "timeout", "validate", "version")
+    __slots__ = (
+        "gate",
+        "invoke",
+        "method",
+        "name",
+        "plugin",
+        "stream",
+        "timeout",
+        "validate",
+        "version",
+    )
 
     def __init__(
         self,
@@ -38,6 +58,7 @@ class Route:
         self.plugin = plugin.id
         self.version = plugin.version
         self.method = method
+        self.name = f"{plugin.id}.{method}"
         self.timeout = (policies.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
         self.validate = _params_validator(plugin.methods[method].params_schema)
         self.invoke = invoke
@@ -66,7 +87,10 @@ def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | 
     validator = Draft202012Validator(schema)
 
     def validate(params: Any) -> None:
-        error = best_match(validator.iter_errors(params))
+        try:
+            error = best_match(validator.iter_errors(params))
+        except RecursionError:  # the validator recurses once per level of nesting
+            raise InvalidParams("params are nested too deep to validate") from None
         if error is not None:
             where = "params" + "".join(f"[{part!r}]" for part in error.absolute_path)
             raise InvalidParams(
@@ -74,6 +98,19 @@ def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | 
             )
 
     return validate
+
+
+def checked_timeout(timeout: object, what: str) -> float:
+    """``timeout`` in seconds if it is a usable deadline, else the typed error naming it."""
+    if type(timeout) is float or type(timeout) is int:
+        if 0 < timeout <= MAX_TIMEOUT_SECONDS:  # NaN fails both comparisons
+            return float(timeout)
+        if timeout <= 0:
+            raise DeadlineExceeded(f"{what} was given no time (timeout={timeout!r})")
+    raise InvalidParams(
+        f"{what}: timeout must be a number of seconds in (0, {MAX_TIMEOUT_SECONDS:g}],"
+        f" got {timeout!r:.40}"
+    )
 
 
 class RouteTable:

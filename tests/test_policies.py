@@ -217,7 +217,9 @@ def test_rate_100_per_second_burst_10_admits_1010_of_10000_offered_in_10_fake_se
             try:
                 passed += await step(invocation(deadline_in=1.0))
             except RateLimited as error:
-                assert error.retry_after == pytest.approx(0.01)
+                # the time until the next slot frees: a slot every 10 ms at 100/s
+                assert error.retry_after is not None
+                assert 0 <= error.retry_after <= 0.01 + 1e-9
         return passed
 
     try:
@@ -267,7 +269,7 @@ async def test_cache_hits_do_not_use_quota() -> None:
             await dispatcher.call("count", "lookup", {"key": "same"})
         with pytest.raises(RateLimited) as caught:
             await dispatcher.call("count", "lookup", {"key": "other"})
-    assert caught.value.retry_after == pytest.approx(1.0)
+    assert caught.value.retry_after == pytest.approx(1.0, abs=0.05)  # a slot a second
 
 
 # -- circuit breaker --------------------------------------------------------------------

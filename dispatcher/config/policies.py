@@ -89,7 +89,7 @@ class Policies(StrictModel):
     unless it is ``idempotent`` (``pure`` implies ``idempotent``).
     """
 
-    timeout_ms: Annotated[int, Field(gt=0)] | None = None
+    timeout_ms: Annotated[int, Field(gt=0, le=86_400_000)] | None = None
     idempotent: bool | None = None
     pure: bool | None = None
     cache: CachePolicy | None = None

@@ -1,7 +1,8 @@
 """Batching: concurrent calls of one method coalesce into one invocation of the target.
 
 A batch is sent when it holds ``max_size`` calls, ``max_wait_ms`` after its first call,
-or earlier when a call in it would otherwise miss its deadline. Each caller gets its own
+or earlier when a call in it has a tight deadline: no call spends more than a quarter of
+its remaining time waiting, so the target gets the rest. Each caller gets its own
 item's outcome; one failed item fails only its caller; a batch that fails as a whole fails
 each of its callers. The batcher owns its flush tasks: ``aclose`` sends what is queued,
 waits for batches in flight (bounded by their deadlines and a grace period) and fails
@@ -24,6 +25,8 @@ SendBatch = Callable[[Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]
 Waiter = tuple[Invocation, "asyncio.Future[Any]"]
 
 CLOSE_GRACE_SECONDS = 5.0
+#: The share of a call's remaining time it may spend waiting for its batch to fill.
+WAIT_SHARE_OF_DEADLINE = 0.25
 
 
 class Batcher:
@@ -49,9 +52,20 @@ class Batcher:
         self._pending.append((invocation, future))
         if len(self._pending) >= self.max_size:
             self._flush()
-        elif len(self._pending) == 1 or invocation.deadline < self._flush_at:
-            self._schedule(loop, min(loop.time() + self.max_wait, invocation.deadline))
+        else:
+            flush_by = self._latest_flush(loop.time(), invocation.deadline)
+            if len(self._pending) == 1 or flush_by < self._flush_at:
+                self._schedule(loop, flush_by)
         return await future
+
+    def _latest_flush(self, now: float, deadline: float) -> float:
+        """When the batch must go out for a call due at ``deadline`` to make it.
+
+        A call waits at most ``max_wait`` and at most a share of the time it has left, so
+        the target always gets the larger part of a tight deadline; a call joining a
+        waiting batch brings the flush forward if it needs to.
+        """
+        return now + min(self.max_wait, (deadline - now) * WAIT_SHARE_OF_DEADLINE)
 
     def _schedule(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timer is not None:

@@ -43,7 +43,10 @@ class ResultCache:
     def key(self, invocation: Invocation) -> bytes:
         canonical = encode_json(invocation.params, sort_keys=True)
         if self.per_caller:
-            canonical = (invocation.caller or "").encode() + b"\0" + canonical
+            # No caller and an empty caller are different callers: mark which one it is.
+            caller = invocation.caller
+            scope = b"\0" if caller is None else b"\1" + caller.encode()
+            canonical = scope + b"\0" + canonical
         return hashlib.blake2b(canonical, digest_size=16).digest()
 
     def invalidate(self) -> int:

@@ -32,6 +32,16 @@ def new_limiter(limit: RateLimit) -> AsyncLimiter:
     return AsyncLimiter(limit.capacity, limit.capacity / limit.rate)
 
 
+def _seconds_until_room(bucket: AsyncLimiter) -> float:
+    """How long until ``bucket`` has room for one more call (after ``has_capacity``).
+
+    aiolimiter computes the same figure to wake its own waiters but does not expose it;
+    its level and leak rate are read here, after ``has_capacity`` brought them up to date.
+    """
+    excess = bucket._level + 1 - bucket.max_rate
+    return max(excess / bucket._rate_per_sec, 0.0)
+
+
 class Limit:
     """One configured limit and its bucket(s)."""
 
@@ -39,7 +49,6 @@ class Limit:
         self.name = name
         self.spec = spec
         self.reject = spec.mode == "reject"
-        self.retry_after = 1 / spec.rate
         self._single = (
             shared
             if shared is not None
@@ -73,7 +82,7 @@ class Limit:
             self.rejected += 1
             raise RateLimited(
                 f"{self.name} is over its limit of {self.spec.rate:g}/s ({self.spec.scope})",
-                retry_after=self.retry_after,
+                retry_after=_seconds_until_room(bucket),
             )
         self.waited += 1
         remaining = invocation.remaining()
@@ -85,7 +94,7 @@ class Limit:
             raise RateLimited(
                 f"{self.name}: queued {remaining * 1000:.0f} ms for its {self.spec.rate:g}/s limit "
                 "and the deadline passed",
-                retry_after=self.retry_after,
+                retry_after=0.0 if bucket.has_capacity() else _seconds_until_room(bucket),
             ) from None
 
     def __repr__(self) -> str:

@@ -7,6 +7,7 @@ form). The JSON Schema of the same shapes is ``proto/envelope.schema.json``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +32,31 @@ def encode_json(value: Any, *, sort_keys: bool = False) -> bytes:
     """``value`` as JSON bytes; anything JSON cannot carry is the caller's ``InvalidParams``.
 
     Every path that puts params on a wire (or keys a cache by them) encodes here, so what
-    counts as valid params is decided once.
+    counts as valid params is decided once: no NaN or infinity (orjson would write them
+    as ``null``, silently changing the call), no nesting over 255 levels, no objects JSON
+    has no form for.
     """
     try:
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
+        data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
     except TypeError as error:
         raise InvalidParams(f"params must be JSON-serializable: {error}") from None
+    if b"null" in data:  # where NaN or infinity went, if there were any: look only then
+        _refuse_non_finite(value)
+    return data
+
+
+def _refuse_non_finite(value: Any) -> None:
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise InvalidParams(f"params must be JSON: {value!r} is not a JSON number")
+    elif isinstance(value, dict):
+        for item in value.values():
+            _refuse_non_finite(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _refuse_non_finite(item)
+    elif isinstance(value, float) and not math.isfinite(value):  # float subclasses
+        raise InvalidParams(f"params must be JSON: {value!r} is not a JSON number")
 
 
 def decode_response(payload: Any) -> Any:

@@ -1,0 +1,101 @@
+"""Odd timeouts, params that are not JSON, hostile nesting, tight deadlines in a batch,
+caller scopes and rate-limit hints: each gets a typed, truthful answer.
+
+Against the example plugin in-process and served over HTTP by the SDK (real servers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import pytest
+
+from dispatcher import DeadlineExceeded, Dispatcher, InvalidParams, RateLimited
+from tests.conftest import LOCAL_TARGET, echo_plugin, manifest
+
+ODD_TIMEOUTS = [float("inf"), float("-inf"), float("nan"), 1e300, 10**30, True, "1"]
+NOT_JSON_NUMBERS = [float("nan"), float("inf"), float("-inf")]
+
+
+def deeply_nested(depth: int) -> Any:
+    params: Any = "bottom"
+    for _ in range(depth):
+        params = {"text": params}
+    return params
+
+
+@pytest.fixture(params=["local", "http"])
+async def dispatcher(request: pytest.FixtureRequest, echo_url: str) -> Any:
+    target = LOCAL_TARGET if request.param == "local" else {"provider": "http", "url": echo_url}
+    async with Dispatcher(manifest(echo_plugin("echo", target))) as started:
+        yield started
+
+
+@pytest.mark.parametrize("timeout", ODD_TIMEOUTS, ids=repr)
+async def test_an_odd_timeout_is_refused_by_name(dispatcher: Dispatcher, timeout: Any) -> None:
+    with pytest.raises((InvalidParams, DeadlineExceeded), match="timeout"):
+        await dispatcher.call("echo", "say", {"text": "hi"}, timeout=timeout)
+
+
+@pytest.mark.parametrize("number", NOT_JSON_NUMBERS, ids=repr)
+async def test_nan_and_infinity_in_params_are_invalid(
+    dispatcher: Dispatcher, number: float
+) -> None:
+    with pytest.raises(InvalidParams, match="JSON"):
+        await dispatcher.call("echo", "say", {"text": [1.5, {"deep": number}]})
+
+
+async def test_json_null_and_ordinary_floats_still_pass(dispatcher: Dispatcher) -> None:
+    result = await dispatcher.call("echo", "say", {"text": [None, 1.5, -0.0, 1e300]})
+    assert result["text"] == [None, 1.5, -0.0, 1e300]
+
+
+async def test_nesting_too_deep_is_invalid_params(dispatcher: Dispatcher) -> None:
+    with pytest.raises(InvalidParams):
+        await dispatcher.call("echo", "say", deeply_nested(2_000))
+
+
+async def test_nesting_too_deep_for_the_schema_validator_is_invalid_params() -> None:
+    schema = {"type": "object", "properties": {"text": {"$ref": "#"}}}
+    plugin = echo_plugin("echo", LOCAL_TARGET, methods={"say": {"params_schema": schema}})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        with pytest.raises(InvalidParams, match="deep"):
+            await dispatcher.call("echo", "say", deeply_nested(2_000))
+
+
+async def test_a_call_whose_deadline_is_shorter_than_the_batch_window_is_sent(
+    echo_url: str,
+) -> None:
+    batch = {"batch": {"max_size": 100, "max_wait_ms": 2_000}}
+    plugin = echo_plugin("echo", {"provider": "http", "url": echo_url}, methods={"say": batch})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        alone = await dispatcher.call("echo", "say", {"text": "alone"}, timeout=0.5)
+        first = asyncio.create_task(dispatcher.call("echo", "say", {"text": "slow"}, timeout=10))
+        await asyncio.sleep(0.05)  # the batch window is open, waiting for more
+        joined = await dispatcher.call("echo", "say", {"text": "hurried"}, timeout=0.5)
+        assert (alone["text"], joined["text"]) == ("alone", "hurried")
+        assert (await first)["text"] == "slow"
+
+
+async def test_per_caller_cache_keeps_no_caller_and_empty_caller_apart() -> None:
+    methods = {"say": {"pure": True, "cache": {"ttl_ms": 60_000, "per_caller": True}}}
+    async with Dispatcher(manifest(echo_plugin("echo", LOCAL_TARGET, methods=methods))) as d:
+        nobody = await d.call("echo", "say", {"text": "x"}, caller=None)
+        empty = await d.call("echo", "say", {"text": "x"}, caller="")
+        assert (nobody["caller"], empty["caller"]) == (None, "")
+
+
+async def test_rate_limited_says_how_long_until_a_slot_frees() -> None:
+    limit = {"rate": 1, "burst": 1, "mode": "reject"}
+    plugin = echo_plugin("echo", LOCAL_TARGET, methods={"say": {"rate_limit": limit}})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        await dispatcher.call("echo", "say", {"text": "x"})
+        await asyncio.sleep(0.4)
+        with pytest.raises(RateLimited) as refused:
+            await dispatcher.call("echo", "say", {"text": "x"})
+    retry_after = refused.value.retry_after
+    assert retry_after is not None
+    assert 0 < retry_after <= 0.65, retry_after  # 1 s for the slot, 0.4 s already gone
+    assert not math.isclose(retry_after, 1.0)
