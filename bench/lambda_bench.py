@@ -11,13 +11,21 @@ endpoint, with and without the dispatcher on top of aiobotocore.
     python -m bench lambda                  # through the harness (make bench runs all)
     (needs Docker and the runtime image: `make lambda-runtime`)
 
-Keys (milliseconds unless named ``_per_s``):
+Keys (milliseconds unless named ``_per_s`` or ``_bytes``):
+    lambda_zip_bytes                                 the example plugin's deploy zip
+    lambda_cold_start_ms                             = lambda_cold_ms_dispatcher: what a
+                                                     caller waits for a new environment
     lambda_cold_ms_{dispatcher,aiobotocore}          median first invoke on a new environment
     lambda_warm_p50_ms_{dispatcher,aiobotocore}      warm invoke latency, sequential
     lambda_warm_p99_ms_{dispatcher,aiobotocore}
     lambda_unbatched_calls_per_s                     64 calls, one invoke each, 4 at a time
     lambda_batched_calls_per_s                       64 calls, one batch-envelope invoke
     lambda_unbatched_cold_starts                     cold starts during the unbatched run (0)
+
+``lambda_zip_bytes_before`` and ``lambda_cold_start_ms_before`` in ``results.json`` are the
+same two figures for commit 7da37ab, whose zip vendored the whole host (``dispatcher``,
+``providers`` and their dependency tree): measured once, with this file's method and
+``--rounds 7``, from a worktree of that commit; this benchmark does not write them.
 """
 
 from __future__ import annotations
@@ -82,7 +90,8 @@ async def run(options: Any = None) -> dict[str, float]:
     from dispatcher import Dispatcher, Invocation
     from dispatcher.testing.lambda_kit import FAKE_CREDENTIALS, deploy_manifest
     from dispatcher.testing.local_lambda import LocalLambda
-    from providers.aws_lambda import LambdaProvider
+    from providers.aws_lambda import LambdaProvider, LambdaTarget
+    from providers.aws_lambda.package import build_package
     from providers.invocation import new_request_id
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
@@ -95,7 +104,10 @@ async def run(options: Any = None) -> dict[str, float]:
     try:
         async with LocalLambda(f"http://{host}:{port}", max_environments=8) as local:
             manifest = await deploy_manifest(_manifest(), local.url, base_dir=ROOT)
-            target = manifest.plugins[0].target
+            plugin = manifest.plugins[0]
+            target = plugin.target
+            assert isinstance(target, LambdaTarget)
+            results["lambda_zip_bytes"] = float(len(build_package(plugin, target).zip_bytes))
             async with Dispatcher(manifest) as dispatcher, LambdaProvider() as provider:
                 client = await provider.client(target)
 
@@ -132,6 +144,7 @@ async def run(options: Any = None) -> dict[str, float]:
                         cold[name].append((time.perf_counter() - started) * 1000)
                 for name, values in cold.items():
                     results[f"lambda_cold_ms_{name}"] = round(statistics.median(values), 1)
+                results["lambda_cold_start_ms"] = results["lambda_cold_ms_dispatcher"]
 
                 # Warm: the same environment, sequential calls, interleaved paths.
                 warm: dict[str, list[float]] = {name: [] for name in paths}

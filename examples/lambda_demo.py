@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dispatcher import Dispatcher, DispatchError, Invocation  # noqa: E402
-from dispatcher.deploy import Step  # noqa: E402
 from dispatcher.testing.lambda_kit import FAKE_CREDENTIALS, deploy_manifest  # noqa: E402
 from dispatcher.testing.local_lambda import LocalLambda  # noqa: E402
+from providers.deploy import Step  # noqa: E402
 
 MANIFEST: dict[str, Any] = {
     "version": 1,

@@ -1,6 +1,7 @@
 """``dispatcher deploy`` against moto's control plane, the deployed code run by the real runtime.
 
-Also checks that ``infra/lambda/`` (the IAM policy and the SAM template) agrees with what
+Deploys go through the seam the CLI uses: ``LambdaProvider().deployer()`` (plan, apply,
+remove). Also checks that ``infra/lambda/`` (the IAM policy and the SAM template) agrees with what
 deploy does.
 """
 
@@ -19,10 +20,10 @@ import pytest_asyncio
 import yaml
 
 from dispatcher import Dispatcher, parse_manifest
-from dispatcher.deploy import deploy_plugin, deploy_targets
 from dispatcher.testing.lambda_kit import create_role, point_at, reset_moto
 from dispatcher.testing.local_lambda import LocalLambda
-from providers.aws_lambda import LambdaProvider
+from providers.aws_lambda import LambdaDeployer, LambdaProvider
+from providers.deploy import Plan, Step
 from tests.conftest import ROOT
 from tests.lambda_support import ROLE, echo_lambda_manifest
 
@@ -44,27 +45,49 @@ def manifest_for(local: LocalLambda, function_name: str, **options: Any) -> Any:
     return parse_manifest(document, base_dir=ROOT)
 
 
-def actions(steps: list[Any]) -> dict[str, str]:
-    return {step.name: step.action for step in steps}
+def actions(plan: Plan) -> dict[str, str]:
+    """Each step's action by the kind of resource it changes (``function``, ``alias`` …)."""
+    return {step.resource.partition(" ")[0]: step.action for step in plan.steps}
+
+
+def details(plan: Plan, kind: str) -> list[str]:
+    return [step.detail for step in plan.steps if step.resource.partition(" ")[0] == kind]
+
+
+async def deploy(
+    manifest: Any, *, dry_run: bool = False, remove: bool = False, progress: Any = None
+) -> Plan:
+    """What ``dispatcher deploy`` does for the manifest's one plugin, through the seam."""
+    [plugin] = manifest.plugins
+    provider = LambdaProvider()
+    deployer = provider.deployer()
+    assert isinstance(deployer, LambdaDeployer)
+    async with provider:
+        if dry_run:
+            return await deployer.plan(plugin, plugin.target)
+        if remove:
+            return await deployer.remove(plugin, plugin.target, progress)
+        return await deployer.apply(plugin, plugin.target, progress)
 
 
 async def test_deploying_twice_changes_nothing_the_second_time(local: LocalLambda) -> None:
     manifest = manifest_for(local, "deploy-twice")
-    first = await deploy_targets(manifest)
-    assert actions(first[0].steps) == {
-        "package": "built",
-        "function": "create",
-        "active": "waited",
-        "version": "published",
-        "alias": "create",
-    }
-    second = await deploy_targets(manifest)
-    assert not second[0].changed
-    assert actions(second[0].steps) == {
-        "package": "built",
+    reported: list[Step] = []
+    first = await deploy(manifest, progress=reported.append)
+    assert first.changes
+    assert list(first.steps) == reported  # each step went to progress as it ended
+    assert actions(first) == {"function": "create", "version": "publish", "alias": "create"}
+    assert [step.resource for step in first.steps] == [
+        "function deploy-twice",
+        "version deploy-twice",
+        "alias deploy-twice:live",
+    ]
+    assert details(first, "alias") == ["→ 1"]
+    second = await deploy(manifest)
+    assert not second.changes
+    assert actions(second) == {
         "code": "unchanged",
-        "config": "unchanged",
-        "active": "waited",
+        "configuration": "unchanged",
         "version": "unchanged",
         "alias": "unchanged",
     }
@@ -76,14 +99,15 @@ async def test_deploying_twice_changes_nothing_the_second_time(local: LocalLambd
 async def test_a_changed_config_publishes_a_version_and_moves_the_alias(
     local: LocalLambda,
 ) -> None:
-    await deploy_targets(manifest_for(local, "deploy-change"))
+    await deploy(manifest_for(local, "deploy-change"))
     changed = manifest_for(local, "deploy-change", greeting="changed")
-    steps = (await deploy_targets(changed))[0].steps
-    assert actions(steps)["code"] == "unchanged"
-    assert actions(steps)["config"] == "update"
-    assert [step.detail for step in steps if step.name == "config"] == ["Environment"]
-    assert actions(steps)["version"] == "published"
-    assert [step.detail for step in steps if step.name == "alias"] == ["live: 1 → 2"]
+    plan = await deploy(changed)
+    assert actions(plan)["code"] == "unchanged"
+    assert actions(plan)["configuration"] == "update"
+    assert details(plan, "configuration") == ["Environment"]
+    assert actions(plan)["version"] == "publish"
+    assert details(plan, "alias") == ["1 → 2"]
+    assert actions(plan)["alias"] == "move"
     async with Dispatcher(changed) as dispatcher:
         answer = await dispatcher.call("echo-lambda", "say", {"text": "hi"})
     assert answer["greeting"] == "changed"
@@ -91,19 +115,45 @@ async def test_a_changed_config_publishes_a_version_and_moves_the_alias(
 
 async def test_a_dry_run_shows_the_plan_and_changes_nothing(local: LocalLambda) -> None:
     manifest = manifest_for(local, "deploy-dry")
-    steps = (await deploy_targets(manifest, dry_run=True))[0].steps
-    assert actions(steps) == {
-        "package": "built",
-        "function": "would create",
-        "active": "would wait",
-        "version": "would publish",
-        "alias": "would create",
-    }
+    plan = await deploy(manifest, dry_run=True)
+    assert actions(plan) == {"function": "create", "version": "publish", "alias": "create"}
+    assert plan.changes
+    assert "Handler: linchkit_handler.handler" in plan.document
     target = manifest.plugins[0].target
     async with LambdaProvider() as provider:
         health = await provider.health(target)
     assert health.status == "not_serving"
     assert "does not exist" in health.detail
+    # Planned against what is live: after a deploy, the plan of the same is all unchanged.
+    await deploy(manifest)
+    again = await deploy(manifest, dry_run=True)
+    assert not again.changes
+    assert set(actions(again).values()) == {"unchanged"}
+    moved = await deploy(manifest_for(local, "deploy-dry", greeting="planned"), dry_run=True)
+    assert actions(moved)["configuration"] == "update"
+    assert actions(moved)["alias"] == "move"
+    async with Dispatcher(manifest) as dispatcher:  # the plan wrote nothing
+        answer = await dispatcher.call("echo-lambda", "say", {"text": "hi"})
+    assert answer["greeting"] == "from lambda"
+
+
+async def test_remove_deletes_what_apply_created(local: LocalLambda) -> None:
+    manifest = manifest_for(local, "deploy-remove")
+    await deploy(manifest)
+    await deploy(manifest_for(local, "deploy-remove", greeting="second"))
+    reported: list[Step] = []
+    removed = await deploy(manifest, remove=True, progress=reported.append)
+    assert [step.render() for step in removed.steps] == [
+        "delete alias deploy-remove:live",
+        "delete function deploy-remove (versions 1, 2)",
+    ]
+    assert list(removed.steps) == reported
+    async with LambdaProvider() as provider:
+        health = await provider.health(manifest.plugins[0].target)
+    assert "does not exist" in health.detail
+    nothing = await deploy(manifest, remove=True)
+    assert nothing.steps == ()
+    assert not nothing.changes
 
 
 async def test_deploy_calls_exactly_the_actions_of_the_iam_policy(local: LocalLambda) -> None:
@@ -112,20 +162,26 @@ async def test_deploy_calls_exactly_the_actions_of_the_iam_policy(local: LocalLa
     def record(model: Any, **_: Any) -> None:
         called.add(f"lambda:{model.name}")
 
-    # A first deploy (create) and one that changes code and configuration: every path.
+    # A first deploy (create), one that changes code and configuration, a plan and a
+    # removal: every path.
     first = manifest_for(local, "echo-plugin")
     second = manifest_for(local, "echo-plugin", greeting="other")
-    async with LambdaProvider() as provider:
+    provider = LambdaProvider()
+    deployer = provider.deployer()
+    async with provider:
         client = await provider.client(first.plugins[0].target)
         client.meta.events.register("before-call.lambda.*", record)
         plugin = first.plugins[0]
-        await deploy_plugin(provider, plugin, plugin.target)
+        await deployer.apply(plugin, plugin.target)
         # One more vendored distribution changes the code; the greeting, the config.
         settings = second.plugins[0].target.deploy.model_copy(
             update={"requirements": ["packaging"]}
         )
         changed_target = second.plugins[0].target.model_copy(update={"deploy": settings})
-        await deploy_plugin(provider, second.plugins[0], changed_target)
+        assert actions(await deployer.plan(second.plugins[0], changed_target))["code"] == "update"
+        changed = await deployer.apply(second.plugins[0], changed_target)
+        assert actions(changed)["code"] == "update"
+        await deployer.remove(plugin, plugin.target)
     policy = json.loads((INFRA / "deploy-policy.json").read_text())
     lambda_statement, pass_role = policy["Statement"]
     assert set(lambda_statement["Action"]) == called
@@ -155,10 +211,15 @@ async def test_the_cli_deploys_then_reports_up_to_date(local: LocalLambda, tmp_p
         return output.decode()
 
     planned = await run("--dry-run")
-    assert "echo-lambda@1.0.0: function  would create" in planned
-    assert "lambda deploy-cli:live (us-east-1): would change" in planned
+    assert "echo-lambda@1.0.0: lambda deploy-cli:live (us-east-1)\n" in planned
+    assert "  create function deploy-cli (python3.11, " in planned
+    assert "  Handler: linchkit_handler.handler" in planned
     done = await run()
-    assert "echo-lambda@1.0.0: alias     create           live → 1" in done
-    assert "echo-lambda@1.0.0: lambda deploy-cli:live (us-east-1): deployed" in done
+    assert "echo-lambda@1.0.0: create alias deploy-cli:live (→ 1)" in done
+    assert "echo-lambda@1.0.0: deployed lambda deploy-cli:live (us-east-1)" in done
     again = await run()
-    assert "up to date: nothing changed" in again
+    assert "echo-lambda@1.0.0: lambda deploy-cli:live (us-east-1): up to date" in again
+    removed = await run("--remove")
+    assert "echo-lambda@1.0.0: delete function deploy-cli (versions 1)" in removed
+    assert "echo-lambda@1.0.0: removed lambda deploy-cli:live (us-east-1)" in removed
+    assert "nothing to remove" in await run("--remove")

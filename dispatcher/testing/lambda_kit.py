@@ -1,9 +1,10 @@
 """Test kit for plugin authors: your plugin deployed to a local Lambda, called through a Dispatcher.
 
-(``dispatcher.testing.lambda_kit``, registered as the ``dispatcher`` pytest plugin.)
+(``dispatcher.testing.lambda_kit``, a pytest plugin you opt into.)
 
-A pytest plugin, loaded automatically once ``linchkit-dispatcher[dev]`` (or ``[lambda]``
-plus ``moto[server]``) is installed. In your tests::
+It needs ``linchkit-dispatcher[lambda]`` plus ``moto[server]`` (both in ``[dev]``) and is
+not loaded automatically: add ``pytest_plugins = ["dispatcher.testing.lambda_kit"]`` to
+your ``conftest.py``, or run ``pytest -p dispatcher.testing.lambda_kit``. In your tests::
 
     async def test_my_plugin_on_lambda(lambda_dispatcher):
         assert await lambda_dispatcher.call("my-plugin", "say", {"text": "hi"}) == ...
@@ -11,7 +12,8 @@ plus ``moto[server]``) is installed. In your tests::
 ``lambda_dispatcher`` reads your manifest (``plugins.yaml`` in the rootdir, or override
 the ``lambda_manifest`` fixture), points every ``provider: lambda`` target at a local
 Lambda, creates the execution roles its ``deploy`` settings name, deploys each Lambda
-plugin with ``dispatcher deploy``'s own code, and yields a started ``Dispatcher``.
+plugin with ``dispatcher deploy``'s own code (``LambdaProvider().deployer()``), and
+yields a started ``Dispatcher``.
 
 The local Lambda is real: moto's server (``ThreadedMotoServer``) keeps functions,
 versions and aliases, and your handler runs in the AWS Lambda runtime (``awslambdaric``
@@ -35,8 +37,8 @@ import pytest
 if TYPE_CHECKING:
     from dispatcher._dispatcher import Dispatcher
     from dispatcher.config import Manifest
-    from dispatcher.deploy import Step
     from dispatcher.testing.local_lambda import LocalLambda
+    from providers.deploy import Step
 
 __all__ = [
     "FAKE_CREDENTIALS",
@@ -124,7 +126,7 @@ async def reset_moto(url: str) -> None:
 async def create_role(url: str, name: str, *, region: str = "us-east-1") -> str:
     """Create (or find) the IAM role ``name`` in moto; returns its ARN.
 
-    A plain IAM Query request: the vendor SDK stays in ``providers/aws_lambda.py``.
+    A plain IAM Query request: the vendor SDK stays in ``providers/aws_lambda/client.py``.
     """
     import aiohttp
 
@@ -176,7 +178,6 @@ async def deploy_manifest(
     its lambda targets pointed at ``endpoint_url``, ready for a ``Dispatcher``.
     """
     from dispatcher.config import parse_manifest
-    from dispatcher.deploy import deploy_plugin
     from providers.aws_lambda import LambdaProvider, LambdaTarget
 
     if isinstance(source, Path):
@@ -186,7 +187,9 @@ async def deploy_manifest(
         data = source
     manifest = parse_manifest(point_at(data, endpoint_url), base_dir=base_dir)
     roles: set[str] = set()
-    async with LambdaProvider() as provider:
+    provider = LambdaProvider()
+    deployer = provider.deployer()
+    async with provider:
         for plugin in manifest.plugins:
             for target in plugin.targets():
                 if not isinstance(target, LambdaTarget) or target.deploy is None:
@@ -196,7 +199,7 @@ async def deploy_manifest(
                     # The local Lambda passes IAM requests through to moto.
                     await create_role(endpoint_url, role)
                     roles.add(role)
-                await deploy_plugin(provider, plugin, target, progress=progress)
+                await deployer.apply(plugin, target, progress)
     return manifest
 
 

@@ -1,24 +1,20 @@
-"""``dispatcher deploy``: package a Python plugin and make it a Lambda function behind an alias.
+"""The function ``dispatcher deploy`` makes: its zip (``build_package``) and configuration.
 
-The steps, each reported as it ends (``Step``):
+The zip holds, and only holds, what the handler runs:
 
-1. **package** — a zip of the plugin's folder, a generated ``linchkit_handler.py``
-   (``handler = lambda_handler(Plugin)``), the ``dispatcher`` SDK and the installed files of
-   every distribution it needs (and the target's ``requirements``), taken from the running
-   environment: offline, and the same wheels the tests ran against. The zip is
-   byte-for-byte reproducible (sorted entries, fixed timestamps), so its ``CodeSha256``
-   changes only when the code does: that is what makes a second deploy a no-op.
-2. **function** — create the function, or update its code and/or configuration where they
-   differ from what is deployed;
-3. **active** — wait until it is ``Active`` and its last update ``Successful``;
-4. **version** — publish a version, unless the newest version already has this code and
-   configuration;
-5. **alias** — create the alias or move it to that version.
+* the plugin's folder (``deploy.path``) or module;
+* ``linchkit_handler.py``, generated: ``handler = lambda_handler(Plugin)``;
+* the plugin SDK ``linchkit_plugin``: the modules ``linchkit_plugin.aws_lambda`` loads at
+  import (found by reading their ``import`` lines), so neither the gRPC code (``_proto``,
+  ``grpc_server``) nor the other servers go with it;
+* the installed files of the SDK's own requirements (``orjson``) and of the target's
+  ``requirements``, with theirs, taken from the running environment: offline, and the
+  same wheels the tests ran against.
 
-The Lambda API calls live in the provider (``providers/aws_lambda.py``, the one module
-that knows aiobotocore); this module decides what to do and packages the code.
-``infra/lambda/`` holds the same function as CloudFormation and the IAM policy the
-deploying identity needs; ``tests/test_lambda_deploy.py`` checks the three agree.
+Never the host (``dispatcher``, ``providers``) nor its dependencies: a plugin on Lambda is
+called by a dispatcher, it is not one. The zip is byte-for-byte reproducible (sorted
+entries, fixed timestamps), so its ``CodeSha256`` changes only when the code does: that is
+what makes a second deploy a no-op.
 
 Vendoring from the running environment assumes it matches Lambda's: Linux x86_64,
 CPython 3.11 (``runtime: python3.11``); deploy refuses to package from anything else.
@@ -26,6 +22,7 @@ CPython 3.11 (``runtime: python3.11``); deploy refuses to package from anything 
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import importlib.metadata
@@ -34,56 +31,34 @@ import io
 import platform
 import sys
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import orjson
+from typing import Any
 
 from linchkit_plugin.aws_lambda import CONFIG_ENVIRONMENT_VARIABLE
 from linchkit_plugin.errors import ProviderError
-
-if TYPE_CHECKING:
-    from dispatcher.config import Manifest, PluginSpec
-    from providers.aws_lambda import LambdaDeploySettings, LambdaProvider, LambdaTarget
+from linchkit_plugin.wire import encode_json
+from providers.aws_lambda.target import LambdaDeploySettings, LambdaTarget
+from providers.target import PluginInfo
 
 __all__ = [
     "HANDLER",
-    "Deployment",
+    "SDK_ENTRY",
     "FunctionSpec",
     "Package",
-    "Step",
     "build_package",
-    "deploy_plugin",
-    "deploy_targets",
+    "describe_function",
     "function_spec",
+    "settings_of",
 ]
 
 HANDLER = "linchkit_handler.handler"
-SDK_DISTRIBUTION = "linchkit-dispatcher"
-# Packages of this repository that the SDK imports (``import dispatcher`` loads both).
-SDK_PACKAGES = ("dispatcher", "providers")
+#: The SDK module the generated handler imports; the zip carries what it needs.
+SDK_ENTRY = "linchkit_plugin.aws_lambda"
+SDK_DISTRIBUTION = "linchkit-plugin"
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 _SKIPPED_PARTS = frozenset({"__pycache__", ".pytest_cache", ".mypy_cache", ".git"})
-
-Progress = Callable[["Step"], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One step of a deploy: what it did (or, with ``--dry-run``, would do)."""
-
-    name: str
-    action: str  # created, updated, unchanged, published, moved, waited, built, would …
-    detail: str = ""
-
-    @property
-    def changed(self) -> bool:
-        return self.action not in ("unchanged", "built", "waited")
-
-    def render(self) -> str:
-        return f"{self.name:<9} {self.action:<16} {self.detail}".rstrip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +72,13 @@ class Package:
     def code_sha256(self) -> str:
         """``CodeSha256`` as Lambda reports it: base64 of the SHA-256 of the zip."""
         return base64.b64encode(hashlib.sha256(self.zip_bytes).digest()).decode("ascii")
+
+    def names(self) -> list[str]:
+        with zipfile.ZipFile(io.BytesIO(self.zip_bytes)) as archive:
+            return archive.namelist()
+
+    def describe(self) -> str:
+        return f"{len(self.zip_bytes) / 1e6:.2f} MB, {self.files} files"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,13 +122,23 @@ class FunctionSpec:
         return changed
 
 
-def function_spec(plugin: PluginSpec[Any], target: LambdaTarget) -> FunctionSpec:
+def settings_of(plugin: PluginInfo, target: LambdaTarget) -> LambdaDeploySettings:
+    """The target's deploy settings; a ``ProviderError`` saying what to add if it has none."""
+    if target.deploy is None:
+        raise ProviderError(
+            f"{plugin.key}: the lambda target {target.function_name} has no 'deploy' settings "
+            "(role, entrypoint, path); add them to deploy it"
+        )
+    return target.deploy
+
+
+def function_spec(plugin: PluginInfo, target: LambdaTarget) -> FunctionSpec:
     """The configuration ``deploy`` gives the function behind ``target``."""
-    settings = _settings(plugin, target)
+    settings = settings_of(plugin, target)
     environment = dict(settings.environment)
     if plugin.config:
-        environment[CONFIG_ENVIRONMENT_VARIABLE] = orjson.dumps(
-            plugin.config, option=orjson.OPT_SORT_KEYS
+        environment[CONFIG_ENVIRONMENT_VARIABLE] = encode_json(
+            plugin.config, sort_keys=True
         ).decode()
     return FunctionSpec(
         name=target.function_name,
@@ -162,18 +154,29 @@ def function_spec(plugin: PluginSpec[Any], target: LambdaTarget) -> FunctionSpec
     )
 
 
-def build_package(plugin: PluginSpec[Any], target: LambdaTarget) -> Package:
+def describe_function(spec: FunctionSpec, package: Package) -> str:
+    """The function ``deploy`` makes, as text (the plan's document), without asking AWS."""
+    configuration = spec.configuration()
+    variables = sorted(configuration.pop("Environment")["Variables"])
+    lines = [f"function {spec.name} ({spec.architecture})"]
+    lines += [f"  {key}: {value}" for key, value in configuration.items()]
+    lines.append(f"  Environment: {', '.join(variables) or '-'}")
+    lines.append(f"  CodeSha256: {package.code_sha256} ({len(package.zip_bytes)} bytes)")
+    lines.append(f"  alias {spec.alias} → the version published from it")
+    return "\n".join(lines)
+
+
+def build_package(plugin: PluginInfo, target: LambdaTarget) -> Package:
     """The reproducible zip for ``plugin`` (see the module docstring)."""
-    settings = _settings(plugin, target)
+    settings = settings_of(plugin, target)
     _check_platform(settings.runtime)
     entries: dict[str, bytes] = {}
     module, _, attribute = settings.entrypoint.partition(":")
     for name, content in _plugin_files(module, settings.path):
         entries[name] = content
-    for package in SDK_PACKAGES:
-        for name, content in _package_files(package):
-            entries.setdefault(name, content)
-    for distribution in _closure([SDK_DISTRIBUTION, *settings.requirements]):
+    for name, content in _sdk_files():
+        entries.setdefault(name, content)
+    for distribution in _closure([*_sdk_requirements(), *settings.requirements]):
         for name, content in _distribution_files(distribution):
             entries.setdefault(name, content)
     entries[HANDLER.partition(".")[0] + ".py"] = _handler_source(module, attribute)
@@ -185,45 +188,6 @@ def build_package(plugin: PluginSpec[Any], target: LambdaTarget) -> Package:
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, entries[name])
     return Package(buffer.getvalue(), len(entries))
-
-
-async def deploy_plugin(
-    provider: LambdaProvider,
-    plugin: PluginSpec[Any],
-    target: LambdaTarget,
-    *,
-    dry_run: bool = False,
-    progress: Progress | None = None,
-) -> list[Step]:
-    """Package ``plugin`` and make the function behind ``target`` run it; idempotent."""
-    steps: list[Step] = []
-
-    def report(step: Step) -> None:
-        steps.append(step)
-        if progress is not None:
-            progress(step)
-
-    package = build_package(plugin, target)
-    report(
-        Step(
-            "package",
-            "built",
-            f"{len(package.zip_bytes) / 1e6:.1f} MB, {package.files} files, "
-            f"sha256 {package.code_sha256[:12]}…",
-        )
-    )
-    spec = function_spec(plugin, target)
-    await provider.apply_function(target, spec, package, dry_run=dry_run, report=report)
-    return steps
-
-
-def _settings(plugin: PluginSpec[Any], target: LambdaTarget) -> LambdaDeploySettings:
-    if target.deploy is None:
-        raise ProviderError(
-            f"{plugin.key}: the lambda target {target.function_name} has no 'deploy' settings "
-            "(role, entrypoint, path); add them to deploy it"
-        )
-    return target.deploy
 
 
 def _check_platform(runtime: str) -> None:
@@ -240,7 +204,7 @@ def _check_platform(runtime: str) -> None:
 def _handler_source(module: str, attribute: str) -> bytes:
     return (
         '"""Generated by `dispatcher deploy`: the Lambda entry point of this plugin."""\n\n'
-        "from linchkit_plugin.aws_lambda import lambda_handler\n"
+        f"from {SDK_ENTRY} import lambda_handler\n"
         f"from {module} import {attribute}\n\n"
         f"handler = lambda_handler({attribute})\n"
     ).encode()
@@ -273,11 +237,83 @@ def _plugin_files(module: str, path: Path | None) -> Iterator[tuple[str, bytes]]
         yield origin.name, origin.read_bytes()
 
 
-def _package_files(package: str) -> Iterator[tuple[str, bytes]]:
+def _sdk_files() -> Iterator[tuple[str, bytes]]:
+    """The SDK modules ``SDK_ENTRY`` imports when loaded, each with its package's ``__init__``.
+
+    Follows module-level ``import`` lines (not those inside functions: those are the lazy
+    imports of other servers' dependencies), from the entry module and every package on
+    its way, within ``linchkit_plugin``.
+    """
+    package = SDK_ENTRY.partition(".")[0]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ProviderError(f"cannot find the package {package!r} to vendor")
-    yield from _walk(Path(next(iter(spec.submodule_search_locations))), f"{package}/")
+        raise ProviderError(f"cannot find the plugin SDK {package!r} to vendor")
+    root = Path(next(iter(spec.submodule_search_locations))).parent
+    wanted = [SDK_ENTRY]
+    seen: set[str] = set()
+    while wanted:
+        parts = wanted.pop().split(".")
+        # ``a.b.c`` needs ``a/__init__``, ``a/b/__init__`` and ``a/b/c`` (a module or a package).
+        for depth in range(1, len(parts) + 1):
+            dotted = ".".join(parts[:depth])
+            if dotted in seen:
+                continue
+            path = _module_path(root, dotted)
+            if path is None:
+                raise ProviderError(f"the plugin SDK has no module {dotted} (in {root})")
+            seen.add(dotted)
+            source = path.read_bytes()
+            wanted += _sdk_imports(root, source, dotted, is_package=path.name == "__init__.py")
+            yield path.relative_to(root).as_posix(), source
+
+
+def _module_path(root: Path, dotted: str) -> Path | None:
+    base = root.joinpath(*dotted.split("."))
+    for path in (base / "__init__.py", base.with_suffix(".py")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _sdk_imports(root: Path, source: bytes, module: str, *, is_package: bool) -> list[str]:
+    """The modules of ``module``'s package that ``source`` imports at module level."""
+    package = module.partition(".")[0]
+    here = module if is_package else module.rpartition(".")[0]
+    found: list[str] = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = here.rsplit(".", node.level - 1)[0]
+                base = f"{anchor}.{base}" if base else anchor
+            found.append(base)
+            # ``from pkg import name`` imports a submodule when ``name`` is one.
+            found += [
+                f"{base}.{alias.name}"
+                for alias in node.names
+                if _module_path(root, f"{base}.{alias.name}") is not None
+            ]
+    return [name for name in found if name.partition(".")[0] == package]
+
+
+def _sdk_requirements() -> list[str]:
+    """What the SDK distribution needs at run time without extras (orjson)."""
+    from packaging.requirements import Requirement
+
+    try:
+        requires = importlib.metadata.requires(SDK_DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ProviderError(
+            f"{SDK_DISTRIBUTION!r} is not installed here; deploy vendors installed packages"
+        ) from None
+    names = []
+    for requirement in requires:
+        parsed = Requirement(requirement)
+        if parsed.marker is None or parsed.marker.evaluate({"extra": ""}):
+            names.append(parsed.name)
+    return names
 
 
 def _closure(names: Iterable[str]) -> list[importlib.metadata.Distribution]:
@@ -317,49 +353,3 @@ def _distribution_files(
         path = Path(str(distribution.locate_file(file)))
         if path.is_file():
             yield name, path.read_bytes()
-
-
-@dataclass(frozen=True, slots=True)
-class Deployment:
-    """What ``deploy_targets`` did for one plugin's target."""
-
-    plugin: str
-    target: str
-    steps: list[Step]
-
-    @property
-    def changed(self) -> bool:
-        return any(step.changed for step in self.steps)
-
-
-async def deploy_targets(
-    manifest: Manifest[Any],
-    *,
-    only: Iterable[str] = (),
-    dry_run: bool = False,
-    on_target: Callable[[str, str], None] | None = None,
-    progress: Progress | None = None,
-) -> list[Deployment]:
-    """Deploy every Lambda target (with ``deploy`` settings) of ``manifest``, or of ``only``."""
-    from providers.aws_lambda import LambdaProvider, LambdaTarget
-
-    wanted = set(only)
-    known = {plugin.id for plugin in manifest.plugins} | {p.key for p in manifest.plugins}
-    unknown = wanted - known
-    if unknown:
-        raise ProviderError(f"no plugin {', '.join(sorted(unknown))} in the manifest")
-    deployments: list[Deployment] = []
-    async with LambdaProvider() as provider:
-        for plugin in manifest.plugins:
-            if wanted and plugin.id not in wanted and plugin.key not in wanted:
-                continue
-            for target in plugin.targets():
-                if not isinstance(target, LambdaTarget) or target.deploy is None:
-                    continue
-                if on_target is not None:
-                    on_target(plugin.key, target.describe())
-                steps = await deploy_plugin(
-                    provider, plugin, target, dry_run=dry_run, progress=progress
-                )
-                deployments.append(Deployment(plugin.key, target.describe(), steps))
-    return deployments

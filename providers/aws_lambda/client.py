@@ -1,0 +1,114 @@
+"""The one module that imports the AWS SDK (aiobotocore, botocore), and only when used.
+
+``LambdaClients`` keeps one aiobotocore Lambda client per (region, endpoint) for the life
+of a started provider; the provider's calls and its deployer share them. Importing this
+module is free: ``open()`` imports aiobotocore, so loading a manifest (which imports every
+target model) never pays for it, and a host without the ``lambda`` extra fails only when
+it starts a Lambda provider, with a message saying what to install.
+
+botocore's own retries are off: the dispatcher's retry policy decides, and a silent SDK
+retry of a throttle would spend the caller's deadline behind its back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+from types import ModuleType
+from typing import Any
+
+from linchkit_plugin.errors import ProviderError
+from providers.aws_lambda.target import LambdaTarget
+
+__all__ = ["LambdaClients", "aws_error_code", "botocore_exceptions"]
+
+
+def botocore_exceptions() -> ModuleType:
+    """``botocore.exceptions``, imported on first use."""
+    try:
+        return importlib.import_module("botocore.exceptions")
+    except ImportError:  # pragma: no cover - depends on the installed extras
+        raise _missing() from None
+
+
+def aws_error_code(error: BaseException) -> str | None:
+    """The AWS error code of a botocore ``ClientError`` (``ResourceNotFoundException`` …)."""
+    if not isinstance(error, botocore_exceptions().ClientError):
+        return None
+    return str(error.response.get("Error", {}).get("Code", "Unknown"))
+
+
+class LambdaClients:
+    """One shared Lambda client per (region, endpoint), opened on first use."""
+
+    def __init__(self, *, max_connections: int = 64, connect_timeout: float = 5.0) -> None:
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._session: Any = None
+        self._clients: dict[tuple[str | None, str | None], Any] = {}
+        self._exits = contextlib.AsyncExitStack()
+        self._opening = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        regions = sorted(f"{region or 'default'}@{url or 'aws'}" for region, url in self._clients)
+        return f"clients={regions}"
+
+    def open(self) -> None:
+        try:
+            from aiobotocore.session import get_session
+        except ImportError:  # pragma: no cover - depends on the installed extras
+            raise _missing() from None
+        self._session = get_session()
+
+    async def aclose(self) -> None:
+        self._clients.clear()
+        exits, self._exits = self._exits, contextlib.AsyncExitStack()
+        await exits.aclose()
+
+    async def get(self, target: LambdaTarget) -> Any:
+        """The client for the target's region and endpoint; concurrent first calls share it."""
+        key = (target.region, target.endpoint_url)
+        client = self._clients.get(key)
+        if client is not None:
+            return client
+        async with self._opening:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = await self._create(target)
+            return client
+
+    async def _create(self, target: LambdaTarget) -> Any:
+        if self._session is None:
+            raise ProviderError(
+                "the lambda provider is not started (use the Dispatcher as a context manager)"
+            )
+        from aiobotocore.config import AioConfig
+
+        config = AioConfig(
+            connect_timeout=self._connect_timeout,
+            # The longest a Lambda can run; each call is bounded by its own deadline.
+            read_timeout=905,
+            retries={"max_attempts": 1, "mode": "standard"},
+            max_pool_connections=self._max_connections,
+            tcp_keepalive=True,
+        )
+        try:
+            return await self._exits.enter_async_context(
+                self._session.create_client(
+                    "lambda",
+                    region_name=target.region,
+                    endpoint_url=target.endpoint_url,
+                    config=config,
+                )
+            )
+        except botocore_exceptions().BotoCoreError as error:
+            raise ProviderError(
+                f"cannot make a Lambda client for {target.describe()}: {error}"
+            ) from error
+
+
+def _missing() -> ProviderError:
+    return ProviderError(
+        "the lambda provider needs aiobotocore: pip install 'linchkit-dispatcher[lambda]'"
+    )
