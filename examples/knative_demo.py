@@ -5,9 +5,10 @@ activator (``dispatcher.testing.knative``, an emulation: routing by Host, 503 wh
 revision activates, scale to zero after idle). Each revision is the example plugin in the
 real Knative Functions Python runtime (func-python), answering CloudEvents.
 
-Shows: a cold start retried and counted, warm calls, the canary tag's own revision, both
-CloudEvents modes, a plugin error, scale to zero, and the Service `dispatcher deploy`
-would apply (its --dry-run output).
+Shows: a cold start resent by the provider (the activator's 503s never reached the plugin)
+and counted, warm calls, the canary tag's own revision, both CloudEvents modes, a plugin
+error, scale to zero, and the plan `dispatcher deploy --dry-run` prints (the Service it
+would write and apply).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ async def main() -> None:
             print(f"  {provider!r}")
             print("\n`dispatcher deploy --dry-run` for echo-knative:\n")
             echo = dispatcher.manifest.plugins[0]
-            print(provider.render_deployment(echo, echo.target))
+            print((await provider.deployer().plan(echo, echo.target)).render())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -29,16 +28,11 @@ from pydantic import AnyHttpUrl, Field, SecretStr
 
 from linchkit_plugin.errors import (
     DeadlineExceeded,
-    DispatchError,
-    Forbidden,
-    InvalidParams,
     ProviderError,
-    RateLimited,
     TargetUnavailable,
-    Unauthorized,
-    error_from_wire,
 )
 from linchkit_plugin.wire import encode_json
+from providers._http_common import open_session, read_limited, status_error
 from providers.base import Health, Provider
 from providers.envelope import decode_batch_response, decode_response
 from providers.invocation import Invocation, Outcome
@@ -108,25 +102,10 @@ class HttpProvider(Provider[HttpTarget]):
         self._timeouts: dict[int, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
-        import aiohttp
-
-        connector: aiohttp.BaseConnector
-        if self._unix_socket is not None:
-            connector = aiohttp.UnixConnector(
-                self._unix_socket,
-                limit=self._max_connections,
-                keepalive_timeout=self._keepalive_seconds,
-            )
-        else:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                limit_per_host=0,
-                keepalive_timeout=self._keepalive_seconds,
-            )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            skip_auto_headers=("User-Agent",),
-            auto_decompress=False,
+        self._session = open_session(
+            max_connections=self._max_connections,
+            keepalive_seconds=self._keepalive_seconds,
+            unix_socket=self._unix_socket,
         )
 
     async def aclose(self) -> None:
@@ -192,7 +171,7 @@ class HttpProvider(Provider[HttpTarget]):
                 if length is not None and length <= target.max_response_bytes:
                     payload = await response.read()  # the usual answer: one await, no loop
                 else:
-                    payload = await _read_limited(response, target.max_response_bytes, target)
+                    payload = await read_limited(response, target.max_response_bytes, target)
                 status = response.status
                 retry_after = None if status == 200 else response.headers.get("Retry-After")
         except TimeoutError:
@@ -209,7 +188,7 @@ class HttpProvider(Provider[HttpTarget]):
             ) from error
         if status == 200:
             return _json(payload, target)
-        raise _status_error(status, payload, retry_after, target)
+        raise status_error(status, payload, retry_after, target)
 
     def _timeout(self, remaining: float) -> aiohttp.ClientTimeout:
         """A client timeout ending at most 1 ms before ``remaining`` seconds, never after.
@@ -246,25 +225,6 @@ class HttpProvider(Provider[HttpTarget]):
         return self._session
 
 
-async def _read_limited(
-    response: aiohttp.ClientResponse, limit: int, target: TargetConfig
-) -> bytes:
-    """The whole body, refusing more than ``limit`` bytes; an incomplete body raises."""
-    length = response.content_length
-    if length is not None and length <= limit:
-        return await response.read()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise ProviderError(
-                f"{target.describe()} answered more than max_response_bytes={limit}"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _json(payload: bytes, target: HttpTarget) -> Any:
     try:
         return orjson.loads(payload)
@@ -272,52 +232,3 @@ def _json(payload: bytes, target: HttpTarget) -> Any:
         raise ProviderError(
             f"{target.describe()} answered a body that is not JSON: {payload[:80]!r}"
         ) from None
-
-
-def _status_error(
-    status: int, payload: bytes, retry_after_header: str | None, target: TargetConfig
-) -> DispatchError:
-    # Shared with providers/knative.py, whose ingress answers with the same statuses.
-    retry_after = _retry_after_seconds(retry_after_header)
-    error = _envelope_error(payload)
-    if error is not None:
-        if retry_after is not None and error.retry_after is None:
-            return error.with_retry_after(retry_after)
-        return error
-    where = target.describe()
-    if status == 401:
-        return Unauthorized(f"{where} refused the credentials (401)")
-    if status == 403:
-        return Forbidden(f"{where} forbids this call (403)")
-    if status in (408, 504):
-        return DeadlineExceeded(f"{where} timed out ({status})")
-    if status == 413:
-        return InvalidParams(f"{where} refused the request as too large (413)")
-    if status == 429:
-        return RateLimited(f"{where} is throttling calls (429)", retry_after=retry_after)
-    if status in (500, 502, 503):
-        return TargetUnavailable(f"{where} failed with HTTP {status}", retry_after=retry_after)
-    return ProviderError(f"{where} answered HTTP {status}: {payload[:120]!r}")
-
-
-def _envelope_error(payload: bytes) -> DispatchError | None:
-    try:
-        body = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(body, dict) and body.get("ok") is False and "error" in body:
-        return error_from_wire(body["error"])
-    return None
-
-
-def _retry_after_seconds(header: str | None) -> float | None:
-    if not header:
-        return None
-    try:
-        return max(0.0, float(header))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(header).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None

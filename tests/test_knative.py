@@ -282,12 +282,37 @@ async def test_non_idempotent_call_that_may_have_run_is_never_sent_twice(
         assert isinstance(provider, KnativeProvider)
         with pytest.raises(TargetUnavailable, match="not resent") as failed:
             await dispatcher.call("ledger", "crash", request_id="crash-1")
+    # The 502 may have run the plugin: the provider raises it at once, retryable, and the
+    # dispatcher does not resend it because 'crash' is not idempotent.
+    assert failed.value.retryable
     assert failed.value.details["resent"] is False
+    assert failed.value.details["stage"] == "forwarded"
     assert revision.times_forwarded("crash-1") == 1
-    assert provider.stats.unsafe_retries_refused == 1
+    assert provider.stats.maybe_reached == 1
+    assert provider.stats.activation_retries == 0
 
 
-async def test_idempotent_call_is_resent_after_the_pod_failed(
+async def test_idempotent_call_is_resent_by_the_retry_policy_after_the_pod_failed(
+    standin: KnativeStandIn, tmp_path: Path
+) -> None:
+    revision = func_python_revision("ledger-00001", marker=str(tmp_path / "crashed"))
+    standin.add_service("ledger", revision, namespace="plugins")
+    await standin.wait_ready(revision)
+    # The provider never resends what may have reached the plugin; the manifest's retry
+    # policy does, because the method is idempotent.
+    retried = {"idempotent": True, "retry": {"attempts": 3, "initial_backoff_ms": 20}}
+    plugins = manifest(ledger("ledger", knative(standin.url, "ledger"), crash_once=retried))
+    async with Dispatcher(plugins) as dispatcher:
+        provider = dispatcher.providers["knative"]
+        assert isinstance(provider, KnativeProvider)
+        answer = await dispatcher.call("ledger", "crash_once", request_id="once-1")
+    assert answer == "survived"
+    assert revision.times_forwarded("once-1") == 2  # the failed attempt, then the good one
+    assert revision.starts == 2
+    assert provider.stats.maybe_reached == 1  # the 502, handed to the retry policy
+
+
+async def test_idempotent_call_without_a_retry_policy_is_not_resent(
     standin: KnativeStandIn, tmp_path: Path
 ) -> None:
     revision = func_python_revision("ledger-00001", marker=str(tmp_path / "crashed"))
@@ -295,10 +320,10 @@ async def test_idempotent_call_is_resent_after_the_pod_failed(
     await standin.wait_ready(revision)
     plugins = manifest(ledger("ledger", knative(standin.url, "ledger")))
     async with Dispatcher(plugins) as dispatcher:
-        answer = await dispatcher.call("ledger", "crash_once", request_id="once-1")
-    assert answer == "survived"
-    assert revision.times_forwarded("once-1") == 2  # the failed attempt, then the good one
-    assert revision.starts == 2
+        with pytest.raises(TargetUnavailable, match="not resent") as failed:
+            await dispatcher.call("ledger", "crash_once", request_id="once-1")
+    assert failed.value.details == {"stage": "forwarded", "resent": False, "attempts": 1}
+    assert revision.times_forwarded("once-1") == 1
 
 
 async def test_health_uses_the_readiness_path(standin: KnativeStandIn) -> None:

@@ -1,12 +1,13 @@
 """``dispatcher deploy`` for knative targets: render, validate against the CRD schema, apply.
 
 Rendered Services are checked against the Knative Serving CRD's OpenAPI schema kept in
-``providers/schemas/``. Applying goes through the real kubernetes-asyncio client to a local
+``providers/knative/schemas/``. Applying goes through the real kubernetes-asyncio client to a local
 stand-in of the Kubernetes API server (below), since no cluster can run here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,10 +19,11 @@ import yaml
 from aiohttp import web
 from click.testing import CliRunner
 
-from dispatcher import Forbidden, InvalidParams, ManifestError, parse_manifest
+from dispatcher import Forbidden, InvalidParams, ManifestError, ProviderError, parse_manifest
 from dispatcher.cli import main
-from providers._knative_service import render_service, revision_name, validate_service
-from providers.knative import KnativeProvider
+from providers.deploy import Step
+from providers.knative import KnativeDeployer, KnativeProvider
+from providers.knative.service import render_service, revision_name, validate_service
 from tests.conftest import ROOT, manifest
 
 TOKEN = "test-token"
@@ -153,13 +155,59 @@ def test_revision_names_follow_the_plugin_version() -> None:
     assert revision_name("ledger", "1.2.0-rc.1+build.5") == "ledger-1-2-0-rc-1-build-5"
 
 
-async def test_deploy_without_cluster_writes_infra_only(tmp_path: Path) -> None:
+def test_kubeconfig_is_taken_from_the_manifest_folder(tmp_path: Path) -> None:
+    entry = plugin_entry({"image": "x", "cluster": {"kubeconfig": "kube/config"}})
+    target = parse_manifest({"plugins": [entry]}, base_dir=tmp_path).plugins[0].target
+    assert target.deploy.cluster.kubeconfig == tmp_path / "kube" / "config"
+    entry = plugin_entry({"image": "x", "cluster": {"kubeconfig": "~/.kube/config"}})
+    target = parse_manifest({"plugins": [entry]}, base_dir=tmp_path).plugins[0].target
+    assert target.deploy.cluster.kubeconfig == Path.home() / ".kube" / "config"
+
+
+async def test_provider_deploys_through_a_knative_deployer(tmp_path: Path) -> None:
+    provider = KnativeProvider(infra_dir=tmp_path / "infra")
+    deployer = provider.deployer()
+    assert isinstance(deployer, KnativeDeployer)
+    assert deployer.infra_dir == tmp_path / "infra"
+
+
+async def test_plan_renders_the_service_and_writes_nothing(tmp_path: Path) -> None:
     plugin, target = one(FULL_DEPLOY)
-    provider = KnativeProvider(infra_dir=tmp_path / "infra" / "knative")
-    summary = await provider.deploy(plugin, target)
+    plan = await KnativeDeployer(tmp_path / "infra").plan(plugin, target)
+    written = tmp_path / "infra" / "plugins" / "ledger.yaml"
+    assert yaml.safe_load(plan.document) == render_service(plugin, target)
+    assert plan.steps == (Step("write", str(written), "render only: no deploy.cluster"),)
+    assert plan.target == "knative service plugins/ledger"
+    assert not (tmp_path / "infra").exists()
+
+
+async def test_apply_without_cluster_writes_infra_only_and_twice_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    plugin, target = one(FULL_DEPLOY)
+    deployer = KnativeDeployer(tmp_path / "infra" / "knative")
+    seen: list[Step] = []
+    first = await deployer.apply(plugin, target, seen.append)
     written = tmp_path / "infra" / "knative" / "plugins" / "ledger.yaml"
-    assert "not applied" in summary
+    assert [step.action for step in first.steps] == ["write"]
+    assert list(first.steps) == seen
     assert yaml.safe_load(written.read_text()) == render_service(plugin, target)
+    second = await deployer.apply(plugin, target)
+    assert not second.changes
+    assert not (await deployer.plan(plugin, target)).changes
+    removed = await deployer.remove(plugin, target)
+    assert [(step.action, step.resource) for step in removed.steps] == [("delete", str(written))]
+    assert not written.exists()
+    again = await deployer.remove(plugin, target)
+    assert not again.changes  # removing nothing is not an error
+
+
+def test_a_target_without_deploy_settings_cannot_be_deployed(tmp_path: Path) -> None:
+    entry = plugin_entry({"image": "x"})
+    del entry["target"]["deploy"]
+    plugin = manifest(entry).plugins[0]
+    with pytest.raises(ProviderError, match="no 'deploy' section"):
+        asyncio.run(KnativeDeployer(tmp_path).plan(plugin, plugin.target))
 
 
 # -- apply through the Kubernetes API -----------------------------------------------------
@@ -187,6 +235,7 @@ class KubernetesApiStandIn:
         app.router.add_post(base, self._create)
         app.router.add_get(base + "/{name}", self._get)
         app.router.add_put(base + "/{name}", self._replace)
+        app.router.add_delete(base + "/{name}", self._delete)
         return app
 
     @staticmethod
@@ -241,6 +290,14 @@ class KubernetesApiStandIn:
         self.objects[key] = self._stamp(body)
         return web.json_response(body)
 
+    async def _delete(self, request: web.Request) -> web.Response:
+        if (refused := self._check(request)) is not None:
+            return refused
+        key = (request.match_info["namespace"], request.match_info["name"])
+        if self.objects.pop(key, None) is None:
+            return self.status(404, "NotFound", "not found")
+        return self.status(200, "Success", "deleted")
+
 
 @pytest.fixture
 async def kubernetes(tmp_path: Path) -> AsyncIterator[tuple[KubernetesApiStandIn, Path]]:
@@ -270,31 +327,57 @@ async def kubernetes(tmp_path: Path) -> AsyncIterator[tuple[KubernetesApiStandIn
         await runner.cleanup()
 
 
-async def test_deploy_creates_then_replaces_the_service(
+async def test_apply_creates_leaves_then_replaces_and_remove_deletes(
     kubernetes: tuple[KubernetesApiStandIn, Path], tmp_path: Path
 ) -> None:
     api, kubeconfig = kubernetes
     cluster = {"kubeconfig": str(kubeconfig), "context": "test"}
-    provider = KnativeProvider(infra_dir=tmp_path / "infra")
+    deployer = KnativeDeployer(tmp_path / "infra")
     plugin, target = one(FULL_DEPLOY | {"cluster": cluster})
-    first = await provider.deploy(plugin, target)
-    second = await provider.deploy(plugin, target)
-    assert "created services.serving.knative.dev/ledger in namespace plugins" in first
-    assert "replaced" in second
+    resource = "services.serving.knative.dev/ledger in namespace plugins"
+    planned = await deployer.plan(plugin, target)
+    assert planned.steps[1] == Step("apply", resource, "context test")
+    assert api.requests == []  # a plan never contacts the cluster
+    seen: list[Step] = []
+    first = await deployer.apply(plugin, target, seen.append)
+    assert [step.render() for step in seen] == [
+        f"write {tmp_path / 'infra' / 'plugins' / 'ledger.yaml'}",
+        f"create {resource} (context test)",
+    ]
+    assert first.steps == tuple(seen)
+    second = await deployer.apply(plugin, target)
+    assert not second.changes  # the cluster holds what was rendered: nothing to do
     stored = api.objects[("plugins", "ledger")]
     assert stored["spec"] == render_service(plugin, target)["spec"]
+    assert stored["metadata"]["resourceVersion"] == "1"
+    newer = dict(plugin_entry(FULL_DEPLOY | {"cluster": cluster}), version="1.3.0")
+    plugin, target = manifest(newer).plugins[0], manifest(newer).plugins[0].target
+    third = await deployer.apply(plugin, target)
+    assert [step.action for step in third.steps] == ["write", "replace"]
+    stored = api.objects[("plugins", "ledger")]
+    assert stored["spec"]["template"]["metadata"]["name"] == "ledger-1-3-0"
     assert stored["metadata"]["resourceVersion"] == "2"
+    removed = await deployer.remove(plugin, target)
+    assert [step.action for step in removed.steps] == ["delete", "delete"]
+    assert api.objects == {}
+    again = await deployer.remove(plugin, target)
+    assert [(step.action, step.detail) for step in again.steps] == [
+        ("unchanged", "absent"),
+        ("unchanged", "absent"),
+    ]
 
 
-async def test_deploy_maps_api_refusals(
+async def test_apply_maps_api_refusals(
     kubernetes: tuple[KubernetesApiStandIn, Path], tmp_path: Path
 ) -> None:
     api, kubeconfig = kubernetes
-    provider = KnativeProvider(infra_dir=tmp_path / "infra")
+    deployer = KnativeDeployer(tmp_path / "infra")
     cluster = {"kubeconfig": str(kubeconfig)}
     plugin, target = one({"image": "x", "cluster": cluster}, namespace="kube-system")
     with pytest.raises(Forbidden, match="not allowed to write"):
-        await provider.deploy(plugin, target)
+        await deployer.apply(plugin, target)
+    with pytest.raises(Forbidden, match="not allowed to delete"):
+        await deployer.remove(plugin, target)
     assert api.objects == {}
 
 
@@ -310,10 +393,21 @@ def test_cli_deploy_dry_run_prints_yaml_and_writes_nothing(
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["-m", str(manifest_file), "deploy", "--dry-run"])
     assert result.exit_code == 0, result.output
-    documents = [doc for doc in yaml.safe_load_all(result.output.split("local@1.0.0")[0]) if doc]
-    assert documents[0]["kind"] == "Service"
+    planned, _, rest = result.output.partition("apiVersion:")
+    assert planned.splitlines()[:2] == [
+        "ledger@1.2.0: knative service plugins/ledger",
+        "  write infra/knative/plugins/ledger.yaml (render only: no deploy.cluster)",
+    ]
+    document = yaml.safe_load("apiVersion:" + rest.split("local@1.0.0")[0])
+    assert document["kind"] == "Service"
     assert "local@1.0.0: local echo_plugin:EchoPlugin: nothing to deploy" in result.output
     assert not (tmp_path / "infra").exists()
     written = CliRunner().invoke(main, ["-m", str(manifest_file), "deploy", "ledger"])
     assert written.exit_code == 0, written.output
+    assert "ledger@1.2.0: deployed knative service plugins/ledger" in written.output
     assert (tmp_path / "infra" / "knative" / "plugins" / "ledger.yaml").exists()
+    again = CliRunner().invoke(main, ["-m", str(manifest_file), "deploy", "ledger"])
+    assert "ledger@1.2.0: knative service plugins/ledger: up to date" in again.output
+    removed = CliRunner().invoke(main, ["-m", str(manifest_file), "deploy", "--remove", "ledger"])
+    assert removed.exit_code == 0, removed.output
+    assert not (tmp_path / "infra" / "knative" / "plugins" / "ledger.yaml").exists()

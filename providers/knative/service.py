@@ -1,4 +1,5 @@
-"""Deploy plugins as Knative Services: render, validate, write, apply.
+"""Knative Services: render one from a plugin and its target, validate it, and write it
+through the Kubernetes API.
 
 ``render_service`` turns a plugin and its knative target into one ``serving.knative.dev/v1``
 Service (https://knative.dev/docs/serving/reference/serving-api/):
@@ -14,19 +15,22 @@ Service (https://knative.dev/docs/serving/reference/serving-api/):
   revision (tag ``stable``) and the latest (tag ``canary.tag``), each reachable on its tag
   host.
 
-Every rendered Service is checked against the CRD's OpenAPI schema kept in
-``providers/schemas/`` (where it came from is written in the file) and against the rules
-Knative's admission webhook adds. ``apply`` creates or replaces the Service through the
-Kubernetes API with kubernetes-asyncio, from the user's kubeconfig; its failures become
-dispatcher errors here.
+Every rendered Service is checked against the CRD's OpenAPI schema kept beside this module
+in ``schemas/`` (where it came from is written in the file) and against the rules Knative's
+admission webhook adds. ``apply`` creates the Service, replaces it at its current
+``resourceVersion``, or leaves it when the cluster already holds what was rendered;
+``delete`` removes it. Both go through the Kubernetes API with kubernetes-asyncio, from the
+user's kubeconfig; its failures become dispatcher errors here.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import orjson
 import yaml
@@ -39,12 +43,18 @@ from linchkit_plugin.errors import (
     TargetUnavailable,
     Unauthorized,
 )
+from providers.knative.target import KnativeCluster, KnativeTarget
+from providers.target import PluginInfo
 
-if TYPE_CHECKING:
-    from providers.knative import KnativeTarget
-    from providers.target import PluginInfo
-
-__all__ = ["apply", "deploy", "render_service", "render_yaml", "validate_service"]
+__all__ = [
+    "apply",
+    "delete",
+    "render_service",
+    "render_yaml",
+    "resource_name",
+    "revision_name",
+    "validate_service",
+]
 
 GROUP = "serving.knative.dev"
 VERSION = "v1"
@@ -200,31 +210,84 @@ def validate_service(service: dict[str, Any]) -> None:
         )
 
 
-def manifest_path(infra_dir: Path, target: KnativeTarget) -> Path:
-    return infra_dir / target.namespace / f"{target.service}.yaml"
-
-
-async def deploy(plugin: PluginInfo, target: KnativeTarget, infra_dir: Path) -> str:
-    text = render_yaml(plugin, target)
-    path = manifest_path(infra_dir, target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    summary = f"{plugin.key}: rendered {path}"
-    assert target.deploy is not None, "render_yaml checked it"
-    if target.deploy.cluster is None:
-        return summary + " (no cluster configured: not applied)"
-    action = await apply(
-        yaml.safe_load(text),
-        kubeconfig=target.deploy.cluster.kubeconfig,
-        context=target.deploy.cluster.context,
-    )
-    return f"{summary}; {action}"
+def resource_name(target: KnativeTarget) -> str:
+    """The Service as a deploy step names it."""
+    return f"{PLURAL}.{GROUP}/{target.service} in namespace {target.namespace}"
 
 
 async def apply(
-    service: dict[str, Any], *, kubeconfig: Path | None = None, context: str | None = None
-) -> str:
-    """Create the Service, or replace it at its current resourceVersion; returns what was done."""
+    service: dict[str, Any], cluster: KnativeCluster
+) -> Literal["create", "replace", "unchanged"]:
+    """Create the Service, or replace it at its current resourceVersion; what was done.
+
+    A Service the cluster already holds as rendered (every rendered field present with the
+    same value; the webhook's defaults may add more) is left alone, so applying twice
+    changes nothing.
+    """
+    metadata = service["metadata"]
+    name, namespace = metadata["name"], metadata["namespace"]
+    async with _custom_objects(cluster, f"write {PLURAL}.{GROUP}/{name} in {namespace}") as api:
+        current = await _get(api, namespace, name)
+        if current is None:
+            await api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, service)
+            return "create"
+        held = {"spec": current.get("spec"), "labels": current["metadata"].get("labels")}
+        if _contains(held, {"spec": service["spec"], "labels": metadata.get("labels")}):
+            return "unchanged"
+        version = current["metadata"]["resourceVersion"]
+        replacement = {**service, "metadata": {**metadata, "resourceVersion": version}}
+        await api.replace_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, replacement
+        )
+        return "replace"
+
+
+async def delete(name: str, namespace: str, cluster: KnativeCluster) -> bool:
+    """Delete the Service; False if there was none (not an error)."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    async with _custom_objects(cluster, f"delete {PLURAL}.{GROUP}/{name} in {namespace}") as api:
+        try:
+            await api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+
+async def _get(api: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    try:
+        current: dict[str, Any] = await api.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    return current
+
+
+def _contains(held: Any, wanted: Any) -> bool:
+    """Whether ``held`` has every field of ``wanted`` with the same value."""
+    if isinstance(wanted, dict):
+        return isinstance(held, dict) and all(
+            key in held and _contains(held[key], value) for key, value in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return (
+            isinstance(held, list)
+            and len(held) == len(wanted)
+            and all(_contains(h, w) for h, w in zip(held, wanted, strict=True))
+        )
+    return bool(held == wanted)
+
+
+@asynccontextmanager
+async def _custom_objects(cluster: KnativeCluster, doing: str) -> AsyncIterator[Any]:
+    """kubernetes-asyncio's CustomObjectsApi from the kubeconfig; its failures as ours."""
     try:
         from kubernetes_asyncio import client, config
         from kubernetes_asyncio.client.exceptions import ApiException
@@ -235,67 +298,44 @@ async def apply(
         ) from None
     import aiohttp
 
-    namespace = service["metadata"]["namespace"]
-    name = service["metadata"]["name"]
-    where = f"services.{GROUP}/{name} in namespace {namespace}"
     api_client = client.ApiClient(configuration=client.Configuration())
     try:
         await config.load_kube_config(
-            config_file=str(kubeconfig) if kubeconfig is not None else None,
-            context=context,
+            config_file=str(cluster.kubeconfig) if cluster.kubeconfig is not None else None,
+            context=cluster.context,
             client_configuration=api_client.configuration,
         )
-        api = client.CustomObjectsApi(api_client)
-        try:
-            current = await api.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name
-            )
-        except ApiException as error:
-            if error.status != 404:
-                raise
-            await api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, service)
-            return f"created {where}"
-        replacement = {
-            **service,
-            "metadata": {
-                **service["metadata"],
-                "resourceVersion": current["metadata"]["resourceVersion"],
-            },
-        }
-        await api.replace_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, replacement
-        )
-        return f"replaced {where}"
+        yield client.CustomObjectsApi(api_client)
     except ConfigException as error:
         raise ProviderError(f"cannot load the kubeconfig: {error}") from error
     except ApiException as error:
-        raise _api_error(error, where) from error
+        raise _api_error(error, doing) from error
     except (aiohttp.ClientError, OSError, TimeoutError) as error:
-        raise TargetUnavailable(
-            f"cannot reach the Kubernetes API to apply {where}: {error}"
-        ) from error
+        raise TargetUnavailable(f"cannot reach the Kubernetes API to {doing}: {error}") from error
     finally:
         await api_client.close()
 
 
-def _api_error(error: Any, where: str) -> DispatchError:
+def _api_error(error: Any, doing: str) -> DispatchError:
     status = getattr(error, "status", None)
     reason = _status_message(getattr(error, "body", None)) or getattr(error, "reason", "")
     if status == 401:
         return Unauthorized(f"the Kubernetes API refused the kubeconfig's credentials: {reason}")
     if status == 403:
-        return Forbidden(f"not allowed to write {where}: {reason}")
+        return Forbidden(f"not allowed to {doing}: {reason}")
     if status == 404:
         return ProviderError(
             f"the cluster has no {GROUP}/{VERSION} Services (is Knative Serving installed?): {reason}"
         )
     if status == 409:
-        return TargetUnavailable(f"{where} changed while applying; run deploy again: {reason}")
+        return TargetUnavailable(
+            f"the Service changed while trying to {doing}; run again: {reason}"
+        )
     if status in (400, 422):
-        return InvalidParams(f"the cluster refused {where}: {reason}")
+        return InvalidParams(f"the cluster refused to {doing}: {reason}")
     if status in (429, 500, 502, 503, 504):
-        return TargetUnavailable(f"the Kubernetes API failed applying {where} ({status}): {reason}")
-    return ProviderError(f"the Kubernetes API answered {status} applying {where}: {reason}")
+        return TargetUnavailable(f"the Kubernetes API failed to {doing} ({status}): {reason}")
+    return ProviderError(f"the Kubernetes API answered {status} to {doing}: {reason}")
 
 
 def _status_message(body: Any) -> str | None:

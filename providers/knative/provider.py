@@ -1,0 +1,297 @@
+"""Knative services: calls through the cluster's ingress, routed by ``Host``.
+
+Where a Knative call differs from a plain HTTP function (``providers/http.py``), and what
+this provider does about it:
+
+* **Routing.** Every service of a cluster sits behind one ingress (Kourier, Istio, Contour)
+  that routes on the ``Host`` header: ``{service}.{namespace}.{domain}``; a tagged traffic
+  target gets its own host, ``{tag}-{service}.{namespace}.{domain}``
+  (https://knative.dev/docs/serving/traffic-management/). ``ingress`` is where that
+  ingress listens; the host is computed from the target and sent explicitly, so one
+  keep-alive pool to the ingress carries every service.
+* **Payloads.** The envelope, or a CloudEvent carrying it (``cloudevents.py``).
+* **Deadlines.** Each attempt gets the time left before the call's deadline as its total
+  timeout; the envelope carries ``deadline_ms``. Set ``timeoutSeconds`` of the revision at
+  least as high as the longest method timeout (``deploy.timeout_seconds``).
+* **Scale from zero.** A revision with no pod is reached through the activator, which holds
+  the request while a pod starts and answers 503 when it cannot get one in time; under load
+  502/503 bursts and resets are reported while revisions activate (knative/serving #9888,
+  #13525; https://knative.dev/docs/serving/autoscaling/scale-to-zero/).
+
+Which failures this provider sends again, and why only those
+-------------------------------------------------------------
+
+The provider's resend is a *transport* concern, like a connection pool retrying a refused
+connect: it resends only what provably never reached the plugin (``Failure.NOT_REACHED``
+in ``activation.py``: the connection to the ingress failed, or the platform answered a
+bare 503 before forwarding), with exponential backoff and jitter, honouring
+``Retry-After``, until the call's deadline (then ``DeadlineExceeded`` with ``attempts`` and
+``activating``). Such a resend cannot run the plugin twice, so it is right for every
+method, and it needs to know nothing about the method.
+
+A failure that *may* have reached the plugin (``Failure.MAYBE_REACHED``: a 502, a reset
+after the request was written) is raised at once as a retryable ``TargetUnavailable``
+with ``details`` ``resent: False`` and ``stage``. Sending it again is safe only for an
+idempotent method, and whether a method is idempotent is the manifest's policy, which
+belongs to the dispatcher: its retry policy (``idempotent: true`` plus ``retry``) knows,
+and spends its retry budget and backoff on it. The provider does not read policies, so it
+never resends such a call itself: a non-idempotent method is sent again only when no
+earlier attempt can have run it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError, TargetUnavailable
+from providers._http_common import open_session, read_limited, retry_after_seconds, status_error
+from providers.base import Health, Provider
+from providers.invocation import Invocation
+from providers.knative.activation import Failure, classify_failure, made_by_function
+from providers.knative.cloudevents import Answer, decode_answer, encode_request, read_event
+from providers.knative.deployer import KnativeDeployer
+from providers.knative.target import KnativeTarget
+
+if TYPE_CHECKING:
+    import aiohttp
+    from yarl import URL
+
+__all__ = ["KnativeProvider", "KnativeStats"]
+
+log = logging.getLogger("dispatcher.providers.knative")
+
+#: ``details["stage"]`` of a failed attempt: where it failed.
+_STAGE_OF_STATUS = {503: "activation", 502: "forwarded"}
+
+
+@dataclass(slots=True)
+class KnativeStats:
+    """What the provider saw of Knative's scaling, since it started.
+
+    ``cold_starts`` counts calls that met a revision activating (platform 503s) before they
+    were answered: calls that paid for a cold start, so a burst arriving at a service at
+    zero counts each of its calls. ``activation_retries`` counts the resends of attempts
+    that never reached the plugin. ``maybe_reached`` counts calls that failed after the
+    request may have reached the plugin (502, reset): raised at once, not resent here; the
+    dispatcher's retry policy resends them for idempotent methods.
+    """
+
+    calls: int = 0
+    cold_starts: int = 0
+    activation_retries: int = 0
+    maybe_reached: int = 0
+
+
+class _Route:
+    """What a call of one target needs, computed once: parsed URLs and headers."""
+
+    __slots__ = ("headers", "health_url", "invoke_url")
+
+    def __init__(self, target: KnativeTarget) -> None:
+        from yarl import URL
+
+        base = str(target.ingress).rstrip("/")
+        self.invoke_url: URL = URL(base + target.effective_invoke_path)
+        self.health_url: URL = URL(base + target.effective_readiness_path)
+        self.headers = {**target.headers, "Host": target.host}
+
+
+class KnativeProvider(Provider[KnativeTarget]):
+    """Calls Knative services; deploys them as ``serving.knative.dev/v1`` Services."""
+
+    name = "knative"
+    target_model = KnativeTarget
+
+    def __init__(
+        self,
+        *,
+        infra_dir: str | Path = "infra/knative",
+        max_connections: int = 512,
+        keepalive_seconds: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._max_connections = max_connections
+        self._keepalive_seconds = keepalive_seconds
+        # One pool to the ingress serves every Knative service behind it.
+        self._session: aiohttp.ClientSession | None = None
+        self._routes: dict[str, _Route] = {}
+        self._random = rng or random.Random()
+        self.infra_dir = Path(infra_dir)
+        self.stats = KnativeStats()
+
+    async def start(self) -> None:
+        self._session = open_session(
+            max_connections=self._max_connections, keepalive_seconds=self._keepalive_seconds
+        )
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def deployer(self) -> KnativeDeployer:
+        """Renders Services into ``infra_dir`` and applies them where ``deploy.cluster`` is set."""
+        return KnativeDeployer(self.infra_dir)
+
+    async def invoke(self, target: KnativeTarget, invocation: Invocation) -> Any:
+        self.stats.calls += 1
+        backoff = target.activation_backoff_ms / 1000
+        attempts = 0
+        activating = False
+        while True:
+            attempts += 1
+            failure, outcome = await self._attempt(target, invocation)
+            if failure is None:
+                if activating:
+                    self.stats.cold_starts += 1
+                    log.info("%s: cold start, answered after %d attempts", target.host, attempts)
+                return outcome
+            error: DispatchError = outcome
+            if failure is Failure.FINAL:
+                raise error
+            if failure is Failure.MAYBE_REACHED:
+                self.stats.maybe_reached += 1
+                raise error.with_message(
+                    f"{error.message} (not resent by the provider: the request may have"
+                    " reached the plugin; the method's retry policy decides)"
+                ).with_details(resent=False, attempts=attempts)
+            # NOT_REACHED. A refused connection is the ingress being down, not a revision
+            # activating.
+            activating = activating or error.details.get("stage") != "connect"
+            delay = min(backoff, target.activation_backoff_max_ms / 1000)
+            delay = max(delay, error.retry_after or 0.0) * (0.5 + self._random.random() / 2)
+            if invocation.remaining() <= delay:
+                state = "was still activating" if activating else "could not be reached"
+                raise DeadlineExceeded(
+                    f"{target.host} {state} when the deadline passed"
+                    f" ({attempts} attempts; last: {error.message})",
+                    details={"attempts": attempts, "activating": activating},
+                ) from error
+            self.stats.activation_retries += 1
+            await asyncio.sleep(delay)
+            backoff *= 2
+
+    async def health(self, target: KnativeTarget) -> Health:
+        import aiohttp
+
+        route = self._route(target)
+        session = self._require_session()
+        started = time.perf_counter()
+        try:
+            async with session.get(
+                route.health_url, headers=route.headers, timeout=aiohttp.ClientTimeout(total=5)
+            ) as response:
+                body = await response.content.read(4096)
+                headers = {key.lower(): value for key, value in response.headers.items()}
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as error:
+            return Health("not_serving", f"{type(error).__name__}: {error}")
+        latency_ms = (time.perf_counter() - started) * 1000
+        detail = body[:200].decode("utf-8", "replace")
+        if status == 200:
+            return Health("serving", detail, latency_ms, {"host": target.host})
+        if classify_failure(status=status, headers=headers, body=body) is Failure.NOT_REACHED:
+            detail = f"activating (scaled to zero?): {detail}"
+        return Health("not_serving", f"HTTP {status}: {detail}", latency_ms, {"host": target.host})
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    async def _attempt(
+        self, target: KnativeTarget, invocation: Invocation
+    ) -> tuple[Failure | None, Any]:
+        """``(None, result)`` on success, else ``(failure kind, DispatchError)``."""
+        import aiohttp
+
+        remaining = invocation.remaining()
+        if remaining <= 0:
+            return Failure.FINAL, DeadlineExceeded(f"deadline passed before calling {target.host}")
+        headers, body = encode_request(target, invocation)
+        route = self._route(target)
+        session = self._require_session()
+        try:
+            async with session.post(
+                route.invoke_url,
+                data=body,
+                headers={**route.headers, **headers},
+                timeout=aiohttp.ClientTimeout(total=remaining),
+            ) as response:
+                payload = await read_limited(response, target.max_response_bytes, target)
+                answer = Answer(
+                    response.status,
+                    {key.lower(): value for key, value in response.headers.items()},
+                    payload,
+                )
+        except TimeoutError:
+            return Failure.FINAL, DeadlineExceeded(
+                f"{target.host} did not answer within {remaining * 1000:.0f} ms"
+            )
+        except aiohttp.ClientConnectorError as error:
+            return Failure.NOT_REACHED, TargetUnavailable(
+                f"cannot connect to the ingress {target.ingress} for {target.host}: {error.os_error}",
+                details={"stage": "connect"},
+            )
+        except aiohttp.ClientError as error:
+            return Failure.MAYBE_REACHED, TargetUnavailable(
+                f"{target.host} failed mid-call: {type(error).__name__}: {error}",
+                details={"stage": "in_flight"},
+            )
+        if answer.status == 200:
+            try:
+                return None, decode_answer(target, answer)
+            except DispatchError as error:
+                return Failure.FINAL, error
+        failure = classify_failure(status=answer.status, headers=answer.headers, body=answer.body)
+        refused = self._status_error(target, answer)
+        if failure is not Failure.FINAL:
+            refused = refused.with_details(stage=_STAGE_OF_STATUS.get(answer.status, "answer"))
+        return failure, refused
+
+    def _status_error(self, target: KnativeTarget, answer: Answer) -> DispatchError:
+        payload = answer.body
+        runtime_message: str | None = None
+        if made_by_function(answer.headers, payload) and target.mode != "envelope":
+            # func-python answers its own failures as a CloudEvent: {"message": ...}.
+            try:
+                _, data = read_event(target, answer)
+            except DispatchError:
+                data = None
+            if isinstance(data, dict) and "ok" in data:
+                payload = orjson.dumps(data)
+            elif isinstance(data, dict) and isinstance(data.get("message"), str):
+                runtime_message = data["message"]
+        header = answer.headers.get("retry-after")
+        error = status_error(answer.status, payload, header, target)
+        if runtime_message is not None:
+            error = error.with_message(f"{error.message}: {runtime_message[:500]}")
+        retry_after = retry_after_seconds(header)
+        if error.retry_after is None and retry_after is not None:
+            error = error.with_retry_after(retry_after)
+        return error
+
+    def _route(self, target: KnativeTarget) -> _Route:
+        route = self._routes.get(target.key)
+        if route is None:
+            route = self._routes[target.key] = _Route(target)
+        return route
+
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise ProviderError(
+                "the knative provider is not started (use the Dispatcher as a context manager)"
+            )
+        return self._session
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (
+            f"<KnativeProvider calls={s.calls} cold_starts={s.cold_starts}"
+            f" activation_retries={s.activation_retries} maybe_reached={s.maybe_reached}>"
+        )
