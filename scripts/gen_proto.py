@@ -46,7 +46,9 @@ def generate(into: Path) -> dict[str, bytes]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if linchkit_plugin/_proto is stale")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if linchkit_plugin/_proto is stale"
+    )
     options = parser.parse_args()
     files = generate(OUTPUT)
     if options.check:
