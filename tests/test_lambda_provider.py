@@ -2,7 +2,7 @@
 
 The example plugin is deployed with ``dispatcher deploy``'s code and runs in
 aws-lambda-rie containers; what is asserted is the Invoke API as AWS documents it
-(see ``dispatcher/testing/local_lambda.py``), never a moto quirk.
+(see ``dispatcher/testing/local_lambda/front.py``), never a moto quirk.
 """
 
 from __future__ import annotations
