@@ -10,10 +10,9 @@ Contract: ``start()`` before any call, ``aclose()`` after; a failed create/start
 ``LocalLambdaError``; reads that fail answer "nothing" (``[]``, ``False``) rather than raise,
 since their callers only use them to decide or to explain.
 
-Kept as its own small client on aiohttp rather than aiodocker, the library the docker
-provider uses (``providers/docker/engine.py``). The original module did not record why;
-what the dependencies show is that this needs only aiohttp, a core dependency, while
-aiodocker is the optional ``docker`` extra (``pyproject.toml``).
+A client of its own on aiohttp (a core dependency) rather than aiodocker, which the docker
+provider uses (``providers/docker/engine.py``): the Lambda test kit then works with the
+``lambda`` extra alone, without the ``docker`` extra, and needs only these six calls.
 """
 
 from __future__ import annotations
