@@ -35,6 +35,17 @@ from typing import Any
 import orjson
 
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError
+from linchkit_plugin.handshake import (
+    CLIENT_CERT_ENV,
+    CORE_VERSION,
+    HEALTH_SERVICE,
+    MAGIC_COOKIE_KEY,
+    MAGIC_COOKIE_VALUE,
+    NETWORK_ENV,
+    PROTOCOL_VERSIONS_ENV,
+    SOCKET_DIR_ENV,
+    HandshakeLine,
+)
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import PROTOCOL_VERSION
 
@@ -46,10 +57,9 @@ __all__ = [
     "main",
 ]
 
-MAGIC_COOKIE_KEY = "LINCHKIT_PLUGIN_MAGIC_COOKIE"
-MAGIC_COOKIE_VALUE = "d1spatch3r-pl4g1n"
-HANDSHAKE_CORE_VERSION = 1
-SERVICE_NAME = "linchkit.plugin.v1.PluginService"
+# The handshake's constants live in ``linchkit_plugin.handshake``; these names stay
+# importable from here for plugins written against earlier versions of the SDK.
+HANDSHAKE_CORE_VERSION = CORE_VERSION
 
 _HINT = (
     "This is a LinchKit plugin: it is started by the dispatcher, not by hand.\n"
@@ -253,7 +263,7 @@ class PluginServer:
 
     async def _set_serving(self, serving: bool) -> None:
         status = self._health_pb.HealthCheckResponse
-        await self.health.set(SERVICE_NAME, status.SERVING if serving else status.NOT_SERVING)
+        await self.health.set(HEALTH_SERVICE, status.SERVING if serving else status.NOT_SERVING)
 
     async def serve(
         self,
@@ -327,8 +337,8 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
 
 
 def _handshake(network: str, address: str, certificate: str) -> None:
-    line = f"{HANDSHAKE_CORE_VERSION}|{PROTOCOL_VERSION}|{network}|{address}|grpc|{certificate}"
-    sys.stdout.write(line + "\n")
+    line = HandshakeLine.of(PROTOCOL_VERSION, network, address, certificate)
+    sys.stdout.write(f"{line}\n")
     sys.stdout.flush()
 
 
@@ -349,7 +359,7 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
         return 0
 
     # Subprocess mode: the handshake environment.
-    offered = os.environ.get("LINCHKIT_PLUGIN_PROTOCOL_VERSIONS", "")
+    offered = os.environ.get(PROTOCOL_VERSIONS_ENV, "")
     if str(PROTOCOL_VERSION) not in {part.strip() for part in offered.split(",")}:
         sys.stderr.write(
             f"plugin speaks protocol {PROTOCOL_VERSION}; the host offered {offered!r}\n"
@@ -357,10 +367,10 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
         return 1
     _set_parent_death_signal()
     _watch_stdin(loop, stop)
-    network = os.environ.get("LINCHKIT_PLUGIN_NETWORK", "unix") or "unix"
+    network = os.environ.get(NETWORK_ENV, "unix") or "unix"
     credentials = None
     certificate_text = ""
-    client_pem = os.environ.get("LINCHKIT_PLUGIN_CLIENT_CERT", "")
+    client_pem = os.environ.get(CLIENT_CERT_ENV, "")
     if client_pem:
         import grpc
 
@@ -374,7 +384,7 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
         )
         certificate_text = certificate.handshake_text
     if network == "unix":
-        folder = os.environ.get("LINCHKIT_PLUGIN_SOCKET_DIR") or "/tmp"
+        folder = os.environ.get(SOCKET_DIR_ENV) or "/tmp"
         path = os.path.join(folder, f"plugin-{os.getpid()}.sock")
         await server.serve(
             f"unix:{path}",
@@ -392,7 +402,7 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
             stop=stop,
         )
     else:
-        sys.stderr.write(f"unsupported LINCHKIT_PLUGIN_NETWORK {network!r}; use unix or tcp\n")
+        sys.stderr.write(f"unsupported {NETWORK_ENV} {network!r}; use unix or tcp\n")
         return 1
     return 0
 
