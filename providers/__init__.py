@@ -24,7 +24,7 @@ _BUILT_IN = {
     "local": "providers.local:LocalProvider",
     "http": "providers.http:HttpProvider",
     "grpc": "providers.grpc:GrpcProvider",
-    "subprocess": "providers.subprocess:SubprocessProvider",
+    "subprocess": "providers.subprocess.provider:SubprocessProvider",
     "docker": "providers.docker:DockerProvider",
     "knative": "providers.knative:KnativeProvider",
     "lambda": "providers.aws_lambda:LambdaProvider",

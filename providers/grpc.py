@@ -1,29 +1,30 @@
 """gRPC plugin services: the ``PluginService`` of ``proto/plugin.proto`` at an address.
 
-One ``grpc.aio`` channel per target, reused by every call (``providers/_grpc_client.py``
-holds the calling code and the status mapping, shared with the subprocess provider).
-The call's deadline is the gRPC deadline; ``x-request-id``, ``x-caller`` and
+One ``grpc.aio`` channel per target, reused by every call (``providers/_grpc/`` holds the
+calling code and the status mapping, shared with the subprocess provider). The call's deadline is the gRPC deadline; ``x-request-id``, ``x-caller`` and
 ``traceparent`` travel as call metadata; a batch is one ``CallBatch``; the plugin's
 ``Events`` stream is kept open and its events reach ``Dispatcher.on`` handlers.
 
 With ``lifecycle: dispatcher`` the dispatcher runs the plugin's ``Init`` (with the
 manifest's ``config``) and ``Start`` when it attaches, ``Stop`` and ``Destroy`` when it
-detaches; with ``remote`` (the default) the service runs its own lifecycle.
+detaches (the sequence of ``providers._grpc.lifecycle``, as for subprocess plugins); with
+``remote`` (the default) the service runs its own lifecycle.
 
 grpcio is imported when a connection is opened, not when this module loads.
 """
 
 from __future__ import annotations
 
-import logging
 import re
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
-from providers._grpc_client import HEALTH_SERVICE, ChannelSecurity, PluginConnection
+from linchkit_plugin.handshake import HEALTH_SERVICE
+from providers._grpc import lifecycle
+from providers._grpc.connection import ChannelSecurity, PluginConnection
 from providers.base import Health, Provider
 from providers.invocation import Invocation, Outcome
 from providers.target import ManifestPath, TargetConfig
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     from providers.target import PluginInfo
 
 __all__ = ["GrpcProvider", "GrpcTarget"]
-
-log = logging.getLogger("dispatcher.providers.grpc")
 
 
 class GrpcTarget(TargetConfig):
@@ -117,40 +116,34 @@ class GrpcProvider(Provider[GrpcTarget]):
     native_batch = True
 
     def __init__(self) -> None:
+        # By ``target.key``: equal targets (of several methods or plugins) share a channel.
         self._connections: dict[str, PluginConnection] = {}
-        self._by_value: dict[str, PluginConnection] = {}
 
     async def attach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
         connection = self._open(target)
-        if target.events and self.event_sink is not None:
-            sink = self.event_sink
-            plugin_id = plugin.id
-            connection.open_events(lambda event, data: sink(plugin_id, event, data))
+        sink = self._event_sink_of(plugin) if target.events else None
         if target.lifecycle == "dispatcher":
-            await connection.wait_ready(target.connect_timeout_ms / 1000)
-            init_timeout = plugin.lifecycle.init_timeout_ms / 1000
-            await connection.lifecycle("Init", init_timeout, plugin.config)
-            await connection.lifecycle("Start", init_timeout)
-            if target.events and self.event_sink is not None:
-                await connection.events_ready(0.25)  # as the subprocess provider does
+            await lifecycle.begin(
+                connection,
+                plugin,
+                ready_timeout=target.connect_timeout_ms / 1000,
+                event_sink=sink,
+            )
+        elif sink is not None:
+            connection.open_events(sink)
 
     async def detach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
         connection = self._connections.get(target.key)
         if connection is None:
             return
         if target.lifecycle == "dispatcher":
-            stop_timeout = plugin.lifecycle.stop_timeout_ms / 1000
-            for step in ("Stop", "Destroy"):
-                try:
-                    await connection.lifecycle(step, stop_timeout)
-                except Exception:  # detaching goes on: the channel must still close
-                    log.exception("%s of %s on %s failed", step, plugin.key, target.describe())
-        await self._forget(target)
+            await lifecycle.end(connection, plugin)
+        if self._connections.get(target.key) is connection:
+            del self._connections[target.key]
+        await connection.close()
 
     async def aclose(self) -> None:
-        connections = {id(c): c for c in (*self._connections.values(), *self._by_value.values())}
-        self._connections.clear()
-        self._by_value.clear()
+        connections, self._connections = self._connections, {}
         for connection in connections.values():
             await connection.close()
 
@@ -178,42 +171,29 @@ class GrpcProvider(Provider[GrpcTarget]):
             return Health("not_serving", str(error))
         return await connection.health(service=target.health_service)
 
+    def _event_sink_of(self, plugin: PluginInfo) -> Callable[[str, Any], None] | None:
+        sink = self.event_sink
+        if sink is None:
+            return None
+        plugin_id = plugin.id
+        return lambda event, data: sink(plugin_id, event, data)
+
     def _open(self, target: GrpcTarget) -> PluginConnection:
-        connection = self._by_value.get(_key(target))
+        connection = self._connections.get(target.key)
         if connection is None:
-            connection = PluginConnection(
+            connection = self._connections[target.key] = PluginConnection(
                 target.address,
                 security=target.security(),
                 metadata=tuple(target.metadata.items()),
                 describe=target.describe(),
             )
-            self._by_value[_key(target)] = connection
-        self._connections[target.key] = connection
         return connection
 
     def _connection(self, target: GrpcTarget) -> PluginConnection:
         connection = self._connections.get(target.key)
-        if connection is not None:
-            return connection
-        # An equal target object of another method of the same plugin: same channel.
-        connection = self._by_value.get(_key(target))
         if connection is None:
             raise TargetUnavailable(f"{target.describe()} is not attached")
-        self._connections[target.key] = connection
         return connection
 
-    async def _forget(self, target: GrpcTarget) -> None:
-        connection = self._by_value.pop(_key(target), None)
-        for key, value in list(self._connections.items()):
-            if value is connection:
-                del self._connections[key]
-        if connection is not None:
-            await connection.close()
-
     def __repr__(self) -> str:
-        return f"<GrpcProvider 'grpc' connections={len(self._by_value)}>"
-
-
-def _key(target: GrpcTarget) -> str:
-    # Targets hold dicts (metadata), so they are not hashable; their JSON is.
-    return target.model_dump_json()
+        return f"<GrpcProvider 'grpc' connections={len(self._connections)}>"

@@ -253,9 +253,9 @@ async def test_one_channel_per_target_is_reused(
         manifest(plugin({"provider": "grpc", "address": address})), providers={"grpc": provider}
     ) as d:
         await asyncio.gather(*(d.call("scripted", "echo", {"i": i}) for i in range(20)))
-        assert len(provider._by_value) == 1
+        assert len(provider._connections) == 1
         assert "connections=1" in repr(provider)
-    assert provider._by_value == {}
+    assert provider._connections == {}
 
 
 async def test_batch_is_one_call_batch(
@@ -431,7 +431,7 @@ async def test_a_call_on_a_closed_connection_is_a_dispatch_error(
     async with Dispatcher(
         manifest(plugin({"provider": "grpc", "address": address})), providers={"grpc": provider}
     ):
-        (connection,) = provider._by_value.values()
+        (connection,) = provider._connections.values()
     invocation = Invocation("scripted", "1.0.0", "echo", {}, time.monotonic() + 5, "r-1")
     with pytest.raises(TargetUnavailable, match="closed") as caught:
         await connection.call(invocation)
@@ -447,3 +447,28 @@ async def test_publish_names_what_is_wrong() -> None:
             await d.publish("nope", "ping")
         with pytest.raises(ProviderError, match="cannot send events"):
             await d.publish("echo", "ping", {"x": 1})
+
+
+async def test_the_lifecycle_ends_with_destroy_even_when_stop_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from types import SimpleNamespace
+
+    from providers._grpc import lifecycle
+
+    class Connection:
+        describe = "grpc fake"
+
+        def __init__(self) -> None:
+            self.steps: list[tuple[str, float]] = []
+
+        async def lifecycle(self, step: str, timeout: float, config: Any = None) -> None:
+            self.steps.append((step, timeout))
+            if step == "Stop":
+                raise TargetUnavailable("gone")
+
+    connection = Connection()
+    plugin = SimpleNamespace(key="p@1", lifecycle=SimpleNamespace(stop_timeout_ms=1500))
+    await lifecycle.end(connection, plugin)  # type: ignore[arg-type]
+    assert connection.steps == [("Stop", 1.5), ("Destroy", 1.5)]
+    assert "p@1 Stop failed: gone" in caplog.text

@@ -26,6 +26,8 @@ from tests.conftest import ROOT, manifest
 
 PLUGINS = ROOT / "tests" / "plugins"
 CRASHING = [sys.executable, str(PLUGINS / "crashing_plugin.py")]
+# This checkout's host and SDK, not whichever the virtualenv installed (a worktree's differ).
+SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python")])
 
 
 def crashing(**target: Any) -> dict[str, Any]:
@@ -243,7 +245,7 @@ def test_no_plugin_outlives_a_sigkilled_dispatcher() -> None:
         [sys.executable, str(PLUGINS / "dispatcher_child.py"), *CRASHING],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH},
     )
     try:
         assert child.stdout is not None
@@ -273,8 +275,8 @@ def test_the_parent_death_signal_alone_ends_a_child_that_ignores_stdin() -> None
             "-c",
             "import subprocess, sys, time\n"
             "import dispatcher\n"  # first: `import providers` alone is a circular import today
-            "from providers.subprocess import _with_parent_death_signal\n"
-            "argv, preexec = _with_parent_death_signal(['sleep', '60'])\n"
+            "from providers.subprocess.child import with_parent_death_signal\n"
+            "argv, preexec = with_parent_death_signal(['sleep', '60'])\n"
             "child = subprocess.Popen(argv, preexec_fn=preexec, stdin=subprocess.DEVNULL)\n"
             "time.sleep(0.3)\n"  # let setpriv exec sleep
             "print(child.pid, flush=True)\n"
@@ -282,7 +284,7 @@ def test_the_parent_death_signal_alone_ends_a_child_that_ignores_stdin() -> None
         ],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH},
     )
     try:
         assert middle.stdout is not None
@@ -317,3 +319,20 @@ async def test_a_plugin_that_will_not_exit_is_killed_after_the_grace_period() ->
     assert time.monotonic() - started < 5
     assert not alive(pid)
     assert process.exit_code == -signal.SIGKILL
+
+
+def test_the_handshake_is_the_one_docs_protocol_md_describes() -> None:
+    # The Go, Rust, Java and TypeScript SDKs speak these bytes: they are not ours to change.
+    from linchkit_plugin import handshake
+    from providers.subprocess.handshake import parse
+
+    assert (handshake.MAGIC_COOKIE_KEY, handshake.MAGIC_COOKIE_VALUE) == (
+        "LINCHKIT_PLUGIN_MAGIC_COOKIE",
+        "d1spatch3r-pl4g1n",
+    )
+    line = handshake.HandshakeLine.of(1, "unix", "/tmp/lk-plugin-x1/plugin.sock", "MIIB")
+    assert str(line) == "1|1|unix|/tmp/lk-plugin-x1/plugin.sock|grpc|MIIB"
+    assert handshake.HandshakeLine.parse(str(line)) == line
+    assert parse(str(line), "p@1", [1], mtls=False) == ("unix:/tmp/lk-plugin-x1/plugin.sock", None)
+    with pytest.raises(HandshakeError, match="core version '2'; this host speaks 1"):
+        parse("2|1|unix|/s|grpc|", "p@1", [1], mtls=False)

@@ -27,7 +27,7 @@ import pytest
 import pytest_asyncio
 
 from dispatcher import Dispatcher, parse_manifest
-from providers._grpc_client import PluginConnection
+from providers._grpc.connection import PluginConnection
 from tests.conftest import ROOT
 
 SDK = ROOT / "sdk"

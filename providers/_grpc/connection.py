@@ -1,23 +1,11 @@
-"""Calling a plugin over the gRPC binding (``proto/plugin.proto``): shared by the ``grpc``
-and ``subprocess`` providers, and the one place on the host side that touches grpcio.
+"""One channel to one plugin (``PluginConnection``), reused by every call to it, with the
+plugin's ``Events`` stream kept open in a task it owns.
 
-``PluginConnection`` is one ``grpc.aio`` channel to one plugin, reused by every call to it,
-with the plugin's ``Events`` stream kept open in a task it owns. Every grpc status is
-translated here into the dispatcher's errors:
-
-    gRPC status                      dispatcher error             retryable
-    UNAVAILABLE, CANCELLED, ABORTED  TargetUnavailable            yes
-    UNKNOWN, INTERNAL                TargetUnavailable            yes (a handler crashed)
-    DEADLINE_EXCEEDED                DeadlineExceeded             yes
-    RESOURCE_EXHAUSTED               RateLimited                  yes (``retry-after`` trailer)
-    INVALID_ARGUMENT, OUT_OF_RANGE   InvalidParams                no
-    UNAUTHENTICATED                  Unauthorized                 no
-    PERMISSION_DENIED                Forbidden                    no
-    UNIMPLEMENTED, NOT_FOUND         ProviderError                no (the target lacks the RPC)
-    FAILED_PRECONDITION, other       ProviderError                no
-
-A plugin's own failures come back in ``CallReply.error`` and go through
-``linchkit_plugin.errors.error_from_wire`` like every other transport's.
+The call's deadline is the gRPC deadline; ``x-request-id``, ``x-caller`` and ``traceparent``
+travel as call metadata (percent-encoded when not printable ASCII; the exact values also
+travel in ``CallContext``). Every failed RPC becomes a dispatcher error through
+``providers._grpc.status``; a plugin's own failures come back in ``CallReply.error`` and go
+through ``linchkit_plugin.errors.error_from_wire`` like every other transport's.
 """
 
 from __future__ import annotations
@@ -36,22 +24,19 @@ import orjson
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
-    Forbidden,
-    InvalidParams,
     ProviderError,
-    RateLimited,
     TargetUnavailable,
-    Unauthorized,
     error_from_wire,
 )
+from linchkit_plugin.handshake import HEALTH_SERVICE
+from linchkit_plugin.wire import encode_json
+from providers._grpc.status import grpc_errors, translate_rpc_error
 from providers.base import Health
 from providers.invocation import Invocation, Outcome
 
-__all__ = ["HEALTH_SERVICE", "ChannelSecurity", "PluginConnection", "translate_rpc_error"]
+__all__ = ["HEALTH_SERVICE", "ChannelSecurity", "PluginConnection"]
 
 log = logging.getLogger("dispatcher.providers.grpc")
-
-HEALTH_SERVICE = "linchkit.plugin.v1.PluginService"
 
 #: Channel options: keepalive so a dead peer is noticed between calls, large messages.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -73,81 +58,6 @@ class ChannelSecurity:
     server_name: str | None = None
 
 
-def _status_names() -> dict[Any, tuple[type[DispatchError], bool | None]]:
-    import grpc
-
-    code = grpc.StatusCode
-    return {
-        code.UNAVAILABLE: (TargetUnavailable, None),
-        code.CANCELLED: (TargetUnavailable, None),
-        code.ABORTED: (TargetUnavailable, None),
-        code.UNKNOWN: (TargetUnavailable, None),
-        code.INTERNAL: (TargetUnavailable, None),
-        code.DEADLINE_EXCEEDED: (DeadlineExceeded, None),
-        code.RESOURCE_EXHAUSTED: (RateLimited, None),
-        code.INVALID_ARGUMENT: (InvalidParams, None),
-        code.OUT_OF_RANGE: (InvalidParams, None),
-        code.UNAUTHENTICATED: (Unauthorized, None),
-        code.PERMISSION_DENIED: (Forbidden, None),
-    }
-
-
-_BY_STATUS: dict[Any, tuple[type[DispatchError], bool | None]] = {}
-
-#: How far ahead of our deadline a server's copy of it may fire: the grpc-timeout header
-#: is rounded, and the server starts counting when the request arrives.
-DEADLINE_SKEW_SECONDS = 0.02
-
-
-def _grpc_errors() -> tuple[type[Exception], ...]:
-    """What ``except`` catches around a call: every exception grpc.aio raises from one.
-
-    A function, evaluated only when an exception is being handled, so grpcio stays unimported
-    until a connection opens.
-    """
-    import grpc.aio
-
-    return (grpc.aio.AioRpcError, grpc.aio.BaseError)
-
-
-def translate_rpc_error(
-    error: Exception, what: str, deadline: float | None = None
-) -> DispatchError:
-    """The dispatcher error for a failed RPC; ``what`` names the call for the message.
-
-    Besides statuses, grpc.aio raises ``UsageError`` on a closed channel (the dispatcher is
-    closing: not retryable) and ``InternalError`` when it cannot start the call at all.
-    A server whose own copy of the deadline fires first may reset the stream (CANCELLED)
-    a moment before our deadline does: at the ``deadline``, that is the deadline.
-    """
-    import grpc
-    import grpc.aio
-
-    if not isinstance(error, grpc.aio.AioRpcError):
-        if isinstance(error, grpc.aio.UsageError):
-            return TargetUnavailable(f"{what}: the connection is closed", retryable=False)
-        return ProviderError(f"{what}: grpc could not make the call: {error}")
-    if not _BY_STATUS:
-        _BY_STATUS.update(_status_names())
-    status = error.code()
-    details = error.details() or ""
-    message = f"{what}: {status.name} {details}".rstrip()
-    if (
-        deadline is not None
-        and status == grpc.StatusCode.CANCELLED
-        and asyncio.get_running_loop().time() >= deadline - DEADLINE_SKEW_SECONDS
-    ):
-        return DeadlineExceeded(message)
-    kind, retryable = _BY_STATUS.get(status, (ProviderError, None))
-    retry_after: float | None = None
-    if kind is RateLimited:
-        for key, value in error.trailing_metadata() or ():
-            if key == "retry-after":
-                with contextlib.suppress(ValueError):
-                    retry_after = float(value)
-    return kind(message, retryable=retryable, retry_after=retry_after)
-
-
 _HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
 
 
@@ -157,13 +67,6 @@ def _header(value: str) -> str:
     if value.isascii() and value.isprintable():
         return value
     return quote(value, safe=_HEADER_SAFE)
-
-
-def _json(data: Any) -> bytes:
-    try:
-        return orjson.dumps(data)
-    except TypeError as error:
-        raise InvalidParams(f"params must be JSON-serializable: {error}") from None
 
 
 def _loads(data: bytes, what: str) -> Any:
@@ -241,7 +144,7 @@ class PluginConnection:
             v=1,
             plugin=invocation.plugin,
             method=invocation.method,
-            params_json=_json(invocation.params),
+            params_json=encode_json(invocation.params),
             context=pb.CallContext(
                 request_id=invocation.request_id,
                 deadline_ms=remaining_ms,
@@ -273,7 +176,7 @@ class PluginConnection:
             reply = await self._stub.Call(
                 request, timeout=remaining, metadata=self._call_metadata(invocation)
             )
-        except _grpc_errors() as error:
+        except grpc_errors() as error:
             raise translate_rpc_error(
                 error,
                 f"{self.describe} {invocation.plugin}.{invocation.method}",
@@ -300,7 +203,7 @@ class PluginConnection:
             reply = await self._stub.CallBatch(
                 request, timeout=remaining, metadata=self._call_metadata(earliest)
             )
-        except _grpc_errors() as error:
+        except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} batch", earliest.deadline) from error
         if len(reply.results) != len(invocations):
             raise ProviderError(
@@ -323,14 +226,14 @@ class PluginConnection:
             call = self._stub.CallStream(
                 request, timeout=remaining, metadata=self._call_metadata(invocation)
             )
-        except _grpc_errors() as error:  # a closed channel refuses at once
+        except grpc_errors() as error:  # a closed channel refuses at once
             raise translate_rpc_error(error, what) from error
         try:
             async for item in call:
                 if item.WhichOneof("item") == "error":
                     raise _wire_error(item.error)
                 yield _loads(item.chunk_json, self.describe)
-        except _grpc_errors() as error:
+        except grpc_errors() as error:
             raise translate_rpc_error(error, what, invocation.deadline) from error
         finally:
             call.cancel()
@@ -341,7 +244,7 @@ class PluginConnection:
 
         try:
             info = await self._stub.Describe(self._pb.DescribeRequest(), timeout=timeout)
-        except _grpc_errors() as error:
+        except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} Describe") from error
         return {
             "id": info.id,
@@ -356,13 +259,13 @@ class PluginConnection:
 
         pb = self._pb
         request = (
-            pb.InitRequest(config_json=_json(config or {}))
+            pb.InitRequest(config_json=encode_json(config or {}))
             if step == "Init"
             else pb.LifecycleRequest()
         )
         try:
             await getattr(self._stub, step)(request, timeout=timeout)
-        except _grpc_errors() as error:
+        except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} {step}") from error
 
     async def health(self, timeout: float = 5.0, service: str = HEALTH_SERVICE) -> Health:
@@ -374,7 +277,7 @@ class PluginConnection:
             answer = await stub.Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
-        except _grpc_errors() as error:
+        except grpc_errors() as error:
             return Health("not_serving", translate_rpc_error(error, "health").message)
         latency_ms = (time.perf_counter() - started) * 1000
         status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
@@ -416,7 +319,7 @@ class PluginConnection:
         """Queue a host event for the plugin (delivered while the Events stream is open)."""
         if self._events_task is None:
             raise ProviderError(f"{self.describe} has no open Events stream")
-        self._outgoing.put_nowait((name, _json(data)))
+        self._outgoing.put_nowait((name, encode_json(data)))
 
     async def _outgoing_events(self) -> AsyncIterator[Any]:
         while True:

@@ -1,0 +1,67 @@
+"""A plugin's lifecycle over the gRPC binding: the one sequence both providers run.
+
+``begin``, once a connection to the plugin is open (the ``grpc`` provider with
+``lifecycle: dispatcher`` on attach; the ``subprocess`` provider after every launch):
+
+1. wait until the channel connects, within ``ready_timeout`` (``TargetUnavailable``);
+2. with an event sink, open the plugin's ``Events`` stream;
+3. ``Init`` with the manifest's ``config``, then ``Start``, each within the plugin's
+   ``lifecycle.init_timeout_ms``; a failure raises and the plugin is not started;
+4. with an event sink, wait up to ``EVENTS_READY_WAIT`` for the plugin to answer the
+   ``Events`` stream's headers, so what it emits from now on reaches the host
+   (``docs/protocol.md``: plugins should send them at once; those that do not cost this
+   much per start, no more).
+
+``end``, before the connection closes: ``Stop``, then ``Destroy``, each within the
+plugin's ``lifecycle.stop_timeout_ms``. A step that fails is logged and the next one
+runs anyway: what follows (closing the channel, ending the process) must still happen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from linchkit_plugin.errors import DispatchError
+
+if TYPE_CHECKING:
+    from providers._grpc.connection import PluginConnection
+    from providers.target import PluginInfo
+
+__all__ = ["EVENTS_READY_WAIT", "begin", "end"]
+
+log = logging.getLogger("dispatcher.providers.grpc")
+
+#: How long ``begin`` waits for the ``Events`` stream's headers.
+EVENTS_READY_WAIT = 0.25
+
+
+async def begin(
+    connection: PluginConnection,
+    plugin: PluginInfo,
+    *,
+    ready_timeout: float,
+    event_sink: Callable[[str, Any], None] | None = None,
+) -> None:
+    """Connect, open ``Events`` (with ``event_sink``), ``Init``, ``Start``; raise on failure."""
+    await connection.wait_ready(ready_timeout)
+    if event_sink is not None:
+        connection.open_events(event_sink)
+    init_timeout = plugin.lifecycle.init_timeout_ms / 1000
+    await connection.lifecycle("Init", init_timeout, plugin.config)
+    await connection.lifecycle("Start", init_timeout)
+    if event_sink is not None:
+        await connection.events_ready(EVENTS_READY_WAIT)
+
+
+async def end(connection: PluginConnection, plugin: PluginInfo) -> None:
+    """``Stop``, then ``Destroy``; failures are logged, never raised."""
+    stop_timeout = plugin.lifecycle.stop_timeout_ms / 1000
+    for step in ("Stop", "Destroy"):
+        try:
+            await connection.lifecycle(step, stop_timeout)
+        except DispatchError as error:
+            log.warning("%s %s failed: %s", plugin.key, step, error)
+        except Exception:  # not the plugin's answer: a bug here, but the teardown goes on
+            log.exception("%s %s on %s failed", plugin.key, step, connection.describe)

@@ -1,0 +1,174 @@
+"""One launch of a plugin executable: the digest check, the spawn under a parent-death
+signal, the child's output, and its end (close stdin, SIGTERM, SIGKILL after a grace).
+
+No child outlives the dispatcher: its stdin is a pipe whose write end only the dispatcher
+holds (end-of-file when it dies, however it dies: plugins exit on it), and on Linux it is
+started with a parent-death signal (``with_parent_death_signal``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+
+from linchkit_plugin.errors import ProviderError
+from providers._grpc.connection import PluginConnection
+
+__all__ = ["Child", "check_digest", "socket_folder", "spawn", "with_parent_death_signal"]
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def check_digest(who: str, executable: str, sha256: str) -> None:
+    """Refuse (``ProviderError``) to run ``executable`` unless its SHA-256 is ``sha256``."""
+    try:
+        actual = await asyncio.to_thread(_sha256_of, executable)
+    except OSError as error:
+        raise ProviderError(f"{who}: cannot read {executable}: {error.strerror}") from None
+    if actual != sha256.lower():
+        raise ProviderError(
+            f"{who}: refusing to run {executable}: its SHA-256 is {actual}, "
+            f"the manifest pins {sha256.lower()}"
+        )
+
+
+def with_parent_death_signal(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """The command and ``preexec_fn`` that make the kernel SIGKILL the child if we die.
+
+    Preferred: util-linux ``setpriv --pdeathsig KILL`` execs the plugin with the signal set,
+    so Python can spawn without running Python code between fork and exec (grpcio's threads
+    make that unsafe, and it logs a warning). Without setpriv: a ``preexec_fn`` calling
+    ``prctl`` resolved before the fork, which also exits if the parent is already gone.
+    (A parent dying in the instant before setpriv's prctl is covered by the stdin rule.)
+    """
+    if not sys.platform.startswith("linux"):
+        return argv, None
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "KILL", "--", *argv], None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return argv, None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return argv, set_parent_death_signal
+
+
+def socket_folder() -> str:
+    """A fresh folder only we can enter, for the child's Unix socket."""
+    folder = tempfile.mkdtemp(prefix="lk-plugin-")
+    os.chmod(folder, 0o700)
+    return folder
+
+
+async def spawn(
+    who: str,
+    argv: list[str],
+    environment: Mapping[str, str],
+    folder: str,
+    plugin_log: logging.Logger,
+) -> Child:
+    """Start ``argv`` with pipes for stdin, stdout and stderr; ``ProviderError`` if it cannot."""
+    command, preexec = with_parent_death_signal(argv)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(environment),
+            preexec_fn=preexec,
+        )
+    except OSError as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ProviderError(f"{who}: cannot start {argv[0]}: {error.strerror}") from None
+    return Child(process, folder, plugin_log)
+
+
+class Child:
+    """One launch: the process, its socket folder, its connection, its output readers.
+
+    Its stderr goes to ``plugin_log`` line by line from the start (the last lines are kept
+    for error messages); stdout is the handshake's until ``drain_stdout``.
+    """
+
+    def __init__(
+        self, process: asyncio.subprocess.Process, folder: str, plugin_log: logging.Logger
+    ) -> None:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        self.process = process
+        self.folder = folder
+        self.connection: PluginConnection | None = None
+        self.stderr_tail: list[str] = []
+        self._plugin_log = plugin_log
+        self._readers = [asyncio.get_running_loop().create_task(self._forward_stderr())]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def drain_stdout(self) -> None:
+        """After the handshake: stdout is not part of the protocol, but a full pipe would
+        block the child."""
+        self._readers.append(asyncio.get_running_loop().create_task(self._drain_stdout()))
+
+    async def _forward_stderr(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.stderr_tail.append(line)
+            del self.stderr_tail[:-20]
+            self._plugin_log.info("%s", line)
+
+    async def _drain_stdout(self) -> None:
+        assert self.process.stdout is not None
+        async for raw in self.process.stdout:
+            self._plugin_log.debug("stdout: %s", raw.decode("utf-8", "replace").rstrip())
+
+    async def terminate(self, grace: float) -> int | None:
+        """Close stdin, SIGTERM, then SIGKILL after ``grace`` seconds; reap; clean up."""
+        process = self.process
+        if self.connection is not None:
+            # First: ending our Events stream lets the plugin's server stop without a grace wait.
+            await self.connection.close()
+            self.connection = None
+        if process.stdin is not None:
+            with contextlib.suppress(Exception):
+                process.stdin.close()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                async with asyncio.timeout(grace):
+                    await process.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        for reader in self._readers:
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return process.returncode

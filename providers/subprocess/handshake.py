@@ -1,0 +1,121 @@
+"""The host's side of the subprocess handshake (``linchkit_plugin.handshake`` holds what
+both sides must agree on; ``docs/protocol.md`` the contract).
+
+``environment`` is what a launch passes to the child; ``read_line`` waits for the one line
+it prints on stdout; ``parse`` checks it and returns the gRPC address to connect to and,
+with AutoMTLS, the plugin's one-time server certificate (the only root the host trusts).
+Every way a plugin fails to start as the protocol says is a ``HandshakeError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from linchkit_plugin._automtls import Certificate, der_from_handshake
+from linchkit_plugin.errors import ProviderError
+from linchkit_plugin.handshake import (
+    CLIENT_CERT_ENV,
+    CORE_VERSION,
+    LINE_FORMAT,
+    MAGIC_COOKIE_KEY,
+    MAGIC_COOKIE_VALUE,
+    NETWORK_ENV,
+    PROTOCOL,
+    PROTOCOL_VERSIONS_ENV,
+    SOCKET_DIR_ENV,
+    HandshakeLine,
+)
+
+if TYPE_CHECKING:
+    from providers.subprocess.target import SubprocessTarget
+
+__all__ = ["HandshakeError", "environment", "parse", "read_line"]
+
+
+class HandshakeError(ProviderError):
+    """The plugin did not start as the protocol says (no line, a malformed line, a refusal)."""
+
+
+def environment(
+    target: SubprocessTarget, socket_folder: str, client_certificate: Certificate | None
+) -> dict[str, str]:
+    """The child's environment: ours, the target's ``env``, then the handshake's."""
+    environment = {
+        **os.environ,
+        **target.env,
+        MAGIC_COOKIE_KEY: MAGIC_COOKIE_VALUE,
+        PROTOCOL_VERSIONS_ENV: ",".join(map(str, target.protocol_versions)),
+        NETWORK_ENV: target.network,
+        SOCKET_DIR_ENV: socket_folder,
+    }
+    if client_certificate is not None:
+        environment[CLIENT_CERT_ENV] = client_certificate.certificate_pem.decode()
+    else:
+        environment.pop(CLIENT_CERT_ENV, None)
+    return environment
+
+
+async def read_line(
+    process: asyncio.subprocess.Process, who: str, timeout: float, stderr: Sequence[str]
+) -> str:
+    """The handshake line, within ``timeout``; ``stderr`` (its tail) explains a failure."""
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await process.stdout.readline()
+    except TimeoutError:
+        raise HandshakeError(
+            f"{who}: no handshake line within {timeout:.1f} s{tail(stderr)}"
+        ) from None
+    if not raw:
+        code = await process.wait()
+        await asyncio.sleep(0)  # let the stderr reader take the last lines
+        raise HandshakeError(f"{who}: exited with code {code} before its handshake{tail(stderr)}")
+    return raw.decode("utf-8", "replace").strip()
+
+
+def parse(line: str, who: str, offered: Sequence[int], *, mtls: bool) -> tuple[str, bytes | None]:
+    """The gRPC address of the plugin and, with ``mtls``, its server certificate (DER)."""
+    try:
+        fields = HandshakeLine.parse(line)
+    except ValueError:
+        raise HandshakeError(
+            f"{who}: malformed handshake line {line!r:.200}; expected {LINE_FORMAT}"
+        ) from None
+    if fields.core_version != str(CORE_VERSION):
+        raise HandshakeError(
+            f"{who}: handshake core version {fields.core_version!r}; this host speaks {CORE_VERSION}"
+        )
+    app = fields.app_version
+    if not app.isdigit() or int(app) not in offered:
+        raise HandshakeError(
+            f"{who}: plugin chose protocol version {app!r}, not one of those offered ({offered})"
+        )
+    if fields.protocol != PROTOCOL:
+        raise HandshakeError(f"{who}: protocol {fields.protocol!r}; only {PROTOCOL} is spoken")
+    network, address = fields.network, fields.address
+    if network == "unix":
+        grpc_address = f"unix:{address}"
+    elif network == "tcp" and re.fullmatch(r"[^:\s]+:\d+|\[[0-9a-fA-F:]+\]:\d+", address):
+        grpc_address = address
+    else:
+        raise HandshakeError(f"{who}: bad network/address {network}|{address}")
+    if not mtls:
+        return grpc_address, None
+    if not fields.server_cert:
+        raise HandshakeError(
+            f"{who}: AutoMTLS was asked for but the plugin sent no server "
+            "certificate; it would serve in plain text"
+        )
+    try:
+        return grpc_address, der_from_handshake(fields.server_cert)
+    except ValueError as error:
+        raise HandshakeError(f"{who}: bad server certificate: {error}") from None
+
+
+def tail(lines: Sequence[str]) -> str:
+    return ("; its stderr ends with:\n  " + "\n  ".join(lines[-10:])) if lines else ""

@@ -1,0 +1,97 @@
+"""``provider: subprocess``: one supervised process (``PluginProcess``) per plugin and
+target, started on attach and stopped on detach; calls go over its gRPC connection, and
+wait for it while it restarts (``providers.subprocess`` describes the whole contract)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from linchkit_plugin.errors import TargetUnavailable
+from providers.base import Health, Provider
+from providers.invocation import Invocation, Outcome
+from providers.subprocess.supervisor import PluginProcess
+from providers.subprocess.target import SubprocessTarget
+
+if TYPE_CHECKING:
+    from providers.target import PluginInfo
+
+__all__ = ["SubprocessProvider"]
+
+
+class SubprocessProvider(Provider[SubprocessTarget]):
+    name = "subprocess"
+    target_model = SubprocessTarget
+    native_batch = True
+
+    def __init__(self) -> None:
+        # By (plugin id, version, ``target.key``): one process per plugin and target.
+        self._processes: dict[tuple[str, str, str], PluginProcess] = {}
+
+    async def attach(self, plugin: PluginInfo, target: SubprocessTarget) -> None:
+        key = (plugin.id, plugin.version, target.key)
+        if key in self._processes:
+            return
+        sink = self.event_sink
+        plugin_id = plugin.id
+        process = PluginProcess(
+            plugin,
+            target,
+            event_sink=(lambda event, data: sink(plugin_id, event, data)) if sink else None,
+        )
+        await process.start()
+        self._processes[key] = process
+
+    async def detach(self, plugin: PluginInfo, target: SubprocessTarget) -> None:
+        process = self._processes.pop((plugin.id, plugin.version, target.key), None)
+        if process is not None:
+            await process.stop()
+
+    async def aclose(self) -> None:
+        processes, self._processes = self._processes, {}
+        await asyncio.gather(*(process.stop() for process in processes.values()))
+
+    def process(self, plugin: str, version: str, target: SubprocessTarget) -> PluginProcess:
+        found = self._processes.get((plugin, version, target.key))
+        if found is None:
+            raise TargetUnavailable(f"{plugin}@{version} is not started on {target.describe()}")
+        return found
+
+    async def invoke(self, target: SubprocessTarget, invocation: Invocation) -> Any:
+        process = self.process(invocation.plugin, invocation.version, target)
+        connection = await process.connection(invocation)
+        return await connection.call(invocation)
+
+    async def invoke_batch(
+        self, target: SubprocessTarget, invocations: Sequence[Invocation]
+    ) -> list[Outcome[Any]]:
+        if not target.batch or not invocations:
+            return await super().invoke_batch(target, invocations)
+        first = invocations[0]
+        process = self.process(first.plugin, first.version, target)
+        connection = await process.connection(first)
+        return await connection.call_batch(invocations)
+
+    async def stream(
+        self, target: SubprocessTarget, invocation: Invocation
+    ) -> AsyncGenerator[Any, None]:
+        process = self.process(invocation.plugin, invocation.version, target)
+        connection = await process.connection(invocation)
+        async for chunk in connection.stream(invocation):
+            yield chunk
+
+    async def send_event(self, target: SubprocessTarget, event: str, data: Any) -> None:
+        for (_, _, key), process in self._processes.items():
+            if key == target.key:
+                (await process.connection()).send_event(event, data)
+
+    async def health(self, target: SubprocessTarget) -> Health:
+        found = [process for (_, _, key), process in self._processes.items() if key == target.key]
+        if not found:
+            return Health("not_serving", "not started")
+        reports = [await process.health() for process in found]
+        return next((report for report in reports if not report.ok), reports[0])
+
+    def __repr__(self) -> str:
+        return f"<SubprocessProvider 'subprocess' processes={list(self._processes.values())}>"

@@ -1,0 +1,261 @@
+"""``PluginProcess``: supervises one plugin executable — launch, handshake, ``Init`` and
+``Start``, health pings, restarts with backoff, and the stop sequence (steps 1-7 of
+``providers.subprocess``).
+
+A child that exits is restarted with exponential backoff (``restart_backoff_ms`` doubling
+up to ``restart_backoff_max_ms``); more than ``max_restarts`` exits within
+``restart_window_s`` is a crash loop: the plugin is left ``failed`` and calls fail with
+``TargetUnavailable(retryable=False)``. Calls made while it restarts wait for it until
+their deadline. A child that fails ``health_failures`` pings in a row is killed (and so
+restarted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from linchkit_plugin._automtls import generate_certificate, pem_from_der
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, TargetUnavailable
+from providers._grpc import lifecycle
+from providers._grpc.connection import ChannelSecurity, PluginConnection
+from providers.base import Health
+from providers.subprocess import handshake
+from providers.subprocess.child import Child, check_digest, socket_folder, spawn
+
+if TYPE_CHECKING:
+    from providers.invocation import Invocation
+    from providers.subprocess.target import SubprocessTarget
+    from providers.target import PluginInfo
+
+__all__ = ["PluginProcess"]
+
+log = logging.getLogger("dispatcher.providers.subprocess")
+
+
+class PluginProcess:
+    """Supervises one plugin executable: launch, handshake, health, restarts, stop."""
+
+    def __init__(
+        self,
+        plugin: PluginInfo,
+        target: SubprocessTarget,
+        *,
+        event_sink: Callable[[str, Any], None] | None,
+    ) -> None:
+        self.plugin = plugin
+        self.target = target
+        self._event_sink = event_sink
+        self._child: Child | None = None
+        self._ready = asyncio.Event()
+        self._state: Literal["new", "running", "restarting", "failed", "stopped"] = "new"
+        self._crashes: list[float] = []
+        self.restarts = 0
+        self._supervisor: asyncio.Task[None] | None = None
+        self._pinger: asyncio.Task[None] | None = None
+        self._plugin_log = logging.getLogger(f"dispatcher.plugin.{plugin.id}")
+        self._last_error = ""
+        #: The return code of the last process stopped by ``stop`` (negative: its signal).
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child is not None else None
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Launch the plugin and wait for it to be started; raise if it cannot be."""
+        self._child = await self._launch()
+        self._state = "running"
+        self._ready.set()
+        loop = asyncio.get_running_loop()
+        self._supervisor = loop.create_task(self._supervise(), name=f"supervise {self.plugin.key}")
+        if self.target.health_interval_ms:
+            self._pinger = loop.create_task(self._ping(), name=f"health {self.plugin.key}")
+
+    async def stop(self) -> None:
+        if self._state == "stopped":
+            return
+        self._state = "stopped"
+        self._ready.set()  # wake waiting callers: they will see "stopped"
+        for task in (self._supervisor, self._pinger):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        child, self._child = self._child, None
+        if child is None:
+            return
+        if child.connection is not None and child.process.returncode is None:
+            await lifecycle.end(child.connection, self.plugin)
+        self.exit_code = await child.terminate(self.target.stop_grace_ms / 1000)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def connection(self, invocation: Invocation | None = None) -> PluginConnection:
+        """The live connection; while restarting, wait for it up to the call's deadline."""
+        while True:
+            child = self._child
+            if self._state == "running" and child is not None and child.connection is not None:
+                return child.connection
+            if self._state in {"failed", "stopped", "new"}:
+                raise TargetUnavailable(
+                    f"{self.plugin.key} ({self.target.describe()}) is {self._state}"
+                    + (f": {self._last_error}" if self._last_error else ""),
+                    retryable=self._state != "failed",
+                )
+            remaining = invocation.remaining() if invocation is not None else 5.0
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{self.plugin.key} was restarting until the deadline")
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._ready.wait()
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"{self.plugin.key} was restarting until the deadline"
+                ) from None
+
+    # -- launching ---------------------------------------------------------------------------
+
+    async def _launch(self) -> Child:
+        target, who = self.target, self.plugin.key
+        executable = shutil.which(target.command[0]) or target.command[0]
+        if target.sha256 is not None:
+            await check_digest(who, executable, target.sha256)
+        folder = socket_folder()
+        client_certificate = generate_certificate("host") if target.auto_mtls else None
+        child = await spawn(
+            who,
+            [executable, *target.command[1:]],
+            handshake.environment(target, folder, client_certificate),
+            folder,
+            self._plugin_log,
+        )
+        log.info("%s launched %s (pid %d)", who, executable, child.pid)
+        try:
+            timeout = target.handshake_timeout_ms / 1000
+            line = await handshake.read_line(child.process, who, timeout, child.stderr_tail)
+            address, server_der = handshake.parse(
+                line, who, target.protocol_versions, mtls=client_certificate is not None
+            )
+            child.drain_stdout()
+            security = ChannelSecurity()
+            if client_certificate is not None and server_der is not None:
+                security = ChannelSecurity(
+                    tls=True,
+                    root=pem_from_der(server_der),
+                    private_key=client_certificate.private_key_pem,
+                    certificate_chain=client_certificate.certificate_pem,
+                    server_name="localhost",
+                )
+            child.connection = PluginConnection(
+                address, security=security, describe=f"{who} (pid {child.pid})"
+            )
+            await lifecycle.begin(
+                child.connection,
+                self.plugin,
+                ready_timeout=timeout,
+                event_sink=self._event_sink if target.events else None,
+            )
+        except BaseException:
+            await child.terminate(0.5)
+            raise
+        return child
+
+    # -- supervision -------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        while True:
+            child = self._child
+            assert child is not None
+            code = await child.process.wait()
+            if self._state == "stopped":
+                return
+            self._ready.clear()
+            self._state = "restarting"
+            self._last_error = f"exited with code {code}"
+            log.warning("%s (pid %d) %s", self.plugin.key, child.pid, self._last_error)
+            await child.terminate(0.1)
+            self._child = None
+            while True:
+                if not self._may_restart():
+                    self._state = "failed"
+                    self._ready.set()
+                    log.error(
+                        "%s crashed %d times within %.0f s; not restarting it again",
+                        self.plugin.key,
+                        len(self._crashes),
+                        self.target.restart_window_s,
+                    )
+                    return
+                await asyncio.sleep(self._backoff())
+                try:
+                    self._child = await self._launch()
+                except DispatchError as error:
+                    self._last_error = str(error)
+                    log.warning("restarting %s failed: %s", self.plugin.key, error)
+                    continue
+                self.restarts += 1
+                self._state = "running"
+                self._ready.set()
+                break
+
+    def _may_restart(self) -> bool:
+        if not self.target.restart:
+            return False
+        now = time.monotonic()
+        self._crashes = [t for t in self._crashes if now - t < self.target.restart_window_s]
+        self._crashes.append(now)
+        return len(self._crashes) <= self.target.max_restarts
+
+    def _backoff(self) -> float:
+        exponent = max(0, len(self._crashes) - 1)
+        delay = self.target.restart_backoff_ms * 2**exponent
+        return float(min(delay, self.target.restart_backoff_max_ms)) / 1000
+
+    async def _ping(self) -> None:
+        interval = self.target.health_interval_ms / 1000
+        failures = 0
+        while True:
+            await asyncio.sleep(interval)
+            child = self._child
+            if self._state != "running" or child is None or child.connection is None:
+                failures = 0
+                continue
+            health = await child.connection.health(timeout=min(interval, 2.0))
+            failures = 0 if health.ok else failures + 1
+            if failures >= self.target.health_failures and child.process.returncode is None:
+                log.warning(
+                    "%s (pid %d) failed %d health pings (%s); killing it",
+                    self.plugin.key,
+                    child.pid,
+                    failures,
+                    health.detail,
+                )
+                failures = 0
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+
+    async def health(self) -> Health:
+        child = self._child
+        extra = {"pid": self.pid, "restarts": self.restarts, "state": self._state}
+        if self._state != "running" or child is None or child.connection is None:
+            return Health("not_serving", f"{self._state} {self._last_error}".strip(), extra=extra)
+        health = await child.connection.health()
+        return Health(health.status, health.detail, health.latency_ms, extra)
+
+    def __repr__(self) -> str:
+        return (
+            f"<PluginProcess {self.plugin.key} {self._state} pid={self.pid} "
+            f"restarts={self.restarts}>"
+        )
