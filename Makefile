@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml sdk/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e './sdk/python[http,grpc,knative]' -e '.[dev]'
+	@# A virtualenv made before the SDK was its own distribution loses dispatcher-plugin when
+	@# pip removes the old host package after installing the SDK; put it back.
+	[ -x $(BIN)/dispatcher-plugin ] || $(BIN)/pip install --quiet --no-deps --force-reinstall -e ./sdk/python
 	touch $(STAMP)
 
 demo: $(STAMP) sdks docker-prereqs lambda-runtime
