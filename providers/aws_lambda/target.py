@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from providers.target import ManifestPath, TargetConfig
+from providers.target import ManifestPath, StrictModel, TargetConfig
 
 __all__ = ["LambdaDeploySettings", "LambdaTarget"]
 
@@ -18,10 +18,8 @@ _FUNCTION_NAME = (
 )
 
 
-class LambdaDeploySettings(BaseModel):
+class LambdaDeploySettings(StrictModel):
     """How ``dispatcher deploy`` builds and configures the function behind a target."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: str = Field(
         pattern=r"^arn:aws[a-zA-Z-]*:iam::\d{12}:role/.+$",
