@@ -228,3 +228,15 @@ async def test_a_name_allowed_by_name_still_cannot_reach_link_local() -> None:
     with pytest.raises(ProviderError, match="link-local"):
         policy.admitted("api.example.com", ["169.254.169.254"])
     assert policy.admitted("api.example.com", ["203.0.113.9"]) == ["203.0.113.9"]
+
+
+async def test_lambda_checks_its_endpoint_after_resolution() -> None:
+    target = {
+        "provider": "lambda",
+        "function_name": "echo",
+        "region": "us-east-1",
+        "endpoint_url": "http://localhost:9",
+    }
+    with pytest.raises(ProviderError, match="egress"):
+        async with Dispatcher(plugins(target, {"allow": ["10.0.0.0/8"]})):
+            pass
