@@ -80,6 +80,7 @@ class Dispatcher:
         self._providers = providers if providers is not None else self._make_providers()
         for provider in self._providers.values():
             provider.event_sink = self._emit
+            provider.use_egress(manifest.egress)
         self._event_tasks: set[asyncio.Task[Any]] = set()
         self._routes = RouteTable()
         self._attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]] = []

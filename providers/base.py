@@ -15,6 +15,11 @@ Contract, for implementers:
   fails only that item. The default fans out concurrently; providers whose wire has a
   batch form override it and set ``native_batch``.
 * Everything ``start`` opens, ``aclose`` closes: no task, socket or process outlives it.
+* A provider that connects where the manifest says (a URL, an address, a socket) checks
+  ``self.egress`` (``providers.egress``) when it connects, after name resolution, and
+  lists those places in its target model's ``destinations()`` so they are checked when
+  the manifest loads too. The dispatcher hands it the manifest's policy through
+  ``use_egress`` before ``start``; a provider that connects nowhere ignores both.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from linchkit_plugin.errors import DispatchError, ProviderError
 from providers.deploy import Deployer
+from providers.egress import EgressPolicy
 from providers.invocation import Invocation, Outcome
 from providers.target import PluginInfo, TargetConfig
 
@@ -67,6 +73,13 @@ class Provider(abc.ABC, Generic[TargetT]):
     enforces_deadline: ClassVar[bool] = True
     #: Where plugin events go, as ``sink(plugin_id, event, data)``; set by the dispatcher.
     event_sink: Callable[[str, str, Any], None] | None = None
+    #: Where this provider may connect; the defaults until ``use_egress`` is called.
+    egress: EgressPolicy = EgressPolicy()
+
+    def use_egress(self, policy: EgressPolicy) -> None:
+        """Connect only where ``policy`` allows. Called by the dispatcher before ``start``
+        with the manifest's ``egress``; override to pass it to a client built earlier."""
+        self.egress = policy
 
     async def start(self) -> None:
         """Open clients and pools. Called once, before any plugin is attached."""

@@ -11,6 +11,15 @@ detaches (the sequence of ``providers._grpc.lifecycle``, as for subprocess plugi
 ``remote`` (the default) the service runs its own lifecycle.
 
 grpcio is imported when a connection is opened, not when this module loads.
+
+Egress: before a channel is created (``attach``), ``address`` is checked against the
+manifest's ``egress`` policy: a ``unix:`` socket must be in ``unix_socket_dirs``, and a
+name is resolved and every address checked (``EgressPolicy.check_connect``); a refusal
+fails ``attach`` with ``EgressRefused``, an unresolvable name with ``TargetUnavailable``.
+What stays unchecked: grpc resolves the name again itself, and again on every reconnect,
+so a name whose DNS answer changes after ``attach`` (rebinding) is not re-checked; pin
+such targets to address literals or an ``egress.allow`` of networks you trust. Metadata
+values are masked wherever a target prints.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from providers._grpc import lifecycle
 from providers._grpc.connection import ChannelSecurity, PluginConnection
 from providers.base import Health, Provider
 from providers.invocation import Invocation, Outcome
-from providers.target import ManifestPath, TargetConfig
+from providers.target import Destination, ManifestPath, TargetConfig
 
 if TYPE_CHECKING:
     from providers.target import PluginInfo
@@ -85,6 +94,17 @@ class GrpcTarget(TargetConfig):
             raise ValueError("cert_file and key_file go together (mTLS needs both)")
         return self
 
+    secret_fields = frozenset({"metadata"})
+
+    def destinations(self) -> tuple[Destination, ...]:
+        address = self.address
+        if address.startswith("unix:"):
+            path = address.removeprefix("unix:")
+            # unix:///abs/path is the URI form of unix:/abs/path (gRPC naming doc).
+            return (Destination.of_unix_socket("address", path.removeprefix("//")),)
+        host, _, port = address.rpartition(":")
+        return (Destination.of_host("address", host, int(port)),)
+
     @property
     def uses_tls(self) -> bool:
         return self.tls or self.ca_file is not None or self.cert_file is not None
@@ -120,6 +140,9 @@ class GrpcProvider(Provider[GrpcTarget]):
         self._connections: dict[str, PluginConnection] = {}
 
     async def attach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
+        if target.key not in self._connections:
+            for destination in target.destinations():
+                await self.egress.check_connect(destination)
         connection = self._open(target)
         sink = self._event_sink_of(plugin) if target.events else None
         if target.lifecycle == "dispatcher":

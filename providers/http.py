@@ -5,9 +5,18 @@ aiohttp rather than httpx on this path: measured here, httpx's pool costs 330-40
 CPU per call and made 16x fewer calls/s at concurrency 64 (``docs/architecture.md``).
 aiohttp is imported when the provider starts, not when the module loads.
 
+Credentials: ``user:password@`` in the URL is sent as ``Authorization: Basic`` and taken
+out of the URL before aiohttp sees it (so no message of aiohttp's can print it);
+``bearer_token`` as ``Authorization: Bearer``. Two sources of ``Authorization`` are
+refused when the manifest loads. Every message names the URL with its password masked.
+Connections go only where the manifest's ``egress`` allows (``providers.egress``): the
+URL's host when the route is built, each resolved address before it is dialled.
+
 Status mapping, for answers that carry no error envelope:
 
     200             decode the envelope (a plugin error is ``ok: false`` inside a 200)
+    3xx             ProviderError naming the Location: redirects are never followed (a
+                    redirect would carry the envelope and the headers' secrets elsewhere)
     401 / 403       Unauthorized / Forbidden
     408 / 504       DeadlineExceeded
     413             InvalidParams (request too large)
@@ -24,7 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from pydantic import AnyHttpUrl, Field, SecretStr
+from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -32,11 +41,17 @@ from linchkit_plugin.errors import (
     TargetUnavailable,
 )
 from linchkit_plugin.wire import encode_json
-from providers._http_common import open_session, read_limited, status_error
+from providers._http_common import (
+    basic_authorization,
+    open_session,
+    read_limited,
+    redirect_detail,
+    status_error,
+)
 from providers.base import Health, Provider
 from providers.envelope import decode_batch_response, decode_response
 from providers.invocation import Invocation, Outcome
-from providers.target import TargetConfig
+from providers.target import Destination, TargetConfig, masked_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -57,11 +72,37 @@ class HttpTarget(TargetConfig):
     batch: bool = Field(default=True, description="The endpoint accepts the batch envelope.")
     max_response_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
 
+    secret_fields = frozenset({"headers"})
+
+    @model_validator(mode="after")
+    def _one_source_of_credentials(self) -> HttpTarget:
+        sources = [
+            name
+            for name, present in (
+                ("user:password in url", self.url.username or self.url.password),
+                ("bearer_token", self.bearer_token is not None),
+                (
+                    "an Authorization header",
+                    any(k.lower() == "authorization" for k in self.headers),
+                ),
+            )
+            if present
+        ]
+        if len(sources) > 1:
+            raise ValueError(
+                f"credentials twice: {' and '.join(sources)} would both set the Authorization"
+                " header; keep one"
+            )
+        return self
+
     def describe(self) -> str:
-        return f"http {str(self.url).rstrip('/')}{self.invoke_path}"
+        return f"http {masked_url(self.url).rstrip('/')}{self.invoke_path}"
 
     def endpoint(self, path: str) -> str:
         return str(self.url).rstrip("/") + path
+
+    def destinations(self) -> tuple[Destination, ...]:
+        return (Destination.of_url("url", str(self.url)),)
 
 
 class _Route:
@@ -72,9 +113,13 @@ class _Route:
     def __init__(self, target: HttpTarget) -> None:
         from yarl import URL
 
-        self.invoke_url: URL = URL(target.endpoint(target.invoke_path))
-        self.health_url: URL = URL(target.endpoint(target.health_path))
+        invoke_url = URL(target.endpoint(target.invoke_path))
+        authorization = basic_authorization(invoke_url)
+        self.invoke_url: URL = invoke_url.with_user(None)
+        self.health_url: URL = URL(target.endpoint(target.health_path)).with_user(None)
         headers = {"Content-Type": "application/json", **target.headers}
+        if authorization is not None:
+            headers["Authorization"] = authorization
         if target.bearer_token is not None:
             headers["Authorization"] = f"Bearer {target.bearer_token.get_secret_value()}"
         self.headers = headers
@@ -106,6 +151,7 @@ class HttpProvider(Provider[HttpTarget]):
             max_connections=self._max_connections,
             keepalive_seconds=self._keepalive_seconds,
             unix_socket=self._unix_socket,
+            egress=self.egress,
         )
 
     async def aclose(self) -> None:
@@ -138,14 +184,22 @@ class HttpProvider(Provider[HttpTarget]):
         session = self._require_session()
         started = time.perf_counter()
         try:
+            route = self._route(target)
             async with session.get(
-                self._route(target).health_url, timeout=aiohttp.ClientTimeout(total=5)
+                route.health_url,
+                headers=route.headers,
+                timeout=aiohttp.ClientTimeout(total=5),
+                allow_redirects=False,
             ) as response:
-                body = await response.read()
+                body = await response.content.read(4096)
         except (aiohttp.ClientError, TimeoutError) as error:
             return Health("not_serving", f"{type(error).__name__}: {error}")
+        except ProviderError as error:  # the egress policy refused it
+            return Health("not_serving", error.message)
         latency_ms = (time.perf_counter() - started) * 1000
-        detail = body[:200].decode("utf-8", "replace")
+        detail = redirect_detail(response.status, response.headers.get("Location")) or body[
+            :200
+        ].decode("utf-8", "replace")
         status: Literal["serving", "not_serving"] = (
             "serving" if response.status == 200 else "not_serving"
         )
@@ -166,6 +220,7 @@ class HttpProvider(Provider[HttpTarget]):
                 data=data,
                 headers=route.headers,
                 timeout=self._timeout(remaining),
+                allow_redirects=False,
             ) as response:
                 length = response.content_length
                 if length is not None and length <= target.max_response_bytes:
@@ -173,7 +228,9 @@ class HttpProvider(Provider[HttpTarget]):
                 else:
                     payload = await read_limited(response, target.max_response_bytes, target)
                 status = response.status
-                retry_after = None if status == 200 else response.headers.get("Retry-After")
+                if status != 200:
+                    retry_after = response.headers.get("Retry-After")
+                    location = response.headers.get("Location")
         except TimeoutError:
             raise DeadlineExceeded(
                 f"{target.describe()} did not answer within {remaining * 1000:.0f} ms"
@@ -188,7 +245,7 @@ class HttpProvider(Provider[HttpTarget]):
             ) from error
         if status == 200:
             return _json(payload, target)
-        raise status_error(status, payload, retry_after, target)
+        raise status_error(status, payload, retry_after, target, location=location)
 
     def _timeout(self, remaining: float) -> aiohttp.ClientTimeout:
         """A client timeout ending at most 1 ms before ``remaining`` seconds, never after.
@@ -214,6 +271,10 @@ class HttpProvider(Provider[HttpTarget]):
     def _route(self, target: HttpTarget) -> _Route:
         route = self._routes.get(target.key)
         if route is None:
+            # Names are checked again after resolution (open_session); an address literal
+            # is never resolved, so this is where it is checked.
+            for destination in target.destinations():
+                self.egress.check(destination)
             route = self._routes[target.key] = _Route(target)
         return route
 

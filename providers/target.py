@@ -5,26 +5,80 @@
 the base of every model a manifest is read into, and ``PluginInfo`` the part of a plugin's
 manifest entry a provider may read. Providers see a plugin through ``PluginInfo`` only:
 its policies belong to the dispatcher, not to the driver.
+
+Secrets never print: a manifest model's ``repr``/``str`` shows ``***`` for the values of
+its ``secret_fields`` (headers, gRPC metadata, deployment environments) and for the
+password of any URL; ``describe()`` implementations use ``masked_url``. A target names
+where it connects through ``destinations()``, which the egress policy checks
+(``providers.egress``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, ValidationInfo
+from pydantic import AfterValidator, AnyUrl, BaseModel, ConfigDict, SecretStr, ValidationInfo
 
-__all__ = ["Lifecycle", "ManifestPath", "PluginInfo", "StrictModel", "TargetConfig"]
+__all__ = [
+    "MASK",
+    "Destination",
+    "Lifecycle",
+    "ManifestPath",
+    "PluginInfo",
+    "StrictModel",
+    "TargetConfig",
+    "masked_url",
+]
+
+#: What a secret prints as.
+MASK = "***"
+
+
+def masked_url(url: str | AnyUrl) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for messages and listings."""
+    text = str(url)
+    if "@" not in text:
+        return text
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: MASK for key in value}
+    if isinstance(value, list | tuple):
+        return [MASK for _ in value]
+    return MASK if value else value
 
 
 class StrictModel(BaseModel):
     """A manifest model: unknown keys are errors, and nothing changes once loaded."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Fields whose values are secrets (a mapping's values, a list's items): their keys
+    #: still show in ``repr``/``str``, their values print as ``***``.
+    secret_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            if name in self.secret_fields:
+                yield name, _masked(value)
+            elif isinstance(value, AnyUrl) or (isinstance(value, str) and "://" in value):
+                yield name, masked_url(value)
+            else:
+                yield name, value
 
 
 def _relative_to_manifest(path: Path, info: ValidationInfo) -> Path:
@@ -36,6 +90,44 @@ def _relative_to_manifest(path: Path, info: ValidationInfo) -> Path:
 
 #: A path in a manifest: relative paths are taken from the manifest's folder.
 ManifestPath = Annotated[Path, AfterValidator(_relative_to_manifest)]
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One place a target makes a provider connect to, as the manifest names it.
+
+    ``field`` is the target's key that names it (``url``, ``address``…), so a refusal
+    points at the line to change. ``host`` is a name or an address literal (no brackets).
+    """
+
+    field: str
+    host: str | None = None
+    port: int | None = None
+    scheme: str | None = None
+    unix_socket: Path | None = None
+
+    @classmethod
+    def of_url(cls, field: str, url: str) -> Destination:
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        return cls(field, host=parts.hostname or None, port=port, scheme=parts.scheme.lower())
+
+    @classmethod
+    def of_host(cls, field: str, host: str, port: int | None = None) -> Destination:
+        return cls(field, host=host.strip("[]"), port=port)
+
+    @classmethod
+    def of_unix_socket(cls, field: str, path: str | Path) -> Destination:
+        return cls(field, unix_socket=Path(path))
+
+    def __str__(self) -> str:
+        if self.unix_socket is not None:
+            return f"unix:{self.unix_socket}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else (self.host or "")
+        return f"{host}:{self.port}" if self.port is not None else host
 
 
 class TargetConfig(StrictModel):
@@ -59,8 +151,16 @@ class TargetConfig(StrictModel):
         return hashlib.blake2b(canonical, digest_size=12).hexdigest()
 
     def describe(self) -> str:
-        """One line for ``dispatcher list``: where calls go."""
+        """One line for ``dispatcher list``: where calls go. Never a secret (``masked_url``)."""
         return self.provider
+
+    def destinations(self) -> Sequence[Destination]:
+        """Where this target makes its provider connect, for the egress policy.
+
+        A target that names a host, URL or socket lists it here (``providers.egress``);
+        the default, for targets that connect nowhere the manifest names, is none.
+        """
+        return ()
 
 
 def _plain(value: Any) -> Any:

@@ -1,7 +1,12 @@
 """Loading a manifest: YAML or TOML text → validated ``Manifest``, or every problem at once.
 
 Every problem names the file, the line where the format tells it, the path inside the
-document (``plugins[0].methods.say.target.url``) and what was expected.
+document (``plugins[0].methods.say.target.url``) and what was expected. A value that came
+from ``${NAME}`` is never echoed back: it may be a secret.
+
+Every destination a target names (``TargetConfig.destinations()``) is checked against the
+manifest's ``egress`` policy here, without resolving names; providers check again after
+resolution when they connect (``providers.egress``).
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from dispatcher.config.errors import ManifestError, ManifestProblem
 from dispatcher.config.manifest import Manifest, MethodSpec
 from dispatcher.config.policies import Policies
 from providers import provider_classes
+from providers.target import MASK, TargetConfig
 
 __all__ = ["load_manifest", "parse_manifest"]
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+#: Where ``${NAME}`` was replaced in a document, and by what: those values are not shown.
+Substitutions = dict[tuple[str | int, ...], list[str]]
 
 
 @cache
@@ -60,16 +69,18 @@ def parse_manifest(
 ) -> Manifest[Any]:
     """Validate an already parsed manifest document."""
     problems: list[ManifestProblem] = []
-    data = _interpolate_env(data, (), problems)
+    substituted: Substitutions = {}
+    data = _interpolate_env(data, (), problems, substituted)
     manifest: Manifest[Any] | None = None
     if not problems:
         context = {"base_dir": (base_dir or Path.cwd()).resolve()}
         try:
             manifest = _manifest_model().model_validate(data, context=context)
         except ValidationError as error:
-            problems.extend(_problems_from(error))
+            problems.extend(_problems_from(error, substituted))
     if manifest is not None:
         problems.extend(_semantic_problems(manifest))
+        problems.extend(_egress_problems(manifest))
     if problems:
         located = [_locate(problem, yaml_root) for problem in problems]
         located.sort(key=lambda problem: problem.line or 0)
@@ -100,9 +111,15 @@ def _parse_toml(text: str, source: str) -> Any:
 
 
 def _interpolate_env(
-    value: Any, path: tuple[str | int, ...], problems: list[ManifestProblem]
+    value: Any,
+    path: tuple[str | int, ...],
+    problems: list[ManifestProblem],
+    substituted: Substitutions,
 ) -> Any:
-    """Replace ``${NAME}`` and ``${NAME:-default}`` in strings, so secrets stay out of files."""
+    """Replace ``${NAME}`` and ``${NAME:-default}`` in strings, so secrets stay out of files.
+
+    Records in ``substituted`` where it replaced what, so problems never echo those values.
+    """
     if isinstance(value, str):
 
         def substitute(match: re.Match[str]) -> str:
@@ -113,23 +130,39 @@ def _interpolate_env(
                     ManifestProblem(_render_path(path), f"environment variable {name} is not set")
                 )
                 return ""
+            substituted.setdefault(path, []).append(found)
             return found
 
         return _ENV_REFERENCE.sub(substitute, value)
     if isinstance(value, dict):
-        return {key: _interpolate_env(item, (*path, key), problems) for key, item in value.items()}
+        return {
+            key: _interpolate_env(item, (*path, key), problems, substituted)
+            for key, item in value.items()
+        }
     if isinstance(value, list):
         return [
-            _interpolate_env(item, (*path, index), problems) for index, item in enumerate(value)
+            _interpolate_env(item, (*path, index), problems, substituted)
+            for index, item in enumerate(value)
         ]
     return value
 
 
-def _problems_from(error: ValidationError) -> Iterator[ManifestProblem]:
+def _problems_from(error: ValidationError, substituted: Substitutions) -> Iterator[ManifestProblem]:
     tags = set(provider_classes())
     for detail in error.errors(include_url=False):
         location = _without_discriminator_tags(detail["loc"], tags)
-        yield ManifestProblem(_render_path(location), _explain(detail, location))
+        # The input of a problem at or above a substituted value contains that value.
+        secrets = [
+            value
+            for path, values in substituted.items()
+            if path[: len(location)] == location or location[: len(path)] == path
+            for value in values
+        ]
+        message = _explain(detail, location, show_input=not secrets)
+        for secret in sorted(secrets, key=len, reverse=True):
+            if secret:
+                message = message.replace(secret, MASK)
+        yield ManifestProblem(_render_path(location), message)
 
 
 def _without_discriminator_tags(
@@ -145,7 +178,9 @@ def _without_discriminator_tags(
     return tuple(kept)
 
 
-def _explain(detail: Mapping[str, Any], location: tuple[str | int, ...]) -> str:
+def _explain(
+    detail: Mapping[str, Any], location: tuple[str | int, ...], *, show_input: bool
+) -> str:
     kind = detail["type"]
     if kind == "extra_forbidden":
         return (
@@ -158,6 +193,8 @@ def _explain(detail: Mapping[str, Any], location: tuple[str | int, ...]) -> str:
     message = str(detail["msg"]).removeprefix("Value error, ")
     if kind in {"union_tag_invalid", "value_error"}:
         return message
+    if not show_input:
+        return f"{message} (got a value from the environment, not shown)"
     return f"{message} (got {detail.get('input')!r:.80})"
 
 
@@ -180,6 +217,24 @@ def _semantic_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
             yield from _unsafe_policy_problems(
                 f"{where}.methods.{name}", plugin.policies_of(name), method
             )
+
+
+def _egress_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
+    """Every destination a target names that the manifest's ``egress`` refuses, located
+    where the target is written (a plugin's default target or a method's own)."""
+    for index, plugin in enumerate(manifest.plugins):
+        written: list[tuple[str, TargetConfig | None]] = [
+            (f"plugins[{index}].target", plugin.target)
+        ]
+        written += [
+            (f"plugins[{index}].methods.{name}.target", method.target)
+            for name, method in plugin.methods.items()
+        ]
+        for where, target in written:
+            for destination in target.destinations() if target is not None else ():
+                refusal = manifest.egress.refusal(destination)
+                if refusal is not None:
+                    yield ManifestProblem(f"{where}.{destination.field}", refusal)
 
 
 def _unsafe_policy_problems(

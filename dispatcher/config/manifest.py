@@ -14,6 +14,7 @@ from jsonschema.exceptions import SchemaError
 from pydantic import Field, field_validator
 
 from dispatcher.config.policies import Policies
+from providers.egress import EgressPolicy
 from providers.target import StrictModel, TargetConfig
 
 __all__ = ["IDENTIFIER", "Lifecycle", "Manifest", "MethodSpec", "PluginSpec"]
@@ -111,4 +112,8 @@ class Manifest(StrictModel, Generic[TargetT]):
     """A whole manifest file."""
 
     version: Literal[1] = 1
+    egress: EgressPolicy = Field(
+        default_factory=EgressPolicy,
+        description="Where providers may connect (providers/egress.py; README: egress).",
+    )
     plugins: list[PluginSpec[TargetT]] = Field(default_factory=list)

@@ -12,6 +12,10 @@ What the call looks like on the wire (AWS ``Invoke`` API):
 
 Failures become ``DispatchError`` in ``errors.py``; the clients (and the only import of the
 AWS SDK) are in ``client.py``; ``dispatcher deploy`` goes through ``deployer()``.
+
+Egress: an ``endpoint_url`` is checked when the manifest loads (http/https only, the
+``egress`` policy) and resolved and checked again in ``attach``; botocore then resolves it
+on its own for every connection, which stays unchecked (``providers.egress``).
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class LambdaProvider(Provider[LambdaTarget]):
         await self._clients.aclose()
 
     async def attach(self, plugin: PluginInfo, target: LambdaTarget) -> None:
+        for destination in target.destinations():
+            await self.egress.check_connect(destination)
         # Open the region's client now, so credential and region problems show at start,
         # not on the first call, and the first call does not pay for the client.
         await self.client(target)

@@ -6,10 +6,11 @@ Vendor-free (pydantic only), so loading a manifest never imports the AWS SDK.
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from providers.target import ManifestPath, StrictModel, TargetConfig
+from providers.target import Destination, ManifestPath, StrictModel, TargetConfig, masked_url
 
 __all__ = ["LambdaDeploySettings", "LambdaTarget"]
 
@@ -20,6 +21,8 @@ _FUNCTION_NAME = (
 
 class LambdaDeploySettings(StrictModel):
     """How ``dispatcher deploy`` builds and configures the function behind a target."""
+
+    secret_fields = frozenset({"environment"})
 
     role: str = Field(
         pattern=r"^arn:aws[a-zA-Z-]*:iam::\d{12}:role/.+$",
@@ -63,6 +66,25 @@ class LambdaTarget(TargetConfig):
         default=True, description="Send batches in one invocation (batch envelope)."
     )
     deploy: LambdaDeploySettings | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, endpoint_url: str | None) -> str | None:
+        if endpoint_url is None:
+            return None
+        parts = urlsplit(endpoint_url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"endpoint_url must be an http:// or https:// URL with a host, not {masked_url(endpoint_url)!r}"
+            )
+        return endpoint_url
+
+    def destinations(self) -> tuple[Destination, ...]:
+        """The endpoint, checked when the manifest loads. Not after resolution: botocore
+        resolves and connects on its own (``providers.egress``)."""
+        if self.endpoint_url is None:
+            return ()
+        return (Destination.of_url("endpoint_url", self.endpoint_url),)
 
     def describe(self) -> str:
         where = f"{self.function_name}:{self.qualifier}" if self.qualifier else self.function_name

@@ -37,6 +37,12 @@ belongs to the dispatcher: its retry policy (``idempotent: true`` plus ``retry``
 and spends its retry budget and backoff on it. The provider does not read policies, so it
 never resends such a call itself: a non-idempotent method is sent again only when no
 earlier attempt can have run it.
+
+Redirects are never followed (``providers._http_common``): a 3xx is ``ProviderError``
+naming the ``Location``, final. ``user:password@`` in ``ingress`` is sent as
+``Authorization: Basic`` and never reaches aiohttp's URL; messages mask it. The ingress
+is checked against the manifest's ``egress`` policy when a route is built (an address
+literal) and after resolution (a name); a refusal is final, never resent.
 """
 
 from __future__ import annotations
@@ -52,13 +58,21 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError, TargetUnavailable
-from providers._http_common import open_session, read_limited, retry_after_seconds, status_error
+from providers._http_common import (
+    basic_authorization,
+    open_session,
+    read_limited,
+    redirect_detail,
+    retry_after_seconds,
+    status_error,
+)
 from providers.base import Health, Provider
 from providers.invocation import Invocation
 from providers.knative.activation import Failure, classify_failure, made_by_function
 from providers.knative.cloudevents import Answer, decode_answer, encode_request, read_event
 from providers.knative.deployer import KnativeDeployer
 from providers.knative.target import KnativeTarget
+from providers.target import masked_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -99,9 +113,13 @@ class _Route:
         from yarl import URL
 
         base = str(target.ingress).rstrip("/")
-        self.invoke_url: URL = URL(base + target.effective_invoke_path)
-        self.health_url: URL = URL(base + target.effective_readiness_path)
+        invoke_url = URL(base + target.effective_invoke_path)
+        authorization = basic_authorization(invoke_url)
+        self.invoke_url: URL = invoke_url.with_user(None)
+        self.health_url: URL = URL(base + target.effective_readiness_path).with_user(None)
         self.headers = {**target.headers, "Host": target.host}
+        if authorization is not None:
+            self.headers["Authorization"] = authorization
 
 
 class KnativeProvider(Provider[KnativeTarget]):
@@ -129,7 +147,9 @@ class KnativeProvider(Provider[KnativeTarget]):
 
     async def start(self) -> None:
         self._session = open_session(
-            max_connections=self._max_connections, keepalive_seconds=self._keepalive_seconds
+            max_connections=self._max_connections,
+            keepalive_seconds=self._keepalive_seconds,
+            egress=self.egress,
         )
 
     async def aclose(self) -> None:
@@ -182,19 +202,27 @@ class KnativeProvider(Provider[KnativeTarget]):
     async def health(self, target: KnativeTarget) -> Health:
         import aiohttp
 
-        route = self._route(target)
         session = self._require_session()
         started = time.perf_counter()
         try:
+            route = self._route(target)
             async with session.get(
-                route.health_url, headers=route.headers, timeout=aiohttp.ClientTimeout(total=5)
+                route.health_url,
+                headers=route.headers,
+                timeout=aiohttp.ClientTimeout(total=5),
+                allow_redirects=False,
             ) as response:
                 body = await response.content.read(4096)
                 headers = {key.lower(): value for key, value in response.headers.items()}
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as error:
             return Health("not_serving", f"{type(error).__name__}: {error}")
+        except ProviderError as error:  # the egress policy refused it
+            return Health("not_serving", error.message, extra={"host": target.host})
         latency_ms = (time.perf_counter() - started) * 1000
+        redirect = redirect_detail(status, headers.get("location"))
+        if redirect is not None:
+            return Health("not_serving", redirect, latency_ms, {"host": target.host})
         detail = body[:200].decode("utf-8", "replace")
         if status == 200:
             return Health("serving", detail, latency_ms, {"host": target.host})
@@ -214,7 +242,10 @@ class KnativeProvider(Provider[KnativeTarget]):
         if remaining <= 0:
             return Failure.FINAL, DeadlineExceeded(f"deadline passed before calling {target.host}")
         headers, body = encode_request(target, invocation)
-        route = self._route(target)
+        try:
+            route = self._route(target)
+        except ProviderError as error:  # the egress policy refused the ingress
+            return Failure.FINAL, error
         session = self._require_session()
         try:
             async with session.post(
@@ -222,6 +253,7 @@ class KnativeProvider(Provider[KnativeTarget]):
                 data=body,
                 headers={**route.headers, **headers},
                 timeout=aiohttp.ClientTimeout(total=remaining),
+                allow_redirects=False,
             ) as response:
                 payload = await read_limited(response, target.max_response_bytes, target)
                 answer = Answer(
@@ -233,9 +265,11 @@ class KnativeProvider(Provider[KnativeTarget]):
             return Failure.FINAL, DeadlineExceeded(
                 f"{target.host} did not answer within {remaining * 1000:.0f} ms"
             )
+        except ProviderError as error:  # the egress policy refused what the name resolved to
+            return Failure.FINAL, error
         except aiohttp.ClientConnectorError as error:
             return Failure.NOT_REACHED, TargetUnavailable(
-                f"cannot connect to the ingress {target.ingress} for {target.host}: {error.os_error}",
+                f"cannot connect to the ingress {masked_url(target.ingress)} for {target.host}: {error.os_error}",
                 details={"stage": "connect"},
             )
         except aiohttp.ClientError as error:
@@ -268,7 +302,8 @@ class KnativeProvider(Provider[KnativeTarget]):
             elif isinstance(data, dict) and isinstance(data.get("message"), str):
                 runtime_message = data["message"]
         header = answer.headers.get("retry-after")
-        error = status_error(answer.status, payload, header, target)
+        location = answer.headers.get("location")
+        error = status_error(answer.status, payload, header, target, location=location)
         if runtime_message is not None:
             error = error.with_message(f"{error.message}: {runtime_message[:500]}")
         retry_after = retry_after_seconds(header)
@@ -279,6 +314,9 @@ class KnativeProvider(Provider[KnativeTarget]):
     def _route(self, target: KnativeTarget) -> _Route:
         route = self._routes.get(target.key)
         if route is None:
+            # A name is checked again after resolution (open_session); a literal only here.
+            for destination in target.destinations():
+                self.egress.check(destination)
             route = self._routes[target.key] = _Route(target)
         return route
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, BeforeValidator, Field, model_validator
 
-from providers.target import ManifestPath, StrictModel, TargetConfig
+from providers.target import Destination, ManifestPath, StrictModel, TargetConfig, masked_url
 
 __all__ = ["KnativeCanary", "KnativeCluster", "KnativeDeploy", "KnativeTarget"]
 
@@ -50,6 +50,8 @@ class KnativeCluster(StrictModel):
 
 class KnativeDeploy(StrictModel):
     """What ``dispatcher deploy`` renders into a ``serving.knative.dev/v1`` Service."""
+
+    secret_fields = frozenset({"env"})
 
     image: str = Field(min_length=1)
     args: list[str] = Field(default_factory=list)
@@ -103,6 +105,22 @@ class KnativeTarget(TargetConfig):
     activation_backoff_max_ms: Annotated[int, Field(gt=0)] = 1000
     deploy: KnativeDeploy | None = None
 
+    secret_fields = frozenset({"headers"})
+
+    @model_validator(mode="after")
+    def _one_source_of_credentials(self) -> KnativeTarget:
+        if (self.ingress.username or self.ingress.password) and any(
+            key.lower() == "authorization" for key in self.headers
+        ):
+            raise ValueError(
+                "credentials twice: user:password in ingress and an Authorization header"
+                " would both set the Authorization header; keep one"
+            )
+        return self
+
+    def destinations(self) -> tuple[Destination, ...]:
+        return (Destination.of_url("ingress", str(self.ingress)),)
+
     @property
     def host(self) -> str:
         prefix = f"{self.tag}-" if self.tag else ""
@@ -119,4 +137,4 @@ class KnativeTarget(TargetConfig):
         )
 
     def describe(self) -> str:
-        return f"knative {self.host} via {str(self.ingress).rstrip('/')} ({self.mode})"
+        return f"knative {self.host} via {masked_url(self.ingress).rstrip('/')} ({self.mode})"

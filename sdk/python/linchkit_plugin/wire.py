@@ -60,11 +60,20 @@ def _refuse_non_finite(value: Any) -> None:
 
 
 def decode_response(payload: Any) -> Any:
-    """The result of a response envelope, or raise the error it carries."""
+    """The result of a response envelope, or raise the error it carries.
+
+    ``{"ok": true}`` without ``result`` is refused (``ProviderError``): the schema requires
+    it, and reading it as ``null`` would turn a broken target into a silent wrong answer.
+    """
     if type(payload) is dict:
         ok = payload.get("ok")
         if ok is True:
-            return payload.get("result")
+            try:
+                return payload["result"]
+            except KeyError:
+                raise ProviderError(
+                    "target answered ok without a 'result' (send \"result\": null for no value)"
+                ) from None
         if ok is False:
             raise error_from_wire(payload.get("error"))
     raise ProviderError(

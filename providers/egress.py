@@ -1,0 +1,282 @@
+"""Where providers may connect: the manifest's ``egress`` policy, checked twice.
+
+A manifest names destinations: an HTTP target's ``url``, a Knative ``ingress``, a gRPC
+``address``, a Lambda ``endpoint_url``. Each target model lists its own through
+``TargetConfig.destinations()``, so neither the loader nor this module knows a provider.
+The policy is checked
+
+* **when the manifest loads** (``EgressPolicy.refusal``): address literals, cloud metadata
+  names, names the allowlist can never admit, Unix sockets outside ``unix_socket_dirs``
+  (after symlinks are resolved), schemes other than http and https;
+* **when a provider connects, after name resolution** (``EgressPolicy.admitted``): every
+  address a name resolves to is checked and the forbidden ones are never dialled; when
+  none is left the call fails with ``EgressRefused`` (a ``ProviderError``, not
+  retryable) before a byte is sent. aiohttp does this through the resolver of
+  ``providers._http_common.open_session``; gRPC resolves and checks before it creates a
+  channel (``check_connect``; grpc resolves again on its own afterwards, which stays
+  unchecked: see ``providers.grpc``).
+
+The guards, and how to relax each:
+
+``allow_link_local: false`` (the default) refuses 169.254.0.0/16 and fe80::/10, where
+cloud metadata services hand out credentials, the metadata addresses outside them
+(fd00:ec2::254, 100.100.100.200), the same as IPv4-mapped IPv6 addresses, and the
+metadata names (``METADATA_NAMES``). ``true`` allows them all.
+
+``allow`` (default unset: any other destination) makes an allowlist: when set, nothing
+else. Entries are networks or addresses (``10.0.0.0/8``, ``127.0.0.1``), host names
+(``api.example.com``) or suffixes (``*.internal``: any name under ``internal``). A name
+admitted by name connects to whatever it resolves to (never link-local, unless allowed);
+any other name is admitted when it resolves into a listed network, and only to the
+addresses that do.
+
+``unix_socket_dirs`` (default: the system temp folder and ``/run/plugins``) lists where
+``unix:`` sockets may be, so a manifest cannot point a driver at /var/run/docker.sock or
+another daemon's socket. Relative folders are taken from the manifest's folder.
+
+The defaults allow what one user does on one machine: loopback addresses, private
+networks, sockets under the temp folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import tempfile
+from collections.abc import Iterable, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
+
+from linchkit_plugin.errors import ProviderError, TargetUnavailable
+from providers.target import Destination, ManifestPath, StrictModel
+
+__all__ = [
+    "DEFAULT_UNIX_SOCKET_DIRS",
+    "LINK_LOCAL_NETWORKS",
+    "METADATA_ADDRESSES",
+    "METADATA_NAMES",
+    "Destination",
+    "EgressPolicy",
+    "EgressRefused",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+LINK_LOCAL_NETWORKS: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("169.254.0.0/16"),
+    ipaddress.ip_network("fe80::/10"),
+)
+#: Metadata services outside the link-local networks (AWS IPv6, Alibaba Cloud).
+METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
+    {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
+)
+#: Names of metadata services (GCP, AWS), refused before they are even resolved.
+METADATA_NAMES = frozenset(
+    {
+        "metadata",
+        "metadata.google.internal",
+        "metadata.goog",
+        "instance-data",
+        "instance-data.ec2.internal",
+    }
+)
+#: Where ``unix:`` sockets may be by default: the temp folder (where tests and
+#: ``dispatcher-plugin serve`` put theirs) and /run/plugins (a folder for deployed ones).
+DEFAULT_UNIX_SOCKET_DIRS = (Path(tempfile.gettempdir()), Path("/run/plugins"))
+
+_RELAX_LINK_LOCAL = "set egress.allow_link_local: true in the manifest to allow it"
+
+
+class EgressRefused(ProviderError):
+    """A destination the manifest's egress policy forbids; nothing was sent to it."""
+
+
+def _normal_name(name: str) -> str:
+    return name.strip("[]").rstrip(".").lower()
+
+
+def _address(host: str) -> IPAddress | None:
+    try:
+        found = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = found.ipv4_mapped if isinstance(found, ipaddress.IPv6Address) else None
+    return mapped or found
+
+
+def _checked_entries(entries: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if entries is None:
+        return None
+    for entry in entries:
+        if "/" in entry or _address(entry) is not None:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as error:
+                raise ValueError(f"{entry!r} is not a network: {error}") from None
+            continue
+        name = _normal_name(entry.removeprefix("*."))
+        labels = name.split(".")
+        if not name or not all(label and label.replace("-", "").isalnum() for label in labels):
+            raise ValueError(
+                f"{entry!r} is neither a network (10.0.0.0/8), an address, a host name"
+                " (api.example.com) nor a suffix (*.internal)"
+            )
+    return entries
+
+
+class EgressPolicy(StrictModel):
+    """The manifest's ``egress``: where providers may connect (module docstring)."""
+
+    allow_link_local: bool = Field(
+        default=False,
+        description="Allow link-local addresses and cloud metadata services.",
+    )
+    allow: Annotated[tuple[str, ...] | None, AfterValidator(_checked_entries)] = Field(
+        default=None,
+        description="When set, only these networks, addresses, host names and *.suffixes.",
+    )
+    unix_socket_dirs: tuple[ManifestPath, ...] = Field(
+        default=DEFAULT_UNIX_SOCKET_DIRS,
+        description="Folders where unix: sockets may be (symlinks resolved).",
+    )
+
+    @cached_property
+    def _networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(
+            ipaddress.ip_network(entry, strict=False)
+            for entry in self.allow or ()
+            if "/" in entry or _address(entry) is not None
+        )
+
+    @cached_property
+    def _names(self) -> tuple[tuple[str, bool], ...]:
+        """``(name, is_suffix)`` of every name entry of ``allow``."""
+        return tuple(
+            (_normal_name(entry.removeprefix("*.")), entry.startswith("*."))
+            for entry in self.allow or ()
+            if "/" not in entry and _address(entry) is None
+        )
+
+    @cached_property
+    def _socket_dirs(self) -> tuple[str, ...]:
+        return tuple(os.path.realpath(folder) for folder in self.unix_socket_dirs)
+
+    # -- load time -----------------------------------------------------------------------
+
+    def refusal(self, destination: Destination) -> str | None:
+        """Why ``destination`` is refused without resolving anything; None if it may be."""
+        if destination.unix_socket is not None:
+            return self._socket_refusal(destination.unix_socket)
+        if destination.scheme is not None and destination.scheme not in ("http", "https"):
+            return f"only http and https URLs are allowed, not {destination.scheme}:"
+        if not destination.host:
+            return "names no host"
+        address = _address(destination.host)
+        if address is not None:
+            return self.address_refusal(address, admitted_by_name=False)
+        return self.name_refusal(destination.host)
+
+    def _socket_refusal(self, path: Path) -> str | None:
+        real = os.path.realpath(path)
+        for folder in self._socket_dirs:
+            if real == folder or real.startswith(folder.rstrip("/") + "/"):
+                return None
+        shown = f"{path} (which is {real})" if real != str(path) else str(path)
+        return (
+            f"the unix socket {shown} is outside egress.unix_socket_dirs"
+            f" ({', '.join(self._socket_dirs)}); list its folder there to allow it"
+        )
+
+    def name_refusal(self, name: str) -> str | None:
+        """Why the name itself is refused, before it is resolved; None if it may be."""
+        normal = _normal_name(name)
+        if normal in METADATA_NAMES and not self.allow_link_local:
+            return f"{name} is a cloud metadata service; {_RELAX_LINK_LOCAL}"
+        if self.allow is None or self.admitted_by_name(normal) or self._networks:
+            return None  # with networks listed, the addresses it resolves to decide
+        return f"{name} is not in egress.allow ({', '.join(self.allow)})"
+
+    def admitted_by_name(self, name: str) -> bool:
+        normal = _normal_name(name)
+        return any(
+            normal.endswith("." + entry) if is_suffix else normal == entry
+            for entry, is_suffix in self._names
+        )
+
+    def address_refusal(self, address: IPAddress, *, admitted_by_name: bool) -> str | None:
+        """Why connecting to ``address`` is refused; None if it may be."""
+        if not self.allow_link_local and (
+            address in METADATA_ADDRESSES
+            or any(address in network for network in LINK_LOCAL_NETWORKS)
+        ):
+            return f"{address} is link-local or a cloud metadata address; {_RELAX_LINK_LOCAL}"
+        if self.allow is None or admitted_by_name:
+            return None
+        if any(address in network for network in self._networks):
+            return None
+        return f"{address} is not in egress.allow ({', '.join(self.allow)})"
+
+    # -- connect time --------------------------------------------------------------------
+
+    def admitted(self, name: str, addresses: Iterable[str]) -> list[str]:
+        """Those of the addresses ``name`` resolved to that may be dialled, in order.
+
+        Raises ``EgressRefused`` when the name or every address is refused.
+        """
+        refusal = self.name_refusal(name)
+        if refusal is not None:
+            raise EgressRefused(f"egress policy refuses {name}: {refusal}")
+        by_name = self.allow is not None and self.admitted_by_name(name)
+        admitted: list[str] = []
+        reasons: list[str] = []
+        for host in addresses:
+            address = _address(host)
+            reason = (
+                f"{host} is not an address"
+                if address is None
+                else self.address_refusal(address, admitted_by_name=by_name)
+            )
+            if reason is None:
+                admitted.append(host)
+            elif reason not in reasons:
+                reasons.append(reason)
+        if not admitted:
+            raise EgressRefused(
+                f"egress policy refuses {name}: it resolves only to forbidden addresses"
+                f" ({'; '.join(reasons) or 'none'})"
+            )
+        return admitted
+
+    def check(self, destination: Destination) -> None:
+        """``refusal`` as an exception: ``EgressRefused`` if ``destination`` is refused."""
+        refusal = self.refusal(destination)
+        if refusal is not None:
+            raise EgressRefused(f"egress policy refuses {destination}: {refusal}")
+
+    async def check_connect(self, destination: Destination) -> None:
+        """Resolve ``destination`` now and check every address, for clients whose own
+        resolver cannot be hooked (gRPC). Raises ``EgressRefused``, or
+        ``TargetUnavailable`` when the name does not resolve."""
+        self.check(destination)
+        host = destination.host
+        if destination.unix_socket is not None or host is None or _address(host) is not None:
+            return
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, destination.port, type=socket.SOCK_STREAM
+            )
+        except OSError as error:
+            raise TargetUnavailable(
+                f"cannot resolve {host} to check it against the egress policy: {error}"
+            ) from None
+        self.admitted(host, _unique(str(info[4][0]) for info in infos))
+
+
+def _unique(items: Iterable[str]) -> Sequence[str]:
+    return list(dict.fromkeys(items))

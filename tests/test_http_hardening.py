@@ -1,0 +1,363 @@
+"""Hostile HTTP peers and secrets: redirects, half envelopes, credentials in URLs, leaks.
+
+Every test runs real servers on loopback addresses (127.0.0.1 and 127.0.0.2, two origins)
+and, where the CLI prints, the real ``dispatcher`` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from dispatcher import Dispatcher, DispatchError, ProviderError
+from dispatcher.config import ManifestError, load_manifest
+from linchkit_plugin.wire import decode_response
+from providers.envelope import decode_batch_response
+from providers.grpc import GrpcTarget
+from providers.http import HttpTarget
+from providers.knative.target import KnativeTarget
+from tests.conftest import echo_plugin, manifest
+
+BIN = Path(sys.executable).parent
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def server_on(host: str, handler: Handler) -> AsyncIterator[tuple[str, int]]:
+    """A real TCP server on ``host`` (a loopback address), port 0; yields (host, port)."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handler(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(tracked, host, 0)
+    try:
+        yield host, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request: its head and its body (Content-Length, or none)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head, await reader.readexactly(length)
+
+
+def replying(
+    status: int, body: bytes = b"", *headers: str, seen: list[bytes] | None = None
+) -> Handler:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, request = await read_head(reader)
+            if seen is not None:
+                seen.append(head + request)
+            extra = "".join(f"{header}\r\n" for header in headers)
+            writer.write(
+                f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+            )
+            await writer.drain()
+
+    return handle
+
+
+@asynccontextmanager
+async def redirect_pair(
+    location_template: str,
+) -> AsyncIterator[tuple[str, list[bytes], list[bytes]]]:
+    """A hostile server on 127.0.0.1 answering every request with a 307 to a second server
+    on 127.0.0.2. Yields the first one's URL and what each received."""
+    first_seen: list[bytes] = []
+    second_seen: list[bytes] = []
+    async with server_on("127.0.0.2", replying(200, b'{"ok": true, "result": "stolen"}', seen=second_seen)) as (host, port):  # fmt: skip
+        location = location_template.format(host=host, port=port)
+        async with server_on("127.0.0.1", replying(307, b"", f"Location: {location}", seen=first_seen)) as (h, p):  # fmt: skip
+            yield f"http://{h}:{p}", first_seen, second_seen
+
+
+# -- 1. redirects are never followed -------------------------------------------------------
+
+
+async def test_a_307_to_another_origin_is_a_provider_error_and_sends_nothing_there() -> None:
+    async with redirect_pair("http://thief:hunter2@{host}:{port}/steal") as (url, first, second):
+        plugins = manifest(
+            echo_plugin(
+                "remote",
+                {"provider": "http", "url": url, "headers": {"X-Api-Key": "key-s3cret"}},
+                defaults={"timeout_ms": 2000},
+            )
+        )
+        async with Dispatcher(plugins) as dispatcher:
+            with pytest.raises(ProviderError) as caught:
+                await dispatcher.call("remote", "say", {"text": "hi"})
+            health = (await dispatcher.health())[0].health
+    assert first, "the hostile server saw the call"
+    assert second == [], "the redirect was followed"
+    message = str(caught.value)
+    assert "307" in message
+    assert "/steal" in message  # names the Location …
+    assert "hunter2" not in message  # … with its credentials masked
+    assert health.status == "not_serving"
+    assert "/steal" in health.detail
+    assert "hunter2" not in health.detail
+
+
+async def test_knative_never_follows_a_redirect_of_its_ingress() -> None:
+    async with redirect_pair("http://{host}:{port}/steal") as (url, first, second):
+        target = {"provider": "knative", "service": "echo", "ingress": url, "mode": "envelope"}
+        plugins = manifest(echo_plugin("kn", target, defaults={"timeout_ms": 2000}))
+        async with Dispatcher(plugins) as dispatcher:
+            with pytest.raises(ProviderError, match="/steal"):
+                await dispatcher.call("kn", "say", {"text": "hi"})
+            health = (await dispatcher.health())[0].health
+    assert first
+    assert second == []
+    assert health.status == "not_serving"
+    assert "/steal" in health.detail
+
+
+# -- 2. ok without result -------------------------------------------------------------------
+
+
+def test_ok_without_result_is_a_provider_error() -> None:
+    with pytest.raises(ProviderError, match="result"):
+        decode_response({"ok": True})
+    assert decode_response({"ok": True, "result": None}) is None
+    outcomes = decode_batch_response({"results": [{"ok": True}, {"ok": True, "result": 1}]}, 2)
+    assert isinstance(outcomes[0].error, ProviderError)
+    assert outcomes[1].result == 1
+
+
+async def test_an_http_target_answering_ok_without_result_fails_the_call() -> None:
+    async with server_on("127.0.0.1", replying(200, b'{"ok": true}')) as (host, port):
+        plugins = manifest(
+            echo_plugin("remote", {"provider": "http", "url": f"http://{host}:{port}"})
+        )
+        async with Dispatcher(plugins) as dispatcher:
+            with pytest.raises(ProviderError, match="result"):
+                await dispatcher.call("remote", "say", {"text": "hi"})
+
+
+# -- 3. credentials in the URL --------------------------------------------------------------
+
+
+def write_manifest(tmp_path: Path, target: str) -> Path:
+    path = tmp_path / "plugins.yaml"
+    text = f"""version: 1
+plugins:
+  - id: remote
+    version: 1.0.0
+    target: {target}
+    methods: {{say: {{}}}}
+"""
+    path.write_text(text)
+    return path
+
+
+def test_url_credentials_with_a_bearer_token_are_refused_at_load(tmp_path: Path) -> None:
+    path = write_manifest(
+        tmp_path, "{provider: http, url: 'http://u:pw@127.0.0.1:9', bearer_token: tok}"
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    problem = caught.value.problems[0]
+    assert problem.path == "plugins[0].target"
+    assert "bearer_token" in problem.message
+    assert "pw" not in str(caught.value).replace("plugins.yaml", "")
+
+
+def test_an_authorization_header_with_other_credentials_is_refused_at_load(tmp_path: Path) -> None:
+    path = write_manifest(
+        tmp_path,
+        "{provider: http, url: 'http://127.0.0.1:9', bearer_token: tok, headers: {authorization: x}}",
+    )
+    with pytest.raises(ManifestError, match="Authorization"):
+        load_manifest(path)
+
+
+async def test_url_credentials_alone_are_sent_as_basic_auth() -> None:
+    seen: list[bytes] = []
+    body = b'{"ok": true, "result": "fine"}'
+    async with server_on("127.0.0.1", replying(200, body, seen=seen)) as (host, port):
+        url = f"http://al%40ice:p%3Ass@{host}:{port}"
+        plugins = manifest(echo_plugin("remote", {"provider": "http", "url": url}))
+        async with Dispatcher(plugins) as dispatcher:
+            assert await dispatcher.call("remote", "say", {"text": "hi"}) == "fine"
+    expected = base64.b64encode(b"al@ice:p:ss")
+    assert b"Authorization: Basic " + expected in seen[0]
+
+
+# -- 4. secrets never printed ---------------------------------------------------------------
+
+SECRETS = {
+    "LK_URL_PASSWORD": "pw-Zq81secret",
+    "LK_HEADER_KEY": "hdr-Zq82secret",
+    "LK_TOKEN": "tok-Zq83secret",
+    "LK_METADATA": "meta-Zq84secret",
+    "LK_ENV_VALUE": "env-Zq85secret",
+}
+
+
+def secret_manifest(tmp_path: Path, port: int) -> Path:
+    path = tmp_path / "secrets.yaml"
+    path.write_text(
+        f"""version: 1
+plugins:
+  - id: remote
+    version: 1.0.0
+    target:
+      provider: http
+      url: "http://svc:${{LK_URL_PASSWORD}}@127.0.0.1:{port}"
+      headers: {{X-Api-Key: "${{LK_HEADER_KEY}}"}}
+    methods: {{say: {{}}}}
+  - id: rpc
+    version: 1.0.0
+    target:
+      provider: grpc
+      address: "127.0.0.1:{port}"
+      metadata: {{authorization: "Bearer ${{LK_METADATA}}"}}
+    methods: {{say: {{}}}}
+  - id: kn
+    version: 1.0.0
+    target:
+      provider: knative
+      service: echo
+      ingress: "http://svc:${{LK_URL_PASSWORD}}@127.0.0.1:{port}"
+      mode: envelope
+    defaults: {{timeout_ms: 1000}}
+    methods: {{say: {{}}}}
+"""
+    )
+    return path
+
+
+def run_cli(manifest_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "dispatcher"), "-m", str(manifest_path), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **SECRETS},
+        check=False,
+        timeout=60,
+    )
+
+
+def assert_no_secret(*outputs: str) -> None:
+    for output in outputs:
+        for secret in SECRETS.values():
+            assert secret not in output, output
+
+
+@pytest.mark.parametrize("status", [None, 502, 401, 307])
+async def test_the_cli_never_prints_a_secret(tmp_path: Path, status: int | None) -> None:
+    handler = replying(status or 500, b"", "Location: http://x:y@127.0.0.2:1/") if status else None
+    if handler is None:  # nothing listens: connection refused
+        async with server_on("127.0.0.1", replying(500)) as (_, port):
+            pass
+        path = secret_manifest(tmp_path, port)
+        outputs = [run_cli(path, *args) for args in (["list"], ["health"], ["call", "remote.say"], ["call", "kn.say"])]  # fmt: skip
+    else:
+        async with server_on("127.0.0.1", handler) as (_, port):
+            path = secret_manifest(tmp_path, port)
+            outputs = await asyncio.gather(
+                *(
+                    asyncio.to_thread(run_cli, path, *args)
+                    for args in (["list"], ["health"], ["call", "remote.say"], ["call", "kn.say"])
+                )
+            )
+    listed = outputs[0]
+    assert listed.returncode == 0, listed.stderr
+    assert "http://svc:***@127.0.0.1" in listed.stdout
+    assert outputs[2].returncode == 1
+    assert "Traceback" not in outputs[2].stderr
+    assert_no_secret(*(o.stdout + o.stderr for o in outputs))
+
+
+def test_a_bad_value_from_the_environment_is_not_echoed(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        """version: 1
+plugins:
+  - id: remote
+    version: 1.0.0
+    target: {provider: http, url: "http://127.0.0.1:9", max_response_bytes: "${LK_ENV_VALUE}"}
+    methods: {say: {}}
+  - id: other
+    version: 1.0.0
+    target: {provider: http, url: "${LK_TOKEN}"}
+    methods: {say: {}}
+"""
+    )
+    validated = run_cli(path, "validate")
+    assert validated.returncode == 2
+    assert "max_response_bytes" in validated.stderr
+    assert "plugins[1].target.url" in validated.stderr
+    assert_no_secret(validated.stdout, validated.stderr)
+
+
+def test_repr_and_str_of_targets_mask_every_secret() -> None:
+    targets: list[Any] = [
+        HttpTarget(
+            provider="http",
+            url="http://svc:pw-Zq81secret@127.0.0.1:9",  # type: ignore[arg-type]
+            headers={"X-Api-Key": "hdr-Zq82secret"},
+        ),
+        HttpTarget(provider="http", url="http://127.0.0.1:9", bearer_token="tok-Zq83secret"),  # type: ignore[arg-type]
+        GrpcTarget(
+            provider="grpc", address="127.0.0.1:9", metadata={"authorization": "meta-Zq84secret"}
+        ),
+        KnativeTarget(
+            provider="knative",
+            service="echo",
+            ingress="http://svc:pw-Zq81secret@127.0.0.1:9",  # type: ignore[arg-type]
+            headers={"X-Api-Key": "hdr-Zq82secret"},
+            deploy={"image": "echo:1", "env": {"API_KEY": "env-Zq85secret"}},  # type: ignore[arg-type]
+        ),
+    ]
+    for target in targets:
+        assert_no_secret(repr(target), str(target), target.describe(), f"{target!r:}")
+    assert "X-Api-Key" in repr(targets[0])  # which headers there are still shows
+
+
+async def test_error_messages_of_failed_calls_mask_url_passwords() -> None:
+    async with server_on("127.0.0.1", replying(500)) as (host, port):
+        pass  # closed: connection refused from now on
+    url = f"http://svc:pw-Zq81secret@{host}:{port}"
+    for target in (
+        {"provider": "http", "url": url},
+        {"provider": "knative", "service": "echo", "ingress": url, "mode": "envelope"},
+    ):
+        plugins = manifest(echo_plugin("remote", target, defaults={"timeout_ms": 300}))
+        async with Dispatcher(plugins) as dispatcher:
+            with pytest.raises(DispatchError) as caught:
+                await dispatcher.call("remote", "say", {"text": "hi"})
+            health = await dispatcher.health()
+        assert_no_secret(
+            str(caught.value), repr(caught.value), orjson.dumps(caught.value.to_wire()).decode()
+        )
+        assert_no_secret(*(report.target + report.health.detail for report in health))
