@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from dispatcher import Dispatcher, ProviderError, TargetUnavailable
+from dispatcher import DispatchError, Dispatcher, ProviderError, TargetUnavailable
 from linchkit_plugin._automtls import generate_certificate
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from providers.subprocess import HandshakeError, PluginProcess, SubprocessProvider
@@ -35,7 +35,7 @@ def crashing(**target: Any) -> dict[str, Any]:
         "id": "crashing",
         "version": "1.0.0",
         "target": {"provider": "subprocess", "command": CRASHING, **target},
-        "methods": {"pid": {}, "echo": {}, "announce": {}},
+        "methods": {"pid": {}, "echo": {}, "announce": {}, "nap": {}, "environment": {}},
     }
 
 
@@ -336,3 +336,52 @@ def test_the_handshake_is_the_one_docs_protocol_md_describes() -> None:
     assert parse(str(line), "p@1", [1], mtls=False) == ("unix:/tmp/lk-plugin-x1/plugin.sock", None)
     with pytest.raises(HandshakeError, match="core version '2'; this host speaks 1"):
         parse("2|1|unix|/s|grpc|", "p@1", [1], mtls=False)
+
+
+async def test_a_plugin_sigkilled_mid_burst_fails_calls_only_with_dispatch_errors() -> None:
+    # 10,000 calls, 200 at a time; the plugin is SIGKILLed once 2,000 have answered. Calls
+    # in flight on the dead child must fail as the dispatcher's errors: a bare
+    # CancelledError (grpc cancels the calls of a channel it closes) would be
+    # indistinguishable from the caller's own cancellation.
+    total, concurrency, kill_after = 10_000, 200, 2_000
+    outcomes: dict[str, int] = {}
+    unexpected: list[BaseException] = []
+    killed = asyncio.Event()
+    async with Dispatcher(manifest(crashing(restart_backoff_ms=20))) as dispatcher:
+        victim = await dispatcher.call("crashing", "pid")
+        remaining = iter(range(total))
+
+        async def worker() -> None:
+            for _ in remaining:
+                try:
+                    await dispatcher.call("crashing", "echo", {"value": 1}, timeout=10)
+                    name = "ok"
+                except DispatchError as error:
+                    name = type(error).__name__
+                except BaseException as error:  # noqa: BLE001 - what the test counts
+                    name = f"NOT A DispatchError: {type(error).__name__}"
+                    unexpected.append(error)
+                outcomes[name] = outcomes.get(name, 0) + 1
+                if not killed.is_set() and outcomes.get("ok", 0) >= kill_after:
+                    killed.set()
+                    os.kill(victim, signal.SIGKILL)
+
+        started = time.monotonic()
+        async with asyncio.timeout(120):  # no hang
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+        print(f"\n{total} calls at concurrency {concurrency} in {elapsed:.1f} s: {outcomes}")
+    assert killed.is_set()
+    assert sum(outcomes.values()) == total
+    assert not unexpected, f"outcomes by type: {outcomes}"
+    assert outcomes["ok"] > kill_after  # the restarted plugin answered the rest
+
+
+async def test_the_callers_own_cancellation_still_propagates() -> None:
+    async with Dispatcher(manifest(crashing())) as dispatcher:
+        call = asyncio.create_task(dispatcher.call("crashing", "nap", {"seconds": 30}, timeout=60))
+        await asyncio.sleep(0.5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await dispatcher.call("crashing", "echo", {"value": "still"}) == "still"

@@ -91,6 +91,18 @@ def _wire_error(error: Any) -> DispatchError:
     )
 
 
+def _cancelled_by_caller() -> bool:
+    """Whether a ``CancelledError`` is the calling task's own cancellation.
+
+    grpc.aio raises a bare ``CancelledError`` from a call when *its channel* cancels it: the
+    channel was closed with calls in flight (the subprocess provider closes it when the
+    child dies). Then no one cancelled the caller's task, and it must get a dispatcher
+    error instead; a cancellation of the task itself (``Task.cancelling()``) goes on.
+    """
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 class PluginConnection:
     """One reusable channel to one plugin, and its Events stream.
 
@@ -182,7 +194,19 @@ class PluginConnection:
                 f"{self.describe} {invocation.plugin}.{invocation.method}",
                 invocation.deadline,
             ) from error
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise self._cut_off(f"{invocation.plugin}.{invocation.method}") from None
         return self._result(reply)
+
+    def _cut_off(self, what: str) -> TargetUnavailable:
+        """The error of a call the channel cancelled under us: the connection was closed
+        (the plugin's process went away, or the dispatcher is closing)."""
+        return TargetUnavailable(
+            f"{self.describe} {what}: the connection closed with the call in flight "
+            "(the plugin went away); it may be retried"
+        )
 
     def _result(self, reply: Any) -> Any:
         if reply.ok:
@@ -205,6 +229,10 @@ class PluginConnection:
             )
         except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} batch", earliest.deadline) from error
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise self._cut_off("batch") from None
         if len(reply.results) != len(invocations):
             raise ProviderError(
                 f"{self.describe} answered {len(reply.results)} results for a batch of {len(invocations)}"
@@ -235,6 +263,10 @@ class PluginConnection:
                 yield _loads(item.chunk_json, self.describe)
         except grpc_errors() as error:
             raise translate_rpc_error(error, what, invocation.deadline) from error
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise self._cut_off(f"{invocation.plugin}.{invocation.method} stream") from None
         finally:
             call.cancel()
 
@@ -246,6 +278,10 @@ class PluginConnection:
             info = await self._stub.Describe(self._pb.DescribeRequest(), timeout=timeout)
         except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} Describe") from error
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise self._cut_off("Describe") from None
         return {
             "id": info.id,
             "version": info.version,
@@ -267,6 +303,10 @@ class PluginConnection:
             await getattr(self._stub, step)(request, timeout=timeout)
         except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} {step}") from error
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise self._cut_off(step) from None
 
     async def health(self, timeout: float = 5.0, service: str = HEALTH_SERVICE) -> Health:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -279,6 +319,10 @@ class PluginConnection:
             )
         except grpc_errors() as error:
             return Health("not_serving", translate_rpc_error(error, "health").message)
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            return Health("not_serving", self._cut_off("health").message)
         latency_ms = (time.perf_counter() - started) * 1000
         status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
         if answer.status == health_pb2.HealthCheckResponse.SERVING:
