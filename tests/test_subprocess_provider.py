@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from dispatcher import DispatchError, Dispatcher, ProviderError, TargetUnavailable
+from dispatcher import Dispatcher, DispatchError, ProviderError, TargetUnavailable
 from linchkit_plugin._automtls import generate_certificate
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from providers.subprocess import HandshakeError, PluginProcess, SubprocessProvider
@@ -53,6 +53,22 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def plugin_children() -> list[int]:
+    """Live processes of the crashing plugin started by this (the test's) process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if stat[0] != "Z" and int(stat[1]) == os.getpid() and b"crashing_plugin.py" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -358,7 +374,7 @@ async def test_a_plugin_sigkilled_mid_burst_fails_calls_only_with_dispatch_error
                     name = "ok"
                 except DispatchError as error:
                     name = type(error).__name__
-                except BaseException as error:  # noqa: BLE001 - what the test counts
+                except BaseException as error:
                     name = f"NOT A DispatchError: {type(error).__name__}"
                     unexpected.append(error)
                 outcomes[name] = outcomes.get(name, 0) + 1
@@ -385,3 +401,45 @@ async def test_the_callers_own_cancellation_still_propagates() -> None:
         with pytest.raises(asyncio.CancelledError):
             await call
         assert await dispatcher.call("crashing", "echo", {"value": "still"}) == "still"
+
+
+async def test_closing_after_a_kill_and_restart_is_bounded_by_the_grace() -> None:
+    # The dispatcher closes at any moment of a restart: the instant the supervisor sees the
+    # death (a few loop turns after it, while it tears the dead child down), during the
+    # backoff, the new child's launch and handshake, or once it runs. Each close must end
+    # within stop_grace_ms plus a margin, and leave no plugin process behind.
+    grace_s, margin_s = 0.5, 1.5
+    target = {"restart_backoff_ms": 20, "stop_grace_ms": int(grace_s * 1000)}
+    problems: list[str] = []
+    for iteration in range(24):
+        dispatcher = Dispatcher(manifest(crashing(**target)))
+        await dispatcher.__aenter__()
+        process = the_process(dispatcher)
+        victim = await dispatcher.call("crashing", "pid")
+        os.kill(victim, signal.SIGKILL)
+        if iteration < 12:
+            # Turn by turn on purpose: the close must land in the first loop turns after the death.
+            while process.state != "restarting":  # noqa: ASYNC110
+                await asyncio.sleep(0)
+            for _ in range(iteration % 4):  # 0 to 3 loop turns into the teardown
+                await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(0.05 * (iteration - 12))  # 0 to 0.55 s
+        started = time.monotonic()
+        closing = asyncio.create_task(dispatcher.aclose())
+        done, _ = await asyncio.wait({closing}, timeout=grace_s + margin_s)
+        elapsed = time.monotonic() - started
+        if not done:
+            problems.append(f"iteration {iteration}: aclose still running after {elapsed:.1f} s")
+            process._state = "failed"  # what the hung supervisor needs to give up
+            for pid in plugin_children():
+                os.kill(pid, signal.SIGKILL)
+            await asyncio.wait({closing}, timeout=10)
+        else:
+            closing.result()
+        left = plugin_children()
+        if left:
+            problems.append(f"iteration {iteration}: plugin processes {left} outlived aclose")
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+    assert not problems, "\n".join(problems)

@@ -11,7 +11,6 @@ through ``linchkit_plugin.errors.error_from_wire`` like every other transport's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -415,8 +414,10 @@ class PluginConnection:
         task, self._events_task = self._events_task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # asyncio.wait, not ``await task`` under suppress(CancelledError): that would
+            # also swallow a cancellation of *our* caller arriving meanwhile (a supervisor
+            # being stopped would then carry on and launch a new child).
+            await asyncio.wait([task])
         await self._channel.close()
 
     def __repr__(self) -> str:

@@ -123,11 +123,16 @@ class Child:
         self.connection: PluginConnection | None = None
         self.stderr_tail: list[str] = []
         self._plugin_log = plugin_log
+        self._on_end: list[Callable[[Child], None]] = []
         self._readers = [asyncio.get_running_loop().create_task(self._forward_stderr())]
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def on_end(self, callback: Callable[[Child], None]) -> None:
+        """Call ``callback(self)`` once ``terminate`` has reaped the process."""
+        self._on_end.append(callback)
 
     def drain_stdout(self) -> None:
         """After the handshake: stdout is not part of the protocol, but a full pipe would
@@ -150,25 +155,33 @@ class Child:
     async def terminate(self, grace: float) -> int | None:
         """Close stdin, SIGTERM, then SIGKILL after ``grace`` seconds; reap; clean up."""
         process = self.process
-        if self.connection is not None:
-            # First: ending our Events stream lets the plugin's server stop without a grace wait.
-            await self.connection.close()
-            self.connection = None
-        if process.stdin is not None:
-            with contextlib.suppress(Exception):
-                process.stdin.close()
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                async with asyncio.timeout(grace):
-                    await process.wait()
-            except TimeoutError:
+        try:
+            if self.connection is not None:
+                # First: ending our Events stream lets the plugin's server stop without a
+                # grace wait.
+                connection, self.connection = self.connection, None
+                await connection.close()
+            if process.stdin is not None:
+                with contextlib.suppress(Exception):
+                    process.stdin.close()
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+                try:
+                    async with asyncio.timeout(max(grace, 0.0)):
+                        await process.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            # Whatever interrupted us, the process does not outlive this call.
+            if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-                await process.wait()
-        for reader in self._readers:
-            reader.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
-        shutil.rmtree(self.folder, ignore_errors=True)
+            for reader in self._readers:
+                reader.cancel()
+            shutil.rmtree(self.folder, ignore_errors=True)
+        await process.wait()
+        await asyncio.wait(self._readers)
+        for callback in self._on_end:
+            callback(self)
         return process.returncode
