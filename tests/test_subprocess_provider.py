@@ -31,6 +31,9 @@ SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python")])
 
 
 def crashing(**target: Any) -> dict[str, Any]:
+    # The child inherits almost nothing of our environment: it is told where this
+    # checkout's SDK is.
+    target = {**target, "env": {"PYTHONPATH": SOURCE_PATH, **target.get("env", {})}}
     return {
         "id": "crashing",
         "version": "1.0.0",
@@ -157,7 +160,7 @@ async def test_an_unresponsive_plugin_is_killed_by_health_pings_and_restarted() 
 
 
 async def test_an_executable_whose_sha256_differs_is_refused() -> None:
-    with pytest.raises(ProviderError, match=r"refusing to run .* SHA-256"):
+    with pytest.raises(ProviderError, match=r"refusing to start: .* SHA-256"):
         async with Dispatcher(manifest(crashing(sha256="0" * 64))):
             pass
     actual = hashlib.sha256(Path(sys.executable).read_bytes()).hexdigest()  # noqa: ASYNC240
@@ -195,7 +198,11 @@ async def test_a_malformed_handshake_line_is_refused() -> None:
         "version": "1.0.0",
         "target": {
             "provider": "subprocess",
-            "command": [sys.executable, "-c", "print('hello world'); import time; time.sleep(60)"],
+            "command": [
+                sys.executable,
+                "-c",
+                "print('hello world', flush=True); import time; time.sleep(60)",
+            ],
         },
         "methods": {"x": {}},
     }
@@ -443,3 +450,69 @@ async def test_closing_after_a_kill_and_restart_is_bounded_by_the_grace() -> Non
             for pid in left:
                 os.kill(pid, signal.SIGKILL)
     assert not problems, "\n".join(problems)
+
+
+WRAPPER = """#!/bin/sh
+exec {python} {script} "$@"
+"""
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_a_pinned_wrapper_whose_script_changed_is_refused_and_nothing_starts(
+    tmp_path: Path,
+) -> None:
+    # The pin covers what runs: the wrapper, the interpreter and the plugin's script.
+    script = tmp_path / "plugin.py"
+    script.write_bytes((PLUGINS / "crashing_plugin.py").read_bytes())
+    wrapper = tmp_path / "plugin.sh"
+    wrapper.write_text(WRAPPER.format(python=sys.executable, script=script))
+    wrapper.chmod(0o755)
+    pins = {str(path): sha256_of(path) for path in (wrapper, script, Path(sys.executable))}
+    pinned = crashing(sha256=pins)
+    pinned["target"]["command"] = [str(wrapper)]
+    async with Dispatcher(manifest(pinned)) as dispatcher:
+        assert await dispatcher.call("crashing", "echo", {"value": "pinned"}) == "pinned"
+    assert not plugin_children()
+
+    with script.open("a") as tampered:
+        tampered.write("\nprint('changed', file=__import__('sys').stderr)\n")
+    with pytest.raises(ProviderError, match=rf"refusing to start: {script}: its SHA-256 is"):
+        async with Dispatcher(manifest(pinned)):
+            pass
+    assert not plugin_children()  # nothing was started
+
+
+def test_the_single_digest_form_pins_the_executable_and_the_map_form_every_file() -> None:
+    target = manifest(crashing(sha256={"tests/plugins/crashing_plugin.py": "AB" * 32})).plugins[0]
+    assert target.target.sha256 == {str(PLUGINS / "crashing_plugin.py"): "ab" * 32}
+    with pytest.raises(Exception, match="pin at least one file"):
+        manifest(crashing(sha256={}))
+
+
+async def test_the_hosts_environment_does_not_reach_the_plugin_unless_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LINCHKIT_TEST_SECRET", "hunter2")
+    monkeypatch.setenv("LC_TIME", "C")
+    async with Dispatcher(manifest(crashing(env={"DECLARED": "yes"}))) as dispatcher:
+        seen = await dispatcher.call("crashing", "environment")
+    assert "LINCHKIT_TEST_SECRET" not in seen
+    assert seen["DECLARED"] == "yes"
+    assert seen["PATH"] == os.environ["PATH"]
+    assert seen["LC_TIME"] == "C"
+    assert seen["LINCHKIT_PLUGIN_MAGIC_COOKIE"] == "d1spatch3r-pl4g1n"
+    allowed = {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "DECLARED", "PYTHONPATH"}
+    leaked = {
+        name
+        for name in seen
+        if name not in allowed and not name.startswith(("LC_", "LINCHKIT_PLUGIN_"))
+    }
+    assert leaked <= {"PWD", "SHLVL", "_"}, leaked  # what an interpreter or a shell adds itself
+
+    for opt_in in (["LINCHKIT_TEST_SECRET"], True):
+        async with Dispatcher(manifest(crashing(inherit_env=opt_in))) as dispatcher:
+            seen = await dispatcher.call("crashing", "environment")
+        assert seen["LINCHKIT_TEST_SECRET"] == "hunter2", opt_in

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from linchkit_plugin.errors import ProviderError
 from providers._grpc.connection import PluginConnection
 
-__all__ = ["Child", "check_digest", "socket_folder", "spawn", "with_parent_death_signal"]
+__all__ = ["Child", "check_digests", "socket_folder", "spawn", "with_parent_death_signal"]
 
 
 def _sha256_of(path: str) -> str:
@@ -34,16 +34,31 @@ def _sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-async def check_digest(who: str, executable: str, sha256: str) -> None:
-    """Refuse (``ProviderError``) to run ``executable`` unless its SHA-256 is ``sha256``."""
-    try:
-        actual = await asyncio.to_thread(_sha256_of, executable)
-    except OSError as error:
-        raise ProviderError(f"{who}: cannot read {executable}: {error.strerror}") from None
-    if actual != sha256.lower():
+async def check_digests(who: str, pins: Mapping[str, str]) -> None:
+    """Refuse (``ProviderError``) to start unless every file of ``pins`` has its SHA-256.
+
+    All files are read before anything starts; the message names each one that differs.
+    """
+
+    def mismatches() -> list[str]:
+        found = []
+        for path, expected in pins.items():
+            try:
+                actual = _sha256_of(path)
+            except OSError as error:
+                found.append(f"cannot read {path}: {error.strerror}")
+                continue
+            if actual != expected.lower():
+                found.append(
+                    f"{path}: its SHA-256 is {actual}, the manifest pins {expected.lower()}"
+                )
+        return found
+
+    wrong = await asyncio.to_thread(mismatches)
+    if wrong:
         raise ProviderError(
-            f"{who}: refusing to run {executable}: its SHA-256 is {actual}, "
-            f"the manifest pins {sha256.lower()}"
+            f"{who}: refusing to start: " + "; ".join(wrong) + " (update the pin in the "
+            "manifest's sha256 if the change is yours)"
         )
 
 

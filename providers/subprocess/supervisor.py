@@ -26,7 +26,7 @@ from providers._grpc import lifecycle
 from providers._grpc.connection import ChannelSecurity, PluginConnection
 from providers.base import Health
 from providers.subprocess import handshake
-from providers.subprocess.child import Child, check_digest, socket_folder, spawn
+from providers.subprocess.child import Child, check_digests, socket_folder, spawn
 
 if TYPE_CHECKING:
     from providers.invocation import Invocation
@@ -159,7 +159,8 @@ class PluginProcess:
         target, who = self.target, self.plugin.key
         executable = shutil.which(target.command[0]) or target.command[0]
         if target.sha256 is not None:
-            await check_digest(who, executable, target.sha256)
+            pins = {executable: target.sha256} if isinstance(target.sha256, str) else target.sha256
+            await check_digests(who, pins)
         folder = socket_folder()
         client_certificate = generate_certificate("host") if target.auto_mtls else None
         if self._stopped():
