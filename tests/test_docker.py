@@ -39,9 +39,9 @@ from providers.docker import LABEL_OWNER, DockerProvider
 from tests.conftest import EXAMPLES, LOCAL_TARGET, ROOT, manifest
 
 ECHO_IMAGE = "linchkit-test/echo:1"
-# :2 since the plugin learnt ``refuse``: a run of an older tree rebuilding :1 meanwhile
-# must not take the method away.
-UNRULY_IMAGE = "linchkit-test/unruly:2"
+# :2 since the plugin learnt ``refuse``, :3 ``hijack``: a run of an older tree rebuilding
+# the previous tag meanwhile must not take the method away.
+UNRULY_IMAGE = "linchkit-test/unruly:3"
 UNRULY_METHODS = (
     "whoami",
     "nap",
@@ -53,6 +53,7 @@ UNRULY_METHODS = (
     "sandbox",
     "sicken",
     "refuse",
+    "hijack",
 )
 
 
@@ -526,3 +527,82 @@ async def test_unreachable_engine_is_a_provider_error_saying_how_to_start_it(
     provider = DockerProvider(docker_url=f"unix://{tmp_path}/no-engine.sock")
     with pytest.raises(ProviderError, match=r"scripts/start-docker\.sh"):
         await provider.start()
+
+
+# -- the socket folder -------------------------------------------------------------------
+
+
+async def test_a_plugin_cannot_point_the_host_at_another_unix_socket(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The socket folder is the plugin's to write: it swaps plugin.sock for a symlink to a
+    # Unix socket of the host's (here the test's own server). The host must keep talking
+    # to the socket the plugin created, notice the swap, refuse and say so.
+    reached: list[bytes] = []
+
+    async def host_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reached.append(await reader.read(65536))
+        body = b'{"ok": true, "result": "the host service answered"}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    folder = Path(tempfile.mkdtemp(prefix="lk-host-service-"))
+    service_path = str(folder / "service.sock")
+    server = await asyncio.start_unix_server(host_service, path=service_path)
+    outcomes: dict[str, int] = {}
+    try:
+        async with Dispatcher(manifest(unruly(health_interval_s=0))) as dispatcher:
+            hijacked = await dispatcher.call("unruly", "hijack", {"target": service_path})
+            assert hijacked["ok"] is True
+
+            async def one() -> None:
+                try:
+                    answer = await dispatcher.call("unruly", "whoami", timeout=10)
+                    name = "the plugin" if "hostname" in answer else f"answered {answer!r}"
+                except TargetUnavailable as error:
+                    name = f"TargetUnavailable retryable={error.retryable}"
+                except Exception as error:
+                    name = f"{type(error).__name__}: {error}"
+                outcomes[name] = outcomes.get(name, 0) + 1
+
+            await asyncio.gather(*(one() for _ in range(40)))
+    finally:
+        server.close()
+        await server.wait_closed()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert len(reached) == 0, f"{len(reached)} of 40 calls reached the host's socket: {outcomes}"
+    assert outcomes == {"TargetUnavailable retryable=False": 40}, outcomes
+    assert "replaced its plugin.sock with a symlink" in caplog.text
+    assert service_path in caplog.text  # where it pointed
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "file", "directory"])
+def test_a_socket_path_that_is_not_a_socket_is_refused_before_any_connect(
+    planted: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from providers.docker.socket_pin import PinnedSocket, SocketTampered
+
+    victim = tmp_path / "victim.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(victim))
+    path = tmp_path / "plugin.sock"
+    {
+        "symlink": lambda: path.symlink_to(victim),
+        "fifo": lambda: os.mkfifo(path),
+        "file": lambda: path.write_text("x"),
+        "directory": path.mkdir,
+    }[planted]()
+    pin = PinnedSocket(str(path), "test-container")
+    try:
+        with pytest.raises(SocketTampered, match=r"made its plugin\.sock a"):
+            pin.pin()
+        with pytest.raises(SocketTampered):  # and from then on, always
+            pin.pin()
+    finally:
+        pin.close()
+        server.close()
+    assert "security: container test-container" in caplog.text

@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from dispatcher import Dispatcher, ProviderError, TargetUnavailable
+from dispatcher import Dispatcher, DispatchError, ProviderError, TargetUnavailable
 from linchkit_plugin._automtls import generate_certificate
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from providers.subprocess import HandshakeError, PluginProcess, SubprocessProvider
@@ -31,11 +31,14 @@ SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python")])
 
 
 def crashing(**target: Any) -> dict[str, Any]:
+    # The child inherits almost nothing of our environment: it is told where this
+    # checkout's SDK is.
+    target = {**target, "env": {"PYTHONPATH": SOURCE_PATH, **target.get("env", {})}}
     return {
         "id": "crashing",
         "version": "1.0.0",
         "target": {"provider": "subprocess", "command": CRASHING, **target},
-        "methods": {"pid": {}, "echo": {}, "announce": {}},
+        "methods": {"pid": {}, "echo": {}, "announce": {}, "nap": {}, "environment": {}},
     }
 
 
@@ -53,6 +56,22 @@ def alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def plugin_children() -> list[int]:
+    """Live processes of the crashing plugin started by this (the test's) process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if stat[0] != "Z" and int(stat[1]) == os.getpid() and b"crashing_plugin.py" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -141,7 +160,7 @@ async def test_an_unresponsive_plugin_is_killed_by_health_pings_and_restarted() 
 
 
 async def test_an_executable_whose_sha256_differs_is_refused() -> None:
-    with pytest.raises(ProviderError, match=r"refusing to run .* SHA-256"):
+    with pytest.raises(ProviderError, match=r"refusing to start: .* SHA-256"):
         async with Dispatcher(manifest(crashing(sha256="0" * 64))):
             pass
     actual = hashlib.sha256(Path(sys.executable).read_bytes()).hexdigest()  # noqa: ASYNC240
@@ -179,7 +198,11 @@ async def test_a_malformed_handshake_line_is_refused() -> None:
         "version": "1.0.0",
         "target": {
             "provider": "subprocess",
-            "command": [sys.executable, "-c", "print('hello world'); import time; time.sleep(60)"],
+            "command": [
+                sys.executable,
+                "-c",
+                "print('hello world', flush=True); import time; time.sleep(60)",
+            ],
         },
         "methods": {"x": {}},
     }
@@ -336,3 +359,160 @@ def test_the_handshake_is_the_one_docs_protocol_md_describes() -> None:
     assert parse(str(line), "p@1", [1], mtls=False) == ("unix:/tmp/lk-plugin-x1/plugin.sock", None)
     with pytest.raises(HandshakeError, match="core version '2'; this host speaks 1"):
         parse("2|1|unix|/s|grpc|", "p@1", [1], mtls=False)
+
+
+async def test_a_plugin_sigkilled_mid_burst_fails_calls_only_with_dispatch_errors() -> None:
+    # 10,000 calls, 200 at a time; the plugin is SIGKILLed once 2,000 have answered. Calls
+    # in flight on the dead child must fail as the dispatcher's errors: a bare
+    # CancelledError (grpc cancels the calls of a channel it closes) would be
+    # indistinguishable from the caller's own cancellation.
+    total, concurrency, kill_after = 10_000, 200, 2_000
+    outcomes: dict[str, int] = {}
+    unexpected: list[BaseException] = []
+    killed = asyncio.Event()
+    async with Dispatcher(manifest(crashing(restart_backoff_ms=20))) as dispatcher:
+        victim = await dispatcher.call("crashing", "pid")
+        remaining = iter(range(total))
+
+        async def worker() -> None:
+            for _ in remaining:
+                try:
+                    await dispatcher.call("crashing", "echo", {"value": 1}, timeout=10)
+                    name = "ok"
+                except DispatchError as error:
+                    name = type(error).__name__
+                except BaseException as error:
+                    name = f"NOT A DispatchError: {type(error).__name__}"
+                    unexpected.append(error)
+                outcomes[name] = outcomes.get(name, 0) + 1
+                if not killed.is_set() and outcomes.get("ok", 0) >= kill_after:
+                    killed.set()
+                    os.kill(victim, signal.SIGKILL)
+
+        started = time.monotonic()
+        async with asyncio.timeout(120):  # no hang
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+        print(f"\n{total} calls at concurrency {concurrency} in {elapsed:.1f} s: {outcomes}")
+    assert killed.is_set()
+    assert sum(outcomes.values()) == total
+    assert not unexpected, f"outcomes by type: {outcomes}"
+    assert outcomes["ok"] > kill_after  # the restarted plugin answered the rest
+
+
+async def test_the_callers_own_cancellation_still_propagates() -> None:
+    async with Dispatcher(manifest(crashing())) as dispatcher:
+        call = asyncio.create_task(dispatcher.call("crashing", "nap", {"seconds": 30}, timeout=60))
+        await asyncio.sleep(0.5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await dispatcher.call("crashing", "echo", {"value": "still"}) == "still"
+
+
+async def test_closing_after_a_kill_and_restart_is_bounded_by_the_grace() -> None:
+    # The dispatcher closes at any moment of a restart: the instant the supervisor sees the
+    # death (a few loop turns after it, while it tears the dead child down), during the
+    # backoff, the new child's launch and handshake, or once it runs. Each close must end
+    # within stop_grace_ms plus a margin, and leave no plugin process behind.
+    grace_s, margin_s = 0.5, 1.5
+    target = {"restart_backoff_ms": 20, "stop_grace_ms": int(grace_s * 1000)}
+    problems: list[str] = []
+    for iteration in range(24):
+        dispatcher = Dispatcher(manifest(crashing(**target)))
+        await dispatcher.__aenter__()
+        process = the_process(dispatcher)
+        victim = await dispatcher.call("crashing", "pid")
+        os.kill(victim, signal.SIGKILL)
+        if iteration < 12:
+            # Turn by turn on purpose: the close must land in the first loop turns after the death.
+            while process.state != "restarting":  # noqa: ASYNC110
+                await asyncio.sleep(0)
+            for _ in range(iteration % 4):  # 0 to 3 loop turns into the teardown
+                await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(0.05 * (iteration - 12))  # 0 to 0.55 s
+        started = time.monotonic()
+        closing = asyncio.create_task(dispatcher.aclose())
+        done, _ = await asyncio.wait({closing}, timeout=grace_s + margin_s)
+        elapsed = time.monotonic() - started
+        if not done:
+            problems.append(f"iteration {iteration}: aclose still running after {elapsed:.1f} s")
+            process._state = "failed"  # what the hung supervisor needs to give up
+            for pid in plugin_children():
+                os.kill(pid, signal.SIGKILL)
+            await asyncio.wait({closing}, timeout=10)
+        else:
+            closing.result()
+        left = plugin_children()
+        if left:
+            problems.append(f"iteration {iteration}: plugin processes {left} outlived aclose")
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+    assert not problems, "\n".join(problems)
+
+
+WRAPPER = """#!/bin/sh
+exec {python} {script} "$@"
+"""
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_a_pinned_wrapper_whose_script_changed_is_refused_and_nothing_starts(
+    tmp_path: Path,
+) -> None:
+    # The pin covers what runs: the wrapper, the interpreter and the plugin's script.
+    script = tmp_path / "plugin.py"
+    script.write_bytes((PLUGINS / "crashing_plugin.py").read_bytes())
+    wrapper = tmp_path / "plugin.sh"
+    wrapper.write_text(WRAPPER.format(python=sys.executable, script=script))
+    wrapper.chmod(0o755)
+    pins = {str(path): sha256_of(path) for path in (wrapper, script, Path(sys.executable))}
+    pinned = crashing(sha256=pins)
+    pinned["target"]["command"] = [str(wrapper)]
+    async with Dispatcher(manifest(pinned)) as dispatcher:
+        assert await dispatcher.call("crashing", "echo", {"value": "pinned"}) == "pinned"
+    assert not plugin_children()
+
+    with script.open("a") as tampered:
+        tampered.write("\nprint('changed', file=__import__('sys').stderr)\n")
+    with pytest.raises(ProviderError, match=rf"refusing to start: {script}: its SHA-256 is"):
+        async with Dispatcher(manifest(pinned)):
+            pass
+    assert not plugin_children()  # nothing was started
+
+
+def test_the_single_digest_form_pins_the_executable_and_the_map_form_every_file() -> None:
+    target = manifest(crashing(sha256={"tests/plugins/crashing_plugin.py": "AB" * 32})).plugins[0]
+    assert target.target.sha256 == {str(PLUGINS / "crashing_plugin.py"): "ab" * 32}
+    with pytest.raises(Exception, match="pin at least one file"):
+        manifest(crashing(sha256={}))
+
+
+async def test_the_hosts_environment_does_not_reach_the_plugin_unless_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LINCHKIT_TEST_SECRET", "hunter2")
+    monkeypatch.setenv("LC_TIME", "C")
+    async with Dispatcher(manifest(crashing(env={"DECLARED": "yes"}))) as dispatcher:
+        seen = await dispatcher.call("crashing", "environment")
+    assert "LINCHKIT_TEST_SECRET" not in seen
+    assert seen["DECLARED"] == "yes"
+    assert seen["PATH"] == os.environ["PATH"]
+    assert seen["LC_TIME"] == "C"
+    assert seen["LINCHKIT_PLUGIN_MAGIC_COOKIE"] == "d1spatch3r-pl4g1n"
+    allowed = {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "DECLARED", "PYTHONPATH"}
+    leaked = {
+        name
+        for name in seen
+        if name not in allowed and not name.startswith(("LC_", "LINCHKIT_PLUGIN_"))
+    }
+    assert leaked <= {"PWD", "SHLVL", "_"}, leaked  # what an interpreter or a shell adds itself
+
+    for opt_in in (["LINCHKIT_TEST_SECRET"], True):
+        async with Dispatcher(manifest(crashing(inherit_env=opt_in))) as dispatcher:
+            seen = await dispatcher.call("crashing", "environment")
+        assert seen["LINCHKIT_TEST_SECRET"] == "hunter2", opt_in

@@ -11,7 +11,6 @@ through ``linchkit_plugin.errors.error_from_wire`` like every other transport's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -89,6 +88,18 @@ def _wire_error(error: Any) -> DispatchError:
             "retry_after": error.retry_after or None,
         }
     )
+
+
+def _cancelled_by_caller() -> bool:
+    """Whether a ``CancelledError`` is the calling task's own cancellation.
+
+    grpc.aio raises a bare ``CancelledError`` from a call when *its channel* cancels it: the
+    channel was closed with calls in flight (the subprocess provider closes it when the
+    child dies). Then no one cancelled the caller's task, and it must get a dispatcher
+    error instead; a cancellation of the task itself (``Task.cancelling()``) goes on.
+    """
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 class PluginConnection:
@@ -182,7 +193,19 @@ class PluginConnection:
                 f"{self.describe} {invocation.plugin}.{invocation.method}",
                 invocation.deadline,
             ) from error
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise self._cut_off(f"{invocation.plugin}.{invocation.method}") from None
         return self._result(reply)
+
+    def _cut_off(self, what: str) -> TargetUnavailable:
+        """The error of a call the channel cancelled under us: the connection was closed
+        (the plugin's process went away, or the dispatcher is closing)."""
+        return TargetUnavailable(
+            f"{self.describe} {what}: the connection closed with the call in flight "
+            "(the plugin went away); it may be retried"
+        )
 
     def _result(self, reply: Any) -> Any:
         if reply.ok:
@@ -205,6 +228,10 @@ class PluginConnection:
             )
         except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} batch", earliest.deadline) from error
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise self._cut_off("batch") from None
         if len(reply.results) != len(invocations):
             raise ProviderError(
                 f"{self.describe} answered {len(reply.results)} results for a batch of {len(invocations)}"
@@ -235,6 +262,10 @@ class PluginConnection:
                 yield _loads(item.chunk_json, self.describe)
         except grpc_errors() as error:
             raise translate_rpc_error(error, what, invocation.deadline) from error
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise self._cut_off(f"{invocation.plugin}.{invocation.method} stream") from None
         finally:
             call.cancel()
 
@@ -246,6 +277,10 @@ class PluginConnection:
             info = await self._stub.Describe(self._pb.DescribeRequest(), timeout=timeout)
         except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} Describe") from error
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise self._cut_off("Describe") from None
         return {
             "id": info.id,
             "version": info.version,
@@ -267,6 +302,10 @@ class PluginConnection:
             await getattr(self._stub, step)(request, timeout=timeout)
         except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} {step}") from error
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise self._cut_off(step) from None
 
     async def health(self, timeout: float = 5.0, service: str = HEALTH_SERVICE) -> Health:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -279,6 +318,10 @@ class PluginConnection:
             )
         except grpc_errors() as error:
             return Health("not_serving", translate_rpc_error(error, "health").message)
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            return Health("not_serving", self._cut_off("health").message)
         latency_ms = (time.perf_counter() - started) * 1000
         status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
         if answer.status == health_pb2.HealthCheckResponse.SERVING:
@@ -371,8 +414,10 @@ class PluginConnection:
         task, self._events_task = self._events_task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # asyncio.wait, not ``await task`` under suppress(CancelledError): that would
+            # also swallow a cancellation of *our* caller arriving meanwhile (a supervisor
+            # being stopped would then carry on and launch a new child).
+            await asyncio.wait([task])
         await self._channel.close()
 
     def __repr__(self) -> str:

@@ -14,7 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from linchkit_plugin.errors import TargetUnavailable
 from providers.base import Health
+from providers.docker.socket_pin import PinnedSocket, SocketTampered
 from providers.http import HttpProvider, HttpTarget
 from providers.invocation import Invocation, Outcome
 
@@ -50,31 +52,83 @@ class _ContainerHttpTarget(HttpTarget):
 
 
 class HttpChannel:
-    """Speaks the HTTP envelope to one container, through the HTTP provider's code."""
+    """Speaks the HTTP envelope to one container, through the HTTP provider's code.
+
+    Over a Unix socket, the host only ever connects to the socket the plugin created in
+    its folder (``PinnedSocket``): never through a symlink or to another file the plugin
+    put in its place.
+    """
 
     def __init__(self, address: Address) -> None:
+        self._address = address
+        self._pin: PinnedSocket | None = None
+        self._http: HttpProvider | None = None
         if address.unix_socket is not None:
             # The host part of the URL is only a label: the connector dials the socket.
             url = "http://container"
+            self._pin = PinnedSocket(address.unix_socket, address.container)
         else:
             url = f"http://127.0.0.1:{address.port}"
-        self._http = HttpProvider(unix_socket=address.unix_socket, max_connections=64)
+            self._http = HttpProvider(max_connections=64)
         self._target = _ContainerHttpTarget(provider="http", url=url, container=address.container)
 
     async def open(self) -> None:
-        await self._http.start()
+        if self._http is not None:
+            await self._http.start()
+
+    async def _client(self) -> HttpProvider:
+        """The HTTP client; over a Unix socket, once the socket is pinned, and only while
+        the folder still holds it."""
+        pin = self._pin
+        if pin is None:
+            assert self._http is not None
+            return self._http
+        if self._http is None:
+            path = pin.pin()  # SocketTampered, or FileNotFoundError until the plugin listens
+            http = HttpProvider(unix_socket=path, max_connections=64)
+            await http.start()
+            self._http = http
+        pin.check()
+        return self._http
 
     async def invoke(self, invocation: Invocation) -> Any:
-        return await self._http.invoke(self._target, invocation)
+        try:
+            http = await self._client()
+        except (SocketTampered, FileNotFoundError) as error:
+            raise self._refused(error) from None
+        return await http.invoke(self._target, invocation)
 
     async def invoke_batch(self, invocations: Sequence[Invocation]) -> list[Outcome[Any]]:
-        return await self._http.invoke_batch(self._target, invocations)
+        try:
+            http = await self._client()
+        except (SocketTampered, FileNotFoundError) as error:
+            raise self._refused(error) from None
+        return await http.invoke_batch(self._target, invocations)
+
+    def _refused(self, error: OSError) -> TargetUnavailable:
+        if isinstance(error, SocketTampered):
+            return TargetUnavailable(
+                f"container {self._address.container} {error}; refusing to call it",
+                retryable=False,
+                details={"container": self._address.container, "socket_tampered": True},
+            )
+        return TargetUnavailable(f"container {self._address.container} has no socket yet")
 
     async def health(self) -> Health:
-        return await self._http.health(self._target)
+        try:
+            http = await self._client()
+        except SocketTampered as error:
+            return Health("not_serving", f"refused: {error}")
+        except FileNotFoundError:
+            return Health("not_serving", "the plugin has not created its socket yet")
+        return await http.health(self._target)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
+        if self._pin is not None:
+            self._pin.close()
 
 
 #: The channel of each ``DockerTarget.protocol``.

@@ -2,9 +2,12 @@
 
 Modelled on hashicorp/go-plugin (``docs/protocol.md``, "Subprocess plugins"):
 
-1. Before each launch, when the target pins ``sha256``, the executable's digest is checked;
-   a mismatch refuses to run it (``ProviderError``).
-2. The child gets the handshake environment (``linchkit_plugin.handshake``): the magic
+1. Before each launch, when the target pins ``sha256`` (the executable's digest, or a
+   map of file to digest: a wrapper and its script), every pinned file is checked; a
+   mismatch refuses to start anything (``ProviderError``).
+2. The child gets a minimal environment (``PATH``, ``HOME``, ``LANG``, ``LANGUAGE``,
+   ``TZ``, ``LC_*``; ``inherit_env`` for more), the target's ``env``, and the handshake
+   environment (``linchkit_plugin.handshake``): the magic
    cookie, the protocol versions the host speaks, the network (a Unix socket in a fresh
    private folder by default) and, with AutoMTLS, a one-time client certificate made for
    this launch.
@@ -18,7 +21,8 @@ Modelled on hashicorp/go-plugin (``docs/protocol.md``, "Subprocess plugins"):
 6. A child that exits is restarted with exponential backoff; more than ``max_restarts``
    exits within ``restart_window_s`` is a crash loop: the plugin is left down and calls
    fail with ``TargetUnavailable``.
-7. Stopping: ``Stop``, ``Destroy``, close stdin, SIGTERM, SIGKILL after ``stop_grace_ms``.
+7. Stopping: ``Stop``, ``Destroy``, close stdin, SIGTERM, and SIGKILL for anything still
+   running once ``stop_grace_ms`` (the bound of the whole stop) is over.
 
 No child outlives the dispatcher: the child's stdin is a pipe whose write end only the
 dispatcher holds (end-of-file when it dies, however it dies: plugins exit on it), and on

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from linchkit_plugin.errors import ProviderError
 from providers._grpc.connection import PluginConnection
 
-__all__ = ["Child", "check_digest", "socket_folder", "spawn", "with_parent_death_signal"]
+__all__ = ["Child", "check_digests", "socket_folder", "spawn", "with_parent_death_signal"]
 
 
 def _sha256_of(path: str) -> str:
@@ -34,16 +34,31 @@ def _sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-async def check_digest(who: str, executable: str, sha256: str) -> None:
-    """Refuse (``ProviderError``) to run ``executable`` unless its SHA-256 is ``sha256``."""
-    try:
-        actual = await asyncio.to_thread(_sha256_of, executable)
-    except OSError as error:
-        raise ProviderError(f"{who}: cannot read {executable}: {error.strerror}") from None
-    if actual != sha256.lower():
+async def check_digests(who: str, pins: Mapping[str, str]) -> None:
+    """Refuse (``ProviderError``) to start unless every file of ``pins`` has its SHA-256.
+
+    All files are read before anything starts; the message names each one that differs.
+    """
+
+    def mismatches() -> list[str]:
+        found = []
+        for path, expected in pins.items():
+            try:
+                actual = _sha256_of(path)
+            except OSError as error:
+                found.append(f"cannot read {path}: {error.strerror}")
+                continue
+            if actual != expected.lower():
+                found.append(
+                    f"{path}: its SHA-256 is {actual}, the manifest pins {expected.lower()}"
+                )
+        return found
+
+    wrong = await asyncio.to_thread(mismatches)
+    if wrong:
         raise ProviderError(
-            f"{who}: refusing to run {executable}: its SHA-256 is {actual}, "
-            f"the manifest pins {sha256.lower()}"
+            f"{who}: refusing to start: " + "; ".join(wrong) + " (update the pin in the "
+            "manifest's sha256 if the change is yours)"
         )
 
 
@@ -123,11 +138,16 @@ class Child:
         self.connection: PluginConnection | None = None
         self.stderr_tail: list[str] = []
         self._plugin_log = plugin_log
+        self._on_end: list[Callable[[Child], None]] = []
         self._readers = [asyncio.get_running_loop().create_task(self._forward_stderr())]
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def on_end(self, callback: Callable[[Child], None]) -> None:
+        """Call ``callback(self)`` once ``terminate`` has reaped the process."""
+        self._on_end.append(callback)
 
     def drain_stdout(self) -> None:
         """After the handshake: stdout is not part of the protocol, but a full pipe would
@@ -150,25 +170,33 @@ class Child:
     async def terminate(self, grace: float) -> int | None:
         """Close stdin, SIGTERM, then SIGKILL after ``grace`` seconds; reap; clean up."""
         process = self.process
-        if self.connection is not None:
-            # First: ending our Events stream lets the plugin's server stop without a grace wait.
-            await self.connection.close()
-            self.connection = None
-        if process.stdin is not None:
-            with contextlib.suppress(Exception):
-                process.stdin.close()
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                async with asyncio.timeout(grace):
-                    await process.wait()
-            except TimeoutError:
+        try:
+            if self.connection is not None:
+                # First: ending our Events stream lets the plugin's server stop without a
+                # grace wait.
+                connection, self.connection = self.connection, None
+                await connection.close()
+            if process.stdin is not None:
+                with contextlib.suppress(Exception):
+                    process.stdin.close()
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+                try:
+                    async with asyncio.timeout(max(grace, 0.0)):
+                        await process.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            # Whatever interrupted us, the process does not outlive this call.
+            if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-                await process.wait()
-        for reader in self._readers:
-            reader.cancel()
-        await asyncio.gather(*self._readers, return_exceptions=True)
-        shutil.rmtree(self.folder, ignore_errors=True)
+            for reader in self._readers:
+                reader.cancel()
+            shutil.rmtree(self.folder, ignore_errors=True)
+        await process.wait()
+        await asyncio.wait(self._readers)
+        for callback in self._on_end:
+            callback(self)
         return process.returncode

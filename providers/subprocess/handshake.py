@@ -29,23 +29,40 @@ from linchkit_plugin.handshake import (
     SOCKET_DIR_ENV,
     HandshakeLine,
 )
+from providers.subprocess.target import MINIMAL_ENV
 
 if TYPE_CHECKING:
     from providers.subprocess.target import SubprocessTarget
 
-__all__ = ["HandshakeError", "environment", "parse", "read_line"]
+__all__ = ["HandshakeError", "environment", "inherited", "parse", "read_line"]
 
 
 class HandshakeError(ProviderError):
     """The plugin did not start as the protocol says (no line, a malformed line, a refusal)."""
 
 
+def inherited(target: SubprocessTarget) -> dict[str, str]:
+    """What the child gets of the dispatcher's own environment.
+
+    By default only ``MINIMAL_ENV`` and ``LC_*`` (the dispatcher's secrets, tokens and
+    cloud credentials stay with it); ``inherit_env: true`` passes all of it, a list of
+    names passes those too.
+    """
+    if target.inherit_env is True:
+        return dict(os.environ)
+    names = set(MINIMAL_ENV) | set(target.inherit_env or ())
+    return {
+        name: value for name, value in os.environ.items() if name in names or name.startswith("LC_")
+    }
+
+
 def environment(
     target: SubprocessTarget, socket_folder: str, client_certificate: Certificate | None
 ) -> dict[str, str]:
-    """The child's environment: ours, the target's ``env``, then the handshake's."""
+    """The child's environment: what it inherits of ours, the target's ``env``, then the
+    handshake's."""
     environment = {
-        **os.environ,
+        **inherited(target),
         **target.env,
         MAGIC_COOKIE_KEY: MAGIC_COOKIE_VALUE,
         PROTOCOL_VERSIONS_ENV: ",".join(map(str, target.protocol_versions)),

@@ -26,7 +26,7 @@ from providers._grpc import lifecycle
 from providers._grpc.connection import ChannelSecurity, PluginConnection
 from providers.base import Health
 from providers.subprocess import handshake
-from providers.subprocess.child import Child, check_digest, socket_folder, spawn
+from providers.subprocess.child import Child, check_digests, socket_folder, spawn
 
 if TYPE_CHECKING:
     from providers.invocation import Invocation
@@ -52,6 +52,8 @@ class PluginProcess:
         self.target = target
         self._event_sink = event_sink
         self._child: Child | None = None
+        #: Every child launched and not yet terminated (``stop`` ends them all).
+        self._children: set[Child] = set()
         self._ready = asyncio.Event()
         self._state: Literal["new", "running", "restarting", "failed", "stopped"] = "new"
         self._crashes: list[float] = []
@@ -71,6 +73,10 @@ class PluginProcess:
     def state(self) -> str:
         return self._state
 
+    def _stopped(self) -> bool:
+        """Whether ``stop`` has begun (a method: an await may change the state under us)."""
+        return self._state == "stopped"
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -84,21 +90,43 @@ class PluginProcess:
             self._pinger = loop.create_task(self._ping(), name=f"health {self.plugin.key}")
 
     async def stop(self) -> None:
+        """Stop the plugin within ``stop_grace_ms``, always: ``Stop``, ``Destroy``, stdin
+        closed, SIGTERM, and SIGKILL for whatever still runs when the grace is over,
+        including a child a restart was launching at that moment."""
         if self._state == "stopped":
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.target.stop_grace_ms / 1000
         self._state = "stopped"
         self._ready.set()  # wake waiting callers: they will see "stopped"
-        for task in (self._supervisor, self._pinger):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [task for task in (self._supervisor, self._pinger) if task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # Never an unbounded ``await task``: a task that does not end on cancellation
+            # (some library swallowing it) must not hold the dispatcher's close.
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         child, self._child = self._child, None
-        if child is None:
-            return
-        if child.connection is not None and child.process.returncode is None:
-            await lifecycle.end(child.connection, self.plugin)
-        self.exit_code = await child.terminate(self.target.stop_grace_ms / 1000)
+        if child is not None and child.connection is not None and child.process.returncode is None:
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await lifecycle.end(child.connection, self.plugin)
+            except TimeoutError:
+                log.warning(
+                    "%s did not finish Stop and Destroy within stop_grace_ms", self.plugin.key
+                )
+        ending = [each for each in self._children if each is not child]
+        if child is not None:
+            ending.insert(0, child)
+        remaining = max(0.0, deadline - loop.time())
+        codes = await asyncio.gather(*(each.terminate(remaining) for each in ending))
+        if child is not None:
+            self.exit_code = codes[0]
+        pending = [task for task in tasks if not task.done()]
+        if pending:
+            log.warning("%s: %s did not end when cancelled", self.plugin.key, pending)
+            for task in pending:
+                task.cancel()
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -131,9 +159,15 @@ class PluginProcess:
         target, who = self.target, self.plugin.key
         executable = shutil.which(target.command[0]) or target.command[0]
         if target.sha256 is not None:
-            await check_digest(who, executable, target.sha256)
+            pins = {executable: target.sha256} if isinstance(target.sha256, str) else target.sha256
+            await check_digests(who, pins)
         folder = socket_folder()
         client_certificate = generate_certificate("host") if target.auto_mtls else None
+        if self._stopped():
+            # Stopped while the digest was checked: this launch is cancelled, like the
+            # supervisor task that runs it.
+            shutil.rmtree(folder, ignore_errors=True)
+            raise asyncio.CancelledError
         child = await spawn(
             who,
             [executable, *target.command[1:]],
@@ -141,6 +175,8 @@ class PluginProcess:
             folder,
             self._plugin_log,
         )
+        self._children.add(child)
+        child.on_end(self._children.discard)
         log.info("%s launched %s (pid %d)", who, executable, child.pid)
         try:
             timeout = target.handshake_timeout_ms / 1000
@@ -170,6 +206,9 @@ class PluginProcess:
         except BaseException:
             await child.terminate(0.5)
             raise
+        if self._stopped():  # a stop that arrived while this launch ran
+            await child.terminate(0.5)
+            raise asyncio.CancelledError
         return child
 
     # -- supervision -------------------------------------------------------------------------
@@ -179,7 +218,7 @@ class PluginProcess:
             child = self._child
             assert child is not None
             code = await child.process.wait()
-            if self._state == "stopped":
+            if self._stopped():
                 return
             self._ready.clear()
             self._state = "restarting"
@@ -187,7 +226,7 @@ class PluginProcess:
             log.warning("%s (pid %d) %s", self.plugin.key, child.pid, self._last_error)
             await child.terminate(0.1)
             self._child = None
-            while True:
+            while not self._stopped():
                 if not self._may_restart():
                     self._state = "failed"
                     self._ready.set()
@@ -199,6 +238,8 @@ class PluginProcess:
                     )
                     return
                 await asyncio.sleep(self._backoff())
+                if self._stopped():
+                    break
                 try:
                     self._child = await self._launch()
                 except DispatchError as error:
@@ -209,6 +250,8 @@ class PluginProcess:
                 self._state = "running"
                 self._ready.set()
                 break
+            if self._stopped():
+                return
 
     def _may_restart(self) -> bool:
         if not self.target.restart:

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from providers.target import TargetConfig
 
-__all__ = ["SubprocessTarget"]
+__all__ = ["MINIMAL_ENV", "SubprocessTarget"]
+
+#: What a child gets of the dispatcher's environment by default (with every ``LC_*``).
+MINIMAL_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
 
 
 class SubprocessTarget(TargetConfig):
@@ -21,11 +26,18 @@ class SubprocessTarget(TargetConfig):
     command: list[str] = Field(
         min_length=1, description="The executable (relative to the manifest) and its arguments."
     )
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment.")
-    sha256: str | None = Field(
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment of the child, on top of the minimal one."
+    )
+    inherit_env: bool | list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default=False,
+        description="Pass the dispatcher's own environment to the child: true for all of it, "
+        "or a list of variable names. Default: only " + ", ".join(MINIMAL_ENV) + ", LC_*.",
+    )
+    sha256: Sha256 | dict[str, Sha256] | None = Field(
         default=None,
-        pattern=r"^[0-9a-fA-F]{64}$",
-        description="Refuse to run the executable unless its SHA-256 is this.",
+        description="Refuse to start unless the executable's SHA-256 is this; or a map "
+        "of file (relative to the manifest) to SHA-256, every file checked before each launch.",
     )
     network: Literal["unix", "tcp"] = "unix"
     auto_mtls: bool = Field(default=True, description="One-time mutual TLS per launch.")
@@ -52,6 +64,19 @@ class SubprocessTarget(TargetConfig):
             base = (info.context or {}).get("base_dir", Path.cwd())
             executable = str((Path(base) / executable).resolve())
         return [executable, *command[1:]]
+
+    @field_validator("sha256")
+    @classmethod
+    def _pinned_files_relative_to_manifest(
+        cls, sha256: str | dict[str, str] | None, info: ValidationInfo
+    ) -> str | dict[str, str] | None:
+        if not isinstance(sha256, dict):
+            return sha256
+        if not sha256:
+            raise ValueError("pin at least one file, or leave sha256 out")
+        base = Path((info.context or {}).get("base_dir", Path.cwd()))
+        # Not resolved: the check reads each path as the launch will, symlinks followed then.
+        return {os.path.join(base, path): digest.lower() for path, digest in sha256.items()}
 
     def describe(self) -> str:
         return f"subprocess {Path(self.command[0]).name}"

@@ -85,6 +85,15 @@ class UnrulyPlugin(Plugin):
             os.waitpid(pid, 0)
         return {"forks": len(children), "processes_at_peak": processes, "refused": refused}
 
+    def hijack(self, target: str) -> dict[str, Any]:
+        """Swap this container's socket for a symlink to ``target``, a path on the *host*
+        (meaningless in here): a host that follows it talks to whatever listens there.
+        The plugin's server keeps listening on its socket, renamed beside it."""
+        uds = os.environ["LINCHKIT_PLUGIN_UDS"]
+        os.rename(uds, uds + ".mine")
+        os.symlink(target, uds)
+        return {"ok": True, "socket": uds}
+
     def write(self, path: str) -> dict[str, Any]:
         """Try to create ``path``."""
 

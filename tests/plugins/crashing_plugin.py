@@ -35,6 +35,15 @@ class CrashingPlugin(Plugin):
     async def echo(self, value: Any = None) -> Any:
         return value
 
+    async def nap(self, seconds: float) -> float:
+        """Hold a call open (for cancellation tests)."""
+        await asyncio.sleep(seconds)
+        return seconds
+
+    async def environment(self) -> dict[str, str]:
+        """The environment this process was started with (for the minimal-environment tests)."""
+        return dict(os.environ)
+
     async def announce(self, name: str) -> bool:
         """Emit the plugin event ``name`` with this process's pid."""
         self.emit(name, os.getpid())
