@@ -130,7 +130,9 @@ async def test_the_sdk_speaks_the_documented_envelope(echo_url: str) -> None:
     async with httpx.AsyncClient(base_url=echo_url) as client:
         single = (await client.post("/invoke", json=request)).json()
         batch = (await client.post("/invoke", json={"batch": [request, failing]})).json()
-        malformed = await client.post("/invoke", content=b"{not json")
+        malformed = await client.post(
+            "/invoke", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
         wrong_version = await client.post("/invoke", json={**request, "v": 2})
         described = (await client.get("/describe")).json()
     for answer in (single, batch, malformed.json(), wrong_version.json()):

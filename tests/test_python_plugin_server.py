@@ -1,14 +1,26 @@
-"""The Python SDK's plugin executable keeps the plugin side of the protocol on its own."""
+"""The Python SDK's plugin servers: the subprocess executable, and the HTTP function against hostile clients."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import httpx
+import orjson
+import pytest
+import uvicorn
+
+from dispatcher import Dispatcher, Unauthorized
+from linchkit_plugin import Plugin, PluginApp, PluginHost
 from linchkit_plugin._automtls import der_from_handshake
-from tests.conftest import ROOT
+from tests.conftest import ROOT, bound_socket, manifest
 
 PLUGIN = [sys.executable, str(ROOT / "tests" / "plugins" / "crashing_plugin.py")]
 
@@ -117,3 +129,491 @@ def test_serve_mode_prints_a_tcp_handshake_and_stops_on_sigterm() -> None:
             plugin.wait()
         if plugin.stdout is not None:
             plugin.stdout.close()
+
+
+# -- the HTTP server (`dispatcher-plugin serve`) against hostile clients ------------------
+# Real uvicorn on 127.0.0.1 port 0, configured as `dispatcher-plugin serve` configures it;
+# hostile clients speak raw HTTP/1.1 over TCP, since no polite client can send these.
+
+TOKEN = "s3cret-t0ken-for-tests"
+IMPLEMENTATIONS = pytest.mark.parametrize("http", ["httptools", "h11"])
+
+
+class Binding(Plugin):
+    """Methods whose signatures params may fail to bind to."""
+
+    calls = 0
+
+    async def anything(self, **params: Any) -> dict[str, Any]:
+        return params
+
+    async def only_positional(self, value: int, /) -> int:
+        return value
+
+    def named(self, a: int) -> int:
+        return a
+
+    async def echo(self, **params: Any) -> Any:
+        Binding.calls += 1
+        return params
+
+    async def broken(self, **params: Any) -> None:
+        raise TypeError("the plugin's own bug")
+
+    async def a_set(self) -> Any:
+        return {1, 2}
+
+
+@contextlib.asynccontextmanager
+async def plugin_server(
+    *, token: str | None = None, http: str = "httptools", **limits: Any
+) -> AsyncIterator[int]:
+    """The `Binding` plugin served as `dispatcher-plugin serve` serves; yields the port."""
+    from linchkit_plugin._uvicorn import server_config
+    from linchkit_plugin.auth import BearerToken
+    from linchkit_plugin.limits import ServerLimits
+
+    server_limits = ServerLimits(**limits)
+    app = PluginApp(
+        PluginHost(Binding()),
+        token=BearerToken(token) if token else None,
+        limits=server_limits,
+    )
+    sock = bound_socket()
+    server = uvicorn.Server(server_config(app, server_limits, http=http))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def envelope(method: str, params: Any = None, **context: Any) -> dict[str, Any]:
+    return {"v": 1, "plugin": "binding", "method": method, "params": params, "context": context}
+
+
+async def call(
+    port: int, body: Any, *, token: str | None = None, content_type: str = "application/json"
+) -> httpx.Response:
+    headers = {"Content-Type": content_type}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        return await client.post("/invoke", content=content, headers=headers)
+
+
+async def raw_exchange(port: int, request: bytes, *, timeout: float = 10) -> tuple[bytes, float]:
+    """Send ``request`` bytes and read until the server closes; the answer and how long it took."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = b""
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout)
+    except ConnectionResetError:  # refused while still sending: the answer may be lost
+        pass
+    finally:
+        writer.close()
+    return answer, time.monotonic() - started
+
+
+def status_and_body(answer: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), orjson.loads(body)
+
+
+def post_head(length: int, content_type: bytes = b"application/json", extra: bytes = b"") -> bytes:
+    return (
+        b"POST /invoke HTTP/1.1\r\nHost: plugin\r\nContent-Type: " + content_type + b"\r\n"
+        b"Content-Length: " + str(length).encode() + b"\r\n" + extra + b"\r\n"
+    )
+
+
+# 1. authentication
+
+
+async def test_with_a_token_configured_calls_without_it_are_refused_and_nothing_leaks() -> None:
+    async with plugin_server(token=TOKEN) as port:
+        one = envelope("anything", {"x": 1}, caller="forged-admin")
+        for sent in (None, "wrong-token", TOKEN + "x", TOKEN[:-1]):
+            for body in (one, {"batch": [one, one]}):
+                answer = await call(port, body, token=sent)
+                assert answer.status_code == 401, (sent, answer.text)
+                assert answer.json()["error"]["type"] == "unauthorized"
+                assert answer.headers["www-authenticate"] == "Bearer"
+                assert TOKEN not in answer.text
+                assert sent is None or sent not in answer.text
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            described = await client.get("/describe")
+            assert described.status_code == 401
+            health = await client.get("/health")  # orchestrators probe without a token
+            assert health.json() == {"status": "serving"}  # … and learn no detail
+            authorized = {"Authorization": f"bearer {TOKEN}"}  # the scheme is case-blind
+            assert (await client.get("/describe", headers=authorized)).status_code == 200
+            assert "detail" in (await client.get("/health", headers=authorized)).json()
+        answer = await call(port, one, token=TOKEN)
+        assert answer.json() == {"ok": True, "result": {"x": 1}}
+
+
+async def test_the_http_provider_s_bearer_token_opens_a_protected_server() -> None:
+    async with plugin_server(token=TOKEN) as port:
+        url = f"http://127.0.0.1:{port}"
+        for token, expected in ((TOKEN, None), ("not-it", Unauthorized)):
+            plugin = {
+                "id": "binding",
+                "version": "1.0.0",
+                "target": {"provider": "http", "url": url, "bearer_token": token},
+                "methods": {"anything": {}},
+            }
+            async with Dispatcher(manifest(plugin)) as dispatcher:
+                if expected is None:
+                    assert await dispatcher.call("binding", "anything", {"a": 1}) == {"a": 1}
+                else:
+                    with pytest.raises(expected) as raised:
+                        await dispatcher.call("binding", "anything", {"a": 1})
+                    assert token not in str(raised.value) and TOKEN not in str(raised.value)
+
+
+def serve_command(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "linchkit_plugin.cli",
+        "serve",
+        "echo_plugin:EchoPlugin",
+        "--path",
+        str(ROOT / "examples" / "python"),
+        *args,
+    ]
+
+
+def wait_for_socket(path: Path, process: subprocess.Popen[str]) -> None:
+    for _ in range(300):
+        if path.exists():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"dispatcher-plugin serve exited {process.returncode}")
+        time.sleep(0.05)
+    pytest.fail("dispatcher-plugin serve did not come up")
+
+
+def unix_post(path: Path, token: str | None) -> int:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    transport = httpx.HTTPTransport(uds=str(path))
+    with httpx.Client(transport=transport, base_url="http://plugin") as client:
+        body = orjson.dumps({"v": 1, "method": "say", "params": {"text": "hi"}})
+        return client.post("/invoke", content=body, headers=headers).status_code
+
+
+@pytest.mark.parametrize("source", ["file", "environment"])
+def test_serve_takes_its_token_from_a_file_or_the_environment(tmp_path: Path, source: str) -> None:
+    socket_path = tmp_path / "plugin.sock"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LINCHKIT_PLUGIN")}
+    environment["LINCHKIT_PLUGIN_UDS"] = str(socket_path)  # as the docker provider passes it
+    if source == "file":
+        (tmp_path / "token").write_text(TOKEN + "\n")
+        environment["LINCHKIT_PLUGIN_TOKEN_FILE"] = str(tmp_path / "token")
+    else:
+        environment["LINCHKIT_PLUGIN_TOKEN"] = TOKEN
+    process = subprocess.Popen(
+        serve_command("--log-level", "debug"),
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_socket(socket_path, process)
+        assert unix_post(socket_path, None) == 401
+        assert unix_post(socket_path, "guess") == 401
+        assert unix_post(socket_path, TOKEN) == 200
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=10)
+    assert TOKEN not in out + err
+    assert "no bearer token" not in err
+
+
+def test_serve_without_a_token_serves_anyone_and_says_so(tmp_path: Path) -> None:
+    socket_path = tmp_path / "plugin.sock"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LINCHKIT_PLUGIN")}
+    process = subprocess.Popen(
+        serve_command("--uds", str(socket_path)),
+        env=environment,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_socket(socket_path, process)
+        assert unix_post(socket_path, None) == 200
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=10)
+    assert "no bearer token configured" in err
+
+
+def test_serve_refuses_an_empty_token_file_and_a_bad_limit(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("\n")
+    empty = subprocess.run(
+        serve_command("--token-file", str(tmp_path / "token")),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert empty.returncode == 1
+    assert "token" in empty.stderr and "empty" in empty.stderr
+    bad = subprocess.run(
+        serve_command(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "LINCHKIT_PLUGIN_MAX_BATCH_ITEMS": "lots"},
+    )
+    assert bad.returncode == 1
+    assert "LINCHKIT_PLUGIN_" in bad.stderr
+
+
+def test_serve_help_documents_every_limit_and_its_variable() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "linchkit_plugin.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    for option in (
+        "--token-file",
+        "LINCHKIT_PLUGIN_TOKEN",
+        "--max-body-bytes",
+        "LINCHKIT_PLUGIN_MAX_BODY_BYTES",
+        "--max-batch-items",
+        "LINCHKIT_PLUGIN_MAX_BATCH_ITEMS",
+        "--body-timeout",
+        "--header-timeout",
+        "--keep-alive-timeout",
+        "--max-header-bytes",
+        "--max-connections",
+        "LINCHKIT_PLUGIN_MAX_CONNECTIONS",
+    ):
+        assert option in shown, option
+
+
+# 2. nesting
+
+
+def nested(depth: int) -> bytes:
+    """``{"deep": [[…1…]]}`` as JSON text: orjson would refuse to write it, the point."""
+    return b'{"deep": ' + b"[" * depth + b"1" + b"]" * depth + b"}"
+
+
+def deep_envelope(depth: int) -> bytes:
+    return b'{"v": 1, "method": "anything", "params": ' + nested(depth) + b"}"
+
+
+@pytest.mark.parametrize("depth", [300, 2000])
+async def test_params_nested_too_deep_are_invalid_params_not_a_500(depth: int) -> None:
+    async with plugin_server() as port:
+        answer = await call(port, deep_envelope(depth))
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["type"] == "invalid_params"
+        other = orjson.dumps(envelope("anything"))
+        answer = await call(port, b'{"batch": [' + deep_envelope(300) + b", " + other + b"]}")
+        first, second = answer.json()["results"]
+        assert first["error"]["type"] == "invalid_params"
+        assert second == {"ok": True, "result": {}}
+        fine = await call(port, deep_envelope(200))
+        assert orjson.dumps(fine.json()["result"]) == nested(200).replace(b" ", b"")
+
+
+async def test_a_result_json_cannot_carry_is_an_error_envelope_not_a_500() -> None:
+    async with plugin_server() as port:
+        answer = await call(port, envelope("a_set"))
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json()["error"]["type"] == "provider_error"
+        answer = await call(port, {"batch": [envelope("a_set"), envelope("anything", {"a": 1})]})
+        bad, good = answer.json()["results"]
+        assert bad["error"]["type"] == "provider_error"
+        assert good == {"ok": True, "result": {"a": 1}}
+
+
+# 3. batch size
+
+
+async def test_a_batch_over_the_item_limit_is_refused_before_any_item_runs() -> None:
+    async with plugin_server() as port:  # the default limit: 1,000 items
+        Binding.calls = 0
+        answer = await call(port, {"batch": [envelope("echo", {"i": i}) for i in range(1001)]})
+        assert answer.status_code == 413
+        assert answer.json()["error"]["type"] == "invalid_params"
+        assert "1001" in answer.json()["error"]["message"]
+        assert Binding.calls == 0
+        answer = await call(port, {"batch": [envelope("echo", {"i": i}) for i in range(1000)]})
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 1000
+    async with plugin_server(max_batch_items=3) as port:
+        answer = await call(port, {"batch": [envelope("echo")] * 4})
+        assert answer.status_code == 413
+
+
+# 4. body size, slow and lying clients
+
+
+@IMPLEMENTATIONS
+async def test_a_content_length_over_the_limit_is_refused_before_the_body_is_read(
+    http: str,
+) -> None:
+    async with plugin_server(http=http) as port:  # the default limit: 8 MiB
+        answer, took = await raw_exchange(port, post_head(10 * 1024 * 1024), timeout=5)
+        status, body = status_and_body(answer)
+        assert status == 413 and body["error"]["type"] == "invalid_params"
+        assert took < 2  # answered at once, and the connection closed: no body to wait for
+
+
+@IMPLEMENTATIONS
+async def test_a_content_length_that_lies_is_answered_within_the_body_timeout(http: str) -> None:
+    async with plugin_server(http=http, body_timeout=1) as port:
+        answer, took = await raw_exchange(port, post_head(1000) + b'{"v": 1,', timeout=10)
+        status, body = status_and_body(answer)
+        assert status == 408 and body["error"]["type"] == "deadline_exceeded"
+        assert 0.9 < took < 3
+
+
+@IMPLEMENTATIONS
+async def test_a_chunked_body_is_bounded_in_size_and_in_time(http: str) -> None:
+    chunked = b"Transfer-Encoding: chunked\r\n"
+    head = post_head(0, extra=chunked).replace(b"Content-Length: 0\r\n", b"")
+    async with plugin_server(http=http, max_body_bytes=4096, body_timeout=1) as port:
+        chunk = b"200\r\n" + b" " * 512 + b"\r\n"
+        answer, _ = await raw_exchange(port, head + chunk * 20, timeout=5)
+        status, body = status_and_body(answer)
+        assert status == 413 and body["error"]["type"] == "invalid_params"
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(head)
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            while not reader.at_eof() and time.monotonic() - started < 10:
+                writer.write(b"1\r\n \r\n")  # a body that never ends
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    answer += await asyncio.wait_for(reader.read(65536), 0.2)
+        writer.close()
+        assert status_and_body(answer)[0] == 408
+        assert time.monotonic() - started < 3
+
+
+async def slowloris(port: int, stop: asyncio.Event) -> float:
+    """Drip a request head a byte at a time until the server closes; when it did."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /invoke HTTP/1.1\r\nHost: plugin\r\n")
+        while not stop.is_set():
+            try:
+                writer.write(b"X")
+                await writer.drain()
+                if await asyncio.wait_for(reader.read(4096), 0.25) == b"":
+                    break
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                break
+        return time.monotonic()
+    finally:
+        writer.close()
+
+
+@IMPLEMENTATIONS
+async def test_slowloris_connections_are_closed_and_calls_go_on_meanwhile(http: str) -> None:
+    async with plugin_server(http=http, header_timeout=1.5) as port:
+        stop = asyncio.Event()
+        started = time.monotonic()
+        lorises = [asyncio.create_task(slowloris(port, stop)) for _ in range(300)]
+        await asyncio.sleep(0.5)
+        answer = await call(port, envelope("anything", {"still": "served"}))
+        assert answer.json() == {"ok": True, "result": {"still": "served"}}
+        done, pending = await asyncio.wait(lorises, timeout=6)
+        stop.set()
+        await asyncio.gather(*pending)
+        assert not pending, f"{len(pending)} of 300 slow connections still open after 6 s"
+        assert max(task.result() for task in done) - started < 1.5 + 3
+
+
+@IMPLEMENTATIONS
+async def test_idle_connections_are_closed_and_the_connection_count_is_capped(http: str) -> None:
+    async with plugin_server(
+        http=http, header_timeout=1, keep_alive_timeout=1, max_connections=20
+    ) as port:
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(ConnectionError):  # the 21st is closed as it is accepted
+            assert await asyncio.wait_for(reader.read(), 1) == b""
+        writer.close()
+        started = time.monotonic()
+        for idle_reader, _ in idle:  # a new connection that says nothing is not kept
+            assert await asyncio.wait_for(idle_reader.read(), 4) == b""
+        assert time.monotonic() - started < 3
+        for _, idle_writer in idle:
+            idle_writer.close()
+        answer = await call(port, envelope("anything", {"a": 1}))
+        assert answer.status_code == 200
+
+
+@IMPLEMENTATIONS
+async def test_a_request_head_over_the_header_limit_is_refused(http: str) -> None:
+    async with plugin_server(http=http, max_header_bytes=8192) as port:
+        padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"x" * 100) for i in range(2000))
+        answer, took = await raw_exchange(port, post_head(2, extra=padding) + b"{}", timeout=5)
+        assert answer == b"" or int(answer.split(b" ", 2)[1]) in {400, 431}  # or reset
+        assert took < 2
+
+
+# 5. content type, params that do not bind
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
+async def test_a_body_that_is_not_json_by_its_content_type_is_refused(content_type: str) -> None:
+    async with plugin_server() as port:
+        answer = await call(port, envelope("anything"), content_type=content_type)
+        assert answer.status_code == 415
+        assert answer.json()["error"]["type"] == "invalid_params"
+        with_charset = "application/json; charset=utf-8"
+        answer = await call(port, envelope("anything"), content_type=with_charset)
+        assert answer.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "says"),
+    [
+        ("anything", {"self": 1}, "self"),
+        ("echo", {"self": {"x": 1}, "other": 2}, "self"),
+        ("only_positional", {"value": 1}, "value"),
+        ("only_positional", {"nope": 1}, "missing"),
+        ("named", {"a": 1, "nope": 2}, "nope"),
+        ("only_positional", [1, 2], "positional"),
+    ],
+)
+async def test_params_that_cannot_bind_are_invalid_params(
+    method: str, params: Any, says: str
+) -> None:
+    async with plugin_server() as port:
+        answer = await call(port, envelope(method, params))
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_params", error
+        assert says in error["message"]
+        assert method in error["message"]
+
+
+async def test_a_type_error_of_the_plugin_s_own_stays_a_plugin_error() -> None:
+    async with plugin_server() as port:
+        answer = await call(port, envelope("broken", {"a": 1}))
+        assert answer.json()["error"]["type"] == "TypeError"

@@ -4,9 +4,18 @@ Routes (``docs/protocol.md``):
 
 * ``POST /invoke``  a request envelope, or ``{"batch": [...]}``; always answers an envelope.
   200 for every call the plugin handled, including the plugin's own errors; 400 for a
-  malformed envelope; 413 for a body over ``max_body_bytes``.
+  malformed envelope or params nested too deep; 401 without the bearer token; 408 when
+  the body does not arrive within ``body_timeout``; 413 for a body over
+  ``max_body_bytes`` or a batch over ``max_batch_items``; 415 for a body that is not
+  ``application/json``.
 * ``GET /health``   200 ``{"status": "serving"}`` or 503 ``{"status": "not_serving"}``.
-* ``GET /describe`` the plugin's methods and the protocol version.
+  Open without the token, because orchestrators probe it without one; the plugin's
+  health detail is only told to a caller that has the token.
+* ``GET /describe`` the plugin's methods and the protocol version (token required).
+
+Every refusal is decided from the headers before the body is read, where it can be, and
+an answer given before the body was read whole closes the connection, so the unread
+rest is never taken for the next request.
 
 The ASGI lifespan runs the plugin's ``init``/``start`` at startup and ``stop``/``destroy``
 at shutdown. Written against raw ASGI, without a framework, because this is a hot path
@@ -21,8 +30,16 @@ from typing import Any
 
 import orjson
 
-from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError
+from linchkit_plugin.auth import BearerToken
+from linchkit_plugin.errors import (
+    DeadlineExceeded,
+    DispatchError,
+    InvalidParams,
+    ProviderError,
+    Unauthorized,
+)
 from linchkit_plugin.host import PluginHost
+from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.wire import (
     PROTOCOL_VERSION,
     RequestEnvelope,
@@ -39,25 +56,57 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_CLOSING_JSON_HEADERS = [*_JSON_HEADERS, (b"connection", b"close")]
+_UNAUTHORIZED_HEADERS = [*_CLOSING_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
+
+# orjson writes at most 254 levels of nesting; an answer holding the params one level
+# down (``{"ok": true, "result": params}``) must still encode.
+MAX_PARAMS_DEPTH = 250
+
+
+class _Refused(Exception):
+    """An answer decided before the call runs; the body may be unread, so close after it."""
+
+    def __init__(
+        self, status: int, error: DispatchError, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        super().__init__(error.message)
+        self.status = status
+        self.error = error
+        self.headers = headers or _CLOSING_JSON_HEADERS
+
+
+class _Disconnected(Exception):
+    """The client went away before its body arrived: nobody is left to answer."""
 
 
 class PluginApp:
-    """ASGI application hosting one plugin."""
+    """ASGI application hosting one plugin.
+
+    ``token``: the bearer token every call must carry; ``None`` serves anyone (local
+    development only). ``limits``: what one request may cost (``ServerLimits``).
+    """
 
     def __init__(
         self,
         host: PluginHost,
         *,
         config: dict[str, Any] | None = None,
-        max_body_bytes: int = 8 * 1024 * 1024,
+        token: BearerToken | None = None,
+        limits: ServerLimits | None = None,
         plugin_id: str = "",
         version: str = "",
     ) -> None:
         self.host = host
         self.config = config or {}
-        self.max_body_bytes = max_body_bytes
+        self.token = token
+        self.limits = limits or ServerLimits()
         self.plugin_id = plugin_id or str(getattr(host.plugin, "id", "") or "")
         self.version = version or str(getattr(host.plugin, "version", "") or "")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.limits.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -82,48 +131,107 @@ class PluginApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        if path == "/invoke" and method == "POST":
-            status, body = await self._invoke(receive)
-        elif path == "/health" and method == "GET":
-            healthy, detail = await self.host.health()
-            status = 200 if healthy else 503
-            body = {"status": "serving" if healthy else "not_serving", "detail": detail}
-        elif path == "/describe" and method == "GET":
-            status, body = 200, self._describe()
-        elif path in {"/invoke", "/health", "/describe"}:
-            status, body = 405, error_response(ProviderError(f"{method} is not allowed on {path}"))
-        else:
-            status, body = 404, error_response(ProviderError(f"no route {path}"))
-        payload = orjson.dumps(body)
-        await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+        headers = _JSON_HEADERS
+        try:
+            if path == "/invoke" and method == "POST":
+                self._authorize(scope)
+                status, body = await self._invoke(scope, receive)
+            elif path == "/health" and method == "GET":
+                status, body = await self._health(scope)
+            elif path == "/describe" and method == "GET":
+                self._authorize(scope)
+                status, body = 200, self._describe()
+            elif path in {"/invoke", "/health", "/describe"}:
+                status = 405
+                body = error_response(ProviderError(f"{method} is not allowed on {path}"))
+            else:
+                status, body = 404, error_response(ProviderError(f"no route {path}"))
+        except _Refused as refused:
+            status, body, headers = refused.status, error_response(refused.error), refused.headers
+        except _Disconnected:
+            return
+        payload = _encode_answer(body)
+        length = (b"content-length", str(len(payload)).encode())
+        await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
         await send({"type": "http.response.body", "body": payload})
 
-    async def _invoke(self, receive: Receive) -> tuple[int, dict[str, Any]]:
+    def _authorize(self, scope: Scope) -> None:
+        if self.token is None or self.token.admits(_header(scope, b"authorization")):
+            return
+        # Never quote what the client sent: it may be a real token for something else.
+        refusal = Unauthorized("this plugin requires 'Authorization: Bearer <token>'")
+        raise _Refused(401, refusal, _UNAUTHORIZED_HEADERS)
+
+    async def _health(self, scope: Scope) -> tuple[int, dict[str, Any]]:
+        healthy, detail = await self.host.health()
+        body: dict[str, Any] = {"status": "serving" if healthy else "not_serving"}
+        if self.token is None or self.token.admits(_header(scope, b"authorization")):
+            body["detail"] = detail
+        return (200 if healthy else 503), body
+
+    async def _invoke(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
+        self._check_content_type(scope)
+        self._check_content_length(scope)
         raw = await self._read_body(receive)
-        if raw is None:
-            too_big = InvalidParams(f"request body is larger than {self.max_body_bytes} bytes")
-            return 413, error_response(too_big)
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError as error:
+            if "depth" in str(error):  # over orjson's own 1,024 levels
+                too_deep = InvalidParams(f"params are nested deeper than {MAX_PARAMS_DEPTH} levels")
+                return 400, error_response(too_deep)
             return 400, error_response(ProviderError(f"request body is not JSON: {error}"))
+        # Nesting deeper than MAX_PARAMS_DEPTH needs more brackets than that: count them
+        # (at C speed) before walking anything, so ordinary calls pay nothing.
+        deep = raw.count(b"[") + raw.count(b"{") > MAX_PARAMS_DEPTH
         if isinstance(payload, dict) and "batch" in payload:
-            return await self._invoke_batch(payload["batch"])
+            return await self._invoke_batch(payload["batch"], deep)
         try:
             request = parse_request(payload)
+            if deep:
+                _check_depth(request.params)
         except DispatchError as error:
             return 400, error_response(error)
         return 200, await self._answer(request)
 
-    async def _invoke_batch(self, items: Any) -> tuple[int, dict[str, Any]]:
+    def _check_content_type(self, scope: Scope) -> None:
+        content_type = _header(scope, b"content-type") or b""
+        media_type = content_type.partition(b";")[0].strip().lower()
+        if media_type != b"application/json":
+            shown = content_type.decode("latin-1")[:100] or "none"
+            unsupported = InvalidParams(
+                f"request body must be 'Content-Type: application/json', not {shown!r}"
+            )
+            raise _Refused(415, unsupported)
+
+    def _check_content_length(self, scope: Scope) -> None:
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _Refused(413, self._too_big(f"Content-Length {int(declared)}"))
+
+    def _too_big(self, what: str) -> InvalidParams:
+        return InvalidParams(
+            f"{what} is over this server's {self.max_body_bytes}-byte limit"
+            " (--max-body-bytes, LINCHKIT_PLUGIN_MAX_BODY_BYTES)"
+        )
+
+    async def _invoke_batch(self, items: Any, deep: bool) -> tuple[int, dict[str, Any]]:
         if not isinstance(items, list):
             return 400, error_response(ProviderError("'batch' must be a list of request envelopes"))
-        answers = await asyncio.gather(*(self._answer_raw(item) for item in items))
+        if len(items) > self.limits.max_batch_items:
+            too_many = InvalidParams(
+                f"batch has {len(items)} items; this server takes at most"
+                f" {self.limits.max_batch_items} (--max-batch-items,"
+                " LINCHKIT_PLUGIN_MAX_BATCH_ITEMS): split it"
+            )
+            return 413, error_response(too_many)
+        answers = await asyncio.gather(*(self._answer_raw(item, deep) for item in items))
         return 200, {"results": answers}
 
-    async def _answer_raw(self, item: Any) -> dict[str, Any]:
+    async def _answer_raw(self, item: Any, deep: bool) -> dict[str, Any]:
         try:
             request = parse_request(item)
+            if deep:
+                _check_depth(request.params)
         except DispatchError as error:
             return error_response(error)
         return await self._answer(request)
@@ -139,15 +247,28 @@ class PluginApp:
             return error_response(error)
         return ok_response(result)
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive) -> bytes:
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                return await self._receive_body(receive)
+        except TimeoutError:
+            late = DeadlineExceeded(
+                f"the request body did not arrive within {self.limits.body_timeout:g} s"
+                " (--body-timeout, LINCHKIT_PLUGIN_BODY_TIMEOUT)"
+            )
+            raise _Refused(408, late) from None
+
+    async def _receive_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                return None
+                raise _Refused(413, self._too_big("the request body"))
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -159,3 +280,49 @@ class PluginApp:
             "version": self.version,
             "methods": sorted(self.host.methods),
         }
+
+    def __repr__(self) -> str:
+        guarded = "token required" if self.token is not None else "no token"
+        return f"<PluginApp {self.host!r} {guarded} {self.limits!r}>"
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _check_depth(params: Any) -> None:
+    """Refuse params nested deeper than ``MAX_PARAMS_DEPTH`` (no recursion: no stack to blow)."""
+    level: list[Any] = [params]
+    for _ in range(MAX_PARAMS_DEPTH):
+        level = [
+            child
+            for value in level
+            if isinstance(value, dict | list)
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return
+    raise InvalidParams(f"params are nested deeper than {MAX_PARAMS_DEPTH} levels")
+
+
+def _encode_answer(body: dict[str, Any]) -> bytes:
+    """``body`` as JSON; a result JSON cannot carry becomes that call's error, not a 500."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        pass
+    if "results" in body:
+        return orjson.dumps({"results": [_encodable(answer) for answer in body["results"]]})
+    return orjson.dumps(_encodable(body))
+
+
+def _encodable(answer: dict[str, Any]) -> dict[str, Any]:
+    try:
+        orjson.dumps(answer)
+    except TypeError as error:
+        return error_response(ProviderError(f"the plugin's result is not JSON: {error}"))
+    return answer

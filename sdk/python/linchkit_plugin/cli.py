@@ -1,6 +1,9 @@
 """``dispatcher-plugin``: serve a plugin class as an HTTP function with uvicorn.
 
-argparse, not click: a deployed plugin installs nothing it does not need.
+argparse, not click: a deployed plugin installs nothing it does not need. Every option
+can also come from a ``LINCHKIT_PLUGIN_*`` variable, because the docker provider and
+container orchestrators configure a server through its environment; the bearer token
+can only come from a file or the environment, never the command line (``ps`` shows it).
 """
 
 from __future__ import annotations
@@ -14,10 +17,44 @@ from typing import Any, NoReturn
 import orjson
 
 from linchkit_plugin.asgi import PluginApp
+from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
 from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.host import PluginHost
+from linchkit_plugin.limits import ServerLimits
 
 _ENV = "LINCHKIT_PLUGIN_"
+_DEFAULTS = ServerLimits()
+
+# (option, ServerLimits field, type, what it guards): each also reads LINCHKIT_PLUGIN_<FIELD>.
+_LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body; 413 above it"),
+    ("--max-batch-items", "max_batch_items", int, "most items in one batch; 413 above it"),
+    (
+        "--body-timeout",
+        "body_timeout",
+        float,
+        "seconds for a request body to arrive once its head has; 408 after",
+    ),
+    (
+        "--header-timeout",
+        "header_timeout",
+        float,
+        "seconds for a request head to arrive on a new or idle connection; closed after",
+    ),
+    (
+        "--keep-alive-timeout",
+        "keep_alive_timeout",
+        float,
+        "seconds an idle connection is kept between requests",
+    ),
+    ("--max-header-bytes", "max_header_bytes", int, "largest request head; 431 above it"),
+    (
+        "--max-connections",
+        "max_connections",
+        int,
+        "open connections at most; more are closed as they are accepted",
+    ),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
             " --host, --port, --uds and --config can also come from the environment as"
             " LINCHKIT_PLUGIN_HOST, _PORT, _UDS and _CONFIG: that is how the docker provider"
             " tells a plugin container where to listen and what to pass to init()."
+            " Every other option reads LINCHKIT_PLUGIN_<OPTION> (e.g. _MAX_BODY_BYTES)."
+            f" Calls need 'Authorization: Bearer <token>' when a token is configured:"
+            f" --token-file, {TOKEN_FILE_ENV} or {TOKEN_ENV}; without one anybody who can"
+            " reach the server can call the plugin, which suits local development only."
+            " /health stays open for orchestrators' probes."
         ),
     )
     serve.add_argument("entrypoint", metavar="ENTRYPOINT")
@@ -63,38 +105,89 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="warning", help="uvicorn's log level (default: %(default)s)"
     )
+    serve.add_argument(
+        "--token-file",
+        default=env(TOKEN_FILE_ENV),
+        metavar="PATH",
+        help=f"file holding the bearer token calls must carry (or {TOKEN_ENV}: the token)",
+    )
+    serve.add_argument(
+        "--http",
+        choices=["auto", "h11", "httptools"],
+        default=env(_ENV + "HTTP", "auto"),
+        help="HTTP implementation; auto is httptools when installed",
+    )
+    limits = serve.add_argument_group("limits (each guards the server against one client)")
+    for option, field, kind, what in _LIMIT_OPTIONS:
+        variable = _ENV + field.upper()
+        limits.add_argument(
+            option,
+            dest=field,
+            type=kind,
+            default=kind(env(variable, getattr(_DEFAULTS, field))),
+            help=f"{what} [{variable}] (default: %(default)s)",
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    options = _parser().parse_args(argv)
+    try:
+        options = _parser().parse_args(argv)
+    except ValueError as error:  # a LINCHKIT_PLUGIN_* variable that is not a number
+        _fail(f"a LINCHKIT_PLUGIN_* setting is not a number: {error}")
     serve(options)
 
 
 def serve(options: argparse.Namespace) -> None:
     try:
-        import uvicorn
+        from linchkit_plugin._uvicorn import HTTP_IMPLEMENTATIONS, run, server_config
     except ImportError:  # pragma: no cover - depends on the installed extras
         _fail("serving needs uvicorn: pip install 'linchkit-plugin[http]'")
     try:
+        limits = ServerLimits(
+            **{field: getattr(options, field) for _, field, _, _ in _LIMIT_OPTIONS}
+        )
+        token = BearerToken.configured(options.token_file)
         config: Any = orjson.loads(options.config_json)
         plugin_host = PluginHost.load(options.entrypoint, options.search_path)
-    except (orjson.JSONDecodeError, ProviderError) as error:
+    except (orjson.JSONDecodeError, ProviderError, TokenError, ValueError) as error:
         _fail(str(error))
     if not isinstance(config, dict):
         _fail("--config must be a JSON object")
-    app = PluginApp(plugin_host, config=config)
-    uvicorn.run(
+    if options.http != "auto" and options.http not in HTTP_IMPLEMENTATIONS:
+        _fail(f"--http {options.http} is not installed: pip install {options.http}")
+    where = options.uds or f"{options.host}:{options.port}"
+    if token is None:
+        print(
+            f"Warning: no bearer token configured (--token-file, {TOKEN_FILE_ENV} or"
+            f" {TOKEN_ENV}): anybody who can reach {where} can call this plugin.",
+            file=sys.stderr,
+            flush=True,
+        )
+    app = PluginApp(
+        plugin_host,
+        config=config,
+        token=token,
+        limits=limits,
+        plugin_id=_identity("ID"),
+        version=_identity("VERSION"),
+    )
+    uvicorn_config = server_config(
         app,
+        limits,
         host=options.host,
         port=options.port,
         uds=options.uds,
-        log_level=options.log_level,
-        access_log=False,
-        lifespan="on",
+        http=None if options.http == "auto" else options.http,
         loop=_fastest_loop(),
-        http="httptools" if _has("httptools") else "h11",
+        log_level=options.log_level,
     )
+    run(uvicorn_config)
+
+
+def _identity(name: str) -> str:
+    """``LINCHKIT_PLUGIN_ID`` or ``_VERSION``: the docker provider says who the plugin is."""
+    return os.environ.get(_ENV + name, "")
 
 
 def _fail(message: str) -> NoReturn:

@@ -250,11 +250,28 @@ def _binding_error(
 ) -> DispatchError:
     # Tell "the caller sent the wrong params" from "plugin code raised TypeError": only the
     # former fails to bind to the signature. Checked on failure only, so calls pay nothing.
+    # A bound method's signature hides ``self``, so ``{"self": 1}`` would seem to bind to
+    # ``**kwargs`` while the call itself fails: bind to the function with its instance.
+    target = getattr(function, "__func__", function)
+    instance = getattr(function, "__self__", None)
+    bound_args = (instance, *args) if target is not function else args
     try:
-        inspect.signature(function).bind(*args, **kwargs)
+        signature = inspect.signature(target)
+        signature.bind(*bound_args, **kwargs)
     except TypeError as binding:
-        return InvalidParams(f"params do not match the method: {binding}")
+        return InvalidParams(_mismatch(function, binding))
+    except ValueError:  # no signature to compare with (a builtin): the plugin's own error
+        return _plugin_error(error)
     return _plugin_error(error)
+
+
+def _mismatch(function: Callable[..., Any], binding: TypeError) -> str:
+    name = getattr(function, "__name__", "method")
+    try:
+        shown = f"{name}{inspect.signature(function)}"
+    except ValueError:
+        shown = name
+    return f"params do not match {shown}: {binding}"
 
 
 def _plugin_error(error: Exception) -> PluginError:

@@ -1,0 +1,174 @@
+"""uvicorn, configured to survive slow and greedy clients: the one module that knows uvicorn.
+
+uvicorn (0.54) bounds none of this by itself, whichever HTTP implementation runs:
+
+* no timeout before a request's head is complete: its keep-alive timer is armed only
+  after a response, and any byte received cancels it, so a new connection that sends
+  nothing, or drips its headers one byte at a time (slowloris), stays open for ever;
+* no limit on header size with httptools (h11 has ``h11_max_incomplete_event_size``);
+* ``limit_concurrency`` does not limit connections: every connection is accepted, and
+  while the count is reached each *request* gets a plain-text 503, so a few hundred idle
+  sockets turn away every legitimate call and still hold their file descriptors.
+
+So the protocol classes below (one per implementation, same mixin) add a head timer,
+armed when a connection opens and after each response and stopped when a request's
+head is complete; a header byte budget; and a hard connection cap enforced at accept.
+They rely on what both uvicorn protocols keep: ``transport``, ``connections`` (shared by
+the server), ``cycle`` (the current request) and ``on_response_complete``;
+``tests/test_plugin_server_limits.py`` runs every guard against both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from linchkit_plugin.errors import InvalidParams
+from linchkit_plugin.limits import ServerLimits
+from linchkit_plugin.wire import error_response
+
+__all__ = ["HTTP_IMPLEMENTATIONS", "run", "server_config"]
+
+
+def _raw_answer(status: str, body: dict[str, Any]) -> bytes:
+    payload = orjson.dumps(body)
+    head = (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + payload
+
+
+class _GuardedProtocol:
+    """Mixin over a uvicorn HTTP protocol: head timeout, header budget, connection cap."""
+
+    limits: ServerLimits  # set on each subclass made by ``_guarded``
+    transport: asyncio.Transport
+    connections: set[Any]
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0
+    _seen_cycle: Any = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        if len(self.connections) > self.limits.max_connections:
+            transport.abort()  # over the cap: nothing read, nothing owed
+            return
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        awaiting_head = self._head_timer is not None
+        if awaiting_head:
+            self._head_bytes += len(data)
+        super().data_received(data)  # type: ignore[misc]
+        if self.cycle is not self._seen_cycle:  # a request's head is complete
+            self._seen_cycle = self.cycle
+            self._stop_head_timer()
+        elif awaiting_head and self._head_bytes > self.limits.max_header_bytes:
+            self._refuse_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._seen_cycle = self.cycle
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and not self.transport.is_closing():
+            self._await_head()
+
+    def _await_head(self) -> None:
+        self._stop_head_timer()
+        self._head_bytes = 0
+        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_too_late)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_late(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes:
+            late = InvalidParams(
+                f"the request head did not arrive within {self.limits.header_timeout:g} s"
+                " (--header-timeout, LINCHKIT_PLUGIN_HEADER_TIMEOUT)"
+            )
+            self.transport.write(_raw_answer("408 Request Timeout", error_response(late)))
+        self.transport.close()
+
+    def _refuse_head(self) -> None:
+        self._stop_head_timer()
+        too_big = InvalidParams(
+            f"request headers are over this server's {self.limits.max_header_bytes}-byte"
+            " limit (--max-header-bytes, LINCHKIT_PLUGIN_MAX_HEADER_BYTES)"
+        )
+        answer = _raw_answer("431 Request Header Fields Too Large", error_response(too_big))
+        self.transport.write(answer)
+        self.transport.close()
+
+
+def _implementations() -> dict[str, type[asyncio.Protocol]]:
+    found: dict[str, type[asyncio.Protocol]] = {"h11": H11Protocol}
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # httptools is optional: h11 is pure Python and always there
+        pass
+    else:
+        found["httptools"] = HttpToolsProtocol
+    return found
+
+
+#: The HTTP implementations available here, fastest last.
+HTTP_IMPLEMENTATIONS = _implementations()
+
+
+def _guarded(base: type[asyncio.Protocol], limits: ServerLimits) -> type[asyncio.Protocol]:
+    namespace = {"limits": limits, "__module__": __name__}
+    return type(f"Guarded{base.__name__}", (_GuardedProtocol, base), namespace)
+
+
+def server_config(
+    app: Any,
+    limits: ServerLimits,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    uds: str | None = None,
+    http: str | None = None,
+    loop: str = "auto",
+    log_level: str = "warning",
+) -> uvicorn.Config:
+    """A uvicorn ``Config`` serving ``app`` with every guard of ``limits`` in place."""
+    implementation = http or list(HTTP_IMPLEMENTATIONS)[-1]
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        uds=uds,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        loop=loop,
+        http=_guarded(HTTP_IMPLEMENTATIONS[implementation], limits),
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # a float works
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        # The head timer and the connection cap above do what limit_concurrency cannot;
+        # a request admitted past them is bounded by the plugin's own deadlines.
+        limit_concurrency=None,
+    )
+
+
+def run(config: uvicorn.Config) -> None:
+    """Serve until SIGINT or SIGTERM, then run the plugin's ``stop``/``destroy``."""
+    uvicorn.Server(config).run()

@@ -1,0 +1,76 @@
+"""The bearer token a plugin's HTTP server requires, and where it comes from.
+
+The host's HTTP provider sends ``Authorization: Bearer <bearer_token>`` when a target
+sets ``bearer_token``; the server compares it with its own copy in constant time
+(``hmac.compare_digest``), so a wrong guess teaches nothing about the right one.
+
+The server's copy comes from a file (``--token-file``, ``LINCHKIT_PLUGIN_TOKEN_FILE``: a
+mounted secret) or from ``LINCHKIT_PLUGIN_TOKEN``, never from a plain command-line
+argument, which any user of the machine can read in ``ps``. The token is never printed:
+its ``repr`` hides it and no error message quotes what a client sent.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["TOKEN_ENV", "TOKEN_FILE_ENV", "BearerToken", "TokenError"]
+
+TOKEN_ENV = "LINCHKIT_PLUGIN_TOKEN"
+TOKEN_FILE_ENV = "LINCHKIT_PLUGIN_TOKEN_FILE"
+
+
+class TokenError(ValueError):
+    """The configured token cannot be used (unreadable or empty file, both sources set)."""
+
+
+class BearerToken:
+    """A secret a request must present as ``Authorization: Bearer <token>``."""
+
+    __slots__ = ("_expected",)
+
+    def __init__(self, token: str) -> None:
+        token = token.strip()
+        if not token:
+            raise TokenError("the bearer token is empty")
+        if any(ord(character) < 0x21 or ord(character) > 0x7E for character in token):
+            raise TokenError("the bearer token must be printable ASCII without spaces")
+        self._expected = b"bearer " + token.encode("ascii")
+
+    @classmethod
+    def configured(
+        cls, token_file: str | Path | None, environ: Mapping[str, str] | None = None
+    ) -> BearerToken | None:
+        """The token from ``token_file``, else from ``LINCHKIT_PLUGIN_TOKEN``; None if neither."""
+        environ = os.environ if environ is None else environ
+        from_environment = environ.get(TOKEN_ENV)
+        if token_file:
+            if from_environment:
+                raise TokenError(f"set either a token file or {TOKEN_ENV}, not both")
+            try:
+                text = Path(token_file).read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError) as error:
+                raise TokenError(
+                    f"cannot read the token file {str(token_file)!r}: {type(error).__name__}"
+                ) from None
+            try:
+                return cls(text)
+            except TokenError as error:
+                raise TokenError(f"the token file {str(token_file)!r}: {error}") from None
+        if from_environment:
+            return cls(from_environment)
+        return None
+
+    def admits(self, authorization: bytes | None) -> bool:
+        """Whether an ``Authorization`` header value carries this token (constant time)."""
+        if authorization is None:
+            return False
+        scheme, _, credentials = authorization.strip().partition(b" ")
+        presented = scheme.lower() + b" " + credentials.strip()
+        return hmac.compare_digest(presented, self._expected)
+
+    def __repr__(self) -> str:
+        return "<BearerToken (hidden)>"

@@ -1,0 +1,48 @@
+"""What the HTTP server of a plugin lets one client cost it, in one frozen value.
+
+Each limit guards one resource against one kind of client, broken or hostile:
+
+    limit                 guards                                     answer when passed
+    max_body_bytes        memory: a body is read whole before JSON   413, before reading
+                          parsing (checked on Content-Length, then   when Content-Length
+                          again while a chunked body arrives)        says so
+    max_batch_items       CPU and memory: every item of a batch      413, before any item
+                          runs concurrently                          runs
+    body_timeout          a request slot: a Content-Length that      408, connection closed
+                          lies, a chunked body that never ends
+    header_timeout        a connection: slowloris, a head that       connection closed
+                          never completes, an idle new connection    (408 if a head began)
+    keep_alive_timeout    a connection idle between requests         connection closed
+    max_header_bytes      memory: headers uvicorn buffers unbounded  431, connection closed
+    max_connections       file descriptors and memory                new connections closed
+
+``dispatcher-plugin serve`` sets every one from a CLI option or a ``LINCHKIT_PLUGIN_*``
+variable; ``PluginApp`` enforces the first three, the uvicorn glue (``_uvicorn``) the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ServerLimits"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerLimits:
+    """Bounds on what one request or connection may cost; the defaults suit a plugin server."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_batch_items: int = 1000
+    body_timeout: float = 30.0
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_batch_items", "max_header_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("body_timeout", "header_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
