@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -606,3 +607,18 @@ def test_a_socket_path_that_is_not_a_socket_is_refused_before_any_connect(
         pin.close()
         server.close()
     assert "security: container test-container" in caplog.text
+
+
+async def test_a_tcp_container_answers_only_its_dispatcher() -> None:
+    """On the host's loopback any local process can dial the plugin: it must prove who it is."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    box = echo_box(transport="tcp", port=free_port, max_instances=1, sandbox={"network": "host"})
+    async with Dispatcher(manifest(box)) as dispatcher:
+        assert (await dispatcher.call("echo-box", "say", {"text": "hi"}))["text"] == "hi"
+        envelope = {"v": 1, "plugin": "echo-box", "method": "say", "params": {"text": "x"}}
+        async with httpx.AsyncClient() as stranger:
+            answer = await stranger.post(f"http://127.0.0.1:{free_port}/invoke", json=envelope)
+    assert answer.status_code == 401
+    assert answer.json()["error"]["type"] == "unauthorized"

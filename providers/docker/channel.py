@@ -30,6 +30,8 @@ class Address:
     container: str  # for messages: "linchkit-echo-1a2b3c4d of echo@1.0.0 (image)"
     unix_socket: str | None = None
     port: int | None = None
+    #: The bearer token this container's plugin server was started with (``LINCHKIT_PLUGIN_TOKEN``).
+    token: str | None = None
 
 
 class Channel(Protocol):
@@ -70,7 +72,9 @@ class HttpChannel:
         else:
             url = f"http://127.0.0.1:{address.port}"
             self._http = HttpProvider(max_connections=64)
-        self._target = _ContainerHttpTarget(provider="http", url=url, container=address.container)
+        self._target = _ContainerHttpTarget(
+            provider="http", url=url, container=address.container, bearer_token=address.token
+        )
 
     async def open(self) -> None:
         if self._http is not None:

@@ -114,23 +114,29 @@ class Containers:
         target = pool.target
         name = f"linchkit-{_slug(pool.plugin.id)}-{secrets.token_hex(4)}"
         socket_dir: Path | None = None
+        # A fresh token per container: with transport tcp the plugin listens on the host's
+        # loopback, where any local process could otherwise call it.
+        token = secrets.token_urlsafe(32)
         env = {
             **target.env,
             "LINCHKIT_PLUGIN_CONFIG": encode_json(pool.plugin.config).decode(),
             "LINCHKIT_PLUGIN_ID": pool.plugin.id,
             "LINCHKIT_PLUGIN_VERSION": pool.plugin.version,
+            "LINCHKIT_PLUGIN_TOKEN": token,
         }
         if target.transport == "unix":
             socket_dir = self._socket_root / name
             socket_dir.mkdir()
             socket_dir.chmod(0o777)  # the container's user creates the socket; parent is 0700
             env["LINCHKIT_PLUGIN_UDS"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
-            address = Address(f"{name} of {pool.label}", unix_socket=str(socket_dir / SOCKET_NAME))
+            address = Address(
+                f"{name} of {pool.label}", unix_socket=str(socket_dir / SOCKET_NAME), token=token
+            )
         else:
             port = target.port or _free_port()
             env["LINCHKIT_PLUGIN_HOST"] = "127.0.0.1"
             env["LINCHKIT_PLUGIN_PORT"] = str(port)
-            address = Address(f"{name} of {pool.label}", port=port)
+            address = Address(f"{name} of {pool.label}", port=port, token=token)
         channel = CHANNELS[target.protocol](address)
         config = container_config(target, env, socket_dir)
         config["Labels"] = {
