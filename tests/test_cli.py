@@ -113,3 +113,117 @@ def test_the_demo_runs_end_to_end() -> None:
     assert "InsufficientFunds" in demo.stdout
     assert "DeadlineExceeded" in demo.stdout
     assert demo.stdout.count("→ serving") == 2
+
+
+# -- conventions users bring from other CLIs ---------------------------------------------
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "dispatcher"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+        timeout=60,
+    )
+
+
+def write_manifest(folder: Path, *plugins: dict[str, object]) -> Path:
+    path = folder / "other.yaml"
+    path.write_text(json.dumps({"version": 1, "plugins": list(plugins)}))
+    return path
+
+
+ECHO_LOCAL = {
+    "id": "echo",
+    "version": "1.0.0",
+    "target": {
+        "provider": "local",
+        "entrypoint": "echo_plugin:EchoPlugin",
+        "path": str(ROOT / "examples" / "python"),
+    },
+    "methods": {"say": {}},
+}
+
+
+def test_the_manifest_option_goes_before_or_after_the_command_or_in_the_environment(
+    tmp_path: Path,
+) -> None:
+    manifest = str(write_manifest(tmp_path, ECHO_LOCAL))
+    for args, env in [
+        (["-m", manifest, "validate"], None),
+        (["validate", "-m", manifest], None),
+        (["validate"], {"DISPATCHER_MANIFEST": manifest}),
+        (["-m", "absent.yaml", "validate", "--manifest", manifest], None),
+    ]:
+        answered = run_cli(*args, env=env)
+        assert answered.returncode == 0, (args, answered.stderr)
+        assert "ok (1 plugins, 1 methods)" in answered.stdout
+    called = run_cli("call", "echo.say", "-p", '{"text": "hi"}', "-m", manifest)
+    assert json.loads(called.stdout)["text"] == "hi", called.stderr
+    assert "DISPATCHER_MANIFEST" in run_cli("--help").stdout
+
+
+def test_list_and_health_print_json_for_scripts(tmp_path: Path) -> None:
+    manifest = str(write_manifest(tmp_path, ECHO_LOCAL))
+    listed = json.loads(run_cli("-m", manifest, "list", "-o", "json").stdout)
+    assert listed == [
+        {
+            "plugin": "echo",
+            "version": "1.0.0",
+            "method": "say",
+            "timeout_ms": 30000,
+            "target": "local echo_plugin:EchoPlugin",
+        }
+    ]
+    health = run_cli("-m", manifest, "health", "--output", "json")
+    assert health.returncode == 0, health.stderr
+    (report,) = json.loads(health.stdout)
+    assert (report["plugin"], report["status"]) == ("echo", "serving")
+
+
+def test_version() -> None:
+    answered = run_cli("--version")
+    assert answered.returncode == 0
+    assert answered.stdout.startswith("dispatcher, version ")
+
+
+def test_a_call_is_not_held_up_by_another_plugin_that_is_down(tmp_path: Path) -> None:
+    down = {
+        "id": "down",
+        "version": "1.0.0",
+        "target": {
+            "provider": "grpc",
+            "address": f"127.0.0.1:{free_port()}",  # nothing listens
+            "lifecycle": "dispatcher",
+            "connect_timeout_ms": 5000,
+        },
+        "methods": {"anything": {}},
+    }
+    manifest = str(write_manifest(tmp_path, ECHO_LOCAL, down))
+    started = time.monotonic()
+    called = run_cli("-m", manifest, "call", "echo.say", "-p", '{"text": "hi"}')
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout)["text"] == "hi"
+    assert time.monotonic() - started < 4.5  # the down plugin's 5 s connect is not waited for
+
+
+def test_verbose_shows_what_plugins_print(tmp_path: Path) -> None:
+    crashing = {
+        "id": "crashing",
+        "version": "1.0.0",
+        "target": {
+            "provider": "subprocess",
+            "command": [sys.executable, str(ROOT / "tests" / "plugins" / "crashing_plugin.py")],
+            "env": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+        },
+        "methods": {"pid": {}},
+    }
+    manifest = str(write_manifest(tmp_path, crashing))
+    quiet = run_cli("-m", manifest, "call", "crashing.pid")
+    loud = run_cli("-v", "-m", manifest, "call", "crashing.pid")
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "started" not in quiet.stderr
+    assert "crashing plugin" in loud.stderr
+    assert "started" in loud.stderr
