@@ -1,0 +1,7 @@
+"""``python -m dispatcher.cli``."""
+
+import sys
+
+from dispatcher.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""The ``dispatcher`` command group and what its commands share: the session (which
+manifest), the ``-m`` and ``-o`` options, loading the manifest, running a dispatcher for
+one command, printing tables.
+
+Exit codes: 0 success; 1 a call failed or a target is unhealthy; 2 bad usage or an
+invalid manifest. Errors are printed as one line (or one JSON object for ``call``),
+never as a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+
+from dispatcher._dispatcher import Dispatcher
+from dispatcher.config import Manifest, ManifestError, load_manifest
+
+T = TypeVar("T")
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+MANIFEST_HELP = "Manifest file (YAML or TOML)."
+
+
+@dataclass(slots=True)
+class _Session:
+    """What the group's options decide for every command."""
+
+    manifest: str
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-m",
+    "--manifest",
+    default="plugins.yaml",
+    show_default=True,
+    envvar="DISPATCHER_MANIFEST",
+    show_envvar=True,
+    help=MANIFEST_HELP,
+)
+@click.option("-v", "--verbose", count=True, help="Log more: -v for info, -vv for debug.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default=None,
+    help="Log level (overrides -v). Logs, plugin output included, go to stderr.",
+)
+@click.version_option(package_name="linchkit-dispatcher", prog_name="dispatcher")
+@click.pass_context
+def main(context: click.Context, manifest: str, verbose: int, log_level: str | None) -> None:
+    """Call LinchKit plugins wherever they run.
+
+    Shell completion: eval "$(_DISPATCHER_COMPLETE=bash_source dispatcher)" (zsh_source,
+    fish_source for the other shells).
+    """
+    level = log_level.upper() if log_level else ("WARNING", "INFO", "DEBUG")[min(verbose, 2)]
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    context.obj = _Session(manifest)
+
+
+def session(context: click.Context) -> _Session:
+    session = context.find_object(_Session)
+    assert session is not None, "set by main() before any command runs"
+    return session
+
+
+def _override_manifest(context: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        session(context).manifest = value
+
+
+#: ``-m`` after the command name as well as before it (``dispatcher call x.y -m other.yaml``).
+manifest_option = click.option(
+    "-m",
+    "--manifest",
+    default=None,
+    expose_value=False,
+    callback=_override_manifest,
+    help="Manifest file, if not given before the command.",
+)
+
+#: ``--output json`` for the commands that print tables.
+output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Print a table, or JSON for scripts.",
+)
+
+
+def load(context: click.Context) -> Manifest[Any]:
+    try:
+        return load_manifest(session(context).manifest)
+    except ManifestError as error:
+        click.echo(str(error), err=True)
+        context.exit(EXIT_USAGE)
+        raise  # unreachable: exit raises
+
+
+def run_with_dispatcher(manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]) -> T:
+    async def session() -> T:
+        async with Dispatcher(manifest) as dispatcher:
+            return await job(dispatcher)
+
+    return asyncio.run(session())
+
+
+def table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )

@@ -1,0 +1,88 @@
+"""``dispatcher deploy``: build, publish or remove the functions behind a plugin's targets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import click
+
+from dispatcher.cli._app import EXIT_FAILED, load, main, manifest_option
+from dispatcher.config import PluginSpec
+from linchkit_plugin.errors import DispatchError
+from providers import provider_classes
+from providers.deploy import Step
+from providers.target import TargetConfig
+
+
+@main.command()
+@click.argument("plugins", nargs=-1, metavar="[PLUGIN]...")
+@click.option(
+    "--dry-run", is_flag=True, help="Print what would be deployed; write and apply nothing."
+)
+@click.option("--remove", is_flag=True, help="Delete what deploy created, instead.")
+@manifest_option
+@click.pass_context
+def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool, remove: bool) -> None:
+    """Build or publish the function behind each target of PLUGIN (default: every plugin).
+
+    Each provider deploys its own way (docker: builds the image locally; knative: renders a
+    Service into infra/knative/ and applies it when the target's deploy.cluster is set;
+    lambda: packages the plugin with its SDK and publishes it). Targets whose provider has
+    nothing to deploy (local, http) are listed and skipped. --dry-run prints the plan
+    instead; --remove deletes what deploy created (with --dry-run: what it would delete).
+    """
+    manifest = load(context)
+    known = {name for plugin in manifest.plugins for name in (plugin.id, plugin.key)}
+    unknown = [name for name in plugins if name not in known]
+    if unknown:
+        raise click.UsageError(f"not in the manifest: {', '.join(unknown)}")
+    chosen = [p for p in manifest.plugins if not plugins or {p.id, p.key} & set(plugins)]
+
+    async def run() -> bool:
+        ok = True
+        for plugin in chosen:
+            for target in plugin.targets():
+                ok = await _deploy_one(plugin, target, dry_run=dry_run, remove=remove) and ok
+        return ok
+
+    if not asyncio.run(run()):
+        context.exit(EXIT_FAILED)
+
+
+async def _deploy_one(
+    plugin: PluginSpec[Any], target: TargetConfig, *, dry_run: bool, remove: bool
+) -> bool:
+    provider = provider_classes()[target.provider]()
+    deployer = provider.deployer()
+    if deployer is None:
+        click.echo(f"{plugin.key}: {target.describe()}: nothing to deploy")
+        return True
+
+    def progress(step: Step) -> None:
+        click.echo(f"{plugin.key}: {step.render()}")
+
+    try:
+        async with provider:
+            if dry_run and remove:
+                click.echo(f"{plugin.key}: would remove {target.describe()}")
+            elif dry_run:
+                click.echo(f"{plugin.key}: {(await deployer.plan(plugin, target)).render()}")
+            elif remove:
+                plan = await deployer.remove(plugin, target, progress)
+                click.echo(
+                    f"{plugin.key}: removed {plan.target}"
+                    if plan.changes
+                    else f"{plugin.key}: {plan.target}: nothing to remove"
+                )
+            else:
+                plan = await deployer.apply(plugin, target, progress)
+                click.echo(
+                    f"{plugin.key}: deployed {plan.target}"
+                    if plan.changes
+                    else f"{plugin.key}: {plan.target}: up to date"
+                )
+    except DispatchError as error:
+        click.echo(f"{plugin.key}: {target.describe()}: {error}", err=True)
+        return False
+    return True
