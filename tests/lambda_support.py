@@ -20,6 +20,7 @@ def echo_lambda_manifest(
     *,
     greeting: str = "from lambda",
     timeout_s: int = 30,
+    path: str = str(EXAMPLES),
     **target: Any,
 ) -> dict[str, Any]:
     """A manifest document: the example plugin deployed as a Lambda function, via its alias."""
@@ -37,7 +38,7 @@ def echo_lambda_manifest(
                     "deploy": {
                         "role": ROLE,
                         "entrypoint": "echo_plugin:EchoPlugin",
-                        "path": str(EXAMPLES),
+                        "path": path,
                         "timeout_s": timeout_s,
                     },
                     **target,

@@ -223,3 +223,39 @@ async def test_the_cli_deploys_then_reports_up_to_date(local: LocalLambda, tmp_p
     assert "echo-lambda@1.0.0: delete function deploy-cli (versions 1)" in removed
     assert "echo-lambda@1.0.0: removed lambda deploy-cli:live (us-east-1)" in removed
     assert "nothing to remove" in await run("--remove")
+
+
+async def test_litter_in_the_plugin_folder_publishes_no_new_version(
+    local: LocalLambda, tmp_path: Path
+) -> None:
+    """The bug this guards against: a log file growing in the plugin's folder went into
+    the zip, so every deploy uploaded new code and published a version."""
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / "echo_plugin.py").write_bytes((ROOT / "examples/python/echo_plugin.py").read_bytes())
+    (folder / ".dispatcherignore").write_text("scratch/\n")
+    manifest = manifest_for(local, "deploy-litter", path=str(folder))
+    first = await deploy(manifest)
+    assert actions(first)["version"] == "publish"
+    # The plugin ran, wrote its log; a test run, an editor and a checkout touched the rest.
+    (folder / "plugin.log").write_text("INFO started\n" * 1000)
+    (folder / "scratch").mkdir()
+    (folder / "scratch" / "notes.txt").write_text("try 6 MB payloads\n")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "echo_plugin.cpython-311.pyc").write_bytes(b"\x00" * 64)
+    for path in folder.rglob("*"):
+        os.utime(path, (1_900_000_000, 1_900_000_000))
+    planned = await deploy(manifest, dry_run=True)
+    assert not planned.changes, planned.render()
+    second = await deploy(manifest)
+    assert not second.changes, second.render()
+    assert details(second, "version") == ["1 has this code and configuration"]
+    async with LambdaProvider() as provider:
+        client = await provider.client(manifest.plugins[0].target)
+        versions = await client.list_versions_by_function(FunctionName="deploy-litter")
+    assert [v["Version"] for v in versions["Versions"]] == ["$LATEST", "1"]
+    # A file that is code does change it.
+    (folder / "helpers.py").write_text("VALUE = 1\n")
+    third = await deploy(manifest)
+    assert actions(third)["code"] == "update"
+    assert details(third, "version") == ["2"]

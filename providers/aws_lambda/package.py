@@ -2,7 +2,8 @@
 
 The zip holds, and only holds, what the handler runs:
 
-* the plugin's folder (``deploy.path``) or module;
+* the plugin's folder (``deploy.path``) or module, less what ``.dispatcherignore`` and
+  its defaults leave out (``ignore``: caches, tests, logs, ``.env`` …);
 * ``linchkit_handler.py``, generated: ``handler = lambda_handler(Plugin)``;
 * the plugin SDK ``linchkit_plugin``: the modules ``linchkit_plugin.aws_lambda`` loads at
   import (found by reading their ``import`` lines), so neither the gRPC code (``_proto``,
@@ -13,8 +14,8 @@ The zip holds, and only holds, what the handler runs:
 
 Never the host (``dispatcher``, ``providers``) nor its dependencies: a plugin on Lambda is
 called by a dispatcher, it is not one. The zip is byte-for-byte reproducible (sorted
-entries, fixed timestamps), so its ``CodeSha256`` changes only when the code does: that is
-what makes a second deploy a no-op.
+entries, fixed timestamps, modes reduced to 644/755, ignored files never read), so its
+``CodeSha256`` changes only when the code does: that is what makes a second deploy a no-op.
 
 Vendoring from the running environment assumes it matches Lambda's: Linux x86_64,
 CPython 3.11 (``runtime: python3.11``); deploy refuses to package from anything else.
@@ -39,6 +40,7 @@ from typing import Any
 from linchkit_plugin.aws_lambda import CONFIG_ENVIRONMENT_VARIABLE
 from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.wire import encode_json
+from providers.aws_lambda.ignore import plugin_folder_files
 from providers.aws_lambda.target import LambdaDeploySettings, LambdaTarget
 from providers.target import PluginInfo
 
@@ -58,7 +60,8 @@ HANDLER = "linchkit_handler.handler"
 SDK_ENTRY = "linchkit_plugin.aws_lambda"
 SDK_DISTRIBUTION = "linchkit-plugin"
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
-_SKIPPED_PARTS = frozenset({"__pycache__", ".pytest_cache", ".mypy_cache", ".git"})
+_READ_ONLY, _EXECUTABLE = 0o644, 0o755
+_UNIX = 3  # ZipInfo.create_system: the mode in external_attr is read as Unix permissions
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,24 +173,35 @@ def build_package(plugin: PluginInfo, target: LambdaTarget) -> Package:
     """The reproducible zip for ``plugin`` (see the module docstring)."""
     settings = settings_of(plugin, target)
     _check_platform(settings.runtime)
-    entries: dict[str, bytes] = {}
+    # name in the zip → (content, mode): only what the code is, never when or by whom.
+    entries: dict[str, tuple[bytes, int]] = {}
     module, _, attribute = settings.entrypoint.partition(":")
-    for name, content in _plugin_files(module, settings.path):
-        entries[name] = content
+    for name, content, mode in _plugin_files(module, settings.path):
+        entries[name] = (content, mode)
     for name, content in _sdk_files():
-        entries.setdefault(name, content)
+        entries.setdefault(name, (content, _READ_ONLY))
     for distribution in _closure([*_sdk_requirements(), *settings.requirements]):
         for name, content in _distribution_files(distribution):
-            entries.setdefault(name, content)
-    entries[HANDLER.partition(".")[0] + ".py"] = _handler_source(module, attribute)
+            entries.setdefault(name, (content, _READ_ONLY))
+    handler = _handler_source(module, attribute)
+    entries[HANDLER.partition(".")[0] + ".py"] = (handler, _READ_ONLY)
+    return Package(_reproducible_zip(entries), len(entries))
+
+
+def _reproducible_zip(entries: dict[str, tuple[bytes, int]]) -> bytes:
+    """The same bytes for the same entries, on any day, from any checkout: entries sorted,
+    one fixed timestamp, Unix modes reduced to 644 or 755, no extra fields, one level of
+    compression (the same zlib gives the same bytes)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as archive:
         for name in sorted(entries):
+            content, mode = entries[name]
             info = zipfile.ZipInfo(name, _FIXED_TIME)
-            info.external_attr = 0o644 << 16
+            info.create_system = _UNIX
+            info.external_attr = mode << 16
             info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, entries[name])
-    return Package(buffer.getvalue(), len(entries))
+            archive.writestr(info, content)
+    return buffer.getvalue()
 
 
 def _check_platform(runtime: str) -> None:
@@ -210,17 +224,15 @@ def _handler_source(module: str, attribute: str) -> bytes:
     ).encode()
 
 
-def _walk(folder: Path, prefix: str = "") -> Iterator[tuple[str, bytes]]:
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if _SKIPPED_PARTS.intersection(relative.parts) or not path.is_file():
-            continue
-        if path.suffix in (".pyc", ".pyo"):
-            continue
-        yield prefix + relative.as_posix(), path.read_bytes()
+def _walk(folder: Path, prefix: str = "") -> Iterator[tuple[str, bytes, int]]:
+    """The folder's files that ``.dispatcherignore`` keeps (``ignore``), with their mode:
+    755 if the owner may run it (a bundled tool), else 644, whatever the umask was."""
+    for relative, path in plugin_folder_files(folder):
+        mode = _EXECUTABLE if path.stat().st_mode & 0o100 else _READ_ONLY
+        yield prefix + relative, path.read_bytes(), mode
 
 
-def _plugin_files(module: str, path: Path | None) -> Iterator[tuple[str, bytes]]:
+def _plugin_files(module: str, path: Path | None) -> Iterator[tuple[str, bytes, int]]:
     if path is not None:
         if not path.is_dir():
             raise ProviderError(f"plugin path {path} is not a folder")
@@ -234,7 +246,7 @@ def _plugin_files(module: str, path: Path | None) -> Iterator[tuple[str, bytes]]
     if origin.name == "__init__.py":
         yield from _walk(origin.parent, f"{top}/")
     else:
-        yield origin.name, origin.read_bytes()
+        yield origin.name, origin.read_bytes(), _READ_ONLY
 
 
 def _sdk_files() -> Iterator[tuple[str, bytes]]:
