@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from dispatcher.testing.local_lambda.server import ACCOUNT, FAKE_CREDENTIALS, create_role
+
 if TYPE_CHECKING:
     from dispatcher._dispatcher import Dispatcher
     from dispatcher.config import Manifest
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from providers.deploy import Step
 
 __all__ = [
+    "ACCOUNT",
     "FAKE_CREDENTIALS",
     "create_role",
     "deploy_manifest",
@@ -51,19 +54,6 @@ __all__ = [
     "point_at",
     "reset_moto",
 ]
-
-#: moto accepts any credentials; these keep the standard chain from finding real ones.
-FAKE_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-ACCOUNT = "123456789012"  # moto's default account
-LAMBDA_TRUST = (
-    '{"Version":"2012-10-17","Statement":[{"Effect":"Allow",'
-    '"Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}]}'
-)
 
 
 @pytest.fixture(scope="session")
@@ -121,35 +111,6 @@ async def reset_moto(url: str) -> None:
 
     async with aiohttp.ClientSession() as session, session.post(f"{url}/moto-api/reset") as answer:
         answer.raise_for_status()
-
-
-async def create_role(url: str, name: str, *, region: str = "us-east-1") -> str:
-    """Create (or find) the IAM role ``name`` in moto; returns its ARN.
-
-    A plain IAM Query request: the vendor SDK stays in ``providers/aws_lambda/client.py``.
-    """
-    import aiohttp
-
-    form = {
-        "Action": "CreateRole",
-        "Version": "2010-05-08",
-        "RoleName": name,
-        "AssumeRolePolicyDocument": LAMBDA_TRUST,
-    }
-    headers = {
-        "Authorization": (
-            f"AWS4-HMAC-SHA256 Credential=testing/20240101/{region}/iam/aws4_request, "
-            "SignedHeaders=host, Signature=0"
-        )
-    }
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"{url}/", data=form, headers=headers) as answer,
-    ):
-        text = await answer.text()
-        if answer.status != 200 and "EntityAlreadyExists" not in text:
-            raise RuntimeError(f"moto did not create role {name}: {answer.status} {text[:200]}")
-    return f"arn:aws:iam::{ACCOUNT}:role/{name}"
 
 
 def point_at(data: Any, endpoint_url: str, region: str = "us-east-1") -> Any:

@@ -22,6 +22,8 @@ Modules, each importing only those above it:
     runtime    Environments: starting, reusing, evicting and removing runtime containers
     control    ControlPlane: the pass-through to moto, and Invoke's cached reads from it
     front      LocalLambda: the endpoint, the Invoke API semantics, the lifecycle
+    server     LocalLambdaServer: moto's server and the front in one lifecycle
+               (``dispatcher local-lambda``), create_role, FAKE_CREDENTIALS
 """
 
 from __future__ import annotations
@@ -30,5 +32,18 @@ from dispatcher.testing.local_lambda.engine import DockerEngine
 from dispatcher.testing.local_lambda.errors import LocalLambdaError
 from dispatcher.testing.local_lambda.front import LocalLambda
 from dispatcher.testing.local_lambda.runtime import DEFAULT_RUNTIME_IMAGE
+from dispatcher.testing.local_lambda.server import (
+    FAKE_CREDENTIALS,
+    LocalLambdaServer,
+    create_role,
+)
 
-__all__ = ["DEFAULT_RUNTIME_IMAGE", "DockerEngine", "LocalLambda", "LocalLambdaError"]
+__all__ = [
+    "DEFAULT_RUNTIME_IMAGE",
+    "FAKE_CREDENTIALS",
+    "DockerEngine",
+    "LocalLambda",
+    "LocalLambdaError",
+    "LocalLambdaServer",
+    "create_role",
+]

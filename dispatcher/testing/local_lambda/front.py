@@ -79,11 +79,13 @@ class LocalLambda:
         image: str = DEFAULT_RUNTIME_IMAGE,
         docker: DockerEngine | None = None,
         host: str = "127.0.0.1",
+        port: int = 0,
         max_environments: int = 8,
         work_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.control_plane_url = control_plane_url.rstrip("/")
         self.host = host
+        self.port = port
         self.docker = docker or DockerEngine()
         self.invocations = 0
         self._code = CodeStore(work_dir)
@@ -162,9 +164,18 @@ class LocalLambda:
         app.router.add_route("*", "/{tail:.*}", self._control.proxy)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        # Bound here and handed to the site, so the port cannot be taken in between.
+        # Bound here and handed to the site, so a free port (0) cannot be taken in between.
         sock = socket.socket()
-        sock.bind((self.host, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart on a fixed port
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as error:
+            sock.close()
+            await self.aclose()
+            raise LocalLambdaError(
+                f"cannot listen on {self.host}:{self.port}: {error.strerror}; "
+                "choose another port (0: any free one)"
+            ) from error
         port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
         self._url = f"http://{self.host}:{port}"
