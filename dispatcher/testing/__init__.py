@@ -3,9 +3,10 @@
 Each stand-in is an emulation of a platform's documented behaviour and says so; see its
 module for the documents it follows and what it leaves out.
 
-``dispatcher.testing.lambda_kit`` is a pytest plugin (registered under ``pytest11``, so it
-loads wherever the package is installed): a local AWS Lambda made of moto's server and the
-real Lambda runtime in Docker, and a ``lambda_dispatcher`` fixture that deploys your
-manifest's Lambda plugins to it (see the README's "Lambda" section). ``local_lambda`` has
-the Invoke API front it uses; ``knative`` the Knative stand-in.
+``dispatcher.testing.lambda_kit`` is a pytest plugin you opt into
+(``pytest_plugins = ["dispatcher.testing.lambda_kit"]``): a local AWS Lambda made of
+moto's server and the real Lambda runtime in Docker, and a ``lambda_dispatcher`` fixture
+that deploys your manifest's Lambda plugins to it (see the README's "Lambda" section).
+``local_lambda`` has the Invoke API front it uses and ``LocalLambdaServer``, the whole
+local Lambda that ``dispatcher local-lambda`` runs; ``knative`` the Knative stand-in.
 """

@@ -2,12 +2,19 @@
 
 (``dispatcher.testing.lambda_kit``, a pytest plugin you opt into.)
 
-It needs ``linchkit-dispatcher[lambda]`` plus ``moto[server]`` (both in ``[dev]``) and is
-not loaded automatically: add ``pytest_plugins = ["dispatcher.testing.lambda_kit"]`` to
-your ``conftest.py``, or run ``pytest -p dispatcher.testing.lambda_kit``. In your tests::
+It needs ``linchkit-dispatcher[lambda]`` plus ``moto[server]`` and ``pytest-asyncio``
+(all in ``[dev]``) and is not loaded automatically: add
+``pytest_plugins = ["dispatcher.testing.lambda_kit"]`` to your ``conftest.py``, or run
+``pytest -p dispatcher.testing.lambda_kit``. In your tests::
 
     async def test_my_plugin_on_lambda(lambda_dispatcher):
         assert await lambda_dispatcher.call("my-plugin", "say", {"text": "hi"}) == ...
+
+No pytest configuration is needed: the async fixtures are pytest-asyncio fixtures, and an
+``async def`` test that uses one is marked ``@pytest.mark.asyncio`` for you, so it runs in
+pytest-asyncio's strict mode (its default) as in ``asyncio_mode = auto``. Your own async
+fixtures, in strict mode, need ``@pytest_asyncio.fixture``; pytest-asyncio warns until
+``asyncio_default_fixture_loop_scope`` is set (``function`` suits these fixtures).
 
 ``lambda_dispatcher`` reads your manifest (``plugins.yaml`` in the rootdir, or override
 the ``lambda_manifest`` fixture), points every ``provider: lambda`` target at a local
@@ -22,17 +29,27 @@ It needs a Docker engine and the runtime image (``infra/lambda/build-runtime-ima
 without them the fixture fails and says what to run, it never skips.
 
 Fixtures: ``moto_server`` (session; URL), ``local_lambda`` (a started ``LocalLambda``),
-``lambda_manifest`` (path), ``lambda_dispatcher``.
+``lambda_manifest`` (path), ``lambda_dispatcher``. Outside pytest, ``dispatcher
+local-lambda`` runs the same local Lambda until stopped.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - depends on what the author installed
+    raise ImportError(
+        "dispatcher.testing.lambda_kit runs its fixtures with pytest-asyncio: "
+        "pip install pytest-asyncio (it comes with linchkit-dispatcher[dev])"
+    ) from None
 
 from dispatcher.testing.local_lambda.server import ACCOUNT, FAKE_CREDENTIALS, create_role
 
@@ -44,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACCOUNT",
+    "ASYNC_FIXTURES",
     "FAKE_CREDENTIALS",
     "create_role",
     "deploy_manifest",
@@ -77,7 +95,7 @@ def moto_server() -> Iterator[str]:
                 os.environ[name] = value
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="function")
 async def local_lambda(moto_server: str) -> AsyncIterator[LocalLambda]:
     """A started local Lambda in front of a freshly reset moto."""
     from dispatcher.testing.local_lambda import LocalLambda
@@ -93,7 +111,7 @@ def lambda_manifest(request: pytest.FixtureRequest) -> Path:
     return Path(request.config.rootpath) / "plugins.yaml"
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="function")
 async def lambda_dispatcher(
     local_lambda: LocalLambda, lambda_manifest: Path
 ) -> AsyncIterator[Dispatcher]:
@@ -103,6 +121,35 @@ async def lambda_dispatcher(
     manifest = await deploy_manifest(lambda_manifest, local_lambda.url)
     async with Dispatcher(manifest) as dispatcher:
         yield dispatcher
+
+
+#: The kit's async fixtures: a coroutine test that uses one is an asyncio test.
+ASYNC_FIXTURES = frozenset({"local_lambda", "lambda_dispatcher"})
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_pycollect_makeitem(
+    collector: pytest.Module | pytest.Class, name: str, obj: object
+) -> Generator[None, Any, None]:
+    """Mark ``async def`` tests that use a kit fixture ``@pytest.mark.asyncio``.
+
+    In pytest-asyncio's strict mode (its default, in a project with no configuration)
+    an unmarked ``async def`` test is not run at all. Marking here, as the item is made,
+    lets pytest-asyncio's own wrapper (outside this one: ``trylast``) see the mark, so
+    the kit's tests run in strict and auto mode alike. Tests that already carry the mark
+    (with their own ``loop_scope``) keep it.
+    """
+    outcome = yield
+    result = outcome.get_result()
+    items = result if isinstance(result, list) else [result]
+    for item in items:
+        if (
+            isinstance(item, pytest.Function)
+            and inspect.iscoroutinefunction(item.obj)
+            and ASYNC_FIXTURES.intersection(item.fixturenames)
+            and item.get_closest_marker("asyncio") is None
+        ):
+            item.add_marker(pytest.mark.asyncio)
 
 
 async def reset_moto(url: str) -> None:
