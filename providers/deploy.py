@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from providers.target import PluginInfo, TargetConfig
@@ -83,3 +84,11 @@ class Deployer(abc.ABC, Generic[TargetT]):
         self, plugin: PluginInfo, target: TargetT, progress: Progress | None = None
     ) -> Plan:
         """Delete what ``apply`` created; the steps taken. Removing nothing is not an error."""
+
+    async def package(self, plugin: PluginInfo, target: TargetT, out_dir: Path) -> Path | None:
+        """Write what ``apply`` would upload into ``out_dir``, contacting nothing; its path.
+
+        For kinds whose artefact is a file (a Lambda zip), so other tools (SAM,
+        CloudFormation, a pipeline) can deploy it. None: this kind has no such file.
+        """
+        return None

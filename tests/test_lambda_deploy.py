@@ -23,6 +23,7 @@ from dispatcher import Dispatcher, parse_manifest
 from dispatcher.testing.lambda_kit import create_role, point_at, reset_moto
 from dispatcher.testing.local_lambda import LocalLambda
 from providers.aws_lambda import LambdaDeployer, LambdaProvider
+from providers.aws_lambda.package import Package
 from providers.deploy import Plan, Step
 from tests.conftest import ROOT
 from tests.lambda_support import ROLE, echo_lambda_manifest
@@ -259,3 +260,28 @@ async def test_litter_in_the_plugin_folder_publishes_no_new_version(
     third = await deploy(manifest)
     assert actions(third)["code"] == "update"
     assert details(third, "version") == ["2"]
+
+
+async def test_the_package_only_zip_is_the_code_deploy_uploads(
+    local: LocalLambda, tmp_path: Path
+) -> None:
+    """What `deploy --package-only` writes (for SAM) is what `deploy` puts on Lambda."""
+    manifest_file = tmp_path / "plugins.yaml"
+    manifest_file.write_text(
+        yaml.safe_dump(point_at(echo_lambda_manifest("deploy-zip"), local.url))
+    )
+    command = [sys.executable, "-m", "dispatcher.cli", "-m", str(manifest_file), "deploy"]
+    for extra in (["--package-only", "--out", str(tmp_path / "build")], []):
+        process = await asyncio.create_subprocess_exec(
+            *command, *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        output, _ = await process.communicate()
+        assert process.returncode == 0, output.decode()
+    zip_bytes = (tmp_path / "build" / "deploy-zip.zip").read_bytes()
+    manifest = parse_manifest(yaml.safe_load(manifest_file.read_text()), base_dir=tmp_path)
+    async with LambdaProvider() as provider:
+        client = await provider.client(manifest.plugins[0].target)
+        deployed = await client.get_function_configuration(FunctionName="deploy-zip")
+    assert deployed["CodeSha256"] == Package(zip_bytes, 0).code_sha256
+    async with Dispatcher(manifest) as dispatcher:
+        assert (await dispatcher.call("echo-lambda", "say", {"text": "zip"}))["text"] == "zip"

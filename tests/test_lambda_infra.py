@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from dispatcher import parse_manifest
@@ -140,3 +141,87 @@ def test_describe_function_shows_the_function_without_asking_aws() -> None:
     assert f"Handler: {HANDLER}" in text
     assert build_package(plugin, target).code_sha256 in text
     assert "Environment: LINCHKIT_PLUGIN_CONFIG" in text
+
+
+def test_package_only_writes_the_zip_the_sam_template_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing is contacted: the endpoint is a closed port and there are no credentials."""
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+
+    parameters = yaml.safe_load((INFRA / "template.yaml").read_text())["Parameters"]
+    function_name = parameters["FunctionName"]["Default"]
+    assert parameters["CodeUri"]["Default"] == f"build/{function_name}.zip"
+    assert "--package-only" in parameters["CodeUri"]["Description"]
+    document = echo_lambda_manifest(function_name, endpoint_url="http://127.0.0.1:9")
+    runner = CliRunner(env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None})
+    monkeypatch.chdir(tmp_path)  # the default --out is relative to where it runs
+    Path("plugins.yaml").write_text(yaml.safe_dump(document))
+    written = runner.invoke(main, ["deploy", "--package-only"])
+    assert written.exit_code == 0, written.output
+    zip_file = tmp_path / parameters["CodeUri"]["Default"]
+    assert f"echo-lambda@1.0.0: wrote build/{function_name}.zip (" in written.output
+    plugin, target = echo_plugin(document)
+    assert zip_file.read_bytes() == build_package(plugin, target).zip_bytes
+    assert [path.name for path in zip_file.parent.iterdir()] == [zip_file.name]  # no partials
+    # Elsewhere, and again: the same bytes.
+    again = runner.invoke(main, ["deploy", "--package-only", "--out", "elsewhere/zips"])
+    assert again.exit_code == 0, again.output
+    assert Path("elsewhere/zips", zip_file.name).read_bytes() == zip_file.read_bytes()
+
+
+def test_package_only_refuses_other_modes_and_skips_what_has_no_package(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+
+    document = echo_lambda_manifest()
+    document["plugins"].append(
+        {
+            "id": "echo-local",
+            "version": "1.0.0",
+            "target": {"provider": "local", "entrypoint": "echo_plugin:EchoPlugin"},
+            "methods": {"say": {}},
+        }
+    )
+    manifest = tmp_path / "plugins.yaml"
+    manifest.write_text(yaml.safe_dump(document))
+    runner = CliRunner()
+    for other in ("--dry-run", "--remove"):
+        refused = runner.invoke(main, ["-m", str(manifest), "deploy", "--package-only", other])
+        assert refused.exit_code == 2
+        assert "--package-only writes the package only" in refused.output
+    out = tmp_path / "out"
+    both = runner.invoke(main, ["-m", str(manifest), "deploy", "--package-only", "--out", str(out)])
+    assert both.exit_code == 0, both.output
+    assert "echo-local@1.0.0: local echo_plugin:EchoPlugin: nothing to package" in both.output
+    assert [path.name for path in out.iterdir()] == ["echo-plugin.zip"]
+    # An --out that is a file: one line, exit 1, no traceback.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    failed = runner.invoke(
+        main,
+        [
+            "-m",
+            str(manifest),
+            "deploy",
+            "echo-lambda",
+            "--package-only",
+            "--out",
+            str(blocked / "x"),
+        ],
+    )
+    assert failed.exit_code == 1, failed.output
+    assert "echo-lambda@1.0.0: cannot write into" in failed.output
+    assert failed.exception is None or isinstance(failed.exception, SystemExit)
+
+
+def test_bare_function_names() -> None:
+    from providers.aws_lambda.package import bare_function_name
+
+    assert bare_function_name("echo") == "echo"
+    assert bare_function_name("echo:live") == "echo"
+    assert bare_function_name("arn:aws:lambda:eu-west-1:123456789012:function:echo") == "echo"
+    assert bare_function_name("arn:aws:lambda:eu-west-1:123456789012:function:echo:7") == "echo"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import click
@@ -21,9 +22,28 @@ from providers.target import TargetConfig
     "--dry-run", is_flag=True, help="Print what would be deployed; write and apply nothing."
 )
 @click.option("--remove", is_flag=True, help="Delete what deploy created, instead.")
+@click.option(
+    "--package-only",
+    is_flag=True,
+    help="Only write each target's package (lambda: the zip) into --out; contact nothing.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("build"),
+    show_default=True,
+    help="Folder --package-only writes into.",
+)
 @manifest_option
 @click.pass_context
-def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool, remove: bool) -> None:
+def deploy(
+    context: click.Context,
+    plugins: tuple[str, ...],
+    dry_run: bool,
+    remove: bool,
+    package_only: bool,
+    out: Path,
+) -> None:
     """Build or publish the function behind each target of PLUGIN (default: every plugin).
 
     Each provider deploys its own way (docker: builds the image locally; knative: renders a
@@ -31,7 +51,11 @@ def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool, remo
     lambda: packages the plugin with its SDK and publishes it). Targets whose provider has
     nothing to deploy (local, http) are listed and skipped. --dry-run prints the plan
     instead; --remove deletes what deploy created (with --dry-run: what it would delete).
+    --package-only writes the package alone (lambda: build/<function>.zip, what
+    infra/lambda/template.yaml's CodeUri names), for SAM or a pipeline to deploy.
     """
+    if package_only and (dry_run or remove):
+        raise click.UsageError("--package-only writes the package only: no --dry-run or --remove")
     manifest = load(context)
     known = {name for plugin in manifest.plugins for name in (plugin.id, plugin.key)}
     unknown = [name for name in plugins if name not in known]
@@ -43,6 +67,9 @@ def deploy(context: click.Context, plugins: tuple[str, ...], dry_run: bool, remo
         ok = True
         for plugin in chosen:
             for target in plugin.targets():
+                if package_only:
+                    ok = await _package_one(plugin, target, out) and ok
+                    continue
                 ok = await _deploy_one(plugin, target, dry_run=dry_run, remove=remove) and ok
         return ok
 
@@ -85,4 +112,24 @@ async def _deploy_one(
     except DispatchError as error:
         click.echo(f"{plugin.key}: {target.describe()}: {error}", err=True)
         return False
+    return True
+
+
+# -- --package-only: the deployer's package() alone; the provider is never started ------
+
+
+async def _package_one(plugin: PluginSpec[Any], target: TargetConfig, out: Path) -> bool:
+    deployer = provider_classes()[target.provider]().deployer()
+    try:
+        written = await deployer.package(plugin, target, out) if deployer else None
+    except DispatchError as error:
+        click.echo(f"{plugin.key}: {target.describe()}: {error}", err=True)
+        return False
+    except OSError as error:
+        click.echo(f"{plugin.key}: cannot write into {out}: {error.strerror}", err=True)
+        return False
+    if written is None:
+        click.echo(f"{plugin.key}: {target.describe()}: nothing to package")
+    else:
+        click.echo(f"{plugin.key}: wrote {written} ({written.stat().st_size} bytes)")
     return True

@@ -9,6 +9,7 @@
    configuration;
 3. **alias** — create the alias or move it to that version.
 
+``package`` writes the zip alone (``--package-only``), for SAM or a pipeline to deploy.
 ``plan`` reads the same live state and answers the same steps without writing anything
 (``--dry-run``), with the function's configuration as the plan's document. ``remove``
 deletes the alias, then the function with all its versions. The package (what goes in
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from linchkit_plugin.errors import DispatchError, ProviderError, TargetUnavailable
@@ -33,6 +35,7 @@ from providers.aws_lambda.package import (
     describe_function,
     function_spec,
     settings_of,
+    write_package,
 )
 from providers.aws_lambda.target import LambdaTarget
 from providers.deploy import Deployer, Plan, Progress, Step
@@ -61,6 +64,13 @@ class LambdaDeployer(Deployer[LambdaTarget]):
         package = build_package(plugin, target)
         steps = await self._guarded(target, self._deploy(target, spec, package, progress, False))
         return Plan(target.describe(), steps)
+
+    async def package(self, plugin: PluginInfo, target: LambdaTarget, out_dir: Path) -> Path:
+        """The zip ``apply`` uploads, as ``out_dir/<function name>.zip`` (what the SAM
+        template's ``CodeUri`` names); byte for byte the same, so its hash is the
+        ``CodeSha256`` a deploy of it reports. Written whole or not at all."""
+        package = build_package(plugin, target)
+        return await asyncio.to_thread(write_package, package, out_dir, target.function_name)
 
     async def remove(
         self, plugin: PluginInfo, target: LambdaTarget, progress: Progress | None = None

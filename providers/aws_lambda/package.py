@@ -29,8 +29,10 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import io
+import os
 import platform
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -49,10 +51,12 @@ __all__ = [
     "SDK_ENTRY",
     "FunctionSpec",
     "Package",
+    "bare_function_name",
     "build_package",
     "describe_function",
     "function_spec",
     "settings_of",
+    "write_package",
 ]
 
 HANDLER = "linchkit_handler.handler"
@@ -186,6 +190,29 @@ def build_package(plugin: PluginInfo, target: LambdaTarget) -> Package:
     handler = _handler_source(module, attribute)
     entries[HANDLER.partition(".")[0] + ".py"] = (handler, _READ_ONLY)
     return Package(_reproducible_zip(entries), len(entries))
+
+
+def bare_function_name(function_name: str) -> str:
+    """``echo`` from ``echo``, ``echo:live`` or ``arn:aws:lambda:…:function:echo[:live]``."""
+    if function_name.startswith("arn:"):
+        return function_name.split(":")[6]
+    return function_name.partition(":")[0]
+
+
+def write_package(package: Package, out_dir: Path, function_name: str) -> Path:
+    """``package`` as ``out_dir/<function name>.zip``, written whole or not at all."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    destination = out_dir / f"{bare_function_name(function_name)}.zip"
+    descriptor, partial = tempfile.mkstemp(dir=out_dir, prefix=".", suffix=".zip.partial")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(package.zip_bytes)
+        os.chmod(partial, 0o644)
+        os.replace(partial, destination)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+    return destination
 
 
 def _reproducible_zip(entries: dict[str, tuple[bytes, int]]) -> bytes:
