@@ -1,7 +1,7 @@
 """The example plugin as an AWS Lambda function, offline (`make demo-lambda`).
 
-Starts moto's server and the local Lambda (the real Lambda runtime in Docker), deploys the
-example plugin with `dispatcher deploy`'s code (twice: the second run changes nothing),
+Starts the local Lambda (moto's server and the real Lambda runtime in Docker: the same
+`LocalLambdaServer` that `dispatcher local-lambda` runs), deploys the example plugin with `dispatcher deploy`'s code (twice: the second run changes nothing),
 then calls it through the dispatcher, errors included.
 """
 
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dispatcher import Dispatcher, DispatchError, Invocation  # noqa: E402
-from dispatcher.testing.lambda_kit import FAKE_CREDENTIALS, deploy_manifest  # noqa: E402
-from dispatcher.testing.local_lambda import LocalLambda  # noqa: E402
+from dispatcher.testing.lambda_kit import deploy_manifest  # noqa: E402
+from dispatcher.testing.local_lambda import FAKE_CREDENTIALS, LocalLambdaServer  # noqa: E402
 from providers.deploy import Step  # noqa: E402
 
 MANIFEST: dict[str, Any] = {
@@ -66,9 +66,10 @@ def progress(step: Step) -> None:
     print(f"  {step.render()}")
 
 
-async def main(moto_url: str) -> None:
-    async with LocalLambda(moto_url) as local:
-        print(f"local Lambda at {local.url} (moto at {moto_url})\n\ndeploy:")
+async def main() -> None:
+    async with LocalLambdaServer() as server:
+        local = server.front
+        print(f"local Lambda at {local.url} (moto at {server.control_plane_url})\n\ndeploy:")
         manifest = await deploy_manifest(MANIFEST, local.url, base_dir=ROOT, progress=progress)
         print("deploy again:")
         await deploy_manifest(MANIFEST, local.url, base_dir=ROOT, progress=progress)
@@ -112,15 +113,7 @@ async def main(moto_url: str) -> None:
 if __name__ == "__main__":
     import logging
 
-    from moto.server import ThreadedMotoServer
-
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     for name, value in FAKE_CREDENTIALS.items():
         os.environ.setdefault(name, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        asyncio.run(main(f"http://{host}:{port}"))
-    finally:
-        server.stop()
+    asyncio.run(main())

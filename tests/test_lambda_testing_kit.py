@@ -57,6 +57,15 @@ class TestInAClass:
 
 def test_a_plain_test_is_left_alone(lambda_manifest):
     assert lambda_manifest.name == "plugins.yaml"
+
+
+@pytest.fixture
+def my_dispatcher(lambda_dispatcher):
+    return lambda_dispatcher
+
+
+async def test_through_my_own_fixture(my_dispatcher):
+    assert (await my_dispatcher.call("echo-lambda", "say", {"text": "y"}))["text"] == "y"
 """
 
 
@@ -86,7 +95,7 @@ def test_the_kit_works_in_a_fresh_project_without_configuration(tmp_path: Path) 
     )
     output = ran.stdout + ran.stderr
     assert ran.returncode == 0, output
-    assert "4 passed" in output, output
+    assert "5 passed" in output, output
     assert "configfile:" not in output  # truly no configuration: pytest-asyncio's defaults
     assert "asyncio: mode=Mode.STRICT" in output
     assert "requested async @pytest.fixture" not in output
