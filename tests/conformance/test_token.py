@@ -117,9 +117,7 @@ async def _raw_refusals(address: str, authorization: str | None) -> list[grpc.ai
             stub.Stop(plugin_pb2.LifecycleRequest(), metadata=metadata, timeout=10),
             stub.Destroy(plugin_pb2.LifecycleRequest(), metadata=metadata, timeout=10),
             stub.Call(request, metadata=metadata, timeout=10),
-            stub.CallBatch(
-                plugin_pb2.BatchRequest(calls=[request]), metadata=metadata, timeout=10
-            ),
+            stub.CallBatch(plugin_pb2.BatchRequest(calls=[request]), metadata=metadata, timeout=10),
         ]
         for call in unary:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -206,9 +204,7 @@ async def test_without_a_token_the_service_serves_anyone_and_warns(language: str
         async with _dispatcher(service.address) as dispatcher:
             assert await dispatcher.call("example", "echo", [1]) == [1]
         stderr = await service.stop()
-    assert "LINCHKIT_PLUGIN_TOKEN_FILE" in stderr and "LINCHKIT_PLUGIN_TOKEN " in stderr.replace(
-        "LINCHKIT_PLUGIN_TOKEN)", "LINCHKIT_PLUGIN_TOKEN "
-    ), stderr
+    assert "warning" in stderr.lower() and "LINCHKIT_PLUGIN_TOKEN" in stderr, stderr
 
 
 async def test_both_token_sources_are_refused(language: str, tmp_path: Path) -> None:
@@ -233,7 +229,7 @@ async def test_both_token_sources_are_refused(language: str, tmp_path: Path) -> 
     assert process.returncode != 0
     assert stdout == b""
     text = stderr.decode(errors="replace")
-    assert "LINCHKIT_PLUGIN_TOKEN_FILE" in text, text
+    assert "LINCHKIT_PLUGIN_TOKEN" in text and "both" in text, text
     assert token not in text
 
 
