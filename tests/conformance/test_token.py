@@ -7,9 +7,9 @@ The example plugin in service mode, started with ``LINCHKIT_PLUGIN_TOKEN`` or
 plugin's stderr. Without a token the service works and warns on stderr; in subprocess
 mode AutoMTLS authenticates the host and the token variables are not read.
 
-The dispatcher's ``grpc`` targets here use ``lifecycle: remote`` and ``events: false``:
-a target's ``metadata`` travels with Call, CallBatch and CallStream only, so the raw checks
-below send it to Describe, the lifecycle RPCs and Events themselves.
+A target's ``metadata`` travels with every RPC the dispatcher makes (calls, Describe, the
+lifecycle RPCs with ``lifecycle: dispatcher``, the ``Events`` stream); the raw checks below
+also call each RPC themselves, without it.
 """
 
 from __future__ import annotations
@@ -75,12 +75,16 @@ async def _service(language: str, **token: str) -> AsyncIterator[Service]:
         await service.stop()
 
 
-def _dispatcher(address: str, metadata: dict[str, str] | None = None) -> Dispatcher:
+def _dispatcher(
+    address: str, metadata: dict[str, str] | None = None, *, owned: bool = False
+) -> Dispatcher:
+    """A dispatcher calling the service; ``owned``: it also runs the plugin's lifecycle and
+    opens its Events stream, so those RPCs carry the metadata too."""
     target: dict[str, Any] = {
         "provider": "grpc",
         "address": address,
-        "lifecycle": "remote",
-        "events": False,
+        "lifecycle": "dispatcher" if owned else "remote",
+        "events": owned,
         "connect_timeout_ms": int(START_TIMEOUT * 1000),
     }
     if metadata is not None:
@@ -165,15 +169,6 @@ async def test_a_token_guards_every_rpc_but_health(
                 with pytest.raises(Unauthorized):
                     async for _ in dispatcher.stream("example", "count", {"n": 2}):
                         pass
-        # With the token: served, and the plugin is healthy through the dispatcher too.
-        authorized = {"authorization": f"Bearer {token}"}
-        async with _dispatcher(service.address, authorized) as dispatcher:
-            assert await dispatcher.call("example", "echo", {"x": 1}) == {"x": 1}
-            chunks = [c async for c in dispatcher.stream("example", "count", {"n": 2})]
-            assert chunks == [{"i": 0}, {"i": 1}]
-            (report,) = await dispatcher.health()
-            assert report.health.status == "serving", report.health.detail
-
         # Every RPC of the plugin service, raw: UNAUTHENTICATED without the right token, and
         # the refusal does not echo what was sent.
         for authorization in (None, f"Bearer {wrong}", wrong, f"Basic {token}"):
@@ -192,6 +187,26 @@ async def test_a_token_guards_every_rpc_but_health(
                 timeout=10,
             )
             assert info.id == "example"
+
+        # A dispatcher that runs the plugin's lifecycle cannot even start with a wrong token.
+        with pytest.raises(Unauthorized):
+            async with _dispatcher(
+                service.address, {"authorization": f"Bearer {wrong}"}, owned=True
+            ):
+                pass
+        # With the token: served (lifecycle, calls, streams, events), and healthy. Last:
+        # leaving runs Stop and Destroy, after which the plugin reports not serving.
+        authorized = {"authorization": f"Bearer {token}"}
+        async with _dispatcher(service.address, authorized, owned=True) as dispatcher:
+            pongs: asyncio.Queue[Any] = asyncio.Queue()
+            dispatcher.on("example", "pong", lambda _event, data: pongs.put_nowait(data))
+            assert await dispatcher.call("example", "echo", {"x": 1}) == {"x": 1}
+            chunks = [c async for c in dispatcher.stream("example", "count", {"n": 2})]
+            assert chunks == [{"i": 0}, {"i": 1}]
+            await dispatcher.publish("example", "ping", {"seq": 1})
+            assert await asyncio.wait_for(pongs.get(), 10) == {"seq": 1}
+            (report,) = await dispatcher.health()
+            assert report.health.status == "serving", report.health.detail
 
         stderr = await service.stop()
     assert token not in stderr
