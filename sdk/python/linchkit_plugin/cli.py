@@ -94,7 +94,10 @@ def _parser() -> argparse.ArgumentParser:
         "--uds", default=env(_ENV + "UDS"), help="listen on this Unix socket, not --host/--port"
     )
     serve.add_argument(
-        "--path", dest="search_path", default=None, help="folder to import the plugin from"
+        "--path",
+        dest="search_path",
+        default=".",
+        help="folder to import the plugin from (default: the current folder, as uvicorn's)",
     )
     serve.add_argument(
         "--config",
@@ -149,7 +152,7 @@ def serve(options: argparse.Namespace) -> None:
         )
         token = BearerToken.configured(options.token_file)
         config: Any = orjson.loads(options.config_json)
-        plugin_host = PluginHost.load(options.entrypoint, options.search_path)
+        plugin_host = PluginHost.load(options.entrypoint, os.path.abspath(options.search_path))
     except (orjson.JSONDecodeError, ProviderError, TokenError, ValueError) as error:
         _fail(str(error))
     if not isinstance(config, dict):
@@ -182,7 +185,17 @@ def serve(options: argparse.Namespace) -> None:
         loop=_fastest_loop(),
         log_level=options.log_level,
     )
-    run(uvicorn_config)
+
+    def announce(address: str) -> None:
+        methods = ", ".join(sorted(plugin_host.methods)) or "no methods"
+        print(
+            f"dispatcher-plugin: serving {options.entrypoint} ({methods}),"
+            f" listening on {address} (Ctrl+C stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    run(uvicorn_config, on_listening=announce)
 
 
 def _identity(name: str) -> str:
