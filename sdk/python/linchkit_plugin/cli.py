@@ -159,14 +159,6 @@ def serve(options: argparse.Namespace) -> None:
         _fail("--config must be a JSON object")
     if options.http != "auto" and options.http not in HTTP_IMPLEMENTATIONS:
         _fail(f"--http {options.http} is not installed: pip install {options.http}")
-    where = options.uds or f"{options.host}:{options.port}"
-    if token is None:
-        print(
-            f"Warning: no bearer token configured (--token-file, {TOKEN_FILE_ENV} or"
-            f" {TOKEN_ENV}): anybody who can reach {where} can call this plugin.",
-            file=sys.stderr,
-            flush=True,
-        )
     app = PluginApp(
         plugin_host,
         config=config,
@@ -194,6 +186,13 @@ def serve(options: argparse.Namespace) -> None:
             file=sys.stderr,
             flush=True,
         )
+        if token is None:  # said once the real address is known (--port 0)
+            print(
+                f"Warning: no bearer token configured (--token-file, {TOKEN_FILE_ENV} or"
+                f" {TOKEN_ENV}): anybody who can reach {address} can call this plugin.",
+                file=sys.stderr,
+                flush=True,
+            )
 
     run(uvicorn_config, on_listening=announce)
 
