@@ -23,7 +23,7 @@ import click
 import orjson
 
 from dispatcher.cli._app import main
-from dispatcher.config.loader import _manifest_model
+from dispatcher.config.loader import manifest_model
 
 __all__ = ["ENV_REFERENCE_SCHEMA", "manifest_json_schema"]
 
@@ -41,7 +41,7 @@ _CONSTRAINED_STRING = ("pattern", "format", "minLength", "maxLength")
 
 def manifest_json_schema() -> dict[str, Any]:
     """The JSON Schema (2020-12) of a manifest, with every registered provider's targets."""
-    schema = _manifest_model().model_json_schema()
+    schema = manifest_model().model_json_schema()
     schema = _short_definition_names(schema)
     schema = _allow_env_references(schema)
     return {
