@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo demo-lambda test lint bench clean proto sdks docker-prereqs lambda-runtime
 
 $(STAMP): pyproject.toml sdk/python/pyproject.toml
+	@echo "installing the dispatcher and the plugin SDK (editable, extras http grpc knative dev) into $(VENV): about a minute the first time"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e './sdk/python[http,grpc,knative]' -e '.[dev]'

@@ -20,13 +20,16 @@ Contract, for implementers:
   lists those places in its target model's ``destinations()`` so they are checked when
   the manifest loads too. The dispatcher hands it the manifest's policy through
   ``use_egress`` before ``start``; a provider that connects nowhere ignores both.
+* ``logs`` yields the output of the plugin behind a target, oldest line first, where the
+  provider keeps or can read it (a child's stderr, a container's log); the default raises
+  ``LogsUnavailable``. It never ends by itself with ``follow``: the caller stops reading.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 
@@ -39,10 +42,14 @@ from providers.target import PluginInfo, TargetConfig
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["Health", "Provider", "TargetConfig"]
+__all__ = ["Health", "LogsUnavailable", "Provider", "TargetConfig"]
 
 
 TargetT = TypeVar("TargetT", bound=TargetConfig)
+
+
+class LogsUnavailable(ProviderError):
+    """The provider keeps no output of its plugins, or cannot read it for this target."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +129,18 @@ class Provider(abc.ABC, Generic[TargetT]):
         """Probe the target. Must not raise: report what is wrong in ``Health``."""
         return Health("unknown", "this provider has no health probe")
 
+    def logs(
+        self, plugin: PluginInfo, target: TargetT, *, follow: bool, lines: int
+    ) -> AsyncIterator[str]:
+        """The plugin's output on ``target``: its last ``lines`` lines, then, with ``follow``,
+        each new line as it comes (until the caller stops iterating).
+
+        Providers that run the plugin where they can read its output (a child process, a
+        container) override this with an async generator; the default raises
+        ``LogsUnavailable`` on the first line.
+        """
+        return _no_logs(self.name, plugin)
+
     def deployer(self) -> Deployer[TargetT] | None:
         """How this provider deploys its targets (``dispatcher deploy``); None if it cannot."""
         return None
@@ -151,5 +170,13 @@ class Provider(abc.ABC, Generic[TargetT]):
 async def _no_stream(provider: str, invocation: Invocation) -> AsyncGenerator[Any, None]:
     raise ProviderError(
         f"{invocation.plugin}.{invocation.method}: the {provider} provider has no streaming calls"
+    )
+    yield  # pragma: no cover - makes this an async generator
+
+
+async def _no_logs(provider: str, plugin: PluginInfo) -> AsyncGenerator[str, None]:
+    raise LogsUnavailable(
+        f"{plugin.key}: the {provider} provider keeps no logs of its plugins "
+        "(read them where the plugin runs)"
     )
     yield  # pragma: no cover - makes this an async generator

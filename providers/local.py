@@ -1,5 +1,9 @@
 """In-process plugins: a Python class loaded into the host, the backward-compatible path.
 
+Without ``path``, the plugin is imported from the manifest's folder, the way
+``dispatcher-plugin serve`` imports from the current folder: a plugin file next to its
+``plugins.yaml`` needs no more than its ``entrypoint``.
+
 The provider owns each plugin instance's lifecycle: ``attach`` runs ``init``/``start``,
 ``detach`` runs ``stop``/``destroy``. Params must be JSON, exactly as for remote targets,
 so a plugin can move out of process without its callers noticing.
@@ -9,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
 from linchkit_plugin.host import EventSink, PluginHost
@@ -34,8 +39,20 @@ class LocalTarget(TargetConfig):
     provider: Literal["local"]
     entrypoint: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", examples=["echo:EchoPlugin"])
     path: ManifestPath | None = Field(
-        default=None, description="Folder to import from, relative to the manifest."
+        default=None,
+        validate_default=True,
+        description="Folder to import from, relative to the manifest (default: its folder).",
     )
+
+    @field_validator("path", mode="after")
+    @classmethod
+    def _default_to_the_manifest_folder(
+        cls, path: Path | None, info: ValidationInfo
+    ) -> Path | None:
+        if path is not None:
+            return path
+        base_dir = (info.context or {}).get("base_dir")
+        return None if base_dir is None else Path(base_dir)
 
     def describe(self) -> str:
         return f"local {self.entrypoint}"

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -368,3 +369,40 @@ def test_failure_classification_table() -> None:
     assert classify_failure(status=502, headers={}, body=b"") is Failure.MAYBE_REACHED
     for status in (400, 404, 429, 500, 504):
         assert classify_failure(status=status, headers={}, body=b"") is Failure.FINAL
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+async def test_an_event_that_is_not_a_call_is_refused_with_400(
+    standin: KnativeStandIn, mode: str
+) -> None:
+    """A broker or trigger wired to the wrong events must see them refused, not delivered."""
+    revision = func_python_revision("ledger-00001")
+    standin.add_service("ledger", revision, namespace="plugins")
+    await standin.wait_ready(revision)
+    attributes = {
+        "specversion": "1.0",
+        "type": "com.example.order.created",
+        "source": "/orders",
+        "id": "evt-1",
+    }
+    envelope = {"method": "whoami", "params": {}}
+    if mode == "binary":
+        headers = {f"ce-{name}": value for name, value in attributes.items()}
+        headers["content-type"] = "application/json"
+        body = orjson.dumps(envelope)
+    else:
+        headers = {"content-type": "application/cloudevents+json"}
+        body = orjson.dumps({**attributes, "datacontenttype": "application/json", "data": envelope})
+    async with httpx.AsyncClient(base_url=standin.url, timeout=30) as client:
+        headers["host"] = "ledger.plugins.example.com"
+        wrong_type = await client.post("/", content=body, headers=headers)
+        if mode == "binary":
+            headers["ce-type"] = "dev.linchkit.plugin.call.v1"
+            headers["ce-id"] = "evt-2"
+            not_an_envelope = await client.post("/", content=b'"just a string"', headers=headers)
+            assert not_an_envelope.status_code == 400, not_an_envelope.text
+    assert wrong_type.status_code == 400, wrong_type.text
+    answer = orjson.loads(wrong_type.content)
+    error = (answer["data"] if mode == "structured" else answer)["error"]
+    assert error["type"] == "provider_error"
+    assert "com.example.order.created" in error["message"]

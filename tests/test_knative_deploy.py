@@ -396,7 +396,7 @@ def test_cli_deploy_dry_run_prints_yaml_and_writes_nothing(
     planned, _, rest = result.output.partition("apiVersion:")
     assert planned.splitlines()[:2] == [
         "ledger@1.2.0: knative service plugins/ledger",
-        "  write infra/knative/plugins/ledger.yaml (render only: no deploy.cluster)",
+        f"  write {tmp_path}/infra/knative/plugins/ledger.yaml (render only: no deploy.cluster)",
     ]
     document = yaml.safe_load("apiVersion:" + rest.split("local@1.0.0")[0])
     assert document["kind"] == "Service"
@@ -408,6 +408,22 @@ def test_cli_deploy_dry_run_prints_yaml_and_writes_nothing(
     assert (tmp_path / "infra" / "knative" / "plugins" / "ledger.yaml").exists()
     again = CliRunner().invoke(main, ["-m", str(manifest_file), "deploy", "ledger"])
     assert "ledger@1.2.0: knative service plugins/ledger: up to date" in again.output
+
+
+def test_cli_deploy_names_the_plugin_once_in_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest_file = tmp_path / "plugins.yaml"
+    entry = plugin_entry(FULL_DEPLOY)
+    del entry["target"]["deploy"]
+    manifest_file.write_bytes(orjson.dumps({"version": 1, "plugins": [entry]}))
+    monkeypatch.chdir(tmp_path)
+    for options in ([], ["--dry-run"]):
+        result = CliRunner().invoke(main, ["-m", str(manifest_file), "deploy", *options])
+        assert result.exit_code == 1, result.output
+        assert result.output.count("ledger@1.2.0") == 1, result.output
+        assert "has no 'deploy' section to render" in result.output
+    assert not (tmp_path / "infra").exists()
     removed = CliRunner().invoke(main, ["-m", str(manifest_file), "deploy", "--remove", "ledger"])
     assert removed.exit_code == 0, removed.output
     assert not (tmp_path / "infra" / "knative" / "plugins" / "ledger.yaml").exists()

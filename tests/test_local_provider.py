@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,3 +149,40 @@ async def test_legacy_plugins_without_the_base_class_work() -> None:
         assert await dispatcher.call("legacy", "greet", ["bob"]) == "hello bob"
         [report] = await dispatcher.health()
     assert report.health.ok
+
+
+async def test_without_a_path_the_plugin_is_imported_from_the_manifest_s_folder(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "beside_its_manifest.py").write_text(
+        "class Beside:\n    def where(self) -> str:\n        return __file__\n"
+    )
+    (tmp_path / "plugins.yaml").write_text(
+        "version: 1\n"
+        "plugins:\n"
+        "  - id: beside\n"
+        "    version: 1.0.0\n"
+        "    target: {provider: local, entrypoint: 'beside_its_manifest:Beside'}\n"
+        "    methods: {where: {}}\n"
+    )
+    async with Dispatcher.from_file(tmp_path / "plugins.yaml") as dispatcher:
+        assert await dispatcher.call("beside", "where") == str(tmp_path / "beside_its_manifest.py")
+
+
+async def test_an_explicit_path_wins_over_the_manifest_s_folder(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for folder, answer in ((tmp_path, "manifest folder"), (elsewhere, "explicit path")):
+        (folder / "which_folder_plugin.py").write_text(
+            f"class Which:\n    def which(self) -> str:\n        return {answer!r}\n"
+        )
+    (tmp_path / "plugins.yaml").write_text(
+        "version: 1\n"
+        "plugins:\n"
+        "  - id: which\n"
+        "    version: 1.0.0\n"
+        "    target: {provider: local, entrypoint: 'which_folder_plugin:Which', path: elsewhere}\n"
+        "    methods: {which: {}}\n"
+    )
+    async with Dispatcher.from_file(tmp_path / "plugins.yaml") as dispatcher:
+        assert await dispatcher.call("which", "which") == "explicit path"

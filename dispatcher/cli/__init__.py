@@ -1,13 +1,16 @@
-"""``dispatcher``: validate a manifest, list, call and deploy plugins, check their health.
+"""``dispatcher``: validate a manifest, list, call, deploy and remove plugins, check their
+health, read their logs, print the manifest's JSON Schema, scaffold a new plugin, run a
+local Lambda.
 
 One module per family of commands; each registers its commands on the group in ``_app``.
 """
 
 from __future__ import annotations
 
-from dispatcher.cli import calls, deploy, local_lambda, manifest
+from dispatcher.cli import calls, deploy, local_lambda, logs, manifest, new, remove, schema
 from dispatcher.cli._app import main
 
 __all__ = ["main"]
 
-_COMMANDS = (calls, deploy, local_lambda, manifest)  # imported for the commands they register
+# Imported for the commands they register.
+_COMMANDS = (calls, deploy, local_lambda, logs, manifest, new, remove, schema)

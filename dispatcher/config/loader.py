@@ -28,7 +28,7 @@ from dispatcher.config.policies import Policies
 from providers import provider_classes
 from providers.target import MASK, TargetConfig
 
-__all__ = ["load_manifest", "parse_manifest"]
+__all__ = ["load_manifest", "manifest_model", "parse_manifest"]
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -37,7 +37,7 @@ Substitutions = dict[tuple[str | int, ...], list[str]]
 
 
 @cache
-def _manifest_model() -> type[Manifest[Any]]:
+def manifest_model() -> type[Manifest[Any]]:
     """``Manifest`` specialised to the union of every registered provider's target model."""
     models = tuple(cls.target_model for cls in provider_classes().values())
     target_union = Annotated[Union[models], Field(discriminator="provider")]  # type: ignore[valid-type]  # noqa: UP007
@@ -75,7 +75,7 @@ def parse_manifest(
     if not problems:
         context = {"base_dir": (base_dir or Path.cwd()).resolve()}
         try:
-            manifest = _manifest_model().model_validate(data, context=context)
+            manifest = manifest_model().model_validate(data, context=context)
         except ValidationError as error:
             problems.extend(_problems_from(error, substituted))
     if manifest is not None:

@@ -274,7 +274,9 @@ class PluginConnection:
     async def describe_plugin(self, timeout: float) -> dict[str, Any]:
 
         try:
-            info = await self._stub.Describe(self._pb.DescribeRequest(), timeout=timeout)
+            info = await self._stub.Describe(
+                self._pb.DescribeRequest(), timeout=timeout, metadata=self._metadata
+            )
         except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} Describe") from error
         except asyncio.CancelledError:
@@ -299,7 +301,7 @@ class PluginConnection:
             else pb.LifecycleRequest()
         )
         try:
-            await getattr(self._stub, step)(request, timeout=timeout)
+            await getattr(self._stub, step)(request, timeout=timeout, metadata=self._metadata)
         except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} {step}") from error
         except asyncio.CancelledError:
@@ -377,7 +379,7 @@ class PluginConnection:
         backoff = 0.05
         while not self._closed:
             try:
-                call = self._stub.Events(self._outgoing_events())
+                call = self._stub.Events(self._outgoing_events(), metadata=self._metadata)
             except grpc.aio.BaseError as error:  # the channel closed under us
                 log.debug("%s Events stream cannot open: %s", self.describe, error)
                 return

@@ -28,9 +28,9 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from linchkit_plugin.errors import DispatchError, ProviderError, TargetUnavailable
 
@@ -56,6 +56,10 @@ LABEL_PID = "org.linchkit.dispatcher.pid"
 LABEL_PID_START = "org.linchkit.dispatcher.pid-start"
 LABEL_PLUGIN = "org.linchkit.plugin"
 LABEL_SOCKET_DIR = "org.linchkit.socket-dir"
+
+#: A container's output line without a newline is handed on in pieces of this size, so a
+#: plugin writing endlessly without one cannot grow a reader's buffer.
+MAX_LOG_LINE_CHARS = 64 * 1024
 
 # A dispatcher's socket folders live under one root per process, named after its pid so a
 # later dispatcher can tell whether the process that made it is gone.
@@ -180,6 +184,39 @@ class Engine:
         except EngineError as error:
             return f"(logs unavailable: {error.message})"
         return "".join(output).rstrip() or "(no output)"
+
+    async def log_lines(self, container_id: str, *, follow: bool, lines: int) -> AsyncIterator[str]:
+        """The container's output (stdout and stderr), line by line: its last ``lines``
+        (all when negative), then, with ``follow``, each new line until it stops. A line
+        longer than ``MAX_LOG_LINE_CHARS`` comes cut in pieces of that size. Failures leave
+        as ``EngineError``."""
+        container = self._docker.containers.container(container_id)
+        tail: int | str = "all" if lines < 0 else lines
+        with self._translated():
+            if not follow:
+                output = await container.log(stdout=True, stderr=True, tail=tail)
+                for line in "".join(output).splitlines():
+                    yield line
+                return
+            pending = ""
+            # aclosing: a reader that stops early closes the engine's response now, not
+            # whenever the garbage collector finalises the stream.
+            # aiodocker types it an AsyncIterator; it is its ``_logs_stream`` generator.
+            stream = cast(
+                "AsyncGenerator[str, None]",
+                container.log(stdout=True, stderr=True, follow=True, tail=tail),
+            )
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    pending += chunk
+                    *complete, pending = pending.split("\n")
+                    for line in complete:
+                        yield line.rstrip("\r")
+                    while len(pending) > MAX_LOG_LINE_CHARS:
+                        yield pending[:MAX_LOG_LINE_CHARS]
+                        pending = pending[MAX_LOG_LINE_CHARS:]
+            if pending:
+                yield pending
 
     async def remove_orphans(self) -> list[str]:
         """Remove containers left by dispatchers on this host whose process is gone.

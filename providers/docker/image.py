@@ -165,7 +165,7 @@ def build_context(plugin: PluginInfo, build: DockerBuild, base_id: str = "") -> 
                             invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
                         )
                     except py_compile.PyCompileError as error:
-                        raise ProviderError(f"{plugin.key}: {error.msg}") from None
+                        raise ProviderError(error.msg) from None
                     cached = Path(cache_from_source(str(relative)))
                     tar.add(compiled, arcname=str(cached))
         dockerfile_path = build.dockerfile or ".linchkit.Dockerfile"
@@ -185,11 +185,9 @@ def build_context(plugin: PluginInfo, build: DockerBuild, base_id: str = "") -> 
 
 def _recipe(plugin: PluginInfo, target: DockerTarget) -> DockerBuild:
     if target.build is None:
-        raise ProviderError(
-            f"{plugin.key}: target {target.image} has no 'build' section to deploy from"
-        )
+        raise ProviderError(f"target {target.image} has no 'build' section to deploy from")
     if not target.build.context.is_dir():
-        raise ProviderError(f"{plugin.key}: build context {target.build.context} is not a folder")
+        raise ProviderError(f"build context {target.build.context} is not a folder")
     return target.build
 
 

@@ -32,7 +32,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 from linchkit_plugin.errors import (
@@ -41,9 +41,10 @@ from linchkit_plugin.errors import (
     ProviderError,
     TargetUnavailable,
 )
-from providers.base import Health, Provider
+from providers.base import Health, LogsUnavailable, Provider
 from providers.docker.containers import Containers
 from providers.docker.engine import (
+    LABEL_PLUGIN,
     Engine,
     EngineError,
     make_socket_root,
@@ -83,6 +84,8 @@ class DockerProvider(Provider[DockerTarget]):
         self._pools: dict[tuple[str, str, str], Pool] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        #: How often ``logs(follow=True)`` looks for containers started meanwhile.
+        self.logs_poll_s = 1.0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -190,6 +193,87 @@ class DockerProvider(Provider[DockerTarget]):
                 f"image {target.image} is not in the local engine; build it with `dispatcher deploy`",
             )
         return Health("serving", "no container running; the next call starts one")
+
+    # -- logs ----------------------------------------------------------------------------
+
+    async def logs(
+        self, plugin: PluginInfo, target: DockerTarget, *, follow: bool, lines: int
+    ) -> AsyncIterator[str]:
+        """The output of every container of ``plugin`` on ``target``'s image that the engine
+        holds, whichever dispatcher on this host started it, each line after its container's
+        name (``name | line``); with ``follow``, also of the containers that start meanwhile
+        (looked for every ``logs_poll_s``)."""
+        engine = self._require_engine()
+        selector = f"{LABEL_PLUGIN}={plugin.key}"
+
+        async def containers() -> list[tuple[str, str]]:
+            found = [
+                summary
+                for summary in await engine.containers(selector)
+                if summary.get("Image") == target.image
+            ]
+            found.sort(key=lambda summary: summary.get("Created", 0))
+            return [
+                (summary["Id"], (summary.get("Names") or ["?"])[0].lstrip("/")) for summary in found
+            ]
+
+        if not follow:
+            running = await containers()
+            if not running:
+                raise LogsUnavailable(
+                    f"{plugin.key}: no container of {target.image} on this engine (containers "
+                    "start on a call and stop after idle_timeout_s; --follow waits for one)"
+                )
+            for container_id, name in running:
+                try:
+                    async for line in engine.log_lines(container_id, follow=False, lines=lines):
+                        yield f"{name} | {line}"
+                except EngineError as error:  # removed meanwhile
+                    yield f"{name} | (logs unavailable: {error.message})"
+            return
+        async for line in self._follow_logs(engine, containers, lines):
+            yield line
+
+    async def _follow_logs(
+        self,
+        engine: Engine,
+        containers: Callable[[], Coroutine[Any, Any, list[tuple[str, str]]]],
+        lines: int,
+    ) -> AsyncIterator[str]:
+        queue: asyncio.Queue[str] = asyncio.Queue(1000)
+        pumps: dict[str, asyncio.Task[None]] = {}
+
+        async def pump(container_id: str, name: str, tail: int) -> None:
+            try:
+                async for line in engine.log_lines(container_id, follow=True, lines=tail):
+                    await queue.put(f"{name} | {line}")
+            except EngineError as error:
+                log.debug("following %s ended: %s", name, error.message)
+
+        loop = asyncio.get_running_loop()
+        first = True
+        next_look = loop.time()
+        try:
+            while True:
+                if loop.time() >= next_look:
+                    for container_id, name in await containers():
+                        if container_id not in pumps:
+                            # Containers started while we follow: their whole output.
+                            tail = lines if first else -1
+                            pumps[container_id] = asyncio.create_task(
+                                pump(container_id, name, tail), name=f"docker-logs {name}"
+                            )
+                    first = False
+                    next_look = loop.time() + self.logs_poll_s
+                try:
+                    line = await asyncio.wait_for(queue.get(), max(0.0, next_look - loop.time()))
+                except TimeoutError:
+                    continue
+                yield line
+        finally:
+            for task in pumps.values():
+                task.cancel()
+            await asyncio.gather(*pumps.values(), return_exceptions=True)
 
     # -- the pool ------------------------------------------------------------------------
 

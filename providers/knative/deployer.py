@@ -4,7 +4,9 @@
   steps ``apply`` would take; it writes nothing and never contacts the cluster (a dry run
   works without credentials), so its cluster step says ``apply`` rather than create or
   replace.
-* ``apply`` writes the Service into ``infra_dir/{namespace}/{service}.yaml`` (``unchanged``
+* ``apply`` writes the Service into ``infra_dir/{namespace}/{service}.yaml`` (``infra_dir``
+  is ``infra/knative`` under the working directory unless the provider is given another;
+  the steps name the absolute path) (``unchanged``
   when the file already says the same) and, when ``deploy.cluster`` is set, creates or
   replaces it through the Kubernetes API (``unchanged`` when the cluster already holds
   it); each step goes to ``progress`` as it ends.
@@ -32,8 +34,9 @@ class KnativeDeployer(Deployer[KnativeTarget]):
         self.infra_dir = Path(infra_dir)
 
     def path(self, target: KnativeTarget) -> Path:
-        """Where ``apply`` writes the Service of ``target``."""
-        return self.infra_dir / target.namespace / f"{target.service}.yaml"
+        """Where ``apply`` writes the Service of ``target``: absolute, so every step says
+        where the file is (``infra_dir`` is taken from the working directory)."""
+        return (self.infra_dir / target.namespace / f"{target.service}.yaml").absolute()
 
     async def plan(self, plugin: PluginInfo, target: KnativeTarget) -> Plan:
         document = service.render_yaml(plugin, target)
@@ -84,7 +87,7 @@ class KnativeDeployer(Deployer[KnativeTarget]):
 
 def _deploy_of(plugin: PluginInfo, target: KnativeTarget) -> KnativeDeploy:
     if target.deploy is None:  # render_yaml refuses it first; here for the type checker
-        raise ProviderError(f"{plugin.key}: knative target {target.service} has no 'deploy'")
+        raise ProviderError(f"knative target {target.service} of {plugin.id} has no 'deploy'")
     return target.deploy
 
 

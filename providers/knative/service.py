@@ -73,7 +73,8 @@ def render_service(plugin: PluginInfo, target: KnativeTarget) -> dict[str, Any]:
     spec = target.deploy
     if spec is None:
         raise ProviderError(
-            f"{plugin.key}: knative target {target.service} has no 'deploy' section to render"
+            f"knative target {target.service} of {plugin.id} has no 'deploy' section to render "
+            "(add deploy: {image: ...} to the target)"
         )
     labels = {
         "app.kubernetes.io/name": plugin.id,

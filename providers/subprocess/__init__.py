@@ -16,7 +16,8 @@ Modelled on hashicorp/go-plugin (``docs/protocol.md``, "Subprocess plugins"):
    network and the protocol, and (AutoMTLS) takes the plugin's one-time server certificate
    as the only root it trusts (``handshake``). Then it connects (``providers._grpc``) and
    runs ``Init`` (the manifest's config) and ``Start`` (``providers._grpc.lifecycle``).
-4. The child's stderr goes to the log line by line (logger ``dispatcher.plugin.<id>``).
+4. The child's stderr goes to the log line by line (logger ``dispatcher.plugin.<id>``), and
+   its last 1,000 lines, across restarts, are kept for ``logs`` (``dispatcher logs``).
 5. Health pings every ``health_interval_ms``; a child that stops answering is killed.
 6. A child that exits is restarted with exponential backoff; more than ``max_restarts``
    exits within ``restart_window_s`` is a crash loop: the plugin is left down and calls
@@ -30,7 +31,8 @@ Linux the child is started with a parent-death signal (``PR_SET_PDEATHSIG``, SIG
 set by util-linux ``setpriv`` where present, else by ``prctl`` between fork and exec).
 
 Modules: ``target`` (the manifest's model), ``handshake`` (the host's side of steps 2-3),
-``child`` (one launched process: 1, 4, the parent-death signal, the end of 7),
+``child`` (one launched process: 1, 4, the parent-death signal, the end of 7), ``output``
+(the bounded ring of stderr lines behind ``logs``),
 ``supervisor`` (``PluginProcess``: launches, supervision, restarts, health), ``provider``.
 """
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 
 from linchkit_plugin.errors import ProviderError
 from providers._grpc.connection import PluginConnection
+from providers.subprocess.output import OutputRing
 
 __all__ = ["Child", "check_digests", "socket_folder", "spawn", "with_parent_death_signal"]
 
@@ -103,8 +104,11 @@ async def spawn(
     environment: Mapping[str, str],
     folder: str,
     plugin_log: logging.Logger,
+    output: OutputRing | None = None,
 ) -> Child:
-    """Start ``argv`` with pipes for stdin, stdout and stderr; ``ProviderError`` if it cannot."""
+    """Start ``argv`` with pipes for stdin, stdout and stderr; ``ProviderError`` if it cannot.
+
+    Its stderr lines go to ``plugin_log`` and, when given, into ``output``."""
     command, preexec = with_parent_death_signal(argv)
     try:
         process = await asyncio.create_subprocess_exec(
@@ -118,18 +122,23 @@ async def spawn(
     except OSError as error:
         shutil.rmtree(folder, ignore_errors=True)
         raise ProviderError(f"{who}: cannot start {argv[0]}: {error.strerror}") from None
-    return Child(process, folder, plugin_log)
+    return Child(process, folder, plugin_log, output)
 
 
 class Child:
     """One launch: the process, its socket folder, its connection, its output readers.
 
     Its stderr goes to ``plugin_log`` line by line from the start (the last lines are kept
-    for error messages); stdout is the handshake's until ``drain_stdout``.
+    for error messages, and in ``output`` for ``logs``); stdout is the handshake's until
+    ``drain_stdout``.
     """
 
     def __init__(
-        self, process: asyncio.subprocess.Process, folder: str, plugin_log: logging.Logger
+        self,
+        process: asyncio.subprocess.Process,
+        folder: str,
+        plugin_log: logging.Logger,
+        output: OutputRing | None = None,
     ) -> None:
         assert process.stdout is not None
         assert process.stderr is not None
@@ -138,6 +147,7 @@ class Child:
         self.connection: PluginConnection | None = None
         self.stderr_tail: list[str] = []
         self._plugin_log = plugin_log
+        self._output = output
         self._on_end: list[Callable[[Child], None]] = []
         self._readers = [asyncio.get_running_loop().create_task(self._forward_stderr())]
 
@@ -160,6 +170,8 @@ class Child:
             line = raw.decode("utf-8", "replace").rstrip()
             self.stderr_tail.append(line)
             del self.stderr_tail[:-20]
+            if self._output is not None:
+                self._output.append(line)
             self._plugin_log.info("%s", line)
 
     async def _drain_stdout(self) -> None:

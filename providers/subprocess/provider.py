@@ -5,7 +5,7 @@ wait for it while it restarts (``providers.subprocess`` describes the whole cont
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from linchkit_plugin.errors import TargetUnavailable
@@ -85,6 +85,15 @@ class SubprocessProvider(Provider[SubprocessTarget]):
         for (_, _, key), process in self._processes.items():
             if key == target.key:
                 (await process.connection()).send_event(event, data)
+
+    async def logs(
+        self, plugin: PluginInfo, target: SubprocessTarget, *, follow: bool, lines: int
+    ) -> AsyncIterator[str]:
+        """The plugin process's stderr, kept by this dispatcher since it started it: a
+        process started by another dispatcher (another host process) is not visible here."""
+        process = self.process(plugin.id, plugin.version, target)
+        async for line in process.logs(follow=follow, lines=lines):
+            yield line
 
     async def health(self, target: SubprocessTarget) -> Health:
         found = [process for (_, _, key), process in self._processes.items() if key == target.key]

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from linchkit_plugin._automtls import generate_certificate, pem_from_der
@@ -27,6 +27,7 @@ from providers._grpc.connection import ChannelSecurity, PluginConnection
 from providers.base import Health
 from providers.subprocess import handshake
 from providers.subprocess.child import Child, check_digests, socket_folder, spawn
+from providers.subprocess.output import OutputRing
 
 if TYPE_CHECKING:
     from providers.invocation import Invocation
@@ -61,6 +62,8 @@ class PluginProcess:
         self._supervisor: asyncio.Task[None] | None = None
         self._pinger: asyncio.Task[None] | None = None
         self._plugin_log = logging.getLogger(f"dispatcher.plugin.{plugin.id}")
+        #: The last lines of stderr of every launch, for ``logs`` (bounded: see OutputRing).
+        self.output = OutputRing()
         self._last_error = ""
         #: The return code of the last process stopped by ``stop`` (negative: its signal).
         self.exit_code: int | None = None
@@ -174,6 +177,7 @@ class PluginProcess:
             handshake.environment(target, folder, client_certificate),
             folder,
             self._plugin_log,
+            self.output,
         )
         self._children.add(child)
         child.on_end(self._children.discard)
@@ -289,6 +293,16 @@ class PluginProcess:
                 with contextlib.suppress(ProcessLookupError):
                     child.process.kill()
 
+    async def logs(self, *, follow: bool, lines: int) -> AsyncIterator[str]:
+        """The child's last ``lines`` lines of stderr (across restarts), then, with
+        ``follow``, each new one until the caller stops iterating."""
+        if not follow:
+            for line in self.output.last(lines):
+                yield line
+            return
+        async for line in self.output.follow(lines):
+            yield line
+
     async def health(self) -> Health:
         child = self._child
         extra = {"pid": self.pid, "restarts": self.restarts, "state": self._state}
@@ -300,5 +314,5 @@ class PluginProcess:
     def __repr__(self) -> str:
         return (
             f"<PluginProcess {self.plugin.key} {self._state} pid={self.pid} "
-            f"restarts={self.restarts}>"
+            f"restarts={self.restarts} output={len(self.output)} lines>"
         )

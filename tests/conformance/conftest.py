@@ -106,7 +106,10 @@ def _manifest(target: dict[str, Any]) -> Any:
     )
 
 
-async def _start_service(path: Path) -> tuple[asyncio.subprocess.Process, str]:
+async def _start_service(
+    path: Path, env: dict[str, str] | None = None, stderr: int | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``path serve --address 127.0.0.1:0`` (in ``env``, else ours) and its address."""
     process = await asyncio.create_subprocess_exec(
         str(path),
         "serve",
@@ -114,6 +117,8 @@ async def _start_service(path: Path) -> tuple[asyncio.subprocess.Process, str]:
         "127.0.0.1:0",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        env=env,
     )
     assert process.stdout is not None
     try:

@@ -84,11 +84,20 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	if err := flags.Parse(env.Args[1:]); err != nil {
 		return err
 	}
+	token, err := configuredToken(env.Getenv)
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
 	listener, err := net.Listen("tcp", *address)
 	if err != nil {
 		return fmt.Errorf("serve: cannot listen on %s: %w", *address, err)
 	}
-	return p.serveOn(ctx, listener, nil, true, handshakeLine(ProtocolVersion, "tcp", listener.Addr().String(), ""), env.Stdout, nil)
+	if token == nil {
+		fmt.Fprintf(os.Stderr, "linchkit plugin: warning: no bearer token configured (%s or %s): "+
+			"anybody who can reach %s can call this plugin\n", EnvTokenFile, EnvToken, listener.Addr())
+	}
+	line := handshakeLine(ProtocolVersion, "tcp", listener.Addr().String(), "")
+	return p.serveOn(ctx, listener, nil, token, true, line, env.Stdout, nil)
 }
 
 func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
@@ -133,16 +142,21 @@ func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
 		close(stdinClosed)
 	}()
 	line := handshakeLine(version, network, listener.Addr().String(), serverCert)
-	return p.serveOn(ctx, listener, creds, false, line, env.Stdout, stdinClosed)
+	// No token here: AutoMTLS already admits only the host that launched us.
+	return p.serveOn(ctx, listener, creds, nil, false, line, env.Stdout, stdinClosed)
 }
 
 // serveOn serves on listener, prints the handshake line once serving, and stops
-// gracefully when ctx is done or stdinClosed closes.
+// gracefully when ctx is done or stdinClosed closes. With a token, every RPC but health's
+// must carry it.
 func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds credentials.TransportCredentials,
-	servingFromStart bool, line string, stdout io.Writer, stdinClosed <-chan struct{}) error {
+	token *bearerToken, servingFromStart bool, line string, stdout io.Writer, stdinClosed <-chan struct{}) error {
 	var options []grpc.ServerOption
 	if creds != nil {
 		options = append(options, grpc.Creds(creds))
+	}
+	if token != nil {
+		options = append(options, token.interceptors()...)
 	}
 	server := grpc.NewServer(options...)
 	svc := newService(p, servingFromStart)

@@ -21,6 +21,8 @@ the server), ``cycle`` (the current request) and ``on_response_complete``;
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -169,6 +171,40 @@ def server_config(
     )
 
 
-def run(config: uvicorn.Config) -> None:
-    """Serve until SIGINT or SIGTERM, then run the plugin's ``stop``/``destroy``."""
-    uvicorn.Server(config).run()
+def listening_address(sockets: Sequence[socket.socket]) -> str:
+    """Where ``sockets`` listen, for people: ``http://127.0.0.1:8081`` or ``unix:/path``."""
+    addresses = []
+    for sock in sockets:
+        name = sock.getsockname()
+        if sock.family == socket.AF_UNIX:
+            addresses.append(f"unix:{name}")
+        elif sock.family == socket.AF_INET6:
+            addresses.append(f"http://[{name[0]}]:{name[1]}")
+        else:
+            addresses.append(f"http://{name[0]}:{name[1]}")
+    return " and ".join(addresses)
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """A uvicorn server that says where it listens once it does (the port of ``--port 0``)."""
+
+    def __init__(self, config: uvicorn.Config, on_listening: Callable[[str], None]) -> None:
+        super().__init__(config)
+        self._on_listening = on_listening
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            listeners = [sock for server in self.servers for sock in server.sockets]
+            self._on_listening(listening_address(listeners))
+
+
+def run(config: uvicorn.Config, on_listening: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then run the plugin's ``stop``/``destroy``.
+
+    ``on_listening`` gets the address once the server accepts connections.
+    """
+    server = (
+        uvicorn.Server(config) if on_listening is None else _AnnouncingServer(config, on_listening)
+    )
+    server.run()

@@ -94,7 +94,10 @@ def _parser() -> argparse.ArgumentParser:
         "--uds", default=env(_ENV + "UDS"), help="listen on this Unix socket, not --host/--port"
     )
     serve.add_argument(
-        "--path", dest="search_path", default=None, help="folder to import the plugin from"
+        "--path",
+        dest="search_path",
+        default=".",
+        help="folder to import the plugin from (default: the current folder, as uvicorn's)",
     )
     serve.add_argument(
         "--config",
@@ -149,21 +152,13 @@ def serve(options: argparse.Namespace) -> None:
         )
         token = BearerToken.configured(options.token_file)
         config: Any = orjson.loads(options.config_json)
-        plugin_host = PluginHost.load(options.entrypoint, options.search_path)
+        plugin_host = PluginHost.load(options.entrypoint, os.path.abspath(options.search_path))
     except (orjson.JSONDecodeError, ProviderError, TokenError, ValueError) as error:
         _fail(str(error))
     if not isinstance(config, dict):
         _fail("--config must be a JSON object")
     if options.http != "auto" and options.http not in HTTP_IMPLEMENTATIONS:
         _fail(f"--http {options.http} is not installed: pip install {options.http}")
-    where = options.uds or f"{options.host}:{options.port}"
-    if token is None:
-        print(
-            f"Warning: no bearer token configured (--token-file, {TOKEN_FILE_ENV} or"
-            f" {TOKEN_ENV}): anybody who can reach {where} can call this plugin.",
-            file=sys.stderr,
-            flush=True,
-        )
     app = PluginApp(
         plugin_host,
         config=config,
@@ -182,7 +177,24 @@ def serve(options: argparse.Namespace) -> None:
         loop=_fastest_loop(),
         log_level=options.log_level,
     )
-    run(uvicorn_config)
+
+    def announce(address: str) -> None:
+        methods = ", ".join(sorted(plugin_host.methods)) or "no methods"
+        print(
+            f"dispatcher-plugin: serving {options.entrypoint} ({methods}),"
+            f" listening on {address} (Ctrl+C stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if token is None:  # said once the real address is known (--port 0)
+            print(
+                f"Warning: no bearer token configured (--token-file, {TOKEN_FILE_ENV} or"
+                f" {TOKEN_ENV}): anybody who can reach {address} can call this plugin.",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    run(uvicorn_config, on_listening=announce)
 
 
 def _identity(name: str) -> str:

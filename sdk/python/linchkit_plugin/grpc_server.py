@@ -7,11 +7,14 @@ Run the executable:
 
 * ``example-plugin serve --address 127.0.0.1:0`` — a gRPC service: prints one handshake
   line with ``tcp`` and the bound address (``1|1|tcp|127.0.0.1:40123|grpc|``), serves
-  plain gRPC until SIGTERM.
+  plain gRPC until SIGTERM. With ``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``
+  set, every RPC but health's needs metadata ``authorization: Bearer <token>`` (else
+  ``UNAUTHENTICATED``); without either it serves anyone and warns on stderr.
 * started by a host with the handshake environment (``docs/protocol.md``) — a subprocess
   plugin: checks the magic cookie, negotiates the protocol version, listens on a Unix
   socket (or TCP), serves mutual TLS when the host sent its certificate, prints the
-  handshake line and exits when its stdin reaches end-of-file (the host is gone).
+  handshake line and exits when its stdin reaches end-of-file (the host is gone). The
+  token variables are not read: AutoMTLS admits only the host that launched the plugin.
 * any other way — prints a hint and exits 1.
 
 Methods run through ``PluginHost`` exactly as in-process or over HTTP; async generator
@@ -34,6 +37,7 @@ from typing import Any
 
 import orjson
 
+from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError
 from linchkit_plugin.handshake import (
     CLIENT_CERT_ENV,
@@ -67,6 +71,45 @@ _HINT = (
 )
 
 
+#: What a caller without the right token learns: never what it sent.
+_UNAUTHENTICATED = "missing or wrong bearer token"
+#: Orchestrators probe health without credentials.
+_OPEN_SERVICE_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _token_interceptor(token: BearerToken) -> Any:
+    """A ``grpc.aio.ServerInterceptor`` refusing every RPC but health's without ``token``."""
+    import grpc
+    import grpc.aio
+
+    async def refuse(request: Any, context: Any) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+
+    refusals = {
+        (False, False): grpc.unary_unary_rpc_method_handler(refuse),
+        (False, True): grpc.unary_stream_rpc_method_handler(refuse),
+        (True, False): grpc.stream_unary_rpc_method_handler(refuse),
+        (True, True): grpc.stream_stream_rpc_method_handler(refuse),
+    }
+
+    class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+        async def intercept_service(self, continuation: Any, details: Any) -> Any:
+            handler = await continuation(details)
+            if handler is None or details.method.startswith(_OPEN_SERVICE_PREFIX):
+                return handler
+            values = [
+                value for key, value in details.invocation_metadata or () if key == "authorization"
+            ]
+            presented = values[0] if len(values) == 1 else None
+            if isinstance(presented, str):
+                presented = presented.encode("utf-8", "replace")
+            if token.admits(presented):
+                return handler
+            return refusals[(handler.request_streaming, handler.response_streaming)]
+
+    return TokenInterceptor()
+
+
 def _dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
@@ -85,6 +128,7 @@ class PluginServer:
         version: str,
         runtime: str = "python",
         serving_from_start: bool = False,
+        token: BearerToken | None = None,
     ) -> None:
         from grpc_health.v1 import health_pb2
         from grpc_health.v1._async import HealthServicer
@@ -99,6 +143,7 @@ class PluginServer:
         self._health_pb = health_pb2
         self.health = HealthServicer()
         self._serving_from_start = serving_from_start
+        self._token = token
         self._subscribers: set[asyncio.Queue[tuple[str, bytes] | None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._config: Any = {}
@@ -281,11 +326,12 @@ class PluginServer:
 
         self._loop = asyncio.get_running_loop()
         server = grpc.aio.server(
+            interceptors=[] if self._token is None else [_token_interceptor(self._token)],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         plugin_pb2_grpc.add_PluginServiceServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -353,6 +399,13 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
         host_part = address.rsplit(":", 1)[0]
 
         def ready(port: int) -> None:
+            if server._token is None:
+                sys.stderr.write(
+                    f"linchkit plugin: warning: no bearer token configured ({TOKEN_FILE_ENV} or"
+                    f" {TOKEN_ENV}): anybody who can reach {host_part}:{port} can call this"
+                    " plugin\n"
+                )
+                sys.stderr.flush()
             _handshake("tcp", f"{host_part}:{port}", "")
 
         await server.serve(address, on_ready=ready, stop=stop)
@@ -425,6 +478,13 @@ def main(
     elif os.environ.get(MAGIC_COOKIE_KEY) != MAGIC_COOKIE_VALUE:
         sys.stderr.write(_HINT.format(program=os.path.basename(sys.argv[0])))
         return 1
+    token: BearerToken | None = None
+    if arguments is not None:  # subprocess mode: AutoMTLS authenticates the host
+        try:
+            token = BearerToken.configured(os.environ.get(TOKEN_FILE_ENV) or None)
+        except TokenError as error:
+            sys.stderr.write(f"serve: {error}\n")
+            return 1
     host = PluginHost(plugin_class())
     server = PluginServer(
         host,
@@ -432,5 +492,6 @@ def main(
         version=version,
         runtime=runtime,
         serving_from_start=arguments is not None,
+        token=token,
     )
     return asyncio.run(_run(server, arguments))

@@ -8,7 +8,11 @@ CloudEvent decoding of every other request, and the Knative container contract
 * the request is a CloudEvent (binary or structured mode) whose ``data`` is the dispatcher's
   request envelope (``docs/protocol.md``) and whose ``type`` is ``CALL_EVENT_TYPE``;
 * the answer is a CloudEvent of type ``RESPONSE_EVENT_TYPE`` in the same mode as the request,
-  whose ``data`` is the response envelope and whose ``id`` is the request's ``id``;
+  whose ``data`` is the response envelope and whose ``id`` is the request's ``id``; its
+  HTTP status is 200 for every call the plugin handled (its own errors included) and 400
+  for an event that is not a call (another ``type``, data that is not a request
+  envelope), as the HTTP binding answers a malformed envelope, so a broker or trigger
+  sending the wrong events sees them refused instead of delivered;
 * the plugin's ``init``/``start`` run before the runtime reports ready, ``stop``/``destroy``
   at shutdown.
 
@@ -83,7 +87,7 @@ class KnativeFunction:
         event = scope["event"]
         headers = dict(scope.get("headers") or ())
         structured = headers.get(b"content-type", b"").startswith(b"application/cloudevents")
-        answer = await self._answer(event.get_type(), event.get_data())
+        status, answer = await self._answer(event.get_type(), event.get_data())
         reply = CloudEvent(
             attributes={
                 "type": RESPONSE_EVENT_TYPE,
@@ -94,24 +98,25 @@ class KnativeFunction:
             data=answer,
         )
         if structured:
-            await send.structured(reply)
+            await send.structured(reply, status)
         else:
-            await send.binary(reply)
+            await send.binary(reply, status)
 
-    async def _answer(self, event_type: str, data: Any) -> dict[str, Any]:
+    async def _answer(self, event_type: str, data: Any) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and the response envelope for one event."""
         if event_type != CALL_EVENT_TYPE:
-            return error_response(
-                ProviderError(f"this function answers {CALL_EVENT_TYPE} events, not {event_type!r}")
-            )
+            refused = f"this function answers {CALL_EVENT_TYPE} events, not {event_type!r}"
+            return 400, error_response(ProviderError(refused))
         if isinstance(data, bytes | str):
             try:
                 data = orjson.loads(data)
             except orjson.JSONDecodeError:
-                return error_response(ProviderError("event data is not a JSON request envelope"))
+                malformed = ProviderError("event data is not a JSON request envelope")
+                return 400, error_response(malformed)
         try:
             request = parse_request(data)
         except DispatchError as error:
-            return error_response(error)
+            return 400, error_response(error)
         deadline_ms = request.deadline_ms
         try:
             result = await self.host.call_with_deadline(
@@ -121,8 +126,8 @@ class KnativeFunction:
                 deadline_ms / 1000 if deadline_ms is not None else None,
             )
         except DispatchError as error:
-            return error_response(error)
-        return ok_response(result)
+            return 200, error_response(error)
+        return 200, ok_response(result)
 
 
 def serve(function: KnativeFunction) -> None:

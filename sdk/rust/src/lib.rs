@@ -18,6 +18,7 @@
 //! A method fails with an [`Error`] (type, message, retryable, details), answered inside
 //! `CallReply.error`. A method that panics answers a `PluginError`; the plugin goes on.
 
+mod auth;
 mod error;
 mod events;
 mod serve;
@@ -34,6 +35,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+pub use auth::{ENV_TOKEN, ENV_TOKEN_FILE};
 pub use error::{types, Error};
 pub use events::Emitter;
 pub use serve::{Environment, ServeError};

@@ -18,6 +18,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{Connected, Router};
 use tonic::transport::Server;
 
+use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
 use crate::pb::plugin_service_server::PluginServiceServer;
 use crate::service::{Service, Shared};
 use crate::{tls, Plugin, PROTOCOL_VERSION};
@@ -122,11 +123,19 @@ impl Plugin {
     ) -> Result<(), ServeError> {
         if env.args.first().map(String::as_str) == Some("serve") {
             let address = service_address(&env.args[1..])?;
+            let token = BearerToken::configured(|name| env.var(name).to_string())
+                .map_err(|err| ServeError::Failed(format!("serve: {err}")))?;
             let listener = TcpListener::bind(&address)
                 .await
                 .map_err(failed(&format!("serve: cannot listen on {address}")))?;
             let bound = listener.local_addr().map_err(failed("serve"))?.to_string();
-            let (shared, router) = build(self, true).await;
+            if token.is_none() {
+                eprintln!(
+                    "linchkit plugin: warning: no bearer token configured ({ENV_TOKEN_FILE} or \
+                     {ENV_TOKEN}): anybody who can reach {bound} can call this plugin"
+                );
+            }
+            let (shared, router) = build(self, true, token).await;
             write_line(
                 &mut env.stdout,
                 &handshake_line(PROTOCOL_VERSION, "tcp", &bound, ""),
@@ -159,7 +168,8 @@ impl Plugin {
             }
         };
         let socket_dir = env.var(ENV_SOCKET_DIR).to_string();
-        let (shared, router) = build(self, false).await;
+        // No token here: AutoMTLS already admits only the host that launched us.
+        let (shared, router) = build(self, false, None).await;
 
         // The host holds our stdin's write end: end-of-file means it is gone, however it died.
         let mut stdin = env.stdin;
@@ -226,13 +236,24 @@ impl Plugin {
     }
 }
 
-/// The plugin's shared state and its gRPC router: the plugin service and health.
-async fn build(plugin: Plugin, serving_from_start: bool) -> (Arc<Shared>, Router) {
+/// The plugin's shared state and its gRPC router: the plugin service (behind `token`, if
+/// any) and health (never behind it).
+async fn build(
+    plugin: Plugin,
+    serving_from_start: bool,
+    token: Option<BearerToken>,
+) -> (Arc<Shared>, Router) {
     let (health, health_service) = tonic_health::server::health_reporter();
     let shared = Shared::new(plugin, health, serving_from_start).await;
-    let router = Server::builder()
-        .add_service(health_service)
-        .add_service(PluginServiceServer::new(Service(shared.clone())));
+    let service = PluginServiceServer::new(Service(shared.clone()));
+    let router = Server::builder().add_service(health_service);
+    let router = match token {
+        None => router.add_service(service),
+        Some(token) => router.add_service(tonic::service::interceptor::InterceptedService::new(
+            service,
+            move |request| token.check(request),
+        )),
+    };
     (shared, router)
 }
 

@@ -492,3 +492,40 @@ async fn auto_mtls_serves_only_the_host() {
         .is_err());
     running.stop().await;
 }
+
+#[tokio::test]
+async fn service_mode_with_a_token_refuses_calls_without_it() {
+    let running = start(
+        &["serve", "--address", "127.0.0.1:0"],
+        &[(linchkit_plugin::ENV_TOKEN, "s3cret")],
+    )
+    .await;
+    let (mut client, mut health_client) = running.client().await;
+    assert_eq!(
+        health(&mut health_client, "").await,
+        ServingStatus::Serving as i32
+    );
+    for authorization in [None, Some("Bearer n0pe-value"), Some("Basic s3cret")] {
+        let mut call = tonic::Request::new(request("echo", "1", 5000));
+        let mut describe = tonic::Request::new(pb::DescribeRequest {});
+        if let Some(value) = authorization {
+            call.metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+            describe
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        let status = client.call(call).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(!status.message().contains("n0pe"), "{}", status.message());
+        let status = client.describe(describe).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    }
+    let mut call = tonic::Request::new(request("echo", "1", 5000));
+    call.metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    let reply = client.call(call).await.unwrap().into_inner();
+    assert!(reply.ok);
+    assert_eq!(reply.result_json, b"1");
+    running.stop().await;
+}

@@ -9,3 +9,4 @@ export { serve } from './serve';
 export type { ServeOptions } from './serve';
 export { PluginServer, PROTOCOL_VERSION, SERVICE_NAME } from './server';
 export * as handshake from './handshake';
+export { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV, tokenInterceptor } from './auth';

@@ -1,16 +1,20 @@
 /**
  * The plugin executable's entry point: `serve(plugin)` picks the mode from argv and env.
  *
- * - `serve --address 127.0.0.1:0`: a plain gRPC service; prints `1|1|tcp|ADDR|grpc|`.
+ * - `serve --address 127.0.0.1:0`: a plain gRPC service; prints `1|1|tcp|ADDR|grpc|`. With
+ *   `LINCHKIT_PLUGIN_TOKEN_FILE` or `LINCHKIT_PLUGIN_TOKEN` set, every RPC but health's needs
+ *   `authorization: Bearer <token>` (auth.ts); without either it serves anyone and warns.
  * - no arguments: a subprocess plugin started by the host with the handshake environment
  *   (docs/protocol.md): cookie, version negotiation, Unix socket or TCP, AutoMTLS. It exits
- *   when its stdin reaches end-of-file, which happens however the host dies.
+ *   when its stdin reaches end-of-file, which happens however the host dies. The token
+ *   variables are not read: AutoMTLS admits only the host that launched the plugin.
  * Both stop gracefully on SIGTERM or SIGINT.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
+import { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV } from './auth';
 import { HandshakeError, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
 import type { Plugin } from './plugin';
 import { PluginServer } from './server';
@@ -27,7 +31,7 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
   const env = options.env ?? process.env;
   try {
     const command = parseCommand(argv);
-    if (command.mode === 'service') await serveService(plugin, command.address);
+    if (command.mode === 'service') await serveService(plugin, command.address, BearerToken.configured(env));
     else await serveSubprocess(plugin, env);
   } catch (error) {
     const message = error instanceof HandshakeError ? error.message : String((error as Error)?.stack ?? error);
@@ -36,10 +40,16 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
   }
 }
 
-async function serveService(plugin: Plugin, address: string): Promise<void> {
-  const server = new PluginServer(plugin, { servingFromStart: true });
+async function serveService(plugin: Plugin, address: string, token: BearerToken | undefined): Promise<void> {
+  const server = new PluginServer(plugin, { servingFromStart: true, token });
   const port = await server.bind(address, grpc.ServerCredentials.createInsecure());
   const host = address.slice(0, address.lastIndexOf(':'));
+  if (token === undefined) {
+    process.stderr.write(
+      `linchkit plugin: warning: no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): ` +
+        `anybody who can reach ${host}:${port} can call this plugin\n`,
+    );
+  }
   stopOn(['SIGTERM', 'SIGINT'], plugin, server); // before the line: the host may stop us at once
   process.stdout.write(handshakeLine(1, 'tcp', `${host}:${port}`) + '\n');
 }

@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { HealthImplementation } from 'grpc-health-check';
+import { type BearerToken, tokenInterceptor } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError, type WireError } from './errors';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
@@ -197,6 +198,8 @@ function checkRequest(request: CallRequestMessage): unknown {
 export interface PluginServerOptions {
   /** Health answers SERVING before Start (service mode). */
   servingFromStart: boolean;
+  /** Every RPC but health's must carry `authorization: Bearer <token>`. */
+  token?: BearerToken;
 }
 
 /** A grpc-js Server carrying the plugin's service and the health service. */
@@ -207,7 +210,7 @@ export class PluginServer {
 
   constructor(plugin: Plugin, options: PluginServerOptions) {
     this.plugin = plugin;
-    this.server = new grpc.Server();
+    this.server = new grpc.Server(options.token ? { interceptors: [tokenInterceptor(options.token)] } : {});
     const initial = options.servingFromStart ? 'SERVING' : 'NOT_SERVING';
     this.health = new HealthImplementation({ '': initial, [SERVICE_NAME]: initial });
     this.health.addToServer(this.server);

@@ -28,9 +28,13 @@ import java.util.stream.Stream;
  *
  * <ul>
  *   <li>{@code serve --address 127.0.0.1:0}: a plain gRPC service; prints {@code 1|1|tcp|ADDR|grpc|}.
+ *       With {@code LINCHKIT_PLUGIN_TOKEN_FILE} or {@code LINCHKIT_PLUGIN_TOKEN} set, every RPC but
+ *       health's needs {@code authorization: Bearer <token>} ({@link BearerToken}); without
+ *       either it serves anyone and warns on stderr.
  *   <li>no arguments: a subprocess plugin started by the host with the handshake environment
  *       (docs/protocol.md): cookie, version negotiation, Unix socket or TCP, AutoMTLS. It exits
- *       when its stdin reaches end-of-file, which happens however the host dies.
+ *       when its stdin reaches end-of-file, which happens however the host dies. The token
+ *       variables are not read: AutoMTLS admits only the host that launched the plugin.
  * </ul>
  * Both stop gracefully on SIGTERM or SIGINT and exit 0.
  */
@@ -42,7 +46,7 @@ public final class Serve {
     try {
       Handshake.Command command = Handshake.parseCommand(args);
       Running running = command.isService()
-          ? serveService(plugin, command.serviceAddress())
+          ? serveService(plugin, command.serviceAddress(), BearerToken.configured(System.getenv()))
           : serveSubprocess(plugin, System.getenv());
       running.awaitTermination();
     } catch (Handshake.HandshakeException error) {
@@ -101,18 +105,26 @@ public final class Serve {
     }
   }
 
-  private static Running serveService(Plugin plugin, String address) throws IOException {
+  private static Running serveService(Plugin plugin, String address, BearerToken token) throws IOException {
     int colon = address.lastIndexOf(':');
     String host = address.substring(0, colon);
     int port = Integer.parseInt(address.substring(colon + 1));
     String bindHost = host.startsWith("[") ? host.substring(1, host.length() - 1) : host;
     HealthStatusManager health = new HealthStatusManager();
     PluginService service = new PluginService(plugin, health, true);
+    // The last interceptor runs first: the token is checked before anything else.
     Server server = NettyServerBuilder.forAddress(new InetSocketAddress(bindHost, port))
-        .addService(ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR))
+        .addService(token == null
+            ? ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR)
+            : ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR, token))
         .addService(health.getHealthService())
         .build()
         .start();
+    if (token == null) {
+      System.err.println("linchkit plugin: warning: no bearer token configured (" + BearerToken.TOKEN_FILE_ENV
+          + " or " + BearerToken.TOKEN_ENV + "): anybody who can reach " + host + ":" + server.getPort()
+          + " can call this plugin");
+    }
     Running running = new Running(plugin, service, server, new EventLoopGroup[0], null);
     stopOnSignals(running);
     announce(Handshake.line(1, "tcp", host + ":" + server.getPort(), null));

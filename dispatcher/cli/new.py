@@ -1,0 +1,135 @@
+"""``dispatcher new``: scaffold a plugin in a fresh folder, ready to test, serve and call.
+
+A scaffold is the files of ``templates/<language>/`` with their placeholders filled in:
+``{{name}}`` (the plugin's id, as given), ``{{module}}`` (the name as an identifier),
+``{{class}}`` (the plugin class or type) and ``{{sdk}}`` (the SDK checkout a compiled
+language depends on until the SDKs are published); a language may add its own (Go: the
+SDK's ``go`` version, requirements and ``go.sum``, so that ``go test`` runs offline at once). A template file ends in ``.tmpl`` so
+that no linter, compiler or test runner of this repository mistakes it for code; the
+placeholders may appear in file names too. Nothing is overwritten: the folder must not
+exist, or be empty.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+import click
+
+from dispatcher.cli._app import main
+
+#: Languages a plugin can be scaffolded in: the folders of ``templates/``.
+LANGUAGES = ("python", "go")
+
+#: A plugin id that is also a safe folder name: lowercase words joined by single hyphens.
+_NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+_MAX_NAME = 64
+_TEMPLATE_SUFFIX = ".tmpl"
+#: Where a compiled language's SDK lives in this repository's checkout.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--lang",
+    "language",
+    type=click.Choice(LANGUAGES),
+    default="python",
+    show_default=True,
+    help="Language of the plugin.",
+)
+@click.option(
+    "--sdk",
+    "sdk_path",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The SDK to depend on (compiled languages): a checkout's sdk/<lang> folder"
+    " (default: this dispatcher's own checkout).",
+)
+def new(name: str, language: str, sdk_path: Path | None) -> None:
+    """Scaffold the plugin NAME in ./NAME: its code, a plugins.yaml entry, a passing test
+    and a README saying how to serve, call and deploy it.
+
+    NAME is the plugin's id: lowercase letters, digits and single hyphens (e.g. greeter,
+    order-totals).
+    """
+    if len(name) > _MAX_NAME or not _NAME.fullmatch(name):
+        raise click.BadParameter(
+            f"{name!r} is not a plugin name: use lowercase letters, digits and single"
+            f" hyphens, starting with a letter, at most {_MAX_NAME} characters (e.g. order-totals)",
+            param_hint="NAME",
+        )
+    folder = Path(name)
+    if folder.is_symlink() or folder.is_file() or (folder.is_dir() and any(folder.iterdir())):
+        raise click.UsageError(f"{folder}/ already exists and is not empty: nothing was written")
+    sdk = _sdk_folder(language, sdk_path)
+    values = {
+        "name": name,
+        "module": name.replace("-", "_"),
+        "class": "".join(word.capitalize() for word in name.split("-")),
+        "sdk": str(sdk) if sdk is not None else "",
+    }
+    if language == "go" and sdk is not None:
+        values |= _go_values(sdk)
+    written = _render(files("dispatcher.cli") / "templates" / language, folder, values)
+    click.echo(f"Created the {language} plugin {name!r} in {folder}/:")
+    for path in written:
+        click.echo(f"  {path}")
+    click.echo(f"Next: cd {folder} and follow its README.md (run its test first).")
+
+
+def _sdk_folder(language: str, given: Path | None) -> Path | None:
+    if language == "python":
+        return None  # a pip dependency, named in the scaffold's pyproject.toml
+    folder = (given or _CHECKOUT / "sdk" / language).resolve()
+    if not folder.is_dir():
+        raise click.UsageError(
+            f"no {language} SDK at {folder}: pass --sdk with the sdk/{language} folder of a"
+            " checkout of the dispatcher"
+        )
+    return folder
+
+
+def _go_values(sdk: Path) -> dict[str, str]:
+    """The SDK's ``go`` version and requirements, and its ``go.sum``: a module that
+    replaces the SDK by a folder must list what the SDK needs itself."""
+    try:
+        go_mod = (sdk / "go.mod").read_text(encoding="utf-8")
+        go_sum = (sdk / "go.sum").read_text(encoding="utf-8")
+    except OSError as error:
+        raise click.UsageError(f"{sdk} is not the Go SDK: {error}") from None
+    version = re.search(r"^go (\S+)$", go_mod, re.MULTILINE)
+    blocks = re.findall(r"^require \(\n(.*?)^\)", go_mod, re.MULTILINE | re.DOTALL)
+    singles = re.findall(r"^require ([^(\s]\S* \S+)", go_mod, re.MULTILINE)
+    requirements = [line.split("//")[0].strip() for block in blocks for line in block.splitlines()]
+    requirements += singles
+    return {
+        "go_version": version.group(1) if version else "1.22",
+        "go_requires": "".join(f"\t{line} // indirect\n" for line in requirements if line),
+        "go_sum": go_sum.rstrip("\n"),
+    }
+
+
+def _fill(text: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    return text
+
+
+def _render(template: Traversable, destination: Path, values: dict[str, str]) -> list[Path]:
+    """Write ``template`` (a folder of templates) into ``destination``; the written paths."""
+    written: list[Path] = []
+    for entry in sorted(template.iterdir(), key=lambda entry: entry.name):
+        target = destination / _fill(entry.name, values)
+        if entry.is_dir():
+            written += _render(entry, target, values)
+        elif entry.name.endswith(_TEMPLATE_SUFFIX):
+            target = target.with_name(target.name.removesuffix(_TEMPLATE_SUFFIX))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(_fill(entry.read_text(encoding="utf-8"), values), encoding="utf-8")
+            written.append(target)
+    return written

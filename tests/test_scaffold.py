@@ -1,0 +1,141 @@
+"""``dispatcher new``: each scaffold passes its own test with no edits, then serves and
+answers a call; names that are not plugin ids, and folders already in use, are refused
+with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dispatcher.cli import main
+
+BIN = Path(sys.executable).parent
+GO = shutil.which("go") or "/usr/local/go/bin/go"
+
+
+def run(command: list[str], folder: Path, **environment: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command,
+        cwd=folder,
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def scaffold(folder: Path, *arguments: str) -> None:
+    made = run([str(BIN / "dispatcher"), "new", *arguments], folder)
+    assert made.returncode == 0, made.stderr
+
+
+def test_the_python_scaffold_passes_its_own_test_and_answers_a_call(tmp_path: Path) -> None:
+    scaffold(tmp_path, "order-totals", "--lang", "python")
+    plugin = tmp_path / "order-totals"
+    assert sorted(path.name for path in plugin.iterdir()) == [
+        ".gitignore",
+        "README.md",
+        "order_totals_plugin.py",
+        "plugins.yaml",
+        "pyproject.toml",
+        "test_order_totals_plugin.py",
+    ]
+    tested = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], plugin)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "1 passed" in tested.stdout
+    # What its README says to run next, as written there.
+    readme = (plugin / "README.md").read_text()
+    assert 'dispatcher call order-totals.greet -p \'{"name": "Ada"}\'' in readme
+    assert run([str(BIN / "dispatcher"), "validate"], plugin).returncode == 0
+    called = run(
+        [str(BIN / "dispatcher"), "call", "order-totals.greet", "-p", '{"name": "Ada"}'], plugin
+    )
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout) == {"message": "hi, Ada", "caller": None}
+
+
+@pytest.mark.toolchain
+def test_the_go_scaffold_builds_offline_passes_its_test_and_answers_a_call(tmp_path: Path) -> None:
+    if not Path(GO).exists():
+        pytest.skip("no Go toolchain here")
+    scaffold(tmp_path, "order-totals", "--lang", "go")
+    plugin = tmp_path / "order-totals"
+    offline = {"GOFLAGS": "-mod=readonly", "GOPROXY": "off", "GOTOOLCHAIN": "local"}
+    tested = run([GO, "test", "./..."], plugin, **offline)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert run([GO, "vet", "./..."], plugin, **offline).returncode == 0
+    assert run(["gofmt" if shutil.which("gofmt") else GO + "fmt", "-l", "."], plugin).stdout == ""
+    built = run([GO, "build", "-o", "order-totals", "."], plugin, **offline)
+    assert built.returncode == 0, built.stderr
+    called = run(
+        [str(BIN / "dispatcher"), "call", "order-totals.greet", "-p", '{"name": "Ada"}'], plugin
+    )
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout) == {"message": "hi, Ada", "caller": ""}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../escape",
+        "/tmp/absolute",
+        "a/b",
+        "Upper",
+        "two  words",
+        "a--b",
+        "-dash",
+        "trailing-",
+        "9lives",
+        "ünïcode",
+        "",
+        "x" * 65,
+    ],
+)
+def test_a_name_that_is_not_a_plugin_id_is_refused_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["new", "--", name])
+    assert result.exit_code == 2
+    assert "is not a plugin name" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_in_use_is_refused_and_left_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "plugins.yaml").write_text("mine")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "linked").symlink_to(elsewhere)  # an empty folder, but through a symlink
+    (tmp_path / "a-file").write_text("mine")
+    for name in ("taken", "linked", "a-file"):
+        result = CliRunner().invoke(main, ["new", name])
+        assert result.exit_code == 2, result.output
+        assert "nothing was written" in result.output
+    assert (tmp_path / "taken" / "plugins.yaml").read_text() == "mine"
+    assert list(elsewhere.iterdir()) == []
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_an_empty_folder_is_filled_and_an_sdk_that_is_not_there_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ready").mkdir()
+    assert CliRunner().invoke(main, ["new", "ready"]).exit_code == 0
+    assert (tmp_path / "ready" / "ready_plugin.py").is_file()
+    missing = CliRunner().invoke(main, ["new", "gone", "--lang", "go", "--sdk", "no-such-sdk"])
+    assert missing.exit_code == 2
+    assert "no go SDK at" in missing.output
+    assert not (tmp_path / "gone").exists()
