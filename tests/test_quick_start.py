@@ -9,13 +9,12 @@ The steps are the README's code blocks that follow a marker, in the README's ord
 * ``<!-- quick-start run -->``: each line of the block runs in the folder, in a shell
   whose ``PATH`` starts with this interpreter's, and must exit 0.
 
-Edit a marked block and this test runs the new text; drop or reorder a step and it
-fails. Two substitutions keep parallel runs apart: the port 8081 becomes a free port, the
-image ``echo-plugin:1.0.0`` a tag of this run's own (removed afterwards).
+An ``export`` line of a ``run`` block holds for the block's later lines, as in a shell.
 
-TODO(quick-start-local-lambda): deploy the same plugin to the local Lambda and call it
-again, as a last marked step, once the local-Lambda command lands (the Lambda UX work
-builds it now); until then the walk ends with the Docker container.
+Edit a marked block and this test runs the new text; drop or reorder a step and it
+fails. Three substitutions keep parallel runs apart: the ports 8081 (the plugin) and 3001
+(the local Lambda) become free ports, the image ``echo-plugin:1.0.0`` a tag of this run's
+own (removed afterwards).
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ _STEP = re.compile(
     re.MULTILINE | re.DOTALL,
 )
 README_PORT = "8081"
+README_LAMBDA_PORT = "3001"
 README_IMAGE = "echo-plugin:1.0.0"
 
 
@@ -56,11 +56,16 @@ class Step:
     text: str
 
 
-def quick_start_steps(port: int, image: str) -> list[Step]:
+def quick_start_steps(port: int, lambda_port: int, image: str) -> list[Step]:
     section = README.read_text(encoding="utf-8")
     steps = []
     for match in _STEP.finditer(section):
-        text = match["text"].replace(README_PORT, str(port)).replace(README_IMAGE, image)
+        text = (
+            match["text"]
+            .replace(README_PORT, str(port))
+            .replace(README_LAMBDA_PORT, str(lambda_port))
+            .replace(README_IMAGE, image)
+        )
         steps.append(Step(match["kind"], match["file"], text))
     return steps
 
@@ -77,7 +82,8 @@ def shell_environment() -> dict[str, str]:
 
 @pytest.fixture
 def docker_base_image() -> None:
-    """The engine and the base image `dispatcher deploy` builds on (idempotent scripts)."""
+    """The engine, the base image `dispatcher deploy` builds on and the Lambda runtime image
+    (idempotent scripts)."""
     subprocess.run([str(ROOT / "scripts" / "start-docker.sh")], check=True)
     subprocess.run(
         [str(ROOT / "infra" / "docker" / "build-base-image.sh")],
@@ -85,23 +91,28 @@ def docker_base_image() -> None:
         env={**os.environ, "PYTHON": sys.executable},
         stdout=subprocess.DEVNULL,
     )
+    subprocess.run(
+        ["bash", str(ROOT / "infra" / "lambda" / "build-runtime-image.sh"), sys.executable],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 class Served:
-    """The command of a ``serve`` step, running; its stderr lines arrive on a queue."""
+    """The command of a ``serve`` step, running; its output lines arrive on a queue."""
 
     def __init__(self, command: str, folder: Path) -> None:
         self.process = subprocess.Popen(
             ["bash", "-c", f"exec {command}"],
             cwd=folder,
             env=shell_environment(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
-        assert self.process.stderr is not None
-        self._reader = threading.Thread(target=self._read, args=(self.process.stderr,))
+        assert self.process.stdout is not None
+        self._reader = threading.Thread(target=self._read, args=(self.process.stdout,))
         self._reader.start()
 
     def _read(self, stderr: IO[str]) -> None:
@@ -121,8 +132,8 @@ class Served:
         self.process.terminate()
         self.process.wait(timeout=10)
         self._reader.join(timeout=10)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
 
 
 @pytest.fixture
@@ -137,8 +148,8 @@ def test_the_readme_quick_start_runs_as_written(
 ) -> None:
     folder, image = walk_folder
     folder.mkdir()
-    port = free_port()
-    steps = quick_start_steps(port, image)
+    port, lambda_port = free_port(), free_port()
+    steps = quick_start_steps(port, lambda_port, image)
     assert [(step.kind, step.file) for step in steps] == [
         ("write", "echo_plugin.py"),
         ("serve", None),
@@ -147,6 +158,9 @@ def test_the_readme_quick_start_runs_as_written(
         ("write", "call.py"),
         ("run", None),
         ("append", "plugins.yaml"),
+        ("run", None),
+        ("append", "plugins.yaml"),
+        ("serve", None),
         ("run", None),
     ], "the quick start's marked steps changed: update this walk with them"
     outputs: dict[str, str] = {}
@@ -161,13 +175,20 @@ def test_the_readme_quick_start_runs_as_written(
             elif step.kind == "serve":
                 server = Served(step.text.strip(), folder)
                 served.append(server)
-                line = server.wait_for("listening on")
-                assert "serving echo_plugin:EchoPlugin" in line
-                assert f"http://127.0.0.1:{port}" in line
+                line = server.wait_for("listening on", timeout=120)
+                if "local-lambda" in step.text:
+                    assert f"http://127.0.0.1:{lambda_port}" in line
+                else:
+                    assert "serving echo_plugin:EchoPlugin" in line
+                    assert f"http://127.0.0.1:{port}" in line
             else:
+                exports: list[str] = []
                 for command in filter(None, map(str.strip, step.text.splitlines())):
+                    if command.startswith("export "):
+                        exports.append(command)
+                        continue
                     done = subprocess.run(
-                        ["bash", "-c", command],
+                        ["bash", "-c", "; ".join([*exports, command])],
                         cwd=folder,
                         env=shell_environment(),
                         capture_output=True,
@@ -190,3 +211,6 @@ def test_the_readme_quick_start_runs_as_written(
     assert re.search(r"deployed|up to date", outputs["dispatcher deploy echo-box"])
     from_the_box = json.loads(outputs["""dispatcher call echo-box.say -p '{"text": "hi"}'"""])
     assert from_the_box == {"text": "hi", "greeting": "from a container", "caller": None}
+    assert re.search(r"deployed|up to date", outputs["dispatcher deploy echo-lambda"])
+    from_lambda = json.loads(outputs["""dispatcher call echo-lambda.say -p '{"text": "hi"}'"""])
+    assert from_lambda == {"text": "hi", "greeting": "from Lambda", "caller": None}
