@@ -3,12 +3,15 @@
 A scaffold is the files of ``templates/<language>/`` with their placeholders filled in:
 ``{{name}}`` (the plugin's id, as given), ``{{module}}`` (the name as an identifier),
 ``{{class}}`` (the plugin class or type) and ``{{sdk}}`` (the SDK checkout a compiled
-language depends on until the SDKs are published); a language may add its own (Go: the
-SDK's ``go`` version, requirements and ``go.sum``, so that ``go test`` runs offline at once). A template file ends in ``.tmpl`` so
-that no linter, compiler or test runner of this repository mistakes it for code; the
-placeholders may appear in file names too. A file that starts with ``#!`` is written
-executable (the wrapper a ``plugins.yaml`` launches). Nothing is overwritten: the folder must not
-exist, or be empty.
+language depends on until the SDKs are published); a language may add its own, taken from
+the SDK so that the scaffold builds offline at once, with the versions the SDK is tested
+with: Go, the SDK's ``go`` version, requirements and ``go.sum``; Rust, its ``Cargo.lock``;
+Java, its version (what ``mvn install`` there installs) and JUnit's; TypeScript, its
+TypeScript and Node types versions and a ``package-lock.json`` made from its own. A template
+file ends in ``.tmpl`` so that no linter, compiler or test runner of this repository
+mistakes it for code; the placeholders may appear in file names too. A file that starts with
+``#!`` is written executable (the wrapper a ``plugins.yaml`` launches). Nothing is
+overwritten: the folder must not exist, or be empty.
 """
 
 from __future__ import annotations
@@ -169,7 +172,9 @@ def _typescript_values(sdk: Path, folder: Path, values: dict[str, str]) -> dict[
     relative = os.path.relpath(sdk, folder.resolve())
     root = {key: plugin[key] for key in ("name", "version", "dependencies", "devDependencies")}
     linked = {"version": sdk_entry["version"], "resolved": f"file:{relative}"}
-    linked |= {key: sdk_entry[key] for key in ("license", "dependencies", "engines") if key in sdk_entry}
+    linked |= {
+        key: sdk_entry[key] for key in ("license", "dependencies", "engines") if key in sdk_entry
+    }
     plugin_lock = {
         "name": plugin["name"],
         "version": plugin["version"],
