@@ -15,6 +15,17 @@ import pytest
 from click.testing import CliRunner
 
 from dispatcher.cli import main
+from tests.sdk_toolchains import (
+    CARGO,
+    MVN,
+    NPM,
+    OFFLINE,
+    build_typescript_sdk,
+    install_java_sdk,
+    require,
+    share_rust_target,
+    succeed,
+)
 
 BIN = Path(sys.executable).parent
 GO = shutil.which("go") or "/usr/local/go/bin/go"
@@ -82,6 +93,61 @@ def test_the_go_scaffold_builds_offline_passes_its_test_and_answers_a_call(tmp_p
     assert json.loads(called.stdout) == {"message": "hi, Ada", "caller": ""}
 
 
+def call_greet(plugin: Path) -> object:
+    """What its README says to run last, as written there."""
+    assert (
+        'dispatcher call order-totals.greet -p \'{"name": "Ada"}\''
+        in (plugin / "README.md").read_text()
+    )
+    assert run([str(BIN / "dispatcher"), "validate"], plugin).returncode == 0
+    called = run(
+        [str(BIN / "dispatcher"), "call", "order-totals.greet", "-p", '{"name": "Ada"}'], plugin
+    )
+    assert called.returncode == 0, called.stdout + called.stderr
+    return json.loads(called.stdout)
+
+
+@pytest.mark.toolchain
+def test_the_rust_scaffold_builds_offline_passes_its_test_and_answers_a_call(
+    tmp_path: Path,
+) -> None:
+    require(CARGO)
+    scaffold(tmp_path, "order-totals", "--lang", "rust")
+    plugin = tmp_path / "order-totals"
+    share_rust_target(plugin)
+    tested = succeed([CARGO, "test", "--release"], plugin, **OFFLINE)
+    assert "1 passed" in tested
+    succeed([CARGO, "build", "--release"], plugin, **OFFLINE)
+    assert call_greet(plugin) == {"message": "hi, Ada", "caller": ""}
+
+
+@pytest.mark.toolchain
+def test_the_java_scaffold_builds_offline_passes_its_test_and_answers_a_call(
+    tmp_path: Path,
+) -> None:
+    install_java_sdk()  # the README's first step, once per run
+    scaffold(tmp_path, "order-totals", "--lang", "java")
+    plugin = tmp_path / "order-totals"
+    succeed([MVN, "-B", "-o", "test"], plugin)
+    reports = (plugin / "target" / "surefire-reports").glob("*.txt")
+    assert "Tests run: 1, Failures: 0, Errors: 0" in "".join(r.read_text() for r in reports)
+    succeed([MVN, "-B", "-q", "-o", "package", "-DskipTests"], plugin)
+    assert call_greet(plugin) == {"message": "hi, Ada", "caller": ""}
+
+
+@pytest.mark.toolchain
+def test_the_typescript_scaffold_installs_offline_passes_its_test_and_answers_a_call(
+    tmp_path: Path,
+) -> None:
+    build_typescript_sdk()  # what the file: dependency copies
+    scaffold(tmp_path, "order-totals", "--lang", "typescript")
+    plugin = tmp_path / "order-totals"
+    succeed([NPM, "ci", "--offline", "--no-audit", "--no-fund"], plugin)
+    assert "# pass 1" in succeed([NPM, "test"], plugin)
+    succeed([NPM, "run", "build"], plugin)
+    assert call_greet(plugin) == {"message": "hi, Ada", "caller": ""}
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -139,3 +205,20 @@ def test_an_empty_folder_is_filled_and_an_sdk_that_is_not_there_is_refused(
     assert missing.exit_code == 2
     assert "no go SDK at" in missing.output
     assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize(
+    ("language", "named"), [("rust", "Rust"), ("java", "Java"), ("typescript", "TypeScript")]
+)
+def test_an_sdk_folder_that_is_not_that_sdk_is_refused_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, language: str, named: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "not-an-sdk").mkdir()
+    (tmp_path / "not-an-sdk" / "package.json").write_text("{not json")
+    result = CliRunner().invoke(
+        main, ["new", "order-totals", "--lang", language, "--sdk", "not-an-sdk"]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"is not the {named} SDK" in result.output
+    assert not (tmp_path / "order-totals").exists()

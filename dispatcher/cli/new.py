@@ -3,15 +3,21 @@
 A scaffold is the files of ``templates/<language>/`` with their placeholders filled in:
 ``{{name}}`` (the plugin's id, as given), ``{{module}}`` (the name as an identifier),
 ``{{class}}`` (the plugin class or type) and ``{{sdk}}`` (the SDK checkout a compiled
-language depends on until the SDKs are published); a language may add its own (Go: the
-SDK's ``go`` version, requirements and ``go.sum``, so that ``go test`` runs offline at once). A template file ends in ``.tmpl`` so
-that no linter, compiler or test runner of this repository mistakes it for code; the
-placeholders may appear in file names too. Nothing is overwritten: the folder must not
-exist, or be empty.
+language depends on until the SDKs are published); a language may add its own, taken from
+the SDK so that the scaffold builds offline at once, with the versions the SDK is tested
+with: Go, the SDK's ``go`` version, requirements and ``go.sum``; Rust, its ``Cargo.lock``;
+Java, its version (what ``mvn install`` there installs) and JUnit's; TypeScript, its
+TypeScript and Node types versions and a ``package-lock.json`` made from its own. A template
+file ends in ``.tmpl`` so that no linter, compiler or test runner of this repository
+mistakes it for code; the placeholders may appear in file names too. A file that starts with
+``#!`` is written executable (the wrapper a ``plugins.yaml`` launches). Nothing is
+overwritten: the folder must not exist, or be empty.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -22,7 +28,7 @@ import click
 from dispatcher.cli._app import main
 
 #: Languages a plugin can be scaffolded in: the folders of ``templates/``.
-LANGUAGES = ("python", "go")
+LANGUAGES = ("python", "go", "rust", "java", "typescript")
 
 #: A plugin id that is also a safe folder name: lowercase words joined by single hyphens.
 _NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
@@ -75,6 +81,12 @@ def new(name: str, language: str, sdk_path: Path | None) -> None:
     }
     if language == "go" and sdk is not None:
         values |= _go_values(sdk)
+    if language == "rust" and sdk is not None:
+        values |= _rust_values(sdk)
+    if language == "java" and sdk is not None:
+        values |= _java_values(sdk)
+    if language == "typescript" and sdk is not None:
+        values |= _typescript_values(sdk, folder, values)
     written = _render(files("dispatcher.cli") / "templates" / language, folder, values)
     click.echo(f"Created the {language} plugin {name!r} in {folder}/:")
     for path in written:
@@ -114,6 +126,69 @@ def _go_values(sdk: Path) -> dict[str, str]:
     }
 
 
+def _rust_values(sdk: Path) -> dict[str, str]:
+    """The SDK's ``Cargo.lock``, the scaffold's first: the crate versions the SDK is tested
+    with, which are also the ones in cargo's cache once the SDK was built (offline)."""
+    try:
+        cargo_lock = (sdk / "Cargo.lock").read_text(encoding="utf-8")
+    except OSError as error:
+        raise click.UsageError(f"{sdk} is not the Rust SDK: {error}") from None
+    return {"cargo_lock": cargo_lock.rstrip("\n")}
+
+
+def _java_values(sdk: Path) -> dict[str, str]:
+    """The SDK's version (what ``mvn install`` there installs) and its JUnit version (in
+    ``~/.m2`` once the SDK was built, so the plugin's test runs offline)."""
+    try:
+        pom = (sdk / "pom.xml").read_text(encoding="utf-8")
+    except OSError as error:
+        raise click.UsageError(f"{sdk} is not the Java SDK: {error}") from None
+    # The project's own version: the first <version> after its <artifactId>.
+    version = re.search(r"<artifactId>linchkit-plugin-sdk</artifactId>\s*<version>([^<]+)<", pom)
+    junit = re.search(r"<junit\.version>([^<]+)<", pom)
+    if version is None or junit is None:
+        raise click.UsageError(f"{sdk}/pom.xml names no SDK version or junit.version")
+    return {"java_sdk_version": version.group(1), "junit_version": junit.group(1)}
+
+
+def _typescript_values(sdk: Path, folder: Path, values: dict[str, str]) -> dict[str, str]:
+    """The SDK's TypeScript and Node types versions, and a ``package-lock.json``: the SDK's
+    own lock (the versions it is tested with, in npm's cache once the SDK was built, so
+    ``npm ci --offline`` works) with this plugin as its root and the SDK as a folder."""
+    try:
+        package = json.loads((sdk / "package.json").read_text(encoding="utf-8"))
+        lock = json.loads((sdk / "package-lock.json").read_text(encoding="utf-8"))
+        development = package["devDependencies"]
+        values = values | {
+            "typescript_version": development["typescript"],
+            "types_node_version": development["@types/node"],
+        }
+        packages = dict(lock["packages"])
+        sdk_entry = packages.pop("")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise click.UsageError(f"{sdk} is not the TypeScript SDK: {error!r}") from None
+    template = files("dispatcher.cli") / "templates" / "typescript" / "package.json.tmpl"
+    plugin = json.loads(_fill(template.read_text(encoding="utf-8"), values))
+    relative = os.path.relpath(sdk, folder.resolve())
+    root = {key: plugin[key] for key in ("name", "version", "dependencies", "devDependencies")}
+    linked = {"version": sdk_entry["version"], "resolved": f"file:{relative}"}
+    linked |= {
+        key: sdk_entry[key] for key in ("license", "dependencies", "engines") if key in sdk_entry
+    }
+    plugin_lock = {
+        "name": plugin["name"],
+        "version": plugin["version"],
+        "lockfileVersion": lock["lockfileVersion"],
+        "requires": True,
+        "packages": {"": root, f"node_modules/{package['name']}": linked, **packages},
+    }
+    return {
+        "typescript_version": values["typescript_version"],
+        "types_node_version": values["types_node_version"],
+        "package_lock": json.dumps(plugin_lock, indent=2),
+    }
+
+
 def _fill(text: str, values: dict[str, str]) -> str:
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
@@ -130,6 +205,9 @@ def _render(template: Traversable, destination: Path, values: dict[str, str]) ->
         elif entry.name.endswith(_TEMPLATE_SUFFIX):
             target = target.with_name(target.name.removesuffix(_TEMPLATE_SUFFIX))
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(_fill(entry.read_text(encoding="utf-8"), values), encoding="utf-8")
+            text = _fill(entry.read_text(encoding="utf-8"), values)
+            target.write_text(text, encoding="utf-8")
+            if text.startswith("#!"):
+                target.chmod(0o755)  # a wrapper plugins.yaml launches
             written.append(target)
     return written
