@@ -1,7 +1,8 @@
 /**
- * The gRPC binding of a `Plugin`: linchkit.plugin.v1.PluginService plus grpc.health.v1,
- * on a @grpc/grpc-js server. Plugin failures travel in CallReply.error; gRPC status codes
- * are kept for protocol failures (a malformed request, a failing lifecycle hook).
+ * The gRPC binding of a `Plugin`: linchkit.plugin.v1.PluginService plus grpc.health.v1 and
+ * server reflection, on a @grpc/grpc-js server. Plugin failures travel in CallReply.error;
+ * gRPC status codes are kept for protocol failures (a malformed request, a failing
+ * lifecycle hook).
  */
 import { parse, stringify } from 'lossless-json';
 import { once } from 'node:events';
@@ -9,7 +10,8 @@ import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import { HealthImplementation } from 'grpc-health-check';
+import { ReflectionService } from '@grpc/reflection';
+import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
 import { type BearerToken, tokenInterceptor } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError, type WireError } from './errors';
 import { isObject, type JsonObject } from './params';
@@ -45,6 +47,18 @@ export function serviceDefinition(): grpc.ServiceDefinition {
     cachedDefinition = loaded.linchkit.plugin.v1.PluginService.service as grpc.ServiceDefinition;
   }
   return cachedDefinition;
+}
+
+let cachedReflection: ReflectionService | undefined;
+
+/** Server reflection (v1 and v1alpha) of the plugin service and health, built once. */
+function reflectionService(): ReflectionService {
+  if (cachedReflection === undefined) {
+    // keepCase: the descriptors name fields as the proto does (params_json, not paramsJson).
+    const definition = protoLoader.loadSync([protoPath(), healthProtoPath], { keepCase: true });
+    cachedReflection = new ReflectionService(definition);
+  }
+  return cachedReflection;
 }
 
 // The messages as @grpc/proto-loader gives them (keepCase, defaults).
@@ -198,11 +212,12 @@ function checkRequest(request: CallRequestMessage): unknown {
 export interface PluginServerOptions {
   /** Health answers SERVING before Start (service mode). */
   servingFromStart: boolean;
-  /** Every RPC but health's must carry `authorization: Bearer <token>`. */
+  /** Every RPC but health's and reflection's must carry `authorization: Bearer <token>`. */
   token?: BearerToken;
 }
 
-/** A grpc-js Server carrying the plugin's service and the health service. */
+/** A grpc-js Server carrying the plugin's service, the health service and server reflection
+ * (open like health: it tells only the schema, which proto/plugin.proto publishes). */
 export class PluginServer {
   readonly server: grpc.Server;
   readonly health: HealthImplementation;
@@ -215,6 +230,7 @@ export class PluginServer {
     this.health = new HealthImplementation({ '': initial, [SERVICE_NAME]: initial });
     this.health.addToServer(this.server);
     this.server.addService(serviceDefinition(), this.implementation());
+    reflectionService().addToServer(this.server);
   }
 
   setServing(serving: boolean): void {
