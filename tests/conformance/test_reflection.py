@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dispatcher import Dispatcher, parse_manifest
@@ -86,7 +86,38 @@ async def _files(
     for data in answer.file_descriptor_response.file_descriptor_proto:
         file = descriptor_pb2.FileDescriptorProto.FromString(data)
         files[file.name] = file
+    # Valid descriptors, as grpcurl needs them to describe anything: they build a pool
+    # (map entries named as protoc names them, type names that resolve, …).
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(name: str) -> None:
+        if name not in added:
+            added.add(name)
+            for dependency in files[name].dependency:
+                add(dependency)
+            pool.Add(files[name])
+
+    for name in files:
+        add(name)
+    pool.FindFileContainingSymbol(symbol)
+    for file in files.values():
+        _check_map_entries(file.message_type)
     return files
+
+
+def _check_map_entries(messages: Any) -> None:
+    """A map field's entry type is named as protoc names it (``statuses`` →
+    ``StatusesEntry``): Go's protobuf, under grpcurl, refuses the file otherwise."""
+    for message in messages:
+        entries = {nested.name for nested in message.nested_type if nested.options.map_entry}
+        for field in message.field:
+            entry = field.type_name.rsplit(".", 1)[-1]
+            if entry in entries:
+                words = field.name.split("_")
+                expected = "".join(word[:1].upper() + word[1:] for word in words) + "Entry"
+                assert entry == expected, (message.name, field.name, entry)
+        _check_map_entries(message.nested_type)
 
 
 def _check_plugin_file(files: dict[str, descriptor_pb2.FileDescriptorProto]) -> None:

@@ -11,6 +11,8 @@ import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
+import type * as protobuf from 'protobufjs';
+import * as descriptor from 'protobufjs/ext/descriptor';
 import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
 import { type BearerToken, tokenInterceptor } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError, type WireError } from './errors';
@@ -56,9 +58,46 @@ function reflectionService(): ReflectionService {
   if (cachedReflection === undefined) {
     // keepCase: the descriptors name fields as the proto does (params_json, not paramsJson).
     const definition = protoLoader.loadSync([protoPath(), healthProtoPath], { keepCase: true });
-    cachedReflection = new ReflectionService(definition);
+    const fixed: protoLoader.PackageDefinition = {};
+    for (const [name, entry] of Object.entries(definition)) {
+      const files = (entry as { fileDescriptorProtos?: Buffer[] }).fileDescriptorProtos;
+      fixed[name] = Array.isArray(files)
+        ? ({ ...entry, fileDescriptorProtos: files.map(withProtocMapEntryNames) } as typeof entry)
+        : entry;
+    }
+    cachedReflection = new ReflectionService(fixed);
   }
   return cachedReflection;
+}
+
+/**
+ * The encoded FileDescriptorProto `file` with each map field's entry type named as protoc
+ * names it (`statuses` → `StatusesEntry`). protobufjs names it after the field
+ * (`Statuses`), and Go's protobuf, under grpcurl, refuses such a file (health.proto's
+ * `HealthListResponse.statuses`).
+ */
+function withProtocMapEntryNames(file: Buffer): Buffer {
+  const proto = descriptor.FileDescriptorProto.decode(file) as unknown as descriptor.IFileDescriptorProto;
+  let changed = false;
+  const visit = (messages: descriptor.IDescriptorProto[] | undefined): void => {
+    for (const message of messages ?? []) {
+      for (const nested of message.nestedType ?? []) {
+        if (!nested.options?.mapEntry || !nested.name) continue;
+        const old = nested.name;
+        const field = (message.field ?? []).find((f) => f.typeName?.split('.').pop() === old);
+        if (!field?.name) continue;
+        const name = field.name.split('_').map((w) => w.charAt(0).toUpperCase() + w.slice(1)).join('') + 'Entry';
+        if (name === old) continue;
+        nested.name = name;
+        field.typeName = field.typeName!.slice(0, field.typeName!.length - old.length) + name;
+        changed = true;
+      }
+      visit(message.nestedType);
+    }
+  };
+  visit(proto.messageType);
+  if (!changed) return file;
+  return Buffer.from(descriptor.FileDescriptorProto.encode(proto as unknown as protobuf.Message).finish());
 }
 
 // The messages as @grpc/proto-loader gives them (keepCase, defaults).
