@@ -100,7 +100,11 @@ async def _files(
 
     for name in files:
         add(name)
-    pool.FindFileContainingSymbol(symbol)
+    try:
+        pool.FindFileContainingSymbol(symbol)
+    except KeyError:  # the pool finds no method by its full name: look in its service
+        service, _, method = symbol.rpartition(".")
+        assert method in pool.FindServiceByName(service).methods_by_name, symbol
     for file in files.values():
         _check_map_entries(file.message_type)
     return files
@@ -147,7 +151,8 @@ async def _check_reflection(channel: grpc.aio.Channel) -> None:
         services = await _list(channel, version)
         assert {PLUGIN_SERVICE, HEALTH_SERVICE} <= services, (version, services)
         _check_plugin_file(await _files(channel, version, PLUGIN_SERVICE))
-        # A message resolves to the same file (grpcurl describe linchkit.plugin.v1.CallRequest).
+        # A method and a message resolve to the same file (grpcurl describe of either).
+        _check_plugin_file(await _files(channel, version, f"{PLUGIN_SERVICE}.CallStream"))
         _check_plugin_file(await _files(channel, version, "linchkit.plugin.v1.CallRequest"))
         health = await _files(channel, version, HEALTH_SERVICE)
         assert any(

@@ -138,7 +138,19 @@ def _add_reflection(server: Any) -> None:
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
-    servicer = ReflectionServicer(names)
+
+    class Reflection(ReflectionServicer):  # type: ignore[misc]
+        """grpcio-reflection's, resolving a method's full name too (``grpcurl describe
+        linchkit.plugin.v1.PluginService.Call``) to its service's file, as other SDKs do."""
+
+        def _file_containing_symbol(self, request: Any, name: str) -> Any:
+            service, _, method = name.rpartition(".")
+            with contextlib.suppress(KeyError):
+                if method in self._pool.FindServiceByName(service).methods_by_name:
+                    name = service
+            return super()._file_containing_symbol(request, name)
+
+    servicer = Reflection(names)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     v1 = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
