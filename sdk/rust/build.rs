@@ -6,7 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={}", proto.display());
     // SAFETY: build scripts are single-threaded; the variable is for tonic-prost-build.
     unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+    // The encoded descriptor set, for gRPC server reflection (src/serve.rs).
+    let descriptors =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("plugin_descriptor.bin");
     tonic_prost_build::configure()
+        .file_descriptor_set_path(descriptors)
         .build_client(true)
         .build_server(true)
         .compile_protos(&[proto], &[proto_dir])?;

@@ -83,12 +83,25 @@ func (t *bearerToken) admits(ctx context.Context) bool {
 }
 
 // open reports whether a method stays reachable without the token: the health service,
-// which orchestrators probe without credentials.
+// which orchestrators probe without credentials, and server reflection, which tells only
+// the schema that proto/plugin.proto publishes anyway.
 func open(fullMethod string) bool {
-	return strings.HasPrefix(fullMethod, "/grpc.health.v1.Health/")
+	for _, prefix := range openPrefixes {
+		if strings.HasPrefix(fullMethod, prefix) {
+			return true
+		}
+	}
+	return false
 }
 
-// interceptors refuse every RPC but health's with UNAUTHENTICATED unless it carries the token.
+var openPrefixes = []string{
+	"/grpc.health.v1.Health/",
+	"/grpc.reflection.v1.ServerReflection/",
+	"/grpc.reflection.v1alpha.ServerReflection/",
+}
+
+// interceptors refuse every RPC but health's and reflection's with UNAUTHENTICATED unless
+// it carries the token.
 func (t *bearerToken) interceptors() []grpc.ServerOption {
 	unary := func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 		if !open(info.FullMethod) && !t.admits(ctx) {

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
 
 	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
 )
@@ -148,7 +149,7 @@ func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
 
 // serveOn serves on listener, prints the handshake line once serving, and stops
 // gracefully when ctx is done or stdinClosed closes. With a token, every RPC but health's
-// must carry it.
+// and reflection's must carry it.
 func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds credentials.TransportCredentials,
 	token *bearerToken, servingFromStart bool, line string, stdout io.Writer, stdinClosed <-chan struct{}) error {
 	var options []grpc.ServerOption
@@ -162,6 +163,8 @@ func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds crede
 	svc := newService(p, servingFromStart)
 	pluginpb.RegisterPluginServiceServer(server, svc)
 	healthpb.RegisterHealthServer(server, svc.health)
+	// Server reflection, v1 and v1alpha (grpcurl list/describe); open like health.
+	reflection.Register(server)
 
 	served := make(chan error, 1)
 	go func() { served <- server.Serve(listener) }()

@@ -8,8 +8,9 @@ Run the executable:
 * ``example-plugin serve --address 127.0.0.1:0`` — a gRPC service: prints one handshake
   line with ``tcp`` and the bound address (``1|1|tcp|127.0.0.1:40123|grpc|``), serves
   plain gRPC until SIGTERM. With ``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``
-  set, every RPC but health's needs metadata ``authorization: Bearer <token>`` (else
-  ``UNAUTHENTICATED``); without either it serves anyone and warns on stderr.
+  set, every RPC but health's and reflection's needs metadata
+  ``authorization: Bearer <token>`` (else ``UNAUTHENTICATED``); without either it serves
+  anyone and warns on stderr.
 * started by a host with the handshake environment (``docs/protocol.md``) — a subprocess
   plugin: checks the magic cookie, negotiates the protocol version, listens on a Unix
   socket (or TCP), serves mutual TLS when the host sent its certificate, prints the
@@ -20,6 +21,9 @@ Run the executable:
 Methods run through ``PluginHost`` exactly as in-process or over HTTP; async generator
 methods are the streaming ones (``CallStream``); ``emit`` reaches every open ``Events``
 stream and host events reach the plugin's ``on_event``.
+
+Both ways serve gRPC server reflection (``grpc.reflection.v1`` and ``v1alpha``), open like
+health: it tells only the schema, which ``proto/plugin.proto`` publishes anyway.
 """
 
 from __future__ import annotations
@@ -73,12 +77,20 @@ _HINT = (
 
 #: What a caller without the right token learns: never what it sent.
 _UNAUTHENTICATED = "missing or wrong bearer token"
-#: Orchestrators probe health without credentials.
-_OPEN_SERVICE_PREFIX = "/grpc.health.v1.Health/"
+#: Open without the token: health (orchestrators probe it without credentials) and server
+#: reflection (it tells only the schema, which proto/plugin.proto publishes anyway).
+_OPEN_SERVICE_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+)
+#: grpcio-reflection serves only v1alpha; v1's messages are the same on the wire.
+_REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 def _token_interceptor(token: BearerToken) -> Any:
-    """A ``grpc.aio.ServerInterceptor`` refusing every RPC but health's without ``token``."""
+    """A ``grpc.aio.ServerInterceptor`` refusing every RPC but health's and reflection's
+    without ``token``."""
     import grpc
     import grpc.aio
 
@@ -95,7 +107,7 @@ def _token_interceptor(token: BearerToken) -> Any:
     class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def intercept_service(self, continuation: Any, details: Any) -> Any:
             handler = await continuation(details)
-            if handler is None or details.method.startswith(_OPEN_SERVICE_PREFIX):
+            if handler is None or details.method.startswith(_OPEN_SERVICE_PREFIXES):
                 return handler
             values = [
                 value for key, value in details.invocation_metadata or () if key == "authorization"
@@ -108,6 +120,46 @@ def _token_interceptor(token: BearerToken) -> Any:
             return refusals[(handler.request_streaming, handler.response_streaming)]
 
     return TokenInterceptor()
+
+
+def _add_reflection(server: Any) -> None:
+    """Serve reflection of the plugin service, health and itself on ``server`` (a
+    ``grpc.aio`` server): ``grpc.reflection.v1alpha`` from grpcio-reflection, and the same
+    servicer as ``grpc.reflection.v1``, whose messages are v1alpha's on the wire."""
+    import grpc
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+    from grpc_reflection.v1alpha._async import ReflectionServicer
+
+    from linchkit_plugin._proto import plugin_pb2
+
+    names = (
+        plugin_pb2.DESCRIPTOR.services_by_name["PluginService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+
+    class Reflection(ReflectionServicer):  # type: ignore[misc]
+        """grpcio-reflection's, resolving a method's full name too (``grpcurl describe
+        linchkit.plugin.v1.PluginService.Call``) to its service's file, as other SDKs do."""
+
+        def _file_containing_symbol(self, request: Any, name: str) -> Any:
+            service, _, method = name.rpartition(".")
+            with contextlib.suppress(KeyError):
+                if method in self._pool.FindServiceByName(service).methods_by_name:
+                    name = service
+            return super()._file_containing_symbol(request, name)
+
+    servicer = Reflection(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+    )
 
 
 def _dumps(value: Any) -> bytes:
@@ -335,6 +387,7 @@ class PluginServer:
         )
         plugin_pb2_grpc.add_PluginServiceServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        _add_reflection(server)
         if credentials is None:
             port = server.add_insecure_port(address)
         else:

@@ -236,8 +236,12 @@ impl Plugin {
     }
 }
 
+/// The encoded descriptors of proto/plugin.proto (build.rs), for server reflection.
+const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("plugin_descriptor");
+
 /// The plugin's shared state and its gRPC router: the plugin service (behind `token`, if
-/// any) and health (never behind it).
+/// any), health and server reflection (never behind it: reflection tells only the schema,
+/// which proto/plugin.proto publishes anyway).
 async fn build(
     plugin: Plugin,
     serving_from_start: bool,
@@ -246,7 +250,23 @@ async fn build(
     let (health, health_service) = tonic_health::server::health_reporter();
     let shared = Shared::new(plugin, health, serving_from_start).await;
     let service = PluginServiceServer::new(Service(shared.clone()));
-    let router = Server::builder().add_service(health_service);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let router = Server::builder()
+        .add_service(health_service)
+        .add_service(
+            reflection()
+                .build_v1()
+                .expect("the descriptors built into the SDK are valid"),
+        )
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .expect("the descriptors built into the SDK are valid"),
+        );
     let router = match token {
         None => router.add_service(service),
         Some(token) => router.add_service(tonic::service::interceptor::InterceptedService::new(

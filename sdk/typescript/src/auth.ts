@@ -3,7 +3,8 @@
  * `LINCHKIT_PLUGIN_TOKEN_FILE` (a mounted secret) or `LINCHKIT_PLUGIN_TOKEN`, never from a
  * command-line argument (`ps` shows those to every user). `tokenInterceptor` refuses every
  * RPC of the plugin service without `authorization: Bearer <token>` as `UNAUTHENTICATED`,
- * comparing in constant time; the health service stays open (orchestrators probe it).
+ * comparing in constant time; the health service stays open (orchestrators probe it), and
+ * so does server reflection (it tells only the schema, which proto/plugin.proto publishes).
  */
 import { timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -15,7 +16,11 @@ export const TOKEN_FILE_ENV = 'LINCHKIT_PLUGIN_TOKEN_FILE';
 
 /** All a refused caller learns: never what it sent. */
 const UNAUTHENTICATED = 'missing or wrong bearer token';
-const OPEN_PREFIX = '/grpc.health.v1.Health/';
+const OPEN_PREFIXES = [
+  '/grpc.health.v1.Health/',
+  '/grpc.reflection.v1.ServerReflection/',
+  '/grpc.reflection.v1alpha.ServerReflection/',
+];
 
 export class BearerToken {
   readonly #expected: Buffer;
@@ -70,14 +75,14 @@ export class BearerToken {
   }
 }
 
-/** A grpc-js server interceptor admitting health, and other RPCs only with `token`. */
+/** A grpc-js server interceptor admitting health and reflection, other RPCs only with `token`. */
 export function tokenInterceptor(token: BearerToken): grpc.ServerInterceptor {
   return (method, call) => {
     const listener = new grpc.ServerListenerBuilder()
       .withOnReceiveMetadata((metadata, next) => {
         const values = metadata.get('authorization');
         const presented = values.length === 1 && typeof values[0] === 'string' ? values[0] : undefined;
-        if (method.path.startsWith(OPEN_PREFIX) || token.admits(presented)) {
+        if (OPEN_PREFIXES.some((prefix) => method.path.startsWith(prefix)) || token.admits(presented)) {
           next(metadata);
         } else {
           call.sendStatus({ code: grpc.status.UNAUTHENTICATED, details: UNAUTHENTICATED, metadata: new grpc.Metadata() });

@@ -1,7 +1,8 @@
 /**
- * The gRPC binding of a `Plugin`: linchkit.plugin.v1.PluginService plus grpc.health.v1,
- * on a @grpc/grpc-js server. Plugin failures travel in CallReply.error; gRPC status codes
- * are kept for protocol failures (a malformed request, a failing lifecycle hook).
+ * The gRPC binding of a `Plugin`: linchkit.plugin.v1.PluginService plus grpc.health.v1 and
+ * server reflection, on a @grpc/grpc-js server. Plugin failures travel in CallReply.error;
+ * gRPC status codes are kept for protocol failures (a malformed request, a failing
+ * lifecycle hook).
  */
 import { parse, stringify } from 'lossless-json';
 import { once } from 'node:events';
@@ -9,7 +10,10 @@ import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import { HealthImplementation } from 'grpc-health-check';
+import { ReflectionService } from '@grpc/reflection';
+import type * as protobuf from 'protobufjs';
+import * as descriptor from 'protobufjs/ext/descriptor';
+import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
 import { type BearerToken, tokenInterceptor } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError, type WireError } from './errors';
 import { isObject, type JsonObject } from './params';
@@ -45,6 +49,55 @@ export function serviceDefinition(): grpc.ServiceDefinition {
     cachedDefinition = loaded.linchkit.plugin.v1.PluginService.service as grpc.ServiceDefinition;
   }
   return cachedDefinition;
+}
+
+let cachedReflection: ReflectionService | undefined;
+
+/** Server reflection (v1 and v1alpha) of the plugin service and health, built once. */
+function reflectionService(): ReflectionService {
+  if (cachedReflection === undefined) {
+    // keepCase: the descriptors name fields as the proto does (params_json, not paramsJson).
+    const definition = protoLoader.loadSync([protoPath(), healthProtoPath], { keepCase: true });
+    const fixed: protoLoader.PackageDefinition = {};
+    for (const [name, entry] of Object.entries(definition)) {
+      const files = (entry as { fileDescriptorProtos?: Buffer[] }).fileDescriptorProtos;
+      fixed[name] = Array.isArray(files)
+        ? ({ ...entry, fileDescriptorProtos: files.map(withProtocMapEntryNames) } as typeof entry)
+        : entry;
+    }
+    cachedReflection = new ReflectionService(fixed);
+  }
+  return cachedReflection;
+}
+
+/**
+ * The encoded FileDescriptorProto `file` with each map field's entry type named as protoc
+ * names it (`statuses` → `StatusesEntry`). protobufjs names it after the field
+ * (`Statuses`), and Go's protobuf, under grpcurl, refuses such a file (health.proto's
+ * `HealthListResponse.statuses`).
+ */
+function withProtocMapEntryNames(file: Buffer): Buffer {
+  const proto = descriptor.FileDescriptorProto.decode(file) as unknown as descriptor.IFileDescriptorProto;
+  let changed = false;
+  const visit = (messages: descriptor.IDescriptorProto[] | undefined): void => {
+    for (const message of messages ?? []) {
+      for (const nested of message.nestedType ?? []) {
+        if (!nested.options?.mapEntry || !nested.name) continue;
+        const old = nested.name;
+        const field = (message.field ?? []).find((f) => f.typeName?.split('.').pop() === old);
+        if (!field?.name) continue;
+        const name = field.name.split('_').map((w) => w.charAt(0).toUpperCase() + w.slice(1)).join('') + 'Entry';
+        if (name === old) continue;
+        nested.name = name;
+        field.typeName = field.typeName!.slice(0, field.typeName!.length - old.length) + name;
+        changed = true;
+      }
+      visit(message.nestedType);
+    }
+  };
+  visit(proto.messageType);
+  if (!changed) return file;
+  return Buffer.from(descriptor.FileDescriptorProto.encode(proto as unknown as protobuf.Message).finish());
 }
 
 // The messages as @grpc/proto-loader gives them (keepCase, defaults).
@@ -198,11 +251,12 @@ function checkRequest(request: CallRequestMessage): unknown {
 export interface PluginServerOptions {
   /** Health answers SERVING before Start (service mode). */
   servingFromStart: boolean;
-  /** Every RPC but health's must carry `authorization: Bearer <token>`. */
+  /** Every RPC but health's and reflection's must carry `authorization: Bearer <token>`. */
   token?: BearerToken;
 }
 
-/** A grpc-js Server carrying the plugin's service and the health service. */
+/** A grpc-js Server carrying the plugin's service, the health service and server reflection
+ * (open like health: it tells only the schema, which proto/plugin.proto publishes). */
 export class PluginServer {
   readonly server: grpc.Server;
   readonly health: HealthImplementation;
@@ -215,6 +269,7 @@ export class PluginServer {
     this.health = new HealthImplementation({ '': initial, [SERVICE_NAME]: initial });
     this.health.addToServer(this.server);
     this.server.addService(serviceDefinition(), this.implementation());
+    reflectionService().addToServer(this.server);
   }
 
   setServing(serving: boolean): void {

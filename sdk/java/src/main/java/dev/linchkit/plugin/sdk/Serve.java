@@ -11,6 +11,8 @@ import io.grpc.netty.shaded.io.netty.channel.unix.DomainSocketAddress;
 import io.grpc.netty.shaded.io.netty.handler.ssl.ClientAuth;
 import io.grpc.netty.shaded.io.netty.handler.ssl.SslContextBuilder;
 import io.grpc.protobuf.services.HealthStatusManager;
+import io.grpc.protobuf.services.ProtoReflectionService;
+import io.grpc.protobuf.services.ProtoReflectionServiceV1;
 import java.io.IOException;
 import java.io.InputStream;
 import java.io.PrintStream;
@@ -29,14 +31,16 @@ import java.util.stream.Stream;
  * <ul>
  *   <li>{@code serve --address 127.0.0.1:0}: a plain gRPC service; prints {@code 1|1|tcp|ADDR|grpc|}.
  *       With {@code LINCHKIT_PLUGIN_TOKEN_FILE} or {@code LINCHKIT_PLUGIN_TOKEN} set, every RPC but
- *       health's needs {@code authorization: Bearer <token>} ({@link BearerToken}); without
- *       either it serves anyone and warns on stderr.
+ *       health's and reflection's needs {@code authorization: Bearer <token>} ({@link BearerToken});
+ *       without either it serves anyone and warns on stderr.
  *   <li>no arguments: a subprocess plugin started by the host with the handshake environment
  *       (docs/protocol.md): cookie, version negotiation, Unix socket or TCP, AutoMTLS. It exits
  *       when its stdin reaches end-of-file, which happens however the host dies. The token
  *       variables are not read: AutoMTLS admits only the host that launched the plugin.
  * </ul>
- * Both stop gracefully on SIGTERM or SIGINT and exit 0.
+ * Both serve health and gRPC server reflection (v1 and v1alpha) outside the token: reflection
+ * tells only the schema, which proto/plugin.proto publishes anyway. Both stop gracefully on
+ * SIGTERM or SIGINT and exit 0.
  */
 public final class Serve {
   private Serve() {}
@@ -118,6 +122,8 @@ public final class Serve {
             ? ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR)
             : ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR, token))
         .addService(health.getHealthService())
+        .addService(ProtoReflectionServiceV1.newInstance())
+        .addService(ProtoReflectionService.newInstance())
         .build()
         .start();
     if (token == null) {
@@ -174,6 +180,8 @@ public final class Serve {
     Server server = builder
         .addService(ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR))
         .addService(health.getHealthService())
+        .addService(ProtoReflectionServiceV1.newInstance())
+        .addService(ProtoReflectionService.newInstance())
         .build()
         .start();
     if (address == null) address = "127.0.0.1:" + server.getPort();
