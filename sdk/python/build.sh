@@ -12,7 +12,7 @@ if [ ! -x "$python" ]; then
 	exit 1
 fi
 # Fail the build, not the tests, when the gRPC extra is missing.
-"$python" -c "import grpc, grpc_health.v1.health, cryptography, linchkit_plugin._proto.plugin_pb2_grpc"
+"$python" -c "import grpc, grpc_health.v1.health, grpc_reflection.v1alpha.reflection, cryptography, linchkit_plugin._proto.plugin_pb2_grpc"
 
 mkdir -p "$here/dist"
 wrapper="$here/dist/example-plugin"
