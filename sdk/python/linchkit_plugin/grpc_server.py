@@ -427,10 +427,14 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     """Set ``stop`` when stdin reaches end-of-file: the host has gone, however it died."""
 
     def read_until_eof() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            while sys.stdin.buffer.read(4096):
+        # os.read on the descriptor, not sys.stdin.buffer: a daemon thread blocked inside
+        # the buffered reader holds its lock, and the interpreter aborts (SIGABRT) when it
+        # cannot take that lock at shutdown.
+        with contextlib.suppress(OSError):
+            while os.read(0, 4096):
                 pass
-        loop.call_soon_threadsafe(stop.set)
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
+            loop.call_soon_threadsafe(stop.set)
 
     threading.Thread(target=read_until_eof, name="stdin-eof", daemon=True).start()
 
