@@ -547,3 +547,27 @@ def test_dispatcher_health_shows_every_instance(tmp_path: Path) -> None:
         (f"http {dead}/invoke", "healthy", "not_serving", "closed"),
     ]
     assert all(r["fleet"].startswith("http fleet [") for r in reports)
+
+
+# -- the hot path of a target with one instance ----------------------------------------------
+
+
+async def test_a_target_with_one_instance_gets_no_fleet_step() -> None:
+    from dispatcher.fleet import FleetStep
+
+    for target in (
+        {"url": "http://127.0.0.2:1"},
+        {"instances": [{"url": "http://127.0.0.2:1"}]},
+    ):
+        plugins = manifest(
+            {
+                "id": "one",
+                "version": "1.0.0",
+                "target": {"provider": "http", **target},
+                "methods": {"say": {}},
+            }
+        )
+        async with Dispatcher(plugins) as dispatcher:
+            route = dispatcher._routes["one"]["say"]
+            assert not isinstance(route.invoke, FleetStep)
+            assert dispatcher.fleets is not None and not dispatcher.fleets.fleets
