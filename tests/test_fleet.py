@@ -290,7 +290,11 @@ async def test_a_retry_goes_to_another_instance_and_an_unretried_call_does_not_m
         plugins = fleet_manifest(
             [failing.url, good.url],
             {
-                "say": {"idempotent": True, "retry": {"attempts": 2, "initial_backoff_ms": 1}},
+                "say": {
+                    "idempotent": True,
+                    # A budget for every call's retry: about half of them need one.
+                    "retry": {"attempts": 2, "initial_backoff_ms": 1, "budget_ratio": 1},
+                },
                 "withdraw": {},
             },
             outlier={"consecutive_failures": 1000},  # keep the failing one in service
