@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Self
 
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
+from dispatcher.fleet import FleetRuntime
+from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.policies import PolicyRuntime
-from dispatcher.policies.breaker import StateListener as CircuitListener
 from linchkit_plugin.errors import (
     DeadlineExceeded,
 )
@@ -57,6 +58,10 @@ class TargetHealth:
     health: Health
     #: The state of the target's circuit breaker, when one is configured.
     circuit: str | None = None
+    #: For an instance of a fleet: the fleet (its target's description) and the
+    #: instance's state in it (``healthy``, ``ejected``, ``down``); None otherwise.
+    fleet: str | None = None
+    state: str | None = None
 
 
 class Dispatcher:
@@ -75,6 +80,7 @@ class Dispatcher:
         self.manifest = manifest
         self._clock: Callable[[], float] = time.monotonic  # the running loop's, from start()
         self.policies: PolicyRuntime | None = None
+        self.fleets: FleetRuntime | None = None
         self._circuit_listeners: list[CircuitListener] = []
         self._handlers: dict[tuple[str, str], list[EventHandler]] = defaultdict(list)
         self._providers = providers if providers is not None else self._make_providers()
@@ -99,7 +105,8 @@ class Dispatcher:
             raise RuntimeError(f"a dispatcher starts once; this one is {self._state}")
         self._state = "starting"
         self._clock = asyncio.get_running_loop().time
-        self.policies = PolicyRuntime(self._clock)
+        self.fleets = FleetRuntime(self._clock)
+        self.policies = PolicyRuntime(self._clock, self.fleets)
         self.policies.breaker_listeners.extend(self._circuit_listeners)
         try:
             for provider in self._providers.values():
@@ -107,6 +114,7 @@ class Dispatcher:
                 self._started_providers.append(provider)
             for plugin in self.manifest.plugins:
                 await self._attach(plugin)
+            self.fleets.start()
         except BaseException:
             await self.aclose()
             raise
@@ -118,6 +126,8 @@ class Dispatcher:
             return
         self._state = "closed"
         self._routes.clear()
+        if self.fleets is not None:
+            await self.fleets.aclose()  # health checks end before the providers close
         if self.policies is not None:
             await self.policies.aclose()  # batches still queued go out before targets detach
         for task in list(self._event_tasks):
@@ -281,7 +291,8 @@ class Dispatcher:
                 for spec in self.manifest.plugins:
                     if spec.id == plugin and spec.version == wanted:
                         for target in spec.targets():
-                            await self._publish_to(target, invocation, event, data)
+                            for instance in target.instance_targets():
+                                await self._publish_to(instance, invocation, event, data)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"publishing {event!r} to {plugin} took longer than {timeout:g} s"
@@ -299,17 +310,36 @@ class Dispatcher:
     # -- introspection -----------------------------------------------------------------
 
     async def health(self, *, timeout: float = 5.0) -> list[TargetHealth]:
-        """Probe every target of every plugin, concurrently."""
-        checks: list[tuple[PluginSpec[Any], TargetConfig]] = [
-            (plugin, target) for plugin in self.manifest.plugins for target in plugin.targets()
+        """Probe every target of every plugin, concurrently; a fleet, every instance."""
+        checks: list[tuple[PluginSpec[Any], TargetConfig, TargetConfig]] = [
+            (plugin, target, instance)
+            for plugin in self.manifest.plugins
+            for target in plugin.targets()
+            for instance in target.instance_targets()
         ]
-        reports = await asyncio.gather(*(self._probe(target, timeout) for _, target in checks))
+        reports = await asyncio.gather(*(self._probe(each, timeout) for _, _, each in checks))
         return [
             TargetHealth(
-                plugin.id, plugin.version, target.describe(), report, self._circuit_state(target)
+                plugin.id,
+                plugin.version,
+                instance.describe(),
+                report,
+                self._circuit_state(instance),
+                *self._fleet_state(target, instance),
             )
-            for (plugin, target), report in zip(checks, reports, strict=True)
+            for (plugin, target, instance), report in zip(checks, reports, strict=True)
         ]
+
+    def _fleet_state(
+        self, target: TargetConfig, instance: TargetConfig
+    ) -> tuple[str | None, str | None]:
+        fleet = self.fleets.get(target) if self.fleets is not None else None
+        if fleet is None:
+            return None, None
+        for member in fleet.instances:
+            if member.key == instance.key:
+                return fleet.name, str(fleet.state_of(member))
+        return fleet.name, None
 
     def _circuit_state(self, target: TargetConfig) -> str | None:
         breaker = self.policies.breaker_of(target) if self.policies is not None else None
@@ -346,8 +376,9 @@ class Dispatcher:
     async def _attach(self, plugin: PluginSpec[Any]) -> None:
         for target in plugin.targets():
             provider = self._providers[target.provider]
-            await provider.attach(plugin, target)
-            self._attached.append((provider, plugin, target))
+            for instance in target.instance_targets():
+                await provider.attach(plugin, instance)
+                self._attached.append((provider, plugin, instance))
         assert self.policies is not None
         self._routes.add(plugin, {name: self._new_route(plugin, name) for name in plugin.methods})
 

@@ -63,7 +63,8 @@ class Route:
         self.validate = _params_validator(plugin.methods[method].params_schema)
         self.invoke = invoke
         self.gate = gate
-        target = plugin.target_of(method)
+        # Streams of a fleet go to its first instance: no provider with instances streams yet.
+        target = plugin.target_of(method).instance_targets()[0]
         self.stream = _bind_stream(provider, target)
 
 

@@ -12,6 +12,16 @@ refused when the manifest loads. Every message names the URL with its password m
 Connections go only where the manifest's ``egress`` allows (``providers.egress``): the
 URL's host when the route is built, each resolved address before it is dialled.
 
+Instances: ``instances: [{url: …}, …]`` (instead of ``url``, or besides it: ``url`` is then
+the first instance) makes the target a fleet. ``instance_targets()`` expands it into one
+single-URL ``HttpTarget`` per instance, sharing everything else; the dispatcher's fleet
+(``dispatcher.fleet``) picks one per call and hands it to ``invoke``, which is unchanged.
+
+A call that provably never reached the target (the connection could not be opened: refused,
+unreachable, TLS handshake failed) raises ``TargetUnavailable`` with
+``details["stage"] == "connect"``: the fleet may send it to another instance, whatever the
+method. Any later failure may have reached the plugin and carries no such marker.
+
 Status mapping, for answers that carry no error envelope:
 
     200             decode the envelope (a plugin error is ``ok: false`` inside a 200)
@@ -51,20 +61,48 @@ from providers._http_common import (
 from providers.base import Health, Provider
 from providers.envelope import decode_batch_response, decode_response
 from providers.invocation import Invocation, Outcome
-from providers.target import Destination, TargetConfig, masked_url
+from providers.target import (
+    Balance,
+    Destination,
+    FleetSettings,
+    HealthCheck,
+    OutlierDetection,
+    StrictModel,
+    TargetConfig,
+    masked_url,
+)
 
 if TYPE_CHECKING:
     import aiohttp
     from yarl import URL
 
-__all__ = ["HttpProvider", "HttpTarget"]
+__all__ = ["CONNECT_STAGE", "HttpInstance", "HttpProvider", "HttpTarget"]
+
+#: ``details`` of an error raised before any byte of the request was sent.
+CONNECT_STAGE = {"stage": "connect"}
+
+
+class HttpInstance(StrictModel):
+    """One instance of an HTTP fleet."""
+
+    url: AnyHttpUrl
 
 
 class HttpTarget(TargetConfig):
     """``provider: http``: an HTTP endpoint speaking the dispatcher envelope."""
 
     provider: Literal["http"]
-    url: AnyHttpUrl = Field(description="Base URL of the function, e.g. http://127.0.0.1:8081")
+    url: AnyHttpUrl | None = Field(
+        default=None, description="Base URL of the function, e.g. http://127.0.0.1:8081"
+    )
+    instances: list[HttpInstance] = Field(
+        default_factory=list,
+        description="Several interchangeable servers of the function (a fleet); url, if set,"
+        " is the first.",
+    )
+    balance: Balance = "least_request"
+    health_check: HealthCheck | None = None
+    outlier: OutlierDetection = Field(default_factory=OutlierDetection)
     invoke_path: str = Field(default="/invoke", pattern=r"^/")
     health_path: str = Field(default="/health", pattern=r"^/")
     headers: dict[str, str] = Field(default_factory=dict)
@@ -75,11 +113,26 @@ class HttpTarget(TargetConfig):
     secret_fields = frozenset({"headers"})
 
     @model_validator(mode="after")
+    def _some_url_and_no_duplicate(self) -> HttpTarget:
+        urls = self._urls()
+        if not urls:
+            raise ValueError("an http target needs a url or a list of instances")
+        seen: set[str] = set()
+        for url in urls:
+            if str(url) in seen:
+                raise ValueError(f"instance {masked_url(url)} is listed twice")
+            seen.add(str(url))
+        return self
+
+    @model_validator(mode="after")
     def _one_source_of_credentials(self) -> HttpTarget:
         sources = [
             name
             for name, present in (
-                ("user:password in url", self.url.username or self.url.password),
+                (
+                    "user:password in url",
+                    any(url.username or url.password for url in self._urls()),
+                ),
                 ("bearer_token", self.bearer_token is not None),
                 (
                     "an Authorization header",
@@ -96,13 +149,48 @@ class HttpTarget(TargetConfig):
         return self
 
     def describe(self) -> str:
-        return f"http {masked_url(self.url).rstrip('/')}{self.invoke_path}"
+        urls = self._urls()
+        if len(urls) == 1:
+            return f"http {masked_url(urls[0]).rstrip('/')}{self.invoke_path}"
+        listed = ", ".join(masked_url(url).rstrip("/") for url in urls)
+        return f"http fleet [{listed}] {self.invoke_path}"
 
     def endpoint(self, path: str) -> str:
+        if self.url is None or self.instances:
+            raise ProviderError(
+                f"{self.describe()} is a fleet: the dispatcher calls one of its instances"
+            )
         return str(self.url).rstrip("/") + path
 
     def destinations(self) -> tuple[Destination, ...]:
-        return (Destination.of_url("url", str(self.url)),)
+        named = () if self.url is None else (Destination.of_url("url", str(self.url)),)
+        return named + tuple(
+            Destination.of_url(f"instances[{index}].url", str(instance.url))
+            for index, instance in enumerate(self.instances)
+        )
+
+    def instance_targets(self) -> tuple[HttpTarget, ...]:
+        urls = self._urls()
+        if self.url is not None and not self.instances:
+            return (self,)
+        # Validated again, not model_copy'd: a copy would carry the cached ``key`` along.
+        # The fleet's own settings are left out, so an instance equals (shares its pool
+        # and breaker with) a plain target of the same URL.
+        fields = {
+            name: getattr(self, name)
+            for name in type(self).model_fields
+            if name not in ("url", "instances", "balance", "health_check", "outlier")
+        }
+        return tuple(type(self).model_validate({**fields, "url": url}) for url in urls)
+
+    def fleet_settings(self) -> FleetSettings:
+        return FleetSettings(
+            balance=self.balance, health_check=self.health_check, outlier=self.outlier
+        )
+
+    def _urls(self) -> list[AnyHttpUrl]:
+        head = [] if self.url is None else [self.url]
+        return head + [instance.url for instance in self.instances]
 
 
 class _Route:
@@ -236,8 +324,9 @@ class HttpProvider(Provider[HttpTarget]):
                 f"{target.describe()} did not answer within {remaining * 1000:.0f} ms"
             ) from None
         except aiohttp.ClientConnectorError as error:
+            # Refused, unreachable, DNS or TLS handshake: no byte of the request went out.
             raise TargetUnavailable(
-                f"cannot connect to {target.describe()}: {error.os_error}"
+                f"cannot connect to {target.describe()}: {error.os_error}", details=CONNECT_STAGE
             ) from error
         except aiohttp.ClientError as error:
             raise TargetUnavailable(

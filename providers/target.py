@@ -11,6 +11,12 @@ its ``secret_fields`` (headers, gRPC metadata, deployment environments) and for 
 password of any URL; ``describe()`` implementations use ``masked_url``. A target names
 where it connects through ``destinations()``, which the egress policy checks
 (``providers.egress``).
+
+A target may stand for several interchangeable instances of one plugin (a *fleet*): it
+expands into one concrete single-address target per instance through
+``instance_targets()`` (default: itself), and states how the dispatcher balances and
+watches them in ``fleet_settings()`` (``FleetSettings``). Providers only ever receive the
+concrete targets, so a driver knows nothing of fleets (``dispatcher.fleet``).
 """
 
 from __future__ import annotations
@@ -20,17 +26,30 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from pydantic import AfterValidator, AnyUrl, BaseModel, ConfigDict, SecretStr, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    AnyUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    model_validator,
+)
 
 __all__ = [
     "MASK",
+    "Balance",
     "Destination",
+    "FleetSettings",
+    "HealthCheck",
     "Lifecycle",
     "ManifestPath",
+    "OutlierDetection",
     "PluginInfo",
     "StrictModel",
     "TargetConfig",
@@ -130,6 +149,44 @@ class Destination:
         return f"{host}:{self.port}" if self.port is not None else host
 
 
+#: How a fleet spreads calls over its instances.
+Balance = Literal["least_request", "round_robin"]
+
+
+class HealthCheck(StrictModel):
+    """Active health checks of a fleet's instances: the provider's ``health`` probe of each."""
+
+    interval_ms: Annotated[int, Field(ge=10, le=3_600_000)] = 5_000
+    timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 1_000
+    unhealthy_after: Annotated[int, Field(ge=1)] = 2
+    healthy_after: Annotated[int, Field(ge=1)] = 2
+
+    @model_validator(mode="after")
+    def _probe_ends_before_the_next(self) -> HealthCheck:
+        if self.timeout_ms > self.interval_ms:
+            raise ValueError(
+                f"timeout_ms ({self.timeout_ms}) must not exceed interval_ms ({self.interval_ms})"
+            )
+        return self
+
+
+class OutlierDetection(StrictModel):
+    """Passive checks: an instance failing calls in a row is ejected for a while."""
+
+    consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    base_ejection_ms: Annotated[int, Field(gt=0)] = 30_000
+    max_ejection_ms: Annotated[int, Field(gt=0)] = 300_000
+    max_ejected_percent: Annotated[int, Field(ge=0, le=100)] = 50
+
+
+class FleetSettings(StrictModel):
+    """How the dispatcher balances and watches the instances of one target."""
+
+    balance: Balance = "least_request"
+    health_check: HealthCheck | None = None
+    outlier: OutlierDetection = Field(default_factory=OutlierDetection)
+
+
 class TargetConfig(StrictModel):
     """Base of every provider's target model; ``provider`` is the manifest's discriminator.
 
@@ -161,6 +218,20 @@ class TargetConfig(StrictModel):
         the default, for targets that connect nowhere the manifest names, is none.
         """
         return ()
+
+    def instance_targets(self) -> Sequence[TargetConfig]:
+        """The concrete targets this one stands for, one per instance; the default: itself.
+
+        Each is a target of the same model naming exactly one address, so the provider
+        drives it like any other target (its pool, route and breaker keyed by its ``key``).
+        A target with several is a fleet (``dispatcher.fleet``). Static: sources that
+        change at run time (DNS, a registry) belong to ``dispatcher.fleet.sources``.
+        """
+        return (self,)
+
+    def fleet_settings(self) -> FleetSettings:
+        """How a fleet of this target's instances is balanced and watched."""
+        return FleetSettings()
 
 
 def _plain(value: Any) -> Any:

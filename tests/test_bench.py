@@ -77,3 +77,12 @@ def test_a_failing_benchmark_does_not_cost_the_others_their_figures(
     assert caught.value.failed == ["broken"]
     assert caught.value.figures == {"fine_calls_per_s": 1.0}
     assert "no engine here" in "".join(reports)
+
+
+async def test_the_fleet_micro_benchmarks_produce_their_figures() -> None:
+    from bench import bench_fleet
+
+    picks = bench_fleet._pick_costs(rounds=1, picks=200)
+    assert set(picks) == {"fleet_pick_least_request_us", "fleet_pick_round_robin_us"}
+    assert all(value > 0 for value in picks.values())
+    assert await bench_fleet._step_added(rounds=1, calls=200) > -50  # a figure, not a goal

@@ -25,8 +25,8 @@ from dispatcher import (
     TargetUnavailable,
 )
 from dispatcher.config import CachePolicy, RateLimit
+from dispatcher.fleet.breaker import BreakerStep
 from dispatcher.policies import BreakerState, CircuitBreaker, ResultCache
-from dispatcher.policies.breaker import BreakerStep
 from dispatcher.policies.ratelimit import Limit, RateLimitStep
 from providers.invocation import new_request_id
 from tests.conftest import echo_plugin, manifest

@@ -69,7 +69,11 @@ def call(
 @output_option
 @click.pass_context
 def health(context: click.Context, output: str) -> None:
-    """Probe every target; exit 1 if any is not serving."""
+    """Probe every target (every instance of a fleet); exit 1 if any is not serving.
+
+    STATE is an instance's state in its fleet (healthy, ejected, down); "-" for a target
+    with one instance.
+    """
     manifest = load(context)
     try:
         reports = run_with_dispatcher(manifest, lambda dispatcher: dispatcher.health())
@@ -82,6 +86,8 @@ def health(context: click.Context, output: str) -> None:
                 "plugin": report.plugin,
                 "version": report.version,
                 "target": report.target,
+                "fleet": report.fleet,
+                "state": report.state,
                 "status": report.health.status,
                 "circuit": report.circuit,
                 "latency_ms": report.health.latency_ms,
@@ -93,7 +99,7 @@ def health(context: click.Context, output: str) -> None:
     else:
         table(
             [
-                ("PLUGIN", "TARGET", "STATUS", "CIRCUIT", "LATENCY", "DETAIL"),
+                ("PLUGIN", "TARGET", "STATE", "STATUS", "CIRCUIT", "LATENCY", "DETAIL"),
                 *map(_health_row, reports),
             ]
         )
@@ -106,6 +112,7 @@ def _health_row(report: TargetHealth) -> tuple[str, ...]:
     return (
         f"{report.plugin}@{report.version}",
         report.target,
+        report.state or "-",
         report.health.status,
         report.circuit or "-",
         latency,

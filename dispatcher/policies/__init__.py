@@ -12,6 +12,15 @@ provider directly. Outer to inner:
   budget bounds the extra load retries add;
 * the breaker is per target instance and sees each attempt (or each batch) as one call.
 
+A target with several instances (a fleet, ``dispatcher.fleet``) ends its chain with a
+``FleetStep`` instead, which picks an instance per attempt and guards it with that
+instance's breaker:
+
+    cache ─► rate limits ─► bulkhead ─► retry ─► batcher or FleetStep ─► provider(instance)
+
+Limits, bulkheads and retry budgets stay per target (the whole fleet); breakers are per
+instance, keyed by the instance target's ``key``.
+
 Streams and host events are not request/response calls: they pass a ``Gate`` (``gate``),
 the part of the chain that fits them (rate limits, bulkhead, breaker), sharing its state.
 
@@ -27,14 +36,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiolimiter import AsyncLimiter
 
 from dispatcher.config import BreakerPolicy, Policies, RateLimit
-from dispatcher.policies.batching import Batcher
-from dispatcher.policies.breaker import (
+from dispatcher.fleet import Fleet, FleetRuntime, FleetStep
+from dispatcher.fleet.breaker import (
     BreakerState,
     BreakerStep,
     CircuitBreaker,
     StateListener,
     guard_batch,
 )
+from dispatcher.policies.batching import Batcher
 from dispatcher.policies.cache import CacheStep, ResultCache
 from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
 from dispatcher.policies.gate import Gate
@@ -70,8 +80,9 @@ class Step(Protocol):
 class PolicyRuntime:
     """The policy state of one dispatcher."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], fleets: FleetRuntime | None = None) -> None:
         self.clock = clock
+        self.fleets = fleets if fleets is not None else FleetRuntime(clock)
         self.breakers: dict[str, CircuitBreaker] = {}
         self.budgets: dict[str, RetryBudget] = {}
         self.bulkheads: dict[str, Bulkhead] = {}
@@ -87,22 +98,31 @@ class PolicyRuntime:
         """The chain of ``plugin.method``, built from its policies."""
         policies = plugin.policies_of(method)
         name = f"{plugin.id}.{method}"
+        fleet = self.fleets.fleet_of(target, provider)
+        if fleet is None:
+            (target,) = target.instance_targets()  # itself, or its one instance
         key = target.key
-        invoke = provider.invoke
+        breaker: CircuitBreaker | None = None
+        step: Step
+        if fleet is not None:
+            step = self._fleet_end(name, fleet, provider, policies)
+        else:
+            invoke = provider.invoke
 
-        def call_target(invocation: Invocation) -> Awaitable[Any]:
-            return invoke(target, invocation)
+            def call_target(invocation: Invocation) -> Awaitable[Any]:
+                return invoke(target, invocation)
 
-        step: Step = call_target
-        if not provider.enforces_deadline:
-            step = DeadlineGuard(name, step)
-        breaker = self._breaker(key, target, policies.breaker) if policies.breaker else None
-        if policies.batch is not None:
-            batcher = Batcher(name, policies.batch, self._batch_sender(provider, target, breaker))
-            self.batchers.append(batcher)
-            step = batcher
-        elif breaker is not None:
-            step = BreakerStep(breaker, step)
+            step = call_target
+            if not provider.enforces_deadline:
+                step = DeadlineGuard(name, step)
+            breaker = self._breaker(key, target, policies.breaker) if policies.breaker else None
+            if policies.batch is not None:
+                sender = self._batch_sender(provider, target, breaker)
+                batcher = Batcher(name, policies.batch, sender)
+                self.batchers.append(batcher)
+                step = batcher
+            elif breaker is not None:
+                step = BreakerStep(breaker, step)
         if policies.may_retry:
             assert policies.retry is not None
             budget = self.budgets.setdefault(
@@ -122,6 +142,24 @@ class PolicyRuntime:
             step = CacheStep(cache, step)
         self.gates[(plugin.key, method)] = Gate(limits, bulkhead, breaker)
         return step
+
+    def _fleet_end(
+        self, name: str, fleet: Fleet, provider: Provider[Any], policies: Policies
+    ) -> Step:
+        """The end of a fleet target's chain: a ``FleetStep`` (or a batcher sending through it)."""
+        policy = policies.breaker
+        breakers = [
+            None if policy is None else self._breaker(each.key, each.target, policy)
+            for each in fleet.instances
+        ]
+        fleet_step = FleetStep(fleet, breakers, provider.invoke)
+        if policies.batch is not None:
+            batcher = Batcher(name, policies.batch, fleet_step.batch_sender(provider.invoke_batch))
+            self.batchers.append(batcher)
+            return batcher
+        if not provider.enforces_deadline:
+            return DeadlineGuard(name, fleet_step)
+        return fleet_step
 
     def breaker_of(self, target: TargetConfig) -> CircuitBreaker | None:
         return self.breakers.get(target.key)
@@ -180,6 +218,7 @@ class PolicyRuntime:
                 budget.name: {"spent": budget.spent, "refused": budget.refused}
                 for budget in self.budgets.values()
             },
+            "fleets": self.fleets.stats(),
         }
 
     def _breaker(self, key: str, target: TargetConfig, policy: BreakerPolicy) -> CircuitBreaker:

@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dispatcher.policies.breaker import CircuitBreaker, is_health_failure
+from dispatcher.fleet.breaker import CircuitBreaker, is_health_failure
 from dispatcher.policies.concurrency import Bulkhead
 from dispatcher.policies.ratelimit import Limit
 from linchkit_plugin.errors import DispatchError

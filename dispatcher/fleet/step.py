@@ -1,0 +1,179 @@
+"""The step a fleet target's chain ends with: pick an instance, guard it, invoke, record.
+
+    retry ─► FleetStep ─► pick (balancer, states) ─► breaker of that instance ─► provider
+
+Each attempt goes to one instance; its breaker (one per instance, keyed by the instance
+target's ``key``) admits it, and its outcome feeds the breaker and the outlier detector.
+
+**Failover.** An attempt that provably never reached the plugin moves to another
+instance, for any method, idempotent or not, as long as the deadline allows and an
+instance is left that this call has not tried: the instance's breaker refused it
+(``CircuitOpen``), or the provider could not connect (``details["stage"] == "connect"``,
+set by the provider when no byte of the request went out). Anything else may have
+reached the plugin: the error goes up, and only the retry policy (idempotent methods)
+tries again. Its next attempt avoids the instance that just failed it: the step leaves
+``(invocation, instance)`` in a context variable, which the retry step's next call of
+this step, in the same task, reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from functools import partial
+from typing import Any
+
+from dispatcher.fleet.breaker import CircuitBreaker, guard_batch, is_health_failure
+from dispatcher.fleet.fleet import Fleet
+from dispatcher.fleet.instances import Instance
+from linchkit_plugin.errors import CircuitOpen, DispatchError
+from providers.invocation import Invocation, Outcome
+from providers.target import TargetConfig
+
+__all__ = ["FleetStep", "never_sent"]
+
+Invoke = Callable[[TargetConfig, Invocation], Awaitable[Any]]
+InvokeBatch = Callable[[TargetConfig, Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]
+
+#: The instance that last failed an attempt of an invocation that may be retried.
+_FAILED_ON: ContextVar[tuple[Invocation, Instance] | None] = ContextVar(
+    "dispatcher_fleet_failed_on", default=None
+)
+
+
+def never_sent(error: DispatchError) -> bool:
+    """True when ``error`` proves the attempt never reached the plugin."""
+    return isinstance(error, CircuitOpen) or error.details.get("stage") == "connect"
+
+
+class FleetStep:
+    """The end of the chain of one method on a fleet target."""
+
+    __slots__ = ("breakers", "fleet", "invoke")
+
+    def __init__(
+        self, fleet: Fleet, breakers: Sequence[CircuitBreaker | None], invoke: Invoke
+    ) -> None:
+        self.fleet = fleet
+        #: The breaker of each instance (by index), or None when the method configures none.
+        self.breakers = tuple(breakers)
+        self.invoke = invoke
+
+    async def __call__(self, invocation: Invocation) -> Any:
+        fleet = self.fleet
+        failed_on = _FAILED_ON.get()
+        tried: list[int] | None = None
+        if failed_on is not None and failed_on[0] is invocation:  # a retry: go elsewhere
+            tried = [failed_on[1].index]
+        instance = fleet.pick(tried)
+        if instance is None:  # a fleet of one, retried: the same one again
+            instance = fleet.instances[0]
+        while True:
+            breaker = self.breakers[instance.index]
+            probe = False
+            if breaker is not None:
+                try:
+                    probe = breaker.admit()
+                except CircuitOpen as refused:
+                    tried = self._tried(tried, instance)
+                    instance = self._failover(invocation, tried, refused)
+                    continue
+            instance.in_flight += 1
+            instance.calls += 1
+            try:
+                result = await self.invoke(instance.target, invocation)
+            except DispatchError as error:
+                instance.in_flight -= 1
+                if is_health_failure(error):
+                    fleet.record_failure(instance)
+                    if breaker is not None:
+                        breaker.record_failure(probe)
+                else:
+                    fleet.record_success(instance)
+                    if breaker is not None:
+                        breaker.record_success(probe)
+                if never_sent(error):
+                    tried = self._tried(tried, instance)
+                    instance = self._failover(invocation, tried, error)
+                    continue
+                if error.retryable:
+                    _FAILED_ON.set((invocation, instance))
+                raise
+            except BaseException:
+                instance.in_flight -= 1
+                if breaker is not None:
+                    breaker.record_nothing(probe)
+                raise
+            instance.in_flight -= 1
+            fleet.record_success(instance)
+            if breaker is not None:
+                breaker.record_success(probe)
+            return result
+
+    def batch_sender(
+        self, invoke_batch: InvokeBatch
+    ) -> Callable[[Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]:
+        """What a batcher of this method sends a batch with: one instance per batch,
+        guarded by its breaker, failing over like a single call."""
+
+        async def send(invocations: Sequence[Invocation]) -> list[Outcome[Any]]:
+            fleet = self.fleet
+            tried: list[int] | None = None
+            instance = fleet.pick()
+            assert instance is not None
+            earliest = min(invocation.deadline for invocation in invocations)
+            while True:
+                breaker = self.breakers[instance.index]
+                chosen = instance
+                instance.in_flight += 1
+                instance.calls += 1
+                try:
+                    if breaker is None:
+                        outcomes = await invoke_batch(chosen.target, invocations)
+                    else:
+                        outcomes = await guard_batch(
+                            breaker, partial(invoke_batch, chosen.target, invocations)
+                        )
+                except DispatchError as error:
+                    if is_health_failure(error):
+                        fleet.record_failure(chosen)
+                    if never_sent(error):
+                        tried = self._tried(tried, chosen)
+                        instance = self._failover_by(earliest, tried, error)
+                        continue
+                    raise
+                finally:
+                    chosen.in_flight -= 1
+                if outcomes and all(
+                    o.error is not None and is_health_failure(o.error) for o in outcomes
+                ):
+                    fleet.record_failure(chosen)
+                else:
+                    fleet.record_success(chosen)
+                return outcomes
+
+        return send
+
+    @staticmethod
+    def _tried(tried: list[int] | None, instance: Instance) -> list[int]:
+        if tried is None:
+            return [instance.index]
+        tried.append(instance.index)
+        return tried
+
+    def _failover(self, invocation: Invocation, tried: list[int], error: DispatchError) -> Instance:
+        return self._failover_by(invocation.deadline, tried, error)
+
+    def _failover_by(self, deadline: float, tried: list[int], error: DispatchError) -> Instance:
+        """Another instance for an attempt that never reached the plugin, or ``error``."""
+        if asyncio.get_running_loop().time() >= deadline:
+            raise error
+        instance = self.fleet.pick(tried)
+        if instance is None:
+            raise error
+        self.fleet.failovers += 1
+        return instance
+
+    def __repr__(self) -> str:
+        return f"<FleetStep {self.fleet!r}>"

@@ -1,0 +1,226 @@
+"""The fleet's decisions, synchronously: outlier ejection, probes, picking (a fake clock)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from dispatcher.fleet import Fleet, InstanceState, LeastRequest, OutlierDetector, RoundRobin
+from dispatcher.fleet.instances import Instance
+from providers.http import HttpProvider, HttpTarget
+from providers.target import FleetSettings, HealthCheck, OutlierDetection
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def detector(clock: FakeClock, size: int = 4, **overrides: Any) -> OutlierDetector:
+    settings: dict[str, Any] = {
+        "consecutive_failures": 3,
+        "base_ejection": 10.0,
+        "max_ejection": 35.0,
+        "max_ejected_percent": 50,
+        **overrides,
+    }
+    return OutlierDetector("fleet", size, clock=clock, **settings)
+
+
+def test_an_instance_is_ejected_at_exactly_the_consecutive_failure_threshold() -> None:
+    clock = FakeClock()
+    outliers = detector(clock)
+    assert [outliers.record_failure(0) for _ in range(2)] == [False, False]
+    assert not outliers.is_ejected(0)
+    assert outliers.record_failure(0) is True
+    assert outliers.is_ejected(0)
+    assert outliers.ejected == 1
+
+
+def test_a_success_resets_the_count_and_a_plugin_error_is_not_counted_at_all() -> None:
+    clock = FakeClock()
+    outliers = detector(clock)
+    for _ in range(10):
+        outliers.record_failure(1)
+        outliers.record_failure(1)
+        outliers.record_success(1)  # the step records a plugin's own error as a success
+    assert not outliers.is_ejected(1)
+    assert outliers.total_ejections == 0
+
+
+def test_the_ejection_ends_by_itself_and_grows_with_each_ejection_up_to_the_maximum() -> None:
+    clock = FakeClock()
+    outliers = detector(clock)
+    lengths = []
+    for _ in range(5):
+        for _ in range(3):
+            outliers.record_failure(2)
+        started = clock.now
+        while outliers.is_ejected(2):
+            clock.advance(1)
+        lengths.append(clock.now - started)
+    assert lengths == [10, 20, 30, 35, 35]
+    assert outliers.ejected == 0
+
+
+def test_the_ejection_count_decays_while_the_instance_stays_in_service() -> None:
+    clock = FakeClock()
+    outliers = detector(clock)
+    for _ in range(2):  # ejected twice: the next would last 30 s
+        for _ in range(3):
+            outliers.record_failure(0)
+        clock.advance(outliers.ejection_left(0))
+        assert not outliers.is_ejected(0)
+    clock.advance(25)  # two base periods in service: back to the first ejection's length
+    for _ in range(3):
+        outliers.record_failure(0)
+    assert outliers.ejection_left(0) == pytest.approx(10)
+
+
+def test_never_more_than_max_ejected_percent_are_ejected() -> None:
+    clock = FakeClock()
+    outliers = detector(clock, size=3, max_ejected_percent=50)  # 3 x 50 % → 1
+    for _ in range(10):
+        outliers.record_failure(0)
+        outliers.record_failure(1)
+    assert [outliers.is_ejected(index) for index in range(3)] == [True, False, False]
+    assert outliers.ejected == 1
+    clock.advance(10)  # the first comes back: now the second may go
+    outliers.record_failure(1)
+    assert [outliers.is_ejected(index) for index in range(3)] == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("size", "percent", "allowed"), [(2, 50, 1), (3, 50, 1), (4, 50, 2), (10, 10, 1), (3, 1, 1)]
+)
+def test_the_limit_is_a_share_rounded_down_but_at_least_one(
+    size: int, percent: int, allowed: int
+) -> None:
+    assert detector(FakeClock(), size=size, max_ejected_percent=percent).max_ejected == allowed
+
+
+def test_zero_percent_turns_ejection_off() -> None:
+    outliers = detector(FakeClock(), max_ejected_percent=0)
+    for _ in range(10):
+        outliers.record_failure(0)
+    assert not outliers.is_ejected(0)
+
+
+def test_outcomes_of_calls_sent_before_the_ejection_do_not_extend_it() -> None:
+    clock = FakeClock()
+    outliers = detector(clock)
+    for _ in range(3):
+        outliers.record_failure(0)
+    left = outliers.ejection_left(0)
+    for _ in range(10):
+        assert outliers.record_failure(0) is False
+    assert outliers.ejection_left(0) == left
+    assert outliers.total_ejections == 1
+
+
+def test_release_puts_an_instance_back_at_once() -> None:
+    clock = FakeClock()
+    outliers = detector(clock)
+    for _ in range(3):
+        outliers.record_failure(3)
+    outliers.release(3)
+    outliers.release(3)  # twice is harmless
+    assert not outliers.is_ejected(3)
+    assert outliers.ejected == 0
+
+
+# -- the fleet: states, probes, picking ------------------------------------------------
+
+
+def fleet_of(size: int, clock: FakeClock, **settings: Any) -> Fleet:
+    target = HttpTarget(
+        provider="http",
+        instances=[{"url": f"http://127.0.0.{index + 2}:8080"} for index in range(size)],  # type: ignore[misc]
+    )
+    fleet_settings = FleetSettings(**settings) if settings else None
+    return Fleet(target, target.instance_targets(), HttpProvider(), clock, fleet_settings)
+
+
+def test_probes_mark_an_instance_down_and_back_and_end_its_ejection() -> None:
+    clock = FakeClock()
+    fleet = fleet_of(3, clock, outlier=OutlierDetection(consecutive_failures=1))
+    check = HealthCheck(unhealthy_after=2, healthy_after=3)
+    one = fleet.instances[1]
+    fleet.record_probe(one, False, check.unhealthy_after, check.healthy_after)
+    assert fleet.state_of(one) is InstanceState.HEALTHY
+    fleet.record_probe(one, False, check.unhealthy_after, check.healthy_after)
+    assert fleet.state_of(one) is InstanceState.DOWN
+    fleet.record_failure(one)  # ejected as well: still shown down
+    assert fleet.state_of(one) is InstanceState.DOWN
+    for _ in range(2):
+        fleet.record_probe(one, True, check.unhealthy_after, check.healthy_after)
+    assert fleet.state_of(one) is InstanceState.DOWN
+    fleet.record_probe(one, True, check.unhealthy_after, check.healthy_after)
+    assert fleet.state_of(one) is InstanceState.HEALTHY
+    assert fleet.down == 0
+    assert fleet.outliers.ejected == 0
+
+
+def test_an_ejection_needs_healthy_after_probes_that_came_after_it() -> None:
+    clock = FakeClock()
+    fleet = fleet_of(3, clock, outlier=OutlierDetection(consecutive_failures=1))
+    one = fleet.instances[0]
+    for _ in range(5):
+        fleet.record_probe(one, True, 2, 2)  # serving all along
+    fleet.record_failure(one)
+    assert fleet.state_of(one) is InstanceState.EJECTED
+    fleet.record_probe(one, True, 2, 2)
+    assert fleet.state_of(one) is InstanceState.EJECTED
+    fleet.record_probe(one, True, 2, 2)
+    assert fleet.state_of(one) is InstanceState.HEALTHY
+
+
+def test_pick_skips_instances_out_of_service_and_avoided() -> None:
+    clock = FakeClock()
+    fleet = fleet_of(3, clock, outlier=OutlierDetection(consecutive_failures=1))
+    fleet.record_failure(fleet.instances[0])
+    picked = Counter(fleet.pick().index for _ in range(300))  # type: ignore[union-attr]
+    assert set(picked) == {1, 2}
+    assert {fleet.pick([1]).index for _ in range(50)} == {2}  # type: ignore[union-attr]
+    assert fleet.pick([0, 1, 2]) is None
+
+
+def test_with_none_in_service_pick_falls_back_to_all_of_them() -> None:
+    clock = FakeClock()
+    fleet = fleet_of(2, clock)
+    for instance in fleet.instances:
+        fleet.record_probe(instance, False, 1, 1)
+    assert {fleet.pick().index for _ in range(100)} == {0, 1}  # type: ignore[union-attr]
+    assert fleet.pick([0]).index == 1  # type: ignore[union-attr]
+
+
+def instances(*in_flight: int) -> list[Instance]:
+    target = HttpTarget(provider="http", url="http://127.0.0.2:1")  # type: ignore[arg-type]
+    made = [Instance(index, target) for index in range(len(in_flight))]
+    for instance, count in zip(made, in_flight, strict=True):
+        instance.in_flight = count
+    return made
+
+
+def test_least_request_never_picks_the_busiest_of_three_and_spreads_ties() -> None:
+    balancer = LeastRequest()
+    busy = instances(0, 0, 9)
+    picked = Counter(balancer.choose(busy).index for _ in range(3000))
+    assert set(picked) == {0, 1}  # the busiest loses every pair it is drawn in
+    assert min(picked.values()) > 1000
+    idle = instances(0, 0, 0)
+    assert set(Counter(balancer.choose(idle).index for _ in range(300))) == {0, 1, 2}
+
+
+def test_round_robin_takes_turns() -> None:
+    balancer = RoundRobin()
+    three = instances(5, 0, 0)
+    assert [balancer.choose(three).index for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
