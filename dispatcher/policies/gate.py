@@ -18,7 +18,8 @@ to the target, since an event belongs to no method.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,34 +46,22 @@ class Gate:
         open_stream: Callable[[Invocation], AsyncGenerator[Any, None]],
     ) -> AsyncGenerator[Any, None]:
         """The chunks of ``open_stream(invocation)``, once the gate has let it through."""
-        for limit in self.limits:
-            await limit.acquire(invocation)
-        bulkhead = self.bulkhead
-        if bulkhead is not None:
-            await bulkhead.acquire(invocation)
-        try:
-            breaker = self.breaker
-            probe = breaker.admit() if breaker is not None else False
+        async with self._passage(invocation):
             chunks = open_stream(invocation)
             try:
                 async for chunk in chunks:
                     yield chunk
-            except DispatchError as error:
-                self._record(probe, error)
-                raise
-            except BaseException:
-                if breaker is not None:
-                    breaker.record_nothing(probe)
-                raise
             finally:
                 await chunks.aclose()
-            self._record(probe, None)
-        finally:
-            if bulkhead is not None:
-                bulkhead.release()
 
     async def send(self, invocation: Invocation, send: Callable[[], Awaitable[None]]) -> None:
         """Run ``send`` (one host event to one target) through the gate."""
+        async with self._passage(invocation):
+            await send()
+
+    @asynccontextmanager
+    async def _passage(self, invocation: Invocation) -> AsyncIterator[None]:
+        """Admit ``invocation`` (limits, bulkhead slot, breaker), then account for its end."""
         for limit in self.limits:
             await limit.acquire(invocation)
         bulkhead = self.bulkhead
@@ -82,11 +71,11 @@ class Gate:
             breaker = self.breaker
             probe = breaker.admit() if breaker is not None else False
             try:
-                await send()
+                yield
             except DispatchError as error:
                 self._record(probe, error)
                 raise
-            except BaseException:
+            except BaseException:  # cancelled, or a stream left early: tells nothing
                 if breaker is not None:
                     breaker.record_nothing(probe)
                 raise
