@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -46,7 +47,10 @@ def http_function(port: int) -> Iterator[None]:
         "--config",
         '{"greeting": "hello from an HTTP function"}',
     ]
-    server = subprocess.Popen(command)
+    # The plugin server checks the token the manifest's bearer_token sends (README: errors).
+    server = subprocess.Popen(
+        command, env={**os.environ, "LINCHKIT_PLUGIN_TOKEN": os.environ["ECHO_HTTP_TOKEN"]}
+    )
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -151,6 +155,7 @@ async def docker_demo() -> None:
 if __name__ == "__main__":
     port = free_port()
     os.environ["ECHO_HTTP_PORT"] = str(port)
+    os.environ["ECHO_HTTP_TOKEN"] = secrets.token_urlsafe(24)
     with http_function(port):
         asyncio.run(main())
     if docker_engine_and_base_image():

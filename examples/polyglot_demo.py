@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -89,14 +90,25 @@ def manifest(plugin: str, target: dict[str, Any]) -> Any:
 async def main(wanted: str | None) -> None:
     language, path = pick(wanted)
     print(f"\nthe {language} example plugin as a gRPC service:")
+    token = secrets.token_urlsafe(24)  # the service checks it on every plugin RPC
     service = await asyncio.create_subprocess_exec(
-        str(path), "serve", "--address", "127.0.0.1:0", stdout=asyncio.subprocess.PIPE
+        str(path),
+        "serve",
+        "--address",
+        "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "LINCHKIT_PLUGIN_TOKEN": token},
     )
     assert service.stdout is not None
     try:
         line = (await asyncio.wait_for(service.stdout.readline(), 60)).decode().strip()
         address = line.split("|")[3]
-        target = {"provider": "grpc", "address": address, "lifecycle": "dispatcher"}
+        target = {
+            "provider": "grpc",
+            "address": address,
+            "lifecycle": "dispatcher",
+            "metadata": {"authorization": f"Bearer {token}"},
+        }
         async with Dispatcher(manifest(f"{language}-service", target)) as dispatcher:
             await exercise(dispatcher, f"{language}-service")
     finally:
