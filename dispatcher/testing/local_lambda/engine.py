@@ -1,10 +1,11 @@
 """A minimal Docker Engine API client over the Unix socket: the calls the local Lambda needs.
 
 ``DockerEngine`` creates and starts a container from an Engine API body (``run``), tells
-whether it still runs, reads its stdout, removes it, checks that an image exists, and finds
-the containers of local Lambdas whose owning process died (``orphans``). Containers are
-recognised by two labels, set by ``runtime``: ``linchkit.local-lambda`` (the function name)
-and ``linchkit.owner-pid`` (the process that started it).
+whether it still runs, reads its stdout (the last lines, or since a time), removes it,
+checks that an image exists, and finds the containers of local Lambdas whose owning
+process died (``orphans``). Containers are recognised by two labels, set by ``runtime``:
+``linchkit.local-lambda`` (the function name) and ``linchkit.owner-pid`` (the process that
+started it).
 
 Contract: ``start()`` before any call, ``aclose()`` after; a failed create/start raises
 ``LocalLambdaError``; reads that fail answer "nothing" (``[]``, ``False``) rather than raise,
@@ -104,13 +105,26 @@ class DockerEngine:
     async def remove(self, container: str) -> None:
         await self.request("DELETE", f"/containers/{container}", params={"force": "1", "v": "1"})
 
-    async def logs(self, container: str, *, tail: int = 400) -> list[str]:
-        """The container's stdout, as lines (the engine's multiplexed stream, demuxed)."""
-        status, raw = await self.request(
-            "GET",
-            f"/containers/{container}/logs",
-            params={"stdout": "1", "stderr": "0", "tail": str(tail)},
-        )
+    async def logs(
+        self,
+        container: str,
+        *,
+        tail: int | None = 400,
+        since: str | None = None,
+        timestamps: bool = False,
+    ) -> list[str]:
+        """The container's stdout, as lines (the engine's multiplexed stream, demuxed).
+
+        ``tail``: the last lines only (None: all); ``since``: lines written at or after
+        that time (``seconds.nanoseconds``); ``timestamps``: each line after its time
+        (RFC 3339, nanoseconds, UTC) and a space.
+        """
+        params = {"stdout": "1", "stderr": "0", "tail": "all" if tail is None else str(tail)}
+        if since is not None:
+            params["since"] = since
+        if timestamps:
+            params["timestamps"] = "1"
+        status, raw = await self.request("GET", f"/containers/{container}/logs", params=params)
         if status != 200:
             return []
         # Without a TTY the engine frames each chunk: 8-byte header (stream, 3 pad bytes,
