@@ -12,8 +12,9 @@ a background task waits ``delay`` (50 ms, so a busy warm environment is read onc
 many invocations, as Lambda batches its shipping), reads the container's stdout written
 since the last shipment (the engine's own timestamps become the events' timestamps),
 waits up to ~1 s for the invocation's ``REPORT`` line, and puts the lines. One task per
-environment at a time: a call meanwhile asks it to go round once more. Shipping never fails an invocation; a
-failure is logged and those lines are dropped. ``flush()`` waits until everything
+environment at a time: a call meanwhile asks it to go round once more. Shipping never
+fails an invocation; a failure is logged: lines moto could not be reached for wait for
+the next shipment, lines it refuses are dropped. ``flush()`` waits until everything
 invoked so far is shipped; ``aclose()`` cancels what is still going.
 
 The requests are signed as the invocation's own request was (access key and region), so
@@ -167,7 +168,7 @@ class LogShipper:
             stream.again = False
             try:
                 await self._ship_new(stream)
-            except Exception:  # never an invocation's failure: these lines are lost
+            except Exception:  # never an invocation's failure; the next shipment retries
                 log.warning("shipping the log of %s failed", stream.name, exc_info=True)
             if not stream.again:
                 return
@@ -192,12 +193,8 @@ class LogShipper:
 
     async def _read(self, stream: _Stream) -> list[tuple[int, str, str]]:
         """The lines written since the cursor: (milliseconds, engine time, text)."""
-        lines = await self._docker.logs(
-            stream.container, tail=None, since=stream.cursor, timestamps=True
-        )
         events = []
-        for line in lines:
-            stamp, _, text = line.partition(" ")
+        for stamp, text in await self._docker.timed_lines(stream.container, since=stream.cursor):
             parsed = _engine_time(stamp)
             if parsed is None:
                 continue
