@@ -44,7 +44,10 @@ REPORT = re.compile(r"^\[(\$LATEST|\d+)\][0-9a-f]{8} \| REPORT RequestId: [0-9a-
 
 PRINTING_HANDLER = """
 def handler(event, context):
-    print(f"printed by the handler: {event['word']}")
+    if "long" in event:
+        print("a" * event["long"] + "END")
+    else:
+        print(f"printed by the handler: {event['word']}")
     return {"ok": True}
 """
 
@@ -158,6 +161,36 @@ async def test_an_unreachable_endpoint_is_the_dispatchers_error_not_botocores(en
     with pytest.raises(TargetUnavailable):
         async for _ in env.provider.logs(spec, target, follow=False, lines=5):
             pass
+
+
+@on_local_lambda
+async def test_long_lines_arrive_whole_and_oversized_ones_cut_at_the_event_limit(env: Env) -> None:
+    # The engine keeps a line over 16 KB in parts; CloudWatch takes 256 KB an event.
+    target = env.target("printing", envelope=False)
+    spec = env.dispatcher.manifest.plugins[0]
+    for length in (40_000, 300_000):
+        await env.provider.invoke(target, _invocation({"long": length}))
+    await env.local.flush_logs()
+    lines = [line async for line in env.provider.logs(spec, target, follow=False, lines=100)]
+    printed = [line.partition(" | ")[2] for line in lines if " | aaaa" in line]
+    assert printed[-2] == "a" * 40_000 + "END"
+    assert printed[-1] == "a" * (256 * 1024 - 26)
+
+
+@on_local_lambda
+async def test_a_cloudwatch_that_refuses_fails_no_invocation(env: Env) -> None:
+    shipper = env.local._shipper
+    assert shipper is not None
+    url, shipper.url = shipper.url, "http://127.0.0.1:9"  # nothing listens there
+    try:
+        result = await env.dispatcher.call("echo-lambda", "say", {"text": "unlogged"})
+        assert result["text"] == "unlogged"
+        await env.local.flush_logs()  # the failure is logged, not raised
+    finally:
+        shipper.url = url
+    await env.dispatcher.call("echo-lambda", "say", {"text": "logged"})
+    await env.local.flush_logs()
+    assert REPORT.match((await env.lines(lines=1))[0])
 
 
 @on_local_lambda
