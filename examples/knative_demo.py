@@ -9,6 +9,10 @@ Shows: a cold start resent by the provider (the activator's 503s never reached t
 and counted, warm calls, the canary tag's own revision, both CloudEvents modes, a plugin
 error, scale to zero, and the plan `dispatcher deploy --dry-run` prints (the Service it
 would write and apply).
+
+`python examples/knative_demo.py --write-infra` writes that Service where `dispatcher
+deploy` would, `infra/knative/plugins/echo.yaml` (committed; ``tests/test_knative_infra.py``
+renders it again and fails when it differs).
 """
 
 from __future__ import annotations
@@ -26,6 +30,19 @@ from dispatcher.testing.knative import KnativeStandIn, Revision
 from providers.knative import KnativeProvider
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Where ``dispatcher deploy`` run from the repository's root writes knative Services.
+INFRA_DIR = ROOT / "infra" / "knative"
+
+#: How ``dispatcher deploy`` builds echo-knative's Service.
+ECHO_DEPLOY: dict[str, Any] = {
+    "image": "registry.example.com/plugins/echo:1.1.0",
+    "args": ["echo_plugin:EchoPlugin"],
+    "container_concurrency": 10,
+    "max_scale": 5,
+    "timeout_seconds": 30,
+    "limits": {"cpu": "500m", "memory": "256Mi"},
+    "canary": {"stable_version": "1.0.0", "percent": 10},
+}
 
 
 def revision(name: str, greeting: str) -> Revision:
@@ -53,6 +70,26 @@ def plugin(plugin_id: str, ingress: str, **target: Any) -> dict[str, Any]:
     }
 
 
+def demo_manifest(ingress: str) -> dict[str, Any]:
+    """The demo's manifest: echo-knative (deployable), its structured twin, its canary."""
+    return {
+        "version": 1,
+        "plugins": [
+            plugin("echo-knative", ingress, deploy=ECHO_DEPLOY),
+            plugin("echo-structured", ingress, mode="structured"),
+            plugin("echo-canary", ingress, tag="canary"),
+        ],
+    }
+
+
+async def write_infra(infra_dir: Path = INFRA_DIR) -> Path:
+    """Write echo-knative's Service as ``dispatcher deploy`` would (no cluster: file only)."""
+    echo = parse_manifest(demo_manifest("http://127.0.0.1:8080"), base_dir=ROOT).plugins[0]
+    deployer = KnativeProvider(infra_dir=infra_dir).deployer()
+    await deployer.apply(echo, echo.target)
+    return deployer.path(echo.target)
+
+
 async def attempt(dispatcher: Dispatcher, plugin_id: str, method: str, params: Any) -> None:
     started = time.perf_counter()
     try:
@@ -70,26 +107,7 @@ async def main() -> None:
     canary = revision("echo-1-1-0", "hello from the canary echo-1-1-0")
     async with KnativeStandIn(idle_seconds=3.0) as cluster:
         cluster.add_service("echo", stable, namespace="plugins", tags={"canary": canary})
-        deploy = {
-            "image": "registry.example.com/plugins/echo:1.1.0",
-            "args": ["echo_plugin:EchoPlugin"],
-            "container_concurrency": 10,
-            "max_scale": 5,
-            "timeout_seconds": 30,
-            "limits": {"cpu": "500m", "memory": "256Mi"},
-            "canary": {"stable_version": "1.0.0", "percent": 10},
-        }
-        manifest = parse_manifest(
-            {
-                "version": 1,
-                "plugins": [
-                    plugin("echo-knative", cluster.url, deploy=deploy),
-                    plugin("echo-structured", cluster.url, mode="structured"),
-                    plugin("echo-canary", cluster.url, tag="canary"),
-                ],
-            },
-            base_dir=ROOT,
-        )
+        manifest = parse_manifest(demo_manifest(cluster.url), base_dir=ROOT)
         async with Dispatcher(manifest) as dispatcher:
             provider = dispatcher.providers["knative"]
             assert isinstance(provider, KnativeProvider)
@@ -114,4 +132,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if sys.argv[1:] == ["--write-infra"]:
+        print(f"wrote {asyncio.run(write_infra())}")
+    else:
+        asyncio.run(main())

@@ -29,6 +29,7 @@ ENVIRONMENT = {**os.environ, **FAKE_CREDENTIALS}
 # Whatever endpoint the developer's shell has set must not decide where these go.
 ENVIRONMENT.pop("AWS_ENDPOINT_URL", None)
 ENVIRONMENT.pop("AWS_ENDPOINT_URL_LAMBDA", None)
+ENVIRONMENT.pop("AWS_ENDPOINT_URL_CLOUDWATCH_LOGS", None)
 
 
 class Running:
@@ -121,6 +122,7 @@ async def test_deploy_and_call_through_the_running_command(
     running = local_lambda_process
     assert f"endpoint_url: {running.url}" in running.banner
     assert f"export AWS_ENDPOINT_URL_LAMBDA={running.url}" in running.banner
+    assert f"AWS_ENDPOINT_URL_CLOUDWATCH_LOGS={running.url}" in running.banner
     assert "AWS_ACCESS_KEY_ID=testing" in running.banner
     assert "arn:aws:iam::123456789012:role/linchkit-plugin" in running.banner
     # The manifest way: endpoint_url in the target.
@@ -147,6 +149,15 @@ async def test_deploy_and_call_through_the_running_command(
         cwd=tmp_path, AWS_ENDPOINT_URL_LAMBDA=running.url,
     )  # fmt: skip
     assert orjson.loads(again)["greeting"] == "from local-lambda"
+    # What the calls printed, in the local Lambda's CloudWatch Logs, both ways. Shipped just
+    # after each answer: well before a new dispatcher process has started.
+    endpoints = {"AWS_ENDPOINT_URL_LAMBDA": running.url}
+    endpoints["AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"] = running.url
+    for arguments, environment in (([], {}), (["-m", str(plain)], endpoints)):
+        printed = dispatcher(*arguments, "logs", "echo-lambda", cwd=tmp_path, **environment)
+        lines = printed.splitlines()
+        assert len([line for line in lines if "| START RequestId:" in line]) == 2, printed
+        assert "| REPORT RequestId:" in lines[-1], printed
     # A container ran the function; SIGTERM ends the command and removes it.
     pid = running.process.pid
     assert await containers_of(pid)

@@ -118,10 +118,11 @@ Local Lambda listening on {url}
 
 Point the manifest's lambda targets at it:
     endpoint_url: {url}
-or leave the manifest alone and set, where dispatcher or your tests run:
-    export AWS_ENDPOINT_URL_LAMBDA={url}
+or leave the manifest alone and set, where dispatcher or your tests run (the second
+for `dispatcher logs`: what the functions print is in its CloudWatch Logs):
+    export AWS_ENDPOINT_URL_LAMBDA={url} AWS_ENDPOINT_URL_CLOUDWATCH_LOGS={url}
 and, either way, dummy credentials (moto takes any; these keep real ones out of it):
     export {credentials}
 
-Then: dispatcher deploy && dispatcher call PLUGIN.METHOD
+Then: dispatcher deploy && dispatcher call PLUGIN.METHOD && dispatcher logs PLUGIN
 Ctrl-C stops it and removes its containers."""

@@ -1,9 +1,10 @@
 """``dispatcher logs``: what a plugin writes, where its provider can read it.
 
 A subprocess plugin's stderr (kept by the dispatcher that launched it, so this command
-starts the plugin and shows its own launch's output) and the engine's log of a Docker
+starts the plugin and shows its own launch's output), the engine's log of a Docker
 plugin's containers (every container of the plugin on this engine, whichever dispatcher
-started it). Other providers keep no output and say where to look instead.
+started it) and a Lambda function's log group in CloudWatch Logs. Other providers keep no
+output and say where to look instead.
 """
 
 from __future__ import annotations
@@ -35,14 +36,17 @@ from providers.target import TargetConfig
 @manifest_option
 @click.pass_context
 def logs(context: click.Context, plugin: str, follow: bool, lines: int) -> None:
-    """Print what PLUGIN (id or id@version) writes: a subprocess plugin's stderr, or
-    the engine's log of a Docker plugin's containers (`name | line`).
+    """Print what PLUGIN (id or id@version) writes: a subprocess plugin's stderr, the
+    engine's log of a Docker plugin's containers (`name | line`), or a Lambda function's
+    CloudWatch Logs (`[version]environment | line`).
 
     Only PLUGIN is started. A subprocess plugin's output is that of the process this
     command launches (one started by another dispatcher is not visible to it); Docker
     containers are all of PLUGIN's on this engine, whichever dispatcher started them, and
-    --follow also prints those started meanwhile. Providers that keep no output (local,
-    http, grpc, knative, lambda) say so; exit 1.
+    --follow also prints those started meanwhile. A Lambda function's log group holds every
+    execution environment's output (--follow asks for new lines every second); before the
+    function's first call there is none: exit 1. Providers that keep no output (local, http,
+    grpc, knative) say so; exit 1.
     """
     manifest = load(context)
     chosen = [spec for spec in manifest.plugins if plugin in (spec.id, spec.key)]

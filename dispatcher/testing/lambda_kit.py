@@ -29,7 +29,9 @@ It needs a Docker engine and the runtime image (``infra/lambda/build-runtime-ima
 without them the fixture fails and says what to run, it never skips.
 
 Fixtures: ``moto_server`` (session; URL), ``local_lambda`` (a started ``LocalLambda``),
-``lambda_manifest`` (path), ``lambda_dispatcher``. Outside pytest, ``dispatcher
+``lambda_manifest`` (path), ``lambda_dispatcher``. What your handler prints lands in moto's
+CloudWatch Logs, as on AWS: ``await local_lambda.flush_logs()``, then read it with
+``dispatcher.providers["lambda"].logs(...)`` (what ``dispatcher logs`` prints). Outside pytest, ``dispatcher
 local-lambda`` runs the same local Lambda until stopped.
 """
 

@@ -3,9 +3,11 @@
 One job per module:
 
 * ``target``   — ``LambdaTarget`` and ``LambdaDeploySettings``, the manifest side (vendor-free);
-* ``client``   — the shared aiobotocore clients; the only module importing the AWS SDK, lazily;
+* ``client``   — the shared aiobotocore clients (Lambda, CloudWatch Logs); the only module
+  importing the AWS SDK, lazily;
 * ``errors``   — every botocore exception and function error → ``DispatchError``;
-* ``provider`` — ``LambdaProvider``: invoke, invoke_batch, health, ``deployer()``;
+* ``logs``     — the function's output from CloudWatch Logs (``dispatcher logs``);
+* ``provider`` — ``LambdaProvider``: invoke, invoke_batch, health, logs, ``deployer()``;
 * ``package``  — the function's zip (the plugin and the plugin SDK only) and configuration;
 * ``deployer`` — ``LambdaDeployer``: plan, apply, remove against the Lambda API.
 

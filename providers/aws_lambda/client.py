@@ -1,7 +1,8 @@
 """The one module that imports the AWS SDK (aiobotocore, botocore), and only when used.
 
-``LambdaClients`` keeps one aiobotocore Lambda client per (region, endpoint) for the life
-of a started provider; the provider's calls and its deployer share them. Importing this
+``LambdaClients`` keeps one aiobotocore client per (service, region, endpoint) for the life
+of a started provider: ``lambda`` for the provider's calls and its deployer, ``logs``
+(CloudWatch Logs) for ``dispatcher logs``, with the same region, endpoint and credentials. Importing this
 module is free: ``open()`` imports aiobotocore, so loading a manifest (which imports every
 target model) never pays for it, and a host without the ``lambda`` extra fails only when
 it starts a Lambda provider, with a message saying what to install.
@@ -16,12 +17,15 @@ import asyncio
 import contextlib
 import importlib
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 from linchkit_plugin.errors import ProviderError
 from providers.aws_lambda.target import LambdaTarget
 
-__all__ = ["LambdaClients", "aws_error_code", "botocore_exceptions"]
+__all__ = ["LambdaClients", "Service", "aws_error_code", "botocore_exceptions"]
+
+#: The AWS services the provider talks to: Lambda, and CloudWatch Logs for its output.
+Service = Literal["lambda", "logs"]
 
 
 def botocore_exceptions() -> ModuleType:
@@ -40,18 +44,21 @@ def aws_error_code(error: BaseException) -> str | None:
 
 
 class LambdaClients:
-    """One shared Lambda client per (region, endpoint), opened on first use."""
+    """One shared client per (service, region, endpoint), opened on first use."""
 
     def __init__(self, *, max_connections: int = 64, connect_timeout: float = 5.0) -> None:
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
         self._session: Any = None
-        self._clients: dict[tuple[str | None, str | None], Any] = {}
+        self._clients: dict[tuple[Service, str | None, str | None], Any] = {}
         self._exits = contextlib.AsyncExitStack()
         self._opening = asyncio.Lock()
 
     def __repr__(self) -> str:
-        regions = sorted(f"{region or 'default'}@{url or 'aws'}" for region, url in self._clients)
+        regions = sorted(
+            f"{service}:{region or 'default'}@{url or 'aws'}"
+            for service, region, url in self._clients
+        )
         return f"clients={regions}"
 
     def open(self) -> None:
@@ -66,19 +73,20 @@ class LambdaClients:
         exits, self._exits = self._exits, contextlib.AsyncExitStack()
         await exits.aclose()
 
-    async def get(self, target: LambdaTarget) -> Any:
-        """The client for the target's region and endpoint; concurrent first calls share it."""
-        key = (target.region, target.endpoint_url)
+    async def get(self, target: LambdaTarget, service: Service = "lambda") -> Any:
+        """The ``service`` client for the target's region and endpoint; concurrent first
+        calls share it. A local Lambda's endpoint passes ``logs`` requests to moto."""
+        key = (service, target.region, target.endpoint_url)
         client = self._clients.get(key)
         if client is not None:
             return client
         async with self._opening:
             client = self._clients.get(key)
             if client is None:
-                client = self._clients[key] = await self._create(target)
+                client = self._clients[key] = await self._create(target, service)
             return client
 
-    async def _create(self, target: LambdaTarget) -> Any:
+    async def _create(self, target: LambdaTarget, service: Service) -> Any:
         if self._session is None:
             raise ProviderError(
                 "the lambda provider is not started (use the Dispatcher as a context manager)"
@@ -96,7 +104,7 @@ class LambdaClients:
         try:
             return await self._exits.enter_async_context(
                 self._session.create_client(
-                    "lambda",
+                    service,
                     region_name=target.region,
                     endpoint_url=target.endpoint_url,
                     config=config,
@@ -104,7 +112,7 @@ class LambdaClients:
             )
         except botocore_exceptions().BotoCoreError as error:
             raise ProviderError(
-                f"cannot make a Lambda client for {target.describe()}: {error}"
+                f"cannot make a {service} client for {target.describe()}: {error}"
             ) from error
 
 

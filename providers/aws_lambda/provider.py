@@ -10,6 +10,9 @@ What the call looks like on the wire (AWS ``Invoke`` API):
 * ``Qualifier`` selects a version or an alias; ``LogType=Tail`` (``log_tail: true``) sends
   the last 4 KB of the function's log to the ``dispatcher.providers.lambda`` debug log.
 
+``logs`` (``dispatcher logs``) reads the function's log group in CloudWatch Logs
+(``logs.py``) with the same region, endpoint and credentials as Invoke.
+
 Failures become ``DispatchError`` in ``errors.py``; the clients (and the only import of the
 AWS SDK) are in ``client.py``; ``dispatcher deploy`` goes through ``deployer()``.
 
@@ -24,16 +27,17 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError
 from linchkit_plugin.wire import encode_json
-from providers.aws_lambda.client import LambdaClients
+from providers.aws_lambda.client import LambdaClients, Service
 from providers.aws_lambda.deployer import LambdaDeployer
 from providers.aws_lambda.errors import function_error, translate
+from providers.aws_lambda.logs import read_logs
 from providers.aws_lambda.target import LambdaTarget
 from providers.base import Health, Provider
 from providers.envelope import decode_batch_response, decode_response
@@ -52,6 +56,10 @@ class LambdaProvider(Provider[LambdaTarget]):
     name = "lambda"
     target_model = LambdaTarget
     native_batch = True
+    #: How often ``logs(follow=True)`` asks CloudWatch Logs for new events.
+    logs_poll_s: float = 1.0
+    #: How late after its timestamp an event may reach CloudWatch and still be followed.
+    logs_lookback_s: float = 30.0
 
     def __init__(self, *, max_connections: int = 64, connect_timeout: float = 5.0) -> None:
         self._clients = LambdaClients(
@@ -76,9 +84,10 @@ class LambdaProvider(Provider[LambdaTarget]):
         # not on the first call, and the first call does not pay for the client.
         await self.client(target)
 
-    async def client(self, target: LambdaTarget) -> Any:
-        """The shared aiobotocore Lambda client for the target's region and endpoint."""
-        return await self._clients.get(target)
+    async def client(self, target: LambdaTarget, service: Service = "lambda") -> Any:
+        """The shared aiobotocore client of ``service`` (Lambda, or CloudWatch Logs) for
+        the target's region and endpoint."""
+        return await self._clients.get(target, service)
 
     def deployer(self) -> LambdaDeployer:
         """Packages a plugin and publishes it behind the target's alias (shares the clients)."""
@@ -135,6 +144,25 @@ class LambdaProvider(Provider[LambdaTarget]):
             return Health("serving", detail, latency_ms)
         reason = configuration.get("StateReason") or configuration.get("LastUpdateStatusReason")
         return Health("not_serving", f"{detail}: {reason}" if reason else detail, latency_ms)
+
+    async def logs(
+        self, plugin: PluginInfo, target: LambdaTarget, *, follow: bool, lines: int
+    ) -> AsyncIterator[str]:
+        """The function's output in CloudWatch Logs (``/aws/lambda/<name>``): its last
+        ``lines`` lines as ``[<version>]<environment> | line``, then with ``follow`` the new
+        ones, asked for every ``logs_poll_s``. ``LogsUnavailable`` while the function has
+        never run (no log group)."""
+        client = await self.client(target, "logs")
+        async for line in read_logs(
+            client,
+            plugin,
+            target,
+            follow=follow,
+            lines=lines,
+            poll_s=self.logs_poll_s,
+            lookback_s=self.logs_lookback_s,
+        ):
+            yield line
 
     # -- internals -----------------------------------------------------------------------
 

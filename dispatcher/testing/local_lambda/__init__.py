@@ -3,8 +3,9 @@
 ``LocalLambda`` is an endpoint for AWS SDKs (``endpoint_url``): ``Invoke`` runs the
 function's zip in a container of the local runtime image (``aws-lambda-rie`` and
 ``awslambdaric``) and answers as the Invoke API is documented; every other request goes to
-moto's server, the source of truth for functions, versions and aliases. See ``front`` for
-the answers it gives.
+moto's server, the source of truth for functions, versions and aliases. What the
+functions print lands in moto's CloudWatch Logs, as on AWS. See ``front`` for the answers
+it gives.
 
 Execution environments: one container per concurrent invocation of a function version
 (same code and configuration), reused while warm, removed by ``aclose()``. Containers use
@@ -21,6 +22,7 @@ Modules, each importing only those above it:
     code       CodeStore: the zips seen going to moto, by CodeSha256, unpacked for mounting
     runtime    Environments: starting, reusing, evicting and removing runtime containers
     control    ControlPlane: the pass-through to moto, and Invoke's cached reads from it
+    cloudwatch LogShipper: each container's output into moto's CloudWatch Logs
     front      LocalLambda: the endpoint, the Invoke API semantics, the lifecycle
     server     LocalLambdaServer: moto's server and the front in one lifecycle
                (``dispatcher local-lambda``), create_role, FAKE_CREDENTIALS

@@ -9,7 +9,8 @@ For Invoke, ``function`` and ``reserved_concurrency`` read a function version's
 configuration and its reserved concurrency from moto, signed with the caller's own
 ``Authorization`` (moto keys its state by account and region). Their answers are cached
 until the next write of any kind passes through ``proxy``; that is the only invalidation,
-so a write that reaches moto by another route is not seen until then.
+so a write that reaches moto by another route is not seen until then. CloudWatch Logs
+requests change no function and leave the cache as it is.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class ControlPlane:
         from aiohttp import web
 
         body = await request.read()
-        if request.method not in ("GET", "HEAD"):
+        # CloudWatch Logs requests (all POSTs, ``dispatcher logs --follow`` polls) change
+        # no function.
+        logs = request.headers.get("X-Amz-Target", "").startswith("Logs_")
+        if request.method not in ("GET", "HEAD") and not logs:
             self._configurations.clear()
         status, headers, answer = await self._to_moto(
             request.method, request.path_qs, request.headers, body

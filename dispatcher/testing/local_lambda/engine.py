@@ -1,10 +1,11 @@
 """A minimal Docker Engine API client over the Unix socket: the calls the local Lambda needs.
 
 ``DockerEngine`` creates and starts a container from an Engine API body (``run``), tells
-whether it still runs, reads its stdout, removes it, checks that an image exists, and finds
-the containers of local Lambdas whose owning process died (``orphans``). Containers are
-recognised by two labels, set by ``runtime``: ``linchkit.local-lambda`` (the function name)
-and ``linchkit.owner-pid`` (the process that started it).
+whether it still runs, reads its stdout (its last lines, or its lines since a time with
+the engine's times), removes it, checks that an image exists, and finds the containers of
+local Lambdas whose owning process died (``orphans``). Containers are recognised by two
+labels, set by ``runtime``: ``linchkit.local-lambda`` (the function name) and
+``linchkit.owner-pid`` (the process that started it).
 
 Contract: ``start()`` before any call, ``aclose()`` after; a failed create/start raises
 ``LocalLambdaError``; reads that fail answer "nothing" (``[]``, ``False``) rather than raise,
@@ -12,7 +13,7 @@ since their callers only use them to decide or to explain.
 
 A client of its own on aiohttp (a core dependency) rather than aiodocker, which the docker
 provider uses (``providers/docker/engine.py``): the Lambda test kit then works with the
-``lambda`` extra alone, without the ``docker`` extra, and needs only these six calls.
+``lambda`` extra alone, without the ``docker`` extra, and needs only these few calls.
 """
 
 from __future__ import annotations
@@ -113,15 +114,52 @@ class DockerEngine:
         )
         if status != 200:
             return []
-        # Without a TTY the engine frames each chunk: 8-byte header (stream, 3 pad bytes,
-        # big-endian length), then the payload.
-        chunks: list[bytes] = []
-        offset = 0
-        while offset + 8 <= len(raw):
-            size = int.from_bytes(raw[offset + 4 : offset + 8], "big")
-            chunks.append(raw[offset + 8 : offset + 8 + size])
-            offset += 8 + size
-        return b"".join(chunks).decode("utf-8", "replace").splitlines()
+        return b"".join(_frames(raw)).decode("utf-8", "replace").splitlines()
+
+    async def timed_lines(
+        self, container: str, *, since: str | None = None
+    ) -> list[tuple[str, str]]:
+        """The container's stdout lines written at or after ``since`` (``seconds.nanoseconds``),
+        each with the engine's time of it (RFC 3339, nanoseconds, UTC).
+
+        The engine keeps a line over 16 KB in parts, each with its own time: they are joined
+        here, under the first part's time. A line still missing its end is left out (it is
+        read whole next time, since its first part).
+        """
+        params = {"stdout": "1", "stderr": "0", "tail": "all", "timestamps": "1"}
+        if since is not None:
+            params["since"] = since
+        status, raw = await self.request("GET", f"/containers/{container}/logs", params=params)
+        if status != 200:
+            return []
+        lines: list[tuple[str, str]] = []
+        first: bytes | None = None
+        parts: list[bytes] = []
+        # One frame per message: the time, a space, the text; a part lacks the newline.
+        for frame in _frames(raw):
+            stamp, _, text = frame.partition(b" ")
+            first = stamp if first is None else first
+            parts.append(text)
+            if text.endswith(b"\n"):
+                line = b"".join(parts)[:-1].decode("utf-8", "replace")
+                lines.append((first.decode("ascii", "replace"), line))
+                first, parts = None, []
+        return lines
+
+
+def _frames(raw: bytes) -> list[bytes]:
+    """The payloads of the engine's multiplexed stream.
+
+    Without a TTY the engine frames each message: 8-byte header (stream, 3 pad bytes,
+    big-endian length), then the payload.
+    """
+    frames: list[bytes] = []
+    offset = 0
+    while offset + 8 <= len(raw):
+        size = int.from_bytes(raw[offset + 4 : offset + 8], "big")
+        frames.append(raw[offset + 8 : offset + 8 + size])
+        offset += 8 + size
+    return frames
 
 
 def _alive(pid: int) -> bool:

@@ -17,8 +17,13 @@ through ``endpoint_url``, the way ``sam local start-lambda`` fronts its containe
   413 RequestTooLargeException; 400 InvalidRequestContentException; 500 ServiceException
   when no execution environment can be started. ``Event`` runs in the background, after
   the 202, waiting for a free environment rather than being throttled.
-* Every other request (create/update/publish/alias/concurrency, IAM, …) is passed to
-  moto's server unchanged (``control``); the zips it sees go by are kept (``code``).
+* Every other request (create/update/publish/alias/concurrency, IAM, CloudWatch Logs, …)
+  is passed to moto's server unchanged (``control``); the zips it sees go by are kept
+  (``code``).
+* Each invocation's output (the runtime's ``START``/``END``/``REPORT`` lines and what the
+  handler prints) goes to moto's CloudWatch Logs, group ``/aws/lambda/<FunctionName>``,
+  one stream per container, shortly after the answer (``cloudwatch``); ``flush_logs()``
+  waits until it is there.
 
 This module is the Invoke semantics and the endpoint's lifecycle; the containers are
 ``runtime``'s. ``aclose()`` stops the endpoint, cancels background ``Event`` invocations
@@ -38,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from dispatcher.testing.local_lambda.cloudwatch import Caller, LogShipper
 from dispatcher.testing.local_lambda.code import CodeStore
 from dispatcher.testing.local_lambda.control import ControlPlane
 from dispatcher.testing.local_lambda.engine import DockerEngine
@@ -96,6 +102,7 @@ class LocalLambda:
         self._background: set[asyncio.Task[Any]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._control: ControlPlane | None = None
+        self._shipper: LogShipper | None = None
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
 
@@ -159,6 +166,7 @@ class LocalLambda:
         # One session for moto and the runtime containers; bodies pass through as they are.
         self._session = aiohttp.ClientSession(auto_decompress=False)
         self._control = ControlPlane(self.control_plane_url, self._session, self._code)
+        self._shipper = LogShipper(self.control_plane_url, self._session, self.docker)
         app = web.Application(client_max_size=SYNC_PAYLOAD_LIMIT * 2)
         app.router.add_post("/2015-03-31/functions/{name}/invocations", self._invoke)
         app.router.add_route("*", "/{tail:.*}", self._control.proxy)
@@ -185,6 +193,9 @@ class LocalLambda:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        if self._shipper is not None:
+            await self._shipper.aclose()
+            self._shipper = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -196,6 +207,11 @@ class LocalLambda:
         await self.docker.aclose()
         self._code.close()
         self._url = None
+
+    async def flush_logs(self) -> None:
+        """Wait until the output of every invocation answered so far is in CloudWatch Logs."""
+        if self._shipper is not None:
+            await self._shipper.flush()
 
     # -- the data plane: Invoke ----------------------------------------------------------
 
@@ -243,7 +259,7 @@ class LocalLambda:
             return _throttled("ReservedFunctionConcurrentInvocationLimitExceeded", request_id)
         if invocation_type == "Event":
             task = asyncio.get_running_loop().create_task(
-                self._run_event(function, body, request_id)
+                self._run_event(function, body, request_id, Caller.of(request.headers))
             )
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -257,7 +273,7 @@ class LocalLambda:
         client_context = request.headers.get("X-Amz-Client-Context")
         tail = request.headers.get("X-Amz-Log-Type") == "Tail"
         status, payload, function_error, log_tail = await self._run(
-            environment, function, body, client_context, tail
+            environment, function, body, client_context, tail, Caller.of(request.headers)
         )
         headers = {
             "x-amzn-RequestId": request_id,
@@ -270,14 +286,18 @@ class LocalLambda:
             headers["X-Amz-Log-Result"] = log_tail
         return web.Response(status=status, body=payload, headers=headers)
 
-    async def _run_event(self, function: Function, body: bytes, request_id: str) -> None:
+    async def _run_event(
+        self, function: Function, body: bytes, request_id: str, caller: Caller
+    ) -> None:
         # Lambda queues Event invocations; here they wait for a free environment.
         try:
             environment = await self._environments.acquire_waiting(function)
         except LocalLambdaError:
             log.exception("Event invocation %s of %s could not start", request_id, function.name)
             return
-        _, payload, function_error, _ = await self._run(environment, function, body, None, False)
+        _, payload, function_error, _ = await self._run(
+            environment, function, body, None, False, caller
+        )
         if function_error:
             log.info(
                 "Event invocation %s of %s failed: %s", request_id, function.name, payload[:200]
@@ -290,6 +310,7 @@ class LocalLambda:
         body: bytes,
         client_context: str | None,
         tail: bool,
+        caller: Caller,
     ) -> tuple[int, bytes, str | None, str | None]:
         """One invocation in ``environment``, which it releases: status, payload, error, log."""
         import aiohttp
@@ -321,6 +342,8 @@ class LocalLambda:
             return 200, payload, "Unhandled", None
         finally:
             self._in_flight[function.name] -= 1
+            if self._shipper is not None:
+                self._shipper.ship(environment, function, caller)
             await self._environments.release(environment, healthy)
         payload, function_error = _classify(payload)
         log_tail = await self._log_tail(environment) if tail else None
