@@ -28,7 +28,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -185,7 +185,9 @@ class Engine:
             return f"(logs unavailable: {error.message})"
         return "".join(output).rstrip() or "(no output)"
 
-    async def log_lines(self, container_id: str, *, follow: bool, lines: int) -> AsyncIterator[str]:
+    async def log_lines(
+        self, container_id: str, *, follow: bool, lines: int
+    ) -> AsyncGenerator[str, None]:
         """The container's output (stdout and stderr), line by line: its last ``lines``
         (all when negative), then, with ``follow``, each new line until it stops. A line
         longer than ``MAX_LOG_LINE_CHARS`` comes cut in pieces of that size. Failures leave

@@ -27,6 +27,7 @@ Errors, all translated in this package (``engine.py`` maps the engine's own):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -244,9 +245,13 @@ class DockerProvider(Provider[DockerTarget]):
         pumps: dict[str, asyncio.Task[None]] = {}
 
         async def pump(container_id: str, name: str, tail: int) -> None:
+            # aclosing: a pump cancelled while it waits on the queue closes its engine
+            # stream now, so no connection outlives the reader.
+            lines_of = engine.log_lines(container_id, follow=True, lines=tail)
             try:
-                async for line in engine.log_lines(container_id, follow=True, lines=tail):
-                    await queue.put(f"{name} | {line}")
+                async with contextlib.aclosing(lines_of):
+                    async for line in lines_of:
+                        await queue.put(f"{name} | {line}")
             except EngineError as error:
                 log.debug("following %s ended: %s", name, error.message)
 
