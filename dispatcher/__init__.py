@@ -31,6 +31,7 @@ from linchkit_plugin.errors import (
     PluginNotFound,
     ProviderError,
     RateLimited,
+    ShuttingDown,
     TargetUnavailable,
     Unauthorized,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "Policies",
     "ProviderError",
     "RateLimited",
+    "ShuttingDown",
     "TargetHealth",
     "TargetUnavailable",
     "Unauthorized",

@@ -3,6 +3,8 @@
 It starts the providers and attaches the plugins, resolves ``plugin.method`` through the
 routing table (``dispatcher._routes``) built once at start, fixes each call's deadline,
 and hands the invocation to the method's policy chain; leaving it stops all of that.
+``drain`` (or ``aclose(grace=…)``, or ``drain_on_signal``) stops it gracefully: no new
+work, the work in flight gets a grace period (``dispatcher._drain``).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+from dispatcher._drain import CUT_OFF_SECONDS, InFlight, OpenStream, current_task_getter
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
 from dispatcher.fleet import FleetRuntime
@@ -23,6 +27,9 @@ from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.policies import PolicyRuntime
 from linchkit_plugin.errors import (
     DeadlineExceeded,
+    DispatchError,
+    InvalidParams,
+    ShuttingDown,
 )
 from providers import provider_classes
 from providers.base import Health, Provider
@@ -37,6 +44,7 @@ __all__ = ["Call", "Dispatcher", "TargetHealth"]
 log = logging.getLogger("dispatcher")
 
 EventHandler = Callable[[str, Any], Any]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,9 @@ class TargetHealth:
     #: instance's state in it (``healthy``, ``ejected``, ``down``); None otherwise.
     fleet: str | None = None
     state: str | None = None
+    #: True while the dispatcher drains (``Dispatcher.drain``): it takes no new calls, so a
+    #: load balancer should send them to another replica, whatever the target's health.
+    draining: bool = False
 
 
 class Dispatcher:
@@ -92,6 +103,16 @@ class Dispatcher:
         self._attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]] = []
         self._started_providers: list[Provider[Any]] = []
         self._state = "new"
+        # Draining (dispatcher._drain): what is in flight, aliased for the hot path.
+        self._in_flight = InFlight()
+        self._calls = self._in_flight.calls
+        self._cut = self._in_flight.cut
+        self._draining = False
+        self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
+        self._drained: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] | None = None
+        self._signals: list[int] = []
+        self._signal_task: asyncio.Task[None] | None = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **options: Any) -> Self:
@@ -104,7 +125,10 @@ class Dispatcher:
         if self._state != "new":
             raise RuntimeError(f"a dispatcher starts once; this one is {self._state}")
         self._state = "starting"
-        self._clock = asyncio.get_running_loop().time
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        self._current_task = current_task_getter(loop)
+        self._closed = loop.create_future()
         self.fleets = FleetRuntime(self._clock)
         self.policies = PolicyRuntime(self._clock, self.fleets)
         self.policies.breaker_listeners.extend(self._circuit_listeners)
@@ -120,16 +144,27 @@ class Dispatcher:
             raise
         self._state = "running"
 
-    async def aclose(self) -> None:
-        """Stop every plugin (in reverse start order), then close every provider."""
+    async def aclose(self, *, grace: float | None = None) -> None:
+        """Stop every plugin (in reverse start order), then close every provider.
+
+        With ``grace`` (seconds), ``drain(grace)`` first: calls in flight may finish.
+        Without it, calls still in flight fail as their targets go away. A second
+        ``aclose`` while the first runs waits for it.
+        """
         if self._state == "closed":
+            await self._wait_closed_by_another()
             return
+        if grace is not None and self._state in ("running", "draining"):
+            await self.drain(grace)
+        drained = self._drained is not None
         self._state = "closed"
         self._routes.clear()
         if self.fleets is not None:
             await self.fleets.aclose()  # health checks end before the providers close
         if self.policies is not None:
-            await self.policies.aclose()  # batches still queued go out before targets detach
+            # Batches still queued go out before targets detach; after a drain, none is
+            # waiting for its answer any more.
+            await self.policies.aclose(grace=0.0 if drained else None)
         for task in list(self._event_tasks):
             task.cancel()
         await asyncio.gather(*self._event_tasks, return_exceptions=True)
@@ -145,6 +180,141 @@ class Dispatcher:
                 await provider.aclose()
             except Exception:
                 log.exception("closing provider %s failed", provider.name)
+        self._forget_signals()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    async def _wait_closed_by_another(self) -> None:
+        closed = self._closed
+        signalled = self._signal_task
+        if signalled is not None and signalled is asyncio.current_task():
+            return
+        if closed is not None and not closed.done():
+            await asyncio.shield(closed)
+
+    async def wait_closed(self) -> None:
+        """Return once the dispatcher has closed: for a host that waits for a signal
+        (``drain_on_signal``) to end it."""
+        if self._closed is None:
+            raise RuntimeError("the dispatcher has not started")
+        await asyncio.shield(self._closed)
+
+    # -- draining ---------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking work and let the calls in flight finish, for ``grace`` seconds at most.
+
+        From the moment it is called, new calls, streams and publishes raise
+        ``ShuttingDown`` (retryable: another replica may take them) and ``health()`` and
+        ``stats()`` say the dispatcher is draining. Calls in flight go on, batch items
+        queued go out now; when ``grace`` has passed, whatever still runs is cancelled
+        and raises ``ShuttingDown`` to its caller (``details["stage"] == "cut_off"``).
+        It returns once nothing is in flight; the dispatcher stays open (``aclose`` it,
+        or use ``aclose(grace=…)`` for both). A second ``drain`` waits for the first.
+        """
+        grace = _checked_grace(grace)
+        if self._drained is not None:
+            await asyncio.shield(self._drained)
+            return
+        loop = asyncio.get_running_loop()
+        self._drained = loop.create_future()
+        self._draining = True
+        if self._state == "running":
+            self._state = "draining"
+        try:
+            await self._drain(loop.time() + grace, grace)
+        finally:
+            self._drained.set_result(None)
+
+    async def _drain(self, deadline: float, grace: float) -> None:
+        in_flight = self._in_flight
+        log.info("draining: %d calls and streams in flight, %g s of grace", in_flight.count, grace)
+        if self.policies is not None:
+            self.policies.flush_batches()  # queued items need not wait out their window
+        if await in_flight.wait_idle(deadline):
+            return
+        cut = in_flight.cut_off(spare=asyncio.current_task())
+        log.warning("drain grace of %g s ran out: cut off %d calls and streams", grace, cut)
+        if not await in_flight.wait_idle(asyncio.get_running_loop().time() + CUT_OFF_SECONDS):
+            log.error("%d calls ignored their cut-off; closing under them", in_flight.count)
+
+    def drain_on_signal(self, *, grace: float, signals: Iterable[int] = (signal.SIGTERM,)) -> None:
+        """On any of ``signals`` (default SIGTERM), drain for ``grace`` seconds, then close.
+
+        Opt-in, for hosts whose process a supervisor (Kubernetes, systemd) stops with a
+        signal. Installs loop signal handlers (Unix, main thread), removed when the
+        dispatcher closes; ``wait_closed()`` returns once the signal has done its work.
+        """
+        grace = _checked_grace(grace)
+        if self._state not in ("running", "draining"):
+            raise RuntimeError(
+                f"drain_on_signal needs a running dispatcher; this one is {self._state}"
+            )
+        loop = asyncio.get_running_loop()
+        for number in signals:
+            loop.add_signal_handler(number, self._on_signal, number, grace)
+            self._signals.append(number)
+
+    def _on_signal(self, number: int, grace: float) -> None:
+        if self._signal_task is not None:
+            return  # already draining for an earlier signal
+        log.warning("%s: draining for %g s, then closing", signal.Signals(number).name, grace)
+        self._signal_task = asyncio.get_running_loop().create_task(self._close_on_signal(grace))
+
+    async def _close_on_signal(self, grace: float) -> None:
+        try:
+            await self.aclose(grace=grace)
+        except Exception:
+            log.exception("closing the dispatcher after a signal failed")
+
+    def _forget_signals(self) -> None:
+        if not self._signals:
+            return
+        loop = asyncio.get_running_loop()
+        while self._signals:
+            loop.remove_signal_handler(self._signals.pop())
+
+    def _refused(self, what: str) -> ShuttingDown:
+        return ShuttingDown(
+            f"the dispatcher is {self._state}: {what} refused; send it to another replica",
+            details={"stage": "refused"},
+        )
+
+    def _cut_off(
+        self, task: asyncio.Task[Any] | None, what: str, error: BaseException | None = None
+    ) -> ShuttingDown:
+        """The error of ``what``, cut off by a drain: its task's cancellation taken back,
+        so a ``TaskGroup`` or ``asyncio.timeout`` of the host sees no cancellation of its own.
+        (``error`` is what the chain raised: ``CancelledError``, or a provider's
+        translation of it.)"""
+        if task is not None and task in self._cut:
+            self._cut.discard(task)
+            task.uncancel()
+        if isinstance(error, DispatchError):
+            log.debug("cut off %s: the chain ended with %r", what, error)
+        return ShuttingDown(
+            f"the dispatcher shut down while {what} was in flight (the drain grace ran out);"
+            " it may have reached the plugin",
+            details={"stage": "cut_off"},
+        )
+
+    async def _tracked(self, work: Awaitable[T], what: str) -> T:
+        """Await ``work`` as a call in flight (``Dispatcher.call`` inlines the same)."""
+        task = asyncio.current_task()
+        calls = self._calls
+        if task is None or task in calls:
+            return await work
+        calls.add(task)
+        try:
+            return await work
+        except (asyncio.CancelledError, DispatchError) as error:
+            if self._cut and task in self._cut:
+                raise self._cut_off(task, what, error) from None
+            raise
+        finally:
+            calls.discard(task)
+            if self._draining:
+                self._in_flight.left(task)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -176,13 +346,32 @@ class Dispatcher:
         """Call ``plugin.method`` with ``params`` and return its result.
 
         ``timeout`` (seconds) overrides the method's ``timeout_ms`` and bounds the whole
-        call. Raises a ``DispatchError`` subclass on any failure.
+        call. Raises a ``DispatchError`` subclass on any failure; ``ShuttingDown`` once
+        the dispatcher drains.
         """
+        if self._draining:
+            raise self._refused(f"call of {plugin}.{method}")
         route = self._routes.find(plugin, method, version, self._state)
         invocation = self._invocation(
             route, params, timeout, request_id, caller, traceparent, idempotency_key
         )
-        return await route.invoke(invocation)
+        # In flight: the task in a set, so a drain can wait for it and cut it off
+        # (dispatcher._drain). Inlined from _tracked: this is the per-call hot path.
+        task = self._current_task()
+        calls = self._calls
+        if task is None or task in calls:  # a call from inside a call: the outer one counts
+            return await route.invoke(invocation)
+        calls.add(task)
+        try:
+            return await route.invoke(invocation)
+        except (asyncio.CancelledError, DispatchError) as error:
+            if self._cut and task in self._cut:
+                raise self._cut_off(task, f"the call of {route.name}", error) from None
+            raise
+        finally:
+            calls.discard(task)
+            if self._draining:
+                self._in_flight.left(task)
 
     def _invocation(
         self,
@@ -258,14 +447,39 @@ class Dispatcher:
         batching and retries do not. A provider without streaming raises ``ProviderError``;
         a failure mid-stream raises its ``DispatchError`` after the chunks already yielded.
         """
+        if self._draining:
+            raise self._refused(f"stream of {plugin}.{method}")
         route = self._routes.find(plugin, method, version, self._state)
         invocation = self._invocation(route, params, timeout, request_id, caller, traceparent, None)
         chunks = route.gate.stream(invocation, route.stream)
+        in_flight = self._in_flight
+        stream = OpenStream()
+        in_flight.streams.add(stream)
         try:
-            async for chunk in chunks:
+            while True:
+                stream.task = task = asyncio.current_task()
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except (asyncio.CancelledError, DispatchError):
+                    if stream.cut:
+                        if task is not None:
+                            task.uncancel()
+                        raise self._cut_off(None, f"the stream of {route.name}") from None
+                    raise
+                finally:
+                    stream.task = None
                 yield chunk
+                if stream.cut:  # cut off while its consumer held the chunk
+                    raise self._cut_off(None, f"the stream of {route.name}")
         finally:
-            await chunks.aclose()
+            in_flight.streams.discard(stream)
+            try:
+                await chunks.aclose()
+            finally:
+                if self._draining:
+                    in_flight.left(None)
 
     async def publish(
         self,
@@ -281,6 +495,15 @@ class Dispatcher:
         Each target's own rate limits, bulkhead and breaker apply (those scoped to the
         target: an event belongs to no method), and ``timeout`` bounds the whole publish.
         """
+        if self._draining:
+            raise self._refused(f"event {event!r} to {plugin}")
+        await self._tracked(
+            self._publish(plugin, event, data, version, timeout), f"event {event!r} to {plugin}"
+        )
+
+    async def _publish(
+        self, plugin: str, event: str, data: Any, version: str | None, timeout: float
+    ) -> None:
         wanted = self._routes.version_of(plugin, version, self._state)
         timeout = checked_timeout(timeout, f"publishing {event!r} to {plugin}")
         invocation = Invocation(
@@ -326,6 +549,7 @@ class Dispatcher:
                 report,
                 self._circuit_state(instance),
                 *self._fleet_state(target, instance),
+                draining=self._draining,
             )
             for (plugin, target, instance), report in zip(checks, reports, strict=True)
         ]
@@ -350,8 +574,26 @@ class Dispatcher:
         return self.policies.invalidate(plugin, method) if self.policies is not None else 0
 
     def stats(self) -> dict[str, Any]:
-        """Cache, breaker, batch and retry-budget counters."""
-        return self.policies.stats() if self.policies is not None else {}
+        """The dispatcher's state and calls in flight; cache, breaker, batch and
+        retry-budget counters."""
+        stats = self.policies.stats() if self.policies is not None else {}
+        stats["dispatcher"] = {
+            "state": self._state,
+            "draining": self._draining,
+            "calls_in_flight": len(self._calls),
+            "streams_in_flight": len(self._in_flight.streams),
+        }
+        return stats
+
+    @property
+    def state(self) -> str:
+        """``new``, ``starting``, ``running``, ``draining`` or ``closed``."""
+        return self._state
+
+    @property
+    def draining(self) -> bool:
+        """True from the start of a drain on: new calls, streams and events are refused."""
+        return self._draining
 
     def on_circuit_change(self, listener: CircuitListener) -> None:
         """Call ``listener(breaker, old_state, new_state)`` on every breaker transition."""
@@ -369,7 +611,7 @@ class Dispatcher:
 
     def __repr__(self) -> str:
         plugins = ", ".join(plugin.key for plugin in self.manifest.plugins)
-        return f"<Dispatcher {self._state} plugins=[{plugins}]>"
+        return f"<Dispatcher {self._state} plugins=[{plugins}] in_flight={self._in_flight.count}>"
 
     # -- internals -----------------------------------------------------------------------
 
@@ -422,3 +664,9 @@ class Dispatcher:
                     task.add_done_callback(self._event_tasks.discard)
             except Exception:
                 log.exception("event handler for %s/%s failed", plugin, event)
+
+
+def _checked_grace(grace: object) -> float:
+    if (type(grace) is float or type(grace) is int) and 0 <= grace <= 86_400:  # NaN fails
+        return float(grace)
+    raise InvalidParams(f"grace must be a number of seconds in [0, 86400], got {grace!r:.40}")

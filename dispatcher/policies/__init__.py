@@ -189,9 +189,16 @@ class PolicyRuntime:
             dropped += cache.invalidate()
         return dropped
 
-    async def aclose(self) -> None:
+    def flush_batches(self) -> None:
+        """Send every queued batch now, without waiting out its window (a drain began)."""
         for batcher in self.batchers:
-            await batcher.aclose()
+            batcher.flush_now()
+
+    async def aclose(self, *, grace: float | None = None) -> None:
+        """Send queued batches and end every batch task, waiting at most ``grace`` seconds
+        for batches in flight (default: the batcher's own bound)."""
+        for batcher in self.batchers:
+            await batcher.aclose(grace=grace)
 
     def stats(self) -> dict[str, Any]:
         """Counters and states, for ``dispatcher health``, metrics and debugging."""

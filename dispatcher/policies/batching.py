@@ -119,12 +119,20 @@ class Batcher:
             else:
                 future.set_result(outcome.result)
 
-    async def aclose(self) -> None:
+    def flush_now(self) -> None:
+        """Send what is queued now, not at the end of its window (the dispatcher drains)."""
+        if self._pending:
+            self._flush()
+
+    async def aclose(self, *, grace: float | None = None) -> None:
+        """Send what is queued, wait ``grace`` seconds (default ``CLOSE_GRACE_SECONDS``)
+        for batches in flight, then cancel the rest: their callers get ``TargetUnavailable``."""
         self._closed = True
         if self._pending:
             self._flush()
         if self._in_flight:
-            _, late = await asyncio.wait(self._in_flight, timeout=CLOSE_GRACE_SECONDS)
+            bound = CLOSE_GRACE_SECONDS if grace is None else grace
+            _, late = await asyncio.wait(self._in_flight, timeout=bound)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)

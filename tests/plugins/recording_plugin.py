@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
@@ -86,3 +87,14 @@ class CountingPlugin(Plugin):
 
             await asyncio.sleep(delay)
         raise ValueError("no")
+
+
+class StubbornPlugin(Plugin):
+    """A plugin that ignores the first cancellation of its call (a hostile peer for drains)."""
+
+    async def stubborn(self, seconds: float) -> str:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            await asyncio.sleep(seconds)  # ignores it, then finishes anyway
+        return "done anyway"

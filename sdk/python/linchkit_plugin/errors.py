@@ -15,6 +15,7 @@ nothing from aiohttp, botocore or grpc reaches a caller.
     ├── CircuitOpen               circuit_open          yes (retry_after)
     ├── DeadlineExceeded          deadline_exceeded     yes, with a new deadline
     ├── TargetUnavailable         target_unavailable    yes
+    ├── ShuttingDown              shutting_down         yes (another replica may take it)
     ├── PluginError               plugin_error          as the plugin says
     └── ProviderError             provider_error        no
 
@@ -42,6 +43,7 @@ __all__ = [
     "PluginNotFound",
     "ProviderError",
     "RateLimited",
+    "ShuttingDown",
     "TargetUnavailable",
     "Unauthorized",
     "error_from_wire",
@@ -166,6 +168,17 @@ class TargetUnavailable(DispatchError):
     default_retryable = True
 
 
+class ShuttingDown(DispatchError):
+    """The dispatcher is draining or closing: it takes no new call, or the grace given to
+    the calls in flight ran out (``Dispatcher.drain``). Retryable: another replica may
+    take the call. ``details["stage"]`` says which: ``"refused"`` (never sent) or
+    ``"cut_off"`` (it was in flight and may have reached the plugin).
+    """
+
+    type = "shutting_down"
+    default_retryable = True
+
+
 class PluginError(DispatchError):
     """Raised by plugin code. Keeps the plugin's own error type and message."""
 
@@ -214,6 +227,7 @@ _BY_TYPE: dict[str, type[DispatchError]] = {
         CircuitOpen,
         DeadlineExceeded,
         TargetUnavailable,
+        ShuttingDown,
         ProviderError,
     )
 }
