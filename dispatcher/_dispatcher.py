@@ -5,6 +5,14 @@ routing table (``dispatcher._routes``) built once at start, fixes each call's de
 and hands the invocation to the method's policy chain; leaving it stops all of that.
 ``drain`` (or ``aclose(grace=…)``, or ``drain_on_signal``) stops it gracefully: no new
 work, the work in flight gets a grace period (``dispatcher._drain``).
+
+Why one module of ~670 lines: this is the host's one object, and its parts share state
+that must change together — the lifecycle (start, drain, aclose, signals), the call API
+(call, call_many, stream, publish, each counted in flight so a drain can wait for it or
+cut it off) and the introspection (health, stats). What has a job of its own already
+lives apart: routes (``_routes``), in-flight bookkeeping (``_drain``), policies, fleets.
+The next split, when the gateway arrives, is the lifecycle's signal handling and the
+introspection into modules of their own.
 """
 
 from __future__ import annotations
