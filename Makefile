@@ -10,7 +10,9 @@ $(STAMP): pyproject.toml sdk/python/pyproject.toml
 	@echo "installing the dispatcher and the plugin SDK (editable, extras http grpc knative dev) into $(VENV): about a minute the first time"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e './sdk/python[http,grpc,knative]' -e '.[dev]'
+	@# setuptools warns on every editable build that a folder named like the package may
+	@# shadow it; here that folder is the package itself, so the warning says nothing.
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -e './sdk/python[http,grpc,knative]' -e '.[dev]'
 	@# A virtualenv made before the SDK was its own distribution loses dispatcher-plugin when
 	@# pip removes the old host package after installing the SDK; put it back.
 	[ -x $(BIN)/dispatcher-plugin ] || $(BIN)/pip install --quiet --no-deps --force-reinstall -e ./sdk/python
