@@ -92,7 +92,13 @@ def _collect_garbage_after_each_test() -> Any:
 # runs everything. Marked here, from what each test uses, so a new test that uses one of
 # these fixtures or folders is marked without anyone remembering to.
 # moto_server backs the local Lambda, whose functions run in the Lambda runtime image.
-_DOCKER_FIXTURES = {"docker_images", "local_lambda", "lambda_dispatcher", "moto_server"}
+_DOCKER_FIXTURES = {
+    "docker_images",
+    "docker_base_image",  # the README quick start deploys to a container and a local Lambda
+    "local_lambda",
+    "lambda_dispatcher",
+    "moto_server",
+}
 _DOCKER_TESTS = {"test_the_demo_runs_end_to_end"}  # the demo starts sandboxed containers
 _TOOLCHAIN_TESTS = {"test_the_demo_runs_end_to_end"}  # … and the Go example plugin
 
@@ -114,5 +120,7 @@ def _needs_toolchain(item: pytest.Item) -> bool:
     if "polyglot" in item.path.parts:
         return True
     callspec = getattr(item, "callspec", None)
-    language = callspec.params.get("example", ("python",))[0] if callspec else "python"
+    params = callspec.params if callspec else {}
+    # The example fixture's param is (language, mode); other suites parametrize language.
+    language = params.get("language") or params.get("example", ("python",))[0]
     return "conformance" in item.path.parts and language != "python"
