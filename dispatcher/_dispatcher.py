@@ -6,13 +6,12 @@ and hands the invocation to the method's policy chain; leaving it stops all of t
 ``drain`` (or ``aclose(grace=…)``, or ``drain_on_signal``) stops it gracefully: no new
 work, the work in flight gets a grace period (``dispatcher._drain``).
 
-Why one module of ~670 lines: this is the host's one object, and its parts share state
-that must change together — the lifecycle (start, drain, aclose, signals), the call API
+Why one module of ~590 lines: this is the host's one object, and what is left here shares
+state that must change together — the lifecycle (start, drain, aclose) and the call API
 (call, call_many, stream, publish, each counted in flight so a drain can wait for it or
-cut it off) and the introspection (health, stats). What has a job of its own already
-lives apart: routes (``_routes``), in-flight bookkeeping (``_drain``), policies, fleets.
-The next split, when the gateway arrives, is the lifecycle's signal handling and the
-introspection into modules of their own.
+cut it off). What has a job of its own lives apart: routes (``_routes``), in-flight
+bookkeeping (``_drain``), signal handling (``_signals``), the host's event handlers
+(``_events``), health reports (``_health``), policies, fleets.
 """
 
 from __future__ import annotations
@@ -22,13 +21,15 @@ import logging
 import os
 import signal
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from dispatcher._drain import CUT_OFF_SECONDS, InFlight, OpenStream, current_task_getter
+from dispatcher._events import EventHandler, EventHandlers
+from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._routes import Route, RouteTable, checked_timeout
+from dispatcher._signals import SignalDrain
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
 from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
@@ -40,7 +41,7 @@ from linchkit_plugin.errors import (
     ShuttingDown,
 )
 from providers import provider_classes
-from providers.base import Health, Provider
+from providers.base import Provider
 from providers.invocation import Invocation, new_request_id
 from providers.target import TargetConfig
 
@@ -51,7 +52,6 @@ __all__ = ["Call", "Dispatcher", "TargetHealth"]
 
 log = logging.getLogger("dispatcher")
 
-EventHandler = Callable[[str, Any], Any]
 T = TypeVar("T")
 
 
@@ -64,23 +64,6 @@ class Call:
     params: Any = None
     caller: str | None = None
     timeout: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TargetHealth:
-    plugin: str
-    version: str
-    target: str
-    health: Health
-    #: The state of the target's circuit breaker, when one is configured.
-    circuit: str | None = None
-    #: For an instance of a fleet: the fleet (its target's description) and the
-    #: instance's state in it (``healthy``, ``ejected``, ``down``); None otherwise.
-    fleet: str | None = None
-    state: str | None = None
-    #: True while the dispatcher drains (``Dispatcher.drain``): it takes no new calls, so a
-    #: load balancer should send them to another replica, whatever the target's health.
-    draining: bool = False
 
 
 class Dispatcher:
@@ -101,12 +84,11 @@ class Dispatcher:
         self.policies: PolicyRuntime | None = None
         self.fleets: FleetRuntime | None = None
         self._circuit_listeners: list[CircuitListener] = []
-        self._handlers: dict[tuple[str, str], list[EventHandler]] = defaultdict(list)
+        self._events = EventHandlers()
         self._providers = providers if providers is not None else self._make_providers()
         for provider in self._providers.values():
-            provider.event_sink = self._emit
+            provider.event_sink = self._events.emit
             provider.use_egress(manifest.egress)
-        self._event_tasks: set[asyncio.Task[Any]] = set()
         self._routes = RouteTable()
         self._attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]] = []
         self._started_providers: list[Provider[Any]] = []
@@ -119,8 +101,7 @@ class Dispatcher:
         self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
         self._drained: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] | None = None
-        self._signals: list[int] = []
-        self._signal_task: asyncio.Task[None] | None = None
+        self._signal_drain = SignalDrain(lambda grace: self.aclose(grace=grace))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **options: Any) -> Self:
@@ -173,9 +154,7 @@ class Dispatcher:
             # Batches still queued go out before targets detach; after a drain, none is
             # waiting for its answer any more.
             await self.policies.aclose(grace=0.0 if drained else None)
-        for task in list(self._event_tasks):
-            task.cancel()
-        await asyncio.gather(*self._event_tasks, return_exceptions=True)
+        await self._events.aclose()
         while self._attached:
             provider, plugin, target = self._attached.pop()
             try:
@@ -188,13 +167,13 @@ class Dispatcher:
                 await provider.aclose()
             except Exception:
                 log.exception("closing provider %s failed", provider.name)
-        self._forget_signals()
+        self._signal_drain.forget()
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
 
     async def _wait_closed_by_another(self) -> None:
         closed = self._closed
-        signalled = self._signal_task
+        signalled = self._signal_drain.task
         if signalled is not None and signalled is asyncio.current_task():
             return
         if closed is not None and not closed.done():
@@ -258,29 +237,7 @@ class Dispatcher:
             raise RuntimeError(
                 f"drain_on_signal needs a running dispatcher; this one is {self._state}"
             )
-        loop = asyncio.get_running_loop()
-        for number in signals:
-            loop.add_signal_handler(number, self._on_signal, number, grace)
-            self._signals.append(number)
-
-    def _on_signal(self, number: int, grace: float) -> None:
-        if self._signal_task is not None:
-            return  # already draining for an earlier signal
-        log.warning("%s: draining for %g s, then closing", signal.Signals(number).name, grace)
-        self._signal_task = asyncio.get_running_loop().create_task(self._close_on_signal(grace))
-
-    async def _close_on_signal(self, grace: float) -> None:
-        try:
-            await self.aclose(grace=grace)
-        except Exception:
-            log.exception("closing the dispatcher after a signal failed")
-
-    def _forget_signals(self) -> None:
-        if not self._signals:
-            return
-        loop = asyncio.get_running_loop()
-        while self._signals:
-            loop.remove_signal_handler(self._signals.pop())
+        self._signal_drain.install(grace, signals)
 
     def _refused(self, what: str) -> ShuttingDown:
         return ShuttingDown(
@@ -542,40 +499,14 @@ class Dispatcher:
 
     async def health(self, *, timeout: float = 5.0) -> list[TargetHealth]:
         """Probe every target of every plugin, concurrently; a fleet, every instance."""
-        checks: list[tuple[PluginSpec[Any], TargetConfig, TargetConfig]] = [
-            (plugin, target, instance)
-            for plugin in self.manifest.plugins
-            for target in plugin.targets()
-            for instance in target.instance_targets()
-        ]
-        reports = await asyncio.gather(*(self._probe(each, timeout) for _, _, each in checks))
-        return [
-            TargetHealth(
-                plugin.id,
-                plugin.version,
-                instance.describe(),
-                report,
-                self._circuit_state(instance),
-                *self._fleet_state(target, instance),
-                draining=self._draining,
-            )
-            for (plugin, target, instance), report in zip(checks, reports, strict=True)
-        ]
-
-    def _fleet_state(
-        self, target: TargetConfig, instance: TargetConfig
-    ) -> tuple[str | None, str | None]:
-        fleet = self.fleets.get(target) if self.fleets is not None else None
-        if fleet is None:
-            return None, None
-        for member in fleet.instances:
-            if member.key == instance.key:
-                return fleet.name, str(fleet.state_of(member))
-        return fleet.name, None
-
-    def _circuit_state(self, target: TargetConfig) -> str | None:
-        breaker = self.policies.breaker_of(target) if self.policies is not None else None
-        return str(breaker.state) if breaker is not None else None
+        return await probe_targets(
+            self.manifest,
+            self._providers,
+            self.policies,
+            self.fleets,
+            timeout=timeout,
+            draining=self._draining,
+        )
 
     def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
         """Drop cached results: of one plugin, one of its methods, or everything."""
@@ -611,7 +542,7 @@ class Dispatcher:
 
     def on(self, plugin: str, event: str, handler: EventHandler) -> None:
         """Run ``handler(event, data)`` whenever ``plugin`` emits ``event`` (``"*"``: any event)."""
-        self._handlers[(plugin, event)].append(handler)
+        self._events.on(plugin, event, handler)
 
     @property
     def providers(self) -> dict[str, Provider[Any]]:
@@ -641,16 +572,6 @@ class Dispatcher:
         invoke = self.policies.chain(plugin, method, provider, plugin.target_of(method))
         return Route(plugin, method, provider, invoke, self.policies.gate(plugin, method))
 
-    async def _probe(self, target: TargetConfig, timeout: float) -> Health:
-        provider = self._providers[target.provider]
-        try:
-            async with asyncio.timeout(timeout):
-                return await provider.health(target)
-        except TimeoutError:
-            return Health("not_serving", f"no health answer within {timeout:.1f} s")
-        except Exception as error:
-            return Health("unknown", f"health probe failed: {error!r}")
-
     def _make_providers(self) -> dict[str, Provider[Any]]:
         used = {target.provider for plugin in self.manifest.plugins for target in plugin.targets()}
         classes = provider_classes()
@@ -658,20 +579,6 @@ class Dispatcher:
         for name in sorted(used):
             providers[name] = classes[name]()
         return providers
-
-    def _emit(self, plugin: str, event: str, data: Any) -> None:
-        for handler in (
-            *self._handlers.get((plugin, event), ()),
-            *self._handlers.get((plugin, "*"), ()),
-        ):
-            try:
-                outcome = handler(event, data)
-                if asyncio.iscoroutine(outcome):
-                    task = asyncio.get_running_loop().create_task(outcome)
-                    self._event_tasks.add(task)
-                    task.add_done_callback(self._event_tasks.discard)
-            except Exception:
-                log.exception("event handler for %s/%s failed", plugin, event)
 
 
 def _checked_grace(grace: object) -> float:
