@@ -12,10 +12,12 @@ refused when the manifest loads. Every message names the URL with its password m
 Connections go only where the manifest's ``egress`` allows (``providers.egress``): the
 URL's host when the route is built, each resolved address before it is dialled.
 
-Instances: ``instances: [{url: …}, …]`` (instead of ``url``, or besides it: ``url`` is then
-the first instance) makes the target a fleet. ``instance_targets()`` expands it into one
-single-URL ``HttpTarget`` per instance, sharing everything else; the dispatcher's fleet
-(``dispatcher.fleet``) picks one per call and hands it to ``invoke``, which is unchanged.
+Instances: ``instances: [{url: …, weight: …}, {dns: …}, {registry: …}, …]`` (instead of
+``url``, or besides it: ``url`` is then the first instance) makes the target a fleet.
+``instance_targets()`` expands the fixed ones, ``instance_at`` the ones discovery finds
+(``providers.discovery``), into single-URL ``HttpTarget``s sharing everything else; the
+dispatcher's fleet (``dispatcher.fleet``) picks one per call and hands it to ``invoke``,
+which is unchanged.
 
 A call that provably never reached the target (the connection could not be opened: refused,
 unreachable, TLS handshake failed) raises ``TargetUnavailable`` with
@@ -59,11 +61,19 @@ from providers._http_common import (
     status_error,
 )
 from providers.base import Health, Provider
+from providers.discovery import (
+    DnsInstance,
+    Endpoint,
+    RegistryInstance,
+    Weight,
+    instance_item,
+)
 from providers.envelope import decode_batch_response, decode_response
 from providers.invocation import Invocation, Outcome
 from providers.target import (
     Balance,
     Destination,
+    Discovery,
     FleetSettings,
     HealthCheck,
     OutlierDetection,
@@ -86,6 +96,11 @@ class HttpInstance(StrictModel):
     """One instance of an HTTP fleet."""
 
     url: AnyHttpUrl
+    weight: Weight = 1
+
+
+#: The fields a fleet's instances do not inherit: they name the fleet, not one instance.
+_FLEET_FIELDS = ("url", "instances", "balance", "health_check", "outlier")
 
 
 class HttpTarget(TargetConfig):
@@ -95,10 +110,10 @@ class HttpTarget(TargetConfig):
     url: AnyHttpUrl | None = Field(
         default=None, description="Base URL of the function, e.g. http://127.0.0.1:8081"
     )
-    instances: list[HttpInstance] = Field(
+    instances: list[instance_item(HttpInstance)] = Field(  # type: ignore[valid-type]
         default_factory=list,
-        description="Several interchangeable servers of the function (a fleet); url, if set,"
-        " is the first.",
+        description="Several interchangeable servers of the function (a fleet): fixed URLs,"
+        " DNS names, an etcd registry; url, if set, is the first.",
     )
     balance: Balance = "least_request"
     health_check: HealthCheck | None = None
@@ -115,7 +130,7 @@ class HttpTarget(TargetConfig):
     @model_validator(mode="after")
     def _some_url_and_no_duplicate(self) -> HttpTarget:
         urls = self._urls()
-        if not urls:
+        if not urls and not self.instance_sources():
             raise ValueError("an http target needs a url or a list of instances")
         seen: set[str] = set()
         for url in urls:
@@ -150,10 +165,12 @@ class HttpTarget(TargetConfig):
 
     def describe(self) -> str:
         urls = self._urls()
-        if len(urls) == 1:
+        sources = self.instance_sources()
+        if len(urls) == 1 and not sources:
             return f"http {masked_url(urls[0]).rstrip('/')}{self.invoke_path}"
-        listed = ", ".join(masked_url(url).rstrip("/") for url in urls)
-        return f"http fleet [{listed}] {self.invoke_path}"
+        listed = [masked_url(url).rstrip("/") for url in urls]
+        listed += [source.describe() for source in sources]
+        return f"http fleet [{', '.join(listed)}] {self.invoke_path}"
 
     def endpoint(self, path: str) -> str:
         if self.url is None or self.instances:
@@ -164,24 +181,45 @@ class HttpTarget(TargetConfig):
 
     def destinations(self) -> tuple[Destination, ...]:
         named = () if self.url is None else (Destination.of_url("url", str(self.url)),)
-        return named + tuple(
-            Destination.of_url(f"instances[{index}].url", str(instance.url))
-            for index, instance in enumerate(self.instances)
-        )
+        listed: list[Destination] = []
+        for index, instance in enumerate(self.instances):
+            if isinstance(instance, HttpInstance):
+                listed.append(Destination.of_url(f"instances[{index}].url", str(instance.url)))
+            elif isinstance(instance, RegistryInstance):
+                where = f"instances[{index}].registry.etcd"
+                listed.append(Destination.of_url(where, str(instance.registry.etcd)))
+        return named + tuple(listed)
 
     def instance_targets(self) -> tuple[HttpTarget, ...]:
-        urls = self._urls()
+        return tuple(target for target, _ in self.weighted_instances())
+
+    def weighted_instances(self) -> list[tuple[HttpTarget, int]]:
         if self.url is not None and not self.instances:
-            return (self,)
+            return [(self, 1)]
+        head = [] if self.url is None else [(self.url, 1)]
+        fixed = [(i.url, i.weight) for i in self.instances if isinstance(i, HttpInstance)]
+        return [(self._at_url(str(url)), weight) for url, weight in head + fixed]
+
+    def instance_sources(self) -> list[Discovery]:
+        return [
+            instance.dns if isinstance(instance, DnsInstance) else instance.registry
+            for instance in self.instances
+            if isinstance(instance, DnsInstance | RegistryInstance)
+        ]
+
+    def instance_at(self, endpoint: Endpoint) -> HttpTarget:
+        return self._at_url(endpoint.url())
+
+    def _at_url(self, url: str) -> HttpTarget:
         # Validated again, not model_copy'd: a copy would carry the cached ``key`` along.
         # The fleet's own settings are left out, so an instance equals (shares its pool
         # and breaker with) a plain target of the same URL.
         fields = {
             name: getattr(self, name)
             for name in type(self).model_fields
-            if name not in ("url", "instances", "balance", "health_check", "outlier")
+            if name not in _FLEET_FIELDS
         }
-        return tuple(type(self).model_validate({**fields, "url": url}) for url in urls)
+        return type(self).model_validate({**fields, "url": url})
 
     def fleet_settings(self) -> FleetSettings:
         return FleetSettings(
@@ -190,7 +228,7 @@ class HttpTarget(TargetConfig):
 
     def _urls(self) -> list[AnyHttpUrl]:
         head = [] if self.url is None else [self.url]
-        return head + [instance.url for instance in self.instances]
+        return head + [i.url for i in self.instances if isinstance(i, HttpInstance)]
 
 
 class _Route:

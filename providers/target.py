@@ -14,9 +14,11 @@ where it connects through ``destinations()``, which the egress policy checks
 
 A target may stand for several interchangeable instances of one plugin (a *fleet*): it
 expands into one concrete single-address target per instance through
-``instance_targets()`` (default: itself), and states how the dispatcher balances and
-watches them in ``fleet_settings()`` (``FleetSettings``). Providers only ever receive the
-concrete targets, so a driver knows nothing of fleets (``dispatcher.fleet``).
+``instance_targets()`` (default: itself), may name discovery sources whose instances come
+and go while the dispatcher runs (``instance_sources()``, ``providers.discovery``), turns
+what they find into concrete targets (``instance_at``), and states how the dispatcher
+balances and watches them in ``fleet_settings()`` (``FleetSettings``). Providers only ever
+receive the concrete targets, so a driver knows nothing of fleets (``dispatcher.fleet``).
 """
 
 from __future__ import annotations
@@ -41,10 +43,13 @@ from pydantic import (
     model_validator,
 )
 
+from providers.discovery import DnsDiscovery, Endpoint, RegistryDiscovery
+
 __all__ = [
     "MASK",
     "Balance",
     "Destination",
+    "Discovery",
     "FleetSettings",
     "HealthCheck",
     "Lifecycle",
@@ -150,7 +155,10 @@ class Destination:
 
 
 #: How a fleet spreads calls over its instances.
-Balance = Literal["least_request", "round_robin"]
+Balance = Literal["least_request", "round_robin", "weighted"]
+
+#: A source of instances that change while the dispatcher runs.
+Discovery = DnsDiscovery | RegistryDiscovery
 
 
 class HealthCheck(StrictModel):
@@ -228,6 +236,25 @@ class TargetConfig(StrictModel):
         change at run time (DNS, a registry) belong to ``dispatcher.fleet.sources``.
         """
         return (self,)
+
+    def weighted_instances(self) -> Sequence[tuple[TargetConfig, int]]:
+        """``instance_targets()``, each with its weight (for ``balance: weighted``)."""
+        return [(instance, 1) for instance in self.instance_targets()]
+
+    def instance_sources(self) -> Sequence[Discovery]:
+        """The discovery sources of this target's instances (DNS, a registry); default none.
+
+        A target with any is a fleet even with no fixed instance: the dispatcher watches
+        the sources and adds and drains instances as they report them.
+        """
+        return ()
+
+    def instance_at(self, endpoint: Endpoint) -> TargetConfig:
+        """The concrete target of an instance a discovery source found at ``endpoint``."""
+        raise TypeError(f"{self.provider} targets have no discovered instances")
+
+    def is_fleet(self) -> bool:
+        return bool(self.instance_sources()) or len(self.instance_targets()) > 1
 
     def fleet_settings(self) -> FleetSettings:
         """How a fleet of this target's instances is balanced and watched."""

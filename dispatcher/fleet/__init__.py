@@ -30,7 +30,7 @@ from dispatcher.fleet.fleet import Fleet
 from dispatcher.fleet.health import HealthChecker
 from dispatcher.fleet.instances import Instance, InstanceState
 from dispatcher.fleet.outlier import OutlierDetector
-from dispatcher.fleet.sources import InstanceSource, StaticSource
+from dispatcher.fleet.sources import InstanceSource
 from dispatcher.fleet.step import FleetStep, never_sent
 from providers.base import Provider
 from providers.target import TargetConfig
@@ -49,7 +49,6 @@ __all__ = [
     "LeastRequest",
     "OutlierDetector",
     "RoundRobin",
-    "StaticSource",
     "is_health_failure",
     "never_sent",
 ]
@@ -69,10 +68,11 @@ class FleetRuntime:
         fleet = self.fleets.get(target.key)
         if fleet is not None:
             return fleet
-        instances = StaticSource(target).instances()
-        if len(instances) < 2:
+        if not target.is_fleet():
             return None
-        fleet = self.fleets[target.key] = Fleet(target, instances, provider, self.clock)
+        fleet = self.fleets[target.key] = Fleet(
+            target, target.instance_targets(), provider, self.clock
+        )
         return fleet
 
     def get(self, target: TargetConfig) -> Fleet | None:

@@ -1,0 +1,186 @@
+"""Where a fleet finds instances that come and go: DNS records and a registry.
+
+A fleet target's ``instances:`` mixes fixed addresses (each provider's own model, e.g.
+``{url: …}`` for HTTP) with *discovery sources*, which the dispatcher watches while it runs
+(``dispatcher.fleet.sources``):
+
+    instances:
+      - url: http://10.0.0.5:8080
+      - dns: {name: _echo._tcp.plugins.internal, type: SRV}
+      - dns: {name: echo.plugins.internal, type: A, port: 8080}
+      - registry: {etcd: http://127.0.0.1:2379, prefix: /linchkit/plugins/echo}
+
+A source reports ``Endpoint``s (host, port, weight); the target turns each into a
+concrete single-address target with ``TargetConfig.instance_at``. This module holds only
+the manifest's side: the models, checked when the manifest loads. It imports nothing of
+the rest of the providers package, so ``providers.target`` can build on it.
+
+The registry contract (what a plugin writes, what the dispatcher reads) is one etcd key
+per instance under the prefix, ``<prefix>/<instance id>``, attached to a lease the
+instance keeps alive, whose value is JSON: ``{"url": "http://host:port"}`` for an HTTP
+server or ``{"address": "host:port"}`` for a gRPC one, optionally ``"weight"`` (1-1000).
+The SDKs' ``--register`` writes exactly that (``linchkit_plugin.registry``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "DnsDiscovery",
+    "DnsInstance",
+    "Endpoint",
+    "RegistryDiscovery",
+    "RegistryInstance",
+    "Weight",
+    "discovery_kind",
+]
+
+#: How much of a fleet's traffic an instance takes, relative to the others (``weighted``).
+Weight = Annotated[int, Field(ge=1, le=1000)]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One instance a source found: where it listens and how much traffic it takes."""
+
+    host: str
+    port: int
+    weight: int = 1
+    #: For URL-addressed targets (HTTP, Knative): the scheme and path of the instance.
+    scheme: str = "http"
+    path: str = ""
+
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
+
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.address() if not self.path else self.url()
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DnsDiscovery(_Spec):
+    """Instances from DNS: the A/AAAA records of a name (with a port), or its SRV records."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.-]+\.?$")
+    type: Literal["A", "AAAA", "SRV"] = "SRV"
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="The port of A/AAAA instances."
+    )
+    scheme: Literal["http", "https"] = Field(
+        default="http", description="For URL targets (HTTP, Knative): how to reach instances."
+    )
+    server: str | None = Field(
+        default=None,
+        description="host:port of the DNS server to ask; default: the system's resolvers.",
+    )
+    min_refresh_ms: int = Field(
+        default=1_000, ge=100, description="Resolve again no sooner than this, whatever the TTL."
+    )
+    max_refresh_ms: int = Field(
+        default=300_000, ge=100, description="Resolve again at least this often."
+    )
+    timeout_ms: int = Field(default=2_000, ge=10, le=60_000)
+
+    @model_validator(mode="after")
+    def _port_matches_type(self) -> DnsDiscovery:
+        if self.type == "SRV" and self.port is not None:
+            raise ValueError("an SRV record names its own port: drop port")
+        if self.type != "SRV" and self.port is None:
+            raise ValueError(f"{self.type} records carry no port: give port")
+        if self.min_refresh_ms > self.max_refresh_ms:
+            raise ValueError("min_refresh_ms must not exceed max_refresh_ms")
+        return self
+
+    @field_validator("server")
+    @classmethod
+    def _server_is_host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"server must be host:port, got {value!r}")
+        return value
+
+    def server_address(self) -> tuple[str, int] | None:
+        if self.server is None:
+            return None
+        host, _, port = self.server.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def describe(self) -> str:
+        where = f":{self.port}" if self.port is not None else ""
+        return f"dns {self.type} {self.name}{where}"
+
+
+class RegistryDiscovery(_Spec):
+    """Instances from an etcd registry: every key under ``prefix``, watched."""
+
+    etcd: AnyHttpUrl = Field(description="Base URL of etcd's client API (v3 JSON gateway).")
+    prefix: str = Field(min_length=2, pattern=r"^/[^\s]*[^/\s]$")
+    timeout_ms: int = Field(default=2_000, ge=10, le=60_000)
+    retry_ms: int = Field(
+        default=1_000, ge=10, description="Wait before reading again after the registry failed."
+    )
+
+    @field_validator("etcd")
+    @classmethod
+    def _no_credentials(cls, value: AnyHttpUrl) -> AnyHttpUrl:
+        if value.username or value.password:
+            raise ValueError("etcd authentication by URL credentials is not supported")
+        return value
+
+    def describe(self) -> str:
+        return f"etcd {str(self.etcd).rstrip('/')} {self.prefix}"
+
+
+class DnsInstance(_Spec):
+    dns: DnsDiscovery
+
+
+class RegistryInstance(_Spec):
+    registry: RegistryDiscovery
+
+
+def discovery_kind(item: Any) -> str:
+    """The tag of one ``instances:`` item: ``dns``, ``registry`` or ``fixed``.
+
+    A discriminator, so a bad item gets the errors of the kind it means, not of every
+    kind it might have been.
+    """
+    keys = item.keys() if isinstance(item, dict) else vars(item) if hasattr(item, "__dict__") else ()
+    if "dns" in keys:
+        return "dns"
+    if "registry" in keys:
+        return "registry"
+    return "fixed"
+
+
+def instance_item(fixed: type[BaseModel]) -> Any:
+    """The type of one ``instances:`` item of a target whose fixed instances are ``fixed``."""
+    return Annotated[
+        Annotated[fixed, Tag("fixed")]
+        | Annotated[DnsInstance, Tag("dns")]
+        | Annotated[RegistryInstance, Tag("registry")],
+        Discriminator(discovery_kind),
+    ]
