@@ -93,7 +93,7 @@ async def _step_added(rounds: int, calls: int) -> float:
     async def stub(target: Any, invocation: Invocation) -> Any:
         return None
 
-    step = FleetStep(fleet, [None] * len(fleet.instances), stub)
+    step = FleetStep(fleet, stub)
     invocation = Invocation("bench", "1.0.0", "echo", {}, time.monotonic() + 60, "r")
     target = fleet.instances[0].target
     added = []

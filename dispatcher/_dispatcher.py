@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -127,7 +127,7 @@ class Dispatcher:
                 self._started_providers.append(provider)
             for plugin in self.manifest.plugins:
                 await self._attach(plugin)
-            self.fleets.start()
+            await self.fleets.start()
         except BaseException:
             await self.aclose()
             raise
@@ -155,6 +155,8 @@ class Dispatcher:
             # waiting for its answer any more.
             await self.policies.aclose(grace=0.0 if drained else None)
         await self._events.aclose()
+        if self.fleets is not None:
+            await self.fleets.detach_all()  # the instances discovery brought
         while self._attached:
             provider, plugin, target = self._attached.pop()
             try:
@@ -479,12 +481,19 @@ class Dispatcher:
                 for spec in self.manifest.plugins:
                     if spec.id == plugin and spec.version == wanted:
                         for target in spec.targets():
-                            for instance in target.instance_targets():
+                            for instance in self._instances_of(target):
                                 await self._publish_to(instance, invocation, event, data)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"publishing {event!r} to {plugin} took longer than {timeout:g} s"
             ) from None
+
+    def _instances_of(self, target: TargetConfig) -> Sequence[TargetConfig]:
+        """The concrete targets of ``target`` now: a fleet's current instances."""
+        fleet = self.fleets.get(target) if self.fleets is not None else None
+        if fleet is None:
+            return target.instance_targets()
+        return [instance.target for instance in fleet.instances]
 
     async def _publish_to(
         self, target: TargetConfig, invocation: Invocation, event: str, data: Any
@@ -561,7 +570,10 @@ class Dispatcher:
                 await provider.attach(plugin, instance)
                 self._attached.append((provider, plugin, instance))
         assert self.policies is not None
+        assert self.fleets is not None
         self._routes.add(plugin, {name: self._new_route(plugin, name) for name in plugin.methods})
+        for target in plugin.targets():
+            self.fleets.serve(plugin, target)
 
     def _provider_of(self, plugin: PluginSpec[Any], method: str) -> Provider[Any]:
         return self._providers[plugin.target_of(method).provider]
@@ -569,8 +581,10 @@ class Dispatcher:
     def _new_route(self, plugin: PluginSpec[Any], method: str) -> Route:
         assert self.policies is not None
         provider = self._provider_of(plugin, method)
-        invoke = self.policies.chain(plugin, method, provider, plugin.target_of(method))
-        return Route(plugin, method, provider, invoke, self.policies.gate(plugin, method))
+        target = plugin.target_of(method)
+        invoke = self.policies.chain(plugin, method, provider, target)
+        gate = self.policies.gate(plugin, method)
+        return Route(plugin, method, provider, invoke, gate, self.policies.fleets.get(target))
 
     def _make_providers(self) -> dict[str, Provider[Any]]:
         used = {target.provider for plugin in self.manifest.plugins for target in plugin.targets()}

@@ -1,7 +1,9 @@
 """``Dispatcher.health``: every target of every plugin probed, one report each.
 
-A fleet reports each of its instances, with the instance's state in the fleet and its
-breaker. A probe that times out is ``not_serving``; one that fails in a way its provider
+A fleet reports each of its instances as they are now (discovered ones included), with
+the instance's state in the fleet, its breaker and where it came from, and one report per
+discovery source: ``serving`` when its last read succeeded, ``not_serving`` with the
+reason when it failed (the fleet keeps calling the instances it listed before). A probe that times out is ``not_serving``; one that fails in a way its provider
 did not translate is ``unknown`` (providers must not raise from ``health``).
 """
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.config import Manifest, PluginSpec
-from dispatcher.fleet import FleetRuntime
+from dispatcher.fleet import Fleet, FleetRuntime, Instance, InstanceSource
 from dispatcher.policies import PolicyRuntime
 from providers.base import Health, Provider
 from providers.target import TargetConfig
@@ -32,6 +34,9 @@ class TargetHealth:
     #: instance's state in it (``healthy``, ``ejected``, ``down``); None otherwise.
     fleet: str | None = None
     state: str | None = None
+    #: Where a fleet's instance came from: ``manifest`` or a discovery source; for the
+    #: report of a source itself, ``source``.
+    source: str | None = None
     #: True while the dispatcher drains (``Dispatcher.drain``): it takes no new calls, so a
     #: load balancer should send them to another replica, whatever the target's health.
     draining: bool = False
@@ -46,28 +51,55 @@ async def probe_targets(
     timeout: float,
     draining: bool,
 ) -> list[TargetHealth]:
-    """One report per target (per instance, for a fleet), probed concurrently."""
-    checks: list[tuple[PluginSpec[Any], TargetConfig, TargetConfig]] = [
-        (plugin, target, instance)
-        for plugin in manifest.plugins
-        for target in plugin.targets()
-        for instance in target.instance_targets()
-    ]
+    """One report per target (per instance and per source, for a fleet), probed concurrently."""
+    checks: list[tuple[PluginSpec[Any], TargetConfig, tuple[Fleet, Instance] | None]] = []
+    sources: list[TargetHealth] = []
+    for plugin in manifest.plugins:
+        for target in plugin.targets():
+            fleet = fleets.get(target) if fleets is not None else None
+            if fleet is None:
+                checks += [(plugin, each, None) for each in target.instance_targets()]
+                continue
+            checks += [(plugin, each.target, (fleet, each)) for each in fleet.instances]
+            sources += [_source_report(plugin, fleet, source, draining) for source in fleet.sources]
     reports = await asyncio.gather(
-        *(_probe(providers[each.provider], each, timeout) for _, _, each in checks)
+        *(_probe(providers[each.provider], each, timeout) for _, each, _ in checks)
     )
     return [
         TargetHealth(
             plugin.id,
             plugin.version,
-            instance.describe(),
+            target.describe(),
             report,
-            _circuit_state(policies, instance),
-            *_fleet_state(fleets, target, instance),
+            _circuit_state(policies, target),
+            *_fleet_state(member),
             draining=draining,
         )
-        for (plugin, target, instance), report in zip(checks, reports, strict=True)
-    ]
+        for (plugin, target, member), report in zip(checks, reports, strict=True)
+    ] + sources
+
+
+def _source_report(
+    plugin: PluginSpec[Any], fleet: Fleet, source: InstanceSource, draining: bool
+) -> TargetHealth:
+    listed = sum(1 for instance in fleet.instances if instance.source == source.name)
+    if source.error is not None:
+        health = Health("not_serving", f"{source.error}; keeping the {listed} instances it listed")
+    elif not source.reads:
+        health = Health("unknown", "not read yet")
+    else:
+        health = Health("serving", f"lists {listed} instances")
+    return TargetHealth(
+        plugin.id,
+        plugin.version,
+        source.name,
+        health,
+        None,
+        fleet.name,
+        "source",
+        "source",
+        draining=draining,
+    )
 
 
 async def _probe(provider: Provider[Any], target: TargetConfig, timeout: float) -> Health:
@@ -81,15 +113,13 @@ async def _probe(provider: Provider[Any], target: TargetConfig, timeout: float) 
 
 
 def _fleet_state(
-    fleets: FleetRuntime | None, target: TargetConfig, instance: TargetConfig
-) -> tuple[str | None, str | None]:
-    fleet = fleets.get(target) if fleets is not None else None
-    if fleet is None:
-        return None, None
-    for member in fleet.instances:
-        if member.key == instance.key:
-            return fleet.name, str(fleet.state_of(member))
-    return fleet.name, None
+    member: tuple[Fleet, Instance] | None,
+) -> tuple[str | None, str | None, str | None]:
+    """The fleet, state and source of an instance; all None for a target that is no fleet."""
+    if member is None:
+        return None, None, None
+    fleet, instance = member
+    return fleet.name, str(fleet.state_of(instance)), instance.source
 
 
 def _circuit_state(policies: PolicyRuntime | None, target: TargetConfig) -> str | None:

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from dispatcher.config import DEFAULT_TIMEOUT_MS, PluginSpec
+from dispatcher.fleet import Fleet
 from dispatcher.policies import Gate, Step
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -19,6 +20,7 @@ from linchkit_plugin.errors import (
     InvalidParams,
     MethodNotFound,
     PluginNotFound,
+    TargetUnavailable,
 )
 from providers.base import Provider
 from providers.invocation import Invocation
@@ -53,6 +55,7 @@ class Route:
         provider: Provider[Any],
         invoke: Step,
         gate: Gate,
+        fleet: Fleet | None = None,
     ) -> None:
         policies = plugin.policies_of(method)
         self.plugin = plugin.id
@@ -63,9 +66,11 @@ class Route:
         self.validate = _params_validator(plugin.methods[method].params_schema)
         self.invoke = invoke
         self.gate = gate
-        # Streams of a fleet go to its first instance: no provider with instances streams yet.
-        target = plugin.target_of(method).instance_targets()[0]
-        self.stream = _bind_stream(provider, target)
+        if fleet is None:
+            (target,) = plugin.target_of(method).instance_targets()
+            self.stream = _bind_stream(provider, target)
+        else:
+            self.stream = _bind_fleet_stream(provider, fleet)
 
 
 def _bind_stream(
@@ -77,6 +82,28 @@ def _bind_stream(
         return stream(target, invocation)
 
     return stream_target
+
+
+def _bind_fleet_stream(
+    provider: Provider[Any], fleet: Fleet
+) -> Callable[[Invocation], AsyncGenerator[Any, None]]:
+    """Each stream goes to one instance the fleet's balancer picks, and stays there: a
+    stream that has yielded cannot move, so streams are balanced but never failed over."""
+    stream = provider.stream
+
+    async def stream_instance(invocation: Invocation) -> AsyncGenerator[Any, None]:
+        instance = fleet.pick()
+        if instance is None:
+            raise TargetUnavailable(f"{fleet.name} has no instance: {fleet.why_empty()}")
+        instance.in_flight += 1
+        instance.calls += 1
+        try:
+            async for chunk in stream(instance.target, invocation):
+                yield chunk
+        finally:
+            instance.in_flight -= 1
+
+    return stream_instance
 
 
 def _params_validator(schema: dict[str, Any] | None) -> Callable[[Any], None] | None:

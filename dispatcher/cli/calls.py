@@ -71,8 +71,9 @@ def call(
 def health(context: click.Context, output: str) -> None:
     """Probe every target (every instance of a fleet); exit 1 if any is not serving.
 
-    STATE is an instance's state in its fleet (healthy, ejected, down); "-" for a target
-    with one instance.
+    STATE is an instance's state in its fleet (healthy, ejected, down, leaving); "-" for a
+    target with one instance. A fleet's discovery sources (DNS, a registry) get a row each,
+    STATE "source", not serving when their last read failed.
     """
     manifest = load(context)
     try:
@@ -88,6 +89,7 @@ def health(context: click.Context, output: str) -> None:
                 "target": report.target,
                 "fleet": report.fleet,
                 "state": report.state,
+                "source": report.source,
                 "status": report.health.status,
                 "circuit": report.circuit,
                 "latency_ms": report.health.latency_ms,

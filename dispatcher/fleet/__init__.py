@@ -4,23 +4,28 @@ The layer between the policies and the providers (``docs/architecture.md``, "Fle
 
     policies ─► FleetStep ─► pick an instance ─► its breaker ─► provider.invoke(instance)
 
-* ``sources``: where the instances come from (``InstanceSource``; static lists only, so far);
+* ``sources``: where instances come from besides the manifest's list (``InstanceSource``:
+  DNS, an etcd registry), and ``membership``: keeping the set in step with them while
+  calls run (attach, join; leave, finish in-flight calls, detach);
 * ``instances``, ``fleet``: the instance set and each instance's state
-  (healthy / ejected / down), and picking one (``balancer``: least_request, round_robin);
+  (healthy / ejected / down / leaving), and picking one (``balancer``: least_request,
+  round_robin, weighted);
 * ``outlier``: passive health, ejecting an instance that keeps failing calls (I/O-free);
 * ``health``: active health checks, one task per fleet;
 * ``breaker``: the circuit breaker of one instance (I/O-free);
 * ``step``: the step a fleet target's chain ends with, and failover.
 
-A target with one instance is not a fleet: its chain calls the provider as before, with
-no step added. ``FleetRuntime`` holds the fleets of one dispatcher (one per target, shared
-by every method calling it) and owns their health-check tasks: ``start`` starts them,
-``aclose`` ends them.
+A target with one fixed instance and no discovery source is not a fleet: its chain calls
+the provider as before, with no step added. ``FleetRuntime`` holds the fleets of one
+dispatcher (one per target, shared by every method and plugin calling it) and owns their
+tasks (health checks, sources, membership): ``start`` starts them, ``aclose`` ends them,
+``detach_all`` detaches the instances discovery brought.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -29,11 +34,12 @@ from dispatcher.fleet.breaker import BreakerState, CircuitBreaker, is_health_fai
 from dispatcher.fleet.fleet import Fleet
 from dispatcher.fleet.health import HealthChecker
 from dispatcher.fleet.instances import Instance, InstanceState
+from dispatcher.fleet.membership import Membership
 from dispatcher.fleet.outlier import OutlierDetector
 from dispatcher.fleet.sources import InstanceSource
 from dispatcher.fleet.step import FleetStep, never_sent
 from providers.base import Provider
-from providers.target import TargetConfig
+from providers.target import PluginInfo, TargetConfig
 
 __all__ = [
     "Balancer",
@@ -47,6 +53,7 @@ __all__ = [
     "InstanceSource",
     "InstanceState",
     "LeastRequest",
+    "Membership",
     "OutlierDetector",
     "RoundRobin",
     "is_health_failure",
@@ -57,29 +64,52 @@ __all__ = [
 class FleetRuntime:
     """The fleets of one dispatcher and the tasks that watch them."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], *, drain_timeout: float = 30.0) -> None:
         self.clock = clock
         self.fleets: dict[str, Fleet] = {}
         self.checkers: list[HealthChecker] = []
+        self.memberships: dict[str, Membership] = {}
+        #: How long an instance that left waits for its calls before it is detached.
+        self.drain_timeout = drain_timeout
+        self._plugins: dict[str, list[PluginInfo]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def fleet_of(self, target: TargetConfig, provider: Provider[Any]) -> Fleet | None:
-        """The fleet of ``target`` (made on first use), or None when it has one instance."""
+        """The fleet of ``target`` (made on first use), or None when it is not a fleet."""
         fleet = self.fleets.get(target.key)
         if fleet is not None:
             return fleet
         if not target.is_fleet():
             return None
+        weighted = target.weighted_instances()
         fleet = self.fleets[target.key] = Fleet(
-            target, target.instance_targets(), provider, self.clock
+            target,
+            [each for each, _ in weighted],
+            provider,
+            self.clock,
+            weights=[weight for _, weight in weighted],
         )
         return fleet
 
     def get(self, target: TargetConfig) -> Fleet | None:
         return self.fleets.get(target.key)
 
-    def start(self) -> None:
-        """Start the active health checks of every fleet that configures them."""
+    def serve(self, plugin: PluginInfo, target: TargetConfig) -> None:
+        """``plugin`` calls the fleet of ``target``: instances discovery brings are
+        attached for it too."""
+        if target.key in self.fleets:
+            self._plugins.setdefault(target.key, []).append(plugin)
+
+    async def start(self, *, first_read_timeout: float = 5.0) -> None:
+        """Start watching every fleet: discovery sources (waiting until each has answered
+        once, at most ``first_read_timeout``) and active health checks."""
+        loop = asyncio.get_running_loop()
+        memberships = [
+            self._membership(fleet)
+            for fleet in self.fleets.values()
+            if fleet.target.instance_sources()
+        ]
+        await asyncio.gather(*(each.start(first_read_timeout) for each in memberships))
         for fleet in self.fleets.values():
             settings = fleet.settings.health_check
             if settings is None:
@@ -87,19 +117,49 @@ class FleetRuntime:
             checker = HealthChecker(fleet, settings)
             self.checkers.append(checker)
             self._tasks.append(
-                asyncio.get_running_loop().create_task(
-                    checker.run(), name=f"health checks of {fleet.name}"
-                )
+                loop.create_task(checker.run(), name=f"health checks of {fleet.name}")
             )
 
     async def aclose(self) -> None:
+        """End every task; discovered instances stay attached until ``detach_all``."""
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for membership in self.memberships.values():
+            await membership.aclose()
+
+    async def detach_all(self) -> None:
+        for membership in self.memberships.values():
+            await membership.detach_all()
 
     def stats(self) -> dict[str, Any]:
         return {fleet.name: fleet.stats() for fleet in self.fleets.values()}
 
+    def _membership(self, fleet: Fleet) -> Membership:
+        plugins = self._plugins.setdefault(fleet.target.key, [])
+        provider = fleet.provider
+
+        async def attach(target: TargetConfig) -> None:
+            attached: list[PluginInfo] = []
+            try:
+                for plugin in plugins:
+                    await provider.attach(plugin, target)
+                    attached.append(plugin)
+            except BaseException:
+                for plugin in reversed(attached):  # all plugins or none
+                    with contextlib.suppress(Exception):
+                        await provider.detach(plugin, target)
+                raise
+
+        async def detach(target: TargetConfig) -> None:
+            for plugin in reversed(plugins):
+                await provider.detach(plugin, target)
+
+        membership = self.memberships[fleet.target.key] = Membership(
+            fleet, attach=attach, detach=detach, drain_timeout=self.drain_timeout
+        )
+        return membership
+
     def __repr__(self) -> str:
-        return f"<FleetRuntime fleets={len(self.fleets)} checks={len(self._tasks)}>"
+        return f"<FleetRuntime fleets={len(self.fleets)} tasks={len(self._tasks)}>"

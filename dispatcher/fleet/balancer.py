@@ -4,19 +4,24 @@
 two instances drawn at random, the one with fewer unanswered calls wins. It needs no
 global scan, and it steers away from a slow instance (its calls pile up) without the herd
 behaviour of always picking the single least loaded one. ``round_robin`` takes them in
-turn. Both see only the instances handed to them; the fleet decides which are in service.
+turn. ``weighted`` draws at random in proportion to each instance's ``weight`` (the
+manifest's, an SRV record's, a registration's). All see only the instances handed to
+them; the fleet decides which are in service. ``least_request`` and ``round_robin``
+ignore weights.
 """
 
 from __future__ import annotations
 
 import abc
+from bisect import bisect_right
 from collections.abc import Sequence
+from itertools import accumulate
 from random import random
 
 from dispatcher.fleet.instances import Instance
 from providers.target import Balance
 
-__all__ = ["Balancer", "LeastRequest", "RoundRobin", "new_balancer"]
+__all__ = ["Balancer", "LeastRequest", "RoundRobin", "Weighted", "new_balancer"]
 
 
 class Balancer(abc.ABC):
@@ -58,5 +63,29 @@ class RoundRobin(Balancer):
         return f"<RoundRobin turn={self._turn}>"
 
 
+class Weighted(Balancer):
+    """Random in proportion to weight: O(log n) per pick over running sums kept per set."""
+
+    __slots__ = ("_for", "_sums")
+
+    def __init__(self) -> None:
+        self._for: Sequence[Instance] | None = None
+        self._sums: list[int] = []
+
+    def choose(self, instances: Sequence[Instance]) -> Instance:
+        if instances is not self._for:  # the fleet replaces its tuple when the set changes
+            self._sums = list(accumulate(instance.weight for instance in instances))
+            self._for = instances
+        sums = self._sums
+        return instances[bisect_right(sums, random() * sums[-1])]
+
+    def __repr__(self) -> str:
+        return f"<Weighted total={self._sums[-1] if self._sums else 0}>"
+
+
 def new_balancer(balance: Balance) -> Balancer:
-    return RoundRobin() if balance == "round_robin" else LeastRequest()
+    if balance == "round_robin":
+        return RoundRobin()
+    if balance == "weighted":
+        return Weighted()
+    return LeastRequest()

@@ -1,5 +1,11 @@
 """A fleet: the instances of one target, which of them are in service, and picking one.
 
+The set changes while calls run: ``join`` adds an instance (attached by then), ``leave``
+takes one out of the set at once, so no new call picks it, while its calls in flight
+finish (``dispatcher.fleet.membership`` decides who joins and leaves, and detaches those
+that left once they are idle). ``instances`` is replaced, never mutated, so a call that
+read it holds a consistent tuple.
+
 An instance is *in service* unless an active health check has marked it down or the
 outlier detector has ejected it. ``pick`` hands the balancer the instances in service;
 when none is, it hands it every instance (panic mode, as Envoy does): a call tried on an
@@ -17,8 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dispatcher.fleet.balancer import new_balancer
-from dispatcher.fleet.instances import Instance, InstanceState
+from dispatcher.fleet.instances import FIXED, Instance, InstanceState
 from dispatcher.fleet.outlier import OutlierDetector
+from dispatcher.fleet.sources import InstanceSource
 from providers.base import Provider
 from providers.target import FleetSettings, TargetConfig
 
@@ -37,12 +44,19 @@ class Fleet:
         provider: Provider[Any],
         clock: Callable[[], float],
         settings: FleetSettings | None = None,
+        *,
+        weights: Sequence[int] | None = None,
     ) -> None:
         self.target = target
         self.name = target.describe()
         self.provider = provider
         self.settings = settings or target.fleet_settings()
-        self.instances = tuple(Instance(index, each) for index, each in enumerate(instances))
+        weights = weights or [1] * len(instances)
+        self.instances = tuple(
+            Instance(index, each, weight=weight)
+            for index, (each, weight) in enumerate(zip(instances, weights, strict=True))
+        )
+        self._next_index = len(self.instances)
         self.balancer = new_balancer(self.settings.balance)
         outlier = self.settings.outlier
         self.outliers = OutlierDetector(
@@ -58,13 +72,62 @@ class Fleet:
         self.down = 0
         #: Attempts moved to another instance because they never reached the first.
         self.failovers = 0
+        #: The discovery sources watched for this fleet (``membership``), for reports.
+        self.sources: tuple[InstanceSource, ...] = ()
+
+    # -- membership --------------------------------------------------------------------
+
+    def member(self, key: str) -> Instance | None:
+        """The instance whose target has ``key``, if it is in the set."""
+        for instance in self.instances:
+            if instance.key == key:
+                return instance
+        return None
+
+    def join(self, target: TargetConfig, *, weight: int = 1, source: str = FIXED) -> Instance:
+        """Add the instance of ``target`` (attached already); it takes calls at once."""
+        instance = Instance(self._next_index, target, weight=weight, source=source)
+        self._next_index += 1
+        self.instances = (*self.instances, instance)
+        self.outliers.resize(len(self.instances))
+        log.info("%s: instance %s joined (%s)", self.name, target.describe(), source)
+        return instance
+
+    def leave(self, instance: Instance) -> None:
+        """Take ``instance`` out of the set: no new call picks it; calls in flight finish."""
+        if instance.leaving:
+            return
+        instance.leaving = True
+        self.instances = tuple(each for each in self.instances if each is not instance)
+        if instance.down:
+            instance.down = False
+            self.down -= 1
+        self.outliers.forget(instance.index)
+        self.outliers.resize(len(self.instances))
+        log.info(
+            "%s: instance %s left (%s)", self.name, instance.target.describe(), instance.source
+        )
+
+    def reweigh(self, instance: Instance, weight: int) -> None:
+        instance.weight = weight
+        self.instances = tuple(self.instances)  # a new tuple: balancers re-read weights
+
+    def why_empty(self) -> str:
+        """Why no instance is known, for the error a call then gets."""
+        if not self.sources:
+            return "the manifest lists none"
+        return "; ".join(
+            f"{source.name}: {source.error or ('listed none' if source.reads else 'not read yet')}"
+            for source in self.sources
+        )
 
     # -- choosing --------------------------------------------------------------------
 
     def pick(self, avoid: Sequence[int] | None = None) -> Instance | None:
         """An instance for the next attempt, none of ``avoid`` (indices); None if none is left."""
-        if avoid is None and not self.down and not self.outliers.ejected:
-            return self.balancer.choose(self.instances)
+        instances = self.instances
+        if avoid is None and not self.down and not self.outliers.ejected and instances:
+            return self.balancer.choose(instances)
         return self._pick_among_some(avoid or ())
 
     def _pick_among_some(self, avoid: Sequence[int]) -> Instance | None:
@@ -78,6 +141,8 @@ class Fleet:
         return not instance.down and not self.outliers.is_ejected(instance.index)
 
     def state_of(self, instance: Instance) -> InstanceState:
+        if instance.leaving:
+            return InstanceState.LEAVING
         if instance.down:
             return InstanceState.DOWN
         if self.outliers.is_ejected(instance.index):
@@ -87,12 +152,13 @@ class Fleet:
     # -- what calls and probes saw ------------------------------------------------------
 
     def record_success(self, instance: Instance) -> None:
-        self.outliers.failures[instance.index] = 0
+        if not instance.leaving:
+            self.outliers.record_success(instance.index)
 
     def record_failure(self, instance: Instance) -> None:
         """A health failure (``is_health_failure``) of a call sent to ``instance``."""
         instance.failures += 1
-        if self.outliers.record_failure(instance.index):
+        if not instance.leaving and self.outliers.record_failure(instance.index):
             instance.probe_successes = 0  # only probes after the ejection may end it early
 
     def record_probe(
@@ -104,6 +170,8 @@ class Fleet:
         probes in a row bring it back, and end an ejection too: the instance answers its
         probes again, so its calls should have their chance (Envoy's default).
         """
+        if instance.leaving:
+            return
         if serving:
             instance.probe_failures = 0
             instance.probe_successes += 1
@@ -124,11 +192,17 @@ class Fleet:
     def stats(self) -> dict[str, Any]:
         return {
             "balance": self.settings.balance,
+            "sources": [
+                {"source": source.name, "reads": source.reads, "error": source.error}
+                for source in self.sources
+            ],
             "failovers": self.failovers,
             "ejections": self.outliers.total_ejections,
             "instances": [
                 {
                     "target": instance.target.describe(),
+                    "source": instance.source,
+                    "weight": instance.weight,
                     "state": str(self.state_of(instance)),
                     "in_flight": instance.in_flight,
                     "calls": instance.calls,

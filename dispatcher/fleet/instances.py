@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from providers.target import TargetConfig
 
-__all__ = ["Instance", "InstanceState"]
+if TYPE_CHECKING:
+    from dispatcher.fleet.breaker import CircuitBreaker
+
+__all__ = ["FIXED", "Instance", "InstanceState"]
 
 
 class InstanceState(StrEnum):
@@ -20,27 +24,51 @@ class InstanceState(StrEnum):
     HEALTHY = "healthy"
     EJECTED = "ejected"
     DOWN = "down"
+    #: No longer listed by its source: finishing its calls, then detached.
+    LEAVING = "leaving"
+
+
+#: Where a fixed instance (one the manifest lists) comes from, for ``dispatcher health``.
+FIXED = "manifest"
 
 
 class Instance:
-    """One concrete target of a fleet and its counters; the fleet keeps its state."""
+    """One concrete target of a fleet and its counters; the fleet keeps its state.
+
+    ``index`` names the instance within its fleet for as long as the dispatcher runs:
+    never reused, so an instance that leaves and one that joins are never confused (a
+    retry avoiding "index 2" avoids that instance, not whichever took its place).
+    """
 
     __slots__ = (
+        "breaker",
         "calls",
         "down",
         "failures",
         "in_flight",
         "index",
         "key",
+        "leaving",
         "probe_failures",
         "probe_successes",
+        "source",
         "target",
+        "weight",
     )
 
-    def __init__(self, index: int, target: TargetConfig) -> None:
+    def __init__(
+        self, index: int, target: TargetConfig, *, weight: int = 1, source: str = FIXED
+    ) -> None:
         self.index = index
         self.target = target
         self.key = target.key
+        self.weight = weight
+        #: Where the fleet learnt of it: ``manifest`` or a discovery source's name.
+        self.source = source
+        #: The instance's circuit breaker, made by the first method that configures one.
+        self.breaker: CircuitBreaker | None = None
+        #: Its source no longer lists it: it takes no new call, and detaches once idle.
+        self.leaving = False
         #: Calls sent and not answered yet: what least_request balances on.
         self.in_flight = 0
         #: Attempts sent to it, and how many ended with a health failure.
@@ -52,7 +80,7 @@ class Instance:
         self.probe_successes = 0
 
     def __repr__(self) -> str:
-        state = " down" if self.down else ""
+        state = " down" if self.down else " leaving" if self.leaving else ""
         return (
             f"<Instance {self.index} {self.target.describe()}{state} in_flight={self.in_flight}"
             f" calls={self.calls} failures={self.failures}>"

@@ -13,7 +13,9 @@ whose instances all fail has a problem ejection would only hide, so past the lim
 failing instances stay in service and the breaker or the retry policy take over.
 
 Free of I/O, with an injected clock, and tested synchronously like the breaker
-(``tests/test_fleet_model.py``). Transitions, per instance:
+(``tests/test_fleet_model.py``). Instances are named by their fleet index, a number never
+reused within a fleet, so the set may change while the detector runs: ``resize`` when
+instances join or leave (the ejection limit follows the size), ``forget`` one that left. Transitions, per instance:
 
     in service ──failure, consecutive_failures reached, under the limit──► ejected
     in service ──failure, below consecutive_failures or at the limit──► in service (counted)
@@ -36,7 +38,7 @@ Clock = Callable[[], float]
 
 
 class OutlierDetector:
-    """The ejection state of the ``size`` instances of one fleet, by index."""
+    """The ejection state of the instances of one fleet, by index."""
 
     __slots__ = (
         "_clock",
@@ -47,6 +49,7 @@ class OutlierDetector:
         "ejections",
         "failures",
         "max_ejected",
+        "max_ejected_percent",
         "max_ejection",
         "name",
         "returned_at",
@@ -68,29 +71,43 @@ class OutlierDetector:
         self.consecutive_failures = consecutive_failures
         self.base_ejection = base_ejection
         self.max_ejection = max(max_ejection, base_ejection)
-        allowed = size * max_ejected_percent // 100
-        #: How many instances may be ejected at once.
-        self.max_ejected = max(1, allowed) if max_ejected_percent > 0 else 0
+        self.max_ejected_percent = max_ejected_percent
+        #: How many instances may be ejected at once (``resize``).
+        self.max_ejected = 0
         self._clock = clock
-        #: Health failures in a row, per instance.
-        self.failures = [0] * size
+        #: Health failures in a row, per instance (absent: none).
+        self.failures: dict[int, int] = {}
         #: Ejections counted towards the next one's length (decays while in service).
-        self.ejections = [0] * size
-        #: When each ejection ends; 0.0 for an instance in service.
-        self.ejected_until = [0.0] * size
-        self.returned_at = [0.0] * size
+        self.ejections: dict[int, int] = {}
+        #: When each ejection ends; absent for an instance in service.
+        self.ejected_until: dict[int, float] = {}
+        self.returned_at: dict[int, float] = {}
         #: Instances ejected now (some may be past their time until next asked).
         self.ejected = 0
         self.total_ejections = 0
+        self.resize(size)
+
+    def resize(self, size: int) -> None:
+        """The fleet has ``size`` instances now: the ejection limit follows."""
+        allowed = size * self.max_ejected_percent // 100
+        self.max_ejected = max(1, allowed) if self.max_ejected_percent > 0 else 0
+
+    def forget(self, index: int) -> None:
+        """``index`` left the fleet: drop its state (an ejection of it ends)."""
+        if self.ejected_until.pop(index, None) is not None:
+            self.ejected -= 1
+        self.failures.pop(index, None)
+        self.ejections.pop(index, None)
+        self.returned_at.pop(index, None)
 
     def record_success(self, index: int) -> None:
         self.failures[index] = 0
 
     def record_failure(self, index: int) -> bool:
         """Count a health failure of ``index``; True when it ejects the instance."""
-        if self.ejected_until[index]:
+        if index in self.ejected_until:
             return False  # sent before it was ejected: says nothing new
-        failures = self.failures[index] = self.failures[index] + 1
+        failures = self.failures[index] = self.failures.get(index, 0) + 1
         if failures < self.consecutive_failures:
             return False
         self.release_expired()
@@ -101,8 +118,8 @@ class OutlierDetector:
 
     def is_ejected(self, index: int) -> bool:
         """True while ``index`` is ejected; an ejection past its time ends here."""
-        until = self.ejected_until[index]
-        if not until:
+        until = self.ejected_until.get(index)
+        if until is None:
             return False
         if self._clock() < until:
             return True
@@ -111,9 +128,8 @@ class OutlierDetector:
 
     def release(self, index: int) -> None:
         """Put ``index`` back in service now (its time passed, or a health check passed)."""
-        if not self.ejected_until[index]:
+        if self.ejected_until.pop(index, None) is None:
             return
-        self.ejected_until[index] = 0.0
         self.ejected -= 1
         self.failures[index] = 0
         self.returned_at[index] = self._clock()
@@ -121,19 +137,19 @@ class OutlierDetector:
 
     def release_expired(self) -> None:
         if self.ejected:
-            for index in range(len(self.ejected_until)):
+            for index in list(self.ejected_until):
                 self.is_ejected(index)
 
     def ejection_left(self, index: int) -> float:
         """Seconds until ``index`` is back in service (0 when it is)."""
-        until = self.ejected_until[index]
-        return max(0.0, until - self._clock()) if until else 0.0
+        until = self.ejected_until.get(index)
+        return max(0.0, until - self._clock()) if until is not None else 0.0
 
     def _eject(self, index: int) -> None:
         now = self._clock()
-        previous = self.ejections[index]
+        previous = self.ejections.get(index, 0)
         if previous:
-            in_service = now - self.returned_at[index]
+            in_service = now - self.returned_at.get(index, now)
             previous = max(0, previous - int(in_service // self.base_ejection))
         ejections = self.ejections[index] = previous + 1
         duration = min(self.base_ejection * ejections, self.max_ejection)

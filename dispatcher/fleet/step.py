@@ -3,7 +3,9 @@
     retry ─► FleetStep ─► pick (balancer, states) ─► breaker of that instance ─► provider
 
 Each attempt goes to one instance; its breaker (one per instance, keyed by the instance
-target's ``key``) admits it, and its outcome feeds the breaker and the outlier detector.
+target's ``key``, made when a method that configures breakers first calls it) admits it,
+and its outcome feeds the breaker and the outlier detector. A fleet with no instance
+(its sources have listed none yet) fails the call with ``TargetUnavailable`` naming them.
 
 **Failover.** An attempt that provably never reached the plugin moves to another
 instance, for any method, idempotent or not, as long as the deadline allows and an
@@ -27,13 +29,15 @@ from typing import Any
 from dispatcher.fleet.breaker import CircuitBreaker, guard_batch, is_health_failure
 from dispatcher.fleet.fleet import Fleet
 from dispatcher.fleet.instances import Instance
-from linchkit_plugin.errors import CircuitOpen, DispatchError
+from linchkit_plugin.errors import CircuitOpen, DispatchError, TargetUnavailable
 from providers.invocation import Invocation, Outcome
 from providers.target import TargetConfig
 
 __all__ = ["FleetStep", "never_sent"]
 
 Invoke = Callable[[TargetConfig, Invocation], Awaitable[Any]]
+#: Makes (or finds) the breaker of an instance; None: the method configures no breaker.
+BreakerFor = Callable[[Instance], CircuitBreaker] | None
 InvokeBatch = Callable[[TargetConfig, Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]
 
 #: The instance that last failed an attempt of an invocation that may be retried.
@@ -50,15 +54,22 @@ def never_sent(error: DispatchError) -> bool:
 class FleetStep:
     """The end of the chain of one method on a fleet target."""
 
-    __slots__ = ("breakers", "fleet", "invoke")
+    __slots__ = ("breaker_for", "fleet", "invoke")
 
-    def __init__(
-        self, fleet: Fleet, breakers: Sequence[CircuitBreaker | None], invoke: Invoke
-    ) -> None:
+    def __init__(self, fleet: Fleet, invoke: Invoke, breaker_for: BreakerFor = None) -> None:
         self.fleet = fleet
-        #: The breaker of each instance (by index), or None when the method configures none.
-        self.breakers = tuple(breakers)
         self.invoke = invoke
+        self.breaker_for = breaker_for
+        for instance in fleet.instances:  # so reports show them before the first call
+            self._breaker(instance)
+
+    def _breaker(self, instance: Instance) -> CircuitBreaker | None:
+        if self.breaker_for is None:
+            return None
+        breaker = instance.breaker
+        if breaker is None:
+            breaker = instance.breaker = self.breaker_for(instance)
+        return breaker
 
     async def __call__(self, invocation: Invocation) -> Any:
         fleet = self.fleet
@@ -67,10 +78,10 @@ class FleetStep:
         if failed_on is not None and failed_on[0] is invocation:  # a retry: go elsewhere
             tried = [failed_on[1].index]
         instance = fleet.pick(tried)
-        if instance is None:  # a fleet of one, retried: the same one again
-            instance = fleet.instances[0]
+        if instance is None:
+            instance = self._only_one(tried)
         while True:
-            breaker = self.breakers[instance.index]
+            breaker = self._breaker(instance)
             probe = False
             if breaker is not None:
                 try:
@@ -121,10 +132,11 @@ class FleetStep:
             fleet = self.fleet
             tried: list[int] | None = None
             instance = fleet.pick()
-            assert instance is not None
+            if instance is None:
+                raise self._none_known()
             earliest = min(invocation.deadline for invocation in invocations)
             while True:
-                breaker = self.breakers[instance.index]
+                breaker = self._breaker(instance)
                 chosen = instance
                 instance.in_flight += 1
                 instance.calls += 1
@@ -154,6 +166,21 @@ class FleetStep:
                 return outcomes
 
         return send
+
+    def _only_one(self, tried: list[int] | None) -> Instance:
+        """What a call goes to when ``pick`` found nothing: the instance a retry wanted to
+        avoid, when it is the only one left (better than failing), or the typed error."""
+        instances = self.fleet.instances
+        if tried and instances:
+            return instances[0]
+        raise self._none_known()
+
+    def _none_known(self) -> TargetUnavailable:
+        fleet = self.fleet
+        return TargetUnavailable(
+            f"{fleet.name} has no instance: {fleet.why_empty()}",
+            details={"stage": "connect"},
+        )
 
     @staticmethod
     def _tried(tried: list[int] | None, instance: Instance) -> list[int]:

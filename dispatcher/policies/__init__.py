@@ -148,11 +148,12 @@ class PolicyRuntime:
     ) -> Step:
         """The end of a fleet target's chain: a ``FleetStep`` (or a batcher sending through it)."""
         policy = policies.breaker
-        breakers = [
-            None if policy is None else self._breaker(each.key, each.target, policy)
-            for each in fleet.instances
-        ]
-        fleet_step = FleetStep(fleet, breakers, provider.invoke)
+        breaker_for = (
+            None
+            if policy is None
+            else lambda instance: self._breaker(instance.key, instance.target, policy)
+        )
+        fleet_step = FleetStep(fleet, provider.invoke, breaker_for)
         if policies.batch is not None:
             batcher = Batcher(name, policies.batch, fleet_step.batch_sender(provider.invoke_batch))
             self.batchers.append(batcher)

@@ -1,0 +1,207 @@
+"""Who is in a fleet: its fixed instances plus what its discovery sources list, kept in step.
+
+    source.run ─report─► Membership (per source: the targets it lists) ─► reconcile
+        joined:  attach (every plugin on the fleet) ─► Fleet.join   ─► takes calls
+        gone:    Fleet.leave (no new calls) ─► calls in flight finish ─► detach
+
+Reports are synchronous and only record what a source lists; one task per fleet
+reconciles, so attaches and detaches never race and a burst of reports costs one pass.
+An instance listed by several sources (or also fixed) is one instance: the first to list
+it names its source and weight. Fixed instances never leave; the dispatcher attached
+them and detaches them. An endpoint the target cannot turn into a valid target, or that
+the egress policy refuses, is skipped and logged; an instance whose attach fails is left
+out and tried again at the next report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from pydantic import ValidationError
+
+from dispatcher.fleet.fleet import Fleet
+from dispatcher.fleet.instances import FIXED, Instance
+from dispatcher.fleet.sources import InstanceSource, new_source
+from linchkit_plugin.errors import DispatchError
+from providers.discovery import Endpoint
+from providers.target import TargetConfig
+
+__all__ = ["Attach", "Membership"]
+
+log = logging.getLogger("dispatcher.fleet")
+
+#: Attach (or detach) every plugin on a fleet to (from) one of its instances.
+Attach = Callable[[TargetConfig], Awaitable[None]]
+
+#: How often a leaving instance is checked for calls still in flight.
+_IDLE_POLL = 0.05
+
+
+class Membership:
+    """Keeps one fleet's set in step with its discovery sources."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        *,
+        attach: Attach,
+        detach: Attach,
+        drain_timeout: float,
+    ) -> None:
+        self.fleet = fleet
+        self.sources: tuple[InstanceSource, ...] = tuple(
+            new_source(spec) for spec in fleet.target.instance_sources()
+        )
+        fleet.sources = self.sources
+        self._attach = attach
+        self._detach = detach
+        self._drain_timeout = drain_timeout
+        #: What each source lists now, as (target, weight), by source.
+        self._listed: list[list[tuple[TargetConfig, int]]] = [[] for _ in self.sources]
+        #: Discovered instances attached and not yet detached, by key.
+        self.attached: dict[str, TargetConfig] = {}
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._retiring: set[asyncio.Task[None]] = set()
+        #: Attaches and detaches of this fleet happen one at a time: an instance listed
+        #: again while it is being detached attaches after the detach, not during it.
+        self._lock = asyncio.Lock()
+
+    async def start(self, first_read_timeout: float) -> None:
+        """Watch every source; return once each has answered once (or the timeout passed),
+        with the instances they listed in the fleet, so the first calls find them."""
+        loop = asyncio.get_running_loop()
+        for index, source in enumerate(self.sources):
+            self._tasks.append(
+                loop.create_task(source.run(self._reporter(index)), name=f"{source.name}")
+            )
+        self._tasks.append(
+            loop.create_task(self._reconcile_forever(), name=f"membership of {self.fleet.name}")
+        )
+        deadline = loop.time() + first_read_timeout
+        while any(not source.reads and not source.error for source in self.sources):
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        await self._reconcile()
+
+    async def aclose(self) -> None:
+        """Stop watching; instances stay attached until ``detach_all``."""
+        tasks = [*self._tasks, *self._retiring]
+        self._tasks = []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for source in self.sources:
+            try:
+                await source.aclose()
+            except Exception:
+                log.exception("closing %s failed", source.name)
+
+    async def detach_all(self) -> None:
+        """Detach every discovered instance still attached (the dispatcher is closing)."""
+        attached, self.attached = self.attached, {}
+        for target in attached.values():
+            await self._safely(self._detach, target, "detaching")
+
+    # -- reports -------------------------------------------------------------------------
+
+    def _reporter(self, index: int) -> Callable[[Sequence[Endpoint]], None]:
+        def report(endpoints: Sequence[Endpoint]) -> None:
+            self._listed[index] = self._targets(self.sources[index], endpoints)
+            self._changed.set()
+
+        return report
+
+    def _targets(
+        self, source: InstanceSource, endpoints: Sequence[Endpoint]
+    ) -> list[tuple[TargetConfig, int]]:
+        targets: list[tuple[TargetConfig, int]] = []
+        for endpoint in endpoints:
+            try:
+                target = self.fleet.target.instance_at(endpoint)
+                for destination in target.destinations():
+                    self.fleet.provider.egress.check(destination)
+            except (ValidationError, DispatchError, ValueError) as error:
+                first_line = str(error).splitlines()[0]
+                log.warning(
+                    "%s: skipping %s listed by %s: %s",
+                    self.fleet.name,
+                    endpoint,
+                    source.name,
+                    first_line,
+                )
+                continue
+            targets.append((target, endpoint.weight))
+        return targets
+
+    # -- reconciling ---------------------------------------------------------------------
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        fleet = self.fleet
+        wanted: dict[str, tuple[TargetConfig, int, str]] = {}
+        for source, listed in zip(self.sources, self._listed, strict=True):
+            for target, weight in listed:
+                wanted.setdefault(target.key, (target, weight, source.name))
+        present = {instance.key: instance for instance in fleet.instances}
+        for key, (target, weight, source_name) in wanted.items():
+            instance = present.get(key)
+            if instance is None:
+                await self._join(target, weight, source_name)
+            elif instance.source != FIXED and instance.weight != weight:
+                fleet.reweigh(instance, weight)
+        for key, instance in present.items():
+            if instance.source != FIXED and key not in wanted:
+                self._retire(instance)
+
+    async def _join(self, target: TargetConfig, weight: int, source_name: str) -> None:
+        if not await self._safely(self._attach, target, "attaching"):
+            return  # left out; the next report tries again
+        self.attached[target.key] = target
+        self.fleet.join(target, weight=weight, source=source_name)
+
+    def _retire(self, instance: Instance) -> None:
+        self.fleet.leave(instance)
+        task = asyncio.get_running_loop().create_task(
+            self._detach_when_idle(instance), name=f"retiring {instance.target.describe()}"
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _detach_when_idle(self, instance: Instance) -> None:
+        """Detach a leaving instance once its calls are answered (or ``drain_timeout``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._drain_timeout
+        # Polled: in_flight is a bare counter on the hot path; an event set by every call
+        # that ends would cost every call for the sake of the rare instance that leaves.
+        while instance.in_flight and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(_IDLE_POLL)
+        if self.fleet.member(instance.key) is not None:
+            return  # listed again meanwhile: a new instance of the same target took over
+        if self.attached.pop(instance.key, None) is not None:
+            await self._safely(self._detach, instance.target, "detaching")
+
+    async def _safely(self, action: Attach, target: TargetConfig, doing: str) -> bool:
+        try:
+            async with self._lock:
+                await action(target)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.warning("%s: %s %s failed: %s", self.fleet.name, doing, target.describe(), error)
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        return (
+            f"<Membership {self.fleet.name} sources={len(self.sources)}"
+            f" attached={len(self.attached)} retiring={len(self._retiring)}>"
+        )
