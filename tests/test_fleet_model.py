@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from dispatcher.fleet import Fleet, InstanceState, LeastRequest, OutlierDetector, RoundRobin
+from dispatcher.fleet import (
+    Fleet,
+    InstanceState,
+    LeastRequest,
+    OutlierDetector,
+    RoundRobin,
+    Weighted,
+)
 from dispatcher.fleet.instances import Instance
 from providers.http import HttpProvider, HttpTarget
 from providers.target import FleetSettings, HealthCheck, OutlierDetection
@@ -224,3 +231,76 @@ def test_round_robin_takes_turns() -> None:
     balancer = RoundRobin()
     three = instances(5, 0, 0)
     assert [balancer.choose(three).index for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_weighted_picks_in_proportion_to_weight() -> None:
+    balancer = Weighted()
+    three = instances(0, 0, 0)
+    for instance, weight in zip(three, (1, 3, 6), strict=True):
+        instance.weight = weight
+    picked = Counter(balancer.choose(three).index for _ in range(10_000))
+    assert 700 < picked[0] < 1300
+    assert 2500 < picked[1] < 3500
+    assert 5400 < picked[2] < 6600
+
+
+def test_weighted_reads_the_weights_again_when_the_set_is_replaced() -> None:
+    fleet = fleet_of(2, FakeClock(), balance="weighted")
+    first, second = fleet.instances
+    fleet.reweigh(second, 1000)
+    picked = Counter(fleet.pick().index for _ in range(2000))  # type: ignore[union-attr]
+    assert picked[second.index] > 1900
+    assert first.weight == 1
+
+
+# -- a set that changes: join, leave ---------------------------------------------------
+
+
+def other_target(last_octet: int) -> HttpTarget:
+    return HttpTarget(provider="http", url=f"http://127.0.0.{last_octet}:8080")  # type: ignore[arg-type]
+
+
+def test_a_joining_instance_gets_a_new_index_and_takes_calls() -> None:
+    fleet = fleet_of(2, FakeClock(), balance="round_robin")
+    joined = fleet.join(other_target(9), weight=2, source="dns SRV _echo._tcp.test")
+    assert joined.index == 2
+    assert joined.source == "dns SRV _echo._tcp.test"
+    assert {fleet.pick().index for _ in range(6)} == {0, 1, 2}  # type: ignore[union-attr]
+    assert fleet.member(joined.key) is joined
+
+
+def test_a_leaving_instance_takes_no_new_call_and_its_index_is_never_reused() -> None:
+    clock = FakeClock()
+    fleet = fleet_of(3, clock, outlier=OutlierDetection(consecutive_failures=1))
+    leaving = fleet.instances[1]
+    leaving.in_flight = 4  # calls still running on it finish; nothing new goes there
+    fleet.leave(leaving)
+    assert fleet.state_of(leaving) is InstanceState.LEAVING
+    assert {fleet.pick().index for _ in range(100)} == {0, 2}  # type: ignore[union-attr]
+    fleet.record_failure(leaving)  # a late answer of a call sent before it left
+    assert fleet.outliers.ejected == 0
+    back = fleet.join(leaving.target)
+    assert back.index == 3
+    assert back is not leaving
+
+
+def test_the_ejection_limit_follows_the_size_of_the_set() -> None:
+    clock = FakeClock()
+    fleet = fleet_of(2, clock, outlier=OutlierDetection(consecutive_failures=1))
+    assert fleet.outliers.max_ejected == 1  # 50 % of 2
+    for octet in (7, 8):
+        fleet.join(other_target(octet))
+    assert fleet.outliers.max_ejected == 2  # 50 % of 4
+    fleet.record_failure(fleet.instances[0])
+    fleet.record_failure(fleet.instances[1])
+    assert fleet.outliers.ejected == 2
+    fleet.leave(fleet.instances[0])  # an ejected instance leaves: its ejection ends with it
+    assert fleet.outliers.ejected == 1
+    assert fleet.outliers.max_ejected == 1
+
+
+def test_an_empty_fleet_picks_nothing_and_says_why() -> None:
+    fleet = fleet_of(1, FakeClock())
+    fleet.leave(fleet.instances[0])
+    assert fleet.pick() is None
+    assert fleet.why_empty() == "the manifest lists none"

@@ -29,7 +29,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from dispatcher.fleet.balancer import Balancer, LeastRequest, RoundRobin
+from dispatcher.fleet.balancer import Balancer, LeastRequest, RoundRobin, Weighted
 from dispatcher.fleet.breaker import BreakerState, CircuitBreaker, is_health_failure
 from dispatcher.fleet.fleet import Fleet
 from dispatcher.fleet.health import HealthChecker
@@ -56,6 +56,7 @@ __all__ = [
     "Membership",
     "OutlierDetector",
     "RoundRobin",
+    "Weighted",
     "is_health_failure",
     "never_sent",
 ]
