@@ -20,8 +20,9 @@ EXAMPLES = ROOT / "examples" / "python"
 sys.path.insert(0, str(EXAMPLES))
 sys.path.insert(0, str(ROOT / "tests" / "plugins"))
 
-# The test kit is opt-in for plugin authors too (README, "Testing a plugin").
-pytest_plugins = ["dispatcher.testing.lambda_kit"]
+# The test kit is opt-in for plugin authors too (README, "Testing a plugin"); real local
+# services (etcd) come from tests/services.py.
+pytest_plugins = ["dispatcher.testing.lambda_kit", "tests.services"]
 
 
 def bound_socket() -> socket.socket:
