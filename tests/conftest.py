@@ -101,7 +101,12 @@ _DOCKER_FIXTURES = {
     "moto_server",
 }
 _DOCKER_TESTS = {"test_the_demo_runs_end_to_end"}  # the demo starts sandboxed containers
-_TOOLCHAIN_TESTS = {"test_the_demo_runs_end_to_end"}  # … and the Go example plugin
+_TOOLCHAIN_TESTS = {
+    "test_the_demo_runs_end_to_end",  # … and the Go example plugin
+    # The Go example plugin in an etcd registry (tests/test_plugin_registry.py).
+    "test_the_go_example_plugin_registers_and_leaves_on_sigterm",
+    "test_the_go_example_plugin_refuses_to_advertise_every_interface",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
