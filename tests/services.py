@@ -12,6 +12,7 @@ its fixture ends, so nothing outlives the test session.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
@@ -23,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,21 @@ def wait_for(predicate: Any, *, timeout: float = 30.0, what: str = "condition") 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.05)
+
+
+#: How long a test waits for a change: a bound on a stuck test, not a performance claim.
+PATIENCE = 30.0
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = PATIENCE) -> Any:
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if value := predicate():
+                    return value
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"no {what} within {timeout:g} s") from None
 
 
 def _running_etcd(folder: str) -> Iterator[Etcd]:

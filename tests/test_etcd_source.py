@@ -19,9 +19,7 @@ import pytest
 from dispatcher.fleet.sources import new_source
 from dispatcher.fleet.sources.etcd import EtcdSource, parse_registration
 from providers.discovery import Endpoint, RegistryDiscovery
-from tests.services import Etcd, free_port
-
-PATIENCE = 30.0  # seconds: a bound on a stuck test, not a performance claim
+from tests.services import Etcd, free_port, until
 
 
 class Reports:
@@ -36,17 +34,6 @@ class Reports:
     @property
     def last(self) -> list[Endpoint]:
         return self.lists[-1]
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout: float = PATIENCE) -> Any:
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                if value := predicate():
-                    return value
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"no {what} within {timeout:g} s") from None
 
 
 @contextlib.asynccontextmanager

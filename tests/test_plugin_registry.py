@@ -7,6 +7,8 @@ it holds, never how fast.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -21,9 +23,11 @@ from typing import Any
 
 import pytest
 
+from dispatcher.fleet.sources.etcd import EtcdSource
+from providers.discovery import Endpoint, RegistryDiscovery
 from tests.conftest import EXAMPLES, ROOT
 from tests.sdk_toolchains import BIN
-from tests.services import Etcd, free_port, wait_for
+from tests.services import Etcd, free_port, until, wait_for
 
 PLUGIN = [
     str(BIN / "dispatcher-plugin"),
@@ -333,3 +337,33 @@ def test_the_go_example_plugin_refuses_to_advertise_every_interface(plugins: Any
         },
     )
     assert done.returncode == 1 and "LINCHKIT_ADVERTISE" in done.stderr
+
+
+async def test_a_fleet_source_follows_plugins_that_come_and_go(
+    etcd: Etcd, etcd_prefix: str, plugins: Any
+) -> None:
+    """Both halves of the contract together: what the SDK writes is what the source reads."""
+    reported: list[list[Endpoint]] = []
+    source = EtcdSource(RegistryDiscovery.model_validate({"etcd": etcd.url, "prefix": etcd_prefix}))
+    task = asyncio.create_task(source.run(lambda found: reported.append(list(found))))
+    try:
+        ports = {host: free_port(host) for host in ("127.0.0.2", "127.0.0.3")}
+        started = {
+            host: plugins(
+                [*PLUGIN, "--host", host, "--port", str(port)],
+                LINCHKIT_REGISTER_ETCD=etcd.url,
+                LINCHKIT_REGISTER_PREFIX=etcd_prefix,
+            )
+            for host, port in ports.items()
+        }
+        both = {Endpoint(host, port) for host, port in ports.items()}
+        await until(lambda: reported and set(reported[-1]) == both, "both plugins")
+        await asyncio.to_thread(started["127.0.0.2"].signal, signal.SIGTERM)
+        one = {Endpoint("127.0.0.3", ports["127.0.0.3"])}
+        await until(lambda: set(reported[-1]) == one, "only the plugin left")
+        assert source.error is None and source.skipped == {}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await source.aclose()
