@@ -10,7 +10,9 @@ Run the executable:
   plain gRPC until SIGTERM. With ``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``
   set, every RPC but health's and reflection's needs metadata
   ``authorization: Bearer <token>`` (else ``UNAUTHENTICATED``); without either it serves
-  anyone and warns on stderr.
+  anyone and warns on stderr. With ``LINCHKIT_REGISTER_ETCD`` and ``_PREFIX`` set it
+  registers ``{"address": …}`` in that etcd while it serves (``linchkit_plugin.registry``,
+  docs/registry.md) and leaves it on SIGTERM before draining.
 * started by a host with the handshake environment (``docs/protocol.md``) — a subprocess
   plugin: checks the magic cookie, negotiates the protocol version, listens on a Unix
   socket (or TCP), serves mutual TLS when the host sent its certificate, prints the
