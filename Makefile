@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-lambda test lint bench clean proto sdks docker-prereqs lambda-runtime
+.PHONY: demo demo-lambda test lint bench clean proto sdks docker-prereqs services-prereqs lambda-runtime
 
 $(STAMP): pyproject.toml sdk/python/pyproject.toml
 	@echo "installing the dispatcher and the plugin SDK (editable, extras http grpc knative dev) into $(VENV): about a minute the first time"
@@ -46,7 +46,12 @@ docker-prereqs: $(STAMP)
 	scripts/start-docker.sh
 	PYTHON=$(BIN)/python infra/docker/build-base-image.sh
 
-test: $(STAMP) sdks docker-prereqs lambda-runtime
+# The local services tests start for themselves (etcd for the registry, dnsmasq for DNS
+# discovery), from Debian's packages; idempotent and silent once installed.
+services-prereqs:
+	bash infra/services/install.sh
+
+test: $(STAMP) sdks docker-prereqs services-prereqs lambda-runtime
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports

@@ -19,7 +19,8 @@ The registry contract (what a plugin writes, what the dispatcher reads) is one e
 per instance under the prefix, ``<prefix>/<instance id>``, attached to a lease the
 instance keeps alive, whose value is JSON: ``{"url": "http://host:port"}`` for an HTTP
 server or ``{"address": "host:port"}`` for a gRPC one, optionally ``"weight"`` (1-1000).
-The SDKs' ``--register`` writes exactly that (``linchkit_plugin.registry``).
+The SDKs' registration (``--register-etcd``, ``LINCHKIT_REGISTER_ETCD``) writes exactly
+that (``linchkit_plugin.registry``, ``sdk/go/plugin/registry.go``; docs/registry.md).
 """
 
 from __future__ import annotations

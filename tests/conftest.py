@@ -20,8 +20,9 @@ EXAMPLES = ROOT / "examples" / "python"
 sys.path.insert(0, str(EXAMPLES))
 sys.path.insert(0, str(ROOT / "tests" / "plugins"))
 
-# The test kit is opt-in for plugin authors too (README, "Testing a plugin").
-pytest_plugins = ["dispatcher.testing.lambda_kit"]
+# The test kit is opt-in for plugin authors too (README, "Testing a plugin"); real local
+# services (etcd) come from tests/services.py.
+pytest_plugins = ["dispatcher.testing.lambda_kit", "tests.services"]
 
 
 def bound_socket() -> socket.socket:
@@ -100,7 +101,12 @@ _DOCKER_FIXTURES = {
     "moto_server",
 }
 _DOCKER_TESTS = {"test_the_demo_runs_end_to_end"}  # the demo starts sandboxed containers
-_TOOLCHAIN_TESTS = {"test_the_demo_runs_end_to_end"}  # … and the Go example plugin
+_TOOLCHAIN_TESTS = {
+    "test_the_demo_runs_end_to_end",  # … and the Go example plugin
+    # The Go example plugin in an etcd registry (tests/test_plugin_registry.py).
+    "test_the_go_example_plugin_registers_and_leaves_on_sigterm",
+    "test_the_go_example_plugin_refuses_to_advertise_every_interface",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

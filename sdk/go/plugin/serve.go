@@ -93,12 +93,22 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	if err != nil {
 		return fmt.Errorf("serve: cannot listen on %s: %w", *address, err)
 	}
+	registry, err := registrationFromEnv(env.Getenv, listener.Addr(), os.Stderr)
+	if err != nil {
+		listener.Close()
+		return fmt.Errorf("serve: %w", err)
+	}
 	if token == nil {
 		fmt.Fprintf(os.Stderr, "linchkit plugin: warning: no bearer token configured (%s or %s): "+
 			"anybody who can reach %s can call this plugin\n", EnvTokenFile, EnvToken, listener.Addr())
 	}
 	line := handshakeLine(ProtocolVersion, "tcp", listener.Addr().String(), "")
-	return p.serveOn(ctx, listener, nil, token, true, line, env.Stdout, nil)
+	var onStopping func()
+	if registry != nil {
+		registry.start()
+		onStopping = registry.deregister
+	}
+	return p.serveOn(ctx, listener, nil, token, true, line, env.Stdout, nil, onStopping)
 }
 
 func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
@@ -144,14 +154,16 @@ func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
 	}()
 	line := handshakeLine(version, network, listener.Addr().String(), serverCert)
 	// No token here: AutoMTLS already admits only the host that launched us.
-	return p.serveOn(ctx, listener, creds, nil, false, line, env.Stdout, stdinClosed)
+	return p.serveOn(ctx, listener, creds, nil, false, line, env.Stdout, stdinClosed, nil)
 }
 
 // serveOn serves on listener, prints the handshake line once serving, and stops
-// gracefully when ctx is done or stdinClosed closes. With a token, every RPC but health's
-// and reflection's must carry it.
+// gracefully when ctx is done or stdinClosed closes, calling onStopping (leave a registry)
+// before the calls in flight are drained. With a token, every RPC but health's and
+// reflection's must carry it.
 func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds credentials.TransportCredentials,
-	token *bearerToken, servingFromStart bool, line string, stdout io.Writer, stdinClosed <-chan struct{}) error {
+	token *bearerToken, servingFromStart bool, line string, stdout io.Writer, stdinClosed <-chan struct{},
+	onStopping func()) error {
 	var options []grpc.ServerOption
 	if creds != nil {
 		options = append(options, grpc.Creds(creds))
@@ -179,6 +191,9 @@ func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds crede
 	case <-ctx.Done():
 	case <-stdinClosed:
 		fmt.Fprintln(os.Stderr, "linchkit plugin: stdin closed, the host is gone; stopping")
+	}
+	if onStopping != nil {
+		onStopping()
 	}
 	svc.shutdown()
 	stopped := make(chan struct{})

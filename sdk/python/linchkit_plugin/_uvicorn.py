@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -186,25 +186,51 @@ def listening_address(sockets: Sequence[socket.socket]) -> str:
 
 
 class _AnnouncingServer(uvicorn.Server):
-    """A uvicorn server that says where it listens once it does (the port of ``--port 0``)."""
+    """A uvicorn server that says where it listens once it does (the port of ``--port 0``),
+    and lets its owner act first when it is told to stop (leave a registry before the
+    calls in flight are drained)."""
 
-    def __init__(self, config: uvicorn.Config, on_listening: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_listening: Callable[[Sequence[socket.socket]], None] | None,
+        on_stopping: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__(config)
         self._on_listening = on_listening
+        self._on_stopping = on_stopping
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started:
-            listeners = [sock for server in self.servers for sock in server.sockets]
-            self._on_listening(listening_address(listeners))
+        if self.started and self._on_listening is not None:
+            self._on_listening([sock for server in self.servers for sock in server.sockets])
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Here, not after run(): uvicorn raises the stopping signal again once it has
+        # shut down, so the process ends the moment run() would return.
+        if self._on_stopping is not None:
+            await self._on_stopping()
+        await super().shutdown(sockets)
 
 
-def run(config: uvicorn.Config, on_listening: Callable[[str], None] | None = None) -> None:
+def run(
+    config: uvicorn.Config,
+    on_listening: Callable[[str], None] | None = None,
+    *,
+    on_sockets: Callable[[Sequence[socket.socket]], None] | None = None,
+    on_stopping: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Serve until SIGINT or SIGTERM, then run the plugin's ``stop``/``destroy``.
 
-    ``on_listening`` gets the address once the server accepts connections.
+    ``on_listening`` gets the address once the server accepts connections, ``on_sockets``
+    the listening sockets; ``on_stopping`` is awaited once it is told to stop, before the
+    connections are drained.
     """
-    server = (
-        uvicorn.Server(config) if on_listening is None else _AnnouncingServer(config, on_listening)
-    )
-    server.run()
+
+    def listening(sockets: Sequence[socket.socket]) -> None:
+        if on_listening is not None:
+            on_listening(listening_address(sockets))
+        if on_sockets is not None:
+            on_sockets(sockets)
+
+    _AnnouncingServer(config, listening, on_stopping).run()

@@ -9,7 +9,9 @@ can only come from a file or the environment, never the command line (``ps`` sho
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -21,6 +23,15 @@ from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenEr
 from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.limits import ServerLimits
+from linchkit_plugin.registry import (
+    ADVERTISE_ENV,
+    DEFAULT_TTL,
+    REGISTER_ETCD_ENV,
+    REGISTER_PREFIX_ENV,
+    REGISTER_TTL_ENV,
+    Registration,
+    advertised_value,
+)
 
 _ENV = "LINCHKIT_PLUGIN_"
 _DEFAULTS = ServerLimits()
@@ -120,6 +131,35 @@ def _parser() -> argparse.ArgumentParser:
         default=env(_ENV + "HTTP", "auto"),
         help="HTTP implementation; auto is httptools when installed",
     )
+    registry = serve.add_argument_group(
+        "registry (a dispatcher fleet finds this server in etcd; docs/registry.md)"
+    )
+    registry.add_argument(
+        "--register-etcd",
+        default=env(REGISTER_ETCD_ENV),
+        metavar="URL",
+        help=f"register in the etcd at URL while serving [{REGISTER_ETCD_ENV}]",
+    )
+    registry.add_argument(
+        "--register-prefix",
+        default=env(REGISTER_PREFIX_ENV),
+        metavar="PREFIX",
+        help=f"under this key prefix, e.g. /linchkit/plugins/echo [{REGISTER_PREFIX_ENV}]",
+    )
+    registry.add_argument(
+        "--advertise",
+        default=env(ADVERTISE_ENV),
+        metavar="URL_OR_ADDRESS",
+        help=f"where dispatchers reach this server (default: where it listens) [{ADVERTISE_ENV}]",
+    )
+    registry.add_argument(
+        "--register-ttl",
+        type=int,
+        default=int(env(REGISTER_TTL_ENV, DEFAULT_TTL)),
+        metavar="SECONDS",
+        help="a killed server leaves the registry this long after its last renewal"
+        f" [{REGISTER_TTL_ENV}] (default: %(default)s)",
+    )
     limits = serve.add_argument_group("limits (each guards the server against one client)")
     for option, field, kind, what in _LIMIT_OPTIONS:
         variable = _ENV + field.upper()
@@ -157,6 +197,7 @@ def serve(options: argparse.Namespace) -> None:
         _fail(str(error))
     if not isinstance(config, dict):
         _fail("--config must be a JSON object")
+    registering = _check_registration(options)
     if options.http != "auto" and options.http not in HTTP_IMPLEMENTATIONS:
         _fail(f"--http {options.http} is not installed: pip install {options.http}")
     app = PluginApp(
@@ -194,7 +235,49 @@ def serve(options: argparse.Namespace) -> None:
                 flush=True,
             )
 
-    run(uvicorn_config, on_listening=announce)
+    registration: list[Registration] = []
+
+    def register(sockets: Sequence[socket.socket]) -> None:
+        if not registering:
+            return
+        host, port = ("", 0) if options.uds else sockets[0].getsockname()[:2]
+        value = advertised_value(options.advertise, host=host, port=port, kind="url")
+        registration.append(
+            Registration(
+                options.register_etcd, options.register_prefix, value, ttl=options.register_ttl
+            )
+        )
+        registration[0].start()
+
+    async def deregister() -> None:
+        for each in registration:  # before draining: no dispatcher sends another call
+            await asyncio.to_thread(each.stop)
+
+    run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
+
+
+def _check_registration(options: argparse.Namespace) -> bool:
+    """Whether to register in etcd; every registry option checked before serving, so a
+    mistake fails at once rather than after the server started."""
+    if not options.register_etcd:
+        return False
+    if not options.register_prefix:
+        _fail(f"--register-etcd needs --register-prefix (or {REGISTER_PREFIX_ENV})")
+    try:
+        # The real port is known once listening; any port stands in for it here.
+        value = advertised_value(
+            options.advertise,
+            host="" if options.uds else options.host,
+            port=0 if options.uds else 1,
+            kind="url",
+        )
+        # Checks the URL, the prefix and the TTL; starts nothing.
+        Registration(
+            options.register_etcd, options.register_prefix, value, ttl=options.register_ttl
+        )
+    except ValueError as error:
+        _fail(str(error))
+    return True
 
 
 def _identity(name: str) -> str:

@@ -10,7 +10,9 @@ Run the executable:
   plain gRPC until SIGTERM. With ``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``
   set, every RPC but health's and reflection's needs metadata
   ``authorization: Bearer <token>`` (else ``UNAUTHENTICATED``); without either it serves
-  anyone and warns on stderr.
+  anyone and warns on stderr. With ``LINCHKIT_REGISTER_ETCD`` and ``_PREFIX`` set it
+  registers ``{"address": …}`` in that etcd while it serves (``linchkit_plugin.registry``,
+  docs/registry.md) and leaves it on SIGTERM before draining.
 * started by a host with the handshake environment (``docs/protocol.md``) — a subprocess
   plugin: checks the magic cookie, negotiates the protocol version, listens on a Unix
   socket (or TCP), serves mutual TLS when the host sent its certificate, prints the
@@ -36,7 +38,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -55,6 +57,15 @@ from linchkit_plugin.handshake import (
     HandshakeLine,
 )
 from linchkit_plugin.host import PluginHost
+from linchkit_plugin.registry import (
+    ADVERTISE_ENV,
+    DEFAULT_TTL,
+    REGISTER_ETCD_ENV,
+    REGISTER_PREFIX_ENV,
+    REGISTER_TTL_ENV,
+    Registration,
+    advertised_value,
+)
 from linchkit_plugin.wire import PROTOCOL_VERSION
 
 __all__ = [
@@ -369,8 +380,10 @@ class PluginServer:
         credentials: Any = None,
         on_ready: Any = None,
         stop: asyncio.Event,
+        on_stopping: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Listen on ``address``, call ``on_ready(bound_port)``, serve until ``stop`` is set."""
+        """Listen on ``address``, call ``on_ready(bound_port)``, serve until ``stop`` is set;
+        then await ``on_stopping`` (leave a registry) before draining the calls in flight."""
         import grpc.aio
         from grpc_health.v1 import health_pb2_grpc
 
@@ -402,6 +415,8 @@ class PluginServer:
             if on_ready is not None:
                 on_ready(port)
             await stop.wait()
+            if on_stopping is not None:
+                await on_stopping()
         finally:
             await self.health.enter_graceful_shutdown()
             for queue in list(self._subscribers):  # Events streams never end by themselves
@@ -439,6 +454,29 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     threading.Thread(target=read_until_eof, name="stdin-eof", daemon=True).start()
 
 
+def _registration_from_environment(host: str) -> Callable[[int], Registration] | None:
+    """With ``LINCHKIT_REGISTER_ETCD`` set, how to register this service once its port is
+    known (``docs/registry.md``); every setting is checked now, before serving."""
+    etcd = os.environ.get(REGISTER_ETCD_ENV)
+    if not etcd:
+        return None
+    prefix = os.environ.get(REGISTER_PREFIX_ENV)
+    if not prefix:
+        raise ValueError(f"{REGISTER_ETCD_ENV} needs {REGISTER_PREFIX_ENV}")
+    advertise = os.environ.get(ADVERTISE_ENV)
+    try:
+        ttl = int(os.environ.get(REGISTER_TTL_ENV) or DEFAULT_TTL)
+    except ValueError:
+        raise ValueError(f"{REGISTER_TTL_ENV} must be a whole number of seconds") from None
+
+    def registration(port: int) -> Registration:
+        value = advertised_value(advertise, host=host, port=port, kind="address")
+        return Registration(etcd, prefix, value, ttl=ttl)
+
+    registration(1)  # checks the URL, prefix, TTL and address; starts nothing
+    return registration
+
+
 def _handshake(network: str, address: str, certificate: str) -> None:
     line = HandshakeLine.of(PROTOCOL_VERSION, network, address, certificate)
     sys.stdout.write(f"{line}\n")
@@ -454,6 +492,12 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
     if arguments is not None:  # service mode
         address = arguments.address
         host_part = address.rsplit(":", 1)[0]
+        try:
+            register = _registration_from_environment(host_part)
+        except ValueError as error:
+            sys.stderr.write(f"serve: {error}\n")
+            return 1
+        registrations: list[Registration] = []
 
         def ready(port: int) -> None:
             if server._token is None:
@@ -464,8 +508,15 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
                 )
                 sys.stderr.flush()
             _handshake("tcp", f"{host_part}:{port}", "")
+            if register is not None:
+                registrations.append(register(port))
+                registrations[-1].start()
 
-        await server.serve(address, on_ready=ready, stop=stop)
+        async def deregister() -> None:
+            for each in registrations:  # before draining: no dispatcher sends another call
+                await asyncio.to_thread(each.stop)
+
+        await server.serve(address, on_ready=ready, stop=stop, on_stopping=deregister)
         return 0
 
     # Subprocess mode: the handshake environment.

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The local services the tests start for themselves, installed from Debian's packages:
+# etcd (the registry of tests/test_etcd_*.py: etcd-server, etcd 3.4) and dnsmasq (the DNS
+# server of the DNS discovery tests: dnsmasq-base, the binary without a system service).
+# Idempotent and quiet when both are present. Nothing is started here: each test session
+# starts its own on free loopback ports (tests/services.py).
+set -euo pipefail
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "missing ${missing[*]}: install them with apt-get (as root) and run again" >&2
+    exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+echo "installing ${missing[*]}" >&2
+# Other jobs may hold the dpkg lock: apt's lock timeout waits for it instead of failing.
+# The package cache may be stale or empty on a fresh machine: update once, then retry.
+apt_install() {
+    apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+if ! apt_install 2>/dev/null; then
+    apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+    apt_install
+fi

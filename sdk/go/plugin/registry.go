@@ -1,0 +1,285 @@
+package plugin
+
+// Registration in an etcd registry, where a dispatcher's fleet finds the plugin
+// (docs/registry.md). The contract is the dispatcher's: one key <prefix>/<instance id>
+// per instance, on a lease the instance keeps alive, whose value is JSON
+// {"address": "host:port"} for a gRPC server. etcd is reached through its v3 JSON
+// gateway with net/http, so the SDK needs no etcd client module.
+//
+// An etcd that does not answer is not fatal: the plugin serves, says so once on stderr
+// and keeps trying; it registers again if etcd lost its lease. On SIGTERM or SIGINT the
+// key is deleted and the lease revoked before the calls in flight are drained.
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The registry's environment variables, the same in every SDK.
+const (
+	EnvRegisterEtcd   = "LINCHKIT_REGISTER_ETCD"
+	EnvRegisterPrefix = "LINCHKIT_REGISTER_PREFIX"
+	EnvRegisterTTL    = "LINCHKIT_REGISTER_TTL"
+	EnvAdvertise      = "LINCHKIT_ADVERTISE"
+
+	defaultRegisterTTL = 10
+	// The largest answer read from etcd: its answers here are a few hundred bytes.
+	maxEtcdAnswer = 1 << 20
+)
+
+type registration struct {
+	base    string
+	key     string
+	value   []byte
+	ttl     int64
+	client  *http.Client
+	log     io.Writer
+	lease   int64
+	written bool
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+// registrationFromEnv is nil without LINCHKIT_REGISTER_ETCD; otherwise every setting is
+// checked, so a mistake stops the plugin before it serves.
+func registrationFromEnv(getenv func(string) string, listening net.Addr, log io.Writer) (*registration, error) {
+	base := getenv(EnvRegisterEtcd)
+	if base == "" {
+		return nil, nil
+	}
+	parsed, err := url.Parse(base)
+	if err != nil || (parsed.Scheme != "http" && parsed.Scheme != "https") || parsed.Host == "" {
+		return nil, fmt.Errorf("%s must be an http(s):// URL", EnvRegisterEtcd)
+	}
+	if parsed.User != nil {
+		return nil, fmt.Errorf("%s: etcd authentication by URL credentials is not supported", EnvRegisterEtcd)
+	}
+	prefix := getenv(EnvRegisterPrefix)
+	if len(prefix) < 2 || !strings.HasPrefix(prefix, "/") || strings.HasSuffix(prefix, "/") ||
+		strings.ContainsAny(prefix, " \t\r\n") {
+		return nil, fmt.Errorf("%s must start with / and not end with one, e.g. /linchkit/plugins/echo; got %q",
+			EnvRegisterPrefix, prefix)
+	}
+	ttl := int64(defaultRegisterTTL)
+	if text := getenv(EnvRegisterTTL); text != "" {
+		ttl, err = strconv.ParseInt(text, 10, 64)
+		if err != nil || ttl < 2 {
+			return nil, fmt.Errorf("%s must be a whole number of seconds, at least 2; got %q", EnvRegisterTTL, text)
+		}
+	}
+	address, err := advertisedAddress(getenv(EnvAdvertise), listening)
+	if err != nil {
+		return nil, err
+	}
+	value, _ := json.Marshal(map[string]string{"address": address})
+	// Each request is bounded well inside a renewal period.
+	timeout := time.Duration(min(max(ttl/3, 1), 5)) * time.Second
+	return &registration{
+		base:  strings.TrimRight(base, "/"),
+		key:   prefix + "/" + instanceID(),
+		value: value,
+		ttl:   ttl,
+		// No proxy: a registry is reached directly, as the dispatcher reaches it.
+		client: &http.Client{Timeout: timeout, Transport: &http.Transport{Proxy: nil}},
+		log:    log,
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
+	}, nil
+}
+
+// advertisedAddress is LINCHKIT_ADVERTISE (host:port) or where the server listens,
+// unless that is every interface, which no dispatcher can call.
+func advertisedAddress(advertise string, listening net.Addr) (string, error) {
+	if advertise != "" {
+		if strings.Contains(advertise, "://") {
+			return "", fmt.Errorf("%s: advertise a gRPC server as host:port, not a URL", EnvAdvertise)
+		}
+		host, port, err := net.SplitHostPort(advertise)
+		if n, perr := strconv.Atoi(port); err != nil || perr != nil || host == "" || n < 1 || n > 65535 {
+			return "", fmt.Errorf("%s must be host:port, got %q", EnvAdvertise, advertise)
+		}
+		if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+			return "", fmt.Errorf("%s must name an address others can call, not %s", EnvAdvertise, host)
+		}
+		return advertise, nil
+	}
+	tcp, ok := listening.(*net.TCPAddr)
+	if !ok || tcp.IP == nil || tcp.IP.IsUnspecified() {
+		return "", fmt.Errorf("this server listens on %s, which no dispatcher can call: "+
+			"say where it is reached with %s, e.g. 10.0.0.5:50051", listening, EnvAdvertise)
+	}
+	return tcp.String(), nil
+}
+
+// instanceID is unique and readable: <hostname>-<pid>-<6 hex>, the random part for
+// restarts that reuse a pid (containers are often pid 1).
+func instanceID() string {
+	host, _ := os.Hostname()
+	clean := strings.Map(func(r rune) rune {
+		if r == '-' || r == '_' || r == '.' || ('a' <= r && r <= 'z') || ('A' <= r && r <= 'Z') || ('0' <= r && r <= '9') {
+			return r
+		}
+		return '-'
+	}, host)
+	if clean == "" {
+		clean = "plugin"
+	}
+	suffix := make([]byte, 3)
+	_, _ = rand.Read(suffix)
+	return fmt.Sprintf("%s-%d-%s", clean, os.Getpid(), hex.EncodeToString(suffix))
+}
+
+func (r *registration) start() { go r.run() }
+
+// deregister deletes the key and revokes the lease, and returns once that is done or
+// bounded time has passed.
+func (r *registration) deregister() {
+	close(r.stop)
+	select {
+	case <-r.done:
+	case <-time.After(4*r.client.Timeout + time.Second):
+	}
+}
+
+func (r *registration) say(format string, args ...any) {
+	fmt.Fprintf(r.log, "linchkit plugin: "+format+"\n", args...)
+}
+
+func (r *registration) run() {
+	defer close(r.done)
+	failing := false
+	for {
+		wait := time.Duration(r.ttl) * time.Second / 3
+		if err := r.renew(); err != nil {
+			if !failing {
+				r.say("warning: cannot register %s in etcd: %v; serving anyway and trying again", r.key, err)
+			}
+			failing = true
+			wait = min(wait, time.Second)
+		} else if failing {
+			r.say("etcd answers again: %s is registered", r.key)
+			failing = false
+		}
+		select {
+		case <-r.stop:
+			r.leave()
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (r *registration) renew() error {
+	if r.lease != 0 {
+		answer, err := r.post("/v3/lease/keepalive", map[string]any{"ID": strconv.FormatInt(r.lease, 10)})
+		if err != nil {
+			return err
+		}
+		result, ok := answer["result"].(map[string]any)
+		if !ok {
+			return fmt.Errorf("etcd did not renew the lease%s", why(answer))
+		}
+		if number(result["TTL"]) <= 0 {
+			r.say("etcd lost the lease of %s (restarted?): registering again", r.key)
+			r.lease, r.written = 0, false
+		}
+	}
+	if r.lease == 0 {
+		answer, err := r.post("/v3/lease/grant", map[string]any{"TTL": r.ttl})
+		if err != nil {
+			return err
+		}
+		if r.lease = number(answer["ID"]); r.lease == 0 {
+			return fmt.Errorf("etcd granted no lease%s", why(answer))
+		}
+	}
+	if !r.written {
+		answer, err := r.post("/v3/kv/put", map[string]any{
+			"key":   base64.StdEncoding.EncodeToString([]byte(r.key)),
+			"value": base64.StdEncoding.EncodeToString(r.value),
+			"lease": strconv.FormatInt(r.lease, 10),
+		})
+		if err != nil {
+			return err
+		}
+		if _, ok := answer["header"]; !ok { // e.g. the lease ended between grant and put
+			r.lease = 0
+			return fmt.Errorf("etcd refused the registration%s", why(answer))
+		}
+		r.written = true
+		r.say("registered %s in etcd at %s", r.key, r.base)
+	}
+	return nil
+}
+
+func (r *registration) leave() {
+	if r.lease == 0 {
+		return
+	}
+	// The key first: a dispatcher stops calling this instance from that moment.
+	_, _ = r.post("/v3/kv/deleterange", map[string]any{"key": base64.StdEncoding.EncodeToString([]byte(r.key))})
+	if _, err := r.post("/v3/lease/revoke", map[string]any{"ID": strconv.FormatInt(r.lease, 10)}); err != nil {
+		r.say("warning: cannot deregister %s: %v; it leaves the registry when its lease ends, within %d s",
+			r.key, err, r.ttl)
+		return
+	}
+	r.say("deregistered %s", r.key)
+}
+
+// post sends one request to etcd's JSON gateway; its error answers are JSON too.
+func (r *registration) post(path string, body map[string]any) (map[string]any, error) {
+	payload, _ := json.Marshal(body)
+	response, err := r.client.Post(r.base+path, "application/json", bytes.NewReader(payload))
+	if err != nil {
+		var netErr net.Error
+		if errors.As(err, &netErr) && netErr.Timeout() {
+			return nil, fmt.Errorf("%s does not answer within %s", r.base, r.client.Timeout)
+		}
+		return nil, fmt.Errorf("%s does not answer (%v)", r.base, errors.Unwrap(err))
+	}
+	defer response.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(response.Body, maxEtcdAnswer))
+	if err != nil {
+		return nil, fmt.Errorf("%s: the answer broke off (%v)", r.base, err)
+	}
+	var answer map[string]any
+	if err := json.Unmarshal(raw, &answer); err != nil {
+		return nil, fmt.Errorf("%s answered something that is not JSON", r.base)
+	}
+	return answer, nil
+}
+
+// number reads the gateway's int64s, which it writes as strings.
+func number(value any) int64 {
+	switch v := value.(type) {
+	case string:
+		n, _ := strconv.ParseInt(v, 10, 64)
+		return n
+	case float64:
+		return int64(v)
+	}
+	return 0
+}
+
+func why(answer map[string]any) string {
+	if message, ok := answer["message"].(string); ok && message != "" {
+		if len(message) > 200 {
+			message = message[:200]
+		}
+		return ": " + strings.Join(strings.Fields(message), " ")
+	}
+	return ""
+}

@@ -1,0 +1,72 @@
+package plugin
+
+import (
+	"io"
+	"net"
+	"strings"
+	"testing"
+)
+
+func TestAdvertisedAddress(t *testing.T) {
+	listening := &net.TCPAddr{IP: net.ParseIP("127.0.0.2"), Port: 50051}
+	everywhere := &net.TCPAddr{IP: net.IPv4zero, Port: 50051}
+	cases := []struct {
+		advertise string
+		listening net.Addr
+		want      string
+		wrong     string
+	}{
+		{"", listening, "127.0.0.2:50051", ""},
+		{"", &net.TCPAddr{IP: net.ParseIP("::1"), Port: 7}, "[::1]:7", ""},
+		{"10.0.0.5:9000", everywhere, "10.0.0.5:9000", ""},
+		{"[fd00::5]:9000", everywhere, "[fd00::5]:9000", ""},
+		{"", everywhere, "", EnvAdvertise},
+		{"", &net.TCPAddr{IP: net.IPv6unspecified, Port: 1}, "", EnvAdvertise},
+		{"http://10.0.0.5:9000", listening, "", "not a URL"},
+		{"10.0.0.5", listening, "", "host:port"},
+		{"10.0.0.5:0", listening, "", "host:port"},
+		{"0.0.0.0:9000", listening, "", "others can call"},
+	}
+	for _, c := range cases {
+		got, err := advertisedAddress(c.advertise, c.listening)
+		if c.wrong == "" && (err != nil || got != c.want) {
+			t.Errorf("advertisedAddress(%q, %v) = %q, %v; want %q", c.advertise, c.listening, got, err, c.want)
+		}
+		if c.wrong != "" && (err == nil || !strings.Contains(err.Error(), c.wrong)) {
+			t.Errorf("advertisedAddress(%q, %v): error %v, want one saying %q", c.advertise, c.listening, err, c.wrong)
+		}
+	}
+}
+
+func TestRegistrationSettingsAreCheckedBeforeServing(t *testing.T) {
+	listening := &net.TCPAddr{IP: net.ParseIP("127.0.0.2"), Port: 50051}
+	good := map[string]string{EnvRegisterEtcd: "http://127.0.0.1:2379", EnvRegisterPrefix: "/linchkit/plugins/echo"}
+	cases := []struct {
+		name, value, wrong string
+	}{
+		{EnvRegisterEtcd, "unix:///x", "http(s)://"},
+		{EnvRegisterEtcd, "http://user:SECRET@127.0.0.1:2379", "credentials"},
+		{EnvRegisterPrefix, "", "must start with /"},
+		{EnvRegisterPrefix, "/ends/", "must start with /"},
+		{EnvRegisterTTL, "1", "at least 2"},
+		{EnvRegisterTTL, "ten", "whole number"},
+	}
+	for _, c := range cases {
+		env := map[string]string{}
+		for k, v := range good {
+			env[k] = v
+		}
+		env[c.name] = c.value
+		_, err := registrationFromEnv(func(k string) string { return env[k] }, listening, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), c.wrong) || strings.Contains(err.Error(), "SECRET") {
+			t.Errorf("%s=%q: error %v, want one saying %q", c.name, c.value, err, c.wrong)
+		}
+	}
+	r, err := registrationFromEnv(func(k string) string { return good[k] }, listening, io.Discard)
+	if err != nil || !strings.HasPrefix(r.key, "/linchkit/plugins/echo/") || string(r.value) != `{"address":"127.0.0.2:50051"}` {
+		t.Errorf("good settings: %v, %v", r, err)
+	}
+	if r, err := registrationFromEnv(func(string) string { return "" }, listening, io.Discard); r != nil || err != nil {
+		t.Errorf("no settings: %v, %v; want no registration", r, err)
+	}
+}

@@ -1,0 +1,289 @@
+"""Register a running plugin in an etcd registry, where a dispatcher's fleet finds it.
+
+The contract is the dispatcher's (``providers.discovery``): one key
+``<prefix>/<instance id>`` per instance, on a lease this process keeps alive, whose value
+is JSON ``{"url": "http://host:port"}`` (an HTTP server) or ``{"address": "host:port"}``
+(a gRPC one). A process that dies stops renewing its lease and etcd deletes the key when
+the lease ends (``ttl`` seconds); one that stops gracefully deletes its key and revokes
+its lease first, so no dispatcher sends it another call.
+
+The SDK depends on orjson only, so etcd is reached through its v3 JSON gateway with
+urllib, on one thread of its own (``Registration``): no asyncio loop is needed, and the
+plugin's loop never waits for etcd. An etcd that does not answer is not fatal: the plugin
+serves, says so once on stderr, and keeps trying; it registers once etcd answers, and
+registers again if etcd lost its lease (an etcd restarted without its data).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import secrets
+import socket
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+__all__ = [
+    "ADVERTISE_ENV",
+    "REGISTER_ETCD_ENV",
+    "REGISTER_PREFIX_ENV",
+    "REGISTER_TTL_ENV",
+    "EtcdUnavailable",
+    "Registration",
+    "advertised_value",
+    "check_prefix",
+    "instance_id",
+]
+
+REGISTER_ETCD_ENV = "LINCHKIT_REGISTER_ETCD"
+REGISTER_PREFIX_ENV = "LINCHKIT_REGISTER_PREFIX"
+REGISTER_TTL_ENV = "LINCHKIT_REGISTER_TTL"
+ADVERTISE_ENV = "LINCHKIT_ADVERTISE"
+DEFAULT_TTL = 10
+
+#: Addresses that mean "every interface": a dispatcher cannot call them.
+_WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
+
+
+class EtcdUnavailable(Exception):
+    """etcd did not answer, or answered something that is not its gateway's JSON."""
+
+
+def instance_id() -> str:
+    """Unique and readable: ``<hostname>-<pid>-<6 hex>``, the random part for restarts
+    that reuse a pid (containers are often pid 1)."""
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())
+    return f"{host or 'plugin'}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def check_prefix(prefix: str) -> str:
+    """The prefix as the dispatcher's manifest accepts it (``RegistryDiscovery.prefix``)."""
+    if len(prefix) < 2 or not prefix.startswith("/") or prefix.endswith("/"):
+        raise ValueError(f"the registry prefix must start with / and not end with one: {prefix!r}")
+    if any(c.isspace() for c in prefix):
+        raise ValueError(f"the registry prefix must not hold spaces: {prefix!r}")
+    return prefix
+
+
+def advertised_value(advertise: str | None, *, host: str, port: int, kind: str) -> dict[str, str]:
+    """The registry value of a server listening on ``host:port``.
+
+    ``kind`` is ``url`` (an HTTP server) or ``address`` (a gRPC one). ``advertise`` (a URL
+    or host:port) overrides the listening address, and must be given when that address
+    cannot be called from elsewhere (every interface, a Unix socket).
+    """
+    if advertise:
+        text = advertise.strip()
+        if "://" in text:
+            if kind != "url":
+                raise ValueError(f"advertise a gRPC server as host:port, not a URL: {text}")
+            parts = urlsplit(text)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"the advertised URL must be http(s)://host[:port]: {text}")
+            return {"url": text.rstrip("/")}
+        _check_host_port(text)
+        return {"url": f"http://{text}"} if kind == "url" else {"address": text}
+    if host in _WILDCARDS or not port:
+        raise ValueError(
+            f"this server listens on {host or 'a Unix socket'}, which no dispatcher can call:"
+            f" say where it is reached with --advertise (or {ADVERTISE_ENV}),"
+            " e.g. 10.0.0.5:8081"
+        )
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    address = f"{shown}:{port}"
+    return {"url": f"http://{address}"} if kind == "url" else {"address": address}
+
+
+def _check_host_port(text: str) -> None:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+        raise ValueError(f"--advertise must be a URL or host:port, got {text!r}")
+    if host.strip("[]") in _WILDCARDS:
+        raise ValueError(f"--advertise must name an address others can call, not {host}")
+
+
+def _b64(raw: str | bytes) -> str:
+    return base64.b64encode(raw.encode() if isinstance(raw, str) else raw).decode()
+
+
+def _stderr(message: str) -> None:
+    print(f"dispatcher-plugin: {message}", file=sys.stderr, flush=True)
+
+
+class _Gateway:
+    """etcd's v3 JSON gateway over urllib: one POST, one JSON object back."""
+
+    def __init__(self, etcd: str, timeout: float) -> None:
+        parts = urlsplit(etcd)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the etcd to register in must be an http(s):// URL: {etcd!r}")
+        if parts.username or parts.password:
+            raise ValueError("etcd authentication by URL credentials is not supported")
+        self.base = etcd.rstrip("/")
+        self.timeout = timeout
+        # No proxy: a registry is reached directly, as the dispatcher reaches it.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        request = urllib.request.Request(
+            self.base + path,
+            data=orjson.dumps(body),
+            headers={"content-type": "application/json"},
+            method="POST",
+        )
+        try:
+            with self._opener.open(request, timeout=timeout or self.timeout) as answer:
+                raw = answer.read(1024 * 1024)
+        except urllib.error.HTTPError as error:  # the gateway's errors are JSON too
+            raw = error.read(1024 * 1024)
+            error.close()
+        except (OSError, ValueError) as error:  # refused, timed out, reset; a bad URL
+            reason = getattr(error, "reason", None) or error
+            raise EtcdUnavailable(f"{self.base} does not answer ({reason})") from None
+        try:
+            document = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise EtcdUnavailable(f"{self.base} answered something that is not JSON") from None
+        if not isinstance(document, dict):
+            raise EtcdUnavailable(f"{self.base} answered something that is not a JSON object")
+        return document
+
+
+class Registration:
+    """This instance's key in the registry, kept while the plugin serves.
+
+    ``start()`` returns at once; a thread grants a lease, puts the key and renews the
+    lease every ``ttl / 3`` seconds. ``stop()`` deletes the key, revokes the lease and
+    returns once that is done (or etcd failed to answer in time).
+    """
+
+    def __init__(
+        self,
+        etcd: str,
+        prefix: str,
+        value: dict[str, Any],
+        *,
+        ttl: int = DEFAULT_TTL,
+        instance: str | None = None,
+        say: Callable[[str], None] = _stderr,
+    ) -> None:
+        if ttl < 2:
+            raise ValueError(f"the registration TTL must be at least 2 seconds, got {ttl}")
+        self.key = f"{check_prefix(prefix)}/{instance or instance_id()}"
+        self.value = orjson.dumps(value)
+        self.ttl = ttl
+        self._gateway = _Gateway(etcd, timeout=max(1.0, min(5.0, ttl / 3)))
+        self._say = say
+        self._lease: int | None = None
+        self._written = False
+        self._stopping = threading.Event()
+        #: Set while the key is known to be in the registry (tests and health wait on it).
+        self.registered = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="etcd-registration", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def begin_stop(self) -> None:
+        """Ask the thread to deregister; ``stop`` waits for it."""
+        self._stopping.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            # The thread finishes a request in flight (bounded by the timeout), then
+            # deregisters: two more bounded requests.
+            self._thread.join(timeout=4 * self._gateway.timeout + 1)
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        failing: str | None = None
+        while not self._stopping.is_set():
+            try:
+                self._renew()
+            except EtcdUnavailable as error:
+                self.registered.clear()
+                if failing is None:
+                    self._say(
+                        f"warning: cannot register {self.key} in etcd: {error}; serving"
+                        " anyway and trying again"
+                    )
+                failing = str(error)
+                wait = min(1.0, self.ttl / 3)
+            else:
+                if failing is not None:
+                    self._say(f"etcd answers again: {self.key} is registered")
+                failing = None
+                wait = self.ttl / 3
+            self._stopping.wait(wait)
+        self._deregister()
+
+    def _renew(self) -> None:
+        if self._lease is not None and not self._keep_alive(self._lease):
+            self._say(f"etcd lost the lease of {self.key} (restarted?): registering again")
+            self._lease, self._written = None, False
+        if self._lease is None:
+            answer = self._gateway.post("/v3/lease/grant", {"TTL": self.ttl})
+            try:
+                self._lease = int(answer["ID"])
+            except (KeyError, TypeError, ValueError):
+                raise EtcdUnavailable(f"etcd granted no lease{_why(answer)}") from None
+        if not self._written:
+            self._put()
+            self._written = True
+            self.registered.set()
+            self._say(f"registered {self.key} in etcd at {self._gateway.base}")
+
+    def _keep_alive(self, lease: int) -> bool:
+        """Renew ``lease``; False when etcd no longer knows it (its TTL comes back 0)."""
+        answer = self._gateway.post("/v3/lease/keepalive", {"ID": str(lease)})
+        result = answer.get("result")
+        if not isinstance(result, dict):
+            raise EtcdUnavailable(f"etcd did not renew the lease{_why(answer)}")
+        return int(result.get("TTL") or 0) > 0
+
+    def _put(self) -> None:
+        answer = self._gateway.post(
+            "/v3/kv/put",
+            {"key": _b64(self.key), "value": _b64(self.value), "lease": str(self._lease)},
+        )
+        if "header" not in answer:  # e.g. the lease ended between grant and put
+            self._lease = None
+            raise EtcdUnavailable(f"etcd refused the registration{_why(answer)}")
+
+    def _deregister(self) -> None:
+        self.registered.clear()
+        if self._lease is None:
+            return
+        # The key first: a dispatcher stops calling this instance from that moment; the
+        # lease's revocation would delete it too, but it is the key that matters.
+        with contextlib.suppress(EtcdUnavailable):
+            self._gateway.post("/v3/kv/deleterange", {"key": _b64(self.key)}, timeout=2.0)
+        try:
+            self._gateway.post("/v3/lease/revoke", {"ID": str(self._lease)}, timeout=2.0)
+        except EtcdUnavailable as error:
+            self._say(
+                f"warning: cannot deregister {self.key}: {error}; it leaves the registry"
+                f" when its lease ends, within {self.ttl} s"
+            )
+        else:
+            self._say(f"deregistered {self.key}")
+        self._lease = None
+
+    def __repr__(self) -> str:
+        state = "registered" if self.registered.is_set() else "not registered"
+        return f"<Registration {self.key} ttl={self.ttl} {state}>"
+
+
+def _why(answer: dict[str, Any]) -> str:
+    message = answer.get("message") or answer.get("error")
+    return f": {' '.join(str(message).split())[:200]}" if message else ""

@@ -1,0 +1,203 @@
+"""Local services the tests start for themselves: a real etcd (the registry).
+
+``make services-prereqs`` (``infra/services/install.sh``) installs Debian's etcd-server;
+each etcd here runs on free loopback ports with its own data folder and is killed when
+its fixture ends, so nothing outlives the test session.
+
+* ``etcd`` (session): one etcd shared by every test; tests keep to their own key prefix
+  (``etcd_prefix``).
+* ``own_etcd`` (function): an etcd a test may ``stop()`` and ``start()`` again on the
+  same ports and data folder, for "the registry is down" cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+#: A slow 2-core machine under a full test run may take a while to start etcd.
+START_TIMEOUT = 60.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class Etcd:
+    """One etcd process on loopback; ``stop`` and ``start`` keep its ports and data."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = data_dir.parent / f"{data_dir.name}.log"
+
+    def start(self) -> None:
+        if not Path(ETCD).exists():
+            pytest.fail("etcd is not installed: run `make services-prereqs`")
+        client, peer = self.url, f"http://127.0.0.1:{self.peer_port}"
+        command = [
+            ETCD,
+            "--name=default",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=default={peer}",
+            # No metrics endpoint, no periodic snapshot of a large WAL: a quiet test server.
+            "--listen-metrics-urls=",
+            "--log-level=warn",
+        ]
+        with self._log.open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"etcd exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if json.loads(answer.read()).get("health") == "true":
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        pytest.fail(f"etcd did not answer within {START_TIMEOUT:g} s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        """End etcd (killed by default: a registry that vanishes, not one that says goodbye)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join(self._log.read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return "(no log)"
+
+    # -- a small client for tests: the same JSON gateway the dispatcher reads ---------------
+
+    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.url}{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            result: dict[str, Any] = json.loads(answer.read())
+            return result
+
+    def put(self, key: str, value: str | bytes, *, lease: int | None = None) -> None:
+        raw = value.encode() if isinstance(value, str) else value
+        body: dict[str, Any] = {"key": _b64(key.encode()), "value": _b64(raw)}
+        if lease is not None:
+            body["lease"] = str(lease)
+        self.call("/v3/kv/put", body)
+
+    def delete(self, key: str) -> None:
+        self.call("/v3/kv/deleterange", {"key": _b64(key.encode())})
+
+    def get(self, key: str) -> bytes | None:
+        kvs = self.call("/v3/kv/range", {"key": _b64(key.encode())}).get("kvs", [])
+        return base64.b64decode(kvs[0].get("value", "")) if kvs else None
+
+    def keys(self, prefix: str) -> dict[str, bytes]:
+        """Every key under ``prefix + "/"`` with its value."""
+        answer = self.call(
+            "/v3/kv/range",
+            {"key": _b64(f"{prefix}/".encode()), "range_end": _b64(f"{prefix}0".encode())},
+        )
+        return {
+            base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
+            for kv in answer.get("kvs", [])
+        }
+
+    def grant(self, ttl: int) -> int:
+        return int(self.call("/v3/lease/grant", {"TTL": ttl})["ID"])
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def wait_for(predicate: Any, *, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; generous for a busy machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+#: How long a test waits for a change: a bound on a stuck test, not a performance claim.
+PATIENCE = 30.0
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = PATIENCE) -> Any:
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if value := predicate():
+                    return value
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"no {what} within {timeout:g} s") from None
+
+
+def _running_etcd(folder: str) -> Iterator[Etcd]:
+    server = Etcd(Path(folder) / "data")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[Etcd]:
+    """One etcd for the session; tests share it, each under its own ``etcd_prefix``."""
+    with tempfile.TemporaryDirectory(prefix="linchkit-etcd-") as folder:
+        yield from _running_etcd(folder)
+
+
+@pytest.fixture
+def own_etcd() -> Iterator[Etcd]:
+    """An etcd of this test's own, which it may stop and start again."""
+    with tempfile.TemporaryDirectory(prefix="linchkit-etcd-") as folder:
+        yield from _running_etcd(folder)
+
+
+@pytest.fixture
+def etcd_prefix() -> str:
+    """A registry prefix no other test uses."""
+    return f"/linchkit-test/{uuid.uuid4().hex[:12]}"

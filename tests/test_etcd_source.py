@@ -1,0 +1,401 @@
+"""The etcd registry source against a real etcd (tests/services.py), and against peers that
+lie: a TCP server that answers garbage, hangs, or streams without end.
+
+Assertions wait generously (this runs on slow, busy machines) but check what each report
+holds, so a change that is late is fine and a change that is lost or wrong is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from dispatcher.fleet.sources import new_source
+from dispatcher.fleet.sources.etcd import EtcdSource, parse_registration
+from providers.discovery import Endpoint, RegistryDiscovery
+from tests.services import Etcd, free_port, until
+
+
+class Reports:
+    """What a source reported, in order."""
+
+    def __init__(self) -> None:
+        self.lists: list[list[Endpoint]] = []
+
+    def __call__(self, endpoints: Sequence[Endpoint]) -> None:
+        self.lists.append(list(endpoints))
+
+    @property
+    def last(self) -> list[Endpoint]:
+        return self.lists[-1]
+
+
+@contextlib.asynccontextmanager
+async def watching(source: EtcdSource) -> AsyncIterator[Reports]:
+    reports = Reports()
+    task = asyncio.create_task(source.run(reports))
+    try:
+        yield reports
+    finally:
+        assert not task.done(), "run() ended: it must only end when cancelled"
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await source.aclose()
+
+
+def spec(etcd: str, prefix: str = "/linchkit/plugins/echo", **extra: Any) -> RegistryDiscovery:
+    return RegistryDiscovery.model_validate({"etcd": etcd, "prefix": prefix, **extra})
+
+
+def source(etcd: str, prefix: str = "/linchkit/plugins/echo", **extra: Any) -> EtcdSource:
+    made = new_source(spec(etcd, prefix, **extra))
+    assert isinstance(made, EtcdSource)
+    return made
+
+
+async def put(etcd: Etcd, key: str, value: Any, **extra: Any) -> None:
+    raw = value if isinstance(value, (str, bytes)) else json.dumps(value)
+    await asyncio.to_thread(etcd.put, key, raw, **extra)
+
+
+# -- the contract's values ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "endpoint"),
+    [
+        ({"url": "http://10.0.0.5:8080"}, Endpoint("10.0.0.5", 8080)),
+        ({"url": "https://echo.internal"}, Endpoint("echo.internal", 443, scheme="https")),
+        ({"url": "http://echo.internal/fn/"}, Endpoint("echo.internal", 80, path="/fn")),
+        ({"url": "http://[::1]:81", "weight": 7}, Endpoint("::1", 81, weight=7)),
+        ({"address": "127.0.0.2:50051"}, Endpoint("127.0.0.2", 50051)),
+        ({"address": "[fd00::5]:50051", "weight": 1000}, Endpoint("fd00::5", 50051, 1000)),
+        ({"address": "grpc.internal:1", "extra": "ignored"}, Endpoint("grpc.internal", 1)),
+    ],
+)
+def test_a_value_on_the_contract_is_an_endpoint(value: Any, endpoint: Endpoint) -> None:
+    assert parse_registration(json.dumps(value).encode()) == endpoint
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"not json SECRET", "not JSON"),
+        (b"", "not JSON"),
+        (b'["http://h:1"]', "not a JSON object"),
+        (b"{}", "exactly one of"),
+        (b'{"url": "http://h:1", "address": "h:1"}', "exactly one of"),
+        (b'{"url": "ftp://SECRET:1"}', "http:// or https://"),
+        (b'{"url": "http://user:SECRET@h:1"}', "credentials"),
+        (b'{"url": "http://h:1/?token=SECRET"}', "query"),
+        (b'{"url": "http://h:99999"}', "not a valid URL"),
+        (b'{"url": "http://:80"}', "no host"),
+        (b'{"url": 5}', "must be a string"),
+        (b'{"address": "SECRET"}', "host:port"),
+        (b'{"address": "h:0"}', "port from 1 to 65535"),
+        (b'{"address": "h:http"}', "port from 1 to 65535"),
+        (b'{"address": "::1:50051"}', "in brackets"),
+        (b'{"address": "[SECRET]:50051"}', "not IPv6"),
+        (b'{"address": "http://h:1"}', "host:port"),
+        (b'{"address": "h:1", "weight": 0}', "weight"),
+        (b'{"address": "h:1", "weight": 1001}', "weight"),
+        (b'{"address": "h:1", "weight": true}', "weight"),
+        (b'{"address": "h:1", "weight": 2.5}', "weight"),
+    ],
+)
+def test_a_value_off_the_contract_says_why_without_quoting_it(value: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason) as caught:
+        parse_registration(value)
+    assert "SECRET" not in str(caught.value)
+
+
+# -- against a real etcd ------------------------------------------------------------------
+
+
+async def test_the_first_read_reports_what_is_registered(etcd: Etcd, etcd_prefix: str) -> None:
+    lease = await asyncio.to_thread(etcd.grant, 60)
+    await put(etcd, f"{etcd_prefix}/b", {"address": "127.0.0.3:50051", "weight": 3}, lease=lease)
+    await put(etcd, f"{etcd_prefix}/a", {"url": "http://127.0.0.2:8081"})
+    await put(etcd, f"{etcd_prefix}x/not-ours", {"url": "http://10.9.9.9:1"})  # a sibling prefix
+    await put(etcd, etcd_prefix, {"url": "http://10.9.9.9:2"})  # the prefix itself
+    watcher = source(etcd.url, etcd_prefix)
+    async with watching(watcher) as reports:
+        await until(lambda: watcher.reads == 1, "the first read")
+        assert reports.lists == [
+            [Endpoint("127.0.0.2", 8081), Endpoint("127.0.0.3", 50051, weight=3)]
+        ]
+        assert watcher.error is None
+        assert "instances=2" in repr(watcher)
+
+
+async def test_changes_while_watching_are_reported_one_event_each(
+    etcd: Etcd, etcd_prefix: str
+) -> None:
+    watcher = source(etcd.url, etcd_prefix)
+    async with watching(watcher) as reports:
+        await until(lambda: reports.lists, "the first report")
+        assert reports.lists == [[]]  # an empty registry is a good read: reported
+
+        await put(etcd, f"{etcd_prefix}/one", {"url": "http://127.0.0.2:8081"})
+        await until(lambda: len(reports.lists) == 2, "the put")
+        assert reports.last == [Endpoint("127.0.0.2", 8081)]
+
+        lease = await asyncio.to_thread(etcd.grant, 60)
+        await put(etcd, f"{etcd_prefix}/two", {"address": "127.0.0.3:9000"}, lease=lease)
+        await until(lambda: len(reports.lists) == 3, "the second put")
+        assert reports.last == [Endpoint("127.0.0.2", 8081), Endpoint("127.0.0.3", 9000)]
+
+        await put(etcd, f"{etcd_prefix}/one", {"url": "http://127.0.0.2:8081", "weight": 9})
+        await until(lambda: len(reports.lists) == 4, "the weight change")
+        assert reports.last[0].weight == 9
+
+        await asyncio.to_thread(etcd.delete, f"{etcd_prefix}/one")
+        await until(lambda: len(reports.lists) == 5, "the delete")
+        assert reports.last == [Endpoint("127.0.0.3", 9000)]
+
+        # A lease revoked (an instance that stopped) deletes its key: the same event.
+        await asyncio.to_thread(etcd.call, "/v3/lease/revoke", {"ID": str(lease)})
+        await until(lambda: len(reports.lists) == 6, "the revoked lease")
+        assert reports.last == []
+        assert watcher.reads == 1 and watcher.error is None
+
+
+async def test_values_off_the_contract_are_skipped_and_named_not_quoted(
+    etcd: Etcd, etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "dispatcher.fleet.sources.etcd")
+    await put(etcd, f"{etcd_prefix}/good", {"url": "http://127.0.0.2:8081"})
+    await put(etcd, f"{etcd_prefix}/garbage", b"\xff\xfe SECRET-1")
+    await put(etcd, f"{etcd_prefix}/ftp", {"url": "ftp://SECRET-2:21"})
+    watcher = source(etcd.url, etcd_prefix)
+    async with watching(watcher) as reports:
+        await until(lambda: reports.lists, "the first report")
+        assert reports.last == [Endpoint("127.0.0.2", 8081)]
+        assert set(watcher.skipped) == {f"{etcd_prefix}/garbage", f"{etcd_prefix}/ftp"}
+
+        # Bad while watching: skipped too; the good ones stay.
+        await put(etcd, f"{etcd_prefix}/heavy", {"address": "h:1", "weight": 5000})
+        await put(etcd, f"{etcd_prefix}/also-good", {"address": "127.0.0.3:1"})
+        await until(lambda: len(reports.last) == 2, "the good put after a bad one")
+        assert f"{etcd_prefix}/heavy" in watcher.skipped
+        assert "weight" in watcher.skipped[f"{etcd_prefix}/heavy"]
+
+        # Fixed, it comes back; deleted, it is no longer named.
+        await put(etcd, f"{etcd_prefix}/ftp", {"url": "https://127.0.0.4"})
+        await asyncio.to_thread(etcd.delete, f"{etcd_prefix}/garbage")
+        await until(lambda: len(reports.last) == 3, "the fixed value")
+        await until(lambda: f"{etcd_prefix}/garbage" not in watcher.skipped, "the delete")
+        assert set(watcher.skipped) == {f"{etcd_prefix}/heavy"}
+        assert watcher.error is None  # a bad value is not a registry failure
+
+    said = caplog.text + repr(watcher)
+    assert f"{etcd_prefix}/garbage" in caplog.text
+    assert "SECRET" not in said
+
+
+async def test_etcd_down_keeps_the_last_list_and_recovers(own_etcd: Etcd) -> None:
+    prefix = "/linchkit/plugins/echo"
+    await put(own_etcd, f"{prefix}/a", {"url": "http://127.0.0.2:8081"})
+    watcher = source(own_etcd.url, prefix, timeout_ms=500, retry_ms=100)
+    async with watching(watcher) as reports:
+        await until(lambda: watcher.reads == 1, "the first read")
+        await asyncio.to_thread(own_etcd.stop)
+        error = await until(lambda: watcher.error, "the error")
+        assert "keeping the last 1 instance(s)" in error
+        assert "\n" not in error
+        # Several retries fail while it is down; none reports anything.
+        await asyncio.sleep(1.0)
+        assert reports.lists == [[Endpoint("127.0.0.2", 8081)]]
+        assert watcher.reads == 1
+
+        await asyncio.to_thread(own_etcd.start)  # the same data folder: the key is there
+        await until(lambda: watcher.reads == 2, "the read after the restart")
+        assert watcher.error is None
+        assert reports.last == [Endpoint("127.0.0.2", 8081)]
+
+        # And the watch works again.
+        await put(own_etcd, f"{prefix}/b", {"url": "http://127.0.0.3:8081"})
+        await until(lambda: len(reports.last) == 2, "a put after the restart")
+
+
+async def test_an_unreachable_etcd_is_an_error_not_an_exception() -> None:
+    watcher = source(f"http://127.0.0.1:{free_port()}", timeout_ms=500, retry_ms=50)
+    async with watching(watcher) as reports:
+        error = await until(lambda: watcher.error, "the error")
+        assert error.startswith("cannot reach etcd")
+        await asyncio.sleep(0.3)  # retries go on, quietly
+        assert reports.lists == [] and watcher.reads == 0
+
+
+# -- peers that lie -----------------------------------------------------------------------
+
+Handler = Callable[[str, asyncio.StreamWriter], Awaitable[None]]
+OK_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+RANGE = (
+    b'{"header":{"revision":"7"},"kvs":[{"key":"L3AvYQ==","value":"eyJ1cmwiOiJodHRwOi8vaDoxIn0="}]}'
+)
+CREATED = b'{"result":{"header":{"revision":"7"},"created":true}}\n'
+
+
+@contextlib.asynccontextmanager
+async def lying_etcd(handler: Handler) -> AsyncIterator[str]:
+    """A TCP server on loopback that reads one HTTP request per connection and lets
+    ``handler(path, writer)`` answer however it likes."""
+    connections: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connections.add(task)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ")[1].decode()
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.lower().split(b"\r\n")
+                    if line.startswith(b"content-length:")
+                ),
+                0,
+            )
+            await reader.readexactly(length)
+            await handler(path, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the source hung up, or the server closes: this connection is done
+        finally:
+            writer.close()
+            connections.discard(task)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        for task in list(connections):
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def hang(_path: str, _writer: asyncio.StreamWriter) -> None:
+    await asyncio.Event().wait()
+
+
+async def garbage(_path: str, writer: asyncio.StreamWriter) -> None:
+    writer.write(OK_HEAD + b"<html>this is not etcd</html>")
+    await writer.drain()
+
+
+async def endless_body(_path: str, writer: asyncio.StreamWriter) -> None:
+    writer.write(OK_HEAD + b'{"kvs": ["')
+    with contextlib.suppress(ConnectionError):
+        while True:
+            writer.write(b"A" * 65536)
+            await writer.drain()
+
+
+def then_watch(watch: Handler) -> Handler:
+    """A good range read, then ``watch`` answers the watch."""
+
+    async def handler(path: str, writer: asyncio.StreamWriter) -> None:
+        if path == "/v3/kv/range":
+            writer.write(OK_HEAD + RANGE)
+            await writer.drain()
+        else:
+            await watch(path, writer)
+
+    return handler
+
+
+async def created_then(writer: asyncio.StreamWriter, *lines: bytes) -> None:
+    writer.write(OK_HEAD + CREATED)
+    for line in lines:
+        writer.write(line)
+    await writer.drain()
+
+
+async def watch_then_endless_line(_path: str, writer: asyncio.StreamWriter) -> None:
+    await created_then(writer)
+    with contextlib.suppress(ConnectionError):
+        while True:
+            writer.write(b"B" * 65536)
+            await writer.drain()
+
+
+async def watch_then_garbage(_path: str, writer: asyncio.StreamWriter) -> None:
+    await created_then(writer, b"{not json\n")
+    await asyncio.Event().wait()
+
+
+async def watch_compacted(_path: str, writer: asyncio.StreamWriter) -> None:
+    # What etcd 3.4 streams for a start revision already compacted (captured from one).
+    await created_then(
+        writer, b'{"result":{"header":{},"canceled":true,"compact_revision":"12"}}\n'
+    )
+
+
+async def watch_error(_path: str, writer: asyncio.StreamWriter) -> None:
+    await created_then(writer, b'{"error":{"grpc_code":14,"message":"etcdserver: no leader"}}\n')
+    await asyncio.Event().wait()
+
+
+async def watch_ends(_path: str, writer: asyncio.StreamWriter) -> None:
+    await created_then(writer)
+
+
+async def watch_hangs(_path: str, writer: asyncio.StreamWriter) -> None:
+    writer.write(OK_HEAD)  # a head, and then nothing: not even "created"
+    await writer.drain()
+    await asyncio.Event().wait()
+
+
+async def http_error(_path: str, writer: asyncio.StreamWriter) -> None:
+    body = b'{"error":"etcdserver: request timed out","message":"etcdserver: request timed out","code":14}'
+    writer.write(
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+
+
+@pytest.mark.parametrize(
+    ("handler", "error", "reads"),
+    [
+        (hang, "no answer within 300 ms", 0),
+        (garbage, "answer to the range read is not JSON", 0),
+        (endless_body, "answer is over 1048576 bytes", 0),
+        (http_error, "HTTP 503 to the range read: etcdserver: request timed out", 0),
+        (then_watch(watch_hangs), "no answer within 300 ms", 1),
+        (then_watch(watch_then_garbage), "answer to the watch is not JSON", 1),
+        (then_watch(watch_then_endless_line), "line of etcd's watch is over 1048576 bytes", 1),
+        (then_watch(watch_compacted), "revisions up to 12 are compacted", 1),
+        (then_watch(watch_error), "watch failed: etcdserver: no leader", 1),
+        (then_watch(watch_ends), "the watch stream ended", 1),
+    ],
+)
+async def test_a_lying_etcd_is_an_error_within_the_timeout(
+    handler: Handler, error: str, reads: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "dispatcher.fleet.sources.etcd")
+    async with lying_etcd(handler) as url:
+        watcher = EtcdSource(
+            spec(url, "/p", timeout_ms=300, retry_ms=50), max_message_bytes=1024 * 1024
+        )
+        async with watching(watcher) as reports:
+            said = await until(lambda: watcher.error, "the error")
+            assert error in said, said
+            await until(lambda: watcher.reads >= reads, "the reads")
+            if reads:  # the good range read was reported, and kept through the failures
+                assert reports.lists and all(found == [Endpoint("h", 1)] for found in reports.lists)
+            else:
+                assert reports.lists == []
+    assert not any(record.exc_info for record in caplog.records), "no traceback"

@@ -1,0 +1,369 @@
+"""Plugins register themselves in etcd (``linchkit_plugin.registry``): real plugin
+processes, a real etcd (tests/services.py), signals sent as an orchestrator sends them.
+
+Waits are generous (a busy 2-core machine); what is asserted is where the key is and what
+it holds, never how fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatcher.fleet.sources.etcd import EtcdSource
+from providers.discovery import Endpoint, RegistryDiscovery
+from tests.conftest import EXAMPLES, ROOT
+from tests.sdk_toolchains import BIN
+from tests.services import Etcd, free_port, until, wait_for
+
+PLUGIN = [
+    str(BIN / "dispatcher-plugin"),
+    "serve",
+    "echo_plugin:EchoPlugin",
+    "--path",
+    str(EXAMPLES),
+]
+PYTHON_GRPC_EXAMPLE = ROOT / "sdk" / "python" / "examples" / "example_plugin.py"
+GO_EXAMPLE = ROOT / "sdk" / "go" / "dist" / "example-plugin"
+#: The registry variables of the outer environment must not leak into these runs.
+_CLEAN = {
+    key: value
+    for key, value in os.environ.items()
+    if not key.startswith(("LINCHKIT_REGISTER_", "LINCHKIT_ADVERTISE"))
+}
+
+
+class Plugin:
+    """A plugin process whose stderr goes to a file (a pipe nobody reads would fill)."""
+
+    def __init__(self, command: list[str], **environment: str) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="linchkit-plugin-")
+        self._stderr_path = Path(self._folder.name) / "stderr"
+        with self._stderr_path.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={**_CLEAN, **environment},
+                cwd=self._folder.name,
+            )
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr_path.read_text(errors="replace")
+
+    def wait_said(self, text: str) -> str:
+        def said() -> bool:
+            if self.process.poll() is not None and text not in self.stderr:
+                raise AssertionError(
+                    f"the plugin exited ({self.process.returncode}):\n{self.stderr}"
+                )
+            return text in self.stderr
+
+        wait_for(said, what=f"{text!r} on the plugin's stderr")
+        return self.stderr
+
+    def signal(self, sig: int) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=60)
+
+    def end(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=60)
+        self._folder.cleanup()
+
+
+@pytest.fixture
+def plugins() -> Iterator[Any]:
+    """Start plugin processes; every one is killed when the test ends, whatever happened."""
+    started: list[Plugin] = []
+
+    def start(command: list[str], **environment: str) -> Plugin:
+        started.append(Plugin(command, **environment))
+        return started[-1]
+
+    yield start
+    for plugin in started:
+        plugin.end()
+
+
+def only_key(etcd: Etcd, prefix: str) -> tuple[str, dict[str, Any]]:
+    keys = wait_for(lambda: etcd.keys(prefix), what=f"a key under {prefix}")
+    assert len(keys) == 1, keys
+    [(key, value)] = keys.items()
+    return key, json.loads(value)
+
+
+def health(url: str) -> bool:
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as answer:
+        return bool(answer.status == 200)
+
+
+def test_serve_registers_its_real_address_and_leaves_on_sigterm(
+    etcd: Etcd, etcd_prefix: str, plugins: Any
+) -> None:
+    plugin = plugins(
+        [*PLUGIN, "--host", "127.0.0.2", "--port", "0"],
+        LINCHKIT_REGISTER_ETCD=etcd.url,
+        LINCHKIT_REGISTER_PREFIX=etcd_prefix,
+    )
+    said = plugin.wait_said("registered ")
+    key, value = only_key(etcd, etcd_prefix)
+    # --port 0: the port the kernel gave, as the server itself says it listens.
+    assert f"listening on {value['url']} " in said
+    assert value["url"].startswith("http://127.0.0.2:") and not value["url"].endswith(":0")
+    assert health(value["url"])
+    instance = key.removeprefix(f"{etcd_prefix}/")
+    assert f"-{plugin.process.pid}-" in instance  # hostname-pid-random: readable, unique
+
+    plugin.signal(signal.SIGTERM)
+    assert etcd.keys(etcd_prefix) == {}, "the key is deleted before the process ends"
+    assert f"deregistered {key}" in plugin.stderr
+
+
+def test_a_killed_plugin_leaves_when_its_lease_ends(
+    etcd: Etcd, etcd_prefix: str, plugins: Any
+) -> None:
+    plugin = plugins(
+        [
+            *PLUGIN,
+            "--port",
+            "0",
+            "--register-etcd",
+            etcd.url,
+            "--register-prefix",
+            etcd_prefix,
+            "--register-ttl",
+            "2",
+        ],
+    )
+    plugin.wait_said("registered ")
+    only_key(etcd, etcd_prefix)
+    plugin.signal(signal.SIGKILL)
+    wait_for(lambda: etcd.keys(etcd_prefix) == {}, what="the lease to end and take the key")
+
+
+def test_flags_win_over_the_environment_and_advertise_is_written_as_given(
+    etcd: Etcd, etcd_prefix: str, plugins: Any
+) -> None:
+    plugin = plugins(
+        [
+            *PLUGIN,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--register-prefix",
+            etcd_prefix,
+            "--advertise",
+            "https://echo-3.plugins.internal/fn/",
+        ],
+        LINCHKIT_REGISTER_ETCD=etcd.url,
+        LINCHKIT_REGISTER_PREFIX="/somewhere/else",
+    )
+    plugin.wait_said("registered ")
+    _, value = only_key(etcd, etcd_prefix)
+    assert value == {"url": "https://echo-3.plugins.internal/fn"}
+    plugin.signal(signal.SIGINT)
+    assert etcd.keys(etcd_prefix) == {}
+
+
+def test_an_unreachable_etcd_does_not_stop_the_plugin_which_registers_later(
+    own_etcd: Etcd, plugins: Any
+) -> None:
+    own_etcd.stop()
+    port = free_port("127.0.0.3")
+    plugin = plugins(
+        [
+            *PLUGIN,
+            "--host",
+            "127.0.0.3",
+            "--port",
+            str(port),
+            "--register-etcd",
+            own_etcd.url,
+            "--register-prefix",
+            "/p",
+            "--register-ttl",
+            "3",
+        ],
+    )
+    said = plugin.wait_said("cannot register")
+    assert "serving anyway" in said and "Traceback" not in said
+    assert health(f"http://127.0.0.3:{port}")
+
+    own_etcd.start()
+    plugin.wait_said("etcd answers again")
+    assert only_key(own_etcd, "/p")[1] == {"url": f"http://127.0.0.3:{port}"}
+    assert plugin.stderr.count("cannot register") == 1, "the outage is said once, not per retry"
+
+
+def test_a_lease_lost_with_etcd_s_data_is_registered_again(own_etcd: Etcd, plugins: Any) -> None:
+    plugin = plugins(
+        [
+            *PLUGIN,
+            "--port",
+            "0",
+            "--register-etcd",
+            own_etcd.url,
+            "--register-prefix",
+            "/p",
+            "--register-ttl",
+            "3",
+        ],
+    )
+    plugin.wait_said("registered ")
+    key, value = only_key(own_etcd, "/p")
+    own_etcd.stop()
+    shutil.rmtree(own_etcd.data_dir)  # a new, empty etcd on the same address
+    own_etcd.start()
+    plugin.wait_said("registering again")
+    assert only_key(own_etcd, "/p") == (key, value)
+    plugin.signal(signal.SIGTERM)
+    assert own_etcd.keys("/p") == {}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--host", "0.0.0.0"], "which no dispatcher can call: say where it is reached"),
+        (["--host", "::"], "--advertise"),
+        (["--uds", "/tmp/never.sock"], "--advertise"),
+        (["--advertise", "0.0.0.0:8081"], "not 0.0.0.0"),
+        (["--advertise", "ftp://x:1"], "http(s)://host"),
+        (["--advertise", "no-port"], "URL or host:port"),
+        (["--register-prefix", "/ends/with/"], "not end with one"),
+        (["--register-prefix", "no-slash"], "must start with /"),
+        (["--register-ttl", "1"], "at least 2 seconds"),
+        (["--register-etcd", "unix:///x"], "http(s):// URL"),
+        (["--register-etcd", "http://user:SECRET@127.0.0.1:1"], "credentials"),
+    ],
+)
+def test_registration_mistakes_fail_before_serving(arguments: list[str], message: str) -> None:
+    defaults = {"--register-etcd": "http://127.0.0.1:1", "--register-prefix": "/p"}
+    for flag, value in defaults.items():
+        if flag not in arguments:
+            arguments = [*arguments, flag, value]
+    done = subprocess.run(
+        [*PLUGIN, "--port", "0", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_CLEAN,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert "SECRET" not in done.stderr
+
+
+def test_a_prefix_is_required() -> None:
+    done = subprocess.run(
+        [*PLUGIN, "--port", "0", "--register-etcd", "http://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_CLEAN,
+        check=False,
+    )
+    assert done.returncode == 1 and "needs --register-prefix" in done.stderr
+
+
+def test_the_python_grpc_service_registers_its_address(
+    etcd: Etcd, etcd_prefix: str, plugins: Any
+) -> None:
+    plugin = plugins(
+        [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--address", "127.0.0.2:0"],
+        LINCHKIT_REGISTER_ETCD=etcd.url,
+        LINCHKIT_REGISTER_PREFIX=etcd_prefix,
+        LINCHKIT_REGISTER_TTL="4",
+    )
+    plugin.wait_said("registered ")
+    _, value = only_key(etcd, etcd_prefix)
+    assert value["address"].startswith("127.0.0.2:") and value["address"] != "127.0.0.2:0"
+    assert plugin.signal(signal.SIGTERM) == 0
+    assert etcd.keys(etcd_prefix) == {}
+
+
+def test_the_go_example_plugin_registers_and_leaves_on_sigterm(
+    etcd: Etcd, etcd_prefix: str, plugins: Any
+) -> None:
+    if not os.access(GO_EXAMPLE, os.X_OK):
+        pytest.fail(f"{GO_EXAMPLE} is missing: run `make sdks` (sdk/go/build.sh)")
+    plugin = plugins(
+        [str(GO_EXAMPLE), "serve", "--address", "127.0.0.3:0"],
+        LINCHKIT_REGISTER_ETCD=etcd.url,
+        LINCHKIT_REGISTER_PREFIX=etcd_prefix,
+        LINCHKIT_REGISTER_TTL="4",
+    )
+    plugin.wait_said("registered ")
+    key, value = only_key(etcd, etcd_prefix)
+    assert set(value) == {"address"}
+    assert value["address"].startswith("127.0.0.3:") and value["address"] != "127.0.0.3:0"
+    assert f"-{plugin.process.pid}-" in key
+    assert plugin.signal(signal.SIGTERM) == 0
+    assert etcd.keys(etcd_prefix) == {}
+    assert f"deregistered {key}" in plugin.stderr
+
+
+def test_the_go_example_plugin_refuses_to_advertise_every_interface(plugins: Any) -> None:
+    if not os.access(GO_EXAMPLE, os.X_OK):
+        pytest.fail(f"{GO_EXAMPLE} is missing: run `make sdks` (sdk/go/build.sh)")
+    done = subprocess.run(
+        [str(GO_EXAMPLE), "serve", "--address", "0.0.0.0:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={
+            **_CLEAN,
+            "LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1",
+            "LINCHKIT_REGISTER_PREFIX": "/p",
+        },
+    )
+    assert done.returncode == 1 and "LINCHKIT_ADVERTISE" in done.stderr
+
+
+async def test_a_fleet_source_follows_plugins_that_come_and_go(
+    etcd: Etcd, etcd_prefix: str, plugins: Any
+) -> None:
+    """Both halves of the contract together: what the SDK writes is what the source reads."""
+    reported: list[list[Endpoint]] = []
+    source = EtcdSource(RegistryDiscovery.model_validate({"etcd": etcd.url, "prefix": etcd_prefix}))
+    task = asyncio.create_task(source.run(lambda found: reported.append(list(found))))
+    try:
+        ports = {host: free_port(host) for host in ("127.0.0.2", "127.0.0.3")}
+        started = {
+            host: plugins(
+                [*PLUGIN, "--host", host, "--port", str(port)],
+                LINCHKIT_REGISTER_ETCD=etcd.url,
+                LINCHKIT_REGISTER_PREFIX=etcd_prefix,
+            )
+            for host, port in ports.items()
+        }
+        both = {Endpoint(host, port) for host, port in ports.items()}
+        await until(lambda: reported and set(reported[-1]) == both, "both plugins")
+        await asyncio.to_thread(started["127.0.0.2"].signal, signal.SIGTERM)
+        one = {Endpoint("127.0.0.3", ports["127.0.0.3"])}
+        await until(lambda: set(reported[-1]) == one, "only the plugin left")
+        assert source.error is None and source.skipped == {}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await source.aclose()
