@@ -8,6 +8,8 @@ its fixture ends, so nothing outlives the test session.
   (``etcd_prefix``).
 * ``own_etcd`` (function): an etcd a test may ``stop()`` and ``start()`` again on the
   same ports and data folder, for "the registry is down" cases.
+* ``plugins`` (function): starts plugin processes (``Plugin``) and kills whichever are
+  still running when the test ends.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import shutil
 import signal
 import socket
@@ -29,6 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+#: The registry variables of the outer environment must not leak into these runs.
+CLEAN_ENVIRONMENT = {
+    key: value
+    for key, value in os.environ.items()
+    if not key.startswith(("LINCHKIT_REGISTER_", "LINCHKIT_ADVERTISE"))
+}
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 #: A slow 2-core machine under a full test run may take a while to start etcd.
@@ -201,3 +211,59 @@ def own_etcd() -> Iterator[Etcd]:
 def etcd_prefix() -> str:
     """A registry prefix no other test uses."""
     return f"/linchkit-test/{uuid.uuid4().hex[:12]}"
+
+
+class Plugin:
+    """A plugin process whose stderr goes to a file (a pipe nobody reads would fill)."""
+
+    def __init__(self, command: list[str], **environment: str) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="linchkit-plugin-")
+        self._stderr_path = Path(self._folder.name) / "stderr"
+        with self._stderr_path.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={**CLEAN_ENVIRONMENT, **environment},
+                cwd=self._folder.name,
+            )
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr_path.read_text(errors="replace")
+
+    def wait_said(self, text: str) -> str:
+        def said() -> bool:
+            if self.process.poll() is not None and text not in self.stderr:
+                raise AssertionError(
+                    f"the plugin exited ({self.process.returncode}):\n{self.stderr}"
+                )
+            return text in self.stderr
+
+        wait_for(said, what=f"{text!r} on the plugin's stderr")
+        return self.stderr
+
+    def signal(self, sig: int) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=60)
+
+    def end(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=60)
+        self._folder.cleanup()
+
+
+@pytest.fixture
+def plugins() -> Iterator[Any]:
+    """Start plugin processes; every one is killed when the test ends, whatever happened."""
+    started: list[Plugin] = []
+
+    def start(command: list[str], **environment: str) -> Plugin:
+        started.append(Plugin(command, **environment))
+        return started[-1]
+
+    yield start
+    for plugin in started:
+        plugin.end()

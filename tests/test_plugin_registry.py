@@ -15,10 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +24,7 @@ from dispatcher.fleet.sources.etcd import EtcdSource
 from providers.discovery import Endpoint, RegistryDiscovery
 from tests.conftest import EXAMPLES, ROOT
 from tests.sdk_toolchains import BIN
-from tests.services import Etcd, free_port, until, wait_for
+from tests.services import CLEAN_ENVIRONMENT, Etcd, free_port, until, wait_for
 
 PLUGIN = [
     str(BIN / "dispatcher-plugin"),
@@ -38,68 +35,6 @@ PLUGIN = [
 ]
 PYTHON_GRPC_EXAMPLE = ROOT / "sdk" / "python" / "examples" / "example_plugin.py"
 GO_EXAMPLE = ROOT / "sdk" / "go" / "dist" / "example-plugin"
-#: The registry variables of the outer environment must not leak into these runs.
-_CLEAN = {
-    key: value
-    for key, value in os.environ.items()
-    if not key.startswith(("LINCHKIT_REGISTER_", "LINCHKIT_ADVERTISE"))
-}
-
-
-class Plugin:
-    """A plugin process whose stderr goes to a file (a pipe nobody reads would fill)."""
-
-    def __init__(self, command: list[str], **environment: str) -> None:
-        self._folder = tempfile.TemporaryDirectory(prefix="linchkit-plugin-")
-        self._stderr_path = Path(self._folder.name) / "stderr"
-        with self._stderr_path.open("wb") as stderr:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                env={**_CLEAN, **environment},
-                cwd=self._folder.name,
-            )
-
-    @property
-    def stderr(self) -> str:
-        return self._stderr_path.read_text(errors="replace")
-
-    def wait_said(self, text: str) -> str:
-        def said() -> bool:
-            if self.process.poll() is not None and text not in self.stderr:
-                raise AssertionError(
-                    f"the plugin exited ({self.process.returncode}):\n{self.stderr}"
-                )
-            return text in self.stderr
-
-        wait_for(said, what=f"{text!r} on the plugin's stderr")
-        return self.stderr
-
-    def signal(self, sig: int) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(timeout=60)
-
-    def end(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=60)
-        self._folder.cleanup()
-
-
-@pytest.fixture
-def plugins() -> Iterator[Any]:
-    """Start plugin processes; every one is killed when the test ends, whatever happened."""
-    started: list[Plugin] = []
-
-    def start(command: list[str], **environment: str) -> Plugin:
-        started.append(Plugin(command, **environment))
-        return started[-1]
-
-    yield start
-    for plugin in started:
-        plugin.end()
 
 
 def only_key(etcd: Etcd, prefix: str) -> tuple[str, dict[str, Any]]:
@@ -264,7 +199,7 @@ def test_registration_mistakes_fail_before_serving(arguments: list[str], message
         capture_output=True,
         text=True,
         timeout=120,
-        env=_CLEAN,
+        env=CLEAN_ENVIRONMENT,
         check=False,
     )
     assert done.returncode == 1, done.stderr
@@ -278,7 +213,7 @@ def test_a_prefix_is_required() -> None:
         capture_output=True,
         text=True,
         timeout=120,
-        env=_CLEAN,
+        env=CLEAN_ENVIRONMENT,
         check=False,
     )
     assert done.returncode == 1 and "needs --register-prefix" in done.stderr
@@ -331,7 +266,7 @@ def test_the_go_example_plugin_refuses_to_advertise_every_interface(plugins: Any
         timeout=60,
         check=False,
         env={
-            **_CLEAN,
+            **CLEAN_ENVIRONMENT,
             "LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1",
             "LINCHKIT_REGISTER_PREFIX": "/p",
         },

@@ -1,0 +1,148 @@
+"""Fleets whose instances come from an etcd registry, end to end: real plugin processes
+registering themselves (``dispatcher-plugin serve --register-etcd``), a real etcd, the
+dispatcher watching the prefix and balancing calls over whoever is registered.
+
+Waits are generous (a busy 2-core machine); what is asserted is who gets calls and what
+the reports say, never how fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher
+from dispatcher.config import Manifest
+from linchkit_plugin.errors import TargetUnavailable
+from tests.conftest import echo_plugin, manifest
+from tests.services import Etcd, free_port, until
+from tests.test_plugin_registry import PLUGIN
+
+
+def registry_manifest(etcd: Etcd, prefix: str, **target: Any) -> Manifest[Any]:
+    return manifest(
+        echo_plugin(
+            "echo",
+            {
+                "provider": "http",
+                "instances": [{"registry": {"etcd": etcd.url, "prefix": prefix, "retry_ms": 100}}],
+                "balance": "round_robin",
+                **target,
+            },
+            methods={"say": {"idempotent": True}, "withdraw": {"idempotent": False}},
+        )
+    )
+
+
+def register(plugins: Any, etcd: Etcd, prefix: str, host: str) -> tuple[Any, str]:
+    port = free_port(host)
+    plugin = plugins(
+        [*PLUGIN, "--host", host, "--port", str(port)],
+        LINCHKIT_REGISTER_ETCD=etcd.url,
+        LINCHKIT_REGISTER_PREFIX=prefix,
+    )
+    return plugin, f"http://{host}:{port}/invoke"
+
+
+def members(dispatcher: Dispatcher) -> dict[str, dict[str, Any]]:
+    """The fleet's instances now, by description."""
+    (fleet,) = dispatcher.stats()["fleets"].values()
+    return {entry["target"]: entry for entry in fleet["instances"]}
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[Any]:
+    dispatchers: list[Dispatcher] = []
+
+    async def start(manifest: Manifest[Any]) -> Dispatcher:
+        dispatcher = Dispatcher(manifest)
+        await dispatcher.start()
+        dispatchers.append(dispatcher)
+        return dispatcher
+
+    yield start
+    for dispatcher in dispatchers:
+        await dispatcher.aclose()
+
+
+async def test_calls_follow_plugins_as_they_register_and_leave(
+    etcd: Etcd, etcd_prefix: str, plugins: Any, started: Any
+) -> None:
+    first, first_url = register(plugins, etcd, etcd_prefix, "127.0.0.2")
+    await until(lambda: etcd.keys(etcd_prefix), "the first plugin registered")
+    dispatcher = await started(registry_manifest(etcd, etcd_prefix))
+    assert set(members(dispatcher)) == {f"http {first_url}"}  # there before the first call
+    assert (await dispatcher.call("echo", "say", {"text": "hi"}))["text"] == "hi"
+
+    _, second_url = register(plugins, etcd, etcd_prefix, "127.0.0.3")
+    await until(lambda: len(members(dispatcher)) == 2, "the second plugin joined")
+    for _ in range(20):
+        await dispatcher.call("echo", "withdraw", {"amount": 1})
+    calls = {target: entry["calls"] for target, entry in members(dispatcher).items()}
+    assert calls[f"http {second_url}"] >= 9  # round robin: about half of the 20
+    assert all(entry["source"].startswith("etcd ") for entry in members(dispatcher).values())
+
+    await asyncio.to_thread(first.signal, signal.SIGTERM)
+    await until(lambda: set(members(dispatcher)) == {f"http {second_url}"}, "the first left")
+    results = [await dispatcher.call("echo", "withdraw", {"amount": 1}) for _ in range(10)]
+    assert len(results) == 10  # a non-idempotent method: none went to the plugin that left
+
+
+async def test_a_registry_that_goes_down_keeps_the_fleet_calling_and_health_says_why(
+    own_etcd: Etcd, etcd_prefix: str, plugins: Any, started: Any
+) -> None:
+    register(plugins, own_etcd, etcd_prefix, "127.0.0.2")
+    await until(lambda: own_etcd.keys(etcd_prefix), "the plugin registered")
+    dispatcher = await started(registry_manifest(own_etcd, etcd_prefix))
+    own_etcd.stop()
+
+    async def source_row() -> Any:
+        reports = await dispatcher.health()
+        return next(report for report in reports if report.state == "source")
+
+    failing = await until(
+        lambda: dispatcher.stats()["fleets"] and _source_error(dispatcher), "the source failed"
+    )
+    assert "etcd" in failing or "connect" in failing.lower()
+    row = await source_row()
+    assert row.health.status == "not_serving"
+    assert "keeping the 1 instances it listed" in row.health.detail
+    still = await dispatcher.call("echo", "say", {"text": "still here"})
+    assert still["text"] == "still here"
+
+    own_etcd.start()
+    await until(lambda: _source_error(dispatcher) is None, "the source read again")
+    assert (await source_row()).health.status == "serving"
+
+
+def _source_error(dispatcher: Dispatcher) -> str | None:
+    (fleet,) = dispatcher.stats()["fleets"].values()
+    (source,) = fleet["sources"]
+    error: str | None = source["error"]
+    return error
+
+
+async def test_a_fleet_nobody_registered_in_fails_calls_with_a_typed_error(
+    etcd: Etcd, etcd_prefix: str, started: Any
+) -> None:
+    dispatcher = await started(registry_manifest(etcd, etcd_prefix))
+    with pytest.raises(TargetUnavailable, match=r"has no instance: etcd .* listed none"):
+        await dispatcher.call("echo", "say", {"text": "anyone?"}, timeout=2)
+
+
+async def test_a_registration_the_egress_policy_forbids_never_joins(
+    etcd: Etcd, etcd_prefix: str, plugins: Any, started: Any
+) -> None:
+    _, url = register(plugins, etcd, etcd_prefix, "127.0.0.2")
+    await until(lambda: etcd.keys(etcd_prefix), "the plugin registered")
+    # A lying registration: the cloud metadata address, which egress refuses by default.
+    etcd.put(f"{etcd_prefix}/metadata", json.dumps({"url": "http://169.254.169.254:80"}))
+    dispatcher = await started(registry_manifest(etcd, etcd_prefix))
+    assert set(members(dispatcher)) == {f"http {url}"}
+    for _ in range(5):
+        await dispatcher.call("echo", "say", {"text": "safe"})
