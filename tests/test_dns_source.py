@@ -303,6 +303,35 @@ async def test_srv_targets_missing_from_the_additional_section_are_looked_up(
     assert w.source.error is None
 
 
+async def test_an_srv_target_that_stops_resolving_keeps_its_last_addresses(
+    scripted_dns: StartScripted,
+) -> None:
+    state = {"a_fails": False, "targets": ["a", "b"]}
+
+    def handler(query: dns.message.Message, over_tcp: bool) -> bytes:
+        question = query.question[0]
+        name = question.name.to_text()
+        if question.rdtype == dns.rdatatype.SRV:
+            records = [f"{name} 1 IN SRV 0 1 8080 {t}.test." for t in state["targets"]]
+            return reply(query, *records).to_wire()
+        if name == "a.test." and state["a_fails"]:
+            return reply(query, rcode=dns.rcode.SERVFAIL).to_wire()
+        address = {"a.test.": "127.0.0.2", "b.test.": "127.0.0.3"}[name]
+        return reply(query, f"{name} 1 IN A {address}").to_wire()
+
+    server = await scripted_dns(handler)
+    async with watch(spec(server.server, "_echo._tcp.test", type="SRV")) as w:
+        await w.until(lambda: bool(w.reports), "a report")
+        assert w.last == at("127.0.0.2", "127.0.0.3")
+        state["a_fails"] = True
+        reads = w.source.reads
+        await w.until(lambda: w.source.reads >= reads + 3, "three more reads")
+        assert w.reports == [at("127.0.0.2", "127.0.0.3")]  # a.test kept, nothing reported
+        assert w.source.error is None  # the read itself was good
+        state["targets"] = ["b"]  # a.test leaves the SRV set: its old address goes with it
+        await w.until(lambda: w.last == at("127.0.0.3"), "a.test gone")
+
+
 async def test_a_silent_server_times_out_and_cancelling_does_not_hang(
     scripted_dns: StartScripted,
 ) -> None:

@@ -152,7 +152,7 @@ class DnsSource(InstanceSource):
         self._reported = False
         self._resolver: dns.asyncresolver.Resolver | None = None
         #: SRV target -> its addresses at the last good read, for a follow-up that fails.
-        self._target_addresses: dict[str, list[str]] = {}
+        self._target_addresses: dict[dns.name.Name, list[str]] = {}
 
     async def run(self, report: Report) -> None:
         while True:
@@ -171,6 +171,9 @@ class DnsSource(InstanceSource):
         try:
             lookup = await self._lookup()
         except LookupFailed as exc:
+            # Build the resolver again next time: /etc/resolv.conf may have changed, or the
+            # address of a server given by name.
+            self._resolver = None
             kept = f"; keeping the last {len(self.endpoints)} endpoints" if self._reported else ""
             self.error = one_line(f"{exc}{kept}")
             return self._schedule.after_failure()
@@ -230,23 +233,25 @@ class DnsSource(InstanceSource):
             ttl = min(ttl, additional_ttl)
         missing = sorted({r.target for r in group} - known.keys())
         notes: list[str] = []
-        if len(missing) > MAX_FOLLOW_UPS:
-            notes.append(
-                f"{len(missing) - MAX_FOLLOW_UPS} SRV targets beyond {MAX_FOLLOW_UPS} follow-ups left unresolved"
-            )
         followed, follow_ttl, unresolved = await self._follow_up(
             resolver, missing[:MAX_FOLLOW_UPS], timeout_s
         )
+        # Beyond the follow-up bound a target is "not asked": its last addresses still count.
+        unresolved.update(dict.fromkeys(missing[MAX_FOLLOW_UPS:], "not asked"))
         known.update(followed)
         if follow_ttl is not None:
             ttl = min(ttl, follow_ttl)
+        kept: list[str] = []
+        lost: list[str] = []
         for target, why in unresolved.items():
-            previous = self._target_addresses.get(target.to_text(omit_final_dot=True))
+            previous = self._target_addresses.get(target)
             if previous:
                 known[target] = previous
-                notes.append(f"{target} did not resolve ({why}), keeping its last addresses")
-            else:
-                notes.append(f"{target} did not resolve ({why})")
+            (kept if previous else lost).append(f"{target} ({why})")
+        if kept:
+            notes.append(f"{len(kept)} SRV targets kept their last addresses: {_few(kept)}")
+        if lost:
+            notes.append(f"{len(lost)} SRV targets without addresses: {_few(lost)}")
         endpoints = [
             Endpoint(address, r.port, srv_weight(r.weight), self.spec.scheme)
             for r in group
@@ -255,9 +260,7 @@ class DnsSource(InstanceSource):
         if not endpoints:
             why = "; ".join(notes) or "no addresses"
             raise LookupFailed(f"{self.spec.name}: no SRV target resolved: {why}")
-        self._target_addresses = {
-            target.to_text(omit_final_dot=True): addresses for target, addresses in known.items()
-        }
+        self._target_addresses = known  # only the current targets: bounded by the group
         return Lookup(endpoints, ttl, tuple(notes))
 
     async def _follow_up(
@@ -374,6 +377,12 @@ def _addresses_in(
                 found[rrset.name] = [record.address for record in rrset]
                 ttls.append(rrset.ttl)
     return found, (min(ttls) if ttls else None)
+
+
+def _few(items: Sequence[str], shown: int = 3) -> str:
+    """The first few of a list for a log line or an error, and how many more there are."""
+    more = f", and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def _server_error(error: object) -> str:
