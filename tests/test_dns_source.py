@@ -306,15 +306,16 @@ async def test_srv_targets_missing_from_the_additional_section_are_looked_up(
 async def test_an_srv_target_that_stops_resolving_keeps_its_last_addresses(
     scripted_dns: StartScripted,
 ) -> None:
-    state = {"a_fails": False, "targets": ["a", "b"]}
+    targets = ["a", "b"]  # changed in place while the source runs
+    failing: set[str] = set()
 
     def handler(query: dns.message.Message, over_tcp: bool) -> bytes:
         question = query.question[0]
         name = question.name.to_text()
         if question.rdtype == dns.rdatatype.SRV:
-            records = [f"{name} 1 IN SRV 0 1 8080 {t}.test." for t in state["targets"]]
+            records = [f"{name} 1 IN SRV 0 1 8080 {t}.test." for t in targets]
             return reply(query, *records).to_wire()
-        if name == "a.test." and state["a_fails"]:
+        if name in failing:
             return reply(query, rcode=dns.rcode.SERVFAIL).to_wire()
         address = {"a.test.": "127.0.0.2", "b.test.": "127.0.0.3"}[name]
         return reply(query, f"{name} 1 IN A {address}").to_wire()
@@ -323,12 +324,12 @@ async def test_an_srv_target_that_stops_resolving_keeps_its_last_addresses(
     async with watch(spec(server.server, "_echo._tcp.test", type="SRV")) as w:
         await w.until(lambda: bool(w.reports), "a report")
         assert w.last == at("127.0.0.2", "127.0.0.3")
-        state["a_fails"] = True
+        failing.add("a.test.")
         reads = w.source.reads
         await w.until(lambda: w.source.reads >= reads + 3, "three more reads")
         assert w.reports == [at("127.0.0.2", "127.0.0.3")]  # a.test kept, nothing reported
         assert w.source.error is None  # the read itself was good
-        state["targets"] = ["b"]  # a.test leaves the SRV set: its old address goes with it
+        targets[:] = ["b"]  # a.test leaves the SRV set: its old address goes with it
         await w.until(lambda: w.last == at("127.0.0.3"), "a.test gone")
 
 
