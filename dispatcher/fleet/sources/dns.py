@@ -16,8 +16,9 @@ Failures map to one line in ``error``; the last list stays reported (a DNS mista
 drain a fleet), and the source asks again after ``min_refresh_ms``, growing 1.5x per failure
 up to 30 s (or ``max_refresh_ms`` if lower):
 
-    timeout             no answer within timeout_ms (also: every UDP reply was garbage or
-                        not an answer to our query; dnspython drops those, as it should)
+    timeout             no answer within timeout_ms (also: the server is down, since the
+                        UDP refusal does not surface; or every UDP reply was garbage or not
+                        an answer to our query, which dnspython drops, as it should)
     NXDOMAIN / NODATA   the name does not exist / has no records of the type
     SERVFAIL, REFUSED…  the server's rcode
     OS errors           the OS refused to send (network unreachable, a broadcast address)
