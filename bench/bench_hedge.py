@@ -2,17 +2,21 @@
 
 Three instances of ``bench._tail_server`` (one process each, pinned to the server CPU):
 each answers in 5 ms, and one of them takes 500 ms on every 20th call it gets (5 % of its
-calls). ``Dispatcher.call`` at concurrency 8, least_request balancing (the default), the
-same calls against three methods of the same target, in rotating order per round:
+calls). ``Dispatcher.call`` at concurrency 8, the same calls against three methods of the
+same target, in rotating order per round:
 
 * ``plain``: idempotent, no hedge;
 * ``after50``: ``hedge: {after_ms: 50}``;
 * ``p95``: ``hedge: {after_percentile: 95}`` (its delay learnt from the calls themselves).
 
-Figures per variant: ``hedge_<variant>_p50_ms``, ``hedge_<variant>_p99_ms``, and
-``hedge_<variant>_extra_load_pct``: requests the instances counted (``GET /count``) over
-calls made, minus one. Medians of the rounds. Goals for ``after50``: p99 ≤ 60 ms (the
-hedge's delay plus one fast call, on a quiet machine) and extra load ≤ 7 %.
+Figures per variant: ``p50_ms``, ``p99_ms``, ``p999_ms``, and ``extra_load_pct``: requests
+the instances counted (``GET /count``) over calls made, minus one. Medians of the rounds.
+``hedge_<variant>_…`` balance round_robin, so the slow instance gets a third of the calls
+and ~1.7 % of all calls meet its tail (the setting of the issue); ``hedge_lr_<variant>_…``
+balance least_request (the default), which already steers calls away from an instance
+holding a slow call, so fewer calls meet the tail, and hedging, which frees the slow
+instance sooner, sends it more. Goals for ``after50`` (round_robin): p99 ≤ 60 ms (the
+delay plus one fast call) and extra load ≤ 7 %.
 
 ``hedge_step_added_us``: what the hedge step costs a call that is not hedged (an attempt
 task, a wait), in-process: ``HedgeStep`` over ``FleetStep`` with a stub provider minus
@@ -21,6 +25,7 @@ task, a wait), in-process: ``HedgeStep`` over ``FleetStep`` with a stub provider
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import statistics
 import time
@@ -31,7 +36,7 @@ import aiohttp
 
 from bench._core import Goal, Options, available_cpus, pinned_to_cpu
 from bench.bench_fleet import _fleet
-from bench.bench_http import CLIENT_CPU, ROOT, SERVER_CPU, measure, port_server
+from bench.bench_http import CLIENT_CPU, ROOT, SERVER_CPU, port_server
 
 GOALS = {
     "hedge_after50_p99_ms": Goal("<=", 60.0),
@@ -60,7 +65,7 @@ async def run(options: Options) -> dict[str, float]:
 
 
 async def _tails(cpu: int | None, calls: int, rounds: int) -> dict[str, float]:
-    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in VARIANTS}
+    figures: dict[str, float] = {}
     async with contextlib.AsyncExitStack() as stack:
         urls = [
             await stack.enter_async_context(
@@ -69,24 +74,57 @@ async def _tails(cpu: int | None, calls: int, rounds: int) -> dict[str, float]:
             for slow_every in (20, 0, 0)
         ]
         counts = await stack.enter_async_context(_counter(urls))
-        methods = await stack.enter_async_context(_dispatcher(urls))
-        for method in methods.values():  # warm: pools open, the p95 window filled
-            await measure(method, 200, CONCURRENCY)
-        names = list(VARIANTS)
-        for index in range(rounds):
-            for name in names[index % len(names) :] + names[: index % len(names)]:
-                before = await counts()
-                sample = await measure(methods[name], calls, CONCURRENCY)
-                sent = await counts() - before
-                samples[name].append(
-                    (sample.p50_us / 1000, sample.p99_us / 1000, (sent / calls - 1) * 100)
+        for balance, prefix in (("round_robin", "hedge"), ("least_request", "hedge_lr")):
+            methods = await stack.enter_async_context(_dispatcher(urls, balance))
+            figures.update(await _variants(prefix, methods, counts, calls, rounds))
+    return figures
+
+
+async def _variants(
+    prefix: str,
+    methods: dict[str, Call],
+    counts: Callable[[], Awaitable[int]],
+    calls: int,
+    rounds: int,
+) -> dict[str, float]:
+    samples: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in VARIANTS}
+    for method in methods.values():  # warm: pools open, the p95 window filled
+        await _latencies(method, 200)
+    names = list(VARIANTS)
+    for index in range(rounds):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            before = await counts()
+            latencies = await _latencies(methods[name], calls)
+            sent = await counts() - before
+            samples[name].append(
+                (
+                    latencies[calls // 2],
+                    latencies[calls * 99 // 100],
+                    latencies[min(calls - 1, calls * 999 // 1000)],
+                    (sent / calls - 1) * 100,
                 )
+            )
     figures: dict[str, float] = {}
     for name, runs in samples.items():
-        figures[f"hedge_{name}_p50_ms"] = statistics.median(run[0] for run in runs)
-        figures[f"hedge_{name}_p99_ms"] = statistics.median(run[1] for run in runs)
-        figures[f"hedge_{name}_extra_load_pct"] = statistics.median(run[2] for run in runs)
+        for position, figure in enumerate(("p50_ms", "p99_ms", "p999_ms", "extra_load_pct")):
+            figures[f"{prefix}_{name}_{figure}"] = statistics.median(run[position] for run in runs)
     return figures
+
+
+async def _latencies(call: Call, calls: int) -> list[float]:
+    """Milliseconds each of ``calls`` calls took, ``CONCURRENCY`` at a time; sorted."""
+    latencies: list[float] = []
+    left = iter(range(calls))
+    clock = time.perf_counter
+
+    async def worker() -> None:
+        for _ in left:
+            started = clock()
+            await call()
+            latencies.append((clock() - started) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return sorted(latencies)
 
 
 @contextlib.asynccontextmanager
@@ -105,7 +143,7 @@ async def _counter(urls: list[str]) -> AsyncIterator[Callable[[], Awaitable[int]
 
 
 @contextlib.asynccontextmanager
-async def _dispatcher(urls: list[str]) -> AsyncIterator[dict[str, Call]]:
+async def _dispatcher(urls: list[str], balance: str) -> AsyncIterator[dict[str, Call]]:
     from dispatcher import Dispatcher, parse_manifest
 
     manifest = parse_manifest(
@@ -114,7 +152,11 @@ async def _dispatcher(urls: list[str]) -> AsyncIterator[dict[str, Call]]:
                 {
                     "id": "bench",
                     "version": "1.0.0",
-                    "target": {"provider": "http", "instances": [{"url": url} for url in urls]},
+                    "target": {
+                        "provider": "http",
+                        "instances": [{"url": url} for url in urls],
+                        "balance": balance,
+                    },
                     "defaults": {"timeout_ms": 10_000},
                     "methods": VARIANTS,
                 }
