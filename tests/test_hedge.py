@@ -345,3 +345,50 @@ async def test_a_hedge_in_the_defaults_applies_only_to_idempotent_methods() -> N
     )
     async with Dispatcher(plugins) as dispatcher:
         assert list(dispatcher.stats()["hedges"]) == ["fleet@1.0.0.say"]
+
+
+# -- hostile: callers that give up, deadlines shorter than the delay --------------------------
+
+
+async def test_a_caller_that_gives_up_leaves_no_attempt_running() -> None:
+    slow = [Server(host, fast=2.0) for host in HOSTS[:2]]
+    async with serving(*slow):
+        plugins = fleet_manifest(
+            [server.url for server in slow],
+            {"say": {"idempotent": True, "hedge": {"after_ms": 10}}},
+        )
+        async with Dispatcher(plugins) as dispatcher:
+            with pytest.raises(TimeoutError):  # the host's own timeout cancels the call
+                await asyncio.wait_for(dispatcher.call("fleet", "say", {}), 0.3)
+            left = hedge_tasks_left()
+            in_flight = [instance.in_flight for instance in the_fleet(dispatcher).instances]
+            stats = dispatcher.stats()
+            for _ in range(100):  # the servers notice the hang-ups on their next read
+                if sum(server.disconnects for server in slow) == 2:
+                    break
+                await asyncio.sleep(0.01)
+    assert left == []
+    assert in_flight == [0, 0]
+    assert stats["hedges"]["fleet@1.0.0.say"]["sent"] == 1
+    assert stats["dispatcher"]["calls_in_flight"] == 0
+    assert [server.disconnects for server in slow] == [1, 1]
+
+
+async def test_no_hedge_once_the_deadline_has_passed_and_the_deadline_error_goes_up() -> None:
+    slow = [Server(host, fast=2.0) for host in HOSTS]
+    async with serving(*slow):
+        plugins = fleet_manifest(
+            [server.url for server in slow],
+            {"say": {"idempotent": True, "hedge": {"after_ms": 150, "max_attempts": 3}}},
+        )
+        async with Dispatcher(plugins) as dispatcher:
+            with pytest.raises(DispatchError) as caught:
+                await dispatcher.call("fleet", "say", {}, timeout=0.2)
+            stats = dispatcher.stats()["hedges"]["fleet@1.0.0.say"]
+            left = hedge_tasks_left()
+    assert caught.value.type == "deadline_exceeded"
+    # One hedge at 150 ms (none if a loaded loop woke after the deadline); the next would
+    # have been at 300 ms, past the 200 ms deadline: never sent.
+    assert stats["sent"] <= 1
+    assert sum(server.calls for server in slow) == 1 + stats["sent"]
+    assert left == []
