@@ -34,7 +34,7 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -435,9 +435,11 @@ _CLIENTS: dict[str, Callable[..., contextlib.AbstractAsyncContextManager[Call]]]
 
 
 @contextlib.asynccontextmanager
-async def port_server(module: str, cpu: int | None) -> AsyncIterator[str]:
-    """``python -m module`` that prints its port, pinned to ``cpu``; yields its base URL."""
-    arguments = ["-m", module] + ([] if cpu is None else ["--cpu", str(cpu)])
+async def port_server(
+    module: str, cpu: int | None, extra: Sequence[str] = ()
+) -> AsyncIterator[str]:
+    """``python -m module [extra]`` that prints its port, pinned to ``cpu``; yields its base URL."""
+    arguments = ["-m", module, *extra] + ([] if cpu is None else ["--cpu", str(cpu)])
     async with _subprocess(arguments, cpu) as process:
         assert process.stdout is not None
         line = await asyncio.wait_for(process.stdout.readline(), timeout=20)

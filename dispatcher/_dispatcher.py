@@ -11,7 +11,7 @@ state that must change together — the lifecycle (start, drain, aclose) and the
 (call, call_many, stream, publish, each counted in flight so a drain can wait for it or
 cut it off). What has a job of its own lives apart: routes (``_routes``), in-flight
 bookkeeping (``_drain``), signal handling (``_signals``), the host's event handlers
-(``_events``), health reports (``_health``), policies, fleets.
+(``_events``), health reports (``_health``), fallbacks (``_fallback``), policies, fleets.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from dispatcher._drain import CUT_OFF_SECONDS, InFlight, OpenStream, current_task_getter
 from dispatcher._events import EventHandler, EventHandlers
+from dispatcher._fallback import Fallback
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher._signals import SignalDrain
@@ -90,6 +91,7 @@ class Dispatcher:
             provider.event_sink = self._events.emit
             provider.use_egress(manifest.egress)
         self._routes = RouteTable()
+        self._fallbacks: dict[str, Fallback] = {}
         self._attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]] = []
         self._started_providers: list[Provider[Any]] = []
         self._state = "new"
@@ -522,9 +524,10 @@ class Dispatcher:
         return self.policies.invalidate(plugin, method) if self.policies is not None else 0
 
     def stats(self) -> dict[str, Any]:
-        """The dispatcher's state and calls in flight; cache, breaker, batch and
-        retry-budget counters."""
+        """The dispatcher's state and calls in flight; cache, breaker, batch, retry-budget,
+        hedge and fallback counters."""
         stats = self.policies.stats() if self.policies is not None else {}
+        stats["fallbacks"] = {name: each.stats() for name, each in self._fallbacks.items()}
         stats["dispatcher"] = {
             "state": self._state,
             "draining": self._draining,
@@ -583,6 +586,10 @@ class Dispatcher:
         provider = self._provider_of(plugin, method)
         target = plugin.target_of(method)
         invoke = self.policies.chain(plugin, method, provider, target)
+        fallback = plugin.policies_of(method).fallback
+        if fallback is not None:  # around the whole chain: another plugin, its own policies
+            name = f"{plugin.key}.{method}"
+            invoke = self._fallbacks[name] = Fallback(name, fallback, invoke, self._routes)
         gate = self.policies.gate(plugin, method)
         return Route(plugin, method, provider, invoke, gate, self.policies.fleets.get(target))
 

@@ -11,10 +11,13 @@ from dispatcher.config.loader import load_manifest, parse_manifest
 from dispatcher.config.manifest import Lifecycle, Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import (
     DEFAULT_TIMEOUT_MS,
+    FALLBACK_ERROR_TYPES,
     BatchPolicy,
     BreakerPolicy,
     CachePolicy,
     ConcurrencyPolicy,
+    FallbackPolicy,
+    HedgePolicy,
     Policies,
     RateLimit,
     RetryPolicy,
@@ -22,10 +25,13 @@ from dispatcher.config.policies import (
 
 __all__ = [
     "DEFAULT_TIMEOUT_MS",
+    "FALLBACK_ERROR_TYPES",
     "BatchPolicy",
     "BreakerPolicy",
     "CachePolicy",
     "ConcurrencyPolicy",
+    "FallbackPolicy",
+    "HedgePolicy",
     "Lifecycle",
     "Manifest",
     "ManifestError",

@@ -23,6 +23,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
+from dispatcher.config.fallbacks import fallback_problems
 from dispatcher.config.manifest import Manifest, MethodSpec
 from dispatcher.config.policies import Policies
 from providers import provider_classes
@@ -217,6 +218,14 @@ def _semantic_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
             yield from _unsafe_policy_problems(
                 f"{where}.methods.{name}", plugin.policies_of(name), method
             )
+            target = method.target or plugin.target
+            if method.hedge is not None and target is not None and not target.is_fleet():
+                yield ManifestProblem(
+                    f"{where}.methods.{name}.hedge",
+                    "hedging sends a second attempt to another instance: it needs a target"
+                    " with several instances (a fleet); for one instance use 'retry'",
+                )
+    yield from fallback_problems(manifest)
 
 
 def _egress_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
@@ -250,6 +259,17 @@ def _unsafe_policy_problems(
     if method.retry is not None and not (policies.idempotent or policies.pure):
         yield ManifestProblem(
             f"{where}.retry", "retries need 'idempotent: true': a retried call may run twice"
+        )
+    if method.hedge is not None and not (policies.idempotent or policies.pure):
+        yield ManifestProblem(
+            f"{where}.hedge",
+            "hedging needs 'idempotent: true': a hedged call runs on two instances at once",
+        )
+    if method.hedge is not None and policies.batch is not None:
+        yield ManifestProblem(
+            f"{where}.hedge",
+            "hedging and 'batch' do not combine: a batch goes to one instance as one"
+            " invocation; hedge the method or batch it",
         )
 
 

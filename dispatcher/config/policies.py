@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from providers.target import StrictModel
 
 __all__ = [
     "DEFAULT_TIMEOUT_MS",
+    "FALLBACK_ERROR_TYPES",
     "BatchPolicy",
     "BreakerPolicy",
     "CachePolicy",
     "ConcurrencyPolicy",
+    "FallbackPolicy",
+    "HedgePolicy",
     "Policies",
     "RateLimit",
     "RetryPolicy",
@@ -73,6 +76,70 @@ class RetryPolicy(StrictModel):
     )
 
 
+class HedgePolicy(StrictModel):
+    """Send another attempt of a slow call to another instance of a fleet; the first answer wins.
+
+    ``after_ms`` alone: a fixed delay. ``after_percentile``: the delay follows that
+    percentile of the method's recent latencies (``dispatcher.policies.hedge``), and
+    ``after_ms`` (default 50) is the delay until enough of them are known; never below
+    ``min_after_ms``.
+    """
+
+    after_ms: Annotated[float, Field(gt=0, le=3_600_000)] | None = None
+    after_percentile: Annotated[float, Field(ge=50, le=99.9)] | None = None
+    min_after_ms: Annotated[float, Field(ge=0, le=3_600_000)] = Field(
+        default=5, description="Floor of a percentile-driven delay."
+    )
+    # Each attempt is a full call on some instance: more than 3 multiplies load on a
+    # struggling fleet for almost no gain in the tail.
+    max_attempts: Annotated[int, Field(ge=2, le=3)] = 2
+
+    @model_validator(mode="after")
+    def _needs_a_delay(self) -> HedgePolicy:
+        if self.after_ms is None and self.after_percentile is None:
+            raise ValueError("a hedge needs 'after_ms' or 'after_percentile'")
+        return self
+
+
+#: The wire ``type`` of the errors a fallback may be taken on: every error a call can end
+#: with except those that say the call itself, not its target, is wrong or unwanted here
+#: (``plugin_not_found``: no route at all; ``shutting_down``: this dispatcher is going
+#: away, the fallback would be refused too).
+FALLBACK_ERROR_TYPES = (
+    "target_unavailable",
+    "circuit_open",
+    "deadline_exceeded",
+    "rate_limited",
+    "overloaded",
+    "provider_error",
+    "plugin_error",
+    "method_not_found",
+    "invalid_params",
+    "unauthorized",
+    "forbidden",
+)
+
+
+class FallbackPolicy(StrictModel):
+    """When a call ends with one of the errors ``on``, call the same method of another plugin."""
+
+    plugin: Annotated[str, Field(min_length=1, max_length=128)]
+    version: str | None = Field(default=None, description="Exact version; unset: the highest.")
+    # Required, as stamina requires what to retry on: a default would decide for the user
+    # which failures are safe to answer from elsewhere.
+    on: Annotated[list[str], Field(min_length=1)]
+
+    @field_validator("on")
+    @classmethod
+    def _known_types(cls, types: list[str]) -> list[str]:
+        unknown = [kind for kind in types if kind not in FALLBACK_ERROR_TYPES]
+        if unknown:
+            raise ValueError(
+                f"unknown error type {unknown[0]!r} in 'on'; one of: {', '.join(FALLBACK_ERROR_TYPES)}"
+            )
+        return types
+
+
 class ConcurrencyPolicy(StrictModel):
     """A bulkhead: at most ``max_in_flight`` calls at once, ``max_waiting`` queued."""
 
@@ -98,6 +165,8 @@ class Policies(StrictModel):
     breaker: BreakerPolicy | None = None
     retry: RetryPolicy | None = None
     concurrency: ConcurrencyPolicy | None = None
+    hedge: HedgePolicy | None = None
+    fallback: FallbackPolicy | None = None
 
     @field_validator("rate_limit", mode="before")
     @classmethod
@@ -115,3 +184,9 @@ class Policies(StrictModel):
             and self.retry.attempts > 1
             and bool(self.idempotent or self.pure)
         )
+
+    @property
+    def may_hedge(self) -> bool:
+        """Hedging runs a call twice at once: only an idempotent method may, and a batched
+        one does not (a batch goes to one instance as one invocation)."""
+        return self.hedge is not None and bool(self.idempotent or self.pure) and self.batch is None

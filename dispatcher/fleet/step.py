@@ -28,6 +28,7 @@ from typing import Any
 
 from dispatcher.fleet.breaker import CircuitBreaker, guard_batch, is_health_failure
 from dispatcher.fleet.fleet import Fleet
+from dispatcher.fleet.hedge import HEDGE_TRIED
 from dispatcher.fleet.instances import Instance
 from linchkit_plugin.errors import CircuitOpen, DispatchError, TargetUnavailable
 from providers.invocation import Invocation, Outcome
@@ -74,13 +75,15 @@ class FleetStep:
     async def __call__(self, invocation: Invocation) -> Any:
         fleet = self.fleet
         failed_on = _FAILED_ON.get()
-        tried: list[int] | None = None
+        hedged = tried = HEDGE_TRIED.get()  # an attempt of a hedged call: avoid the others'
         if failed_on is not None and failed_on[0] is invocation:  # a retry: go elsewhere
-            tried = [failed_on[1].index]
+            tried = self._tried(tried, failed_on[1])
         instance = fleet.pick(tried)
         if instance is None:
             instance = self._only_one(tried)
         while True:
+            if hedged is not None:  # the call's other attempts avoid this one (failovers too)
+                hedged.append(instance.index)
             breaker = self._breaker(instance)
             probe = False
             if breaker is not None:

@@ -16,7 +16,10 @@ A target with several instances (a fleet, ``dispatcher.fleet``) ends its chain w
 ``FleetStep`` instead, which picks an instance per attempt and guards it with that
 instance's breaker:
 
-    cache ─► rate limits ─► bulkhead ─► retry ─► batcher or FleetStep ─► provider(instance)
+    cache ─► rate limits ─► bulkhead ─► retry ─► batcher or [hedge ─►] FleetStep ─► provider(instance)
+
+Hedging (``hedge``, idempotent methods on a fleet, never batched) sits inside the retry
+step: a hedged round is one attempt to the retry step, and hedges spend the same budget.
 
 Limits, bulkheads and retry budgets stay per target (the whole fleet); breakers are per
 instance, keyed by the instance target's ``key``.
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiolimiter import AsyncLimiter
 
-from dispatcher.config import BreakerPolicy, Policies, RateLimit
+from dispatcher.config import BreakerPolicy, Policies, RateLimit, RetryPolicy
 from dispatcher.fleet import Fleet, FleetRuntime, FleetStep
 from dispatcher.fleet.breaker import (
     BreakerState,
@@ -48,6 +51,7 @@ from dispatcher.policies.batching import Batcher
 from dispatcher.policies.cache import CacheStep, ResultCache
 from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
 from dispatcher.policies.gate import Gate
+from dispatcher.policies.hedge import HedgeStep
 from dispatcher.policies.ratelimit import Limit, RateLimitStep, new_limiter
 from dispatcher.policies.retry import RetryBudget, RetryStep
 from dispatcher.policies.timeout import DeadlineGuard
@@ -64,6 +68,7 @@ __all__ = [
     "Bulkhead",
     "CircuitBreaker",
     "Gate",
+    "HedgeStep",
     "PolicyRuntime",
     "ResultCache",
     "RetryBudget",
@@ -89,6 +94,7 @@ class PolicyRuntime:
         self.limiters: dict[tuple[str, RateLimit], AsyncLimiter] = {}
         self.caches: dict[tuple[str, str], ResultCache] = {}
         self.batchers: list[Batcher] = []
+        self.hedges: dict[str, HedgeStep] = {}
         self.gates: dict[tuple[str, str], Gate] = {}
         self.breaker_listeners: list[StateListener] = []
 
@@ -106,6 +112,8 @@ class PolicyRuntime:
         step: Step
         if fleet is not None:
             step = self._fleet_end(name, fleet, provider, policies)
+            if policies.may_hedge:
+                step = self._hedge(f"{plugin.key}.{method}", key, fleet, policies, step)
         else:
             invoke = provider.invoke
 
@@ -161,6 +169,18 @@ class PolicyRuntime:
         if not provider.enforces_deadline:
             return DeadlineGuard(name, fleet_step)
         return fleet_step
+
+    def _hedge(self, name: str, key: str, fleet: Fleet, policies: Policies, step: Step) -> Step:
+        """Hedging, inside the retry step and around the fleet's: hedges spend the target's
+        retry budget; without a retry step to fill it, the hedge step fills it."""
+        assert policies.hedge is not None
+        ratio = (policies.retry or RetryPolicy()).budget_ratio
+        budget = self.budgets.setdefault(key, RetryBudget(fleet.name, ratio))
+        hedge = HedgeStep(
+            name, policies.hedge, fleet, budget, step, deposits=not policies.may_retry
+        )
+        self.hedges[name] = hedge
+        return hedge
 
     def breaker_of(self, target: TargetConfig) -> CircuitBreaker | None:
         return self.breakers.get(target.key)
@@ -226,6 +246,7 @@ class PolicyRuntime:
                 budget.name: {"spent": budget.spent, "refused": budget.refused}
                 for budget in self.budgets.values()
             },
+            "hedges": {name: hedge.stats() for name, hedge in self.hedges.items()},
             "fleets": self.fleets.stats(),
         }
 

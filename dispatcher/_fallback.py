@@ -1,0 +1,124 @@
+"""Fallbacks: when a call ends with one of the errors its method lists, the same method of
+another plugin answers.
+
+    Dispatcher.call ─► route ─► Fallback ─► the method's chain (cache … fleet) ─► target
+                                   └─ error.type in `on` ─► the fallback plugin's route
+
+It wraps a route's whole chain, at the dispatcher level rather than in a provider or a
+policy step: the fallback is another plugin, with its own target, policies and (perhaps)
+fallback, reached through the routing table exactly as ``Dispatcher.call`` would reach it,
+params checked against its own schema. Its invocation keeps the call's deadline, request
+id, caller and trace: it has what remains of the time, and nothing when none does (the
+original error then). The manifest loader has checked that the plugin and its method
+exist and that no fallbacks form a cycle (``dispatcher.config.fallbacks``).
+
+A call answered by its fallback is marked where calls are observed today: a log line at
+``INFO`` on the ``dispatcher`` logger naming both plugins and the error, and counters in
+``Dispatcher.stats()["fallbacks"]``. When the fallback fails too, its error is what the
+caller gets, with ``details["fallback_from"]`` holding the original error (its wire form
+and the plugin it came from) and the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from dispatcher._routes import RouteTable
+from dispatcher.config import FallbackPolicy
+from dispatcher.policies import Step
+from linchkit_plugin.errors import DispatchError
+from providers.invocation import Invocation
+
+__all__ = ["Fallback"]
+
+log = logging.getLogger("dispatcher")
+
+
+class Fallback:
+    """The chain of one method, and the plugin that answers when it fails as ``on`` says."""
+
+    __slots__ = ("failed", "name", "next", "on", "policy", "routes", "unused", "used")
+
+    def __init__(
+        self, name: str, policy: FallbackPolicy, next_step: Step, routes: RouteTable
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self.on = frozenset(policy.on)
+        self.next = next_step
+        self.routes = routes
+        #: Calls the fallback answered, calls it failed too, and calls whose deadline was
+        #: used up before it could be tried.
+        self.used = 0
+        self.failed = 0
+        self.unused = 0
+
+    async def __call__(self, invocation: Invocation) -> Any:
+        try:
+            return await self.next(invocation)
+        except DispatchError as error:
+            if error.type not in self.on:
+                raise
+            return await self._fall_back(invocation, error)
+
+    async def _fall_back(self, invocation: Invocation, error: DispatchError) -> Any:
+        if asyncio.get_running_loop().time() >= invocation.deadline:
+            self.unused += 1
+            raise error
+        policy = self.policy
+        route = self.routes.find(policy.plugin, invocation.method, policy.version, "running")
+        origin = f"{invocation.plugin}@{invocation.version}.{invocation.method}"
+        target = f"{route.plugin}@{route.version}.{route.method}"
+        fallback = Invocation(
+            route.plugin,
+            route.version,
+            route.method,
+            invocation.params,
+            invocation.deadline,
+            invocation.request_id,
+            invocation.caller,
+            invocation.traceparent,
+            invocation.idempotency_key,
+        )
+        try:
+            if route.validate is not None:
+                route.validate(fallback.params)
+            result = await route.invoke(fallback)
+        except DispatchError as second:
+            self.failed += 1
+            log.warning(
+                "%s failed with %s (%s); its fallback %s failed too: %s",
+                origin,
+                error.type,
+                error.message,
+                target,
+                second,
+            )
+            raise second.with_details(
+                fallback_from={"plugin": origin, "error": error.to_wire()}
+            ) from error
+        self.used += 1
+        log.info(
+            "%s failed with %s (%s); answered by its fallback %s",
+            origin,
+            error.type,
+            error.message,
+            target,
+            extra={"fallback_from": origin, "fallback_to": target, "error_type": error.type},
+        )
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "to": self.policy.plugin + (f"@{self.policy.version}" if self.policy.version else ""),
+            "used": self.used,
+            "failed": self.failed,
+            "deadline_used_up": self.unused,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<Fallback {self.name} → {self.policy.plugin} used={self.used} failed={self.failed}>"
+        )
