@@ -1,0 +1,171 @@
+"""Fleets whose instances come from DNS, end to end: a real dnsmasq answering A and SRV
+records, real plugin servers on 127.0.0.2/.3/.4, the dispatcher resolving the name again
+when the TTL ends and moving calls to whoever the records name.
+
+Waits are generous (a busy 2-core machine); what is asserted is who gets calls.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher
+from tests.conftest import echo_plugin, manifest
+from tests.dns_server import (
+    Dnsmasq,
+    Srv,
+    Zone,
+    dnsmasq_fixture,  # noqa: F401  (the fixture `dnsmasq`)
+    needs_dnsmasq,
+)
+from tests.services import free_port, until, wait_for
+from tests.test_plugin_registry import PLUGIN, health
+
+pytestmark = needs_dnsmasq
+
+StartDnsmasq = Callable[[Zone], Dnsmasq]
+HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+
+@pytest.fixture
+def servers(plugins: Any) -> dict[str, str]:
+    """The example plugin on 127.0.0.2, .3 and .4, all on one port: host -> base URL."""
+    port = free_port(HOSTS[0])
+    urls = {host: f"http://{host}:{port}" for host in HOSTS}
+    for host in HOSTS:
+        plugins([*PLUGIN, "--host", host, "--port", str(port)])
+    for url in urls.values():
+        wait_for(lambda url=url: _answers(url), what=f"{url} serving")
+    return urls
+
+
+def _answers(url: str) -> bool:
+    try:
+        return health(url)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+async def dispatcher_of() -> AsyncIterator[Any]:
+    started: list[Dispatcher] = []
+
+    async def start(dns: dict[str, Any], **target: Any) -> Dispatcher:
+        dispatcher = Dispatcher(
+            manifest(
+                echo_plugin(
+                    "echo",
+                    {"provider": "http", "instances": [{"dns": dns}], **target},
+                    methods={"say": {"idempotent": True}, "withdraw": {}},
+                )
+            )
+        )
+        await dispatcher.start()
+        started.append(dispatcher)
+        return dispatcher
+
+    yield start
+    for dispatcher in started:
+        await dispatcher.aclose()
+
+
+def calls_by_host(dispatcher: Dispatcher) -> Counter[str]:
+    (fleet,) = dispatcher.stats()["fleets"].values()
+    return Counter(
+        {
+            entry["target"].split("//")[1].split(":")[0]: entry["calls"]
+            for entry in fleet["instances"]
+        }
+    )
+
+
+def hosts_in(dispatcher: Dispatcher) -> set[str]:
+    return {host for host in calls_by_host(dispatcher)}
+
+
+async def test_calls_move_to_the_addresses_a_changed_record_names(
+    dnsmasq: StartDnsmasq, servers: dict[str, str], dispatcher_of: Any
+) -> None:
+    port = int(servers[HOSTS[0]].rpartition(":")[2])
+    zone = Zone(hosts={"echo.test": ["127.0.0.2", "127.0.0.3"]}, local_ttl=1)
+    dns = dnsmasq(zone)
+    dispatcher = await dispatcher_of(
+        {
+            "name": "echo.test",
+            "type": "A",
+            "port": port,
+            "server": dns.server,
+            "min_refresh_ms": 200,
+        },
+        balance="round_robin",
+    )
+    assert hosts_in(dispatcher) == {"127.0.0.2", "127.0.0.3"}  # resolved before the first call
+    for _ in range(10):
+        await dispatcher.call("echo", "withdraw", {"amount": 1})
+    assert calls_by_host(dispatcher) == Counter({"127.0.0.2": 5, "127.0.0.3": 5})
+
+    dns.set_hosts({"echo.test": ["127.0.0.3", "127.0.0.4"]})
+    await until(lambda: hosts_in(dispatcher) == {"127.0.0.3", "127.0.0.4"}, "the new record")
+    for _ in range(10):  # not idempotent: a call to the instance that left would fail
+        await dispatcher.call("echo", "withdraw", {"amount": 1})
+    assert calls_by_host(dispatcher)["127.0.0.4"] == 5
+
+
+async def test_srv_records_name_the_ports_and_weights_of_the_instances(
+    dnsmasq: StartDnsmasq, plugins: Any, dispatcher_of: Any
+) -> None:
+    ports = {host: free_port(host) for host in HOSTS[:2]}
+    for host, port in ports.items():
+        plugins([*PLUGIN, "--host", host, "--port", str(port)])
+    for host, port in ports.items():
+        wait_for(lambda url=f"http://{host}:{port}": _answers(url), what=f"{host} serving")
+    zone = Zone(
+        hosts={"a.test": ["127.0.0.2"], "b.test": ["127.0.0.3"]},
+        srv=[
+            Srv("_echo._tcp.test", "a.test", ports["127.0.0.2"], priority=1, weight=1),
+            Srv("_echo._tcp.test", "b.test", ports["127.0.0.3"], priority=1, weight=4),
+            # A backup group: never used while the first has instances (RFC 2782).
+            Srv("_echo._tcp.test", "a.test", 1, priority=9, weight=1),
+        ],
+        local_ttl=60,
+    )
+    dns = dnsmasq(zone)
+    dispatcher = await dispatcher_of(
+        {"name": "_echo._tcp.test", "type": "SRV", "server": dns.server}, balance="weighted"
+    )
+    for _ in range(200):
+        await dispatcher.call("echo", "say", {"text": "weighted"})
+    calls = calls_by_host(dispatcher)
+    assert sum(calls.values()) == 200  # the backup record on port 1 never joined
+    assert calls["127.0.0.3"] > 2 * calls["127.0.0.2"]  # weight 4 against 1: ~160 / 40
+
+
+async def test_a_dns_server_that_dies_leaves_the_fleet_calling_its_last_instances(
+    dnsmasq: StartDnsmasq, servers: dict[str, str], dispatcher_of: Any
+) -> None:
+    port = int(servers[HOSTS[0]].rpartition(":")[2])
+    dns = dnsmasq(Zone(hosts={"echo.test": ["127.0.0.2"]}, local_ttl=1))
+    dispatcher = await dispatcher_of(
+        {
+            "name": "echo.test",
+            "type": "A",
+            "port": port,
+            "server": dns.server,
+            "min_refresh_ms": 200,
+            "timeout_ms": 300,
+        },
+    )
+    dns.stop()
+    reports = await until(
+        lambda: [r for r in dispatcher.stats()["fleets"].values() if r["sources"][0]["error"]],
+        "the source's error",
+    )
+    assert reports
+    answer = await dispatcher.call("echo", "say", {"text": "still"})
+    assert answer["text"] == "still"
+    rows = [report for report in await dispatcher.health() if report.state == "source"]
+    assert [row.health.status for row in rows] == ["not_serving"]
