@@ -146,3 +146,37 @@ async def test_a_registration_the_egress_policy_forbids_never_joins(
     assert set(members(dispatcher)) == {f"http {url}"}
     for _ in range(5):
         await dispatcher.call("echo", "say", {"text": "safe"})
+
+
+async def test_a_plugin_stopped_gracefully_loses_no_call_of_a_busy_fleet(
+    etcd: Etcd, etcd_prefix: str, plugins: Any, started: Any
+) -> None:
+    """SIGTERM to one of two registered plugins while calls run: it leaves the registry
+    first, the dispatcher stops picking it, its calls in flight finish; none fails, not
+    even of a method that may not be retried."""
+    leaving, _ = register(plugins, etcd, etcd_prefix, "127.0.0.2")
+    _, staying_url = register(plugins, etcd, etcd_prefix, "127.0.0.3")
+    await until(lambda: len(etcd.keys(etcd_prefix)) == 2, "both plugins registered")
+    dispatcher = await started(registry_manifest(etcd, etcd_prefix, balance="least_request"))
+    stop = asyncio.Event()
+    failures: list[BaseException] = []
+    done = 0
+
+    async def caller() -> None:
+        nonlocal done
+        while not stop.is_set():
+            try:
+                await dispatcher.call("echo", "withdraw", {"amount": 1})
+                done += 1
+            except Exception as error:
+                failures.append(error)
+
+    callers = [asyncio.create_task(caller()) for _ in range(8)]
+    await until(lambda: done > 200, "calls to both")
+    await asyncio.to_thread(leaving.signal, signal.SIGTERM)
+    await until(lambda: set(members(dispatcher)) == {f"http {staying_url}"}, "the first left")
+    settled = done
+    await until(lambda: done > settled + 200, "calls after it left")
+    stop.set()
+    await asyncio.gather(*callers)
+    assert failures == []
