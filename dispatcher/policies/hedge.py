@@ -240,7 +240,8 @@ class HedgeStep:
         return now + self.delay
 
     def _other_instance_left(self, tried: Sequence[int]) -> bool:
-        return len(set(tried)) < len(self.fleet.instances)
+        # By index, not by count: the set may have changed since an attempt went out.
+        return any(instance.index not in tried for instance in self.fleet.instances)
 
     def _won(
         self, task: asyncio.Task[Any], first: asyncio.Task[Any], started: float, now: float
