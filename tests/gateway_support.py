@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from dispatcher import Dispatcher, Forbidden, Unauthorized
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
-from tests.conftest import LOCAL_TARGET, manifest
+from tests.conftest import LOCAL_TARGET, ROOT, manifest
 
 SECRET_TOKEN = "s3cr3t-t0ken-that-must-never-leak"
 
@@ -60,6 +61,18 @@ def eventful_entry() -> dict[str, Any]:
         "version": "1.0.0",
         "target": {"provider": "local", "entrypoint": "eventful_plugin:EventfulPlugin"},
         "methods": {"burst": {}},
+    }
+
+
+def example_entry() -> dict[str, Any]:
+    """The Python example plugin as a real subprocess plugin: it answers host event ``ping``
+    with plugin event ``pong`` (the local provider cannot take host events)."""
+    command = [sys.executable, str(ROOT / "sdk" / "python" / "examples" / "example_plugin.py")]
+    return {
+        "id": "example",
+        "version": "1.0.0",
+        "target": {"provider": "subprocess", "command": command},
+        "methods": {"echo": {}, "emit": {}},
     }
 
 

@@ -1,8 +1,6 @@
-"""A plugin that emits events on demand and answers host events, for the gateway's tests."""
+"""A plugin that emits events on demand, for the gateway's tests (in-process: fast bursts)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from linchkit_plugin import Plugin
 
@@ -13,7 +11,3 @@ class EventfulPlugin(Plugin):
         for index in range(count):
             self.emit(name, {"n": index, "pad": "x" * size})
         return count
-
-    async def on_event(self, event: str, data: Any) -> None:
-        if event == "ping":
-            self.emit("pong", data)
