@@ -43,7 +43,10 @@ async def read_params(request: web.Request, settings: GatewaySettings) -> Any:
         raise Refused(_too_big(f"Content-Length {declared}", settings), status=413, close=True)
     try:
         async with asyncio.timeout(settings.body_timeout):
-            raw = await _read_limited(request, settings)
+            if declared is not None:  # known and within the limit: one read, aiohttp's
+                raw = await request.read()
+            else:  # chunked: counted as it arrives
+                raw = await _read_limited(request, settings)
     except TimeoutError:
         late = DeadlineExceeded(
             f"the request body did not arrive within {settings.body_timeout:g} s"
@@ -71,6 +74,9 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
 
 
 def _check_content_type(request: web.Request) -> None:
+    sent = request.headers.get("Content-Type")
+    if sent == "application/json":  # the common spelling, without parsing it
+        return
     if request.content_type != "application/json":
         shown = request.headers.get("Content-Type", "")[:100] or "none"
         refusal = InvalidParams(
