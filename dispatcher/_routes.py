@@ -26,7 +26,7 @@ from providers.base import Provider
 from providers.invocation import Invocation
 from providers.target import TargetConfig
 
-__all__ = ["MAX_TIMEOUT_SECONDS", "Route", "RouteTable", "checked_timeout"]
+__all__ = ["MAX_TIMEOUT_SECONDS", "Route", "RouteTable", "checked_timeout", "version_key"]
 
 #: The longest deadline a call may have: a day. Longer work belongs in an async job, and a
 #: bound keeps ``deadline_ms`` a sane integer on every wire.
@@ -154,7 +154,7 @@ class RouteTable:
         """Add the routes of one plugin version; the highest version becomes the default."""
         self._versions[(plugin.id, plugin.version)] = routes
         current = self.latest_version(plugin.id)
-        if current is None or _version_key(plugin.version) > _version_key(current):
+        if current is None or version_key(plugin.version) > version_key(current):
             self._latest[plugin.id] = routes
 
     def find(self, plugin: str, method: str, version: str | None, state: str) -> Route:
@@ -199,6 +199,7 @@ class RouteTable:
         return self._latest[plugin]
 
 
-def _version_key(version: str) -> tuple[Sequence[int], bool, str]:
+def version_key(version: str) -> tuple[Sequence[int], bool, str]:
+    """Semantic version order: a release above its pre-releases (build metadata ignored)."""
     core, _, rest = version.partition("+")[0].partition("-")
     return tuple(int(part) for part in core.split(".")), not rest, rest

@@ -1,0 +1,289 @@
+"""The gateway's aiohttp application: plugin calls over HTTP, through the same dispatcher,
+policies and errors as an in-process caller.
+
+Routes (``docs/gateway.md``):
+
+    POST /v1/plugins/{plugin}/methods/{method}   the params as the JSON body → the envelope
+    GET  /v1/plugins                             plugins, versions, methods
+    GET  /v1/events                              WebSocket: plugin events, host events
+    GET  /openapi.json                           generated from the manifest at start
+    GET  /healthz                                the process answers
+    GET  /readyz                                 the dispatcher takes calls (503 draining)
+
+A call is handled in this order, so that what costs least refuses first: authenticate
+(the headers only), read the call's options from its headers, read the body under the
+limits (``dispatcher.gateway.body``), then ``Dispatcher.call``. Nothing a client sent
+appears in a log line, and only the params' own shape in an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from dispatcher._dispatcher import Dispatcher
+from dispatcher.gateway.body import Refused, read_params
+from dispatcher.gateway.credentials import credentials_of
+from dispatcher.gateway.errors import error_answer
+from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_event_id
+from dispatcher.gateway.openapi import openapi_document
+from dispatcher.gateway.settings import GatewaySettings
+from dispatcher.identity import Authenticator, Principal
+from linchkit_plugin.errors import (
+    DispatchError,
+    InvalidParams,
+    ProviderError,
+    ShuttingDown,
+    Unauthorized,
+)
+from providers.invocation import new_request_id
+
+__all__ = ["HUB_KEY", "Gateway", "create_app"]
+
+log = logging.getLogger("dispatcher.gateway")
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_MAX_TIMEOUT_MS = 86_400_000
+_JSON = "application/json"
+
+HUB_KEY = web.AppKey("event_hub", EventHub)
+
+
+class Gateway:
+    """The handlers of one gateway over one started ``Dispatcher``."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        settings: GatewaySettings,
+        authenticator: Authenticator | None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.authenticator = authenticator
+        self.hub = EventHub(
+            buffer_size=settings.event_buffer, max_pending=settings.max_pending_events
+        )
+        self.hub.attach(dispatcher)
+        manifest = dispatcher.manifest
+        # Both answers are fixed for the gateway's life: encoded once.
+        self._openapi = orjson.dumps(
+            openapi_document(manifest, authenticated=authenticator is not None)
+        )
+        self._plugins = orjson.dumps({"plugins": _plugin_list(dispatcher)})
+        self._streams: set[EventStream] = set()
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def call(self, request: web.Request) -> web.StreamResponse:
+        headers = request.headers
+        sent_id = headers.get("X-Request-Id")
+        request_id = sent_id if sent_id is not None and _REQUEST_ID.match(sent_id) else None
+        request_id = request_id or new_request_id()
+        body_read = False
+        try:
+            if sent_id is not None and request_id != sent_id:
+                raise InvalidParams("X-Request-Id is 1-128 characters of A-Z a-z 0-9 . _ : -")
+            caller = self._caller(request)
+            timeout = _timeout_of(headers)
+            idempotency_key = headers.get("Idempotency-Key")
+            if idempotency_key is not None and not 0 < len(idempotency_key) <= 256:
+                raise InvalidParams("Idempotency-Key is 1-256 characters")
+            traceparent = headers.get("traceparent")
+            if traceparent is not None and not _TRACEPARENT.match(traceparent):
+                traceparent = None  # W3C trace context: an invalid one is ignored, not refused
+            params = await read_params(request, self.settings)
+            body_read = True
+            match = request.match_info
+            result = await self.dispatcher.call(
+                match["plugin"],
+                match["method"],
+                params,
+                version=headers.get("X-Plugin-Version"),
+                caller=caller,
+                timeout=timeout,
+                traceparent=traceparent,
+                idempotency_key=idempotency_key,
+                request_id=request_id,
+            )
+        except Refused as refused:
+            answer = error_answer(refused.error, status=refused.status, close=refused.close)
+        except DispatchError as error:
+            unread = not body_read and request.body_exists
+            answer = error_answer(error, close=unread or isinstance(error, ShuttingDown))
+        else:
+            try:
+                body = orjson.dumps({"ok": True, "result": result})
+            except TypeError as error:
+                answer = error_answer(ProviderError(f"the plugin's result is not JSON: {error}"))
+            else:
+                answer = web.Response(body=body, content_type=_JSON)
+        answer.headers["X-Request-Id"] = request_id
+        return answer
+
+    def _caller(self, request: web.Request) -> str | None:
+        principal = self._authenticate(request)
+        # Dispatcher.call takes the caller's id until it takes the Principal itself (the
+        # access rules' change of the core); then this hands over ``principal`` whole.
+        return principal.id if principal is not None else None
+
+    def _authenticate(self, request: web.Request) -> Principal | None:
+        """The request's principal; raises ``Unauthorized``/``Forbidden`` as the
+        authenticator decides. Never logs or repeats what the request presented."""
+        if self.authenticator is None:
+            return None
+        credentials = credentials_of(request)
+        try:
+            return self.authenticator.authenticate(credentials)
+        except DispatchError:
+            raise
+        except Exception as error:
+            # Its message may quote the credentials: log the type alone.
+            log.error(
+                "the authenticator failed with %s; refusing the request", type(error).__name__
+            )
+            raise Unauthorized("the credentials could not be checked") from None
+
+    # -- introspection -------------------------------------------------------------------
+
+    async def plugins(self, request: web.Request) -> web.Response:
+        try:
+            self._authenticate(request)
+        except DispatchError as error:
+            return error_answer(error)
+        return web.Response(body=self._plugins, content_type=_JSON)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        try:
+            self._authenticate(request)
+        except DispatchError as error:
+            return error_answer(error)
+        return web.Response(body=self._openapi, content_type=_JSON)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        dispatcher = self.dispatcher
+        if dispatcher.state == "running" and not dispatcher.draining:
+            return web.json_response({"status": "ready"})
+        headers = {"Retry-After": "1"}
+        return web.json_response({"status": dispatcher.state}, status=503, headers=headers)
+
+    async def no_route(self, request: web.Request) -> web.Response:
+        path = request.path
+        if request.method != "POST" and path.startswith("/v1/plugins/") and "/methods/" in path:
+            refusal = InvalidParams(
+                f"{request.method} is not allowed here: methods are called with POST"
+            )
+            return error_answer(refusal, status=405, close=request.body_exists)
+        missing = InvalidParams(f"no route {request.method} {path[:200]} (see /openapi.json)")
+        return error_answer(missing, status=404, close=request.body_exists)
+
+    # -- events ----------------------------------------------------------------------------
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self._authenticate(request)
+            initial = _subscription_of(request)
+        except DispatchError as error:
+            return error_answer(error)
+        ws = web.WebSocketResponse(
+            heartbeat=self.settings.heartbeat, max_msg_size=self.settings.max_body_bytes
+        )
+        if not ws.can_prepare(request).ok:
+            refusal = InvalidParams("/v1/events is a WebSocket: send the upgrade headers")
+            return error_answer(refusal, status=426)
+        await ws.prepare(request)
+        stream = EventStream(ws, request, self.hub, self.dispatcher)
+        self._streams.add(stream)
+        try:
+            await stream.run(initial)
+        finally:
+            self._streams.discard(stream)
+        return ws
+
+    async def close_streams(self, app: web.Application) -> None:
+        """On shutdown: tell every subscriber the gateway is going away (1001), so it
+        reconnects elsewhere and resumes, instead of waiting out a heartbeat."""
+        await asyncio.gather(*(stream.going_away() for stream in tuple(self._streams)))
+
+
+def create_app(
+    dispatcher: Dispatcher,
+    settings: GatewaySettings | None = None,
+    *,
+    authenticator: Authenticator | None = None,
+) -> web.Application:
+    """The gateway over ``dispatcher``, which must be started (and outlive the app)."""
+    settings = settings or GatewaySettings()
+    gateway = Gateway(dispatcher, settings, authenticator)
+    # client_max_size bounds only aiohttp's own body readers; the gateway reads bodies
+    # itself (dispatcher.gateway.body), under max_body_bytes.
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[HUB_KEY] = gateway.hub
+    app.router.add_post("/v1/plugins/{plugin}/methods/{method}", gateway.call)
+    app.router.add_get("/v1/plugins", gateway.plugins, allow_head=False)
+    app.router.add_get("/v1/events", gateway.events, allow_head=False)
+    app.router.add_get("/openapi.json", gateway.openapi, allow_head=False)
+    app.router.add_get("/healthz", gateway.healthz)
+    app.router.add_get("/readyz", gateway.readyz)
+    app.router.add_route("*", "/{tail:.*}", gateway.no_route)
+    app.on_shutdown.append(gateway.close_streams)
+    return app
+
+
+def _timeout_of(headers: Any) -> float | None:
+    """The call's deadline in seconds from ``X-Timeout-Ms`` or ``Request-Timeout``."""
+    milliseconds = headers.get("X-Timeout-Ms")
+    if milliseconds is not None:
+        if milliseconds.isdigit() and 0 < int(milliseconds) <= _MAX_TIMEOUT_MS:
+            return int(milliseconds) / 1000
+        raise InvalidParams(f"X-Timeout-Ms is an integer in [1, {_MAX_TIMEOUT_MS}]")
+    seconds = headers.get("Request-Timeout")
+    if seconds is not None:
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = 0.0
+        if 0 < value <= _MAX_TIMEOUT_MS / 1000:  # NaN fails
+            return value
+        raise InvalidParams("Request-Timeout is a number of seconds in (0, 86400]")
+    return None
+
+
+def _subscription_of(request: web.Request) -> tuple[tuple[Filter, ...], int | None] | None:
+    """A subscription the query states (``plugin``, ``event``, ``last_event_id``), if any;
+    without one, the client subscribes with its first frame."""
+    query = request.query
+    if not {"plugin", "event", "last_event_id"} & query.keys():
+        return None
+    return (Filter(query.get("plugin"), query.get("event")),), checked_event_id(
+        query.get("last_event_id")
+    )
+
+
+def _plugin_list(dispatcher: Dispatcher) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": plugin.id,
+            "version": plugin.version,
+            "description": plugin.description,
+            "methods": [
+                {
+                    "name": name,
+                    "description": spec.description,
+                    "path": f"/v1/plugins/{plugin.id}/methods/{name}",
+                    "params_schema": spec.params_schema,
+                }
+                for name, spec in sorted(plugin.methods.items())
+            ],
+        }
+        for plugin in dispatcher.manifest.plugins
+    ]

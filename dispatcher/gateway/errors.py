@@ -1,0 +1,85 @@
+"""A call's error as an HTTP answer: its status, the error envelope, the headers it needs.
+
+One table, the same for every route (``docs/gateway.md``), consistent with the plugin
+SDK's HTTP server and the HTTP provider's mapping (``providers/http.py``):
+
+    type                                status  headers
+    invalid_params                      400     (413 body too large, 415 not JSON: the
+                                                gateway's own refusals, same type)
+    unauthorized                        401     WWW-Authenticate: Bearer
+    forbidden                           403
+    plugin_not_found, method_not_found  404
+    rate_limited                        429     Retry-After
+    plugin_error (the plugin raised)    500     the plugin's own type in the envelope
+    provider_error                      502     the target broke the contract
+    target_unavailable, circuit_open,   503     Retry-After
+    overloaded, shutting_down
+    deadline_exceeded                   504     (408 when the request body was too slow)
+
+``Retry-After`` carries the error's ``retry_after`` rounded up to whole seconds, or 1 for
+a retryable 429/503 that knows no better, so clients that honour it back off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+from linchkit_plugin.errors import DispatchError
+
+__all__ = ["STATUS_BY_TYPE", "error_answer", "status_of"]
+
+STATUS_BY_TYPE: Mapping[str, int] = {
+    "invalid_params": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "plugin_not_found": 404,
+    "method_not_found": 404,
+    "rate_limited": 429,
+    "plugin_error": 500,
+    "provider_error": 502,
+    "target_unavailable": 503,
+    "circuit_open": 503,
+    "overloaded": 503,
+    "shutting_down": 503,
+    "deadline_exceeded": 504,
+}
+
+_RETRY_LATER = frozenset({429, 503})
+
+
+def status_of(error: DispatchError) -> int:
+    # PluginError.type is "plugin_error" whatever its remote type; any other subclass of
+    # DispatchError a provider invents is the target's failure, hence 502.
+    return STATUS_BY_TYPE.get(type(error).type, 502)
+
+
+def error_answer(
+    error: DispatchError, *, status: int | None = None, close: bool = False
+) -> web.Response:
+    """The answer carrying ``error`` (``status`` overrides the table: 408, 413, 415)."""
+    status = status_of(error) if status is None else status
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if status in _RETRY_LATER and error.retryable:
+        after = error.retry_after
+        seconds = math.ceil(after) if after is not None and math.isfinite(after) else 1
+        headers["Retry-After"] = str(max(1, min(seconds, 86_400)))
+    if close:
+        # The body may be unread: the rest must not be taken for the next request.
+        headers["Connection"] = "close"
+    body = orjson.dumps({"ok": False, "error": _wire(error)})
+    return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+
+
+def _wire(error: DispatchError) -> dict[str, object]:
+    wire = error.to_wire()
+    try:
+        orjson.dumps(wire)
+    except TypeError:  # a plugin's details that JSON cannot carry: keep what it can
+        wire.pop("details", None)
+    return wire

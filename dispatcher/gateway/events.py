@@ -1,0 +1,319 @@
+"""Plugin events over a WebSocket (``/v1/events``), with resume from the last event id.
+
+``EventHub`` takes every event the dispatcher's plugins emit (one ``Dispatcher.on``
+handler per plugin, ``"*"``), gives it the next id (1, 2, 3, …: one counter per gateway,
+so ids only grow) and keeps the last ``event_buffer`` of them in a ring. A subscriber
+states its filters and, when it reconnects, the last id it saw: the events after it that
+are still in the ring are queued for it in the same step that registers it for live
+ones, with no await in between, so a resume has no gap and no duplicate. Events that
+left the ring before the client came back are reported as a ``gap`` frame, never skipped
+silently.
+
+Each subscriber's queue is bounded (``max_pending_events``): a client that reads slower
+than events arrive is closed with code 4008 and can resume from its last id, rather than
+holding the gateway's memory without end. The protocol is in ``docs/gateway.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from dispatcher._dispatcher import Dispatcher
+from linchkit_plugin.errors import DispatchError, InvalidParams
+
+__all__ = ["TOO_SLOW", "EventHub", "EventStream", "Filter", "Subscriber"]
+
+log = logging.getLogger("dispatcher.gateway")
+
+#: The close code of a subscriber cut off for reading too slowly (4000-4999: the
+#: application's own; 08 as in HTTP 408).
+TOO_SLOW = 4008
+#: How long closing a cut-off subscriber may take before its connection is dropped: a
+#: client that reads nothing does not read the close frame either.
+_CLOSE_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which events a subscriber wants; ``None`` matches any plugin or event name."""
+
+    plugin: str | None = None
+    event: str | None = None
+
+    def matches(self, plugin: str, event: str) -> bool:
+        return (self.plugin is None or self.plugin == plugin) and (
+            self.event is None or self.event == event
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    id: int
+    plugin: str
+    name: str
+    frame: str  # encoded once, sent to every subscriber as is
+
+
+@dataclass(eq=False, slots=True)
+class Subscriber:
+    """One WebSocket's subscription: its filters and the frames queued for it."""
+
+    filters: tuple[Filter, ...]
+    limit: int
+    on_overflow: Callable[[], None]
+    pending: deque[str] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    too_slow: bool = False
+
+    def offer(self, event: _Event) -> None:
+        if self.too_slow or not any(f.matches(event.plugin, event.name) for f in self.filters):
+            return
+        if len(self.pending) >= self.limit:
+            self.too_slow = True
+            self.pending.clear()
+            self.on_overflow()
+            return
+        self.pending.append(event.frame)
+        self.wakeup.set()
+
+    def say(self, frame: dict[str, Any]) -> None:
+        """Queue a frame of the protocol's own (not counted against the limit)."""
+        self.pending.append(orjson.dumps(frame).decode())
+        self.wakeup.set()
+
+
+class EventHub:
+    """Every plugin event of one gateway: ids, the ring for resuming, the subscribers."""
+
+    def __init__(self, *, buffer_size: int, max_pending: int) -> None:
+        self._ring: deque[_Event] = deque(maxlen=buffer_size)
+        self._max_pending = max_pending
+        self._last_id = 0
+        self._subscribers: set[Subscriber] = set()
+
+    def attach(self, dispatcher: Dispatcher) -> None:
+        """Receive every event of every plugin in ``dispatcher``'s manifest."""
+        for plugin in sorted({spec.id for spec in dispatcher.manifest.plugins}):
+            dispatcher.on(plugin, "*", self._handler(plugin))
+
+    def _handler(self, plugin: str) -> Callable[[str, Any], None]:
+        def record(event: str, data: Any) -> None:
+            self.record(plugin, event, data)
+
+        return record
+
+    def record(self, plugin: str, event: str, data: Any) -> None:
+        """Give the event the next id, keep it for resumes, queue it for its subscribers."""
+        event_id = self._last_id + 1
+        try:
+            frame = orjson.dumps(
+                {"type": "event", "id": event_id, "plugin": plugin, "event": event, "data": data}
+            ).decode()
+        except TypeError as error:
+            log.warning("event %s/%s dropped: its data is not JSON (%s)", plugin, event, error)
+            return
+        self._last_id = event_id
+        recorded = _Event(event_id, plugin, event, frame)
+        self._ring.append(recorded)
+        for subscriber in tuple(self._subscribers):
+            subscriber.offer(recorded)
+
+    def subscribe(
+        self,
+        filters: Iterable[Filter],
+        last_event_id: int | None,
+        on_overflow: Callable[[], None],
+    ) -> Subscriber:
+        """Register a subscriber, its replay after ``last_event_id`` already queued."""
+        subscriber = Subscriber(tuple(filters), self._max_pending, on_overflow)
+        subscriber.say({"type": "subscribed", "last_event_id": self._last_id})
+        if last_event_id is not None:
+            oldest = self._ring[0].id if self._ring else self._last_id + 1
+            if last_event_id + 1 < oldest:
+                subscriber.say({"type": "gap", "after": last_event_id, "resumed_at": oldest})
+            for event in self._ring:
+                if event.id > last_event_id:
+                    subscriber.offer(event)
+        self._subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+
+    @property
+    def last_event_id(self) -> int:
+        return self._last_id
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def __repr__(self) -> str:
+        return (
+            f"<EventHub last_id={self._last_id} buffered={len(self._ring)}"
+            f" subscribers={len(self._subscribers)}>"
+        )
+
+
+class EventStream:
+    """One WebSocket connection: its subscription (at most one), its publishes, its sender."""
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        hub: EventHub,
+        dispatcher: Dispatcher,
+    ) -> None:
+        self._ws = ws
+        self._request = request
+        self._hub = hub
+        self._dispatcher = dispatcher
+        self._subscriber: Subscriber | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def run(self, initial: tuple[tuple[Filter, ...], int | None] | None) -> None:
+        """Serve the connection until either side ends it."""
+        self._sender = asyncio.create_task(self._send_loop())
+        receiving = asyncio.create_task(self._receive_loop(initial))
+        try:
+            await asyncio.wait({self._sender, receiving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (self._sender, receiving):
+                task.cancel()
+            await asyncio.gather(self._sender, receiving, return_exceptions=True)
+            if self._subscriber is not None:
+                self._hub.unsubscribe(self._subscriber)
+        if self._subscriber is not None and self._subscriber.too_slow:
+            reason = f"too slow: over {self._subscriber.limit} events queued; resume from your last event id"
+            await self._close(TOO_SLOW, reason)
+        else:
+            await self._close(1000, "")
+
+    async def going_away(self) -> None:
+        """The gateway stops: close with 1001 (the receive loop then ends the stream)."""
+        await self._close(1001, "the gateway is shutting down; reconnect and resume")
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self._ws.closed:
+            return
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self._ws.close(code=code, message=reason.encode())
+        except (TimeoutError, ConnectionError):
+            transport = self._request.transport
+            if transport is not None:
+                transport.abort()
+
+    def _overflowed(self) -> None:
+        # The sender may be stuck waiting for the client to read: stop it where it is.
+        if self._sender is not None:
+            self._sender.cancel()
+
+    async def _send_loop(self) -> None:
+        ws = self._ws
+        while True:
+            subscriber = self._subscriber
+            if subscriber is None:
+                await self._subscribed.wait()
+                continue
+            await subscriber.wakeup.wait()
+            subscriber.wakeup.clear()
+            pending = subscriber.pending
+            while pending and not subscriber.too_slow:
+                await ws.send_str(pending.popleft())
+            if subscriber.too_slow:
+                return
+
+    async def _receive_loop(self, initial: tuple[tuple[Filter, ...], int | None] | None) -> None:
+        if initial is not None:
+            self._subscribe(*initial)
+        async for message in self._ws:
+            if message.type != WSMsgType.TEXT:
+                if message.type == WSMsgType.BINARY:
+                    await self._reply({"type": "error", "error": _bad("frames are JSON text")})
+                continue
+            try:
+                frame = orjson.loads(message.data)
+            except orjson.JSONDecodeError:
+                await self._reply({"type": "error", "error": _bad("a frame is not JSON")})
+                continue
+            await self._handle(frame)
+
+    async def _handle(self, frame: Any) -> None:
+        ref = frame.get("ref") if isinstance(frame, dict) else None
+        if not isinstance(ref, str | int | None) or isinstance(ref, bool):
+            ref = None
+        try:
+            kind = frame.get("type") if isinstance(frame, dict) else None
+            if kind == "subscribe":
+                if self._subscriber is not None:
+                    raise InvalidParams("this connection is subscribed already; open another")
+                self._subscribe(*parse_subscription(frame))
+            elif kind == "publish":
+                await self._publish(frame)
+                await self._reply({"type": "published", "ref": ref})
+            else:
+                raise InvalidParams("a frame's 'type' is 'subscribe' or 'publish'")
+        except DispatchError as error:
+            await self._reply({"type": "error", "ref": ref, "error": error.to_wire()})
+
+    def _subscribe(self, filters: tuple[Filter, ...], last_event_id: int | None) -> None:
+        self._subscriber = self._hub.subscribe(filters, last_event_id, self._overflowed)
+        self._subscribed.set()
+
+    async def _publish(self, frame: dict[str, Any]) -> None:
+        plugin, event = frame.get("plugin"), frame.get("event")
+        version = frame.get("version")
+        if not isinstance(plugin, str) or not isinstance(event, str) or not event:
+            raise InvalidParams("a publish frame needs string 'plugin' and 'event'")
+        if version is not None and not isinstance(version, str):
+            raise InvalidParams("a publish frame's 'version' is a string")
+        await self._dispatcher.publish(plugin, event, frame.get("data"), version=version)
+
+    async def _reply(self, frame: dict[str, Any]) -> None:
+        """Once subscribed, answers travel the subscriber's queue, so one task writes; before,
+        the sender is idle and this loop writes itself."""
+        if self._subscriber is not None:
+            self._subscriber.say(frame)
+        else:
+            await self._ws.send_str(orjson.dumps(frame).decode())
+
+
+def parse_subscription(source: Any) -> tuple[tuple[Filter, ...], int | None]:
+    """Filters and ``last_event_id`` from a subscribe frame."""
+    raw_filters = source.get("filters", [{}])
+    if not isinstance(raw_filters, list) or not 1 <= len(raw_filters) <= 100:
+        raise InvalidParams("'filters' is a list of 1 to 100 {plugin?, event?} objects")
+    filters = []
+    for item in raw_filters:
+        if not isinstance(item, dict):
+            raise InvalidParams("each filter is an object {plugin?, event?}")
+        plugin, event = item.get("plugin"), item.get("event")
+        if not isinstance(plugin, str | None) or not isinstance(event, str | None):
+            raise InvalidParams("a filter's 'plugin' and 'event' are strings")
+        filters.append(Filter(plugin, event))
+    return tuple(filters), checked_event_id(source.get("last_event_id"))
+
+
+def checked_event_id(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit() and len(value) <= 18:
+        value = int(value)
+    if type(value) is int and value >= 0:
+        return value
+    raise InvalidParams("'last_event_id' is a non-negative integer")
+
+
+def _bad(message: str) -> dict[str, Any]:
+    return InvalidParams(message).to_wire()

@@ -1,0 +1,217 @@
+"""The gateway's OpenAPI 3.1 document, generated from the manifest once at start.
+
+One path per plugin method (``POST /v1/plugins/{plugin}/methods/{method}``): the
+method's ``params_schema`` is its request body's schema (any JSON when it has none), its
+answers the envelopes of ``docs/protocol.md`` with the statuses of
+``dispatcher.gateway.errors``. A plugin at several versions is described at its highest
+(the default a call without ``X-Plugin-Version`` goes to). A params schema's local
+``$ref``s (``#/$defs/…``) are rewritten to point into the component that holds it, since
+in the document ``#`` is the document's root.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from dispatcher._routes import version_key
+from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec
+from dispatcher.gateway.errors import STATUS_BY_TYPE
+
+__all__ = ["openapi_document"]
+
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "message"],
+    "properties": {
+        "type": {
+            "type": "string",
+            "description": "A stable dispatcher type (invalid_params, …) or the plugin's own error name.",
+        },
+        "message": {"type": "string"},
+        "retryable": {"type": "boolean"},
+        "details": {"type": "object"},
+        "retry_after": {"type": "number", "minimum": 0, "description": "Seconds."},
+    },
+}
+_ERROR_ENVELOPE: dict[str, Any] = {
+    "type": "object",
+    "required": ["ok", "error"],
+    "properties": {"ok": {"const": False}, "error": {"$ref": "#/components/schemas/Error"}},
+}
+_OK_ENVELOPE: dict[str, Any] = {
+    "type": "object",
+    "required": ["ok", "result"],
+    "properties": {"ok": {"const": True}, "result": {}},
+}
+
+_HEADERS: dict[str, dict[str, Any]] = {
+    "PluginVersion": {
+        "name": "X-Plugin-Version",
+        "in": "header",
+        "description": "The plugin version to call (default: the highest in the manifest).",
+        "schema": {"type": "string"},
+    },
+    "TimeoutMs": {
+        "name": "X-Timeout-Ms",
+        "in": "header",
+        "description": "The call's deadline in milliseconds (default: the method's timeout_ms).",
+        "schema": {"type": "integer", "minimum": 1, "maximum": 86_400_000},
+    },
+    "RequestTimeout": {
+        "name": "Request-Timeout",
+        "in": "header",
+        "description": "The call's deadline in seconds, if X-Timeout-Ms is not sent.",
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 86_400},
+    },
+    "IdempotencyKey": {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "schema": {"type": "string", "maxLength": 256},
+    },
+    "Traceparent": {
+        "name": "traceparent",
+        "in": "header",
+        "description": "W3C trace context; passed to the plugin. An invalid one is ignored.",
+        "schema": {"type": "string"},
+    },
+    "RequestId": {
+        "name": "X-Request-Id",
+        "in": "header",
+        "description": "The call's id (1-128 of A-Z a-z 0-9 . _ : -); made up when absent.",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+    },
+}
+
+_STATUS_TEXT = {
+    400: "Invalid params: malformed JSON, nested too deep, not matching the method's schema, a bad header",
+    401: "No or wrong credentials",
+    403: "The caller may not call this method",
+    404: "No such plugin, version or method",
+    408: "The request body did not arrive in time",
+    413: "The request body is over the gateway's limit",
+    415: "The request body is not application/json",
+    429: "Rate limited: come back after Retry-After seconds",
+    500: "The plugin raised an error (its own type in error.type)",
+    502: "The target broke the contract",
+    503: "Unavailable, circuit open, overloaded or shutting down: retry after Retry-After seconds",
+    504: "The call's deadline passed",
+}
+
+
+def openapi_document(
+    manifest: Manifest[Any], *, authenticated: bool, title: str = "LinchKit plugin gateway"
+) -> dict[str, Any]:
+    """The document for ``manifest``; ``authenticated`` adds the credentials calls need."""
+    latest: dict[str, PluginSpec[Any]] = {}
+    for plugin in manifest.plugins:
+        current = latest.get(plugin.id)
+        if current is None or version_key(plugin.version) > version_key(current.version):
+            latest[plugin.id] = plugin
+    schemas: dict[str, Any] = {
+        "Error": _ERROR_SCHEMA,
+        "ErrorEnvelope": _ERROR_ENVELOPE,
+        "OkEnvelope": _OK_ENVELOPE,
+    }
+    paths: dict[str, Any] = {
+        "/v1/plugins": {"get": _plain_get("listPlugins", "The plugins and their methods")},
+        "/healthz": {"get": _plain_get("healthz", "The gateway process is alive")},
+        "/readyz": {
+            "get": _plain_get("readyz", "The dispatcher runs and takes calls (503 while draining)")
+        },
+    }
+    for plugin_id in sorted(latest):
+        plugin = latest[plugin_id]
+        for method_name in sorted(plugin.methods):
+            component = f"{plugin_id}.{method_name}.params"
+            schema = plugin.methods[method_name].params_schema
+            schemas[component] = _rebased(schema, component) if schema is not None else {}
+            path = f"/v1/plugins/{plugin_id}/methods/{method_name}"
+            paths[path] = {"post": _operation(plugin, method_name, component)}
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": title,
+            "version": "1",
+            "description": "Call plugin methods over HTTP through the dispatcher's policies"
+            " (docs/gateway.md). Events: a WebSocket at /v1/events.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "parameters": _HEADERS,
+            "responses": {
+                str(status): {
+                    "description": text,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/ErrorEnvelope"}
+                        }
+                    },
+                }
+                for status, text in _STATUS_TEXT.items()
+            },
+        },
+    }
+    if authenticated:
+        document["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+        document["security"] = [{"bearer": []}, {"apiKey": []}]
+    return document
+
+
+def _operation(plugin: PluginSpec[Any], method: str, component: str) -> dict[str, Any]:
+    spec = plugin.methods[method]
+    timeout_ms = plugin.policies_of(method).timeout_ms or DEFAULT_TIMEOUT_MS
+    statuses = sorted({*STATUS_BY_TYPE.values(), 408, 413, 415})
+    return {
+        "operationId": _operation_id(plugin.id, method),
+        "summary": spec.description or f"Call {plugin.id}.{method}",
+        "description": f"{plugin.id}@{plugin.version}; default deadline {timeout_ms} ms.",
+        "tags": [plugin.id],
+        "parameters": [{"$ref": f"#/components/parameters/{name}"} for name in _HEADERS],
+        "requestBody": {
+            "required": False,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{component}"}}
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "The method's result",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/OkEnvelope"}}
+                },
+            },
+            **{str(status): {"$ref": f"#/components/responses/{status}"} for status in statuses},
+        },
+    }
+
+
+def _plain_get(operation_id: str, text: str) -> dict[str, Any]:
+    return {
+        "operationId": operation_id,
+        "responses": {
+            "200": {"description": text, "content": {"application/json": {"schema": {}}}}
+        },
+    }
+
+
+def _operation_id(plugin: str, method: str) -> str:
+    return "call_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{plugin}__{method}")
+
+
+def _rebased(schema: Any, component: str) -> Any:
+    """``schema`` with its local ``$ref``s pointing into ``#/components/schemas/<component>``."""
+    if isinstance(schema, dict):
+        rebased = {key: _rebased(value, component) for key, value in schema.items()}
+        reference = schema.get("$ref")
+        if isinstance(reference, str) and reference.startswith("#"):
+            escaped = component.replace("~", "~0").replace("/", "~1")
+            rebased["$ref"] = f"#/components/schemas/{escaped}{reference[1:]}"
+        return rebased
+    if isinstance(schema, list):
+        return [_rebased(item, component) for item in schema]
+    return schema

@@ -1,0 +1,204 @@
+"""Running a gateway: the listening socket, TLS and its certificate reload, shutdown.
+
+``GatewayServer`` serves the app of ``dispatcher.gateway.app`` over a started
+``Dispatcher``. aiohttp's keep-alive timer runs from the moment a connection opens and
+again after each answer, and closes the connection if no complete request head arrived by
+then: that is the gateway's header timeout (slowloris, idle connections), set to
+``header_timeout``.
+
+TLS: the context is built once; ``CertificateReload`` re-reads the certificate and key
+when their files change (checked every ``cert_check_interval`` seconds, or at once on
+``reload_certificates()``, which ``dispatcher serve`` calls on SIGHUP) by calling
+``load_cert_chain`` on the live context: handshakes from then on present the new
+certificate, connections already open keep theirs. A pair that fails to load (a key
+written before its certificate, a broken file) keeps the old pair serving and is tried
+again at the next change. The client CA is read at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+
+from dispatcher._dispatcher import Dispatcher
+from dispatcher.gateway.app import HUB_KEY, create_app
+from dispatcher.gateway.events import EventHub
+from dispatcher.gateway.settings import GatewaySettings
+from dispatcher.identity import Authenticator
+
+__all__ = ["CertificateReload", "GatewayServer", "server_ssl_context"]
+
+log = logging.getLogger("dispatcher.gateway")
+
+#: Once a drain has ended the calls in flight, how long their answers may take to go out.
+_SHUTDOWN_SECONDS = 2.0
+
+
+def server_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
+    """The TLS context ``settings`` ask for, or ``None`` for plain HTTP."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.client_cert != "none":
+        assert settings.client_ca is not None  # GatewaySettings checks it
+        context.load_verify_locations(cafile=settings.client_ca)
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if settings.client_cert == "required" else ssl.CERT_OPTIONAL
+        )
+    return context
+
+
+class CertificateReload:
+    """Loads the certificate and key again into ``context`` when their files change."""
+
+    def __init__(self, context: ssl.SSLContext, cert: Path, key: Path) -> None:
+        self._context = context
+        self._cert = cert
+        self._key = key
+        self._loaded = self._stamp()
+        self._failed: tuple[object, ...] | None = None
+        self.reloads = 0
+
+    def _stamp(self) -> tuple[object, ...]:
+        stamps: list[object] = []
+        for path in (self._cert, self._key):
+            try:
+                stat = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                # A rotation by rename changes the inode even within one mtime tick.
+                stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        return tuple(stamps)
+
+    def check(self, *, force: bool = False) -> bool:
+        """Reload if the files changed (or ``force``); True when a new pair was loaded."""
+        stamp = self._stamp()
+        if not force and (stamp == self._loaded or stamp == self._failed):
+            return False
+        try:
+            self._context.load_cert_chain(self._cert, self._key)
+        except (OSError, ssl.SSLError) as error:
+            if stamp != self._failed:
+                log.warning(
+                    "TLS certificate not reloaded, the previous one still serves: %s", error
+                )
+            self._failed = stamp
+            return False
+        self._loaded = stamp
+        self._failed = None
+        self.reloads += 1
+        log.info("TLS certificate reloaded from %s", self._cert)
+        return True
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.check()
+
+    def __repr__(self) -> str:
+        return f"<CertificateReload {self._cert} reloads={self.reloads}>"
+
+
+class GatewayServer:
+    """The gateway listening on ``settings.host:port`` over a started dispatcher.
+
+    An async context manager: entering listens, leaving stops listening, lets answers in
+    progress end (briefly: drain the dispatcher first for a graceful stop), closes every
+    connection and WebSocket, and ends the certificate watch.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        settings: GatewaySettings | None = None,
+        *,
+        authenticator: Authenticator | None = None,
+        access_log: bool = False,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.settings = settings or GatewaySettings()
+        self._authenticator = authenticator
+        self._access_log = access_log
+        self._runner: web.AppRunner | None = None
+        self._reload: CertificateReload | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self.hub: EventHub | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        context = server_ssl_context(settings)
+        app = create_app(self.dispatcher, settings, authenticator=self._authenticator)
+        self.hub = app[HUB_KEY]
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=logging.getLogger("aiohttp.access") if self._access_log else None,
+            keepalive_timeout=settings.header_timeout,
+            # A body left unread (refused before or while reading it) is not read to its
+            # end, which may never come: the connection closes after the answer instead.
+            lingering_time=0,
+            shutdown_timeout=_SHUTDOWN_SECONDS,
+        )
+        await runner.setup()
+        self._runner = runner
+        try:
+            site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context)
+            await site.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        if context is not None:
+            assert settings.tls_cert is not None
+            assert settings.tls_key is not None
+            self._reload = CertificateReload(context, settings.tls_cert, settings.tls_key)
+            self._watch = asyncio.create_task(self._reload.watch(settings.cert_check_interval))
+
+    def reload_certificates(self) -> bool:
+        """Load the certificate files again now (SIGHUP); True if a new pair was loaded."""
+        return self._reload.check(force=True) if self._reload is not None else False
+
+    @property
+    def url(self) -> str:
+        """The base URL of the first address listened on (the real port when given 0)."""
+        assert self._runner is not None, "start() first"
+        host, port = self._runner.addresses[0][:2]
+        scheme = "https" if self.settings.tls else "http"
+        shown = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{shown}:{port}"
+
+    async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        where = self.url if self._runner is not None else "not listening"
+        return f"<GatewayServer {where} {self.hub!r}>"

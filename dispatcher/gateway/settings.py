@@ -1,0 +1,86 @@
+"""What a gateway serves, where, and what one client may cost it, in one frozen value.
+
+Each limit guards one resource against one kind of client, broken or hostile:
+
+    limit                  guards                                        answer when passed
+    max_body_bytes         memory: a body is read whole before parsing   413, decided on
+                           (Content-Length checked before reading, then   Content-Length before
+                           the bytes counted as a chunked body arrives)   reading; closed
+    max_depth              CPU and stack: schema validation and JSON      400 invalid_params
+                           encoding walk params level by level
+    body_timeout           a request slot: a Content-Length that lies,   408, closed
+                           a chunked body that never ends
+    header_timeout         a connection: slowloris, a head that never    closed
+                           completes, a connection idle between requests
+    event_buffer           memory: events kept for resuming subscribers  oldest dropped; a
+                                                                          resume past it is told
+    max_pending_events     memory: events queued for one slow consumer   WebSocket closed 4008
+
+``dispatcher serve`` sets them from its options (``dispatcher.cli.serve``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["ClientCertificates", "GatewaySettings"]
+
+#: Whether the TLS layer asks for a client certificate: ``optional`` verifies one when
+#: sent, ``required`` refuses the handshake without one.
+ClientCertificates = Literal["none", "optional", "required"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewaySettings:
+    """How a gateway listens and its limits; the defaults suit a gateway on a private network."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1024 * 1024
+    max_depth: int = 64
+    body_timeout: float = 30.0
+    header_timeout: float = 10.0
+    #: Events kept for subscribers that reconnect (``last_event_id``).
+    event_buffer: int = 1000
+    #: Events one subscriber may have queued before it is cut off as too slow.
+    max_pending_events: int = 1000
+    #: Seconds between WebSocket pings; a peer that does not answer one in time is closed.
+    heartbeat: float = 20.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    client_cert: ClientCertificates = "none"
+    #: Seconds between checks of the certificate files' modification times.
+    cert_check_interval: float = 5.0
+    #: Seconds a drain lets calls in flight finish on SIGTERM/SIGINT.
+    grace: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], not {self.port}")
+        for name in ("max_body_bytes", "max_depth", "event_buffer", "max_pending_events"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("body_timeout", "header_timeout", "heartbeat", "cert_check_interval"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if not (0 <= self.grace <= 86_400):
+            raise ValueError(f"grace must be in [0, 86400] seconds, not {self.grace!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert, --tls-key)")
+        if self.client_cert != "none" and (self.client_ca is None or self.tls_cert is None):
+            raise ValueError(
+                "client certificates need TLS and the CA that signs them (--client-ca)"
+            )
+        if self.client_ca is not None and self.client_cert == "none":
+            raise ValueError(
+                "--client-ca given: say whether a client certificate is optional or required (--client-cert)"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

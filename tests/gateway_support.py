@@ -1,0 +1,151 @@
+"""What the gateway's tests share: a dispatcher and a gateway on 127.0.0.1 port 0, a tiny
+authenticator (a test double of the seam the real authenticators plug into), raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from dispatcher import Dispatcher, Forbidden, Unauthorized
+from dispatcher.gateway import GatewayServer, GatewaySettings
+from dispatcher.identity import Authenticator, Credentials, Principal
+from tests.conftest import LOCAL_TARGET, ROOT, manifest
+
+SECRET_TOKEN = "s3cr3t-t0ken-that-must-never-leak"
+
+SAY_SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "maxLength": 1000}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+
+
+def echo_entry(**methods: Any) -> dict[str, Any]:
+    return {
+        "id": "echo",
+        "version": "1.0.0",
+        "config": {"greeting": "via gateway"},
+        "target": LOCAL_TARGET,
+        "methods": methods
+        or {
+            "say": {"params_schema": SAY_SCHEMA, "description": "Echo text back"},
+            "sleep": {
+                "params_schema": {
+                    "type": "object",
+                    "properties": {"seconds": {"type": "number", "minimum": 0, "maximum": 0.05}},
+                    "required": ["seconds"],
+                    "additionalProperties": False,
+                }
+            },
+            "withdraw": {
+                "params_schema": {
+                    "type": "object",
+                    "properties": {"amount": {"type": "integer"}},
+                    "required": ["amount"],
+                    "additionalProperties": False,
+                }
+            },
+        },
+    }
+
+
+def eventful_entry() -> dict[str, Any]:
+    return {
+        "id": "events",
+        "version": "1.0.0",
+        "target": {"provider": "local", "entrypoint": "eventful_plugin:EventfulPlugin"},
+        "methods": {"burst": {}},
+    }
+
+
+def example_entry() -> dict[str, Any]:
+    """The Python example plugin as a real subprocess plugin: it answers host event ``ping``
+    with plugin event ``pong`` (the local provider cannot take host events)."""
+    command = [sys.executable, str(ROOT / "sdk" / "python" / "examples" / "example_plugin.py")]
+    return {
+        "id": "example",
+        "version": "1.0.0",
+        "target": {"provider": "subprocess", "command": command},
+        "methods": {"echo": {}, "emit": {}},
+    }
+
+
+@dataclass
+class OneToken:
+    """Accepts one bearer token (or API key); a principal named by the token's holder.
+    A certificate subject found in ``subjects`` is accepted too; ``forbidden`` ids get
+    Forbidden. Records every credentials object it was shown."""
+
+    token: str = SECRET_TOKEN
+    forbidden: frozenset[str] = frozenset()
+    subjects: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.seen: list[Credentials] = []
+
+    def authenticate(self, credentials: Credentials) -> Principal:
+        self.seen.append(credentials)
+        if credentials.certificate_subject in self.subjects:
+            return Principal(str(credentials.certificate_subject), proven_by="mtls")
+        presented = credentials.api_key
+        if credentials.authorization and credentials.authorization.startswith("Bearer "):
+            presented = credentials.authorization.removeprefix("Bearer ")
+        if presented is None or not hmac.compare_digest(presented, self.token):
+            raise Unauthorized("a valid bearer token or API key is required")
+        if "alice" in self.forbidden:
+            raise Forbidden("alice may not call this gateway")
+        return Principal("alice", frozenset({"reader"}), proven_by="api_key")
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    *entries: dict[str, Any],
+    settings: GatewaySettings | None = None,
+    authenticator: Authenticator | None = None,
+) -> AsyncIterator[tuple[Dispatcher, GatewayServer]]:
+    entries = entries or (echo_entry(), eventful_entry())
+    settings = settings or GatewaySettings(port=0, header_timeout=2.0, body_timeout=2.0)
+    async with (
+        Dispatcher(manifest(*entries)) as dispatcher,
+        GatewayServer(dispatcher, settings, authenticator=authenticator) as server,
+    ):
+        yield dispatcher, server
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(
+    url: str,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def read_answer(reader: asyncio.StreamReader, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Status and everything the server sent until it closed (or ``timeout``)."""
+    async with asyncio.timeout(timeout):
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        rest = b""
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            None,
+        )
+        if length is not None:
+            rest = await reader.readexactly(length)
+        return status, head + rest

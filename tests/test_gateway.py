@@ -1,0 +1,332 @@
+"""The gateway's HTTP routes against a real server on 127.0.0.1 port 0 and real clients:
+calls, the status table, bad input, slow clients, draining, authentication."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from dispatcher.gateway import GatewaySettings
+from tests.gateway_support import (
+    SAY_SCHEMA,
+    SECRET_TOKEN,
+    OneToken,
+    echo_entry,
+    raw_connection,
+    read_answer,
+    running_gateway,
+)
+
+JSON = {"Content-Type": "application/json"}
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: Any = None, **headers: str
+) -> tuple[int, dict[str, Any], Any]:
+    data = orjson.dumps(body) if body is not None else None
+    async with session.post(url, data=data, headers={**JSON, **headers}) as response:
+        return (
+            response.status,
+            {k.lower(): v for k, v in response.headers.items()},
+            orjson.loads(await response.read()),
+        )
+
+
+async def test_a_call_answers_the_result_in_the_envelope_with_its_request_id() -> None:
+    async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
+        url = f"{server.url}/v1/plugins/echo/methods/say"
+        status, headers, body = await post(session, url, {"text": "hi"}, **{"X-Request-Id": "r-1"})
+        assert status == 200
+        assert body == {
+            "ok": True,
+            "result": {"text": "hi", "greeting": "via gateway", "caller": None},
+        }
+        assert headers["x-request-id"] == "r-1"
+        status, headers, _ = await post(session, url, {"text": "again"})
+        assert status == 200
+        assert headers["x-request-id"]  # made up when the client sent none
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "error_type"),
+    [
+        ("echo/methods/withdraw", {"amount": 500}, 500, "InsufficientFunds"),
+        ("echo/methods/say", {"text": 5}, 400, "invalid_params"),
+        ("echo/methods/say", {"text": "x", "extra": 1}, 400, "invalid_params"),
+        ("ghost/methods/say", {"text": "x"}, 404, "plugin_not_found"),
+        ("echo/methods/shout", {"text": "x"}, 404, "method_not_found"),
+    ],
+)
+async def test_errors_answer_the_status_of_their_type(
+    path: str, body: Any, status: int, error_type: str
+) -> None:
+    async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
+        got, _, answer = await post(session, f"{server.url}/v1/plugins/{path}", body)
+        assert got == status
+        assert answer["ok"] is False
+        assert answer["error"]["type"] == error_type
+        assert isinstance(answer["error"]["message"], str)
+
+
+async def test_an_unknown_version_is_404_and_a_known_one_is_called() -> None:
+    async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
+        url = f"{server.url}/v1/plugins/echo/methods/say"
+        status, _, body = await post(session, url, {"text": "x"}, **{"X-Plugin-Version": "9.9.9"})
+        assert (status, body["error"]["type"]) == (404, "plugin_not_found")
+        status, _, _ = await post(session, url, {"text": "x"}, **{"X-Plugin-Version": "1.0.0"})
+        assert status == 200
+
+
+async def test_the_deadline_header_bounds_the_call_and_a_bad_one_is_refused() -> None:
+    entry = echo_entry(sleep={})
+    async with running_gateway(entry) as (_, server), aiohttp.ClientSession() as session:
+        url = f"{server.url}/v1/plugins/echo/methods/sleep"
+        status, _, body = await post(session, url, {"seconds": 5}, **{"X-Timeout-Ms": "50"})
+        assert (status, body["error"]["type"]) == (504, "deadline_exceeded")
+        status, _, body = await post(session, url, {"seconds": 5}, **{"Request-Timeout": "0.05"})
+        assert (status, body["error"]["type"]) == (504, "deadline_exceeded")
+        for header, value in [
+            ("X-Timeout-Ms", "-1"),
+            ("X-Timeout-Ms", "1e3"),
+            ("Request-Timeout", "nan"),
+        ]:
+            status, _, body = await post(session, url, {"seconds": 0}, **{header: value})
+            assert (status, body["error"]["type"]) == (400, "invalid_params"), (header, value)
+
+
+async def test_a_rate_limited_call_is_429_with_retry_after() -> None:
+    entry = echo_entry(say={"rate_limit": {"rate": 0.01, "burst": 1, "mode": "reject"}})
+    async with running_gateway(entry) as (_, server), aiohttp.ClientSession() as session:
+        url = f"{server.url}/v1/plugins/echo/methods/say"
+        assert (await post(session, url, {"text": "a"}))[0] == 200
+        status, headers, body = await post(session, url, {"text": "b"})
+        assert (status, body["error"]["type"]) == (429, "rate_limited")
+        assert int(headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "status"),
+    [
+        (b"{not json", "application/json", 400),
+        (b'{"text": "hi"}', "text/plain", 415),
+        (b'{"text": "hi"}', "application/x-www-form-urlencoded", 415),
+        (b"[" * 100 + b"]" * 100, "application/json", 400),  # over the 64 levels
+        (b"[" * 5000 + b"]" * 5000, "application/json", 400),  # over orjson's own limit
+        (b'{"text": "\xff\xfe"}', "application/json", 400),  # not UTF-8
+    ],
+)
+async def test_bad_bodies_are_refused_typed_and_the_server_keeps_serving(
+    data: bytes, content_type: str, status: int
+) -> None:
+    async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
+        url = f"{server.url}/v1/plugins/echo/methods/say"
+        async with session.post(url, data=data, headers={"Content-Type": content_type}) as answer:
+            assert answer.status == status
+            body = orjson.loads(await answer.read())
+        assert body["error"]["type"] == "invalid_params"
+        assert (await post(session, url, {"text": "still here"}))[0] == 200
+
+
+async def test_nesting_within_the_limit_passes() -> None:
+    async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
+        # 60 levels inside "text": valid JSON that reaches the schema check.
+        deep: Any = "x"
+        for _ in range(60):
+            deep = [deep]
+        status, _, body = await post(
+            session, f"{server.url}/v1/plugins/echo/methods/say", {"text": deep}
+        )
+        assert (status, body["error"]["type"]) == (400, "invalid_params")
+        assert "params['text']" in body["error"]["message"]
+
+
+async def test_an_oversized_content_length_is_413_before_the_body_is_sent() -> None:
+    settings = GatewaySettings(port=0, max_body_bytes=1000)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        raw_connection(server.url) as (reader, writer),
+    ):
+        writer.write(
+            b"POST /v1/plugins/echo/methods/say HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n"
+        )
+        await writer.drain()
+        status, answer = await read_answer(reader)  # no byte of the body was sent
+        assert status == 413
+        assert b"invalid_params" in answer
+        assert b"connection: close" in answer.lower()
+
+
+async def test_a_chunked_body_over_the_limit_is_cut_off() -> None:
+    settings = GatewaySettings(port=0, max_body_bytes=1000)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        raw_connection(server.url) as (reader, writer),
+    ):
+        writer.write(
+            b"POST /v1/plugins/echo/methods/say HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b'{"text": "' + b"a" * 600
+        for _ in range(3):  # 1,800+ bytes, then the body never ends
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        await writer.drain()
+        status, _ = await read_answer(reader)
+        assert status == 413
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+
+
+async def test_a_body_that_stops_arriving_gets_408() -> None:
+    settings = GatewaySettings(port=0, body_timeout=0.5)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        raw_connection(server.url) as (reader, writer),
+    ):
+        writer.write(
+            b"POST /v1/plugins/echo/methods/say HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"te'
+        )
+        await writer.drain()
+        status, answer = await read_answer(reader)
+        assert status == 408
+        assert b"deadline_exceeded" in answer
+
+
+async def test_slow_clients_do_not_block_calls_and_their_connections_are_closed() -> None:
+    settings = GatewaySettings(port=0, header_timeout=1.0)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        slow = [await asyncio.open_connection(host, int(port)) for _ in range(50)]
+        try:
+            for _, writer in slow:  # a request head that never ends
+                writer.write(b"POST /v1/plugins/echo/methods/say HTTP/1.1\r\nHost: x\r\nX-A: ")
+            status, _, _ = await post(
+                session, f"{server.url}/v1/plugins/echo/methods/say", {"text": "hi"}
+            )
+            assert status == 200
+            for reader, writer in slow:
+                writer.write(b"a")  # still trickling in
+                # the header timeout closes it: EOF (or a reset), within a few seconds
+                with contextlib.suppress(ConnectionResetError):
+                    assert await asyncio.wait_for(reader.read(), 15) == b""
+        finally:
+            for _, writer in slow:
+                writer.close()
+            for _, writer in slow:
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+
+
+async def test_draining_answers_503_and_readyz_says_so_while_calls_in_flight_finish() -> None:
+    entry = echo_entry(sleep={})
+    async with running_gateway(entry) as (dispatcher, server), aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/readyz") as ready:
+            assert ready.status == 200
+        url = f"{server.url}/v1/plugins/echo/methods/sleep"
+        in_flight = asyncio.create_task(post(session, url, {"seconds": 0.5}))
+        while dispatcher.stats()["dispatcher"]["calls_in_flight"] == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        drained = asyncio.create_task(dispatcher.drain(10))
+        await asyncio.sleep(0)
+        status, headers, body = await post(session, url, {"seconds": 0})
+        assert (status, body["error"]["type"]) == (503, "shutting_down")
+        assert headers["retry-after"] == "1"
+        async with session.get(f"{server.url}/readyz") as ready:
+            assert ready.status == 503
+        async with session.get(f"{server.url}/healthz") as alive:
+            assert alive.status == 200
+        status, _, body = await in_flight
+        assert status == 200
+        assert body["result"] >= 0.5
+        await drained
+
+
+async def test_listing_openapi_health_and_unknown_routes() -> None:
+    async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/v1/plugins") as answer:
+            plugins = {p["id"]: p for p in (await answer.json())["plugins"]}
+        assert {m["name"] for m in plugins["echo"]["methods"]} == {"say", "sleep", "withdraw"}
+        async with session.get(f"{server.url}/openapi.json") as answer:
+            document = await answer.json()
+        assert document["openapi"] == "3.1.0"
+        say = document["paths"]["/v1/plugins/echo/methods/say"]["post"]
+        reference = say["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert document["components"]["schemas"][reference.rsplit("/", 1)[1]] == SAY_SCHEMA
+        assert "/v1/plugins/events/methods/burst" in document["paths"]
+        async with session.get(f"{server.url}/healthz") as answer:
+            assert (answer.status, await answer.json()) == (200, {"status": "alive"})
+        async with session.get(f"{server.url}/nowhere") as answer:
+            assert answer.status == 404
+            assert (await answer.json())["ok"] is False
+        async with session.get(f"{server.url}/v1/plugins/echo/methods/say") as answer:
+            assert answer.status == 405
+
+
+async def test_without_credentials_401_with_www_authenticate_and_forbidden_403(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    authenticator = OneToken()
+    async with (
+        running_gateway(authenticator=authenticator) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        url = f"{server.url}/v1/plugins/echo/methods/say"
+        status, headers, body = await post(session, url, {"text": "hi"})
+        assert (status, body["error"]["type"]) == (401, "unauthorized")
+        assert headers["www-authenticate"] == "Bearer"
+        wrong = SECRET_TOKEN[:-1] + "X"
+        status, _, body = await post(session, url, {"text": "hi"}, Authorization=f"Bearer {wrong}")
+        assert status == 401
+        assert wrong not in orjson.dumps(body).decode()
+        for route in ("/v1/plugins", "/openapi.json", "/v1/events"):
+            async with session.get(f"{server.url}{route}") as answer:
+                assert answer.status == 401, route
+        status, _, body = await post(
+            session, url, {"text": "hi"}, Authorization=f"Bearer {SECRET_TOKEN}"
+        )
+        assert status == 200
+        assert body["result"]["caller"] == "alice"  # the principal's id reaches the plugin
+        status, _, body = await post(session, url, {"text": "hi"}, **{"X-API-Key": SECRET_TOKEN})
+        assert status == 200
+        assert authenticator.seen[-1].api_key == SECRET_TOKEN
+        assert authenticator.seen[-1].certificate_subject is None  # plain HTTP: no certificate
+        authenticator.forbidden = frozenset({"alice"})
+        status, _, body = await post(
+            session, url, {"text": "hi"}, Authorization=f"Bearer {SECRET_TOKEN}"
+        )
+        assert (status, body["error"]["type"]) == (403, "forbidden")
+        async with session.get(f"{server.url}/healthz") as answer:
+            assert answer.status == 200  # orchestrators probe without credentials
+    assert SECRET_TOKEN not in caplog.text
+    assert wrong not in caplog.text
+
+
+async def test_an_authenticator_that_breaks_refuses_without_quoting_the_credentials(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken:
+        def authenticate(self, credentials: Any) -> Any:
+            raise ValueError(f"cannot parse {credentials.authorization}")
+
+    async with (
+        running_gateway(authenticator=Broken()) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        url = f"{server.url}/v1/plugins/echo/methods/say"
+        status, _, body = await post(
+            session, url, {"text": "hi"}, Authorization=f"Bearer {SECRET_TOKEN}"
+        )
+        assert status == 401
+        assert SECRET_TOKEN not in orjson.dumps(body).decode()
+    assert "ValueError" in caplog.text
+    assert SECRET_TOKEN not in caplog.text

@@ -1,0 +1,211 @@
+"""The gateway's WebSocket (/v1/events): plugin events from a real plugin, host events to
+it, resume without gaps or duplicates, a gap said out loud, slow consumers cut off."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from typing import Any
+
+import aiohttp
+import orjson
+
+from dispatcher.gateway import TOO_SLOW, GatewaySettings
+from tests.gateway_support import (
+    SECRET_TOKEN,
+    OneToken,
+    eventful_entry,
+    example_entry,
+    raw_connection,
+    running_gateway,
+)
+
+
+async def burst(
+    session: aiohttp.ClientSession, url: str, count: int, size: int = 0, **headers: str
+) -> None:
+    async with session.post(
+        f"{url}/v1/plugins/events/methods/burst",
+        json={"name": "tick", "count": count, "size": size},
+        headers=headers,
+    ) as answer:
+        assert answer.status == 200, await answer.text()
+
+
+async def frames(
+    ws: aiohttp.ClientWebSocketResponse, count: int, kind: str = "event"
+) -> list[dict[str, Any]]:
+    """The next ``count`` frames of ``kind`` (others are kept out)."""
+    got: list[dict[str, Any]] = []
+    async with asyncio.timeout(20):
+        while len(got) < count:
+            frame = await ws.receive_json(loads=orjson.loads)
+            if frame["type"] == kind:
+                got.append(frame)
+    return got
+
+
+async def test_a_subscriber_receives_the_events_a_plugin_emits_with_growing_ids() -> None:
+    async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{server.url}/v1/events?plugin=events&event=tick") as ws:
+            (subscribed,) = await frames(ws, 1, "subscribed")
+            assert subscribed["last_event_id"] == 0
+            await burst(session, server.url, 5)
+            events = await frames(ws, 5)
+        assert [event["data"]["n"] for event in events] == [0, 1, 2, 3, 4]
+        assert [event["id"] for event in events] == [1, 2, 3, 4, 5]
+        assert {(event["plugin"], event["event"]) for event in events} == {("events", "tick")}
+
+
+async def test_filters_in_the_first_frame_and_host_events_published_to_a_plugin() -> None:
+    entries = (eventful_entry(), example_entry())
+    async with (
+        running_gateway(*entries) as (_, server),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{server.url}/v1/events") as ws,
+    ):
+        await ws.send_json(
+            {"type": "subscribe", "filters": [{"plugin": "example", "event": "pong"}]}
+        )
+        await frames(ws, 1, "subscribed")
+        await burst(session, server.url, 3)  # another plugin's: filtered out
+        await ws.send_json(
+            {
+                "type": "publish",
+                "plugin": "example",
+                "event": "ping",
+                "data": {"k": 1},
+                "ref": 7,
+            }
+        )
+        (published,) = await frames(ws, 1, "published")
+        assert published["ref"] == 7
+        (pong,) = await frames(ws, 1)
+        assert (pong["event"], pong["data"], pong["id"]) == ("pong", {"k": 1}, 4)
+        await ws.send_json({"type": "publish", "plugin": "ghost", "event": "ping", "ref": "x"})
+        (error,) = await frames(ws, 1, "error")
+        assert (error["ref"], error["error"]["type"]) == ("x", "plugin_not_found")
+
+
+async def test_bad_frames_get_typed_errors_and_the_connection_stays() -> None:
+    async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{server.url}/v1/events") as ws:
+            for bad in (
+                "{nope",
+                "[]",
+                '{"type": "dance"}',
+                '{"type": "subscribe", "filters": 3}',
+                '{"type": "subscribe", "last_event_id": -1}',
+                '{"type": "publish", "plugin": 1}',
+            ):
+                await ws.send_str(bad)
+                (error,) = await frames(ws, 1, "error")
+                assert error["error"]["type"] == "invalid_params", bad
+            await ws.send_bytes(b"\x00\x01")
+            await frames(ws, 1, "error")
+            await ws.send_json({"type": "subscribe"})
+            await frames(ws, 1, "subscribed")
+            await ws.send_json({"type": "subscribe"})
+            (error,) = await frames(ws, 1, "error")
+            assert "subscribed already" in error["error"]["message"]
+        async with session.get(f"{server.url}/v1/events?last_event_id=x") as answer:
+            assert answer.status == 400
+
+
+async def test_a_reconnecting_subscriber_resumes_without_gaps_or_duplicates() -> None:
+    async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
+        seen: list[int] = []
+        async with session.ws_connect(f"{server.url}/v1/events?plugin=events") as ws:
+            await frames(ws, 1, "subscribed")
+            await burst(session, server.url, 10)
+            seen += [event["id"] for event in await frames(ws, 4)]
+        # Gone after 4 of 10; 10 more are emitted while it is away, and 10 while it resumes.
+        await burst(session, server.url, 10)
+        url = f"{server.url}/v1/events?plugin=events&last_event_id={seen[-1]}"
+        async with session.ws_connect(url) as ws:
+            emitting = asyncio.create_task(burst(session, server.url, 10))
+            seen += [event["id"] for event in await frames(ws, 26)]
+            await emitting
+        assert seen == list(range(1, 31))
+
+
+async def test_a_resume_past_the_buffer_is_told_its_gap() -> None:
+    settings = GatewaySettings(port=0, event_buffer=5)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        await burst(session, server.url, 20)
+        async with session.ws_connect(f"{server.url}/v1/events?last_event_id=3") as ws:
+            (gap,) = await frames(ws, 1, "gap")
+            assert gap == {"type": "gap", "after": 3, "resumed_at": 16}
+            assert [event["id"] for event in await frames(ws, 5)] == [16, 17, 18, 19, 20]
+
+
+async def test_a_consumer_that_does_not_read_is_cut_off_and_others_get_everything() -> None:
+    settings = GatewaySettings(port=0, max_pending_events=20)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        hub = server.hub
+        assert hub is not None
+        async with (
+            raw_connection(server.url) as (reader, writer),
+            session.ws_connect(f"{server.url}/v1/events?plugin=events") as reading,
+        ):
+            key = base64.b64encode(os.urandom(16))
+            writer.write(
+                b"GET /v1/events?plugin=events HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+                + key
+                + b"\r\n\r\n"
+            )
+            await writer.drain()
+            async with asyncio.timeout(10):
+                assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+            await frames(reading, 1, "subscribed")
+            assert hub.subscribers == 2
+            received: list[dict[str, Any]] = []
+
+            async def keep_reading() -> None:
+                async for message in reading:
+                    frame = orjson.loads(message.data)
+                    if frame["type"] == "event":
+                        received.append(frame)
+
+            reader_task = asyncio.create_task(keep_reading())
+            try:
+                # The raw one never reads: 64 KB events fill the socket buffers, then its queue.
+                for _ in range(20):
+                    await burst(session, server.url, 20, size=64 * 1024)
+                    if hub.subscribers == 1:
+                        break
+                assert hub.subscribers == 1
+                async with asyncio.timeout(20):
+                    while len(received) < hub.last_event_id:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+            finally:
+                reader_task.cancel()
+                await asyncio.gather(reader_task, return_exceptions=True)
+            assert [event["id"] for event in received] == list(range(1, hub.last_event_id + 1))
+            # What the slow one finally reads ends with the close code 4008.
+            rest = await asyncio.wait_for(reader.read(), 20)
+            while not reader.at_eof():
+                rest += await asyncio.wait_for(reader.read(1 << 20), 20)
+            assert TOO_SLOW.to_bytes(2, "big") + b"too slow" in rest
+
+
+async def test_events_need_credentials_when_the_gateway_has_an_authenticator() -> None:
+    async with (
+        running_gateway(authenticator=OneToken()) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        headers = {"Authorization": f"Bearer {SECRET_TOKEN}"}
+        async with session.ws_connect(
+            f"{server.url}/v1/events?plugin=events", headers=headers
+        ) as ws:
+            await frames(ws, 1, "subscribed")
+            await burst(session, server.url, 1, **headers)
+            assert len(await frames(ws, 1)) == 1

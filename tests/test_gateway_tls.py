@@ -1,0 +1,161 @@
+"""The gateway over TLS (trustme certificates): serving, a certificate rotated without a
+restart, client certificates optional and required, their subject passed as credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+from cryptography import x509
+
+from dispatcher.gateway import GatewaySettings
+from dispatcher.gateway.credentials import rfc4514
+from tests.gateway_support import OneToken, running_gateway
+
+
+def write_pair(folder: Path, cert: trustme.LeafCert) -> tuple[Path, Path]:
+    cert_path, key_path = folder / "server.pem", folder / "server.key"
+    # Written aside, then renamed: how a secret mount or cert-manager swaps files.
+    for path, blob in (
+        (cert_path, cert.cert_chain_pems[0].bytes()),
+        (key_path, cert.private_key_pem.bytes()),
+    ):
+        spare = path.with_suffix(".new")
+        spare.write_bytes(blob)
+        spare.replace(path)
+    return cert_path, key_path
+
+
+def client_context(ca: trustme.CA, cert: trustme.LeafCert | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    if cert is not None:
+        cert.configure_cert(context)
+    return context
+
+
+async def presented_certificate(url: str, context: ssl.SSLContext) -> bytes:
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    _, writer = await asyncio.open_connection(
+        host, int(port), ssl=context, server_hostname="localhost"
+    )
+    try:
+        certificate = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        assert certificate is not None
+        return certificate
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def session_with(context: ssl.SSLContext) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        yield session
+
+
+async def say(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.post(f"{url}/v1/plugins/echo/methods/say", json={"text": "hi"}) as answer:
+        await answer.read()
+        return answer.status
+
+
+def der(cert: trustme.LeafCert) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
+
+
+async def test_a_rotated_certificate_is_served_to_new_connections_while_old_ones_keep_working(
+    tmp_path: Path,
+) -> None:
+    ca = trustme.CA()
+    first, second = ca.issue_cert("localhost", "127.0.0.1"), ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = write_pair(tmp_path, first)
+    settings = GatewaySettings(port=0, tls_cert=cert, tls_key=key, cert_check_interval=0.1)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        session_with(client_context(ca)) as old,
+    ):
+        url = server.url.replace("127.0.0.1", "localhost")
+        assert url.startswith("https://")
+        assert await say(old, url) == 200  # a keep-alive connection, opened on the first pair
+        assert await presented_certificate(url, client_context(ca)) == der(first)
+        write_pair(tmp_path, second)
+        async with asyncio.timeout(15):
+            while await presented_certificate(url, client_context(ca)) != der(second):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        assert await say(old, url) == 200
+        # SIGHUP's path: a reload forced now, with nothing changed, loads the same pair.
+        assert server.reload_certificates()
+
+
+async def test_a_broken_pair_keeps_the_previous_certificate_serving(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    first = ca.issue_cert("localhost")
+    cert, key = write_pair(tmp_path, first)
+    settings = GatewaySettings(port=0, tls_cert=cert, tls_key=key)
+    async with running_gateway(settings=settings) as (_, server):
+        url = server.url.replace("127.0.0.1", "localhost")
+        cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nbroken\n")
+        assert not server.reload_certificates()
+        assert await presented_certificate(url, client_context(ca)) == der(first)
+
+
+@pytest.mark.parametrize("mode", ["optional", "required"])
+async def test_a_verified_client_certificate_reaches_the_authenticator(
+    tmp_path: Path, mode: str
+) -> None:
+    server_ca, client_ca = trustme.CA(), trustme.CA()
+    cert, key = write_pair(tmp_path, server_ca.issue_cert("localhost"))
+    client_ca_path = tmp_path / "client-ca.pem"
+    client_ca.cert_pem.write_to_path(str(client_ca_path))
+    alice = client_ca.issue_cert(
+        "alice.example", "alice@example.com", common_name="alice", organization_name="Example, Inc."
+    )
+    subject = x509.load_pem_x509_certificate(
+        alice.cert_chain_pems[0].bytes()
+    ).subject.rfc4514_string()
+    authenticator = OneToken(subjects=frozenset({subject}))
+    settings = GatewaySettings(
+        port=0,
+        tls_cert=cert,
+        tls_key=key,
+        client_ca=client_ca_path,
+        client_cert=mode,  # type: ignore[arg-type]
+    )
+    async with running_gateway(settings=settings, authenticator=authenticator) as (_, server):
+        url = server.url.replace("127.0.0.1", "localhost")
+        async with session_with(client_context(server_ca, alice)) as session:
+            assert await say(session, url) == 200
+        seen = authenticator.seen[-1]
+        assert seen.certificate_subject == subject
+        assert "CN=alice" in subject
+        assert "O=Example\\, Inc." in subject
+        assert set(seen.certificate_sans) == {"DNS:alice.example", "email:alice@example.com"}
+        # A certificate from a CA the gateway does not trust never counts.
+        stranger = trustme.CA().issue_cert("mallory.example", common_name="alice")
+        async with session_with(client_context(server_ca, stranger)) as session:
+            with pytest.raises(aiohttp.ClientError):
+                await say(session, url)
+        async with session_with(client_context(server_ca)) as session:
+            if mode == "required":
+                with pytest.raises(aiohttp.ClientError):
+                    await say(session, url)
+            else:
+                assert await say(session, url) == 401  # no certificate, no token
+                assert authenticator.seen[-1].certificate_subject is None
+
+
+def test_subjects_are_written_as_rfc4514_says() -> None:
+    subject = (
+        (("countryName", "DE"),),
+        (("organizationName", 'A+B, "C"'),),
+        (("commonName", " lead#"), ("userId", "u1")),
+    )
+    assert rfc4514(subject) == 'CN=\\ lead#+UID=u1,O=A\\+B\\, \\"C\\",C=DE'
