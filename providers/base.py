@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from linchkit_plugin.errors import DispatchError, ProviderError
 from providers.deploy import Deployer
+from providers.discovery import InstanceSource
 from providers.egress import EgressPolicy
 from providers.invocation import Invocation, Outcome
 from providers.target import PluginInfo, TargetConfig
@@ -140,6 +141,17 @@ class Provider(abc.ABC, Generic[TargetT]):
         ``LogsUnavailable`` on the first line.
         """
         return _no_logs(self.name, plugin)
+
+    def instance_source(self, target: TargetT) -> InstanceSource | None:
+        """A source of ``target``'s instances that only this provider knows (plugins that
+        connect to the dispatcher, containers it starts), or None: the default.
+
+        The dispatcher watches it like the sources the manifest names
+        (``dispatcher.fleet.membership``); the target must then say it is a fleet
+        (``TargetConfig.is_fleet``) and turn the source's endpoints into its instances
+        (``TargetConfig.instance_at``).
+        """
+        return None
 
     def deployer(self) -> Deployer[TargetT] | None:
         """How this provider deploys its targets (``dispatcher deploy``); None if it cannot."""

@@ -10,10 +10,14 @@ A fleet target's ``instances:`` mixes fixed addresses (each provider's own model
       - dns: {name: echo.plugins.internal, type: A, port: 8080}
       - registry: {etcd: http://127.0.0.1:2379, prefix: /linchkit/plugins/echo}
 
-A source reports ``Endpoint``s (host, port, weight); the target turns each into a
-concrete single-address target with ``TargetConfig.instance_at``. This module holds only
-the manifest's side: the models, checked when the manifest loads. It imports nothing of
-the rest of the providers package, so ``providers.target`` can build on it.
+A source (``InstanceSource``, the seam) reports ``Endpoint``s (host, port, weight, or an
+opaque ``key`` for instances that are not addresses, such as a plugin's connection); the
+target turns each into a concrete target with ``TargetConfig.instance_at``. This module
+holds the manifest's models, checked when the manifest loads, and the seam; the sources
+that watch DNS and etcd live in ``dispatcher.fleet.sources``, and a provider whose
+instances it knows itself (plugins that connect in) offers one through
+``Provider.instance_source``. It imports nothing of the rest of the providers package, so
+``providers.target`` can build on it.
 
 The registry contract (what a plugin writes, what the dispatcher reads) is one etcd key
 per instance under the prefix, ``<prefix>/<instance id>``, attached to a lease the
@@ -25,6 +29,8 @@ that (``linchkit_plugin.registry``, ``sdk/go/plugin/registry.go``; docs/registry
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -43,8 +49,10 @@ __all__ = [
     "DnsDiscovery",
     "DnsInstance",
     "Endpoint",
+    "InstanceSource",
     "RegistryDiscovery",
     "RegistryInstance",
+    "Report",
     "Weight",
     "discovery_kind",
 ]
@@ -63,6 +71,8 @@ class Endpoint:
     #: For URL-addressed targets (HTTP, Knative): the scheme and path of the instance.
     scheme: str = "http"
     path: str = ""
+    #: For instances that are not addresses (a plugin connected in): who it is.
+    key: str = ""
 
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -73,7 +83,38 @@ class Endpoint:
         return f"{host}:{self.port}"
 
     def __str__(self) -> str:
+        if self.key:
+            return self.key
         return self.address() if not self.path else self.url()
+
+
+#: What a source calls with the whole list of endpoints it knows, each time it changes.
+Report = Callable[[Sequence[Endpoint]], None]
+
+
+class InstanceSource(abc.ABC):
+    """Watches one place instances are listed and reports the endpoints listed there."""
+
+    def __init__(self, name: str) -> None:
+        #: What ``dispatcher health`` calls the source, e.g. ``dns SRV _echo._tcp.example``.
+        self.name = name
+        #: Why the last read failed, or None after a good one; the last list stays in use.
+        self.error: str | None = None
+        #: How many good reads so far (the first one ends the dispatcher's start wait).
+        self.reads = 0
+
+    @abc.abstractmethod
+    async def run(self, report: Report) -> None:
+        """Read the source and ``report`` its endpoints, again whenever they may have
+        changed, until cancelled. Failures set ``error`` and are retried; never raises."""
+
+    async def aclose(self) -> None:
+        """Release what ``run`` opened (clients, sessions); called after ``run`` ended."""
+        return None  # a source holding nothing open has nothing to release
+
+    def __repr__(self) -> str:
+        state = f" error={self.error!r}" if self.error else ""
+        return f"<{type(self).__name__} {self.name} reads={self.reads}{state}>"
 
 
 class _Spec(BaseModel):

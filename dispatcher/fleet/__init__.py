@@ -36,7 +36,7 @@ from dispatcher.fleet.health import HealthChecker
 from dispatcher.fleet.instances import Instance, InstanceState
 from dispatcher.fleet.membership import Membership
 from dispatcher.fleet.outlier import OutlierDetector
-from dispatcher.fleet.sources import InstanceSource
+from dispatcher.fleet.sources import InstanceSource, new_source
 from dispatcher.fleet.step import FleetStep, never_sent
 from providers.base import Provider
 from providers.target import PluginInfo, TargetConfig
@@ -106,9 +106,9 @@ class FleetRuntime:
         once, at most ``first_read_timeout``) and active health checks."""
         loop = asyncio.get_running_loop()
         memberships = [
-            self._membership(fleet)
+            self._membership(fleet, sources)
             for fleet in self.fleets.values()
-            if fleet.target.instance_sources()
+            if (sources := self._sources_of(fleet))
         ]
         await asyncio.gather(*(each.start(first_read_timeout) for each in memberships))
         for fleet in self.fleets.values():
@@ -137,7 +137,14 @@ class FleetRuntime:
     def stats(self) -> dict[str, Any]:
         return {fleet.name: fleet.stats() for fleet in self.fleets.values()}
 
-    def _membership(self, fleet: Fleet) -> Membership:
+    @staticmethod
+    def _sources_of(fleet: Fleet) -> list[InstanceSource]:
+        """The manifest's discovery sources of ``fleet``, and its provider's own, if any."""
+        sources = [new_source(spec) for spec in fleet.target.instance_sources()]
+        own = fleet.provider.instance_source(fleet.target)
+        return sources if own is None else [*sources, own]
+
+    def _membership(self, fleet: Fleet, sources: list[InstanceSource]) -> Membership:
         plugins = self._plugins.setdefault(fleet.target.key, [])
         provider = fleet.provider
 
@@ -158,7 +165,7 @@ class FleetRuntime:
                 await provider.detach(plugin, target)
 
         membership = self.memberships[fleet.target.key] = Membership(
-            fleet, attach=attach, detach=detach, drain_timeout=self.drain_timeout
+            fleet, sources, attach=attach, detach=detach, drain_timeout=self.drain_timeout
         )
         return membership
 

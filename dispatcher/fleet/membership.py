@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from dispatcher.fleet.fleet import Fleet
 from dispatcher.fleet.instances import FIXED, Instance
-from dispatcher.fleet.sources import InstanceSource, new_source
+from dispatcher.fleet.sources import InstanceSource
 from linchkit_plugin.errors import DispatchError
 from providers.discovery import Endpoint
 from providers.target import TargetConfig
@@ -45,15 +45,14 @@ class Membership:
     def __init__(
         self,
         fleet: Fleet,
+        sources: Sequence[InstanceSource],
         *,
         attach: Attach,
         detach: Attach,
         drain_timeout: float,
     ) -> None:
         self.fleet = fleet
-        self.sources: tuple[InstanceSource, ...] = tuple(
-            new_source(spec) for spec in fleet.target.instance_sources()
-        )
+        self.sources = tuple(sources)
         fleet.sources = self.sources
         self._attach = attach
         self._detach = detach
