@@ -1,5 +1,5 @@
 """``dispatcher``: validate a manifest, list, call, deploy and remove plugins, check their
-health, read their logs, print the manifest's JSON Schema, scaffold a new plugin, run a
+health, read their logs, verify audit logs, print the manifest's JSON Schema, scaffold a new plugin, run a
 local Lambda.
 
 One module per family of commands; each registers its commands on the group in ``_app``.
@@ -7,10 +7,10 @@ One module per family of commands; each registers its commands on the group in `
 
 from __future__ import annotations
 
-from dispatcher.cli import calls, deploy, local_lambda, logs, manifest, new, remove, schema
+from dispatcher.cli import audit, calls, deploy, local_lambda, logs, manifest, new, remove, schema
 from dispatcher.cli._app import main
 
 __all__ = ["main"]
 
 # Imported for the commands they register.
-_COMMANDS = (calls, deploy, local_lambda, logs, manifest, new, remove, schema)
+_COMMANDS = (audit, calls, deploy, local_lambda, logs, manifest, new, remove, schema)

@@ -2,7 +2,8 @@
 
 What a token must be to pass, in the order it is checked (any failure: ``refused()``):
 
-1. at most 8 KB (refused before any parsing), three base64url segments PyJWT can read;
+1. at most 8 KB (refused before any parsing), three segments of canonical base64url
+   (``_canonical``) PyJWT can read;
 2. its header's ``alg`` in the manifest's allowlist (asymmetric only: ``none`` and
    ``HS*`` can never be configured) and its ``kid`` a key of the issuer's set whose own
    algorithm is that same ``alg`` (an RSA key never verifies an HMAC or PSS token);
@@ -23,13 +24,16 @@ probe and a clock reading (``python -m bench identity``).
 
 from __future__ import annotations
 
+import binascii
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jwt
 from jwt.exceptions import PyJWTError
+from jwt.utils import base64url_decode, base64url_encode
 
 from dispatcher.config.security import JwtConfig
 from dispatcher.identity.jwks import KeySet
@@ -43,6 +47,7 @@ log = logging.getLogger("dispatcher.identity")
 #: large one (base64, JSON, maybe a big RSA signature) is work an attacker chooses.
 MAX_TOKEN_BYTES = 8192
 _MAX_ROLES = 256
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class JwtAuthenticator:
@@ -100,18 +105,25 @@ class JwtAuthenticator:
         if len(token) > MAX_TOKEN_BYTES:
             self.rejected += 1
             raise refused()
+        failed: str | None = None
         try:
             principal, until = await self._verify(token)
         except PyJWTError as error:
+            failed = type(error).__name__
+        if failed is not None:
+            # Raised outside the except block: PyJWT's exception (its message may quote
+            # the token's header or a key) is not even kept as the refusal's __context__.
             self.rejected += 1
-            # The class says which check failed; never the token or PyJWT's message.
-            log.debug("bearer token refused: %s", type(error).__name__)
-            raise refused() from None
+            log.debug("bearer token refused: %s", failed)  # which check; never the token
+            raise refused()
         self.verified += 1
         self._remember(token, principal, until)
         return principal
 
     async def _verify(self, token: str) -> tuple[Principal, float]:
+        segments = token.split(".")
+        if len(segments) != 3 or not all(_canonical(segment) for segment in segments):
+            raise _Rejected("not three canonical base64url segments")
         header = jwt.get_unverified_header(token)
         algorithm = header.get("alg")
         kid = header.get("kid")
@@ -185,6 +197,19 @@ class JwtAuthenticator:
             f"<JwtAuthenticator cached={len(self._cache)} verified={self.verified}"
             f" rejected={self.rejected} keys={self.keys!r}>"
         )
+
+
+def _canonical(segment: str) -> bool:
+    """Whether ``segment`` is base64url exactly as an encoder writes it. Decoders ignore
+    stray characters and the unused low bits of the last one, so other texts can decode to
+    the same signed bytes; refusing them keeps one accepted text per token (the cache key)."""
+    if not _BASE64URL.fullmatch(segment):
+        return False
+    try:
+        encoded = segment.encode("ascii")
+        return base64url_encode(base64url_decode(encoded)) == encoded
+    except (binascii.Error, ValueError):
+        return False
 
 
 class _Rejected(PyJWTError):
