@@ -718,9 +718,10 @@ class Dispatcher:
 
     def stats(self) -> dict[str, Any]:
         """The dispatcher's state and calls in flight; cache, breaker, batch, retry-budget,
-        hedge and fallback counters."""
+        hedge and fallback counters; access checks and the audit log's head."""
         stats = self.policies.stats() if self.policies is not None else {}
         stats["fallbacks"] = {name: each.stats() for name, each in self._fallbacks.items()}
+        stats.update(self._guard.stats())  # "access" and "audit", when configured
         stats["dispatcher"] = {
             "state": self._state,
             "draining": self._draining,

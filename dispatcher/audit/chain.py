@@ -16,8 +16,10 @@ A changed byte breaks that line's ``hash`` (or, if the forger recomputed it, the
 line's ``prev``); a removed, inserted or reordered line breaks a ``prev``; a line cut
 short breaks both or leaves the file without its final ``\\n``. What a chain alone cannot
 show is lines removed from the *end* at a line boundary: compare the last ``hash`` with
-one kept elsewhere (``verify(…, head=…)``, ``dispatcher audit verify --head``; the
-dispatcher logs its head when it closes the log and reports it in ``stats()``).
+one kept elsewhere: the log's *head*, the SHA-256 of its last line (what the next
+record's ``prev`` will be). ``verify(…, head=…)`` and ``dispatcher audit verify --head``
+check it; the dispatcher logs its head when it closes the log and reports it in
+``stats()["audit"]["head"]``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def seal(record: dict[str, Any], prev: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ChainReport:
-    """What ``verify`` found: ``records`` read, the ``head`` (last line's ``hash``) and, if
+    """What ``verify`` found: ``records`` read, the ``head`` (SHA-256 of the last line) and, if
     the chain is broken, the first bad line (1-based) and why."""
 
     records: int
@@ -81,8 +83,7 @@ def verify_lines(data: bytes, *, head: str | None = None) -> ChainReport:
         problem = line_problem(line, prev)
         if problem is not None:
             return ChainReport(number - 1, last_hash, number, problem)
-        last_hash = _LINE.match(line).group(2).decode()  # type: ignore[union-attr]  # checked
-        prev = line_hash(line)
+        last_hash = prev = line_hash(line)
     count = len(lines)
     if tail:
         return ChainReport(
