@@ -527,3 +527,24 @@ async def test_private_or_symmetric_keys_in_a_jwks_are_never_used(
     assert authenticator.keys.keys == {}
     with pytest.raises(Unauthorized):
         await authenticator.principal_of(keys["rsa"].token())
+
+
+def test_listings_show_no_key_digest(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+
+    digest = api_key_digest(API_KEY)
+    (tmp_path / "plugins.yaml").write_text(
+        "version: 1\n"
+        "plugins:\n"
+        "  - {id: echo, version: 1.0.0, target: {provider: http, url: 'http://127.0.0.1:9'},"
+        " methods: {say: {}}}\n"
+        f"auth: {{api_keys: [{{principal: svc, sha256: '{digest}', roles: [r]}}]}}\n"
+        "access: {roles: {r: {allow: ['echo.*']}}}\n"
+    )
+    runner = CliRunner()
+    for command in (["validate"], ["list"], ["list", "-o", "json"]):
+        result = runner.invoke(main, ["-m", str(tmp_path / "plugins.yaml"), *command])
+        assert result.exit_code == 0, result.output
+        assert digest not in result.output and API_KEY not in result.output
