@@ -262,3 +262,32 @@ async def test_records_cut_from_the_end_need_the_head_to_show(tmp_path: Path) ->
     result = CliRunner().invoke(main, ["audit", "verify", str(path), "--head", head])
     assert result.exit_code == 1 and "expected head" in result.output
     assert CliRunner().invoke(main, ["audit", "verify", str(tmp_path / "none.log")]).exit_code == 2
+
+
+async def test_a_fleet_call_records_the_instance_that_answered(tmp_path: Path) -> None:
+    from tests.test_fleet import HOSTS, Instance, serving
+
+    async with serving(Instance(HOSTS[0]), Instance(HOSTS[1])) as instances:
+        document = {
+            "version": 1,
+            "plugins": [
+                {
+                    "id": "fleet",
+                    "version": "1.0.0",
+                    "target": {
+                        "provider": "http",
+                        "instances": [{"url": instance.url} for instance in instances],
+                        "balance": "round_robin",
+                    },
+                    "methods": {"say": {}},
+                }
+            ],
+            "audit": {"path": "audit.log"},
+        }
+        async with Dispatcher(parse_manifest(document, base_dir=tmp_path)) as dispatcher:
+            answers = [await dispatcher.call("fleet", "say", {}) for _ in range(6)]
+    url_of = {instance.host: instance.url for instance in instances}
+    written = records(tmp_path / "audit.log")
+    assert set(answers) == {HOSTS[0], HOSTS[1]}
+    for answer, record in zip(answers, written, strict=True):
+        assert record["instance"] == f"http {url_of[answer]}/invoke"
