@@ -256,3 +256,26 @@ async def test_events_are_checked_like_methods(tmp_path: Path) -> None:
             await dispatcher.publish(
                 "echo", "refresh", {}, caller=Principal("x", frozenset({"talker"}))
             )
+
+
+def test_the_cli_authenticates_with_an_api_key_from_the_environment(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+
+    (tmp_path / "plugins.yaml").write_text(
+        "version: 1\n"
+        "plugins:\n"
+        f"  - {{id: echo, version: 1.0.0, target: {{provider: local, entrypoint: 'echo_plugin:EchoPlugin', path: '{LOCAL_TARGET['path']}'}},"
+        " methods: {say: {}}}\n"
+        f"auth: {{api_keys: [{{principal: svc, sha256: '{api_key_digest(API_KEY)}', roles: [talker]}}]}}\n"
+        "access: {roles: {talker: {allow: ['echo.*']}}}\n"
+    )
+    runner = CliRunner()
+    arguments = ["-m", str(tmp_path / "plugins.yaml"), "call", "echo.say", "-p", '{"text": "hi"}']
+    refused = runner.invoke(main, arguments)
+    assert refused.exit_code == 1 and '"unauthorized"' in refused.output
+    allowed = runner.invoke(main, arguments, env={"DISPATCHER_API_KEY": API_KEY})
+    assert allowed.exit_code == 0 and '"caller": "svc"' in allowed.output
+    wrong = runner.invoke(main, arguments, env={"DISPATCHER_API_KEY": "nope"})
+    assert wrong.exit_code == 1 and "nope" not in wrong.output

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
@@ -100,7 +99,6 @@ class KeySet:
             document = orjson.loads(raw)
         except (
             OSError,
-            aiohttp.ClientError,
             TimeoutError,
             orjson.JSONDecodeError,
             _Refused,
@@ -121,14 +119,21 @@ class KeySet:
         self.keys = keys
 
     async def _download(self) -> bytes:
+        # Imported here: only a key set at a URL needs an HTTP client, and importing the
+        # dispatcher must not load one (tests/test_imports.py).
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self.timeout)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(self.location, allow_redirects=False) as response,
-        ):
-            if response.status != 200:
-                raise _Refused(f"HTTP {response.status}")
-            body = await response.content.read(MAX_JWKS_BYTES + 1)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(self.location, allow_redirects=False) as response,
+            ):
+                if response.status != 200:
+                    raise _Refused(f"HTTP {response.status}")
+                body = await response.content.read(MAX_JWKS_BYTES + 1)
+        except aiohttp.ClientError as error:
+            raise _Refused(type(error).__name__) from None
         if len(body) > MAX_JWKS_BYTES:
             raise _Refused(f"larger than {MAX_JWKS_BYTES} bytes")
         return body
