@@ -19,6 +19,7 @@ from dispatcher.config import (
     load_manifest,
     parse_manifest,
 )
+from dispatcher.identity import Credentials, Principal
 from linchkit_plugin.errors import (
     CircuitOpen,
     DeadlineExceeded,
@@ -40,6 +41,7 @@ from providers.invocation import Invocation, Outcome
 __all__ = [
     "Call",
     "CircuitOpen",
+    "Credentials",
     "DeadlineExceeded",
     "DispatchError",
     "Dispatcher",
@@ -57,6 +59,7 @@ __all__ = [
     "PluginNotFound",
     "PluginSpec",
     "Policies",
+    "Principal",
     "ProviderError",
     "RateLimited",
     "ShuttingDown",

@@ -21,24 +21,30 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from dispatcher._drain import CUT_OFF_SECONDS, InFlight, OpenStream, current_task_getter
 from dispatcher._events import EventHandler, EventHandlers
 from dispatcher._fallback import Fallback
+from dispatcher._guard import Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher._signals import SignalDrain
+from dispatcher.access import AccessControl
+from dispatcher.audit import AuditLog
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
 from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
+from dispatcher.identity import ChainAuthenticator, Credentials, Principal, authenticator_of
 from dispatcher.policies import PolicyRuntime
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
     InvalidParams,
+    MethodNotFound,
+    PluginNotFound,
     ShuttingDown,
 )
 from providers import provider_classes
@@ -63,7 +69,7 @@ class Call:
     plugin: str
     method: str
     params: Any = None
-    caller: str | None = None
+    caller: str | Principal | None = None
     timeout: float | None = None
 
 
@@ -104,6 +110,17 @@ class Dispatcher:
         self._drained: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] | None = None
         self._signal_drain = SignalDrain(lambda grace: self.aclose(grace=grace))
+        # Who may call what, and the audit log (dispatcher._guard). ``_guarded``: every
+        # call must pass the guard; without it the hot path is one attribute check.
+        self.authenticator: ChainAuthenticator | None = authenticator_of(manifest)
+        self._guard = Guard(
+            self.authenticator,
+            AccessControl(manifest.access) if manifest.access is not None else None,
+            AuditLog(None if manifest.audit.to_stdout else manifest.audit.path)
+            if manifest.audit is not None
+            else None,
+        )
+        self._guarded = self._guard.active
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **options: Any) -> Self:
@@ -117,13 +134,17 @@ class Dispatcher:
             raise RuntimeError(f"a dispatcher starts once; this one is {self._state}")
         self._state = "starting"
         loop = asyncio.get_running_loop()
-        self._clock = loop.time
+        self._clock = self._guard.clock = loop.time
         self._current_task = current_task_getter(loop)
         self._closed = loop.create_future()
         self.fleets = FleetRuntime(self._clock)
         self.policies = PolicyRuntime(self._clock, self.fleets)
         self.policies.breaker_listeners.extend(self._circuit_listeners)
         try:
+            if self._guard.audit is not None:
+                self._guard.audit.open()  # first: a log that cannot be written stops the start
+            if self.authenticator is not None:
+                await self.authenticator.start()
             for provider in self._providers.values():
                 await provider.start()
                 self._started_providers.append(provider)
@@ -171,6 +192,10 @@ class Dispatcher:
                 await provider.aclose()
             except Exception:
                 log.exception("closing provider %s failed", provider.name)
+        if self.authenticator is not None:
+            await self.authenticator.aclose()
+        if self._guard.audit is not None:
+            await self._guard.audit.aclose()  # last: every call above has its record now
         self._signal_drain.forget()
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
@@ -306,7 +331,8 @@ class Dispatcher:
         params: Any = None,
         *,
         version: str | None = None,
-        caller: str | None = None,
+        caller: Caller = None,
+        credentials: Credentials | None = None,
         timeout: float | None = None,
         traceparent: str | None = None,
         idempotency_key: str | None = None,
@@ -314,10 +340,30 @@ class Dispatcher:
     ) -> Any:
         """Call ``plugin.method`` with ``params`` and return its result.
 
-        ``timeout`` (seconds) overrides the method's ``timeout_ms`` and bounds the whole
-        call. Raises a ``DispatchError`` subclass on any failure; ``ShuttingDown`` once
-        the dispatcher drains.
+        ``caller``: who calls — a ``Principal`` the host authenticated, or (without
+        ``access`` in the manifest) a plain string; ``credentials``: what a transport saw
+        (the gateway), authenticated with the manifest's ``auth``. ``timeout`` (seconds)
+        overrides the method's ``timeout_ms`` and bounds the whole call. Raises a
+        ``DispatchError`` subclass on any failure: ``Unauthorized`` and ``Forbidden``
+        before any policy runs, ``ShuttingDown`` once the dispatcher drains.
         """
+        if (
+            self._guarded
+            or credentials is not None
+            or (caller is not None and caller.__class__ is not str)
+        ):
+            return await self._guarded_call(
+                plugin,
+                method,
+                params,
+                version,
+                caller,
+                credentials,
+                timeout,
+                traceparent,
+                idempotency_key,
+                request_id,
+            )
         if self._draining:
             raise self._refused(f"call of {plugin}.{method}")
         route = self._routes.find(plugin, method, version, self._state)
@@ -341,6 +387,68 @@ class Dispatcher:
             calls.discard(task)
             if self._draining:
                 self._in_flight.left(task)
+
+    async def _guarded_call(
+        self,
+        plugin: str,
+        method: str,
+        params: Any,
+        version: str | None,
+        caller: Caller,
+        credentials: Credentials | None,
+        timeout: float | None,
+        traceparent: str | None,
+        idempotency_key: str | None,
+        request_id: str | None,
+    ) -> Any:
+        """``call`` through authentication, access checks and the audit log (``_guard``)."""
+        guard = self._guard
+        started = self._clock()
+        request_id = request_id or new_request_id()
+        served = guard.serving()
+        route: Route | None = None
+        failure: BaseException | None = None
+        try:
+            if self._draining:
+                raise self._refused(f"call of {plugin}.{method}")
+            caller = await guard.principal_of(caller, credentials)
+            caller_id = guard.caller_id(caller)
+            route = self._authorized_route(plugin, method, version, caller)
+            invocation = self._invocation(
+                route, params, timeout, request_id, caller_id, traceparent, idempotency_key
+            )
+            return await self._tracked(route.invoke(invocation), f"the call of {route.name}")
+        except BaseException as error:
+            failure = error
+            raise
+        finally:
+            guard.record(
+                "call",
+                caller,
+                plugin,
+                version,
+                method,
+                route,
+                request_id,
+                traceparent,
+                params,
+                started,
+                failure,
+                served,
+            )
+
+    def _authorized_route(
+        self, plugin: str, method: str, version: str | None, caller: Caller
+    ) -> Route:
+        """The route of ``plugin.method`` if ``caller`` may call it; ``Forbidden`` if not,
+        also for a name that resolves to nothing (no listing of what exists for them)."""
+        try:
+            route = self._routes.find(plugin, method, version, self._state)
+        except (PluginNotFound, MethodNotFound):
+            self._guard.authorize(caller, plugin, version or "", method)
+            raise
+        self._guard.authorize(caller, route.plugin, route.version, route.method)
+        return route
 
     def _invocation(
         self,
@@ -375,14 +483,17 @@ class Dispatcher:
         self,
         calls: Iterable[Call | tuple[str, str] | tuple[str, str, Any]],
         *,
+        caller: Caller = None,
         return_exceptions: bool = False,
     ) -> list[Any]:
         """Run several calls concurrently; results in the order of ``calls``.
 
-        Every call runs to its end. Then, unless ``return_exceptions``, the first error
-        (in call order) is raised; with it, errors take the place of their results.
+        ``caller`` is the caller of every call that does not name its own (a ``Call``
+        with ``caller``). Every call runs to its end (each is checked and audited on its
+        own). Then, unless ``return_exceptions``, the first error (in call order) is
+        raised; with it, errors take the place of their results.
         """
-        pending = [self._one(item) for item in calls]
+        pending = [self._one(item, caller) for item in calls]
         results = await asyncio.gather(*pending, return_exceptions=True)
         if not return_exceptions:
             for result in results:
@@ -390,12 +501,16 @@ class Dispatcher:
                     raise result
         return results
 
-    def _one(self, item: Call | tuple[str, str] | tuple[str, str, Any]) -> Any:
+    def _one(self, item: Call | tuple[str, str] | tuple[str, str, Any], caller: Caller) -> Any:
         if isinstance(item, Call):
             return self.call(
-                item.plugin, item.method, item.params, caller=item.caller, timeout=item.timeout
+                item.plugin,
+                item.method,
+                item.params,
+                caller=item.caller if item.caller is not None else caller,
+                timeout=item.timeout,
             )
-        return self.call(*item)
+        return self.call(*item, caller=caller)
 
     async def stream(
         self,
@@ -404,22 +519,59 @@ class Dispatcher:
         params: Any = None,
         *,
         version: str | None = None,
-        caller: str | None = None,
+        caller: Caller = None,
+        credentials: Credentials | None = None,
         timeout: float | None = None,
         traceparent: str | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[Any]:
         """Call a streaming method; yields its chunks as they arrive.
 
-        ``timeout`` bounds the whole stream (the target's deadline). The method's rate
-        limits, bulkhead and breaker apply (``dispatcher.policies.gate``); its cache,
-        batching and retries do not. A provider without streaming raises ``ProviderError``;
-        a failure mid-stream raises its ``DispatchError`` after the chunks already yielded.
+        ``caller`` and ``credentials`` as for ``call``; the stream has one audit record,
+        written when it ends. ``timeout`` bounds the whole stream (the target's deadline).
+        The method's rate limits, bulkhead and breaker apply
+        (``dispatcher.policies.gate``); its cache, batching and retries do not. A provider
+        without streaming raises ``ProviderError``; a failure mid-stream raises its
+        ``DispatchError`` after the chunks already yielded.
         """
-        if self._draining:
-            raise self._refused(f"stream of {plugin}.{method}")
-        route = self._routes.find(plugin, method, version, self._state)
-        invocation = self._invocation(route, params, timeout, request_id, caller, traceparent, None)
+        guard = self._guard
+        started = self._clock()
+        request_id = request_id or new_request_id()
+        route: Route | None = None
+        failure: BaseException | None = None
+        try:
+            if self._draining:
+                raise self._refused(f"stream of {plugin}.{method}")
+            caller = await guard.principal_of(caller, credentials)
+            route = self._authorized_route(plugin, method, version, caller)
+            invocation = self._invocation(
+                route, params, timeout, request_id, guard.caller_id(caller), traceparent, None
+            )
+            chunks = self._stream(route, invocation)
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:  # now, not when the collector finds it: a drain counts open streams
+                await chunks.aclose()
+        except BaseException as error:
+            failure = error
+            raise
+        finally:
+            guard.record(
+                "stream",
+                caller,
+                plugin,
+                version,
+                method,
+                route,
+                request_id,
+                traceparent,
+                params,
+                started,
+                failure,
+            )
+
+    async def _stream(self, route: Route, invocation: Invocation) -> AsyncGenerator[Any, None]:
         chunks = route.gate.stream(invocation, route.stream)
         in_flight = self._in_flight
         stream = OpenStream()
@@ -457,18 +609,59 @@ class Dispatcher:
         data: Any = None,
         *,
         version: str | None = None,
+        caller: Caller = None,
         timeout: float = DEFAULT_TIMEOUT_MS / 1000,
     ) -> None:
         """Send the host event ``event`` to ``plugin`` (every target it runs on).
 
         Each target's own rate limits, bulkhead and breaker apply (those scoped to the
         target: an event belongs to no method), and ``timeout`` bounds the whole publish.
+        With ``access`` configured, ``caller`` must be a ``Principal`` allowed
+        ``plugin.<event>`` (events are named like methods in the rules); audited once.
         """
-        if self._draining:
-            raise self._refused(f"event {event!r} to {plugin}")
-        await self._tracked(
-            self._publish(plugin, event, data, version, timeout), f"event {event!r} to {plugin}"
-        )
+        guard = self._guard
+        if not self._guarded:
+            if self._draining:
+                raise self._refused(f"event {event!r} to {plugin}")
+            await self._tracked(
+                self._publish(plugin, event, data, version, timeout), f"event {event!r} to {plugin}"
+            )
+            return
+        started = self._clock()
+        request_id = new_request_id()
+        failure: BaseException | None = None
+        try:
+            if self._draining:
+                raise self._refused(f"event {event!r} to {plugin}")
+            guard.caller_id(caller)
+            try:
+                wanted: str | None = self._routes.version_of(plugin, version, self._state)
+            except PluginNotFound:
+                guard.authorize(caller, plugin, version or "", event)
+                raise
+            assert wanted is not None
+            guard.authorize(caller, plugin, wanted, event)
+            version = wanted
+            await self._tracked(
+                self._publish(plugin, event, data, version, timeout), f"event {event!r} to {plugin}"
+            )
+        except BaseException as error:
+            failure = error
+            raise
+        finally:
+            guard.record(
+                "event",
+                caller,
+                plugin,
+                version,
+                event,
+                None,
+                request_id,
+                None,
+                None,
+                started,
+                failure,
+            )
 
     async def _publish(
         self, plugin: str, event: str, data: Any, version: str | None, timeout: float
@@ -525,9 +718,10 @@ class Dispatcher:
 
     def stats(self) -> dict[str, Any]:
         """The dispatcher's state and calls in flight; cache, breaker, batch, retry-budget,
-        hedge and fallback counters."""
+        hedge and fallback counters; access checks and the audit log's head."""
         stats = self.policies.stats() if self.policies is not None else {}
         stats["fallbacks"] = {name: each.stats() for name, each in self._fallbacks.items()}
+        stats.update(self._guard.stats())  # "access" and "audit", when configured
         stats["dispatcher"] = {
             "state": self._state,
             "draining": self._draining,

@@ -37,12 +37,14 @@ class Route:
     """Everything a call of one method needs, resolved once."""
 
     __slots__ = (
+        "audit_params",
         "gate",
         "invoke",
         "method",
         "name",
         "plugin",
         "stream",
+        "target",
         "timeout",
         "validate",
         "version",
@@ -66,6 +68,9 @@ class Route:
         self.validate = _params_validator(plugin.methods[method].params_schema)
         self.invoke = invoke
         self.gate = gate
+        #: For the audit log: whether its records carry params, what serves the method.
+        self.audit_params = bool(policies.audit_params)
+        self.target = plugin.target_of(method).describe()
         if fleet is None:
             (target,) = plugin.target_of(method).instance_targets()
             self.stream = _bind_stream(provider, target)

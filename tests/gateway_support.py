@@ -89,7 +89,7 @@ class OneToken:
     def __post_init__(self) -> None:
         self.seen: list[Credentials] = []
 
-    def authenticate(self, credentials: Credentials) -> Principal:
+    async def authenticate(self, credentials: Credentials) -> Principal:
         self.seen.append(credentials)
         if credentials.certificate_subject in self.subjects:
             return Principal(str(credentials.certificate_subject), proven_by="mtls")

@@ -315,7 +315,7 @@ async def test_an_authenticator_that_breaks_refuses_without_quoting_the_credenti
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     class Broken:
-        def authenticate(self, credentials: Any) -> Any:
+        async def authenticate(self, credentials: Any) -> Any:
             raise ValueError(f"cannot parse {credentials.authorization}")
 
     async with (

@@ -1,6 +1,6 @@
 """``dispatcher``: validate a manifest, list, call, deploy and remove plugins, check their
-health, read their logs, print the manifest's JSON Schema, scaffold a new plugin, run a
-local Lambda, serve the plugins over HTTP (the gateway).
+health, read their logs, verify audit logs, print the manifest's JSON Schema, scaffold a
+new plugin, run a local Lambda, serve the plugins over HTTP (the gateway).
 
 One module per family of commands; each registers its commands on the group in ``_app``.
 """
@@ -8,6 +8,7 @@ One module per family of commands; each registers its commands on the group in `
 from __future__ import annotations
 
 from dispatcher.cli import (
+    audit,
     calls,
     deploy,
     local_lambda,
@@ -23,4 +24,4 @@ from dispatcher.cli._app import main
 __all__ = ["main"]
 
 # Imported for the commands they register.
-_COMMANDS = (calls, deploy, local_lambda, logs, manifest, new, remove, schema, serve)
+_COMMANDS = (audit, calls, deploy, local_lambda, logs, manifest, new, remove, schema, serve)

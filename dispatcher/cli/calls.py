@@ -18,6 +18,7 @@ from dispatcher.cli._app import (
     table,
 )
 from dispatcher.config import Manifest
+from dispatcher.identity import Credentials
 from linchkit_plugin.errors import DispatchError
 
 
@@ -26,6 +27,18 @@ from linchkit_plugin.errors import DispatchError
 @click.option("-p", "--params", default="{}", show_default=True, help="Params as JSON.")
 @click.option("--timeout", type=float, default=None, help="Seconds; overrides the method's.")
 @click.option("--caller", default=None, help="Caller identity sent with the call.")
+@click.option(
+    "--api-key",
+    envvar="DISPATCHER_API_KEY",
+    default=None,
+    help="Authenticate with this API key (the manifest's auth.api_keys); prefer the env var.",
+)
+@click.option(
+    "--token",
+    envvar="DISPATCHER_TOKEN",
+    default=None,
+    help="Authenticate with this bearer JWT (the manifest's auth.jwt); prefer the env var.",
+)
 @click.option("--version", "plugin_version", default=None, help="Plugin version (default: latest).")
 @manifest_option
 @click.pass_context
@@ -35,12 +48,16 @@ def call(
     params: str,
     timeout: float | None,
     caller: str | None,
+    api_key: str | None,
+    token: str | None,
     plugin_version: str | None,
 ) -> None:
     """Call PLUGIN.METHOD and print its result as JSON.
 
     Only PLUGIN is started: another plugin of the manifest that is down or slow to start
-    does not hold this call up.
+    does not hold this call up. With `access` in the manifest, authenticate with
+    --api-key or --token (or DISPATCHER_API_KEY / DISPATCHER_TOKEN, which keep the secret
+    out of the shell's history and the process list).
     """
     plugin, dot, method = target.rpartition(".")
     if not dot or not plugin or not method:
@@ -50,10 +67,21 @@ def call(
     except orjson.JSONDecodeError as error:
         raise click.UsageError(f"--params is not valid JSON: {error}") from None
     manifest = _only(load(context), plugin)
+    credentials = (
+        Credentials(authorization=f"Bearer {token}" if token is not None else None, api_key=api_key)
+        if api_key is not None or token is not None
+        else None
+    )
 
     async def call_plugin(dispatcher: Dispatcher) -> Any:
         return await dispatcher.call(
-            plugin, method, decoded, timeout=timeout, caller=caller, version=plugin_version
+            plugin,
+            method,
+            decoded,
+            timeout=timeout,
+            caller=caller,
+            credentials=credentials,
+            version=plugin_version,
         )
 
     try:

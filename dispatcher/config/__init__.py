@@ -1,6 +1,7 @@
 """The manifest: which plugins exist, their methods, where each runs and how it is called.
 
-``policies`` holds the policy settings, ``manifest`` the plugin and method models,
+``policies`` holds the policy settings, ``security`` the ``auth``, ``access`` and ``audit``
+sections, ``manifest`` the plugin and method models,
 ``loader`` reads YAML or TOML into them, ``errors`` reports what is wrong with a file.
 """
 
@@ -22,25 +23,41 @@ from dispatcher.config.policies import (
     RateLimit,
     RetryPolicy,
 )
+from dispatcher.config.security import (
+    AccessConfig,
+    ApiKey,
+    AuditConfig,
+    AuthConfig,
+    JwtConfig,
+    MtlsIdentity,
+    RoleRules,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_MS",
     "FALLBACK_ERROR_TYPES",
+    "AccessConfig",
+    "ApiKey",
+    "AuditConfig",
+    "AuthConfig",
     "BatchPolicy",
     "BreakerPolicy",
     "CachePolicy",
     "ConcurrencyPolicy",
     "FallbackPolicy",
     "HedgePolicy",
+    "JwtConfig",
     "Lifecycle",
     "Manifest",
     "ManifestError",
     "ManifestProblem",
     "MethodSpec",
+    "MtlsIdentity",
     "PluginSpec",
     "Policies",
     "RateLimit",
     "RetryPolicy",
+    "RoleRules",
     "load_manifest",
     "parse_manifest",
 ]

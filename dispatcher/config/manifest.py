@@ -14,6 +14,7 @@ from jsonschema.exceptions import SchemaError
 from pydantic import Field, field_validator
 
 from dispatcher.config.policies import Policies
+from dispatcher.config.security import AccessConfig, AuditConfig, AuthConfig
 from providers.egress import EgressPolicy
 from providers.target import StrictModel, TargetConfig
 
@@ -117,3 +118,13 @@ class Manifest(StrictModel, Generic[TargetT]):
         description="Where providers may connect (providers/egress.py; README: egress).",
     )
     plugins: list[PluginSpec[TargetT]] = Field(default_factory=list)
+    auth: AuthConfig | None = Field(
+        default=None, description="How gateway callers prove who they are (README: auth)."
+    )
+    access: AccessConfig | None = Field(
+        default=None,
+        description="Who may call what; once set, everything not allowed is refused (README: access).",
+    )
+    audit: AuditConfig | None = Field(
+        default=None, description="One hash-chained JSON line per call (README: audit)."
+    )

@@ -167,6 +167,11 @@ class Policies(StrictModel):
     concurrency: ConcurrencyPolicy | None = None
     hedge: HedgePolicy | None = None
     fallback: FallbackPolicy | None = None
+    # Off by default: params may hold personal data or secrets, which an append-only,
+    # long-kept audit log must not collect unless the method's owner decided it may.
+    audit_params: bool | None = Field(
+        default=None, description="Write this method's params into its audit records."
+    )
 
     @field_validator("rate_limit", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from dispatcher.fleet.breaker import CircuitBreaker, guard_batch, is_health_fail
 from dispatcher.fleet.fleet import Fleet
 from dispatcher.fleet.hedge import HEDGE_TRIED
 from dispatcher.fleet.instances import Instance
+from dispatcher.fleet.served import SERVED_BY
 from linchkit_plugin.errors import CircuitOpen, DispatchError, TargetUnavailable
 from providers.invocation import Invocation, Outcome
 from providers.target import TargetConfig
@@ -81,9 +82,12 @@ class FleetStep:
         instance = fleet.pick(tried)
         if instance is None:
             instance = self._only_one(tried)
+        served = SERVED_BY.get()  # an audited call: its record names the instance
         while True:
             if hedged is not None:  # the call's other attempts avoid this one (failovers too)
                 hedged.append(instance.index)
+            if served is not None:
+                served.append(instance)
             breaker = self._breaker(instance)
             probe = False
             if breaker is not None:

@@ -33,7 +33,7 @@ from dispatcher.gateway.errors import error_answer
 from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_event_id
 from dispatcher.gateway.openapi import openapi_document
 from dispatcher.gateway.settings import GatewaySettings
-from dispatcher.identity import Authenticator, Principal
+from dispatcher.identity import Authenticator, Credentials, Principal
 from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,
@@ -66,7 +66,14 @@ class Gateway:
     ) -> None:
         self.dispatcher = dispatcher
         self.settings = settings
-        self.authenticator = authenticator
+        #: Who checks credentials: the host's own authenticator when it gave one, else the
+        #: manifest's ``auth`` (the dispatcher's). With the dispatcher's, calls hand it the
+        #: credentials themselves, so it authenticates, applies ``access`` and writes the
+        #: audit record in one place, refusals included.
+        self.authenticator: Authenticator | None = authenticator or dispatcher.authenticator
+        self._dispatcher_authenticates = (
+            authenticator is None and dispatcher.authenticator is not None
+        )
         self.hub = EventHub(
             buffer_size=settings.event_buffer, max_pending=settings.max_pending_events
         )
@@ -74,7 +81,7 @@ class Gateway:
         manifest = dispatcher.manifest
         # Both answers are fixed for the gateway's life: encoded once.
         self._openapi = orjson.dumps(
-            openapi_document(manifest, authenticated=authenticator is not None)
+            openapi_document(manifest, authenticated=self.authenticator is not None)
         )
         self._plugins = orjson.dumps({"plugins": _plugin_list(dispatcher)})
         self._streams: set[EventStream] = set()
@@ -90,7 +97,7 @@ class Gateway:
         try:
             if sent_id is not None and request_id != sent_id:
                 raise InvalidParams("X-Request-Id is 1-128 characters of A-Z a-z 0-9 . _ : -")
-            caller = self._caller(request)
+            caller, credentials = await self._caller(request)
             timeout = _timeout_of(headers)
             idempotency_key = headers.get("Idempotency-Key")
             if idempotency_key is not None and not 0 < len(idempotency_key) <= 256:
@@ -107,6 +114,7 @@ class Gateway:
                 params,
                 version=headers.get("X-Plugin-Version"),
                 caller=caller,
+                credentials=credentials,
                 timeout=timeout,
                 traceparent=traceparent,
                 idempotency_key=idempotency_key,
@@ -127,20 +135,21 @@ class Gateway:
         answer.headers["X-Request-Id"] = request_id
         return answer
 
-    def _caller(self, request: web.Request) -> str | None:
-        principal = self._authenticate(request)
-        # Dispatcher.call takes the caller's id until it takes the Principal itself (the
-        # access rules' change of the core); then this hands over ``principal`` whole.
-        return principal.id if principal is not None else None
+    async def _caller(self, request: web.Request) -> tuple[Principal | None, Credentials | None]:
+        """What ``Dispatcher.call`` gets to know who calls: the credentials, when the
+        dispatcher authenticates, or the principal the host's authenticator found."""
+        if self._dispatcher_authenticates:
+            return None, credentials_of(request)
+        return await self._authenticate(request), None
 
-    def _authenticate(self, request: web.Request) -> Principal | None:
+    async def _authenticate(self, request: web.Request) -> Principal | None:
         """The request's principal; raises ``Unauthorized``/``Forbidden`` as the
         authenticator decides. Never logs or repeats what the request presented."""
         if self.authenticator is None:
             return None
         credentials = credentials_of(request)
         try:
-            return self.authenticator.authenticate(credentials)
+            return await self.authenticator.authenticate(credentials)
         except DispatchError:
             raise
         except Exception as error:
@@ -154,14 +163,14 @@ class Gateway:
 
     async def plugins(self, request: web.Request) -> web.Response:
         try:
-            self._authenticate(request)
+            await self._authenticate(request)
         except DispatchError as error:
             return error_answer(error)
         return web.Response(body=self._plugins, content_type=_JSON)
 
     async def openapi(self, request: web.Request) -> web.Response:
         try:
-            self._authenticate(request)
+            await self._authenticate(request)
         except DispatchError as error:
             return error_answer(error)
         return web.Response(body=self._openapi, content_type=_JSON)
@@ -190,7 +199,7 @@ class Gateway:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         try:
-            self._authenticate(request)
+            principal = await self._authenticate(request)
             initial = _subscription_of(request)
         except DispatchError as error:
             return error_answer(error)
@@ -201,7 +210,7 @@ class Gateway:
             refusal = InvalidParams("/v1/events is a WebSocket: send the upgrade headers")
             return error_answer(refusal, status=426)
         await ws.prepare(request)
-        stream = EventStream(ws, request, self.hub, self.dispatcher)
+        stream = EventStream(ws, request, self.hub, self.dispatcher, principal)
         self._streams.add(stream)
         try:
             await stream.run(initial)

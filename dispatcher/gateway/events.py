@@ -27,6 +27,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from dispatcher._dispatcher import Dispatcher
+from dispatcher.identity import Principal
 from linchkit_plugin.errors import DispatchError, InvalidParams
 
 __all__ = ["TOO_SLOW", "EventHub", "EventStream", "Filter", "Subscriber"]
@@ -172,8 +173,11 @@ class EventStream:
         request: web.Request,
         hub: EventHub,
         dispatcher: Dispatcher,
+        principal: Principal | None = None,
     ) -> None:
         self._ws = ws
+        #: Who opened the connection: its publishes are sent as this caller.
+        self._principal = principal
         self._request = request
         self._hub = hub
         self._dispatcher = dispatcher
@@ -278,7 +282,9 @@ class EventStream:
             raise InvalidParams("a publish frame needs string 'plugin' and 'event'")
         if version is not None and not isinstance(version, str):
             raise InvalidParams("a publish frame's 'version' is a string")
-        await self._dispatcher.publish(plugin, event, frame.get("data"), version=version)
+        await self._dispatcher.publish(
+            plugin, event, frame.get("data"), version=version, caller=self._principal
+        )
 
     async def _reply(self, frame: dict[str, Any]) -> None:
         """Once subscribed, answers travel the subscriber's queue, so one task writes; before,

@@ -1,57 +1,44 @@
 """Who is calling: the principal of a call, and how a caller proves it.
 
-A ``Principal`` is an authenticated caller: its ``id`` (what rate limits with
-``scope: caller``, the audit log and the plugin's ``context.caller`` see) and its roles
-(what the access rules of ``dispatcher.access`` match). Library hosts that authenticated
-their users themselves pass one as ``Dispatcher.call(..., caller=Principal(...))``; the
-gateway (``dispatcher serve``) makes one from the request's ``Credentials`` with the
-manifest's ``Authenticator`` (an API key, a JWT, a TLS client certificate).
+``principal`` holds the seam (``Principal``, ``Credentials``, ``Authenticator``); one
+module per way of proving an identity (``api_keys``, ``tokens`` for JWTs with ``jwks``
+for the issuer's keys, ``mtls``) and ``chain``, which picks among them by what a request
+presents. ``authenticator_of(manifest)`` builds that from the manifest's ``auth``.
 
-``Credentials`` carries what a transport saw and nothing it did not: the
-``Authorization`` header's value, the API key header's value, the verified client
-certificate's subject and SANs. Authenticators never log or echo them.
+    from dispatcher.identity import Credentials, authenticator_of
+    authenticator = authenticator_of(manifest)          # None without `auth`
+    principal = await authenticator.authenticate(Credentials(authorization="Bearer …"))
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dispatcher.identity.api_keys import ApiKeyAuthenticator, api_key_digest
+from dispatcher.identity.chain import ChainAuthenticator, authenticator_of
+from dispatcher.identity.jwks import KeySet
+from dispatcher.identity.mtls import MtlsAuthenticator
+from dispatcher.identity.principal import (
+    UNAUTHORIZED_MESSAGE,
+    Authenticator,
+    Credentials,
+    Principal,
+    ProvenBy,
+    refused,
+)
+from dispatcher.identity.tokens import MAX_TOKEN_BYTES, JwtAuthenticator
 
-__all__ = ["Authenticator", "Credentials", "Principal", "ProvenBy"]
-
-#: How a principal proved who it is.
-ProvenBy = Literal["library", "api_key", "jwt", "mtls"]
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """An authenticated caller."""
-
-    id: str
-    roles: frozenset[str] = frozenset()
-    #: How it authenticated; ``library``: the host vouches for it (``Dispatcher.call``).
-    proven_by: ProvenBy = "library"
-
-    def __str__(self) -> str:
-        return self.id
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """What a request presented, as its transport saw it (never logged)."""
-
-    #: The ``Authorization`` header's value (``Bearer …``), if any.
-    authorization: str | None = None
-    #: The API key header's value (``X-API-Key``), if any.
-    api_key: str | None = None
-    #: The client certificate the TLS layer verified: its subject (RFC 4514) and SANs.
-    certificate_subject: str | None = None
-    certificate_sans: Sequence[str] = field(default_factory=tuple)
-
-
-class Authenticator(Protocol):
-    """Turns credentials into a principal, or raises ``Unauthorized`` (never says why
-    beyond a fixed, secret-free reason)."""
-
-    def authenticate(self, credentials: Credentials) -> Principal: ...
+__all__ = [
+    "MAX_TOKEN_BYTES",
+    "UNAUTHORIZED_MESSAGE",
+    "ApiKeyAuthenticator",
+    "Authenticator",
+    "ChainAuthenticator",
+    "Credentials",
+    "JwtAuthenticator",
+    "KeySet",
+    "MtlsAuthenticator",
+    "Principal",
+    "ProvenBy",
+    "api_key_digest",
+    "authenticator_of",
+    "refused",
+]

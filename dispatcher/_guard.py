@@ -1,0 +1,191 @@
+"""Who may call, and the record of every call: what ``Dispatcher.call`` adds once the
+manifest configures ``auth``, ``access`` or ``audit`` (or a caller brings a ``Principal``).
+
+For each call, in this order, before any policy or target sees it:
+
+1. **authenticate**: ``credentials=`` (what the gateway's transport saw) go through the
+   manifest's authenticator (``dispatcher.identity``); a ``Principal`` passed as
+   ``caller`` is taken as the host's word. With ``access`` configured, a call with
+   neither — no caller, or a bare string — is ``Unauthorized``.
+2. **authorize**: the principal's roles against ``access`` (``dispatcher.access``) for the
+   resolved ``plugin@version.method`` → ``Forbidden``. A name that resolves to nothing is
+   checked as written first, so a caller who may not call it gets ``Forbidden``, not the
+   list of what exists that ``PluginNotFound`` carries.
+3. **audit**: when the call ends, however it ends (refused while draining, unauthorized,
+   forbidden, invalid, failed, cancelled, or answered), exactly one record
+   (``dispatcher.audit``).
+
+The principal's ``id`` becomes ``Invocation.caller``: rate limits with ``scope: caller``,
+per-caller caches and the plugin's ``context.caller`` see it. With none of this
+configured and a plain string caller, ``Dispatcher.call`` never enters this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import re
+from collections.abc import Callable
+from contextvars import Token
+from typing import Any
+
+from dispatcher._routes import Route
+from dispatcher.access import AccessControl
+from dispatcher.audit import AuditLog
+from dispatcher.fleet.instances import Instance
+from dispatcher.fleet.served import SERVED_BY
+from dispatcher.identity import ChainAuthenticator, Credentials, Principal, refused
+from linchkit_plugin.errors import DispatchError, InvalidParams, PluginError
+
+__all__ = ["Caller", "Guard"]
+
+#: What ``Dispatcher.call`` accepts as ``caller``.
+Caller = str | Principal | None
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+#: Names in a record are cut here: a gateway caller chooses them, the log must stay sane.
+_MAX_NAME = 256
+
+
+class Guard:
+    """Authentication, access checks and audit records of one dispatcher."""
+
+    __slots__ = ("access", "audit", "authenticator", "clock")
+
+    def __init__(
+        self,
+        authenticator: ChainAuthenticator | None,
+        access: AccessControl | None,
+        audit: AuditLog | None,
+    ) -> None:
+        self.authenticator = authenticator
+        self.access = access
+        self.audit = audit
+        self.clock: Callable[[], float] = lambda: 0.0  # the loop's, set when the dispatcher starts
+
+    @property
+    def active(self) -> bool:
+        """Whether every call must pass here (access or audit configured)."""
+        return self.access is not None or self.audit is not None
+
+    async def principal_of(self, caller: Caller, credentials: Credentials | None) -> Caller:
+        """The caller of a call: authenticated from ``credentials`` when given."""
+        if credentials is None:
+            return caller
+        if caller is not None:
+            raise InvalidParams("pass either caller or credentials, not both")
+        if self.authenticator is None:  # nothing configured can prove anything
+            raise refused()
+        return await self.authenticator.authenticate(credentials)
+
+    def caller_id(self, caller: Caller) -> str | None:
+        """What the invocation carries as ``caller``; ``Unauthorized`` if access needs a
+        principal and there is none."""
+        if isinstance(caller, Principal):
+            return caller.id
+        if self.access is not None:
+            raise refused()
+        return caller
+
+    def authorize(self, caller: Caller, plugin: str, version: str, method: str) -> None:
+        if self.access is not None and isinstance(caller, Principal):
+            self.access.check(caller, plugin, version, method)
+
+    def serving(self) -> tuple[list[Instance], Token[list[Instance] | None]] | None:
+        """Start noting which fleet instances this call goes to (audited calls only)."""
+        if self.audit is None:
+            return None
+        served: list[Instance] = []
+        return served, SERVED_BY.set(served)
+
+    def record(
+        self,
+        kind: str,
+        caller: Caller,
+        plugin: str,
+        version: str | None,
+        method: str,
+        route: Route | None,
+        request_id: str,
+        traceparent: str | None,
+        params: Any,
+        started: float,
+        error: BaseException | None,
+        served: tuple[list[Instance], Token[list[Instance] | None]] | None = None,
+    ) -> None:
+        """Write the one audit record of a call that has ended."""
+        instances: list[Instance] | None = None
+        if served is not None:
+            instances = served[0]
+            SERVED_BY.reset(served[1])
+        audit = self.audit
+        if audit is None:
+            return
+        record: dict[str, Any] = {
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
+            "kind": kind,
+            "request_id": _clip(request_id),
+            "trace_id": _trace_id(traceparent),
+            "principal": _principal(caller),
+            "plugin": _clip(plugin),
+            "version": route.version if route is not None else _clip(version),
+            "method": _clip(method),
+            "instance": (
+                instances[-1].target.describe()
+                if instances
+                else (route.target if route is not None else None)
+            ),
+            "outcome": "ok" if error is None else _outcome(error),
+            "duration_ms": round((self.clock() - started) * 1000, 3),
+        }
+        if isinstance(error, PluginError):
+            record["error_type"] = _clip(error.remote_type)
+        if route is not None and route.audit_params:
+            record["params"] = params
+        try:
+            audit.write(record)
+        except TypeError:  # params orjson cannot write (JSONEncodeError is a TypeError)
+            record["params"] = "<not JSON>"
+            record.pop("prev", None)
+            audit.write(record)
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        if self.access is not None:
+            stats["access"] = self.access.stats()
+        if self.audit is not None:
+            stats["audit"] = self.audit.stats()
+        return stats
+
+
+def _principal(caller: Caller) -> dict[str, str] | None:
+    if isinstance(caller, Principal):
+        return {"id": _clip(caller.id), "proven_by": caller.proven_by}
+    if isinstance(caller, str):  # a host's plain string: its word, nothing proved
+        return {"id": _clip(caller), "proven_by": "unverified"}
+    return None
+
+
+def _outcome(error: BaseException) -> str:
+    if isinstance(error, DispatchError):
+        return error.type
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(error, GeneratorExit):  # a stream's consumer stopped reading it
+        return "closed"
+    return "internal_error"
+
+
+def _trace_id(traceparent: str | None) -> str | None:
+    if traceparent is None or len(traceparent) != 55:
+        return None
+    match = _TRACEPARENT.fullmatch(traceparent)
+    return match.group(1) if match is not None else None
+
+
+def _clip(name: object) -> Any:
+    if isinstance(name, str) and len(name) > _MAX_NAME:
+        return name[:_MAX_NAME] + "…"
+    if name is None or isinstance(name, str):
+        return name
+    return repr(name)[:_MAX_NAME]

@@ -1,0 +1,121 @@
+"""The audit log's line format and its hash chain; ``verify`` checks a whole file.
+
+Every record is one line of JSON, UTF-8, ending in ``\\n``:
+
+    {"time":…,…,"prev":"<64 hex>","hash":"<64 hex>"}
+
+* ``prev`` is the SHA-256 (hex) of the previous line's bytes, its ``\\n`` excluded; the
+  first line of a log has ``prev`` = ``GENESIS`` (64 zeros). A log that is opened again
+  continues the chain from its last line.
+* ``hash`` is the SHA-256 (hex) of the line's *body*: the same JSON object without the
+  ``hash`` member, i.e. the line's bytes up to ``,"hash":`` followed by ``}``. It is always
+  the last member, written exactly as above, so a verifier needs no JSON canonicalisation:
+  it splits the line textually.
+
+A changed byte breaks that line's ``hash`` (or, if the forger recomputed it, the next
+line's ``prev``); a removed, inserted or reordered line breaks a ``prev``; a line cut
+short breaks both or leaves the file without its final ``\\n``. What a chain alone cannot
+show is lines removed from the *end* at a line boundary: compare the last ``hash`` with
+one kept elsewhere: the log's *head*, the SHA-256 of its last line (what the next
+record's ``prev`` will be). ``verify(…, head=…)`` and ``dispatcher audit verify --head``
+check it; the dispatcher logs its head when it closes the log and reports it in
+``stats()["audit"]["head"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["GENESIS", "ChainReport", "line_hash", "line_problem", "seal", "verify", "verify_lines"]
+
+GENESIS = "0" * 64
+_LINE = re.compile(rb'^(\{.*),"hash":"([0-9a-f]{64})"\}$', re.DOTALL)
+
+
+def line_hash(line: bytes) -> str:
+    """The ``prev`` of the line after ``line`` (``line`` without its ``\\n``)."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def seal(record: dict[str, Any], prev: str) -> bytes:
+    """``record`` as its line (without ``\\n``), chained after a line whose hash is ``prev``.
+
+    ``record`` must not hold ``prev`` or ``hash``; it gets ``prev`` added (in place).
+    """
+    record["prev"] = prev
+    body = orjson.dumps(record)
+    digest = hashlib.sha256(body).hexdigest()
+    return body[:-1] + b',"hash":"' + digest.encode() + b'"}'
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """What ``verify`` found: ``records`` read, the ``head`` (SHA-256 of the last line) and, if
+    the chain is broken, the first bad line (1-based) and why."""
+
+    records: int
+    head: str | None
+    bad_line: int | None = None
+    problem: str | None = None
+
+    @property
+    def intact(self) -> bool:
+        return self.bad_line is None
+
+
+def verify(path: str | Path, *, head: str | None = None) -> ChainReport:
+    """Check the whole chain of the log at ``path``; with ``head``, also that it ends there."""
+    return verify_lines(Path(path).read_bytes(), head=head)
+
+
+def verify_lines(data: bytes, *, head: str | None = None) -> ChainReport:
+    lines = data.split(b"\n")
+    tail = lines.pop()  # what follows the last \n: nothing, in a complete log
+    prev = GENESIS
+    last_hash: str | None = None
+    for number, line in enumerate(lines, start=1):
+        problem = line_problem(line, prev)
+        if problem is not None:
+            return ChainReport(number - 1, last_hash, number, problem)
+        last_hash = prev = line_hash(line)
+    count = len(lines)
+    if tail:
+        return ChainReport(
+            count, last_hash, count + 1, "incomplete last line (the file was cut short)"
+        )
+    if head is not None and last_hash != head:
+        return ChainReport(
+            count,
+            last_hash,
+            count,
+            f"the log ends at hash {last_hash or 'none'}, not at the expected head {head}"
+            " (records were removed from its end, or it is another log)",
+        )
+    return ChainReport(count, last_hash)
+
+
+def line_problem(line: bytes, prev: str | None = None) -> str | None:
+    """Why ``line`` is not a sealed record following ``prev`` (None: not checked), or None."""
+    match = _LINE.match(line)
+    if match is None:
+        return "not a sealed record (no trailing hash member): changed, cut or forged"
+    body = match.group(1) + b"}"
+    if hashlib.sha256(body).hexdigest() != match.group(2).decode():
+        return "its content does not match its hash: the record was changed"
+    try:
+        record = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "not valid JSON"
+    if not isinstance(record, dict) or not isinstance(record.get("prev"), str):
+        return "has no 'prev' member"
+    if prev is not None and record["prev"] != prev:
+        if record["prev"] == GENESIS:
+            return "starts a new chain in the middle of the log: lines before it were replaced"
+        return "does not follow the line before it: a line was removed, inserted or reordered"
+    return None

@@ -1,0 +1,87 @@
+"""The principal of a call, the credentials a transport saw, and the authenticator seam.
+
+A ``Principal`` is an authenticated caller: its ``id`` (what rate limits with
+``scope: caller``, the audit log and the plugin's ``context.caller`` see) and its roles
+(what the access rules of ``dispatcher.access`` match). Library hosts that authenticated
+their users themselves pass one as ``Dispatcher.call(..., caller=Principal(...))``; the
+gateway (``dispatcher serve``) makes one from the request's ``Credentials`` with the
+manifest's ``Authenticator`` (an API key, a JWT, a TLS client certificate).
+
+``Credentials`` carries what a transport saw and nothing it did not: the
+``Authorization`` header's value, the API key header's value, the verified client
+certificate's subject and SANs. Authenticators never log or echo them.
+
+``Authenticator.authenticate`` is a coroutine: verifying a JWT may need the issuer's key
+set fetched again (a key rotated in), which is I/O the gateway's event loop must not
+block on. Every refusal is the same ``Unauthorized`` with a fixed message
+(``refused()``): saying which check failed would tell a prober what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from linchkit_plugin.errors import Unauthorized
+
+__all__ = [
+    "UNAUTHORIZED_MESSAGE",
+    "Authenticator",
+    "Credentials",
+    "Principal",
+    "ProvenBy",
+    "refused",
+]
+
+#: How a principal proved who it is.
+ProvenBy = Literal["library", "api_key", "jwt", "mtls"]
+
+#: The one message of every refusal: it never echoes input or says which check failed.
+UNAUTHORIZED_MESSAGE = (
+    "authentication required: present a valid API key, bearer token or client certificate"
+)
+
+
+def refused() -> Unauthorized:
+    """The error of every failed authentication (a fresh one: errors get tracebacks)."""
+    return Unauthorized(UNAUTHORIZED_MESSAGE)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller."""
+
+    id: str
+    roles: frozenset[str] = frozenset()
+    #: How it authenticated; ``library``: the host vouches for it (``Dispatcher.call``).
+    proven_by: ProvenBy = "library"
+
+    def __post_init__(self) -> None:
+        # Roles key the access decisions' cache: a set or list passed by a host becomes a
+        # frozenset (hashable, and nobody can change a principal's roles after the check).
+        if type(self.roles) is not frozenset:
+            object.__setattr__(self, "roles", frozenset(self.roles))
+
+    def __str__(self) -> str:
+        return self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a request presented, as its transport saw it (never logged)."""
+
+    #: The ``Authorization`` header's value (``Bearer …``), if any.
+    authorization: str | None = field(default=None, repr=False)
+    #: The API key header's value (``X-API-Key``), if any.
+    api_key: str | None = field(default=None, repr=False)
+    #: The client certificate the TLS layer verified: its subject (RFC 4514) and SANs.
+    certificate_subject: str | None = None
+    certificate_sans: Sequence[str] = field(default_factory=tuple)
+
+
+class Authenticator(Protocol):
+    """Turns credentials into a principal, or raises ``Unauthorized`` (``refused()``:
+    never says why beyond a fixed, secret-free reason)."""
+
+    async def authenticate(self, credentials: Credentials) -> Principal: ...

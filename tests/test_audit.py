@@ -1,0 +1,293 @@
+"""The audit log: one record per call under load, the chain and every kind of tampering."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from dispatcher import Dispatcher
+from dispatcher.audit import GENESIS, AuditLog, AuditLogError, verify
+from dispatcher.cli import main
+from dispatcher.config import parse_manifest
+from dispatcher.identity import Credentials, Principal, api_key_digest
+from linchkit_plugin.errors import DispatchError
+from tests.conftest import LOCAL_TARGET, echo_plugin
+
+API_KEY = "lk_audit_" + "c0ffee" * 6
+TALKER = Principal("alice", frozenset({"talker"}), "library")
+STRANGER = Principal("mallory", frozenset({"nobody"}))
+
+
+def audited_manifest(tmp_path: Path, path: str = "audit.log") -> Any:
+    plugin = echo_plugin("echo", LOCAL_TARGET)
+    plugin["methods"]["say"] = {"audit_params": True}
+    return parse_manifest(
+        {
+            "version": 1,
+            "plugins": [plugin],
+            "auth": {
+                "api_keys": [
+                    {"principal": "svc", "sha256": api_key_digest(API_KEY), "roles": ["talker"]}
+                ]
+            },
+            "access": {"roles": {"talker": {"allow": ["echo.*"]}}},
+            "audit": {"path": path},
+        },
+        base_dir=tmp_path,
+    )
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def test_exactly_one_record_per_call_under_a_thousand_concurrent_mixed_calls(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    kinds = [
+        "ok",
+        "plugin_error",
+        "forbidden",
+        "unauthorized",
+        "deadline_exceeded",
+        "invalid_params",
+    ]
+    plan = [kinds[index % len(kinds)] for index in range(1000)]
+
+    async def one(index: int, kind: str, dispatcher: Dispatcher) -> str:
+        request_id = f"req-{index}"
+        try:
+            if kind == "ok":
+                await dispatcher.call(
+                    "echo", "say", {"text": f"t{index}"}, caller=TALKER, request_id=request_id
+                )
+            elif kind == "plugin_error":
+                await dispatcher.call(
+                    "echo", "withdraw", {"amount": 500}, caller=TALKER, request_id=request_id
+                )
+            elif kind == "forbidden":
+                await dispatcher.call(
+                    "echo", "say", {"text": "x"}, caller=STRANGER, request_id=request_id
+                )
+            elif kind == "unauthorized":
+                await dispatcher.call(
+                    "echo",
+                    "say",
+                    {"text": "x"},
+                    credentials=Credentials(api_key="bad" + API_KEY),
+                    request_id=request_id,
+                )
+            elif kind == "deadline_exceeded":
+                await dispatcher.call(
+                    "echo",
+                    "sleep",
+                    {"seconds": 5},
+                    caller=TALKER,
+                    timeout=0.05,
+                    request_id=request_id,
+                )
+            else:
+                await dispatcher.call(
+                    "echo", "say", {"wrong": 1}, caller=TALKER, request_id=request_id
+                )
+        except DispatchError as error:
+            return error.type
+        return "ok"
+
+    async with Dispatcher(audited_manifest(tmp_path)) as dispatcher:
+        outcomes = await asyncio.gather(*(one(i, kind, dispatcher) for i, kind in enumerate(plan)))
+        head = dispatcher.stats()["audit"]["head"]
+    assert outcomes == plan
+    log = tmp_path / "audit.log"
+    written = records(log)
+    assert len(written) == 1000
+    by_request = collections.Counter(record["request_id"] for record in written)
+    assert set(by_request) == {f"req-{i}" for i in range(1000)} and set(by_request.values()) == {1}
+    for record in written:
+        index = int(record["request_id"].removeprefix("req-"))
+        assert record["outcome"] == plan[index]
+        assert record["plugin"] == "echo" and record["duration_ms"] >= 0
+    say = [r for r in written if r["outcome"] == "ok"]
+    assert say[0]["params"]["text"].startswith("t") and say[0]["principal"] == {
+        "id": "alice",
+        "proven_by": "library",
+    }
+    assert say[0]["instance"] == "local echo_plugin:EchoPlugin" or say[0]["instance"]
+    assert all("params" not in r for r in written if r["method"] != "say")
+    assert all(
+        r["error_type"] == "InsufficientFunds" for r in written if r["outcome"] == "plugin_error"
+    )
+    assert all(r["principal"] is None for r in written if r["outcome"] == "unauthorized")
+    report = verify(log, head=head)
+    assert (report.intact, report.records) == (True, 1000), report
+    # No secret anywhere: not in the log, not in any log line of the run.
+    text = log.read_text()
+    assert API_KEY not in text and api_key_digest(API_KEY) not in text
+    assert all(API_KEY not in record.getMessage() for record in caplog.records)
+
+
+async def test_refusals_while_draining_and_calls_by_credentials_are_recorded(
+    tmp_path: Path,
+) -> None:
+    async with Dispatcher(audited_manifest(tmp_path)) as dispatcher:
+        await dispatcher.call(
+            "echo",
+            "say",
+            {"text": "x"},
+            credentials=Credentials(api_key=API_KEY),
+            traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        await dispatcher.drain(1.0)
+        with pytest.raises(DispatchError, match="draining"):
+            await dispatcher.call("echo", "say", {"text": "x"}, caller=TALKER)
+    first, refused = records(tmp_path / "audit.log")
+    assert first["principal"] == {"id": "svc", "proven_by": "api_key"}
+    assert first["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert refused["outcome"] == "shutting_down"
+
+
+async def test_the_chain_continues_across_restarts_and_a_cut_log_is_not_appended_to(
+    tmp_path: Path,
+) -> None:
+    for _ in range(2):
+        async with Dispatcher(audited_manifest(tmp_path)) as dispatcher:
+            for index in range(3):
+                await dispatcher.call("echo", "say", {"text": str(index)}, caller=TALKER)
+    log = tmp_path / "audit.log"
+    assert verify(log).records == 6 and verify(log).intact
+    assert records(log)[0]["prev"] == GENESIS and records(log)[3]["prev"] != GENESIS
+    log.write_bytes(log.read_bytes()[:-10])
+    with pytest.raises(AuditLogError, match="incomplete line"):
+        async with Dispatcher(audited_manifest(tmp_path)):
+            pass
+
+
+async def test_stdout_as_the_sink(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    async with Dispatcher(audited_manifest(tmp_path, "-")) as dispatcher:
+        await dispatcher.call("echo", "say", {"text": "to stdout"}, caller=TALKER)
+    out = capfd.readouterr().out.splitlines()
+    assert len(out) == 1 and json.loads(out[0])["params"] == {"text": "to stdout"}
+
+
+# -- tampering --------------------------------------------------------------------------
+
+
+async def sample_log(tmp_path: Path, count: int = 8) -> tuple[Path, str]:
+    path = tmp_path / "sample.log"
+    log = AuditLog(str(path))
+    log.open()
+    for index in range(count):
+        log.write({"kind": "call", "plugin": "echo", "method": "say", "outcome": "ok", "n": index})
+    await log.aclose()
+    return path, log.head
+
+
+def tamper(path: Path, change: str) -> None:
+    lines = path.read_bytes().split(b"\n")[:-1]
+    if change == "changed field":
+        lines[3] = lines[3].replace(b'"outcome":"ok"', b'"outcome":"no"')
+    elif change == "changed field, hash recomputed":
+        from dispatcher.audit.chain import seal
+
+        record = json.loads(lines[3])
+        record.pop("hash")
+        prev = record.pop("prev")
+        record["outcome"] = "forged"
+        lines[3] = seal(record, prev)
+    elif change == "removed line":
+        del lines[3]
+    elif change == "removed first line":
+        del lines[0]
+    elif change == "reordered lines":
+        lines[2], lines[5] = lines[5], lines[2]
+    elif change == "inserted copy":
+        lines.insert(4, lines[1])
+    elif change == "appended forged line":
+        lines.append(
+            b'{"kind":"call","plugin":"echo","outcome":"ok","prev":"'
+            + b"0" * 64
+            + b'","hash":"'
+            + b"f" * 64
+            + b'"}'
+        )
+    elif change == "appended self-consistent line off the chain":
+        from dispatcher.audit.chain import seal
+
+        lines.append(seal({"kind": "call", "plugin": "echo", "outcome": "ok"}, "a" * 64))
+    elif change == "truncated mid-line":
+        path.write_bytes(path.read_bytes()[:-25])
+        return
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+TAMPERING = {
+    "changed field": 4,
+    "changed field, hash recomputed": 5,
+    "removed line": 4,
+    "removed first line": 1,
+    "reordered lines": 3,
+    "inserted copy": 5,
+    "appended forged line": 9,
+    "appended self-consistent line off the chain": 9,
+    "truncated mid-line": 8,
+}
+
+
+@pytest.mark.parametrize("change", sorted(TAMPERING))
+async def test_verify_catches_each_kind_of_tampering(tmp_path: Path, change: str) -> None:
+    path, _ = await sample_log(tmp_path)
+    runner = CliRunner()
+    intact = runner.invoke(main, ["audit", "verify", str(path)])
+    assert intact.exit_code == 0 and "8 records, chain intact" in intact.output
+    tamper(path, change)
+    report = verify(path)
+    assert not report.intact and report.bad_line == TAMPERING[change], report
+    broken = runner.invoke(main, ["audit", "verify", str(path)])
+    assert broken.exit_code == 1
+    assert f"{path}:{TAMPERING[change]}:" in broken.output
+
+
+async def test_records_cut_from_the_end_need_the_head_to_show(tmp_path: Path) -> None:
+    path, head = await sample_log(tmp_path)
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:-2]))
+    assert verify(path).intact  # the chain alone cannot tell
+    result = CliRunner().invoke(main, ["audit", "verify", str(path), "--head", head])
+    assert result.exit_code == 1 and "expected head" in result.output
+    assert CliRunner().invoke(main, ["audit", "verify", str(tmp_path / "none.log")]).exit_code == 2
+
+
+async def test_a_fleet_call_records_the_instance_that_answered(tmp_path: Path) -> None:
+    from tests.test_fleet import HOSTS, Instance, serving
+
+    async with serving(Instance(HOSTS[0]), Instance(HOSTS[1])) as instances:
+        document = {
+            "version": 1,
+            "plugins": [
+                {
+                    "id": "fleet",
+                    "version": "1.0.0",
+                    "target": {
+                        "provider": "http",
+                        "instances": [{"url": instance.url} for instance in instances],
+                        "balance": "round_robin",
+                    },
+                    "methods": {"say": {}},
+                }
+            ],
+            "audit": {"path": "audit.log"},
+        }
+        async with Dispatcher(parse_manifest(document, base_dir=tmp_path)) as dispatcher:
+            answers = [await dispatcher.call("fleet", "say", {}) for _ in range(6)]
+    url_of = {instance.host: instance.url for instance in instances}
+    written = records(tmp_path / "audit.log")
+    assert set(answers) == {HOSTS[0], HOSTS[1]}
+    for answer, record in zip(answers, written, strict=True):
+        assert record["instance"] == f"http {url_of[answer]}/invoke"
