@@ -168,7 +168,9 @@ def discovery_kind(item: Any) -> str:
     A discriminator, so a bad item gets the errors of the kind it means, not of every
     kind it might have been.
     """
-    keys = item.keys() if isinstance(item, dict) else vars(item) if hasattr(item, "__dict__") else ()
+    keys = (
+        item.keys() if isinstance(item, dict) else vars(item) if hasattr(item, "__dict__") else ()
+    )
     if "dns" in keys:
         return "dns"
     if "registry" in keys:
