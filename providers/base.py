@@ -43,7 +43,13 @@ from providers.target import PluginInfo, TargetConfig
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["Health", "LogsUnavailable", "Provider", "TargetConfig"]
+__all__ = ["CONNECT_STAGE", "Health", "LogsUnavailable", "Provider", "TargetConfig"]
+
+#: ``details`` of an error raised before any byte of the request was sent (the connection
+#: could not be opened): a fleet may send such a call to another instance, whatever the
+#: method (``dispatcher.fleet.step``). Set only where that is certain; anything that may
+#: have reached the plugin carries no such marker.
+CONNECT_STAGE = {"stage": "connect"}
 
 
 TargetT = TypeVar("TargetT", bound=TargetConfig)

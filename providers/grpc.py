@@ -10,6 +10,16 @@ manifest's ``config``) and ``Start`` when it attaches, ``Stop`` and ``Destroy`` 
 detaches (the sequence of ``providers._grpc.lifecycle``, as for subprocess plugins); with
 ``remote`` (the default) the service runs its own lifecycle.
 
+Instances: ``instances: [{address: …, weight: …}, {dns: …}, {registry: …}]`` (instead of
+``address``, or besides it: ``address`` is then the first instance) makes the target a
+fleet, as for HTTP (``providers.instances``): the dispatcher attaches every instance, so
+each has its own channel, and with ``lifecycle: dispatcher`` each gets its own
+``Init``/``Start`` and ``Stop``/``Destroy``. Such a fleet starts only when every fixed
+instance answers its ``Init``: an instance the dispatcher owns the lifecycle of cannot
+be left uninitialised. A call that provably never reached the plugin (the channel could
+not connect: ``providers._grpc.status``) carries ``details["stage"] == "connect"``, so
+the fleet sends it to another instance, whatever the method.
+
 grpcio is imported when a connection is opened, not when this module loads.
 
 Egress: before a channel is created (``attach``), ``address`` is checked against the
@@ -26,7 +36,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -35,24 +45,59 @@ from linchkit_plugin.handshake import HEALTH_SERVICE
 from providers._grpc import lifecycle
 from providers._grpc.connection import ChannelSecurity, PluginConnection
 from providers.base import Health, Provider
+from providers.discovery import Endpoint, Weight, instance_item
+from providers.instances import InstanceListing
 from providers.invocation import Invocation, Outcome
-from providers.target import Destination, ManifestPath, TargetConfig
+from providers.target import (
+    Balance,
+    Destination,
+    HealthCheck,
+    ManifestPath,
+    OutlierDetection,
+    StrictModel,
+)
 
 if TYPE_CHECKING:
     from providers.target import PluginInfo
 
-__all__ = ["GrpcProvider", "GrpcTarget"]
+__all__ = ["GrpcInstance", "GrpcProvider", "GrpcTarget"]
 
 
-class GrpcTarget(TargetConfig):
-    """``provider: grpc``: a plugin served over gRPC at ``address``."""
-
-    provider: Literal["grpc"]
-    address: str = Field(
+#: A gRPC target: host:port, [v6]:port, or a Unix socket.
+GrpcAddress = Annotated[
+    str,
+    Field(
         pattern=r"^(unix:.+|[^:/\s]+:\d+|\[[0-9a-fA-F:]+\]:\d+)$",
         description="host:port, or unix:/path/to/socket",
         examples=["127.0.0.1:50051", "unix:/run/plugins/echo.sock"],
+    ),
+]
+
+
+class GrpcInstance(StrictModel):
+    """One instance of a gRPC fleet."""
+
+    address: GrpcAddress
+    weight: Weight = 1
+
+
+class GrpcTarget(InstanceListing):
+    """``provider: grpc``: a plugin served over gRPC at ``address``, or by a fleet."""
+
+    address_field = "address"
+    instance_key = "address"
+    address_noun = "an address"
+
+    provider: Literal["grpc"]
+    address: GrpcAddress | None = None
+    instances: list[instance_item(GrpcInstance)] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="Several interchangeable servers of the plugin (a fleet): fixed addresses,"
+        " DNS names, an etcd registry; address, if set, is the first.",
     )
+    balance: Balance = "least_request"
+    health_check: HealthCheck | None = None
+    outlier: OutlierDetection = Field(default_factory=OutlierDetection)
     tls: bool = Field(default=False, description="Use TLS; implied by any of the files below.")
     ca_file: ManifestPath | None = Field(
         default=None, description="PEM roots to verify the server with."
@@ -97,20 +142,29 @@ class GrpcTarget(TargetConfig):
     secret_fields = frozenset({"metadata"})
 
     def destinations(self) -> tuple[Destination, ...]:
-        address = self.address
-        if address.startswith("unix:"):
-            path = address.removeprefix("unix:")
-            # unix:///abs/path is the URI form of unix:/abs/path (gRPC naming doc).
-            return (Destination.of_unix_socket("address", path.removeprefix("//")),)
-        host, _, port = address.rpartition(":")
-        return (Destination.of_host("address", host, int(port)),)
+        return self.listed_destinations(_destination)
 
     @property
     def uses_tls(self) -> bool:
         return self.tls or self.ca_file is not None or self.cert_file is not None
 
     def describe(self) -> str:
-        return f"grpc{'s' if self.uses_tls else ''} {self.address}"
+        scheme = f"grpc{'s' if self.uses_tls else ''}"
+        places = self.fixed_places()
+        if len(places) == 1 and not self.instance_sources():
+            return f"{scheme} {places[0][0]}"
+        return f"{scheme} fleet {self.listing(str)}"
+
+    def place_of(self, endpoint: Endpoint) -> str:
+        return endpoint.address()
+
+    def connect_address(self) -> str:
+        """The one address a provider connects to; a fleet has none (its instances do)."""
+        if self.address is None or self.instances:
+            raise ProviderError(
+                f"{self.describe()} is a fleet: the dispatcher calls one of its instances"
+            )
+        return self.address
 
     def security(self) -> ChannelSecurity:
         """The channel's TLS material, read from the files now."""
@@ -128,6 +182,15 @@ class GrpcTarget(TargetConfig):
             raise ProviderError(
                 f"{self.describe()}: cannot read TLS file {error.filename}: {error.strerror}"
             ) from None
+
+
+def _destination(field: str, address: str) -> Destination:
+    if address.startswith("unix:"):
+        path = address.removeprefix("unix:")
+        # unix:///abs/path is the URI form of unix:/abs/path (gRPC naming doc).
+        return Destination.of_unix_socket(field, path.removeprefix("//"))
+    host, _, port = address.rpartition(":")
+    return Destination.of_host(field, host, int(port))
 
 
 class GrpcProvider(Provider[GrpcTarget]):
@@ -205,7 +268,7 @@ class GrpcProvider(Provider[GrpcTarget]):
         connection = self._connections.get(target.key)
         if connection is None:
             connection = self._connections[target.key] = PluginConnection(
-                target.address,
+                target.connect_address(),
                 security=target.security(),
                 metadata=tuple(target.metadata.items()),
                 describe=target.describe(),

@@ -60,25 +60,17 @@ from providers._http_common import (
     redirect_detail,
     status_error,
 )
-from providers.base import Health, Provider
-from providers.discovery import (
-    DnsInstance,
-    Endpoint,
-    RegistryInstance,
-    Weight,
-    instance_item,
-)
+from providers.base import CONNECT_STAGE, Health, Provider
+from providers.discovery import Weight, instance_item
 from providers.envelope import decode_batch_response, decode_response
+from providers.instances import InstanceListing
 from providers.invocation import Invocation, Outcome
 from providers.target import (
     Balance,
     Destination,
-    Discovery,
-    FleetSettings,
     HealthCheck,
     OutlierDetection,
     StrictModel,
-    TargetConfig,
     masked_url,
 )
 
@@ -88,9 +80,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CONNECT_STAGE", "HttpInstance", "HttpProvider", "HttpTarget"]
 
-#: ``details`` of an error raised before any byte of the request was sent.
-CONNECT_STAGE = {"stage": "connect"}
-
 
 class HttpInstance(StrictModel):
     """One instance of an HTTP fleet."""
@@ -99,12 +88,12 @@ class HttpInstance(StrictModel):
     weight: Weight = 1
 
 
-#: The fields a fleet's instances do not inherit: they name the fleet, not one instance.
-_FLEET_FIELDS = ("url", "instances", "balance", "health_check", "outlier")
-
-
-class HttpTarget(TargetConfig):
+class HttpTarget(InstanceListing):
     """``provider: http``: an HTTP endpoint speaking the dispatcher envelope."""
+
+    address_field = "url"
+    instance_key = "url"
+    address_noun = "a url"
 
     provider: Literal["http"]
     url: AnyHttpUrl | None = Field(
@@ -126,18 +115,6 @@ class HttpTarget(TargetConfig):
     max_response_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
 
     secret_fields = frozenset({"headers"})
-
-    @model_validator(mode="after")
-    def _some_url_and_no_duplicate(self) -> HttpTarget:
-        urls = self._urls()
-        if not urls and not self.instance_sources():
-            raise ValueError("an http target needs a url or a list of instances")
-        seen: set[str] = set()
-        for url in urls:
-            if str(url) in seen:
-                raise ValueError(f"instance {masked_url(url)} is listed twice")
-            seen.add(str(url))
-        return self
 
     @model_validator(mode="after")
     def _one_source_of_credentials(self) -> HttpTarget:
@@ -164,13 +141,11 @@ class HttpTarget(TargetConfig):
         return self
 
     def describe(self) -> str:
-        urls = self._urls()
-        sources = self.instance_sources()
-        if len(urls) == 1 and not sources:
-            return f"http {masked_url(urls[0]).rstrip('/')}{self.invoke_path}"
-        listed = [masked_url(url).rstrip("/") for url in urls]
-        listed += [source.describe() for source in sources]
-        return f"http fleet [{', '.join(listed)}] {self.invoke_path}"
+        places = self.fixed_places()
+        if len(places) == 1 and not self.instance_sources():
+            return f"http {masked_url(places[0][0]).rstrip('/')}{self.invoke_path}"
+        listing = self.listing(lambda url: masked_url(url).rstrip("/"))
+        return f"http fleet {listing} {self.invoke_path}"
 
     def endpoint(self, path: str) -> str:
         if self.url is None or self.instances:
@@ -180,51 +155,7 @@ class HttpTarget(TargetConfig):
         return str(self.url).rstrip("/") + path
 
     def destinations(self) -> tuple[Destination, ...]:
-        named = () if self.url is None else (Destination.of_url("url", str(self.url)),)
-        listed: list[Destination] = []
-        for index, instance in enumerate(self.instances):
-            if isinstance(instance, HttpInstance):
-                listed.append(Destination.of_url(f"instances[{index}].url", str(instance.url)))
-            elif isinstance(instance, RegistryInstance):
-                where = f"instances[{index}].registry.etcd"
-                listed.append(Destination.of_url(where, str(instance.registry.etcd)))
-        return named + tuple(listed)
-
-    def instance_targets(self) -> tuple[HttpTarget, ...]:
-        return tuple(target for target, _ in self.weighted_instances())
-
-    def weighted_instances(self) -> list[tuple[HttpTarget, int]]:
-        if self.url is not None and not self.instances:
-            return [(self, 1)]
-        head = [] if self.url is None else [(self.url, 1)]
-        fixed = [(i.url, i.weight) for i in self.instances if isinstance(i, HttpInstance)]
-        return [(self._at_url(str(url)), weight) for url, weight in head + fixed]
-
-    def instance_sources(self) -> list[Discovery]:
-        return [
-            instance.dns if isinstance(instance, DnsInstance) else instance.registry
-            for instance in self.instances
-            if isinstance(instance, DnsInstance | RegistryInstance)
-        ]
-
-    def instance_at(self, endpoint: Endpoint) -> HttpTarget:
-        return self._at_url(endpoint.url())
-
-    def _at_url(self, url: str) -> HttpTarget:
-        # Validated again, not model_copy'd: a copy would carry the cached ``key`` along.
-        # The fleet's own settings are left out, so an instance equals (shares its pool
-        # and breaker with) a plain target of the same URL.
-        fields = {
-            name: getattr(self, name)
-            for name in type(self).model_fields
-            if name not in _FLEET_FIELDS
-        }
-        return type(self).model_validate({**fields, "url": url})
-
-    def fleet_settings(self) -> FleetSettings:
-        return FleetSettings(
-            balance=self.balance, health_check=self.health_check, outlier=self.outlier
-        )
+        return self.listed_destinations(Destination.of_url)
 
     def _urls(self) -> list[AnyHttpUrl]:
         head = [] if self.url is None else [self.url]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from dispatcher.config import Manifest
 from linchkit_plugin.errors import TargetUnavailable
 from tests.conftest import echo_plugin, manifest
 from tests.services import Etcd, free_port, until
-from tests.test_plugin_registry import PLUGIN
+from tests.test_plugin_registry import PLUGIN, PYTHON_GRPC_EXAMPLE
 
 
 def registry_manifest(etcd: Etcd, prefix: str, **target: Any) -> Manifest[Any]:
@@ -180,3 +181,35 @@ async def test_a_plugin_stopped_gracefully_loses_no_call_of_a_busy_fleet(
     stop.set()
     await asyncio.gather(*callers)
     assert failures == []
+
+
+async def test_a_grpc_fleet_follows_grpc_services_that_register(
+    etcd: Etcd, etcd_prefix: str, plugins: Any
+) -> None:
+    """The same registry for gRPC: the SDK's gRPC service writes ``{"address": …}``, the
+    fleet dials each address it reads, and a stream goes to one of them."""
+    for host in ("127.0.0.2", "127.0.0.3"):
+        plugins(
+            [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--address", f"{host}:0"],
+            LINCHKIT_REGISTER_ETCD=etcd.url,
+            LINCHKIT_REGISTER_PREFIX=etcd_prefix,
+        )
+    await until(lambda: len(etcd.keys(etcd_prefix)) == 2, "both services registered")
+    target = {
+        "provider": "grpc",
+        "instances": [{"registry": {"etcd": etcd.url, "prefix": etcd_prefix}}],
+        "balance": "round_robin",
+    }
+    entry = {
+        "id": "example",
+        "version": "1.0.0",
+        "target": target,
+        "methods": {"echo": {}, "count": {}},
+    }
+    async with Dispatcher(manifest(entry)) as dispatcher:
+        for number in range(10):
+            assert await dispatcher.call("example", "echo", {"n": number}) == {"n": number}
+        calls = [entry["calls"] for entry in members(dispatcher).values()]
+        assert calls == [5, 5]
+        chunks = [chunk async for chunk in dispatcher.stream("example", "count", {"n": 3})]
+        assert len(chunks) == 3

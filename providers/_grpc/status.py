@@ -11,6 +11,17 @@
     UNIMPLEMENTED, NOT_FOUND         ProviderError                no (the target lacks the RPC)
     FAILED_PRECONDITION, other       ProviderError                no
 
+An UNAVAILABLE that provably never left the client carries ``details["stage"] ==
+"connect"`` (``CONNECT_STAGE``; a fleet then tries another instance, for any method).
+UNAVAILABLE alone does not say so: it is also what a connection that broke with the
+request on the wire gives (``Stream removed (Socket closed)``, measured against a server
+killed mid-call). What does say so is grpc core's own wording for a call that failed
+*before a transport was picked*: the load-balancing pick failed because no connection
+could be opened (pick_first: ``failed to connect to all addresses``; round_robin:
+``connections to all backends failing``), or the name did not resolve (``DNS resolution
+failed``). Such a call was never written to any socket. Any other wording gets no
+marker: only an idempotent method's retry policy may send it again.
+
 A plugin's own failures come back in ``CallReply.error`` and go through
 ``linchkit_plugin.errors.error_from_wire`` like every other transport's
 (``providers._grpc.connection``).
@@ -32,8 +43,18 @@ from linchkit_plugin.errors import (
     TargetUnavailable,
     Unauthorized,
 )
+from providers.base import CONNECT_STAGE
 
-__all__ = ["DEADLINE_SKEW_SECONDS", "grpc_errors", "translate_rpc_error"]
+__all__ = ["DEADLINE_SKEW_SECONDS", "grpc_errors", "never_left_the_client", "translate_rpc_error"]
+
+#: How grpc core words the failure of a call that no connection was picked for (the LB
+#: pick failed, or the name did not resolve): the call was never sent. Prefixes of
+#: ``details()``, as grpcio 1.85 words them (tests/test_grpc_fleet.py checks they hold).
+_NOT_SENT_PREFIXES = (
+    "failed to connect to all addresses",
+    "connections to all backends failing",
+    "DNS resolution failed",
+)
 
 
 def _status_names() -> dict[Any, tuple[type[DispatchError], bool | None]]:
@@ -101,6 +122,8 @@ def translate_rpc_error(
         and asyncio.get_running_loop().time() >= deadline - DEADLINE_SKEW_SECONDS
     ):
         return DeadlineExceeded(message)
+    if status == grpc.StatusCode.UNAVAILABLE and never_left_the_client(details):
+        return TargetUnavailable(message, details=CONNECT_STAGE)
     kind, retryable = _BY_STATUS.get(status, (ProviderError, None))
     retry_after: float | None = None
     if kind is RateLimited:
@@ -109,3 +132,8 @@ def translate_rpc_error(
                 with contextlib.suppress(ValueError):
                     retry_after = float(value)
     return kind(message, retryable=retryable, retry_after=retry_after)
+
+
+def never_left_the_client(details: str) -> bool:
+    """Whether an UNAVAILABLE's ``details()`` says the call was never sent (see above)."""
+    return details.startswith(_NOT_SENT_PREFIXES)

@@ -38,6 +38,11 @@ and spends its retry budget and backoff on it. The provider does not read polici
 never resends such a call itself: a non-idempotent method is sent again only when no
 earlier attempt can have run it.
 
+A fleet of ingresses (``instances:``, ``providers.knative.target``): an ingress that
+refuses the connection is not waited for; the error (``details["stage"] == "connect"``)
+goes up at once and the dispatcher's fleet sends the call to another ingress, for any
+method. Activation 503s are still resent here: every ingress reaches the same activator.
+
 Redirects are never followed (``providers._http_common``): a 3xx is ``ProviderError``
 naming the ``Location``, final. ``user:password@`` in ``ingress`` is sent as
 ``Authorization: Basic`` and never reaches aiohttp's URL; messages mask it. The ingress
@@ -66,7 +71,7 @@ from providers._http_common import (
     retry_after_seconds,
     status_error,
 )
-from providers.base import Health, Provider
+from providers.base import CONNECT_STAGE, Health, Provider
 from providers.invocation import Invocation
 from providers.knative.activation import Failure, classify_failure, made_by_function
 from providers.knative.cloudevents import Answer, decode_answer, encode_request, read_event
@@ -112,7 +117,7 @@ class _Route:
     def __init__(self, target: KnativeTarget) -> None:
         from yarl import URL
 
-        base = str(target.ingress).rstrip("/")
+        base = str(target.ingress_url()).rstrip("/")
         invoke_url = URL(base + target.effective_invoke_path)
         authorization = basic_authorization(invoke_url)
         self.invoke_url: URL = invoke_url.with_user(None)
@@ -184,7 +189,10 @@ class KnativeProvider(Provider[KnativeTarget]):
                     " reached the plugin; the method's retry policy decides)"
                 ).with_details(resent=False, attempts=attempts)
             # NOT_REACHED. A refused connection is the ingress being down, not a revision
-            # activating.
+            # activating: an instance of a fleet leaves it to the fleet, which sends the
+            # call to another ingress at once (the marker says it never left).
+            if target.in_fleet and error.details.get("stage") == "connect":
+                raise error
             activating = activating or error.details.get("stage") != "connect"
             delay = min(backoff, target.activation_backoff_max_ms / 1000)
             delay = max(delay, error.retry_after or 0.0) * (0.5 + self._random.random() / 2)
@@ -269,8 +277,9 @@ class KnativeProvider(Provider[KnativeTarget]):
             return Failure.FINAL, error
         except aiohttp.ClientConnectorError as error:
             return Failure.NOT_REACHED, TargetUnavailable(
-                f"cannot connect to the ingress {masked_url(target.ingress)} for {target.host}: {error.os_error}",
-                details={"stage": "connect"},
+                f"cannot connect to the ingress {masked_url(str(target.ingress))} for {target.host}:"
+                f" {error.os_error}",
+                details=CONNECT_STAGE,
             )
         except aiohttp.ClientError as error:
             return Failure.MAYBE_REACHED, TargetUnavailable(

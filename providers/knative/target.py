@@ -4,6 +4,11 @@ Vendor-free: loading a manifest with knative targets imports neither aiohttp, cl
 nor kubernetes-asyncio. Every model is a ``StrictModel`` (unknown keys are errors, frozen
 once loaded), and ``deploy.cluster.kubeconfig`` is a ``ManifestPath``, taken from the
 manifest's folder like every other path in a manifest (``~`` is expanded first).
+
+Several ingress gateways in front of one service (``instances: [{url: …}, {dns: …},
+{registry: …}]``, instead of ``ingress`` or besides it) make the target a fleet, as for
+HTTP (``providers.instances``): each instance is a target of one ingress, the service,
+host and everything else shared.
 """
 
 from __future__ import annotations
@@ -11,11 +16,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BeforeValidator, Field, model_validator
+from pydantic import AnyHttpUrl, BeforeValidator, Field, PrivateAttr, model_validator
 
-from providers.target import Destination, ManifestPath, StrictModel, TargetConfig, masked_url
+from linchkit_plugin.errors import ProviderError
+from providers.discovery import Weight, instance_item
+from providers.instances import InstanceListing
+from providers.target import (
+    Balance,
+    Destination,
+    HealthCheck,
+    ManifestPath,
+    OutlierDetection,
+    StrictModel,
+    masked_url,
+)
 
-__all__ = ["KnativeCanary", "KnativeCluster", "KnativeDeploy", "KnativeTarget"]
+__all__ = ["KnativeCanary", "KnativeCluster", "KnativeDeploy", "KnativeIngress", "KnativeTarget"]
 
 _DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -73,8 +89,19 @@ class KnativeDeploy(StrictModel):
         return self
 
 
-class KnativeTarget(TargetConfig):
+class KnativeIngress(StrictModel):
+    """One ingress gateway of a Knative fleet: where it listens."""
+
+    url: AnyHttpUrl
+    weight: Weight = 1
+
+
+class KnativeTarget(InstanceListing):
     """``provider: knative``: a Knative Service reached through the cluster's ingress."""
+
+    address_field = "ingress"
+    instance_key = "url"
+    address_noun = "an ingress"
 
     provider: Literal["knative"]
     service: Annotated[str, Field(pattern=_DNS_LABEL, max_length=63)]
@@ -84,9 +111,17 @@ class KnativeTarget(TargetConfig):
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
         description="The cluster's domain (config-domain); example.com is Knative's default.",
     )
-    ingress: AnyHttpUrl = Field(
-        description="Where the cluster ingress listens, e.g. http://10.0.0.5"
+    ingress: AnyHttpUrl | None = Field(
+        default=None, description="Where the cluster ingress listens, e.g. http://10.0.0.5"
     )
+    instances: list[instance_item(KnativeIngress)] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="Several ingress gateways of the service (a fleet): fixed URLs, DNS names,"
+        " an etcd registry; ingress, if set, is the first.",
+    )
+    balance: Balance = "least_request"
+    health_check: HealthCheck | None = None
+    outlier: OutlierDetection = Field(default_factory=OutlierDetection)
     tag: Annotated[str, Field(pattern=_DNS_LABEL, max_length=20)] | None = Field(
         default=None, description="Call this tagged traffic target instead of the main route."
     )
@@ -107,11 +142,15 @@ class KnativeTarget(TargetConfig):
 
     secret_fields = frozenset({"headers"})
 
+    #: Set on the instances of a fleet, never by a manifest (so not part of ``key``): an
+    #: ingress that refuses connections is then left to the fleet, which sends the call to
+    #: another, instead of being tried again here until the deadline (``provider``).
+    _in_fleet: bool = PrivateAttr(default=False)
+
     @model_validator(mode="after")
     def _one_source_of_credentials(self) -> KnativeTarget:
-        if (self.ingress.username or self.ingress.password) and any(
-            key.lower() == "authorization" for key in self.headers
-        ):
+        in_urls = any(url.username or url.password for url in self._ingresses())
+        if in_urls and any(key.lower() == "authorization" for key in self.headers):
             raise ValueError(
                 "credentials twice: user:password in ingress and an Authorization header"
                 " would both set the Authorization header; keep one"
@@ -119,7 +158,30 @@ class KnativeTarget(TargetConfig):
         return self
 
     def destinations(self) -> tuple[Destination, ...]:
-        return (Destination.of_url("ingress", str(self.ingress)),)
+        return self.listed_destinations(Destination.of_url)
+
+    def at_place(self, place: str) -> KnativeTarget:
+        instance = super().at_place(place)
+        # A list of one is no fleet: nothing else to turn to, so it waits like a plain target.
+        instance._in_fleet = len(self.fixed_places()) > 1 or bool(self.instance_sources())
+        return instance
+
+    @property
+    def in_fleet(self) -> bool:
+        """True for an instance of a fleet: it has other ingresses to turn to."""
+        return self._in_fleet
+
+    def ingress_url(self) -> AnyHttpUrl:
+        """The one ingress a provider calls; a fleet has none (its instances do)."""
+        if self.ingress is None or self.instances:
+            raise ProviderError(
+                f"{self.describe()} is a fleet: the dispatcher calls one of its instances"
+            )
+        return self.ingress
+
+    def _ingresses(self) -> list[AnyHttpUrl]:
+        head = [] if self.ingress is None else [self.ingress]
+        return head + [i.url for i in self.instances if isinstance(i, KnativeIngress)]
 
     @property
     def host(self) -> str:
@@ -137,4 +199,9 @@ class KnativeTarget(TargetConfig):
         )
 
     def describe(self) -> str:
-        return f"knative {self.host} via {masked_url(self.ingress).rstrip('/')} ({self.mode})"
+        places = self.fixed_places()
+        if len(places) == 1 and not self.instance_sources():
+            via = masked_url(places[0][0]).rstrip("/")
+        else:
+            via = "fleet " + self.listing(lambda url: masked_url(url).rstrip("/"))
+        return f"knative {self.host} via {via} ({self.mode})"
