@@ -12,9 +12,10 @@ presents. ``authenticator_of(manifest)`` builds that from the manifest's ``auth`
 
 from __future__ import annotations
 
+from typing import Any
+
 from dispatcher.identity.api_keys import ApiKeyAuthenticator, api_key_digest
 from dispatcher.identity.chain import ChainAuthenticator, authenticator_of
-from dispatcher.identity.jwks import KeySet
 from dispatcher.identity.mtls import MtlsAuthenticator
 from dispatcher.identity.principal import (
     UNAUTHORIZED_MESSAGE,
@@ -24,7 +25,6 @@ from dispatcher.identity.principal import (
     ProvenBy,
     refused,
 )
-from dispatcher.identity.tokens import MAX_TOKEN_BYTES, JwtAuthenticator
 
 __all__ = [
     "MAX_TOKEN_BYTES",
@@ -42,3 +42,16 @@ __all__ = [
     "authenticator_of",
     "refused",
 ]
+
+#: Loaded on first use: they import PyJWT and cryptography, which a dispatcher that takes
+#: no tokens should not load at import.
+_LAZY = {"JwtAuthenticator": "tokens", "MAX_TOKEN_BYTES": "tokens", "KeySet": "jwks"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

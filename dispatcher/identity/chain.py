@@ -13,14 +13,16 @@ manifest does not configure is refused like a bad credential. Every refusal is t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dispatcher.config.manifest import Manifest
 from dispatcher.config.security import AuthConfig
 from dispatcher.identity.api_keys import ApiKeyAuthenticator
 from dispatcher.identity.mtls import MtlsAuthenticator
 from dispatcher.identity.principal import Credentials, Principal, refused
-from dispatcher.identity.tokens import JwtAuthenticator
+
+if TYPE_CHECKING:
+    from dispatcher.identity.tokens import JwtAuthenticator
 
 __all__ = ["ChainAuthenticator", "authenticator_of"]
 
@@ -30,7 +32,7 @@ class ChainAuthenticator:
 
     def __init__(self, config: AuthConfig) -> None:
         self.api_keys = ApiKeyAuthenticator(config.api_keys) if config.api_keys else None
-        self.jwt = JwtAuthenticator(config.jwt) if config.jwt is not None else None
+        self.jwt = _jwt_authenticator(config) if config.jwt is not None else None
         self.mtls = MtlsAuthenticator(config.mtls) if config.mtls else None
 
     async def start(self) -> None:
@@ -70,3 +72,12 @@ class ChainAuthenticator:
 def authenticator_of(manifest: Manifest[Any]) -> ChainAuthenticator | None:
     """The authenticator the manifest's ``auth`` describes; None without ``auth``."""
     return ChainAuthenticator(manifest.auth) if manifest.auth is not None else None
+
+
+def _jwt_authenticator(config: AuthConfig) -> JwtAuthenticator:
+    # Imported here: PyJWT loads cryptography (~15 ms), which a dispatcher that takes no
+    # tokens should not pay for at import.
+    from dispatcher.identity.tokens import JwtAuthenticator
+
+    assert config.jwt is not None
+    return JwtAuthenticator(config.jwt)
