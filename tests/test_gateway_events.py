@@ -171,6 +171,24 @@ async def test_a_resume_past_the_buffer_is_told_its_gap() -> None:
             assert [event["id"] for event in await frames(ws, 5)] == [16, 17, 18, 19, 20]
 
 
+async def test_a_resume_that_replays_a_full_ring_is_not_cut_off_for_it() -> None:
+    """As by default, the ring holds as many events as a subscriber may have queued: the
+    replay of all of it, with the subscribed and gap frames before it, must fit, or the
+    client is closed with 4008 on every resume and never catches up."""
+    settings = GatewaySettings(port=0, event_buffer=20, max_pending_events=20)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        await burst(session, server.url, 30)
+        async with session.ws_connect(f"{server.url}/v1/events?last_event_id=1") as ws:
+            (gap,) = await frames(ws, 1, "gap")
+            assert gap["resumed_at"] == 11
+            assert [event["id"] for event in await frames(ws, 20)] == list(range(11, 31))
+            await burst(session, server.url, 1)
+            assert [event["id"] for event in await frames(ws, 1)] == [31]
+
+
 async def test_a_consumer_that_does_not_read_is_cut_off_and_others_get_everything() -> None:
     settings = GatewaySettings(port=0, max_pending_events=20)
     async with (

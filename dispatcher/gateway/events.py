@@ -77,25 +77,39 @@ class Subscriber:
     filters: tuple[Filter, ...]
     limit: int
     on_overflow: Callable[[], None]
-    pending: deque[str] = field(default_factory=deque)
+    #: Events (encoded once, shared by every subscriber) and the protocol's own frames.
+    pending: deque[_Event | str] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     too_slow: bool = False
+    #: Frames of the protocol's own in ``pending`` (subscribed, gap, publish answers): not
+    #: counted against ``limit``, or a replay of a full ring (as many events as the limit
+    #: by default) would overflow on its own, every time the client resumes.
+    said: int = 0
 
     def offer(self, event: _Event) -> None:
         if self.too_slow or not any(f.matches(event.plugin, event.name) for f in self.filters):
             return
-        if len(self.pending) >= self.limit:
+        if len(self.pending) - self.said >= self.limit:
             self.too_slow = True
             self.pending.clear()
+            self.said = 0
             self.on_overflow()
             return
-        self.pending.append(event.frame)
+        self.pending.append(event)
         self.wakeup.set()
 
     def say(self, frame: dict[str, Any]) -> None:
         """Queue a frame of the protocol's own (not counted against the limit)."""
         self.pending.append(orjson.dumps(frame).decode())
+        self.said += 1
         self.wakeup.set()
+
+    def next_frame(self) -> str:
+        item = self.pending.popleft()
+        if isinstance(item, _Event):
+            return item.frame
+        self.said -= 1
+        return item
 
 
 class EventHub:
@@ -250,7 +264,7 @@ class EventStream:
             subscriber.wakeup.clear()
             pending = subscriber.pending
             while pending and not subscriber.too_slow:
-                await ws.send_str(pending.popleft())
+                await ws.send_str(subscriber.next_frame())
             if subscriber.too_slow:
                 return
 
