@@ -113,6 +113,9 @@ export class EventStream {
   #nextRef = 1;
   readonly #pending = new Map<number, Pending>();
   #connections = 0;
+  /** Whether the gateway ever confirmed the subscription, and who waits for it. */
+  #confirmed = false;
+  readonly #confirmWaiters = new Set<{ resolve: () => void; reject: (error: unknown) => void }>();
 
   constructor(
     url: string,
@@ -149,6 +152,34 @@ export class EventStream {
     if (this.#open && !this.#subscribedHere) this.#sendSubscribe();
   }
 
+  /**
+   * Resolves once the gateway confirmed the subscription (so events from then on arrive);
+   * rejects with the refusal (Unauthorized, Forbidden), ShuttingDown if closed first, or
+   * TargetUnavailable after `timeoutMs` without a confirmation (the stream keeps trying).
+   */
+  whenSubscribed(timeoutMs: number = this.emitTimeoutMs): Promise<void> {
+    if (this.#confirmed) return Promise.resolve();
+    if (this.#refusal !== undefined) return Promise.reject(this.#refusal);
+    if (this.#closed) return Promise.reject(new ShuttingDown('the event stream is closed'));
+    return new Promise<void>((resolve, reject) => {
+      const waiter = {
+        resolve: () => {
+          clearTimeout(timer);
+          resolve();
+        },
+        reject: (error: unknown) => {
+          clearTimeout(timer);
+          reject(error);
+        },
+      };
+      const timer = setTimeout(() => {
+        this.#confirmWaiters.delete(waiter);
+        reject(new TargetUnavailable(`no subscription confirmed by ${this.#url} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.#confirmWaiters.add(waiter);
+    });
+  }
+
   /** Publish a host event; resolves on the gateway's ack, rejects with its typed error. */
   publish(frame: PublishFrame, timeoutMs: number = this.emitTimeoutMs): Promise<void> {
     if (this.#closed) return Promise.reject(new ShuttingDown('the event stream is closed'));
@@ -182,7 +213,9 @@ export class EventStream {
     this.#closed = true;
     clearTimeout(this.#reconnectTimer);
     clearTimeout(this.#idleTimer);
-    this.#failPending(() => true, new ShuttingDown('the event stream was closed before the ack'));
+    const closed = new ShuttingDown('the event stream was closed before the ack');
+    this.#failPending(() => true, closed);
+    this.#settleWaiters(closed);
     const socket = this.#socket;
     this.#socket = undefined;
     this.#open = false;
@@ -277,6 +310,7 @@ export class EventStream {
       );
       if (this.#refusal !== undefined) {
         this.#failPending(() => true, this.#refusal);
+        this.#settleWaiters(this.#refusal);
         return;
       }
       if (!this.#closed) this.#scheduleReconnect();
@@ -365,6 +399,17 @@ export class EventStream {
       this.#cursor = newest;
     }
     this.#stream = stream;
+    this.#confirmed = true;
+    this.#settleWaiters();
+  }
+
+  /** Resolve (no error) or reject everyone waiting for the subscription. */
+  #settleWaiters(error?: unknown): void {
+    for (const waiter of this.#confirmWaiters) {
+      if (error === undefined) waiter.resolve();
+      else waiter.reject(error);
+    }
+    this.#confirmWaiters.clear();
   }
 
   #failPending(which: (pending: Pending) => boolean, error: unknown): void {

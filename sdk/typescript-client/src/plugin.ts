@@ -70,6 +70,11 @@ export class RemotePlugin implements RemotePluginService {
     return this.#info?.methods;
   }
 
+  /** The event stream while open (its state, for diagnostics). */
+  get eventStream(): EventStream | undefined {
+    return this.#stream;
+  }
+
   /** The event stream's last event id: where a reconnect resumes. */
   get lastEventId(): number | undefined {
     return this.#stream?.lastEventId;
@@ -102,11 +107,25 @@ export class RemotePlugin implements RemotePluginService {
     if (this.#state === 'created') this.#state = 'initialized';
   }
 
-  /** Open the event stream if anyone listens; calls are taken again after a `stop`. */
-  async start(): Promise<void> {
+  /**
+   * Take calls (again, after a `stop`) and, if anyone listens, open the event stream:
+   * resolves once the gateway confirmed the subscription, so every event from then on
+   * reaches the handlers. Rejects with the gateway's refusal (Unauthorized, Forbidden) or
+   * TargetUnavailable when it cannot be reached within `timeoutMs` (default: the
+   * client's `events.emitTimeoutMs`); the plugin is then left stopped.
+   */
+  async start(options: { timeoutMs?: number } = {}): Promise<void> {
     this.#alive();
     this.#state = 'started';
-    if (this.#handlers.size > 0) this.#events().subscribe();
+    if (this.#handlers.size === 0) return;
+    const stream = this.#events();
+    stream.subscribe();
+    try {
+      await stream.whenSubscribed(options.timeoutMs);
+    } catch (error) {
+      await this.stop();
+      throw error;
+    }
   }
 
   /** Close the event stream, refuse new calls, and wait for the calls in flight. */
