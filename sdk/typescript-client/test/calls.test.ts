@@ -1,6 +1,7 @@
 /** Calls through a real `dispatcher serve`: results, each error type's class, deadlines, auth, lifecycle. */
 
 import assert from 'node:assert/strict';
+import { createServer as createHttpServer } from 'node:http';
 import { createServer, Server, Socket } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 
@@ -12,6 +13,8 @@ import {
   MethodNotFound,
   PluginError,
   PluginNotFound,
+  ProviderError,
+  RateLimited,
   ShuttingDown,
   TargetUnavailable,
   Unauthorized,
@@ -157,6 +160,43 @@ describe('calls', () => {
     assert.ok(refused instanceof DispatchError);
     assert.ok((await rejection(echo.emit('ping'))) instanceof ShuttingDown);
     assert.throws(() => echo.on('tick', () => undefined), ShuttingDown);
+  });
+});
+
+describe('a peer that is not the gateway it claims to be', () => {
+  test('answers without an envelope are typed by status; a malformed error object is ProviderError', async () => {
+    const answers: Record<string, [number, Record<string, string>, string]> = {
+      '/v1/plugins/p/methods/html': [200, { 'Content-Type': 'text/html' }, '<h1>hello</h1>'],
+      '/v1/plugins/p/methods/busy': [503, { 'Retry-After': '7' }, '<h1>upstream busy</h1>'],
+      '/v1/plugins/p/methods/shapeless': [400, {}, '{"ok": false, "error": "nope"}'],
+      '/v1/plugins/p/methods/limited': [429, { 'Retry-After': '9' }, '{"ok": false, "error": {"type": "rate_limited", "message": "slow down", "retryable": true, "retry_after": 0.25}}'],
+      '/v1/plugins/p/methods/future': [418, {}, '{"ok": false, "error": {"type": "teapot", "message": "a newer type", "retryable": true}}'],
+    };
+    const liar = createHttpServer((request, response) => {
+      const [status, headers, body] = answers[request.url ?? ''] ?? [404, {}, ''];
+      request.resume();
+      response.writeHead(status, headers).end(body);
+    });
+    await new Promise<void>((done) => liar.listen(0, '127.0.0.1', done));
+    const { port } = liar.address() as { port: number };
+    try {
+      const client = new GatewayClient({ url: `http://127.0.0.1:${port}`, timeoutMs: 5000 });
+      const html = await rejection(client.call('p', 'html'));
+      assert.ok(html instanceof ProviderError, String(html));
+      const busy = await rejection(client.call('p', 'busy'));
+      assert.ok(busy instanceof TargetUnavailable, String(busy));
+      assert.equal(busy.retryAfterMs, 7000);
+      assert.ok((await rejection(client.call('p', 'shapeless'))) instanceof ProviderError);
+      const limited = await rejection(client.call('p', 'limited'));
+      assert.ok(limited instanceof RateLimited);
+      assert.equal(limited.retryAfterMs, 250); // the envelope's exact figure beats the header's
+      const future = await rejection(client.call('p', 'future'));
+      assert.ok(future instanceof DispatchError && future.constructor === DispatchError, String(future));
+      assert.equal(future.type, 'teapot');
+      assert.equal(future.retryable, true);
+    } finally {
+      await new Promise((done) => liar.close(done));
+    }
   });
 });
 
