@@ -106,6 +106,8 @@ _TOOLCHAIN_TESTS = {
     # The Go example plugin in an etcd registry (tests/test_plugin_registry.py).
     "test_the_go_example_plugin_registers_and_leaves_on_sigterm",
     "test_the_go_example_plugin_refuses_to_advertise_every_interface",
+    # The TypeScript host client's node:test suite (tests/test_ts_client.py).
+    "test_the_typescript_client_suite_passes_against_a_real_gateway",
 }
 
 

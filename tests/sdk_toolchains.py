@@ -95,3 +95,13 @@ def install_java_sdk() -> None:
 def build_typescript_sdk() -> None:
     require(NPM)
     succeed(["bash", str(SDK / "typescript" / "build.sh")], ROOT, VENV=str(BIN.parent))
+
+
+@functools.cache
+def build_typescript_client() -> Path:
+    """``sdk/typescript-client/build.sh`` (idempotent): the host client and its tests,
+    compiled; returns the package's folder."""
+    require(NPM)
+    folder = SDK / "typescript-client"
+    succeed(["bash", str(folder / "build.sh")], ROOT)
+    return folder

@@ -113,6 +113,34 @@ async def test_bad_frames_get_typed_errors_and_the_connection_stays() -> None:
             assert answer.status == 400
 
 
+async def test_a_resume_from_another_gateways_stream_starts_from_this_ones_first_event() -> None:
+    """After a restart ids start again at 1: the last id of the gateway that was gone
+    must not skip this one's events (nor a gap be hidden)."""
+    async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
+        await burst(session, server.url, 3)
+        async with session.ws_connect(f"{server.url}/v1/events") as ws:
+            await ws.send_json({"type": "subscribe", "last_event_id": 0})
+            (subscribed,) = await frames(ws, 1, "subscribed")
+            stream = subscribed["stream"]
+            assert isinstance(stream, str) and len(stream) == 16
+            assert [event["id"] for event in await frames(ws, 3)] == [1, 2, 3]
+        # The first resume adds event 4; the second, of a stream gone, replays it too.
+        resumes = {stream: [], "an-older-gateway": [1, 2, 3, 4]}
+        for resumed_stream, expected in resumes.items():
+            async with session.ws_connect(f"{server.url}/v1/events") as ws:
+                await ws.send_json(
+                    {"type": "subscribe", "last_event_id": 3, "stream": resumed_stream}
+                )
+                await frames(ws, 1, "subscribed")
+                await burst(session, server.url, 1)  # a live event marks the replay's end
+                got = [event["id"] for event in await frames(ws, len(expected) + 1)]
+                assert got[:-1] == expected, resumed_stream
+        async with session.ws_connect(f"{server.url}/v1/events") as ws:
+            await ws.send_json({"type": "subscribe", "stream": 7})
+            (error,) = await frames(ws, 1, "error")
+            assert error["error"]["type"] == "invalid_params"
+
+
 async def test_a_reconnecting_subscriber_resumes_without_gaps_or_duplicates() -> None:
     async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
         seen: list[int] = []
@@ -141,6 +169,24 @@ async def test_a_resume_past_the_buffer_is_told_its_gap() -> None:
             (gap,) = await frames(ws, 1, "gap")
             assert gap == {"type": "gap", "after": 3, "resumed_at": 16}
             assert [event["id"] for event in await frames(ws, 5)] == [16, 17, 18, 19, 20]
+
+
+async def test_a_resume_that_replays_a_full_ring_is_not_cut_off_for_it() -> None:
+    """As by default, the ring holds as many events as a subscriber may have queued: the
+    replay of all of it, with the subscribed and gap frames before it, must fit, or the
+    client is closed with 4008 on every resume and never catches up."""
+    settings = GatewaySettings(port=0, event_buffer=20, max_pending_events=20)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        await burst(session, server.url, 30)
+        async with session.ws_connect(f"{server.url}/v1/events?last_event_id=1") as ws:
+            (gap,) = await frames(ws, 1, "gap")
+            assert gap["resumed_at"] == 11
+            assert [event["id"] for event in await frames(ws, 20)] == list(range(11, 31))
+            await burst(session, server.url, 1)
+            assert [event["id"] for event in await frames(ws, 1)] == [31]
 
 
 async def test_a_consumer_that_does_not_read_is_cut_off_and_others_get_everything() -> None:

@@ -9,6 +9,12 @@ ones, with no await in between, so a resume has no gap and no duplicate. Events 
 left the ring before the client came back are reported as a ``gap`` frame, never skipped
 silently.
 
+Ids count within one hub, so they start again at 1 when the gateway restarts. The
+``subscribed`` frame names the hub (``stream``, random per hub); a client that resumes
+sends the stream its last id belongs to, and when that is not this hub's the resume
+starts from this hub's first event (with a ``gap`` if the ring lost some): an id of a
+gateway gone says nothing about this one's, and taking it at its word would skip events.
+
 Each subscriber's queue is bounded (``max_pending_events``): a client that reads slower
 than events arrive is closed with code 4008 and can resume from its last id, rather than
 holding the gateway's memory without end. The protocol is in ``docs/gateway.md``.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -70,25 +77,39 @@ class Subscriber:
     filters: tuple[Filter, ...]
     limit: int
     on_overflow: Callable[[], None]
-    pending: deque[str] = field(default_factory=deque)
+    #: Events (encoded once, shared by every subscriber) and the protocol's own frames.
+    pending: deque[_Event | str] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     too_slow: bool = False
+    #: Frames of the protocol's own in ``pending`` (subscribed, gap, publish answers): not
+    #: counted against ``limit``, or a replay of a full ring (as many events as the limit
+    #: by default) would overflow on its own, every time the client resumes.
+    said: int = 0
 
     def offer(self, event: _Event) -> None:
         if self.too_slow or not any(f.matches(event.plugin, event.name) for f in self.filters):
             return
-        if len(self.pending) >= self.limit:
+        if len(self.pending) - self.said >= self.limit:
             self.too_slow = True
             self.pending.clear()
+            self.said = 0
             self.on_overflow()
             return
-        self.pending.append(event.frame)
+        self.pending.append(event)
         self.wakeup.set()
 
     def say(self, frame: dict[str, Any]) -> None:
         """Queue a frame of the protocol's own (not counted against the limit)."""
         self.pending.append(orjson.dumps(frame).decode())
+        self.said += 1
         self.wakeup.set()
+
+    def next_frame(self) -> str:
+        item = self.pending.popleft()
+        if isinstance(item, _Event):
+            return item.frame
+        self.said -= 1
+        return item
 
 
 class EventHub:
@@ -99,6 +120,8 @@ class EventHub:
         self._max_pending = max_pending
         self._last_id = 0
         self._subscribers: set[Subscriber] = set()
+        #: Names this hub's id sequence, so a resume can tell whose ids it holds.
+        self.stream_id = secrets.token_hex(8)
 
     def attach(self, dispatcher: Dispatcher) -> None:
         """Receive every event of every plugin in ``dispatcher``'s manifest."""
@@ -132,10 +155,17 @@ class EventHub:
         filters: Iterable[Filter],
         last_event_id: int | None,
         on_overflow: Callable[[], None],
+        stream: str | None = None,
     ) -> Subscriber:
-        """Register a subscriber, its replay after ``last_event_id`` already queued."""
+        """Register a subscriber, its replay after ``last_event_id`` already queued.
+        ``last_event_id`` of another ``stream`` (a gateway before a restart) resumes from
+        this hub's start."""
         subscriber = Subscriber(tuple(filters), self._max_pending, on_overflow)
-        subscriber.say({"type": "subscribed", "last_event_id": self._last_id})
+        subscriber.say(
+            {"type": "subscribed", "last_event_id": self._last_id, "stream": self.stream_id}
+        )
+        if last_event_id is not None and stream is not None and stream != self.stream_id:
+            last_event_id = 0
         if last_event_id is not None:
             oldest = self._ring[0].id if self._ring else self._last_id + 1
             if last_event_id + 1 < oldest:
@@ -234,7 +264,7 @@ class EventStream:
             subscriber.wakeup.clear()
             pending = subscriber.pending
             while pending and not subscriber.too_slow:
-                await ws.send_str(pending.popleft())
+                await ws.send_str(subscriber.next_frame())
             if subscriber.too_slow:
                 return
 
@@ -271,8 +301,10 @@ class EventStream:
         except DispatchError as error:
             await self._reply({"type": "error", "ref": ref, "error": error.to_wire()})
 
-    def _subscribe(self, filters: tuple[Filter, ...], last_event_id: int | None) -> None:
-        self._subscriber = self._hub.subscribe(filters, last_event_id, self._overflowed)
+    def _subscribe(
+        self, filters: tuple[Filter, ...], last_event_id: int | None, stream: str | None = None
+    ) -> None:
+        self._subscriber = self._hub.subscribe(filters, last_event_id, self._overflowed, stream)
         self._subscribed.set()
 
     async def _publish(self, frame: dict[str, Any]) -> None:
@@ -295,8 +327,8 @@ class EventStream:
             await self._ws.send_str(orjson.dumps(frame).decode())
 
 
-def parse_subscription(source: Any) -> tuple[tuple[Filter, ...], int | None]:
-    """Filters and ``last_event_id`` from a subscribe frame."""
+def parse_subscription(source: Any) -> tuple[tuple[Filter, ...], int | None, str | None]:
+    """Filters, ``last_event_id`` and the ``stream`` it belongs to from a subscribe frame."""
     raw_filters = source.get("filters", [{}])
     if not isinstance(raw_filters, list) or not 1 <= len(raw_filters) <= 100:
         raise InvalidParams("'filters' is a list of 1 to 100 {plugin?, event?} objects")
@@ -308,7 +340,10 @@ def parse_subscription(source: Any) -> tuple[tuple[Filter, ...], int | None]:
         if not isinstance(plugin, str | None) or not isinstance(event, str | None):
             raise InvalidParams("a filter's 'plugin' and 'event' are strings")
         filters.append(Filter(plugin, event))
-    return tuple(filters), checked_event_id(source.get("last_event_id"))
+    stream = source.get("stream")
+    if not isinstance(stream, str | None) or (stream is not None and len(stream) > 64):
+        raise InvalidParams("'stream' is the string a 'subscribed' frame named (64 at most)")
+    return tuple(filters), checked_event_id(source.get("last_event_id")), stream
 
 
 def checked_event_id(value: Any) -> int | None:

@@ -1,0 +1,26 @@
+/** LinchKit dispatcher host client: remote plugins through the gateway (`dispatcher serve`). */
+
+export { GatewayClient } from './client';
+export type { CallOptions, GatewayClientOptions, MethodInfo, PluginInfo, Readiness } from './client';
+export { ANY_EVENT, RemotePlugin } from './plugin';
+export type { ErrorHandler, EventHandler, GapHandler, HealthStatus, PluginState, RemotePluginService } from './plugin';
+export { EventStream } from './events';
+export type { EventFilter, EventStreamOptions, Gap, PluginEvent } from './events';
+export {
+  CircuitOpen,
+  DeadlineExceeded,
+  DispatchError,
+  Forbidden,
+  InvalidParams,
+  MethodNotFound,
+  Overloaded,
+  PluginError,
+  PluginNotFound,
+  ProviderError,
+  RateLimited,
+  ShuttingDown,
+  TargetUnavailable,
+  Unauthorized,
+  errorFromWire,
+} from './errors';
+export type { DispatchErrorOptions, WireError } from './errors';
