@@ -22,6 +22,13 @@ from dispatcher.config.policies import (
     RateLimit,
     RetryPolicy,
 )
+from dispatcher.config.telemetry import (
+    LogSettings,
+    MetricsSettings,
+    ResolvedTracing,
+    Telemetry,
+    TracingSettings,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_MS",
@@ -33,14 +40,19 @@ __all__ = [
     "FallbackPolicy",
     "HedgePolicy",
     "Lifecycle",
+    "LogSettings",
     "Manifest",
     "ManifestError",
     "ManifestProblem",
     "MethodSpec",
+    "MetricsSettings",
     "PluginSpec",
     "Policies",
     "RateLimit",
+    "ResolvedTracing",
     "RetryPolicy",
+    "Telemetry",
+    "TracingSettings",
     "load_manifest",
     "parse_manifest",
 ]

@@ -14,6 +14,7 @@ from jsonschema.exceptions import SchemaError
 from pydantic import Field, field_validator
 
 from dispatcher.config.policies import Policies
+from dispatcher.config.telemetry import Telemetry
 from providers.egress import EgressPolicy
 from providers.target import StrictModel, TargetConfig
 
@@ -117,3 +118,7 @@ class Manifest(StrictModel, Generic[TargetT]):
         description="Where providers may connect (providers/egress.py; README: egress).",
     )
     plugins: list[PluginSpec[TargetT]] = Field(default_factory=list)
+    telemetry: Telemetry = Field(
+        default_factory=Telemetry,
+        description="Metrics, traces and logs (docs/observability.md); all off by default.",
+    )
