@@ -140,7 +140,7 @@ async def query_until(base: str, promql: str, expected: float, process_log: Path
                 if len(result) == 1 and float(result[0]["value"][1]) == expected:
                     return
             await asyncio.sleep(0.5)
-    log = process_log.read_text(errors="replace")[-2000:] if process_log.exists() else ""
+    log = _tail(process_log)
     pytest.fail(f"{promql} never returned {expected}; last answer: {last}\n{log}")
 
 
@@ -182,3 +182,8 @@ async def test_prometheus_scrapes_call_counts_and_a_breaker_state(
         1,
         log,
     )
+
+
+def _tail(path: Path) -> str:
+    """The end of Prometheus' log, to explain a failure (read once, as the test ends)."""
+    return path.read_text(errors="replace")[-2000:] if path.exists() else ""
