@@ -11,18 +11,17 @@ call is traced; one that is not costs a flag read and a ``random()``.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.telemetry.errors import ErrorLog, error_type
 from dispatcher.telemetry.logs import CURRENT_CALL, CURRENT_TRACE_ID
-from dispatcher.telemetry.metrics import MAX_OUTCOMES_PER_ROUTE, DispatcherMetrics
+from dispatcher.telemetry.metrics import MAX_OUTCOMES_PER_ROUTE, CallRecord, DispatcherMetrics
 from providers.invocation import Invocation
 
 if TYPE_CHECKING:
-    from prometheus_client.metrics import Counter, Histogram
-
     from dispatcher.telemetry.tracing import RouteSpans, Tracing
 
 __all__ = ["CallStep"]
@@ -34,8 +33,8 @@ class CallStep:
     """Telemetry around one route's chain."""
 
     __slots__ = (
-        "_ok_calls",
-        "_ok_latency",
+        "_bounds",
+        "_ok",
         "_outcomes",
         "errors",
         "method",
@@ -64,25 +63,25 @@ class CallStep:
         self.metrics = metrics
         self.tracing = tracing
         self.spans = spans
-        # Label children bound once: a per-call `labels()` lookup would cost more than the
-        # increment itself.
-        self._outcomes: dict[str, tuple[Counter, Histogram]] = {}
-        self._ok_calls: Counter | None = None
-        self._ok_latency: Histogram | None = None
+        # Records found once (the `ok` one now, so its series exists from the start): a
+        # lookup per call would cost more than the update itself.
+        self._outcomes: dict[str, CallRecord] = {}
+        self._ok: CallRecord | None = None
+        self._bounds: tuple[float, ...] = ()
         if metrics is not None:
-            self._ok_calls, self._ok_latency = self._children("ok")
+            self._bounds = metrics.bounds
+            self._ok = self._record("ok")
 
-    def _children(self, outcome: str) -> tuple[Counter, Histogram]:
-        children = self._outcomes.get(outcome)
-        if children is None:
+    def _record(self, outcome: str) -> CallRecord:
+        record = self._outcomes.get(outcome)
+        if record is None:
             assert self.metrics is not None
             if len(self._outcomes) >= MAX_OUTCOMES_PER_ROUTE:
                 outcome = "other"
-            children = self._outcomes[outcome] = (
-                self.metrics.calls.labels(self.plugin, self.method, outcome),
-                self.metrics.latency.labels(self.plugin, self.method, outcome),
+            record = self._outcomes[outcome] = self.metrics.record(
+                self.plugin, self.method, outcome
             )
-        return children
+        return record
 
     async def __call__(self, invocation: Invocation) -> Any:
         tracing = self.tracing
@@ -103,10 +102,11 @@ class CallStep:
             CURRENT_CALL.reset(token)
             if untraced is not None:
                 tracing.reset_untraced(untraced)  # type: ignore[union-attr]
-        if self._ok_calls is not None:
+        ok = self._ok
+        if ok is not None:
             elapsed = perf_counter() - start
-            self._ok_calls.inc()
-            self._ok_latency.observe(elapsed)  # type: ignore[union-attr]
+            ok.buckets[bisect_left(self._bounds, elapsed)] += 1
+            ok.sum += elapsed
         return result
 
     async def _traced(self, tracing: Tracing, invocation: Invocation, parent: Any) -> Any:
@@ -122,17 +122,18 @@ class CallStep:
         finally:
             CURRENT_TRACE_ID.reset(trace_token)
             CURRENT_CALL.reset(token)
-        if self._ok_calls is not None:
+        ok = self._ok
+        if ok is not None:
             elapsed = perf_counter() - start
-            self._ok_calls.inc()
-            self._ok_latency.observe(elapsed)  # type: ignore[union-attr]
+            ok.buckets[bisect_left(self._bounds, elapsed)] += 1
+            ok.sum += elapsed
         return result
 
     def _failed(self, invocation: Invocation, error: BaseException, elapsed: float) -> None:
         if self.metrics is not None:
-            calls, latency = self._children(error_type(error))
-            calls.inc()
-            latency.observe(elapsed)
+            record = self._record(error_type(error))
+            record.buckets[bisect_left(self._bounds, elapsed)] += 1
+            record.sum += elapsed
         self.errors.record(invocation, error, CURRENT_TRACE_ID.get())
 
     def __repr__(self) -> str:

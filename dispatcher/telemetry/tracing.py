@@ -146,8 +146,11 @@ class Tracing:
                 if not sampled:
                     return None  # the caller's decision, sent on unchanged
                 return _PROPAGATOR.extract({"traceparent": traceparent})
-        elif trace.get_current_span().get_span_context().is_valid:
-            return context_api.get_current()  # the host's span decides (sampled or not)
+        else:
+            current = context_api.get_current()
+            # An empty context (most hosts, most calls) has no span: skip the API's lookups.
+            if current and trace.get_current_span(current).get_span_context().is_valid:
+                return current  # the host's span decides (sampled or not)
         if self.ratio >= 1.0 or random.random() < self.ratio:
             return context_api.Context()  # a root
         return None
