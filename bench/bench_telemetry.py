@@ -13,6 +13,8 @@ median over rounds of the difference per call, 100,000 calls per round:
   sending to a local fixed-reply server in its own process; each round ends with a
   ``force_flush`` inside its time, so the export thread's work (it shares the
   interpreter) is counted, and never spills into another round.
+* ``telemetry_step_sampled_unexported_us``: the same spans with no exporter (``enabled:
+  true`` and no endpoint): what making the spans costs, apart from encoding and sending.
 
 **Through ``Dispatcher.call``** (end to end, noisier: the plugin's own work is in it):
 dispatchers over the same in-process plugin (the example's ``say``, ``provider:
@@ -105,6 +107,9 @@ async def _steps(endpoint: str, rounds: int, calls: int) -> dict[str, float]:
         "unsampled": runtime(
             {"metrics": {"enabled": True}, "tracing": {**tracing, "sample_ratio": 0.0}}
         ),
+        "sampled_unexported": runtime(
+            {"metrics": {"enabled": True}, "tracing": {"enabled": True, "sample_ratio": 1.0}}
+        ),
         "sampled": runtime(
             {"metrics": {"enabled": True}, "tracing": {**tracing, "sample_ratio": 1.0}}
         ),
@@ -134,7 +139,7 @@ async def _steps(endpoint: str, rounds: int, calls: int) -> dict[str, float]:
         f"telemetry_step_{name}_us": statistics.median(
             a - b for a, b in zip(samples[name], base, strict=True)
         )
-        for name in ("metrics", "unsampled", "sampled")
+        for name in ("metrics", "unsampled", "sampled_unexported", "sampled")
     }
 
 

@@ -420,6 +420,20 @@ async def test_json_log_lines_carry_the_request_trace_plugin_and_method() -> Non
     assert not logging.getLogger("dispatcher").handlers  # removed when the dispatcher closed
 
 
+def test_a_plugin_stderr_line_is_tagged_with_its_plugin_and_instance() -> None:
+    from dispatcher.telemetry import CallContextFilter, JsonFormatter
+
+    record = logging.getLogger("dispatcher.plugin.ledger").makeRecord(
+        "dispatcher.plugin.ledger", logging.INFO, __file__, 1, "%s", ("x" * 100_000,), None,
+        extra={"instance": "pid 4242"},
+    )  # fmt: skip
+    assert CallContextFilter().filter(record)
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["plugin"], line["instance"]) == ("ledger", "pid 4242")
+    assert "request_id" not in line  # written outside any call
+    assert len(line["message"]) <= 16_385  # a flooding plugin costs a bounded line
+
+
 # -- configuration ----------------------------------------------------------------------------
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
@@ -40,6 +39,7 @@ from prometheus_client.registry import Collector
 from dispatcher.config import MetricsSettings
 
 if TYPE_CHECKING:
+    from aiohttp import web
     from prometheus_client.metrics_core import Metric
 
 __all__ = ["CallRecord", "DispatcherMetrics", "StatsCollector", "asgi_app", "metrics_handler"]
@@ -350,6 +350,8 @@ def metrics_handler(
     registry: CollectorRegistry,
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """An aiohttp handler serving ``registry`` (mount it at ``/metrics``)."""
+    # Imported here: importing the dispatcher must not load the HTTP client (tests/test_imports).
+    from aiohttp import web
 
     async def handle_metrics(request: web.Request) -> web.StreamResponse:
         body, content_type = exposition(registry, request.headers.get("Accept"))

@@ -4,7 +4,7 @@
 # server of the DNS discovery tests: dnsmasq-base, the binary without a system service) and
 # Prometheus (the server that scrapes a dispatcher's /metrics in tests/test_telemetry_prometheus.py;
 # Debian's package also enables a system service: the tests never use it, they start their own).
-# Idempotent and quiet when both are present. Nothing is started here: each test session
+# Idempotent and quiet when all are present. Nothing is started here: each test session
 # starts its own on free loopback ports (tests/services.py).
 set -euo pipefail
 missing=()

@@ -17,26 +17,27 @@ exporter installed (``pip install 'linchkit-plugin[tracing]'``).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from typing import Any
 
-try:  # optional: the SDK depends on orjson only
-    from opentelemetry import context as _context
-    from opentelemetry import trace as _trace
-    from opentelemetry.trace import SpanKind as _SpanKind
-    from opentelemetry.trace import Status as _Status
-    from opentelemetry.trace import StatusCode as _StatusCode
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-except ImportError:  # pragma: no cover - depends on the plugin's environment
-    _trace = None  # type: ignore[assignment]
-
 __all__ = ["AVAILABLE", "configure_from_env", "continued_trace"]
 
-#: OpenTelemetry's API is importable here: calls with a ``traceparent`` get a span.
-AVAILABLE = _trace is not None
 
-_PROPAGATOR = TraceContextTextMapPropagator() if _trace is not None else None
+#: OpenTelemetry's API is installed here: calls with a ``traceparent`` get a span. Found
+#: without importing it: a plugin (or a host importing the SDK) that never sees a traced
+#: call never pays OpenTelemetry's import.
+def _api_installed() -> bool:
+    # opentelemetry.trace, not the namespace package: opentelemetry-proto alone provides
+    # the latter; finding a submodule imports only the (empty) namespace package.
+    try:
+        return importlib.util.find_spec("opentelemetry.trace") is not None
+    except ImportError:
+        return False
+
+
+AVAILABLE = _api_installed()
 
 
 @contextlib.contextmanager
@@ -46,12 +47,20 @@ def continued_trace(
     """Run the body inside a span continuing ``context["traceparent"]``, if there is one
     and OpenTelemetry is installed; otherwise just run it."""
     traceparent = context.get("traceparent") if context else None
-    if _trace is None or not isinstance(traceparent, str) or len(traceparent) > 512:
+    if not AVAILABLE or not isinstance(traceparent, str) or len(traceparent) > 512:
         yield
         return
     assert context is not None
-    assert _PROPAGATOR is not None
-    parent = _PROPAGATOR.extract({"traceparent": traceparent})
+    # Imported on the first traced call (then from sys.modules): optional, and not paid
+    # by plugins that are never traced.
+    from opentelemetry import context as _context
+    from opentelemetry import trace as _trace
+    from opentelemetry.trace import SpanKind as _SpanKind
+    from opentelemetry.trace import Status as _Status
+    from opentelemetry.trace import StatusCode as _StatusCode
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    parent = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
     if not _trace.get_current_span(parent).get_span_context().is_valid:
         yield  # malformed: the W3C rule is to ignore it, never to fail the call
         return
@@ -83,13 +92,15 @@ def continued_trace(
 def configure_from_env() -> bool:
     """Install an OTLP/HTTP-exporting tracer provider from ``OTEL_*`` variables, unless the
     process has one already. True when one was installed."""
-    if _trace is None or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    if not AVAILABLE or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return False
     if not (
         os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     ):
         return False
+    from opentelemetry import trace as _trace
+
     if not isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider):
         return False  # the plugin set up its own
     try:
