@@ -39,6 +39,7 @@ from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, authenticator_of
 from dispatcher.policies import PolicyRuntime
+from dispatcher.telemetry import TelemetryRuntime
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
@@ -121,6 +122,9 @@ class Dispatcher:
             else None,
         )
         self._guarded = self._guard.active
+        # Telemetry (dispatcher.telemetry): None unless the manifest or OTEL_* ask for it;
+        # then it wraps each route's chain and the provider boundary, nothing else.
+        self.telemetry = TelemetryRuntime.from_manifest(manifest.telemetry, self.stats)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **options: Any) -> Self:
@@ -138,7 +142,13 @@ class Dispatcher:
         self._current_task = current_task_getter(loop)
         self._closed = loop.create_future()
         self.fleets = FleetRuntime(self._clock)
-        self.policies = PolicyRuntime(self._clock, self.fleets)
+        telemetry = self.telemetry
+        self.policies = PolicyRuntime(
+            self._clock, self.fleets, boundary=None if telemetry is None else telemetry.boundary
+        )
+        if telemetry is not None:
+            telemetry.start()
+            self._circuit_listeners.append(telemetry.breaker_changed)
         self.policies.breaker_listeners.extend(self._circuit_listeners)
         try:
             if self._guard.audit is not None:
@@ -197,6 +207,8 @@ class Dispatcher:
         if self._guard.audit is not None:
             await self._guard.audit.aclose()  # last: every call above has its record now
         self._signal_drain.forget()
+        if self.telemetry is not None:
+            await self.telemetry.aclose()  # spans of the last calls are sent
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
 
@@ -780,10 +792,15 @@ class Dispatcher:
         provider = self._provider_of(plugin, method)
         target = plugin.target_of(method)
         invoke = self.policies.chain(plugin, method, provider, target)
-        fallback = plugin.policies_of(method).fallback
+        policies = plugin.policies_of(method)
+        fallback = policies.fallback
         if fallback is not None:  # around the whole chain: another plugin, its own policies
             name = f"{plugin.key}.{method}"
             invoke = self._fallbacks[name] = Fallback(name, fallback, invoke, self._routes)
+        if self.telemetry is not None:  # outermost: sees what the caller gets
+            invoke = self.telemetry.around_call(
+                plugin.id, plugin.version, method, target.provider, policies.may_cache, invoke
+            )
         gate = self.policies.gate(plugin, method)
         return Route(plugin, method, provider, invoke, gate, self.policies.fleets.get(target))
 

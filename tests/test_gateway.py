@@ -12,7 +12,10 @@ import aiohttp
 import orjson
 import pytest
 
-from dispatcher.gateway import GatewaySettings
+from dispatcher import Dispatcher
+from dispatcher.config import parse_manifest
+from dispatcher.gateway import GatewayServer, GatewaySettings
+from tests.conftest import ROOT, manifest
 from tests.gateway_support import (
     SAY_SCHEMA,
     SECRET_TOKEN,
@@ -330,3 +333,28 @@ async def test_an_authenticator_that_breaks_refuses_without_quoting_the_credenti
         assert SECRET_TOKEN not in orjson.dumps(body).decode()
     assert "ValueError" in caplog.text
     assert SECRET_TOKEN not in caplog.text
+
+
+async def test_the_gateway_serves_metrics_and_the_latest_errors_when_telemetry_is_on() -> None:
+    entry = echo_entry()
+    document = manifest(entry).model_dump(mode="json", exclude_none=True)
+    document["telemetry"] = {"metrics": {"enabled": True}}
+    settings = GatewaySettings(port=0)
+    async with (
+        Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher,
+        GatewayServer(dispatcher, settings) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        url = f"{server.url}/v1/plugins/echo/methods/say"
+        assert (await post(session, url, {"text": "hi"}))[0] == 200
+        withdraw = f"{server.url}/v1/plugins/echo/methods/withdraw"
+        assert (await post(session, withdraw, {"amount": 500}))[0] == 500  # the plugin's error
+        async with session.get(f"{server.url}/metrics") as answer:
+            exposition = await answer.text()
+        assert answer.status == 200
+        assert 'plugin="echo"' in exposition
+        async with session.get(f"{server.url}/v1/errors") as answer:
+            errors = await answer.json()
+        assert errors["enabled"] is True
+        assert [count["type"] for count in errors["counts"]] == ["plugin_error"]
+        assert "cannot withdraw 500" in errors["recent"][0]["message"]

@@ -32,6 +32,13 @@ from dispatcher.config.security import (
     MtlsIdentity,
     RoleRules,
 )
+from dispatcher.config.telemetry import (
+    LogSettings,
+    MetricsSettings,
+    ResolvedTracing,
+    Telemetry,
+    TracingSettings,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_MS",
@@ -48,16 +55,21 @@ __all__ = [
     "HedgePolicy",
     "JwtConfig",
     "Lifecycle",
+    "LogSettings",
     "Manifest",
     "ManifestError",
     "ManifestProblem",
     "MethodSpec",
+    "MetricsSettings",
     "MtlsIdentity",
     "PluginSpec",
     "Policies",
     "RateLimit",
+    "ResolvedTracing",
     "RetryPolicy",
     "RoleRules",
+    "Telemetry",
+    "TracingSettings",
     "load_manifest",
     "parse_manifest",
 ]

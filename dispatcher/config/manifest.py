@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 
 from dispatcher.config.policies import Policies
 from dispatcher.config.security import AccessConfig, AuditConfig, AuthConfig
+from dispatcher.config.telemetry import Telemetry
 from providers.egress import EgressPolicy
 from providers.target import StrictModel, TargetConfig
 
@@ -127,4 +128,8 @@ class Manifest(StrictModel, Generic[TargetT]):
     )
     audit: AuditConfig | None = Field(
         default=None, description="One hash-chained JSON line per call (README: audit)."
+    )
+    telemetry: Telemetry = Field(
+        default_factory=Telemetry,
+        description="Metrics, traces and logs (docs/observability.md); all off by default.",
     )

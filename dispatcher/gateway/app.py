@@ -7,6 +7,8 @@ Routes (``docs/gateway.md``):
     GET  /v1/plugins                             plugins, versions, methods
     GET  /v1/events                              WebSocket: plugin events, host events
     GET  /openapi.json                           generated from the manifest at start
+    GET  /metrics                                Prometheus metrics (telemetry.metrics on)
+    GET  /v1/errors                              the latest errors, by type and plugin
     GET  /healthz                                the process answers
     GET  /readyz                                 the dispatcher takes calls (503 draining)
 
@@ -34,6 +36,7 @@ from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_eve
 from dispatcher.gateway.openapi import openapi_document
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
+from dispatcher.telemetry.metrics import metrics_handler
 from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,
@@ -175,6 +178,18 @@ class Gateway:
             return error_answer(error)
         return web.Response(body=self._openapi, content_type=_JSON)
 
+    async def errors(self, request: web.Request) -> web.Response:
+        """The latest errors (``dispatcher.telemetry.errors``): their messages may carry
+        what callers sent, so only authenticated callers see them."""
+        try:
+            await self._authenticate(request)
+        except DispatchError as error:
+            return error_answer(error)
+        telemetry = self.dispatcher.telemetry
+        if telemetry is None:
+            return web.json_response({"counts": [], "recent": [], "enabled": False})
+        return web.json_response({**telemetry.errors.snapshot(), "enabled": True})
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
@@ -241,6 +256,12 @@ def create_app(
     app.router.add_get("/v1/plugins", gateway.plugins, allow_head=False)
     app.router.add_get("/v1/events", gateway.events, allow_head=False)
     app.router.add_get("/openapi.json", gateway.openapi, allow_head=False)
+    telemetry = dispatcher.telemetry
+    if telemetry is not None and telemetry.metrics is not None:
+        # Open like /healthz: a scraper holds no credentials, and the labels name plugins,
+        # methods and error types only (bounded, nothing a caller sent).
+        app.router.add_get("/metrics", metrics_handler(telemetry.metrics.registry))
+    app.router.add_get("/v1/errors", gateway.errors, allow_head=False)
     app.router.add_get("/healthz", gateway.healthz)
     app.router.add_get("/readyz", gateway.readyz)
     app.router.add_route("*", "/{tail:.*}", gateway.no_route)

@@ -29,6 +29,11 @@ the part of the chain that fits them (rate limits, bulkhead, breaker), sharing i
 
 ``PolicyRuntime`` holds what methods share (breakers, budgets, bulkheads and limiters
 per target) and owns every task the policies start; ``aclose`` ends them.
+
+The one place the chain meets its provider (``provider.invoke``/``invoke_batch``, bound
+to a target or to a fleet's instances) may be wrapped by a ``ProviderBoundary`` given to
+``PolicyRuntime``: telemetry's span per attempt and per batch sent lives there. Without
+one (tracing off) the chain is exactly the one described above.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ __all__ = [
     "Gate",
     "HedgeStep",
     "PolicyRuntime",
+    "ProviderBoundary",
     "ResultCache",
     "RetryBudget",
     "Step",
@@ -82,11 +88,30 @@ class Step(Protocol):
     def __call__(self, invocation: Invocation, /) -> Awaitable[Any]: ...
 
 
+Invoke = Callable[["TargetConfig", Invocation], Awaitable[Any]]
+InvokeBatch = Callable[["TargetConfig", Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]
+
+
+class ProviderBoundary(Protocol):
+    """Wraps what every chain calls its provider with: once per provider, at start."""
+
+    def invoke(self, invoke: Invoke, /) -> Invoke: ...
+
+    def invoke_batch(self, invoke_batch: InvokeBatch, /) -> InvokeBatch: ...
+
+
 class PolicyRuntime:
     """The policy state of one dispatcher."""
 
-    def __init__(self, clock: Callable[[], float], fleets: FleetRuntime | None = None) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        fleets: FleetRuntime | None = None,
+        *,
+        boundary: ProviderBoundary | None = None,
+    ) -> None:
         self.clock = clock
+        self.boundary = boundary
         self.fleets = fleets if fleets is not None else FleetRuntime(clock)
         self.breakers: dict[str, CircuitBreaker] = {}
         self.budgets: dict[str, RetryBudget] = {}
@@ -97,6 +122,10 @@ class PolicyRuntime:
         self.hedges: dict[str, HedgeStep] = {}
         self.gates: dict[tuple[str, str], Gate] = {}
         self.breaker_listeners: list[StateListener] = []
+        # Kept for stats() only: limits and bulkheads of a method's own scope are not shared.
+        self.limits: list[Limit] = []
+        self.method_bulkheads: list[Bulkhead] = []
+        self.retries: dict[str, RetryStep] = {}
 
     def chain(
         self, plugin: PluginSpec[Any], method: str, provider: Provider[Any], target: TargetConfig
@@ -115,7 +144,7 @@ class PolicyRuntime:
             if policies.may_hedge:
                 step = self._hedge(f"{plugin.key}.{method}", key, fleet, policies, step)
         else:
-            invoke = provider.invoke
+            invoke = self._invoke(provider)
 
             def call_target(invocation: Invocation) -> Awaitable[Any]:
                 return invoke(target, invocation)
@@ -125,7 +154,7 @@ class PolicyRuntime:
                 step = DeadlineGuard(name, step)
             breaker = self._breaker(key, target, policies.breaker) if policies.breaker else None
             if policies.batch is not None:
-                sender = self._batch_sender(provider, target, breaker)
+                sender = self._batch_sender(self._invoke_batch(provider), target, breaker)
                 batcher = Batcher(name, policies.batch, sender)
                 self.batchers.append(batcher)
                 step = batcher
@@ -136,12 +165,13 @@ class PolicyRuntime:
             budget = self.budgets.setdefault(
                 key, RetryBudget(target.describe(), policies.retry.budget_ratio)
             )
-            step = RetryStep(policies.retry, budget, step)
+            step = self.retries[f"{plugin.key}.{method}"] = RetryStep(policies.retry, budget, step)
         bulkhead = self._bulkhead(name, key, target, policies) if policies.concurrency else None
         if bulkhead is not None:
             step = BulkheadStep(bulkhead, step)
         limits = tuple(self._limit(name, key, target, spec) for spec in policies.rate_limit or ())
         if limits:
+            self.limits.extend(limits)
             step = RateLimitStep(limits, step)
         if policies.may_cache:
             assert policies.cache is not None
@@ -161,9 +191,10 @@ class PolicyRuntime:
             if policy is None
             else lambda instance: self._breaker(instance.key, instance.target, policy)
         )
-        fleet_step = FleetStep(fleet, provider.invoke, breaker_for)
+        fleet_step = FleetStep(fleet, self._invoke(provider), breaker_for)
         if policies.batch is not None:
-            batcher = Batcher(name, policies.batch, fleet_step.batch_sender(provider.invoke_batch))
+            sender = fleet_step.batch_sender(self._invoke_batch(provider))
+            batcher = Batcher(name, policies.batch, sender)
             self.batchers.append(batcher)
             return batcher
         if not provider.enforces_deadline:
@@ -181,6 +212,18 @@ class PolicyRuntime:
         )
         self.hedges[name] = hedge
         return hedge
+
+    def _invoke(self, provider: Provider[Any]) -> Invoke:
+        boundary = self.boundary
+        return provider.invoke if boundary is None else boundary.invoke(provider.invoke)
+
+    def _invoke_batch(self, provider: Provider[Any]) -> InvokeBatch:
+        boundary = self.boundary
+        return (
+            provider.invoke_batch
+            if boundary is None
+            else boundary.invoke_batch(provider.invoke_batch)
+        )
 
     def breaker_of(self, target: TargetConfig) -> CircuitBreaker | None:
         return self.breakers.get(target.key)
@@ -239,12 +282,40 @@ class PolicyRuntime:
                 for breaker in self.breakers.values()
             },
             "batchers": {
-                batcher.name: {"batches": batcher.batches, "mean_size": batcher.mean_batch_size}
+                batcher.name: {
+                    "batches": batcher.batches,
+                    "items": batcher.items,
+                    "flushes": {
+                        "full": batcher.full_flushes,
+                        "timer": batcher.timed_flushes,
+                        "drain": batcher.drain_flushes,
+                    },
+                    "mean_size": batcher.mean_batch_size,
+                }
                 for batcher in self.batchers
             },
             "retry_budgets": {
                 budget.name: {"spent": budget.spent, "refused": budget.refused}
                 for budget in self.budgets.values()
+            },
+            "retries": {name: step.retries for name, step in self.retries.items()},
+            "rate_limits": [
+                {
+                    "name": limit.name,
+                    "scope": limit.spec.scope,
+                    "mode": limit.spec.mode,
+                    "waited": limit.waited,
+                    "rejected": limit.rejected,
+                }
+                for limit in self.limits
+            ],
+            "bulkheads": {
+                bulkhead.name: {
+                    "in_flight": bulkhead.in_flight,
+                    "waiting": bulkhead.waiting,
+                    "rejected": bulkhead.rejected,
+                }
+                for bulkhead in (*self.bulkheads.values(), *self.method_bulkheads)
             },
             "hedges": {name: hedge.stats() for name, hedge in self.hedges.items()},
             "fleets": self.fleets.stats(),
@@ -270,7 +341,9 @@ class PolicyRuntime:
         spec = policies.concurrency
         assert spec is not None
         if spec.scope == "method":
-            return Bulkhead(name, spec.max_in_flight, spec.max_waiting)
+            own = Bulkhead(name, spec.max_in_flight, spec.max_waiting)
+            self.method_bulkheads.append(own)
+            return own
         bulkhead = self.bulkheads.get(key)
         if bulkhead is None:
             bulkhead = self.bulkheads[key] = Bulkhead(
@@ -288,9 +361,8 @@ class PolicyRuntime:
 
     @staticmethod
     def _batch_sender(
-        provider: Provider[Any], target: TargetConfig, breaker: CircuitBreaker | None
+        invoke_batch: InvokeBatch, target: TargetConfig, breaker: CircuitBreaker | None
     ) -> Callable[[Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]:
-        invoke_batch = provider.invoke_batch
         if breaker is None:
             return lambda invocations: invoke_batch(target, invocations)
         return lambda invocations: guard_batch(breaker, lambda: invoke_batch(target, invocations))

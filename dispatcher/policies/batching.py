@@ -42,7 +42,10 @@ class Batcher:
         self._closed = False
         self.batches = 0
         self.items = 0
+        # Why batches went out (for metrics): full, at the end of the window, a drain or close.
         self.timed_flushes = 0
+        self.full_flushes = 0
+        self.drain_flushes = 0
 
     async def __call__(self, invocation: Invocation) -> Any:
         if self._closed:
@@ -51,6 +54,7 @@ class Batcher:
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((invocation, future))
         if len(self._pending) >= self.max_size:
+            self.full_flushes += 1
             self._flush()
         else:
             flush_by = self._latest_flush(loop.time(), invocation.deadline)
@@ -122,6 +126,7 @@ class Batcher:
     def flush_now(self) -> None:
         """Send what is queued now, not at the end of its window (the dispatcher drains)."""
         if self._pending:
+            self.drain_flushes += 1
             self._flush()
 
     async def aclose(self, *, grace: float | None = None) -> None:
@@ -129,6 +134,7 @@ class Batcher:
         for batches in flight, then cancel the rest: their callers get ``TargetUnavailable``."""
         self._closed = True
         if self._pending:
+            self.drain_flushes += 1
             self._flush()
         if self._in_flight:
             bound = CLOSE_GRACE_SECONDS if grace is None else grace

@@ -172,7 +172,9 @@ class Child:
             del self.stderr_tail[:-20]
             if self._output is not None:
                 self._output.append(line)
-            self._plugin_log.info("%s", line)
+            # Tagged with this launch (its pid), so structured logs tell instances apart;
+            # the plugin comes from the logger's name (dispatcher.telemetry.logs).
+            self._plugin_log.info("%s", line, extra={"instance": f"pid {self.process.pid}"})
 
     async def _drain_stdout(self) -> None:
         assert self.process.stdout is not None

@@ -32,6 +32,7 @@ from linchkit_plugin.registry import (
     Registration,
     advertised_value,
 )
+from linchkit_plugin.tracing import configure_from_env
 
 _ENV = "LINCHKIT_PLUGIN_"
 _DEFAULTS = ServerLimits()
@@ -198,6 +199,7 @@ def serve(options: argparse.Namespace) -> None:
     if not isinstance(config, dict):
         _fail("--config must be a JSON object")
     registering = _check_registration(options)
+    configure_from_env()  # OTEL_* variables: spans of traced calls go to their collector
     if options.http != "auto" and options.http not in HTTP_IMPLEMENTATIONS:
         _fail(f"--http {options.http} is not installed: pip install {options.http}")
     app = PluginApp(

@@ -24,6 +24,8 @@ from linchkit_plugin.errors import (
     ProviderError,
 )
 from linchkit_plugin.plugin import LIFECYCLE_HOOKS, _current_context
+from linchkit_plugin.tracing import AVAILABLE as _TRACING
+from linchkit_plugin.tracing import continued_trace
 
 __all__ = ["PluginHost", "load_plugin_class"]
 
@@ -171,7 +173,16 @@ class PluginHost:
         return answer is not False, ""
 
     async def call(self, method: str, params: Any, context: dict[str, Any] | None = None) -> Any:
-        """Run ``method`` with ``params``; any failure is raised as a ``DispatchError``."""
+        """Run ``method`` with ``params``; any failure is raised as a ``DispatchError``.
+
+        A call whose context has a ``traceparent`` runs in a span continuing the
+        dispatcher's trace, when OpenTelemetry is installed (``linchkit_plugin.tracing``)."""
+        if _TRACING and context is not None and "traceparent" in context:
+            with continued_trace(method, context, type(self.plugin).__name__):
+                return await self._call(method, params, context)
+        return await self._call(method, params, context)
+
+    async def _call(self, method: str, params: Any, context: dict[str, Any] | None) -> Any:
         function = self.methods.get(method)
         if function is None:
             raise MethodNotFound(

@@ -1,0 +1,100 @@
+"""Structured logs: every line of a call says which call it belongs to.
+
+``CallContextFilter`` adds ``request_id``, ``trace_id``, ``plugin``, ``method`` (and
+``instance`` where a provider gave one) to each record, read from the call in progress
+(``CURRENT_CALL``, set by the telemetry step of ``Dispatcher.call``) — so a log line of a
+policy, a provider or a local plugin, written anywhere below the call, carries them
+without being passed anything. Lines a subprocess plugin writes on its stderr arrive on
+the logger ``dispatcher.plugin.<id>`` outside any call: the filter takes the plugin from
+the logger's name and the provider tags the instance.
+
+``JsonFormatter`` writes one JSON object per line (``telemetry.logs.format: json``); the
+text format is the usual one with those fields appended. Hosts with their own logging
+setup can add the filter and formatter to their handlers instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from providers.invocation import Invocation
+
+__all__ = [
+    "CURRENT_CALL",
+    "CURRENT_TRACE_ID",
+    "CallContextFilter",
+    "JsonFormatter",
+    "text_formatter",
+]
+
+#: The call the current task is working on (innermost, for a call made inside a call).
+CURRENT_CALL: ContextVar[Invocation | None] = ContextVar("dispatcher_current_call", default=None)
+#: The trace id of the current call's span, hex, when it is sampled.
+CURRENT_TRACE_ID: ContextVar[str | None] = ContextVar("dispatcher_trace_id", default=None)
+
+_FIELDS = ("request_id", "trace_id", "plugin", "method", "instance")
+_PLUGIN_LOGGER = "dispatcher.plugin."
+#: Longest message a JSON line carries: a plugin flooding one huge line costs a bounded line.
+MAX_MESSAGE_CHARS = 16_384
+
+
+class CallContextFilter(logging.Filter):
+    """Adds the current call's fields to every record it sees (never drops one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        call = CURRENT_CALL.get()
+        fields = record.__dict__
+        if call is not None:
+            fields.setdefault("request_id", call.request_id)
+            fields.setdefault("plugin", call.plugin)
+            fields.setdefault("method", call.method)
+            trace_id = CURRENT_TRACE_ID.get()
+            if trace_id is not None:
+                fields.setdefault("trace_id", trace_id)
+        elif record.name.startswith(_PLUGIN_LOGGER):
+            fields.setdefault("plugin", record.name[len(_PLUGIN_LOGGER) :])
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message and the call's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "…"
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": message,
+        }
+        for field in _FIELDS:
+            value = record.__dict__.get(field)
+            if value is not None:
+                line[field] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        # default=str: an `extra` value JSON cannot hold is shown, not lost with the line.
+        return orjson.dumps(line, default=str).decode()
+
+
+def text_formatter() -> logging.Formatter:
+    """The text format: the usual line, then the call's fields as ``key=value``."""
+    return _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extras = " ".join(
+            f"{field}={record.__dict__[field]}"
+            for field in _FIELDS
+            if record.__dict__.get(field) is not None
+        )
+        return f"{line} [{extras}]" if extras else line

@@ -1,0 +1,502 @@
+"""Telemetry of a running dispatcher: metrics, spans, log lines and recent errors.
+
+Real components throughout: the dispatcher with in-process and HTTP plugins, the
+prometheus-client registry served by the aiohttp handler on 127.0.0.1 and parsed by the
+library's own parser, and OpenTelemetry's SDK with its in-memory exporter (a real span
+processor chain; the OTLP wire is tests/test_telemetry_tracing.py's).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+
+from dispatcher import Dispatcher, parse_manifest
+from dispatcher.config import ManifestError, TracingSettings
+from dispatcher.telemetry import CallStep, metrics_handler
+from linchkit_plugin.errors import CircuitOpen, DispatchError, PluginError, TargetUnavailable
+from tests.conftest import EXAMPLES, ROOT, bound_socket
+
+TRACED_TARGET = {
+    "provider": "local",
+    "entrypoint": "traced_plugin:TracedPlugin",
+    "path": str(ROOT / "tests" / "plugins"),
+}
+ECHO_TARGET = {"provider": "local", "entrypoint": "echo_plugin:EchoPlugin", "path": str(EXAMPLES)}
+
+
+def telemetry_manifest(telemetry: dict[str, Any], *plugins: dict[str, Any]) -> Any:
+    return parse_manifest(
+        {"version": 1, "plugins": list(plugins), "telemetry": telemetry}, base_dir=ROOT
+    )
+
+
+def traced(**methods: Any) -> dict[str, Any]:
+    return {
+        "id": "traced",
+        "version": "1.0.0",
+        "target": TRACED_TARGET,
+        "methods": methods or {"context": {}, "fail": {}, "noisy": {}},
+    }
+
+
+def closed_port() -> int:
+    sock = bound_socket()  # bound, never listening: connecting is refused at once
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+@pytest.fixture(autouse=True)
+def _no_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_SDK_DISABLED",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+async def scrape(dispatcher: Dispatcher, accept: str | None = None) -> str:
+    """GET /metrics from the aiohttp handler, served on 127.0.0.1 like the gateway will."""
+    assert dispatcher.telemetry is not None
+    assert dispatcher.telemetry.metrics is not None
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(dispatcher.telemetry.metrics.registry))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.SockSite(runner, bound_socket())
+    await site.start()
+    try:
+        port = site._sock.getsockname()[1]  # type: ignore[union-attr]
+        headers = {"Accept": accept} if accept else {}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics", headers=headers) as response,
+        ):
+            assert response.status == 200
+            return await response.text()
+    finally:
+        await runner.cleanup()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found: dict[Any, float], name: str, **labels: str) -> float:
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+# -- off means off ---------------------------------------------------------------------------
+
+
+async def test_without_telemetry_the_chain_is_unchanged_and_nothing_is_recorded() -> None:
+    plain = parse_manifest({"version": 1, "plugins": [traced()]}, base_dir=ROOT)
+    async with Dispatcher(plain) as dispatcher:
+        assert dispatcher.telemetry is None
+        route = dispatcher._routes["traced"]["context"]
+        assert not isinstance(route.invoke, CallStep)
+        assert dispatcher.policies is not None
+        assert dispatcher.policies.boundary is None
+        context = await dispatcher.call("traced", "context", traceparent=None)
+        assert "traceparent" not in context
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+async def test_calls_are_counted_by_plugin_method_and_outcome_and_served_at_metrics() -> None:
+    telemetry = {"metrics": {"enabled": True}}
+    async with Dispatcher(telemetry_manifest(telemetry, traced())) as dispatcher:
+        for _ in range(7):
+            await dispatcher.call("traced", "context", {}, caller="alice")
+        for _ in range(3):
+            with pytest.raises(PluginError):
+                await dispatcher.call("traced", "fail", {"name": "Boom"})
+        text = await scrape(dispatcher)
+    found = samples(text)
+    labels = {"plugin": "traced", "method": "context", "outcome": "ok"}
+    assert value(found, "dispatcher_calls_total", **labels) == 7
+    assert value(found, "dispatcher_call_duration_seconds_count", **labels) == 7
+    assert value(found, "dispatcher_call_duration_seconds_sum", **labels) > 0
+    failed = {"plugin": "traced", "method": "fail", "outcome": "plugin_error"}
+    assert value(found, "dispatcher_calls_total", **failed) == 3
+    assert value(found, "dispatcher_calls_in_flight") == 0
+    # Bounded labels: no caller, request id or plugin exception name is a label value.
+    assert "alice" not in text
+    assert "Boom" not in text
+
+
+async def test_openmetrics_is_served_when_asked_for() -> None:
+    async with Dispatcher(telemetry_manifest({"metrics": {"enabled": True}}, traced())) as d:
+        await d.call("traced", "context")
+        text = await scrape(d, accept="application/openmetrics-text; version=1.0.0")
+    assert text.rstrip().endswith("# EOF")
+    assert 'dispatcher_calls_total{method="context",outcome="ok",plugin="traced"} 1.0' in text
+
+
+async def test_a_plugin_naming_thousands_of_errors_adds_no_label_values() -> None:
+    """Hostile: a plugin (or its callers) choosing error names must not grow the series."""
+    async with Dispatcher(telemetry_manifest({"metrics": {"enabled": True}}, traced())) as d:
+        for index in range(500):
+            with pytest.raises(PluginError):
+                await d.call("traced", "fail", {"name": f"Error{index}", "message": "x" * 10_000})
+        text = await scrape(d)
+        assert d.telemetry is not None
+        errors = d.telemetry.errors
+    series = [
+        line
+        for line in text.splitlines()
+        if line.startswith("dispatcher_calls_total") and 'method="fail"' in line
+    ]
+    # Each route's `ok` series exists from the start (at 0); failures add one per type.
+    assert len(series) == 2, series
+    assert "Error499" not in text
+    # The ring keeps the last 100, each message cut; the counts stay one key.
+    assert len(errors.recent) == 100
+    assert errors.recent[-1].remote_type == "Error499"
+    assert len(errors.recent[-1].message) <= 513
+    assert errors.counts == {("traced", "plugin_error"): 500}
+    snapshot = errors.snapshot(limit=2)
+    assert [entry["remote_type"] for entry in snapshot["recent"]] == ["Error499", "Error498"]
+    json.dumps(snapshot)  # what /v1/errors will serve must be JSON
+
+
+async def test_breaker_state_transitions_and_policy_counters_are_exported() -> None:
+    port = closed_port()
+    plugin = {
+        "id": "down",
+        "version": "1.0.0",
+        "target": {"provider": "http", "url": f"http://127.0.0.1:{port}"},
+        "defaults": {
+            "breaker": {"fail_max": 2, "reset_timeout_ms": 60_000},
+            "rate_limit": {"rate": 1000, "burst": 1000, "scope": "target"},
+            "concurrency": {"max_in_flight": 4, "scope": "target"},
+        },
+        "methods": {"say": {}},
+    }
+    async with Dispatcher(telemetry_manifest({"metrics": {"enabled": True}}, plugin)) as d:
+        for _ in range(2):
+            with pytest.raises(TargetUnavailable):
+                await d.call("down", "say", {"text": "hi"})
+        with pytest.raises(CircuitOpen):
+            await d.call("down", "say", {"text": "hi"})
+        found = samples(await scrape(d))
+    target = f"http http://127.0.0.1:{port}/invoke"
+    assert value(found, "dispatcher_breaker_state", target=target, state="open") == 1
+    assert value(found, "dispatcher_breaker_state", target=target, state="closed") == 0
+    transition = {"target": target, "from_state": "closed", "to_state": "open"}
+    assert value(found, "dispatcher_breaker_transitions_total", **transition) == 1
+    assert (
+        value(found, "dispatcher_calls_total", plugin="down", method="say", outcome="circuit_open")
+        == 1
+    )
+    assert (
+        value(
+            found,
+            "dispatcher_calls_total",
+            plugin="down",
+            method="say",
+            outcome="target_unavailable",
+        )
+        == 2
+    )
+    assert value(found, "dispatcher_bulkhead_rejections_total", bulkhead=target) == 0
+    assert value(found, "dispatcher_rate_limit_rejections_total", limit=target, scope="target") == 0
+
+
+async def test_batches_cache_and_retries_are_exported(echo_url: str) -> None:
+    plugin = {
+        "id": "echo",
+        "version": "1.0.0",
+        "target": {"provider": "http", "url": echo_url},
+        "methods": {
+            "say": {"batch": {"max_size": 4, "max_wait_ms": 50}},
+            "digest": {"pure": True, "cache": {"ttl_ms": 60_000}},
+        },
+    }
+    async with Dispatcher(telemetry_manifest({"metrics": {"enabled": True}}, plugin)) as d:
+        await d.call_many([("echo", "say", {"text": str(index)}) for index in range(8)])
+        for _ in range(3):
+            await d.call("echo", "digest", {"data": "x", "rounds": 1})
+        found = samples(await scrape(d))
+    assert value(found, "dispatcher_batches_total", route="echo.say") == 2
+    assert value(found, "dispatcher_batch_items_total", route="echo.say") == 8
+    assert value(found, "dispatcher_batch_flushes_total", route="echo.say", cause="full") == 2
+    assert value(found, "dispatcher_batch_size_count", target_kind="http") == 2
+    assert value(found, "dispatcher_batch_size_sum", target_kind="http") == 8
+    assert value(found, "dispatcher_cache_hits_total", route="echo@1.0.0.digest") == 2
+    assert value(found, "dispatcher_cache_misses_total", route="echo@1.0.0.digest") == 1
+
+
+# -- tracing ----------------------------------------------------------------------------------
+
+
+async def traced_dispatcher(
+    exporter: InMemorySpanExporter, *plugins: dict[str, Any], ratio: float = 1.0
+) -> AsyncIterator[Dispatcher]:
+    telemetry = {"tracing": {"enabled": True, "sample_ratio": ratio}, "metrics": {"enabled": True}}
+    dispatcher = Dispatcher(telemetry_manifest(telemetry, *plugins))
+    assert dispatcher.telemetry is not None
+    assert dispatcher.telemetry.tracing is not None
+    dispatcher.telemetry.tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with dispatcher:
+        yield dispatcher
+
+
+def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [span for span in spans if span.name == name]
+
+
+async def test_a_call_span_has_one_child_per_attempt_and_the_plugin_gets_the_attempt_context() -> (
+    None
+):
+    exporter = InMemorySpanExporter()
+    async for d in traced_dispatcher(exporter, traced()):
+        context = await d.call("traced", "context")
+    spans = exporter.get_finished_spans()
+    (call,) = by_name(spans, "traced.context")
+    (attempt,) = by_name(spans, "traced.context attempt")
+    assert attempt.parent is not None
+    assert attempt.parent.span_id == call.context.span_id
+    assert attempt.context.trace_id == call.context.trace_id
+    expected = f"00-{attempt.context.trace_id:032x}-{attempt.context.span_id:016x}-"
+    assert context["traceparent"].startswith(expected)
+    assert int(context["traceparent"][-2:], 16) & 1  # sampled (0x02: W3C's random flag)
+    assert call.attributes is not None
+    assert call.attributes["linchkit.plugin"] == "traced"
+    assert call.attributes["linchkit.method"] == "context"
+    assert call.attributes["linchkit.target.kind"] == "local"
+    assert call.attributes["linchkit.outcome"] == "ok"
+    assert call.attributes["linchkit.attempts"] == 1
+
+
+async def test_the_callers_trace_is_continued_and_an_unsampled_one_is_left_alone() -> None:
+    exporter = InMemorySpanExporter()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async for d in traced_dispatcher(exporter, traced(), ratio=0.0):
+        sampled = await d.call(
+            "traced", "context", traceparent=f"00-{trace_id}-00f067aa0ba902b7-01"
+        )
+        unsampled_parent = f"00-{trace_id}-00f067aa0ba902b7-00"
+        unsampled = await d.call("traced", "context", traceparent=unsampled_parent)
+        root = await d.call("traced", "context")  # ratio 0: a root is not traced
+    assert sampled["traceparent"].startswith(f"00-{trace_id}-")
+    assert unsampled["traceparent"] == unsampled_parent
+    assert "traceparent" not in root
+    spans = exporter.get_finished_spans()
+    assert {f"{span.context.trace_id:032x}" for span in spans} == {trace_id}
+    (call,) = by_name(spans, "traced.context")
+    assert call.parent is not None
+    assert call.parent.span_id == 0x00F067AA0BA902B7
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "garbage",
+        "00-" + "0" * 32 + "-00f067aa0ba902b7-01",  # all-zero trace id: invalid
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" + "x" * 10_000,
+    ],
+)
+async def test_a_malformed_traceparent_starts_a_new_trace_instead_of_failing(hostile: str) -> None:
+    exporter = InMemorySpanExporter()
+    async for d in traced_dispatcher(exporter, traced()):
+        context = await d.call("traced", "context", traceparent=hostile)
+    (call,) = by_name(exporter.get_finished_spans(), "traced.context")
+    assert call.parent is None  # a root of its own
+    assert context["traceparent"].startswith(f"00-{call.context.trace_id:032x}-")
+
+
+async def test_retries_make_one_attempt_span_each_and_errors_are_marked() -> None:
+    exporter = InMemorySpanExporter()
+    port = closed_port()
+    plugin = {
+        "id": "down",
+        "version": "1.0.0",
+        "target": {"provider": "http", "url": f"http://127.0.0.1:{port}"},
+        "methods": {
+            "say": {
+                "idempotent": True,
+                "retry": {"attempts": 3, "initial_backoff_ms": 1, "max_backoff_ms": 2},
+            }
+        },
+    }
+    async for d in traced_dispatcher(exporter, plugin):
+        with pytest.raises(TargetUnavailable):
+            await d.call("down", "say", {"text": "hi"}, timeout=10)
+        assert d.telemetry is not None
+        recent = d.telemetry.errors.recent[-1]
+    spans = exporter.get_finished_spans()
+    (call,) = by_name(spans, "down.say")
+    attempts = by_name(spans, "down.say attempt")
+    assert call.attributes is not None
+    assert len(attempts) == call.attributes["linchkit.attempts"]
+    assert len(attempts) >= 2  # the retry budget may refuse the third on a cold start
+    assert [a.attributes["linchkit.attempt"] for a in attempts] == list(range(1, len(attempts) + 1))  # type: ignore[index]
+    assert all(a.attributes["error.type"] == "target_unavailable" for a in attempts)  # type: ignore[index]
+    assert call.status.status_code.name == "ERROR"
+    assert recent.trace_id == f"{call.context.trace_id:032x}"
+
+
+async def test_a_batch_span_links_every_traced_call_it_carries(echo_url: str) -> None:
+    exporter = InMemorySpanExporter()
+    plugin = {
+        "id": "echo",
+        "version": "1.0.0",
+        "target": {"provider": "http", "url": echo_url},
+        "methods": {"say": {"batch": {"max_size": 3, "max_wait_ms": 100}}},
+    }
+    async for d in traced_dispatcher(exporter, plugin):
+        await d.call_many([("echo", "say", {"text": str(index)}) for index in range(3)])
+    spans = exporter.get_finished_spans()
+    calls = by_name(spans, "echo.say")
+    (batch,) = by_name(spans, "echo.say batch")
+    assert len(calls) == 3
+    assert {link.context.span_id for link in batch.links} == {c.context.span_id for c in calls}
+    assert batch.attributes is not None
+    assert batch.attributes["linchkit.batch_size"] == 3
+    assert all(c.attributes["linchkit.batch_size"] == 3 for c in calls)  # type: ignore[index]
+
+
+async def test_a_cache_hit_is_marked_and_makes_no_attempt() -> None:
+    exporter = InMemorySpanExporter()
+    plugin = {
+        "id": "echo",
+        "version": "1.0.0",
+        "target": ECHO_TARGET,
+        "methods": {"digest": {"pure": True, "cache": {"ttl_ms": 60_000}}},
+    }
+    async for d in traced_dispatcher(exporter, plugin):
+        await d.call("echo", "digest", {"data": "x", "rounds": 1})
+        await d.call("echo", "digest", {"data": "x", "rounds": 1})
+    calls = by_name(exporter.get_finished_spans(), "echo.digest")
+    assert [c.attributes["linchkit.cache_hit"] for c in calls] == [False, True]  # type: ignore[index]
+    assert len(by_name(exporter.get_finished_spans(), "echo.digest attempt")) == 1
+
+
+# -- logs ----------------------------------------------------------------------------------------
+
+
+async def test_json_log_lines_carry_the_request_trace_plugin_and_method() -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = {"tracing": {"enabled": True}, "logs": {"format": "json"}}
+    dispatcher = Dispatcher(telemetry_manifest(telemetry, traced()))
+    assert dispatcher.telemetry is not None
+    assert dispatcher.telemetry.tracing is not None
+    dispatcher.telemetry.tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with dispatcher:
+        handler = dispatcher.telemetry._log_handler
+        assert handler is not None
+        stream = io.StringIO()
+        handler.setStream(stream)  # type: ignore[attr-defined]
+        await dispatcher.call("traced", "noisy", {"text": "hello\nworld"}, request_id="req-1")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    (line,) = [each for each in lines if each["logger"] == "dispatcher.test.traced_plugin"]
+    (call,) = by_name(exporter.get_finished_spans(), "traced.noisy")
+    assert line["message"] == "plugin says hello\nworld"  # one line on the wire all the same
+    assert line["request_id"] == "req-1"
+    assert line["plugin"] == "traced"
+    assert line["method"] == "noisy"
+    assert line["trace_id"] == f"{call.context.trace_id:032x}"
+    assert line["level"] == "WARNING"
+    assert not logging.getLogger("dispatcher").handlers  # removed when the dispatcher closed
+
+
+def test_a_plugin_stderr_line_is_tagged_with_its_plugin_and_instance() -> None:
+    from dispatcher.telemetry import CallContextFilter, JsonFormatter
+
+    record = logging.getLogger("dispatcher.plugin.ledger").makeRecord(
+        "dispatcher.plugin.ledger", logging.INFO, __file__, 1, "%s", ("x" * 100_000,), None,
+        extra={"instance": "pid 4242"},
+    )  # fmt: skip
+    assert CallContextFilter().filter(record)
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["plugin"], line["instance"]) == ("ledger", "pid 4242")
+    assert "request_id" not in line  # written outside any call
+    assert len(line["message"]) <= 16_385  # a flooding plugin costs a bounded line
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_tracing_follows_the_standard_environment_and_the_manifest_wins() -> None:
+    settings = TracingSettings()
+    assert settings.resolved({}) is None
+    resolved = settings.resolved(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
+            "OTEL_SERVICE_NAME": "checkout",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        }
+    )
+    assert resolved is not None
+    assert resolved.endpoint == "http://collector:4318/v1/traces"
+    assert resolved.service_name == "checkout"
+    assert resolved.sample_ratio == 0.25
+    explicit = TracingSettings(otlp_endpoint="http://here:4318/v1/traces", sample_ratio=0.5)
+    resolved = explicit.resolved({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://there/v1/traces"})
+    assert resolved is not None
+    assert resolved.endpoint == "http://here:4318/v1/traces"
+    assert resolved.sample_ratio == 0.5
+    assert explicit.resolved({"OTEL_SDK_DISABLED": "true"}) is None
+    assert (
+        TracingSettings(enabled=False).resolved({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x"}) is None
+    )
+    bad_arg = TracingSettings(enabled=True).resolved(
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "lots"}
+    )
+    assert bad_arg is not None
+    assert bad_arg.sample_ratio == 1.0
+
+
+@pytest.mark.parametrize(
+    ("telemetry", "path"),
+    [
+        ({"tracing": {"otlp_endpoint": "file:///etc/passwd"}}, "telemetry.tracing.otlp_endpoint"),
+        ({"tracing": {"sample_ratio": 1.5}}, "telemetry.tracing.sample_ratio"),
+        ({"metrics": {"latency_buckets": [1, 0.5]}}, "telemetry.metrics.latency_buckets"),
+        ({"logs": {"format": "xml"}}, "telemetry.logs.format"),
+        ({"metrics": {"enabld": True}}, "telemetry.metrics.enabld"),
+    ],
+)
+def test_a_wrong_telemetry_section_is_a_manifest_error_naming_its_path(
+    telemetry: dict[str, Any], path: str
+) -> None:
+    with pytest.raises(ManifestError) as caught:
+        telemetry_manifest(telemetry, traced())
+    assert path in str(caught.value)
+
+
+def test_otlp_headers_never_print() -> None:
+    settings = TracingSettings(
+        otlp_endpoint="http://x/v1/traces", headers={"Authorization": "Bearer s3cret"}
+    )
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in str(settings.resolved({}))
+
+
+async def test_errors_before_the_chain_are_the_callers_and_are_not_recorded() -> None:
+    async with Dispatcher(telemetry_manifest({"metrics": {"enabled": True}}, traced())) as d:
+        with pytest.raises(DispatchError):
+            await d.call("nope", "context")
+        assert d.telemetry is not None
+        assert d.telemetry.errors.counts == {}

@@ -1,0 +1,189 @@
+"""A real Prometheus scrapes a running dispatcher's /metrics and answers PromQL about it.
+
+Prometheus is Debian's package (``infra/services/install.sh``, ``make services-prereqs``),
+started by the test on a free loopback port with a scrape interval of one second; the
+dispatcher's registry is served by ``metrics_handler`` on 127.0.0.1 as the gateway will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from dispatcher import Dispatcher, parse_manifest
+from dispatcher.telemetry import metrics_handler
+from linchkit_plugin.errors import CircuitOpen, PluginError, TargetUnavailable
+from tests.conftest import ROOT, bound_socket
+from tests.services import free_port
+from tests.test_telemetry import TRACED_TARGET, closed_port
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+#: A slow 2-core machine under a full test run: Prometheus may take a while to start and
+#: to scrape; the assertions wait for the right answer, never for a fixed time.
+PATIENCE = 120.0
+
+pytestmark = pytest.mark.skipif(
+    not Path(PROMETHEUS).exists(), reason="needs Prometheus: make services-prereqs"
+)
+
+
+@pytest.fixture
+async def served_metrics() -> AsyncIterator[tuple[Dispatcher, int]]:
+    """A dispatcher with metrics on, its /metrics on 127.0.0.1; yields it and the port."""
+    down = closed_port()
+    manifest = parse_manifest(
+        {
+            "version": 1,
+            "telemetry": {"metrics": {"enabled": True}},
+            "plugins": [
+                {
+                    "id": "traced",
+                    "version": "1.0.0",
+                    "target": TRACED_TARGET,
+                    "methods": {"context": {}, "fail": {}},
+                },
+                {
+                    "id": "down",
+                    "version": "1.0.0",
+                    "target": {"provider": "http", "url": f"http://127.0.0.1:{down}"},
+                    "defaults": {"breaker": {"fail_max": 3, "reset_timeout_ms": 600_000}},
+                    "methods": {"say": {}},
+                },
+            ],
+        },
+        base_dir=ROOT,
+    )
+    async with Dispatcher(manifest) as dispatcher:
+        assert dispatcher.telemetry is not None
+        assert dispatcher.telemetry.metrics is not None
+        app = web.Application()
+        app.router.add_get("/metrics", metrics_handler(dispatcher.telemetry.metrics.registry))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = bound_socket()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        try:
+            yield dispatcher, int(sock.getsockname()[1])
+        finally:
+            await runner.cleanup()
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[Any]:
+    """Start Prometheus scraping a given port; yields a function doing that, returning its URL."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(scraped_port: int) -> str:
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            "  - job_name: dispatcher\n"
+            "    scrape_interval: 1s\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{scraped_port}']}}]\n"
+        )
+        port = free_port()
+        with (tmp_path / "prometheus.log").open("wb") as log:  # the child keeps its own copy
+            started.append(
+                subprocess.Popen(
+                    [
+                        PROMETHEUS,
+                        f"--config.file={config}",
+                        f"--storage.tsdb.path={tmp_path / 'data'}",
+                        f"--web.listen-address=127.0.0.1:{port}",
+                        "--log.level=warn",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                )
+            )
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for process in started:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+async def query_until(base: str, promql: str, expected: float, process_log: Path) -> None:
+    """Ask Prometheus ``promql`` until its one result is ``expected``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PATIENCE
+    last: Any = None
+    async with aiohttp.ClientSession() as session:
+        while loop.time() < deadline:
+            try:
+                async with session.get(
+                    f"{base}/api/v1/query",
+                    params={"query": promql},
+                    timeout=aiohttp.ClientTimeout(total=5),
+                ) as response:
+                    last = await response.json()
+            except (aiohttp.ClientError, TimeoutError) as error:
+                last = repr(error)  # not up yet
+            else:
+                result = last.get("data", {}).get("result", [])
+                if len(result) == 1 and float(result[0]["value"][1]) == expected:
+                    return
+            await asyncio.sleep(0.5)
+    log = _tail(process_log)
+    pytest.fail(f"{promql} never returned {expected}; last answer: {last}\n{log}")
+
+
+async def test_prometheus_scrapes_call_counts_and_a_breaker_state(
+    served_metrics: tuple[Dispatcher, int], prometheus: Any, tmp_path: Path
+) -> None:
+    dispatcher, port = served_metrics
+    base = prometheus(port)
+    for _ in range(5):
+        await dispatcher.call("traced", "context")
+    for _ in range(2):
+        with pytest.raises(PluginError):
+            await dispatcher.call("traced", "fail", {"name": "Nope"})
+    for _ in range(3):
+        with pytest.raises(TargetUnavailable):
+            await dispatcher.call("down", "say", {"text": "hi"})
+    with pytest.raises(CircuitOpen):
+        await dispatcher.call("down", "say", {"text": "hi"})
+
+    log = tmp_path / "prometheus.log"
+    await query_until(
+        base, 'sum(dispatcher_calls_total{plugin="traced",method="context",outcome="ok"})', 5, log
+    )
+    await query_until(base, 'sum(dispatcher_calls_total{plugin="traced",outcome!="ok"})', 2, log)
+    await query_until(
+        base,
+        'sum by (outcome) (dispatcher_calls_total{plugin="down",outcome="circuit_open"})',
+        1,
+        log,
+    )
+    await query_until(base, 'dispatcher_breaker_state{state="open"}', 1, log)
+    await query_until(
+        base, 'dispatcher_breaker_transitions_total{from_state="closed",to_state="open"}', 1, log
+    )
+    # The histogram is usable as Prometheus users use it.
+    await query_until(
+        base,
+        'histogram_quantile(0.5, sum by (le) (dispatcher_call_duration_seconds_bucket{plugin="traced"})) > bool 0',
+        1,
+        log,
+    )
+
+
+def _tail(path: Path) -> str:
+    """The end of Prometheus' log, to explain a failure (read once, as the test ends)."""
+    return path.read_text(errors="replace")[-2000:] if path.exists() else ""
