@@ -13,6 +13,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import Field, field_validator
 
+from dispatcher.config.gateway import GatewayConfig
 from dispatcher.config.policies import Policies
 from dispatcher.config.security import AccessConfig, AuditConfig, AuthConfig
 from providers.egress import EgressPolicy
@@ -127,4 +128,8 @@ class Manifest(StrictModel, Generic[TargetT]):
     )
     audit: AuditConfig | None = Field(
         default=None, description="One hash-chained JSON line per call (README: audit)."
+    )
+    gateway: GatewayConfig | None = Field(
+        default=None,
+        description="Where dispatcher serve listens, its TLS and limits (docs/gateway.md).",
     )

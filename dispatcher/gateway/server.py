@@ -24,7 +24,7 @@ import logging
 import os
 import ssl
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from aiohttp import web
 
@@ -33,6 +33,9 @@ from dispatcher.gateway.app import HUB_KEY, create_app
 from dispatcher.gateway.events import EventHub
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator
+
+if TYPE_CHECKING:
+    from dispatcher.gateway.grpc_gateway import GrpcGateway
 
 __all__ = ["CertificateReload", "GatewayServer", "server_ssl_context"]
 
@@ -160,6 +163,8 @@ class GatewayServer:
         self._reload: CertificateReload | None = None
         self._watch: asyncio.Task[None] | None = None
         self.hub: EventHub | None = None
+        #: The gRPC port, when ``settings.grpc_port`` asks for one.
+        self.grpc: GrpcGateway | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -188,6 +193,16 @@ class GatewayServer:
         if reload is not None:
             self._reload = reload
             self._watch = asyncio.create_task(reload.watch(settings.cert_check_interval))
+        if settings.grpc_port is not None:
+            # Here, not at the top: an HTTP-only gateway never loads grpcio.
+            from dispatcher.gateway.grpc_gateway import GrpcGateway
+
+            self.grpc = GrpcGateway(self.dispatcher, settings, authenticator=self._authenticator)
+            try:
+                await self.grpc.start()
+            except BaseException:
+                await self.aclose()
+                raise
 
     def reload_certificates(self) -> bool:
         """Load the certificate files again now (SIGHUP); True if a new pair was loaded."""
@@ -203,6 +218,9 @@ class GatewayServer:
         return f"{scheme}://{shown}:{port}"
 
     async def aclose(self) -> None:
+        if self.grpc is not None:
+            grpc_port, self.grpc = self.grpc, None
+            await grpc_port.aclose(_SHUTDOWN_SECONDS)
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
