@@ -29,9 +29,10 @@ demo-lambda: $(STAMP) lambda-runtime
 	$(BIN)/python examples/lambda_demo.py
 
 # The example plugin of every SDK folder present (sdk/<lang>/build.sh, idempotent); the
-# conformance suite runs against each. A build that fails fails the run.
+# conformance suite runs against each. Then the host clients (clients/<lang>/build.sh),
+# which call the gateway rather than serve a plugin. A build that fails fails the run.
 sdks: $(STAMP)
-	@set -e; for build in sdk/*/build.sh; do \
+	@set -e; for build in sdk/*/build.sh clients/*/build.sh; do \
 		[ -e "$$build" ] || continue; \
 		echo "building $$build"; VENV="$(abspath $(VENV))" bash "$$build"; \
 	done

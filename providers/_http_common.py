@@ -24,6 +24,8 @@ Status mapping, for answers that carry no error envelope (``status_error``):
 from __future__ import annotations
 
 import base64
+import errno
+import ssl
 import time
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
@@ -41,8 +43,10 @@ from linchkit_plugin.errors import (
     Unauthorized,
     error_from_wire,
 )
+from providers.base import CONNECT_STAGE
 from providers.egress import EgressPolicy
 from providers.target import TargetConfig, masked_url
+from providers.tls import ClientTls
 
 if TYPE_CHECKING:
     import aiohttp
@@ -50,7 +54,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "basic_authorization",
+    "connect_error",
     "envelope_error",
+    "in_flight_error",
     "open_session",
     "read_limited",
     "redirect_detail",
@@ -110,6 +116,108 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int, target: Tar
             )
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+#: OpenSSL's names of the alerts a server sends when it refuses our client certificate
+#: (TLS 1.3 sends them after our side thinks the handshake is done, so they surface when
+#: the request is written or its answer read).
+_CLIENT_CERTIFICATE_ALERTS = (
+    "CERTIFICATE_REQUIRED",
+    "UNKNOWN_CA",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_UNKNOWN",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_REVOKED",
+    "UNSUPPORTED_CERTIFICATE",
+    "ACCESS_DENIED",
+)
+
+
+def _ssl_error_of(error: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` behind an aiohttp error, if one is: its cause or its context."""
+    seen: BaseException | None = error
+    for _ in range(4):  # aiohttp wraps once or twice; never loop on a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        nested = getattr(seen, "os_error", None)
+        if isinstance(nested, ssl.SSLError):
+            return nested
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _client_certificate_refusal(error: BaseException, where: str) -> TargetUnavailable | None:
+    tls_error = _ssl_error_of(error)
+    reason = getattr(tls_error, "reason", None) or ""
+    if tls_error is None or not any(alert in reason for alert in _CLIENT_CERTIFICATE_ALERTS):
+        return None
+    return TargetUnavailable(
+        f"TLS: {where} refused our client certificate ({reason.lower()}): check tls.cert_file"
+        " and tls.key_file, and that the server trusts the CA that signed them",
+        # The server refused the handshake: the request never reached the plugin.
+        details={"stage": "connect", "tls": "client_certificate_refused"},
+    )
+
+
+def connect_error(error: aiohttp.ClientConnectorError, where: str) -> TargetUnavailable:
+    """A connection that could not be opened (refused, unreachable, DNS, TLS handshake)
+    as ``TargetUnavailable``: no byte of the request went out (``stage: connect``)."""
+    import aiohttp
+
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        failure = error.certificate_error
+        reason = getattr(failure, "verify_message", None) or str(failure)
+        return TargetUnavailable(
+            f"TLS: {where} presented a certificate that does not verify ({reason}):"
+            " check tls.ca_file (the CA that signs the server's certificate) and"
+            " tls.server_name",
+            details={"stage": "connect", "tls": "server_certificate"},
+        )
+    refusal = _client_certificate_refusal(error, where)
+    if refusal is not None:
+        return refusal
+    if isinstance(error, aiohttp.ClientConnectorSSLError):
+        return TargetUnavailable(
+            f"TLS handshake with {where} failed: {error.os_error}",
+            details={"stage": "connect", "tls": "handshake"},
+        )
+    return TargetUnavailable(f"cannot connect to {where}: {error.os_error}", details=CONNECT_STAGE)
+
+
+def in_flight_error(
+    error: aiohttp.ClientError, where: str, tls: ClientTls | None = None
+) -> TargetUnavailable:
+    """A failure once the connection was open: it may have reached the plugin.
+
+    With ``tls`` (the target's): in TLS 1.3 the server judges our client certificate after
+    our side has finished its handshake, and asyncio servers then close the connection
+    without sending the alert, so a refused certificate shows up only as a connection
+    closed before any answer. The message says so, without claiming it is certain.
+    """
+    import aiohttp
+
+    refusal = _client_certificate_refusal(error, where)
+    if refusal is not None:
+        return refusal
+    hung_up = isinstance(error, aiohttp.ServerDisconnectedError) or (
+        isinstance(error, aiohttp.ClientOSError) and error.errno in (errno.ECONNRESET, errno.EPIPE)
+    )
+    if tls is not None and hung_up:
+        presented = (
+            "we presented none (tls.cert_file is not set)"
+            if tls.cert_file is None
+            else f"we presented {tls.cert_file}"
+        )
+        return TargetUnavailable(
+            f"TLS: {where} closed the connection without answering (hung up or reset); a server that requires"
+            f" client certificates does this when it refuses ours ({presented}): check"
+            " tls.cert_file and tls.key_file, and that the server trusts the CA that signed"
+            " them",
+            details={"tls": "closed_without_answer"},
+        )
+    return TargetUnavailable(f"{where} failed mid-call: {type(error).__name__}: {error}")
 
 
 def basic_authorization(url: URL) -> str | None:

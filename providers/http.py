@@ -50,11 +50,12 @@ from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     ProviderError,
-    TargetUnavailable,
 )
 from linchkit_plugin.wire import encode_json
 from providers._http_common import (
     basic_authorization,
+    connect_error,
+    in_flight_error,
     open_session,
     read_limited,
     redirect_detail,
@@ -73,6 +74,7 @@ from providers.target import (
     StrictModel,
     masked_url,
 )
+from providers.tls import ClientTls, ClientTlsContext
 
 if TYPE_CHECKING:
     import aiohttp
@@ -113,8 +115,21 @@ class HttpTarget(InstanceListing):
     bearer_token: SecretStr | None = None
     batch: bool = Field(default=True, description="The endpoint accepts the batch envelope.")
     max_response_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    tls: ClientTls | None = Field(
+        default=None,
+        description="Verify the server with ca_file, present cert_file/key_file (mTLS);"
+        " https URLs only.",
+    )
 
     secret_fields = frozenset({"headers"})
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> HttpTarget:
+        if self.tls is not None:
+            plain = [str(url) for url in self._urls() if url.scheme != "https"]
+            if plain:
+                raise ValueError(f"tls is set but {masked_url(plain[0])} is not https")
+        return self
 
     @model_validator(mode="after")
     def _one_source_of_credentials(self) -> HttpTarget:
@@ -163,9 +178,9 @@ class HttpTarget(InstanceListing):
 
 
 class _Route:
-    """What ``invoke`` needs of a target, computed once: parsed URL and final headers."""
+    """What ``invoke`` needs of a target, computed once: parsed URL, final headers, TLS."""
 
-    __slots__ = ("headers", "health_url", "invoke_url")
+    __slots__ = ("headers", "health_url", "invoke_url", "tls")
 
     def __init__(self, target: HttpTarget) -> None:
         from yarl import URL
@@ -180,6 +195,8 @@ class _Route:
         if target.bearer_token is not None:
             headers["Authorization"] = f"Bearer {target.bearer_token.get_secret_value()}"
         self.headers = headers
+        #: None: aiohttp's default verification against the system's roots.
+        self.tls = None if target.tls is None else ClientTlsContext(target.tls)
 
 
 class HttpProvider(Provider[HttpTarget]):
@@ -242,11 +259,14 @@ class HttpProvider(Provider[HttpTarget]):
         started = time.perf_counter()
         try:
             route = self._route(target)
+            tls = route.tls
             async with session.get(
                 route.health_url,
                 headers=route.headers,
                 timeout=aiohttp.ClientTimeout(total=5),
                 allow_redirects=False,
+                ssl=True if tls is None else tls.current(),
+                server_hostname=None if tls is None else tls.server_name,
             ) as response:
                 body = await response.content.read(4096)
         except (aiohttp.ClientError, TimeoutError) as error:
@@ -271,6 +291,7 @@ class HttpProvider(Provider[HttpTarget]):
         data = encode_json(body)
         route = self._routes.get(target.key) or self._route(target)
         session = self._session or self._require_session()
+        tls = route.tls
         try:
             async with session.post(
                 route.invoke_url,
@@ -278,6 +299,11 @@ class HttpProvider(Provider[HttpTarget]):
                 headers=route.headers,
                 timeout=self._timeout(remaining),
                 allow_redirects=False,
+                # Per request, since one session carries every target: a plain target
+                # passes aiohttp's default; a target with ``tls`` its current context,
+                # which is also what keys its pooled connections.
+                ssl=True if tls is None else tls.current(),
+                server_hostname=None if tls is None else tls.server_name,
             ) as response:
                 length = response.content_length
                 if length is not None and length <= target.max_response_bytes:
@@ -294,13 +320,9 @@ class HttpProvider(Provider[HttpTarget]):
             ) from None
         except aiohttp.ClientConnectorError as error:
             # Refused, unreachable, DNS or TLS handshake: no byte of the request went out.
-            raise TargetUnavailable(
-                f"cannot connect to {target.describe()}: {error.os_error}", details=CONNECT_STAGE
-            ) from error
+            raise connect_error(error, target.describe()) from error
         except aiohttp.ClientError as error:
-            raise TargetUnavailable(
-                f"{target.describe()} failed mid-call: {type(error).__name__}: {error}"
-            ) from error
+            raise in_flight_error(error, target.describe(), target.tls) from error
         if status == 200:
             return _json(payload, target)
         raise status_error(status, payload, retry_after, target, location=location)

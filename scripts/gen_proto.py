@@ -1,4 +1,8 @@
-"""Generate the Python code of proto/plugin.proto into linchkit_plugin/_proto (``make proto``).
+"""Generate the Python code of proto/*.proto into linchkit_plugin/_proto (``make proto``).
+
+``plugin.proto`` is the plugin protocol (both sides); ``gateway.proto`` the gateway's gRPC
+service (the dispatcher serves it; hosts call it). One package for both keeps one
+generator, one pinned grpcio-tools and one freshness test.
 
     python scripts/gen_proto.py            # (re)write linchkit_plugin/_proto
     python scripts/gen_proto.py --check    # exit 1 if the committed code is stale
@@ -20,8 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 PACKAGE = "linchkit_plugin/_proto"
 OUTPUT = ROOT / "sdk" / "python" / PACKAGE
-GENERATED = ("plugin_pb2.py", "plugin_pb2.pyi", "plugin_pb2_grpc.py")
-INIT = '"""Generated from proto/plugin.proto by scripts/gen_proto.py; do not edit."""\n'
+PROTOS = ("plugin", "gateway")
+GENERATED = tuple(
+    f"{proto}{suffix}" for proto in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+)
+INIT = '"""Generated from proto/*.proto by scripts/gen_proto.py; do not edit."""\n'
 
 
 def generate(into: Path) -> dict[str, bytes]:
@@ -35,10 +42,10 @@ def generate(into: Path) -> dict[str, bytes]:
             f"--python_out={scratch}",
             f"--pyi_out={scratch}",
             f"--grpc_python_out={scratch}",
-            f"{PACKAGE}/plugin.proto",
+            *(f"{PACKAGE}/{proto}.proto" for proto in PROTOS),
         ]
         if protoc.main(arguments) != 0:
-            raise SystemExit("protoc failed on proto/plugin.proto")
+            raise SystemExit("protoc failed on proto/*.proto")
         files = {name: (Path(scratch) / PACKAGE / name).read_bytes() for name in GENERATED}
     files["__init__.py"] = INIT.encode()
     return files

@@ -99,9 +99,9 @@ def build_typescript_sdk() -> None:
 
 @functools.cache
 def build_typescript_client() -> Path:
-    """``sdk/typescript-client/build.sh`` (idempotent): the host client and its tests,
+    """``clients/typescript/build.sh`` (idempotent): the host client and its tests,
     compiled; returns the package's folder."""
     require(NPM)
-    folder = SDK / "typescript-client"
+    folder = ROOT / "clients" / "typescript"
     succeed(["bash", str(folder / "build.sh")], ROOT)
     return folder

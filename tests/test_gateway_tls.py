@@ -152,6 +152,49 @@ async def test_a_verified_client_certificate_reaches_the_authenticator(
                 assert authenticator.seen[-1].certificate_subject is None
 
 
+async def test_a_rotated_client_ca_is_used_at_the_next_handshake_and_the_old_one_dropped(
+    tmp_path: Path,
+) -> None:
+    server_ca, old_ca, new_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    cert, key = write_pair(tmp_path, server_ca.issue_cert("localhost"))
+    client_ca_path = tmp_path / "client-ca.pem"
+    old_ca.cert_pem.write_to_path(str(client_ca_path))
+    settings = GatewaySettings(
+        port=0,
+        tls_cert=cert,
+        tls_key=key,
+        client_ca=client_ca_path,
+        client_cert="required",
+        cert_check_interval=0.1,
+    )
+    old_client = client_context(server_ca, old_ca.issue_cert("old.example"))
+    new_client = client_context(server_ca, new_ca.issue_cert("new.example"))
+    async with running_gateway(settings=settings) as (_, server):
+        url = server.url.replace("127.0.0.1", "localhost")
+        async with session_with(old_client) as session:
+            assert await say(session, url) == 200
+        spare = client_ca_path.with_suffix(".new")
+        new_ca.cert_pem.write_to_path(str(spare))
+        spare.replace(client_ca_path)  # the way a secret mount swaps it
+        async with asyncio.timeout(15):
+            while True:
+                try:
+                    async with session_with(new_client) as session:
+                        if await say(session, url) == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+        # The CA rotated away is trusted no more: a fresh context, not one more CA loaded.
+        async with session_with(old_client) as session:
+            with pytest.raises(aiohttp.ClientError):
+                await say(session, url)
+        # A broken CA file keeps the current CA (and certificate) in place.
+        client_ca_path.write_bytes(b"-----BEGIN CERTIFICATE-----\nbroken\n")
+        assert not server.reload_certificates()
+        async with session_with(new_client) as session:
+            assert await say(session, url) == 200
+
+
 def test_subjects_are_written_as_rfc4514_says() -> None:
     subject = (
         (("countryName", "DE"),),

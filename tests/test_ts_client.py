@@ -1,4 +1,4 @@
-"""The TypeScript host client (``sdk/typescript-client``) against real ``dispatcher serve``
+"""The TypeScript host client (``clients/typescript``) against real ``dispatcher serve``
 processes: its own node:test suite, run here so ``make test`` runs it in CI. The suite
 starts the gateways itself, with this interpreter (``LINCHKIT_PYTHON``): calls and each
 error class, deadlines, API keys, events through a relay that is cut, a gap, and a

@@ -35,6 +35,12 @@ _DEFAULTS = GatewaySettings()
     show_default=True,
     help="0: any free port.",
 )
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve the gRPC gateway (proto/gateway.proto) on this port; 0: any free port.",
+)
 @click.option("--tls-cert", type=_FILE, default=None, help="PEM certificate (chain): serve HTTPS.")
 @click.option("--tls-key", type=_FILE, default=None, help="PEM private key of --tls-cert.")
 @click.option(
@@ -68,6 +74,7 @@ def serve(
     context: click.Context,
     host: str,
     port: int,
+    grpc_port: int | None,
     tls_cert: Path | None,
     tls_key: Path | None,
     client_ca: Path | None,
@@ -76,27 +83,35 @@ def serve(
     grace: float,
     access_log: bool,
 ) -> None:
-    """Serve the manifest's plugins over HTTP (and a WebSocket for events).
+    """Serve the manifest's plugins over HTTP (and a WebSocket for events), and gRPC
+    with --grpc-port.
 
-    Prints "listening on URL" once it listens. Routes: POST
-    /v1/plugins/PLUGIN/methods/METHOD, GET /v1/plugins, /v1/events (WebSocket),
-    /openapi.json, /healthz, /readyz (docs/gateway.md). No authentication: keep it on a
-    private network.
+    Prints "listening on URL" once it listens (and "grpc listening on HOST:PORT"). Routes:
+    POST /v1/plugins/PLUGIN/methods/METHOD, GET /v1/plugins, /v1/events (WebSocket),
+    /openapi.json, /healthz, /readyz (docs/gateway.md). The manifest's gateway: section
+    sets the same as these options; an option given here wins. Callers authenticate as
+    the manifest's auth: says; without it, keep the gateway on a private network.
     """
-    try:
-        settings = GatewaySettings(
-            host=host,
-            port=port,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            client_ca=client_ca,
-            client_cert=client_cert,  # type: ignore[arg-type]  # click.Choice checked it
-            max_body_bytes=max_body_bytes,
-            grace=grace,
+    given = {
+        name: value
+        for name, value in (
+            ("host", host),
+            ("port", port),
+            ("grpc_port", grpc_port),
+            ("tls_cert", tls_cert),
+            ("tls_key", tls_key),
+            ("client_ca", client_ca),
+            ("client_cert", client_cert),
+            ("max_body_bytes", max_body_bytes),
+            ("grace", grace),
         )
+        if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    }
+    manifest = load(context)
+    try:
+        settings = GatewaySettings.from_config(manifest.gateway, **given)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    manifest = load(context)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_serve(manifest, settings, access_log))
@@ -132,6 +147,8 @@ async def _serve(manifest: Manifest[Any], settings: GatewaySettings, access_log:
         loop.add_signal_handler(signal.SIGHUP, server.reload_certificates)
         try:
             click.echo(f"listening on {server.url}")
+            if server.grpc is not None:
+                click.echo(f"grpc listening on {server.grpc.address}")
             await stop.wait()
             click.echo(f"draining: calls in flight have {settings.grace:g} s", err=True)
             await dispatcher.drain(settings.grace)

@@ -1,13 +1,14 @@
 """The manifest: which plugins exist, their methods, where each runs and how it is called.
 
 ``policies`` holds the policy settings, ``security`` the ``auth``, ``access`` and ``audit``
-sections, ``manifest`` the plugin and method models,
+sections, ``gateway`` the ``gateway`` section, ``manifest`` the plugin and method models,
 ``loader`` reads YAML or TOML into them, ``errors`` reports what is wrong with a file.
 """
 
 from __future__ import annotations
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
+from dispatcher.config.gateway import GatewayConfig, GatewayTimeouts, GatewayTls
 from dispatcher.config.loader import load_manifest, parse_manifest
 from dispatcher.config.manifest import Lifecycle, Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import (
@@ -52,6 +53,9 @@ __all__ = [
     "CachePolicy",
     "ConcurrencyPolicy",
     "FallbackPolicy",
+    "GatewayConfig",
+    "GatewayTimeouts",
+    "GatewayTls",
     "HedgePolicy",
     "JwtConfig",
     "Lifecycle",

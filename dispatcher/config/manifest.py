@@ -13,6 +13,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import Field, field_validator
 
+from dispatcher.config.gateway import GatewayConfig
 from dispatcher.config.policies import Policies
 from dispatcher.config.security import AccessConfig, AuditConfig, AuthConfig
 from dispatcher.config.telemetry import Telemetry
@@ -132,4 +133,8 @@ class Manifest(StrictModel, Generic[TargetT]):
     telemetry: Telemetry = Field(
         default_factory=Telemetry,
         description="Metrics, traces and logs (docs/observability.md); all off by default.",
+    )
+    gateway: GatewayConfig | None = Field(
+        default=None,
+        description="Where dispatcher serve listens, its TLS and limits (docs/gateway.md).",
     )

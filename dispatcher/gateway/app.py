@@ -134,7 +134,10 @@ class Gateway:
             except TypeError as error:
                 answer = error_answer(ProviderError(f"the plugin's result is not JSON: {error}"))
             else:
-                answer = web.Response(body=body, content_type=_JSON)
+                # Headers as one plain dict: cheaper than content_type=, which parses it.
+                return web.Response(
+                    body=body, headers={"Content-Type": _JSON, "X-Request-Id": request_id}
+                )
         answer.headers["X-Request-Id"] = request_id
         return answer
 

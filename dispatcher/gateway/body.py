@@ -41,6 +41,11 @@ async def read_params(request: web.Request, settings: GatewaySettings) -> Any:
     _check_content_type(request)
     if declared is not None and declared > settings.max_body_bytes:
         raise Refused(_too_big(f"Content-Length {declared}", settings), status=413, close=True)
+    if declared is not None and request.content.is_eof():
+        # The whole body came with the head (the usual small call): nothing to wait for,
+        # so no timer is armed and cancelled for it.
+        raw = await request.read()
+        return parse_json(raw, settings.max_depth) if raw else {}
     try:
         async with asyncio.timeout(settings.body_timeout):
             if declared is not None:  # known and within the limit: one read, aiohttp's

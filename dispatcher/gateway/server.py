@@ -6,13 +6,14 @@ again after each answer, and closes the connection if no complete request head a
 then: that is the gateway's header timeout (slowloris, idle connections), set to
 ``header_timeout``.
 
-TLS: the context is built once; ``CertificateReload`` re-reads the certificate and key
-when their files change (checked every ``cert_check_interval`` seconds, or at once on
-``reload_certificates()``, which ``dispatcher serve`` calls on SIGHUP) by calling
-``load_cert_chain`` on the live context: handshakes from then on present the new
-certificate, connections already open keep theirs. A pair that fails to load (a key
-written before its certificate, a broken file) keeps the old pair serving and is tried
-again at the next change. The client CA is read at start.
+TLS: ``CertificateReload`` builds a new context from the certificate, key and client CA
+when any of their files change (checked every ``cert_check_interval`` seconds, or at once
+on ``reload_certificates()``, which ``dispatcher serve`` calls on SIGHUP), and every
+handshake from then on uses it: the new certificate is presented, and client
+certificates are verified against the new CA (a CA rotated away is no longer trusted).
+Connections already open keep theirs. Files that fail to load (a key written before its
+certificate, a broken file) keep the old context serving and are tried again at the next
+change.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import contextlib
 import logging
 import os
 import ssl
-from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from aiohttp import web
 
@@ -33,6 +33,9 @@ from dispatcher.gateway.app import HUB_KEY, create_app
 from dispatcher.gateway.events import EventHub
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator
+
+if TYPE_CHECKING:
+    from dispatcher.gateway.grpc_gateway import GrpcGateway
 
 __all__ = ["CertificateReload", "GatewayServer", "server_ssl_context"]
 
@@ -59,19 +62,41 @@ def server_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
 
 
 class CertificateReload:
-    """Loads the certificate and key again into ``context`` when their files change."""
+    """Builds a new TLS context when the certificate, key or client CA files change.
 
-    def __init__(self, context: ssl.SSLContext, cert: Path, key: Path) -> None:
-        self._context = context
-        self._cert = cert
-        self._key = key
+    The listening socket keeps the context it was created with (``listening``); its
+    ``sni_callback``, which OpenSSL runs at every handshake (with or without SNI), hands
+    the handshake to the newest context. A new context, not ``load_cert_chain`` on the
+    live one, because a CA loaded into a context can never be taken out of it again: a
+    client CA that was rotated away must stop being trusted.
+    """
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self._settings = settings
+        self._files = tuple(
+            path
+            for path in (settings.tls_cert, settings.tls_key, settings.client_ca)
+            if path is not None
+        )
         self._loaded = self._stamp()
         self._failed: tuple[object, ...] | None = None
+        context = server_ssl_context(settings)
+        assert context is not None, "CertificateReload is for a gateway serving TLS"
+        self.listening = context
+        self.current = context
+        context.sni_callback = self._hand_over
         self.reloads = 0
+
+    def _hand_over(
+        self, connection: ssl.SSLObject, name: str | None, context: ssl.SSLContext
+    ) -> None:
+        current = self.current
+        if current is not context:
+            connection.context = current  # this handshake: the newest certificate and CA
 
     def _stamp(self) -> tuple[object, ...]:
         stamps: list[object] = []
-        for path in (self._cert, self._key):
+        for path in self._files:
             try:
                 stat = os.stat(path)
             except OSError:
@@ -82,23 +107,27 @@ class CertificateReload:
         return tuple(stamps)
 
     def check(self, *, force: bool = False) -> bool:
-        """Reload if the files changed (or ``force``); True when a new pair was loaded."""
+        """Reload if the files changed (or ``force``); True when a new context was built."""
         stamp = self._stamp()
         if not force and (stamp == self._loaded or stamp == self._failed):
             return False
         try:
-            self._context.load_cert_chain(self._cert, self._key)
+            context = server_ssl_context(self._settings)
         except (OSError, ssl.SSLError) as error:
             if stamp != self._failed:
                 log.warning(
-                    "TLS certificate not reloaded, the previous one still serves: %s", error
+                    "TLS files not reloaded, the previous certificate and client CA still"
+                    " serve: %s",
+                    error,
                 )
             self._failed = stamp
             return False
+        assert context is not None
+        self.current = context
         self._loaded = stamp
         self._failed = None
         self.reloads += 1
-        log.info("TLS certificate reloaded from %s", self._cert)
+        log.info("TLS certificate and client CA reloaded from %s", ", ".join(map(str, self._files)))
         return True
 
     async def watch(self, interval: float) -> None:
@@ -107,7 +136,7 @@ class CertificateReload:
             self.check()
 
     def __repr__(self) -> str:
-        return f"<CertificateReload {self._cert} reloads={self.reloads}>"
+        return f"<CertificateReload {self._settings.tls_cert} reloads={self.reloads}>"
 
 
 class GatewayServer:
@@ -134,10 +163,13 @@ class GatewayServer:
         self._reload: CertificateReload | None = None
         self._watch: asyncio.Task[None] | None = None
         self.hub: EventHub | None = None
+        #: The gRPC port, when ``settings.grpc_port`` asks for one.
+        self.grpc: GrpcGateway | None = None
 
     async def start(self) -> None:
         settings = self.settings
-        context = server_ssl_context(settings)
+        reload = CertificateReload(settings) if settings.tls else None
+        context = None if reload is None else reload.listening
         app = create_app(self.dispatcher, settings, authenticator=self._authenticator)
         self.hub = app[HUB_KEY]
         runner = web.AppRunner(
@@ -158,11 +190,19 @@ class GatewayServer:
         except BaseException:
             await self.aclose()
             raise
-        if context is not None:
-            assert settings.tls_cert is not None
-            assert settings.tls_key is not None
-            self._reload = CertificateReload(context, settings.tls_cert, settings.tls_key)
-            self._watch = asyncio.create_task(self._reload.watch(settings.cert_check_interval))
+        if reload is not None:
+            self._reload = reload
+            self._watch = asyncio.create_task(reload.watch(settings.cert_check_interval))
+        if settings.grpc_port is not None:
+            # Here, not at the top: an HTTP-only gateway never loads grpcio.
+            from dispatcher.gateway.grpc_gateway import GrpcGateway
+
+            self.grpc = GrpcGateway(self.dispatcher, settings, authenticator=self._authenticator)
+            try:
+                await self.grpc.start()
+            except BaseException:
+                await self.aclose()
+                raise
 
     def reload_certificates(self) -> bool:
         """Load the certificate files again now (SIGHUP); True if a new pair was loaded."""
@@ -178,6 +218,9 @@ class GatewayServer:
         return f"{scheme}://{shown}:{port}"
 
     async def aclose(self) -> None:
+        if self.grpc is not None:
+            grpc_port, self.grpc = self.grpc, None
+            await grpc_port.aclose(_SHUTDOWN_SECONDS)
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

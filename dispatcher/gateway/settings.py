@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from dispatcher.config.gateway import GatewayConfig
 
 __all__ = ["ClientCertificates", "GatewaySettings"]
 
@@ -39,6 +41,8 @@ class GatewaySettings:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    #: Also serve the gRPC gateway (``proto/gateway.proto``) on this port; None: no gRPC.
+    grpc_port: int | None = None
     max_body_bytes: int = 1024 * 1024
     max_depth: int = 64
     body_timeout: float = 30.0
@@ -59,8 +63,10 @@ class GatewaySettings:
     grace: float = 20.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], not {self.port}")
+        for name in ("port", "grpc_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], not {port}")
         for name in ("max_body_bytes", "max_depth", "event_buffer", "max_pending_events"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -84,3 +90,30 @@ class GatewaySettings:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig | None, **overrides: Any) -> GatewaySettings:
+        """The manifest's ``gateway:`` section, then ``overrides`` (the command line's
+        options that were given) on top; keys of ``overrides`` are field names."""
+        values: dict[str, Any] = {}
+        if config is not None:
+            tls = config.tls
+            values = {
+                "host": config.host,
+                "port": config.port,
+                "grpc_port": config.grpc_port,
+                "max_body_bytes": config.max_body_bytes,
+                "body_timeout": config.timeouts.body_ms / 1000,
+                "header_timeout": config.timeouts.header_ms / 1000,
+                "heartbeat": config.timeouts.heartbeat_ms / 1000,
+                "grace": config.grace_ms / 1000,
+            }
+            if tls is not None:
+                values |= {
+                    "tls_cert": tls.cert,
+                    "tls_key": tls.key,
+                    "client_ca": tls.client_ca,
+                    "client_cert": tls.client_certificates,
+                }
+        # Checked once, on the result: a partial mix may be inconsistent on its way there.
+        return cls(**(values | overrides))

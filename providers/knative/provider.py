@@ -62,22 +62,25 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError, TargetUnavailable
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError
 from providers._http_common import (
     basic_authorization,
+    connect_error,
+    in_flight_error,
     open_session,
     read_limited,
     redirect_detail,
     retry_after_seconds,
     status_error,
 )
-from providers.base import CONNECT_STAGE, Health, Provider
+from providers.base import Health, Provider
 from providers.invocation import Invocation
 from providers.knative.activation import Failure, classify_failure, made_by_function
 from providers.knative.cloudevents import Answer, decode_answer, encode_request, read_event
 from providers.knative.deployer import KnativeDeployer
 from providers.knative.target import KnativeTarget
 from providers.target import masked_url
+from providers.tls import ClientTlsContext
 
 if TYPE_CHECKING:
     import aiohttp
@@ -112,7 +115,7 @@ class KnativeStats:
 class _Route:
     """What a call of one target needs, computed once: parsed URLs and headers."""
 
-    __slots__ = ("headers", "health_url", "invoke_url")
+    __slots__ = ("headers", "health_url", "invoke_url", "tls")
 
     def __init__(self, target: KnativeTarget) -> None:
         from yarl import URL
@@ -125,6 +128,7 @@ class _Route:
         self.headers = {**target.headers, "Host": target.host}
         if authorization is not None:
             self.headers["Authorization"] = authorization
+        self.tls = None if target.tls is None else ClientTlsContext(target.tls)
 
 
 class KnativeProvider(Provider[KnativeTarget]):
@@ -214,11 +218,14 @@ class KnativeProvider(Provider[KnativeTarget]):
         started = time.perf_counter()
         try:
             route = self._route(target)
+            tls = route.tls
             async with session.get(
                 route.health_url,
                 headers=route.headers,
                 timeout=aiohttp.ClientTimeout(total=5),
                 allow_redirects=False,
+                ssl=True if tls is None else tls.current(),
+                server_hostname=None if tls is None else tls.server_name,
             ) as response:
                 body = await response.content.read(4096)
                 headers = {key.lower(): value for key, value in response.headers.items()}
@@ -255,6 +262,7 @@ class KnativeProvider(Provider[KnativeTarget]):
         except ProviderError as error:  # the egress policy refused the ingress
             return Failure.FINAL, error
         session = self._require_session()
+        tls = route.tls
         try:
             async with session.post(
                 route.invoke_url,
@@ -262,6 +270,9 @@ class KnativeProvider(Provider[KnativeTarget]):
                 headers={**route.headers, **headers},
                 timeout=aiohttp.ClientTimeout(total=remaining),
                 allow_redirects=False,
+                # Per request: one session carries every target (providers/http.py).
+                ssl=True if tls is None else tls.current(),
+                server_hostname=None if tls is None else tls.server_name,
             ) as response:
                 payload = await read_limited(response, target.max_response_bytes, target)
                 answer = Answer(
@@ -276,26 +287,28 @@ class KnativeProvider(Provider[KnativeTarget]):
         except ProviderError as error:  # the egress policy refused what the name resolved to
             return Failure.FINAL, error
         except aiohttp.ClientConnectorError as error:
-            return Failure.NOT_REACHED, TargetUnavailable(
-                f"cannot connect to the ingress {masked_url(str(target.ingress))} for {target.host}:"
-                f" {error.os_error}",
-                details=CONNECT_STAGE,
-            )
+            where = f"the ingress {masked_url(str(target.ingress))} for {target.host}"
+            refused = connect_error(error, where)
+            if "tls" in refused.details:
+                # A certificate that does not verify will not verify on a resend either.
+                return Failure.FINAL, refused
+            return Failure.NOT_REACHED, refused
         except aiohttp.ClientError as error:
-            return Failure.MAYBE_REACHED, TargetUnavailable(
-                f"{target.host} failed mid-call: {type(error).__name__}: {error}",
-                details={"stage": "in_flight"},
-            )
+            failed = in_flight_error(error, target.host, target.tls)
+            if failed.details.get("tls") == "client_certificate_refused":
+                # Our certificate refused: not an activating revision; resending cannot help.
+                return Failure.FINAL, failed
+            return Failure.MAYBE_REACHED, failed.with_details(stage="in_flight")
         if answer.status == 200:
             try:
                 return None, decode_answer(target, answer)
             except DispatchError as error:
                 return Failure.FINAL, error
         failure = classify_failure(status=answer.status, headers=answer.headers, body=answer.body)
-        refused = self._status_error(target, answer)
+        refusal: DispatchError = self._status_error(target, answer)
         if failure is not Failure.FINAL:
-            refused = refused.with_details(stage=_STAGE_OF_STATUS.get(answer.status, "answer"))
-        return failure, refused
+            refusal = refusal.with_details(stage=_STAGE_OF_STATUS.get(answer.status, "answer"))
+        return failure, refusal
 
     def _status_error(self, target: KnativeTarget, answer: Answer) -> DispatchError:
         payload = answer.body

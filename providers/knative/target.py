@@ -30,6 +30,7 @@ from providers.target import (
     StrictModel,
     masked_url,
 )
+from providers.tls import ClientTls
 
 __all__ = ["KnativeCanary", "KnativeCluster", "KnativeDeploy", "KnativeIngress", "KnativeTarget"]
 
@@ -139,6 +140,11 @@ class KnativeTarget(InstanceListing):
     activation_backoff_ms: Annotated[int, Field(gt=0)] = 50
     activation_backoff_max_ms: Annotated[int, Field(gt=0)] = 1000
     deploy: KnativeDeploy | None = None
+    tls: ClientTls | None = Field(
+        default=None,
+        description="Verify the ingress with ca_file, present cert_file/key_file (mTLS);"
+        " https ingresses only. server_name: the name the ingress's certificate carries.",
+    )
 
     secret_fields = frozenset({"headers"})
 
@@ -155,6 +161,14 @@ class KnativeTarget(InstanceListing):
                 "credentials twice: user:password in ingress and an Authorization header"
                 " would both set the Authorization header; keep one"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> KnativeTarget:
+        if self.tls is not None:
+            plain = [str(url) for url in self._ingresses() if url.scheme != "https"]
+            if plain:
+                raise ValueError(f"tls is set but the ingress {masked_url(plain[0])} is not https")
         return self
 
     def destinations(self) -> tuple[Destination, ...]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -150,8 +151,20 @@ def server_config(
     http: str | None = None,
     loop: str = "auto",
     log_level: str = "warning",
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    client_ca: str | None = None,
 ) -> uvicorn.Config:
-    """A uvicorn ``Config`` serving ``app`` with every guard of ``limits`` in place."""
+    """A uvicorn ``Config`` serving ``app`` with every guard of ``limits`` in place.
+
+    ``tls_cert``/``tls_key``: serve HTTPS. ``client_ca``: require every client to present
+    a certificate signed by it (mTLS); the handshake of a client without one fails, so an
+    unauthenticated caller never reaches the plugin.
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("TLS needs both a certificate and its key (--tls-cert, --tls-key)")
+    if client_ca is not None and tls_cert is None:
+        raise ValueError("--client-ca needs TLS (--tls-cert, --tls-key)")
     implementation = http or list(HTTP_IMPLEMENTATIONS)[-1]
     return uvicorn.Config(
         app,
@@ -168,20 +181,25 @@ def server_config(
         # The head timer and the connection cap above do what limit_concurrency cannot;
         # a request admitted past them is bounded by the plugin's own deadlines.
         limit_concurrency=None,
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+        ssl_ca_certs=client_ca,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca is not None else ssl.CERT_NONE,
     )
 
 
-def listening_address(sockets: Sequence[socket.socket]) -> str:
+def listening_address(sockets: Sequence[socket.socket], *, tls: bool = False) -> str:
     """Where ``sockets`` listen, for people: ``http://127.0.0.1:8081`` or ``unix:/path``."""
+    scheme = "https" if tls else "http"
     addresses = []
     for sock in sockets:
         name = sock.getsockname()
         if sock.family == socket.AF_UNIX:
             addresses.append(f"unix:{name}")
         elif sock.family == socket.AF_INET6:
-            addresses.append(f"http://[{name[0]}]:{name[1]}")
+            addresses.append(f"{scheme}://[{name[0]}]:{name[1]}")
         else:
-            addresses.append(f"http://{name[0]}:{name[1]}")
+            addresses.append(f"{scheme}://{name[0]}:{name[1]}")
     return " and ".join(addresses)
 
 
@@ -229,7 +247,7 @@ def run(
 
     def listening(sockets: Sequence[socket.socket]) -> None:
         if on_listening is not None:
-            on_listening(listening_address(sockets))
+            on_listening(listening_address(sockets, tls=config.is_ssl))
         if on_sockets is not None:
             on_sockets(sockets)
 

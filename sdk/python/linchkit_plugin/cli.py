@@ -132,6 +132,26 @@ def _parser() -> argparse.ArgumentParser:
         default=env(_ENV + "HTTP", "auto"),
         help="HTTP implementation; auto is httptools when installed",
     )
+    tls = serve.add_argument_group("TLS (HTTPS, and client certificates: mTLS)")
+    tls.add_argument(
+        "--tls-cert",
+        default=env(_ENV + "TLS_CERT"),
+        metavar="PEM",
+        help=f"certificate (chain) to serve HTTPS with [{_ENV}TLS_CERT]",
+    )
+    tls.add_argument(
+        "--tls-key",
+        default=env(_ENV + "TLS_KEY"),
+        metavar="PEM",
+        help=f"private key of --tls-cert [{_ENV}TLS_KEY]",
+    )
+    tls.add_argument(
+        "--client-ca",
+        default=env(_ENV + "CLIENT_CA"),
+        metavar="PEM",
+        help="require a client certificate signed by this CA: a dispatcher without one"
+        f" cannot connect [{_ENV}CLIENT_CA]",
+    )
     registry = serve.add_argument_group(
         "registry (a dispatcher fleet finds this server in etcd; docs/registry.md)"
     )
@@ -210,16 +230,22 @@ def serve(options: argparse.Namespace) -> None:
         plugin_id=_identity("ID"),
         version=_identity("VERSION"),
     )
-    uvicorn_config = server_config(
-        app,
-        limits,
-        host=options.host,
-        port=options.port,
-        uds=options.uds,
-        http=None if options.http == "auto" else options.http,
-        loop=_fastest_loop(),
-        log_level=options.log_level,
-    )
+    try:
+        uvicorn_config = server_config(
+            app,
+            limits,
+            host=options.host,
+            port=options.port,
+            uds=options.uds,
+            http=None if options.http == "auto" else options.http,
+            loop=_fastest_loop(),
+            log_level=options.log_level,
+            tls_cert=options.tls_cert,
+            tls_key=options.tls_key,
+            client_ca=options.client_ca,
+        )
+    except ValueError as error:
+        _fail(str(error))
 
     def announce(address: str) -> None:
         methods = ", ".join(sorted(plugin_host.methods)) or "no methods"

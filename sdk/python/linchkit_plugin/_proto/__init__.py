@@ -1,1 +1,1 @@
-"""Generated from proto/plugin.proto by scripts/gen_proto.py; do not edit."""
+"""Generated from proto/*.proto by scripts/gen_proto.py; do not edit."""

@@ -11,7 +11,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
-/** The checkout: dist/lib/test → sdk/typescript-client → the repository root. */
+/** The checkout: dist/lib/test → clients/typescript → the repository root. */
 export const ROOT = process.env.LINCHKIT_ROOT ?? resolve(__dirname, '..', '..', '..', '..', '..');
 
 /** The interpreter that has the dispatcher installed (the pytest wrapper passes its own). */

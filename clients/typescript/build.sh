@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the TypeScript host client (the gateway's client for Node hosts) from the npm
-# registry: leaves sdk/typescript-client/dist/lib. Idempotent: with nothing changed since
+# registry: leaves clients/typescript/dist/lib. Idempotent: with nothing changed since
 # the last good build it returns at once. Its tests need a running gateway, so they run
 # from test.sh and tests/test_ts_client.py, not here.
 set -euo pipefail
@@ -11,7 +11,7 @@ SOURCES=(src test package.json package-lock.json tsconfig.json build.sh)
 
 if [[ -f $STAMP && -d node_modules ]] \
   && [[ -z $(find "${SOURCES[@]}" -newer "$STAMP" -print -quit) ]]; then
-  echo "sdk/typescript-client: up to date"
+  echo "clients/typescript: up to date"
   exit 0
 fi
 
@@ -23,4 +23,4 @@ fi
 rm -f "$STAMP"
 node_modules/.bin/tsc -p tsconfig.json
 touch "$STAMP"
-echo "sdk/typescript-client: built dist/lib"
+echo "clients/typescript: built dist/lib"

@@ -1,0 +1,80 @@
+"""The manifest's ``gateway:`` section: where ``dispatcher serve`` listens, its TLS, its limits.
+
+The model only; ``dispatcher.gateway.settings`` maps it onto ``GatewaySettings``, and the
+options of ``dispatcher serve`` given on the command line override what it says. Paths
+are taken from the manifest's folder (``ManifestPath``), as everywhere in a manifest.
+Durations are in milliseconds, as every other duration of a manifest.
+
+    gateway:
+      host: 0.0.0.0
+      port: 8443
+      grpc_port: 9443
+      tls: {cert: tls/gw.pem, key: tls/gw.key, client_ca: tls/clients.pem, client_cert: required}
+      max_body_bytes: 1048576
+      timeouts: {body_ms: 30000, header_ms: 10000, heartbeat_ms: 20000}
+      grace_ms: 20000
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from providers.target import ManifestPath, StrictModel
+
+__all__ = ["GatewayConfig", "GatewayTimeouts", "GatewayTls"]
+
+_Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class GatewayTls(StrictModel):
+    """Serve HTTPS (and gRPC over TLS); ask clients for certificates signed by ``client_ca``."""
+
+    cert: ManifestPath = Field(description="PEM certificate (chain) the gateway presents.")
+    key: ManifestPath = Field(description="PEM private key of cert.")
+    client_ca: ManifestPath | None = Field(
+        default=None, description="PEM CA that signs client certificates."
+    )
+    client_cert: Literal["none", "optional", "required"] | None = Field(
+        default=None,
+        description="Ask clients for a certificate; default: required with client_ca, else none.",
+    )
+
+    @model_validator(mode="after")
+    def _client_certificates_need_their_ca(self) -> GatewayTls:
+        if self.client_cert in ("optional", "required") and self.client_ca is None:
+            raise ValueError(f"client_cert: {self.client_cert} needs client_ca")
+        if self.client_cert == "none" and self.client_ca is not None:
+            raise ValueError("client_ca is set but client_cert is none: drop one of them")
+        return self
+
+    @property
+    def client_certificates(self) -> Literal["none", "optional", "required"]:
+        if self.client_cert is not None:
+            return self.client_cert
+        return "none" if self.client_ca is None else "required"
+
+
+class GatewayTimeouts(StrictModel):
+    """How long the gateway waits for a slow client (``docs/gateway.md``, limits)."""
+
+    body_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 30_000
+    header_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 10_000
+    heartbeat_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 20_000
+
+
+class GatewayConfig(StrictModel):
+    """``gateway:``: what ``dispatcher serve`` serves when its options do not say otherwise."""
+
+    host: str = Field(default="127.0.0.1", min_length=1, max_length=253)
+    port: _Port = 8080
+    grpc_port: _Port | None = Field(
+        default=None, description="Also serve the gRPC gateway (proto/gateway.proto) here."
+    )
+    tls: GatewayTls | None = None
+    max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+    timeouts: GatewayTimeouts = Field(default_factory=GatewayTimeouts)
+    grace_ms: Annotated[int, Field(ge=0, le=86_400_000)] = Field(
+        default=20_000, description="How long a drain lets calls in flight finish."
+    )

@@ -1,0 +1,363 @@
+"""The gateway's gRPC port: ``GatewayService`` of ``proto/gateway.proto`` over a started
+dispatcher, beside the HTTP port (``dispatcher serve --grpc-port``).
+
+The same calls as ``POST /v1/plugins/{plugin}/methods/{method}``, through
+``Dispatcher.call`` / ``Dispatcher.stream``, so the same routes, schemas, policies,
+authentication, access rules and audit records apply. grpcio is the vendor SDK here and
+appears in no other module of the gateway; ``GatewayServer`` imports this one only when a
+gRPC port is asked for, so an HTTP-only gateway never loads grpcio.
+
+Credentials: metadata ``authorization`` and ``x-api-key``; on TLS with
+``client_cert: required``, the verified client certificate's subject (RFC 4514, as the
+HTTP port writes it) and SANs. grpcio's server credentials have no "ask, verify if sent"
+mode, so with ``client_cert: optional`` the gRPC port asks for no certificate: callers
+authenticate with tokens or keys there.
+
+Errors (the reverse of ``providers._grpc.status``, so a dispatcher reading this port
+through its own grpc code gets the same error type back):
+
+    error type                                        gRPC status
+    invalid_params                                    INVALID_ARGUMENT
+    unauthorized                                      UNAUTHENTICATED
+    forbidden                                         PERMISSION_DENIED
+    plugin_not_found, method_not_found                NOT_FOUND
+    rate_limited                                      RESOURCE_EXHAUSTED
+    deadline_exceeded                                 DEADLINE_EXCEEDED
+    target_unavailable, circuit_open, overloaded,     UNAVAILABLE
+    shutting_down
+    provider_error (and any type not listed)          FAILED_PRECONDITION
+    plugin_error (the plugin raised)                  OK, ``ok: false`` and the envelope
+
+with trailing metadata ``error-type``, ``retryable`` and ``retry-after`` (seconds).
+
+TLS reload: the server's credentials are dynamic; at each new connection grpc asks for
+the certificate configuration, and a new one is built when the certificate, key or
+client CA files changed since the last (``_CertificateFetcher``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import orjson
+
+from dispatcher._dispatcher import Dispatcher
+from dispatcher.gateway.body import Refused, parse_json
+from dispatcher.gateway.settings import GatewaySettings
+from dispatcher.identity import Authenticator, Credentials, Principal
+from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
+from linchkit_plugin.errors import DispatchError, InvalidParams, PluginError, Unauthorized
+from providers.invocation import new_request_id
+
+__all__ = ["STATUS_BY_TYPE", "GrpcGateway"]
+
+log = logging.getLogger("dispatcher.gateway.grpc")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_MAX_TIMEOUT_MS = 86_400_000
+
+STATUS_BY_TYPE: dict[str, grpc.StatusCode] = {
+    "invalid_params": grpc.StatusCode.INVALID_ARGUMENT,
+    "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
+    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
+    "plugin_not_found": grpc.StatusCode.NOT_FOUND,
+    "method_not_found": grpc.StatusCode.NOT_FOUND,
+    "rate_limited": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "target_unavailable": grpc.StatusCode.UNAVAILABLE,
+    "circuit_open": grpc.StatusCode.UNAVAILABLE,
+    "overloaded": grpc.StatusCode.UNAVAILABLE,
+    "shutting_down": grpc.StatusCode.UNAVAILABLE,
+}
+_SAN_PREFIXES = {"DNSName": "DNS", "IPAddress": "IP", "UniformResourceIdentifier": "URI", "RFC822Name": "email"}  # fmt: skip
+
+
+def _error_message(error: DispatchError) -> gateway_pb2.GatewayError:
+    wire = error.to_wire()
+    details = wire.get("details")
+    try:
+        details_json = orjson.dumps(details) if details else b""
+    except TypeError:  # a plugin's details JSON cannot carry: keep the rest
+        details_json = b""
+    return gateway_pb2.GatewayError(
+        type=wire["type"],
+        message=wire["message"],
+        retryable=wire["retryable"],
+        details_json=details_json,
+        retry_after=error.retry_after or 0.0,
+    )
+
+
+def _trailers(error: DispatchError) -> tuple[tuple[str, str], ...]:
+    trailers = [("error-type", error.type), ("retryable", "true" if error.retryable else "false")]
+    if error.retry_after is not None:
+        trailers.append(("retry-after", f"{error.retry_after:g}"))
+    return tuple(trailers)
+
+
+def _certificate_credentials(context: grpc.aio.ServicerContext) -> tuple[str | None, Sequence[str]]:
+    """The subject and SANs of the client certificate grpc verified, if one was."""
+    pem = context.auth_context().get("x509_pem_cert")
+    if not pem:
+        return None, ()
+    from cryptography import x509  # only for a verified client certificate
+
+    certificate = x509.load_pem_x509_certificate(pem[0])
+    subject = certificate.subject.rfc4514_string()
+    sans: list[str] = []
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = None
+    for name in names or ():
+        prefix = _SAN_PREFIXES.get(type(name).__name__)
+        if prefix is not None:
+            sans.append(f"{prefix}:{name.value}")
+    return subject, tuple(sans)
+
+
+class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self, dispatcher: Dispatcher, settings: GatewaySettings, authenticator: Authenticator | None
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.authenticator = authenticator
+        # As on the HTTP port (``dispatcher.gateway.app``): the host's authenticator if
+        # it gave one, else the dispatcher authenticates, checks access and audits.
+        self._dispatcher_authenticates = (
+            authenticator is None and dispatcher.authenticator is not None
+        )
+
+    async def Call(
+        self, request: gateway_pb2.GatewayCall, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GatewayReply:
+        request_id = request.request_id or new_request_id()
+        try:
+            options = await self._options(request, context)
+            result = await self.dispatcher.call(
+                request.plugin, request.method, self._params(request), **options
+            )
+            result_json = orjson.dumps(result)
+        except PluginError as error:
+            return gateway_pb2.GatewayReply(
+                ok=False, error=_error_message(error), request_id=request_id
+            )
+        except DispatchError as error:
+            await context.abort(
+                STATUS_BY_TYPE.get(error.type, grpc.StatusCode.FAILED_PRECONDITION),
+                error.message,
+                trailing_metadata=_trailers(error),
+            )
+        except TypeError as error:  # a result JSON cannot carry
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the plugin's result is not JSON: {error}",
+                trailing_metadata=(("error-type", "provider_error"), ("retryable", "false")),
+            )
+        return gateway_pb2.GatewayReply(ok=True, result_json=result_json, request_id=request_id)
+
+    async def Stream(
+        self, request: gateway_pb2.GatewayCall, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GatewayStreamItem]:
+        try:
+            options = await self._options(request, context)
+            options.pop("idempotency_key")  # a stream is never replayed
+            chunks = self.dispatcher.stream(
+                request.plugin, request.method, self._params(request), **options
+            )
+            async for chunk in chunks:
+                yield gateway_pb2.GatewayStreamItem(chunk_json=orjson.dumps(chunk))
+        except PluginError as error:
+            yield gateway_pb2.GatewayStreamItem(error=_error_message(error))
+        except DispatchError as error:
+            await context.abort(
+                STATUS_BY_TYPE.get(error.type, grpc.StatusCode.FAILED_PRECONDITION),
+                error.message,
+                trailing_metadata=_trailers(error),
+            )
+
+    def _params(self, request: gateway_pb2.GatewayCall) -> Any:
+        raw: bytes = request.params_json
+        if not raw:
+            return {}
+        try:
+            return parse_json(raw, self.settings.max_depth)
+        except Refused as refused:
+            raise refused.error from None
+
+    async def _options(
+        self, request: gateway_pb2.GatewayCall, context: grpc.aio.ServicerContext
+    ) -> dict[str, Any]:
+        """``Dispatcher.call``'s keyword arguments: who calls, the deadline, the context."""
+        if request.request_id and not _REQUEST_ID.match(request.request_id):
+            raise InvalidParams("request_id is 1-128 characters of A-Z a-z 0-9 . _ : -")
+        if len(request.idempotency_key) > 256:
+            raise InvalidParams("idempotency_key is at most 256 characters")
+        if request.timeout_ms > _MAX_TIMEOUT_MS:
+            raise InvalidParams(f"timeout_ms is at most {_MAX_TIMEOUT_MS}")
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+        remaining = context.time_remaining()
+        if remaining is not None and (timeout is None or remaining < timeout):
+            timeout = max(remaining, 0.001)  # the client's own deadline, when it is sooner
+        credentials: Credentials | None = self._credentials(context)
+        caller: Principal | None = None
+        if not self._dispatcher_authenticates:
+            assert credentials is not None
+            caller = await self._authenticate(credentials)
+            credentials = None
+        traceparent = request.traceparent
+        return {
+            "version": request.version or None,
+            "caller": caller,
+            "credentials": credentials,
+            "timeout": timeout,
+            "traceparent": traceparent if _TRACEPARENT.match(traceparent) else None,
+            "idempotency_key": request.idempotency_key or None,
+            "request_id": request.request_id or new_request_id(),
+        }
+
+    def _credentials(self, context: grpc.aio.ServicerContext) -> Credentials:
+        metadata: dict[str, Any] = {}
+        for key, value in context.invocation_metadata() or ():
+            metadata.setdefault(key, value)
+        subject, sans = _certificate_credentials(context)
+        authorization, api_key = metadata.get("authorization"), metadata.get("x-api-key")
+        return Credentials(
+            authorization=authorization if isinstance(authorization, str) else None,
+            api_key=api_key if isinstance(api_key, str) else None,
+            certificate_subject=subject,
+            certificate_sans=sans,
+        )
+
+    async def _authenticate(self, credentials: Credentials) -> Principal | None:
+        if self.authenticator is None:
+            return None
+        try:
+            return await self.authenticator.authenticate(credentials)
+        except DispatchError:
+            raise
+        except Exception as error:
+            # Its message may quote the credentials: log the type alone.
+            log.error("the authenticator failed with %s; refusing the call", type(error).__name__)
+            raise Unauthorized("the credentials could not be checked") from None
+
+
+class _CertificateFetcher:
+    """grpc's hook at each new connection: a new configuration when the files changed."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self._settings = settings
+        self._files = tuple(
+            path
+            for path in (settings.tls_cert, settings.tls_key, settings.client_ca)
+            if path is not None
+        )
+        self._loaded = self._stamp()
+        self.reloads = 0
+
+    def _stamp(self) -> tuple[object, ...]:
+        stamps: list[object] = []
+        for path in self._files:
+            try:
+                stat = os.stat(path)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        return tuple(stamps)
+
+    def configuration(self) -> Any:
+        settings = self._settings
+        assert settings.tls_cert is not None
+        assert settings.tls_key is not None
+        client_ca = (
+            _read(settings.client_ca)
+            if settings.client_ca is not None and settings.client_cert == "required"
+            else None
+        )
+        return grpc.ssl_server_certificate_configuration(
+            [(_read(settings.tls_key), _read(settings.tls_cert))], root_certificates=client_ca
+        )
+
+    def __call__(self) -> Any:
+        stamp = self._stamp()
+        if stamp == self._loaded:
+            return None  # grpc keeps the configuration it has
+        try:
+            configuration = self.configuration()
+        except (OSError, ValueError) as error:
+            log.warning("gRPC TLS files not reloaded, the previous ones still serve: %s", error)
+            return None
+        self._loaded = stamp
+        self.reloads += 1
+        return configuration
+
+
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+class GrpcGateway:
+    """The gRPC port of one gateway; ``start()`` listens, ``aclose(grace)`` stops."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        settings: GatewaySettings,
+        *,
+        authenticator: Authenticator | None = None,
+    ) -> None:
+        assert settings.grpc_port is not None
+        self.settings = settings
+        self.port: int | None = None
+        self.fetcher: _CertificateFetcher | None = None
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_body_bytes + 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+            _Servicer(dispatcher, settings, authenticator), self._server
+        )
+
+    async def start(self) -> None:
+        settings = self.settings
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        address = f"{host}:{settings.grpc_port}"
+        if settings.tls:
+            fetcher = self.fetcher = _CertificateFetcher(settings)
+            credentials = grpc.dynamic_ssl_server_credentials(
+                fetcher.configuration(),
+                fetcher,
+                require_client_authentication=settings.client_cert == "required",
+            )
+            port = self._server.add_secure_port(address, credentials)
+        else:
+            port = self._server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen for gRPC on {address}")
+        self.port = port
+        await self._server.start()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` listened on (the real port when given 0)."""
+        host = self.settings.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def aclose(self, grace: float = 2.0) -> None:
+        await self._server.stop(grace)
+
+    def __repr__(self) -> str:
+        reloads = self.fetcher.reloads if self.fetcher is not None else 0
+        return f"<GrpcGateway {self.address} tls={self.settings.tls} reloads={reloads}>"

@@ -1,0 +1,238 @@
+"""The gateway's gRPC port with a real ``grpc.aio`` client: calls, streams, the manifest's
+``auth``/``access``/``audit`` applied by the dispatcher, errors as statuses that
+``providers._grpc.status`` reads back to the same types, mTLS with a rotated client CA,
+and hostile requests."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import orjson
+import pytest
+import trustme
+from cryptography import x509
+
+from dispatcher import Dispatcher, parse_manifest
+from dispatcher.gateway import GatewayServer, GatewaySettings
+from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
+from providers._grpc.status import translate_rpc_error
+from tests.conftest import ROOT
+from tests.gateway_support import OneToken, echo_entry, example_entry, running_gateway
+
+API_KEY = "k-9f1d6c0a-never-shown"
+
+
+def stub(channel: grpc.aio.Channel) -> Any:
+    return gateway_pb2_grpc.GatewayServiceStub(channel)
+
+
+def grpc_call(plugin: str, method: str, params: Any = None, **fields: Any) -> Any:
+    raw = b"" if params is None else orjson.dumps(params)
+    return gateway_pb2.GatewayCall(plugin=plugin, method=method, params_json=raw, **fields)
+
+
+async def rpc_error(awaitable: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await awaitable
+    return raised.value
+
+
+def trailers(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    return {key: value for key, value in error.trailing_metadata() or ()}
+
+
+async def test_calls_answer_with_the_result_and_errors_map_to_statuses_read_back_alike() -> None:
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        gateway = stub(channel)
+        reply = await gateway.Call(grpc_call("echo", "say", {"text": "hi"}, request_id="r-1"))
+        assert reply.ok and reply.request_id == "r-1"
+        assert orjson.loads(reply.result_json)["text"] == "hi"
+        # A plugin's own failure is an answer: OK, ok=false, the plugin's type.
+        reply = await gateway.Call(grpc_call("echo", "withdraw", {"amount": 500}))
+        assert not reply.ok and reply.error.type == "InsufficientFunds"
+        assert reply.request_id  # made up when absent
+        cases = [
+            (grpc_call("echo", "say", {"text": 5}), grpc.StatusCode.INVALID_ARGUMENT, "invalid_params"),
+            (grpc_call("echo", "nope"), grpc.StatusCode.NOT_FOUND, "method_not_found"),
+            (grpc_call("ghost", "say"), grpc.StatusCode.NOT_FOUND, "plugin_not_found"),
+            (grpc_call("echo", "sleep", {"seconds": 0.05}, timeout_ms=1), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded"),
+        ]  # fmt: skip
+        for request, status, error_type in cases:
+            error = await rpc_error(gateway.Call(request))
+            assert error.code() == status, error
+            assert trailers(error)["error-type"] == error_type
+        # The reverse of providers/_grpc/status.py: a dispatcher reading this port gets
+        # the same error class back.
+        error = await rpc_error(gateway.Call(cases[0][0]))
+        assert translate_rpc_error(error, "gateway").type == "invalid_params"
+        error = await rpc_error(gateway.Call(cases[3][0]))
+        assert translate_rpc_error(error, "gateway").type == "deadline_exceeded"
+
+
+async def test_hostile_requests_are_refused_typed_and_the_port_keeps_serving() -> None:
+    settings = GatewaySettings(port=0, grpc_port=0, max_body_bytes=4096, max_depth=8)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        gateway = stub(channel)
+        not_json = gateway_pb2.GatewayCall(plugin="echo", method="say", params_json=b"{nope")
+        deep = gateway_pb2.GatewayCall(
+            plugin="echo", method="say", params_json=b"[" * 50 + b"]" * 50
+        )
+        huge = grpc_call("echo", "say", {"text": "x" * 100_000})
+        for request in (
+            not_json,
+            deep,
+            grpc_call("echo", "say", {"text": "hi"}, request_id="bad id\n"),
+            grpc_call("echo", "say", {"text": "hi"}, idempotency_key="k" * 300),
+            grpc_call("echo", "say", {"text": "hi"}, timeout_ms=4_000_000_000),
+        ):
+            error = await rpc_error(gateway.Call(request))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+        error = await rpc_error(gateway.Call(huge))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # grpc's own size limit
+        # An invalid traceparent is ignored, as on the HTTP port.
+        reply = await gateway.Call(grpc_call("echo", "say", {"text": "ok"}, traceparent="junk"))
+        assert reply.ok
+
+
+async def test_streams_yield_chunks_in_order() -> None:
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with (
+        running_gateway(
+            {**example_entry(), "methods": {"count": {}, "echo": {}}}, settings=settings
+        ) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        gateway = stub(channel)
+        items = [item async for item in gateway.Stream(grpc_call("example", "count", {"n": 3}))]
+        assert [orjson.loads(item.chunk_json) for item in items] == [{"i": 0}, {"i": 1}, {"i": 2}]
+        error = await rpc_error(_drain(gateway.Stream(grpc_call("example", "nope"))))
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _drain(stream: AsyncIterator[Any]) -> None:
+    async for _ in stream:
+        pass
+
+
+def keyed_manifest(tmp_path: Path) -> Any:
+    digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+    return parse_manifest(
+        {
+            "version": 1,
+            "plugins": [echo_entry()],
+            "auth": {"api_keys": [{"principal": "billing", "sha256": digest, "roles": ["caller"]}]},
+            "access": {"roles": {"caller": {"allow": ["echo.say"]}}},
+            "audit": {"path": str(tmp_path / "audit.log")},
+        },
+        base_dir=ROOT,
+    )
+
+
+async def test_the_dispatcher_authenticates_checks_access_and_audits_grpc_calls(
+    tmp_path: Path,
+) -> None:
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with (
+        Dispatcher(keyed_manifest(tmp_path)) as dispatcher,
+        GatewayServer(dispatcher, settings) as server,
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        gateway = stub(channel)
+        error = await rpc_error(gateway.Call(grpc_call("echo", "say", {"text": "hi"})))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        wrong = (("x-api-key", "guess"),)
+        error = await rpc_error(
+            gateway.Call(grpc_call("echo", "say", {"text": "hi"}), metadata=wrong)
+        )
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "guess" not in (error.details() or "")
+        key = (("x-api-key", API_KEY),)
+        reply = await gateway.Call(grpc_call("echo", "say", {"text": "hi"}), metadata=key)
+        assert reply.ok and orjson.loads(reply.result_json)["caller"] == "billing"
+        error = await rpc_error(
+            gateway.Call(grpc_call("echo", "withdraw", {"amount": 1}), metadata=key)
+        )
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    records = [orjson.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    outcomes = [record["outcome"] for record in records if record.get("kind") == "call"]
+    assert outcomes == ["unauthorized", "unauthorized", "ok", "forbidden"]
+    assert API_KEY not in (tmp_path / "audit.log").read_text()
+
+
+def write(path: Path, blob: bytes) -> Path:
+    spare = path.with_suffix(".new")
+    spare.write_bytes(blob)
+    spare.replace(path)  # the way a secret mount swaps files
+    return path
+
+
+async def test_mtls_on_the_grpc_port_with_the_client_ca_reloaded(tmp_path: Path) -> None:
+    server_ca, old_ca, new_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    leaf = server_ca.issue_cert("localhost")
+    cert = write(tmp_path / "server.pem", leaf.cert_chain_pems[0].bytes())
+    key = write(tmp_path / "server.key", leaf.private_key_pem.bytes())
+    client_ca = write(tmp_path / "clients.pem", old_ca.cert_pem.bytes())
+    alice = old_ca.issue_cert("alice.example", common_name="alice")
+    subject = x509.load_pem_x509_certificate(
+        alice.cert_chain_pems[0].bytes()
+    ).subject.rfc4514_string()
+    bob = new_ca.issue_cert("bob.example", common_name="bob")
+    bob_subject = x509.load_pem_x509_certificate(
+        bob.cert_chain_pems[0].bytes()
+    ).subject.rfc4514_string()
+    authenticator = OneToken(subjects=frozenset({subject, bob_subject}))
+    settings = GatewaySettings(
+        port=0, grpc_port=0, tls_cert=cert, tls_key=key, client_ca=client_ca, client_cert="required"
+    )
+
+    def channel_for(client: trustme.LeafCert | None) -> grpc.aio.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=server_ca.cert_pem.bytes(),
+            private_key=None if client is None else client.private_key_pem.bytes(),
+            certificate_chain=None if client is None else client.cert_chain_pems[0].bytes(),
+        )
+        port = server.grpc.port  # type: ignore[union-attr]
+        return grpc.aio.secure_channel(f"localhost:{port}", credentials)
+
+    async with running_gateway(settings=settings, authenticator=authenticator) as (_, server):
+        async with channel_for(alice) as channel:
+            reply = await stub(channel).Call(grpc_call("echo", "say", {"text": "hi"}))
+            assert reply.ok
+        assert authenticator.seen[-1].certificate_subject == subject
+        assert authenticator.seen[-1].certificate_sans == ("DNS:alice.example",)
+        async with channel_for(None) as channel:
+            error = await rpc_error(
+                stub(channel).Call(grpc_call("echo", "say", {"text": "hi"}), timeout=10)
+            )
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+        write(client_ca, new_ca.cert_pem.bytes())
+        async with asyncio.timeout(20):
+            while True:
+                async with channel_for(bob) as channel:
+                    try:
+                        await stub(channel).Call(
+                            grpc_call("echo", "say", {"text": "hi"}), timeout=5
+                        )
+                        break
+                    except grpc.aio.AioRpcError:
+                        await asyncio.sleep(0.1)
+        async with channel_for(alice) as channel:
+            error = await rpc_error(
+                stub(channel).Call(grpc_call("echo", "say", {"text": "hi"}), timeout=10)
+            )
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.grpc is not None and server.grpc.fetcher is not None
+        assert server.grpc.fetcher.reloads >= 1
