@@ -1,6 +1,6 @@
 """``dispatcher``: validate a manifest, list, call, deploy and remove plugins, check their
 health, read their logs, verify audit logs, print the manifest's JSON Schema, scaffold a
-new plugin, run a local Lambda, serve the plugins over HTTP (the gateway).
+new plugin, run a local Lambda, serve the plugins over HTTP (the gateway), watch a running gateway.
 
 One module per family of commands; each registers its commands on the group in ``_app``.
 """
@@ -18,10 +18,11 @@ from dispatcher.cli import (
     remove,
     schema,
     serve,
+    top,
 )
 from dispatcher.cli._app import main
 
 __all__ = ["main"]
 
 # Imported for the commands they register.
-_COMMANDS = (audit, calls, deploy, local_lambda, logs, manifest, new, remove, schema, serve)
+_COMMANDS = (audit, calls, deploy, local_lambda, logs, manifest, new, remove, schema, serve, top)

@@ -1,0 +1,150 @@
+"""``dispatcher top``: what a running gateway's plugins are doing, refreshed each second.
+
+It reads the gateway's ``/metrics`` (``telemetry: {metrics: {enabled: true}}`` in its
+manifest) every ``--interval`` and shows, per plugin method, calls per second, the share
+that failed, p50 and p99 over the last interval and the cache's hit ratio, then the
+breakers that are not closed and each fleet instance's state. The figures come from
+``dispatcher.telemetry.snapshot``; this module only fetches and draws. ``--once`` takes
+two scrapes an interval apart, prints one view and exits: for scripts and for a terminal
+that is not one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import click
+
+from dispatcher.cli._app import EXIT_FAILED, main
+from dispatcher.telemetry.snapshot import MethodRow, Sample, method_rows
+
+#: A scrape that takes longer than this is a gateway in trouble: say so, do not wait.
+SCRAPE_TIMEOUT = 5.0
+
+
+class ScrapeFailed(Exception):
+    """The gateway could not be read; the message says why, for the user."""
+
+
+@main.command()
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    envvar="DISPATCHER_URL",
+    help="The gateway (dispatcher serve) to watch; env DISPATCHER_URL.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.2, max=60),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes (and the window rates are computed over).",
+)
+@click.option("--once", is_flag=True, help="Print one view (two scrapes apart) and exit.")
+@click.pass_context
+def top(context: click.Context, url: str, interval: float, once: bool) -> None:
+    """Watch a running gateway: rate, errors, p50/p99, cache and breakers per method."""
+    try:
+        asyncio.run(_watch(url.rstrip("/"), interval, once))
+    except ScrapeFailed as error:
+        click.echo(f"error: {error}", err=True)
+        context.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        pass
+
+
+async def _watch(url: str, interval: float, once: bool) -> None:
+    import aiohttp
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        before = await _scrape(session, url)
+        await asyncio.sleep(interval)
+        now = await _scrape(session, url)
+        if once:
+            console.print(view(url, before, now))
+            return
+        with Live(view(url, before, now), console=console, auto_refresh=False) as live:
+            while True:
+                await asyncio.sleep(interval)
+                before, now = now, await _scrape(session, url)
+                live.update(view(url, before, now), refresh=True)
+
+
+async def _scrape(session: Any, url: str) -> Sample:
+    import aiohttp
+
+    try:
+        async with session.get(f"{url}/metrics", allow_redirects=False) as answer:
+            if answer.status == 404:
+                raise ScrapeFailed(
+                    f"{url} serves no /metrics: enable telemetry.metrics in its manifest"
+                )
+            if answer.status != 200:
+                raise ScrapeFailed(f"{url}/metrics answered {answer.status}")
+            text = await answer.text()
+    except (aiohttp.ClientError, TimeoutError) as error:
+        reason = type(error).__name__ if isinstance(error, TimeoutError) else str(error)
+        raise ScrapeFailed(f"cannot read {url}/metrics: {reason}") from None
+    try:
+        return Sample.parse(text, time.monotonic())
+    except ValueError as error:
+        raise ScrapeFailed(f"{url}/metrics is not a Prometheus exposition: {error}") from None
+
+
+def view(url: str, before: Sample, now: Sample) -> Any:
+    """The whole screen: methods, then breakers and instances when there are any."""
+    from rich.console import Group
+    from rich.table import Table
+
+    methods = Table(title=f"{url}   in flight {now.in_flight:g}", title_justify="left")
+    for heading in ("PLUGIN", "METHOD", "CALLS/S", "ERRORS", "P50", "P99", "CACHE HITS"):
+        methods.add_column(heading, justify="left" if heading in ("PLUGIN", "METHOD") else "right")
+    for row in method_rows(before, now):
+        methods.add_row(*_cells(row))
+    parts: list[Any] = [methods]
+    open_breakers = {target: state for target, state in now.breakers.items() if state != "closed"}
+    if open_breakers:
+        breakers = Table(title="breakers not closed", title_justify="left")
+        breakers.add_column("TARGET")
+        breakers.add_column("STATE")
+        for target, state in sorted(open_breakers.items()):
+            breakers.add_row(target, f"[red]{state}[/red]" if state == "open" else state)
+        parts.append(breakers)
+    if now.instances:
+        instances = Table(title="fleet instances", title_justify="left")
+        for heading in ("FLEET", "INSTANCE", "STATE"):
+            instances.add_column(heading)
+        for (fleet, instance), state in sorted(now.instances.items()):
+            shown = state if state == "healthy" else f"[yellow]{state}[/yellow]"
+            instances.add_row(fleet, instance, shown)
+        parts.append(instances)
+    return Group(*parts)
+
+
+def _cells(row: MethodRow) -> tuple[str, ...]:
+    return (
+        row.plugin,
+        row.method,
+        f"{row.calls_per_s:.1f}",
+        "-" if row.error_ratio is None else f"{row.error_ratio:.1%}",
+        _duration(row.p50_s),
+        _duration(row.p99_s),
+        "-" if row.cache_hit_ratio is None else f"{row.cache_hit_ratio:.0%}",
+    )
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 0.001:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    return f"{seconds:.2f} s"
