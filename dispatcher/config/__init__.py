@@ -1,7 +1,7 @@
 """The manifest: which plugins exist, their methods, where each runs and how it is called.
 
 ``policies`` holds the policy settings, ``security`` the ``auth``, ``access`` and ``audit``
-sections, ``manifest`` the plugin and method models,
+sections, ``state`` where the policies keep their state, ``manifest`` the plugin and method models,
 ``loader`` reads YAML or TOML into them, ``errors`` reports what is wrong with a file.
 """
 
@@ -32,6 +32,7 @@ from dispatcher.config.security import (
     MtlsIdentity,
     RoleRules,
 )
+from dispatcher.config.state import StateConfig
 
 __all__ = [
     "DEFAULT_TIMEOUT_MS",
@@ -58,6 +59,7 @@ __all__ = [
     "RateLimit",
     "RetryPolicy",
     "RoleRules",
+    "StateConfig",
     "load_manifest",
     "parse_manifest",
 ]

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 
 from dispatcher.config.policies import Policies
 from dispatcher.config.security import AccessConfig, AuditConfig, AuthConfig
+from dispatcher.config.state import StateConfig
 from providers.egress import EgressPolicy
 from providers.target import StrictModel, TargetConfig
 
@@ -127,4 +128,8 @@ class Manifest(StrictModel, Generic[TargetT]):
     )
     audit: AuditConfig | None = Field(
         default=None, description="One hash-chained JSON line per call (README: audit)."
+    )
+    state: StateConfig = Field(
+        default_factory=StateConfig,
+        description="Where limits, breakers, caches and idempotency records live (README: state).",
     )
