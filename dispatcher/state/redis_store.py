@@ -5,8 +5,8 @@ dispatcher (blocking: a call waits for a free connection within its bound rather
 failing), plus one connection for pushed notifications. Each shared operation is one Lua
 script (``_scripts``), loaded once and run with EVALSHA (``register_script``).
 
-Bounds: every operation runs under ``min(op_timeout, time left in the call)``; redis-py's
-own retries are off, so that bound is the whole cost. An operation that fails (timeout,
+Bounds: every operation runs under ``min(op_timeout, time left in the call)``, redis-py's
+one retry (a pooled connection to a Redis that restarted) included. An operation that fails (timeout,
 connection refused or reset, any Redis error) raises ``StateUnavailable`` and makes the
 backend skip Redis for ``retry_after`` (the next calls fall back or fail at once instead
 of each spending the timeout), then try again.
@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -89,7 +90,10 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             timeout=self.op_timeout,
             socket_timeout=self.op_timeout,
             socket_connect_timeout=self.op_timeout,
-            retry=Retry(NoBackoff(), 0),
+            # One immediate retry: a pooled connection to a Redis that restarted fails
+            # once and reconnects. asyncio.timeout in ``_run`` bounds both attempts.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
             health_check_interval=0,
         )
         self._client = aioredis.Redis(connection_pool=self._pool)
@@ -184,6 +188,10 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             reason = f"{type(error).__name__}: {error}"
         self.failures += 1
         self._down_until = self._clock() + self.retry_after
+        # Idle pooled connections to a Redis that went away would each fail once when it
+        # is back: drop them now, so the first operations after it returns succeed.
+        with contextlib.suppress(Exception):
+            await self._pool.disconnect(inuse_connections=False)
         raise self._unavailable(what, reason)
 
     def _unavailable(self, what: str, reason: str) -> StateUnavailable:
