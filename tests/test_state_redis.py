@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher
-from dispatcher.config import load_manifest
+from dispatcher.config import ManifestError, load_manifest
 from dispatcher.state import StateUnavailable
 from linchkit_plugin.errors import CircuitOpen, DeadlineExceeded, InvalidParams, RateLimited
 from tests.services import CLEAN_ENVIRONMENT, Redis, free_port
@@ -543,3 +543,26 @@ async def test_open_shared_breaker_refuses_without_a_target_call(
         with pytest.raises(CircuitOpen) as caught:
             await second.call("counter", "ping")
         assert caught.value.retry_after is not None and 50 < caught.value.retry_after <= 60
+
+
+# -- the manifest's state section ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "problem"),
+    [
+        ({"backend": "redis"}, "needs a 'url'"),
+        ({"backend": "memory", "url": "redis://127.0.0.1:1/0"}, "is for backend 'redis'"),
+        ({"backend": "etcd"}, "state.backend"),
+        ({"backend": "redis", "url": "redis://x", "op_timeout_ms": 0}, "op_timeout_ms"),
+        ({"backend": "redis", "url": "redis://x", "key_prefix": "a b"}, "key_prefix"),
+        ({"backend": "redis", "url": "redis://x", "on_unavailable": "maybe"}, "on_unavailable"),
+    ],
+)
+def test_a_wrong_state_section_is_refused_where_it_is(
+    tmp_path: Path, state: dict[str, Any], problem: str
+) -> None:
+    path = tmp_path / "plugins.yaml"
+    path.write_text(json.dumps({"version": 1, "state": state, "plugins": []}))
+    with pytest.raises(ManifestError, match=problem):
+        load_manifest(path)
