@@ -39,6 +39,7 @@ from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, authenticator_of
 from dispatcher.policies import PolicyRuntime
+from dispatcher.state import StateBackend, new_backend
 from dispatcher.telemetry import TelemetryRuntime
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -90,6 +91,9 @@ class Dispatcher:
         self.manifest = manifest
         self._clock: Callable[[], float] = time.monotonic  # the running loop's, from start()
         self.policies: PolicyRuntime | None = None
+        self.state_backend: StateBackend | None = (
+            None  # where policies keep state (dispatcher.state)
+        )
         self.fleets: FleetRuntime | None = None
         self._circuit_listeners: list[CircuitListener] = []
         self._events = EventHandlers()
@@ -142,9 +146,17 @@ class Dispatcher:
         self._current_task = current_task_getter(loop)
         self._closed = loop.create_future()
         self.fleets = FleetRuntime(self._clock)
+        config = self.manifest.state
+        self.state_backend = new_backend(config, self._clock)
+        await self.state_backend.start()
         telemetry = self.telemetry
         self.policies = PolicyRuntime(
-            self._clock, self.fleets, boundary=None if telemetry is None else telemetry.boundary
+            self._clock,
+            self.fleets,
+            self.state_backend,
+            breaker_sync=config.breaker_sync_ms / 1000,
+            idempotency_retention=config.idempotency_retention_ms / 1000,
+            boundary=None if telemetry is None else telemetry.boundary,
         )
         if telemetry is not None:
             telemetry.start()
@@ -188,6 +200,8 @@ class Dispatcher:
             # waiting for its answer any more.
             await self.policies.aclose(grace=0.0 if drained else None)
         await self._events.aclose()
+        if self.state_backend is not None:
+            await self.state_backend.aclose()  # after the chains: their last records are written
         if self.fleets is not None:
             await self.fleets.detach_all()  # the instances discovery brought
         while self._attached:
@@ -382,15 +396,16 @@ class Dispatcher:
         invocation = self._invocation(
             route, params, timeout, request_id, caller, traceparent, idempotency_key
         )
+        invoke = route.invoke if idempotency_key is None else route.once
         # In flight: the task in a set, so a drain can wait for it and cut it off
         # (dispatcher._drain). Inlined from _tracked: this is the per-call hot path.
         task = self._current_task()
         calls = self._calls
         if task is None or task in calls:  # a call from inside a call: the outer one counts
-            return await route.invoke(invocation)
+            return await invoke(invocation)
         calls.add(task)
         try:
-            return await route.invoke(invocation)
+            return await invoke(invocation)
         except (asyncio.CancelledError, DispatchError) as error:
             if self._cut and task in self._cut:
                 raise self._cut_off(task, f"the call of {route.name}", error) from None
@@ -429,7 +444,8 @@ class Dispatcher:
             invocation = self._invocation(
                 route, params, timeout, request_id, caller_id, traceparent, idempotency_key
             )
-            return await self._tracked(route.invoke(invocation), f"the call of {route.name}")
+            invoke = route.invoke if idempotency_key is None else route.once
+            return await self._tracked(invoke(invocation), f"the call of {route.name}")
         except BaseException as error:
             failure = error
             raise
@@ -728,6 +744,10 @@ class Dispatcher:
         """Drop cached results: of one plugin, one of its methods, or everything."""
         return self.policies.invalidate(plugin, method) if self.policies is not None else 0
 
+    async def ainvalidate(self, plugin: str | None = None, method: str | None = None) -> int:
+        """``invalidate``, returning once every replica sharing the state will miss."""
+        return await self.policies.ainvalidate(plugin, method) if self.policies is not None else 0
+
     def stats(self) -> dict[str, Any]:
         """The dispatcher's state and calls in flight; cache, breaker, batch, retry-budget,
         hedge and fallback counters; access checks and the audit log's head."""
@@ -802,7 +822,9 @@ class Dispatcher:
                 plugin.id, plugin.version, method, target.provider, policies.may_cache, invoke
             )
         gate = self.policies.gate(plugin, method)
-        return Route(plugin, method, provider, invoke, gate, self.policies.fleets.get(target))
+        route = Route(plugin, method, provider, invoke, gate, self.policies.fleets.get(target))
+        route.once = self.policies.once(plugin, method, invoke)
+        return route
 
     def _make_providers(self) -> dict[str, Provider[Any]]:
         used = {target.provider for plugin in self.manifest.plugins for target in plugin.targets()}

@@ -42,6 +42,7 @@ class Route:
         "invoke",
         "method",
         "name",
+        "once",
         "plugin",
         "stream",
         "target",
@@ -67,6 +68,9 @@ class Route:
         self.timeout = (policies.timeout_ms or DEFAULT_TIMEOUT_MS) / 1000
         self.validate = _params_validator(plugin.methods[method].params_schema)
         self.invoke = invoke
+        #: The chain of a call carrying an idempotency key: ``invoke`` behind the
+        #: idempotency step (dispatcher.policies.idempotency), set by the dispatcher.
+        self.once: Step = invoke
         self.gate = gate
         #: For the audit log: whether its records carry params, what serves the method.
         self.audit_params = bool(policies.audit_params)

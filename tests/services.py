@@ -1,4 +1,4 @@
-"""Local services the tests start for themselves: a real etcd (the registry).
+"""Local services the tests start for themselves: a real etcd (the registry), a real Redis.
 
 ``make services-prereqs`` (``infra/services/install.sh``) installs Debian's etcd-server;
 each etcd here runs on free loopback ports with its own data folder and is killed when
@@ -8,6 +8,10 @@ its fixture ends, so nothing outlives the test session.
   (``etcd_prefix``).
 * ``own_etcd`` (function): an etcd a test may ``stop()`` and ``start()`` again on the
   same ports and data folder, for "the registry is down" cases.
+* ``redis_server`` (session) and ``own_redis`` (function): redis-server on a free loopback
+  port with no persistence (nothing written to disk); ``own_redis`` may be ``stop()``ped
+  (killed), ``pause()``d (SIGSTOP: a Redis that accepts connections and never answers)
+  and ``start()``ed again on the same port. ``redis_prefix``: a key prefix per test.
 * ``plugins`` (function): starts plugin processes (``Plugin``) and kills whichever are
   still running when the test ends.
 """
@@ -41,6 +45,7 @@ CLEAN_ENVIRONMENT = {
 }
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 #: A slow 2-core machine under a full test run may take a while to start etcd.
 START_TIMEOUT = 60.0
 
@@ -211,6 +216,114 @@ def own_etcd() -> Iterator[Etcd]:
 def etcd_prefix() -> str:
     """A registry prefix no other test uses."""
     return f"/linchkit-test/{uuid.uuid4().hex[:12]}"
+
+
+class Redis:
+    """One redis-server on loopback, no persistence; ``stop`` and ``start`` keep its port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = folder / "redis.log"
+
+    def start(self) -> None:
+        if not Path(REDIS_SERVER).exists():
+            pytest.fail("redis-server is not installed: run `make services-prereqs`")
+        command = [
+            REDIS_SERVER,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.folder),
+            "--protected-mode", "yes",
+            "--loglevel", "warning",
+        ]  # fmt: skip
+        with self._log.open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(
+                    f"redis-server exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            if self.ping():
+                return
+            time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"redis-server did not answer within {START_TIMEOUT:g} s:\n{self.log_tail()}")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *words: str) -> bytes:
+        """One command over a raw socket (tests read and change keys with it)."""
+        payload = f"*{len(words)}\r\n".encode() + b"".join(
+            f"${len(word.encode())}\r\n{word}\r\n".encode() for word in words
+        )
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(payload)
+            return sock.recv(65536)
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Kill it: a store that vanishes, not one that says goodbye."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused process dies on SIGKILL too
+            self.process.kill()
+        self.process.wait(timeout=30)
+        self.process = None
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join(self._log.read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return "(no log)"
+
+
+def _running_redis(folder: str) -> Iterator[Redis]:
+    server = Redis(Path(folder))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Redis]:
+    """One Redis for the session; tests keep to their own ``redis_prefix``."""
+    with tempfile.TemporaryDirectory(prefix="linchkit-redis-") as folder:
+        yield from _running_redis(folder)
+
+
+@pytest.fixture
+def own_redis() -> Iterator[Redis]:
+    """A Redis of this test's own, which it may kill, pause and start again."""
+    with tempfile.TemporaryDirectory(prefix="linchkit-redis-") as folder:
+        yield from _running_redis(folder)
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix no other test uses."""
+    return f"t{uuid.uuid4().hex[:12]}"
 
 
 class Plugin:

@@ -1,7 +1,8 @@
 """The manifest: which plugins exist, their methods, where each runs and how it is called.
 
 ``policies`` holds the policy settings, ``security`` the ``auth``, ``access`` and ``audit``
-sections, ``gateway`` the ``gateway`` section, ``manifest`` the plugin and method models,
+sections, ``gateway`` the ``gateway`` section, ``state`` where the policies keep their state,
+``manifest`` the plugin and method models,
 ``loader`` reads YAML or TOML into them, ``errors`` reports what is wrong with a file.
 """
 
@@ -33,6 +34,7 @@ from dispatcher.config.security import (
     MtlsIdentity,
     RoleRules,
 )
+from dispatcher.config.state import StateConfig
 from dispatcher.config.telemetry import (
     LogSettings,
     MetricsSettings,
@@ -72,6 +74,7 @@ __all__ = [
     "ResolvedTracing",
     "RetryPolicy",
     "RoleRules",
+    "StateConfig",
     "Telemetry",
     "TracingSettings",
     "load_manifest",

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from dispatcher.config.gateway import GatewayConfig
 from dispatcher.config.policies import Policies
 from dispatcher.config.security import AccessConfig, AuditConfig, AuthConfig
+from dispatcher.config.state import StateConfig
 from dispatcher.config.telemetry import Telemetry
 from providers.egress import EgressPolicy
 from providers.target import StrictModel, TargetConfig
@@ -137,4 +138,8 @@ class Manifest(StrictModel, Generic[TargetT]):
     gateway: GatewayConfig | None = Field(
         default=None,
         description="Where dispatcher serve listens, its TLS and limits (docs/gateway.md).",
+    )
+    state: StateConfig = Field(
+        default_factory=StateConfig,
+        description="Where limits, breakers, caches and idempotency records live (README: state).",
     )

@@ -5,9 +5,12 @@ The chain of a method is assembled once, when the dispatcher starts, from the me
 policies (manifest: method → plugin ``defaults``); a method without policies calls its
 provider directly. Outer to inner:
 
-    cache ─► rate limits ─► bulkhead ─► retry ─► batcher or breaker ─► provider
+    [idempotency ─►] cache ─► rate limits ─► bulkhead ─► retry ─► batcher or breaker ─► provider
 
-* cache first, so a hit costs no quota, no slot and no target call;
+* idempotency first (``idempotency``), and only on calls carrying a key (``once``: the
+  route keeps both chains, so other calls pay nothing): a duplicate gets the first
+  call's outcome without touching the cache, quota or target;
+* cache next, so a hit costs no quota, no slot and no target call;
 * rate limits before retries: one logical call takes one unit of quota; the retry
   budget bounds the extra load retries add;
 * the breaker is per target instance and sees each attempt (or each batch) as one call.
@@ -26,6 +29,12 @@ instance, keyed by the instance target's ``key``.
 
 Streams and host events are not request/response calls: they pass a ``Gate`` (``gate``),
 the part of the chain that fits them (rate limits, bulkhead, breaker), sharing its state.
+
+Where the state lives is the manifest's ``state`` (``dispatcher.state``): in this process
+(the objects above, unchanged) or shared by every replica on Redis, where rate limits,
+the breakers of single-instance targets and caches use the steps of ``shared``, each
+falling back to the in-process object when Redis cannot answer (``fail_open``). Fleets,
+batches, streams and events keep per-replica breakers for now.
 
 ``PolicyRuntime`` holds what methods share (breakers, budgets, bulkheads and limiters
 per target) and owns every task the policies start; ``aclose`` ends them.
@@ -57,9 +66,12 @@ from dispatcher.policies.cache import CacheStep, ResultCache
 from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
 from dispatcher.policies.gate import Gate
 from dispatcher.policies.hedge import HedgeStep
+from dispatcher.policies.idempotency import IdempotencyStep
 from dispatcher.policies.ratelimit import Limit, RateLimitStep, new_limiter
 from dispatcher.policies.retry import RetryBudget, RetryStep
+from dispatcher.policies.shared import SharedBreakerStep, SharedCacheStep, SharedLimit
 from dispatcher.policies.timeout import DeadlineGuard
+from dispatcher.state import MemoryState, StateBackend, digest
 from providers.invocation import Invocation, Outcome
 
 if TYPE_CHECKING:
@@ -107,11 +119,19 @@ class PolicyRuntime:
         self,
         clock: Callable[[], float],
         fleets: FleetRuntime | None = None,
+        state: StateBackend | None = None,
         *,
+        breaker_sync: float = 0.1,
+        idempotency_retention: float = 86_400.0,
         boundary: ProviderBoundary | None = None,
     ) -> None:
         self.clock = clock
         self.boundary = boundary
+        self.state = state if state is not None else MemoryState(clock)
+        self.breaker_sync = breaker_sync
+        self.idempotency_retention = idempotency_retention
+        #: Target-scoped limits as the chains use them (shared ones too), for events.
+        self.target_limits: dict[tuple[str, RateLimit], Limit | SharedLimit] = {}
         self.fleets = fleets if fleets is not None else FleetRuntime(clock)
         self.breakers: dict[str, CircuitBreaker] = {}
         self.budgets: dict[str, RetryBudget] = {}
@@ -123,7 +143,7 @@ class PolicyRuntime:
         self.gates: dict[tuple[str, str], Gate] = {}
         self.breaker_listeners: list[StateListener] = []
         # Kept for stats() only: limits and bulkheads of a method's own scope are not shared.
-        self.limits: list[Limit] = []
+        self.limits: list[Limit | SharedLimit] = []
         self.method_bulkheads: list[Bulkhead] = []
         self.retries: dict[str, RetryStep] = {}
 
@@ -158,6 +178,11 @@ class PolicyRuntime:
                 batcher = Batcher(name, policies.batch, sender)
                 self.batchers.append(batcher)
                 step = batcher
+            elif breaker is not None and self.state.shared:
+                assert policies.breaker is not None
+                step = SharedBreakerStep(
+                    breaker, key, policies.breaker, self.state, self.breaker_sync, self.clock, step
+                )
             elif breaker is not None:
                 step = BreakerStep(breaker, step)
         if policies.may_retry:
@@ -177,9 +202,20 @@ class PolicyRuntime:
             assert policies.cache is not None
             cache = ResultCache(f"{plugin.key}.{method}", policies.cache, self.clock)
             self.caches[(plugin.key, method)] = cache
-            step = CacheStep(cache, step)
+            if self.state.shared:
+                step = SharedCacheStep(cache, policies.cache.ttl_ms / 1000, self.state, step)
+            else:
+                step = CacheStep(cache, step)
         self.gates[(plugin.key, method)] = Gate(limits, bulkhead, breaker)
         return step
+
+    def once(self, plugin: PluginSpec[Any], method: str, invoke: Step) -> Step:
+        """What a call of ``plugin.method`` carrying an idempotency key goes through:
+        ``invoke`` (the whole chain, fallback included) behind the idempotency step.
+        Kept off ``invoke`` so calls without a key pay nothing for it."""
+        return IdempotencyStep(
+            f"{plugin.id}.{method}", self.state, self.idempotency_retention, invoke
+        )
 
     def _fleet_end(
         self, name: str, fleet: Fleet, provider: Provider[Any], policies: Policies
@@ -236,9 +272,7 @@ class PolicyRuntime:
         """What a host event to ``target`` passes through: the policies scoped to the target."""
         key = target.key
         limits = tuple(
-            Limit(target.describe(), spec, limiter)
-            for (limited, spec), limiter in self.limiters.items()
-            if limited == key
+            limit for (limited, _), limit in self.target_limits.items() if limited == key
         )
         return Gate(limits, self.bulkheads.get(key), self.breakers.get(key))
 
@@ -251,7 +285,35 @@ class PolicyRuntime:
             if method is not None and name != method:
                 continue
             dropped += cache.invalidate()
+        if self.state.store is not None:  # the shared entries: bumped without waiting
+            names = self._shared_cache_names(plugin, method)
+            self.state.store.spawn(
+                self.state.store.cache_invalidate(names, self.clock() + 3600.0),
+                "cache invalidation",
+            )
         return dropped
+
+    async def ainvalidate(self, plugin: str | None = None, method: str | None = None) -> int:
+        """``invalidate``, returning once every replica's next read misses (shared caches);
+        ``StateUnavailable`` if the store cannot be told."""
+        dropped = 0
+        for (plugin_key, name), cache in self.caches.items():
+            if (plugin is None or plugin_key.partition("@")[0] == plugin) and (
+                method is None or name == method
+            ):
+                dropped += cache.invalidate()
+        if self.state.store is not None:
+            names = self._shared_cache_names(plugin, method)
+            await self.state.store.cache_invalidate(names, self.clock() + 3600.0)
+        return dropped
+
+    def _shared_cache_names(self, plugin: str | None, method: str | None) -> list[str]:
+        return [
+            digest(cache.name)
+            for (plugin_key, name), cache in self.caches.items()
+            if (plugin is None or plugin_key.partition("@")[0] == plugin)
+            and (method is None or name == method)
+        ]
 
     def flush_batches(self) -> None:
         """Send every queued batch now, without waiting out its window (a drain began)."""
@@ -319,6 +381,7 @@ class PolicyRuntime:
             },
             "hedges": {name: hedge.stats() for name, hedge in self.hedges.items()},
             "fleets": self.fleets.stats(),
+            "state": self.state.stats(),
         }
 
     def _breaker(self, key: str, target: TargetConfig, policy: BreakerPolicy) -> CircuitBreaker:
@@ -351,13 +414,24 @@ class PolicyRuntime:
             )
         return bulkhead
 
-    def _limit(self, name: str, key: str, target: TargetConfig, spec: RateLimit) -> Limit:
+    def _limit(
+        self, name: str, key: str, target: TargetConfig, spec: RateLimit
+    ) -> Limit | SharedLimit:
         if spec.scope != "target":
-            return Limit(name, spec)
-        shared = self.limiters.get((key, spec))
-        if shared is None:
-            shared = self.limiters[(key, spec)] = new_limiter(spec)
-        return Limit(target.describe(), spec, shared)
+            limit = Limit(name, spec)
+            return SharedLimit(limit, name, self.state) if self.state.shared else limit
+        existing = self.target_limits.get((key, spec))
+        if existing is not None:
+            return existing
+        bucket = self.limiters.get((key, spec))
+        if bucket is None:
+            bucket = self.limiters[(key, spec)] = new_limiter(spec)
+        local = Limit(target.describe(), spec, bucket)
+        chosen: Limit | SharedLimit = (
+            SharedLimit(local, key, self.state) if self.state.shared else local
+        )
+        self.target_limits[(key, spec)] = chosen
+        return chosen
 
     @staticmethod
     def _batch_sender(

@@ -25,7 +25,7 @@ from typing import Any
 
 from dispatcher.fleet.breaker import CircuitBreaker, is_health_failure
 from dispatcher.policies.concurrency import Bulkhead
-from dispatcher.policies.ratelimit import Limit
+from dispatcher.policies.ratelimit import LimitLike
 from linchkit_plugin.errors import DispatchError
 from providers.invocation import Invocation
 
@@ -36,7 +36,7 @@ __all__ = ["Gate"]
 class Gate:
     """Admission and accounting for one method's streams or one target's events."""
 
-    limits: Sequence[Limit] = ()
+    limits: Sequence[LimitLike] = ()
     bulkhead: Bulkhead | None = None
     breaker: CircuitBreaker | None = None
 

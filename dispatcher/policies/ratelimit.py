@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from aiolimiter import AsyncLimiter
 from cachetools import TTLCache
@@ -19,13 +19,21 @@ from dispatcher.config import RateLimit
 from linchkit_plugin.errors import RateLimited
 from providers.invocation import Invocation
 
-__all__ = ["Limit", "RateLimitStep", "new_limiter"]
+__all__ = ["Limit", "LimitLike", "RateLimitStep", "new_limiter"]
 
 Next = Callable[[Invocation], Awaitable[Any]]
 
 #: Per-caller buckets are forgotten after this long unused, so callers cannot grow memory.
 CALLER_BUCKET_IDLE_SECONDS = 600.0
 MAX_CALLER_BUCKETS = 100_000
+
+
+class LimitLike(Protocol):
+    """A limit as the chain and gates use it: this process's ``Limit`` or a shared one."""
+
+    name: str
+
+    async def acquire(self, invocation: Invocation) -> None: ...
 
 
 def new_limiter(limit: RateLimit) -> AsyncLimiter:
@@ -107,7 +115,7 @@ class Limit:
 class RateLimitStep:
     __slots__ = ("limits", "next")
 
-    def __init__(self, limits: Sequence[Limit], next_step: Next) -> None:
+    def __init__(self, limits: Sequence[LimitLike], next_step: Next) -> None:
         self.limits = tuple(limits)
         self.next = next_step
 

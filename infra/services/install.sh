@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The local services the tests start for themselves, installed from Debian's packages:
-# etcd (the registry of tests/test_etcd_*.py: etcd-server, etcd 3.4) and dnsmasq (the DNS
-# server of the DNS discovery tests: dnsmasq-base, the binary without a system service) and
-# Prometheus (the server that scrapes a dispatcher's /metrics in tests/test_telemetry_prometheus.py;
-# Debian's package also enables a system service: the tests never use it, they start their own).
+# etcd (the registry of tests/test_etcd_*.py: etcd-server, etcd 3.4), dnsmasq (the DNS
+# server of the DNS discovery tests: dnsmasq-base, the binary without a system service),
+# Prometheus (the server that scrapes a dispatcher's /metrics in
+# tests/test_telemetry_prometheus.py; Debian's package also enables a system service: the
+# tests never use it, they start their own) and redis-server (the shared state backend of
+# tests/test_state_redis.py, Redis 7.0; the tests run their own).
 # Idempotent and quiet when all are present. Nothing is started here: each test session
 # starts its own on free loopback ports (tests/services.py).
 set -euo pipefail
@@ -11,6 +13,7 @@ missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "missing ${missing[*]}: install them with apt-get (as root) and run again" >&2

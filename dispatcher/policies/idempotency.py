@@ -1,0 +1,204 @@
+"""Idempotency keys: a call made with ``idempotency_key`` runs at most once.
+
+The outermost step of every chain (before the cache: a keyed call is a request to do
+something once, not a lookup). A call without a key passes straight through: the step
+returns the next step's awaitable, adding no coroutine to the hot path.
+
+With a key, the record ``(plugin, method, caller, key)`` is claimed in the state backend
+(this process with ``memory``; every replica with ``redis``) for as long as the call may
+run (its deadline, plus a margin), then completed with the call's outcome, kept for
+``idempotency_retention_ms``. Meanwhile:
+
+* a duplicate (same key, same params: a hash of their canonical JSON) waits for the first
+  call's outcome and gets it, result or error — within its own deadline;
+* the same key with other params is refused with ``InvalidParams``;
+* a duplicate after the outcome gets it at once, without calling the target.
+
+A first call that provably never reached the plugin (refused by a limit, a bulkhead or a
+breaker, a connection that never opened, the state store itself) gives its key back, so
+the caller may try again with it. A first call cancelled by its caller keeps the key until
+its lease ends (it may have reached the plugin), then the key is free. The key is scoped
+per caller, so one caller's key never hands out another caller's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dispatcher.state import (
+    Claim,
+    IdempotencyStore,
+    StateBackend,
+    StateUnavailable,
+    decode_outcome,
+    digest,
+    encode_error,
+    encode_result,
+)
+from linchkit_plugin.errors import (
+    CircuitOpen,
+    DeadlineExceeded,
+    DispatchError,
+    InvalidParams,
+    Overloaded,
+    RateLimited,
+)
+from linchkit_plugin.wire import encode_json
+from providers.invocation import Invocation
+
+__all__ = ["IdempotencyStep"]
+
+Next = Callable[[Invocation], Awaitable[Any]]
+
+#: How long past its deadline a claim outlives a first call that never ended it.
+LEASE_MARGIN_SECONDS = 1.0
+#: Waiters look again at least this often, even if no notification came.
+POLL_SECONDS = 0.1
+MAX_KEY_LENGTH = 255
+_NEVER_RAN = (RateLimited, CircuitOpen, Overloaded, StateUnavailable)
+
+
+def never_ran(error: DispatchError) -> bool:
+    return isinstance(error, _NEVER_RAN) or error.details.get("stage") in ("connect", "refused")
+
+
+class IdempotencyStep:
+    __slots__ = ("backend", "local", "name", "next", "retention")
+
+    def __init__(self, name: str, backend: StateBackend, retention: float, next_step: Next):
+        self.name = name
+        self.backend = backend
+        self.retention = retention
+        self.next = next_step
+        #: This replica's calls per record: its duplicates share one claim.
+        self.local: dict[str, tuple[str, asyncio.Future[Any]]] = {}
+
+    def __call__(self, invocation: Invocation) -> Awaitable[Any]:
+        if invocation.idempotency_key is None:
+            return self.next(invocation)
+        return self._once(invocation, invocation.idempotency_key)
+
+    async def _once(self, invocation: Invocation, raw_key: str) -> Any:
+        if not isinstance(raw_key, str) or not 0 < len(raw_key) <= MAX_KEY_LENGTH:
+            raise InvalidParams(
+                f"idempotency_key must be a string of 1 to {MAX_KEY_LENGTH} characters"
+            )
+        caller = invocation.caller
+        key = digest(
+            invocation.plugin,
+            invocation.method,
+            "\0" if caller is None else "\1" + caller,
+            raw_key,
+        )
+        fingerprint = digest(encode_json(invocation.params, sort_keys=True))
+        while True:
+            mine = self.local.get(key)
+            if mine is None:
+                break
+            if mine[0] != fingerprint:
+                raise self._mismatch(raw_key)
+            try:
+                async with asyncio.timeout(max(invocation.remaining(), 0.0)):
+                    return await asyncio.shield(mine[1])
+            except TimeoutError:
+                raise self._late(raw_key) from None
+            except _LeaderGone:
+                continue
+        shared: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.local[key] = (fingerprint, shared)
+        try:
+            result = await self._claim_and_run(invocation, key, fingerprint, raw_key)
+        except BaseException as error:
+            gone = isinstance(error, asyncio.CancelledError)
+            shared.set_exception(_LeaderGone() if gone else error)
+            shared.exception()
+            raise
+        else:
+            shared.set_result(result)
+            return result
+        finally:
+            del self.local[key]
+
+    async def _claim_and_run(
+        self, invocation: Invocation, key: str, fingerprint: str, raw_key: str
+    ) -> Any:
+        store: IdempotencyStore = self.backend.idempotency
+        while True:
+            lease = max(invocation.remaining(), 0.0) + LEASE_MARGIN_SECONDS
+            try:
+                claimed = await store.claim(key, fingerprint, lease, invocation.deadline)
+            except StateUnavailable as error:
+                if not self.backend.fail_open or store is self.backend.local_idempotency:
+                    raise
+                self.backend.fell_back(f"the idempotency record of {self.name}", error)
+                store = self.backend.local_idempotency
+                continue
+            if claimed.claim is Claim.RUN:
+                break
+            if claimed.claim is Claim.DONE:
+                assert claimed.outcome is not None
+                return decode_outcome(claimed.outcome)
+            if claimed.claim is Claim.MISMATCH:
+                raise self._mismatch(raw_key)
+            remaining = invocation.remaining()
+            if remaining <= 0:
+                raise self._late(raw_key)
+            await store.changed(key, min(POLL_SECONDS, remaining))
+        token = claimed.token
+        try:
+            result = await self.next(invocation)
+        except DispatchError as error:
+            if never_ran(error):
+                await self._end(store, key, token, None)
+            else:
+                await self._end(store, key, token, encode_error(error))
+            raise
+        try:
+            outcome = encode_result(result)
+        except InvalidParams:
+            await self._end(store, key, token, None)  # not JSON: a duplicate may run again
+        else:
+            await self._end(store, key, token, outcome)
+        return result
+
+    async def _end(
+        self, store: IdempotencyStore, key: str, token: str, outcome: bytes | None
+    ) -> None:
+        """Complete or release the claim without making the caller wait for the write:
+        the waiters are woken when it lands; the backend owns the task."""
+        shared = self.backend.store
+        if outcome is None:
+            work = store.release(key, token, _far())
+        else:
+            work = store.complete(key, token, outcome, self.retention, _far())
+        if shared is None or store is self.backend.local_idempotency:
+            await work  # in memory: immediate
+        else:
+            shared.spawn(work, f"idempotency record of {self.name}")
+
+    def _mismatch(self, raw_key: str) -> InvalidParams:
+        return InvalidParams(
+            f"idempotency key {raw_key!r:.80} was already used for {self.name} with other "
+            "params; a new request needs a new key"
+        )
+
+    def _late(self, raw_key: str) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"{self.name}: the first call with idempotency key {raw_key!r:.80} did not end "
+            "within this call's deadline"
+        )
+
+    def __repr__(self) -> str:
+        return f"<IdempotencyStep {self.name} in_flight={len(self.local)}>"
+
+
+class _LeaderGone(Exception):
+    """The first call in this replica was cancelled by its caller: claim again."""
+
+
+def _far() -> float:
+    # Writes after the call has its outcome are bounded by the backend's operation
+    # timeout alone: the call's deadline may have passed while its outcome is worth keeping.
+    return asyncio.get_running_loop().time() + 3600.0

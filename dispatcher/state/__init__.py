@@ -1,0 +1,61 @@
+"""Where the policies keep their state: this process, or Redis shared by every replica.
+
+``new_backend(manifest.state, clock)`` makes the backend the manifest names (``base`` has
+the seam and the error tree; ``memory`` the default; ``redis_store`` the shared one).
+redis-py is imported only when a manifest chooses Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dispatcher.config import StateConfig
+from dispatcher.state.base import (
+    Admission,
+    BreakerPolicyArgs,
+    BreakerView,
+    Claim,
+    Claimed,
+    IdempotencyStore,
+    SharedStore,
+    StateBackend,
+    StateUnavailable,
+    decode_outcome,
+    digest,
+    encode_error,
+    encode_result,
+)
+from dispatcher.state.memory import MemoryIdempotency, MemoryState
+
+__all__ = [
+    "Admission",
+    "BreakerPolicyArgs",
+    "BreakerView",
+    "Claim",
+    "Claimed",
+    "IdempotencyStore",
+    "MemoryIdempotency",
+    "MemoryState",
+    "SharedStore",
+    "StateBackend",
+    "StateUnavailable",
+    "decode_outcome",
+    "digest",
+    "encode_error",
+    "encode_result",
+    "new_backend",
+]
+
+
+def new_backend(config: StateConfig, clock: Callable[[], float]) -> StateBackend:
+    if config.backend == "memory":
+        return MemoryState(clock)
+    try:
+        # Lazily: a host on the memory backend does not need redis-py installed.
+        from dispatcher.state.redis_store import RedisState
+    except ImportError as error:
+        raise RuntimeError(
+            "the manifest's state backend is redis, which needs redis-py: "
+            "pip install 'linchkit-dispatcher[redis]'"
+        ) from error
+    return RedisState(config, clock)

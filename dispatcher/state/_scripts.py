@@ -1,0 +1,174 @@
+"""The Lua scripts of the Redis backend: each shared operation is one atomic script.
+
+Every script reads the clock with ``TIME`` on the server, so replicas whose own clocks
+differ still agree (Redis 7 replicates a script's effects, not the script, which makes
+``TIME`` allowed). Times are integer microseconds: 1.7e15 fits a Lua double exactly.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BREAKER", "CACHE_GET", "CACHE_SET", "IDEMPOTENCY_CLAIM", "IDEMPOTENCY_END", "LIMIT"]
+
+_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+"""
+
+#: GCRA (the generic cell rate algorithm): one key holding the theoretical arrival time
+#: (TAT). ``interval`` = 1/rate, ``tolerance`` = burst * interval, so over T seconds at
+#: most burst + rate·T calls pass — the bound of the in-process leaky bucket. A call that
+#: may wait reserves its slot (the TAT moves on) and is told how long to sleep.
+#: KEYS[1] the limit; ARGV interval_us, burst, max_wait_us. Returns {admitted, wait_us}.
+LIMIT = (
+    _NOW
+    + """
+local interval = tonumber(ARGV[1])
+local tolerance = interval * tonumber(ARGV[2])
+local tat = now
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  tat = math.max(tonumber(stored), now)
+end
+local new_tat = tat + interval
+local wait = new_tat - tolerance - now
+if wait > tonumber(ARGV[3]) then
+  return {0, wait}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+if wait < 0 then
+  wait = 0
+end
+return {1, wait}
+"""
+)
+
+#: The breaker's transitions (dispatcher/fleet/breaker.py, the same table) on a hash.
+#: KEYS[1] the breaker; ARGV op (admit|success|failure|nothing), fail_max, reset_us,
+#: half_open_max, success_threshold, probe (0|1), channel, name, ttl_ms.
+#: Returns {state, failures, admitted, probe, wait_us}. A transition is published on the
+#: channel so every replica drops its cached view at once. A probe slot taken by a
+#: replica that died frees itself after reset_timeout (``probe_until``).
+BREAKER = (
+    _NOW
+    + """
+local h = redis.call('HMGET', KEYS[1], 'state', 'failures', 'successes', 'opened_at', 'probes', 'probe_until')
+local state = h[1] or 'closed'
+local failures = tonumber(h[2] or '0')
+local successes = tonumber(h[3] or '0')
+local opened_at = tonumber(h[4] or '0')
+local probes = tonumber(h[5] or '0')
+local probe_until = tonumber(h[6] or '0')
+local op = ARGV[1]
+local fail_max = tonumber(ARGV[2])
+local reset = tonumber(ARGV[3])
+local half_open_max = tonumber(ARGV[4])
+local threshold = tonumber(ARGV[5])
+local probe = ARGV[6] == '1'
+local old = state
+local function move(new)
+  if new == 'open' then opened_at = now end
+  if new == 'closed' then failures = 0 end
+  successes = 0
+  probes = 0
+  state = new
+end
+local admitted, is_probe, wait = 1, 0, 0
+if op == 'admit' then
+  if state == 'open' then
+    wait = opened_at + reset - now
+    if wait > 0 then
+      admitted = 0
+    else
+      wait = 0
+      move('half-open')
+    end
+  end
+  if admitted == 1 and state == 'half-open' then
+    if probes >= half_open_max and now < probe_until then
+      admitted = 0
+      wait = math.min(reset, 1000000)
+    else
+      if now >= probe_until then probes = 0 end
+      probes = probes + 1
+      probe_until = now + reset
+      is_probe = 1
+    end
+  end
+  if state == 'closed' then
+    return {state, failures, 1, 0, 0}
+  end
+elseif op == 'success' then
+  failures = 0
+  if probe then
+    probes = math.max(probes - 1, 0)
+    if state == 'half-open' then
+      successes = successes + 1
+      if successes >= threshold then move('closed') end
+    end
+  end
+elseif op == 'failure' then
+  failures = failures + 1
+  if probe then probes = math.max(probes - 1, 0) end
+  if (state == 'half-open' and probe) or (state == 'closed' and failures >= fail_max) then
+    move('open')
+  end
+elseif probe then
+  probes = math.max(probes - 1, 0)
+end
+redis.call('HSET', KEYS[1], 'state', state, 'failures', failures, 'successes', successes,
+  'opened_at', string.format('%d', opened_at), 'probes', probes,
+  'probe_until', string.format('%d', probe_until))
+redis.call('PEXPIRE', KEYS[1], ARGV[9])
+if state ~= old then
+  redis.call('PUBLISH', ARGV[7], 'breaker ' .. ARGV[8])
+end
+return {state, failures, admitted, is_probe, wait}
+"""
+)
+
+#: KEYS[1] the cache's generation counter; ARGV entry prefix, entry digest.
+#: Returns {generation, value or false}. Invalidating bumps the generation, so every
+#: replica's next read misses at once; old entries end with their TTL.
+CACHE_GET = """
+local generation = redis.call('GET', KEYS[1]) or '0'
+return {generation, redis.call('GET', ARGV[1] .. generation .. ':' .. ARGV[2])}
+"""
+
+#: KEYS[1] the generation counter; ARGV prefix, digest, value, ttl_ms, generation read.
+#: A fill that began before an invalidation does not store its (stale) result after it.
+CACHE_SET = """
+local generation = redis.call('GET', KEYS[1]) or '0'
+if generation == ARGV[5] then
+  redis.call('SET', ARGV[1] .. generation .. ':' .. ARGV[2], ARGV[3], 'PX', ARGV[4])
+  return 1
+end
+return 0
+"""
+
+#: KEYS[1] the record; ARGV fingerprint, token, lease_ms. Returns {'run'}, {'done',
+#: outcome}, {'busy'} or {'mismatch'}.
+IDEMPOTENCY_CLAIM = """
+local h = redis.call('HMGET', KEYS[1], 'fp', 'outcome')
+if not h[1] then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'token', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {'run'}
+end
+if h[1] ~= ARGV[1] then return {'mismatch'} end
+if h[2] then return {'done', h[2]} end
+return {'busy'}
+"""
+
+#: KEYS[1] the record; ARGV token, outcome ('' to release), retention_ms, channel, name.
+#: Only the owner of the claim ends it; the waiters are told on the channel.
+IDEMPOTENCY_END = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'outcome', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+redis.call('PUBLISH', ARGV[4], 'idem ' .. ARGV[5])
+return 1
+"""

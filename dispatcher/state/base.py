@@ -1,0 +1,252 @@
+"""The seam between the policies and where their state lives.
+
+Two kinds of backend (``StateBackend``):
+
+* ``memory`` (``dispatcher.state.memory``): this process only. The rate limits, breakers
+  and caches keep using their in-process objects exactly as before (no step is added and
+  none is slower); only idempotency records need a store of their own here.
+* ``redis`` (``dispatcher.state.redis_store``): shared by every replica naming the same
+  Redis and key prefix. It implements ``SharedStore``: what a shared limiter, breaker and
+  cache need, each one atomic server-side operation.
+
+Errors, as a tree::
+
+    TargetUnavailable (linchkit_plugin.errors, type "target_unavailable", retryable)
+    └── StateUnavailable      the store did not answer within its bound (fail_closed)
+
+With ``on_unavailable: fail_open`` a step that gets ``StateUnavailable`` falls back to this
+replica's own state instead; the backend counts and logs it (``stats()``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Self
+
+import orjson
+
+from linchkit_plugin.errors import DispatchError, TargetUnavailable, error_from_wire
+from linchkit_plugin.wire import encode_json
+
+__all__ = [
+    "Admission",
+    "BreakerPolicyArgs",
+    "BreakerView",
+    "Claim",
+    "Claimed",
+    "IdempotencyStore",
+    "SharedStore",
+    "StateBackend",
+    "StateUnavailable",
+    "decode_outcome",
+    "digest",
+    "encode_error",
+    "encode_result",
+]
+
+
+class StateUnavailable(TargetUnavailable):
+    """The shared state store did not answer within its bound, and the manifest says
+    ``fail_closed``. Retryable: the store may be back in a moment."""
+
+
+def digest(*parts: bytes | str) -> str:
+    """A short, stable, printable digest: keys never carry a caller's raw text or a URL."""
+    hasher = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        hasher.update(part.encode() if isinstance(part, str) else part)
+        hasher.update(b"\0")
+    return hasher.hexdigest()
+
+
+# -- rate limits ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A shared limit's answer: admitted (after sleeping ``wait`` seconds, a slot reserved
+    for this call) or refused (room again in ``wait`` seconds)."""
+
+    admitted: bool
+    wait: float
+
+
+# -- breakers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicyArgs:
+    """A breaker's settings as the store needs them."""
+
+    fail_max: int
+    reset_timeout: float
+    half_open_max_calls: int
+    success_threshold: int
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerView:
+    """A shared breaker as one operation left it."""
+
+    state: str  # "closed", "open", "half-open" (BreakerState's values)
+    failures: int
+    admitted: bool = True
+    probe: bool = False
+    retry_after: float = 0.0
+
+
+# -- idempotency ------------------------------------------------------------------------
+
+
+class Claim(Enum):
+    RUN = "run"  # this call owns the key: run it, then complete or release
+    DONE = "done"  # an earlier call finished: its outcome is in ``Claimed.outcome``
+    BUSY = "busy"  # another call owns the key and runs now: wait, then claim again
+    MISMATCH = "mismatch"  # the key was used with other params
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    claim: Claim
+    token: str = ""
+    outcome: bytes | None = None
+
+
+def encode_result(result: Any) -> bytes:
+    return encode_json({"ok": True, "result": result})
+
+
+def encode_error(error: DispatchError) -> bytes:
+    return encode_json({"ok": False, "error": error.to_wire()})
+
+
+def decode_outcome(outcome: bytes) -> Any:
+    """The stored result, or raise the stored error (a fresh exception per caller)."""
+    document = orjson.loads(outcome)
+    if document.get("ok"):
+        return document.get("result")
+    raise error_from_wire(document.get("error"))
+
+
+class IdempotencyStore(ABC):
+    """Records of calls made with an idempotency key: who runs it, and what it returned."""
+
+    @abstractmethod
+    async def claim(self, key: str, fingerprint: str, lease: float, deadline: float) -> Claimed:
+        """Own ``key`` for ``lease`` seconds (a crashed owner's claim ends then), or say
+        why not. ``deadline`` (the loop's clock) bounds the operation."""
+
+    @abstractmethod
+    async def complete(
+        self, key: str, token: str, outcome: bytes, retention: float, deadline: float
+    ) -> None:
+        """Keep ``outcome`` for ``retention`` seconds and wake the calls waiting for it."""
+
+    @abstractmethod
+    async def release(self, key: str, token: str, deadline: float) -> None:
+        """Give the key up without an outcome (the call provably never ran)."""
+
+    @abstractmethod
+    async def changed(self, key: str, timeout: float) -> None:
+        """Return when ``key`` may have changed, or after ``timeout`` seconds."""
+
+
+# -- the backends -----------------------------------------------------------------------
+
+
+class SharedStore(ABC):
+    """What shared limits, breakers and caches need; every method one atomic operation,
+    bounded by ``deadline`` (the loop's clock) and the backend's own operation timeout,
+    raising ``StateUnavailable`` when it cannot answer in time."""
+
+    @abstractmethod
+    async def acquire(
+        self, key: str, rate: float, burst: int, max_wait: float, deadline: float
+    ) -> Admission:
+        """One call against the limit ``key``: ``rate``/s, ``burst`` at once. With
+        ``max_wait`` > 0 a call may reserve a slot up to that far ahead."""
+
+    @abstractmethod
+    async def breaker_admit(
+        self, key: str, policy: BreakerPolicyArgs, deadline: float
+    ) -> BreakerView: ...
+
+    @abstractmethod
+    async def breaker_record(
+        self, key: str, policy: BreakerPolicyArgs, outcome: str, probe: bool, deadline: float
+    ) -> BreakerView:
+        """``outcome``: ``success``, ``failure`` or ``nothing`` (only frees a probe slot)."""
+
+    @abstractmethod
+    def breaker_view(self, key: str) -> tuple[BreakerView, float] | None:
+        """The last view of ``key`` this replica saw and when (the loop's clock), unless a
+        transition pushed by another replica made it stale."""
+
+    @abstractmethod
+    async def cache_get(self, name: str, key: str, deadline: float) -> tuple[bytes | None, int]:
+        """The cached value of ``key`` in the cache ``name`` and the cache's generation."""
+
+    @abstractmethod
+    async def cache_set(
+        self, name: str, key: str, value: bytes, ttl: float, generation: int, deadline: float
+    ) -> None:
+        """Store unless the cache was invalidated since ``generation`` was read."""
+
+    @abstractmethod
+    async def cache_invalidate(self, names: list[str], deadline: float) -> None:
+        """Drop every entry of the caches ``names``, for every replica at once."""
+
+    @abstractmethod
+    def spawn(self, work: Awaitable[Any], what: str) -> None:
+        """Run ``work`` (one bounded operation) without a caller waiting for it; the
+        backend owns the task and waits for it when it closes."""
+
+
+class StateBackend(ABC):
+    """Where one dispatcher's policies keep their state. Started and closed by the
+    dispatcher (``start``/``aclose``, or ``async with``)."""
+
+    #: True when the state is shared with other replicas (limits, breakers, caches).
+    shared: bool = False
+    #: What a step does when the store cannot answer: fall back to local state (True)
+    #: or raise ``StateUnavailable``.
+    fail_open: bool = True
+
+    @property
+    @abstractmethod
+    def idempotency(self) -> IdempotencyStore: ...
+
+    @property
+    def local_idempotency(self) -> IdempotencyStore:
+        """Where idempotency records go while a shared store cannot answer (fail_open)."""
+        return self.idempotency
+
+    @property
+    def store(self) -> SharedStore | None:
+        """The shared operations, when ``shared``."""
+        return None
+
+    def fell_back(self, what: str, error: StateUnavailable) -> None:
+        """A step used local state because the store could not answer (fail_open).
+        The memory backend never falls back: nothing to count."""
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {"backend": "memory"}
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,403 @@
+"""The Redis backend: state shared by every replica naming the same Redis and key prefix.
+
+The only module that imports redis-py (``redis.asyncio``). One connection pool per
+dispatcher (blocking: a call waits for a free connection within its bound rather than
+failing), plus one connection for pushed notifications. Each shared operation is one Lua
+script (``_scripts``), loaded once and run with EVALSHA (``register_script``).
+
+Bounds: every operation runs under ``min(op_timeout, time left in the call)``, redis-py's
+one retry (a pooled connection to a Redis that restarted) included. An operation that fails (timeout,
+connection refused or reset, any Redis error) raises ``StateUnavailable`` and makes the
+backend skip Redis for ``retry_after`` (the next calls fall back or fail at once instead
+of each spending the timeout), then try again.
+
+Notifications (one channel per key prefix): a breaker transition (every replica drops its
+cached view of that breaker) and the end of an idempotent call (its waiters claim again).
+They save waiting, never carry state: a missed one costs at most ``breaker_sync_ms`` of a
+stale breaker view, or one poll interval of an idempotent waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from dispatcher.config import StateConfig
+from dispatcher.state import _scripts
+from dispatcher.state.base import (
+    Admission,
+    BreakerPolicyArgs,
+    BreakerView,
+    Claim,
+    Claimed,
+    IdempotencyStore,
+    SharedStore,
+    StateBackend,
+    StateUnavailable,
+)
+from dispatcher.state.memory import MemoryIdempotency
+from linchkit_plugin.errors import DeadlineExceeded
+
+__all__ = ["RedisState"]
+
+log = logging.getLogger("dispatcher.state")
+
+T = TypeVar("T")
+
+#: How long a breaker hash lives without being touched: long past any reset timeout.
+BREAKER_TTL_MS = 86_400_000
+#: A warning about Redis at most this often; every fallback is counted in ``stats()``.
+LOG_EVERY_SECONDS = 10.0
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    scheme, _, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    return f"{scheme}://{'***@' if at else ''}{host}" if credentials or at else url
+
+
+class RedisState(StateBackend, SharedStore, IdempotencyStore):
+    shared = True
+
+    def __init__(self, config: StateConfig, clock: Callable[[], float]) -> None:
+        assert config.url is not None
+        self.config = config
+        self.fail_open = config.on_unavailable == "fail_open"
+        self.op_timeout = config.op_timeout_ms / 1000
+        self.retry_after = config.retry_after_ms / 1000
+        self.sync = config.breaker_sync_ms / 1000
+        self.where = _redact(config.url)
+        self._clock = clock
+        prefix = config.key_prefix
+        self._prefix = prefix
+        self.channel = f"{prefix}:events"
+        self._local_idempotency = MemoryIdempotency(clock)
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            config.url,
+            max_connections=config.pool_size,
+            timeout=self.op_timeout,
+            socket_timeout=self.op_timeout,
+            socket_connect_timeout=self.op_timeout,
+            # One immediate retry: a pooled connection to a Redis that restarted fails
+            # once and reconnects. asyncio.timeout in ``_run`` bounds both attempts.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+            health_check_interval=0,
+        )
+        self._client = aioredis.Redis(connection_pool=self._pool)
+        self._limit = self._client.register_script(_scripts.LIMIT)
+        self._breaker = self._client.register_script(_scripts.BREAKER)
+        self._cache_get = self._client.register_script(_scripts.CACHE_GET)
+        self._cache_set = self._client.register_script(_scripts.CACHE_SET)
+        self._claim = self._client.register_script(_scripts.IDEMPOTENCY_CLAIM)
+        self._end = self._client.register_script(_scripts.IDEMPOTENCY_END)
+        self._views: dict[str, tuple[BreakerView, float]] = {}
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._down_until = -math.inf
+        self._logged_at = -math.inf
+        self._listener: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.operations = 0
+        self.failures = 0  # operations that failed or timed out
+        self.skipped = 0  # operations not tried: Redis failed less than retry_after ago
+        self.fallbacks = 0  # steps that used local state instead (fail_open)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def idempotency(self) -> IdempotencyStore:
+        return self
+
+    @property
+    def local_idempotency(self) -> MemoryIdempotency:
+        """Where idempotency records go while Redis cannot answer (fail_open)."""
+        return self._local_idempotency
+
+    @property
+    def store(self) -> SharedStore:
+        return self
+
+    async def start(self) -> None:
+        # No check that Redis answers: with fail_open a replica must start while Redis is
+        # down; with fail_closed its calls fail typed until it is back.
+        self._listener = asyncio.get_running_loop().create_task(
+            self._listen(), name=f"state notifications from {self.where}"
+        )
+
+    async def aclose(self) -> None:
+        if self._tasks:  # outcomes and breaker records still on their way: bounded
+            await asyncio.wait(self._tasks, timeout=self.op_timeout * 2)
+            for task in self._tasks:
+                task.cancel()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.cancel()
+        await self._client.aclose()
+        await self._pool.aclose()
+
+    def spawn(self, work: Awaitable[Any], what: str) -> None:
+        """Run ``work`` (a bounded operation) without making a caller wait; ``aclose``
+        waits for it."""
+
+        async def run() -> None:
+            try:
+                await work
+            except StateUnavailable as error:
+                self.fell_back(what, error)
+
+        task = asyncio.get_running_loop().create_task(run(), name=what)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- bounded operations --------------------------------------------------------------
+
+    async def _run(self, what: str, deadline: float, operation: Callable[[], Awaitable[T]]) -> T:
+        now = self._clock()
+        if now < self._down_until:
+            self.skipped += 1
+            raise self._unavailable(what, "it failed less than a moment ago")
+        left = deadline - now
+        if left <= 0:
+            raise DeadlineExceeded(f"no time left for {what}")
+        budget = left if left < self.op_timeout else self.op_timeout
+        self.operations += 1
+        try:
+            async with asyncio.timeout(budget):
+                return await operation()
+        except TimeoutError:
+            if budget < self.op_timeout:  # the call's deadline, not Redis being slow
+                raise DeadlineExceeded(f"{what} did not finish before the deadline") from None
+            reason = f"no answer within {self.op_timeout * 1000:.0f} ms"
+        except (RedisError, OSError) as error:
+            reason = f"{type(error).__name__}: {error}"
+        self.failures += 1
+        self._down_until = self._clock() + self.retry_after
+        # Idle pooled connections to a Redis that went away would each fail once when it
+        # is back: drop them now, so the first operations after it returns succeed.
+        with contextlib.suppress(Exception):
+            await self._pool.disconnect(inuse_connections=False)
+        raise self._unavailable(what, reason)
+
+    def _unavailable(self, what: str, reason: str) -> StateUnavailable:
+        return StateUnavailable(
+            f"state store {self.where} unavailable for {what}: {reason}",
+            retry_after=max(0.0, self._down_until - self._clock()) or None,
+            details={"stage": "state"},
+        )
+
+    def fell_back(self, what: str, error: StateUnavailable) -> None:
+        self.fallbacks += 1
+        now = self._clock()
+        if now - self._logged_at >= LOG_EVERY_SECONDS:
+            self._logged_at = now
+            log.warning(
+                "%s; using this replica's own state (fail_open; %d fallbacks so far)",
+                error.message,
+                self.fallbacks,
+            )
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._prefix}:{kind}:{name}"
+
+    # -- rate limits -------------------------------------------------------------------------
+
+    async def acquire(
+        self, key: str, rate: float, burst: int, max_wait: float, deadline: float
+    ) -> Admission:
+        interval_us = math.ceil(1_000_000 / rate)  # rounded up: never more than the rate
+        args = (interval_us, burst, int(max_wait * 1_000_000))
+        keys = (self._key("limit", key),)
+        admitted, wait_us = await self._run(
+            "a rate limit", deadline, lambda: self._limit(keys=keys, args=args)
+        )
+        return Admission(bool(admitted), int(wait_us) / 1_000_000)
+
+    # -- breakers ------------------------------------------------------------------------------
+
+    async def breaker_admit(
+        self, key: str, policy: BreakerPolicyArgs, deadline: float
+    ) -> BreakerView:
+        return await self._breaker_op(key, policy, "admit", False, deadline)
+
+    async def breaker_record(
+        self, key: str, policy: BreakerPolicyArgs, outcome: str, probe: bool, deadline: float
+    ) -> BreakerView:
+        return await self._breaker_op(key, policy, outcome, probe, deadline)
+
+    async def _breaker_op(
+        self, key: str, policy: BreakerPolicyArgs, op: str, probe: bool, deadline: float
+    ) -> BreakerView:
+        args = (
+            op,
+            policy.fail_max,
+            int(policy.reset_timeout * 1_000_000),
+            policy.half_open_max_calls,
+            policy.success_threshold,
+            "1" if probe else "0",
+            self.channel,
+            key,
+            BREAKER_TTL_MS,
+        )
+        keys = (self._key("breaker", key),)
+        state, failures, admitted, is_probe, wait_us = await self._run(
+            "a circuit breaker", deadline, lambda: self._breaker(keys=keys, args=args)
+        )
+        view = BreakerView(
+            state.decode() if isinstance(state, bytes) else str(state),
+            int(failures),
+            bool(admitted),
+            bool(is_probe),
+            int(wait_us) / 1_000_000,
+        )
+        self._views[key] = (view, self._clock())
+        return view
+
+    def breaker_view(self, key: str) -> tuple[BreakerView, float] | None:
+        return self._views.get(key)
+
+    # -- cache -----------------------------------------------------------------------------------
+
+    async def cache_get(self, name: str, key: str, deadline: float) -> tuple[bytes | None, int]:
+        keys = (self._key("cachegen", name),)
+        args = (self._key("cache", name) + ":", key)
+        generation, value = await self._run(
+            "a cache read", deadline, lambda: self._cache_get(keys=keys, args=args)
+        )
+        return (value if isinstance(value, bytes) else None), int(generation)
+
+    async def cache_set(
+        self, name: str, key: str, value: bytes, ttl: float, generation: int, deadline: float
+    ) -> None:
+        keys = (self._key("cachegen", name),)
+        args = (self._key("cache", name) + ":", key, value, max(1, int(ttl * 1000)), generation)
+        await self._run("a cache write", deadline, lambda: self._cache_set(keys=keys, args=args))
+
+    async def cache_invalidate(self, names: list[str], deadline: float) -> None:
+        async def bump() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                for name in names:
+                    pipe.incr(self._key("cachegen", name))
+                await pipe.execute()
+
+        if names:
+            await self._run("a cache invalidation", deadline, bump)
+
+    # -- idempotency --------------------------------------------------------------------------------
+
+    async def claim(self, key: str, fingerprint: str, lease: float, deadline: float) -> Claimed:
+        token = os.urandom(8).hex()
+        keys = (self._key("idem", key),)
+        args = (fingerprint, token, max(1, int(lease * 1000)))
+        answer = await self._run(
+            "an idempotency record", deadline, lambda: self._claim(keys=keys, args=args)
+        )
+        claim = Claim(answer[0].decode())
+        if claim is Claim.RUN:
+            return Claimed(claim, token)
+        return Claimed(claim, outcome=answer[1] if len(answer) > 1 else None)
+
+    async def complete(
+        self, key: str, token: str, outcome: bytes, retention: float, deadline: float
+    ) -> None:
+        await self._end_claim(key, token, outcome, retention, deadline)
+
+    async def release(self, key: str, token: str, deadline: float) -> None:
+        await self._end_claim(key, token, b"", 0.0, deadline)
+
+    async def _end_claim(
+        self, key: str, token: str, outcome: bytes, retention: float, deadline: float
+    ) -> None:
+        keys = (self._key("idem", key),)
+        args = (token, outcome, max(1, int(retention * 1000)), self.channel, key)
+        await self._run("an idempotency record", deadline, lambda: self._end(keys=keys, args=args))
+
+    async def changed(self, key: str, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(key, set())
+        waiters.add(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            waiters.discard(waiter)
+            if not waiters:
+                self._waiters.pop(key, None)
+
+    # -- notifications ----------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Receive transitions and ends of idempotent calls; reconnect with backoff."""
+        backoff = 0.05
+        while True:
+            # Its own connection without a read timeout: it waits for pushes indefinitely.
+            client = aioredis.Redis.from_url(
+                self.config.url or "",
+                socket_connect_timeout=self.op_timeout,
+                retry=Retry(NoBackoff(), 0),
+            )
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                self._views.clear()  # anything pushed while unsubscribed was missed
+                backoff = 0.05
+                async for message in pubsub.listen():
+                    self._notified(message.get("data"))
+            except (RedisError, OSError) as error:
+                log.debug("state notifications from %s lost: %s", self.where, error)
+            finally:
+                self._views.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _notified(self, data: object) -> None:
+        if not isinstance(data, bytes):
+            return
+        kind, _, key = data.decode(errors="replace").partition(" ")
+        if kind == "breaker":
+            self._views.pop(key, None)
+        elif kind == "idem":
+            for waiter in self._waiters.get(key, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "backend": "redis",
+            "url": self.where,
+            "on_unavailable": self.config.on_unavailable,
+            "operations": self.operations,
+            "failures": self.failures,
+            "skipped": self.skipped,
+            "fallbacks": self.fallbacks,
+            "available": self._clock() >= self._down_until,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<RedisState {self.where} {self.config.on_unavailable} operations={self.operations}"
+            f" failures={self.failures} fallbacks={self.fallbacks}>"
+        )

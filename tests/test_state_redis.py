@@ -1,0 +1,568 @@
+"""Shared state on a real Redis (``state: {backend: redis}``), with real replicas.
+
+Several dispatcher processes (``tests/state_replica.py``) share one redis-server
+(``tests/services.py``) and call one plugin server (``tests/plugins/counting_plugin.py``
+under ``dispatcher-plugin serve``), whose own counts say how often it really ran. The
+"Redis is down" cases run one dispatcher in this process against a Redis the test kills
+or freezes (SIGSTOP: it accepts connections and never answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher
+from dispatcher.config import ManifestError, load_manifest
+from dispatcher.state import StateUnavailable
+from linchkit_plugin.errors import CircuitOpen, DeadlineExceeded, InvalidParams, RateLimited
+from tests.services import CLEAN_ENVIRONMENT, Redis, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = ROOT / "tests" / "plugins"
+BIN = Path(sys.executable).parent
+#: How long a replica may take to answer one command: a bound on a stuck test only.
+PATIENCE = 120.0
+
+
+# -- a plugin server and replicas -------------------------------------------------------
+
+
+class PluginServer:
+    """The counting plugin under ``dispatcher-plugin serve``, in its own process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                str(BIN / "dispatcher-plugin"),
+                "serve",
+                "counting_plugin:CountingPlugin",
+                "--path",
+                str(PLUGINS),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=CLEAN_ENVIRONMENT,
+        )
+        deadline = time.monotonic() + 60
+        import urllib.request
+
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=0.5) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail("the counting plugin server did not come up")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@pytest.fixture
+def counting_server() -> Iterator[PluginServer]:
+    server = PluginServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Replica:
+    """One dispatcher process; ``send`` a command, ``receive`` its reply."""
+
+    def __init__(self, manifest: Path) -> None:
+        self.stderr = manifest.parent / f"replica-{id(self)}.stderr"
+        with self.stderr.open("wb") as stderr:  # a file: a pipe nobody reads would fill
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "state_replica.py"), str(manifest)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env={**CLEAN_ENVIRONMENT, "PYTHONPATH": os.pathsep.join(sys.path)},
+            )
+        assert self.receive() == {"ready": True}
+
+    def send(self, **command: Any) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command).encode() + b"\n")
+        self.process.stdin.flush()
+
+    def receive(self, timeout: float = PATIENCE) -> Any:
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            raise AssertionError(f"the replica did not answer within {timeout:g} s")
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait(timeout=30)
+            raise AssertionError(
+                f"the replica exited ({self.process.poll()}):\n{self.stderr.read_text()[-3000:]}"
+            )
+        return json.loads(line)
+
+    def ask(self, **command: Any) -> Any:
+        self.send(**command)
+        return self.receive()
+
+    def end(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.send(op="quit")
+                self.process.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+        self.process.wait(timeout=30)
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def replicas() -> Iterator[Any]:
+    """Start replica processes; every one ends with the test, whatever happened."""
+    started: list[Replica] = []
+
+    def start(manifest: Path, count: int) -> list[Replica]:
+        for _ in range(count):
+            started.append(Replica(manifest))
+        return started[-count:]
+
+    yield start
+    for replica in started:
+        replica.end()
+
+
+def write_manifest(
+    folder: Path,
+    url: str,
+    prefix: str,
+    target: dict[str, Any],
+    methods: dict[str, Any],
+    **state: Any,
+) -> Path:
+    path = folder / "plugins.yaml"
+    document = {
+        "version": 1,
+        "state": {"backend": "redis", "url": url, "key_prefix": prefix, **state},
+        "plugins": [{"id": "counter", "version": "1.0.0", "target": target, "methods": methods}],
+    }
+    path.write_text(json.dumps(document))  # JSON is YAML
+    return path
+
+
+# -- rate limits ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_three_replicas_share_one_rate_limit_exactly(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    counting_server: PluginServer,
+    replicas: Any,
+) -> None:
+    manifest = write_manifest(
+        tmp_path,
+        redis_server.url,
+        redis_prefix,
+        {"provider": "http", "url": counting_server.url},
+        {"ping": {"rate_limit": {"rate": 100, "burst": 10, "mode": "reject"}}},
+        on_unavailable="fail_closed",  # a fallback would admit more: make it an error instead
+        op_timeout_ms=2000,
+    )
+    three = replicas(manifest, 3)
+    start_at = time.time() + 2.0
+    for replica in three:  # 1,000 calls/s offered in total for 10 s
+        replica.send(
+            op="offer",
+            plugin="counter",
+            method="ping",
+            rate=1000 / 3,
+            seconds=10,
+            start_at=start_at,
+        )
+    reports = [replica.receive() for replica in three]
+    admitted = sum(report.get("admitted", 0) for report in reports)
+    limited = sum(report.get("limited", 0) for report in reports)
+    failed = {
+        kind: count
+        for report in reports
+        for kind, count in report.items()
+        if kind not in ("admitted", "limited", "offered")
+    }
+    print(f"admitted {admitted}, limited {limited}, per replica {reports}")
+    assert failed == {}, reports
+    assert all(report["admitted"] > 0 for report in reports), reports
+    # burst + rate x seconds = 10 + 100 x 10, within 2 %
+    assert abs(admitted - 1010) <= 1010 * 0.02, reports
+    assert admitted + limited == sum(report["offered"] for report in reports)
+
+
+# -- breakers -------------------------------------------------------------------------------
+
+
+def test_a_circuit_one_replica_opens_is_open_for_the_others(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    counting_server: PluginServer,
+    replicas: Any,
+) -> None:
+    manifest = write_manifest(
+        tmp_path,
+        redis_server.url,
+        redis_prefix,
+        {"provider": "http", "url": counting_server.url},
+        {
+            "ping": {
+                "timeout_ms": 2000,
+                "breaker": {"fail_max": 3, "reset_timeout_ms": 1500, "half_open_max_calls": 1},
+            }
+        },
+        # Long: only the pushed transition can tell B and C in time, not their views expiring.
+        breaker_sync_ms=10_000,
+    )
+    a, b, c = replicas(manifest, 3)
+    for replica in (a, b, c):  # every replica has a fresh view of a closed, healthy breaker
+        assert replica.ask(op="call", plugin="counter", method="ping")["ok"]
+    counting_server.stop()
+    for _ in range(3):
+        outcome = a.ask(op="call", plugin="counter", method="ping")
+        assert outcome["type"] == "target_unavailable", outcome
+    for replica in (b, c):
+        outcome = replica.ask(op="call", plugin="counter", method="ping")
+        assert outcome["type"] == "circuit_open", outcome
+        assert "all replicas" in outcome["message"]
+    time.sleep(1.6)  # reset_timeout: the next calls may probe, at most one of all of them
+    b.send(op="calls", n=5, plugin="counter", method="ping")
+    c.send(op="calls", n=5, plugin="counter", method="ping")
+    outcomes = b.receive() + c.receive()
+    kinds = sorted(outcome.get("type", "ok") for outcome in outcomes)
+    assert kinds.count("target_unavailable") == 1, kinds  # the one probe, which failed
+    assert kinds.count("circuit_open") == 9, kinds
+    # The probe failed: open again for everyone, A included.
+    assert a.ask(op="call", plugin="counter", method="ping")["type"] == "circuit_open"
+
+
+# -- idempotency ------------------------------------------------------------------------------
+
+
+def test_one_idempotency_key_runs_once_across_three_replicas(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    counting_server: PluginServer,
+    replicas: Any,
+) -> None:
+    manifest = write_manifest(
+        tmp_path,
+        redis_server.url,
+        redis_prefix,
+        {"provider": "http", "url": counting_server.url},
+        {"charge": {"timeout_ms": 20_000}, "counts": {}},
+    )
+    three = replicas(manifest, 3)
+    for replica, n in zip(three, (34, 33, 33), strict=True):
+        replica.send(
+            op="calls", n=n, plugin="counter", method="charge",
+            params={"amount": 5, "delay": 0.3}, key="order-17", timeout=20.0,
+        )  # fmt: skip
+    outcomes = [outcome for replica in three for outcome in replica.receive()]
+    assert len(outcomes) == 100
+    assert all(outcome["ok"] for outcome in outcomes), [o for o in outcomes if not o["ok"]][:3]
+    assert {json.dumps(outcome["result"]) for outcome in outcomes} == {
+        json.dumps({"charged": 5, "run": 1})
+    }
+    counts = three[0].ask(op="call", plugin="counter", method="counts")["result"]
+    assert counts["charges"] == 1  # counted by the plugin itself
+
+    # Later duplicates get the stored result; the same key with other params is refused.
+    again = three[1].ask(
+        op="call",
+        plugin="counter",
+        method="charge",
+        params={"amount": 5, "delay": 0.3},
+        key="order-17",
+    )
+    assert again["ok"] and again["result"] == {"charged": 5, "run": 1}
+    other = three[2].ask(
+        op="call",
+        plugin="counter",
+        method="charge",
+        params={"amount": 6, "delay": 0.3},
+        key="order-17",
+    )
+    assert other["type"] == "invalid_params"
+    assert "already used" in other["message"] and "order-17" in other["message"]
+    # Another caller's same key is another record: it runs, and never sees the first result.
+    theirs = three[2].ask(
+        op="call", plugin="counter", method="charge", params={"amount": 5, "delay": 0},
+        key="order-17", caller="mallory",
+    )  # fmt: skip
+    assert theirs["ok"] and theirs["result"]["run"] == 2
+    assert three[0].ask(op="call", plugin="counter", method="counts")["result"]["charges"] == 2
+
+
+# -- cache ------------------------------------------------------------------------------------
+
+
+def test_cached_results_and_their_invalidation_are_shared(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    counting_server: PluginServer,
+    replicas: Any,
+) -> None:
+    manifest = write_manifest(
+        tmp_path,
+        redis_server.url,
+        redis_prefix,
+        {"provider": "http", "url": counting_server.url},
+        {"read": {"pure": True, "cache": {"ttl_ms": 60_000, "per_caller": True}}},
+    )
+    a, b = replicas(manifest, 2)
+
+    def read(replica: Replica, caller: str) -> int:
+        outcome = replica.ask(
+            op="call", plugin="counter", method="read", params={"item": "x"}, caller=caller
+        )
+        assert outcome["ok"], outcome
+        return int(outcome["result"]["read"])
+
+    assert read(a, "alice") == 1
+    assert read(b, "alice") == 1  # A's result, from Redis
+    assert read(b, "bob") == 2  # per caller: bob does not get alice's entry
+    assert a.ask(op="invalidate", plugin="counter")["ok"]
+    assert read(b, "alice") == 3  # B sees A's invalidation on its very next read
+    assert read(a, "alice") == 3
+    assert read(a, "bob") == 4
+
+
+# -- Redis slow or down, in this process ----------------------------------------------------------
+
+
+def local_manifest(folder: Path, url: str, prefix: str, mode: str) -> Any:
+    path = write_manifest(
+        folder,
+        url,
+        prefix,
+        {"provider": "local", "entrypoint": "counting_plugin:CountingPlugin", "path": str(PLUGINS)},
+        {
+            "read": {
+                "pure": True,
+                "cache": {"ttl_ms": 60_000},
+                "rate_limit": {"rate": 1000, "burst": 100, "mode": "wait"},
+                "breaker": {"fail_max": 3, "reset_timeout_ms": 1000},
+            }
+        },
+        on_unavailable=mode,
+        op_timeout_ms=100,
+        retry_after_ms=300,
+    )
+    return load_manifest(path)
+
+
+async def calls_during(dispatcher: Dispatcher, count: int, timeout: float) -> list[Any]:
+    """``count`` calls one after another, each checked to end within its deadline."""
+    outcomes: list[Any] = []
+    for i in range(count):
+        started = time.monotonic()
+        try:
+            outcomes.append(
+                await dispatcher.call(
+                    "counter", "read", {"item": str(i)}, timeout=timeout, idempotency_key=f"k{i}"
+                )
+            )
+        except Exception as error:  # what each mode promises is checked by the caller
+            outcomes.append(error)
+        # The call's deadline, plus scheduling slack for a busy 2-core machine.
+        assert time.monotonic() - started < timeout + 0.25
+    return outcomes
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+async def test_fail_open_falls_back_to_local_state_within_the_deadline(
+    tmp_path: Path, own_redis: Redis, redis_prefix: str, how: str
+) -> None:
+    manifest = local_manifest(tmp_path, own_redis.url, redis_prefix, "fail_open")
+    async with Dispatcher(manifest) as dispatcher:
+        assert all(isinstance(o, dict) for o in await calls_during(dispatcher, 5, 1.0))
+        own_redis.stop() if how == "killed" else own_redis.pause()
+        try:
+            outcomes = await calls_during(dispatcher, 20, 0.5)
+            assert all(isinstance(o, dict) for o in outcomes), outcomes
+            stats = dispatcher.stats()["state"]
+            assert stats["fallbacks"] > 0 and stats["failures"] > 0
+            assert stats["available"] is False or stats["skipped"] > 0
+        finally:
+            own_redis.resume() if how == "frozen" else own_redis.start()
+        await asyncio.sleep(0.4)  # retry_after: Redis is tried again
+        before = dispatcher.stats()["state"]
+        await calls_during(dispatcher, 5, 2.0)
+        after = dispatcher.stats()["state"]
+        assert after["fallbacks"] == before["fallbacks"], f"{before} {after}"
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+async def test_fail_closed_fails_typed_within_the_deadline(
+    tmp_path: Path, own_redis: Redis, redis_prefix: str, how: str
+) -> None:
+    manifest = local_manifest(tmp_path, own_redis.url, redis_prefix, "fail_closed")
+    async with Dispatcher(manifest) as dispatcher:
+        assert all(isinstance(o, dict) for o in await calls_during(dispatcher, 3, 1.0))
+        own_redis.stop() if how == "killed" else own_redis.pause()
+        try:
+            outcomes = await calls_during(dispatcher, 10, 0.5)
+            assert all(isinstance(o, StateUnavailable) for o in outcomes), outcomes
+            assert all(o.type == "target_unavailable" and o.retryable for o in outcomes)
+            assert "state store redis://127.0.0.1" in outcomes[0].message
+            # A deadline shorter than the operation timeout ends the call at the deadline.
+            started = time.monotonic()
+            with pytest.raises((StateUnavailable, DeadlineExceeded)):
+                await dispatcher.call("counter", "read", {"item": "late"}, timeout=0.05)
+            assert time.monotonic() - started < 0.3
+        finally:
+            own_redis.resume() if how == "frozen" else own_redis.start()
+        await asyncio.sleep(0.4)
+        assert all(isinstance(o, dict) for o in await calls_during(dispatcher, 3, 2.0))
+
+
+async def test_a_password_in_the_url_never_shows(
+    tmp_path: Path, own_redis: Redis, redis_prefix: str
+) -> None:
+    url = own_redis.url.replace("redis://", "redis://user:s3cret-pw@")
+    manifest = local_manifest(tmp_path, url, redis_prefix, "fail_closed")
+    async with Dispatcher(manifest) as dispatcher:
+        own_redis.stop()
+        with pytest.raises(StateUnavailable) as caught:
+            await dispatcher.call("counter", "read", {"item": "x"}, timeout=1.0)
+        assert "s3cret-pw" not in str(caught.value)
+        assert "s3cret-pw" not in repr(dispatcher.stats())
+        own_redis.start()
+
+
+# -- idempotency in one process (the memory backend) ----------------------------------------------
+
+
+async def test_memory_backend_runs_a_key_once_in_this_process(tmp_path: Path) -> None:
+    path = tmp_path / "plugins.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "plugins": [
+                    {
+                        "id": "counter",
+                        "version": "1.0.0",
+                        "target": {
+                            "provider": "local",
+                            "entrypoint": "counting_plugin:CountingPlugin",
+                            "path": str(PLUGINS),
+                        },
+                        "methods": {"charge": {}, "counts": {}},
+                    }
+                ],
+            }
+        )
+    )
+    async with Dispatcher.from_file(path) as dispatcher:
+        params = {"amount": 3, "delay": 0.05}
+        results = await asyncio.gather(
+            *(dispatcher.call("counter", "charge", params, idempotency_key="a") for _ in range(20))
+        )
+        assert all(result == {"charged": 3, "run": 1} for result in results)
+        with pytest.raises(InvalidParams, match="already used"):
+            await dispatcher.call("counter", "charge", {"amount": 4}, idempotency_key="a")
+        with pytest.raises(InvalidParams, match="idempotency_key"):
+            await dispatcher.call("counter", "charge", params, idempotency_key="x" * 256)
+        await dispatcher.call("counter", "charge", params)  # no key: runs every time
+        assert (await dispatcher.call("counter", "counts"))["charges"] == 2
+
+
+async def test_a_refused_first_call_gives_its_key_back(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    path = write_manifest(
+        tmp_path,
+        redis_server.url,
+        redis_prefix,
+        {"provider": "local", "entrypoint": "counting_plugin:CountingPlugin", "path": str(PLUGINS)},
+        {"charge": {"rate_limit": {"rate": 1, "burst": 1, "mode": "reject"}}, "counts": {}},
+    )
+    async with Dispatcher.from_file(path) as dispatcher:
+        await dispatcher.call("counter", "charge", {"amount": 1, "delay": 0})
+        with pytest.raises(RateLimited):  # never ran: the key stays free
+            await dispatcher.call(
+                "counter", "charge", {"amount": 2, "delay": 0}, idempotency_key="k"
+            )
+        await asyncio.sleep(1.1)
+        result = await dispatcher.call(
+            "counter", "charge", {"amount": 2, "delay": 0}, idempotency_key="k"
+        )
+        assert result == {"charged": 2, "run": 2}
+
+
+async def test_open_shared_breaker_refuses_without_a_target_call(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    path = write_manifest(
+        tmp_path, redis_server.url, redis_prefix, {"provider": "http", "url": dead},
+        {"ping": {"breaker": {"fail_max": 2, "reset_timeout_ms": 60_000}}},
+    )  # fmt: skip
+    async with Dispatcher.from_file(path) as first, Dispatcher.from_file(path) as second:
+        for _ in range(2):
+            with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+                await first.call("counter", "ping")
+        with pytest.raises(CircuitOpen) as caught:
+            await second.call("counter", "ping")
+        assert caught.value.retry_after is not None and 50 < caught.value.retry_after <= 60
+
+
+# -- the manifest's state section ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "problem"),
+    [
+        ({"backend": "redis"}, "needs a 'url'"),
+        ({"backend": "memory", "url": "redis://127.0.0.1:1/0"}, "is for backend 'redis'"),
+        ({"backend": "etcd"}, "state.backend"),
+        ({"backend": "redis", "url": "redis://x", "op_timeout_ms": 0}, "op_timeout_ms"),
+        ({"backend": "redis", "url": "redis://x", "key_prefix": "a b"}, "key_prefix"),
+        ({"backend": "redis", "url": "redis://x", "on_unavailable": "maybe"}, "on_unavailable"),
+    ],
+)
+def test_a_wrong_state_section_is_refused_where_it_is(
+    tmp_path: Path, state: dict[str, Any], problem: str
+) -> None:
+    path = tmp_path / "plugins.yaml"
+    path.write_text(json.dumps({"version": 1, "state": state, "plugins": []}))
+    with pytest.raises(ManifestError, match=problem):
+        load_manifest(path)
