@@ -1,10 +1,10 @@
 """One open WebSocket to one plugin instance, its calls multiplexed by id (``Channel``).
 
     call ──frame {type: call, id, request}──► plugin ──{type: response, id, response}──► future
-    deadline timer (loop.call_at) ─► DeadlineExceeded to the caller, {type: cancel, id} out
+    deadline (asyncio.timeout_at) ─► DeadlineExceeded to the caller, {type: cancel, id} out
     socket closes ─► every call in flight: TargetUnavailable (stage "in_flight")
 
-A call costs one future, one timer handle and one dict entry; no task. The reader runs in
+A call costs one future, one timeout and one dict entry; no task. The reader runs in
 the task that owns the connection (``run``) and only resolves futures and hands events to
 the sink, so a slow caller never stalls it. Memory stays bounded on both ways:
 
@@ -127,6 +127,7 @@ class Channel:
         #: Streams in flight: id → the queue of their chunks (and the final response).
         self._streams: dict[int, asyncio.Queue[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._send_lock = asyncio.Lock()
         self.closed = False
         self.close_reason = ""
         #: Counters, for ``health`` and tests: what the peer sent that could not be used.
@@ -170,10 +171,19 @@ class Channel:
         data = self._frame("call", call_id, invocation, now)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[call_id] = future
-        timer = self._loop.call_at(invocation.deadline, self._expire, call_id, invocation)
         try:
-            await self._send(data, invocation)
-            response = await future
+            # One deadline over the send and the answer: a plugin that stops reading
+            # blocks the send (the socket does not drain), and must not hold the caller
+            # past its deadline there either.
+            async with asyncio.timeout_at(invocation.deadline):
+                await self._send(data, invocation)
+                response = await future
+        except TimeoutError:
+            self._forget(call_id, future)
+            self._cancel_remote(call_id)  # the plugin may stop working on it
+            raise DeadlineExceeded(
+                f"{self.describe} {invocation.plugin}.{invocation.method} did not answer in time"
+            ) from None
         except asyncio.CancelledError:
             if self._pending.pop(call_id, None) is not None:
                 self._cancel_remote(call_id)  # the caller gave up: so may the plugin
@@ -181,8 +191,6 @@ class Channel:
         except TargetUnavailable:
             self._forget(call_id, future)
             raise
-        finally:
-            timer.cancel()
         return decode_response(response)
 
     def _forget(self, call_id: int, future: asyncio.Future[Any]) -> None:
@@ -192,16 +200,6 @@ class Channel:
         if future.done() and not future.cancelled():
             future.exception()
 
-    def _expire(self, call_id: int, invocation: Invocation) -> None:
-        future = self._pending.pop(call_id, None)
-        if future is not None and not future.done():
-            future.set_exception(
-                DeadlineExceeded(
-                    f"{self.describe} {invocation.plugin}.{invocation.method} did not answer in time"
-                )
-            )
-            self._cancel_remote(call_id)
-
     async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
         call_id, now = self._admit(invocation)
         data = self._frame("stream", call_id, invocation, now)
@@ -210,7 +208,13 @@ class Channel:
         what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
         finished = False
         try:
-            await self._send(data, invocation)
+            try:
+                async with asyncio.timeout_at(invocation.deadline):
+                    await self._send(data, invocation)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"{what}: the plugin did not take the call in time"
+                ) from None
             while True:
                 left = invocation.deadline - self._loop.time()
                 try:
@@ -238,8 +242,8 @@ class Channel:
         self._pending[call_id] = future
         started = time.perf_counter()
         try:
-            await self._send(encode_frame({"type": "health", "id": call_id}), None)
             async with asyncio.timeout(timeout):
+                await self._send(encode_frame({"type": "health", "id": call_id}), None)
                 answer = await future
         except TimeoutError:
             return Health("not_serving", f"no health answer within {timeout:.1f} s")
@@ -270,8 +274,11 @@ class Channel:
     async def _send(self, data: bytes, invocation: Invocation | None) -> None:
         try:
             # Waits for the socket to drain once aiohttp's buffer is over its limit: the
-            # backpressure of a plugin that reads slowly.
-            await self.socket.send_frame(data, WSMsgType.TEXT)
+            # backpressure of a plugin that reads slowly. One sender at a time: aiohttp
+            # (3.14) has every paused writer await one shared future, so a caller whose
+            # deadline cancels it there would cancel every other caller waiting with it.
+            async with self._send_lock:
+                await self.socket.send_frame(data, WSMsgType.TEXT)
         except (ConnectionError, RuntimeError) as error:
             # Nothing was written: the call provably never reached the plugin.
             what = f" {invocation.plugin}.{invocation.method}" if invocation else ""
@@ -293,7 +300,8 @@ class Channel:
     async def _send_quietly(self, data: bytes) -> None:
         # The connection is gone, and whatever this was about with it.
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.socket.send_frame(data, WSMsgType.TEXT)
+            async with self._send_lock:
+                await self.socket.send_frame(data, WSMsgType.TEXT)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -143,6 +143,7 @@ class PluginSession:
         self._events: asyncio.Queue[bytes] = asyncio.Queue(_SESSION_EVENT_QUEUE)
         self.events_dropped = 0
         self.protocol_errors = 0
+        self._send_lock = asyncio.Lock()
 
     def queue_event(self, frame: bytes) -> None:
         try:
@@ -262,8 +263,11 @@ class PluginSession:
     async def _send(self, data: bytes) -> None:
         # send_frame waits for the transport to drain above its limit: a host that reads
         # slowly slows this plugin's answers instead of growing a buffer here.
+        # One sender at a time: aiohttp has every paused writer await one shared future,
+        # so a call cancelled while waiting to drain would cancel the others with it.
         with contextlib.suppress(ConnectionError):
-            await self.socket.send_frame(data, WSMsgType.TEXT)
+            async with self._send_lock:
+                await self.socket.send_frame(data, WSMsgType.TEXT)
 
     def __repr__(self) -> str:
         return (
