@@ -192,3 +192,39 @@ async def test_an_upgrade_without_a_plugin_id_or_credentials_is_refused_before_u
         async with client.get(http, headers={"X-Plugin-Id": "sock"}) as answer:
             assert answer.status == 401
             assert (await answer.json())["error"]["type"] == "unauthorized"
+
+
+async def test_the_command_line_serves_and_dials(tmp_path: Any) -> None:
+    """``dispatcher-plugin serve --websocket`` (dial mode) and ``dispatcher-plugin
+    connect`` (reverse mode), as processes."""
+    import sys
+
+    from tests.conftest import ROOT
+
+    plugins_dir = str(ROOT / "tests" / "plugins")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    async with gateway() as (dispatcher, url):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "linchkit_plugin.cli", "connect", "socket_plugin:SocketPlugin",
+            "--url", url, "--id", "sock", "--version", "1.0.0",
+            "--token-file", str(token_file), "--path", plugins_dir,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await until(lambda: connected(dispatcher) == 1, timeout=30)
+            await instances(dispatcher, 1)
+            assert await dispatcher.call("sock", "echo", {"value": [1, 2]}) == [1, 2]
+        finally:
+            process.terminate()
+            await process.wait()
+        await until(lambda: connected(dispatcher) == 0)
+        refused = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "linchkit_plugin.cli", "connect", "socket_plugin:SocketPlugin",
+            "--url", url, "--id", "other", "--version", "1.0.0",
+            "--token-file", str(token_file), "--path", plugins_dir,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(refused.communicate(), 30)
+        assert refused.returncode == 1
+        assert b"401" in stderr and TOKEN.encode() not in stderr
