@@ -212,3 +212,38 @@ async def test_a_plugin_that_says_it_is_another_plugin_is_not_called() -> None:
         with pytest.raises(TargetUnavailable) as raised:
             await d.call("liar", "echo", {})
         assert "someone-else" in raised.value.message
+
+
+def test_the_frames_both_sides_send_match_the_published_schema() -> None:
+    import json
+
+    import jsonschema
+    from referencing import Registry, Resource
+
+    from linchkit_plugin.errors import Forbidden
+    from linchkit_plugin.ws_protocol import encode_frame, error_frame
+    from tests.conftest import ROOT
+
+    envelope = json.loads((ROOT / "proto" / "envelope.schema.json").read_text())
+    frames = json.loads((ROOT / "proto" / "websocket.schema.json").read_text())
+    registry = Registry().with_resource(envelope["$id"], Resource.from_contents(envelope))
+    validator = jsonschema.Draft202012Validator(frames, registry=registry)
+    request = {
+        "v": 1,
+        "plugin": "p",
+        "method": "m",
+        "params": {},
+        "context": {"request_id": "r", "deadline_ms": 5},
+    }
+    samples = [
+        hello_frame("p", "1.0.0", ["m"]),
+        encode_frame({"type": "call", "id": 1, "request": request}),
+        encode_frame({"type": "response", "id": 1, "response": {"ok": True, "result": None}}),
+        encode_frame({"type": "chunk", "id": 1, "data": [1]}),
+        encode_frame({"type": "event", "event": "e", "data": None}),
+        encode_frame({"type": "dropped", "count": 3}),
+        error_frame(Forbidden("no"), 4),
+    ]
+    for sample in samples:
+        validator.validate(orjson.loads(sample))
+    assert not validator.is_valid({"type": "call", "id": "x", "request": request})
