@@ -174,7 +174,7 @@ async def test_a_hello_that_names_another_plugin_closes_the_connection() -> None
             assert message.type == aiohttp.WSMsgType.CLOSE
             assert ws.close_code == 4403
         async with client.ws_connect(url, headers=headers) as ws:
-            await ws.send_bytes(hello_frame("sock", "1.0.0", ["echo"]))  # lacks sleep, count
+            await ws.send_bytes(hello_frame("sock", "2.0.0", ["echo"]))  # another version
             await ws.receive(timeout=10)
             assert ws.close_code == 4403
         async with client.ws_connect(url, headers=headers) as ws:

@@ -227,3 +227,20 @@ async def test_a_plugin_that_is_not_running_fails_calls_typed_within_the_connect
         with pytest.raises(TargetUnavailable) as raised:
             await rig.dispatcher.call("sock", "sleep", {"seconds": 0})
         assert raised.value.details["stage"] == "connect"
+
+
+async def test_a_slow_stream_reader_holds_its_stream_not_the_connection(rig: Rig) -> None:
+    """Per-stream credit: the plugin sends a window of chunks, then waits for the host's
+    credit; the host holds at most that window, and other calls go on meanwhile."""
+    from linchkit_plugin.ws_protocol import STREAM_WINDOW
+
+    d = rig.dispatcher
+    stream = d.stream("sock", "count", {"n": 5_000})
+    received = [await anext(stream)]
+    await asyncio.sleep(0.5)  # the plugin fills its window, then waits
+    channel = rig.dialed().channel
+    (queue,) = channel._streams.values()
+    assert STREAM_WINDOW // 2 <= queue.qsize() <= STREAM_WINDOW
+    assert await d.call("sock", "echo", {"value": "meanwhile"}) == "meanwhile"
+    received += [chunk async for chunk in stream]
+    assert received == list(range(5_000))

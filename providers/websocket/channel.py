@@ -43,6 +43,7 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.wire import decode_response
 from linchkit_plugin.ws_protocol import (
     HELLO_TIMEOUT,
+    STREAM_WINDOW,
     FrameError,
     checked_hello,
     decode_frame,
@@ -60,8 +61,12 @@ Socket = ClientWebSocketResponse[Any] | web.WebSocketResponse[Any]
 #: ``sink(event, data)``: where the plugin's events go.
 EventSink = Callable[[str, Any], None]
 
-#: Chunks of one stream waiting for its consumer; beyond it the stream fails.
-_STREAM_QUEUE = 1024
+#: Chunks of one stream held for its consumer: the plugin's window (it sends no more
+#: until granted ``credit``) and room for the final response. A plugin that ignores the
+#: window fills it, and its stream fails ``Overloaded``.
+_STREAM_QUEUE = STREAM_WINDOW + 8
+#: Consumed chunks that earn the plugin a ``credit`` frame: half a window at a time.
+_CREDIT_EVERY = STREAM_WINDOW // 2
 _END = object()
 
 
@@ -207,6 +212,7 @@ class Channel:
         self._streams[call_id] = queue
         what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
         finished = False
+        consumed = 0
         try:
             try:
                 async with asyncio.timeout_at(invocation.deadline):
@@ -229,6 +235,12 @@ class Channel:
                     finished = True
                     decode_response(item.get("response"))  # raises the stream's error
                     return
+                consumed += 1
+                if consumed == _CREDIT_EVERY:
+                    consumed = 0
+                    await self._send_quietly(
+                        encode_frame({"type": "credit", "id": call_id, "n": _CREDIT_EVERY})
+                    )
                 yield item.get("data") if type(item) is dict else None
         finally:
             if self._streams.pop(call_id, None) is not None and not finished:

@@ -60,6 +60,8 @@ class DialedPlugin:
         self.events_dropped = 0
         self.connects = 0
         self.last_error = "not connected yet"
+        #: The plugin's last ``hello``: who it said it is, its methods.
+        self.hello: dict[str, Any] = {}
 
     def start(self) -> None:
         if self._task is None:
@@ -199,6 +201,7 @@ class DialedPlugin:
         if hello["id"] != self.plugin_id:
             # Not retryable in itself, but the right plugin may come back at that URL.
             raise ProviderError(f"is plugin {hello['id']!r:.80}, not {self.plugin_id!r}")
+        self.hello = hello
 
     async def _flush_events(self, channel: Channel) -> None:
         try:

@@ -16,7 +16,7 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from providers.discovery import Endpoint, InstanceSource, Report
 
@@ -35,7 +35,8 @@ class InboundConnection:
     plugin_id: str
     version: str
     peer: tuple[str, int]
-    methods: frozenset[str] = field(default_factory=frozenset)
+    #: Its ``hello``: who it said it is, its methods.
+    hello: dict[str, Any] = field(default_factory=dict)
 
     def endpoint(self) -> Endpoint:
         return Endpoint(host=self.peer[0], port=self.peer[1], key=self.key)

@@ -7,7 +7,7 @@ binding") describes the frames; ``proto/websocket.schema.json`` is their JSON Sc
 
 Every frame is one JSON object in one WebSocket message, with ``type``:
 
-    host → plugin   call, stream, cancel, health, event, dropped, welcome
+    host → plugin   call, stream, credit, cancel, health, event, dropped, welcome
     plugin → host   hello, response, chunk, health, event, dropped, error
 
 ``id`` is an integer the host picks for a call, unique on its connection; everything
@@ -34,6 +34,7 @@ __all__ = [
     "HELLO_TIMEOUT",
     "PLUGIN_ID_HEADER",
     "PLUGIN_VERSION_HEADER",
+    "STREAM_WINDOW",
     "FrameError",
     "checked_hello",
     "decode_frame",
@@ -57,6 +58,11 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_HEARTBEAT: Final = 10.0
 #: Seconds a new connection has to send its ``hello``.
 HELLO_TIMEOUT: Final = 10.0
+
+#: Chunks a plugin may send on a stream before the host grants more with a ``credit``
+#: frame (flow control per stream: a slow consumer slows its own stream, not the
+#: connection's other calls, and the host holds at most this many chunks per stream).
+STREAM_WINDOW: Final = 256
 
 #: Headers of the upgrade request a plugin dialling the gateway sends (reverse mode).
 PLUGIN_ID_HEADER: Final = "X-Plugin-Id"

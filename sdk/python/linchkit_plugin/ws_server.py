@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import signal
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -47,6 +48,7 @@ from linchkit_plugin.ws_protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PLUGIN_ID_HEADER,
     PLUGIN_VERSION_HEADER,
+    STREAM_WINDOW,
     FrameError,
     decode_frame,
     encode_frame,
@@ -122,6 +124,26 @@ class EventOutbox:
         return f"<EventOutbox waiting={len(self._waiting)} dropped={self.dropped} sessions={len(self._sessions)}>"
 
 
+class _Window:
+    """How many chunks a stream may still send before the host grants more."""
+
+    __slots__ = ("_credit", "_granted")
+
+    def __init__(self, credit: int) -> None:
+        self._credit = credit
+        self._granted = asyncio.Event()
+
+    async def take(self) -> None:
+        while self._credit <= 0:
+            self._granted.clear()
+            await self._granted.wait()
+        self._credit -= 1
+
+    def grant(self, count: int) -> None:
+        self._credit += count
+        self._granted.set()
+
+
 class PluginSession:
     """Serves the plugin over one open WebSocket until it closes."""
 
@@ -140,6 +162,7 @@ class PluginSession:
         self._hello = hello
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._windows: dict[int, _Window] = {}
         self._events: asyncio.Queue[bytes] = asyncio.Queue(_SESSION_EVENT_QUEUE)
         self.events_dropped = 0
         self.protocol_errors = 0
@@ -188,6 +211,11 @@ class PluginSession:
             await self._slots.acquire()  # full: stop reading; TCP pushes back on the host
             task = asyncio.get_running_loop().create_task(self._run_call(kind, call_id, frame))
             self._tasks[call_id] = task
+        elif kind == "credit":
+            window = self._windows.get(call_id) if type(call_id) is int else None
+            count = frame.get("n")
+            if window is not None and type(count) is int and 0 < count <= 1 << 20:
+                window.grant(count)
         elif kind == "cancel":
             running = self._tasks.get(call_id) if type(call_id) is int else None
             if running is not None:  # an unknown id: the call ended meanwhile, nothing to do
@@ -248,12 +276,16 @@ class PluginSession:
     async def _stream(
         self, call_id: int, method: str, params: Any, context: dict[str, Any], timeout: float | None
     ) -> None:
+        window = self._windows[call_id] = _Window(STREAM_WINDOW)
         try:
             async with asyncio.timeout(timeout):
                 async for chunk in self.host.stream(method, params, context):
+                    await window.take()  # the host's credit: a slow reader slows this stream
                     await self._send(encode_frame({"type": "chunk", "id": call_id, "data": chunk}))
         except TimeoutError:
             raise DeadlineExceeded(f"stream {method!r} passed its deadline") from None
+        finally:
+            self._windows.pop(call_id, None)
 
     async def _send_events(self) -> None:
         while True:
@@ -451,3 +483,86 @@ async def dial(
                 backoff = min(backoff * 2, max_backoff)
     finally:
         await host.close()
+
+
+def main(
+    plugin_class: type[Any],
+    argv: list[str],
+    *,
+    plugin_id: str,
+    version: str,
+) -> int | None:
+    """A plugin executable's WebSocket modes, or None when ``argv`` asks for neither:
+
+    * ``serve --websocket [--address HOST:PORT] [--config JSON]``: serve; prints one line
+      ``1|1|tcp|HOST:PORT|websocket|`` once listening (as the gRPC service mode does);
+    * ``connect --url URL [--config JSON]``: reverse mode, dialling the gateway.
+
+    The token comes from ``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``: for
+    ``serve``, the one callers must present; for ``connect``, the one it presents.
+    """
+    import argparse
+    import os
+    import sys
+
+    import orjson
+
+    from linchkit_plugin.auth import TOKEN_FILE_ENV, TokenError
+
+    if not argv or argv[0] not in ("serve", "connect"):
+        return None
+    if argv[0] == "serve" and "--websocket" not in argv:
+        return None
+    parser = argparse.ArgumentParser(prog=f"{os.path.basename(sys.argv[0])} {argv[0]}")
+    parser.add_argument("--websocket", action="store_true")
+    parser.add_argument("--address", default="127.0.0.1:0")
+    parser.add_argument("--url")
+    parser.add_argument("--config", default="{}")
+    options = parser.parse_args(argv[1:])
+    try:
+        token = BearerToken.configured(os.environ.get(TOKEN_FILE_ENV) or None)
+        config = orjson.loads(options.config)
+    except (TokenError, orjson.JSONDecodeError) as error:
+        sys.stderr.write(f"{argv[0]}: {error}\n")
+        return 1
+    host = PluginHost(plugin_class())
+    if argv[0] == "connect":
+        if not options.url:
+            sys.stderr.write("connect: --url is required\n")
+            return 1
+        try:
+            asyncio.run(
+                dial(
+                    host,
+                    options.url,
+                    plugin_id=plugin_id,
+                    version=version,
+                    token=token.secret() if token is not None else None,
+                    config=config,
+                )
+            )
+        except Refused as refused:
+            sys.stderr.write(f"connect: {refused}\n")
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        return 0
+
+    async def serve() -> None:
+        server = WebSocketPluginServer(
+            host, config=config, token=token, plugin_id=plugin_id, version=version
+        )
+        where, _, port = options.address.rpartition(":")
+        url = await server.start(where or "127.0.0.1", int(port))
+        print(f"1|1|tcp|{url.removeprefix('ws://')}|websocket|", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for each in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(each, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.aclose()
+
+    asyncio.run(serve())
+    return 0
