@@ -53,7 +53,10 @@ EXTRA = dict(
 LANGUAGES = sorted({build.parent.name for build in SDK.glob("*/build.sh")} | set(EXTRA))
 MODES = ("service", "subprocess")
 #: The WebSocket modes each SDK implements so far (docs/protocol.md, "WebSocket binding").
-WEBSOCKET_MODES = {"python": ("websocket", "inbound")}
+WEBSOCKET_MODES = {
+    "python": ("websocket", "inbound"),
+    "typescript": ("websocket", "inbound"),
+}
 INBOUND_TOKEN = "conformance-inbound-token"
 
 
