@@ -30,6 +30,7 @@ from dispatcher._events import EventHandler, EventHandlers
 from dispatcher._fallback import Fallback
 from dispatcher._guard import Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
+from dispatcher._inbound import Admission, admit
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher._signals import SignalDrain
 from dispatcher.access import AccessControl
@@ -777,6 +778,19 @@ class Dispatcher:
         self._circuit_listeners.append(listener)
         if self.policies is not None:
             self.policies.breaker_listeners.append(listener)
+
+    async def admit_plugin(
+        self, plugin_id: str, version: str | None, credentials: Credentials
+    ) -> Admission:
+        """Admit a plugin dialling in as an instance of its inbound target (the gateway's
+        ``/v1/plugins/connect``), or raise ``PluginNotFound``/``Unauthorized``/``Forbidden``
+        (``dispatcher._inbound``). The gateway then serves the upgraded connection with
+        ``Admission.serve``."""
+        if self._state != "running" or self._draining:
+            raise self._refused("a plugin connection")
+        return await admit(
+            self.manifest, self._providers, self.authenticator, plugin_id, version, credentials
+        )
 
     def on(self, plugin: str, event: str, handler: EventHandler) -> None:
         """Run ``handler(event, data)`` whenever ``plugin`` emits ``event`` (``"*"``: any event)."""

@@ -33,7 +33,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 
-from linchkit_plugin.errors import DispatchError, ProviderError
+from linchkit_plugin.errors import DispatchError, Forbidden, ProviderError
 from providers.deploy import Deployer
 from providers.discovery import InstanceSource
 from providers.egress import EgressPolicy
@@ -158,6 +158,25 @@ class Provider(abc.ABC, Generic[TargetT]):
         (``TargetConfig.instance_at``).
         """
         return None
+
+    async def admit(self, target: TargetT, *, bearer: str | None, principal: str | None) -> None:
+        """Let a plugin that dials in (the gateway's ``/v1/plugins/connect``) serve as an
+        instance of ``target``, or raise ``Unauthorized``/``Forbidden``. ``bearer`` is the
+        token it presented, ``principal`` who the manifest's ``auth`` says it is (or None).
+        Only targets that say ``TargetConfig.accepts_connections`` get here; the default
+        refuses."""
+        raise Forbidden(f"the {self.name} provider takes no inbound connections")
+
+    async def accept(
+        self,
+        plugin: PluginInfo,
+        targets: Sequence[TargetT],
+        connection: Any,
+        peer: tuple[str, int],
+    ) -> None:
+        """Serve an admitted connection (the gateway's upgraded WebSocket) as an instance
+        of ``targets`` until it closes; reported through ``instance_source``."""
+        raise ProviderError(f"the {self.name} provider takes no inbound connections")
 
     def deployer(self) -> Deployer[TargetT] | None:
         """How this provider deploys its targets (``dispatcher deploy``); None if it cannot."""

@@ -253,6 +253,12 @@ class TargetConfig(StrictModel):
         """The concrete target of an instance a discovery source found at ``endpoint``."""
         raise TypeError(f"{self.provider} targets have no discovered instances")
 
+    def accepts_connections(self) -> bool:
+        """Whether plugins connect to the dispatcher as instances of this target (reverse
+        mode: ``Provider.admit``/``accept``); the default, for targets the dispatcher
+        reaches itself, is no."""
+        return False
+
     def is_fleet(self) -> bool:
         return bool(self.instance_sources()) or len(self.instance_targets()) > 1
 

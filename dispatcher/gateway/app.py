@@ -6,6 +6,7 @@ Routes (``docs/gateway.md``):
     POST /v1/plugins/{plugin}/methods/{method}   the params as the JSON body → the envelope
     GET  /v1/plugins                             plugins, versions, methods
     GET  /v1/events                              WebSocket: plugin events, host events
+    GET  /v1/plugins/connect                     WebSocket: a plugin dials in (reverse mode)
     GET  /openapi.json                           generated from the manifest at start
     GET  /metrics                                Prometheus metrics (telemetry.metrics on)
     GET  /v1/errors                              the latest errors, by type and plugin
@@ -44,6 +45,12 @@ from linchkit_plugin.errors import (
     ShuttingDown,
     Unauthorized,
 )
+from linchkit_plugin.ws_protocol import (
+    CLOSE_GOING_AWAY,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PLUGIN_ID_HEADER,
+    PLUGIN_VERSION_HEADER,
+)
 from providers.invocation import new_request_id
 
 __all__ = ["HUB_KEY", "Gateway", "create_app"]
@@ -52,6 +59,7 @@ log = logging.getLogger("dispatcher.gateway")
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_PLUGIN_NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
 _MAX_TIMEOUT_MS = 86_400_000
 _JSON = "application/json"
 
@@ -88,6 +96,7 @@ class Gateway:
         )
         self._plugins = orjson.dumps({"plugins": _plugin_list(dispatcher)})
         self._streams: set[EventStream] = set()
+        self._plugin_sockets: set[web.WebSocketResponse] = set()
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -238,8 +247,48 @@ class Gateway:
 
     async def close_streams(self, app: web.Application) -> None:
         """On shutdown: tell every subscriber the gateway is going away (1001), so it
-        reconnects elsewhere and resumes, instead of waiting out a heartbeat."""
+        reconnects elsewhere and resumes, instead of waiting out a heartbeat; plugins
+        connected in get the same and dial again (another replica, or this one back)."""
         await asyncio.gather(*(stream.going_away() for stream in tuple(self._streams)))
+        await asyncio.gather(
+            *(ws.close(code=CLOSE_GOING_AWAY) for ws in tuple(self._plugin_sockets)),
+            return_exceptions=True,
+        )
+
+    # -- plugins dialling in -----------------------------------------------------------------
+
+    async def connect_plugin(self, request: web.Request) -> web.StreamResponse:
+        """Reverse mode: a plugin connects as an instance of its inbound target. Every
+        refusal is an HTTP status before the upgrade (``dispatcher._inbound``)."""
+        plugin_id = request.headers.get(PLUGIN_ID_HEADER) or request.query.get("plugin")
+        version = request.headers.get(PLUGIN_VERSION_HEADER) or request.query.get("version")
+        try:
+            if plugin_id is None or not _PLUGIN_NAME.match(plugin_id):
+                raise InvalidParams(f"say which plugin connects: the {PLUGIN_ID_HEADER} header")
+            if version is not None and not _PLUGIN_NAME.match(version):
+                raise InvalidParams(f"{PLUGIN_VERSION_HEADER} is not a version")
+            admission = await self.dispatcher.admit_plugin(
+                plugin_id, version, credentials_of(request)
+            )
+        except DispatchError as error:
+            return error_answer(error)
+        ws = web.WebSocketResponse(
+            heartbeat=self.settings.heartbeat,
+            max_msg_size=DEFAULT_MAX_MESSAGE_BYTES,
+            decode_text=False,
+        )
+        if not ws.can_prepare(request).ok:
+            refusal = InvalidParams("/v1/plugins/connect is a WebSocket: send the upgrade headers")
+            return error_answer(refusal, status=426)
+        await ws.prepare(request)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        where = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("unknown", 0)
+        self._plugin_sockets.add(ws)
+        try:
+            await admission.serve(ws, where)
+        finally:
+            self._plugin_sockets.discard(ws)
+        return ws
 
 
 def create_app(
@@ -257,6 +306,7 @@ def create_app(
     app[HUB_KEY] = gateway.hub
     app.router.add_post("/v1/plugins/{plugin}/methods/{method}", gateway.call)
     app.router.add_get("/v1/plugins", gateway.plugins, allow_head=False)
+    app.router.add_get("/v1/plugins/connect", gateway.connect_plugin, allow_head=False)
     app.router.add_get("/v1/events", gateway.events, allow_head=False)
     app.router.add_get("/openapi.json", gateway.openapi, allow_head=False)
     telemetry = dispatcher.telemetry

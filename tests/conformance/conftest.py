@@ -7,7 +7,15 @@ target runs each before pytest). A folder whose build left no
 Modes:
 * ``service``    — ``example-plugin serve --address 127.0.0.1:0`` started here, called
   through ``provider: grpc`` with ``lifecycle: dispatcher`` (the dispatcher runs Init/Start);
-* ``subprocess`` — launched by ``provider: subprocess`` (handshake, Unix socket, AutoMTLS).
+* ``subprocess`` — launched by ``provider: subprocess`` (handshake, Unix socket, AutoMTLS);
+* ``websocket``  — ``example-plugin serve --websocket --address 127.0.0.1:0`` started here,
+  dialled by ``provider: websocket`` (languages whose SDK serves WebSocket);
+* ``inbound``    — ``example-plugin connect --url ws://gateway/v1/plugins/connect``: the
+  plugin dials the gateway (reverse mode, ``mode: inbound``) and is called as an instance
+  of its fleet (languages whose SDK dials out).
+
+The WebSocket modes pass the manifest's config on the command line (``--config``): the
+plugin runs its own lifecycle there, as an HTTP function does.
 
 One dispatcher per (language, mode), shared by the module's tests (module event loop), so a
 slow-starting runtime (the JVM) starts twice per language, not once per case.
@@ -16,6 +24,7 @@ slow-starting runtime (the JVM) starts twice per language, not once per case.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -23,11 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from dispatcher import Dispatcher, parse_manifest
-from providers._grpc.connection import PluginConnection
+from dispatcher.gateway.app import create_app
+from providers.base import Health
 from tests.conftest import ROOT
 
 SDK = ROOT / "sdk"
@@ -40,6 +52,20 @@ EXTRA = dict(
 )
 LANGUAGES = sorted({build.parent.name for build in SDK.glob("*/build.sh")} | set(EXTRA))
 MODES = ("service", "subprocess")
+#: The WebSocket modes each SDK implements so far (docs/protocol.md, "WebSocket binding").
+WEBSOCKET_MODES = {
+    "python": ("websocket", "inbound"),
+    "typescript": ("websocket", "inbound"),
+    "go": ("inbound",),  # dials out; serving WebSocket is not built in Go yet
+}
+INBOUND_TOKEN = "conformance-inbound-token"
+
+
+def modes_of(language: str) -> tuple[str, ...]:
+    return MODES + WEBSOCKET_MODES.get(language, ())
+
+
+CASES = [(language, mode) for language in LANGUAGES for mode in modes_of(language)]
 METHODS = ("echo", "digest", "fail", "sleep", "count", "emit", "config", "no_such_method")
 CONFIG = {"region": "eu", "limits": {"max": 3}, "tags": ["a", "b"]}
 START_TIMEOUT = 60.0  # a cold JVM on a busy 2-core machine
@@ -69,10 +95,23 @@ class Example:
 
     plugin = "example"
 
-    def connection(self) -> PluginConnection:
+    def target(self) -> Any:
+        """The concrete target calls go to (an inbound fleet's one connected instance)."""
+        target: Any = self.dispatcher.manifest.plugins[0].target
+        if self.mode == "inbound":
+            provider: Any = self.dispatcher.providers["websocket"]
+            (connection,) = provider.inbound.of_fleet(target.key)
+            from providers.discovery import Endpoint
+
+            return target.instance_at(Endpoint("", 0, key=connection.key))
+        return target
+
+    def connection(self) -> Any:
         """The provider's own connection to the plugin (for Describe and raw checks)."""
         target = self.dispatcher.manifest.plugins[0].target
         provider: Any = self.dispatcher.providers[target.provider]
+        if self.mode in ("websocket", "inbound"):
+            return SocketView(self, provider)
         if self.mode == "service":
             return provider._connection(target)  # type: ignore[no-any-return]
         process = provider.process("example", "1.0.0", target)
@@ -84,6 +123,37 @@ class Example:
                 event, data = await self.events.get()
                 if event == name:
                     return data
+
+
+class SocketView:
+    """What the suite reads of a WebSocket plugin: its hello as Describe, its health."""
+
+    def __init__(self, example: Example, provider: Any) -> None:
+        self.example = example
+        self.provider = provider
+
+    def _hello(self) -> dict[str, Any]:
+        target = self.example.target()
+        if self.example.mode == "inbound":
+            return self.provider.inbound.get(target.connection).hello  # type: ignore[no-any-return]
+        return self.provider._dialed[target.key].hello  # type: ignore[no-any-return]
+
+    async def describe_plugin(self, timeout: float) -> dict[str, Any]:
+        if self.example.mode == "websocket":  # dialled: wait for the connection and its hello
+            await self.provider._dialed[self.example.target().key].ready(None)
+        hello = self._hello()
+        streaming = set(hello.get("streaming", ()))
+        return {
+            "id": hello["id"],
+            "version": hello["version"],
+            "protocol_version": hello["protocol"],
+            "runtime": hello.get("runtime"),
+            "methods": {name: {"streaming": name in streaming} for name in hello["methods"]},
+        }
+
+    async def health(self, service: str = "") -> Health:
+        health: Health = await self.provider.health(self.example.target())
+        return health
 
 
 def _manifest(target: dict[str, Any]) -> Any:
@@ -107,7 +177,12 @@ def _manifest(target: dict[str, Any]) -> Any:
 
 
 async def _start_service(
-    path: Path, env: dict[str, str] | None = None, stderr: int | None = None
+    path: Path,
+    env: dict[str, str] | None = None,
+    stderr: int | None = None,
+    *,
+    protocol: str = "grpc",
+    extra: tuple[str, ...] = (),
 ) -> tuple[asyncio.subprocess.Process, str]:
     """``path serve --address 127.0.0.1:0`` (in ``env``, else ours) and its address."""
     process = await asyncio.create_subprocess_exec(
@@ -115,6 +190,7 @@ async def _start_service(
         "serve",
         "--address",
         "127.0.0.1:0",
+        *extra,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
@@ -131,7 +207,7 @@ async def _start_service(
     parts = line.split("|")
     assert len(parts) == 6, f"service handshake line {line!r}"
     assert parts[:3] == ["1", "1", "tcp"], line
-    assert parts[4:] == ["grpc", ""], line
+    assert parts[4:] == [protocol, ""], line
     return process, parts[3]
 
 
@@ -149,8 +225,8 @@ async def _stop_service(process: asyncio.subprocess.Process) -> None:
 @pytest_asyncio.fixture(
     scope="module",
     loop_scope="module",
-    params=[(language, mode) for language in LANGUAGES for mode in MODES],
-    ids=[f"{language}-{mode}" for language in LANGUAGES for mode in MODES],
+    params=CASES,
+    ids=[f"{language}-{mode}" for language, mode in CASES],
 )
 async def example(request: pytest.FixtureRequest) -> AsyncIterator[Example]:
     language, mode = request.param
@@ -164,6 +240,19 @@ async def example(request: pytest.FixtureRequest) -> AsyncIterator[Example]:
             "lifecycle": "dispatcher",
             "connect_timeout_ms": int(START_TIMEOUT * 1000),
         }
+    elif mode == "websocket":
+        config = orjson.dumps(CONFIG).decode()
+        service, address = await _start_service(
+            path, protocol="websocket", extra=("--websocket", "--config", config)
+        )
+        target = {
+            "provider": "websocket",
+            "url": f"ws://{address}/",
+            "connect_timeout_ms": int(START_TIMEOUT * 1000),
+        }
+    elif mode == "inbound":
+        address = ""
+        target = {"provider": "websocket", "mode": "inbound", "token": INBOUND_TOKEN}
     else:
         address = ""
         target = {
@@ -177,7 +266,45 @@ async def example(request: pytest.FixtureRequest) -> AsyncIterator[Example]:
         found = Example(language, mode, dispatcher, address=address)
         dispatcher.on("example", "*", lambda event, data: found.events.put_nowait((event, data)))
         async with dispatcher:
-            yield found
+            if mode != "inbound":
+                yield found
+                return
+            async with _dialling_in(path, dispatcher):
+                yield found
     finally:
         if service is not None:
             await _stop_service(service)
+
+
+@contextlib.asynccontextmanager
+async def _dialling_in(path: Path, dispatcher: Dispatcher) -> AsyncIterator[None]:
+    """A gateway on port 0 and ``path connect`` dialling it; returns once it is an instance."""
+    runner = web.AppRunner(create_app(dispatcher), handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    env = {**os.environ, "LINCHKIT_PLUGIN_TOKEN": INBOUND_TOKEN}
+    env.pop("LINCHKIT_PLUGIN_TOKEN_FILE", None)
+    process = await asyncio.create_subprocess_exec(
+        str(path), "connect",
+        "--url", f"ws://127.0.0.1:{port}/v1/plugins/connect",
+        "--config", orjson.dumps(CONFIG).decode(),
+        stdin=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        target: Any = dispatcher.manifest.plugins[0].target
+        assert dispatcher.fleets is not None
+        fleet = dispatcher.fleets.fleets[target.key]
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while not [i for i in fleet.instances if not i.leaving]:
+                    if process.returncode is not None:
+                        pytest.fail(f"{path} connect exited with {process.returncode}")
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            pytest.fail(f"{path} connect did not join within {START_TIMEOUT:.0f} s")
+        yield
+    finally:
+        await _stop_service(process)
+        await runner.cleanup()

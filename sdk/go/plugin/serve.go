@@ -76,6 +76,9 @@ func (p *Plugin) Run(ctx context.Context, env Environment) error {
 	if len(env.Args) > 0 && env.Args[0] == "serve" {
 		return p.runService(ctx, env)
 	}
+	if len(env.Args) > 0 && env.Args[0] == "connect" {
+		return p.runConnect(ctx, env) // reverse mode over WebSocket (websocket.go)
+	}
 	return p.runSubprocess(ctx, env)
 }
 

@@ -1,7 +1,8 @@
 """The example plugin every SDK implements (docs/protocol.md, "The example plugin"), in Python.
 
 Built by ``sdk/python/build.sh`` into ``sdk/python/dist/example-plugin``; runs as a
-subprocess plugin (handshake) or as a gRPC service (``example-plugin serve --address …``).
+subprocess plugin (handshake), as a gRPC service (``example-plugin serve --address …``), as a
+WebSocket server (``serve --websocket``) or dialling a gateway (``connect --url …``).
 """
 
 from __future__ import annotations
@@ -79,4 +80,8 @@ class ExamplePlugin(Plugin):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["connect"] or "--websocket" in sys.argv[1:]:
+        from linchkit_plugin.ws_server import main as websocket_main
+
+        sys.exit(websocket_main(ExamplePlugin, sys.argv[1:], plugin_id="example", version="1.0.0"))
     sys.exit(main(ExamplePlugin, plugin_id="example", version="1.0.0", runtime="python"))

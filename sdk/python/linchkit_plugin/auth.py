@@ -40,6 +40,10 @@ class BearerToken:
             raise TokenError("the bearer token must be printable ASCII without spaces")
         self._expected = b"bearer " + token.encode("ascii")
 
+    def secret(self) -> str:
+        """The token itself, for a plugin that presents it (dialling the gateway)."""
+        return self._expected[len(b"bearer ") :].decode("ascii")
+
     @classmethod
     def configured(
         cls, token_file: str | Path | None, environ: Mapping[str, str] | None = None

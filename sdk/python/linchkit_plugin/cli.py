@@ -152,6 +152,25 @@ def _parser() -> argparse.ArgumentParser:
         help="require a client certificate signed by this CA: a dispatcher without one"
         f" cannot connect [{_ENV}CLIENT_CA]",
     )
+    serve.add_argument(
+        "--websocket",
+        action="store_true",
+        default=env(_ENV + "WEBSOCKET", "") in ("1", "true"),
+        help="serve over WebSocket instead of HTTP: the dispatcher dials ws://HOST:PORT/"
+        " (provider: websocket; needs the websocket extra)",
+    )
+    serve.add_argument(
+        "--id",
+        dest="plugin_id",
+        default=env(_ENV + "ID", ""),
+        help="--websocket: the plugin id its hello says (the manifest's id) [LINCHKIT_PLUGIN_ID]",
+    )
+    serve.add_argument(
+        "--version",
+        dest="plugin_version",
+        default=env(_ENV + "VERSION", ""),
+        help="--websocket: the plugin version its hello says [LINCHKIT_PLUGIN_VERSION]",
+    )
     registry = serve.add_argument_group(
         "registry (a dispatcher fleet finds this server in etcd; docs/registry.md)"
     )
@@ -181,6 +200,23 @@ def _parser() -> argparse.ArgumentParser:
         help="a killed server leaves the registry this long after its last renewal"
         f" [{REGISTER_TTL_ENV}] (default: %(default)s)",
     )
+    connect = commands.add_parser(
+        "connect",
+        help="dial a dispatcher's gateway and take calls over that connection (reverse mode)",
+        description=(
+            "Connect ENTRYPOINT to the gateway at --url (ws[s]://HOST/v1/plugins/connect) as"
+            " --id at --version, and serve calls over that connection, reconnecting after"
+            " every drop. The manifest declares it with provider: websocket, mode: inbound."
+            f" The token comes from --token-file, {TOKEN_FILE_ENV} or {TOKEN_ENV}."
+        ),
+    )
+    connect.add_argument("entrypoint", metavar="ENTRYPOINT")
+    connect.add_argument("--url", required=True, help="the gateway's /v1/plugins/connect URL")
+    connect.add_argument("--id", dest="plugin_id", required=True, help="the plugin's id")
+    connect.add_argument("--version", dest="plugin_version", required=True)
+    connect.add_argument("--token-file", default=env(TOKEN_FILE_ENV), metavar="PATH")
+    connect.add_argument("--config", dest="config_json", default=env(_ENV + "CONFIG", "{}"))
+    connect.add_argument("--path", dest="search_path", default=".")
     limits = serve.add_argument_group("limits (each guards the server against one client)")
     for option, field, kind, what in _LIMIT_OPTIONS:
         variable = _ENV + field.upper()
@@ -199,10 +235,48 @@ def main(argv: Sequence[str] | None = None) -> None:
         options = _parser().parse_args(argv)
     except ValueError as error:  # a LINCHKIT_PLUGIN_* variable that is not a number
         _fail(f"a LINCHKIT_PLUGIN_* setting is not a number: {error}")
+    if options.command == "connect":
+        raise SystemExit(connect(options))
     serve(options)
 
 
+def _plugin_of(
+    options: argparse.Namespace,
+) -> tuple[PluginHost, dict[str, Any], BearerToken | None]:
+    try:
+        token = BearerToken.configured(options.token_file)
+        config: Any = orjson.loads(options.config_json)
+        plugin_host = PluginHost.load(options.entrypoint, os.path.abspath(options.search_path))
+    except (orjson.JSONDecodeError, ProviderError, TokenError, ValueError) as error:
+        _fail(str(error))
+    if not isinstance(config, dict):
+        _fail("--config must be a JSON object")
+    return plugin_host, config, token
+
+
+def _websocket_cli() -> Any:
+    try:
+        from linchkit_plugin import _ws_cli
+    except ImportError:  # pragma: no cover - depends on the installed extras
+        _fail("WebSocket needs aiohttp: pip install 'linchkit-plugin[websocket]'")
+    return _ws_cli
+
+
+def connect(options: argparse.Namespace) -> int:
+    plugin_host, config, token = _plugin_of(options)
+    return int(_websocket_cli().connect(options, plugin_host, config, token))
+
+
+def _serve_websocket(options: argparse.Namespace) -> None:
+    plugin_host, config, token = _plugin_of(options)
+    identity = (options.plugin_id, options.plugin_version)
+    _websocket_cli().serve_websocket(options, plugin_host, config, token, identity)
+
+
 def serve(options: argparse.Namespace) -> None:
+    if options.websocket:
+        _serve_websocket(options)
+        return
     try:
         from linchkit_plugin._uvicorn import HTTP_IMPLEMENTATIONS, run, server_config
     except ImportError:  # pragma: no cover - depends on the installed extras

@@ -55,6 +55,11 @@ export class BearerToken {
     return value === '' ? undefined : new BearerToken(value);
   }
 
+  /** The token itself, for a plugin that presents it (dialling the gateway). */
+  secret(): string {
+    return this.#expected.subarray('bearer '.length).toString('ascii');
+  }
+
   /** Whether an `authorization` value carries the token (constant time for equal lengths). */
   admits(authorization: string | undefined): boolean {
     if (authorization === undefined) return false;

@@ -10,3 +10,5 @@ export type { ServeOptions } from './serve';
 export { PluginServer, PROTOCOL_VERSION, SERVICE_NAME } from './server';
 export * as handshake from './handshake';
 export { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV, tokenInterceptor } from './auth';
+export { Refused, Session, dial, serveWebSocket, STREAM_WINDOW } from './websocket';
+export type { DialOptions } from './websocket';

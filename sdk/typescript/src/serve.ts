@@ -8,7 +8,12 @@
  *   (docs/protocol.md): cookie, version negotiation, Unix socket or TCP, AutoMTLS. It exits
  *   when its stdin reaches end-of-file, which happens however the host dies. The token
  *   variables are not read: AutoMTLS admits only the host that launched the plugin.
- * Both stop gracefully on SIGTERM or SIGINT.
+ * - `serve --websocket --address 127.0.0.1:0 [--config JSON]`: a WebSocket server the
+ *   dispatcher dials (`provider: websocket`); prints `1|1|tcp|ADDR|websocket|`.
+ * - `connect --url ws://gateway/v1/plugins/connect [--config JSON]`: reverse mode, the
+ *   plugin dials the gateway with the token of the variables above (websocket.ts).
+ * The WebSocket modes run the plugin's own lifecycle with `--config` (no Init RPC there).
+ * All stop gracefully on SIGTERM or SIGINT.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import * as os from 'node:os';
@@ -19,6 +24,7 @@ import { HandshakeError, handshakeLine, parseCommand, readHandshakeEnv } from '.
 import type { Plugin } from './plugin';
 import { PluginServer } from './server';
 import { generateServerCertificate } from './tls';
+import { Refused, dial, serveWebSocket } from './websocket';
 
 export interface ServeOptions {
   argv?: readonly string[];
@@ -30,6 +36,10 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
   const argv = options.argv ?? process.argv.slice(2);
   const env = options.env ?? process.env;
   try {
+    if (argv[0] === 'connect' || argv.includes('--websocket')) {
+      await serveOverWebSocket(plugin, argv, env);
+      return;
+    }
     const command = parseCommand(argv);
     if (command.mode === 'service') await serveService(plugin, command.address, BearerToken.configured(env));
     else await serveSubprocess(plugin, env);
@@ -38,6 +48,45 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
     process.stderr.write(`${message}\n`);
     process.exit(1);
   }
+}
+
+function option(argv: readonly string[], name: string): string | undefined {
+  const index = argv.indexOf(name);
+  return index >= 0 ? argv[index + 1] : undefined;
+}
+
+async function serveOverWebSocket(plugin: Plugin, argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
+  const token = BearerToken.configured(env);
+  let config: unknown;
+  try {
+    config = JSON.parse(option(argv, '--config') ?? '{}');
+  } catch {
+    throw new HandshakeError('--config must be a JSON object');
+  }
+  if (typeof config !== 'object' || config === null || Array.isArray(config)) throw new HandshakeError('--config must be a JSON object');
+  await plugin.runPhase('init', config as Record<string, unknown>);
+  await plugin.runPhase('start');
+  const stop = (): void => {
+    void plugin.close().finally(() => process.exit(0));
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+  if (argv[0] === 'connect') {
+    const url = option(argv, '--url');
+    if (url === undefined) throw new HandshakeError('connect needs --url ws://gateway/v1/plugins/connect');
+    try {
+      await dial(plugin, url, { token: token?.secret() });
+    } catch (error) {
+      if (error instanceof Refused) throw new HandshakeError(`connect: ${error.message}`);
+      throw error;
+    }
+    return;
+  }
+  const address = await serveWebSocket(plugin, option(argv, '--address') ?? '127.0.0.1:0', token);
+  if (token === undefined) {
+    process.stderr.write(`linchkit plugin: warning: no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): anybody who can reach ${address} can call this plugin\n`);
+  }
+  process.stdout.write(`1|1|tcp|${address}|websocket|\n`);
 }
 
 async function serveService(plugin: Plugin, address: string, token: BearerToken | undefined): Promise<void> {

@@ -1,0 +1,85 @@
+"""Plugins that dial in (reverse mode): who may connect as which plugin, and the hand-over.
+
+The gateway accepts ``/v1/plugins/connect``, but it sits above the core and knows no
+provider; ``Dispatcher.admit_plugin`` (this module's ``admit``) finds the plugin the
+upgrade names among the manifest's plugins with an inbound target, authenticates the
+credentials it presented (the target's own token, or a principal of the manifest's
+``auth``: API key, JWT, client certificate), asks the provider whether that admits it,
+and returns an ``Admission`` the gateway serves the upgraded connection through. The
+provider then registers it as an instance of the plugin's fleet.
+
+Refusals come before the upgrade, as HTTP statuses: ``PluginNotFound`` (404) for an id
+that no inbound target of the manifest names, ``Unauthorized`` (401), ``Forbidden`` (403).
+A plugin holding one plugin's token cannot claim another's id: each target checks its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dispatcher.config import Manifest, PluginSpec
+from dispatcher.identity import ChainAuthenticator, Credentials
+from linchkit_plugin.errors import DispatchError, PluginNotFound
+from providers.base import Provider
+from providers.target import TargetConfig
+
+__all__ = ["Admission", "admit"]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A plugin connection the dispatcher accepted; ``serve`` runs it until it closes."""
+
+    plugin: PluginSpec[Any]
+    provider: Provider[Any]
+    targets: Sequence[TargetConfig]
+
+    async def serve(self, connection: Any, peer: tuple[str, int]) -> None:
+        await self.provider.accept(self.plugin, self.targets, connection, peer)
+
+
+async def admit(
+    manifest: Manifest[Any],
+    providers: dict[str, Provider[Any]],
+    authenticator: ChainAuthenticator | None,
+    plugin_id: str,
+    version: str | None,
+    credentials: Credentials,
+) -> Admission:
+    candidates = [
+        plugin
+        for plugin in manifest.plugins
+        if plugin.id == plugin_id
+        and (version is None or plugin.version == version)
+        and any(target.accepts_connections() for target in plugin.targets())
+    ]
+    if not candidates:
+        wanted = plugin_id if version is None else f"{plugin_id}@{version}"
+        raise PluginNotFound(f"no plugin {wanted[:200]!r} takes inbound connections here")
+    plugin = max(candidates, key=lambda each: _version_key(each.version))
+    bearer = _bearer(credentials.authorization)
+    principal = None
+    if authenticator is not None:
+        try:
+            principal = (await authenticator.authenticate(credentials)).id
+        except DispatchError:
+            principal = None  # the target's own token may still admit it
+    targets = [target for target in plugin.targets() if target.accepts_connections()]
+    provider = providers[targets[0].provider]
+    for target in targets:
+        await provider.admit(target, bearer=bearer, principal=principal)
+    return Admission(plugin, provider, targets)
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _version_key(version: str) -> tuple[Any, ...]:
+    core = version.split("+", 1)[0].split("-", 1)[0]
+    return tuple(int(part) if part.isdigit() else 0 for part in core.split("."))

@@ -1,0 +1,14 @@
+"""``provider: websocket``: plugins over one WebSocket, dialled or dialling in.
+
+``target`` holds the manifest's model, ``channel`` one open connection's multiplexed calls,
+``dialer`` dial mode's reconnecting connection, ``inbound`` the connections of reverse mode
+and their instance source, ``provider`` the driver. aiohttp is imported with this package,
+which the dispatcher loads only for manifests that use it.
+"""
+
+from __future__ import annotations
+
+from providers.websocket.provider import WebSocketProvider
+from providers.websocket.target import WebSocketTarget
+
+__all__ = ["WebSocketProvider", "WebSocketTarget"]

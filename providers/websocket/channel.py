@@ -1,0 +1,464 @@
+"""One open WebSocket to one plugin instance, its calls multiplexed by id (``Channel``).
+
+    call ──frame {type: call, id, request}──► plugin ──{type: response, id, response}──► future
+    deadline (asyncio.timeout_at) ─► DeadlineExceeded to the caller, {type: cancel, id} out
+    socket closes ─► every call in flight: TargetUnavailable (stage "in_flight")
+
+A call costs one future, one timeout and one dict entry; no task. The reader runs in
+the task that owns the connection (``run``) and only resolves futures and hands events to
+the sink, so a slow caller never stalls it. Memory stays bounded on both ways:
+
+* out: at most ``max_in_flight`` calls (then ``Overloaded``), each message at most
+  ``max_message_bytes`` (``InvalidParams`` for that call), and every send waits for the
+  socket to drain, so a plugin that reads slowly slows its callers, not the heap;
+* in: aiohttp refuses a message over ``max_message_bytes`` (the connection closes, 1009);
+  a stream's chunks queue up to ``_STREAM_QUEUE`` (then the stream fails ``Overloaded`` and
+  is cancelled); events beyond ``max_events_per_second`` are dropped and counted.
+
+Answers for ids not in flight (late ones after a deadline, or made up) are counted in
+``unknown_ids`` and dropped: a result reaches its caller once or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from aiohttp import ClientWebSocketResponse, WSMsgType, web
+
+from linchkit_plugin.errors import (
+    DeadlineExceeded,
+    DispatchError,
+    Forbidden,
+    InvalidParams,
+    Overloaded,
+    TargetUnavailable,
+    error_from_wire,
+)
+from linchkit_plugin.wire import decode_response
+from linchkit_plugin.ws_protocol import (
+    HELLO_TIMEOUT,
+    STREAM_WINDOW,
+    FrameError,
+    checked_hello,
+    decode_frame,
+    encode_frame,
+    error_frame,
+)
+from providers.base import Health
+from providers.invocation import Invocation
+
+__all__ = ["Channel", "EventSink", "Socket", "read_hello"]
+
+log = logging.getLogger("dispatcher.providers.websocket")
+
+Socket = ClientWebSocketResponse[Any] | web.WebSocketResponse[Any]
+#: ``sink(event, data)``: where the plugin's events go.
+EventSink = Callable[[str, Any], None]
+
+#: Chunks of one stream held for its consumer: the plugin's window (it sends no more
+#: until granted ``credit``) and room for the final response. A plugin that ignores the
+#: window fills it, and its stream fails ``Overloaded``.
+_STREAM_QUEUE = STREAM_WINDOW + 8
+#: Consumed chunks that earn the plugin a ``credit`` frame: half a window at a time.
+_CREDIT_EVERY = STREAM_WINDOW // 2
+_END = object()
+
+
+async def read_hello(socket: Socket) -> dict[str, Any]:
+    """The first frame of a new connection, a checked ``hello``: ``TargetUnavailable`` if
+    none comes within ``HELLO_TIMEOUT``, ``InvalidParams`` if it is not a valid one."""
+    try:
+        message = await socket.receive(timeout=HELLO_TIMEOUT)
+    except TimeoutError:
+        raise TargetUnavailable(f"no hello within {HELLO_TIMEOUT:.0f} s") from None
+    if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+        raise TargetUnavailable(f"closed before its hello ({message.type.name})")
+    try:
+        return checked_hello(decode_frame(message.data))
+    except DispatchError as error:
+        raise InvalidParams(f"broke the protocol: {error.message}") from None
+
+
+class _Bucket:
+    """A token bucket for the plugin's events: ``rate`` a second, bursts of ``rate``."""
+
+    __slots__ = ("_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._last = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class Channel:
+    """Calls, streams, health probes and events over one open WebSocket."""
+
+    def __init__(
+        self,
+        socket: Socket,
+        describe: str,
+        *,
+        ids: Iterator[int] | None = None,
+        max_in_flight: int,
+        max_message_bytes: int,
+        max_events_per_second: float,
+        sink: EventSink | None,
+    ) -> None:
+        self.socket = socket
+        self.describe = describe
+        self._ids = ids if ids is not None else itertools.count(1)
+        self._max_in_flight = max_in_flight
+        self._max_message_bytes = max_message_bytes
+        self._sink = sink
+        self._events = _Bucket(max_events_per_second)
+        self._loop = asyncio.get_running_loop()
+        #: Unary calls and health probes in flight: id → the future of their answer.
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        #: Streams in flight: id → the queue of their chunks (and the final response).
+        self._streams: dict[int, asyncio.Queue[Any]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._send_lock = asyncio.Lock()
+        self.closed = False
+        self.close_reason = ""
+        #: Counters, for ``health`` and tests: what the peer sent that could not be used.
+        self.unknown_ids = 0
+        self.protocol_errors = 0
+        self.events_dropped = 0
+        self.events_dropped_by_plugin = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending) + len(self._streams)
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def _frame(self, kind: str, call_id: int, invocation: Invocation, now: float) -> bytes:
+        data = encode_frame({"type": kind, "id": call_id, "request": invocation.request_wire(now)})
+        if len(data) > self._max_message_bytes:
+            raise InvalidParams(
+                f"{invocation.plugin}.{invocation.method}: the call is {len(data)} bytes,"
+                f" over max_message_bytes={self._max_message_bytes} of {self.describe}"
+            )
+        return data
+
+    def _admit(self, invocation: Invocation) -> tuple[int, float]:
+        if self.closed:
+            raise TargetUnavailable(
+                f"{self.describe} is not connected: {self.close_reason}",
+                details={"stage": "connect"},
+            )
+        if self.in_flight >= self._max_in_flight:
+            raise Overloaded(
+                f"{self.describe} has {self.in_flight} calls in flight (max_in_flight)"
+            )
+        now = self._loop.time()
+        if invocation.deadline <= now:
+            raise DeadlineExceeded(f"deadline passed before calling {self.describe}")
+        return next(self._ids), now
+
+    async def call(self, invocation: Invocation) -> Any:
+        call_id, now = self._admit(invocation)
+        data = self._frame("call", call_id, invocation, now)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[call_id] = future
+        try:
+            # One deadline over the send and the answer: a plugin that stops reading
+            # blocks the send (the socket does not drain), and must not hold the caller
+            # past its deadline there either.
+            async with asyncio.timeout_at(invocation.deadline):
+                await self._send(data, invocation)
+                response = await future
+        except TimeoutError:
+            self._forget(call_id, future)
+            self._cancel_remote(call_id)  # the plugin may stop working on it
+            raise DeadlineExceeded(
+                f"{self.describe} {invocation.plugin}.{invocation.method} did not answer in time"
+            ) from None
+        except asyncio.CancelledError:
+            if self._pending.pop(call_id, None) is not None:
+                self._cancel_remote(call_id)  # the caller gave up: so may the plugin
+            raise
+        except TargetUnavailable:
+            self._forget(call_id, future)
+            raise
+        return decode_response(response)
+
+    def _forget(self, call_id: int, future: asyncio.Future[Any]) -> None:
+        """Drop a call that failed before its answer, reading whatever the reader may have
+        set on its future meanwhile (an unread exception would be logged as lost)."""
+        self._pending.pop(call_id, None)
+        if future.done() and not future.cancelled():
+            future.exception()
+
+    async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
+        call_id, now = self._admit(invocation)
+        data = self._frame("stream", call_id, invocation, now)
+        queue: asyncio.Queue[Any] = asyncio.Queue(_STREAM_QUEUE)
+        self._streams[call_id] = queue
+        what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
+        finished = False
+        consumed = 0
+        try:
+            try:
+                async with asyncio.timeout_at(invocation.deadline):
+                    await self._send(data, invocation)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"{what}: the plugin did not take the call in time"
+                ) from None
+            while True:
+                left = invocation.deadline - self._loop.time()
+                try:
+                    async with asyncio.timeout(left if left > 0 else 0):
+                        item = await queue.get()
+                except TimeoutError:
+                    raise DeadlineExceeded(f"{what} passed its deadline") from None
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if type(item) is dict and item.get("type") == "response":
+                    finished = True
+                    decode_response(item.get("response"))  # raises the stream's error
+                    return
+                consumed += 1
+                if consumed == _CREDIT_EVERY:
+                    consumed = 0
+                    await self._send_quietly(
+                        encode_frame({"type": "credit", "id": call_id, "n": _CREDIT_EVERY})
+                    )
+                yield item.get("data") if type(item) is dict else None
+        finally:
+            if self._streams.pop(call_id, None) is not None and not finished:
+                self._cancel_remote(call_id)
+
+    async def health(self, timeout: float) -> Health:
+        if self.closed:
+            return Health("not_serving", f"not connected: {self.close_reason}")
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[call_id] = future
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._send(encode_frame({"type": "health", "id": call_id}), None)
+                answer = await future
+        except TimeoutError:
+            return Health("not_serving", f"no health answer within {timeout:.1f} s")
+        except DispatchError as error:
+            return Health("not_serving", error.message)
+        finally:
+            self._pending.pop(call_id, None)
+        latency_ms = (time.perf_counter() - started) * 1000
+        status = answer.get("status") if type(answer) is dict else None
+        detail = str(answer.get("detail", ""))[:500] if type(answer) is dict else ""
+        extra = self.counters()
+        if status == "serving":
+            return Health("serving", detail, latency_ms, extra)
+        return Health("not_serving", detail or f"plugin says {status!r:.40}", latency_ms, extra)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "in_flight": self.in_flight,
+            "unknown_ids": self.unknown_ids,
+            "protocol_errors": self.protocol_errors,
+            "events_dropped": self.events_dropped,
+            "events_dropped_by_plugin": self.events_dropped_by_plugin,
+        }
+
+    async def send_event(self, data: bytes) -> None:
+        await self._send(data, None)
+
+    async def _send(self, data: bytes, invocation: Invocation | None) -> None:
+        try:
+            # Waits for the socket to drain once aiohttp's buffer is over its limit: the
+            # backpressure of a plugin that reads slowly. One sender at a time: aiohttp
+            # (3.14) has every paused writer await one shared future, so a caller whose
+            # deadline cancels it there would cancel every other caller waiting with it.
+            async with self._send_lock:
+                await self.socket.send_frame(data, WSMsgType.TEXT)
+        except (ConnectionError, RuntimeError) as error:
+            # Nothing was written: the call provably never reached the plugin.
+            what = f" {invocation.plugin}.{invocation.method}" if invocation else ""
+            raise TargetUnavailable(
+                f"{self.describe}{what}: the connection closed before the call was sent ({error})",
+                details={"stage": "connect"},
+            ) from None
+
+    def _cancel_remote(self, call_id: int) -> None:
+        if self.closed:
+            return
+        task = self._loop.create_task(self._send_cancel(call_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_cancel(self, call_id: int) -> None:
+        await self._send_quietly(encode_frame({"type": "cancel", "id": call_id}))
+
+    async def _send_quietly(self, data: bytes) -> None:
+        # The connection is gone, and whatever this was about with it.
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            async with self._send_lock:
+                await self.socket.send_frame(data, WSMsgType.TEXT)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read frames until the socket closes; then fail every call still in flight."""
+        reason = "the connection closed"
+        try:
+            async for message in self.socket:
+                if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    self._received(message.data)
+                elif message.type == WSMsgType.ERROR:
+                    reason = f"the connection failed: {message.data}"
+                    break
+        except (TimeoutError, ConnectionError) as error:
+            reason = f"the connection failed: {type(error).__name__}"
+        finally:
+            code = self.socket.close_code
+            self._closed(f"{reason} (close code {code})" if code else reason)
+
+    def _received(self, data: str | bytes) -> None:
+        try:
+            frame = decode_frame(data)
+        except FrameError as error:
+            self.protocol_errors += 1
+            log.warning("%s sent %s", self.describe, error.message)
+            return
+        kind = frame["type"]
+        raw_id = frame.get("id")
+        call_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
+        if kind == "response" or kind == "health":
+            future = self._pending.pop(call_id, None) if call_id is not None else None
+            if future is not None:
+                if not future.done():
+                    future.set_result(frame.get("response") if kind == "response" else frame)
+                return
+            queue = self._streams.get(call_id) if call_id is not None else None
+            if queue is not None and call_id is not None and kind == "response":
+                self._to_stream(call_id, queue, frame)
+                return
+            self.unknown_ids += 1
+        elif kind == "chunk":
+            queue = self._streams.get(call_id) if call_id is not None else None
+            if queue is None or call_id is None:
+                self.unknown_ids += 1
+            else:
+                self._to_stream(call_id, queue, frame)
+        elif kind == "event":
+            self._event(frame)
+        elif kind == "error":
+            self._peer_error(frame, call_id)
+        elif kind in ("call", "stream"):
+            # A plugin may not call the host over its connection (nor through it, the
+            # dispatcher's other plugins): refused, typed, the connection stays.
+            self.protocol_errors += 1
+            refusal = Forbidden(f"{self.describe}: a plugin connection may not call the host")
+            task = self._loop.create_task(self._send_quietly(error_frame(refusal, call_id)))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        elif kind == "dropped":
+            count = frame.get("count")
+            if type(count) is int and count > 0:
+                self.events_dropped_by_plugin += count
+                log.warning("%s dropped %d events while disconnected", self.describe, count)
+        else:
+            self.protocol_errors += 1
+            log.warning("%s sent an unknown frame type %r", self.describe, kind[:40])
+
+    def _to_stream(self, call_id: int, queue: asyncio.Queue[Any], frame: dict[str, Any]) -> None:
+        try:
+            queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            # The consumer reads slower than the plugin writes: end the stream rather than
+            # hold its chunks without bound, or stall the reader every other call shares.
+            self._streams.pop(call_id, None)
+            queue.get_nowait()
+            queue.put_nowait(
+                Overloaded(
+                    f"{self.describe} stream {call_id}: its reader fell {_STREAM_QUEUE} chunks behind"
+                )
+            )
+            self._cancel_remote(call_id)
+
+    def _event(self, frame: dict[str, Any]) -> None:
+        name = frame.get("event")
+        if type(name) is not str or self._sink is None:
+            return
+        if not self._events.take():
+            self.events_dropped += 1
+            if self.events_dropped in (1, 1000) or self.events_dropped % 100_000 == 0:
+                log.warning(
+                    "%s sends events faster than max_events_per_second; %d dropped",
+                    self.describe,
+                    self.events_dropped,
+                )
+            return
+        try:
+            self._sink(name, frame.get("data"))
+        except Exception:  # one bad handler must not end the connection
+            log.exception("%s: delivering event %r failed", self.describe, name)
+
+    def _peer_error(self, frame: dict[str, Any], call_id: Any) -> None:
+        error = error_from_wire(frame.get("error"))
+        future = self._pending.pop(call_id, None) if type(call_id) is int else None
+        if future is not None and not future.done():
+            future.set_exception(error)
+            return
+        queue = self._streams.pop(call_id, None) if type(call_id) is int else None
+        if queue is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(error)
+            return
+        self.protocol_errors += 1
+        log.warning("%s could not use a frame this side sent: %s", self.describe, error.message)
+
+    def _closed(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        pending, self._pending = self._pending, {}
+        streams, self._streams = self._streams, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(self._cut_off(reason))
+        for queue in streams.values():
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(self._cut_off(reason))
+
+    def _cut_off(self, reason: str) -> TargetUnavailable:
+        # Sent and maybe run: retryable, but only the retry policy (idempotent methods)
+        # may send it again; the fleet does not fail it over ("in_flight", not "connect").
+        return TargetUnavailable(
+            f"{self.describe}: {reason} with the call in flight; it may have run",
+            details={"stage": "in_flight"},
+        )
+
+    async def close(self, code: int = 1000) -> None:
+        self._closed("the dispatcher closed the connection")
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.socket.close(code=code)
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Channel {self.describe} {state} in_flight={self.in_flight} unknown_ids={self.unknown_ids}>"

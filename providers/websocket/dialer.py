@@ -1,0 +1,233 @@
+"""Dial mode: one connection to a plugin's WebSocket endpoint, kept up (``DialedPlugin``).
+
+    attach ─► task: dial ─► hello checked ─► Channel.run … closed ─► backoff+jitter ─► dial …
+
+Calls take the open channel; while none is open they wait for the next one, at most
+``connect_timeout_ms`` and never past their deadline, then fail ``TargetUnavailable``
+with ``stage: connect`` (never sent: the fleet may fail them over, for any method).
+Calls in flight when the connection drops fail ``TargetUnavailable`` with ``stage:
+in_flight``: retryable, which only the retry policy of an idempotent method acts on.
+
+Host events sent while disconnected wait in a buffer of ``event_buffer`` (the oldest
+dropped beyond it) and go out, in order, as soon as the next connection is up, followed
+by a ``dropped`` frame with the count lost, if any (also in ``health`` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import ssl
+from collections import deque
+from typing import Any
+
+import aiohttp
+
+from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError, TargetUnavailable
+from linchkit_plugin.ws_protocol import encode_frame
+from providers.base import Health
+from providers.invocation import Invocation
+from providers.websocket.channel import Channel, EventSink, read_hello
+from providers.websocket.target import WebSocketTarget
+
+__all__ = ["DialedPlugin"]
+
+log = logging.getLogger("dispatcher.providers.websocket")
+
+
+class DialedPlugin:
+    """The connection of one dial-mode target and the task that keeps it up."""
+
+    def __init__(
+        self,
+        target: WebSocketTarget,
+        plugin_id: str,
+        session: aiohttp.ClientSession,
+        sink: EventSink | None,
+    ) -> None:
+        self.target = target
+        self.plugin_id = plugin_id
+        self.describe = target.describe()
+        self._session = session
+        self._sink = sink
+        self._ids = itertools.count(1)  # across reconnects: an id never names two calls
+        self.channel: Channel | None = None
+        self._up = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._events: deque[bytes] = deque(maxlen=target.event_buffer or None)
+        self.events_dropped = 0
+        self.connects = 0
+        self.last_error = "not connected yet"
+        #: The plugin's last ``hello``: who it said it is, its methods.
+        self.hello: dict[str, Any] = {}
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._keep_up(), name=f"keeping up {self.describe}"
+            )
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            await channel.close()
+
+    # -- what calls use ----------------------------------------------------------------------
+
+    async def ready(self, invocation: Invocation | None) -> Channel:
+        """The open channel, waiting for one within the call's deadline and the
+        connect timeout."""
+        channel = self.channel
+        if channel is not None and not channel.closed:
+            return channel
+        wait = self.target.connect_timeout_ms / 1000
+        if invocation is not None:
+            wait = min(wait, invocation.remaining())
+        try:
+            async with asyncio.timeout(max(wait, 0)):
+                await self._up.wait()
+        except TimeoutError:
+            pass
+        channel = self.channel
+        if channel is None or channel.closed:
+            raise TargetUnavailable(
+                f"{self.describe} is not connected ({self.last_error})",
+                details={"stage": "connect"},
+            )
+        return channel
+
+    async def send_event(self, event: str, data: Any) -> None:
+        frame = encode_frame({"type": "event", "event": event, "data": data})
+        channel = self.channel
+        if channel is not None and not channel.closed and not self._events:
+            try:
+                await channel.send_event(frame)
+                return
+            except TargetUnavailable:
+                pass  # closed meanwhile: keep it for the next connection
+        if self.target.event_buffer == 0:
+            raise TargetUnavailable(f"{self.describe} is not connected; event {event!r} refused")
+        if len(self._events) == self._events.maxlen:
+            self.events_dropped += 1
+        self._events.append(frame)
+
+    async def health(self, timeout: float) -> Health:
+        channel = self.channel
+        if channel is None or channel.closed:
+            return Health("not_serving", f"not connected: {self.last_error}")
+        health = await channel.health(timeout)
+        health.extra.update(connects=self.connects, host_events_dropped=self.events_dropped)
+        return health
+
+    # -- keeping the connection up -----------------------------------------------------------
+
+    async def _keep_up(self) -> None:
+        target = self.target
+        backoff = target.reconnect_backoff_ms / 1000
+        while True:
+            try:
+                channel = await self._dial()
+            except DispatchError as error:
+                self.last_error = error.message
+                log.info("%s: %s", self.describe, error.message)
+            else:
+                backoff = target.reconnect_backoff_ms / 1000
+                self.connects += 1
+                self.channel = channel
+                self._up.set()
+                await self._flush_events(channel)
+                try:
+                    await channel.run()
+                finally:
+                    self._up.clear()
+                    self.last_error = channel.close_reason
+                    await channel.close()
+                log.info("%s: %s; reconnecting", self.describe, channel.close_reason)
+            # Full jitter: plugins restarting are not redialled in lockstep.
+            await asyncio.sleep(random.uniform(0, backoff))
+            backoff = min(backoff * 2, target.reconnect_backoff_max_ms / 1000)
+
+    async def _dial(self) -> Channel:
+        target = self.target
+        assert target.url is not None
+        headers = {}
+        if target.token is not None:
+            headers["Authorization"] = f"Bearer {target.token.get_secret_value()}"
+        heartbeat = target.heartbeat_ms / 1000
+        try:
+            socket = await self._session.ws_connect(
+                target.url,
+                headers=headers,
+                heartbeat=heartbeat,
+                max_msg_size=target.max_message_bytes,
+                compress=15 if target.compress else 0,
+                ssl=_ssl_of(target),
+                decode_text=False,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=heartbeat),
+            )
+        except aiohttp.WSServerHandshakeError as error:
+            raise TargetUnavailable(
+                f"refused the upgrade: {error.status} {error.message}"
+            ) from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            raise TargetUnavailable(f"cannot connect: {type(error).__name__}: {error}") from None
+        channel = Channel(
+            socket,
+            self.describe,
+            ids=self._ids,
+            max_in_flight=target.max_in_flight,
+            max_message_bytes=target.max_message_bytes,
+            max_events_per_second=target.max_events_per_second,
+            sink=self._sink,
+        )
+        try:
+            await self._read_hello(socket)
+        except BaseException:
+            await channel.close()
+            raise
+        return channel
+
+    async def _read_hello(self, socket: aiohttp.ClientWebSocketResponse[Any]) -> None:
+        try:
+            hello = await read_hello(socket)
+        except InvalidParams as error:
+            raise ProviderError(error.message) from None
+        if hello["id"] != self.plugin_id:
+            # Not retryable in itself, but the right plugin may come back at that URL.
+            raise ProviderError(f"is plugin {hello['id']!r:.80}, not {self.plugin_id!r}")
+        self.hello = hello
+
+    async def _flush_events(self, channel: Channel) -> None:
+        try:
+            while self._events:
+                await channel.send_event(self._events[0])
+                self._events.popleft()
+            if self.events_dropped:
+                dropped, self.events_dropped = self.events_dropped, 0
+                await channel.send_event(encode_frame({"type": "dropped", "count": dropped}))
+        except TargetUnavailable:
+            pass  # dropped again at once: the next connection takes what is left
+
+    def __repr__(self) -> str:
+        state = "up" if self.channel is not None and not self.channel.closed else "down"
+        return f"<DialedPlugin {self.describe} {state} connects={self.connects} events_waiting={len(self._events)}>"
+
+
+def _ssl_of(target: WebSocketTarget) -> ssl.SSLContext | bool:
+    if target.url is None or not target.url.startswith("wss:"):
+        return True
+    if target.ca_file is None and target.cert_file is None:
+        return True  # the system's roots
+    try:
+        context = ssl.create_default_context(cafile=str(target.ca_file) if target.ca_file else None)
+        if target.cert_file is not None and target.key_file is not None:
+            context.load_cert_chain(target.cert_file, target.key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise ProviderError(f"{target.describe()}: cannot load TLS files: {error}") from None
+    return context

@@ -1,0 +1,254 @@
+"""``provider: websocket``: calls, streams and events in both directions over one WebSocket.
+
+Dial mode (``url``): one ``DialedPlugin`` per target keeps a connection to the plugin's
+endpoint up, reconnecting with backoff and jitter. Reverse mode (``mode: inbound``): the
+gateway admits a plugin (``admit``: its token or principal) and hands the upgraded
+connection to ``accept``, which checks the plugin's ``hello`` and registers it as an
+instance of the target's fleet (``instance_source``); the fleet layer balances over them.
+
+Errors, as every provider maps them here and nowhere else:
+
+* not connected (never sent) → ``TargetUnavailable``, ``details.stage == "connect"``;
+* the connection dropped with the call in flight → ``TargetUnavailable``, ``stage
+  "in_flight"`` (retryable; only an idempotent method's retry policy resends it);
+* deadline → ``DeadlineExceeded`` (and a ``cancel`` frame to the plugin);
+* ``max_in_flight`` calls already on the connection → ``Overloaded``;
+* a call over ``max_message_bytes`` → ``InvalidParams``; the plugin's own errors come back
+  in the response envelope, as on every transport.
+
+A plugin connected in may not call the host: a ``call`` frame from it is answered with a
+``forbidden`` error frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from linchkit_plugin.errors import (
+    DispatchError,
+    Forbidden,
+    TargetUnavailable,
+    Unauthorized,
+)
+from linchkit_plugin.ws_protocol import (
+    CLOSE_BAD_HELLO,
+    CLOSE_GOING_AWAY,
+    CLOSE_WRONG_PLUGIN,
+    encode_frame,
+)
+from providers.base import Health, Provider
+from providers.discovery import InstanceSource
+from providers.invocation import Invocation
+from providers.websocket.inbound import ConnectionSource, Inbound, InboundConnection
+from providers.websocket.target import WebSocketTarget
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from providers.target import PluginInfo
+    from providers.websocket.channel import Channel, EventSink
+    from providers.websocket.dialer import DialedPlugin
+
+__all__ = ["WebSocketProvider"]
+
+log = logging.getLogger("dispatcher.providers.websocket")
+
+
+class WebSocketProvider(Provider[WebSocketTarget]):
+    name = "websocket"
+    target_model = WebSocketTarget
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        #: Dial mode, by ``target.key``: equal targets share one connection.
+        self._dialed: dict[str, DialedPlugin] = {}
+        self.inbound = Inbound()
+
+    async def start(self) -> None:
+        # aiohttp and the modules built on it load here, not with the target model.
+        from providers._http_common import open_session
+
+        self._session = open_session(max_connections=1024, keepalive_seconds=15, egress=self.egress)
+
+    async def aclose(self) -> None:
+        dialed, self._dialed = self._dialed, {}
+        for plugin in dialed.values():
+            await plugin.close()
+        for connection in self.inbound.all():
+            await connection.channel.close(CLOSE_GOING_AWAY)
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def attach(self, plugin: PluginInfo, target: WebSocketTarget) -> None:
+        if target.mode != "dial" or target.key in self._dialed:
+            return  # an inbound connection attaches by connecting
+        for destination in target.destinations():
+            self.egress.check(destination)  # names are checked again as they resolve
+        if self._session is None:
+            raise TargetUnavailable(f"{target.describe()}: the provider is not started")
+        from providers.websocket.dialer import DialedPlugin
+
+        dialed = DialedPlugin(target, plugin.id, self._session, self._sink_of(plugin.id))
+        self._dialed[target.key] = dialed
+        dialed.start()
+
+    async def detach(self, plugin: PluginInfo, target: WebSocketTarget) -> None:
+        dialed = self._dialed.pop(target.key, None)
+        if dialed is not None:
+            await dialed.close()
+
+    # -- calls -----------------------------------------------------------------------------
+
+    async def _channel(self, target: WebSocketTarget, invocation: Invocation | None) -> Channel:
+        if target.mode == "dial":
+            dialed = self._dialed.get(target.key)
+            if dialed is None:
+                raise TargetUnavailable(f"{target.describe()} is not attached")
+            return await dialed.ready(invocation)
+        connection = self.inbound.get(target.connection) if target.connection else None
+        if connection is None:
+            raise TargetUnavailable(
+                f"{target.describe()}: no such plugin connected", details={"stage": "connect"}
+            )
+        return connection.channel
+
+    async def invoke(self, target: WebSocketTarget, invocation: Invocation) -> Any:
+        channel = await self._channel(target, invocation)
+        return await channel.call(invocation)
+
+    async def stream(
+        self, target: WebSocketTarget, invocation: Invocation
+    ) -> AsyncGenerator[Any, None]:
+        channel = await self._channel(target, invocation)
+        async for chunk in channel.stream(invocation):
+            yield chunk
+
+    async def send_event(self, target: WebSocketTarget, event: str, data: Any) -> None:
+        if target.mode == "dial":
+            dialed = self._dialed.get(target.key)
+            if dialed is None:
+                raise TargetUnavailable(f"{target.describe()} is not attached")
+            await dialed.send_event(event, data)
+            return
+        channel = await self._channel(target, None)
+        await channel.send_event(encode_frame({"type": "event", "event": event, "data": data}))
+
+    async def health(self, target: WebSocketTarget) -> Health:
+        timeout = max(target.heartbeat_ms / 1000, 1.0)
+        if target.mode == "dial":
+            dialed = self._dialed.get(target.key)
+            if dialed is None:
+                return Health("not_serving", "not attached")
+            return await dialed.health(timeout)
+        if target.connection is None:
+            connected = len(self.inbound.of_fleet(target.key))
+            detail = f"{connected} plugin(s) connected"
+            if connected:
+                return Health("serving", detail, extra={"connected": connected})
+            return Health("not_serving", detail, extra={"connected": connected})
+        try:
+            channel = await self._channel(target, None)
+        except DispatchError as error:
+            return Health("not_serving", error.message)
+        return await channel.health(timeout)
+
+    # -- reverse mode ----------------------------------------------------------------------
+
+    def instance_source(self, target: WebSocketTarget) -> InstanceSource | None:
+        if not target.accepts_connections():
+            return None
+        return ConnectionSource(
+            self.inbound, target.key, f"inbound connections ({target.describe()})"
+        )
+
+    async def admit(
+        self, target: WebSocketTarget, *, bearer: str | None, principal: str | None
+    ) -> None:
+        """Whether a plugin with these credentials may connect as an instance of
+        ``target``; raises ``Unauthorized`` (no or wrong credential) or ``Forbidden``
+        (authenticated as someone else)."""
+        if not target.accepts_connections():
+            raise Forbidden(f"{target.describe()} takes no inbound connections")
+        if target.admits(bearer, principal):
+            return
+        if principal is not None and target.token is None:
+            raise Forbidden("this principal may not connect as this plugin")
+        raise Unauthorized("missing or wrong credentials for this plugin")
+
+    async def accept(
+        self,
+        plugin: PluginInfo,
+        targets: Sequence[WebSocketTarget],
+        connection: Any,
+        peer: tuple[str, int],
+    ) -> None:
+        """Serve an admitted, upgraded connection as an instance of each of ``targets``
+        until it closes. Its first frame must be the ``hello`` of ``plugin``."""
+        from providers.websocket.channel import Channel
+
+        socket = connection
+        first = targets[0]
+        hello = await self._hello(socket, plugin)
+        if hello is None:
+            return
+        key = self.inbound.new_key(plugin.id, peer)
+        channel = Channel(
+            socket,
+            f"websocket inbound {key}",
+            max_in_flight=first.max_in_flight,
+            max_message_bytes=first.max_message_bytes,
+            max_events_per_second=first.max_events_per_second,
+            sink=self._sink_of(plugin.id),
+        )
+        inbound = InboundConnection(key, channel, plugin.id, plugin.version, peer, hello)
+        await channel.send_event(encode_frame({"type": "welcome", "instance": key}))
+        for target in targets:
+            self.inbound.register(target.key, inbound)
+        log.info("%s connected as an instance of %s", key, plugin.key)
+        try:
+            await channel.run()
+        finally:
+            for target in targets:
+                self.inbound.unregister(target.key, inbound)
+            await channel.close()
+            log.info("%s left: %s", key, channel.close_reason)
+
+    async def _hello(self, socket: Any, plugin: PluginInfo) -> dict[str, Any] | None:
+        """The plugin's ``hello``, checked against the plugin admitted; None (and the
+        connection closed with the reason) when it is not one."""
+        from providers.websocket.channel import read_hello
+
+        try:
+            hello = await read_hello(socket)
+        except DispatchError as error:
+            await socket.close(code=CLOSE_BAD_HELLO, message=error.message[:120].encode())
+            return None
+        wrong = (
+            f"admitted as {plugin.id!r}, said it is {hello['id']!r:.60}"
+            if hello["id"] != plugin.id
+            else f"admitted as version {plugin.version}, said {hello['version']!r:.40}"
+            if hello["version"] != plugin.version
+            else None
+        )
+        missing = set(plugin.methods) - set(hello.get("methods", ()))
+        if wrong is None and missing:
+            # Calls of those get the plugin's own method_not_found; worth a line, not a refusal.
+            log.warning("%s connected without methods %s", plugin.key, sorted(missing)[:20])
+        if wrong is not None:
+            await socket.close(code=CLOSE_WRONG_PLUGIN, message=wrong[:120].encode())
+            return None
+        return hello
+
+    def _sink_of(self, plugin_id: str) -> EventSink | None:
+        sink = self.event_sink
+        if sink is None:
+            return None
+        return lambda event, data: sink(plugin_id, event, data)
+
+    def __repr__(self) -> str:
+        return f"<WebSocketProvider 'websocket' dialed={len(self._dialed)} {self.inbound!r}>"

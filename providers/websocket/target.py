@@ -1,0 +1,171 @@
+"""``provider: websocket``: the manifest's model of a WebSocket plugin, in either direction.
+
+    target: {provider: websocket, url: "ws://10.0.0.5:8090/"}                # dial mode
+    target: {provider: websocket, mode: inbound, token: "${ECHO_PLUGIN_TOKEN}"}  # reverse
+
+An inbound target is a fleet whose instances are the plugins connected to the gateway
+right now (``WebSocketProvider.instance_source``); ``instance_at`` names one connection
+(``connection``), which is all a concrete inbound target adds, and which a manifest
+never sets.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from linchkit_plugin.ws_protocol import DEFAULT_MAX_MESSAGE_BYTES
+from providers.discovery import Endpoint
+from providers.target import (
+    Balance,
+    Destination,
+    FleetSettings,
+    HealthCheck,
+    ManifestPath,
+    OutlierDetection,
+    TargetConfig,
+    masked_url,
+)
+
+__all__ = ["WebSocketTarget"]
+
+#: Fields that describe the fleet rather than one of its connections.
+_FLEET_FIELDS = frozenset({"balance", "health_check", "outlier"})
+
+
+class WebSocketTarget(TargetConfig):
+    """A plugin over one WebSocket: dialled at ``url``, or dialling in (``mode: inbound``)."""
+
+    provider: Literal["websocket"]
+    mode: Literal["dial", "inbound"] = Field(
+        default="dial",
+        description="dial: the dispatcher connects to url. inbound: plugins connect to the"
+        " gateway's /v1/plugins/connect and each connection is an instance.",
+    )
+    url: str | None = Field(
+        default=None,
+        pattern=r"^wss?://[^\s/?#]+(/[^\s#]*)?$",
+        description="dial mode: ws://host:port/path or wss://…",
+        examples=["ws://127.0.0.1:8090/", "wss://plugins.internal/echo"],
+    )
+    token: SecretStr | None = Field(
+        default=None,
+        description="dial: sent as 'Authorization: Bearer'. inbound: the bearer token a"
+        " connecting plugin must present.",
+    )
+    principal: str | None = Field(
+        default=None,
+        min_length=1,
+        description="inbound: the connecting plugin must authenticate through the manifest's"
+        " `auth` (API key, JWT, client certificate) as this principal id.",
+    )
+    ca_file: ManifestPath | None = Field(default=None, description="wss: PEM roots.")
+    cert_file: ManifestPath | None = Field(default=None, description="wss: client certificate.")
+    key_file: ManifestPath | None = Field(default=None, description="wss: client key.")
+    heartbeat_ms: int = Field(
+        default=10_000,
+        ge=100,
+        le=600_000,
+        description="Ping this often; a peer silent for 1.5x this is gone (half-open TCP).",
+    )
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=1 << 30)
+    max_in_flight: int = Field(
+        default=4096, ge=1, le=1_000_000, description="Calls at once on one connection."
+    )
+    max_events_per_second: int = Field(
+        default=10_000, ge=1, description="Plugin events beyond this rate are dropped, counted."
+    )
+    event_buffer: int = Field(
+        default=1000,
+        ge=0,
+        le=1_000_000,
+        description="dial: host events kept while disconnected, delivered on reconnect.",
+    )
+    connect_timeout_ms: int = Field(
+        default=5_000, ge=10, description="How long a call waits for a connection to come up."
+    )
+    reconnect_backoff_ms: int = Field(default=100, ge=1)
+    reconnect_backoff_max_ms: int = Field(default=5_000, ge=1)
+    compress: bool = Field(
+        default=False,
+        description="Offer permessage-deflate: every message is then compressed; pays for"
+        " large JSON over slow links, costs CPU on fast ones.",
+    )
+    connection: str | None = Field(
+        default=None, description="Set by the dispatcher: one inbound connection."
+    )
+    balance: Balance = "least_request"
+    health_check: HealthCheck | None = None
+    outlier: OutlierDetection = Field(default_factory=OutlierDetection)
+
+    secret_fields = frozenset({"token"})
+
+    @model_validator(mode="after")
+    def _mode_fits(self) -> WebSocketTarget:
+        if self.mode == "dial":
+            if self.url is None:
+                raise ValueError("a websocket target in dial mode needs url (ws:// or wss://)")
+            if self.principal is not None or self.connection is not None:
+                raise ValueError("principal is for mode: inbound")
+        else:
+            if self.url is not None:
+                raise ValueError("mode: inbound takes no url: plugins connect to the gateway")
+            if self.token is None and self.principal is None:
+                raise ValueError(
+                    "mode: inbound needs token or principal: who may connect as this plugin"
+                )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms:
+            raise ValueError("reconnect_backoff_ms must not exceed reconnect_backoff_max_ms")
+        return self
+
+    def describe(self) -> str:
+        if self.mode == "dial":
+            return f"websocket {masked_url(self.url or '')}"
+        return f"websocket inbound {self.connection}" if self.connection else "websocket inbound"
+
+    def destinations(self) -> tuple[Destination, ...]:
+        if self.url is None:
+            return ()
+        # A WebSocket is an HTTP upgrade: the egress policy's http/https rules apply.
+        destination = Destination.of_url("url", self.url)
+        scheme = "https" if destination.scheme == "wss" else "http"
+        port = destination.port or (443 if scheme == "https" else 80)
+        return (Destination("url", host=destination.host, port=port, scheme=scheme),)
+
+    def accepts_connections(self) -> bool:
+        return self.mode == "inbound" and self.connection is None
+
+    def admits(self, bearer: str | None, principal: str | None) -> bool:
+        """Whether a plugin presenting ``bearer`` (and authenticated as ``principal``)
+        may connect as an instance of this target. Constant time on the token."""
+        if self.token is not None:
+            expected = self.token.get_secret_value().encode()
+            if bearer is None or not hmac.compare_digest(expected, bearer.encode()):
+                return False
+        return self.principal is None or principal == self.principal
+
+    def is_fleet(self) -> bool:
+        return self.accepts_connections()
+
+    def instance_targets(self) -> tuple[WebSocketTarget, ...]:
+        # An inbound fleet has no fixed instance: only the connections that come.
+        return () if self.accepts_connections() else (self,)
+
+    def instance_at(self, endpoint: Endpoint) -> WebSocketTarget:
+        if not self.accepts_connections():
+            raise TypeError("only an inbound websocket target has connections as instances")
+        fields = {
+            name: getattr(self, name)
+            for name in type(self).model_fields
+            if name not in _FLEET_FIELDS
+        }
+        return type(self).model_validate({**fields, "connection": endpoint.key})
+
+    def fleet_settings(self) -> FleetSettings:
+        return FleetSettings(
+            balance=self.balance, health_check=self.health_check, outlier=self.outlier
+        )

@@ -1,0 +1,402 @@
+package plugin
+
+// Reverse mode over WebSocket (docs/protocol.md, "WebSocket binding"): the plugin dials
+// the dispatcher's gateway (`connect --url ws://gateway/v1/plugins/connect`) and takes
+// calls over that one connection, reconnecting after a drop with exponential backoff and
+// full jitter. A 401, 403 or 404 at the upgrade is final: the gateway refuses this plugin.
+//
+// Calls run through the same invoke/prepare as the gRPC service, so errors, deadlines and
+// params read the same; streams wait for the host's credit (a window of 256 chunks).
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+)
+
+const (
+	streamWindow          = 256
+	maxMessageBytes       = 8 << 20
+	websocketHeartbeat    = 10 * time.Second
+	initialConnectBackoff = 100 * time.Millisecond
+	maxConnectBackoff     = 10 * time.Second
+)
+
+// ErrRefused is returned when the gateway refuses the connection at the upgrade.
+var ErrRefused = errors.New("the gateway refused the connection")
+
+type wireContext struct {
+	RequestID      string `json:"request_id"`
+	DeadlineMs     int64  `json:"deadline_ms"`
+	Caller         string `json:"caller"`
+	Traceparent    string `json:"traceparent"`
+	IdempotencyKey string `json:"idempotency_key"`
+}
+
+type wireRequest struct {
+	V       uint32          `json:"v"`
+	Plugin  string          `json:"plugin"`
+	Method  string          `json:"method"`
+	Params  json.RawMessage `json:"params"`
+	Context wireContext     `json:"context"`
+}
+
+type frame struct {
+	Type    string          `json:"type"`
+	ID      *int64          `json:"id,omitempty"`
+	Request json.RawMessage `json:"request,omitempty"`
+	N       int             `json:"n,omitempty"`
+	Event   string          `json:"event,omitempty"`
+	Data    json.RawMessage `json:"data,omitempty"`
+}
+
+func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
+	flags := flag.NewFlagSet("connect", flag.ContinueOnError)
+	url := flags.String("url", "", "the gateway's ws[s]://HOST/v1/plugins/connect")
+	config := flags.String("config", "{}", "JSON object for the init hook")
+	if err := flags.Parse(env.Args[1:]); err != nil {
+		return err
+	}
+	if *url == "" {
+		return errors.New("connect: --url is required")
+	}
+	token, err := configuredToken(env.Getenv)
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	raw := json.RawMessage(*config)
+	if !json.Valid(raw) {
+		return errors.New("connect: --config is not valid JSON")
+	}
+	p.setConfig(raw)
+	if hook := p.onInit; hook != nil {
+		if err := hook(ctx, raw); err != nil {
+			return fmt.Errorf("connect: init hook: %w", err)
+		}
+	}
+	if hook := p.onStart; hook != nil {
+		if err := hook(ctx); err != nil {
+			return fmt.Errorf("connect: start hook: %w", err)
+		}
+	}
+	defer p.stopHooks()
+	header := http.Header{}
+	header.Set("X-Plugin-Id", p.id)
+	header.Set("X-Plugin-Version", p.version)
+	if token != nil {
+		header.Set("Authorization", "Bearer "+strings.TrimPrefix(string(token.expected), "bearer "))
+	}
+	backoff := initialConnectBackoff
+	for {
+		conn, response, err := websocket.Dial(ctx, *url, &websocket.DialOptions{HTTPHeader: header})
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if response != nil && (response.StatusCode == 401 || response.StatusCode == 403 || response.StatusCode == 404) {
+				return fmt.Errorf("connect: %w (%d)", ErrRefused, response.StatusCode)
+			}
+			fmt.Fprintf(os.Stderr, "linchkit plugin: cannot reach %s: %v; retrying\n", *url, err)
+		} else {
+			backoff = initialConnectBackoff
+			conn.SetReadLimit(maxMessageBytes)
+			(&wsSession{plugin: p, conn: conn}).run(ctx)
+			if ctx.Err() != nil {
+				return nil
+			}
+		}
+		// Full jitter: a gateway coming back is not hit by every plugin at once.
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(time.Duration(rand.Int64N(int64(backoff) + 1))):
+		}
+		backoff = min(backoff*2, maxConnectBackoff)
+	}
+}
+
+func (p *Plugin) stopHooks() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if hook := p.onStop; hook != nil {
+		_ = hook(ctx)
+	}
+	if hook := p.onDestroy; hook != nil {
+		_ = hook(ctx)
+	}
+}
+
+// window counts the chunks a stream may still send before the host grants more.
+type window struct {
+	mu      sync.Mutex
+	credit  int
+	granted chan struct{}
+}
+
+func (w *window) take(ctx context.Context) error {
+	for {
+		w.mu.Lock()
+		if w.credit > 0 {
+			w.credit--
+			w.mu.Unlock()
+			return nil
+		}
+		granted := w.granted
+		w.mu.Unlock()
+		select {
+		case <-granted:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (w *window) grant(n int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.credit += n
+	close(w.granted)
+	w.granted = make(chan struct{})
+}
+
+// wsSession serves one connection until it closes.
+type wsSession struct {
+	plugin  *Plugin
+	conn    *websocket.Conn
+	mu      sync.Mutex
+	calls   map[int64]context.CancelFunc
+	windows map[int64]*window
+}
+
+func (s *wsSession) send(ctx context.Context, v any) {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return
+	}
+	_ = s.conn.Write(ctx, websocket.MessageText, raw)
+}
+
+func (s *wsSession) run(parent context.Context) {
+	ctx, cancel := context.WithCancel(parent)
+	defer cancel()
+	defer s.conn.CloseNow()
+	s.calls = map[int64]context.CancelFunc{}
+	s.windows = map[int64]*window{}
+	p := s.plugin
+	methods, streaming := []string{}, []string{}
+	for _, name := range p.order {
+		methods = append(methods, name)
+		if p.methods[name].stream != nil {
+			streaming = append(streaming, name)
+		}
+	}
+	s.send(ctx, map[string]any{
+		"type": "hello", "protocol": ProtocolVersion, "id": p.id, "version": p.version,
+		"runtime": p.runtime, "methods": methods, "streaming": streaming,
+	})
+	queue := p.events.subscribe()
+	defer p.events.unsubscribe(queue)
+	go func() {
+		for {
+			select {
+			case event := <-queue:
+				data := json.RawMessage(event.GetDataJson())
+				if len(data) == 0 {
+					data = json.RawMessage("null")
+				}
+				s.send(ctx, map[string]any{"type": "event", "event": event.GetName(), "data": data})
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	go func() { // keepalive: a half-open connection ends within two heartbeats
+		ticker := time.NewTicker(websocketHeartbeat)
+		defer ticker.Stop()
+		for {
+			select {
+			case <-ticker.C:
+				pingCtx, done := context.WithTimeout(ctx, websocketHeartbeat/2)
+				err := s.conn.Ping(pingCtx)
+				done()
+				if err != nil {
+					cancel()
+					return
+				}
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	for {
+		_, data, err := s.conn.Read(ctx)
+		if err != nil {
+			s.mu.Lock()
+			for _, stop := range s.calls {
+				stop()
+			}
+			s.mu.Unlock()
+			return
+		}
+		var f frame
+		if err := json.Unmarshal(data, &f); err != nil || f.Type == "" {
+			s.send(ctx, map[string]any{"type": "error", "error": map[string]any{"type": TypeProviderError, "message": "a frame that is not a JSON object with a type"}})
+			continue
+		}
+		s.handle(ctx, f)
+	}
+}
+
+func (s *wsSession) handle(ctx context.Context, f frame) {
+	switch f.Type {
+	case "call", "stream":
+		if f.ID == nil {
+			s.send(ctx, map[string]any{"type": "error", "error": map[string]any{"type": TypeProviderError, "message": f.Type + " needs an integer id"}})
+			return
+		}
+		id := *f.ID
+		callCtx, stop := context.WithCancel(ctx)
+		s.mu.Lock()
+		s.calls[id] = stop
+		var w *window
+		if f.Type == "stream" {
+			w = &window{credit: streamWindow, granted: make(chan struct{})}
+			s.windows[id] = w
+		}
+		s.mu.Unlock()
+		go func() {
+			defer func() {
+				s.mu.Lock()
+				delete(s.calls, id)
+				delete(s.windows, id)
+				s.mu.Unlock()
+				stop()
+			}()
+			s.call(callCtx, ctx, id, f.Request, w)
+		}()
+	case "cancel":
+		if f.ID != nil {
+			s.mu.Lock()
+			stop := s.calls[*f.ID]
+			s.mu.Unlock()
+			if stop != nil {
+				stop()
+			}
+		}
+	case "credit":
+		if f.ID != nil && f.N > 0 {
+			s.mu.Lock()
+			w := s.windows[*f.ID]
+			s.mu.Unlock()
+			if w != nil {
+				w.grant(f.N)
+			}
+		}
+	case "health":
+		s.send(ctx, map[string]any{"type": "health", "id": f.ID, "status": "serving", "detail": ""})
+	case "event":
+		if handler := s.plugin.handlers[f.Event]; handler != nil {
+			data := f.Data
+			if len(data) == 0 {
+				data = json.RawMessage("null")
+			}
+			go func() { _ = runMethod(func() error { handler(ctx, data); return nil }) }()
+		}
+	case "welcome", "dropped":
+	default:
+		s.send(ctx, map[string]any{"type": "error", "id": f.ID, "error": map[string]any{"type": TypeProviderError, "message": "unknown frame type"}})
+	}
+}
+
+// call runs one call or stream; callCtx ends with a cancel frame, connCtx with the connection.
+func (s *wsSession) call(callCtx, connCtx context.Context, id int64, rawRequest json.RawMessage, w *window) {
+	var request wireRequest
+	if err := json.Unmarshal(rawRequest, &request); err != nil {
+		s.respond(connCtx, id, errorReply(&Error{Type: TypeProviderError, Message: "the request is not an envelope: " + err.Error()}))
+		return
+	}
+	req := &pluginpb.CallRequest{
+		V: request.V, Plugin: request.Plugin, Method: request.Method, ParamsJson: request.Params,
+		Context: &pluginpb.CallContext{
+			RequestId: request.Context.RequestID, DeadlineMs: request.Context.DeadlineMs, Caller: request.Context.Caller,
+			Traceparent: request.Context.Traceparent, IdempotencyKey: request.Context.IdempotencyKey,
+		},
+	}
+	if w == nil {
+		reply := s.plugin.invoke(callCtx, req)
+		if errors.Is(callCtx.Err(), context.Canceled) {
+			return // the host cancelled it (or the connection ended): nobody waits for an answer
+		}
+		s.respond(connCtx, id, reply)
+		return
+	}
+	ctx, cancel, call, m, callErr := s.plugin.prepare(callCtx, req)
+	defer cancel()
+	if callErr != nil {
+		s.respond(connCtx, id, errorReply(callErr))
+		return
+	}
+	send := func(chunk any) error {
+		raw, err := encodeJSON(chunk)
+		if err != nil {
+			return fmt.Errorf("chunk is not JSON-encodable: %w", err)
+		}
+		if err := w.take(ctx); err != nil {
+			return err
+		}
+		s.send(connCtx, map[string]any{"type": "chunk", "id": id, "data": raw})
+		return nil
+	}
+	var err error
+	if m.stream != nil {
+		err = runMethod(func() error { return m.stream(ctx, call, send) })
+	} else {
+		var result any
+		err = runMethod(func() (e error) { result, e = m.unary(ctx, call); return e })
+		if err == nil {
+			err = send(result)
+		}
+	}
+	if err != nil {
+		if errors.Is(callCtx.Err(), context.Canceled) {
+			return // the host cancelled it: nobody waits for an answer
+		}
+		s.respond(connCtx, id, errorReply(toError(err)))
+		return
+	}
+	s.respond(connCtx, id, &pluginpb.CallReply{Ok: true, ResultJson: json.RawMessage("null")})
+}
+
+func (s *wsSession) respond(ctx context.Context, id int64, reply *pluginpb.CallReply) {
+	var response map[string]any
+	if reply.GetOk() {
+		result := json.RawMessage(reply.GetResultJson())
+		if len(result) == 0 {
+			result = json.RawMessage("null")
+		}
+		response = map[string]any{"ok": true, "result": result}
+	} else {
+		e := reply.GetError()
+		wire := map[string]any{"type": e.GetType(), "message": e.GetMessage(), "retryable": e.GetRetryable()}
+		if len(e.GetDetailsJson()) > 0 {
+			wire["details"] = json.RawMessage(e.GetDetailsJson())
+		}
+		if e.GetRetryAfter() > 0 {
+			wire["retry_after"] = e.GetRetryAfter()
+		}
+		response = map[string]any{"ok": false, "error": wire}
+	}
+	s.send(ctx, map[string]any{"type": "response", "id": id, "response": response})
+}

@@ -1,0 +1,111 @@
+"""``dispatcher-plugin serve --websocket`` and ``dispatcher-plugin connect``: the plugin
+over WebSocket, served (the dispatcher dials in) or dialling the gateway (reverse mode).
+
+Kept apart from ``cli`` so that the HTTP server's command line imports no aiohttp; this
+module is imported only when one of these commands runs (the ``websocket`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from typing import Any
+
+from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.ws_server import Refused, WebSocketPluginServer, dial
+
+__all__ = ["connect", "serve_websocket"]
+
+
+def serve_websocket(
+    options: argparse.Namespace,
+    host: PluginHost,
+    config: dict[str, Any],
+    token: BearerToken | None,
+    identity: tuple[str, str],
+) -> None:
+    async def main() -> None:
+        server = WebSocketPluginServer(
+            host, config=config, token=token, plugin_id=identity[0], version=identity[1]
+        )
+        url = await server.start(options.host, options.port)
+        methods = ", ".join(sorted(host.methods)) or "no methods"
+        print(
+            f"dispatcher-plugin: serving {options.entrypoint} ({methods}) over WebSocket,"
+            f" listening on {url} (Ctrl+C stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if token is None:
+            print(
+                f"Warning: no bearer token configured (--token-file, {TOKEN_FILE_ENV} or"
+                f" {TOKEN_ENV}): anybody who can reach {url} can call this plugin.",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            await _until_signalled()
+        finally:
+            await server.aclose()
+
+    asyncio.run(main())
+
+
+def connect(
+    options: argparse.Namespace,
+    host: PluginHost,
+    config: dict[str, Any],
+    token: BearerToken | None,
+) -> int:
+    """Dial the gateway until stopped; 1 when it refuses this plugin (not retried)."""
+
+    async def main() -> int:
+        dialling = asyncio.ensure_future(
+            dial(
+                host,
+                options.url,
+                plugin_id=options.plugin_id,
+                version=options.plugin_version,
+                token=token.secret() if token is not None else None,
+                config=config,
+            )
+        )
+        signalled = asyncio.ensure_future(_until_signalled())
+        print(
+            f"dispatcher-plugin: {options.plugin_id}@{options.plugin_version} dialling"
+            f" {options.url} (Ctrl+C stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        await asyncio.wait([dialling, signalled], return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        dialling.cancel()
+        await asyncio.gather(signalled, return_exceptions=True)
+        try:
+            await dialling
+        except asyncio.CancelledError:
+            return 0
+        except Refused as refused:
+            print(f"Error: {refused}", file=sys.stderr)
+            return 1
+        return 0
+
+    return asyncio.run(main())
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for each in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # not on Windows
+            loop.add_signal_handler(each, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for each in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(each)

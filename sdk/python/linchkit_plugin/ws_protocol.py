@@ -1,0 +1,138 @@
+"""The WebSocket binding of the plugin protocol: frames around the one JSON envelope.
+
+Both sides import this module (the host's ``providers.websocket`` and the SDK's
+``linchkit_plugin.ws_server``); it holds no I/O and imports no WebSocket library, so a
+plugin that never speaks WebSocket pays nothing for it. ``docs/protocol.md`` ("WebSocket
+binding") describes the frames; ``proto/websocket.schema.json`` is their JSON Schema.
+
+Every frame is one JSON object in one WebSocket message, with ``type``:
+
+    host → plugin   call, stream, credit, cancel, health, event, dropped, welcome
+    plugin → host   hello, response, chunk, health, event, dropped, error
+
+``id`` is an integer the host picks for a call, unique on its connection; everything
+that answers the call carries it. ``request`` and ``response`` are the envelopes of every
+other transport, unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import orjson
+
+from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError
+from linchkit_plugin.wire import PROTOCOL_VERSION, encode_json
+
+__all__ = [
+    "CLOSE_BAD_HELLO",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_NORMAL",
+    "CLOSE_WRONG_PLUGIN",
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "HELLO_TIMEOUT",
+    "PLUGIN_ID_HEADER",
+    "PLUGIN_VERSION_HEADER",
+    "STREAM_WINDOW",
+    "FrameError",
+    "checked_hello",
+    "decode_frame",
+    "encode_frame",
+    "error_frame",
+    "hello_frame",
+]
+
+#: Close codes: RFC 6455's, and ours in the private 4000-4999 range.
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+#: The first frame was not a valid ``hello``, or not within ``HELLO_TIMEOUT``.
+CLOSE_BAD_HELLO: Final = 4400
+#: The ``hello`` names a plugin (id, version, methods) other than the one admitted.
+CLOSE_WRONG_PLUGIN: Final = 4403
+
+#: A message larger than this closes the connection (1009): the envelope's 8 MiB, as HTTP.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
+#: Seconds between pings; a peer that does not answer within half of it is gone. Detects a
+#: half-open TCP connection (no FIN ever comes) within 1.5 heartbeats.
+DEFAULT_HEARTBEAT: Final = 10.0
+#: Seconds a new connection has to send its ``hello``.
+HELLO_TIMEOUT: Final = 10.0
+
+#: Chunks a plugin may send on a stream before the host grants more with a ``credit``
+#: frame (flow control per stream: a slow consumer slows its own stream, not the
+#: connection's other calls, and the host holds at most this many chunks per stream).
+STREAM_WINDOW: Final = 256
+
+#: Headers of the upgrade request a plugin dialling the gateway sends (reverse mode).
+PLUGIN_ID_HEADER: Final = "X-Plugin-Id"
+PLUGIN_VERSION_HEADER: Final = "X-Plugin-Version"
+
+
+class FrameError(ProviderError):
+    """A message that is not a frame of this protocol (not JSON, not an object, no type)."""
+
+
+def encode_frame(frame: dict[str, Any]) -> bytes:
+    """``frame`` as the bytes of one text message; params JSON cannot carry raise
+    ``InvalidParams`` (the checks of ``wire.encode_json``)."""
+    return encode_json(frame)
+
+
+def decode_frame(data: str | bytes) -> dict[str, Any]:
+    """One received message as a frame; raises ``FrameError`` when it is none."""
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        raise FrameError(f"a WebSocket message that is not JSON: {error}") from None
+    if type(frame) is not dict or type(frame.get("type")) is not str:
+        raise FrameError("a WebSocket message that is not a JSON object with a string 'type'")
+    return frame
+
+
+def error_frame(error: DispatchError, call_id: Any = None) -> bytes:
+    """An ``error`` frame: a message the peer sent could not be used."""
+    frame: dict[str, Any] = {"type": "error", "error": error.to_wire()}
+    if type(call_id) is int:
+        frame["id"] = call_id
+    return encode_frame(frame)
+
+
+def hello_frame(
+    plugin_id: str,
+    version: str,
+    methods: list[str],
+    *,
+    streaming: list[str] | None = None,
+    runtime: str = "python",
+) -> bytes:
+    """The first frame a plugin sends on every connection: who it is."""
+    return encode_frame(
+        {
+            "type": "hello",
+            "protocol": PROTOCOL_VERSION,
+            "id": plugin_id,
+            "version": version,
+            "runtime": runtime,
+            "methods": sorted(methods),
+            "streaming": sorted(streaming or ()),
+        }
+    )
+
+
+def checked_hello(frame: dict[str, Any]) -> dict[str, Any]:
+    """``frame`` if it is a ``hello`` this side understands; ``InvalidParams`` otherwise."""
+    if frame.get("type") != "hello":
+        raise InvalidParams(f"the first frame must be 'hello', not {frame.get('type')!r:.40}")
+    if frame.get("protocol") != PROTOCOL_VERSION:
+        raise InvalidParams(
+            f"hello speaks protocol {frame.get('protocol')!r:.20}; this side speaks {PROTOCOL_VERSION}"
+        )
+    for key in ("id", "version"):
+        value = frame.get(key)
+        if type(value) is not str or not 0 < len(value) <= 200:
+            raise InvalidParams(f"hello needs '{key}', a string of 1-200 characters")
+    methods = frame.get("methods", [])
+    if type(methods) is not list or not all(type(m) is str for m in methods):
+        raise InvalidParams("hello 'methods' must be a list of strings")
+    return frame

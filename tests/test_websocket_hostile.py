@@ -1,0 +1,249 @@
+"""provider: websocket against plugins that lie: a real aiohttp WebSocket server on
+loopback whose behaviour each test scripts (non-JSON, unknown ids, oversized messages,
+event floods, a plugin that stops reading, a plugin calling the host, a wrong hello).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import WSMsgType, web
+
+from dispatcher import DeadlineExceeded, Dispatcher, Overloaded, TargetUnavailable
+from linchkit_plugin.ws_protocol import hello_frame
+from tests.conftest import manifest
+
+Script = Callable[[web.WebSocketResponse], Awaitable[None]]
+HELLO = hello_frame("liar", "1.0.0", ["echo"])
+
+
+@contextlib.asynccontextmanager
+async def scripted(script: Script, **target: Any) -> AsyncIterator[Dispatcher]:
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=64 * 1024 * 1024)
+        await ws.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            await script(ws)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    dispatcher = Dispatcher(
+        manifest(
+            {
+                "id": "liar",
+                "version": "1.0.0",
+                "target": {
+                    "provider": "websocket",
+                    "url": f"ws://127.0.0.1:{port}/",
+                    "reconnect_backoff_ms": 50,
+                    "reconnect_backoff_max_ms": 200,
+                    **target,
+                },
+                "defaults": {"timeout_ms": 3_000},
+                "methods": {"echo": {}},
+            }
+        )
+    )
+    try:
+        async with dispatcher:
+            yield dispatcher
+    finally:
+        await runner.cleanup()
+
+
+def channel_of(dispatcher: Dispatcher) -> Any:
+    (dialed,) = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
+    return dialed.channel
+
+
+async def answer_calls(ws: web.WebSocketResponse, before: Callable[[int], list[bytes]]) -> None:
+    """Answer every call with its params, first sending what ``before(id)`` returns."""
+    await ws.send_bytes(HELLO)
+    async for message in ws:
+        if message.type != WSMsgType.TEXT:
+            return
+        frame = orjson.loads(message.data)
+        if frame["type"] == "call":
+            for extra in before(frame["id"]):
+                await ws.send_str(extra.decode())
+            response = {"ok": True, "result": frame["request"]["params"]}
+            await ws.send_str(
+                orjson.dumps({"type": "response", "id": frame["id"], "response": response}).decode()
+            )
+
+
+async def test_garbage_and_unknown_ids_are_counted_and_dropped_calls_still_answer() -> None:
+    garbage = [
+        b"not json at all",
+        b"[1, 2, 3]",
+        b'{"no": "type"}',
+        b'{"type": "response", "id": 987654, "response": {"ok": true, "result": "stolen"}}',
+        b'{"type": "chunk", "id": "x", "data": 1}',
+        b'{"type": "what-is-this"}',
+    ]
+    async with scripted(lambda ws: answer_calls(ws, lambda _: garbage)) as d:
+        for index in range(3):
+            assert await d.call("liar", "echo", {"i": index}) == {"i": index}
+        channel = channel_of(d)
+        assert channel.unknown_ids == 6  # the made-up response and the chunk, three times
+        assert channel.protocol_errors == 12
+        assert not channel.closed  # garbage does not cost the connection
+
+
+async def test_an_oversized_message_closes_the_connection_and_fails_the_call_typed() -> None:
+    huge = b'{"type": "event", "event": "big", "data": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    async with scripted(
+        lambda ws: answer_calls(ws, lambda _: [huge]), max_message_bytes=1024 * 1024
+    ) as d:
+        with pytest.raises(TargetUnavailable) as raised:
+            await d.call("liar", "echo", {})
+        assert raised.value.details["stage"] == "in_flight"
+        assert "1009" in raised.value.message or "too big" in raised.value.message.lower()
+
+
+async def test_a_call_larger_than_the_limit_is_refused_before_it_is_sent() -> None:
+    from dispatcher import InvalidParams
+
+    async with scripted(lambda ws: answer_calls(ws, lambda _: []), max_message_bytes=2048) as d:
+        with pytest.raises(InvalidParams):
+            await d.call("liar", "echo", {"blob": "y" * 4096})
+        assert await d.call("liar", "echo", {"small": 1}) == {"small": 1}
+
+
+async def test_an_event_flood_is_bounded_and_calls_go_on() -> None:
+    received = 0
+
+    async def flood(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(HELLO)
+        event = orjson.dumps({"type": "event", "event": "spam", "data": {"x": 1}})
+        for _ in range(20_000):
+            await ws.send_bytes(event)
+        await answer_calls_after_hello(ws)
+
+    async with scripted(flood, max_events_per_second=500) as d:
+
+        def count(event: str, data: Any) -> None:
+            nonlocal received
+            received += 1
+
+        d.on("liar", "spam", count)
+        assert await d.call("liar", "echo", {"after": "flood"}) == {"after": "flood"}
+        channel = channel_of(d)
+        assert channel.events_dropped > 10_000
+        assert received + channel.events_dropped == 20_000
+        assert received < 5_000
+
+
+async def answer_calls_after_hello(ws: web.WebSocketResponse) -> None:
+    async for message in ws:
+        if message.type != WSMsgType.TEXT:
+            return
+        frame = orjson.loads(message.data)
+        if frame["type"] == "call":
+            response = {"ok": True, "result": frame["request"]["params"]}
+            await ws.send_bytes(
+                orjson.dumps({"type": "response", "id": frame["id"], "response": response})
+            )
+
+
+async def test_a_plugin_that_stops_reading_bounds_what_the_dispatcher_holds() -> None:
+    stop = asyncio.Event()
+
+    async def deaf(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(HELLO)
+        await stop.wait()  # never reads: the socket buffers fill, then TCP pushes back
+
+    async with scripted(deaf, max_in_flight=64) as d:
+        blob = "z" * 200_000
+        outcomes = await asyncio.gather(
+            *(d.call("liar", "echo", {"blob": blob}, timeout=1.5) for _ in range(200)),
+            return_exceptions=True,
+        )
+        stop.set()
+        kinds = {type(outcome) for outcome in outcomes}
+        assert kinds <= {Overloaded, DeadlineExceeded}, kinds
+        assert sum(isinstance(o, Overloaded) for o in outcomes) >= 200 - 64
+        assert channel_of(d).in_flight == 0
+
+
+async def test_a_plugin_may_not_call_the_host() -> None:
+    answers: list[dict[str, Any]] = []
+
+    async def caller(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(HELLO)
+        request = {"v": 1, "plugin": "other", "method": "x", "params": {}, "context": {}}
+        await ws.send_bytes(orjson.dumps({"type": "call", "id": 1, "request": request}))
+        async for message in ws:
+            frame = orjson.loads(message.data)
+            if frame["type"] == "error":
+                answers.append(frame)
+            elif frame["type"] == "call":
+                response = {"ok": True, "result": None}
+                await ws.send_bytes(
+                    orjson.dumps({"type": "response", "id": frame["id"], "response": response})
+                )
+
+    async with scripted(caller) as d:
+        await d.call("liar", "echo", {})
+        async with asyncio.timeout(10):
+            while not answers:  # noqa: ASYNC110 - filled by the server's handler
+                await asyncio.sleep(0.01)
+        assert answers[0]["id"] == 1
+        assert answers[0]["error"]["type"] == "forbidden"
+
+
+async def test_a_plugin_that_says_it_is_another_plugin_is_not_called() -> None:
+    async def impostor(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(hello_frame("someone-else", "1.0.0", ["echo"]))
+        await answer_calls_after_hello(ws)
+
+    async with scripted(impostor, connect_timeout_ms=500) as d:
+        with pytest.raises(TargetUnavailable) as raised:
+            await d.call("liar", "echo", {})
+        assert "someone-else" in raised.value.message
+
+
+def test_the_frames_both_sides_send_match_the_published_schema() -> None:
+    import json
+
+    import jsonschema
+    from referencing import Registry, Resource
+
+    from linchkit_plugin.errors import Forbidden
+    from linchkit_plugin.ws_protocol import encode_frame, error_frame
+    from tests.conftest import ROOT
+
+    envelope = json.loads((ROOT / "proto" / "envelope.schema.json").read_text())
+    frames = json.loads((ROOT / "proto" / "websocket.schema.json").read_text())
+    registry = Registry().with_resource(envelope["$id"], Resource.from_contents(envelope))
+    validator = jsonschema.Draft202012Validator(frames, registry=registry)
+    request = {
+        "v": 1,
+        "plugin": "p",
+        "method": "m",
+        "params": {},
+        "context": {"request_id": "r", "deadline_ms": 5},
+    }
+    samples = [
+        hello_frame("p", "1.0.0", ["m"]),
+        encode_frame({"type": "call", "id": 1, "request": request}),
+        encode_frame({"type": "response", "id": 1, "response": {"ok": True, "result": None}}),
+        encode_frame({"type": "chunk", "id": 1, "data": [1]}),
+        encode_frame({"type": "event", "event": "e", "data": None}),
+        encode_frame({"type": "dropped", "count": 3}),
+        error_frame(Forbidden("no"), 4),
+    ]
+    for sample in samples:
+        validator.validate(orjson.loads(sample))
+    assert not validator.is_valid({"type": "call", "id": "x", "request": request})

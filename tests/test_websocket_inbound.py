@@ -1,0 +1,230 @@
+"""Reverse mode: plugins dial the gateway's /v1/plugins/connect (the SDK's ``dial``), each
+connection an instance of its plugin's fleet. Real gateway, real SDK, loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from socket_plugin import SocketPlugin
+
+from dispatcher import Dispatcher, TargetUnavailable
+from dispatcher.gateway.app import create_app
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.ws_protocol import hello_frame
+from linchkit_plugin.ws_server import Refused, dial
+from tests.conftest import manifest
+
+TOKEN = "sock-token-0123456789"
+OTHER_TOKEN = "other-token-9876543210"
+
+
+def _manifest() -> Any:
+    return manifest(
+        {
+            "id": "sock",
+            "version": "1.0.0",
+            "target": {"provider": "websocket", "mode": "inbound", "token": TOKEN},
+            "defaults": {"timeout_ms": 5_000},
+            "methods": {
+                "echo": {"idempotent": True, "retry": {"attempts": 3}},
+                "sleep": {},
+                "count": {},
+            },
+        },
+        {
+            "id": "other",
+            "version": "1.0.0",
+            "target": {"provider": "websocket", "mode": "inbound", "token": OTHER_TOKEN},
+            "methods": {"echo": {}},
+        },
+    )
+
+
+@contextlib.asynccontextmanager
+async def gateway() -> AsyncIterator[tuple[Dispatcher, str]]:
+    async with Dispatcher(_manifest()) as dispatcher:
+        runner = web.AppRunner(create_app(dispatcher), handle_signals=False, shutdown_timeout=2)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            yield dispatcher, f"ws://127.0.0.1:{port}/v1/plugins/connect"
+        finally:
+            await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def plugins(url: str, count: int, **options: Any) -> AsyncIterator[list[SocketPlugin]]:
+    """``count`` plugin processes' worth of SDK dialers, each its own SocketPlugin."""
+    made = [SocketPlugin() for _ in range(count)]
+    tasks = [
+        asyncio.ensure_future(
+            dial(
+                PluginHost(plugin),
+                url,
+                plugin_id=options.get("plugin_id", "sock"),
+                version="1.0.0",
+                token=options.get("token", TOKEN),
+                initial_backoff=0.02,
+                max_backoff=0.2,
+            )
+        )
+        for plugin in made
+    ]
+    try:
+        yield made
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def connected(dispatcher: Dispatcher) -> int:
+    provider: Any = dispatcher.providers["websocket"]
+    return len([c for c in provider.inbound.all() if c.plugin_id == "sock"])
+
+
+async def until(condition: Any, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - state of other objects, polled
+            await asyncio.sleep(0.01)
+
+
+async def instances(dispatcher: Dispatcher, count: int) -> None:
+    """Wait until the fleet has ``count`` instances that take calls."""
+    target = dispatcher.manifest.plugins[0].target
+    assert dispatcher.fleets is not None and target is not None
+    fleet = dispatcher.fleets.fleets[target.key]
+    await until(lambda: len([i for i in fleet.instances if not i.leaving]) == count)
+
+
+async def test_connected_plugins_are_instances_the_balancer_spreads_calls_over() -> None:
+    async with gateway() as (dispatcher, url), plugins(url, 3) as made:
+        await until(lambda: connected(dispatcher) == 3)
+        await instances(dispatcher, 3)
+        results = await asyncio.gather(
+            *(dispatcher.call("sock", "sleep", {"seconds": 0.05, "value": i}) for i in range(60))
+        )
+        assert results == list(range(60))
+        assert all(plugin.ran for plugin in made)  # every instance took calls
+        assert sum(len(plugin.ran) for plugin in made) == 60
+        assert [c async for c in dispatcher.stream("sock", "count", {"n": 3})] == [0, 1, 2]
+        reports = [r for r in await dispatcher.health() if r.plugin == "sock"]
+        assert sum(1 for r in reports if r.health.ok and r.state == "healthy") == 3
+
+
+async def test_a_plugin_that_drops_leaves_the_fleet_and_rejoins_on_reconnect() -> None:
+    async with gateway() as (dispatcher, url):
+        provider: Any = dispatcher.providers["websocket"]
+        async with plugins(url, 1):
+            await until(lambda: connected(dispatcher) == 1)
+            await instances(dispatcher, 1)
+            call = asyncio.ensure_future(dispatcher.call("sock", "sleep", {"seconds": 5}))
+            await asyncio.sleep(0.2)
+            (connection,) = provider.inbound.all()
+            await connection.channel.socket.close()  # the connection drops mid-call
+            with pytest.raises(TargetUnavailable) as raised:
+                await call
+            assert raised.value.details["stage"] == "in_flight"
+            await until(lambda: connected(dispatcher) == 1)  # the SDK dialled again
+            await instances(dispatcher, 1)
+            assert await dispatcher.call("sock", "echo", {"value": "back"}) == "back"
+        await until(lambda: connected(dispatcher) == 0)
+        with pytest.raises(TargetUnavailable):
+            await dispatcher.call("sock", "echo", {"value": "nobody"}, timeout=1)
+
+
+async def test_wrong_tokens_and_claims_of_another_plugins_id_are_refused() -> None:
+    async with gateway() as (dispatcher, url):
+        host = PluginHost(SocketPlugin())
+        with pytest.raises(Refused) as wrong:
+            await dial(host, url, plugin_id="sock", version="1.0.0", token="guess")
+        assert wrong.value.status == 401
+        with pytest.raises(Refused) as claim:  # other's token, sock's id
+            await dial(
+                PluginHost(SocketPlugin()),
+                url,
+                plugin_id="sock",
+                version="1.0.0",
+                token=OTHER_TOKEN,
+            )
+        assert claim.value.status == 401
+        with pytest.raises(Refused) as unknown:
+            await dial(
+                PluginHost(SocketPlugin()), url, plugin_id="nope", version="1.0.0", token=TOKEN
+            )
+        assert unknown.value.status == 404
+        assert connected(dispatcher) == 0
+
+
+async def test_a_hello_that_names_another_plugin_closes_the_connection() -> None:
+    async with gateway() as (dispatcher, url), aiohttp.ClientSession() as client:
+        headers = {"X-Plugin-Id": "sock", "Authorization": f"Bearer {TOKEN}"}
+        async with client.ws_connect(url, headers=headers) as ws:
+            await ws.send_bytes(hello_frame("other", "1.0.0", ["echo"]))
+            message = await ws.receive(timeout=10)
+            assert message.type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 4403
+        async with client.ws_connect(url, headers=headers) as ws:
+            await ws.send_bytes(hello_frame("sock", "2.0.0", ["echo"]))  # another version
+            await ws.receive(timeout=10)
+            assert ws.close_code == 4403
+        async with client.ws_connect(url, headers=headers) as ws:
+            await ws.send_str("not a hello")
+            await ws.receive(timeout=10)
+            assert ws.close_code == 4400
+        assert connected(dispatcher) == 0
+
+
+async def test_an_upgrade_without_a_plugin_id_or_credentials_is_refused_before_upgrading() -> None:
+    async with gateway() as (_, url), aiohttp.ClientSession() as client:
+        http = url.replace("ws://", "http://")
+        async with client.get(http) as answer:
+            assert answer.status == 400
+        async with client.get(http, headers={"X-Plugin-Id": "sock"}) as answer:
+            assert answer.status == 401
+            assert (await answer.json())["error"]["type"] == "unauthorized"
+
+
+async def test_the_command_line_serves_and_dials(tmp_path: Any) -> None:
+    """``dispatcher-plugin serve --websocket`` (dial mode) and ``dispatcher-plugin
+    connect`` (reverse mode), as processes."""
+    import sys
+
+    from tests.conftest import ROOT
+
+    plugins_dir = str(ROOT / "tests" / "plugins")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    async with gateway() as (dispatcher, url):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "linchkit_plugin.cli", "connect", "socket_plugin:SocketPlugin",
+            "--url", url, "--id", "sock", "--version", "1.0.0",
+            "--token-file", str(token_file), "--path", plugins_dir,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await until(lambda: connected(dispatcher) == 1, timeout=30)
+            await instances(dispatcher, 1)
+            assert await dispatcher.call("sock", "echo", {"value": [1, 2]}) == [1, 2]
+        finally:
+            process.terminate()
+            await process.wait()
+        await until(lambda: connected(dispatcher) == 0)
+        refused = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "linchkit_plugin.cli", "connect", "socket_plugin:SocketPlugin",
+            "--url", url, "--id", "other", "--version", "1.0.0",
+            "--token-file", str(token_file), "--path", plugins_dir,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(refused.communicate(), 30)
+        assert refused.returncode == 1
+        assert b"401" in stderr and TOKEN.encode() not in stderr
