@@ -60,7 +60,22 @@ def eventful_entry() -> dict[str, Any]:
         "id": "events",
         "version": "1.0.0",
         "target": {"provider": "local", "entrypoint": "eventful_plugin:EventfulPlugin"},
-        "methods": {"burst": {}},
+        # Bounded: the fuzz tests call every method with what its schema allows, and an
+        # in-process plugin asked for 10**18 events would hold the loop for good.
+        "methods": {
+            "burst": {
+                "params_schema": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 50},
+                        "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+                        "size": {"type": "integer", "minimum": 0, "maximum": 65_536},
+                    },
+                    "required": ["name", "count"],
+                    "additionalProperties": False,
+                }
+            }
+        },
     }
 
 
