@@ -10,3 +10,5 @@ export type { ServeOptions } from './serve';
 export { PluginServer, PROTOCOL_VERSION, SERVICE_NAME } from './server';
 export * as handshake from './handshake';
 export { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV, tokenInterceptor } from './auth';
+export { Tracing, tracesEndpoint, OTLP_ENDPOINT_ENV, OTLP_TRACES_ENDPOINT_ENV } from './tracing';
+export type { CallSpan } from './tracing';
