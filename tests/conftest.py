@@ -106,6 +106,10 @@ _TOOLCHAIN_TESTS = {
     # The Go example plugin in an etcd registry (tests/test_plugin_registry.py).
     "test_the_go_example_plugin_registers_and_leaves_on_sigterm",
     "test_the_go_example_plugin_refuses_to_advertise_every_interface",
+    # The Go and TypeScript example plugins continuing a trace (tests/test_telemetry_tracing.py).
+    "test_one_trace_spans_the_dispatcher_and_an_sdk_plugin",
+    "test_an_sdk_plugin_starts_a_new_trace_for_a_malformed_traceparent",
+    "test_an_sdk_plugin_without_otel_variables_exports_nothing",
     # The TypeScript host client's node:test suite (tests/test_ts_client.py).
     "test_the_typescript_client_suite_passes_against_a_real_gateway",
 }

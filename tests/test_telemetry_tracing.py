@@ -3,15 +3,18 @@
 The collector is a small aiohttp server in the test, decoding OTLP/HTTP protobuf with
 opentelemetry-proto; the dispatcher sends with the SDK's OTLP/HTTP exporter (its manifest
 names the endpoint); the plugin is the example served by ``dispatcher-plugin serve`` in its
-own process, exporting through the standard ``OTEL_*`` variables.
+own process, exporting through the standard ``OTEL_*`` variables. The Go and TypeScript
+SDKs' example plugins (``make sdks``) are held to the same as gRPC services.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gzip
+import os
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +31,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from dispatcher import Dispatcher, parse_manifest
+from dispatcher import Dispatcher, PluginError, parse_manifest
 from linchkit_plugin import PluginHost
+from tests.conformance.conftest import _start_service as start_service
+from tests.conformance.conftest import _stop_service as stop_service
+from tests.conformance.conftest import executable
 from tests.conftest import EXAMPLES, ROOT, bound_socket
 from tests.services import free_port
 
@@ -206,3 +212,133 @@ async def test_the_sdk_runs_a_call_with_a_malformed_traceparent_untraced(tracepa
     finally:
         await host.close()
     assert result["text"] == "hi"
+
+
+# -- the Go and TypeScript SDKs ------------------------------------------------------------
+# Their example plugins (built by `make sdks`) served as gRPC services, as the conformance
+# suite runs them, with or without the standard OTel variables.
+
+SDK_LANGUAGES = ("go", "typescript")
+TRACEPARENT_MALFORMED = ["garbage", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "x" * 4096]
+
+
+@asynccontextmanager
+async def sdk_plugin(language: str, **otel: str) -> AsyncIterator[str]:
+    """The example plugin of ``language`` as a gRPC service with ``otel`` (and no other
+    ``OTEL_*`` variable) in its environment; yields its address, stops it (SIGTERM, a
+    graceful stop that flushes its spans) on leaving."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | otel
+    process, address = await start_service(executable(language), env)
+    try:
+        yield address
+    finally:
+        await stop_service(process)
+
+
+def sdk_manifest(address: str, collector_base: str | None) -> Any:
+    telemetry = (
+        {
+            "tracing": {
+                "otlp_endpoint": f"{collector_base}/v1/traces",
+                "service_name": "the-dispatcher",
+            }
+        }
+        if collector_base
+        else {}
+    )
+    return parse_manifest(
+        {
+            "version": 1,
+            "telemetry": telemetry,
+            "plugins": [
+                {
+                    "id": "example",
+                    "version": "1.0.0",
+                    "target": {"provider": "grpc", "address": address, "lifecycle": "dispatcher"},
+                    "defaults": {"timeout_ms": 20_000},
+                    "methods": {"echo": {}, "fail": {}},
+                }
+            ],
+        },
+        base_dir=ROOT,
+    )
+
+
+@pytest.mark.parametrize("language", SDK_LANGUAGES)
+async def test_one_trace_spans_the_dispatcher_and_an_sdk_plugin(
+    language: str, collector: tuple[Collector, str]
+) -> None:
+    received, base = collector
+    service = f"{language}-example"
+    async with sdk_plugin(
+        language,
+        OTEL_EXPORTER_OTLP_ENDPOINT=base,
+        OTEL_SERVICE_NAME=service,
+        OTEL_BSP_SCHEDULE_DELAY="50",  # ms: send spans soon, not after the default 5 s
+    ) as address:
+        async with Dispatcher(sdk_manifest(address, base)) as dispatcher:
+            result = await dispatcher.call(
+                "example", "echo", {"text": "traced"}, request_id="req-traced"
+            )
+            with pytest.raises(PluginError):
+                await dispatcher.call("example", "fail", {"message": "no"})
+        assert result == {"text": "traced"}
+        await until(
+            lambda: len([s for s in received.spans if s.service == service]) == 2,
+            f"the {language} plugin's two spans",
+        )
+
+    (attempt,) = received.named("example.echo attempt")
+    (in_plugin,) = received.named("linchkit.plugin/echo")
+    assert in_plugin.trace_id == attempt.trace_id
+    assert in_plugin.parent_span_id == attempt.span_id
+    assert in_plugin.service == service
+    assert in_plugin.kind == trace.SpanKind.SERVER.value + 1  # OTLP's enum counts from UNSPECIFIED
+    assert in_plugin.attributes["linchkit.method"] == "echo"
+    assert in_plugin.attributes["linchkit.request_id"] == "req-traced"
+    assert in_plugin.attributes["linchkit.outcome"] == "ok"
+
+    (failed_attempt,) = received.named("example.fail attempt")
+    (failed,) = received.named("linchkit.plugin/fail")
+    assert failed.parent_span_id == failed_attempt.span_id
+    assert failed.attributes["linchkit.outcome"] == "ExampleFailure"
+    assert failed.attributes["error.type"] == "ExampleFailure"
+
+
+@pytest.mark.parametrize("language", SDK_LANGUAGES)
+async def test_an_sdk_plugin_starts_a_new_trace_for_a_malformed_traceparent(
+    language: str, collector: tuple[Collector, str]
+) -> None:
+    # The dispatcher untraced passes the caller's traceparent through as it came.
+    received, base = collector
+    async with sdk_plugin(
+        language, OTEL_EXPORTER_OTLP_ENDPOINT=base, OTEL_BSP_SCHEDULE_DELAY="50"
+    ) as address:
+        async with Dispatcher(sdk_manifest(address, None)) as dispatcher:
+            for traceparent in TRACEPARENT_MALFORMED:
+                result = await dispatcher.call("example", "echo", {"n": 1}, traceparent=traceparent)
+                assert result == {"n": 1}
+        await until(
+            lambda: len(received.named("linchkit.plugin/echo")) == len(TRACEPARENT_MALFORMED),
+            f"the {language} plugin's spans",
+        )
+    spans = received.named("linchkit.plugin/echo")
+    assert all(span.parent_span_id == "" for span in spans), "roots of new traces"
+    assert len({span.trace_id for span in spans}) == len(TRACEPARENT_MALFORMED)
+    assert "0" * 32 not in {span.trace_id for span in spans}
+
+
+@pytest.mark.parametrize("language", SDK_LANGUAGES)
+async def test_an_sdk_plugin_without_otel_variables_exports_nothing(
+    language: str, collector: tuple[Collector, str]
+) -> None:
+    # The collector listens and the dispatcher sends it its spans; the plugin, told of no
+    # endpoint, sends none, not even when it stops (when a traced one flushes).
+    received, base = collector
+    async with (
+        sdk_plugin(language) as address,
+        Dispatcher(sdk_manifest(address, base)) as dispatcher,
+    ):
+        assert await dispatcher.call("example", "echo", {"n": 1}) == {"n": 1}
+    await until(lambda: received.named("example.echo attempt"), "the dispatcher's spans")
+    assert {span.service for span in received.spans} == {"the-dispatcher"}

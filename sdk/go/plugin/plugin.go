@@ -104,6 +104,8 @@ type Plugin struct {
 	handlers  map[string]EventHandler
 
 	events *eventHub
+	// tracing exports each call's span; nil (off) unless Run found an OTLP endpoint.
+	tracing *tracing
 
 	mu     sync.Mutex
 	config json.RawMessage

@@ -73,6 +73,19 @@ type Environment struct {
 // Run serves the plugin until ctx is done (or, as a subprocess, stdin closes). Serve is
 // Run on the real process; it is exported for tests and for embedding.
 func (p *Plugin) Run(ctx context.Context, env Environment) error {
+	traces, err := tracingFromEnv(ctx, env.Getenv, p)
+	if err != nil {
+		// Tracing is an aid, not the plugin's job: serve untraced rather than not at all.
+		fmt.Fprintln(os.Stderr, "linchkit plugin:", err, "(serving without tracing)")
+	}
+	p.tracing = traces
+	defer func() {
+		// After the server drained: the last calls' spans are buffered by then. Its own
+		// deadline, as ctx is already done at a graceful stop.
+		flush, cancel := context.WithTimeout(context.Background(), gracePeriod)
+		defer cancel()
+		traces.shutdown(flush)
+	}()
 	if len(env.Args) > 0 && env.Args[0] == "serve" {
 		return p.runService(ctx, env)
 	}

@@ -167,6 +167,9 @@ func (s *service) CallStream(req *pluginpb.CallRequest, stream pluginpb.PluginSe
 	if callErr != nil {
 		return sendError(callErr)
 	}
+	ctx, span := s.plugin.tracing.start(ctx, s.plugin.id, call)
+	var failure *Error
+	defer func() { endSpan(span, failure) }()
 	send := func(chunk any) error {
 		raw, err := encodeJSON(chunk)
 		if err != nil {
@@ -186,10 +189,11 @@ func (s *service) CallStream(req *pluginpb.CallRequest, stream pluginpb.PluginSe
 		}
 	}
 	if err != nil {
+		failure = toError(err)
 		if stream.Context().Err() != nil {
 			return status.FromContextError(stream.Context().Err()).Err()
 		}
-		return sendError(toError(err))
+		return sendError(failure)
 	}
 	return nil
 }
@@ -235,6 +239,20 @@ func (p *Plugin) invoke(parent context.Context, req *pluginpb.CallRequest) *plug
 	if callErr != nil {
 		return errorReply(callErr)
 	}
+	ctx, span := p.tracing.start(ctx, p.id, call)
+	reply := p.run(ctx, call, m)
+	if span != nil {
+		var failure *Error
+		if e := reply.GetError(); e != nil {
+			failure = &Error{Type: e.GetType(), Message: e.GetMessage()}
+		}
+		endSpan(span, failure)
+	}
+	return reply
+}
+
+// run runs the method of one unary call: its reply, whatever happens.
+func (p *Plugin) run(ctx context.Context, call *Call, m *method) *pluginpb.CallReply {
 	var result any
 	var err error
 	if m.unary != nil {

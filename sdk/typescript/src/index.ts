@@ -12,3 +12,5 @@ export * as handshake from './handshake';
 export { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV, tokenInterceptor } from './auth';
 export { Refused, Session, dial, serveWebSocket, STREAM_WINDOW } from './websocket';
 export type { DialOptions } from './websocket';
+export { Tracing, tracesEndpoint, OTLP_ENDPOINT_ENV, OTLP_TRACES_ENDPOINT_ENV } from './tracing';
+export type { CallSpan } from './tracing';

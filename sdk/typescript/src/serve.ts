@@ -13,7 +13,9 @@
  * - `connect --url ws://gateway/v1/plugins/connect [--config JSON]`: reverse mode, the
  *   plugin dials the gateway with the token of the variables above (websocket.ts).
  * The WebSocket modes run the plugin's own lifecycle with `--config` (no Init RPC there).
- * All stop gracefully on SIGTERM or SIGINT.
+ * All stop gracefully on SIGTERM or SIGINT. With an OTLP endpoint in the environment
+ * (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), gRPC calls are
+ * traced (tracing.ts) and the last spans are sent before exiting.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import * as os from 'node:os';
@@ -23,6 +25,7 @@ import { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV } from './auth';
 import { HandshakeError, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
 import type { Plugin } from './plugin';
 import { PluginServer } from './server';
+import { Tracing } from './tracing';
 import { generateServerCertificate } from './tls';
 import { Refused, dial, serveWebSocket } from './websocket';
 
@@ -41,8 +44,9 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
       return;
     }
     const command = parseCommand(argv);
-    if (command.mode === 'service') await serveService(plugin, command.address, BearerToken.configured(env));
-    else await serveSubprocess(plugin, env);
+    const tracing = Tracing.fromEnv(env, plugin);
+    if (command.mode === 'service') await serveService(plugin, command.address, BearerToken.configured(env), tracing);
+    else await serveSubprocess(plugin, env, tracing);
   } catch (error) {
     const message = error instanceof HandshakeError ? error.message : String((error as Error)?.stack ?? error);
     process.stderr.write(`${message}\n`);
@@ -89,8 +93,13 @@ async function serveOverWebSocket(plugin: Plugin, argv: readonly string[], env: 
   process.stdout.write(`1|1|tcp|${address}|websocket|\n`);
 }
 
-async function serveService(plugin: Plugin, address: string, token: BearerToken | undefined): Promise<void> {
-  const server = new PluginServer(plugin, { servingFromStart: true, token });
+async function serveService(
+  plugin: Plugin,
+  address: string,
+  token: BearerToken | undefined,
+  tracing: Tracing | undefined,
+): Promise<void> {
+  const server = new PluginServer(plugin, { servingFromStart: true, token, tracing });
   const port = await server.bind(address, grpc.ServerCredentials.createInsecure());
   const host = address.slice(0, address.lastIndexOf(':'));
   if (token === undefined) {
@@ -99,13 +108,13 @@ async function serveService(plugin: Plugin, address: string, token: BearerToken 
         `anybody who can reach ${host}:${port} can call this plugin\n`,
     );
   }
-  stopOn(['SIGTERM', 'SIGINT'], plugin, server); // before the line: the host may stop us at once
+  stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing); // before the line: the host may stop us at once
   process.stdout.write(handshakeLine(1, 'tcp', `${host}:${port}`) + '\n');
 }
 
-async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv): Promise<void> {
+async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: Tracing | undefined): Promise<void> {
   const config = readHandshakeEnv(env);
-  const server = new PluginServer(plugin, { servingFromStart: false });
+  const server = new PluginServer(plugin, { servingFromStart: false, tracing });
 
   let credentials = grpc.ServerCredentials.createInsecure();
   let certDer: Uint8Array | undefined;
@@ -141,7 +150,7 @@ async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv): Promise<
   }
   process.on('exit', () => cleanup());
 
-  const stop = stopOn(['SIGTERM', 'SIGINT'], plugin, server); // before the line: the host may stop us at once
+  const stop = stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing); // before the line: the host may stop us at once
   process.stdout.write(handshakeLine(config.appVersion, config.network, address, certDer) + '\n');
   // The host reads no more of stdout: a pipe nobody drains would block the event loop.
   console.log = console.error;
@@ -157,7 +166,7 @@ async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv): Promise<
 }
 
 /** Stop once on any of `signals`: health off, stop/destroy hooks if the host did not, drain, exit. */
-function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer): () => void {
+function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer, tracing: Tracing | undefined): () => void {
   let stopping = false;
   const stop = (): void => {
     if (stopping) return;
@@ -167,7 +176,14 @@ function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer)
       process.stderr.write(`linchkit plugin: stop/destroy failed: ${String(error)}\n`);
     });
     const bounded = Promise.race([hooks, new Promise((resolve) => setTimeout(resolve, 5000).unref())]);
-    void bounded.then(() => server.shutdown(2000)).then(() => process.exit(0));
+    // Spans last: the drained calls' are buffered by then; bounded, a dead collector must
+    // not keep the plugin from exiting.
+    const flush = (): Promise<unknown> =>
+      tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, 5000).unref())]);
+    void bounded
+      .then(() => server.shutdown(2000))
+      .then(flush)
+      .then(() => process.exit(0));
   };
   for (const signal of signals) process.on(signal, stop);
   return stop;

@@ -18,6 +18,7 @@ import { type BearerToken, tokenInterceptor } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError, type WireError } from './errors';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
+import type { CallSpan, Tracing } from './tracing';
 
 export const PROTOCOL_VERSION = 1;
 export const SERVICE_NAME = 'linchkit.plugin.v1.PluginService';
@@ -253,6 +254,8 @@ export interface PluginServerOptions {
   servingFromStart: boolean;
   /** Every RPC but health's and reflection's must carry `authorization: Bearer <token>`. */
   token?: BearerToken;
+  /** Each call runs in a span continuing its traceparent (tracing.ts); undefined: untraced. */
+  tracing?: Tracing;
 }
 
 /** A grpc-js Server carrying the plugin's service, the health service and server reflection
@@ -261,9 +264,11 @@ export class PluginServer {
   readonly server: grpc.Server;
   readonly health: HealthImplementation;
   private readonly plugin: Plugin;
+  private readonly tracing: Tracing | undefined;
 
   constructor(plugin: Plugin, options: PluginServerOptions) {
     this.plugin = plugin;
+    this.tracing = options.tracing;
     this.server = new grpc.Server(options.token ? { interceptors: [tokenInterceptor(options.token)] } : {});
     const initial = options.servingFromStart ? 'SERVING' : 'NOT_SERVING';
     this.health = new HealthImplementation({ '': initial, [SERVICE_NAME]: initial });
@@ -302,13 +307,23 @@ export class PluginServer {
   /** One unary call, answered as a CallReply whatever happens. */
   async answer(request: CallRequestMessage, call: SurfaceCall): Promise<CallReplyMessage> {
     let live: LiveContext | undefined;
+    let span: CallSpan | undefined;
     try {
       const params = checkRequest(request);
       live = liveContext(request.method, request, call);
-      const running = Promise.resolve().then(() => this.plugin.invoke(request.method, params, live!.ctx));
+      const ctx = live.ctx;
+      if (this.tracing !== undefined) {
+        this.plugin.lookup(request.method); // no span named after a method that does not exist
+        span = this.tracing.begin(ctx);
+      }
+      const invoke = (): Promise<unknown> => Promise.resolve().then(() => this.plugin.invoke(request.method, params, ctx));
+      const running = span === undefined ? invoke() : span.within(invoke);
       const result = await Promise.race([running, live.over]);
-      return { ok: true, result_json: encodeJson(result) };
+      const reply = { ok: true, result_json: encodeJson(result) };
+      span?.end();
+      return reply;
     } catch (error) {
+      span?.end({ thrown: error });
       return errorReply(error);
     } finally {
       live?.finish();
@@ -319,17 +334,24 @@ export class PluginServer {
     const request = call.request;
     let live: LiveContext | undefined;
     let iterator: AsyncIterator<unknown> | undefined;
+    let span: CallSpan | undefined;
     try {
       const params = checkRequest(request);
       live = liveContext(request.method, request, call);
       this.plugin.lookup(request.method); // method_not_found before any chunk
-      iterator = this.plugin.invokeStream(request.method, params, live.ctx)[Symbol.asyncIterator]();
+      span = this.tracing?.begin(live.ctx);
+      const chunks = this.plugin.invokeStream(request.method, params, live.ctx)[Symbol.asyncIterator]();
+      iterator = chunks;
+      // A generator's body runs in the context of whoever calls next(): each step in the span.
+      const step = (): Promise<IteratorResult<unknown>> => (span === undefined ? chunks.next() : span.within(() => chunks.next()));
       for (;;) {
-        const next = await Promise.race([iterator.next(), live.over]);
+        const next = await Promise.race([step(), live.over]);
         if (next.done) break;
         if (!call.write({ chunk_json: encodeJson(next.value) })) await once(call, 'drain');
       }
+      span?.end();
     } catch (error) {
+      span?.end({ thrown: error });
       void iterator?.return?.(undefined)?.catch(() => undefined);
       if (!call.cancelled) call.write({ error: errorMessage(toWireError(error)) });
     } finally {

@@ -1,0 +1,210 @@
+package plugin
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"go.opentelemetry.io/otel/attribute"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+)
+
+const (
+	parentTrace = "4bf92f3577b34da6a3ce929d0e0e4736"
+	parentSpan  = "00f067aa0ba902b7"
+)
+
+// tracedPlugin is testPlugin with tracing on, its spans kept in memory (the OTLP export
+// itself is tested end to end by tests/test_telemetry_tracing.py).
+func tracedPlugin(t *testing.T) (*Plugin, *tracetest.InMemoryExporter) {
+	t.Helper()
+	exporter := tracetest.NewInMemoryExporter()
+	provider := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exporter))
+	t.Cleanup(func() { _ = provider.Shutdown(context.Background()) })
+	p := testPlugin()
+	p.tracing = &tracing{provider: provider, tracer: provider.Tracer("linchkit.plugin")}
+	return p, exporter
+}
+
+func tracedCall(p *Plugin, method, traceparent string) *pluginpb.CallReply {
+	return p.invoke(context.Background(), &pluginpb.CallRequest{
+		V: 1, Method: method, ParamsJson: []byte(`{"n": 1}`),
+		Context: &pluginpb.CallContext{RequestId: "r1", Traceparent: traceparent},
+	})
+}
+
+func attributes(span tracetest.SpanStub) map[attribute.Key]string {
+	found := map[attribute.Key]string{}
+	for _, kv := range span.Attributes {
+		found[kv.Key] = kv.Value.Emit()
+	}
+	return found
+}
+
+func TestACallContinuesTheDispatchersTrace(t *testing.T) {
+	p, exporter := tracedPlugin(t)
+	var inHandler trace.SpanContext
+	p.Method("sees", "", func(ctx context.Context, _ *Call) (any, error) {
+		inHandler = trace.SpanContextFromContext(ctx)
+		return nil, nil
+	})
+	reply := tracedCall(p, "sees", "00-"+parentTrace+"-"+parentSpan+"-01")
+	if !reply.GetOk() {
+		t.Fatalf("reply %v", reply)
+	}
+	spans := exporter.GetSpans()
+	if len(spans) != 1 {
+		t.Fatalf("%d spans, want 1", len(spans))
+	}
+	span := spans[0]
+	if span.Name != "linchkit.plugin/sees" || span.SpanKind != trace.SpanKindServer {
+		t.Errorf("span %q of kind %v", span.Name, span.SpanKind)
+	}
+	if got := span.SpanContext.TraceID().String(); got != parentTrace {
+		t.Errorf("trace id %s, want the dispatcher's %s", got, parentTrace)
+	}
+	if got := span.Parent.SpanID().String(); got != parentSpan || !span.Parent.IsRemote() {
+		t.Errorf("parent %s (remote %v), want the attempt span %s", got, span.Parent.IsRemote(), parentSpan)
+	}
+	if inHandler.SpanID() != span.SpanContext.SpanID() {
+		t.Errorf("the method's ctx carries span %s, not the call's %s", inHandler.SpanID(), span.SpanContext.SpanID())
+	}
+	want := map[attribute.Key]string{attrMethod: "sees", attrPlugin: "test", attrRequestID: "r1", attrOutcome: "ok"}
+	for key, value := range want {
+		if got := attributes(span)[key]; got != value {
+			t.Errorf("%s = %q, want %q", key, got, value)
+		}
+	}
+}
+
+func TestAFailedCallRecordsItsErrorType(t *testing.T) {
+	p, exporter := tracedPlugin(t)
+	tracedCall(p, "typed", "00-"+parentTrace+"-"+parentSpan+"-01")
+	tracedCall(p, "panics", "")
+	spans := exporter.GetSpans()
+	if len(spans) != 2 {
+		t.Fatalf("%d spans, want 2", len(spans))
+	}
+	for i, want := range []string{"Overdrawn", "PluginError"} {
+		got := attributes(spans[i])
+		if got[attrOutcome] != want || got[attrErrorType] != want || spans[i].Status.Code.String() != "Error" {
+			t.Errorf("span %d: outcome %q, error.type %q, status %v; want %s", i, got[attrOutcome], got[attrErrorType], spans[i].Status, want)
+		}
+	}
+}
+
+func TestAMalformedTraceparentStartsANewTrace(t *testing.T) {
+	for _, traceparent := range []string{
+		"garbage",
+		"00-" + strings.Repeat("0", 32) + "-" + strings.Repeat("0", 16) + "-01", // all-zero ids are invalid
+		"00-" + parentTrace + "-" + parentSpan,                                  // no flags
+		strings.Repeat("x", 100_000),
+		"",
+	} {
+		p, exporter := tracedPlugin(t)
+		if reply := tracedCall(p, "echo", traceparent); !reply.GetOk() {
+			t.Fatalf("traceparent %.20q: the call failed: %v", traceparent, reply)
+		}
+		spans := exporter.GetSpans()
+		if len(spans) != 1 {
+			t.Fatalf("traceparent %.20q: %d spans, want 1", traceparent, len(spans))
+		}
+		if spans[0].Parent.IsValid() || !spans[0].SpanContext.IsValid() || spans[0].SpanContext.TraceID().String() == parentTrace {
+			t.Errorf("traceparent %.20q: want a root span of a new trace, got parent %v", traceparent, spans[0].Parent)
+		}
+	}
+}
+
+func TestAStreamedCallIsTracedToo(t *testing.T) {
+	p, exporter := tracedPlugin(t)
+	s := newService(p, true)
+	defer s.health.Shutdown()
+	conn := serveOnLoopback(t, s)
+	stream, err := pluginpb.NewPluginServiceClient(conn).CallStream(context.Background(), &pluginpb.CallRequest{
+		V: 1, Method: "count", Context: &pluginpb.CallContext{Traceparent: "00-" + parentTrace + "-" + parentSpan + "-01"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := stream.Recv(); err != nil {
+			break
+		}
+	}
+	spans := exporter.GetSpans()
+	if len(spans) != 1 || spans[0].Name != "linchkit.plugin/count" || spans[0].Parent.SpanID().String() != parentSpan {
+		t.Fatalf("spans %+v", spans)
+	}
+}
+
+func TestTracingIsOffWithoutAnEndpoint(t *testing.T) {
+	empty := func(string) string { return "" }
+	traces, err := tracingFromEnv(context.Background(), empty, testPlugin())
+	if traces != nil || err != nil {
+		t.Fatalf("tracing %v, error %v; want neither", traces, err)
+	}
+	disabled := map[string]string{EnvOTLPEndpoint: "http://127.0.0.1:4318", envSDKDisabled: "true"}
+	if traces, _ := tracingFromEnv(context.Background(), func(k string) string { return disabled[k] }, testPlugin()); traces != nil {
+		t.Fatal("OTEL_SDK_DISABLED=true still traced")
+	}
+	// Off, a call goes through untouched: no span, nothing in ctx.
+	p := testPlugin()
+	var inHandler trace.SpanContext
+	p.Method("sees", "", func(ctx context.Context, _ *Call) (any, error) {
+		inHandler = trace.SpanContextFromContext(ctx)
+		return nil, nil
+	})
+	tracedCall(p, "sees", "00-"+parentTrace+"-"+parentSpan+"-01")
+	if inHandler.IsValid() {
+		t.Errorf("tracing off, yet the method's ctx carries %v", inHandler)
+	}
+}
+
+func TestTheTracesEndpoint(t *testing.T) {
+	cases := []struct {
+		vars map[string]string
+		want string
+	}{
+		{map[string]string{EnvOTLPEndpoint: "http://collector:4318/"}, "http://collector:4318/v1/traces"},
+		{map[string]string{EnvOTLPEndpoint: "http://a:4318", EnvOTLPTracesEndpoint: "http://b:9/traces"}, "http://b:9/traces"},
+		{map[string]string{}, ""},
+	}
+	for _, c := range cases {
+		if got := tracesEndpoint(func(k string) string { return c.vars[k] }); got != c.want {
+			t.Errorf("%v: %q, want %q", c.vars, got, c.want)
+		}
+	}
+}
+
+func TestTruncateKeepsUTF8Valid(t *testing.T) {
+	if got := truncate("aé", 2); got != "a" {
+		t.Errorf("truncate split a character: %q", got)
+	}
+}
+
+// serveOnLoopback serves s on a loopback port for the test's length; a client of it.
+func serveOnLoopback(t *testing.T, s *service) *grpc.ClientConn {
+	t.Helper()
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := grpc.NewServer()
+	pluginpb.RegisterPluginServiceServer(server, s)
+	go func() { _ = server.Serve(listener) }()
+	t.Cleanup(server.Stop)
+	conn, err := grpc.NewClient(listener.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}

@@ -1,0 +1,138 @@
+/**
+ * Continues the dispatcher's trace inside the plugin.
+ *
+ * The dispatcher sends each attempt's W3C `traceparent` in the call context (and gRPC
+ * metadata). When the plugin's environment names an OTLP endpoint
+ * (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `OTEL_EXPORTER_OTLP_ENDPOINT` + `/v1/traces`),
+ * each call runs inside a SERVER span `linchkit.plugin/<method>`, child of the attempt
+ * span, exported over OTLP/HTTP (protobuf). The method runs with that span active
+ * (AsyncLocalStorage), so spans the author starts with `@opentelemetry/api` nest under it.
+ *
+ * Without those variables nothing is loaded: OpenTelemetry's packages are required here,
+ * on demand, never at import, so an untraced plugin pays neither their load time nor a
+ * cost per call (the server checks one `undefined`). If they are missing from the
+ * plugin's install, it says so once and serves untraced. A missing or malformed
+ * traceparent starts a new trace, never fails the call (W3C: ignore what cannot be parsed).
+ */
+import type * as Api from '@opentelemetry/api';
+import type * as Core from '@opentelemetry/core';
+import type * as OtlpProto from '@opentelemetry/exporter-trace-otlp-proto';
+import type * as Resources from '@opentelemetry/resources';
+import type * as TraceBase from '@opentelemetry/sdk-trace-base';
+import type * as TraceNode from '@opentelemetry/sdk-trace-node';
+import { toWireError } from './errors';
+import type { CallContext } from './plugin';
+
+export const OTLP_ENDPOINT_ENV = 'OTEL_EXPORTER_OTLP_ENDPOINT';
+export const OTLP_TRACES_ENDPOINT_ENV = 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT';
+
+/** A W3C traceparent is 55 characters; anything far longer is not one and is not parsed. */
+const MAX_TRACEPARENT = 512;
+
+/** The OTLP/HTTP traces URL the environment names, or undefined. */
+export function tracesEndpoint(env: NodeJS.ProcessEnv): string | undefined {
+  if ((env.OTEL_SDK_DISABLED ?? '').toLowerCase() === 'true') return undefined;
+  // The signal-specific variable is the full URL, as the OTel specification says.
+  if (env[OTLP_TRACES_ENDPOINT_ENV]) return env[OTLP_TRACES_ENDPOINT_ENV];
+  const base = env[OTLP_ENDPOINT_ENV];
+  return base ? `${base.replace(/\/+$/, '')}/v1/traces` : undefined;
+}
+
+/** One call's span: run the method `within` it, then `end` it with what it threw, if it failed. */
+export interface CallSpan {
+  within<T>(fn: () => T): T;
+  end(failure?: { thrown: unknown }): void;
+}
+
+/** The plugin's tracer and the provider that exports its spans. */
+export class Tracing {
+  private readonly propagator: Core.W3CTraceContextPropagator;
+
+  private constructor(
+    private readonly api: typeof Api,
+    core: typeof Core,
+    private readonly provider: TraceNode.NodeTracerProvider,
+    private readonly tracer: Api.Tracer,
+    private readonly pluginId: string,
+  ) {
+    this.propagator = new core.W3CTraceContextPropagator();
+  }
+
+  /** Tracing as `env` asks for it, or undefined (off: no endpoint, or no OpenTelemetry). */
+  static fromEnv(env: NodeJS.ProcessEnv, plugin: { id: string; version: string }): Tracing | undefined {
+    const url = tracesEndpoint(env);
+    if (url === undefined) return undefined;
+    let api: typeof Api, core: typeof Core, otlp: typeof OtlpProto, resources: typeof Resources;
+    let base: typeof TraceBase, node: typeof TraceNode;
+    try {
+      api = require('@opentelemetry/api');
+      core = require('@opentelemetry/core');
+      otlp = require('@opentelemetry/exporter-trace-otlp-proto');
+      resources = require('@opentelemetry/resources');
+      base = require('@opentelemetry/sdk-trace-base');
+      node = require('@opentelemetry/sdk-trace-node');
+    } catch (error) {
+      process.stderr.write(
+        `linchkit plugin: ${OTLP_ENDPOINT_ENV} is set but OpenTelemetry is not installed ` +
+          `(${(error as Error).message.split('\n')[0]}): serving without tracing\n`,
+      );
+      return undefined;
+    }
+    const resource = resources.defaultResource().merge(
+      resources.resourceFromAttributes({
+        'service.name': env.OTEL_SERVICE_NAME || plugin.id,
+        'service.version': plugin.version,
+      }),
+    );
+    // Batched, so a call never waits on the collector; OTEL_BSP_* tune it. The exporter
+    // reads OTEL_EXPORTER_OTLP_HEADERS and its timeouts itself.
+    const provider = new node.NodeTracerProvider({
+      resource,
+      spanProcessors: [new base.BatchSpanProcessor(new otlp.OTLPTraceExporter({ url }))],
+    });
+    // Global, with the AsyncLocalStorage context manager: the author's own tracer (the
+    // API's `trace.getTracer`) sees the call's span as active and nests under it.
+    provider.register();
+    return new Tracing(api, core, provider, provider.getTracer('linchkit.plugin'), plugin.id);
+  }
+
+  /** Open the span of a call, continuing `ctx.traceparent` when it is a valid one. */
+  begin(ctx: CallContext): CallSpan {
+    const api = this.api;
+    let parent = api.ROOT_CONTEXT;
+    if (ctx.traceparent && ctx.traceparent.length <= MAX_TRACEPARENT) {
+      // A malformed value leaves the context empty: the span is then a root.
+      parent = this.propagator.extract(parent, { traceparent: ctx.traceparent }, api.defaultTextMapGetter);
+    }
+    const attributes: Api.Attributes = { 'linchkit.method': ctx.method, 'linchkit.plugin': this.pluginId };
+    if (ctx.requestId) attributes['linchkit.request_id'] = ctx.requestId.slice(0, 128);
+    const span = this.tracer.startSpan(
+      `linchkit.plugin/${ctx.method}`,
+      { kind: api.SpanKind.SERVER, attributes },
+      parent,
+    );
+    const active = api.trace.setSpan(parent, span);
+    return {
+      within: (fn) => api.context.with(active, fn),
+      end: (failure) => {
+        if (failure === undefined) {
+          span.setAttribute('linchkit.outcome', 'ok');
+        } else {
+          const wire = toWireError(failure.thrown);
+          span.setAttributes({ 'linchkit.outcome': wire.type, 'error.type': wire.type });
+          span.setStatus({ code: api.SpanStatusCode.ERROR, message: wire.message.slice(0, 512) });
+        }
+        span.end();
+      },
+    };
+  }
+
+  /** Send the spans still buffered (at a graceful stop, after the calls drained). */
+  async shutdown(): Promise<void> {
+    try {
+      await this.provider.shutdown();
+    } catch (error) {
+      process.stderr.write(`linchkit plugin: tracing: could not send the last spans: ${String(error)}\n`);
+    }
+  }
+}
