@@ -28,6 +28,7 @@ _BUILT_IN = {
     "docker": "providers.docker:DockerProvider",
     "knative": "providers.knative:KnativeProvider",
     "lambda": "providers.aws_lambda:LambdaProvider",
+    "wasm": "providers.wasm:WasmProvider",
 }
 
 

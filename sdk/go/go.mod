@@ -3,6 +3,7 @@ module github.com/linchkit/dispatcher/sdk/go
 go 1.26.8
 
 require (
+	github.com/extism/go-pdk v1.1.3
 	google.golang.org/grpc v1.85.0
 	google.golang.org/protobuf v1.36.12
 )
