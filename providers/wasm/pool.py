@@ -1,6 +1,8 @@
 """The instances of one attached wasm plugin, and the threads its calls run on.
 
-At most ``pool_size`` calls run at once, each on a thread of the pool's own executor
+At most ``pool_size`` calls run at once, each in a lane of its own (``_Lane``: a compiled
+module and its instance, so cancelling one call never stops another) and on a thread of
+the pool's own executor
 (so a busy plugin never takes another's threads, and the event loop never runs wasm).
 A call holds its slot until its thread is done, even after its caller was answered: a
 module blocked in a host call (a WASI sleep) cannot be interrupted, and a slot freed
@@ -24,6 +26,7 @@ instance that was freed or handed to the next call.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -42,35 +45,63 @@ class CallResult:
     cancelled_by: Literal["deadline", "cpu", None] = None
 
 
+class _Lane:
+    """One call at a time: a compiled module of its own and, when pooled, its instance.
+
+    libextism's cancel stops every running instance made from the same compiled module
+    (they share one wasmtime engine and its epoch), so each concurrent call needs its own;
+    after the first, compiling one is a lookup in libextism's module cache (~20 ms).
+    """
+
+    __slots__ = ("compiled", "instance")
+
+    def __init__(self, compiled: Compiled) -> None:
+        self.compiled = compiled
+        self.instance: Instance | None = None
+
+
 class InstancePool:
     def __init__(
         self,
         name: str,
-        compiled: Compiled,
+        compile_lane: Callable[[], Compiled],
         config: dict[str, str],
         *,
         size: int,
         reuse: bool,
     ) -> None:
         self.name = name
-        self._compiled = compiled
+        self._compile_lane = compile_lane
         self._config = config
         self._size = size
         self._reuse = reuse
-        self._idle: list[Instance] = []
+        self._idle: list[_Lane] = []
+        self._lanes: list[_Lane] = []
         self._running: set[Instance] = set()
         self._slots = asyncio.Semaphore(size)
         self._executor = ThreadPoolExecutor(size, thread_name_prefix=f"wasm-{name}")
         self._closed = False
 
     async def warm(self) -> Instance:
-        """One instance, made now (the attach check of exports); kept when pooled."""
-        instance = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._compiled.instantiate, self._config
+        """The first lane and an instance, made now (the attach check of exports)."""
+        lane = await asyncio.get_running_loop().run_in_executor(self._executor, self._new_lane)
+        lane.instance = await asyncio.get_running_loop().run_in_executor(
+            self._executor, lane.compiled.instantiate, self._config
         )
-        if self._reuse:
-            self._idle.append(instance)
-        return instance
+        self._idle.append(lane)
+        return lane.instance
+
+    def _new_lane(self) -> _Lane:
+        lane = _Lane(self._compile_lane())
+        self._lanes.append(lane)
+        return lane
+
+    def _instance_of(self, lane: _Lane) -> Instance:
+        if lane.instance is None or not self._reuse:
+            if lane.instance is not None:
+                lane.instance.close()
+            lane.instance = lane.compiled.instantiate(self._config)
+        return lane.instance
 
     async def call(
         self, function: str, payload: bytes, seconds: float, *, cpu_capped: bool
@@ -78,12 +109,14 @@ class InstancePool:
         """Run ``function``; cancel it after ``seconds`` (its deadline or its cpu cap)."""
         loop = asyncio.get_running_loop()
         await self._slots.acquire()
-        instance = self._idle.pop() if self._idle else None
         try:
-            if instance is None:
-                instance = await loop.run_in_executor(
-                    self._executor, self._compiled.instantiate, self._config
-                )
+            lane = self._idle.pop() if self._idle else None
+            if lane is None:
+                lane = await loop.run_in_executor(self._executor, self._new_lane)
+            if lane.instance is None or not self._reuse:
+                instance = await loop.run_in_executor(self._executor, self._instance_of, lane)
+            else:
+                instance = lane.instance
         except BaseException:
             self._slots.release()
             raise
@@ -96,7 +129,7 @@ class InstancePool:
 
         timer = loop.call_later(max(seconds, 0.0), cancel)
         future = loop.run_in_executor(self._executor, _run, instance, function, payload)
-        future.add_done_callback(lambda _: self._settle(instance, timer, keep=not cancelled))
+        future.add_done_callback(lambda _: self._settle(lane, instance, timer, keep=not cancelled))
         done, _ = await asyncio.wait({future}, timeout=max(seconds, 0.0) + 0.05)
         if not done:
             # Blocked in a host call past its end: answer the caller now; the slot and the
@@ -107,17 +140,20 @@ class InstancePool:
         output, failure = future.result()
         return CallResult(output, failure, cancelled[0] if cancelled else None)
 
-    def _settle(self, instance: Instance, timer: asyncio.TimerHandle, *, keep: bool) -> None:
+    def _settle(
+        self, lane: _Lane, instance: Instance, timer: asyncio.TimerHandle, *, keep: bool
+    ) -> None:
         timer.cancel()
         self._running.discard(instance)
-        if keep and self._reuse and not self._closed and instance.healthy:
-            self._idle.append(instance)
-        else:
+        if not (keep and self._reuse and instance.healthy) or self._closed:
             instance.close()
+            lane.instance = None
+        if not self._closed:
+            self._idle.append(lane)
         self._slots.release()
 
     async def aclose(self) -> None:
-        """Stop running calls, wait for their threads, free every instance and the module."""
+        """Stop running calls, wait for their threads, free every instance and module."""
         self._closed = True
         for instance in list(self._running):
             instance.cancel()
@@ -126,10 +162,12 @@ class InstancePool:
             if not self._running:
                 break
             await asyncio.sleep(0.001)
-        idle, self._idle = self._idle, []
-        for instance in idle:
-            instance.close()
-        self._compiled.close()
+        lanes, self._lanes, self._idle = self._lanes, [], []
+        for lane in lanes:
+            if lane.instance is not None:
+                lane.instance.close()
+                lane.instance = None
+            lane.compiled.close()
 
     @property
     def idle(self) -> int:
@@ -138,7 +176,7 @@ class InstancePool:
     def __repr__(self) -> str:
         mode = "pooled" if self._reuse else "fresh"
         return (
-            f"<InstancePool {self.name} {mode} size={self._size} "
+            f"<InstancePool {self.name} {mode} size={self._size} lanes={len(self._lanes)} "
             f"running={len(self._running)} idle={len(self._idle)}>"
         )
 

@@ -1,7 +1,7 @@
 """``WasmProvider``: WebAssembly plugins in the dispatcher's process (``providers.wasm``).
 
-Attach reads the module, checks its pin, compiles it (once per module and sandbox, in a
-thread), checks that it exports every method of the manifest and keeps a pool of its
+Attach reads the module, checks its pin, compiles it (in a thread; once per lane of
+the pool, ``providers.wasm.pool``), checks that it exports every method of the manifest and keeps a pool of its
 instances; calls run on the pool's threads. Error mapping, at this boundary:
 
     the plugin's own error (``pdk.SetError``)   its JSON error → the typed error of its
@@ -18,6 +18,7 @@ instances; calls run on the pool's threads. Error mapping, at this boundary:
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 from typing import TYPE_CHECKING, Any
@@ -92,19 +93,15 @@ class WasmProvider(Provider[WasmTarget]):
         sandbox = sandbox_of(plugin.capabilities, plugin.config)
         for line in sandbox.translation.unenforced:
             log.warning("%s on %s: %s", plugin.key, target.describe(), line)
-        try:
-            compiled = await asyncio.to_thread(
+        pool = InstancePool(
+            plugin.key,
+            functools.partial(
                 runtime.Compiled,
                 module.code,
                 module.sha256,
                 sandbox.manifest_options,
                 target.cache_dir,
-            )
-        except runtime.CallFailed as failure:
-            raise ProviderError(f"{plugin.key}: {module.path}: {failure.message}") from None
-        pool = InstancePool(
-            plugin.key,
-            compiled,
+            ),
             sandbox.config,
             size=target.pool_size,
             reuse=target.instances == "pooled",
@@ -113,8 +110,6 @@ class WasmProvider(Provider[WasmTarget]):
         try:
             instance = await pool.warm()
             missing = [name for name in plugin.methods if not instance.exports(name)]
-            if target.instances == "fresh":
-                instance.close()
         except runtime.CallFailed as failure:
             await pool.aclose()
             raise ProviderError(f"{plugin.key}: {module.path}: {failure.message}") from None

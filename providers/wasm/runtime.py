@@ -51,7 +51,7 @@ def _kind_of(message: str) -> FailureKind:
         return "memory"
     # A trap (unreachable, stack overflow…) carries wasmtime's backtrace; an exit (a Go
     # panic calls proc_exit) names its code. Anything else the plugin set itself.
-    if "wasm backtrace" in message or "exit" in message.lower() or message.startswith("Error code"):
+    if "wasm backtrace" in message or message.startswith(("Error code", "Plugin exited")):
         return "trap"
     return "plugin"
 
@@ -78,10 +78,14 @@ class Compiled:
         folder = cache_dir / f"extism-{runtime_version()}"
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "wasmtime-cache.toml"
-        config.write_text(f'[cache]\ndirectory = "{folder}"\n')
-        # libextism reads the variable when it compiles; the lock keeps two compiles with
-        # different folders from seeing each other's.
+        text = f'[cache]\ndirectory = "{folder}"\n'
+        # libextism reads the variable (and the file) when it compiles; the lock keeps two
+        # compiles from seeing each other's folder or a half-written file.
         with _cache_lock:
+            if not config.exists() or config.read_text() != text:
+                partial = config.with_suffix(".tmp")
+                partial.write_text(text)
+                partial.replace(config)
             previous = os.environ.get(_CACHE_VARIABLE)
             os.environ[_CACHE_VARIABLE] = str(config)
             try:
