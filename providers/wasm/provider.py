@@ -21,6 +21,9 @@ import asyncio
 import functools
 import importlib
 import logging
+import shutil
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -72,6 +75,7 @@ class WasmProvider(Provider[WasmTarget]):
     def __init__(self) -> None:
         self._runtime: ModuleType | None = None
         self._attached: dict[tuple[str, str, str], _Attached] = {}
+        self._scratch: Path | None = None
 
     async def start(self) -> None:
         try:
@@ -81,13 +85,16 @@ class WasmProvider(Provider[WasmTarget]):
                 f"wasm targets need the Extism runtime ({error}): "
                 "pip install 'linchkit-dispatcher[wasm]'"
             ) from error
+        # Targets without a cache_dir compile into this one: their lanes reuse the first
+        # compile, and nothing is left behind when the dispatcher stops.
+        self._scratch = Path(tempfile.mkdtemp(prefix="linchkit-wasm-"))
 
     async def attach(self, plugin: PluginInfo, target: WasmTarget) -> None:
         key = (plugin.id, plugin.version, target.key)
         if key in self._attached:
             return
         runtime = self._runtime
-        if runtime is None:
+        if runtime is None or self._scratch is None:
             raise ProviderError("the wasm provider is not started")
         module = await asyncio.to_thread(read_pinned, target.module, target.sha256)
         sandbox = sandbox_of(plugin.capabilities, plugin.config)
@@ -100,7 +107,7 @@ class WasmProvider(Provider[WasmTarget]):
                 module.code,
                 module.sha256,
                 sandbox.manifest_options,
-                target.cache_dir,
+                target.cache_dir or self._scratch,
             ),
             sandbox.config,
             size=target.pool_size,
@@ -130,6 +137,9 @@ class WasmProvider(Provider[WasmTarget]):
     async def aclose(self) -> None:
         attached, self._attached = self._attached, {}
         await asyncio.gather(*(each.pool.aclose() for each in attached.values()))
+        if self._scratch is not None:
+            await asyncio.to_thread(shutil.rmtree, self._scratch, True)
+            self._scratch = None
 
     def sandbox(self, plugin: PluginInfo, target: WasmTarget) -> Translation | None:
         attached = self._attached.get((plugin.id, plugin.version, target.key))

@@ -57,17 +57,18 @@ def _kind_of(message: str) -> FailureKind:
 
 
 class Compiled:
-    """A module compiled once with its sandbox options; instances are made from it."""
+    """A module compiled with its sandbox options; instances are made from it.
 
-    def __init__(
-        self, code: bytes, sha256: str, options: dict[str, Any], cache_dir: Path | None
-    ) -> None:
+    Always through wasmtime's on-disk cache in ``cache_dir``: libextism keeps no compiled
+    module in memory between compiles (each costs seconds for a Go module), and a pool
+    compiles once per lane. Left unset, libextism would use ``~/.cache/wasmtime``; the
+    provider names the folder instead (the target's ``cache_dir`` or a private one).
+    """
+
+    def __init__(self, code: bytes, sha256: str, options: dict[str, Any], cache_dir: Path) -> None:
         manifest = {"wasm": [{"data": code, "hash": sha256}], **options}
         try:
-            if cache_dir is None:
-                self._compiled = _extism.CompiledPlugin(manifest, wasi=True, functions=[])
-            else:
-                self._compiled = self._compile_cached(manifest, cache_dir)
+            self._compiled = self._compile_cached(manifest, cache_dir)
         except extism.Error as error:
             raise CallFailed("trap", f"cannot compile the module: {error}") from error
 

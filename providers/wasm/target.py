@@ -38,7 +38,8 @@ class WasmTarget(TargetConfig):
     cache_dir: ManifestPath | None = Field(
         default=None,
         description="Keep compiled code here, keyed by the module and the runtime's version, "
-        "so a restart skips compilation.",
+        "so a restart skips compilation (default: a folder of the dispatcher's own, removed "
+        "when it stops).",
     )
 
     def describe(self) -> str:
