@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,33 +20,23 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher, PluginError, TargetUnavailable
-from tests.conftest import ROOT, manifest
-from tests.sdk_toolchains import GO, OFFLINE, require, succeed
+from tests.conftest import manifest
+from tests.sandbox_support import build_static, open_folder, remove
 
 pytestmark = [
     pytest.mark.toolchain,
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
 ]
 
-METHODS = ("whoami", "connect", "read", "write", "spawn", "ptrace")
+METHODS = ("whoami", "connect", "read", "write", "env", "spawn", "ptrace")
 
 
 @pytest.fixture(scope="module")
 def hostile_executable() -> Iterator[Path]:
     """The plugin, built into a folder of its own that the sandbox's user may enter."""
-    require(GO)
-    folder = Path(tempfile.mkdtemp(prefix="sandbox-plugin-"))
-    folder.chmod(0o755)
-    executable = folder / "hostile"
-    succeed(
-        [GO, "build", "-trimpath", "-buildvcs=false", "-o", str(executable), "."],
-        ROOT / "tests" / "plugins" / "sandbox_hostile",
-        CGO_ENABLED="0",
-        GOFLAGS="-mod=mod",
-        **OFFLINE,
-    )
-    yield executable
-    shutil.rmtree(folder, ignore_errors=True)
+    folder = open_folder("sandbox-plugin-")
+    yield build_static("sandbox_hostile", folder, "hostile")
+    remove(folder)
 
 
 def sandboxed(
@@ -77,10 +66,9 @@ async def dispatcher(hostile_executable: Path) -> AsyncIterator[Dispatcher]:
 @pytest.fixture
 def host_folder() -> Iterator[Path]:
     """A host folder outside the plugin's view (and readable by its user, were it visible)."""
-    folder = Path(tempfile.mkdtemp(prefix="sandbox-host-"))
-    folder.chmod(0o777)
+    folder = open_folder("sandbox-host-", 0o777)
     yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    remove(folder)
 
 
 async def call(dispatcher: Dispatcher, method: str, **params: Any) -> Any:

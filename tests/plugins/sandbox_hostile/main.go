@@ -1,5 +1,6 @@
 // A hostile subprocess plugin for the sandbox tests (tests/test_subprocess_sandbox.py): it
-// dials out, reads and writes where it should not, forks without end and calls ptrace.
+// dials out, reads and writes where it should not, reads variables, forks without end
+// and calls ptrace.
 // Built with the Go SDK so it needs nothing in its sandbox but its own file.
 package main
 
@@ -75,6 +76,19 @@ func main() {
 			return nil, plugin.NewError("FileError", err.Error())
 		}
 		return true, nil
+	})
+
+	p.Method("env", "the value of variable name, or null", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Name string `json:"name" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		if value, ok := os.LookupEnv(params.Name); ok {
+			return value, nil
+		}
+		return nil, nil
 	})
 
 	p.Method("spawn", "starts up to n processes, counts those that started, ends them", func(_ context.Context, call *plugin.Call) (any, error) {
