@@ -10,7 +10,9 @@ socket, AutoMTLS). Figures:
 * ``subprocess_cold_start_ms``      the same for the subprocess plugin (launch, handshake);
 * ``wasm_c{1,64}_calls_per_s``, ``wasm_c1_p50_us``: ``echo`` through ``Dispatcher.call``
   (pooled, ``pool_size`` 4);
-* ``subprocess_c{1,64}_calls_per_s``, ``subprocess_c1_p50_us``: the same on the subprocess.
+* ``subprocess_c{1,64}_calls_per_s``, ``subprocess_c1_p50_us``: the same on the subprocess;
+* ``subprocess_sandboxed_*``: the same subprocess with ``sandbox: true`` (prlimit, setpriv,
+  bubblewrap namespaces, seccomp): what the lockdown costs at start and per call.
 
 Cold starts run in child processes (median of 3), because libextism keeps compiled modules
 in memory: a second compile in one process measures that cache, not the compiler.
@@ -23,6 +25,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,8 +79,8 @@ def _wasm_target(cache_dir: Path | None) -> dict[str, Any]:
     return target
 
 
-def _subprocess_target() -> dict[str, Any]:
-    return {"provider": "subprocess", "command": [str(NATIVE)]}
+def _subprocess_target(sandbox: bool = False) -> dict[str, Any]:
+    return {"provider": "subprocess", "command": [str(NATIVE)], "sandbox": sandbox}
 
 
 def _cold_start_ms(target: dict[str, Any], runs: int = 3) -> float:
@@ -155,8 +158,15 @@ async def run(options: Any = None) -> dict[str, float]:
     figures["subprocess_cold_start_ms"] = await asyncio.to_thread(
         _cold_start_ms, _subprocess_target()
     )
+    sandboxed = shutil.which("bwrap") is not None
+    if sandboxed:
+        figures["subprocess_sandboxed_cold_start_ms"] = await asyncio.to_thread(
+            _cold_start_ms, _subprocess_target(sandbox=True)
+        )
     figures.update(await _warm("wasm", _wasm_target(None), calls))
     figures.update(await _warm("subprocess", _subprocess_target(), calls))
+    if sandboxed:
+        figures.update(await _warm("subprocess_sandboxed", _subprocess_target(True), calls))
     return figures
 
 
