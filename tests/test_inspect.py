@@ -6,8 +6,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 from tests.test_cli import run_cli, write_manifest
+from tests.wasm_support import sha256_of
 
 MODULE = ROOT / "sdk" / "go" / "dist" / "example-plugin.wasm"
 
@@ -57,3 +60,21 @@ def test_inspect_of_an_unknown_plugin_is_a_usage_error(tmp_path: Path) -> None:
     })))  # fmt: skip
     assert done.returncode == 2
     assert "no plugin 'nope' in the manifest (known: calc)" in done.stderr
+
+
+@pytest.mark.toolchain  # the Go SDK's wasm example (make sdks)
+def test_health_names_what_a_sandbox_cannot_enforce(tmp_path: Path) -> None:
+    module = ROOT / "sdk" / "go" / "dist" / "example-plugin.wasm"
+    plugin = {
+        "id": "calc",
+        "version": "1.0.0",
+        "capabilities": {"network": ["10.0.0.0/8"]},
+        "target": {"provider": "wasm", "module": str(module), "sha256": sha256_of(module)},
+        "methods": {"echo": {}},
+    }
+    done = run_cli("health", "-m", str(write_manifest(tmp_path, plugin)))
+    assert done.returncode == 0, done.stderr
+    assert (
+        "calc@1.0.0 wasm example-plugin.wasm (pooled, 4): NOT ENFORCED: network: 10.0.0.0/8 cannot be granted"
+        in done.stdout
+    )
