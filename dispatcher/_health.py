@@ -40,6 +40,9 @@ class TargetHealth:
     #: True while the dispatcher drains (``Dispatcher.drain``): it takes no new calls, so a
     #: load balancer should send them to another replica, whatever the target's health.
     draining: bool = False
+    #: What the target's provider cannot enforce of the plugin's capabilities on this
+    #: machine (``Provider.sandbox``): reported, never skipped silently.
+    unenforced: tuple[str, ...] = ()
 
 
 async def probe_targets(
@@ -74,6 +77,7 @@ async def probe_targets(
             _circuit_state(policies, target),
             *_fleet_state(member),
             draining=draining,
+            unenforced=_unenforced(providers[target.provider], plugin, target),
         )
         for (plugin, target, member), report in zip(checks, reports, strict=True)
     ] + sources
@@ -110,6 +114,13 @@ async def _probe(provider: Provider[Any], target: TargetConfig, timeout: float) 
         return Health("not_serving", f"no health answer within {timeout:.1f} s")
     except Exception as error:
         return Health("unknown", f"health probe failed: {type(error).__name__}")
+
+
+def _unenforced(
+    provider: Provider[Any], plugin: PluginSpec[Any], target: TargetConfig
+) -> tuple[str, ...]:
+    translation = provider.sandbox(plugin, target)
+    return tuple(translation.unenforced) if translation is not None else ()
 
 
 def _fleet_state(

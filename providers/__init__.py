@@ -29,6 +29,7 @@ _BUILT_IN = {
     "knative": "providers.knative:KnativeProvider",
     "lambda": "providers.aws_lambda:LambdaProvider",
     "websocket": "providers.websocket:WebSocketProvider",
+    "wasm": "providers.wasm:WasmProvider",
 }
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from linchkit_plugin.errors import DispatchError, Forbidden, ProviderError
+from providers.capabilities import Translation
 from providers.deploy import Deployer
 from providers.discovery import InstanceSource
 from providers.egress import EgressPolicy
@@ -147,6 +148,12 @@ class Provider(abc.ABC, Generic[TargetT]):
         ``LogsUnavailable`` on the first line.
         """
         return _no_logs(self.name, plugin)
+
+    def sandbox(self, plugin: PluginInfo, target: TargetT) -> Translation | None:
+        """How ``plugin``'s capabilities are enforced on ``target`` (``dispatcher inspect``):
+        what this provider enforces and what it cannot here; None when it does not sandbox
+        this target (the default)."""
+        return None
 
     def instance_source(self, target: TargetT) -> InstanceSource | None:
         """A source of ``target``'s instances that only this provider knows (plugins that

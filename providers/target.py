@@ -24,26 +24,24 @@ receive the concrete targets, so a driver knows nothing of fleets (``dispatcher.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 import orjson
 from pydantic import (
-    AfterValidator,
-    AnyUrl,
     BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
-    ValidationInfo,
     model_validator,
 )
 
+from providers.capabilities import Capabilities
 from providers.discovery import DnsDiscovery, Endpoint, RegistryDiscovery
+from providers.model import MASK, ManifestPath, StrictModel, masked_url
 
 __all__ = [
     "MASK",
@@ -60,60 +58,6 @@ __all__ = [
     "TargetConfig",
     "masked_url",
 ]
-
-#: What a secret prints as.
-MASK = "***"
-
-
-def masked_url(url: str | AnyUrl) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for messages and listings."""
-    text = str(url)
-    if "@" not in text:
-        return text
-    parts = urlsplit(text)
-    if parts.password is None:
-        return text
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
-
-
-def _masked(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {key: MASK for key in value}
-    if isinstance(value, list | tuple):
-        return [MASK for _ in value]
-    return MASK if value else value
-
-
-class StrictModel(BaseModel):
-    """A manifest model: unknown keys are errors, and nothing changes once loaded."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: Fields whose values are secrets (a mapping's values, a list's items): their keys
-    #: still show in ``repr``/``str``, their values print as ``***``.
-    secret_fields: ClassVar[frozenset[str]] = frozenset()
-
-    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
-        for name, value in super().__repr_args__():
-            if name in self.secret_fields:
-                yield name, _masked(value)
-            elif isinstance(value, AnyUrl) or (isinstance(value, str) and "://" in value):
-                yield name, masked_url(value)
-            else:
-                yield name, value
-
-
-def _relative_to_manifest(path: Path, info: ValidationInfo) -> Path:
-    if path.is_absolute():
-        return path
-    base = (info.context or {}).get("base_dir", Path.cwd())
-    return (Path(base) / path).resolve()
-
-
-#: A path in a manifest: relative paths are taken from the manifest's folder.
-ManifestPath = Annotated[Path, AfterValidator(_relative_to_manifest)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,4 +261,9 @@ class PluginInfo(Protocol):
     @property
     def methods(self) -> Mapping[str, Any]:
         """The plugin's methods by name; a provider reads only the names."""
+        ...
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the plugin may touch where a provider sandboxes it (defaults deny)."""
         ...

@@ -1,6 +1,7 @@
 """``dispatcher``: validate a manifest, list, call, deploy and remove plugins, check their
-health, read their logs, verify audit logs, print the manifest's JSON Schema, scaffold a
-new plugin, run a local Lambda, serve the plugins over HTTP (the gateway), watch a running gateway.
+health, inspect their sandboxes, read their logs, verify audit logs, print the manifest's
+JSON Schema, scaffold a new plugin, run a local Lambda, serve the plugins over HTTP (the
+gateway), watch a running gateway.
 
 One module per family of commands; each registers its commands on the group in ``_app``.
 """
@@ -11,6 +12,7 @@ from dispatcher.cli import (
     audit,
     calls,
     deploy,
+    inspect,
     local_lambda,
     logs,
     manifest,
@@ -25,4 +27,17 @@ from dispatcher.cli._app import main
 __all__ = ["main"]
 
 # Imported for the commands they register.
-_COMMANDS = (audit, calls, deploy, local_lambda, logs, manifest, new, remove, schema, serve, top)
+_COMMANDS = (
+    audit,
+    calls,
+    deploy,
+    inspect,
+    local_lambda,
+    logs,
+    manifest,
+    new,
+    remove,
+    schema,
+    serve,
+    top,
+)

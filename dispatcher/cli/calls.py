@@ -122,6 +122,7 @@ def health(context: click.Context, output: str) -> None:
                 "circuit": report.circuit,
                 "latency_ms": report.health.latency_ms,
                 "detail": report.health.detail,
+                "unenforced": list(report.unenforced),
             }
             for report in reports
         ]
@@ -133,6 +134,11 @@ def health(context: click.Context, output: str) -> None:
                 *map(_health_row, reports),
             ]
         )
+        for report in reports:
+            for line in report.unenforced:
+                click.echo(
+                    f"{report.plugin}@{report.version} {report.target}: NOT ENFORCED: {line}"
+                )
     if not all(report.health.ok for report in reports):
         context.exit(EXIT_FAILED)
 

@@ -18,6 +18,7 @@ from dispatcher.config.policies import Policies
 from dispatcher.config.security import AccessConfig, AuditConfig, AuthConfig
 from dispatcher.config.state import StateConfig
 from dispatcher.config.telemetry import Telemetry
+from providers.capabilities import Capabilities
 from providers.egress import EgressPolicy
 from providers.target import StrictModel, TargetConfig
 
@@ -69,6 +70,10 @@ class PluginSpec(StrictModel, Generic[TargetT]):
     target: TargetT | None = None
     defaults: Policies = Field(default_factory=Policies)
     lifecycle: Lifecycle = Field(default_factory=Lifecycle)
+    capabilities: Capabilities = Field(
+        default_factory=Capabilities,
+        description="What the plugin may touch where its provider sandboxes it (defaults deny).",
+    )
     methods: Annotated[dict[str, MethodSpec[TargetT]], Field(min_length=1)]
 
     @field_validator("version")

@@ -138,7 +138,7 @@ class Containers:
             env["LINCHKIT_PLUGIN_PORT"] = str(port)
             address = Address(f"{name} of {pool.label}", port=port, token=token)
         channel = CHANNELS[target.protocol](address)
-        config = container_config(target, env, socket_dir)
+        config = container_config(target, env, socket_dir, pool.plugin.capabilities)
         config["Labels"] = {
             **self._owner_labels,
             LABEL_PLUGIN: pool.plugin.key,

@@ -43,6 +43,7 @@ from linchkit_plugin.errors import (
     TargetUnavailable,
 )
 from providers.base import Health, LogsUnavailable, Provider
+from providers.capabilities import Translation
 from providers.docker.containers import Containers
 from providers.docker.engine import (
     LABEL_PLUGIN,
@@ -53,6 +54,7 @@ from providers.docker.engine import (
 )
 from providers.docker.image import DockerDeployer
 from providers.docker.pool import Instance, Pool, death_details, death_text
+from providers.docker.sandbox import translation as sandbox_translation
 from providers.docker.target import DockerTarget
 from providers.invocation import Invocation, Outcome
 from providers.target import PluginInfo
@@ -101,10 +103,16 @@ class DockerProvider(Provider[DockerTarget]):
             raise
         self._reaper = asyncio.create_task(self._maintain(), name="docker-reaper-and-prober")
 
+    def sandbox(self, plugin: PluginInfo, target: DockerTarget) -> Translation | None:
+        """What the containers of ``plugin`` enforce of its capabilities (``docker.sandbox``)."""
+        return sandbox_translation(target, plugin.capabilities)
+
     async def attach(self, plugin: PluginInfo, target: DockerTarget) -> None:
         key = (plugin.id, plugin.version, target.key)
         if key in self._pools:
             return
+        for line in sandbox_translation(target, plugin.capabilities).unenforced:
+            log.warning("%s on %s: %s", plugin.key, target.describe(), line)
         pool = self._pools[key] = Pool(plugin, target)
         if target.min_instances:
             pool.starting += target.min_instances

@@ -12,17 +12,26 @@ Sandbox by default (each relaxation is a key under ``sandbox`` in the manifest):
     memory (no swap), CPU and pids limits                   limits.memory_mb/cpus/pids
     an init process (tini) reaps orphans, forwards SIGTERM
 
+The plugin's ``capabilities`` (``providers.capabilities``) tighten or grant on top:
+``memory_mb`` and ``pids`` replace the target's limits, ``files`` become bind mounts at the
+same path (``:ro``/``:rw``), ``env`` passes those variables of the dispatcher's
+environment, and ``network`` with any host uses the host's network (the only other mode
+here), which cannot be limited to those hosts: ``translation`` reports that, and that
+``cpu_s`` (CPU seconds) has no Docker form (``cpus`` is a rate).
+
 Pure: it builds a dict and touches neither the engine nor the file system.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+from providers.capabilities import Capabilities, Translation
 from providers.docker.target import DockerTarget
 
-__all__ = ["SOCKET_MOUNT", "SOCKET_NAME", "container_config"]
+__all__ = ["SOCKET_MOUNT", "SOCKET_NAME", "container_config", "granted_env", "translation"]
 
 #: Where the host's socket folder is mounted in the container.
 SOCKET_MOUNT = "/run/linchkit"
@@ -30,12 +39,54 @@ SOCKET_MOUNT = "/run/linchkit"
 SOCKET_NAME = "plugin.sock"
 
 
+def granted_env(capabilities: Capabilities) -> dict[str, str]:
+    """The dispatcher's variables that ``capabilities.env`` passes to the plugin."""
+    return {name: os.environ[name] for name in capabilities.env if name in os.environ}
+
+
+def translation(target: DockerTarget, capabilities: Capabilities) -> Translation:
+    """What the container of ``target`` enforces of ``capabilities``, and what it cannot."""
+    result = Translation("docker")
+    sandbox, limits = target.sandbox, target.limits
+    network = "host" if capabilities.has_network else sandbox.network
+    result.enforced.append(
+        "network: none (NetworkMode none; the Unix socket is the way out)"
+        if network == "none"
+        else "network: the host's (NetworkMode host)"
+    )
+    if capabilities.has_network:
+        result.unenforced.append(
+            f"network: limited to {', '.join(capabilities.network)} is not enforced: "
+            "the container shares the host's whole network"
+        )
+    result.enforced.append(
+        "files: "
+        + (", ".join(f"{grant.path} ({grant.mode})" for grant in capabilities.files) or "none")
+        + f"; read-only root: {sandbox.read_only_root}; private /tmp"
+    )
+    result.enforced.append("env: " + (", ".join(capabilities.env) or "none of the host's"))
+    result.enforced.append(f"memory: {capabilities.memory_mb or limits.memory_mb} MiB, no swap")
+    result.enforced.append(f"pids: {capabilities.pids or limits.pids}")
+    result.enforced.append(f"cpu: {limits.cpus} cores (a rate)")
+    if capabilities.cpu_s is not None:
+        result.unenforced.append(
+            f"cpu_s: {capabilities.cpu_s} CPU seconds has no Docker form (limits.cpus is a rate)"
+        )
+    if sandbox.user.split(":")[0] in ("0", "root"):
+        result.unenforced.append("user: the plugin runs as root in its container")
+    return result
+
+
 def container_config(
-    target: DockerTarget, env: dict[str, str], socket_dir: Path | None
+    target: DockerTarget,
+    env: dict[str, str],
+    socket_dir: Path | None,
+    capabilities: Capabilities | None = None,
 ) -> dict[str, Any]:
     """The create body of one container of ``target``; ``socket_dir`` is mounted if given."""
+    capabilities = capabilities or Capabilities()
     sandbox, limits = target.sandbox, target.limits
-    memory = limits.memory_mb * 1024 * 1024
+    memory = (capabilities.memory_mb or limits.memory_mb) * 1024 * 1024
     host_config: dict[str, Any] = {
         "Init": True,
         "ReadonlyRootfs": sandbox.read_only_root,
@@ -45,16 +96,19 @@ def container_config(
         "Memory": memory,
         "MemorySwap": memory,  # equal to Memory: no swap on top
         "NanoCpus": int(limits.cpus * 1e9),
-        "PidsLimit": limits.pids,
-        "NetworkMode": sandbox.network,
+        "PidsLimit": capabilities.pids or limits.pids,
+        "NetworkMode": "host" if capabilities.has_network else sandbox.network,
         # A chatty plugin must not fill the host's disk; the provider reads only the tail.
         "LogConfig": {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
     }
+    binds = [f"{grant.path}:{grant.path}:{grant.mode}" for grant in capabilities.files]
     if socket_dir is not None:
-        host_config["Binds"] = [f"{socket_dir}:{SOCKET_MOUNT}:rw"]
+        binds.append(f"{socket_dir}:{SOCKET_MOUNT}:rw")
+    if binds:
+        host_config["Binds"] = binds
     config: dict[str, Any] = {
         "Image": target.image,
-        "Env": [f"{key}={value}" for key, value in env.items()],
+        "Env": [f"{key}={value}" for key, value in {**granted_env(capabilities), **env}.items()],
         "User": sandbox.user,
         "HostConfig": host_config,
     }

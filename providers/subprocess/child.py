@@ -105,10 +105,12 @@ async def spawn(
     folder: str,
     plugin_log: logging.Logger,
     output: OutputRing | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> Child:
     """Start ``argv`` with pipes for stdin, stdout and stderr; ``ProviderError`` if it cannot.
 
-    Its stderr lines go to ``plugin_log`` and, when given, into ``output``."""
+    Its stderr lines go to ``plugin_log`` and, when given, into ``output``; ``pass_fds``
+    stay open in the child (a sandbox's seccomp program)."""
     command, preexec = with_parent_death_signal(argv)
     try:
         process = await asyncio.create_subprocess_exec(
@@ -118,6 +120,7 @@ async def spawn(
             stderr=asyncio.subprocess.PIPE,
             env=dict(environment),
             preexec_fn=preexec,
+            pass_fds=pass_fds,
         )
     except OSError as error:
         shutil.rmtree(folder, ignore_errors=True)

@@ -5,16 +5,19 @@ wait for it while it restarts (``providers.subprocess`` describes the whole cont
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from linchkit_plugin.errors import TargetUnavailable
 from providers.base import Health, Provider
 from providers.invocation import Invocation, Outcome
+from providers.subprocess.sandbox import sandboxed_launch
 from providers.subprocess.supervisor import PluginProcess
 from providers.subprocess.target import SubprocessTarget
 
 if TYPE_CHECKING:
+    from providers.capabilities import Translation
     from providers.target import PluginInfo
 
 __all__ = ["SubprocessProvider"]
@@ -51,6 +54,20 @@ class SubprocessProvider(Provider[SubprocessTarget]):
     async def aclose(self) -> None:
         processes, self._processes = self._processes, {}
         await asyncio.gather(*(process.stop() for process in processes.values()))
+
+    def sandbox(self, plugin: PluginInfo, target: SubprocessTarget) -> Translation | None:
+        """What the sandbox of ``plugin`` on ``target`` enforces, and what it cannot."""
+        if target.sandbox is None:
+            return None
+        found = self._processes.get((plugin.id, plugin.version, target.key))
+        if found is not None and found.translation is not None:
+            return found.translation
+        with tempfile.TemporaryDirectory() as folder:  # what a launch here would be
+            launch = sandboxed_launch(
+                [target.command[0]], target.sandbox, plugin.capabilities, folder
+            )
+            launch.close()
+        return launch.translation
 
     def process(self, plugin: str, version: str, target: SubprocessTarget) -> PluginProcess:
         found = self._processes.get((plugin, version, target.key))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,10 +29,12 @@ from providers.base import Health
 from providers.subprocess import handshake
 from providers.subprocess.child import Child, check_digests, socket_folder, spawn
 from providers.subprocess.output import OutputRing
+from providers.subprocess.sandbox import SandboxedLaunch, sandboxed_launch
 
 if TYPE_CHECKING:
+    from providers.capabilities import Translation
     from providers.invocation import Invocation
-    from providers.subprocess.target import SubprocessTarget
+    from providers.subprocess.target import SubprocessSandbox, SubprocessTarget
     from providers.target import PluginInfo
 
 __all__ = ["PluginProcess"]
@@ -67,6 +70,8 @@ class PluginProcess:
         self._last_error = ""
         #: The return code of the last process stopped by ``stop`` (negative: its signal).
         self.exit_code: int | None = None
+        #: What the sandbox of the last launch enforces (None: not sandboxed, or not launched).
+        self.translation: Translation | None = None
 
     @property
     def pid(self) -> int | None:
@@ -171,14 +176,25 @@ class PluginProcess:
             # supervisor task that runs it.
             shutil.rmtree(folder, ignore_errors=True)
             raise asyncio.CancelledError
-        child = await spawn(
-            who,
-            [executable, *target.command[1:]],
-            handshake.environment(target, folder, client_certificate),
-            folder,
-            self._plugin_log,
-            self.output,
-        )
+        argv = [executable, *target.command[1:]]
+        environment = handshake.environment(target, folder, client_certificate)
+        launch = None
+        if target.sandbox is not None:
+            launch = self._sandboxed(argv, target.sandbox, folder, environment)
+            argv = launch.argv
+        try:
+            child = await spawn(
+                who,
+                argv,
+                environment,
+                folder,
+                self._plugin_log,
+                self.output,
+                pass_fds=launch.pass_fds if launch is not None else (),
+            )
+        finally:
+            if launch is not None:
+                launch.close()
         self._children.add(child)
         child.on_end(self._children.discard)
         log.info("%s launched %s (pid %d)", who, executable, child.pid)
@@ -214,6 +230,27 @@ class PluginProcess:
             await child.terminate(0.5)
             raise asyncio.CancelledError
         return child
+
+    def _sandboxed(
+        self,
+        argv: list[str],
+        sandbox: SubprocessSandbox,
+        folder: str,
+        environment: dict[str, str],
+    ) -> SandboxedLaunch:
+        capabilities = self.plugin.capabilities
+        launch = sandboxed_launch(argv, sandbox, capabilities, folder)
+        for name in capabilities.env:
+            if name in os.environ:
+                environment[name] = os.environ[name]
+        if launch.run_as is not None:
+            # The plugin's user must create its socket in the folder, and only it and we.
+            os.chown(folder, *launch.run_as)
+        if self.translation is None:
+            for line in launch.translation.unenforced:
+                log.warning("%s sandbox: %s", self.plugin.key, line)
+        self.translation = launch.translation
+        return launch
 
     # -- supervision -------------------------------------------------------------------------
 

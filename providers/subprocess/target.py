@@ -9,14 +9,34 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from providers.target import TargetConfig
+from providers.target import ManifestPath, StrictModel, TargetConfig
 
-__all__ = ["MINIMAL_ENV", "SubprocessTarget"]
+__all__ = ["MINIMAL_ENV", "SubprocessSandbox", "SubprocessTarget"]
 
 #: What a child gets of the dispatcher's environment by default (with every ``LC_*``).
 MINIMAL_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+
+
+class SubprocessSandbox(StrictModel):
+    """``sandbox:`` of a subprocess target: run the plugin locked down
+    (``providers.subprocess.sandbox``), with the rights of the plugin's ``capabilities``."""
+
+    runtime: list[ManifestPath] = Field(
+        default_factory=list,
+        description="Folders or files the plugin's runtime needs (an interpreter, its "
+        "libraries), bound read-only beside /usr and the executable's own folder.",
+    )
+    user: Annotated[str, Field(pattern=r"^[0-9]+:[0-9]+$")] = Field(
+        default="65534:65534",
+        description="uid:gid the plugin runs as when the dispatcher runs as root.",
+    )
+    seccomp: bool = Field(default=True, description="Deny ptrace, mount, bpf, keyctl, modules…")
+    open_files: int = Field(default=256, gt=0, description="RLIMIT_NOFILE.")
+    processes: int = Field(
+        default=128, gt=0, description="RLIMIT_NPROC when capabilities set no pids (threads count)."
+    )
 
 
 class SubprocessTarget(TargetConfig):
@@ -53,6 +73,18 @@ class SubprocessTarget(TargetConfig):
     stop_grace_ms: int = Field(default=3_000, gt=0)
     events: bool = True
     batch: bool = True
+    sandbox: SubprocessSandbox | None = Field(
+        default=None,
+        description="Run the plugin under bubblewrap, seccomp and resource limits; true for "
+        "the defaults. Its rights are the plugin's capabilities.",
+    )
+
+    @field_validator("sandbox", mode="before")
+    @classmethod
+    def _true_is_the_default_sandbox(cls, sandbox: object) -> object:
+        if sandbox is True:
+            return {}
+        return None if sandbox is False else sandbox
 
     @field_validator("command")
     @classmethod

@@ -39,4 +39,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 mkdir -p dist
 go build -ldflags="-s -w" -o dist/example-plugin ./cmd/example-plugin
-echo "built sdk/go/dist/example-plugin" >&2
+# The same example for the wasm provider (docs/protocol.md, "WebAssembly"): the standard
+# toolchain's WASI target, exports by //go:wasmexport, the Extism ABI from sdk/go/wasm.
+GOOS=wasip1 GOARCH=wasm go vet ./wasm ./cmd/example-plugin-wasm
+GOOS=wasip1 GOARCH=wasm go build -ldflags="-s -w" -buildmode=c-shared \
+    -o dist/example-plugin.wasm ./cmd/example-plugin-wasm
+echo "built sdk/go/dist/example-plugin and sdk/go/dist/example-plugin.wasm" >&2

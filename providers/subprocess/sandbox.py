@@ -1,0 +1,178 @@
+"""A subprocess plugin, locked down: the command line that launches it inside its sandbox.
+
+Layers, outermost first, each applied even when the next is missing:
+
+    prlimit     RLIMIT_CPU (capabilities.cpu_s), RLIMIT_AS (memory_mb), RLIMIT_NOFILE,
+                RLIMIT_NPROC (pids; threads count too)
+    setpriv     as root: the plugin's uid:gid (65534 by default) and no groups: the
+                kernel never applies RLIMIT_NPROC to root, and a plugin needs no root;
+                without bubblewrap, also no_new_privs
+    bwrap       new user, PID, IPC, UTS, cgroup and network namespaces (the network is
+                shared only when capabilities.network grants some); a read-only view of
+                /usr, the executable's folder and ``sandbox.runtime``; the socket folder
+                read-write (the only way out); the granted files; a private /tmp, /proc,
+                /dev; no_new_privs; dies with the dispatcher
+    seccomp     a BPF program (libseccomp through ``pyseccomp``) that kills the plugin
+                on ptrace, mount, bpf, keyctl, kernel modules, kexec, reboot, …
+
+What cannot be enforced here (no bwrap, no libseccomp, network limited to some hosts,
+which a namespace cannot express) is listed in ``Translation.unenforced``: the provider
+warns at attach time and ``dispatcher inspect`` prints it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from providers.capabilities import Capabilities, Translation
+from providers.subprocess.target import SubprocessSandbox
+
+__all__ = ["DENIED_SYSCALLS", "SandboxedLaunch", "sandboxed_launch", "seccomp_program"]
+
+#: What a plugin never needs and an escape often does.
+DENIED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root",
+    "chroot", "bpf", "keyctl", "add_key", "request_key", "init_module", "finit_module",
+    "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff",
+    "unshare", "setns", "perf_event_open", "userfaultfd", "open_by_handle_at",
+    "acct", "settimeofday", "clock_settime", "syslog",
+)  # fmt: skip
+
+
+@dataclass
+class SandboxedLaunch:
+    """The argv to spawn, the descriptors it inherits, and what it enforces."""
+
+    argv: list[str]
+    translation: Translation
+    pass_fds: tuple[int, ...] = ()
+    run_as: tuple[int, int] | None = None
+    _files: list[IO[bytes]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Close our copies of the inherited descriptors (after the spawn)."""
+        for file in self._files:
+            file.close()
+        self._files.clear()
+
+
+def seccomp_program() -> IO[bytes] | None:
+    """The seccomp BPF program in an unlinked file, or None without libseccomp."""
+    try:
+        import pyseccomp
+    except (ImportError, OSError):
+        return None
+    rules = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
+    for name in DENIED_SYSCALLS:
+        rules.add_rule(pyseccomp.KILL_PROCESS, name)
+    # Outlives this function: the child inherits its descriptor; SandboxedLaunch.close ends it.
+    program = tempfile.TemporaryFile()  # noqa: SIM115
+    rules.export_bpf(program)
+    program.seek(0)
+    return program
+
+
+def sandboxed_launch(
+    argv: list[str],
+    sandbox: SubprocessSandbox,
+    capabilities: Capabilities,
+    socket_folder: str,
+) -> SandboxedLaunch:
+    translation = Translation("subprocess")
+    enforced, unenforced = translation.enforced, translation.unenforced
+    command: list[str] = []
+
+    limits = [f"--nofile={sandbox.open_files}", f"--nproc={capabilities.pids or sandbox.processes}"]
+    if capabilities.cpu_s is not None:
+        limits.append(f"--cpu={math.ceil(capabilities.cpu_s)}")
+    if capabilities.memory_mb is not None:
+        limits.append(f"--as={capabilities.memory_mb * 1024 * 1024}")
+    prlimit = shutil.which("prlimit")
+    if prlimit is not None:
+        command += [prlimit, *limits, "--"]
+        enforced.append("limits: " + " ".join(limit.lstrip("-") for limit in limits))
+    else:
+        unenforced.append("limits: prlimit (util-linux) is missing; no resource limit applies")
+
+    run_as = None
+    setpriv = shutil.which("setpriv")
+    bwrap = shutil.which("bwrap")
+    if os.geteuid() == 0:
+        uid, gid = (int(part) for part in sandbox.user.split(":"))
+        if setpriv is not None:
+            run_as = (uid, gid)
+            command += [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+            if bwrap is None:
+                command.append("--no-new-privs")
+            command.append("--")
+            enforced.append(f"user: {uid}:{gid}")
+        else:
+            unenforced.append("user: setpriv is missing: the plugin runs as root (pids unlimited)")
+
+    files: list[IO[bytes]] = []
+    pass_fds: tuple[int, ...] = ()
+    if bwrap is None:
+        unenforced.append(
+            "namespaces: bubblewrap (bwrap) is not installed: no private network, file view, "
+            "/tmp or PID namespace; only the limits above apply"
+        )
+        if sandbox.seccomp:
+            unenforced.append("seccomp: needs bubblewrap to load the filter")
+        return SandboxedLaunch([*command, *argv], translation, (), run_as)
+
+    executable = Path(argv[0])
+    view = [
+        "--unshare-all", "--die-with-parent", "--new-session",
+        "--ro-bind", "/usr", "/usr",
+        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+    ]  # fmt: skip
+    for link in ("bin", "lib", "lib64", "sbin"):
+        if os.path.islink(f"/{link}"):
+            view += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
+    own = executable.parent
+    view += ["--ro-bind", str(own), str(own)]
+    for path in sandbox.runtime:
+        view += ["--ro-bind", str(path), str(path)]
+    for grant in capabilities.files:
+        view += ["--bind" if grant.mode == "rw" else "--ro-bind", str(grant.path), str(grant.path)]
+    view += ["--bind", socket_folder, socket_folder, "--chdir", str(own)]
+    enforced.append(
+        "namespaces: user, pid, ipc, uts, cgroup"
+        + (", network" if not capabilities.has_network else "")
+        + "; no_new_privs; dies with the dispatcher"
+    )
+    enforced.append(
+        "files: read-only /usr, "
+        + ", ".join(str(path) for path in [own, *sandbox.runtime])
+        + "".join(f", {grant.path} ({grant.mode})" for grant in capabilities.files)
+        + "; private /tmp; the socket folder"
+    )
+    if capabilities.has_network:
+        view.append("--share-net")
+        unenforced.append(
+            f"network: limited to {', '.join(capabilities.network)} is not enforced: "
+            "bubblewrap shares the host's whole network or none"
+        )
+    else:
+        enforced.append("network: none (own network namespace; the Unix socket is the way out)")
+
+    if sandbox.seccomp:
+        program = seccomp_program()
+        if program is None:
+            unenforced.append("seccomp: libseccomp/pyseccomp unavailable: syscalls not filtered")
+        else:
+            files.append(program)
+            pass_fds = (program.fileno(),)
+            view += ["--seccomp", str(program.fileno())]
+            enforced.append(
+                "seccomp: kills the plugin on " + ", ".join(DENIED_SYSCALLS[:6]) + ", …"
+            )
+    return SandboxedLaunch(
+        [*command, bwrap, *view, "--", *argv], translation, pass_fds, run_as, files
+    )

@@ -1,0 +1,191 @@
+"""The instances of one attached wasm plugin, and the threads its calls run on.
+
+At most ``pool_size`` calls run at once, each in a lane of its own (``_Lane``: a compiled
+module and its instance, so cancelling one call never stops another) and on a thread of
+the pool's own executor
+(so a busy plugin never takes another's threads, and the event loop never runs wasm).
+A call holds its slot until its thread is done, even after its caller was answered: a
+module blocked in a host call (a WASI sleep) cannot be interrupted, and a slot freed
+early would let threads pile up behind it.
+
+What survives a call:
+
+* ``pooled``: the instance goes back to the pool, its linear memory (globals, the Go
+  heap) intact, for whichever call takes it next. Calls spread over up to ``pool_size``
+  instances, so a plugin may cache there but must not count on seeing its own state.
+* ``fresh``: nothing; every call gets a new instance and it is dropped after.
+* Either way an instance whose call was cancelled (deadline, cpu cap) or trapped
+  (memory limit, crash) is dropped: its state is whatever the interruption left.
+
+Deadlines: ``cancel`` is scheduled on the event loop at the call's end time and stops
+the module at its next instruction boundary (wasmtime epoch interruption inside
+libextism). Cancel and free both run on the loop, so a late cancel never reaches an
+instance that was freed or handed to the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from providers.wasm.runtime import CallFailed, Compiled, Instance
+
+__all__ = ["CallResult", "InstancePool"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """How a call ended: its output, or the failure and whether we cancelled it."""
+
+    output: bytes | None = None
+    failure: CallFailed | None = None
+    cancelled_by: Literal["deadline", "cpu", None] = None
+
+
+class _Lane:
+    """One call at a time: a compiled module of its own and, when pooled, its instance.
+
+    libextism's cancel stops every running instance made from the same compiled module
+    (they share one wasmtime engine and its epoch), so each concurrent call needs its own;
+    after the first, compiling one is a lookup in libextism's module cache (~20 ms).
+    """
+
+    __slots__ = ("compiled", "instance")
+
+    def __init__(self, compiled: Compiled) -> None:
+        self.compiled = compiled
+        self.instance: Instance | None = None
+
+
+class InstancePool:
+    def __init__(
+        self,
+        name: str,
+        compile_lane: Callable[[], Compiled],
+        config: dict[str, str],
+        *,
+        size: int,
+        reuse: bool,
+    ) -> None:
+        self.name = name
+        self._compile_lane = compile_lane
+        self._config = config
+        self._size = size
+        self._reuse = reuse
+        self._idle: list[_Lane] = []
+        self._lanes: list[_Lane] = []
+        self._running: set[Instance] = set()
+        self._slots = asyncio.Semaphore(size)
+        self._executor = ThreadPoolExecutor(size, thread_name_prefix=f"wasm-{name}")
+        self._closed = False
+
+    async def warm(self) -> Instance:
+        """The first lane and an instance, made now (the attach check of exports)."""
+        lane = await asyncio.get_running_loop().run_in_executor(self._executor, self._new_lane)
+        lane.instance = await asyncio.get_running_loop().run_in_executor(
+            self._executor, lane.compiled.instantiate, self._config
+        )
+        self._idle.append(lane)
+        return lane.instance
+
+    def _new_lane(self) -> _Lane:
+        lane = _Lane(self._compile_lane())
+        self._lanes.append(lane)
+        return lane
+
+    def _instance_of(self, lane: _Lane) -> Instance:
+        if lane.instance is None or not self._reuse:
+            if lane.instance is not None:
+                lane.instance.close()
+            lane.instance = lane.compiled.instantiate(self._config)
+        return lane.instance
+
+    async def call(
+        self, function: str, payload: bytes, seconds: float, *, cpu_capped: bool
+    ) -> CallResult:
+        """Run ``function``; cancel it after ``seconds`` (its deadline or its cpu cap)."""
+        loop = asyncio.get_running_loop()
+        await self._slots.acquire()
+        try:
+            lane = self._idle.pop() if self._idle else None
+            if lane is None:
+                lane = await loop.run_in_executor(self._executor, self._new_lane)
+            if lane.instance is None or not self._reuse:
+                instance = await loop.run_in_executor(self._executor, self._instance_of, lane)
+            else:
+                instance = lane.instance
+        except BaseException:
+            self._slots.release()
+            raise
+        self._running.add(instance)
+        cancelled: list[Literal["deadline", "cpu"]] = []
+
+        def cancel() -> None:
+            cancelled.append("cpu" if cpu_capped else "deadline")
+            instance.cancel()
+
+        timer = loop.call_later(max(seconds, 0.0), cancel)
+        future = loop.run_in_executor(self._executor, _run, instance, function, payload)
+        future.add_done_callback(lambda _: self._settle(lane, instance, timer, keep=not cancelled))
+        done, _ = await asyncio.wait({future}, timeout=max(seconds, 0.0) + 0.05)
+        if not done:
+            # Blocked in a host call past its end: answer the caller now; the slot and the
+            # instance are settled when the thread comes back.
+            if not cancelled:
+                cancel()
+            return CallResult(failure=CallFailed("cancelled", "timeout"), cancelled_by=cancelled[0])
+        output, failure = future.result()
+        return CallResult(output, failure, cancelled[0] if cancelled else None)
+
+    def _settle(
+        self, lane: _Lane, instance: Instance, timer: asyncio.TimerHandle, *, keep: bool
+    ) -> None:
+        timer.cancel()
+        self._running.discard(instance)
+        if not (keep and self._reuse and instance.healthy) or self._closed:
+            instance.close()
+            lane.instance = None
+        if not self._closed:
+            self._idle.append(lane)
+        self._slots.release()
+
+    async def aclose(self) -> None:
+        """Stop running calls, wait for their threads, free every instance and module."""
+        self._closed = True
+        for instance in list(self._running):
+            instance.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        for _ in range(100):  # the threads are done; their done-callbacks settle on the loop
+            if not self._running:
+                break
+            await asyncio.sleep(0.001)
+        lanes, self._lanes, self._idle = self._lanes, [], []
+        for lane in lanes:
+            if lane.instance is not None:
+                lane.instance.close()
+                lane.instance = None
+            lane.compiled.close()
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def __repr__(self) -> str:
+        mode = "pooled" if self._reuse else "fresh"
+        return (
+            f"<InstancePool {self.name} {mode} size={self._size} lanes={len(self._lanes)} "
+            f"running={len(self._running)} idle={len(self._idle)}>"
+        )
+
+
+def _run(
+    instance: Instance, function: str, payload: bytes
+) -> tuple[bytes | None, CallFailed | None]:
+    try:
+        return instance.call(function, payload), None
+    except CallFailed as failure:
+        instance.healthy = failure.kind == "plugin"  # a trap leaves the instance unusable
+        return None, failure

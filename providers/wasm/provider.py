@@ -1,0 +1,217 @@
+"""``WasmProvider``: WebAssembly plugins in the dispatcher's process (``providers.wasm``).
+
+Attach reads the module, checks its pin, compiles it (in a thread; once per lane of
+the pool, ``providers.wasm.pool``), checks that it exports every method of the manifest and keeps a pool of its
+instances; calls run on the pool's threads. Error mapping, at this boundary:
+
+    the plugin's own error (``pdk.SetError``)   its JSON error → the typed error of its
+                                                ``type``; plain text → PluginError
+                                                (remote_type ``ExtismError``)
+    the call's deadline passed                  DeadlineExceeded (the instance is dropped)
+    ``cpu_s`` of its capabilities used up       LimitExceeded(limit="cpu_s")
+    linear memory past ``memory_mb``            LimitExceeded(limit="memory_mb")
+    a trap or an exit (Go panic, unreachable)   ProviderError; the dispatcher keeps serving
+    a method the module does not export         MethodNotFound
+    a module missing, unreadable, not pinned    ModuleRefused (a ProviderError) at attach
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from linchkit_plugin.errors import (
+    DeadlineExceeded,
+    MethodNotFound,
+    PluginError,
+    ProviderError,
+    TargetUnavailable,
+    error_from_wire,
+)
+from linchkit_plugin.wire import encode_json
+from providers.base import Health, Provider
+from providers.capabilities import LimitExceeded, Translation
+from providers.wasm.module import read_pinned
+from providers.wasm.pool import CallResult, InstancePool
+from providers.wasm.sandbox import sandbox_of
+from providers.wasm.target import WasmTarget
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from providers.invocation import Invocation
+    from providers.target import PluginInfo
+
+__all__ = ["WasmProvider"]
+
+log = logging.getLogger("dispatcher.providers.wasm")
+
+
+class _Attached:
+    """One plugin on one target: its pool and the limits its calls run under."""
+
+    def __init__(
+        self, pool: InstancePool, memory_mb: int, cpu_s: float | None, translation: Translation
+    ) -> None:
+        self.pool = pool
+        self.memory_mb = memory_mb
+        self.cpu_s = cpu_s
+        self.translation = translation
+        self.exports: dict[str, bool] = {}
+
+
+class WasmProvider(Provider[WasmTarget]):
+    name = "wasm"
+    target_model = WasmTarget
+
+    def __init__(self) -> None:
+        self._runtime: ModuleType | None = None
+        self._attached: dict[tuple[str, str, str], _Attached] = {}
+        self._scratch: Path | None = None
+
+    async def start(self) -> None:
+        try:
+            self._runtime = importlib.import_module("providers.wasm.runtime")
+        except ImportError as error:
+            raise ProviderError(
+                f"wasm targets need the Extism runtime ({error}): "
+                "pip install 'linchkit-dispatcher[wasm]'"
+            ) from error
+        # Targets without a cache_dir compile into this one: their lanes reuse the first
+        # compile, and nothing is left behind when the dispatcher stops.
+        self._scratch = Path(tempfile.mkdtemp(prefix="linchkit-wasm-"))
+
+    async def attach(self, plugin: PluginInfo, target: WasmTarget) -> None:
+        key = (plugin.id, plugin.version, target.key)
+        if key in self._attached:
+            return
+        runtime = self._runtime
+        if runtime is None or self._scratch is None:
+            raise ProviderError("the wasm provider is not started")
+        module = await asyncio.to_thread(read_pinned, target.module, target.sha256)
+        sandbox = sandbox_of(plugin.capabilities, plugin.config)
+        for line in sandbox.translation.unenforced:
+            log.warning("%s on %s: %s", plugin.key, target.describe(), line)
+        pool = InstancePool(
+            plugin.key,
+            functools.partial(
+                runtime.Compiled,
+                module.code,
+                module.sha256,
+                sandbox.manifest_options,
+                target.cache_dir or self._scratch,
+            ),
+            sandbox.config,
+            size=target.pool_size,
+            reuse=target.instances == "pooled",
+        )
+        attached = _Attached(pool, sandbox.memory_mb, sandbox.cpu_s, sandbox.translation)
+        try:
+            instance = await pool.warm()
+            missing = [name for name in plugin.methods if not instance.exports(name)]
+        except runtime.CallFailed as failure:
+            await pool.aclose()
+            raise ProviderError(f"{plugin.key}: {module.path}: {failure.message}") from None
+        if missing:
+            await pool.aclose()
+            raise ProviderError(
+                f"{plugin.key}: the module {module.path.name} exports no function for the "
+                f"manifest's method(s) {', '.join(missing)}"
+            )
+        attached.exports = {name: True for name in plugin.methods}
+        self._attached[key] = attached
+
+    async def detach(self, plugin: PluginInfo, target: WasmTarget) -> None:
+        attached = self._attached.pop((plugin.id, plugin.version, target.key), None)
+        if attached is not None:
+            await attached.pool.aclose()
+
+    async def aclose(self) -> None:
+        attached, self._attached = self._attached, {}
+        await asyncio.gather(*(each.pool.aclose() for each in attached.values()))
+        if self._scratch is not None:
+            await asyncio.to_thread(shutil.rmtree, self._scratch, True)
+            self._scratch = None
+
+    def sandbox(self, plugin: PluginInfo, target: WasmTarget) -> Translation | None:
+        attached = self._attached.get((plugin.id, plugin.version, target.key))
+        if attached is not None:
+            return attached.translation
+        return sandbox_of(plugin.capabilities, plugin.config).translation
+
+    async def invoke(self, target: WasmTarget, invocation: Invocation) -> Any:
+        attached = self._attached.get((invocation.plugin, invocation.version, target.key))
+        if attached is None:
+            raise TargetUnavailable(f"{invocation.plugin}@{invocation.version} is not started")
+        if invocation.method not in attached.exports:
+            raise MethodNotFound(
+                f"{invocation.plugin} has no method {invocation.method!r} in its manifest"
+            )
+        payload = encode_json(invocation.params)
+        remaining = invocation.remaining()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"{invocation.plugin}.{invocation.method}: deadline passed")
+        cpu_capped = attached.cpu_s is not None and attached.cpu_s < remaining
+        seconds = attached.cpu_s if cpu_capped and attached.cpu_s is not None else remaining
+        result = await attached.pool.call(
+            invocation.method, payload, seconds, cpu_capped=cpu_capped
+        )
+        return _result(invocation, result, attached)
+
+    async def health(self, target: WasmTarget) -> Health:
+        pools = [each.pool for key, each in self._attached.items() if key[2] == target.key]
+        if not pools:
+            return Health("not_serving", "not attached")
+        return Health("serving", ", ".join(repr(pool) for pool in pools))
+
+    def __repr__(self) -> str:
+        return f"<WasmProvider plugins={len(self._attached)}>"
+
+
+def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> Any:
+    where = f"{invocation.plugin}.{invocation.method}"
+    if result.cancelled_by == "deadline":
+        raise DeadlineExceeded(f"{where}: the call's deadline passed; the wasm call was stopped")
+    if result.cancelled_by == "cpu":
+        raise LimitExceeded(
+            f"{where}: ran past its cpu_s ({attached.cpu_s} s); the wasm call was stopped",
+            limit="cpu_s",
+            value=attached.cpu_s,
+        )
+    failure = result.failure
+    if failure is None:
+        output = result.output or b""
+        try:
+            return orjson.loads(output)
+        except orjson.JSONDecodeError:
+            raise ProviderError(
+                f"{where}: the module's output is not JSON: {output[:200]!r}"
+            ) from None
+    if failure.kind == "memory":
+        raise LimitExceeded(
+            f"{where}: the module grew its memory past memory_mb ({attached.memory_mb} MiB)",
+            limit="memory_mb",
+            value=attached.memory_mb,
+        )
+    if failure.kind == "plugin":
+        return _plugin_error(failure.message)
+    raise ProviderError(f"{where}: the wasm module failed: {failure.message[:500]}")
+
+
+def _plugin_error(message: str) -> Any:
+    if message.startswith("{"):
+        try:
+            error = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            error = None
+        if isinstance(error, dict):
+            raise error_from_wire(error)
+    raise PluginError(message, remote_type="ExtismError")

@@ -1,0 +1,3 @@
+module linchkit.test/capabilityprobe
+
+go 1.22

@@ -1,0 +1,124 @@
+// A hostile subprocess plugin for the sandbox tests (tests/test_subprocess_sandbox.py): it
+// dials out, reads and writes where it should not, reads variables, forks without end
+// and calls ptrace.
+// Built with the Go SDK so it needs nothing in its sandbox but its own file.
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/linchkit/dispatcher/sdk/go/plugin"
+)
+
+type pathParams struct {
+	Path string `json:"path" plugin:"required"`
+}
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "linger" { // a child of spawn: lives until killed
+		time.Sleep(time.Minute)
+		return
+	}
+	p := plugin.New("hostile", "1.0.0")
+
+	p.Method("whoami", "uid, pid and no_new_privs of the plugin", func(_ context.Context, _ *plugin.Call) (any, error) {
+		status, _ := os.ReadFile("/proc/self/status")
+		noNewPrivs := ""
+		for _, line := range strings.Split(string(status), "\n") {
+			if strings.HasPrefix(line, "NoNewPrivs:") {
+				noNewPrivs = strings.TrimSpace(strings.TrimPrefix(line, "NoNewPrivs:"))
+			}
+		}
+		return map[string]any{"uid": os.Getuid(), "pid": os.Getpid(), "no_new_privs": noNewPrivs}, nil
+	})
+
+	p.Method("connect", "dials address over TCP", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Address string `json:"address" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		conn, err := net.DialTimeout("tcp", params.Address, 2*time.Second)
+		if err != nil {
+			return nil, plugin.NewError("NetworkError", err.Error())
+		}
+		_, _ = conn.Write([]byte("escaped"))
+		_ = conn.Close()
+		return "connected", nil
+	})
+
+	p.Method("read", "the content of path", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params pathParams
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		content, err := os.ReadFile(params.Path)
+		if err != nil {
+			return nil, plugin.NewError("FileError", err.Error())
+		}
+		return string(content), nil
+	})
+
+	p.Method("write", "writes to path", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params pathParams
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(params.Path, []byte("written by the plugin"), 0o644); err != nil {
+			return nil, plugin.NewError("FileError", err.Error())
+		}
+		return true, nil
+	})
+
+	p.Method("env", "the value of variable name, or null", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Name string `json:"name" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		if value, ok := os.LookupEnv(params.Name); ok {
+			return value, nil
+		}
+		return nil, nil
+	})
+
+	p.Method("spawn", "starts up to n processes, counts those that started, ends them", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			N int `json:"n" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		var started []*exec.Cmd
+		failure := ""
+		for range params.N {
+			child := exec.Command("/proc/self/exe", "linger")
+			if err := child.Start(); err != nil {
+				failure = err.Error()
+				break
+			}
+			started = append(started, child)
+		}
+		for _, child := range started {
+			_ = child.Process.Kill()
+			_ = child.Wait()
+		}
+		return map[string]any{"started": len(started), "error": failure}, nil
+	})
+
+	p.Method("ptrace", "calls ptrace(PTRACE_TRACEME)", func(_ context.Context, _ *plugin.Call) (any, error) {
+		_, _, errno := syscall.Syscall(syscall.SYS_PTRACE, syscall.PTRACE_TRACEME, 0, 0)
+		return fmt.Sprintf("ptrace returned errno %d", errno), nil
+	})
+
+	p.Serve()
+}

@@ -1,0 +1,193 @@
+"""provider: subprocess with ``sandbox:``: a real hostile plugin (Go, tests/plugins/
+sandbox_hostile) under real bubblewrap, seccomp and resource limits.
+
+Each test asks the plugin to do what a sandboxed plugin must not, and checks both the
+plugin's answer and the host's side (a listener that hears nothing, a file not written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher, PluginError, TargetUnavailable
+from tests.conftest import manifest
+from tests.sandbox_support import build_static, open_folder, remove
+
+pytestmark = [
+    pytest.mark.toolchain,
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
+]
+
+METHODS = ("whoami", "connect", "read", "write", "env", "spawn", "ptrace")
+
+
+@pytest.fixture(scope="module")
+def hostile_executable() -> Iterator[Path]:
+    """The plugin, built into a folder of its own that the sandbox's user may enter."""
+    folder = open_folder("sandbox-plugin-")
+    yield build_static("sandbox_hostile", folder, "hostile")
+    remove(folder)
+
+
+def sandboxed(
+    executable: Path, capabilities: dict[str, Any] | None = None, **target: Any
+) -> dict[str, Any]:
+    return {
+        "id": "hostile",
+        "version": "1.0.0",
+        "capabilities": capabilities or {},
+        "target": {
+            "provider": "subprocess",
+            "command": [str(executable)],
+            "sandbox": True,
+            "restart_backoff_ms": 50,
+            **target,
+        },
+        "methods": {name: {} for name in METHODS},
+    }
+
+
+@pytest.fixture
+async def dispatcher(hostile_executable: Path) -> AsyncIterator[Dispatcher]:
+    async with Dispatcher(manifest(sandboxed(hostile_executable, {"pids": 24}))) as running:
+        yield running
+
+
+@pytest.fixture
+def host_folder() -> Iterator[Path]:
+    """A host folder outside the plugin's view (and readable by its user, were it visible)."""
+    folder = open_folder("sandbox-host-", 0o777)
+    yield folder
+    remove(folder)
+
+
+async def call(dispatcher: Dispatcher, method: str, **params: Any) -> Any:
+    return await dispatcher.call("hostile", method, params, timeout=20)
+
+
+async def test_the_plugin_runs_unprivileged_in_its_own_namespaces(dispatcher: Dispatcher) -> None:
+    me = await call(dispatcher, "whoami")
+    assert me["no_new_privs"] == "1"
+    assert me["pid"] < 10  # its own PID namespace: it cannot see, let alone signal, ours
+    if os.geteuid() == 0:
+        assert me["uid"] == 65534
+
+
+async def test_network_egress_fails_and_a_loopback_listener_hears_nothing(
+    dispatcher: Dispatcher,
+) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    try:
+        for address in (f"127.0.0.1:{port}", "1.1.1.1:443"):
+            with pytest.raises(PluginError) as caught:
+                await call(dispatcher, "connect", address=address)
+            assert caught.value.remote_type == "NetworkError"
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+async def test_writing_outside_its_tmp_fails_and_its_tmp_is_private(
+    dispatcher: Dispatcher, host_folder: Path, hostile_executable: Path
+) -> None:
+    for path in (
+        host_folder / "dropped",
+        hostile_executable.parent / "dropped",
+        Path("/usr/dropped"),
+    ):
+        with pytest.raises(PluginError) as caught:
+            await call(dispatcher, "write", path=str(path))
+        assert caught.value.remote_type == "FileError"
+        assert not path.exists()
+    name = f"/tmp/sandbox-private-{os.getpid()}"
+    assert await call(dispatcher, "write", path=name) is True
+    assert not Path(name).exists()  # noqa: ASYNC240 - the plugin's /tmp is its own
+
+
+async def test_reading_a_host_file_outside_its_view_fails(
+    dispatcher: Dispatcher, host_folder: Path
+) -> None:
+    secret = host_folder / "secret"
+    secret.write_text("host secret")
+    secret.chmod(0o644)
+    for path in (secret, Path("/etc/passwd"), Path("/root/.bashrc")):
+        with pytest.raises(PluginError) as caught:
+            await call(dispatcher, "read", path=str(path))
+        assert caught.value.remote_type == "FileError"
+
+
+async def test_a_fork_bomb_stops_at_the_process_limit(dispatcher: Dispatcher) -> None:
+    outcome = await call(dispatcher, "spawn", n=500)
+    assert outcome["started"] < 24
+    assert "resource temporarily unavailable" in outcome["error"]
+    assert (await call(dispatcher, "whoami"))["no_new_privs"] == "1"  # still serving
+
+
+async def test_a_forbidden_syscall_kills_only_the_plugin_which_restarts(
+    dispatcher: Dispatcher,
+) -> None:
+    before = dispatcher.providers["subprocess"]._processes  # type: ignore[attr-defined]
+    (process,) = before.values()
+    first_pid = process.pid
+    with pytest.raises(TargetUnavailable):
+        await call(dispatcher, "ptrace")
+    deadline = time.monotonic() + 20
+    while True:  # restart as configured (restart: true, backoff 50 ms)
+        try:
+            await call(dispatcher, "whoami")
+            break
+        except TargetUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+    assert process.pid != first_pid
+    assert process.restarts == 1
+
+
+async def test_granted_files_and_variables_are_visible_as_granted(
+    hostile_executable: Path, host_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readable, writable = host_folder / "ro", host_folder / "rw"
+    for folder in (readable, writable):
+        folder.mkdir()
+        folder.chmod(0o777)
+    (readable / "data").write_text("granted")
+    capabilities = {
+        "files": [{"path": str(readable), "mode": "ro"}, {"path": str(writable), "mode": "rw"}],
+    }
+    async with Dispatcher(manifest(sandboxed(hostile_executable, capabilities))) as dispatcher:
+        assert await call(dispatcher, "read", path=str(readable / "data")) == "granted"
+        with pytest.raises(PluginError):
+            await call(dispatcher, "write", path=str(readable / "new"))
+        assert await call(dispatcher, "write", path=str(writable / "new")) is True
+    assert (writable / "new").read_text() == "written by the plugin"
+
+
+async def test_what_cannot_be_enforced_is_reported_at_attach(
+    hostile_executable: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugin = sandboxed(hostile_executable, {"network": ["10.0.0.0/8"]})
+    with caplog.at_level(logging.WARNING, logger="dispatcher.providers.subprocess"):
+        async with Dispatcher(manifest(plugin)) as dispatcher:
+            spec = dispatcher.manifest.plugins[0]
+            translation = dispatcher.providers["subprocess"].sandbox(spec, spec.target)
+    assert translation is not None
+    assert any(
+        "network: limited to 10.0.0.0/8 is not enforced" in line for line in translation.unenforced
+    )
+    assert "network: limited to 10.0.0.0/8 is not enforced" in caplog.text
