@@ -5,7 +5,8 @@
 # Prometheus (the server that scrapes a dispatcher's /metrics in
 # tests/test_telemetry_prometheus.py; Debian's package also enables a system service: the
 # tests never use it, they start their own) and redis-server (the shared state backend of
-# tests/test_state_redis.py, Redis 7.0; the tests run their own).
+# tests/test_state_redis.py, Redis 7.0; the tests run their own) and bubblewrap (the
+# sandbox of subprocess plugins, tests/test_subprocess_sandbox.py).
 # Idempotent and quiet when all are present. Nothing is started here: each test session
 # starts its own on free loopback ports (tests/services.py).
 set -euo pipefail
@@ -14,6 +15,7 @@ command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "missing ${missing[*]}: install them with apt-get (as root) and run again" >&2
