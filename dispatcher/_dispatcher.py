@@ -33,6 +33,7 @@ from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher._signals import SignalDrain
+from dispatcher._versions import SUPPORTED_PROTOCOLS
 from dispatcher.access import AccessControl
 from dispatcher.audit import AuditLog
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
@@ -48,6 +49,7 @@ from linchkit_plugin.errors import (
     InvalidParams,
     MethodNotFound,
     PluginNotFound,
+    ProviderError,
     ShuttingDown,
 )
 from providers import provider_classes
@@ -807,6 +809,7 @@ class Dispatcher:
     # -- internals -----------------------------------------------------------------------
 
     async def _attach(self, plugin: PluginSpec[Any]) -> None:
+        _check_protocol(plugin)
         for target in plugin.targets():
             provider = self._providers[target.provider]
             for instance in target.instance_targets():
@@ -847,6 +850,19 @@ class Dispatcher:
         for name in sorted(used):
             providers[name] = classes[name]()
         return providers
+
+
+def _check_protocol(plugin: PluginSpec[Any]) -> None:
+    """Refuse a plugin declaring a protocol this dispatcher does not speak, before any of
+    its processes start."""
+    if plugin.protocol is not None and plugin.protocol not in SUPPORTED_PROTOCOLS:
+        spoken = ", ".join(map(str, sorted(SUPPORTED_PROTOCOLS)))
+        raise ProviderError(
+            f"{plugin.key} speaks plugin protocol {plugin.protocol}; this dispatcher speaks"
+            f" {spoken}: refusing to attach it (upgrade the dispatcher or use a build of the"
+            " plugin for a protocol it speaks)",
+            details={"plugin": plugin.key, "protocol": plugin.protocol},
+        )
 
 
 def _checked_grace(grace: object) -> float:

@@ -69,6 +69,11 @@ class PluginSpec(StrictModel, Generic[TargetT]):
     target: TargetT | None = None
     defaults: Policies = Field(default_factory=Policies)
     lifecycle: Lifecycle = Field(default_factory=Lifecycle)
+    protocol: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="The plugin protocol version it speaks; the dispatcher refuses one it"
+        " does not, and a transport reporting another at attach (README: versions).",
+    )
     methods: Annotated[dict[str, MethodSpec[TargetT]], Field(min_length=1)]
 
     @field_validator("version")
