@@ -200,6 +200,10 @@ class RouteTable:
         self._versions.clear()
         self._ranges.clear()
 
+    def routes_of(self, plugin: str, version: str) -> dict[str, Route]:
+        """The routes of one plugin version (a reload keeps them for an unchanged one)."""
+        return self._versions[(plugin, version)]
+
     def plugins(self) -> list[tuple[str, str]]:
         """Every ``(plugin, version)`` routed."""
         return list(self._versions)
