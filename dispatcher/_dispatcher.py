@@ -31,8 +31,10 @@ from dispatcher._fallback import Fallback
 from dispatcher._guard import Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
+from dispatcher._reload import ReloadPlan, plan_reload
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher._signals import SignalDrain
+from dispatcher._versions import SUPPORTED_PROTOCOLS
 from dispatcher.access import AccessControl
 from dispatcher.audit import AuditLog
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
@@ -48,12 +50,16 @@ from linchkit_plugin.errors import (
     InvalidParams,
     MethodNotFound,
     PluginNotFound,
+    ProviderError,
     ShuttingDown,
 )
 from providers import provider_classes
 from providers.base import Provider
 from providers.invocation import Invocation, new_request_id
 from providers.target import TargetConfig
+
+#: How long a reload lets calls to the plugins it removes finish, by default.
+RELOAD_GRACE_SECONDS = 30.0
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -112,10 +118,16 @@ class Dispatcher:
         self._calls = self._in_flight.calls
         self._cut = self._in_flight.cut
         self._draining = False
+        #: Whether a call or stream ending must tell ``_in_flight`` (a drain or a reload
+        #: waits for it); one attribute check on the hot path otherwise.
+        self._tell_left = False
         self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
         self._drained: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] | None = None
         self._signal_drain = SignalDrain(lambda grace: self.aclose(grace=grace))
+        #: The file ``reload_from_file`` reads again (``from_file`` sets it).
+        self.manifest_path: str | None = None
+        self._reloading = asyncio.Lock()
         # Who may call what, and the audit log (dispatcher._guard). ``_guarded``: every
         # call must pass the guard; without it the hot path is one attribute check.
         self.authenticator: ChainAuthenticator | None = authenticator_of(manifest)
@@ -134,7 +146,9 @@ class Dispatcher:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **options: Any) -> Self:
         """A dispatcher for the manifest at ``path`` (YAML or TOML)."""
-        return cls(load_manifest(path), **options)
+        dispatcher = cls(load_manifest(path), **options)
+        dispatcher.manifest_path = os.fspath(path)
+        return dispatcher
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -261,7 +275,7 @@ class Dispatcher:
             return
         loop = asyncio.get_running_loop()
         self._drained = loop.create_future()
-        self._draining = True
+        self._draining = self._tell_left = True
         if self._state == "running":
             self._state = "draining"
         try:
@@ -294,6 +308,162 @@ class Dispatcher:
                 f"drain_on_signal needs a running dispatcher; this one is {self._state}"
             )
         self._signal_drain.install(grace, signals)
+
+    # -- reloading --------------------------------------------------------------------
+
+    async def reload_from_file(
+        self, path: str | os.PathLike[str] | None = None, *, grace: float = RELOAD_GRACE_SECONDS
+    ) -> dict[str, list[str]]:
+        """``reload`` the manifest at ``path`` (default: the one ``from_file`` read).
+        A file that does not load raises its ``ManifestError`` and changes nothing."""
+        if path is None:
+            path = self.manifest_path
+        if path is None:
+            raise RuntimeError("this dispatcher was not made from a file: pass the path")
+        manifest = load_manifest(path)
+        summary = await self.reload(manifest, grace=grace, source=os.fspath(path))
+        self.manifest_path = os.fspath(path)
+        return summary
+
+    async def reload(
+        self,
+        manifest: Manifest[Any],
+        *,
+        grace: float = RELOAD_GRACE_SECONDS,
+        source: str = "<manifest>",
+    ) -> dict[str, list[str]]:
+        """Switch to ``manifest`` without a restart; returns the plugin versions
+        (``id@version``) it ``added``, ``removed``, ``changed`` and ``kept``.
+
+        Checked first (``dispatcher._reload``): a change to a section that cannot change
+        live (``state``, ``auth``, ``gateway``…) or to what a running version was started
+        with raises ``ManifestError`` and changes nothing; so does a plugin that fails
+        to attach. Then new versions and targets are attached, and the routes swap at
+        once: calls routed before keep their route, calls after see the new manifest.
+        Unchanged versions keep their routes, policy state and processes. Last, what is
+        no longer used is detached once the calls in flight at the swap have ended, or
+        ``grace`` seconds have passed (then calls still using it fail as it goes).
+        Reloads run one at a time.
+        """
+        grace = _checked_grace(grace)
+        async with self._reloading:
+            if self._state != "running":
+                raise RuntimeError(f"reload needs a running dispatcher; this one is {self._state}")
+            plan = plan_reload(self.manifest, manifest, source=source)
+            for plugin in [*plan.added, *(new for _, new in plan.changed)]:
+                _check_protocol(plugin)
+            attached = await self._attach_new(plan)
+            retired = self._swap_routes(manifest, plan, attached)
+            summary = plan.summary()
+            log.info(
+                "reloaded %s: added %s, removed %s, changed %s, kept %d",
+                source,
+                summary["added"] or "none",
+                summary["removed"] or "none",
+                summary["changed"] or "none",
+                len(plan.kept),
+            )
+            if retired:
+                await self._detach_retired(retired, grace)
+            return summary
+
+    async def _attach_new(
+        self, plan: ReloadPlan
+    ) -> list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]]:
+        """Attach the instances of added versions and the targets changed versions gained;
+        all or none."""
+        wanted: list[tuple[PluginSpec[Any], TargetConfig]] = [
+            (plugin, instance)
+            for plugin in plan.added
+            for target in plugin.targets()
+            for instance in target.instance_targets()
+        ]
+        for old, new in plan.changed:
+            had = {instance.key for instance in _instances(old)}
+            wanted.extend((new, each) for each in _instances(new) if each.key not in had)
+        attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]] = []
+        try:
+            for plugin, instance in wanted:
+                provider = await self._started_provider(instance.provider)
+                await provider.attach(plugin, instance)
+                attached.append((provider, plugin, instance))
+        except BaseException:
+            for provider, plugin, instance in reversed(attached):
+                try:
+                    await provider.detach(plugin, instance)
+                except Exception:
+                    log.exception("detaching %s after a failed reload failed", plugin.key)
+            raise
+        return attached
+
+    async def _started_provider(self, name: str) -> Provider[Any]:
+        """The provider ``name``, started now if no plugin used it until this reload."""
+        provider = self._providers.get(name)
+        if provider is None:
+            provider = self._providers[name] = provider_classes()[name]()
+            provider.event_sink = self._events.emit
+            provider.use_egress(self.manifest.egress)
+            await provider.start()
+            self._started_providers.append(provider)
+        return provider
+
+    def _swap_routes(
+        self,
+        manifest: Manifest[Any],
+        plan: ReloadPlan,
+        attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]],
+    ) -> list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]]:
+        """Build the new table, then replace the reference (no await in between, so no call
+        sees half of it); returns the attachments no longer used."""
+        assert self.fleets is not None
+        old_routes = self._routes
+        kept = {plugin.key for plugin in plan.kept}
+        routes = RouteTable()
+        for plugin in manifest.plugins:
+            if plugin.key in kept:
+                routes.add(plugin, old_routes.routes_of(plugin.id, plugin.version))
+            else:
+                routes.add(plugin, {name: self._new_route(plugin, name) for name in plugin.methods})
+        for plugin in plan.removed:
+            for method in plugin.methods:
+                self._fallbacks.pop(f"{plugin.key}.{method}", None)
+        self._routes = routes
+        self.manifest = manifest
+        for fallback in self._fallbacks.values():
+            fallback.routes = routes
+        for plugin in plan.added:
+            for target in plugin.targets():
+                self.fleets.serve(plugin, target)
+        self._attached.extend(attached)
+        used = {
+            (plugin.key, instance.key)
+            for plugin in manifest.plugins
+            for instance in _instances(plugin)
+        }
+        retired = [each for each in self._attached if (each[1].key, each[2].key) not in used]
+        self._attached = [each for each in self._attached if each not in retired]
+        return retired
+
+    async def _detach_retired(
+        self, retired: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]], grace: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._tell_left = True
+        try:
+            settled = await self._in_flight.wait_settled(loop.time() + grace, self._current_task())
+        finally:
+            self._tell_left = self._draining
+        if not settled:
+            log.warning(
+                "reload: calls in flight at the swap still ran after %g s; detaching anyway", grace
+            )
+        for provider, plugin, target in reversed(retired):
+            try:
+                await provider.detach(plugin, target)
+            except Exception:
+                log.exception("detaching %s from %s failed", plugin.key, target.describe())
+            else:
+                log.info("reload: detached %s from %s", plugin.key, target.describe())
 
     def _refused(self, what: str) -> ShuttingDown:
         return ShuttingDown(
@@ -334,7 +504,7 @@ class Dispatcher:
             raise
         finally:
             calls.discard(task)
-            if self._draining:
+            if self._tell_left:
                 self._in_flight.left(task)
 
     async def __aenter__(self) -> Self:
@@ -413,7 +583,7 @@ class Dispatcher:
             raise
         finally:
             calls.discard(task)
-            if self._draining:
+            if self._tell_left:
                 self._in_flight.left(task)
 
     async def _guarded_call(
@@ -628,7 +798,7 @@ class Dispatcher:
             try:
                 await chunks.aclose()
             finally:
-                if self._draining:
+                if self._tell_left:
                     in_flight.left(None)
 
     async def publish(
@@ -807,6 +977,7 @@ class Dispatcher:
     # -- internals -----------------------------------------------------------------------
 
     async def _attach(self, plugin: PluginSpec[Any]) -> None:
+        _check_protocol(plugin)
         for target in plugin.targets():
             provider = self._providers[target.provider]
             for instance in target.instance_targets():
@@ -847,6 +1018,23 @@ class Dispatcher:
         for name in sorted(used):
             providers[name] = classes[name]()
         return providers
+
+
+def _instances(plugin: PluginSpec[Any]) -> list[TargetConfig]:
+    return [instance for target in plugin.targets() for instance in target.instance_targets()]
+
+
+def _check_protocol(plugin: PluginSpec[Any]) -> None:
+    """Refuse a plugin declaring a protocol this dispatcher does not speak, before any of
+    its processes start."""
+    if plugin.protocol is not None and plugin.protocol not in SUPPORTED_PROTOCOLS:
+        spoken = ", ".join(map(str, sorted(SUPPORTED_PROTOCOLS)))
+        raise ProviderError(
+            f"{plugin.key} speaks plugin protocol {plugin.protocol}; this dispatcher speaks"
+            f" {spoken}: refusing to attach it (upgrade the dispatcher or use a build of the"
+            " plugin for a protocol it speaks)",
+            details={"plugin": plugin.key, "protocol": plugin.protocol},
+        )
 
 
 def _checked_grace(grace: object) -> float:

@@ -63,7 +63,7 @@ class OpenStream:
 class InFlight:
     """The calls and streams in flight of one dispatcher, and the wake-up of a drain."""
 
-    __slots__ = ("_idle", "calls", "cut", "streams")
+    __slots__ = ("_idle", "_settled", "_settling", "_settling_streams", "calls", "cut", "streams")
 
     def __init__(self) -> None:
         self.calls: set[asyncio.Task[Any]] = set()
@@ -71,18 +71,53 @@ class InFlight:
         #: Tasks cancelled by a cut-off, so their call raises ``ShuttingDown``.
         self.cut: set[asyncio.Task[Any]] = set()
         self._idle: asyncio.Future[None] | None = None
+        # A reload waiting for the calls and streams in flight when routes swapped
+        # (``wait_settled``); calls that started later do not hold it up.
+        self._settled: asyncio.Future[None] | None = None
+        self._settling: set[asyncio.Task[Any]] = set()
+        self._settling_streams: set[OpenStream] = set()
 
     @property
     def count(self) -> int:
         return len(self.calls) + len(self.streams)
 
     def left(self, task: asyncio.Task[Any] | None) -> None:
-        """A call or stream ended while draining: wake the drain when it was the last."""
+        """A call or stream ended while draining or settling: wake the drain when it was
+        the last, the reload when the last of those it waits for ended."""
         if task is not None:
             self.cut.discard(task)  # a call that ended in spite of its cut-off
+            self._settling.discard(task)
         idle = self._idle
         if idle is not None and not self.calls and not self.streams and not idle.done():
             idle.set_result(None)
+        settled = self._settled
+        if (
+            settled is not None
+            and not self._settling
+            and not (self._settling_streams & self.streams)
+            and not settled.done()
+        ):
+            settled.set_result(None)
+
+    async def wait_settled(self, deadline: float, spare: asyncio.Task[Any] | None) -> bool:
+        """Wait until every call and stream in flight now has ended (those starting later
+        do not count; ``spare``: the waiting task itself), or the loop's clock reaches
+        ``deadline``; settled? The caller must have ``left`` called meanwhile."""
+        self._settling = {task for task in self.calls if task is not spare}
+        self._settling_streams = set(self.streams)
+        if not self._settling and not self._settling_streams:
+            return True
+        self._settled = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._settled
+        except TimeoutError:
+            return False
+        finally:
+            self._settled = None
+            self._settling = set()
+            self._settling_streams = set()
+        return True
 
     async def wait_idle(self, deadline: float) -> bool:
         """Wait until nothing is in flight or the loop's clock reaches ``deadline``; idle?"""

@@ -3,14 +3,18 @@
 Built once per plugin version when the dispatcher starts; a route holds everything a
 call needs resolved (the policy chain, the stream gate, the compiled params schema, the
 default deadline), so the hot path is two dict lookups and one await. Without a version,
-calls go to the highest version of the plugin (semantic version order).
+calls go to the highest version of the plugin (semantic version order); with a range
+(``^1.2``, ``dispatcher._versions``), to the highest version in it. A range is resolved
+once per table and remembered: a reload builds a new table, so what it resolved to
+follows the routes.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from dispatcher._versions import highest_in_range, version_key
 from dispatcher.config import DEFAULT_TIMEOUT_MS, PluginSpec
 from dispatcher.fleet import Fleet
 from dispatcher.policies import Gate, Step
@@ -153,15 +157,22 @@ def checked_timeout(timeout: object, what: str) -> float:
 class RouteTable:
     """Every route, by plugin version and by plugin (its highest version)."""
 
-    __slots__ = ("_latest", "_versions")
+    __slots__ = ("_latest", "_ranges", "_versions")
+
+    #: Distinct ranges remembered per table; past it the memory starts over (callers
+    #: choose the strings, so it must be bounded).
+    MAX_RANGES = 1024
 
     def __init__(self) -> None:
         self._latest: dict[str, dict[str, Route]] = {}
         self._versions: dict[tuple[str, str], dict[str, Route]] = {}
+        #: ``(plugin, range)`` → the routes of the highest version in it.
+        self._ranges: dict[tuple[str, str], dict[str, Route]] = {}
 
     def add(self, plugin: PluginSpec[Any], routes: dict[str, Route]) -> None:
         """Add the routes of one plugin version; the highest version becomes the default."""
         self._versions[(plugin.id, plugin.version)] = routes
+        self._ranges.clear()  # a new version may be the highest in a range
         current = self.latest_version(plugin.id)
         if current is None or version_key(plugin.version) > version_key(current):
             self._latest[plugin.id] = routes
@@ -187,28 +198,54 @@ class RouteTable:
     def clear(self) -> None:
         self._latest.clear()
         self._versions.clear()
+        self._ranges.clear()
+
+    def routes_of(self, plugin: str, version: str) -> dict[str, Route]:
+        """The routes of one plugin version (a reload keeps them for an unchanged one)."""
+        return self._versions[(plugin, version)]
+
+    def plugins(self) -> list[tuple[str, str]]:
+        """Every ``(plugin, version)`` routed."""
+        return list(self._versions)
 
     def _methods(self, plugin: str, version: str | None, state: str) -> dict[str, Route]:
-        methods = (
-            self._latest.get(plugin) if version is None else self._versions.get((plugin, version))
-        )
+        if version is None:
+            methods = self._latest.get(plugin)
+        else:  # an exact version first: its cost stays one lookup
+            methods = self._versions.get((plugin, version)) or self._in_range(plugin, version)
         if not methods:
             raise self._not_found(plugin, version, state)
+        return methods
+
+    def _in_range(self, plugin: str, wanted: str) -> dict[str, Route] | None:
+        key = (plugin, wanted)
+        methods = self._ranges.get(key)
+        if methods is not None:
+            return methods
+        versions = [version for (id_, version) in self._versions if id_ == plugin]
+        if not versions:
+            return None
+        best = highest_in_range(versions, wanted)
+        if best is None:
+            return None
+        if len(self._ranges) >= self.MAX_RANGES:
+            self._ranges.clear()
+        methods = self._ranges[key] = self._versions[(plugin, best)]
         return methods
 
     def _not_found(self, plugin: str, version: str | None, state: str) -> DispatchError:
         if state != "running":
             return PluginNotFound(f"the dispatcher is {state}; call it inside 'async with'")
         wanted = plugin if version is None else f"{plugin}@{version}"
+        versions = sorted((v for p, v in self._versions if p == plugin), key=version_key)
+        if versions:
+            return PluginNotFound(
+                f"no version of {plugin!r} satisfies {version!r}; it has: {', '.join(versions)}",
+                details={"plugin": plugin, "wanted": version, "versions": versions},
+            )
         known = ", ".join(sorted(f"{p}@{v}" for p, v in self._versions)) or "none"
         return PluginNotFound(f"no plugin {wanted!r} in the manifest; known: {known}")
 
     def __getitem__(self, plugin: str) -> dict[str, Route]:
         """The routes of ``plugin``'s highest version (for tests and debugging)."""
         return self._latest[plugin]
-
-
-def version_key(version: str) -> tuple[Sequence[int], bool, str]:
-    """Semantic version order: a release above its pre-releases (build metadata ignored)."""
-    core, _, rest = version.partition("+")[0].partition("-")
-    return tuple(int(part) for part in core.split(".")), not rest, rest

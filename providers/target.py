@@ -259,6 +259,11 @@ class PluginInfo(Protocol):
     def lifecycle(self) -> Lifecycle: ...
 
     @property
+    def protocol(self) -> int | None:
+        """The plugin protocol version the manifest says it speaks, if it says."""
+        ...
+
+    @property
     def methods(self) -> Mapping[str, Any]:
         """The plugin's methods by name; a provider reads only the names."""
         ...

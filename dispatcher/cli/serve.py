@@ -3,12 +3,17 @@
 On either signal it stops taking calls (``/readyz`` answers 503, new calls 503
 ``shutting_down``), lets the calls in flight finish for ``--grace`` seconds, then closes
 the listener and every connection, then the dispatcher. SIGHUP reloads the TLS
-certificate (it is also reloaded when its files change).
+certificate (it is also reloaded when its files change) and the manifest
+(``Dispatcher.reload``: an invalid one is logged and changes nothing); with ``--watch``
+the manifest is also reloaded when its file's modification time changes (polled: no
+platform file-watching API to depend on, and a manifest changes rarely).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +22,15 @@ from typing import Any
 import click
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher.cli._app import EXIT_USAGE, load, main, manifest_option
-from dispatcher.config import Manifest
+from dispatcher.cli._app import EXIT_USAGE, load, main, manifest_option, session
+from dispatcher.config import Manifest, ManifestError
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from linchkit_plugin.errors import DispatchError
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _DEFAULTS = GatewaySettings()
+
+log = logging.getLogger("dispatcher")
 
 
 @main.command()
@@ -68,6 +75,13 @@ _DEFAULTS = GatewaySettings()
     help="Seconds calls in flight may take to finish on SIGTERM/SIGINT.",
 )
 @click.option("--access-log", is_flag=True, help="Log every request (aiohttp.access, to stderr).")
+@click.option(
+    "--watch",
+    type=click.FloatRange(0.05, 3600),
+    default=None,
+    metavar="SECONDS",
+    help="Reload the manifest when its file changes, checking every SECONDS (SIGHUP always reloads it).",
+)
 @manifest_option
 @click.pass_context
 def serve(
@@ -82,6 +96,7 @@ def serve(
     max_body_bytes: int,
     grace: float,
     access_log: bool,
+    watch: float | None,
 ) -> None:
     """Serve the manifest's plugins over HTTP (and a WebSocket for events), and gRPC
     with --grpc-port.
@@ -108,13 +123,14 @@ def serve(
         if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
     }
     manifest = load(context)
+    path = session(context).manifest
     try:
         settings = GatewaySettings.from_config(manifest.gateway, **given)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_serve(manifest, settings, access_log))
+            runner.run(_serve(manifest, settings, access_log, path, watch))
     except DispatchError as error:  # a plugin that cannot start
         click.echo(f"error: {error}", err=True)
         context.exit(1)
@@ -134,9 +150,46 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-async def _serve(manifest: Manifest[Any], settings: GatewaySettings, access_log: bool) -> None:
+async def _reload(dispatcher: Dispatcher, path: str, grace: float) -> None:
+    try:
+        summary = await dispatcher.reload_from_file(path, grace=grace)
+    except ManifestError as error:
+        log.error("manifest not reloaded, nothing changed: %s", error)
+    except Exception:
+        log.exception("manifest not reloaded, nothing changed")
+    else:
+        log.warning("manifest reloaded: %s", summary)
+
+
+async def _watch(dispatcher: Dispatcher, path: str, interval: float, grace: float) -> None:
+    """Reload when the file's modification time (or size) changes."""
+
+    def stamp() -> tuple[int, int] | None:
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None  # an editor replacing the file: wait for it to come back
+        return status.st_mtime_ns, status.st_size
+
+    seen = stamp()
+    while True:
+        await asyncio.sleep(interval)
+        now = stamp()
+        if now is not None and now != seen:
+            seen = now
+            await _reload(dispatcher, path, grace)
+
+
+async def _serve(
+    manifest: Manifest[Any],
+    settings: GatewaySettings,
+    access_log: bool,
+    path: str,
+    watch: float | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
     # Leaving closes the server first (listener, connections), then the dispatcher.
     async with (
         Dispatcher(manifest) as dispatcher,
@@ -144,7 +197,18 @@ async def _serve(manifest: Manifest[Any], settings: GatewaySettings, access_log:
     ):
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, server.reload_certificates)
+        dispatcher.manifest_path = path
+
+        def on_hangup() -> None:
+            server.reload_certificates()
+            task = loop.create_task(_reload(dispatcher, path, settings.grace))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        if watch is not None:
+            watcher = loop.create_task(_watch(dispatcher, path, watch, settings.grace))
+            reloads.add(watcher)
         try:
             click.echo(f"listening on {server.url}")
             if server.grpc is not None:
@@ -155,3 +219,6 @@ async def _serve(manifest: Manifest[Any], settings: GatewaySettings, access_log:
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+            for task in reloads:  # the watcher and reloads under way end with the server
+                task.cancel()
+            await asyncio.gather(*reloads, return_exceptions=True)

@@ -74,6 +74,11 @@ class PluginSpec(StrictModel, Generic[TargetT]):
         default_factory=Capabilities,
         description="What the plugin may touch where its provider sandboxes it (defaults deny).",
     )
+    protocol: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="The plugin protocol version it speaks; the dispatcher refuses one it"
+        " does not, and a transport reporting another at attach (README: versions).",
+    )
     methods: Annotated[dict[str, MethodSpec[TargetT]], Field(min_length=1)]
 
     @field_validator("version")

@@ -4,6 +4,8 @@
 ``lifecycle: dispatcher`` on attach; the ``subprocess`` provider after every launch):
 
 1. wait until the channel connects, within ``ready_timeout`` (``TargetUnavailable``);
+   if the manifest declares the plugin's ``protocol``, ``Describe`` it and refuse
+   (``ProviderError``) a plugin reporting another one — before it is initialised;
 2. with an event sink, open the plugin's ``Events`` stream;
 3. ``Init`` with the manifest's ``config``, then ``Start``, each within the plugin's
    ``lifecycle.init_timeout_ms``; a failure raises and the plugin is not started;
@@ -23,7 +25,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from linchkit_plugin.errors import DispatchError
+from linchkit_plugin.errors import DispatchError, ProviderError
 
 if TYPE_CHECKING:
     from providers._grpc.connection import PluginConnection
@@ -46,13 +48,28 @@ async def begin(
 ) -> None:
     """Connect, open ``Events`` (with ``event_sink``), ``Init``, ``Start``; raise on failure."""
     await connection.wait_ready(ready_timeout)
+    init_timeout = plugin.lifecycle.init_timeout_ms / 1000
+    if plugin.protocol is not None:
+        await _check_protocol(connection, plugin, init_timeout)
     if event_sink is not None:
         connection.open_events(event_sink)
-    init_timeout = plugin.lifecycle.init_timeout_ms / 1000
     await connection.lifecycle("Init", init_timeout, plugin.config)
     await connection.lifecycle("Start", init_timeout)
     if event_sink is not None:
         await connection.events_ready(EVENTS_READY_WAIT)
+
+
+async def _check_protocol(connection: PluginConnection, plugin: PluginInfo, timeout: float) -> None:
+    info = await connection.describe_plugin(timeout)
+    reported = info["protocol_version"]
+    # 0 is proto3's unset: a plugin that does not report one is taken at its manifest's word.
+    if reported and reported != plugin.protocol:
+        raise ProviderError(
+            f"{plugin.key} on {connection.describe} speaks plugin protocol {reported}, but the"
+            f" manifest declares protocol {plugin.protocol}: refusing to attach it; deploy a"
+            " build of the plugin for that protocol or correct the manifest",
+            details={"reported": reported, "declared": plugin.protocol},
+        )
 
 
 async def end(connection: PluginConnection, plugin: PluginInfo) -> None:
