@@ -561,12 +561,18 @@ class Dispatcher:
                 idempotency_key,
                 request_id,
             )
-        if self._draining:
-            raise self._refused(f"call of {plugin}.{method}")
-        route = self._routes.find(plugin, method, version, self._state)
-        invocation = self._invocation(
-            route, params, timeout, request_id, caller, traceparent, idempotency_key
-        )
+        route: Route | None = None
+        try:
+            if self._draining:
+                raise self._refused(f"call of {plugin}.{method}")
+            route = self._routes.find(plugin, method, version, self._state)
+            invocation = self._invocation(
+                route, params, timeout, request_id, caller, traceparent, idempotency_key
+            )
+        except DispatchError as refused:
+            if self.telemetry is not None:  # refused before the chain, which counts the rest
+                self._count_refused(plugin, method, route, refused)
+            raise
         invoke = route.invoke if idempotency_key is None else route.once
         # In flight: the task in a set, so a drain can wait for it and cut it off
         # (dispatcher._drain). Inlined from _tracked: this is the per-call hot path.
@@ -606,6 +612,7 @@ class Dispatcher:
         served = guard.serving()
         route: Route | None = None
         failure: BaseException | None = None
+        chained = False
         try:
             if self._draining:
                 raise self._refused(f"call of {plugin}.{method}")
@@ -616,9 +623,12 @@ class Dispatcher:
                 route, params, timeout, request_id, caller_id, traceparent, idempotency_key
             )
             invoke = route.invoke if idempotency_key is None else route.once
+            chained = True  # from here on the chain's own telemetry step counts the call
             return await self._tracked(invoke(invocation), f"the call of {route.name}")
         except BaseException as error:
             failure = error
+            if self.telemetry is not None and not chained and isinstance(error, DispatchError):
+                self._count_refused(plugin, method, route, error)
             raise
         finally:
             guard.record(
@@ -635,6 +645,20 @@ class Dispatcher:
                 failure,
                 served,
             )
+
+    def _count_refused(
+        self, plugin: str, method: str, route: Route | None, error: DispatchError
+    ) -> None:
+        """Count a call refused before its chain ran. Names a caller made up are no
+        labels (the series would be theirs to multiply): unknown ones count as ``?``."""
+        assert self.telemetry is not None
+        if route is not None:
+            plugin, method = route.plugin, route.method
+        elif not self._routes.has_plugin(plugin):
+            plugin, method = "?", "?"
+        else:
+            method = "?"
+        self.telemetry.refused(plugin, method, error)
 
     def _authorized_route(
         self, plugin: str, method: str, version: str | None, caller: Caller

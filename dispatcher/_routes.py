@@ -177,6 +177,9 @@ class RouteTable:
         if current is None or version_key(plugin.version) > version_key(current):
             self._latest[plugin.id] = routes
 
+    def has_plugin(self, plugin: str) -> bool:
+        return plugin in self._latest
+
     def find(self, plugin: str, method: str, version: str | None, state: str) -> Route:
         """The route of ``plugin.method``; ``state`` explains a miss while not running."""
         methods = self._methods(plugin, version, state)

@@ -494,9 +494,12 @@ def test_otlp_headers_never_print() -> None:
     assert "s3cret" not in str(settings.resolved({}))
 
 
-async def test_errors_before_the_chain_are_the_callers_and_are_not_recorded() -> None:
+async def test_errors_before_the_chain_are_counted_but_not_kept() -> None:
     async with Dispatcher(telemetry_manifest({"metrics": {"enabled": True}}, traced())) as d:
         with pytest.raises(DispatchError):
             await d.call("nope", "context")
         assert d.telemetry is not None
-        assert d.telemetry.errors.counts == {}
+        # Counted (a flood of bad calls is worth seeing) under a name the caller did not
+        # choose; no entry kept: there was no invocation, and the message is theirs.
+        assert d.telemetry.errors.counts == {("?", "plugin_not_found"): 1}
+        assert not d.telemetry.errors.recent

@@ -100,3 +100,27 @@ async def test_top_once_shows_a_running_gateway_and_fails_cleanly_without_one(
     out, err = await asyncio.wait_for(gone.communicate(), 60)
     assert gone.returncode == 1
     assert err.decode().startswith("error: cannot read ") and "Traceback" not in err.decode()
+
+
+async def test_calls_refused_before_their_chain_are_counted_under_bounded_labels() -> None:
+    entry = echo_entry()  # say has a params schema
+    document = {"version": 1, "plugins": [entry], **METRICS_ON}
+    async with Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher:
+        for plugin, method, params in (
+            ("echo", "say", {"text": 7}),  # invalid params: the route is known
+            ("echo", "no_such_method", {}),
+            ("made-up-by-a-caller", "x", {}),
+        ):
+            with contextlib.suppress(DispatchError):
+                await dispatcher.call(plugin, method, params)
+        registry = dispatcher.telemetry.metrics.registry  # type: ignore[union-attr]
+        sample = Sample.parse(exposition(registry, None)[0].decode(), time=1.0)
+        errors = dispatcher.telemetry.errors.snapshot()  # type: ignore[union-attr]
+    assert {k: v for k, v in sample.calls[("echo", "say")].items() if v} == {"invalid_params": 1.0}
+    assert sample.calls[("echo", "?")] == {"method_not_found": 1.0}
+    assert sample.calls[("?", "?")] == {"plugin_not_found": 1.0}
+    assert {(count["plugin"], count["type"]) for count in errors["counts"]} == {
+        ("echo", "invalid_params"),
+        ("echo", "method_not_found"),
+        ("?", "plugin_not_found"),
+    }

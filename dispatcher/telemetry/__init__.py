@@ -35,6 +35,7 @@ from dispatcher.telemetry.metrics import (
     metrics_handler,
 )
 from dispatcher.telemetry.step import CallStep, Next
+from linchkit_plugin.errors import DispatchError
 from providers.invocation import Invocation, Outcome
 from providers.target import TargetConfig
 
@@ -145,6 +146,13 @@ class TelemetryRuntime:
             return result
 
         return counted_batch
+
+    def refused(self, plugin: str, method: str, error: DispatchError) -> None:
+        """A call refused before its chain ran (draining, unknown plugin or method,
+        invalid params, unauthorized): counted under its error type, with no latency."""
+        if self.metrics is not None:
+            self.metrics.record(plugin, method, error.type).buckets[0] += 1
+        self.errors.count(plugin, error.type)
 
     def breaker_changed(self, breaker: Any, old: Any, new: Any) -> None:
         if self.metrics is not None:

@@ -59,6 +59,11 @@ class ErrorLog:
         self.recent: deque[RecentError] = deque(maxlen=capacity)
         self.counts: dict[tuple[str, str], int] = {}
 
+    def count(self, plugin: str, kind: str) -> None:
+        """Count an error with no invocation to keep (a call refused before it had one)."""
+        key = (plugin, kind)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
     def record(
         self, invocation: Invocation, error: BaseException, trace_id: str | None = None
     ) -> None:
