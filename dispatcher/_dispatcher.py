@@ -53,6 +53,7 @@ from linchkit_plugin.errors import (
     PluginNotFound,
     ProviderError,
     ShuttingDown,
+    Unauthorized,
 )
 from providers import provider_classes
 from providers.base import Provider
@@ -955,9 +956,18 @@ class Dispatcher:
         paused, resumed or aborted (``dispatcher._rollout.RolloutEvent``)."""
         self._rollouts.listeners.append(listener)
 
-    def control_rollout(self, plugin: str, method: str, action: str) -> dict[str, Any]:
+    def control_rollout(
+        self, plugin: str, method: str, action: str, *, caller: Principal | None = None
+    ) -> dict[str, Any]:
         """``pause``, ``resume`` or ``abort`` the rollout of ``plugin.method``; returns its
-        stats. ``MethodNotFound`` if it has none, ``InvalidParams`` for another action."""
+        stats. ``MethodNotFound`` if it has none, ``InvalidParams`` for another action.
+        With ``access`` configured, ``caller`` must be allowed to call the method: who may
+        not send it traffic may not steer it either."""
+        if self._guard.access is not None:
+            if caller is None:
+                raise Unauthorized(f"controlling the rollout of {plugin}.{method} needs a caller")
+            version = self._rollouts.stats().get(f"{plugin}.{method}", {}).get("to", "")
+            self._guard.authorize(caller, plugin, version, method)
         return self._rollouts.control(plugin, method, action)
 
     def on_circuit_change(self, listener: CircuitListener) -> None:

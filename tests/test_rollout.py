@@ -259,3 +259,41 @@ async def test_a_canary_in_its_own_process_is_rolled_back(failing_canary_url: st
         assert stats["status"] == "rolled_back"
         assert failed == stats["errors"]["to"] == 2  # 5 % of 20 is 1: the 2nd crosses it
         assert stats["calls"]["to"] == 5  # 3 answered, then the 4th and 5th failed
+
+
+async def test_the_gateway_and_the_cli_show_and_steer_rollouts() -> None:
+    import aiohttp
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+    from dispatcher.gateway import GatewayServer, GatewaySettings
+
+    spec = rollout(steps=[50, 100], interval_s=60)
+    settings = GatewaySettings(port=0, header_timeout=2.0, body_timeout=2.0)
+    async with (
+        Dispatcher(rollouts_manifest(version("1.0.0"), version("2.0.0"), rollouts=[spec])) as d,
+        GatewayServer(d, settings) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.get(f"{server.url}/v1/rollouts") as answer:
+            listed = await answer.json()
+        assert listed["rollouts"]["svc.answer"]["percent"] == 50
+        async with session.post(f"{server.url}/v1/rollouts/svc/answer:pause") as answer:
+            assert answer.status == 200
+            assert (await answer.json())["rollout"]["status"] == "paused"
+        async with session.post(f"{server.url}/v1/rollouts/svc/answer:explode") as answer:
+            assert answer.status == 400
+        async with session.post(f"{server.url}/v1/rollouts/svc/nope:pause") as answer:
+            assert answer.status == 404
+        runner = CliRunner()
+        shown = await asyncio.to_thread(
+            runner.invoke, main, ["rollout", "status", "--url", server.url]
+        )
+        assert shown.exit_code == 0, shown.output
+        assert "svc.answer  1.0.0 -> 2.0.0  paused 50%" in shown.output
+        aborted = await asyncio.to_thread(
+            runner.invoke, main, ["rollout", "abort", "svc.answer", "--url", server.url]
+        )
+        assert aborted.exit_code == 0, aborted.output
+        assert "aborted 0%" in aborted.output
+        assert d.stats()["rollouts"]["svc.answer"]["status"] == "aborted"
