@@ -9,6 +9,7 @@ async with Dispatcher.from_file("plugins.yaml") as d:
 from __future__ import annotations
 
 from dispatcher._dispatcher import Call, Dispatcher, TargetHealth
+from dispatcher._rollout import RolloutEvent
 from dispatcher.config import (
     Manifest,
     ManifestError,
@@ -62,6 +63,7 @@ __all__ = [
     "Principal",
     "ProviderError",
     "RateLimited",
+    "RolloutEvent",
     "ShuttingDown",
     "TargetHealth",
     "TargetUnavailable",

@@ -32,6 +32,7 @@ from dispatcher._guard import Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
 from dispatcher._reload import ReloadPlan, plan_reload
+from dispatcher._rollout import RolloutListener, RolloutRuntime
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher._signals import SignalDrain
 from dispatcher._versions import SUPPORTED_PROTOCOLS
@@ -52,6 +53,7 @@ from linchkit_plugin.errors import (
     PluginNotFound,
     ProviderError,
     ShuttingDown,
+    Unauthorized,
 )
 from providers import provider_classes
 from providers.base import Provider
@@ -109,6 +111,8 @@ class Dispatcher:
             provider.event_sink = self._events.emit
             provider.use_egress(manifest.egress)
         self._routes = RouteTable()
+        #: The manifest's ``rollouts``: traffic splits and shadows (dispatcher._rollout).
+        self._rollouts = RolloutRuntime(self._clock)
         self._fallbacks: dict[str, Fallback] = {}
         self._attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]] = []
         self._started_providers: list[Provider[Any]] = []
@@ -157,7 +161,7 @@ class Dispatcher:
             raise RuntimeError(f"a dispatcher starts once; this one is {self._state}")
         self._state = "starting"
         loop = asyncio.get_running_loop()
-        self._clock = self._guard.clock = loop.time
+        self._clock = self._guard.clock = self._rollouts.clock = loop.time
         self._current_task = current_task_getter(loop)
         self._closed = loop.create_future()
         self.fleets = FleetRuntime(self._clock)
@@ -187,6 +191,7 @@ class Dispatcher:
                 self._started_providers.append(provider)
             for plugin in self.manifest.plugins:
                 await self._attach(plugin)
+            self._rollouts.configure(self.manifest.rollouts, self._routes)
             await self.fleets.start()
         except BaseException:
             await self.aclose()
@@ -208,6 +213,7 @@ class Dispatcher:
         drained = self._drained is not None
         self._state = "closed"
         self._routes.clear()
+        await self._rollouts.aclose()  # shadow calls: their callers have their answers
         if self.fleets is not None:
             await self.fleets.aclose()  # health checks end before the providers close
         if self.policies is not None:
@@ -427,6 +433,7 @@ class Dispatcher:
         for plugin in plan.removed:
             for method in plugin.methods:
                 self._fallbacks.pop(f"{plugin.key}.{method}", None)
+        self._rollouts.configure(manifest.rollouts, routes)
         self._routes = routes
         self.manifest = manifest
         for fallback in self._fallbacks.values():
@@ -948,6 +955,7 @@ class Dispatcher:
         hedge and fallback counters; access checks and the audit log's head."""
         stats = self.policies.stats() if self.policies is not None else {}
         stats["fallbacks"] = {name: each.stats() for name, each in self._fallbacks.items()}
+        stats["rollouts"] = self._rollouts.stats()
         stats.update(self._guard.stats())  # "access" and "audit", when configured
         stats["dispatcher"] = {
             "state": self._state,
@@ -966,6 +974,25 @@ class Dispatcher:
     def draining(self) -> bool:
         """True from the start of a drain on: new calls, streams and events are refused."""
         return self._draining
+
+    def on_rollout(self, listener: RolloutListener) -> None:
+        """Call ``listener(event)`` when a rollout advances, completes, rolls back, is
+        paused, resumed or aborted (``dispatcher._rollout.RolloutEvent``)."""
+        self._rollouts.listeners.append(listener)
+
+    def control_rollout(
+        self, plugin: str, method: str, action: str, *, caller: Principal | None = None
+    ) -> dict[str, Any]:
+        """``pause``, ``resume`` or ``abort`` the rollout of ``plugin.method``; returns its
+        stats. ``MethodNotFound`` if it has none, ``InvalidParams`` for another action.
+        With ``access`` configured, ``caller`` must be allowed to call the method: who may
+        not send it traffic may not steer it either."""
+        if self._guard.access is not None:
+            if caller is None:
+                raise Unauthorized(f"controlling the rollout of {plugin}.{method} needs a caller")
+            version = self._rollouts.stats().get(f"{plugin}.{method}", {}).get("to", "")
+            self._guard.authorize(caller, plugin, version, method)
+        return self._rollouts.control(plugin, method, action)
 
     def on_circuit_change(self, listener: CircuitListener) -> None:
         """Call ``listener(breaker, old_state, new_state)`` on every breaker transition."""

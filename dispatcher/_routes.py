@@ -12,7 +12,7 @@ follows the routes.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from dispatcher._versions import highest_in_range, version_key
 from dispatcher.config import DEFAULT_TIMEOUT_MS, PluginSpec
@@ -30,7 +30,14 @@ from providers.base import Provider
 from providers.invocation import Invocation
 from providers.target import TargetConfig
 
-__all__ = ["MAX_TIMEOUT_SECONDS", "Route", "RouteTable", "checked_timeout", "version_key"]
+__all__ = [
+    "MAX_TIMEOUT_SECONDS",
+    "Route",
+    "RouteTable",
+    "Split",
+    "checked_timeout",
+    "version_key",
+]
 
 #: The longest deadline a call may have: a day. Longer work belongs in an async job, and a
 #: bound keeps ``deadline_ms`` a sane integer on every wire.
@@ -84,6 +91,26 @@ class Route:
             self.stream = _bind_stream(provider, target)
         else:
             self.stream = _bind_fleet_stream(provider, fleet)
+
+    def with_invoke(self, invoke: Step) -> Route:
+        """This route with ``invoke`` around its chain (a rollout measures, a shadow
+        mirrors); a call carrying an idempotency key takes it too."""
+        route = object.__new__(Route)
+        for name in Route.__slots__:
+            setattr(route, name, getattr(self, name))
+        route.invoke = route.once = invoke
+        return route
+
+
+class Split(Protocol):
+    """Chooses the route of the calls of one method that name no exact version
+    (``dispatcher._rollout``: a rollout between two versions, or a shadow)."""
+
+    def covers(self, wanted: str) -> bool:
+        """Whether both versions satisfy the range ``wanted`` (then it splits too)."""
+        ...
+
+    def pick(self) -> Route: ...
 
 
 def _bind_stream(
@@ -157,7 +184,7 @@ def checked_timeout(timeout: object, what: str) -> float:
 class RouteTable:
     """Every route, by plugin version and by plugin (its highest version)."""
 
-    __slots__ = ("_latest", "_ranges", "_versions")
+    __slots__ = ("_latest", "_ranges", "_splits", "_versions")
 
     #: Distinct ranges remembered per table; past it the memory starts over (callers
     #: choose the strings, so it must be bounded).
@@ -168,6 +195,12 @@ class RouteTable:
         self._versions: dict[tuple[str, str], dict[str, Route]] = {}
         #: ``(plugin, range)`` → the routes of the highest version in it.
         self._ranges: dict[tuple[str, str], dict[str, Route]] = {}
+        #: ``(plugin, method)`` → its rollout or shadow; empty, it costs a call one check.
+        self._splits: dict[tuple[str, str], Split] = {}
+
+    def split(self, plugin: str, method: str, split: Split) -> None:
+        """Let ``split`` route the calls of ``plugin.method`` naming no exact version."""
+        self._splits[(plugin, method)] = split
 
     def add(self, plugin: PluginSpec[Any], routes: dict[str, Route]) -> None:
         """Add the routes of one plugin version; the highest version becomes the default."""
@@ -187,6 +220,13 @@ class RouteTable:
         if route is None:
             known = ", ".join(sorted(methods))
             raise MethodNotFound(f"plugin {plugin!r} has no method {method!r}; it has: {known}")
+        if self._splits:
+            split = self._splits.get((plugin, method))
+            if split is not None and (
+                version is None
+                or ((plugin, version) not in self._versions and split.covers(version))
+            ):
+                return split.pick()
         return route
 
     def version_of(self, plugin: str, version: str | None, state: str) -> str:
@@ -202,6 +242,7 @@ class RouteTable:
         self._latest.clear()
         self._versions.clear()
         self._ranges.clear()
+        self._splits.clear()
 
     def routes_of(self, plugin: str, version: str) -> dict[str, Route]:
         """The routes of one plugin version (a reload keeps them for an unchanged one)."""

@@ -1,7 +1,7 @@
 """``dispatcher``: validate a manifest, list, call, deploy and remove plugins, check their
 health, inspect their sandboxes, read their logs, verify audit logs, print the manifest's
 JSON Schema, scaffold a new plugin, run a local Lambda, serve the plugins over HTTP (the
-gateway), watch a running gateway.
+gateway), watch a running gateway and steer its rollouts.
 
 One module per family of commands; each registers its commands on the group in ``_app``.
 """
@@ -18,6 +18,7 @@ from dispatcher.cli import (
     manifest,
     new,
     remove,
+    rollout,
     schema,
     serve,
     top,
@@ -37,6 +38,7 @@ _COMMANDS = (
     manifest,
     new,
     remove,
+    rollout,
     schema,
     serve,
     top,

@@ -25,6 +25,7 @@ from dispatcher.config.policies import (
     RateLimit,
     RetryPolicy,
 )
+from dispatcher.config.rollouts import RolloutSpec, ShadowSpec
 from dispatcher.config.security import (
     AccessConfig,
     ApiKey,
@@ -74,6 +75,8 @@ __all__ = [
     "ResolvedTracing",
     "RetryPolicy",
     "RoleRules",
+    "RolloutSpec",
+    "ShadowSpec",
     "StateConfig",
     "Telemetry",
     "TracingSettings",

@@ -226,6 +226,42 @@ def _semantic_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
                     " with several instances (a fleet); for one instance use 'retry'",
                 )
     yield from fallback_problems(manifest)
+    yield from _rollout_problems(manifest)
+
+
+def _rollout_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
+    """Rollouts naming a version or method that does not exist, two for one method, a
+    version rolled to itself, and shadows of methods that are not pure."""
+    entries = {plugin.key: plugin for plugin in manifest.plugins}
+    seen: dict[str, int] = {}
+    for index, rollout in enumerate(manifest.rollouts):
+        where = f"rollouts[{index}]"
+        if rollout.name in seen:
+            yield ManifestProblem(
+                where, f"{rollout.name} already has a rollout at rollouts[{seen[rollout.name]}]"
+            )
+        seen.setdefault(rollout.name, index)
+        if rollout.other == rollout.from_version:
+            yield ManifestProblem(where, f"{rollout.name}: 'from' and the other version are one")
+        for field, version in (
+            ("from", rollout.from_version),
+            ("shadow.version" if rollout.shadow is not None else "to", rollout.other),
+        ):
+            plugin = entries.get(f"{rollout.plugin}@{version}")
+            if plugin is None:
+                yield ManifestProblem(
+                    f"{where}.{field}", f"no plugin {rollout.plugin}@{version} in the manifest"
+                )
+            elif rollout.method not in plugin.methods:
+                yield ManifestProblem(
+                    f"{where}.method", f"{plugin.key} has no method {rollout.method!r}"
+                )
+            elif rollout.shadow is not None and not plugin.policies_of(rollout.method).pure:
+                yield ManifestProblem(
+                    f"{where}.shadow",
+                    f"{plugin.key}.{rollout.method} is not 'pure: true': a shadow runs each"
+                    " mirrored call twice, which only a pure method allows",
+                )
 
 
 def _egress_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:

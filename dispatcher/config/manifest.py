@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 
 from dispatcher.config.gateway import GatewayConfig
 from dispatcher.config.policies import Policies
+from dispatcher.config.rollouts import RolloutSpec
 from dispatcher.config.security import AccessConfig, AuditConfig, AuthConfig
 from dispatcher.config.state import StateConfig
 from dispatcher.config.telemetry import Telemetry
@@ -152,4 +153,9 @@ class Manifest(StrictModel, Generic[TargetT]):
     state: StateConfig = Field(
         default_factory=StateConfig,
         description="Where limits, breakers, caches and idempotency records live (README: state).",
+    )
+    rollouts: list[RolloutSpec] = Field(
+        default_factory=list,
+        description="Methods whose traffic moves between two versions step by step, or is"
+        " mirrored to another version (README: rollout and shadow).",
     )

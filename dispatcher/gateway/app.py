@@ -202,6 +202,27 @@ class Gateway:
             return web.json_response({"counts": [], "recent": [], "enabled": False})
         return web.json_response({**telemetry.errors.snapshot(), "enabled": True})
 
+    async def rollouts(self, request: web.Request) -> web.Response:
+        """Every rollout and shadow with its step and counters (``stats()["rollouts"]``)."""
+        try:
+            await self._authenticate(request)
+        except DispatchError as error:
+            return error_answer(error)
+        return web.json_response({"rollouts": self.dispatcher.stats()["rollouts"]})
+
+    async def control_rollout(self, request: web.Request) -> web.Response:
+        """``POST /v1/rollouts/{plugin}/{method}:pause|resume|abort``, authenticated and
+        checked against ``access`` like a call of the method."""
+        try:
+            principal = await self._authenticate(request)
+            method, _, action = request.match_info["action"].rpartition(":")
+            stats = self.dispatcher.control_rollout(
+                request.match_info["plugin"], method, action, caller=principal
+            )
+        except DispatchError as error:
+            return error_answer(error)
+        return web.json_response({"ok": True, "rollout": stats})
+
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
@@ -315,6 +336,8 @@ def create_app(
         # methods and error types only (bounded, nothing a caller sent).
         app.router.add_get("/metrics", metrics_handler(telemetry.metrics.registry))
     app.router.add_get("/v1/errors", gateway.errors, allow_head=False)
+    app.router.add_get("/v1/rollouts", gateway.rollouts, allow_head=False)
+    app.router.add_post("/v1/rollouts/{plugin}/{action}", gateway.control_rollout)
     app.router.add_get("/healthz", gateway.healthz)
     app.router.add_get("/readyz", gateway.readyz)
     app.router.add_route("*", "/{tail:.*}", gateway.no_route)

@@ -157,6 +157,7 @@ class StatsCollector(Collector):
         yield from _hedges(stats.get("hedges", {}))
         yield from _fallbacks(stats.get("fallbacks", {}))
         yield from _fleets(stats.get("fleets", {}))
+        yield from _rollouts(stats.get("rollouts", {}))
 
 
 def _counter(name: str, documentation: str, labels: list[str]) -> CounterMetricFamily:
@@ -306,6 +307,36 @@ def _fallbacks(stats: Mapping[str, Any]) -> Iterator[Metric]:
         for result in ("used", "failed", "deadline_used_up"):
             fallbacks.add_metric([route, result], each[result])
     yield fallbacks
+
+
+def _rollouts(stats: Mapping[str, Any]) -> Iterator[Metric]:
+    percent = _gauge(
+        "dispatcher_rollout_percent",
+        "Share of calls naming no exact version that go to the new version.",
+        ["route", "from", "to", "status"],
+    )
+    rollbacks = _counter("dispatcher_rollout_rollbacks", "Automatic rollbacks.", ["route"])
+    calls = _counter(
+        "dispatcher_rollout_calls",
+        "Calls a rollout sent to each side, and those that failed by its budget's rules.",
+        ["route", "side", "result"],
+    )
+    shadows = _counter(
+        "dispatcher_shadow_calls",
+        "Mirrored calls by how their answer compared (equal, different, failed, skipped).",
+        ["route", "to", "result"],
+    )
+    for route, each in stats.items():
+        if each["kind"] == "shadow":
+            for result in ("equal", "different", "failed", "skipped"):
+                shadows.add_metric([route, each["to"], result], each[result])
+            continue
+        percent.add_metric([route, each["from"], each["to"], each["status"]], each["percent"])
+        rollbacks.add_metric([route], each["rollbacks"])
+        for side in ("from", "to"):
+            calls.add_metric([route, side, "all"], each["calls"][side])
+            calls.add_metric([route, side, "failed"], each["errors"][side])
+    yield from (percent, rollbacks, calls, shadows)
 
 
 def _fleets(stats: Mapping[str, Any]) -> Iterator[Metric]:

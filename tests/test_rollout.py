@@ -1,0 +1,299 @@
+"""Safe rollout and shadow traffic (``rollouts:`` in the manifest, ``dispatcher._rollout``):
+a failing canary is rolled back within one interval with at most one failed call past
+its budget, a healthy one walks every step, a shadow never changes a caller's answer, and
+a rollout never serves one version's cached result to the other."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher, ManifestError, RolloutEvent, parse_manifest
+from linchkit_plugin.errors import DispatchError
+from tests.conftest import ROOT
+
+PLUGINS = str(ROOT / "tests" / "plugins")
+SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python"), PLUGINS])
+
+
+def version(number: str, target: dict[str, Any] | None = None, **config: Any) -> dict[str, Any]:
+    return {
+        "id": "svc",
+        "version": number,
+        "config": {"version": number, **config},
+        "target": target
+        or {"provider": "local", "entrypoint": "rollout_plugin:RolloutPlugin", "path": PLUGINS},
+        "methods": {
+            "answer": {},
+            "calls_seen": {},
+            "pure_answer": {"pure": True},
+        },
+    }
+
+
+def rollouts_manifest(*plugins: dict[str, Any], rollouts: list[dict[str, Any]]) -> Any:
+    return parse_manifest(
+        {"version": 1, "plugins": list(plugins), "rollouts": rollouts}, base_dir=ROOT
+    )
+
+
+def rollout(**overrides: Any) -> dict[str, Any]:
+    return {"plugin": "svc", "method": "answer", "from": "1.0.0", "to": "2.0.0", **overrides}
+
+
+async def test_a_failing_canary_is_rolled_back_within_one_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spec = rollout(steps=[50, 100], interval_s=30, max_error_rate=0.1, min_calls=10)
+    manifest = rollouts_manifest(version("1.0.0"), version("2.0.0", fail_from=5), rollouts=[spec])
+    events: list[RolloutEvent] = []
+    async with Dispatcher(manifest) as dispatcher:
+        dispatcher.on_rollout(events.append)
+        started = time.monotonic()
+        failed = answered = 0
+        with caplog.at_level(logging.WARNING, "dispatcher.rollout"):
+            while dispatcher.stats()["rollouts"]["svc.answer"]["status"] == "running":
+                assert time.monotonic() - started < 30, "not rolled back within the interval"
+                try:
+                    await dispatcher.call("svc", "answer", {"x": 1})
+                    answered += 1
+                except DispatchError:
+                    failed += 1
+        stats = dispatcher.stats()["rollouts"]["svc.answer"]
+        # Budget: 10 % of max(calls, 10) failures; the call that crosses it is the last.
+        budget = int(0.1 * max(stats["window"]["calls"], 10))
+        assert 1 <= failed <= budget + 1
+        assert stats["status"] == "rolled_back"
+        assert stats["percent"] == 0
+        assert stats["rollbacks"] == 1
+        assert stats["errors"]["to"] == failed
+        assert [event.kind for event in events] == ["rolled_back"]
+        assert events[0].percent == 0 and "over the budget" in events[0].reason
+        assert any(record.levelno == logging.WARNING for record in caplog.records)
+        # From now on every call goes to 1.0.0 again.
+        results = [await dispatcher.call("svc", "answer") for _ in range(20)]
+        assert {result["version"] for result in results} == {"1.0.0"}
+
+
+async def test_a_healthy_canary_walks_every_step_to_100() -> None:
+    spec = rollout(steps=[10, 50, 100], interval_s=0.2, min_calls=3)
+    manifest = rollouts_manifest(version("1.0.0"), version("2.0.0"), rollouts=[spec])
+    events: list[RolloutEvent] = []
+    async with Dispatcher(manifest) as dispatcher:
+        dispatcher.on_rollout(events.append)
+        # The first step: exactly 10 of every 100 calls naming no exact version move.
+        first = [(await dispatcher.call("svc", "answer"))["version"] for _ in range(100)]
+        assert first.count("2.0.0") == 10
+        # A range both versions satisfy splits too; an exact version goes where it says.
+        assert (await dispatcher.call("svc", "answer", version="1.0.0"))["version"] == "1.0.0"
+        ranged = [
+            (await dispatcher.call("svc", "answer", version="*"))["version"] for _ in range(10)
+        ]
+        assert ranged.count("2.0.0") == 1
+        deadline = time.monotonic() + 20
+        while dispatcher.stats()["rollouts"]["svc.answer"]["status"] != "completed":
+            assert time.monotonic() < deadline, dispatcher.stats()["rollouts"]
+            await dispatcher.call("svc", "answer")
+            await asyncio.sleep(0.002)
+        assert [(event.kind, event.percent) for event in events] == [
+            ("advanced", 50),
+            ("completed", 100),
+        ]
+        last = [(await dispatcher.call("svc", "answer"))["version"] for _ in range(10)]
+        assert set(last) == {"2.0.0"}
+        assert dispatcher.stats()["rollouts"]["svc.answer"]["errors"] == {"from": 0, "to": 0}
+
+
+async def test_pause_resume_and_abort() -> None:
+    spec = rollout(steps=[50, 100], interval_s=0.05, min_calls=1)
+    manifest = rollouts_manifest(version("1.0.0"), version("2.0.0"), rollouts=[spec])
+    async with Dispatcher(manifest) as dispatcher:
+        assert dispatcher.control_rollout("svc", "answer", "pause")["status"] == "paused"
+        for _ in range(10):
+            await dispatcher.call("svc", "answer")
+        await asyncio.sleep(0.1)
+        await dispatcher.call("svc", "answer")
+        assert dispatcher.stats()["rollouts"]["svc.answer"]["percent"] == 50  # held
+        assert dispatcher.control_rollout("svc", "answer", "abort")["percent"] == 0
+        results = [await dispatcher.call("svc", "answer") for _ in range(10)]
+        assert {result["version"] for result in results} == {"1.0.0"}
+        assert dispatcher.control_rollout("svc", "answer", "resume")["percent"] == 50
+        with pytest.raises(DispatchError, match="no rollout"):
+            dispatcher.control_rollout("svc", "calls_seen", "pause")
+
+
+async def test_shadow_never_changes_the_callers_answer_and_counts_differences() -> None:
+    spec = {
+        "plugin": "svc",
+        "method": "pure_answer",
+        "from": "1.0.0",
+        "shadow": {"version": "2.0.0", "percent": 100, "max_in_flight": 64},
+    }
+    manifest = rollouts_manifest(
+        version("1.0.0"), version("2.0.0", tag="other", fail_every=5), rollouts=[spec]
+    )
+    async with Dispatcher(manifest) as dispatcher:
+        # 2.0.0 is the highest version, yet the shadowed method's calls stay on 1.0.0.
+        results = [await dispatcher.call("svc", "pure_answer", {"x": x}) for x in range(40)]
+        assert results == [{"x": x, "tag": "1.0.0" if x % 2 else "same"} for x in range(40)]
+        deadline = time.monotonic() + 10
+        while True:
+            stats = dispatcher.stats()["rollouts"]["svc.pure_answer"]
+            if stats["equal"] + stats["different"] + stats["failed"] == stats["mirrored"] == 40:
+                break
+            assert time.monotonic() < deadline, stats
+            await asyncio.sleep(0.01)
+        assert stats["failed"] == 8  # every 5th of 40 calls
+        assert stats["different"] > 0 and stats["equal"] > 0
+        assert stats["different"] + stats["equal"] == 32
+        assert 0 < len(stats["recent_differences"]) <= 5
+        assert "other" in str(stats["recent_differences"]) or "broke" in str(
+            stats["recent_differences"]
+        )
+
+
+async def test_a_rollout_never_serves_one_versions_cached_result_to_the_other() -> None:
+    cached = {"pure": True, "cache": {"ttl_ms": 60_000}}
+    plugins = [version("1.0.0"), version("2.0.0")]
+    for plugin in plugins:
+        plugin["methods"]["answer"] = cached
+    spec = rollout(steps=[50, 100], interval_s=60)
+    async with Dispatcher(rollouts_manifest(*plugins, rollouts=[spec])) as dispatcher:
+        results = [await dispatcher.call("svc", "answer", {"x": 7}) for _ in range(20)]
+        assert [result["version"] for result in results].count("2.0.0") == 10
+        # Each version's target ran once; every other call was its own version's cache.
+        assert await dispatcher.call("svc", "calls_seen", version="1.0.0") == 1
+        assert await dispatcher.call("svc", "calls_seen", version="2.0.0") == 1
+
+
+def test_a_shadow_of_a_method_that_is_not_pure_is_refused() -> None:
+    spec = {
+        "plugin": "svc",
+        "method": "answer",
+        "from": "1.0.0",
+        "shadow": {"version": "2.0.0", "percent": 5},
+    }
+    with pytest.raises(ManifestError, match="pure"):
+        rollouts_manifest(version("1.0.0"), version("2.0.0"), rollouts=[spec])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"to": "3.0.0"}, "no plugin svc@3.0.0"),
+        ({"steps": [10, 50]}, "last step must be 100"),
+        ({"steps": [50, 10, 100]}, "steps must increase"),
+        ({"to": "1.0.0"}, "are one"),
+        ({"method": "nope"}, "no method 'nope'"),
+    ],
+)
+def test_rollouts_naming_what_does_not_exist_are_refused(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ManifestError, match=message):
+        rollouts_manifest(version("1.0.0"), version("2.0.0"), rollouts=[rollout(**overrides)])
+
+
+SERVER = """
+import socket, sys, uvicorn
+from rollout_plugin import RolloutPlugin
+from linchkit_plugin import PluginApp, PluginHost
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+print(sock.getsockname()[1], flush=True)
+app = PluginApp(PluginHost(RolloutPlugin()), config={"version": "2.0.0", "fail_from": 4})
+uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+"""
+
+
+@pytest.fixture
+def failing_canary_url() -> Iterator[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH},
+    )
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline())
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+async def test_a_canary_in_its_own_process_is_rolled_back(failing_canary_url: str) -> None:
+    canary = version("2.0.0", {"provider": "http", "url": failing_canary_url})
+    spec = rollout(steps=[50, 100], interval_s=30, max_error_rate=0.05, min_calls=20)
+    async with Dispatcher(rollouts_manifest(version("1.0.0"), canary, rollouts=[spec])) as d:
+        failed = 0
+        for _ in range(200):
+            if d.stats()["rollouts"]["svc.answer"]["status"] != "running":
+                break
+            try:
+                await d.call("svc", "answer")
+            except DispatchError:
+                failed += 1
+        stats = d.stats()["rollouts"]["svc.answer"]
+        assert stats["status"] == "rolled_back"
+        assert failed == stats["errors"]["to"] == 2  # 5 % of 20 is 1: the 2nd crosses it
+        assert stats["calls"]["to"] == 5  # 3 answered, then the 4th and 5th failed
+
+
+async def test_the_gateway_and_the_cli_show_and_steer_rollouts() -> None:
+    import aiohttp
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+    from dispatcher.gateway import GatewayServer, GatewaySettings
+
+    spec = rollout(steps=[50, 100], interval_s=60)
+    settings = GatewaySettings(port=0, header_timeout=2.0, body_timeout=2.0)
+    async with (
+        Dispatcher(rollouts_manifest(version("1.0.0"), version("2.0.0"), rollouts=[spec])) as d,
+        GatewayServer(d, settings) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.get(f"{server.url}/v1/rollouts") as answer:
+            listed = await answer.json()
+        assert listed["rollouts"]["svc.answer"]["percent"] == 50
+        async with session.post(f"{server.url}/v1/rollouts/svc/answer:pause") as answer:
+            assert answer.status == 200
+            assert (await answer.json())["rollout"]["status"] == "paused"
+        async with session.post(f"{server.url}/v1/rollouts/svc/answer:explode") as answer:
+            assert answer.status == 400
+        async with session.post(f"{server.url}/v1/rollouts/svc/nope:pause") as answer:
+            assert answer.status == 404
+        runner = CliRunner()
+        shown = await asyncio.to_thread(
+            runner.invoke, main, ["rollout", "status", "--url", server.url]
+        )
+        assert shown.exit_code == 0, shown.output
+        assert "svc.answer  1.0.0 -> 2.0.0  paused 50%" in shown.output
+        aborted = await asyncio.to_thread(
+            runner.invoke, main, ["rollout", "abort", "svc.answer", "--url", server.url]
+        )
+        assert aborted.exit_code == 0, aborted.output
+        assert "aborted 0%" in aborted.output
+        assert d.stats()["rollouts"]["svc.answer"]["status"] == "aborted"
