@@ -5,8 +5,9 @@ On either signal it stops taking calls (``/readyz`` answers 503, new calls 503
 the listener and every connection, then the dispatcher. SIGHUP reloads the TLS
 certificate (it is also reloaded when its files change) and the manifest
 (``Dispatcher.reload``: an invalid one is logged and changes nothing); with ``--watch``
-the manifest is also reloaded when its file's modification time changes (polled: no
-platform file-watching API to depend on, and a manifest changes rarely).
+the manifest is also reloaded when its file's modification time changes, or that of a
+file it includes or of a folder an include globs in (polled: no platform file-watching
+API to depend on, and a manifest changes rarely).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import click
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.cli._app import EXIT_USAGE, load, main, manifest_option, session
-from dispatcher.config import Manifest, ManifestError
+from dispatcher.config import Manifest, ManifestError, watched_paths
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from linchkit_plugin.errors import DispatchError
 
@@ -162,14 +163,20 @@ async def _reload(dispatcher: Dispatcher, path: str, grace: float) -> None:
 
 
 async def _watch(dispatcher: Dispatcher, path: str, interval: float, grace: float) -> None:
-    """Reload when the file's modification time (or size) changes."""
+    """Reload when the modification time (or size) of the file, of a file it includes or
+    of a folder an include globs in (a file added or removed there) changes."""
 
-    def stamp() -> tuple[int, int] | None:
-        try:
-            status = os.stat(path)
-        except OSError:
-            return None  # an editor replacing the file: wait for it to come back
-        return status.st_mtime_ns, status.st_size
+    def stamp() -> tuple[tuple[str, int, int], ...] | None:
+        stamps = []
+        for watched in watched_paths(path):
+            try:
+                status = os.stat(watched)
+            except OSError:
+                if os.fspath(watched) == path:
+                    return None  # an editor replacing the file: wait for it to come back
+                continue  # an included file just removed: its folder's stamp changed
+            stamps.append((os.fspath(watched), status.st_mtime_ns, status.st_size))
+        return tuple(stamps)
 
     seen = stamp()
     while True:

@@ -3,13 +3,14 @@
 ``policies`` holds the policy settings, ``security`` the ``auth``, ``access`` and ``audit``
 sections, ``gateway`` the ``gateway`` section, ``state`` where the policies keep their state,
 ``manifest`` the plugin and method models,
-``loader`` reads YAML or TOML into them, ``errors`` reports what is wrong with a file.
+``loader`` reads YAML or TOML into them (``includes``: the files a manifest includes), ``errors`` reports what is wrong with a file.
 """
 
 from __future__ import annotations
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
 from dispatcher.config.gateway import GatewayConfig, GatewayTimeouts, GatewayTls
+from dispatcher.config.includes import watched_paths
 from dispatcher.config.loader import load_manifest, parse_manifest
 from dispatcher.config.manifest import Lifecycle, Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import (
@@ -82,4 +83,5 @@ __all__ = [
     "TracingSettings",
     "load_manifest",
     "parse_manifest",
+    "watched_paths",
 ]

@@ -14,8 +14,11 @@ class ManifestProblem:
     path: str
     message: str
     line: int | None = None
+    #: The file it is in when not the manifest's own (a file it includes).
+    source: str | None = None
 
     def render(self, source: str) -> str:
+        source = self.source or source
         where = f"{source}:{self.line}" if self.line is not None else source
         return f"{where}: {self.path or '<root>'}: {self.message}"
 

@@ -11,10 +11,10 @@ resolution when they connect (``providers.egress``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -24,6 +24,7 @@ from pydantic import Field, ValidationError
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
 from dispatcher.config.fallbacks import fallback_problems
+from dispatcher.config.includes import INCLUDED_KEYS, Document, expand_includes, read_document
 from dispatcher.config.manifest import Manifest, MethodSpec
 from dispatcher.config.policies import Policies
 from providers import provider_classes
@@ -46,19 +47,9 @@ def manifest_model() -> type[Manifest[Any]]:
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest[Any]:
-    """Read and validate a manifest file (``.yaml``/``.yml`` or ``.toml``)."""
-    file = Path(path)
-    source = str(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ManifestError(
-            source, [ManifestProblem("", f"cannot read: {error.strerror}")]
-        ) from None
-    if file.suffix == ".toml":
-        return parse_manifest(_parse_toml(text, source), source=source, base_dir=file.parent)
-    data, root = _parse_yaml(text, source)
-    return parse_manifest(data, source=source, base_dir=file.parent, yaml_root=root)
+    """Read and validate a manifest file (``.yaml``/``.yml`` or ``.toml``) and the files
+    its ``include`` names (``dispatcher.config.includes``)."""
+    return _validate(read_document(path))
 
 
 def parse_manifest(
@@ -68,47 +59,105 @@ def parse_manifest(
     base_dir: Path | None = None,
     yaml_root: yaml.Node | None = None,
 ) -> Manifest[Any]:
-    """Validate an already parsed manifest document."""
-    problems: list[ManifestProblem] = []
-    substituted: Substitutions = {}
-    data = _interpolate_env(data, (), problems, substituted)
+    """Validate an already parsed manifest document (its ``include`` relative to ``base_dir``)."""
+    return _validate(Document(source, data, base_dir or Path.cwd(), yaml_root))
+
+
+def _validate(main: Document) -> Manifest[Any]:
+    main, included, problems = expand_includes(main)
+    documents = [main, *included]
+    parts = [
+        _validate_document(document, problems, own=index == 0)
+        for index, document in enumerate(documents)
+    ]
     manifest: Manifest[Any] | None = None
     if not problems:
-        context = {"base_dir": (base_dir or Path.cwd()).resolve()}
-        try:
-            manifest = manifest_model().model_validate(data, context=context)
-        except ValidationError as error:
-            problems.extend(_problems_from(error, substituted))
-    if manifest is not None:
-        problems.extend(_semantic_problems(manifest))
-        problems.extend(_egress_problems(manifest))
+        valid = [part for part in parts if part is not None]
+        manifest = valid[0].model_copy(
+            update={
+                "plugins": [plugin for part in valid for plugin in part.plugins],
+                "rollouts": [rollout for part in valid for rollout in part.rollouts],
+            }
+        )
+        origins = _Origins(documents, valid)
+        semantic = [*_semantic_problems(manifest, origins.describe), *_egress_problems(manifest)]
+        problems.extend(origins.relocate(problem) for problem in semantic)
     if problems:
-        located = [_locate(problem, yaml_root) for problem in problems]
-        located.sort(key=lambda problem: problem.line or 0)
-        raise ManifestError(source, located)
+        roots = {document.source: document.yaml_root for document in documents}
+        located = [
+            _locate(problem, roots.get(problem.source or main.source)) for problem in problems
+        ]
+        located.sort(
+            key=lambda problem: (
+                problem.source is not None,
+                problem.source or "",
+                problem.line or 0,
+            )
+        )
+        raise ManifestError(main.source, located)
     assert manifest is not None
     return manifest
 
 
-def _parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(error, "problem", None) or str(error)
-        raise ManifestError(
-            source, [ManifestProblem("", f"not valid YAML: {problem}", line)]
-        ) from None
-    return data, root
+def _validate_document(
+    document: Document, problems: list[ManifestProblem], *, own: bool
+) -> Manifest[Any] | None:
+    """One file validated against its own folder; its problems added to ``problems``
+    (naming the file unless it is the manifest's own)."""
+    data = document.data
+    if not own:
+        # What else an included file holds is reported by ``expand_includes``.
+        data = (
+            {key: value for key, value in data.items() if key in INCLUDED_KEYS}
+            if isinstance(data, dict)
+            else {}
+        )
+    found: list[ManifestProblem] = []
+    substituted: Substitutions = {}
+    data = _interpolate_env(data, (), found, substituted)
+    part: Manifest[Any] | None = None
+    if not found:
+        context = {"base_dir": document.base_dir.resolve()}
+        try:
+            part = manifest_model().model_validate(data, context=context)
+        except ValidationError as error:
+            found.extend(_problems_from(error, substituted))
+    source = None if own else document.source
+    problems.extend(ManifestProblem(p.path, p.message, p.line, source) for p in found)
+    return part
 
 
-def _parse_toml(text: str, source: str) -> Any:
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise ManifestError(source, [ManifestProblem("", f"not valid TOML: {error}")]) from None
+_ENTRY_PATH = re.compile(r"^(plugins|rollouts)\[(\d+)\](.*)$", re.DOTALL)
+
+
+class _Origins:
+    """Which file wrote each entry of the merged manifest, so a problem found in the whole
+    is reported in that file, under the entry's index there."""
+
+    def __init__(self, documents: list[Document], parts: list[Manifest[Any]]) -> None:
+        self._main = documents[0].source
+        self._entries: dict[str, list[tuple[str, int]]] = {"plugins": [], "rollouts": []}
+        for document, part in zip(documents, parts, strict=True):
+            for section, entries in (("plugins", part.plugins), ("rollouts", part.rollouts)):
+                self._entries[section] += [
+                    (document.source, index) for index in range(len(entries))
+                ]
+
+    def _origin(self, section: str, index: int) -> tuple[str | None, str]:
+        source, local = self._entries[section][index]
+        return (None if source == self._main else source), f"{section}[{local}]"
+
+    def describe(self, section: str, index: int) -> str:
+        """Where an entry is written, for a message naming another entry."""
+        source, where = self._origin(section, index)
+        return where if source is None else f"{where} of {source}"
+
+    def relocate(self, problem: ManifestProblem) -> ManifestProblem:
+        match = _ENTRY_PATH.match(problem.path)
+        if match is None or int(match.group(2)) >= len(self._entries[match.group(1)]):
+            return problem
+        source, where = self._origin(match.group(1), int(match.group(2)))
+        return ManifestProblem(where + match.group(3), problem.message, problem.line, source)
 
 
 def _interpolate_env(
@@ -199,14 +248,17 @@ def _explain(
     return f"{message} (got {detail.get('input')!r:.80})"
 
 
-def _semantic_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
+def _semantic_problems(
+    manifest: Manifest[Any], describe: Callable[[str, int], str]
+) -> Iterator[ManifestProblem]:
+    """``describe(section, index)``: where an entry other than the one at fault is written."""
     seen: dict[str, int] = {}
     for index, plugin in enumerate(manifest.plugins):
         where = f"plugins[{index}]"
         if plugin.key in seen:
             yield ManifestProblem(
                 f"{where}.version",
-                f"{plugin.key} is already declared at plugins[{seen[plugin.key]}]",
+                f"{plugin.key} is already declared at {describe('plugins', seen[plugin.key])}",
             )
         seen.setdefault(plugin.key, index)
         for name, method in plugin.methods.items():
@@ -226,10 +278,12 @@ def _semantic_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
                     " with several instances (a fleet); for one instance use 'retry'",
                 )
     yield from fallback_problems(manifest)
-    yield from _rollout_problems(manifest)
+    yield from _rollout_problems(manifest, describe)
 
 
-def _rollout_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
+def _rollout_problems(
+    manifest: Manifest[Any], describe: Callable[[str, int], str]
+) -> Iterator[ManifestProblem]:
     """Rollouts naming a version or method that does not exist, two for one method, a
     version rolled to itself, and shadows of methods that are not pure."""
     entries = {plugin.key: plugin for plugin in manifest.plugins}
@@ -238,7 +292,8 @@ def _rollout_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
         where = f"rollouts[{index}]"
         if rollout.name in seen:
             yield ManifestProblem(
-                where, f"{rollout.name} already has a rollout at rollouts[{seen[rollout.name]}]"
+                where,
+                f"{rollout.name} already has a rollout at {describe('rollouts', seen[rollout.name])}",
             )
         seen.setdefault(rollout.name, index)
         if rollout.other == rollout.from_version:
@@ -332,7 +387,7 @@ def _locate(problem: ManifestProblem, root: yaml.Node | None) -> ManifestProblem
         if child is None:
             break
         node = child
-    return ManifestProblem(problem.path, problem.message, node.start_mark.line + 1)
+    return dataclasses.replace(problem, line=node.start_mark.line + 1)
 
 
 def _child(node: yaml.Node, key: str | int) -> yaml.Node | None:

@@ -1,0 +1,165 @@
+"""``include:``: a manifest made of several files, each read as its own ``Document``.
+
+A manifest's top-level ``include`` lists globs relative to its folder (YAML or TOML files,
+matched in sorted order). An included file holds only ``plugins`` and ``rollouts``; it
+may not include further (one level, so there is no cycle to detect). Each document keeps
+its own folder, so relative paths inside it resolve against the file that wrote them,
+and its own YAML tree, so a problem in it names that file and line.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dispatcher.config.errors import ManifestError, ManifestProblem
+
+__all__ = ["INCLUDED_KEYS", "Document", "expand_includes", "read_document", "watched_paths"]
+
+#: What an included file may hold: its entries, never sections of the whole manifest.
+INCLUDED_KEYS = frozenset({"plugins", "rollouts"})
+
+_GLOB_MAGIC = frozenset("*?[")
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One parsed file of a manifest: what it says, where it lies, its YAML tree."""
+
+    source: str
+    data: Any
+    base_dir: Path
+    yaml_root: yaml.Node | None = None
+
+
+def read_document(path: str | os.PathLike[str]) -> Document:
+    """Read and parse one file (``.toml`` as TOML, anything else as YAML)."""
+    file = Path(path)
+    source = os.fspath(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ManifestError(
+            source, [ManifestProblem("", f"cannot read: {error.strerror}")]
+        ) from None
+    if file.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ManifestError(source, [ManifestProblem("", f"not valid TOML: {error}")]) from None
+        return Document(source, data, file.parent)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(error, "problem", None) or str(error)
+        raise ManifestError(
+            source, [ManifestProblem("", f"not valid YAML: {problem}", line)]
+        ) from None
+    return Document(source, data, file.parent, root)
+
+
+def expand_includes(main: Document) -> tuple[Document, list[Document], list[ManifestProblem]]:
+    """``main`` without its ``include`` key, the documents it includes, and every problem
+    met reading them (each problem carries the file it is in)."""
+    if not isinstance(main.data, dict) or "include" not in main.data:
+        return main, [], []
+    patterns = main.data["include"]
+    rest = {key: value for key, value in main.data.items() if key != "include"}
+    main = Document(main.source, rest, main.base_dir, main.yaml_root)
+    if not isinstance(patterns, list) or not all(
+        isinstance(pattern, str) and pattern for pattern in patterns
+    ):
+        return main, [], [ManifestProblem("include", "expected a list of file globs")]
+    documents: list[Document] = []
+    problems: list[ManifestProblem] = []
+    seen: set[Path] = set()
+    for index, pattern in enumerate(patterns):
+        for path in _matches(main.base_dir, pattern):
+            resolved = path.resolve()
+            if resolved in seen:
+                continue  # two globs matching one file include it once
+            seen.add(resolved)
+            try:
+                document = read_document(path)
+            except ManifestError as error:
+                problems.extend(_in(error.source, problem) for problem in error.problems)
+                continue
+            problems.extend(_shape_problems(document, f"include[{index}]"))
+            documents.append(document)
+        if not _has_magic(pattern) and not (main.base_dir / pattern).exists():
+            problems.append(ManifestProblem(f"include[{index}]", f"no file {pattern!r}"))
+    return main, documents, problems
+
+
+def watched_paths(path: str | os.PathLike[str]) -> list[Path]:
+    """The files and folders whose change may change the manifest at ``path``: itself,
+    every file it includes and the folder each glob looks in (a file added there)."""
+    file = Path(path)
+    paths = [file]
+    try:
+        data = read_document(file).data
+    except ManifestError:
+        return paths  # unreadable now: the next change to it will be seen anyway
+    patterns = data.get("include") if isinstance(data, dict) else None
+    if not isinstance(patterns, list):
+        return paths
+    for pattern in patterns:
+        if isinstance(pattern, str) and pattern:
+            paths.append(_folder_of(file.parent, pattern))
+            paths.extend(_matches(file.parent, pattern))
+    return paths
+
+
+def _matches(base_dir: Path, pattern: str) -> list[Path]:
+    return [Path(name) for name in sorted(glob.glob(os.path.join(base_dir, pattern)))]
+
+
+def _has_magic(pattern: str) -> bool:
+    return any(character in _GLOB_MAGIC for character in pattern)
+
+
+def _folder_of(base_dir: Path, pattern: str) -> Path:
+    """The deepest folder a glob names before its first wildcard."""
+    folder = base_dir
+    for part in Path(pattern).parent.parts:
+        if _has_magic(part):
+            break
+        folder = folder / part
+    return folder
+
+
+def _shape_problems(document: Document, where: str) -> list[ManifestProblem]:
+    data = document.data
+    if data is None:
+        return []  # an empty file includes nothing
+    if not isinstance(data, dict):
+        return [_in(document.source, ManifestProblem("", "expected a mapping with 'plugins'"))]
+    problems = []
+    for key in data:
+        if key == "include":
+            message = (
+                "includes nest one level only: list this file's includes in the manifest"
+                f" that includes it ({where})"
+            )
+        elif key not in INCLUDED_KEYS:
+            message = (
+                f"an included file holds only 'plugins' and 'rollouts', not {key!r};"
+                " set it in the including manifest"
+            )
+        else:
+            continue
+        problems.append(_in(document.source, ManifestProblem(str(key), message)))
+    return problems
+
+
+def _in(source: str, problem: ManifestProblem) -> ManifestProblem:
+    return ManifestProblem(problem.path, problem.message, problem.line, source)
