@@ -103,6 +103,13 @@ def test_a_duplicate_across_files_names_both(tmp_path: Path) -> None:
     ), found
 
 
+def test_a_glob_matching_the_including_file_skips_it(tmp_path: Path) -> None:
+    path = folder(tmp_path, a_yaml=entry("a"))
+    text = path.read_text().replace('"plugins.d/*.toml"', '"*.yaml", "plugins.d/a.yaml"')
+    path.write_text(text)
+    assert [plugin.id for plugin in load_manifest(path).plugins] == ["main", "a"]
+
+
 def test_a_missing_literal_include_and_a_bad_include_list(tmp_path: Path) -> None:
     path = tmp_path / "plugins.yaml"
     path.write_text("include: [gone.yaml]\n")

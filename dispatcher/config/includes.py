@@ -81,12 +81,14 @@ def expand_includes(main: Document) -> tuple[Document, list[Document], list[Mani
         return main, [], [ManifestProblem("include", "expected a list of file globs")]
     documents: list[Document] = []
     problems: list[ManifestProblem] = []
-    seen: set[Path] = set()
+    # A glob matching the including file itself (``*.yaml`` beside it) skips it, and two
+    # globs matching one file include it once.
+    seen = {(main.base_dir / Path(main.source).name).resolve()}
     for index, pattern in enumerate(patterns):
         for path in _matches(main.base_dir, pattern):
             resolved = path.resolve()
             if resolved in seen:
-                continue  # two globs matching one file include it once
+                continue
             seen.add(resolved)
             try:
                 document = read_document(path)
