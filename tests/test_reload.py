@@ -289,6 +289,39 @@ async def test_serve_reloads_its_manifest_on_sighup_and_with_watch(
             await process.wait()
 
 
+async def test_serve_watch_sees_a_file_added_to_an_included_folder(tmp_path: Path) -> None:
+    process, url, path = await serve(tmp_path, "--watch", "0.1")
+    try:
+        included = tmp_path / "plugins.d"
+        included.mkdir()
+        path.write_text(
+            yaml.safe_dump(
+                {"version": 1, "include": ["plugins.d/*.yaml"], "plugins": [local("1.0.0")]}
+            )
+        )
+        await asyncio.sleep(0.5)  # the include itself applied: nothing added yet
+        assert (await greeting_over_http(url, "^2"))[0] == 404
+        (included / "fast-2.yaml").write_text(yaml.safe_dump({"plugins": [local("2.0.0")]}))
+        status, result = await eventually(lambda: greeting_over_http(url, "^2"))
+        assert (status, result["greeting"]) == (200, "2.0.0")
+        (included / "fast-2.yaml").unlink()  # removing the file drains the version
+        await eventually(lambda: _inverted(greeting_over_http(url, "^2")))
+        assert (await greeting_over_http(url, "^2"))[0] == 404
+        assert (await greeting_over_http(url, "^1"))[0] == 200
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _inverted(answer: Any) -> tuple[int, Any]:
+    """200 once the version is gone (for ``eventually``)."""
+    status, body = await answer
+    return (200 if status == 404 else 0), body
+
+
 def test_reload_plan_is_decided_without_io() -> None:
     from dispatcher._reload import plan_reload
 
