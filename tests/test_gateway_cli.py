@@ -55,7 +55,7 @@ async def test_serve_calls_then_drains_on_sigterm(tmp_path: Path) -> None:
                 assert (await late.json())["error"]["type"] == "shutting_down"
             answer = await slow
             assert answer.status == 200
-            assert orjson.loads(await answer.read())["result"] >= 1.0
+            assert orjson.loads(await answer.read())["result"] >= 0.9  # it ran to its end
             answer.release()
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
