@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
 from dispatcher.config.gateway import GatewayConfig, GatewayTimeouts, GatewayTls
+from dispatcher.config.jobs import JobsConfig
 from dispatcher.config.loader import load_manifest, parse_manifest
 from dispatcher.config.manifest import Lifecycle, Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import (
@@ -59,6 +60,7 @@ __all__ = [
     "GatewayTimeouts",
     "GatewayTls",
     "HedgePolicy",
+    "JobsConfig",
     "JwtConfig",
     "Lifecycle",
     "LogSettings",
