@@ -9,6 +9,7 @@ async with Dispatcher.from_file("plugins.yaml") as d:
 from __future__ import annotations
 
 from dispatcher._dispatcher import Call, Dispatcher, TargetHealth
+from dispatcher._jobs import JobNotFinished, JobNotFound, JobsUnavailable
 from dispatcher._rollout import RolloutEvent
 from dispatcher.config import (
     Manifest,
@@ -49,6 +50,9 @@ __all__ = [
     "Forbidden",
     "InvalidParams",
     "Invocation",
+    "JobNotFinished",
+    "JobNotFound",
+    "JobsUnavailable",
     "Manifest",
     "ManifestError",
     "ManifestProblem",

@@ -25,12 +25,22 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
+import orjson
+
 from dispatcher._drain import CUT_OFF_SECONDS, InFlight, OpenStream, current_task_getter
 from dispatcher._events import EventHandler, EventHandlers
 from dispatcher._fallback import Fallback
 from dispatcher._guard import Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
+from dispatcher._jobs import (
+    JobNotFinished,
+    JobNotFound,
+    JobsUnavailable,
+    JobWorkers,
+    job_outcome,
+    new_job_record,
+)
 from dispatcher._reload import ReloadPlan, plan_reload
 from dispatcher._rollout import RolloutListener, RolloutRuntime
 from dispatcher._routes import Route, RouteTable, checked_timeout
@@ -43,7 +53,8 @@ from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, authenticator_of
 from dispatcher.policies import PolicyRuntime
-from dispatcher.state import StateBackend, new_backend
+from dispatcher.state import JobStore, StateBackend, new_backend
+from dispatcher.state.base import TERMINAL_STATES
 from dispatcher.telemetry import TelemetryRuntime
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -104,6 +115,7 @@ class Dispatcher:
             None  # where policies keep state (dispatcher.state)
         )
         self.fleets: FleetRuntime | None = None
+        self.jobs: JobWorkers | None = None  # workers of async jobs (dispatcher._jobs)
         self._circuit_listeners: list[CircuitListener] = []
         self._events = EventHandlers()
         self._providers = providers if providers is not None else self._make_providers()
@@ -193,6 +205,12 @@ class Dispatcher:
                 await self._attach(plugin)
             self._rollouts.configure(self.manifest.rollouts, self._routes)
             await self.fleets.start()
+            store = self.state_backend.jobs
+            if self.manifest.jobs.workers and store is not None:
+                self.jobs = JobWorkers(
+                    store, self.manifest.jobs, self._run_job, config.retry_after_ms / 1000
+                )
+                self.jobs.start()
         except BaseException:
             await self.aclose()
             raise
@@ -211,6 +229,8 @@ class Dispatcher:
         if grace is not None and self._state in ("running", "draining"):
             await self.drain(grace)
         drained = self._drained is not None
+        if self.jobs is not None:  # first: their jobs run on the routes and the state below
+            await self.jobs.aclose()
         self._state = "closed"
         self._routes.clear()
         await self._rollouts.aclose()  # shadow calls: their callers have their answers
@@ -282,6 +302,8 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         self._drained = loop.create_future()
         self._draining = self._tell_left = True
+        if self.jobs is not None:
+            self.jobs.stop_taking()  # jobs not taken stay on the stream for other replicas
         if self._state == "running":
             self._state = "draining"
         try:
@@ -709,6 +731,117 @@ class Dispatcher:
             idempotency_key,  # idempotency_key
         )
 
+    # -- async jobs ----------------------------------------------------------------------
+
+    async def submit(
+        self,
+        plugin: str,
+        method: str,
+        params: Any = None,
+        *,
+        version: str | None = None,
+        caller: Caller = None,
+        credentials: Credentials | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Queue a call of ``plugin.method`` on the shared job stream; its job id, at once.
+
+        A worker of any replica (``jobs: {workers: N}``) runs it later through the method's
+        chain, retrying retryable errors (``dispatcher._jobs``); ``result`` and ``job`` read
+        it. Checked now: the method exists (its version is fixed now), ``caller`` may call
+        it, the params match its schema. Raises ``JobsUnavailable`` on the memory backend
+        and ``StateUnavailable`` when Redis does not take the job.
+        """
+        store = self._job_store()
+        if self._draining:
+            raise self._refused(f"job of {plugin}.{method}")
+        if idempotency_key is not None and not (
+            isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255
+        ):
+            raise InvalidParams("idempotency_key must be a string of 1 to 255 characters")
+        guard = self._guard
+        if (
+            self._guarded
+            or credentials is not None
+            or (caller is not None and caller.__class__ is not str)
+        ):
+            principal = await guard.principal_of(caller, credentials)
+            route = self._authorized_route(plugin, method, version, principal)
+            caller_id = guard.caller_id(principal)
+        else:
+            route = self._routes.find(plugin, method, version, self._state)
+            caller_id = caller if isinstance(caller, str) else None
+        if params is None:
+            params = {}
+        if route.validate is not None:
+            route.validate(params)
+        job_id = new_request_id()
+        record = new_job_record(
+            job_id, route.plugin, route.version, route.method, params, caller_id, idempotency_key
+        )
+        await store.submit(job_id, record)
+        return job_id
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        """The status record of job ``job_id``: state, attempts, last error, times (ms
+        since the epoch), result once succeeded. ``JobNotFound`` if there is none."""
+        record = await self._job_store().record(_checked_job_id(job_id))
+        if record is None:
+            raise JobNotFound(f"no job {job_id!r:.80}: never submitted, or its record expired")
+        status: dict[str, Any] = dict(record)
+        status["attempts"] = int(record.get("attempts", "0"))
+        for field in ("params", "result", "error"):
+            if field in record:
+                status[field] = orjson.loads(record[field])
+        return status
+
+    async def result(self, job_id: str, *, wait: float = 0.0) -> Any:
+        """The result of job ``job_id``, waiting up to ``wait`` seconds for it to end.
+
+        Raises the job's own error (typed, as ``call`` would have) when it failed or was
+        dead-lettered, ``JobNotFinished`` when it has not ended within ``wait``.
+        """
+        store = self._job_store()
+        job_id = _checked_job_id(job_id)
+        deadline = self._clock() + checked_timeout(wait, "waiting for a job") if wait else 0.0
+        while True:
+            record = await store.record(job_id)
+            if record is None:
+                raise JobNotFound(f"no job {job_id!r:.80}: never submitted, or its record expired")
+            if record.get("state") in TERMINAL_STATES:
+                return job_outcome(record)
+            left = deadline - self._clock()
+            if left <= 0:
+                raise JobNotFinished(
+                    f"job {job_id} is {record.get('state')} after {record.get('attempts')} "
+                    "attempts; ask again later",
+                    details={"state": record.get("state")},
+                )
+            # Woken when a worker stores its end; polled too, for a missed notification.
+            await store.changed(job_id, min(left, 0.5))
+
+    def _job_store(self) -> JobStore:
+        store = self.state_backend.jobs if self.state_backend is not None else None
+        if store is None:
+            raise JobsUnavailable(
+                "async jobs need a durable store: set 'state: {backend: redis, url: …}' in "
+                "the manifest (the memory backend would lose them with this process)"
+            )
+        return store
+
+    async def _run_job(self, record: dict[str, str], params: Any) -> Any:
+        """One attempt of a job, through its method's chain like any call (tracked, so a
+        drain waits for it); the caller's access was checked when it was submitted."""
+        route = self._routes.find(
+            record["plugin"], record["method"], record["version"], self._state
+        )
+        key = record.get("idempotency_key")
+        invocation = self._invocation(
+            route, params, None, record.get("id"), record.get("caller"), None, key
+        )
+        invoke = route.invoke if key is None else route.once
+        return await self._tracked(invoke(invocation), f"job {record.get('id')} of {route.name}")
+
     async def call_many(
         self,
         calls: Iterable[Call | tuple[str, str] | tuple[str, str, Any]],
@@ -957,6 +1090,8 @@ class Dispatcher:
         stats["fallbacks"] = {name: each.stats() for name, each in self._fallbacks.items()}
         stats["rollouts"] = self._rollouts.stats()
         stats.update(self._guard.stats())  # "access" and "audit", when configured
+        if self.jobs is not None:
+            stats["jobs"] = self.jobs.stats()
         stats["dispatcher"] = {
             "state": self._state,
             "draining": self._draining,
@@ -1086,6 +1221,12 @@ def _check_protocol(plugin: PluginSpec[Any]) -> None:
             " plugin for a protocol it speaks)",
             details={"plugin": plugin.key, "protocol": plugin.protocol},
         )
+
+
+def _checked_job_id(job_id: object) -> str:
+    if isinstance(job_id, str) and 0 < len(job_id) <= 64 and job_id.isprintable():
+        return job_id
+    raise InvalidParams(f"a job id is a string of 1 to 64 printable characters, got {job_id!r:.40}")
 
 
 def _checked_grace(grace: object) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dispatcher.config.errors import ManifestError, ManifestProblem
 from dispatcher.config.gateway import GatewayConfig, GatewayTimeouts, GatewayTls
 from dispatcher.config.includes import watched_paths
+from dispatcher.config.jobs import JobsConfig
 from dispatcher.config.loader import load_manifest, parse_manifest
 from dispatcher.config.manifest import Lifecycle, Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import (
@@ -61,6 +62,7 @@ __all__ = [
     "GatewayTimeouts",
     "GatewayTls",
     "HedgePolicy",
+    "JobsConfig",
     "JwtConfig",
     "Lifecycle",
     "LogSettings",

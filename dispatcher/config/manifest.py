@@ -11,9 +11,10 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from dispatcher.config.gateway import GatewayConfig
+from dispatcher.config.jobs import JobsConfig
 from dispatcher.config.policies import Policies
 from dispatcher.config.rollouts import RolloutSpec
 from dispatcher.config.security import AccessConfig, AuditConfig, AuthConfig
@@ -159,3 +160,16 @@ class Manifest(StrictModel, Generic[TargetT]):
         description="Methods whose traffic moves between two versions step by step, or is"
         " mirrored to another version (README: rollout and shadow).",
     )
+    jobs: JobsConfig = Field(
+        default_factory=JobsConfig,
+        description="Async jobs: workers of the shared job stream (README: Async jobs).",
+    )
+
+    @model_validator(mode="after")
+    def _jobs_need_a_durable_store(self) -> Manifest[TargetT]:
+        # A job accepted into one process's memory is lost with it: workers only on Redis.
+        if self.jobs.workers and self.state.backend != "redis":
+            raise ValueError(
+                "'jobs.workers' needs 'state: {backend: redis}': jobs live on Redis streams"
+            )
+        return self

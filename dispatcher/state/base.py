@@ -33,12 +33,16 @@ from linchkit_plugin.errors import DispatchError, TargetUnavailable, error_from_
 from linchkit_plugin.wire import encode_json
 
 __all__ = [
+    "JOB_STATES",
+    "TERMINAL_STATES",
     "Admission",
     "BreakerPolicyArgs",
     "BreakerView",
     "Claim",
     "Claimed",
+    "Delivery",
     "IdempotencyStore",
+    "JobStore",
     "SharedStore",
     "StateBackend",
     "StateUnavailable",
@@ -155,6 +159,88 @@ class IdempotencyStore(ABC):
         """Return when ``key`` may have changed, or after ``timeout`` seconds."""
 
 
+# -- async jobs --------------------------------------------------------------------------
+
+#: A job's states; the last three are terminal.
+JOB_STATES = ("queued", "running", "retrying", "succeeded", "failed", "dead")
+TERMINAL_STATES = frozenset(("succeeded", "failed", "dead"))
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One stream entry handed to a worker: the job it names, or ``None`` when the entry
+    is malformed (``raw`` says what it held)."""
+
+    entry_id: str
+    job_id: str | None
+    raw: str = ""
+
+
+class JobStore(ABC):
+    """Durable jobs: a stream of job ids read by a consumer group, one record per job.
+
+    An entry stays pending on the worker that took it until the job's terminal state (or
+    its next attempt's schedule) is stored, in the same atomic step as its ack; a worker
+    that dies leaves it pending, and ``take`` hands it to another after ``min_idle``.
+    Every method raises ``StateUnavailable`` when the store cannot answer in time.
+    """
+
+    @abstractmethod
+    async def submit(self, job_id: str, record: dict[str, str]) -> None:
+        """Store the job's record and append its entry, atomically."""
+
+    @abstractmethod
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing (every worker may call it)."""
+
+    @abstractmethod
+    async def take(
+        self, consumer: str, count: int, block: float, min_idle: float
+    ) -> list[Delivery]:
+        """Up to ``count`` entries for ``consumer``: first those left pending longer than
+        ``min_idle`` seconds by a worker that stopped, then new ones (waiting ``block`` s)."""
+
+    @abstractmethod
+    async def begin(self, job_id: str) -> dict[str, str] | None:
+        """Count one more attempt and mark the job running; its record (attempts
+        included), or ``None`` when there is none."""
+
+    @abstractmethod
+    async def finish(self, entry_id: str, job_id: str, fields: dict[str, str], ttl: float) -> None:
+        """Store the terminal ``fields`` (``state`` among them), keep the record ``ttl``
+        seconds (a dead one until purged), ack the entry, wake ``result`` waiters."""
+
+    @abstractmethod
+    async def retry_later(
+        self, entry_id: str, job_id: str, fields: dict[str, str], delay: float
+    ) -> None:
+        """Store ``fields``, schedule the next attempt in ``delay`` s, ack the entry."""
+
+    @abstractmethod
+    async def record(self, job_id: str) -> dict[str, str] | None: ...
+
+    @abstractmethod
+    async def recent(self, limit: int) -> list[dict[str, str]]:
+        """The latest submitted jobs still kept, newest first."""
+
+    @abstractmethod
+    async def dead(self, limit: int) -> list[dict[str, str]]:
+        """Dead-lettered jobs, newest first."""
+
+    @abstractmethod
+    async def redrive(self, job_id: str) -> bool:
+        """Put a dead-lettered job back on the stream with its attempts reset; False when
+        it is not dead-lettered (or cannot run again: a malformed entry)."""
+
+    @abstractmethod
+    async def purge(self) -> int:
+        """Drop every dead-lettered job; how many."""
+
+    @abstractmethod
+    async def changed(self, key: str, timeout: float) -> None:
+        """Return when job ``key`` may have ended, or after ``timeout`` seconds."""
+
+
 # -- the backends -----------------------------------------------------------------------
 
 
@@ -228,6 +314,11 @@ class StateBackend(ABC):
     @property
     def store(self) -> SharedStore | None:
         """The shared operations, when ``shared``."""
+        return None
+
+    @property
+    def jobs(self) -> JobStore | None:
+        """Durable async jobs, on a backend that has them (Redis)."""
         return None
 
     def fell_back(self, what: str, error: StateUnavailable) -> None:

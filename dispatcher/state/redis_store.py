@@ -12,7 +12,8 @@ backend skip Redis for ``retry_after`` (the next calls fall back or fail at once
 of each spending the timeout), then try again.
 
 Notifications (one channel per key prefix): a breaker transition (every replica drops its
-cached view of that breaker) and the end of an idempotent call (its waiters claim again).
+cached view of that breaker), the end of an idempotent call (its waiters claim again) and
+the end of an async job (``result`` waiters read it; the jobs themselves: ``redis_jobs``).
 They save waiting, never carry state: a missed one costs at most ``breaker_sync_ms`` of a
 stale breaker view, or one poll interval of an idempotent waiter.
 """
@@ -42,11 +43,13 @@ from dispatcher.state.base import (
     Claim,
     Claimed,
     IdempotencyStore,
+    JobStore,
     SharedStore,
     StateBackend,
     StateUnavailable,
 )
 from dispatcher.state.memory import MemoryIdempotency
+from dispatcher.state.redis_jobs import RedisJobs
 from linchkit_plugin.errors import DeadlineExceeded
 
 __all__ = ["RedisState"]
@@ -104,6 +107,9 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         self._claim = self._client.register_script(_scripts.IDEMPOTENCY_CLAIM)
         self._end = self._client.register_script(_scripts.IDEMPOTENCY_END)
         self._views: dict[str, tuple[BreakerView, float]] = {}
+        self._jobs = RedisJobs(
+            self._client, self._run, prefix, self.channel, self.op_timeout, clock, self.changed
+        )
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._down_until = -math.inf
         self._logged_at = -math.inf
@@ -128,6 +134,10 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
     @property
     def store(self) -> SharedStore:
         return self
+
+    @property
+    def jobs(self) -> JobStore:
+        return self._jobs
 
     async def start(self) -> None:
         # No check that Redis answers: with fail_open a replica must start while Redis is
@@ -379,8 +389,8 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         kind, _, key = data.decode(errors="replace").partition(" ")
         if kind == "breaker":
             self._views.pop(key, None)
-        elif kind == "idem":
-            for waiter in self._waiters.get(key, ()):
+        elif kind in ("idem", "job"):
+            for waiter in self._waiters.get(key if kind == "idem" else f"job:{key}", ()):
                 if not waiter.done():
                     waiter.set_result(None)
 

@@ -1,0 +1,275 @@
+"""Async jobs: ``Dispatcher.submit`` records a call on the shared job stream and returns
+its id at once; workers in any replica (``jobs: {workers: N}``) run it later through the
+method's own chain, exactly as ``Dispatcher.call`` would.
+
+A job's states: ``queued`` → ``running`` → ``succeeded`` | ``failed`` (a non-retryable
+error) | ``retrying`` (a retryable one: back on the stream after a backoff that doubles per
+attempt, at least the error's ``retry_after``) → … → ``dead`` after ``max_attempts``
+(dead-lettered: kept until redriven or purged). An attempt is counted before the job runs,
+so a job whose worker dies each time (a poison job) is dead-lettered too. The durable
+part, and why a killed worker loses nothing, is the store's (``dispatcher.state.redis_jobs``).
+
+Errors, as a tree::
+
+    DispatchError (linchkit_plugin.errors)
+    ├── JobNotFound      no record of that id: never submitted, or kept past result_ttl_ms
+    ├── JobNotFinished   ``result(wait=…)`` ran out of time first (retryable: ask again)
+    └── JobsUnavailable  this dispatcher's state backend keeps no jobs (memory)
+
+and a submission to an unreachable Redis raises ``StateUnavailable`` (retryable) whatever
+``on_unavailable`` says: a job kept in this process's memory would not be durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from dispatcher.config import JobsConfig
+from dispatcher.state.base import TERMINAL_STATES, Delivery, JobStore, StateUnavailable
+from linchkit_plugin.errors import DispatchError, ProviderError, error_from_wire
+from linchkit_plugin.wire import encode_json
+
+__all__ = [
+    "JobNotFinished",
+    "JobNotFound",
+    "JobWorkers",
+    "JobsUnavailable",
+    "job_outcome",
+    "new_job_record",
+]
+
+log = logging.getLogger("dispatcher.jobs")
+
+#: (record, params) → the call's result; the dispatcher runs it through the method's chain.
+RunJob = Callable[[dict[str, str], Any], Awaitable[Any]]
+
+#: How long ``aclose`` lets the jobs in flight finish before cancelling them (their
+#: entries stay pending and another worker takes them after the visibility timeout).
+STOP_GRACE_SECONDS = 5.0
+
+
+class JobNotFound(DispatchError):
+    type = "job_not_found"
+
+
+class JobNotFinished(DispatchError):
+    type = "job_not_finished"
+    default_retryable = True
+
+
+class JobsUnavailable(DispatchError):
+    type = "jobs_unavailable"
+
+
+def _now_ms() -> str:
+    return str(int(time.time() * 1000))
+
+
+def new_job_record(
+    job_id: str,
+    plugin: str,
+    version: str,
+    method: str,
+    params: Any,
+    caller: str | None,
+    idempotency_key: str | None,
+) -> dict[str, str]:
+    """The stored record of a new job (every field a string: a Redis hash)."""
+    record = {
+        "id": job_id,
+        "plugin": plugin,
+        "version": version,
+        "method": method,
+        "params": encode_json(params).decode(),
+        "state": "queued",
+        "attempts": "0",
+        "submitted_at": _now_ms(),
+    }
+    if caller is not None:
+        record["caller"] = caller
+    if idempotency_key is not None:
+        record["idempotency_key"] = idempotency_key
+    return record
+
+
+def job_outcome(record: dict[str, str]) -> Any:
+    """A finished job's result, or raise its error (a fresh, typed exception)."""
+    state = record.get("state")
+    if state == "succeeded":
+        return orjson.loads(record.get("result", "null"))
+    raise error_from_wire(orjson.loads(record.get("error", "null")))
+
+
+def backoff(config: JobsConfig, attempt: int, retry_after: float | None) -> float:
+    """Seconds before attempt ``attempt + 1``: doubling, capped, jittered (replicas that
+    failed together do not retry together), never sooner than the target asked."""
+    base = config.backoff_ms / 1000 * (2 ** min(attempt - 1, 30))
+    delay = min(base, config.backoff_max_ms / 1000) * random.uniform(0.5, 1.0)
+    return float(max(delay, retry_after or 0.0))
+
+
+class JobWorkers:
+    """``config.workers`` consumers of the job stream, owned by one dispatcher."""
+
+    def __init__(self, store: JobStore, config: JobsConfig, run: RunJob, pause: float) -> None:
+        self.store = store
+        self.config = config
+        self.run = run
+        self.pause = max(pause, 0.05)  # after Redis failed: the backend skips it this long
+        self.visibility = config.visibility_timeout_ms / 1000
+        self.result_ttl = config.result_ttl_ms / 1000
+        self._name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._taking = True
+        self.counts = {"succeeded": 0, "failed": 0, "dead": 0, "retried": 0, "malformed": 0}
+        self.running = 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for number in range(self.config.workers):
+            consumer = f"{self._name}-{number}"
+            self._tasks.append(loop.create_task(self._consume(consumer), name=f"jobs {consumer}"))
+
+    def stop_taking(self) -> None:
+        """Take no new entries (a drain): the jobs in flight go on."""
+        self._taking = False
+
+    async def aclose(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        self._taking = False
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=grace)
+            for task in late:
+                task.cancel()
+            for task in late:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._tasks.clear()
+
+    async def _consume(self, consumer: str) -> None:
+        grouped = False
+        while self._taking:
+            try:
+                if not grouped:
+                    await self.store.ensure_group()
+                    grouped = True
+                deliveries = await self.store.take(
+                    consumer, self.config.batch, block=0.5, min_idle=self.visibility
+                )
+            except StateUnavailable as error:
+                log.warning("job worker %s: %s", consumer, error.message)
+                grouped = False  # the stream may be gone with the Redis that restarted
+                await asyncio.sleep(self.pause)
+                continue
+            if deliveries:
+                await asyncio.gather(*(self._process(delivery) for delivery in deliveries))
+
+    async def _process(self, delivery: Delivery) -> None:
+        try:
+            await self._attempt(delivery)
+        except StateUnavailable as error:
+            # Nothing acked: the entry stays pending and is taken again after the
+            # visibility timeout, by this worker or another.
+            log.warning("job entry %s left for later: %s", delivery.entry_id, error.message)
+        except Exception:  # a bug must not end the consumer: the entry stays pending
+            log.exception("job entry %s failed unexpectedly", delivery.entry_id)
+
+    async def _attempt(self, delivery: Delivery) -> None:
+        store, entry = self.store, delivery.entry_id
+        if delivery.job_id is None:
+            self.counts["malformed"] += 1
+            await store.finish(
+                entry,
+                f"entry-{entry}",
+                self._dead(f"malformed stream entry {entry}: {delivery.raw}", 0),
+                self.result_ttl,
+            )
+            return
+        job_id = delivery.job_id
+        record = await store.begin(job_id)
+        if record is None or "plugin" not in record:
+            self.counts["malformed"] += 1
+            await store.finish(
+                entry, job_id, self._dead(f"job {job_id} has no record", 0), self.result_ttl
+            )
+            return
+        if record.get("state") in TERMINAL_STATES:  # already ended: only the ack was missing
+            await store.finish(entry, job_id, {"state": record["state"]}, self.result_ttl)
+            return
+        attempts = int(record.get("attempts", "1"))
+        if attempts > self.config.max_attempts:  # its workers died on it each time
+            last = record.get("error")
+            reason = "its worker was lost on every attempt" if last is None else "see last error"
+            fields = self._dead(f"job {job_id} ran out of attempts: {reason}", attempts)
+            if last is not None:
+                fields["error"] = last
+            self.counts["dead"] += 1
+            await store.finish(entry, job_id, fields, self.result_ttl)
+            return
+        try:
+            params = orjson.loads(record["params"])
+        except (KeyError, orjson.JSONDecodeError):
+            self.counts["malformed"] += 1
+            fields = self._dead(f"job {job_id} has unreadable params", attempts)
+            await store.finish(entry, job_id, fields, self.result_ttl)
+            return
+        self.running += 1
+        try:
+            result = await self.run(record, params)
+        except DispatchError as error:
+            await self._failed(entry, job_id, attempts, error)
+            return
+        except Exception as error:  # a host bug, not the plugin's answer: not retried
+            log.exception("job %s failed unexpectedly", job_id)
+            failure = ProviderError(f"job {job_id} failed in the dispatcher: {error!r:.200}")
+            await self._failed(entry, job_id, attempts, failure)
+            return
+        finally:
+            self.running -= 1
+        try:
+            encoded = encode_json(result).decode()
+        except DispatchError:  # a result that is not JSON: nothing to keep, no use retrying
+            failure = ProviderError(f"job {job_id}: the result is not JSON", retryable=False)
+            await self._failed(entry, job_id, attempts, failure)
+            return
+        fields = {"state": "succeeded", "result": encoded, "finished_at": _now_ms()}
+        await store.finish(entry, job_id, fields, self.result_ttl)
+        self.counts["succeeded"] += 1
+
+    async def _failed(self, entry: str, job_id: str, attempts: int, error: DispatchError) -> None:
+        wire = encode_json(error.to_wire()).decode()
+        if error.retryable and attempts < self.config.max_attempts:
+            delay = backoff(self.config, attempts, error.retry_after)
+            fields = {"state": "retrying", "error": wire}
+            await self.store.retry_later(entry, job_id, fields, delay)
+            self.counts["retried"] += 1
+            return
+        state = "dead" if error.retryable else "failed"
+        fields = {"state": state, "error": wire, "finished_at": _now_ms()}
+        await self.store.finish(entry, job_id, fields, self.result_ttl)
+        self.counts[state] += 1
+
+    @staticmethod
+    def _dead(message: str, attempts: int) -> dict[str, str]:
+        error = ProviderError(message, details={"stage": "jobs"})
+        return {
+            "state": "dead",
+            "error": encode_json(error.to_wire()).decode(),
+            "attempts": str(attempts),
+            "finished_at": _now_ms(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {"workers": len(self._tasks), "running": self.running, **self.counts}
+
+    def __repr__(self) -> str:
+        return f"<JobWorkers {self._name} workers={len(self._tasks)} running={self.running}>"

@@ -1,0 +1,284 @@
+"""Durable async jobs on Redis Streams: the ``JobStore`` of the Redis backend.
+
+Keys (under the backend's ``key_prefix``)::
+
+    {prefix}:jobs            stream of entries ``{job: <id>}``, consumer group "workers"
+    {prefix}:job:<id>        hash: the job's record (what to call, state, attempts, outcome)
+    {prefix}:jobs:delayed    sorted set: jobs waiting for their next attempt (due time, ms)
+    {prefix}:jobs:dead       sorted set: dead-lettered jobs (when, ms)
+    {prefix}:jobs:recent     sorted set: submitted jobs (when, ms), trimmed to ``recent``
+
+An entry is acked, and deleted, in the same atomic step that stores the job's terminal
+state or schedules its next attempt: a worker killed at any point leaves the entry pending,
+and another worker claims it (XAUTOCLAIM) once it has been idle for the visibility timeout.
+So a job runs at least once per attempt it is owed; its idempotency key, if it has one,
+keeps a re-delivered job from running again once an earlier run's outcome is recorded.
+
+Runs every operation through the backend's bounded ``run`` (its timeout, its skip after
+a failure, its translation of redis-py errors into ``StateUnavailable``); it imports no
+redis-py itself (``redis_store`` is the only module that does).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from dispatcher.state.base import Delivery, JobStore
+
+__all__ = ["RedisJobs"]
+
+T = TypeVar("T")
+Run = Callable[[str, float, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+GROUP = "workers"
+
+# Idempotent: a second worker's BUSYGROUP is not an error.
+_ENSURE_GROUP = """
+redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+return 1
+"""
+
+# A terminal record is returned as it is (the worker only acks: a redelivery after a
+# redrive race); otherwise one more attempt is counted before the job runs.
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'succeeded' and state ~= 'failed' and state ~= 'dead' then
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# Redis's clock for due times: every replica agrees on it.
+_RETRY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[3], ARGV[2])
+return 1
+"""
+
+_PROMOTE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, id in ipairs(due) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('XADD', KEYS[2], '*', 'job', id)
+end
+return #due
+"""
+
+_REDRIVE = """
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PERSIST', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'redriven_at', ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+return 1
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _fields(flat_or_dict: Any) -> dict[str, str]:
+    if isinstance(flat_or_dict, dict):
+        return {_text(k): _text(v) for k, v in flat_or_dict.items()}
+    items = list(flat_or_dict or ())
+    return {_text(items[i]): _text(items[i + 1]) for i in range(0, len(items) - 1, 2)}
+
+
+def _now_ms() -> str:
+    return str(int(time.time() * 1000))
+
+
+class RedisJobs(JobStore):
+    def __init__(
+        self,
+        client: Any,
+        run: Run,
+        prefix: str,
+        channel: str,
+        op_timeout: float,
+        clock: Callable[[], float],
+        changed: Callable[[str, float], Awaitable[None]],
+        recent: int = 100_000,
+    ) -> None:
+        self._client = client
+        self._run = run
+        self._prefix = prefix
+        self._channel = channel
+        self._op_timeout = op_timeout
+        self._clock = clock
+        self._changed = changed
+        self.recent_kept = recent
+        self.stream = f"{prefix}:jobs"
+        self.delayed = f"{prefix}:jobs:delayed"
+        self.dead_set = f"{prefix}:jobs:dead"
+        self.recent_set = f"{prefix}:jobs:recent"
+        self._ensure = client.register_script(_ENSURE_GROUP)
+        self._begin = client.register_script(_BEGIN)
+        self._retry = client.register_script(_RETRY)
+        self._promote = client.register_script(_PROMOTE)
+        self._redrive = client.register_script(_REDRIVE)
+
+    def record_key(self, job_id: str) -> str:
+        return f"{self._prefix}:job:{job_id}"
+
+    def _deadline(self, extra: float = 0.0) -> float:
+        # Twice the bound: the operation gets the backend's whole op_timeout (a shorter
+        # budget would be taken for the caller's deadline, not for Redis being slow).
+        return self._clock() + 2 * self._op_timeout + extra
+
+    async def _op(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        result: T = await self._run(what, self._deadline(), operation)
+        return result
+
+    async def submit(self, job_id: str, record: dict[str, str]) -> None:
+        async def write() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(self.record_key(job_id), mapping=record)
+                pipe.xadd(self.stream, {"job": job_id})
+                pipe.zadd(self.recent_set, {job_id: int(record["submitted_at"])})
+                pipe.zremrangebyrank(self.recent_set, 0, -(self.recent_kept + 1))
+                await pipe.execute()
+
+        await self._op("a job submission", write)
+
+    async def ensure_group(self) -> None:
+        await self._op(
+            "the job stream's group", lambda: self._ensure(keys=(self.stream,), args=(GROUP,))
+        )
+
+    async def take(
+        self, consumer: str, count: int, block: float, min_idle: float
+    ) -> list[Delivery]:
+        await self._op(
+            "due job retries",
+            lambda: self._promote(keys=(self.delayed, self.stream), args=(count * 4,)),
+        )
+        claimed = await self._op(
+            "jobs of a stopped worker",
+            lambda: self._client.xautoclaim(
+                self.stream, GROUP, consumer, int(min_idle * 1000), "0-0", count=count
+            ),
+        )
+        entries = list(claimed[1]) if claimed and len(claimed) > 1 else []
+        if not entries:
+            # Blocking below the operation bound: the read is one bounded operation too.
+            block_ms = max(1, int(min(block, self._op_timeout / 2) * 1000))
+            answer = await self._op(
+                "new jobs",
+                lambda: self._client.xreadgroup(
+                    GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms
+                ),
+            )
+            for _stream, stream_entries in answer or ():
+                entries.extend(stream_entries)
+        return [self._delivery(entry) for entry in entries]
+
+    @staticmethod
+    def _delivery(entry: Any) -> Delivery:
+        entry_id, fields = _text(entry[0]), entry[1]
+        decoded = _fields(fields) if fields else {}
+        job_id = decoded.get("job")
+        if job_id and len(decoded) == 1 and len(job_id) <= 64 and job_id.isprintable():
+            return Delivery(entry_id, job_id)
+        return Delivery(entry_id, None, repr(decoded)[:500])
+
+    async def begin(self, job_id: str) -> dict[str, str] | None:
+        answer = await self._op(
+            "a job's start",
+            lambda: self._begin(keys=(self.record_key(job_id),), args=(_now_ms(),)),
+        )
+        return _fields(answer) if answer else None
+
+    async def finish(self, entry_id: str, job_id: str, fields: dict[str, str], ttl: float) -> None:
+        key = self.record_key(job_id)
+        dead = fields.get("state") == "dead"
+        fields = {"id": job_id, **fields}  # a malformed entry's record has nothing else
+
+        async def write() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=fields)
+                if dead:  # kept until redriven or purged
+                    pipe.persist(key)
+                    pipe.zadd(self.dead_set, {job_id: int(_now_ms())})
+                else:
+                    pipe.pexpire(key, max(1, int(ttl * 1000)))
+                pipe.xack(self.stream, GROUP, entry_id)
+                pipe.xdel(self.stream, entry_id)
+                pipe.publish(self._channel, f"job {job_id}")
+                await pipe.execute()
+
+        await self._op("a job's outcome", write)
+
+    async def retry_later(
+        self, entry_id: str, job_id: str, fields: dict[str, str], delay: float
+    ) -> None:
+        args: list[str] = [GROUP, entry_id, str(max(0, int(delay * 1000))), job_id]
+        for name, value in fields.items():
+            args += [name, value]
+        keys = (self.record_key(job_id), self.delayed, self.stream)
+        await self._op("a job's next attempt", lambda: self._retry(keys=keys, args=args))
+
+    async def record(self, job_id: str) -> dict[str, str] | None:
+        answer = await self._op(
+            "a job record", lambda: self._client.hgetall(self.record_key(job_id))
+        )
+        return _fields(answer) if answer else None
+
+    async def _records(self, index: str, limit: int) -> list[dict[str, str]]:
+        async def read() -> list[dict[str, str]]:
+            ids = await self._client.zrevrange(index, 0, max(0, limit - 1))
+            async with self._client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self.record_key(_text(job_id)))
+                answers = await pipe.execute()
+            return [_fields(answer) for answer in answers if answer]
+
+        return await self._op("job records", read)
+
+    async def recent(self, limit: int) -> list[dict[str, str]]:
+        return await self._records(self.recent_set, limit)
+
+    async def dead(self, limit: int) -> list[dict[str, str]]:
+        return await self._records(self.dead_set, limit)
+
+    async def redrive(self, job_id: str) -> bool:
+        keys = (self.record_key(job_id), self.dead_set, self.stream)
+        answer = await self._op(
+            "a redrive", lambda: self._redrive(keys=keys, args=(job_id, _now_ms()))
+        )
+        return bool(answer)
+
+    async def purge(self) -> int:
+        async def drop() -> int:
+            ids = await self._client.zrange(self.dead_set, 0, -1)
+            dropped = 0
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                async with self._client.pipeline(transaction=True) as pipe:
+                    # ZREM of what was read, not DEL: a job dead-lettered meanwhile stays.
+                    pipe.zrem(self.dead_set, *chunk)
+                    pipe.delete(*(self.record_key(_text(job_id)) for job_id in chunk))
+                    removed, _ = await pipe.execute()
+                dropped += int(removed)
+            return dropped
+
+        dropped: int = await self._run("a dead-letter purge", self._deadline(5.0), drop)
+        return dropped
+
+    async def changed(self, key: str, timeout: float) -> None:
+        await self._changed(f"job:{key}", timeout)
+
+    def __repr__(self) -> str:
+        return f"<RedisJobs {self.stream}>"

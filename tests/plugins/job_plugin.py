@@ -1,0 +1,35 @@
+"""A plugin for the async-job tests: its side effect is a counter on a real Redis.
+
+``work`` increments ``{prefix}:effects:{n}`` on every run, so a test reads how often each
+job really ran, whichever process (a worker that was killed or not) ran it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from linchkit_plugin import Plugin
+from linchkit_plugin.errors import PluginError, TargetUnavailable
+
+
+class JobPlugin(Plugin):
+    async def init(self, config: dict[str, Any]) -> None:
+        self.prefix = config["prefix"]
+        self.redis = aioredis.Redis.from_url(config["url"])
+
+    async def destroy(self) -> None:
+        await self.redis.aclose()
+
+    async def work(self, n: int) -> dict[str, int]:
+        runs = await self.redis.incr(f"{self.prefix}:effects:{n}")
+        return {"n": n, "runs": int(runs)}
+
+    async def busy(self) -> None:
+        """Always a retryable failure, asking to come back soon."""
+        await self.redis.incr(f"{self.prefix}:effects:busy")
+        raise TargetUnavailable("always busy", retry_after=0.01)
+
+    async def refuse(self) -> None:
+        raise PluginError("no such account", remote_type="NoAccount", retryable=False)

@@ -1,0 +1,349 @@
+"""Async jobs on a real Redis (``Dispatcher.submit``, ``dispatcher._jobs``).
+
+Workers run in this process for the behaviour tests, and in three dispatcher processes
+(``tests/job_worker.py``) that the crash test SIGKILLs and restarts. The plugin
+(``tests/plugins/job_plugin.py``) counts its runs on Redis, so a count says how often a
+job really ran, whichever process ran it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from dispatcher import Dispatcher, JobNotFinished, JobNotFound, JobsUnavailable
+from dispatcher.config import ManifestError, load_manifest
+from dispatcher.state import StateUnavailable
+from linchkit_plugin.errors import PluginError, TargetUnavailable
+from tests.services import CLEAN_ENVIRONMENT, Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = ROOT / "tests" / "plugins"
+
+
+def manifest_file(folder: Path, url: str, prefix: str, **jobs: Any) -> Path:
+    path = folder / f"plugins-{len(list(folder.iterdir()))}.yaml"
+    document = {
+        "version": 1,
+        "state": {"backend": "redis", "url": url, "key_prefix": prefix, "op_timeout_ms": 1000},
+        "jobs": {"backoff_ms": 10, "backoff_max_ms": 50, **jobs},
+        "plugins": [
+            {
+                "id": "jobs",
+                "version": "1.0.0",
+                "config": {"url": url, "prefix": prefix},
+                "target": {
+                    "provider": "local",
+                    "entrypoint": "job_plugin:JobPlugin",
+                    "path": str(PLUGINS),
+                },
+                "methods": {"work": {"timeout_ms": 1000}, "busy": {}, "refuse": {}},
+            }
+        ],
+    }
+    path.write_text(json.dumps(document))  # JSON is YAML
+    return path
+
+
+def dispatcher_for(folder: Path, url: str, prefix: str, **jobs: Any) -> Dispatcher:
+    return Dispatcher(load_manifest(manifest_file(folder, url, prefix, **jobs)))
+
+
+async def effects(url: str, prefix: str, name: object) -> int:
+    async with aioredis.Redis.from_url(url) as client:
+        return int(await client.get(f"{prefix}:effects:{name}") or 0)
+
+
+# -- what a job does ------------------------------------------------------------------------
+
+
+async def test_a_submitted_job_runs_and_its_result_is_kept(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with dispatcher_for(tmp_path, redis_server.url, redis_prefix, workers=2) as d:
+        job_id = await d.submit("jobs", "work", {"n": 7}, caller="billing")
+        assert await d.result(job_id, wait=30) == {"n": 7, "runs": 1}
+        record = await d.job(job_id)
+        assert record["state"] == "succeeded"
+        assert record["attempts"] == 1
+        assert record["caller"] == "billing"
+        assert record["params"] == {"n": 7}
+        assert int(record["finished_at"]) >= int(record["submitted_at"])
+        assert d.stats()["jobs"]["succeeded"] == 1
+
+
+async def test_result_says_not_finished_typed_and_unknown_ids_are_refused(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with dispatcher_for(tmp_path, redis_server.url, redis_prefix) as d:  # no workers
+        job_id = await d.submit("jobs", "work", {"n": 1})
+        started = time.monotonic()
+        with pytest.raises(JobNotFinished) as caught:
+            await d.result(job_id, wait=0.3)
+        assert caught.value.retryable
+        assert 0.25 < time.monotonic() - started < 5
+        assert (await d.job(job_id))["state"] == "queued"
+        with pytest.raises(JobNotFound):
+            await d.result("no-such-job")
+
+
+async def test_a_job_failing_retryably_is_dead_lettered_then_redriven_then_purged(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with dispatcher_for(
+        tmp_path, redis_server.url, redis_prefix, workers=1, max_attempts=3
+    ) as d:
+        job_id = await d.submit("jobs", "busy")
+        with pytest.raises(TargetUnavailable, match="always busy"):
+            await d.result(job_id, wait=30)
+        record = await d.job(job_id)
+        assert (record["state"], record["attempts"]) == ("dead", 3)
+        assert await effects(redis_server.url, redis_prefix, "busy") == 3
+        store = d.state_backend.jobs  # type: ignore[union-attr]
+        assert store is not None
+        assert [each["id"] for each in await store.dead(10)] == [job_id]
+        assert await store.redrive(job_id)
+        assert not await store.redrive(job_id)  # no longer dead-lettered
+        with pytest.raises(TargetUnavailable):
+            await d.result(job_id, wait=30)  # ran its 3 attempts again, dead again
+        assert await effects(redis_server.url, redis_prefix, "busy") == 6
+        assert await store.purge() == 1
+        assert await store.dead(10) == []
+        with pytest.raises(JobNotFound):
+            await d.job(job_id)
+
+
+async def test_a_non_retryable_error_ends_the_job_failed_at_once(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with dispatcher_for(tmp_path, redis_server.url, redis_prefix, workers=1) as d:
+        job_id = await d.submit("jobs", "refuse")
+        with pytest.raises(PluginError, match="no such account") as caught:
+            await d.result(job_id, wait=30)
+        assert caught.value.remote_type == "NoAccount"
+        assert (await d.job(job_id))["attempts"] == 1
+
+
+# -- hostile -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"junk": "x"}, {"job": "a" * 500}, {"job": "no-record-for-this"}, {"job": "1", "more": "2"}],
+)
+async def test_a_malformed_entry_is_dead_lettered_and_the_worker_goes_on(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, fields: dict[str, str]
+) -> None:
+    async with dispatcher_for(tmp_path, redis_server.url, redis_prefix, workers=1) as d:
+        async with aioredis.Redis.from_url(redis_server.url) as client:
+            await client.xadd(f"{redis_prefix}:jobs", fields)
+        job_id = await d.submit("jobs", "work", {"n": 1})
+        assert (await d.result(job_id, wait=30))["n"] == 1
+        store = d.state_backend.jobs  # type: ignore[union-attr]
+        assert store is not None
+        dead = await store.dead(10)
+        assert len(dead) == 1
+        assert dead[0]["state"] == "dead"
+        assert not await store.redrive(dead[0]["id"])  # nothing it could run
+        assert d.stats()["jobs"]["malformed"] == 1
+
+
+async def test_params_are_checked_at_submit_and_a_bad_key_is_refused(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    from dispatcher import InvalidParams, MethodNotFound
+
+    async with dispatcher_for(tmp_path, redis_server.url, redis_prefix) as d:
+        with pytest.raises(MethodNotFound):
+            await d.submit("jobs", "nope")
+        with pytest.raises(InvalidParams):
+            await d.submit("jobs", "work", {"n": 1}, idempotency_key="")
+        with pytest.raises(InvalidParams):
+            await d.submit("jobs", "work", {"n": object()})
+        with pytest.raises(InvalidParams):
+            await d.result("\n" * 3)
+
+
+async def test_submit_to_a_redis_that_is_down_fails_typed_within_its_bound(
+    tmp_path: Path, own_redis: Redis, redis_prefix: str
+) -> None:
+    async with dispatcher_for(tmp_path, own_redis.url, redis_prefix) as d:
+        own_redis.stop()
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable) as caught:
+            await d.submit("jobs", "work", {"n": 1})
+        assert caught.value.retryable
+        assert time.monotonic() - started < 3
+
+
+async def test_the_memory_backend_refuses_jobs_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "plugins.yaml"
+    plugin = {
+        "id": "jobs",
+        "version": "1.0.0",
+        "target": {"provider": "local", "entrypoint": "echo:Echo", "path": str(PLUGINS)},
+        "methods": {"work": {}},
+    }
+    path.write_text(json.dumps({"version": 1, "jobs": {"workers": 2}, "plugins": [plugin]}))
+    with pytest.raises(ManifestError, match="jobs live on Redis streams"):
+        load_manifest(path)
+    async with Dispatcher(load_manifest(manifest_file_memory(tmp_path))) as d:
+        with pytest.raises(JobsUnavailable, match="backend: redis"):
+            await d.submit("counter", "ping")
+
+
+def manifest_file_memory(folder: Path) -> Path:
+    path = folder / "memory.yaml"
+    target = {"provider": "local", "entrypoint": "counting_plugin:CountingPlugin"}
+    plugin = {"id": "counter", "version": "1.0.0", "target": {**target, "path": str(PLUGINS)}}
+    path.write_text(json.dumps({"version": 1, "plugins": [{**plugin, "methods": {"ping": {}}}]}))
+    return path
+
+
+async def test_a_redelivered_job_whose_key_has_its_outcome_does_not_run_again(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """A worker took the entry, ran the call (its outcome recorded under the key) and
+    died before the ack: the worker that takes the entry over must not run it again."""
+    url = redis_server.url
+    async with dispatcher_for(tmp_path, url, redis_prefix) as submitter:
+        job_id = await submitter.submit("jobs", "work", {"n": 3}, idempotency_key="order-3")
+        async with aioredis.Redis.from_url(url) as client:
+            await client.xgroup_create(f"{redis_prefix}:jobs", "workers", id="0")
+            taken = await client.xreadgroup(
+                "workers", "dead-worker", {f"{redis_prefix}:jobs": ">"}, count=1
+            )
+            assert len(taken[0][1]) == 1  # pending on a consumer that will never ack
+        # What the dead worker did before dying: the keyed call through the chain.
+        first = await submitter.call("jobs", "work", {"n": 3}, idempotency_key="order-3")
+        assert first == {"n": 3, "runs": 1}
+    async with dispatcher_for(
+        tmp_path, url, redis_prefix, workers=1, visibility_timeout_ms=300
+    ) as worker:
+        assert await worker.result(job_id, wait=30) == {"n": 3, "runs": 1}
+        assert await effects(url, redis_prefix, 3) == 1
+
+
+# -- crashes: three worker processes, SIGKILLed and restarted ------------------------------------
+
+
+class WorkerProcess:
+    def __init__(self, manifest: Path) -> None:
+        self.stderr = manifest.parent / f"worker-{time.monotonic_ns()}.stderr"
+        with self.stderr.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "job_worker.py"), str(manifest)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env={**CLEAN_ENVIRONMENT, "PYTHONPATH": os.pathsep.join(sys.path)},
+            )
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], 120)
+        line = self.process.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            self.process.kill()
+            self.process.wait(timeout=30)
+            raise AssertionError(f"worker did not start:\n{self.stderr.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.close_pipes()
+
+    def end(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()  # EOF: a clean stop
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self.close_pipes()
+
+    def close_pipes(self) -> None:
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+JOBS = 10_000
+
+
+@pytest.mark.slow
+async def test_every_job_ends_and_keyed_ones_run_once_through_three_sigkills(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    url = redis_server.url
+    settings = {"workers": 4, "batch": 16, "visibility_timeout_ms": 2500, "max_attempts": 5}
+    manifest = manifest_file(tmp_path, url, redis_prefix, **settings)
+    workers: list[WorkerProcess] = []
+    try:
+        workers.extend(WorkerProcess(manifest) for _ in range(3))
+        async with dispatcher_for(tmp_path, url, redis_prefix) as submitter:
+            ids: list[str] = []
+            for start in range(0, JOBS, 50):
+                # Even n carry an idempotency key; odd n do not.
+                ids += await asyncio.gather(
+                    *(
+                        submitter.submit(
+                            "jobs",
+                            "work",
+                            {"n": n},
+                            idempotency_key=f"k{n}" if n % 2 == 0 else None,
+                        )
+                        for n in range(start, start + 50)
+                    )
+                )
+            async with aioredis.Redis.from_url(url) as client:
+
+                async def states() -> list[str]:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for job_id in ids:
+                            pipe.hget(f"{redis_prefix}:job:{job_id}", "state")
+                        return [(s or b"").decode() for s in await pipe.execute()]
+
+                kills = 0
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    ended = sum(s in ("succeeded", "dead") for s in await states())
+                    if ended == JOBS and kills == 3:
+                        break
+                    if kills < 3 and ended >= (kills + 1) * JOBS // 5:
+                        victim = kills % 3
+                        workers[victim].kill()  # mid-run: jobs in flight on it
+                        workers[victim] = WorkerProcess(manifest)
+                        kills += 1
+                    await asyncio.sleep(0.2)
+                final = await states()
+                assert kills == 3
+                assert final.count("succeeded") + final.count("dead") == JOBS, {
+                    s: final.count(s) for s in set(final)
+                }
+                async with client.pipeline(transaction=False) as pipe:
+                    for n in range(JOBS):
+                        pipe.get(f"{redis_prefix}:effects:{n}")
+                    runs = [int(value or 0) for value in await pipe.execute()]
+        keyed_twice = [n for n in range(0, JOBS, 2) if runs[n] > 1]
+        print(
+            f"\n{JOBS} jobs, 3 SIGKILLs: {final.count('succeeded')} succeeded,"
+            f" {final.count('dead')} dead; keyed jobs run more than once: {len(keyed_twice)};"
+            f" unkeyed jobs run more than once: {sum(runs[n] > 1 for n in range(1, JOBS, 2))}"
+        )
+        assert all(runs[n] >= 1 for n in range(JOBS) if final[n] == "succeeded")
+        assert keyed_twice == []
+    finally:
+        for worker in workers:
+            worker.end()
