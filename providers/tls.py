@@ -22,7 +22,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 from linchkit_plugin.errors import ProviderError
 from providers.target import ManifestPath, StrictModel
 
-__all__ = ["ClientTls", "ClientTlsContext"]
+__all__ = ["ClientTls", "ClientTlsContext", "files_stamp"]
 
 log = logging.getLogger("dispatcher.providers.tls")
 
@@ -65,7 +65,10 @@ class ClientTls(StrictModel):
         return tuple(p for p in (self.ca_file, self.cert_file, self.key_file) if p is not None)
 
 
-def _stamp(paths: tuple[Path, ...]) -> tuple[object, ...]:
+def files_stamp(paths: Iterable[str | os.PathLike[str]]) -> tuple[object, ...]:
+    """What changes when any of ``paths`` is rewritten, replaced or removed: compared to
+    decide whether TLS files must be read again. A rotation by rename changes the inode
+    even within one mtime tick."""
     stamps: list[object] = []
     for path in paths:
         try:
@@ -115,7 +118,7 @@ class ClientTlsContext:
         self.reloads = 0
         self._clock = clock
         self._files = tls.files()
-        self._loaded = _stamp(self._files)
+        self._loaded = files_stamp(self._files)
         self._failed: tuple[object, ...] | None = None
         try:
             self._context = _build(tls)
@@ -139,7 +142,7 @@ class ClientTlsContext:
 
     def check(self) -> bool:
         """Build a new context if the files changed; True when one was built."""
-        stamp = _stamp(self._files)
+        stamp = files_stamp(self._files)
         if stamp == self._loaded or stamp == self._failed:
             return False
         try:

@@ -38,7 +38,6 @@ client CA files changed since the last (``_CertificateFetcher``).
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -55,6 +54,7 @@ from dispatcher.identity import Authenticator, Credentials, Principal
 from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
 from linchkit_plugin.errors import DispatchError, InvalidParams, PluginError, Unauthorized
 from providers.invocation import new_request_id
+from providers.tls import files_stamp
 
 __all__ = ["STATUS_BY_TYPE", "GrpcGateway"]
 
@@ -261,19 +261,8 @@ class _CertificateFetcher:
             for path in (settings.tls_cert, settings.tls_key, settings.client_ca)
             if path is not None
         )
-        self._loaded = self._stamp()
+        self._loaded = files_stamp(self._files)
         self.reloads = 0
-
-    def _stamp(self) -> tuple[object, ...]:
-        stamps: list[object] = []
-        for path in self._files:
-            try:
-                stat = os.stat(path)
-            except OSError:
-                stamps.append(None)
-            else:
-                stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
-        return tuple(stamps)
 
     def configuration(self) -> Any:
         settings = self._settings
@@ -289,7 +278,7 @@ class _CertificateFetcher:
         )
 
     def __call__(self) -> Any:
-        stamp = self._stamp()
+        stamp = files_stamp(self._files)
         if stamp == self._loaded:
             return None  # grpc keeps the configuration it has
         try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -33,6 +32,7 @@ from dispatcher.gateway.app import HUB_KEY, create_app
 from dispatcher.gateway.events import EventHub
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator
+from providers.tls import files_stamp
 
 if TYPE_CHECKING:
     from dispatcher.gateway.grpc_gateway import GrpcGateway
@@ -78,7 +78,7 @@ class CertificateReload:
             for path in (settings.tls_cert, settings.tls_key, settings.client_ca)
             if path is not None
         )
-        self._loaded = self._stamp()
+        self._loaded = files_stamp(self._files)
         self._failed: tuple[object, ...] | None = None
         context = server_ssl_context(settings)
         assert context is not None, "CertificateReload is for a gateway serving TLS"
@@ -94,21 +94,9 @@ class CertificateReload:
         if current is not context:
             connection.context = current  # this handshake: the newest certificate and CA
 
-    def _stamp(self) -> tuple[object, ...]:
-        stamps: list[object] = []
-        for path in self._files:
-            try:
-                stat = os.stat(path)
-            except OSError:
-                stamps.append(None)
-            else:
-                # A rotation by rename changes the inode even within one mtime tick.
-                stamps.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
-        return tuple(stamps)
-
     def check(self, *, force: bool = False) -> bool:
         """Reload if the files changed (or ``force``); True when a new context was built."""
-        stamp = self._stamp()
+        stamp = files_stamp(self._files)
         if not force and (stamp == self._loaded or stamp == self._failed):
             return False
         try:
