@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import datetime
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -358,3 +359,42 @@ def test_tls_files_where_no_tls_is_dialled_are_refused_at_load(target: dict[str,
             base_dir=ROOT,
         )
     assert "wss://" in str(raised.value)
+
+
+async def test_the_sdk_command_line_logs_in_with_its_client_certificate(
+    pki: dict[str, Any], tmp_path: Path
+) -> None:
+    """``dispatcher-plugin connect --cert-file --key-file --ca-file``, as a process."""
+    plugins_dir = str(ROOT / "tests" / "plugins")
+    cert = write(tmp_path, "sock.pem", pki["sock"].cert_chain_pems[0].bytes())
+    key = write(tmp_path, "sock.key", pki["sock"].private_key_pem.bytes())
+
+    async def connect(*tls: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "linchkit_plugin.cli", "connect", "socket_plugin:SocketPlugin",
+            "--url", url, "--id", "sock", "--version", "1.0.0", "--path", plugins_dir, *tls,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+
+    async with tls_gateway(pki) as (dispatcher, url):
+        process = await connect(
+            "--ca-file",
+            str(pki["server_ca_path"]),
+            "--cert-file",
+            str(cert),
+            "--key-file",
+            str(key),
+        )
+        try:
+            await until(lambda: connected(dispatcher) == 1, timeout=30)
+        finally:
+            process.terminate()
+            await process.wait()
+        # Half a pair, or a pair on a ws:// URL, is refused at once, quoting no file.
+        for tls in (("--cert-file", str(cert)), ("--ca-file", str(pki["server_ca_path"]))):
+            if tls[0] == "--ca-file":
+                url = url.replace("wss://", "ws://")
+            refused = await connect(*tls)
+            _, stderr = await asyncio.wait_for(refused.communicate(), 30)
+            assert refused.returncode == 2, stderr
+            assert b"BEGIN" not in stderr and b"Traceback" not in stderr
