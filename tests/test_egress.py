@@ -18,7 +18,7 @@ import pytest
 from dispatcher import Dispatcher, ProviderError
 from dispatcher.config import ManifestError, parse_manifest
 from providers.egress import Destination, EgressPolicy
-from tests.conftest import ROOT, echo_plugin
+from tests.conftest import LOCAL_TARGET, ROOT, echo_plugin
 
 
 def plugins(target: dict[str, Any], egress: dict[str, Any] | None = None) -> Any:
@@ -240,3 +240,139 @@ async def test_lambda_checks_its_endpoint_after_resolution() -> None:
     with pytest.raises(ProviderError, match="egress"):
         async with Dispatcher(plugins(target, {"allow": ["10.0.0.0/8"]})):
             pass
+
+
+# -- where the dispatcher itself connects: the JWKS it downloads, the OTLP collector ---------
+
+
+def own_manifest(egress: dict[str, Any] | None = None, **sections: Any) -> Any:
+    document: dict[str, Any] = {
+        "version": 1,
+        "plugins": [echo_plugin("local", LOCAL_TARGET)],
+        **sections,
+    }
+    if egress is not None:
+        document["egress"] = egress
+    return parse_manifest(document, base_dir=ROOT)
+
+
+def own_refusal(egress: dict[str, Any] | None = None, **sections: Any) -> str:
+    with pytest.raises(ManifestError) as caught:
+        own_manifest(egress, **sections)
+    return str(caught.value)
+
+
+def jwt_at(url: str) -> dict[str, Any]:
+    return {"jwt": {"jwks": url, "algorithms": ["RS256"]}}
+
+
+def tracing_to(url: str) -> dict[str, Any]:
+    return {"tracing": {"otlp_endpoint": url}}
+
+
+@pytest.fixture
+def no_otel_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+
+
+@pytest.mark.parametrize(
+    ("url", "egress"),
+    [
+        ("http://169.254.169.254/latest/jwks.json", None),
+        ("https://metadata.google.internal/jwks", None),
+        ("https://issuer.example.com/jwks", {"allow": ["api.internal", "*.corp"]}),
+        ("http://127.0.0.1:8080/jwks", {"allow": ["10.0.0.0/8"]}),
+    ],
+)
+def test_a_jwks_url_outside_egress_is_refused_at_load(
+    url: str, egress: dict[str, Any] | None
+) -> None:
+    message = own_refusal(egress, auth=jwt_at(url))
+    assert "auth.jwt.jwks" in message
+    assert "the JWKS URL is outside the egress policy" in message
+
+
+@pytest.mark.usefixtures("no_otel_variables")
+@pytest.mark.parametrize(
+    ("url", "egress"),
+    [
+        ("http://169.254.169.254:4318/v1/traces", None),
+        ("http://[fe80::1]:4318/v1/traces", None),
+        ("https://collector.example.com/v1/traces", {"allow": ["*.internal"]}),
+        ("http://127.0.0.1:4318/v1/traces", {"allow": ["10.0.0.0/8"]}),
+    ],
+)
+def test_an_otlp_endpoint_outside_egress_is_refused_at_load(
+    url: str, egress: dict[str, Any] | None
+) -> None:
+    message = own_refusal(egress, telemetry=tracing_to(url))
+    assert "telemetry.tracing.otlp_endpoint" in message
+    assert "the OTLP endpoint is outside the egress policy" in message
+
+
+@pytest.mark.usefixtures("no_otel_variables")
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+)
+def test_an_otlp_endpoint_from_the_environment_is_checked_and_named(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    monkeypatch.setenv(variable, "http://169.254.169.254:4318")
+    message = own_refusal()
+    assert f"the OTLP endpoint (from {variable}) is outside the egress policy" in message
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")  # no tracing, nothing exported there
+    own_manifest()
+
+
+@pytest.mark.usefixtures("no_otel_variables")
+def test_a_jwks_url_and_otlp_endpoint_inside_egress_load() -> None:
+    allow = {"allow": ["10.0.0.0/8", "*.internal", "127.0.0.1"]}
+    own_manifest(
+        allow,
+        auth=jwt_at("https://issuer.internal/jwks"),
+        telemetry=tracing_to("http://127.0.0.1:4318/v1/traces"),
+    )
+    # A file is not a destination; nor is tracing turned off.
+    own_manifest(
+        allow,
+        auth=jwt_at(str(ROOT / "tests" / "jwks.json")),
+        telemetry={"tracing": {"otlp_endpoint": "http://169.254.169.254/", "enabled": False}},
+    )
+    with pytest.raises(ManifestError) as caught:
+        own_manifest(
+            allow,
+            auth=jwt_at("http://169.254.169.254/jwks"),
+            telemetry=tracing_to("http://169.254.169.254/v1/traces"),
+        )
+    assert "auth.jwt.jwks" in str(caught.value)
+    assert "telemetry.tracing.otlp_endpoint" in str(caught.value)  # both, at once
+
+
+async def test_the_jwks_download_checks_egress_after_resolution(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``localhost`` loads under an allowlist of networks (it might resolve into one) and
+    resolves to 127.0.0.1, outside it: the key set is never asked for."""
+    async with listening() as (port, received):
+        loaded = own_manifest(
+            {"allow": ["10.0.0.0/8"]}, auth=jwt_at(f"http://localhost:{port}/jwks")
+        )
+        async with Dispatcher(loaded) as dispatcher:
+            assert dispatcher.authenticator is not None
+            jwt = dispatcher.authenticator.jwt
+            assert jwt is not None
+            assert jwt.keys.failures == 1 and jwt.keys.keys == {}
+        assert received == []
+    assert "egress policy refuses localhost" in caplog.text
+
+
+async def test_the_jwks_download_inside_egress_still_reaches_the_issuer() -> None:
+    async with listening() as (port, received):
+        loaded = own_manifest(
+            {"allow": ["127.0.0.0/8"]}, auth=jwt_at(f"http://localhost:{port}/jwks")
+        )
+        async with Dispatcher(loaded):
+            pass
+        assert len(received) == 1 and received[0].startswith(b"GET /jwks ")

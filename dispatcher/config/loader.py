@@ -4,9 +4,11 @@ Every problem names the file, the line where the format tells it, the path insid
 document (``plugins[0].methods.say.target.url``) and what was expected. A value that came
 from ``${NAME}`` is never echoed back: it may be a secret.
 
-Every destination a target names (``TargetConfig.destinations()``) is checked against the
-manifest's ``egress`` policy here, without resolving names; providers check again after
-resolution when they connect (``providers.egress``).
+Every destination a target names (``TargetConfig.destinations()``), the JWKS URL of
+``auth.jwt`` and the OTLP endpoint traces go to are checked against the manifest's
+``egress`` policy here, without resolving names; providers and the JWKS download check
+again after resolution when they connect (``providers.egress``). The OTLP exporter
+resolves on its own, so its endpoint is checked here only.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dispatcher.config.includes import INCLUDED_KEYS, Document, expand_includes,
 from dispatcher.config.manifest import Manifest, MethodSpec
 from dispatcher.config.policies import Policies
 from providers import provider_classes
-from providers.target import MASK, TargetConfig
+from providers.target import MASK, Destination, TargetConfig
 
 __all__ = ["load_manifest", "manifest_model", "parse_manifest"]
 
@@ -335,6 +337,26 @@ def _egress_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
                 refusal = manifest.egress.refusal(destination)
                 if refusal is not None:
                     yield ManifestProblem(f"{where}.{destination.field}", refusal)
+    for where, what, destination in _own_destinations(manifest):
+        refusal = manifest.egress.refusal(destination)
+        if refusal is not None:
+            yield ManifestProblem(where, f"{what} is outside the egress policy: {refusal}")
+
+
+def _own_destinations(manifest: Manifest[Any]) -> Iterator[tuple[str, str, Destination]]:
+    """Where the dispatcher itself connects, beside its targets: the JWKS it downloads
+    and the collector it exports traces to (the manifest's, or the one ``OTEL_*``
+    variables name, which this process would use). ``(where, what, destination)``."""
+    jwt = manifest.auth.jwt if manifest.auth is not None else None
+    if jwt is not None and jwt.jwks_is_url:
+        yield "auth.jwt.jwks", "the JWKS URL", Destination.of_url("jwks", jwt.jwks)
+    tracing = manifest.telemetry.tracing
+    resolved = tracing.resolved()
+    if resolved is not None and resolved.endpoint is not None:
+        origin = tracing.endpoint_origin()
+        where = "telemetry.tracing.otlp_endpoint"
+        what = "the OTLP endpoint" + ("" if origin == where else f" (from {origin})")
+        yield where, what, Destination.of_url("otlp_endpoint", resolved.endpoint)
 
 
 def _unsafe_policy_problems(

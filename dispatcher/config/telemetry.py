@@ -67,6 +67,16 @@ class TracingSettings(StrictModel):
             raise ValueError(f"expected an http:// or https:// URL, got {endpoint!r:.60}")
         return endpoint
 
+    def endpoint_origin(self, environ: Mapping[str, str] | None = None) -> str:
+        """Where ``resolved().endpoint`` comes from, to name it in a refusal: this field,
+        or the ``OTEL_*`` variable that set it."""
+        env = os.environ if environ is None else environ
+        if self.otlp_endpoint is not None:
+            return "telemetry.tracing.otlp_endpoint"
+        if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            return "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+        return "OTEL_EXPORTER_OTLP_ENDPOINT"
+
     def resolved(self, environ: Mapping[str, str] | None = None) -> ResolvedTracing | None:
         """The settings to trace with, the environment filling what is unset; None: off."""
         env = os.environ if environ is None else environ

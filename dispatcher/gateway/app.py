@@ -10,6 +10,8 @@ Routes (``docs/gateway.md``):
     GET  /openapi.json                           generated from the manifest at start
     GET  /metrics                                Prometheus metrics (telemetry.metrics on)
     GET  /v1/errors                              the latest errors, by type and plugin
+    GET  /v1/rollouts                            every rollout and shadow, step and counters
+    POST /v1/rollouts/{plugin}/{method}:{action} pause, resume or abort a rollout (no body)
     GET  /healthz                                the process answers
     GET  /readyz                                 the dispatcher takes calls (503 draining)
 
@@ -60,6 +62,8 @@ log = logging.getLogger("dispatcher.gateway")
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PLUGIN_NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
+#: A plugin id or method name as the manifest admits it (``IDENTIFIER``), at most 256 long.
+_MANIFEST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,255}\Z")
 _MAX_TIMEOUT_MS = 86_400_000
 _JSON = "application/json"
 
@@ -206,21 +210,23 @@ class Gateway:
         """Every rollout and shadow with its step and counters (``stats()["rollouts"]``)."""
         try:
             await self._authenticate(request)
+            _no_body(request)
         except DispatchError as error:
-            return error_answer(error)
+            return error_answer(error, close=request.body_exists)
         return web.json_response({"rollouts": self.dispatcher.stats()["rollouts"]})
 
     async def control_rollout(self, request: web.Request) -> web.Response:
         """``POST /v1/rollouts/{plugin}/{method}:pause|resume|abort``, authenticated and
-        checked against ``access`` like a call of the method."""
+        checked against ``access`` like a call of the method. The names are checked here,
+        before ``access`` sees them: a name no manifest could hold is the caller's mistake
+        (400), not a refusal (403), and is never echoed back."""
         try:
             principal = await self._authenticate(request)
-            method, _, action = request.match_info["action"].rpartition(":")
-            stats = self.dispatcher.control_rollout(
-                request.match_info["plugin"], method, action, caller=principal
-            )
+            _no_body(request)
+            plugin, method, action = _rollout_target(request.match_info)
+            stats = self.dispatcher.control_rollout(plugin, method, action, caller=principal)
         except DispatchError as error:
-            return error_answer(error)
+            return error_answer(error, close=request.body_exists)
         return web.json_response({"ok": True, "rollout": stats})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -235,11 +241,12 @@ class Gateway:
 
     async def no_route(self, request: web.Request) -> web.Response:
         path = request.path
-        if request.method != "POST" and path.startswith("/v1/plugins/") and "/methods/" in path:
-            refusal = InvalidParams(
-                f"{request.method} is not allowed here: methods are called with POST"
-            )
-            return error_answer(refusal, status=405, close=request.body_exists)
+        allowed = _allowed_verb(path)
+        if allowed is not None and request.method != allowed:
+            refusal = InvalidParams(f"{request.method:.16} is not allowed here: use {allowed}")
+            answer = error_answer(refusal, status=405, close=request.body_exists)
+            answer.headers["Allow"] = allowed
+            return answer
         missing = InvalidParams(f"no route {request.method} {path[:200]} (see /openapi.json)")
         return error_answer(missing, status=404, close=request.body_exists)
 
@@ -343,6 +350,37 @@ def create_app(
     app.router.add_route("*", "/{tail:.*}", gateway.no_route)
     app.on_shutdown.append(gateway.close_streams)
     return app
+
+
+def _allowed_verb(path: str) -> str | None:
+    """The one verb a known route takes, for a 405 that says so instead of a 404."""
+    if path.startswith("/v1/plugins/") and "/methods/" in path:
+        return "POST"  # methods are called with POST
+    if path.startswith("/v1/rollouts/") and path.count("/") == 4:
+        return "POST"  # a rollout is steered with POST
+    if path == "/v1/rollouts":
+        return "GET"
+    return None
+
+
+def _no_body(request: web.Request) -> None:
+    """Refuse a body on a route that takes none: it is a client expecting its parameters
+    read, and left unread it must not be taken for the next request (the answer closes)."""
+    if request.body_exists:
+        raise InvalidParams(f"{request.path[:80]} takes no body: the URL says everything")
+
+
+def _rollout_target(match: Any) -> tuple[str, str, str]:
+    """``plugin``, ``method`` and ``action`` of ``/v1/rollouts/{plugin}/{method}:{action}``."""
+    plugin = match["plugin"]
+    method, colon, action = match["action"].rpartition(":")
+    if not colon:
+        raise InvalidParams("say what to do: /v1/rollouts/{plugin}/{method}:pause|resume|abort")
+    if not _MANIFEST_NAME.match(plugin):
+        raise InvalidParams("the plugin in the URL is not a plugin id of any manifest")
+    if not _MANIFEST_NAME.match(method):
+        raise InvalidParams("the method in the URL is not a method name of any manifest")
+    return plugin, method, action
 
 
 def _timeout_of(headers: Any) -> float | None:

@@ -20,6 +20,7 @@ from dispatcher.config.security import AuthConfig
 from dispatcher.identity.api_keys import ApiKeyAuthenticator
 from dispatcher.identity.mtls import MtlsAuthenticator
 from dispatcher.identity.principal import Credentials, Principal, refused
+from providers.egress import EgressPolicy
 
 if TYPE_CHECKING:
     from dispatcher.identity.tokens import JwtAuthenticator
@@ -30,9 +31,9 @@ __all__ = ["ChainAuthenticator", "authenticator_of"]
 class ChainAuthenticator:
     """Every way ``auth`` lets callers prove who they are, tried by what they present."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, *, egress: EgressPolicy | None = None) -> None:
         self.api_keys = ApiKeyAuthenticator(config.api_keys) if config.api_keys else None
-        self.jwt = _jwt_authenticator(config) if config.jwt is not None else None
+        self.jwt = _jwt_authenticator(config, egress) if config.jwt is not None else None
         self.mtls = MtlsAuthenticator(config.mtls) if config.mtls else None
 
     async def start(self) -> None:
@@ -71,13 +72,15 @@ class ChainAuthenticator:
 
 def authenticator_of(manifest: Manifest[Any]) -> ChainAuthenticator | None:
     """The authenticator the manifest's ``auth`` describes; None without ``auth``."""
-    return ChainAuthenticator(manifest.auth) if manifest.auth is not None else None
+    if manifest.auth is None:
+        return None
+    return ChainAuthenticator(manifest.auth, egress=manifest.egress)
 
 
-def _jwt_authenticator(config: AuthConfig) -> JwtAuthenticator:
+def _jwt_authenticator(config: AuthConfig, egress: EgressPolicy | None) -> JwtAuthenticator:
     # Imported here: PyJWT loads cryptography (~15 ms), which a dispatcher that takes no
     # tokens should not pay for at import.
     from dispatcher.identity.tokens import JwtAuthenticator
 
     assert config.jwt is not None
-    return JwtAuthenticator(config.jwt)
+    return JwtAuthenticator(config.jwt, egress=egress)

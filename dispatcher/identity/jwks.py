@@ -25,6 +25,7 @@ import orjson
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
+from providers.egress import EgressPolicy, EgressRefused
 from providers.target import masked_url
 
 __all__ = ["MAX_JWKS_BYTES", "KeySet"]
@@ -47,8 +48,12 @@ class KeySet:
         timeout: float,
         refetch_min_interval: float,
         clock: Callable[[], float] = time.monotonic,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self.location = location
+        #: Checked again after name resolution, as providers do: the URL passed it at load
+        #: (``dispatcher.config.loader``), the addresses its name resolves to must too.
+        self.egress = egress
         self.is_url = is_url
         self.timeout = timeout
         self.refetch_min_interval = refetch_min_interval
@@ -123,10 +128,17 @@ class KeySet:
         # dispatcher must not load one (tests/test_imports.py).
         import aiohttp
 
+        from providers._egress_resolver import EgressResolver
+
         timeout = aiohttp.ClientTimeout(total=self.timeout)
+        connector = (
+            None
+            if self.egress is None
+            else aiohttp.TCPConnector(resolver=EgressResolver(self.egress))
+        )
         try:
             async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
+                aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
                 session.get(self.location, allow_redirects=False) as response,
             ):
                 if response.status != 200:
@@ -134,6 +146,8 @@ class KeySet:
                 body = await response.content.read(MAX_JWKS_BYTES + 1)
         except aiohttp.ClientError as error:
             raise _Refused(type(error).__name__) from None
+        except EgressRefused as error:
+            raise _Refused(str(error)) from None
         if len(body) > MAX_JWKS_BYTES:
             raise _Refused(f"larger than {MAX_JWKS_BYTES} bytes")
         return body

@@ -38,6 +38,7 @@ from jwt.utils import base64url_decode, base64url_encode
 from dispatcher.config.security import JwtConfig
 from dispatcher.identity.jwks import KeySet
 from dispatcher.identity.principal import Credentials, Principal, refused
+from providers.egress import EgressPolicy
 
 __all__ = ["MAX_TOKEN_BYTES", "JwtAuthenticator"]
 
@@ -59,6 +60,7 @@ class JwtAuthenticator:
         keys: KeySet | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self.config = config
         self.keys = keys or KeySet(
@@ -66,6 +68,7 @@ class JwtAuthenticator:
             is_url=config.jwks_is_url,
             timeout=config.fetch_timeout_s,
             refetch_min_interval=config.refetch_min_interval_s,
+            egress=egress,
         )
         self.clock = clock  # wall-clock seconds: what exp and nbf are written in
         self._algorithms = frozenset(config.algorithms)

@@ -220,7 +220,7 @@ class DialedPlugin:
 
 
 def _ssl_of(target: WebSocketTarget) -> ssl.SSLContext | bool:
-    if target.url is None or not target.url.startswith("wss:"):
+    if not target.dials_tls:
         return True
     if target.ca_file is None and target.cert_file is None:
         return True  # the system's roots

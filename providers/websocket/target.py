@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -118,9 +119,22 @@ class WebSocketTarget(TargetConfig):
                 )
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
+        if not self.dials_tls and (self.ca_file or self.cert_file) is not None:
+            # Ignored, they would leave a ws:// connection in clear text while the manifest
+            # reads as mutual TLS; an inbound plugin's TLS is the gateway's (--client-ca).
+            raise ValueError(
+                "ca_file, cert_file and key_file are for a wss:// url in dial mode;"
+                " inbound plugins present their certificate to the gateway"
+            )
         if self.reconnect_backoff_ms > self.reconnect_backoff_max_ms:
             raise ValueError("reconnect_backoff_ms must not exceed reconnect_backoff_max_ms")
         return self
+
+    @property
+    def dials_tls(self) -> bool:
+        """Whether this target dials a ``wss://`` URL (TLS, where ``ca_file`` and the
+        client pair apply)."""
+        return self.mode == "dial" and urlsplit(self.url or "").scheme.lower() == "wss"
 
     def describe(self) -> str:
         if self.mode == "dial":

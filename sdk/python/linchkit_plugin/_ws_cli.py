@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import ssl
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken
 from linchkit_plugin.host import PluginHost
@@ -61,7 +63,13 @@ def connect(
     config: dict[str, Any],
     token: BearerToken | None,
 ) -> int:
-    """Dial the gateway until stopped; 1 when it refuses this plugin (not retried)."""
+    """Dial the gateway until stopped; 1 when it refuses this plugin (not retried), 2
+    when its TLS files cannot be used."""
+    try:
+        context = tls_context(options.url, options.ca_file, options.cert_file, options.key_file)
+    except (OSError, ssl.SSLError, ValueError) as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
 
     async def main() -> int:
         dialling = asyncio.ensure_future(
@@ -72,6 +80,7 @@ def connect(
                 version=options.plugin_version,
                 token=token.secret() if token is not None else None,
                 config=config,
+                ssl=context,
             )
         )
         signalled = asyncio.ensure_future(_until_signalled())
@@ -95,6 +104,25 @@ def connect(
         return 0
 
     return asyncio.run(main())
+
+
+def tls_context(
+    url: str, ca_file: str | None, cert_file: str | None, key_file: str | None
+) -> ssl.SSLContext | bool:
+    """What ``dial`` verifies the gateway with and presents to it: the system's roots
+    (``True``) unless a CA or a client pair is given. Raises ``ValueError`` for files
+    that would not be used (a ``ws://`` URL, half a pair), ``OSError``/``ssl.SSLError``
+    for files that cannot be loaded; neither quotes a file's contents."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("--cert-file and --key-file go together")
+    if ca_file is None and cert_file is None:
+        return True
+    if urlsplit(url).scheme.lower() != "wss":
+        raise ValueError("--ca-file, --cert-file and --key-file need a wss:// --url")
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None and key_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 async def _until_signalled() -> None:

@@ -215,6 +215,25 @@ def _parser() -> argparse.ArgumentParser:
     connect.add_argument("--id", dest="plugin_id", required=True, help="the plugin's id")
     connect.add_argument("--version", dest="plugin_version", required=True)
     connect.add_argument("--token-file", default=env(TOKEN_FILE_ENV), metavar="PATH")
+    connect.add_argument(
+        "--ca-file",
+        default=env(_ENV + "GATEWAY_CA"),
+        metavar="PATH",
+        help=f"wss://: PEM roots that verify the gateway (default: the system's) [{_ENV}GATEWAY_CA]",
+    )
+    connect.add_argument(
+        "--cert-file",
+        default=env(_ENV + "CLIENT_CERT"),
+        metavar="PATH",
+        help="wss://: the client certificate (chain) to log in with, for a gateway whose"
+        f" auth.mtls names it as the target's principal [{_ENV}CLIENT_CERT]",
+    )
+    connect.add_argument(
+        "--key-file",
+        default=env(_ENV + "CLIENT_KEY"),
+        metavar="PATH",
+        help=f"the private key of --cert-file [{_ENV}CLIENT_KEY]",
+    )
     connect.add_argument("--config", dest="config_json", default=env(_ENV + "CONFIG", "{}"))
     connect.add_argument("--path", dest="search_path", default=".")
     limits = serve.add_argument_group("limits (each guards the server against one client)")
