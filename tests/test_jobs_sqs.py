@@ -1,0 +1,466 @@
+"""Async jobs on Amazon SQS (``jobs: {backend: sqs}``, ``dispatcher.state.sqs_jobs``),
+against moto's server as a real process (``tests/sqs_support.py``) through aiobotocore.
+
+The job view is on a real Redis (``state: {backend: redis}``), as a user who wants
+``d.result`` configures it; one test runs without it. The plugin
+(``tests/plugins/job_plugin.py``) counts its runs on Redis, so a count says how often a job
+really ran, whichever process ran it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from dispatcher import Dispatcher, JobNotFound, JobsUnavailable
+from dispatcher.config import ManifestError, load_manifest
+from dispatcher.state import JobTooLarge, StateUnavailable
+from linchkit_plugin.errors import InvalidParams, PluginError, TargetUnavailable
+from tests.services import CLEAN_ENVIRONMENT, Redis
+from tests.sqs_support import CREDENTIALS, REGION, SECRET, Moto, Queues
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGINS = ROOT / "tests" / "plugins"
+
+
+def manifest_file(
+    folder: Path,
+    moto: Moto,
+    queues: Queues,
+    url: str,
+    prefix: str,
+    *,
+    view: bool = True,
+    sqs: dict[str, Any] | None = None,
+    **jobs: Any,
+) -> Path:
+    path = folder / f"plugins-{len(list(folder.iterdir()))}.yaml"
+    document: dict[str, Any] = {
+        "version": 1,
+        "jobs": {
+            "backend": "sqs",
+            "sqs": {
+                "queue_name": queues.name,
+                "dead_letter_queue_name": queues.dead_name,
+                "region": REGION,
+                "endpoint_url": moto.url,
+                "receive_wait_seconds": 1,
+                "op_timeout_ms": 2000,
+                **(sqs or {}),
+            },
+            "backoff_ms": 10,
+            "backoff_max_ms": 50,
+            **jobs,
+        },
+        "plugins": [
+            {
+                "id": "jobs",
+                "version": "1.0.0",
+                "config": {"url": url, "prefix": prefix},
+                "target": {
+                    "provider": "local",
+                    "entrypoint": "job_plugin:JobPlugin",
+                    "path": str(PLUGINS),
+                },
+                "methods": {
+                    "work": {"timeout_ms": 1000},
+                    "slow": {"timeout_ms": 60_000},
+                    "busy": {},
+                    "refuse": {},
+                    "echo": {},
+                },
+            }
+        ],
+    }
+    if view:
+        document["state"] = {
+            "backend": "redis",
+            "url": url,
+            "key_prefix": prefix,
+            "op_timeout_ms": 1000,
+            "retry_after_ms": 200,
+        }
+    path.write_text(json.dumps(document))  # JSON is YAML
+    return path
+
+
+async def until(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+        await asyncio.sleep(0.05)
+
+
+async def counter(url: str, key: str) -> int:
+    async with aioredis.Redis.from_url(url) as client:
+        return int(await client.get(key) or 0)
+
+
+@pytest.fixture
+def queues(sqs_server: Moto, aws_credentials: dict[str, str]) -> Queues:
+    return Queues(sqs_server)
+
+
+@pytest.fixture
+def make(
+    tmp_path: Path, sqs_server: Moto, queues: Queues, redis_server: Redis, redis_prefix: str
+) -> Any:
+    def dispatcher(**settings: Any) -> Dispatcher:
+        path = manifest_file(
+            tmp_path, sqs_server, queues, redis_server.url, redis_prefix, **settings
+        )
+        return Dispatcher(load_manifest(path))
+
+    return dispatcher
+
+
+# -- what a job does ------------------------------------------------------------------------
+
+
+async def test_a_job_runs_end_to_end_and_its_message_is_deleted(make: Any, queues: Queues) -> None:
+    async with make(workers=2) as d:
+        job_id = await d.submit("jobs", "work", {"n": 7}, caller="billing")
+        assert (await d.job(job_id))["state"] in ("queued", "running", "succeeded")
+        assert await d.result(job_id, wait=30) == {"n": 7, "runs": 1}
+        record = await d.job(job_id)
+        assert (record["state"], record["attempts"], record["caller"]) == (
+            "succeeded",
+            1,
+            "billing",
+        )
+        assert record["params"] == {"n": 7}
+        assert int(record["finished_at"]) >= int(record["submitted_at"])
+        # The record is written before the message is deleted: the count follows.
+        await until(lambda: d.stats()["jobs"]["succeeded"] == 1, "the count of successes")
+        assert d.stats()["state"]["jobs"]["backend"] == "sqs"
+    assert queues.count(queues.url) == 0
+    assert queues.count(queues.dead_url) == 0
+
+
+async def test_a_job_failing_retryably_is_dead_lettered_then_redriven_then_purged(
+    make: Any, queues: Queues, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with make(workers=1, max_attempts=3) as d:
+        job_id = await d.submit("jobs", "busy")
+        with pytest.raises(TargetUnavailable, match="always busy"):
+            await d.result(job_id, wait=60)
+        record = await d.job(job_id)
+        assert (record["state"], record["attempts"]) == ("dead", 3)
+        assert await counter(redis_server.url, f"{redis_prefix}:effects:busy") == 3
+        # The dead letter is on the dead-letter queue, with the error it died of.
+        [letter] = [json.loads(body) for body in queues.bodies(queues.dead_url)]
+        assert (letter["id"], letter["state"]) == (job_id, "dead")
+        assert json.loads(letter["error"])["message"] == "always busy"
+        assert queues.count(queues.url) == 0
+        store = d.state_backend.jobs  # type: ignore[union-attr]
+        assert [each["id"] for each in await store.dead(10)] == [job_id]
+        assert await store.redrive(job_id)
+        assert not await store.redrive(job_id)  # no longer on the dead-letter queue
+        with pytest.raises(TargetUnavailable):
+            await d.result(job_id, wait=60)  # three attempts again: SQS counts from one
+        assert (await d.job(job_id))["attempts"] == 3
+        assert await counter(redis_server.url, f"{redis_prefix}:effects:busy") == 6
+        assert await store.purge() == 1
+        assert await store.dead(10) == []
+        assert queues.count(queues.dead_url) == 0
+        with pytest.raises(JobNotFound):
+            await d.job(job_id)
+
+
+async def test_a_non_retryable_error_ends_the_job_failed_at_once(make: Any, queues: Queues) -> None:
+    async with make(workers=1) as d:
+        job_id = await d.submit("jobs", "refuse")
+        with pytest.raises(PluginError, match="no such account"):
+            await d.result(job_id, wait=30)
+        assert ((await d.job(job_id))["state"], (await d.job(job_id))["attempts"]) == ("failed", 1)
+    assert queues.count(queues.dead_url) == 0
+
+
+# -- hostile input ----------------------------------------------------------------------------
+
+
+async def test_malformed_messages_are_dead_lettered_as_they_came_and_the_worker_goes_on(
+    make: Any, queues: Queues
+) -> None:
+    client = queues.moto.client()
+    hostile = [
+        "not json at all",
+        json.dumps({"id": "x", "plugin": "jobs"}),  # not a whole job
+        json.dumps(
+            {"id": "y" * 500, "plugin": "jobs", "version": "1", "method": "work", "params": "{}"}
+        ),  # an id no job has
+        json.dumps([1, 2, 3]),
+        json.dumps(
+            {"id": "z", "plugin": "jobs", "version": "1", "method": "work", "params": {"n": 1}}
+        ),  # params not as submit writes them
+    ]
+    for body in hostile:
+        client.send_message(QueueUrl=queues.url, MessageBody=body)
+    async with make(workers=1) as d:
+        job_id = await d.submit("jobs", "work", {"n": 11})
+        assert await d.result(job_id, wait=30) == {"n": 11, "runs": 1}
+
+        await until(lambda: d.stats()["jobs"]["malformed"] == len(hostile), "dead letters")
+        await until(lambda: d.stats()["state"]["jobs"]["held"] == 0, "deletes")
+    assert sorted(queues.bodies(queues.dead_url)) == sorted(hostile)
+    assert queues.count(queues.url) == 0
+
+
+async def test_oversized_params_are_refused_at_submit_typed_and_nothing_is_sent(
+    make: Any, queues: Queues
+) -> None:
+    async with make(sqs={"max_message_bytes": 4096}) as d:
+        with pytest.raises(JobTooLarge, match="4096-byte limit") as caught:
+            await d.submit("jobs", "work", {"n": 1, "blob": "x" * 5000})
+        assert isinstance(caught.value, InvalidParams)
+        assert not caught.value.retryable
+        assert caught.value.to_wire()["type"] == "invalid_params"
+    async with make() as d:  # SQS's own 256 KiB, counted on the escaped body
+        with pytest.raises(JobTooLarge):
+            await d.submit("jobs", "work", {"n": 1, "blob": "\u00e9" * 50_000})
+    assert queues.count(queues.url) == 0
+
+
+async def test_text_sqs_would_refuse_raw_travels_escaped(make: Any) -> None:
+    # U+FFFF and U+0000 are outside the characters SQS takes in a message body.
+    tricky = '\uffff\x00\ud7ff\U0001f600 é " \\'
+    async with make(workers=1) as d:
+        job_id = await d.submit("jobs", "echo", {"text": tricky})
+        assert await d.result(job_id, wait=30) == tricky
+        assert (await d.job(job_id))["params"] == {"text": tricky}
+
+
+async def test_a_redelivered_keyed_job_whose_outcome_is_recorded_does_not_run_again(
+    make: Any, queues: Queues, redis_server: Redis, redis_prefix: str
+) -> None:
+    """A worker received the message, ran the keyed call (its outcome recorded under the
+    key) and died before the delete: the worker that receives it next must not run it."""
+    async with make() as submitter:
+        job_id = await submitter.submit("jobs", "work", {"n": 3}, idempotency_key="order-3")
+        taken = queues.moto.client().receive_message(QueueUrl=queues.url, VisibilityTimeout=2)
+        assert len(taken["Messages"]) == 1  # in flight on a worker that will never delete it
+        # What the dead worker did before dying: the keyed call through the chain.
+        first = await submitter.call("jobs", "work", {"n": 3}, idempotency_key="order-3")
+        assert first == {"n": 3, "runs": 1}
+    async with make(workers=2, visibility_timeout_ms=2000) as worker:
+        assert await worker.result(job_id, wait=30) == {"n": 3, "runs": 1}
+        assert (await worker.job(job_id))["attempts"] == 2
+        assert await counter(redis_server.url, f"{redis_prefix}:effects:3") == 1
+        # A duplicate submission with the same key: a second job, the same single run.
+        again = await worker.submit("jobs", "work", {"n": 3}, idempotency_key="order-3")
+        assert await worker.result(again, wait=30) == {"n": 3, "runs": 1}
+        assert await counter(redis_server.url, f"{redis_prefix}:effects:3") == 1
+
+
+# -- the job view -------------------------------------------------------------------------------
+
+
+async def test_without_a_job_view_jobs_still_run_and_the_view_is_refused_clearly(
+    tmp_path: Path, sqs_server: Moto, queues: Queues, redis_server: Redis, redis_prefix: str
+) -> None:
+    path = manifest_file(
+        tmp_path,
+        sqs_server,
+        queues,
+        redis_server.url,
+        redis_prefix,
+        view=False,
+        workers=1,
+        max_attempts=1,
+    )
+    async with Dispatcher(load_manifest(path)) as d:
+        job_id = await d.submit("jobs", "work", {"n": 21})
+        with pytest.raises(JobsUnavailable, match="backend: redis"):
+            await d.job(job_id)
+        with pytest.raises(JobsUnavailable, match="SQS cannot be read by job id"):
+            await d.result(job_id, wait=1)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if await counter(redis_server.url, f"{redis_prefix}:effects:21"):
+                break
+            await asyncio.sleep(0.1)
+        assert await counter(redis_server.url, f"{redis_prefix}:effects:21") == 1
+        dead_id = await d.submit("jobs", "busy")
+        store = d.state_backend.jobs  # type: ignore[union-attr]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not await store.dead(10):
+            await asyncio.sleep(0.2)
+        # Without records, the dead-letter queue itself is read.
+        assert [each["id"] for each in await store.dead(10)] == [dead_id]
+        assert await store.redrive(dead_id)
+
+
+# -- the manifest ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sqs", "message"),
+    [
+        ({"queue_name": "q"}, "dead_letter_queue"),
+        (
+            {"queue_name": "q", "queue_url": "http://x/q", "dead_letter_queue_name": "d"},
+            "exactly one of 'queue_url' and 'queue_name'",
+        ),
+        (
+            {"queue_name": "q", "dead_letter_queue_name": "d", "endpoint_url": "ftp://x"},
+            "http:// or https://",
+        ),
+        ({"queue_name": "bad name!", "dead_letter_queue_name": "d"}, "queue_name"),
+        ({"queue_name": "q", "dead_letter_queue_name": "d", "access_key": "AKIA"}, "access_key"),
+    ],
+)
+def test_the_sqs_section_is_checked_when_the_manifest_loads(
+    tmp_path: Path, sqs: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "plugins.yaml"
+    path.write_text(json.dumps({"version": 1, "jobs": {"backend": "sqs", "sqs": sqs}}))
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(path)
+
+
+def test_an_sqs_section_without_the_sqs_backend_and_the_reverse_are_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "plugins.yaml"
+    sqs = {"queue_name": "q", "dead_letter_queue_name": "d"}
+    path.write_text(json.dumps({"version": 1, "jobs": {"sqs": sqs}}))
+    with pytest.raises(ManifestError, match="backend: sqs"):
+        load_manifest(path)
+    path.write_text(json.dumps({"version": 1, "jobs": {"backend": "sqs"}}))
+    with pytest.raises(ManifestError, match="needs a 'sqs' section"):
+        load_manifest(path)
+    # Workers without a state Redis are fine on SQS: the queue is durable by itself.
+    path.write_text(
+        json.dumps({"version": 1, "jobs": {"backend": "sqs", "sqs": sqs, "workers": 2}})
+    )
+    assert load_manifest(path).jobs.workers == 2
+
+
+# -- SQS going away ----------------------------------------------------------------------------
+
+
+async def test_an_sqs_that_dies_fails_submit_typed_in_time_and_workers_recover(
+    tmp_path: Path,
+    own_sqs_server: Moto,
+    aws_credentials: dict[str, str],
+    redis_server: Redis,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    moto = own_sqs_server
+    queues = Queues(moto)
+    path = manifest_file(tmp_path, moto, queues, redis_server.url, redis_prefix, workers=2)
+    async with Dispatcher(load_manifest(path)) as d:
+        first = await d.submit("jobs", "work", {"n": 1})
+        assert await d.result(first, wait=30) == {"n": 1, "runs": 1}
+        moto.stop()  # SIGKILL, mid-run: the workers are polling
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable) as caught:
+            await d.submit("jobs", "work", {"n": 2})
+        assert time.monotonic() - started < 2 + 5  # op_timeout_ms 2000, and slack
+        assert caught.value.retryable
+        assert SECRET not in str(caught.value)
+        await asyncio.sleep(1.5)  # the workers meet the outage, and back off
+        moto.start()  # moto keeps nothing: the queues are made again
+        queues.create()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                again = await d.submit("jobs", "work", {"n": 3})
+                break
+            except StateUnavailable:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+        assert await d.result(again, wait=30) == {"n": 3, "runs": 1}
+        assert d.stats()["state"]["jobs"]["failures"] >= 1
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "job worker" in logged  # the workers said what happened
+    assert SECRET not in logged
+
+
+# -- crashes ------------------------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A dispatcher process running job workers (``tests/job_worker.py``)."""
+
+    def __init__(self, manifest: Path) -> None:
+        self.stderr = manifest.parent / f"worker-{time.monotonic_ns()}.stderr"
+        with self.stderr.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "job_worker.py"), str(manifest)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env={**CLEAN_ENVIRONMENT, **CREDENTIALS, "PYTHONPATH": os.pathsep.join(sys.path)},
+            )
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], 120)
+        line = self.process.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            self.kill()
+            raise AssertionError(f"worker did not start:\n{self.stderr.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.close_pipes()
+
+    def end(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()  # EOF: a clean stop
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self.close_pipes()
+
+    def close_pipes(self) -> None:
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+async def test_a_job_whose_worker_is_sigkilled_mid_run_becomes_visible_again_and_completes(
+    tmp_path: Path, sqs_server: Moto, queues: Queues, redis_server: Redis, redis_prefix: str
+) -> None:
+    url = redis_server.url
+    settings = {"workers": 1, "visibility_timeout_ms": 2000}
+    manifest = manifest_file(tmp_path, sqs_server, queues, url, redis_prefix, **settings)
+    submitter_file = manifest_file(tmp_path, sqs_server, queues, url, redis_prefix)
+    async with Dispatcher(load_manifest(submitter_file)) as submitter:
+        job_id = await submitter.submit("jobs", "slow", {"n": 31, "seconds": 3600})
+        victim = WorkerProcess(manifest)
+        try:
+            deadline = time.monotonic() + 60
+            while not await counter(url, f"{redis_prefix}:started:31"):
+                assert time.monotonic() < deadline, victim.stderr.read_text()[-3000:]
+                await asyncio.sleep(0.1)
+            assert (await submitter.job(job_id))["state"] == "running"
+        finally:
+            victim.kill()  # mid-job: its message is neither deleted nor rescheduled
+        rescuer = WorkerProcess(manifest)
+        try:
+            # The message comes back after its visibility timeout (2 s); the second start
+            # goes straight on.
+            assert await submitter.result(job_id, wait=60) == {"n": 31, "runs": 1}
+            record = await submitter.job(job_id)
+            assert (record["state"], record["attempts"]) == ("succeeded", 2)
+            assert await counter(url, f"{redis_prefix}:started:31") == 2
+        finally:
+            rescuer.end()
