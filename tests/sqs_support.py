@@ -5,11 +5,11 @@ nothing: the test creates its queues again). Real HTTP, real aiobotocore; nothin
 
 from __future__ import annotations
 
-import sys
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator

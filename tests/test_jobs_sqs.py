@@ -103,6 +103,15 @@ async def until(predicate: Any, what: str, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def eventually(read: Any, what: str, timeout: float = 30.0) -> Any:
+    """``await read()`` until it is truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while not (value := await read()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+        await asyncio.sleep(0.1)
+    return value
+
+
 async def counter(url: str, key: str) -> int:
     async with aioredis.Redis.from_url(url) as client:
         return int(await client.get(key) or 0)
@@ -286,17 +295,11 @@ async def test_without_a_job_view_jobs_still_run_and_the_view_is_refused_clearly
             await d.job(job_id)
         with pytest.raises(JobsUnavailable, match="SQS cannot be read by job id"):
             await d.result(job_id, wait=1)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if await counter(redis_server.url, f"{redis_prefix}:effects:21"):
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: counter(redis_server.url, f"{redis_prefix}:effects:21"), "a run")
         assert await counter(redis_server.url, f"{redis_prefix}:effects:21") == 1
         dead_id = await d.submit("jobs", "busy")
         store = d.state_backend.jobs  # type: ignore[union-attr]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not await store.dead(10):
-            await asyncio.sleep(0.2)
+        await eventually(lambda: store.dead(10), "a dead letter")
         # Without records, the dead-letter queue itself is read.
         assert [each["id"] for each in await store.dead(10)] == [dead_id]
         assert await store.redrive(dead_id)
