@@ -394,6 +394,70 @@ async def test_an_sqs_that_dies_fails_submit_typed_in_time_and_workers_recover(
     assert SECRET not in logged
 
 
+class LyingEndpoint:
+    """An "SQS" on loopback that answers garbage with a 200, or takes the request and never
+    answers."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.writers: list[asyncio.StreamWriter] = []
+        self.url = ""
+        self.requests = 0
+
+    async def __aenter__(self) -> LyingEndpoint:
+        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        self.requests += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if self.mode == "garbage":
+            body = b"\x00not json, not xml{{{"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            await writer.drain()
+            writer.close()
+        else:
+            await reader.read()  # until the client gives up and closes
+
+
+@pytest.mark.parametrize("mode", ["garbage", "hang"])
+async def test_an_sqs_that_lies_or_hangs_fails_submit_typed_in_time_and_workers_live_on(
+    tmp_path: Path,
+    aws_credentials: dict[str, str],
+    redis_server: Redis,
+    redis_prefix: str,
+    mode: str,
+) -> None:
+    async with LyingEndpoint(mode) as endpoint:
+        fake = Moto(tmp_path)
+        fake.url = endpoint.url
+        names = type("Names", (), {"name": "jobs", "dead_name": "jobs-dead"})()
+        path = manifest_file(
+            tmp_path, fake, names, redis_server.url, redis_prefix, workers=2,
+            sqs={"op_timeout_ms": 500},
+        )  # fmt: skip
+        async with Dispatcher(load_manifest(path)) as d:
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable, match="job queue") as caught:
+                await d.submit("jobs", "work", {"n": 1})
+            assert time.monotonic() - started < 0.5 + 5
+            assert caught.value.retryable
+            await until(lambda: endpoint.requests >= 3, "the workers' attempts")
+            assert d.jobs is not None
+            assert all(not task.done() for task in d.jobs._tasks)  # backing off, not dead
+
+
 # -- crashes ------------------------------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 from dispatcher.config import JobsConfig, SqsJobsConfig
 from dispatcher.state.base import (
+    TERMINAL_STATES,
     Delivery,
     IdempotencyStore,
     JobRecords,
@@ -74,6 +75,7 @@ class _Held:
     body: str
     record: dict[str, str] | None
     taken_at: float
+    ended: bool = False  # its job had ended already: a redelivery whose delete was lost
 
 
 def encode_body(record: dict[str, str]) -> str:
@@ -203,9 +205,13 @@ class SqsJobs(JobStore):
         if carried is None or delivery.job_id is None:
             return None
         attempts = max(1, delivery.receives)
-        if self.records is not None:
-            return {**carried, **await self.records.begin(delivery.job_id, attempts, carried)}
-        return {**carried, "state": "running", "attempts": str(attempts)}
+        if self.records is None:
+            return {**carried, "state": "running", "attempts": str(attempts)}
+        record = {**carried, **await self.records.begin(delivery.job_id, attempts, carried)}
+        held = self._held.get(delivery.entry_id)
+        if held is not None and record.get("state") in TERMINAL_STATES:
+            held.ended = True  # finish only deletes: no second dead letter, no new record
+        return record
 
     async def finish(self, entry_id: str, job_id: str, fields: dict[str, str], ttl: float) -> None:
         held = self._held.get(entry_id)
@@ -213,10 +219,11 @@ class SqsJobs(JobStore):
             log.warning("job message %s: no receipt left to delete it with", entry_id)
             return
         url, dead_url = await self._urls()
-        if fields.get("state") == "dead":
-            await self._dead_letter(dead_url, held, fields)
-        if self.records is not None and held.record is not None:
-            await self.records.end(job_id, fields, ttl)
+        if not held.ended:
+            if fields.get("state") == "dead":
+                await self._dead_letter(dead_url, held, fields)
+            if self.records is not None and held.record is not None:
+                await self.records.end(job_id, fields, ttl)
         await self.queue.delete(url, held.receipt)
         self._held.pop(entry_id, None)
 

@@ -85,11 +85,11 @@ class SqsQueue:
 
     async def url_of(self, name: str) -> str:
         answer = await self._call("the queue's URL", "get_queue_url", extra=0, QueueName=name)
-        return str(answer["QueueUrl"])
+        return self._text(answer, "QueueUrl", "the queue's URL")
 
     async def send(self, url: str, body: str) -> str:
         answer = await self._call("a job message", "send_message", QueueUrl=url, MessageBody=body)
-        return str(answer.get("MessageId", ""))
+        return self._text(answer, "MessageId", "a job message")
 
     async def receive(self, url: str, count: int, wait: int, visibility: int) -> list[Message]:
         answer = await self._call(
@@ -102,7 +102,10 @@ class SqsQueue:
             VisibilityTimeout=visibility,
             MessageSystemAttributeNames=["ApproximateReceiveCount"],
         )
-        return [_message(each) for each in answer.get("Messages") or ()]
+        messages = (answer.get("Messages") or []) if isinstance(answer, dict) else None
+        if not isinstance(messages, list) or not all(_is_message(m) for m in messages):
+            raise self._lied("new jobs", "Messages")
+        return [_message(each) for each in messages]
 
     async def delete(self, url: str, receipt: str) -> None:
         await self._call(
@@ -132,11 +135,27 @@ class SqsQueue:
             reason = f"no answer within {bound * 1000:.0f} ms"
         except self._errors.ClientError as error:
             reason = _client_error(error)
-        except (self._errors.BotoCoreError, OSError) as error:
+        except Exception as error:
+            # A peer that lies (an unparsable answer raises botocore's ResponseParserError,
+            # which is no BotoCoreError) must not end a worker: it is one more failure.
             reason = f"{type(error).__name__}: {str(error)[:200]}"
         self.failures += 1
         raise StateUnavailable(
             f"job queue {self.where} unavailable for {what}: {reason}",
+            details={"stage": "jobs"},
+        )
+
+    def _text(self, answer: Any, field: str, what: str) -> str:
+        value = answer.get(field) if isinstance(answer, dict) else None
+        if not isinstance(value, str) or not value:
+            raise self._lied(what, field)
+        return value
+
+    def _lied(self, what: str, field: str) -> StateUnavailable:
+        self.failures += 1
+        return StateUnavailable(
+            f"job queue {self.where} answered {what} without a usable {field}: not SQS, "
+            "or a proxy in the way",
             details={"stage": "jobs"},
         )
 
@@ -153,15 +172,24 @@ def _client_error(error: Any) -> str:
     return f"{code}: {message}"
 
 
+def _is_message(answer: object) -> bool:
+    return isinstance(answer, dict) and all(
+        isinstance(answer.get(field), str) and answer[field]
+        for field in ("MessageId", "ReceiptHandle")
+    )
+
+
 def _message(answer: dict[str, Any]) -> Message:
-    attributes = answer.get("Attributes") or {}
+    attributes = answer.get("Attributes")
+    count = attributes.get("ApproximateReceiveCount") if isinstance(attributes, dict) else None
     try:
-        receives = int(attributes.get("ApproximateReceiveCount", "1"))
-    except ValueError:
+        receives = int(count or 1)
+    except (TypeError, ValueError):
         receives = 1
+    body = answer.get("Body")
     return Message(
-        message_id=str(answer.get("MessageId", "")),
-        receipt=str(answer.get("ReceiptHandle", "")),
-        body=str(answer.get("Body", "")),
-        receives=receives,
+        message_id=answer["MessageId"],
+        receipt=answer["ReceiptHandle"],
+        body=body if isinstance(body, str) else "",
+        receives=max(1, receives),
     )
