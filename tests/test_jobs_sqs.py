@@ -197,6 +197,27 @@ async def test_a_non_retryable_error_ends_the_job_failed_at_once(make: Any, queu
     assert queues.count(queues.dead_url) == 0
 
 
+async def test_a_redelivered_message_of_an_ended_job_is_only_deleted(
+    make: Any, queues: Queues, redis_server: Redis, redis_prefix: str
+) -> None:
+    """A worker dead-lettered the job and wrote its end, then died before the delete: the
+    message comes back, and must not run, nor reach the dead-letter queue a second time."""
+    async with make() as submitter:
+        job_id = await submitter.submit("jobs", "work", {"n": 41})
+        taken = queues.moto.client().receive_message(QueueUrl=queues.url, VisibilityTimeout=1)
+        assert len(taken["Messages"]) == 1  # on the worker that is about to die
+        async with aioredis.Redis.from_url(redis_server.url) as client:
+            await client.hset(f"{redis_prefix}:job:{job_id}", mapping={"state": "dead"})
+    async with make(workers=1) as worker:
+        await until(lambda: worker.stats()["state"]["jobs"]["requests"] > 0, "a receive")
+        await eventually(
+            lambda: asyncio.to_thread(lambda: queues.count(queues.url) == 0), "a delete"
+        )
+        assert (await worker.job(job_id))["state"] == "dead"
+    assert await counter(redis_server.url, f"{redis_prefix}:effects:41") == 0
+    assert queues.count(queues.dead_url) == 0
+
+
 # -- hostile input ----------------------------------------------------------------------------
 
 
@@ -531,3 +552,75 @@ async def test_a_job_whose_worker_is_sigkilled_mid_run_becomes_visible_again_and
             assert await counter(url, f"{redis_prefix}:started:31") == 2
         finally:
             rescuer.end()
+
+
+CHURN_JOBS = 1_000  # moto answers ~150 requests/s here: 10,000 would take minutes
+
+
+@pytest.mark.slow
+async def test_every_job_ends_and_keyed_ones_run_once_through_three_sigkills(
+    tmp_path: Path, sqs_server: Moto, queues: Queues, redis_server: Redis, redis_prefix: str
+) -> None:
+    url = redis_server.url
+    settings = {"workers": 4, "batch": 10, "visibility_timeout_ms": 2000, "max_attempts": 5}
+    manifest = manifest_file(tmp_path, sqs_server, queues, url, redis_prefix, **settings)
+    workers: list[WorkerProcess] = []
+    try:
+        workers.extend(WorkerProcess(manifest) for _ in range(3))
+        submitter_file = manifest_file(tmp_path, sqs_server, queues, url, redis_prefix)
+        async with Dispatcher(load_manifest(submitter_file)) as submitter:
+            ids: list[str] = []
+            for start in range(0, CHURN_JOBS, 50):
+                # Even n carry an idempotency key; odd n do not.
+                ids += await asyncio.gather(
+                    *(
+                        submitter.submit(
+                            "jobs",
+                            "work",
+                            {"n": n},
+                            idempotency_key=f"k{n}" if n % 2 == 0 else None,
+                        )
+                        for n in range(start, start + 50)
+                    )
+                )
+            async with aioredis.Redis.from_url(url) as client:
+
+                async def states() -> list[str]:
+                    async with client.pipeline(transaction=False) as pipe:
+                        for job_id in ids:
+                            pipe.hget(f"{redis_prefix}:job:{job_id}", "state")
+                        return [(s or b"").decode() for s in await pipe.execute()]
+
+                kills = 0
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    ended = sum(s in ("succeeded", "dead") for s in await states())
+                    if ended == CHURN_JOBS and kills == 3:
+                        break
+                    if kills < 3 and ended >= (kills + 1) * CHURN_JOBS // 5:
+                        victim = kills % 3
+                        workers[victim].kill()  # mid-run: jobs in flight on it
+                        workers[victim] = WorkerProcess(manifest)
+                        kills += 1
+                    await asyncio.sleep(0.2)
+                final = await states()
+                assert kills == 3
+                assert final.count("succeeded") + final.count("dead") == CHURN_JOBS, {
+                    s: final.count(s) for s in set(final)
+                }
+                async with client.pipeline(transaction=False) as pipe:
+                    for n in range(CHURN_JOBS):
+                        pipe.get(f"{redis_prefix}:effects:{n}")
+                    runs = [int(value or 0) for value in await pipe.execute()]
+        keyed_twice = [n for n in range(0, CHURN_JOBS, 2) if runs[n] > 1]
+        print(
+            f"\n{CHURN_JOBS} jobs on SQS, 3 SIGKILLs: {final.count('succeeded')} succeeded,"
+            f" {final.count('dead')} dead; keyed jobs run more than once: {len(keyed_twice)};"
+            f" unkeyed jobs run more than once: "
+            f"{sum(runs[n] > 1 for n in range(1, CHURN_JOBS, 2))}"
+        )
+        assert all(runs[n] >= 1 for n in range(CHURN_JOBS) if final[n] == "succeeded")
+        assert keyed_twice == []
+    finally:
+        for worker in workers:
+            worker.end()
