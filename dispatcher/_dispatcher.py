@@ -6,12 +6,16 @@ and hands the invocation to the method's policy chain; leaving it stops all of t
 ``drain`` (or ``aclose(grace=…)``, or ``drain_on_signal``) stops it gracefully: no new
 work, the work in flight gets a grace period (``dispatcher._drain``).
 
-Why one module of ~590 lines: this is the host's one object, and what is left here shares
-state that must change together — the lifecycle (start, drain, aclose) and the call API
-(call, call_many, stream, publish, each counted in flight so a drain can wait for it or
-cut it off). What has a job of its own lives apart: routes (``_routes``), in-flight
-bookkeeping (``_drain``), signal handling (``_signals``), the host's event handlers
-(``_events``), health reports (``_health``), fallbacks (``_fallback``), policies, fleets.
+What stays here is what must change together: the lifecycle (start, drain, reload,
+aclose) and the call API (call, call_many, stream, publish, submit), each counted in
+flight so a drain or a reload can wait for it or cut it off, and the order in which the
+parts below are built and torn down. Each part with a job of its own lives apart, and the
+methods here only put them in order: routes (``_routes``), what each provider has
+attached (``_attachments``), in-flight bookkeeping (``_drain``), what a reload changes
+(``_reload``), the guard and audit entry of each call (``_guard``), host events in and out
+(``_events``, ``_publish``), async jobs (``_jobs`` runs them, ``_job_view`` shows them),
+fallbacks (``_fallback``), rollouts (``_rollout``), health (``_health``), signals
+(``_signals``), plugins dialling in (``_inbound``); policies and fleets below them all.
 """
 
 from __future__ import annotations
@@ -21,26 +25,20 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-import orjson
-
+from dispatcher._attachments import Attachments, providers_for
 from dispatcher._drain import CUT_OFF_SECONDS, InFlight, OpenStream, current_task_getter
 from dispatcher._events import EventHandler, EventHandlers
-from dispatcher._fallback import Fallback
-from dispatcher._guard import Caller, Guard
+from dispatcher._fallback import Fallbacks
+from dispatcher._guard import Audited, Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
-from dispatcher._jobs import (
-    JobNotFinished,
-    JobNotFound,
-    JobsUnavailable,
-    JobWorkers,
-    job_outcome,
-    new_job_record,
-)
+from dispatcher._job_view import checked_idempotency_key, job_result, job_status, job_store_of
+from dispatcher._jobs import JobWorkers, new_job_record
+from dispatcher._publish import EventSender
 from dispatcher._reload import ReloadPlan, plan_reload
 from dispatcher._rollout import RolloutListener, RolloutRuntime
 from dispatcher._routes import Route, RouteTable, checked_timeout
@@ -53,11 +51,9 @@ from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, authenticator_of
 from dispatcher.policies import PolicyRuntime
-from dispatcher.state import JobStore, StateBackend, new_backend
-from dispatcher.state.base import TERMINAL_STATES
+from dispatcher.state import StateBackend, new_backend
 from dispatcher.telemetry import TelemetryRuntime
 from linchkit_plugin.errors import (
-    DeadlineExceeded,
     DispatchError,
     InvalidParams,
     MethodNotFound,
@@ -66,10 +62,8 @@ from linchkit_plugin.errors import (
     ShuttingDown,
     Unauthorized,
 )
-from providers import provider_classes
 from providers.base import Provider
 from providers.invocation import Invocation, new_request_id
-from providers.target import TargetConfig
 
 #: How long a reload lets calls to the plugins it removes finish, by default.
 RELOAD_GRACE_SECONDS = 30.0
@@ -116,18 +110,20 @@ class Dispatcher:
         )
         self.fleets: FleetRuntime | None = None
         self.jobs: JobWorkers | None = None  # workers of async jobs (dispatcher._jobs)
+        self._events_out: EventSender | None = None  # host events to plugins (dispatcher._publish)
         self._circuit_listeners: list[CircuitListener] = []
         self._events = EventHandlers()
-        self._providers = providers if providers is not None else self._make_providers()
-        for provider in self._providers.values():
-            provider.event_sink = self._events.emit
-            provider.use_egress(manifest.egress)
+        #: Providers and what each has attached (dispatcher._attachments).
+        self._attachments = Attachments(
+            providers if providers is not None else providers_for(manifest),
+            manifest.egress,
+            self._events.emit,
+        )
+        self._providers = self._attachments.providers
         self._routes = RouteTable()
         #: The manifest's ``rollouts``: traffic splits and shadows (dispatcher._rollout).
         self._rollouts = RolloutRuntime(self._clock)
-        self._fallbacks: dict[str, Fallback] = {}
-        self._attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]] = []
-        self._started_providers: list[Provider[Any]] = []
+        self._fallbacks = Fallbacks()
         self._state = "new"
         # Draining (dispatcher._drain): what is in flight, aliased for the hot path.
         self._in_flight = InFlight()
@@ -189,6 +185,7 @@ class Dispatcher:
             idempotency_retention=config.idempotency_retention_ms / 1000,
             boundary=None if telemetry is None else telemetry.boundary,
         )
+        self._events_out = EventSender(self._providers, self.policies, self.fleets, self._clock)
         if telemetry is not None:
             telemetry.start()
             self._circuit_listeners.append(telemetry.breaker_changed)
@@ -198,9 +195,7 @@ class Dispatcher:
                 self._guard.audit.open()  # first: a log that cannot be written stops the start
             if self.authenticator is not None:
                 await self.authenticator.start()
-            for provider in self._providers.values():
-                await provider.start()
-                self._started_providers.append(provider)
+            await self._attachments.start()
             for plugin in self.manifest.plugins:
                 await self._attach(plugin)
             self._rollouts.configure(self.manifest.rollouts, self._routes)
@@ -245,18 +240,7 @@ class Dispatcher:
             await self.state_backend.aclose()  # after the chains: their last records are written
         if self.fleets is not None:
             await self.fleets.detach_all()  # the instances discovery brought
-        while self._attached:
-            provider, plugin, target = self._attached.pop()
-            try:
-                await provider.detach(plugin, target)
-            except Exception:
-                log.exception("detaching %s from %s failed", plugin.key, target.describe())
-        while self._started_providers:
-            provider = self._started_providers.pop()
-            try:
-                await provider.aclose()
-            except Exception:
-                log.exception("closing provider %s failed", provider.name)
+        await self._attachments.aclose()  # every plugin detached, then every provider closed
         if self.authenticator is not None:
             await self.authenticator.aclose()
         if self._guard.audit is not None:
@@ -380,8 +364,10 @@ class Dispatcher:
             plan = plan_reload(self.manifest, manifest, source=source)
             for plugin in [*plan.added, *(new for _, new in plan.changed)]:
                 _check_protocol(plugin)
-            attached = await self._attach_new(plan)
-            retired = self._swap_routes(manifest, plan, attached)
+            attached = await self._attachments.attach_new(plan)
+            self._swap_routes(manifest, plan)
+            self._attachments.adopt(attached)
+            retired = self._attachments.retire(manifest)
             summary = plan.summary()
             log.info(
                 "reloaded %s: added %s, removed %s, changed %s, kept %d",
@@ -392,57 +378,13 @@ class Dispatcher:
                 len(plan.kept),
             )
             if retired:
-                await self._detach_retired(retired, grace)
+                await self._settle(grace)
+                await self._attachments.detach(retired)
             return summary
 
-    async def _attach_new(
-        self, plan: ReloadPlan
-    ) -> list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]]:
-        """Attach the instances of added versions and the targets changed versions gained;
-        all or none."""
-        wanted: list[tuple[PluginSpec[Any], TargetConfig]] = [
-            (plugin, instance)
-            for plugin in plan.added
-            for target in plugin.targets()
-            for instance in target.instance_targets()
-        ]
-        for old, new in plan.changed:
-            had = {instance.key for instance in _instances(old)}
-            wanted.extend((new, each) for each in _instances(new) if each.key not in had)
-        attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]] = []
-        try:
-            for plugin, instance in wanted:
-                provider = await self._started_provider(instance.provider)
-                await provider.attach(plugin, instance)
-                attached.append((provider, plugin, instance))
-        except BaseException:
-            for provider, plugin, instance in reversed(attached):
-                try:
-                    await provider.detach(plugin, instance)
-                except Exception:
-                    log.exception("detaching %s after a failed reload failed", plugin.key)
-            raise
-        return attached
-
-    async def _started_provider(self, name: str) -> Provider[Any]:
-        """The provider ``name``, started now if no plugin used it until this reload."""
-        provider = self._providers.get(name)
-        if provider is None:
-            provider = self._providers[name] = provider_classes()[name]()
-            provider.event_sink = self._events.emit
-            provider.use_egress(self.manifest.egress)
-            await provider.start()
-            self._started_providers.append(provider)
-        return provider
-
-    def _swap_routes(
-        self,
-        manifest: Manifest[Any],
-        plan: ReloadPlan,
-        attached: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]],
-    ) -> list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]]:
+    def _swap_routes(self, manifest: Manifest[Any], plan: ReloadPlan) -> None:
         """Build the new table, then replace the reference (no await in between, so no call
-        sees half of it); returns the attachments no longer used."""
+        sees half of it). Kept versions keep their route objects, and so their state."""
         assert self.fleets is not None
         old_routes = self._routes
         kept = {plugin.key for plugin in plan.kept}
@@ -451,31 +393,18 @@ class Dispatcher:
             if plugin.key in kept:
                 routes.add(plugin, old_routes.routes_of(plugin.id, plugin.version))
             else:
-                routes.add(plugin, {name: self._new_route(plugin, name) for name in plugin.methods})
-        for plugin in plan.removed:
-            for method in plugin.methods:
-                self._fallbacks.pop(f"{plugin.key}.{method}", None)
+                routes.add(plugin, self._new_routes(plugin))
+        self._fallbacks.forget(plan.removed)
         self._rollouts.configure(manifest.rollouts, routes)
         self._routes = routes
         self.manifest = manifest
-        for fallback in self._fallbacks.values():
-            fallback.routes = routes
+        self._fallbacks.point_at(routes)
         for plugin in plan.added:
             for target in plugin.targets():
                 self.fleets.serve(plugin, target)
-        self._attached.extend(attached)
-        used = {
-            (plugin.key, instance.key)
-            for plugin in manifest.plugins
-            for instance in _instances(plugin)
-        }
-        retired = [each for each in self._attached if (each[1].key, each[2].key) not in used]
-        self._attached = [each for each in self._attached if each not in retired]
-        return retired
 
-    async def _detach_retired(
-        self, retired: list[tuple[Provider[Any], PluginSpec[Any], TargetConfig]], grace: float
-    ) -> None:
+    async def _settle(self, grace: float) -> None:
+        """Wait until the calls in flight now have ended, ``grace`` seconds at most."""
         loop = asyncio.get_running_loop()
         self._tell_left = True
         try:
@@ -486,13 +415,6 @@ class Dispatcher:
             log.warning(
                 "reload: calls in flight at the swap still ran after %g s; detaching anyway", grace
             )
-        for provider, plugin, target in reversed(retired):
-            try:
-                await provider.detach(plugin, target)
-            except Exception:
-                log.exception("detaching %s from %s failed", plugin.key, target.describe())
-            else:
-                log.info("reload: detached %s from %s", plugin.key, target.describe())
 
     def _refused(self, what: str) -> ShuttingDown:
         return ShuttingDown(
@@ -635,21 +557,26 @@ class Dispatcher:
         request_id: str | None,
     ) -> Any:
         """``call`` through authentication, access checks and the audit log (``_guard``)."""
-        guard = self._guard
-        started = self._clock()
-        request_id = request_id or new_request_id()
-        served = guard.serving()
-        route: Route | None = None
+        entry = self._guard.begin(
+            "call",
+            caller,
+            plugin,
+            version,
+            method,
+            request_id or new_request_id(),
+            traceparent,
+            params,
+        )
         failure: BaseException | None = None
         chained = False
         try:
             if self._draining:
                 raise self._refused(f"call of {plugin}.{method}")
-            caller = await guard.principal_of(caller, credentials)
-            caller_id = guard.caller_id(caller)
-            route = self._authorized_route(plugin, method, version, caller)
+            route, caller_id = await self._resolve(
+                plugin, method, version, caller, credentials, entry
+            )
             invocation = self._invocation(
-                route, params, timeout, request_id, caller_id, traceparent, idempotency_key
+                route, params, timeout, entry.request_id, caller_id, traceparent, idempotency_key
             )
             invoke = route.invoke if idempotency_key is None else route.once
             chained = True  # from here on the chain's own telemetry step counts the call
@@ -657,23 +584,32 @@ class Dispatcher:
         except BaseException as error:
             failure = error
             if self.telemetry is not None and not chained and isinstance(error, DispatchError):
-                self._count_refused(plugin, method, route, error)
+                self._count_refused(plugin, method, entry.route, error)
             raise
         finally:
-            guard.record(
-                "call",
-                caller,
-                plugin,
-                version,
-                method,
-                route,
-                request_id,
-                traceparent,
-                params,
-                started,
-                failure,
-                served,
-            )
+            self._guard.end(entry, failure)
+
+    async def _resolve(
+        self,
+        plugin: str,
+        method: str,
+        version: str | None,
+        caller: Caller,
+        credentials: Credentials | None,
+        entry: Audited | None = None,
+    ) -> tuple[Route, str | None]:
+        """The route of a guarded call and the caller id its invocation carries: the caller
+        authenticated, then authorized for what the name resolves to. ``entry``, when the
+        call is audited, learns the principal and the route as soon as they are known."""
+        guard = self._guard
+        principal = await guard.principal_of(caller, credentials)
+        if entry is not None:
+            entry.caller = principal
+        caller_id = guard.caller_id(principal)
+        route = self._authorized_route(plugin, method, version, principal)
+        if entry is not None:
+            entry.route = route
+        return route, caller_id
 
     def _count_refused(
         self, plugin: str, method: str, route: Route | None, error: DispatchError
@@ -752,22 +688,16 @@ class Dispatcher:
         it, the params match its schema. Raises ``JobsUnavailable`` on the memory backend
         and ``StateUnavailable`` when Redis does not take the job.
         """
-        store = self._job_store()
+        store = job_store_of(self.state_backend)
         if self._draining:
             raise self._refused(f"job of {plugin}.{method}")
-        if idempotency_key is not None and not (
-            isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255
-        ):
-            raise InvalidParams("idempotency_key must be a string of 1 to 255 characters")
-        guard = self._guard
+        idempotency_key = checked_idempotency_key(idempotency_key)
         if (
             self._guarded
             or credentials is not None
             or (caller is not None and caller.__class__ is not str)
         ):
-            principal = await guard.principal_of(caller, credentials)
-            route = self._authorized_route(plugin, method, version, principal)
-            caller_id = guard.caller_id(principal)
+            route, caller_id = await self._resolve(plugin, method, version, caller, credentials)
         else:
             route = self._routes.find(plugin, method, version, self._state)
             caller_id = caller if isinstance(caller, str) else None
@@ -785,15 +715,7 @@ class Dispatcher:
     async def job(self, job_id: str) -> dict[str, Any]:
         """The status record of job ``job_id``: state, attempts, last error, times (ms
         since the epoch), result once succeeded. ``JobNotFound`` if there is none."""
-        record = await self._job_store().record(_checked_job_id(job_id))
-        if record is None:
-            raise JobNotFound(f"no job {job_id!r:.80}: never submitted, or its record expired")
-        status: dict[str, Any] = dict(record)
-        status["attempts"] = int(record.get("attempts", "0"))
-        for field in ("params", "result", "error"):
-            if field in record:
-                status[field] = orjson.loads(record[field])
-        return status
+        return await job_status(job_store_of(self.state_backend), job_id)
 
     async def result(self, job_id: str, *, wait: float = 0.0) -> Any:
         """The result of job ``job_id``, waiting up to ``wait`` seconds for it to end.
@@ -801,33 +723,7 @@ class Dispatcher:
         Raises the job's own error (typed, as ``call`` would have) when it failed or was
         dead-lettered, ``JobNotFinished`` when it has not ended within ``wait``.
         """
-        store = self._job_store()
-        job_id = _checked_job_id(job_id)
-        deadline = self._clock() + checked_timeout(wait, "waiting for a job") if wait else 0.0
-        while True:
-            record = await store.record(job_id)
-            if record is None:
-                raise JobNotFound(f"no job {job_id!r:.80}: never submitted, or its record expired")
-            if record.get("state") in TERMINAL_STATES:
-                return job_outcome(record)
-            left = deadline - self._clock()
-            if left <= 0:
-                raise JobNotFinished(
-                    f"job {job_id} is {record.get('state')} after {record.get('attempts')} "
-                    "attempts; ask again later",
-                    details={"state": record.get("state")},
-                )
-            # Woken when a worker stores its end; polled too, for a missed notification.
-            await store.changed(job_id, min(left, 0.5))
-
-    def _job_store(self) -> JobStore:
-        store = self.state_backend.jobs if self.state_backend is not None else None
-        if store is None:
-            raise JobsUnavailable(
-                "async jobs need a durable store: set 'state: {backend: redis, url: …}' in "
-                "the manifest (the memory backend would lose them with this process)"
-            )
-        return store
+        return await job_result(job_store_of(self.state_backend), job_id, wait, self._clock)
 
     async def _run_job(self, record: dict[str, str], params: Any) -> Any:
         """One attempt of a job, through its method's chain like any call (tracked, so a
@@ -897,18 +793,25 @@ class Dispatcher:
         without streaming raises ``ProviderError``; a failure mid-stream raises its
         ``DispatchError`` after the chunks already yielded.
         """
-        guard = self._guard
-        started = self._clock()
-        request_id = request_id or new_request_id()
-        route: Route | None = None
+        entry = self._guard.begin(
+            "stream",
+            caller,
+            plugin,
+            version,
+            method,
+            request_id or new_request_id(),
+            traceparent,
+            params,
+        )
         failure: BaseException | None = None
         try:
             if self._draining:
                 raise self._refused(f"stream of {plugin}.{method}")
-            caller = await guard.principal_of(caller, credentials)
-            route = self._authorized_route(plugin, method, version, caller)
+            route, caller_id = await self._resolve(
+                plugin, method, version, caller, credentials, entry
+            )
             invocation = self._invocation(
-                route, params, timeout, request_id, guard.caller_id(caller), traceparent, None
+                route, params, timeout, entry.request_id, caller_id, traceparent, None
             )
             chunks = self._stream(route, invocation)
             try:
@@ -920,19 +823,7 @@ class Dispatcher:
             failure = error
             raise
         finally:
-            guard.record(
-                "stream",
-                caller,
-                plugin,
-                version,
-                method,
-                route,
-                request_id,
-                traceparent,
-                params,
-                started,
-                failure,
-            )
+            self._guard.end(entry, failure)
 
     async def _stream(self, route: Route, invocation: Invocation) -> AsyncGenerator[Any, None]:
         chunks = route.gate.stream(invocation, route.stream)
@@ -990,8 +881,7 @@ class Dispatcher:
                 self._publish(plugin, event, data, version, timeout), f"event {event!r} to {plugin}"
             )
             return
-        started = self._clock()
-        request_id = new_request_id()
+        entry = guard.begin("event", caller, plugin, version, event, new_request_id())
         failure: BaseException | None = None
         try:
             if self._draining:
@@ -1004,62 +894,22 @@ class Dispatcher:
                 raise
             assert wanted is not None
             guard.authorize(caller, plugin, wanted, event)
-            version = wanted
+            entry.version = wanted
             await self._tracked(
-                self._publish(plugin, event, data, version, timeout), f"event {event!r} to {plugin}"
+                self._publish(plugin, event, data, wanted, timeout), f"event {event!r} to {plugin}"
             )
         except BaseException as error:
             failure = error
             raise
         finally:
-            guard.record(
-                "event",
-                caller,
-                plugin,
-                version,
-                event,
-                None,
-                request_id,
-                None,
-                None,
-                started,
-                failure,
-            )
+            guard.end(entry, failure)
 
-    async def _publish(
+    def _publish(
         self, plugin: str, event: str, data: Any, version: str | None, timeout: float
-    ) -> None:
-        wanted = self._routes.version_of(plugin, version, self._state)
-        timeout = checked_timeout(timeout, f"publishing {event!r} to {plugin}")
-        invocation = Invocation(
-            plugin, wanted, event, data, self._clock() + timeout, new_request_id()
-        )
-        try:
-            async with asyncio.timeout_at(invocation.deadline):
-                for spec in self.manifest.plugins:
-                    if spec.id == plugin and spec.version == wanted:
-                        for target in spec.targets():
-                            for instance in self._instances_of(target):
-                                await self._publish_to(instance, invocation, event, data)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"publishing {event!r} to {plugin} took longer than {timeout:g} s"
-            ) from None
-
-    def _instances_of(self, target: TargetConfig) -> Sequence[TargetConfig]:
-        """The concrete targets of ``target`` now: a fleet's current instances."""
-        fleet = self.fleets.get(target) if self.fleets is not None else None
-        if fleet is None:
-            return target.instance_targets()
-        return [instance.target for instance in fleet.instances]
-
-    async def _publish_to(
-        self, target: TargetConfig, invocation: Invocation, event: str, data: Any
-    ) -> None:
-        assert self.policies is not None
-        send_event = self._providers[target.provider].send_event
-        await self.policies.event_gate(target).send(
-            invocation, lambda: send_event(target, event, data)
+    ) -> Awaitable[None]:
+        assert self._events_out is not None, "publish needs a started dispatcher"
+        return self._events_out.publish(
+            self._routes, self.manifest.plugins, self._state, plugin, event, data, version, timeout
         )
 
     # -- introspection -----------------------------------------------------------------
@@ -1087,7 +937,7 @@ class Dispatcher:
         """The dispatcher's state and calls in flight; cache, breaker, batch, retry-budget,
         hedge and fallback counters; access checks and the audit log's head."""
         stats = self.policies.stats() if self.policies is not None else {}
-        stats["fallbacks"] = {name: each.stats() for name, each in self._fallbacks.items()}
+        stats["fallbacks"] = self._fallbacks.stats()
         stats["rollouts"] = self._rollouts.stats()
         stats.update(self._guard.stats())  # "access" and "audit", when configured
         if self.jobs is not None:
@@ -1164,50 +1014,36 @@ class Dispatcher:
 
     async def _attach(self, plugin: PluginSpec[Any]) -> None:
         _check_protocol(plugin)
-        for target in plugin.targets():
-            provider = self._providers[target.provider]
-            for instance in target.instance_targets():
-                await provider.attach(plugin, instance)
-                self._attached.append((provider, plugin, instance))
-        assert self.policies is not None
+        await self._attachments.attach(plugin)
         assert self.fleets is not None
-        self._routes.add(plugin, {name: self._new_route(plugin, name) for name in plugin.methods})
+        self._routes.add(plugin, self._new_routes(plugin))
         for target in plugin.targets():
             self.fleets.serve(plugin, target)
 
-    def _provider_of(self, plugin: PluginSpec[Any], method: str) -> Provider[Any]:
-        return self._providers[plugin.target_of(method).provider]
+    def _new_routes(self, plugin: PluginSpec[Any]) -> dict[str, Route]:
+        return {name: self._new_route(plugin, name) for name in plugin.methods}
 
     def _new_route(self, plugin: PluginSpec[Any], method: str) -> Route:
+        """A method's route: its policy chain, inside its fallback, inside telemetry."""
         assert self.policies is not None
-        provider = self._provider_of(plugin, method)
         target = plugin.target_of(method)
+        provider = self._providers[target.provider]
         invoke = self.policies.chain(plugin, method, provider, target)
-        policies = plugin.policies_of(method)
-        fallback = policies.fallback
-        if fallback is not None:  # around the whole chain: another plugin, its own policies
-            name = f"{plugin.key}.{method}"
-            invoke = self._fallbacks[name] = Fallback(name, fallback, invoke, self._routes)
+        # Around the whole chain: the fallback is another plugin, with its own policies.
+        invoke = self._fallbacks.wrap(plugin, method, invoke, self._routes)
         if self.telemetry is not None:  # outermost: sees what the caller gets
             invoke = self.telemetry.around_call(
-                plugin.id, plugin.version, method, target.provider, policies.may_cache, invoke
+                plugin.id,
+                plugin.version,
+                method,
+                target.provider,
+                plugin.policies_of(method).may_cache,
+                invoke,
             )
         gate = self.policies.gate(plugin, method)
         route = Route(plugin, method, provider, invoke, gate, self.policies.fleets.get(target))
         route.once = self.policies.once(plugin, method, invoke)
         return route
-
-    def _make_providers(self) -> dict[str, Provider[Any]]:
-        used = {target.provider for plugin in self.manifest.plugins for target in plugin.targets()}
-        classes = provider_classes()
-        providers: dict[str, Provider[Any]] = {}
-        for name in sorted(used):
-            providers[name] = classes[name]()
-        return providers
-
-
-def _instances(plugin: PluginSpec[Any]) -> list[TargetConfig]:
-    return [instance for target in plugin.targets() for instance in target.instance_targets()]
 
 
 def _check_protocol(plugin: PluginSpec[Any]) -> None:
@@ -1221,12 +1057,6 @@ def _check_protocol(plugin: PluginSpec[Any]) -> None:
             " plugin for a protocol it speaks)",
             details={"plugin": plugin.key, "protocol": plugin.protocol},
         )
-
-
-def _checked_job_id(job_id: object) -> str:
-    if isinstance(job_id, str) and 0 < len(job_id) <= 64 and job_id.isprintable():
-        return job_id
-    raise InvalidParams(f"a job id is a string of 1 to 64 printable characters, got {job_id!r:.40}")
 
 
 def _checked_grace(grace: object) -> float:

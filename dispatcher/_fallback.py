@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from dispatcher._routes import RouteTable
-from dispatcher.config import FallbackPolicy
+from dispatcher.config import FallbackPolicy, PluginSpec
 from dispatcher.policies import Step
 from linchkit_plugin.errors import DispatchError
 from providers.invocation import Invocation
 
-__all__ = ["Fallback"]
+__all__ = ["Fallback", "Fallbacks"]
 
 log = logging.getLogger("dispatcher")
 
@@ -122,3 +123,34 @@ class Fallback:
         return (
             f"<Fallback {self.name} → {self.policy.plugin} used={self.used} failed={self.failed}>"
         )
+
+
+class Fallbacks:
+    """The fallbacks of every route, by ``plugin@version.method``; a reload re-points them
+    at its new routing table and forgets those of removed versions."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Fallback] = {}
+
+    def wrap(
+        self, plugin: PluginSpec[Any], method: str, next_step: Step, routes: RouteTable
+    ) -> Step:
+        """``next_step`` with its method's fallback around it, if the manifest gives one."""
+        policy = plugin.policies_of(method).fallback
+        if policy is None:
+            return next_step
+        name = f"{plugin.key}.{method}"
+        fallback = self._by_name[name] = Fallback(name, policy, next_step, routes)
+        return fallback
+
+    def forget(self, plugins: Iterable[PluginSpec[Any]]) -> None:
+        for plugin in plugins:
+            for method in plugin.methods:
+                self._by_name.pop(f"{plugin.key}.{method}", None)
+
+    def point_at(self, routes: RouteTable) -> None:
+        for fallback in self._by_name.values():
+            fallback.routes = routes
+
+    def stats(self) -> dict[str, Any]:
+        return {name: fallback.stats() for name, fallback in self._by_name.items()}

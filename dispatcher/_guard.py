@@ -27,6 +27,7 @@ import datetime
 import re
 from collections.abc import Callable
 from contextvars import Token
+from dataclasses import dataclass
 from typing import Any
 
 from dispatcher._routes import Route
@@ -37,10 +38,29 @@ from dispatcher.fleet.served import SERVED_BY
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, refused
 from linchkit_plugin.errors import DispatchError, InvalidParams, PluginError
 
-__all__ = ["Caller", "Guard"]
+__all__ = ["Audited", "Caller", "Guard"]
 
 #: What ``Dispatcher.call`` accepts as ``caller``.
 Caller = str | Principal | None
+
+
+@dataclass(slots=True)
+class Audited:
+    """What the audit record of one call, stream or event will say; the dispatcher fills in
+    ``caller`` (once authenticated) and ``route`` (once resolved) as the call goes."""
+
+    kind: str  # "call", "stream" or "event"
+    caller: Caller
+    plugin: str
+    version: str | None
+    method: str
+    request_id: str
+    traceparent: str | None
+    params: Any
+    started: float
+    served: tuple[list[Instance], Token[list[Instance] | None]] | None
+    route: Route | None = None
+
 
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 #: Names in a record are cut here: a gateway caller chooses them, the log must stay sane.
@@ -91,57 +111,59 @@ class Guard:
         if self.access is not None and isinstance(caller, Principal):
             self.access.check(caller, plugin, version, method)
 
-    def serving(self) -> tuple[list[Instance], Token[list[Instance] | None]] | None:
-        """Start noting which fleet instances this call goes to (audited calls only)."""
-        if self.audit is None:
-            return None
-        served: list[Instance] = []
-        return served, SERVED_BY.set(served)
-
-    def record(
+    def begin(
         self,
         kind: str,
         caller: Caller,
         plugin: str,
         version: str | None,
         method: str,
-        route: Route | None,
         request_id: str,
-        traceparent: str | None,
-        params: Any,
-        started: float,
-        error: BaseException | None,
-        served: tuple[list[Instance], Token[list[Instance] | None]] | None = None,
-    ) -> None:
-        """Write the one audit record of a call that has ended."""
+        traceparent: str | None = None,
+        params: Any = None,
+    ) -> Audited:
+        """Open the audit entry of a call, stream or event starting now; ``end`` writes it.
+        A call also notes which fleet instances serve it (audited calls only)."""
+        served: tuple[list[Instance], Token[list[Instance] | None]] | None = None
+        if kind == "call" and self.audit is not None:
+            instances: list[Instance] = []
+            served = instances, SERVED_BY.set(instances)
+        started = self.clock()
+        return Audited(
+            kind, caller, plugin, version, method, request_id, traceparent, params, started, served
+        )
+
+    def end(self, entry: Audited, error: BaseException | None) -> None:
+        """Write the one audit record of ``entry``, which has ended with ``error`` (or not)."""
         instances: list[Instance] | None = None
-        if served is not None:
-            instances = served[0]
-            SERVED_BY.reset(served[1])
+        if entry.served is not None:
+            instances = entry.served[0]
+            SERVED_BY.reset(entry.served[1])
         audit = self.audit
         if audit is None:
             return
+        route = entry.route
         record: dict[str, Any] = {
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
-            "kind": kind,
-            "request_id": _clip(request_id),
-            "trace_id": _trace_id(traceparent),
-            "principal": _principal(caller),
-            "plugin": _clip(plugin),
-            "version": route.version if route is not None else _clip(version),
-            "method": _clip(method),
+            "kind": entry.kind,
+            "request_id": _clip(entry.request_id),
+            "trace_id": _trace_id(entry.traceparent),
+            "principal": _principal(entry.caller),
+            "plugin": _clip(entry.plugin),
+            "version": route.version if route is not None else _clip(entry.version),
+            "method": _clip(entry.method),
             "instance": (
                 instances[-1].target.describe()
                 if instances
                 else (route.target if route is not None else None)
             ),
             "outcome": "ok" if error is None else _outcome(error),
-            "duration_ms": round((self.clock() - started) * 1000, 3),
+            "duration_ms": round((self.clock() - entry.started) * 1000, 3),
         }
         if isinstance(error, PluginError):
             record["error_type"] = _clip(error.remote_type)
         if route is not None and route.audit_params:
-            record["params"] = params
+            record["params"] = entry.params
         try:
             audit.write(record)
         except TypeError:  # params orjson cannot write (JSONEncodeError is a TypeError)

@@ -1,0 +1,165 @@
+"""Which provider serves which plugin on which target: the dispatcher's attachments.
+
+A plugin runs on its targets only once each target's provider has *attached* it (started
+its process, opened its client, deployed it…); the dispatcher must *detach* every such
+attachment, in reverse order, before it closes the providers. This module keeps that
+ledger, so start, reload and close share one account of what is attached:
+
+- ``attach`` at start, every instance of every target of a plugin;
+- ``attach_new`` at a reload, what the new manifest adds, all or none;
+- ``retire`` what a reloaded manifest no longer uses (detached once its calls are done);
+- ``aclose`` everything, then the providers.
+
+A provider no plugin used at start is made and started when a reload first needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+from dispatcher._reload import ReloadPlan
+from dispatcher.config import Manifest, PluginSpec
+from providers import provider_classes
+from providers.base import Provider
+from providers.egress import EgressPolicy
+from providers.target import TargetConfig
+
+__all__ = ["Attachment", "Attachments", "instances_of", "providers_for"]
+
+log = logging.getLogger("dispatcher")
+
+
+class Attachment(NamedTuple):
+    """One plugin attached to one concrete target by its provider."""
+
+    provider: Provider[Any]
+    plugin: PluginSpec[Any]
+    target: TargetConfig
+
+    def key(self) -> tuple[str, str]:
+        return self.plugin.key, self.target.key
+
+
+def instances_of(plugin: PluginSpec[Any]) -> list[TargetConfig]:
+    """Every concrete target the manifest lists for ``plugin`` (fleet instances included)."""
+    return [instance for target in plugin.targets() for instance in target.instance_targets()]
+
+
+def providers_for(manifest: Manifest[Any]) -> dict[str, Provider[Any]]:
+    """One provider of each kind the manifest's targets use."""
+    used = {target.provider for plugin in manifest.plugins for target in plugin.targets()}
+    classes = provider_classes()
+    return {name: classes[name]() for name in sorted(used)}
+
+
+class Attachments:
+    """The providers, which of them started, and every attachment, in order."""
+
+    def __init__(
+        self,
+        providers: dict[str, Provider[Any]],
+        egress: EgressPolicy,
+        event_sink: Callable[..., Any],
+    ) -> None:
+        self.providers = providers
+        self._egress = egress
+        self._event_sink = event_sink
+        self._started: list[Provider[Any]] = []
+        self._attached: list[Attachment] = []
+        for provider in providers.values():
+            self._prepare(provider)
+
+    def _prepare(self, provider: Provider[Any]) -> None:
+        provider.event_sink = self._event_sink
+        provider.use_egress(self._egress)
+
+    async def start(self) -> None:
+        for provider in self.providers.values():
+            await provider.start()
+            self._started.append(provider)
+
+    async def attach(self, plugin: PluginSpec[Any]) -> None:
+        """Attach every instance of every target of ``plugin`` (at start)."""
+        for instance in instances_of(plugin):
+            provider = self.providers[instance.provider]
+            await provider.attach(plugin, instance)
+            self._attached.append(Attachment(provider, plugin, instance))
+
+    async def attach_new(self, plan: ReloadPlan) -> list[Attachment]:
+        """Attach what a reload adds: the instances of added versions and the targets
+        changed versions gained. All or none: a failure detaches what this call attached.
+        The result is not in the ledger until ``adopt``."""
+        attached: list[Attachment] = []
+        try:
+            for plugin, instance in _wanted(plan):
+                provider = await self._started_provider(instance.provider)
+                await provider.attach(plugin, instance)
+                attached.append(Attachment(provider, plugin, instance))
+        except BaseException:
+            for each in reversed(attached):
+                try:
+                    await each.provider.detach(each.plugin, each.target)
+                except Exception:
+                    log.exception("detaching %s after a failed reload failed", each.plugin.key)
+            raise
+        return attached
+
+    def adopt(self, attached: Iterable[Attachment]) -> None:
+        self._attached.extend(attached)
+
+    def retire(self, manifest: Manifest[Any]) -> list[Attachment]:
+        """Take out of the ledger, and return, the attachments ``manifest`` no longer uses."""
+        used = {
+            (plugin.key, instance.key)
+            for plugin in manifest.plugins
+            for instance in instances_of(plugin)
+        }
+        retired = [each for each in self._attached if each.key() not in used]
+        self._attached = [each for each in self._attached if each.key() in used]
+        return retired
+
+    async def detach(self, retired: list[Attachment]) -> None:
+        """Detach ``retired`` (a reload's), newest first; a failure is logged, not raised."""
+        for each in reversed(retired):
+            if await _detached(each):
+                log.info("reload: detached %s from %s", each.plugin.key, each.target.describe())
+
+    async def aclose(self) -> None:
+        """Detach everything, newest first, then close the started providers, last first."""
+        while self._attached:
+            await _detached(self._attached.pop())
+        while self._started:
+            provider = self._started.pop()
+            try:
+                await provider.aclose()
+            except Exception:
+                log.exception("closing provider %s failed", provider.name)
+
+    async def _started_provider(self, name: str) -> Provider[Any]:
+        """The provider ``name``, made and started now if no plugin used it until this reload."""
+        provider = self.providers.get(name)
+        if provider is None:
+            provider = self.providers[name] = provider_classes()[name]()
+            self._prepare(provider)
+            await provider.start()
+            self._started.append(provider)
+        return provider
+
+
+def _wanted(plan: ReloadPlan) -> list[tuple[PluginSpec[Any], TargetConfig]]:
+    wanted = [(plugin, instance) for plugin in plan.added for instance in instances_of(plugin)]
+    for old, new in plan.changed:
+        had = {instance.key for instance in instances_of(old)}
+        wanted.extend((new, each) for each in instances_of(new) if each.key not in had)
+    return wanted
+
+
+async def _detached(each: Attachment) -> bool:
+    try:
+        await each.provider.detach(each.plugin, each.target)
+    except Exception:
+        log.exception("detaching %s from %s failed", each.plugin.key, each.target.describe())
+        return False
+    return True

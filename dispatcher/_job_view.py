@@ -1,0 +1,85 @@
+"""What a caller sees of an async job: the checks at ``submit``, its status record, its
+result (waited for). The workers that run jobs are ``dispatcher._jobs``; the durable store
+is the state backend's (``dispatcher.state``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from dispatcher._jobs import JobNotFinished, JobNotFound, JobsUnavailable, job_outcome
+from dispatcher._routes import checked_timeout
+from dispatcher.state import JobStore, StateBackend
+from dispatcher.state.base import TERMINAL_STATES
+from linchkit_plugin.errors import InvalidParams
+
+__all__ = ["checked_idempotency_key", "job_result", "job_status", "job_store_of"]
+
+#: How often ``job_result`` reads the record again when no notification came.
+_POLL_SECONDS = 0.5
+
+
+def job_store_of(backend: StateBackend | None) -> JobStore:
+    """The store jobs are kept in; ``JobsUnavailable`` when the backend keeps none."""
+    store = backend.jobs if backend is not None else None
+    if store is None:
+        raise JobsUnavailable(
+            "async jobs need a durable store: set 'state: {backend: redis, url: …}' in "
+            "the manifest (the memory backend would lose them with this process)"
+        )
+    return store
+
+
+def checked_idempotency_key(key: object) -> str | None:
+    if key is None or (isinstance(key, str) and 0 < len(key) <= 255):
+        return key
+    raise InvalidParams("idempotency_key must be a string of 1 to 255 characters")
+
+
+def checked_job_id(job_id: object) -> str:
+    if isinstance(job_id, str) and 0 < len(job_id) <= 64 and job_id.isprintable():
+        return job_id
+    raise InvalidParams(f"a job id is a string of 1 to 64 printable characters, got {job_id!r:.40}")
+
+
+async def job_status(store: JobStore, job_id: object) -> dict[str, Any]:
+    """The status record of a job: its fields as stored, JSON ones decoded."""
+    record = await store.record(checked_job_id(job_id))
+    if record is None:
+        raise _not_found(job_id)
+    status: dict[str, Any] = dict(record)
+    status["attempts"] = int(record.get("attempts", "0"))
+    for field in ("params", "result", "error"):
+        if field in record:
+            status[field] = orjson.loads(record[field])
+    return status
+
+
+async def job_result(
+    store: JobStore, job_id: object, wait: float, clock: Callable[[], float]
+) -> Any:
+    """The result of a job (or its error, raised typed), waiting up to ``wait`` seconds for
+    it to end; ``JobNotFinished`` when it has not."""
+    job_id = checked_job_id(job_id)
+    deadline = clock() + checked_timeout(wait, "waiting for a job") if wait else 0.0
+    while True:
+        record = await store.record(job_id)
+        if record is None:
+            raise _not_found(job_id)
+        if record.get("state") in TERMINAL_STATES:
+            return job_outcome(record)
+        left = deadline - clock()
+        if left <= 0:
+            raise JobNotFinished(
+                f"job {job_id} is {record.get('state')} after {record.get('attempts')} "
+                "attempts; ask again later",
+                details={"state": record.get("state")},
+            )
+        # Woken when a worker stores its end; polled too, for a missed notification.
+        await store.changed(job_id, min(left, _POLL_SECONDS))
+
+
+def _not_found(job_id: object) -> JobNotFound:
+    return JobNotFound(f"no job {job_id!r:.80}: never submitted, or its record expired")
