@@ -326,6 +326,18 @@ async def test_without_a_job_view_jobs_still_run_and_the_view_is_refused_clearly
         assert await store.redrive(dead_id)
 
 
+async def test_purge_empties_a_dead_letter_queue_of_many_batches(make: Any, queues: Queues) -> None:
+    client = queues.moto.client()
+    for number in range(25):  # more than one receive's worth (10)
+        client.send_message(QueueUrl=queues.dead_url, MessageBody=f"letter {number}")
+    async with make() as d:
+        store = d.state_backend.jobs  # type: ignore[union-attr]
+        assert await store.redrive("no-such-job") is False  # scanned, all put back
+        assert queues.count(queues.dead_url) == 25
+        assert await store.purge() == 25
+    assert queues.count(queues.dead_url) == 0
+
+
 # -- the manifest ---------------------------------------------------------------------------------
 
 
@@ -343,6 +355,7 @@ async def test_without_a_job_view_jobs_still_run_and_the_view_is_refused_clearly
         ),
         ({"queue_name": "bad name!", "dead_letter_queue_name": "d"}, "queue_name"),
         ({"queue_name": "q", "dead_letter_queue_name": "d", "access_key": "AKIA"}, "access_key"),
+        ({"queue_name": "q", "dead_letter_queue_name": "d", "receive_wait_seconds": 21}, "20"),
     ],
 )
 def test_the_sqs_section_is_checked_when_the_manifest_loads(
@@ -364,6 +377,10 @@ def test_an_sqs_section_without_the_sqs_backend_and_the_reverse_are_refused(
         load_manifest(path)
     path.write_text(json.dumps({"version": 1, "jobs": {"backend": "sqs"}}))
     with pytest.raises(ManifestError, match="needs a 'sqs' section"):
+        load_manifest(path)
+    too_long = {"backend": "sqs", "sqs": sqs, "visibility_timeout_ms": 43_200_001}
+    path.write_text(json.dumps({"version": 1, "jobs": too_long}))
+    with pytest.raises(ManifestError, match="12 hours"):
         load_manifest(path)
     # Workers without a state Redis are fine on SQS: the queue is durable by itself.
     path.write_text(

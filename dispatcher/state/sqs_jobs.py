@@ -34,7 +34,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,11 @@ _REQUIRED = ("id", "plugin", "version", "method", "params")
 _SCAN_VISIBILITY = 30
 #: Receives a redrive or purge makes of the dead-letter queue at most (10 messages each).
 _SCAN_ROUNDS = 1_000
+
+
+#: What a scan of the dead-letter queue does with one message: (its queue's URL, the
+#: message, the job it carries or None) → True when it dealt with it.
+DeadHandler = Callable[[str, Message, dict[str, str] | None], Awaitable[bool]]
 
 
 @dataclass(slots=True)
@@ -266,9 +271,10 @@ class SqsJobs(JobStore):
 
     # -- the dead-letter queue -----------------------------------------------------------
 
-    async def _scan_dead(self, keep: Callable[[Message, dict[str, str] | None], bool]) -> int:
-        """Read the dead-letter queue once through; ``keep`` handles each message (True:
-        it dealt with it, False: put it back). How many were handled."""
+    async def _scan_dead(self, handle: DeadHandler) -> int:
+        """Read the dead-letter queue once through. ``handle`` deals with each message at
+        once (while its receipt is fresh) and says so, or leaves it (False): those are put
+        back when the scan ends. How many were dealt with."""
         _, dead_url = await self._urls()
         seen: set[str] = set()
         put_back: list[str] = []
@@ -281,7 +287,7 @@ class SqsJobs(JobStore):
                     break
                 for message in fresh:
                     seen.add(message.message_id)
-                    if keep(message, decode_body(message.body)):
+                    if await handle(dead_url, message, decode_body(message.body)):
                         handled += 1
                     else:
                         put_back.append(message.receipt)
@@ -296,58 +302,45 @@ class SqsJobs(JobStore):
     async def _peek_dead(self, limit: int) -> list[dict[str, str]]:
         found: list[dict[str, str]] = []
 
-        def note(message: Message, record: dict[str, str] | None) -> bool:
+        async def note(_: str, message: Message, record: dict[str, str] | None) -> bool:
             if len(found) < limit:
-                found.append(
-                    record
-                    or {
-                        "id": f"message-{message.message_id}",
-                        "state": "dead",
-                        "raw": message.body[:500],
-                    }
-                )
+                raw = {"id": f"message-{message.message_id}", "raw": message.body[:500]}
+                found.append(record or {**raw, "state": "dead"})
             return False
 
         await self._scan_dead(note)
         return found
 
     async def redrive(self, job_id: str) -> bool:
-        url, dead_url = await self._urls()
-        chosen: list[tuple[Message, dict[str, str]]] = []
+        url, _ = await self._urls()
+        redriven = False
 
-        def pick(message: Message, record: dict[str, str] | None) -> bool:
-            if record is not None and record["id"] == job_id and not chosen:
-                chosen.append((message, record))
-                return True
-            return False
-
-        await self._scan_dead(pick)
-        if not chosen:
-            return False
-        message, record = chosen[0]
-        again = {k: v for k, v in record.items() if k not in _DEAD_FIELDS}
-        again.update(state="queued", attempts="0")
-        if self.records is not None:
-            await self.records.requeue(job_id)
-        # A new message: SQS counts its receives from one again, so its attempts are reset.
-        await self.queue.send(url, encode_body(again))
-        await self.queue.delete(dead_url, message.receipt)
-        return True
-
-    async def purge(self) -> int:
-        _, dead_url = await self._urls()
-        doomed: list[str] = []
-
-        def take(message: Message, record: dict[str, str] | None) -> bool:
-            doomed.append(message.receipt)
+        async def send_back(dead_url: str, message: Message, record: dict[str, str] | None) -> bool:
+            nonlocal redriven
+            if redriven or record is None or record["id"] != job_id:
+                return False
+            again = {k: v for k, v in record.items() if k not in _DEAD_FIELDS}
+            again.update(state="queued", attempts="0")
+            if self.records is not None:
+                await self.records.requeue(job_id)
+            # A new message: SQS counts its receives from one again, so attempts restart.
+            await self.queue.send(url, encode_body(again))
+            await self.queue.delete(dead_url, message.receipt)
+            redriven = True
             return True
 
-        await self._scan_dead(take)
-        for receipt in doomed:
-            await self.queue.delete(dead_url, receipt)
+        await self._scan_dead(send_back)
+        return redriven
+
+    async def purge(self) -> int:
+        async def drop(dead_url: str, message: Message, record: dict[str, str] | None) -> bool:
+            await self.queue.delete(dead_url, message.receipt)
+            return True
+
+        dropped = await self._scan_dead(drop)
         if self.records is not None:
             await self.records.purge_dead()
-        return len(doomed)
+        return dropped
 
     def stats(self) -> dict[str, Any]:
         return {
