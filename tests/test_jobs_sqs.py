@@ -389,6 +389,19 @@ def test_an_sqs_section_without_the_sqs_backend_and_the_reverse_are_refused(
     assert load_manifest(path).jobs.workers == 2
 
 
+def test_the_aws_sdk_is_loaded_only_when_a_queue_opens() -> None:
+    code = (
+        "import sys, dispatcher, dispatcher.state.sqs_jobs\n"
+        "from dispatcher.state import new_backend\n"
+        "from dispatcher.config import JobsConfig, StateConfig\n"
+        "jobs = JobsConfig(backend='sqs', sqs={'queue_name': 'q', 'dead_letter_queue_name': 'd'})\n"
+        "new_backend(StateConfig(), lambda: 0.0, jobs)\n"
+        "print(sorted({'aiobotocore', 'botocore', 'boto3'} & set(sys.modules)))"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert ran.stdout.strip() == "[]"
+
+
 # -- SQS going away ----------------------------------------------------------------------------
 
 
