@@ -80,17 +80,20 @@ class Moto:
 class Queues:
     """A job queue and its dead-letter queue, named for one test."""
 
-    def __init__(self, moto: Moto) -> None:
+    def __init__(self, moto: Moto, *, fifo: bool = False) -> None:
         self.moto = moto
         tag = uuid.uuid4().hex[:12]
-        self.name = f"jobs-{tag}"
-        self.dead_name = f"jobs-{tag}-dead"
+        suffix = ".fifo" if fifo else ""
+        self.name = f"jobs-{tag}{suffix}"
+        self.dead_name = f"jobs-{tag}-dead{suffix}"
+        self.attributes = {"FifoQueue": "true"} if fifo else {}
         self.create()
 
     def create(self) -> None:
         client = self.moto.client()
-        self.url = client.create_queue(QueueName=self.name)["QueueUrl"]
-        self.dead_url = client.create_queue(QueueName=self.dead_name)["QueueUrl"]
+        for attribute, name in (("url", self.name), ("dead_url", self.dead_name)):
+            answer = client.create_queue(QueueName=name, Attributes=self.attributes)
+            setattr(self, attribute, answer["QueueUrl"])
 
     def bodies(self, url: str) -> list[str]:
         """Every message body now visible on ``url``, left visible again."""

@@ -218,6 +218,31 @@ async def test_a_redelivered_message_of_an_ended_job_is_only_deleted(
     assert queues.count(queues.dead_url) == 0
 
 
+async def test_fifo_queues_run_retry_dead_letter_and_redrive_jobs(
+    tmp_path: Path,
+    sqs_server: Moto,
+    aws_credentials: dict[str, str],
+    redis_server: Redis,
+    redis_prefix: str,
+) -> None:
+    queues = Queues(sqs_server, fifo=True)
+    path = manifest_file(
+        tmp_path, sqs_server, queues, redis_server.url, redis_prefix, workers=1, max_attempts=2
+    )
+    async with Dispatcher(load_manifest(path)) as d:
+        done = await d.submit("jobs", "work", {"n": 51})
+        dead = await d.submit("jobs", "busy")
+        assert await d.result(done, wait=30) == {"n": 51, "runs": 1}
+        with pytest.raises(TargetUnavailable):
+            await d.result(dead, wait=60)
+        assert (await d.job(dead))["attempts"] == 2
+        store = d.state_backend.jobs  # type: ignore[union-attr]
+        assert await store.redrive(dead)  # within SQS's 5-minute deduplication window
+        with pytest.raises(TargetUnavailable):
+            await d.result(dead, wait=60)
+        assert await counter(redis_server.url, f"{redis_prefix}:effects:busy") == 4
+
+
 # -- hostile input ----------------------------------------------------------------------------
 
 

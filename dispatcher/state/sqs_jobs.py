@@ -165,7 +165,7 @@ class SqsJobs(JobStore):
         if self.records is not None:
             await self.records.put(job_id, record)  # first: job() answers once submit returns
         try:
-            await self.queue.send(url, body)
+            await self.queue.send(url, body, group=job_id, dedup=job_id)
         except StateUnavailable:
             if self.records is not None:
                 try:
@@ -226,16 +226,21 @@ class SqsJobs(JobStore):
         url, dead_url = await self._urls()
         if not held.ended:
             if fields.get("state") == "dead":
-                await self._dead_letter(dead_url, held, fields)
+                await self._dead_letter(dead_url, entry_id, held, fields)
             if self.records is not None and held.record is not None:
                 await self.records.end(job_id, fields, ttl)
         await self.queue.delete(url, held.receipt)
         self._held.pop(entry_id, None)
 
-    async def _dead_letter(self, dead_url: str, held: _Held, fields: dict[str, str]) -> None:
+    async def _dead_letter(
+        self, dead_url: str, message_id: str, held: _Held, fields: dict[str, str]
+    ) -> None:
         # A message that is not ours is kept as it came, for whoever sent it to look at.
         body = held.body if held.record is None else encode_body({**held.record, **fields})
-        await self.queue.send(dead_url, body)
+        group = "malformed" if held.record is None else held.record["id"]
+        # Deduplicated by the message it was: the same message dead-lettered twice (its
+        # delete lost) is one dead letter on a FIFO queue.
+        await self.queue.send(dead_url, body, group=group, dedup=f"{message_id}.dead")
         self.dead_lettered += 1
 
     async def retry_later(
@@ -324,7 +329,9 @@ class SqsJobs(JobStore):
             if self.records is not None:
                 await self.records.requeue(job_id)
             # A new message: SQS counts its receives from one again, so attempts restart.
-            await self.queue.send(url, encode_body(again))
+            await self.queue.send(
+                url, encode_body(again), group=job_id, dedup=f"{message.message_id}.redrive"
+            )
             await self.queue.delete(dead_url, message.receipt)
             redriven = True
             return True

@@ -87,8 +87,16 @@ class SqsQueue:
         answer = await self._call("the queue's URL", "get_queue_url", extra=0, QueueName=name)
         return self._text(answer, "QueueUrl", "the queue's URL")
 
-    async def send(self, url: str, body: str) -> str:
-        answer = await self._call("a job message", "send_message", QueueUrl=url, MessageBody=body)
+    async def send(self, url: str, body: str, *, group: str, dedup: str) -> str:
+        """Send ``body``; on a FIFO queue in message group ``group`` (one per job: no job
+        waits behind another) with deduplication id ``dedup`` (a repeat of the same send
+        within SQS's 5 minutes is dropped by SQS)."""
+        fifo: dict[str, Any] = {}
+        if url.endswith(".fifo"):
+            fifo = {"MessageGroupId": group[:128], "MessageDeduplicationId": dedup[:128]}
+        answer = await self._call(
+            "a job message", "send_message", QueueUrl=url, MessageBody=body, **fifo
+        )
         return self._text(answer, "MessageId", "a job message")
 
     async def receive(self, url: str, count: int, wait: int, visibility: int) -> list[Message]:
