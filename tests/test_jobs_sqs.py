@@ -43,6 +43,7 @@ def manifest_file(
     prefix: str,
     *,
     view: bool = True,
+    state_url: str | None = None,
     sqs: dict[str, Any] | None = None,
     **jobs: Any,
 ) -> Path:
@@ -87,7 +88,7 @@ def manifest_file(
     if view:
         document["state"] = {
             "backend": "redis",
-            "url": url,
+            "url": state_url or url,
             "key_prefix": prefix,
             "op_timeout_ms": 1000,
             "retry_after_ms": 200,
@@ -311,7 +312,8 @@ async def test_a_redelivered_keyed_job_whose_outcome_is_recorded_does_not_run_ag
         assert first == {"n": 3, "runs": 1}
     async with make(workers=2, visibility_timeout_ms=2000) as worker:
         assert await worker.result(job_id, wait=30) == {"n": 3, "runs": 1}
-        assert (await worker.job(job_id))["attempts"] == 2
+        # One attempt on the view: the dead worker's receive is all this test did of it.
+        assert (await worker.job(job_id))["attempts"] == 1
         assert await counter(redis_server.url, f"{redis_prefix}:effects:3") == 1
         # A duplicate submission with the same key: a second job, the same single run.
         again = await worker.submit("jobs", "work", {"n": 3}, idempotency_key="order-3")
@@ -532,6 +534,49 @@ async def test_an_sqs_that_lies_or_hangs_fails_submit_typed_in_time_and_workers_
             await until(lambda: endpoint.requests >= 3, "the workers' attempts")
             assert d.jobs is not None
             assert all(not task.done() for task in d.jobs._tasks)  # backing off, not dead
+
+
+async def test_receives_while_the_views_redis_is_down_do_not_use_up_attempts(
+    tmp_path: Path,
+    sqs_server: Moto,
+    queues: Queues,
+    own_redis: Redis,
+    redis_server: Redis,
+    redis_prefix: str,
+) -> None:
+    """SQS counts every receive; a worker that could not record a start ran nothing, so the
+    job must still have all its attempts when the view's Redis is back (empty, here)."""
+
+    def manifest(**jobs: Any) -> Path:
+        return manifest_file(
+            tmp_path, sqs_server, queues, redis_server.url, redis_prefix,
+            state_url=own_redis.url, max_attempts=2, visibility_timeout_ms=1000, **jobs,
+        )  # fmt: skip
+
+    async with Dispatcher(load_manifest(manifest())) as submitter:
+        job_id = await submitter.submit("jobs", "work", {"n": 61})
+    own_redis.stop()
+    async with Dispatcher(load_manifest(manifest(workers=1))) as worker:
+        # Received again and again (each a failed start) while the view is down.
+        await eventually(
+            lambda: asyncio.to_thread(lambda: receives(queues) >= 4), "receives", timeout=60
+        )
+        own_redis.start()  # empty: the worker makes the record again from the message
+        await eventually(lambda: counter(redis_server.url, f"{redis_prefix}:effects:61"), "a run")
+        assert await worker.result(job_id, wait=60) == {"n": 61, "runs": 1}
+        assert (await worker.job(job_id))["attempts"] == 1
+    assert queues.count(queues.dead_url) == 0
+
+
+def receives(queues: Queues) -> int:
+    """SQS's receive count of the queue's one message, when it is visible (0 when not).
+    This look is a receive too, and counts: it only brings the count past max_attempts
+    sooner, which is what the test wants."""
+    answer = queues.moto.client().receive_message(
+        QueueUrl=queues.url, VisibilityTimeout=0, MessageSystemAttributeNames=["All"]
+    )
+    messages = answer.get("Messages", [])
+    return int(messages[0]["Attributes"]["ApproximateReceiveCount"]) if messages else 0
 
 
 # -- crashes ------------------------------------------------------------------------------------

@@ -283,9 +283,9 @@ class JobRecords(ABC):
         """Forget a job whose message never reached the queue."""
 
     @abstractmethod
-    async def begin(self, job_id: str, attempts: int, carried: dict[str, str]) -> dict[str, str]:
-        """Mark attempt ``attempts`` running and return the record; a terminal record is
-        returned untouched (a redelivered message whose delete was lost). A record gone
+    async def begin(self, job_id: str, carried: dict[str, str]) -> dict[str, str]:
+        """Count one more attempt, mark it running and return the record; a terminal record
+        is returned untouched (a redelivered message whose delete was lost). A record gone
         (expired, a Redis that restarted empty) is made again from ``carried``."""
 
     @abstractmethod

@@ -288,17 +288,19 @@ class RedisJobs(JobStore):
         return f"<RedisJobs {self.stream}>"
 
 
-# A terminal record is returned as it is; one gone is made again from what the message
-# carried (ARGV[4..]); otherwise the attempt the queue counted is stored.
+# A terminal record is returned as it is; one gone (expired, a Redis that restarted empty)
+# is made again from what the message carried (ARGV[2..]); then one more attempt is counted.
 _RECORD_BEGIN = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'succeeded' or state == 'failed' or state == 'dead' then
   return redis.call('HGETALL', KEYS[1])
 end
 if state == false then
-  for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('HSET', KEYS[1], 'attempts', 0)
 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'attempts', ARGV[1], 'started_at', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
 return redis.call('HGETALL', KEYS[1])
 """
 
@@ -336,8 +338,8 @@ class RedisJobRecords(JobRecords):
 
         await jobs._op("a job record", forget)
 
-    async def begin(self, job_id: str, attempts: int, carried: dict[str, str]) -> dict[str, str]:
-        args: list[str] = [str(attempts), _now_ms()]
+    async def begin(self, job_id: str, carried: dict[str, str]) -> dict[str, str]:
+        args: list[str] = [_now_ms()]
         for name, value in carried.items():
             args += [name, value]
         key = self._jobs.record_key(job_id)

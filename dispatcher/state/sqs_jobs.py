@@ -7,8 +7,10 @@ worker needs nothing but the queue to run it. What SQS does, and what is ours:
 * **delivery**: ReceiveMessage, long polling ``receive_wait_seconds``; the message stays
   invisible for the jobs' ``visibility_timeout_ms`` while it runs. A worker killed
   mid-job never deletes it: it becomes visible again and another worker takes it.
-* **attempts**: SQS's ``ApproximateReceiveCount``. A delivery to a worker that died counts,
-  so a job that kills its worker each time is dead-lettered too, as on Redis.
+* **attempts**: counted by the job view when there is one, as on Redis (one more before each
+  run, so a job that kills its worker each time is dead-lettered too; a receive whose start
+  could not be recorded ran nothing and does not count). Without a view, SQS's
+  ``ApproximateReceiveCount``, which also counts such receives.
 * **retries**: ChangeMessageVisibility by the backoff (capped at SQS's 12 hours): the same
   message comes back when it is due, counted once more.
 * **dead letters**: sent by the worker to the configured dead-letter queue, then deleted,
@@ -209,10 +211,11 @@ class SqsJobs(JobStore):
         carried = delivery.carried
         if carried is None or delivery.job_id is None:
             return None
-        attempts = max(1, delivery.receives)
-        if self.records is None:
-            return {**carried, "state": "running", "attempts": str(attempts)}
-        record = {**carried, **await self.records.begin(delivery.job_id, attempts, carried)}
+        if self.records is None:  # SQS's count is the only one there is
+            return {**carried, "state": "running", "attempts": str(max(1, delivery.receives))}
+        # The view counts: a receive whose begin failed (the view's Redis down) ran nothing
+        # and must not bring the job closer to its dead letter, as SQS's count would.
+        record = {**carried, **await self.records.begin(delivery.job_id, carried)}
         held = self._held.get(delivery.entry_id)
         if held is not None and record.get("state") in TERMINAL_STATES:
             held.ended = True  # finish only deletes: no second dead letter, no new record
