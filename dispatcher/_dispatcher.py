@@ -174,7 +174,7 @@ class Dispatcher:
         self._closed = loop.create_future()
         self.fleets = FleetRuntime(self._clock)
         config = self.manifest.state
-        self.state_backend = new_backend(config, self._clock)
+        self.state_backend = new_backend(config, self._clock, self.manifest.jobs)
         await self.state_backend.start()
         telemetry = self.telemetry
         self.policies = PolicyRuntime(

@@ -26,8 +26,9 @@ def job_store_of(backend: StateBackend | None) -> JobStore:
     store = backend.jobs if backend is not None else None
     if store is None:
         raise JobsUnavailable(
-            "async jobs need a durable store: set 'state: {backend: redis, url: …}' in "
-            "the manifest (the memory backend would lose them with this process)"
+            "async jobs need a durable store: set 'state: {backend: redis, url: …}' or "
+            "'jobs: {backend: sqs, …}' in the manifest (the memory backend would lose them "
+            "with this process)"
         )
     return store
 

@@ -16,7 +16,8 @@ Errors, as a tree::
     ├── JobNotFinished   ``result(wait=…)`` ran out of time first (retryable: ask again)
     └── JobsUnavailable  this dispatcher's state backend keeps no jobs (memory)
 
-and a submission to an unreachable Redis raises ``StateUnavailable`` (retryable) whatever
+(``JobsUnavailable`` lives with the stores, ``dispatcher.state.base``, which raise it
+too), and a submission to an unreachable Redis (or SQS) raises ``StateUnavailable`` (retryable) whatever
 ``on_unavailable`` says: a job kept in this process's memory would not be durable.
 """
 
@@ -35,7 +36,13 @@ from typing import Any
 import orjson
 
 from dispatcher.config import JobsConfig
-from dispatcher.state.base import TERMINAL_STATES, Delivery, JobStore, StateUnavailable
+from dispatcher.state.base import (
+    TERMINAL_STATES,
+    Delivery,
+    JobStore,
+    JobsUnavailable,
+    StateUnavailable,
+)
 from linchkit_plugin.errors import DispatchError, ProviderError, error_from_wire
 from linchkit_plugin.wire import encode_json
 
@@ -65,10 +72,6 @@ class JobNotFound(DispatchError):
 class JobNotFinished(DispatchError):
     type = "job_not_finished"
     default_retryable = True
-
-
-class JobsUnavailable(DispatchError):
-    type = "jobs_unavailable"
 
 
 def _now_ms() -> str:
@@ -195,7 +198,7 @@ class JobWorkers:
             )
             return
         job_id = delivery.job_id
-        record = await store.begin(job_id)
+        record = await store.begin(delivery)
         if record is None or "plugin" not in record:
             self.counts["malformed"] += 1
             await store.finish(

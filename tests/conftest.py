@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests" / "plugins"))
 
 # The test kit is opt-in for plugin authors too (README, "Testing a plugin"); real local
 # services (etcd) come from tests/services.py.
-pytest_plugins = ["dispatcher.testing.lambda_kit", "tests.services"]
+pytest_plugins = ["dispatcher.testing.lambda_kit", "tests.services", "tests.sqs_support"]
 
 
 def bound_socket() -> socket.socket:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dispatcher.config.errors import ManifestError, ManifestProblem
 from dispatcher.config.gateway import GatewayConfig, GatewayTimeouts, GatewayTls
 from dispatcher.config.includes import watched_paths
-from dispatcher.config.jobs import JobsConfig
+from dispatcher.config.jobs import JobsConfig, SqsJobsConfig
 from dispatcher.config.loader import load_manifest, parse_manifest
 from dispatcher.config.manifest import Lifecycle, Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import (
@@ -80,6 +80,7 @@ __all__ = [
     "RoleRules",
     "RolloutSpec",
     "ShadowSpec",
+    "SqsJobsConfig",
     "StateConfig",
     "Telemetry",
     "TracingSettings",

@@ -1,24 +1,97 @@
-"""Async jobs (``Dispatcher.submit``): how a dispatcher runs them and how hard it tries.
+"""Async jobs (``Dispatcher.submit``): where they queue, how a dispatcher runs them and how
+hard it tries.
 
 ``jobs: {workers: 4, max_attempts: 5}`` makes this dispatcher run 4 consumers of the job
-stream on the shared Redis (``state: {backend: redis}``); any replica may submit. The
-model only: ``dispatcher._jobs`` runs the workers, ``dispatcher.state`` keeps the stream.
+stream on the shared Redis (``state: {backend: redis}``); any replica may submit.
+``jobs: {backend: sqs, sqs: {queue_name: …, dead_letter_queue_name: …}}`` queues them on
+Amazon SQS instead (the job view then lives on the ``state:`` Redis, when there is one).
+The models only: ``dispatcher._jobs`` runs the workers, ``dispatcher.state`` keeps the queue.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from providers.model import masked_url
 from providers.target import StrictModel
 
-__all__ = ["JobsConfig"]
+__all__ = ["JobsConfig", "SqsJobsConfig"]
+
+#: SQS's own bound on a message (the queue's MaximumMessageSize may be set up to 1 MiB).
+SQS_MESSAGE_LIMIT = 262_144
+_QUEUE_NAME = r"^[A-Za-z0-9_-]{1,75}(\.fifo)?$"
+
+
+class SqsJobsConfig(StrictModel):
+    """``jobs.sqs``: the two queues (each by URL or by name) and how to reach them.
+
+    Credentials come from the standard AWS chain (environment, profile, instance role),
+    exactly as the Lambda provider takes them: never from the manifest."""
+
+    queue_url: str | None = Field(default=None, description="The job queue's URL.")
+    queue_name: Annotated[str, Field(pattern=_QUEUE_NAME)] | None = Field(
+        default=None, description="The job queue's name (its URL is looked up at start)."
+    )
+    dead_letter_queue_url: str | None = Field(
+        default=None,
+        description="Where jobs that ran out of attempts (and malformed "
+        "messages) are sent, by URL.",
+    )
+    dead_letter_queue_name: Annotated[str, Field(pattern=_QUEUE_NAME)] | None = Field(
+        default=None, description="The dead-letter queue, by name."
+    )
+    region: str | None = Field(
+        default=None, description="AWS region; unset: the standard chain (AWS_REGION, profile)."
+    )
+    endpoint_url: str | None = Field(
+        default=None, description="Another endpoint (moto, LocalStack, a VPC endpoint)."
+    )
+    receive_wait_seconds: Annotated[int, Field(ge=0, le=20)] = Field(
+        default=2,
+        description="Long polling: how long one receive waits for a message (also how "
+        "long a stopping worker may take to notice).",
+    )
+    max_message_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = Field(
+        default=SQS_MESSAGE_LIMIT,
+        description="The largest job message submit sends (the queue's MaximumMessageSize).",
+    )
+    op_timeout_ms: Annotated[int, Field(ge=100, le=60_000)] = Field(
+        default=5_000,
+        description="Bound of one SQS request (submit raises StateUnavailable past it).",
+    )
+
+    @field_validator("queue_url", "dead_letter_queue_url", "endpoint_url")
+    @classmethod
+    def _is_http(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"must be an http:// or https:// URL, not {masked_url(url)!r}")
+        return url
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> SqsJobsConfig:
+        if (self.queue_url is None) == (self.queue_name is None):
+            raise ValueError("jobs.sqs needs exactly one of 'queue_url' and 'queue_name'")
+        if (self.dead_letter_queue_url is None) == (self.dead_letter_queue_name is None):
+            raise ValueError(
+                "jobs.sqs needs exactly one of 'dead_letter_queue_url' and "
+                "'dead_letter_queue_name' (jobs that run out of attempts are sent there)"
+            )
+        return self
 
 
 class JobsConfig(StrictModel):
     """The manifest's ``jobs`` section."""
 
+    backend: Literal["redis", "sqs"] = Field(
+        default="redis",
+        description="redis: streams on the state section's Redis; sqs: Amazon SQS (jobs.sqs).",
+    )
+    sqs: SqsJobsConfig | None = Field(default=None, description="The queues (backend sqs).")
     workers: Annotated[int, Field(ge=0, le=256)] = Field(
         default=0,
         description="Consumers of the job stream this dispatcher runs (0: submit only).",
@@ -54,4 +127,17 @@ class JobsConfig(StrictModel):
     def _backoff_in_order(self) -> JobsConfig:
         if self.backoff_max_ms < self.backoff_ms:
             raise ValueError("'backoff_max_ms' must be at least 'backoff_ms'")
+        return self
+
+    @model_validator(mode="after")
+    def _sqs_section_matches_the_backend(self) -> JobsConfig:
+        if self.backend == "sqs" and self.sqs is None:
+            raise ValueError("jobs backend 'sqs' needs a 'sqs' section (queue_name, …)")
+        if self.backend != "sqs" and self.sqs is not None:
+            raise ValueError("'jobs.sqs' is for 'backend: sqs'")
+        if self.backend == "sqs" and self.visibility_timeout_ms > 43_200_000:
+            raise ValueError(
+                "SQS keeps a message invisible 12 hours at most: "
+                "'visibility_timeout_ms' must be at most 43200000"
+            )
         return self

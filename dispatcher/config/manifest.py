@@ -167,9 +167,11 @@ class Manifest(StrictModel, Generic[TargetT]):
 
     @model_validator(mode="after")
     def _jobs_need_a_durable_store(self) -> Manifest[TargetT]:
-        # A job accepted into one process's memory is lost with it: workers only on Redis.
-        if self.jobs.workers and self.state.backend != "redis":
+        # A job accepted into one process's memory is lost with it: workers only on Redis
+        # (or on SQS, which keeps the queue itself).
+        if self.jobs.workers and self.jobs.backend == "redis" and self.state.backend != "redis":
             raise ValueError(
-                "'jobs.workers' needs 'state: {backend: redis}': jobs live on Redis streams"
+                "'jobs.workers' needs 'state: {backend: redis}' (jobs live on Redis streams) "
+                "or 'jobs: {backend: sqs}'"
             )
         return self

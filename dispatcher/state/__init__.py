@@ -1,15 +1,16 @@
 """Where the policies keep their state: this process, or Redis shared by every replica.
 
 ``new_backend(manifest.state, clock)`` makes the backend the manifest names (``base`` has
-the seam and the error tree; ``memory`` the default; ``redis_store`` the shared one).
-redis-py is imported only when a manifest chooses Redis.
+the seam and the error tree; ``memory`` the default; ``redis_store`` the shared one;
+``sqs_jobs`` async jobs on SQS). redis-py is imported only when a manifest chooses Redis,
+aiobotocore only when it queues jobs on SQS.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from dispatcher.config import StateConfig
+from dispatcher.config import JobsConfig, StateConfig
 from dispatcher.state.base import (
     Admission,
     BreakerPolicyArgs,
@@ -18,7 +19,10 @@ from dispatcher.state.base import (
     Claimed,
     Delivery,
     IdempotencyStore,
+    JobRecords,
     JobStore,
+    JobsUnavailable,
+    JobTooLarge,
     SharedStore,
     StateBackend,
     StateUnavailable,
@@ -37,7 +41,10 @@ __all__ = [
     "Claimed",
     "Delivery",
     "IdempotencyStore",
+    "JobRecords",
     "JobStore",
+    "JobTooLarge",
+    "JobsUnavailable",
     "MemoryIdempotency",
     "MemoryState",
     "SharedStore",
@@ -51,7 +58,20 @@ __all__ = [
 ]
 
 
-def new_backend(config: StateConfig, clock: Callable[[], float]) -> StateBackend:
+def new_backend(
+    config: StateConfig, clock: Callable[[], float], jobs: JobsConfig | None = None
+) -> StateBackend:
+    """The backend ``config`` names; with ``jobs: {backend: sqs}`` its async jobs queue on
+    SQS (``sqs_jobs``), their job view on this backend when it keeps one (Redis)."""
+    backend = _state_backend(config, clock)
+    if jobs is None or jobs.backend != "sqs":
+        return backend
+    from dispatcher.state.sqs_jobs import SqsJobs, SqsJobsState  # aiobotocore: on open
+
+    return SqsJobsState(backend, SqsJobs(jobs, backend.job_records, clock))
+
+
+def _state_backend(config: StateConfig, clock: Callable[[], float]) -> StateBackend:
     if config.backend == "memory":
         return MemoryState(clock)
     try:

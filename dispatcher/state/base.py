@@ -11,8 +11,12 @@ Two kinds of backend (``StateBackend``):
 
 Errors, as a tree::
 
-    TargetUnavailable (linchkit_plugin.errors, type "target_unavailable", retryable)
-    └── StateUnavailable      the store did not answer within its bound (fail_closed)
+    DispatchError (linchkit_plugin.errors)
+    ├── TargetUnavailable (type "target_unavailable", retryable)
+    │   └── StateUnavailable  the store (or the job queue) did not answer within its bound
+    ├── InvalidParams
+    │   └── JobTooLarge       a job that does not fit in one queue message (SQS)
+    └── JobsUnavailable       no durable job store, or no job view, is configured
 
 With ``on_unavailable: fail_open`` a step that gets ``StateUnavailable`` falls back to this
 replica's own state instead; the backend counts and logs it (``stats()``).
@@ -29,7 +33,12 @@ from typing import Any, Self
 
 import orjson
 
-from linchkit_plugin.errors import DispatchError, TargetUnavailable, error_from_wire
+from linchkit_plugin.errors import (
+    DispatchError,
+    InvalidParams,
+    TargetUnavailable,
+    error_from_wire,
+)
 from linchkit_plugin.wire import encode_json
 
 __all__ = [
@@ -42,7 +51,10 @@ __all__ = [
     "Claimed",
     "Delivery",
     "IdempotencyStore",
+    "JobRecords",
     "JobStore",
+    "JobTooLarge",
+    "JobsUnavailable",
     "SharedStore",
     "StateBackend",
     "StateUnavailable",
@@ -56,6 +68,18 @@ __all__ = [
 class StateUnavailable(TargetUnavailable):
     """The shared state store did not answer within its bound, and the manifest says
     ``fail_closed``. Retryable: the store may be back in a moment."""
+
+
+class JobsUnavailable(DispatchError):
+    """No durable store for async jobs (the memory backend), or no job view (SQS without
+    a ``state:`` Redis keeps no records to read)."""
+
+    type = "jobs_unavailable"
+
+
+class JobTooLarge(InvalidParams):
+    """A job's message is larger than its queue takes (SQS: 256 KiB unless the queue says
+    more); refused at submit, never sent."""
 
 
 def digest(*parts: bytes | str) -> str:
@@ -169,11 +193,15 @@ TERMINAL_STATES = frozenset(("succeeded", "failed", "dead"))
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One stream entry handed to a worker: the job it names, or ``None`` when the entry
-    is malformed (``raw`` says what it held)."""
+    is malformed (``raw`` says what it held). A queue whose message carries the whole job
+    (SQS) hands it over in ``carried``, with how often the queue delivered it in
+    ``receives``; a stream entry names the job only (its record is in the store)."""
 
     entry_id: str
     job_id: str | None
     raw: str = ""
+    carried: dict[str, str] | None = None
+    receives: int = 0
 
 
 class JobStore(ABC):
@@ -201,9 +229,9 @@ class JobStore(ABC):
         ``min_idle`` seconds by a worker that stopped, then new ones (waiting ``block`` s)."""
 
     @abstractmethod
-    async def begin(self, job_id: str) -> dict[str, str] | None:
-        """Count one more attempt and mark the job running; its record (attempts
-        included), or ``None`` when there is none."""
+    async def begin(self, delivery: Delivery) -> dict[str, str] | None:
+        """Count one more attempt of ``delivery.job_id`` and mark the job running; its
+        record (attempts included), or ``None`` when there is none."""
 
     @abstractmethod
     async def finish(self, entry_id: str, job_id: str, fields: dict[str, str], ttl: float) -> None:
@@ -239,6 +267,55 @@ class JobStore(ABC):
     @abstractmethod
     async def changed(self, key: str, timeout: float) -> None:
         """Return when job ``key`` may have ended, or after ``timeout`` seconds."""
+
+
+class JobRecords(ABC):
+    """The job view of a queue that cannot be read by job id (SQS): one record per job,
+    the indexes ``dispatcher jobs`` and ``dlq list`` read, and the notification
+    ``result`` waits on. Every method raises ``StateUnavailable`` when it cannot answer."""
+
+    @abstractmethod
+    async def put(self, job_id: str, record: dict[str, str]) -> None:
+        """Keep a submitted job's record (state ``queued``) and list it as recent."""
+
+    @abstractmethod
+    async def drop(self, job_id: str) -> None:
+        """Forget a job whose message never reached the queue."""
+
+    @abstractmethod
+    async def begin(self, job_id: str, carried: dict[str, str]) -> dict[str, str]:
+        """Count one more attempt, mark it running and return the record; a terminal record
+        is returned untouched (a redelivered message whose delete was lost). A record gone
+        (expired, a Redis that restarted empty) is made again from ``carried``."""
+
+    @abstractmethod
+    async def note(self, job_id: str, fields: dict[str, str]) -> None:
+        """Store ``fields`` of a job that goes on (its next attempt scheduled)."""
+
+    @abstractmethod
+    async def end(self, job_id: str, fields: dict[str, str], ttl: float) -> None:
+        """Store the terminal ``fields``; keep the record ``ttl`` seconds, or until purged
+        when dead-lettered (listed as dead); wake ``result`` waiters."""
+
+    @abstractmethod
+    async def requeue(self, job_id: str) -> None:
+        """A redriven job: queued again, attempts reset, no longer listed as dead."""
+
+    @abstractmethod
+    async def record(self, job_id: str) -> dict[str, str] | None: ...
+
+    @abstractmethod
+    async def recent(self, limit: int) -> list[dict[str, str]]: ...
+
+    @abstractmethod
+    async def dead(self, limit: int) -> list[dict[str, str]]: ...
+
+    @abstractmethod
+    async def purge_dead(self) -> int:
+        """Forget every dead-lettered job's record; how many."""
+
+    @abstractmethod
+    async def changed(self, key: str, timeout: float) -> None: ...
 
 
 # -- the backends -----------------------------------------------------------------------
@@ -319,6 +396,11 @@ class StateBackend(ABC):
     @property
     def jobs(self) -> JobStore | None:
         """Durable async jobs, on a backend that has them (Redis)."""
+        return None
+
+    @property
+    def job_records(self) -> JobRecords | None:
+        """Where a job queue that keeps no records (SQS) keeps its job view (Redis)."""
         return None
 
     def fell_back(self, what: str, error: StateUnavailable) -> None:

@@ -14,6 +14,9 @@ and another worker claims it (XAUTOCLAIM) once it has been idle for the visibili
 So a job runs at least once per attempt it is owed; its idempotency key, if it has one,
 keeps a re-delivered job from running again once an earlier run's outcome is recorded.
 
+``RedisJobRecords`` is the same records and indexes without the stream: the job view of
+jobs queued on SQS (``sqs_jobs``) when the manifest also names a ``state:`` Redis.
+
 Runs every operation through the backend's bounded ``run`` (its timeout, its skip after
 a failure, its translation of redis-py errors into ``StateUnavailable``); it imports no
 redis-py itself (``redis_store`` is the only module that does).
@@ -25,9 +28,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from dispatcher.state.base import Delivery, JobStore
+from dispatcher.state.base import Delivery, JobRecords, JobStore
 
-__all__ = ["RedisJobs"]
+__all__ = ["RedisJobRecords", "RedisJobs"]
 
 T = TypeVar("T")
 Run = Callable[[str, float, Callable[[], Awaitable[Any]]], Awaitable[Any]]
@@ -194,7 +197,8 @@ class RedisJobs(JobStore):
             return Delivery(entry_id, job_id)
         return Delivery(entry_id, None, repr(decoded)[:500])
 
-    async def begin(self, job_id: str) -> dict[str, str] | None:
+    async def begin(self, delivery: Delivery) -> dict[str, str] | None:
+        job_id = delivery.job_id or ""
         answer = await self._op(
             "a job's start",
             lambda: self._begin(keys=(self.record_key(job_id),), args=(_now_ms(),)),
@@ -282,3 +286,115 @@ class RedisJobs(JobStore):
 
     def __repr__(self) -> str:
         return f"<RedisJobs {self.stream}>"
+
+
+# A terminal record is returned as it is; one gone (expired, a Redis that restarted empty)
+# is made again from what the message carried (ARGV[2..]); then one more attempt is counted.
+_RECORD_BEGIN = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'succeeded' or state == 'failed' or state == 'dead' then
+  return redis.call('HGETALL', KEYS[1])
+end
+if state == false then
+  for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('HSET', KEYS[1], 'attempts', 0)
+end
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+class RedisJobRecords(JobRecords):
+    """The job view of a queue kept elsewhere (SQS), on the same keys as ``RedisJobs``:
+    ``d.job``, ``d.result`` and ``dispatcher jobs`` read it the same way."""
+
+    def __init__(self, jobs: RedisJobs, client: Any, channel: str) -> None:
+        self._jobs = jobs
+        self._client = client
+        self._channel = channel
+        self._begin = client.register_script(_RECORD_BEGIN)
+
+    async def put(self, job_id: str, record: dict[str, str]) -> None:
+        jobs = self._jobs
+
+        async def write() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(jobs.record_key(job_id), mapping=record)
+                pipe.zadd(jobs.recent_set, {job_id: int(record["submitted_at"])})
+                pipe.zremrangebyrank(jobs.recent_set, 0, -(jobs.recent_kept + 1))
+                await pipe.execute()
+
+        await jobs._op("a job record", write)
+
+    async def drop(self, job_id: str) -> None:
+        jobs = self._jobs
+
+        async def forget() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(jobs.record_key(job_id))
+                pipe.zrem(jobs.recent_set, job_id)
+                await pipe.execute()
+
+        await jobs._op("a job record", forget)
+
+    async def begin(self, job_id: str, carried: dict[str, str]) -> dict[str, str]:
+        args: list[str] = [_now_ms()]
+        for name, value in carried.items():
+            args += [name, value]
+        key = self._jobs.record_key(job_id)
+        answer = await self._jobs._op("a job's start", lambda: self._begin(keys=(key,), args=args))
+        return _fields(answer)
+
+    async def note(self, job_id: str, fields: dict[str, str]) -> None:
+        key = self._jobs.record_key(job_id)
+        await self._jobs._op("a job's next attempt", lambda: self._client.hset(key, mapping=fields))
+
+    async def end(self, job_id: str, fields: dict[str, str], ttl: float) -> None:
+        jobs, key = self._jobs, self._jobs.record_key(job_id)
+        dead = fields.get("state") == "dead"
+
+        async def write() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping=fields)
+                if dead:  # kept until redriven or purged
+                    pipe.persist(key)
+                    pipe.zadd(jobs.dead_set, {job_id: int(_now_ms())})
+                else:
+                    pipe.pexpire(key, max(1, int(ttl * 1000)))
+                pipe.publish(self._channel, f"job {job_id}")
+                await pipe.execute()
+
+        await jobs._op("a job's outcome", write)
+
+    async def requeue(self, job_id: str) -> None:
+        jobs, key = self._jobs, self._jobs.record_key(job_id)
+        fields = {"state": "queued", "attempts": "0", "redriven_at": _now_ms()}
+
+        async def write() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.zrem(jobs.dead_set, job_id)
+                pipe.persist(key)
+                pipe.hset(key, mapping=fields)
+                pipe.hdel(key, "error", "finished_at")
+                await pipe.execute()
+
+        await jobs._op("a redrive", write)
+
+    async def record(self, job_id: str) -> dict[str, str] | None:
+        return await self._jobs.record(job_id)
+
+    async def recent(self, limit: int) -> list[dict[str, str]]:
+        return await self._jobs.recent(limit)
+
+    async def dead(self, limit: int) -> list[dict[str, str]]:
+        return await self._jobs.dead(limit)
+
+    async def purge_dead(self) -> int:
+        return await self._jobs.purge()
+
+    async def changed(self, key: str, timeout: float) -> None:
+        await self._jobs.changed(key, timeout)
+
+    def __repr__(self) -> str:
+        return f"<RedisJobRecords {self._jobs.stream}>"

@@ -43,13 +43,14 @@ from dispatcher.state.base import (
     Claim,
     Claimed,
     IdempotencyStore,
+    JobRecords,
     JobStore,
     SharedStore,
     StateBackend,
     StateUnavailable,
 )
 from dispatcher.state.memory import MemoryIdempotency
-from dispatcher.state.redis_jobs import RedisJobs
+from dispatcher.state.redis_jobs import RedisJobRecords, RedisJobs
 from linchkit_plugin.errors import DeadlineExceeded
 
 __all__ = ["RedisState"]
@@ -110,6 +111,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         self._jobs = RedisJobs(
             self._client, self._run, prefix, self.channel, self.op_timeout, clock, self.changed
         )
+        self._job_records = RedisJobRecords(self._jobs, self._client, self.channel)
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._down_until = -math.inf
         self._logged_at = -math.inf
@@ -138,6 +140,10 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
     @property
     def jobs(self) -> JobStore:
         return self._jobs
+
+    @property
+    def job_records(self) -> JobRecords:
+        return self._job_records
 
     async def start(self) -> None:
         # No check that Redis answers: with fail_open a replica must start while Redis is

@@ -6,6 +6,7 @@ job really ran, whichever process (a worker that was killed or not) ran it.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,6 +26,16 @@ class JobPlugin(Plugin):
     async def work(self, n: int) -> dict[str, int]:
         runs = await self.redis.incr(f"{self.prefix}:effects:{n}")
         return {"n": n, "runs": int(runs)}
+
+    async def slow(self, n: int, seconds: float) -> dict[str, int]:
+        """Counts its start at once; the first start sleeps ``seconds`` before its effect
+        (its worker is to be killed meanwhile), a later one goes straight on."""
+        if await self.redis.incr(f"{self.prefix}:started:{n}") == 1:
+            await asyncio.sleep(seconds)
+        return await self.work(n)
+
+    async def echo(self, text: str) -> str:
+        return text
 
     async def busy(self) -> None:
         """Always a retryable failure, asking to come back soon."""
