@@ -27,6 +27,7 @@ import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from dispatcher._attachments import Attachments, providers_for
@@ -826,7 +827,7 @@ class Dispatcher:
             self._guard.end(entry, failure)
 
     async def _stream(self, route: Route, invocation: Invocation) -> AsyncGenerator[Any, None]:
-        chunks = route.gate.stream(invocation, route.stream)
+        chunks = route.open_stream(invocation)
         in_flight = self._in_flight
         stream = OpenStream()
         in_flight.streams.add(stream)
@@ -908,9 +909,20 @@ class Dispatcher:
         self, plugin: str, event: str, data: Any, version: str | None, timeout: float
     ) -> Awaitable[None]:
         assert self._events_out is not None, "publish needs a started dispatcher"
-        return self._events_out.publish(
-            self._routes, self.manifest.plugins, self._state, plugin, event, data, version, timeout
+        publish = partial(
+            self._events_out.publish,
+            self._routes,
+            self.manifest.plugins,
+            self._state,
+            plugin,
+            event,
+            data,
+            version,
+            timeout,
         )
+        if self.telemetry is None:
+            return publish()
+        return self.telemetry.events(plugin, event, publish)
 
     # -- introspection -----------------------------------------------------------------
 
@@ -1043,6 +1055,10 @@ class Dispatcher:
         gate = self.policies.gate(plugin, method)
         route = Route(plugin, method, provider, invoke, gate, self.policies.fleets.get(target))
         route.once = self.policies.once(plugin, method, invoke)
+        if self.telemetry is not None:
+            route.open_stream = self.telemetry.around_stream(
+                plugin.id, plugin.version, method, target.provider, route.open_stream
+            )
         return route
 
 
