@@ -954,6 +954,11 @@ class Dispatcher:
         stats.update(self._guard.stats())  # "access" and "audit", when configured
         if self.jobs is not None:
             stats["jobs"] = self.jobs.stats()
+        stats["cold_starts"] = {
+            name: {target: {"count": each.count, "seconds": each.seconds} for target, each in cold}
+            for name, provider in self._providers.items()
+            if (cold := provider.cold_starts().items())
+        }
         stats["dispatcher"] = {
             "state": self._state,
             "draining": self._draining,

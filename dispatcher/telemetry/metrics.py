@@ -221,6 +221,7 @@ class StatsCollector(Collector):
         yield from _fallbacks(stats.get("fallbacks", {}))
         yield from _fleets(stats.get("fleets", {}))
         yield from _rollouts(stats.get("rollouts", {}))
+        yield from _cold_starts(stats.get("cold_starts", {}))
 
 
 def _counter(name: str, documentation: str, labels: list[str]) -> CounterMetricFamily:
@@ -460,3 +461,22 @@ def asgi_app(registry: CollectorRegistry) -> Any:
     from prometheus_client import make_asgi_app
 
     return make_asgi_app(registry)
+
+
+def _cold_starts(stats: Mapping[str, Any]) -> Iterator[Metric]:
+    labels = ["provider", "target"]
+    count = _counter(
+        "dispatcher_cold_starts",
+        "Calls that waited for an instance of their target to start (Docker, Knative).",
+        labels,
+    )
+    seconds = _counter(
+        "dispatcher_cold_start_wait_seconds",
+        "Seconds those calls waited, in all (sum; divide by the count for the mean).",
+        labels,
+    )
+    for provider, targets in stats.items():
+        for target, each in targets.items():
+            count.add_metric([provider, target], each["count"])
+            seconds.add_metric([provider, target], each["seconds"])
+    yield from (count, seconds)
