@@ -33,6 +33,7 @@ from dispatcher._fallback import Fallback
 from dispatcher._guard import Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
+from dispatcher._job_callbacks import checked_callback_url
 from dispatcher._jobs import (
     JobNotFinished,
     JobNotFound,
@@ -208,7 +209,11 @@ class Dispatcher:
             store = self.state_backend.jobs
             if self.manifest.jobs.workers and store is not None:
                 self.jobs = JobWorkers(
-                    store, self.manifest.jobs, self._run_job, config.retry_after_ms / 1000
+                    store,
+                    self.manifest.jobs,
+                    self._run_job,
+                    config.retry_after_ms / 1000,
+                    egress=self.manifest.egress,
                 )
                 self.jobs.start()
         except BaseException:
@@ -743,14 +748,18 @@ class Dispatcher:
         caller: Caller = None,
         credentials: Credentials | None = None,
         idempotency_key: str | None = None,
+        callback_url: str | None = None,
     ) -> str:
         """Queue a call of ``plugin.method`` on the shared job stream; its job id, at once.
 
         A worker of any replica (``jobs: {workers: N}``) runs it later through the method's
         chain, retrying retryable errors (``dispatcher._jobs``); ``result`` and ``job`` read
         it. Checked now: the method exists (its version is fixed now), ``caller`` may call
-        it, the params match its schema. Raises ``JobsUnavailable`` on the memory backend
-        and ``StateUnavailable`` when Redis does not take the job.
+        it, the params match its schema, ``callback_url`` (POSTed the job's record when it
+        ends, ``dispatcher._job_callbacks``) is allowed by the manifest's ``egress``. With
+        ``access`` or ``audit`` configured the submission is audited (kind ``submit``).
+        Raises ``JobsUnavailable`` on the memory backend and ``StateUnavailable`` when
+        Redis does not take the job.
         """
         store = self._job_store()
         if self._draining:
@@ -759,28 +768,75 @@ class Dispatcher:
             isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= 255
         ):
             raise InvalidParams("idempotency_key must be a string of 1 to 255 characters")
-        guard = self._guard
-        if (
+        if callback_url is not None:
+            callback_url = checked_callback_url(callback_url, self.manifest.egress)
+        job_id = new_request_id()
+        if params is None:
+            params = {}
+        if not (
             self._guarded
             or credentials is not None
             or (caller is not None and caller.__class__ is not str)
         ):
-            principal = await guard.principal_of(caller, credentials)
-            route = self._authorized_route(plugin, method, version, principal)
-            caller_id = guard.caller_id(principal)
-        else:
             route = self._routes.find(plugin, method, version, self._state)
             caller_id = caller if isinstance(caller, str) else None
-        if params is None:
-            params = {}
+            await self._queue(
+                store, job_id, route, params, caller_id, idempotency_key, callback_url
+            )
+            return job_id
+        guard = self._guard
+        started = self._clock()
+        found: Route | None = None
+        failure: BaseException | None = None
+        try:
+            caller = await guard.principal_of(caller, credentials)
+            caller_id = guard.caller_id(caller)
+            found = self._authorized_route(plugin, method, version, caller)
+            await self._queue(
+                store, job_id, found, params, caller_id, idempotency_key, callback_url
+            )
+            return job_id
+        except BaseException as error:
+            failure = error
+            raise
+        finally:
+            guard.record(
+                "submit",
+                caller,
+                plugin,
+                version,
+                method,
+                found,
+                job_id,
+                None,
+                params,
+                started,
+                failure,
+            )
+
+    async def _queue(
+        self,
+        store: JobStore,
+        job_id: str,
+        route: Route,
+        params: Any,
+        caller_id: str | None,
+        idempotency_key: str | None,
+        callback_url: str | None,
+    ) -> None:
         if route.validate is not None:
             route.validate(params)
-        job_id = new_request_id()
         record = new_job_record(
-            job_id, route.plugin, route.version, route.method, params, caller_id, idempotency_key
+            job_id,
+            route.plugin,
+            route.version,
+            route.method,
+            params,
+            caller_id,
+            idempotency_key,
+            callback_url,
         )
         await store.submit(job_id, record)
-        return job_id
 
     async def job(self, job_id: str) -> dict[str, Any]:
         """The status record of job ``job_id``: state, attempts, last error, times (ms

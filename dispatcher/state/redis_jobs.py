@@ -21,8 +21,9 @@ redis-py itself (``redis_store`` is the only module that does).
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from dispatcher.state.base import Delivery, JobStore
@@ -85,6 +86,19 @@ return 1
 """
 
 
+# Only what is dead-lettered: a job that was redriven meanwhile keeps its record.
+_PURGE_SOME = """
+local dropped = 0
+for i, id in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], id) == 1 then
+    redis.call('DEL', KEYS[i + 1])
+    dropped = dropped + 1
+  end
+end
+return dropped
+"""
+
+
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
@@ -129,6 +143,7 @@ class RedisJobs(JobStore):
         self._retry = client.register_script(_RETRY)
         self._promote = client.register_script(_PROMOTE)
         self._redrive = client.register_script(_REDRIVE)
+        self._purge = client.register_script(_PURGE_SOME)
 
     def record_key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
@@ -260,7 +275,10 @@ class RedisJobs(JobStore):
         )
         return bool(answer)
 
-    async def purge(self) -> int:
+    async def purge(self, job_ids: Sequence[str] | None = None) -> int:
+        if job_ids is not None:
+            return await self._purge_some(list(dict.fromkeys(job_ids)))
+
         async def drop() -> int:
             ids = await self._client.zrange(self.dead_set, 0, -1)
             dropped = 0
@@ -275,6 +293,17 @@ class RedisJobs(JobStore):
             return dropped
 
         dropped: int = await self._run("a dead-letter purge", self._deadline(5.0), drop)
+        return dropped
+
+    async def _purge_some(self, job_ids: list[str]) -> int:
+        dropped = 0
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start : start + 500]
+            keys = [self.dead_set, *(self.record_key(job_id) for job_id in chunk)]
+            answer = await self._op(
+                "a dead-letter purge", functools.partial(self._purge, keys=keys, args=chunk)
+            )
+            dropped += int(answer)
         return dropped
 
     async def changed(self, key: str, timeout: float) -> None:
