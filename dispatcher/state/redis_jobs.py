@@ -41,6 +41,15 @@ redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
 return 1
 """
 
+# The record, its stream entry and its place among the recent jobs (trimmed), at once.
+_SUBMIT = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[3]) + 1))
+return 1
+"""
+
 # A terminal record is returned as it is (the worker only acks: a redelivery after a
 # redrive race); otherwise one more attempt is counted before the job runs.
 _BEGIN = """
@@ -138,6 +147,7 @@ class RedisJobs(JobStore):
         self.delayed = f"{prefix}:jobs:delayed"
         self.dead_set = f"{prefix}:jobs:dead"
         self.recent_set = f"{prefix}:jobs:recent"
+        self._submit = client.register_script(_SUBMIT)
         self._ensure = client.register_script(_ENSURE_GROUP)
         self._begin = client.register_script(_BEGIN)
         self._retry = client.register_script(_RETRY)
@@ -158,15 +168,12 @@ class RedisJobs(JobStore):
         return result
 
     async def submit(self, job_id: str, record: dict[str, str]) -> None:
-        async def write() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hset(self.record_key(job_id), mapping=record)
-                pipe.xadd(self.stream, {"job": job_id})
-                pipe.zadd(self.recent_set, {job_id: int(record["submitted_at"])})
-                pipe.zremrangebyrank(self.recent_set, 0, -(self.recent_kept + 1))
-                await pipe.execute()
-
-        await self._op("a job submission", write)
+        args: list[str | int] = [job_id, int(record["submitted_at"]), self.recent_kept]
+        for name, value in record.items():
+            args += [name, value]
+        keys = (self.record_key(job_id), self.stream, self.recent_set)
+        # One script, not a MULTI of four commands: a third of the client's CPU per job.
+        await self._op("a job submission", lambda: self._submit(keys=keys, args=args))
 
     async def ensure_group(self) -> None:
         await self._op(
