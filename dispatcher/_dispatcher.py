@@ -836,6 +836,11 @@ class Dispatcher:
             idempotency_key,
             callback_url,
         )
+        limit = self.manifest.jobs.max_params_bytes
+        if len(record["params"]) > limit:  # kept in Redis until the job ends: bounded
+            raise InvalidParams(
+                f"a job's params are at most {limit} bytes as JSON (jobs.max_params_bytes)"
+            )
         await store.submit(job_id, record)
 
     async def job(self, job_id: str) -> dict[str, Any]:

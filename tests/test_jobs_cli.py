@@ -197,3 +197,15 @@ async def test_a_redis_that_is_down_or_frozen_ends_every_command_within_its_boun
     own_redis.stop()
     ran = await cli(manifest, "job", "abc", "--wait", "1", timeout=60)
     assert ran.code == 1 and "unavailable" in ran.err
+
+
+async def test_oversized_params_are_refused_at_submit(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    manifest = manifest_file(tmp_path, redis_server.url, redis_prefix, max_params_bytes=1000)
+    params = json.dumps({"n": 1, "pad": "x" * 2000})
+    ran = await cli(manifest, "submit", "jobs", "work", params)
+    assert ran.code == 1
+    error = json.loads(ran.err)["error"]
+    assert error["type"] == "invalid_params" and "max_params_bytes" in error["message"]
+    assert (await cli(manifest, "jobs")).out.strip() == "no jobs"

@@ -50,6 +50,10 @@ class JobsConfig(StrictModel):
         default=100_000, description="How many job ids `dispatcher jobs` can list."
     )
 
+    max_params_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = Field(
+        default=1024 * 1024,
+        description="Largest params of one job, as JSON: they are kept in Redis until it ends.",
+    )
     callback_secret: str | None = Field(
         default=None,
         min_length=16,
