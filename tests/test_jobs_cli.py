@@ -209,3 +209,33 @@ async def test_oversized_params_are_refused_at_submit(
     error = json.loads(ran.err)["error"]
     assert error["type"] == "invalid_params" and "max_params_bytes" in error["message"]
     assert (await cli(manifest, "jobs")).out.strip() == "no jobs"
+
+
+async def test_redrive_all_sends_back_every_job_it_can_and_names_the_rest(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    import redis.asyncio as aioredis
+
+    workers = manifest_file(tmp_path, redis_server.url, redis_prefix, workers=1, max_attempts=1)
+    manifest = manifest_file(tmp_path, redis_server.url, redis_prefix)
+    async with Dispatcher(load_manifest(workers)) as dispatcher:
+        ids = [await dispatcher.submit("jobs", "busy") for _ in range(3)]
+        async with aioredis.Redis.from_url(redis_server.url) as client:
+            await client.xadd(f"{redis_prefix}:jobs", {"junk": "x"})
+        store = dispatcher.state_backend.jobs  # type: ignore[union-attr]
+        assert store is not None
+
+        async def all_dead() -> bool:
+            return len(await store.dead(10)) == 4
+
+        async def settled() -> None:
+            while not await all_dead():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(settled(), 60)
+    ran = await cli(manifest, "dlq", "redrive", "--all")
+    assert ran.code == 0, ran.err
+    assert "redriven: 3" in ran.out
+    assert ran.err.count("not redriven: entry-") == 1
+    queued = json.loads((await cli(manifest, "jobs", "--state", "queued", "--json")).out)
+    assert sorted(each["id"] for each in queued) == sorted(ids)

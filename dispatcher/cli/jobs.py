@@ -45,6 +45,10 @@ T = TypeVar("T")
 
 #: The longest a command waits for the store to close once its work is done.
 CLOSE_SECONDS = 5.0
+#: Each Redis operation of a command may take this long (or the manifest's own, if longer).
+OP_TIMEOUT_MS = 5_000
+#: Dead-lettered jobs ``dlq redrive --all`` reads at a time.
+REDRIVE_PAGE = 500
 #: The longest ``dispatcher job --wait`` waits.
 MAX_WAIT_SECONDS = 3600.0
 #: How many recent jobs ``dispatcher jobs --state`` reads to find ``--limit`` of that state.
@@ -68,7 +72,11 @@ async def _job_store(manifest: Manifest[Any]) -> AsyncIterator[JobStore]:
     Not started: a command needs no pushed notifications (``--wait`` polls), so no
     listener connection is opened for it.
     """
-    backend = new_backend(manifest.state, asyncio.get_running_loop().time)
+    # A longer bound than a call's: a listing reads thousands of records in one operation,
+    # and no caller's deadline waits on an operator's command.
+    bound = max(manifest.state.op_timeout_ms, OP_TIMEOUT_MS)
+    config = manifest.state.model_copy(update={"op_timeout_ms": bound})
+    backend = new_backend(config, asyncio.get_running_loop().time)
     try:
         store = backend.jobs
         if store is None:
@@ -373,12 +381,23 @@ def redrive(context: click.Context, job_ids: tuple[str, ...], every: bool) -> No
     _chosen(job_ids, every)
 
     async def send_back(store: JobStore) -> tuple[list[str], list[str]]:
-        wanted = list(job_ids) or [str(r.get("id")) for r in await store.dead(10_000_000)]
         redriven: list[str] = []
         refused: list[str] = []
-        for job_id in wanted:
-            (redriven if await store.redrive(job_id) else refused).append(job_id)
-        return redriven, refused
+        if job_ids:
+            for job_id in job_ids:
+                (redriven if await store.redrive(job_id) else refused).append(job_id)
+            return redriven, refused
+        # --all, a page at a time: a redriven job leaves the dead letters, one that cannot
+        # run again (a malformed entry) stays, and is not asked about twice.
+        seen: set[str] = set()
+        while True:
+            page = [str(r.get("id")) for r in await store.dead(REDRIVE_PAGE + len(refused))]
+            fresh = [job_id for job_id in page if job_id not in seen]
+            if not fresh:
+                return redriven, refused
+            for job_id in fresh:
+                seen.add(job_id)
+                (redriven if await store.redrive(job_id) else refused).append(job_id)
 
     redriven, refused = _with_store(context, send_back)
     click.echo(f"redriven: {len(redriven)}")
