@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from dispatcher import Dispatcher
 from dispatcher.config import load_manifest
@@ -214,8 +215,6 @@ async def test_oversized_params_are_refused_at_submit(
 async def test_redrive_all_sends_back_every_job_it_can_and_names_the_rest(
     tmp_path: Path, redis_server: Redis, redis_prefix: str
 ) -> None:
-    import redis.asyncio as aioredis
-
     workers = manifest_file(tmp_path, redis_server.url, redis_prefix, workers=1, max_attempts=1)
     manifest = manifest_file(tmp_path, redis_server.url, redis_prefix)
     async with Dispatcher(load_manifest(workers)) as dispatcher:
