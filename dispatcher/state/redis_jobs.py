@@ -62,6 +62,22 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
+# The end, the ack and the wake-up of result waiters in one step (a script, not a MULTI:
+# half the client's CPU per job).
+_FINISH = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+if ARGV[4] == '1' then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[3])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[3], ARGV[2])
+redis.call('PUBLISH', ARGV[7], 'job ' .. ARGV[3])
+return 1
+"""
+
 # Redis's clock for due times: every replica agrees on it.
 _RETRY = """
 local t = redis.call('TIME')
@@ -150,6 +166,7 @@ class RedisJobs(JobStore):
         self._submit = client.register_script(_SUBMIT)
         self._ensure = client.register_script(_ENSURE_GROUP)
         self._begin = client.register_script(_BEGIN)
+        self._finish = client.register_script(_FINISH)
         self._retry = client.register_script(_RETRY)
         self._promote = client.register_script(_PROMOTE)
         self._redrive = client.register_script(_REDRIVE)
@@ -224,24 +241,21 @@ class RedisJobs(JobStore):
         return _fields(answer) if answer else None
 
     async def finish(self, entry_id: str, job_id: str, fields: dict[str, str], ttl: float) -> None:
-        key = self.record_key(job_id)
         dead = fields.get("state") == "dead"
         fields = {"id": job_id, **fields}  # a malformed entry's record has nothing else
-
-        async def write() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hset(key, mapping=fields)
-                if dead:  # kept until redriven or purged
-                    pipe.persist(key)
-                    pipe.zadd(self.dead_set, {job_id: int(_now_ms())})
-                else:
-                    pipe.pexpire(key, max(1, int(ttl * 1000)))
-                pipe.xack(self.stream, GROUP, entry_id)
-                pipe.xdel(self.stream, entry_id)
-                pipe.publish(self._channel, f"job {job_id}")
-                await pipe.execute()
-
-        await self._op("a job's outcome", write)
+        args: list[str | int] = [
+            GROUP,
+            entry_id,
+            job_id,
+            1 if dead else 0,  # a dead one is kept until redriven or purged
+            max(1, int(ttl * 1000)),
+            int(_now_ms()),
+            self._channel,
+        ]
+        for name, value in fields.items():
+            args += [name, value]
+        keys = (self.record_key(job_id), self.dead_set, self.stream)
+        await self._op("a job's outcome", lambda: self._finish(keys=keys, args=args))
 
     async def retry_later(
         self, entry_id: str, job_id: str, fields: dict[str, str], delay: float
