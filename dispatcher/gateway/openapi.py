@@ -242,7 +242,8 @@ def openapi_document(
 def _operation(plugin: PluginSpec[Any], method: str, component: str) -> dict[str, Any]:
     spec = plugin.methods[method]
     timeout_ms = plugin.policies_of(method).timeout_ms or DEFAULT_TIMEOUT_MS
-    statuses = sorted({*STATUS_BY_TYPE.values(), 408, 413, 415})
+    # 501 (jobs_unavailable) is a job route's answer only: not a call's.
+    statuses = sorted({*STATUS_BY_TYPE.values(), 408, 413, 415} - {501})
     return {
         "operationId": _operation_id(plugin.id, method),
         "summary": spec.description or f"Call {plugin.id}.{method}",
@@ -273,6 +274,7 @@ def _submit_operation(plugin: PluginSpec[Any], method: str, component: str) -> d
     operation["summary"] = f"Submit {plugin.id}.{method} as an async job"
     wanted = ("PluginVersion", "IdempotencyKey", "CallbackUrl")
     operation["parameters"] = [{"$ref": f"#/components/parameters/{name}"} for name in wanted]
+    operation["responses"]["501"] = {"$ref": "#/components/responses/501"}
     responses = operation["responses"]
     del responses["200"]
     responses["202"] = {
