@@ -37,6 +37,7 @@ from dispatcher._fallback import Fallbacks
 from dispatcher._guard import Audited, Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
+from dispatcher._job_callbacks import checked_callback_url
 from dispatcher._job_view import checked_idempotency_key, job_result, job_status, job_store_of
 from dispatcher._jobs import JobWorkers, new_job_record
 from dispatcher._publish import EventSender
@@ -52,7 +53,7 @@ from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, authenticator_of
 from dispatcher.policies import PolicyRuntime
-from dispatcher.state import StateBackend, new_backend
+from dispatcher.state import JobStore, StateBackend, new_backend
 from dispatcher.telemetry import TelemetryRuntime
 from linchkit_plugin.errors import (
     DispatchError,
@@ -204,7 +205,11 @@ class Dispatcher:
             store = self.state_backend.jobs
             if self.manifest.jobs.workers and store is not None:
                 self.jobs = JobWorkers(
-                    store, self.manifest.jobs, self._run_job, config.retry_after_ms / 1000
+                    store,
+                    self.manifest.jobs,
+                    self._run_job,
+                    config.retry_after_ms / 1000,
+                    egress=self.manifest.egress,
                 )
                 self.jobs.start()
         except BaseException:
@@ -680,38 +685,83 @@ class Dispatcher:
         caller: Caller = None,
         credentials: Credentials | None = None,
         idempotency_key: str | None = None,
+        callback_url: str | None = None,
     ) -> str:
         """Queue a call of ``plugin.method`` on the shared job stream; its job id, at once.
 
         A worker of any replica (``jobs: {workers: N}``) runs it later through the method's
         chain, retrying retryable errors (``dispatcher._jobs``); ``result`` and ``job`` read
         it. Checked now: the method exists (its version is fixed now), ``caller`` may call
-        it, the params match its schema. Raises ``JobsUnavailable`` on the memory backend
-        and ``StateUnavailable`` when Redis does not take the job.
+        it, the params match its schema, ``callback_url`` (POSTed the job's record when it
+        ends, ``dispatcher._job_callbacks``) is allowed by the manifest's ``egress``. With
+        ``access`` or ``audit`` configured the submission is audited (kind ``submit``).
+        Raises ``JobsUnavailable`` on the memory backend and ``StateUnavailable`` when
+        Redis does not take the job.
         """
         store = job_store_of(self.state_backend)
         if self._draining:
             raise self._refused(f"job of {plugin}.{method}")
         idempotency_key = checked_idempotency_key(idempotency_key)
-        if (
+        if callback_url is not None:
+            callback_url = checked_callback_url(callback_url, self.manifest.egress)
+        job_id = new_request_id()
+        if params is None:
+            params = {}
+        if not (
             self._guarded
             or credentials is not None
             or (caller is not None and caller.__class__ is not str)
         ):
-            route, caller_id = await self._resolve(plugin, method, version, caller, credentials)
-        else:
             route = self._routes.find(plugin, method, version, self._state)
             caller_id = caller if isinstance(caller, str) else None
-        if params is None:
-            params = {}
+            await self._queue(
+                store, job_id, route, params, caller_id, idempotency_key, callback_url
+            )
+            return job_id
+        entry = self._guard.begin("submit", caller, plugin, version, method, job_id, None, params)
+        failure: BaseException | None = None
+        try:
+            route, caller_id = await self._resolve(
+                plugin, method, version, caller, credentials, entry
+            )
+            await self._queue(
+                store, job_id, route, params, caller_id, idempotency_key, callback_url
+            )
+            return job_id
+        except BaseException as error:
+            failure = error
+            raise
+        finally:
+            self._guard.end(entry, failure)
+
+    async def _queue(
+        self,
+        store: JobStore,
+        job_id: str,
+        route: Route,
+        params: Any,
+        caller_id: str | None,
+        idempotency_key: str | None,
+        callback_url: str | None,
+    ) -> None:
         if route.validate is not None:
             route.validate(params)
-        job_id = new_request_id()
         record = new_job_record(
-            job_id, route.plugin, route.version, route.method, params, caller_id, idempotency_key
+            job_id,
+            route.plugin,
+            route.version,
+            route.method,
+            params,
+            caller_id,
+            idempotency_key,
+            callback_url,
         )
+        limit = self.manifest.jobs.max_params_bytes
+        if len(record["params"]) > limit:  # kept in Redis until the job ends: bounded
+            raise InvalidParams(
+                f"a job's params are at most {limit} bytes as JSON (jobs.max_params_bytes)"
+            )
         await store.submit(job_id, record)
-        return job_id
 
     async def job(self, job_id: str) -> dict[str, Any]:
         """The status record of job ``job_id``: state, attempts, last error, times (ms

@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from dispatcher._job_callbacks import JobCallbacks
 from dispatcher.config import JobsConfig
 from dispatcher.state.base import (
     TERMINAL_STATES,
@@ -45,6 +46,7 @@ from dispatcher.state.base import (
 )
 from linchkit_plugin.errors import DispatchError, ProviderError, error_from_wire
 from linchkit_plugin.wire import encode_json
+from providers.egress import EgressPolicy
 
 __all__ = [
     "JobNotFinished",
@@ -52,6 +54,7 @@ __all__ = [
     "JobWorkers",
     "JobsUnavailable",
     "job_outcome",
+    "job_status",
     "new_job_record",
 ]
 
@@ -86,6 +89,7 @@ def new_job_record(
     params: Any,
     caller: str | None,
     idempotency_key: str | None,
+    callback_url: str | None = None,
 ) -> dict[str, str]:
     """The stored record of a new job (every field a string: a Redis hash)."""
     record = {
@@ -102,7 +106,23 @@ def new_job_record(
         record["caller"] = caller
     if idempotency_key is not None:
         record["idempotency_key"] = idempotency_key
+    if callback_url is not None:
+        record["callback_url"] = callback_url
     return record
+
+
+def job_status(record: dict[str, str]) -> dict[str, Any]:
+    """A stored record as callers read it: attempts a number, params, result and error
+    decoded (a field that is not JSON, as the text it is)."""
+    status: dict[str, Any] = dict(record)
+    status["attempts"] = int(record.get("attempts", "0") or 0)
+    for field in ("params", "result", "error"):
+        if field in record:
+            try:
+                status[field] = orjson.loads(record[field])
+            except orjson.JSONDecodeError:
+                status[field] = record[field]
+    return status
 
 
 def job_outcome(record: dict[str, str]) -> Any:
@@ -124,8 +144,18 @@ def backoff(config: JobsConfig, attempt: int, retry_after: float | None) -> floa
 class JobWorkers:
     """``config.workers`` consumers of the job stream, owned by one dispatcher."""
 
-    def __init__(self, store: JobStore, config: JobsConfig, run: RunJob, pause: float) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        config: JobsConfig,
+        run: RunJob,
+        pause: float,
+        *,
+        egress: EgressPolicy | None = None,
+    ) -> None:
         self.store = store
+        #: Who POSTs a job's record to its ``callback_url`` when it ends.
+        self.callbacks = JobCallbacks(config, egress or EgressPolicy())
         self.config = config
         self.run = run
         self.pause = max(pause, 0.05)  # after Redis failed: the backend skips it this long
@@ -157,6 +187,7 @@ class JobWorkers:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._tasks.clear()
+        await self.callbacks.aclose()  # after the workers: no job ends after this
 
     async def _consume(self, consumer: str) -> None:
         grouped = False
@@ -205,6 +236,7 @@ class JobWorkers:
                 entry, job_id, self._dead(f"job {job_id} has no record", 0), self.result_ttl
             )
             return
+        record["id"] = job_id  # what _ended and _failed name it by
         if record.get("state") in TERMINAL_STATES:  # already ended: only the ack was missing
             await store.finish(entry, job_id, {"state": record["state"]}, self.result_ttl)
             return
@@ -216,25 +248,25 @@ class JobWorkers:
             if last is not None:
                 fields["error"] = last
             self.counts["dead"] += 1
-            await store.finish(entry, job_id, fields, self.result_ttl)
+            await self._ended(entry, record, fields)
             return
         try:
             params = orjson.loads(record["params"])
         except (KeyError, orjson.JSONDecodeError):
             self.counts["malformed"] += 1
             fields = self._dead(f"job {job_id} has unreadable params", attempts)
-            await store.finish(entry, job_id, fields, self.result_ttl)
+            await self._ended(entry, record, fields)
             return
         self.running += 1
         try:
             result = await self.run(record, params)
         except DispatchError as error:
-            await self._failed(entry, job_id, attempts, error)
+            await self._failed(entry, record, attempts, error)
             return
         except Exception as error:  # a host bug, not the plugin's answer: not retried
             log.exception("job %s failed unexpectedly", job_id)
             failure = ProviderError(f"job {job_id} failed in the dispatcher: {error!r:.200}")
-            await self._failed(entry, job_id, attempts, failure)
+            await self._failed(entry, record, attempts, failure)
             return
         finally:
             self.running -= 1
@@ -242,13 +274,24 @@ class JobWorkers:
             encoded = encode_json(result).decode()
         except DispatchError:  # a result that is not JSON: nothing to keep, no use retrying
             failure = ProviderError(f"job {job_id}: the result is not JSON", retryable=False)
-            await self._failed(entry, job_id, attempts, failure)
+            await self._failed(entry, record, attempts, failure)
             return
         fields = {"state": "succeeded", "result": encoded, "finished_at": _now_ms()}
-        await store.finish(entry, job_id, fields, self.result_ttl)
+        await self._ended(entry, record, fields)
         self.counts["succeeded"] += 1
 
-    async def _failed(self, entry: str, job_id: str, attempts: int, error: DispatchError) -> None:
+    async def _ended(self, entry: str, record: dict[str, str], fields: dict[str, str]) -> None:
+        """Store the job's end; then, if it asked for one, send its callback."""
+        job_id = record["id"]
+        await self.store.finish(entry, job_id, fields, self.result_ttl)
+        url = record.get("callback_url")
+        if url is not None:
+            self.callbacks.send(url, job_status({**record, **fields}))
+
+    async def _failed(
+        self, entry: str, record: dict[str, str], attempts: int, error: DispatchError
+    ) -> None:
+        job_id = record["id"]
         wire = encode_json(error.to_wire()).decode()
         if error.retryable and attempts < self.config.max_attempts:
             delay = backoff(self.config, attempts, error.retry_after)
@@ -258,7 +301,7 @@ class JobWorkers:
             return
         state = "dead" if error.retryable else "failed"
         fields = {"state": state, "error": wire, "finished_at": _now_ms()}
-        await self.store.finish(entry, job_id, fields, self.result_ttl)
+        await self._ended(entry, record, fields)
         self.counts[state] += 1
 
     @staticmethod
@@ -272,7 +315,12 @@ class JobWorkers:
         }
 
     def stats(self) -> dict[str, Any]:
-        return {"workers": len(self._tasks), "running": self.running, **self.counts}
+        return {
+            "workers": len(self._tasks),
+            "running": self.running,
+            **self.counts,
+            "callbacks": self.callbacks.stats(),
+        }
 
     def __repr__(self) -> str:
         return f"<JobWorkers {self._name} workers={len(self._tasks)} running={self.running}>"

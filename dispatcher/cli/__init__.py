@@ -1,7 +1,8 @@
 """``dispatcher``: validate a manifest, list, call, deploy and remove plugins, check their
-health, inspect their sandboxes, read their logs, verify audit logs, print the manifest's
-JSON Schema, scaffold a new plugin, run a local Lambda, serve the plugins over HTTP (the
-gateway), watch a running gateway and steer its rollouts.
+health, submit async jobs and tend their dead letters, inspect their sandboxes, read
+their logs, verify audit logs, print the manifest's JSON Schema, scaffold a new plugin,
+run a local Lambda, serve the plugins over HTTP (the gateway), watch a running gateway
+and steer its rollouts.
 
 One module per family of commands; each registers its commands on the group in ``_app``.
 """
@@ -13,6 +14,7 @@ from dispatcher.cli import (
     calls,
     deploy,
     inspect,
+    jobs,
     local_lambda,
     logs,
     manifest,
@@ -33,6 +35,7 @@ _COMMANDS = (
     calls,
     deploy,
     inspect,
+    jobs,
     local_lambda,
     logs,
     manifest,

@@ -62,6 +62,8 @@ class GatewayTimeouts(StrictModel):
     body_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 30_000
     header_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 10_000
     heartbeat_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 20_000
+    #: The longest ``GET /v1/jobs/{id}?wait=`` holds a request open.
+    job_wait_ms: Annotated[int, Field(ge=0, le=3_600_000)] = 30_000
 
 
 class GatewayConfig(StrictModel):

@@ -123,6 +123,24 @@ class JobsConfig(StrictModel):
         default=100_000, description="How many job ids `dispatcher jobs` can list."
     )
 
+    max_params_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = Field(
+        default=1024 * 1024,
+        description="Largest params of one job, as JSON: they are kept in Redis until it ends.",
+    )
+    callback_secret: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Sign job callbacks with HMAC-SHA256 under this secret (write it as "
+        "${NAME}: it is never to be in the file). Header X-Linchkit-Signature: t=…,v1=….",
+        repr=False,
+    )
+    callback_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = Field(
+        default=5_000, description="Bound of one callback POST."
+    )
+    callback_attempts: Annotated[int, Field(ge=1, le=10)] = Field(
+        default=3, description="POSTs of one callback before it is given up (5xx, 429, no answer)."
+    )
+
     @model_validator(mode="after")
     def _backoff_in_order(self) -> JobsConfig:
         if self.backoff_max_ms < self.backoff_ms:

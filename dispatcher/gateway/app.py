@@ -4,6 +4,9 @@ policies and errors as an in-process caller.
 Routes (``docs/gateway.md``):
 
     POST /v1/plugins/{plugin}/methods/{method}   the params as the JSON body → the envelope
+    POST /v1/plugins/{plugin}/methods/{method}:submit   the same, as an async job → 202
+    GET  /v1/jobs/{id}                           the job's record (?wait=S: until it ends)
+    GET  /v1/jobs/{id}/result                    its result as a call's envelope (202: not yet)
     GET  /v1/plugins                             plugins, versions, methods
     GET  /v1/events                              WebSocket: plugin events, host events
     GET  /v1/plugins/connect                     WebSocket: a plugin dials in (reverse mode)
@@ -19,11 +22,18 @@ A call is handled in this order, so that what costs least refuses first: authent
 (the headers only), read the call's options from its headers, read the body under the
 limits (``dispatcher.gateway.body``), then ``Dispatcher.call``. Nothing a client sent
 appears in a log line, and only the params' own shape in an error.
+
+A submission takes the same path to ``Dispatcher.submit`` (authenticated, checked
+against ``access``, audited as kind ``submit``); its job carries the caller's principal.
+A job is read only by the principal that submitted it (anonymous callers share the jobs
+submitted anonymously): another caller's job answers 404, exactly as a job that does not
+exist, so ids cannot be probed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from typing import Any
@@ -32,6 +42,7 @@ import orjson
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
+from dispatcher._jobs import JobNotFinished, JobNotFound
 from dispatcher.gateway.body import Refused, read_params
 from dispatcher.gateway.credentials import credentials_of
 from dispatcher.gateway.errors import error_answer
@@ -39,6 +50,7 @@ from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_eve
 from dispatcher.gateway.openapi import openapi_document
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
+from dispatcher.state.base import TERMINAL_STATES
 from dispatcher.telemetry.metrics import metrics_handler
 from linchkit_plugin.errors import (
     DispatchError,
@@ -46,6 +58,7 @@ from linchkit_plugin.errors import (
     ProviderError,
     ShuttingDown,
     Unauthorized,
+    error_from_wire,
 )
 from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
@@ -64,6 +77,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PLUGIN_NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
 #: A plugin id or method name as the manifest admits it (``IDENTIFIER``), at most 256 long.
 _MANIFEST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,255}\Z")
+_JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _MAX_TIMEOUT_MS = 86_400_000
 _JSON = "application/json"
 
@@ -153,6 +167,92 @@ class Gateway:
                 )
         answer.headers["X-Request-Id"] = request_id
         return answer
+
+    # -- async jobs ----------------------------------------------------------------------
+
+    async def submit(self, request: web.Request) -> web.Response:
+        """``POST …/methods/{method}:submit``: the body, headers and checks of a call;
+        ``Idempotency-Key`` and ``X-Callback-Url`` go with the job. 202 and its Location."""
+        headers = request.headers
+        body_read = False
+        try:
+            caller, credentials = await self._caller(request)
+            idempotency_key = headers.get("Idempotency-Key")
+            if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
+                raise InvalidParams("Idempotency-Key is 1-255 characters")
+            params = await read_params(request, self.settings)
+            body_read = True
+            match = request.match_info
+            job_id = await self.dispatcher.submit(
+                match["plugin"],
+                match["method"],
+                params,
+                version=headers.get("X-Plugin-Version"),
+                caller=caller,
+                credentials=credentials,
+                idempotency_key=idempotency_key,
+                callback_url=headers.get("X-Callback-Url"),
+            )
+        except Refused as refused:
+            return error_answer(refused.error, status=refused.status, close=refused.close)
+        except DispatchError as error:
+            unread = not body_read and request.body_exists
+            return error_answer(error, close=unread or isinstance(error, ShuttingDown))
+        location = f"/v1/jobs/{job_id}"
+        body = orjson.dumps({"ok": True, "job_id": job_id, "location": location})
+        return web.Response(
+            status=202, body=body, headers={"Content-Type": _JSON, "Location": location}
+        )
+
+    async def job(self, request: web.Request) -> web.Response:
+        """``GET /v1/jobs/{id}[?wait=S]``: the caller's own job, waiting up to S seconds
+        (at most ``max_job_wait``) for it to end."""
+        try:
+            status = await self._waited_job(request)
+        except DispatchError as error:
+            return error_answer(error)
+        return _json_answer({"ok": True, "job": status})
+
+    async def job_result(self, request: web.Request) -> web.Response:
+        """``GET /v1/jobs/{id}/result[?wait=S]``: a finished job's result as a call's
+        envelope, its error as a call's error; 202 with ``Retry-After`` until it ends."""
+        try:
+            status = await self._waited_job(request)
+        except DispatchError as error:
+            return error_answer(error)
+        state = status.get("state")
+        if state == "succeeded":
+            return _json_answer({"ok": True, "result": status.get("result")})
+        if state in TERMINAL_STATES:
+            wire = status.get("error")
+            return error_answer(error_from_wire(wire if isinstance(wire, dict) else None))
+        waiting = JobNotFinished(
+            f"job {status.get('id')} is {state} after {status.get('attempts')} attempts",
+            details={"state": state},
+        )
+        body = orjson.dumps({"ok": False, "error": waiting.to_wire()})
+        headers = {"Content-Type": _JSON, "Retry-After": "1"}
+        return web.Response(status=202, body=body, headers=headers)
+
+    async def _waited_job(self, request: web.Request) -> dict[str, Any]:
+        principal = await self._authenticate(request)
+        job_id = request.match_info["id"]
+        if not _JOB_ID.match(job_id):
+            raise InvalidParams("a job id is 1-64 characters of A-Z a-z 0-9 . _ : -")
+        wait = _wait_of(request.query, self.settings.max_job_wait)
+        owner = principal.id if principal is not None else None
+        status = await self._own_job(job_id, owner)
+        if wait > 0 and status.get("state") not in TERMINAL_STATES:
+            with contextlib.suppress(DispatchError):  # its end, or not yet: read it below
+                await self.dispatcher.result(job_id, wait=wait)
+            status = await self._own_job(job_id, owner)
+        return status
+
+    async def _own_job(self, job_id: str, owner: str | None) -> dict[str, Any]:
+        status = await self.dispatcher.job(job_id)
+        if status.get("caller") != owner:  # the same answer as no job: ids are not probed
+            raise JobNotFound(f"no job {job_id!r}: never submitted, or its record expired")
+        return status
 
     async def _caller(self, request: web.Request) -> tuple[Principal | None, Credentials | None]:
         """What ``Dispatcher.call`` gets to know who calls: the credentials, when the
@@ -332,7 +432,11 @@ def create_app(
     # itself (dispatcher.gateway.body), under max_body_bytes.
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[HUB_KEY] = gateway.hub
+    # Before the call route, whose {method} would take "name:submit" whole.
+    app.router.add_post("/v1/plugins/{plugin}/methods/{method:[^{}/:]+}:submit", gateway.submit)
     app.router.add_post("/v1/plugins/{plugin}/methods/{method}", gateway.call)
+    app.router.add_get("/v1/jobs/{id}", gateway.job, allow_head=False)
+    app.router.add_get("/v1/jobs/{id}/result", gateway.job_result, allow_head=False)
     app.router.add_get("/v1/plugins", gateway.plugins, allow_head=False)
     app.router.add_get("/v1/plugins/connect", gateway.connect_plugin, allow_head=False)
     app.router.add_get("/v1/events", gateway.events, allow_head=False)
@@ -400,6 +504,28 @@ def _timeout_of(headers: Any) -> float | None:
             return value
         raise InvalidParams("Request-Timeout is a number of seconds in (0, 86400]")
     return None
+
+
+def _wait_of(query: Any, most: float) -> float:
+    """``?wait=`` in seconds: a number in [0, ``most``]; absent is 0 (answer at once)."""
+    text = query.get("wait")
+    if text is None:
+        return 0.0
+    try:
+        wait = float(text)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= most:  # NaN fails
+        raise InvalidParams(f"wait is a number of seconds in [0, {most:g}]")
+    return wait
+
+
+def _json_answer(document: dict[str, Any]) -> web.Response:
+    try:
+        body = orjson.dumps(document)
+    except TypeError as error:
+        return error_answer(ProviderError(f"the job's record is not JSON: {error}"))
+    return web.Response(body=body, headers={"Content-Type": _JSON})
 
 
 def _subscription_of(request: web.Request) -> tuple[tuple[Filter, ...], int | None] | None:

@@ -8,13 +8,15 @@ SDK's HTTP server and the HTTP provider's mapping (``providers/http.py``):
                                                 gateway's own refusals, same type)
     unauthorized                        401     WWW-Authenticate: Bearer
     forbidden                           403
-    plugin_not_found, method_not_found  404
+    plugin_not_found, method_not_found, 404
+    job_not_found (or another caller's)
     rate_limited                        429     Retry-After
     plugin_error (the plugin raised)    500     the plugin's own type in the envelope
     provider_error                      502     the target broke the contract
     target_unavailable, circuit_open,   503     Retry-After
     overloaded, shutting_down
     deadline_exceeded                   504     (408 when the request body was too slow)
+    jobs_unavailable                    501     the state backend keeps no jobs (memory)
 
 ``Retry-After`` carries the error's ``retry_after`` rounded up to whole seconds, or 1 for
 a retryable 429/503 that knows no better, so clients that honour it back off.
@@ -38,6 +40,7 @@ STATUS_BY_TYPE: Mapping[str, int] = {
     "forbidden": 403,
     "plugin_not_found": 404,
     "method_not_found": 404,
+    "job_not_found": 404,
     "rate_limited": 429,
     "plugin_error": 500,
     "provider_error": 502,
@@ -46,6 +49,7 @@ STATUS_BY_TYPE: Mapping[str, int] = {
     "overloaded": 503,
     "shutting_down": 503,
     "deadline_exceeded": 504,
+    "jobs_unavailable": 501,
 }
 
 _RETRY_LATER = frozenset({429, 503})

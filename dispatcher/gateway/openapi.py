@@ -4,7 +4,9 @@ One path per plugin method (``POST /v1/plugins/{plugin}/methods/{method}``): the
 method's ``params_schema`` is its request body's schema (any JSON when it has none), its
 answers the envelopes of ``docs/protocol.md`` with the statuses of
 ``dispatcher.gateway.errors``. A plugin at several versions is described at its highest
-(the default a call without ``X-Plugin-Version`` goes to). A params schema's local
+(the default a call without ``X-Plugin-Version`` goes to). With a state backend that
+keeps jobs (Redis), each method also has its ``…:submit`` path and the job routes
+(``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/result``) are described. A params schema's local
 ``$ref``s (``#/$defs/…``) are rewritten to point into the component that holds it, since
 in the document ``#`` is the document's root.
 """
@@ -45,6 +47,57 @@ _OK_ENVELOPE: dict[str, Any] = {
     "properties": {"ok": {"const": True}, "result": {}},
 }
 
+_JOB_ACCEPTED: dict[str, Any] = {
+    "type": "object",
+    "required": ["ok", "job_id", "location"],
+    "properties": {
+        "ok": {"const": True},
+        "job_id": {"type": "string"},
+        "location": {"type": "string", "description": "/v1/jobs/{job_id}"},
+    },
+}
+_JOB_ENVELOPE: dict[str, Any] = {
+    "type": "object",
+    "required": ["ok", "job"],
+    "properties": {
+        "ok": {"const": True},
+        "job": {
+            "type": "object",
+            "required": ["id", "plugin", "method", "state", "attempts", "submitted_at"],
+            "properties": {
+                "id": {"type": "string"},
+                "plugin": {"type": "string"},
+                "version": {"type": "string"},
+                "method": {"type": "string"},
+                "state": {"enum": ["queued", "running", "retrying", "succeeded", "failed", "dead"]},
+                "attempts": {"type": "integer", "minimum": 0},
+                "caller": {"type": "string"},
+                "params": {},
+                "result": {"description": "Once succeeded."},
+                "error": {"$ref": "#/components/schemas/Error"},
+                "submitted_at": {"type": "string", "description": "ms since the epoch"},
+                "started_at": {"type": "string"},
+                "finished_at": {"type": "string"},
+            },
+        },
+    },
+}
+
+_JOB_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"},
+    },
+    {
+        "name": "wait",
+        "in": "query",
+        "description": "Seconds to wait for the job to end (at most the gateway's max_job_wait).",
+        "schema": {"type": "number", "minimum": 0},
+    },
+]
+
 _HEADERS: dict[str, dict[str, Any]] = {
     "PluginVersion": {
         "name": "X-Plugin-Version",
@@ -75,6 +128,13 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "description": "W3C trace context; passed to the plugin. An invalid one is ignored.",
         "schema": {"type": "string"},
     },
+    "CallbackUrl": {
+        "name": "X-Callback-Url",
+        "in": "header",
+        "description": "Submit only: POST the job's record here when it ends (within the"
+        " manifest's egress; signed with X-Linchkit-Signature when jobs.callback_secret is set).",
+        "schema": {"type": "string", "maxLength": 2048},
+    },
     "RequestId": {
         "name": "X-Request-Id",
         "in": "header",
@@ -95,6 +155,7 @@ _STATUS_TEXT = {
     500: "The plugin raised an error (its own type in error.type)",
     502: "The target broke the contract",
     503: "Unavailable, circuit open, overloaded or shutting down: retry after Retry-After seconds",
+    501: "The gateway's state backend keeps no jobs (memory)",
     504: "The call's deadline passed",
 }
 
@@ -108,11 +169,14 @@ def openapi_document(
         current = latest.get(plugin.id)
         if current is None or version_key(plugin.version) > version_key(current.version):
             latest[plugin.id] = plugin
+    jobs = manifest.state.backend == "redis"
     schemas: dict[str, Any] = {
         "Error": _ERROR_SCHEMA,
         "ErrorEnvelope": _ERROR_ENVELOPE,
         "OkEnvelope": _OK_ENVELOPE,
     }
+    if jobs:
+        schemas |= {"JobAccepted": _JOB_ACCEPTED, "JobEnvelope": _JOB_ENVELOPE}
     paths: dict[str, Any] = {
         "/v1/plugins": {"get": _plain_get("listPlugins", "The plugins and their methods")},
         "/healthz": {"get": _plain_get("healthz", "The gateway process is alive")},
@@ -128,6 +192,19 @@ def openapi_document(
             schemas[component] = _rebased(schema, component) if schema is not None else {}
             path = f"/v1/plugins/{plugin_id}/methods/{method_name}"
             paths[path] = {"post": _operation(plugin, method_name, component)}
+            if jobs:
+                paths[f"{path}:submit"] = {
+                    "post": _submit_operation(plugin, method_name, component)
+                }
+    if jobs:
+        paths["/v1/jobs/{id}"] = {
+            "get": _job_operation("getJob", "The job's record", "JobEnvelope")
+        }
+        paths["/v1/jobs/{id}/result"] = {
+            "get": _job_operation(
+                "getJobResult", "The job's result (its error: the call's status)", "OkEnvelope"
+            )
+        }
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -165,7 +242,8 @@ def openapi_document(
 def _operation(plugin: PluginSpec[Any], method: str, component: str) -> dict[str, Any]:
     spec = plugin.methods[method]
     timeout_ms = plugin.policies_of(method).timeout_ms or DEFAULT_TIMEOUT_MS
-    statuses = sorted({*STATUS_BY_TYPE.values(), 408, 413, 415})
+    # 501 (jobs_unavailable) is a job route's answer only: not a call's.
+    statuses = sorted({*STATUS_BY_TYPE.values(), 408, 413, 415} - {501})
     return {
         "operationId": _operation_id(plugin.id, method),
         "summary": spec.description or f"Call {plugin.id}.{method}",
@@ -187,6 +265,54 @@ def _operation(plugin: PluginSpec[Any], method: str, component: str) -> dict[str
             },
             **{str(status): {"$ref": f"#/components/responses/{status}"} for status in statuses},
         },
+    }
+
+
+def _submit_operation(plugin: PluginSpec[Any], method: str, component: str) -> dict[str, Any]:
+    operation = _operation(plugin, method, component)
+    operation["operationId"] = "submit_" + operation["operationId"].removeprefix("call_")
+    operation["summary"] = f"Submit {plugin.id}.{method} as an async job"
+    wanted = ("PluginVersion", "IdempotencyKey", "CallbackUrl")
+    operation["parameters"] = [{"$ref": f"#/components/parameters/{name}"} for name in wanted]
+    operation["responses"]["501"] = {"$ref": "#/components/responses/501"}
+    responses = operation["responses"]
+    del responses["200"]
+    responses["202"] = {
+        "description": "Queued; read it at Location",
+        "headers": {"Location": {"schema": {"type": "string"}}},
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}},
+    }
+    return operation
+
+
+def _job_operation(operation_id: str, text: str, envelope: str) -> dict[str, Any]:
+    """A job route: the caller's own job only (another caller's answers 404)."""
+    responses: dict[str, Any] = {
+        "200": {
+            "description": text,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{envelope}"}}
+            },
+        },
+        **{
+            str(status): {"$ref": f"#/components/responses/{status}"}
+            for status in (400, 401, 404, 501, 503)
+        },
+    }
+    if operation_id == "getJobResult":
+        responses["202"] = {
+            "description": "Not finished yet (error.type job_not_finished): ask again after Retry-After",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}
+            },
+        }
+        for status in sorted({*STATUS_BY_TYPE.values()}):
+            responses.setdefault(str(status), {"$ref": f"#/components/responses/{status}"})
+    return {
+        "operationId": operation_id,
+        "tags": ["jobs"],
+        "parameters": _JOB_PARAMETERS,
+        "responses": responses,
     }
 
 

@@ -12,6 +12,7 @@ Each limit guards one resource against one kind of client, broken or hostile:
                            a chunked body that never ends
     header_timeout         a connection: slowloris, a head that never    closed
                            completes, a connection idle between requests
+    max_job_wait           a request slot: GET /v1/jobs/{id}?wait=…      400 invalid_params
     event_buffer           memory: events kept for resuming subscribers  oldest dropped; a
                                                                           resume past it is told
     max_pending_events     memory: events queued for one slow consumer   WebSocket closed 4008
@@ -61,6 +62,9 @@ class GatewaySettings:
     cert_check_interval: float = 5.0
     #: Seconds a drain lets calls in flight finish on SIGTERM/SIGINT.
     grace: float = 20.0
+    #: The longest ``GET /v1/jobs/{id}?wait=`` may hold a request open; a longer wait is
+    #: refused (400), so a client cannot park requests on the gateway for ever.
+    max_job_wait: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("port", "grpc_port"):
@@ -74,6 +78,10 @@ class GatewaySettings:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if not (0 <= self.max_job_wait <= 3_600):
+            raise ValueError(
+                f"max_job_wait must be in [0, 3600] seconds, not {self.max_job_wait!r}"
+            )
         if not (0 <= self.grace <= 86_400):
             raise ValueError(f"grace must be in [0, 86400] seconds, not {self.grace!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -106,6 +114,7 @@ class GatewaySettings:
                 "body_timeout": config.timeouts.body_ms / 1000,
                 "header_timeout": config.timeouts.header_ms / 1000,
                 "heartbeat": config.timeouts.heartbeat_ms / 1000,
+                "max_job_wait": config.timeouts.job_wait_ms / 1000,
                 "grace": config.grace_ms / 1000,
             }
             if tls is not None:

@@ -166,17 +166,20 @@ class IdempotencyStep:
     async def _end(
         self, store: IdempotencyStore, key: str, token: str, outcome: bytes | None
     ) -> None:
-        """Complete or release the claim without making the caller wait for the write:
-        the waiters are woken when it lands; the backend owns the task."""
-        shared = self.backend.store
+        """Complete or release the claim before the caller has its answer. An answer that
+        left before its record was written would let a duplicate run again if this process
+        died in between: a job's worker killed right after the call (its job is then
+        delivered again), a caller retrying on another replica. It costs a keyed call one
+        round trip to the store. A store that cannot take the record does not fail the
+        call, which has run: the claim frees when its lease ends."""
         if outcome is None:
             work = store.release(key, token, _far())
         else:
             work = store.complete(key, token, outcome, self.retention, _far())
-        if shared is None or store is self.backend.local_idempotency:
-            await work  # in memory: immediate
-        else:
-            shared.spawn(work, f"idempotency record of {self.name}")
+        try:
+            await work
+        except StateUnavailable as error:
+            self.backend.fell_back(f"the idempotency record of {self.name}", error)
 
     def _mismatch(self, raw_key: str) -> InvalidParams:
         return InvalidParams(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Self
@@ -261,8 +261,9 @@ class JobStore(ABC):
         it is not dead-lettered (or cannot run again: a malformed entry)."""
 
     @abstractmethod
-    async def purge(self) -> int:
-        """Drop every dead-lettered job; how many."""
+    async def purge(self, job_ids: Sequence[str] | None = None) -> int:
+        """Drop the dead-lettered jobs ``job_ids`` (every one when None); how many were
+        dead-lettered and are gone. An id that is not dead-lettered is left alone."""
 
     @abstractmethod
     async def changed(self, key: str, timeout: float) -> None:
@@ -311,8 +312,9 @@ class JobRecords(ABC):
     async def dead(self, limit: int) -> list[dict[str, str]]: ...
 
     @abstractmethod
-    async def purge_dead(self) -> int:
-        """Forget every dead-lettered job's record; how many."""
+    async def purge_dead(self, job_ids: Sequence[str] | None = None) -> int:
+        """Forget the records of the dead-lettered jobs ``job_ids`` (every one when None);
+        how many."""
 
     @abstractmethod
     async def changed(self, key: str, timeout: float) -> None: ...

@@ -63,6 +63,9 @@ T = TypeVar("T")
 BREAKER_TTL_MS = 86_400_000
 #: A warning about Redis at most this often; every fallback is counted in ``stats()``.
 LOG_EVERY_SECONDS = 10.0
+#: The longest ``aclose`` waits for each connection it closes (a Redis that stopped
+#: answering must not hold a host's shutdown up).
+CLOSE_SECONDS = 2.0
 
 
 def _redact(url: str) -> str:
@@ -158,14 +161,16 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             for task in self._tasks:
                 task.cancel()
         if self._listener is not None:
+            # Bounded: a listener stuck closing its connection must not hold the close up.
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await asyncio.wait((self._listener,), timeout=CLOSE_SECONDS)
         for waiters in self._waiters.values():
             for waiter in waiters:
                 waiter.cancel()
-        await self._client.aclose()
-        await self._pool.aclose()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_SECONDS):
+                await self._client.aclose()
+                await self._pool.aclose()
 
     def spawn(self, work: Awaitable[Any], what: str) -> None:
         """Run ``work`` (a bounded operation) without making a caller wait; ``aclose``
@@ -382,10 +387,13 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
                 log.debug("state notifications from %s lost: %s", self.where, error)
             finally:
                 self._views.clear()
+                # Bounded: this runs on cancellation too, when nothing would cancel it again.
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    async with asyncio.timeout(CLOSE_SECONDS):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
                 with contextlib.suppress(Exception):
-                    await client.aclose()
+                    async with asyncio.timeout(CLOSE_SECONDS):
+                        await client.aclose()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 

@@ -36,7 +36,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -342,14 +342,18 @@ class SqsJobs(JobStore):
         await self._scan_dead(send_back)
         return redriven
 
-    async def purge(self) -> int:
+    async def purge(self, job_ids: Sequence[str] | None = None) -> int:
+        wanted = None if job_ids is None else set(job_ids)
+
         async def drop(dead_url: str, message: Message, record: dict[str, str] | None) -> bool:
+            if wanted is not None and (record is None or record.get("id") not in wanted):
+                return False  # another job's (or unreadable): put back when the scan ends
             await self.queue.delete(dead_url, message.receipt)
             return True
 
         dropped = await self._scan_dead(drop)
         if self.records is not None:
-            await self.records.purge_dead()
+            await self.records.purge_dead(job_ids)
         return dropped
 
     def stats(self) -> dict[str, Any]:

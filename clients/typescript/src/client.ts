@@ -1,6 +1,7 @@
 /**
- * The gateway's HTTP side: calls (`POST /v1/plugins/{plugin}/methods/{method}`), the plugin
- * list and readiness, with credentials, a deadline enforced here as well as sent, and every
+ * The gateway's HTTP side: calls (`POST /v1/plugins/{plugin}/methods/{method}`), async
+ * jobs (`…:submit`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/result`), the plugin list and
+ * readiness, with credentials, a deadline enforced here as well as sent, and every
  * failure turned into a DispatchError at this boundary (no fetch TypeError or AbortError
  * reaches a caller, except the caller's own abort reason).
  */
@@ -46,6 +47,48 @@ export interface CallOptions {
   /** Abandons the call: it rejects with the signal's reason, as fetch does. */
   signal?: AbortSignal;
 }
+
+export interface SubmitOptions {
+  /** The job runs at most once per key (1-255 characters). */
+  idempotencyKey?: string;
+  /** POSTed the job's record when it ends; must be within the manifest's `egress`. */
+  callbackUrl?: string;
+  /** The plugin version to call; default the highest in the manifest. */
+  version?: string;
+  /** A deadline for the submission itself (not for the job). */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+export interface JobOptions {
+  /** Seconds the gateway waits for the job to end (at most its `job_wait_ms`). */
+  waitSeconds?: number;
+  /** A deadline for the request; default `waitSeconds` plus 10 s when waiting. */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+/** A job's record, as `GET /v1/jobs/{id}` answers it (only the caller's own jobs). */
+export interface JobRecord {
+  id: string;
+  plugin: string;
+  version: string;
+  method: string;
+  state: 'queued' | 'running' | 'retrying' | 'succeeded' | 'failed' | 'dead';
+  attempts: number;
+  caller?: string;
+  params?: unknown;
+  result?: unknown;
+  error?: unknown;
+  /** Milliseconds since the epoch, as strings. */
+  submitted_at: string;
+  started_at?: string;
+  finished_at?: string;
+  [field: string]: unknown;
+}
+
+/** `jobResult` of a job that has not ended: ask again later. */
+export const JOB_NOT_FINISHED = 'job_not_finished';
 
 export interface MethodInfo {
   name: string;
@@ -133,6 +176,67 @@ export class GatewayClient {
     const path = `/v1/plugins/${encodeURIComponent(plugin)}/methods/${encodeURIComponent(method)}`;
     const answer = await this.#request('POST', path, { headers, body }, timeoutMs, options.signal, requestId);
     return (await this.#envelope(answer, requestId, `${plugin}.${method}`)) as T;
+  }
+
+  /**
+   * Queue `plugin.method` as an async job (`POST …/methods/{method}:submit`); its job id.
+   * Refusals (access, params, a callback URL outside egress) reject as a call's would.
+   */
+  async submit(plugin: string, method: string, params: unknown = {}, options: SubmitOptions = {}): Promise<string> {
+    const timeoutMs = options.timeoutMs ?? this.timeoutMs;
+    if (timeoutMs !== undefined) checkTimeout(timeoutMs);
+    const headers: Record<string, string> = { ...this.#credentials, 'Content-Type': 'application/json' };
+    if (options.idempotencyKey !== undefined) headers['Idempotency-Key'] = options.idempotencyKey;
+    if (options.callbackUrl !== undefined) headers['X-Callback-Url'] = options.callbackUrl;
+    if (options.version !== undefined) headers['X-Plugin-Version'] = options.version;
+    let body: string;
+    try {
+      body = JSON.stringify(params ?? {});
+    } catch (error) {
+      throw new DispatchError(`the params of ${plugin}.${method} are not JSON: ${String(error)}`, {
+        type: 'invalid_params',
+        cause: error,
+      });
+    }
+    const path = `/v1/plugins/${encodeURIComponent(plugin)}/methods/${encodeURIComponent(method)}:submit`;
+    const answer = await this.#request('POST', path, { headers, body }, timeoutMs, options.signal);
+    const text = await this.#text(answer);
+    const parsed = parseJson(text);
+    if (answer.response.status === 202 && isRecord(parsed) && typeof parsed.job_id === 'string') {
+      return parsed.job_id;
+    }
+    throw answerError(answer.response, parsed, text, undefined);
+  }
+
+  /** `GET /v1/jobs/{id}`: the record of one of this caller's jobs (another's: JobNotFound). */
+  async job(id: string, options: JobOptions = {}): Promise<JobRecord> {
+    const answer = await this.#jobRequest(`/v1/jobs/${encodeURIComponent(id)}`, options);
+    const text = await this.#text(answer);
+    const parsed = parseJson(text);
+    if (answer.response.ok && isRecord(parsed) && parsed.ok === true && isRecord(parsed.job)) {
+      return parsed.job as JobRecord;
+    }
+    throw answerError(answer.response, parsed, text, undefined);
+  }
+
+  /**
+   * `GET /v1/jobs/{id}/result`: what the job returned; its own error (typed, as the call's
+   * would be) if it failed; a retryable DispatchError of type `job_not_finished` before it ends.
+   */
+  async jobResult<T = unknown>(id: string, options: JobOptions = {}): Promise<T> {
+    const answer = await this.#jobRequest(`/v1/jobs/${encodeURIComponent(id)}/result`, options);
+    return (await this.#envelope(answer, '', `job ${id}`, true)) as T;
+  }
+
+  async #jobRequest(path: string, options: JobOptions): Promise<Answer> {
+    const wait = options.waitSeconds;
+    if (wait !== undefined && !(wait >= 0 && wait <= 3600)) {
+      throw new RangeError(`waitSeconds is in [0, 3600], not ${wait}`);
+    }
+    const timeoutMs = options.timeoutMs ?? (wait ? wait * 1000 + 10_000 : this.timeoutMs);
+    if (timeoutMs !== undefined) checkTimeout(timeoutMs);
+    const query = wait ? `?wait=${wait}` : '';
+    return this.#request('GET', path + query, { headers: this.credentialHeaders() }, timeoutMs, options.signal);
   }
 
   /** `GET /v1/plugins`: every plugin and version of the manifest, with its methods. */
@@ -227,12 +331,15 @@ export class GatewayClient {
   }
 
   /** The result of an envelope, or its error; the timer ends once the body is read. */
-  async #envelope(answer: Answer, requestId: string, what: string): Promise<unknown> {
+  async #envelope(answer: Answer, requestId: string, what: string, job = false): Promise<unknown> {
     const { response } = answer;
     const text = await this.#text(answer);
     const answeredId = response.headers.get('X-Request-Id') ?? requestId;
     const parsed = parseJson(text);
-    if (isRecord(parsed) && parsed.ok === true && response.ok) return parsed.result;
+    // A job's 202 carries an error envelope (job_not_finished): read as an error.
+    if (isRecord(parsed) && parsed.ok === true && response.ok && !(job && response.status === 202)) {
+      return parsed.result;
+    }
     if (isRecord(parsed) && parsed.ok === false) {
       throw errorFromWire(parsed.error, {
         status: response.status,

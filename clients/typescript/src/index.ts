@@ -1,7 +1,16 @@
 /** LinchKit dispatcher host client: remote plugins through the gateway (`dispatcher serve`). */
 
-export { GatewayClient } from './client';
-export type { CallOptions, GatewayClientOptions, MethodInfo, PluginInfo, Readiness } from './client';
+export { GatewayClient, JOB_NOT_FINISHED } from './client';
+export type {
+  CallOptions,
+  GatewayClientOptions,
+  JobOptions,
+  JobRecord,
+  MethodInfo,
+  PluginInfo,
+  Readiness,
+  SubmitOptions,
+} from './client';
 export { ANY_EVENT, RemotePlugin } from './plugin';
 export type { ErrorHandler, EventHandler, GapHandler, HealthStatus, PluginState, RemotePluginService } from './plugin';
 export { EventStream } from './events';

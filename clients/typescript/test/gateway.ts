@@ -6,6 +6,7 @@
  */
 
 import { ChildProcess, spawn } from 'node:child_process';
+import { createServer } from 'node:net';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -31,7 +32,13 @@ const SAY_SCHEMA = {
   additionalProperties: false,
 };
 
-export function manifest(options: { auth?: boolean } = {}): Record<string, unknown> {
+export interface GatewayOptions {
+  auth?: boolean;
+  /** Keep state (and async jobs, run by one worker) on this Redis. */
+  redisUrl?: string;
+}
+
+export function manifest(options: GatewayOptions = {}): Record<string, unknown> {
   const document: Record<string, unknown> = {
     version: 1,
     plugins: [
@@ -60,6 +67,10 @@ export function manifest(options: { auth?: boolean } = {}): Record<string, unkno
       },
     ],
   };
+  if (options.redisUrl !== undefined) {
+    document.state = { backend: 'redis', url: options.redisUrl, key_prefix: `ts-${process.pid}-${Date.now()}` };
+    document.jobs = { workers: 1 };
+  }
   if (options.auth) {
     const sha256 = createHash('sha256').update(API_KEY, 'utf8').digest('hex');
     document.auth = { api_keys: [{ principal: 'ts-host', sha256, roles: ['host'] }] };
@@ -76,7 +87,7 @@ export class Gateway {
   #process: ChildProcess | undefined;
   #stderr = '';
 
-  constructor(options: { auth?: boolean } = {}) {
+  constructor(options: GatewayOptions = {}) {
     this.folder = mkdtempSync(join(tmpdir(), 'linchkit-ts-client-'));
     this.manifestPath = join(this.folder, 'plugins.yaml');
     // JSON is YAML: no YAML writer needed.
@@ -148,5 +159,48 @@ export async function eventually(check: () => boolean, what: string, timeoutMs =
   while (!check()) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((done) => setTimeout(done, 20));
+  }
+}
+
+/** A `redis-server` of the test's own on a free loopback port, without persistence. */
+export class RedisServer {
+  #process: ChildProcess | undefined;
+  url = '';
+
+  async start(): Promise<void> {
+    const port = await new Promise<number>((resolvePort, reject) => {
+      const probe = createServer();
+      probe.once('error', reject);
+      probe.listen(0, '127.0.0.1', () => {
+        const address = probe.address();
+        probe.close(() => resolvePort(typeof address === 'object' && address ? address.port : 0));
+      });
+    });
+    const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+      cwd: tmpdir(),
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    this.#process = child;
+    await new Promise<void>((ready, reject) => {
+      let out = '';
+      const timer = setTimeout(() => reject(new Error('redis-server did not start in 20 s')), 20_000);
+      child.stdout?.on('data', (chunk: Buffer) => {
+        out += chunk.toString();
+        if (out.includes('Ready to accept connections')) {
+          clearTimeout(timer);
+          ready();
+        }
+      });
+    });
+    this.url = `redis://127.0.0.1:${port}/0`;
+  }
+
+  async stop(): Promise<void> {
+    const child = this.#process;
+    this.#process = undefined;
+    if (child === undefined || child.exitCode !== null) return;
+    const exited = new Promise<void>((done) => child.once('exit', () => done()));
+    child.kill('SIGKILL');
+    await exited;
   }
 }

@@ -1,0 +1,277 @@
+"""Async jobs over the gateway: ``POST …:submit``, ``GET /v1/jobs/{id}`` and its result,
+with the manifest's auth, access and audit, on a real Redis and a real gateway."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from dispatcher import Dispatcher, parse_manifest
+from dispatcher.gateway import GatewayServer, GatewaySettings
+from tests.gateway_support import echo_entry
+from tests.services import Redis
+from tests.test_gateway_security import ADMIN_KEY, READER_KEY, sha256
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+def jobs_document(tmp_path: Path, url: str, prefix: str, workers: int) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "state": {"backend": "redis", "url": url, "key_prefix": prefix, "op_timeout_ms": 1000},
+        "jobs": {"workers": workers, "backoff_ms": 10, "backoff_max_ms": 50, "max_attempts": 2},
+        "auth": {
+            "api_keys": [
+                {"principal": "reader-svc", "sha256": sha256(READER_KEY), "roles": ["reader"]},
+                {"principal": "admin-svc", "sha256": sha256(ADMIN_KEY), "roles": ["admin"]},
+            ]
+        },
+        "access": {"roles": {"reader": {"allow": ["jobs.work"]}, "admin": {"allow": ["*"]}}},
+        "audit": {"path": str(tmp_path / "audit.log")},
+        "plugins": [
+            {
+                "id": "jobs",
+                "version": "1.0.0",
+                "config": {"url": url, "prefix": prefix},
+                "target": {
+                    "provider": "local",
+                    "entrypoint": "job_plugin:JobPlugin",
+                    "path": str(PLUGINS),
+                },
+                "methods": {
+                    "work": {
+                        "params_schema": {
+                            "type": "object",
+                            "properties": {"n": {"type": "integer"}},
+                            "required": ["n"],
+                        }
+                    },
+                    "busy": {},
+                    "refuse": {},
+                },
+            }
+        ],
+    }
+
+
+@contextlib.asynccontextmanager
+async def jobs_gateway(
+    tmp_path: Path, url: str, prefix: str, *, workers: int = 1, max_job_wait: float = 30.0
+) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
+    loaded = parse_manifest(jobs_document(tmp_path, url, prefix, workers), base_dir=tmp_path)
+    settings = GatewaySettings(port=0, max_body_bytes=64 * 1024, max_job_wait=max_job_wait)
+    async with (
+        Dispatcher(loaded) as dispatcher,
+        GatewayServer(dispatcher, settings) as server,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        yield server.url, session
+
+
+async def send(
+    session: aiohttp.ClientSession, method: str, url: str, key: str | None, **options: Any
+) -> tuple[int, Any, Any]:
+    headers = dict(options.pop("headers", {}))
+    if key is not None:
+        headers["X-API-Key"] = key
+    async with session.request(method, url, headers=headers, **options) as answer:
+        return answer.status, await answer.json(content_type=None), answer.headers
+
+
+async def test_a_submitted_job_is_read_by_its_caller_and_audited(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix) as (base, session):
+        submit = f"{base}/v1/plugins/jobs/methods/work:submit"
+        status, body, headers = await send(session, "POST", submit, READER_KEY, json={"n": 4})
+        assert status == 202, body
+        job_id = body["job_id"]
+        assert headers["Location"] == body["location"] == f"/v1/jobs/{job_id}"
+
+        status, body, _ = await send(session, "GET", f"{base}/v1/jobs/{job_id}?wait=30", READER_KEY)
+        assert status == 200, body
+        job = body["job"]
+        assert (job["state"], job["caller"], job["params"]) == ("succeeded", "reader-svc", {"n": 4})
+        status, body, _ = await send(session, "GET", f"{base}/v1/jobs/{job_id}/result", READER_KEY)
+        assert (status, body) == (200, {"ok": True, "result": {"n": 4, "runs": 1}})
+
+        # A call is still a call: the submit route did not take the plain method's path.
+        status, body, _ = await send(
+            session, "POST", f"{base}/v1/plugins/jobs/methods/work", READER_KEY, json={"n": 5}
+        )
+        assert (status, body["result"]["n"]) == (200, 5)
+
+    records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    submitted = [record for record in records if record["kind"] == "submit"]
+    assert [(r["principal"]["id"], r["method"], r["outcome"]) for r in submitted] == [
+        ("reader-svc", "work", "ok")
+    ]
+    assert submitted[0]["request_id"] == job_id
+
+
+async def test_another_callers_job_is_not_found_and_access_applies_at_submit(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix) as (base, session):
+        status, body, _ = await send(
+            session,
+            "POST",
+            f"{base}/v1/plugins/jobs/methods/work:submit",
+            READER_KEY,
+            json={"n": 1},
+        )
+        job_id = body["job_id"]
+        for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/result"):
+            theirs = await send(session, "GET", base + path, ADMIN_KEY)
+            nobody = await send(
+                session, "GET", base + path.replace(job_id, "no-such-job"), ADMIN_KEY
+            )
+            assert theirs[0] == nobody[0] == 404
+            assert theirs[1]["error"]["type"] == nobody[1]["error"]["type"] == "job_not_found"
+            assert (await send(session, "GET", base + path, None))[0] == 401
+            assert (await send(session, "GET", base + path, "rk_live_guess"))[0] == 401
+
+        status, body, _ = await send(
+            session, "POST", f"{base}/v1/plugins/jobs/methods/refuse:submit", READER_KEY, json={}
+        )
+        assert (status, body["error"]["type"]) == (403, "forbidden")
+        status, body, _ = await send(
+            session, "POST", f"{base}/v1/plugins/jobs/methods/nope:submit", ADMIN_KEY, json={}
+        )
+        assert (status, body["error"]["type"]) == (404, "method_not_found")
+
+
+async def test_a_failed_job_answers_its_error_and_an_unfinished_one_202(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix) as (base, session):
+        status, body, _ = await send(
+            session, "POST", f"{base}/v1/plugins/jobs/methods/refuse:submit", ADMIN_KEY, json={}
+        )
+        job_id = body["job_id"]
+        status, body, _ = await send(
+            session, "GET", f"{base}/v1/jobs/{job_id}/result?wait=30", ADMIN_KEY
+        )
+        assert (status, body["error"]["type"]) == (500, "NoAccount")
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        status, body, _ = await send(
+            session, "POST", f"{base}/v1/plugins/jobs/methods/work:submit", ADMIN_KEY, json={"n": 2}
+        )
+        job_id = body["job_id"]
+        started = time.monotonic()
+        status, body, headers = await send(
+            session, "GET", f"{base}/v1/jobs/{job_id}/result?wait=0.5", ADMIN_KEY
+        )
+        assert (status, body["error"]["type"]) == (202, "job_not_finished")
+        assert headers["Retry-After"] == "1"
+        assert 0.4 < time.monotonic() - started < 20
+        status, body, _ = await send(session, "GET", f"{base}/v1/jobs/{job_id}", ADMIN_KEY)
+        assert (status, body["job"]["state"]) == (200, "queued")
+
+
+# -- hostile ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/jobs/" + "a" * 65,
+        "/v1/jobs/a%20b",
+        "/v1/jobs/%00",
+        "/v1/jobs/%E2%80%AE" + "x",
+        "/v1/jobs/a%0Ab/result",
+    ],
+)
+async def test_a_malformed_job_id_is_refused(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, path: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        status, body, _ = await send(session, "GET", base + path, ADMIN_KEY)
+        assert (status, body["error"]["type"]) == (400, "invalid_params")
+
+
+@pytest.mark.parametrize("wait", ["-1", "nan", "inf", "31", "1e9", "soon", ""])
+async def test_a_wait_past_the_gateways_bound_is_refused(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, wait: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        status, body, _ = await send(session, "GET", f"{base}/v1/jobs/abc?wait={wait}", ADMIN_KEY)
+        assert (status, body["error"]["type"]) == (400, "invalid_params")
+
+
+async def test_hostile_submissions_are_refused_before_anything_is_queued(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        submit = f"{base}/v1/plugins/jobs/methods/work:submit"
+        cases: list[tuple[dict[str, Any], int]] = [
+            ({"data": b"x" * (128 * 1024), "headers": {"Content-Type": "application/json"}}, 413),
+            ({"data": b"{not json", "headers": {"Content-Type": "application/json"}}, 400),
+            ({"json": {"n": "four"}}, 400),  # the method's params schema
+            ({"json": {"n": 1}, "headers": {"Idempotency-Key": "k" * 300}}, 400),
+            (
+                {"json": {"n": 1}, "headers": {"X-Callback-Url": "http://169.254.169.254/latest"}},
+                400,
+            ),
+            ({"json": {"n": 1}, "headers": {"X-Callback-Url": "file:///etc/passwd"}}, 400),
+            ({"json": {"n": 1}, "headers": {"X-Callback-Url": "http://" + "a" * 3000}}, 400),
+        ]
+        for options, expected in cases:
+            status, body, _ = await send(session, "POST", submit, ADMIN_KEY, **options)
+            assert status == expected, (options.get("headers"), body)
+            assert body["ok"] is False
+        assert (await send(session, "POST", submit, None, json={"n": 1}))[0] == 401
+        status, body, _ = await send(session, "GET", f"{base}/v1/jobs/x", ADMIN_KEY, params={})
+        assert status == 404
+    records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert {record["outcome"] for record in records if record["kind"] == "submit"} != {"ok"}
+
+
+async def test_a_gateway_on_the_memory_backend_says_jobs_are_unavailable() -> None:
+    from tests.conftest import manifest
+
+    settings = GatewaySettings(port=0)
+    async with (
+        Dispatcher(manifest(echo_entry())) as dispatcher,
+        GatewayServer(dispatcher, settings) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        status, body, _ = await send(
+            session,
+            "POST",
+            f"{server.url}/v1/plugins/echo/methods/say:submit",
+            None,
+            json={"text": "x"},
+        )
+        assert (status, body["error"]["type"]) == (501, "jobs_unavailable")
+        status, body, _ = await send(session, "GET", f"{server.url}/v1/jobs/abc", None)
+        assert (status, body["error"]["type"]) == (501, "jobs_unavailable")
+
+
+async def test_the_openapi_document_describes_the_job_routes(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        status, document, _ = await send(session, "GET", f"{base}/openapi.json", ADMIN_KEY)
+    assert status == 200
+    paths = document["paths"]
+    submit = paths["/v1/plugins/jobs/methods/work:submit"]["post"]
+    assert "202" in submit["responses"] and "200" not in submit["responses"]
+    assert submit["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/jobs.work.params"
+    }
+    assert {"/v1/jobs/{id}", "/v1/jobs/{id}/result"} <= paths.keys()
+    # Every reference resolves inside the document.
+    text = json.dumps(document)
+    for reference in set(re.findall(r'"\$ref": "#/([^"]+)"', text)):
+        node: Any = document
+        for part in reference.split("/"):
+            node = node[part.replace("~1", "/").replace("~0", "~")]
