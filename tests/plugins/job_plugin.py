@@ -11,8 +11,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from linchkit_plugin import Plugin
+from linchkit_plugin import Plugin, current_context
 from linchkit_plugin.errors import PluginError, TargetUnavailable
+
+_APPLY_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX') then redis.call('INCR', KEYS[2]) end
+return 0
+"""
 
 
 class JobPlugin(Plugin):
@@ -25,6 +30,14 @@ class JobPlugin(Plugin):
 
     async def work(self, n: int) -> dict[str, int]:
         runs = await self.redis.incr(f"{self.prefix}:effects:{n}")
+        key = current_context().get("idempotency_key")
+        if key is not None:
+            # What a plugin does for effects applied exactly once (the dispatcher passes the
+            # key on for this): the effect and the key's mark in one atomic step, so a run
+            # the dispatcher could not record before its worker died applies nothing twice.
+            await self.redis.eval(
+                _APPLY_ONCE, 2, f"{self.prefix}:seen:{key}", f"{self.prefix}:applied:{n}"
+            )
         return {"n": n, "runs": int(runs)}
 
     async def slow(self, n: int, seconds: float) -> dict[str, int]:
