@@ -83,7 +83,7 @@ def _validate(main: Document) -> Manifest[Any]:
         semantic = [*_semantic_problems(manifest, origins.describe), *_egress_problems(manifest)]
         problems.extend(origins.relocate(problem) for problem in semantic)
     if problems:
-        roots = {document.source: document.yaml_root for document in documents}
+        roots = {document.source: document.tree() for document in documents}
         located = [
             _locate(problem, roots.get(problem.source or main.source)) for problem in problems
         ]
