@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -44,13 +45,15 @@ class ExpiringEntries:
     resizes (14 µs per store at 100,000 entries against 0.9 µs here).
     """
 
-    __slots__ = ("_clock", "_items", "maxsize", "ttl")
+    __slots__ = ("_clock", "_front_expires", "_items", "maxsize", "ttl")
 
     def __init__(self, maxsize: int, ttl: float, clock: Callable[[], float]) -> None:
         self.maxsize = maxsize
         self.ttl = ttl
         self._clock = clock
         self._items: OrderedDict[bytes, tuple[float, Any]] = OrderedDict()
+        #: When the oldest entry expires (or earlier): until then a store trims nothing.
+        self._front_expires = math.inf
 
     def get(self, key: bytes, default: Any = None) -> Any:
         item = self._items.get(key)
@@ -72,12 +75,23 @@ class ExpiringEntries:
         now = self._clock()
         items = self._items
         items.pop(key, None)  # an expired entry of this key: the new one goes to the end
+        if not now < self._front_expires or len(items) >= self.maxsize:
+            self._trim(now)
+        expires = now + self.ttl
+        if not items:
+            self._front_expires = expires
+        items[key] = (expires, value)
+
+    def _trim(self, now: float) -> None:
+        """Drop expired entries off the front, then the oldest until one more fits."""
+        items = self._items
         while items:
             oldest, (expires, _) = next(iter(items.items()))
             if now < expires and len(items) < self.maxsize:
-                break
+                self._front_expires = expires
+                return
             del items[oldest]
-        items[key] = (now + self.ttl, value)
+        self._front_expires = math.inf
 
     def __len__(self) -> int:
         """Entries held, including any expired since the last store (as ``TTLCache``)."""
@@ -85,6 +99,7 @@ class ExpiringEntries:
 
     def clear(self) -> None:
         self._items.clear()
+        self._front_expires = math.inf
 
     def __repr__(self) -> str:
         return f"<ExpiringEntries {len(self._items)}/{self.maxsize} ttl={self.ttl:g}s>"
