@@ -49,6 +49,7 @@ from dispatcher._versions import SUPPORTED_PROTOCOLS
 from dispatcher.access import AccessControl
 from dispatcher.audit import AuditLog
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
+from dispatcher.config.loader import collector_paused
 from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, authenticator_of
@@ -201,8 +202,9 @@ class Dispatcher:
             for provider in self._providers.values():
                 await provider.start()
                 self._started_providers.append(provider)
-            for plugin in self.manifest.plugins:
-                await self._attach(plugin)
+            with collector_paused():  # routes and chains: objects that all live on
+                for plugin in self.manifest.plugins:
+                    await self._attach(plugin)
             self._rollouts.configure(self.manifest.rollouts, self._routes)
             await self.fleets.start()
             store = self.state_backend.jobs

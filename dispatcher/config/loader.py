@@ -32,7 +32,7 @@ from dispatcher.config.policies import Policies
 from providers import provider_classes
 from providers.target import MASK, TargetConfig
 
-__all__ = ["load_manifest", "manifest_model", "parse_manifest"]
+__all__ = ["collector_paused", "load_manifest", "manifest_model", "parse_manifest"]
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -51,19 +51,19 @@ def manifest_model() -> type[Manifest[Any]]:
 def load_manifest(path: str | os.PathLike[str]) -> Manifest[Any]:
     """Read and validate a manifest file (``.yaml``/``.yml`` or ``.toml``) and the files
     its ``include`` names (``dispatcher.config.includes``)."""
-    with _collector_paused():
+    with collector_paused():
         return _validate(read_document(path))
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a manifest is read and validated.
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a manifest is read and validated (or started).
 
     Reading one allocates a tree of small objects (YAML nodes, dicts, models) and none of
     them is garbage until it is done, so the collector's passes meanwhile find nothing
-    and walk the whole heap for it: they were ~45 % of loading 1,000 plugins
-    (bench/bench_startup.py). Reference counting frees as usual; the collector resumes,
-    as it was, when the manifest is read.
+    and walk the whole heap for it: they were ~45 % of loading 1,000 plugins and over half
+    of starting them (bench/bench_startup.py). Reference counting frees as usual; the
+    collector resumes, as it was, when the work is done.
     """
     if not gc.isenabled():
         yield
@@ -83,7 +83,7 @@ def parse_manifest(
     yaml_root: yaml.Node | None = None,
 ) -> Manifest[Any]:
     """Validate an already parsed manifest document (its ``include`` relative to ``base_dir``)."""
-    with _collector_paused():
+    with collector_paused():
         return _validate(Document(source, data, base_dir or Path.cwd(), yaml_root))
 
 
