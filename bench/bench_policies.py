@@ -9,6 +9,8 @@
 * ``policies_c64_ablation_<policy>_cpu_added_us``: client CPU per call of a method with
   that one policy (cache miss, rate limit, breaker, retry) over the same method with
   none, same rounds: where the chain's cost goes.
+* ``policies_in_process_c64_<policy>_cpu_added_us``: the same ablation (and the whole
+  chain) against an in-process target, where no server or socket adds noise.
 * ``policies_cache_hit_p50_us``: one ``Dispatcher.call`` answered from the cache. Goal ≤ 3.
 * ``policies_batching_speedup``: calls/s of a batched method (max_size 100) over the same
   method unbatched, against a target that costs 2 ms per invocation (``_costed_server``).
@@ -22,9 +24,11 @@ import contextlib
 import gc
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from itertools import count
+from pathlib import Path
 from typing import Any
 
 from bench._core import Goal, Options, available_cpus, pinned_to_cpu
@@ -83,6 +87,7 @@ async def run(options: Options) -> dict[str, float]:
             figures.update(await _chain_against_raw(url, calls, rounds))
             figures.update(await _chain_at_c1(url, calls, rounds))
             figures["policies_cache_hit_p50_us"] = await _cache_hit_p50(url, calls * 5)
+        figures.update(await _in_process_ablation(calls, max(rounds, 5)))
         async with costed_server(pinned) as url:
             figures.update(await _batching(url, calls, quick=options.quick))
     figures["policies_load_average_1min_at_end"] = os.getloadavg()[0]
@@ -148,6 +153,51 @@ async def _chain_at_c1(url: str, calls: int, rounds: int) -> dict[str, float]:
         "policies_c1_chain_p50_added_us": statistics.median(p50 for p50, _ in paired),
         "policies_c1_chain_median_added_us_per_call": statistics.median(pair for _, pair in paired),
     }
+
+
+_IN_PROCESS_PLUGIN = """
+class Echo:
+    async def echo(self, text):
+        return {"text": text, "items": [1, 2]}
+"""
+
+
+def _write_plugin(folder: Path) -> None:
+    (folder / "bench_in_process_echo.py").write_text(_IN_PROCESS_PLUGIN)
+
+
+async def _in_process_ablation(calls: int, rounds: int) -> dict[str, float]:
+    """The ablation again against an in-process target: no network and no server, so the
+    CPU per call is the dispatcher's alone and the differences are steadier."""
+    from dispatcher import Dispatcher, parse_manifest
+
+    variants = {"none": {}, **ONE_POLICY, "chain": FULL_CHAIN}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory(prefix="bench-policies-") as folder:
+        _write_plugin(Path(folder))
+        target = {"provider": "local", "entrypoint": "bench_in_process_echo:Echo", "path": folder}
+        plugins = [
+            {"id": name, "version": "1.0.0", "target": target, "methods": {"echo": policy}}
+            for name, policy in variants.items()
+        ]
+        async with Dispatcher(parse_manifest({"plugins": plugins})) as dispatcher:
+            numbers = count()
+
+            def caller(name: str) -> Call:
+                return lambda: dispatcher.call(name, "echo", {"text": f"t{next(numbers)}"})
+
+            for name in variants:
+                await measure(caller(name), 500, 64)
+            for _ in range(rounds):
+                for name in variants:
+                    cpu[name].append((await measure(caller(name), calls, 64)).cpu_us_per_call)
+    figures = {}
+    for name in variants:
+        if name != "none":
+            added = statistics.median(a - b for a, b in zip(cpu[name], cpu["none"], strict=True))
+            figures[f"policies_in_process_c64_{name}_cpu_added_us"] = added
+    figures["policies_in_process_c64_no_policies_cpu_us"] = statistics.median(cpu["none"])
+    return figures
 
 
 async def _cache_hit_p50(url: str, calls: int) -> float:
