@@ -158,6 +158,8 @@ async def test_a_reload_sees_a_file_added_to_the_folder_with_no_failed_call(
         "when: 2001-12-14\nblob: !!binary aGk=\nratio: 1.5\nnothing: ~\nhex: 0x1f\nstr: !!str 12",
         "same: &s hello\nagain: *s\n'': empty key\n? long key\n: value",
         "duplicate: 1\nduplicate: 2",
+        "octal: 0755\nneg: -3\nunder: 1_000\nsexa: 1:30\nbig: 12345678901234567890\nx: !!int '42'",
+        "t: [true, True, on, No, off, ~, null, Null, '', 0, 7]",
     ],
 )
 def test_a_manifest_reads_exactly_as_pyyaml_s_safe_loader_reads_it(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ _GLOB_MAGIC = frozenset("*?[")
 #: 0.2 s with it against 2.3 s without (bench/bench_startup.py); the same documents.
 _BASE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-_STR, _MAP, _SEQ = (f"tag:yaml.org,2002:{name}" for name in ("str", "map", "seq"))
+_STR, _MAP, _SEQ, _INT, _BOOL, _NULL = (
+    f"tag:yaml.org,2002:{name}" for name in ("str", "map", "seq", "int", "bool", "null")
+)
 _MERGE = "tag:yaml.org,2002:merge"
 
 
@@ -55,6 +58,18 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._tags: dict[tuple[str, Any], str] = {}
+        bools = self.bool_values
+        self._plain_scalars: dict[str, Callable[[str], Any]] = {
+            _STR: str,
+            _NULL: lambda _: None,
+            _BOOL: lambda text: bools[text.lower()],  # what construct_yaml_bool does
+            # Plain decimal integers only; signs, 0x/0o/0b, underscores, "1:30" and a
+            # leading zero (octal in YAML 1.1) go through PyYAML below.
+            _INT: lambda text: int(text) if text.isdigit() and text[0] != "0" else self._int(text),
+        }
+
+    def _int(self, text: str) -> Any:
+        return self.construct_yaml_int(yaml.ScalarNode(_INT, text))
 
     def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
         # A safe loader has no path resolvers: a scalar's tag depends on its text alone.
@@ -78,8 +93,8 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]
             return built[identity]
         tag = node.tag
         kind = type(node)
-        if tag == _STR and kind is yaml.ScalarNode:
-            value: Any = node.value
+        if kind is yaml.ScalarNode and tag in self._plain_scalars:
+            value: Any = self._plain_scalars[tag](node.value)
         elif (tag == _MAP and kind is yaml.MappingNode) or (
             tag == _SEQ and kind is yaml.SequenceNode
         ):

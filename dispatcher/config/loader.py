@@ -195,6 +195,8 @@ def _interpolate_env(
     Records in ``substituted`` where it replaced what, so problems never echo those values.
     """
     if isinstance(value, str):
+        if "${" not in value:  # most strings: no closure, no regular expression
+            return value
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
