@@ -130,7 +130,9 @@ class PluginSpec(StrictModel, Generic[TargetT]):
                 for field in method.model_fields_set
                 if field in _POLICY_FIELDS
             )
-            merged[name] = Policies.model_construct(set(values), **values)
+            # Validated field values pass through as they are (pydantic does not revalidate
+            # model instances); what was set stays set, for ``model_dump(exclude_unset)``.
+            merged[name] = Policies.model_validate(values)
         return merged
 
     def targets(self) -> list[TargetT]:
