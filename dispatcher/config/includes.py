@@ -71,8 +71,16 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]
     def _int(self, text: str) -> Any:
         return self.construct_yaml_int(yaml.ScalarNode(_INT, text))
 
+    # A safe loader has no path resolvers: nothing to track per node on the way down and up
+    # (libyaml's composer calls both for every node), and a scalar's tag depends on its
+    # text alone.
+    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+        pass
+
+    def ascend_resolver(self) -> None:
+        pass
+
     def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
-        # A safe loader has no path resolvers: a scalar's tag depends on its text alone.
         if kind is not yaml.ScalarNode:
             return super().resolve(kind, value, implicit)  # type: ignore[no-any-return]
         key = (value, implicit)
