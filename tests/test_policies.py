@@ -102,6 +102,18 @@ async def test_cache_ttl_on_a_fake_clock_and_per_caller_keys() -> None:
     assert cache.entries.get(first) is None
 
 
+async def test_short_params_key_the_cache_as_they_are_long_ones_by_digest() -> None:
+    cache = ResultCache("p.m", CachePolicy(ttl_ms=10_000), FakeClock())
+    short = cache.key(invocation({"b": 1, "a": 2}))
+    assert short == b'{"a":2,"b":1}' == cache.key(invocation({"a": 2, "b": 1}))
+    long_params = {"text": "x" * 300, "n": 1}
+    long_key = cache.key(invocation(long_params))
+    assert len(long_key) == 17 and long_key[0] == 0xFF
+    assert long_key == cache.key(invocation(dict(reversed(long_params.items()))))
+    assert long_key != cache.key(invocation({"text": "x" * 300, "n": 2}))
+    assert cache.digest(invocation(long_params)) == long_key[1:]
+
+
 def test_cache_entries_expire_oldest_first_and_a_full_cache_drops_the_oldest() -> None:
     clock = FakeClock()
     entries = ExpiringEntries(maxsize=3, ttl=10.0, clock=clock)

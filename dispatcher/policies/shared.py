@@ -239,7 +239,7 @@ class SharedCacheStep:
 
     async def __call__(self, invocation: Invocation) -> Any:
         cache = self.cache
-        key = cache.key(invocation)
+        key = cache.digest(invocation)
         while True:
             flight = cache.filling.get(key)
             if flight is None:
