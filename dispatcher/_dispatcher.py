@@ -49,6 +49,7 @@ from dispatcher._versions import SUPPORTED_PROTOCOLS
 from dispatcher.access import AccessControl
 from dispatcher.audit import AuditLog
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
+from dispatcher.config.loader import collector_paused
 from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, authenticator_of
@@ -198,8 +199,9 @@ class Dispatcher:
             if self.authenticator is not None:
                 await self.authenticator.start()
             await self._attachments.start()
-            for plugin in self.manifest.plugins:
-                await self._attach(plugin)
+            with collector_paused():  # routes and chains: objects that all live on
+                for plugin in self.manifest.plugins:
+                    await self._attach(plugin)
             self._rollouts.configure(self.manifest.rollouts, self._routes)
             await self.fleets.start()
             store = self.state_backend.jobs

@@ -52,7 +52,9 @@ class LocalTarget(TargetConfig):
         if path is not None:
             return path
         base_dir = (info.context or {}).get("base_dir")
-        return None if base_dir is None else Path(base_dir)
+        if base_dir is None or isinstance(base_dir, Path):
+            return base_dir  # one Path for every plugin of a manifest: no re-parsing per plugin
+        return Path(base_dir)
 
     def describe(self) -> str:
         return f"local {self.entrypoint}"
@@ -69,7 +71,11 @@ class LocalProvider(Provider[LocalTarget]):
         key = (plugin.id, plugin.version, target.entrypoint)
         if key in self._hosts:
             return
-        host = PluginHost.load(target.entrypoint, target.path, emit=self._sink(plugin.id))
+        # Only the methods the manifest lists: nothing else can be routed to, and a wide
+        # class would otherwise cost its every public method per plugin.
+        host = PluginHost.load(
+            target.entrypoint, target.path, emit=self._sink(plugin.id), methods=plugin.methods
+        )
         try:
             async with asyncio.timeout(plugin.lifecycle.init_timeout_ms / 1000):
                 await host.open(plugin.config)

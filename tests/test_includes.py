@@ -13,6 +13,7 @@ import yaml
 
 from dispatcher import Dispatcher, ManifestError, load_manifest
 from dispatcher.config import watched_paths
+from dispatcher.config.includes import read_document
 from tests.conftest import EXAMPLES, LOCAL_TARGET, echo_plugin
 
 MAIN = f"""\
@@ -146,3 +147,35 @@ async def test_a_reload_sees_a_file_added_to_the_folder_with_no_failed_call(
             stop.set()
             await asyncio.gather(*callers)
         assert failures == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plugins: [{id: a, version: 1.0.0, methods: {m: {timeout_ms: 5, pure: yes}}}]",
+        "base: &base {rate: 10, burst: 2}\nlimits: [*base, {<<: *base, burst: 3}]",
+        "loop: &loop [1, *loop]",
+        "when: 2001-12-14\nblob: !!binary aGk=\nratio: 1.5\nnothing: ~\nhex: 0x1f\nstr: !!str 12",
+        "same: &s hello\nagain: *s\n'': empty key\n? long key\n: value",
+        "duplicate: 1\nduplicate: 2",
+        "octal: 0755\nneg: -3\nunder: 1_000\nsexa: 1:30\nbig: 12345678901234567890\nx: !!int '42'",
+        "t: [true, True, on, No, off, ~, null, Null, '', 0, 7]",
+    ],
+)
+def test_a_manifest_reads_exactly_as_pyyaml_s_safe_loader_reads_it(
+    tmp_path: Path, text: str
+) -> None:
+    path = tmp_path / "doc.yaml"
+    path.write_text(text)
+    assert repr(read_document(path).data) == repr(yaml.load(text, Loader=yaml.SafeLoader))
+
+
+@pytest.mark.parametrize("text", ["? [1, 2]\n: 3", "a: [1, 2\nb: 3", "a: 1\n b: 2"])
+def test_bad_yaml_reads_as_pyyaml_s_safe_loader_words_it(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(yaml.YAMLError) as theirs:
+        yaml.load(text, Loader=yaml.SafeLoader)
+    with pytest.raises(ManifestError) as ours:
+        read_document(path)
+    assert str(getattr(theirs.value, "problem", None) or theirs.value) in str(ours.value)

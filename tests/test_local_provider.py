@@ -19,6 +19,7 @@ from dispatcher import (
     PluginError,
     ProviderError,
 )
+from linchkit_plugin.host import PluginHost
 from tests.conftest import manifest
 
 RECORDING = {"provider": "local", "entrypoint": "recording_plugin:RecordingPlugin"}
@@ -186,3 +187,48 @@ async def test_an_explicit_path_wins_over_the_manifest_s_folder(tmp_path: Path) 
     )
     async with Dispatcher.from_file(tmp_path / "plugins.yaml") as dispatcher:
         assert await dispatcher.call("which", "which") == "explicit path"
+
+
+def test_a_host_binds_only_the_methods_it_is_asked_for() -> None:
+    class Wide:
+        methods_seen = 0
+
+        def listed(self) -> str:
+            return "listed"
+
+        def unlisted(self) -> str:
+            return "unlisted"
+
+        def start(self) -> None:  # a lifecycle hook stays a hook even when a manifest names it
+            pass
+
+        def _private(self) -> None:
+            pass
+
+    host = PluginHost(Wide(), methods=["listed", "start", "_private", "absent"])
+    assert list(host.methods) == ["listed"]
+    assert sorted(PluginHost(Wide()).methods) == ["listed", "unlisted"]
+
+
+async def test_a_local_plugin_binds_only_the_methods_its_manifest_lists(tmp_path: Path) -> None:
+    (tmp_path / "wide_plugin.py").write_text(
+        "class Wide:\n"
+        + "".join(
+            f"    def m{index}(self) -> int:\n        return {index}\n" for index in range(50)
+        )
+    )
+    (tmp_path / "plugins.yaml").write_text(
+        "version: 1\n"
+        "plugins:\n"
+        "  - id: wide\n"
+        "    version: 1.0.0\n"
+        "    target: {provider: local, entrypoint: 'wide_plugin:Wide'}\n"
+        "    methods: {m7: {}, missing: {}}\n"
+    )
+    async with Dispatcher.from_file(tmp_path / "plugins.yaml") as dispatcher:
+        assert await dispatcher.call("wide", "m7") == 7
+        # Listed in the manifest but not on the class: the plugin's own "no such method".
+        with pytest.raises(MethodNotFound, match="it has: m7"):
+            await dispatcher.call("wide", "missing")
+        with pytest.raises(MethodNotFound):  # on the class, not in the manifest: no route
+            await dispatcher.call("wide", "m8")

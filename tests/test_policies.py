@@ -27,7 +27,8 @@ from dispatcher import (
 from dispatcher.config import CachePolicy, RateLimit
 from dispatcher.fleet.breaker import BreakerStep
 from dispatcher.policies import BreakerState, CircuitBreaker, ResultCache
-from dispatcher.policies.ratelimit import Limit, RateLimitStep
+from dispatcher.policies.cache import ExpiringEntries
+from dispatcher.policies.ratelimit import Limit, RateLimitStep, new_limiter
 from providers.invocation import new_request_id
 from tests.conftest import echo_plugin, manifest
 from tests.test_http_provider import answering, raw_server
@@ -99,6 +100,54 @@ async def test_cache_ttl_on_a_fake_clock_and_per_caller_keys() -> None:
     assert cache.entries.get(first) == "value"
     clock.now += 0.002
     assert cache.entries.get(first) is None
+
+
+async def test_short_params_key_the_cache_as_they_are_long_ones_by_digest() -> None:
+    cache = ResultCache("p.m", CachePolicy(ttl_ms=10_000), FakeClock())
+    short = cache.key(invocation({"b": 1, "a": 2}))
+    assert short == b'{"a":2,"b":1}' == cache.key(invocation({"a": 2, "b": 1}))
+    long_params = {"text": "x" * 300, "n": 1}
+    long_key = cache.key(invocation(long_params))
+    assert len(long_key) == 17 and long_key[0] == 0xFF
+    assert long_key == cache.key(invocation(dict(reversed(long_params.items()))))
+    assert long_key != cache.key(invocation({"text": "x" * 300, "n": 2}))
+    assert cache.digest(invocation(long_params)) == long_key[1:]
+
+
+def test_cache_entries_expire_oldest_first_and_a_full_cache_drops_the_oldest() -> None:
+    clock = FakeClock()
+    entries = ExpiringEntries(maxsize=3, ttl=10.0, clock=clock)
+    entries[b"a"] = None  # a result of None is a result: stored, and found
+    clock.now += 4
+    entries[b"b"] = 2
+    entries[b"c"] = 3
+    assert b"a" in entries and entries[b"a"] is None and len(entries) == 3
+    clock.now += 1
+    entries[b"d"] = 4  # full: the oldest goes (with one TTL, the one nearest its expiry)
+    assert b"a" not in entries and entries.get(b"a", "gone") == "gone"
+    assert [entries.get(key) for key in (b"b", b"c", b"d")] == [2, 3, 4]
+    clock.now += 9  # b and c expire now (stored at +4, ttl 10); d (+5) lives on
+    with pytest.raises(KeyError):
+        entries[b"b"]
+    entries[b"b"] = 22  # a store drops the expired ones at the front, then keeps the new one
+    assert len(entries) == 2 and entries[b"b"] == 22 and entries[b"d"] == 4
+    clock.now += 9.999
+    assert entries.get(b"b") == 22
+    clock.now += 0.001
+    assert entries.get(b"b") is None
+    entries.clear()
+    assert len(entries) == 0
+
+
+def test_a_full_cache_under_churn_stays_bounded_and_keeps_the_newest() -> None:
+    clock = FakeClock()
+    entries = ExpiringEntries(maxsize=1000, ttl=5.0, clock=clock)
+    for number in range(20_000):
+        clock.now += 0.001
+        entries[number.to_bytes(4, "big")] = number
+    assert len(entries) == 1000
+    assert entries.get((19_999).to_bytes(4, "big")) == 19_999
+    assert entries.get((18_999).to_bytes(4, "big")) is None
 
 
 async def test_errors_are_not_cached_and_invalidation_works() -> None:
@@ -227,6 +276,33 @@ def test_rate_100_per_second_burst_10_admits_1010_of_10000_offered_in_10_fake_se
     finally:
         loop.close()
     assert abs(passed - 1010) <= 0.02 * 1010
+
+
+def test_a_call_finding_room_takes_exactly_what_acquire_would() -> None:
+    loop = FakeTimeLoop()
+
+    async def compare() -> None:
+        ours, theirs = (
+            new_limiter(RateLimit(rate=100, burst=10)),
+            new_limiter(RateLimit(rate=100, burst=10)),
+        )
+        for tick in range(3000):
+            loop.now = tick / 1000
+            taken = ours.take_if_room()
+            if theirs.has_capacity():
+                await theirs.acquire()
+                assert taken
+            else:
+                assert not taken
+                assert ours.seconds_until_room() == pytest.approx(
+                    (theirs._level + 1 - theirs.max_rate) / theirs._rate_per_sec
+                )
+            assert ours._level == pytest.approx(theirs._level)
+
+    try:
+        loop.run_until_complete(compare())
+    finally:
+        loop.close()
 
 
 async def test_wait_mode_queues_until_the_deadline_and_caller_scope_is_per_caller() -> None:

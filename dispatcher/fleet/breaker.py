@@ -60,6 +60,14 @@ class BreakerState(StrEnum):
     HALF_OPEN = "half-open"
 
 
+# The state names as the storage holds them, compared as plain strings on the hot path:
+# building the enum (``BreakerState(name)``) on every call cost ~1 µs of the breaker's
+# ~2.4 µs per call (bench_policies ablation); the storage stays the one source of truth.
+_CLOSED = BreakerState.CLOSED.value
+_OPEN = BreakerState.OPEN.value
+_HALF_OPEN = BreakerState.HALF_OPEN.value
+
+
 class CircuitBreaker:
     """The breaker of one target instance. Synchronous and free of I/O."""
 
@@ -105,10 +113,10 @@ class CircuitBreaker:
 
     def admit(self) -> bool:
         """Let a call through or raise ``CircuitOpen``. True when the call is a probe."""
-        state = self.state
-        if state is BreakerState.CLOSED:
+        state = self._storage.state
+        if state == _CLOSED:
             return False
-        if state is BreakerState.OPEN:
+        if state == _OPEN:
             wait = self.retry_after()
             if wait > 0:
                 raise CircuitOpen(f"circuit of {self.name} is open", retry_after=wait)
@@ -125,7 +133,7 @@ class CircuitBreaker:
         self._storage.reset_counter()
         if probe:
             self._probes_in_flight -= 1
-            if self.state is BreakerState.HALF_OPEN:
+            if self._storage.state == _HALF_OPEN:
                 self._storage.increment_success_counter()
                 if self._storage.success_counter >= self.success_threshold:
                     self._move(BreakerState.CLOSED)
@@ -134,9 +142,9 @@ class CircuitBreaker:
         self._storage.increment_counter()
         if probe:
             self._probes_in_flight -= 1
-        state = self.state
-        if (state is BreakerState.HALF_OPEN and probe) or (
-            state is BreakerState.CLOSED and self._storage.counter >= self.fail_max
+        state = self._storage.state
+        if (state == _HALF_OPEN and probe) or (
+            state == _CLOSED and self._storage.counter >= self.fail_max
         ):
             self._move(BreakerState.OPEN)
 

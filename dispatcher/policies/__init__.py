@@ -50,8 +50,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aiolimiter import AsyncLimiter
-
 from dispatcher.config import BreakerPolicy, Policies, RateLimit, RetryPolicy
 from dispatcher.fleet import Fleet, FleetRuntime, FleetStep
 from dispatcher.fleet.breaker import (
@@ -67,7 +65,7 @@ from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
 from dispatcher.policies.gate import Gate
 from dispatcher.policies.hedge import HedgeStep
 from dispatcher.policies.idempotency import IdempotencyStep
-from dispatcher.policies.ratelimit import Limit, RateLimitStep, new_limiter
+from dispatcher.policies.ratelimit import Bucket, Limit, RateLimitStep, new_limiter
 from dispatcher.policies.retry import RetryBudget, RetryStep
 from dispatcher.policies.shared import SharedBreakerStep, SharedCacheStep, SharedLimit
 from dispatcher.policies.timeout import DeadlineGuard
@@ -136,7 +134,7 @@ class PolicyRuntime:
         self.breakers: dict[str, CircuitBreaker] = {}
         self.budgets: dict[str, RetryBudget] = {}
         self.bulkheads: dict[str, Bulkhead] = {}
-        self.limiters: dict[tuple[str, RateLimit], AsyncLimiter] = {}
+        self.limiters: dict[tuple[str, RateLimit], Bucket] = {}
         self.caches: dict[tuple[str, str], ResultCache] = {}
         self.batchers: list[Batcher] = []
         self.hedges: dict[str, HedgeStep] = {}

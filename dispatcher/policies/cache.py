@@ -5,25 +5,107 @@ serialised with sorted keys, so ``{"a": 1, "b": 2}`` and ``{"b": 2, "a": 1}`` sh
 entry; optionally the caller too. Concurrent misses on one key make one target call and
 every waiter gets its outcome. Errors are never stored. Cached results are shared between
 callers: treat them as read-only.
+
+An entry lives ``ttl_ms`` from when it was stored. When the cache is full, the oldest
+entry goes first: with one TTL per method that is the entry nearest its expiry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-from cachetools import TTLCache
 
 from dispatcher.config import CachePolicy
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError
 from linchkit_plugin.wire import encode_json
 from providers.invocation import Invocation
 
-__all__ = ["CacheStep", "ResultCache"]
+__all__ = ["CacheStep", "ExpiringEntries", "ResultCache"]
 
 Next = Callable[[Invocation], Awaitable[Any]]
+
+_MISSING: Any = object()
+
+#: Params up to this size (canonical JSON) key the cache as they are; longer ones by digest.
+RAW_KEY_MAX_BYTES = 256
+
+
+class ExpiringEntries:
+    """Results by key, each until ``ttl`` seconds after it was stored, at most ``maxsize``.
+
+    Why not cachetools' ``TTLCache`` (what this replaced): with one TTL for every entry,
+    insertion order is expiry order, so expired entries are always at the front and the
+    oldest entry is the one to evict. An ``OrderedDict`` of ``key → (expires, result)``
+    then does all of it: lookups are one dict read, a store pops expired entries off the
+    front in O(1) each. ``TTLCache`` keeps a linked list of Python objects and a timer
+    context besides its dict and costs 3 µs of it per miss; the cache step's whole miss
+    path went from ~6 µs to ~2 µs of CPU (bench/bench_policies.py ablation). A plain
+    ``dict`` would not do: popping from its front is O(entries deleted so far) until it
+    resizes (14 µs per store at 100,000 entries against 0.9 µs here).
+    """
+
+    __slots__ = ("_clock", "_front_expires", "_items", "maxsize", "ttl")
+
+    def __init__(self, maxsize: int, ttl: float, clock: Callable[[], float]) -> None:
+        self.maxsize = maxsize
+        self.ttl = ttl
+        self._clock = clock
+        self._items: OrderedDict[bytes, tuple[float, Any]] = OrderedDict()
+        #: When the oldest entry expires (or earlier): until then a store trims nothing.
+        self._front_expires = math.inf
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        item = self._items.get(key)
+        if item is None or not self._clock() < item[0]:
+            return default
+        return item[1]
+
+    def __getitem__(self, key: bytes) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        item = self._items.get(key)  # type: ignore[call-overload]
+        return item is not None and self._clock() < item[0]
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        now = self._clock()
+        items = self._items
+        items.pop(key, None)  # an expired entry of this key: the new one goes to the end
+        if not now < self._front_expires or len(items) >= self.maxsize:
+            self._trim(now)
+        expires = now + self.ttl
+        if not items:
+            self._front_expires = expires
+        items[key] = (expires, value)
+
+    def _trim(self, now: float) -> None:
+        """Drop expired entries off the front, then the oldest until one more fits."""
+        items = self._items
+        while items:
+            oldest, (expires, _) = next(iter(items.items()))
+            if now < expires and len(items) < self.maxsize:
+                self._front_expires = expires
+                return
+            del items[oldest]
+        self._front_expires = math.inf
+
+    def __len__(self) -> int:
+        """Entries held, including any expired since the last store (as ``TTLCache``)."""
+        return len(self._items)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._front_expires = math.inf
+
+    def __repr__(self) -> str:
+        return f"<ExpiringEntries {len(self._items)}/{self.maxsize} ttl={self.ttl:g}s>"
 
 
 class ResultCache:
@@ -32,22 +114,37 @@ class ResultCache:
     def __init__(self, name: str, policy: CachePolicy, clock: Callable[[], float]) -> None:
         self.name = name
         self.per_caller = policy.per_caller
-        self.entries: TTLCache[bytes, Any] = TTLCache(
-            maxsize=policy.max_entries, ttl=policy.ttl_ms / 1000, timer=clock
-        )
-        self.filling: dict[bytes, asyncio.Future[Any]] = {}
+        self.entries = ExpiringEntries(policy.max_entries, policy.ttl_ms / 1000, clock)
+        self.filling: dict[bytes, _Flight] = {}
         self.hits = 0
         self.misses = 0  # calls that reached the target
         self.coalesced = 0  # calls that waited for another caller's identical call
 
     def key(self, invocation: Invocation) -> bytes:
+        """This process's key for the call: the canonical params themselves when short.
+
+        Hashing them costs 0.4 µs, a seventh of a cache hit; a short key is its own
+        digest. Longer ones are hashed, so a large params object is not kept twice. The
+        two kinds cannot meet: a digest key starts with 0xFF, which UTF-8 (the JSON) and
+        the caller scope (0 or 1) never start with.
+        """
+        canonical = self._canonical(invocation)
+        if len(canonical) <= RAW_KEY_MAX_BYTES:
+            return canonical
+        return b"\xff" + hashlib.blake2b(canonical, digest_size=16).digest()
+
+    def digest(self, invocation: Invocation) -> bytes:
+        """A fixed-size key for the call (the shared cache names its entries by it)."""
+        return hashlib.blake2b(self._canonical(invocation), digest_size=16).digest()
+
+    def _canonical(self, invocation: Invocation) -> bytes:
         canonical = encode_json(invocation.params, sort_keys=True)
         if self.per_caller:
             # No caller and an empty caller are different callers: mark which one it is.
             caller = invocation.caller
             scope = b"\0" if caller is None else b"\1" + caller.encode()
             canonical = scope + b"\0" + canonical
-        return hashlib.blake2b(canonical, digest_size=16).digest()
+        return canonical
 
     def invalidate(self) -> int:
         """Drop every entry; returns how many there were."""
@@ -72,45 +169,71 @@ class _LeaderGone(Exception):
     """The call a waiter shared was cancelled by its own caller: look again."""
 
 
+class _Flight:
+    """The one call filling a key, and the future its followers wait on.
+
+    The future is made when the first follower arrives: a miss nobody shares (the usual
+    case) costs no future.
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[Any] | None = None
+
+    def joined(self) -> asyncio.Future[Any]:
+        future = self.future
+        if future is None:
+            future = self.future = asyncio.get_running_loop().create_future()
+        return future
+
+    def succeeded(self, result: Any) -> None:
+        if self.future is not None:
+            self.future.set_result(result)
+
+    def failed(self, error: BaseException) -> None:
+        future = self.future
+        if future is not None:
+            gone = isinstance(error, asyncio.CancelledError)
+            future.set_exception(_LeaderGone() if gone else error)
+            future.exception()  # followers still get it; with none, asyncio must not log
+
+
 class CacheStep:
-    __slots__ = ("cache", "next")
+    __slots__ = ("cache", "entries", "next")
 
     def __init__(self, cache: ResultCache, next_step: Next) -> None:
         self.cache = cache
+        self.entries = cache.entries
         self.next = next_step
 
     async def __call__(self, invocation: Invocation) -> Any:
         cache = self.cache
         key = cache.key(invocation)
         while True:
-            try:
-                result = cache.entries[key]  # `[]`, not `.get`: TTLCache.get looks twice
-            except KeyError:
-                pass
-            else:
+            result = self.entries.get(key, _MISSING)
+            if result is not _MISSING:
                 cache.hits += 1
                 return result
-            shared = cache.filling.get(key)
-            if shared is not None:
+            flight = cache.filling.get(key)
+            if flight is not None:
                 cache.coalesced += 1
                 try:
-                    return await _follow(shared, invocation, cache.name)
+                    return await _follow(flight.joined(), invocation, cache.name)
                 except _LeaderGone:
                     continue
             # The first caller makes the call itself (no task: the miss path stays cheap)
-            # and hands its outcome to whoever arrived meanwhile through a future.
+            # and hands its outcome to whoever arrived meanwhile.
             cache.misses += 1
-            shared = cache.filling[key] = asyncio.get_running_loop().create_future()
+            flight = cache.filling[key] = _Flight()
             try:
                 result = await self.next(invocation)
             except BaseException as error:
-                gone = isinstance(error, asyncio.CancelledError)
-                shared.set_exception(_LeaderGone() if gone else error)
-                shared.exception()  # followers still get it; with none, asyncio must not log
+                flight.failed(error)
                 raise
             else:
-                cache.entries[key] = result
-                shared.set_result(result)
+                self.entries[key] = result
+                flight.succeeded(result)
                 return result
             finally:
                 del cache.filling[key]

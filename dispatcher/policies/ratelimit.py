@@ -36,24 +36,47 @@ class LimitLike(Protocol):
     async def acquire(self, invocation: Invocation) -> None: ...
 
 
-def new_limiter(limit: RateLimit) -> AsyncLimiter:
-    return AsyncLimiter(limit.capacity, limit.capacity / limit.rate)
+class Bucket(AsyncLimiter):
+    """aiolimiter's leaky bucket, with the one look a call that finds room needs.
 
-
-def _seconds_until_room(bucket: AsyncLimiter) -> float:
-    """How long until ``bucket`` has room for one more call (after ``has_capacity``).
-
-    aiolimiter computes the same figure to wake its own waiters but does not expose it;
-    its level and leak rate are read here, after ``has_capacity`` brought them up to date.
+    aiolimiter is kept for what it does well (queueing waiters in order and waking each
+    when the bucket has drained enough for it). A call finding room used to ask
+    ``has_capacity()`` and then ``acquire()``, which drains the bucket and checks the
+    amount again and re-arms the waker: ``take_if_room`` drains once and takes the unit.
+    The rate-limit step went from ~7.7 µs to ~2 µs of CPU per call (bench_policies
+    ablation); the state read and written is exactly the one ``acquire`` uses.
     """
-    excess = bucket._level + 1 - bucket.max_rate
-    return max(excess / bucket._rate_per_sec, 0.0)
+
+    __slots__ = ()
+
+    def take_if_room(self) -> bool:
+        """Take one unit if the bucket has room for it now; False (nothing taken) if not."""
+        self._leak()
+        if self._level + 1 > self.max_rate:
+            return False
+        self._level += 1
+        if self._waiters:  # as ``acquire`` does: the waker re-arms for the new level
+            self._wake_next()
+        return True
+
+    def seconds_until_room(self) -> float:
+        """How long until the bucket has room for one more call (after ``take_if_room``
+        or ``has_capacity`` brought its level up to date).
+
+        aiolimiter computes the same figure to wake its own waiters but does not expose it.
+        """
+        excess = self._level + 1 - self.max_rate
+        return max(excess / self._rate_per_sec, 0.0)
+
+
+def new_limiter(limit: RateLimit) -> Bucket:
+    return Bucket(limit.capacity, limit.capacity / limit.rate)
 
 
 class Limit:
     """One configured limit and its bucket(s)."""
 
-    def __init__(self, name: str, spec: RateLimit, shared: AsyncLimiter | None = None) -> None:
+    def __init__(self, name: str, spec: RateLimit, shared: Bucket | None = None) -> None:
         self.name = name
         self.spec = spec
         self.reject = spec.mode == "reject"
@@ -62,7 +85,7 @@ class Limit:
             if shared is not None
             else (None if spec.scope == "caller" else new_limiter(spec))
         )
-        self._per_caller: TTLCache[str, AsyncLimiter] | None = (
+        self._per_caller: TTLCache[str, Bucket] | None = (
             TTLCache(MAX_CALLER_BUCKETS, CALLER_BUCKET_IDLE_SECONDS)
             if spec.scope == "caller"
             else None
@@ -70,7 +93,7 @@ class Limit:
         self.rejected = 0
         self.waited = 0
 
-    def bucket(self, invocation: Invocation) -> AsyncLimiter:
+    def bucket(self, invocation: Invocation) -> Bucket:
         if self._per_caller is None:
             assert self._single is not None
             return self._single
@@ -83,14 +106,13 @@ class Limit:
 
     async def acquire(self, invocation: Invocation) -> None:
         bucket = self.bucket(invocation)
-        if bucket.has_capacity():
-            await bucket.acquire()  # returns at once: there is room
+        if bucket.take_if_room():
             return
         if self.reject:
             self.rejected += 1
             raise RateLimited(
                 f"{self.name} is over its limit of {self.spec.rate:g}/s ({self.spec.scope})",
-                retry_after=_seconds_until_room(bucket),
+                retry_after=bucket.seconds_until_room(),
             )
         self.waited += 1
         remaining = invocation.remaining()
@@ -102,7 +124,7 @@ class Limit:
             raise RateLimited(
                 f"{self.name}: queued {remaining * 1000:.0f} ms for its {self.spec.rate:g}/s limit "
                 "and the deadline passed",
-                retry_after=0.0 if bucket.has_capacity() else _seconds_until_room(bucket),
+                retry_after=0.0 if bucket.has_capacity() else bucket.seconds_until_room(),
             ) from None
 
     def __repr__(self) -> str:

@@ -32,7 +32,7 @@ import orjson
 
 from dispatcher.config import BreakerPolicy, RateLimit
 from dispatcher.fleet.breaker import CircuitBreaker, is_health_failure
-from dispatcher.policies.cache import ResultCache, _follow, _LeaderGone
+from dispatcher.policies.cache import ResultCache, _Flight, _follow, _LeaderGone
 from dispatcher.policies.ratelimit import Limit
 from dispatcher.state import (
     BreakerPolicyArgs,
@@ -239,26 +239,24 @@ class SharedCacheStep:
 
     async def __call__(self, invocation: Invocation) -> Any:
         cache = self.cache
-        key = cache.key(invocation)
+        key = cache.digest(invocation)
         while True:
-            shared = cache.filling.get(key)
-            if shared is None:
+            flight = cache.filling.get(key)
+            if flight is None:
                 break
             cache.coalesced += 1
             try:
-                return await _follow(shared, invocation, cache.name)
+                return await _follow(flight.joined(), invocation, cache.name)
             except _LeaderGone:
                 continue
-        shared = cache.filling[key] = asyncio.get_running_loop().create_future()
+        flight = cache.filling[key] = _Flight()
         try:
             result = await self._fill(invocation, key.hex())
         except BaseException as error:
-            gone = isinstance(error, asyncio.CancelledError)
-            shared.set_exception(_LeaderGone() if gone else error)
-            shared.exception()  # followers still get it; with none, asyncio must not log
+            flight.failed(error)
             raise
         else:
-            shared.set_result(result)
+            flight.succeeded(result)
             return result
         finally:
             del cache.filling[key]
