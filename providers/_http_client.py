@@ -41,10 +41,12 @@ from pydantic import Field
 from providers.target import StrictModel, TargetConfig
 from providers.tls import ClientTlsContext
 
-__all__ = ["ClientKind", "HttpClient", "HttpPool", "Reply"]
+__all__ = ["DEFAULT_CLIENT", "ClientKind", "HttpClient", "HttpPool", "Reply"]
 
 #: Which client a target's calls go through (``client:`` of an http or knative target).
 ClientKind = Literal["aiohttp", "reqwest"]
+#: The client of a target that names none: the faster one measured (docs/architecture.md).
+DEFAULT_CLIENT: ClientKind = "reqwest"
 
 
 class HttpPool(StrictModel):

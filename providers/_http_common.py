@@ -44,7 +44,7 @@ from linchkit_plugin.errors import (
     Unauthorized,
     error_from_wire,
 )
-from providers._http_client import HttpClient, HttpPool, Reply
+from providers._http_client import ClientKind, HttpClient, HttpPool, Reply
 from providers.base import CONNECT_STAGE
 from providers.egress import EgressPolicy
 from providers.target import TargetConfig, masked_url
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AiohttpClient",
+    "HttpClients",
     "basic_authorization",
     "connect_error",
     "envelope_error",
@@ -234,6 +235,61 @@ class AiohttpClient(HttpClient):
         connector = self._session.connector
         limit = None if connector is None else connector.limit
         return f"<AiohttpClient limit={limit} closed={self._session.closed}>"
+
+
+class HttpClients:
+    """The clients of one provider: a shared one per kind, and one per target with a ``pool``.
+
+    Opened lazily, when a target first needs one (so pyreqwest is imported only by a
+    dispatcher that uses it); every one is closed in ``aclose``.
+    """
+
+    __slots__ = ("_default", "_egress", "_own", "_shared", "_shared_pool", "_unix_socket")
+
+    def __init__(
+        self,
+        default: ClientKind,
+        shared_pool: HttpPool,
+        *,
+        egress: EgressPolicy,
+        unix_socket: str | None = None,
+    ) -> None:
+        # aiohttp is the one client that dials a Unix socket.
+        self._default: ClientKind = "aiohttp" if unix_socket is not None else default
+        self._shared_pool = shared_pool
+        self._egress = egress
+        self._unix_socket = unix_socket
+        self._shared: dict[ClientKind, HttpClient] = {}
+        self._own: list[HttpClient] = []
+
+    def for_target(self, kind: ClientKind | None, pool: HttpPool | None) -> HttpClient:
+        """The client of a target that asks for ``kind`` (None: the default) and ``pool``."""
+        chosen = self._default if kind is None or self._unix_socket is not None else kind
+        if pool is not None:
+            client = self._open(chosen, pool)
+            self._own.append(client)
+            return client
+        shared = self._shared.get(chosen)
+        if shared is None:
+            shared = self._shared[chosen] = self._open(chosen, self._shared_pool)
+        return shared
+
+    async def aclose(self) -> None:
+        clients = [*self._shared.values(), *self._own]
+        self._shared.clear()
+        self._own.clear()
+        for client in clients:
+            await client.aclose()
+
+    def _open(self, kind: ClientKind, pool: HttpPool) -> HttpClient:
+        if kind == "reqwest":
+            from providers._reqwest import ReqwestClient
+
+            return ReqwestClient(pool, egress=self._egress)
+        return AiohttpClient(pool, egress=self._egress, unix_socket=self._unix_socket)
+
+    def __repr__(self) -> str:
+        return f"<HttpClients default={self._default} shared={list(self._shared)} own={len(self._own)}>"
 
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int, target: TargetConfig) -> bytes:

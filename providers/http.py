@@ -53,12 +53,13 @@ from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
 from linchkit_plugin.errors import (
     DeadlineExceeded,
+    DispatchError,
     ProviderError,
 )
 from linchkit_plugin.wire import encode_json
-from providers._http_client import ClientKind, HttpClient, HttpPool
+from providers._http_client import DEFAULT_CLIENT, ClientKind, HttpClient, HttpPool
 from providers._http_common import (
-    AiohttpClient,
+    HttpClients,
     basic_authorization,
     redirect_detail,
     status_error,
@@ -86,9 +87,6 @@ __all__ = [
     "HttpProvider",
     "HttpTarget",
 ]
-
-#: The client of a target that names none: the faster one measured (docs/architecture.md).
-DEFAULT_CLIENT: ClientKind = "reqwest"
 
 
 class HttpInstance(StrictModel):
@@ -235,28 +233,28 @@ class HttpProvider(Provider[HttpTarget]):
         sandboxed containers listen on one); the URL then only names the host, and every
         call goes through aiohttp (the one client that dials a Unix socket).
         ``client``: the client of targets that name none."""
+        self._default_client = client
         self._shared_pool = HttpPool(
             max_connections=max_connections, idle_timeout_s=keepalive_seconds
         )
         self._unix_socket = unix_socket
-        self._default_client: ClientKind = "aiohttp" if unix_socket is not None else client
-        #: The provider's shared clients, by kind; targets with a ``pool`` get their own.
-        self._shared: dict[ClientKind, HttpClient] = {}
-        self._own: list[HttpClient] = []
+        self._clients: HttpClients | None = None
         self._routes: dict[str, _Route] = {}
-        self._started = False
 
     async def start(self) -> None:
-        self._started = True
+        # Here, not in __init__: the manifest's egress policy is set between the two.
+        self._clients = HttpClients(
+            self._default_client,
+            self._shared_pool,
+            egress=self.egress,
+            unix_socket=self._unix_socket,
+        )
 
     async def aclose(self) -> None:
-        self._started = False
-        clients = [*self._shared.values(), *self._own]
-        self._shared.clear()
-        self._own.clear()
+        clients, self._clients = self._clients, None
         self._routes.clear()
-        for client in clients:
-            await client.aclose()
+        if clients is not None:
+            await clients.aclose()
 
     async def invoke(self, target: HttpTarget, invocation: Invocation) -> Any:
         # The hot path (bench/bench_http.py): one clock reading serves the envelope's
@@ -291,7 +289,7 @@ class HttpProvider(Provider[HttpTarget]):
             )
         except TimeoutError:
             return Health("not_serving", f"{target.describe()} did not answer within 5 s")
-        except ProviderError as error:  # unreachable, or the egress policy refused it
+        except DispatchError as error:  # unreachable, or the egress policy refused it
             return Health("not_serving", error.message)
         latency_ms = (time.perf_counter() - started) * 1000
         detail = redirect_detail(reply.status, reply.headers.get("Location")) or reply.body[
@@ -336,7 +334,8 @@ class HttpProvider(Provider[HttpTarget]):
     def _route(self, target: HttpTarget) -> _Route:
         route = self._routes.get(target.key)
         if route is None:
-            if not self._started:
+            clients = self._clients
+            if clients is None:
                 raise ProviderError(
                     "the http provider is not started (use the Dispatcher as a context manager)"
                 )
@@ -344,28 +343,9 @@ class HttpProvider(Provider[HttpTarget]):
             # is never resolved, so this is where it is checked.
             for destination in target.destinations():
                 self.egress.check(destination)
-            route = self._routes[target.key] = _Route(target, self._client_for(target))
+            client = clients.for_target(target.client, target.pool)
+            route = self._routes[target.key] = _Route(target, client)
         return route
-
-    def _client_for(self, target: HttpTarget) -> HttpClient:
-        """The target's own client when it sizes its pool, else the provider's shared one."""
-        kind = self._default_client if self._unix_socket is not None else target.client
-        kind = kind or self._default_client
-        if target.pool is not None:
-            client = self._open(kind, target.pool)
-            self._own.append(client)
-            return client
-        shared = self._shared.get(kind)
-        if shared is None:
-            shared = self._shared[kind] = self._open(kind, self._shared_pool)
-        return shared
-
-    def _open(self, kind: ClientKind, pool: HttpPool) -> HttpClient:
-        if kind == "reqwest":
-            from providers._reqwest import ReqwestClient
-
-            return ReqwestClient(pool, egress=self.egress)
-        return AiohttpClient(pool, egress=self.egress, unix_socket=self._unix_socket)
 
 
 def _json(payload: bytes, target: HttpTarget) -> Any:
