@@ -91,7 +91,9 @@ async def serve(cpu: int | None, instance: Instance, backlog: int = 1024) -> Non
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: TailFunction(instance), "127.0.0.1", 0, backlog=backlog)
+    server = await loop.create_server(
+        lambda: TailFunction(instance), "127.0.0.1", 0, backlog=backlog
+    )
     print(server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
