@@ -80,9 +80,12 @@ async def test_an_endless_body_is_cut_at_max_response_bytes(client: str) -> None
         await read_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = b"x" * 65536
-        while True:  # a peer that lies about nothing and never stops
-            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            await writer.drain()
+        try:
+            while True:  # a peer that lies about nothing and never stops
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+        finally:
+            writer.transport.abort()  # drop what is still buffered for the gone client
 
     async with server_on("127.0.0.1", endless) as (host, port):
         with pytest.raises(ProviderError) as caught:
@@ -92,15 +95,25 @@ async def test_an_endless_body_is_cut_at_max_response_bytes(client: str) -> None
 
 @pytest.mark.parametrize("client", CLIENTS)
 async def test_a_peer_that_never_answers_ends_at_the_deadline(client: str) -> None:
+    hung_up = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
-        await asyncio.sleep(60)
+        await reader.read()  # never answers; returns when the client hangs up
+        writer.close()
+        await writer.wait_closed()
+        hung_up.set()
 
     async with server_on("127.0.0.1", silent) as (host, port):
-        started = asyncio.get_running_loop().time()
-        with pytest.raises(DeadlineExceeded):
-            await say(target(f"http://{host}:{port}", client), timeout_ms=300)
-        assert asyncio.get_running_loop().time() - started < 10
+        plugin = target(f"http://{host}:{port}", client)
+        plugins = manifest(echo_plugin("p", plugin, defaults={"timeout_ms": 300}))
+        async with Dispatcher(plugins) as dispatcher:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(DeadlineExceeded):
+                await dispatcher.call("p", "say", {"text": "hi"})
+            assert asyncio.get_running_loop().time() - started < 10
+            # The client hangs up on the call it gave up on (not only when it closes).
+            await asyncio.wait_for(hung_up.wait(), timeout=10)
 
 
 def counting(state: dict[str, int], release: asyncio.Event) -> Handler:
