@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trustme
 
 from dispatcher import DeadlineExceeded, Dispatcher, ProviderError, TargetUnavailable
 from dispatcher.config import ManifestError
 from tests.conftest import echo_plugin, manifest
 from tests.test_http_hardening import Handler, read_head, replying, server_on
+from tests.test_http_mtls import PluginServer, write, write_leaf
 
 CLIENTS = ("aiohttp", "reqwest")
 OK = b'{"ok": true, "result": {"text": "hi"}}'
@@ -183,3 +186,36 @@ async def test_reqwest_leaves_no_thread_behind_that_grows_with_use() -> None:
             await say(target(url, "reqwest", pool={"max_connections": 4}))
         after = len(os.listdir("/proc/self/task"))
     assert after <= before
+
+
+@pytest.fixture(scope="module")
+def named_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """An mTLS plugin server on 127.0.0.1 whose certificate names only plugin.internal."""
+    folder = tmp_path_factory.mktemp("named")
+    server_ca, client_ca = trustme.CA(), trustme.CA()
+    cert, key = write_leaf(folder, "server", server_ca.issue_cert("plugin.internal"))
+    client_cert, client_key = write_leaf(folder, "client", client_ca.issue_cert("host"))
+    server = PluginServer(cert, key, write(folder, "client-ca.pem", client_ca.cert_pem.bytes()))
+    tls = {
+        "ca_file": str(write(folder, "ca.pem", server_ca.cert_pem.bytes())),
+        "cert_file": str(client_cert),
+        "key_file": str(client_key),
+    }
+    try:
+        yield {"url": server.url, "tls": tls}
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_server_name_is_what_the_certificate_is_checked_against(
+    client: str, named_server: dict[str, Any]
+) -> None:
+    tls = {**named_server["tls"], "server_name": "plugin.internal"}
+    assert (await say(target(named_server["url"], client, tls=tls)))["text"] == "hi"
+    with pytest.raises(TargetUnavailable) as caught:  # the certificate does not name 127.0.0.1
+        await say(target(named_server["url"], client, tls=named_server["tls"]))
+    assert caught.value.details == {"stage": "connect", "tls": "server_certificate"}
+    tls = {**named_server["tls"], "server_name": "intruder.internal"}
+    with pytest.raises(TargetUnavailable):
+        await say(target(named_server["url"], client, tls=tls))
