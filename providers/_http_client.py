@@ -56,6 +56,11 @@ class HttpPool(StrictModel):
     share the provider's pool of 512 connections. ``max_connections`` bounds the calls in
     flight to the target: size it for the concurrency you expect (10,000 calls in flight
     to one slow target need 10,000 connections, and as many file descriptors).
+
+    On ``reqwest`` every target URL has its own pyreqwest client, so the shared pool's 512
+    apply per URL; ``max_connections`` is pyreqwest's bound on requests in flight, and
+    ``max_per_host`` bounds the idle connections kept (reqwest has no other per-host cap).
+    On ``aiohttp`` they are the connector's ``limit`` and ``limit_per_host``.
     """
 
     max_connections: int = Field(
