@@ -87,11 +87,13 @@ class TailFunction(asyncio.Protocol):
         self.answering = None
 
 
-async def serve(cpu: int | None, instance: Instance) -> None:
+async def serve(cpu: int | None, instance: Instance, backlog: int = 1024) -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: TailFunction(instance), "127.0.0.1", 0, backlog=1024)
+    server = await loop.create_server(
+        lambda: TailFunction(instance), "127.0.0.1", 0, backlog=backlog
+    )
     print(server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -107,9 +109,12 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=5.0)
     parser.add_argument("--slow-ms", type=float, default=500.0)
     parser.add_argument("--slow-every", type=int, default=0)
+    # Thousands of connections opened at once overflow a short accept queue: the kernel
+    # drops their SYNs and the clients retry a second later (bench_http_inflight).
+    parser.add_argument("--backlog", type=int, default=1024)
     options = parser.parse_args()
     instance = Instance(options.delay_ms / 1000, options.slow_ms / 1000, options.slow_every)
-    uvloop.run(serve(options.cpu, instance))
+    uvloop.run(serve(options.cpu, instance, options.backlog))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import base64
 import errno
 import ssl
 import time
+from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
@@ -43,16 +44,19 @@ from linchkit_plugin.errors import (
     Unauthorized,
     error_from_wire,
 )
+from providers._http_client import ClientKind, HttpClient, HttpPool, Reply
 from providers.base import CONNECT_STAGE
 from providers.egress import EgressPolicy
 from providers.target import TargetConfig, masked_url
-from providers.tls import ClientTls
+from providers.tls import ClientTls, ClientTlsContext
 
 if TYPE_CHECKING:
     import aiohttp
     from yarl import URL
 
 __all__ = [
+    "AiohttpClient",
+    "HttpClients",
     "basic_authorization",
     "connect_error",
     "envelope_error",
@@ -71,6 +75,7 @@ def open_session(
     keepalive_seconds: float,
     egress: EgressPolicy,
     unix_socket: str | None = None,
+    max_per_host: int = 0,
 ) -> aiohttp.ClientSession:
     """One keep-alive pool for every target of a provider; no automatic headers, no decoding.
 
@@ -92,13 +97,199 @@ def open_session(
     else:
         connector = aiohttp.TCPConnector(
             limit=max_connections,
-            limit_per_host=0,
+            limit_per_host=max_per_host,
             keepalive_timeout=keepalive_seconds,
             resolver=EgressResolver(egress),
         )
     return aiohttp.ClientSession(
         connector=connector, skip_auto_headers=("User-Agent",), auto_decompress=False
     )
+
+
+class AiohttpClient(HttpClient):
+    """The ``aiohttp`` client of the seam (``providers._http_client``): one session."""
+
+    __slots__ = ("_session", "_timeouts", "_urls")
+
+    def __init__(
+        self, pool: HttpPool, *, egress: EgressPolicy, unix_socket: str | None = None
+    ) -> None:
+        self._session = open_session(
+            max_connections=pool.max_connections,
+            max_per_host=pool.max_per_host,
+            keepalive_seconds=pool.idle_timeout_s,
+            unix_socket=unix_socket,
+            egress=egress,
+        )
+        self._timeouts: dict[int, aiohttp.ClientTimeout] = {}
+        self._urls: dict[str, URL] = {}
+
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        timeout: float,
+        limit: int,
+        target: TargetConfig,
+        tls: ClientTlsContext | None,
+    ) -> Reply:
+        import aiohttp
+
+        try:
+            async with self._session.post(
+                self._urls.get(url) or self._url(url),
+                data=body,
+                headers=headers,
+                timeout=self._timeout(timeout),
+                allow_redirects=False,
+                # Per request, since one session may carry every target: a plain target
+                # passes aiohttp's default; a target with ``tls`` its current context,
+                # which is also what keys its pooled connections.
+                ssl=True if tls is None else tls.current(),
+                server_hostname=None if tls is None else tls.server_name,
+            ) as response:
+                length = response.content_length
+                if length is not None and length <= limit:
+                    payload = await response.read()  # the usual answer: one await, no loop
+                else:
+                    payload = await read_limited(response, limit, target)
+                return Reply(response.status, response.headers, payload)
+        except TimeoutError:
+            raise  # aiohttp's timeouts are ClientErrors too: the deadline comes first
+        except aiohttp.ClientConnectorError as error:
+            # Refused, unreachable, DNS or TLS handshake: no byte of the request went out.
+            raise connect_error(error, target.describe()) from error
+        except aiohttp.ClientError as error:
+            raise in_flight_error(
+                error, target.describe(), None if tls is None else tls.tls
+            ) from error
+
+    async def get(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        timeout: float,
+        limit: int,
+        target: TargetConfig,
+        tls: ClientTlsContext | None,
+    ) -> Reply:
+        import aiohttp
+
+        try:
+            async with self._session.get(
+                self._urls.get(url) or self._url(url),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+                ssl=True if tls is None else tls.current(),
+                server_hostname=None if tls is None else tls.server_name,
+            ) as response:
+                body = await response.content.read(limit)
+                return Reply(response.status, response.headers, body)
+        except TimeoutError:
+            raise
+        except aiohttp.ClientConnectorError as error:
+            raise connect_error(error, target.describe()) from error
+        except aiohttp.ClientError as error:
+            raise in_flight_error(
+                error, target.describe(), None if tls is None else tls.tls
+            ) from error
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    def _url(self, url: str) -> URL:
+        """Parsed once per URL: yarl's parse is a measurable part of a call."""
+        from yarl import URL
+
+        if len(self._urls) >= 4096:
+            self._urls.clear()
+        parsed = self._urls[url] = URL(url, encoded=True)
+        return parsed
+
+    def _timeout(self, remaining: float) -> aiohttp.ClientTimeout:
+        """A client timeout ending at most 1 ms before ``remaining`` seconds, never after.
+
+        Cached by whole milliseconds: building an aiohttp ``ClientTimeout`` (a frozen attrs
+        class) on every call was a measurable part of the dispatcher's added latency
+        (bench_http), while calls with the same budget arrive with the same few
+        millisecond counts. Bounded, so scattered budgets cannot grow it without end.
+        """
+        milliseconds = int(remaining * 1000)
+        timeout = self._timeouts.get(milliseconds)
+        if timeout is None:
+            import aiohttp
+
+            if milliseconds < 1:  # under a millisecond left: exactly that, uncached
+                return aiohttp.ClientTimeout(total=remaining)
+            if len(self._timeouts) >= 4096:
+                self._timeouts.clear()
+            timeout = aiohttp.ClientTimeout(total=milliseconds / 1000)
+            self._timeouts[milliseconds] = timeout
+        return timeout
+
+    def __repr__(self) -> str:
+        connector = self._session.connector
+        limit = None if connector is None else connector.limit
+        return f"<AiohttpClient limit={limit} closed={self._session.closed}>"
+
+
+class HttpClients:
+    """The clients of one provider: a shared one per kind, and one per target with a ``pool``.
+
+    Opened lazily, when a target first needs one (so pyreqwest is imported only by a
+    dispatcher that uses it); every one is closed in ``aclose``.
+    """
+
+    __slots__ = ("_default", "_egress", "_own", "_shared", "_shared_pool", "_unix_socket")
+
+    def __init__(
+        self,
+        default: ClientKind,
+        shared_pool: HttpPool,
+        *,
+        egress: EgressPolicy,
+        unix_socket: str | None = None,
+    ) -> None:
+        # aiohttp is the one client that dials a Unix socket.
+        self._default: ClientKind = "aiohttp" if unix_socket is not None else default
+        self._shared_pool = shared_pool
+        self._egress = egress
+        self._unix_socket = unix_socket
+        self._shared: dict[ClientKind, HttpClient] = {}
+        self._own: list[HttpClient] = []
+
+    def for_target(self, kind: ClientKind | None, pool: HttpPool | None) -> HttpClient:
+        """The client of a target that asks for ``kind`` (None: the default) and ``pool``."""
+        chosen = self._default if kind is None or self._unix_socket is not None else kind
+        if pool is not None:
+            client = self._open(chosen, pool)
+            self._own.append(client)
+            return client
+        shared = self._shared.get(chosen)
+        if shared is None:
+            shared = self._shared[chosen] = self._open(chosen, self._shared_pool)
+        return shared
+
+    async def aclose(self) -> None:
+        clients = [*self._shared.values(), *self._own]
+        self._shared.clear()
+        self._own.clear()
+        for client in clients:
+            await client.aclose()
+
+    def _open(self, kind: ClientKind, pool: HttpPool) -> HttpClient:
+        if kind == "reqwest":
+            from providers._reqwest import ReqwestClient
+
+            return ReqwestClient(pool, egress=self._egress)
+        return AiohttpClient(pool, egress=self._egress, unix_socket=self._unix_socket)
+
+    def __repr__(self) -> str:
+        return f"<HttpClients default={self._default} shared={list(self._shared)} own={len(self._own)}>"
 
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int, target: TargetConfig) -> bytes:

@@ -1,9 +1,13 @@
 """HTTP functions: POST the JSON envelope to a URL (``docs/protocol.md``).
 
-One aiohttp session per dispatcher carries every HTTP target (keep-alive pooling).
-aiohttp rather than httpx on this path: measured here, httpx's pool costs 330-400 µs of
-CPU per call and made 16x fewer calls/s at concurrency 64 (``docs/architecture.md``).
-aiohttp is imported when the provider starts, not when the module loads.
+Calls go through the client seam (``providers._http_client``): ``client: reqwest`` (Rust's
+reqwest via pyreqwest, one pool per target) or ``client: aiohttp`` (one keep-alive session
+per provider carries every target without a ``pool:`` of its own). Unset, the provider's
+default (``DEFAULT_CLIENT``). Measured on one fixed-reply server
+(``bench/bench_http_clients.py``, ``docs/architecture.md``): reqwest makes more calls/s at
+concurrency 64 for less CPU per call; httpx was 16x slower than aiohttp and is not offered.
+Each client is imported when a target first uses it, not when the module loads.
+``pool: {max_connections, max_per_host, idle_timeout_s}`` sizes a target's own pool.
 
 Credentials: ``user:password@`` in the URL is sent as ``Authorization: Basic`` and taken
 out of the URL before aiohttp sees it (so no message of aiohttp's can print it);
@@ -42,22 +46,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
 
 from linchkit_plugin.errors import (
     DeadlineExceeded,
+    DispatchError,
     ProviderError,
 )
 from linchkit_plugin.wire import encode_json
+from providers._http_client import DEFAULT_CLIENT, ClientKind, HttpClient, HttpPool
 from providers._http_common import (
+    HttpClients,
     basic_authorization,
-    connect_error,
-    in_flight_error,
-    open_session,
-    read_limited,
     redirect_detail,
     status_error,
 )
@@ -76,11 +79,14 @@ from providers.target import (
 )
 from providers.tls import ClientTls, ClientTlsContext
 
-if TYPE_CHECKING:
-    import aiohttp
-    from yarl import URL
-
-__all__ = ["CONNECT_STAGE", "HttpInstance", "HttpProvider", "HttpTarget"]
+__all__ = [
+    "CONNECT_STAGE",
+    "DEFAULT_CLIENT",
+    "HttpInstance",
+    "HttpPool",
+    "HttpProvider",
+    "HttpTarget",
+]
 
 
 class HttpInstance(StrictModel):
@@ -119,6 +125,16 @@ class HttpTarget(InstanceListing):
         default=None,
         description="Verify the server with ca_file, present cert_file/key_file (mTLS);"
         " https URLs only.",
+    )
+    client: ClientKind | None = Field(
+        default=None,
+        description="The HTTP client of this target's calls: reqwest or aiohttp;"
+        " default: the provider's (reqwest).",
+    )
+    pool: HttpPool | None = Field(
+        default=None,
+        description="A connection pool of this target's own, sized for its concurrency;"
+        " default: the provider's shared pool (512 connections).",
     )
 
     secret_fields = frozenset({"headers"})
@@ -178,25 +194,26 @@ class HttpTarget(InstanceListing):
 
 
 class _Route:
-    """What ``invoke`` needs of a target, computed once: parsed URL, final headers, TLS."""
+    """What ``invoke`` needs of a target, computed once: URLs, final headers, TLS, client."""
 
-    __slots__ = ("headers", "health_url", "invoke_url", "tls")
+    __slots__ = ("client", "headers", "health_url", "invoke_url", "tls")
 
-    def __init__(self, target: HttpTarget) -> None:
+    def __init__(self, target: HttpTarget, client: HttpClient) -> None:
         from yarl import URL
 
         invoke_url = URL(target.endpoint(target.invoke_path))
         authorization = basic_authorization(invoke_url)
-        self.invoke_url: URL = invoke_url.with_user(None)
-        self.health_url: URL = URL(target.endpoint(target.health_path)).with_user(None)
+        self.invoke_url = str(invoke_url.with_user(None))
+        self.health_url = str(URL(target.endpoint(target.health_path)).with_user(None))
         headers = {"Content-Type": "application/json", **target.headers}
         if authorization is not None:
             headers["Authorization"] = authorization
         if target.bearer_token is not None:
             headers["Authorization"] = f"Bearer {target.bearer_token.get_secret_value()}"
         self.headers = headers
-        #: None: aiohttp's default verification against the system's roots.
+        #: None: the client's default verification against the system's roots.
         self.tls = None if target.tls is None else ClientTlsContext(target.tls)
+        self.client = client
 
 
 class HttpProvider(Provider[HttpTarget]):
@@ -210,28 +227,34 @@ class HttpProvider(Provider[HttpTarget]):
         max_connections: int = 512,
         keepalive_seconds: float = 30.0,
         unix_socket: str | None = None,
+        client: ClientKind = DEFAULT_CLIENT,
     ) -> None:
         """``unix_socket``: send every request over this socket (the docker provider's
-        sandboxed containers listen on one); the URL then only names the host."""
-        self._max_connections = max_connections
-        self._keepalive_seconds = keepalive_seconds
+        sandboxed containers listen on one); the URL then only names the host, and every
+        call goes through aiohttp (the one client that dials a Unix socket).
+        ``client``: the client of targets that name none."""
+        self._default_client = client
+        self._shared_pool = HttpPool(
+            max_connections=max_connections, idle_timeout_s=keepalive_seconds
+        )
         self._unix_socket = unix_socket
-        self._session: aiohttp.ClientSession | None = None
+        self._clients: HttpClients | None = None
         self._routes: dict[str, _Route] = {}
-        self._timeouts: dict[int, aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
-        self._session = open_session(
-            max_connections=self._max_connections,
-            keepalive_seconds=self._keepalive_seconds,
-            unix_socket=self._unix_socket,
+        # Here, not in __init__: the manifest's egress policy is set between the two.
+        self._clients = HttpClients(
+            self._default_client,
+            self._shared_pool,
             egress=self.egress,
+            unix_socket=self._unix_socket,
         )
 
     async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        clients, self._clients = self._clients, None
+        self._routes.clear()
+        if clients is not None:
+            await clients.aclose()
 
     async def invoke(self, target: HttpTarget, invocation: Invocation) -> Any:
         # The hot path (bench/bench_http.py): one clock reading serves the envelope's
@@ -253,117 +276,76 @@ class HttpProvider(Provider[HttpTarget]):
         return decode_batch_response(payload, len(invocations))
 
     async def health(self, target: HttpTarget) -> Health:
-        import aiohttp
-
-        session = self._require_session()
         started = time.perf_counter()
         try:
             route = self._route(target)
-            tls = route.tls
-            async with session.get(
+            reply = await route.client.get(
                 route.health_url,
-                headers=route.headers,
-                timeout=aiohttp.ClientTimeout(total=5),
-                allow_redirects=False,
-                ssl=True if tls is None else tls.current(),
-                server_hostname=None if tls is None else tls.server_name,
-            ) as response:
-                body = await response.content.read(4096)
-        except (aiohttp.ClientError, TimeoutError) as error:
-            return Health("not_serving", f"{type(error).__name__}: {error}")
-        except ProviderError as error:  # the egress policy refused it
+                route.headers,
+                timeout=5,
+                limit=4096,
+                target=target,
+                tls=route.tls,
+            )
+        except TimeoutError:
+            return Health("not_serving", f"{target.describe()} did not answer within 5 s")
+        except DispatchError as error:  # unreachable, or the egress policy refused it
             return Health("not_serving", error.message)
         latency_ms = (time.perf_counter() - started) * 1000
-        detail = redirect_detail(response.status, response.headers.get("Location")) or body[
+        detail = redirect_detail(reply.status, reply.headers.get("Location")) or reply.body[
             :200
         ].decode("utf-8", "replace")
         status: Literal["serving", "not_serving"] = (
-            "serving" if response.status == 200 else "not_serving"
+            "serving" if reply.status == 200 else "not_serving"
         )
         return Health(status, detail, latency_ms)
 
     async def _post(self, target: HttpTarget, body: dict[str, Any], remaining: float) -> Any:
         """POST ``body`` with ``remaining`` seconds to answer; the decoded JSON answer."""
-        import aiohttp
-
         if remaining <= 0:
             raise DeadlineExceeded(f"deadline passed before calling {target.describe()}")
         data = encode_json(body)
         route = self._routes.get(target.key) or self._route(target)
-        session = self._session or self._require_session()
-        tls = route.tls
         try:
-            async with session.post(
+            reply = await route.client.post(
                 route.invoke_url,
-                data=data,
-                headers=route.headers,
-                timeout=self._timeout(remaining),
-                allow_redirects=False,
-                # Per request, since one session carries every target: a plain target
-                # passes aiohttp's default; a target with ``tls`` its current context,
-                # which is also what keys its pooled connections.
-                ssl=True if tls is None else tls.current(),
-                server_hostname=None if tls is None else tls.server_name,
-            ) as response:
-                length = response.content_length
-                if length is not None and length <= target.max_response_bytes:
-                    payload = await response.read()  # the usual answer: one await, no loop
-                else:
-                    payload = await read_limited(response, target.max_response_bytes, target)
-                status = response.status
-                if status != 200:
-                    retry_after = response.headers.get("Retry-After")
-                    location = response.headers.get("Location")
+                data,
+                route.headers,
+                timeout=remaining,
+                limit=target.max_response_bytes,
+                target=target,
+                tls=route.tls,
+            )
         except TimeoutError:
             raise DeadlineExceeded(
                 f"{target.describe()} did not answer within {remaining * 1000:.0f} ms"
             ) from None
-        except aiohttp.ClientConnectorError as error:
-            # Refused, unreachable, DNS or TLS handshake: no byte of the request went out.
-            raise connect_error(error, target.describe()) from error
-        except aiohttp.ClientError as error:
-            raise in_flight_error(error, target.describe(), target.tls) from error
-        if status == 200:
-            return _json(payload, target)
-        raise status_error(status, payload, retry_after, target, location=location)
-
-    def _timeout(self, remaining: float) -> aiohttp.ClientTimeout:
-        """A client timeout ending at most 1 ms before ``remaining`` seconds, never after.
-
-        Cached by whole milliseconds: building an aiohttp ``ClientTimeout`` (a frozen attrs
-        class) on every call was a measurable part of the dispatcher's added latency
-        (bench_http), while calls with the same budget arrive with the same few
-        millisecond counts. Bounded, so scattered budgets cannot grow it without end.
-        """
-        milliseconds = int(remaining * 1000)
-        timeout = self._timeouts.get(milliseconds)
-        if timeout is None:
-            import aiohttp
-
-            if milliseconds < 1:  # under a millisecond left: exactly that, uncached
-                return aiohttp.ClientTimeout(total=remaining)
-            if len(self._timeouts) >= 4096:
-                self._timeouts.clear()
-            timeout = aiohttp.ClientTimeout(total=milliseconds / 1000)
-            self._timeouts[milliseconds] = timeout
-        return timeout
+        if reply.status == 200:
+            return _json(reply.body, target)
+        headers = reply.headers
+        raise status_error(
+            reply.status,
+            reply.body,
+            headers.get("Retry-After"),
+            target,
+            location=headers.get("Location"),
+        )
 
     def _route(self, target: HttpTarget) -> _Route:
         route = self._routes.get(target.key)
         if route is None:
-            # Names are checked again after resolution (open_session); an address literal
+            clients = self._clients
+            if clients is None:
+                raise ProviderError(
+                    "the http provider is not started (use the Dispatcher as a context manager)"
+                )
+            # Names are checked again after resolution (by the client); an address literal
             # is never resolved, so this is where it is checked.
             for destination in target.destinations():
                 self.egress.check(destination)
-            route = self._routes[target.key] = _Route(target)
+            client = clients.for_target(target.client, target.pool)
+            route = self._routes[target.key] = _Route(target, client)
         return route
-
-    def _require_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise ProviderError(
-                "the http provider is not started (use the Dispatcher as a context manager)"
-            )
-        return self._session
 
 
 def _json(payload: bytes, target: HttpTarget) -> Any:

@@ -58,17 +58,20 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
-from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError
+from linchkit_plugin.errors import (
+    DeadlineExceeded,
+    DispatchError,
+    ProviderError,
+    TargetUnavailable,
+)
+from providers._http_client import DEFAULT_CLIENT, HttpClient, HttpPool
 from providers._http_common import (
+    HttpClients,
     basic_authorization,
-    connect_error,
-    in_flight_error,
-    open_session,
-    read_limited,
     redirect_detail,
     retry_after_seconds,
     status_error,
@@ -81,10 +84,6 @@ from providers.knative.deployer import KnativeDeployer
 from providers.knative.target import KnativeTarget
 from providers.target import masked_url
 from providers.tls import ClientTlsContext
-
-if TYPE_CHECKING:
-    import aiohttp
-    from yarl import URL
 
 __all__ = ["KnativeProvider", "KnativeStats"]
 
@@ -115,16 +114,17 @@ class KnativeStats:
 class _Route:
     """What a call of one target needs, computed once: parsed URLs and headers."""
 
-    __slots__ = ("headers", "health_url", "invoke_url", "tls")
+    __slots__ = ("client", "headers", "health_url", "invoke_url", "tls")
 
-    def __init__(self, target: KnativeTarget) -> None:
+    def __init__(self, target: KnativeTarget, client: HttpClient) -> None:
         from yarl import URL
 
         base = str(target.ingress_url()).rstrip("/")
         invoke_url = URL(base + target.effective_invoke_path)
         authorization = basic_authorization(invoke_url)
-        self.invoke_url: URL = invoke_url.with_user(None)
-        self.health_url: URL = URL(base + target.effective_readiness_path).with_user(None)
+        self.invoke_url = str(invoke_url.with_user(None))
+        self.health_url = str(URL(base + target.effective_readiness_path).with_user(None))
+        self.client = client
         self.headers = {**target.headers, "Host": target.host}
         if authorization is not None:
             self.headers["Authorization"] = authorization
@@ -145,10 +145,12 @@ class KnativeProvider(Provider[KnativeTarget]):
         keepalive_seconds: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
-        self._max_connections = max_connections
-        self._keepalive_seconds = keepalive_seconds
-        # One pool to the ingress serves every Knative service behind it.
-        self._session: aiohttp.ClientSession | None = None
+        # One pool to the ingress serves every Knative service behind it (unless a target
+        # sizes a pool of its own).
+        self._shared_pool = HttpPool(
+            max_connections=max_connections, idle_timeout_s=keepalive_seconds
+        )
+        self._clients: HttpClients | None = None
         self._routes: dict[str, _Route] = {}
         self._random = rng or random.Random()
         self.infra_dir = Path(infra_dir)
@@ -156,16 +158,13 @@ class KnativeProvider(Provider[KnativeTarget]):
         self._cold_starts: dict[str, ColdStarts] = {}
 
     async def start(self) -> None:
-        self._session = open_session(
-            max_connections=self._max_connections,
-            keepalive_seconds=self._keepalive_seconds,
-            egress=self.egress,
-        )
+        self._clients = HttpClients(DEFAULT_CLIENT, self._shared_pool, egress=self.egress)
 
     async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        clients, self._clients = self._clients, None
+        self._routes.clear()
+        if clients is not None:
+            await clients.aclose()
 
     def deployer(self) -> KnativeDeployer:
         """Renders Services into ``infra_dir`` and applies them where ``deploy.cluster`` is set."""
@@ -222,28 +221,24 @@ class KnativeProvider(Provider[KnativeTarget]):
         return dict(self._cold_starts)
 
     async def health(self, target: KnativeTarget) -> Health:
-        import aiohttp
-
-        session = self._require_session()
         started = time.perf_counter()
         try:
             route = self._route(target)
-            tls = route.tls
-            async with session.get(
+            reply = await route.client.get(
                 route.health_url,
-                headers=route.headers,
-                timeout=aiohttp.ClientTimeout(total=5),
-                allow_redirects=False,
-                ssl=True if tls is None else tls.current(),
-                server_hostname=None if tls is None else tls.server_name,
-            ) as response:
-                body = await response.content.read(4096)
-                headers = {key.lower(): value for key, value in response.headers.items()}
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as error:
-            return Health("not_serving", f"{type(error).__name__}: {error}")
-        except ProviderError as error:  # the egress policy refused it
+                route.headers,
+                timeout=5,
+                limit=4096,
+                target=target,
+                tls=route.tls,
+            )
+        except TimeoutError:
+            return Health("not_serving", f"{target.host} did not answer within 5 s")
+        except DispatchError as error:  # unreachable, or the egress policy refused it
             return Health("not_serving", error.message, extra={"host": target.host})
+        body = reply.body
+        headers = {key.lower(): value for key, value in reply.headers.items()}
+        status = reply.status
         latency_ms = (time.perf_counter() - started) * 1000
         redirect = redirect_detail(status, headers.get("location"))
         if redirect is not None:
@@ -261,8 +256,6 @@ class KnativeProvider(Provider[KnativeTarget]):
         self, target: KnativeTarget, invocation: Invocation
     ) -> tuple[Failure | None, Any]:
         """``(None, result)`` on success, else ``(failure kind, DispatchError)``."""
-        import aiohttp
-
         remaining = invocation.remaining()
         if remaining <= 0:
             return Failure.FINAL, DeadlineExceeded(f"deadline passed before calling {target.host}")
@@ -271,44 +264,27 @@ class KnativeProvider(Provider[KnativeTarget]):
             route = self._route(target)
         except ProviderError as error:  # the egress policy refused the ingress
             return Failure.FINAL, error
-        session = self._require_session()
-        tls = route.tls
         try:
-            async with session.post(
+            reply = await route.client.post(
                 route.invoke_url,
-                data=body,
-                headers={**route.headers, **headers},
-                timeout=aiohttp.ClientTimeout(total=remaining),
-                allow_redirects=False,
-                # Per request: one session carries every target (providers/http.py).
-                ssl=True if tls is None else tls.current(),
-                server_hostname=None if tls is None else tls.server_name,
-            ) as response:
-                payload = await read_limited(response, target.max_response_bytes, target)
-                answer = Answer(
-                    response.status,
-                    {key.lower(): value for key, value in response.headers.items()},
-                    payload,
-                )
+                body,
+                {**route.headers, **headers},
+                timeout=remaining,
+                limit=target.max_response_bytes,
+                target=target,
+                tls=route.tls,
+            )
         except TimeoutError:
             return Failure.FINAL, DeadlineExceeded(
                 f"{target.host} did not answer within {remaining * 1000:.0f} ms"
             )
-        except ProviderError as error:  # the egress policy refused what the name resolved to
+        except TargetUnavailable as error:
+            return _unavailable(error, target)
+        except ProviderError as error:  # egress refused what the name resolved to; too big
             return Failure.FINAL, error
-        except aiohttp.ClientConnectorError as error:
-            where = f"the ingress {masked_url(str(target.ingress))} for {target.host}"
-            refused = connect_error(error, where)
-            if "tls" in refused.details:
-                # A certificate that does not verify will not verify on a resend either.
-                return Failure.FINAL, refused
-            return Failure.NOT_REACHED, refused
-        except aiohttp.ClientError as error:
-            failed = in_flight_error(error, target.host, target.tls)
-            if failed.details.get("tls") == "client_certificate_refused":
-                # Our certificate refused: not an activating revision; resending cannot help.
-                return Failure.FINAL, failed
-            return Failure.MAYBE_REACHED, failed.with_details(stage="in_flight")
+        answer = Answer(
+            reply.status, {key.lower(): value for key, value in reply.headers.items()}, reply.body
+        )
         if answer.status == 200:
             try:
                 return None, decode_answer(target, answer)
@@ -349,15 +325,14 @@ class KnativeProvider(Provider[KnativeTarget]):
             # A name is checked again after resolution (open_session); a literal only here.
             for destination in target.destinations():
                 self.egress.check(destination)
-            route = self._routes[target.key] = _Route(target)
+            clients = self._clients
+            if clients is None:
+                raise ProviderError(
+                    "the knative provider is not started (use the Dispatcher as a context manager)"
+                )
+            client = clients.for_target(target.client, target.pool)
+            route = self._routes[target.key] = _Route(target, client)
         return route
-
-    def _require_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise ProviderError(
-                "the knative provider is not started (use the Dispatcher as a context manager)"
-            )
-        return self._session
 
     def __repr__(self) -> str:
         s = self.stats
@@ -365,3 +340,19 @@ class KnativeProvider(Provider[KnativeTarget]):
             f"<KnativeProvider calls={s.calls} cold_starts={s.cold_starts}"
             f" activation_retries={s.activation_retries} maybe_reached={s.maybe_reached}>"
         )
+
+
+def _unavailable(error: TargetUnavailable, target: KnativeTarget) -> tuple[Failure, DispatchError]:
+    """How a transport failure of one attempt counts (module docstring)."""
+    if error.details.get("stage") == "connect":
+        where = f"the ingress {masked_url(str(target.ingress))} for {target.host}"
+        refused = error.with_message(error.message.replace(target.describe(), where, 1))
+        if "tls" in refused.details:
+            # A certificate that does not verify will not verify on a resend either.
+            return Failure.FINAL, refused
+        return Failure.NOT_REACHED, refused
+    if error.details.get("tls") == "client_certificate_refused":
+        # Our certificate refused: not an activating revision; resending cannot help.
+        return Failure.FINAL, error
+    failed = error.with_message(error.message.replace(target.describe(), target.host, 1))
+    return Failure.MAYBE_REACHED, failed.with_details(stage="in_flight")

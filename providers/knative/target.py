@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AnyHttpUrl, BeforeValidator, Field, PrivateAttr, model_validator
 
 from linchkit_plugin.errors import ProviderError
+from providers._http_client import ClientKind, HttpPool
 from providers.discovery import Weight, instance_item
 from providers.instances import InstanceListing
 from providers.target import (
@@ -144,6 +145,16 @@ class KnativeTarget(InstanceListing):
         default=None,
         description="Verify the ingress with ca_file, present cert_file/key_file (mTLS);"
         " https ingresses only. server_name: the name the ingress's certificate carries.",
+    )
+    client: ClientKind | None = Field(
+        default=None,
+        description="The HTTP client of this target's calls: reqwest or aiohttp;"
+        " default: the provider's (reqwest).",
+    )
+    pool: HttpPool | None = Field(
+        default=None,
+        description="A connection pool of this target's own; default: the provider's"
+        " shared pool to the ingress (512 connections).",
     )
 
     secret_fields = frozenset({"headers"})

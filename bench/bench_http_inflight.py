@@ -1,0 +1,213 @@
+"""10,000 calls in flight at once to an HTTP function that takes 1 s to answer.
+
+The function (``bench._tail_server --delay-ms 1000``, one process on CPU 0) answers every
+call after one second. Each variant fires all the calls at once and waits for the last;
+the figure is how long that took beyond the function's own second, and how much memory
+the client process grew by per call in flight (its RSS sampled while every call waits on
+the function, minus its RSS before: Python objects, sockets' buffers, and Rust's heap
+alike). The first burst opens every connection (``cold``), the second reuses the pool
+(``warm``).
+
+Each variant runs in a fresh process of its own (``python -m bench.bench_http_inflight
+--variant …``) so one's memory does not hide in another's freed heap, with its file
+descriptor limit raised to what 10,000 sockets need (the hard limit allows it here).
+
+Variants: raw aiohttp (connector limit = the number of calls), raw pyreqwest (the same
+limit), the dispatcher on each
+client with the target's ``pool: {max_connections: N}``, and the dispatcher with no pool
+(the provider's shared 512 connections: the old behaviour, 10,000 calls in ~20 rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from bench._core import Goal, Options, available_cpus
+from bench.bench_http import ROOT, envelope_bytes, port_server
+
+SERVER_CPU = 0
+CALLS = 10_000
+DELAY_S = 1.0
+VARIANTS = (
+    "aiohttp",
+    "pyreqwest",
+    "dispatcher_reqwest",
+    "dispatcher_aiohttp",
+    "dispatcher_no_pool",
+)
+
+GOALS = {
+    "http_inflight_10k_dispatcher_reqwest_cold_beyond_target_s": Goal("<=", 2.0),
+    "http_inflight_10k_dispatcher_reqwest_kb_per_call": Goal("<=", 22.0),
+}
+
+Call = Callable[[], Awaitable[Any]]
+
+
+async def run(options: Options) -> dict[str, float]:
+    calls = options.calls or (500 if options.quick else CALLS)
+    _raise_file_limit(2 * calls + 1024)
+    figures: dict[str, float] = {
+        "http_inflight_calls": calls,
+        "http_inflight_load_average_1min_at_start": os.getloadavg()[0],
+    }
+    cpu = SERVER_CPU if len(available_cpus()) > 1 else None
+    extra = ("--delay-ms", str(DELAY_S * 1000), "--backlog", str(calls))
+    async with port_server("bench._tail_server", cpu, extra) as url:
+        for variant in VARIANTS:
+            measured = await _in_child(variant, url, calls)
+            prefix = f"http_inflight_10k_{variant}"
+            for key, value in measured.items():
+                figures[f"{prefix}_{key}"] = value
+    figures["http_inflight_load_average_1min_at_end"] = os.getloadavg()[0]
+    return figures
+
+
+async def _in_child(variant: str, url: str, calls: int) -> dict[str, float]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.bench_http_inflight",
+        "--variant",
+        variant,
+        "--url",
+        url,
+        "--calls",
+        str(calls),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"bench_http_inflight --variant {variant} failed")
+    figures: dict[str, float] = json.loads(out.splitlines()[-1])
+    return figures
+
+
+def _raise_file_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def _rss_kb() -> float:
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1024
+
+
+# -- in the child: one variant, two bursts -----------------------------------------------
+
+
+async def _burst(call: Call, calls: int) -> tuple[float, float]:
+    """(seconds for every call to answer, RSS growth in KB while all are in flight)."""
+    before = _rss_kb()
+    started = time.perf_counter()
+    tasks = [asyncio.ensure_future(call()) for _ in range(calls)]
+    await asyncio.sleep(DELAY_S * 0.8)  # every call is waiting on the function now
+    peak = _rss_kb()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    failed = [result for result in results if isinstance(result, BaseException)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {calls} calls failed, e.g. {failed[0]!r}")
+    return elapsed, peak - before
+
+
+async def _variant(variant: str, url: str, calls: int) -> dict[str, float]:
+    _raise_file_limit(calls + 1024)
+    async with _client(variant, url, calls) as call:
+        await call()  # imports, routes and the first connection, outside the figures
+        cold, cold_kb = await _burst(call, calls)
+        warm, _ = await _burst(call, calls)
+    return {
+        "cold_beyond_target_s": cold - DELAY_S,
+        "warm_beyond_target_s": warm - DELAY_S,
+        "kb_per_call": cold_kb / calls,
+    }
+
+
+@contextlib.asynccontextmanager
+async def _client(variant: str, url: str, calls: int) -> AsyncIterator[Call]:
+    if variant == "aiohttp":
+        import aiohttp
+
+        body = envelope_bytes("say")
+        connector = aiohttp.TCPConnector(limit=calls, limit_per_host=0, keepalive_timeout=30)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def call() -> Any:
+                async with session.post(
+                    f"{url}/invoke", data=body, headers={"Content-Type": "application/json"}
+                ) as response:
+                    return await response.read()
+
+            yield call
+        return
+    if variant == "pyreqwest":
+        from pyreqwest.client import ClientBuilder
+
+        body = envelope_bytes("say")
+        builder = ClientBuilder().follow_redirects(False).max_connections(calls)
+        async with builder.build() as client:
+
+            async def call() -> Any:
+                request = client.post(f"{url}/invoke").body_bytes(body)
+                response = await request.header("Content-Type", "application/json").build().send()
+                return await response.bytes()
+
+            yield call
+        return
+    from dispatcher import Dispatcher, parse_manifest
+
+    target: dict[str, Any] = {"provider": "http", "url": url}
+    if variant != "dispatcher_no_pool":
+        target["client"] = variant.removeprefix("dispatcher_")
+        target["pool"] = {"max_connections": calls}
+    manifest = parse_manifest(
+        {
+            "version": 1,
+            "plugins": [
+                {
+                    "id": "bench",
+                    "version": "1.0.0",
+                    "target": target,
+                    "methods": {"say": {"timeout_ms": 120_000}},
+                }
+            ],
+        },
+        base_dir=ROOT,
+    )
+    async with Dispatcher(manifest) as dispatcher:
+        call_plugin = dispatcher.call
+
+        def call() -> Awaitable[Any]:
+            return call_plugin("bench", "say", {"text": "hi"})
+
+        yield call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--calls", type=int, default=CALLS)
+    options = parser.parse_args()
+    import uvloop
+
+    figures = uvloop.run(_variant(options.variant, options.url, options.calls))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

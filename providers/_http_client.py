@@ -1,0 +1,129 @@
+"""The client seam of the providers that POST over HTTP: one small base class, two clients.
+
+``providers.http`` and ``providers.knative`` ask an ``HttpClient`` for one thing on their
+hot path: POST these bytes to this URL, with these headers, within this many seconds,
+reading at most this many bytes of answer. Two clients implement it:
+
+* ``aiohttp`` (``providers._http_common.AiohttpClient``): the pure-asyncio client, one
+  keep-alive pool per provider (or per target with its own ``pool:``). The only client
+  that dials a Unix socket, and the one streams, SSE and WebSocket stay on.
+* ``reqwest`` (``providers._reqwest.ReqwestClient``): Rust's reqwest/hyper through
+  pyreqwest, one pool per target. Measured on the fixed-reply server
+  (``bench/bench_http_clients.py``, ``docs/architecture.md``): more calls/s at
+  concurrency 64 for less CPU per call, every thread of the process counted.
+
+What every client guarantees, so the providers above it never see a vendor exception:
+
+    TimeoutError          the call did not finish within ``timeout`` (the provider turns
+                          it into DeadlineExceeded naming the target)
+    TargetUnavailable     details["stage"] == "connect": the connection could not be
+                          opened (no byte of the request went out); otherwise the call
+                          failed mid-way and may have reached the plugin. TLS failures
+                          carry details["tls"] (server_certificate, handshake,
+                          client_certificate_refused, closed_without_answer)
+    EgressRefused         the manifest's egress policy refused every address
+    ProviderError         the answer was larger than ``limit`` bytes
+
+Redirects are never followed by either client: a 3xx comes back as a ``Reply`` with its
+``Location`` header, for the provider to refuse (``providers._http_common.status_error``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Self
+
+from pydantic import Field
+
+from providers.target import StrictModel, TargetConfig
+from providers.tls import ClientTlsContext
+
+__all__ = ["DEFAULT_CLIENT", "ClientKind", "HttpClient", "HttpPool", "Reply"]
+
+#: Which client a target's calls go through (``client:`` of an http or knative target).
+ClientKind = Literal["aiohttp", "reqwest"]
+#: The client of a target that names none: the faster one measured (docs/architecture.md).
+DEFAULT_CLIENT: ClientKind = "reqwest"
+
+
+class HttpPool(StrictModel):
+    """``pool:`` of an HTTP target: how many connections it may hold open, and how long.
+
+    A target with ``pool`` gets a pool of its own (per-target pools); without, its calls
+    share the provider's pool of 512 connections. ``max_connections`` bounds the calls in
+    flight to the target: size it for the concurrency you expect (10,000 calls in flight
+    to one slow target need 10,000 connections, and as many file descriptors).
+
+    On ``reqwest`` every target URL has its own pyreqwest client, so the shared pool's 512
+    apply per URL; ``max_connections`` is pyreqwest's bound on requests in flight, and
+    ``max_per_host`` bounds the idle connections kept (reqwest has no other per-host cap).
+    On ``aiohttp`` they are the connector's ``limit`` and ``limit_per_host``.
+    """
+
+    max_connections: int = Field(
+        default=512, gt=0, le=1_000_000, description="Connections open at once, in all."
+    )
+    max_per_host: int = Field(
+        default=0, ge=0, le=1_000_000, description="Connections to one host; 0: no limit."
+    )
+    idle_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Seconds an idle connection is kept."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a target answered: status, headers (case-insensitive lookups), whole body."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class HttpClient(ABC):
+    """POSTs for a provider; ends every connection and thread of its own in ``aclose``."""
+
+    @abstractmethod
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        timeout: float,
+        limit: int,
+        target: TargetConfig,
+        tls: ClientTlsContext | None,
+    ) -> Reply:
+        """POST ``body``; the answer, or one of the errors in the module docstring."""
+
+    @abstractmethod
+    async def get(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        timeout: float,
+        limit: int,
+        target: TargetConfig,
+        tls: ClientTlsContext | None,
+    ) -> Reply:
+        """GET (health checks): at most ``limit`` bytes of the body, never an error for more."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close every connection; the client is not used again."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,329 @@
+"""The ``reqwest`` client of the seam (``providers._http_client``): Rust's reqwest through pyreqwest.
+
+The only module that imports pyreqwest, and only when a target's calls first go through it.
+Why it is on the hot path: on the fixed-reply server it made more calls/s at concurrency 64
+than aiohttp for less CPU per call, every thread of the process counted
+(``bench/bench_http_clients.py``; figures in ``docs/architecture.md``).
+
+One pyreqwest ``Client`` per target URL (and per TLS generation): its own pool sized by the
+target's ``pool:``, its own client certificate, and its own resolved addresses.
+
+* **Egress.** reqwest resolves names itself and cannot be handed a resolver from Python, so
+  a name is resolved here when the target's client is built, every address is checked
+  against the egress policy, and the client is pinned to the admitted ones
+  (``ClientBuilder.resolve``): reqwest never dials anything the policy refuses. The pin
+  holds for the client's life (a name that moves is followed when the target reloads).
+* **TLS.** ``ca_file`` is trusted besides the built-in roots (rustls); ``cert_file`` and
+  ``key_file`` are presented as the client identity; TLS 1.2 at least. A reload of the
+  files (``ClientTlsContext``) gives a new context, and a new client is built for it; the
+  old one is closed with the provider. ``server_name`` is sent and verified by putting it
+  in the request URL and pinning it to the real host's addresses.
+* **No redirects, no decompression, no cookies, no proxies from the environment.**
+* **Errors.** pyreqwest names the failing stage only in its causes' text; hyper-util's
+  ``client error (Connect)`` is the connect stage (nothing sent). Everything is translated
+  here (``_translate``) into the errors of the seam.
+* **Threads.** pyreqwest runs its I/O on one tokio runtime per process, started on first
+  use and shared by every client; ``aclose`` closes this provider's clients and their
+  connections, the runtime's one thread stays for the process (it holds nothing of ours).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from linchkit_plugin.errors import ProviderError, TargetUnavailable
+from providers._http_client import HttpClient, HttpPool, Reply
+from providers.base import CONNECT_STAGE
+from providers.egress import EgressPolicy
+from providers.target import TargetConfig
+from providers.tls import ClientTlsContext
+
+if TYPE_CHECKING:
+    from pyreqwest.client import Client
+    from pyreqwest.response import Response
+
+__all__ = ["ReqwestClient"]
+
+#: rustls' names of the alerts a server sends when it refuses our client certificate.
+_CLIENT_CERTIFICATE_ALERTS = (
+    "CertificateRequired",
+    "UnknownCA",
+    "BadCertificate",
+    "CertificateUnknown",
+    "CertificateExpired",
+    "CertificateRevoked",
+    "UnsupportedCertificate",
+    "AccessDenied",
+)
+#: hyper's words for a connection that closed or was reset before the answer was whole.
+_HUNG_UP = (
+    "connection closed",
+    "connection reset",
+    "reset by peer",
+    "close_notify",
+    "broken pipe",
+    "IncompleteMessage",
+)
+
+
+class _Entry:
+    """A built client and the URL to send to it (``server_name`` may replace the host)."""
+
+    __slots__ = ("client", "url")
+
+    def __init__(self, client: Client, url: str) -> None:
+        self.client = client
+        self.url = url
+
+
+class ReqwestClient(HttpClient):
+    """pyreqwest clients, one per target URL and TLS generation, closed in ``aclose``."""
+
+    __slots__ = ("_closed", "_egress", "_entries", "_every", "_pool")
+
+    def __init__(self, pool: HttpPool, *, egress: EgressPolicy) -> None:
+        self._pool = pool
+        self._egress = egress
+        self._entries: dict[object, _Entry] = {}
+        self._every: list[Client] = []
+        self._closed = False
+
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        timeout: float,
+        limit: int,
+        target: TargetConfig,
+        tls: ClientTlsContext | None,
+    ) -> Reply:
+        from pyreqwest.exceptions import PyreqwestError, RequestTimeoutError
+
+        entry = self._entries.get(url if tls is None else (url, tls.current()))
+        if entry is None:
+            entry = await self._entry(url, tls, target)
+        request = (
+            entry.client.post(entry.url)
+            .headers(headers)
+            .body_bytes(body)
+            .timeout(timedelta(seconds=timeout))
+            .build_streamed()
+        )
+        try:
+            async with request as response:
+                payload = await _read(response, limit, target)
+                return Reply(response.status, response.headers, payload)
+        except RequestTimeoutError:
+            raise TimeoutError from None
+        except PyreqwestError as error:
+            raise _translate(error, target.describe(), tls) from error
+
+    async def get(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        timeout: float,
+        limit: int,
+        target: TargetConfig,
+        tls: ClientTlsContext | None,
+    ) -> Reply:
+        from pyreqwest.exceptions import PyreqwestError, RequestTimeoutError
+
+        entry = self._entries.get(url if tls is None else (url, tls.current()))
+        if entry is None:
+            entry = await self._entry(url, tls, target)
+        request = (
+            entry.client.get(entry.url)
+            .headers(headers)
+            .timeout(timedelta(seconds=timeout))
+            .build_streamed()
+        )
+        try:
+            async with request as response:
+                reader = response.body_reader
+                chunk = await reader.read(limit)
+                body = b"" if chunk is None else chunk.to_bytes()
+                return Reply(response.status, response.headers, body)
+        except RequestTimeoutError:
+            raise TimeoutError from None
+        except PyreqwestError as error:
+            raise _translate(error, target.describe(), tls) from error
+
+    async def aclose(self) -> None:
+        self._closed = True
+        every, self._every = self._every, []
+        self._entries.clear()
+        for client in every:
+            await client.close()
+
+    async def _entry(self, url: str, tls: ClientTlsContext | None, target: TargetConfig) -> _Entry:
+        """Build the client of ``url`` (resolving and checking its host first)."""
+        from yarl import URL
+
+        if self._closed:
+            raise ProviderError(f"the client of {target.describe()} is closed")
+        key = url if tls is None else (url, tls.current())
+        parsed = URL(url, encoded=True)
+        host, port = parsed.host or "", parsed.port or 0
+        builder = self._builder(tls)
+        request_url = url
+        server_name = None if tls is None else tls.server_name
+        if server_name is not None or not _is_address(host):
+            addresses = await self._admitted(host, port, target)
+            name = server_name or host
+            for address in addresses:
+                builder = builder.resolve(name, address, port)
+            if server_name is not None:
+                request_url = str(parsed.with_host(server_name))
+        built = self._entries.get(key)
+        if built is not None:  # another call built it while this one resolved
+            return built
+        client = builder.build()
+        self._every.append(client)
+        entry = self._entries[key] = _Entry(client, request_url)
+        return entry
+
+    def _builder(self, tls: ClientTlsContext | None) -> Any:
+        from pyreqwest.client import ClientBuilder
+
+        pool = self._pool
+        builder = (
+            ClientBuilder()
+            .follow_redirects(False)
+            .referer(False)
+            .gzip(False)
+            .brotli(False)
+            .zstd(False)
+            .deflate(False)
+            .no_proxy()
+            .max_connections(pool.max_connections)
+            .pool_idle_timeout(timedelta(seconds=pool.idle_timeout_s))
+            .pool_max_idle_per_host(pool.max_per_host or pool.max_connections)
+        )
+        if tls is None:
+            return builder
+        builder = builder.min_tls_version("TLSv1.2")
+        files = tls.tls
+        try:
+            if files.ca_file is not None:
+                builder = builder.add_root_certificate_pem(files.ca_file.read_bytes())
+            if files.cert_file is not None and files.key_file is not None:
+                identity = files.cert_file.read_bytes() + b"\n" + files.key_file.read_bytes()
+                builder = builder.identity_pem(identity)
+        except (OSError, ValueError) as error:
+            raise ProviderError(f"cannot load the target's TLS files: {error}") from None
+        return builder
+
+    async def _admitted(self, host: str, port: int, target: TargetConfig) -> list[str]:
+        """The addresses of ``host`` the egress policy admits (``EgressRefused`` if none)."""
+        if _is_address(host):
+            self._egress.admitted(host, [host])
+            return [host]
+        refusal = self._egress.name_refusal(host)
+        if refusal is not None:
+            self._egress.admitted(host, [])  # raises EgressRefused naming the reason
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
+        except OSError as error:
+            raise TargetUnavailable(
+                f"cannot connect to {target.describe()}: cannot resolve {host}: {error}",
+                details=CONNECT_STAGE,
+            ) from None
+        found = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        return self._egress.admitted(host, found)
+
+    def __repr__(self) -> str:
+        return (
+            f"<ReqwestClient clients={len(self._every)}"
+            f" max_connections={self._pool.max_connections} closed={self._closed}>"
+        )
+
+
+async def _read(response: Response, limit: int, target: TargetConfig) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes."""
+    length = response.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) <= limit:
+        return (await response.bytes()).to_bytes()  # the usual answer: one await
+    reader = response.body_reader
+    chunks: list[bytes] = []
+    size = 0
+    while (chunk := await reader.read_chunk()) is not None:
+        size += len(chunk)
+        if size > limit:
+            raise ProviderError(
+                f"{target.describe()} answered more than max_response_bytes={limit}"
+            )
+        chunks.append(chunk.to_bytes())
+    return b"".join(chunks)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _causes(error: BaseException) -> list[str]:
+    details = getattr(error, "details", None)
+    causes = details.get("causes") if isinstance(details, dict) else None
+    if not isinstance(causes, list):
+        return [str(error)]
+    return [str(cause.get("message", "")) for cause in causes if isinstance(cause, dict)]
+
+
+def _translate(error: BaseException, where: str, tls: ClientTlsContext | None) -> TargetUnavailable:
+    """A pyreqwest failure as the seam's ``TargetUnavailable`` (connect stage or mid-call)."""
+    from pyreqwest.exceptions import NetworkError
+
+    causes = _causes(error)
+    text = "; ".join(causes)
+    last = causes[-1] if causes else str(error)
+    refused = next((alert for alert in _CLIENT_CERTIFICATE_ALERTS if alert in text), None)
+    if refused is not None:
+        return TargetUnavailable(
+            f"TLS: {where} refused our client certificate ({refused}): check tls.cert_file"
+            " and tls.key_file, and that the server trusts the CA that signed them",
+            details={"stage": "connect", "tls": "client_certificate_refused"},
+        )
+    if "client error (Connect)" in causes:
+        if "invalid peer certificate" in text or "certificate" in last.lower():
+            return TargetUnavailable(
+                f"TLS: {where} presented a certificate that does not verify ({last}):"
+                " check tls.ca_file (the CA that signs the server's certificate) and"
+                " tls.server_name",
+                details={"stage": "connect", "tls": "server_certificate"},
+            )
+        if tls is not None and ("tls" in text.lower() or "handshake" in text.lower()):
+            return TargetUnavailable(
+                f"TLS handshake with {where} failed: {last}",
+                details={"stage": "connect", "tls": "handshake"},
+            )
+        return TargetUnavailable(f"cannot connect to {where}: {last}", details=CONNECT_STAGE)
+    hung_up = isinstance(error, NetworkError) and any(word in text for word in _HUNG_UP)
+    if tls is not None and hung_up:
+        cert_file = tls.tls.cert_file
+        presented = (
+            "we presented none (tls.cert_file is not set)"
+            if cert_file is None
+            else f"we presented {cert_file}"
+        )
+        return TargetUnavailable(
+            f"TLS: {where} closed the connection without answering (hung up or reset); a"
+            " server that requires client certificates does this when it refuses ours"
+            f" ({presented}): check tls.cert_file and tls.key_file, and that the server"
+            " trusts the CA that signed them",
+            details={"tls": "closed_without_answer"},
+        )
+    return TargetUnavailable(f"{where} failed mid-call: {type(error).__name__}: {last}")

@@ -1,0 +1,221 @@
+"""Both clients of the HTTP seam (``client: aiohttp`` and ``client: reqwest``) behave alike.
+
+The provider's other test files run on the default client; these run the hostile cases on
+each client by name: a reset mid-call, a refused connection, an endless body, a slow
+peer, a redirect, and the ``pool:`` that sizes a target's own connections. Real servers on
+loopback; no timing assertion tighter than seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trustme
+
+from dispatcher import DeadlineExceeded, Dispatcher, ProviderError, TargetUnavailable
+from dispatcher.config import ManifestError
+from tests.conftest import echo_plugin, manifest
+from tests.test_http_hardening import Handler, read_head, replying, server_on
+from tests.test_http_mtls import PluginServer, write, write_leaf
+
+CLIENTS = ("aiohttp", "reqwest")
+OK = b'{"ok": true, "result": {"text": "hi"}}'
+
+
+def target(url: str, client: str, **extra: Any) -> dict[str, Any]:
+    return {"provider": "http", "url": url, "client": client, **extra}
+
+
+async def say(plugin_target: dict[str, Any], timeout_ms: int = 3000) -> Any:
+    plugins = manifest(echo_plugin("p", plugin_target, defaults={"timeout_ms": timeout_ms}))
+    async with Dispatcher(plugins) as dispatcher:
+        return await dispatcher.call("p", "say", {"text": "hi"})
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_call_answers_on_either_client(client: str) -> None:
+    async with server_on("127.0.0.1", replying(200, OK)) as (host, port):
+        assert await say(target(f"http://{host}:{port}", client)) == {"text": "hi"}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_redirect_is_refused_naming_where_it_points(client: str) -> None:
+    handler = replying(302, b"", "Location: http://169.254.169.254/latest")
+    async with server_on("127.0.0.1", handler) as (host, port):
+        with pytest.raises(ProviderError) as caught:
+            await say(target(f"http://{host}:{port}", client))
+    assert "302" in caught.value.message
+    assert "169.254.169.254" in caught.value.message
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_reset_after_the_request_is_typed_and_not_marked_as_never_sent(
+    client: str,
+) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.transport.abort()  # the request arrived; the answer never comes
+
+    async with server_on("127.0.0.1", reset) as (host, port):
+        with pytest.raises(TargetUnavailable) as caught:
+            await say(target(f"http://{host}:{port}", client))
+    # It may have reached the plugin: the fleet must not treat it as a refused connect.
+    assert caught.value.details.get("stage") != "connect"
+    assert caught.value.retryable
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_refused_connection_is_marked_as_never_sent(client: str) -> None:
+    async with server_on("127.0.0.1", replying(200, OK)) as (host, port):
+        pass  # closed: nothing listens on the port any more
+    with pytest.raises(TargetUnavailable) as caught:
+        await say(target(f"http://{host}:{port}", client))
+    assert caught.value.details.get("stage") == "connect"
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_an_endless_body_is_cut_at_max_response_bytes(client: str) -> None:
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * 65536
+        try:
+            while True:  # a peer that lies about nothing and never stops
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+        finally:
+            writer.transport.abort()  # drop what is still buffered for the gone client
+
+    async with server_on("127.0.0.1", endless) as (host, port):
+        with pytest.raises(ProviderError) as caught:
+            await say(target(f"http://{host}:{port}", client, max_response_bytes=1_000_000))
+    assert "max_response_bytes=1000000" in caught.value.message
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_peer_that_never_answers_ends_at_the_deadline(client: str) -> None:
+    hung_up = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await reader.read()  # never answers; returns when the client hangs up
+        writer.close()
+        await writer.wait_closed()
+        hung_up.set()
+
+    async with server_on("127.0.0.1", silent) as (host, port):
+        plugin = target(f"http://{host}:{port}", client)
+        plugins = manifest(echo_plugin("p", plugin, defaults={"timeout_ms": 300}))
+        async with Dispatcher(plugins) as dispatcher:
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(DeadlineExceeded):
+                await dispatcher.call("p", "say", {"text": "hi"})
+            assert asyncio.get_running_loop().time() - started < 10
+            # The client hangs up on the call it gave up on (not only when it closes).
+            await asyncio.wait_for(hung_up.wait(), timeout=10)
+
+
+def counting(state: dict[str, int], release: asyncio.Event) -> Handler:
+    """Answers every request once ``release`` is set; counts connections open at once."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state["open"] += 1
+        state["most"] = max(state["most"], state["open"])
+        try:
+            while True:
+                await read_head(reader)
+                await release.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(OK), OK))
+                await writer.drain()
+        finally:
+            state["open"] -= 1
+
+    return handle
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_targets_pool_bounds_its_connections(client: str) -> None:
+    state = {"open": 0, "most": 0}
+    release = asyncio.Event()
+    async with server_on("127.0.0.1", counting(state, release)) as (host, port):
+        plugin = target(f"http://{host}:{port}", client, pool={"max_connections": 2})
+        plugins = manifest(echo_plugin("p", plugin, defaults={"timeout_ms": 10000}))
+        async with Dispatcher(plugins) as dispatcher:
+            calls = [
+                asyncio.create_task(dispatcher.call("p", "say", {"text": "hi"})) for _ in range(8)
+            ]
+            await asyncio.sleep(0.5)  # every call has had time to ask for a connection
+            release.set()
+            assert [await call for call in calls] == [{"text": "hi"}] * 8
+    assert 1 <= state["most"] <= 2
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        {"max_connections": 0},
+        {"max_connections": -1},
+        {"idle_timeout_s": 0},
+        {"max_per_host": "many"},
+        {"max_connections": 10, "surprise": True},
+    ],
+)
+def test_a_malformed_pool_is_refused_when_the_manifest_loads(pool: dict[str, Any]) -> None:
+    with pytest.raises((ManifestError, ValueError)):
+        manifest(echo_plugin("p", target("http://127.0.0.1:1", "aiohttp", pool=pool)))
+
+
+def test_an_unknown_client_is_refused_when_the_manifest_loads() -> None:
+    with pytest.raises((ManifestError, ValueError)) as caught:
+        manifest(echo_plugin("p", target("http://127.0.0.1:1", "curl")))
+    assert "reqwest" in str(caught.value)
+
+
+async def test_reqwest_leaves_no_thread_behind_that_grows_with_use() -> None:
+    """pyreqwest's one runtime thread per process stays (it is shared, and idle); closing a
+    dispatcher closes its clients, so opening and closing many adds no thread."""
+    async with server_on("127.0.0.1", replying(200, OK)) as (host, port):
+        url = f"http://{host}:{port}"
+        await say(target(url, "reqwest", pool={"max_connections": 4}))
+        before = len(os.listdir("/proc/self/task"))
+        for _ in range(5):
+            await say(target(url, "reqwest", pool={"max_connections": 4}))
+        after = len(os.listdir("/proc/self/task"))
+    assert after <= before
+
+
+@pytest.fixture(scope="module")
+def named_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """An mTLS plugin server on 127.0.0.1 whose certificate names only plugin.internal."""
+    folder = tmp_path_factory.mktemp("named")
+    server_ca, client_ca = trustme.CA(), trustme.CA()
+    cert, key = write_leaf(folder, "server", server_ca.issue_cert("plugin.internal"))
+    client_cert, client_key = write_leaf(folder, "client", client_ca.issue_cert("host"))
+    server = PluginServer(cert, key, write(folder, "client-ca.pem", client_ca.cert_pem.bytes()))
+    tls = {
+        "ca_file": str(write(folder, "ca.pem", server_ca.cert_pem.bytes())),
+        "cert_file": str(client_cert),
+        "key_file": str(client_key),
+    }
+    try:
+        yield {"url": server.url, "tls": tls}
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_server_name_is_what_the_certificate_is_checked_against(
+    client: str, named_server: dict[str, Any]
+) -> None:
+    tls = {**named_server["tls"], "server_name": "plugin.internal"}
+    assert (await say(target(named_server["url"], client, tls=tls)))["text"] == "hi"
+    with pytest.raises(TargetUnavailable) as caught:  # the certificate does not name 127.0.0.1
+        await say(target(named_server["url"], client, tls=named_server["tls"]))
+    assert caught.value.details == {"stage": "connect", "tls": "server_certificate"}
+    tls = {**named_server["tls"], "server_name": "intruder.internal"}
+    with pytest.raises(TargetUnavailable):
+        await say(target(named_server["url"], client, tls=tls))
