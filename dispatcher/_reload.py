@@ -4,7 +4,7 @@
 below is tested without starting anything.
 
 - Top-level sections other than ``plugins`` (``state``, ``auth``, ``access``, ``audit``,
-  ``telemetry``, ``gateway``, ``egress``) are wired into objects built once at start
+  ``telemetry``, ``gateway``, ``egress``, ``registry``) are wired into objects built once at start
   (a state backend, authenticators, the audit chain, the listener): a change to any of
   them refuses the whole reload, naming the sections — restart to change them.
 - A plugin version whose entry is unchanged (an equal ``PluginSpec``) is **kept**: its
@@ -28,7 +28,17 @@ from dispatcher.config import Manifest, ManifestError, ManifestProblem, PluginSp
 __all__ = ["FIXED_SECTIONS", "ReloadPlan", "plan_reload"]
 
 #: Sections a running dispatcher cannot swap (see the module docstring).
-FIXED_SECTIONS = ("version", "egress", "auth", "access", "audit", "telemetry", "gateway", "state")
+FIXED_SECTIONS = (
+    "version",
+    "egress",
+    "auth",
+    "access",
+    "audit",
+    "telemetry",
+    "gateway",
+    "state",
+    "registry",
+)
 
 #: What a plugin's processes were started with: fixed for a version.
 _FIXED_PLUGIN_FIELDS = ("config", "lifecycle", "runtime", "protocol")

@@ -95,6 +95,18 @@ class EtcdPrefix:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, _BACKOFF_CAP * self._retry)
 
+    async def read_or_reason(self) -> dict[str, bytes] | str:
+        """One ``read``'s keys, or why it failed (in one line) instead of raising."""
+        try:
+            _, found = await self.read()
+        except RegistryFailure as failure:
+            return str(failure)
+        except TimeoutError:
+            return f"no answer within {self._timeout * 1000:g} ms"
+        except (aiohttp.ClientError, OSError) as failure:
+            return f"cannot reach etcd: {one_line(str(failure)) or type(failure).__name__}"
+        return found
+
     async def read(self) -> tuple[int, dict[str, bytes]]:
         """Every key under the prefix with its value, and the revision the read saw."""
         async with asyncio.timeout(self._timeout):
