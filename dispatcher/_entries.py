@@ -155,9 +155,10 @@ class RegistryEntries:
     def _read(self, values: dict[str, bytes]) -> None:
         self.error = None
         self.reads += 1
-        self._items, self._refused = {}, {}
+        previous, self._items, self._refused = self._items, {}, {}
         for key, value in values.items():
-            self._put(key, value)
+            self._put(key, value, previous.get(key))
+        self._invalid = {key: why for key, why in self._invalid.items() if key in values}
         self._log_skipped()
         self._changed.set()
 
@@ -168,18 +169,21 @@ class RegistryEntries:
                 self._refused.pop(change.key, None)
                 self._invalid.pop(change.key, None)
             else:
-                self._put(change.key, change.value)
+                self._put(change.key, change.value, self._items.pop(change.key, None))
         self._log_skipped()
         self._changed.set()
 
-    def _put(self, key: str, value: bytes) -> None:
-        self._items.pop(key, None)
+    def _put(self, key: str, value: bytes, before: dict[str, Any] | None) -> None:
         self._refused.pop(key, None)
-        self._invalid.pop(key, None)
         try:
-            self._items[key] = entry_item(key, value, self.config)
+            item = entry_item(key, value, self.config)
         except ValueError as wrong:
+            self._invalid.pop(key, None)
             self._refused[key] = str(wrong)
+            return
+        if item != before:  # the same value read again keeps its verdict until the merge
+            self._invalid.pop(key, None)
+        self._items[key] = item
 
     def _failed(self, reason: str, delay: float) -> None:
         retry = f", reading again in {delay:.3g} s" if delay else ""
