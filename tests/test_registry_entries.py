@@ -266,15 +266,29 @@ async def test_closing_the_dispatcher_ends_the_registry_tasks(etcd: Etcd, etcd_p
 
 def test_trust_rules_without_etcd() -> None:
     config = RegistryConfig.model_validate(
-        {"etcd": "http://127.0.0.1:2379", "prefix": "/p", "trust": {"max_entry_bytes": 256}}
+        {"etcd": "http://127.0.0.1:2379", "prefix": "/p", "trust": {"max_entry_bytes": 512}}
     )
     item = entry_item("/p/a@1.0.0", entry("http://127.0.0.1:1", plugin_id="a").encode(), config)
     assert item["id"] == "a"
     for value, reason in [
         (b"[1, 2]", "not a mapping"),
         (b"\xff\xfe", "neither JSON nor YAML"),
-        (b"x" * 257, "over 256 bytes"),
+        (b"x" * 513, "over 512 bytes"),
         (entry("http://127.0.0.1:1", plugin_id="b").encode(), "own id@version"),
+        (
+            json.dumps(
+                {
+                    "id": "a",
+                    "version": "1.0.0",
+                    "target": {
+                        "provider": "http",
+                        "instances": [{"registry": {"etcd": "http://10.9.9.9", "prefix": "/x"}}],
+                    },
+                    "methods": {"say": {}},
+                }
+            ).encode(),
+            "fixed instances only",
+        ),
     ]:
         with pytest.raises(ValueError, match=reason):
             entry_item("/p/a@1.0.0", value, config)

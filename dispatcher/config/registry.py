@@ -11,6 +11,7 @@ calls, so what they may say is narrower than a file's (``trust``):
 * never a file of the host (a key ending in ``_file`` or ``_dir``, ``path``,
   ``unix_socket``) nor the host's environment (``${NAME}``): either would hand what the
   host keeps to whoever writes the registry;
+* fixed instances only: no discovery source (``dns``, ``registry``) the host would follow;
 * the key must name the entry's own ``id@version``, and the value fit ``max_entry_bytes``;
 * the manifest's ``egress`` applies to every destination an entry names.
 
@@ -100,6 +101,7 @@ def entry_item(key: str, value: bytes, config: RegistryConfig) -> dict[str, Any]
                 f" ({', '.join(trust.allow_providers) or 'none'})"
             )
     _refuse_host_reads(item)
+    _refuse_discovery(item)
     return item
 
 
@@ -131,6 +133,17 @@ def _refuse_host_reads(item: dict[str, Any]) -> None:
     for target in _targets(item):
         _refuse_host_files(target)
     _refuse_environment(item)
+
+
+def _refuse_discovery(item: dict[str, Any]) -> None:
+    for target in _targets(item):
+        instances = target.get("instances")
+        for instance in instances if isinstance(instances, list) else ():
+            if isinstance(instance, dict) and ({"dns", "registry"} & set(instance)):
+                raise ValueError(
+                    "an entry lists fixed instances only: a discovery source (dns, registry)"
+                    " would have the host follow a server the entry names"
+                )
 
 
 def _refuse_host_files(value: Any) -> None:
