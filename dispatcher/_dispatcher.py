@@ -376,7 +376,7 @@ class Dispatcher:
                 raise RuntimeError(f"reload needs a running dispatcher; this one is {self._state}")
             file_manifest = manifest
             if self.registry is not None:  # the registry's entries stay through a file reload
-                manifest = self.registry.merge(file_manifest, source=source)
+                manifest = self.registry.merge(file_manifest, self.manifest, source=source)
             plan = plan_reload(self.manifest, manifest, source=source)
             for plugin in [*plan.added, *(new for _, new in plan.changed)]:
                 _check_protocol(plugin)

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher._health import TargetHealth
+from dispatcher._reload import fixed_changes
 from dispatcher.config import Manifest, ManifestError, RegistryConfig, merge_entries
 from dispatcher.config.registry import entry_item
 from dispatcher.fleet.sources.etcd_client import Change, EtcdPrefix, one_line
@@ -80,13 +81,33 @@ class RegistryEntries:
         self._read(values)
         self._changed.clear()
 
-    def merge(self, base: Manifest[Any], *, source: str) -> Manifest[Any]:
+    def merge(self, base: Manifest[Any], running: Manifest[Any], *, source: str) -> Manifest[Any]:
         """``base`` (a file's manifest) with the entries; ``ManifestError`` if the whole is
-        invalid. Entries left out are recorded, not raised."""
+        invalid. Entries left out are recorded, not raised.
+
+        An entry republished under a running version with other process settings
+        (``config``, ``runtime``…) would refuse the whole reload, holding up every other
+        change: that entry is left out and the running one kept, until it is published
+        under a new version."""
         merged, invalid = merge_entries(base, self._items, source=f"{source} + {self.name}")
+        on_file = {plugin.key for plugin in base.plugins}
+        was = {plugin.key: plugin for plugin in running.plugins}
+        plugins = []
+        for plugin in merged.plugins:
+            previous = was.get(plugin.key)
+            if previous is None or plugin.key in on_file:
+                plugins.append(plugin)
+                continue
+            if changed := fixed_changes(previous, plugin):
+                invalid[f"{self.config.prefix}/{plugin.key}"] = (
+                    f"{plugin.key} runs with another {', '.join(changed)}; the running entry"
+                    " is kept: publish the change as a new version"
+                )
+                plugin = previous
+            plugins.append(plugin)
         self._invalid = invalid
         self._log_skipped()
-        return merged
+        return merged.model_copy(update={"plugins": plugins})
 
     async def start(self) -> None:
         """Read once and apply what was read (a dispatcher starts with the registry's

@@ -25,7 +25,7 @@ from typing import Any
 
 from dispatcher.config import Manifest, ManifestError, ManifestProblem, PluginSpec
 
-__all__ = ["FIXED_SECTIONS", "ReloadPlan", "plan_reload"]
+__all__ = ["FIXED_SECTIONS", "ReloadPlan", "fixed_changes", "plan_reload"]
 
 #: Sections a running dispatcher cannot swap (see the module docstring).
 FIXED_SECTIONS = (
@@ -63,6 +63,11 @@ class ReloadPlan:
         }
 
 
+def fixed_changes(running: PluginSpec[Any], new: PluginSpec[Any]) -> list[str]:
+    """The fields of a running version's processes that ``new`` would change (refused)."""
+    return [name for name in _FIXED_PLUGIN_FIELDS if getattr(running, name) != getattr(new, name)]
+
+
 def plan_reload(old: Manifest[Any], new: Manifest[Any], *, source: str) -> ReloadPlan:
     """The plan from ``old`` to ``new``; ``ManifestError`` naming every refusal."""
     problems = [
@@ -82,11 +87,7 @@ def plan_reload(old: Manifest[Any], new: Manifest[Any], *, source: str) -> Reloa
         elif previous == plugin:
             plan.kept.append(plugin)
         else:
-            fixed = [
-                name
-                for name in _FIXED_PLUGIN_FIELDS
-                if getattr(previous, name) != getattr(plugin, name)
-            ]
+            fixed = fixed_changes(previous, plugin)
             problems.extend(
                 ManifestProblem(
                     f"plugins[{index}].{name}",

@@ -351,3 +351,22 @@ def test_dispatcher_health_lists_each_entry_left_out_with_its_reason(
     assert left_out["status"] == "not_serving"
     assert "own id@version" in left_out["detail"]
     assert SECRET not in ran.stdout + ran.stderr
+
+
+async def test_a_running_version_republished_with_other_config_keeps_running(
+    etcd: Etcd, etcd_prefix: str, greeters: dict[str, str]
+) -> None:
+    async with dispatcher_for(manifest_with_registry(etcd, etcd_prefix)) as dispatcher:
+        etcd.put(f"{etcd_prefix}/echo@1.0.0", entry(greeters["one"], config={"a": 1}))
+        await until(lambda: "echo@1.0.0" in keys(dispatcher), "the entry")
+        registry = dispatcher.registry
+        assert registry is not None
+        etcd.put(f"{etcd_prefix}/echo@1.0.0", entry(greeters["two"], config={"a": 2}))
+        await until(lambda: registry.skipped, "the republished entry left out")
+        assert (
+            "publish the change as a new version" in registry.skipped[f"{etcd_prefix}/echo@1.0.0"]
+        )
+        assert registry.apply_error is None  # other changes are not held up
+        etcd.put(f"{etcd_prefix}/echo@1.1.0", entry(greeters["two"], "1.1.0"))
+        await until(lambda: "echo@1.1.0" in keys(dispatcher), "a later entry")
+        assert await greeting(dispatcher, "1.0.0") == "one"
