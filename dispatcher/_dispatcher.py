@@ -27,6 +27,7 @@ import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from dispatcher._attachments import Attachments, providers_for
@@ -846,7 +847,7 @@ class Dispatcher:
             self._guard.end(entry, failure)
 
     async def _stream(self, route: Route, invocation: Invocation) -> AsyncGenerator[Any, None]:
-        chunks = route.gate.stream(invocation, route.stream)
+        chunks = route.open_stream(invocation)
         in_flight = self._in_flight
         stream = OpenStream()
         in_flight.streams.add(stream)
@@ -928,9 +929,20 @@ class Dispatcher:
         self, plugin: str, event: str, data: Any, version: str | None, timeout: float
     ) -> Awaitable[None]:
         assert self._events_out is not None, "publish needs a started dispatcher"
-        return self._events_out.publish(
-            self._routes, self.manifest.plugins, self._state, plugin, event, data, version, timeout
+        publish = partial(
+            self._events_out.publish,
+            self._routes,
+            self.manifest.plugins,
+            self._state,
+            plugin,
+            event,
+            data,
+            version,
+            timeout,
         )
+        if self.telemetry is None:
+            return publish()
+        return self.telemetry.events(plugin, event, publish)
 
     # -- introspection -----------------------------------------------------------------
 
@@ -966,6 +978,11 @@ class Dispatcher:
             stats["jobs"] = self.jobs.stats()
         if self.registry is not None:
             stats["registry"] = self.registry.stats()
+        stats["cold_starts"] = {
+            name: {target: {"count": each.count, "seconds": each.seconds} for target, each in cold}
+            for name, provider in self._providers.items()
+            if (cold := provider.cold_starts().items())
+        }
         stats["dispatcher"] = {
             "state": self._state,
             "draining": self._draining,
@@ -1067,6 +1084,10 @@ class Dispatcher:
         gate = self.policies.gate(plugin, method)
         route = Route(plugin, method, provider, invoke, gate, self.policies.fleets.get(target))
         route.once = self.policies.once(plugin, method, invoke)
+        if self.telemetry is not None:
+            route.open_stream = self.telemetry.around_stream(
+                plugin.id, plugin.version, method, target.provider, route.open_stream
+            )
         return route
 
 

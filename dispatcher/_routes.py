@@ -12,6 +12,7 @@ follows the routes.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
+from functools import partial
 from typing import Any, Protocol
 
 from dispatcher._versions import highest_in_range, version_key
@@ -54,6 +55,7 @@ class Route:
         "method",
         "name",
         "once",
+        "open_stream",
         "plugin",
         "stream",
         "target",
@@ -91,6 +93,11 @@ class Route:
             self.stream = _bind_stream(provider, target)
         else:
             self.stream = _bind_fleet_stream(provider, fleet)
+        #: What ``Dispatcher.stream`` opens: the target's stream behind the method's gate
+        #: (and telemetry around both, when configured).
+        self.open_stream: Callable[[Invocation], AsyncGenerator[Any, None]] = partial(
+            gate.stream, open_stream=self.stream
+        )
 
     def with_invoke(self, invoke: Step) -> Route:
         """This route with ``invoke`` around its chain (a rollout measures, a shadow

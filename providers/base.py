@@ -44,7 +44,14 @@ from providers.target import PluginInfo, TargetConfig
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["CONNECT_STAGE", "Health", "LogsUnavailable", "Provider", "TargetConfig"]
+__all__ = [
+    "CONNECT_STAGE",
+    "ColdStarts",
+    "Health",
+    "LogsUnavailable",
+    "Provider",
+    "TargetConfig",
+]
 
 #: ``details`` of an error raised before any byte of the request was sent (the connection
 #: could not be opened): a fleet may send such a call to another instance, whatever the
@@ -72,6 +79,19 @@ class Health:
     @property
     def ok(self) -> bool:
         return self.status == "serving"
+
+
+@dataclass(slots=True)
+class ColdStarts:
+    """The cold starts of one target: how many calls waited for an instance to start, and
+    the seconds they waited in all (a call's wait, from its first try to its answer)."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
 
 
 class Provider(abc.ABC, Generic[TargetT]):
@@ -132,6 +152,12 @@ class Provider(abc.ABC, Generic[TargetT]):
     async def send_event(self, target: TargetT, event: str, data: Any) -> None:
         """Deliver a host event to the plugin behind ``target`` (``Dispatcher.publish``)."""
         raise ProviderError(f"the {self.name} provider cannot send events to plugins")
+
+    def cold_starts(self) -> dict[str, ColdStarts]:
+        """Cold starts so far, by target (its ``describe()``): calls that had to wait for an
+        instance of the plugin to start. Providers that start instances on demand (Docker,
+        Knative) report them; the others start everything at attach and report none."""
+        return {}
 
     async def health(self, target: TargetT) -> Health:
         """Probe the target. Must not raise: report what is wrong in ``Health``."""

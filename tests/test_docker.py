@@ -181,6 +181,9 @@ async def test_cold_start_then_warm_reuse_then_removed_on_exit() -> None:
         for _ in range(5):
             await dispatcher.call("echo-box", "say", {"text": "again"})
         assert containers(owner) == started, "warm calls reuse the same container"
+        (cold,) = dispatcher.stats()["cold_starts"]["docker"].values()
+        assert cold["count"] == 1, "only the first call waited for a container to start"
+        assert cold["seconds"] > 0
         health = await dispatcher.health()
         assert health[0].health.ok, health
     assert containers(owner) == []
@@ -202,6 +205,8 @@ async def test_idle_container_is_stopped_and_the_next_call_starts_one() -> None:
         await eventually(gone, what="the idle container is removed")
         second = (await dispatcher.call("unruly", "whoami"))["hostname"]
         assert second != first, "a new container answered"
+        (cold,) = dispatcher.stats()["cold_starts"]["docker"].values()
+        assert cold["count"] == 2, "the call after the idle stop was cold again"
 
 
 async def test_idle_stop_keeps_min_instances_on_an_injected_clock() -> None:

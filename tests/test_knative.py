@@ -206,10 +206,29 @@ async def test_scale_from_zero_is_retried_and_counted_as_a_cold_start(
         assert provider.stats.activation_retries >= 1
         warm = await dispatcher.call("ledger", "charge", {"amount": 8}, request_id="warm-1")
         assert provider.stats.cold_starts == 1
+        (cold_starts,) = dispatcher.stats()["cold_starts"]["knative"].values()
+        assert cold_starts["count"] == 1
+        assert cold_starts["seconds"] > 0  # the activation it waited for
     assert (cold, warm) == ({"charged": 7}, {"charged": 8})
     assert revision.times_forwarded("cold-1") == 1
     assert revision.times_forwarded("warm-1") == 1
     assert revision.starts == 1
+
+
+async def test_cold_starts_are_exported_as_metrics(standin: KnativeStandIn) -> None:
+    from tests.test_telemetry import samples, scrape, telemetry_manifest, value
+
+    revision = func_python_revision("ledger-00001")
+    standin.add_service("ledger", revision, namespace="plugins")
+    plugin = ledger("ledger", knative(standin.url, "ledger"))
+    async with Dispatcher(telemetry_manifest({"metrics": {"enabled": True}}, plugin)) as d:
+        await d.call("ledger", "charge", {"amount": 1})
+        await d.call("ledger", "charge", {"amount": 2})
+        found = samples(await scrape(d))
+    (target,) = d.stats()["cold_starts"]["knative"]
+    labels = {"provider": "knative", "target": target}
+    assert value(found, "dispatcher_cold_starts_total", **labels) == 1
+    assert value(found, "dispatcher_cold_start_wait_seconds_total", **labels) > 0
 
 
 async def test_concurrent_calls_during_a_cold_start_each_reach_the_plugin_once(

@@ -10,6 +10,7 @@ standard ``OTEL_*`` environment; ``docs/observability.md`` is the user's guide.
 * ``logs``: a JSON formatter and a filter adding the call's ids to every log line.
 * ``errors``: error counts by plugin and type, and a bounded ring of recent errors.
 * ``step``: ``CallStep``, the outermost link of a route's chain.
+* ``flows``: ``StreamStep`` and ``EventStep``, the same for streams and host events.
 
 ``TelemetryRuntime.from_manifest`` returns None when nothing is configured: the
 dispatcher then adds no step and no wrapper anywhere, so telemetry off costs nothing.
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispatcher.config import Telemetry
 from dispatcher.telemetry.errors import ErrorLog, RecentError
+from dispatcher.telemetry.flows import EventStep, OpenStream, StreamStep
 from dispatcher.telemetry.logs import CallContextFilter, JsonFormatter, text_formatter
 from dispatcher.telemetry.metrics import (
     DispatcherMetrics,
@@ -84,6 +86,8 @@ class TelemetryRuntime:
             self.tracing = _new_tracing(tracing, span_processors)
         self._log_handler: logging.Handler | None = None
         self._set_level = False
+        #: Around every ``Dispatcher.publish``: host events counted and traced.
+        self.events = EventStep(errors=self.errors, metrics=self.metrics, tracing=self.tracing)
 
     @classmethod
     def from_manifest(
@@ -121,6 +125,21 @@ class TelemetryRuntime:
             metrics=self.metrics,
             tracing=self.tracing,
             spans=spans,
+        )
+
+    def around_stream(
+        self, plugin: str, version: str, method: str, kind: str, open_stream: OpenStream
+    ) -> StreamStep:
+        """The route's streams, counted and traced (``dispatcher.telemetry.flows``)."""
+        return StreamStep(
+            plugin,
+            version,
+            method,
+            kind,
+            open_stream,
+            errors=self.errors,
+            metrics=self.metrics,
+            tracing=self.tracing,
         )
 
     @property

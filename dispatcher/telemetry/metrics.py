@@ -47,6 +47,8 @@ __all__ = ["CallRecord", "DispatcherMetrics", "StatsCollector", "asgi_app", "met
 #: Distinct outcomes one route may report before the rest are counted as ``other``: the
 #: error tree bounds them already; this bounds a third-party error class naming itself.
 MAX_OUTCOMES_PER_ROUTE = 32
+#: Distinct event names one plugin's host events are counted under before ``other``.
+MAX_EVENT_NAMES = 32
 
 _BREAKER_STATES = ("closed", "open", "half-open")
 _INSTANCE_STATES = ("healthy", "ejected", "down", "leaving")
@@ -72,6 +74,12 @@ class DispatcherMetrics:
         #: Upper bounds of the latency buckets, for ``bisect_left`` (``le`` is inclusive).
         self.bounds: tuple[float, ...] = settings.latency_buckets
         self.records: dict[tuple[str, str, str], CallRecord] = {}
+        #: Streams by (plugin, method, outcome), when they end; their chunks by (plugin, method).
+        self.streams: dict[tuple[str, str, str], CallRecord] = {}
+        self.stream_chunks: dict[tuple[str, str], int] = {}
+        #: Host events by (plugin, event, outcome): event names come from the host or a
+        #: gateway client, so each plugin keeps at most MAX_EVENT_NAMES, the rest ``other``.
+        self.events: dict[tuple[str, str, str], CallRecord] = {}
         self.breaker_transitions = Counter(
             "dispatcher_breaker_transitions",
             "Circuit breaker state changes, by target and states.",
@@ -96,13 +104,33 @@ class DispatcherMetrics:
             record = self.records[key] = CallRecord(len(self.bounds))
         return record
 
+    def stream_record(self, plugin: str, method: str, outcome: str) -> CallRecord:
+        return self._made(self.streams, (plugin, method, outcome))
+
+    def event_record(self, plugin: str, event: str, outcome: str) -> CallRecord:
+        record = self.events.get((plugin, event, outcome))
+        if record is not None:
+            return record
+        names = {name for owner, name, _ in self.events if owner == plugin}
+        if event not in names and len(names) >= MAX_EVENT_NAMES:
+            event = "other"
+        return self._made(self.events, (plugin, event, outcome))
+
+    def _made(
+        self, records: dict[tuple[str, str, str], CallRecord], key: tuple[str, str, str]
+    ) -> CallRecord:
+        record = records.get(key)
+        if record is None:
+            record = records[key] = CallRecord(len(self.bounds))
+        return record
+
     def breaker_changed(self, breaker: Any, old: object, new: object) -> None:
         """A ``Dispatcher.on_circuit_change`` listener."""
         self.breaker_transitions.labels(breaker.name, str(old), str(new)).inc()
 
 
 class _CallCollector(Collector):
-    """``dispatcher_calls_total`` and ``dispatcher_call_duration_seconds`` from the records."""
+    """Calls, streams and host events, counted and timed from their records."""
 
     def __init__(self, metrics: DispatcherMetrics) -> None:
         self._metrics = metrics
@@ -111,27 +139,62 @@ class _CallCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["plugin", "method", "outcome"]
-        calls = CounterMetricFamily(
+        metrics = self._metrics
+        yield from self._families(
             "dispatcher_calls",
             "Calls through Dispatcher.call, by plugin, method and outcome (ok or the error type).",
-            labels=labels,
-        )
-        latency = HistogramMetricFamily(
             "dispatcher_call_duration_seconds",
             "Time from Dispatcher.call to its result or error, policies included.",
-            labels=labels,
+            ["plugin", "method", "outcome"],
+            metrics.records,
         )
+        yield from self._families(
+            "dispatcher_streams",
+            "Streams through Dispatcher.stream that ended, by plugin, method and outcome"
+            " (ok, closed by their consumer, or the error type).",
+            "dispatcher_stream_duration_seconds",
+            "Time from opening a stream to its end.",
+            ["plugin", "method", "outcome"],
+            metrics.streams,
+        )
+        chunks = CounterMetricFamily(
+            "dispatcher_stream_chunks",
+            "Chunks streams yielded, by plugin and method.",
+            labels=["plugin", "method"],
+        )
+        for key, count in list(metrics.stream_chunks.items()):
+            chunks.add_metric(list(key), count)
+        yield chunks
+        yield from self._families(
+            "dispatcher_events",
+            "Host events through Dispatcher.publish, by plugin, event and outcome.",
+            "dispatcher_event_duration_seconds",
+            "Time to deliver a host event to every target of its plugin.",
+            ["plugin", "event", "outcome"],
+            metrics.events,
+        )
+
+    def _families(
+        self,
+        name: str,
+        documentation: str,
+        duration_name: str,
+        duration_documentation: str,
+        labels: list[str],
+        records: Mapping[tuple[str, str, str], CallRecord],
+    ) -> Iterator[Metric]:
+        counts = CounterMetricFamily(name, documentation, labels=labels)
+        latency = HistogramMetricFamily(duration_name, duration_documentation, labels=labels)
         bounds = [*(repr(float(bound)) for bound in self._metrics.bounds), "+Inf"]
-        for key, record in list(self._metrics.records.items()):
-            counts = list(record.buckets)  # one read: the family is consistent with itself
+        for key, record in list(records.items()):
+            buckets = list(record.buckets)  # one read: the family is consistent with itself
             cumulative, running = [], 0
-            for bound, count in zip(bounds, counts, strict=True):
+            for bound, count in zip(bounds, buckets, strict=True):
                 running += count
                 cumulative.append((bound, running))
-            calls.add_metric(list(key), running)
+            counts.add_metric(list(key), running)
             latency.add_metric(list(key), cumulative, record.sum)
-        yield calls
+        yield counts
         yield latency
 
 
@@ -158,6 +221,7 @@ class StatsCollector(Collector):
         yield from _fallbacks(stats.get("fallbacks", {}))
         yield from _fleets(stats.get("fleets", {}))
         yield from _rollouts(stats.get("rollouts", {}))
+        yield from _cold_starts(stats.get("cold_starts", {}))
 
 
 def _counter(name: str, documentation: str, labels: list[str]) -> CounterMetricFamily:
@@ -397,3 +461,22 @@ def asgi_app(registry: CollectorRegistry) -> Any:
     from prometheus_client import make_asgi_app
 
     return make_asgi_app(registry)
+
+
+def _cold_starts(stats: Mapping[str, Any]) -> Iterator[Metric]:
+    labels = ["provider", "target"]
+    count = _counter(
+        "dispatcher_cold_starts",
+        "Calls that waited for an instance of their target to start (Docker, Knative).",
+        labels,
+    )
+    seconds = _counter(
+        "dispatcher_cold_start_wait_seconds",
+        "Seconds those calls waited, in all (sum; divide by the count for the mean).",
+        labels,
+    )
+    for provider, targets in stats.items():
+        for target, each in targets.items():
+            count.add_metric([provider, target], each["count"])
+            seconds.add_metric([provider, target], each["seconds"])
+    yield from (count, seconds)

@@ -87,7 +87,7 @@ class CallStep:
         tracing = self.tracing
         untraced = None
         if tracing is not None:
-            parent = tracing.parent(invocation)
+            parent = tracing.parent(invocation.traceparent)
             if parent is not None:
                 return await self._traced(tracing, invocation, parent)
             untraced = tracing.untraced()

@@ -137,9 +137,9 @@ class Tracing:
 
     # -- the call span -------------------------------------------------------------------
 
-    def parent(self, invocation: Invocation) -> context_api.Context | None:
-        """The context to trace this call under, or None: not traced (the hot path)."""
-        traceparent = invocation.traceparent
+    def parent(self, traceparent: str | None) -> context_api.Context | None:
+        """The context to trace a call (stream, event) under, given the ``traceparent`` its
+        caller sent; None: not traced (the hot path)."""
         if traceparent is not None:
             sampled = _sampled_flag(traceparent)
             if sampled is not None:
@@ -193,6 +193,26 @@ class Tracing:
             if route.has_cache:
                 span.set_attribute("linchkit.cache_hit", outcome == "ok" and not state.attempts)
             span.end()
+
+    def span(
+        self, name: str, parent: context_api.Context, attributes: dict[str, Any]
+    ) -> trace.Span:
+        """A span of a stream or a host event (``dispatcher.telemetry.flows``)."""
+        return self.tracer.start_span(
+            name, context=parent, kind=SpanKind.CLIENT, attributes=attributes
+        )
+
+    @staticmethod
+    def traceparent(span: trace.Span) -> str:
+        return traceparent_of(span)
+
+    @staticmethod
+    def end(span: trace.Span, error: BaseException | None, outcome: str) -> None:
+        """End a span of ``span``'s making with the outcome of what it covered."""
+        if error is not None:
+            _record_error(span, error, outcome)
+        span.set_attribute("linchkit.outcome", outcome)
+        span.end()
 
     @staticmethod
     def untraced() -> Any:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from linchkit_plugin.errors import DispatchError
+from providers.base import ColdStarts
 from providers.docker.channel import Channel
 from providers.docker.target import DockerTarget
 from providers.target import PluginInfo
@@ -77,6 +78,8 @@ class Pool:
         self.failures = 0
         self.last_failure: DispatchError | None = None
         self.closed = False
+        #: Calls that arrived with no container ready and waited for one to start.
+        self.cold_starts = ColdStarts()
         self._changed = asyncio.Event()
 
     def ready(self) -> list[Instance]:

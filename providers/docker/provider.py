@@ -42,7 +42,7 @@ from linchkit_plugin.errors import (
     ProviderError,
     TargetUnavailable,
 )
-from providers.base import Health, LogsUnavailable, Provider
+from providers.base import ColdStarts, Health, LogsUnavailable, Provider
 from providers.capabilities import Translation
 from providers.docker.containers import Containers
 from providers.docker.engine import (
@@ -305,6 +305,9 @@ class DockerProvider(Provider[DockerTarget]):
             return instance
         pool.waiting += 1
         failures_before = pool.failures
+        # No container ready at all: this call waits for one to start (a cold start).
+        cold = not pool.ready()
+        waited_from = self._clock()
         try:
             while True:
                 if pool.closed:
@@ -322,6 +325,8 @@ class DockerProvider(Provider[DockerTarget]):
                 instance = pool.free()
                 if instance is not None:
                     instance.inflight += 1
+                    if cold:
+                        pool.cold_starts.add(self._clock() - waited_from)
                     return instance
                 failure = pool.last_failure
                 failed = failure is not None and pool.failures > failures_before
@@ -331,6 +336,9 @@ class DockerProvider(Provider[DockerTarget]):
                     raise failure.clone()
         finally:
             pool.waiting -= 1
+
+    def cold_starts(self) -> dict[str, ColdStarts]:
+        return {pool.label: pool.cold_starts for pool in self._pools.values()}
 
     def _release(self, pool: Pool, instance: Instance) -> None:
         instance.inflight -= 1

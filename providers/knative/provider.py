@@ -73,7 +73,7 @@ from providers._http_common import (
     retry_after_seconds,
     status_error,
 )
-from providers.base import Health, Provider
+from providers.base import ColdStarts, Health, Provider
 from providers.invocation import Invocation
 from providers.knative.activation import Failure, classify_failure, made_by_function
 from providers.knative.cloudevents import Answer, decode_answer, encode_request, read_event
@@ -153,6 +153,7 @@ class KnativeProvider(Provider[KnativeTarget]):
         self._random = rng or random.Random()
         self.infra_dir = Path(infra_dir)
         self.stats = KnativeStats()
+        self._cold_starts: dict[str, ColdStarts] = {}
 
     async def start(self) -> None:
         self._session = open_session(
@@ -175,12 +176,13 @@ class KnativeProvider(Provider[KnativeTarget]):
         backoff = target.activation_backoff_ms / 1000
         attempts = 0
         activating = False
+        started = time.monotonic()
         while True:
             attempts += 1
             failure, outcome = await self._attempt(target, invocation)
             if failure is None:
                 if activating:
-                    self.stats.cold_starts += 1
+                    self._cold_start(target, time.monotonic() - started)
                     log.info("%s: cold start, answered after %d attempts", target.host, attempts)
                 return outcome
             error: DispatchError = outcome
@@ -210,6 +212,14 @@ class KnativeProvider(Provider[KnativeTarget]):
             self.stats.activation_retries += 1
             await asyncio.sleep(delay)
             backoff *= 2
+
+    def _cold_start(self, target: KnativeTarget, seconds: float) -> None:
+        self.stats.cold_starts += 1
+        key = target.describe()
+        self._cold_starts.setdefault(key, ColdStarts()).add(seconds)
+
+    def cold_starts(self) -> dict[str, ColdStarts]:
+        return dict(self._cold_starts)
 
     async def health(self, target: KnativeTarget) -> Health:
         import aiohttp
