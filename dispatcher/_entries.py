@@ -72,8 +72,8 @@ class RegistryEntries:
     # -- what the dispatcher asks -----------------------------------------------------------
 
     async def read_once(self) -> None:
-        """One read before the dispatcher attaches its plugins, so it starts with the
-        registry's entries; etcd failing here only delays them (``follow`` reads again)."""
+        """One read as the dispatcher starts, so it serves the registry's entries from its
+        first calls on; etcd failing here only delays them (``follow`` reads again)."""
         values = await self._etcd.read_or_reason()
         if isinstance(values, str):
             self._failed(values, 0)
@@ -157,7 +157,9 @@ class RegistryEntries:
             state = Health("unknown", "not read yet")
         else:
             state = Health("serving", f"{len(self._items) - len(self._invalid)} entries")
-        reports = [TargetHealth("registry", "-", self.name, state, source="registry")]
+        reports = [
+            TargetHealth("registry", "-", self.name, state, source="registry", draining=draining)
+        ]
         reports += [
             TargetHealth(
                 "registry",
@@ -215,7 +217,7 @@ class RegistryEntries:
         skipped = self.skipped
         for key, reason in skipped.items():
             if self._logged.get(key) != reason:
-                log.warning("registry %s: entry %s left out: %s", self.name, key, reason)
+                log.warning("registry %s: entry %r left out: %s", self.name, key, reason)
         self._logged = dict(skipped)
 
     async def _apply_changes(self) -> None:
