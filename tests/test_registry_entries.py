@@ -370,3 +370,48 @@ async def test_a_running_version_republished_with_other_config_keeps_running(
         etcd.put(f"{etcd_prefix}/echo@1.1.0", entry(greeters["two"], "1.1.0"))
         await until(lambda: "echo@1.1.0" in keys(dispatcher), "a later entry")
         assert await greeting(dispatcher, "1.0.0") == "one"
+
+
+async def test_a_deleted_entry_finishes_its_calls_in_flight_before_it_goes(
+    etcd: Etcd, etcd_prefix: str, greeters: dict[str, str]
+) -> None:
+    slow = entry(greeters["one"], methods={"say": {}, "sleep": {}})
+    etcd.put(f"{etcd_prefix}/echo@1.0.0", slow)
+    async with dispatcher_for(manifest_with_registry(etcd, etcd_prefix)) as dispatcher:
+        assert "echo@1.0.0" in keys(dispatcher)
+        in_flight = asyncio.create_task(dispatcher.call("echo", "sleep", {"seconds": 1.5}))
+        await asyncio.sleep(0.2)
+        etcd.delete(f"{etcd_prefix}/echo@1.0.0")
+        await until(lambda: "echo@1.0.0" not in keys(dispatcher), "the entry removed")
+        with pytest.raises(PluginNotFound):
+            await greeting(dispatcher)  # new calls: gone at once
+        assert await in_flight >= 1.5  # the call in flight finished on its server
+
+
+async def test_a_registry_that_lies_leaves_the_file_plugins_serving() -> None:
+    async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"header": {"revision": "1"}, "kvs": "' + SECRET.encode() + b'"}'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(liar, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    document = {
+        "version": 1,
+        "plugins": [echo_plugin("main", LOCAL_TARGET)],
+        "registry": {"etcd": f"http://127.0.0.1:{port}", "prefix": "/p", "retry_ms": 50},
+    }
+    try:
+        async with dispatcher_for(document) as dispatcher:
+            registry = dispatcher.registry
+            assert registry is not None
+            assert "no list of keys" in (registry.error or "")
+            await asyncio.sleep(0.3)  # read again, and again
+            assert keys(dispatcher) == {"main@1.0.0"}
+            assert (await dispatcher.call("main", "say", {"text": "x"}))["text"] == "x"
+            assert SECRET not in json.dumps(dispatcher.stats()["registry"])
+    finally:
+        server.close()
+        await server.wait_closed()
