@@ -385,7 +385,7 @@ async def test_a_deleted_entry_finishes_its_calls_in_flight_before_it_goes(
         await until(lambda: "echo@1.0.0" not in keys(dispatcher), "the entry removed")
         with pytest.raises(PluginNotFound):
             await greeting(dispatcher)  # new calls: gone at once
-        assert await in_flight >= 1.5  # the call in flight finished on its server
+        assert await in_flight > 1.4  # the call in flight slept its time out on its server
 
 
 async def test_a_registry_that_lies_leaves_the_file_plugins_serving() -> None:
