@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from dispatcher._attachments import Attachments, providers_for
 from dispatcher._drain import CUT_OFF_SECONDS, InFlight, OpenStream, current_task_getter
+from dispatcher._entries import RegistryEntries
 from dispatcher._events import EventHandler, EventHandlers
 from dispatcher._fallback import Fallbacks
 from dispatcher._guard import Audited, Caller, Guard
@@ -143,6 +144,14 @@ class Dispatcher:
         #: The file ``reload_from_file`` reads again (``from_file`` sets it).
         self.manifest_path: str | None = None
         self._reloading = asyncio.Lock()
+        #: Plugin entries published in etcd (dispatcher._entries): every reload merges them
+        #: into the file's manifest, kept here without them.
+        self._file_manifest = manifest
+        self.registry = (
+            RegistryEntries(manifest.registry, self._apply_registry)
+            if manifest.registry is not None
+            else None
+        )
         # Who may call what, and the audit log (dispatcher._guard). ``_guarded``: every
         # call must pass the guard; without it the hot path is one attribute check.
         self.authenticator: ChainAuthenticator | None = authenticator_of(manifest)
@@ -218,6 +227,8 @@ class Dispatcher:
             await self.aclose()
             raise
         self._state = "running"
+        if self.registry is not None:
+            await self.registry.start()  # its entries apply as a reload, now and on change
 
     async def aclose(self, *, grace: float | None = None) -> None:
         """Stop every plugin (in reverse start order), then close every provider.
@@ -232,6 +243,8 @@ class Dispatcher:
         if grace is not None and self._state in ("running", "draining"):
             await self.drain(grace)
         drained = self._drained is not None
+        if self.registry is not None:
+            await self.registry.aclose()  # first: no registry change applies while closing
         if self.jobs is not None:  # first: their jobs run on the routes and the state below
             await self.jobs.aclose()
         self._state = "closed"
@@ -369,11 +382,15 @@ class Dispatcher:
         async with self._reloading:
             if self._state != "running":
                 raise RuntimeError(f"reload needs a running dispatcher; this one is {self._state}")
+            file_manifest = manifest
+            if self.registry is not None:  # the registry's entries stay through a file reload
+                manifest = self.registry.merge(file_manifest, self.manifest, source=source)
             plan = plan_reload(self.manifest, manifest, source=source)
             for plugin in [*plan.added, *(new for _, new in plan.changed)]:
                 _check_protocol(plugin)
             attached = await self._attachments.attach_new(plan)
             self._swap_routes(manifest, plan)
+            self._file_manifest = file_manifest
             self._attachments.adopt(attached)
             retired = self._attachments.retire(manifest)
             summary = plan.summary()
@@ -389,6 +406,9 @@ class Dispatcher:
                 await self._settle(grace)
                 await self._attachments.detach(retired)
             return summary
+
+    async def _apply_registry(self) -> dict[str, list[str]]:
+        return await self.reload(self._file_manifest, source="the registry")
 
     def _swap_routes(self, manifest: Manifest[Any], plan: ReloadPlan) -> None:
         """Build the new table, then replace the reference (no await in between, so no call
@@ -979,8 +999,10 @@ class Dispatcher:
     # -- introspection -----------------------------------------------------------------
 
     async def health(self, *, timeout: float = 5.0) -> list[TargetHealth]:
-        """Probe every target of every plugin, concurrently; a fleet, every instance."""
-        return await probe_targets(
+        """Probe every target of every plugin, concurrently; a fleet, every instance;
+        the registry of entries and each entry it left out."""
+        registry = [] if self.registry is None else self.registry.health(draining=self._draining)
+        return registry + await probe_targets(
             self.manifest,
             self._providers,
             self.policies,
@@ -1006,6 +1028,8 @@ class Dispatcher:
         stats.update(self._guard.stats())  # "access" and "audit", when configured
         if self.jobs is not None:
             stats["jobs"] = self.jobs.stats()
+        if self.registry is not None:
+            stats["registry"] = self.registry.stats()
         stats["cold_starts"] = {
             name: {target: {"count": each.count, "seconds": each.seconds} for target, each in cold}
             for name, provider in self._providers.items()

@@ -4,7 +4,7 @@
 below is tested without starting anything.
 
 - Top-level sections other than ``plugins`` (``state``, ``auth``, ``access``, ``audit``,
-  ``telemetry``, ``gateway``, ``egress``) are wired into objects built once at start
+  ``telemetry``, ``gateway``, ``egress``, ``registry``) are wired into objects built once at start
   (a state backend, authenticators, the audit chain, the listener): a change to any of
   them refuses the whole reload, naming the sections — restart to change them.
 - A plugin version whose entry is unchanged (an equal ``PluginSpec``) is **kept**: its
@@ -25,10 +25,20 @@ from typing import Any
 
 from dispatcher.config import Manifest, ManifestError, ManifestProblem, PluginSpec
 
-__all__ = ["FIXED_SECTIONS", "ReloadPlan", "plan_reload"]
+__all__ = ["FIXED_SECTIONS", "ReloadPlan", "fixed_changes", "plan_reload"]
 
 #: Sections a running dispatcher cannot swap (see the module docstring).
-FIXED_SECTIONS = ("version", "egress", "auth", "access", "audit", "telemetry", "gateway", "state")
+FIXED_SECTIONS = (
+    "version",
+    "egress",
+    "auth",
+    "access",
+    "audit",
+    "telemetry",
+    "gateway",
+    "state",
+    "registry",
+)
 
 #: What a plugin's processes were started with: fixed for a version.
 _FIXED_PLUGIN_FIELDS = ("config", "lifecycle", "runtime", "protocol")
@@ -53,6 +63,11 @@ class ReloadPlan:
         }
 
 
+def fixed_changes(running: PluginSpec[Any], new: PluginSpec[Any]) -> list[str]:
+    """The fields of a running version's processes that ``new`` would change (refused)."""
+    return [name for name in _FIXED_PLUGIN_FIELDS if getattr(running, name) != getattr(new, name)]
+
+
 def plan_reload(old: Manifest[Any], new: Manifest[Any], *, source: str) -> ReloadPlan:
     """The plan from ``old`` to ``new``; ``ManifestError`` naming every refusal."""
     problems = [
@@ -72,11 +87,7 @@ def plan_reload(old: Manifest[Any], new: Manifest[Any], *, source: str) -> Reloa
         elif previous == plugin:
             plan.kept.append(plugin)
         else:
-            fixed = [
-                name
-                for name in _FIXED_PLUGIN_FIELDS
-                if getattr(previous, name) != getattr(plugin, name)
-            ]
+            fixed = fixed_changes(previous, plugin)
             problems.extend(
                 ManifestProblem(
                     f"plugins[{index}].{name}",

@@ -12,7 +12,7 @@ from dispatcher.config.errors import ManifestError, ManifestProblem
 from dispatcher.config.gateway import GatewayConfig, GatewayTimeouts, GatewayTls
 from dispatcher.config.includes import watched_paths
 from dispatcher.config.jobs import JobsConfig, SqsJobsConfig
-from dispatcher.config.loader import load_manifest, parse_manifest
+from dispatcher.config.loader import load_manifest, merge_entries, parse_manifest
 from dispatcher.config.manifest import Lifecycle, Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import (
     DEFAULT_TIMEOUT_MS,
@@ -27,6 +27,7 @@ from dispatcher.config.policies import (
     RateLimit,
     RetryPolicy,
 )
+from dispatcher.config.registry import EntryTrust, RegistryConfig
 from dispatcher.config.rollouts import RolloutSpec, ShadowSpec
 from dispatcher.config.security import (
     AccessConfig,
@@ -57,6 +58,7 @@ __all__ = [
     "BreakerPolicy",
     "CachePolicy",
     "ConcurrencyPolicy",
+    "EntryTrust",
     "FallbackPolicy",
     "GatewayConfig",
     "GatewayTimeouts",
@@ -75,6 +77,7 @@ __all__ = [
     "PluginSpec",
     "Policies",
     "RateLimit",
+    "RegistryConfig",
     "ResolvedTracing",
     "RetryPolicy",
     "RoleRules",
@@ -85,6 +88,7 @@ __all__ = [
     "Telemetry",
     "TracingSettings",
     "load_manifest",
+    "merge_entries",
     "parse_manifest",
     "watched_paths",
 ]

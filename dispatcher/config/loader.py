@@ -29,12 +29,18 @@ from pydantic import Field, ValidationError
 from dispatcher.config.errors import ManifestError, ManifestProblem
 from dispatcher.config.fallbacks import fallback_problems
 from dispatcher.config.includes import INCLUDED_KEYS, Document, expand_includes, read_document
-from dispatcher.config.manifest import Manifest, MethodSpec
+from dispatcher.config.manifest import Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import Policies
 from providers import provider_classes
 from providers.target import MASK, Destination, TargetConfig
 
-__all__ = ["collector_paused", "load_manifest", "manifest_model", "parse_manifest"]
+__all__ = [
+    "collector_paused",
+    "load_manifest",
+    "manifest_model",
+    "merge_entries",
+    "parse_manifest",
+]
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -89,6 +95,43 @@ def parse_manifest(
         return _validate(Document(source, data, base_dir or Path.cwd(), yaml_root))
 
 
+def merge_entries(
+    manifest: Manifest[Any], entries: Mapping[str, dict[str, Any]], *, source: str
+) -> tuple[Manifest[Any], dict[str, str]]:
+    """``manifest`` (a validated file) with the registry's ``entries`` (``plugins:`` items by
+    key, ``dispatcher.config.registry.entry_item``), and the keys left out with the reason.
+
+    Each entry is validated alone, as an included file's entries are, and against the
+    manifest's ``egress``; one that fails, or declares a version the file declares, is
+    left out (its problems never quote its input). The whole is then checked as a whole;
+    a problem there raises ``ManifestError`` naming ``source``: nothing of it applies.
+    """
+    kept: list[PluginSpec[Any]] = []
+    skipped: dict[str, str] = {}
+    declared = {plugin.key for plugin in manifest.plugins}
+    for key in sorted(entries):
+        problems: list[ManifestProblem] = []
+        document = Document(key, {"plugins": [entries[key]]}, Path.cwd())
+        part = _validate_document(document, problems, own=False, quote=False)
+        if part is not None:
+            alone = manifest.model_copy(update={"plugins": part.plugins, "rollouts": []})
+            problems.extend(_egress_problems(alone))
+            if part.plugins[0].key in declared:
+                problems.append(ManifestProblem("", "the manifest file declares this version"))
+        if problems:
+            skipped[key] = "; ".join(
+                f"{problem.path}: {problem.message}" if problem.path else problem.message
+                for problem in problems
+            )
+        elif part is not None:
+            kept.extend(part.plugins)
+    merged = manifest.model_copy(update={"plugins": [*manifest.plugins, *kept]})
+    whole = [*_semantic_problems(merged, lambda section, index: f"{section}[{index}]")]
+    if whole:
+        raise ManifestError(source, whole)
+    return merged, skipped
+
+
 def _validate(main: Document) -> Manifest[Any]:
     main, included, problems = expand_includes(main)
     documents = [main, *included]
@@ -126,7 +169,7 @@ def _validate(main: Document) -> Manifest[Any]:
 
 
 def _validate_document(
-    document: Document, problems: list[ManifestProblem], *, own: bool
+    document: Document, problems: list[ManifestProblem], *, own: bool, quote: bool = True
 ) -> Manifest[Any] | None:
     """One file validated against its own folder; its problems added to ``problems``
     (naming the file unless it is the manifest's own)."""
@@ -147,7 +190,7 @@ def _validate_document(
         try:
             part = manifest_model().model_validate(data, context=context)
         except ValidationError as error:
-            found.extend(_problems_from(error, substituted))
+            found.extend(_problems_from(error, substituted, quote=quote))
     source = None if own else document.source
     problems.extend(ManifestProblem(p.path, p.message, p.line, source) for p in found)
     return part
@@ -248,7 +291,9 @@ def _substituted(
     return value
 
 
-def _problems_from(error: ValidationError, substituted: Substitutions) -> Iterator[ManifestProblem]:
+def _problems_from(
+    error: ValidationError, substituted: Substitutions, *, quote: bool = True
+) -> Iterator[ManifestProblem]:
     tags = set(provider_classes())
     for detail in error.errors(include_url=False):
         location = _without_discriminator_tags(detail["loc"], tags)
@@ -259,7 +304,7 @@ def _problems_from(error: ValidationError, substituted: Substitutions) -> Iterat
             if path[: len(location)] == location or location[: len(path)] == path
             for value in values
         ]
-        message = _explain(detail, location, show_input=not secrets)
+        message = _explain(detail, location, show_input=not secrets, quote=quote)
         for secret in sorted(secrets, key=len, reverse=True):
             if secret:
                 message = message.replace(secret, MASK)
@@ -280,7 +325,11 @@ def _without_discriminator_tags(
 
 
 def _explain(
-    detail: Mapping[str, Any], location: tuple[str | int, ...], *, show_input: bool
+    detail: Mapping[str, Any],
+    location: tuple[str | int, ...],
+    *,
+    show_input: bool,
+    quote: bool = True,
 ) -> str:
     kind = detail["type"]
     if kind == "extra_forbidden":
@@ -294,6 +343,8 @@ def _explain(
     message = str(detail["msg"]).removeprefix("Value error, ")
     if kind in {"union_tag_invalid", "value_error"}:
         return message
+    if not quote:
+        return message  # a registry entry's input is never echoed
     if not show_input:
         return f"{message} (got a value from the environment, not shown)"
     return f"{message} (got {detail.get('input')!r:.80})"

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from dispatcher.config.gateway import GatewayConfig
 from dispatcher.config.jobs import JobsConfig
 from dispatcher.config.policies import Policies
+from dispatcher.config.registry import RegistryConfig
 from dispatcher.config.rollouts import RolloutSpec
 from dispatcher.config.security import AccessConfig, AuditConfig, AuthConfig
 from dispatcher.config.state import StateConfig
@@ -184,6 +185,10 @@ class Manifest(StrictModel, Generic[TargetT]):
     jobs: JobsConfig = Field(
         default_factory=JobsConfig,
         description="Async jobs: workers of the shared job stream (README: Async jobs).",
+    )
+    registry: RegistryConfig | None = Field(
+        default=None,
+        description="Plugin entries published in etcd, merged with this file's (docs/registry.md).",
     )
 
     @model_validator(mode="after")

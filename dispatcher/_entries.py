@@ -1,0 +1,251 @@
+"""Plugin entries published in etcd (``registry:``), followed and merged into the manifest.
+
+``RegistryEntries`` follows ``<prefix>/`` (``dispatcher.fleet.sources.etcd_client``), keeps
+the entries trust allows (``dispatcher.config.registry.entry_item``) and, after each change
+and a ``debounce_ms`` quiet, asks the dispatcher to apply them: ``Dispatcher.reload`` of
+the file's manifest, which ``merge`` extends with the entries (``merge_entries``: each entry
+validated alone and against ``egress``, the whole checked as a whole). So a registry
+change obeys every rule of a reload: kept versions untouched, new ones attached before
+routes swap, removed ones drained. A merge or reload that fails changes nothing; it is
+logged, kept in ``apply_error`` and shown in health until a later change applies.
+
+etcd failing never removes anything: the follower reports only what a successful read or
+watch said, so the last entries stay in use until etcd answers again (``error`` says why
+meanwhile). An entry left out (trust, validation) is logged once per reason, never with
+its value, and listed in ``skipped``, ``stats()`` and ``health``.
+
+The dispatcher owns the task (``start``; ended in ``aclose``); a failure inside an apply is
+caught here, so the task lives as long as the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from dispatcher._health import TargetHealth
+from dispatcher._reload import fixed_changes
+from dispatcher.config import Manifest, ManifestError, RegistryConfig, merge_entries
+from dispatcher.config.registry import entry_item
+from dispatcher.fleet.sources.etcd_client import Change, EtcdPrefix, one_line
+from providers.base import Health
+
+__all__ = ["RegistryEntries"]
+
+log = logging.getLogger("dispatcher.registry")
+
+#: ``apply()``: reload the dispatcher with the file's manifest and these entries.
+Apply = Callable[[], Awaitable[object]]
+
+
+class RegistryEntries:
+    """The registry's plugin entries, as last read, and the task that follows them."""
+
+    def __init__(self, config: RegistryConfig, apply: Apply) -> None:
+        self.config = config
+        self.name = config.describe()
+        self._apply = apply
+        self._etcd = EtcdPrefix(
+            str(config.etcd),
+            config.prefix,
+            timeout=config.timeout_ms / 1000,
+            retry=config.retry_ms / 1000,
+        )
+        #: Entries trust allows, by key: ``plugins:`` items, not yet validated.
+        self._items: dict[str, dict[str, Any]] = {}
+        #: Keys trust refused, and keys the merge left out, with the reason.
+        self._refused: dict[str, str] = {}
+        self._invalid: dict[str, str] = {}
+        self._logged: dict[str, str] = {}
+        #: Why the last read failed (None once one succeeds); reads that succeeded.
+        self.error: str | None = None
+        self.reads = 0
+        #: Why the last apply changed nothing (None once one succeeds); applies that did.
+        self.apply_error: str | None = None
+        self.applied = 0
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- what the dispatcher asks -----------------------------------------------------------
+
+    async def read_once(self) -> None:
+        """One read as the dispatcher starts, so it serves the registry's entries from its
+        first calls on; etcd failing here only delays them (``follow`` reads again)."""
+        values = await self._etcd.read_or_reason()
+        if isinstance(values, str):
+            self._failed(values, 0)
+            return
+        self._read(values)
+        self._changed.clear()
+
+    def merge(self, base: Manifest[Any], running: Manifest[Any], *, source: str) -> Manifest[Any]:
+        """``base`` (a file's manifest) with the entries; ``ManifestError`` if the whole is
+        invalid. Entries left out are recorded, not raised.
+
+        An entry republished under a running version with other process settings
+        (``config``, ``runtime``…) would refuse the whole reload, holding up every other
+        change: that entry is left out and the running one kept, until it is published
+        under a new version."""
+        merged, invalid = merge_entries(base, self._items, source=f"{source} + {self.name}")
+        on_file = {plugin.key for plugin in base.plugins}
+        was = {plugin.key: plugin for plugin in running.plugins}
+        plugins = []
+        for plugin in merged.plugins:
+            previous = was.get(plugin.key)
+            if previous is None or plugin.key in on_file:
+                plugins.append(plugin)
+                continue
+            if changed := fixed_changes(previous, plugin):
+                invalid[f"{self.config.prefix}/{plugin.key}"] = (
+                    f"{plugin.key} runs with another {', '.join(changed)}; the running entry"
+                    " is kept: publish the change as a new version"
+                )
+                plugin = previous
+            plugins.append(plugin)
+        self._invalid = invalid
+        self._log_skipped()
+        return merged.model_copy(update={"plugins": plugins})
+
+    async def start(self) -> None:
+        """Read once and apply what was read (a dispatcher starts with the registry's
+        entries when etcd answers), then follow the prefix in tasks ended by ``aclose``."""
+        if self._tasks:
+            return
+        await self.read_once()
+        if self.reads:
+            await self._apply_once()
+        follow = self._etcd.follow(self._read, self._change, self._failed)
+        self._tasks = [
+            asyncio.create_task(follow, name=f"registry {self.name}"),
+            asyncio.create_task(self._apply_changes(), name=f"registry apply {self.name}"),
+        ]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self._etcd.aclose()
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Every key left out, with the reason (trust first, then validation)."""
+        return {**self._invalid, **self._refused}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "registry": self.name,
+            "entries": sorted(set(self._items) - set(self._invalid)),
+            "skipped": self.skipped,
+            "reads": self.reads,
+            "error": self.error,
+            "applied": self.applied,
+            "apply_error": self.apply_error,
+        }
+
+    def health(self, *, draining: bool) -> list[TargetHealth]:
+        """One report for the registry, one per key left out (``not_serving``, the reason)."""
+        if self.error is not None or self.apply_error is not None:
+            detail = "; ".join(filter(None, (self.error, self.apply_error)))
+            state = Health("not_serving", detail)
+        elif not self.reads:
+            state = Health("unknown", "not read yet")
+        else:
+            state = Health("serving", f"{len(self._items) - len(self._invalid)} entries")
+        reports = [
+            TargetHealth("registry", "-", self.name, state, source="registry", draining=draining)
+        ]
+        reports += [
+            TargetHealth(
+                "registry",
+                "-",
+                key,
+                Health("not_serving", f"left out: {reason}"),
+                source="registry",
+                draining=draining,
+            )
+            for key, reason in sorted(self.skipped.items())
+        ]
+        return reports
+
+    # -- following --------------------------------------------------------------------------
+
+    def _read(self, values: dict[str, bytes]) -> None:
+        self.error = None
+        self.reads += 1
+        previous, self._items, self._refused = self._items, {}, {}
+        for key, value in values.items():
+            self._put(key, value, previous.get(key))
+        self._invalid = {key: why for key, why in self._invalid.items() if key in values}
+        self._log_skipped()
+        self._changed.set()
+
+    def _change(self, changes: list[Change]) -> None:
+        for change in changes:
+            if change.value is None:
+                self._items.pop(change.key, None)
+                self._refused.pop(change.key, None)
+                self._invalid.pop(change.key, None)
+            else:
+                self._put(change.key, change.value, self._items.pop(change.key, None))
+        self._log_skipped()
+        self._changed.set()
+
+    def _put(self, key: str, value: bytes, before: dict[str, Any] | None) -> None:
+        self._refused.pop(key, None)
+        try:
+            item = entry_item(key, value, self.config)
+        except ValueError as wrong:
+            self._invalid.pop(key, None)
+            self._refused[key] = str(wrong)
+            return
+        if item != before:  # the same value read again keeps its verdict until the merge
+            self._invalid.pop(key, None)
+        self._items[key] = item
+
+    def _failed(self, reason: str, delay: float) -> None:
+        retry = f", reading again in {delay:.3g} s" if delay else ""
+        self.error = f"{reason}; keeping the last {len(self._items)} entries{retry}"
+        log.warning("registry %s: %s", self.name, self.error)
+
+    def _log_skipped(self) -> None:
+        skipped = self.skipped
+        for key, reason in skipped.items():
+            if self._logged.get(key) != reason:
+                log.warning("registry %s: entry %r left out: %s", self.name, key, reason)
+        self._logged = dict(skipped)
+
+    async def _apply_changes(self) -> None:
+        debounce = self.config.debounce_ms / 1000
+        while True:
+            await self._changed.wait()
+            await asyncio.sleep(debounce)  # changes arriving meanwhile apply together
+            self._changed.clear()
+            await self._apply_once()
+
+    async def _apply_once(self) -> None:
+        try:
+            await self._apply()
+        except ManifestError as error:
+            self._refuse("; ".join(problem.render(error.source) for problem in error.problems))
+        except Exception as error:  # a plugin that fails to attach, a closing dispatcher
+            self._refuse(one_line(str(error)) or type(error).__name__)
+        else:
+            self.applied += 1
+            self.apply_error = None
+
+    def _refuse(self, reason: str) -> None:
+        self.apply_error = f"registry change not applied, nothing changed: {reason}"
+        log.error("%s", self.apply_error)
+
+    def __repr__(self) -> str:
+        state = f" error={self.error!r}" if self.error else ""
+        return (
+            f"<RegistryEntries {self.name} entries={len(self._items)}"
+            f" skipped={len(self.skipped)} reads={self.reads} applied={self.applied}{state}>"
+        )

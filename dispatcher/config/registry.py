@@ -1,0 +1,170 @@
+"""``registry:``: plugin entries published in etcd, and what an entry from there may do.
+
+One key per plugin version, ``<prefix>/<id>@<version>``, whose value is one ``plugins:``
+item as JSON or YAML text. Entries arriving over the network decide what code the host
+calls, so what they may say is narrower than a file's (``trust``):
+
+* only the providers in ``trust.allow_providers`` (``http`` and ``grpc`` unless widened):
+  ``local``, ``subprocess``, ``wasm`` and ``docker`` would run code from the host's disk
+  or image store, ``lambda`` and ``knative`` would act with the host's cloud credentials;
+* only the plugin ids in ``trust.allow_plugins`` when it is set;
+* never a file of the host (a key ending in ``_file`` or ``_dir``, ``path``,
+  ``unix_socket``) nor the host's environment (``${NAME}``): either would hand what the
+  host keeps to whoever writes the registry;
+* fixed instances only: no discovery source (``dns``, ``registry``) the host would follow;
+* the key must name the entry's own ``id@version``, and the value fit ``max_entry_bytes``;
+* the manifest's ``egress`` applies to every destination an entry names.
+
+An entry off these rules is left out, named in the registry's ``skipped`` with the reason
+(never its value), and the others apply.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import orjson
+import yaml
+from pydantic import AnyHttpUrl, Field, field_validator
+
+from providers.target import StrictModel
+
+__all__ = ["EntryTrust", "RegistryConfig", "entry_item"]
+
+#: Providers an entry may use unless ``trust.allow_providers`` says otherwise: they call a
+#: server somewhere else and run nothing of the host's.
+DEFAULT_PROVIDERS = ("http", "grpc")
+
+_HOST_FILE_KEY = re.compile(r"(_file|_dir)$|^(path|unix_socket)$")
+_ENV_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
+
+
+class EntryTrust(StrictModel):
+    """What an entry published in the registry may ask of the host."""
+
+    allow_providers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROVIDERS),
+        description="Providers an entry's targets may use; local, subprocess, wasm,"
+        " docker, lambda and knative only when listed here.",
+    )
+    allow_plugins: list[str] | None = Field(
+        default=None, description="Plugin ids entries may declare; any when unset."
+    )
+    max_entry_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 64 * 1024
+
+
+class RegistryConfig(StrictModel):
+    """``registry:``: where plugin entries are published and how they are followed."""
+
+    etcd: AnyHttpUrl = Field(description="Base URL of etcd's client API (v3 JSON gateway).")
+    prefix: str = Field(min_length=2, pattern=r"^/[^\s]*[^/\s]$")
+    debounce_ms: int = Field(
+        default=500, ge=0, le=60_000, description="Changes within this window apply together."
+    )
+    timeout_ms: int = Field(default=2_000, ge=10, le=60_000)
+    retry_ms: int = Field(
+        default=1_000, ge=10, description="Wait before reading again after etcd failed."
+    )
+    trust: EntryTrust = Field(default_factory=EntryTrust)
+
+    @field_validator("etcd")
+    @classmethod
+    def _no_credentials(cls, value: AnyHttpUrl) -> AnyHttpUrl:
+        if value.username or value.password:
+            raise ValueError("etcd authentication by URL credentials is not supported")
+        return value
+
+    def describe(self) -> str:
+        return f"etcd {str(self.etcd).rstrip('/')} {self.prefix}"
+
+
+def entry_item(key: str, value: bytes, config: RegistryConfig) -> dict[str, Any]:
+    """The ``plugins:`` item the value of ``key`` holds, or ``ValueError`` saying why it is
+    left out. Messages never quote the value: the registry is written by many hands."""
+    trust = config.trust
+    if len(value) > trust.max_entry_bytes:
+        raise ValueError(f"the value is over {trust.max_entry_bytes} bytes")
+    item = _parsed(value)
+    if not isinstance(item, dict):
+        raise ValueError("the value is not a mapping (one 'plugins:' item)")
+    name = key.removeprefix(f"{config.prefix}/")
+    declared = f"{item.get('id')}@{item.get('version')}"
+    if name != declared:
+        raise ValueError("the key does not name the entry's own id@version")
+    if trust.allow_plugins is not None and item.get("id") not in trust.allow_plugins:
+        raise ValueError(f"plugin {item.get('id')!r} is not in trust.allow_plugins")
+    for provider in _providers(item):
+        if provider not in trust.allow_providers:
+            raise ValueError(
+                f"provider {provider!r} is not in trust.allow_providers"
+                f" ({', '.join(trust.allow_providers) or 'none'})"
+            )
+    _refuse_host_reads(item)
+    _refuse_discovery(item)
+    return item
+
+
+def _parsed(value: bytes) -> Any:
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return yaml.safe_load(value.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        raise ValueError("the value is neither JSON nor YAML") from None
+
+
+def _targets(item: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target an entry writes (one that is not a mapping fails validation later)."""
+    targets = [item.get("target")]
+    methods = item.get("methods")
+    if isinstance(methods, dict):
+        targets += [method.get("target") for method in methods.values() if isinstance(method, dict)]
+    return [target for target in targets if isinstance(target, dict)]
+
+
+def _providers(item: dict[str, Any]) -> set[str]:
+    return {str(target["provider"]) for target in _targets(item) if "provider" in target}
+
+
+def _refuse_host_reads(item: dict[str, Any]) -> None:
+    for target in _targets(item):
+        _refuse_host_files(target)
+    _refuse_environment(item)
+
+
+def _refuse_discovery(item: dict[str, Any]) -> None:
+    for target in _targets(item):
+        instances = target.get("instances")
+        for instance in instances if isinstance(instances, list) else ():
+            if isinstance(instance, dict) and ({"dns", "registry"} & set(instance)):
+                raise ValueError(
+                    "an entry lists fixed instances only: a discovery source (dns, registry)"
+                    " would have the host follow a server the entry names"
+                )
+
+
+def _refuse_host_files(value: Any) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _HOST_FILE_KEY.search(key) and item is not None:
+                named = f" ({key!r})" if len(key) <= 64 and key.isprintable() else ""
+                raise ValueError(f"a target names a file of the host{named}")
+            _refuse_host_files(item)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_host_files(item)
+
+
+def _refuse_environment(value: Any) -> None:
+    if isinstance(value, str) and _ENV_REFERENCE.search(value):
+        raise ValueError("the entry reads the host's environment (${…})")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_environment(key)
+            _refuse_environment(item)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_environment(item)

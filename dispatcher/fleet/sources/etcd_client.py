@@ -1,0 +1,284 @@
+"""Every key under an etcd prefix, read then followed: the v3 JSON gateway, with no client library.
+
+Two readers share it: the fleet's ``EtcdSource`` (instances, ``sources/etcd.py``) and the
+registry of plugin entries (``dispatcher._entries``). ``EtcdPrefix.follow`` reads every key
+under ``<prefix>/`` (``/v3/kv/range``), hands the whole set to ``on_read``, then watches
+(``/v3/watch``, one JSON object per line) from the read's revision + 1, so no change between
+the read and the watch is lost, and hands each batch of changes to ``on_change``.
+
+Failures (``on_failure(reason, delay)``, then a new read after ``delay``, growing by half each
+time up to 8 times ``retry``): etcd unreachable, slower than ``timeout`` (connecting,
+reading the range, creating the watch), an HTTP error, a body that is not the gateway's
+JSON, a line or body over ``max_message_bytes``, the watch stream ending, a watch
+cancelled (its revision compacted). The reader keeps what it had: nothing here reports an
+empty set because etcd went away. A silent watch is a quiet registry, not a failure; a
+half-open connection is caught by TCP keepalive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import socket
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+__all__ = ["MAX_MESSAGE_BYTES", "Change", "EtcdPrefix", "RegistryFailure", "one_line"]
+
+#: The largest range answer or watch line read; a registry of thousands of keys is well
+#: under it, and a peer sending more is not the registry we know.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+#: The longest wait between reads, as a multiple of ``retry``.
+_BACKOFF_CAP = 8
+
+
+class RegistryFailure(Exception):
+    """Reading or watching the registry failed; the message says how, in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One key put (``value`` its bytes) or deleted (``value`` None)."""
+
+    key: str
+    value: bytes | None
+
+
+class EtcdPrefix:
+    """Reads and watches every key under ``<prefix>/`` of the etcd at ``base_url``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        prefix: str,
+        *,
+        timeout: float,
+        retry: float,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._timeout = timeout
+        self._retry = retry
+        self._max_bytes = max_message_bytes
+        # The key just after every "<prefix>/…" key: "/" is followed by "0" in ASCII.
+        self._range = {"key": _b64(f"{prefix}/"), "range_end": _b64(f"{prefix}0")}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def follow(
+        self,
+        on_read: Callable[[dict[str, bytes]], None],
+        on_change: Callable[[list[Change]], None],
+        on_failure: Callable[[str, float], None],
+    ) -> None:
+        """Read, watch, and read again after a failure, until cancelled; never raises."""
+        delay = self._retry
+        while True:
+            try:
+                revision, found = await self.read()
+                delay = self._retry
+                on_read(found)
+                await self._watch(revision + 1, on_change)
+                raise RegistryFailure("the watch stream ended")
+            except RegistryFailure as failure:
+                on_failure(str(failure), delay)
+            except TimeoutError:
+                on_failure(f"no answer within {self._timeout * 1000:g} ms", delay)
+            except (aiohttp.ClientError, OSError) as failure:
+                reason = one_line(str(failure)) or type(failure).__name__
+                on_failure(f"cannot reach etcd: {reason}", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, _BACKOFF_CAP * self._retry)
+
+    async def read_or_reason(self) -> dict[str, bytes] | str:
+        """One ``read``'s keys, or why it failed (in one line) instead of raising."""
+        try:
+            _, found = await self.read()
+        except RegistryFailure as failure:
+            return str(failure)
+        except TimeoutError:
+            return f"no answer within {self._timeout * 1000:g} ms"
+        except (aiohttp.ClientError, OSError) as failure:
+            return f"cannot reach etcd: {one_line(str(failure)) or type(failure).__name__}"
+        return found
+
+    async def read(self) -> tuple[int, dict[str, bytes]]:
+        """Every key under the prefix with its value, and the revision the read saw."""
+        async with asyncio.timeout(self._timeout):
+            async with self._http().post(
+                f"{self._base}/v3/kv/range", data=orjson.dumps(self._range)
+            ) as answer:
+                body = await self._bounded_body(answer)
+        document = self._decode(body, "the range read")
+        if answer.status != 200:
+            raise RegistryFailure(
+                f"etcd answered HTTP {answer.status} to the range read{_why(document)}"
+            )
+        revision = _revision(document)
+        kvs = document.get("kvs", [])
+        if not isinstance(kvs, list):
+            raise RegistryFailure("etcd's range answer has no list of keys")
+        found: dict[str, bytes] = {}
+        for kv in kvs:
+            if not isinstance(kv, dict):
+                raise RegistryFailure("etcd's range answer holds something that is not a key")
+            found[_key(kv)] = _unb64(kv.get("value", ""))
+        return revision, found
+
+    async def _watch(self, start_revision: int, on_change: Callable[[list[Change]], None]) -> None:
+        request = {"create_request": {**self._range, "start_revision": str(start_revision)}}
+        async with self._http().post(
+            f"{self._base}/v3/watch",
+            data=orjson.dumps(request),
+            # No total: a watch lasts as long as the registry does. Connecting and the
+            # "created" answer are bounded below.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
+        ) as answer:
+            if answer.status != 200:
+                async with asyncio.timeout(self._timeout):
+                    body = await self._bounded_body(answer)
+                raise RegistryFailure(
+                    f"etcd answered HTTP {answer.status} to the watch{_why(self._decode(body, 'the watch'))}"
+                )
+            if answer.connection is not None and answer.connection.transport is not None:
+                _keep_alive(answer.connection.transport.get_extra_info("socket"))
+            async with contextlib.aclosing(self._lines(answer.content)) as lines:
+                async with asyncio.timeout(self._timeout):
+                    created = await anext(lines, None)
+                if created is None:
+                    return  # ended before it began: follow() says so
+                self._changes(created)
+                async for line in lines:
+                    if changes := self._changes(line):
+                        on_change(changes)
+
+    def _changes(self, line: bytes) -> list[Change]:
+        """The changes one line of the watch stream carries."""
+        message = self._decode(line, "the watch")
+        result = message.get("result")
+        if not isinstance(result, dict):
+            raise RegistryFailure(f"etcd's watch failed{_why(message)}")
+        if result.get("canceled"):
+            compacted = result.get("compact_revision")
+            if compacted:
+                raise RegistryFailure(
+                    f"etcd cancelled the watch: revisions up to {compacted} are compacted"
+                )
+            reason = one_line(str(result.get("cancel_reason") or "no reason given"))
+            raise RegistryFailure(f"etcd cancelled the watch: {reason}")
+        events = result.get("events") or []
+        if not isinstance(events, list):
+            raise RegistryFailure("etcd's watch answer has no list of events")
+        changes = []
+        for event in events:
+            kv = event.get("kv") if isinstance(event, dict) else None
+            if not isinstance(kv, dict):
+                raise RegistryFailure("etcd's watch answer holds an event without a key")
+            deleted = event.get("type", "PUT") == "DELETE"
+            changes.append(Change(_key(kv), None if deleted else _unb64(kv.get("value", ""))))
+        return changes
+
+    # -- HTTP, bounded ---------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                headers={"content-type": "application/json"},
+            )
+        return self._session
+
+    async def _bounded_body(self, answer: aiohttp.ClientResponse) -> bytes:
+        body = bytearray()
+        async for chunk in answer.content.iter_any():
+            body += chunk
+            if len(body) > self._max_bytes:
+                raise RegistryFailure(f"etcd's answer is over {self._max_bytes} bytes")
+        return bytes(body)
+
+    async def _lines(self, stream: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
+        """The stream's lines, none longer than the limit (readline would wait for ever)."""
+        pending = bytearray()
+        async for chunk in stream.iter_any():
+            pending += chunk
+            while (end := pending.find(b"\n")) >= 0:
+                line = bytes(pending[:end]).strip()
+                del pending[: end + 1]
+                if line:
+                    yield line
+            if len(pending) > self._max_bytes:
+                raise RegistryFailure(f"a line of etcd's watch is over {self._max_bytes} bytes")
+        if pending.strip():
+            yield bytes(pending).strip()
+
+    def _decode(self, body: bytes, what: str) -> dict[str, Any]:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise RegistryFailure(f"etcd's answer to {what} is not JSON") from None
+        if not isinstance(document, dict):
+            raise RegistryFailure(f"etcd's answer to {what} is not a JSON object")
+        return document
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` flattened to one line of at most ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _unb64(field: Any) -> bytes:
+    if not isinstance(field, str):
+        raise RegistryFailure("etcd answered a key or value that is not base64 text")
+    try:
+        return base64.b64decode(field, validate=True)
+    except (binascii.Error, ValueError):
+        raise RegistryFailure("etcd answered a key or value that is not base64") from None
+
+
+def _key(kv: dict[str, Any]) -> str:
+    return _unb64(kv.get("key")).decode(errors="replace")
+
+
+def _revision(document: dict[str, Any]) -> int:
+    header = document.get("header")
+    revision = header.get("revision") if isinstance(header, dict) else None
+    try:
+        return int(revision)  # type: ignore[arg-type]  # checked just below
+    except (TypeError, ValueError):
+        raise RegistryFailure("etcd's range answer has no revision") from None
+
+
+def _why(document: dict[str, Any]) -> str:
+    """``: <etcd's message>`` from an error answer of the gateway, or nothing."""
+    error = document.get("error")
+    message = document.get("message") or (
+        error.get("message") if isinstance(error, dict) else error
+    )
+    return f": {one_line(str(message))}" if message else ""
+
+
+def _keep_alive(sock: socket.socket | None) -> None:
+    """TCP keepalive on the watch's socket: a watch on a peer that vanished without closing
+    (a cable pulled, a VM frozen) fails within about a minute instead of never."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", 20), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
