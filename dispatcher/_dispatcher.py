@@ -402,9 +402,13 @@ class Dispatcher:
                 summary["changed"] or "none",
                 len(plan.kept),
             )
-            if retired:
+            assert self.fleets is not None
+            await self.fleets.watch_new()  # discovery and health checks of fleets it made
+            used = {target.key for plugin in manifest.plugins for target in plugin.targets()}
+            if retired or self.fleets.unused(used):
                 await self._settle(grace)
                 await self._attachments.detach(retired)
+                await self.fleets.forget(used)
             return summary
 
     async def _apply_registry(self) -> dict[str, list[str]]:
@@ -427,7 +431,10 @@ class Dispatcher:
         self._routes = routes
         self.manifest = manifest
         self._fallbacks.point_at(routes)
-        for plugin in plan.added:
+        for plugin in [*plan.removed, *(old for old, _ in plan.changed)]:
+            for target in plugin.targets():
+                self.fleets.unserve(plugin, target)
+        for plugin in [*plan.added, *(new for _, new in plan.changed)]:
             for target in plugin.targets():
                 self.fleets.serve(plugin, target)
 

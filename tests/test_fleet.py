@@ -575,3 +575,43 @@ async def test_a_target_with_one_instance_gets_no_fleet_step() -> None:
             route = dispatcher._routes["one"]["say"]
             assert not isinstance(route.invoke, FleetStep)
             assert dispatcher.fleets is not None and not dispatcher.fleets.fleets
+
+
+async def test_a_fleet_a_reload_adds_is_health_checked_and_one_it_removes_is_let_go(
+    plugin_servers: list[PluginServer],
+) -> None:
+    fleet_entry = fleet_manifest(
+        [server.url for server in plugin_servers],
+        {"say": {}},
+        health_check={"interval_ms": 100, "timeout_ms": 100, "unhealthy_after": 1},
+    ).plugins[0]
+    local = manifest(
+        {
+            "id": "local",
+            "version": "1.0.0",
+            "target": {"provider": "local", "entrypoint": "echo_plugin:EchoPlugin",
+                       "path": str(ROOT / "examples" / "python")},
+            "methods": {"say": {}},
+        }
+    )  # fmt: skip
+    async with Dispatcher(local) as dispatcher:
+        assert dispatcher.fleets is not None
+        await dispatcher.reload(local.model_copy(update={"plugins": [*local.plugins, fleet_entry]}))
+        fleet = the_fleet(dispatcher)
+        assert await dispatcher.call("fleet", "say", {"text": "hi"})
+        victim = fleet.instances[0]
+        await asyncio.to_thread(plugin_servers[0].kill)
+        # No call goes to it: only the active health checks the reload started can see it.
+        for _ in range(300):
+            if fleet.state_of(victim) is InstanceState.DOWN:
+                break
+            await asyncio.sleep(0.02)
+        assert fleet.state_of(victim) is InstanceState.DOWN
+        tasks_before = {task.get_name() for task in asyncio.all_tasks()}
+        assert any(name.startswith("health checks of") for name in tasks_before)
+        await dispatcher.reload(local, grace=1.0)
+        assert dispatcher.fleets.fleets == {}
+        assert not any(
+            task.get_name().startswith("health checks of") for task in asyncio.all_tasks()
+        )
+        assert await dispatcher.call("local", "say", {"text": "still"})

@@ -73,7 +73,9 @@ class FleetRuntime:
         #: How long an instance that left waits for its calls before it is detached.
         self.drain_timeout = drain_timeout
         self._plugins: dict[str, list[PluginInfo]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        #: Health-check tasks by fleet (target key); fleets being watched.
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._watched: set[str] = set()
 
     def fleet_of(self, target: TargetConfig, provider: Provider[Any]) -> Fleet | None:
         """The fleet of ``target`` (made on first use), or None when it is not a fleet."""
@@ -101,29 +103,65 @@ class FleetRuntime:
         if target.key in self.fleets:
             self._plugins.setdefault(target.key, []).append(plugin)
 
+    def unserve(self, plugin: PluginInfo, target: TargetConfig) -> None:
+        """``plugin`` no longer calls the fleet of ``target`` (a reload removed it):
+        instances discovery brings from now on are not attached for it."""
+        plugins = self._plugins.get(target.key)
+        if plugins is not None:
+            plugins[:] = [each for each in plugins if each.key != plugin.key]
+
     async def start(self, *, first_read_timeout: float = 5.0) -> None:
         """Start watching every fleet: discovery sources (waiting until each has answered
         once, at most ``first_read_timeout``) and active health checks."""
+        await self.watch_new(first_read_timeout=first_read_timeout)
+
+    async def watch_new(self, *, first_read_timeout: float = 5.0) -> None:
+        """Start watching the fleets not watched yet: all of them at start, those a reload
+        made since."""
         loop = asyncio.get_running_loop()
+        fresh = [fleet for key, fleet in self.fleets.items() if key not in self._watched]
+        self._watched.update(fleet.target.key for fleet in fresh)
         memberships = [
             self._membership(fleet, sources)
-            for fleet in self.fleets.values()
+            for fleet in fresh
             if (sources := self._sources_of(fleet))
         ]
         await asyncio.gather(*(each.start(first_read_timeout) for each in memberships))
-        for fleet in self.fleets.values():
+        for fleet in fresh:
             settings = fleet.settings.health_check
             if settings is None:
                 continue
             checker = HealthChecker(fleet, settings)
             self.checkers.append(checker)
-            self._tasks.append(
-                loop.create_task(checker.run(), name=f"health checks of {fleet.name}")
+            self._tasks[fleet.target.key] = loop.create_task(
+                checker.run(), name=f"health checks of {fleet.name}"
             )
+
+    def unused(self, used: set[str]) -> bool:
+        """Whether some fleet's target key is not in ``used`` (``forget`` would end it)."""
+        return any(key not in used for key in self.fleets)
+
+    async def forget(self, used: set[str]) -> None:
+        """Stop watching the fleets whose target key is not in ``used`` (a reload removed
+        every plugin calling them): their health checks and discovery end, and the
+        instances discovery attached are detached."""
+        for key in [key for key in self.fleets if key not in used]:
+            fleet = self.fleets.pop(key)
+            self._watched.discard(key)
+            self._plugins.pop(key, None)
+            self.checkers = [each for each in self.checkers if each.fleet is not fleet]
+            task = self._tasks.pop(key, None)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            membership = self.memberships.pop(key, None)
+            if membership is not None:
+                await membership.aclose()
+                await membership.detach_all()
 
     async def aclose(self) -> None:
         """End every task; discovered instances stay attached until ``detach_all``."""
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = list(self._tasks.values()), {}
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
