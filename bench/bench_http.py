@@ -15,8 +15,8 @@ Variants:
   httpx        httpx.AsyncClient (HTTP/1.1), keep-alive pool of the same size
   pyreqwest    pyreqwest's Client (Rust reqwest/hyper), no redirects, no decompression
   dispatcher   Dispatcher.call("bench", "echo", params): envelope built per call, deadline,
-               status mapping, envelope decoding; its HTTP provider on its default client
-               (reqwest; bench_http_clients.py compares every client and both of ours)
+               status mapping, envelope decoding; its HTTP provider on `client: reqwest`
+               (bench_http_clients.py compares every client and both of ours)
   floor        a raw asyncio.Protocol client with httptools' parser: no pool management,
                no timeouts, no error handling. Not a client anyone should use; it shows how
                far the server is from being the bottleneck. It is not in the ratios.
@@ -362,7 +362,9 @@ async def dispatcher_client(url: str, method: str = "echo") -> AsyncIterator[Cal
                     "id": "bench",
                     "version": "1.0.0",
                     "config": {"greeting": "bench"},
-                    "target": {"provider": "http", "url": url},
+                    # reqwest: the figures are the faster client's (aiohttp is the default
+                    # until reqwest keeps every behaviour; providers/_http_client.py).
+                    "target": {"provider": "http", "url": url, "client": "reqwest"},
                     "methods": {method: {}},
                 }
             ],

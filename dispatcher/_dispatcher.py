@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from dispatcher._attachments import Attachments, providers_for
 from dispatcher._drain import CUT_OFF_SECONDS, InFlight, OpenStream, current_task_getter
-from dispatcher._entries import RegistryEntries
 from dispatcher._events import EventHandler, EventHandlers
 from dispatcher._fallback import Fallbacks
 from dispatcher._guard import Audited, Caller, Guard
@@ -74,6 +73,8 @@ RELOAD_GRACE_SECONDS = 30.0
 
 if TYPE_CHECKING:
     from types import TracebackType
+
+    from dispatcher._entries import RegistryEntries
 
 __all__ = ["Call", "Dispatcher", "TargetHealth"]
 
@@ -147,11 +148,13 @@ class Dispatcher:
         #: Plugin entries published in etcd (dispatcher._entries): every reload merges them
         #: into the file's manifest, kept here without them.
         self._file_manifest = manifest
-        self.registry = (
-            RegistryEntries(manifest.registry, self._apply_registry)
-            if manifest.registry is not None
-            else None
-        )
+        self.registry: RegistryEntries | None = None
+        if manifest.registry is not None:
+            # Imported only when used: its etcd client loads aiohttp, which a host calling
+            # in-process plugins alone never needs.
+            from dispatcher._entries import RegistryEntries
+
+            self.registry = RegistryEntries(manifest.registry, self._apply_registry)
         # Who may call what, and the audit log (dispatcher._guard). ``_guarded``: every
         # call must pass the guard; without it the hot path is one attribute check.
         self.authenticator: ChainAuthenticator | None = authenticator_of(manifest)

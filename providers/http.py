@@ -129,7 +129,7 @@ class HttpTarget(InstanceListing):
     client: ClientKind | None = Field(
         default=None,
         description="The HTTP client of this target's calls: reqwest or aiohttp;"
-        " default: the provider's (reqwest).",
+        " default: the provider's (aiohttp).",
     )
     pool: HttpPool | None = Field(
         default=None,
