@@ -205,7 +205,30 @@ class JobWorkers:
                 await asyncio.sleep(self.pause)
                 continue
             if deliveries:
-                await asyncio.gather(*(self._process(delivery) for delivery in deliveries))
+                work = asyncio.gather(*(self._process(delivery) for delivery in deliveries))
+                await self._holding(consumer, [each.entry_id for each in deliveries], work)
+
+    async def _holding(self, consumer: str, entry_ids: list[str], work: Awaitable[Any]) -> None:
+        """Await ``work`` (the batch's jobs) while renewing this consumer's hold on their
+        entries every third of the visibility timeout: a batch that outlives the timeout
+        on a live worker is not taken over by another worker and run twice at once."""
+        keeper = asyncio.get_running_loop().create_task(
+            self._keep(consumer, entry_ids), name=f"jobs {consumer} hold"
+        )
+        try:
+            await work
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _keep(self, consumer: str, entry_ids: list[str]) -> None:
+        while True:
+            await asyncio.sleep(self.visibility / 3)
+            try:
+                await self.store.keep(consumer, entry_ids)
+            except StateUnavailable as error:  # the next beat tries again
+                log.warning("job worker %s could not renew its hold: %s", consumer, error.message)
 
     async def _process(self, delivery: Delivery) -> None:
         try:

@@ -50,7 +50,12 @@ def manifest_file(folder: Path, url: str, prefix: str, **jobs: Any) -> Path:
                     "entrypoint": "job_plugin:JobPlugin",
                     "path": str(PLUGINS),
                 },
-                "methods": {"work": {"timeout_ms": 1000}, "busy": {}, "refuse": {}},
+                "methods": {
+                    "work": {"timeout_ms": 1000},
+                    "slow": {"timeout_ms": 30_000},
+                    "busy": {},
+                    "refuse": {},
+                },
             }
         ],
     }
@@ -235,6 +240,55 @@ async def test_a_redelivered_job_whose_key_has_its_outcome_does_not_run_again(
     ) as worker:
         assert await worker.result(job_id, wait=30) == {"n": 3, "runs": 1}
         assert await effects(url, redis_prefix, 3) == 1
+
+
+async def test_a_job_outliving_the_visibility_timeout_on_a_live_worker_runs_once(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Its worker renews its hold (a heartbeat), so the other replica's worker, asking for
+    entries idle longer than 0.3 s all along, never takes it over while it runs 2 s."""
+    url = redis_server.url
+    settings = {"workers": 1, "visibility_timeout_ms": 300}
+    async with (
+        dispatcher_for(tmp_path, url, redis_prefix, **settings) as first,
+        dispatcher_for(tmp_path, url, redis_prefix, **settings) as second,
+    ):
+        job_id = await first.submit("jobs", "slow", {"n": 5, "seconds": 2.0})
+        assert await second.result(job_id, wait=30) == {"n": 5, "runs": 1}
+        async with aioredis.Redis.from_url(url) as client:
+            assert int(await client.get(f"{redis_prefix}:started:5") or 0) == 1
+        assert (await first.job(job_id))["attempts"] == 1
+
+
+async def test_a_heartbeat_never_takes_back_an_entry_another_worker_took_over(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    url = redis_server.url
+    async with dispatcher_for(tmp_path, url, redis_prefix) as d:  # no workers of its own
+        store = d.state_backend.jobs  # type: ignore[union-attr]
+        assert store is not None
+        await store.submit("j1", {"id": "j1", "state": "queued", "submitted_at": "1"})
+        await store.submit("j2", {"id": "j2", "state": "queued", "submitted_at": "1"})
+        await store.ensure_group()
+        held = await store.take("slow-worker", 2, block=0.1, min_idle=60)
+        assert [each.job_id for each in held] == ["j1", "j2"]
+        await asyncio.sleep(0.2)
+        # Another worker took j1 over (as from a worker that stopped answering), and j2's
+        # outcome is stored (acked): the first worker's late heartbeat keeps neither.
+        taken = await store.take("other-worker", 1, block=0.1, min_idle=0.1)
+        assert [each.job_id for each in taken] == ["j1"]
+        await store.finish(held[1].entry_id, "j2", {"state": "succeeded"}, 60)
+        entries = [each.entry_id for each in held]
+        assert await store.keep("slow-worker", [*entries, "1-0"]) == 0
+        assert await store.keep("other-worker", entries) == 1
+        assert await store.keep("other-worker", []) == 0
+        async with aioredis.Redis.from_url(url) as client:
+            pending = await client.xpending_range(
+                f"{redis_prefix}:jobs", "workers", min="-", max="+", count=10
+            )
+        assert [(p["consumer"], p["times_delivered"]) for p in pending] == [
+            (b"other-worker", 2)  # kept without counting a delivery
+        ]
 
 
 # -- crashes: three worker processes, SIGKILLed and restarted ------------------------------------
