@@ -205,7 +205,40 @@ class JobWorkers:
                 await asyncio.sleep(self.pause)
                 continue
             if deliveries:
-                await asyncio.gather(*(self._process(delivery) for delivery in deliveries))
+                await self._run_batch(consumer, deliveries)
+
+    async def _run_batch(self, consumer: str, deliveries: list[Delivery]) -> None:
+        """Run a batch's jobs at once while renewing this consumer's hold on the entries
+        still running, every third of the visibility timeout: a job that outlives the
+        timeout on a live worker is not taken over by another worker and run twice at once.
+        An entry whose job ended (or was left for later) is no longer renewed."""
+        running = {delivery.entry_id for delivery in deliveries}
+
+        async def run(delivery: Delivery) -> None:
+            try:
+                await self._process(delivery)
+            finally:
+                running.discard(delivery.entry_id)
+
+        keeper = asyncio.get_running_loop().create_task(
+            self._keep(consumer, running), name=f"jobs {consumer} hold"
+        )
+        try:
+            await asyncio.gather(*(run(delivery) for delivery in deliveries))
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _keep(self, consumer: str, running: set[str]) -> None:
+        while True:
+            await asyncio.sleep(self.visibility / 3)
+            if not running:
+                continue
+            try:
+                await self.store.keep(consumer, sorted(running))
+            except StateUnavailable as error:  # the next beat tries again
+                log.warning("job worker %s could not renew its hold: %s", consumer, error.message)
 
     async def _process(self, delivery: Delivery) -> None:
         try:

@@ -654,6 +654,19 @@ async def test_a_job_whose_worker_is_sigkilled_mid_run_becomes_visible_again_and
             rescuer.end()
 
 
+async def test_a_job_outliving_the_visibility_timeout_on_a_live_worker_runs_once(
+    make: Any, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Its worker keeps the message invisible while it runs (a heartbeat), so the other
+    replica's worker never receives it during the 3 s it takes (the timeout is 1 s)."""
+    settings = {"workers": 1, "visibility_timeout_ms": 1000}
+    async with make(**settings) as first, make(**settings) as second:
+        job_id = await first.submit("jobs", "slow", {"n": 32, "seconds": 3.0})
+        assert await second.result(job_id, wait=60) == {"n": 32, "runs": 1}
+        assert await counter(redis_server.url, f"{redis_prefix}:started:32") == 1
+        assert (await first.job(job_id))["attempts"] == 1
+
+
 CHURN_JOBS = 1_000  # moto answers ~150 requests/s here: 10,000 would take minutes
 
 

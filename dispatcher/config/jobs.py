@@ -109,8 +109,8 @@ class JobsConfig(StrictModel):
     backoff_max_ms: Annotated[int, Field(ge=0, le=86_400_000)] = Field(
         default=60_000, description="The longest delay between attempts (Retry-After wins)."
     )
-    # Longer than any method's timeout: a job still running on a live worker when this
-    # passes is taken by another one (its idempotency key, if any, keeps it from running twice).
+    # How long a stopped worker's jobs wait; a live worker renews its hold every third of
+    # it (a heartbeat), so a job longer than this is not taken over while its worker lives.
     visibility_timeout_ms: Annotated[int, Field(ge=100, le=86_400_000)] = Field(
         default=60_000,
         description="How long a job may stay taken by a worker that stopped answering "

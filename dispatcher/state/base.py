@@ -244,6 +244,13 @@ class JobStore(ABC):
     ) -> None:
         """Store ``fields``, schedule the next attempt in ``delay`` s, ack the entry."""
 
+    async def keep(self, consumer: str, entry_ids: Sequence[str]) -> int:
+        """A live worker's heartbeat: ``consumer`` still works on these entries, so none
+        of them counts as left by a stopped worker (``take``'s ``min_idle`` starts again).
+        An entry already acked, or taken over by another consumer, is left as it is. The
+        number of entries kept. By default nothing: a queue whose hold needs no renewal."""
+        return 0
+
     @abstractmethod
     async def record(self, job_id: str) -> dict[str, str] | None: ...
 

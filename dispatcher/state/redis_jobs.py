@@ -11,6 +11,8 @@ Keys (under the backend's ``key_prefix``)::
 An entry is acked, and deleted, in the same atomic step that stores the job's terminal
 state or schedules its next attempt: a worker killed at any point leaves the entry pending,
 and another worker claims it (XAUTOCLAIM) once it has been idle for the visibility timeout.
+A live worker renews its hold while its jobs run (``keep``: XCLAIM to itself, JUSTID), so
+a job that runs longer than the visibility timeout is not taken by another worker too.
 So a job runs at least once per attempt it is owed; its idempotency key, if it has one,
 keeps a re-delivered job from running again once an earlier run's outcome is recorded.
 
@@ -90,6 +92,21 @@ redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
 return 1
+"""
+
+# A live worker's heartbeat: each entry this consumer still holds has its idle time reset
+# (XCLAIM to itself, JUSTID: no delivery counted). One another consumer took over, or
+# one acked, is left alone: a heartbeat never takes an entry back.
+_KEEP = """
+local kept = 0
+for i = 3, #ARGV do
+  local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if held[1] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
 """
 
 _PROMOTE = """
@@ -172,6 +189,7 @@ class RedisJobs(JobStore):
         self._finish = client.register_script(_FINISH)
         self._retry = client.register_script(_RETRY)
         self._promote = client.register_script(_PROMOTE)
+        self._keep = client.register_script(_KEEP)
         self._redrive = client.register_script(_REDRIVE)
         self._purge = client.register_script(_PURGE_SOME)
 
@@ -269,6 +287,16 @@ class RedisJobs(JobStore):
             args += [name, value]
         keys = (self.record_key(job_id), self.delayed, self.stream)
         await self._op("a job's next attempt", lambda: self._retry(keys=keys, args=args))
+
+    async def keep(self, consumer: str, entry_ids: Sequence[str]) -> int:
+        if not entry_ids:
+            return 0
+        args = [GROUP, consumer, *entry_ids]
+        kept = await self._op(
+            "a worker's hold on its jobs",
+            lambda: self._keep(keys=(self.stream,), args=args),
+        )
+        return int(kept)
 
     async def record(self, job_id: str) -> dict[str, str] | None:
         answer = await self._op(

@@ -246,6 +246,19 @@ class SqsJobs(JobStore):
         await self.queue.send(dead_url, body, group=group, dedup=f"{message_id}.dead")
         self.dead_lettered += 1
 
+    async def keep(self, consumer: str, entry_ids: Sequence[str]) -> int:
+        # The messages this worker still holds stay invisible another visibility timeout
+        # (ChangeMessageVisibility), and their receipts are not forgotten as stale.
+        held = [(entry, self._held[entry]) for entry in entry_ids if entry in self._held]
+        if not held:
+            return 0
+        url, _ = await self._urls()
+        now = self._clock()
+        await asyncio.gather(*(self.queue.hide(url, h.receipt, self.visibility) for _, h in held))
+        for _, each in held:
+            each.taken_at = now
+        return len(held)
+
     async def retry_later(
         self, entry_id: str, job_id: str, fields: dict[str, str], delay: float
     ) -> None:
