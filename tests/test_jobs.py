@@ -132,6 +132,30 @@ async def test_a_job_failing_retryably_is_dead_lettered_then_redriven_then_purge
             await d.job(job_id)
 
 
+async def test_a_keyed_job_failing_retryably_runs_again_on_every_attempt(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with dispatcher_for(
+        tmp_path, redis_server.url, redis_prefix, workers=1, max_attempts=3
+    ) as d:
+        job_id = await d.submit("jobs", "busy", idempotency_key="busy-1")
+        with pytest.raises(TargetUnavailable, match="always busy"):
+            await d.result(job_id, wait=30)
+        assert (await d.job(job_id))["attempts"] == 3
+        # Each attempt reached the plugin: the key did not replay the first failure.
+        assert await effects(redis_server.url, redis_prefix, "busy") == 3
+
+
+async def test_a_keyed_call_replays_a_non_retryable_failure_without_running_again(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with dispatcher_for(tmp_path, redis_server.url, redis_prefix) as d:
+        for _ in range(2):
+            with pytest.raises(PluginError, match="no such account"):
+                await d.call("jobs", "refuse", idempotency_key="refuse-1")
+        assert await effects(redis_server.url, redis_prefix, "refused") == 1
+
+
 async def test_a_non_retryable_error_ends_the_job_failed_at_once(
     tmp_path: Path, redis_server: Redis, redis_prefix: str
 ) -> None:

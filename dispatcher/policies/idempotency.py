@@ -15,8 +15,11 @@ run (its deadline, plus a margin), then completed with the call's outcome, kept 
 * a duplicate after the outcome gets it at once, without calling the target.
 
 A first call that provably never reached the plugin (refused by a limit, a bulkhead or a
-breaker, a connection that never opened, the state store itself) gives its key back, so
-the caller may try again with it. A first call cancelled by its caller keeps the key until
+breaker, a connection that never opened, the state store itself), or that failed with a
+retryable error, gives its key back, so the caller (or a job's next attempt) may try again
+with it and the try runs: retrying a retryable failure must not replay it. (AWS Lambda
+Powertools' idempotency does the same: a failed run deletes its record.) A non-retryable
+failure is the call's answer, kept and replayed like a result. A first call cancelled by its caller keeps the key until
 its lease ends (it may have reached the plugin), then the key is free. The key is scoped
 per caller, so one caller's key never hands out another caller's result.
 """
@@ -150,7 +153,11 @@ class IdempotencyStep:
         try:
             result = await self.next(invocation)
         except DispatchError as error:
-            if never_ran(error):
+            # A retryable failure gives the key back, as one that never ran does: the
+            # retry it asks for (the caller's, a job's next attempt) must run, not replay
+            # the failure. A plugin holding the key (it travels in the call's context)
+            # keeps its own effects once. Other failures are the call's answer: kept.
+            if never_ran(error) or error.retryable:
                 await self._end(store, key, token, None)
             else:
                 await self._end(store, key, token, encode_error(error))

@@ -56,4 +56,5 @@ class JobPlugin(Plugin):
         raise TargetUnavailable("always busy", retry_after=0.01)
 
     async def refuse(self) -> None:
+        await self.redis.incr(f"{self.prefix}:effects:refused")
         raise PluginError("no such account", remote_type="NoAccount", retryable=False)
