@@ -9,7 +9,9 @@ the same behaviour:
   dispatcher decodes). A body of ``min_bytes`` or more is sent with ``Content-Encoding``
   only to a peer known to accept it: one that listed the coding in the ``Accept-Encoding``
   of its last answer (the SDKs' servers do), or one the manifest vouches for
-  (``peer_accepts``). A peer that never said so gets plain bytes. A peer that refuses a
+  (``peer_accepts``). A peer that never said so gets plain bytes. Without ``min_bytes``
+  the threshold is ``DEFAULT_MIN_BYTES``, and a peer on a loopback address gets neither
+  compressed bodies nor ``Accept-Encoding``: measured, compression never paid there. A peer that refuses a
   compressed body with 415 (redeployed without it) is forgotten and the call resent plain
   once: a 415 is decided before the plugin runs.
 * **Answers.** A ``Content-Encoding`` answer is decoded with its output capped at the
@@ -23,6 +25,7 @@ zstandard release the GIL), so a 10 MB envelope does not stall every other call.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Mapping
 from typing import Literal
 
@@ -41,6 +44,7 @@ __all__ = [
     "Coding",
     "HttpCompression",
     "Negotiation",
+    "is_loopback",
     "post_compressed",
     "request_headers",
 ]
@@ -48,10 +52,11 @@ __all__ = [
 Coding = Literal["zstd", "gzip"]
 _EVERY_CODING: tuple[Coding, ...] = ("zstd", "gzip")
 
-#: Bodies below this go plain. Chosen from bench/bench_compression.py (README: Compression):
-#: through a 100 Mbit/s link compressing pays from a few KB; on loopback it never pays
-#: below 1 MB. 32 KiB keeps the small calls of the hot path free of any cost while
-#: the envelopes that dominate a slow link's time are compressed.
+#: Bodies below this go plain, when ``min_bytes`` is not set. From bench/bench_compression.py
+#: (README, "Compression"): through a 100 Mbit/s link compressing paid from 10 KB (zstd
+#: 0.61x, gzip 0.81x the time of a plain call) and lost at 1 KB; 32 KiB keeps the small
+#: calls of the hot path free of any cost while the envelopes that dominate a slow link's
+#: time go compressed.
 DEFAULT_MIN_BYTES = 32 * 1024
 #: Above this, compression and decoding run in a worker thread.
 _OFF_LOOP_BYTES = 256 * 1024
@@ -60,10 +65,12 @@ _OFF_LOOP_BYTES = 256 * 1024
 class HttpCompression(StrictModel):
     """``compression:`` of an http or knative target."""
 
-    min_bytes: int = Field(
-        default=DEFAULT_MIN_BYTES,
+    min_bytes: int | None = Field(
+        default=None,
         ge=0,
-        description="Request bodies this large or larger are compressed (where the peer accepts it).",
+        description="Request bodies this large or larger are compressed (where the peer"
+        " accepts it). Unset: 32 KiB, and off altogether to a loopback address, where"
+        " compression never paid (bench_compression).",
     )
     algorithms: list[Coding] = Field(
         default_factory=lambda: list(_EVERY_CODING),
@@ -81,11 +88,15 @@ class Negotiation:
 
     __slots__ = ("_seen", "_vouched", "accept_encoding", "chosen", "min_bytes", "offered")
 
-    def __init__(self, compression: HttpCompression) -> None:
+    def __init__(self, compression: HttpCompression, *, host: str) -> None:
+        """``host``: the peer's host, from its URL (a loopback one turns the default off)."""
+        off = compression.min_bytes is None and is_loopback(host)
         self.offered: tuple[str, ...] = tuple(
-            coding for coding in compression.algorithms if coding in SUPPORTED
+            coding for coding in compression.algorithms if coding in SUPPORTED and not off
         )
-        self.min_bytes = compression.min_bytes
+        self.min_bytes = (
+            DEFAULT_MIN_BYTES if compression.min_bytes is None else compression.min_bytes
+        )
         self._vouched = next((c for c in self.offered if c in compression.peer_accepts), None)
         #: The coding large requests go in; None: plain (the peer never said it accepts one).
         self.chosen: str | None = self._vouched
@@ -152,6 +163,17 @@ async def post_compressed(
         url, body, headers, timeout=timeout, limit=limit, target=target, tls=tls
     )
     return await _answer(reply, negotiation, limit, target)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, IPv6 with or without brackets) is this machine."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def request_headers(headers: dict[str, str], negotiation: Negotiation) -> dict[str, str]:

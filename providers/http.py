@@ -221,7 +221,7 @@ class _Route:
             headers["Authorization"] = authorization
         if target.bearer_token is not None:
             headers["Authorization"] = f"Bearer {target.bearer_token.get_secret_value()}"
-        self.negotiation = Negotiation(target.compression)
+        self.negotiation = Negotiation(target.compression, host=invoke_url.host or "")
         self.headers = request_headers(headers, self.negotiation)
         #: None: the client's default verification against the system's roots.
         self.tls = None if target.tls is None else ClientTlsContext(target.tls)

@@ -23,11 +23,15 @@ from linchkit_plugin.encodings import UndecodableBody, accepted, decode, encode
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.wire import PROTOCOL_VERSION
+from providers._compression import DEFAULT_MIN_BYTES, is_loopback
 from tests.conftest import echo_plugin, manifest, serve_asgi
 from tests.test_http_hardening import Handler, read_head, server_on
 
 CLIENTS = pytest.mark.parametrize("client", ["reqwest", "aiohttp"])
 LARGE = "x" * 200_000  # well over the default min_bytes once in an envelope
+#: What a target across a network gets by default (every server here is on loopback,
+#: where the default is off).
+NETWORK = {"min_bytes": DEFAULT_MIN_BYTES}
 
 
 def gzip_bytes(data: bytes) -> bytes:
@@ -82,6 +86,13 @@ def test_a_zstd_frame_without_its_size_is_still_capped() -> None:
     assert len(decode(streamed, "zstd", 5_000_000)) == 5_000_000
 
 
+def test_loopback_is_told_from_the_network() -> None:
+    for host in ("127.0.0.1", "127.5.0.9", "::1", "[::1]", "localhost", "api.localhost"):
+        assert is_loopback(host), host
+    for host in ("10.0.0.1", "example.com", "192.168.1.1", "", "localhost.example.com"):
+        assert not is_loopback(host), host
+
+
 # -- the dispatcher against the Python SDK's server ---------------------------------------
 
 
@@ -126,7 +137,7 @@ async def test_large_envelopes_are_compressed_once_the_plugin_says_it_accepts_th
     recorded: tuple[str, Recorder], client: str
 ) -> None:
     url, recorder = recorded
-    target = {"provider": "http", "url": url, "client": client}
+    target = {"provider": "http", "url": url, "client": client, "compression": NETWORK}
     async with Dispatcher(manifest(echo_plugin("remote", target))) as dispatcher:
         for _ in range(3):
             result = await dispatcher.call("remote", "say", {"text": LARGE})
@@ -151,12 +162,18 @@ async def test_a_manifest_flag_vouches_for_the_peer_and_gzip_can_be_the_only_cho
     assert recorder.answers == ["gzip"]
 
 
-async def test_compression_off_sends_no_accept_encoding(recorded: tuple[str, Recorder]) -> None:
+@pytest.mark.parametrize(
+    "compression", [{"algorithms": []}, {}], ids=["off", "default-to-loopback"]
+)
+async def test_compression_off_sends_no_accept_encoding(
+    recorded: tuple[str, Recorder], compression: dict[str, Any]
+) -> None:
     url, recorder = recorded
-    target = {"provider": "http", "url": url, "compression": {"algorithms": []}}
+    target = {"provider": "http", "url": url, "compression": compression}
     async with Dispatcher(manifest(echo_plugin("remote", target))) as dispatcher:
         for _ in range(2):
             await dispatcher.call("remote", "say", {"text": LARGE})
+    # Off, or unset with a peer on a loopback address: compressing never paid there.
     assert recorder.requests == [None, None]
     assert recorder.answers == [None, None]
 
@@ -201,6 +218,7 @@ async def test_an_answer_that_cannot_be_decoded_is_a_provider_error(client: str,
             "url": f"http://{host}:{port}",
             "client": client,
             "max_response_bytes": 1_000_000,
+            "compression": NETWORK,
         }
         async with Dispatcher(manifest(echo_plugin("remote", target))) as dispatcher:
             with pytest.raises(ProviderError, match="cannot be decoded") as caught:
@@ -212,7 +230,12 @@ async def test_an_answer_that_cannot_be_decoded_is_a_provider_error(client: str,
 async def test_an_answer_in_a_coding_never_offered_is_refused(client: str) -> None:
     handler = answering(OK, "Content-Encoding: br")
     async with server_on("127.0.0.1", handler) as (host, port):
-        target = {"provider": "http", "url": f"http://{host}:{port}", "client": client}
+        target = {
+            "provider": "http",
+            "url": f"http://{host}:{port}",
+            "client": client,
+            "compression": NETWORK,
+        }
         async with Dispatcher(manifest(echo_plugin("remote", target))) as dispatcher:
             with pytest.raises(ProviderError, match="'br', which this target did not offer"):
                 await dispatcher.call("remote", "say", {"text": "hi"})
@@ -221,7 +244,7 @@ async def test_an_answer_in_a_coding_never_offered_is_refused(client: str) -> No
 async def test_a_peer_that_never_said_it_accepts_a_coding_gets_plain_bytes() -> None:
     seen: list[bytes] = []
     async with server_on("127.0.0.1", answering(OK, seen=seen)) as (host, port):
-        target = {"provider": "http", "url": f"http://{host}:{port}"}
+        target = {"provider": "http", "url": f"http://{host}:{port}", "compression": NETWORK}
         async with Dispatcher(manifest(echo_plugin("remote", target))) as dispatcher:
             for _ in range(3):
                 await dispatcher.call("remote", "say", {"text": LARGE})
@@ -248,7 +271,7 @@ async def test_a_415_to_a_compressed_body_is_resent_plain_and_remembered() -> No
             await writer.drain()
 
     async with server_on("127.0.0.1", handle) as (host, port):
-        target = {"provider": "http", "url": f"http://{host}:{port}"}
+        target = {"provider": "http", "url": f"http://{host}:{port}", "compression": NETWORK}
         async with Dispatcher(manifest(echo_plugin("remote", target))) as dispatcher:
             for _ in range(2):
                 assert await dispatcher.call("remote", "say", {"text": LARGE}) == "fine"
@@ -327,3 +350,18 @@ async def test_the_sdk_server_refuses_bodies_it_cannot_decode(plugin_url: str, c
     assert status == expected
     assert orjson.loads(answer)["ok"] is False
     assert headers["Accept-Encoding"] == "zstd, gzip"  # what it does take (RFC 7694)
+
+
+# -- gRPC: its own gzip ------------------------------------------------------------------
+
+
+def test_grpc_compresses_across_a_network_only_unless_told() -> None:
+    from providers.grpc import GrpcCompression
+
+    default = GrpcCompression()
+    assert default.threshold("10.1.2.3:50051") == DEFAULT_MIN_BYTES
+    assert default.threshold("plugin.example:50051") == DEFAULT_MIN_BYTES
+    for address in ("127.0.0.1:50051", "localhost:1", "[::1]:9", "unix:/run/plugin.sock"):
+        assert default.threshold(address) is None, address
+    assert GrpcCompression(min_bytes=0).threshold("127.0.0.1:1") == 0
+    assert GrpcCompression(algorithms=[], min_bytes=0).threshold("10.0.0.1:1") is None

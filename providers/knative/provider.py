@@ -126,7 +126,7 @@ class _Route:
         self.invoke_url = str(invoke_url.with_user(None))
         self.health_url = str(URL(base + target.effective_readiness_path).with_user(None))
         self.client = client
-        self.negotiation = Negotiation(target.compression)
+        self.negotiation = Negotiation(target.compression, host=invoke_url.host or "")
         self.headers = request_headers({**target.headers, "Host": target.host}, self.negotiation)
         if authorization is not None:
             self.headers["Authorization"] = authorization

@@ -65,6 +65,16 @@ async def test_echo_returns_the_params_unchanged(example: Example, params: Any) 
     assert await call(example, "echo", params) == params
 
 
+async def test_a_large_envelope_goes_compressed_both_ways(example: Example) -> None:
+    """Over ``provider: grpc`` a call over the threshold is sent in gRPC's gzip; every SDK's
+    server must take it (and answers in gzip too) rather than refuse it as UNIMPLEMENTED."""
+    params = {"rows": [{"id": index, "name": f"row-{index}"} for index in range(8_000)]}
+    assert await call(example, "echo", params) == params
+    if example.mode == "service":
+        connection = example.connection()
+        assert connection._compress_min_bytes is not None, "the plugin refused gzip"
+
+
 async def test_digest_hashes_rounds_times(example: Example) -> None:
     assert await call(example, "digest", {"data": "abc", "rounds": 1}) == digest("abc", 1)
     assert await call(example, "digest", {"data": "ünï", "rounds": 1000}) == digest("ünï", 1000)
