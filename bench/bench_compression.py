@@ -52,7 +52,9 @@ async def run(options: Options) -> dict[str, float]:
         host, port = url.removeprefix("http://").split(":")
         async with rate_limited_proxy(host, int(port), LINK_RATE) as proxied:
             for link, base in (("loopback", url), ("100mbit", proxied)):
-                ratios = await _measure_link(base, sizes, rounds, options.calls)
+                ratios, plain = await _measure_link(base, sizes, rounds, options.calls)
+                for size, seconds in plain.items():
+                    figures[f"compression_{link}_{_label(size)}_plain_ms"] = seconds * 1000
                 for (size, coding), ratio in ratios.items():
                     figures[f"compression_{link}_{_label(size)}_{coding}_ratio"] = ratio
                     print(f"  {link:8} {_label(size):>5} {coding}: {ratio:.3f}x plain", flush=True)
@@ -76,7 +78,8 @@ def _crossover(ratios: dict[tuple[int, str], float], sizes: tuple[int, ...]) -> 
 
 async def _measure_link(
     url: str, sizes: tuple[int, ...], rounds: int, calls: int | None
-) -> dict[tuple[int, str], float]:
+) -> tuple[dict[tuple[int, str], float], dict[int, float]]:
+    """Per (size, coding): time per call compressed / plain; per size: plain seconds."""
     from dispatcher import Dispatcher
     from dispatcher.config import parse_manifest
 
@@ -116,11 +119,12 @@ async def _measure_link(
                     elapsed = (time.perf_counter() - started) / count
                     times.setdefault((size, mode), []).append(elapsed)
     ratios: dict[tuple[int, str], float] = {}
+    plain: dict[int, float] = {}
     for size in sizes:
-        plain = statistics.median(times[(size, "plain")])
+        plain[size] = statistics.median(times[(size, "plain")])
         for coding in CODINGS:
-            ratios[(size, coding)] = statistics.median(times[(size, coding)]) / plain
-    return ratios
+            ratios[(size, coding)] = statistics.median(times[(size, coding)]) / plain[size]
+    return ratios, plain
 
 
 def payload(size: int) -> str:
@@ -207,5 +211,29 @@ async def _pump(
             await writer.drain()
 
 
-if __name__ == "__main__":  # pragma: no cover - python -m bench compression is the way
-    sys.exit("run: python -m bench compression")
+def markdown_table(figures: dict[str, float]) -> str:
+    """The README's table, from ``bench/results.json`` (``python -m bench.bench_compression``)."""
+    lines = [
+        "| payload | loopback: plain | zstd | gzip | 100 Mbit/s: plain | zstd | gzip |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in SIZES:
+        label = _label(size)
+        cells = [label.replace("kb", " KB").replace("mb", " MB")]
+        for link in ("loopback", "100mbit"):
+            plain = figures.get(f"compression_{link}_{label}_plain_ms")
+            cells.append("" if plain is None else f"{plain:,.2f} ms")
+            for coding in CODINGS:
+                ratio = figures.get(f"compression_{link}_{label}_{coding}_ratio")
+                cells.append("" if ratio is None else f"{ratio:.2f}x" + (" ✔" if ratio < 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the run itself is `python -m bench compression`
+    import json
+
+    from bench._core import RESULTS_PATH
+
+    print(markdown_table(json.loads(RESULTS_PATH.read_text())))
+    sys.exit(0)
