@@ -365,3 +365,19 @@ def test_grpc_compresses_across_a_network_only_unless_told() -> None:
         assert default.threshold(address) is None, address
     assert GrpcCompression(min_bytes=0).threshold("127.0.0.1:1") == 0
     assert GrpcCompression(algorithms=[], min_bytes=0).threshold("10.0.0.1:1") is None
+
+
+async def test_knative_targets_negotiate_the_same_way(recorded: tuple[str, Recorder]) -> None:
+    url, recorder = recorded
+    target = {
+        "provider": "knative",
+        "service": "echo",
+        "ingress": url,
+        "mode": "envelope",
+        "compression": NETWORK,
+    }
+    async with Dispatcher(manifest(echo_plugin("kn", target))) as dispatcher:
+        for _ in range(2):
+            assert (await dispatcher.call("kn", "say", {"text": LARGE}))["text"] == LARGE
+    assert recorder.requests == [None, "zstd"]
+    assert recorder.answers == ["zstd", "zstd"]
