@@ -13,11 +13,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import grpc
+import grpc.aio
 import orjson
 import pytest
 import zstandard
 
 from dispatcher import Dispatcher, ProviderError
+from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from linchkit_plugin.asgi import PluginApp
 from linchkit_plugin.encodings import UndecodableBody, accepted, decode, encode
 from linchkit_plugin.host import PluginHost
@@ -381,3 +384,27 @@ async def test_knative_targets_negotiate_the_same_way(recorded: tuple[str, Recor
             assert (await dispatcher.call("kn", "say", {"text": LARGE}))["text"] == LARGE
     assert recorder.requests == [None, "zstd"]
     assert recorder.answers == ["zstd", "zstd"]
+
+
+class _BombingPlugin(plugin_pb2_grpc.PluginServiceServicer):  # type: ignore[misc]
+    """A PluginService that answers every Call with 70 MB of zeros in gRPC's gzip (~70 KB
+    on the wire): past the dispatcher's 64 MiB cap on a received message."""
+
+    async def Call(self, request: Any, context: Any) -> Any:
+        context.set_compression(grpc.Compression.Gzip)
+        return plugin_pb2.CallReply(ok=True, result_json=b"0" * 70_000_000)
+
+
+async def test_a_grpc_answer_that_expands_past_the_cap_is_a_provider_error() -> None:
+    server = grpc.aio.server()
+    plugin_pb2_grpc.add_PluginServiceServicer_to_server(_BombingPlugin(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        target = {"provider": "grpc", "address": f"127.0.0.1:{port}", "events": False}
+        async with Dispatcher(manifest(echo_plugin("rpc", target))) as dispatcher:
+            with pytest.raises(ProviderError, match="larger than") as caught:
+                await dispatcher.call("rpc", "say", {"text": "hi"})
+    finally:
+        await server.stop(grace=None)
+    assert caught.value.retryable is False  # not a rate limit: resending gets the same bomb
