@@ -139,30 +139,37 @@ async def post_compressed(
     coding = negotiation.chosen
     if coding is not None and len(body) >= negotiation.min_bytes:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        deadline = loop.time() + timeout
         packed = await _encode(body, coding)
-        timeout -= loop.time() - started
-        if timeout <= 0:
-            raise TimeoutError
         reply = await client.post(
             url,
             packed,
             {**headers, "Content-Encoding": coding},
-            timeout=timeout,
+            timeout=_left(deadline, loop),
             limit=limit,
             target=target,
             tls=tls,
         )
         if reply.status != 415:
             return await _answer(reply, negotiation, limit, target)
-        negotiation.forget()
-        timeout -= loop.time() - started
-        if timeout <= 0:
-            raise TimeoutError
+        negotiation.forget()  # a 415 is decided before the plugin runs: resend plain
+        timeout = _left(deadline, loop)
     reply = await client.post(
         url, body, headers, timeout=timeout, limit=limit, target=target, tls=tls
     )
+    answer_headers = reply.headers
+    negotiation.learn(answer_headers.get("Accept-Encoding"))
+    if answer_headers.get("Content-Encoding") is None:
+        return reply  # the hot path: a small plain answer, no further await
     return await _answer(reply, negotiation, limit, target)
+
+
+def _left(deadline: float, loop: asyncio.AbstractEventLoop) -> float:
+    """Seconds until ``deadline``; ``TimeoutError`` (the seam's deadline) if none are left."""
+    left = deadline - loop.time()
+    if left <= 0:
+        raise TimeoutError
+    return left
 
 
 def is_loopback(host: str) -> bool:
