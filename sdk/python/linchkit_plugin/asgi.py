@@ -36,7 +36,14 @@ from typing import Any
 import orjson
 
 from linchkit_plugin.auth import BearerToken
-from linchkit_plugin.encodings import ACCEPT_ENCODING, UndecodableBody, accepted, decode, encode
+from linchkit_plugin.encodings import (
+    ACCEPT_ENCODING,
+    SUPPORTED,
+    UndecodableBody,
+    accepted,
+    decode,
+    encode,
+)
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
@@ -202,6 +209,7 @@ class PluginApp:
 
     async def _invoke(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
         self._check_content_type(scope)
+        self._check_content_encoding(scope)
         self._check_content_length(scope)
         raw = await self._decoded(scope, await self._read_body(receive))
         try:
@@ -231,6 +239,19 @@ class PluginApp:
             shown = content_type.decode("latin-1")[:100] or "none"
             unsupported = InvalidParams(
                 f"request body must be 'Content-Type: application/json', not {shown!r}"
+            )
+            raise _Refused(415, unsupported)
+
+    def _check_content_encoding(self, scope: Scope) -> None:
+        """A coding this server does not decode is refused before the body is read."""
+        coding = _header(scope, b"content-encoding")
+        if coding is None:
+            return
+        name = coding.decode("latin-1").strip().lower()
+        if name not in SUPPORTED and name not in ("", "identity"):
+            unsupported = InvalidParams(
+                f"Content-Encoding {name[:40]!r} is not one this server decodes"
+                f" (it takes {ACCEPT_ENCODING})"
             )
             raise _Refused(415, unsupported)
 
