@@ -408,3 +408,18 @@ async def test_a_grpc_answer_that_expands_past_the_cap_is_a_provider_error() -> 
     finally:
         await server.stop(grace=None)
     assert caught.value.retryable is False  # not a rate limit: resending gets the same bomb
+
+
+@pytest.mark.parametrize(
+    "compression",
+    [{"algorithms": ["br"]}, {"min_bytes": -1}, {"peer_accepts": ["deflate"]}, {"level": 9}],
+    ids=["unknown-coding", "negative-threshold", "unknown-vouched", "unknown-key"],
+)
+def test_a_bad_compression_block_is_refused_when_the_manifest_loads(
+    compression: dict[str, Any],
+) -> None:
+    from dispatcher.config import ManifestError
+
+    target = {"provider": "http", "url": "http://10.0.0.1:8080", "compression": compression}
+    with pytest.raises(ManifestError, match="compression"):
+        manifest(echo_plugin("remote", target))
