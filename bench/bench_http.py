@@ -485,13 +485,13 @@ def fixed_reply_server(cpu: int | None) -> contextlib.AbstractAsyncContextManage
 
 
 @contextlib.asynccontextmanager
-async def sdk_server(cpu: int | None) -> AsyncIterator[str]:
-    """The example plugin behind ``dispatcher-plugin serve``; yields its base URL."""
+async def sdk_server(cpu: int | None, extra: Sequence[str] = ()) -> AsyncIterator[str]:
+    """The example plugin behind ``dispatcher-plugin serve [extra]``; yields its base URL."""
     port = _free_port()
     arguments = [
         "-m", "linchkit_plugin.cli", "serve", "echo_plugin:EchoPlugin",
         "--path", str(ROOT / "examples" / "python"), "--port", str(port),
-        "--config", '{"greeting": "bench"}',
+        "--config", '{"greeting": "bench"}', *extra,
     ]  # fmt: skip
     async with _subprocess(arguments, cpu) as process:
         deadline = time.monotonic() + 20

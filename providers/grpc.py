@@ -42,6 +42,7 @@ from pydantic import Field, field_validator, model_validator
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
 from linchkit_plugin.handshake import HEALTH_SERVICE
+from providers._compression import DEFAULT_MIN_BYTES, is_loopback
 from providers._grpc import lifecycle
 from providers._grpc.connection import ChannelSecurity, PluginConnection
 from providers.base import Health, Provider
@@ -72,6 +73,37 @@ GrpcAddress = Annotated[
         examples=["127.0.0.1:50051", "unix:/run/plugins/echo.sock"],
     ),
 ]
+
+
+def _gzip_only() -> list[Literal["gzip"]]:
+    return ["gzip"]
+
+
+class GrpcCompression(StrictModel):
+    """``compression:`` of a grpc target: gRPC's own message compression (gzip)."""
+
+    min_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Requests whose params are this large or larger are sent in gzip."
+        " Unset: 32 KiB, and never to a loopback address or a unix socket, where"
+        " compression never paid (bench_compression).",
+    )
+
+    def threshold(self, address: str) -> int | None:
+        """The size from which calls to ``address`` go in gzip; None: never."""
+        if not self.algorithms:
+            return None
+        if self.min_bytes is not None:
+            return self.min_bytes
+        if address.startswith("unix:") or is_loopback(address.rpartition(":")[0]):
+            return None
+        return DEFAULT_MIN_BYTES
+
+    algorithms: list[Literal["gzip"]] = Field(
+        default_factory=_gzip_only,
+        description="[gzip]: compress (the default); []: never compress.",
+    )
 
 
 class GrpcInstance(StrictModel):
@@ -120,6 +152,10 @@ class GrpcTarget(InstanceListing):
     events: bool = Field(default=True, description="Keep the plugin's Events stream open.")
     health_service: str = HEALTH_SERVICE
     connect_timeout_ms: int = Field(default=5_000, gt=0)
+    compression: GrpcCompression = Field(
+        default_factory=GrpcCompression,
+        description="gRPC's own gzip for requests whose params are min_bytes or more.",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -272,6 +308,7 @@ class GrpcProvider(Provider[GrpcTarget]):
                 security=target.security(),
                 metadata=tuple(target.metadata.items()),
                 describe=target.describe(),
+                compress_min_bytes=target.compression.threshold(target.connect_address()),
             )
         return connection
 

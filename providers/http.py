@@ -57,6 +57,12 @@ from linchkit_plugin.errors import (
     ProviderError,
 )
 from linchkit_plugin.wire import encode_json
+from providers._compression import (
+    HttpCompression,
+    Negotiation,
+    post_compressed,
+    request_headers,
+)
 from providers._http_client import DEFAULT_CLIENT, ClientKind, HttpClient, HttpPool
 from providers._http_common import (
     HttpClients,
@@ -136,6 +142,11 @@ class HttpTarget(InstanceListing):
         description="A connection pool of this target's own, sized for its concurrency;"
         " default: the provider's shared pool (512 connections).",
     )
+    compression: HttpCompression = Field(
+        default_factory=HttpCompression,
+        description="Compress large request envelopes where the plugin accepts it, and"
+        " accept compressed answers (providers._compression).",
+    )
 
     secret_fields = frozenset({"headers"})
 
@@ -196,7 +207,7 @@ class HttpTarget(InstanceListing):
 class _Route:
     """What ``invoke`` needs of a target, computed once: URLs, final headers, TLS, client."""
 
-    __slots__ = ("client", "headers", "health_url", "invoke_url", "tls")
+    __slots__ = ("client", "headers", "health_url", "invoke_url", "negotiation", "tls")
 
     def __init__(self, target: HttpTarget, client: HttpClient) -> None:
         from yarl import URL
@@ -210,7 +221,8 @@ class _Route:
             headers["Authorization"] = authorization
         if target.bearer_token is not None:
             headers["Authorization"] = f"Bearer {target.bearer_token.get_secret_value()}"
-        self.headers = headers
+        self.negotiation = Negotiation(target.compression, host=invoke_url.host or "")
+        self.headers = request_headers(headers, self.negotiation)
         #: None: the client's default verification against the system's roots.
         self.tls = None if target.tls is None else ClientTlsContext(target.tls)
         self.client = client
@@ -307,7 +319,9 @@ class HttpProvider(Provider[HttpTarget]):
         data = encode_json(body)
         route = self._routes.get(target.key) or self._route(target)
         try:
-            reply = await route.client.post(
+            reply = await post_compressed(
+                route.client,
+                route.negotiation,
                 route.invoke_url,
                 data,
                 route.headers,

@@ -6,6 +6,12 @@ travel as call metadata (percent-encoded when not printable ASCII; the exact val
 travel in ``CallContext``). Every failed RPC becomes a dispatcher error through
 ``providers._grpc.status``; a plugin's own failures come back in ``CallReply.error`` and go
 through ``linchkit_plugin.errors.error_from_wire`` like every other transport's.
+
+Compression is gRPC's own: a ``Call`` or ``CallBatch`` whose params are ``compress_min_bytes``
+or more goes with ``grpc-encoding: gzip`` (grpc core decodes gzip answers by itself, capped
+by ``grpc.max_receive_message_length``, which counts decompressed bytes). A server without
+gzip answers UNIMPLEMENTED before the plugin runs: the call is resent plain and the
+connection sends plain from then on.
 """
 
 from __future__ import annotations
@@ -102,6 +108,20 @@ def _cancelled_by_caller() -> bool:
     return task is None or task.cancelling() > 0
 
 
+def _refused_compression(error: Any) -> bool:
+    """An UNIMPLEMENTED that names the encoding: the server has no decompressor for it."""
+    import grpc
+
+    code = getattr(error, "code", None)
+    details = getattr(error, "details", None)
+    text = str(details() if callable(details) else "").lower()
+    return (
+        callable(code)
+        and code() == grpc.StatusCode.UNIMPLEMENTED
+        and ("encoding" in text or "compress" in text)
+    )
+
+
 class PluginConnection:
     """One reusable channel to one plugin, and its Events stream.
 
@@ -115,7 +135,10 @@ class PluginConnection:
         security: ChannelSecurity | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         describe: str = "",
+        compress_min_bytes: int | None = None,
     ) -> None:
+        """``compress_min_bytes``: send requests whose params are this large in gzip;
+        None: never compress."""
         import grpc
         import grpc.aio
 
@@ -140,6 +163,8 @@ class PluginConnection:
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = plugin_pb2_grpc.PluginServiceStub(self._channel)
+        self._gzip = grpc.Compression.Gzip
+        self._compress_min_bytes = compress_min_bytes
         self._metadata = tuple(metadata)
         self._events_task: asyncio.Task[None] | None = None
         self._outgoing: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
@@ -184,8 +209,12 @@ class PluginConnection:
         remaining = self._remaining(invocation)
         request = self._request(invocation)
         try:
-            reply = await self._stub.Call(
-                request, timeout=remaining, metadata=self._call_metadata(invocation)
+            reply = await self._unary(
+                self._stub.Call,
+                request,
+                len(request.params_json),
+                remaining,
+                self._call_metadata(invocation),
             )
         except grpc_errors() as error:
             raise translate_rpc_error(
@@ -198,6 +227,32 @@ class PluginConnection:
                 raise
             raise self._cut_off(f"{invocation.plugin}.{invocation.method}") from None
         return self._result(reply)
+
+    async def _unary(
+        self,
+        method: Any,
+        request: Any,
+        size: int,
+        timeout: float,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> Any:
+        """``method(request)``, in gzip when ``size`` reaches the threshold and the peer takes it."""
+        threshold = self._compress_min_bytes
+        if threshold is None or size < threshold:
+            return await method(request, timeout=timeout, metadata=metadata)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            return await method(request, timeout=timeout, metadata=metadata, compression=self._gzip)
+        except grpc_errors() as error:
+            if not _refused_compression(error):
+                raise
+        log.info("%s does not take gzip: sending plain from now on", self.describe)
+        self._compress_min_bytes = None
+        remaining = timeout - (loop.time() - started)
+        if remaining <= 0:
+            raise DeadlineExceeded(f"{self.describe} refused gzip and the deadline passed")
+        return await method(request, timeout=remaining, metadata=metadata)
 
     def _cut_off(self, what: str) -> TargetUnavailable:
         """The error of a call the channel cancelled under us: the connection was closed
@@ -222,9 +277,10 @@ class PluginConnection:
         request = self._pb.BatchRequest(
             calls=[self._request(invocation, now) for invocation in invocations]
         )
+        size = sum(len(call.params_json) for call in request.calls)
         try:
-            reply = await self._stub.CallBatch(
-                request, timeout=remaining, metadata=self._call_metadata(earliest)
+            reply = await self._unary(
+                self._stub.CallBatch, request, size, remaining, self._call_metadata(earliest)
             )
         except grpc_errors() as error:
             raise translate_rpc_error(error, f"{self.describe} batch", earliest.deadline) from error

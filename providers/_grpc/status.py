@@ -5,6 +5,9 @@
     UNKNOWN, INTERNAL                TargetUnavailable            yes (a handler crashed)
     DEADLINE_EXCEEDED                DeadlineExceeded             yes
     RESOURCE_EXHAUSTED               RateLimited                  yes (``retry-after`` trailer)
+      … "larger than max" (a message  ProviderError                no (resending gets it again)
+      over the size cap, counted
+      after decompression: a bomb)
     INVALID_ARGUMENT, OUT_OF_RANGE   InvalidParams                no
     UNAUTHENTICATED                  Unauthorized                 no
     PERMISSION_DENIED                Forbidden                    no
@@ -124,6 +127,10 @@ def translate_rpc_error(
         return DeadlineExceeded(message)
     if status == grpc.StatusCode.UNAVAILABLE and never_left_the_client(details):
         return TargetUnavailable(message, details=CONNECT_STAGE)
+    if status == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        # grpc core's own words for a message over the receive cap (decompressed size):
+        # no rate limit, and the same answer again on every resend.
+        return ProviderError(f"{message}: the message is over the size cap", retryable=False)
     kind, retryable = _BY_STATUS.get(status, (ProviderError, None))
     retry_after: float | None = None
     if kind is RateLimited:

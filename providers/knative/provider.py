@@ -68,6 +68,7 @@ from linchkit_plugin.errors import (
     ProviderError,
     TargetUnavailable,
 )
+from providers._compression import Negotiation, post_compressed, request_headers
 from providers._http_client import DEFAULT_CLIENT, HttpClient, HttpPool
 from providers._http_common import (
     HttpClients,
@@ -114,7 +115,7 @@ class KnativeStats:
 class _Route:
     """What a call of one target needs, computed once: parsed URLs and headers."""
 
-    __slots__ = ("client", "headers", "health_url", "invoke_url", "tls")
+    __slots__ = ("client", "headers", "health_url", "invoke_url", "negotiation", "tls")
 
     def __init__(self, target: KnativeTarget, client: HttpClient) -> None:
         from yarl import URL
@@ -125,7 +126,8 @@ class _Route:
         self.invoke_url = str(invoke_url.with_user(None))
         self.health_url = str(URL(base + target.effective_readiness_path).with_user(None))
         self.client = client
-        self.headers = {**target.headers, "Host": target.host}
+        self.negotiation = Negotiation(target.compression, host=invoke_url.host or "")
+        self.headers = request_headers({**target.headers, "Host": target.host}, self.negotiation)
         if authorization is not None:
             self.headers["Authorization"] = authorization
         self.tls = None if target.tls is None else ClientTlsContext(target.tls)
@@ -265,7 +267,9 @@ class KnativeProvider(Provider[KnativeTarget]):
         except ProviderError as error:  # the egress policy refused the ingress
             return Failure.FINAL, error
         try:
-            reply = await route.client.post(
+            reply = await post_compressed(
+                route.client,
+                route.negotiation,
                 route.invoke_url,
                 body,
                 {**route.headers, **headers},

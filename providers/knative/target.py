@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AnyHttpUrl, BeforeValidator, Field, PrivateAttr, model_validator
 
 from linchkit_plugin.errors import ProviderError
+from providers._compression import HttpCompression
 from providers._http_client import ClientKind, HttpPool
 from providers.discovery import Weight, instance_item
 from providers.instances import InstanceListing
@@ -155,6 +156,11 @@ class KnativeTarget(InstanceListing):
         default=None,
         description="A connection pool of this target's own; default: the provider's"
         " shared pool to the ingress (512 connections).",
+    )
+    compression: HttpCompression = Field(
+        default_factory=HttpCompression,
+        description="Compress large request envelopes where the function accepts it, and"
+        " accept compressed answers (providers._compression).",
     )
 
     secret_fields = frozenset({"headers"})

@@ -239,6 +239,8 @@ async def example(request: pytest.FixtureRequest) -> AsyncIterator[Example]:
             "address": address,
             "lifecycle": "dispatcher",
             "connect_timeout_ms": int(START_TIMEOUT * 1000),
+            # As across a network (on loopback the default is off): large calls in gzip.
+            "compression": {"min_bytes": 32 * 1024},
         }
     elif mode == "websocket":
         config = orjson.dumps(CONFIG).decode()

@@ -65,6 +65,45 @@ async def test_echo_returns_the_params_unchanged(example: Example, params: Any) 
     assert await call(example, "echo", params) == params
 
 
+async def test_a_large_envelope_goes_compressed_both_ways(example: Example) -> None:
+    """Over ``provider: grpc`` a call over the threshold is sent in gRPC's gzip; every SDK's
+    server must take it (and answers in gzip too) rather than refuse it as UNIMPLEMENTED."""
+    params = {"rows": [{"id": index, "name": f"row-{index}"} for index in range(8_000)]}
+    assert await call(example, "echo", params) == params
+    if example.mode == "service":
+        connection = example.connection()
+        assert connection._compress_min_bytes is not None, "the plugin refused gzip"
+
+
+#: 70 MB of one byte: ~70 KB in gzip, past every SDK's cap on a received message.
+BOMB_PARAMS = b'"' + b"0" * 70_000_000 + b'"'
+
+
+async def test_a_gzip_bomb_is_refused_and_the_plugin_keeps_serving(example: Example) -> None:
+    """A client other than the dispatcher sends a call whose params expand past the
+    server's message cap: the server refuses it (its decompressed size is counted) and
+    answers the next call as usual."""
+    if example.mode != "service":
+        pytest.skip("the service's own gRPC server is the one under test")
+    import grpc
+    import grpc.aio
+
+    from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
+
+    options = [("grpc.max_send_message_length", -1)]
+    async with grpc.aio.insecure_channel(example.address, options=options) as channel:
+        stub = plugin_pb2_grpc.PluginServiceStub(channel)
+        request = plugin_pb2.CallRequest(v=1, method="echo", params_json=BOMB_PARAMS)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Call(request, timeout=60, compression=grpc.Compression.Gzip)
+    assert refused.value.code() in (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.OUT_OF_RANGE,  # tonic's word for it
+        grpc.StatusCode.UNKNOWN,  # grpc-java's: its size check fires inside protobuf's parser
+    ), refused.value
+    assert await call(example, "echo", {"still": "serving"}) == {"still": "serving"}
+
+
 async def test_digest_hashes_rounds_times(example: Example) -> None:
     assert await call(example, "digest", {"data": "abc", "rounds": 1}) == digest("abc", 1)
     assert await call(example, "digest", {"data": "ünï", "rounds": 1000}) == digest("ünï", 1000)

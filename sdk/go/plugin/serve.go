@@ -19,6 +19,9 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	// gRPC's gzip, registered here on purpose: the dispatcher sends large calls in it
+	// (docs/protocol.md, "Compression"), and a server without it answers UNIMPLEMENTED.
+	_ "google.golang.org/grpc/encoding/gzip"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 

@@ -8,6 +8,11 @@ Routes (``docs/protocol.md``):
   the body does not arrive within ``body_timeout``; 413 for a body over
   ``max_body_bytes`` or a batch over ``max_batch_items``; 415 for a body that is not
   ``application/json``.
+  A body may come in ``Content-Encoding: gzip`` or ``zstd`` (``linchkit_plugin.encodings``):
+  decoded with its output capped at ``max_body_bytes`` (413 past it, so a bomb costs at most
+  the limit), 400 when it is not valid in its coding or cut short, 415 for another coding.
+  An answer of ``compress_min_bytes`` or more goes in the first coding the caller's
+  ``Accept-Encoding`` admits. Every answer says ``Accept-Encoding``: what this server decodes.
 * ``GET /health``   200 ``{"status": "serving"}`` or 503 ``{"status": "not_serving"}``.
   Open without the token, because orchestrators probe it without one; the plugin's
   health detail is only told to a caller that has the token.
@@ -31,6 +36,14 @@ from typing import Any
 import orjson
 
 from linchkit_plugin.auth import BearerToken
+from linchkit_plugin.encodings import (
+    ACCEPT_ENCODING,
+    SUPPORTED,
+    UndecodableBody,
+    accepted,
+    decode,
+    encode,
+)
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
@@ -55,9 +68,17 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+_JSON_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"accept-encoding", ACCEPT_ENCODING.encode()),
+]
 _CLOSING_JSON_HEADERS = [*_JSON_HEADERS, (b"connection", b"close")]
 _UNAUTHORIZED_HEADERS = [*_CLOSING_JSON_HEADERS, (b"www-authenticate", b"Bearer")]
+
+#: The HTTP status of each reason a compressed body cannot be decoded.
+_UNDECODABLE_STATUS = {"unknown": 415, "too_large": 413, "corrupt": 400}
+#: Bodies above this are compressed or decoded in a worker thread, not on the event loop.
+_OFF_LOOP_BYTES = 256 * 1024
 
 # orjson writes at most 254 levels of nesting; an answer holding the params one level
 # down (``{"ok": true, "result": params}``) must still encode.
@@ -151,9 +172,26 @@ class PluginApp:
         except _Disconnected:
             return
         payload = _encode_answer(body)
+        if len(payload) >= self.limits.compress_min_bytes:
+            payload, headers = await self._compressed(scope, payload, headers)
         length = (b"content-length", str(len(payload)).encode())
         await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
         await send({"type": "http.response.body", "body": payload})
+
+    async def _compressed(
+        self, scope: Scope, payload: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """``payload`` in the caller's first accepted coding; as it is if it accepts none."""
+        codings = accepted((_header(scope, b"accept-encoding") or b"").decode("latin-1"))
+        if not codings:
+            return payload, headers
+        coding = codings[0]
+        if len(payload) > _OFF_LOOP_BYTES:
+            packed = await asyncio.to_thread(encode, payload, coding)
+        else:
+            packed = encode(payload, coding)
+        encoded = [(b"content-encoding", coding.encode()), (b"vary", b"accept-encoding")]
+        return packed, [*headers, *encoded]
 
     def _authorize(self, scope: Scope) -> None:
         if self.token is None or self.token.admits(_header(scope, b"authorization")):
@@ -171,8 +209,9 @@ class PluginApp:
 
     async def _invoke(self, scope: Scope, receive: Receive) -> tuple[int, dict[str, Any]]:
         self._check_content_type(scope)
+        self._check_content_encoding(scope)
         self._check_content_length(scope)
-        raw = await self._read_body(receive)
+        raw = await self._decoded(scope, await self._read_body(receive))
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError as error:
@@ -202,6 +241,35 @@ class PluginApp:
                 f"request body must be 'Content-Type: application/json', not {shown!r}"
             )
             raise _Refused(415, unsupported)
+
+    def _check_content_encoding(self, scope: Scope) -> None:
+        """A coding this server does not decode is refused before the body is read."""
+        coding = _header(scope, b"content-encoding")
+        if coding is None:
+            return
+        name = coding.decode("latin-1").strip().lower()
+        if name not in SUPPORTED and name not in ("", "identity"):
+            unsupported = InvalidParams(
+                f"Content-Encoding {name[:40]!r} is not one this server decodes"
+                f" (it takes {ACCEPT_ENCODING})"
+            )
+            raise _Refused(415, unsupported)
+
+    async def _decoded(self, scope: Scope, raw: bytes) -> bytes:
+        """The body as sent before its ``Content-Encoding``, capped at ``max_body_bytes``."""
+        coding = _header(scope, b"content-encoding")
+        if coding is None:
+            return raw
+        name = coding.decode("latin-1")
+        try:
+            if len(raw) > _OFF_LOOP_BYTES // 8:
+                return await asyncio.to_thread(decode, raw, name, self.max_body_bytes)
+            return decode(raw, name, self.max_body_bytes)
+        except UndecodableBody as error:
+            status = _UNDECODABLE_STATUS[error.kind]
+            if error.kind == "too_large":
+                raise _Refused(status, self._too_big("the decompressed request body")) from None
+            raise _Refused(status, InvalidParams(error.message)) from None
 
     def _check_content_length(self, scope: Scope) -> None:
         declared = _header(scope, b"content-length")

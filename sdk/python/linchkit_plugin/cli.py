@@ -66,6 +66,12 @@ _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
         int,
         "open connections at most; more are closed as they are accepted",
     ),
+    (
+        "--compress-min-bytes",
+        "compress_min_bytes",
+        int,
+        "answers this large or larger are compressed for a caller that accepts it",
+    ),
 )
 
 

@@ -15,6 +15,10 @@ Each limit guards one resource against one kind of client, broken or hostile:
     keep_alive_timeout    a connection idle between requests         connection closed
     max_header_bytes      memory: headers uvicorn buffers unbounded  431, connection closed
     max_connections       file descriptors and memory                new connections closed
+    compress_min_bytes    the link: answers this large or larger     (compressed when the
+                          go in a coding the dispatcher accepts      caller accepts it)
+
+``max_body_bytes`` also caps a compressed request body once decoded (413 for a bomb).
 
 ``dispatcher-plugin serve`` sets every one from a CLI option or a ``LINCHKIT_PLUGIN_*``
 variable; ``PluginApp`` enforces the first three, the uvicorn glue (``_uvicorn``) the rest.
@@ -38,6 +42,7 @@ class ServerLimits:
     keep_alive_timeout: float = 5.0
     max_header_bytes: int = 64 * 1024
     max_connections: int = 1000
+    compress_min_bytes: int = 32 * 1024
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_batch_items", "max_header_bytes", "max_connections"):

@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{Connected, Router};
+use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 
 use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
@@ -249,7 +250,12 @@ async fn build(
 ) -> (Arc<Shared>, Router) {
     let (health, health_service) = tonic_health::server::health_reporter();
     let shared = Shared::new(plugin, health, serving_from_start).await;
-    let service = PluginServiceServer::new(Service(shared.clone()));
+    // gRPC's gzip: the dispatcher sends large calls in it (docs/protocol.md,
+    // "Compression"); tonic caps the decompressed message at its decoding limit (4 MiB by
+    // default). Answers stay plain: tonic's send_compressed has no size threshold and
+    // would compress every small answer, which costs more than it saves on a fast link.
+    let service = PluginServiceServer::new(Service(shared.clone()))
+        .accept_compressed(CompressionEncoding::Gzip);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
