@@ -101,8 +101,13 @@ def open_session(
             keepalive_timeout=keepalive_seconds,
             resolver=EgressResolver(egress),
         )
+    # No Accept-Encoding unless a call sets one (providers._compression decides, and
+    # decodes what comes back with its size capped): aiohttp would otherwise offer gzip on
+    # every request, and a plugin would answer in a coding this target never chose.
     return aiohttp.ClientSession(
-        connector=connector, skip_auto_headers=("User-Agent",), auto_decompress=False
+        connector=connector,
+        skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        auto_decompress=False,
     )
 
 
