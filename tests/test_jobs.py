@@ -454,10 +454,14 @@ async def test_every_job_ends_and_keyed_ones_run_once_through_three_sigkills(
             f" ({len(set(unkeyed_twice) - held_n)} of them not held by a killed worker)"
         )
         assert all(runs[n] >= 1 for n in range(JOBS) if final[n] == "succeeded")
-        # The key's effect, applied the way README's recipe says: never twice.
-        assert all(count == 1 for count in applied), [
-            n * 2 for n, c in enumerate(applied) if c != 1
+        # The key's effect, applied the way README's recipe says: never twice, and once for
+        # every keyed job that succeeded (one dead-lettered may never have reached it).
+        wrong = [
+            n * 2
+            for n, count in enumerate(applied)
+            if count > 1 or (count == 0 and final[n * 2] == "succeeded")
         ]
+        assert wrong == [], wrong
         # What the dispatcher promises for a key: the plugin runs again only for a job whose
         # worker died holding it, between the call reaching the plugin and its outcome's
         # record; a worker that lives renews its hold, so none of its jobs is run elsewhere.

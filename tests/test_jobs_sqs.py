@@ -676,11 +676,16 @@ async def test_every_job_ends_and_keyed_ones_run_once_through_three_sigkills(
 ) -> None:
     url = redis_server.url
     settings = {"workers": 4, "batch": 10, "visibility_timeout_ms": 2000, "max_attempts": 5}
-    manifest = manifest_file(tmp_path, sqs_server, queues, url, redis_prefix, **settings)
+    # Generous: this test is about what survives the kills, and moto (a Python server doing
+    # ~150 requests/s here) answering four processes on a busy machine can take seconds.
+    patient = {"op_timeout_ms": 8000}
+    manifest = manifest_file(
+        tmp_path, sqs_server, queues, url, redis_prefix, sqs=patient, **settings
+    )
     workers: list[WorkerProcess] = []
     try:
         workers.extend(WorkerProcess(manifest) for _ in range(3))
-        submitter_file = manifest_file(tmp_path, sqs_server, queues, url, redis_prefix)
+        submitter_file = manifest_file(tmp_path, sqs_server, queues, url, redis_prefix, sqs=patient)
         async with Dispatcher(load_manifest(submitter_file)) as submitter:
             ids: list[str] = []
             for start in range(0, CHURN_JOBS, 50):
