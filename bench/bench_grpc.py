@@ -16,6 +16,7 @@ Figures:
   ``grpc_c64_cpu_added_us`` their difference: steadier than calls/s on a busy machine;
 * ``grpc_{raw,dispatcher}_c1_p50_us``     median latency of one call alone, the two sides
   alternating call by call; ``grpc_c1_p50_added_us`` the difference (goal ≤ 25 µs);
+* ``grpc_load_average_1min_at_{start,end}`` how busy the machine was around those figures;
 * ``grpc_subprocess_c64_calls_per_s``     ``provider: subprocess`` (Unix socket + AutoMTLS);
 * ``grpc_digest_{inprocess,subprocess}_calls_per_s`` and ``..._loop_lag_max_ms``: a
   CPU-heavy method (20,000 SHA-256 rounds) run in the host's worker threads vs in the
@@ -233,7 +234,11 @@ async def run(options: Any = None) -> dict[str, float]:
     quick = bool(getattr(options, "quick", False))
     calls = getattr(options, "calls", None) or (300 if quick else 5_000)
     executable, is_go = _plugin_executable()
-    figures: dict[str, float] = {"grpc_server_is_go": float(is_go)}
+    figures: dict[str, float] = {
+        "grpc_server_is_go": float(is_go),
+        # Other work on the machine moves every figure here; the record says how busy it was.
+        "grpc_load_average_1min_at_start": os.getloadavg()[0],
+    }
     params = {"id": 12345, "name": "benchmark", "tags": ["a", "b"]}
 
     with _client_pinned():
@@ -269,6 +274,7 @@ async def run(options: Any = None) -> dict[str, float]:
                 figures["grpc_dispatcher_c1_p50_us"] = through_p50
                 figures["grpc_c1_p50_added_us"] = through_p50 - raw_p50
             await channel.close()
+        figures["grpc_load_average_1min_at_end"] = os.getloadavg()[0]
 
         subprocess_target = {"provider": "subprocess", "command": [str(executable)]}
         async with Dispatcher(_manifest(subprocess_target)) as d:
