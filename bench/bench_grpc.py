@@ -8,8 +8,15 @@ the client to CPU 1, when both are available.
 Figures:
 * ``grpc_raw_c{1,64}_calls_per_s``        a bare ``grpc.aio`` stub calling ``echo``;
 * ``grpc_dispatcher_c{1,64}_calls_per_s`` ``Dispatcher.call`` on ``provider: grpc``;
-* ``grpc_dispatcher_c64_ratio``           dispatcher / raw at concurrency 64 (goal ≥ 0.8);
-* ``grpc_{raw,dispatcher}_c1_p50_us``     median latency of one call alone;
+* ``grpc_c64_ratio_to_raw``               dispatcher / raw at concurrency 64 (goal ≥ 0.85): the
+  median of the rounds' ratios, each round measuring both sides back to back;
+* ``grpc_c64_ratio_to_raw_with_metadata`` the same against a raw stub that also sends the
+  one header every dispatched call carries (``x-request-id``): the protocol's share;
+* ``grpc_{raw,dispatcher}_c64_cpu_us``    the client process's CPU per call (every thread),
+  ``grpc_c64_cpu_added_us`` their difference: steadier than calls/s on a busy machine;
+* ``grpc_{raw,dispatcher}_c1_p50_us``     median latency of one call alone, the two sides
+  alternating call by call; ``grpc_c1_p50_added_us`` the difference (goal ≤ 25 µs);
+* ``grpc_load_average_1min_at_{start,end}`` how busy the machine was around those figures;
 * ``grpc_subprocess_c64_calls_per_s``     ``provider: subprocess`` (Unix socket + AutoMTLS);
 * ``grpc_digest_{inprocess,subprocess}_calls_per_s`` and ``..._loop_lag_max_ms``: a
   CPU-heavy method (20,000 SHA-256 rounds) run in the host's worker threads vs in the
@@ -36,7 +43,10 @@ SERVER_CPU, CLIENT_CPU = 0, 1
 try:  # the harness's Goal, when it is there
     from bench._core import Goal
 
-    GOALS = {"grpc_dispatcher_c64_ratio": Goal(">=", 0.8)}
+    GOALS = {
+        "grpc_c64_ratio_to_raw": Goal(">=", 0.85),
+        "grpc_c1_p50_added_us": Goal("<=", 25.0),
+    }
 except ImportError:  # pragma: no cover - standalone run
     GOALS = {}
 
@@ -98,6 +108,13 @@ async def _service(executable: Path) -> AsyncIterator[str]:
 
 
 async def _throughput(call: Callable[[], Awaitable[Any]], calls: int, concurrency: int) -> float:
+    return (await _rate_and_cpu(call, calls, concurrency))[0]
+
+
+async def _rate_and_cpu(
+    call: Callable[[], Awaitable[Any]], calls: int, concurrency: int
+) -> tuple[float, float]:
+    """Calls per second, and the process's CPU µs per call (all its threads)."""
     for _ in range(min(200, calls)):  # warm the channel and both sides' caches
         await call()
     remaining = calls
@@ -108,18 +125,21 @@ async def _throughput(call: Callable[[], Awaitable[Any]], calls: int, concurrenc
             remaining -= 1
             await call()
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return calls / (time.perf_counter() - started)
+    cpu = time.process_time() - cpu_started
+    return calls / (time.perf_counter() - started), cpu / calls * 1e6
 
 
-async def _p50_us(call: Callable[[], Awaitable[Any]], calls: int) -> float:
-    samples = []
+async def _p50s_us(calls: int, *sides: Callable[[], Awaitable[Any]]) -> list[float]:
+    """The median latency of each side, the sides alternating call by call."""
+    samples: list[list[float]] = [[] for _ in sides]
     for _ in range(calls):
-        started = time.perf_counter()
-        await call()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples) * 1e6
+        for call, taken in zip(sides, samples, strict=True):
+            started = time.perf_counter()
+            await call()
+            taken.append(time.perf_counter() - started)
+    return [statistics.median(taken) * 1e6 for taken in samples]
 
 
 def _manifest(target: dict[str, Any], plugin_id: str = "example") -> Any:
@@ -162,16 +182,63 @@ async def _loop_lag_during(work: Awaitable[Any]) -> tuple[Any, float]:
     return result, worst * 1000
 
 
+def _median_ratio(mine: list[tuple[float, float]], base: list[tuple[float, float]]) -> float:
+    """The median over rounds of one side's calls/s over the other's in the same round."""
+    return statistics.median(a[0] / b[0] for a, b in zip(mine, base, strict=True))
+
+
+async def _compare(
+    raw: Callable[[], Awaitable[Any]],
+    raw_with_metadata: Callable[[], Awaitable[Any]],
+    through: Callable[[], Awaitable[Any]],
+    calls: int,
+    quick: bool,
+) -> dict[str, float]:
+    """Raw, raw with the request-id header, and the dispatcher, interleaved round by round,
+    so drift on a shared machine hits all three alike."""
+    figures: dict[str, float] = {}
+    for concurrency in (1, 64):
+        rounds: dict[str, list[tuple[float, float]]] = {"raw": [], "meta": [], "through": []}
+        for _ in range(1 if quick else 5):
+            rounds["raw"].append(await _rate_and_cpu(raw, calls, concurrency))
+            rounds["meta"].append(await _rate_and_cpu(raw_with_metadata, calls, concurrency))
+            rounds["through"].append(await _rate_and_cpu(through, calls, concurrency))
+        raw_rates = [rate for rate, _ in rounds["raw"]]
+        figures[f"grpc_raw_c{concurrency}_calls_per_s"] = statistics.median(raw_rates)
+        figures[f"grpc_dispatcher_c{concurrency}_calls_per_s"] = statistics.median(
+            rate for rate, _ in rounds["through"]
+        )
+        if concurrency == 64:
+            figures["grpc_c64_ratio_to_raw"] = _median_ratio(rounds["through"], rounds["raw"])
+            figures["grpc_c64_ratio_to_raw_with_metadata"] = _median_ratio(
+                rounds["through"], rounds["meta"]
+            )
+            raw_cpu = statistics.median(cpu for _, cpu in rounds["raw"])
+            through_cpu = statistics.median(cpu for _, cpu in rounds["through"])
+            figures["grpc_raw_c64_cpu_us"] = raw_cpu
+            figures["grpc_dispatcher_c64_cpu_us"] = through_cpu
+            figures["grpc_c64_cpu_added_us"] = statistics.median(
+                mine[1] - base[1]
+                for mine, base in zip(rounds["through"], rounds["raw"], strict=True)
+            )
+    return figures
+
+
 async def run(options: Any = None) -> dict[str, float]:
     import grpc.aio
 
     from dispatcher import Dispatcher
     from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
+    from providers.invocation import new_request_id
 
     quick = bool(getattr(options, "quick", False))
     calls = getattr(options, "calls", None) or (300 if quick else 5_000)
     executable, is_go = _plugin_executable()
-    figures: dict[str, float] = {"grpc_server_is_go": float(is_go)}
+    figures: dict[str, float] = {
+        "grpc_server_is_go": float(is_go),
+        # Other work on the machine moves every figure here; the record says how busy it was.
+        "grpc_load_average_1min_at_start": os.getloadavg()[0],
+    }
     params = {"id": 12345, "name": "benchmark", "tags": ["a", "b"]}
 
     with _client_pinned():
@@ -180,37 +247,34 @@ async def run(options: Any = None) -> dict[str, float]:
             stub = plugin_pb2_grpc.PluginServiceStub(channel)
             import orjson
 
-            def raw() -> Awaitable[Any]:
-                request = plugin_pb2.CallRequest(
+            def request() -> Any:
+                return plugin_pb2.CallRequest(
                     v=1,
                     plugin="example",
                     method="echo",
                     params_json=orjson.dumps(params),
                     context=plugin_pb2.CallContext(request_id="r", deadline_ms=30_000),
                 )
-                return stub.Call(request, timeout=30)
+
+            def raw() -> Awaitable[Any]:
+                return stub.Call(request(), timeout=30)
+
+            def raw_with_metadata() -> Awaitable[Any]:
+                metadata = grpc.aio.Metadata(("x-request-id", new_request_id()))
+                return stub.Call(request(), timeout=30, metadata=metadata)
 
             async with Dispatcher(_manifest({"provider": "grpc", "address": address})) as d:
 
                 def through() -> Awaitable[Any]:
                     return d.call("example", "echo", params)
 
-                # Interleaved, so drift on a shared machine hits both sides alike.
-                for concurrency in (1, 64):
-                    raws, dispatched = [], []
-                    for _ in range(1 if quick else 3):
-                        raws.append(await _throughput(raw, calls, concurrency))
-                        dispatched.append(await _throughput(through, calls, concurrency))
-                    figures[f"grpc_raw_c{concurrency}_calls_per_s"] = statistics.median(raws)
-                    figures[f"grpc_dispatcher_c{concurrency}_calls_per_s"] = statistics.median(
-                        dispatched
-                    )
-                figures["grpc_raw_c1_p50_us"] = await _p50_us(raw, min(calls, 2_000))
-                figures["grpc_dispatcher_c1_p50_us"] = await _p50_us(through, min(calls, 2_000))
+                figures.update(await _compare(raw, raw_with_metadata, through, calls, quick))
+                raw_p50, through_p50 = await _p50s_us(min(calls, 2_000), raw, through)
+                figures["grpc_raw_c1_p50_us"] = raw_p50
+                figures["grpc_dispatcher_c1_p50_us"] = through_p50
+                figures["grpc_c1_p50_added_us"] = through_p50 - raw_p50
             await channel.close()
-        figures["grpc_dispatcher_c64_ratio"] = (
-            figures["grpc_dispatcher_c64_calls_per_s"] / figures["grpc_raw_c64_calls_per_s"]
-        )
+        figures["grpc_load_average_1min_at_end"] = os.getloadavg()[0]
 
         subprocess_target = {"provider": "subprocess", "command": [str(executable)]}
         async with Dispatcher(_manifest(subprocess_target)) as d:

@@ -35,7 +35,7 @@ values are masked wherever a target prints.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -269,8 +269,16 @@ class GrpcProvider(Provider[GrpcTarget]):
         for connection in connections.values():
             await connection.close()
 
-    async def invoke(self, target: GrpcTarget, invocation: Invocation) -> Any:
-        return await self._connection(target).call(invocation)
+    def invoke(self, target: GrpcTarget, invocation: Invocation) -> Coroutine[Any, Any, Any]:
+        # Not a coroutine of its own: the connection's call is the awaitable, one frame
+        # less on every call (docs/architecture.md, gRPC). Errors still come when awaited.
+        connection = self._connections.get(target.key)
+        if connection is None:
+            return self._not_attached(target)
+        return connection.call(invocation)
+
+    async def _not_attached(self, target: GrpcTarget) -> Any:
+        raise TargetUnavailable(f"{target.describe()} is not attached")
 
     async def invoke_batch(
         self, target: GrpcTarget, invocations: Sequence[Invocation]

@@ -163,6 +163,7 @@ class PluginConnection:
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = plugin_pb2_grpc.PluginServiceStub(self._channel)
+        self._metadata_type = grpc.aio.Metadata
         self._gzip = grpc.Compression.Gzip
         self._compress_min_bytes = compress_min_bytes
         self._metadata = tuple(metadata)
@@ -173,49 +174,66 @@ class PluginConnection:
 
     # -- calls -------------------------------------------------------------------------
 
-    def _request(self, invocation: Invocation, now: float | None = None) -> Any:
-        pb = self._pb
-        remaining_ms = max(1, int(invocation.remaining(now) * 1000))
-        return pb.CallRequest(
+    def _request(self, invocation: Invocation, now: float) -> Any:
+        # The context as a dict, and only the fields that are set: upb then fills the
+        # nested message in place instead of building a CallContext and copying it
+        # (0.8 µs against 1.35 µs per call; docs/architecture.md, gRPC).
+        context: dict[str, Any] = {
+            "request_id": invocation.request_id,
+            "deadline_ms": max(1, int((invocation.deadline - now) * 1000)),
+        }
+        if invocation.caller is not None:
+            context["caller"] = invocation.caller
+        if invocation.traceparent is not None:
+            context["traceparent"] = invocation.traceparent
+        if invocation.idempotency_key is not None:
+            context["idempotency_key"] = invocation.idempotency_key
+        return self._pb.CallRequest(
             v=1,
             plugin=invocation.plugin,
             method=invocation.method,
             params_json=encode_json(invocation.params),
-            context=pb.CallContext(
-                request_id=invocation.request_id,
-                deadline_ms=remaining_ms,
-                caller=invocation.caller or "",
-                traceparent=invocation.traceparent or "",
-                idempotency_key=invocation.idempotency_key or "",
-            ),
+            context=context,
         )
 
-    def _call_metadata(self, invocation: Invocation) -> tuple[tuple[str, str], ...]:
-        metadata = [*self._metadata, ("x-request-id", _header(invocation.request_id))]
+    def _call_metadata(self, invocation: Invocation) -> Any:
+        """The call's metadata as grpc's own ``Metadata``: handed a tuple, grpc.aio checks
+        it against ``typing.Sequence`` (an ABC walk) and copies it, ~1.2 µs per call."""
+        metadata = self._metadata_type(
+            *self._metadata, ("x-request-id", _header(invocation.request_id))
+        )
         if invocation.caller is not None:
-            metadata.append(("x-caller", _header(invocation.caller)))
+            metadata.add("x-caller", _header(invocation.caller))
         if invocation.traceparent is not None:
-            metadata.append(("traceparent", _header(invocation.traceparent)))
-        return tuple(metadata)
+            metadata.add("traceparent", _header(invocation.traceparent))
+        return metadata
 
-    def _remaining(self, invocation: Invocation) -> float:
-        remaining = invocation.remaining()
+    def _remaining(self, invocation: Invocation, now: float | None = None) -> float:
+        remaining = invocation.remaining(now)
         if remaining <= 0:
             raise DeadlineExceeded(f"deadline passed before calling {self.describe}")
         return remaining
 
     async def call(self, invocation: Invocation) -> Any:
-
-        remaining = self._remaining(invocation)
-        request = self._request(invocation)
+        # The per-call hot path: one clock reading, and grpc's call awaited here directly
+        # unless the request is large enough to go in gzip (_unary, one coroutine more).
+        now = asyncio.get_running_loop().time()
+        remaining = self._remaining(invocation, now)
+        request = self._request(invocation, now)
+        threshold = self._compress_min_bytes
         try:
-            reply = await self._unary(
-                self._stub.Call,
-                request,
-                len(request.params_json),
-                remaining,
-                self._call_metadata(invocation),
-            )
+            if threshold is None or len(request.params_json) < threshold:
+                reply = await self._stub.Call(
+                    request, timeout=remaining, metadata=self._call_metadata(invocation)
+                )
+            else:
+                reply = await self._unary(
+                    self._stub.Call,
+                    request,
+                    len(request.params_json),
+                    remaining,
+                    self._call_metadata(invocation),
+                )
         except grpc_errors() as error:
             raise translate_rpc_error(
                 error,
@@ -234,7 +252,7 @@ class PluginConnection:
         request: Any,
         size: int,
         timeout: float,
-        metadata: tuple[tuple[str, str], ...],
+        metadata: Any,
     ) -> Any:
         """``method(request)``, in gzip when ``size`` reaches the threshold and the peer takes it."""
         threshold = self._compress_min_bytes
@@ -272,8 +290,8 @@ class PluginConnection:
     async def call_batch(self, invocations: Sequence[Invocation]) -> list[Outcome[Any]]:
 
         earliest = min(invocations, key=lambda invocation: invocation.deadline)
-        remaining = self._remaining(earliest)
         now = asyncio.get_running_loop().time()
+        remaining = self._remaining(earliest, now)
         request = self._pb.BatchRequest(
             calls=[self._request(invocation, now) for invocation in invocations]
         )
@@ -302,8 +320,9 @@ class PluginConnection:
 
     async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
         """The chunks of a streaming method; its error item, or a failed RPC, raises."""
-        remaining = self._remaining(invocation)
-        request = self._request(invocation)
+        now = asyncio.get_running_loop().time()
+        remaining = self._remaining(invocation, now)
+        request = self._request(invocation, now)
         what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
         try:
             call = self._stub.CallStream(
