@@ -11,6 +11,7 @@ figure is one layer peeled off the next, so the differences are what a layer cos
 * ``hot_path_c<N>_local_call_cpu_us``: ``Dispatcher.call`` (route lookup, in-flight
   tracking); ``..._local_chain_call_cpu_us``: the same with the full chain of
   ``bench_policies`` (every call a cache miss).
+* ``hot_path_c<N>_*_added_us`` / ``*_over_raw_us``: those differences, one run's medians.
 * ``hot_path_c<N>_http_*``: the same against the fixed-reply HTTP server through the
   ``reqwest`` client, and ``hot_path_c<N>_raw_reqwest_cpu_us``, the raw client posting
   prebuilt bytes. CPU counts every thread of the process (reqwest's runtime too).
@@ -52,6 +53,7 @@ async def run(options: Options) -> dict[str, float]:
                 clients = {"raw_reqwest": raw, **layers}
                 for concurrency in (64, 1):
                     figures.update(await _measure(clients, calls, rounds, concurrency))
+    figures.update(layer_costs(figures))
     figures["hot_path_load_average_1min_at_end"] = os.getloadavg()[0]
     return figures
 
@@ -104,6 +106,24 @@ def _layers(dispatcher: Any, targets: dict[str, Any]) -> dict[str, Call]:
         clients[f"{name}_call"] = via_call(name)
         clients[f"{name}_chain_call"] = via_call(f"{name}_chain")
     return clients
+
+
+def layer_costs(figures: dict[str, float]) -> dict[str, float]:
+    """What each layer adds, as differences of the medians of one run."""
+    costs = {}
+    for concurrency in (64, 1):
+        prefix = f"hot_path_c{concurrency}_"
+
+        def cpu(name: str, prefix: str = prefix) -> float:
+            return figures[f"{prefix}{name}_cpu_us"]
+
+        costs[f"{prefix}local_invocation_added_us"] = cpu("local_route") - cpu("local_provider")
+        costs[f"{prefix}local_call_added_us"] = cpu("local_call") - cpu("local_route")
+        costs[f"{prefix}local_chain_added_us"] = cpu("local_chain_call") - cpu("local_call")
+        costs[f"{prefix}http_provider_over_raw_us"] = cpu("http_provider") - cpu("raw_reqwest")
+        costs[f"{prefix}http_call_over_raw_us"] = cpu("http_call") - cpu("raw_reqwest")
+        costs[f"{prefix}http_chain_added_us"] = cpu("http_chain_call") - cpu("http_call")
+    return costs
 
 
 async def _measure(
