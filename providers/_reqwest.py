@@ -1,6 +1,8 @@
 """The ``reqwest`` client of the seam (``providers._http_client``): Rust's reqwest through pyreqwest.
 
-The only module that imports pyreqwest, and only when a target's calls first go through it.
+The only module that imports pyreqwest, and only when a target's calls first go through it
+(``providers._http_common`` imports this module then): its names are imported once, here at
+the top, not in each call (a function-level ``from … import`` cost 0.25 µs per call).
 Why it is on the hot path: on the fixed-reply server it made more calls/s at concurrency 64
 than aiohttp for less CPU per call, every thread of the process counted
 (``bench/bench_http_clients.py``; figures in ``docs/architecture.md``).
@@ -35,6 +37,9 @@ import socket
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from pyreqwest.client import ClientBuilder
+from pyreqwest.exceptions import NetworkError, PyreqwestError, RequestTimeoutError
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
 from providers._http_client import HttpClient, HttpPool, Reply
@@ -104,8 +109,6 @@ class ReqwestClient(HttpClient):
         target: TargetConfig,
         tls: ClientTlsContext | None,
     ) -> Reply:
-        from pyreqwest.exceptions import PyreqwestError, RequestTimeoutError
-
         entry = self._entries.get(url if tls is None else (url, tls.current()))
         if entry is None:
             entry = await self._entry(url, tls, target)
@@ -113,7 +116,8 @@ class ReqwestClient(HttpClient):
             entry.client.post(entry.url)
             .headers(headers)
             .body_bytes(body)
-            .timeout(timedelta(seconds=timeout))
+            # (days, seconds) positionally: half the cost of ``seconds=`` (0.35 µs a call).
+            .timeout(timedelta(0, timeout))
             .build_streamed()
         )
         try:
@@ -135,15 +139,13 @@ class ReqwestClient(HttpClient):
         target: TargetConfig,
         tls: ClientTlsContext | None,
     ) -> Reply:
-        from pyreqwest.exceptions import PyreqwestError, RequestTimeoutError
-
         entry = self._entries.get(url if tls is None else (url, tls.current()))
         if entry is None:
             entry = await self._entry(url, tls, target)
         request = (
             entry.client.get(entry.url)
             .headers(headers)
-            .timeout(timedelta(seconds=timeout))
+            .timeout(timedelta(0, timeout))
             .build_streamed()
         )
         try:
@@ -192,8 +194,6 @@ class ReqwestClient(HttpClient):
         return entry
 
     def _builder(self, tls: ClientTlsContext | None) -> Any:
-        from pyreqwest.client import ClientBuilder
-
         pool = self._pool
         builder = (
             ClientBuilder()
@@ -285,8 +285,6 @@ def _causes(error: BaseException) -> list[str]:
 
 def _translate(error: BaseException, where: str, tls: ClientTlsContext | None) -> TargetUnavailable:
     """A pyreqwest failure as the seam's ``TargetUnavailable`` (connect stage or mid-call)."""
-    from pyreqwest.exceptions import NetworkError
-
     causes = _causes(error)
     text = "; ".join(causes)
     last = causes[-1] if causes else str(error)

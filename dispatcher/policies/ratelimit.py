@@ -141,7 +141,18 @@ class RateLimitStep:
         self.limits = tuple(limits)
         self.next = next_step
 
-    async def __call__(self, invocation: Invocation) -> Any:
-        for limit in self.limits:
+    def __call__(self, invocation: Invocation) -> Awaitable[Any]:
+        # A call that finds room in every limit (the usual case) passes without a coroutine
+        # of this step's own or of ``Limit.acquire``: it gets the next step's awaitable
+        # back, two coroutine layers fewer on every resumption of the call (bench_hot_path).
+        # A limit without room, or a shared one (Redis), takes the awaiting path from it on;
+        # ``acquire`` looks at its bucket again there, so the outcome is the same.
+        for index, limit in enumerate(self.limits):
+            if limit.__class__ is not Limit or not limit.bucket(invocation).take_if_room():
+                return self._acquire_from(index, invocation)
+        return self.next(invocation)
+
+    async def _acquire_from(self, first: int, invocation: Invocation) -> Any:
+        for limit in self.limits[first:]:
             await limit.acquire(invocation)
         return await self.next(invocation)
