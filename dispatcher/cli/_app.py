@@ -20,6 +20,7 @@ import click
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.config import Manifest, ManifestError, load_manifest
+from dispatcher.identity import Credentials
 
 T = TypeVar("T")
 
@@ -108,6 +109,14 @@ def load(context: click.Context) -> Manifest[Any]:
         click.echo(str(error), err=True)
         context.exit(EXIT_USAGE)
         raise  # unreachable: exit raises
+
+
+def credentials_from(api_key: str | None, token: str | None) -> Credentials | None:
+    """What ``--api-key`` and ``--token`` present, as the gateway would pass them on."""
+    if api_key is None and token is None:
+        return None
+    bearer = f"Bearer {token}" if token is not None else None
+    return Credentials(authorization=bearer, api_key=api_key)
 
 
 def run_with_dispatcher(manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]) -> T:

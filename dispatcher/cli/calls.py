@@ -10,6 +10,7 @@ import orjson
 from dispatcher._dispatcher import Dispatcher, TargetHealth
 from dispatcher.cli._app import (
     EXIT_FAILED,
+    credentials_from,
     load,
     main,
     manifest_option,
@@ -18,7 +19,6 @@ from dispatcher.cli._app import (
     table,
 )
 from dispatcher.config import Manifest
-from dispatcher.identity import Credentials
 from linchkit_plugin.errors import DispatchError
 
 
@@ -67,11 +67,7 @@ def call(
     except orjson.JSONDecodeError as error:
         raise click.UsageError(f"--params is not valid JSON: {error}") from None
     manifest = _only(load(context), plugin)
-    credentials = (
-        Credentials(authorization=f"Bearer {token}" if token is not None else None, api_key=api_key)
-        if api_key is not None or token is not None
-        else None
-    )
+    credentials = credentials_from(api_key, token)
 
     async def call_plugin(dispatcher: Dispatcher) -> Any:
         return await dispatcher.call(

@@ -27,6 +27,7 @@ from dispatcher._jobs import JobNotFinished, JobNotFound, job_status
 from dispatcher.cli._app import (
     EXIT_FAILED,
     EXIT_USAGE,
+    credentials_from,
     load,
     main,
     manifest_option,
@@ -36,7 +37,6 @@ from dispatcher.cli._app import (
 )
 from dispatcher.cli.calls import _only
 from dispatcher.config import Manifest
-from dispatcher.identity import Credentials
 from dispatcher.state import JobStore, new_backend
 from dispatcher.state.base import JOB_STATES, TERMINAL_STATES
 from linchkit_plugin.errors import DispatchError
@@ -221,11 +221,7 @@ def submit(
     manifest = _only(manifest, plugin).model_copy(
         update={"jobs": manifest.jobs.model_copy(update={"workers": 0})}
     )
-    credentials = (
-        Credentials(authorization=f"Bearer {token}" if token is not None else None, api_key=api_key)
-        if api_key is not None or token is not None
-        else None
-    )
+    credentials = credentials_from(api_key, token)
 
     async def queue(dispatcher: Dispatcher) -> str:
         return await dispatcher.submit(
