@@ -335,7 +335,10 @@ async def test_health_reports_every_instance_with_its_state_and_breaker() -> Non
     dead = f"http://{HOSTS[1]}:{free_port(HOSTS[1])}"
     async with serving(live):
         plugins = fleet_manifest(
-            [live.url, dead], {"say": {"breaker": {}}}, outlier={"consecutive_failures": 1}
+            [live.url, dead],
+            {"say": {"breaker": {}}},
+            outlier={"consecutive_failures": 1},
+            balance="round_robin",  # every instance picked in 10 calls, whatever the draws
         )
         async with Dispatcher(plugins) as dispatcher:
             for _ in range(10):
