@@ -47,6 +47,11 @@ T = TypeVar("T")
 CLOSE_SECONDS = 5.0
 #: Each Redis operation of a command may take this long (or the manifest's own, if longer).
 OP_TIMEOUT_MS = 5_000
+
+NO_JOBS = (
+    "the manifest keeps no jobs: async jobs need 'state: {backend: redis, url: …}' or"
+    " 'jobs: {backend: sqs, sqs: {…}}'"
+)
 #: Dead-lettered jobs ``dlq redrive --all`` reads at a time.
 REDRIVE_PAGE = 500
 #: The longest ``dispatcher job --wait`` waits.
@@ -76,14 +81,12 @@ async def _job_store(manifest: Manifest[Any]) -> AsyncIterator[JobStore]:
     # and no caller's deadline waits on an operator's command.
     bound = max(manifest.state.op_timeout_ms, OP_TIMEOUT_MS)
     config = manifest.state.model_copy(update={"op_timeout_ms": bound})
-    backend = new_backend(config, asyncio.get_running_loop().time)
+    backend = new_backend(config, asyncio.get_running_loop().time, manifest.jobs)
     try:
         store = backend.jobs
         if store is None:
-            raise _Refused(
-                "the manifest keeps no jobs: async jobs need 'state: {backend: redis, url: …}'",
-                EXIT_USAGE,
-            )
+            raise _Refused(NO_JOBS, EXIT_USAGE)
+        await store.open()
         yield store
     finally:
         closing = asyncio.get_running_loop().create_task(backend.aclose())
@@ -211,11 +214,8 @@ def submit(
     except orjson.JSONDecodeError as error:
         raise click.UsageError(f"PARAMS is not valid JSON: {error}") from None
     manifest = load(context)
-    if manifest.state.backend != "redis":
-        click.echo(
-            "error: the manifest keeps no jobs: async jobs need 'state: {backend: redis, url: …}'",
-            err=True,
-        )
+    if manifest.state.backend != "redis" and manifest.jobs.backend != "sqs":
+        click.echo(f"error: {NO_JOBS}", err=True)
         context.exit(EXIT_USAGE)
     # No workers in a command that only submits: the job is for the serving replicas.
     manifest = _only(manifest, plugin).model_copy(
