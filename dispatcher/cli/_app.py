@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
+import orjson
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.config import Manifest, ManifestError, load_manifest
 from dispatcher.identity import Credentials
+from linchkit_plugin.errors import DispatchError
 
 T = TypeVar("T")
 
@@ -125,6 +127,19 @@ def run_with_dispatcher(manifest: Manifest[Any], job: Callable[[Dispatcher], Awa
             return await job(dispatcher)
 
     return asyncio.run(session())
+
+
+def run_or_report(
+    context: click.Context, manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]
+) -> T:
+    """``run_with_dispatcher``; a ``DispatchError`` is printed on stderr as its wire form
+    (``{"error": {...}}``, what scripts parse) and the command exits 1."""
+    try:
+        return run_with_dispatcher(manifest, job)
+    except DispatchError as error:
+        click.echo(orjson.dumps({"error": error.to_wire()}).decode(), err=True)
+        context.exit(EXIT_FAILED)
+        raise  # unreachable: exit raises
 
 
 def table(rows: Sequence[Sequence[str]]) -> None:

@@ -15,6 +15,7 @@ from dispatcher.cli._app import (
     main,
     manifest_option,
     output_option,
+    run_or_report,
     run_with_dispatcher,
     table,
 )
@@ -80,11 +81,7 @@ def call(
             version=plugin_version,
         )
 
-    try:
-        result = run_with_dispatcher(manifest, call_plugin)
-    except DispatchError as error:
-        click.echo(orjson.dumps({"error": error.to_wire()}).decode(), err=True)
-        context.exit(EXIT_FAILED)
+    result = run_or_report(context, manifest, call_plugin)
     click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 

@@ -32,7 +32,7 @@ from dispatcher.cli._app import (
     main,
     manifest_option,
     output_option,
-    run_with_dispatcher,
+    run_or_report,
     table,
 )
 from dispatcher.cli.calls import _only
@@ -235,11 +235,7 @@ def submit(
             callback_url=callback_url,
         )
 
-    try:
-        job_id = run_with_dispatcher(manifest, queue)
-    except DispatchError as error:
-        click.echo(orjson.dumps({"error": error.to_wire()}).decode(), err=True)
-        context.exit(EXIT_FAILED)
+    job_id = run_or_report(context, manifest, queue)
     click.echo(orjson.dumps({"id": job_id}).decode() if as_json else job_id)
 
 
