@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -111,6 +112,18 @@ def load(context: click.Context) -> Manifest[Any]:
         click.echo(str(error), err=True)
         context.exit(EXIT_USAGE)
         raise  # unreachable: exit raises
+
+
+class Seconds(click.FloatRange):
+    """A range of seconds that refuses NaN, which passes every comparison of a range."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail("nan is not a number of seconds", param, ctx)
+        return seconds
 
 
 def credentials_from(api_key: str | None, token: str | None) -> Credentials | None:

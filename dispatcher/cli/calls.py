@@ -10,6 +10,7 @@ import orjson
 from dispatcher._dispatcher import Dispatcher, TargetHealth
 from dispatcher.cli._app import (
     EXIT_FAILED,
+    Seconds,
     credentials_from,
     load,
     main,
@@ -88,8 +89,15 @@ def call(
 @main.command()
 @manifest_option
 @output_option
+@click.option(
+    "--timeout",
+    type=Seconds(0.1, 600),
+    default=5.0,
+    show_default=True,
+    help="Seconds each probe may take before its target counts as not serving.",
+)
 @click.pass_context
-def health(context: click.Context, output: str) -> None:
+def health(context: click.Context, output: str, timeout: float) -> None:
     """Probe every target (every instance of a fleet); exit 1 if any is not serving.
 
     STATE is an instance's state in its fleet (healthy, ejected, down, leaving); "-" for a
@@ -98,7 +106,9 @@ def health(context: click.Context, output: str) -> None:
     """
     manifest = load(context)
     try:
-        reports = run_with_dispatcher(manifest, lambda dispatcher: dispatcher.health())
+        reports = run_with_dispatcher(
+            manifest, lambda dispatcher: dispatcher.health(timeout=timeout)
+        )
     except DispatchError as error:
         click.echo(f"error: {error}", err=True)
         context.exit(EXIT_FAILED)

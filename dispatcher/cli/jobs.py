@@ -27,6 +27,7 @@ from dispatcher._jobs import JobNotFinished, JobNotFound, job_status
 from dispatcher.cli._app import (
     EXIT_FAILED,
     EXIT_USAGE,
+    Seconds,
     credentials_from,
     load,
     main,
@@ -285,7 +286,7 @@ def jobs(context: click.Context, state: str | None, limit: int, output: str, as_
 @click.argument("job_id", metavar="ID")
 @click.option(
     "--wait",
-    type=click.FloatRange(0, MAX_WAIT_SECONDS),
+    type=Seconds(0, MAX_WAIT_SECONDS),
     default=0.0,
     show_default=True,
     help="Seconds to wait for the job to end.",
