@@ -134,6 +134,14 @@ def credentials_from(api_key: str | None, token: str | None) -> Credentials | No
     return Credentials(authorization=bearer, api_key=api_key)
 
 
+def only_plugin(manifest: Manifest[Any], plugin_id: str) -> Manifest[Any]:
+    """``manifest`` with only the versions of ``plugin_id`` (all of them, if none matches,
+    so the dispatcher's own "no plugin … known: …" answer still lists what exists): a
+    command about one plugin starts no other."""
+    wanted = [plugin for plugin in manifest.plugins if plugin.id == plugin_id]
+    return manifest.model_copy(update={"plugins": wanted}) if wanted else manifest
+
+
 def run_with_dispatcher(manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]) -> T:
     async def session() -> T:
         async with Dispatcher(manifest) as dispatcher:

@@ -15,12 +15,12 @@ from dispatcher.cli._app import (
     load,
     main,
     manifest_option,
+    only_plugin,
     output_option,
     run_or_report,
     run_with_dispatcher,
     table,
 )
-from dispatcher.config import Manifest
 from linchkit_plugin.errors import DispatchError
 
 
@@ -68,7 +68,7 @@ def call(
         decoded = orjson.loads(params)
     except orjson.JSONDecodeError as error:
         raise click.UsageError(f"--params is not valid JSON: {error}") from None
-    manifest = _only(load(context), plugin)
+    manifest = only_plugin(load(context), plugin)
     credentials = credentials_from(api_key, token)
 
     async def call_plugin(dispatcher: Dispatcher) -> Any:
@@ -157,10 +157,3 @@ def _health_row(report: TargetHealth) -> tuple[str, ...]:
         latency,
         report.health.detail[:60],
     )
-
-
-def _only(manifest: Manifest[Any], plugin_id: str) -> Manifest[Any]:
-    """``manifest`` with only the versions of ``plugin_id`` (all of them, if none matches,
-    so the dispatcher's own "no plugin … known: …" answer still lists what exists)."""
-    wanted = [plugin for plugin in manifest.plugins if plugin.id == plugin_id]
-    return manifest.model_copy(update={"plugins": wanted}) if wanted else manifest

@@ -32,11 +32,11 @@ from dispatcher.cli._app import (
     load,
     main,
     manifest_option,
+    only_plugin,
     output_option,
     run_or_report,
     table,
 )
-from dispatcher.cli.calls import _only
 from dispatcher.config import Manifest
 from dispatcher.state import JobStore, new_backend
 from dispatcher.state.base import JOB_STATES, TERMINAL_STATES
@@ -219,7 +219,7 @@ def submit(
         click.echo(f"error: {NO_JOBS}", err=True)
         context.exit(EXIT_USAGE)
     # No workers in a command that only submits: the job is for the serving replicas.
-    manifest = _only(manifest, plugin).model_copy(
+    manifest = only_plugin(manifest, plugin).model_copy(
         update={"jobs": manifest.jobs.model_copy(update={"workers": 0})}
     )
     credentials = credentials_from(api_key, token)
