@@ -930,7 +930,9 @@ class Dispatcher:
 
     async def health(self, *, timeout: float = 5.0) -> list[TargetHealth]:
         """Probe every target of every plugin, concurrently; a fleet, every instance;
-        the registry of entries and each entry it left out."""
+        the registry of entries and each entry it left out. ``timeout`` (seconds, each
+        probe) must be a usable deadline: ``InvalidParams`` for NaN, infinity or the like."""
+        timeout = checked_timeout(timeout, "health")
         registry = [] if self.registry is None else self.registry.health(draining=self._draining)
         return registry + await probe_targets(
             self.manifest,
