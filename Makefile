@@ -56,7 +56,7 @@ test: $(STAMP) sdks docker-prereqs services-prereqs lambda-runtime
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status
+	$(BIN)/python -m pytest -q --durations=25; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
