@@ -31,11 +31,13 @@ target's ``pool:``, its own client certificate, and its own resolved addresses.
   after its answer, a client's after it is dropped). If it asks while the interpreter is
   finalizing, CPython ends the thread inside Rust and the process aborts
   (``Fatal Python error: PyGILState_Release``): a short-lived process that made a call
-  and returned at once died so about one run in four. ``_settle_at_exit`` (an ``atexit``
-  hook, registered when the first client is built) collects the clients left unreferenced
-  and sends two requests that end inside the runtime without I/O, with the GIL released:
-  whatever the thread had queued before them has run when they return, before
-  finalization begins (``tests/test_http_clients.py`` runs such a process many times).
+  through this client and returned at once died so in 2-10% of runs (a bare pyreqwest
+  script in one of two). ``_settle_at_exit`` (an ``atexit`` hook, registered when the
+  first client is built) collects the clients left unreferenced and sends two requests
+  that end inside the runtime without I/O, with the GIL released: whatever the thread had
+  queued before them has run when they return, before finalization begins
+  (``tests/test_http_clients.py`` runs such a process 60 times). A client some module
+  still holds at exit is torn down after the hook, during finalization: ``aclose`` it.
 * **Cancelled calls.** pyreqwest 0.15 detaches, rather than aborts, the task of a call
   whose awaiting side is cancelled: its connection stays open until the plugin answers or
   the request's timeout fires (``providers._http_client.DEFAULT_CLIENT`` says why that
