@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo demo-lambda test lint bench clean proto sdks docker-prereqs services-prereqs lambda-runtime
 
 $(STAMP): pyproject.toml sdk/python/pyproject.toml
-	@echo "installing the dispatcher and the plugin SDK (editable, extras http grpc knative dev) into $(VENV): about a minute the first time"
+	@echo "installing the dispatcher and the plugin SDK (editable, extras http grpc knative dev; dev brings reqwest for the tests and benchmarks) into $(VENV): about a minute the first time"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@# setuptools warns on every editable build that a folder named like the package may
