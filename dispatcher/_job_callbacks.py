@@ -63,10 +63,25 @@ def checked_callback_url(url: object, egress: EgressPolicy) -> str:
     destination = Destination.of_url("callback_url", url)
     if destination.scheme not in ("http", "https"):
         raise InvalidParams("callback_url must be an http or https URL")
+    if _unreadable(url):
+        raise InvalidParams("callback_url is not a URL an HTTP client can read (host, port)")
     refusal = egress.refusal(destination)
     if refusal is not None:
         raise InvalidParams(f"callback_url is refused by the manifest's egress policy: {refusal}")
     return url
+
+
+def _unreadable(url: str) -> bool:
+    """Whether the client that delivers (aiohttp, through yarl) cannot read the URL: the
+    check must be of the URL it will dial, so one it reads differently is refused."""
+    from yarl import URL
+
+    try:
+        parsed = URL(url)
+        port = parsed.port
+    except ValueError:
+        return True
+    return not parsed.raw_host or port is None or not 0 < port <= 65535
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
