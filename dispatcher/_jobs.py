@@ -115,7 +115,9 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
     """A stored record as callers read it: attempts a number, params, result and error
     decoded (a field that is not JSON, as the text it is)."""
     status: dict[str, Any] = dict(record)
-    status["attempts"] = int(record.get("attempts", "0") or 0)
+    attempts = record.get("attempts", "0")
+    # A record written by hand into the store may hold anything: its text then, not a crash.
+    status["attempts"] = int(attempts) if attempts.isdigit() else attempts
     for field in ("params", "result", "error"):
         if field in record:
             try:
@@ -128,9 +130,16 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
 def job_outcome(record: dict[str, str]) -> Any:
     """A finished job's result, or raise its error (a fresh, typed exception)."""
     state = record.get("state")
+    field = "result" if state == "succeeded" else "error"
+    try:
+        stored = orjson.loads(record.get(field, "null"))
+    except orjson.JSONDecodeError:  # not written by a worker: say so, typed
+        raise ProviderError(
+            f"job {record.get('id')}: its stored {field} is not JSON", details={"stage": "jobs"}
+        ) from None
     if state == "succeeded":
-        return orjson.loads(record.get("result", "null"))
-    raise error_from_wire(orjson.loads(record.get("error", "null")))
+        return stored
+    raise error_from_wire(stored)
 
 
 def backoff(config: JobsConfig, attempt: int, retry_after: float | None) -> float:
