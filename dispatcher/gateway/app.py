@@ -129,9 +129,7 @@ class Gateway:
                 raise InvalidParams("X-Request-Id is 1-128 characters of A-Z a-z 0-9 . _ : -")
             caller, credentials = await self._caller(request)
             timeout = _timeout_of(headers)
-            idempotency_key = headers.get("Idempotency-Key")
-            if idempotency_key is not None and not 0 < len(idempotency_key) <= 256:
-                raise InvalidParams("Idempotency-Key is 1-256 characters")
+            idempotency_key = _idempotency_key_of(headers, 256)
             traceparent = headers.get("traceparent")
             if traceparent is not None and not _TRACEPARENT.match(traceparent):
                 traceparent = None  # W3C trace context: an invalid one is ignored, not refused
@@ -177,9 +175,7 @@ class Gateway:
         body_read = False
         try:
             caller, credentials = await self._caller(request)
-            idempotency_key = headers.get("Idempotency-Key")
-            if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
-                raise InvalidParams("Idempotency-Key is 1-255 characters")
+            idempotency_key = _idempotency_key_of(headers, 255)
             params = await read_params(request, self.settings)
             body_read = True
             match = request.match_info
@@ -464,6 +460,8 @@ def _allowed_verb(path: str) -> str | None:
         return "POST"  # a rollout is steered with POST
     if path == "/v1/rollouts":
         return "GET"
+    if path.startswith("/v1/jobs/"):
+        return "GET"  # a job is read, never written: it is created by …:submit
     return None
 
 
@@ -504,6 +502,15 @@ def _timeout_of(headers: Any) -> float | None:
             return value
         raise InvalidParams("Request-Timeout is a number of seconds in (0, 86400]")
     return None
+
+
+def _idempotency_key_of(headers: Any, most: int) -> str | None:
+    """``Idempotency-Key``: 1 to ``most`` printable characters. Bytes that are not UTF-8
+    arrive as lone surrogates, which no store can encode: refused here, not a 500 there."""
+    key: str | None = headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= most and key.isprintable()):
+        raise InvalidParams(f"Idempotency-Key is 1-{most} printable UTF-8 characters")
+    return key
 
 
 def _wait_of(query: Any, most: float) -> float:

@@ -1,0 +1,162 @@
+"""Hostile clients of the gateway's job routes (``…:submit``, ``GET /v1/jobs/{id}`` and
+its result): records someone wrote into Redis by hand, callback URLs that name a
+forbidden address in disguise, verbs the routes do not take, idempotency keys with
+control characters, and more long waits than the gateway parks at once.
+
+A real gateway over a real Redis (``tests.services``), the job plugin in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.services import Redis
+from tests.test_gateway_jobs import jobs_gateway, send
+from tests.test_gateway_security import READER_KEY
+
+SUBMIT = "/v1/plugins/jobs/methods/work:submit"
+
+
+async def submitted(session, base: str, **headers: str) -> tuple[int, dict]:
+    status, body, _ = await send(
+        session, "POST", base + SUBMIT, READER_KEY, json={"n": 1}, headers=headers
+    )
+    return status, body
+
+
+# Spellings that aiohttp (yarl, by IDNA/NFKC) maps to the address 169.254.169.254.
+IDEOGRAPHIC_STOPS = "169\u3002254\u3002169\u3002254"
+FULLWIDTH = "169.254.169.254".translate({ord(c): 0xFF10 + int(c) for c in "0123456789"}).replace(
+    ".", "\uff0e"
+)
+FULLWIDTH_STOPS = "169\uff0e254\uff0e169\uff0e254"
+ENCLOSED_NUMBERS = "\u246f\u2468.254.169.254"  # circled 16, circled 9
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://{IDEOGRAPHIC_STOPS}/latest/meta-data/",
+        f"http://{FULLWIDTH}/",
+        f"http://{FULLWIDTH_STOPS}/",
+        f"http://{ENCLOSED_NUMBERS}/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://user:pw@169.254.169.254/",
+        "http://[::ffff:a9fe:a9fe]/",
+        "http://metadata.google.internal/",
+    ],
+)
+async def test_a_callback_url_naming_link_local_in_disguise_is_refused(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, url: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        status, body = await submitted(session, base, **{"X-Callback-Url": url})
+        assert status == 400, body
+        assert body["error"]["type"] == "invalid_params"
+        assert "egress" in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "url", [f"http://[::ffff:{FULLWIDTH}]/", "http://[abc/", "http://a:99999999/"]
+)
+async def test_a_callback_url_the_parser_cannot_read_is_invalid_params_not_a_500(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, url: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        status, body = await submitted(session, base, **{"X-Callback-Url": url})
+        assert (status, body["error"]["type"]) == (400, "invalid_params"), body
+
+
+@pytest.mark.parametrize("field", ["params", "result", "error", "attempts"])
+async def test_a_record_written_by_hand_answers_a_typed_error_not_a_500(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, field: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        status, body = await submitted(session, base)
+        job_id = body["job_id"]
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            state = "failed" if field == "error" else "succeeded"
+            await client.hset(
+                f"{redis_prefix}:job:{job_id}", mapping={field: "{not json", "state": state}
+            )
+        finally:
+            await client.aclose()
+        for path in (
+            f"/v1/jobs/{job_id}",
+            f"/v1/jobs/{job_id}/result",
+            f"/v1/jobs/{job_id}?wait=1",
+        ):
+            status, body, _ = await send(session, "GET", base + path, READER_KEY)
+            assert status != 500, (path, body)
+            assert body["ok"] is (status == 200), (path, body)
+
+
+@pytest.mark.parametrize("verb", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_a_job_route_says_which_verb_it_takes(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, verb: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        for path in ("/v1/jobs/abc", "/v1/jobs/abc/result"):
+            status, body, headers = await send(session, verb, base + path, READER_KEY)
+            assert (status, headers.get("Allow")) == (405, "GET"), (path, body)
+        status, _, headers = await send(session, "GET", base + SUBMIT, READER_KEY)
+        assert (status, headers.get("Allow")) == (405, "POST")
+
+
+async def raw_request(base: str, head: bytes, body: bytes = b"") -> tuple[int, dict]:
+    """One request written byte for byte (aiohttp's client refuses control characters
+    in headers; a hostile client does not)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head + b"\r\n" + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    payload = rest.partition(b"\r\n\r\n")[2]
+    try:
+        document = json.loads(payload)
+    except ValueError:  # aiohttp's own parser answers 400 in plain text
+        document = {"text": payload.decode(errors="replace")}
+    return int(status_line.split()[1]), document
+
+
+@pytest.mark.parametrize("key", [b"a\x01b", b"a\x7fb", b"k\x1b[31m", b"\xff\xfe"], ids=repr)
+@pytest.mark.parametrize("path", [SUBMIT, SUBMIT.removesuffix(":submit")])
+async def test_an_idempotency_key_with_control_characters_or_not_utf8_is_refused(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, key: bytes, path: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, _):
+        body = b'{"n": 1}'
+        head = (
+            (
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"X-API-Key: {READER_KEY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n"
+            ).encode()
+            + b"Idempotency-Key: "
+            + key
+            + b"\r\n"
+        )
+        status, answer = await raw_request(base, head, body)
+        assert status == 400, answer
+        if "text" not in answer:  # not refused first by aiohttp's HTTP parser
+            assert answer["error"]["type"] == "invalid_params"
+
+
+async def test_an_idempotency_key_over_255_characters_is_refused(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        status, body = await submitted(session, base, **{"Idempotency-Key": "x" * 256})
+        assert (status, body["error"]["type"]) == (400, "invalid_params"), body
+        status, body = await submitted(session, base, **{"Idempotency-Key": "x" * 255})
+        assert status == 202, body
