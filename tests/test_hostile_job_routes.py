@@ -9,6 +9,7 @@ A real gateway over a real Redis (``tests.services``), the job plugin in-process
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from pathlib import Path
 
@@ -160,3 +161,55 @@ async def test_an_idempotency_key_over_255_characters_is_refused(
         assert (status, body["error"]["type"]) == (400, "invalid_params"), body
         status, body = await submitted(session, base, **{"Idempotency-Key": "x" * 255})
         assert status == 202, body
+
+
+@pytest.mark.parametrize("path", [SUBMIT, SUBMIT.removesuffix(":submit")])
+async def test_a_compressed_body_that_inflates_past_the_limit_is_413(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, path: str
+) -> None:
+    """A gzip body of a few kilobytes that inflates to 64 MB: its Content-Length is under
+    the limit, what it inflates to is not. Refused with the gateway's own envelope."""
+    inflated = b'{"n": 1, "pad": "' + b" " * (64 * 1024 * 1024) + b'"}'
+    bomb = gzip.compress(inflated, compresslevel=9)
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, _):
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"X-API-Key: {READER_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n"
+        ).encode()
+        status, answer = await raw_request(base, head, bomb)
+        assert status == 413, answer
+        assert answer["error"]["type"] == "invalid_params", answer
+
+
+@pytest.mark.parametrize(
+    ("encoding", "expected"),
+    [("gzip", 400), ("deflate", 400), ("x-unknown", 415), ("gzip, gzip", 415)],
+)
+async def test_a_body_that_lies_about_its_encoding_is_refused_in_the_envelope(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, encoding: str, expected: int
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, _):
+        body = b'{"n": 1}'  # plain JSON, whatever the header says
+        head = (
+            f"POST {SUBMIT} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"X-API-Key: {READER_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n"
+        ).encode()
+        status, answer = await raw_request(base, head, body)
+        assert status == expected, answer
+        assert answer["error"]["type"] == "invalid_params", answer
+
+
+async def test_an_honest_gzip_body_is_still_read(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, _):
+        body = gzip.compress(b'{"n": 7}')
+        head = (
+            f"POST {SUBMIT} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"X-API-Key: {READER_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Encoding: GZIP\r\nContent-Length: {len(body)}\r\n"
+        ).encode()
+        status, answer = await raw_request(base, head, body)
+        assert status == 202, answer
