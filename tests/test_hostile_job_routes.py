@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -213,3 +214,36 @@ async def test_an_honest_gzip_body_is_still_read(
         ).encode()
         status, answer = await raw_request(base, head, body)
         assert status == 202, answer
+
+
+async def test_long_waits_past_the_gateways_bound_are_refused_as_overloaded(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Each parked wait reads Redis twice a second: without a bound, a client holding
+    thousands of them would crowd every other caller out of Redis."""
+    async with jobs_gateway(
+        tmp_path, redis_server.url, redis_prefix, workers=0, max_job_waits=2
+    ) as (base, session):
+        _, body = await submitted(session, base)
+        job = f"{base}/v1/jobs/{body['job_id']}"
+
+        async def parked() -> tuple[int, Any, Any]:
+            while True:  # a probe below may hold a slot for a moment: ask again
+                answer = await send(session, "GET", f"{job}?wait=3", READER_KEY)
+                if answer[0] != 503:
+                    return answer
+
+        waits = [asyncio.create_task(parked()) for _ in range(2)]
+        refusal = None
+        async with asyncio.timeout(30):
+            while refusal is None:
+                answer = await send(session, "GET", f"{job}?wait=0.01", READER_KEY)
+                refusal = answer if answer[0] == 503 else None
+        status, body, headers = refusal
+        assert (body["error"]["type"], headers["Retry-After"]) == ("overloaded", "1"), body
+        # No wait at all needs no slot: the status is answered at once.
+        assert (await send(session, "GET", job, READER_KEY))[0] == 200
+        for status, body, _ in await asyncio.gather(*waits):
+            assert (status, body["job"]["state"]) == (200, "queued"), body
+        # The slots are given back.
+        assert (await send(session, "GET", f"{job}?wait=0.01", READER_KEY))[0] == 200

@@ -55,6 +55,7 @@ from dispatcher.telemetry.metrics import metrics_handler
 from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,
+    Overloaded,
     ProviderError,
     ShuttingDown,
     Unauthorized,
@@ -115,6 +116,8 @@ class Gateway:
         self._plugins = orjson.dumps({"plugins": _plugin_list(dispatcher)})
         self._streams: set[EventStream] = set()
         self._plugin_sockets: set[web.WebSocketResponse] = set()
+        #: ``GET /v1/jobs/{id}?wait=`` requests parked now (bounded: ``max_job_waits``).
+        self._job_waits = 0
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -239,8 +242,18 @@ class Gateway:
         owner = principal.id if principal is not None else None
         status = await self._own_job(job_id, owner)
         if wait > 0 and status.get("state") not in TERMINAL_STATES:
-            with contextlib.suppress(DispatchError):  # its end, or not yet: read it below
-                await self.dispatcher.result(job_id, wait=wait)
+            if self._job_waits >= self.settings.max_job_waits:
+                raise Overloaded(
+                    f"this gateway already holds {self.settings.max_job_waits} job waits"
+                    " (max_job_waits): ask again, or without ?wait=",
+                    retry_after=1.0,
+                )
+            self._job_waits += 1
+            try:
+                with contextlib.suppress(DispatchError):  # its end, or not yet: read below
+                    await self.dispatcher.result(job_id, wait=wait)
+            finally:
+                self._job_waits -= 1
             status = await self._own_job(job_id, owner)
         return status
 
