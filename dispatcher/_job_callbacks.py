@@ -2,8 +2,9 @@
 ``Dispatcher.job`` shows it) is POSTed there as JSON.
 
 The URL is checked at submit against the manifest's ``egress`` policy (a URL it refuses
-is ``InvalidParams`` then, not a failed delivery later) and again after name resolution
-when the worker connects (the resolver of ``providers._http_common.open_session``), so a
+is ``InvalidParams`` then, not a failed delivery later), by the worker's own policy before
+it sends (the record may come from elsewhere), and again after name resolution when the
+worker connects (the resolver of ``providers._http_common.open_session``), so a
 caller cannot make the dispatcher reach a metadata service or a network it may not.
 
 A delivery: at most ``callback_attempts`` POSTs, each bounded by ``callback_timeout_ms``
@@ -127,8 +128,16 @@ class JobCallbacks:
         """POST ``status`` to ``url``, trying again as the module docstring says."""
         import aiohttp
 
-        body = orjson.dumps(status)
         job_id = status.get("id")
+        try:
+            # Again here: the record may not have passed this dispatcher's check at submit
+            # (a replica with a looser policy wrote it, or someone with the store's key),
+            # and an address literal is dialled without the resolver's check.
+            checked_callback_url(url, self.egress)
+        except InvalidParams as refused:
+            log.warning("callback of job %s not sent: %s", job_id, refused.message)
+            return False
+        body = orjson.dumps(status)
         pause = 0.2
         reason = "not tried"
         for attempt in range(1, self.config.callback_attempts + 1):
