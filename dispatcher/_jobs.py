@@ -142,6 +142,13 @@ def job_outcome(record: dict[str, str]) -> Any:
     raise error_from_wire(stored)
 
 
+def _attempts_of(record: dict[str, str]) -> int | None:
+    try:
+        return int(record.get("attempts", "1"))
+    except ValueError:
+        return None
+
+
 def backoff(config: JobsConfig, attempt: int, retry_after: float | None) -> float:
     """Seconds before attempt ``attempt + 1``: doubling, capped, jittered (replicas that
     failed together do not retry together), never sooner than the target asked."""
@@ -282,7 +289,12 @@ class JobWorkers:
         if record.get("state") in TERMINAL_STATES:  # already ended: only the ack was missing
             await store.finish(entry, job_id, {"state": record["state"]}, self.result_ttl)
             return
-        attempts = int(record.get("attempts", "1"))
+        attempts = _attempts_of(record)
+        if attempts is None:  # not a record a dispatcher wrote: nothing to count on
+            self.counts["malformed"] += 1
+            fields = self._dead(f"job {job_id} has an unreadable attempts count", 0)
+            await self._ended(entry, record, fields)
+            return
         if attempts > self.config.max_attempts:  # its workers died on it each time
             last = record.get("error")
             reason = "its worker was lost on every attempt" if last is None else "see last error"
@@ -316,6 +328,15 @@ class JobWorkers:
             encoded = encode_json(result).decode()
         except DispatchError:  # a result that is not JSON: nothing to keep, no use retrying
             failure = ProviderError(f"job {job_id}: the result is not JSON", retryable=False)
+            await self._failed(entry, record, attempts, failure)
+            return
+        limit = self.config.max_result_bytes
+        if len(encoded) > limit:  # kept in the store for result_ttl_ms: bounded like params
+            failure = ProviderError(
+                f"job {job_id}: its result is {len(encoded)} bytes as JSON, over the"
+                f" {limit} of jobs.max_result_bytes; nothing was kept",
+                retryable=False,
+            )
             await self._failed(entry, record, attempts, failure)
             return
         fields = {"state": "succeeded", "result": encoded, "finished_at": _now_ms()}

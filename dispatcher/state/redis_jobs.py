@@ -56,12 +56,17 @@ return 1
 """
 
 # A terminal record is returned as it is (the worker only acks: a redelivery after a
-# redrive race); otherwise one more attempt is counted before the job runs.
+# redrive race); otherwise one more attempt is counted before the job runs. An attempts
+# field that is not an integer (a record not written by us) is left for the worker to
+# dead-letter: HINCRBY would fail the script, and every redelivery after it, for ever.
 _BEGIN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'succeeded' and state ~= 'failed' and state ~= 'dead' then
-  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  local attempts = redis.call('HGET', KEYS[1], 'attempts')
+  if attempts == false or (#attempts <= 18 and string.match(attempts, '^%-?%d+$')) then
+    redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  end
   redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
 end
 return redis.call('HGETALL', KEYS[1])
