@@ -99,3 +99,31 @@ async def test_costly_entries_are_left_out_and_the_good_one_applies(
         assert "nested deeper" in skipped["echo@9.0.1"]
         assert "nested deeper" in skipped["echo@9.0.2"]
     assert SECRET not in caplog.text + json.dumps(skipped)
+
+
+def fallback_entry(plugin: str, where: str) -> bytes:
+    fallback = {"fallback": {"plugin": plugin, "on": ["target_unavailable"]}}
+    document: dict[str, object] = {
+        "id": "echo",
+        "version": "1.0.0",
+        "target": {"provider": "http", "url": "http://127.0.0.1:1/"},  # never answers
+        "methods": {"say": fallback if where == "method" else {}},
+    }
+    if where == "defaults":
+        document["defaults"] = fallback
+    return json.dumps(document).encode()
+
+
+@pytest.mark.parametrize("where", ["method", "defaults"])
+def test_a_fallback_to_a_plugin_entries_may_not_declare_is_refused(where: str) -> None:
+    """A fallback runs with the access the caller had to the entry: an entry whose target
+    never answers and whose fallback names the file's ``payments`` would hand every caller
+    of ``echo.say`` the file's ``payments.say``."""
+    with pytest.raises(ValueError, match="fallback"):
+        entry_item("/p/echo@1.0.0", fallback_entry("payments", where), CONFIG)
+    trusted = CONFIG.model_copy(
+        update={"trust": CONFIG.trust.model_copy(update={"allow_plugins": ["echo", "mirror"]})}
+    )
+    with pytest.raises(ValueError, match="fallback"):
+        entry_item("/p/echo@1.0.0", fallback_entry("payments", where), trusted)
+    assert entry_item("/p/echo@1.0.0", fallback_entry("mirror", where), trusted)["id"] == "echo"

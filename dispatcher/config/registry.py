@@ -12,6 +12,8 @@ calls, so what they may say is narrower than a file's (``trust``):
   ``unix_socket``) nor the host's environment (``${NAME}``): either would hand what the
   host keeps to whoever writes the registry;
 * fixed instances only: no discovery source (``dns``, ``registry``) the host would follow;
+* a ``fallback`` only to a plugin in ``trust.allow_plugins`` (none when it is unset): a
+  fallback runs with the access the caller had to the entry;
 * the key must name the entry's own ``id@version``, and the value fit ``max_entry_bytes``,
   nest at most ``MAX_ENTRY_DEPTH`` levels and use no YAML aliases (what they expand to
   would cost the host far more than the value's size);
@@ -108,6 +110,7 @@ def entry_item(key: str, value: bytes, config: RegistryConfig) -> dict[str, Any]
             )
     _refuse_host_reads(item)
     _refuse_discovery(item)
+    _refuse_fallbacks(item, trust)
     return item
 
 
@@ -184,6 +187,24 @@ def _refuse_discovery(item: dict[str, Any]) -> None:
                     "an entry lists fixed instances only: a discovery source (dns, registry)"
                     " would have the host follow a server the entry names"
                 )
+
+
+def _refuse_fallbacks(item: dict[str, Any], trust: EntryTrust) -> None:
+    """A fallback calls another plugin with the access the caller had to this one: an
+    entry pointing its own target nowhere would hand its callers any plugin of the file.
+    So an entry falls back only to plugins entries may declare (``allow_plugins``)."""
+    methods = item.get("methods")
+    places = [item.get("defaults"), *(methods.values() if isinstance(methods, dict) else ())]
+    for place in places:
+        fallback = place.get("fallback") if isinstance(place, dict) else None
+        if fallback is None:
+            continue
+        plugin = fallback.get("plugin") if isinstance(fallback, dict) else None
+        if trust.allow_plugins is None or plugin not in trust.allow_plugins:
+            raise ValueError(
+                "an entry's fallback may name only a plugin in trust.allow_plugins"
+                " (it is called with the access callers have to this entry)"
+            )
 
 
 def _refuse_host_files(value: Any) -> None:
