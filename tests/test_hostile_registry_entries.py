@@ -11,8 +11,10 @@ import logging
 
 import pytest
 
-from dispatcher.config import RegistryConfig
+from dispatcher import parse_manifest
+from dispatcher.config import RegistryConfig, merge_entries
 from dispatcher.config.registry import entry_item
+from tests.conftest import LOCAL_TARGET, ROOT, echo_plugin
 from tests.services import Etcd, until
 from tests.test_registry_entries import (
     SECRET,
@@ -127,3 +129,34 @@ def test_a_fallback_to_a_plugin_entries_may_not_declare_is_refused(where: str) -
     with pytest.raises(ValueError, match="fallback"):
         entry_item("/p/echo@1.0.0", fallback_entry("payments", where), trusted)
     assert entry_item("/p/echo@1.0.0", fallback_entry("mirror", where), trusted)["id"] == "echo"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169\u3002254\u3002169\u3002254/",  # ideographic full stops
+        "http://169\uff0e254\uff0e169\uff0e254/",  # fullwidth full stops
+        "http://[::ffff:169.254.169.254]/",
+    ],
+)
+def test_an_entry_naming_link_local_in_disguise_is_refused_by_egress(url: str) -> None:
+    """aiohttp maps these spellings to an address and dials it without resolving: the
+    load-time check must read them the same way."""
+    document = {
+        "version": 1,
+        "plugins": [echo_plugin("main", LOCAL_TARGET)],
+        "registry": {"etcd": "http://127.0.0.1:2379", "prefix": "/p"},
+    }
+    manifest = parse_manifest(document, base_dir=ROOT)
+    value = json.dumps(
+        {
+            "id": "echo",
+            "version": "1.0.0",
+            "target": {"provider": "http", "url": url},
+            "methods": {"say": {}},
+        }
+    ).encode()
+    item = entry_item("/p/echo@1.0.0", value, CONFIG)
+    merged, skipped = merge_entries(manifest, {"/p/echo@1.0.0": item}, source="test")
+    assert [plugin.key for plugin in merged.plugins] == ["main@1.0.0"]
+    assert "link-local" in skipped["/p/echo@1.0.0"], skipped
