@@ -247,3 +247,37 @@ async def test_long_waits_past_the_gateways_bound_are_refused_as_overloaded(
             assert (status, body["job"]["state"]) == (200, "queued"), body
         # The slots are given back.
         assert (await send(session, "GET", f"{job}?wait=0.01", READER_KEY))[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "header"),
+    [
+        (SUBMIT, b"X-Plugin-Version: \xff\xfe"),
+        (SUBMIT.removesuffix(":submit"), b"X-Plugin-Version: \xff\xfe"),
+        ("/v1/plugins/%ff%fe/methods/work:submit", b"X-Nothing: 1"),
+        ("/v1/plugins/jobs/methods/%ff%fe:submit", b"X-Nothing: 1"),
+        ("/v1/plugins/%ff%fe/methods/work", b"X-Nothing: 1"),
+        ("/v1/jobs/%ff%fe", b"X-Nothing: 1"),
+        ("/v1/jobs/%ff%fe/result", b"X-Nothing: 1"),
+        (SUBMIT, b"X-Callback-Url: http://\xff\xfe/"),
+    ],
+    ids=repr,
+)
+async def test_bytes_that_are_not_utf8_in_a_header_or_path_are_a_clear_4xx(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, path: str, header: bytes
+) -> None:
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, _):
+        body = b'{"n": 1}'
+        method = "GET" if path.startswith("/v1/jobs/") else "POST"
+        head = (
+            (
+                f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"X-API-Key: {READER_KEY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body) if method == 'POST' else 0}\r\n"
+            ).encode()
+            + header
+            + b"\r\n"
+        )
+        status, answer = await raw_request(base, head, body if method == "POST" else b"")
+        assert 400 <= status < 500, answer
+        assert answer["ok"] is False, answer

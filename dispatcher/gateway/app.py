@@ -143,7 +143,7 @@ class Gateway:
                 match["plugin"],
                 match["method"],
                 params,
-                version=headers.get("X-Plugin-Version"),
+                version=_version_of(headers),
                 caller=caller,
                 credentials=credentials,
                 timeout=timeout,
@@ -186,7 +186,7 @@ class Gateway:
                 match["plugin"],
                 match["method"],
                 params,
-                version=headers.get("X-Plugin-Version"),
+                version=_version_of(headers),
                 caller=caller,
                 credentials=credentials,
                 idempotency_key=idempotency_key,
@@ -515,6 +515,15 @@ def _timeout_of(headers: Any) -> float | None:
             return value
         raise InvalidParams("Request-Timeout is a number of seconds in (0, 86400]")
     return None
+
+
+def _version_of(headers: Any) -> str | None:
+    """``X-Plugin-Version``: a version or range, so printable; bytes that are not UTF-8
+    arrive as lone surrogates, which the audit log and the error's JSON cannot encode."""
+    version: str | None = headers.get("X-Plugin-Version")
+    if version is not None and not (0 < len(version) <= 256 and version.isprintable()):
+        raise InvalidParams("X-Plugin-Version is a version or range: 1-256 printable characters")
+    return version
 
 
 def _idempotency_key_of(headers: Any, most: int) -> str | None:
