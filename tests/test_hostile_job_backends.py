@@ -17,7 +17,11 @@ from dispatcher.config import load_manifest
 from dispatcher.state import StateUnavailable
 from linchkit_plugin.errors import DispatchError, ProviderError
 from tests.services import Redis
+from tests.sqs_support import Moto, Queues
+from tests.test_job_callbacks import ok, receiving
 from tests.test_jobs import dispatcher_for, manifest_file
+from tests.test_jobs_sqs import make, queues, until  # noqa: F401 (fixtures)
+from tests.test_jobs_sqs import manifest_file as sqs_manifest_file
 
 
 def echoing_dispatcher(folder: Path, url: str, prefix: str, **jobs: Any) -> Dispatcher:
@@ -119,3 +123,62 @@ async def test_a_guessed_or_malformed_job_id_is_not_found_or_invalid(
             await d.job(job_id)
         with pytest.raises((JobNotFound, InvalidParams)):
             await d.result(job_id, wait=0.1)
+
+
+# -- SQS (moto's server) with its job view on Redis ------------------------------------------
+
+
+async def test_an_sqs_job_whose_view_record_was_spoilt_is_dead_lettered_not_looped(
+    make: Any,  # noqa: F811 (the fixture)
+    queues: Queues,  # noqa: F811 (the fixture)
+    redis_server: Redis,
+    redis_prefix: str,
+) -> None:
+    """The message is fine; the record of its job on the view's Redis holds an attempts
+    count that is no integer. Counting an attempt must not fail on every receive."""
+    async with make(workers=0) as submitter:
+        job_id = await submitter.submit("jobs", "work", {"n": 6})
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        await client.hset(f"{redis_prefix}:job:{job_id}", "attempts", "many")
+    async with make(workers=1, visibility_timeout_ms=1000) as worker:
+        with pytest.raises(ProviderError, match="attempts"):
+            await worker.result(job_id, wait=30)
+        assert (await worker.job(job_id))["state"] == "dead"
+        assert worker.stats()["state"]["failures"] == 0
+
+
+async def test_an_sqs_message_calling_back_where_the_worker_may_not_is_not_sent(
+    tmp_path: Path,
+    sqs_server: Moto,
+    queues: Queues,  # noqa: F811 (the fixture)
+    redis_server: Redis,
+    redis_prefix: str,
+) -> None:
+    """Whoever can write to the queue writes the whole record, its callback_url too: the
+    worker checks it against its own egress policy (only 10.0.0.0/8 here) before it POSTs
+    to the receiver's address literal, which no resolver would check."""
+    path = sqs_manifest_file(
+        tmp_path, sqs_server, queues, redis_server.url, redis_prefix, workers=1
+    )
+    document = json.loads(path.read_text())
+    document["egress"] = {"allow": ["10.0.0.0/8"]}
+    path.write_text(json.dumps(document))
+    async with receiving(ok) as receiver:
+        body = json.dumps(
+            {
+                "id": "from-the-queue",
+                "plugin": "jobs",
+                "version": "1.0.0",
+                "method": "work",
+                "params": '{"n": 8}',
+                "state": "queued",
+                "attempts": "0",
+                "submitted_at": "1",
+                "callback_url": receiver.url,
+            }
+        )
+        queues.moto.client().send_message(QueueUrl=queues.url, MessageBody=body)
+        async with Dispatcher(load_manifest(path)) as worker:
+            await until(lambda: worker.stats()["jobs"]["callbacks"]["failed"] == 1, "the refusal")
+            assert (await worker.job("from-the-queue"))["state"] == "succeeded"
+        assert receiver.received == []

@@ -372,7 +372,8 @@ class RedisJobs(JobStore):
 
 
 # A terminal record is returned as it is; one gone (expired, a Redis that restarted empty)
-# is made again from what the message carried (ARGV[2..]); then one more attempt is counted.
+# is made again from what the message carried (ARGV[2..]); then one more attempt is counted
+# (not on an attempts field that is no integer: the worker dead-letters that, as _BEGIN).
 _RECORD_BEGIN = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'succeeded' or state == 'failed' or state == 'dead' then
@@ -382,7 +383,10 @@ if state == false then
   for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   redis.call('HSET', KEYS[1], 'attempts', 0)
 end
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local attempts = redis.call('HGET', KEYS[1], 'attempts')
+if attempts == false or (#attempts <= 18 and string.match(attempts, '^%-?%d+$')) then
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
 return redis.call('HGETALL', KEYS[1])
 """
