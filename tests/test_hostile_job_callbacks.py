@@ -7,6 +7,7 @@ Real receivers on 127.0.0.1, a real Redis, workers in this process.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -16,6 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from dispatcher._job_callbacks import JobCallbacks
+from dispatcher.config import JobsConfig
+from providers.egress import EgressPolicy
 from tests.services import Redis, until
 from tests.test_job_callbacks import SECRET, callbacks, callbacks_dispatcher, ok, receiving
 from tests.test_jobs import dispatcher_for
@@ -113,3 +117,46 @@ async def test_the_callback_secret_and_url_credentials_are_never_logged(
     logged = caplog.text + "".join(repr(record.args) for record in caplog.records)
     assert job_id in logged  # the failure was logged…
     assert SECRET not in logged and "pass-word-in-url" not in logged  # …without secrets
+
+
+@contextlib.asynccontextmanager
+async def tarpit() -> AsyncIterator[str]:
+    """A receiver that accepts connections and never answers a byte."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/hook"
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
+
+
+async def test_deliveries_waiting_for_a_tarpit_are_bounded() -> None:
+    """Jobs end faster than a receiver that never answers lets their callbacks go: each
+    waiting delivery holds the job's whole record (its result too), so their number is
+    bounded and the ones past it are dropped, counted as failed."""
+    config = JobsConfig(callback_timeout_ms=60_000, callback_attempts=1)
+    callbacks = JobCallbacks(config, EgressPolicy(), max_pending=8)
+    try:
+        async with tarpit() as url:
+            for number in range(50):
+                callbacks.send(url, {"id": f"job-{number}", "result": "x" * 1000})
+            assert callbacks.stats()["sending"] == 8
+            assert callbacks.stats()["failed"] == 42
+    finally:
+        await callbacks.aclose()
+    by_size = JobCallbacks(config, EgressPolicy(), max_pending_bytes=5_000)
+    try:
+        async with tarpit() as url:
+            for number in range(10):  # about 1,030 bytes each
+                by_size.send(url, {"id": f"job-{number}", "result": "x" * 1000})
+            assert (by_size.stats()["sending"], by_size.stats()["failed"]) == (4, 6)
+    finally:
+        await by_size.aclose()
