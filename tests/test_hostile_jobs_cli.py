@@ -57,6 +57,11 @@ async def test_a_record_with_terminal_escapes_is_listed_without_them(
         ran = await cli(manifest, *args)
         assert ran.code == 0, (args, ran.err)
         assert "job" in ran.out and "\x1b" not in ran.out and "\x07" not in ran.out, args
+    # Not a job it could run (the record has no stream entry to go back on): named, escaped.
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        await client.hdel(f"{redis_prefix}:job:{record['id']}", "plugin")
+    ran = await cli(manifest, "dlq", "redrive", "--all")
+    assert "not redriven: job" in ran.err and "\x1b" not in ran.err + ran.out, ran
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,8 @@ def credentials_from(api_key: str | None, token: str | None) -> Credentials | No
     return Credentials(authorization=bearer, api_key=api_key)
 
 
-def _printable(text: str) -> str:
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped, for a terminal."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
@@ -136,7 +137,7 @@ def run_with_dispatcher(manifest: Manifest[Any], job: Callable[[Dispatcher], Awa
 def table(rows: Sequence[Sequence[str]]) -> None:
     # Cells come from plugins (an error's type) and stores others write: a control
     # character would drive the operator's terminal (retitle it, clear it, hide a row).
-    rows = [[_printable(cell) for cell in row] for row in rows]
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         click.echo(
