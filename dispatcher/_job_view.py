@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from dispatcher._job_callbacks import checked_callback_url
 from dispatcher._jobs import (
     JobNotFinished,
@@ -19,6 +17,7 @@ from dispatcher._jobs import (
     job_outcome,
     new_job_record,
 )
+from dispatcher._jobs import job_status as decoded_status
 from dispatcher._routes import Route, checked_timeout
 from dispatcher.state import JobStore, StateBackend
 from dispatcher.state.base import TERMINAL_STATES
@@ -53,9 +52,9 @@ def job_store_of(backend: StateBackend | None) -> JobStore:
 
 
 def checked_idempotency_key(key: object) -> str | None:
-    if key is None or (isinstance(key, str) and 0 < len(key) <= 255):
+    if key is None or (isinstance(key, str) and 0 < len(key) <= 255 and key.isprintable()):
         return key
-    raise InvalidParams("idempotency_key must be a string of 1 to 255 characters")
+    raise InvalidParams("idempotency_key must be a string of 1 to 255 printable characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,12 +120,7 @@ async def job_status(store: JobStore, job_id: object) -> dict[str, Any]:
     record = await store.record(checked_job_id(job_id))
     if record is None:
         raise _not_found(job_id)
-    status: dict[str, Any] = dict(record)
-    status["attempts"] = int(record.get("attempts", "0"))
-    for field in ("params", "result", "error"):
-        if field in record:
-            status[field] = orjson.loads(record[field])
-    return status
+    return decoded_status(record)
 
 
 async def job_result(

@@ -115,7 +115,9 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
     """A stored record as callers read it: attempts a number, params, result and error
     decoded (a field that is not JSON, as the text it is)."""
     status: dict[str, Any] = dict(record)
-    status["attempts"] = int(record.get("attempts", "0") or 0)
+    attempts = record.get("attempts", "0")
+    # A record written by hand into the store may hold anything: its text then, not a crash.
+    status["attempts"] = int(attempts) if attempts.isdigit() else attempts
     for field in ("params", "result", "error"):
         if field in record:
             try:
@@ -128,9 +130,23 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
 def job_outcome(record: dict[str, str]) -> Any:
     """A finished job's result, or raise its error (a fresh, typed exception)."""
     state = record.get("state")
+    field = "result" if state == "succeeded" else "error"
+    try:
+        stored = orjson.loads(record.get(field, "null"))
+    except orjson.JSONDecodeError:  # not written by a worker: say so, typed
+        raise ProviderError(
+            f"job {record.get('id')}: its stored {field} is not JSON", details={"stage": "jobs"}
+        ) from None
     if state == "succeeded":
-        return orjson.loads(record.get("result", "null"))
-    raise error_from_wire(orjson.loads(record.get("error", "null")))
+        return stored
+    raise error_from_wire(stored)
+
+
+def _attempts_of(record: dict[str, str]) -> int | None:
+    try:
+        return int(record.get("attempts", "1"))
+    except ValueError:
+        return None
 
 
 def backoff(config: JobsConfig, attempt: int, retry_after: float | None) -> float:
@@ -273,7 +289,12 @@ class JobWorkers:
         if record.get("state") in TERMINAL_STATES:  # already ended: only the ack was missing
             await store.finish(entry, job_id, {"state": record["state"]}, self.result_ttl)
             return
-        attempts = int(record.get("attempts", "1"))
+        attempts = _attempts_of(record)
+        if attempts is None:  # not a record a dispatcher wrote: nothing to count on
+            self.counts["malformed"] += 1
+            fields = self._dead(f"job {job_id} has an unreadable attempts count", 0)
+            await self._ended(entry, record, fields)
+            return
         if attempts > self.config.max_attempts:  # its workers died on it each time
             last = record.get("error")
             reason = "its worker was lost on every attempt" if last is None else "see last error"
@@ -307,6 +328,15 @@ class JobWorkers:
             encoded = encode_json(result).decode()
         except DispatchError:  # a result that is not JSON: nothing to keep, no use retrying
             failure = ProviderError(f"job {job_id}: the result is not JSON", retryable=False)
+            await self._failed(entry, record, attempts, failure)
+            return
+        limit = self.config.max_result_bytes
+        if len(encoded) > limit:  # kept in the store for result_ttl_ms: bounded like params
+            failure = ProviderError(
+                f"job {job_id}: its result is {len(encoded)} bytes as JSON, over the"
+                f" {limit} of jobs.max_result_bytes; nothing was kept",
+                retryable=False,
+            )
             await self._failed(entry, record, attempts, failure)
             return
         fields = {"state": "succeeded", "result": encoded, "finished_at": _now_ms()}

@@ -76,12 +76,18 @@ class Destination:
 
     @classmethod
     def of_url(cls, field: str, url: str) -> Destination:
-        parts = urlsplit(url)
+        """The host the URL's client will dial. A URL that does not parse names no host
+        (refused by the egress policy), as does a host that is not a valid IDNA name."""
+        try:
+            parts = urlsplit(url)
+            host = _dialled_host(parts.hostname)
+        except ValueError:
+            return cls(field, scheme=url.partition(":")[0].lower() or None)
         try:
             port = parts.port
         except ValueError:
             port = None
-        return cls(field, host=parts.hostname or None, port=port, scheme=parts.scheme.lower())
+        return cls(field, host=host, port=port, scheme=parts.scheme.lower())
 
     @classmethod
     def of_host(cls, field: str, host: str, port: int | None = None) -> Destination:
@@ -96,6 +102,21 @@ class Destination:
             return f"unix:{self.unix_socket}"
         host = f"[{self.host}]" if self.host and ":" in self.host else (self.host or "")
         return f"{host}:{self.port}" if self.port is not None else host
+
+
+def _dialled_host(host: str | None) -> str | None:
+    """``host`` as clients connect to it: a non-ASCII name in its IDNA (ASCII) form.
+
+    Why: aiohttp (yarl) and others map ``169。254。169。254`` or fullwidth digits to the
+    address ``169.254.169.254`` and dial it without resolving anything, so a check of the
+    raw text, which is not an address, would let a link-local address through.
+    """
+    if not host or host.isascii():
+        return host or None
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        raise ValueError(f"{host!r} is not a valid internationalised host name") from None
 
 
 #: How a fleet spreads calls over its instances.

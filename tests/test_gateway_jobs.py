@@ -64,10 +64,18 @@ def jobs_document(tmp_path: Path, url: str, prefix: str, workers: int) -> dict[s
 
 @contextlib.asynccontextmanager
 async def jobs_gateway(
-    tmp_path: Path, url: str, prefix: str, *, workers: int = 1, max_job_wait: float = 30.0
+    tmp_path: Path,
+    url: str,
+    prefix: str,
+    *,
+    workers: int = 1,
+    max_job_wait: float = 30.0,
+    max_job_waits: int = 1000,
 ) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
     loaded = parse_manifest(jobs_document(tmp_path, url, prefix, workers), base_dir=tmp_path)
-    settings = GatewaySettings(port=0, max_body_bytes=64 * 1024, max_job_wait=max_job_wait)
+    settings = GatewaySettings(
+        port=0, max_body_bytes=64 * 1024, max_job_wait=max_job_wait, max_job_waits=max_job_waits
+    )
     async with (
         Dispatcher(loaded) as dispatcher,
         GatewayServer(dispatcher, settings) as server,

@@ -142,6 +142,13 @@ def only_plugin(manifest: Manifest[Any], plugin_id: str) -> Manifest[Any]:
     return manifest.model_copy(update={"plugins": wanted}) if wanted else manifest
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped, for a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def run_with_dispatcher(manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]) -> T:
     async def session() -> T:
         async with Dispatcher(manifest) as dispatcher:
@@ -164,6 +171,9 @@ def run_or_report(
 
 
 def table(rows: Sequence[Sequence[str]]) -> None:
+    # Cells come from plugins (an error's type) and stores others write: a control
+    # character would drive the operator's terminal (retitle it, clear it, hide a row).
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         click.echo(

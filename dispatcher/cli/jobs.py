@@ -34,6 +34,7 @@ from dispatcher.cli._app import (
     manifest_option,
     only_plugin,
     output_option,
+    printable,
     run_or_report,
     table,
 )
@@ -395,7 +396,8 @@ def redrive(context: click.Context, job_ids: tuple[str, ...], every: bool) -> No
     redriven, refused = _with_store(context, send_back)
     click.echo(f"redriven: {len(redriven)}")
     for job_id in refused:
-        click.echo(f"not redriven: {job_id} (not dead-lettered, or nothing it could run)", err=True)
+        shown = printable(job_id)  # read from the store: whoever wrote it chose it
+        click.echo(f"not redriven: {shown} (not dead-lettered, or nothing it could run)", err=True)
     if refused and job_ids:
         context.exit(EXIT_FAILED)
 

@@ -12,6 +12,7 @@ Durations are in milliseconds, as every other duration of a manifest.
       tls: {cert: tls/gw.pem, key: tls/gw.key, client_ca: tls/clients.pem, client_cert: required}
       max_body_bytes: 1048576
       timeouts: {body_ms: 30000, header_ms: 10000, heartbeat_ms: 20000}
+      max_job_waits: 1000
       grace_ms: 20000
 """
 
@@ -77,6 +78,9 @@ class GatewayConfig(StrictModel):
     tls: GatewayTls | None = None
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
     timeouts: GatewayTimeouts = Field(default_factory=GatewayTimeouts)
+    max_job_waits: Annotated[int, Field(ge=1)] = Field(
+        default=1000, description="GET /v1/jobs/{id}?wait= requests parked at once; more: 503."
+    )
     grace_ms: Annotated[int, Field(ge=0, le=86_400_000)] = Field(
         default=20_000, description="How long a drain lets calls in flight finish."
     )

@@ -127,6 +127,11 @@ class JobsConfig(StrictModel):
         default=1024 * 1024,
         description="Largest params of one job, as JSON: they are kept in Redis until it ends.",
     )
+    max_result_bytes: Annotated[int, Field(ge=1, le=256 * 1024 * 1024)] = Field(
+        default=16 * 1024 * 1024,
+        description="Largest result of one job, as JSON: it is kept in Redis for "
+        "result_ttl_ms; a larger one fails the job (provider_error), nothing is kept.",
+    )
     callback_secret: str | None = Field(
         default=None,
         min_length=16,

@@ -12,7 +12,11 @@ calls, so what they may say is narrower than a file's (``trust``):
   ``unix_socket``) nor the host's environment (``${NAME}``): either would hand what the
   host keeps to whoever writes the registry;
 * fixed instances only: no discovery source (``dns``, ``registry``) the host would follow;
-* the key must name the entry's own ``id@version``, and the value fit ``max_entry_bytes``;
+* a ``fallback`` only to a plugin in ``trust.allow_plugins`` (none when it is unset): a
+  fallback runs with the access the caller had to the entry;
+* the key must name the entry's own ``id@version``, and the value fit ``max_entry_bytes``,
+  nest at most ``MAX_ENTRY_DEPTH`` levels and use no YAML aliases (what they expand to
+  would cost the host far more than the value's size);
 * the manifest's ``egress`` applies to every destination an entry names.
 
 An entry off these rules is left out, named in the registry's ``skipped`` with the reason
@@ -35,6 +39,10 @@ __all__ = ["EntryTrust", "RegistryConfig", "entry_item"]
 #: Providers an entry may use unless ``trust.allow_providers`` says otherwise: they call a
 #: server somewhere else and run nothing of the host's.
 DEFAULT_PROVIDERS = ("http", "grpc")
+
+#: How deep an entry's value may nest; a real entry needs a handful of levels.
+MAX_ENTRY_DEPTH = 64
+_TOO_DEEP = f"the value is nested deeper than {MAX_ENTRY_DEPTH} levels"
 
 _HOST_FILE_KEY = re.compile(r"(_file|_dir)$|^(path|unix_socket)$")
 _ENV_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
@@ -102,18 +110,53 @@ def entry_item(key: str, value: bytes, config: RegistryConfig) -> dict[str, Any]
             )
     _refuse_host_reads(item)
     _refuse_discovery(item)
+    _refuse_fallbacks(item, trust)
     return item
 
 
 def _parsed(value: bytes) -> Any:
     try:
-        return orjson.loads(value)
-    except orjson.JSONDecodeError:
-        pass
+        item = orjson.loads(value)
+    except orjson.JSONDecodeError:  # YAML, or JSON deeper than orjson's 1,024 levels
+        item = _parsed_yaml(value)
+    _check_depth(item)
+    return item
+
+
+def _parsed_yaml(value: bytes) -> Any:
+    """YAML read after one pass over its events, which recurses into nothing: aliases are
+    refused (a few hundred bytes of them expand to millions of nodes for the walks below)
+    and so is nesting past ``MAX_ENTRY_DEPTH`` (yaml's composer recurses per level)."""
     try:
-        return yaml.safe_load(value.decode("utf-8"))
+        text = value.decode("utf-8")
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ValueError("the value uses YAML aliases (*name): write each value out")
+            if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+                depth += 1
+                if depth > MAX_ENTRY_DEPTH:
+                    raise ValueError(_TOO_DEEP)
+            elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+                depth -= 1
+        return yaml.safe_load(text)
     except (UnicodeDecodeError, yaml.YAMLError):
         raise ValueError("the value is neither JSON nor YAML") from None
+
+
+def _check_depth(item: Any) -> None:
+    """Level by level, without recursion: the walks below and validation recurse."""
+    level: list[Any] = [item] if isinstance(item, dict | list) else []
+    for _ in range(MAX_ENTRY_DEPTH):
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return
+    raise ValueError(_TOO_DEEP)
 
 
 def _targets(item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -144,6 +187,24 @@ def _refuse_discovery(item: dict[str, Any]) -> None:
                     "an entry lists fixed instances only: a discovery source (dns, registry)"
                     " would have the host follow a server the entry names"
                 )
+
+
+def _refuse_fallbacks(item: dict[str, Any], trust: EntryTrust) -> None:
+    """A fallback calls another plugin with the access the caller had to this one: an
+    entry pointing its own target nowhere would hand its callers any plugin of the file.
+    So an entry falls back only to plugins entries may declare (``allow_plugins``)."""
+    methods = item.get("methods")
+    places = [item.get("defaults"), *(methods.values() if isinstance(methods, dict) else ())]
+    for place in places:
+        fallback = place.get("fallback") if isinstance(place, dict) else None
+        if fallback is None:
+            continue
+        plugin = fallback.get("plugin") if isinstance(fallback, dict) else None
+        if trust.allow_plugins is None or plugin not in trust.allow_plugins:
+            raise ValueError(
+                "an entry's fallback may name only a plugin in trust.allow_plugins"
+                " (it is called with the access callers have to this entry)"
+            )
 
 
 def _refuse_host_files(value: Any) -> None:

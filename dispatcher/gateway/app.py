@@ -55,6 +55,7 @@ from dispatcher.telemetry.metrics import metrics_handler
 from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,
+    Overloaded,
     ProviderError,
     ShuttingDown,
     Unauthorized,
@@ -115,6 +116,8 @@ class Gateway:
         self._plugins = orjson.dumps({"plugins": _plugin_list(dispatcher)})
         self._streams: set[EventStream] = set()
         self._plugin_sockets: set[web.WebSocketResponse] = set()
+        #: ``GET /v1/jobs/{id}?wait=`` requests parked now (bounded: ``max_job_waits``).
+        self._job_waits = 0
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -129,9 +132,7 @@ class Gateway:
                 raise InvalidParams("X-Request-Id is 1-128 characters of A-Z a-z 0-9 . _ : -")
             caller, credentials = await self._caller(request)
             timeout = _timeout_of(headers)
-            idempotency_key = headers.get("Idempotency-Key")
-            if idempotency_key is not None and not 0 < len(idempotency_key) <= 256:
-                raise InvalidParams("Idempotency-Key is 1-256 characters")
+            idempotency_key = _idempotency_key_of(headers, 256)
             traceparent = headers.get("traceparent")
             if traceparent is not None and not _TRACEPARENT.match(traceparent):
                 traceparent = None  # W3C trace context: an invalid one is ignored, not refused
@@ -142,7 +143,7 @@ class Gateway:
                 match["plugin"],
                 match["method"],
                 params,
-                version=headers.get("X-Plugin-Version"),
+                version=_version_of(headers),
                 caller=caller,
                 credentials=credentials,
                 timeout=timeout,
@@ -177,9 +178,7 @@ class Gateway:
         body_read = False
         try:
             caller, credentials = await self._caller(request)
-            idempotency_key = headers.get("Idempotency-Key")
-            if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
-                raise InvalidParams("Idempotency-Key is 1-255 characters")
+            idempotency_key = _idempotency_key_of(headers, 255)
             params = await read_params(request, self.settings)
             body_read = True
             match = request.match_info
@@ -187,7 +186,7 @@ class Gateway:
                 match["plugin"],
                 match["method"],
                 params,
-                version=headers.get("X-Plugin-Version"),
+                version=_version_of(headers),
                 caller=caller,
                 credentials=credentials,
                 idempotency_key=idempotency_key,
@@ -243,8 +242,18 @@ class Gateway:
         owner = principal.id if principal is not None else None
         status = await self._own_job(job_id, owner)
         if wait > 0 and status.get("state") not in TERMINAL_STATES:
-            with contextlib.suppress(DispatchError):  # its end, or not yet: read it below
-                await self.dispatcher.result(job_id, wait=wait)
+            if self._job_waits >= self.settings.max_job_waits:
+                raise Overloaded(
+                    f"this gateway already holds {self.settings.max_job_waits} job waits"
+                    " (max_job_waits): ask again, or without ?wait=",
+                    retry_after=1.0,
+                )
+            self._job_waits += 1
+            try:
+                with contextlib.suppress(DispatchError):  # its end, or not yet: read below
+                    await self.dispatcher.result(job_id, wait=wait)
+            finally:
+                self._job_waits -= 1
             status = await self._own_job(job_id, owner)
         return status
 
@@ -464,6 +473,8 @@ def _allowed_verb(path: str) -> str | None:
         return "POST"  # a rollout is steered with POST
     if path == "/v1/rollouts":
         return "GET"
+    if path.startswith("/v1/jobs/"):
+        return "GET"  # a job is read, never written: it is created by …:submit
     return None
 
 
@@ -504,6 +515,24 @@ def _timeout_of(headers: Any) -> float | None:
             return value
         raise InvalidParams("Request-Timeout is a number of seconds in (0, 86400]")
     return None
+
+
+def _version_of(headers: Any) -> str | None:
+    """``X-Plugin-Version``: a version or range, so printable; bytes that are not UTF-8
+    arrive as lone surrogates, which the audit log and the error's JSON cannot encode."""
+    version: str | None = headers.get("X-Plugin-Version")
+    if version is not None and not (0 < len(version) <= 256 and version.isprintable()):
+        raise InvalidParams("X-Plugin-Version is a version or range: 1-256 printable characters")
+    return version
+
+
+def _idempotency_key_of(headers: Any, most: int) -> str | None:
+    """``Idempotency-Key``: 1 to ``most`` printable characters. Bytes that are not UTF-8
+    arrive as lone surrogates, which no store can encode: refused here, not a 500 there."""
+    key: str | None = headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= most and key.isprintable()):
+        raise InvalidParams(f"Idempotency-Key is 1-{most} printable UTF-8 characters")
+    return key
 
 
 def _wait_of(query: Any, most: float) -> float:

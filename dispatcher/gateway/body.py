@@ -39,14 +39,15 @@ async def read_params(request: web.Request, settings: GatewaySettings) -> Any:
     if declared == 0 or (declared is None and not request.body_exists):
         return {}
     _check_content_type(request)
+    _check_content_encoding(request)
     if declared is not None and declared > settings.max_body_bytes:
         raise Refused(_too_big(f"Content-Length {declared}", settings), status=413, close=True)
-    if declared is not None and request.content.is_eof():
-        # The whole body came with the head (the usual small call): nothing to wait for,
-        # so no timer is armed and cancelled for it.
-        raw = await request.read()
-        return parse_json(raw, settings.max_depth) if raw else {}
     try:
+        if declared is not None and request.content.is_eof():
+            # The whole body came with the head (the usual small call): nothing to wait
+            # for, so no timer is armed and cancelled for it.
+            raw = await request.read()
+            return parse_json(raw, settings.max_depth) if raw else {}
         async with asyncio.timeout(settings.body_timeout):
             if declared is not None:  # known and within the limit: one read, aiohttp's
                 raw = await request.read()
@@ -57,6 +58,14 @@ async def read_params(request: web.Request, settings: GatewaySettings) -> Any:
             f"the request body did not arrive within {settings.body_timeout:g} s"
         )
         raise Refused(late, status=408, close=True) from None
+    except web.HTTPRequestEntityTooLarge:
+        # Content-Length was the compressed size; aiohttp's read counts what it inflates to.
+        inflated = _too_big("the request body, decompressed,", settings)
+        raise Refused(inflated, status=413, close=True) from None
+    except web.RequestPayloadError:  # a Content-Encoding the bytes do not match
+        encoding = request.headers.get("Content-Encoding", "")[:20]
+        broken = InvalidParams(f"the request body is not valid {encoding!r}-encoded data")
+        raise Refused(broken, close=True) from None
     if not raw:
         return {}
     return parse_json(raw, settings.max_depth)
@@ -88,6 +97,22 @@ def _check_content_type(request: web.Request) -> None:
             f"the request body must be 'Content-Type: application/json', not {shown!r}"
         )
         raise Refused(refusal, status=415, close=True)
+
+
+#: The codings aiohttp decodes (one at a time); any other would reach the JSON parser
+#: still encoded, or be taken as plain JSON while the client meant otherwise.
+_DECODED_ENCODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
+
+
+def _check_content_encoding(request: web.Request) -> None:
+    sent = request.headers.get("Content-Encoding")
+    if sent is None or sent.strip().lower() in _DECODED_ENCODINGS:
+        return
+    refusal = InvalidParams(
+        f"Content-Encoding {sent[:40]!r} is not one this gateway decodes"
+        " (gzip, deflate, br, zstd or none)"
+    )
+    raise Refused(refusal, status=415, close=True)
 
 
 async def _read_limited(request: web.Request, settings: GatewaySettings) -> bytes:

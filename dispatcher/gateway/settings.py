@@ -13,6 +13,8 @@ Each limit guards one resource against one kind of client, broken or hostile:
     header_timeout         a connection: slowloris, a head that never    closed
                            completes, a connection idle between requests
     max_job_wait           a request slot: GET /v1/jobs/{id}?wait=…      400 invalid_params
+    max_job_waits          the state store: each parked wait reads the   503 overloaded,
+                           job's record twice a second                   Retry-After: 1
     event_buffer           memory: events kept for resuming subscribers  oldest dropped; a
                                                                           resume past it is told
     max_pending_events     memory: events queued for one slow consumer   WebSocket closed 4008
@@ -65,13 +67,22 @@ class GatewaySettings:
     #: The longest ``GET /v1/jobs/{id}?wait=`` may hold a request open; a longer wait is
     #: refused (400), so a client cannot park requests on the gateway for ever.
     max_job_wait: float = 30.0
+    #: Waits (``?wait=`` > 0) parked at once on this gateway; one more is refused (503
+    #: overloaded) instead of adding its reads of the state store to the others'.
+    max_job_waits: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("port", "grpc_port"):
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], not {port}")
-        for name in ("max_body_bytes", "max_depth", "event_buffer", "max_pending_events"):
+        for name in (
+            "max_body_bytes",
+            "max_depth",
+            "event_buffer",
+            "max_pending_events",
+            "max_job_waits",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         for name in ("body_timeout", "header_timeout", "heartbeat", "cert_check_interval"):
@@ -115,6 +126,7 @@ class GatewaySettings:
                 "header_timeout": config.timeouts.header_ms / 1000,
                 "heartbeat": config.timeouts.heartbeat_ms / 1000,
                 "max_job_wait": config.timeouts.job_wait_ms / 1000,
+                "max_job_waits": config.max_job_waits,
                 "grace": config.grace_ms / 1000,
             }
             if tls is not None:

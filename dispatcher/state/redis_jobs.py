@@ -56,12 +56,17 @@ return 1
 """
 
 # A terminal record is returned as it is (the worker only acks: a redelivery after a
-# redrive race); otherwise one more attempt is counted before the job runs.
+# redrive race); otherwise one more attempt is counted before the job runs. An attempts
+# field that is not an integer (a record not written by us) is left for the worker to
+# dead-letter: HINCRBY would fail the script, and every redelivery after it, for ever.
 _BEGIN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'succeeded' and state ~= 'failed' and state ~= 'dead' then
-  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  local attempts = redis.call('HGET', KEYS[1], 'attempts')
+  if attempts == false or (#attempts <= 18 and string.match(attempts, '^%-?%d+$')) then
+    redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  end
   redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
 end
 return redis.call('HGETALL', KEYS[1])
@@ -367,7 +372,8 @@ class RedisJobs(JobStore):
 
 
 # A terminal record is returned as it is; one gone (expired, a Redis that restarted empty)
-# is made again from what the message carried (ARGV[2..]); then one more attempt is counted.
+# is made again from what the message carried (ARGV[2..]); then one more attempt is counted
+# (not on an attempts field that is no integer: the worker dead-letters that, as _BEGIN).
 _RECORD_BEGIN = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'succeeded' or state == 'failed' or state == 'dead' then
@@ -377,7 +383,10 @@ if state == false then
   for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   redis.call('HSET', KEYS[1], 'attempts', 0)
 end
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local attempts = redis.call('HGET', KEYS[1], 'attempts')
+if attempts == false or (#attempts <= 18 and string.match(attempts, '^%-?%d+$')) then
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
 return redis.call('HGETALL', KEYS[1])
 """

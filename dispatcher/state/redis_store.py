@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
 from dispatcher.config import StateConfig
@@ -205,6 +205,15 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             if budget < self.op_timeout:  # the call's deadline, not Redis being slow
                 raise DeadlineExceeded(f"{what} did not finish before the deadline") from None
             reason = f"no answer within {self.op_timeout * 1000:.0f} ms"
+        except ResponseError as error:
+            if type(error) is ResponseError:
+                # Redis answered: a key of the wrong type, a value a script cannot use. Not
+                # Redis being down, so other callers are not refused for the next moment.
+                raise StateUnavailable(
+                    f"state store {self.where} refused {what}: {error}",
+                    details={"stage": "state"},
+                ) from None
+            reason = f"{type(error).__name__}: {error}"  # read-only, out of memory, …
         except (RedisError, OSError) as error:
             reason = f"{type(error).__name__}: {error}"
         self.failures += 1

@@ -1,0 +1,162 @@
+"""Hostile registry entries (``registry:`` in etcd): values that cost the host far more
+than their size to read (YAML aliases that expand exponentially, nesting deeper than the
+interpreter's stack), each refused by name, never quoted, while the good entries apply.
+A real etcd; the first tests read the trust rules alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from dispatcher import parse_manifest
+from dispatcher.config import RegistryConfig, merge_entries
+from dispatcher.config.registry import entry_item
+from tests.conftest import LOCAL_TARGET, ROOT, echo_plugin
+from tests.services import Etcd, until
+from tests.test_registry_entries import (
+    SECRET,
+    dispatcher_for,
+    entry,
+    greeters,  # noqa: F401 (a fixture)
+    greeting,
+    keys,
+    manifest_with_registry,
+)
+
+CONFIG = RegistryConfig(etcd="http://127.0.0.1:2379", prefix="/p")  # type: ignore[arg-type]
+TARGET = "{provider: http, url: 'http://127.0.0.1:1/'"
+
+
+def laughs(levels: int, version: str = "1.0.0") -> str:
+    """A YAML entry of a few hundred bytes whose aliases expand to 10**levels strings."""
+    lines = [
+        f"id: echo\nversion: {version}\nmethods: {{say: {{}}}}",
+        f"l0: &l0 [{SECRET}" + ", x" * 9 + "]",
+    ]
+    for level in range(1, levels + 1):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]")
+    lines.append(f"target: {TARGET}, extra: *l{levels}}}")
+    return "\n".join(lines) + "\n"
+
+
+def deep_yaml(depth: int, version: str = "1.0.0") -> str:
+    return f"id: echo\nversion: {version}\ntarget: {TARGET}, extra: {'[' * depth}{']' * depth}}}\n"
+
+
+def deep_json(depth: int, version: str = "1.0.0") -> str:
+    nested = "[" * depth + "]" * depth
+    return (
+        f'{{"id": "echo", "version": "{version}", "methods": {{"say": {{}}}},'
+        f' "target": {{"provider": "http", "url": "http://127.0.0.1:1/", "extra": {nested}}}}}'
+    )
+
+
+def test_yaml_aliases_are_refused_before_they_expand() -> None:
+    # 10**7 strings: seconds of the event loop's time to walk, before this was refused.
+    with pytest.raises(ValueError, match="alias") as refused:
+        entry_item("/p/echo@1.0.0", laughs(7).encode(), CONFIG)
+    assert SECRET not in str(refused.value)
+
+
+@pytest.mark.parametrize("value", [deep_yaml(20_000), deep_json(1_000), deep_yaml(200)])
+def test_nesting_deeper_than_an_entry_needs_is_refused_not_a_recursion_error(
+    value: str,
+) -> None:
+    with pytest.raises(ValueError, match="nested deeper"):
+        entry_item("/p/echo@1.0.0", value.encode(), CONFIG)
+
+
+def test_an_entry_nested_as_deep_as_a_real_one_is_read() -> None:
+    assert entry_item("/p/echo@1.0.0", deep_yaml(20).encode(), CONFIG)["id"] == "echo"
+    assert entry_item("/p/echo@1.0.0", deep_json(20).encode(), CONFIG)["id"] == "echo"
+
+
+async def test_costly_entries_are_left_out_and_the_good_one_applies(
+    etcd: Etcd,
+    etcd_prefix: str,
+    greeters: dict[str, str],  # noqa: F811 (the fixture)
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hostile = {
+        "echo@9.0.0": laughs(7, "9.0.0"),
+        "echo@9.0.1": deep_yaml(20_000, "9.0.1"),
+        "echo@9.0.2": deep_json(1_000, "9.0.2"),
+    }
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    for name, value in hostile.items():
+        etcd.put(f"{etcd_prefix}/{name}", value)
+    etcd.put(f"{etcd_prefix}/echo@1.0.0", entry(greeters["one"]))
+    async with dispatcher_for(manifest_with_registry(etcd, etcd_prefix)) as dispatcher:
+        await until(lambda: "echo@1.0.0" in keys(dispatcher), "the good entry")
+        assert await greeting(dispatcher) == "one"
+        skipped = {
+            key.rsplit("/", 1)[1]: reason
+            for key, reason in dispatcher.stats()["registry"]["skipped"].items()
+        }
+        assert set(skipped) == set(hostile), skipped
+        assert "alias" in skipped["echo@9.0.0"]
+        assert "nested deeper" in skipped["echo@9.0.1"]
+        assert "nested deeper" in skipped["echo@9.0.2"]
+    assert SECRET not in caplog.text + json.dumps(skipped)
+
+
+def fallback_entry(plugin: str, where: str) -> bytes:
+    fallback = {"fallback": {"plugin": plugin, "on": ["target_unavailable"]}}
+    document: dict[str, object] = {
+        "id": "echo",
+        "version": "1.0.0",
+        "target": {"provider": "http", "url": "http://127.0.0.1:1/"},  # never answers
+        "methods": {"say": fallback if where == "method" else {}},
+    }
+    if where == "defaults":
+        document["defaults"] = fallback
+    return json.dumps(document).encode()
+
+
+@pytest.mark.parametrize("where", ["method", "defaults"])
+def test_a_fallback_to_a_plugin_entries_may_not_declare_is_refused(where: str) -> None:
+    """A fallback runs with the access the caller had to the entry: an entry whose target
+    never answers and whose fallback names the file's ``payments`` would hand every caller
+    of ``echo.say`` the file's ``payments.say``."""
+    with pytest.raises(ValueError, match="fallback"):
+        entry_item("/p/echo@1.0.0", fallback_entry("payments", where), CONFIG)
+    trusted = CONFIG.model_copy(
+        update={"trust": CONFIG.trust.model_copy(update={"allow_plugins": ["echo", "mirror"]})}
+    )
+    with pytest.raises(ValueError, match="fallback"):
+        entry_item("/p/echo@1.0.0", fallback_entry("payments", where), trusted)
+    assert entry_item("/p/echo@1.0.0", fallback_entry("mirror", where), trusted)["id"] == "echo"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169\u3002254\u3002169\u3002254/",  # ideographic full stops
+        "http://169\uff0e254\uff0e169\uff0e254/",  # fullwidth full stops
+        "http://[::ffff:169.254.169.254]/",
+    ],
+)
+def test_an_entry_naming_link_local_in_disguise_is_refused_by_egress(url: str) -> None:
+    """aiohttp maps these spellings to an address and dials it without resolving: the
+    load-time check must read them the same way."""
+    document = {
+        "version": 1,
+        "plugins": [echo_plugin("main", LOCAL_TARGET)],
+        "registry": {"etcd": "http://127.0.0.1:2379", "prefix": "/p"},
+    }
+    manifest = parse_manifest(document, base_dir=ROOT)
+    value = json.dumps(
+        {
+            "id": "echo",
+            "version": "1.0.0",
+            "target": {"provider": "http", "url": url},
+            "methods": {"say": {}},
+        }
+    ).encode()
+    item = entry_item("/p/echo@1.0.0", value, CONFIG)
+    merged, skipped = merge_entries(manifest, {"/p/echo@1.0.0": item}, source="test")
+    assert [plugin.key for plugin in merged.plugins] == ["main@1.0.0"]
+    assert "link-local" in skipped["/p/echo@1.0.0"], skipped
