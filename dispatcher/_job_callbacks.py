@@ -81,7 +81,15 @@ CLOSE_GRACE_SECONDS = 2.0
 POLL_SECONDS = 0.5
 #: The record's bookkeeping of its callback: not part of what is POSTed.
 _BOOKKEEPING = frozenset(
-    ("callback", "callback_attempts", "callback_claim", "callback_error", "callback_id")
+    (
+        "callback",
+        "callback_attempts",
+        "callback_claim",
+        "callback_delivered_at",
+        "callback_error",
+        "callback_failed_at",
+        "callback_id",
+    )
 )
 
 #: A job record as callers read it (``dispatcher._jobs.job_status``).

@@ -8,7 +8,6 @@ Keys (under the backend's ``key_prefix``)::
     {prefix}:jobs:dead       sorted set: dead-lettered jobs (when, ms)
     {prefix}:jobs:recent     sorted set: submitted jobs (when, ms), trimmed to ``recent``
     {prefix}:jobs:callbacks  sorted set: ended jobs whose callback waits (due time, ms)
-    {prefix}:jobs:callbacks:failed  sorted set: callbacks given up (when, ms)
 
 An entry is acked, and deleted, in the same atomic step that stores the job's terminal
 state or schedules its next attempt: a worker killed at any point leaves the entry pending,
@@ -146,6 +145,9 @@ if redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'redriven_at', ARGV[2])
+-- Its next end brings a callback of its own (a new delivery id): the last one's is over.
+redis.call('HDEL', KEYS[1], 'callback', 'callback_error', 'callback_claim',
+  'callback_delivered_at', 'callback_failed_at')
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 return 1
 """
@@ -162,6 +164,16 @@ for i, id in ipairs(ARGV) do
 end
 return dropped
 """
+
+
+#: A redriven job's last callback, cleared (as ``_REDRIVE`` does): its next end brings its own.
+_LAST_CALLBACK = (
+    "callback",
+    "callback_error",
+    "callback_claim",
+    "callback_delivered_at",
+    "callback_failed_at",
+)
 
 
 def _text(value: Any) -> str:
@@ -204,7 +216,6 @@ class RedisJobs(JobStore):
         self.dead_set = f"{prefix}:jobs:dead"
         self.recent_set = f"{prefix}:jobs:recent"
         self.callback_set = f"{prefix}:jobs:callbacks"
-        self.failed_callbacks = f"{prefix}:jobs:callbacks:failed"
         self._submit = client.register_script(_SUBMIT)
         self._ensure = client.register_script(_ENSURE_GROUP)
         self._begin = client.register_script(_BEGIN)
@@ -481,7 +492,7 @@ class RedisJobRecords(JobRecords):
                 pipe.zrem(jobs.dead_set, job_id)
                 pipe.persist(key)
                 pipe.hset(key, mapping=fields)
-                pipe.hdel(key, "error", "finished_at")
+                pipe.hdel(key, "error", "finished_at", *_LAST_CALLBACK)
                 await pipe.execute()
 
         await jobs._op("a redrive", write)
@@ -528,8 +539,9 @@ return claimed
 """
 
 # Settle a claim, if it is still this claim's. KEYS[1] the callbacks set, KEYS[2] the
-# record, KEYS[3] the failed callbacks; ARGV id, token, outcome (delivered|retry|failed),
-# delay_ms, reason, when (ms, for the record).
+# record; ARGV id, token, outcome (delivered|retry|failed), delay_ms, reason, when (ms).
+# A failed one is dead-lettered on its record (``callback: failed``), which lives as long
+# as the job's (a dead job's until purged): no index of its own to outgrow it.
 _CALLBACK_SETTLE = """
 if redis.call('HGET', KEYS[2], 'callback_claim') ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[2], 'callback_claim')
@@ -544,8 +556,8 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[3] == 'delivered' then
   redis.call('HSET', KEYS[2], 'callback', 'delivered', 'callback_delivered_at', ARGV[6])
 else
-  redis.call('HSET', KEYS[2], 'callback', 'failed', 'callback_error', ARGV[5])
-  redis.call('ZADD', KEYS[3], tonumber(ARGV[6]), ARGV[1])
+  redis.call('HSET', KEYS[2], 'callback', 'failed', 'callback_error', ARGV[5],
+    'callback_failed_at', ARGV[6])
 end
 return 1
 """
@@ -575,7 +587,7 @@ class RedisCallbacks(CallbackOutbox):
         self, callback: PendingCallback, outcome: str, delay: float = 0.0, reason: str = ""
     ) -> bool:
         jobs = self._jobs
-        keys = (jobs.callback_set, jobs.record_key(callback.job_id), jobs.failed_callbacks)
+        keys = (jobs.callback_set, jobs.record_key(callback.job_id))
         args = (
             callback.job_id,
             callback.token,
