@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -333,3 +334,45 @@ async def until_empty(client: aioredis.Redis, key: str) -> None:
     while await client.zcard(key):
         assert time.monotonic() < deadline, f"{key} still holds {await client.zrange(key, 0, -1)}"
         await asyncio.sleep(0.05)
+
+
+async def test_a_frozen_redis_delays_a_callback_but_loses_nothing(
+    tmp_path: Path, own_redis: Redis, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis stops answering (SIGSTOP) while a callback waits for its next POST: the worker
+    logs, keeps going, and delivers it once Redis answers again."""
+    caplog.set_level(logging.INFO)
+    failed_once = asyncio.Event()
+
+    async def fail_first(attempt: int) -> web.Response:
+        if attempt == 1:
+            failed_once.set()
+            return web.Response(status=503)
+        return web.json_response({})
+
+    receiver = Receiver(fail_first, free_port(HOST))
+    path = manifest_file(
+        tmp_path,
+        own_redis.url,
+        redis_prefix,
+        workers=1,
+        callback_secret=SECRET,
+        callback_backoff_ms=1000,
+    )
+    document = json.loads(path.read_text())
+    document["state"].update(op_timeout_ms=200, retry_after_ms=200)
+    path.write_text(json.dumps(document))
+    async with serving(receiver), Dispatcher(load_manifest(path)) as dispatcher:
+        job_id = await dispatcher.submit("jobs", "work", {"n": 13}, callback_url=receiver.url)
+        await asyncio.wait_for(failed_once.wait(), 60)
+        own_redis.pause()
+        try:
+            await asyncio.sleep(1.5)  # past the retry's due time: claims time out meanwhile
+        finally:
+            own_redis.resume()
+        record = await wait_for_callback(own_redis, redis_prefix, job_id, "delivered")
+        assert record["callback_attempts"] == "2"
+        assert dispatcher.stats()["jobs"]["callbacks"]["delivered"] == 1
+    assert len(receiver.received) == 2
+    assert "job callbacks: state store" in caplog.text  # it said why it waited
+    no_secret_in(caplog.text)
