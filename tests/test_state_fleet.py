@@ -246,6 +246,7 @@ async def test_memory_backend_fleet_keeps_its_plain_breakers(tmp_path: Path) -> 
             assert dispatcher.policies is not None
             assert dispatcher.policies.shared_breakers == {}
             assert len(dispatcher.policies.breakers) == 2
+            assert dispatcher.stats()["shared_breakers"] == {}
 
 
 @pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
@@ -274,3 +275,5 @@ async def test_a_corrupted_instance_breaker_is_a_typed_error_or_a_fallback(
             else:
                 assert isinstance(outcome, StateUnavailable), outcome
                 assert "circuit breaker" in outcome.message
+            shared = dispatcher.stats()["shared_breakers"]
+            assert sorted(shared) == sorted(each.target.describe() for each in fleet.instances)

@@ -87,6 +87,7 @@ class FleetStep:
         self.shared: dict[str, SharedBreaker] = {}
         for instance in fleet.instances:  # so reports show them before the first call
             self._breaker(instance)
+            self._shared(instance)
 
     def _shared(self, instance: Instance) -> SharedBreaker | None:
         if self.shared_for is None:

@@ -346,6 +346,11 @@ class PolicyRuntime:
                 breaker.name: {"state": str(breaker.state), "failures": breaker.failures}
                 for breaker in self.breakers.values()
             },
+            # With state: redis, the state every replica shares, as this one last saw it
+            # ("unknown" before its first round trip); "breakers" is then the fallback's.
+            "shared_breakers": {
+                shared.name: shared.state() for shared in self.shared_breakers.values()
+            },
             "batchers": {
                 batcher.name: {
                     "batches": batcher.batches,
