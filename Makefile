@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo demo-lambda test lint bench clean proto sdks docker-prereqs services-prereqs lambda-runtime
 
 $(STAMP): pyproject.toml sdk/python/pyproject.toml
-	@echo "installing the dispatcher and the plugin SDK (editable, extras http grpc knative dev) into $(VENV): about a minute the first time"
+	@echo "installing the dispatcher and the plugin SDK (editable, extras http grpc knative dev; dev brings reqwest for the tests and benchmarks) into $(VENV): about a minute the first time"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@# setuptools warns on every editable build that a folder named like the package may
@@ -56,7 +56,7 @@ test: $(STAMP) sdks docker-prereqs services-prereqs lambda-runtime
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status
+	$(BIN)/python -m pytest -q --durations=25; status=$$?; [ $$status -eq 5 ] && echo "no tests collected" && exit 1; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -13,9 +13,10 @@ parts below are built and torn down. Each part with a job of its own lives apart
 methods here only put them in order: routes (``_routes``), what each provider has
 attached (``_attachments``), in-flight bookkeeping (``_drain``), what a reload changes
 (``_reload``), the guard and audit entry of each call (``_guard``), host events in and out
-(``_events``, ``_publish``), async jobs (``_jobs`` runs them, ``_job_view`` shows them),
-fallbacks (``_fallback``), rollouts (``_rollout``), health (``_health``), signals
-(``_signals``), plugins dialling in (``_inbound``); policies and fleets below them all.
+(``_events``, ``_publish``), async jobs (``_jobs`` runs them, ``_job_view`` checks,
+queues and shows them), fallbacks (``_fallback``), rollouts (``_rollout``), health
+(``_health``), signals (``_signals``), plugins dialling in (``_inbound``); policies and
+fleets below them all.
 """
 
 from __future__ import annotations
@@ -25,27 +26,32 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from dispatcher._attachments import Attachments, providers_for
-from dispatcher._drain import CUT_OFF_SECONDS, InFlight, OpenStream, current_task_getter
+from dispatcher._drain import CUT_OFF_SECONDS, InFlight, checked_grace, current_task_getter
 from dispatcher._events import EventHandler, EventHandlers
 from dispatcher._fallback import Fallbacks
 from dispatcher._guard import Audited, Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
-from dispatcher._job_callbacks import checked_callback_url
-from dispatcher._job_view import checked_idempotency_key, job_result, job_status, job_store_of
-from dispatcher._jobs import JobWorkers, new_job_record
+from dispatcher._job_view import (
+    job_result,
+    job_status,
+    job_store_of,
+    new_submission,
+    queue_job,
+)
+from dispatcher._jobs import JobWorkers
 from dispatcher._publish import EventSender
 from dispatcher._reload import ReloadPlan, plan_reload
 from dispatcher._rollout import RolloutListener, RolloutRuntime
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher._signals import SignalDrain
-from dispatcher._versions import SUPPORTED_PROTOCOLS
+from dispatcher._versions import check_protocol
 from dispatcher.access import AccessControl
 from dispatcher.audit import AuditLog
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec, load_manifest
@@ -54,14 +60,12 @@ from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, authenticator_of
 from dispatcher.policies import PolicyRuntime
-from dispatcher.state import JobStore, StateBackend, new_backend
+from dispatcher.state import StateBackend, new_backend
 from dispatcher.telemetry import TelemetryRuntime
 from linchkit_plugin.errors import (
     DispatchError,
-    InvalidParams,
     MethodNotFound,
     PluginNotFound,
-    ProviderError,
     ShuttingDown,
     Unauthorized,
 )
@@ -135,9 +139,6 @@ class Dispatcher:
         self._calls = self._in_flight.calls
         self._cut = self._in_flight.cut
         self._draining = False
-        #: Whether a call or stream ending must tell ``_in_flight`` (a drain or a reload
-        #: waits for it); one attribute check on the hot path otherwise.
-        self._tell_left = False
         self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
         self._drained: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] | None = None
@@ -303,13 +304,13 @@ class Dispatcher:
         It returns once nothing is in flight; the dispatcher stays open (``aclose`` it,
         or use ``aclose(grace=…)`` for both). A second ``drain`` waits for the first.
         """
-        grace = _checked_grace(grace)
+        grace = checked_grace(grace)
         if self._drained is not None:
             await asyncio.shield(self._drained)
             return
         loop = asyncio.get_running_loop()
         self._drained = loop.create_future()
-        self._draining = self._tell_left = True
+        self._draining = self._in_flight.tell_left = True
         if self.jobs is not None:
             self.jobs.stop_taking()  # jobs not taken stay on the stream for other replicas
         if self._state == "running":
@@ -338,7 +339,7 @@ class Dispatcher:
         signal. Installs loop signal handlers (Unix, main thread), removed when the
         dispatcher closes; ``wait_closed()`` returns once the signal has done its work.
         """
-        grace = _checked_grace(grace)
+        grace = checked_grace(grace)
         if self._state not in ("running", "draining"):
             raise RuntimeError(
                 f"drain_on_signal needs a running dispatcher; this one is {self._state}"
@@ -381,7 +382,7 @@ class Dispatcher:
         ``grace`` seconds have passed (then calls still using it fail as it goes).
         Reloads run one at a time.
         """
-        grace = _checked_grace(grace)
+        grace = checked_grace(grace)
         async with self._reloading:
             if self._state != "running":
                 raise RuntimeError(f"reload needs a running dispatcher; this one is {self._state}")
@@ -390,7 +391,7 @@ class Dispatcher:
                 manifest = self.registry.merge(file_manifest, self.manifest, source=source)
             plan = plan_reload(self.manifest, manifest, source=source)
             for plugin in [*plan.added, *(new for _, new in plan.changed)]:
-                _check_protocol(plugin)
+                check_protocol(plugin.key, plugin.protocol)
             attached = await self._attachments.attach_new(plan)
             self._swap_routes(manifest, plan)
             self._file_manifest = file_manifest
@@ -444,11 +445,12 @@ class Dispatcher:
     async def _settle(self, grace: float) -> None:
         """Wait until the calls in flight now have ended, ``grace`` seconds at most."""
         loop = asyncio.get_running_loop()
-        self._tell_left = True
+        in_flight = self._in_flight
+        in_flight.tell_left = True
         try:
-            settled = await self._in_flight.wait_settled(loop.time() + grace, self._current_task())
+            settled = await in_flight.wait_settled(loop.time() + grace, self._current_task())
         finally:
-            self._tell_left = self._draining
+            in_flight.tell_left = self._draining
         if not settled:
             log.warning(
                 "reload: calls in flight at the swap still ran after %g s; detaching anyway", grace
@@ -458,24 +460,6 @@ class Dispatcher:
         return ShuttingDown(
             f"the dispatcher is {self._state}: {what} refused; send it to another replica",
             details={"stage": "refused"},
-        )
-
-    def _cut_off(
-        self, task: asyncio.Task[Any] | None, what: str, error: BaseException | None = None
-    ) -> ShuttingDown:
-        """The error of ``what``, cut off by a drain: its task's cancellation taken back,
-        so a ``TaskGroup`` or ``asyncio.timeout`` of the host sees no cancellation of its own.
-        (``error`` is what the chain raised: ``CancelledError``, or a provider's
-        translation of it.)"""
-        if task is not None and task in self._cut:
-            self._cut.discard(task)
-            task.uncancel()
-        if isinstance(error, DispatchError):
-            log.debug("cut off %s: the chain ended with %r", what, error)
-        return ShuttingDown(
-            f"the dispatcher shut down while {what} was in flight (the drain grace ran out);"
-            " it may have reached the plugin",
-            details={"stage": "cut_off"},
         )
 
     async def _tracked(self, work: Awaitable[T], what: str) -> T:
@@ -489,11 +473,11 @@ class Dispatcher:
             return await work
         except (asyncio.CancelledError, DispatchError) as error:
             if self._cut and task in self._cut:
-                raise self._cut_off(task, what, error) from None
+                raise self._in_flight.cut_off_error(task, what, error) from None
             raise
         finally:
             calls.discard(task)
-            if self._tell_left:
+            if self._in_flight.tell_left:
                 self._in_flight.left(task)
 
     async def __aenter__(self) -> Self:
@@ -574,11 +558,13 @@ class Dispatcher:
             return await invoke(invocation)
         except (asyncio.CancelledError, DispatchError) as error:
             if self._cut and task in self._cut:
-                raise self._cut_off(task, f"the call of {route.name}", error) from None
+                raise self._in_flight.cut_off_error(
+                    task, f"the call of {route.name}", error
+                ) from None
             raise
         finally:
             calls.discard(task)
-            if self._tell_left:
+            if self._in_flight.tell_left:
                 self._in_flight.left(task)
 
     async def _guarded_call(
@@ -733,12 +719,8 @@ class Dispatcher:
         store = job_store_of(self.state_backend)
         if self._draining:
             raise self._refused(f"job of {plugin}.{method}")
-        idempotency_key = checked_idempotency_key(idempotency_key)
-        if callback_url is not None:
-            callback_url = checked_callback_url(callback_url, self.manifest.egress)
-        job_id = new_request_id()
-        if params is None:
-            params = {}
+        submission = new_submission(params, idempotency_key, callback_url, self.manifest.egress)
+        limit = self.manifest.jobs.max_params_bytes
         if not (
             self._guarded
             or credentials is not None
@@ -746,54 +728,21 @@ class Dispatcher:
         ):
             route = self._routes.find(plugin, method, version, self._state)
             caller_id = caller if isinstance(caller, str) else None
-            await self._queue(
-                store, job_id, route, params, caller_id, idempotency_key, callback_url
-            )
-            return job_id
-        entry = self._guard.begin("submit", caller, plugin, version, method, job_id, None, params)
+            return await queue_job(store, submission, route, caller_id, limit)
+        entry = self._guard.begin(
+            "submit", caller, plugin, version, method, submission.job_id, None, submission.params
+        )
         failure: BaseException | None = None
         try:
             route, caller_id = await self._resolve(
                 plugin, method, version, caller, credentials, entry
             )
-            await self._queue(
-                store, job_id, route, params, caller_id, idempotency_key, callback_url
-            )
-            return job_id
+            return await queue_job(store, submission, route, caller_id, limit)
         except BaseException as error:
             failure = error
             raise
         finally:
             self._guard.end(entry, failure)
-
-    async def _queue(
-        self,
-        store: JobStore,
-        job_id: str,
-        route: Route,
-        params: Any,
-        caller_id: str | None,
-        idempotency_key: str | None,
-        callback_url: str | None,
-    ) -> None:
-        if route.validate is not None:
-            route.validate(params)
-        record = new_job_record(
-            job_id,
-            route.plugin,
-            route.version,
-            route.method,
-            params,
-            caller_id,
-            idempotency_key,
-            callback_url,
-        )
-        limit = self.manifest.jobs.max_params_bytes
-        if len(record["params"]) > limit:  # kept in Redis until the job ends: bounded
-            raise InvalidParams(
-                f"a job's params are at most {limit} bytes as JSON (jobs.max_params_bytes)"
-            )
-        await store.submit(job_id, record)
 
     async def job(self, job_id: str) -> dict[str, Any]:
         """The status record of job ``job_id``: state, attempts, last error, times (ms
@@ -896,7 +845,9 @@ class Dispatcher:
             invocation = self._invocation(
                 route, params, timeout, entry.request_id, caller_id, traceparent, None
             )
-            chunks = self._stream(route, invocation)
+            chunks = self._in_flight.tracked_stream(
+                route.open_stream(invocation), f"the stream of {route.name}"
+            )
             try:
                 async for chunk in chunks:
                     yield chunk
@@ -907,37 +858,6 @@ class Dispatcher:
             raise
         finally:
             self._guard.end(entry, failure)
-
-    async def _stream(self, route: Route, invocation: Invocation) -> AsyncGenerator[Any, None]:
-        chunks = route.open_stream(invocation)
-        in_flight = self._in_flight
-        stream = OpenStream()
-        in_flight.streams.add(stream)
-        try:
-            while True:
-                stream.task = task = asyncio.current_task()
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                except (asyncio.CancelledError, DispatchError):
-                    if stream.cut:
-                        if task is not None:
-                            task.uncancel()
-                        raise self._cut_off(None, f"the stream of {route.name}") from None
-                    raise
-                finally:
-                    stream.task = None
-                yield chunk
-                if stream.cut:  # cut off while its consumer held the chunk
-                    raise self._cut_off(None, f"the stream of {route.name}")
-        finally:
-            in_flight.streams.discard(stream)
-            try:
-                await chunks.aclose()
-            finally:
-                if self._tell_left:
-                    in_flight.left(None)
 
     async def publish(
         self,
@@ -1010,7 +930,9 @@ class Dispatcher:
 
     async def health(self, *, timeout: float = 5.0) -> list[TargetHealth]:
         """Probe every target of every plugin, concurrently; a fleet, every instance;
-        the registry of entries and each entry it left out."""
+        the registry of entries and each entry it left out. ``timeout`` (seconds, each
+        probe) must be a usable deadline: ``InvalidParams`` for NaN, infinity or the like."""
+        timeout = checked_timeout(timeout, "health")
         registry = [] if self.registry is None else self.registry.health(draining=self._draining)
         return registry + await probe_targets(
             self.manifest,
@@ -1116,7 +1038,7 @@ class Dispatcher:
     # -- internals -----------------------------------------------------------------------
 
     async def _attach(self, plugin: PluginSpec[Any]) -> None:
-        _check_protocol(plugin)
+        check_protocol(plugin.key, plugin.protocol)
         await self._attachments.attach(plugin)
         assert self.fleets is not None
         self._routes.add(plugin, self._new_routes(plugin))
@@ -1151,22 +1073,3 @@ class Dispatcher:
                 plugin.id, plugin.version, method, target.provider, route.open_stream
             )
         return route
-
-
-def _check_protocol(plugin: PluginSpec[Any]) -> None:
-    """Refuse a plugin declaring a protocol this dispatcher does not speak, before any of
-    its processes start."""
-    if plugin.protocol is not None and plugin.protocol not in SUPPORTED_PROTOCOLS:
-        spoken = ", ".join(map(str, sorted(SUPPORTED_PROTOCOLS)))
-        raise ProviderError(
-            f"{plugin.key} speaks plugin protocol {plugin.protocol}; this dispatcher speaks"
-            f" {spoken}: refusing to attach it (upgrade the dispatcher or use a build of the"
-            " plugin for a protocol it speaks)",
-            details={"plugin": plugin.key, "protocol": plugin.protocol},
-        )
-
-
-def _checked_grace(grace: object) -> float:
-    if (type(grace) is float or type(grace) is int) and 0 <= grace <= 86_400:  # NaN fails
-        return float(grace)
-    raise InvalidParams(f"grace must be a number of seconds in [0, 86400], got {grace!r:.40}")

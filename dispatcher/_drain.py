@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-__all__ = ["CUT_OFF_SECONDS", "InFlight", "OpenStream", "current_task_getter"]
+from linchkit_plugin.errors import DispatchError, InvalidParams, ShuttingDown
+
+__all__ = ["CUT_OFF_SECONDS", "InFlight", "OpenStream", "checked_grace", "current_task_getter"]
+
+log = logging.getLogger("dispatcher")
 
 #: How long cut-off calls get to unwind (release slots, close their connections) after
 #: the grace has run out, before the dispatcher closes under whatever still ignores its
@@ -60,16 +65,35 @@ class OpenStream:
         self.cut = False
 
 
+def checked_grace(grace: object) -> float:
+    """A drain's or a reload's grace: seconds in [0, 86400]; ``InvalidParams`` if not."""
+    if (type(grace) is float or type(grace) is int) and 0 <= grace <= 86_400:  # NaN fails
+        return float(grace)
+    raise InvalidParams(f"grace must be a number of seconds in [0, 86400], got {grace!r:.40}")
+
+
 class InFlight:
     """The calls and streams in flight of one dispatcher, and the wake-up of a drain."""
 
-    __slots__ = ("_idle", "_settled", "_settling", "_settling_streams", "calls", "cut", "streams")
+    __slots__ = (
+        "_idle",
+        "_settled",
+        "_settling",
+        "_settling_streams",
+        "calls",
+        "cut",
+        "streams",
+        "tell_left",
+    )
 
     def __init__(self) -> None:
         self.calls: set[asyncio.Task[Any]] = set()
         self.streams: set[OpenStream] = set()
         #: Tasks cancelled by a cut-off, so their call raises ``ShuttingDown``.
         self.cut: set[asyncio.Task[Any]] = set()
+        #: Whether a call or stream ending must call ``left`` (a drain or a reload waits
+        #: for it); one attribute check on the hot path otherwise.
+        self.tell_left = False
         self._idle: asyncio.Future[None] | None = None
         # A reload waiting for the calls and streams in flight when routes swapped
         # (``wait_settled``); calls that started later do not hold it up.
@@ -154,6 +178,57 @@ class InFlight:
             elif waiting is not spare:
                 waiting.cancel("the dispatcher's drain grace ran out")
         return cut
+
+    def cut_off_error(
+        self, task: asyncio.Task[Any] | None, what: str, error: BaseException | None = None
+    ) -> ShuttingDown:
+        """The error of ``what``, cut off by a drain: its task's cancellation taken back,
+        so a ``TaskGroup`` or ``asyncio.timeout`` of the host sees no cancellation of its own.
+        (``error`` is what the chain raised: ``CancelledError``, or a provider's
+        translation of it.)"""
+        if task is not None and task in self.cut:
+            self.cut.discard(task)
+            task.uncancel()
+        if isinstance(error, DispatchError):
+            log.debug("cut off %s: the chain ended with %r", what, error)
+        return ShuttingDown(
+            f"the dispatcher shut down while {what} was in flight (the drain grace ran out);"
+            " it may have reached the plugin",
+            details={"stage": "cut_off"},
+        )
+
+    async def tracked_stream(
+        self, chunks: AsyncGenerator[Any, None], what: str
+    ) -> AsyncGenerator[Any, None]:
+        """``chunks``, counted as a stream in flight: a drain waits for it and may cut it off
+        (then ``ShuttingDown``, as a call gets). ``chunks`` is closed when this ends."""
+        stream = OpenStream()
+        self.streams.add(stream)
+        try:
+            while True:
+                stream.task = task = asyncio.current_task()
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except (asyncio.CancelledError, DispatchError):
+                    if stream.cut:
+                        if task is not None:
+                            task.uncancel()
+                        raise self.cut_off_error(None, what) from None
+                    raise
+                finally:
+                    stream.task = None
+                yield chunk
+                if stream.cut:  # cut off while its consumer held the chunk
+                    raise self.cut_off_error(None, what)
+        finally:
+            self.streams.discard(stream)
+            try:
+                await chunks.aclose()
+            finally:
+                if self.tell_left:
+                    self.left(None)
 
     def __repr__(self) -> str:
         return f"<InFlight calls={len(self.calls)} streams={len(self.streams)} cut={len(self.cut)}>"

@@ -1,21 +1,40 @@
-"""What a caller sees of an async job: the checks at ``submit``, its status record, its
-result (waited for). The workers that run jobs are ``dispatcher._jobs``; the durable store
-is the state backend's (``dispatcher.state``)."""
+"""What a caller sees of an async job: the checks at ``submit`` and the record it queues,
+its status record, its result (waited for). ``Dispatcher.submit`` decides who may submit
+and which route a job takes; the rest of a submission is here. The workers that run jobs
+are ``dispatcher._jobs``; the durable store is the state backend's (``dispatcher.state``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from dispatcher._jobs import JobNotFinished, JobNotFound, JobsUnavailable, job_outcome
-from dispatcher._routes import checked_timeout
+from dispatcher._job_callbacks import checked_callback_url
+from dispatcher._jobs import (
+    JobNotFinished,
+    JobNotFound,
+    JobsUnavailable,
+    job_outcome,
+    new_job_record,
+)
+from dispatcher._routes import Route, checked_timeout
 from dispatcher.state import JobStore, StateBackend
 from dispatcher.state.base import TERMINAL_STATES
 from linchkit_plugin.errors import InvalidParams
+from providers.egress import EgressPolicy
+from providers.invocation import new_request_id
 
-__all__ = ["checked_idempotency_key", "job_result", "job_status", "job_store_of"]
+__all__ = [
+    "Submission",
+    "checked_idempotency_key",
+    "job_result",
+    "job_status",
+    "job_store_of",
+    "new_submission",
+    "queue_job",
+]
 
 #: How often ``job_result`` reads the record again when no notification came.
 _POLL_SECONDS = 0.5
@@ -37,6 +56,58 @@ def checked_idempotency_key(key: object) -> str | None:
     if key is None or (isinstance(key, str) and 0 < len(key) <= 255):
         return key
     raise InvalidParams("idempotency_key must be a string of 1 to 255 characters")
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A job being submitted, checked as far as it can be before its route is known."""
+
+    job_id: str
+    params: Any
+    idempotency_key: str | None
+    callback_url: str | None
+
+
+def new_submission(
+    params: Any, idempotency_key: object, callback_url: object, egress: EgressPolicy
+) -> Submission:
+    """A new job id and the submission's own checks: the key's size, and ``callback_url``
+    allowed by the manifest's ``egress``; ``InvalidParams`` saying which failed."""
+    return Submission(
+        new_request_id(),
+        {} if params is None else params,
+        checked_idempotency_key(idempotency_key),
+        None if callback_url is None else checked_callback_url(callback_url, egress),
+    )
+
+
+async def queue_job(
+    store: JobStore,
+    submission: Submission,
+    route: Route,
+    caller_id: str | None,
+    max_params_bytes: int,
+) -> str:
+    """Check ``submission``'s params against ``route``'s method and queue its record;
+    its job id. The version is fixed now: a reload later does not change what it runs."""
+    if route.validate is not None:
+        route.validate(submission.params)
+    record = new_job_record(
+        submission.job_id,
+        route.plugin,
+        route.version,
+        route.method,
+        submission.params,
+        caller_id,
+        submission.idempotency_key,
+        submission.callback_url,
+    )
+    if len(record["params"]) > max_params_bytes:  # kept in the store until the job ends
+        raise InvalidParams(
+            f"a job's params are at most {max_params_bytes} bytes as JSON (jobs.max_params_bytes)"
+        )
+    await store.submit(submission.job_id, record)
+    return submission.job_id
 
 
 def checked_job_id(job_id: object) -> str:

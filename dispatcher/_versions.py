@@ -17,13 +17,27 @@ from functools import lru_cache
 
 from semantic_version import NpmSpec, Version
 
-from linchkit_plugin.errors import InvalidParams
+from linchkit_plugin.errors import InvalidParams, ProviderError
 from linchkit_plugin.wire import PROTOCOL_VERSION
 
-__all__ = ["SUPPORTED_PROTOCOLS", "highest_in_range", "version_key"]
+__all__ = ["SUPPORTED_PROTOCOLS", "check_protocol", "highest_in_range", "version_key"]
 
 #: The plugin protocol versions this dispatcher speaks (``docs/protocol.md``).
 SUPPORTED_PROTOCOLS: frozenset[int] = frozenset({PROTOCOL_VERSION})
+
+
+def check_protocol(plugin: str, protocol: int | None) -> None:
+    """Refuse ``plugin`` (``id@version``) declaring a protocol this dispatcher does not
+    speak, before any of its processes start."""
+    if protocol is not None and protocol not in SUPPORTED_PROTOCOLS:
+        spoken = ", ".join(map(str, sorted(SUPPORTED_PROTOCOLS)))
+        raise ProviderError(
+            f"{plugin} speaks plugin protocol {protocol}; this dispatcher speaks"
+            f" {spoken}: refusing to attach it (upgrade the dispatcher or use a build of the"
+            " plugin for a protocol it speaks)",
+            details={"plugin": plugin, "protocol": protocol},
+        )
+
 
 #: A range string longer than this is refused before parsing: it comes from callers
 #: (the gateway's ``X-Plugin-Version`` header), and no real range needs more.

@@ -10,7 +10,9 @@ reading at most this many bytes of answer. Two clients implement it:
 * ``reqwest`` (``providers._reqwest.ReqwestClient``): Rust's reqwest/hyper through
   pyreqwest, one pool per target. Measured on the fixed-reply server
   (``bench/bench_http_clients.py``, ``docs/architecture.md``): more calls/s at
-  concurrency 64 for less CPU per call, every thread of the process counted.
+  concurrency 64 for less CPU per call, every thread of the process counted. pyreqwest is
+  an extra (``pip install 'linchkit-dispatcher[reqwest]'``): a manifest that asks for
+  ``client: reqwest`` without it is refused when it loads (``ChosenClient``).
 
 What every client guarantees, so the providers above it never see a vendor exception:
 
@@ -30,27 +32,62 @@ Redirects are never followed by either client: a 3xx comes back as a ``Reply`` w
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Literal, NamedTuple, Self
+from typing import Annotated, Literal, NamedTuple, Self
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from providers.target import StrictModel, TargetConfig
 from providers.tls import ClientTlsContext
 
-__all__ = ["DEFAULT_CLIENT", "ClientKind", "HttpClient", "HttpPool", "Reply"]
+__all__ = [
+    "DEFAULT_CLIENT",
+    "REQWEST_MISSING",
+    "ChosenClient",
+    "ClientKind",
+    "HttpClient",
+    "HttpPool",
+    "Reply",
+]
 
 #: Which client a target's calls go through (``client:`` of an http or knative target).
 ClientKind = Literal["aiohttp", "reqwest"]
 #: The client of a target that names none. aiohttp, although reqwest is faster
-#: (docs/architecture.md): reqwest does not yet keep three behaviours the tests pin — a
-#: cancelled call (a hedge that lost, a caller that left) does not close its connection,
-#: so the plugin never learns it; connections outlive ``aclose``; and a short-lived
-#: process that used it can abort at exit (its runtime thread meets the interpreter's
-#: finalization). ``client: reqwest`` chooses it per target, for long-running hosts.
+#: (docs/architecture.md): pyreqwest 0.15 cannot end a call that is cancelled before its
+#: answer arrives. It runs each request as a tokio task of its own and, on cancel, drops
+#: that task's JoinHandle (which detaches it) instead of aborting it, so the connection
+#: stays open until the plugin answers or the request's timeout fires: a plugin never
+#: learns that a hedge lost or a caller gave up, and the connections of calls a drain cut
+#: off outlive ``aclose``. Nothing in its Python API reaches that task (``Client.close``
+#: only wakes the awaiting side). ``client: reqwest`` chooses it per target, where the
+#: speed matters more than telling the plugin about abandoned calls.
 DEFAULT_CLIENT: ClientKind = "aiohttp"
+#: Why a manifest naming ``client: reqwest`` is refused where pyreqwest is not installed.
+REQWEST_MISSING = (
+    "client: reqwest needs pyreqwest, which is not installed:"
+    " pip install 'linchkit-dispatcher[reqwest]' (or leave client unset for aiohttp)"
+)
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (nor its native library)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules (set to None)
+        return False
+
+
+def _available(kind: ClientKind | None) -> ClientKind | None:
+    if kind == "reqwest" and not _installed("pyreqwest"):
+        raise ValueError(REQWEST_MISSING)
+    return kind
+
+
+#: ``client:`` of an http or knative target: a client this installation has, or unset.
+ChosenClient = Annotated[ClientKind | None, AfterValidator(_available)]
 
 
 class HttpPool(StrictModel):

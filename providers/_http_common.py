@@ -44,7 +44,7 @@ from linchkit_plugin.errors import (
     Unauthorized,
     error_from_wire,
 )
-from providers._http_client import ClientKind, HttpClient, HttpPool, Reply
+from providers._http_client import REQWEST_MISSING, ClientKind, HttpClient, HttpPool, Reply
 from providers.base import CONNECT_STAGE
 from providers.egress import EgressPolicy
 from providers.target import TargetConfig, masked_url
@@ -288,8 +288,10 @@ class HttpClients:
 
     def _open(self, kind: ClientKind, pool: HttpPool) -> HttpClient:
         if kind == "reqwest":
-            from providers._reqwest import ReqwestClient
-
+            try:
+                from providers._reqwest import ReqwestClient
+            except ImportError as error:  # a host chose it by hand (the manifest checks it)
+                raise ProviderError(f"{REQWEST_MISSING} ({error})") from None
             return ReqwestClient(pool, egress=self._egress)
         return AiohttpClient(pool, egress=self._egress, unix_socket=self._unix_socket)
 

@@ -25,20 +25,39 @@ target's ``pool:``, its own client certificate, and its own resolved addresses.
   ``client error (Connect)`` is the connect stage (nothing sent). Everything is translated
   here (``_translate``) into the errors of the seam.
 * **Threads.** pyreqwest runs its I/O on one tokio runtime per process, started on first
-  use and shared by every client; ``aclose`` closes this provider's clients and their
+  use and shared by every client; ``aclose`` closes this provider's clients and their idle
   connections, the runtime's one thread stays for the process (it holds nothing of ours).
+* **Exit.** That thread takes the GIL to finish some of its work (a call's teardown just
+  after its answer, a client's after it is dropped). If it asks while the interpreter is
+  finalizing, CPython ends the thread inside Rust and the process aborts
+  (``Fatal Python error: PyGILState_Release``): a short-lived process that made a call
+  through this client and returned at once died so in 2-10% of runs (a bare pyreqwest
+  script in one of two). ``_settle_at_exit`` (an ``atexit`` hook, registered when the
+  first client is built) collects the clients left unreferenced and sends two requests
+  that end inside the runtime without I/O, with the GIL released: whatever the thread had
+  queued before them has run when they return, before finalization begins
+  (``tests/test_http_clients.py`` runs such a process 60 times). A client some module
+  still holds at exit is torn down after the hook, during finalization: ``aclose`` it.
+* **Cancelled calls.** pyreqwest 0.15 detaches, rather than aborts, the task of a call
+  whose awaiting side is cancelled: its connection stays open until the plugin answers or
+  the request's timeout fires (``providers._http_client.DEFAULT_CLIENT`` says why that
+  keeps reqwest from being the default).
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
+import functools
+import gc
 import ipaddress
 import socket
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pyreqwest.client import ClientBuilder
+from pyreqwest.client import ClientBuilder, SyncClientBuilder
 from pyreqwest.exceptions import NetworkError, PyreqwestError, RequestTimeoutError
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
@@ -65,6 +84,13 @@ _CLIENT_CERTIFICATE_ALERTS = (
     "UnsupportedCertificate",
     "AccessDenied",
 )
+#: A URL reqwest refuses inside the runtime, before any I/O (its scheme is not http or
+#: https): a request to it is a round trip through the runtime's queue and nothing more.
+_NO_IO_URL = "settle://runtime.invalid/"
+#: Round trips at exit: one lets the thread run what it had queued; the second, what that
+#: work queued in turn (a connection's shutdown after its client's pool was dropped).
+_SETTLE_ROUND_TRIPS = 2
+
 #: hyper's words for a connection that closed or was reset before the answer was whole.
 _HUNG_UP = (
     "connection closed",
@@ -189,6 +215,7 @@ class ReqwestClient(HttpClient):
         if built is not None:  # another call built it while this one resolved
             return built
         client = builder.build()
+        _settle_before_exit()
         self._every.append(client)
         entry = self._entries[key] = _Entry(client, request_url)
         return entry
@@ -247,6 +274,30 @@ class ReqwestClient(HttpClient):
             f"<ReqwestClient clients={len(self._every)}"
             f" max_connections={self._pool.max_connections} closed={self._closed}>"
         )
+
+
+@functools.cache
+def _settle_before_exit() -> None:
+    """Register ``_settle_at_exit`` once, when this process first builds a client."""
+    atexit.register(_settle_at_exit)
+
+
+def _settle_at_exit() -> None:
+    """Let pyreqwest's thread finish what needs the GIL while the interpreter still runs.
+
+    Runs at exit (``atexit``), before finalization: clients nobody holds are collected
+    now (their teardown is queued on the thread), then each request to ``_NO_IO_URL``
+    blocks with the GIL released until the runtime has answered it.
+    """
+    gc.collect()
+    try:
+        settler = SyncClientBuilder().build()
+        for _ in range(_SETTLE_ROUND_TRIPS):
+            with contextlib.suppress(PyreqwestError):  # its refusal is the awaited answer
+                settler.get(_NO_IO_URL).build().send()
+        settler.close()
+    except (PyreqwestError, RuntimeError):  # e.g. a forked child, whose runtime is gone
+        return
 
 
 async def _read(response: Response, limit: int, target: TargetConfig) -> bytes:

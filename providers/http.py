@@ -1,9 +1,10 @@
 """HTTP functions: POST the JSON envelope to a URL (``docs/protocol.md``).
 
-Calls go through the client seam (``providers._http_client``): ``client: reqwest`` (Rust's
-reqwest via pyreqwest, one pool per target) or ``client: aiohttp`` (one keep-alive session
-per provider carries every target without a ``pool:`` of its own). Unset, the provider's
-default (``DEFAULT_CLIENT``). Measured on one fixed-reply server
+Calls go through the client seam (``providers._http_client``): ``client: aiohttp`` (one
+keep-alive session per provider carries every target without a ``pool:`` of its own) or
+``client: reqwest`` (Rust's reqwest via pyreqwest, one pool per target; the ``reqwest``
+extra, a manifest naming it without pyreqwest installed is refused at load). Unset, the
+provider's default (``DEFAULT_CLIENT``, aiohttp: it says why). Measured on one fixed-reply server
 (``bench/bench_http_clients.py``, ``docs/architecture.md``): reqwest makes more calls/s at
 concurrency 64 for less CPU per call; httpx was 16x slower than aiohttp and is not offered.
 Each client is imported when a target first uses it, not when the module loads.
@@ -63,7 +64,14 @@ from providers._compression import (
     post_compressed,
     request_headers,
 )
-from providers._http_client import DEFAULT_CLIENT, ClientKind, HttpClient, HttpPool, Reply
+from providers._http_client import (
+    DEFAULT_CLIENT,
+    ChosenClient,
+    ClientKind,
+    HttpClient,
+    HttpPool,
+    Reply,
+)
 from providers._http_common import (
     HttpClients,
     basic_authorization,
@@ -132,10 +140,10 @@ class HttpTarget(InstanceListing):
         description="Verify the server with ca_file, present cert_file/key_file (mTLS);"
         " https URLs only.",
     )
-    client: ClientKind | None = Field(
+    client: ChosenClient = Field(
         default=None,
-        description="The HTTP client of this target's calls: reqwest or aiohttp;"
-        " default: the provider's (aiohttp).",
+        description="The HTTP client of this target's calls: aiohttp or reqwest (the"
+        " reqwest extra); default: the provider's (aiohttp).",
     )
     pool: HttpPool | None = Field(
         default=None,

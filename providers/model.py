@@ -43,9 +43,13 @@ def _masked(value: Any) -> Any:
 
 
 class StrictModel(BaseModel):
-    """A manifest model: unknown keys are errors, and nothing changes once loaded."""
+    """A manifest model: unknown keys are errors, and nothing changes once loaded.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    No number in a manifest is NaN or infinite (YAML's ``.nan``, ``.inf``): NaN passes no
+    bound but is not refused by one either where a field has none, and an infinite rate,
+    backoff or size means a limit that is not one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     #: Fields whose values are secrets (a mapping's values, a list's items): their keys
     #: still show in ``repr``/``str``, their values print as ``***``.

@@ -67,13 +67,15 @@ async def offer(dispatcher: Dispatcher, command: dict[str, Any]) -> dict[str, An
     start = loop.time() + (command["start_at"] - time.time())
     total = round(command["rate"] * command["seconds"])
     tasks = []
+    late = 0.0  # how far behind its schedule this process fell (starved by the machine)
     for i in range(total):
         delay = start + i / command["rate"] - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        late = max(late, -delay)
         tasks.append(loop.create_task(one()))
     await asyncio.gather(*tasks)
-    return {"offered": total, **counts}
+    return {"offered": total, **counts, "late_ms": round(late * 1000)}
 
 
 async def main(path: str) -> None:

@@ -171,6 +171,50 @@ def test_cli_logs_of_a_provider_without_logs_says_so(tmp_path: Path) -> None:
     assert "no plugin 'ecoh' in the manifest (known: echo)" in unknown.output
 
 
+def test_cli_health_refuses_a_timeout_it_cannot_keep(tmp_path: Path) -> None:
+    local = {
+        "id": "echo",
+        "version": "1.0.0",
+        "target": {"provider": "local", "entrypoint": "echo_plugin:EchoPlugin"},
+        "methods": {"say": {}},
+    }
+    path = write_manifest(tmp_path, local)
+    for bad in ("0", "-1", "nan", "1e9", "soon"):
+        result = CliRunner().invoke(main, ["-m", str(path), "health", "--timeout", bad])
+        assert result.exit_code == 2, (bad, result.output)
+        assert "--timeout" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["-m", str(path), "health", "--timeout", "2.5"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["health", "--timeout"],
+        ["job", "some-id", "--wait"],
+        ["serve", "--grace"],
+        ["serve", "--watch"],
+        ["top", "--interval"],
+    ],
+)
+def test_no_seconds_option_takes_nan_or_infinity(tmp_path: Path, command: list[str]) -> None:
+    """NaN passes every range check (each comparison is false): a wait of NaN seconds
+    would never end. Every option given in seconds refuses it, and infinity, as usage."""
+    path = write_manifest(
+        tmp_path,
+        {
+            "id": "echo",
+            "version": "1.0.0",
+            "target": {"provider": "local", "entrypoint": "echo_plugin:EchoPlugin"},
+            "methods": {"say": {}},
+        },
+    )
+    for bad in ("nan", "NaN", "inf", "-inf"):
+        result = CliRunner().invoke(main, ["-m", str(path), *command, bad])
+        assert result.exit_code == 2, (bad, result.output)
+        assert command[-1] in result.output, result.output
+
+
 # -- logs: containers on the real engine --------------------------------------------------
 
 

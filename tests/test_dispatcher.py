@@ -47,6 +47,15 @@ async def test_calls_outside_the_context_are_refused_clearly() -> None:
         await dispatcher.call("echo", "say", {"text": "x"})
 
 
+async def test_health_refuses_a_timeout_that_is_no_deadline() -> None:
+    async with Dispatcher(manifest(echo_plugin("echo", LOCAL_TARGET))) as dispatcher:
+        for bad in (float("nan"), float("inf"), "5", None, 10**9):
+            with pytest.raises(InvalidParams, match="timeout must be a number"):
+                await dispatcher.health(timeout=bad)  # type: ignore[arg-type]
+        [report] = await dispatcher.health(timeout=2.0)
+        assert report.health.status == "serving"
+
+
 async def test_the_latest_version_answers_unless_one_is_named() -> None:
     old = echo_plugin("echo", LOCAL_TARGET, version="1.2.0", config={"greeting": "old"})
     new = echo_plugin("echo", LOCAL_TARGET, version="1.10.0", config={"greeting": "new"})

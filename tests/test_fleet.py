@@ -535,7 +535,8 @@ def test_dispatcher_health_shows_every_instance(tmp_path: Path) -> None:
             )
         )
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-        command = [str(BIN / "dispatcher"), "-m", str(path), "health"]
+        # A long probe timeout: on a loaded machine the live instance must not time out.
+        command = [str(BIN / "dispatcher"), "-m", str(path), "health", "--timeout", "30"]
         table = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
         as_json = subprocess.run(
             [*command, "-o", "json"], capture_output=True, text=True, env=env, timeout=60

@@ -730,6 +730,14 @@ async def test_every_job_ends_and_keyed_ones_run_once_through_three_sigkills(
                     for n in range(CHURN_JOBS):
                         pipe.get(f"{redis_prefix}:effects:{n}")
                     runs = [int(value or 0) for value in await pipe.execute()]
+                async with client.pipeline(transaction=False) as pipe:
+                    for n in range(0, CHURN_JOBS, 2):
+                        pipe.get(f"{redis_prefix}:applied:{n}")
+                    applied = [int(value or 0) for value in await pipe.execute()]
+                async with client.pipeline(transaction=False) as pipe:
+                    for job_id in ids:
+                        pipe.hget(f"{redis_prefix}:job:{job_id}", "attempts")
+                    attempts = [int(value or 0) for value in await pipe.execute()]
         keyed_twice = [n for n in range(0, CHURN_JOBS, 2) if runs[n] > 1]
         print(
             f"\n{CHURN_JOBS} jobs on SQS, 3 SIGKILLs: {final.count('succeeded')} succeeded,"
@@ -738,10 +746,68 @@ async def test_every_job_ends_and_keyed_ones_run_once_through_three_sigkills(
             f"{sum(runs[n] > 1 for n in range(1, CHURN_JOBS, 2))}"
         )
         assert all(runs[n] >= 1 for n in range(CHURN_JOBS) if final[n] == "succeeded")
-        assert keyed_twice == []
+        # The key's effect, applied the way README's recipe says: never twice, and once for
+        # every keyed job that succeeded.
+        wrong = [
+            n * 2
+            for n, count in enumerate(applied)
+            if count > 1 or (count == 0 and final[n * 2] == "succeeded")
+        ]
+        assert wrong == [], wrong
+        # The plugin runs again for a key only on another attempt: the message came back
+        # from a killed worker, or the attempt failed retryably (a timeout under load).
+        once_attempted = [n for n in keyed_twice if attempts[n] <= 1]
+        assert once_attempted == [], once_attempted
     finally:
         for worker in workers:
             worker.end()
+
+
+# -- the CLI on SQS -------------------------------------------------------------------------
+
+
+async def test_the_cli_submits_lists_and_redrives_jobs_on_sqs(
+    tmp_path: Path,
+    make: Any,
+    queues: Queues,
+    sqs_server: Moto,
+    redis_server: Redis,
+    redis_prefix: str,
+) -> None:
+    """`dispatcher submit|jobs|dlq` read the manifest's jobs backend: here the SQS queues
+    (they used to read the Redis stream, or refuse a manifest whose state was memory)."""
+    from tests.test_jobs_cli import cli
+
+    path = manifest_file(
+        tmp_path, sqs_server, queues, redis_server.url, redis_prefix, max_attempts=1
+    )
+    submitted = await cli(path, "submit", "jobs", "busy", "{}", "--json")
+    assert submitted.code == 0, submitted.err
+    job_id = json.loads(submitted.out)["id"]
+    assert queues.count(queues.url) == 1  # on SQS, not on a Redis stream
+    async with make(workers=1, max_attempts=1) as d:
+        with pytest.raises(TargetUnavailable):
+            await d.result(job_id, wait=60)
+    listed = await cli(path, "dlq", "list", "--json")
+    assert listed.code == 0, listed.err
+    assert [each["id"] for each in json.loads(listed.out)] == [job_id]
+    redriven = await cli(path, "dlq", "redrive", job_id)
+    assert redriven.code == 0, redriven.err
+    assert queues.count(queues.dead_url) == 0 and queues.count(queues.url) == 1
+    # Without a job view (state: memory) the dead-letter queue is still read and purged.
+    bare = manifest_file(tmp_path, sqs_server, queues, redis_server.url, redis_prefix, view=False)
+    async with make(workers=1, max_attempts=1) as d:
+        with pytest.raises(TargetUnavailable):
+            await d.result(job_id, wait=60)
+    listed = await cli(bare, "dlq", "list", "--json")
+    assert listed.code == 0, listed.err
+    assert [each["id"] for each in json.loads(listed.out)] == [job_id]
+    purged = await cli(bare, "dlq", "purge", "--all", "--yes")
+    assert purged.code == 0, purged.err
+    assert queues.count(queues.dead_url) == 0
+    # What needs the view says so, typed, no traceback.
+    shown = await cli(bare, "job", job_id)
+    assert shown.code != 0 and "job view" in shown.err
 
 
 # -- callbacks ---------------------------------------------------------------------------------

@@ -161,3 +161,33 @@ def test_validate_command_exits_2_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in run.stderr
     assert "plugins[0].version" in run.stderr
     assert "plugins[0].methods" in run.stderr
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", ".NaN"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "rate_limit: {rate: VALUE, burst: 10}",
+        "retry: {attempts: 3, max_backoff_ms: VALUE}",
+        "batch: {max_size: 10, max_wait_ms: VALUE}",
+    ],
+)
+def test_no_number_in_a_manifest_is_infinite_or_nan(
+    tmp_path: Path, policy: str, value: str
+) -> None:
+    """YAML spells them ``.inf`` and ``.nan``: an infinite rate or backoff is a limit that
+    is not one, and NaN slips past a field that has no bound of its own."""
+    path = write(
+        tmp_path,
+        f"""
+version: 1
+plugins:
+  - id: echo
+    version: 1.0.0
+    target: {{provider: local, entrypoint: "echo_plugin:EchoPlugin"}}
+    methods:
+      say: {{{policy.replace("VALUE", value)}}}
+""",
+    )
+    [problem] = problems(path)
+    assert "finite number" in problem, problem

@@ -197,31 +197,53 @@ def test_three_replicas_share_one_rate_limit_exactly(
         op_timeout_ms=2000,
     )
     three = replicas(manifest, 3)
+    for attempt in range(1, 4):
+        reports = offer_together(three, rate=1000, seconds=10)
+        admitted = sum(report.get("admitted", 0) for report in reports)
+        limited = sum(report.get("limited", 0) for report in reports)
+        failed = {
+            kind: count
+            for report in reports
+            for kind, count in report.items()
+            if kind not in ("admitted", "limited", "offered", "late_ms")
+        }
+        print(f"attempt {attempt}: admitted {admitted}, limited {limited}, per replica {reports}")
+        assert failed == {}, reports
+        assert admitted + limited == sum(report["offered"] for report in reports)
+        # Never more than burst + rate x seconds = 10 + 100 x 10 (within 2 %), however
+        # the replicas were scheduled: the limit is one limit.
+        assert admitted <= 1010 * 1.02, reports
+        if max(report["late_ms"] for report in reports) <= STARVED_MS:
+            break
+        # A replica the machine starved offered nothing for a while, then all at once:
+        # the limit rightly refused what came late, so the total says nothing. Again.
+        time.sleep(1.0)  # the limit's burst back
+    else:
+        pytest.skip("the replicas were starved in 3 runs: only the upper bound was checked")
+    assert all(report["admitted"] > 0 for report in reports), reports
+    # Exactly: burst + rate x seconds = 10 + 100 x 10, within 2 %.
+    assert abs(admitted - 1010) <= 1010 * 0.02, reports
+
+
+#: How far behind its schedule a replica may fall for a run to judge the limit exact: a
+#: gap longer than the burst's worth (10 calls at 100/s) loses admissions for good.
+STARVED_MS = 100
+
+
+def offer_together(replicas: list[Any], rate: float, seconds: float) -> list[dict[str, Any]]:
+    """``rate`` calls/s offered in total for ``seconds``, split over ``replicas``, from a
+    wall-clock start they share; each replica's counts."""
     start_at = time.time() + 2.0
-    for replica in three:  # 1,000 calls/s offered in total for 10 s
+    for replica in replicas:
         replica.send(
             op="offer",
             plugin="counter",
             method="ping",
-            rate=1000 / 3,
-            seconds=10,
+            rate=rate / len(replicas),
+            seconds=seconds,
             start_at=start_at,
         )
-    reports = [replica.receive() for replica in three]
-    admitted = sum(report.get("admitted", 0) for report in reports)
-    limited = sum(report.get("limited", 0) for report in reports)
-    failed = {
-        kind: count
-        for report in reports
-        for kind, count in report.items()
-        if kind not in ("admitted", "limited", "offered")
-    }
-    print(f"admitted {admitted}, limited {limited}, per replica {reports}")
-    assert failed == {}, reports
-    assert all(report["admitted"] > 0 for report in reports), reports
-    # burst + rate x seconds = 10 + 100 x 10, within 2 %
-    assert abs(admitted - 1010) <= 1010 * 0.02, reports
-    assert admitted + limited == sum(report["offered"] for report in reports)
+    return [replica.receive() for replica in replicas]
 
 
 # -- breakers -------------------------------------------------------------------------------

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
+import orjson
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.config import Manifest, ManifestError, load_manifest
 from dispatcher.identity import Credentials
+from linchkit_plugin.errors import DispatchError
 
 T = TypeVar("T")
 
@@ -111,6 +114,18 @@ def load(context: click.Context) -> Manifest[Any]:
         raise  # unreachable: exit raises
 
 
+class Seconds(click.FloatRange):
+    """A range of seconds that refuses NaN, which passes every comparison of a range."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail("nan is not a number of seconds", param, ctx)
+        return seconds
+
+
 def credentials_from(api_key: str | None, token: str | None) -> Credentials | None:
     """What ``--api-key`` and ``--token`` present, as the gateway would pass them on."""
     if api_key is None and token is None:
@@ -119,12 +134,33 @@ def credentials_from(api_key: str | None, token: str | None) -> Credentials | No
     return Credentials(authorization=bearer, api_key=api_key)
 
 
+def only_plugin(manifest: Manifest[Any], plugin_id: str) -> Manifest[Any]:
+    """``manifest`` with only the versions of ``plugin_id`` (all of them, if none matches,
+    so the dispatcher's own "no plugin … known: …" answer still lists what exists): a
+    command about one plugin starts no other."""
+    wanted = [plugin for plugin in manifest.plugins if plugin.id == plugin_id]
+    return manifest.model_copy(update={"plugins": wanted}) if wanted else manifest
+
+
 def run_with_dispatcher(manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]) -> T:
     async def session() -> T:
         async with Dispatcher(manifest) as dispatcher:
             return await job(dispatcher)
 
     return asyncio.run(session())
+
+
+def run_or_report(
+    context: click.Context, manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]
+) -> T:
+    """``run_with_dispatcher``; a ``DispatchError`` is printed on stderr as its wire form
+    (``{"error": {...}}``, what scripts parse) and the command exits 1."""
+    try:
+        return run_with_dispatcher(manifest, job)
+    except DispatchError as error:
+        click.echo(orjson.dumps({"error": error.to_wire()}).decode(), err=True)
+        context.exit(EXIT_FAILED)
+        raise  # unreachable: exit raises
 
 
 def table(rows: Sequence[Sequence[str]]) -> None:

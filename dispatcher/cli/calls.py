@@ -10,15 +10,17 @@ import orjson
 from dispatcher._dispatcher import Dispatcher, TargetHealth
 from dispatcher.cli._app import (
     EXIT_FAILED,
+    Seconds,
     credentials_from,
     load,
     main,
     manifest_option,
+    only_plugin,
     output_option,
+    run_or_report,
     run_with_dispatcher,
     table,
 )
-from dispatcher.config import Manifest
 from linchkit_plugin.errors import DispatchError
 
 
@@ -66,7 +68,7 @@ def call(
         decoded = orjson.loads(params)
     except orjson.JSONDecodeError as error:
         raise click.UsageError(f"--params is not valid JSON: {error}") from None
-    manifest = _only(load(context), plugin)
+    manifest = only_plugin(load(context), plugin)
     credentials = credentials_from(api_key, token)
 
     async def call_plugin(dispatcher: Dispatcher) -> Any:
@@ -80,19 +82,22 @@ def call(
             version=plugin_version,
         )
 
-    try:
-        result = run_with_dispatcher(manifest, call_plugin)
-    except DispatchError as error:
-        click.echo(orjson.dumps({"error": error.to_wire()}).decode(), err=True)
-        context.exit(EXIT_FAILED)
+    result = run_or_report(context, manifest, call_plugin)
     click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 
 @main.command()
 @manifest_option
 @output_option
+@click.option(
+    "--timeout",
+    type=Seconds(0.1, 600),
+    default=5.0,
+    show_default=True,
+    help="Seconds each probe may take before its target counts as not serving.",
+)
 @click.pass_context
-def health(context: click.Context, output: str) -> None:
+def health(context: click.Context, output: str, timeout: float) -> None:
     """Probe every target (every instance of a fleet); exit 1 if any is not serving.
 
     STATE is an instance's state in its fleet (healthy, ejected, down, leaving); "-" for a
@@ -101,7 +106,9 @@ def health(context: click.Context, output: str) -> None:
     """
     manifest = load(context)
     try:
-        reports = run_with_dispatcher(manifest, lambda dispatcher: dispatcher.health())
+        reports = run_with_dispatcher(
+            manifest, lambda dispatcher: dispatcher.health(timeout=timeout)
+        )
     except DispatchError as error:
         click.echo(f"error: {error}", err=True)
         context.exit(EXIT_FAILED)
@@ -150,10 +157,3 @@ def _health_row(report: TargetHealth) -> tuple[str, ...]:
         latency,
         report.health.detail[:60],
     )
-
-
-def _only(manifest: Manifest[Any], plugin_id: str) -> Manifest[Any]:
-    """``manifest`` with only the versions of ``plugin_id`` (all of them, if none matches,
-    so the dispatcher's own "no plugin … known: …" answer still lists what exists)."""
-    wanted = [plugin for plugin in manifest.plugins if plugin.id == plugin_id]
-    return manifest.model_copy(update={"plugins": wanted}) if wanted else manifest

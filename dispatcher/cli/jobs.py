@@ -27,15 +27,16 @@ from dispatcher._jobs import JobNotFinished, JobNotFound, job_status
 from dispatcher.cli._app import (
     EXIT_FAILED,
     EXIT_USAGE,
+    Seconds,
     credentials_from,
     load,
     main,
     manifest_option,
+    only_plugin,
     output_option,
-    run_with_dispatcher,
+    run_or_report,
     table,
 )
-from dispatcher.cli.calls import _only
 from dispatcher.config import Manifest
 from dispatcher.state import JobStore, new_backend
 from dispatcher.state.base import CALLBACK_STATES, JOB_STATES, TERMINAL_STATES
@@ -47,6 +48,11 @@ T = TypeVar("T")
 CLOSE_SECONDS = 5.0
 #: Each Redis operation of a command may take this long (or the manifest's own, if longer).
 OP_TIMEOUT_MS = 5_000
+
+NO_JOBS = (
+    "the manifest keeps no jobs: async jobs need 'state: {backend: redis, url: …}' or"
+    " 'jobs: {backend: sqs, sqs: {…}}'"
+)
 #: Dead-lettered jobs ``dlq redrive --all`` reads at a time.
 REDRIVE_PAGE = 500
 #: The longest ``dispatcher job --wait`` waits.
@@ -76,14 +82,12 @@ async def _job_store(manifest: Manifest[Any]) -> AsyncIterator[JobStore]:
     # and no caller's deadline waits on an operator's command.
     bound = max(manifest.state.op_timeout_ms, OP_TIMEOUT_MS)
     config = manifest.state.model_copy(update={"op_timeout_ms": bound})
-    backend = new_backend(config, asyncio.get_running_loop().time)
+    backend = new_backend(config, asyncio.get_running_loop().time, manifest.jobs)
     try:
         store = backend.jobs
         if store is None:
-            raise _Refused(
-                "the manifest keeps no jobs: async jobs need 'state: {backend: redis, url: …}'",
-                EXIT_USAGE,
-            )
+            raise _Refused(NO_JOBS, EXIT_USAGE)
+        await store.open()
         yield store
     finally:
         closing = asyncio.get_running_loop().create_task(backend.aclose())
@@ -221,14 +225,11 @@ def submit(
     except orjson.JSONDecodeError as error:
         raise click.UsageError(f"PARAMS is not valid JSON: {error}") from None
     manifest = load(context)
-    if manifest.state.backend != "redis":
-        click.echo(
-            "error: the manifest keeps no jobs: async jobs need 'state: {backend: redis, url: …}'",
-            err=True,
-        )
+    if manifest.state.backend != "redis" and manifest.jobs.backend != "sqs":
+        click.echo(f"error: {NO_JOBS}", err=True)
         context.exit(EXIT_USAGE)
     # No workers in a command that only submits: the job is for the serving replicas.
-    manifest = _only(manifest, plugin).model_copy(
+    manifest = only_plugin(manifest, plugin).model_copy(
         update={"jobs": manifest.jobs.model_copy(update={"workers": 0})}
     )
     credentials = credentials_from(api_key, token)
@@ -245,11 +246,7 @@ def submit(
             callback_url=callback_url,
         )
 
-    try:
-        job_id = run_with_dispatcher(manifest, queue)
-    except DispatchError as error:
-        click.echo(orjson.dumps({"error": error.to_wire()}).decode(), err=True)
-        context.exit(EXIT_FAILED)
+    job_id = run_or_report(context, manifest, queue)
     click.echo(orjson.dumps({"id": job_id}).decode() if as_json else job_id)
 
 
@@ -315,7 +312,7 @@ def jobs(
 @click.argument("job_id", metavar="ID")
 @click.option(
     "--wait",
-    type=click.FloatRange(0, MAX_WAIT_SECONDS),
+    type=Seconds(0, MAX_WAIT_SECONDS),
     default=0.0,
     show_default=True,
     help="Seconds to wait for the job to end.",

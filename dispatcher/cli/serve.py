@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher.cli._app import EXIT_USAGE, load, main, manifest_option, session
+from dispatcher.cli._app import EXIT_USAGE, Seconds, load, main, manifest_option, session
 from dispatcher.config import Manifest, ManifestError, watched_paths
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from linchkit_plugin.errors import DispatchError
@@ -70,7 +70,7 @@ log = logging.getLogger("dispatcher")
 )
 @click.option(
     "--grace",
-    type=click.FloatRange(0, 86_400),
+    type=Seconds(0, 86_400),
     default=_DEFAULTS.grace,
     show_default=True,
     help="Seconds calls in flight may take to finish on SIGTERM/SIGINT.",
@@ -78,7 +78,7 @@ log = logging.getLogger("dispatcher")
 @click.option("--access-log", is_flag=True, help="Log every request (aiohttp.access, to stderr).")
 @click.option(
     "--watch",
-    type=click.FloatRange(0.05, 3600),
+    type=Seconds(0.05, 3600),
     default=None,
     metavar="SECONDS",
     help="Reload the manifest when its file changes, checking every SECONDS (SIGHUP always reloads it).",

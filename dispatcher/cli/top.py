@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from dispatcher.cli._app import EXIT_FAILED, main
+from dispatcher.cli._app import EXIT_FAILED, Seconds, main
 from dispatcher.telemetry.snapshot import MethodRow, Sample, method_rows
 
 #: A scrape that takes longer than this is a gateway in trouble: say so, do not wait.
@@ -38,7 +38,7 @@ class ScrapeFailed(Exception):
 )
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.2, max=60),
+    type=Seconds(min=0.2, max=60),
     default=1.0,
     show_default=True,
     help="Seconds between refreshes (and the window rates are computed over).",

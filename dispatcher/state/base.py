@@ -264,6 +264,11 @@ class JobStore(ABC):
     #: keeps none (callbacks are then sent once, best effort, by the worker that ended it).
     callbacks: CallbackOutbox | None = None
 
+    async def open(self) -> None:  # noqa: B027 - a hook most stores need not fill
+        """Open what a short command (``dispatcher jobs``, ``dlq``) needs to use the store
+        without starting its backend (no listener, no workers): a queue's client. A
+        started backend has opened it already."""
+
     @abstractmethod
     async def submit(self, job_id: str, record: dict[str, str]) -> None:
         """Store the job's record and append its entry, atomically."""

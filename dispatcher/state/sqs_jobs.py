@@ -137,6 +137,9 @@ class SqsJobs(JobStore):
     async def start(self) -> None:
         await self.queue.open()
 
+    async def open(self) -> None:
+        await self.queue.open()
+
     async def aclose(self) -> None:
         await self.queue.aclose()
 

@@ -20,7 +20,7 @@ from pydantic import AnyHttpUrl, BeforeValidator, Field, PrivateAttr, model_vali
 
 from linchkit_plugin.errors import ProviderError
 from providers._compression import HttpCompression
-from providers._http_client import ClientKind, HttpPool
+from providers._http_client import ChosenClient, HttpPool
 from providers.discovery import Weight, instance_item
 from providers.instances import InstanceListing
 from providers.target import (
@@ -147,10 +147,10 @@ class KnativeTarget(InstanceListing):
         description="Verify the ingress with ca_file, present cert_file/key_file (mTLS);"
         " https ingresses only. server_name: the name the ingress's certificate carries.",
     )
-    client: ClientKind | None = Field(
+    client: ChosenClient = Field(
         default=None,
-        description="The HTTP client of this target's calls: reqwest or aiohttp;"
-        " default: the provider's (aiohttp).",
+        description="The HTTP client of this target's calls: aiohttp or reqwest (the"
+        " reqwest extra); default: the provider's (aiohttp).",
     )
     pool: HttpPool | None = Field(
         default=None,
