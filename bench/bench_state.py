@@ -13,6 +13,11 @@ persistence), measured in interleaved rounds, medians reported:
 * ``state_redis_added_us``: the difference, what sharing costs per call.
 * ``state_{memory,redis}_hit_c1_us``: a cache hit (on Redis, one round trip).
 * ``state_{memory,redis}_chain_c64_calls_per_s``: 64 calls in flight.
+* ``state_fleet_breaker_{memory,redis}_us``: one call through a ``FleetStep`` over three
+  instances, each guarded by its breaker, to a stub provider (no network): the local
+  breakers against the shared ones on Redis, steady state (closed circuits, so a replica
+  reads Redis once per ``breaker_sync_ms`` per instance, not per call);
+  ``state_fleet_breaker_redis_over_memory_ratio`` the ratio.
 """
 
 from __future__ import annotations
@@ -114,7 +119,9 @@ async def run(options: Options) -> dict[str, float]:
             memory = Dispatcher(_manifest({"backend": "memory"}))
             shared = Dispatcher(_manifest({"backend": "redis", "url": url, "op_timeout_ms": 2000}))
             async with memory, shared:
-                return await _measure(memory, shared, calls, rounds)
+                figures = await _measure(memory, shared, calls, rounds)
+            figures.update(await _fleet_breakers(url, rounds, calls * 10))
+            return figures
         finally:
             process.kill()
             await process.wait()
@@ -145,4 +152,60 @@ async def _measure(
         figures["state_redis_chain_c1_us"] - figures["state_memory_chain_c1_us"]
     )
     assert shared.stats()["state"]["fallbacks"] == 0, "Redis must have answered every call"
+    return figures
+
+
+async def _fleet_breakers(url: str, rounds: int, calls: int) -> dict[str, float]:
+    from dispatcher.config import BreakerPolicy, StateConfig
+    from dispatcher.fleet import CircuitBreaker, Fleet, FleetStep, Instance
+    from dispatcher.fleet.shared_breaker import SharedBreaker
+    from dispatcher.state import new_backend
+    from providers.http import HttpProvider, HttpTarget
+    from providers.invocation import Invocation
+
+    clock = asyncio.get_running_loop().time
+    policy = BreakerPolicy(fail_max=5, reset_timeout_ms=1000)
+    target = HttpTarget.model_validate(
+        {"provider": "http", "instances": [{"url": f"http://127.0.0.{n}:8080"} for n in (2, 3, 4)]}
+    )
+
+    def local(instance: Instance) -> CircuitBreaker:
+        return CircuitBreaker(
+            instance.target.describe(), fail_max=5, reset_timeout=1.0, clock=clock
+        )
+
+    async def stub(target: Any, invocation: Invocation) -> Any:
+        return None
+
+    backend = new_backend(StateConfig(backend="redis", url=url, op_timeout_ms=2000), clock)
+    async with backend:
+
+        def shared(instance: Instance) -> SharedBreaker:
+            return SharedBreaker(local(instance), instance.key, policy, backend, 0.1, clock)
+
+        steps = {
+            "memory": FleetStep(
+                Fleet(target, target.instance_targets(), HttpProvider(), clock), stub, local
+            ),
+            "redis": FleetStep(
+                Fleet(target, target.instance_targets(), HttpProvider(), clock), stub, local, shared
+            ),
+        }
+        invocation = Invocation("bench", "1.0.0", "echo", {}, clock() + 600, "r")
+        samples: dict[str, list[float]] = {}
+        for step in steps.values():  # warm: every instance's view read once
+            for _ in range(100):
+                await step(invocation)
+        for _ in range(rounds):
+            for label, step in steps.items():
+                started = time.perf_counter()
+                for _ in range(calls):
+                    await step(invocation)
+                per_call = (time.perf_counter() - started) / calls * 1e6
+                samples.setdefault(f"state_fleet_breaker_{label}_us", []).append(per_call)
+        assert backend.stats()["fallbacks"] == 0, "Redis must have answered every admit"
+    figures = {name: statistics.median(values) for name, values in samples.items()}
+    figures["state_fleet_breaker_redis_over_memory_ratio"] = (
+        figures["state_fleet_breaker_redis_us"] / figures["state_fleet_breaker_memory_us"]
+    )
     return figures

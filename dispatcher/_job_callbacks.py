@@ -2,23 +2,40 @@
 ``Dispatcher.job`` shows it) is POSTed there as JSON.
 
 The URL is checked at submit against the manifest's ``egress`` policy (a URL it refuses
-is ``InvalidParams`` then, not a failed delivery later), by the worker's own policy before
-it sends (the record may come from elsewhere), and again after name resolution when the
-worker connects (the resolver of ``providers._http_common.open_session``), so a
-caller cannot make the dispatcher reach a metadata service or a network it may not.
+is ``InvalidParams`` then, not a failed delivery later), again by the worker's own policy
+before every POST (the record was read back from the store, and may have been written by
+a replica with a looser policy or by someone with the store's key), and after name
+resolution when the worker connects
+(the resolver of ``providers._http_common.open_session``), so a caller cannot make the
+dispatcher reach a metadata service or a network it may not.
 
-A delivery: at most ``callback_attempts`` POSTs, each bounded by ``callback_timeout_ms``
-(connect, send and the answer's head), redirects not followed (a 3xx is a failure: the
-record must not be carried anywhere the policy did not check), 2xx is delivered, 5xx,
-429 and transport failures are tried again after a doubling pause, any other 4xx ends
-it. Best effort: deliveries run in tasks the workers own (at most ``MAX_DELIVERIES`` at
-once), after the job's end is stored; a worker stopped first loses the ones in flight, and
-one past ``MAX_PENDING`` waiting deliveries (or ``MAX_PENDING_BYTES`` of their bodies) is
-dropped.
+**Durable, at least once** where the job store keeps a ``CallbackOutbox`` (Redis jobs,
+and SQS jobs with a Redis job view): the pending callback is recorded with the job's
+terminal state, in one atomic step, so a worker that dies before delivering loses
+nothing. Any replica's workers deliver (``run``): they claim due callbacks for a lease
+(``2 x callback_timeout_ms + 2 s``; one whose claimer died falls due again after it), POST
+once, and settle: 2xx delivered; 5xx, 429 and no answer due again after a doubling,
+jittered pause (``callback_backoff_ms`` … ``callback_backoff_max_ms``) until
+``callback_attempts`` POSTs were made; any other answer, a redirect (a 3xx is not
+followed: the record must not be carried anywhere the policy did not check) or a
+refusal by the egress policy ends it at once. An ended-without-delivery callback is
+dead-lettered: its job's record says ``callback: failed`` and ``callback_error`` why
+(``dispatcher jobs --callback failed``). Each POST is bounded by ``callback_timeout_ms``.
 
-Signing: with ``jobs.callback_secret`` set, every delivery carries
+Every POST of one callback carries the same ``X-Linchkit-Delivery: <id>`` header (also
+the body's ``delivery_id``): a receiver that saw the id already answers 2xx and ignores
+the repeat, which at-least-once delivery makes possible (a claimer that delivered and died
+before settling, a lease that ran out mid-POST).
+
+**Best effort** where the store keeps no outbox (SQS without a job view): the worker that
+ended the job POSTs it with the same retries, in a task it owns (at most
+``MAX_DELIVERIES`` at once); a worker stopped first loses the ones in flight, and one past
+``MAX_PENDING`` waiting deliveries (or ``MAX_PENDING_BYTES`` of their bodies) is dropped.
+
+Signing: with ``jobs.callback_secret`` set, every POST carries
 ``X-Linchkit-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">``; a
-receiver recomputes it with the shared secret and refuses an old ``t`` (a replay).
+receiver recomputes it with the shared secret and refuses an old ``t`` (a replay). The
+secret and the URL (which may carry a token) are never logged; a job id and a reason are.
 """
 
 from __future__ import annotations
@@ -28,21 +45,27 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
+import random
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
 
 from dispatcher.config import JobsConfig
+from dispatcher.state.base import CallbackOutbox, PendingCallback, StateUnavailable
 from linchkit_plugin.errors import InvalidParams
 from providers._http_common import open_session
 from providers.egress import EgressPolicy, EgressRefused
 from providers.target import Destination
 
 __all__ = [
+    "DELIVERY_HEADER",
     "MAX_CALLBACK_URL",
     "SIGNATURE_HEADER",
     "JobCallbacks",
+    "callback_body",
     "checked_callback_url",
     "signature",
 ]
@@ -50,16 +73,36 @@ __all__ = [
 log = logging.getLogger("dispatcher.jobs")
 
 SIGNATURE_HEADER = "X-Linchkit-Signature"
+DELIVERY_HEADER = "X-Linchkit-Delivery"
 MAX_CALLBACK_URL = 2048
-#: Deliveries running at once per dispatcher; more wait for a slot.
+#: Deliveries running at once per dispatcher; more wait for a slot (or stay due).
 MAX_DELIVERIES = 64
-#: Deliveries running or waiting at once, and the bytes of their bodies: each holds a
-#: job's whole record, and jobs may end faster than a receiver that never answers lets
-#: them go. One past either bound is dropped (counted failed, logged).
+#: Best effort (no outbox): deliveries running or waiting at once, and the bytes of their
+#: bodies. Each holds a job's whole record, and jobs may end faster than a receiver that
+#: never answers lets them go; one past either bound is dropped (counted failed, logged).
+#: The durable path claims only as many as it has slots for: the rest wait in the store.
 MAX_PENDING = 1024
 MAX_PENDING_BYTES = 256 * 1024 * 1024
 #: How long ``aclose`` lets deliveries in flight finish.
 CLOSE_GRACE_SECONDS = 2.0
+#: How often a replica looks for callbacks another replica's jobs left due, when nothing
+#: woke it sooner (its own workers wake it when they end a job that has one).
+POLL_SECONDS = 0.5
+#: The record's bookkeeping of its callback: not part of what is POSTed.
+_BOOKKEEPING = frozenset(
+    (
+        "callback",
+        "callback_attempts",
+        "callback_claim",
+        "callback_delivered_at",
+        "callback_error",
+        "callback_failed_at",
+        "callback_id",
+    )
+)
+
+#: A job record as callers read it (``dispatcher._jobs.job_status``).
+StatusOf = Callable[[dict[str, str]], dict[str, Any]]
 
 
 def checked_callback_url(url: object, egress: EgressPolicy) -> str:
@@ -98,37 +141,140 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac.hexdigest()}"
 
 
+def callback_body(status: dict[str, Any], delivery_id: str) -> bytes:
+    """What is POSTed: the job's status without the callback's bookkeeping, and the
+    delivery id (so the signature covers it)."""
+    document = {name: value for name, value in status.items() if name not in _BOOKKEEPING}
+    document["delivery_id"] = delivery_id
+    return orjson.dumps(document)
+
+
+def new_delivery_id() -> str:
+    return os.urandom(12).hex()
+
+
 class JobCallbacks:
-    """The deliveries of one dispatcher's job workers (module docstring)."""
+    """The callback deliveries of one dispatcher's job workers (module docstring)."""
 
     def __init__(
         self,
         config: JobsConfig,
         egress: EgressPolicy,
+        status_of: StatusOf,
+        outbox: CallbackOutbox | None = None,
         *,
+        pause: float = 0.5,
         max_pending: int = MAX_PENDING,
         max_pending_bytes: int = MAX_PENDING_BYTES,
     ) -> None:
         self.config = config
         self.egress = egress
+        self.status_of = status_of
+        self.outbox = outbox
         self.timeout = config.callback_timeout_ms / 1000
-        self.max_pending = max_pending
-        self.max_pending_bytes = max_pending_bytes
+        #: How long a claim holds a callback: one POST's bound, twice, and a margin.
+        self.lease = 2 * self.timeout + 2.0
+        self.pause = max(pause, 0.05)  # after the store failed: it skips itself this long
         self._session: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_DELIVERIES)
+        self._runner: asyncio.Task[None] | None = None
+        self._woken = asyncio.Event()
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0
         self.delivered = 0
         self.failed = 0
+        self.retried = 0
+
+    @property
+    def durable(self) -> bool:
+        return self.outbox is not None
+
+    # -- durable: the outbox ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Deliver due callbacks of every replica's jobs until ``aclose`` (durable only)."""
+        if self.outbox is not None and self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(
+                self._run(self.outbox), name="job callbacks"
+            )
+
+    def wake(self) -> None:
+        """A job of this replica ended with a callback due: look now, not at the next poll."""
+        self._woken.set()
+
+    async def _run(self, outbox: CallbackOutbox) -> None:
+        while True:
+            free = MAX_DELIVERIES - len(self._tasks)
+            if free <= 0:
+                await self._idle(POLL_SECONDS)
+                continue
+            self._woken.clear()
+            try:
+                due = await outbox.claim(free, self.lease)
+            except StateUnavailable as error:
+                log.warning("job callbacks: %s", error.message)
+                await asyncio.sleep(self.pause)
+                continue
+            for callback in due:
+                self._own(self._settle(outbox, callback), f"callback of job {callback.job_id}")
+            if len(due) < free:
+                await self._idle(POLL_SECONDS)
+
+    async def _idle(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._woken.wait()
+
+    async def _settle(self, outbox: CallbackOutbox, callback: PendingCallback) -> None:
+        record, job_id = callback.record, callback.job_id
+        delivery_id = record.get("callback_id") or job_id
+        url = record.get("callback_url")
+        if url is None:
+            outcome, reason = "failed", "the job's record has no callback_url"
+        else:
+            status = self.status_of({**record, "id": job_id})
+            outcome, reason = await self.post(url, callback_body(status, delivery_id), delivery_id)
+        try:
+            if outcome == "delivered":
+                await outbox.delivered(callback)
+                self.delivered += 1
+            elif outcome == "retry" and callback.attempt < self.config.callback_attempts:
+                await outbox.retry(callback, self.backoff(callback.attempt), reason)
+                self.retried += 1
+            else:
+                await outbox.give_up(callback, reason)
+                self.failed += 1
+                log.warning(
+                    "callback of job %s given up after %d POSTs: %s",
+                    job_id,
+                    callback.attempt,
+                    reason,
+                )
+        except StateUnavailable as error:
+            # Its claim lapses and another claim delivers it again: at least once.
+            log.warning("callback of job %s: its outcome was not stored: %s", job_id, error.message)
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds before POST ``attempt + 1``: doubling, capped, jittered."""
+        base = self.config.callback_backoff_ms / 1000 * (2 ** min(attempt - 1, 30))
+        return float(
+            min(base, self.config.callback_backoff_max_ms / 1000) * random.uniform(0.5, 1.0)
+        )
+
+    # -- best effort: no outbox ------------------------------------------------------------
 
     def send(self, url: str, status: dict[str, Any]) -> None:
-        """Deliver ``status`` to ``url`` in a task this object owns, or drop it when the
-        deliveries waiting already hold as much as they may."""
+        """Deliver ``status`` to ``url`` in a task this object owns (no outbox), or drop it
+        when the deliveries waiting already hold as much as they may."""
+        job_id = status.get("id")
+        delivery_id = new_delivery_id()
         try:
-            body = orjson.dumps(status)
+            body = callback_body(status, delivery_id)
         except TypeError:  # a record is JSON read back: not expected, but not the worker's end
             self.failed += 1
-            log.error("callback of job %s not sent: its record is not JSON", status.get("id"))
+            log.error("callback of job %s not sent: its record is not JSON", job_id)
             return
         if (
             len(self._tasks) >= self.max_pending
@@ -138,26 +284,17 @@ class JobCallbacks:
             log.warning(
                 "callback of job %s dropped: %d deliveries (%d bytes) are waiting already;"
                 " their receivers answer slowly or not at all",
-                status.get("id"),
+                job_id,
                 len(self._tasks),
                 self._pending_bytes,
             )
             return
         self._pending_bytes += len(body)
-        task = asyncio.get_running_loop().create_task(
-            self._deliver(url, status.get("id"), body), name=f"callback of job {status.get('id')}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._own(self._deliver(url, job_id, body, delivery_id), f"callback of job {job_id}")
 
-    async def _deliver(self, url: str, job_id: object, body: bytes) -> None:
+    async def _deliver(self, url: str, job_id: object, body: bytes, delivery_id: str) -> None:
         try:
-            async with self._slots:
-                try:
-                    delivered = await self.deliver(url, job_id, body)
-                except Exception:  # a bug must not end silently in a task nobody awaits
-                    log.exception("callback of job %s failed unexpectedly", job_id)
-                    delivered = False
+            delivered = await self.deliver(url, job_id, body, delivery_id)
         finally:
             self._pending_bytes -= len(body)
         if delivered:
@@ -165,51 +302,70 @@ class JobCallbacks:
         else:
             self.failed += 1
 
-    async def deliver(self, url: str, job_id: object, body: bytes) -> bool:
-        """POST ``body`` (job ``job_id``'s record) to ``url``, trying again as the module
-        docstring says."""
+    async def deliver(self, url: str, job_id: object, body: bytes, delivery_id: str) -> bool:
+        """POST ``body`` (job ``job_id``'s record) to ``url`` until delivered or the budget
+        is spent."""
+        reason = "not tried"
+        for attempt in range(1, self.config.callback_attempts + 1):
+            outcome, reason = await self.post(url, body, delivery_id)
+            if outcome == "delivered":
+                return True
+            if outcome == "failed":
+                break
+            if attempt < self.config.callback_attempts:
+                self.retried += 1
+                await asyncio.sleep(self.backoff(attempt))
+        log.warning("callback of job %s not delivered: %s", job_id, reason)
+        return False
+
+    # -- one POST -----------------------------------------------------------------------------
+
+    async def post(self, url: str, body: bytes, delivery_id: str) -> tuple[str, str]:
+        """One POST: (``delivered`` | ``retry`` | ``failed``, why not delivered)."""
         import aiohttp
 
         try:
-            # Again here: the record may not have passed this dispatcher's check at submit
-            # (a replica with a looser policy wrote it, or someone with the store's key),
-            # and an address literal is dialled without the resolver's check.
-            checked_callback_url(url, self.egress)
+            checked_callback_url(url, self.egress)  # read back from the store: check again
         except InvalidParams as refused:
-            log.warning("callback of job %s not sent: %s", job_id, refused.message)
-            return False
-        pause = 0.2
-        reason = "not tried"
-        for attempt in range(1, self.config.callback_attempts + 1):
-            headers = {"Content-Type": "application/json"}
-            secret = self.config.callback_secret
-            if secret is not None:
-                headers[SIGNATURE_HEADER] = signature(secret, int(time.time()), body)
-            try:
-                async with self._opened().post(
-                    url,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=self.timeout),
-                ) as answer:
-                    status_code = answer.status
-            except EgressRefused as refused:  # after resolution: it will not change
-                reason = refused.message
-                break
-            except (aiohttp.ClientError, TimeoutError, OSError) as error:
-                reason = type(error).__name__
-            else:
-                if 200 <= status_code < 300:
-                    return True
-                reason = f"HTTP {status_code}"
-                if status_code < 500 and status_code != 429:
-                    break
-            if attempt < self.config.callback_attempts:
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 5.0)
-        log.warning("callback of job %s to its callback_url not delivered: %s", job_id, reason)
-        return False
+            return "failed", refused.message
+        headers = {"Content-Type": "application/json", DELIVERY_HEADER: delivery_id}
+        secret = self.config.callback_secret
+        if secret is not None:
+            headers[SIGNATURE_HEADER] = signature(secret, int(time.time()), body)
+        try:
+            async with self._opened().post(
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as answer:
+                status_code = answer.status
+        except EgressRefused as refused:  # after resolution: it will not change
+            return "failed", refused.message
+        except (aiohttp.ClientError, TimeoutError, OSError) as error:
+            return "retry", f"no answer ({type(error).__name__})"
+        if 200 <= status_code < 300:
+            return "delivered", ""
+        if status_code >= 500 or status_code == 429:
+            return "retry", f"HTTP {status_code}"
+        return "failed", f"HTTP {status_code}"
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    def _own(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._bounded(work), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _bounded(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            async with self._slots:
+                await work
+        except Exception:  # a bug must not end silently in a task nobody awaits
+            log.exception("a job callback failed unexpectedly")
+        finally:
+            work.close()  # cancelled while waiting for a slot: it never started
 
     def _opened(self) -> Any:
         if self._session is None:
@@ -219,6 +375,12 @@ class JobCallbacks:
         return self._session
 
     async def aclose(self) -> None:
+        """Stop claiming; let deliveries in flight finish for a grace, cancel the rest
+        (their claims lapse and another replica delivers them)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
         if self._tasks:
             _, late = await asyncio.wait(tuple(self._tasks), timeout=CLOSE_GRACE_SECONDS)
             for task in late:
@@ -230,8 +392,17 @@ class JobCallbacks:
                 await self._session.close()
             self._session = None
 
-    def stats(self) -> dict[str, int]:
-        return {"delivered": self.delivered, "failed": self.failed, "sending": len(self._tasks)}
+    def stats(self) -> dict[str, Any]:
+        return {
+            "durable": self.durable,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "retried": self.retried,
+            "sending": len(self._tasks),
+        }
 
     def __repr__(self) -> str:
-        return f"<JobCallbacks sending={len(self._tasks)} delivered={self.delivered} failed={self.failed}>"
+        return (
+            f"<JobCallbacks {'durable' if self.durable else 'best effort'} "
+            f"sending={len(self._tasks)} delivered={self.delivered} failed={self.failed}>"
+        )

@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from dispatcher._job_callbacks import JobCallbacks
+from dispatcher._job_callbacks import JobCallbacks, new_delivery_id
 from dispatcher.config import JobsConfig
 from dispatcher.state.base import (
     TERMINAL_STATES,
@@ -170,11 +170,14 @@ class JobWorkers:
         egress: EgressPolicy | None = None,
     ) -> None:
         self.store = store
-        #: Who POSTs a job's record to its ``callback_url`` when it ends.
-        self.callbacks = JobCallbacks(config, egress or EgressPolicy())
+        self.pause = max(pause, 0.05)  # after Redis failed: the backend skips it this long
+        #: Who POSTs a job's record to its ``callback_url`` when it ends: from the store's
+        #: outbox (any replica's job, durable) when it keeps one, else once, best effort.
+        self.callbacks = JobCallbacks(
+            config, egress or EgressPolicy(), job_status, store.callbacks, pause=self.pause
+        )
         self.config = config
         self.run = run
-        self.pause = max(pause, 0.05)  # after Redis failed: the backend skips it this long
         self.visibility = config.visibility_timeout_ms / 1000
         self.result_ttl = config.result_ttl_ms / 1000
         self._name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
@@ -188,6 +191,7 @@ class JobWorkers:
         for number in range(self.config.workers):
             consumer = f"{self._name}-{number}"
             self._tasks.append(loop.create_task(self._consume(consumer), name=f"jobs {consumer}"))
+        self.callbacks.start()
 
     def stop_taking(self) -> None:
         """Take no new entries (a drain): the jobs in flight go on."""
@@ -344,11 +348,22 @@ class JobWorkers:
         self.counts["succeeded"] += 1
 
     async def _ended(self, entry: str, record: dict[str, str], fields: dict[str, str]) -> None:
-        """Store the job's end; then, if it asked for one, send its callback."""
+        """Store the job's end, with its pending callback if it asked for one (one atomic
+        write: a worker that dies after it loses no callback); then have it delivered."""
         job_id = record["id"]
-        await self.store.finish(entry, job_id, fields, self.result_ttl)
         url = record.get("callback_url")
-        if url is not None:
+        durable = url is not None and self.callbacks.durable
+        if durable:
+            fields = {
+                **fields,
+                "callback": "pending",
+                "callback_id": new_delivery_id(),  # one per end: a redriven job's is new
+                "callback_attempts": "0",
+            }
+        await self.store.finish(entry, job_id, fields, self.result_ttl)
+        if durable:
+            self.callbacks.wake()
+        elif url is not None:
             self.callbacks.send(url, job_status({**record, **fields}))
 
     async def _failed(

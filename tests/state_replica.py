@@ -9,6 +9,7 @@ prints ``{"ready": true}``, then answers one JSON line per command:
 * ``call`` and ``calls`` (``n`` concurrent): one call each, replying with its outcome
   (``ok``, ``result`` or the error's ``type`` and ``message``) and its duration;
 * ``invalidate``: ``Dispatcher.ainvalidate``; ``stats``: the state backend's counters;
+  ``fleets``: each fleet's instances and the calls this replica sent each;
 * ``quit``: close the dispatcher and exit.
 """
 
@@ -107,6 +108,8 @@ async def main(path: str) -> None:
                 reply({"ok": True})
             elif op == "stats":
                 reply(dispatcher.stats()["state"])
+            elif op == "fleets":
+                reply(dispatcher.stats()["fleets"])
     reply({"closed": True})
 
 

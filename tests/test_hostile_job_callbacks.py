@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from dispatcher._job_callbacks import JobCallbacks
+from dispatcher._jobs import job_status
 from dispatcher.config import JobsConfig
 from providers.egress import EgressPolicy
 from tests.services import Redis, until
@@ -143,7 +144,7 @@ async def test_deliveries_waiting_for_a_tarpit_are_bounded() -> None:
     waiting delivery holds the job's whole record (its result too), so their number is
     bounded and the ones past it are dropped, counted as failed."""
     config = JobsConfig(callback_timeout_ms=60_000, callback_attempts=1)
-    callbacks = JobCallbacks(config, EgressPolicy(), max_pending=8)
+    callbacks = JobCallbacks(config, EgressPolicy(), job_status, max_pending=8)
     try:
         async with tarpit() as url:
             for number in range(50):
@@ -152,7 +153,7 @@ async def test_deliveries_waiting_for_a_tarpit_are_bounded() -> None:
             assert callbacks.stats()["failed"] == 42
     finally:
         await callbacks.aclose()
-    by_size = JobCallbacks(config, EgressPolicy(), max_pending_bytes=5_000)
+    by_size = JobCallbacks(config, EgressPolicy(), job_status, max_pending_bytes=5_000)
     try:
         async with tarpit() as url:
             for number in range(10):  # about 1,030 bytes each

@@ -808,3 +808,37 @@ async def test_the_cli_submits_lists_and_redrives_jobs_on_sqs(
     # What needs the view says so, typed, no traceback.
     shown = await cli(bare, "job", job_id)
     assert shown.code != 0 and "job view" in shown.err
+
+
+# -- callbacks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("view", [True, False])
+async def test_callbacks_are_durable_with_a_job_view_and_best_effort_without(
+    tmp_path: Path,
+    sqs_server: Moto,
+    queues: Queues,
+    redis_server: Redis,
+    redis_prefix: str,
+    view: bool,
+) -> None:
+    """With a Redis job view the pending callback is written with the job's end (and any
+    worker delivers it); without one there is nowhere to keep it: the worker sends it."""
+    from tests.test_fleet import free_port
+    from tests.test_job_callbacks_durable import HOST, Receiver, ok, serving
+
+    receiver = Receiver(ok, free_port(HOST))
+    path = manifest_file(
+        tmp_path, sqs_server, queues, redis_server.url, redis_prefix, view=view, workers=1
+    )
+    async with serving(receiver), Dispatcher(load_manifest(path)) as d:
+        job_id = await d.submit("jobs", "work", {"n": 12}, callback_url=receiver.url)
+        await until(lambda: d.stats()["jobs"]["callbacks"]["delivered"] == 1, "the callback")
+        assert d.stats()["jobs"]["callbacks"]["durable"] is view
+        if view:
+            record = await d.job(job_id)
+            assert record["callback"] == "delivered"
+            assert receiver.delivery_ids() == [record["callback_id"]]
+    ((_, body),) = receiver.received
+    document = json.loads(body)
+    assert (document["id"], document["state"]) == (job_id, "succeeded")

@@ -40,7 +40,7 @@ from dispatcher.cli._app import (
 )
 from dispatcher.config import Manifest
 from dispatcher.state import JobStore, new_backend
-from dispatcher.state.base import JOB_STATES, TERMINAL_STATES
+from dispatcher.state.base import CALLBACK_STATES, JOB_STATES, TERMINAL_STATES
 from linchkit_plugin.errors import DispatchError
 
 T = TypeVar("T")
@@ -135,7 +135,16 @@ def _error_type(status: dict[str, Any]) -> str:
 
 
 def _rows(statuses: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    header = ("ID", "METHOD", "STATE", "ATTEMPTS", "SUBMITTED (UTC)", "FINISHED (UTC)", "ERROR")
+    header = (
+        "ID",
+        "METHOD",
+        "STATE",
+        "ATTEMPTS",
+        "SUBMITTED (UTC)",
+        "FINISHED (UTC)",
+        "ERROR",
+        "CALLBACK",
+    )
     return [
         header,
         *(
@@ -147,6 +156,7 @@ def _rows(statuses: list[dict[str, Any]]) -> list[tuple[str, ...]]:
                 _time(status.get("submitted_at")),
                 _time(status.get("finished_at")),
                 _error_type(status),
+                str(status.get("callback", "-")),
             )
             for status in statuses
         ),
@@ -249,6 +259,12 @@ def submit(
     "--state", type=click.Choice(JOB_STATES), default=None, help="Only jobs in this state."
 )
 @click.option(
+    "--callback",
+    type=click.Choice(CALLBACK_STATES),
+    default=None,
+    help="Only jobs whose callback is in this state (failed: given up, dead-lettered).",
+)
+@click.option(
     "--limit",
     type=click.IntRange(1, 10_000),
     default=20,
@@ -259,23 +275,33 @@ def submit(
 @_json_flag
 @manifest_option
 @click.pass_context
-def jobs(context: click.Context, state: str | None, limit: int, output: str, as_json: bool) -> None:
-    """List recent jobs: state, attempts, times, the type of their last error.
+def jobs(
+    context: click.Context,
+    state: str | None,
+    callback: str | None,
+    limit: int,
+    output: str,
+    as_json: bool,
+) -> None:
+    """List recent jobs: state, attempts, times, the type of their last error, where
+    their callback stands.
 
     Jobs are listed while their records are kept (jobs.result_ttl_ms; dead-lettered ones
-    until purged). --state looks among the latest 10,000 (every dead-lettered job for
-    --state dead).
+    until purged). --state and --callback look among the latest 10,000 (every
+    dead-lettered job for --state dead).
     """
 
+    def wanted(record: dict[str, str]) -> bool:
+        return (state is None or record.get("state") == state) and (
+            callback is None or record.get("callback") == callback
+        )
+
     async def read(store: JobStore) -> list[dict[str, Any]]:
-        if state == "dead":
+        if state == "dead" and callback is None:
             records = await store.dead(limit)
-        elif state is not None:
-            records = [
-                record
-                for record in await store.recent(max(limit, SCAN_FOR_STATE))
-                if record.get("state") == state
-            ][:limit]
+        elif state is not None or callback is not None:
+            scanned = await store.recent(max(limit, SCAN_FOR_STATE))
+            records = [record for record in scanned if wanted(record)][:limit]
         else:
             records = await store.recent(limit)
         return [job_status(record) for record in records]

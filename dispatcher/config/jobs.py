@@ -142,14 +142,24 @@ class JobsConfig(StrictModel):
     callback_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = Field(
         default=5_000, description="Bound of one callback POST."
     )
-    callback_attempts: Annotated[int, Field(ge=1, le=10)] = Field(
-        default=3, description="POSTs of one callback before it is given up (5xx, 429, no answer)."
+    callback_attempts: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=10,
+        description="POSTs of one callback before it is given up and marked failed "
+        "(5xx, 429, no answer are tried again; any other answer ends it at once).",
+    )
+    callback_backoff_ms: Annotated[int, Field(ge=0, le=3_600_000)] = Field(
+        default=1_000, description="Delay before a callback's second POST; doubles per POST."
+    )
+    callback_backoff_max_ms: Annotated[int, Field(ge=0, le=86_400_000)] = Field(
+        default=300_000, description="The longest delay between two POSTs of one callback."
     )
 
     @model_validator(mode="after")
     def _backoff_in_order(self) -> JobsConfig:
         if self.backoff_max_ms < self.backoff_ms:
             raise ValueError("'backoff_max_ms' must be at least 'backoff_ms'")
+        if self.callback_backoff_max_ms < self.callback_backoff_ms:
+            raise ValueError("'callback_backoff_max_ms' must be at least 'callback_backoff_ms'")
         return self
 
     @model_validator(mode="after")

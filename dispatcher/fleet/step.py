@@ -4,7 +4,10 @@
 
 Each attempt goes to one instance; its breaker (one per instance, keyed by the instance
 target's ``key``, made when a method that configures breakers first calls it) admits it,
-and its outcome feeds the breaker and the outlier detector. A fleet with no instance
+and its outcome feeds the breaker and the outlier detector. With ``state: redis`` the
+breaker is the instance's ``SharedBreaker`` (``shared_breaker``): one replica's failures
+against an instance open its circuit for every replica, whose calls then go to the
+other instances (a refused admit fails over, as below). A fleet with no instance
 (its sources have listed none yet) fails the call with ``TargetUnavailable`` naming them.
 
 **Failover.** An attempt that provably never reached the plugin moves to another
@@ -31,21 +34,32 @@ from dispatcher.fleet.fleet import Fleet
 from dispatcher.fleet.hedge import HEDGE_TRIED
 from dispatcher.fleet.instances import Instance
 from dispatcher.fleet.served import SERVED_BY
+from dispatcher.fleet.shared_breaker import SharedBreaker
 from linchkit_plugin.errors import CircuitOpen, DispatchError, TargetUnavailable
 from providers.invocation import Invocation, Outcome
 from providers.target import TargetConfig
 
-__all__ = ["FleetStep", "never_sent"]
+__all__ = ["BreakerFor", "FleetStep", "SharedBreakerFor", "never_sent"]
 
 Invoke = Callable[[TargetConfig, Invocation], Awaitable[Any]]
 #: Makes (or finds) the breaker of an instance; None: the method configures no breaker.
 BreakerFor = Callable[[Instance], CircuitBreaker] | None
+#: Makes (or finds) the shared breaker of an instance (``state: redis``); None: local only.
+SharedBreakerFor = Callable[[Instance], SharedBreaker] | None
 InvokeBatch = Callable[[TargetConfig, Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]
 
 #: The instance that last failed an attempt of an invocation that may be retried.
 _FAILED_ON: ContextVar[tuple[Invocation, Instance] | None] = ContextVar(
     "dispatcher_fleet_failed_on", default=None
 )
+
+
+class _NeverSent(Exception):
+    """An attempt under a shared breaker never reached the plugin: try another instance."""
+
+    def __init__(self, error: DispatchError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def never_sent(error: DispatchError) -> bool:
@@ -56,14 +70,32 @@ def never_sent(error: DispatchError) -> bool:
 class FleetStep:
     """The end of the chain of one method on a fleet target."""
 
-    __slots__ = ("breaker_for", "fleet", "invoke")
+    __slots__ = ("breaker_for", "fleet", "invoke", "shared", "shared_for")
 
-    def __init__(self, fleet: Fleet, invoke: Invoke, breaker_for: BreakerFor = None) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        invoke: Invoke,
+        breaker_for: BreakerFor = None,
+        shared_for: SharedBreakerFor = None,
+    ) -> None:
         self.fleet = fleet
         self.invoke = invoke
         self.breaker_for = breaker_for
+        self.shared_for = shared_for
+        #: Each instance's shared breaker (by ``Instance.key``), made on its first call.
+        self.shared: dict[str, SharedBreaker] = {}
         for instance in fleet.instances:  # so reports show them before the first call
             self._breaker(instance)
+            self._shared(instance)
+
+    def _shared(self, instance: Instance) -> SharedBreaker | None:
+        if self.shared_for is None:
+            return None
+        shared = self.shared.get(instance.key)
+        if shared is None:
+            shared = self.shared[instance.key] = self.shared_for(instance)
+        return shared
 
     def _breaker(self, instance: Instance) -> CircuitBreaker | None:
         if self.breaker_for is None:
@@ -88,6 +120,20 @@ class FleetStep:
                 hedged.append(instance.index)
             if served is not None:
                 served.append(instance)
+            shared = self._shared(instance)
+            if shared is not None:
+                try:
+                    ticket = await shared.admit(invocation)
+                except CircuitOpen as refused:
+                    tried = self._tried(tried, instance)
+                    instance = self._failover(invocation, tried, refused)
+                    continue
+                try:
+                    return await self._attempt_shared(instance, shared, ticket, invocation)
+                except _NeverSent as never:
+                    tried = self._tried(tried, instance)
+                    instance = self._failover(invocation, tried, never.error)
+                    continue
             breaker = self._breaker(instance)
             probe = False
             if breaker is not None:
@@ -128,6 +174,35 @@ class FleetStep:
             if breaker is not None:
                 breaker.record_success(probe)
             return result
+
+    async def _attempt_shared(
+        self, instance: Instance, shared: SharedBreaker, ticket: int, invocation: Invocation
+    ) -> Any:
+        """One attempt on ``instance``, admitted by its shared breaker with ``ticket``;
+        ``_NeverSent`` when the attempt provably never reached the plugin (fail over)."""
+        fleet = self.fleet
+        instance.in_flight += 1
+        instance.calls += 1
+        try:
+            result = await self.invoke(instance.target, invocation)
+        except DispatchError as error:
+            instance.in_flight -= 1
+            failed = is_health_failure(error)
+            (fleet.record_failure if failed else fleet.record_success)(instance)
+            await shared.record(ticket, failed, invocation)
+            if never_sent(error):
+                raise _NeverSent(error) from error
+            if error.retryable:
+                _FAILED_ON.set((invocation, instance))
+            raise
+        except BaseException:
+            instance.in_flight -= 1
+            shared.record_nothing(ticket)
+            raise
+        instance.in_flight -= 1
+        fleet.record_success(instance)
+        await shared.record(ticket, False, invocation)
+        return result
 
     def batch_sender(
         self, invoke_batch: InvokeBatch

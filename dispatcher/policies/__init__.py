@@ -33,8 +33,9 @@ the part of the chain that fits them (rate limits, bulkhead, breaker), sharing i
 Where the state lives is the manifest's ``state`` (``dispatcher.state``): in this process
 (the objects above, unchanged) or shared by every replica on Redis, where rate limits,
 the breakers of single-instance targets and caches use the steps of ``shared``, each
-falling back to the in-process object when Redis cannot answer (``fail_open``). Fleets,
-batches, streams and events keep per-replica breakers for now.
+falling back to the in-process object when Redis cannot answer (``fail_open``); a fleet's
+``FleetStep`` guards each instance with its ``SharedBreaker``, keyed by the instance's own
+identity. Batches, streams and events keep per-replica breakers for now.
 
 ``PolicyRuntime`` holds what methods share (breakers, budgets, bulkheads and limiters
 per target) and owns every task the policies start; ``aclose`` ends them.
@@ -48,10 +49,11 @@ one (tracing off) the chain is exactly the one described above.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dispatcher.config import BreakerPolicy, Policies, RateLimit, RetryPolicy
-from dispatcher.fleet import Fleet, FleetRuntime, FleetStep
+from dispatcher.fleet import Fleet, FleetRuntime, FleetStep, Instance
 from dispatcher.fleet.breaker import (
     BreakerState,
     BreakerStep,
@@ -59,6 +61,8 @@ from dispatcher.fleet.breaker import (
     StateListener,
     guard_batch,
 )
+from dispatcher.fleet.shared_breaker import SharedBreaker
+from dispatcher.fleet.step import BreakerFor, SharedBreakerFor
 from dispatcher.policies.batching import Batcher
 from dispatcher.policies.cache import CacheStep, ResultCache
 from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
@@ -132,6 +136,8 @@ class PolicyRuntime:
         self.target_limits: dict[tuple[str, RateLimit], Limit | SharedLimit] = {}
         self.fleets = fleets if fleets is not None else FleetRuntime(clock)
         self.breakers: dict[str, CircuitBreaker] = {}
+        #: With a shared state backend: the breakers every replica shares, by instance key.
+        self.shared_breakers: dict[str, SharedBreaker] = {}
         self.budgets: dict[str, RetryBudget] = {}
         self.bulkheads: dict[str, Bulkhead] = {}
         self.limiters: dict[tuple[str, RateLimit], Bucket] = {}
@@ -178,9 +184,7 @@ class PolicyRuntime:
                 step = batcher
             elif breaker is not None and self.state.shared:
                 assert policies.breaker is not None
-                step = SharedBreakerStep(
-                    breaker, key, policies.breaker, self.state, self.breaker_sync, self.clock, step
-                )
+                step = SharedBreakerStep(self._shared_breaker(breaker, key, policies.breaker), step)
             elif breaker is not None:
                 step = BreakerStep(breaker, step)
         if policies.may_retry:
@@ -220,12 +224,13 @@ class PolicyRuntime:
     ) -> Step:
         """The end of a fleet target's chain: a ``FleetStep`` (or a batcher sending through it)."""
         policy = policies.breaker
-        breaker_for = (
-            None
-            if policy is None
-            else lambda instance: self._breaker(instance.key, instance.target, policy)
-        )
-        fleet_step = FleetStep(fleet, self._invoke(provider), breaker_for)
+        breaker_for: BreakerFor = None
+        shared_for: SharedBreakerFor = None
+        if policy is not None:
+            breaker_for = partial(self._instance_breaker, policy)
+            if self.state.shared:
+                shared_for = partial(self._instance_shared_breaker, policy)
+        fleet_step = FleetStep(fleet, self._invoke(provider), breaker_for, shared_for)
         if policies.batch is not None:
             sender = fleet_step.batch_sender(self._invoke_batch(provider))
             batcher = Batcher(name, policies.batch, sender)
@@ -341,6 +346,11 @@ class PolicyRuntime:
                 breaker.name: {"state": str(breaker.state), "failures": breaker.failures}
                 for breaker in self.breakers.values()
             },
+            # With state: redis, the state every replica shares, as this one last saw it
+            # ("unknown" before its first round trip); "breakers" is then the fallback's.
+            "shared_breakers": {
+                shared.name: shared.state() for shared in self.shared_breakers.values()
+            },
             "batchers": {
                 batcher.name: {
                     "batches": batcher.batches,
@@ -381,6 +391,24 @@ class PolicyRuntime:
             "fleets": self.fleets.stats(),
             "state": self.state.stats(),
         }
+
+    def _instance_breaker(self, policy: BreakerPolicy, instance: Instance) -> CircuitBreaker:
+        return self._breaker(instance.key, instance.target, policy)
+
+    def _instance_shared_breaker(self, policy: BreakerPolicy, instance: Instance) -> SharedBreaker:
+        local = self._instance_breaker(policy, instance)
+        return self._shared_breaker(local, instance.key, policy)
+
+    def _shared_breaker(
+        self, local: CircuitBreaker, key: str, policy: BreakerPolicy
+    ) -> SharedBreaker:
+        # Like the local one: per target instance, the first method configuring it decides.
+        shared = self.shared_breakers.get(key)
+        if shared is None:
+            shared = self.shared_breakers[key] = SharedBreaker(
+                local, key, policy, self.state, self.breaker_sync, self.clock
+            )
+        return shared
 
     def _breaker(self, key: str, target: TargetConfig, policy: BreakerPolicy) -> CircuitBreaker:
         # One breaker per target instance: the first method that configures it decides

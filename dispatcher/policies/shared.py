@@ -8,14 +8,13 @@ the store cannot answer and the manifest says ``fail_open`` (``dispatcher.state`
   reserves the slot in the same round trip and sleeps until it; a wait longer than the
   call has left is refused at once. Fallback: this replica's own bucket (the limit then
   holds per replica, not in total).
-* ``SharedBreakerStep``: the breaker's counters and state in one hash per target, changed
-  by one script per admit and outcome; one replica's failures open the circuit for all,
-  and half-open probes are counted across all. So that an admit is not a round trip per
-  call, a replica trusts its last view of a *closed* breaker for ``breaker_sync_ms``, and
-  every transition is pushed to every replica, which drops its view at once: a replica
-  sends calls to a circuit another one opened for at most the push's delay (sub-ms on a
-  LAN) or, if the push is lost, ``breaker_sync_ms``. Successes are written only when they
-  change something (failures were counted, a probe). Fallback: the local breaker.
+* ``SharedBreakerStep``: a single-instance target's calls guarded by its
+  ``SharedBreaker`` (``dispatcher.fleet.shared_breaker``, which fleets' instances use too):
+  the breaker's counters and state in one hash per target, changed by one script per
+  admit and outcome; one replica's failures open the circuit for all, and half-open
+  probes are counted across all. A replica sends calls to a circuit another one opened
+  for at most the push's delay (sub-ms on a LAN) or, if the push is lost,
+  ``breaker_sync_ms``. Fallback: the local breaker.
 * ``SharedCacheStep``: entries in Redis under a generation per method; a hit is one
   round trip, so ``Dispatcher.ainvalidate`` (one increment) is seen by every replica's
   next read. Concurrent misses in one replica still make one call (single flight).
@@ -30,18 +29,13 @@ from typing import Any
 
 import orjson
 
-from dispatcher.config import BreakerPolicy, RateLimit
-from dispatcher.fleet.breaker import CircuitBreaker, is_health_failure
+from dispatcher.config import RateLimit
+from dispatcher.fleet.breaker import is_health_failure
+from dispatcher.fleet.shared_breaker import SharedBreaker
 from dispatcher.policies.cache import ResultCache, _Flight, _follow, _LeaderGone
 from dispatcher.policies.ratelimit import Limit
-from dispatcher.state import (
-    BreakerPolicyArgs,
-    SharedStore,
-    StateBackend,
-    StateUnavailable,
-    digest,
-)
-from linchkit_plugin.errors import CircuitOpen, DispatchError, InvalidParams, RateLimited
+from dispatcher.state import SharedStore, StateBackend, StateUnavailable, digest
+from linchkit_plugin.errors import DispatchError, InvalidParams, RateLimited
 from linchkit_plugin.wire import encode_json
 from providers.invocation import Invocation
 
@@ -108,119 +102,30 @@ class SharedLimit:
 
 
 class SharedBreakerStep:
-    """Guards a target's calls with a breaker every replica shares."""
+    """Guards a single-instance target's calls with a breaker every replica shares."""
 
-    __slots__ = ("args", "backend", "clock", "key", "local", "name", "next", "store", "sync")
+    __slots__ = ("breaker", "next")
 
-    def __init__(
-        self,
-        local: CircuitBreaker,
-        key: str,
-        policy: BreakerPolicy,
-        backend: StateBackend,
-        sync: float,
-        clock: Callable[[], float],
-        next_step: Next,
-    ) -> None:
-        assert backend.store is not None
-        self.local = local
-        self.name = local.name
-        self.key = digest(key)
-        self.args = BreakerPolicyArgs(
-            policy.fail_max,
-            policy.reset_timeout_ms / 1000,
-            policy.half_open_max_calls,
-            policy.success_threshold,
-        )
-        self.backend = backend
-        self.store: SharedStore = backend.store
-        self.sync = sync
-        self.clock = clock
+    def __init__(self, breaker: SharedBreaker, next_step: Next) -> None:
+        self.breaker = breaker
         self.next = next_step
 
     async def __call__(self, invocation: Invocation) -> Any:
-        try:
-            probe, quiet = await self._admit(invocation)
-        except StateUnavailable as error:
-            if not self.backend.fail_open:
-                raise
-            self.backend.fell_back(f"the breaker of {self.name}", error)
-            return await self._local_call(invocation)
+        breaker = self.breaker
+        ticket = await breaker.admit(invocation)
         try:
             result = await self.next(invocation)
         except DispatchError as error:
-            failed = is_health_failure(error)
-            if failed or probe or not quiet:
-                await self._record("failure" if failed else "success", probe, invocation)
+            await breaker.record(ticket, is_health_failure(error), invocation)
             raise
         except BaseException:
-            if probe:  # cancelled: free the probe slot, without making anyone wait for it
-                self.store.spawn(self._record_now("nothing", True, None), "breaker record")
+            breaker.record_nothing(ticket)
             raise
-        if probe or not quiet:
-            await self._record("success", probe, invocation)
-        return result
-
-    async def _admit(self, invocation: Invocation) -> tuple[bool, bool]:
-        """(a probe?, nothing to write on success?) or ``CircuitOpen``."""
-        seen = self.store.breaker_view(self.key)
-        if seen is not None:
-            view, at = seen
-            if view.state == "closed" and self.clock() - at < self.sync:
-                return False, view.failures == 0
-        view = await self.store.breaker_admit(self.key, self.args, invocation.deadline)
-        if not view.admitted:
-            why = "open" if view.state == "open" else "half-open and its probes are in flight"
-            raise CircuitOpen(
-                f"circuit of {self.name} is {why} (shared by all replicas)",
-                retry_after=view.retry_after,
-            )
-        return view.probe, view.state == "closed" and view.failures == 0
-
-    async def _record(self, outcome: str, probe: bool, invocation: Invocation) -> None:
-        """Record within the call's time when there is some, else without waiting: the
-        outcome is in hand, recording it must not push the call past its deadline."""
-        if invocation.remaining() > 0:
-            try:
-                await self._record_now(outcome, probe, invocation.deadline)
-            except StateUnavailable as error:
-                self.backend.fell_back(f"the breaker of {self.name}", error)
-                self._record_locally(outcome, probe)
-            except DispatchError:  # the deadline came first: finish it in the background
-                self.store.spawn(self._record_now(outcome, probe, None), "breaker record")
-        else:
-            self.store.spawn(self._record_now(outcome, probe, None), "breaker record")
-
-    async def _record_now(self, outcome: str, probe: bool, deadline: float | None) -> None:
-        if deadline is None:
-            deadline = self.clock() + 60.0  # bounded by the backend's operation timeout
-        await self.store.breaker_record(self.key, self.args, outcome, probe, deadline)
-
-    def _record_locally(self, outcome: str, probe: bool) -> None:
-        # The shared admit said nothing of the local breaker's probes: count no probe.
-        if outcome == "failure":
-            self.local.record_failure(False)
-        elif outcome == "success":
-            self.local.record_success(False)
-
-    async def _local_call(self, invocation: Invocation) -> Any:
-        local = self.local
-        probe = local.admit()
-        try:
-            result = await self.next(invocation)
-        except DispatchError as error:
-            (local.record_failure if is_health_failure(error) else local.record_success)(probe)
-            raise
-        except BaseException:
-            local.record_nothing(probe)
-            raise
-        local.record_success(probe)
+        await breaker.record(ticket, False, invocation)
         return result
 
     def __repr__(self) -> str:
-        seen = self.store.breaker_view(self.key)
-        state = seen[0].state if seen is not None else "unknown"
-        return f"<SharedBreakerStep {self.name} {state} local={self.local!r}>"
+        return f"<SharedBreakerStep {self.breaker!r}>"
 
 
 class SharedCacheStep:

@@ -42,11 +42,13 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.wire import encode_json
 
 __all__ = [
+    "CALLBACK_STATES",
     "JOB_STATES",
     "TERMINAL_STATES",
     "Admission",
     "BreakerPolicyArgs",
     "BreakerView",
+    "CallbackOutbox",
     "Claim",
     "Claimed",
     "Delivery",
@@ -55,6 +57,7 @@ __all__ = [
     "JobStore",
     "JobTooLarge",
     "JobsUnavailable",
+    "PendingCallback",
     "SharedStore",
     "StateBackend",
     "StateUnavailable",
@@ -204,6 +207,50 @@ class Delivery:
     receives: int = 0
 
 
+#: Where a job's callback stands (the record's ``callback`` field): waiting to be delivered
+#: (or tried again), delivered (a 2xx), or given up (dead-lettered: the retry budget spent,
+#: or an answer that will not change).
+CALLBACK_STATES = ("pending", "delivered", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCallback:
+    """A callback a worker claimed: the job's record as it is now, which attempt this is
+    (from 1), and the claim's ``token``: only its holder may settle it."""
+
+    job_id: str
+    token: str
+    attempt: int
+    record: dict[str, str]
+
+
+class CallbackOutbox(ABC):
+    """Callbacks of ended jobs, waiting for delivery (durable, at least once).
+
+    A job's terminal write records its pending callback in the same atomic step (the job
+    store's ``finish``, or the job view's ``end``, given ``callback: pending`` among the
+    fields), so a worker that dies after it loses nothing. Any replica's worker ``claim``s
+    due ones for ``lease`` seconds (a claimer that dies lets them fall due again after it),
+    makes one delivery attempt, then settles the claim: ``delivered``, ``retry`` after a
+    delay, or ``give_up`` (dead-lettered: the record says ``callback: failed`` and why).
+    A settle by a claim that has since lapsed and been taken by another is ignored. Every
+    method raises ``StateUnavailable`` when the store cannot answer.
+    """
+
+    @abstractmethod
+    async def claim(self, count: int, lease: float) -> list[PendingCallback]:
+        """Up to ``count`` callbacks now due, each counted one more attempt."""
+
+    @abstractmethod
+    async def delivered(self, callback: PendingCallback) -> bool: ...
+
+    @abstractmethod
+    async def retry(self, callback: PendingCallback, delay: float, reason: str) -> bool: ...
+
+    @abstractmethod
+    async def give_up(self, callback: PendingCallback, reason: str) -> bool: ...
+
+
 class JobStore(ABC):
     """Durable jobs: a stream of job ids read by a consumer group, one record per job.
 
@@ -212,6 +259,10 @@ class JobStore(ABC):
     that dies leaves it pending, and ``take`` hands it to another after ``min_idle``.
     Every method raises ``StateUnavailable`` when the store cannot answer in time.
     """
+
+    #: Where jobs' callbacks wait for delivery, recorded with their end; None: the store
+    #: keeps none (callbacks are then sent once, best effort, by the worker that ended it).
+    callbacks: CallbackOutbox | None = None
 
     async def open(self) -> None:  # noqa: B027 - a hook most stores need not fill
         """Open what a short command (``dispatcher jobs``, ``dlq``) needs to use the store
@@ -286,6 +337,9 @@ class JobRecords(ABC):
     """The job view of a queue that cannot be read by job id (SQS): one record per job,
     the indexes ``dispatcher jobs`` and ``dlq list`` read, and the notification
     ``result`` waits on. Every method raises ``StateUnavailable`` when it cannot answer."""
+
+    #: As ``JobStore.callbacks``: ``end`` records a pending callback in the same step.
+    callbacks: CallbackOutbox | None = None
 
     @abstractmethod
     async def put(self, job_id: str, record: dict[str, str]) -> None:

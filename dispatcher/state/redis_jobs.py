@@ -7,6 +7,7 @@ Keys (under the backend's ``key_prefix``)::
     {prefix}:jobs:delayed    sorted set: jobs waiting for their next attempt (due time, ms)
     {prefix}:jobs:dead       sorted set: dead-lettered jobs (when, ms)
     {prefix}:jobs:recent     sorted set: submitted jobs (when, ms), trimmed to ``recent``
+    {prefix}:jobs:callbacks  sorted set: ended jobs whose callback waits (due time, ms)
 
 An entry is acked, and deleted, in the same atomic step that stores the job's terminal
 state or schedules its next attempt: a worker killed at any point leaves the entry pending,
@@ -15,6 +16,14 @@ A live worker renews its hold while its jobs run (``keep``: XCLAIM to itself, JU
 a job that runs longer than the visibility timeout is not taken by another worker too.
 So a job runs at least once per attempt it is owed; its idempotency key, if it has one,
 keeps a re-delivered job from running again once an earlier run's outcome is recorded.
+
+A job's callback is recorded by the same step that stores its end (``callback: pending``
+among the fields adds it to the callbacks set, due at once), so a worker killed before it
+delivered loses nothing: ``RedisCallbacks`` hands it to any replica's worker (a claim is a
+lease, the record counts ``callback_attempts``), which settles it delivered, due again
+later, or failed. The record keeps ``callback``, ``callback_id`` (the delivery id the
+receiver deduplicates on), ``callback_attempts`` and ``callback_error``; a record expired
+before its callback was delivered ends the callback (nothing is left to send).
 
 ``RedisJobRecords`` is the same records and indexes without the stream: the job view of
 jobs queued on SQS (``sqs_jobs``) when the manifest also names a ``state:`` Redis.
@@ -27,13 +36,20 @@ redis-py itself (``redis_store`` is the only module that does).
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from dispatcher.state.base import Delivery, JobRecords, JobStore
+from dispatcher.state.base import (
+    CallbackOutbox,
+    Delivery,
+    JobRecords,
+    JobStore,
+    PendingCallback,
+)
 
-__all__ = ["RedisJobRecords", "RedisJobs"]
+__all__ = ["RedisCallbacks", "RedisJobRecords", "RedisJobs"]
 
 T = TypeVar("T")
 Run = Callable[[str, float, Callable[[], Awaitable[Any]]], Awaitable[Any]]
@@ -72,10 +88,13 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
-# The end, the ack and the wake-up of result waiters in one step (a script, not a MULTI:
-# half the client's CPU per job).
+# The end, its pending callback, the ack and the wake-up of result waiters in one step (a
+# script, not a MULTI: half the client's CPU per job). A callback is due at once (score 0).
 _FINISH = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+if ARGV[8] == '1' then
+  redis.call('ZADD', KEYS[4], 0, ARGV[3])
+end
 if ARGV[4] == '1' then
   redis.call('PERSIST', KEYS[1])
   redis.call('ZADD', KEYS[2], ARGV[6], ARGV[3])
@@ -131,6 +150,9 @@ if redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('PERSIST', KEYS[1])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'redriven_at', ARGV[2])
+-- Its next end brings a callback of its own (a new delivery id): the last one's is over.
+redis.call('HDEL', KEYS[1], 'callback', 'callback_error', 'callback_claim',
+  'callback_delivered_at', 'callback_failed_at')
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 return 1
 """
@@ -147,6 +169,16 @@ for i, id in ipairs(ARGV) do
 end
 return dropped
 """
+
+
+#: A redriven job's last callback, cleared (as ``_REDRIVE`` does): its next end brings its own.
+_LAST_CALLBACK = (
+    "callback",
+    "callback_error",
+    "callback_claim",
+    "callback_delivered_at",
+    "callback_failed_at",
+)
 
 
 def _text(value: Any) -> str:
@@ -188,6 +220,7 @@ class RedisJobs(JobStore):
         self.delayed = f"{prefix}:jobs:delayed"
         self.dead_set = f"{prefix}:jobs:dead"
         self.recent_set = f"{prefix}:jobs:recent"
+        self.callback_set = f"{prefix}:jobs:callbacks"
         self._submit = client.register_script(_SUBMIT)
         self._ensure = client.register_script(_ENSURE_GROUP)
         self._begin = client.register_script(_BEGIN)
@@ -197,6 +230,7 @@ class RedisJobs(JobStore):
         self._keep = client.register_script(_KEEP)
         self._redrive = client.register_script(_REDRIVE)
         self._purge = client.register_script(_PURGE_SOME)
+        self.callbacks: CallbackOutbox | None = RedisCallbacks(self, client)
 
     def record_key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
@@ -278,10 +312,11 @@ class RedisJobs(JobStore):
             max(1, int(ttl * 1000)),
             int(_now_ms()),
             self._channel,
+            1 if fields.get("callback") == "pending" else 0,
         ]
         for name, value in fields.items():
             args += [name, value]
-        keys = (self.record_key(job_id), self.dead_set, self.stream)
+        keys = (self.record_key(job_id), self.dead_set, self.stream, self.callback_set)
         await self._op("a job's outcome", lambda: self._finish(keys=keys, args=args))
 
     async def retry_later(
@@ -401,6 +436,7 @@ class RedisJobRecords(JobRecords):
         self._client = client
         self._channel = channel
         self._begin = client.register_script(_RECORD_BEGIN)
+        self.callbacks = jobs.callbacks
 
     async def put(self, job_id: str, record: dict[str, str]) -> None:
         jobs = self._jobs
@@ -449,6 +485,8 @@ class RedisJobRecords(JobRecords):
                     pipe.zadd(jobs.dead_set, {job_id: int(_now_ms())})
                 else:
                     pipe.pexpire(key, max(1, int(ttl * 1000)))
+                if fields.get("callback") == "pending":  # due at once, with the end
+                    pipe.zadd(jobs.callback_set, {job_id: 0})
                 pipe.publish(self._channel, f"job {job_id}")
                 await pipe.execute()
 
@@ -463,7 +501,7 @@ class RedisJobRecords(JobRecords):
                 pipe.zrem(jobs.dead_set, job_id)
                 pipe.persist(key)
                 pipe.hset(key, mapping=fields)
-                pipe.hdel(key, "error", "finished_at")
+                pipe.hdel(key, "error", "finished_at", *_LAST_CALLBACK)
                 await pipe.execute()
 
         await jobs._op("a redrive", write)
@@ -485,3 +523,101 @@ class RedisJobRecords(JobRecords):
 
     def __repr__(self) -> str:
         return f"<RedisJobRecords {self._jobs.stream}>"
+
+
+# Due callbacks, each leased to this claim (due again after the lease), its attempt counted.
+# One whose record is gone or no longer pending is dropped. KEYS[1] the callbacks set;
+# ARGV count, lease_ms, record key prefix, token. Returns {id, attempt, record...} each.
+_CALLBACK_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local claimed = {}
+for _, id in ipairs(due) do
+  local key = ARGV[3] .. id
+  if redis.call('HGET', key, 'callback') ~= 'pending' then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+    local attempt = redis.call('HINCRBY', key, 'callback_attempts', 1)
+    redis.call('HSET', key, 'callback_claim', ARGV[4])
+    table.insert(claimed, {id, attempt, redis.call('HGETALL', key)})
+  end
+end
+return claimed
+"""
+
+# Settle a claim, if it is still this claim's. KEYS[1] the callbacks set, KEYS[2] the
+# record; ARGV id, token, outcome (delivered|retry|failed), delay_ms, reason, when (ms).
+# A failed one is dead-lettered on its record (``callback: failed``), which lives as long
+# as the job's (a dead job's until purged): no index of its own to outgrow it.
+_CALLBACK_SETTLE = """
+if redis.call('HGET', KEYS[2], 'callback_claim') ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[2], 'callback_claim')
+if ARGV[3] == 'retry' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
+  redis.call('HSET', KEYS[2], 'callback_error', ARGV[5])
+  return 1
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[3] == 'delivered' then
+  redis.call('HSET', KEYS[2], 'callback', 'delivered', 'callback_delivered_at', ARGV[6])
+else
+  redis.call('HSET', KEYS[2], 'callback', 'failed', 'callback_error', ARGV[5],
+    'callback_failed_at', ARGV[6])
+end
+return 1
+"""
+
+
+class RedisCallbacks(CallbackOutbox):
+    """The callbacks of jobs kept on Redis (``RedisJobs``, or SQS jobs' Redis job view)."""
+
+    def __init__(self, jobs: RedisJobs, client: Any) -> None:
+        self._jobs = jobs
+        self._claim = client.register_script(_CALLBACK_CLAIM)
+        self._settle = client.register_script(_CALLBACK_SETTLE)
+
+    async def claim(self, count: int, lease: float) -> list[PendingCallback]:
+        jobs = self._jobs
+        token = os.urandom(8).hex()
+        args = (count, max(1, int(lease * 1000)), jobs.record_key(""), token)
+        answer = await jobs._op(
+            "due job callbacks", lambda: self._claim(keys=(jobs.callback_set,), args=args)
+        )
+        return [
+            PendingCallback(_text(job_id), token, int(attempt), _fields(record))
+            for job_id, attempt, record in answer or ()
+        ]
+
+    async def _settled(
+        self, callback: PendingCallback, outcome: str, delay: float = 0.0, reason: str = ""
+    ) -> bool:
+        jobs = self._jobs
+        keys = (jobs.callback_set, jobs.record_key(callback.job_id))
+        args = (
+            callback.job_id,
+            callback.token,
+            outcome,
+            max(0, int(delay * 1000)),
+            reason[:500],
+            _now_ms(),
+        )
+        answer = await jobs._op(
+            "a job callback's outcome", lambda: self._settle(keys=keys, args=args)
+        )
+        return bool(answer)
+
+    async def delivered(self, callback: PendingCallback) -> bool:
+        return await self._settled(callback, "delivered")
+
+    async def retry(self, callback: PendingCallback, delay: float, reason: str) -> bool:
+        return await self._settled(callback, "retry", delay, reason)
+
+    async def give_up(self, callback: PendingCallback, reason: str) -> bool:
+        return await self._settled(callback, "failed", reason=reason)
+
+    def __repr__(self) -> str:
+        return f"<RedisCallbacks {self._jobs.callback_set}>"

@@ -24,6 +24,11 @@ worker needs nothing but the queue to run it. What SQS does, and what is ours:
   ``job``/``result``/``recent`` raise ``JobsUnavailable`` saying so, rather than answer
   "not found" for a job that exists; ``dead`` then reads the dead-letter queue itself.
 
+**Callbacks** are durable with a job view (recorded by its ``end``, in the same MULTI as
+the job's terminal state, before the message is deleted: ``redis_jobs.RedisCallbacks``);
+without one there is no store to keep a pending callback in, so the worker that ended the
+job sends it once, best effort, in its own process.
+
 A job runs at least once per attempt it is owed: a worker that dies after the call and
 before the delete leaves the message to run again. With a job view, a message whose job
 already ended is only deleted; an idempotency key (on a shared ``state:`` Redis) keeps a
@@ -118,6 +123,9 @@ class SqsJobs(JobStore):
         self.sqs: SqsJobsConfig = config.sqs
         self.queue = SqsQueue(config.sqs)
         self.records = records
+        # Callbacks are durable where the job view is: recorded by its ``end``, which runs
+        # before the message is deleted (a worker dying between them loses nothing).
+        self.callbacks = records.callbacks if records is not None else None
         self._clock = clock
         self.visibility = max(1, int(config.visibility_timeout_ms / 1000 + 0.999))
         self._url = config.sqs.queue_url
