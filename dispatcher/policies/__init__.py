@@ -35,7 +35,8 @@ Where the state lives is the manifest's ``state`` (``dispatcher.state``): in thi
 the breakers of single-instance targets and caches use the steps of ``shared``, each
 falling back to the in-process object when Redis cannot answer (``fail_open``); a fleet's
 ``FleetStep`` guards each instance with its ``SharedBreaker``, keyed by the instance's own
-identity. Batches, streams and events keep per-replica breakers for now.
+identity. Batches (``guard_shared_batch``: one batch, one call), streams and events (their
+``Gate``) admit and record through the same shared breaker as the method's calls.
 
 ``PolicyRuntime`` holds what methods share (breakers, budgets, bulkheads and limiters
 per target) and owns every task the policies start; ``aclose`` ends them.
@@ -71,7 +72,12 @@ from dispatcher.policies.hedge import HedgeStep
 from dispatcher.policies.idempotency import IdempotencyStep
 from dispatcher.policies.ratelimit import Bucket, Limit, RateLimitStep, new_limiter
 from dispatcher.policies.retry import RetryBudget, RetryStep
-from dispatcher.policies.shared import SharedBreakerStep, SharedCacheStep, SharedLimit
+from dispatcher.policies.shared import (
+    SharedBreakerStep,
+    SharedCacheStep,
+    SharedLimit,
+    guard_shared_batch,
+)
 from dispatcher.policies.timeout import DeadlineGuard
 from dispatcher.state import MemoryState, StateBackend, digest
 from providers.invocation import Invocation, Outcome
@@ -162,6 +168,7 @@ class PolicyRuntime:
             (target,) = target.instance_targets()  # itself, or its one instance
         key = target.key
         breaker: CircuitBreaker | None = None
+        shared: SharedBreaker | None = None
         step: Step
         if fleet is not None:
             step = self._fleet_end(name, fleet, provider, policies)
@@ -177,14 +184,16 @@ class PolicyRuntime:
             if not provider.enforces_deadline:
                 step = DeadlineGuard(name, step)
             breaker = self._breaker(key, target, policies.breaker) if policies.breaker else None
+            if breaker is not None and self.state.shared:
+                assert policies.breaker is not None
+                shared = self._shared_breaker(breaker, key, policies.breaker)
             if policies.batch is not None:
-                sender = self._batch_sender(self._invoke_batch(provider), target, breaker)
+                sender = self._batch_sender(self._invoke_batch(provider), target, breaker, shared)
                 batcher = Batcher(name, policies.batch, sender)
                 self.batchers.append(batcher)
                 step = batcher
-            elif breaker is not None and self.state.shared:
-                assert policies.breaker is not None
-                step = SharedBreakerStep(self._shared_breaker(breaker, key, policies.breaker), step)
+            elif shared is not None:
+                step = SharedBreakerStep(shared, step)
             elif breaker is not None:
                 step = BreakerStep(breaker, step)
         if policies.may_retry:
@@ -208,7 +217,7 @@ class PolicyRuntime:
                 step = SharedCacheStep(cache, policies.cache.ttl_ms / 1000, self.state, step)
             else:
                 step = CacheStep(cache, step)
-        self.gates[(plugin.key, method)] = Gate(limits, bulkhead, breaker)
+        self.gates[(plugin.key, method)] = Gate(limits, bulkhead, breaker, shared)
         return step
 
     def once(self, plugin: PluginSpec[Any], method: str, invoke: Step) -> Step:
@@ -277,7 +286,9 @@ class PolicyRuntime:
         limits = tuple(
             limit for (limited, _), limit in self.target_limits.items() if limited == key
         )
-        return Gate(limits, self.bulkheads.get(key), self.breakers.get(key))
+        return Gate(
+            limits, self.bulkheads.get(key), self.breakers.get(key), self.shared_breakers.get(key)
+        )
 
     def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
         """Drop cached results of a plugin (any version), of one method, or all; returns how many."""
@@ -461,8 +472,15 @@ class PolicyRuntime:
 
     @staticmethod
     def _batch_sender(
-        invoke_batch: InvokeBatch, target: TargetConfig, breaker: CircuitBreaker | None
+        invoke_batch: InvokeBatch,
+        target: TargetConfig,
+        breaker: CircuitBreaker | None,
+        shared: SharedBreaker | None,
     ) -> Callable[[Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]:
+        if shared is not None:
+            return lambda invocations: guard_shared_batch(
+                shared, invocations, lambda: invoke_batch(target, invocations)
+            )
         if breaker is None:
             return lambda invocations: invoke_batch(target, invocations)
         return lambda invocations: guard_batch(breaker, lambda: invoke_batch(target, invocations))

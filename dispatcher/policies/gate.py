@@ -7,7 +7,8 @@ request/response calls, so only part of the chain fits them:
 * a **bulkhead** slot is held until the stream ends, so streams and calls share the cap;
 * the target's **breaker** admits the stream when it opens and counts how it ends: a
   health failure (``TargetUnavailable``, ``DeadlineExceeded``) before or after chunks
-  counts against the target, any other end as a success;
+  counts against the target, any other end as a success; with shared state it is the
+  breaker every replica shares (``dispatcher.fleet.shared_breaker``), as for calls;
 * the **deadline** travels to the target as for any call and the transport enforces it.
 
 Not cache (a stream is not one value to keep), not batching (no batch form), not retry
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.fleet.breaker import CircuitBreaker, is_health_failure
+from dispatcher.fleet.shared_breaker import SharedBreaker
 from dispatcher.policies.concurrency import Bulkhead
 from dispatcher.policies.ratelimit import LimitLike
 from linchkit_plugin.errors import DispatchError
@@ -39,6 +41,9 @@ class Gate:
     limits: Sequence[LimitLike] = ()
     bulkhead: Bulkhead | None = None
     breaker: CircuitBreaker | None = None
+    #: With shared state, the breaker every replica shares (it wraps ``breaker``, which
+    #: then decides only when the store cannot answer and ``fail_open`` says so).
+    shared: SharedBreaker | None = None
 
     async def stream(
         self,
@@ -68,6 +73,10 @@ class Gate:
         if bulkhead is not None:
             await bulkhead.acquire(invocation)
         try:
+            if self.shared is not None:
+                async with self._shared_passage(self.shared, invocation):
+                    yield
+                return
             breaker = self.breaker
             probe = breaker.admit() if breaker is not None else False
             try:
@@ -83,6 +92,22 @@ class Gate:
         finally:
             if bulkhead is not None:
                 bulkhead.release()
+
+    @staticmethod
+    @asynccontextmanager
+    async def _shared_passage(
+        breaker: SharedBreaker, invocation: Invocation
+    ) -> AsyncIterator[None]:
+        ticket = await breaker.admit(invocation)
+        try:
+            yield
+        except DispatchError as error:
+            await breaker.record(ticket, is_health_failure(error), invocation)
+            raise
+        except BaseException:
+            breaker.record_nothing(ticket)
+            raise
+        await breaker.record(ticket, False, invocation)
 
     def _record(self, probe: bool, error: DispatchError | None) -> None:
         breaker = self.breaker

@@ -24,7 +24,7 @@ the store cannot answer and the manifest says ``fail_open`` (``dispatcher.state`
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -37,7 +37,7 @@ from dispatcher.policies.ratelimit import Limit
 from dispatcher.state import SharedStore, StateBackend, StateUnavailable, digest
 from linchkit_plugin.errors import DispatchError, InvalidParams, RateLimited
 from linchkit_plugin.wire import encode_json
-from providers.invocation import Invocation
+from providers.invocation import Invocation, Outcome
 
 __all__ = ["SharedBreakerStep", "SharedCacheStep", "SharedLimit"]
 
@@ -126,6 +126,35 @@ class SharedBreakerStep:
 
     def __repr__(self) -> str:
         return f"<SharedBreakerStep {self.breaker!r}>"
+
+
+async def guard_shared_batch(
+    breaker: SharedBreaker,
+    invocations: Sequence[Invocation],
+    send: Callable[[], Awaitable[list[Outcome[Any]]]],
+) -> list[Outcome[Any]]:
+    """``guard_batch`` (``dispatcher.fleet.breaker``) with a breaker every replica shares:
+    one batch is one call of the target, admitted and recorded once, bounded by the
+    latest deadline among its items."""
+    bound = max(invocations, key=_deadline)
+    ticket = await breaker.admit(bound)
+    try:
+        outcomes = await send()
+    except DispatchError as error:
+        await breaker.record(ticket, is_health_failure(error), bound)
+        raise
+    except BaseException:
+        breaker.record_nothing(ticket)
+        raise
+    failed = bool(outcomes) and all(
+        o.error is not None and is_health_failure(o.error) for o in outcomes
+    )
+    await breaker.record(ticket, failed, bound)
+    return outcomes
+
+
+def _deadline(invocation: Invocation) -> float:
+    return invocation.deadline
 
 
 class SharedCacheStep:
