@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +138,32 @@ def test_cache_entries_expire_oldest_first_and_a_full_cache_drops_the_oldest() -
     assert entries.get(b"b") is None
     entries.clear()
     assert len(entries) == 0
+
+
+def test_a_replaced_evicted_or_expired_entry_lets_go_of_its_result() -> None:
+    # Results and expiry times live apart (cache.py says why): nothing may keep a result
+    # its entry no longer has.
+    class Result:
+        pass
+
+    clock = FakeClock()
+    entries = ExpiringEntries(maxsize=2, ttl=5.0, clock=clock)
+    released: list[bytes] = []
+
+    def store(key: bytes) -> None:
+        result = Result()
+        weakref.finalize(result, released.append, key)
+        entries[key] = result
+
+    for _ in range(3):
+        store(b"a")  # the second and third replace the one before
+    assert released == [b"a", b"a"] and len(entries) == 1
+    store(b"b")
+    store(b"c")  # full: a goes
+    assert released == [b"a"] * 3 and b"a" not in entries
+    clock.now += 5.0  # b and c expire; the next store drops them
+    store(b"d")
+    assert released == [b"a"] * 3 + [b"b", b"c"] and len(entries) == 1 and b"d" in entries
 
 
 def test_a_full_cache_under_churn_stays_bounded_and_keeps_the_newest() -> None:
