@@ -2,10 +2,12 @@
 
 One dispatcher, one method per variant, each adding one policy to the one before:
 none → +deadline (``timeout_ms``) → +retry → +breaker → +rate limit → +cache (every call
-a miss: distinct params), the last being ``bench_policies``' full chain. Two targets: the
-in-process one (``local``, no I/O: the call never suspends) and the fixed-reply HTTP server
-(``http``, aiohttp: the call suspends several times, and every resumption passes through
-every coroutine layer of the chain, which the in-process target does not show).
+a miss: distinct params), the last being ``bench_policies``' full chain. Three targets:
+the in-process one (``local``, no I/O: each call runs start to end in one go, on hot CPU
+caches), the same plugin yielding once to the event loop (``yielding``: like any I/O, 64
+calls interleave, so a call comes back to its chain's frames and objects after 63 others
+have run, and every resumption passes through each coroutine layer of the chain), and
+the fixed-reply HTTP server (``http``, aiohttp: the real thing, and the noisiest).
 
 CPU time of this process per call (``time.process_time``, every thread), concurrency 64,
 the variants interleaved round by round (their order rotating), the median and the min
@@ -45,6 +47,31 @@ STEPS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
+_YIELDING_PLUGIN = """
+import asyncio
+
+
+class YieldingEcho:
+    async def echo(self, text):
+        await asyncio.sleep(0)  # once to the event loop, as a call doing I/O would
+        return {"text": text, "items": [1, 2]}
+"""
+
+
+def write_plugins(folder: Path) -> None:
+    _write_plugin(folder)
+    (folder / "bench_yielding_echo.py").write_text(_YIELDING_PLUGIN)
+
+
+def in_process_targets(folder: str) -> dict[str, dict[str, Any]]:
+    """The in-process targets (``write_plugins`` put their plugins in ``folder``)."""
+    local = {"provider": "local", "path": folder}
+    return {
+        "local": {**local, "entrypoint": "bench_in_process_echo:Echo"},
+        "yielding": {**local, "entrypoint": "bench_yielding_echo:YieldingEcho"},
+    }
+
+
 def variants() -> dict[str, dict[str, Any]]:
     """Every variant's policies: each step's plus those of the steps before it."""
     policies: dict[str, Any] = {}
@@ -64,18 +91,14 @@ async def run(options: Options) -> dict[str, float]:
     pinned = SERVER_CPU if {SERVER_CPU, CLIENT_CPU} <= available_cpus() else None
     figures: dict[str, float] = {"chain_load_average_1min_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="bench-chain-") as folder, pinned_to_cpu(CLIENT_CPU):
-        _write_plugin(Path(folder))
-        async with fixed_reply_server(pinned) as url:
-            targets = {
-                "local": {
-                    "provider": "local",
-                    "entrypoint": "bench_in_process_echo:Echo",
-                    "path": folder,
-                },
-                "http": {"provider": "http", "url": url},
-            }
-            async with _clients(targets) as clients:
-                cpu = await _rounds(clients, calls, rounds)
+        write_plugins(Path(folder))
+        async with (
+            fixed_reply_server(pinned) as url,
+            _clients(
+                in_process_targets(folder) | {"http": {"provider": "http", "url": url}}
+            ) as clients,
+        ):
+            cpu = await _rounds(clients, calls, rounds)
     figures.update(summarise(cpu))
     figures["chain_load_average_1min_at_end"] = os.getloadavg()[0]
     return figures
