@@ -15,6 +15,8 @@ of the rounds: the machine's other tenants disturb CPU time far less than wall-c
 rates, and the min is what a quiet round costs.
 
 * ``chain_<target>_c64_<variant>_cpu_us`` (median) and ``..._min_cpu_us``;
+* ``chain_<target>_c64_<variant>_gc_us``: of that CPU per call, the time inside CPython's
+  garbage collector (``gc.callbacks``), which a cache keeping many results drives up;
 * ``chain_<target>_c64_<variant>_step_us``: what that variant's policy adds over the one
   before (difference of medians); ``chain_<target>_c64_chain_added_us``: full over none.
 """
@@ -22,10 +24,12 @@ rates, and the min is what a quiet round costs.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import statistics
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -98,8 +102,11 @@ async def run(options: Options) -> dict[str, float]:
                 in_process_targets(folder) | {"http": {"provider": "http", "url": url}}
             ) as clients,
         ):
-            cpu = await _rounds(clients, calls, rounds)
+            with collector_time() as collections:
+                cpu, collected = await _rounds(clients, calls, rounds, collections)
     figures.update(summarise(cpu))
+    for client, values in collected.items():
+        figures[f"chain_{_key(client)}_gc_us"] = statistics.median(values)
     figures["chain_load_average_1min_at_end"] = os.getloadavg()[0]
     return figures
 
@@ -123,16 +130,43 @@ async def _clients(targets: dict[str, Any]) -> AsyncIterator[dict[str, Call]]:
         yield {plugin["id"]: caller(plugin["id"]) for plugin in plugins}
 
 
-async def _rounds(clients: dict[str, Call], calls: int, rounds: int) -> dict[str, list[float]]:
+async def _rounds(
+    clients: dict[str, Call], calls: int, rounds: int, collections: list[tuple[int, float]]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """CPU per call of each client, and of it the time spent in the garbage collector."""
     for call in clients.values():  # warm: pooled connections, imports, caches
         await measure(call, 500, 64)
     cpu: dict[str, list[float]] = {name: [] for name in clients}
+    collected: dict[str, list[float]] = {name: [] for name in clients}
     names = list(clients)
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
+            collections.clear()
             cpu[name].append((await measure(clients[name], calls, 64)).cpu_us_per_call)
-    return cpu
+            # The first full collection is ``measure``'s own ``gc.collect()``, before its clock.
+            automatic = collections[1:] if collections and collections[0][0] == 2 else collections
+            collected[name].append(sum(seconds for _, seconds in automatic) / calls * 1e6)
+    return cpu, collected
+
+
+@contextlib.contextmanager
+def collector_time() -> Iterator[list[tuple[int, float]]]:
+    """``(generation, CPU seconds)`` of every collection while inside (``gc.callbacks``)."""
+    collections: list[tuple[int, float]] = []
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.process_time()
+        else:
+            collections.append((info["generation"], time.process_time() - started[0]))
+
+    gc.callbacks.append(callback)
+    try:
+        yield collections
+    finally:
+        gc.callbacks.remove(callback)
 
 
 def summarise(cpu: dict[str, list[float]], prefix: str = "chain") -> dict[str, float]:
