@@ -52,7 +52,8 @@ class Bucket(AsyncLimiter):
     def take_if_room(self) -> bool:
         """Take one unit if the bucket has room for it now; False (nothing taken) if not."""
         # ``self._leak()`` written out (the same arithmetic on the same state): every call
-        # of a limited method comes here, and the method call was a tenth of this step.
+        # of a limited method comes here. With the buckets found at build time, the step
+        # went from 0.6-0.9 to 0.6 µs per call (bench/compare_chain.py, 2026-12-02).
         now = self._loop.time()
         level = self._level
         if level:

@@ -9,8 +9,10 @@ must cost nothing on the hot path.
 
 When the step right inside is the target's breaker (``BreakerStep``, the usual chain of a
 single target), this step guards each attempt with that breaker itself: the breaker's
-accounting is the same, and a call passes one coroutine layer fewer (measured in
-``bench/bench_chain.py``; each layer is a coroutine made and resumed on every call).
+accounting is the same, and a call passes one coroutine layer fewer (a coroutine made,
+awaited and resumed on every call): the retry and breaker steps together went from 0.5 to
+0.3 µs of CPU per call in-process, 1.1 to 0.2 µs with calls interleaving as with I/O
+(``bench/compare_chain.py``, 2026-12-02).
 
 The retry budget keeps a failing target from receiving more than ``budget_ratio`` extra
 load: every first attempt deposits ``budget_ratio`` of a token, every retry spends one.
