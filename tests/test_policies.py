@@ -534,6 +534,39 @@ async def test_non_idempotent_methods_are_never_retried_and_retries_stay_in_budg
     assert retries <= 0.2 * 300 + budget.capacity  # every first attempt (both methods) earned 0.2
 
 
+async def test_the_breaker_counts_every_attempt_of_a_retried_call() -> None:
+    # The retry step guards the first attempt with the breaker itself (one coroutine
+    # fewer), retries go through the breaker step: both count, and an open circuit ends
+    # the retries without another call reaching the target.
+    calls = 0
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        from tests.test_http_provider import read_request
+
+        while True:
+            await read_request(reader)
+            calls += 1
+            writer.write(b"HTTP/1.1 503 Down\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    async with raw_server(counted) as url:
+        policies = {
+            "idempotent": True,
+            "retry": {"attempts": 5, "initial_backoff_ms": 0.1, "max_backoff_ms": 0.5},
+            "breaker": {"fail_max": 3, "reset_timeout_ms": 60_000},
+        }
+        plugin = echo_plugin("echo", {"provider": "http", "url": url}, methods={"say": policies})
+        async with Dispatcher(manifest(plugin)) as dispatcher:
+            with pytest.raises(CircuitOpen):
+                await dispatcher.call("echo", "say", {"text": "x"}, timeout=5.0)
+            (breaker,) = dispatcher.policies.breakers.values()  # type: ignore[union-attr]
+            assert breaker.state is BreakerState.OPEN
+            with pytest.raises(CircuitOpen):  # open: no attempt reaches the target
+                await dispatcher.call("echo", "say", {"text": "x"}, timeout=5.0)
+    assert calls == 3
+
+
 async def test_retries_honour_retry_after_and_stop_at_the_deadline() -> None:
     async with raw_server(answering(429, b"", "Retry-After: 0.15")) as url:
         plugin = echo_plugin(
