@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +138,32 @@ def test_cache_entries_expire_oldest_first_and_a_full_cache_drops_the_oldest() -
     assert entries.get(b"b") is None
     entries.clear()
     assert len(entries) == 0
+
+
+def test_a_replaced_evicted_or_expired_entry_lets_go_of_its_result() -> None:
+    # Results and expiry times live apart (cache.py says why): nothing may keep a result
+    # its entry no longer has.
+    class Result:
+        pass
+
+    clock = FakeClock()
+    entries = ExpiringEntries(maxsize=2, ttl=5.0, clock=clock)
+    released: list[bytes] = []
+
+    def store(key: bytes) -> None:
+        result = Result()
+        weakref.finalize(result, released.append, key)
+        entries[key] = result
+
+    for _ in range(3):
+        store(b"a")  # the second and third replace the one before
+    assert released == [b"a", b"a"] and len(entries) == 1
+    store(b"b")
+    store(b"c")  # full: a goes
+    assert released == [b"a"] * 3 and b"a" not in entries
+    clock.now += 5.0  # b and c expire; the next store drops them
+    store(b"d")
+    assert released == [b"a"] * 3 + [b"b", b"c"] and len(entries) == 1 and b"d" in entries
 
 
 def test_a_full_cache_under_churn_stays_bounded_and_keeps_the_newest() -> None:
@@ -505,6 +532,39 @@ async def test_non_idempotent_methods_are_never_retried_and_retries_stay_in_budg
     retries = calls - 200
     assert retries > 0
     assert retries <= 0.2 * 300 + budget.capacity  # every first attempt (both methods) earned 0.2
+
+
+async def test_the_breaker_counts_every_attempt_of_a_retried_call() -> None:
+    # The retry step guards the first attempt with the breaker itself (one coroutine
+    # fewer), retries go through the breaker step: both count, and an open circuit ends
+    # the retries without another call reaching the target.
+    calls = 0
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        from tests.test_http_provider import read_request
+
+        while True:
+            await read_request(reader)
+            calls += 1
+            writer.write(b"HTTP/1.1 503 Down\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+
+    async with raw_server(counted) as url:
+        policies = {
+            "idempotent": True,
+            "retry": {"attempts": 5, "initial_backoff_ms": 0.1, "max_backoff_ms": 0.5},
+            "breaker": {"fail_max": 3, "reset_timeout_ms": 60_000},
+        }
+        plugin = echo_plugin("echo", {"provider": "http", "url": url}, methods={"say": policies})
+        async with Dispatcher(manifest(plugin)) as dispatcher:
+            with pytest.raises(CircuitOpen):
+                await dispatcher.call("echo", "say", {"text": "x"}, timeout=5.0)
+            (breaker,) = dispatcher.policies.breakers.values()  # type: ignore[union-attr]
+            assert breaker.state is BreakerState.OPEN
+            with pytest.raises(CircuitOpen):  # open: no attempt reaches the target
+                await dispatcher.call("echo", "say", {"text": "x"}, timeout=5.0)
+    assert calls == 3
 
 
 async def test_retries_honour_retry_after_and_stop_at_the_deadline() -> None:

@@ -175,12 +175,8 @@ class PolicyRuntime:
             if policies.may_hedge:
                 step = self._hedge(f"{plugin.key}.{method}", key, fleet, policies, step)
         else:
-            invoke = self._invoke(provider)
-
-            def call_target(invocation: Invocation) -> Awaitable[Any]:
-                return invoke(target, invocation)
-
-            step = call_target
+            # A partial, not a closure: called in C, one Python frame fewer per call.
+            step = partial(self._invoke(provider), target)
             if not provider.enforces_deadline:
                 step = DeadlineGuard(name, step)
             breaker = self._breaker(key, target, policies.breaker) if policies.breaker else None

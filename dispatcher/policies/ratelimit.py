@@ -51,10 +51,17 @@ class Bucket(AsyncLimiter):
 
     def take_if_room(self) -> bool:
         """Take one unit if the bucket has room for it now; False (nothing taken) if not."""
-        self._leak()
-        if self._level + 1 > self.max_rate:
+        # ``self._leak()`` written out (the same arithmetic on the same state): every call
+        # of a limited method comes here. With the buckets found at build time, the step
+        # went from 0.6-0.9 to 0.6 µs per call (bench/compare_chain.py, 2026-12-02).
+        now = self._loop.time()
+        level = self._level
+        if level:
+            level = self._level = max(level - (now - self._last_check) * self._rate_per_sec, 0)
+        self._last_check = now
+        if level + 1 > self.max_rate:
             return False
-        self._level += 1
+        self._level = level + 1
         if self._waiters:  # as ``acquire`` does: the waker re-arms for the new level
             self._wake_next()
         return True
@@ -135,11 +142,20 @@ class Limit:
 
 
 class RateLimitStep:
-    __slots__ = ("limits", "next")
+    __slots__ = ("buckets", "limits", "next")
 
     def __init__(self, limits: Sequence[LimitLike], next_step: Next) -> None:
         self.limits = tuple(limits)
         self.next = next_step
+        #: The limits' buckets when each limit has one bucket in this process (not per
+        #: caller, not shared): found once here instead of on every call.
+        singles = [
+            limit._single if isinstance(limit, Limit) and limit.__class__ is Limit else None
+            for limit in self.limits
+        ]
+        self.buckets: tuple[Bucket, ...] | None = (
+            tuple(singles) if None not in singles else None  # type: ignore[arg-type]
+        )
 
     def __call__(self, invocation: Invocation) -> Awaitable[Any]:
         # A call that finds room in every limit (the usual case) passes without a coroutine
@@ -147,6 +163,12 @@ class RateLimitStep:
         # back, two coroutine layers fewer on every resumption of the call (bench_hot_path).
         # A limit without room, or a shared one (Redis), takes the awaiting path from it on;
         # ``acquire`` looks at its bucket again there, so the outcome is the same.
+        buckets = self.buckets
+        if buckets is not None:
+            for index, bucket in enumerate(buckets):
+                if not bucket.take_if_room():
+                    return self._acquire_from(index, invocation)
+            return self.next(invocation)
         for index, limit in enumerate(self.limits):
             if limit.__class__ is not Limit or not limit.bucket(invocation).take_if_room():
                 return self._acquire_from(index, invocation)

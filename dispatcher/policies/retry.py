@@ -7,6 +7,13 @@ is decided by three things only the dispatcher knows — the deadline (no retry 
 not finish in time), the retry budget, and ``retry_after`` — and because the first attempt
 must cost nothing on the hot path.
 
+When the step right inside is the target's breaker (``BreakerStep``, the usual chain of a
+single target), this step guards each attempt with that breaker itself: the breaker's
+accounting is the same, and a call passes one coroutine layer fewer (a coroutine made,
+awaited and resumed on every call): the retry and breaker steps together went from 0.5 to
+0.3 µs of CPU per call in-process, 1.1 to 0.2 µs with calls interleaving as with I/O
+(``bench/compare_chain.py``, 2026-12-02).
+
 The retry budget keeps a failing target from receiving more than ``budget_ratio`` extra
 load: every first attempt deposits ``budget_ratio`` of a token, every retry spends one.
 (A Finagle-style budget; no maintained Python library offers one.)
@@ -19,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.config import RetryPolicy
+from dispatcher.fleet.breaker import BreakerStep, CircuitBreaker, is_health_failure
 from linchkit_plugin.errors import DispatchError
 from providers.invocation import Invocation
 
@@ -70,7 +78,7 @@ class _AttemptNumber:
 
 
 class RetryStep:
-    __slots__ = ("attempts", "backoff", "budget", "next", "retries")
+    __slots__ = ("attempt", "attempts", "backoff", "breaker", "budget", "next", "retries")
 
     def __init__(self, policy: RetryPolicy, budget: RetryBudget, next_step: Next) -> None:
         from tenacity import wait_random_exponential  # only methods that retry pay its import
@@ -80,7 +88,15 @@ class RetryStep:
             multiplier=policy.initial_backoff_ms / 1000, max=policy.max_backoff_ms / 1000
         )
         self.budget = budget
+        #: What one attempt is: ``next_step`` whole (retries go through it).
+        self.attempt = next_step
+        #: The first attempt: with a breaker step inside, its breaker and what it guards
+        #: (``__call__`` does the breaker step's work in its own coroutine).
+        self.breaker: CircuitBreaker | None = None
         self.next = next_step
+        if type(next_step) is BreakerStep:
+            self.breaker = next_step.breaker
+            self.next = next_step.next
         self.retries = 0
 
     async def __call__(self, invocation: Invocation) -> Any:
@@ -89,8 +105,25 @@ class RetryStep:
         budget = self.budget
         tokens = budget.tokens + budget.ratio
         budget.tokens = tokens if tokens < budget.capacity else budget.capacity
+        breaker = self.breaker
         try:
-            return await self.next(invocation)
+            if breaker is None:
+                return await self.next(invocation)
+            # ``BreakerStep.__call__``, written out (see the module docstring).
+            probe = breaker.admit()
+            try:
+                result = await self.next(invocation)
+            except DispatchError as error:
+                if is_health_failure(error):
+                    breaker.record_failure(probe)
+                else:
+                    breaker.record_success(probe)
+                raise
+            except BaseException:
+                breaker.record_nothing(probe)
+                raise
+            breaker.record_success(probe)
+            return result
         except DispatchError as error:
             if not error.retryable:
                 raise
@@ -106,7 +139,7 @@ class RetryStep:
             self.retries += 1
             await asyncio.sleep(delay)
             try:
-                return await self.next(invocation)
+                return await self.attempt(invocation)
             except DispatchError as next_error:
                 if not next_error.retryable:
                     raise
