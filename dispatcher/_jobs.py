@@ -24,7 +24,6 @@ too), and a submission to an unreachable Redis (or SQS) raises ``StateUnavailabl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -203,9 +202,14 @@ class JobWorkers:
             _, late = await asyncio.wait(self._tasks, timeout=grace)
             for task in late:
                 task.cancel()
-            for task in late:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            if late:
+                # Bounded too: a worker stuck where cancellation cannot reach must not
+                # keep the dispatcher from closing (its entries return to the queue).
+                _, stuck = await asyncio.wait(late, timeout=grace)
+                if stuck:
+                    log.error(
+                        "%d job workers ignored their cancellation; closing anyway", len(stuck)
+                    )
         self._tasks.clear()
         await self.callbacks.aclose()  # after the workers: no job ends after this
 
@@ -247,8 +251,9 @@ class JobWorkers:
             await asyncio.gather(*(run(delivery) for delivery in deliveries))
         finally:
             keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            # Not suppress(CancelledError): that would swallow this task's own
+            # cancellation (the dispatcher closing) arriving while it waits here.
+            await asyncio.wait((keeper,))
 
     async def _keep(self, consumer: str, running: set[str]) -> None:
         while True:
