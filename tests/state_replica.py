@@ -108,6 +108,8 @@ async def main(path: str) -> None:
                 reply({"ok": True})
             elif op == "stats":
                 reply(dispatcher.stats()["state"])
+            elif op == "shared_breakers":  # each shared breaker's state as this replica saw it
+                reply(dispatcher.stats()["shared_breakers"])
             elif op == "fleets":
                 reply(dispatcher.stats()["fleets"])
     reply({"closed": True})

@@ -119,6 +119,13 @@ def test_an_instance_one_replica_saw_fail_gets_no_call_from_the_others(
             break
     assert calls_to(a, sick_url) == 2 + BREAKER["fail_max"]
 
+    # The push is asynchronous: wait for it to reach B and C (their views of a closed
+    # breaker are trusted for 10 s otherwise), as a call sent at once might beat it.
+    for replica in (b, c):
+        deadline = time.monotonic() + 5.0
+        while set(replica.ask(op="shared_breakers").values()) == {"closed"}:
+            assert time.monotonic() < deadline, "the open circuit was not pushed to a replica"
+            time.sleep(0.01)
     # B and C never tried it: every one of their calls goes to the two others.
     before = {replica: calls_to(replica, sick_url) for replica in (b, c)}
     for replica in (b, c):

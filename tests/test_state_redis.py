@@ -278,6 +278,13 @@ def test_a_circuit_one_replica_opens_is_open_for_the_others(
         outcome = a.ask(op="call", plugin="counter", method="ping")
         assert outcome["type"] == "target_unavailable", outcome
     for replica in (b, c):
+        # The push is asynchronous: a command sent now may reach the replica before it.
+        # Its arrival is what this waits for (breaker_sync_ms is 10 s: nothing else could
+        # end the replica's trust in its closed view within the 5 s allowed).
+        deadline = time.monotonic() + 5.0
+        while set(replica.ask(op="shared_breakers").values()) == {"closed"}:
+            assert time.monotonic() < deadline, "the open circuit was not pushed to a replica"
+            time.sleep(0.01)
         outcome = replica.ask(op="call", plugin="counter", method="ping")
         assert outcome["type"] == "circuit_open", outcome
         assert "all replicas" in outcome["message"]
