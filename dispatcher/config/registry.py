@@ -32,6 +32,7 @@ import orjson
 import yaml
 from pydantic import AnyHttpUrl, Field, field_validator
 
+from linchkit_plugin.wire import nested_deeper_than
 from providers.target import StrictModel
 
 __all__ = ["EntryTrust", "RegistryConfig", "entry_item"]
@@ -145,18 +146,8 @@ def _parsed_yaml(value: bytes) -> Any:
 
 
 def _check_depth(item: Any) -> None:
-    """Level by level, without recursion: the walks below and validation recurse."""
-    level: list[Any] = [item] if isinstance(item, dict | list) else []
-    for _ in range(MAX_ENTRY_DEPTH):
-        level = [
-            child
-            for value in level
-            for child in (value.values() if isinstance(value, dict) else value)
-            if isinstance(child, dict | list)
-        ]
-        if not level:
-            return
-    raise ValueError(_TOO_DEEP)
+    if nested_deeper_than(item, MAX_ENTRY_DEPTH):
+        raise ValueError(_TOO_DEEP)
 
 
 def _targets(item: dict[str, Any]) -> list[dict[str, Any]]:

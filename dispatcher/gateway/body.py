@@ -17,6 +17,7 @@ from aiohttp import web
 
 from dispatcher.gateway.settings import GatewaySettings
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams
+from linchkit_plugin.wire import nested_deeper_than
 
 __all__ = ["Refused", "read_params"]
 
@@ -141,16 +142,5 @@ def _too_deep(max_depth: int) -> InvalidParams:
 
 
 def _check_depth(params: Any, max_depth: int) -> None:
-    """Walk level by level, without recursion: no stack for a hostile body to blow."""
-    level: list[Any] = [params] if isinstance(params, dict | list) else []
-    for _ in range(max_depth):
-        level = [
-            child
-            for value in level
-            for child in (value.values() if isinstance(value, dict) else value)
-            if isinstance(child, dict | list)
-        ]
-        if not level:
-            return
-    if level:
+    if nested_deeper_than(params, max_depth):
         raise Refused(_too_deep(max_depth))

@@ -57,6 +57,7 @@ from linchkit_plugin.wire import (
     PROTOCOL_VERSION,
     RequestEnvelope,
     error_response,
+    nested_deeper_than,
     ok_response,
     parse_request,
 )
@@ -362,19 +363,8 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 def _check_depth(params: Any) -> None:
-    """Refuse params nested deeper than ``MAX_PARAMS_DEPTH`` (no recursion: no stack to blow)."""
-    level: list[Any] = [params]
-    for _ in range(MAX_PARAMS_DEPTH):
-        level = [
-            child
-            for value in level
-            if isinstance(value, dict | list)
-            for child in (value.values() if isinstance(value, dict) else value)
-            if isinstance(child, dict | list)
-        ]
-        if not level:
-            return
-    raise InvalidParams(f"params are nested deeper than {MAX_PARAMS_DEPTH} levels")
+    if nested_deeper_than(params, MAX_PARAMS_DEPTH):
+        raise InvalidParams(f"params are nested deeper than {MAX_PARAMS_DEPTH} levels")
 
 
 def _encode_answer(body: dict[str, Any]) -> bytes:

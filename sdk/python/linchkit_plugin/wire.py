@@ -21,6 +21,7 @@ __all__ = [
     "decode_response",
     "encode_json",
     "error_response",
+    "nested_deeper_than",
     "ok_response",
     "parse_request",
 ]
@@ -43,6 +44,25 @@ def encode_json(value: Any, *, sort_keys: bool = False) -> bytes:
     if b"null" in data:  # where NaN or infinity went, if there were any: look only then
         _refuse_non_finite(value)
     return data
+
+
+def nested_deeper_than(value: Any, max_depth: int) -> bool:
+    """Whether ``value`` (decoded JSON) nests objects and arrays past ``max_depth`` levels.
+
+    Level by level, without recursion: a hostile document has no stack to blow here, and
+    whoever asks refuses it before anything that recurses (validation, encoding) sees it.
+    """
+    level: list[Any] = [value] if isinstance(value, dict | list) else []
+    for _ in range(max_depth):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _refuse_non_finite(value: Any) -> None:
