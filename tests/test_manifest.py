@@ -191,3 +191,36 @@ plugins:
     )
     [problem] = problems(path)
     assert "finite number" in problem, problem
+
+
+@pytest.mark.parametrize(
+    ("jobs", "expected"),
+    [
+        (
+            "{callback_backoff_ms: 5000, callback_backoff_max_ms: 1000}",
+            "at least 'callback_backoff_ms'",
+        ),
+        ("{callback_backoff_ms: -1}", "greater than or equal to 0"),
+        ("{callback_backoff_max_ms: 99999999999}", "less than or equal to 86400000"),
+        ("{callback_attempts: 0}", "greater than or equal to 1"),
+        ("{callback_attempts: 101}", "less than or equal to 100"),
+        ("{callback_backoff_ms: .nan}", "finite number"),
+    ],
+)
+def test_callback_retry_settings_are_bounded_and_in_order(
+    tmp_path: Path, jobs: str, expected: str
+) -> None:
+    path = write(
+        tmp_path,
+        f"""
+version: 1
+jobs: {jobs}
+plugins:
+  - id: echo
+    version: 1.0.0
+    target: {{provider: local, entrypoint: "echo_plugin:EchoPlugin"}}
+    methods: {{say: {{}}}}
+""",
+    )
+    [problem] = problems(path)
+    assert expected in problem, problem
