@@ -205,7 +205,10 @@ class JobCallbacks:
         self._woken.set()
 
     async def _run(self, outbox: CallbackOutbox) -> None:
-        while True:
+        # Not ``while True``: on Python 3.11 a cancellation landing as ``_idle``'s timeout
+        # expires can come out as that TimeoutError, which ``_idle`` suppresses; the loop
+        # must still end once ``aclose`` has begun.
+        while self._runner is not None:
             free = MAX_DELIVERIES - len(self._tasks)
             if free <= 0:
                 await self._idle(POLL_SECONDS)
@@ -380,7 +383,9 @@ class JobCallbacks:
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
+            # Bounded: a runner stuck where cancellation cannot reach must not keep the
+            # dispatcher from closing (its claims lapse; another replica delivers them).
+            await asyncio.wait((runner,), timeout=CLOSE_GRACE_SECONDS)
         if self._tasks:
             _, late = await asyncio.wait(tuple(self._tasks), timeout=CLOSE_GRACE_SECONDS)
             for task in late:
