@@ -12,7 +12,8 @@ flight so a drain or a reload can wait for it or cut it off, and the order in wh
 parts below are built and torn down. Each part with a job of its own lives apart, and the
 methods here only put them in order: routes (``_routes``), what each provider has
 attached (``_attachments``), in-flight bookkeeping (``_drain``), what a reload changes
-(``_reload``), the guard and audit entry of each call (``_guard``), host events in and out
+(``_reload``), how a method's route is built (``_route_build``), the guard, access
+checks and audit entry of each call (``_guard``), host events in and out
 (``_events``, ``_publish``), async jobs (``_jobs`` runs them, ``_job_view`` checks,
 queues and shows them), fallbacks (``_fallback``), rollouts (``_rollout``), health
 (``_health``), signals (``_signals``), plugins dialling in (``_inbound``); policies and
@@ -35,7 +36,7 @@ from dispatcher._attachments import Attachments, providers_for
 from dispatcher._drain import CUT_OFF_SECONDS, InFlight, checked_grace, current_task_getter
 from dispatcher._events import EventHandler, EventHandlers
 from dispatcher._fallback import Fallbacks
-from dispatcher._guard import Audited, Caller, Guard
+from dispatcher._guard import Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
 from dispatcher._job_view import (
@@ -49,6 +50,7 @@ from dispatcher._jobs import JobWorkers
 from dispatcher._publish import EventSender
 from dispatcher._reload import ReloadPlan, plan_reload
 from dispatcher._rollout import RolloutListener, RolloutRuntime
+from dispatcher._route_build import RouteBuilder
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher._signals import SignalDrain
 from dispatcher._versions import check_protocol
@@ -64,7 +66,6 @@ from dispatcher.state import StateBackend, new_backend
 from dispatcher.telemetry import TelemetryRuntime
 from linchkit_plugin.errors import (
     DispatchError,
-    MethodNotFound,
     PluginNotFound,
     ShuttingDown,
     Unauthorized,
@@ -133,6 +134,7 @@ class Dispatcher:
         #: The manifest's ``rollouts``: traffic splits and shadows (dispatcher._rollout).
         self._rollouts = RolloutRuntime(self._clock)
         self._fallbacks = Fallbacks()
+        self._build: RouteBuilder | None = None  # from start(): routes need the policies
         self._state = "new"
         # Draining (dispatcher._drain): what is in flight, aliased for the hot path.
         self._in_flight = InFlight()
@@ -201,6 +203,7 @@ class Dispatcher:
             idempotency_retention=config.idempotency_retention_ms / 1000,
             boundary=None if telemetry is None else telemetry.boundary,
         )
+        self._build = RouteBuilder(self.policies, self._providers, self._fallbacks.wrap, telemetry)
         self._events_out = EventSender(self._providers, self.policies, self.fleets, self._clock)
         if telemetry is not None:
             telemetry.start()
@@ -429,7 +432,8 @@ class Dispatcher:
             if plugin.key in kept:
                 routes.add(plugin, old_routes.routes_of(plugin.id, plugin.version))
             else:
-                routes.add(plugin, self._new_routes(plugin))
+                assert self._build is not None
+                routes.add(plugin, self._build.routes_of(plugin, routes))
         self._fallbacks.forget(plan.removed)
         self._rollouts.configure(manifest.rollouts, routes)
         self._routes = routes
@@ -596,8 +600,8 @@ class Dispatcher:
         try:
             if self._draining:
                 raise self._refused(f"call of {plugin}.{method}")
-            route, caller_id = await self._resolve(
-                plugin, method, version, caller, credentials, entry
+            route, caller_id = await self._guard.resolve(
+                self._routes, self._state, plugin, method, version, caller, credentials, entry
             )
             invocation = self._invocation(
                 route, params, timeout, entry.request_id, caller_id, traceparent, idempotency_key
@@ -613,28 +617,6 @@ class Dispatcher:
         finally:
             self._guard.end(entry, failure)
 
-    async def _resolve(
-        self,
-        plugin: str,
-        method: str,
-        version: str | None,
-        caller: Caller,
-        credentials: Credentials | None,
-        entry: Audited | None = None,
-    ) -> tuple[Route, str | None]:
-        """The route of a guarded call and the caller id its invocation carries: the caller
-        authenticated, then authorized for what the name resolves to. ``entry``, when the
-        call is audited, learns the principal and the route as soon as they are known."""
-        guard = self._guard
-        principal = await guard.principal_of(caller, credentials)
-        if entry is not None:
-            entry.caller = principal
-        caller_id = guard.caller_id(principal)
-        route = self._authorized_route(plugin, method, version, principal)
-        if entry is not None:
-            entry.route = route
-        return route, caller_id
-
     def _count_refused(
         self, plugin: str, method: str, route: Route | None, error: DispatchError
     ) -> None:
@@ -648,19 +630,6 @@ class Dispatcher:
         else:
             method = "?"
         self.telemetry.refused(plugin, method, error)
-
-    def _authorized_route(
-        self, plugin: str, method: str, version: str | None, caller: Caller
-    ) -> Route:
-        """The route of ``plugin.method`` if ``caller`` may call it; ``Forbidden`` if not,
-        also for a name that resolves to nothing (no listing of what exists for them)."""
-        try:
-            route = self._routes.find(plugin, method, version, self._state)
-        except (PluginNotFound, MethodNotFound):
-            self._guard.authorize(caller, plugin, version or "", method)
-            raise
-        self._guard.authorize(caller, route.plugin, route.version, route.method)
-        return route
 
     def _invocation(
         self,
@@ -734,8 +703,8 @@ class Dispatcher:
         )
         failure: BaseException | None = None
         try:
-            route, caller_id = await self._resolve(
-                plugin, method, version, caller, credentials, entry
+            route, caller_id = await self._guard.resolve(
+                self._routes, self._state, plugin, method, version, caller, credentials, entry
             )
             return await queue_job(store, submission, route, caller_id, limit)
         except BaseException as error:
@@ -839,8 +808,8 @@ class Dispatcher:
         try:
             if self._draining:
                 raise self._refused(f"stream of {plugin}.{method}")
-            route, caller_id = await self._resolve(
-                plugin, method, version, caller, credentials, entry
+            route, caller_id = await self._guard.resolve(
+                self._routes, self._state, plugin, method, version, caller, credentials, entry
             )
             invocation = self._invocation(
                 route, params, timeout, entry.request_id, caller_id, traceparent, None
@@ -1041,35 +1010,7 @@ class Dispatcher:
         check_protocol(plugin.key, plugin.protocol)
         await self._attachments.attach(plugin)
         assert self.fleets is not None
-        self._routes.add(plugin, self._new_routes(plugin))
+        assert self._build is not None
+        self._routes.add(plugin, self._build.routes_of(plugin, self._routes))
         for target in plugin.targets():
             self.fleets.serve(plugin, target)
-
-    def _new_routes(self, plugin: PluginSpec[Any]) -> dict[str, Route]:
-        return {name: self._new_route(plugin, name) for name in plugin.methods}
-
-    def _new_route(self, plugin: PluginSpec[Any], method: str) -> Route:
-        """A method's route: its policy chain, inside its fallback, inside telemetry."""
-        assert self.policies is not None
-        target = plugin.target_of(method)
-        provider = self._providers[target.provider]
-        invoke = self.policies.chain(plugin, method, provider, target)
-        # Around the whole chain: the fallback is another plugin, with its own policies.
-        invoke = self._fallbacks.wrap(plugin, method, invoke, self._routes)
-        if self.telemetry is not None:  # outermost: sees what the caller gets
-            invoke = self.telemetry.around_call(
-                plugin.id,
-                plugin.version,
-                method,
-                target.provider,
-                plugin.policies_of(method).may_cache,
-                invoke,
-            )
-        gate = self.policies.gate(plugin, method)
-        route = Route(plugin, method, provider, invoke, gate, self.policies.fleets.get(target))
-        route.once = self.policies.once(plugin, method, invoke)
-        if self.telemetry is not None:
-            route.open_stream = self.telemetry.around_stream(
-                plugin.id, plugin.version, method, target.provider, route.open_stream
-            )
-        return route

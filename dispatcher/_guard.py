@@ -30,13 +30,19 @@ from contextvars import Token
 from dataclasses import dataclass
 from typing import Any
 
-from dispatcher._routes import Route
+from dispatcher._routes import Route, RouteTable
 from dispatcher.access import AccessControl
 from dispatcher.audit import AuditLog
 from dispatcher.fleet.instances import Instance
 from dispatcher.fleet.served import SERVED_BY
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, refused
-from linchkit_plugin.errors import DispatchError, InvalidParams, PluginError
+from linchkit_plugin.errors import (
+    DispatchError,
+    InvalidParams,
+    MethodNotFound,
+    PluginError,
+    PluginNotFound,
+)
 
 __all__ = ["Audited", "Caller", "Guard"]
 
@@ -110,6 +116,48 @@ class Guard:
     def authorize(self, caller: Caller, plugin: str, version: str, method: str) -> None:
         if self.access is not None and isinstance(caller, Principal):
             self.access.check(caller, plugin, version, method)
+
+    async def resolve(
+        self,
+        routes: RouteTable,
+        state: str,
+        plugin: str,
+        method: str,
+        version: str | None,
+        caller: Caller,
+        credentials: Credentials | None,
+        entry: Audited | None = None,
+    ) -> tuple[Route, str | None]:
+        """The route of a guarded call and the caller id its invocation carries: the caller
+        authenticated, then authorized for what the name resolves to. ``entry``, when the
+        call is audited, learns the principal and the route as soon as they are known."""
+        principal = await self.principal_of(caller, credentials)
+        if entry is not None:
+            entry.caller = principal
+        caller_id = self.caller_id(principal)
+        route = self.authorized_route(routes, state, plugin, method, version, principal)
+        if entry is not None:
+            entry.route = route
+        return route, caller_id
+
+    def authorized_route(
+        self,
+        routes: RouteTable,
+        state: str,
+        plugin: str,
+        method: str,
+        version: str | None,
+        caller: Caller,
+    ) -> Route:
+        """The route of ``plugin.method`` if ``caller`` may call it; ``Forbidden`` if not,
+        also for a name that resolves to nothing (no listing of what exists for them)."""
+        try:
+            route = routes.find(plugin, method, version, state)
+        except (PluginNotFound, MethodNotFound):
+            self.authorize(caller, plugin, version or "", method)
+            raise
+        self.authorize(caller, route.plugin, route.version, route.method)
+        return route
 
     def begin(
         self,
