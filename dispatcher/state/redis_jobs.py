@@ -21,9 +21,7 @@ A job's callback is recorded by the same step that stores its end (``callback: p
 among the fields adds it to the callbacks set, due at once), so a worker killed before it
 delivered loses nothing: ``RedisCallbacks`` hands it to any replica's worker (a claim is a
 lease, the record counts ``callback_attempts``), which settles it delivered, due again
-later, or failed. The record keeps ``callback``, ``callback_id`` (the delivery id the
-receiver deduplicates on), ``callback_attempts`` and ``callback_error``; a record expired
-before its callback was delivered ends the callback (nothing is left to send).
+later, or failed (``redis_callbacks``).
 
 ``RedisJobRecords`` is the same records and indexes without the stream: the job view of
 jobs queued on SQS (``sqs_jobs``) when the manifest also names a ``state:`` Redis.
@@ -36,20 +34,14 @@ redis-py itself (``redis_store`` is the only module that does).
 from __future__ import annotations
 
 import functools
-import os
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from dispatcher.state.base import (
-    CallbackOutbox,
-    Delivery,
-    JobRecords,
-    JobStore,
-    PendingCallback,
-)
+from dispatcher.state._redis_replies import now_ms, reply_fields, reply_text
+from dispatcher.state.base import CallbackOutbox, Delivery, JobRecords, JobStore
+from dispatcher.state.redis_callbacks import RedisCallbacks
 
-__all__ = ["RedisCallbacks", "RedisJobRecords", "RedisJobs"]
+__all__ = ["RedisJobRecords", "RedisJobs"]
 
 T = TypeVar("T")
 Run = Callable[[str, float, Callable[[], Awaitable[Any]]], Awaitable[Any]]
@@ -181,21 +173,6 @@ _LAST_CALLBACK = (
 )
 
 
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _fields(flat_or_dict: Any) -> dict[str, str]:
-    if isinstance(flat_or_dict, dict):
-        return {_text(k): _text(v) for k, v in flat_or_dict.items()}
-    items = list(flat_or_dict or ())
-    return {_text(items[i]): _text(items[i + 1]) for i in range(0, len(items) - 1, 2)}
-
-
-def _now_ms() -> str:
-    return str(int(time.time() * 1000))
-
-
 class RedisJobs(JobStore):
     def __init__(
         self,
@@ -230,7 +207,9 @@ class RedisJobs(JobStore):
         self._keep = client.register_script(_KEEP)
         self._redrive = client.register_script(_REDRIVE)
         self._purge = client.register_script(_PURGE_SOME)
-        self.callbacks: CallbackOutbox | None = RedisCallbacks(self, client)
+        self.callbacks: CallbackOutbox | None = RedisCallbacks(
+            client, self._op, self.callback_set, self.record_key("")
+        )
 
     def record_key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
@@ -286,8 +265,8 @@ class RedisJobs(JobStore):
 
     @staticmethod
     def _delivery(entry: Any) -> Delivery:
-        entry_id, fields = _text(entry[0]), entry[1]
-        decoded = _fields(fields) if fields else {}
+        entry_id, fields = reply_text(entry[0]), entry[1]
+        decoded = reply_fields(fields) if fields else {}
         job_id = decoded.get("job")
         if job_id and len(decoded) == 1 and len(job_id) <= 64 and job_id.isprintable():
             return Delivery(entry_id, job_id)
@@ -297,9 +276,9 @@ class RedisJobs(JobStore):
         job_id = delivery.job_id or ""
         answer = await self._op(
             "a job's start",
-            lambda: self._begin(keys=(self.record_key(job_id),), args=(_now_ms(),)),
+            lambda: self._begin(keys=(self.record_key(job_id),), args=(now_ms(),)),
         )
-        return _fields(answer) if answer else None
+        return reply_fields(answer) if answer else None
 
     async def finish(self, entry_id: str, job_id: str, fields: dict[str, str], ttl: float) -> None:
         dead = fields.get("state") == "dead"
@@ -310,7 +289,7 @@ class RedisJobs(JobStore):
             job_id,
             1 if dead else 0,  # a dead one is kept until redriven or purged
             max(1, int(ttl * 1000)),
-            int(_now_ms()),
+            int(now_ms()),
             self._channel,
             1 if fields.get("callback") == "pending" else 0,
         ]
@@ -342,16 +321,16 @@ class RedisJobs(JobStore):
         answer = await self._op(
             "a job record", lambda: self._client.hgetall(self.record_key(job_id))
         )
-        return _fields(answer) if answer else None
+        return reply_fields(answer) if answer else None
 
     async def _records(self, index: str, limit: int) -> list[dict[str, str]]:
         async def read() -> list[dict[str, str]]:
             ids = await self._client.zrevrange(index, 0, max(0, limit - 1))
             async with self._client.pipeline(transaction=False) as pipe:
                 for job_id in ids:
-                    pipe.hgetall(self.record_key(_text(job_id)))
+                    pipe.hgetall(self.record_key(reply_text(job_id)))
                 answers = await pipe.execute()
-            return [_fields(answer) for answer in answers if answer]
+            return [reply_fields(answer) for answer in answers if answer]
 
         return await self._op("job records", read)
 
@@ -364,7 +343,7 @@ class RedisJobs(JobStore):
     async def redrive(self, job_id: str) -> bool:
         keys = (self.record_key(job_id), self.dead_set, self.stream)
         answer = await self._op(
-            "a redrive", lambda: self._redrive(keys=keys, args=(job_id, _now_ms()))
+            "a redrive", lambda: self._redrive(keys=keys, args=(job_id, now_ms()))
         )
         return bool(answer)
 
@@ -380,7 +359,7 @@ class RedisJobs(JobStore):
                 async with self._client.pipeline(transaction=True) as pipe:
                     # ZREM of what was read, not DEL: a job dead-lettered meanwhile stays.
                     pipe.zrem(self.dead_set, *chunk)
-                    pipe.delete(*(self.record_key(_text(job_id)) for job_id in chunk))
+                    pipe.delete(*(self.record_key(reply_text(job_id)) for job_id in chunk))
                     removed, _ = await pipe.execute()
                 dropped += int(removed)
             return dropped
@@ -462,12 +441,12 @@ class RedisJobRecords(JobRecords):
         await jobs._op("a job record", forget)
 
     async def begin(self, job_id: str, carried: dict[str, str]) -> dict[str, str]:
-        args: list[str] = [_now_ms()]
+        args: list[str] = [now_ms()]
         for name, value in carried.items():
             args += [name, value]
         key = self._jobs.record_key(job_id)
         answer = await self._jobs._op("a job's start", lambda: self._begin(keys=(key,), args=args))
-        return _fields(answer)
+        return reply_fields(answer)
 
     async def note(self, job_id: str, fields: dict[str, str]) -> None:
         key = self._jobs.record_key(job_id)
@@ -482,7 +461,7 @@ class RedisJobRecords(JobRecords):
                 pipe.hset(key, mapping=fields)
                 if dead:  # kept until redriven or purged
                     pipe.persist(key)
-                    pipe.zadd(jobs.dead_set, {job_id: int(_now_ms())})
+                    pipe.zadd(jobs.dead_set, {job_id: int(now_ms())})
                 else:
                     pipe.pexpire(key, max(1, int(ttl * 1000)))
                 if fields.get("callback") == "pending":  # due at once, with the end
@@ -494,7 +473,7 @@ class RedisJobRecords(JobRecords):
 
     async def requeue(self, job_id: str) -> None:
         jobs, key = self._jobs, self._jobs.record_key(job_id)
-        fields = {"state": "queued", "attempts": "0", "redriven_at": _now_ms()}
+        fields = {"state": "queued", "attempts": "0", "redriven_at": now_ms()}
 
         async def write() -> None:
             async with self._client.pipeline(transaction=True) as pipe:
@@ -523,101 +502,3 @@ class RedisJobRecords(JobRecords):
 
     def __repr__(self) -> str:
         return f"<RedisJobRecords {self._jobs.stream}>"
-
-
-# Due callbacks, each leased to this claim (due again after the lease), its attempt counted.
-# One whose record is gone or no longer pending is dropped. KEYS[1] the callbacks set;
-# ARGV count, lease_ms, record key prefix, token. Returns {id, attempt, record...} each.
-_CALLBACK_CLAIM = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-local claimed = {}
-for _, id in ipairs(due) do
-  local key = ARGV[3] .. id
-  if redis.call('HGET', key, 'callback') ~= 'pending' then
-    redis.call('ZREM', KEYS[1], id)
-  else
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
-    local attempt = redis.call('HINCRBY', key, 'callback_attempts', 1)
-    redis.call('HSET', key, 'callback_claim', ARGV[4])
-    table.insert(claimed, {id, attempt, redis.call('HGETALL', key)})
-  end
-end
-return claimed
-"""
-
-# Settle a claim, if it is still this claim's. KEYS[1] the callbacks set, KEYS[2] the
-# record; ARGV id, token, outcome (delivered|retry|failed), delay_ms, reason, when (ms).
-# A failed one is dead-lettered on its record (``callback: failed``), which lives as long
-# as the job's (a dead job's until purged): no index of its own to outgrow it.
-_CALLBACK_SETTLE = """
-if redis.call('HGET', KEYS[2], 'callback_claim') ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[2], 'callback_claim')
-if ARGV[3] == 'retry' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[1])
-  redis.call('HSET', KEYS[2], 'callback_error', ARGV[5])
-  return 1
-end
-redis.call('ZREM', KEYS[1], ARGV[1])
-if ARGV[3] == 'delivered' then
-  redis.call('HSET', KEYS[2], 'callback', 'delivered', 'callback_delivered_at', ARGV[6])
-else
-  redis.call('HSET', KEYS[2], 'callback', 'failed', 'callback_error', ARGV[5],
-    'callback_failed_at', ARGV[6])
-end
-return 1
-"""
-
-
-class RedisCallbacks(CallbackOutbox):
-    """The callbacks of jobs kept on Redis (``RedisJobs``, or SQS jobs' Redis job view)."""
-
-    def __init__(self, jobs: RedisJobs, client: Any) -> None:
-        self._jobs = jobs
-        self._claim = client.register_script(_CALLBACK_CLAIM)
-        self._settle = client.register_script(_CALLBACK_SETTLE)
-
-    async def claim(self, count: int, lease: float) -> list[PendingCallback]:
-        jobs = self._jobs
-        token = os.urandom(8).hex()
-        args = (count, max(1, int(lease * 1000)), jobs.record_key(""), token)
-        answer = await jobs._op(
-            "due job callbacks", lambda: self._claim(keys=(jobs.callback_set,), args=args)
-        )
-        return [
-            PendingCallback(_text(job_id), token, int(attempt), _fields(record))
-            for job_id, attempt, record in answer or ()
-        ]
-
-    async def _settled(
-        self, callback: PendingCallback, outcome: str, delay: float = 0.0, reason: str = ""
-    ) -> bool:
-        jobs = self._jobs
-        keys = (jobs.callback_set, jobs.record_key(callback.job_id))
-        args = (
-            callback.job_id,
-            callback.token,
-            outcome,
-            max(0, int(delay * 1000)),
-            reason[:500],
-            _now_ms(),
-        )
-        answer = await jobs._op(
-            "a job callback's outcome", lambda: self._settle(keys=keys, args=args)
-        )
-        return bool(answer)
-
-    async def delivered(self, callback: PendingCallback) -> bool:
-        return await self._settled(callback, "delivered")
-
-    async def retry(self, callback: PendingCallback, delay: float, reason: str) -> bool:
-        return await self._settled(callback, "retry", delay, reason)
-
-    async def give_up(self, callback: PendingCallback, reason: str) -> bool:
-        return await self._settled(callback, "failed", reason=reason)
-
-    def __repr__(self) -> str:
-        return f"<RedisCallbacks {self._jobs.callback_set}>"

@@ -25,7 +25,7 @@ worker needs nothing but the queue to run it. What SQS does, and what is ours:
   "not found" for a job that exists; ``dead`` then reads the dead-letter queue itself.
 
 **Callbacks** are durable with a job view (recorded by its ``end``, in the same MULTI as
-the job's terminal state, before the message is deleted: ``redis_jobs.RedisCallbacks``);
+the job's terminal state, before the message is deleted: ``redis_callbacks.RedisCallbacks``);
 without one there is no store to keep a pending callback in, so the worker that ended the
 job sends it once, best effort, in its own process.
 
