@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import tracemalloc
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -175,6 +176,21 @@ def test_a_full_cache_under_churn_stays_bounded_and_keeps_the_newest() -> None:
     assert len(entries) == 1000
     assert entries.get((19_999).to_bytes(4, "big")) == 19_999
     assert entries.get((18_999).to_bytes(4, "big")) is None
+
+
+async def test_kept_keys_hold_their_own_size_not_the_encoder_buffer() -> None:
+    # The cache's keys are orjson's output, which comes in a 4 KB buffer however short the
+    # JSON; kept as they came, 1,000 entries held 4 MB (cache.py says why this matters).
+    cache = ResultCache("p.m", CachePolicy(ttl_ms=60_000, max_entries=10_000), FakeClock())
+    tracemalloc.start()
+    try:
+        for number in range(1000):
+            cache.entries[cache.key(invocation({"text": f"t{number}"}))] = None
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1000 * 1024, f"{held} bytes for 1,000 short keys"
+    assert cache.entries.get(cache.key(invocation({"text": "t999"})), "missing") is None
 
 
 async def test_errors_are_not_cached_and_invalidation_works() -> None:
