@@ -17,6 +17,9 @@ rates, and the min is what a quiet round costs.
 * ``chain_<target>_c64_<variant>_cpu_us`` (median) and ``..._min_cpu_us``;
 * ``chain_<target>_c64_<variant>_gc_us``: of that CPU per call, the time inside CPython's
   garbage collector (``gc.callbacks``), which a cache keeping many results drives up;
+* ``chain_<target>_c64_<variant>_faults_per_call``: page faults of the process per call
+  (``getrusage``): memory the heap had to grow by; a cache whose every entry held a 4 KB
+  buffer read 1.06 here, one page per kept result;
 * ``chain_<target>_c64_<variant>_step_us``: what that variant's policy adds over the one
   before (difference of medians); ``chain_<target>_c64_chain_added_us``: full over none.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -103,10 +107,11 @@ async def run(options: Options) -> dict[str, float]:
             ) as clients,
         ):
             with collector_time() as collections:
-                cpu, collected = await _rounds(clients, calls, rounds, collections)
+                cpu, collected, faults = await _rounds(clients, calls, rounds, collections)
     figures.update(summarise(cpu))
     for client, values in collected.items():
         figures[f"chain_{_key(client)}_gc_us"] = statistics.median(values)
+        figures[f"chain_{_key(client)}_faults_per_call"] = statistics.median(faults[client])
     figures["chain_load_average_1min_at_end"] = os.getloadavg()[0]
     return figures
 
@@ -132,22 +137,26 @@ async def _clients(targets: dict[str, Any]) -> AsyncIterator[dict[str, Call]]:
 
 async def _rounds(
     clients: dict[str, Call], calls: int, rounds: int, collections: list[tuple[int, float]]
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """CPU per call of each client, and of it the time spent in the garbage collector."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """CPU per call of each client, of it the time in the garbage collector, page faults."""
     for call in clients.values():  # warm: pooled connections, imports, caches
         await measure(call, 500, 64)
     cpu: dict[str, list[float]] = {name: [] for name in clients}
     collected: dict[str, list[float]] = {name: [] for name in clients}
+    faults: dict[str, list[float]] = {name: [] for name in clients}
     names = list(clients)
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
             collections.clear()
+            faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             cpu[name].append((await measure(clients[name], calls, 64)).cpu_us_per_call)
+            faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted
+            faults[name].append(faulted / calls)
             # The first full collection is ``measure``'s own ``gc.collect()``, before its clock.
             automatic = collections[1:] if collections and collections[0][0] == 2 else collections
             collected[name].append(sum(seconds for _, seconds in automatic) / calls * 1e6)
-    return cpu, collected
+    return cpu, collected, faults
 
 
 @contextlib.contextmanager

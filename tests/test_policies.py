@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import tracemalloc
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,8 @@ from dispatcher.fleet.breaker import BreakerStep
 from dispatcher.policies import BreakerState, CircuitBreaker, ResultCache
 from dispatcher.policies.cache import ExpiringEntries
 from dispatcher.policies.ratelimit import Limit, RateLimitStep, new_limiter
+from dispatcher.state.base import decode_outcome, encode_result
+from dispatcher.state.memory import MemoryIdempotency
 from providers.invocation import new_request_id
 from tests.conftest import echo_plugin, manifest
 from tests.test_http_provider import answering, raw_server
@@ -175,6 +178,39 @@ def test_a_full_cache_under_churn_stays_bounded_and_keeps_the_newest() -> None:
     assert len(entries) == 1000
     assert entries.get((19_999).to_bytes(4, "big")) == 19_999
     assert entries.get((18_999).to_bytes(4, "big")) is None
+
+
+async def test_kept_keys_hold_their_own_size_not_the_encoder_buffer() -> None:
+    # The cache's keys are orjson's output, which comes in a 4 KB buffer however short the
+    # JSON; kept as they came, 1,000 entries held 4 MB (cache.py says why this matters).
+    cache = ResultCache("p.m", CachePolicy(ttl_ms=60_000, max_entries=10_000), FakeClock())
+    tracemalloc.start()
+    try:
+        for number in range(1000):
+            cache.entries[cache.key(invocation({"text": f"t{number}"}))] = None
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1000 * 1024, f"{held} bytes for 1,000 short keys"
+    assert cache.entries.get(cache.key(invocation({"text": "t999"})), "missing") is None
+
+
+async def test_kept_idempotency_outcomes_hold_their_own_size() -> None:
+    # Outcomes are orjson's output too (a 4 KB buffer however short): 1,000 small ones
+    # held 5.2 MB in the memory backend before they were kept at their size, 1.1 MB after.
+    store = MemoryIdempotency(FakeClock())
+    tracemalloc.start()
+    try:
+        for number in range(1000):
+            claimed = await store.claim(f"k{number}", "same params", 60.0, math.inf)
+            await store.complete(f"k{number}", claimed.token, encode_result(number), 60.0, math.inf)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A record with its token and event is ~1.1 KB; the outcome must not add 4 KB more.
+    assert held < 1000 * 2048, f"{held} bytes for 1,000 small outcomes"
+    done = await store.claim("k999", "same params", 60.0, math.inf)
+    assert done.outcome is not None and decode_outcome(done.outcome) == 999
 
 
 async def test_errors_are_not_cached_and_invalidation_works() -> None:

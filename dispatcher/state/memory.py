@@ -65,7 +65,10 @@ class MemoryIdempotency(IdempotencyStore):
         record = self._records.get(key)
         if record is None or record.token != token:
             return  # the lease ended and another call owns the key now
-        record.outcome = outcome
+        # Kept at its size: an outcome is orjson's output, which comes in a 4 KB buffer
+        # however short (``dispatcher.policies.cache`` says more); kept as it came, the
+        # MAX_RECORDS bound would still let 100,000 small results hold 400 MB.
+        record.outcome = bytes(memoryview(outcome))
         record.expires = self._clock() + retention
         record.changed.set()
 
