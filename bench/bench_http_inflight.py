@@ -28,9 +28,10 @@ are the host's (or its network namespace's): another process's overflows count t
 
 Variants: raw aiohttp (connector limit = the number of calls), raw pyreqwest (the same
 limit), the dispatcher on each client with the target's ``pool: {max_connections: N}``,
-the dispatcher on reqwest with ``MIMALLOC_ALLOW_THP=0`` in its environment (mimalloc without
-transparent huge pages: the kernel zeroes 2 MB pages under a burst of new connections, a
-third of the tokio thread's time), and the dispatcher with no pool (the provider's shared
+raw pyreqwest and the dispatcher on reqwest with ``MIMALLOC_ALLOW_THP=0`` in their
+environment (``_no_thp``: mimalloc then turns transparent huge pages off for the process;
+with them, the kernel zeroing 2 MB pages was a third of the tokio thread's time in a burst
+of new connections), and the dispatcher with no pool (the provider's shared
 512 connections: the old behaviour, 10,000 calls in ~20 rounds; run once, it takes 20 s).
 """
 
@@ -60,13 +61,17 @@ REPEATS = 3
 VARIANTS = (
     "aiohttp",
     "pyreqwest",
+    "pyreqwest_no_thp",
     "dispatcher_reqwest",
     "dispatcher_reqwest_no_thp",
     "dispatcher_aiohttp",
     "dispatcher_no_pool",
 )
 #: What a variant's process gets in its environment besides ours.
-ENVIRONMENTS = {"dispatcher_reqwest_no_thp": {"MIMALLOC_ALLOW_THP": "0"}}
+ENVIRONMENTS = {
+    "pyreqwest_no_thp": {"MIMALLOC_ALLOW_THP": "0"},
+    "dispatcher_reqwest_no_thp": {"MIMALLOC_ALLOW_THP": "0"},
+}
 #: Run once whatever ``REPEATS`` says: 20 s a run, and no goal rides on it.
 ONCE = frozenset({"dispatcher_no_pool"})
 #: Variants whose Python heap per call is measured too (a run each, traced).
@@ -235,7 +240,7 @@ async def _client(variant: str, url: str, calls: int) -> AsyncIterator[Call]:
 
             yield call
         return
-    if variant == "pyreqwest":
+    if variant in ("pyreqwest", "pyreqwest_no_thp"):
         from pyreqwest.client import ClientBuilder
 
         body = envelope_bytes("say")
