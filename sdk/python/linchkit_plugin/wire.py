@@ -45,7 +45,7 @@ def encode_json(value: Any, *, sort_keys: bool = False) -> bytes:
         _refuse_non_finite(value)
     # orjson 3.13 hands back its whole working buffer: a 150-byte envelope holds 4 KB, a
     # 100 KB one 0.9 MB, for as long as the bytes live (a call in flight, a cache key). A
-    # copy of exactly the document's size costs ~30 ns (bench/bench_http_inflight.py).
+    # copy of exactly the document's size costs 30-40 ns (bench/bench_http_inflight.py).
     return b"%b" % data
 
 
