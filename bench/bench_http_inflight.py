@@ -8,14 +8,31 @@ the function, minus its RSS before: Python objects, sockets' buffers, and Rust's
 alike). The first burst opens every connection (``cold``), the second reuses the pool
 (``warm``).
 
-Each variant runs in a fresh process of its own (``python -m bench.bench_http_inflight
+Each run of a variant is a fresh process of its own (``python -m bench.bench_http_inflight
 --variant …``) so one's memory does not hide in another's freed heap, with its file
-descriptor limit raised to what 10,000 sockets need (the hard limit allows it here).
+descriptor limit raised to what 10,000 sockets need (the hard limit allows it here), and
+against a fresh server: the 10,000 connections a run closes stay in TIME_WAIT for a
+minute, and a later run's connects to the same address and port had to step over them
+(``__inet_hash_connect`` searching for a free port took half of that run's kernel time).
+Every variant runs ``REPEATS`` times (``--rounds``); its figures are the medians, because
+one burst's RSS growth is a coarse reading (pyreqwest's allocator, mimalloc, backs its
+heap with 2 MB transparent huge pages: the same raw pyreqwest run read 31 to 47 KB per call).
+``python_kb_per_call`` is the Python heap alone (``tracemalloc``, a run of its own since
+tracing slows the calls), the part of the memory the dispatcher's own objects make.
+
+The server listens with a backlog of the number of calls (the kernel caps it at
+``net.core.somaxconn``), and each run records the kernel's counters of connections refused
+at the listen queue (``listen_overflows``) and of SYNs sent again (``syn_retransmits``):
+where they are not 0, some connections waited a 1 s retransmission timeout. The counters
+are the host's (or its network namespace's): another process's overflows count too.
 
 Variants: raw aiohttp (connector limit = the number of calls), raw pyreqwest (the same
-limit), the dispatcher on each
-client with the target's ``pool: {max_connections: N}``, and the dispatcher with no pool
-(the provider's shared 512 connections: the old behaviour, 10,000 calls in ~20 rounds).
+limit), the dispatcher on each client with the target's ``pool: {max_connections: N}``,
+raw pyreqwest and the dispatcher on reqwest with ``MIMALLOC_ALLOW_THP=0`` in their
+environment (``_no_thp``: mimalloc then turns transparent huge pages off for the process;
+with them, the kernel zeroing 2 MB pages was a third of the tokio thread's time in a burst
+of new connections), and the dispatcher with no pool (the provider's shared
+512 connections: the old behaviour, 10,000 calls in ~20 rounds; run once, it takes 20 s).
 """
 
 from __future__ import annotations
@@ -26,9 +43,12 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import sys
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from bench._core import Goal, Options, available_cpus
@@ -37,13 +57,27 @@ from bench.bench_http import ROOT, envelope_bytes, port_server
 SERVER_CPU = 0
 CALLS = 10_000
 DELAY_S = 1.0
+REPEATS = 3
 VARIANTS = (
     "aiohttp",
     "pyreqwest",
+    "pyreqwest_no_thp",
     "dispatcher_reqwest",
+    "dispatcher_reqwest_no_thp",
     "dispatcher_aiohttp",
     "dispatcher_no_pool",
 )
+#: What a variant's process gets in its environment besides ours.
+ENVIRONMENTS = {
+    "pyreqwest_no_thp": {"MIMALLOC_ALLOW_THP": "0"},
+    "dispatcher_reqwest_no_thp": {"MIMALLOC_ALLOW_THP": "0"},
+}
+#: Run once whatever ``REPEATS`` says: 20 s a run, and no goal rides on it.
+ONCE = frozenset({"dispatcher_no_pool"})
+#: Variants whose Python heap per call is measured too (a run each, traced).
+PYTHON_HEAP = ("pyreqwest", "dispatcher_reqwest")
+#: The kernel's counters (``/proc/net/netstat``, ``TcpExt``) of a burst's lost connects.
+KERNEL_COUNTERS = {"listen_overflows": "ListenOverflows", "syn_retransmits": "TCPSynRetrans"}
 
 GOALS = {
     "http_inflight_10k_dispatcher_reqwest_cold_beyond_target_s": Goal("<=", 2.0),
@@ -55,24 +89,43 @@ Call = Callable[[], Awaitable[Any]]
 
 async def run(options: Options) -> dict[str, float]:
     calls = options.calls or (500 if options.quick else CALLS)
+    repeats = 1 if options.quick else (options.rounds or REPEATS)
     _raise_file_limit(2 * calls + 1024)
     figures: dict[str, float] = {
         "http_inflight_calls": calls,
+        "http_inflight_runs_per_variant": repeats,
         "http_inflight_load_average_1min_at_start": os.getloadavg()[0],
     }
-    cpu = SERVER_CPU if len(available_cpus()) > 1 else None
-    extra = ("--delay-ms", str(DELAY_S * 1000), "--backlog", str(calls))
-    async with port_server("bench._tail_server", cpu, extra) as url:
-        for variant in VARIANTS:
-            measured = await _in_child(variant, url, calls)
-            prefix = f"http_inflight_10k_{variant}"
-            for key, value in measured.items():
-                figures[f"{prefix}_{key}"] = value
+    for variant in VARIANTS:
+        runs = [await _fresh_run(variant, calls) for _ in range(1 if variant in ONCE else repeats)]
+        for key in runs[0]:
+            value = statistics.median(measured[key] for measured in runs)
+            figures[f"http_inflight_10k_{variant}_{key}"] = value
+        kb = [measured["kb_per_call"] for measured in runs]
+        figures[f"http_inflight_10k_{variant}_kb_per_call_min"] = min(kb)
+        figures[f"http_inflight_10k_{variant}_kb_per_call_max"] = max(kb)
+    for variant in PYTHON_HEAP:
+        measured = await _fresh_run(variant, calls, "--python-heap")
+        figures[f"http_inflight_10k_{variant}_python_kb_per_call"] = measured["python_kb_per_call"]
     figures["http_inflight_load_average_1min_at_end"] = os.getloadavg()[0]
     return figures
 
 
-async def _in_child(variant: str, url: str, calls: int) -> dict[str, float]:
+async def _fresh_run(variant: str, calls: int, *flags: str) -> dict[str, float]:
+    """One run of ``variant`` in a process of its own, against a server of its own."""
+    cpu = SERVER_CPU if len(available_cpus()) > 1 else None
+    extra = ("--delay-ms", str(DELAY_S * 1000), "--backlog", str(calls))
+    async with port_server("bench._tail_server", cpu, extra) as url:
+        before = _kernel_counters()
+        measured = await _in_child(variant, url, calls, flags)
+        after = _kernel_counters()
+    for key in KERNEL_COUNTERS:
+        if key in before and key in after:
+            measured[key] = after[key] - before[key]
+    return measured
+
+
+async def _in_child(variant: str, url: str, calls: int, flags: tuple[str, ...]) -> dict[str, float]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -83,14 +136,32 @@ async def _in_child(variant: str, url: str, calls: int) -> dict[str, float]:
         url,
         "--calls",
         str(calls),
+        *flags,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, **ENVIRONMENTS.get(variant, {})},
     )
     out, _ = await process.communicate()
     if process.returncode != 0:
         raise RuntimeError(f"bench_http_inflight --variant {variant} failed")
     figures: dict[str, float] = json.loads(out.splitlines()[-1])
     return figures
+
+
+def _kernel_counters(path: Path = Path("/proc/net/netstat")) -> dict[str, float]:
+    """``KERNEL_COUNTERS`` now; empty where the file cannot be read (not Linux)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    found: dict[str, float] = {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            for key, name in KERNEL_COUNTERS.items():
+                if name in row:
+                    found[key] = float(row[name])
+    return found
 
 
 def _raise_file_limit(needed: int) -> None:
@@ -137,6 +208,21 @@ async def _variant(variant: str, url: str, calls: int) -> dict[str, float]:
     }
 
 
+async def _python_heap(variant: str, url: str, calls: int) -> dict[str, float]:
+    """The Python heap's growth per call while every call of a cold burst waits."""
+    _raise_file_limit(calls + 1024)
+    async with _client(variant, url, calls) as call:
+        await call()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        tasks = [asyncio.ensure_future(call()) for _ in range(calls)]
+        await asyncio.sleep(DELAY_S * 0.8)
+        waiting = tracemalloc.get_traced_memory()[0]
+        await asyncio.gather(*tasks)
+        tracemalloc.stop()
+    return {"python_kb_per_call": (waiting - before) / 1024 / calls}
+
+
 @contextlib.asynccontextmanager
 async def _client(variant: str, url: str, calls: int) -> AsyncIterator[Call]:
     if variant == "aiohttp":
@@ -154,7 +240,7 @@ async def _client(variant: str, url: str, calls: int) -> AsyncIterator[Call]:
 
             yield call
         return
-    if variant == "pyreqwest":
+    if variant in ("pyreqwest", "pyreqwest_no_thp"):
         from pyreqwest.client import ClientBuilder
 
         body = envelope_bytes("say")
@@ -172,7 +258,7 @@ async def _client(variant: str, url: str, calls: int) -> AsyncIterator[Call]:
 
     target: dict[str, Any] = {"provider": "http", "url": url}
     if variant != "dispatcher_no_pool":
-        target["client"] = variant.removeprefix("dispatcher_")
+        target["client"] = variant.removeprefix("dispatcher_").removesuffix("_no_thp")
         target["pool"] = {"max_connections": calls}
     manifest = parse_manifest(
         {
@@ -202,10 +288,12 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, required=True)
     parser.add_argument("--url", required=True)
     parser.add_argument("--calls", type=int, default=CALLS)
+    parser.add_argument("--python-heap", action="store_true", help="trace the Python heap")
     options = parser.parse_args()
     import uvloop
 
-    figures = uvloop.run(_variant(options.variant, options.url, options.calls))
+    measure = _python_heap if options.python_heap else _variant
+    figures = uvloop.run(measure(options.variant, options.url, options.calls))
     print(json.dumps(figures))
 
 

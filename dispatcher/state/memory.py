@@ -65,10 +65,9 @@ class MemoryIdempotency(IdempotencyStore):
         record = self._records.get(key)
         if record is None or record.token != token:
             return  # the lease ended and another call owns the key now
-        # Kept at its size: an outcome is orjson's output, which comes in a 4 KB buffer
-        # however short (``dispatcher.policies.cache`` says more); kept as it came, the
-        # MAX_RECORDS bound would still let 100,000 small results hold 400 MB.
-        record.outcome = bytes(memoryview(outcome))
+        # An outcome is ``encode_json``'s output, cut to its size (orjson's own comes in a
+        # 4 KB buffer however short: 100,000 small results would hold 400 MB).
+        record.outcome = outcome
         record.expires = self._clock() + retention
         record.changed.set()
 

@@ -43,7 +43,10 @@ def encode_json(value: Any, *, sort_keys: bool = False) -> bytes:
         raise InvalidParams(f"params must be JSON-serializable: {error}") from None
     if b"null" in data:  # where NaN or infinity went, if there were any: look only then
         _refuse_non_finite(value)
-    return data
+    # orjson 3.13 hands back its whole working buffer: a 150-byte envelope holds 4 KB, a
+    # 100 KB one 0.9 MB, for as long as the bytes live (a call in flight, a cache key). A
+    # copy of exactly the document's size costs 30-40 ns (bench/bench_http_inflight.py).
+    return b"%b" % data
 
 
 def nested_deeper_than(value: Any, max_depth: int) -> bool:

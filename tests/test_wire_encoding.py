@@ -1,0 +1,59 @@
+"""``encode_json``: the bytes it returns hold the document and no more.
+
+Every envelope a call sends, and every cache key, lives as long as the call or the entry:
+10,000 calls in flight held 40 MB of orjson's spare buffer before ``encode_json`` copied
+its output to size (``bench/bench_http_inflight.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import orjson
+import pytest
+
+from linchkit_plugin.errors import InvalidParams
+from linchkit_plugin.wire import encode_json
+
+ENVELOPE = {
+    "v": 1,
+    "plugin": "bench",
+    "method": "say",
+    "params": {"text": "hi"},
+    "context": {"request_id": "0123456789ab-1", "deadline_ms": 120_000},
+}
+
+
+@pytest.mark.parametrize("size", [0, 1_000, 100_000])
+def test_the_bytes_hold_only_the_document(size: int) -> None:
+    document = {**ENVELOPE, "params": {"text": "x" * size}}
+    held = 50
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [encode_json(document) for _ in range(held)]
+        per_document = (tracemalloc.get_traced_memory()[0] - before) / held
+    finally:
+        tracemalloc.stop()
+    # The object's header and the list's slot besides the document: well under 2x
+    # (orjson's own output held 4 KB for the 150-byte envelope, 9x for 100 KB).
+    assert per_document < len(kept[0]) * 1.2 + 200
+
+
+def test_the_encoding_is_orjson_s_exactly() -> None:
+    assert encode_json(ENVELOPE) == orjson.dumps(ENVELOPE)
+    sorted_keys = encode_json({"b": 1, "a": [2, {"d": 3, "c": 4}]}, sort_keys=True)
+    assert sorted_keys == b'{"a":[2,{"c":4,"d":3}],"b":1}'
+    assert type(encode_json(ENVELOPE)) is bytes
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_numbers_are_still_refused(value: float) -> None:
+    with pytest.raises(InvalidParams, match="not a JSON number"):
+        encode_json({"params": {"deep": [1, value]}})
+
+
+def test_what_json_cannot_carry_is_still_refused() -> None:
+    with pytest.raises(InvalidParams, match="JSON-serializable"):
+        encode_json({"params": object()})
