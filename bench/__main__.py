@@ -16,6 +16,7 @@ from bench._core import (
     render_table,
     run_benchmarks,
 )
+from bench.readme import README_PATH, declared_goals, render_goals, updated_readme
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render_table(figures, goals))
     if not arguments.no_write:
-        merge_results(figures, arguments.results)
+        merged = merge_results(figures, arguments.results)
         print(f"\nmerged {len(figures)} figures into {arguments.results}")
+        if arguments.results == RESULTS_PATH:  # the README's table reads the project's file
+            _rewrite_goals_table(merged)
     missed = [
         name for name, goal in goals.items() if name in figures and not goal.met(figures[name])
     ]
@@ -70,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks that failed (see above): {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _rewrite_goals_table(results: dict[str, float]) -> None:
+    readme = README_PATH.read_text(encoding="utf-8")
+    updated = updated_readme(readme, render_goals(results, declared_goals()))
+    if updated != readme:
+        README_PATH.write_text(updated, encoding="utf-8")
+        print(f"rewrote the goals table of {README_PATH}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import operator
 import os
 import pkgutil
 import sys
+import time
 import traceback
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ def run_benchmarks(
             failed.append(name)
             continue
         figures.update({key: float(value) for key, value in produced.items()})
+        figures[f"{name}_run_at_unix"] = time.time()  # the README's goals table says when
         goals.update(getattr(module, "GOALS", {}))
     if failed:
         raise BenchmarksFailed(failed, figures, goals)
