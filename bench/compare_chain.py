@@ -74,7 +74,9 @@ def before_steps(checkout: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def patched(names: dict[str, Any]) -> Iterator[None]:
-    import dispatcher.policies as policies
+    # Where PolicyRuntime.chain looks its step classes up (dispatcher/policies/__init__.py
+    # before the runtime had a module of its own: older checkouts' chains looked there).
+    import dispatcher.policies.runtime as policies
 
     saved = {name: getattr(policies, name) for name in names}
     for name, value in names.items():

@@ -1,0 +1,437 @@
+"""``PolicyRuntime``: builds each method's chain, in the order the package's docstring
+gives, and holds what the chains share.
+
+Built once per dispatcher. It keeps the policy state of every method and target —
+breakers, retry budgets, bulkheads and limiters per target, caches per method, batchers,
+hedges, gates — so that two methods on one target share a breaker and a budget, and a
+reload that keeps a version keeps its state. It owns every task the policies start;
+``aclose`` ends them. The seam types of the chain (``Step``, ``Invoke``,
+``ProviderBoundary``) are defined here and re-exported by the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dispatcher.config import BreakerPolicy, Policies, RateLimit, RetryPolicy
+from dispatcher.fleet import Fleet, FleetRuntime, FleetStep, Instance
+from dispatcher.fleet.breaker import (
+    BreakerStep,
+    CircuitBreaker,
+    StateListener,
+    guard_batch,
+)
+from dispatcher.fleet.shared_breaker import SharedBreaker
+from dispatcher.fleet.step import BreakerFor, SharedBreakerFor
+from dispatcher.policies.batching import Batcher
+from dispatcher.policies.cache import CacheStep, ResultCache
+from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
+from dispatcher.policies.gate import Gate
+from dispatcher.policies.hedge import HedgeStep
+from dispatcher.policies.idempotency import IdempotencyStep
+from dispatcher.policies.ratelimit import Bucket, Limit, RateLimitStep, new_limiter
+from dispatcher.policies.retry import RetryBudget, RetryStep
+from dispatcher.policies.shared import (
+    SharedBreakerStep,
+    SharedCacheStep,
+    SharedLimit,
+    guard_shared_batch,
+)
+from dispatcher.policies.timeout import DeadlineGuard
+from dispatcher.state import MemoryState, StateBackend, digest
+from providers.invocation import Invocation, Outcome
+
+if TYPE_CHECKING:
+    from dispatcher.config import PluginSpec
+    from providers.base import Provider
+    from providers.target import TargetConfig
+
+__all__ = ["Invoke", "InvokeBatch", "PolicyRuntime", "ProviderBoundary", "Step"]
+
+
+class Step(Protocol):
+    """One link of a method's chain."""
+
+    def __call__(self, invocation: Invocation, /) -> Awaitable[Any]: ...
+
+
+Invoke = Callable[["TargetConfig", Invocation], Awaitable[Any]]
+InvokeBatch = Callable[["TargetConfig", Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]
+
+
+class ProviderBoundary(Protocol):
+    """Wraps what every chain calls its provider with: once per provider, at start."""
+
+    def invoke(self, invoke: Invoke, /) -> Invoke: ...
+
+    def invoke_batch(self, invoke_batch: InvokeBatch, /) -> InvokeBatch: ...
+
+
+class PolicyRuntime:
+    """The policy state of one dispatcher."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        fleets: FleetRuntime | None = None,
+        state: StateBackend | None = None,
+        *,
+        breaker_sync: float = 0.1,
+        idempotency_retention: float = 86_400.0,
+        boundary: ProviderBoundary | None = None,
+    ) -> None:
+        self.clock = clock
+        self.boundary = boundary
+        self.state = state if state is not None else MemoryState(clock)
+        self.breaker_sync = breaker_sync
+        self.idempotency_retention = idempotency_retention
+        #: Target-scoped limits as the chains use them (shared ones too), for events.
+        self.target_limits: dict[tuple[str, RateLimit], Limit | SharedLimit] = {}
+        self.fleets = fleets if fleets is not None else FleetRuntime(clock)
+        self.breakers: dict[str, CircuitBreaker] = {}
+        #: With a shared state backend: the breakers every replica shares, by instance key.
+        self.shared_breakers: dict[str, SharedBreaker] = {}
+        self.budgets: dict[str, RetryBudget] = {}
+        self.bulkheads: dict[str, Bulkhead] = {}
+        self.limiters: dict[tuple[str, RateLimit], Bucket] = {}
+        self.caches: dict[tuple[str, str], ResultCache] = {}
+        self.batchers: list[Batcher] = []
+        self.hedges: dict[str, HedgeStep] = {}
+        self.gates: dict[tuple[str, str], Gate] = {}
+        self.breaker_listeners: list[StateListener] = []
+        # Kept for stats() only: limits and bulkheads of a method's own scope are not shared.
+        self.limits: list[Limit | SharedLimit] = []
+        self.method_bulkheads: list[Bulkhead] = []
+        self.retries: dict[str, RetryStep] = {}
+
+    def chain(
+        self, plugin: PluginSpec[Any], method: str, provider: Provider[Any], target: TargetConfig
+    ) -> Step:
+        """The chain of ``plugin.method``, built from its policies."""
+        policies = plugin.policies_of(method)
+        name = f"{plugin.id}.{method}"
+        fleet = self.fleets.fleet_of(target, provider)
+        if fleet is None:
+            (target,) = target.instance_targets()  # itself, or its one instance
+        key = target.key
+        breaker: CircuitBreaker | None = None
+        shared: SharedBreaker | None = None
+        step: Step
+        if fleet is not None:
+            step = self._fleet_end(name, fleet, provider, policies)
+            if policies.may_hedge:
+                step = self._hedge(f"{plugin.key}.{method}", key, fleet, policies, step)
+        else:
+            # A partial, not a closure: called in C, one Python frame fewer per call.
+            step = partial(self._invoke(provider), target)
+            if not provider.enforces_deadline:
+                step = DeadlineGuard(name, step)
+            breaker = self._breaker(key, target, policies.breaker) if policies.breaker else None
+            if breaker is not None and self.state.shared:
+                assert policies.breaker is not None
+                shared = self._shared_breaker(breaker, key, policies.breaker)
+            if policies.batch is not None:
+                sender = self._batch_sender(self._invoke_batch(provider), target, breaker, shared)
+                batcher = Batcher(name, policies.batch, sender)
+                self.batchers.append(batcher)
+                step = batcher
+            elif shared is not None:
+                step = SharedBreakerStep(shared, step)
+            elif breaker is not None:
+                step = BreakerStep(breaker, step)
+        if policies.may_retry:
+            assert policies.retry is not None
+            budget = self.budgets.setdefault(
+                key, RetryBudget(target.describe(), policies.retry.budget_ratio)
+            )
+            step = self.retries[f"{plugin.key}.{method}"] = RetryStep(policies.retry, budget, step)
+        bulkhead = self._bulkhead(name, key, target, policies) if policies.concurrency else None
+        if bulkhead is not None:
+            step = BulkheadStep(bulkhead, step)
+        limits = tuple(self._limit(name, key, target, spec) for spec in policies.rate_limit or ())
+        if limits:
+            self.limits.extend(limits)
+            step = RateLimitStep(limits, step)
+        if policies.may_cache:
+            assert policies.cache is not None
+            cache = ResultCache(f"{plugin.key}.{method}", policies.cache, self.clock)
+            self.caches[(plugin.key, method)] = cache
+            if self.state.shared:
+                step = SharedCacheStep(cache, policies.cache.ttl_ms / 1000, self.state, step)
+            else:
+                step = CacheStep(cache, step)
+        self.gates[(plugin.key, method)] = Gate(limits, bulkhead, breaker, shared)
+        return step
+
+    def once(self, plugin: PluginSpec[Any], method: str, invoke: Step) -> Step:
+        """What a call of ``plugin.method`` carrying an idempotency key goes through:
+        ``invoke`` (the whole chain, fallback included) behind the idempotency step.
+        Kept off ``invoke`` so calls without a key pay nothing for it."""
+        return IdempotencyStep(
+            f"{plugin.id}.{method}", self.state, self.idempotency_retention, invoke
+        )
+
+    def _fleet_end(
+        self, name: str, fleet: Fleet, provider: Provider[Any], policies: Policies
+    ) -> Step:
+        """The end of a fleet target's chain: a ``FleetStep`` (or a batcher sending through it)."""
+        policy = policies.breaker
+        breaker_for: BreakerFor = None
+        shared_for: SharedBreakerFor = None
+        if policy is not None:
+            breaker_for = partial(self._instance_breaker, policy)
+            if self.state.shared:
+                shared_for = partial(self._instance_shared_breaker, policy)
+        fleet_step = FleetStep(fleet, self._invoke(provider), breaker_for, shared_for)
+        if policies.batch is not None:
+            sender = fleet_step.batch_sender(self._invoke_batch(provider))
+            batcher = Batcher(name, policies.batch, sender)
+            self.batchers.append(batcher)
+            return batcher
+        if not provider.enforces_deadline:
+            return DeadlineGuard(name, fleet_step)
+        return fleet_step
+
+    def _hedge(self, name: str, key: str, fleet: Fleet, policies: Policies, step: Step) -> Step:
+        """Hedging, inside the retry step and around the fleet's: hedges spend the target's
+        retry budget; without a retry step to fill it, the hedge step fills it."""
+        assert policies.hedge is not None
+        ratio = (policies.retry or RetryPolicy()).budget_ratio
+        budget = self.budgets.setdefault(key, RetryBudget(fleet.name, ratio))
+        hedge = HedgeStep(
+            name, policies.hedge, fleet, budget, step, deposits=not policies.may_retry
+        )
+        self.hedges[name] = hedge
+        return hedge
+
+    def _invoke(self, provider: Provider[Any]) -> Invoke:
+        boundary = self.boundary
+        return provider.invoke if boundary is None else boundary.invoke(provider.invoke)
+
+    def _invoke_batch(self, provider: Provider[Any]) -> InvokeBatch:
+        boundary = self.boundary
+        return (
+            provider.invoke_batch
+            if boundary is None
+            else boundary.invoke_batch(provider.invoke_batch)
+        )
+
+    def breaker_of(self, target: TargetConfig) -> CircuitBreaker | None:
+        return self.breakers.get(target.key)
+
+    def gate(self, plugin: PluginSpec[Any], method: str) -> Gate:
+        """What a stream of ``plugin.method`` passes through (``dispatcher.policies.gate``)."""
+        return self.gates[(plugin.key, method)]
+
+    def event_gate(self, target: TargetConfig) -> Gate:
+        """What a host event to ``target`` passes through: the policies scoped to the target."""
+        key = target.key
+        limits = tuple(
+            limit for (limited, _), limit in self.target_limits.items() if limited == key
+        )
+        return Gate(
+            limits, self.bulkheads.get(key), self.breakers.get(key), self.shared_breakers.get(key)
+        )
+
+    def invalidate(self, plugin: str | None = None, method: str | None = None) -> int:
+        """Drop cached results of a plugin (any version), of one method, or all; returns how many."""
+        dropped = 0
+        for (plugin_key, name), cache in self.caches.items():
+            if plugin is not None and plugin_key.partition("@")[0] != plugin:
+                continue
+            if method is not None and name != method:
+                continue
+            dropped += cache.invalidate()
+        if self.state.store is not None:  # the shared entries: bumped without waiting
+            names = self._shared_cache_names(plugin, method)
+            self.state.store.spawn(
+                self.state.store.cache_invalidate(names, self.clock() + 3600.0),
+                "cache invalidation",
+            )
+        return dropped
+
+    async def ainvalidate(self, plugin: str | None = None, method: str | None = None) -> int:
+        """``invalidate``, returning once every replica's next read misses (shared caches);
+        ``StateUnavailable`` if the store cannot be told."""
+        dropped = 0
+        for (plugin_key, name), cache in self.caches.items():
+            if (plugin is None or plugin_key.partition("@")[0] == plugin) and (
+                method is None or name == method
+            ):
+                dropped += cache.invalidate()
+        if self.state.store is not None:
+            names = self._shared_cache_names(plugin, method)
+            await self.state.store.cache_invalidate(names, self.clock() + 3600.0)
+        return dropped
+
+    def _shared_cache_names(self, plugin: str | None, method: str | None) -> list[str]:
+        return [
+            digest(cache.name)
+            for (plugin_key, name), cache in self.caches.items()
+            if (plugin is None or plugin_key.partition("@")[0] == plugin)
+            and (method is None or name == method)
+        ]
+
+    def flush_batches(self) -> None:
+        """Send every queued batch now, without waiting out its window (a drain began)."""
+        for batcher in self.batchers:
+            batcher.flush_now()
+
+    async def aclose(self, *, grace: float | None = None) -> None:
+        """Send queued batches and end every batch task, waiting at most ``grace`` seconds
+        for batches in flight (default: the batcher's own bound)."""
+        for batcher in self.batchers:
+            await batcher.aclose(grace=grace)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and states, for ``dispatcher health``, metrics and debugging."""
+        return {
+            "caches": {
+                f"{plugin_key}.{method}": {
+                    "hits": cache.hits,
+                    "misses": cache.misses,
+                    "coalesced": cache.coalesced,
+                    "size": len(cache.entries),
+                    "hit_ratio": cache.hit_ratio,
+                }
+                for (plugin_key, method), cache in self.caches.items()
+            },
+            "breakers": {
+                breaker.name: {"state": str(breaker.state), "failures": breaker.failures}
+                for breaker in self.breakers.values()
+            },
+            # With state: redis, the state every replica shares, as this one last saw it
+            # ("unknown" before its first round trip); "breakers" is then the fallback's.
+            "shared_breakers": {
+                shared.name: shared.state() for shared in self.shared_breakers.values()
+            },
+            "batchers": {
+                batcher.name: {
+                    "batches": batcher.batches,
+                    "items": batcher.items,
+                    "flushes": {
+                        "full": batcher.full_flushes,
+                        "timer": batcher.timed_flushes,
+                        "drain": batcher.drain_flushes,
+                    },
+                    "mean_size": batcher.mean_batch_size,
+                }
+                for batcher in self.batchers
+            },
+            "retry_budgets": {
+                budget.name: {"spent": budget.spent, "refused": budget.refused}
+                for budget in self.budgets.values()
+            },
+            "retries": {name: step.retries for name, step in self.retries.items()},
+            "rate_limits": [
+                {
+                    "name": limit.name,
+                    "scope": limit.spec.scope,
+                    "mode": limit.spec.mode,
+                    "waited": limit.waited,
+                    "rejected": limit.rejected,
+                }
+                for limit in self.limits
+            ],
+            "bulkheads": {
+                bulkhead.name: {
+                    "in_flight": bulkhead.in_flight,
+                    "waiting": bulkhead.waiting,
+                    "rejected": bulkhead.rejected,
+                }
+                for bulkhead in (*self.bulkheads.values(), *self.method_bulkheads)
+            },
+            "hedges": {name: hedge.stats() for name, hedge in self.hedges.items()},
+            "fleets": self.fleets.stats(),
+            "state": self.state.stats(),
+        }
+
+    def _instance_breaker(self, policy: BreakerPolicy, instance: Instance) -> CircuitBreaker:
+        return self._breaker(instance.key, instance.target, policy)
+
+    def _instance_shared_breaker(self, policy: BreakerPolicy, instance: Instance) -> SharedBreaker:
+        local = self._instance_breaker(policy, instance)
+        return self._shared_breaker(local, instance.key, policy)
+
+    def _shared_breaker(
+        self, local: CircuitBreaker, key: str, policy: BreakerPolicy
+    ) -> SharedBreaker:
+        # Like the local one: per target instance, the first method configuring it decides.
+        shared = self.shared_breakers.get(key)
+        if shared is None:
+            shared = self.shared_breakers[key] = SharedBreaker(
+                local, key, policy, self.state, self.breaker_sync, self.clock
+            )
+        return shared
+
+    def _breaker(self, key: str, target: TargetConfig, policy: BreakerPolicy) -> CircuitBreaker:
+        # One breaker per target instance: the first method that configures it decides
+        # its settings, every method calling that target shares it.
+        breaker = self.breakers.get(key)
+        if breaker is None:
+            breaker = self.breakers[key] = CircuitBreaker(
+                target.describe(),
+                fail_max=policy.fail_max,
+                reset_timeout=policy.reset_timeout_ms / 1000,
+                half_open_max_calls=policy.half_open_max_calls,
+                success_threshold=policy.success_threshold,
+                clock=self.clock,
+                listeners=self.breaker_listeners,
+            )
+        return breaker
+
+    def _bulkhead(self, name: str, key: str, target: TargetConfig, policies: Policies) -> Bulkhead:
+        spec = policies.concurrency
+        assert spec is not None
+        if spec.scope == "method":
+            own = Bulkhead(name, spec.max_in_flight, spec.max_waiting)
+            self.method_bulkheads.append(own)
+            return own
+        bulkhead = self.bulkheads.get(key)
+        if bulkhead is None:
+            bulkhead = self.bulkheads[key] = Bulkhead(
+                target.describe(), spec.max_in_flight, spec.max_waiting
+            )
+        return bulkhead
+
+    def _limit(
+        self, name: str, key: str, target: TargetConfig, spec: RateLimit
+    ) -> Limit | SharedLimit:
+        if spec.scope != "target":
+            limit = Limit(name, spec)
+            return SharedLimit(limit, name, self.state) if self.state.shared else limit
+        existing = self.target_limits.get((key, spec))
+        if existing is not None:
+            return existing
+        bucket = self.limiters.get((key, spec))
+        if bucket is None:
+            bucket = self.limiters[(key, spec)] = new_limiter(spec)
+        local = Limit(target.describe(), spec, bucket)
+        chosen: Limit | SharedLimit = (
+            SharedLimit(local, key, self.state) if self.state.shared else local
+        )
+        self.target_limits[(key, spec)] = chosen
+        return chosen
+
+    @staticmethod
+    def _batch_sender(
+        invoke_batch: InvokeBatch,
+        target: TargetConfig,
+        breaker: CircuitBreaker | None,
+        shared: SharedBreaker | None,
+    ) -> Callable[[Sequence[Invocation]], Awaitable[list[Outcome[Any]]]]:
+        if shared is not None:
+            return lambda invocations: guard_shared_batch(
+                shared, invocations, lambda: invoke_batch(target, invocations)
+            )
+        if breaker is None:
+            return lambda invocations: invoke_batch(target, invocations)
+        return lambda invocations: guard_batch(breaker, lambda: invoke_batch(target, invocations))
+
+    def __repr__(self) -> str:
+        return (
+            f"<PolicyRuntime breakers={len(self.breakers)} caches={len(self.caches)} "
+            f"batchers={len(self.batchers)}>"
+        )
