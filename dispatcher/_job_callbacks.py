@@ -53,6 +53,7 @@ from typing import Any
 
 import orjson
 
+from dispatcher._outage_log import OutageLog
 from dispatcher.config import JobsConfig
 from dispatcher.state.base import CallbackOutbox, PendingCallback, StateUnavailable
 from linchkit_plugin.errors import InvalidParams
@@ -186,6 +187,8 @@ class JobCallbacks:
         self.delivered = 0
         self.failed = 0
         self.retried = 0
+        #: The outbox's outages, logged as they begin and end rather than per failed poll.
+        self._outbox_outage = OutageLog(log, "job callbacks")
 
     @property
     def durable(self) -> bool:
@@ -217,9 +220,10 @@ class JobCallbacks:
             try:
                 due = await outbox.claim(free, self.lease)
             except StateUnavailable as error:
-                log.warning("job callbacks: %s", error.message)
+                self._outbox_outage.failed(error.message)
                 await asyncio.sleep(self.pause)
                 continue
+            self._outbox_outage.recovered()
             for callback in due:
                 self._own(self._settle(outbox, callback), f"callback of job {callback.job_id}")
             if len(due) < free:

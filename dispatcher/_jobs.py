@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from dispatcher._job_callbacks import JobCallbacks, new_delivery_id
+from dispatcher._outage_log import OutageLog
 from dispatcher.config import JobsConfig
 from dispatcher.state.base import (
     TERMINAL_STATES,
@@ -182,8 +183,18 @@ class JobWorkers:
         self._name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._tasks: list[asyncio.Task[None]] = []
         self._taking = True
-        self.counts = {"succeeded": 0, "failed": 0, "dead": 0, "retried": 0, "malformed": 0}
+        #: ``deferred``: entries left for later because the store could not record a start.
+        self.counts = {
+            "succeeded": 0,
+            "failed": 0,
+            "dead": 0,
+            "retried": 0,
+            "malformed": 0,
+            "deferred": 0,
+        }
         self.running = 0
+        #: The store's outages, logged as they begin and end rather than per failed poll.
+        self._store_outage = OutageLog(log, "job workers")
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -224,10 +235,11 @@ class JobWorkers:
                     consumer, self.config.batch, block=0.5, min_idle=self.visibility
                 )
             except StateUnavailable as error:
-                log.warning("job worker %s: %s", consumer, error.message)
+                self._store_outage.failed(f"worker {consumer}: {error.message}")
                 grouped = False  # the stream may be gone with the Redis that restarted
                 await asyncio.sleep(self.pause)
                 continue
+            self._store_outage.recovered()
             if deliveries:
                 await self._run_batch(consumer, deliveries)
 
@@ -263,7 +275,9 @@ class JobWorkers:
             try:
                 await self.store.keep(consumer, sorted(running))
             except StateUnavailable as error:  # the next beat tries again
-                log.warning("job worker %s could not renew its hold: %s", consumer, error.message)
+                self._store_outage.failed(
+                    f"worker {consumer} could not renew its hold: {error.message}"
+                )
 
     async def _process(self, delivery: Delivery) -> None:
         try:
@@ -271,7 +285,10 @@ class JobWorkers:
         except StateUnavailable as error:
             # Nothing acked: the entry stays pending and is taken again after the
             # visibility timeout, by this worker or another.
-            log.warning("job entry %s left for later: %s", delivery.entry_id, error.message)
+            self.counts["deferred"] += 1
+            self._store_outage.failed(
+                f"job entry {delivery.entry_id} left for later: {error.message}"
+            )
         except Exception:  # a bug must not end the consumer: the entry stays pending
             log.exception("job entry %s failed unexpectedly", delivery.entry_id)
 
