@@ -148,15 +148,21 @@ async def _listening(arguments: list[str], cpu: int | None) -> AsyncIterator[str
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(target_url: str, cpu: int | None) -> AsyncIterator[str]:
-    """``dispatcher serve`` on a manifest whose ``bench.echo`` is ``target_url``."""
+async def gateway_process(
+    target_url: str, cpu: int | None, *, client: str | None = None
+) -> AsyncIterator[str]:
+    """``dispatcher serve`` on a manifest whose ``bench.echo`` is ``target_url`` (over
+    ``client``, the provider's default when None)."""
+    target = {"provider": "http", "url": target_url}
+    if client is not None:
+        target["client"] = client
     manifest = {
         "version": 1,
         "plugins": [
             {
                 "id": "bench",
                 "version": "1.0.0",
-                "target": {"provider": "http", "url": target_url},
+                "target": target,
                 "methods": {"echo": {}},
             }
         ],
