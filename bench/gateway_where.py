@@ -12,7 +12,6 @@ recorded): the instrument behind ``docs/gateway.md``'s "Where a call's time goes
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import statistics
@@ -22,8 +21,12 @@ from pathlib import Path
 
 import uvloop
 
-from bench._core import pinned_to_cpu
-from bench.bench_gateway import aiohttp_floor_process, gateway_client, gateway_process
+from bench.bench_gateway import (
+    _pid_listening_on,
+    aiohttp_floor_process,
+    gateway_client,
+    gateway_process,
+)
 from bench.bench_http import Call, dispatcher_client, fixed_reply_server, measure
 
 
@@ -83,18 +86,18 @@ async def main(calls: int, rounds: int, client: str | None) -> None:
     print(f"load average at start: {os.getloadavg()[0]:.2f}; gateway client: {client}")
     async with (
         fixed_reply_server(None) as target_url,
-        gateway_process(target_url, None, client=client) as gateway_url,
-        gateway_process(target_url, None, client="reqwest") as reqwest_gateway_url,
-        gateway_client(reqwest_gateway_url) as through_reqwest_gateway,
+        gateway_process(target_url, None, client=client) as gateway,
+        gateway_process(target_url, None, client="reqwest") as reqwest_gateway,
+        gateway_client(reqwest_gateway.url) as through_reqwest_gateway,
         dispatcher_client(target_url) as direct,
-        gateway_client(gateway_url) as through_gateway,
-        aiohttp_floor_process(None) as floor_url,
-        gateway_client(floor_url) as floor,
+        gateway_client(gateway.url) as through_gateway,
+        aiohttp_floor_process(None) as floor_server,
+        gateway_client(floor_server.url) as floor,
     ):
-        server_pid = _pid_listening(target_url)
-        gateway_pid = _pid_listening(gateway_url)
-        floor_pid = _pid_listening(floor_url)
-        reqwest_gateway_pid = _pid_listening(reqwest_gateway_url)
+        server_pid = _pid_listening_on(target_url)
+        gateway_pid = gateway.pid
+        floor_pid = floor_server.pid
+        reqwest_gateway_pid = reqwest_gateway.pid
         for call in (direct, through_gateway, floor, through_reqwest_gateway):
             await measure(call, 256, 64)
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
@@ -127,27 +130,11 @@ async def main(calls: int, rounds: int, client: str | None) -> None:
                         )
         for (layout, name), rows in results.items():
             keys = rows[0].keys()
-            shown = ", ".join(f"{key} {statistics.median(r[key] for r in rows):.1f}" for key in keys)
+            shown = ", ".join(
+                f"{key} {statistics.median(r[key] for r in rows):.1f}" for key in keys
+            )
             print(f"{layout:42s} {name:16s} {shown}")
         print(f"load average at end: {os.getloadavg()[0]:.2f}")
-
-
-def _pid_listening(url: str) -> int:
-    """The pid of the process listening on ``url``'s port (via /proc/net/tcp and fds)."""
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
-            inodes.add(fields[9])
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes:
-                    return int(proc.name)
-    raise RuntimeError(f"nothing of ours listens on {url}")
 
 
 if __name__ == "__main__":
