@@ -63,7 +63,7 @@ async def _profile(call: Call, calls: int, pids: dict[str, int]) -> dict[str, fl
     started = time.perf_counter()
     sample = await measure(call, calls, 1)
     wall = time.perf_counter() - started
-    row = {"p50_us": sample.p50_us, "wall_us": wall / calls * 1e6}
+    row = {"p50_us": sample.p50_us, "p99_us": sample.p99_us, "wall_us": wall / calls * 1e6}
     for name, pid in pids.items():
         cpu, switches = _usage(pid)
         row[f"{name}_cpu_us"] = (cpu - before[name][0]) / calls / 1000
