@@ -336,7 +336,9 @@ async def gateway_client(url: str) -> AsyncIterator[Call]:
     body = orjson.dumps({"text": "hi"})
     call_url = f"{url}/v1/plugins/bench/methods/echo"
     headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=512, limit_per_host=0, keepalive_timeout=30)
+    # Idle connections are dropped here before the gateway drops them (its header timeout,
+    # 10 s): a call must not race the server closing the connection it reuses.
+    connector = aiohttp.TCPConnector(limit=512, limit_per_host=0, keepalive_timeout=5)
     async with aiohttp.ClientSession(
         connector=connector, skip_auto_headers=("User-Agent",), auto_decompress=False
     ) as session:
