@@ -13,6 +13,7 @@ API to depend on, and a manifest changes rarely).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -151,6 +152,18 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
+def _freeze_what_start_built() -> None:
+    """Take what start built (manifest, routes, clients, the aiohttp app, imported modules)
+    out of the cyclic collector's sight: it lives as long as the process, and each full
+    collection walked all of it, ~70,000 objects, ~50 ms with every call waiting, every
+    ~12,000 calls at concurrency 64: ~4 us per call (docs/gateway.md). The garbage of
+    start is collected first. What a manifest reload later drops of it is freed by
+    reference counting; only its reference cycles, if any, stay (once: later objects are
+    not frozen)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _reload(dispatcher: Dispatcher, path: str, grace: float) -> None:
     try:
         summary = await dispatcher.reload_from_file(path, grace=grace)
@@ -216,6 +229,7 @@ async def _serve(
         if watch is not None:
             watcher = loop.create_task(_watch(dispatcher, path, watch, settings.grace))
             reloads.add(watcher)
+        _freeze_what_start_built()
         try:
             click.echo(f"listening on {server.url}")
             if server.grpc is not None:
