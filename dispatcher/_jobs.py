@@ -193,8 +193,11 @@ class JobWorkers:
             "deferred": 0,
         }
         self.running = 0
-        #: The store's outages, logged as they begin and end rather than per failed poll.
-        self._store_outage = OutageLog(log, "job workers")
+        #: The store's outages, logged as they begin and end rather than per failed poll:
+        #: taking entries and recording runs apart, since one can fail while the other
+        #: works (SQS jobs whose Redis job view is down) and a shared log would flap.
+        self._queue_outage = OutageLog(log, "job workers (queue)")
+        self._records_outage = OutageLog(log, "job workers (records)")
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -235,11 +238,11 @@ class JobWorkers:
                     consumer, self.config.batch, block=0.5, min_idle=self.visibility
                 )
             except StateUnavailable as error:
-                self._store_outage.failed(f"worker {consumer}: {error.message}")
+                self._queue_outage.failed(f"worker {consumer}: {error.message}")
                 grouped = False  # the stream may be gone with the Redis that restarted
                 await asyncio.sleep(self.pause)
                 continue
-            self._store_outage.recovered()
+            self._queue_outage.recovered()
             if deliveries:
                 await self._run_batch(consumer, deliveries)
 
@@ -275,7 +278,7 @@ class JobWorkers:
             try:
                 await self.store.keep(consumer, sorted(running))
             except StateUnavailable as error:  # the next beat tries again
-                self._store_outage.failed(
+                self._queue_outage.failed(
                     f"worker {consumer} could not renew its hold: {error.message}"
                 )
 
@@ -286,11 +289,13 @@ class JobWorkers:
             # Nothing acked: the entry stays pending and is taken again after the
             # visibility timeout, by this worker or another.
             self.counts["deferred"] += 1
-            self._store_outage.failed(
+            self._records_outage.failed(
                 f"job entry {delivery.entry_id} left for later: {error.message}"
             )
         except Exception:  # a bug must not end the consumer: the entry stays pending
             log.exception("job entry %s failed unexpectedly", delivery.entry_id)
+        else:
+            self._records_outage.recovered()
 
     async def _attempt(self, delivery: Delivery) -> None:
         store, entry = self.store, delivery.entry_id

@@ -543,9 +543,11 @@ async def test_receives_while_the_views_redis_is_down_do_not_use_up_attempts(
     own_redis: Redis,
     redis_server: Redis,
     redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """SQS counts every receive; a worker that could not record a start ran nothing, so the
     job must still have all its attempts when the view's Redis is back (empty, here)."""
+    caplog.set_level(logging.WARNING, logger="dispatcher.jobs")
 
     def manifest(**jobs: Any) -> Path:
         return manifest_file(
@@ -567,6 +569,11 @@ async def test_receives_while_the_views_redis_is_down_do_not_use_up_attempts(
         assert await worker.result(job_id, wait=60) == {"n": 61, "runs": 1}
         assert (await worker.job(job_id))["attempts"] == 1
     assert queues.count(queues.dead_url) == 0
+    # The outage is logged as it began and ended, not once per receive: taking from SQS
+    # kept working meanwhile, and must not have read as the view's Redis coming back.
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum("left for later" in line for line in lines) == 1
+    assert sum(line.startswith("job workers (records): working again") for line in lines) == 1
 
 
 # -- crashes ------------------------------------------------------------------------------------
