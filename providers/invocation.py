@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from linchkit_plugin.errors import DispatchError
 
-__all__ = ["Invocation", "Outcome", "new_request_id"]
+__all__ = ["Invocation", "Outcome", "new_request_id", "running_loop_time"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,13 @@ _REQUEST_COUNTER = count(1)
 
 def new_request_id() -> str:
     return f"{_REQUEST_PREFIX}-{next(_REQUEST_COUNTER):x}"
+
+
+def running_loop_time() -> float:
+    """The running loop's clock, looked up on each reading. Providers bind
+    ``loop.time`` once they know their loop (``asyncio.get_running_loop()`` asks the
+    kernel for the process id on every call on Python 3.11) and read this until then."""
+    return asyncio.get_running_loop().time()
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -73,7 +80,7 @@ class Invocation:
 
     def remaining(self, now: float | None = None) -> float:
         """Seconds left before the deadline (negative once it has passed)."""
-        return self.deadline - (asyncio.get_running_loop().time() if now is None else now)
+        return self.deadline - (running_loop_time() if now is None else now)
 
     def context_wire(self, now: float | None = None) -> dict[str, Any]:
         """The envelope's ``context`` object."""

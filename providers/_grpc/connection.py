@@ -38,7 +38,7 @@ from linchkit_plugin.handshake import HEALTH_SERVICE
 from linchkit_plugin.wire import encode_json
 from providers._grpc.status import grpc_errors, translate_rpc_error
 from providers.base import Health
-from providers.invocation import Invocation, Outcome
+from providers.invocation import Invocation, Outcome, running_loop_time
 
 __all__ = ["HEALTH_SERVICE", "ChannelSecurity", "PluginConnection"]
 
@@ -85,10 +85,6 @@ def _loads(data: bytes, what: str) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError as error:
         raise ProviderError(f"{what} answered bytes that are not JSON: {error}") from None
-
-
-def _running_loop_time() -> float:
-    return asyncio.get_running_loop().time()
 
 
 def _wire_error(error: Any) -> DispatchError:
@@ -159,7 +155,7 @@ class PluginConnection:
         # The loop's clock, bound: asyncio.get_running_loop() asks the kernel for the
         # process id on every call on Python 3.11 (0.14 µs). A grpc.aio channel belongs to
         # the loop it was made in, so its connection may keep that loop's clock.
-        self._loop_time: Callable[[], float] = _running_loop_time
+        self._loop_time: Callable[[], float] = running_loop_time
         with contextlib.suppress(RuntimeError):  # made outside a loop: looked up per call
             self._loop_time = asyncio.get_running_loop().time
         security = security or ChannelSecurity()
