@@ -36,6 +36,8 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
 import orjson
@@ -45,7 +47,7 @@ from dispatcher._dispatcher import Dispatcher
 from dispatcher._jobs import JobNotFinished, JobNotFound
 from dispatcher.gateway.body import Refused, read_params
 from dispatcher.gateway.credentials import credentials_of
-from dispatcher.gateway.errors import error_answer
+from dispatcher.gateway.errors import Answer, answer_of, error_answer
 from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_event_id
 from dispatcher.gateway.openapi import openapi_document
 from dispatcher.gateway.settings import GatewaySettings
@@ -69,7 +71,7 @@ from linchkit_plugin.ws_protocol import (
 )
 from providers.invocation import new_request_id
 
-__all__ = ["HUB_KEY", "Gateway", "create_app"]
+__all__ = ["GATEWAY_KEY", "HUB_KEY", "Gateway", "create_app"]
 
 log = logging.getLogger("dispatcher.gateway")
 
@@ -122,7 +124,31 @@ class Gateway:
     # -- calls ---------------------------------------------------------------------------
 
     async def call(self, request: web.Request) -> web.StreamResponse:
-        headers = request.headers
+        match = request.match_info
+        answer = await self.answer_call(
+            match["plugin"],
+            match["method"],
+            request.headers,
+            partial(read_params, request, self.settings),
+            partial(credentials_of, request),
+            unread_body=request.body_exists,
+        )
+        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+    async def answer_call(
+        self,
+        plugin: str,
+        method: str,
+        headers: Mapping[str, str],
+        read_params: Callable[[], Awaitable[Any]],
+        credentials: Callable[[], Credentials],
+        *,
+        unread_body: bool,
+    ) -> Answer:
+        """A call's answer, whichever HTTP stack read the request (aiohttp's route or the
+        call lane): ``headers`` matched without case, ``read_params`` raising ``Refused``,
+        ``credentials`` what the request presented. ``unread_body``: a body is still to
+        be read, so an answer given before reading it closes the connection."""
         sent_id = headers.get("X-Request-Id")
         request_id = sent_id if sent_id is not None and _REQUEST_ID.match(sent_id) else None
         request_id = request_id or new_request_id()
@@ -130,42 +156,38 @@ class Gateway:
         try:
             if sent_id is not None and request_id != sent_id:
                 raise InvalidParams("X-Request-Id is 1-128 characters of A-Z a-z 0-9 . _ : -")
-            caller, credentials = await self._caller(request)
+            caller, presented = await self._caller(credentials)
             timeout = _timeout_of(headers)
             idempotency_key = _idempotency_key_of(headers, 256)
             traceparent = headers.get("traceparent")
             if traceparent is not None and not _TRACEPARENT.match(traceparent):
                 traceparent = None  # W3C trace context: an invalid one is ignored, not refused
-            params = await read_params(request, self.settings)
+            params = await read_params()
             body_read = True
-            match = request.match_info
             result = await self.dispatcher.call(
-                match["plugin"],
-                match["method"],
+                plugin,
+                method,
                 params,
                 version=_version_of(headers),
                 caller=caller,
-                credentials=credentials,
+                credentials=presented,
                 timeout=timeout,
                 traceparent=traceparent,
                 idempotency_key=idempotency_key,
                 request_id=request_id,
             )
         except Refused as refused:
-            answer = error_answer(refused.error, status=refused.status, close=refused.close)
+            answer = answer_of(refused.error, status=refused.status, close=refused.close)
         except DispatchError as error:
-            unread = not body_read and request.body_exists
-            answer = error_answer(error, close=unread or isinstance(error, ShuttingDown))
+            unread = not body_read and unread_body
+            answer = answer_of(error, close=unread or isinstance(error, ShuttingDown))
         else:
             try:
                 body = orjson.dumps({"ok": True, "result": result})
             except TypeError as error:
-                answer = error_answer(ProviderError(f"the plugin's result is not JSON: {error}"))
+                answer = answer_of(ProviderError(f"the plugin's result is not JSON: {error}"))
             else:
-                # Headers as one plain dict: cheaper than content_type=, which parses it.
-                return web.Response(
-                    body=body, headers={"Content-Type": _JSON, "X-Request-Id": request_id}
-                )
+                return Answer(200, {"Content-Type": _JSON, "X-Request-Id": request_id}, body)
         answer.headers["X-Request-Id"] = request_id
         return answer
 
@@ -177,7 +199,7 @@ class Gateway:
         headers = request.headers
         body_read = False
         try:
-            caller, credentials = await self._caller(request)
+            caller, credentials = await self._caller(partial(credentials_of, request))
             idempotency_key = _idempotency_key_of(headers, 255)
             params = await read_params(request, self.settings)
             body_read = True
@@ -263,19 +285,28 @@ class Gateway:
             raise JobNotFound(f"no job {job_id!r}: never submitted, or its record expired")
         return status
 
-    async def _caller(self, request: web.Request) -> tuple[Principal | None, Credentials | None]:
+    async def _caller(
+        self, credentials: Callable[[], Credentials]
+    ) -> tuple[Principal | None, Credentials | None]:
         """What ``Dispatcher.call`` gets to know who calls: the credentials, when the
         dispatcher authenticates, or the principal the host's authenticator found."""
         if self._dispatcher_authenticates:
-            return None, credentials_of(request)
-        return await self._authenticate(request), None
+            return None, credentials()
+        if self.authenticator is None:
+            return None, None
+        return await self._check(credentials()), None
 
     async def _authenticate(self, request: web.Request) -> Principal | None:
         """The request's principal; raises ``Unauthorized``/``Forbidden`` as the
-        authenticator decides. Never logs or repeats what the request presented."""
+        authenticator decides."""
         if self.authenticator is None:
             return None
-        credentials = credentials_of(request)
+        return await self._check(credentials_of(request))
+
+    async def _check(self, credentials: Credentials) -> Principal | None:
+        """What the authenticator makes of ``credentials``. Never logs or repeats what
+        the request presented."""
+        assert self.authenticator is not None
         try:
             return await self.authenticator.authenticate(credentials)
         except DispatchError:
@@ -428,6 +459,9 @@ class Gateway:
         return ws
 
 
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
 def create_app(
     dispatcher: Dispatcher,
     settings: GatewaySettings | None = None,
@@ -441,6 +475,7 @@ def create_app(
     # itself (dispatcher.gateway.body), under max_body_bytes.
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[HUB_KEY] = gateway.hub
+    app[GATEWAY_KEY] = gateway
     # Before the call route, whose {method} would take "name:submit" whole.
     app.router.add_post("/v1/plugins/{plugin}/methods/{method:[^{}/:]+}:submit", gateway.submit)
     app.router.add_post("/v1/plugins/{plugin}/methods/{method}", gateway.call)

@@ -11,14 +11,15 @@ SANs ``TYPE:value`` strings (``DNS:a.example``, ``IP:10.0.0.1``, ``URI:spiffe://
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
 
 from dispatcher.identity import Credentials
 
-__all__ = ["credentials_of", "rfc4514"]
+__all__ = ["credentials_from", "credentials_of", "rfc4514"]
 
 # Python's ssl names → RFC 4514's short names (RFC 4514 §3 and the ones in common use).
 _SHORT_NAMES = {
@@ -47,10 +48,16 @@ _SAN_PREFIXES = {"IP Address": "IP", "email": "email", "DNS": "DNS", "URI": "URI
 
 def credentials_of(request: web.Request) -> Credentials:
     """The credentials of ``request``; a certificate only if the TLS layer verified one."""
-    headers = request.headers
+    return credentials_from(request.headers, request.transport)
+
+
+def credentials_from(
+    headers: Mapping[str, str], transport: asyncio.BaseTransport | None
+) -> Credentials:
+    """The credentials of a request's ``headers`` (names matched without case) over
+    ``transport``; a certificate only if the TLS layer verified one."""
     subject: str | None = None
     sans: Sequence[str] = ()
-    transport = request.transport
     if transport is not None and transport.get_extra_info("sslcontext") is not None:
         certificate = transport.get_extra_info("peercert")
         if certificate:

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import orjson
 from aiohttp import web
 
 from linchkit_plugin.errors import DispatchError
 
-__all__ = ["STATUS_BY_TYPE", "error_answer", "status_of"]
+__all__ = ["STATUS_BY_TYPE", "Answer", "answer_of", "error_answer", "status_of"]
 
 STATUS_BY_TYPE: Mapping[str, int] = {
     "invalid_params": 400,
@@ -61,12 +62,19 @@ def status_of(error: DispatchError) -> int:
     return STATUS_BY_TYPE.get(type(error).type, 502)
 
 
-def error_answer(
-    error: DispatchError, *, status: int | None = None, close: bool = False
-) -> web.Response:
+class Answer(NamedTuple):
+    """An answer as the gateway's two HTTP stacks both write it (aiohttp's route, the
+    call lane of ``dispatcher.gateway.lane``)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def answer_of(error: DispatchError, *, status: int | None = None, close: bool = False) -> Answer:
     """The answer carrying ``error`` (``status`` overrides the table: 408, 413, 415)."""
     status = status_of(error) if status is None else status
-    headers: dict[str, str] = {}
+    headers = {"Content-Type": "application/json"}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if status in _RETRY_LATER and error.retryable:
@@ -76,8 +84,15 @@ def error_answer(
     if close:
         # The body may be unread: the rest must not be taken for the next request.
         headers["Connection"] = "close"
-    body = orjson.dumps({"ok": False, "error": _wire(error)})
-    return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+    return Answer(status, headers, orjson.dumps({"ok": False, "error": _wire(error)}))
+
+
+def error_answer(
+    error: DispatchError, *, status: int | None = None, close: bool = False
+) -> web.Response:
+    """``answer_of`` as aiohttp's response."""
+    answer = answer_of(error, status=status, close=close)
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
 
 def _wire(error: DispatchError) -> dict[str, object]:

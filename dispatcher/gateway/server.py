@@ -1,10 +1,12 @@
 """Running a gateway: the listening socket, TLS and its certificate reload, shutdown.
 
 ``GatewayServer`` serves the app of ``dispatcher.gateway.app`` over a started
-``Dispatcher``. aiohttp's keep-alive timer runs from the moment a connection opens and
-again after each answer, and closes the connection if no complete request head arrived by
-then: that is the gateway's header timeout (slowloris, idle connections), set to
-``header_timeout``.
+``Dispatcher``. Each connection starts on the call lane (``dispatcher.gateway.lane``),
+which answers plain calls itself and hands anything else to aiohttp's protocol; with
+``access_log`` every request goes to aiohttp, which writes the log. aiohttp's keep-alive
+timer (and the lane's, alike) runs from the moment a connection opens and again after
+each answer, and closes the connection if no complete request head arrived by then: that
+is the gateway's header timeout (slowloris, idle connections), set to ``header_timeout``.
 
 TLS: ``CertificateReload`` builds a new context from the certificate, key and client CA
 when any of their files change (checked every ``cert_check_interval`` seconds, or at once
@@ -28,8 +30,9 @@ from typing import TYPE_CHECKING, Self
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher.gateway.app import HUB_KEY, create_app
+from dispatcher.gateway.app import GATEWAY_KEY, HUB_KEY, create_app
 from dispatcher.gateway.events import EventHub
+from dispatcher.gateway.lane import CallLanes
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator
 from providers.tls import files_stamp
@@ -43,6 +46,8 @@ log = logging.getLogger("dispatcher.gateway")
 
 #: Once a drain has ended the calls in flight, how long their answers may take to go out.
 _SHUTDOWN_SECONDS = 2.0
+#: Connections the kernel queues before ``accept`` (aiohttp's ``TCPSite`` default).
+_BACKLOG = 128
 
 
 def server_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
@@ -148,6 +153,9 @@ class GatewayServer:
         self._authenticator = authenticator
         self._access_log = access_log
         self._runner: web.AppRunner | None = None
+        self._listening: asyncio.Server | None = None
+        #: The call lanes of the connections (None with ``access_log``: aiohttp logs).
+        self.lanes: CallLanes | None = None
         self._reload: CertificateReload | None = None
         self._watch: asyncio.Task[None] | None = None
         self.hub: EventHub | None = None
@@ -172,9 +180,17 @@ class GatewayServer:
         )
         await runner.setup()
         self._runner = runner
+        assert runner.server is not None
+        if not self._access_log:
+            self.lanes = CallLanes(app[GATEWAY_KEY], settings, runner.server)
         try:
-            site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context)
-            await site.start()
+            self._listening = await asyncio.get_running_loop().create_server(
+                self.lanes or runner.server,
+                settings.host,
+                settings.port,
+                ssl=context,
+                backlog=_BACKLOG,
+            )
         except BaseException:
             await self.aclose()
             raise
@@ -199,8 +215,8 @@ class GatewayServer:
     @property
     def url(self) -> str:
         """The base URL of the first address listened on (the real port when given 0)."""
-        assert self._runner is not None, "start() first"
-        host, port = self._runner.addresses[0][:2]
+        assert self._listening is not None, "start() first"
+        host, port = self._listening.sockets[0].getsockname()[:2]
         scheme = "https" if self.settings.tls else "http"
         shown = f"[{host}]" if ":" in host else host
         return f"{scheme}://{shown}:{port}"
@@ -214,9 +230,16 @@ class GatewayServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
             self._watch = None
+        if self._listening is not None:
+            self._listening.close()  # no new connections
+        if self.lanes is not None:
+            self.lanes.stop_taking()
         if self._runner is not None:
             runner, self._runner = self._runner, None
-            await runner.cleanup()
+            await runner.cleanup()  # aiohttp's connections, its WebSockets and streams
+        if self.lanes is not None:
+            await self.lanes.aclose(_SHUTDOWN_SECONDS)
+        self._listening = None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -231,5 +254,5 @@ class GatewayServer:
         await self.aclose()
 
     def __repr__(self) -> str:
-        where = self.url if self._runner is not None else "not listening"
+        where = self.url if self._listening is not None else "not listening"
         return f"<GatewayServer {where} {self.hub!r}>"

@@ -1,0 +1,406 @@
+"""The call lane: the gateway's hot route read and answered on httptools, not aiohttp.web.
+
+``POST /v1/plugins/{plugin}/methods/{method}`` is what callers send all day, and
+aiohttp.web costs more CPU per request to parse it, build its request object, route it
+and write the answer than the gateway's own work does (docs/gateway.md). So every
+connection starts on a ``CallLane``. It reads each request head itself (httptools, the
+parser uvicorn uses), and a plain call — HTTP/1.1, a path of plain names (no escapes, no
+query), a ``Content-Length`` body of at most ``LANE_MAX_BODY`` bytes in
+``application/json``, nothing to decode or upgrade — it answers through
+``Gateway.answer_call``, the code aiohttp's route runs, so both give the same answers.
+
+Anything else — another route, a chunked or compressed body, ``Expect``, an upgrade,
+HTTP/1.0, a head httptools refuses or one over ``LANE_MAX_HEAD`` bytes — is handed to
+aiohttp's own protocol with every byte read so far, and the connection stays with aiohttp
+from then on: each limit and refusal of aiohttp's (and of ``dispatcher.gateway.body``)
+applies there as before. Only bodies the lane may hold whole are its own; a larger one
+goes to aiohttp, which reads it under ``max_body_bytes`` and ``body_timeout``.
+
+Timing, as on aiohttp's side: a connection that sends no complete head within
+``header_timeout`` of opening or of its last answer is closed (aiohttp's keep-alive timer);
+a body that has not arrived whole within ``body_timeout`` of its head is answered 408 and
+the connection closed. Requests on one connection are answered in order (pipelining);
+while one runs, the lane buffers at most one more request and then stops reading. A
+client that hangs up does not cancel its call (nor does aiohttp by default): the call
+ends and its answer is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from functools import partial
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, cast
+
+import httptools
+from multidict import CIMultiDict
+
+from dispatcher.gateway.body import parse_json
+from dispatcher.gateway.credentials import credentials_from
+from dispatcher.gateway.errors import Answer, answer_of
+from linchkit_plugin.errors import DeadlineExceeded, ProviderError
+
+if TYPE_CHECKING:
+    from dispatcher.gateway.app import Gateway
+    from dispatcher.gateway.settings import GatewaySettings
+
+__all__ = ["LANE_MAX_BODY", "LANE_MAX_HEAD", "CallLane", "CallLanes"]
+
+log = logging.getLogger("dispatcher.gateway")
+
+#: The largest body the lane holds; a larger one is read by aiohttp, under the gateway's
+#: limits, as it arrives. Calls are small: 64 KiB keeps the lane's buffer per connection
+#: where aiohttp's own read buffer is.
+LANE_MAX_BODY = 64 * 1024
+#: The largest head the lane reads: aiohttp's limits (8,190 bytes a line or a header)
+#: decide above it, with its own answers.
+LANE_MAX_HEAD = 8 * 1024
+
+#: The call route with names as a manifest writes them: nothing aiohttp would decode or
+#: normalise (``%``, ``.`` segments), no query, nothing routed elsewhere (``:submit``).
+_CALL_PATH = re.compile(
+    rb"/v1/plugins/([A-Za-z0-9][A-Za-z0-9_.@+-]{0,127})/methods/([A-Za-z][A-Za-z0-9_.-]{0,255})"
+)
+#: Headers that send a request to aiohttp: what the lane does not decode or take part in.
+_ELSEWHERE = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+class CallLanes:
+    """What every lane of one gateway shares, and the lanes open now (to close them)."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        settings: GatewaySettings,
+        elsewhere: Callable[[], asyncio.Protocol],
+    ) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        #: aiohttp's protocol factory: where a request the lane does not serve goes.
+        self.elsewhere = elsewhere
+        self.open: set[CallLane] = set()
+        self.closing = False
+        self.served = 0
+        self.handed_off = 0
+
+    def __call__(self) -> asyncio.Protocol:
+        """A new connection's protocol (``loop.create_server``'s factory)."""
+        return CallLane(self)
+
+    def stop_taking(self) -> None:
+        """Close the idle connections; the others close after their answer."""
+        self.closing = True
+        for lane in tuple(self.open):
+            lane.close_when_idle()
+
+    async def aclose(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the answers in progress, then close every
+        connection the lanes still hold (a call still running is cancelled)."""
+        self.stop_taking()
+        running = {lane.task for lane in self.open if lane.task is not None}
+        if running:
+            _, late = await asyncio.wait(running, timeout=timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        for lane in tuple(self.open):
+            lane.abort()
+
+    def __repr__(self) -> str:
+        return (
+            f"<CallLanes open={len(self.open)} served={self.served} handed_off={self.handed_off}>"
+        )
+
+
+class _Head:
+    """One request head as httptools reads it, and whether the lane may serve it."""
+
+    __slots__ = ("content_length", "elsewhere", "headers", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.content_length = -1
+        self.elsewhere = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lowered = name.lower()
+        if lowered in _ELSEWHERE:
+            self.elsewhere = True
+        elif lowered == b"content-length":
+            if self.content_length != -1 or not value.isdigit():
+                self.elsewhere = True  # twice, or not a number: aiohttp refuses it its way
+            else:
+                self.content_length = int(value)
+        elif lowered == b"content-type" and value != b"application/json":
+            self.elsewhere = True  # parameters or another type: aiohttp's check decides
+        # As aiohttp's parser decodes them: bytes that are not UTF-8 become surrogates.
+        self.headers.add(
+            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+        )
+
+
+def _read_head(raw: bytes) -> tuple[_Head, str, str, bool] | None:
+    """The head in ``raw`` with the plugin and method it calls and whether the connection
+    stays open after it, or None when the lane does not serve it."""
+    head = _Head()
+    parser = httptools.HttpRequestParser(head)
+    try:
+        parser.feed_data(raw)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers it
+        return None
+    if (
+        head.elsewhere
+        or head.content_length < 0
+        or head.content_length > LANE_MAX_BODY
+        or parser.get_method() != b"POST"
+        or parser.get_http_version() != "1.1"
+    ):
+        return None
+    route = _CALL_PATH.fullmatch(head.url)
+    if route is None:
+        return None
+    plugin, method = route.group(1).decode(), route.group(2).decode()
+    return head, plugin, method, parser.should_keep_alive()
+
+
+class CallLane(asyncio.Protocol):
+    """One connection while it sends plain calls (the module's docstring)."""
+
+    def __init__(self, lanes: CallLanes) -> None:
+        self._lanes = lanes
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        #: The head read of the request whose body is still arriving, and its length.
+        self._waiting: tuple[tuple[_Head, str, str, bool], int] | None = None
+        #: The call being answered; requests after it wait in the buffer.
+        self.task: asyncio.Task[None] | None = None
+        self._reading = True
+        self._writable = True
+        self._closing = False
+        # One timer at a time for what the connection waits for (a head, a body): it
+        # fires at most once per timeout, and moving the deadline costs an assignment.
+        self._deadline = 0.0
+        self._expired: Callable[[], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not one
+        connection = transport.get_extra_info("socket")
+        if connection is not None and connection.family in (socket.AF_INET, socket.AF_INET6):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._lanes.closing:
+            transport.close()
+            return
+        self._lanes.open.add(self)
+        self._wait(self._lanes.settings.header_timeout, self._head_late)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._buffer += data
+        if self.task is None:
+            self._next()
+        elif len(self._buffer) > LANE_MAX_HEAD + LANE_MAX_BODY and self._reading:
+            self._transport.pause_reading()  # type: ignore[union-attr]
+            self._reading = False
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; a call running ends, its answer dropped
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._stop_waiting()
+        self._lanes.open.discard(self)
+
+    def pause_writing(self) -> None:
+        self._writable = False
+
+    def resume_writing(self) -> None:
+        self._writable = True
+        if self.task is None and not self._closing:
+            self._next()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start on the next request in the buffer, if one has arrived whole."""
+        if self._closing or not self._writable:
+            return
+        buffer = self._buffer
+        waiting = self._waiting
+        if waiting is None:
+            end = buffer.find(b"\r\n\r\n", 0, LANE_MAX_HEAD)
+            if end < 0:
+                if len(buffer) >= LANE_MAX_HEAD:
+                    self._hand_off()
+                return
+            head_length = end + 4
+            request = _read_head(bytes(buffer[:head_length]))
+            if request is None:
+                self._hand_off()
+                return
+            waiting = self._waiting = request, head_length
+            self._wait(self._lanes.settings.body_timeout, self._body_late)
+        request, head_length = waiting
+        total = head_length + request[0].content_length
+        if len(buffer) < total:
+            return
+        body = bytes(buffer[head_length:total])
+        del buffer[:total]
+        self._waiting = None
+        self._stop_waiting()
+        self.task = self._loop.create_task(self._serve(*request, body))
+
+    async def _serve(
+        self, head: _Head, plugin: str, method: str, keep_alive: bool, body: bytes
+    ) -> None:
+        transport = self._transport
+        assert transport is not None
+        lanes = self._lanes
+        try:
+            answer = await lanes.gateway.answer_call(
+                plugin,
+                method,
+                head.headers,
+                partial(_params, body, lanes.settings.max_depth),
+                partial(credentials_from, head.headers, transport),
+                unread_body=False,  # read whole: the connection stays usable after a refusal
+            )
+        except Exception:  # a bug, not a caller's error: say so without detail, as aiohttp
+            log.exception("the call lane failed to answer %s.%s", plugin, method)
+            answer = answer_of(ProviderError("the gateway failed to answer"), close=True)
+        finally:
+            self.task = None
+        lanes.served += 1
+        close = not keep_alive or lanes.closing or answer.headers.get("Connection") == "close"
+        if transport.is_closing():
+            return
+        transport.write(_written(answer, close))
+        if close:
+            self._closing = True
+            transport.close()
+            return
+        self._wait(lanes.settings.header_timeout, self._head_late)
+        if not self._reading:
+            self._reading = True
+            transport.resume_reading()
+        if self._buffer:
+            self._next()
+
+    # -- timing --------------------------------------------------------------------------
+
+    def _wait(self, seconds: float, expired: Callable[[], None]) -> None:
+        deadline = self._deadline = self._loop.time() + seconds
+        self._expired = expired
+        timer = self._timer
+        if timer is not None and timer.when() > deadline:  # a body's wait after a head's
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self._timer = self._loop.call_at(deadline, self._tick)
+
+    def _stop_waiting(self) -> None:
+        self._expired = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        expired = self._expired
+        if expired is None or self._closing:
+            return
+        if self._loop.time() >= self._deadline:
+            self._expired = None
+            expired()
+        else:  # the deadline moved on since this timer was set
+            self._timer = self._loop.call_at(self._deadline, self._tick)
+
+    def _head_late(self) -> None:
+        self.abort()  # as aiohttp's keep-alive timer: closed without an answer
+
+    def _body_late(self) -> None:
+        late = DeadlineExceeded(
+            f"the request body did not arrive within {self._lanes.settings.body_timeout:g} s"
+        )
+        transport = self._transport
+        assert transport is not None
+        transport.write(_written(answer_of(late, status=408, close=True), close=True))
+        self._closing = True
+        transport.close()
+
+    # -- ending --------------------------------------------------------------------------
+
+    def _hand_off(self) -> None:
+        """Give the connection, and what it sent so far, to aiohttp's protocol."""
+        transport = self._transport
+        assert transport is not None
+        self._stop_waiting()
+        self._closing = True  # for the lane: the connection is aiohttp's now
+        self._lanes.open.discard(self)
+        if self._lanes.closing:
+            transport.close()
+            return
+        self._lanes.handed_off += 1
+        protocol = self._lanes.elsewhere()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        data, self._buffer = bytes(self._buffer), bytearray()
+        if not self._reading:
+            transport.resume_reading()
+        protocol.data_received(data)
+
+    def close_when_idle(self) -> None:
+        if self.task is None and self._transport is not None:
+            self._closing = True
+            self._transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+
+async def _params(body: bytes, max_depth: int) -> Any:
+    """The params of a body the lane read whole (its type checked with its head)."""
+    return parse_json(body, max_depth) if body else {}
+
+
+_date = (0, "")
+
+
+def _http_date() -> str:
+    """``Date``'s value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True))
+    return _date[1]
+
+
+def _written(answer: Answer, close: bool) -> bytes:
+    """``answer`` as the bytes of an HTTP/1.1 response."""
+    status, headers, body = answer
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+        f"Content-Length: {len(body)}\r\nDate: {_http_date()}\r\n"
+    ]
+    for name, value in headers.items():
+        if name != "Connection":
+            lines.append(f"{name}: {value}\r\n")
+    if close:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1") + body
