@@ -35,10 +35,14 @@ included (reqwest's runtime thread too).
                              /proc/PID/task/*/schedstat): the gateway's, the floor's, and
                              this process's on the direct path. The steady view on a
                              shared machine. ``gateway_c64_own_cpu_us_per_call`` is the
-                             gateway's CPU less the floor's (the HTTP server) and less the
-                             direct caller's (the dispatcher and its client): the handler's
-                             and the gateway's own.
+                             CPU of the gateway without the call lane less the floor's (the
+                             HTTP server) and less the direct caller's (the dispatcher and
+                             its client): the handler's and the gateway's own.
+                             ``gateway_c64_lane_saved_cpu_us_per_call``: the gateway's CPU
+                             per call without the lane less with it.
 
+  *_no_lane_*                the same for the gateway with ``--no-call-lane``: every request
+                             through aiohttp.web, as before the call lane (same run).
   *_aiohttp_client_*         the same for the gateway on aiohttp (the provider's default).
   gateway_aiohttp_floor_*    the same for the bare aiohttp.web server.
 
@@ -106,19 +110,22 @@ async def run(options: Options) -> dict[str, float]:
     async with (
         _fixed_server(SERVER_CPU if pinned else None) as target,
         gateway_process(target.url, gateway_cpu, client="reqwest") as gateway,
+        gateway_process(target.url, gateway_cpu, client="reqwest", lane=False) as no_lane,
         gateway_process(target.url, gateway_cpu) as aiohttp_gateway,
         aiohttp_floor_process(gateway_cpu) as floor_server,
         dispatcher_client(target.url) as direct,
         gateway_client(gateway.url) as through_gateway,
+        gateway_client(no_lane.url) as through_no_lane,
         gateway_client(aiohttp_gateway.url) as through_aiohttp_gateway,
         gateway_client(floor_server.url) as floor,
     ):
         paths = {
             "gateway": (through_gateway, gateway.pid),
+            "no_lane": (through_no_lane, no_lane.pid),
             "aiohttp_client": (through_aiohttp_gateway, aiohttp_gateway.pid),
             "floor": (floor, floor_server.pid),
         }
-        for call in (direct, through_gateway, through_aiohttp_gateway, floor):
+        for call in (direct, through_gateway, through_no_lane, through_aiohttp_gateway, floor):
             await measure(call, 4 * 64, 64)  # open every pooled connection first
         c1 = _Figures()
         c64 = _Figures()
@@ -157,8 +164,12 @@ async def run(options: Options) -> dict[str, float]:
             for name in paths:
                 ratio = c64.last(f"{name}_calls_per_s") / c64.last("direct_calls_per_s")
                 c64.add(f"{name}_ratio_to_direct", ratio)
-            own = c64.last("gateway_cpu_us_per_call") - c64.last("floor_cpu_us_per_call")
+            # The handler's own, on aiohttp.web: the gateway without the lane, less the
+            # bare aiohttp.web server and the direct caller (the dispatcher and its client).
+            own = c64.last("no_lane_cpu_us_per_call") - c64.last("floor_cpu_us_per_call")
             c64.add("own_cpu_us_per_call", own - c64.last("direct_cpu_us_per_call"))
+            saved = c64.last("no_lane_cpu_us_per_call") - c64.last("gateway_cpu_us_per_call")
+            c64.add("lane_saved_cpu_us_per_call", saved)
     figures.update(_named(c1.medians(), c64.medians()))
     figures["gateway_load_average_1min_at_end"] = os.getloadavg()[0]
     return figures
@@ -203,6 +214,12 @@ def _named(c1: dict[str, float], c64: dict[str, float]) -> dict[str, float]:
         "gateway_c64_own_cpu_us_per_call": c64["own_cpu_us_per_call"],
         "gateway_direct_c64_calls_per_s": c64["direct_calls_per_s"],
         "gateway_direct_c64_cpu_us_per_call": c64["direct_cpu_us_per_call"],
+        "gateway_c1_no_lane_p50_added_us": c1["no_lane_p50_added_us"],
+        "gateway_c1_no_lane_gateway_cpu_us_per_call": c1["no_lane_cpu_us_per_call"],
+        "gateway_c64_no_lane_ratio_to_direct": c64["no_lane_ratio_to_direct"],
+        "gateway_c64_no_lane_calls_per_s": c64["no_lane_calls_per_s"],
+        "gateway_c64_no_lane_gateway_cpu_us_per_call": c64["no_lane_cpu_us_per_call"],
+        "gateway_c64_lane_saved_cpu_us_per_call": c64["lane_saved_cpu_us_per_call"],
         "gateway_c64_aiohttp_client_ratio_to_direct": c64["aiohttp_client_ratio_to_direct"],
         "gateway_c64_aiohttp_client_calls_per_s": c64["aiohttp_client_calls_per_s"],
         "gateway_c64_aiohttp_client_gateway_cpu_us_per_call": c64["aiohttp_client_cpu_us_per_call"],
@@ -303,10 +320,10 @@ async def _listening(arguments: list[str], cpu: int | None) -> AsyncIterator[Lis
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    target_url: str, cpu: int | None, *, client: str | None = None
+    target_url: str, cpu: int | None, *, client: str | None = None, lane: bool = True
 ) -> AsyncIterator[Listening]:
     """``dispatcher serve`` on a manifest whose ``bench.echo`` is ``target_url`` (over
-    ``client``, the provider's default when None)."""
+    ``client``, the provider's default when None; without the call lane unless ``lane``)."""
     target = {"provider": "http", "url": target_url}
     if client is not None:
         target["client"] = client
@@ -325,6 +342,8 @@ async def gateway_process(
         path = Path(folder) / "plugins.yaml"
         path.write_text(yaml.safe_dump(manifest))
         command = [sys.executable, "-m", "dispatcher.cli", "-m", str(path), "serve", "--port", "0"]
+        if not lane:
+            command.append("--no-call-lane")
         async with _listening(command, cpu) as server:
             yield server
 

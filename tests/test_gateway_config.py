@@ -37,6 +37,7 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
             "max_body_bytes": 4096,
             "timeouts": {"body_ms": 1500, "header_ms": 2500, "heartbeat_ms": 3000},
             "grace_ms": 7000,
+            "call_lane": False,
         },
         tmp_path,
     )
@@ -47,6 +48,7 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
     assert settings.client_cert == "required"  # a client CA without a word: required
     assert (settings.body_timeout, settings.header_timeout, settings.heartbeat) == (1.5, 2.5, 3.0)
     assert (settings.max_body_bytes, settings.grace) == (4096, 7.0)
+    assert settings.call_lane is False
     overridden = GatewaySettings.from_config(
         manifest.gateway,  # type: ignore[attr-defined]
         port=0,
@@ -54,6 +56,7 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
     )
     assert (overridden.port, overridden.client_cert, overridden.grpc_port) == (0, "optional", 9443)
     assert GatewaySettings.from_config(None) == GatewaySettings()
+    assert GatewaySettings().call_lane is True
 
 
 @pytest.mark.parametrize(

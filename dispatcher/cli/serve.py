@@ -76,7 +76,17 @@ log = logging.getLogger("dispatcher")
     show_default=True,
     help="Seconds calls in flight may take to finish on SIGTERM/SIGINT.",
 )
-@click.option("--access-log", is_flag=True, help="Log every request (aiohttp.access, to stderr).")
+@click.option(
+    "--access-log",
+    is_flag=True,
+    help="Log every request (aiohttp.access, to stderr); every request then goes through aiohttp.web.",
+)
+@click.option(
+    "--call-lane/--no-call-lane",
+    default=_DEFAULTS.call_lane,
+    show_default=True,
+    help="Answer plain calls on the call lane (httptools) instead of aiohttp.web.",
+)
 @click.option(
     "--watch",
     type=Seconds(0.05, 3600),
@@ -98,6 +108,7 @@ def serve(
     max_body_bytes: int,
     grace: float,
     access_log: bool,
+    call_lane: bool,
     watch: float | None,
 ) -> None:
     """Serve the manifest's plugins over HTTP (and a WebSocket for events), and gRPC
@@ -121,6 +132,7 @@ def serve(
             ("client_cert", client_cert),
             ("max_body_bytes", max_body_bytes),
             ("grace", grace),
+            ("call_lane", call_lane),
         )
         if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
     }

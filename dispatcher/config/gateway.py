@@ -84,3 +84,8 @@ class GatewayConfig(StrictModel):
     grace_ms: Annotated[int, Field(ge=0, le=86_400_000)] = Field(
         default=20_000, description="How long a drain lets calls in flight finish."
     )
+    call_lane: bool = Field(
+        default=True,
+        description="Answer plain calls on the call lane (httptools); false: every request"
+        " through aiohttp.web, at more CPU per call (docs/gateway.md).",
+    )

@@ -85,6 +85,8 @@ class CallLanes:
         self.settings = settings
         #: aiohttp's protocol factory: where a request the lane does not serve goes.
         self.elsewhere = elsewhere
+        #: The largest body a lane serves: a larger one is aiohttp's to read or refuse.
+        self.most_body = min(LANE_MAX_BODY, settings.max_body_bytes)
         self.open: set[CallLane] = set()
         self.closing = False
         self.served = 0
@@ -123,13 +125,14 @@ class CallLanes:
 class _Head:
     """One request head as httptools reads it, and whether the lane may serve it."""
 
-    __slots__ = ("content_length", "elsewhere", "headers", "url")
+    __slots__ = ("content_length", "elsewhere", "headers", "json", "url")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: CIMultiDict[str] = CIMultiDict()
         self.content_length = -1
         self.elsewhere = False
+        self.json = False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -143,17 +146,21 @@ class _Head:
                 self.elsewhere = True  # twice, or not a number: aiohttp refuses it its way
             else:
                 self.content_length = int(value)
-        elif lowered == b"content-type" and value != b"application/json":
-            self.elsewhere = True  # parameters or another type: aiohttp's check decides
+        elif lowered == b"content-type":
+            if value == b"application/json":
+                self.json = True
+            else:
+                self.elsewhere = True  # parameters or another type: aiohttp's check decides
         # As aiohttp's parser decodes them: bytes that are not UTF-8 become surrogates.
         self.headers.add(
             name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
         )
 
 
-def _read_head(raw: bytes) -> tuple[_Head, str, str, bool] | None:
+def _read_head(raw: bytes, most: int) -> tuple[_Head, str, str, bool] | None:
     """The head in ``raw`` with the plugin and method it calls and whether the connection
-    stays open after it, or None when the lane does not serve it."""
+    stays open after it, or None when the lane does not serve it (a body over ``most``
+    bytes included: aiohttp's side refuses one over the gateway's limit with its 413)."""
     head = _Head()
     parser = httptools.HttpRequestParser(head)
     try:
@@ -163,7 +170,8 @@ def _read_head(raw: bytes) -> tuple[_Head, str, str, bool] | None:
     if (
         head.elsewhere
         or head.content_length < 0
-        or head.content_length > LANE_MAX_BODY
+        or head.content_length > most
+        or (head.content_length > 0 and not head.json)  # no type: aiohttp's 415
         or parser.get_method() != b"POST"
         or parser.get_http_version() != "1.1"
     ):
@@ -250,7 +258,7 @@ class CallLane(asyncio.Protocol):
                     self._hand_off()
                 return
             head_length = end + 4
-            request = _read_head(bytes(buffer[:head_length]))
+            request = _read_head(bytes(buffer[:head_length]), self._lanes.most_body)
             if request is None:
                 self._hand_off()
                 return

@@ -3,7 +3,8 @@
 ``GatewayServer`` serves the app of ``dispatcher.gateway.app`` over a started
 ``Dispatcher``. Each connection starts on the call lane (``dispatcher.gateway.lane``),
 which answers plain calls itself and hands anything else to aiohttp's protocol; with
-``access_log`` every request goes to aiohttp, which writes the log. aiohttp's keep-alive
+``access_log`` (or ``call_lane=False``) every request goes to aiohttp, which writes the
+log. aiohttp's keep-alive
 timer (and the lane's, alike) runs from the moment a connection opens and again after
 each answer, and closes the connection if no complete request head arrived by then: that
 is the gateway's header timeout (slowloris, idle connections), set to ``header_timeout``.
@@ -181,7 +182,7 @@ class GatewayServer:
         await runner.setup()
         self._runner = runner
         assert runner.server is not None
-        if not self._access_log:
+        if settings.call_lane and not self._access_log:
             self.lanes = CallLanes(app[GATEWAY_KEY], settings, runner.server)
         try:
             self._listening = await asyncio.get_running_loop().create_server(

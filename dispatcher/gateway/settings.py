@@ -70,6 +70,9 @@ class GatewaySettings:
     #: Waits (``?wait=`` > 0) parked at once on this gateway; one more is refused (503
     #: overloaded) instead of adding its reads of the state store to the others'.
     max_job_waits: int = 1000
+    #: Plain calls answered on the call lane (``dispatcher.gateway.lane``); False: every
+    #: request through aiohttp.web.
+    call_lane: bool = True
 
     def __post_init__(self) -> None:
         for name in ("port", "grpc_port"):
@@ -128,6 +131,7 @@ class GatewaySettings:
                 "max_job_wait": config.timeouts.job_wait_ms / 1000,
                 "max_job_waits": config.max_job_waits,
                 "grace": config.grace_ms / 1000,
+                "call_lane": config.call_lane,
             }
             if tls is not None:
                 values |= {
