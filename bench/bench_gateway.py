@@ -3,8 +3,10 @@ same method called with ``Dispatcher.call`` in the benchmark's own process, same
 
 Both reach the same target: the fixed-reply HTTP function server (``bench._fixed_server``),
 as an ``http`` target of the manifest on the same client as the direct side
-(``client: reqwest``). The gateway is a real ``dispatcher serve`` process; its client is a
-plain aiohttp session posting ``{"text": "hi"}`` to ``/v1/plugins/bench/methods/echo``. A
+(``client: reqwest``). The gateway is a real ``dispatcher serve`` process; its caller is a
+pyreqwest client (until 2026-12-02 an aiohttp session, which at c64 bounded the figures
+once the gateway had the call lane) posting ``{"text": "hi"}`` to
+``/v1/plugins/bench/methods/echo``. A
 second gateway on the provider's default client (aiohttp) and a bare aiohttp.web server
 answering a fixed envelope (``bench._aiohttp_server``: the HTTP hop alone, no dispatcher)
 are measured the same way. Every thread of a process is pinned, the benchmark's own
@@ -350,23 +352,33 @@ async def gateway_process(
 
 @contextlib.asynccontextmanager
 async def gateway_client(url: str) -> AsyncIterator[Call]:
-    import aiohttp
+    """The caller of every HTTP server measured here: pyreqwest, the cheapest client
+    measured (bench_http), so that its own CPU bounds the figures as little as it can (at
+    c64 it shares CPU 0 with the function server)."""
+    from datetime import timedelta
+
+    from pyreqwest.client import ClientBuilder
 
     body = orjson.dumps({"text": "hi"})
     call_url = f"{url}/v1/plugins/bench/methods/echo"
     headers = {"Content-Type": "application/json"}
     # Idle connections are dropped here before the gateway drops them (its header timeout,
     # 10 s): a call must not race the server closing the connection it reuses.
-    connector = aiohttp.TCPConnector(limit=512, limit_per_host=0, keepalive_timeout=5)
-    async with aiohttp.ClientSession(
-        connector=connector, skip_auto_headers=("User-Agent",), auto_decompress=False
-    ) as session:
+    builder = (
+        ClientBuilder()
+        .follow_redirects(False)
+        .gzip(False)
+        .max_connections(512)
+        .pool_idle_timeout(timedelta(seconds=5))
+    )
+    async with builder.build() as client:
 
         async def call() -> Any:
-            async with session.post(call_url, data=body, headers=headers) as response:
-                payload = await response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"HTTP {response.status}: {payload[:200]!r}")
+            request = client.post(call_url).headers(headers).body_bytes(body).build()
+            response = await request.send()
+            payload = (await response.bytes()).to_bytes()
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {payload[:200]!r}")
             return orjson.loads(payload)["result"]
 
         yield call
