@@ -10,17 +10,20 @@ query), a ``Content-Length`` body of at most ``LANE_MAX_BODY`` bytes in
 ``Gateway.answer_call``, the code aiohttp's route runs, so both give the same answers.
 
 Anything else — another route, a chunked or compressed body, ``Expect``, an upgrade,
-HTTP/1.0, a head httptools refuses or one over ``LANE_MAX_HEAD`` bytes — is handed to
+HTTP/1.0, a head httptools refuses or one over ``LANE_MAX_HEAD`` bytes, a head aiohttp's
+parser refuses (no ``Host``, a singleton header twice, over 128 headers) — is handed to
 aiohttp's own protocol with every byte read so far, and the connection stays with aiohttp
 from then on: each limit and refusal of aiohttp's (and of ``dispatcher.gateway.body``)
 applies there as before. Only bodies the lane may hold whole are its own; a larger one
 goes to aiohttp, which reads it under ``max_body_bytes`` and ``body_timeout``.
 
 Timing, as on aiohttp's side: a connection that sends no complete head within
-``header_timeout`` of opening or of its last answer is closed (aiohttp's keep-alive timer);
+``header_timeout`` of opening or of its last answer is closed (aiohttp's keep-alive timer;
+it does not run while answers wait for the client to read them, nor does aiohttp's);
 a body that has not arrived whole within ``body_timeout`` of its head is answered 408 and
 the connection closed. Requests on one connection are answered in order (pipelining);
-while one runs, the lane buffers at most one more request and then stops reading. A
+while one runs, or while its answers are not being read, the lane buffers at most one
+more request at its largest (and one read past it) and then stops reading. A
 client that hangs up does not cancel its call (nor does aiohttp by default): the call
 ends and its answer is dropped.
 """
@@ -69,6 +72,24 @@ _CALL_PATH = re.compile(
 )
 #: Headers that send a request to aiohttp: what the lane does not decode or take part in.
 _ELSEWHERE = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
+#: Headers aiohttp's parser refuses twice (RFC 9110's singletons), and Host it requires in
+#: HTTP/1.1: a head that breaks either rule, or has more headers than aiohttp takes
+#: (its ``max_headers``), goes there for its 400.
+_SINGLETONS = frozenset(
+    {
+        b"content-length",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"host",
+        b"max-forwards",
+        b"server",
+        b"transfer-encoding",
+        b"user-agent",
+    }
+)
+_MOST_HEADERS = 128
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
@@ -125,7 +146,7 @@ class CallLanes:
 class _Head:
     """One request head as httptools reads it, and whether the lane may serve it."""
 
-    __slots__ = ("content_length", "elsewhere", "headers", "json", "url")
+    __slots__ = ("content_length", "elsewhere", "headers", "json", "singletons", "url")
 
     def __init__(self) -> None:
         self.url = b""
@@ -133,12 +154,18 @@ class _Head:
         self.content_length = -1
         self.elsewhere = False
         self.json = False
+        self.singletons: set[bytes] = set()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
+        value = value.rstrip(b" \t")  # llhttp keeps the whitespace after a value; aiohttp not
+        if lowered in _SINGLETONS:
+            if lowered in self.singletons:
+                self.elsewhere = True
+            self.singletons.add(lowered)
         if lowered in _ELSEWHERE:
             self.elsewhere = True
         elif lowered == b"content-length":
@@ -172,6 +199,8 @@ def _read_head(raw: bytes, most: int) -> tuple[_Head, str, str, bool] | None:
         or head.content_length < 0
         or head.content_length > most
         or (head.content_length > 0 and not head.json)  # no type: aiohttp's 415
+        or b"host" not in head.singletons
+        or len(head.headers) > _MOST_HEADERS
         or parser.get_method() != b"POST"
         or parser.get_http_version() != "1.1"
     ):
@@ -223,9 +252,7 @@ class CallLane(asyncio.Protocol):
         self._buffer += data
         if self.task is None:
             self._next()
-        elif len(self._buffer) > LANE_MAX_HEAD + LANE_MAX_BODY and self._reading:
-            self._transport.pause_reading()  # type: ignore[union-attr]
-            self._reading = False
+        self._pace()
 
     def eof_received(self) -> bool:
         return False  # the transport closes; a call running ends, its answer dropped
@@ -241,13 +268,20 @@ class CallLane(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writable = True
         if self.task is None and not self._closing:
+            self._wait(self._lanes.settings.header_timeout, self._head_late)
             self._next()
 
     # -- requests ------------------------------------------------------------------------
 
     def _next(self) -> None:
         """Start on the next request in the buffer, if one has arrived whole."""
-        if self._closing or not self._writable:
+        if self._closing:
+            return
+        if not self._writable:
+            # The client is not reading its answers: the lane waits for it to, as
+            # aiohttp waits for a write to drain, with no header timer (resume_writing
+            # starts it again). Closing now would drop the answers it already made.
+            self._stop_waiting()
             return
         buffer = self._buffer
         waiting = self._waiting
@@ -304,11 +338,23 @@ class CallLane(asyncio.Protocol):
             transport.close()
             return
         self._wait(lanes.settings.header_timeout, self._head_late)
-        if not self._reading:
-            self._reading = True
-            transport.resume_reading()
         if self._buffer:
             self._next()
+        self._pace()
+
+    def _pace(self) -> None:
+        """Read while the buffer holds less than a whole request at its largest; past
+        that (answers going out slower than requests come in, or not read at all) the
+        rest waits in the client's socket, not here. Any buffer past it holds a whole
+        request (or a head the lane hands off), so pausing never waits for more bytes."""
+        full = len(self._buffer) > LANE_MAX_HEAD + LANE_MAX_BODY
+        if full != self._reading or self._closing:
+            return
+        self._reading = not full
+        if full:
+            self._transport.pause_reading()  # type: ignore[union-attr]
+        else:
+            self._transport.resume_reading()  # type: ignore[union-attr]
 
     # -- timing --------------------------------------------------------------------------
 
