@@ -274,6 +274,17 @@ A_BODY_THAT_IS_A_REQUEST = (
 )
 
 
+async def test_a_head_of_bare_lf_lines_is_answered_at_once_not_at_the_header_timeout() -> None:
+    """No CRLF CRLF ever comes: the lane hands it to aiohttp's parser at once (which
+    answers 400), instead of waiting out header_timeout for an end it cannot see."""
+    settings = GatewaySettings(port=0, header_timeout=60.0)
+    async with gateway(settings=settings) as server, raw_connection(server.url) as (reader, writer):
+        writer.write(b"POST " + SAY.encode() + b" HTTP/1.1\nHost: x\nContent-Length: 0\n\n")
+        await writer.drain()
+        replies = await replies_until_closed(reader, timeout=10.0)
+    assert [reply.status for reply in replies] == [400], replies
+
+
 @pytest.mark.parametrize(
     "attack",
     [

@@ -288,7 +288,9 @@ class CallLane(asyncio.Protocol):
         if waiting is None:
             end = buffer.find(b"\r\n\r\n", 0, LANE_MAX_HEAD)
             if end < 0:
-                if len(buffer) >= LANE_MAX_HEAD:
+                # Too long for the lane, or lines ended by a bare LF (which aiohttp's parser
+                # takes or refuses at once): aiohttp's now, not when the header timer ends.
+                if len(buffer) >= LANE_MAX_HEAD or b"\n\n" in buffer:
                     self._hand_off()
                 return
             head_length = end + 4
@@ -323,9 +325,10 @@ class CallLane(asyncio.Protocol):
                 partial(credentials_from, head.headers, transport),
                 unread_body=False,  # read whole: the connection stays usable after a refusal
             )
-        except Exception:  # a bug, not a caller's error: say so without detail, as aiohttp
+        except Exception:  # a bug, not a caller's error: 500 without detail, as aiohttp's
             log.exception("the call lane failed to answer %s.%s", plugin, method)
-            answer = answer_of(ProviderError("the gateway failed to answer"), close=True)
+            failed = ProviderError("the gateway failed to answer this call")
+            answer = answer_of(failed, status=500, close=True)
         finally:
             self.task = None
         lanes.served += 1
