@@ -1,12 +1,13 @@
 """The call lane (``dispatcher.gateway.lane``) against hostile clients, on real servers on
 127.0.0.1 and raw sockets: pipelining, split writes, hand-off to aiohttp mid-connection,
 smuggling shapes, timeouts, hang-ups, shutdown, back-pressure, TLS; and, request by
-request, the same answer with the lane as with aiohttp alone (``access_log=True``)."""
+request, the same answer with the lane as with aiohttp alone (``call_lane=False``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import ssl
 import time
@@ -148,14 +149,21 @@ async def gateway(
     lane: bool = True,
 ) -> AsyncIterator[GatewayServer]:
     """A gateway with the lane (the default) or with aiohttp serving every request."""
+    settings = dataclasses.replace(settings, call_lane=lane)
     async with (
         Dispatcher(manifest(*(entries or (echo_entry(),)))) as dispatcher,
-        GatewayServer(
-            dispatcher, settings, authenticator=authenticator, access_log=not lane
-        ) as server,
+        GatewayServer(dispatcher, settings, authenticator=authenticator) as server,
     ):
         assert (server.lanes is not None) == lane
         yield server
+
+
+async def test_the_access_log_turns_the_lane_off_since_aiohttp_writes_it() -> None:
+    async with (
+        Dispatcher(manifest(echo_entry())) as dispatcher,
+        GatewayServer(dispatcher, SETTINGS, access_log=True) as server,
+    ):
+        assert server.lanes is None
 
 
 def lanes_of(server: GatewayServer) -> Any:
