@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from dispatcher.cli import main
 from tests.sdk_toolchains import (
     CARGO,
+    GO_AS_MAKE_SDKS,
     MVN,
     NPM,
     OFFLINE,
@@ -79,7 +80,12 @@ def test_the_go_scaffold_builds_offline_passes_its_test_and_answers_a_call(tmp_p
         pytest.skip("no Go toolchain here")
     scaffold(tmp_path, "order-totals", "--lang", "go")
     plugin = tmp_path / "order-totals"
-    offline = {"GOFLAGS": "-mod=readonly", "GOPROXY": "off", "GOTOOLCHAIN": "local"}
+    offline = {
+        **GO_AS_MAKE_SDKS,
+        "GOFLAGS": f"-mod=readonly {GO_AS_MAKE_SDKS['GOFLAGS']}",
+        "GOPROXY": "off",
+        "GOTOOLCHAIN": "local",
+    }
     tested = run([GO, "test", "./..."], plugin, **offline)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert run([GO, "vet", "./..."], plugin, **offline).returncode == 0

@@ -32,6 +32,7 @@ from tests.conftest import ROOT
 from tests.sdk_toolchains import (
     CARGO,
     GO,
+    GO_AS_MAKE_SDKS,
     MVN,
     NPM,
     OFFLINE,
@@ -115,7 +116,7 @@ def test_the_go_quick_start_builds_offline_and_answers_a_call(empty_folder: Path
     assert replace in (ROOT / "dispatcher/cli/templates/go/go.mod.tmpl").read_text().replace(
         "{{sdk}}", f"{ROOT}/sdk/go"
     )
-    assert_answers_ada(walk(readme, empty_folder, **OFFLINE))
+    assert_answers_ada(walk(readme, empty_folder, **OFFLINE, **GO_AS_MAKE_SDKS))
 
 
 def test_the_rust_quick_start_builds_offline_and_answers_a_call(empty_folder: Path) -> None:
