@@ -19,6 +19,9 @@ import {
 } from './errors';
 import type { EventStreamOptions } from './events';
 import { RemotePlugin } from './plugin';
+import type { CallOptions, MethodInfo, PluginInfo, Readiness } from './types';
+
+export type { CallOptions, MethodInfo, PluginInfo, Readiness } from './types';
 
 export interface GatewayClientOptions {
   /** The gateway's base URL, as `dispatcher serve` prints it: `http://127.0.0.1:8080`. */
@@ -31,21 +34,6 @@ export interface GatewayClientOptions {
   timeoutMs?: number;
   /** How the event streams of this client's plugins reconnect. */
   events?: EventStreamOptions;
-}
-
-export interface CallOptions {
-  /** The call's deadline: sent as `X-Timeout-Ms` and enforced here (DeadlineExceeded). */
-  timeoutMs?: number;
-  /** 1-256 characters, handed to the plugin in the call's context. */
-  idempotencyKey?: string;
-  /** The call's id (1-128 of `A-Z a-z 0-9 . _ : -`); made up here when absent. */
-  requestId?: string;
-  /** W3C trace context, passed on to the plugin. */
-  traceparent?: string;
-  /** The plugin version to call; default the highest in the manifest. */
-  version?: string;
-  /** Abandons the call: it rejects with the signal's reason, as fetch does. */
-  signal?: AbortSignal;
 }
 
 export interface SubmitOptions {
@@ -89,26 +77,6 @@ export interface JobRecord {
 
 /** `jobResult` of a job that has not ended: ask again later. */
 export const JOB_NOT_FINISHED = 'job_not_finished';
-
-export interface MethodInfo {
-  name: string;
-  description: string | null;
-  path: string;
-  params_schema: Record<string, unknown> | null;
-}
-
-export interface PluginInfo {
-  id: string;
-  version: string;
-  description: string | null;
-  methods: MethodInfo[];
-}
-
-export interface Readiness {
-  ready: boolean;
-  /** `ready`, or the dispatcher's state while it starts or drains. */
-  status: string;
-}
 
 /** The gateway's largest `X-Timeout-Ms`. */
 const MAX_TIMEOUT_MS = 86_400_000;

@@ -12,7 +12,7 @@ export type {
   SubmitOptions,
 } from './client';
 export { ANY_EVENT, RemotePlugin } from './plugin';
-export type { ErrorHandler, EventHandler, GapHandler, HealthStatus, PluginState, RemotePluginService } from './plugin';
+export type { ErrorHandler, EventHandler, GapHandler, HealthStatus, PluginGateway, PluginState, RemotePluginService } from './plugin';
 export { EventStream } from './events';
 export type { EventFilter, EventStreamOptions, Gap, PluginEvent } from './events';
 export {

@@ -10,10 +10,24 @@
  * listens), `stop` closes it and waits for the calls in flight.
  */
 
-import type { CallOptions, GatewayClient, MethodInfo, PluginInfo } from './client';
 import { MethodNotFound, PluginNotFound, ShuttingDown } from './errors';
 import { EventStream } from './events';
-import type { Gap, PluginEvent } from './events';
+import type { EventStreamOptions, Gap, PluginEvent } from './events';
+import type { CallOptions, MethodInfo, PluginInfo, Readiness } from './types';
+
+/**
+ * What a RemotePlugin needs of its gateway's client: GatewayClient is one. A seam, so that
+ * the client (which makes remote plugins) and the plugin (which calls through the client)
+ * do not import each other.
+ */
+export interface PluginGateway {
+  readonly url: string;
+  readonly eventOptions: EventStreamOptions;
+  call<T = unknown>(plugin: string, method: string, params?: unknown, options?: CallOptions): Promise<T>;
+  listPlugins(options?: { timeoutMs?: number; signal?: AbortSignal }): Promise<PluginInfo[]>;
+  readiness(options?: { timeoutMs?: number; signal?: AbortSignal }): Promise<Readiness>;
+  credentialHeaders(): Record<string, string>;
+}
 
 export type EventHandler = (data: unknown, event: PluginEvent) => void | Promise<void>;
 export type GapHandler = (gap: Gap) => void;
@@ -46,7 +60,7 @@ export const ANY_EVENT = '*';
 export class RemotePlugin implements RemotePluginService {
   readonly id: string;
   readonly version: string | undefined;
-  readonly #client: GatewayClient;
+  readonly #client: PluginGateway;
   #state: PluginState = 'created';
   #info: PluginInfo | undefined;
   #stream: EventStream | undefined;
@@ -55,7 +69,7 @@ export class RemotePlugin implements RemotePluginService {
   readonly #errorHandlers = new Set<ErrorHandler>();
   readonly #inFlight = new Set<Promise<unknown>>();
 
-  constructor(client: GatewayClient, id: string, version?: string) {
+  constructor(client: PluginGateway, id: string, version?: string) {
     this.#client = client;
     this.id = id;
     this.version = version;

@@ -29,7 +29,6 @@ pub const MAGIC_COOKIE_VALUE: &str = "d1spatch3r-pl4g1n";
 pub const ENV_PROTOCOL_VERSIONS: &str = "LINCHKIT_PLUGIN_PROTOCOL_VERSIONS";
 pub const ENV_NETWORK: &str = "LINCHKIT_PLUGIN_NETWORK";
 pub const ENV_SOCKET_DIR: &str = "LINCHKIT_PLUGIN_SOCKET_DIR";
-pub const ENV_CLIENT_CERT: &str = "LINCHKIT_PLUGIN_CLIENT_CERT";
 
 /// The version of the handshake line's format.
 pub const CORE_VERSION: u32 = 1;
@@ -161,7 +160,7 @@ impl Plugin {
             "" => "unix".to_string(),
             other => other.to_string(),
         };
-        let (acceptor, server_cert) = match env.var(ENV_CLIENT_CERT) {
+        let (acceptor, server_cert) = match env.var(tls::ENV_CLIENT_CERT) {
             "" => (None, String::new()),
             pem => {
                 let (config, cert) = tls::auto_mtls(pem).map_err(ServeError::Failed)?;

@@ -17,7 +17,8 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
 };
 
-use crate::serve::ENV_CLIENT_CERT;
+/// Where the host puts the certificate it will present (PEM).
+pub(crate) const ENV_CLIENT_CERT: &str = "LINCHKIT_PLUGIN_CLIENT_CERT";
 
 /// The TLS config of a subprocess plugin, and its certificate for the handshake line
 /// (DER in base64 without padding).
