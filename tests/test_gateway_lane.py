@@ -873,6 +873,41 @@ async def test_a_pipelining_client_that_reads_its_answers_late_gets_every_one(la
             assert lanes_of(server).served == 4000
 
 
+#: A plugin whose answer is as large as asked: more than the sockets between client and
+#: gateway hold, so the gateway waits on its own write.
+BIG_PLUGIN = """
+class Big:
+    async def blob(self, size: int) -> str:
+        return "x" * size
+"""
+
+
+def big_entry(folder: Path) -> dict[str, Any]:
+    (folder / "big_plugin.py").write_text(BIG_PLUGIN)
+    target = {"provider": "local", "entrypoint": "big_plugin:Big", "path": str(folder)}
+    return {"id": "big", "version": "1.0.0", "target": target, "methods": {"blob": {}}}
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+async def test_an_answer_still_going_out_is_not_cut_by_the_header_timeout(
+    tmp_path: Path, lane: bool
+) -> None:
+    """One call, its 8 MB answer read only after three header timeouts: a connection whose
+    answer is still being written is not idle (nor for aiohttp, which drains it first)."""
+    settings = GatewaySettings(port=0, header_timeout=1.0)
+    size = 8_000_000
+    async with (
+        gateway(big_entry(tmp_path), settings=settings, lane=lane) as server,
+        raw_connection(server.url) as (reader, writer),
+    ):
+        writer.write(request("/v1/plugins/big/methods/blob", orjson.dumps({"size": size})))
+        await writer.drain()
+        await asyncio.sleep(3)  # the client's buffers fill; the gateway's write waits
+        reply = await read_reply(reader, timeout=30)
+    assert reply.status == 200
+    assert len(reply.json["result"]) == size
+
+
 # -- TLS -------------------------------------------------------------------------------------
 
 

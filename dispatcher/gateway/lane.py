@@ -340,7 +340,10 @@ class CallLane(asyncio.Protocol):
             self._closing = True
             transport.close()
             return
-        self._wait(lanes.settings.header_timeout, self._head_late)
+        if self._writable:
+            self._wait(lanes.settings.header_timeout, self._head_late)
+        else:  # the answer is still going out: not idle (resume_writing starts the timer)
+            self._stop_waiting()
         if self._buffer:
             self._next()
         self._pace()
