@@ -185,6 +185,8 @@ def test_a_lease_lost_with_etcd_s_data_is_registered_again(own_etcd: Etcd, plugi
         (["--register-prefix", "/ends/with/"], "not end with one"),
         (["--register-prefix", "no-slash"], "must start with /"),
         (["--register-ttl", "1"], "at least 2 seconds"),
+        (["--leave-delay", "-1"], "--leave-delay is a number of seconds in [0, 600]"),
+        (["--leave-delay", "nan"], "--leave-delay is a number of seconds in [0, 600]"),
         (["--register-etcd", "unix:///x"], "http(s):// URL"),
         (["--register-etcd", "http://user:SECRET@127.0.0.1:1"], "credentials"),
     ],

@@ -25,7 +25,9 @@ from linchkit_plugin.host import PluginHost
 from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.registry import (
     ADVERTISE_ENV,
+    DEFAULT_LEAVE_DELAY,
     DEFAULT_TTL,
+    LEAVE_DELAY_ENV,
     REGISTER_ETCD_ENV,
     REGISTER_PREFIX_ENV,
     REGISTER_TTL_ENV,
@@ -206,6 +208,14 @@ def _parser() -> argparse.ArgumentParser:
         help="a killed server leaves the registry this long after its last renewal"
         f" [{REGISTER_TTL_ENV}] (default: %(default)s)",
     )
+    registry.add_argument(
+        "--leave-delay",
+        type=float,
+        default=env(LEAVE_DELAY_ENV, str(DEFAULT_LEAVE_DELAY)),  # argparse applies type
+        metavar="SECONDS",
+        help="on SIGTERM, keep answering this long after leaving the registry, while"
+        f" dispatchers learn it left [{LEAVE_DELAY_ENV}] (default: %(default)s)",
+    )
     connect = commands.add_parser(
         "connect",
         help="dial a dispatcher's gateway and take calls over that connection (reverse mode)",
@@ -379,6 +389,8 @@ def serve(options: argparse.Namespace) -> None:
     async def deregister() -> None:
         for each in registration:  # before draining: no dispatcher sends another call
             await asyncio.to_thread(each.stop)
+        if registration:  # ... once each has seen it leave (registry.DEFAULT_LEAVE_DELAY)
+            await asyncio.sleep(options.leave_delay)
 
     run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
 
@@ -390,6 +402,8 @@ def _check_registration(options: argparse.Namespace) -> bool:
         return False
     if not options.register_prefix:
         _fail(f"--register-etcd needs --register-prefix (or {REGISTER_PREFIX_ENV})")
+    if not 0 <= options.leave_delay <= 600:  # NaN fails too
+        _fail(f"--leave-delay is a number of seconds in [0, 600], not {options.leave_delay}")
     try:
         # The real port is known once listening; any port stands in for it here.
         value = advertised_value(

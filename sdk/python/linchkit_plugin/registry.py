@@ -33,6 +33,8 @@ import orjson
 
 __all__ = [
     "ADVERTISE_ENV",
+    "DEFAULT_LEAVE_DELAY",
+    "LEAVE_DELAY_ENV",
     "REGISTER_ETCD_ENV",
     "REGISTER_PREFIX_ENV",
     "REGISTER_TTL_ENV",
@@ -46,8 +48,14 @@ __all__ = [
 REGISTER_ETCD_ENV = "LINCHKIT_REGISTER_ETCD"
 REGISTER_PREFIX_ENV = "LINCHKIT_REGISTER_PREFIX"
 REGISTER_TTL_ENV = "LINCHKIT_REGISTER_TTL"
+LEAVE_DELAY_ENV = "LINCHKIT_LEAVE_DELAY"
 ADVERTISE_ENV = "LINCHKIT_ADVERTISE"
 DEFAULT_TTL = 10
+#: Seconds a server keeps answering once it has left the registry: the delete reaches
+#: every dispatcher by etcd's watch within milliseconds on a LAN, not at once, and a call
+#: one of them picked meanwhile must find the server still serving, not closing its
+#: idle connections (met by a reset, a call that may not be retried would fail).
+DEFAULT_LEAVE_DELAY = 1.0
 
 #: Addresses that mean "every interface": a dispatcher cannot call them.
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
