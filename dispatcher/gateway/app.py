@@ -46,6 +46,13 @@ from aiohttp import web
 from dispatcher._dispatcher import Dispatcher
 from dispatcher._jobs import JobNotFinished, JobNotFound
 from dispatcher.gateway.body import Refused, read_params
+from dispatcher.gateway.call_headers import (
+    REQUEST_ID,
+    TRACEPARENT,
+    idempotency_key_of,
+    timeout_of,
+    version_of,
+)
 from dispatcher.gateway.credentials import credentials_of
 from dispatcher.gateway.errors import Answer, answer_of, error_answer
 from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_event_id
@@ -75,13 +82,10 @@ __all__ = ["GATEWAY_KEY", "HUB_KEY", "Gateway", "create_app"]
 
 log = logging.getLogger("dispatcher.gateway")
 
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PLUGIN_NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
 #: A plugin id or method name as the manifest admits it (``IDENTIFIER``), at most 256 long.
 _MANIFEST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,255}\Z")
 _JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_MAX_TIMEOUT_MS = 86_400_000
 _JSON = "application/json"
 
 HUB_KEY = web.AppKey("event_hub", EventHub)
@@ -150,17 +154,17 @@ class Gateway:
         ``credentials`` what the request presented. ``unread_body``: a body is still to
         be read, so an answer given before reading it closes the connection."""
         sent_id = headers.get("X-Request-Id")
-        request_id = sent_id if sent_id is not None and _REQUEST_ID.match(sent_id) else None
+        request_id = sent_id if sent_id is not None and REQUEST_ID.match(sent_id) else None
         request_id = request_id or new_request_id()
         body_read = False
         try:
             if sent_id is not None and request_id != sent_id:
                 raise InvalidParams("X-Request-Id is 1-128 characters of A-Z a-z 0-9 . _ : -")
             caller, presented = await self._caller(credentials)
-            timeout = _timeout_of(headers)
-            idempotency_key = _idempotency_key_of(headers, 256)
+            timeout = timeout_of(headers)
+            idempotency_key = idempotency_key_of(headers, 256)
             traceparent = headers.get("traceparent")
-            if traceparent is not None and not _TRACEPARENT.match(traceparent):
+            if traceparent is not None and not TRACEPARENT.match(traceparent):
                 traceparent = None  # W3C trace context: an invalid one is ignored, not refused
             params = await read_params()
             body_read = True
@@ -168,7 +172,7 @@ class Gateway:
                 plugin,
                 method,
                 params,
-                version=_version_of(headers),
+                version=version_of(headers),
                 caller=caller,
                 credentials=presented,
                 timeout=timeout,
@@ -200,7 +204,7 @@ class Gateway:
         body_read = False
         try:
             caller, credentials = await self._caller(partial(credentials_of, request))
-            idempotency_key = _idempotency_key_of(headers, 255)
+            idempotency_key = idempotency_key_of(headers, 255)
             params = await read_params(request, self.settings)
             body_read = True
             match = request.match_info
@@ -208,7 +212,7 @@ class Gateway:
                 match["plugin"],
                 match["method"],
                 params,
-                version=_version_of(headers),
+                version=version_of(headers),
                 caller=caller,
                 credentials=credentials,
                 idempotency_key=idempotency_key,
@@ -531,43 +535,6 @@ def _rollout_target(match: Any) -> tuple[str, str, str]:
     if not _MANIFEST_NAME.match(method):
         raise InvalidParams("the method in the URL is not a method name of any manifest")
     return plugin, method, action
-
-
-def _timeout_of(headers: Any) -> float | None:
-    """The call's deadline in seconds from ``X-Timeout-Ms`` or ``Request-Timeout``."""
-    milliseconds = headers.get("X-Timeout-Ms")
-    if milliseconds is not None:
-        if milliseconds.isdigit() and 0 < int(milliseconds) <= _MAX_TIMEOUT_MS:
-            return int(milliseconds) / 1000
-        raise InvalidParams(f"X-Timeout-Ms is an integer in [1, {_MAX_TIMEOUT_MS}]")
-    seconds = headers.get("Request-Timeout")
-    if seconds is not None:
-        try:
-            value = float(seconds)
-        except ValueError:
-            value = 0.0
-        if 0 < value <= _MAX_TIMEOUT_MS / 1000:  # NaN fails
-            return value
-        raise InvalidParams("Request-Timeout is a number of seconds in (0, 86400]")
-    return None
-
-
-def _version_of(headers: Any) -> str | None:
-    """``X-Plugin-Version``: a version or range, so printable; bytes that are not UTF-8
-    arrive as lone surrogates, which the audit log and the error's JSON cannot encode."""
-    version: str | None = headers.get("X-Plugin-Version")
-    if version is not None and not (0 < len(version) <= 256 and version.isprintable()):
-        raise InvalidParams("X-Plugin-Version is a version or range: 1-256 printable characters")
-    return version
-
-
-def _idempotency_key_of(headers: Any, most: int) -> str | None:
-    """``Idempotency-Key``: 1 to ``most`` printable characters. Bytes that are not UTF-8
-    arrive as lone surrogates, which no store can encode: refused here, not a 500 there."""
-    key: str | None = headers.get("Idempotency-Key")
-    if key is not None and not (0 < len(key) <= most and key.isprintable()):
-        raise InvalidParams(f"Idempotency-Key is 1-{most} printable UTF-8 characters")
-    return key
 
 
 def _wait_of(query: Any, most: float) -> float:

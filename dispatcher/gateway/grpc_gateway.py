@@ -38,7 +38,6 @@ client CA files changed since the last (``_CertificateFetcher``).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ import orjson
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.gateway.body import Refused, parse_json
+from dispatcher.gateway.call_headers import MAX_TIMEOUT_MS, REQUEST_ID, TRACEPARENT
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
 from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
@@ -60,9 +60,6 @@ __all__ = ["STATUS_BY_TYPE", "GrpcGateway"]
 
 log = logging.getLogger("dispatcher.gateway.grpc")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-_MAX_TIMEOUT_MS = 86_400_000
 
 STATUS_BY_TYPE: dict[str, grpc.StatusCode] = {
     "invalid_params": grpc.StatusCode.INVALID_ARGUMENT,
@@ -198,12 +195,12 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
         self, request: gateway_pb2.GatewayCall, context: grpc.aio.ServicerContext
     ) -> dict[str, Any]:
         """``Dispatcher.call``'s keyword arguments: who calls, the deadline, the context."""
-        if request.request_id and not _REQUEST_ID.match(request.request_id):
+        if request.request_id and not REQUEST_ID.match(request.request_id):
             raise InvalidParams("request_id is 1-128 characters of A-Z a-z 0-9 . _ : -")
         if len(request.idempotency_key) > 256:
             raise InvalidParams("idempotency_key is at most 256 characters")
-        if request.timeout_ms > _MAX_TIMEOUT_MS:
-            raise InvalidParams(f"timeout_ms is at most {_MAX_TIMEOUT_MS}")
+        if request.timeout_ms > MAX_TIMEOUT_MS:
+            raise InvalidParams(f"timeout_ms is at most {MAX_TIMEOUT_MS}")
         timeout = request.timeout_ms / 1000 if request.timeout_ms else None
         remaining = context.time_remaining()
         if remaining is not None and (timeout is None or remaining < timeout):
@@ -220,7 +217,7 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
             "caller": caller,
             "credentials": credentials,
             "timeout": timeout,
-            "traceparent": traceparent if _TRACEPARENT.match(traceparent) else None,
+            "traceparent": traceparent if TRACEPARENT.match(traceparent) else None,
             "idempotency_key": request.idempotency_key or None,
             "request_id": request.request_id or new_request_id(),
         }

@@ -1,0 +1,63 @@
+"""What a call's headers say, read the same way by every gateway route that takes a call
+(aiohttp's, the call lane's, ``:submit``) and, for the names and limits, by the gRPC
+gateway: the request id, the trace context, the deadline, the version, the idempotency
+key. Each reader refuses a bad value with ``InvalidParams``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from linchkit_plugin.errors import InvalidParams
+
+__all__ = [
+    "MAX_TIMEOUT_MS",
+    "REQUEST_ID",
+    "TRACEPARENT",
+    "idempotency_key_of",
+    "timeout_of",
+    "version_of",
+]
+
+#: W3C trace context: an invalid one is ignored, not refused.
+TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: The longest deadline a caller may ask for: a day.
+MAX_TIMEOUT_MS = 86_400_000
+
+
+def timeout_of(headers: Mapping[str, str]) -> float | None:
+    """The call's deadline in seconds from ``X-Timeout-Ms`` or ``Request-Timeout``."""
+    milliseconds = headers.get("X-Timeout-Ms")
+    if milliseconds is not None:
+        if milliseconds.isdigit() and 0 < int(milliseconds) <= MAX_TIMEOUT_MS:
+            return int(milliseconds) / 1000
+        raise InvalidParams(f"X-Timeout-Ms is an integer in [1, {MAX_TIMEOUT_MS}]")
+    seconds = headers.get("Request-Timeout")
+    if seconds is not None:
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = 0.0
+        if 0 < value <= MAX_TIMEOUT_MS / 1000:  # NaN fails
+            return value
+        raise InvalidParams("Request-Timeout is a number of seconds in (0, 86400]")
+    return None
+
+
+def version_of(headers: Mapping[str, str]) -> str | None:
+    """``X-Plugin-Version``: a version or range, so printable; bytes that are not UTF-8
+    arrive as lone surrogates, which the audit log and the error's JSON cannot encode."""
+    version: str | None = headers.get("X-Plugin-Version")
+    if version is not None and not (0 < len(version) <= 256 and version.isprintable()):
+        raise InvalidParams("X-Plugin-Version is a version or range: 1-256 printable characters")
+    return version
+
+
+def idempotency_key_of(headers: Mapping[str, str], most: int) -> str | None:
+    """``Idempotency-Key``: 1 to ``most`` printable characters. Bytes that are not UTF-8
+    arrive as lone surrogates, which no store can encode: refused here, not a 500 there."""
+    key: str | None = headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= most and key.isprintable()):
+        raise InvalidParams(f"Idempotency-Key is 1-{most} printable UTF-8 characters")
+    return key
