@@ -21,17 +21,25 @@ from dispatcher import Dispatcher
 from dispatcher.config import Manifest
 from linchkit_plugin.errors import TargetUnavailable
 from tests.conftest import echo_plugin, manifest
+from tests.fault_proxy import FaultProxy
 from tests.services import Etcd, free_port, until
-from tests.test_plugin_registry import PLUGIN, PYTHON_GRPC_EXAMPLE
+from tests.test_plugin_registry import GO_EXAMPLE, PLUGIN, PYTHON_GRPC_EXAMPLE
+
+#: How late the dispatcher of the graceful-stop tests learns that a plugin left.
+LATE = 0.3
 
 
-def registry_manifest(etcd: Etcd, prefix: str, **target: Any) -> Manifest[Any]:
+def registry_manifest(
+    etcd: Etcd, prefix: str, *, via: str | None = None, **target: Any
+) -> Manifest[Any]:
+    """A fleet of echo plugins found under ``prefix``, reading etcd ``via`` a proxy or not."""
+    registry = {"etcd": via or etcd.url, "prefix": prefix, "retry_ms": 100}
     return manifest(
         echo_plugin(
             "echo",
             {
                 "provider": "http",
-                "instances": [{"registry": {"etcd": etcd.url, "prefix": prefix, "retry_ms": 100}}],
+                "instances": [{"registry": registry}],
                 "balance": "round_robin",
                 **target,
             },
@@ -54,6 +62,17 @@ def members(dispatcher: Dispatcher) -> dict[str, dict[str, Any]]:
     """The fleet's instances now, by description."""
     (fleet,) = dispatcher.stats()["fleets"].values()
     return {entry["target"]: entry for entry in fleet["instances"]}
+
+
+@pytest.fixture
+async def late_etcd(etcd: Etcd) -> AsyncIterator[str]:
+    """etcd's URL through a proxy holding every chunk ``LATE`` seconds: a dispatcher that
+    learns of a plugin leaving that much after it left (a busy network, a slow etcd)."""
+    proxy = FaultProxy("127.0.0.1", etcd.client_port)
+    port = await proxy.start()
+    proxy.delay = LATE
+    yield f"http://127.0.0.1:{port}"
+    await proxy.aclose()
 
 
 @pytest.fixture
@@ -150,15 +169,17 @@ async def test_a_registration_the_egress_policy_forbids_never_joins(
 
 
 async def test_a_plugin_stopped_gracefully_loses_no_call_of_a_busy_fleet(
-    etcd: Etcd, etcd_prefix: str, plugins: Any, started: Any
+    etcd: Etcd, etcd_prefix: str, late_etcd: str, plugins: Any, started: Any
 ) -> None:
     """SIGTERM to one of two registered plugins while calls run: it leaves the registry
-    first, the dispatcher stops picking it, its calls in flight finish; none fails, not
-    even of a method that may not be retried."""
+    first and keeps answering ``--leave-delay`` (1 s) while the dispatcher, which learns
+    of it ``LATE``, stops picking it; none fails, not even of a method that may not be
+    retried."""
     leaving, _ = register(plugins, etcd, etcd_prefix, "127.0.0.2")
     _, staying_url = register(plugins, etcd, etcd_prefix, "127.0.0.3")
     await until(lambda: len(etcd.keys(etcd_prefix)) == 2, "both plugins registered")
-    dispatcher = await started(registry_manifest(etcd, etcd_prefix, balance="least_request"))
+    fleet = registry_manifest(etcd, etcd_prefix, via=late_etcd, balance="least_request")
+    dispatcher = await started(fleet)
     stop = asyncio.Event()
     failures: list[BaseException] = []
     done = 0
@@ -176,6 +197,57 @@ async def test_a_plugin_stopped_gracefully_loses_no_call_of_a_busy_fleet(
     await until(lambda: done > 200, "calls to both")
     await asyncio.to_thread(leaving.signal, signal.SIGTERM)
     await until(lambda: set(members(dispatcher)) == {f"http {staying_url}"}, "the first left")
+    settled = done
+    await until(lambda: done > settled + 200, "calls after it left")
+    stop.set()
+    await asyncio.gather(*callers)
+    assert failures == []
+
+
+@pytest.mark.parametrize("language", ["python", pytest.param("go", marks=pytest.mark.toolchain)])
+async def test_a_grpc_service_stopped_gracefully_loses_no_call_of_a_busy_fleet(
+    etcd: Etcd, etcd_prefix: str, late_etcd: str, plugins: Any, started: Any, language: str
+) -> None:
+    """The same for the SDKs' gRPC services (``LINCHKIT_LEAVE_DELAY``, 1 s by default)."""
+    command = {"python": [sys.executable, str(PYTHON_GRPC_EXAMPLE)], "go": [str(GO_EXAMPLE)]}
+    services = [
+        plugins(
+            [*command[language], "serve", "--address", f"{host}:0"],
+            LINCHKIT_REGISTER_ETCD=etcd.url,
+            LINCHKIT_REGISTER_PREFIX=etcd_prefix,
+        )
+        for host in ("127.0.0.2", "127.0.0.3")
+    ]
+    await until(lambda: len(etcd.keys(etcd_prefix)) == 2, "both services registered")
+    target = {
+        "provider": "grpc",
+        "instances": [{"registry": {"etcd": late_etcd, "prefix": etcd_prefix, "retry_ms": 100}}],
+        "balance": "least_request",
+    }
+    entry = {
+        "id": "example",
+        "version": "1.0.0",
+        "target": target,
+        "methods": {"sleep": {"idempotent": False}},
+    }
+    dispatcher = await started(manifest(entry))
+    stop = asyncio.Event()
+    failures: list[BaseException] = []
+    done = 0
+
+    async def caller() -> None:
+        nonlocal done
+        while not stop.is_set():
+            try:
+                await dispatcher.call("example", "sleep", {"ms": 1})
+                done += 1
+            except Exception as error:
+                failures.append(error)
+
+    callers = [asyncio.create_task(caller()) for _ in range(8)]
+    await until(lambda: done > 200, "calls to both")
+    await asyncio.to_thread(services[0].signal, signal.SIGTERM)
+    await until(lambda: len(members(dispatcher)) == 1, "the first left")
     settled = done
     await until(lambda: done > settled + 200, "calls after it left")
     stop.set()

@@ -221,6 +221,30 @@ def test_a_prefix_is_required() -> None:
     assert done.returncode == 1 and "needs --register-prefix" in done.stderr
 
 
+@pytest.mark.parametrize("delay", ["-1", "nan", "601", "soon"])
+@pytest.mark.parametrize("language", ["python", pytest.param("go", marks=pytest.mark.toolchain)])
+def test_the_grpc_services_refuse_a_bad_leave_delay_before_serving(
+    language: str, delay: str
+) -> None:
+    command = {"python": [sys.executable, str(PYTHON_GRPC_EXAMPLE)], "go": [str(GO_EXAMPLE)]}
+    done = subprocess.run(
+        [*command[language], "serve", "--address", "127.0.0.2:0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **CLEAN_ENVIRONMENT,
+            "LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1",
+            "LINCHKIT_REGISTER_PREFIX": "/p",
+            "LINCHKIT_LEAVE_DELAY": delay,
+        },
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "LINCHKIT_LEAVE_DELAY" in done.stderr and "[0, 600]" in done.stderr
+    assert "Traceback" not in done.stderr and "panic" not in done.stderr
+
+
 def test_the_python_grpc_service_registers_its_address(
     etcd: Etcd, etcd_prefix: str, plugins: Any
 ) -> None:

@@ -8,7 +8,8 @@ package plugin
 //
 // An etcd that does not answer is not fatal: the plugin serves, says so once on stderr
 // and keeps trying; it registers again if etcd lost its lease. On SIGTERM or SIGINT the
-// key is deleted and the lease revoked before the calls in flight are drained.
+// key is deleted and the lease revoked, the server keeps serving LINCHKIT_LEAVE_DELAY
+// seconds (1) while dispatchers learn it left, and then the calls in flight are drained.
 
 import (
 	"bytes"
@@ -34,8 +35,15 @@ const (
 	EnvRegisterPrefix = "LINCHKIT_REGISTER_PREFIX"
 	EnvRegisterTTL    = "LINCHKIT_REGISTER_TTL"
 	EnvAdvertise      = "LINCHKIT_ADVERTISE"
+	EnvLeaveDelay     = "LINCHKIT_LEAVE_DELAY"
 
 	defaultRegisterTTL = 10
+	// How long a server keeps serving once it has left the registry: the delete reaches
+	// each dispatcher through etcd's watch within milliseconds on a LAN, not at once, and
+	// a call one of them picks meanwhile must find the server serving, not stopping (a
+	// call that may not be retried would fail).
+	defaultLeaveDelay = time.Second
+	maxLeaveDelay     = 600 * time.Second
 	// The largest answer read from etcd: its answers here are a few hundred bytes.
 	maxEtcdAnswer = 1 << 20
 )
@@ -49,8 +57,10 @@ type registration struct {
 	log     io.Writer
 	lease   int64
 	written bool
-	stop    chan struct{}
-	done    chan struct{}
+	// leaveDelay: how long deregister waits after leaving, still serving.
+	leaveDelay time.Duration
+	stop       chan struct{}
+	done       chan struct{}
 }
 
 // registrationFromEnv is nil without LINCHKIT_REGISTER_ETCD; otherwise every setting is
@@ -80,6 +90,10 @@ func registrationFromEnv(getenv func(string) string, listening net.Addr, log io.
 			return nil, fmt.Errorf("%s must be a whole number of seconds, at least 2; got %q", EnvRegisterTTL, text)
 		}
 	}
+	leaveDelay, err := leaveDelayFrom(getenv(EnvLeaveDelay))
+	if err != nil {
+		return nil, err
+	}
 	address, err := advertisedAddress(getenv(EnvAdvertise), listening)
 	if err != nil {
 		return nil, err
@@ -93,11 +107,25 @@ func registrationFromEnv(getenv func(string) string, listening net.Addr, log io.
 		value: value,
 		ttl:   ttl,
 		// No proxy: a registry is reached directly, as the dispatcher reaches it.
-		client: &http.Client{Timeout: timeout, Transport: &http.Transport{Proxy: nil}},
-		log:    log,
-		stop:   make(chan struct{}),
-		done:   make(chan struct{}),
+		client:     &http.Client{Timeout: timeout, Transport: &http.Transport{Proxy: nil}},
+		log:        log,
+		leaveDelay: leaveDelay,
+		stop:       make(chan struct{}),
+		done:       make(chan struct{}),
 	}, nil
+}
+
+// leaveDelayFrom reads LINCHKIT_LEAVE_DELAY: seconds in [0, 600], 1 when unset.
+func leaveDelayFrom(text string) (time.Duration, error) {
+	if text == "" {
+		return defaultLeaveDelay, nil
+	}
+	seconds, err := strconv.ParseFloat(text, 64)
+	delay := time.Duration(seconds * float64(time.Second))
+	if err != nil || !(seconds >= 0 && delay <= maxLeaveDelay) { // NaN fails too
+		return 0, fmt.Errorf("%s must be a number of seconds in [0, 600]; got %q", EnvLeaveDelay, text)
+	}
+	return delay, nil
 }
 
 // advertisedAddress is LINCHKIT_ADVERTISE (host:port) or where the server listens,
@@ -145,13 +173,14 @@ func instanceID() string {
 func (r *registration) start() { go r.run() }
 
 // deregister deletes the key and revokes the lease, and returns once that is done or
-// bounded time has passed.
+// bounded time has passed, and then leaveDelay later: the server serves meanwhile.
 func (r *registration) deregister() {
 	close(r.stop)
 	select {
 	case <-r.done:
 	case <-time.After(4*r.client.Timeout + time.Second):
 	}
+	time.Sleep(r.leaveDelay)
 }
 
 func (r *registration) say(format string, args ...any) {

@@ -5,6 +5,7 @@ import (
 	"net"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestAdvertisedAddress(t *testing.T) {
@@ -50,6 +51,10 @@ func TestRegistrationSettingsAreCheckedBeforeServing(t *testing.T) {
 		{EnvRegisterPrefix, "/ends/", "must start with /"},
 		{EnvRegisterTTL, "1", "at least 2"},
 		{EnvRegisterTTL, "ten", "whole number"},
+		{EnvLeaveDelay, "-1", "[0, 600]"},
+		{EnvLeaveDelay, "601", "[0, 600]"},
+		{EnvLeaveDelay, "NaN", "[0, 600]"},
+		{EnvLeaveDelay, "soon", "[0, 600]"},
 	}
 	for _, c := range cases {
 		env := map[string]string{}
@@ -65,6 +70,13 @@ func TestRegistrationSettingsAreCheckedBeforeServing(t *testing.T) {
 	r, err := registrationFromEnv(func(k string) string { return good[k] }, listening, io.Discard)
 	if err != nil || !strings.HasPrefix(r.key, "/linchkit/plugins/echo/") || string(r.value) != `{"address":"127.0.0.2:50051"}` {
 		t.Errorf("good settings: %v, %v", r, err)
+	}
+	if r.leaveDelay != time.Second {
+		t.Errorf("leave delay %v by default, want 1s", r.leaveDelay)
+	}
+	good[EnvLeaveDelay] = "0.25"
+	if r, err := registrationFromEnv(func(k string) string { return good[k] }, listening, io.Discard); err != nil || r.leaveDelay != 250*time.Millisecond {
+		t.Errorf("%s=0.25: %v, %v", EnvLeaveDelay, r, err)
 	}
 	if r, err := registrationFromEnv(func(string) string { return "" }, listening, io.Discard); r != nil || err != nil {
 		t.Errorf("no settings: %v, %v; want no registration", r, err)

@@ -12,7 +12,8 @@ Run the executable:
   ``authorization: Bearer <token>`` (else ``UNAUTHENTICATED``); without either it serves
   anyone and warns on stderr. With ``LINCHKIT_REGISTER_ETCD`` and ``_PREFIX`` set it
   registers ``{"address": …}`` in that etcd while it serves (``linchkit_plugin.registry``,
-  docs/registry.md) and leaves it on SIGTERM before draining.
+  docs/registry.md) and leaves it on SIGTERM, serving ``LINCHKIT_LEAVE_DELAY`` seconds (1)
+  more while dispatchers learn it left, before draining.
 * started by a host with the handshake environment (``docs/protocol.md``) — a subprocess
   plugin: checks the magic cookie, negotiates the protocol version, listens on a Unix
   socket (or TCP), serves mutual TLS when the host sent its certificate, prints the
@@ -39,7 +40,7 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -59,7 +60,9 @@ from linchkit_plugin.handshake import (
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.registry import (
     ADVERTISE_ENV,
+    DEFAULT_LEAVE_DELAY,
     DEFAULT_TTL,
+    LEAVE_DELAY_ENV,
     REGISTER_ETCD_ENV,
     REGISTER_PREFIX_ENV,
     REGISTER_TTL_ENV,
@@ -454,7 +457,15 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     threading.Thread(target=read_until_eof, name="stdin-eof", daemon=True).start()
 
 
-def _registration_from_environment(host: str) -> Callable[[int], Registration] | None:
+class _Registering(NamedTuple):
+    """How this service registers once its port is known, and how long it serves on
+    after leaving (``registry.DEFAULT_LEAVE_DELAY``)."""
+
+    registration: Callable[[int], Registration]
+    leave_delay: float
+
+
+def _registration_from_environment(host: str) -> _Registering | None:
     """With ``LINCHKIT_REGISTER_ETCD`` set, how to register this service once its port is
     known (``docs/registry.md``); every setting is checked now, before serving."""
     etcd = os.environ.get(REGISTER_ETCD_ENV)
@@ -468,13 +479,22 @@ def _registration_from_environment(host: str) -> Callable[[int], Registration] |
         ttl = int(os.environ.get(REGISTER_TTL_ENV) or DEFAULT_TTL)
     except ValueError:
         raise ValueError(f"{REGISTER_TTL_ENV} must be a whole number of seconds") from None
+    leave_delay = os.environ.get(LEAVE_DELAY_ENV) or str(DEFAULT_LEAVE_DELAY)
+    try:
+        seconds = float(leave_delay)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds <= 600:  # NaN fails too
+        raise ValueError(
+            f"{LEAVE_DELAY_ENV} is a number of seconds in [0, 600], not {leave_delay!r}"
+        )
 
     def registration(port: int) -> Registration:
         value = advertised_value(advertise, host=host, port=port, kind="address")
         return Registration(etcd, prefix, value, ttl=ttl)
 
     registration(1)  # checks the URL, prefix, TTL and address; starts nothing
-    return registration
+    return _Registering(registration, seconds)
 
 
 def _handshake(network: str, address: str, certificate: str) -> None:
@@ -493,7 +513,7 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
         address = arguments.address
         host_part = address.rsplit(":", 1)[0]
         try:
-            register = _registration_from_environment(host_part)
+            registering = _registration_from_environment(host_part)
         except ValueError as error:
             sys.stderr.write(f"serve: {error}\n")
             return 1
@@ -508,13 +528,15 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
                 )
                 sys.stderr.flush()
             _handshake("tcp", f"{host_part}:{port}", "")
-            if register is not None:
-                registrations.append(register(port))
+            if registering is not None:
+                registrations.append(registering.registration(port))
                 registrations[-1].start()
 
         async def deregister() -> None:
             for each in registrations:  # before draining: no dispatcher sends another call
                 await asyncio.to_thread(each.stop)
+            if registering is not None and registrations:  # ... once each has seen it leave
+                await asyncio.sleep(registering.leave_delay)
 
         await server.serve(address, on_ready=ready, stop=stop, on_stopping=deregister)
         return 0
