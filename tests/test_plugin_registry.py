@@ -245,6 +245,21 @@ def test_the_grpc_services_refuse_a_bad_leave_delay_before_serving(
     assert "Traceback" not in done.stderr and "panic" not in done.stderr
 
 
+def test_the_python_grpc_services_help_names_what_it_reads_from_the_environment() -> None:
+    done = subprocess.run(
+        [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=CLEAN_ENVIRONMENT,
+        check=True,
+    )
+    for suffix in ("PLUGIN_TOKEN_FILE", "PLUGIN_TOKEN", "ADVERTISE", "LEAVE_DELAY"):
+        assert f"LINCHKIT_{suffix}" in done.stdout
+    for suffix in ("ETCD", "PREFIX", "TTL"):
+        assert f"LINCHKIT_REGISTER_{suffix}" in done.stdout
+
+
 def test_the_python_grpc_service_registers_its_address(
     etcd: Etcd, etcd_prefix: str, plugins: Any
 ) -> None:

@@ -590,6 +590,21 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
     return 0
 
 
+_SERVE_ENVIRONMENT = f"""\
+environment (docs/registry.md, docs/security.md):
+  {TOKEN_FILE_ENV}, {TOKEN_ENV}
+      the bearer token every call must carry (without it anyone may call)
+  {REGISTER_ETCD_ENV}, {REGISTER_PREFIX_ENV}
+      register {{"address": "host:port"}} in this etcd, under this prefix, while serving
+  {ADVERTISE_ENV}
+      the host:port dispatchers reach (required when listening on 0.0.0.0 or ::)
+  {REGISTER_TTL_ENV}
+      the lease's seconds, at least 2 (default {DEFAULT_TTL})
+  {LEAVE_DELAY_ENV}
+      seconds served on after leaving the registry on SIGTERM, 0-600 (default {DEFAULT_LEAVE_DELAY:g})
+"""
+
+
 def main(
     plugin_class: type[Any],
     *,
@@ -602,8 +617,15 @@ def main(
     argv = list(sys.argv[1:] if argv is None else argv)
     arguments: argparse.Namespace | None = None
     if argv and argv[0] == "serve":
-        parser = argparse.ArgumentParser(prog=f"{os.path.basename(sys.argv[0])} serve")
-        parser.add_argument("--address", default="127.0.0.1:0", help="host:port to listen on")
+        parser = argparse.ArgumentParser(
+            prog=f"{os.path.basename(sys.argv[0])} serve",
+            description="Serve the plugin as a gRPC service until SIGTERM or Ctrl+C.",
+            epilog=_SERVE_ENVIRONMENT,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.add_argument(
+            "--address", default="127.0.0.1:0", help="host:port to listen on (%(default)s)"
+        )
         arguments = parser.parse_args(argv[1:])
     elif os.environ.get(MAGIC_COOKIE_KEY) != MAGIC_COOKIE_VALUE:
         sys.stderr.write(_HINT.format(program=os.path.basename(sys.argv[0])))
