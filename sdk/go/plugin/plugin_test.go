@@ -165,6 +165,25 @@ func TestRunWithoutTheHandshakeEnvironmentRefuses(t *testing.T) {
 	}
 }
 
+func TestServeHelpNamesTheEnvironmentAndAMistakeSaysWhereToLook(t *testing.T) {
+	var out strings.Builder
+	help := Environment{Args: []string{"serve", "-help"}, Getenv: func(string) string { return "" },
+		Stdin: strings.NewReader(""), Stdout: &out}
+	if err := testPlugin().Run(context.Background(), help); err != nil {
+		t.Fatalf("serve -help: %v, want no error (exit 0)", err)
+	}
+	for _, name := range []string{"-address", EnvToken, EnvRegisterEtcd, EnvAdvertise, EnvLeaveDelay} {
+		if !strings.Contains(out.String(), name) {
+			t.Errorf("serve -help does not name %s:\n%s", name, out.String())
+		}
+	}
+	wrong := Environment{Args: []string{"serve", "-port", "1"}, Getenv: func(string) string { return "" },
+		Stdin: strings.NewReader(""), Stdout: io.Discard}
+	if err := testPlugin().Run(context.Background(), wrong); err == nil || !strings.Contains(err.Error(), "serve -help") {
+		t.Errorf("serve -port 1: %v, want an error pointing at serve -help", err)
+	}
+}
+
 // started is a plugin running in this process, as its host would see it.
 type started struct {
 	fields []string // the handshake line's

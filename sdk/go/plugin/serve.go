@@ -98,11 +98,41 @@ func (p *Plugin) Run(ctx context.Context, env Environment) error {
 	return p.runSubprocess(ctx, env)
 }
 
+// serveEnvironment is what serve -help says of the environment a service reads.
+var serveEnvironment = fmt.Sprintf(`
+environment (docs/registry.md, docs/security.md, docs/observability.md):
+  %s, %s
+      the bearer token every call must carry (without it anyone may call)
+  %s, %s
+      register {"address": "host:port"} in this etcd, under this prefix, while serving
+  %s
+      the host:port dispatchers reach (required when listening on 0.0.0.0 or ::)
+  %s
+      the lease's seconds, at least 2 (default %d)
+  %s
+      seconds served on after leaving the registry on SIGTERM, 0-600 (default %g)
+  OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+      export a span per call over OTLP/HTTP
+`, EnvTokenFile, EnvToken, EnvRegisterEtcd, EnvRegisterPrefix, EnvAdvertise, EnvRegisterTTL,
+	defaultRegisterTTL, EnvLeaveDelay, defaultLeaveDelay.Seconds())
+
 func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	flags := flag.NewFlagSet("serve", flag.ContinueOnError)
 	address := flags.String("address", "127.0.0.1:0", "host:port to serve gRPC on")
+	flags.Usage = func() {
+		fmt.Fprintf(flags.Output(), "usage: %s serve [-address host:port]\n\n"+
+			"Serve the plugin as a gRPC service until SIGTERM or Ctrl+C.\n\n", filepath.Base(os.Args[0]))
+		flags.PrintDefaults()
+		fmt.Fprint(flags.Output(), serveEnvironment)
+	}
+	flags.SetOutput(io.Discard) // a mistake is returned (and printed once); help goes to stdout
 	if err := flags.Parse(env.Args[1:]); err != nil {
-		return err
+		if errors.Is(err, flag.ErrHelp) {
+			flags.SetOutput(env.Stdout)
+			flags.Usage()
+			return nil
+		}
+		return fmt.Errorf("serve: %w (serve -help lists the flags)", err)
 	}
 	token, err := configuredToken(env.Getenv)
 	if err != nil {
