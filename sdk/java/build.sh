@@ -28,8 +28,12 @@ train_class_data_archive() {
     env+=("LINCHKIT_PLUGIN_CLIENT_CERT=$(cat "$tmp/host.pem")")
   fi
   mkfifo "$tmp/stdin"
+  # Absolute paths: a JVM maps the archive only when started with the very class path it
+  # records, and the wrapper starts the jar by its absolute path from wherever it is run.
+  local dist
+  dist="$(pwd -P)/dist"
   env "${env[@]}" java -Xlog:disable -Xlog:all=warning:stderr -XX:+UseSerialGC \
-    -XX:ArchiveClassesAtExit=dist/example-plugin.jsa -jar dist/example-plugin.jar \
+    -XX:ArchiveClassesAtExit="$dist/example-plugin.jsa" -jar "$dist/example-plugin.jar" \
     <"$tmp/stdin" >"$tmp/stdout" 2>"$tmp/stderr" &
   pid=$!
   exec 3>"$tmp/stdin"
@@ -64,8 +68,9 @@ cat > dist/example-plugin <<'WRAPPER'
 #!/bin/sh
 # The Java example plugin (built by sdk/java/build.sh). JVM warnings go to stderr, never to
 # the stdout that carries the handshake line; SerialGC suits a small heap on a shared box;
-# the class-data archive, when the build made one, shortens the start.
-dir=$(dirname "$0")
+# the class-data archive, when the build made one, shortens the start. It records the jar's
+# absolute path: with the folder moved, the JVM warns once and starts without it.
+dir=$(cd "$(dirname "$0")" && pwd -P)
 cds=
 [ -f "$dir/example-plugin.jsa" ] && cds="-XX:SharedArchiveFile=$dir/example-plugin.jsa"
 exec java -Xlog:disable -Xlog:all=warning:stderr -XX:+UseSerialGC $cds -jar "$dir/example-plugin.jar" "$@"
