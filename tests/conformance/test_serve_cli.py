@@ -1,0 +1,76 @@
+"""``example-plugin serve`` of every SDK as an operator meets it: ``--help``, a mistyped
+``--address``, a port already taken. Each ends at once with one clear line and status 1
+(``--help``: the usage and the environment the service reads, status 0), never a stack
+trace, never serving somewhere else than asked.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import pytest
+
+from tests.conformance.conftest import LANGUAGES, executable
+from tests.services import CLEAN_ENVIRONMENT
+
+#: Words that mean a runtime printed a crash instead of an answer.
+CRASHES = ("Traceback", "Exception", "panic:", "\tat ", "    at ", "RangeError", "Error: ")
+
+BAD_ADDRESSES = [
+    pytest.param("", id="empty"),
+    pytest.param("not-an-address", id="no port"),
+    pytest.param("127.0.0.1:", id="empty port"),
+    pytest.param("127.0.0.1:99999", id="port over 65535"),
+    pytest.param("127.0.0.1:-1", id="negative port"),
+    pytest.param("127.0.0.1:http", id="port by name"),
+    pytest.param(":50051", id="no host"),
+    pytest.param("::1:50051", id="IPv6 without brackets"),
+]
+
+
+def serve(language: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(executable(language)), "serve", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=CLEAN_ENVIRONMENT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def one_clear_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The failure's message: status 1, nothing on stdout (the handshake line's place),
+    no crash; the last line of stderr (a JVM or a token warning may come before it)."""
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == ""
+    assert not any(crash in done.stderr for crash in CRASHES), done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("address", BAD_ADDRESSES)
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_mistyped_address_is_refused_in_one_line(language: str, address: str) -> None:
+    line = one_clear_line(serve(language, "--address", address))
+    assert "--address" in line and "host:port" in line, line
+    assert repr(address)[1:-1] in line, line
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_port_already_taken_is_refused_in_one_line(language: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        line = one_clear_line(serve(language, "--address", address))
+    assert line.startswith(f"serve: cannot listen on {address}"), line
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_help_shows_the_flags_and_the_environment(language: str) -> None:
+    done = serve(language, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "address" in done.stdout and "LINCHKIT_PLUGIN_TOKEN" in done.stdout, done.stdout
+    assert not any(crash in done.stdout + done.stderr for crash in CRASHES)
