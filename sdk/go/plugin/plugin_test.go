@@ -390,3 +390,15 @@ func TestSubprocessModeWithAutoMTLS(t *testing.T) {
 		t.Fatal("the plugin did not stop when its stdin closed")
 	}
 }
+
+func TestServeAddressesAreHostAndPort(t *testing.T) {
+	for address, want := range map[string]bool{
+		"127.0.0.1:0": true, "localhost:50051": true, "[::1]:0": true, "127.0.0.1:65535": true,
+		"": false, ":50051": false, "127.0.0.1:": false, "127.0.0.1:65536": false,
+		"127.0.0.1:-1": false, "127.0.0.1:http": false, "::1:50051": false, "not-an-address": false,
+	} {
+		if got := isHostPort(address); got != want {
+			t.Errorf("isHostPort(%q) = %v, want %v", address, got, want)
+		}
+	}
+}

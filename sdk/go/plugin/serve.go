@@ -98,6 +98,17 @@ func (p *Plugin) Run(ctx context.Context, env Environment) error {
 	return p.runSubprocess(ctx, env)
 }
 
+// isHostPort: a host (a name, an IPv4 address or a bracketed IPv6 one) and a port in
+// 0-65535. net.Listen takes "" and ":50051" as every interface, and a port by name.
+func isHostPort(address string) bool {
+	host, port, err := net.SplitHostPort(address)
+	if err != nil || host == "" || port == "" || strings.Trim(port, "0123456789") != "" {
+		return false
+	}
+	n, err := strconv.Atoi(port)
+	return err == nil && n <= 65535
+}
+
 // serveEnvironment is what serve -help says of the environment a service reads.
 var serveEnvironment = fmt.Sprintf(`
 environment (docs/registry.md, docs/security.md, docs/observability.md):
@@ -133,6 +144,10 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 			return nil
 		}
 		return fmt.Errorf("serve: %w (serve -help lists the flags)", err)
+	}
+	if !isHostPort(*address) {
+		return fmt.Errorf("serve: --address must be host:port with a port in 0-65535 "+
+			"(e.g. 127.0.0.1:50051), not '%s'", *address)
 	}
 	token, err := configuredToken(env.Getenv)
 	if err != nil {

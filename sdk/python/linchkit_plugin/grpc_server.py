@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import sys
 import threading
@@ -404,12 +405,15 @@ class PluginServer:
         plugin_pb2_grpc.add_PluginServiceServicer_to_server(self, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _add_reflection(server)
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpcio's "Failed to bind"; older releases return 0
+            port = 0
         if port == 0 and not address.startswith("unix:"):
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address}: taken, or not an address of this machine")
         status = self._health_pb.HealthCheckResponse
         await self.health.set("", status.SERVING)
         await self._set_serving(self._serving_from_start)
@@ -538,7 +542,11 @@ async def _run(server: PluginServer, arguments: argparse.Namespace | None) -> in
             if registering is not None and registrations:  # ... once each has seen it leave
                 await asyncio.sleep(registering.leave_delay)
 
-        await server.serve(address, on_ready=ready, stop=stop, on_stopping=deregister)
+        try:
+            await server.serve(address, on_ready=ready, stop=stop, on_stopping=deregister)
+        except OSError as error:
+            sys.stderr.write(f"serve: {error}\n")
+            return 1
         return 0
 
     # Subprocess mode: the handshake environment.
@@ -605,6 +613,16 @@ environment (docs/registry.md, docs/security.md):
 """
 
 
+#: host:port, the host a name, an IPv4 address or a bracketed IPv6 one. Checked before
+#: grpcio sees it: it takes port 99999 as 34463 and "host:" as any port.
+_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):([0-9]{1,5})")
+
+
+def _is_host_port(address: str) -> bool:
+    match = _HOST_PORT.fullmatch(address)
+    return match is not None and int(match.group(1)) <= 65535
+
+
 def main(
     plugin_class: type[Any],
     *,
@@ -627,6 +645,12 @@ def main(
             "--address", default="127.0.0.1:0", help="host:port to listen on (%(default)s)"
         )
         arguments = parser.parse_args(argv[1:])
+        if not _is_host_port(arguments.address):
+            sys.stderr.write(
+                "serve: --address must be host:port with a port in 0-65535"
+                f" (e.g. 127.0.0.1:50051), not {arguments.address!r}\n"
+            )
+            return 1
     elif os.environ.get(MAGIC_COOKIE_KEY) != MAGIC_COOKIE_VALUE:
         sys.stderr.write(_HINT.format(program=os.path.basename(sys.argv[0])))
         return 1
