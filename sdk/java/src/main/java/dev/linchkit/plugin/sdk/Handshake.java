@@ -5,6 +5,7 @@ import java.util.Base64;
 import java.util.List;
 import java.util.Map;
 import java.util.OptionalInt;
+import java.util.regex.Pattern;
 
 /**
  * The subprocess handshake of docs/protocol.md, free of I/O so it is tested directly:
@@ -34,10 +35,59 @@ public final class Handshake {
   /** What the host asked for. {@code socketDir} and {@code clientCertPem} may be null. */
   public record Config(int appVersion, String network, String socketDir, String clientCertPem) {}
 
-  /** {@code serve --address HOST:PORT} (service mode, address non-null) or nothing (subprocess mode). */
-  public record Command(String serviceAddress) {
+  /** The default of {@code serve --address}: loopback only, any free port. */
+  public static final String DEFAULT_SERVICE_ADDRESS = "127.0.0.1:0";
+
+  static final String SERVE_USAGE = "usage: serve [--address HOST:PORT] [--help]";
+
+  /**
+   * {@code serve --address HOST:PORT} (service mode, address non-null), {@code serve --help}
+   * ({@code helpWanted}), or nothing (subprocess mode).
+   */
+  public record Command(ServiceAddress serviceAddress, boolean helpWanted) {
     public boolean isService() {
       return serviceAddress != null;
+    }
+  }
+
+  /**
+   * Where {@code serve} listens: a non-empty host (a name, an IPv4 address, or an IPv6 address
+   * in brackets, kept as given for the handshake line) and a port in 0-65535, 0 meaning any free
+   * one. Checked before listening, so a typo is refused rather than served somewhere else.
+   */
+  public record ServiceAddress(String host, int port) {
+    private static final Pattern PORT = Pattern.compile("\\d{1,5}");
+
+    public static ServiceAddress parse(String text) throws HandshakeException {
+      int colon = text.lastIndexOf(':');
+      if (colon < 0) throw malformed(text);
+      String host = text.substring(0, colon);
+      String port = text.substring(colon + 1);
+      if (!isHost(host) || !PORT.matcher(port).matches() || Integer.parseInt(port) > 65535) throw malformed(text);
+      return new ServiceAddress(host, Integer.parseInt(port));
+    }
+
+    /** The host to bind: an IPv6 address without its brackets. */
+    public String bindHost() {
+      return host.startsWith("[") ? host.substring(1, host.length() - 1) : host;
+    }
+
+    @Override
+    public String toString() {
+      return host + ":" + port;
+    }
+
+    /** A colon outside brackets would make {@code ::1:50051} ambiguous: which part is the port? */
+    private static boolean isHost(String host) {
+      if (host.startsWith("[")) {
+        return host.length() > 2 && host.endsWith("]") && host.indexOf(']') == host.length() - 1;
+      }
+      return !host.isEmpty() && host.chars().noneMatch(c -> c == ':' || c == '[' || c == ']');
+    }
+
+    private static HandshakeException malformed(String text) {
+      return new HandshakeException("serve: --address must be host:port with a port in 0-65535 (e.g. 127.0.0.1:50051), not '"
+          + text + "'");
     }
   }
 
@@ -84,20 +134,22 @@ public final class Handshake {
   }
 
   public static Command parseCommand(String[] args) throws HandshakeException {
-    if (args.length == 0) return new Command(null);
+    if (args.length == 0) return new Command(null, false);
     if (!args[0].equals("serve")) {
-      throw new HandshakeException("unknown command '" + args[0] + "'; usage: serve [--address HOST:PORT]");
+      throw new HandshakeException("unknown command '" + args[0] + "'; " + SERVE_USAGE);
     }
-    String address = "127.0.0.1:0";
+    String address = DEFAULT_SERVICE_ADDRESS;
     for (int i = 1; i < args.length; i++) {
-      if (args[i].equals("--address") && i + 1 < args.length) {
+      if (args[i].equals("--help") || args[i].equals("-h")) {
+        return new Command(null, true);
+      } else if (args[i].equals("--address") && i + 1 < args.length) {
         address = args[++i];
       } else if (args[i].startsWith("--address=")) {
         address = args[i].substring("--address=".length());
       } else {
-        throw new HandshakeException("unknown argument '" + args[i] + "'; usage: serve [--address HOST:PORT]");
+        throw new HandshakeException("unknown argument '" + args[i] + "'; " + SERVE_USAGE);
       }
     }
-    return new Command(address);
+    return new Command(ServiceAddress.parse(address), false);
   }
 }

@@ -45,10 +45,41 @@ import java.util.stream.Stream;
 public final class Serve {
   private Serve() {}
 
-  /** Serve {@code plugin} until the host stops it; exits the JVM with 1 on a handshake problem. */
+  /** What {@code serve --help} prints: the flags, then the environment service mode reads. */
+  static final String SERVICE_HELP = String.join("\n",
+      Handshake.SERVE_USAGE,
+      "",
+      "Serve the plugin as a gRPC service until SIGTERM or Ctrl+C; the handshake line",
+      "(1|1|tcp|HOST:PORT|grpc|) on stdout tells the port. Without arguments the plugin is",
+      "a subprocess started by the dispatcher instead (docs/protocol.md).",
+      "",
+      "flags:",
+      "  --address HOST:PORT  where to listen (default " + Handshake.DEFAULT_SERVICE_ADDRESS + "); port 0 takes any",
+      "                       free port; an IPv6 address goes in brackets, e.g. [::1]:0",
+      "  -h, --help           this help",
+      "",
+      "environment (docs/protocol.md, \"gRPC binding\"):",
+      "  " + BearerToken.TOKEN_FILE_ENV,
+      "      a file holding the bearer token (a mounted secret): every plugin call must then",
+      "      carry the metadata 'authorization: Bearer <token>'",
+      "  " + BearerToken.TOKEN_ENV,
+      "      the bearer token itself, when there is no file; set one of the two, not both",
+      "  Without either, anybody who can reach the address may call the plugin (a warning",
+      "  says so on stderr). Health and reflection answer without the token.",
+      "");
+
+  /**
+   * Serve {@code plugin} until the host stops it; exits the JVM with 1 on a handshake problem
+   * or a mistaken command line, and with 0 after {@code serve --help}.
+   */
   public static void serve(Plugin plugin, String[] args) {
     try {
       Handshake.Command command = Handshake.parseCommand(args);
+      if (command.helpWanted()) {
+        System.out.print(SERVICE_HELP);
+        System.out.flush();
+        System.exit(0);
+      }
       Running running = command.isService()
           ? serveService(plugin, command.serviceAddress(), BearerToken.configured(System.getenv()))
           : serveSubprocess(plugin, System.getenv());
@@ -109,23 +140,27 @@ public final class Serve {
     }
   }
 
-  private static Running serveService(Plugin plugin, String address, BearerToken token) throws IOException {
-    int colon = address.lastIndexOf(':');
-    String host = address.substring(0, colon);
-    int port = Integer.parseInt(address.substring(colon + 1));
-    String bindHost = host.startsWith("[") ? host.substring(1, host.length() - 1) : host;
+  private static Running serveService(Plugin plugin, Handshake.ServiceAddress address, BearerToken token)
+      throws Handshake.HandshakeException {
+    String host = address.host();
+    InetSocketAddress bindAddress = new InetSocketAddress(address.bindHost(), address.port());
+    if (bindAddress.isUnresolved()) throw cannotListen(address, "unknown host");
     HealthStatusManager health = new HealthStatusManager();
     PluginService service = new PluginService(plugin, health, true);
     // The last interceptor runs first: the token is checked before anything else.
-    Server server = NettyServerBuilder.forAddress(new InetSocketAddress(bindHost, port))
+    Server server = NettyServerBuilder.forAddress(bindAddress)
         .addService(token == null
             ? ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR)
             : ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR, token))
         .addService(health.getHealthService())
         .addService(ProtoReflectionServiceV1.newInstance())
         .addService(ProtoReflectionService.newInstance())
-        .build()
-        .start();
+        .build();
+    try {
+      server.start();
+    } catch (IOException error) {
+      throw cannotListen(address, bindFailure(error));
+    }
     if (token == null) {
       System.err.println("linchkit plugin: warning: no bearer token configured (" + BearerToken.TOKEN_FILE_ENV
           + " or " + BearerToken.TOKEN_ENV + "): anybody who can reach " + host + ":" + server.getPort()
@@ -135,6 +170,22 @@ public final class Serve {
     stopOnSignals(running);
     announce(Handshake.line(1, "tcp", host + ":" + server.getPort(), null));
     return running;
+  }
+
+  private static Handshake.HandshakeException cannotListen(Handshake.ServiceAddress address, String reason) {
+    return new Handshake.HandshakeException("serve: cannot listen on " + address + ": " + reason);
+  }
+
+  /**
+   * The operating system's words for a failed bind ("Address already in use"): Netty wraps them
+   * in "Failed to bind to address ..." and, on epoll, prefixes "bind(..) failed: ".
+   */
+  static String bindFailure(Throwable error) {
+    Throwable root = error;
+    while (root.getCause() != null && root.getCause() != root) root = root.getCause();
+    String message = root.getMessage();
+    if (message == null || message.isBlank()) return "the bind failed";
+    return message.substring(message.lastIndexOf(": ") + 1).strip();
   }
 
   private static Running serveSubprocess(Plugin plugin, Map<String, String> env) throws Exception {

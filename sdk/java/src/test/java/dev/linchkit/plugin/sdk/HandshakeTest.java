@@ -5,6 +5,8 @@ import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import java.io.IOException;
+import java.net.BindException;
 import java.security.cert.X509Certificate;
 import java.security.interfaces.ECPublicKey;
 import java.util.HashMap;
@@ -67,14 +69,70 @@ class HandshakeTest {
     assertEquals("1|1|unix|/tmp/p.sock|grpc|AQIDBA", Handshake.line(1, "unix", "/tmp/p.sock", new byte[] {1, 2, 3, 4}));
   }
 
+  private static Handshake.Command parse(String... args) throws Handshake.HandshakeException {
+    return Handshake.parseCommand(args);
+  }
+
   @Test
   void parsesTheCommandLine() throws Exception {
-    assertFalse(Handshake.parseCommand(new String[0]).isService());
-    assertEquals("127.0.0.1:0", Handshake.parseCommand(new String[] {"serve", "--address", "127.0.0.1:0"}).serviceAddress());
-    assertEquals("0.0.0.0:9", Handshake.parseCommand(new String[] {"serve", "--address=0.0.0.0:9"}).serviceAddress());
-    assertEquals("127.0.0.1:0", Handshake.parseCommand(new String[] {"serve"}).serviceAddress());
-    assertThrows(Handshake.HandshakeException.class, () -> Handshake.parseCommand(new String[] {"run"}));
-    assertThrows(Handshake.HandshakeException.class, () -> Handshake.parseCommand(new String[] {"serve", "--port", "1"}));
+    assertFalse(parse().isService());
+    assertFalse(parse().helpWanted());
+    assertEquals(new Handshake.ServiceAddress("127.0.0.1", 0), parse("serve", "--address", "127.0.0.1:0").serviceAddress());
+    assertEquals(new Handshake.ServiceAddress("0.0.0.0", 9), parse("serve", "--address=0.0.0.0:9").serviceAddress());
+    assertEquals(new Handshake.ServiceAddress("127.0.0.1", 0), parse("serve").serviceAddress());
+    assertThrows(Handshake.HandshakeException.class, () -> parse("run"));
+    var unknown = assertThrows(Handshake.HandshakeException.class, () -> parse("serve", "--port", "1"));
+    assertTrue(unknown.getMessage().contains("--port") && unknown.getMessage().contains("usage: serve"), unknown.getMessage());
+  }
+
+  @Test
+  void helpIsAskedForByEitherSpelling() throws Exception {
+    for (String help : new String[] {"--help", "-h"}) {
+      Handshake.Command command = parse("serve", help);
+      assertTrue(command.helpWanted(), help);
+      assertFalse(command.isService(), "help serves nothing: " + help);
+    }
+    assertTrue(parse("serve", "--address", "127.0.0.1:1", "--help").helpWanted());
+  }
+
+  @Test
+  void acceptsEveryKindOfHostAndThePortRange() throws Exception {
+    assertEquals(new Handshake.ServiceAddress("localhost", 65535), Handshake.ServiceAddress.parse("localhost:65535"));
+    assertEquals(new Handshake.ServiceAddress("10.0.0.7", 50051), Handshake.ServiceAddress.parse("10.0.0.7:50051"));
+    Handshake.ServiceAddress ipv6 = Handshake.ServiceAddress.parse("[::1]:0");
+    assertEquals("[::1]", ipv6.host(), "kept with brackets for the handshake line");
+    assertEquals("::1", ipv6.bindHost());
+    assertEquals("[::1]:0", ipv6.toString());
+    assertEquals("example.org", Handshake.ServiceAddress.parse("example.org:1").bindHost());
+  }
+
+  @Test
+  void refusesAMistypedAddressBeforeListening() {
+    String[] mistakes = {"", "not-an-address", "127.0.0.1:", "127.0.0.1:99999", "127.0.0.1:65536", "127.0.0.1:-1",
+        "127.0.0.1:+1", "127.0.0.1:http", ":50051", "::1:50051", "[]:1", "[::1:1", "[::1]x:1", "127.0.0.1:0x10",
+        "127.0.0.1:123456"};
+    for (String mistake : mistakes) {
+      var error = assertThrows(Handshake.HandshakeException.class, () -> parse("serve", "--address", mistake), mistake);
+      assertEquals("serve: --address must be host:port with a port in 0-65535 (e.g. 127.0.0.1:50051), not '"
+          + mistake + "'", error.getMessage());
+    }
+  }
+
+  @Test
+  void saysWhyABindFailedInTheSystemsWords() {
+    var epoll = new IOException("Failed to bind to address /127.0.0.1:4000",
+        new IOException("bind(..) failed: Address already in use"));
+    assertEquals("Address already in use", Serve.bindFailure(epoll));
+    assertEquals("Cannot assign requested address",
+        Serve.bindFailure(new IOException("wrapped", new BindException("Cannot assign requested address"))));
+    assertEquals("the bind failed", Serve.bindFailure(new IOException("wrapped", new BindException())));
+  }
+
+  @Test
+  void helpNamesTheFlagsAndTheEnvironment() {
+    for (String name : new String[] {"--address", "127.0.0.1:0", "--help", "-h", BearerToken.TOKEN_FILE_ENV, BearerToken.TOKEN_ENV}) {
+      assertTrue(Serve.SERVICE_HELP.contains(name), name);
+    }
   }
 
   @Test
