@@ -383,6 +383,25 @@ def test_serve_refuses_an_empty_token_file_and_a_bad_limit(tmp_path: Path) -> No
     assert "LINCHKIT_PLUGIN_" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        (["--port", "99999"], "--port must be in 0-65535 (0: any free port), not 99999"),
+        (["--port", "-1"], "--port must be in 0-65535"),
+        (["--host", "", "--port", "0"], "--host is empty"),
+        (["--host", "not an address", "--port", "0"], "cannot listen on not an address:0"),
+        (["--websocket", "--port", "65536"], "--port must be in 0-65535"),
+    ],
+)
+def test_serve_refuses_where_it_cannot_listen_as_asked(where: list[str], said: str) -> None:
+    """Before anything starts: the socket layer took port 99999 as 34463 and an empty
+    host as every interface; a host that does not resolve was uvicorn's log line, exit 3."""
+    done = subprocess.run(serve_command(*where), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
 def test_serve_help_documents_every_limit_and_its_variable() -> None:
     shown = subprocess.run(
         [sys.executable, "-m", "linchkit_plugin.cli", "serve", "--help"],

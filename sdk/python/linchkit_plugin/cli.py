@@ -309,6 +309,7 @@ def _serve_websocket(options: argparse.Namespace) -> None:
 
 
 def serve(options: argparse.Namespace) -> None:
+    _check_listening(options)
     if options.websocket:
         _serve_websocket(options)
         return
@@ -393,6 +394,22 @@ def serve(options: argparse.Namespace) -> None:
             await asyncio.sleep(options.leave_delay)
 
     run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
+
+
+def _check_listening(options: argparse.Namespace) -> None:
+    """Where to listen, checked before anything starts: the socket layer would take port
+    99999 as 34463 (modulo 65536) and an empty host as every interface."""
+    if options.uds:
+        return
+    if not 0 <= options.port <= 65535:
+        _fail(f"--port must be in 0-65535 (0: any free port), not {options.port}")
+    if not options.host.strip():
+        _fail("--host is empty: name the interface (127.0.0.1; 0.0.0.0 or :: for every one)")
+    try:
+        socket.getaddrinfo(options.host, options.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or error
+        _fail(f"cannot listen on {options.host}:{options.port}: {reason}")
 
 
 def _check_registration(options: argparse.Namespace) -> bool:
