@@ -69,3 +69,11 @@ async def test_serve_refuses_client_certificates_without_tls_as_bad_usage(tmp_pa
     _, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 2
     assert b"client certificates need TLS" in stderr
+
+
+async def test_serve_refuses_an_empty_host_rather_than_every_interface(tmp_path: Path) -> None:
+    """``--host ""`` (an unset variable in a script) listened on 0.0.0.0."""
+    process = await start_serve(tmp_path, "--host", "")
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert b"host is empty" in stderr and b"Traceback" not in stderr

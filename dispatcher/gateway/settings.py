@@ -75,6 +75,10 @@ class GatewaySettings:
     call_lane: bool = True
 
     def __post_init__(self) -> None:
+        if not self.host.strip():  # the socket layer takes "" as every interface
+            raise ValueError(
+                "host is empty: name the interface (127.0.0.1; 0.0.0.0 or :: for every one)"
+            )
         for name in ("port", "grpc_port"):
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
