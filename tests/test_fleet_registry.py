@@ -12,7 +12,8 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from dispatcher.config import Manifest
 from linchkit_plugin.errors import TargetUnavailable
 from tests.conftest import echo_plugin, manifest
 from tests.fault_proxy import FaultProxy
-from tests.services import Etcd, free_port, until
+from tests.services import Etcd, Plugin, free_port, until
 from tests.test_plugin_registry import GO_EXAMPLE, PLUGIN, PYTHON_GRPC_EXAMPLE
 
 #: How late the dispatcher of the graceful-stop tests learns that a plugin left.
@@ -62,6 +63,35 @@ def members(dispatcher: Dispatcher) -> dict[str, dict[str, Any]]:
     """The fleet's instances now, by description."""
     (fleet,) = dispatcher.stats()["fleets"].values()
     return {entry["target"]: entry for entry in fleet["instances"]}
+
+
+async def failures_while_one_leaves(
+    dispatcher: Dispatcher, call: Callable[[], Awaitable[Any]], leaving: Plugin
+) -> list[BaseException]:
+    """Eight callers ``call`` on and on; after 200 calls, SIGTERM to ``leaving``; once it
+    left the fleet and 200 more calls went, the callers stop. The errors they met."""
+    stop = asyncio.Event()
+    failures: list[BaseException] = []
+    done = 0
+
+    async def caller() -> None:
+        nonlocal done
+        while not stop.is_set():
+            try:
+                await call()
+                done += 1
+            except Exception as error:
+                failures.append(error)
+
+    callers = [asyncio.create_task(caller()) for _ in range(8)]
+    await until(lambda: done > 200, "calls to both")
+    await asyncio.to_thread(leaving.signal, signal.SIGTERM)
+    await until(lambda: len(members(dispatcher)) == 1, "the first left")
+    settled = done
+    await until(lambda: done > settled + 200, "calls after it left")
+    stop.set()
+    await asyncio.gather(*callers)
+    return failures
 
 
 @pytest.fixture
@@ -180,28 +210,9 @@ async def test_a_plugin_stopped_gracefully_loses_no_call_of_a_busy_fleet(
     await until(lambda: len(etcd.keys(etcd_prefix)) == 2, "both plugins registered")
     fleet = registry_manifest(etcd, etcd_prefix, via=late_etcd, balance="least_request")
     dispatcher = await started(fleet)
-    stop = asyncio.Event()
-    failures: list[BaseException] = []
-    done = 0
-
-    async def caller() -> None:
-        nonlocal done
-        while not stop.is_set():
-            try:
-                await dispatcher.call("echo", "withdraw", {"amount": 1})
-                done += 1
-            except Exception as error:
-                failures.append(error)
-
-    callers = [asyncio.create_task(caller()) for _ in range(8)]
-    await until(lambda: done > 200, "calls to both")
-    await asyncio.to_thread(leaving.signal, signal.SIGTERM)
-    await until(lambda: set(members(dispatcher)) == {f"http {staying_url}"}, "the first left")
-    settled = done
-    await until(lambda: done > settled + 200, "calls after it left")
-    stop.set()
-    await asyncio.gather(*callers)
-    assert failures == []
+    withdraw = partial(dispatcher.call, "echo", "withdraw", {"amount": 1})
+    assert await failures_while_one_leaves(dispatcher, withdraw, leaving) == []
+    assert set(members(dispatcher)) == {f"http {staying_url}"}
 
 
 @pytest.mark.parametrize("language", ["python", pytest.param("go", marks=pytest.mark.toolchain)])
@@ -231,28 +242,8 @@ async def test_a_grpc_service_stopped_gracefully_loses_no_call_of_a_busy_fleet(
         "methods": {"sleep": {"idempotent": False}},
     }
     dispatcher = await started(manifest(entry))
-    stop = asyncio.Event()
-    failures: list[BaseException] = []
-    done = 0
-
-    async def caller() -> None:
-        nonlocal done
-        while not stop.is_set():
-            try:
-                await dispatcher.call("example", "sleep", {"ms": 1})
-                done += 1
-            except Exception as error:
-                failures.append(error)
-
-    callers = [asyncio.create_task(caller()) for _ in range(8)]
-    await until(lambda: done > 200, "calls to both")
-    await asyncio.to_thread(services[0].signal, signal.SIGTERM)
-    await until(lambda: len(members(dispatcher)) == 1, "the first left")
-    settled = done
-    await until(lambda: done > settled + 200, "calls after it left")
-    stop.set()
-    await asyncio.gather(*callers)
-    assert failures == []
+    sleep = partial(dispatcher.call, "example", "sleep", {"ms": 1})
+    assert await failures_while_one_leaves(dispatcher, sleep, services[0]) == []
 
 
 async def test_a_grpc_fleet_follows_grpc_services_that_register(
