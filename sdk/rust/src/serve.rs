@@ -88,7 +88,8 @@ impl Environment {
 
 impl Plugin {
     /// Runs the plugin until it is told to stop, then exits the process. With the
-    /// arguments `serve [--address HOST:PORT]` it is a gRPC service on that address;
+    /// arguments `serve [--address HOST:PORT]` it is a gRPC service on that address (a
+    /// mistyped address is refused before listening; `serve --help` prints the usage);
     /// otherwise it expects the handshake environment of a subprocess plugin and exits with
     /// status 1 without it. It stops gracefully on SIGTERM or SIGINT, and as a subprocess
     /// also when its stdin reaches end-of-file (the host died).
@@ -122,7 +123,10 @@ impl Plugin {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         if env.args.first().map(String::as_str) == Some("serve") {
-            let address = service_address(&env.args[1..])?;
+            let address = match serve_request(&env.args[1..])? {
+                ServeRequest::ShowHelp => return write_help(&mut env.stdout).await,
+                ServeRequest::Listen(address) => address,
+            };
             let token = BearerToken::configured(|name| env.var(name).to_string())
                 .map_err(|err| ServeError::Failed(format!("serve: {err}")))?;
             let listener = TcpListener::bind(&address)
@@ -425,24 +429,119 @@ pub(crate) fn negotiate_version(offered: &str) -> Result<u32, String> {
     })
 }
 
-fn service_address(args: &[String]) -> Result<String, ServeError> {
-    let mut address = "127.0.0.1:0".to_string();
+/// The address `serve` listens on when not told otherwise: loopback only, any free port.
+const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
+
+/// What `serve --help` prints on stdout. In service mode the plugin reads only the token
+/// from its environment; the handshake variables (LINCHKIT_PLUGIN_MAGIC_COOKIE,
+/// LINCHKIT_PLUGIN_CLIENT_CERT, ...) belong to subprocess mode, so they are not listed.
+fn serve_help() -> String {
+    format!(
+        "usage: {program} serve [--address HOST:PORT]
+
+Serve the plugin as a gRPC service until SIGTERM or Ctrl+C; the first line on stdout is
+the handshake line, which names the address it listens on.
+
+flags:
+  --address HOST:PORT
+      where to serve gRPC: a name, an IPv4 address or an [IPv6] address, and a port
+      (0 for any free one; default {DEFAULT_ADDRESS})
+  -h, --help
+      print this help and exit
+
+environment (docs/protocol.md, \"Authentication (service mode)\"):
+  {ENV_TOKEN_FILE}
+      a file holding the bearer token every call must carry (a mounted secret)
+  {ENV_TOKEN}
+      the bearer token itself; set one of the two, not both (without a token anybody
+      who can reach the address may call the plugin)
+",
+        program = program_name(),
+    )
+}
+
+/// This executable's file name, so the usage line reads as the operator typed it.
+fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "plugin".to_string())
+}
+
+async fn write_help(stdout: &mut (dyn AsyncWrite + Send + Unpin)) -> Result<(), ServeError> {
+    let write = async {
+        stdout.write_all(serve_help().as_bytes()).await?;
+        stdout.flush().await
+    };
+    write.await.map_err(failed("serve: cannot write the help"))
+}
+
+/// What the arguments after `serve` ask for.
+#[derive(Debug, PartialEq)]
+enum ServeRequest {
+    ShowHelp,
+    /// Listen on this address, already checked by [`check_address`].
+    Listen(String),
+}
+
+fn serve_request(args: &[String]) -> Result<ServeRequest, ServeError> {
+    let mut address = DEFAULT_ADDRESS.to_string();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
-        if let Some(value) = arg.strip_prefix("--address=") {
+        if arg == "--help" || arg == "-h" {
+            return Ok(ServeRequest::ShowHelp);
+        } else if let Some(value) = arg.strip_prefix("--address=") {
             address = value.to_string();
         } else if arg == "--address" {
-            address = args
-                .next()
-                .cloned()
-                .ok_or_else(|| ServeError::Failed("serve: --address needs HOST:PORT".into()))?;
+            address = args.next().cloned().ok_or_else(|| {
+                ServeError::Failed("serve: --address needs HOST:PORT (serve --help)".into())
+            })?;
         } else {
             return Err(ServeError::Failed(format!(
-                "serve: unknown argument {arg:?}; usage: serve [--address HOST:PORT]"
+                "serve: unknown argument {arg:?}; usage: serve [--address HOST:PORT] [--help]"
             )));
         }
     }
-    Ok(address)
+    check_address(&address)?;
+    Ok(ServeRequest::Listen(address))
+}
+
+/// Refuses a mistyped address before listening: left to the resolver, an empty host would
+/// listen on every interface and `::1:50051` would fail with a message naming neither the
+/// flag nor the expected form.
+fn check_address(address: &str) -> Result<(), ServeError> {
+    let well_formed = address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| is_host(host) && is_port(port));
+    if well_formed {
+        return Ok(());
+    }
+    Err(ServeError::Failed(format!(
+        "serve: --address must be host:port with a port in 0-65535 \
+         (e.g. 127.0.0.1:50051), not '{address}'"
+    )))
+}
+
+/// A name or an IPv4 address, or an IPv6 address in brackets (unbracketed, its colons
+/// would be taken for the port's).
+fn is_host(host: &str) -> bool {
+    match host
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+    {
+        Some(ipv6) => ipv6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty() && !host.contains([':', '[', ']']),
+    }
+}
+
+/// Decimal digits only: `u16::from_str` would also take `+80`, and names like `http` are
+/// not ports here.
+fn is_port(port: &str) -> bool {
+    !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok()
 }
 
 fn socket_path(dir: &str) -> PathBuf {
@@ -456,4 +555,96 @@ fn socket_path(dir: &str) -> PathBuf {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     dir.join(format!("plugin-{}-{nanos:08x}.sock", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(args: &[&str]) -> Result<ServeRequest, ServeError> {
+        serve_request(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    }
+
+    fn listen(address: &str) -> ServeRequest {
+        ServeRequest::Listen(address.to_string())
+    }
+
+    #[test]
+    fn serve_request_reads_the_address_or_the_default() {
+        assert_eq!(request(&[]).unwrap(), listen(DEFAULT_ADDRESS));
+        assert_eq!(
+            request(&["--address", "0.0.0.0:50051"]).unwrap(),
+            listen("0.0.0.0:50051")
+        );
+        assert_eq!(request(&["--address=[::1]:0"]).unwrap(), listen("[::1]:0"));
+        assert_eq!(
+            request(&["--address", "localhost:0"]).unwrap(),
+            listen("localhost:0")
+        );
+        assert_eq!(
+            request(&["--address", "h:65535"]).unwrap(),
+            listen("h:65535")
+        );
+    }
+
+    #[test]
+    fn help_wins_over_the_address() {
+        assert_eq!(request(&["--help"]).unwrap(), ServeRequest::ShowHelp);
+        assert_eq!(request(&["-h"]).unwrap(), ServeRequest::ShowHelp);
+        assert_eq!(
+            request(&["--address", "oops", "-h"]).unwrap(),
+            ServeRequest::ShowHelp
+        );
+    }
+
+    #[test]
+    fn a_mistyped_address_is_refused_with_the_expected_form() {
+        for address in [
+            "",
+            "not-an-address",
+            "127.0.0.1:",
+            "127.0.0.1:99999",
+            "127.0.0.1:65536",
+            "127.0.0.1:-1",
+            "127.0.0.1:+80",
+            "127.0.0.1:http",
+            ":50051",
+            "::1:50051",
+            "[::1]",
+            "[not-ipv6]:0",
+            "[::1:0",
+        ] {
+            let message = request(&["--address", address]).unwrap_err().to_string();
+            assert_eq!(
+                message,
+                format!(
+                    "serve: --address must be host:port with a port in 0-65535 \
+                     (e.g. 127.0.0.1:50051), not '{address}'"
+                ),
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_arguments_and_a_missing_value_are_refused() {
+        let unknown = request(&["--port", "1"]).unwrap_err().to_string();
+        assert!(unknown.contains("unknown argument \"--port\"") && unknown.contains("usage"));
+        let missing = request(&["--address"]).unwrap_err().to_string();
+        assert!(missing.contains("--address needs HOST:PORT"), "{missing}");
+        assert!(!missing.contains('\n') && !unknown.contains('\n'));
+    }
+
+    #[test]
+    fn help_names_the_flags_and_the_environment() {
+        let help = serve_help();
+        for needed in [
+            "--address",
+            DEFAULT_ADDRESS,
+            "--help",
+            ENV_TOKEN_FILE,
+            ENV_TOKEN,
+        ] {
+            assert!(help.contains(needed), "{needed} missing from:\n{help}");
+        }
+    }
 }
