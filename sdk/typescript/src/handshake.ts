@@ -3,6 +3,8 @@
  * reading the host's environment, choosing a protocol version, and the one stdout line.
  */
 
+import { DEFAULT_ADDRESS, parseListenAddress } from './listen';
+
 export const CORE_PROTOCOL_VERSION = 1;
 export const MAGIC_COOKIE_KEY = 'LINCHKIT_PLUGIN_MAGIC_COOKIE';
 export const MAGIC_COOKIE_VALUE = 'd1spatch3r-pl4g1n';
@@ -108,22 +110,55 @@ export function parseHandshakeLine(line: string): HandshakeLine {
   };
 }
 
-/** `serve --address HOST:PORT` (service mode) or nothing (subprocess mode). */
-export type Command = { mode: 'service'; address: string } | { mode: 'subprocess' };
+/** The one-line reminder an argument mistake ends with; `serve --help` says more. */
+export const SERVE_USAGE = 'serve [--address HOST:PORT] [--websocket [--config JSON]] [--help]';
+
+/**
+ * `serve [--address HOST:PORT]` (a gRPC service), `serve --websocket [--address HOST:PORT]
+ * [--config JSON]`, `serve --help`, or nothing (subprocess mode). `connect` is serve.ts's.
+ */
+export type Command =
+  | { mode: 'service'; address: string }
+  | { mode: 'websocket'; address: string; config: string | undefined }
+  | { mode: 'help' }
+  | { mode: 'subprocess' };
+
+interface ServeFlags {
+  address: string;
+  websocket: boolean;
+  config: string | undefined;
+  help: boolean;
+}
 
 export function parseCommand(argv: readonly string[]): Command {
   if (argv.length === 0) return { mode: 'subprocess' };
-  if (argv[0] !== 'serve') throw new HandshakeError(`unknown command ${JSON.stringify(argv[0])}; usage: serve [--address HOST:PORT]`);
-  let address = '127.0.0.1:0';
-  for (let i = 1; i < argv.length; i++) {
-    const arg = argv[i] as string;
-    if (arg === '--address' && i + 1 < argv.length) {
-      address = argv[++i] as string;
-    } else if (arg.startsWith('--address=')) {
-      address = arg.slice('--address='.length);
-    } else {
-      throw new HandshakeError(`unknown argument ${JSON.stringify(arg)}; usage: serve [--address HOST:PORT]`);
-    }
+  if (argv[0] !== 'serve') throw new HandshakeError(`unknown command ${JSON.stringify(argv[0])}; usage: ${SERVE_USAGE}`);
+  const flags = parseServeFlags(argv.slice(1));
+  if (flags.help) return { mode: 'help' };
+  parseListenAddress(flags.address); // a mistyped address is refused before anything starts
+  if (flags.websocket) return { mode: 'websocket', address: flags.address, config: flags.config };
+  if (flags.config !== undefined) {
+    throw new HandshakeError(`serve: --config needs --websocket (a gRPC service gets its config from the Init call); usage: ${SERVE_USAGE}`);
   }
-  return { mode: 'service', address };
+  return { mode: 'service', address: flags.address };
+}
+
+function parseServeFlags(args: readonly string[]): ServeFlags {
+  const flags: ServeFlags = { address: DEFAULT_ADDRESS, websocket: false, config: undefined, help: false };
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i] as string;
+    if (arg === '--help' || arg === '-h') flags.help = true;
+    else if (arg === '--websocket') flags.websocket = true;
+    else if (arg === '--address') flags.address = valueOf(arg, args[++i]);
+    else if (arg === '--config') flags.config = valueOf(arg, args[++i]);
+    else if (arg.startsWith('--address=')) flags.address = arg.slice('--address='.length);
+    else if (arg.startsWith('--config=')) flags.config = arg.slice('--config='.length);
+    else throw new HandshakeError(`serve: unknown argument ${JSON.stringify(arg)}; usage: ${SERVE_USAGE}`);
+  }
+  return flags;
+}
+
+function valueOf(flag: string, value: string | undefined): string {
+  if (value === undefined) throw new HandshakeError(`serve: ${flag} needs a value; usage: ${SERVE_USAGE}`);
+  return value;
 }

@@ -13,6 +13,8 @@
  * - `connect --url ws://gateway/v1/plugins/connect [--config JSON]`: reverse mode, the
  *   plugin dials the gateway with the token of the variables above (websocket.ts).
  * The WebSocket modes run the plugin's own lifecycle with `--config` (no Init RPC there).
+ * `serve --help` prints the flags and the environment; a mistyped `--address` or a failed
+ * listen ends in one line on stderr and exit 1 (listen.ts), as in every SDK.
  * All stop gracefully on SIGTERM or SIGINT. With an OTLP endpoint in the environment
  * (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), gRPC calls are
  * traced (tracing.ts) and the last spans are sent before exiting.
@@ -22,10 +24,11 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV } from './auth';
-import { HandshakeError, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
+import { HandshakeError, SERVE_USAGE, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
+import { DEFAULT_ADDRESS, ListenError, cannotListen } from './listen';
 import type { Plugin } from './plugin';
 import { PluginServer } from './server';
-import { Tracing } from './tracing';
+import { OTLP_ENDPOINT_ENV, OTLP_TRACES_ENDPOINT_ENV, Tracing } from './tracing';
 import { generateServerCertificate } from './tls';
 import { Refused, dial, serveWebSocket } from './websocket';
 
@@ -34,24 +37,69 @@ export interface ServeOptions {
   env?: NodeJS.ProcessEnv;
 }
 
-/** Serve `plugin` until the host stops it; never returns normally (the process exits). */
+/** Serve `plugin` until the host stops it; never returns normally (the process exits), but for `serve --help`. */
 export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise<void> {
   const argv = options.argv ?? process.argv.slice(2);
   const env = options.env ?? process.env;
   try {
-    if (argv[0] === 'connect' || argv.includes('--websocket')) {
-      await serveOverWebSocket(plugin, argv, env);
+    if (argv[0] === 'connect') {
+      await connectToGateway(plugin, argv, env);
       return;
     }
     const command = parseCommand(argv);
+    if (command.mode === 'help') {
+      process.stdout.write(serveHelp());
+      return;
+    }
+    if (command.mode === 'websocket') {
+      await serveOverWebSocket(plugin, command.address, command.config, env);
+      return;
+    }
     const tracing = Tracing.fromEnv(env, plugin);
     if (command.mode === 'service') await serveService(plugin, command.address, BearerToken.configured(env), tracing);
     else await serveSubprocess(plugin, env, tracing);
   } catch (error) {
-    const message = error instanceof HandshakeError ? error.message : String((error as Error)?.stack ?? error);
-    process.stderr.write(`${message}\n`);
+    process.stderr.write(`${messageFor(error)}\n`);
     process.exit(1);
   }
+}
+
+/** A mistake of the operator's or the host's is one line; anything else is a bug, with its stack. */
+function messageFor(error: unknown): string {
+  if (error instanceof HandshakeError || error instanceof ListenError) return error.message;
+  return String((error as Error)?.stack ?? error);
+}
+
+/** `serve --help`: the flags, and the environment serve mode reads (where a deployment sets the rest). */
+function serveHelp(): string {
+  const program = path.basename(process.argv[1] ?? 'plugin', '.js');
+  return `usage: ${program} ${SERVE_USAGE}
+
+Serve the plugin until SIGTERM or Ctrl+C: a gRPC service, or with --websocket a WebSocket
+server the dispatcher dials. Once listening it prints one line: 1|1|tcp|HOST:PORT|grpc|
+(or |websocket|). Without arguments it is a subprocess plugin, started by the dispatcher.
+
+options:
+  --address HOST:PORT  where to listen (default ${DEFAULT_ADDRESS}); port 0 takes any free
+                       port; an IPv6 address in brackets: [::1]:0
+  --websocket          serve over WebSocket instead of gRPC
+  --config JSON        with --websocket: the object the plugin's init hooks get (default {});
+                       a gRPC service gets it from the dispatcher's Init call
+  -h, --help           this help
+
+environment (docs/security.md, docs/observability.md):
+  ${TOKEN_FILE_ENV}, ${TOKEN_ENV}
+      the bearer token every call must carry, from a file (a mounted secret) or the
+      variable, not both; without either anybody who can reach the address may call
+  ${OTLP_TRACES_ENDPOINT_ENV}, ${OTLP_ENDPOINT_ENV}
+      gRPC service: export a span per call over OTLP/HTTP (the first is the full URL,
+      the second a base URL + /v1/traces)
+  OTEL_SERVICE_NAME, OTEL_SDK_DISABLED, OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*
+      the traced service's name (default the plugin id), true to turn tracing off, the
+      collector's headers, span batching
+  LINCHKIT_PLUGIN_PROTO
+      where plugin.proto is, when not next to the SDK
+`;
 }
 
 function option(argv: readonly string[], name: string): string | undefined {
@@ -59,11 +107,11 @@ function option(argv: readonly string[], name: string): string | undefined {
   return index >= 0 ? argv[index + 1] : undefined;
 }
 
-async function serveOverWebSocket(plugin: Plugin, argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
-  const token = BearerToken.configured(env);
+/** The WebSocket modes run the plugin's own lifecycle: init with `--config`, start, stop on a signal. */
+async function startLifecycle(plugin: Plugin, configText: string | undefined): Promise<void> {
   let config: unknown;
   try {
-    config = JSON.parse(option(argv, '--config') ?? '{}');
+    config = JSON.parse(configText ?? '{}');
   } catch {
     throw new HandshakeError('--config must be a JSON object');
   }
@@ -75,22 +123,29 @@ async function serveOverWebSocket(plugin: Plugin, argv: readonly string[], env: 
   };
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
-  if (argv[0] === 'connect') {
-    const url = option(argv, '--url');
-    if (url === undefined) throw new HandshakeError('connect needs --url ws://gateway/v1/plugins/connect');
-    try {
-      await dial(plugin, url, { token: token?.secret() });
-    } catch (error) {
-      if (error instanceof Refused) throw new HandshakeError(`connect: ${error.message}`);
-      throw error;
-    }
-    return;
+}
+
+async function connectToGateway(plugin: Plugin, argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
+  const token = BearerToken.configured(env);
+  await startLifecycle(plugin, option(argv, '--config'));
+  const url = option(argv, '--url');
+  if (url === undefined) throw new HandshakeError('connect needs --url ws://gateway/v1/plugins/connect');
+  try {
+    await dial(plugin, url, { token: token?.secret() });
+  } catch (error) {
+    if (error instanceof Refused) throw new HandshakeError(`connect: ${error.message}`);
+    throw error;
   }
-  const address = await serveWebSocket(plugin, option(argv, '--address') ?? '127.0.0.1:0', token);
+}
+
+async function serveOverWebSocket(plugin: Plugin, address: string, config: string | undefined, env: NodeJS.ProcessEnv): Promise<void> {
+  const token = BearerToken.configured(env);
+  await startLifecycle(plugin, config);
+  const bound = await serveWebSocket(plugin, address, token);
   if (token === undefined) {
-    process.stderr.write(`linchkit plugin: warning: no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): anybody who can reach ${address} can call this plugin\n`);
+    process.stderr.write(`linchkit plugin: warning: no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): anybody who can reach ${bound} can call this plugin\n`);
   }
-  process.stdout.write(`1|1|tcp|${address}|websocket|\n`);
+  process.stdout.write(`1|1|tcp|${bound}|websocket|\n`);
 }
 
 async function serveService(
@@ -100,7 +155,7 @@ async function serveService(
   tracing: Tracing | undefined,
 ): Promise<void> {
   const server = new PluginServer(plugin, { servingFromStart: true, token, tracing });
-  const port = await server.bind(address, grpc.ServerCredentials.createInsecure());
+  const port = await bindService(server, address);
   const host = address.slice(0, address.lastIndexOf(':'));
   if (token === undefined) {
     process.stderr.write(
@@ -110,6 +165,28 @@ async function serveService(
   }
   stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing); // before the line: the host may stop us at once
   process.stdout.write(handshakeLine(1, 'tcp', `${host}:${port}`) + '\n');
+}
+
+/**
+ * Bind the gRPC service at `address`, a failure as one `ListenError` line. grpc-js logs a
+ * failed bind itself first ("E No address added…"): its logging is off for the bind only.
+ */
+async function bindService(server: PluginServer, address: string): Promise<number> {
+  grpc.setLogVerbosity(grpc.logVerbosity.NONE);
+  try {
+    return await server.bind(address, grpc.ServerCredentials.createInsecure());
+  } catch (error) {
+    throw cannotListen(address, error);
+  } finally {
+    grpc.setLogVerbosity(grpcLogVerbosity(process.env));
+  }
+}
+
+/** The verbosity grpc-js takes from the environment at load (ERROR unless set), to put back. */
+function grpcLogVerbosity(env: NodeJS.ProcessEnv): grpc.logVerbosity {
+  const name = (env.GRPC_NODE_VERBOSITY ?? env.GRPC_VERBOSITY ?? '').toUpperCase();
+  const known = ['DEBUG', 'INFO', 'ERROR', 'NONE'] as const;
+  return known.includes(name as (typeof known)[number]) ? grpc.logVerbosity[name as (typeof known)[number]] : grpc.logVerbosity.ERROR;
 }
 
 async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: Tracing | undefined): Promise<void> {

@@ -17,6 +17,7 @@ import * as http from 'node:http';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import type { BearerToken } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError } from './errors';
+import { formatListenAddress, listen, parseListenAddress } from './listen';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import { decodeJson, encodeJson } from './server';
@@ -232,7 +233,10 @@ function keepAlive(socket: WebSocket, intervalMs: number): void {
   socket.once('close', () => clearInterval(timer));
 }
 
-/** Serve `plugin` at `address` (host:port) until the process stops; resolves to the bound address. */
+/**
+ * Serve `plugin` at `address` (host:port) until the process stops; resolves to the bound
+ * address. A mistyped address or a failed listen rejects with a `ListenError` (listen.ts).
+ */
 export async function serveWebSocket(plugin: Plugin, address: string, token: BearerToken | undefined): Promise<string> {
   const server = http.createServer((_, response) => {
     response.writeHead(426, { 'Content-Type': 'application/json' });
@@ -249,12 +253,9 @@ export async function serveWebSocket(plugin: Plugin, address: string, token: Bea
       void new Session(plugin, ws).run();
     });
   });
-  const colon = address.lastIndexOf(':');
-  const host = address.slice(0, colon);
-  await new Promise<void>((resolve) => server.listen(Number(address.slice(colon + 1)), host, resolve));
-  const bound = server.address();
-  const port = typeof bound === 'object' && bound !== null ? bound.port : 0;
-  return `${host}:${port}`;
+  const where = parseListenAddress(address);
+  const port = await listen(server, where);
+  return formatListenAddress({ host: where.host, port });
 }
 
 export interface DialOptions {

@@ -1,0 +1,137 @@
+/**
+ * `serve` as an operator meets it (the contract of tests/conformance/test_serve_cli.py):
+ * `--help` on stdout with exit 0, a mistyped `--address` refused before listening, a port
+ * already taken, each one line on stderr and exit 1, never a stack trace.
+ */
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { once } from 'node:events';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { HandshakeError, parseCommand } from '../src/handshake';
+import { ListenError, cannotListen, formatListenAddress, listen, parseListenAddress } from '../src/listen';
+
+/** This SDK's own example plugin, whatever LINCHKIT_EXAMPLE_PLUGIN names for subprocess.test.ts. */
+const PLUGIN = path.resolve(__dirname, '../../example-plugin');
+const CRASHES = ['Error: ', 'RangeError', '    at '];
+
+function serveCli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
+  // No token in the environment, so nothing is read from the developer's own.
+  const env = { PATH: process.env.PATH ?? '' };
+  const done = spawnSync(PLUGIN, ['serve', ...args], { encoding: 'utf8', env, timeout: 30_000, stdio: ['ignore', 'pipe', 'pipe'] });
+  return { status: done.status, stdout: done.stdout, stderr: done.stderr };
+}
+
+function assertOneLineFailure(done: ReturnType<typeof serveCli>): string {
+  assert.equal(done.status, 1, done.stderr);
+  assert.equal(done.stdout, '');
+  for (const crash of CRASHES) assert.ok(!done.stderr.includes(crash), done.stderr);
+  const lines = done.stderr.trim().split('\n');
+  assert.equal(lines.length, 1, done.stderr);
+  return lines[0]!;
+}
+
+async function takenPort(): Promise<net.Server> {
+  const server = net.createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return server;
+}
+
+const portOf = (server: net.Server): number => (server.address() as net.AddressInfo).port;
+
+test('an address is a host (a name, IPv4, or IPv6 in brackets) and a decimal port 0-65535', () => {
+  assert.deepEqual(parseListenAddress('127.0.0.1:0'), { host: '127.0.0.1', port: 0 });
+  assert.deepEqual(parseListenAddress('localhost:65535'), { host: 'localhost', port: 65535 });
+  assert.deepEqual(parseListenAddress('[::1]:50051'), { host: '::1', port: 50051 });
+  assert.deepEqual(parseListenAddress('plugin.internal:8080'), { host: 'plugin.internal', port: 8080 });
+  assert.equal(formatListenAddress({ host: '::1', port: 7 }), '[::1]:7');
+  assert.equal(formatListenAddress({ host: '0.0.0.0', port: 7 }), '0.0.0.0:7');
+});
+
+test('a mistyped address is refused with the flag, the form and the address as given', () => {
+  const mistakes = ['', 'not-an-address', '127.0.0.1:', '127.0.0.1:99999', '127.0.0.1:-1', '127.0.0.1:http', ':50051', '::1:50051', '[::1]', '[nope]:1', '127.0.0.1:0x10', '127.0.0.1: 1'];
+  for (const address of mistakes) {
+    assert.throws(
+      () => parseListenAddress(address),
+      (error: unknown) =>
+        error instanceof ListenError &&
+        error.message === `serve: --address must be host:port with a port in 0-65535 (e.g. 127.0.0.1:50051), not '${address}'`,
+      address,
+    );
+  }
+});
+
+test('the command line: serve --websocket, --config, --help, and mistakes in one line', () => {
+  assert.deepEqual(parseCommand(['serve', '--help']), { mode: 'help' });
+  assert.deepEqual(parseCommand(['serve', '-h']), { mode: 'help' });
+  assert.deepEqual(parseCommand(['serve', '--websocket', '--address', '[::1]:0', '--config', '{}']), {
+    mode: 'websocket',
+    address: '[::1]:0',
+    config: '{}',
+  });
+  assert.deepEqual(parseCommand(['serve', '--websocket']), { mode: 'websocket', address: '127.0.0.1:0', config: undefined });
+  assert.throws(() => parseCommand(['serve', '--address', '127.0.0.1:99999']), ListenError);
+  assert.throws(() => parseCommand(['serve', '--websocket', '--address=nope']), ListenError);
+  assert.throws(() => parseCommand(['serve', '--address']), /--address needs a value; usage: serve /);
+  assert.throws(() => parseCommand(['serve', '--config', '{}']), /--config needs --websocket/);
+  assert.throws(() => parseCommand(['serve', '--port', '1']), (error: unknown) => error instanceof HandshakeError && /usage: serve .*--help/.test(error.message));
+});
+
+test('a failed listen says why in words an operator can act on', () => {
+  const failure = (code: string): Error => Object.assign(new Error(`listen ${code}: whatever`), { code });
+  assert.equal(cannotListen('127.0.0.1:1', failure('EADDRINUSE')).message, 'serve: cannot listen on 127.0.0.1:1: the port is already in use');
+  assert.match(cannotListen('10.9.9.9:1', failure('EADDRNOTAVAIL')).message, /not an address of this machine$/);
+  assert.match(cannotListen('nope:1', failure('ENOTFOUND')).message, /does not resolve$/);
+  // grpc-js folds node's error into its own message, without a code.
+  assert.match(cannotListen('x:1', new Error('Name resolution failed for target dns:x:1')).message, /does not resolve$/);
+  assert.match(cannotListen('h:1', new Error('No address added: [listen EADDRINUSE: address already in use]')).message, /already in use$/);
+  assert.equal(cannotListen('h:1', new Error('Error: something new\n    at here')).message, 'serve: cannot listen on h:1: something new');
+});
+
+test('listen rejects a port already taken with a ListenError, and resolves to the port bound', async () => {
+  const taken = await takenPort();
+  try {
+    const address = { host: '127.0.0.1', port: portOf(taken) };
+    await assert.rejects(listen(net.createServer(), address), (error: unknown) => error instanceof ListenError && /already in use/.test(error.message));
+    const server = net.createServer();
+    const port = await listen(server, { host: '127.0.0.1', port: 0 });
+    assert.ok(port > 0);
+    server.close();
+  } finally {
+    taken.close();
+  }
+});
+
+test('example-plugin serve --help and -h: the flags and the environment, on stdout, exit 0', () => {
+  for (const flag of ['--help', '-h']) {
+    const done = serveCli(flag);
+    assert.equal(done.status, 0, done.stderr);
+    assert.equal(done.stderr, '');
+    for (const word of ['--address', '127.0.0.1:0', '--websocket', '--config', 'LINCHKIT_PLUGIN_TOKEN_FILE', 'LINCHKIT_PLUGIN_TOKEN', 'OTEL_EXPORTER_OTLP_ENDPOINT']) {
+      assert.ok(done.stdout.includes(word), `${word} is missing from:\n${done.stdout}`);
+    }
+  }
+});
+
+test('example-plugin serve: a mistyped address or an unknown argument is one line, exit 1', () => {
+  for (const args of [['--address', '127.0.0.1:99999'], ['--websocket', '--address', '::1:50051'], ['--address', '']]) {
+    const line = assertOneLineFailure(serveCli(...args));
+    assert.ok(line.includes(`not '${args.at(-1)}'`), line);
+  }
+  assert.match(assertOneLineFailure(serveCli('--port', '1')), /^serve: unknown argument "--port"; usage: serve /);
+});
+
+test('example-plugin serve: a port already taken is one line, exit 1, over gRPC and WebSocket', async () => {
+  const taken = await takenPort();
+  try {
+    const address = `127.0.0.1:${portOf(taken)}`;
+    for (const mode of [[], ['--websocket']]) {
+      const line = assertOneLineFailure(serveCli(...mode, '--address', address));
+      assert.equal(line, `serve: cannot listen on ${address}: the port is already in use`);
+    }
+  } finally {
+    taken.close();
+  }
+});
