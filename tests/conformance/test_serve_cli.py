@@ -63,7 +63,7 @@ def test_a_port_already_taken_is_refused_in_one_line(language: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        address = "127.0.0.1:%d" % taken.getsockname()[1]
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
         line = one_clear_line(serve(language, "--address", address))
     assert line.startswith(f"serve: cannot listen on {address}"), line
 
