@@ -1,7 +1,9 @@
 """``example-plugin serve`` of every SDK as an operator meets it: ``--help``, a mistyped
 ``--address``, a port already taken. Each ends at once with one clear line and status 1
 (``--help``: the usage and the environment the service reads, status 0), never a stack
-trace, never serving somewhere else than asked.
+trace, never serving somewhere else than asked. ``connect`` (reverse mode) of the SDKs
+that dial the gateway: a ``--url`` that can never reach one ends at once the same way,
+rather than being retried for ever.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import subprocess
 
 import pytest
 
-from tests.conformance.conftest import LANGUAGES, executable
+from tests.conformance.conftest import LANGUAGES, WEBSOCKET_MODES, executable
 from tests.services import CLEAN_ENVIRONMENT
 
 #: Words that mean a runtime printed a crash instead of an answer.
@@ -29,9 +31,20 @@ BAD_ADDRESSES = [
 ]
 
 
-def serve(language: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+BAD_URLS = [
+    pytest.param("not-a-url", id="no scheme"),
+    pytest.param("ftp://127.0.0.1/v1/plugins/connect", id="not WebSocket"),
+    pytest.param("ws://", id="no host"),
+    pytest.param("ws//127.0.0.1:8080/v1/plugins/connect", id="a colon short"),
+]
+DIALLING = sorted(language for language, modes in WEBSOCKET_MODES.items() if "inbound" in modes)
+
+
+def serve(
+    language: str, *arguments: str, command: str = "serve"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(executable(language)), "serve", *arguments],
+        [str(executable(language)), command, *arguments],
         capture_output=True,
         text=True,
         timeout=60,
@@ -41,10 +54,10 @@ def serve(language: str, *arguments: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def one_clear_line(done: subprocess.CompletedProcess[str]) -> str:
-    """The failure's message: status 1, nothing on stdout (the handshake line's place),
+def one_clear_line(done: subprocess.CompletedProcess[str], status: int = 1) -> str:
+    """The failure's message: ``status``, nothing on stdout (the handshake line's place),
     no crash; the last line of stderr (a JVM or a token warning may come before it)."""
-    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert done.returncode == status, (done.returncode, done.stdout, done.stderr)
     assert done.stdout == ""
     assert not any(crash in done.stderr for crash in CRASHES), done.stderr
     return done.stderr.strip().splitlines()[-1]
@@ -74,3 +87,10 @@ def test_help_shows_the_flags_and_the_environment(language: str) -> None:
     assert done.returncode == 0, done.stderr
     assert "address" in done.stdout and "LINCHKIT_PLUGIN_TOKEN" in done.stdout, done.stdout
     assert not any(crash in done.stdout + done.stderr for crash in CRASHES)
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+@pytest.mark.parametrize("language", DIALLING)
+def test_connect_refuses_a_url_that_can_never_reach_a_gateway(language: str, url: str) -> None:
+    line = one_clear_line(serve(language, "--url", url, command="connect"))
+    assert "--url" in line and "ws://" in line and url in line, line
