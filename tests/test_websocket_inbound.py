@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from dispatcher.gateway.app import create_app
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_protocol import hello_frame
 from linchkit_plugin.ws_server import Refused, dial
-from tests.conftest import manifest
+from tests.conftest import ROOT, manifest
 
 TOKEN = "sock-token-0123456789"
 OTHER_TOKEN = "other-token-9876543210"
@@ -228,3 +229,30 @@ async def test_the_command_line_serves_and_dials(tmp_path: Any) -> None:
         _, stderr = await asyncio.wait_for(refused.communicate(), 30)
         assert refused.returncode == 1
         assert b"401" in stderr and TOKEN.encode() not in stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["not-a-url", "ftp://127.0.0.1/x", "ws://", "ws://127.0.0.1:99999/x"]
+)
+async def test_a_url_that_can_never_reach_a_gateway_is_refused_before_anything_runs(
+    url: str,
+) -> None:
+    """Not retried for ever: refused before the plugin's lifecycle starts, by ``dial`` and
+    by ``dispatcher-plugin connect`` (status 2, one line)."""
+    host = PluginHost(SocketPlugin())
+    before = host.state
+    with pytest.raises(ValueError, match="--url must be a ws:// or wss:// URL"):
+        await dial(host, url, plugin_id="sock", version="1.0.0")
+    assert host.state == before  # init and start never ran
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "linchkit_plugin.cli", "connect", "socket_plugin:SocketPlugin",
+        "--url", url, "--id", "sock", "--version", "1.0.0",
+        "--path", str(ROOT / "tests" / "plugins"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2 and out == b""
+    assert err.decode().strip() == (
+        "Error: --url must be a ws:// or wss:// URL"
+        f" (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not {url!r}"
+    )

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken
 from linchkit_plugin.host import PluginHost
-from linchkit_plugin.ws_server import Refused, WebSocketPluginServer, dial
+from linchkit_plugin.ws_server import Refused, WebSocketPluginServer, checked_gateway_url, dial
 
 __all__ = ["connect", "serve_websocket"]
 
@@ -64,8 +64,9 @@ def connect(
     token: BearerToken | None,
 ) -> int:
     """Dial the gateway until stopped; 1 when it refuses this plugin (not retried), 2
-    when its TLS files cannot be used."""
+    when ``--url`` cannot name a gateway or its TLS files cannot be used."""
     try:
+        checked_gateway_url(options.url)
         context = tls_context(options.url, options.ca_file, options.cert_file, options.key_file)
     except (OSError, ssl.SSLError, ValueError) as error:
         print(f"Error: {error}", file=sys.stderr)

@@ -28,6 +28,7 @@ import signal
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -414,6 +415,26 @@ def _hello_of(host: PluginHost, plugin_id: str, version: str) -> bytes:
     )
 
 
+#: The schemes a gateway's WebSocket URL may have (aiohttp dials http(s) as ws(s)).
+_GATEWAY_SCHEMES = frozenset({"ws", "wss", "http", "https"})
+
+
+def checked_gateway_url(url: str) -> str:
+    """``url`` if it can name a gateway; else ``ValueError``: a URL that can never reach
+    one would otherwise be retried for ever, quietly."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme.lower() not in _GATEWAY_SCHEMES or not parts.hostname:
+        raise ValueError(
+            "--url must be a ws:// or wss:// URL"
+            f" (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not {url!r}"
+        )
+    return url
+
+
 async def dial(
     host: PluginHost,
     url: str,
@@ -436,6 +457,7 @@ async def dial(
     drop (exponential backoff with full jitter, reset once a connection came up), until
     cancelled. Runs the plugin's lifecycle around it. Raises ``Refused`` on 401/403/404.
     """
+    checked_gateway_url(url)
     outbox = EventOutbox(max_buffered_events)
     if hasattr(host.plugin, "emit"):
         host.plugin._emit = outbox.emit
@@ -529,6 +551,11 @@ def main(
     if argv[0] == "connect":
         if not options.url:
             sys.stderr.write("connect: --url is required\n")
+            return 1
+        try:
+            checked_gateway_url(options.url)
+        except ValueError as error:
+            sys.stderr.write(f"connect: {error}\n")
             return 1
         try:
             asyncio.run(
