@@ -402,3 +402,19 @@ func TestServeAddressesAreHostAndPort(t *testing.T) {
 		}
 	}
 }
+
+func TestGatewayURLsNameAHost(t *testing.T) {
+	good := []string{"ws://127.0.0.1:8080/v1/plugins/connect", "wss://gw.example/v1/plugins/connect",
+		"http://[::1]:8080/v1/plugins/connect"}
+	bad := []string{"not-a-url", "ftp://127.0.0.1/x", "ws://", "ws//127.0.0.1:8080/x", "ws://127.0.0.1:99999/x", ""}
+	for _, url := range good {
+		if !isGatewayURL(url) {
+			t.Errorf("isGatewayURL(%q) = false, want true", url)
+		}
+	}
+	for _, url := range bad {
+		if isGatewayURL(url) {
+			t.Errorf("isGatewayURL(%q) = true, want false", url)
+		}
+	}
+}

@@ -16,7 +16,9 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	neturl "net/url"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -62,6 +64,26 @@ type frame struct {
 	Data    json.RawMessage `json:"data,omitempty"`
 }
 
+// isGatewayURL: a URL that can name a gateway (ws, wss, or http(s), which the WebSocket
+// client dials the same way) with a host and a port that is one. Anything else would be
+// retried for ever.
+func isGatewayURL(raw string) bool {
+	parsed, err := neturl.Parse(raw)
+	if err != nil || parsed.Hostname() == "" {
+		return false
+	}
+	if port := parsed.Port(); port != "" {
+		if n, err := strconv.Atoi(port); err != nil || n > 65535 {
+			return false
+		}
+	}
+	switch strings.ToLower(parsed.Scheme) {
+	case "ws", "wss", "http", "https":
+		return true
+	}
+	return false
+}
+
 func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	flags := flag.NewFlagSet("connect", flag.ContinueOnError)
 	url := flags.String("url", "", "the gateway's ws[s]://HOST/v1/plugins/connect")
@@ -71,6 +93,10 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	}
 	if *url == "" {
 		return errors.New("connect: --url is required")
+	}
+	if !isGatewayURL(*url) {
+		return fmt.Errorf("connect: --url must be a ws:// or wss:// URL "+
+			"(e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '%s'", *url)
 	}
 	token, err := configuredToken(env.Getenv)
 	if err != nil {
