@@ -11,7 +11,9 @@
  * - `serve --websocket --address 127.0.0.1:0 [--config JSON]`: a WebSocket server the
  *   dispatcher dials (`provider: websocket`); prints `1|1|tcp|ADDR|websocket|`.
  * - `connect --url ws://gateway/v1/plugins/connect [--config JSON]`: reverse mode, the
- *   plugin dials the gateway with the token of the variables above (websocket.ts).
+ *   plugin dials the gateway with the token of the variables above (websocket.ts). A URL
+ *   that can never reach a gateway (no scheme, not ws/wss, no host) ends in one line and
+ *   exit 1 (connect.ts); an unreachable gateway is dialled again. `connect --help` too.
  * The WebSocket modes run the plugin's own lifecycle with `--config` (no Init RPC there).
  * `serve --help` prints the flags and the environment; a mistyped `--address` or a failed
  * listen ends in one line on stderr and exit 1 (listen.ts), as in every SDK.
@@ -25,6 +27,7 @@ import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV } from './auth';
 import { HandshakeError, SERVE_USAGE, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
+import { CONNECT_USAGE, parseConnectCommand } from './connect';
 import { DEFAULT_ADDRESS, ListenError, cannotListen } from './listen';
 import type { Plugin } from './plugin';
 import { PluginServer } from './server';
@@ -43,7 +46,9 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
   const env = options.env ?? process.env;
   try {
     if (argv[0] === 'connect') {
-      await connectToGateway(plugin, argv, env);
+      const command = parseConnectCommand(argv);
+      if (command.mode === 'help') process.stdout.write(connectHelp());
+      else await connectToGateway(plugin, command.url, command.config, env);
       return;
     }
     const command = parseCommand(argv);
@@ -102,9 +107,26 @@ environment (docs/security.md, docs/observability.md):
 `;
 }
 
-function option(argv: readonly string[], name: string): string | undefined {
-  const index = argv.indexOf(name);
-  return index >= 0 ? argv[index + 1] : undefined;
+/** `connect --help`: the flags, and the environment reverse mode reads. */
+function connectHelp(): string {
+  const program = path.basename(process.argv[1] ?? 'plugin', '.js');
+  return `usage: ${program} ${CONNECT_USAGE}
+
+Reverse mode: dial the dispatcher's gateway over WebSocket and serve its calls until SIGTERM
+or Ctrl+C. A gateway that cannot be reached (yet) is dialled again with backoff and jitter;
+one that refuses the plugin (401, 403, 404) ends it with exit 1.
+
+options:
+  --url URL      the gateway's plugin endpoint: ws://HOST:PORT/v1/plugins/connect, or
+                 wss:// for TLS (http:// and https:// are taken as ws:// and wss://)
+  --config JSON  the object the plugin's init hooks get (default {})
+  -h, --help     this help
+
+environment (docs/security.md):
+  ${TOKEN_FILE_ENV}, ${TOKEN_ENV}
+      the bearer token the plugin presents to the gateway, from a file (a mounted secret)
+      or the variable, not both
+`;
 }
 
 /** The WebSocket modes run the plugin's own lifecycle: init with `--config`, start, stop on a signal. */
@@ -125,11 +147,10 @@ async function startLifecycle(plugin: Plugin, configText: string | undefined): P
   process.on('SIGINT', stop);
 }
 
-async function connectToGateway(plugin: Plugin, argv: readonly string[], env: NodeJS.ProcessEnv): Promise<void> {
+/** `url` is checked already (connect.ts): a gateway that does not answer yet is retried. */
+async function connectToGateway(plugin: Plugin, url: string, config: string | undefined, env: NodeJS.ProcessEnv): Promise<void> {
   const token = BearerToken.configured(env);
-  await startLifecycle(plugin, option(argv, '--config'));
-  const url = option(argv, '--url');
-  if (url === undefined) throw new HandshakeError('connect needs --url ws://gateway/v1/plugins/connect');
+  await startLifecycle(plugin, config);
   try {
     await dial(plugin, url, { token: token?.secret() });
   } catch (error) {

@@ -1,0 +1,62 @@
+/**
+ * `connect` (reverse mode) as an operator types it: `--url` of the gateway, checked before
+ * anything starts. The same contract in every SDK that dials (tests/conformance/
+ * test_serve_cli.py): a URL that can never reach a gateway (no scheme, not WebSocket, no
+ * host) is one clear line and exit 1, never a stack trace nor retried for ever; a
+ * well-formed URL whose gateway does not answer yet is retried (websocket.ts's `dial`).
+ */
+import { HandshakeError } from './handshake';
+
+/** The one-line reminder an argument mistake ends with; `connect --help` says more. */
+export const CONNECT_USAGE = 'connect --url ws://HOST:PORT/v1/plugins/connect [--config JSON] [--help]';
+
+export type ConnectCommand = { mode: 'connect'; url: string; config: string | undefined } | { mode: 'help' };
+
+/** The schemes the `ws` package dials with: http and https are the same as ws and wss there. */
+const SCHEMES = new Set(['ws:', 'wss:', 'http:', 'https:']);
+
+/** `argv` from `connect` on: `--url URL` (or `--url=URL`), `--config JSON`, `--help`/`-h`. */
+export function parseConnectCommand(argv: readonly string[]): ConnectCommand {
+  let url: string | undefined;
+  let config: string | undefined;
+  let help = false;
+  const args = argv[0] === 'connect' ? argv.slice(1) : argv;
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i] as string;
+    if (arg === '--help' || arg === '-h') help = true;
+    else if (arg === '--url') url = valueOf(arg, args[++i]);
+    else if (arg === '--config') config = valueOf(arg, args[++i]);
+    else if (arg.startsWith('--url=')) url = arg.slice('--url='.length);
+    else if (arg.startsWith('--config=')) config = arg.slice('--config='.length);
+    else throw new HandshakeError(`connect: unknown argument ${JSON.stringify(arg)}; usage: ${CONNECT_USAGE}`);
+  }
+  if (help) return { mode: 'help' };
+  if (url === undefined) throw new HandshakeError(`connect: --url is required; usage: ${CONNECT_USAGE}`);
+  parseGatewayUrl(url); // a URL that can never reach a gateway is refused before anything starts
+  return { mode: 'connect', url, config };
+}
+
+/**
+ * `scheme://` and an authority that is not empty, as written: WHATWG's parser (node's URL)
+ * reads `ws:///path` as host `path` and `ws:host` as `ws://host`, which the other SDKs refuse.
+ */
+const AUTHORITY = /^[A-Za-z][A-Za-z0-9+.-]*:\/\/[^/?#]/;
+
+/** `text` as a URL the plugin can dial: ws, wss (or http, https) with a host; else one line. */
+export function parseGatewayUrl(text: string): URL {
+  let url: URL | undefined;
+  try {
+    url = AUTHORITY.test(text) ? new URL(text) : undefined;
+  } catch {
+    url = undefined;
+  }
+  if (url === undefined || !SCHEMES.has(url.protocol) || url.hostname === '') {
+    throw new HandshakeError(`connect: --url must be a ws:// or wss:// URL (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '${text}'`);
+  }
+  return url;
+}
+
+function valueOf(flag: string, value: string | undefined): string {
+  if (value === undefined) throw new HandshakeError(`connect: ${flag} needs a value; usage: ${CONNECT_USAGE}`);
+  return value;
+}

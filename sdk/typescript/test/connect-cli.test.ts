@@ -1,0 +1,91 @@
+/**
+ * `connect` (reverse mode) as an operator meets it (tests/conformance/test_serve_cli.py):
+ * a `--url` that can never reach a gateway is one line on stderr and exit 1, at once, never
+ * a stack trace; a well-formed URL whose gateway is not there yet is dialled again;
+ * `--help` on stdout with exit 0.
+ */
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { CONNECT_USAGE, parseConnectCommand, parseGatewayUrl } from '../src/connect';
+import { HandshakeError } from '../src/handshake';
+
+/** This SDK's own example plugin, as in serve-cli.test.ts. */
+const PLUGIN = path.resolve(__dirname, '../../example-plugin');
+const CRASHES = ['Error: ', 'RangeError', '    at ', 'Exception'];
+const BAD_URLS = ['', 'not-a-url', 'ftp://127.0.0.1/v1/plugins/connect', 'ws://', 'ws//127.0.0.1:8080/v1/plugins/connect', 'ws:///v1/plugins/connect', 'ws:127.0.0.1:8080/v1/plugins/connect', 'file:///tmp/socket', 'ws://127.0.0.1:99999/'];
+
+const refusal = (url: string): string =>
+  `connect: --url must be a ws:// or wss:// URL (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '${url}'`;
+
+/** No token in the environment, so nothing is read from the developer's own. */
+const ENV = { PATH: process.env.PATH ?? '' };
+
+function connectCli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const done = spawnSync(PLUGIN, ['connect', ...args], { encoding: 'utf8', env: ENV, timeout: 30_000, stdio: ['ignore', 'pipe', 'pipe'] });
+  return { status: done.status, stdout: done.stdout, stderr: done.stderr };
+}
+
+function assertOneLineFailure(done: ReturnType<typeof connectCli>): string {
+  assert.equal(done.status, 1, done.stderr);
+  assert.equal(done.stdout, '');
+  for (const crash of CRASHES) assert.ok(!done.stderr.includes(crash), done.stderr);
+  const lines = done.stderr.trim().split('\n');
+  assert.equal(lines.length, 1, done.stderr);
+  return lines[0]!;
+}
+
+test('a gateway URL is ws, wss, http or https with a host', () => {
+  for (const url of ['ws://127.0.0.1:8080/v1/plugins/connect', 'wss://gateway.example/v1/plugins/connect', 'ws://[::1]:1/x', 'http://localhost/v1/plugins/connect', 'https://gateway/v1/plugins/connect']) {
+    assert.equal(parseGatewayUrl(url).href.length > 0, true, url);
+  }
+});
+
+test('a URL that can never reach a gateway is refused with the flag, the form and the URL as given', () => {
+  for (const url of BAD_URLS) {
+    assert.throws(() => parseGatewayUrl(url), (error: unknown) => error instanceof HandshakeError && error.message === refusal(url), url);
+  }
+});
+
+test('the connect command line: --url, --config, --help, and mistakes in one line', () => {
+  const url = 'ws://127.0.0.1:8080/v1/plugins/connect';
+  assert.deepEqual(parseConnectCommand(['connect', '--url', url, '--config', '{"a":1}']), { mode: 'connect', url, config: '{"a":1}' });
+  assert.deepEqual(parseConnectCommand(['connect', `--url=${url}`]), { mode: 'connect', url, config: undefined });
+  assert.deepEqual(parseConnectCommand(['connect', '--help']), { mode: 'help' });
+  assert.deepEqual(parseConnectCommand(['connect', '-h', '--url', 'not-a-url']), { mode: 'help' });
+  assert.throws(() => parseConnectCommand(['connect']), (error: unknown) => error instanceof HandshakeError && error.message === `connect: --url is required; usage: ${CONNECT_USAGE}`);
+  assert.throws(() => parseConnectCommand(['connect', '--url']), /^HandshakeError: connect: --url needs a value; usage: connect /);
+  assert.throws(() => parseConnectCommand(['connect', '--url', 'ftp://h/']), HandshakeError);
+  assert.throws(() => parseConnectCommand(['connect', '--uri', url]), /connect: unknown argument "--uri"; usage: connect /);
+});
+
+test('example-plugin connect: a URL that can never reach a gateway is one line, exit 1', () => {
+  for (const url of BAD_URLS) assert.equal(assertOneLineFailure(connectCli('--url', url)), refusal(url));
+  assert.match(assertOneLineFailure(connectCli()), /^connect: --url is required; usage: connect --url ws:\/\//);
+  assert.match(assertOneLineFailure(connectCli('--url')), /^connect: --url needs a value; usage: connect /);
+});
+
+test('example-plugin connect --help and -h: the flags and the environment, on stdout, exit 0', () => {
+  for (const flag of ['--help', '-h']) {
+    const done = connectCli(flag);
+    assert.equal(done.status, 0, done.stderr);
+    assert.equal(done.stderr, '');
+    for (const word of ['--url', 'ws://', 'wss://', '--config', 'LINCHKIT_PLUGIN_TOKEN_FILE', 'LINCHKIT_PLUGIN_TOKEN']) {
+      assert.ok(done.stdout.includes(word), `${word} is missing from:\n${done.stdout}`);
+    }
+  }
+});
+
+test('example-plugin connect: a well-formed URL whose gateway is not there yet is dialled again, not refused', async () => {
+  const child = spawn(PLUGIN, ['connect', '--url', 'ws://127.0.0.1:1/v1/plugins/connect'], { env: ENV, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
+  const exited = once(child, 'exit');
+  const stillRunning = await Promise.race([exited.then(() => false), new Promise<boolean>((resolve) => setTimeout(() => resolve(true), 1500))]);
+  child.kill('SIGTERM');
+  await exited;
+  assert.ok(stillRunning, `connect ended instead of dialling again: ${stderr}`);
+  for (const crash of CRASHES) assert.ok(!stderr.includes(crash), stderr);
+});
