@@ -38,6 +38,9 @@ BAD_URLS = [
     pytest.param("ws//127.0.0.1:8080/v1/plugins/connect", id="a colon short"),
 ]
 DIALLING = sorted(language for language, modes in WEBSOCKET_MODES.items() if "inbound" in modes)
+SERVING_WEBSOCKET = sorted(
+    language for language, modes in WEBSOCKET_MODES.items() if "websocket" in modes
+)
 
 
 def serve(
@@ -94,3 +97,16 @@ def test_help_shows_the_flags_and_the_environment(language: str) -> None:
 def test_connect_refuses_a_url_that_can_never_reach_a_gateway(language: str, url: str) -> None:
     line = one_clear_line(serve(language, "--url", url, command="connect"))
     assert "--url" in line and "ws://" in line and url in line, line
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "", "::1:50051"])
+@pytest.mark.parametrize("language", SERVING_WEBSOCKET)
+def test_serve_websocket_holds_to_the_same_address_rule(language: str, address: str) -> None:
+    line = one_clear_line(serve(language, "--websocket", "--address", address))
+    assert "--address" in line and "host:port" in line, line
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        line = one_clear_line(serve(language, "--websocket", "--address", busy))
+    assert line.startswith(f"serve: cannot listen on {busy}"), line

@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import ctypes
 import os
-import re
 import signal
 import sys
 import threading
@@ -59,6 +58,7 @@ from linchkit_plugin.handshake import (
     HandshakeLine,
 )
 from linchkit_plugin.host import PluginHost
+from linchkit_plugin.listen import address_mistake, host_and_port
 from linchkit_plugin.registry import (
     ADVERTISE_ENV,
     DEFAULT_LEAVE_DELAY,
@@ -613,16 +613,6 @@ environment (docs/registry.md, docs/security.md):
 """
 
 
-#: host:port, the host a name, an IPv4 address or a bracketed IPv6 one. Checked before
-#: grpcio sees it: it takes port 99999 as 34463 and "host:" as any port.
-_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):([0-9]{1,5})")
-
-
-def _is_host_port(address: str) -> bool:
-    match = _HOST_PORT.fullmatch(address)
-    return match is not None and int(match.group(1)) <= 65535
-
-
 def main(
     plugin_class: type[Any],
     *,
@@ -645,11 +635,8 @@ def main(
             "--address", default="127.0.0.1:0", help="host:port to listen on (%(default)s)"
         )
         arguments = parser.parse_args(argv[1:])
-        if not _is_host_port(arguments.address):
-            sys.stderr.write(
-                "serve: --address must be host:port with a port in 0-65535"
-                f" (e.g. 127.0.0.1:50051), not {arguments.address!r}\n"
-            )
+        if host_and_port(arguments.address) is None:
+            sys.stderr.write(address_mistake(arguments.address) + "\n")
             return 1
     elif os.environ.get(MAGIC_COOKIE_KEY) != MAGIC_COOKIE_VALUE:
         sys.stderr.write(_HINT.format(program=os.path.basename(sys.argv[0])))

@@ -42,6 +42,7 @@ from linchkit_plugin.errors import (
     Unauthorized,
 )
 from linchkit_plugin.host import PluginHost
+from linchkit_plugin.listen import address_mistake, host_and_port
 from linchkit_plugin.wire import error_response, ok_response, parse_request
 from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
@@ -358,7 +359,8 @@ class WebSocketPluginServer:
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         bound = self._runner.addresses[0]
-        return f"ws://{bound[0]}:{bound[1]}"
+        host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]  # IPv6: host:port needs brackets
+        return f"ws://{host}:{bound[1]}"
 
     async def aclose(self) -> None:
         runner, self._runner = self._runner, None
@@ -575,12 +577,22 @@ def main(
             return 0
         return 0
 
-    async def serve() -> None:
+    where = host_and_port(options.address)
+    if where is None:
+        sys.stderr.write(address_mistake(options.address) + "\n")
+        return 1
+
+    async def serve() -> int:
         server = WebSocketPluginServer(
             host, config=config, token=token, plugin_id=plugin_id, version=version
         )
-        where, _, port = options.address.rpartition(":")
-        url = await server.start(where or "127.0.0.1", int(port))
+        try:
+            url = await server.start(*where)
+        except OSError as error:
+            await server.aclose()
+            reason = error.strerror or error
+            sys.stderr.write(f"serve: cannot listen on {options.address}: {reason}\n")
+            return 1
         print(f"1|1|tcp|{url.removeprefix('ws://')}|websocket|", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -590,6 +602,6 @@ def main(
             await stop.wait()
         finally:
             await server.aclose()
+        return 0
 
-    asyncio.run(serve())
-    return 0
+    return asyncio.run(serve())
