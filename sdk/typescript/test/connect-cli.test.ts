@@ -5,37 +5,19 @@
  * `--help` on stdout with exit 0.
  */
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import * as path from 'node:path';
 import { test } from 'node:test';
 import { CONNECT_USAGE, parseConnectCommand, parseGatewayUrl } from '../src/connect';
 import { HandshakeError } from '../src/handshake';
+import { CRASHES, ENV, PLUGIN, type Ran, assertOneLineFailure, runPlugin } from './cli-support';
 
-/** This SDK's own example plugin, as in serve-cli.test.ts. */
-const PLUGIN = path.resolve(__dirname, '../../example-plugin');
-const CRASHES = ['Error: ', 'RangeError', '    at ', 'Exception'];
 const BAD_URLS = ['', 'not-a-url', 'ftp://127.0.0.1/v1/plugins/connect', 'ws://', 'ws//127.0.0.1:8080/v1/plugins/connect', 'ws:///v1/plugins/connect', 'ws:127.0.0.1:8080/v1/plugins/connect', 'file:///tmp/socket', 'ws://127.0.0.1:99999/'];
 
 const refusal = (url: string): string =>
   `connect: --url must be a ws:// or wss:// URL (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '${url}'`;
 
-/** No token in the environment, so nothing is read from the developer's own. */
-const ENV = { PATH: process.env.PATH ?? '' };
-
-function connectCli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
-  const done = spawnSync(PLUGIN, ['connect', ...args], { encoding: 'utf8', env: ENV, timeout: 30_000, stdio: ['ignore', 'pipe', 'pipe'] });
-  return { status: done.status, stdout: done.stdout, stderr: done.stderr };
-}
-
-function assertOneLineFailure(done: ReturnType<typeof connectCli>): string {
-  assert.equal(done.status, 1, done.stderr);
-  assert.equal(done.stdout, '');
-  for (const crash of CRASHES) assert.ok(!done.stderr.includes(crash), done.stderr);
-  const lines = done.stderr.trim().split('\n');
-  assert.equal(lines.length, 1, done.stderr);
-  return lines[0]!;
-}
+const connectCli = (...args: string[]): Ran => runPlugin('connect', ...args);
 
 test('a gateway URL is ws, wss, http or https with a host', () => {
   for (const url of ['ws://127.0.0.1:8080/v1/plugins/connect', 'wss://gateway.example/v1/plugins/connect', 'ws://[::1]:1/x', 'http://localhost/v1/plugins/connect', 'https://gateway/v1/plugins/connect']) {

@@ -4,33 +4,14 @@
  * already taken, each one line on stderr and exit 1, never a stack trace.
  */
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import * as net from 'node:net';
-import * as path from 'node:path';
 import { test } from 'node:test';
 import { HandshakeError, parseCommand } from '../src/handshake';
 import { ListenError, cannotListen, formatListenAddress, listen, parseListenAddress } from '../src/listen';
+import { type Ran, assertOneLineFailure, runPlugin } from './cli-support';
 
-/** This SDK's own example plugin, whatever LINCHKIT_EXAMPLE_PLUGIN names for subprocess.test.ts. */
-const PLUGIN = path.resolve(__dirname, '../../example-plugin');
-const CRASHES = ['Error: ', 'RangeError', '    at '];
-
-function serveCli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
-  // No token in the environment, so nothing is read from the developer's own.
-  const env = { PATH: process.env.PATH ?? '' };
-  const done = spawnSync(PLUGIN, ['serve', ...args], { encoding: 'utf8', env, timeout: 30_000, stdio: ['ignore', 'pipe', 'pipe'] });
-  return { status: done.status, stdout: done.stdout, stderr: done.stderr };
-}
-
-function assertOneLineFailure(done: ReturnType<typeof serveCli>): string {
-  assert.equal(done.status, 1, done.stderr);
-  assert.equal(done.stdout, '');
-  for (const crash of CRASHES) assert.ok(!done.stderr.includes(crash), done.stderr);
-  const lines = done.stderr.trim().split('\n');
-  assert.equal(lines.length, 1, done.stderr);
-  return lines[0]!;
-}
+const serveCli = (...args: string[]): Ran => runPlugin('serve', ...args);
 
 async function takenPort(): Promise<net.Server> {
   const server = net.createServer();
