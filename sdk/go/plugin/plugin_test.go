@@ -418,3 +418,17 @@ func TestGatewayURLsNameAHost(t *testing.T) {
 		}
 	}
 }
+
+func TestConnectHelpGoesToStdoutWithStatusZero(t *testing.T) {
+	var out strings.Builder
+	help := Environment{Args: []string{"connect", "-help"}, Getenv: func(string) string { return "" },
+		Stdin: strings.NewReader(""), Stdout: &out}
+	if err := testPlugin().Run(context.Background(), help); err != nil {
+		t.Fatalf("connect -help: %v, want no error (exit 0)", err)
+	}
+	for _, name := range []string{"-url", "-config", EnvToken} {
+		if !strings.Contains(out.String(), name) {
+			t.Errorf("connect -help does not name %s:\n%s", name, out.String())
+		}
+	}
+}

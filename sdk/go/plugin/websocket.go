@@ -14,10 +14,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http"
 	neturl "net/url"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -88,8 +90,19 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	flags := flag.NewFlagSet("connect", flag.ContinueOnError)
 	url := flags.String("url", "", "the gateway's ws[s]://HOST/v1/plugins/connect")
 	config := flags.String("config", "{}", "JSON object for the init hook")
+	flags.SetOutput(io.Discard) // a mistake is returned (and printed once); help goes to stdout
 	if err := flags.Parse(env.Args[1:]); err != nil {
-		return err
+		if errors.Is(err, flag.ErrHelp) {
+			flags.SetOutput(env.Stdout)
+			fmt.Fprintf(env.Stdout, "usage: %s connect -url ws://HOST/v1/plugins/connect [-config JSON]\n\n"+
+				"Dial the dispatcher's gateway and take calls over that connection until SIGTERM.\n\n",
+				filepath.Base(os.Args[0]))
+			flags.PrintDefaults()
+			fmt.Fprintf(env.Stdout, "\nenvironment:\n  %s, %s\n      the bearer token presented to the gateway\n",
+				EnvTokenFile, EnvToken)
+			return nil
+		}
+		return fmt.Errorf("connect: %w (connect -help lists the flags)", err)
 	}
 	if *url == "" {
 		return errors.New("connect: --url is required")
