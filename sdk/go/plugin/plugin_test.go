@@ -165,21 +165,26 @@ func TestRunWithoutTheHandshakeEnvironmentRefuses(t *testing.T) {
 	}
 }
 
-func TestServeHelpNamesTheEnvironmentAndAMistakeSaysWhereToLook(t *testing.T) {
+// runWith runs the test plugin with args and an empty environment, to its end: what it
+// wrote on stdout and the error it returned (the process's exit 1).
+func runWith(args ...string) (string, error) {
 	var out strings.Builder
-	help := Environment{Args: []string{"serve", "-help"}, Getenv: func(string) string { return "" },
-		Stdin: strings.NewReader(""), Stdout: &out}
-	if err := testPlugin().Run(context.Background(), help); err != nil {
+	env := Environment{Args: args, Getenv: func(string) string { return "" }, Stdin: strings.NewReader(""), Stdout: &out}
+	err := testPlugin().Run(context.Background(), env)
+	return out.String(), err
+}
+
+func TestServeHelpNamesTheEnvironmentAndAMistakeSaysWhereToLook(t *testing.T) {
+	out, err := runWith("serve", "-help")
+	if err != nil {
 		t.Fatalf("serve -help: %v, want no error (exit 0)", err)
 	}
 	for _, name := range []string{"-address", EnvToken, EnvRegisterEtcd, EnvAdvertise, EnvLeaveDelay} {
-		if !strings.Contains(out.String(), name) {
-			t.Errorf("serve -help does not name %s:\n%s", name, out.String())
+		if !strings.Contains(out, name) {
+			t.Errorf("serve -help does not name %s:\n%s", name, out)
 		}
 	}
-	wrong := Environment{Args: []string{"serve", "-port", "1"}, Getenv: func(string) string { return "" },
-		Stdin: strings.NewReader(""), Stdout: io.Discard}
-	if err := testPlugin().Run(context.Background(), wrong); err == nil || !strings.Contains(err.Error(), "serve -help") {
+	if _, err := runWith("serve", "-port", "1"); err == nil || !strings.Contains(err.Error(), "serve -help") {
 		t.Errorf("serve -port 1: %v, want an error pointing at serve -help", err)
 	}
 }
@@ -420,15 +425,13 @@ func TestGatewayURLsNameAHost(t *testing.T) {
 }
 
 func TestConnectHelpGoesToStdoutWithStatusZero(t *testing.T) {
-	var out strings.Builder
-	help := Environment{Args: []string{"connect", "-help"}, Getenv: func(string) string { return "" },
-		Stdin: strings.NewReader(""), Stdout: &out}
-	if err := testPlugin().Run(context.Background(), help); err != nil {
+	out, err := runWith("connect", "-help")
+	if err != nil {
 		t.Fatalf("connect -help: %v, want no error (exit 0)", err)
 	}
 	for _, name := range []string{"-url", "-config", EnvToken} {
-		if !strings.Contains(out.String(), name) {
-			t.Errorf("connect -help does not name %s:\n%s", name, out.String())
+		if !strings.Contains(out, name) {
+			t.Errorf("connect -help does not name %s:\n%s", name, out)
 		}
 	}
 }
