@@ -154,15 +154,27 @@ async function connectToGateway(plugin: Plugin, url: string, config: string | un
   try {
     await dial(plugin, url, { token: token?.secret() });
   } catch (error) {
+    await closeQuietly(plugin); // the init hooks ran: their stop and destroy run too
     if (error instanceof Refused) throw new HandshakeError(`connect: ${error.message}`);
     throw error;
   }
 }
 
+/** Run the plugin's stop and destroy hooks on the way out; their own failure is not the one to report. */
+async function closeQuietly(plugin: Plugin): Promise<void> {
+  await plugin.close().catch(() => undefined);
+}
+
 async function serveOverWebSocket(plugin: Plugin, address: string, config: string | undefined, env: NodeJS.ProcessEnv): Promise<void> {
   const token = BearerToken.configured(env);
   await startLifecycle(plugin, config);
-  const bound = await serveWebSocket(plugin, address, token);
+  let bound: string;
+  try {
+    bound = await serveWebSocket(plugin, address, token);
+  } catch (error) {
+    await closeQuietly(plugin); // a port already taken: the hooks that ran are undone
+    throw error;
+  }
   if (token === undefined) {
     process.stderr.write(`linchkit plugin: warning: no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): anybody who can reach ${bound} can call this plugin\n`);
   }
