@@ -134,7 +134,9 @@ class ResultCache:
         self.name = name
         self.per_caller = policy.per_caller
         self.entries = ExpiringEntries(policy.max_entries, policy.ttl_ms / 1000, clock)
-        self.filling: dict[bytes, _Flight] = {}
+        #: Keys whose call is under way: None while its caller is alone, the future the
+        #: others wait on once one joins (a miss nobody shares, the usual case, makes none).
+        self.filling: dict[bytes, asyncio.Future[Any] | None] = {}
         self.hits = 0
         self.misses = 0  # calls that reached the target
         self.coalesced = 0  # calls that waited for another caller's identical call
@@ -147,7 +149,11 @@ class ResultCache:
         two kinds cannot meet: a digest key starts with 0xFF, which UTF-8 (the JSON) and
         the caller scope (0 or 1) never start with.
         """
-        canonical = self._canonical(invocation)
+        canonical = (
+            self._canonical(invocation)
+            if self.per_caller
+            else encode_json(invocation.params, sort_keys=True)  # _canonical's usual case
+        )
         if len(canonical) <= RAW_KEY_MAX_BYTES:
             return canonical
         return b"\xff" + hashlib.blake2b(canonical, digest_size=16).digest()
@@ -164,6 +170,28 @@ class ResultCache:
             scope = b"\0" if caller is None else b"\1" + caller.encode()
             canonical = scope + b"\0" + canonical
         return canonical
+
+    def join(self, key: bytes) -> asyncio.Future[Any]:
+        """The future to wait on for ``key``, whose call another caller is making."""
+        future = self.filling[key]
+        if future is None:
+            future = self.filling[key] = asyncio.get_running_loop().create_future()
+        return future
+
+    def filled(self, key: bytes, result: Any) -> None:
+        """The call of ``key`` returned ``result``: hand it to whoever joined."""
+        future = self.filling.pop(key)
+        if future is not None:
+            future.set_result(result)
+
+    def failed(self, key: bytes, error: BaseException) -> None:
+        """The call of ``key`` ended with ``error``: hand it to whoever joined (a caller
+        that gave up, cancelled, sends them back to look again)."""
+        future = self.filling.pop(key)
+        if future is not None:
+            gone = isinstance(error, asyncio.CancelledError)
+            future.set_exception(_LeaderGone() if gone else error)
+            future.exception()  # followers still get it; with none, asyncio must not log
 
     def invalidate(self) -> int:
         """Drop every entry; returns how many there were."""
@@ -188,36 +216,6 @@ class _LeaderGone(Exception):
     """The call a waiter shared was cancelled by its own caller: look again."""
 
 
-class _Flight:
-    """The one call filling a key, and the future its followers wait on.
-
-    The future is made when the first follower arrives: a miss nobody shares (the usual
-    case) costs no future.
-    """
-
-    __slots__ = ("future",)
-
-    def __init__(self) -> None:
-        self.future: asyncio.Future[Any] | None = None
-
-    def joined(self) -> asyncio.Future[Any]:
-        future = self.future
-        if future is None:
-            future = self.future = asyncio.get_running_loop().create_future()
-        return future
-
-    def succeeded(self, result: Any) -> None:
-        if self.future is not None:
-            self.future.set_result(result)
-
-    def failed(self, error: BaseException) -> None:
-        future = self.future
-        if future is not None:
-            gone = isinstance(error, asyncio.CancelledError)
-            future.set_exception(_LeaderGone() if gone else error)
-            future.exception()  # followers still get it; with none, asyncio must not log
-
-
 class CacheStep:
     __slots__ = ("cache", "entries", "next")
 
@@ -236,28 +234,27 @@ class CacheStep:
             if expires is not None and entries._clock() < expires:
                 cache.hits += 1
                 return entries._results[key]
-            flight = cache.filling.get(key)
-            if flight is not None:
+            filling = cache.filling
+            if key in filling:
                 cache.coalesced += 1
                 try:
-                    return await _follow(flight.joined(), invocation, cache.name)
+                    return await _follow(cache.join(key), invocation, cache.name)
                 except _LeaderGone:
                     continue
-            # The first caller makes the call itself (no task: the miss path stays cheap)
-            # and hands its outcome to whoever arrived meanwhile.
+            # The first caller makes the call itself (no task, no future: the miss path
+            # stays cheap) and hands its outcome to whoever joined meanwhile.
             cache.misses += 1
-            flight = cache.filling[key] = _Flight()
+            filling[key] = None
             try:
                 result = await self.next(invocation)
             except BaseException as error:
-                flight.failed(error)
+                cache.failed(key, error)
                 raise
-            else:
-                self.entries[key] = result
-                flight.succeeded(result)
-                return result
-            finally:
-                del cache.filling[key]
+            self.entries[key] = result
+            joined = filling.pop(key)  # ``cache.filled`` written out: every miss ends here
+            if joined is not None:
+                joined.set_result(result)
+            return result
 
 
 async def _follow(shared: asyncio.Future[Any], invocation: Invocation, name: str) -> Any:

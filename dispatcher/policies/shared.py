@@ -32,7 +32,7 @@ import orjson
 from dispatcher.config import RateLimit
 from dispatcher.fleet.breaker import is_health_failure
 from dispatcher.fleet.shared_breaker import SharedBreaker
-from dispatcher.policies.cache import ResultCache, _Flight, _follow, _LeaderGone
+from dispatcher.policies.cache import ResultCache, _follow, _LeaderGone
 from dispatcher.policies.ratelimit import Limit
 from dispatcher.state import SharedStore, StateBackend, StateUnavailable, digest
 from linchkit_plugin.errors import DispatchError, InvalidParams, RateLimited
@@ -174,26 +174,20 @@ class SharedCacheStep:
     async def __call__(self, invocation: Invocation) -> Any:
         cache = self.cache
         key = cache.digest(invocation)
-        while True:
-            flight = cache.filling.get(key)
-            if flight is None:
-                break
+        while key in cache.filling:
             cache.coalesced += 1
             try:
-                return await _follow(flight.joined(), invocation, cache.name)
+                return await _follow(cache.join(key), invocation, cache.name)
             except _LeaderGone:
                 continue
-        flight = cache.filling[key] = _Flight()
+        cache.filling[key] = None
         try:
             result = await self._fill(invocation, key.hex())
         except BaseException as error:
-            flight.failed(error)
+            cache.failed(key, error)
             raise
-        else:
-            flight.succeeded(result)
-            return result
-        finally:
-            del cache.filling[key]
+        cache.filled(key, result)
+        return result
 
     async def _fill(self, invocation: Invocation, key: str) -> Any:
         cache = self.cache

@@ -41,7 +41,9 @@ def encode_json(value: Any, *, sort_keys: bool = False) -> bytes:
         data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else 0)
     except TypeError as error:
         raise InvalidParams(f"params must be JSON-serializable: {error}") from None
-    if b"null" in data:  # where NaN or infinity went, if there were any: look only then
+    # Where NaN or infinity went, if there were any: look only then. ``find``, not ``in``:
+    # ``in`` first tries the needle as an integer and clears the TypeError (+50 ns a call).
+    if data.find(b"null") >= 0:
         _refuse_non_finite(value)
     # orjson 3.13 hands back its whole working buffer: a 150-byte envelope holds 4 KB, a
     # 100 KB one 0.9 MB, for as long as the bytes live (a call in flight, a cache key). A
