@@ -386,3 +386,21 @@ async def test_a_short_lived_process_that_used_reqwest_always_exits_cleanly() ->
         outcomes = await asyncio.gather(*(run() for _ in range(EXITS)))
     failed = [(code, stderr[-300:]) for code, stderr in outcomes if code != 0]
     assert failed == [], f"{len(failed)} of {EXITS} runs failed: {failed[:2]}"
+
+
+def test_reqwest_timeouts_round_up_to_the_millisecond_and_stay_few() -> None:
+    """A request's timeout is never shorter than the call's time left (tokio's timers tick
+    in milliseconds anyway), and the timeouts kept for reuse stay bounded."""
+    from datetime import timedelta
+
+    from providers import _reqwest
+
+    assert _reqwest._timeout(0.0004) == timedelta(milliseconds=1)
+    assert _reqwest._timeout(4.9991) == timedelta(milliseconds=5000)
+    assert _reqwest._timeout(2.0) == timedelta(seconds=2)
+    assert _reqwest._timeout(2.0) is _reqwest._timeout(2.0)
+    for milliseconds in range(2 * _reqwest._MOST_TIMEOUTS):
+        assert _reqwest._timeout(milliseconds / 1000 + 0.0001) >= timedelta(
+            milliseconds=milliseconds
+        )
+    assert len(_reqwest._TIMEOUTS) <= _reqwest._MOST_TIMEOUTS
