@@ -132,10 +132,13 @@ async def _rate_and_cpu(
 
 
 async def _p50s_us(calls: int, *sides: Callable[[], Awaitable[Any]]) -> list[float]:
-    """The median latency of each side, the sides alternating call by call."""
+    """The median latency of each side, the sides alternating call by call, in an order
+    that turns each time (as ``bench_http.measure_paired``): always second, a side would
+    always run right after the other's call, on whatever state that call left."""
     samples: list[list[float]] = [[] for _ in sides]
-    for _ in range(calls):
-        for call, taken in zip(sides, samples, strict=True):
+    pairs = list(zip(sides, samples, strict=True))
+    for index in range(calls):
+        for call, taken in pairs if index % 2 else pairs[::-1]:
             started = time.perf_counter()
             await call()
             taken.append(time.perf_counter() - started)
