@@ -111,9 +111,9 @@ class _Entry:
 
     __slots__ = ("client", "url")
 
-    def __init__(self, client: Client, url: str) -> None:
+    def __init__(self, client: Client, url: Url) -> None:
         self.client = client
-        self.url = Url(url)
+        self.url = url
 
 
 #: ``timedelta`` per whole millisecond of a request's timeout (``_timeout``).
@@ -234,13 +234,19 @@ class ReqwestClient(HttpClient):
                 builder = builder.resolve(name, address, port)
             if server_name is not None:
                 request_url = str(parsed.with_host(server_name))
+        try:
+            parsed_url = Url(request_url)
+        except ValueError as error:  # the manifest's checks let no such URL through
+            raise ProviderError(
+                f"{target.describe()}: reqwest cannot send to it: {error}"
+            ) from None
         built = self._entries.get(key)
         if built is not None:  # another call built it while this one resolved
             return built
         client = builder.build()
         _settle_before_exit()
         self._every.append(client)
-        entry = self._entries[key] = _Entry(client, request_url)
+        entry = self._entries[key] = _Entry(client, parsed_url)
         return entry
 
     def _builder(self, tls: ClientTlsContext | None) -> Any:

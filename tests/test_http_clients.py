@@ -404,3 +404,27 @@ def test_reqwest_timeouts_round_up_to_the_millisecond_and_stay_few() -> None:
             milliseconds=milliseconds
         )
     assert len(_reqwest._TIMEOUTS) <= _reqwest._MOST_TIMEOUTS
+
+
+async def test_a_url_reqwest_cannot_parse_is_a_provider_error_not_a_value_error() -> None:
+    """The manifest refuses such a URL (pydantic parses URLs as reqwest does); a host that
+    builds the client itself still gets the seam's error, and no client is left built."""
+    from providers._http_client import HttpPool
+    from providers._reqwest import ReqwestClient
+    from providers.egress import EgressPolicy
+    from providers.http import HttpTarget
+
+    target = HttpTarget.model_validate({"provider": "http", "url": "http://127.0.0.1:1"})
+    async with ReqwestClient(HttpPool(), egress=EgressPolicy()) as client:
+        for _ in range(2):
+            with pytest.raises(ProviderError, match="reqwest cannot send to it"):
+                await client.post(
+                    "http://[::1%lo]:1/invoke",
+                    b"{}",
+                    {},
+                    timeout=1,
+                    limit=1024,
+                    target=target,
+                    tls=None,
+                )
+        assert "clients=0" in repr(client)
