@@ -123,9 +123,10 @@ _MOST_TIMEOUTS = 4096
 
 
 def _timeout(seconds: float) -> timedelta:
-    """A request's timeout, rounded up to the millisecond: tokio's timers tick in whole
-    milliseconds, so reqwest fires no later for it. Building a ``timedelta`` from seconds
-    costs 0.2 µs; finding the one built for that millisecond, 0.07 µs."""
+    """A request's timeout, rounded up to the whole millisecond: never shorter than the
+    time the call has left, and tokio's timer, which ticks in milliseconds, rounds up to
+    its tick anyway. Building a ``timedelta`` from seconds costs 0.2 µs; finding the one
+    built for that millisecond, 0.07 µs."""
     milliseconds = math.ceil(seconds * 1000)
     timeout = _TIMEOUTS.get(milliseconds)
     if timeout is None:

@@ -185,8 +185,8 @@ class ResultCache:
             future.set_result(result)
 
     def failed(self, key: bytes, error: BaseException) -> None:
-        """The call of ``key`` ended with ``error``: hand it to whoever joined (a caller
-        that gave up, cancelled, sends them back to look again)."""
+        """The call of ``key`` ended with ``error``: hand it to whoever joined. If its
+        caller was cancelled, they get no error of its own but look again."""
         future = self.filling.pop(key)
         if future is not None:
             gone = isinstance(error, asyncio.CancelledError)
