@@ -246,6 +246,28 @@ async def test_concurrent_misses_share_a_failure_but_not_its_exception_object() 
     assert len({id(error) for error in errors}) == 20
 
 
+async def test_when_the_caller_filling_a_key_is_cancelled_a_waiting_caller_fills_it() -> None:
+    """The followers of a cancelled miss are not cancelled with it: one of them looks
+    again, finds the key free, calls the target itself, and the others share that call."""
+    plugin = counting({"lookup": {"pure": True, "cache": {"ttl_ms": 60_000}}})
+    params = {"key": "k", "delay": 0.2}
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        leader = asyncio.create_task(dispatcher.call("count", "lookup", params))
+        await asyncio.sleep(0.05)  # the leader's call is under way
+        followers = [
+            asyncio.create_task(dispatcher.call("count", "lookup", params)) for _ in range(3)
+        ]
+        await asyncio.sleep(0.05)  # they have joined it
+        leader.cancel()
+        results = await asyncio.gather(*followers)
+        stats = dispatcher.stats()["caches"]["count@1.0.0.lookup"]
+        assert await dispatcher.call("count", "lookup", params) == results[0]  # now a hit
+    assert leader.cancelled()
+    assert results == [{"key": "k", "call": 2}] * 3
+    assert CountingPlugin.calls == 2
+    assert stats["misses"] == 2
+
+
 def test_caching_or_retrying_an_unsafe_method_is_refused() -> None:
     with pytest.raises(ManifestError) as caught:
         manifest(
