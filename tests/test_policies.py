@@ -250,7 +250,7 @@ async def test_when_the_caller_filling_a_key_is_cancelled_a_waiting_caller_fills
     """The followers of a cancelled miss are not cancelled with it: one of them looks
     again, finds the key free, calls the target itself, and the others share that call."""
     plugin = counting({"lookup": {"pure": True, "cache": {"ttl_ms": 60_000}}})
-    params = {"key": "k", "delay": 0.2}
+    params = {"key": "k", "delay": 0.5}  # long enough to be cancelled at 0.1 s on a slow machine
     async with Dispatcher(manifest(plugin)) as dispatcher:
         leader = asyncio.create_task(dispatcher.call("count", "lookup", params))
         await asyncio.sleep(0.05)  # the leader's call is under way
