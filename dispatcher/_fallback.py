@@ -8,8 +8,8 @@ It wraps a route's whole chain, at the dispatcher level rather than in a provide
 policy step: the fallback is another plugin, with its own target, policies and (perhaps)
 fallback, reached through the routing table exactly as ``Dispatcher.call`` would reach it,
 params checked against its own schema. Its invocation keeps the call's deadline, request
-id, caller and trace: it has what remains of the time, and nothing when none does (the
-original error then). The manifest loader has checked that the plugin and its method
+id, caller and trace: it has what remains of the time, and nothing when less than a
+millisecond does (the original error then). The manifest loader has checked that the plugin and its method
 exist and that no fallbacks form a cycle (``dispatcher.config.fallbacks``).
 
 A call answered by its fallback is marked where calls are observed today: a log line at
@@ -35,6 +35,12 @@ from providers.invocation import Invocation
 __all__ = ["Fallback", "Fallbacks"]
 
 log = logging.getLogger("dispatcher")
+
+#: The least time a fallback is started with. A client's timeout is set in whole
+#: milliseconds and the aiohttp client's ends up to one before the deadline it was given
+#: (never after it): a call that timed out has then less than this left, and a fallback
+#: started with it could only fail again, in the caller's face, as ``fallback_from``.
+LEAST_FALLBACK_SECONDS = 0.001
 
 
 class Fallback:
@@ -65,7 +71,7 @@ class Fallback:
             return await self._fall_back(invocation, error)
 
     async def _fall_back(self, invocation: Invocation, error: DispatchError) -> Any:
-        if asyncio.get_running_loop().time() >= invocation.deadline:
+        if invocation.deadline - asyncio.get_running_loop().time() < LEAST_FALLBACK_SECONDS:
             self.unused += 1
             raise error
         policy = self.policy
