@@ -100,8 +100,8 @@ async def run(options: Options) -> dict[str, float]:
 
 
 async def _chain_against_raw(url: str, calls: int, rounds: int) -> dict[str, float]:
-    names = ("raw", "chain", "plain", "uncached", *ONE_POLICY, "raw_aiohttp", "chain_aiohttp")
-    names += ("plain_aiohttp",)
+    names = ("raw", "chain", "plain", "uncached", *ONE_POLICY)
+    names += ("raw_aiohttp", "chain_aiohttp", "plain_aiohttp")
     samples: dict[str, list[Sample]] = {name: [] for name in names}
     async with contextlib.AsyncExitStack() as stack:
         enter = stack.enter_async_context

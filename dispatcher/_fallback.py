@@ -9,8 +9,9 @@ policy step: the fallback is another plugin, with its own target, policies and (
 fallback, reached through the routing table exactly as ``Dispatcher.call`` would reach it,
 params checked against its own schema. Its invocation keeps the call's deadline, request
 id, caller and trace: it has what remains of the time, and nothing when less than a
-millisecond does (the original error then). The manifest loader has checked that the plugin and its method
-exist and that no fallbacks form a cycle (``dispatcher.config.fallbacks``).
+millisecond does (the original error then). The manifest loader has checked that the
+plugin and its method exist and that no fallbacks form a cycle
+(``dispatcher.config.fallbacks``).
 
 A call answered by its fallback is marked where calls are observed today: a log line at
 ``INFO`` on the ``dispatcher`` logger naming both plugins and the error, and counters in
@@ -36,10 +37,11 @@ __all__ = ["Fallback", "Fallbacks"]
 
 log = logging.getLogger("dispatcher")
 
-#: The least time a fallback is started with. A client's timeout is set in whole
-#: milliseconds and the aiohttp client's ends up to one before the deadline it was given
-#: (never after it): a call that timed out has then less than this left, and a fallback
-#: started with it could only fail again, in the caller's face, as ``fallback_from``.
+#: The least time a fallback is started with. Deadlines travel in whole milliseconds
+#: (the clients' timeouts, aiohttp's rounded down; the envelope's ``deadline_ms``, which a
+#: plugin enforces), so a call that ended ``deadline_exceeded`` may still see up to a
+#: millisecond left here: a fallback started with it could only fail again, in the
+#: caller's face, as ``fallback_from``.
 LEAST_FALLBACK_SECONDS = 0.001
 
 

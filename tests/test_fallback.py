@@ -123,9 +123,10 @@ async def test_with_the_deadline_used_up_the_caller_gets_the_original_error(
 
 
 async def test_a_timeout_that_left_under_a_millisecond_is_not_followed_by_a_fallback() -> None:
-    """Clients set timeouts in whole milliseconds and aiohttp's ends up to one early: what
-    is left after it is no time for a fallback, which would fail in the caller's face.
-    (The test above failed so, now and then, when the primary's timeout left 0.3 ms.)"""
+    """Deadlines travel in whole milliseconds (aiohttp's timeout ends up to one early):
+    what is left after a timeout is no time for a fallback, which would fail in the
+    caller's face. (The test above failed so, now and then, when the primary's timeout
+    left 0.3 ms.)"""
     from dispatcher._fallback import LEAST_FALLBACK_SECONDS, Fallback
     from dispatcher._routes import RouteTable
     from dispatcher.config import FallbackPolicy
