@@ -9,7 +9,8 @@ far less. Each variant adds one thing to the one before it:
 
 * ``raw``:           a stub on a channel of its own, a constant ``CallRequest``, ``timeout=30``;
 * ``raw_channel``:   the same stub call on the dispatcher's own channel (its options);
-* ``raw_header``:    + ``x-request-id`` as grpc.aio ``Metadata`` (every dispatched call sends it);
+* ``raw_constant_header``: + ``x-request-id`` as grpc.aio ``Metadata``, one value for every call;
+* ``raw_header``:    the header with a new value on every call, as every dispatched call sends it;
 * ``raw_deadline``:  + ``timeout=`` the seconds left of a per-call deadline (a float);
 * ``raw_request``:   + the request built as the dispatcher builds it (dict context, a
   request id, ``encode_json`` of the params) and the reply decoded (``_loads``);
@@ -113,6 +114,11 @@ def _variants(dispatcher: Any, address: str) -> dict[str, Call]:
     def raw_channel() -> Awaitable[Any]:
         return stub.Call(constant_request(), timeout=30)
 
+    constant_header = Metadata(("x-request-id", new_request_id()))
+
+    def raw_constant_header() -> Awaitable[Any]:
+        return stub.Call(constant_request(), timeout=30, metadata=constant_header)
+
     def raw_header() -> Awaitable[Any]:
         metadata = Metadata(("x-request-id", new_request_id()))
         return stub.Call(constant_request(), timeout=30, metadata=metadata)
@@ -144,6 +150,7 @@ def _variants(dispatcher: Any, address: str) -> dict[str, Call]:
     return {
         "raw": raw,
         "raw_channel": raw_channel,
+        "raw_constant_header": raw_constant_header,
         "raw_header": raw_header,
         "raw_deadline": raw_deadline,
         "raw_request": raw_request,

@@ -15,6 +15,8 @@ figure is one layer peeled off the next, so the differences are what a layer cos
 * ``hot_path_c<N>_http_*``: the same against the fixed-reply HTTP server through the
   ``reqwest`` client, and ``hot_path_c<N>_raw_reqwest_cpu_us``, the raw client posting
   prebuilt bytes. CPU counts every thread of the process (reqwest's runtime too).
+* ``hot_path_c<N>_aiohttp_*`` and ``hot_path_c<N>_raw_aiohttp_cpu_us``: the same on the
+  ``aiohttp`` client (the provider's default) against a bare aiohttp session.
 * ``hot_path_stubbed_{provider,route,call}_cpu_us``: the same three layers over the HTTP
   provider with its client replaced by one that answers at once (a stand-in: it measures
   the dispatcher's own Python, which the network's noise hides end to end), one call
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._core import Options
-from bench.bench_http import fixed_reply_server, measure, pyreqwest_client
+from bench.bench_http import aiohttp_client, fixed_reply_server, measure, pyreqwest_client
 from bench.bench_policies import FULL_CHAIN, _write_plugin
 from providers._http_client import HttpClient, Reply
 
@@ -55,9 +57,17 @@ async def run(options: Options) -> dict[str, float]:
                 "entrypoint": "bench_in_process_echo:Echo",
                 "path": folder,
             }
-            http = {"provider": "http", "url": url, "client": "reqwest"}
-            async with pyreqwest_client(url) as raw, _clients(local, http) as layers:
-                clients = {"raw_reqwest": raw, **layers}
+            targets = {
+                "local": local,
+                "http": {"provider": "http", "url": url, "client": "reqwest"},
+                "aiohttp": {"provider": "http", "url": url, "client": "aiohttp"},
+            }
+            async with (
+                pyreqwest_client(url) as raw_reqwest,
+                aiohttp_client(url) as raw_aiohttp,
+                _clients(targets) as layers,
+            ):
+                clients = {"raw_reqwest": raw_reqwest, "raw_aiohttp": raw_aiohttp, **layers}
                 for concurrency in (64, 1):
                     figures.update(await _measure(clients, calls, rounds, concurrency))
     figures.update(layer_costs(figures))
@@ -67,10 +77,9 @@ async def run(options: Options) -> dict[str, float]:
 
 
 @contextlib.asynccontextmanager
-async def _clients(local: dict[str, Any], http: dict[str, Any]) -> AsyncIterator[dict[str, Call]]:
+async def _clients(targets: dict[str, dict[str, Any]]) -> AsyncIterator[dict[str, Call]]:
     from dispatcher import Dispatcher, parse_manifest
 
-    targets = {"local": local, "http": http}
     plugins = [
         {"id": f"{name}{suffix}", "version": "1.0.0", "target": target, "methods": {"echo": policy}}
         for name, target in targets.items()
@@ -131,6 +140,10 @@ def layer_costs(figures: dict[str, float]) -> dict[str, float]:
         costs[f"{prefix}http_provider_over_raw_us"] = cpu("http_provider") - cpu("raw_reqwest")
         costs[f"{prefix}http_call_over_raw_us"] = cpu("http_call") - cpu("raw_reqwest")
         costs[f"{prefix}http_chain_added_us"] = cpu("http_chain_call") - cpu("http_call")
+        raw_aiohttp = cpu("raw_aiohttp")
+        costs[f"{prefix}aiohttp_provider_over_raw_us"] = cpu("aiohttp_provider") - raw_aiohttp
+        costs[f"{prefix}aiohttp_call_over_raw_us"] = cpu("aiohttp_call") - raw_aiohttp
+        costs[f"{prefix}aiohttp_chain_added_us"] = cpu("aiohttp_chain_call") - cpu("aiohttp_call")
     return costs
 
 
