@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,35 +36,57 @@ RAW_KEY_MAX_BYTES = 256
 class ExpiringEntries:
     """Results by key, each until ``ttl`` seconds after it was stored, at most ``maxsize``.
 
-    Why not cachetools' ``TTLCache`` (what this replaced): with one TTL for every entry,
-    insertion order is expiry order, so expired entries are always at the front and the
-    oldest entry is the one to evict. An ``OrderedDict`` of ``key → expires`` then does
-    all of it: a store pops expired entries off the front in O(1) each. ``TTLCache`` keeps
-    a linked list of Python objects and a timer context besides its dict and costs 3 µs of
-    it per miss; the cache step's whole miss path went from ~6 µs to ~2 µs of CPU
-    (bench/bench_policies.py ablation). A plain ``dict`` would not do for the order:
-    popping from its front is O(entries deleted so far) until it resizes (14 µs per store
-    at 100,000 entries against 0.9 µs here).
+    With one TTL for every entry, insertion order is expiry order: expired entries are
+    always the oldest, and the oldest entry is the one to evict. So the entries are
+    numbered as they are stored, and a store drops expired entries from the lowest number
+    up, then the oldest until one more fits, each by a lookup of its number (O(1)). A key
+    stored again gets a new number, its old one is dropped: it goes to the back of the line.
 
-    Why results and expiry times in two dicts, not ``key → (expires, result)`` in one: a
-    cache that keeps many results is mostly paid for in CPython's full garbage collections,
-    which run each time the long-lived objects grow by a quarter and visit every one of
-    them. Each kept result adds its own containers, and the tuple added one more to every
-    entry; floats are not tracked by the collector. Measured with 200,000 small results
-    (three containers each with the tuple, two without), the collector's share of a store
-    is ~1.9 µs of ~3 µs; without the tuple the cache step's miss went from 7.5 to 5.9 µs
-    (bench/compare_chain.py has the end-to-end figures).
+    Why plain dicts of keys, numbers and floats, and nothing else (an ``OrderedDict`` of
+    ``key → expires`` kept the order before, and cachetools' ``TTLCache`` before that,
+    which cost 3 µs per miss of its own): CPython's full collections, which run each time
+    the long-lived objects grow by a quarter, visit every entry of every tracked
+    container, and a dict holding only bytes, ints and floats is not tracked at all. The
+    ``OrderedDict`` always was: with a million entries of string results it made every
+    full collection of the process 45-75 ms longer, a pause of every call in flight, and
+    now they add nothing. Results that are dicts or lists keep the results dict tracked
+    (a dict of such values is, even when each of them is not): 87-120 → 39-55 ms added
+    per full collection with a million small dict results. A store costs 50-180 ns more
+    into a cache with room (four dicts written where a dict and the ``OrderedDict`` were;
+    the figure moves with the dicts' resizes), 40-90 ns less into a full one, where every
+    store evicts (``bench/bench_cache_gc.py``, four runs of each in turn).
+
+    Why results in a dict of their own, not ``key → (expires, result)``: the tuple was one
+    more tracked container per entry (with 200,000 small results, the collector's share
+    of a store was ~1.9 µs of ~3 µs with it; bench/compare_chain.py).
     """
 
-    __slots__ = ("_clock", "_expires", "_front_expires", "_results", "maxsize", "ttl")
+    __slots__ = (
+        "_clock",
+        "_expires",
+        "_front",
+        "_front_expires",
+        "_keys",
+        "_next",
+        "_numbers",
+        "_results",
+        "maxsize",
+        "ttl",
+    )
 
     def __init__(self, maxsize: int, ttl: float, clock: Callable[[], float]) -> None:
         self.maxsize = maxsize
         self.ttl = ttl
         self._clock = clock
-        #: When each entry expires, oldest first (its order is the cache's).
-        self._expires: OrderedDict[bytes, float] = OrderedDict()
+        #: When each entry expires (what a lookup reads).
+        self._expires: dict[bytes, float] = {}
         self._results: dict[bytes, Any] = {}
+        #: Each entry's number, and the key of each number still held: the order.
+        self._numbers: dict[bytes, int] = {}
+        self._keys: dict[int, bytes] = {}
+        #: The number the next store gets, and the lowest one that may still be held.
+        self._next = 0
+        self._front = 0
         #: When the oldest entry expires (or earlier): until then a store trims nothing.
         self._front_expires = math.inf
 
@@ -91,28 +112,42 @@ class ExpiringEntries:
         # as it came every entry held 4 KB (4 GB at a million entries) and grew the heap by
         # a page per miss: one page fault per call, +1.2 µs of system time in-process.
         now = self._clock()
-        expiries = self._expires
-        expiries.pop(key, None)  # an expired entry of this key: the new one goes to the end
-        if not now < self._front_expires or len(expiries) >= self.maxsize:
+        numbers = self._numbers
+        keys = self._keys
+        replaced = numbers.pop(key, None)  # an expired entry of this key: it goes to the back
+        if replaced is not None:
+            del keys[replaced]
+        if not now < self._front_expires or len(numbers) >= self.maxsize:
             self._trim(now)
         expires = now + self.ttl
-        if not expiries:
+        number = self._next
+        self._next = number + 1
+        if not numbers:
+            self._front = number
             self._front_expires = expires
-        expiries[key] = expires
+        keys[number] = key
+        numbers[key] = number
+        self._expires[key] = expires
         self._results[key] = value
 
     def _trim(self, now: float) -> None:
         """Drop expired entries off the front, then the oldest until one more fits."""
+        keys = self._keys
+        numbers = self._numbers
         expiries = self._expires
         results = self._results
-        while expiries:
-            oldest, expires = next(iter(expiries.items()))
-            if now < expires and len(expiries) < self.maxsize:
-                self._front_expires = expires
-                return
-            del expiries[oldest]
-            del results[oldest]
-        self._front_expires = math.inf
+        front = self._front
+        while numbers:
+            oldest = keys.get(front)
+            if oldest is not None:  # None: that number's key was stored again since
+                expires = expiries[oldest]
+                if now < expires and len(numbers) < self.maxsize:
+                    self._front = front
+                    self._front_expires = expires
+                    return
+                del keys[front], numbers[oldest], expiries[oldest], results[oldest]
+            front += 1
+        self._front_expires = math.inf  # empty: the next store sets the front
 
     def __len__(self) -> int:
         """Entries held, including any expired since the last store (as ``TTLCache``)."""
@@ -121,6 +156,8 @@ class ExpiringEntries:
     def clear(self) -> None:
         self._expires.clear()
         self._results.clear()
+        self._numbers.clear()
+        self._keys.clear()
         self._front_expires = math.inf
 
     def __repr__(self) -> str:
