@@ -321,6 +321,36 @@ async def test_a_verified_token_is_cached_until_it_expires_and_the_cache_is_boun
     assert len(authenticator._cache) <= 2
 
 
+async def test_an_expired_token_drops_itself_without_a_pass_over_the_cache(
+    tmp_path: Path, keys: dict[str, SigningKey]
+) -> None:
+    # Each expired token read from the cache swept the whole cache for expired entries: a
+    # pass over up to cache_size entries (a million allowed) per request. Now it drops
+    # itself; the others are checked when read, and the bound drops the oldest.
+    now = [time.time()]
+    config = auth_manifest(
+        tmp_path,
+        {
+            "jwt": jwt_config(
+                str(write_jwks(tmp_path / "k.json", keys["rsa"])), cache_size=100, leeway_s=0
+            )
+        },
+    ).auth.jwt
+    authenticator = JwtAuthenticator(config, clock=lambda: now[0])
+    await authenticator.start()
+    expires = int(now[0]) + 60
+    tokens = [keys["rsa"].token(good_claims(sub=f"s{index}", exp=expires)) for index in range(4)]
+    for token in tokens:
+        await authenticator.principal_of(token)
+    assert authenticator.verified == 4
+    now[0] = expires + 1  # expired by the cache's clock (PyJWT reads the real one)
+    await authenticator.principal_of(tokens[0])  # dropped, then verified again
+    assert authenticator.verified == 5
+    assert list(authenticator._cache) == [*tokens[1:], tokens[0]]  # no sweep of the rest
+    await authenticator.principal_of(tokens[1])  # each is checked when it is read
+    assert authenticator.verified == 6
+
+
 async def test_a_cached_token_is_refused_once_it_expired(
     tmp_path: Path, keys: dict[str, SigningKey]
 ) -> None:
