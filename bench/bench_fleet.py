@@ -3,6 +3,11 @@
 * ``fleet_pick_least_request_us`` / ``fleet_pick_round_robin_us``: one ``Fleet.pick()``
   over 3 instances in service (the choice itself), timed in a tight loop; median of the
   rounds. Goal ≤ 2 µs.
+* ``fleet_pick_1000_all_up_us``, ``fleet_pick_1000_one_down_{least_request,weighted}_us``:
+  one ``Fleet.pick()`` over 1,000 instances (the most DNS discovery takes), all in service,
+  then with one marked down by its health check; ``fleet_pick_1000_one_down_over_all_up_ratio``
+  (least request). Until 2026-12-03 a fleet with any instance out of service found the
+  ones in service again on every pick.
 * ``fleet_step_added_us``: one call through ``FleetStep`` (pick, in-flight count, outcome
   recorded) minus the same call of a stub provider directly, in-process, no network.
   Goal ≤ 2 µs.
@@ -47,6 +52,7 @@ async def run(options: Options) -> dict[str, float]:
     rounds = options.rounds or (1 if options.quick else 5)
     figures: dict[str, float] = {}
     figures.update(_pick_costs(rounds, 20_000 if options.quick else 200_000))
+    figures.update(_degraded_pick_costs(rounds, 2_000 if options.quick else 20_000))
     figures["fleet_step_added_us"] = await _step_added(rounds, 5_000 if options.quick else 50_000)
     pinned = SERVER_CPU if {SERVER_CPU, CLIENT_CPU} <= available_cpus() else None
     with pinned_to_cpu(CLIENT_CPU):
@@ -81,6 +87,39 @@ def _pick_costs(rounds: int, picks: int) -> dict[str, float]:
                 pick()
             samples.append((time.perf_counter_ns() - started) / picks / 1000)
         figures[f"fleet_pick_{balance}_us"] = statistics.median(samples)
+    return figures
+
+
+def _degraded_pick_costs(rounds: int, picks: int) -> dict[str, float]:
+    from dispatcher.fleet import Fleet
+    from providers.http import HttpProvider, HttpTarget
+
+    def timed(pick: Callable[[], Any]) -> float:
+        samples = []
+        for _ in range(rounds):
+            started = time.perf_counter_ns()
+            for _ in range(picks):
+                pick()
+            samples.append((time.perf_counter_ns() - started) / picks / 1000)
+        return statistics.median(samples)
+
+    figures = {}
+    for balance in ("least_request", "weighted"):
+        target = HttpTarget.model_validate(
+            {
+                "provider": "http",
+                "instances": [{"url": f"http://127.0.0.2:{8000 + n}"} for n in range(1000)],
+                "balance": balance,
+            }
+        )
+        fleet = Fleet(target, target.instance_targets(), HttpProvider(), time.monotonic)
+        if balance == "least_request":
+            figures["fleet_pick_1000_all_up_us"] = timed(fleet.pick)
+        fleet.record_probe(fleet.instances[500], False, 1, 1)
+        figures[f"fleet_pick_1000_one_down_{balance}_us"] = timed(fleet.pick)
+    figures["fleet_pick_1000_one_down_over_all_up_ratio"] = (
+        figures["fleet_pick_1000_one_down_least_request_us"] / figures["fleet_pick_1000_all_up_us"]
+    )
     return figures
 
 

@@ -10,7 +10,11 @@ An instance is *in service* unless an active health check has marked it down or 
 outlier detector has ejected it. ``pick`` hands the balancer the instances in service;
 when none is, it hands it every instance (panic mode, as Envoy does): a call tried on an
 instance believed unwell may still succeed, a call refused outright cannot. The hot path
-(every instance in service, nothing to avoid) reads no clock and builds no list.
+(every instance in service, nothing to avoid) reads no clock and builds no list. With
+some out of service, the tuple of those in service is kept until the set, a health check
+or an ejection changes it, or the earliest ejection ends: built on every pick, it cost
+each call 9 µs with one instance down of 100, 78-101 µs of 1,000 (``bench fleet``), just
+when a degraded fleet needs its capacity.
 
 Synchronous and free of I/O: the step that calls the provider (``step``) and the task
 that probes instances (``health``) report what they saw through ``record_*``.
@@ -19,6 +23,7 @@ that probes instances (``health``) report what they saw through ``record_*``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,6 +63,14 @@ class Fleet:
         )
         self._next_index = len(self.instances)
         self.balancer = new_balancer(self.settings.balance)
+        self._clock = clock
+        #: The instances in service when some are not (``_in_service_now``), for which
+        #: tuple of ``instances`` they were found, and until when they hold: the earliest
+        #: end of an ejection. ``None``: to be found again (a health check or an ejection
+        #: changed them).
+        self._serving: tuple[Instance, ...] | None = None
+        self._serving_of: tuple[Instance, ...] = ()
+        self._serving_until = math.inf
         outlier = self.settings.outlier
         self.outliers = OutlierDetector(
             self.name,
@@ -126,16 +139,35 @@ class Fleet:
     def pick(self, avoid: Sequence[int] | None = None) -> Instance | None:
         """An instance for the next attempt, none of ``avoid`` (indices); None if none is left."""
         instances = self.instances
-        if avoid is None and not self.down and not self.outliers.ejected and instances:
-            return self.balancer.choose(instances)
-        return self._pick_among_some(avoid or ())
-
-    def _pick_among_some(self, avoid: Sequence[int]) -> Instance | None:
-        allowed = [instance for instance in self.instances if instance.index not in avoid]
+        if not instances:
+            return None
+        if not self.down and not self.outliers.ejected:
+            if not avoid:
+                return self.balancer.choose(instances)
+            serving: tuple[Instance, ...] = instances
+        else:
+            serving = self._in_service_now()
+            if not avoid:
+                return self.balancer.choose(serving or instances)
+        allowed = [instance for instance in instances if instance.index not in avoid]
         if not allowed:
             return None
-        in_service = [instance for instance in allowed if self.in_service(instance)]
+        in_service = [instance for instance in serving if instance.index not in avoid]
         return self.balancer.choose(in_service or allowed)
+
+    def _in_service_now(self) -> tuple[Instance, ...]:
+        """The instances in service (some are not), found again only when they may differ."""
+        serving = self._serving
+        if (
+            serving is None
+            or self._serving_of is not self.instances
+            or not self._clock() < self._serving_until
+        ):
+            instances = self.instances
+            serving = self._serving = tuple(each for each in instances if self.in_service(each))
+            self._serving_of = instances
+            self._serving_until = min(self.outliers.ejected_until.values(), default=math.inf)
+        return serving
 
     def in_service(self, instance: Instance) -> bool:
         return not instance.down and not self.outliers.is_ejected(instance.index)
@@ -160,6 +192,7 @@ class Fleet:
         instance.failures += 1
         if not instance.leaving and self.outliers.record_failure(instance.index):
             instance.probe_successes = 0  # only probes after the ejection may end it early
+            self._serving = None
 
     def record_probe(
         self, instance: Instance, serving: bool, unhealthy_after: int, healthy_after: int
@@ -179,14 +212,18 @@ class Fleet:
                 if instance.down:
                     instance.down = False
                     self.down -= 1
+                    self._serving = None
                     log.info("%s: instance %s is up again", self.name, instance.target.describe())
-                self.outliers.release(instance.index)
+                if instance.index in self.outliers.ejected_until:
+                    self.outliers.release(instance.index)
+                    self._serving = None
         else:
             instance.probe_successes = 0
             instance.probe_failures += 1
             if instance.probe_failures >= unhealthy_after and not instance.down:
                 instance.down = True
                 self.down += 1
+                self._serving = None
                 log.warning("%s: instance %s is down", self.name, instance.target.describe())
 
     def stats(self) -> dict[str, Any]:
