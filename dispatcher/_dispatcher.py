@@ -164,7 +164,10 @@ class Dispatcher:
         self._guard = Guard(
             self.authenticator,
             AccessControl(manifest.access) if manifest.access is not None else None,
-            AuditLog(None if manifest.audit.to_stdout else manifest.audit.path)
+            AuditLog(
+                None if manifest.audit.to_stdout else manifest.audit.path,
+                max_backlog=manifest.audit.max_backlog,
+            )
             if manifest.audit is not None
             else None,
         )

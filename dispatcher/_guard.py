@@ -13,7 +13,8 @@ For each call, in this order, before any policy or target sees it:
    list of what exists that ``PluginNotFound`` carries.
 3. **audit**: when the call ends, however it ends (refused while draining, unauthorized,
    forbidden, invalid, failed, cancelled, or answered), exactly one record
-   (``dispatcher.audit``).
+   (``dispatcher.audit``). While the log is ``max_backlog`` records behind its sink, calls
+   are refused before anything else (``Overloaded``) and counted, not recorded one by one.
 
 The principal's ``id`` becomes ``Invocation.caller``: rate limits with ``scope: caller``,
 per-caller caches and the plugin's ``context.caller`` see it. With none of this
@@ -40,6 +41,7 @@ from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,
     MethodNotFound,
+    Overloaded,
     PluginError,
     PluginNotFound,
 )
@@ -171,9 +173,19 @@ class Guard:
         params: Any = None,
     ) -> Audited:
         """Open the audit entry of a call, stream or event starting now; ``end`` writes it.
-        A call also notes which fleet instances serve it (audited calls only)."""
+        A call also notes which fleet instances serve it (audited calls only).
+
+        ``Overloaded`` when the audit log is behind its sink (``AuditLog.behind``): what
+        cannot be recorded does not run; the log counts the refusal instead."""
+        audit = self.audit
+        if audit is not None and audit.behind():
+            audit.count_refused()
+            raise Overloaded(
+                f"the audit log {audit.name} is {audit.max_backlog} records behind its sink:"
+                " calls are refused until it takes them (retry later)"
+            )
         served: tuple[list[Instance], Token[list[Instance] | None]] | None = None
-        if kind == "call" and self.audit is not None:
+        if kind == "call" and audit is not None:
             instances: list[Instance] = []
             served = instances, SERVED_BY.set(instances)
         started = self.clock()

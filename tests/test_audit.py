@@ -6,6 +6,9 @@ import asyncio
 import collections
 import json
 import logging
+import os
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +16,11 @@ import pytest
 from click.testing import CliRunner
 
 from dispatcher import Dispatcher
-from dispatcher.audit import GENESIS, AuditLog, AuditLogError, verify
+from dispatcher.audit import GENESIS, AuditLog, AuditLogError, verify, verify_lines
 from dispatcher.cli import main
-from dispatcher.config import parse_manifest
+from dispatcher.config import ManifestError, parse_manifest
 from dispatcher.identity import Credentials, Principal, api_key_digest
-from linchkit_plugin.errors import DispatchError
+from linchkit_plugin.errors import DispatchError, Overloaded
 from tests.conftest import LOCAL_TARGET, echo_plugin
 
 API_KEY = "lk_audit_" + "c0ffee" * 6
@@ -25,7 +28,7 @@ TALKER = Principal("alice", frozenset({"talker"}), "library")
 STRANGER = Principal("mallory", frozenset({"nobody"}))
 
 
-def audited_manifest(tmp_path: Path, path: str = "audit.log") -> Any:
+def audited_manifest(tmp_path: Path, path: str = "audit.log", **audit: Any) -> Any:
     plugin = echo_plugin("echo", LOCAL_TARGET)
     plugin["methods"]["say"] = {"audit_params": True}
     return parse_manifest(
@@ -38,7 +41,7 @@ def audited_manifest(tmp_path: Path, path: str = "audit.log") -> Any:
                 ]
             },
             "access": {"roles": {"talker": {"allow": ["echo.*"]}}},
-            "audit": {"path": path},
+            "audit": {"path": path, **audit},
         },
         base_dir=tmp_path,
     )
@@ -175,6 +178,96 @@ async def test_stdout_as_the_sink(tmp_path: Path, capfd: pytest.CaptureFixture[s
         await dispatcher.call("echo", "say", {"text": "to stdout"}, caller=TALKER)
     out = capfd.readouterr().out.splitlines()
     assert len(out) == 1 and json.loads(out[0])["params"] == {"text": "to stdout"}
+
+
+class _StalledSink:
+    """A pipe whose reader stops reading (a log shipper that hangs): once its 64 KB are
+    full, every ``write`` to it blocks. ``drain`` starts reading it to the end."""
+
+    def __init__(self) -> None:
+        self.read_end, write_end = os.pipe()
+        self.buffer = os.fdopen(write_end, "wb")
+        self.taken = bytearray()
+        self._reader: threading.Thread | None = None
+
+    def drain(self) -> None:
+        def read() -> None:
+            while chunk := os.read(self.read_end, 1 << 16):
+                self.taken += chunk
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+
+    def close(self) -> None:
+        self.buffer.close()
+        if self._reader is not None:
+            self._reader.join(10)
+        os.close(self.read_end)
+
+
+async def test_a_sink_that_stops_taking_records_gets_calls_refused_and_then_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, the queue took a record per call for as long as the sink hung, until
+    # memory ran out. Now, past max_backlog, calls are refused (Overloaded, retryable),
+    # and one sealed record in the chain says how many were. (The pipe holds ~160
+    # records; 1,000 more wait in the queue before the first refusal.)
+    sink = _StalledSink()
+    monkeypatch.setattr(sys, "stdout", sink)
+    answered = refused = 0
+    try:
+        async with Dispatcher(audited_manifest(tmp_path, "-", max_backlog=1000)) as dispatcher:
+            for index in range(5000):
+                try:
+                    await dispatcher.call("echo", "say", {"text": f"t{index}"}, caller=TALKER)
+                    answered += 1
+                except Overloaded as error:
+                    assert "behind its sink" in error.message and error.retryable
+                    refused += 1
+                    if refused == 7:
+                        break
+            stats = dispatcher.stats()["audit"]
+            assert refused == 7 and stats["refused"] == 7 and stats["queued"] <= 1000
+            sink.drain()
+            for _ in range(500):  # the writer thread catches up
+                if dispatcher.stats()["audit"]["queued"] < 1000:
+                    break
+                await asyncio.sleep(0.01)
+            await dispatcher.call("echo", "say", {"text": "again"}, caller=TALKER)
+            answered += 1
+    finally:
+        sink.close()
+    data = bytes(sink.taken)
+    report = verify_lines(data)
+    counts = [record for record in map(json.loads, data.splitlines()) if record["kind"] != "call"]
+    # Every answered call has its record, every refused one is counted, all in one chain.
+    # (Mostly one count; two when the writer thread, starved on a busy machine, lagged
+    # 1,000 records behind once before the pipe filled.)
+    assert report.intact and report.records == answered + len(counts)
+    assert {count["kind"] for count in counts} == {"audit_backlog"}
+    assert sum(count["refused"] for count in counts) == 7
+
+
+def test_a_backlog_bound_below_what_a_burst_queues_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match=r"audit\.max_backlog.*greater than or equal to 1000"):
+        audited_manifest(tmp_path, max_backlog=50)
+
+
+async def test_closing_a_log_whose_sink_takes_nothing_does_not_hang(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = _StalledSink()
+    monkeypatch.setattr(sys, "stdout", sink)
+    log = AuditLog(None)
+    log.open()
+    for index in range(2000):  # far more than the pipe holds
+        log.write({"kind": "call", "outcome": "ok", "n": index, "pad": "x" * 100})
+    try:
+        await asyncio.wait_for(log.aclose(timeout=0.3), 10)
+        assert "records were not written" in caplog.text
+    finally:
+        sink.drain()  # the blocked writer finishes, then stops at the end of its queue
+        sink.close()
 
 
 # -- tampering --------------------------------------------------------------------------

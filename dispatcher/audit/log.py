@@ -11,11 +11,22 @@ pipe to a log shipper that stops reading, or a full or slow disk, would stall th
 every call of the dispatcher — on a blocking ``write``; with the thread only the log
 lags (``stats()["queued"]``). Under load one ``write`` carries many records.
 
-``aclose`` flushes: it waits for the thread to write everything queued. A record is
-written only when its call has ended; what is queued when the process is killed is lost
-(``kill -9`` loses at most what the thread had not written yet; a crash mid-``write``
-leaves an incomplete last line, which ``verify`` reports and ``open`` refuses to append
-to, so a damaged log is looked at before it grows).
+**When the sink stops taking records** (a log shipper that stops reading the pipe, a disk
+that hangs), the queue would grow by a record per call for as long as it lasts, and every
+record would still be held when memory ran out. So the queue is bounded: with
+``max_backlog`` records queued, the log is *behind*, and the dispatcher refuses new calls
+(``Overloaded``, retryable) rather than run calls it cannot record. A refused call has no
+record of its own: the log counts them, and the first record written once it is no longer
+behind is a sealed ``kind: "audit_backlog"`` record saying how many calls were refused
+and since when, so the gap is in the chain, not missing from it.
+
+``aclose`` flushes: it waits for the thread to write everything queued, for
+``CLOSE_TIMEOUT_SECONDS`` at most (a sink that takes nothing must not hang shutdown; what
+it did not take is reported as lost). A record is written only when its call has ended;
+what is queued when the process is killed is lost (``kill -9`` loses at most what the
+thread had not written yet; a crash mid-``write`` leaves an incomplete last line, which
+``verify`` reports and ``open`` refuses to append to, so a damaged log is looked at
+before it grows).
 
 Nothing here knows what a call is: the dispatcher builds the record (``dispatcher._guard``).
 """
@@ -23,6 +34,7 @@ Nothing here knows what a call is: the dispatcher builds the record (``dispatche
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import queue
@@ -34,7 +46,7 @@ from typing import IO, Any
 
 from dispatcher.audit.chain import GENESIS, line_hash, line_problem, seal
 
-__all__ = ["AuditLog", "AuditLogError"]
+__all__ = ["CLOSE_TIMEOUT_SECONDS", "DEFAULT_MAX_BACKLOG", "AuditLog", "AuditLogError"]
 
 log = logging.getLogger("dispatcher.audit")
 
@@ -42,6 +54,10 @@ log = logging.getLogger("dispatcher.audit")
 _GATHER_SECONDS = 0.005
 #: How far back ``open`` looks for the last line; records are far shorter.
 _TAIL_BYTES = 1 << 20
+#: Records queued at most before calls are refused (``audit.max_backlog``): ~50 MB.
+DEFAULT_MAX_BACKLOG = 100_000
+#: How long ``aclose`` waits for the sink to take what is queued.
+CLOSE_TIMEOUT_SECONDS = 10.0
 
 
 class AuditLogError(Exception):
@@ -51,12 +67,19 @@ class AuditLogError(Exception):
 class AuditLog:
     """One audit log: ``open``, ``write`` a record per call, ``aclose``."""
 
-    def __init__(self, path: str | None) -> None:
-        """``path``: a file to append to, or None for stdout."""
+    def __init__(self, path: str | None, *, max_backlog: int = DEFAULT_MAX_BACKLOG) -> None:
+        """``path``: a file to append to, or None for stdout; ``max_backlog``: records
+        queued for it at most before the log is behind."""
         self.path = path
+        self.max_backlog = max_backlog
         self.head = GENESIS
         self.records = 0
         self.write_errors = 0
+        #: Calls refused while the log was behind: all of them, and those the next
+        #: ``audit_backlog`` record will count (since ``_unrecorded_since``).
+        self.refused = 0
+        self._unrecorded = 0
+        self._unrecorded_since = ""
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._file: IO[bytes] | None = None
@@ -80,21 +103,71 @@ class AuditLog:
         self._thread = threading.Thread(target=self._write_queued, name="audit-log", daemon=True)
         self._thread.start()
 
+    def behind(self) -> bool:
+        """Whether ``max_backlog`` records wait for the sink: then calls are refused."""
+        return self._queue.qsize() >= self.max_backlog
+
+    def count_refused(self) -> None:
+        """A call was refused because the log is behind: it gets no record of its own,
+        and the next ``audit_backlog`` record counts it."""
+        if not self._unrecorded:
+            self._unrecorded_since = _now()
+            log.error(
+                "audit log %s: %d records wait for the sink; refusing calls until it takes them",
+                self.name,
+                self._queue.qsize(),
+            )
+        self._unrecorded += 1
+        self.refused += 1
+
     def write(self, record: dict[str, Any]) -> None:
         """Seal ``record`` after the last one and queue it for the file (call from one
         thread: the event loop's). ``record`` gets ``prev`` added."""
+        if self._unrecorded and not self.behind():
+            self._queue_unrecorded()
+        self._queue_sealed(record)
+
+    def _queue_sealed(self, record: dict[str, Any]) -> None:
         line = seal(record, self.head)
         self.head = line_hash(line)
         self.records += 1
         self._queue.put(line + b"\n")
 
-    async def aclose(self) -> None:
-        """Write everything queued, stop the thread, close the file."""
+    def _queue_unrecorded(self) -> None:
+        """The record of the calls refused while the log was behind."""
+        refused, self._unrecorded = self._unrecorded, 0
+        log.warning("audit log %s: caught up; %d calls were refused meanwhile", self.name, refused)
+        self._queue_sealed(
+            {
+                "time": _now(),
+                "kind": "audit_backlog",
+                "refused": refused,
+                "since": self._unrecorded_since,
+                "max_backlog": self.max_backlog,
+            }
+        )
+
+    async def aclose(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
+        """Write everything queued (``timeout`` seconds at most), stop the thread, close
+        the file."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        if self._unrecorded:
+            self._queue_unrecorded()
         self._queue.put(None)
-        await asyncio.to_thread(thread.join)
+        await asyncio.to_thread(thread.join, timeout)
+        if thread.is_alive():  # the sink took nothing for that long: its thread stays blocked
+            log.error(
+                "audit log %s: the sink took nothing for %g s; about %d records were not"
+                " written (head of what was sealed: %s)",
+                self.name,
+                timeout,
+                self._queue.qsize(),
+                self.head,
+            )
+            self._file = None
+            return
         if self._file is not None and self.path is not None:
             self._file.close()
         self._file = None
@@ -108,6 +181,8 @@ class AuditLog:
             "records": self.records,
             "head": self.head,
             "queued": self._queue.qsize(),
+            "max_backlog": self.max_backlog,
+            "refused": self.refused,
             "write_errors": self.write_errors,
         }
 
@@ -143,6 +218,10 @@ class AuditLog:
 
     def __repr__(self) -> str:
         return f"<AuditLog {self.name} records={self.records} queued={self._queue.qsize()}>"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
 def _last_line_hash(path: Path) -> str:

@@ -180,6 +180,17 @@ class AuditConfig(StrictModel):
     path: str = Field(
         description="A file (appended to, relative to the manifest), or '-' for stdout."
     )
+    max_backlog: int = Field(
+        default=100_000,
+        # The writer gathers records for 5 ms between writes: a bound below what a
+        # burst queues meanwhile would refuse calls while the sink is fine.
+        ge=1_000,
+        le=10_000_000,
+        description=(
+            "Records waiting for the sink at most; past it calls are refused (Overloaded)"
+            " until it takes them, and one record counts the refusals."
+        ),
+    )
 
     @field_validator("path")
     @classmethod

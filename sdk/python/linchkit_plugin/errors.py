@@ -145,7 +145,8 @@ class RateLimited(DispatchError):
 
 
 class Overloaded(DispatchError):
-    """A bulkhead is full: too many calls already in flight or waiting."""
+    """A bulkhead is full (too many calls already in flight or waiting), or the audit log
+    is too far behind its sink to record more calls."""
 
     type = "overloaded"
     default_retryable = True
