@@ -173,6 +173,40 @@ async def test_the_chain_continues_across_restarts_and_a_cut_log_is_not_appended
             pass
 
 
+async def test_a_named_pipe_is_written_for_its_reader_and_refused_at_start_without_one(
+    tmp_path: Path,
+) -> None:
+    # A log shipper reading a named pipe: start used to hang, reading the pipe's "last
+    # line" (waiting for a writer) or opening it (waiting for a reader).
+    fifo = tmp_path / "audit.pipe"
+    os.mkfifo(fifo)
+    unread = Dispatcher(audited_manifest(tmp_path, "audit.pipe"))
+    with pytest.raises(AuditLogError, match=r"named pipe.*no process reads it"):
+        await asyncio.wait_for(unread.start(), 10)
+    await unread.aclose()
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    taken = bytearray()
+
+    def read() -> None:
+        os.set_blocking(reader, True)
+        while chunk := os.read(reader, 1 << 16):
+            taken.extend(chunk)
+
+    thread = threading.Thread(target=read, daemon=True)
+    try:
+        async with asyncio.timeout(10):
+            async with Dispatcher(audited_manifest(tmp_path, "audit.pipe")) as dispatcher:
+                thread.start()  # once the pipe has its writer (before, a read is its end)
+                for index in range(3):
+                    await dispatcher.call("echo", "say", {"text": str(index)}, caller=TALKER)
+        thread.join(10)  # the dispatcher closed its end: the reader sees the end
+    finally:
+        os.close(reader)
+    report = verify_lines(bytes(taken))
+    assert report.intact and report.records == 3
+    assert json.loads(bytes(taken).splitlines()[0])["prev"] == GENESIS
+
+
 async def test_stdout_as_the_sink(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     async with Dispatcher(audited_manifest(tmp_path, "-")) as dispatcher:
         await dispatcher.call("echo", "say", {"text": "to stdout"}, caller=TALKER)

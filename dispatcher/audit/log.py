@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import errno
 import logging
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -91,6 +93,8 @@ class AuditLog:
             raise AuditLogError("the audit log is already open")
         if self.path is None:
             self._file = sys.stdout.buffer
+        elif _is_fifo(self.path):
+            self._file = _open_fifo(self.path)
         else:
             self.head = _last_line_hash(Path(self.path))
             try:
@@ -218,6 +222,30 @@ class AuditLog:
 
     def __repr__(self) -> str:
         return f"<AuditLog {self.name} records={self.records} queued={self._queue.qsize()}>"
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _open_fifo(path: str) -> IO[bytes]:
+    """A named pipe a log shipper reads, opened for writing without waiting for it.
+
+    A pipe has no last line to continue from: its chain starts at ``GENESIS``, as on
+    stdout (the reader keeps the log). Reading its tail, as for a file, waited for a
+    writer that would never come, and a plain open for writing waits for a reader: either
+    hung ``start``. Opened non-blocking, it fails at once when nobody reads it; then it
+    blocks again, so a reader that stops only holds up the writer thread."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as error:
+        reason = "no process reads it" if error.errno == errno.ENXIO else error.strerror
+        raise AuditLogError(f"cannot open the audit log {path} (a named pipe): {reason}") from None
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "wb")
 
 
 def _now() -> str:

@@ -178,7 +178,10 @@ class AuditConfig(StrictModel):
     """One JSON line per call, hash-chained (``dispatcher audit verify``)."""
 
     path: str = Field(
-        description="A file (appended to, relative to the manifest), or '-' for stdout."
+        description=(
+            "A file (appended to, relative to the manifest), a named pipe a log shipper"
+            " reads, or '-' for stdout."
+        )
     )
     max_backlog: int = Field(
         default=100_000,
