@@ -57,3 +57,31 @@ def test_non_finite_numbers_are_still_refused(value: float) -> None:
 def test_what_json_cannot_carry_is_still_refused() -> None:
     with pytest.raises(InvalidParams, match="JSON-serializable"):
         encode_json({"params": object()})
+
+
+class _Record(dict[str, object]):
+    pass
+
+
+class _Rows(list[object]):
+    pass
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"deep": (1, {"tuple": (None, math.nan)})},
+        _Record(subclass={"of": [None, math.inf]}),
+        _Rows([None, {"list": _Rows([-math.inf])}]),
+        [{"id": number, "parent": None, "score": 1.5} for number in range(1000)] + [math.nan],
+    ],
+    ids=["tuples", "dict-subclass", "list-subclass", "last-of-many"],
+)
+def test_a_non_finite_number_is_found_in_every_kind_of_container(params: object) -> None:
+    with pytest.raises(InvalidParams, match="not a JSON number"):
+        encode_json({"params": params})
+
+
+def test_nulls_and_finite_floats_pass_the_check() -> None:
+    rows = [{"id": number, "parent": None, "score": -0.0, "big": 1e300} for number in range(1000)]
+    assert encode_json(rows) == orjson.dumps(rows)

