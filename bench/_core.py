@@ -19,6 +19,8 @@ from types import ModuleType
 from typing import Any, Literal
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
+#: The checkout's root (``examples/``, ``sdk/`` and the built plugins are under it).
+ROOT = Path(__file__).resolve().parent.parent
 _PREFIX = "bench_"
 _SUFFIX = "_bench"
 
@@ -195,3 +197,18 @@ def env_int(name: str) -> int | None:
         return int(value)
     except ValueError:
         sys.exit(f"{name} must be an integer, not {value!r}")
+
+
+def example_plugin(methods: Mapping[str, Any]) -> dict[str, Any]:
+    """The Python example plugin in-process (``provider: local``), as a manifest's entry:
+    what benchmarks that measure the dispatcher and nothing of a network call."""
+    return {
+        "id": "echo",
+        "version": "1.0.0",
+        "target": {
+            "provider": "local",
+            "entrypoint": "echo_plugin:EchoPlugin",
+            "path": str(ROOT / "examples" / "python"),
+        },
+        "methods": dict(methods),
+    }

@@ -76,32 +76,27 @@ def _fleet(balance: str) -> Any:
     return Fleet(target, target.instance_targets(), HttpProvider(), time.monotonic)
 
 
+def _per_pick_us(pick: Callable[[], Any], rounds: int, picks: int) -> float:
+    """Median over ``rounds`` of the µs one ``pick()`` takes in a loop of ``picks``."""
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter_ns()
+        for _ in range(picks):
+            pick()
+        samples.append((time.perf_counter_ns() - started) / picks / 1000)
+    return statistics.median(samples)
+
+
 def _pick_costs(rounds: int, picks: int) -> dict[str, float]:
-    figures = {}
-    for balance in ("least_request", "round_robin"):
-        pick = _fleet(balance).pick
-        samples = []
-        for _ in range(rounds):
-            started = time.perf_counter_ns()
-            for _ in range(picks):
-                pick()
-            samples.append((time.perf_counter_ns() - started) / picks / 1000)
-        figures[f"fleet_pick_{balance}_us"] = statistics.median(samples)
-    return figures
+    return {
+        f"fleet_pick_{balance}_us": _per_pick_us(_fleet(balance).pick, rounds, picks)
+        for balance in ("least_request", "round_robin")
+    }
 
 
 def _degraded_pick_costs(rounds: int, picks: int) -> dict[str, float]:
     from dispatcher.fleet import Fleet
     from providers.http import HttpProvider, HttpTarget
-
-    def timed(pick: Callable[[], Any]) -> float:
-        samples = []
-        for _ in range(rounds):
-            started = time.perf_counter_ns()
-            for _ in range(picks):
-                pick()
-            samples.append((time.perf_counter_ns() - started) / picks / 1000)
-        return statistics.median(samples)
 
     figures = {}
     for balance in ("least_request", "weighted"):
@@ -114,9 +109,9 @@ def _degraded_pick_costs(rounds: int, picks: int) -> dict[str, float]:
         )
         fleet = Fleet(target, target.instance_targets(), HttpProvider(), time.monotonic)
         if balance == "least_request":
-            figures["fleet_pick_1000_all_up_us"] = timed(fleet.pick)
+            figures["fleet_pick_1000_all_up_us"] = _per_pick_us(fleet.pick, rounds, picks)
         fleet.record_probe(fleet.instances[500], False, 1, 1)
-        figures[f"fleet_pick_1000_one_down_{balance}_us"] = timed(fleet.pick)
+        figures[f"fleet_pick_1000_one_down_{balance}_us"] = _per_pick_us(fleet.pick, rounds, picks)
     figures["fleet_pick_1000_one_down_over_all_up_ratio"] = (
         figures["fleet_pick_1000_one_down_least_request_us"] / figures["fleet_pick_1000_all_up_us"]
     )

@@ -22,15 +22,13 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from itertools import count
-from pathlib import Path
 from typing import Any
 
-from bench._core import Options
+from bench._core import ROOT, Options, example_plugin
 from dispatcher import Dispatcher
 from dispatcher.config import parse_manifest
 from dispatcher.state.memory import MAX_RECORDS
 
-ROOT = Path(__file__).resolve().parent.parent
 MEMORY_CALLS = 10_000
 
 GOALS: dict[str, Any] = {}
@@ -40,18 +38,7 @@ def _manifest() -> Any:
     return parse_manifest(
         {
             "version": 1,
-            "plugins": [
-                {
-                    "id": "echo",
-                    "version": "1.0.0",
-                    "target": {
-                        "provider": "local",
-                        "entrypoint": "echo_plugin:EchoPlugin",
-                        "path": str(ROOT / "examples" / "python"),
-                    },
-                    "methods": {"say": {"timeout_ms": 5000}},
-                }
-            ],
+            "plugins": [example_plugin({"say": {"timeout_ms": 5000}})],
         },
         base_dir=ROOT,
     )

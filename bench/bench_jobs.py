@@ -26,16 +26,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from bench._core import Options
+from bench._core import ROOT, Options, example_plugin
 from dispatcher import Dispatcher
 from dispatcher.config import parse_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
 SUBMITTERS = 64
 WORKERS = 4
 #: A round that takes longer than this is stuck, not slow: it fails the benchmark.
@@ -55,15 +53,8 @@ def _manifest(url: str, prefix: str, workers: int) -> Any:
             "state": {"backend": "redis", "url": url, "key_prefix": prefix, "op_timeout_ms": 2000},
             "jobs": {"workers": workers, "batch": 16},
             "plugins": [
-                {
-                    "id": "echo",
-                    "version": "1.0.0",
-                    "target": {
-                        "provider": "local",
-                        "entrypoint": "echo_plugin:EchoPlugin",
-                        "path": str(ROOT / "examples" / "python"),
-                    },
-                    "methods": {
+                example_plugin(
+                    {
                         "say": {
                             "params_schema": {
                                 "type": "object",
@@ -71,8 +62,8 @@ def _manifest(url: str, prefix: str, workers: int) -> Any:
                                 "required": ["text"],
                             }
                         }
-                    },
-                }
+                    }
+                )
             ],
         },
         base_dir=ROOT,

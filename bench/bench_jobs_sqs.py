@@ -28,11 +28,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench._core import Goal, Options
+from bench._core import ROOT, Goal, Options, example_plugin
 from dispatcher import Dispatcher
 from dispatcher.config import parse_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
 REGION = "us-east-1"
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "bench",
@@ -70,18 +69,7 @@ def _manifest(endpoint: str, queue: str, dead: str) -> Any:
                     "receive_wait_seconds": 1,
                 },
             },
-            "plugins": [
-                {
-                    "id": "echo",
-                    "version": "1.0.0",
-                    "target": {
-                        "provider": "local",
-                        "entrypoint": "echo_plugin:EchoPlugin",
-                        "path": str(ROOT / "examples" / "python"),
-                    },
-                    "methods": {"say": {}},
-                }
-            ],
+            "plugins": [example_plugin({"say": {}})],
         },
         base_dir=ROOT,
     )

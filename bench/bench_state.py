@@ -30,14 +30,11 @@ import subprocess
 import tempfile
 import time
 from itertools import count
-from pathlib import Path
 from typing import Any
 
-from bench._core import Goal, Options
+from bench._core import ROOT, Goal, Options, example_plugin
 from dispatcher import Dispatcher
 from dispatcher.config import parse_manifest
-
-ROOT = Path(__file__).resolve().parent.parent
 
 GOALS = {
     # Three loopback round trips through redis-py's asyncio client: a budget, not a floor.
@@ -64,18 +61,7 @@ def _manifest(state: dict[str, Any]) -> Any:
         {
             "version": 1,
             "state": state,
-            "plugins": [
-                {
-                    "id": "echo",
-                    "version": "1.0.0",
-                    "target": {
-                        "provider": "local",
-                        "entrypoint": "echo_plugin:EchoPlugin",
-                        "path": str(ROOT / "examples" / "python"),
-                    },
-                    "methods": {"say": POLICIES},
-                }
-            ],
+            "plugins": [example_plugin({"say": POLICIES})],
         },
         base_dir=ROOT,
     )

@@ -52,7 +52,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from bench._core import Goal, Options
+from bench._core import Goal, Options, example_plugin
 from bench.bench_http import ROOT, fixed_reply_server
 
 GOALS = {
@@ -60,16 +60,7 @@ GOALS = {
     "telemetry_unsampled_added_us": Goal("<=", 3.0),
 }
 
-PLUGIN = {
-    "id": "echo",
-    "version": "1.0.0",
-    "target": {
-        "provider": "local",
-        "entrypoint": "echo_plugin:EchoPlugin",
-        "path": str(ROOT / "examples" / "python"),
-    },
-    "methods": {"say": {}},
-}
+PLUGIN = example_plugin({"say": {}})
 
 
 async def run(options: Options) -> dict[str, float]:

@@ -294,20 +294,24 @@ async def test_ten_thousand_mutated_tokens_are_all_refused_and_nothing_else_esca
     await chain.aclose()
 
 
+async def clocked(
+    tmp_path: Path, key: SigningKey, now: list[float], **jwt: Any
+) -> JwtAuthenticator:
+    """A started JWT authenticator whose cache reads ``now[0]`` as the time."""
+    config = auth_manifest(
+        tmp_path, {"jwt": jwt_config(str(write_jwks(tmp_path / "k.json", key)), **jwt)}
+    ).auth.jwt
+    assert config is not None
+    authenticator = JwtAuthenticator(config, clock=lambda: now[0])
+    await authenticator.start()
+    return authenticator
+
+
 async def test_a_verified_token_is_cached_until_it_expires_and_the_cache_is_bounded(
     tmp_path: Path, keys: dict[str, SigningKey]
 ) -> None:
     now = [time.time()]
-    config = auth_manifest(
-        tmp_path,
-        {
-            "jwt": jwt_config(
-                str(write_jwks(tmp_path / "k.json", keys["rsa"])), cache_size=2, leeway_s=5
-            )
-        },
-    ).auth.jwt
-    authenticator = JwtAuthenticator(config, clock=lambda: now[0])
-    await authenticator.start()
+    authenticator = await clocked(tmp_path, keys["rsa"], now, cache_size=2, leeway_s=5)
     token = keys["rsa"].token(good_claims(exp=int(now[0]) + 60))
     for _ in range(100):
         assert (await authenticator.principal_of(token)).id == "billing-service"
@@ -328,16 +332,7 @@ async def test_an_expired_token_drops_itself_without_a_pass_over_the_cache(
     # pass over up to cache_size entries (a million allowed) per request. Now it drops
     # itself; the others are checked when read, and the bound drops the oldest.
     now = [time.time()]
-    config = auth_manifest(
-        tmp_path,
-        {
-            "jwt": jwt_config(
-                str(write_jwks(tmp_path / "k.json", keys["rsa"])), cache_size=100, leeway_s=0
-            )
-        },
-    ).auth.jwt
-    authenticator = JwtAuthenticator(config, clock=lambda: now[0])
-    await authenticator.start()
+    authenticator = await clocked(tmp_path, keys["rsa"], now, cache_size=100, leeway_s=0)
     expires = int(now[0]) + 60
     tokens = [keys["rsa"].token(good_claims(sub=f"s{index}", exp=expires)) for index in range(4)]
     for token in tokens:
