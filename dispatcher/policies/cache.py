@@ -48,13 +48,13 @@ class ExpiringEntries:
     the long-lived objects grow by a quarter, visit every entry of every tracked
     container, and a dict holding only bytes, ints and floats is not tracked at all. The
     ``OrderedDict`` always was: with a million entries of string results it made every
-    full collection of the process 45-75 ms longer, a pause of every call in flight, and
+    full collection of the process 41-75 ms longer, a pause of every call in flight, and
     now they add nothing. Results that are dicts or lists keep the results dict tracked
     (a dict of such values is, even when each of them is not): 87-120 → 39-55 ms added
     per full collection with a million small dict results. A store costs 50-180 ns more
     into a cache with room (four dicts written where a dict and the ``OrderedDict`` were;
     the figure moves with the dicts' resizes), 40-90 ns less into a full one, where every
-    store evicts (``bench/bench_cache_gc.py``, four runs of each in turn).
+    store evicts (``bench/bench_cache_gc.py``, six runs of each in turn).
 
     Why results in a dict of their own, not ``key → (expires, result)``: the tuple was one
     more tracked container per entry (with 200,000 small results, the collector's share
