@@ -24,7 +24,6 @@ configured and a plain string caller, ``Dispatcher.call`` never enters this modu
 from __future__ import annotations
 
 import asyncio
-import datetime
 import re
 from collections.abc import Callable
 from contextvars import Token
@@ -33,7 +32,7 @@ from typing import Any
 
 from dispatcher._routes import Route, RouteTable
 from dispatcher.access import AccessControl
-from dispatcher.audit import AuditLog
+from dispatcher.audit import AuditLog, timestamp
 from dispatcher.fleet.instances import Instance
 from dispatcher.fleet.served import SERVED_BY
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, refused
@@ -204,7 +203,7 @@ class Guard:
             return
         route = entry.route
         record: dict[str, Any] = {
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds"),
+            "time": timestamp(),
             "kind": entry.kind,
             "request_id": _clip(entry.request_id),
             "trace_id": _trace_id(entry.traceparent),

@@ -294,14 +294,25 @@ async def test_closing_a_log_whose_sink_takes_nothing_does_not_hang(
     monkeypatch.setattr(sys, "stdout", sink)
     log = AuditLog(None)
     log.open()
+    writer = log._thread
+    assert writer is not None
     for index in range(2000):  # far more than the pipe holds
+        log.write({"kind": "call", "outcome": "ok", "n": index, "pad": "x" * 100})
+    for _ in range(1000):  # until the writer took them all, and blocks writing them
+        if not log.stats()["queued"]:
+            break
+        await asyncio.sleep(0.01)
+    for index in range(2000, 2500):  # these wait behind the blocked write
         log.write({"kind": "call", "outcome": "ok", "n": index, "pad": "x" * 100})
     try:
         await asyncio.wait_for(log.aclose(timeout=0.3), 10)
         assert "records were not written" in caplog.text
     finally:
-        sink.drain()  # the blocked writer finishes, then stops at the end of its queue
+        sink.drain()  # the blocked write ends; the writer drops the rest and stops
+        writer.join(10)
         sink.close()
+    assert not writer.is_alive()
+    assert sink.taken.count(b"\n") == 2000
 
 
 # -- tampering --------------------------------------------------------------------------

@@ -8,6 +8,15 @@ stdout from a writer thread. The dispatcher writes the records (``dispatcher._gu
 from __future__ import annotations
 
 from dispatcher.audit.chain import GENESIS, ChainReport, seal, verify, verify_lines
-from dispatcher.audit.log import AuditLog, AuditLogError
+from dispatcher.audit.log import AuditLog, AuditLogError, timestamp
 
-__all__ = ["GENESIS", "AuditLog", "AuditLogError", "ChainReport", "seal", "verify", "verify_lines"]
+__all__ = [
+    "GENESIS",
+    "AuditLog",
+    "AuditLogError",
+    "ChainReport",
+    "seal",
+    "timestamp",
+    "verify",
+    "verify_lines",
+]

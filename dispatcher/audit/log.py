@@ -22,7 +22,8 @@ and since when, so the gap is in the chain, not missing from it.
 
 ``aclose`` flushes: it waits for the thread to write everything queued, for
 ``CLOSE_TIMEOUT_SECONDS`` at most (a sink that takes nothing must not hang shutdown; what
-it did not take is reported as lost). A record is written only when its call has ended;
+it did not take is reported as lost, and the writer thread, blocked in a write, ends when
+that write does without writing the rest). A record is written only when its call has ended;
 what is queued when the process is killed is lost (``kill -9`` loses at most what the
 thread had not written yet; a crash mid-``write`` leaves an incomplete last line, which
 ``verify`` reports and ``open`` refuses to append to, so a damaged log is looked at
@@ -34,6 +35,7 @@ Nothing here knows what a call is: the dispatcher builds the record (``dispatche
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import errno
 import logging
@@ -48,7 +50,13 @@ from typing import IO, Any
 
 from dispatcher.audit.chain import GENESIS, line_hash, line_problem, seal
 
-__all__ = ["CLOSE_TIMEOUT_SECONDS", "DEFAULT_MAX_BACKLOG", "AuditLog", "AuditLogError"]
+__all__ = [
+    "CLOSE_TIMEOUT_SECONDS",
+    "DEFAULT_MAX_BACKLOG",
+    "AuditLog",
+    "AuditLogError",
+    "timestamp",
+]
 
 log = logging.getLogger("dispatcher.audit")
 
@@ -85,6 +93,8 @@ class AuditLog:
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._file: IO[bytes] | None = None
+        #: Set when ``aclose`` gave up on the sink: the writer stops at its next batch.
+        self._abandoned = False
 
     def open(self) -> None:
         """Open the sink and start the writer thread; a file's chain continues from its
@@ -115,7 +125,7 @@ class AuditLog:
         """A call was refused because the log is behind: it gets no record of its own,
         and the next ``audit_backlog`` record counts it."""
         if not self._unrecorded:
-            self._unrecorded_since = _now()
+            self._unrecorded_since = timestamp()
             log.error(
                 "audit log %s: %d records wait for the sink; refusing calls until it takes them",
                 self.name,
@@ -143,7 +153,7 @@ class AuditLog:
         log.warning("audit log %s: caught up; %d calls were refused meanwhile", self.name, refused)
         self._queue_sealed(
             {
-                "time": _now(),
+                "time": timestamp(),
                 "kind": "audit_backlog",
                 "refused": refused,
                 "since": self._unrecorded_since,
@@ -161,7 +171,10 @@ class AuditLog:
             self._queue_unrecorded()
         self._queue.put(None)
         await asyncio.to_thread(thread.join, timeout)
-        if thread.is_alive():  # the sink took nothing for that long: its thread stays blocked
+        if thread.is_alive():  # the sink took nothing for that long
+            # The thread is blocked in a write: it ends when that write does, dropping
+            # what is still queued and closing the file this log opened.
+            self._abandoned = True
             log.error(
                 "audit log %s: the sink took nothing for %g s; about %d records were not"
                 " written (head of what was sealed: %s)",
@@ -197,7 +210,7 @@ class AuditLog:
     def _write_queued(self) -> None:
         file = self._file
         assert file is not None
-        while True:
+        while not self._abandoned:
             lines = [self._queue.get()]
             if lines[0] is not None:
                 # Let records gather: waking this thread for every record costs the loop
@@ -219,6 +232,9 @@ class AuditLog:
                     log.error("audit log %s: writing failed: %s", self.name, error)
             if done:
                 return
+        if self.path is not None:  # abandoned by ``aclose``: nobody else will close it
+            with contextlib.suppress(OSError, ValueError):
+                file.close()
 
     def __repr__(self) -> str:
         return f"<AuditLog {self.name} records={self.records} queued={self._queue.qsize()}>"
@@ -248,7 +264,8 @@ def _open_fifo(path: str) -> IO[bytes]:
     return os.fdopen(descriptor, "wb")
 
 
-def _now() -> str:
+def timestamp() -> str:
+    """Now, as every record's ``time`` is written (UTC, microseconds)."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
