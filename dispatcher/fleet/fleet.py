@@ -152,6 +152,8 @@ class Fleet:
         allowed = [instance for instance in instances if instance.index not in avoid]
         if not allowed:
             return None
+        if serving is instances:  # all in service: nothing more to leave out
+            return self.balancer.choose(allowed)
         in_service = [instance for instance in serving if instance.index not in avoid]
         return self.balancer.choose(in_service or allowed)
 

@@ -176,26 +176,29 @@ class JwtAuthenticator:
         return frozenset(value)
 
     def _forget(self, token: str) -> None:
-        """Drop what may no longer be trusted: everything once the keys changed (a key
-        removed from the JWKS stops its tokens now), else ``token``, which expired.
+        """Drop ``token``, which expired (or everything, once the keys changed).
 
         Other expired entries stay until the bound reaches them: a sweep for them on
         every expired token was a pass over the whole cache each time (30 ms at a
         ``cache_size`` of a million), and a cached token is checked for expiry whenever
         it is read anyway."""
-        if self._generation != self.keys.generation:
-            self._cache.clear()
-            self._generation = self.keys.generation
-            return
-        del self._cache[token]
+        if not self._dropped_for_new_keys():
+            del self._cache[token]
+
+    def _dropped_for_new_keys(self) -> bool:
+        """Drop every cached token if the key set changed since they were verified (a key
+        removed from the JWKS stops its tokens now); whether it did."""
+        if self._generation == self.keys.generation:
+            return False
+        self._cache.clear()
+        self._generation = self.keys.generation
+        return True
 
     def _remember(self, token: str, principal: Principal, until: float) -> None:
         if self._cache_size == 0:
             return
+        self._dropped_for_new_keys()
         cache = self._cache
-        if self._generation != self.keys.generation:
-            cache.clear()
-            self._generation = self.keys.generation
         # ``popitem(last=False)``, not a plain dict's first key: finding that walks past
         # every entry deleted since the dict last resized (O(n) at a full cache).
         while len(cache) >= self._cache_size:
