@@ -179,9 +179,9 @@ class JwtAuthenticator:
         """Drop ``token``, which expired (or everything, once the keys changed).
 
         Other expired entries stay until the bound reaches them: a sweep for them on
-        every expired token was a pass over the whole cache each time (30 ms at a
-        ``cache_size`` of a million), and a cached token is checked for expiry whenever
-        it is read anyway."""
+        every expired token was a pass over the whole cache each time (``cache_size`` may
+        be a million), and a cached token is checked for expiry whenever it is read
+        anyway."""
         if not self._dropped_for_new_keys():
             del self._cache[token]
 
