@@ -44,6 +44,7 @@ __all__ = [
     "Coding",
     "HttpCompression",
     "Negotiation",
+    "decoded",
     "is_loopback",
     "post_compressed",
     "request_headers",
@@ -112,6 +113,17 @@ class Negotiation:
         codings = accepted(header)
         self.chosen = next((c for c in self.offered if c in codings), self._vouched)
 
+    def compresses(self, size: int) -> bool:
+        """Whether a request body of ``size`` bytes goes compressed (``post_compressed``)."""
+        return self.chosen is not None and size >= self.min_bytes
+
+    def answered_plain(self, reply: Reply) -> bool:
+        """Take in the ``Accept-Encoding`` of ``reply``; whether its body is plain (else
+        ``decoded`` decodes it)."""
+        headers = reply.headers
+        self.learn(headers.get("Accept-Encoding"))
+        return headers.get("Content-Encoding") is None
+
     def forget(self) -> None:
         """The peer refused a compressed body: send plain until it says otherwise again."""
         self.chosen = None
@@ -135,9 +147,13 @@ async def post_compressed(
     target: TargetConfig,
     tls: ClientTlsContext | None,
 ) -> Reply:
-    """POST through ``client``, compressing ``body`` where it pays; the answer decoded."""
+    """POST through ``client``, compressing ``body`` where it pays; the answer decoded.
+
+    ``HttpProvider.invoke`` writes out the path of a body that goes plain (most calls):
+    ``client.post``, then ``answered_plain`` and, rarely, ``decoded``.
+    """
     coding = negotiation.chosen
-    if coding is not None and len(body) >= negotiation.min_bytes:
+    if coding is not None and negotiation.compresses(len(body)):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         packed = await _encode(body, coding)
@@ -151,17 +167,17 @@ async def post_compressed(
             tls=tls,
         )
         if reply.status != 415:
-            return await _answer(reply, negotiation, limit, target)
+            if negotiation.answered_plain(reply):
+                return reply
+            return await decoded(reply, negotiation, limit, target)
         negotiation.forget()  # a 415 is decided before the plugin runs: resend plain
         timeout = _left(deadline, loop)
     reply = await client.post(
         url, body, headers, timeout=timeout, limit=limit, target=target, tls=tls
     )
-    answer_headers = reply.headers
-    negotiation.learn(answer_headers.get("Accept-Encoding"))
-    if answer_headers.get("Content-Encoding") is None:
-        return reply  # the hot path: a small plain answer, no further await
-    return await _answer(reply, negotiation, limit, target)
+    if negotiation.answered_plain(reply):
+        return reply  # a small plain answer: no further await
+    return await decoded(reply, negotiation, limit, target)
 
 
 def _left(deadline: float, loop: asyncio.AbstractEventLoop) -> float:
@@ -190,11 +206,12 @@ def request_headers(headers: dict[str, str], negotiation: Negotiation) -> dict[s
     return {**headers, "Accept-Encoding": negotiation.accept_encoding}
 
 
-async def _answer(
+async def decoded(
     reply: Reply, negotiation: Negotiation, limit: int, target: TargetConfig
 ) -> Reply:
+    """``reply`` with its ``Content-Encoding`` body decoded, at most ``limit`` bytes of it;
+    a coding this target did not offer, a bomb or a broken body is a ``ProviderError``."""
     headers = reply.headers
-    negotiation.learn(headers.get("Accept-Encoding"))
     coding = headers.get("Content-Encoding")
     if coding is None:
         return reply

@@ -99,8 +99,9 @@ class HttpPool(StrictModel):
     to one slow target need 10,000 connections, and as many file descriptors).
 
     On ``reqwest`` every target URL has its own pyreqwest client, so the shared pool's 512
-    apply per URL; ``max_connections`` is pyreqwest's bound on requests in flight, and
-    ``max_per_host`` bounds the idle connections kept (reqwest has no other per-host cap).
+    apply per URL; ``max_connections`` bounds its requests in flight
+    (``providers._in_flight``), and ``max_per_host`` the idle connections kept (reqwest
+    has no other per-host cap).
     On ``aiohttp`` they are the connector's ``limit`` and ``limit_per_host``.
     """
 

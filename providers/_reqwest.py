@@ -20,6 +20,10 @@ target's ``pool:``, its own client certificate, and its own resolved addresses.
   files (``ClientTlsContext``) gives a new context, and a new client is built for it; the
   old one is closed with the provider. ``server_name`` is sent and verified by putting it
   in the request URL and pinning it to the real host's addresses.
+* **Requests in flight.** ``pool.max_connections`` is kept by an ``InFlightLimit`` per
+  client (``providers._in_flight``), not by pyreqwest's own bound, whose wait for a slot
+  under the request's timeout cost more than the whole check here. A cancelled call's
+  slot stays taken until its request's timeout has passed (below).
 * **No redirects, no decompression, no cookies, no proxies from the environment.**
 * **Errors.** pyreqwest names the failing stage only in its causes' text; hyper-util's
   ``client error (Connect)`` is the connect stage (nothing sent). Everything is translated
@@ -41,7 +45,7 @@ target's ``pool:``, its own client certificate, and its own resolved addresses.
 * **Cancelled calls.** pyreqwest 0.15 detaches, rather than aborts, the task of a call
   whose awaiting side is cancelled: its connection stays open until the plugin answers or
   the request's timeout fires (``providers._http_client.DEFAULT_CLIENT`` says why that
-  keeps reqwest from being the default).
+  keeps reqwest from being the default), so its slot is given back only then.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from pyreqwest.http import Url
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
 from providers._http_client import HttpClient, HttpPool, Reply
+from providers._in_flight import InFlightLimit
 from providers.base import CONNECT_STAGE
 from providers.egress import EgressPolicy
 from providers.target import TargetConfig
@@ -107,14 +112,20 @@ _HUNG_UP = (
 class _Entry:
     """A built client and the URL to send to it (``server_name`` may replace the host),
     parsed once: pyreqwest parses a URL given as text on every request (0.4 µs of the
-    ~1.6 µs a request costs to build, bench/bench_http.py)."""
+    ~1.6 µs a request costs to build, bench/bench_http.py), and its requests in flight."""
 
-    __slots__ = ("client", "url")
+    __slots__ = ("client", "slots", "url")
 
-    def __init__(self, client: Client, url: Url) -> None:
+    def __init__(self, client: Client, url: Url, slots: InFlightLimit) -> None:
         self.client = client
         self.url = url
+        #: The bound on requests in flight through ``client`` (``pool.max_connections``).
+        self.slots = slots
 
+
+#: How long after its timeout a cancelled call's request still holds its slot: reqwest's
+#: timer ticks in milliseconds, and its thread may run late on a busy machine.
+_DETACHED_MARGIN = 0.05
 
 #: ``timedelta`` per whole millisecond of a request's timeout (``_timeout``).
 _TIMEOUTS: dict[int, timedelta] = {}
@@ -162,6 +173,9 @@ class ReqwestClient(HttpClient):
         entry = self._entries.get(url if tls is None else (url, tls.current()))
         if entry is None:
             entry = await self._entry(url, tls, target)
+        slots = entry.slots
+        if not slots.take():
+            timeout = await slots.wait(timeout)
         request = (
             entry.client.post(entry.url)
             .headers(headers)
@@ -170,17 +184,26 @@ class ReqwestClient(HttpClient):
             .build_streamed()
         )
         try:
-            async with request as response:
-                length = response.get_header("content-length")
-                if length is not None and length.isdigit() and int(length) <= limit:
-                    payload = (await response.bytes()).to_bytes()  # the usual answer
-                else:
-                    payload = await _read_streamed(response, limit, target)
-                return Reply(response.status, response.headers, payload)
-        except RequestTimeoutError:
-            raise TimeoutError from None
-        except PyreqwestError as error:
-            raise _translate(error, target.describe(), tls) from error
+            try:
+                async with request as response:
+                    length = response.get_header("content-length")
+                    if length is not None and length.isdigit() and int(length) <= limit:
+                        payload = (await response.bytes()).to_bytes()  # the usual answer
+                    else:
+                        payload = await _read_streamed(response, limit, target)
+                    reply = Reply(response.status, response.headers, payload)
+            except RequestTimeoutError:
+                raise TimeoutError from None
+            except PyreqwestError as error:
+                raise _translate(error, target.describe(), tls) from error
+        except asyncio.CancelledError:
+            slots.give_back_after(timeout + _DETACHED_MARGIN)  # the request runs on
+            raise
+        except BaseException:
+            slots.give_back()
+            raise
+        slots.give_back()
+        return reply
 
     async def get(
         self,
@@ -195,19 +218,30 @@ class ReqwestClient(HttpClient):
         entry = self._entries.get(url if tls is None else (url, tls.current()))
         if entry is None:
             entry = await self._entry(url, tls, target)
+        slots = entry.slots
+        timeout = await slots.wait(timeout)
         request = (
             entry.client.get(entry.url).headers(headers).timeout(_timeout(timeout)).build_streamed()
         )
         try:
-            async with request as response:
-                reader = response.body_reader
-                chunk = await reader.read(limit)
-                body = b"" if chunk is None else chunk.to_bytes()
-                return Reply(response.status, response.headers, body)
-        except RequestTimeoutError:
-            raise TimeoutError from None
-        except PyreqwestError as error:
-            raise _translate(error, target.describe(), tls) from error
+            try:
+                async with request as response:
+                    reader = response.body_reader
+                    chunk = await reader.read(limit)
+                    body = b"" if chunk is None else chunk.to_bytes()
+                    reply = Reply(response.status, response.headers, body)
+            except RequestTimeoutError:
+                raise TimeoutError from None
+            except PyreqwestError as error:
+                raise _translate(error, target.describe(), tls) from error
+        except asyncio.CancelledError:
+            slots.give_back_after(timeout + _DETACHED_MARGIN)
+            raise
+        except BaseException:
+            slots.give_back()
+            raise
+        slots.give_back()
+        return reply
 
     async def aclose(self) -> None:
         self._closed = True
@@ -247,7 +281,9 @@ class ReqwestClient(HttpClient):
         client = builder.build()
         _settle_before_exit()
         self._every.append(client)
-        entry = self._entries[key] = _Entry(client, parsed_url)
+        entry = self._entries[key] = _Entry(
+            client, parsed_url, InFlightLimit(self._pool.max_connections)
+        )
         return entry
 
     def _builder(self, tls: ClientTlsContext | None) -> Any:
@@ -261,7 +297,6 @@ class ReqwestClient(HttpClient):
             .zstd(False)
             .deflate(False)
             .no_proxy()
-            .max_connections(pool.max_connections)
             .pool_idle_timeout(timedelta(seconds=pool.idle_timeout_s))
             .pool_max_idle_per_host(pool.max_per_host or pool.max_connections)
         )

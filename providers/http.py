@@ -61,6 +61,7 @@ from linchkit_plugin.wire import encode_json
 from providers._compression import (
     HttpCompression,
     Negotiation,
+    decoded,
     post_compressed,
     request_headers,
 )
@@ -284,26 +285,41 @@ class HttpProvider(Provider[HttpTarget]):
 
     async def invoke(self, target: HttpTarget, invocation: Invocation) -> Any:
         # The hot path (bench/bench_http.py, bench_hot_path.py): one clock reading serves
-        # the envelope's deadline_ms and the client's timeout, and ``_post`` is written out
-        # here (one coroutine layer less on every resumption of the call).
+        # the envelope's deadline_ms and the client's timeout; ``_post`` is written out
+        # here, and so is ``post_compressed`` for a body that goes plain (each one coroutine
+        # layer less on every resumption of the call: 0.1-0.15 µs of CPU at concurrency 64).
         now = self._loop_time()
         remaining = invocation.deadline - now
         if remaining <= 0:
             raise DeadlineExceeded(f"deadline passed before calling {target.describe()}")
         data = encode_json(invocation.request_wire(now))
         route = self._routes.get(target.key) or self._route(target)
+        negotiation = route.negotiation
         try:
-            reply = await post_compressed(
-                route.client,
-                route.negotiation,
-                route.invoke_url,
-                data,
-                route.headers,
-                timeout=remaining,
-                limit=target.max_response_bytes,
-                target=target,
-                tls=route.tls,
-            )
+            if negotiation.compresses(len(data)):
+                reply = await post_compressed(
+                    route.client,
+                    negotiation,
+                    route.invoke_url,
+                    data,
+                    route.headers,
+                    timeout=remaining,
+                    limit=target.max_response_bytes,
+                    target=target,
+                    tls=route.tls,
+                )
+            else:
+                reply = await route.client.post(
+                    route.invoke_url,
+                    data,
+                    route.headers,
+                    timeout=remaining,
+                    limit=target.max_response_bytes,
+                    target=target,
+                    tls=route.tls,
+                )
+                if not negotiation.answered_plain(reply):
+                    reply = await decoded(reply, negotiation, target.max_response_bytes, target)
         except TimeoutError:
             raise _late(target, remaining) from None
         return decode_response(_answer(reply, target))

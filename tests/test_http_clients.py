@@ -171,6 +171,76 @@ async def test_a_targets_pool_bounds_its_connections(client: str) -> None:
     assert 1 <= state["most"] <= 2
 
 
+@pytest.mark.parametrize("client", CLIENTS)
+async def test_a_call_that_finds_the_pool_full_waits_no_longer_than_its_deadline(
+    client: str,
+) -> None:
+    """It ends as ``DeadlineExceeded``, and the pool serves the next call once the
+    connection is free again (the waiter that left took no slot with it)."""
+    state = {"open": 0, "most": 0}
+    release = asyncio.Event()
+    async with server_on("127.0.0.1", counting(state, release)) as (host, port):
+        plugin = target(f"http://{host}:{port}", client, pool={"max_connections": 1})
+        plugins = manifest(echo_plugin("p", plugin, defaults={"timeout_ms": 10_000}))
+        async with Dispatcher(plugins) as dispatcher:
+            holder = asyncio.create_task(dispatcher.call("p", "say", {"text": "hi"}))
+            await until(lambda: state["open"] == 1)
+            with pytest.raises(DeadlineExceeded):
+                await dispatcher.call("p", "say", {"text": "hi"}, timeout=0.3)
+            release.set()
+            assert await holder == {"text": "hi"}
+            assert await dispatcher.call("p", "say", {"text": "hi"}) == {"text": "hi"}
+    assert state["most"] == 1
+
+
+def first_held(state: dict[str, int]) -> Handler:
+    """Holds the first request unanswered until the client hangs up; answers every later
+    one at once. Counts connections open at once."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state["open"] += 1
+        state["most"] = max(state["most"], state["open"])
+        state["connections"] += 1
+        first = state["connections"] == 1
+        try:
+            await read_head(reader)
+            if first:
+                await reader.read()  # b"" once the client closes the connection
+                return
+            while True:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(OK), OK))
+                await writer.drain()
+                await read_head(reader)
+        finally:
+            state["open"] -= 1
+
+    return handle
+
+
+async def test_a_cancelled_reqwest_call_keeps_its_connection_slot_until_its_request_ends() -> None:
+    """pyreqwest lets the request of a cancelled call run on, its connection open, until
+    the request's timeout: the pool's bound counts it until then, so cancelled calls (hedges
+    that lost, callers that gave up) never open more connections than ``max_connections``."""
+    state = {"open": 0, "most": 0, "connections": 0}
+    async with server_on("127.0.0.1", first_held(state)) as (host, port):
+        plugin = target(f"http://{host}:{port}", "reqwest", pool={"max_connections": 1})
+        plugins = manifest(echo_plugin("p", plugin, defaults={"timeout_ms": 2000}))
+        async with Dispatcher(plugins) as dispatcher:
+            first = asyncio.create_task(dispatcher.call("p", "say", {"text": "hi"}))
+            await until(lambda: state["open"] == 1)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            loop = asyncio.get_running_loop()
+            cancelled_at = loop.time()
+            second = await dispatcher.call("p", "say", {"text": "hi"}, timeout=10)
+            waited = loop.time() - cancelled_at
+    assert second == {"text": "hi"}
+    assert waited >= 1.0, "the second call did not wait for the first one's request to end"
+    assert state["connections"] == 2
+    assert state["most"] == 1
+
+
 @pytest.mark.parametrize(
     "pool",
     [
