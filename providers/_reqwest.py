@@ -176,13 +176,17 @@ class ReqwestClient(HttpClient):
         slots = entry.slots
         if not slots.take():
             timeout = await slots.wait(timeout)
-        request = (
-            entry.client.post(entry.url)
-            .headers(headers)
-            .body_bytes(body)
-            .timeout(_timeout(timeout))
-            .build_streamed()
-        )
+        try:
+            request = (
+                entry.client.post(entry.url)
+                .headers(headers)
+                .body_bytes(body)
+                .timeout(_timeout(timeout))
+                .build_streamed()
+            )
+        except ValueError:
+            slots.give_back()
+            raise _unsendable(target) from None
         try:
             try:
                 async with request as response:
@@ -220,9 +224,16 @@ class ReqwestClient(HttpClient):
             entry = await self._entry(url, tls, target)
         slots = entry.slots
         timeout = await slots.wait(timeout)
-        request = (
-            entry.client.get(entry.url).headers(headers).timeout(_timeout(timeout)).build_streamed()
-        )
+        try:
+            request = (
+                entry.client.get(entry.url)
+                .headers(headers)
+                .timeout(_timeout(timeout))
+                .build_streamed()
+            )
+        except ValueError:
+            slots.give_back()
+            raise _unsendable(target) from None
         try:
             try:
                 async with request as response:
@@ -379,6 +390,15 @@ async def _read_streamed(response: Response, limit: int, target: TargetConfig) -
             )
         chunks.append(chunk.to_bytes())
     return b"".join(chunks)
+
+
+def _unsendable(target: TargetConfig) -> ProviderError:
+    """reqwest refused to build the request: a header it cannot send (its message quotes
+    the value, which may be a secret; the manifest's check refuses such headers first)."""
+    return ProviderError(
+        f"{target.describe()}: reqwest cannot send the request: a header name or value is"
+        " not valid in HTTP"
+    )
 
 
 def _is_address(host: str) -> bool:

@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import orjson
-from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -69,9 +69,11 @@ from providers._http_client import (
     DEFAULT_CLIENT,
     ChosenClient,
     ClientKind,
+    HeaderFields,
     HttpClient,
     HttpPool,
     Reply,
+    checked_header_value,
 )
 from providers._http_common import (
     HttpClients,
@@ -132,7 +134,7 @@ class HttpTarget(InstanceListing):
     outlier: OutlierDetection = Field(default_factory=OutlierDetection)
     invoke_path: str = Field(default="/invoke", pattern=r"^/")
     health_path: str = Field(default="/health", pattern=r"^/")
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: HeaderFields = Field(default_factory=dict)
     bearer_token: SecretStr | None = None
     batch: bool = Field(default=True, description="The endpoint accepts the batch envelope.")
     max_response_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
@@ -158,6 +160,13 @@ class HttpTarget(InstanceListing):
     )
 
     secret_fields = frozenset({"headers"})
+
+    @field_validator("bearer_token")
+    @classmethod
+    def _bearer_token_fits_a_header(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None:
+            checked_header_value("Authorization", token.get_secret_value())
+        return token
 
     @model_validator(mode="after")
     def _tls_needs_https(self) -> HttpTarget:

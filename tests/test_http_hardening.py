@@ -200,6 +200,83 @@ def test_an_authorization_header_with_other_credentials_is_refused_at_load(tmp_p
         load_manifest(path)
 
 
+HTTP_TARGET = {"provider": "http", "url": "http://127.0.0.1:9"}
+KNATIVE_TARGET = {"provider": "knative", "service": "echo", "ingress": "http://127.0.0.1:9"}
+
+
+@pytest.mark.parametrize("base", [HTTP_TARGET, KNATIVE_TARGET], ids=["http", "knative"])
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        ({"X-Tenant": "s3cret\r\nX-Injected: 1"}, "X-Tenant"),  # header injection
+        ({"X-Tenant": "s3cret\n"}, "X-Tenant"),
+        ({"X-Tenant": "s3cret\x00"}, "X-Tenant"),
+        ({"X-Tenant": "s3crét"}, "X-Tenant"),
+        ({"X Tenant": "s3cret"}, "X Tenant"),
+        ({"": "s3cret"}, "''"),
+    ],
+)
+def test_a_header_that_http_cannot_carry_is_refused_at_load_naming_it_not_its_value(
+    base: dict[str, Any], headers: dict[str, str], named: str
+) -> None:
+    """aiohttp refused a CR or LF only when writing the request, and reqwest with a bare
+    ValueError quoting the value out of ``Dispatcher.call``: the manifest refuses both."""
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", {**base, "headers": headers}))
+    (problem,) = caught.value.problems
+    assert problem.path.endswith("target.headers")
+    assert named in problem.message
+    assert "s3cr" not in str(caught.value)
+
+
+def test_a_bearer_token_that_http_cannot_carry_is_refused_at_load() -> None:
+    target = {**HTTP_TARGET, "bearer_token": "s3cret\r\nX-Injected: 1"}
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", target))
+    (problem,) = caught.value.problems
+    assert problem.path.endswith("target.bearer_token")
+    assert "s3cr" not in str(caught.value)
+
+
+def test_headers_with_spaces_tabs_and_punctuation_load() -> None:
+    headers = {"X-Trace_Tag.v2": 'a b\tc; q=0.5, "quoted" ~!#$%&\'*+-.^_`|'}
+    for base in (HTTP_TARGET, KNATIVE_TARGET):
+        manifest(echo_plugin("p", {**base, "headers": headers}))
+
+
+async def test_reqwest_refuses_an_unsendable_header_as_a_provider_error_and_keeps_its_slot() -> (
+    None
+):
+    """A host that builds the client itself, past the manifest's check: the seam's error,
+    the value not quoted, and the pool's one slot free again for the next call."""
+    from providers._http_client import HttpPool
+    from providers._reqwest import ReqwestClient
+    from providers.egress import EgressPolicy
+
+    ok = b'{"ok": true, "result": "fine"}'
+    async with server_on("127.0.0.1", replying(200, ok)) as (host, port):
+        url = f"http://{host}:{port}"
+        target = HttpTarget.model_validate({"provider": "http", "url": url})
+        pool = HttpPool(max_connections=1)
+        async with ReqwestClient(pool, egress=EgressPolicy()) as client:
+            for _ in range(3):
+                with pytest.raises(ProviderError) as caught:
+                    await client.post(
+                        url + "/invoke",
+                        b"{}",
+                        {"X-Tenant": "s3cret\nX-Injected: 1"},
+                        timeout=2,
+                        limit=1 << 20,
+                        target=target,
+                        tls=None,
+                    )
+                assert "s3cr" not in caught.value.message
+            reply = await client.post(
+                url + "/invoke", b"{}", {}, timeout=2, limit=1 << 20, target=target, tls=None
+            )
+    assert reply.status == 200
+
+
 async def test_url_credentials_alone_are_sent_as_basic_auth() -> None:
     seen: list[bytes] = []
     body = b'{"ok": true, "result": "fine"}'

@@ -20,7 +20,7 @@ from pydantic import AnyHttpUrl, BeforeValidator, Field, PrivateAttr, model_vali
 
 from linchkit_plugin.errors import ProviderError
 from providers._compression import HttpCompression
-from providers._http_client import ChosenClient, HttpPool
+from providers._http_client import ChosenClient, HeaderFields, HttpPool
 from providers.discovery import Weight, instance_item
 from providers.instances import InstanceListing
 from providers.target import (
@@ -137,7 +137,7 @@ class KnativeTarget(InstanceListing):
         pattern=r"^/",
         description="Default: /health/readiness (func-python), /health.",
     )
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: HeaderFields = Field(default_factory=dict)
     max_response_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
     activation_backoff_ms: Annotated[int, Field(gt=0)] = 50
     activation_backoff_max_ms: Annotated[int, Field(gt=0)] = 1000
