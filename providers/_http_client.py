@@ -33,7 +33,6 @@ Redirects are never followed by either client: a 3xx comes back as a ``Reply`` w
 from __future__ import annotations
 
 import importlib.util
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from types import TracebackType
@@ -49,11 +48,9 @@ __all__ = [
     "REQWEST_MISSING",
     "ChosenClient",
     "ClientKind",
-    "HeaderFields",
     "HttpClient",
     "HttpPool",
     "Reply",
-    "checked_header_value",
 ]
 
 #: Which client a target's calls go through (``client:`` of an http or knative target).
@@ -91,35 +88,6 @@ def _available(kind: ClientKind | None) -> ClientKind | None:
 
 #: ``client:`` of an http or knative target: a client this installation has, or unset.
 ChosenClient = Annotated[ClientKind | None, AfterValidator(_available)]
-
-#: A header name (RFC 9110's token) and a value's characters: printable ASCII, spaces and
-#: tabs. A CR or LF would split a request (header injection); aiohttp refuses them only
-#: when it writes the request and reqwest as a bare ValueError, so the manifest does.
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
-
-
-def checked_header_value(name: str, value: str) -> str:
-    """``value`` if it may travel as the value of header ``name``; else ``ValueError``
-    naming the header, never the value (it may be a secret)."""
-    if not _HEADER_VALUE.fullmatch(value):
-        raise ValueError(
-            f"the value of header {name!r} must be printable ASCII (no CR, LF or other"
-            " control characters)"
-        )
-    return value
-
-
-def _checked_headers(headers: dict[str, str]) -> dict[str, str]:
-    for name, value in headers.items():
-        if not _HEADER_NAME.fullmatch(name):
-            raise ValueError(f"header name {name[:40]!r}: letters, digits and !#$%&'*+-.^_`|~ only")
-        checked_header_value(name, value)
-    return headers
-
-
-#: ``headers:`` of an http or knative target, checked when the manifest loads.
-HeaderFields = Annotated[dict[str, str], AfterValidator(_checked_headers)]
 
 
 class HttpPool(StrictModel):

@@ -65,15 +65,14 @@ from providers._compression import (
     post_compressed,
     request_headers,
 )
+from providers._headers import HeaderFields, RequestPath, checked_token
 from providers._http_client import (
     DEFAULT_CLIENT,
     ChosenClient,
     ClientKind,
-    HeaderFields,
     HttpClient,
     HttpPool,
     Reply,
-    checked_header_value,
 )
 from providers._http_common import (
     HttpClients,
@@ -132,8 +131,8 @@ class HttpTarget(InstanceListing):
     balance: Balance = "least_request"
     health_check: HealthCheck | None = None
     outlier: OutlierDetection = Field(default_factory=OutlierDetection)
-    invoke_path: str = Field(default="/invoke", pattern=r"^/")
-    health_path: str = Field(default="/health", pattern=r"^/")
+    invoke_path: RequestPath = "/invoke"
+    health_path: RequestPath = "/health"
     headers: HeaderFields = Field(default_factory=dict)
     bearer_token: SecretStr | None = None
     batch: bool = Field(default=True, description="The endpoint accepts the batch envelope.")
@@ -161,12 +160,7 @@ class HttpTarget(InstanceListing):
 
     secret_fields = frozenset({"headers"})
 
-    @field_validator("bearer_token")
-    @classmethod
-    def _bearer_token_fits_a_header(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is not None:
-            checked_header_value("Authorization", token.get_secret_value())
-        return token
+    _bearer_token_fits_a_header = field_validator("bearer_token")(checked_token)
 
     @model_validator(mode="after")
     def _tls_needs_https(self) -> HttpTarget:

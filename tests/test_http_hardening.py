@@ -238,6 +238,36 @@ def test_a_bearer_token_that_http_cannot_carry_is_refused_at_load() -> None:
     assert "s3cr" not in str(caught.value)
 
 
+def test_a_websocket_token_that_http_cannot_carry_is_refused_at_load() -> None:
+    target = {"provider": "websocket", "url": "ws://127.0.0.1:9/", "token": "s3cret\nX: 1"}
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", target))
+    (problem,) = caught.value.problems
+    assert problem.path.endswith("target.token")
+    assert "s3cr" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("base", "field"),
+    [
+        (HTTP_TARGET, "invoke_path"),
+        (HTTP_TARGET, "health_path"),
+        (KNATIVE_TARGET, "invoke_path"),
+        (KNATIVE_TARGET, "readiness_path"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/a\r\nX-Injected: 1", "/a b", "/a#b", "/a\x00", "a"])
+def test_a_request_path_that_would_be_sent_changed_is_refused_at_load(
+    base: dict[str, Any], field: str, path: str
+) -> None:
+    """yarl drops control characters and fragments from a path without a word: ``/a\r\nb``
+    went out as ``/ab``. The manifest refuses what would not be sent as written."""
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", {**base, field: path}))
+    (problem,) = caught.value.problems
+    assert problem.path.endswith(f"target.{field}")
+
+
 def test_headers_with_spaces_tabs_and_punctuation_load() -> None:
     headers = {"X-Trace_Tag.v2": 'a b\tc; q=0.5, "quoted" ~!#$%&\'*+-.^_`|'}
     for base in (HTTP_TARGET, KNATIVE_TARGET):

@@ -20,7 +20,8 @@ from pydantic import AnyHttpUrl, BeforeValidator, Field, PrivateAttr, model_vali
 
 from linchkit_plugin.errors import ProviderError
 from providers._compression import HttpCompression
-from providers._http_client import ChosenClient, HeaderFields, HttpPool
+from providers._headers import HeaderFields, RequestPath
+from providers._http_client import ChosenClient, HttpPool
 from providers.discovery import Weight, instance_item
 from providers.instances import InstanceListing
 from providers.target import (
@@ -129,13 +130,11 @@ class KnativeTarget(InstanceListing):
         default=None, description="Call this tagged traffic target instead of the main route."
     )
     mode: Literal["binary", "structured", "envelope"] = "binary"
-    invoke_path: str | None = Field(
-        default=None, pattern=r"^/", description="Default: / for CloudEvents, /invoke for envelope."
+    invoke_path: RequestPath | None = Field(
+        default=None, description="Default: / for CloudEvents, /invoke for envelope."
     )
-    readiness_path: str | None = Field(
-        default=None,
-        pattern=r"^/",
-        description="Default: /health/readiness (func-python), /health.",
+    readiness_path: RequestPath | None = Field(
+        default=None, description="Default: /health/readiness (func-python), /health."
     )
     headers: HeaderFields = Field(default_factory=dict)
     max_response_bytes: int = Field(default=16 * 1024 * 1024, gt=0)

@@ -15,9 +15,10 @@ import hmac
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from linchkit_plugin.ws_protocol import DEFAULT_MAX_MESSAGE_BYTES
+from providers._headers import checked_token
 from providers.discovery import Endpoint
 from providers.target import (
     Balance,
@@ -102,6 +103,8 @@ class WebSocketTarget(TargetConfig):
     outlier: OutlierDetection = Field(default_factory=OutlierDetection)
 
     secret_fields = frozenset({"token"})
+
+    _token_fits_a_header = field_validator("token")(checked_token)
 
     @model_validator(mode="after")
     def _mode_fits(self) -> WebSocketTarget:

@@ -1,0 +1,65 @@
+"""What a manifest may put into an HTTP request's head: header fields and request paths.
+
+A CR or LF in a header value would split the request (header injection); aiohttp refuses
+one only when it writes the request, reqwest with a bare ``ValueError`` that quotes the
+value. In a path, yarl drops control characters and a fragment without a word, so
+``/a\\r\\nb`` reached the plugin as ``/ab``. The manifest refuses both when it loads,
+naming the field, never a value (it may be a secret).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, SecretStr
+
+__all__ = ["HeaderFields", "RequestPath", "checked_header_value", "checked_token"]
+
+#: RFC 9110's token, the characters of a header name.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: The characters of a header value taken here: printable ASCII, spaces and tabs.
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
+def checked_header_value(name: str, value: str) -> str:
+    """``value`` if it may travel as the value of header ``name``; else ``ValueError``
+    naming the header, never the value."""
+    if not _HEADER_VALUE.fullmatch(value):
+        raise ValueError(
+            f"the value of header {name!r} must be printable ASCII (no CR, LF or other"
+            " control characters)"
+        )
+    return value
+
+
+def checked_token(token: SecretStr | None) -> SecretStr | None:
+    """A bearer token that fits an ``Authorization`` header (or None)."""
+    if token is not None:
+        checked_header_value("Authorization", token.get_secret_value())
+    return token
+
+
+def _checked_headers(headers: dict[str, str]) -> dict[str, str]:
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"header name {name[:40]!r}: letters, digits and !#$%&'*+-.^_`|~ only")
+        checked_header_value(name, value)
+    return headers
+
+
+#: ``headers:`` of a target that speaks HTTP, checked when the manifest loads.
+HeaderFields = Annotated[dict[str, str], AfterValidator(_checked_headers)]
+_REQUEST_PATH = re.compile(r"/[^\s#\x00-\x1f\x7f]*")
+
+
+def _checked_path(path: str) -> str:
+    if not _REQUEST_PATH.fullmatch(path):
+        raise ValueError(
+            "a request path starts with '/' and has no spaces, control characters or '#'"
+        )
+    return path
+
+
+#: A path a target's requests go to, checked when the manifest loads.
+RequestPath = Annotated[str, AfterValidator(_checked_path)]
