@@ -340,6 +340,44 @@ async def test_a_duplicate_waiting_on_a_record_is_woken_when_it_ends() -> None:
     await asyncio.wait_for(waiting, 5.0)
 
 
+async def test_duplicates_of_a_cancelled_first_call_run_once_its_lease_ends() -> None:
+    """A duplicate in this process waits on the first call; when that call is cancelled by
+    its caller the duplicate does not inherit the cancellation: it looks again, and runs
+    itself once the cancelled call's claim has lapsed (that call may have run)."""
+    from dispatcher.policies.idempotency import IdempotencyStep
+    from dispatcher.state import MemoryState
+    from providers.invocation import Invocation
+
+    loop = asyncio.get_running_loop()
+    runs: list[str] = []
+    release = asyncio.Event()
+
+    async def target(invocation: Invocation) -> dict[str, int]:
+        runs.append(invocation.request_id)
+        await release.wait()
+        return {"ran": len(runs)}
+
+    step = IdempotencyStep("p.m", MemoryState(loop.time), 60.0, target)
+
+    def keyed(request_id: str, timeout: float) -> Invocation:
+        deadline = loop.time() + timeout
+        return Invocation("p", "1", "m", {"a": 1}, deadline, request_id, idempotency_key="k")
+
+    first = asyncio.create_task(step(keyed("first", 0.2)))
+    await asyncio.sleep(0.01)
+    duplicate = asyncio.create_task(step(keyed("duplicate", 10.0)))
+    await asyncio.sleep(0.01)
+    assert runs == ["first"] and not duplicate.done()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    release.set()
+    assert await asyncio.wait_for(duplicate, 8.0) == {"ran": 2}
+    assert runs == ["first", "duplicate"]
+    assert step.local == {}
+    assert await step(keyed("third", 5.0)) == {"ran": 2}  # the duplicate's outcome, kept
+
+
 async def test_errors_are_not_cached_and_invalidation_works() -> None:
     plugin = counting(
         {

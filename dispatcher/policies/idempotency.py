@@ -27,6 +27,7 @@ per caller, so one caller's key never hands out another caller's result.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -60,6 +61,10 @@ LEASE_MARGIN_SECONDS = 1.0
 #: Waiters look again at least this often, even if no notification came.
 POLL_SECONDS = 0.1
 MAX_KEY_LENGTH = 255
+#: The deadline of the writes after a call has its outcome: none, so the backend's
+#: operation timeout alone bounds them (the call's deadline may have passed while its
+#: outcome is worth keeping).
+NO_DEADLINE = math.inf
 _NEVER_RAN = (RateLimited, CircuitOpen, Overloaded, StateUnavailable)
 
 
@@ -75,8 +80,10 @@ class IdempotencyStep:
         self.backend = backend
         self.retention = retention
         self.next = next_step
-        #: This replica's calls per record: its duplicates share one claim.
-        self.local: dict[str, tuple[str, asyncio.Future[Any]]] = {}
+        #: This replica's calls per record, ``[fingerprint, shared]``: its duplicates share
+        #: one claim. ``shared`` is None until a duplicate joins (most calls have none),
+        #: then the future the duplicates wait on.
+        self.local: dict[str, list[Any]] = {}
 
     def __call__(self, invocation: Invocation) -> Awaitable[Any]:
         if invocation.idempotency_key is None:
@@ -102,27 +109,32 @@ class IdempotencyStep:
                 break
             if mine[0] != fingerprint:
                 raise self._mismatch(raw_key)
+            shared = mine[1]
+            if shared is None:
+                shared = mine[1] = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(max(invocation.remaining(), 0.0)):
-                    return await asyncio.shield(mine[1])
+                    return await asyncio.shield(shared)
             except TimeoutError:
                 raise self._late(raw_key) from None
             except _LeaderGone:
                 continue
-        shared: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.local[key] = (fingerprint, shared)
+        mine = self.local[key] = [fingerprint, None]
         try:
             result = await self._claim_and_run(invocation, key, fingerprint, raw_key)
         except BaseException as error:
-            gone = isinstance(error, asyncio.CancelledError)
-            shared.set_exception(_LeaderGone() if gone else error)
-            shared.exception()
-            raise
-        else:
-            shared.set_result(result)
-            return result
-        finally:
             del self.local[key]
+            shared = mine[1]
+            if shared is not None:
+                gone = isinstance(error, asyncio.CancelledError)
+                shared.set_exception(_LeaderGone() if gone else error)
+                shared.exception()
+            raise
+        del self.local[key]
+        shared = mine[1]
+        if shared is not None:
+            shared.set_result(result)
+        return result
 
     async def _claim_and_run(
         self, invocation: Invocation, key: str, fingerprint: str, raw_key: str
@@ -166,8 +178,11 @@ class IdempotencyStep:
             outcome = encode_result(result)
         except InvalidParams:
             await self._end(store, key, token, None)  # not JSON: a duplicate may run again
-        else:
-            await self._end(store, key, token, outcome)
+            return result
+        try:  # ``_end``, written out: every keyed call that ran ends here
+            await store.complete(key, token, outcome, self.retention, NO_DEADLINE)
+        except StateUnavailable as error:
+            self.backend.fell_back(f"the idempotency record of {self.name}", error)
         return result
 
     async def _end(
@@ -180,9 +195,9 @@ class IdempotencyStep:
         round trip to the store. A store that cannot take the record does not fail the
         call, which has run: the claim frees when its lease ends."""
         if outcome is None:
-            work = store.release(key, token, _far())
+            work = store.release(key, token, NO_DEADLINE)
         else:
-            work = store.complete(key, token, outcome, self.retention, _far())
+            work = store.complete(key, token, outcome, self.retention, NO_DEADLINE)
         try:
             await work
         except StateUnavailable as error:
@@ -206,9 +221,3 @@ class IdempotencyStep:
 
 class _LeaderGone(Exception):
     """The first call in this replica was cancelled by its caller: claim again."""
-
-
-def _far() -> float:
-    # Writes after the call has its outcome are bounded by the backend's operation
-    # timeout alone: the call's deadline may have passed while its outcome is worth keeping.
-    return asyncio.get_running_loop().time() + 3600.0

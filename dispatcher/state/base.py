@@ -175,11 +175,13 @@ class IdempotencyStore(ABC):
     async def complete(
         self, key: str, token: str, outcome: bytes, retention: float, deadline: float
     ) -> None:
-        """Keep ``outcome`` for ``retention`` seconds and wake the calls waiting for it."""
+        """Keep ``outcome`` for ``retention`` seconds and wake the calls waiting for it.
+        ``deadline`` may be ``math.inf``: the backend's own operation timeout bounds it."""
 
     @abstractmethod
     async def release(self, key: str, token: str, deadline: float) -> None:
-        """Give the key up without an outcome (the call provably never ran)."""
+        """Give the key up without an outcome (the call never ran, or may run again);
+        ``deadline`` as for ``complete``."""
 
     @abstractmethod
     async def changed(self, key: str, timeout: float) -> None:
