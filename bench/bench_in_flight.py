@@ -19,12 +19,18 @@ medians over the rounds; ``in_flight_c64_slots_cpu_saved_us``, the paired per-ro
 difference of the two bounded variants. ``in_flight_peers_*``: the same with nine more
 clients of each kind in the process, each holding 64 idle connections to the server (a
 host with many targets).
+
+``in_flight_give_up_20k_cpu_s``: CPU seconds for 20,000 callers waiting on a full
+``InFlightLimit`` to give up at their deadlines, the last to come first (calls with
+shorter deadlines arriving later): the queue's cost as callers leave it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import statistics
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -59,7 +65,23 @@ async def run(options: Options) -> dict[str, float]:
             for prefix, peers in (("in_flight_c64_", 0), ("in_flight_peers_c64_", PEERS)):
                 samples = await _measure(url, calls, rounds, peers)
                 figures.update(_figures(prefix, samples))
+    figures["in_flight_give_up_20k_cpu_s"] = await _give_up(2_000 if options.quick else 20_000)
     return figures
+
+
+async def _give_up(callers: int) -> float:
+    from providers._in_flight import InFlightLimit
+
+    slots = InFlightLimit(1)
+    slots.take()
+
+    async def wait(timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await slots.wait(timeout)
+
+    started = time.process_time()
+    await asyncio.gather(*(wait(0.5 + (callers - n) * 1e-5) for n in range(callers)))
+    return time.process_time() - started
 
 
 async def _measure(url: str, calls: int, rounds: int, peers: int) -> dict[str, list[Sample]]:

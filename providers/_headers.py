@@ -20,6 +20,8 @@ __all__ = ["HeaderFields", "RequestPath", "checked_header_value", "checked_token
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 #: The characters of a header value taken here: printable ASCII, spaces and tabs.
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+#: A request path as it will be sent: no whitespace, control character or fragment.
+_REQUEST_PATH = re.compile(r"/[^\s#\x00-\x1f\x7f]*")
 
 
 def checked_header_value(name: str, value: str) -> str:
@@ -50,7 +52,6 @@ def _checked_headers(headers: dict[str, str]) -> dict[str, str]:
 
 #: ``headers:`` of a target that speaks HTTP, checked when the manifest loads.
 HeaderFields = Annotated[dict[str, str], AfterValidator(_checked_headers)]
-_REQUEST_PATH = re.compile(r"/[^\s#\x00-\x1f\x7f]*")
 
 
 def _checked_path(path: str) -> str:

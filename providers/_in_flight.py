@@ -3,9 +3,10 @@
 The ``reqwest`` client's bound on a target's requests in flight (``pool.max_connections``),
 kept here in Python rather than by pyreqwest's own ``max_connections``. pyreqwest waits for
 its slot under ``tokio::time::timeout`` whenever the request has a timeout, and every call
-of ours has one (its deadline). Against this class, that cost 0.26-0.51 µs of CPU a call
-and 1.3-1.7 % of the calls/s at concurrency 64 on the fixed-reply server (three runs of
-``bench in_flight``; docs/architecture.md, "Requests in flight on reqwest").
+of ours has one (its deadline). Against this class, that cost 0.26-0.41 µs of CPU a call
+and 1.1-1.5 % of the calls/s at concurrency 64 on the fixed-reply server (0.28-0.51 µs and
+0.7-1.8 % with nine more clients in the process; four runs of ``bench in_flight``,
+docs/architecture.md, "Requests in flight on reqwest").
 
 What it keeps of pyreqwest's bound:
 
@@ -26,30 +27,38 @@ What it keeps of pyreqwest's bound:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 
 __all__ = ["InFlightLimit"]
+
+#: Futures of callers who gave up that the queue may hold beyond twice those still
+#: waiting: past that, the queue is rebuilt without them (a pass per so many give-ups).
+_MOST_GONE = 1024
 
 
 class InFlightLimit:
     """``limit`` slots; ``take`` one without waiting, or ``wait`` for one."""
 
-    __slots__ = ("_waiters", "free", "limit")
+    __slots__ = ("_waiters", "_waiting", "free", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        #: Slots nobody holds. Read by the caller's fast path (``take``, written out).
+        #: Slots nobody holds.
         self.free = limit
+        #: Futures of the callers waiting, in the order they came. One whose caller gave
+        #: up stays until ``give_back`` reaches it: taking it out of the middle would cost
+        #: a pass over the queue per caller giving up, quadratic when many do at once.
         self._waiters: deque[asyncio.Future[None]] = deque()
+        #: Callers still waiting (futures in ``_waiters`` not yet done).
+        self._waiting = 0
 
     @property
     def waiting(self) -> int:
-        return sum(not waiter.done() for waiter in self._waiters)
+        return self._waiting
 
     def take(self) -> bool:
         """Take a slot if one is free and nobody waits for one (no await)."""
-        if self.free and not self._waiters:
+        if self.free and not self._waiting:
             self.free -= 1
             return True
         return False
@@ -64,6 +73,7 @@ class InFlightLimit:
         deadline = loop.time() + timeout
         waiter = loop.create_future()
         self._waiters.append(waiter)
+        self._waiting += 1
         try:
             async with asyncio.timeout_at(deadline):
                 await waiter
@@ -71,8 +81,10 @@ class InFlightLimit:
             if waiter.done() and not waiter.cancelled():
                 self.give_back()  # the slot came as this call gave up: the next one's
             else:
-                with contextlib.suppress(ValueError):  # give_back may have dropped it
-                    self._waiters.remove(waiter)
+                waiter.cancel()  # give_back skips it
+                self._waiting -= 1
+                if len(self._waiters) > 2 * self._waiting + _MOST_GONE:
+                    self._waiters = deque(w for w in self._waiters if not w.done())
             raise
         return deadline - loop.time()
 
@@ -82,6 +94,7 @@ class InFlightLimit:
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
+                self._waiting -= 1
                 waiter.set_result(None)
                 return
         self.free += 1
@@ -92,4 +105,4 @@ class InFlightLimit:
         asyncio.get_running_loop().call_later(max(0.0, seconds), self.give_back)
 
     def __repr__(self) -> str:
-        return f"<InFlightLimit {self.limit - self.free}/{self.limit} waiting={self.waiting}>"
+        return f"<InFlightLimit {self.limit - self.free}/{self.limit} waiting={self._waiting}>"

@@ -222,6 +222,8 @@ class ReqwestClient(HttpClient):
         entry = self._entries.get(url if tls is None else (url, tls.current()))
         if entry is None:
             entry = await self._entry(url, tls, target)
+        # The slot is taken and given back as in ``post`` (written out there, where every
+        # call passes: a helper shared by both would be one coroutine more per call).
         slots = entry.slots
         timeout = await slots.wait(timeout)
         try:

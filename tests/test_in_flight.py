@@ -119,3 +119,26 @@ async def test_never_more_holders_than_slots_and_every_slot_comes_back(seed: int
     assert holding == 0
     assert limit.free == limit.limit
     assert limit.waiting == 0
+
+
+async def test_callers_giving_up_in_any_order_cost_no_pass_over_the_queue_each() -> None:
+    """3,000 waiters give up, the last to come first, while the one slot stays taken: none
+    is taken out of the middle of the queue (a pass each, quadratic in all); the queue
+    drops the gone ones in batches, and the next caller still gets the slot first."""
+    limit = InFlightLimit(1)
+    assert limit.take()
+    count = 3000
+
+    async def give_up(after: float) -> None:
+        with pytest.raises(TimeoutError):
+            await limit.wait(after)
+
+    await asyncio.gather(*(give_up(0.05 + (count - n) * 1e-5) for n in range(count)))
+    assert limit.waiting == 0
+    assert len(limit._waiters) <= 1024  # rebuilt without the gone ones as they piled up
+    latecomer = asyncio.create_task(limit.wait(10))
+    await asyncio.sleep(0)
+    assert not limit.take()
+    limit.give_back()
+    assert await asyncio.wait_for(latecomer, 5) > 0
+    assert limit.free == 0 and limit.waiting == 0

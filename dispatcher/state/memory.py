@@ -66,7 +66,8 @@ class MemoryIdempotency(IdempotencyStore):
             if len(self._records) >= self._evict_at:
                 self._evict(now)
             # A claim's token only tells this process's claims of one key apart: a count
-            # does, where os.urandom (a system call) took ~10 % of a keyed call's cost.
+            # does. os.urandom (a system call) took 0.6-0.8 µs of the 8.2-8.7 µs a key
+            # added to a call (bench idempotency).
             token = str(next(self._tokens))
             self._records[key] = _Record(fingerprint, token, now + lease)
             return Claimed(Claim.RUN, token)
