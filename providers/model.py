@@ -22,15 +22,18 @@ MASK = "***"
 
 
 def masked_url(url: str | AnyUrl) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for messages and listings."""
+    """``url`` with its password replaced by ``***``, for messages and listings; a user
+    without a password is masked whole (it is sent as the credential: a token as user)."""
     text = str(url)
     if "@" not in text:
         return text
     parts = urlsplit(text)
-    if parts.password is None:
+    if "@" not in parts.netloc:
         return text
-    user = parts.username or ""
     host = parts.netloc.rpartition("@")[2]
+    if parts.password is None:
+        return urlunsplit(parts._replace(netloc=f"{MASK}@{host}"))
+    user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
 
 

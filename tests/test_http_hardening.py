@@ -451,10 +451,15 @@ def test_repr_and_str_of_targets_mask_every_secret() -> None:
     assert "X-Api-Key" in repr(targets[0])  # which headers there are still shows
 
 
-async def test_error_messages_of_failed_calls_mask_url_passwords() -> None:
+@pytest.mark.parametrize(
+    "userinfo",
+    ["svc:pw-Zq81secret", "pw-Zq81secret"],  # a token as the user alone is a credential too
+    ids=["user_and_password", "user_alone"],
+)
+async def test_error_messages_of_failed_calls_mask_url_passwords(userinfo: str) -> None:
     async with server_on("127.0.0.1", replying(500)) as (host, port):
         pass  # closed: connection refused from now on
-    url = f"http://svc:pw-Zq81secret@{host}:{port}"
+    url = f"http://{userinfo}@{host}:{port}"
     for target in (
         {"provider": "http", "url": url},
         {"provider": "knative", "service": "echo", "ingress": url, "mode": "envelope"},
