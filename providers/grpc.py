@@ -38,7 +38,7 @@ import re
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
 from linchkit_plugin.handshake import HEALTH_SERVICE
@@ -64,11 +64,28 @@ if TYPE_CHECKING:
 __all__ = ["GrpcInstance", "GrpcProvider", "GrpcTarget"]
 
 
+_GRPC_ADDRESS = re.compile(
+    r"unix:[^\x00-\x1f\x7f]+|[^:/\s?#@\x00-\x1f\x7f]+:([0-9]+)|\[[0-9a-fA-F:]+\]:([0-9]+)"
+)
+
+
+def _checked_address(address: str) -> str:
+    """An address gRPC will dial as written: a port it would not take modulo 65,536, and
+    no character a host or a socket path cannot hold (a NUL reached the egress check)."""
+    match = _GRPC_ADDRESS.fullmatch(address)
+    if match is None:
+        raise ValueError("host:port, [v6]:port or unix:/path/to/socket (no control characters)")
+    port = match.group(1) or match.group(2)
+    if port is not None and not 1 <= int(port) <= 65_535:
+        raise ValueError(f"port {port[:8]} is not between 1 and 65535")
+    return address
+
+
 #: A gRPC target: host:port, [v6]:port, or a Unix socket.
 GrpcAddress = Annotated[
     str,
+    AfterValidator(_checked_address),
     Field(
-        pattern=r"^(unix:.+|[^:/\s]+:\d+|\[[0-9a-fA-F:]+\]:\d+)$",
         description="host:port, or unix:/path/to/socket",
         examples=["127.0.0.1:50051", "unix:/run/plugins/echo.sock"],
     ),

@@ -250,7 +250,7 @@ def test_a_grpc_fleet_names_weights_discovery_sources_and_unix_sockets() -> None
         (
             {"instances": [{"address": "127.0.0.2:1"}, {"address": "http://127.0.0.3:1"}]},
             "instances[1]",
-            "should match pattern",
+            "host:port",
         ),
         (
             {"instances": [{"address": "127.0.0.2:1"}, {"address": "169.254.169.254:80"}]},
@@ -259,6 +259,13 @@ def test_a_grpc_fleet_names_weights_discovery_sources_and_unix_sockets() -> None
         ),
         ({"instances": [{"address": "127.0.0.2:1", "weight": 0}]}, "weight", ""),
         ({"instances": [{"address": "127.0.0.2:1"}], "balance": "random"}, "balance", ""),
+        # grpc dials a port past 65535 modulo 65536: 99999 went to 34463
+        ({"address": "127.0.0.1:99999"}, "address", "between 1 and 65535"),
+        ({"instances": [{"address": "[::1]:70000"}]}, "instances[0].fixed.address", "65535"),
+        ({"address": "127.0.0.1:0"}, "address", "between 1 and 65535"),
+        ({"address": "127.0.0.1:\u0661"}, "address", "host:port"),  # an Arabic-Indic digit
+        ({"address": "svc@127.0.0.1:1"}, "address", "host:port"),
+        ({"address": "unix:/tmp/a\x00b"}, "address", "host:port"),  # was a bare ValueError
     ],
 )
 def test_bad_grpc_fleets_are_refused_where_they_are_written(
