@@ -224,3 +224,23 @@ plugins:
     )
     [problem] = problems(path)
     assert expected in problem, problem
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("method", "say\n"), ("version", "1.0.0\n"), ("method", "say\nhidden")],
+)
+def test_a_name_or_version_with_a_trailing_newline_is_refused(field: str, value: str) -> None:
+    """``re.match`` with ``$`` accepts one trailing newline: ``say\\n`` loaded, and the
+    envelope then named a method the plugin does not have."""
+    from tests.conftest import manifest
+
+    plugin = {
+        "id": "p",
+        "version": value if field == "version" else "1.0.0",
+        "target": {"provider": "http", "url": "http://127.0.0.1:9"},
+        "methods": {value if field == "method" else "say": {}},
+    }
+    with pytest.raises(ManifestError) as caught:
+        manifest(plugin)
+    assert ("method name" if field == "method" else "semantic version") in str(caught.value)

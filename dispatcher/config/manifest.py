@@ -91,7 +91,7 @@ class PluginSpec(StrictModel, Generic[TargetT]):
     @field_validator("version")
     @classmethod
     def _version_is_semver(cls, version: str) -> str:
-        if not _SEMVER.match(version):
+        if not _SEMVER.fullmatch(version):  # match() let "1.0.0\n" through
             raise ValueError(f"expected a semantic version such as 1.2.3, got {version!r}")
         return version
 
@@ -99,7 +99,7 @@ class PluginSpec(StrictModel, Generic[TargetT]):
     @classmethod
     def _method_names_are_identifiers(cls, methods: dict[str, Any]) -> dict[str, Any]:
         for name in methods:
-            if not re.match(IDENTIFIER, name):
+            if not re.fullmatch(IDENTIFIER, name):  # match() let "say\n" through
                 raise ValueError(f"method name {name!r} must start with a letter; [A-Za-z0-9_.-]")
         return methods
 
