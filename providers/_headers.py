@@ -1,10 +1,12 @@
-"""What a manifest may put into an HTTP request's head: header fields and request paths.
+"""What a manifest may put into an HTTP request's head: header fields, paths, base URLs.
 
 A CR or LF in a header value would split the request (header injection); aiohttp refuses
 one only when it writes the request, reqwest with a bare ``ValueError`` that quotes the
 value. In a path, yarl drops control characters and a fragment without a word, so
-``/a\\r\\nb`` reached the plugin as ``/ab``. The manifest refuses both when it loads,
-naming the field, never a value (it may be a secret).
+``/a\\r\\nb`` reached the plugin as ``/ab``; in a base URL, pydantic drops tabs and
+newlines the same way, and a query or fragment ended up in front of the path the provider
+appends (``http://h/?a=b`` was posted to ``/?a=b/invoke``). The manifest refuses all of
+these when it loads, naming the field, never a value (it may be a secret).
 """
 
 from __future__ import annotations
@@ -12,9 +14,16 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, SecretStr
+from pydantic import AfterValidator, AnyHttpUrl, BeforeValidator, SecretStr
 
-__all__ = ["HeaderFields", "RequestPath", "checked_header_value", "checked_token"]
+__all__ = [
+    "BaseUrl",
+    "HeaderFields",
+    "RequestPath",
+    "checked_base_url",
+    "checked_header_value",
+    "checked_token",
+]
 
 #: RFC 9110's token, the characters of a header name.
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -22,6 +31,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 #: A request path as it will be sent: no whitespace, control character or fragment.
 _REQUEST_PATH = re.compile(r"/[^\s#\x00-\x1f\x7f]*")
+_CONTROL_OR_SPACE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 def checked_header_value(name: str, value: str) -> str:
@@ -64,3 +74,21 @@ def _checked_path(path: str) -> str:
 
 #: A path a target's requests go to, checked when the manifest loads.
 RequestPath = Annotated[str, AfterValidator(_checked_path)]
+
+
+def checked_base_url(url: object) -> object:
+    """A base URL as written, before pydantic parses it: no whitespace or control
+    character (dropped without a word), no query or fragment (the provider appends paths
+    to it)."""
+    if isinstance(url, str):
+        if _CONTROL_OR_SPACE.search(url):
+            raise ValueError("a URL has no spaces, tabs, line breaks or other control characters")
+        if "?" in url or "#" in url:
+            raise ValueError(
+                "a base URL has no query or fragment: the provider appends its paths to it"
+            )
+    return url
+
+
+#: The base URL of a target that speaks HTTP (the provider appends its paths to it).
+BaseUrl = Annotated[AnyHttpUrl, BeforeValidator(checked_base_url)]

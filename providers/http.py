@@ -65,7 +65,7 @@ from providers._compression import (
     post_compressed,
     request_headers,
 )
-from providers._headers import HeaderFields, RequestPath, checked_token
+from providers._headers import BaseUrl, HeaderFields, RequestPath, checked_token
 from providers._http_client import (
     DEFAULT_CLIENT,
     ChosenClient,
@@ -108,7 +108,7 @@ __all__ = [
 class HttpInstance(StrictModel):
     """One instance of an HTTP fleet."""
 
-    url: AnyHttpUrl
+    url: BaseUrl
     weight: Weight = 1
 
 
@@ -120,7 +120,7 @@ class HttpTarget(InstanceListing):
     address_noun = "a url"
 
     provider: Literal["http"]
-    url: AnyHttpUrl | None = Field(
+    url: BaseUrl | None = Field(
         default=None, description="Base URL of the function, e.g. http://127.0.0.1:8081"
     )
     instances: list[instance_item(HttpInstance)] = Field(  # type: ignore[valid-type]

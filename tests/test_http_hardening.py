@@ -268,6 +268,35 @@ def test_a_request_path_that_would_be_sent_changed_is_refused_at_load(
     assert problem.path.endswith(f"target.{field}")
 
 
+@pytest.mark.parametrize(
+    ("target", "field"),
+    [
+        ({"provider": "http", "url": "http://127.0.0.1:9/?a=b"}, "url"),  # went to /?a=b/invoke
+        ({"provider": "http", "url": "http://127.0.0.1:9/#part"}, "url"),  # went to /
+        ({"provider": "http", "url": "http://127.0.0.1:9/a\nb"}, "url"),  # went to /ab/invoke
+        ({"provider": "http", "url": "http://127.0.0.1:9/v\t1"}, "url"),
+        ({"provider": "http", "instances": [{"url": "http://127.0.0.1:9/?x"}]}, "url"),
+        ({**KNATIVE_TARGET, "ingress": "http://127.0.0.1:9/?a=b"}, "ingress"),
+        (
+            {"provider": "knative", "service": "e", "instances": [{"url": "http://h:9/#a"}]},
+            "url",
+        ),
+        (
+            {"provider": "lambda", "function_name": "f", "endpoint_url": "http://h:9/\nx"},
+            "endpoint_url",
+        ),
+        ({"provider": "websocket", "url": "ws://127.0.0.1:9/a\x01b"}, "url"),  # went to /ab
+    ],
+)
+def test_a_base_url_that_would_be_sent_changed_is_refused_at_load(
+    target: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", target))
+    (problem,) = caught.value.problems
+    assert problem.path.endswith(field)
+
+
 def test_headers_with_spaces_tabs_and_punctuation_load() -> None:
     headers = {"X-Trace_Tag.v2": 'a b\tc; q=0.5, "quoted" ~!#$%&\'*+-.^_`|'}
     for base in (HTTP_TARGET, KNATIVE_TARGET):

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
+from providers._headers import checked_base_url
 from providers.target import Destination, ManifestPath, StrictModel, TargetConfig, masked_url
 
 __all__ = ["LambdaDeploySettings", "LambdaTarget"]
@@ -72,6 +73,7 @@ class LambdaTarget(TargetConfig):
     def _endpoint_is_http(cls, endpoint_url: str | None) -> str | None:
         if endpoint_url is None:
             return None
+        checked_base_url(endpoint_url)
         parts = urlsplit(endpoint_url)
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError(

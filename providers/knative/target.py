@@ -20,7 +20,7 @@ from pydantic import AnyHttpUrl, BeforeValidator, Field, PrivateAttr, model_vali
 
 from linchkit_plugin.errors import ProviderError
 from providers._compression import HttpCompression
-from providers._headers import HeaderFields, RequestPath
+from providers._headers import BaseUrl, HeaderFields, RequestPath
 from providers._http_client import ChosenClient, HttpPool
 from providers.discovery import Weight, instance_item
 from providers.instances import InstanceListing
@@ -96,7 +96,7 @@ class KnativeDeploy(StrictModel):
 class KnativeIngress(StrictModel):
     """One ingress gateway of a Knative fleet: where it listens."""
 
-    url: AnyHttpUrl
+    url: BaseUrl
     weight: Weight = 1
 
 
@@ -115,7 +115,7 @@ class KnativeTarget(InstanceListing):
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
         description="The cluster's domain (config-domain); example.com is Knative's default.",
     )
-    ingress: AnyHttpUrl | None = Field(
+    ingress: BaseUrl | None = Field(
         default=None, description="Where the cluster ingress listens, e.g. http://10.0.0.5"
     )
     instances: list[instance_item(KnativeIngress)] = Field(  # type: ignore[valid-type]

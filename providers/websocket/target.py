@@ -48,7 +48,7 @@ class WebSocketTarget(TargetConfig):
     )
     url: str | None = Field(
         default=None,
-        pattern=r"^wss?://[^\s/?#]+(/[^\s#]*)?$",
+        pattern=r"^wss?://[^\s/?#\x00-\x1f\x7f]+(/[^\s#\x00-\x1f\x7f]*)?$",
         description="dial mode: ws://host:port/path or wss://…",
         examples=["ws://127.0.0.1:8090/", "wss://plugins.internal/echo"],
     )
