@@ -8,14 +8,22 @@ capabilities``) can build on them without an import circle.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AfterValidator, AnyUrl, BaseModel, ConfigDict, ValidationInfo
+from pydantic import (
+    AfterValidator,
+    AnyUrl,
+    BaseModel,
+    ConfigDict,
+    ValidationInfo,
+    model_validator,
+)
 
-__all__ = ["MASK", "ManifestPath", "StrictModel", "masked_url"]
+__all__ = ["MASK", "Argv", "EnvVars", "ManifestPath", "StrictModel", "masked_url"]
 
 #: What a secret prints as.
 MASK = "***"
@@ -45,14 +53,27 @@ def _masked(value: Any) -> Any:
     return MASK if value else value
 
 
+#: Integers in a manifest stay below this in magnitude (signed 64 bits).
+_INT64 = 2**63
+
+
 class StrictModel(BaseModel):
     """A manifest model: unknown keys are errors, and nothing changes once loaded.
 
     No number in a manifest is NaN or infinite (YAML's ``.nan``, ``.inf``): NaN passes no
     bound but is not refused by one either where a field has none, and an infinite rate,
-    backoff or size means a limit that is not one."""
+    backoff or size means a limit that is not one. No integer is 2**63 or more either:
+    none such is a size or a time anyone means, and one stopped ``Dispatcher`` start with
+    a bare ``TypeError`` (a target's key is its JSON, which holds 64-bit integers)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _integers_fit_64_bits(self) -> Self:
+        for name, value in self.__dict__.items():
+            if type(value) is int and not -_INT64 <= value < _INT64:
+                raise ValueError(f"{name}: {str(value)[:24]}… is beyond any sensible bound")
+        return self
 
     #: Fields whose values are secrets (a mapping's values, a list's items): their keys
     #: still show in ``repr``/``str``, their values print as ``***``.
@@ -77,3 +98,29 @@ def _relative_to_manifest(path: Path, info: ValidationInfo) -> Path:
 
 #: A path in a manifest: relative paths are taken from the manifest's folder.
 ManifestPath = Annotated[Path, AfterValidator(_relative_to_manifest)]
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _checked_env(env: dict[str, str]) -> dict[str, str]:
+    for name, value in env.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"environment variable name {name[:40]!r}: letters, digits, '_'")
+        if "\0" in value:
+            raise ValueError(f"the value of {name} holds a NUL, which no environment can")
+    return env
+
+
+def _checked_argv(argv: list[str]) -> list[str]:
+    if any("\0" in argument for argument in argv):
+        raise ValueError("a command's arguments cannot hold a NUL")
+    return argv
+
+
+#: Environment variables a manifest gives a process or container: names as shells take
+#: them (``A=B`` as a name set another variable), no NUL in a value (``exec`` refuses it:
+#: it stopped ``Dispatcher`` start with a bare ``ValueError``).
+EnvVars = Annotated[dict[str, str], AfterValidator(_checked_env)]
+#: A command line a manifest gives a process or container: no NUL in any argument.
+Argv = Annotated[list[str], AfterValidator(_checked_argv)]

@@ -244,3 +244,45 @@ def test_a_name_or_version_with_a_trailing_newline_is_refused(field: str, value:
     with pytest.raises(ManifestError) as caught:
         manifest(plugin)
     assert ("method name" if field == "method" else "semantic version") in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"provider": "http", "url": "http://127.0.0.1:9", "max_response_bytes": 2**64},
+        {"provider": "grpc", "address": "127.0.0.1:9", "connect_timeout_ms": 2**70},
+        {"provider": "subprocess", "command": ["/bin/true"], "max_restarts": 2**64},
+        {"provider": "websocket", "url": "ws://127.0.0.1:9/", "max_events_per_second": 2**64},
+    ],
+)
+def test_an_integer_past_64_bits_is_refused_at_load_not_at_start(target: dict[str, object]) -> None:
+    """It loaded, and ``Dispatcher`` start then failed with a bare ``TypeError`` (a
+    target's key is its JSON, whose integers are 64-bit)."""
+    from tests.conftest import manifest
+
+    plugin = {"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}}
+    with pytest.raises(ManifestError, match="beyond any sensible bound"):
+        manifest(plugin)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({"provider": "subprocess", "command": ["/bin/true"], "env": {"A=B": "x"}}, "A=B"),
+        ({"provider": "subprocess", "command": ["/bin/true"], "env": {"A": "x\0y"}}, "NUL"),
+        ({"provider": "subprocess", "command": ["/bin/true", "a\0b"]}, "NUL"),
+        ({"provider": "subprocess", "command": ["/bin/true"], "env": {"": "x"}}, "name"),
+        ({"provider": "docker", "image": "echo:1", "env": {"TOKEN=evil\nB": "x"}}, "name"),
+        ({"provider": "docker", "image": "echo:1", "command": ["run", "\0"]}, "NUL"),
+    ],
+)
+def test_an_environment_or_command_no_process_can_take_is_refused_at_load(
+    target: dict[str, object], message: str
+) -> None:
+    """They loaded, and the process's start then failed with a bare ``ValueError`` (or a
+    container got a second ``LINCHKIT_PLUGIN_TOKEN=`` through a name holding ``=``)."""
+    from tests.conftest import manifest
+
+    plugin = {"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}}
+    with pytest.raises(ManifestError, match=message):
+        manifest(plugin)

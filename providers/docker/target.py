@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from providers.model import Argv, EnvVars
 from providers.target import ManifestPath, StrictModel, TargetConfig
 
 __all__ = ["BASE_IMAGE", "DockerBuild", "DockerLimits", "DockerSandbox", "DockerTarget"]
@@ -75,8 +76,8 @@ class DockerTarget(TargetConfig):
     port: int | None = Field(
         default=None, ge=1, le=65535, description="tcp only; default: a free port per container."
     )
-    command: list[str] | None = Field(default=None, description="Overrides the image's CMD.")
-    env: dict[str, str] = Field(default_factory=dict)
+    command: Argv | None = Field(default=None, description="Overrides the image's CMD.")
+    env: EnvVars = Field(default_factory=dict)
     limits: DockerLimits = Field(default_factory=DockerLimits)
     sandbox: DockerSandbox = Field(default_factory=DockerSandbox)
     min_instances: int = Field(default=0, ge=0)

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from providers.model import Argv, EnvVars
 from providers.target import ManifestPath, StrictModel, TargetConfig
 
 __all__ = ["MINIMAL_ENV", "SubprocessSandbox", "SubprocessTarget"]
@@ -43,10 +44,10 @@ class SubprocessTarget(TargetConfig):
     """``provider: subprocess``: a plugin executable the dispatcher launches and owns."""
 
     provider: Literal["subprocess"]
-    command: list[str] = Field(
+    command: Argv = Field(
         min_length=1, description="The executable (relative to the manifest) and its arguments."
     )
-    env: dict[str, str] = Field(
+    env: EnvVars = Field(
         default_factory=dict, description="Environment of the child, on top of the minimal one."
     )
     inherit_env: bool | list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
