@@ -195,6 +195,10 @@ class EgressPolicy(StrictModel):
 
     def name_refusal(self, name: str) -> str | None:
         """Why the name itself is refused, before it is resolved; None if it may be."""
+        if not _is_dns_name(name):
+            # Else the IDNA codec refuses it when it is resolved, a bare UnicodeError out of
+            # a call or a start (a websocket dialer's task ended on it without a word).
+            return f"{name[:80]!r} is no host name: a label is empty or longer than 63 characters"
         normal = _normal_name(name)
         if normal in METADATA_NAMES and not self.allow_link_local:
             return f"{name} is a cloud metadata service; {_RELAX_LINK_LOCAL}"
@@ -276,6 +280,13 @@ class EgressPolicy(StrictModel):
                 f"cannot resolve {host} to check it against the egress policy: {error}"
             ) from None
         self.admitted(host, _unique(str(info[4][0]) for info in infos))
+
+
+def _is_dns_name(name: str) -> bool:
+    """Labels of 1 to 63 characters, 253 in all (one trailing dot allowed): what a
+    resolver takes."""
+    labels = name[:-1] if name.endswith(".") else name
+    return 0 < len(labels) <= 253 and all(0 < len(label) <= 63 for label in labels.split("."))
 
 
 def _unique(items: Iterable[str]) -> Sequence[str]:

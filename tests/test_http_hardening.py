@@ -502,3 +502,22 @@ async def test_error_messages_of_failed_calls_mask_url_passwords(userinfo: str) 
             str(caught.value), repr(caught.value), orjson.dumps(caught.value.to_wire()).decode()
         )
         assert_no_secret(*(report.target + report.health.detail for report in health))
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        {"provider": "http", "url": "http://" + "a" * 64 + ":9/"},
+        {"provider": "http", "url": "http://a..b:9/"},
+        {"provider": "grpc", "address": "a..b:9"},
+        {"provider": "websocket", "url": "ws://" + "a" * 64 + ":9/"},
+        {"provider": "lambda", "function_name": "f", "endpoint_url": "http://" + "a" * 64},
+    ],
+    ids=["http_long_label", "http_empty_label", "grpc", "websocket", "lambda"],
+)
+def test_a_host_no_resolver_takes_is_refused_at_load(target: dict[str, Any]) -> None:
+    """A label over 63 characters, or an empty one, made the IDNA codec raise a bare
+    UnicodeError when the name was resolved: out of a call, out of start, or (websocket)
+    ending the dialler's task without a word."""
+    with pytest.raises(ManifestError, match="no host name"):
+        manifest(echo_plugin("p", target))

@@ -136,6 +136,9 @@ class DialedPlugin:
             except DispatchError as error:
                 self.last_error = error.message
                 log.info("%s: %s", self.describe, error.message)
+            except Exception as error:  # a bug of ours or the client's: keep redialling, say it
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.exception("%s: dialling failed unexpectedly", self.describe)
             else:
                 backoff = target.reconnect_backoff_ms / 1000
                 self.connects += 1
