@@ -286,3 +286,18 @@ def test_an_environment_or_command_no_process_can_take_is_refused_at_load(
     plugin = {"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}}
     with pytest.raises(ManifestError, match=message):
         manifest(plugin)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"region": "us-east-1\n"}, {"qualifier": "a\nb"}, {"qualifier": "../../x?y=1"}],
+)
+def test_a_lambda_region_or_qualifier_aws_would_not_take_is_refused_at_load(
+    extra: dict[str, str],
+) -> None:
+    """They loaded, and every call failed with a message over several lines."""
+    from tests.conftest import manifest
+
+    target = {"provider": "lambda", "function_name": "f", **extra}
+    with pytest.raises(ManifestError, match=next(iter(extra))):
+        manifest({"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}})

@@ -50,9 +50,15 @@ class LambdaTarget(TargetConfig):
 
     provider: Literal["lambda"]
     function_name: str = Field(pattern=_FUNCTION_NAME, description="Name, ARN or partial ARN.")
-    qualifier: str | None = Field(default=None, description="A version number or an alias.")
+    qualifier: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9$_-]{1,128}$",  # Lambda's own pattern of a version or an alias
+        description="A version number or an alias.",
+    )
     region: str | None = Field(
-        default=None, description="AWS region; unset: the standard chain (AWS_REGION, profile)."
+        default=None,
+        pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$",
+        description="AWS region; unset: the standard chain (AWS_REGION, profile).",
     )
     endpoint_url: str | None = Field(
         default=None, description="Another endpoint (moto, LocalStack, a local Invoke front)."
