@@ -57,6 +57,20 @@ def _masked(value: Any) -> Any:
 _INT64 = 2**63
 
 
+def _huge_integer(value: Any) -> int | None:
+    """An integer of 64 bits or more in ``value`` or the lists and maps it holds (a nested
+    model checks its own fields)."""
+    if type(value) is int:
+        return value if not -_INT64 <= value < _INT64 else None
+    if isinstance(value, list | tuple):
+        items: Any = value
+    elif isinstance(value, dict):
+        items = value.values()
+    else:
+        return None
+    return next((huge for item in items if (huge := _huge_integer(item)) is not None), None)
+
+
 class StrictModel(BaseModel):
     """A manifest model: unknown keys are errors, and nothing changes once loaded.
 
@@ -71,8 +85,9 @@ class StrictModel(BaseModel):
     @model_validator(mode="after")
     def _integers_fit_64_bits(self) -> Self:
         for name, value in self.__dict__.items():
-            if type(value) is int and not -_INT64 <= value < _INT64:
-                raise ValueError(f"{name}: {str(value)[:24]}… is beyond any sensible bound")
+            huge = _huge_integer(value)
+            if huge is not None:
+                raise ValueError(f"{name}: {str(huge)[:24]}… is beyond any sensible bound")
         return self
 
     #: Fields whose values are secrets (a mapping's values, a list's items): their keys

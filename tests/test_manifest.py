@@ -253,6 +253,7 @@ def test_a_name_or_version_with_a_trailing_newline_is_refused(field: str, value:
         {"provider": "grpc", "address": "127.0.0.1:9", "connect_timeout_ms": 2**70},
         {"provider": "subprocess", "command": ["/bin/true"], "max_restarts": 2**64},
         {"provider": "websocket", "url": "ws://127.0.0.1:9/", "max_events_per_second": 2**64},
+        {"provider": "subprocess", "command": ["/bin/true"], "protocol_versions": [1, 2**64]},
     ],
 )
 def test_an_integer_past_64_bits_is_refused_at_load_not_at_start(target: dict[str, object]) -> None:
