@@ -302,3 +302,71 @@ def test_a_lambda_region_or_qualifier_aws_would_not_take_is_refused_at_load(
     target = {"provider": "lambda", "function_name": "f", **extra}
     with pytest.raises(ManifestError, match=next(iter(extra))):
         manifest({"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}})
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "plug/json?x=1",  # GET /images/plug/json?x=1/json: another path and a query
+        "../containers/abc",  # GET /containers/abc/json: a container, not an image
+        "plug#x",  # a fragment: GET /images/plug
+        "plug in:1",
+        "plug:1\nRUN touch /pwned",  # base_image: another line of the generated Dockerfile
+        "Plug:1",
+        "plug:",
+        "plug:-1",
+        "plug@sha256:abc",
+        "plug:" + "1" * 129,
+        "a" * 256,
+        "",
+    ],
+)
+@pytest.mark.parametrize("field", ["image", "build.base_image"])
+def test_an_image_docker_would_not_take_is_refused_at_load(field: str, image: str) -> None:
+    """The engine client puts the image into API paths (``GET /images/{image}/json``) and
+    a Python plugin's Dockerfile (``FROM``): any string loaded, and reached the engine as
+    another request."""
+    from tests.conftest import manifest
+
+    build = {"context": "examples/python", "entrypoint": "echo_plugin:EchoPlugin"}
+    target: dict[str, object] = {"provider": "docker", "image": "echo:1", "build": build}
+    if field == "image":
+        target["image"] = image
+    else:
+        build["base_image"] = image
+    plugin = {"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}}
+    with pytest.raises(ManifestError) as caught:
+        manifest(plugin)
+    (problem,) = caught.value.problems
+    assert problem.path == f"plugins[0].target.{field}"
+    assert "image" in problem.message
+    if image:
+        assert image not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "echo",
+        "echo:1.0.0",
+        "linchkit-test/echo-cli:123-456",
+        "registry.example.com/plugins/echo:1.1.0",
+        "localhost:5000/a/b__c/d--e.f_g:Latest_1.x",
+        "Registry.Example.COM:443/echo",
+        "[::1]:5000/echo",
+        "echo@sha256:" + "0123456789abcdef" * 4,
+        "echo:1@sha512:" + "f" * 128,
+        "a" * 255 + ":" + "t" * 128,
+    ],
+)
+def test_images_as_docker_writes_them_load(image: str) -> None:
+    from providers.docker import BASE_IMAGE
+    from tests.conftest import manifest
+
+    build = {"context": "examples/python", "entrypoint": "echo_plugin:EchoPlugin"}
+    for target in (
+        {"provider": "docker", "image": image},
+        {"provider": "docker", "image": BASE_IMAGE, "build": {**build, "base_image": image}},
+        {"provider": "docker", "image": image, "build": {**build, "base_image": BASE_IMAGE}},
+    ):
+        manifest({"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}})
