@@ -5,14 +5,17 @@ one only when it writes the request, reqwest with a bare ``ValueError`` that quo
 value. In a path, yarl drops control characters and a fragment without a word, so
 ``/a\\r\\nb`` reached the plugin as ``/ab``; in a base URL, pydantic drops tabs and
 newlines the same way, and a query or fragment ended up in front of the path the provider
-appends (``http://h/?a=b`` was posted to ``/?a=b/invoke``). The manifest refuses all of
-these when it loads, naming the field, never a value (it may be a secret).
+appends (``http://h/?a=b`` was posted to ``/?a=b/invoke``). A URL's port is a number
+from 1 to 65535: past it, a websocket or Lambda endpoint loaded and failed only when
+dialled, and pydantic refused an http URL quoting it, password and all. The manifest
+refuses all of these when it loads, naming the field, never a value (it may be a secret).
 """
 
 from __future__ import annotations
 
 import re
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, AnyHttpUrl, BeforeValidator, SecretStr
 
@@ -23,6 +26,7 @@ __all__ = [
     "checked_base_url",
     "checked_header_value",
     "checked_token",
+    "checked_url_port",
 ]
 
 #: RFC 9110's token, the characters of a header name.
@@ -32,6 +36,8 @@ _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 #: A request path as it will be sent: no whitespace, control character or fragment.
 _REQUEST_PATH = re.compile(r"/[^\s#\x00-\x1f\x7f]*")
 _CONTROL_OR_SPACE = re.compile(r"[\s\x00-\x1f\x7f]")
+#: A port as a URL writes it: ASCII digits, at most five past any leading zeros.
+_PORT = re.compile(r"0*[0-9]{1,5}")
 
 
 def checked_header_value(name: str, value: str) -> str:
@@ -76,10 +82,27 @@ def _checked_path(path: str) -> str:
 RequestPath = Annotated[str, AfterValidator(_checked_path)]
 
 
+def checked_url_port(url: str) -> str:
+    """``url`` if its port, when it has one, is a number from 1 to 65535; else
+    ``ValueError``, never quoting it. An empty port (``http://h:/``) is the scheme's."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return url  # not a URL at all: the field's own check says so
+    host_and_port = netloc.rpartition("@")[2]
+    if host_and_port.startswith("["):  # an IPv6 literal: the port follows the bracket
+        port = host_and_port.partition("]")[2].removeprefix(":")
+    else:
+        port = host_and_port.partition(":")[2]
+    if port and not (_PORT.fullmatch(port) and 1 <= int(port.lstrip("0") or "0") <= 65535):
+        raise ValueError("a URL's port is a number between 1 and 65535")
+    return url
+
+
 def checked_base_url(url: object) -> object:
     """A base URL as written, before pydantic parses it: no whitespace or control
     character (dropped without a word), no query or fragment (the provider appends paths
-    to it)."""
+    to it), a port from 1 to 65535."""
     if isinstance(url, str):
         if _CONTROL_OR_SPACE.search(url):
             raise ValueError("a URL has no spaces, tabs, line breaks or other control characters")
@@ -87,6 +110,7 @@ def checked_base_url(url: object) -> object:
             raise ValueError(
                 "a base URL has no query or fragment: the provider appends its paths to it"
             )
+        checked_url_port(url)
     return url
 
 

@@ -521,3 +521,41 @@ def test_a_host_no_resolver_takes_is_refused_at_load(target: dict[str, Any]) -> 
     ending the dialler's task without a word."""
     with pytest.raises(ManifestError, match="no host name"):
         manifest(echo_plugin("p", target))
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "0", "abc", "+80", "\u0668\u0660", "1" * 5000])
+@pytest.mark.parametrize(
+    ("target", "field"),
+    [
+        ({"provider": "websocket", "url": "ws://svc:s3cret@127.0.0.1:PORT/"}, "url"),
+        ({"provider": "websocket", "url": "wss://[::1]:PORT/plugin?v=1"}, "url"),
+        ({"provider": "http", "url": "http://svc:s3cret@127.0.0.1:PORT"}, "url"),
+        ({"provider": "http", "instances": [{"url": "http://127.0.0.1:PORT/"}]}, "url"),
+        ({**KNATIVE_TARGET, "ingress": "http://svc:s3cret@127.0.0.1:PORT"}, "ingress"),
+        (
+            {"provider": "lambda", "function_name": "f", "endpoint_url": "http://h:PORT"},
+            "endpoint_url",
+        ),
+    ],
+    ids=["websocket", "websocket_ipv6", "http", "http_fleet", "knative", "lambda"],
+)
+def test_a_url_port_outside_1_to_65535_is_refused_at_load_naming_the_field(
+    target: dict[str, Any], field: str, port: str
+) -> None:
+    """A websocket URL past 65535 loaded and every call then said it was not connected;
+    a Lambda endpoint's failed with a bare ValueError; pydantic refused an http URL's
+    quoting the URL, its password too. The port is checked before any of them."""
+    written = orjson.loads(orjson.dumps(target).replace(b"PORT", port.encode()))
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", written))
+    (problem,) = caught.value.problems
+    assert problem.path.endswith(f".{field}")
+    assert "between 1 and 65535" in problem.message
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["ws://127.0.0.1:1/", "ws://127.0.0.1:65535/", "wss://[::1]:08090/a?b", "ws://h:/"]
+)
+def test_websocket_urls_with_ports_in_range_load(url: str) -> None:
+    manifest(echo_plugin("p", {"provider": "websocket", "url": url}))

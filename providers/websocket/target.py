@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from linchkit_plugin.ws_protocol import DEFAULT_MAX_MESSAGE_BYTES
-from providers._headers import checked_token
+from providers._headers import checked_token, checked_url_port
 from providers.discovery import Endpoint
 from providers.target import (
     Balance,
@@ -105,6 +105,13 @@ class WebSocketTarget(TargetConfig):
     secret_fields = frozenset({"token"})
 
     _token_fits_a_header = field_validator("token")(checked_token)
+
+    @field_validator("url")
+    @classmethod
+    def _port_in_range(cls, url: str | None) -> str | None:
+        # Past 65535, aiohttp refused the URL only when the dialler tried it: the target
+        # loaded and every call said it was not connected.
+        return url if url is None else checked_url_port(url)
 
     @model_validator(mode="after")
     def _mode_fits(self) -> WebSocketTarget:
