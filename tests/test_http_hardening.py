@@ -200,6 +200,33 @@ def test_an_authorization_header_with_other_credentials_is_refused_at_load(tmp_p
         load_manifest(path)
 
 
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://svc:pw-Zq81secret@127.0.0.1:5000", "https://pw-Zq81secret@lambda.example:443/"],
+    ids=["user_and_password", "user_alone"],
+)
+def test_a_lambda_endpoint_with_credentials_is_refused_at_load(endpoint: str) -> None:
+    """It loaded, and every call failed: aiohttp will not send a URL's credentials beside
+    botocore's signature. AWS credentials come from the environment or a profile."""
+    target = {"provider": "lambda", "function_name": "f", "endpoint_url": endpoint}
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", target))
+    (problem,) = caught.value.problems
+    assert problem.path.endswith("target.endpoint_url")
+    assert "AWS credentials come from the environment" in problem.message
+    assert "Zq81secret" not in str(caught.value)
+
+
+def test_a_lambda_endpoint_that_is_not_http_is_refused_without_quoting_it() -> None:
+    target = {"provider": "lambda", "function_name": "f", "endpoint_url": "ftp://h/Zq81secret"}
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", target))
+    (problem,) = caught.value.problems
+    assert problem.path.endswith("target.endpoint_url")
+    assert "http:// or https://" in problem.message
+    assert "Zq81secret" not in str(caught.value)
+
+
 HTTP_TARGET = {"provider": "http", "url": "http://127.0.0.1:9"}
 KNATIVE_TARGET = {"provider": "knative", "service": "echo", "ingress": "http://127.0.0.1:9"}
 

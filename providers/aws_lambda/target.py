@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 
 from providers._headers import checked_base_url
-from providers.target import Destination, ManifestPath, StrictModel, TargetConfig, masked_url
+from providers.target import Destination, ManifestPath, StrictModel, TargetConfig
 
 __all__ = ["LambdaDeploySettings", "LambdaTarget"]
 
@@ -81,10 +81,17 @@ class LambdaTarget(TargetConfig):
             return None
         checked_base_url(endpoint_url)
         parts = urlsplit(endpoint_url)
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        if "@" in parts.netloc:
+            # aiohttp refuses a URL's credentials beside botocore's signature: every call
+            # failed with "Cannot combine AUTHORIZATION header with … credentials encoded
+            # in URL", and the manifest held a secret that was never used.
             raise ValueError(
-                f"endpoint_url must be an http:// or https:// URL with a host, not {masked_url(endpoint_url)!r}"
+                "endpoint_url takes no user or password: AWS credentials come from the"
+                " environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a profile"
+                " (AWS_PROFILE), never from the URL"
             )
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("endpoint_url must be an http:// or https:// URL with a host")
         return endpoint_url
 
     def destinations(self) -> tuple[Destination, ...]:
