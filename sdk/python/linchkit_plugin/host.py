@@ -207,8 +207,11 @@ class PluginHost:
     async def _call(self, method: str, params: Any, context: dict[str, Any] | None) -> Any:
         function = self.methods.get(method)
         if function is None:
+            # The name is the caller's: quoted (a NUL or a newline escaped) and cut short,
+            # so a 10,000-character name does not come back whole in the answer and the log.
+            shown = repr(method[:64]) + ("…" if len(method) > 64 else "")
             raise MethodNotFound(
-                f"plugin has no method {method!r}; it has: {', '.join(sorted(self.methods)) or 'none'}"
+                f"plugin has no method {shown}; it has: {', '.join(sorted(self.methods)) or 'none'}"
             )
         if method in self.streaming:
             return [chunk async for chunk in self.stream(method, params, context)]
