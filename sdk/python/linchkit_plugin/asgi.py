@@ -54,6 +54,7 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.wire import (
+    MAX_PARAMS_DEPTH,
     PROTOCOL_VERSION,
     RequestEnvelope,
     error_response,
@@ -80,10 +81,6 @@ _UNAUTHORIZED_HEADERS = [*_CLOSING_JSON_HEADERS, (b"www-authenticate", b"Bearer"
 _UNDECODABLE_STATUS = {"unknown": 415, "too_large": 413, "corrupt": 400}
 #: Bodies above this are compressed or decoded in a worker thread, not on the event loop.
 _OFF_LOOP_BYTES = 256 * 1024
-
-# orjson writes at most 254 levels of nesting; an answer holding the params one level
-# down (``{"ok": true, "result": params}``) must still encode.
-MAX_PARAMS_DEPTH = 250
 
 
 class _Refused(Exception):

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
-from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams, ProviderError
 from linchkit_plugin.handshake import (
     CLIENT_CERT_ENV,
     CORE_VERSION,
@@ -70,7 +70,7 @@ from linchkit_plugin.registry import (
     Registration,
     advertised_value,
 )
-from linchkit_plugin.wire import PROTOCOL_VERSION
+from linchkit_plugin.wire import MAX_PARAMS_DEPTH, PROTOCOL_VERSION, nested_deeper_than
 
 __all__ = [
     "HANDSHAKE_CORE_VERSION",
@@ -92,6 +92,9 @@ _HINT = (
 
 #: What a caller without the right token learns: never what it sent.
 _UNAUTHENTICATED = "missing or wrong bearer token"
+#: The most calls one CallBatch may carry: the dispatcher's batcher sends at most this many
+#: (``batching.max_size``); more is refused whole with INVALID_ARGUMENT (docs/protocol.md).
+MAX_BATCH_CALLS = 10_000
 #: Open without the token: health (orchestrators probe it without credentials) and server
 #: reflection (it tells only the schema, which proto/plugin.proto publishes anyway).
 _OPEN_SERVICE_PREFIXES = (
@@ -182,6 +185,30 @@ def _dumps(value: Any) -> bytes:
         return orjson.dumps(value)
     except TypeError as error:
         raise ProviderError(f"the plugin returned a value that is not JSON: {error}") from None
+
+
+def _params(raw: bytes) -> Any:
+    """The params of a call, or ``InvalidParams`` that item's own answer (in a batch too).
+
+    Not UTF-8, not JSON, a number beyond a double, a lone surrogate (orjson refuses each),
+    or nested deeper than ``MAX_PARAMS_DEPTH``: the message says why, never what was sent.
+    """
+    if not raw:
+        return None
+    try:
+        params = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        if "depth" in str(error):  # over orjson's own 1,024 levels
+            raise InvalidParams(
+                f"params are nested deeper than {MAX_PARAMS_DEPTH} levels"
+            ) from None
+        raise InvalidParams(f"params are not JSON: {str(error)[:200]}") from None
+    # Deeper than the limit needs more brackets than that: count them at C speed first.
+    if raw.count(b"[") + raw.count(b"{") > MAX_PARAMS_DEPTH and nested_deeper_than(
+        params, MAX_PARAMS_DEPTH
+    ):
+        raise InvalidParams(f"params are nested deeper than {MAX_PARAMS_DEPTH} levels")
+    return params
 
 
 class PluginServer:
@@ -279,6 +306,15 @@ class PluginServer:
         return await self._answer(request, context)
 
     async def CallBatch(self, request: Any, context: Any) -> Any:
+        if len(request.calls) > MAX_BATCH_CALLS:
+            import grpc
+
+            # All items run at once: 100,000 of them would hold the loop and the memory of
+            # every call in flight. Refused whole, before any runs (docs/protocol.md).
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a batch of {len(request.calls)} calls is over the limit of {MAX_BATCH_CALLS}",
+            )
         replies = await asyncio.gather(*(self._answer(call, context) for call in request.calls))
         return self._pb.BatchReply(results=replies)
 
@@ -321,24 +357,22 @@ class PluginServer:
                 print(f"host event {event.name!r} failed: {error!r}", file=sys.stderr)
 
     async def _parse(self, request: Any, context: Any) -> tuple[Any, dict[str, Any], float | None]:
-        import grpc
-
         if request.v != PROTOCOL_VERSION:
             raise ProviderError(
                 f"unsupported envelope version {request.v}; this plugin speaks v{PROTOCOL_VERSION}"
             )
-        try:
-            params = orjson.loads(request.params_json) if request.params_json else None
-        except orjson.JSONDecodeError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"params are not JSON: {error}")
+        params = _params(request.params_json)
         wire = request.context
         call_context: dict[str, Any] = {"request_id": wire.request_id}
-        if wire.deadline_ms:
-            call_context["deadline_ms"] = wire.deadline_ms
+        # Only a positive deadline_ms bounds the call: 0 is "none" (proto3's default), and a
+        # negative one is a host's mistake, not a call already late (docs/protocol.md).
+        deadline_ms = wire.deadline_ms if wire.deadline_ms > 0 else 0
+        if deadline_ms:
+            call_context["deadline_ms"] = deadline_ms
         for key in ("caller", "traceparent", "idempotency_key"):
             if getattr(wire, key):
                 call_context[key] = getattr(wire, key)
-        timeouts = [wire.deadline_ms / 1000] if wire.deadline_ms else []
+        timeouts = [deadline_ms / 1000] if deadline_ms else []
         remaining = context.time_remaining()
         if remaining is not None:
             timeouts.append(remaining)

@@ -16,6 +16,7 @@ import orjson
 from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError, error_from_wire
 
 __all__ = [
+    "MAX_PARAMS_DEPTH",
     "PROTOCOL_VERSION",
     "RequestEnvelope",
     "decode_response",
@@ -27,6 +28,10 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+# orjson writes at most 254 levels of nesting; an answer holding the params one level
+# down (``{"ok": true, "result": params}``) must still encode. Every transport of the SDK
+# refuses params nested deeper as ``invalid_params`` (docs/protocol.md).
+MAX_PARAMS_DEPTH = 250
 
 
 def encode_json(value: Any, *, sort_keys: bool = False) -> bytes:
