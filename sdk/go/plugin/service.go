@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"os"
 	"runtime/debug"
 	"sync"
@@ -286,7 +287,10 @@ func (p *Plugin) run(ctx context.Context, call *Call, m *method) *pluginpb.CallR
 // deadline_ms (the gRPC deadline, when the host set one, already bounds it).
 func (p *Plugin) prepare(parent context.Context, req *pluginpb.CallRequest) (context.Context, context.CancelFunc, *Call, *method, *Error) {
 	ctx, cancel := parent, context.CancelFunc(func() {})
-	if ms := req.GetContext().GetDeadlineMs(); ms > 0 {
+	// Only a positive deadline_ms bounds the call (0 is none). One past ~292 years
+	// overflowed time.Duration into a negative timeout and ended the call at once: no
+	// clock can hold it, so it is no bound either (docs/protocol.md).
+	if ms := req.GetContext().GetDeadlineMs(); ms > 0 && ms <= math.MaxInt64/int64(time.Millisecond) {
 		ctx, cancel = context.WithTimeout(parent, time.Duration(ms)*time.Millisecond)
 	}
 	if v := req.GetV(); v != 0 && v != ProtocolVersion {
