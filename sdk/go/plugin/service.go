@@ -145,7 +145,15 @@ func (s *service) Call(ctx context.Context, req *pluginpb.CallRequest) (*pluginp
 	return s.plugin.invoke(ctx, req), nil
 }
 
+// MaxBatchCalls is the most calls one CallBatch may carry: the dispatcher's batcher sends
+// at most this many. Every item runs at once, on a goroutine of its own; a larger batch is
+// refused whole before any runs (docs/protocol.md).
+const MaxBatchCalls = 10_000
+
 func (s *service) CallBatch(ctx context.Context, req *pluginpb.BatchRequest) (*pluginpb.BatchReply, error) {
+	if n := len(req.GetCalls()); n > MaxBatchCalls {
+		return nil, status.Errorf(codes.InvalidArgument, "a batch of %d calls is over the limit of %d", n, MaxBatchCalls)
+	}
 	results := make([]*pluginpb.CallReply, len(req.GetCalls()))
 	var wg sync.WaitGroup
 	for i, call := range req.GetCalls() {
