@@ -47,7 +47,7 @@ func InvalidParams(format string, args ...any) *Error {
 
 // MethodNotFound says the plugin has no method of that name.
 func MethodNotFound(method string) *Error {
-	return &Error{Type: TypeMethodNotFound, Message: fmt.Sprintf("plugin has no method %q", method)}
+	return &Error{Type: TypeMethodNotFound, Message: fmt.Sprintf("plugin has no method %s", shownName(method))}
 }
 
 // DeadlineExceeded says the call's deadline passed before the method finished.

@@ -311,8 +311,8 @@ func (p *Plugin) prepare(parent context.Context, req *pluginpb.CallRequest) (con
 	params := json.RawMessage(req.GetParamsJson())
 	if len(params) == 0 {
 		params = json.RawMessage("null")
-	} else if !json.Valid(params) {
-		return ctx, cancel, nil, nil, InvalidParams("params of %s are not valid JSON", m.name)
+	} else if why := checkParams(params); why != "" {
+		return ctx, cancel, nil, nil, InvalidParams("params of %s %s", m.name, why)
 	}
 	c := req.GetContext()
 	call := &Call{

@@ -1,0 +1,41 @@
+package plugin
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestCheckParams(t *testing.T) {
+	deep := func(n int) string { return strings.Repeat("[", n) + strings.Repeat("]", n) }
+	for _, tc := range []struct{ params, why string }{
+		{`{"a": [1, 2.5e3, -0.0, "\ud83d\ude00", "\"[{"]}`, ""},
+		{deep(MaxParamsDepth), ""},
+		{"1.7976931348623157e308", ""},
+		{strings.Repeat("9", 300), ""},
+		{deep(MaxParamsDepth + 1), "are nested deeper than 250 levels"},
+		{deep(100_000), "are nested deeper than 250 levels"},
+		{`"[[[[" `, ""},
+		{"1e400", "hold a number beyond the range of a double"},
+		{"[-1E+400]", "hold a number beyond the range of a double"},
+		{strings.Repeat("9", 5000), "hold a number beyond the range of a double"},
+		{`"\ud800"`, "hold a lone surrogate"},
+		{`"\udc00"`, "hold a lone surrogate"},
+		{`"\ud800\u0041"`, "hold a lone surrogate"},
+		{"\"caf\xe9\"", "are not UTF-8"},
+		{`{"a": `, "are not valid JSON"},
+	} {
+		why := checkParams([]byte(tc.params))
+		if (tc.why == "") != (why == "") || !strings.HasPrefix(why, tc.why) {
+			t.Errorf("checkParams(%.40q) = %q, want %q", tc.params, why, tc.why)
+		}
+	}
+}
+
+func TestShownName(t *testing.T) {
+	if got := shownName(strings.Repeat("é", 10_000)); len(got) > 80 || !strings.HasSuffix(got, "…") {
+		t.Errorf("shownName of a long name = %q", got)
+	}
+	if got := shownName("a\x00\nb"); got != `"a\x00\nb"` {
+		t.Errorf("shownName = %s", got)
+	}
+}
