@@ -14,6 +14,10 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::pb::plugin_service_server::PluginService;
+
+/// The most calls one `CallBatch` may carry: the dispatcher's batcher sends at most this
+/// many (docs/protocol.md).
+pub const MAX_BATCH_CALLS: usize = 10_000;
 use crate::{
     pb, types, Call, ChunkSender, Emitter, Error, EventFn, Handler, Hooks, Json, Method, Plugin,
     PROTOCOL_VERSION, SERVICE_NAME,
@@ -382,11 +386,16 @@ impl PluginService for Service {
         &self,
         request: Request<pb::BatchRequest>,
     ) -> Result<Response<pb::BatchReply>, Status> {
-        let calls = request
-            .into_inner()
-            .calls
-            .into_iter()
-            .map(|call| self.0.invoke(call));
+        let calls = request.into_inner().calls;
+        // Every item runs at once: a batch of 100,000 held them all in memory together.
+        // More than the dispatcher's batcher ever sends is refused whole, before any runs.
+        if calls.len() > MAX_BATCH_CALLS {
+            return Err(Status::invalid_argument(format!(
+                "a batch of {} calls is over the limit of {MAX_BATCH_CALLS}",
+                calls.len()
+            )));
+        }
+        let calls = calls.into_iter().map(|call| self.0.invoke(call));
         let results = futures_util::future::join_all(calls).await;
         Ok(Response::new(pb::BatchReply { results }))
     }
