@@ -53,7 +53,7 @@ impl Error {
     pub fn method_not_found(method: &str) -> Self {
         Error::new(
             types::METHOD_NOT_FOUND,
-            format!("plugin has no method {method:?}"),
+            format!("plugin has no method {}", crate::params::shown_name(method)),
         )
     }
 

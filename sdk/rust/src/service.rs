@@ -138,15 +138,18 @@ impl Shared {
             .get(&request.method)
             .ok_or_else(|| Error::method_not_found(&request.method))?;
         let params = Json::from_wire(request.params_json);
-        if serde_json::from_slice::<serde::de::IgnoredAny>(params.as_bytes()).is_err() {
+        if let Some(why) = crate::params::check(params.as_bytes()) {
             return Err(Error::invalid_params(format!(
-                "params of {} are not valid JSON",
+                "params of {} {why}",
                 request.method
             )));
         }
         let context = request.context.unwrap_or_default();
+        // Only a positive deadline_ms bounds the call (0 is none, a negative one a host's
+        // mistake); one no clock can hold (2^63-1 ms) is no bound either, not a panic.
         let deadline = (context.deadline_ms > 0)
-            .then(|| Instant::now() + Duration::from_millis(context.deadline_ms as u64));
+            .then(|| Instant::now().checked_add(Duration::from_millis(context.deadline_ms as u64)))
+            .flatten();
         let call = Call {
             method: request.method,
             request_id: context.request_id,
