@@ -136,8 +136,12 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   private static CallContext contextOf(CallRequest request) {
     long now = System.nanoTime();
     long deadline = Long.MAX_VALUE;
-    if (request.getContext().getDeadlineMs() > 0) {
-      deadline = now + TimeUnit.MILLISECONDS.toNanos(request.getContext().getDeadlineMs());
+    long ms = request.getContext().getDeadlineMs();
+    // Only a positive deadline_ms bounds the call. Past ~146 years in nanoseconds, now + it
+    // wrapped around and Math.min below picked it over the gRPC deadline: no clock holds
+    // such a deadline, so it is none (docs/protocol.md).
+    if (ms > 0 && ms < TimeUnit.NANOSECONDS.toMillis(Long.MAX_VALUE / 2)) {
+      deadline = now + TimeUnit.MILLISECONDS.toNanos(ms);
     }
     Deadline grpcDeadline = Context.current().getDeadline();
     if (grpcDeadline != null) {
