@@ -53,6 +53,8 @@ import java.util.concurrent.atomic.AtomicInteger;
  * deadline can answer {@code deadline_exceeded} and interrupt a method that overruns it.
  */
 public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase {
+  /** The most calls one CallBatch may carry: what the dispatcher's batcher sends at most. */
+  static final int MAX_BATCH_CALLS = 10_000;
   public static final int PROTOCOL_VERSION = 1;
   public static final String SERVICE_NAME = "linchkit.plugin.v1.PluginService";
 
@@ -225,6 +227,14 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
 
   @Override
   public void callBatch(BatchRequest request, StreamObserver<BatchReply> observer) {
+    // Every item is queued at once: 100,000 of them held every call in memory together.
+    // More than the dispatcher's batcher ever sends is refused whole, before any runs.
+    if (request.getCallsCount() > MAX_BATCH_CALLS) {
+      observer.onError(Status.INVALID_ARGUMENT
+          .withDescription("a batch of " + request.getCallsCount() + " calls is over the limit of " + MAX_BATCH_CALLS)
+          .asRuntimeException());
+      return;
+    }
     List<CompletableFuture<CallReply>> replies = new ArrayList<>();
     for (CallRequest call : request.getCallsList()) replies.add(answer(call));
     CompletableFuture.allOf(replies.toArray(CompletableFuture[]::new)).thenRun(() -> {
