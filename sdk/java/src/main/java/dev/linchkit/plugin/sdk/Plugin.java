@@ -231,7 +231,7 @@ public final class Plugin {
     Registered entry = methods.get(name);
     if (entry == null) {
       String known = methods.isEmpty() ? "none" : String.join(", ", new TreeSet<>(methods.keySet()));
-      throw PluginException.methodNotFound("plugin " + id + " has no method '" + name + "'; it has: " + known);
+      throw PluginException.methodNotFound("plugin " + id + " has no method " + WireJson.shownName(name) + "; it has: " + known);
     }
     return entry;
   }

@@ -3,8 +3,6 @@ package dev.linchkit.plugin.sdk;
 import com.google.gson.JsonElement;
 import com.google.gson.JsonNull;
 import com.google.gson.JsonObject;
-import com.google.gson.JsonParser;
-import com.google.gson.JsonSyntaxException;
 import com.google.protobuf.ByteString;
 import dev.linchkit.plugin.v1.BatchReply;
 import dev.linchkit.plugin.v1.BatchRequest;
@@ -111,12 +109,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
 
   /** JSON bytes to a value; empty bytes are JSON null. */
   static JsonElement decodeJson(ByteString bytes, String what) throws PluginException {
-    if (bytes.isEmpty()) return JsonNull.INSTANCE;
-    try {
-      return JsonParser.parseString(bytes.toStringUtf8());
-    } catch (JsonSyntaxException error) {
-      throw PluginException.invalidParams(what + " is not valid JSON: " + error.getMessage());
-    }
+    return WireJson.decode(bytes, what);
   }
 
   static CallReply errorReply(Throwable thrown) {
@@ -165,7 +158,8 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     if (request.getV() != 0 && request.getV() != PROTOCOL_VERSION) {
       throw PluginException.providerError("envelope version " + request.getV() + " is not supported; this plugin speaks " + PROTOCOL_VERSION);
     }
-    if (request.getMethod().isEmpty()) throw PluginException.invalidParams("the request names no method");
+    // An empty method name is one the plugin does not have: method_not_found, as in every SDK.
+    plugin.checkMethod(request.getMethod());
     return decodeJson(request.getParamsJson(), "params_json");
   }
 
