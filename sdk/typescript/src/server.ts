@@ -22,6 +22,8 @@ import type { CallSpan, Tracing } from './tracing';
 
 export const PROTOCOL_VERSION = 1;
 export const SERVICE_NAME = 'linchkit.plugin.v1.PluginService';
+/** setTimeout's longest delay: a longer one fires after 1 ms. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** Where plugin.proto is: next to the compiled SDK (dist/proto), or the repository's proto/. */
 export function protoPath(): string {
@@ -195,10 +197,19 @@ function liveContext(method: string, request: CallRequestMessage, call: SurfaceC
   const controller = new AbortController();
   let timer: NodeJS.Timeout | undefined;
   if (deadline !== undefined) {
-    timer = setTimeout(
-      () => controller.abort(new DeadlineExceeded(`${method} did not finish before its deadline`)),
-      Math.max(0, deadline - now),
-    );
+    // setTimeout fires after 1 ms for a delay past 2^31-1 ms (24.8 days): a deadline_ms of
+    // 2^63-1, or a month, ended the call at once. Wait in steps it can hold instead.
+    const arm = (): void => {
+      const left = deadline - Date.now();
+      timer =
+        left > MAX_TIMER_MS
+          ? setTimeout(arm, MAX_TIMER_MS)
+          : setTimeout(
+              () => controller.abort(new DeadlineExceeded(`${method} did not finish before its deadline`)),
+              Math.max(0, left),
+            );
+    };
+    arm();
   }
   const onCancelled = (): void => controller.abort(new DeadlineExceeded(`${method} was cancelled by the host`));
   call.on('cancelled', onCancelled);
