@@ -24,6 +24,8 @@ export const PROTOCOL_VERSION = 1;
 export const SERVICE_NAME = 'linchkit.plugin.v1.PluginService';
 /** setTimeout's longest delay: a longer one fires after 1 ms. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** The most calls one CallBatch may carry: what the dispatcher's batcher sends at most. */
+export const MAX_BATCH_CALLS = 10_000;
 
 /** Where plugin.proto is: next to the compiled SDK (dist/proto), or the repository's proto/. */
 export function protoPath(): string {
@@ -423,6 +425,16 @@ export class PluginServer {
         call: grpc.ServerUnaryCall<{ calls: CallRequestMessage[] }, unknown>,
         callback: grpc.sendUnaryData<unknown>,
       ) => {
+        // Every item runs at once: 100,000 of them took 16 s and held every call in memory.
+        // More than the dispatcher's batcher ever sends is refused whole, before any runs.
+        const count = call.request.calls.length;
+        if (count > MAX_BATCH_CALLS) {
+          callback({
+            code: grpc.status.INVALID_ARGUMENT,
+            details: `a batch of ${count} calls is over the limit of ${MAX_BATCH_CALLS}`,
+          });
+          return;
+        }
         call.setMaxListeners(0); // one 'cancelled' listener per item of the batch
         void Promise.all(call.request.calls.map((request) => this.answer(request, call))).then((results) =>
           callback(null, { results }),
