@@ -12,6 +12,7 @@
  */
 import { DeadlineExceeded, MethodNotFound } from './errors';
 import type { JsonObject } from './params';
+import { shownName } from './wirejson';
 
 /** What a method knows about the call it is serving. */
 export interface CallContext {
@@ -180,7 +181,7 @@ export class Plugin {
     const entry = this.methods.get(name);
     if (entry === undefined) {
       const known = [...this.methods.keys()].sort().join(', ') || 'none';
-      throw new MethodNotFound(`plugin ${this.id} has no method ${JSON.stringify(name)}; it has: ${known}`);
+      throw new MethodNotFound(`plugin ${this.id} has no method ${shownName(name)}; it has: ${known}`);
     }
     return entry;
   }

@@ -19,13 +19,14 @@ import { DeadlineExceeded, InvalidParams, ProviderError, toWireError, type WireE
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import type { CallSpan, Tracing } from './tracing';
+import { unusable } from './wirejson';
 
 export const PROTOCOL_VERSION = 1;
 export const SERVICE_NAME = 'linchkit.plugin.v1.PluginService';
-/** setTimeout's longest delay: a longer one fires after 1 ms. */
-const MAX_TIMER_MS = 2 ** 31 - 1;
 /** The most calls one CallBatch may carry: what the dispatcher's batcher sends at most. */
 export const MAX_BATCH_CALLS = 10_000;
+/** setTimeout's longest delay: a longer one fires after 1 ms. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** Where plugin.proto is: next to the compiled SDK (dist/proto), or the repository's proto/. */
 export function protoPath(): string {
@@ -163,8 +164,11 @@ export function encodeJson(value: unknown): Buffer {
 /** JSON bytes to a value; empty bytes are null. */
 export function decodeJson(bytes: Buffer | Uint8Array | undefined, what: string): unknown {
   if (bytes === undefined || bytes.length === 0) return null;
+  const buffer = Buffer.from(bytes);
+  const why = unusable(buffer);
+  if (why !== undefined) throw new InvalidParams(`${what} ${why}`);
   try {
-    return parse(Buffer.from(bytes).toString('utf8'), null, parseNumber);
+    return parse(buffer.toString('utf8'), null, parseNumber);
   } catch (error) {
     throw new InvalidParams(`${what} is not valid JSON: ${(error as Error).message}`);
   }
@@ -258,7 +262,6 @@ function checkRequest(request: CallRequestMessage): unknown {
   if (request.v !== 0 && request.v !== PROTOCOL_VERSION) {
     throw new ProviderError(`envelope version ${request.v} is not supported; this plugin speaks ${PROTOCOL_VERSION}`);
   }
-  if (!request.method) throw new InvalidParams('the request names no method');
   return decodeJson(request.params_json, 'params_json');
 }
 
