@@ -383,7 +383,8 @@ class PluginServer:
                 print(f"host event {event.name!r} failed: {error!r}", file=sys.stderr)
 
     async def _parse(self, request: Any, context: Any) -> tuple[Any, dict[str, Any], float | None]:
-        if request.v != PROTOCOL_VERSION:
+        # proto3 cannot tell v = 0 from a v left unset: that is version 1, as in every SDK.
+        if request.v not in (0, PROTOCOL_VERSION):
             raise ProviderError(
                 f"unsupported envelope version {request.v}; this plugin speaks v{PROTOCOL_VERSION}"
             )
