@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
@@ -210,6 +211,11 @@ func (s *service) CallStream(req *pluginpb.CallRequest, stream pluginpb.PluginSe
 func (s *service) Events(stream pluginpb.PluginService_EventsServer) error {
 	queue := s.plugin.events.subscribe()
 	defer s.plugin.events.unsubscribe(queue)
+	// Headers now: the host knows the stream is registered, so no later emit is lost
+	// (docs/protocol.md); grpc-go would otherwise hold them until the first event.
+	if err := stream.SendHeader(metadata.MD{}); err != nil {
+		return err
+	}
 	go func() {
 		for {
 			event, err := stream.Recv()
