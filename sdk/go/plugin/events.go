@@ -19,12 +19,12 @@ const (
 // eventHub fans plugin events out to the open Events streams.
 type eventHub struct {
 	mu          sync.Mutex
-	subscribers map[chan *pluginpb.PluginEvent]struct{}
+	subscribers map[chan *pluginpb.PluginEvent]int // each open stream's queue: events it dropped
 	pending     []*pluginpb.PluginEvent
 }
 
 func newEventHub() *eventHub {
-	return &eventHub{subscribers: map[chan *pluginpb.PluginEvent]struct{}{}}
+	return &eventHub{subscribers: map[chan *pluginpb.PluginEvent]int{}}
 }
 
 func (h *eventHub) publish(name string, data json.RawMessage) {
@@ -38,12 +38,25 @@ func (h *eventHub) publish(name string, data json.RawMessage) {
 		h.pending = append(h.pending, event)
 		return
 	}
-	for queue := range h.subscribers {
-		select {
-		case queue <- event:
-		default:
-			// Never block a method on a host that does not read its events.
-			fmt.Fprintf(os.Stderr, "linchkit plugin: host is not reading events, dropped %q\n", name)
+	for queue, dropped := range h.subscribers {
+		// Never block a method on a host that does not read its events: past the bound the
+		// oldest go, as the WebSocket binding's buffers do, and the first drop of a stream is
+		// logged (one line per event flooded stderr with as many lines as a host sent pings).
+		for sent := false; !sent; {
+			select {
+			case queue <- event:
+				sent = true
+			default:
+				select {
+				case <-queue:
+					if dropped == 0 {
+						fmt.Fprintln(os.Stderr, "linchkit plugin: the host is not reading its Events stream; dropping the oldest events")
+					}
+					dropped++
+					h.subscribers[queue] = dropped
+				default:
+				}
+			}
 		}
 	}
 }
@@ -57,7 +70,7 @@ func (h *eventHub) subscribe() chan *pluginpb.PluginEvent {
 		queue <- event
 	}
 	h.pending = nil
-	h.subscribers[queue] = struct{}{}
+	h.subscribers[queue] = 0
 	return queue
 }
 
