@@ -1,19 +1,30 @@
 //! Plugin events fanned out to the host's open `Events` streams.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 use crate::{pb, Json};
 
 /// Events emitted while no stream is open are kept, up to this many, for the host may open
-/// its stream a moment after the first call that emits; and each open stream queues at
-/// most this many before new events are dropped (a method never waits on a slow host).
+/// its stream a moment after the first call that emits; and each open stream holds at
+/// most this many while its host does not read, the oldest dropped first (a method never
+/// waits on a slow host; docs/protocol.md).
 const EVENT_LIMIT: usize = 1024;
 
-type Subscriber = mpsc::Sender<Result<pb::PluginEvent, Status>>;
+/// One open stream's queue: a broadcast channel of one receiver, because a full one
+/// overwrites its oldest event where an mpsc channel refuses the newest.
+type Subscriber = broadcast::Sender<pb::PluginEvent>;
+
+/// What one `Events` stream sends the host.
+pub(crate) type EventStream =
+    Pin<Box<dyn Stream<Item = Result<pb::PluginEvent, Status>> + Send + 'static>>;
 
 #[derive(Default)]
 struct Hub {
@@ -38,7 +49,7 @@ impl Emitter {
             data_json: data.into_bytes(),
         };
         let mut hub = self.0.lock().unwrap();
-        hub.subscribers.retain(|queue| !queue.is_closed());
+        hub.subscribers.retain(|queue| queue.receiver_count() > 0);
         if hub.subscribers.is_empty() {
             if hub.pending.len() == EVENT_LIMIT {
                 hub.pending.pop_front();
@@ -47,23 +58,32 @@ impl Emitter {
             return;
         }
         for queue in &hub.subscribers {
-            if queue.try_send(Ok(event.clone())).is_err() {
-                eprintln!("linchkit plugin: host is not reading events, dropped {name:?}");
-            }
+            let _ = queue.send(event.clone());
         }
     }
 
     /// Opens the queue of one `Events` stream, holding the events that waited for it.
-    pub(crate) fn subscribe(&self) -> mpsc::Receiver<Result<pb::PluginEvent, Status>> {
-        let (sender, receiver) = mpsc::channel(2 * EVENT_LIMIT);
+    pub(crate) fn subscribe(&self) -> EventStream {
+        let (sender, receiver) = broadcast::channel(EVENT_LIMIT);
         let mut hub = self.0.lock().unwrap();
         for event in hub.pending.drain(..) {
-            let _ = sender.try_send(Ok(event));
+            let _ = sender.send(event);
         }
         if !hub.closed {
             hub.subscribers.push(sender);
         }
-        receiver
+        // A lagging host lost the oldest events: said once per stream, not once per event
+        // (a line per event flooded stderr with as many lines as a host sent pings).
+        let mut told = false;
+        Box::pin(BroadcastStream::new(receiver).filter_map(move |item| match item {
+            Ok(event) => Some(Ok(event)),
+            Err(BroadcastStreamRecvError::Lagged(_)) => {
+                if !std::mem::replace(&mut told, true) {
+                    eprintln!("linchkit plugin: the host is not reading its Events stream; dropping the oldest events");
+                }
+                None
+            }
+        }))
     }
 
     /// Ends every open stream, at shutdown: the host's `Events` calls return.

@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
+use crate::events::EventStream;
 use crate::pb::plugin_service_server::PluginService;
 
 /// The most calls one `CallBatch` may carry: the dispatcher's batcher sends at most this
@@ -283,7 +284,6 @@ impl Service {
 }
 
 type ItemStream = ReceiverStream<Result<pb::StreamItem, Status>>;
-type EventStream = ReceiverStream<Result<pb::PluginEvent, Status>>;
 
 fn chunk_item(chunk: Json) -> pb::StreamItem {
     pb::StreamItem {
@@ -466,6 +466,6 @@ impl PluginService for Service {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(receiver))
     }
 }
