@@ -21,6 +21,7 @@ import dev.linchkit.plugin.v1.StreamItem;
 import io.grpc.Context;
 import io.grpc.Contexts;
 import io.grpc.Deadline;
+import io.grpc.ForwardingServerCall;
 import io.grpc.Metadata;
 import io.grpc.ServerCall;
 import io.grpc.ServerCallHandler;
@@ -65,6 +66,16 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   public static final ServerInterceptor HEADERS_INTERCEPTOR = new ServerInterceptor() {
     @Override
     public <Q, A> ServerCall.Listener<Q> interceptCall(ServerCall<Q, A> call, Metadata headers, ServerCallHandler<Q, A> next) {
+      if ("Events".equals(call.getMethodDescriptor().getBareMethodName())) {
+        // Headers at once tell the host the stream is registered, so no later emit is lost
+        // (docs/protocol.md); the stub would hold them until the first event. It sends them
+        // again with that event: once is enough.
+        call.sendHeaders(new Metadata());
+        call = new ForwardingServerCall.SimpleForwardingServerCall<>(call) {
+          @Override
+          public void sendHeaders(Metadata alreadySent) {}
+        };
+      }
       return Contexts.interceptCall(Context.current().withValue(HEADERS, headers), call, headers, next);
     }
   };
