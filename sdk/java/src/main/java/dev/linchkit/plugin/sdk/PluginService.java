@@ -32,6 +32,7 @@ import io.grpc.health.v1.HealthCheckResponse.ServingStatus;
 import io.grpc.stub.ServerCallStreamObserver;
 import io.grpc.stub.StreamObserver;
 import java.nio.charset.StandardCharsets;
+import java.util.ArrayDeque;
 import java.util.ArrayList;
 import java.util.List;
 import java.util.concurrent.CompletableFuture;
@@ -54,6 +55,8 @@ import java.util.concurrent.atomic.AtomicInteger;
 public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase {
   /** The most calls one CallBatch may carry: what the dispatcher's batcher sends at most. */
   static final int MAX_BATCH_CALLS = 10_000;
+  /** The most events an Events stream holds while its host does not read them. */
+  static final int EVENTS_PER_STREAM = 1024;
   public static final int PROTOCOL_VERSION = 1;
   public static final String SERVICE_NAME = "linchkit.plugin.v1.PluginService";
 
@@ -331,15 +334,35 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       closed.set(true);
       if (unsubscribe[0] != null) unsubscribe[0].run();
     });
+    // onNext never blocks: for a host that does not read, grpc-java buffered every event
+    // (20,000 pongs of 16 KB: +540 MB). Events wait here while the transport is not ready,
+    // at most EVENTS_PER_STREAM of them, the oldest dropped first (docs/protocol.md).
+    ArrayDeque<PluginEvent> waiting = new ArrayDeque<>();
+    AtomicBoolean told = new AtomicBoolean();
+    Runnable flush = () -> {
+      synchronized (out) {
+        while (!closed.get() && !out.isCancelled() && out.isReady() && !waiting.isEmpty()) {
+          try {
+            out.onNext(waiting.poll());
+          } catch (RuntimeException cancelled) {
+            closed.set(true);
+          }
+        }
+      }
+    };
+    out.setOnReadyHandler(flush);
     unsubscribe[0] = plugin.addEventSink((name, data) -> {
       synchronized (out) {
         if (closed.get() || out.isCancelled()) return;
-        try {
-          out.onNext(PluginEvent.newBuilder().setName(name).setDataJson(encodeJson(data)).build());
-        } catch (RuntimeException cancelled) {
-          closed.set(true);
+        if (waiting.size() >= EVENTS_PER_STREAM) {
+          waiting.poll();
+          if (!told.getAndSet(true)) {
+            System.err.println("linchkit plugin: the host is not reading its Events stream; dropping the oldest events");
+          }
         }
+        waiting.add(PluginEvent.newBuilder().setName(name).setDataJson(encodeJson(data)).build());
       }
+      flush.run();
     });
     return new StreamObserver<>() {
       @Override
