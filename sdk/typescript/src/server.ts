@@ -25,6 +25,8 @@ export const PROTOCOL_VERSION = 1;
 export const SERVICE_NAME = 'linchkit.plugin.v1.PluginService';
 /** The most calls one CallBatch may carry: what the dispatcher's batcher sends at most. */
 export const MAX_BATCH_CALLS = 10_000;
+/** The most events an Events stream holds while its host does not read them (docs/protocol.md). */
+export const EVENTS_PER_STREAM = 1024;
 /** setTimeout's longest delay: a longer one fires after 1 ms. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
@@ -449,8 +451,32 @@ export class PluginServer {
       Events: (call: grpc.ServerDuplexStream<{ name: string; data_json: Buffer }, unknown>) => {
         // Headers at once tell the host the stream is open, so it need not wait for an event.
         call.sendMetadata(new grpc.Metadata());
+        // call.write never refuses: for a host that does not read, grpc-js buffered every
+        // event (20,000 pongs of 16 KB: +370 MB). Events wait here while the stream is over
+        // its high-water mark, at most EVENTS_PER_STREAM, the oldest dropped first.
+        const waiting: { name: string; data_json: Buffer }[] = [];
+        let full = false;
+        let told = false;
+        const flush = (): void => {
+          while (!full && waiting.length > 0 && !call.cancelled && call.writable) {
+            full = !call.write(waiting.shift());
+          }
+        };
+        call.on('drain', () => {
+          full = false;
+          flush();
+        });
         const unsubscribe = plugin.addEventSink((name, data) => {
-          if (!call.cancelled && call.writable) call.write({ name, data_json: encodeJson(data) });
+          if (call.cancelled || !call.writable) return;
+          if (waiting.length >= EVENTS_PER_STREAM) {
+            waiting.shift();
+            if (!told) {
+              told = true;
+              process.stderr.write('linchkit plugin: the host is not reading its Events stream; dropping the oldest events\n');
+            }
+          }
+          waiting.push({ name, data_json: encodeJson(data) });
+          flush();
         });
         call.on('data', (event: { name: string; data_json: Buffer }) => {
           let data: unknown;
