@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from dispatcher import Dispatcher, DispatchError, ProviderError
-from dispatcher.config import ManifestError, load_manifest
+from dispatcher.config import ManifestError, load_manifest, parse_manifest
 from linchkit_plugin.wire import decode_response
 from providers.envelope import decode_batch_response
 from providers.grpc import GrpcTarget
@@ -586,3 +586,100 @@ def test_a_url_port_outside_1_to_65535_is_refused_at_load_naming_the_field(
 )
 def test_websocket_urls_with_ports_in_range_load(url: str) -> None:
     manifest(echo_plugin("p", {"provider": "websocket", "url": url}))
+
+
+UNPARSED_URLS = [
+    "http://user:s3cret@/",
+    "http://user:s3cret@host:notaport/",
+    "ftp://user:s3cret@h/",
+]
+
+
+@pytest.mark.parametrize("url", UNPARSED_URLS, ids=["empty_host", "bad_port", "scheme"])
+def test_a_url_pydantic_refuses_is_never_quoted_with_its_password(tmp_path: Path, url: str) -> None:
+    """pydantic refused these quoting the input whole, so the error, and `dispatcher
+    validate`, printed the password. Each problem still names its field."""
+    path = tmp_path / "plugins.yaml"
+    written = orjson.dumps(url).decode()
+    path.write_text(
+        f"""version: 1
+registry: {{etcd: {written}, prefix: /linchkit}}
+plugins:
+  - id: a
+    version: 1.0.0
+    target: {{provider: http, url: {written}}}
+    methods: {{say: {{}}}}
+  - id: b
+    version: 1.0.0
+    target: {{provider: knative, service: echo, ingress: {written}}}
+    methods: {{say: {{}}}}
+  - id: c
+    version: 1.0.0
+    target:
+      provider: http
+      instances: [{{url: {written}}}, {{registry: {{etcd: {written}, prefix: /p}}}}]
+    methods: {{say: {{}}}}
+  - id: d
+    version: 1.0.0
+    target: {written}
+    methods: {{say: {{}}}}
+"""
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    paths = {problem.path for problem in caught.value.problems}
+    assert {
+        "registry.etcd",
+        "plugins[0].target.url",
+        "plugins[1].target.ingress",
+        "plugins[3].target",
+    } <= paths, paths
+    assert any(p.startswith("plugins[2].target.instances[0]") for p in paths), paths
+    assert any(p.startswith("plugins[2].target.instances[1]") for p in paths), paths
+    assert "s3cret" not in str(caught.value)
+    validated = run_cli(path, "validate")
+    assert validated.returncode == 2
+    assert "plugins[1].target.ingress" in validated.stderr
+    assert "s3cret" not in validated.stdout + validated.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "field"),
+    [
+        ({**HTTP_TARGET, "bearer_token": 8_123_456_789}, "target.bearer_token"),
+        ({**HTTP_TARGET, "headers": {"X-Api-Key": 8_123_456_789}}, "target.headers.X-Api-Key"),
+        ({**HTTP_TARGET, "headers": ["X-Api-Key: 8123456789"]}, "target.headers"),
+        ({"provider": "grpc", "address": "h:1", "metadata": {"k": 8_123_456_789}}, "metadata.k"),
+        ({"provider": "websocket", "url": "ws://h:1/", "token": 8_123_456_789}, "target.token"),
+        (
+            {**KNATIVE_TARGET, "deploy": {"image": "echo:1", "env": {"KEY": 8_123_456_789}}},
+            "deploy.env.KEY",
+        ),
+    ],
+    ids=["bearer_token", "header", "headers_as_list", "grpc_metadata", "ws_token", "deploy_env"],
+)
+def test_a_secret_of_the_wrong_type_is_not_quoted(target: dict[str, Any], field: str) -> None:
+    """A token YAML reads as a number (``token: 8123456789``) was quoted by the error that
+    it is not a string; so was a list of headers written as ``Name: value`` lines."""
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", target))
+    (problem,) = caught.value.problems
+    assert problem.path.endswith(field)
+    assert "8123456789" not in str(caught.value).replace(",", "").replace("_", "")
+
+
+def test_the_jobs_callback_secret_of_the_wrong_type_is_not_quoted() -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest({"version": 1, "jobs": {"callback_secret": 81234567891234567}})
+    (problem,) = caught.value.problems
+    assert problem.path == "jobs.callback_secret"
+    assert "81234567891234567" not in str(caught.value)
+
+
+def test_values_that_are_not_secrets_are_still_quoted() -> None:
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", {**HTTP_TARGET, "max_response_bytes": "lots"}))
+    assert "(got 'lots')" in str(caught.value)
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", {"provider": "http", "url": "ftp://h/"}))
+    assert "(got 'ftp://h/')" in str(caught.value)
