@@ -394,6 +394,55 @@ def test_the_sqs_section_is_checked_when_the_manifest_loads(
         load_manifest(path)
 
 
+SQS_URL = "https://sqs.eu-west-1.amazonaws.com/123456789012"
+
+
+@pytest.mark.parametrize(
+    ("field", "url", "message"),
+    [
+        ("endpoint_url", "http://svc:pw-Zq81secret@127.0.0.1:5000", "no user or password"),
+        ("queue_url", f"https://pw-Zq81secret@{SQS_URL[8:]}/jobs", "no user or password"),
+        ("dead_letter_queue_url", f"{SQS_URL}/dead\nX-Zq81secret", "line breaks"),
+        ("queue_url", f"{SQS_URL}/jobs Zq81secret", "spaces"),
+        ("endpoint_url", "http://127.0.0.1:99999", "between 1 and 65535"),
+        ("queue_url", "https://u:Zq81secret@sqs.eu-west-1.amazonaws.com:0/1/q", "1 and 65535"),
+        ("queue_url", f"{SQS_URL}/jobs?Zq81secret=1", "no query or fragment"),
+        ("dead_letter_queue_url", f"{SQS_URL}/dead#Zq81secret", "no query or fragment"),
+        ("endpoint_url", "ftp://Zq81secret.example/", "http:// or https://"),
+        ("queue_url", "https://[Zq81secret/1/q", "http:// or https://"),
+    ],
+)
+def test_an_sqs_url_that_would_not_be_sent_as_written_is_refused_without_quoting_it(
+    tmp_path: Path, field: str, url: str, message: str
+) -> None:
+    """They loaded: a URL's password (never used: AWS credentials come from their chain)
+    or a port past 65535 failed every request, and a line break or a query in a queue's
+    URL went to SQS as part of it."""
+    sqs = {"queue_name": "q", "dead_letter_queue_name": "d"}
+    sqs.pop(field.replace("_url", "_name"), None)  # a queue by URL is not also by name
+    path = tmp_path / "plugins.yaml"
+    path.write_text(
+        json.dumps({"version": 1, "jobs": {"backend": "sqs", "sqs": {**sqs, field: url}}})
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    (problem,) = caught.value.problems
+    assert problem.path == f"jobs.sqs.{field}"
+    assert message in problem.message
+    assert "Zq81secret" not in str(caught.value)
+
+
+def test_sqs_urls_as_aws_writes_them_load(tmp_path: Path) -> None:
+    sqs = {
+        "queue_url": f"{SQS_URL}/jobs.fifo",
+        "dead_letter_queue_url": f"{SQS_URL}/dead",
+        "endpoint_url": "https://vpce-1a2b.sqs.eu-west-1.vpce.amazonaws.com:443",
+    }
+    path = tmp_path / "plugins.yaml"
+    path.write_text(json.dumps({"version": 1, "jobs": {"backend": "sqs", "sqs": sqs}}))
+    assert load_manifest(path).jobs.sqs is not None
+
+
 def test_an_sqs_section_without_the_sqs_backend_and_the_reverse_are_refused(
     tmp_path: Path,
 ) -> None:

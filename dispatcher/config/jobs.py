@@ -10,12 +10,13 @@ The models only: ``dispatcher._jobs`` runs the workers, ``dispatcher.state`` kee
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from providers.model import masked_url
+from providers._headers import checked_url_port
 from providers.target import StrictModel
 
 __all__ = ["JobsConfig", "SqsJobsConfig"]
@@ -23,6 +24,7 @@ __all__ = ["JobsConfig", "SqsJobsConfig"]
 #: SQS's own bound on a message (the queue's MaximumMessageSize may be set up to 1 MiB).
 SQS_MESSAGE_LIMIT = 262_144
 _QUEUE_NAME = r"^[A-Za-z0-9_-]{1,75}(\.fifo)?$"
+_CONTROL_OR_SPACE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 class SqsJobsConfig(StrictModel):
@@ -65,11 +67,41 @@ class SqsJobsConfig(StrictModel):
 
     @field_validator("queue_url", "dead_letter_queue_url", "endpoint_url")
     @classmethod
-    def _is_http(cls, url: str | None) -> str | None:
-        if url is not None:
+    def _is_http(cls, url: str | None, info: ValidationInfo) -> str | None:
+        """An http(s) URL with a host, sent as written: no whitespace or control character,
+        a port from 1 to 65535, no query or fragment (a queue's URL is
+        ``https://sqs.<region>.amazonaws.com/<account>/<name>``; botocore sends it as a
+        parameter, an endpoint as the base of every request), and no user or password.
+        Messages never quote the URL."""
+        if url is None:
+            return None
+        field = info.field_name
+        if _CONTROL_OR_SPACE.search(url):
+            raise ValueError(f"{field} has spaces, tabs, line breaks or other control characters")
+        try:
+            checked_url_port(url)
+        except ValueError:
+            raise ValueError(f"{field}: a URL's port is a number between 1 and 65535") from None
+        try:
             parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"must be an http:// or https:// URL, not {masked_url(url)!r}")
+            host = parts.hostname
+        except ValueError:  # a bracket without its pair
+            host = None
+        if not host or parts.scheme.lower() not in ("http", "https"):
+            raise ValueError(f"{field} must be an http:// or https:// URL with a host")
+        if "@" in parts.netloc:
+            # AWS signs each request with the credentials of its chain; a URL's user and
+            # password were never used (aiohttp refuses them beside the signature).
+            raise ValueError(
+                f"{field} takes no user or password: AWS credentials come from the"
+                " environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a profile"
+                " (AWS_PROFILE), never from the URL"
+            )
+        if parts.query or parts.fragment or "?" in url or "#" in url:
+            raise ValueError(
+                f"{field} has no query or fragment: a queue's URL is"
+                " https://sqs.<region>.amazonaws.com/<account>/<queue name>"
+            )
         return url
 
     @model_validator(mode="after")
