@@ -1,7 +1,8 @@
 """The base of every model a manifest is read into, and the path type it uses.
 
 ``StrictModel`` forbids unknown keys, freezes what it loaded and never prints a secret;
-``ManifestPath`` takes relative paths from the manifest's folder. They live apart from
+``ManifestPath`` takes relative paths from the manifest's folder; ``EnvVars``, ``Argv``
+and ``ImageReference`` are what several providers' targets hold, checked alike. They live apart from
 ``providers.target`` so that models the target seam itself refers to (``providers.
 capabilities``) can build on them without an import circle.
 """
@@ -23,7 +24,15 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["MASK", "Argv", "EnvVars", "ManifestPath", "StrictModel", "masked_url"]
+__all__ = [
+    "MASK",
+    "Argv",
+    "EnvVars",
+    "ImageReference",
+    "ManifestPath",
+    "StrictModel",
+    "masked_url",
+]
 
 #: What a secret prints as.
 MASK = "***"
@@ -139,3 +148,53 @@ def _checked_argv(argv: list[str]) -> list[str]:
 EnvVars = Annotated[dict[str, str], AfterValidator(_checked_env)]
 #: A command line a manifest gives a process or container: no NUL in any argument.
 Argv = Annotated[list[str], AfterValidator(_checked_argv)]
+
+
+# Docker's grammar of an image reference (github.com/distribution/reference, regexp.go):
+# [domain[:port]/]path-component(/path-component)*[:tag][@digest]. Character classes are
+# spelt out: Go's \w is ASCII, Python's is not.
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+_NAME = rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_REFERENCE = re.compile(rf"(?P<name>{_NAME})(?::{_TAG})?(?:@(?P<digest>.*))?", re.DOTALL)
+#: The digests the engine takes: go-digest's algorithms, lowercase hex of their size
+#: (the grammar's ``algorithm:hex`` is wider, but the engine refuses the rest).
+_KNOWN_DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128}")
+#: The longest name the engine takes (reference.NameTotalLengthMax), and the longest
+#: reference: that name, a tag and a sha512 digest.
+_MAX_NAME = 255
+_MAX_REFERENCE = _MAX_NAME + 1 + 128 + 1 + len("sha512:") + 128
+
+
+def _checked_image(image: str) -> str:
+    """``image`` if it is a reference as Docker writes it; else ``ValueError``, never
+    quoting it. The engine client puts the reference into API paths (``GET
+    /images/{image}/json``) and a Python plugin's Dockerfile (``FROM``), so ``a/json?x=1``
+    or ``../containers/abc`` reached the engine as another request, and a line break in
+    ``base_image`` as another Dockerfile instruction; a Knative Service carrying a bad one
+    was applied, and the cluster said so only when it failed to pull it."""
+    match = _REFERENCE.fullmatch(image) if len(image) <= _MAX_REFERENCE else None
+    if match is None:
+        lowercase = len(image) <= _MAX_REFERENCE and _REFERENCE.fullmatch(image.lower())
+        raise ValueError(
+            "an image reference is [registry[:port]/]name[:tag][@digest], e.g."
+            " linchkit/echo:1.0.0: a name of lowercase letters and digits joined by '.',"
+            " '_', '__' or '-' in parts separated by '/', a tag of at most 128 letters,"
+            " digits, '_', '.' and '-', no spaces"
+            + (" (the name has capitals: Docker takes lowercase names only)" if lowercase else "")
+        )
+    if len(match["name"]) > _MAX_NAME:
+        raise ValueError(f"an image name (before its tag) is at most {_MAX_NAME} characters")
+    digest = match["digest"]
+    if digest is not None and not _KNOWN_DIGEST.fullmatch(digest):
+        raise ValueError(
+            "an image digest is sha256: and 64 lowercase hex digits (or sha384: 96, sha512: 128)"
+        )
+    return image
+
+
+#: An image a manifest names (a Docker target's, a Knative deployment's), checked when it
+#: loads against Docker's reference grammar, which Kubernetes and its registries share.
+ImageReference = Annotated[str, AfterValidator(_checked_image)]

@@ -304,6 +304,9 @@ def test_a_lambda_region_or_qualifier_aws_would_not_take_is_refused_at_load(
         manifest({"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}})
 
 
+KNATIVE = {"provider": "knative", "service": "echo", "ingress": "http://127.0.0.1:9"}
+
+
 @pytest.mark.parametrize(
     "image",
     [
@@ -321,19 +324,22 @@ def test_a_lambda_region_or_qualifier_aws_would_not_take_is_refused_at_load(
         "",
     ],
 )
-@pytest.mark.parametrize("field", ["image", "build.base_image"])
+@pytest.mark.parametrize("field", ["image", "build.base_image", "deploy.image"])
 def test_an_image_docker_would_not_take_is_refused_at_load(field: str, image: str) -> None:
     """The engine client puts the image into API paths (``GET /images/{image}/json``) and
     a Python plugin's Dockerfile (``FROM``): any string loaded, and reached the engine as
-    another request."""
+    another request. A Knative ``deploy.image`` loaded too, was rendered into the Service
+    and applied, and the cluster said so only when it could not pull it."""
     from tests.conftest import manifest
 
     build = {"context": "examples/python", "entrypoint": "echo_plugin:EchoPlugin"}
     target: dict[str, object] = {"provider": "docker", "image": "echo:1", "build": build}
     if field == "image":
         target["image"] = image
-    else:
+    elif field == "build.base_image":
         build["base_image"] = image
+    else:
+        target = {**KNATIVE, "deploy": {"image": image}}
     plugin = {"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}}
     with pytest.raises(ManifestError) as caught:
         manifest(plugin)
@@ -368,5 +374,6 @@ def test_images_as_docker_writes_them_load(image: str) -> None:
         {"provider": "docker", "image": image},
         {"provider": "docker", "image": BASE_IMAGE, "build": {**build, "base_image": image}},
         {"provider": "docker", "image": image, "build": {**build, "base_image": BASE_IMAGE}},
+        {**KNATIVE, "deploy": {"image": image}},
     ):
         manifest({"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}})

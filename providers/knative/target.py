@@ -24,6 +24,7 @@ from providers._headers import BaseUrl, HeaderFields, RequestPath
 from providers._http_client import ChosenClient, HttpPool
 from providers.discovery import Weight, instance_item
 from providers.instances import InstanceListing
+from providers.model import ImageReference
 from providers.target import (
     Balance,
     Destination,
@@ -73,7 +74,7 @@ class KnativeDeploy(StrictModel):
 
     secret_fields = frozenset({"env"})
 
-    image: str = Field(min_length=1)
+    image: ImageReference = Field(examples=["registry.example.com/plugins/echo:1.1.0"])
     args: list[str] = Field(default_factory=list)
     env: dict[Annotated[str, Field(pattern=_ENV_NAME)], str] = Field(default_factory=dict)
     requests: dict[Literal["cpu", "memory", "ephemeral-storage"], Annotated[str, Field(pattern=_QUANTITY)]] = Field(default_factory=dict)  # fmt: skip
