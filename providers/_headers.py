@@ -26,6 +26,7 @@ __all__ = [
     "checked_base_url",
     "checked_header_value",
     "checked_token",
+    "checked_url",
     "checked_url_port",
 ]
 
@@ -99,18 +100,26 @@ def checked_url_port(url: str) -> str:
     return url
 
 
+def checked_url(url: object) -> object:
+    """A URL as written, before anything parses it: no whitespace or control character
+    (pydantic, yarl and ``urlsplit`` drop them without a word), a port from 1 to 65535."""
+    if isinstance(url, str):
+        if _CONTROL_OR_SPACE.search(url):
+            raise ValueError("a URL has no spaces, tabs, line breaks or other control characters")
+        checked_url_port(url)
+    return url
+
+
 def checked_base_url(url: object) -> object:
     """A base URL as written, before pydantic parses it: no whitespace or control
     character (dropped without a word), no query or fragment (the provider appends paths
     to it), a port from 1 to 65535."""
     if isinstance(url, str):
-        if _CONTROL_OR_SPACE.search(url):
-            raise ValueError("a URL has no spaces, tabs, line breaks or other control characters")
+        checked_url(url)
         if "?" in url or "#" in url:
             raise ValueError(
                 "a base URL has no query or fragment: the provider appends its paths to it"
             )
-        checked_url_port(url)
     return url
 
 

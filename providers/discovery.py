@@ -45,6 +45,8 @@ from pydantic import (
     model_validator,
 )
 
+from providers._headers import BaseUrl
+
 __all__ = [
     "DnsDiscovery",
     "DnsInstance",
@@ -178,7 +180,7 @@ class DnsDiscovery(_Spec):
 class RegistryDiscovery(_Spec):
     """Instances from an etcd registry: every key under ``prefix``, watched."""
 
-    etcd: AnyHttpUrl = Field(description="Base URL of etcd's client API (v3 JSON gateway).")
+    etcd: BaseUrl = Field(description="Base URL of etcd's client API (v3 JSON gateway).")
     prefix: str = Field(min_length=2, pattern=r"^/[^\s]*[^/\s]$")
     timeout_ms: int = Field(default=2_000, ge=10, le=60_000)
     retry_ms: int = Field(

@@ -683,3 +683,104 @@ def test_values_that_are_not_secrets_are_still_quoted() -> None:
     with pytest.raises(ManifestError) as caught:
         manifest(echo_plugin("p", {"provider": "http", "url": "ftp://h/"}))
     assert "(got 'ftp://h/')" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("section", "where", "message"),
+    [
+        (
+            {"registry": {"etcd": "http://127.0.0.1:2379/?s3cret=1", "prefix": "/lk"}},
+            "registry.etcd",
+            "no query",  # the client appends /v3/kv/range to it
+        ),
+        (
+            {"registry": {"etcd": "http://127.0.0.1:2379/s3cret\n", "prefix": "/lk"}},
+            "registry.etcd",
+            "line breaks",
+        ),
+        (
+            {"telemetry": {"tracing": {"otlp_endpoint": "http://u:s3cret@h:99999/v1/traces"}}},
+            "telemetry.tracing.otlp_endpoint",
+            "between 1 and 65535",
+        ),
+        (
+            {"telemetry": {"tracing": {"otlp_endpoint": "ftp://u:s3cret@collector/v1/traces"}}},
+            "telemetry.tracing.otlp_endpoint",  # quoted whole, password included
+            "http:// or https://",
+        ),
+        (
+            {"telemetry": {"tracing": {"otlp_endpoint": "http://collector/v1/tr\naces#s3cret"}}},
+            "telemetry.tracing.otlp_endpoint",
+            "line breaks",
+        ),
+        (
+            {"telemetry": {"tracing": {"headers": {"Authorization": "Bearer s3cret\r\nX: 1"}}}},
+            "telemetry.tracing.headers",
+            "Authorization",
+        ),
+        (
+            {"auth": {"jwt": {"jwks": "https://u:s3cret@issuer.example:99999/jwks"}}},
+            "auth.jwt.jwks",
+            "between 1 and 65535",
+        ),
+        (
+            {"auth": {"jwt": {"jwks": "https://issuer.example/s3cret\t/jwks"}}},
+            "auth.jwt.jwks",
+            "tabs",
+        ),
+        (
+            {"state": {"backend": "redis", "url": "redis://:s3cret@127.0.0.1:99999/0"}},
+            "state.url",
+            "between 1 and 65535",
+        ),
+        (
+            {"state": {"backend": "redis", "url": "redis://:s3cret@127.0.0.1:6379/0\n"}},
+            "state.url",
+            "line breaks",
+        ),
+        (
+            {"state": {"backend": "redis", "url": "http://:s3cret@127.0.0.1:6379/0"}},
+            "state.url",
+            "redis://",
+        ),
+    ],
+)
+def test_the_dispatchers_own_urls_are_checked_at_load_without_quoting_them(
+    section: dict[str, Any], where: str, message: str
+) -> None:
+    """They loaded: etcd's URL kept a query its client's paths were appended to, urlsplit
+    and yarl dropped a line break or tab from a JWKS or etcd URL without a word, a port past
+    65535 failed only when dialled, a header of the OTLP exporter could inject another,
+    and an OTLP endpoint that was not http was refused by quoting it, password and all."""
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest({"version": 1, **section})
+    (problem,) = caught.value.problems
+    assert problem.path == where
+    assert message in problem.message
+    assert "s3cret" not in str(caught.value)
+
+
+def test_an_etcd_discovery_url_is_a_base_url() -> None:
+    registry = {"etcd": "http://127.0.0.1:2379/\tv3", "prefix": "/lk"}
+    with pytest.raises(ManifestError) as caught:
+        manifest(echo_plugin("p", {"provider": "http", "instances": [{"registry": registry}]}))
+    (problem,) = caught.value.problems
+    assert problem.path.endswith(".etcd")
+    assert "tabs" in problem.message
+
+
+def test_the_dispatchers_own_urls_as_written_in_the_docs_load() -> None:
+    parse_manifest(
+        {
+            "version": 1,
+            "registry": {"etcd": "http://127.0.0.1:2379", "prefix": "/linchkit/plugins"},
+            "telemetry": {
+                "tracing": {
+                    "otlp_endpoint": "https://u:pw@collector:4318/v1/traces?tenant=a",
+                    "headers": {"Authorization": "Bearer abc"},
+                }
+            },
+            "auth": {"jwt": {"jwks": "https://issuer.example/.well-known/jwks.json?v=2"}},
+            "state": {"backend": "redis", "url": "rediss://:pw@redis.example:6380/1"},
+        }
+    )

@@ -33,6 +33,7 @@ import yaml
 from pydantic import AnyHttpUrl, Field, field_validator
 
 from linchkit_plugin.wire import nested_deeper_than
+from providers._headers import BaseUrl
 from providers.target import StrictModel
 
 __all__ = ["EntryTrust", "RegistryConfig", "entry_item"]
@@ -66,7 +67,7 @@ class EntryTrust(StrictModel):
 class RegistryConfig(StrictModel):
     """``registry:``: where plugin entries are published and how they are followed."""
 
-    etcd: AnyHttpUrl = Field(description="Base URL of etcd's client API (v3 JSON gateway).")
+    etcd: BaseUrl = Field(description="Base URL of etcd's client API (v3 JSON gateway).")
     prefix: str = Field(min_length=2, pattern=r"^/[^\s]*[^/\s]$")
     debounce_ms: int = Field(
         default=500, ge=0, le=60_000, description="Changes within this window apply together."

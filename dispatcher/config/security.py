@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from providers._headers import checked_url
 from providers.target import StrictModel
 
 __all__ = [
@@ -96,6 +97,7 @@ class JwtConfig(StrictModel):
     def _file_or_url(cls, jwks: str, info: ValidationInfo) -> str:
         scheme = urlsplit(jwks).scheme
         if scheme in ("http", "https"):
+            checked_url(jwks)  # urlsplit drops a line break or tab without a word
             if not urlsplit(jwks).hostname:
                 raise ValueError("the JWKS URL names no host")
             return jwks

@@ -8,9 +8,11 @@ dispatcher replicas share rate limits, breakers, cached results and idempotency 
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from providers._headers import checked_url
 from providers.target import StrictModel
 
 __all__ = ["StateConfig"]
@@ -50,6 +52,19 @@ class StateConfig(StrictModel):
         default=86_400_000, description="How long a finished call's outcome answers its key."
     )
     pool_size: Annotated[int, Field(ge=1, le=1024)] = 64
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        """What redis-py takes, as written (``checked_url``): a line break or a port past
+        65535 loaded and failed only when Redis was first reached. Never quoted: the URL
+        holds Redis's password."""
+        if url is None:
+            return None
+        checked_url(url)
+        if urlsplit(url).scheme.lower() not in ("redis", "rediss", "unix"):
+            raise ValueError("a Redis URL is redis://, rediss:// or unix://")
+        return url
 
     @model_validator(mode="after")
     def _redis_needs_a_url(self) -> StateConfig:

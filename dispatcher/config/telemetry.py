@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
+from providers._headers import HeaderFields, checked_url
 from providers.target import StrictModel
 
 __all__ = ["LogSettings", "MetricsSettings", "ResolvedTracing", "Telemetry", "TracingSettings"]
@@ -53,7 +55,7 @@ class TracingSettings(StrictModel):
         default=None,
         description="OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces.",
     )
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: HeaderFields = Field(default_factory=dict)
     sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         default=None,
         description="Share of root calls traced; a caller's sampled flag is always followed.",
@@ -63,8 +65,20 @@ class TracingSettings(StrictModel):
     @field_validator("otlp_endpoint")
     @classmethod
     def _http_url(cls, endpoint: str | None) -> str | None:
-        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-            raise ValueError(f"expected an http:// or https:// URL, got {endpoint!r:.60}")
+        """An http(s) URL with a host, sent as written (``checked_url``); a user and
+        password are the exporter's basic credentials. Never quoted: it may hold them."""
+        if endpoint is None:
+            return None
+        checked_url(endpoint)
+        try:
+            parts = urlsplit(endpoint)
+            host = parts.hostname
+        except ValueError:  # a bracket without its pair
+            host = None
+        if not host or parts.scheme.lower() not in ("http", "https"):
+            raise ValueError("the OTLP endpoint must be an http:// or https:// URL with a host")
+        if parts.fragment or "#" in endpoint:
+            raise ValueError("the OTLP endpoint has no fragment: it would not be sent")
         return endpoint
 
     def endpoint_origin(self, environ: Mapping[str, str] | None = None) -> str:
