@@ -22,10 +22,12 @@ import pytest
 from dispatcher import Dispatcher, DispatchError, ProviderError
 from dispatcher.config import ManifestError, load_manifest, parse_manifest
 from linchkit_plugin.wire import decode_response
+from providers.docker.target import DockerTarget
 from providers.envelope import decode_batch_response
 from providers.grpc import GrpcTarget
 from providers.http import HttpTarget
 from providers.knative.target import KnativeTarget
+from providers.subprocess.target import SubprocessTarget
 from tests.conftest import echo_plugin, manifest
 
 BIN = Path(sys.executable).parent
@@ -502,6 +504,10 @@ def test_repr_and_str_of_targets_mask_every_secret() -> None:
             deploy={"image": "echo:1", "env": {"API_KEY": "env-Zq85secret"}},  # type: ignore[arg-type]
         ),
     ]
+    targets += [
+        DockerTarget(provider="docker", image="echo:1", env={"API_KEY": "env-Zq85secret"}),
+        SubprocessTarget(provider="subprocess", command=["p"], env={"KEY": "env-Zq85secret"}),
+    ]
     for target in targets:
         assert_no_secret(repr(target), str(target), target.describe(), f"{target!r:}")
     assert "X-Api-Key" in repr(targets[0])  # which headers there are still shows
@@ -655,8 +661,19 @@ plugins:
             {**KNATIVE_TARGET, "deploy": {"image": "echo:1", "env": {"KEY": 8_123_456_789}}},
             "deploy.env.KEY",
         ),
+        ({"provider": "docker", "image": "echo:1", "env": {"KEY": 8_123_456_789}}, "env.KEY"),
+        ({"provider": "subprocess", "command": ["p"], "env": {"KEY": 8_123_456_789}}, "env.KEY"),
     ],
-    ids=["bearer_token", "header", "headers_as_list", "grpc_metadata", "ws_token", "deploy_env"],
+    ids=[
+        "bearer_token",
+        "header",
+        "headers_as_list",
+        "grpc_metadata",
+        "ws_token",
+        "deploy_env",
+        "docker_env",
+        "subprocess_env",
+    ],
 )
 def test_a_secret_of_the_wrong_type_is_not_quoted(target: dict[str, Any], field: str) -> None:
     """A token YAML reads as a number (``token: 8123456789``) was quoted by the error that

@@ -85,6 +85,8 @@ class DockerTarget(TargetConfig):
     )
     command: Argv | None = Field(default=None, description="Overrides the image's CMD.")
     env: EnvVars = Field(default_factory=dict)
+    #: The environment carries a plugin's secrets (API keys, tokens) as often as not.
+    secret_fields = frozenset({"env"})
     limits: DockerLimits = Field(default_factory=DockerLimits)
     sandbox: DockerSandbox = Field(default_factory=DockerSandbox)
     min_instances: int = Field(default=0, ge=0)

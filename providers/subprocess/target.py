@@ -50,6 +50,8 @@ class SubprocessTarget(TargetConfig):
     env: EnvVars = Field(
         default_factory=dict, description="Environment of the child, on top of the minimal one."
     )
+    #: The environment carries a plugin's secrets (API keys, tokens) as often as not.
+    secret_fields = frozenset({"env"})
     inherit_env: bool | list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
         default=False,
         description="Pass the dispatcher's own environment to the child: true for all of it, "
