@@ -351,6 +351,27 @@ def test_an_image_docker_would_not_take_is_refused_at_load(field: str, image: st
 
 
 @pytest.mark.parametrize(
+    ("deploy", "field"),
+    [
+        ({"args": ["serve", "a\x00b"]}, "deploy.args"),
+        ({"env": {"KEY": "a\x00b"}}, "deploy.env"),
+    ],
+)
+def test_a_knative_deployment_no_container_can_run_is_refused_at_load(
+    deploy: dict[str, object], field: str
+) -> None:
+    """A NUL in an argument or an environment value loaded, was applied in the Service,
+    and failed only when the runtime started the revision (exec takes no NUL)."""
+    from tests.conftest import manifest
+
+    target = {**KNATIVE, "deploy": {"image": "echo:1", **deploy}}
+    with pytest.raises(ManifestError) as caught:
+        manifest({"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}})
+    (problem,) = caught.value.problems
+    assert problem.path == f"plugins[0].target.{field}"
+
+
+@pytest.mark.parametrize(
     "image",
     [
         "echo",

@@ -24,7 +24,7 @@ from providers._headers import BaseUrl, HeaderFields, RequestPath
 from providers._http_client import ChosenClient, HttpPool
 from providers.discovery import Weight, instance_item
 from providers.instances import InstanceListing
-from providers.model import ImageReference
+from providers.model import Argv, EnvVars, ImageReference
 from providers.target import (
     Balance,
     Destination,
@@ -40,7 +40,6 @@ __all__ = ["KnativeCanary", "KnativeCluster", "KnativeDeploy", "KnativeIngress",
 
 _DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 def _expand_user(value: Any) -> Any:
@@ -75,8 +74,8 @@ class KnativeDeploy(StrictModel):
     secret_fields = frozenset({"env"})
 
     image: ImageReference = Field(examples=["registry.example.com/plugins/echo:1.1.0"])
-    args: list[str] = Field(default_factory=list)
-    env: dict[Annotated[str, Field(pattern=_ENV_NAME)], str] = Field(default_factory=dict)
+    args: Argv = Field(default_factory=list)
+    env: EnvVars = Field(default_factory=dict)
     requests: dict[Literal["cpu", "memory", "ephemeral-storage"], Annotated[str, Field(pattern=_QUANTITY)]] = Field(default_factory=dict)  # fmt: skip
     limits: dict[Literal["cpu", "memory", "ephemeral-storage"], Annotated[str, Field(pattern=_QUANTITY)]] = Field(default_factory=dict)  # fmt: skip
     container_concurrency: Annotated[int, Field(ge=0, le=1000)] = 0
