@@ -381,6 +381,7 @@ async def test_purge_empties_a_dead_letter_queue_of_many_batches(make: Any, queu
             "http:// or https://",
         ),
         ({"queue_name": "bad name!", "dead_letter_queue_name": "d"}, "queue_name"),
+        ({"queue_name": "q", "dead_letter_queue_name": "d", "region": "us-east-1\nX"}, "region"),
         ({"queue_name": "q", "dead_letter_queue_name": "d", "access_key": "AKIA"}, "access_key"),
         ({"queue_name": "q", "dead_letter_queue_name": "d", "receive_wait_seconds": 21}, "20"),
     ],

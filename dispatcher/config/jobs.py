@@ -46,7 +46,9 @@ class SqsJobsConfig(StrictModel):
         default=None, description="The dead-letter queue, by name."
     )
     region: str | None = Field(
-        default=None, description="AWS region; unset: the standard chain (AWS_REGION, profile)."
+        default=None,
+        pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$",  # AWS's form, as a Lambda target's region
+        description="AWS region; unset: the standard chain (AWS_REGION, profile).",
     )
     endpoint_url: str | None = Field(
         default=None, description="Another endpoint (moto, LocalStack, a VPC endpoint)."
