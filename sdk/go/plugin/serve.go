@@ -221,6 +221,12 @@ func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
 	return p.serveOn(ctx, listener, creds, nil, false, line, env.Stdout, stdinClosed, nil)
 }
 
+// MaxMessageBytes is the largest gRPC message the plugin takes or sends (Call, CallBatch,
+// CallStream items, Events): 64 MiB, the dispatcher's own limit (its channel's
+// grpc.max_receive_message_length and grpc.max_send_message_length), not grpc-go's
+// default 4 MiB receive. A larger message is refused with RESOURCE_EXHAUSTED.
+const MaxMessageBytes = 64 << 20
+
 // serveOn serves on listener, prints the handshake line once serving, and stops
 // gracefully when ctx is done or stdinClosed closes, calling onStopping (leave a registry)
 // before the calls in flight are drained. With a token, every RPC but health's and
@@ -228,7 +234,10 @@ func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
 func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds credentials.TransportCredentials,
 	token *bearerToken, servingFromStart bool, line string, stdout io.Writer, stdinClosed <-chan struct{},
 	onStopping func()) error {
-	var options []grpc.ServerOption
+	options := []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(MaxMessageBytes),
+		grpc.MaxSendMsgSize(MaxMessageBytes),
+	}
 	if creds != nil {
 		options = append(options, grpc.Creds(creds))
 	}
