@@ -72,6 +72,14 @@ public final class Serve {
    * Serve {@code plugin} until the host stops it; exits the JVM with 1 on a handshake problem
    * or a mistaken command line, and with 0 after {@code serve --help}.
    */
+  /**
+   * The largest gRPC message the plugin takes (Call, CallBatch, Events): 64 MiB, the dispatcher's
+   * own limit (its channel's grpc.max_receive_message_length and grpc.max_send_message_length), not
+   * grpc-java's default 4 MiB. Replies are not capped by grpc-java's server; the dispatcher refuses
+   * one over the same 64 MiB. A larger request is refused with RESOURCE_EXHAUSTED.
+   */
+  public static final int MAX_MESSAGE_BYTES = 64 << 20;
+
   public static void serve(Plugin plugin, String[] args) {
     try {
       Handshake.Command command = Handshake.parseCommand(args);
@@ -149,6 +157,7 @@ public final class Serve {
     PluginService service = new PluginService(plugin, health, true);
     // The last interceptor runs first: the token is checked before anything else.
     Server server = NettyServerBuilder.forAddress(bindAddress)
+        .maxInboundMessageSize(MAX_MESSAGE_BYTES)
         .addService(token == null
             ? ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR)
             : ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR, token))
@@ -229,6 +238,7 @@ public final class Serve {
           .build());
     }
     Server server = builder
+        .maxInboundMessageSize(MAX_MESSAGE_BYTES)
         .addService(ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR))
         .addService(health.getHealthService())
         .addService(ProtoReflectionServiceV1.newInstance())
