@@ -28,6 +28,11 @@ export const MAX_BATCH_CALLS = 10_000;
 /** The most events an Events stream holds while its host does not read them (docs/protocol.md). */
 export const EVENTS_PER_STREAM = 1024;
 /** setTimeout's longest delay: a longer one fires after 1 ms. */
+/** The largest gRPC message the plugin takes or sends (Call, CallBatch, CallStream items,
+ * Events): 64 MiB, the dispatcher's own limit (its channel's grpc.max_receive_message_length
+ * and grpc.max_send_message_length), not grpc-js's default 4 MiB receive. A larger message is
+ * refused with RESOURCE_EXHAUSTED. */
+export const MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** Where plugin.proto is: next to the compiled SDK (dist/proto), or the repository's proto/. */
@@ -287,7 +292,11 @@ export class PluginServer {
   constructor(plugin: Plugin, options: PluginServerOptions) {
     this.plugin = plugin;
     this.tracing = options.tracing;
-    this.server = new grpc.Server(options.token ? { interceptors: [tokenInterceptor(options.token)] } : {});
+    this.server = new grpc.Server({
+      'grpc.max_receive_message_length': MAX_GRPC_MESSAGE_BYTES,
+      'grpc.max_send_message_length': MAX_GRPC_MESSAGE_BYTES,
+      ...(options.token ? { interceptors: [tokenInterceptor(options.token)] } : {}),
+    });
     const initial = options.servingFromStart ? 'SERVING' : 'NOT_SERVING';
     this.health = new HealthImplementation({ '': initial, [SERVICE_NAME]: initial });
     this.health.addToServer(this.server);
