@@ -24,6 +24,7 @@ mod events;
 mod params;
 mod serve;
 mod service;
+mod size_status;
 mod tls;
 
 use std::collections::HashMap;

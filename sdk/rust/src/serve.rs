@@ -22,6 +22,7 @@ use tonic::transport::Server;
 use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
 use crate::pb::plugin_service_server::PluginServiceServer;
 use crate::service::{Service, Shared};
+use crate::size_status::SizeStatus;
 use crate::{tls, Plugin, PROTOCOL_VERSION};
 
 pub const ENV_MAGIC_COOKIE: &str = "LINCHKIT_PLUGIN_MAGIC_COOKIE";
@@ -34,6 +35,14 @@ pub const ENV_SOCKET_DIR: &str = "LINCHKIT_PLUGIN_SOCKET_DIR";
 pub const CORE_VERSION: u32 = 1;
 
 /// How long in-flight calls may take to finish at shutdown.
+/// The largest gRPC message the plugin takes or sends (Call, CallBatch, CallStream items,
+/// Events), decompressed: 64 MiB, the dispatcher's own limit (its channel's
+/// `grpc.max_receive_message_length` and `grpc.max_send_message_length`), not tonic's
+/// default 4 MiB decoding limit. A larger request is refused with RESOURCE_EXHAUSTED
+/// (tonic's OUT_OF_RANGE restated by [`SizeStatus`]); a larger reply with tonic's
+/// OUT_OF_RANGE, which the dispatcher reads by its words.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 const GRACE_PERIOD: Duration = Duration::from_secs(5);
 
 /// Why a plugin could not serve.
@@ -254,11 +263,13 @@ async fn build(
     let (health, health_service) = tonic_health::server::health_reporter();
     let shared = Shared::new(plugin, health, serving_from_start).await;
     // gRPC's gzip: the dispatcher sends large calls in it (docs/protocol.md,
-    // "Compression"); tonic caps the decompressed message at its decoding limit (4 MiB by
-    // default). Answers stay plain: tonic's send_compressed has no size threshold and
+    // "Compression"); tonic caps the decompressed message at its decoding limit
+    // (MAX_MESSAGE_BYTES). Answers stay plain: tonic's send_compressed has no size threshold and
     // would compress every small answer, which costs more than it saves on a fast link.
     let service = PluginServiceServer::new(Service(shared.clone()))
-        .accept_compressed(CompressionEncoding::Gzip);
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -277,9 +288,9 @@ async fn build(
                 .expect("the descriptors built into the SDK are valid"),
         );
     let router = match token {
-        None => router.add_service(service),
+        None => router.add_service(SizeStatus(service)),
         Some(token) => router.add_service(tonic::service::interceptor::InterceptedService::new(
-            service,
+            SizeStatus(service),
             move |request| token.check(request),
         )),
     };
