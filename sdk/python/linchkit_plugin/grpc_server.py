@@ -96,6 +96,11 @@ _UNAUTHENTICATED = "missing or wrong bearer token"
 #: The most calls one CallBatch may carry: the dispatcher's batcher sends at most this many
 #: (``batching.max_size``); more is refused whole with INVALID_ARGUMENT (docs/protocol.md).
 MAX_BATCH_CALLS = 10_000
+#: The largest gRPC message the plugin takes or sends (Call, CallBatch, CallStream items,
+#: Events), counted after decompression: 64 MiB, the dispatcher's own limit (its channel's
+#: ``grpc.max_receive_message_length`` and ``grpc.max_send_message_length``). A larger one
+#: is refused with RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: Open without the token: health (orchestrators probe it without credentials) and server
 #: reflection (it tells only the schema, which proto/plugin.proto publishes anyway).
 _OPEN_SERVICE_PREFIXES = (
@@ -458,8 +463,8 @@ class PluginServer:
         server = grpc.aio.server(
             interceptors=[] if self._token is None else [_token_interceptor(self._token)],
             options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
             ],
         )
