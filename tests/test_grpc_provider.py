@@ -472,3 +472,47 @@ async def test_the_lifecycle_ends_with_destroy_even_when_stop_fails(
     await lifecycle.end(connection, plugin)  # type: ignore[arg-type]
     assert connection.steps == [("Stop", 1.5), ("Destroy", 1.5)]
     assert "p@1 Stop failed: gone" in caplog.text
+
+
+#: Each gRPC library's words for a message over the size cap, as measured against every
+#: SDK's server and the dispatcher's own channel (tests/conformance checks them live).
+SIZE_WORDINGS = [
+    ("CLIENT: Sent message larger than max (70000013 vs. 67108864)", "request"),
+    ("SERVER: Received message larger than max (67108889 vs. 67108864)", "request"),
+    ("grpc: received message larger than max (67108889 vs. 67108864)", "request"),
+    ("grpc: received message after decompression larger than max 67108864", "request"),
+    ("gRPC message exceeds maximum size 67108864: 67108889", "request"),
+    ("Decompressed gRPC message exceeds maximum size 67108864", "request"),
+    ("Received message larger than max (67108889 vs 67108864)", "request"),
+    ("Received message that decompresses to a size larger than 67108864", "request"),
+    ("Error, decoded message length too large: found 67108889 bytes, the limit is: 1", "request"),
+    ("Error decompressing: size limit, of 67108864 bytes, exceeded while decompressing", "request"),
+    ("Stream removed (CLIENT: Received message larger than max (70000000 vs. 67108864))", "reply"),
+    ("SERVER: Sent message larger than max (70000000 vs. 67108864)", "reply"),
+    ("grpc: trying to send message larger than max (70000000 vs. 67108864)", "reply"),
+    ("Sent message larger than max (70000000 vs. 67108864)", "reply"),
+    ("Error, encoded message length too large: found 70000000 bytes, the limit is: 1", "reply"),
+    ("quota exceeded", None),
+]
+
+
+@pytest.mark.parametrize(("details", "side"), SIZE_WORDINGS)
+def test_a_message_over_the_size_cap_is_told_by_its_words(details: str, side: str | None) -> None:
+    from providers._grpc.status import too_large, translate_rpc_error
+
+    assert too_large(details) == side
+    for code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE):
+        error = translate_rpc_error(
+            grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details),
+            "scripted.echo",
+        )
+        if side is None:
+            assert type(error) is (
+                RateLimited if code.name == "RESOURCE_EXHAUSTED" else InvalidParams
+            )
+            assert not error.details
+            continue
+        assert type(error) is (InvalidParams if side == "request" else ProviderError), error
+        assert error.retryable is False
+        assert error.details == {"reason": "too_large"}
+        assert side in error.message

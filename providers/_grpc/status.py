@@ -5,14 +5,21 @@
     UNKNOWN, INTERNAL                TargetUnavailable            yes (a handler crashed)
     DEADLINE_EXCEEDED                DeadlineExceeded             yes
     RESOURCE_EXHAUSTED               RateLimited                  yes (``retry-after`` trailer)
-      … "larger than max" (a message  ProviderError                no (resending gets it again)
-      over the size cap, counted
-      after decompression: a bomb)
+      … the request over a size cap  InvalidParams                no (resending gets it again)
+      … the reply over a size cap    ProviderError                no
     INVALID_ARGUMENT, OUT_OF_RANGE   InvalidParams                no
     UNAUTHENTICATED                  Unauthorized                 no
     PERMISSION_DENIED                Forbidden                    no
     UNIMPLEMENTED, NOT_FOUND         ProviderError                no (the target lacks the RPC)
     FAILED_PRECONDITION, other       ProviderError                no
+
+A message over a size cap (64 MiB on the dispatcher's channel and in every SDK's server,
+counted after decompression) is RESOURCE_EXHAUSTED from every gRPC library but tonic,
+which says OUT_OF_RANGE; only the wording says which side refused which message
+(``_REQUEST_TOO_LARGE``, ``_REPLY_TOO_LARGE``; tests/conformance/test_hostile_envelopes.py
+checks each SDK's). Params too large are the caller's to fix: ``InvalidParams``, with
+``details["reason"] == "too_large"``, as HTTP's 413 is. A result too large is the plugin's:
+``ProviderError`` with the same reason. Neither is a rate limit, and neither is retryable.
 
 An UNAVAILABLE that provably never left the client carries ``details["stage"] ==
 "connect"`` (``CONNECT_STAGE``; a fleet then tries another instance, for any method).
@@ -48,7 +55,13 @@ from linchkit_plugin.errors import (
 )
 from providers.base import CONNECT_STAGE
 
-__all__ = ["DEADLINE_SKEW_SECONDS", "grpc_errors", "never_left_the_client", "translate_rpc_error"]
+__all__ = [
+    "DEADLINE_SKEW_SECONDS",
+    "grpc_errors",
+    "never_left_the_client",
+    "too_large",
+    "translate_rpc_error",
+]
 
 #: How grpc core words the failure of a call that no connection was picked for (the LB
 #: pick failed, or the name did not resolve): the call was never sent. Prefixes of
@@ -58,6 +71,45 @@ _NOT_SENT_PREFIXES = (
     "connections to all backends failing",
     "DNS resolution failed",
 )
+
+
+#: How each gRPC library words a request refused for its size: by our own channel before
+#: sending it, or by the plugin's server on receiving it (after decompression, for gzip).
+#: Substrings of ``details()``, which grpc core may wrap (``Stream removed (…)``).
+_REQUEST_TOO_LARGE = (
+    "CLIENT: Sent message larger than max",  # grpc core: our channel, nothing sent
+    "SERVER: Received message larger than max",  # grpc core (the Python SDK)
+    "grpc: received message larger than max",  # grpc-go
+    "grpc: received message after decompression larger than max",  # grpc-go, gzip
+    "gRPC message exceeds maximum size",  # grpc-java, plain and decompressed
+    "decoded message length too large",  # tonic, OUT_OF_RANGE
+    "size limit, of",  # tonic, gzip: "Error decompressing: size limit, of N bytes, exceeded"
+)
+#: … and a reply refused for its size, by the server before sending it or by our channel.
+_REPLY_TOO_LARGE = (
+    "CLIENT: Received message larger than max",  # grpc core: our channel
+    "SERVER: Sent message larger than max",  # grpc core (the Python SDK)
+    "grpc: trying to send message larger than max",  # grpc-go
+    "encoded message length too large",  # tonic, OUT_OF_RANGE
+)
+#: grpc-js words both sides without a prefix: a server's "Received" is the request.
+_GRPC_JS_REQUEST_TOO_LARGE = ("Received message larger than max", "decompresses to a size larger")
+_GRPC_JS_REPLY_TOO_LARGE = "Sent message larger than max"
+
+
+def too_large(details: str) -> str | None:
+    """``"request"`` or ``"reply"`` when ``details()`` says that message was over a size
+    cap, else None. Our own channel's words (``CLIENT: …``) are checked before grpc-js's
+    unprefixed ones, which they contain."""
+    if any(words in details for words in _REPLY_TOO_LARGE):
+        return "reply"
+    if any(words in details for words in _REQUEST_TOO_LARGE):
+        return "request"
+    if any(words in details for words in _GRPC_JS_REQUEST_TOO_LARGE):
+        return "request"
+    if _GRPC_JS_REPLY_TOO_LARGE in details:
+        return "reply"
+    return None
 
 
 def _status_names() -> dict[Any, tuple[type[DispatchError], bool | None]]:
@@ -127,10 +179,21 @@ def translate_rpc_error(
         return DeadlineExceeded(message)
     if status == grpc.StatusCode.UNAVAILABLE and never_left_the_client(details):
         return TargetUnavailable(message, details=CONNECT_STAGE)
-    if status == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
-        # grpc core's own words for a message over the receive cap (decompressed size):
-        # no rate limit, and the same answer again on every resend.
-        return ProviderError(f"{message}: the message is over the size cap", retryable=False)
+    if status in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE) and (
+        side := too_large(details)
+    ):
+        # No rate limit: the same answer again on every resend.
+        if side == "request":
+            return InvalidParams(
+                f"{what}: the request is over the gRPC message size cap ({status.name} {details})",
+                retryable=False,
+                details={"reason": "too_large"},
+            )
+        return ProviderError(
+            f"{what}: the reply is over the gRPC message size cap ({status.name} {details})",
+            retryable=False,
+            details={"reason": "too_large"},
+        )
     kind, retryable = _BY_STATUS.get(status, (ProviderError, None))
     retry_after: float | None = None
     if kind is RateLimited:
