@@ -104,6 +104,29 @@ async def test_a_gzip_bomb_is_refused_and_the_plugin_keeps_serving(example: Exam
     assert await call(example, "echo", {"still": "serving"}) == {"still": "serving"}
 
 
+async def test_params_of_5_mb_echo_back_intact(example: Example) -> None:
+    """Past grpc's default 4 MiB, well within the 64 MiB the dispatcher and every SDK take
+    and send (docs/protocol.md, "gRPC binding")."""
+    if example.mode not in ("service", "subprocess"):
+        pytest.skip("the gRPC binding's cap")
+    params = {"data": "x" * 5_000_000, "last": "ü"}
+    assert await call(example, "echo", params) == params
+
+
+async def test_params_over_64_mib_are_invalid_params_and_the_plugin_serves_on(
+    example: Example,
+) -> None:
+    """The dispatcher's channel refuses to send them: the same answer for every language,
+    the caller's InvalidParams (not a rate limit, not retryable)."""
+    if example.mode != "service":
+        pytest.skip("one over-limit call per language")
+    with pytest.raises(InvalidParams) as caught:
+        await call(example, "echo", "x" * (64 << 20))
+    assert caught.value.retryable is False
+    assert caught.value.details == {"reason": "too_large"}
+    assert await call(example, "echo", {"still": "serving"}) == {"still": "serving"}
+
+
 async def test_digest_hashes_rounds_times(example: Example) -> None:
     assert await call(example, "digest", {"data": "abc", "rounds": 1}) == digest("abc", 1)
     assert await call(example, "digest", {"data": "ünï", "rounds": 1000}) == digest("ünï", 1000)

@@ -24,6 +24,8 @@ import pytest
 import pytest_asyncio
 
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
+from linchkit_plugin.errors import InvalidParams
+from providers._grpc.status import translate_rpc_error
 from tests.conformance.conftest import LANGUAGES, _start_service, _stop_service, executable
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -38,6 +40,9 @@ MAX_DEPTH = 250
 #: docs/protocol.md: the most calls in one CallBatch (the dispatcher's batcher sends at most
 #: this many).
 MAX_BATCH = 10_000
+#: docs/protocol.md: every SDK's server takes and sends messages of up to 64 MiB, the
+#: dispatcher's own cap.
+MAX_MESSAGE = 64 << 20
 
 
 @dataclass
@@ -58,8 +63,11 @@ async def plugin(request: pytest.FixtureRequest) -> AsyncIterator[Plugin]:
 
 @contextlib.asynccontextmanager
 async def stub_of(plugin: Plugin) -> AsyncIterator[Any]:
-    # A 100,000-item batch is ~2 MB: over grpcio's default 4 MiB only with its answer.
-    options = [("grpc.max_send_message_length", 64 << 20)]
+    # The dispatcher's own caps, not grpcio's default 4 MiB receive.
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ]
     async with grpc.aio.insecure_channel(plugin.address, options=options) as channel:
         yield plugin_pb2_grpc.PluginServiceStub(channel)
 
@@ -331,4 +339,39 @@ async def test_calls_cancelled_as_they_start_leave_the_plugin_serving(plugin: Pl
         # And on the same connection, a call still runs.
         reply = await stub.Call(request(params=b'"same connection"'), timeout=ANSWER_WITHIN)
         assert reply.ok, reply.error
+    await still_serving(plugin)
+
+
+#: Params of 5 MB: past grpc's default 4 MiB, well within the 64 MiB every side takes.
+LARGE = b'"' + b"x" * 5_000_000 + b'"'
+
+
+async def test_params_and_results_of_5_mb_cross_call_batch_and_events(plugin: Plugin) -> None:
+    async with stub_of(plugin) as stub:
+        reply = await stub.Call(request(params=LARGE), timeout=ANSWER_WITHIN)
+        assert reply.ok, reply.error
+        assert reply.result_json == LARGE
+        # Two such items: a 10 MB batch, and a 10 MB answer.
+        batch = plugin_pb2.BatchRequest(calls=[request(params=LARGE)] * 2)
+        replies = await stub.CallBatch(batch, timeout=ANSWER_WITHIN)
+        assert [(r.ok, r.result_json == LARGE) for r in replies.results] == [(True, True)] * 2
+        pong = await asyncio.wait_for(_pong(stub, LARGE), ANSWER_WITHIN)
+        assert len(pong.data_json) == len(LARGE)
+
+
+async def test_params_over_64_mib_are_refused_as_too_large(plugin: Plugin) -> None:
+    """Sent by a host whose own cap is higher than the dispatcher's: every server refuses
+    the message before reading it whole, with grpc's RESOURCE_EXHAUSTED (the Rust SDK
+    restates tonic's OUT_OF_RANGE), which the dispatcher makes the caller's InvalidParams."""
+    params = b'"' + b"x" * MAX_MESSAGE + b'"'
+    options = [("grpc.max_send_message_length", -1)]
+    async with grpc.aio.insecure_channel(plugin.address, options=options) as channel:
+        stub = plugin_pb2_grpc.PluginServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Call(request(params=params), timeout=2 * ANSWER_WITHIN)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+    assert len(caught.value.details() or "") < SHORT
+    error = translate_rpc_error(caught.value, "example.echo")
+    assert isinstance(error, InvalidParams), error
+    assert error.retryable is False and error.details == {"reason": "too_large"}, error
     await still_serving(plugin)
