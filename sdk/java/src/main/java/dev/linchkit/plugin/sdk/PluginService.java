@@ -86,6 +86,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   private final Plugin plugin;
   private final HealthStatusManager health;
   private final ExecutorService workers = Executors.newCachedThreadPool(daemonThreads("plugin-method"));
+  private final HostEventRunner hostEvents = new HostEventRunner(daemonThreads("plugin-host-event"));
   private final ScheduledExecutorService timers = Executors.newSingleThreadScheduledExecutor(daemonThreads("plugin-deadline"));
 
   public PluginService(Plugin plugin, HealthStatusManager health, boolean servingFromStart) {
@@ -112,6 +113,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   /** Ends the SDK's threads; methods still running are interrupted. */
   public void close() {
     workers.shutdownNow();
+    hostEvents.close();
     timers.shutdownNow();
   }
 
@@ -367,7 +369,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     return new StreamObserver<>() {
       @Override
       public void onNext(HostEvent event) {
-        workers.submit(() -> {
+        hostEvents.run(() -> {
           try {
             plugin.deliverHostEvent(event.getName(), decodeJson(event.getDataJson(), "data of host event " + event.getName()));
           } catch (Throwable error) {
