@@ -18,6 +18,13 @@ func TestCheckParams(t *testing.T) {
 		{"1e400", "hold a number beyond the range of a double"},
 		{"[-1E+400]", "hold a number beyond the range of a double"},
 		{strings.Repeat("9", 5000), "hold a number beyond the range of a double"},
+		// Digits and exponent together: each alone stays under what a double holds.
+		{"1" + strings.Repeat("0", 250) + "e100", "hold a number beyond the range of a double"},
+		{"0.5e309", "hold a number beyond the range of a double"},
+		{"1e308", ""},
+		{"1" + strings.Repeat("0", 300) + "e-100", ""},
+		{"1e-400", ""},
+		{"-2.5E+0300", ""},
 		{`"\ud800"`, "hold a lone surrogate"},
 		{`"\udc00"`, "hold a lone surrogate"},
 		{`"\ud800\u0041"`, "hold a lone surrogate"},
