@@ -43,10 +43,10 @@ export function unusable(bytes: Buffer): string | undefined {
       depth--;
     } else if (c === 0x2d /* - */ || (c >= 0x30 && c <= 0x39)) {
       let end = i + 1;
-      while (end < n && '0123456789+-.eE'.includes(String.fromCharCode(bytes[end] ?? 0))) end++;
-      const number = bytes.toString('latin1', i, end);
-      // Only an exponent or over 300 digits can pass a double's range.
-      if ((number.length > 300 || /[eE]/.test(number)) && Math.abs(Number(number)) === Infinity) {
+      while (end < n && isNumberByte(bytes[end] ?? 0)) end++;
+      // Parsed only when it could pass a double's range: a string per number (and Number()
+      // on each with an exponent) made the check cost more than lossless-json's own parse.
+      if (mayOverflow(bytes, i, end) && Math.abs(Number(bytes.toString('latin1', i, end))) === Infinity) {
         return 'holds a number beyond the range of a double';
       }
       i = end - 1;
@@ -57,8 +57,46 @@ export function unusable(bytes: Buffer): string | undefined {
 
 function hex4(bytes: Buffer, i: number): number {
   if (i + 4 > bytes.length) return -1;
-  const text = bytes.toString('latin1', i, i + 4);
-  return /^[0-9a-fA-F]{4}$/.test(text) ? parseInt(text, 16) : -1;
+  let value = 0;
+  for (let k = i; k < i + 4; k++) {
+    const c = bytes[k] ?? 0;
+    const digit =
+      c >= 0x30 && c <= 0x39 ? c - 0x30
+      : c >= 0x61 && c <= 0x66 ? c - 0x57
+      : c >= 0x41 && c <= 0x46 ? c - 0x37
+      : -1;
+    if (digit < 0) return -1;
+    value = value * 16 + digit;
+  }
+  return value;
+}
+
+/** A byte a JSON number may hold after its first: digits, `.`, `e`, `E`, `+`, `-`. */
+function isNumberByte(c: number): boolean {
+  return (c >= 0x30 && c <= 0x39) || c === 0x2e || c === 0x65 || c === 0x45 || c === 0x2b || c === 0x2d;
+}
+
+/**
+ * Whether the number in bytes[start, end) could be past a double's ±1.8e308: more than 300
+ * digits before its point, or that many with its exponent added.
+ */
+function mayOverflow(bytes: Buffer, start: number, end: number): boolean {
+  let digits = 0;
+  let k = start;
+  for (; k < end; k++) {
+    const c = bytes[k] ?? 0;
+    if (c === 0x65 || c === 0x45 || c === 0x2e) break;
+    if (c >= 0x30 && c <= 0x39) digits++;
+  }
+  while (k < end && bytes[k] !== 0x65 && bytes[k] !== 0x45) k++; // past the fraction
+  if (k === end) return digits > 300;
+  const negative = bytes[k + 1] === 0x2d;
+  let exponent = 0;
+  for (k++; k < end; k++) {
+    const c = bytes[k] ?? 0;
+    if (c >= 0x30 && c <= 0x39 && (exponent = exponent * 10 + (c - 0x30)) > 1000) return true;
+  }
+  return digits + (negative ? -exponent : exponent) > 300;
 }
 
 /**
