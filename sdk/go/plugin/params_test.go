@@ -1,6 +1,7 @@
 package plugin
 
 import (
+	"encoding/json"
 	"strings"
 	"testing"
 )
@@ -46,3 +47,28 @@ func TestShownName(t *testing.T) {
 		t.Errorf("shownName = %s", got)
 	}
 }
+
+// go test -run - -bench CheckParams ./plugin: the check against encoding/json's own
+// validation (which it includes), on small params and on 1 MB of numbers and of strings.
+var (
+	smallParams   = []byte(`{"text":"hi"}`)
+	numbersParams = []byte(`{"items":[` + strings.Repeat(`{"name":"a plugin param","n":12345,"f":1.5e3,"ok":true},`, 20000) + `{}]}`)
+	stringsParams = []byte(`{"items":[` + strings.Repeat(`"a longer text value with an escape \u00e9 and some words in it",`, 20000) + `""]}`)
+)
+
+func benchmarkCheck(b *testing.B, raw []byte, check func([]byte)) {
+	b.SetBytes(int64(len(raw)))
+	for i := 0; i < b.N; i++ {
+		check(raw)
+	}
+}
+
+func checkOnly(raw []byte) { checkParams(raw) }
+func validOnly(raw []byte) { json.Valid(raw) }
+
+func BenchmarkCheckParamsSmall(b *testing.B)   { benchmarkCheck(b, smallParams, checkOnly) }
+func BenchmarkCheckParamsNumbers(b *testing.B) { benchmarkCheck(b, numbersParams, checkOnly) }
+func BenchmarkCheckParamsStrings(b *testing.B) { benchmarkCheck(b, stringsParams, checkOnly) }
+func BenchmarkJSONValidSmall(b *testing.B)     { benchmarkCheck(b, smallParams, validOnly) }
+func BenchmarkJSONValidNumbers(b *testing.B)   { benchmarkCheck(b, numbersParams, validOnly) }
+func BenchmarkJSONValidStrings(b *testing.B)   { benchmarkCheck(b, stringsParams, validOnly) }
