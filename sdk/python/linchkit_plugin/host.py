@@ -11,7 +11,7 @@ import importlib
 import inspect
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,7 @@ class PluginHost:
 
     async def stream(
         self, method: str, params: Any, context: dict[str, Any] | None = None
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """The chunks of streaming ``method``; a unary method yields its one result."""
         if method not in self.streaming:
             yield await self.call(method, params, context)

@@ -22,7 +22,7 @@ from typing import Any, Final
 import orjson
 
 from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError
-from linchkit_plugin.wire import PROTOCOL_VERSION, encode_json
+from linchkit_plugin.wire import MAX_PARAMS_DEPTH, PROTOCOL_VERSION, encode_json, nested_deeper_than
 
 __all__ = [
     "CLOSE_BAD_HELLO",
@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "HELLO_TIMEOUT",
+    "MAX_FRAME_DEPTH",
     "PLUGIN_ID_HEADER",
     "PLUGIN_VERSION_HEADER",
     "STREAM_WINDOW",
@@ -64,6 +65,10 @@ HELLO_TIMEOUT: Final = 10.0
 #: connection's other calls, and the host holds at most this many chunks per stream).
 STREAM_WINDOW: Final = 256
 
+#: Levels a frame may nest: a call's params may nest ``MAX_PARAMS_DEPTH`` (as on every
+#: transport) under the frame's object and its request's.
+MAX_FRAME_DEPTH: Final = MAX_PARAMS_DEPTH + 2
+
 #: Headers of the upgrade request a plugin dialling the gateway sends (reverse mode).
 PLUGIN_ID_HEADER: Final = "X-Plugin-Id"
 PLUGIN_VERSION_HEADER: Final = "X-Plugin-Version"
@@ -84,7 +89,17 @@ def decode_frame(data: str | bytes) -> dict[str, Any]:
     try:
         frame = orjson.loads(data)
     except orjson.JSONDecodeError as error:
-        raise FrameError(f"a WebSocket message that is not JSON: {error}") from None
+        # orjson refuses what JSON cannot carry both ways (1e400, a lone surrogate, not
+        # UTF-8, over 1,024 levels); its message never quotes the input.
+        if "depth" in str(error):
+            raise FrameError(f"a frame nested deeper than {MAX_FRAME_DEPTH} levels") from None
+        raise FrameError(f"a WebSocket message that is not JSON: {str(error)[:120]}") from None
+    # Deeper than the limit needs more brackets than that: count them at C speed first.
+    raw = data.encode() if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") > MAX_FRAME_DEPTH and nested_deeper_than(
+        frame, MAX_FRAME_DEPTH
+    ):
+        raise FrameError(f"a frame nested deeper than {MAX_FRAME_DEPTH} levels")
     if type(frame) is not dict or type(frame.get("type")) is not str:
         raise FrameError("a WebSocket message that is not a JSON object with a string 'type'")
     return frame

@@ -168,6 +168,8 @@ class PluginSession:
         self._events: asyncio.Queue[bytes] = asyncio.Queue(_SESSION_EVENT_QUEUE)
         self.events_dropped = 0
         self.protocol_errors = 0
+        #: The gateway accepted the hello (reverse mode): only then the redial backoff resets.
+        self.welcomed = False
         self._send_lock = asyncio.Lock()
 
     def queue_event(self, frame: bytes) -> None:
@@ -235,7 +237,9 @@ class PluginSession:
                     await self.host.deliver(name, frame.get("data"))
                 except Exception:
                     log.exception("on_event(%r) raised", name)
-        elif kind in ("dropped", "welcome"):
+        elif kind == "welcome":
+            self.welcomed = True
+        elif kind == "dropped":
             log.info("host says: %s", frame)
         else:
             self.protocol_errors += 1
@@ -247,7 +251,9 @@ class PluginSession:
         try:
             try:
                 request = parse_request(frame.get("request"))
-                deadline_ms = request.deadline_ms
+                # Only a positive deadline bounds the call: a negative one is a host's
+                # mistake, not a call already late (as on gRPC).
+                deadline_ms = request.deadline_ms if (request.deadline_ms or 0) > 0 else None
                 timeout = None if deadline_ms is None else deadline_ms / 1000
                 if kind == "call":
                     result = await self.host.call_with_deadline(
@@ -280,8 +286,14 @@ class PluginSession:
     ) -> None:
         window = self._windows[call_id] = _Window(STREAM_WINDOW)
         try:
-            async with asyncio.timeout(timeout):
-                async for chunk in self.host.stream(method, params, context):
+            # aclosing: the generator ends in this task, in the context it started in,
+            # also when the host cancels; left to the garbage collector it ended in
+            # another context and logged a traceback.
+            async with (
+                asyncio.timeout(timeout),
+                contextlib.aclosing(self.host.stream(method, params, context)) as chunks,
+            ):
+                async for chunk in chunks:
                     await window.take()  # the host's credit: a slow reader slows this stream
                     await self._send(encode_frame({"type": "chunk", "id": call_id, "data": chunk}))
         except TimeoutError:
@@ -489,7 +501,6 @@ async def dial(
                 except (aiohttp.ClientError, OSError) as error:
                     log.info("cannot reach %s: %s; retrying", url, type(error).__name__)
                 else:
-                    backoff = initial_backoff
                     session = PluginSession(
                         host, socket, outbox, hello=hello, max_in_flight=max_in_flight
                     )
@@ -502,6 +513,10 @@ async def dial(
                     finally:
                         await socket.close()
                     log.info("connection to %s closed (%s); reconnecting", url, socket.close_code)
+                    # Reset only once the gateway welcomed this plugin: one that closes
+                    # every connection at once is otherwise redialled 20 times a second.
+                    if session.welcomed:
+                        backoff = initial_backoff
                 # Full jitter: a gateway restarting is not hit by every plugin at once.
                 await asyncio.sleep(random.uniform(0, backoff))
                 backoff = min(backoff * 2, max_backoff)
