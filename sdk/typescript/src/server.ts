@@ -169,10 +169,10 @@ export function encodeJson(value: unknown): Buffer {
 }
 
 /** JSON bytes to a value; empty bytes are null. */
-export function decodeJson(bytes: Buffer | Uint8Array | undefined, what: string): unknown {
+export function decodeJson(bytes: Buffer | Uint8Array | undefined, what: string, maxDepth?: number): unknown {
   if (bytes === undefined || bytes.length === 0) return null;
   const buffer = Buffer.from(bytes);
-  const why = unusable(buffer);
+  const why = unusable(buffer, maxDepth);
   if (why !== undefined) throw new InvalidParams(`${what} ${why}`);
   try {
     return parse(buffer.toString('utf8'), null, parseNumber);

@@ -21,9 +21,17 @@ import { formatListenAddress, listen, parseListenAddress } from './listen';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import { decodeJson, encodeJson } from './server';
+import { MAX_DEPTH } from './wirejson';
 
 export const STREAM_WINDOW = 256;
 export const MAX_MESSAGE_BYTES = 8 * 1024 * 1024;
+/** Calls one connection runs at once; beyond it the session stops reading (TCP pushes back). */
+export const MAX_IN_FLIGHT = 1024;
+/** A frame may nest a call's 250 levels of params under its own object and its request's. */
+const MAX_FRAME_DEPTH = MAX_DEPTH + 2;
+/** Bytes queued on a socket the host does not read before the session stops reading calls. */
+const MAX_BUFFERED_BYTES = 16 * 1024 * 1024;
+const MAX_TIMER_MS = 2 ** 31 - 1;
 const PROTOCOL_VERSION = 1;
 
 type Frame = JsonObject & { type: string };
@@ -56,6 +64,11 @@ export class Session {
   private readonly calls = new Map<number, AbortController>();
   private readonly windows = new Map<number, Window>();
   private unsubscribe: () => void = () => undefined;
+  private paused = false;
+  private draining = false;
+  private readonly backlog: RawData[] = [];
+  /** The gateway accepted the hello (reverse mode): only then the redial backoff resets. */
+  welcomed = false;
 
   constructor(
     private readonly plugin: Plugin,
@@ -76,7 +89,14 @@ export class Session {
       streaming: methods.filter((method) => method.streaming).map((method) => method.name).sort(),
     });
     this.unsubscribe = plugin.addEventSink((name, data) => this.send({ type: 'event', event: name, data }));
-    this.socket.on('message', (data: RawData) => this.received(data));
+    this.socket.on('message', (data: RawData) => {
+      // pause() stops the socket, not the messages ws already read: those wait here.
+      if (this.paused || this.backlog.length > 0) this.backlog.push(data);
+      else this.received(data);
+    });
+    // A message over maxPayload (closed with 1009), broken framing, a reset: 'close'
+    // follows and ends the session. Unhandled, the 'error' event killed the process.
+    this.socket.on('error', () => undefined);
     return new Promise((resolve) => {
       this.socket.once('close', () => {
         this.unsubscribe();
@@ -88,13 +108,34 @@ export class Session {
   }
 
   private send(frame: JsonObject): void {
-    if (this.socket.readyState === WebSocket.OPEN) this.socket.send(encodeJson(frame), { binary: false });
+    if (this.socket.readyState !== WebSocket.OPEN) return;
+    // ws queues what the peer has not taken without limit: past MAX_BUFFERED_BYTES stop
+    // reading calls until it drained, so a host that never reads cannot grow this process.
+    this.socket.send(encodeJson(frame), { binary: false }, () => this.flow());
+    this.flow();
+  }
+
+  /** Read while fewer than MAX_IN_FLIGHT calls run and the socket's queue is short. */
+  private flow(): void {
+    const isFull = (): boolean => this.calls.size >= MAX_IN_FLIGHT || this.socket.bufferedAmount > MAX_BUFFERED_BYTES;
+    if (!this.draining) {
+      this.draining = true;
+      while (this.backlog.length > 0 && !isFull()) this.received(this.backlog.shift() as RawData);
+      this.draining = false;
+    }
+    const full = isFull() || this.backlog.length > 0;
+    if (full && !this.paused) this.socket.pause();
+    else if (!full && this.paused) this.socket.resume();
+    else return;
+    this.paused = full;
   }
 
   private received(data: RawData): void {
     let frame: Frame;
     try {
-      const parsed = decodeJson(Buffer.isBuffer(data) ? data : Buffer.from(data as ArrayBuffer), 'a frame');
+      const bytes = Buffer.isBuffer(data) ? data : Buffer.from(data as ArrayBuffer);
+      if (bytes.length === 0) throw new InvalidParams('an empty message is not a frame');
+      const parsed = decodeJson(bytes, 'a frame', MAX_FRAME_DEPTH);
       if (!isObject(parsed) || typeof parsed.type !== 'string') throw new InvalidParams('a frame is an object with a type');
       frame = parsed as Frame;
     } catch (error) {
@@ -110,6 +151,7 @@ export class Session {
           return;
         }
         void this.runCall(frame.type, id, frame.request);
+        this.flow();
         return;
       case 'cancel':
         if (id !== undefined) this.calls.get(id)?.abort(new DeadlineExceeded('cancelled by the host'));
@@ -127,8 +169,10 @@ export class Session {
           });
         }
         return;
-      case 'dropped':
       case 'welcome':
+        this.welcomed = true;
+        return;
+      case 'dropped':
         return;
       default:
         this.send({ type: 'error', id: id ?? null, error: toWireError(new ProviderError(`unknown frame type ${frame.type.slice(0, 40)}`)) });
@@ -146,10 +190,21 @@ export class Session {
       const method = request.method;
       if (typeof method !== 'string' || method === '') throw new ProviderError('the request names no method');
       const context = isObject(request.context) ? request.context : {};
-      const left = typeof context.deadline_ms === 'number' ? context.deadline_ms : undefined;
+      // Only a positive deadline bounds the call (a negative one is a host's mistake, not a
+      // call already late); 2^63-1 arrives as a BigInt. setTimeout fires after 1 ms for a
+      // delay past 2^31-1 ms, so a far deadline waits in steps it can hold.
+      const raw = context.deadline_ms;
+      const left = (typeof raw === 'number' || typeof raw === 'bigint') && raw > 0 ? Number(raw) : undefined;
       const deadline = left === undefined ? undefined : Date.now() + left;
-      if (left !== undefined) {
-        timer = setTimeout(() => controller.abort(new DeadlineExceeded(`${method} did not finish before its deadline`)), left);
+      if (deadline !== undefined) {
+        const arm = (): void => {
+          const wait = deadline - Date.now();
+          timer =
+            wait > MAX_TIMER_MS
+              ? setTimeout(arm, MAX_TIMER_MS)
+              : setTimeout(() => controller.abort(new DeadlineExceeded(`${method} did not finish before its deadline`)), Math.max(0, wait));
+        };
+        arm();
       }
       const over = new Promise<never>((_, reject) => {
         controller.signal.addEventListener('abort', () => reject(controller.signal.reason), { once: true });
@@ -182,6 +237,7 @@ export class Session {
     } finally {
       if (timer !== undefined) clearTimeout(timer);
       this.calls.delete(id);
+      this.flow();
     }
   }
 }
@@ -287,9 +343,14 @@ export async function dial(plugin: Plugin, url: string, options: DialOptions = {
       });
       socket.once('error', () => resolve('failed'));
       socket.once('open', () => {
-        backoff = initial;
         keepAlive(socket, options.heartbeatMs ?? 10_000);
-        void new Session(plugin, socket).run().then(() => resolve('closed'));
+        const session = new Session(plugin, socket);
+        void session.run().then(() => {
+          // Reset only once the gateway welcomed this plugin: one that closes every
+          // connection at once was otherwise redialled 20 times a second.
+          if (session.welcomed) backoff = initial;
+          resolve('closed');
+        });
       });
     });
     if (outcome instanceof Refused) throw outcome;

@@ -15,7 +15,7 @@ const LONE = 'holds a lone surrogate escape (\\ud800-\\udfff), which names no ch
  * lossless-json's stack (a RangeError where a typed answer was due). One pass, no recursion;
  * the message never quotes the value.
  */
-export function unusable(bytes: Buffer): string | undefined {
+export function unusable(bytes: Buffer, maxDepth: number = MAX_DEPTH): string | undefined {
   if (!isUtf8(bytes)) return 'is not UTF-8';
   let depth = 0;
   const n = bytes.length;
@@ -38,7 +38,7 @@ export function unusable(bytes: Buffer): string | undefined {
         }
       }
     } else if (c === 0x5b /* [ */ || c === 0x7b /* { */) {
-      if (++depth > MAX_DEPTH) return `is nested deeper than ${MAX_DEPTH} levels`;
+      if (++depth > maxDepth) return `is nested deeper than ${maxDepth} levels`;
     } else if (c === 0x5d /* ] */ || c === 0x7d /* } */) {
       depth--;
     } else if (c === 0x2d /* - */ || (c >= 0x30 && c <= 0x39)) {
