@@ -20,7 +20,11 @@ const MaxParamsDepth = 250
 // number beyond a double (1e400, an integer of 5,000 digits), a lone surrogate escape
 // ("\ud800"). One pass without recursion, before json.Valid; the message never quotes
 // the params.
-func checkParams(raw []byte) string {
+func checkParams(raw []byte) string { return checkJSON(raw, MaxParamsDepth) }
+
+// checkJSON is checkParams with another depth limit (a WebSocket frame holds params two
+// levels down).
+func checkJSON(raw []byte, maxDepth int) string {
 	if !utf8.Valid(raw) {
 		return "are not UTF-8"
 	}
@@ -34,8 +38,8 @@ func checkParams(raw []byte) string {
 			}
 			i = end
 		case c == '[' || c == '{':
-			if depth++; depth > MaxParamsDepth {
-				return fmt.Sprintf("are nested deeper than %d levels", MaxParamsDepth)
+			if depth++; depth > maxDepth {
+				return fmt.Sprintf("are nested deeper than %d levels", maxDepth)
 			}
 		case c == ']' || c == '}':
 			depth--

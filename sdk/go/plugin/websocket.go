@@ -36,6 +36,12 @@ const (
 	websocketHeartbeat    = 10 * time.Second
 	initialConnectBackoff = 100 * time.Millisecond
 	maxConnectBackoff     = 10 * time.Second
+	// maxInFlight calls run at once on one connection; beyond it the session stops reading,
+	// so TCP pushes back on the host instead of a goroutine starting per call frame.
+	maxInFlight = 1024
+	// maxFrameDepth: a call's params may nest MaxParamsDepth levels under the frame's
+	// object and its request's.
+	maxFrameDepth = MaxParamsDepth + 2
 )
 
 // ErrRefused is returned when the gateway refuses the connection at the upgrade.
@@ -149,9 +155,14 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			}
 			fmt.Fprintf(os.Stderr, "linchkit plugin: cannot reach %s: %v; retrying\n", *url, err)
 		} else {
-			backoff = initialConnectBackoff
 			conn.SetReadLimit(maxMessageBytes)
-			(&wsSession{plugin: p, conn: conn}).run(ctx)
+			session := &wsSession{plugin: p, conn: conn}
+			session.run(ctx)
+			// Reset only once the gateway welcomed this plugin: one that closes every
+			// connection at once was otherwise redialled 20 times a second.
+			if session.welcomed {
+				backoff = initialConnectBackoff
+			}
 			if ctx.Err() != nil {
 				return nil
 			}
@@ -217,6 +228,9 @@ type wsSession struct {
 	mu      sync.Mutex
 	calls   map[int64]context.CancelFunc
 	windows map[int64]*window
+	slots   chan struct{} // one per call running: at most maxInFlight
+	// welcomed: the gateway accepted the hello; only then the redial backoff resets.
+	welcomed bool
 }
 
 func (s *wsSession) send(ctx context.Context, v any) {
@@ -233,6 +247,7 @@ func (s *wsSession) run(parent context.Context) {
 	defer s.conn.CloseNow()
 	s.calls = map[int64]context.CancelFunc{}
 	s.windows = map[int64]*window{}
+	s.slots = make(chan struct{}, maxInFlight)
 	p := s.plugin
 	methods, streaming := []string{}, []string{}
 	for _, name := range p.order {
@@ -289,6 +304,13 @@ func (s *wsSession) run(parent context.Context) {
 			s.mu.Unlock()
 			return
 		}
+		// The params rules of every transport, over the whole frame before encoding/json
+		// sees it: it passes 1e400 and "\ud800" through unchanged, which the host could not
+		// read back, and would recurse into 100,000 nested brackets.
+		if why := checkJSON(data, maxFrameDepth); why != "" {
+			s.send(ctx, map[string]any{"type": "error", "error": map[string]any{"type": TypeProviderError, "message": "a frame that " + why}})
+			continue
+		}
 		var f frame
 		if err := json.Unmarshal(data, &f); err != nil || f.Type == "" {
 			s.send(ctx, map[string]any{"type": "error", "error": map[string]any{"type": TypeProviderError, "message": "a frame that is not a JSON object with a type"}})
@@ -306,6 +328,18 @@ func (s *wsSession) handle(ctx context.Context, f frame) {
 			return
 		}
 		id := *f.ID
+		s.mu.Lock()
+		_, running := s.calls[id]
+		s.mu.Unlock()
+		if running { // a second call under one id would take over the first one's answer
+			s.send(ctx, map[string]any{"type": "error", "id": id, "error": map[string]any{"type": TypeProviderError, "message": f.Type + " needs a new integer id"}})
+			return
+		}
+		select { // full: stop reading until a call ends
+		case s.slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
 		callCtx, stop := context.WithCancel(ctx)
 		s.mu.Lock()
 		s.calls[id] = stop
@@ -322,6 +356,7 @@ func (s *wsSession) handle(ctx context.Context, f frame) {
 				delete(s.windows, id)
 				s.mu.Unlock()
 				stop()
+				<-s.slots
 			}()
 			s.call(callCtx, ctx, id, f.Request, w)
 		}()
@@ -353,7 +388,9 @@ func (s *wsSession) handle(ctx context.Context, f frame) {
 			}
 			go func() { _ = runMethod(func() error { handler(ctx, data); return nil }) }()
 		}
-	case "welcome", "dropped":
+	case "welcome":
+		s.welcomed = true
+	case "dropped":
 	default:
 		s.send(ctx, map[string]any{"type": "error", "id": f.ID, "error": map[string]any{"type": TypeProviderError, "message": "unknown frame type"}})
 	}
