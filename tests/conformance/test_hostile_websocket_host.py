@@ -1,0 +1,498 @@
+"""Each SDK's WebSocket side against a lying or broken host, raw (docs/protocol.md,
+"WebSocket binding", "What a plugin owes a lying or broken host").
+
+An aiohttp client dials a served plugin (``serve --websocket``), or an aiohttp server
+stands in for the gateway a ``connect``ing plugin dials; each case sends what no
+dispatcher would and checks the typed answer, then that the plugin still serves a new
+connection. One plugin per (language, mode), shared by the module's tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import pytest_asyncio
+from aiohttp import WSMsgType, web
+
+from tests.conformance.conftest import (
+    LANGUAGES,
+    WEBSOCKET_MODES,
+    _start_service,
+    _stop_service,
+    executable,
+)
+
+MODES = {"websocket": "serve", "inbound": "connect"}
+CASES = [
+    (language, MODES[mode]) for language in LANGUAGES for mode in WEBSOCKET_MODES.get(language, ())
+]
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_IN_FLIGHT = 1024
+TIMEOUT = 10.0
+MARKER = "hostile-marker-do-not-echo"
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@dataclass
+class Link:
+    """A running example plugin and the means to open a fresh connection to it."""
+
+    language: str
+    mode: str
+    process: asyncio.subprocess.Process
+    stderr: Any
+    address: str = ""
+    client: aiohttp.ClientSession | None = None
+    #: connect mode: what the gateway does with the next upgrade.
+    behaviour: str = "normal"
+    arrivals: asyncio.Queue[web.WebSocketResponse] = field(default_factory=asyncio.Queue)
+    upgrades: int = 0
+    current: Any = None
+    done: dict[int, asyncio.Event] = field(default_factory=dict)
+    transports: dict[int, Any] = field(default_factory=dict)
+    next_id: int = 1
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    async def connect(self) -> Any:
+        """A new connection whose hello has been read (the previous one closed)."""
+        await self.close()
+        if self.mode == "serve":
+            assert self.client is not None
+            ws = await self.client.ws_connect(
+                f"ws://{self.address}/", max_msg_size=64 * 1024 * 1024, autoping=True
+            )
+        else:
+            async with asyncio.timeout(TIMEOUT):
+                ws = await self.arrivals.get()
+        self.current = ws
+        hello = await frame(ws)
+        assert hello["type"] == "hello", hello
+        assert hello["id"] == "example", hello
+        if self.mode == "connect":
+            await ws.send_str(orjson.dumps({"type": "welcome", "instance": "x"}).decode())
+        return ws
+
+    async def close(self, *, abort: bool = False) -> None:
+        ws, self.current = self.current, None
+        if ws is not None:
+            if abort:  # a write may hang on a peer that does not read: drop the TCP connection
+                transport = getattr(getattr(ws, "_writer", None), "transport", None)
+                if transport is not None:
+                    transport.abort()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2)
+            event = self.done.pop(id(ws), None)
+            if event is not None:
+                event.set()
+
+    async def still_serving(self) -> None:
+        """A new connection answers an echo: whatever came before left the plugin serving."""
+        assert self.process.returncode is None, "the plugin exited"
+        ws = await self.connect()
+        call_id = self.new_id()
+        await send(ws, {"type": "call", "id": call_id, "request": request("echo", {"x": 1})})
+        answer = await response(ws, call_id)
+        assert answer == {"ok": True, "result": {"x": 1}}, answer
+
+
+def request(method: str, params: Any, **context: Any) -> dict[str, Any]:
+    return {"v": 1, "plugin": "example", "method": method, "params": params, "context": context}
+
+
+async def send(ws: Any, value: Any) -> None:
+    await ws.send_str(value if isinstance(value, str) else orjson.dumps(value).decode())
+
+
+async def frame(ws: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
+    """The next frame the plugin sent (events skipped)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await ws.receive()
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+                raise ConnectionError(f"closed ({ws.close_code})")
+            assert message.type in (WSMsgType.TEXT, WSMsgType.BINARY), message
+            value = orjson.loads(message.data)
+            if value.get("type") not in ("event", "dropped"):
+                return value  # type: ignore[no-any-return]
+
+
+async def response(ws: Any, call_id: int) -> dict[str, Any]:
+    while True:
+        value = await frame(ws)
+        if value.get("type") == "response" and value.get("id") == call_id:
+            return value["response"]  # type: ignore[no-any-return]
+
+
+def short_error(value: dict[str, Any], kind: str = "provider_error") -> dict[str, Any]:
+    """``value`` is an error frame of ``kind`` whose message is one short line."""
+    assert value["type"] == "error", value
+    error = value["error"]
+    assert error["type"] == kind, error
+    message = error["message"]
+    assert len(message) <= 200 and "\n" not in message and MARKER not in message, message
+    return error  # type: ignore[no-any-return]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest_asyncio.fixture(
+    scope="module",
+    loop_scope="module",
+    params=CASES,
+    ids=[f"{language}-{mode}" for language, mode in CASES],
+)
+async def link(request: pytest.FixtureRequest) -> AsyncIterator[Link]:
+    language, mode = request.param
+    path = executable(language)
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+    client = aiohttp.ClientSession()
+    runner: web.AppRunner | None = None
+    try:
+        if mode == "serve":
+            process, address = await _start_service(
+                path, stderr=stderr.fileno(), protocol="websocket", extra=("--websocket",)
+            )
+            found = Link(language, mode, process, stderr, address=address, client=client)
+        else:
+            holder: list[Link] = []
+
+            async def gateway(http: web.Request) -> web.WebSocketResponse:
+                found = holder[0]
+                found.upgrades += 1
+                ws = web.WebSocketResponse(max_msg_size=64 * 1024 * 1024)
+                await ws.prepare(http)
+                if found.behaviour == "close":
+                    await ws.close()
+                    return ws
+                if found.behaviour == "garbage":
+                    await ws.send_str(f"<html>{MARKER}")
+                    await ws.send_bytes(b"\xff\xfe" + MARKER.encode())
+                found.transports[id(ws)] = http.transport
+                done = found.done[id(ws)] = asyncio.Event()
+                found.arrivals.put_nowait(ws)
+                await done.wait()
+                return ws
+
+            app = web.Application()
+            app.router.add_get("/v1/plugins/connect", gateway)
+            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = runner.addresses[0][1]
+            env = {**os.environ, "LINCHKIT_PLUGIN_TOKEN": "hostile-token"}
+            env.pop("LINCHKIT_PLUGIN_TOKEN_FILE", None)
+            process = await asyncio.create_subprocess_exec(
+                str(path), "connect", "--url", f"ws://127.0.0.1:{port}/v1/plugins/connect",
+                stdin=asyncio.subprocess.PIPE, stderr=stderr.fileno(), env=env,
+            )  # fmt: skip
+            found = Link(language, mode, process, stderr)
+            holder.append(found)
+        yield found
+        await found.close()
+        stderr.seek(0)
+        log = stderr.read().decode(errors="replace")
+        assert "Traceback" not in log and "panic:" not in log, log[-4000:]
+    finally:
+        with contextlib.suppress(NameError):
+            await _stop_service(process)
+        await client.close()
+        if runner is not None:
+            for event in list(holder[0].done.values()) if mode == "connect" else ():
+                event.set()
+            await runner.cleanup()
+        stderr.close()
+
+
+async def test_messages_that_are_not_json_get_an_error_frame(link: Link) -> None:
+    ws = await link.connect()
+    await ws.send_str(f"{{not json {MARKER}")
+    short_error(await frame(ws))
+    await ws.send_bytes(b"\xff\xfe\x00" + MARKER.encode())  # not UTF-8 either
+    short_error(await frame(ws))
+    await ws.send_str("")
+    short_error(await frame(ws))
+    await link.still_serving()
+
+
+async def test_a_binary_message_is_read_as_the_same_json(link: Link) -> None:
+    ws = await link.connect()
+    call_id = link.new_id()
+    call = {"type": "call", "id": call_id, "request": request("echo", [1, "two"])}
+    await ws.send_bytes(orjson.dumps(call))
+    assert await response(ws, call_id) == {"ok": True, "result": [1, "two"]}
+    await link.still_serving()
+
+
+async def test_frames_of_the_wrong_shape_get_an_error_frame(link: Link) -> None:
+    ws = await link.connect()
+    echo = request("echo", MARKER)
+    for wrong in (
+        [1, 2],
+        {"id": 3},
+        {"type": 7, "id": 3},
+        {"type": "call", "request": echo},  # no id
+        {"type": "call", "id": "7", "request": echo},
+        {"type": "call", "id": 1.5, "request": echo},
+        '{"type": "call", "id": 1180591620717411303424, "request": {"v": 1}}',  # 2**70
+        {"type": "stream", "id": None, "request": echo},
+    ):
+        await send(ws, wrong)
+        short_error(await frame(ws))
+    await send(ws, {"type": "no-such-frame", "id": 5, MARKER: 1})
+    error = await frame(ws)
+    short_error(error)
+    assert error.get("id") in (5, None), error
+    # A call whose request is no envelope is that call's own error.
+    call_id = link.new_id()
+    await send(ws, {"type": "call", "id": call_id, "request": [MARKER]})
+    answer = await response(ws, call_id)
+    assert answer["ok"] is False and answer["error"]["type"] == "provider_error", answer
+    await link.still_serving()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        pytest.param("[" * 100_000 + "]" * 100_000, id="nested-100000"),
+        pytest.param("[" * 251 + "]" * 251, id="nested-251"),
+        pytest.param("[1e400]", id="1e400"),
+        pytest.param("[" + "9" * 5000 + "]", id="integer-5000-digits"),
+        pytest.param('["\\ud800"]', id="lone-surrogate"),
+    ],
+)
+async def test_params_json_cannot_carry_are_refused(link: Link, params: str) -> None:
+    ws = await link.connect()
+    call_id = link.new_id()
+    text = (
+        f'{{"type": "call", "id": {call_id}, "request": {{"v": 1, "plugin": "example",'
+        f' "method": "echo", "params": {params}, "context": {{}}}}}}'
+    )
+    started = time.monotonic()
+    await ws.send_str(text)
+    short_error(await frame(ws))
+    assert time.monotonic() - started < 2
+    await link.still_serving()
+
+
+async def test_params_250_deep_still_echo(link: Link) -> None:
+    ws = await link.connect()
+    call_id = link.new_id()
+    deep: Any = []
+    for _ in range(249):
+        deep = [deep]
+    await send(ws, {"type": "call", "id": call_id, "request": request("echo", deep)})
+    assert (await response(ws, call_id))["ok"] is True
+
+
+async def test_a_long_method_name_is_not_found_and_not_echoed(link: Link) -> None:
+    ws = await link.connect()
+    call_id = link.new_id()
+    await send(ws, {"type": "call", "id": call_id, "request": request("m" * 10_000, None)})
+    answer = await response(ws, call_id)
+    assert answer["ok"] is False and answer["error"]["type"] == "method_not_found", answer
+    assert len(answer["error"]["message"]) < 200, answer
+    await link.still_serving()
+
+
+async def test_a_message_over_the_size_limit_closes_with_1009(link: Link) -> None:
+    ws = await link.connect()
+    # The header of a text message 1 KiB over the limit, and its first KiB: the plugin must
+    # refuse it by its length, before reading it whole. (Written raw: a host still writing
+    # 8 MiB when the plugin closes would get a TCP reset instead of the close frame.)
+    length = MAX_MESSAGE_BYTES + 1024
+    masked = link.mode == "serve"  # a client masks its frames (RFC 6455 §5.3), zero key here
+    header = bytes([0x81, (0x80 if masked else 0) | 127]) + length.to_bytes(8, "big")
+    transport = ws._writer.transport
+    transport.write(header + (b"\0" * 4 if masked else b"") + b"x" * 1024)
+    closing = asyncio.ensure_future(_closed(ws))
+    done, _ = await asyncio.wait([closing], timeout=1)
+    if not done:  # Go's coder/websocket counts the bytes as they come: send the rest
+        transport.write(b"x" * (length - 1024))
+    async with asyncio.timeout(TIMEOUT):
+        await closing
+    assert ws.close_code == 1009, ws.close_code
+    await link.still_serving()
+
+
+async def _closed(ws: Any) -> None:
+    while (await ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
+        pass
+
+
+async def test_a_burst_over_the_bound_waits_instead_of_starting_all(link: Link) -> None:
+    """More calls than ``max_in_flight``: the plugin reads no more until some end, so a call
+    sent after the burst is answered only after the first of the burst ended."""
+    ws = await link.connect()
+    first = link.next_id + 1
+    burst = MAX_IN_FLIGHT + 200
+    for _ in range(burst):
+        call = request("sleep", {"ms": 60_000}, deadline_ms=1_500)
+        await send(ws, {"type": "call", "id": link.new_id(), "request": call})
+    echo_id = link.new_id()
+    await send(ws, {"type": "call", "id": echo_id, "request": request("echo", 1)})
+    ended = 0
+    async with asyncio.timeout(30):
+        while True:
+            value = await frame(ws, timeout=30)
+            assert value["type"] == "response", value
+            if value["id"] == echo_id:
+                break
+            assert first <= value["id"] < echo_id, value
+            assert value["response"]["error"]["type"] == "deadline_exceeded", value
+            ended += 1
+    assert ended > 0, "the call after the burst ran before any of the burst ended"
+    await link.still_serving()
+
+
+async def test_a_host_that_never_reads_costs_bounded_memory(link: Link) -> None:
+    """Calls whose answers the host never reads: the plugin's sends wait for the socket,
+    it stops reading calls, and its memory stays bounded: its calls in flight and their
+    answers at most, not the 200 MB the answers add up to."""
+    ws = await link.connect()
+    transport = link.transports.get(id(ws))
+    if transport is not None:  # the gateway's side: aiohttp's server would read on
+        transport.pause_reading()
+    pid = link.process.pid
+    before = rss_kib(pid)
+    payload = "y" * 50_000
+    for _ in range(4_000):
+        call = {"type": "call", "id": link.new_id(), "request": request("echo", payload)}
+        try:  # until the plugin stops reading: its buffers are full
+            await asyncio.wait_for(send(ws, call), 2)
+        except (TimeoutError, ConnectionError):
+            break
+    grown = (rss_kib(pid) - before) / 1024
+    await link.close(abort=True)
+    assert grown < 200, f"the plugin grew {grown:.0f} MiB for a host that does not read"
+    await link.still_serving()
+
+
+@pytest.mark.parametrize("deadline_ms", [2**63 - 1, -1, -(2**63)])
+async def test_a_deadline_no_clock_holds_or_negative_sets_none(
+    link: Link, deadline_ms: int
+) -> None:
+    ws = await link.connect()
+    call_id = link.new_id()
+    call = request("sleep", {"ms": 50}, deadline_ms=deadline_ms)
+    await send(ws, {"type": "call", "id": call_id, "request": call})
+    assert await response(ws, call_id) == {"ok": True, "result": {"slept_ms": 50}}
+    await link.still_serving()
+
+
+async def test_a_duplicate_id_in_flight_is_refused(link: Link) -> None:
+    ws = await link.connect()
+    call_id = link.new_id()
+    await send(ws, {"type": "call", "id": call_id, "request": request("sleep", {"ms": 1_000})})
+    await send(ws, {"type": "call", "id": call_id, "request": request("echo", MARKER)})
+    short_error(await frame(ws))
+    # The first call still answers, once.
+    assert await response(ws, call_id) == {"ok": True, "result": {"slept_ms": 1_000}}
+    await link.still_serving()
+
+
+async def test_a_cancel_for_an_unknown_id_is_ignored(link: Link) -> None:
+    ws = await link.connect()
+    await send(ws, {"type": "cancel", "id": 987_654_321})
+    call_id = link.new_id()
+    await send(ws, {"type": "call", "id": call_id, "request": request("echo", 2)})
+    # Nothing answers the cancels: the next frame is the echo's answer.
+    assert await frame(ws) == {
+        "type": "response",
+        "id": call_id,
+        "response": {"ok": True, "result": 2},
+    }
+
+
+async def test_the_connection_dropped_mid_call(link: Link) -> None:
+    ws = await link.connect()
+    for _ in range(20):
+        call = request("sleep", {"ms": 30_000})
+        await send(ws, {"type": "call", "id": link.new_id(), "request": call})
+    await send(
+        ws, {"type": "stream", "id": link.new_id(), "request": request("count", {"n": 10_000})}
+    )
+    await frame(ws)  # the stream has started
+    await link.close()
+    await link.still_serving()
+
+
+def _connect_only(link: Link) -> None:
+    if link.mode != "connect":
+        pytest.skip("a gateway's behaviour: connect mode only")
+
+
+async def test_a_gateway_that_never_welcomes_is_still_served(link: Link) -> None:
+    _connect_only(link)
+    await link.close()
+    async with asyncio.timeout(TIMEOUT):
+        ws = await link.arrivals.get()
+    link.current = ws
+    assert (await frame(ws))["type"] == "hello"
+    # No welcome: the plugin neither gives up nor spins; it serves calls.
+    call_id = link.new_id()
+    await send(ws, {"type": "call", "id": call_id, "request": request("echo", 3)})
+    assert await response(ws, call_id) == {"ok": True, "result": 3}
+    await link.still_serving()
+
+
+async def test_a_gateway_sending_garbage_before_the_welcome(link: Link) -> None:
+    _connect_only(link)
+    link.behaviour = "garbage"
+    try:
+        await link.close()
+        async with asyncio.timeout(TIMEOUT):
+            ws = await link.arrivals.get()
+        link.current = ws
+        kinds = [(await frame(ws))["type"] for _ in range(3)]
+        assert sorted(kinds) == ["error", "error", "hello"], kinds
+    finally:
+        link.behaviour = "normal"
+    await link.still_serving()
+
+
+async def test_a_gateway_that_closes_at_once_is_redialled_with_backoff(link: Link) -> None:
+    _connect_only(link)
+    link.behaviour = "close"
+    pid = link.process.pid
+    cpu = cpu_seconds(pid)
+    try:
+        await link.close()
+        upgrades = link.upgrades
+        # Wait for the gateway to close a few upgrades; how many came in 2 s says whether
+        # the plugin backs off (~5 with full jitter from 100 ms) or hammers (~40).
+        await asyncio.sleep(2)
+        redials = link.upgrades - upgrades
+        used = cpu_seconds(pid) - cpu
+    finally:
+        link.behaviour = "normal"
+    assert 1 <= redials <= 15, f"{redials} redials in 2 s"
+    assert used < 1.0, f"{used:.2f} s of CPU in 2 s"
+    assert link.process.returncode is None
+    await link.still_serving()
