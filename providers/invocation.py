@@ -90,7 +90,9 @@ class Invocation:
         )
         context: dict[str, Any] = {
             "request_id": self.request_id,
-            "deadline_ms": left_ms if left_ms > 0 else 0,
+            # At least 1: 0 tells a plugin the call has no deadline (docs/protocol.md), and
+            # under a millisecond left is not none left (gRPC sends the same).
+            "deadline_ms": left_ms if left_ms > 0 else 1,
         }
         if self.caller is not None:
             context["caller"] = self.caller

@@ -464,6 +464,15 @@ async def test_a_result_json_cannot_carry_is_an_error_envelope_not_a_500() -> No
         assert good == {"ok": True, "result": {"a": 1}}
 
 
+@pytest.mark.parametrize("deadline_ms", [-5, 0, 2**63 - 1])
+async def test_a_deadline_that_bounds_nothing_lets_the_call_run(deadline_ms: int) -> None:
+    # A negative deadline_ms failed the call at once as deadline_exceeded (HTTP, Lambda,
+    # Knative); only a positive one bounds a call, as on every transport (docs/protocol.md).
+    async with plugin_server() as port:
+        answer = await call(port, envelope("anything", {"a": 1}, deadline_ms=deadline_ms))
+        assert answer.json() == {"ok": True, "result": {"a": 1}}
+
+
 # 3. batch size
 
 

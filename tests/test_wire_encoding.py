@@ -85,3 +85,29 @@ def test_a_non_finite_number_is_found_in_every_kind_of_container(params: object)
 def test_nulls_and_finite_floats_pass_the_check() -> None:
     rows = [{"id": number, "parent": None, "score": -0.0, "big": 1e300} for number in range(1000)]
     assert encode_json(rows) == orjson.dumps(rows)
+
+
+# deadline_ms on the wire (docs/protocol.md: only a positive value bounds a call)
+
+
+def test_a_call_with_under_a_millisecond_left_is_not_sent_as_having_no_deadline() -> None:
+    from providers.invocation import Invocation
+
+    now = 100.0
+    invocation = Invocation("p", "1.0.0", "m", {}, deadline=now + 0.0004, request_id="r-1")
+    # 0 would tell the plugin the call has no deadline at all.
+    assert invocation.context_wire(now)["deadline_ms"] == 1
+    assert invocation.context_wire(now - 1)["deadline_ms"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("sent", "read"),
+    [(5000, 5000), (1, 1), (0, None), (-5, None), (True, None), ("5000", None), (None, None)],
+)
+def test_a_plugin_reads_only_a_positive_integer_as_a_deadline(sent: object, read: object) -> None:
+    from linchkit_plugin.wire import parse_request
+
+    request = parse_request(
+        {"v": 1, "method": "m", "params": None, "context": {"request_id": "r", "deadline_ms": sent}}
+    )
+    assert request.deadline_ms == read

@@ -144,8 +144,11 @@ class RequestEnvelope:
 
     @property
     def deadline_ms(self) -> int | None:
+        """The call's time in milliseconds; None when it has none. Only a positive integer
+        bounds a call (docs/protocol.md): 0 is unset, and a negative value is a host's
+        mistake, not a call already late (it failed at once on HTTP, Lambda and Knative)."""
         value = self.context.get("deadline_ms")
-        return value if isinstance(value, int) else None
+        return value if type(value) is int and value > 0 else None
 
 
 def parse_request(payload: Any) -> RequestEnvelope:

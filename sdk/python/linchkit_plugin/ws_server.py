@@ -251,9 +251,7 @@ class PluginSession:
         try:
             try:
                 request = parse_request(frame.get("request"))
-                # Only a positive deadline bounds the call: a negative one is a host's
-                # mistake, not a call already late (as on gRPC).
-                deadline_ms = request.deadline_ms if (request.deadline_ms or 0) > 0 else None
+                deadline_ms = request.deadline_ms  # positive, or None (no deadline)
                 timeout = None if deadline_ms is None else deadline_ms / 1000
                 if kind == "call":
                     result = await self.host.call_with_deadline(
