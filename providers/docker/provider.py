@@ -34,6 +34,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from functools import partial
 from typing import Any
 
 from linchkit_plugin.errors import (
@@ -215,11 +216,14 @@ class DockerProvider(Provider[DockerTarget]):
         engine = self._require_engine()
         selector = f"{LABEL_PLUGIN}={plugin.key}"
 
-        async def containers() -> list[tuple[str, str]]:
+        async def containers(*, started: bool = False) -> list[tuple[str, str]]:
             found = [
                 summary
                 for summary in await engine.containers(selector)
                 if summary.get("Image") == target.image
+                # The engine ends a follow of a container created but not started yet at
+                # once, with nothing: such a container is followed from a later look.
+                and not (started and summary.get("State") == "created")
             ]
             found.sort(key=lambda summary: summary.get("Created", 0))
             return [
@@ -240,7 +244,7 @@ class DockerProvider(Provider[DockerTarget]):
                 except EngineError as error:  # removed meanwhile
                     yield f"{name} | (logs unavailable: {error.message})"
             return
-        async for line in self._follow_logs(engine, containers, lines):
+        async for line in self._follow_logs(engine, partial(containers, started=True), lines):
             yield line
 
     async def _follow_logs(
