@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import AfterValidator, AnyHttpUrl, BeforeValidator, SecretStr
 
@@ -28,6 +28,8 @@ __all__ = [
     "checked_token",
     "checked_url",
     "checked_url_port",
+    "http_url_parts",
+    "refuse_aws_credentials",
 ]
 
 #: RFC 9110's token, the characters of a header name.
@@ -108,6 +110,32 @@ def checked_url(url: object) -> object:
             raise ValueError("a URL has no spaces, tabs, line breaks or other control characters")
         checked_url_port(url)
     return url
+
+
+def http_url_parts(url: str, what: str) -> SplitResult:
+    """``url``'s parts when it is an http:// or https:// URL with a host; else
+    ``ValueError`` naming ``what``, never quoting the URL."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # a bracket without its pair
+        host = None
+    if not host or parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{what} must be an http:// or https:// URL with a host")
+    return parts
+
+
+def refuse_aws_credentials(parts: SplitResult, what: str) -> None:
+    """``ValueError`` if an AWS endpoint's URL holds a user or password: botocore signs
+    each request with the credentials of its chain and never uses them, and aiohttp
+    refuses them beside the signature, so every call failed while the manifest held a
+    secret that was never used."""
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"{what} takes no user or password: AWS credentials come from the"
+            " environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a profile"
+            " (AWS_PROFILE), never from the URL"
+        )
 
 
 def checked_base_url(url: object) -> object:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from providers._headers import checked_url_port
+from providers._headers import checked_url_port, http_url_parts, refuse_aws_credentials
 from providers.target import StrictModel
 
 __all__ = ["JobsConfig", "SqsJobsConfig"]
@@ -77,28 +76,15 @@ class SqsJobsConfig(StrictModel):
         Messages never quote the URL."""
         if url is None:
             return None
-        field = info.field_name
+        field = info.field_name or "the URL"
         if _CONTROL_OR_SPACE.search(url):
             raise ValueError(f"{field} has spaces, tabs, line breaks or other control characters")
         try:
             checked_url_port(url)
         except ValueError:
             raise ValueError(f"{field}: a URL's port is a number between 1 and 65535") from None
-        try:
-            parts = urlsplit(url)
-            host = parts.hostname
-        except ValueError:  # a bracket without its pair
-            host = None
-        if not host or parts.scheme.lower() not in ("http", "https"):
-            raise ValueError(f"{field} must be an http:// or https:// URL with a host")
-        if "@" in parts.netloc:
-            # AWS signs each request with the credentials of its chain; a URL's user and
-            # password were never used (aiohttp refuses them beside the signature).
-            raise ValueError(
-                f"{field} takes no user or password: AWS credentials come from the"
-                " environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a profile"
-                " (AWS_PROFILE), never from the URL"
-            )
+        parts = http_url_parts(url, field)
+        refuse_aws_credentials(parts, field)
         if parts.query or parts.fragment or "?" in url or "#" in url:
             raise ValueError(
                 f"{field} has no query or fragment: a queue's URL is"

@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from providers._headers import HeaderFields, checked_url
+from providers._headers import HeaderFields, checked_url, http_url_parts
 from providers.target import StrictModel
 
 __all__ = ["LogSettings", "MetricsSettings", "ResolvedTracing", "Telemetry", "TracingSettings"]
@@ -70,13 +69,7 @@ class TracingSettings(StrictModel):
         if endpoint is None:
             return None
         checked_url(endpoint)
-        try:
-            parts = urlsplit(endpoint)
-            host = parts.hostname
-        except ValueError:  # a bracket without its pair
-            host = None
-        if not host or parts.scheme.lower() not in ("http", "https"):
-            raise ValueError("the OTLP endpoint must be an http:// or https:// URL with a host")
+        parts = http_url_parts(endpoint, "the OTLP endpoint")
         if parts.fragment or "#" in endpoint:
             raise ValueError("the OTLP endpoint has no fragment: it would not be sent")
         return endpoint

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from providers._headers import checked_base_url
+from providers._headers import checked_base_url, http_url_parts, refuse_aws_credentials
 from providers.target import Destination, ManifestPath, StrictModel, TargetConfig
 
 __all__ = ["LambdaDeploySettings", "LambdaTarget"]
@@ -80,18 +80,9 @@ class LambdaTarget(TargetConfig):
         if endpoint_url is None:
             return None
         checked_base_url(endpoint_url)
-        parts = urlsplit(endpoint_url)
-        if "@" in parts.netloc:
-            # aiohttp refuses a URL's credentials beside botocore's signature: every call
-            # failed with "Cannot combine AUTHORIZATION header with … credentials encoded
-            # in URL", and the manifest held a secret that was never used.
-            raise ValueError(
-                "endpoint_url takes no user or password: AWS credentials come from the"
-                " environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or a profile"
-                " (AWS_PROFILE), never from the URL"
-            )
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ValueError("endpoint_url must be an http:// or https:// URL with a host")
+        # Credentials first: they are the likelier mistake, and the message says why.
+        refuse_aws_credentials(urlsplit(endpoint_url), "endpoint_url")
+        http_url_parts(endpoint_url, "endpoint_url")
         return endpoint_url
 
     def destinations(self) -> tuple[Destination, ...]:
