@@ -5,7 +5,7 @@ document (``plugins[0].methods.say.target.url``) and what was expected. A value 
 from ``${NAME}`` is never echoed back: it may be a secret. Neither is the value of a field
 that never prints (``SecretStr``, a model's ``secret_fields``, ``repr=False``), a list or
 a map (they may hold either), nor a text holding ``@`` (a URL's user and password) unless
-it is a URL whose credentials can be masked (``masked_url``).
+it is a URL whose credentials can be masked (``dispatcher.config.quoting``).
 
 Every destination a target names (``TargetConfig.destinations()``), the JWKS URL of
 ``auth.jwt`` and the OTLP endpoint traces go to are checked against the manifest's
@@ -24,19 +24,19 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, Field, SecretBytes, SecretStr, Tag, ValidationError
+from pydantic import Field, ValidationError
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
 from dispatcher.config.fallbacks import fallback_problems
 from dispatcher.config.includes import INCLUDED_KEYS, Document, expand_includes, read_document
 from dispatcher.config.manifest import Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import Policies
+from dispatcher.config.quoting import is_secret, shown_input
 from providers import provider_classes
-from providers.target import MASK, Destination, TargetConfig, masked_url
+from providers.target import MASK, Destination, TargetConfig
 
 __all__ = [
     "collector_paused",
@@ -308,7 +308,7 @@ def _problems_from(
             if path[: len(location)] == location or location[: len(path)] == path
             for value in values
         ]
-        quote_this = quote and not _is_secret(detail["loc"])
+        quote_this = quote and not is_secret(manifest_model(), detail["loc"])
         message = _explain(detail, location, show_input=not secrets, quote=quote_this)
         for secret in sorted(secrets, key=len, reverse=True):
             if secret:
@@ -352,100 +352,8 @@ def _explain(
         return message  # a registry entry's input is never echoed
     if not show_input:
         return f"{message} (got a value from the environment, not shown)"
-    shown = _shown_input(detail.get("input"))
+    shown = shown_input(detail.get("input"))
     return message if shown is None else f"{message} (got {shown})"
-
-
-def _shown_input(value: Any) -> str | None:
-    """What a problem may quote of the input it refused: a number, a boolean, a text;
-    a URL with its credentials masked, never a text holding ``@`` otherwise (a user and
-    password that did not parse as such: ``u:pw@h``, ``http://u:p/w@h``)."""
-    if isinstance(value, dict):
-        return "a map"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if not isinstance(value, str):
-        return f"{value!r:.80}" if value is None or isinstance(value, bool | int | float) else None
-    if "@" in value:
-        try:
-            value = masked_url(value)
-        except ValueError:  # not a URL urlsplit takes (a bad IPv6 literal, say)
-            return None
-        if value.count("@") != 1 or not value.partition("@")[0].endswith(MASK):
-            return None
-    return f"{value!r:.80}"
-
-
-#: Types whose values never print, nor are quoted by a problem.
-_SECRET_TYPES = (SecretStr, SecretBytes)
-
-
-def _is_secret(location: tuple[str | int, ...]) -> bool:
-    """Whether the problem at pydantic's ``location`` (union tags included) is in a value
-    that never prints: a ``SecretStr``, a field of a model's ``secret_fields`` or one
-    declared ``repr=False``, or anything inside one. Unknown shapes count as not secret:
-    the other rules (no map, no list, no URL credentials) still apply."""
-    candidates: list[Any] = [manifest_model()]
-    for part in location:
-        following: list[Any] = []
-        members = _members(candidates)
-        tagged = [m for m in members if _tag_of(m) == part] if len(members) > 1 else []
-        if tagged:
-            candidates = [_plain(member) for member in tagged]
-            continue
-        for kind in map(_plain, members):
-            if isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(part, str):
-                field = kind.model_fields.get(part)
-                if field is None:
-                    continue
-                if part in getattr(kind, "secret_fields", ()) or field.repr is False:
-                    return True
-                following.append(field.annotation)
-            elif getattr(kind, "__origin__", None) in (list, tuple, set, frozenset):
-                following.extend(getattr(kind, "__args__", ()))
-            elif getattr(kind, "__origin__", None) is dict:
-                following.extend(getattr(kind, "__args__", ())[1:])
-        if following:
-            candidates = following
-        # else: a tag pydantic adds (``function-after[…]``), or a shape not followed
-    return any(
-        isinstance(kind, type) and issubclass(kind, _SECRET_TYPES)
-        for kind in map(_plain, _members(candidates))
-    )
-
-
-def _members(kinds: list[Any]) -> list[Any]:
-    """``kinds`` with every union spread into its members (each kept ``Annotated``)."""
-    spread: list[Any] = []
-    for kind in kinds:
-        inner = get_args(kind)[0] if get_origin(kind) is Annotated else kind
-        if get_origin(inner) in (Union, UnionType):
-            spread.extend(_members(list(get_args(inner))))
-        else:
-            spread.append(kind)
-    return spread
-
-
-def _plain(kind: Any) -> Any:
-    while get_origin(kind) is Annotated:
-        kind = get_args(kind)[0]
-    return kind
-
-
-def _tag_of(member: Any) -> Any:
-    """The tag pydantic puts in a location for this member of a discriminated union:
-    its ``Tag``, or the one value of a ``Literal`` field (``provider: Literal["http"]``)."""
-    if get_origin(member) is Annotated:
-        tags = [item.tag for item in member.__metadata__ if isinstance(item, Tag)]
-        if tags:
-            return tags[0]
-    kind = _plain(member)
-    if isinstance(kind, type) and issubclass(kind, BaseModel):
-        for field in kind.model_fields.values():
-            values = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
-            if len(values) == 1 and field.is_required():
-                return values[0]
-    return None
 
 
 def _semantic_problems(
