@@ -11,11 +11,11 @@ export GOFLAGS="${GOFLAGS:-} -buildvcs=false -trimpath"
 PROTOC_GEN_GO_VERSION=v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION=v1.6.2
 proto=../../proto/plugin.proto
-stamp=pluginpb/plugin.proto.sha256
+stamp=internal/pluginpb/plugin.proto.sha256
 
 # The generated code is committed; regenerate it only when proto/plugin.proto changed.
 if [ "$(sha256sum "$proto" | cut -d' ' -f1)" != "$(cat "$stamp" 2>/dev/null)" ]; then
-    echo "proto/plugin.proto changed: regenerating sdk/go/pluginpb" >&2
+    echo "proto/plugin.proto changed: regenerating sdk/go/internal/pluginpb" >&2
     if ! command -v protoc >/dev/null; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             apt-get install -y -q protobuf-compiler >/dev/null 2>&1 \
@@ -28,8 +28,8 @@ if [ "$(sha256sum "$proto" | cut -d' ' -f1)" != "$(cat "$stamp" 2>/dev/null)" ];
     GOBIN="$tools" go install "google.golang.org/protobuf/cmd/protoc-gen-go@$PROTOC_GEN_GO_VERSION"
     GOBIN="$tools" go install "google.golang.org/grpc/cmd/protoc-gen-go-grpc@$PROTOC_GEN_GO_GRPC_VERSION"
     PATH="$tools:$PATH" protoc -I ../../proto \
-        --go_out=pluginpb --go_opt=paths=source_relative \
-        --go-grpc_out=pluginpb --go-grpc_opt=paths=source_relative \
+        --go_out=internal/pluginpb --go_opt=paths=source_relative \
+        --go-grpc_out=internal/pluginpb --go-grpc_opt=paths=source_relative \
         "$proto"
     sha256sum "$proto" | cut -d' ' -f1 > "$stamp"
 fi

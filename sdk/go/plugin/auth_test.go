@@ -14,7 +14,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+	"github.com/linchkit/dispatcher/sdk/go/internal/pluginpb"
 )
 
 func TestConfiguredToken(t *testing.T) {

@@ -6,7 +6,7 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+	"github.com/linchkit/dispatcher/sdk/go/internal/pluginpb"
 )
 
 // The dispatcher's stable error types (docs/protocol.md). A plugin may also use its own

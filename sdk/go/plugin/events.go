@@ -6,7 +6,7 @@ import (
 	"os"
 	"sync"
 
-	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+	"github.com/linchkit/dispatcher/sdk/go/internal/pluginpb"
 )
 
 // Bounds on events waiting for the host: kept while no Events stream is open (the host

@@ -25,7 +25,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
-	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+	"github.com/linchkit/dispatcher/sdk/go/internal/pluginpb"
 )
 
 // testPlugin has one method per way a method can end.

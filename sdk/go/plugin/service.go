@@ -16,7 +16,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+	"github.com/linchkit/dispatcher/sdk/go/internal/pluginpb"
 )
 
 // ServiceName is the health service name of the plugin service.

@@ -14,7 +14,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/linchkit/dispatcher/sdk/go/pluginpb"
+	"github.com/linchkit/dispatcher/sdk/go/internal/pluginpb"
 )
 
 const (

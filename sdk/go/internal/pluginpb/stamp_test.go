@@ -11,7 +11,7 @@ import (
 // The generated code is committed; build.sh regenerates it when the proto changes. This
 // fails when someone edited proto/plugin.proto and did not run sdk/go/build.sh.
 func TestGeneratedCodeMatchesTheProto(t *testing.T) {
-	proto, err := os.ReadFile("../../../proto/plugin.proto")
+	proto, err := os.ReadFile("../../../../proto/plugin.proto")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -21,6 +21,6 @@ func TestGeneratedCodeMatchesTheProto(t *testing.T) {
 	}
 	sum := sha256.Sum256(proto)
 	if hex.EncodeToString(sum[:]) != strings.TrimSpace(string(stamp)) {
-		t.Fatal("sdk/go/pluginpb is stale: proto/plugin.proto changed; run sdk/go/build.sh")
+		t.Fatal("sdk/go/internal/pluginpb is stale: proto/plugin.proto changed; run sdk/go/build.sh")
 	}
 }

@@ -969,8 +969,8 @@ const file_plugin_proto_rawDesc = "" +
 	"\tCallBatch\x12 .linchkit.plugin.v1.BatchRequest\x1a\x1e.linchkit.plugin.v1.BatchReply\x12O\n" +
 	"\n" +
 	"CallStream\x12\x1f.linchkit.plugin.v1.CallRequest\x1a\x1e.linchkit.plugin.v1.StreamItem0\x01\x12L\n" +
-	"\x06Events\x12\x1d.linchkit.plugin.v1.HostEvent\x1a\x1f.linchkit.plugin.v1.PluginEvent(\x010\x01BS\n" +
-	"\x16dev.linchkit.plugin.v1P\x01Z7github.com/linchkit/dispatcher/sdk/go/pluginpb;pluginpbb\x06proto3"
+	"\x06Events\x12\x1d.linchkit.plugin.v1.HostEvent\x1a\x1f.linchkit.plugin.v1.PluginEvent(\x010\x01B\\\n" +
+	"\x16dev.linchkit.plugin.v1P\x01Z@github.com/linchkit/dispatcher/sdk/go/internal/pluginpb;pluginpbb\x06proto3"
 
 var (
 	file_plugin_proto_rawDescOnce sync.Once
