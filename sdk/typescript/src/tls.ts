@@ -7,7 +7,7 @@ import 'reflect-metadata'; // @peculiar/x509 resolves its parts through tsyringe
 import { webcrypto, randomBytes } from 'node:crypto';
 import * as x509 from '@peculiar/x509';
 
-x509.cryptoProvider.set(webcrypto as unknown as Crypto);
+x509.cryptoProvider.set(webcrypto);
 
 export interface ServerCertificate {
   certPem: string;
@@ -23,7 +23,7 @@ function pem(label: string, der: ArrayBuffer): string {
 }
 
 export async function generateServerCertificate(commonName = 'localhost'): Promise<ServerCertificate> {
-  const keys = (await webcrypto.subtle.generateKey(ALGORITHM, true, ['sign', 'verify'])) as CryptoKeyPair;
+  const keys = (await webcrypto.subtle.generateKey(ALGORITHM, true, ['sign', 'verify'])) as webcrypto.CryptoKeyPair;
   const serial = randomBytes(16);
   serial[0] = (serial[0] as number) & 0x7f; // a positive integer
   const now = Date.now();
