@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Builds the TypeScript SDK and its example plugin from the npm registry, then runs the
-# SDK's tests: leaves sdk/typescript/dist/example-plugin. Idempotent: with nothing changed
-# since the last good build it returns at once.
+# SDK's tests. Leaves the package a consumer imports in sdk/typescript/dist (index.js,
+# index.d.ts, … and proto/plugin.proto, what package.json's `files` ships), the example
+# plugin and the tests compiled beside it (dist/examples, dist/test, never shipped), and
+# the launcher dist/example-plugin. Idempotent: with nothing changed since the last good
+# build it returns at once.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 STAMP=dist/.built
-SOURCES=(src examples test package.json package-lock.json tsconfig.json build.sh ../../proto/plugin.proto)
+SOURCES=(src examples test package.json package-lock.json tsconfig.json tsconfig.test.json build.sh ../../proto/plugin.proto)
 
 if [[ -f $STAMP && -x dist/example-plugin && -d node_modules ]] \
   && [[ -z $(find "${SOURCES[@]}" -newer "$STAMP" -print -quit) ]]; then
@@ -20,17 +23,20 @@ if [[ ! -f node_modules/.package-lock.json || package-lock.json -nt node_modules
 fi
 
 rm -f "$STAMP"
-node_modules/.bin/tsc -p tsconfig.json
+# The SDK (tsconfig.json: src only, into dist/), then the tests and the example against it
+# as a consumer sees it (tsconfig.test.json: @linchkit/plugin-sdk, into dist/test and
+# dist/examples).
+node_modules/.bin/tsc -b tsconfig.test.json
 mkdir -p dist/proto
 cp ../../proto/plugin.proto dist/proto/plugin.proto
 
 cat > dist/example-plugin <<'WRAPPER'
 #!/bin/sh
 # The TypeScript example plugin (built by sdk/typescript/build.sh).
-exec node "$(dirname "$0")/lib/examples/example-plugin.js" "$@"
+exec node "$(dirname "$0")/examples/example-plugin.js" "$@"
 WRAPPER
 chmod +x dist/example-plugin
 
-node --test dist/lib/test/
+node --test dist/test/
 touch "$STAMP"
 echo "sdk/typescript: built dist/example-plugin"

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./build.sh >/dev/null
-exec node --test dist/lib/test/
+exec node --test dist/test/

@@ -387,7 +387,7 @@ def test_the_java_plugin_maps_its_class_data_archive_from_anywhere(tmp_path: Pat
 def test_subprocess_mode_with_automtls(language: str) -> None:
     build("typescript")  # the harness; needs node whichever plugin it drives
     executable = build(language)
-    harness = ROOT / "sdk" / "typescript" / "dist" / "lib" / "test" / "subprocess.test.js"
+    harness = ROOT / "sdk" / "typescript" / "dist" / "test" / "subprocess.test.js"
     env = {
         **os.environ,
         "LINCHKIT_EXAMPLE_PLUGIN": str(executable),

@@ -3,7 +3,7 @@
  * written on the TypeScript SDK: the author writes only the methods.
  */
 import { createHash } from 'node:crypto';
-import { Params, Plugin, PluginError, serve } from '../src';
+import { Params, Plugin, PluginError, serve } from '@linchkit/plugin-sdk';
 
 export function digest(data: string, rounds: number): string {
   let bytes: Buffer = createHash('sha256').update(data, 'utf8').digest();

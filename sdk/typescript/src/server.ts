@@ -35,12 +35,13 @@ export const EVENTS_PER_STREAM = 1024;
 export const MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
-/** Where plugin.proto is: next to the compiled SDK (dist/proto), or the repository's proto/. */
+/** Where plugin.proto is: next to the compiled SDK (dist/proto, which build.sh and `npm run
+ * build` copy there and the package ships), or the repository's proto/ (a checkout's dist/). */
 export function protoPath(): string {
   const candidates = [
     process.env.LINCHKIT_PLUGIN_PROTO,
-    path.resolve(__dirname, '../../proto/plugin.proto'),
-    path.resolve(__dirname, '../../../../../proto/plugin.proto'),
+    path.resolve(__dirname, 'proto/plugin.proto'),
+    path.resolve(__dirname, '../../../proto/plugin.proto'),
   ];
   for (const candidate of candidates) if (candidate && existsSync(candidate)) return candidate;
   throw new Error(`plugin.proto not found; looked in ${candidates.filter(Boolean).join(', ')}`);

@@ -7,9 +7,8 @@ import { inspect } from 'node:util';
 import { test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV } from '../src/auth';
-import { Plugin } from '../src/plugin';
-import { PluginServer, protoPath } from '../src/server';
+import { BearerToken, Plugin, PluginServer, TOKEN_ENV, TOKEN_FILE_ENV } from '@linchkit/plugin-sdk';
+import { protoPath } from '#internal/server';
 
 test('admits only the token, and never shows it', () => {
   const token = new BearerToken(' s3cret\n');

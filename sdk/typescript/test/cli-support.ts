@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 
 /** This SDK's own example plugin, whatever LINCHKIT_EXAMPLE_PLUGIN names for subprocess.test.ts. */
-export const PLUGIN = path.resolve(__dirname, '../../example-plugin');
+export const PLUGIN = path.resolve(__dirname, '../example-plugin');
 /** No token in the environment, so nothing is read from the developer's own. */
 export const ENV = { PATH: process.env.PATH ?? '' };
 /** Words that mean the runtime printed a crash instead of an answer. */

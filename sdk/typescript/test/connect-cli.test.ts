@@ -8,8 +8,8 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { test } from 'node:test';
-import { CONNECT_USAGE, parseConnectCommand, parseGatewayUrl } from '../src/connect';
-import { HandshakeError } from '../src/handshake';
+import { CONNECT_USAGE, parseConnectCommand, parseGatewayUrl } from '#internal/connect';
+import { HandshakeError } from '#internal/handshake';
 import { CRASHES, ENV, PLUGIN, type Ran, assertOneLineFailure, runPlugin } from './cli-support';
 
 const BAD_URLS = ['', 'not-a-url', 'ftp://127.0.0.1/v1/plugins/connect', 'ws://', 'ws//127.0.0.1:8080/v1/plugins/connect', 'ws:///v1/plugins/connect', 'ws:127.0.0.1:8080/v1/plugins/connect', 'file:///tmp/socket', 'ws://127.0.0.1:99999/'];

@@ -1,8 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { DeadlineExceeded, InvalidParams, MethodNotFound, PluginError, toWireError } from '../src/errors';
-import { Params } from '../src/params';
-import { errorReply } from '../src/server';
+import { DeadlineExceeded, InvalidParams, MethodNotFound, Params, PluginError, toWireError } from '@linchkit/plugin-sdk';
+import { errorReply } from '#internal/server';
 import { digest } from '../examples/example-plugin';
 
 test("a plugin's own error keeps its type, retryable, details and retry_after", () => {

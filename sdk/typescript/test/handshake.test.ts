@@ -9,7 +9,7 @@ import {
   parseHandshakeLine,
   rawStdBase64,
   readHandshakeEnv,
-} from '../src/handshake';
+} from '#internal/handshake';
 
 const cookie = { LINCHKIT_PLUGIN_MAGIC_COOKIE: MAGIC_COOKIE_VALUE };
 

@@ -7,8 +7,8 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import * as net from 'node:net';
 import { test } from 'node:test';
-import { HandshakeError, parseCommand } from '../src/handshake';
-import { ListenError, cannotListen, formatListenAddress, listen, parseListenAddress } from '../src/listen';
+import { HandshakeError, parseCommand } from '#internal/handshake';
+import { ListenError, cannotListen, formatListenAddress, listen, parseListenAddress } from '#internal/listen';
 import { type Ran, assertOneLineFailure, runPlugin } from './cli-support';
 
 const serveCli = (...args: string[]): Ran => runPlugin('serve', ...args);

@@ -14,11 +14,11 @@ import * as path from 'node:path';
 import { after, before, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import { MAGIC_COOKIE_VALUE, parseHandshakeLine } from '../src/handshake';
-import { protoPath } from '../src/server';
-import { generateServerCertificate } from '../src/tls';
+import { MAGIC_COOKIE_VALUE, parseHandshakeLine } from '#internal/handshake';
+import { protoPath } from '#internal/server';
+import { generateServerCertificate } from '#internal/tls';
 
-const PLUGIN = process.env.LINCHKIT_EXAMPLE_PLUGIN || path.resolve(__dirname, '../../example-plugin');
+const PLUGIN = process.env.LINCHKIT_EXAMPLE_PLUGIN || path.resolve(__dirname, '../example-plugin');
 const RUNTIME = process.env.LINCHKIT_EXAMPLE_RUNTIME || 'typescript';
 
 function derToPem(der: Buffer): string {

@@ -13,9 +13,8 @@ import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { trace } from '@opentelemetry/api';
-import { Plugin } from '../src/plugin';
-import { type CallReplyMessage, PluginServer } from '../src/server';
-import { Tracing } from '../src/tracing';
+import { Plugin, PluginServer, Tracing } from '@linchkit/plugin-sdk';
+import type { CallReplyMessage } from '#internal/server';
 
 const TRACE = '4bf92f3577b34da6a3ce929d0e0e4736';
 const ATTEMPT = '00f067aa0ba902b7';

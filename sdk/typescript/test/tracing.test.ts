@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { Tracing, tracesEndpoint } from '../src/tracing';
+import { Tracing, tracesEndpoint } from '@linchkit/plugin-sdk';
 
 const plugin = { id: 'example', version: '1.0.0' };
 

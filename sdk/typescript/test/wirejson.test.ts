@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { decodeJson } from '../src/server';
-import { MAX_DEPTH, shownName, unusable } from '../src/wirejson';
+import { decodeJson } from '#internal/server';
+import { MAX_DEPTH, shownName, unusable } from '#internal/wirejson';
 
 const deep = (n: number): string => '['.repeat(n) + ']'.repeat(n);
 
