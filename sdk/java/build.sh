@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds the Java SDK and its example plugin from Maven Central, running the SDK's JUnit
-# tests on the way: leaves sdk/java/dist/example-plugin (a wrapper around one shaded jar).
+# Builds the Java SDK and its example plugin from Maven Central, running their JUnit tests on
+# the way: installs the SDK jar in ~/.m2 (as a plugin author does, README), then builds the
+# example (example/, a plugin depending on that jar) and leaves sdk/java/dist/example-plugin
+# (a wrapper around its one shaded jar).
 # Idempotent: with nothing changed since the last good build it returns at once.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 STAMP=dist/.built
-SOURCES=(src pom.xml build.sh ../../proto/plugin.proto)
+SOURCES=(src pom.xml example/src example/pom.xml build.sh ../../proto/plugin.proto)
 
 if [[ -f $STAMP && -x dist/example-plugin && -f dist/example-plugin.jar ]] \
   && [[ -z $(find "${SOURCES[@]}" -newer "$STAMP" -print -quit) ]]; then
@@ -49,21 +51,26 @@ train_class_data_archive() {
   rm -rf "$tmp"
 }
 
-# Offline once the local repository is known to hold everything this pom needs (a build
-# with this pom went through); online otherwise, and when offline fails after all.
+# Offline once the local repository is known to hold everything these poms need (a build
+# with them went through); online otherwise, and when offline fails after all. The SDK is
+# installed first: the example resolves it from ~/.m2 like any plugin.
 OFFLINE_OK=target/.offline-ok
 MVN=(mvn -B -q -Dstyle.color=never)
-if [[ -f $OFFLINE_OK && ! pom.xml -nt $OFFLINE_OK ]] && "${MVN[@]}" -o package; then
-  :
-else
-  "${MVN[@]}" package
-fi
+maven() { # maven ARGS...: offline when known to work, else online
+  if [[ -f $OFFLINE_OK && ! pom.xml -nt $OFFLINE_OK && ! example/pom.xml -nt $OFFLINE_OK ]] \
+    && "${MVN[@]}" -o "$@"; then
+    return 0
+  fi
+  "${MVN[@]}" "$@"
+}
+maven install
+maven -f example/pom.xml package
 touch "$OFFLINE_OK"
-grep -h 'Tests run' target/surefire-reports/*.txt || true
+grep -h 'Tests run' target/surefire-reports/*.txt example/target/surefire-reports/*.txt || true
 
 rm -f "$STAMP"
 mkdir -p dist
-cp target/example-plugin.jar dist/example-plugin.jar
+cp example/target/example-plugin.jar dist/example-plugin.jar
 cat > dist/example-plugin <<'WRAPPER'
 #!/bin/sh
 # The Java example plugin (built by sdk/java/build.sh). JVM warnings go to stderr, never to

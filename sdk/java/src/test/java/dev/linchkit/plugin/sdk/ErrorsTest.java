@@ -7,7 +7,6 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
-import dev.linchkit.plugin.example.ExamplePlugin;
 import dev.linchkit.plugin.v1.CallReply;
 import dev.linchkit.plugin.v1.Error;
 import java.util.concurrent.CompletionException;
@@ -59,11 +58,5 @@ class ErrorsTest {
     assertThrows(PluginException.class, () -> params.string("s"));
     assertEquals(3, params.integer("big"), "3.0 is an integer in JSON");
     assertEquals(3, new Params(JsonParser.parseString("{\"n\": 3}"), "count").integer("n", 0, 10));
-  }
-
-  @Test
-  void digestHashesThePreviousDigestEachRound() throws Exception {
-    assertEquals("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", ExamplePlugin.digest("abc", 1));
-    assertEquals("4f8b42c22dd3729b519ba6f68d2da7cc5b2d606d05daed5ad5128cc03e6c6358", ExamplePlugin.digest("abc", 2));
   }
 }
