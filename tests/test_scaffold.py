@@ -15,6 +15,8 @@ import pytest
 from click.testing import CliRunner
 
 from dispatcher.cli import main
+from dispatcher.cli.new import _java_values
+from tests.conftest import ROOT
 from tests.sdk_toolchains import (
     CARGO,
     GO_AS_MAKE_SDKS,
@@ -139,6 +141,17 @@ def test_the_java_scaffold_builds_offline_passes_its_test_and_answers_a_call(
     assert "Tests run: 1, Failures: 0, Errors: 0" in "".join(r.read_text() for r in reports)
     succeed([MVN, "-B", "-q", "-o", "package", "-DskipTests"], plugin)
     assert call_greet(plugin) == {"message": "hi, Ada", "caller": ""}
+
+
+def test_the_java_example_builds_on_the_sdk_and_junit_versions_of_the_sdk_pom() -> None:
+    """``sdk/java/example`` is a plugin of its own that depends on the installed SDK: its
+    pom repeats the SDK's version and JUnit's, which must move with ``sdk/java/pom.xml``
+    (as the scaffold reads them from there)."""
+    sdk = ROOT / "sdk" / "java"
+    versions = _java_values(sdk)
+    example = (sdk / "example" / "pom.xml").read_text(encoding="utf-8")
+    assert f"<linchkit.sdk.version>{versions['java_sdk_version']}<" in example
+    assert f"<junit.version>{versions['junit_version']}<" in example
 
 
 @pytest.mark.toolchain
