@@ -5,16 +5,18 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::events::EventStream;
 use crate::pb::plugin_service_server::PluginService;
+use crate::size_status::restated;
 
 /// The most calls one `CallBatch` may carry: the dispatcher's batcher sends at most this
 /// many (docs/protocol.md).
@@ -459,13 +461,34 @@ impl PluginService for Service {
         let mut host_events = request.into_inner();
         let handlers = self.0.handlers.clone();
         let emitter = self.0.emitter.clone();
+        let (refuse, refusal) = oneshot::channel();
         tokio::spawn(async move {
-            while let Ok(Some(event)) = host_events.message().await {
-                if let Some(handler) = handlers.get(&event.name) {
-                    handler(Json::from_wire(event.data_json), &emitter);
+            loop {
+                match host_events.message().await {
+                    Ok(Some(event)) => {
+                        if let Some(handler) = handlers.get(&event.name) {
+                            handler(Json::from_wire(event.data_json), &emitter);
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = refuse.send(restated(status));
+                        return;
+                    }
                 }
             }
         });
-        Ok(Response::new(receiver))
+        Ok(Response::new(ended_by(receiver, refusal)))
     }
+}
+
+/// The plugin's events until the host's side fails, then that failure as the stream's
+/// status. The headers went when the stream opened, so a host event tonic refuses (one
+/// over the size cap, one that is not a `HostEvent`) can only be answered in the
+/// trailers; without this the stream stayed open, and the host waited for its deadline
+/// instead of hearing why. Restated like a refused `Call`: one over the cap is
+/// RESOURCE_EXHAUSTED (docs/protocol.md).
+fn ended_by(events: EventStream, refusal: oneshot::Receiver<Status>) -> EventStream {
+    let refused = futures_util::stream::once(refusal).filter_map(|sent| sent.ok().map(Err));
+    Box::pin(events.merge(refused))
 }

@@ -6,18 +6,23 @@
 //!
 //! Only an answer that carries its status in the headers (a call refused before its handler
 //! ran: Call, CallBatch, CallStream) and whose message is tonic's own words for that is
-//! changed. A reply over the limit fails in the trailers, after the headers went: it stays
-//! OUT_OF_RANGE ("encoded message length too large"), which the dispatcher reads by its
-//! words.
+//! changed. An `Events` stream sent its headers when it opened: a host event over the limit
+//! reaches the handler as tonic's error, which [`restated`] turns into the same status for
+//! the stream's trailers. A reply over the limit fails in the trailers, after the headers
+//! went: it stays OUT_OF_RANGE ("encoded message length too large"), which the dispatcher
+//! reads by its words.
 
 use std::convert::Infallible;
 
 use tonic::codegen::http::{self, HeaderValue};
 use tonic::codegen::{BoxFuture, Context, Poll, Service};
 use tonic::server::NamedService;
+use tonic::{Code, Status};
 
 /// tonic's words for a request over the decoding limit, as percent-encoded in `grpc-message`.
 const DECODED_TOO_LARGE: &[u8] = b"decoded%20message%20length%20too%20large";
+/// The same words as tonic's `Status` carries them, before they go on the wire.
+const DECODED_TOO_LARGE_TEXT: &str = "decoded message length too large";
 const OUT_OF_RANGE: &str = "11";
 const RESOURCE_EXHAUSTED: &str = "8";
 
@@ -50,6 +55,16 @@ where
 
 impl<S: NamedService> NamedService for SizeStatus<S> {
     const NAME: &'static str = S::NAME;
+}
+
+/// `status` as a stream's trailers should carry it: tonic's refusal of a request message
+/// over the decoding limit is RESOURCE_EXHAUSTED, any other status is left alone.
+pub(crate) fn restated(status: Status) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains(DECODED_TOO_LARGE_TEXT) {
+        Status::resource_exhausted(status.message())
+    } else {
+        status
+    }
 }
 
 fn restate(headers: &mut http::HeaderMap) {
@@ -86,6 +101,21 @@ mod tests {
         );
         restate(&mut refused);
         assert_eq!(refused["grpc-status"], "8");
+    }
+
+    #[test]
+    fn a_stream_message_over_the_limit_is_resource_exhausted() {
+        let refused = restated(Status::out_of_range(
+            "Error, decoded message length too large: found 70000000 bytes, the limit is: 67108864 bytes",
+        ));
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(refused.message().contains("70000000 bytes"));
+        let other = restated(Status::out_of_range("index past the end"));
+        assert_eq!(other.code(), Code::OutOfRange);
+        let reply = restated(Status::out_of_range(
+            "Error, encoded message length too large",
+        ));
+        assert_eq!(reply.code(), Code::OutOfRange);
     }
 
     #[test]
