@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher
+from dispatcher import Dispatcher, parse_manifest
 from dispatcher.config import ManifestError, load_manifest
 from dispatcher.state import StateUnavailable
 from linchkit_plugin.errors import CircuitOpen, DeadlineExceeded, InvalidParams, RateLimited
@@ -595,3 +596,98 @@ def test_a_wrong_state_section_is_refused_where_it_is(
     path.write_text(json.dumps({"version": 1, "state": state, "plugins": []}))
     with pytest.raises(ManifestError, match=problem):
         load_manifest(path)
+
+
+# -- the Redis URL's query -------------------------------------------------------------------------
+
+#: redis-py hands every query argument to its connection class: these loaded, and the first
+#: connection failed deep in a call (a TypeError for an unknown key, a ValueError for a value
+#: its parser refuses), or quietly connected otherwise than the URL seemed to say.
+BROKEN_QUERIES = [
+    ("redis://:s3cret@127.0.0.1:6379/0?foo=bar", "holds 'foo', which the dispatcher does not"),
+    ("redis://:s3cret@127.0.0.1:6379/0?db=abc", "'db' in the Redis URL's query must be"),
+    ("redis://:s3cret@127.0.0.1:6379/0?db=-1", "'db' in the Redis URL's query must be"),
+    ("redis://:s3cret@127.0.0.1:6379/0?db=1&db=2", "gives 'db' twice"),
+    ("redis://:s3cret@127.0.0.1:6379/0?db=", "'db' in the Redis URL's query has no value"),
+    ("redis://:s3cret@127.0.0.1:6379/0?db", "'db' in the Redis URL's query has no value"),
+    ("redis://:s3cret@127.0.0.1:6379/0?socket_keepalive=flase", "must be yes or no"),
+    ("redis://:s3cret@127.0.0.1:6379/0?client_name=a%20b", "'client_name' in the Redis URL"),
+    ("unix://:s3cret@/tmp/redis.sock?socket_keepalive=yes", "for redis:// and rediss://"),
+    ("redis://:s3cret@127.0.0.1:6379/0?ssl_ca_certs=/ca.pem", "for rediss:// URLs only"),
+    ("rediss://:s3cret@127.0.0.1:6379/0?ssl_ca_certs=a%00b", "must be a file's path"),
+    ("redis://:s3cret@127.0.0.1:6379/0?s3cret%0a=1", "holds an argument, which"),
+]
+
+#: redis-py understands these, and a query argument wins over what the dispatcher passes:
+#: each would undo a field of the state section, the dispatcher's own retry and reply
+#: handling, or the checks of the server's certificate, or print a secret with the URL.
+REFUSED_QUERIES = [
+    ("redis://:s3cret@h:6379/0?socket_timeout=30", "'op_timeout_ms' sets it"),
+    ("redis://:s3cret@h:6379/0?socket_connect_timeout=30", "'op_timeout_ms' sets it"),
+    ("redis://:s3cret@h:6379/0?timeout=30", "'op_timeout_ms' sets it"),
+    ("redis://:s3cret@h:6379/0?max_connections=1000", "'pool_size' sets it"),
+    ("redis://:s3cret@h:6379/0?retry_on_timeout=yes", "how a Redis operation is retried"),
+    ("redis://:s3cret@h:6379/0?health_check_interval=5", "when a pooled connection"),
+    ("redis://:s3cret@h:6379/0?protocol=3", "RESP2"),
+    ("redis://:s3cret@h:6379/0?legacy_responses=no", "usual replies"),
+    ("rediss://:s3cret@h:6379/0?ssl_cert_reqs=none", "weaken how the server's certificate"),
+    ("rediss://:s3cret@h:6379/0?ssl_check_hostname=no", "weaken how the server's certificate"),
+    ("rediss://:s3cret@h:6379/0?ssl_min_version=769", "weaken how the server's certificate"),
+    ("rediss://:s3cret@h:6379/0?ssl_exclude_verify_flags=VERIFY_X509_STRICT", "weaken"),
+    ("rediss://:s3cret@h:6379/0?ssl_include_verify_flags=VERIFY_X509_PARTIAL_CHAIN", "weaken"),
+    ("rediss://:s3cret@h:6379/0?ssl_ciphers=NULL", "weaken how the server's certificate"),
+    ("redis://h:6379/0?password=s3cret", "before the host"),
+    ("unix:///tmp/redis.sock?username=u&password=s3cret", "before the host"),
+    ("rediss://h:6379/0?ssl_password=s3cret", "before the host"),
+]
+
+
+def write_state_url(folder: Path, url: str) -> Path:
+    path = folder / "plugins.yaml"
+    # The URL on line 4, as an operator writes it.
+    path.write_text(f"version: 1\nstate:\n  backend: redis\n  url: {json.dumps(url)}\n")
+    return path
+
+
+@pytest.mark.parametrize(("url", "problem"), BROKEN_QUERIES + REFUSED_QUERIES)
+def test_a_redis_url_query_is_refused_at_load_naming_the_line_and_field(
+    tmp_path: Path, url: str, problem: str
+) -> None:
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(write_state_url(tmp_path, url))
+    (refused,) = caught.value.problems
+    assert (refused.path, refused.line) == ("state.url", 4)
+    assert problem in refused.message
+    assert "s3cret" not in str(caught.value)
+
+
+#: Every argument the query takes, on each scheme that takes it.
+TAKEN_QUERIES = [
+    "redis://:pw@127.0.0.1:6379/0?db=3&client_name=linchkit-a&socket_keepalive=no",
+    "redis://127.0.0.1:6379?db=2",
+    "rediss://:pw@redis.example:6380/1?socket_keepalive=YES&ssl_ca_certs=/etc/ca.pem"
+    "&ssl_ca_path=/etc/ssl/certs&ssl_certfile=/run/client.pem&ssl_keyfile=/run/client.key",
+    "unix://:pw@/run/redis/redis.sock?db=4&client_name=linchkit",
+]
+
+
+@pytest.mark.parametrize("url", TAKEN_QUERIES)
+async def test_the_query_arguments_taken_are_ones_redis_py_connects_with(url: str) -> None:
+    """Held to the installed redis-py: a connection made from the URL takes every argument
+    (an argument its class does not take is the TypeError of the first connection)."""
+    parse_manifest({"version": 1, "state": {"backend": "redis", "url": url}})
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=1)
+    connection = pool.make_connection()
+    await connection.disconnect()
+
+
+async def test_the_query_reaches_a_real_redis(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/0?db=5&client_name={redis_prefix}"
+    url += "&socket_keepalive=yes"
+    async with Dispatcher(local_manifest(tmp_path, url, redis_prefix, "fail_closed")) as dispatcher:
+        await dispatcher.call("counter", "read", {"item": "x"}, timeout=5.0)
+        clients = redis_server.command("CLIENT", "LIST").decode()
+    named = [line for line in clients.splitlines() if f"name={redis_prefix} " in line]
+    assert named and all(" db=5 " in line for line in named), clients

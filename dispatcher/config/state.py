@@ -8,11 +8,10 @@ dispatcher replicas share rate limits, breakers, cached results and idempotency 
 from __future__ import annotations
 
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from providers._headers import checked_url
+from dispatcher.config.redis_url import checked_redis_url
 from providers.target import StrictModel
 
 __all__ = ["StateConfig"]
@@ -23,7 +22,10 @@ class StateConfig(StrictModel):
 
     backend: Literal["memory", "redis"] = "memory"
     url: str | None = Field(
-        default=None, description="redis://[user:password@]host:port/db (redis only)."
+        default=None,
+        description="redis://[user:password@]host:port/db (redis only); the query may set "
+        "db, client_name, socket_keepalive and, on rediss://, ssl_ca_certs, ssl_ca_path, "
+        "ssl_certfile and ssl_keyfile.",
     )
     # Required to be stated as a choice would be safer, but the default must keep calls
     # flowing: a cache or limiter store going away should not take every plugin down.
@@ -56,15 +58,10 @@ class StateConfig(StrictModel):
     @field_validator("url")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:
-        """What redis-py takes, as written (``checked_url``): a line break or a port past
-        65535 loaded and failed only when Redis was first reached. Never quoted: the URL
-        holds Redis's password."""
-        if url is None:
-            return None
-        checked_url(url)
-        if urlsplit(url).scheme.lower() not in ("redis", "rediss", "unix"):
-            raise ValueError("a Redis URL is redis://, rediss:// or unix://")
-        return url
+        """What redis-py takes as the dispatcher means it (``checked_redis_url``): a line
+        break, a port past 65535 or an unknown query argument loaded and failed only when
+        Redis was first reached. Never quoted: the URL holds Redis's password."""
+        return None if url is None else checked_redis_url(url)
 
     @model_validator(mode="after")
     def _redis_needs_a_url(self) -> StateConfig:
