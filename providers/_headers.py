@@ -29,6 +29,7 @@ __all__ = [
     "checked_url",
     "checked_url_port",
     "http_url_parts",
+    "is_header_name",
     "refuse_aws_credentials",
 ]
 
@@ -61,9 +62,14 @@ def checked_token(token: SecretStr | None) -> SecretStr | None:
     return token
 
 
+def is_header_name(name: str) -> bool:
+    """Whether ``name`` is an RFC 9110 token, what a header's name is."""
+    return _HEADER_NAME.fullmatch(name) is not None
+
+
 def _checked_headers(headers: dict[str, str]) -> dict[str, str]:
     for name, value in headers.items():
-        if not _HEADER_NAME.fullmatch(name):
+        if not is_header_name(name):
             raise ValueError(f"header name {name[:40]!r}: letters, digits and !#$%&'*+-.^_`|~ only")
         checked_header_value(name, value)
     return headers

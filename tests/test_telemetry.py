@@ -23,7 +23,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher import Dispatcher, parse_manifest
-from dispatcher.config import ManifestError, TracingSettings
+from dispatcher.config import ManifestError, TelemetryEnvironmentError, TracingSettings
+from dispatcher.config.errors import ENVIRONMENT
 from dispatcher.telemetry import CallStep, metrics_handler
 from linchkit_plugin.errors import CircuitOpen, DispatchError, PluginError, TargetUnavailable
 from tests.conftest import EXAMPLES, ROOT, bound_socket
@@ -63,6 +64,8 @@ def _no_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
         "OTEL_SDK_DISABLED",
     ):
         monkeypatch.delenv(name, raising=False)
@@ -484,6 +487,101 @@ def test_a_wrong_telemetry_section_is_a_manifest_error_naming_its_path(
     with pytest.raises(ManifestError) as caught:
         telemetry_manifest(telemetry, traced())
     assert path in str(caught.value)
+
+
+#: Endpoints the manifest's ``otlp_endpoint`` refuses, set in the environment instead: they
+#: loaded and started, and the exporter failed at its first export (or sent to a port
+#: that urllib3 wrapped around), while the dispatcher's repr printed the password.
+ENVIRONMENT_ENDPOINTS = [
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://u:s3cret@h:99999/v1/traces", "65535"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://u:s3cret@collector/v1/traces", "http://"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "u:s3cret@collector:4318", "http://"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector/v1/traces#s3cret", "fragment"),
+    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector/v1/tr\naces?k=s3cret", "line"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://u:s3cret@collector:0", "65535"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/?token=s3cret", "no query"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318", "http://"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "problem"), ENVIRONMENT_ENDPOINTS)
+def test_an_otlp_endpoint_from_the_environment_is_checked_at_load_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ManifestError) as caught:
+        telemetry_manifest({}, traced())
+    (refused,) = caught.value.problems
+    assert (refused.source, refused.path, refused.line) == (ENVIRONMENT, variable, None)
+    assert problem in refused.message
+    assert "s3cret" not in str(caught.value)
+
+
+#: What the OTLP exporter reads besides the manifest's ``headers``: it dropped an item it
+#: could not read with a warning printing it whole, and sent a decoded CR or LF or a
+#: character past ASCII on to fail (or split the request) at the first export.
+ENVIRONMENT_HEADERS = [
+    ("OTEL_EXPORTER_OTLP_HEADERS", "Bearer s3cret", "name=value"),
+    ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20s3cret%0d%0aX-Evil%3a%201", "CR"),
+    ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=a,x-key=s3cret\x7f", "name=value"),
+    ("OTEL_EXPORTER_OTLP_HEADERS", "x-key=s3cret%C3%A9", "printable ASCII"),
+    ("OTEL_EXPORTER_OTLP_HEADERS", "x%20key=s3cret", "not a token"),
+    ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x key=s3cret", "name=value"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "problem"), ENVIRONMENT_HEADERS)
+def test_otlp_headers_from_the_environment_are_held_to_the_manifests_rules(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, problem: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    telemetry_manifest({}, traced())  # no exporter, so no headers to send
+    with pytest.raises(ManifestError) as caught:
+        telemetry_manifest({"tracing": {"otlp_endpoint": "http://c:4318/v1/traces"}}, traced())
+    (refused,) = caught.value.problems
+    assert (refused.source, refused.path) == (ENVIRONMENT, variable)
+    assert problem in refused.message
+    assert "s3cret" not in str(caught.value)
+
+
+def test_otlp_variables_the_exporter_reads_as_the_spec_writes_them_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://u:pw@collector:4318/")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20abc, x-tenant=a")
+    telemetry_manifest({}, traced())
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer abc,,")  # liberal
+    telemetry_manifest({}, traced())
+    # The traces' own variables win: the generic ones are not read, whatever they hold.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://unused")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:4318/v1/traces")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "unused")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-tenant=b")
+    telemetry_manifest({}, traced())
+    # Nor are any when tracing is off.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://unused")
+    telemetry_manifest({"tracing": {"enabled": False}}, traced())
+
+
+async def test_a_dispatcher_does_not_start_half_traced_on_a_variable_set_after_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A manifest validated elsewhere (or before the variable was set): the dispatcher is
+    refused when it is made, before anything starts, naming the variable."""
+    manifest = telemetry_manifest({}, traced())
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://u:s3cret@h:99999/v1/traces")
+    with pytest.raises(TelemetryEnvironmentError) as caught:
+        Dispatcher(manifest)
+    assert caught.value.variable == "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    assert "s3cret" not in str(caught.value)
+
+
+async def test_the_otlp_endpoints_password_never_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://u:s3cret@127.0.0.1:9/v1/t")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")  # nothing exported meanwhile
+    async with Dispatcher(telemetry_manifest({}, traced())) as dispatcher:
+        shown = repr(dispatcher.telemetry)
+    assert "s3cret" not in shown and "127.0.0.1:9/v1/t" in shown
 
 
 def test_otlp_headers_never_print() -> None:

@@ -44,6 +44,7 @@ from dispatcher.config.telemetry import (
     MetricsSettings,
     ResolvedTracing,
     Telemetry,
+    TelemetryEnvironmentError,
     TracingSettings,
 )
 
@@ -86,6 +87,7 @@ __all__ = [
     "SqsJobsConfig",
     "StateConfig",
     "Telemetry",
+    "TelemetryEnvironmentError",
     "TracingSettings",
     "load_manifest",
     "merge_entries",

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ManifestError", "ManifestProblem"]
+__all__ = ["ENVIRONMENT", "ManifestError", "ManifestProblem"]
+
+#: The ``source`` of a problem in an environment variable the manifest leaves a setting
+#: to (``OTEL_*``): its ``path`` is the variable's name.
+ENVIRONMENT = "<environment>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,7 +18,8 @@ class ManifestProblem:
     path: str
     message: str
     line: int | None = None
-    #: The file it is in when not the manifest's own (a file it includes).
+    #: The file it is in when not the manifest's own (a file it includes), or
+    #: ``ENVIRONMENT``.
     source: str | None = None
 
     def render(self, source: str) -> str:

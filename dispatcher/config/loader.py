@@ -29,12 +29,13 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import Field, ValidationError
 
-from dispatcher.config.errors import ManifestError, ManifestProblem
+from dispatcher.config.errors import ENVIRONMENT, ManifestError, ManifestProblem
 from dispatcher.config.fallbacks import fallback_problems
 from dispatcher.config.includes import INCLUDED_KEYS, Document, expand_includes, read_document
 from dispatcher.config.manifest import Manifest, MethodSpec, PluginSpec
 from dispatcher.config.policies import Policies
 from dispatcher.config.quoting import is_secret, shown_input
+from dispatcher.config.telemetry import TelemetryEnvironmentError
 from providers import provider_classes
 from providers.target import MASK, Destination, TargetConfig
 
@@ -153,7 +154,11 @@ def _validate(main: Document) -> Manifest[Any]:
             }
         )
         origins = _Origins(documents, valid)
-        semantic = [*_semantic_problems(manifest, origins.describe), *_egress_problems(manifest)]
+        semantic = [
+            *_semantic_problems(manifest, origins.describe),
+            *_egress_problems(manifest),
+            *_environment_problems(manifest),
+        ]
         problems.extend(origins.relocate(problem) for problem in semantic)
     if problems:
         roots = {document.source: document.tree() for document in documents}
@@ -457,12 +462,25 @@ def _own_destinations(manifest: Manifest[Any]) -> Iterator[tuple[str, str, Desti
     if jwt is not None and jwt.jwks_is_url:
         yield "auth.jwt.jwks", "the JWKS URL", Destination.of_url("jwks", jwt.jwks)
     tracing = manifest.telemetry.tracing
-    resolved = tracing.resolved()
+    try:
+        resolved = tracing.resolved()
+    except TelemetryEnvironmentError:
+        return  # not a destination at all (``_environment_problems`` says why)
     if resolved is not None and resolved.endpoint is not None:
         origin = tracing.endpoint_origin()
         where = "telemetry.tracing.otlp_endpoint"
         what = "the OTLP endpoint" + ("" if origin == where else f" (from {origin})")
         yield where, what, Destination.of_url("otlp_endpoint", resolved.endpoint)
+
+
+def _environment_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
+    """An ``OTEL_*`` variable this process would trace with that holds what the manifest's
+    own field could not: named as the variable, outside the file. Checked when the
+    manifest loads, so a dispatcher never starts with an exporter that fails later."""
+    try:
+        manifest.telemetry.tracing.resolved()
+    except TelemetryEnvironmentError as error:
+        yield ManifestProblem(error.variable, error.reason, source=ENVIRONMENT)
 
 
 def _unsafe_policy_problems(

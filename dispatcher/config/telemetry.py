@@ -5,23 +5,64 @@ chain it ran before. Tracing may also be turned on by the standard OpenTelemetry
 environment (``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
 ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER``/``_ARG``, ``OTEL_SDK_DISABLED``): what the
 manifest sets wins, the environment fills the rest (``TracingSettings.resolved``).
+An endpoint or headers taken from the environment are checked as the manifest's are, and
+a refusal names the variable (``TelemetryEnvironmentError``), never its value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Literal
+from urllib.parse import unquote
 
 from pydantic import Field, field_validator
 
-from providers._headers import HeaderFields, checked_url, http_url_parts
+from providers._headers import (
+    HeaderFields,
+    checked_header_value,
+    checked_url,
+    http_url_parts,
+    is_header_name,
+)
 from providers.target import StrictModel
 
-__all__ = ["LogSettings", "MetricsSettings", "ResolvedTracing", "Telemetry", "TracingSettings"]
+__all__ = [
+    "LogSettings",
+    "MetricsSettings",
+    "ResolvedTracing",
+    "Telemetry",
+    "TelemetryEnvironmentError",
+    "TracingSettings",
+]
 
 #: The span exporter's default when only the environment names no path: OTLP/HTTP.
 _TRACES_PATH = "/v1/traces"
+#: The variables naming the traces endpoint: the traces' own, or the collector's root.
+TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+ROOT_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+#: The variables the OTLP exporter reads its headers from, the first one set winning; it
+#: adds them to the manifest's ``headers`` (which win for a header named in both).
+TRACES_HEADERS = "OTEL_EXPORTER_OTLP_TRACES_HEADERS"
+ROOT_HEADERS = "OTEL_EXPORTER_OTLP_HEADERS"
+#: How the exporter splits and reads those variables (``opentelemetry.util.re``):
+#: ``name=value`` items separated by commas, a value URL-encoded when it fits the strict
+#: form (decoded then), taken as written when it fits the liberal one (spaces allowed).
+_HEADER_SEPARATOR = re.compile(r"[ \t]*,[ \t]*")
+_ENCODED_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
+_LIBERAL_VALUE = re.compile(r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
+
+
+class TelemetryEnvironmentError(ValueError):
+    """An ``OTEL_*`` variable the dispatcher's tracing would use holds what it cannot use.
+    Names the variable, never its value (an endpoint's password, a header's token)."""
+
+    def __init__(self, variable: str, reason: str) -> None:
+        super().__init__(f"{variable}: {reason}")
+        self.variable = variable
+        self.reason = reason
 
 
 class MetricsSettings(StrictModel):
@@ -64,15 +105,7 @@ class TracingSettings(StrictModel):
     @field_validator("otlp_endpoint")
     @classmethod
     def _http_url(cls, endpoint: str | None) -> str | None:
-        """An http(s) URL with a host, sent as written (``checked_url``); a user and
-        password are the exporter's basic credentials. Never quoted: it may hold them."""
-        if endpoint is None:
-            return None
-        checked_url(endpoint)
-        parts = http_url_parts(endpoint, "the OTLP endpoint")
-        if parts.fragment or "#" in endpoint:
-            raise ValueError("the OTLP endpoint has no fragment: it would not be sent")
-        return endpoint
+        return None if endpoint is None else _checked_endpoint(endpoint)
 
     def endpoint_origin(self, environ: Mapping[str, str] | None = None) -> str:
         """Where ``resolved().endpoint`` comes from, to name it in a refusal: this field,
@@ -80,21 +113,21 @@ class TracingSettings(StrictModel):
         env = os.environ if environ is None else environ
         if self.otlp_endpoint is not None:
             return "telemetry.tracing.otlp_endpoint"
-        if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-            return "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-        return "OTEL_EXPORTER_OTLP_ENDPOINT"
+        return TRACES_ENDPOINT if env.get(TRACES_ENDPOINT) else ROOT_ENDPOINT
 
     def resolved(self, environ: Mapping[str, str] | None = None) -> ResolvedTracing | None:
-        """The settings to trace with, the environment filling what is unset; None: off."""
+        """The settings to trace with, the environment filling what is unset; None: off.
+        ``TelemetryEnvironmentError`` if a variable it would use holds what the manifest
+        could not: an exporter sending to it would fail only when it first exports, or
+        print the value in the warning that drops it."""
         env = os.environ if environ is None else environ
         if self.enabled is False or env.get("OTEL_SDK_DISABLED", "").lower() == "true":
             return None
-        endpoint = self.otlp_endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        if endpoint is None and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-            # The generic variable names the collector's root; signals append their path.
-            endpoint = env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + _TRACES_PATH
+        endpoint = self.otlp_endpoint or _endpoint_from(env)
         if endpoint is None and not self.enabled:
             return None
+        if endpoint is not None:  # an exporter: it reads the headers' variables too
+            _check_headers_from(env)
         return ResolvedTracing(
             endpoint=endpoint,
             headers=dict(self.headers),
@@ -103,6 +136,67 @@ class TracingSettings(StrictModel):
             else _ratio_from_env(env),
             service_name=self.service_name or env.get("OTEL_SERVICE_NAME") or "linchkit-dispatcher",
         )
+
+
+def _checked_endpoint(endpoint: str, what: str = "the OTLP endpoint") -> str:
+    """An http(s) URL with a host, sent as written (``checked_url``); a user and password
+    are the exporter's basic credentials. Never quoted: it may hold them."""
+    checked_url(endpoint)
+    parts = http_url_parts(endpoint, what)
+    if parts.fragment or "#" in endpoint:
+        raise ValueError(f"{what} has no fragment: it would not be sent")
+    return endpoint
+
+
+def _endpoint_from(env: Mapping[str, str]) -> str | None:
+    """The traces endpoint the ``OTEL_*`` variables name, checked as the manifest's is."""
+    if endpoint := env.get(TRACES_ENDPOINT):
+        with _refusal_naming(TRACES_ENDPOINT):
+            return _checked_endpoint(endpoint, "the traces endpoint")
+    if root := env.get(ROOT_ENDPOINT):
+        with _refusal_naming(ROOT_ENDPOINT):
+            # The collector's root: signals append their path to it.
+            if "?" in root or "#" in root:
+                raise ValueError(
+                    f"the collector's URL has no query or fragment: {_TRACES_PATH} is appended"
+                )
+            return _checked_endpoint(root.rstrip("/") + _TRACES_PATH, "the collector's URL")
+    return None
+
+
+def _check_headers_from(env: Mapping[str, str]) -> None:
+    """The headers the OTLP exporter will read from the environment, held to the rules of
+    the manifest's ``headers``: the exporter drops an item it cannot read with a warning
+    that prints it, token and all, and a decoded CR or LF would split the request."""
+    variable = TRACES_HEADERS if env.get(TRACES_HEADERS) else ROOT_HEADERS
+    with _refusal_naming(variable):
+        for item in _HEADER_SEPARATOR.split(env.get(variable, "").strip()):
+            if item:
+                _check_header_item(item)
+
+
+def _check_header_item(item: str) -> None:
+    name, equals, value = (part.strip() for part in item.partition("="))
+    if not (equals and is_header_name(name) and _LIBERAL_VALUE.fullmatch(value)):
+        raise ValueError(
+            "every header is name=value, separated by commas: the name a token (letters,"
+            " digits and !#$%&'*+-.^_`|~), the value URL-encoded"
+        )
+    if _ENCODED_VALUE.fullmatch(value):  # the exporter decodes it, and the name
+        name, value = unquote(name), unquote(value)
+        if not is_header_name(name):
+            raise ValueError("a header's name, decoded, is not a token")
+    checked_header_value(name, value)
+
+
+@contextlib.contextmanager
+def _refusal_naming(variable: str) -> Iterator[None]:
+    """A ``ValueError`` of the checks, as the ``TelemetryEnvironmentError`` of ``variable``
+    (their messages name what is wrong, never the value)."""
+    try:
+        yield
+    except ValueError as error:
+        raise TelemetryEnvironmentError(variable, str(error)) from None
 
 
 class ResolvedTracing(StrictModel):

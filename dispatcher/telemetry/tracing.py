@@ -48,7 +48,7 @@ from dispatcher.telemetry.errors import error_type
 from dispatcher.telemetry.logs import CURRENT_TRACE_ID
 from linchkit_plugin.errors import DispatchError, PluginError
 from providers.invocation import Invocation, Outcome
-from providers.target import TargetConfig
+from providers.target import TargetConfig, masked_url
 
 __all__ = ["CallSpan", "Tracing", "traceparent_of"]
 
@@ -316,9 +316,15 @@ class Tracing:
         """Send what is buffered and stop the exporter (blocking: run it in a thread)."""
         self.provider.shutdown()
 
+    def _shown_endpoint(self) -> str | None:
+        """The endpoint without its password: a user and password in it are the
+        exporter's basic credentials."""
+        endpoint = self.settings.endpoint
+        return None if endpoint is None else masked_url(endpoint)
+
     def __repr__(self) -> str:
         return (
-            f"<Tracing ratio={self.ratio:g} endpoint={self.settings.endpoint!r} "
+            f"<Tracing ratio={self.ratio:g} endpoint={self._shown_endpoint()!r} "
             f"calls_in_flight={len(self._calls)}>"
         )
 
