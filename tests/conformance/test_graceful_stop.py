@@ -1,0 +1,110 @@
+"""A plugin served over gRPC that stops gracefully under load loses no call.
+
+A restart (a rollout, a drained node) sends the plugin SIGTERM while the host is still
+calling it. Each call must then end one of two ways: answered, or refused in a way that
+says it never reached the plugin's code (``never_sent``: the transport was gone, or grpc
+saw the stream refused and resent it itself; a fleet sends such a call to another
+instance, whatever the method). A call failed any other way is lost: the host cannot tell
+whether it ran, so only an idempotent method may be sent again.
+
+The load is the dispatcher's own (``provider: grpc``, 32 calls in flight), three stops per
+language, each plugin started afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher, DispatchError
+from dispatcher.fleet import never_sent
+from tests.conformance.conftest import (
+    LANGUAGES,
+    START_TIMEOUT,
+    _manifest,
+    _start_service,
+    _stop_service,
+    executable,
+)
+
+pytestmark = [pytest.mark.toolchain, pytest.mark.slow]
+
+CONCURRENCY = 32
+STOPS = 3
+#: How long the calls run before the plugin is told to stop, and on after it has exited.
+LOAD_BEFORE_STOP = 0.4
+LOAD_AFTER_EXIT = 0.2
+
+#: Why the Python SDK loses calls: grpc core's server (which grpcio's is) cancels every call
+#: it has received but not yet handed to the application the moment shutdown begins, with
+#: CANCELLED, before it tells the client to go away (grpc/grpc#41785, open). Nothing in
+#: grpcio's API reaches that queue, and a server-side CANCELLED looks the same as one for a
+#: call cut off mid-run; the Go, Rust, Java and TypeScript servers refuse such streams so
+#: that grpc resends them. Strict, so a grpcio that stops doing it makes this fail here.
+CORE_CANCELS_PENDING = pytest.mark.xfail(
+    strict=True,
+    reason="grpc core's server cancels the calls it has not handed to the application yet"
+    " when shutdown begins (grpc/grpc#41785)",
+)
+
+
+def _languages() -> list[Any]:
+    return [
+        pytest.param(language, marks=CORE_CANCELS_PENDING) if language == "python" else language
+        for language in LANGUAGES
+    ]
+
+
+async def _stopped_under_load(language: str) -> collections.Counter[str]:
+    """Start the plugin, call it from ``CONCURRENCY`` tasks, SIGTERM it mid-load; each
+    call's outcome: answered, never sent, or lost (with the error's type and message)."""
+    service, address = await _start_service(executable(language))
+    target = {
+        "provider": "grpc",
+        "address": address,
+        "lifecycle": "dispatcher",
+        "connect_timeout_ms": int(START_TIMEOUT * 1000),
+    }
+    outcomes: collections.Counter[str] = collections.Counter()
+    stopping = asyncio.Event()
+    try:
+        async with Dispatcher(_manifest(target)) as dispatcher:
+
+            async def caller() -> None:
+                while not stopping.is_set():
+                    try:
+                        await dispatcher.call("example", "echo", {"n": 1}, timeout=5)
+                    except DispatchError as error:
+                        if never_sent(error):
+                            outcomes["never sent"] += 1
+                            await asyncio.sleep(0.001)  # the plugin is gone: no tight loop
+                        else:
+                            outcomes[f"lost: {type(error).__name__}: {error.message[:90]}"] += 1
+                    else:
+                        outcomes["answered"] += 1
+
+            callers = [asyncio.create_task(caller()) for _ in range(CONCURRENCY)]
+            await asyncio.sleep(LOAD_BEFORE_STOP)
+            service.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                await service.wait()
+            await asyncio.sleep(LOAD_AFTER_EXIT)
+            stopping.set()
+            await asyncio.gather(*callers)
+    finally:
+        await _stop_service(service)
+    return outcomes
+
+
+@pytest.mark.parametrize("language", _languages())
+async def test_a_graceful_stop_under_load_loses_no_call(language: str) -> None:
+    outcomes: collections.Counter[str] = collections.Counter()
+    for _ in range(STOPS):
+        outcomes += await _stopped_under_load(language)
+    lost = {outcome: count for outcome, count in outcomes.items() if outcome.startswith("lost")}
+    assert outcomes["answered"] > 0, outcomes
+    assert not lost, f"{sum(lost.values())} calls lost of {sum(outcomes.values())}: {lost}"
