@@ -8,6 +8,10 @@ median of the rounds; wall-clock rates move by ±30 % on a shared machine, CPU p
 far less. Each variant adds one thing to the one before it:
 
 * ``raw``:           a stub on a channel of its own, a constant ``CallRequest``, ``timeout=30``;
+* ``raw_no_retries``: the same stub call on a channel without grpc's retry filter
+  (``grpc.enable_retries`` 0): what the filter behind transparent retries costs every
+  call, raw and dispatcher alike (a side branch: the dispatcher keeps the filter;
+  docs/architecture.md, gRPC);
 * ``raw_channel``:   the same stub call on the dispatcher's own channel (its options);
 * ``raw_constant_header``: + ``x-request-id`` as grpc.aio ``Metadata``, one value for every call;
 * ``raw_header``:    the header with a new value on every call, as every dispatched call sends it;
@@ -96,6 +100,9 @@ def _variants(dispatcher: Any, address: str) -> dict[str, Call]:
     route = dispatcher._routes.find("example", "echo", None, "running")
     build = dispatcher._invocation
     own_stub = plugin_pb2_grpc.PluginServiceStub(grpc.aio.insecure_channel(address))
+    no_retries_stub = plugin_pb2_grpc.PluginServiceStub(
+        grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+    )
     stub = connection._stub
     Metadata = grpc.aio.Metadata
 
@@ -110,6 +117,9 @@ def _variants(dispatcher: Any, address: str) -> dict[str, Call]:
 
     def raw() -> Awaitable[Any]:
         return own_stub.Call(constant_request(), timeout=30)
+
+    def raw_no_retries() -> Awaitable[Any]:
+        return no_retries_stub.Call(constant_request(), timeout=30)
 
     def raw_channel() -> Awaitable[Any]:
         return stub.Call(constant_request(), timeout=30)
@@ -149,6 +159,7 @@ def _variants(dispatcher: Any, address: str) -> dict[str, Call]:
 
     return {
         "raw": raw,
+        "raw_no_retries": raw_no_retries,
         "raw_channel": raw_channel,
         "raw_constant_header": raw_constant_header,
         "raw_header": raw_header,
