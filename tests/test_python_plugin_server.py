@@ -672,6 +672,38 @@ async def test_idle_connections_are_closed_and_the_connection_count_is_capped(ht
 
 
 @IMPLEMENTATIONS
+async def test_a_connection_idle_between_calls_is_kept_past_the_head_timeout(
+    http: str,
+) -> None:
+    """Only the keep-alive timeout ends an idle connection. The head timer also closed one
+    idle past ``header_timeout`` (10 s), well before the dispatcher stops reusing it (30 s):
+    a call sent on it just as it closed was dropped with its request written."""
+    body = orjson.dumps(envelope("anything", {"a": 1}))
+    request = post_head(len(body)) + body
+    async with plugin_server(http=http, header_timeout=0.3, keep_alive_timeout=3) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for _ in range(2):
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                await asyncio.wait_for(reader.readexactly(length), 5)
+                await asyncio.sleep(1.0)  # idle past the head timeout, within keep-alive
+        finally:
+            writer.close()
+
+
+def test_the_plugin_server_keeps_an_idle_connection_longer_than_the_dispatcher_does() -> None:
+    """So the host, not the server, closes an idle pooled connection: no call is ever sent
+    on a connection the server is closing."""
+    from linchkit_plugin.limits import ServerLimits
+    from providers._http_client import HttpPool
+
+    assert ServerLimits().keep_alive_timeout > HttpPool().idle_timeout_s
+
+
+@IMPLEMENTATIONS
 async def test_a_request_head_over_the_header_limit_is_refused(http: str) -> None:
     async with plugin_server(http=http, max_header_bytes=8192) as port:
         padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"x" * 100) for i in range(2000))

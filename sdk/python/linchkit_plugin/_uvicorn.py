@@ -11,8 +11,14 @@ uvicorn (0.54) bounds none of this by itself, whichever HTTP implementation runs
   sockets turn away every legitimate call and still hold their file descriptors.
 
 So the protocol classes below (one per implementation, same mixin) add a head timer,
-armed when a connection opens and after each response and stopped when a request's
-head is complete; a header byte budget; and a hard connection cap enforced at accept.
+armed when a connection opens and when the first byte of a later request arrives, and
+stopped when a request's head is complete; a header byte budget; and a hard connection
+cap enforced at accept. A connection idle between requests is uvicorn's keep-alive
+timer's alone (``keep_alive_timeout``), which must outlast the host's own idle timeout:
+a server that closes a pooled connection just as the host sends a call on it drops a call
+the host cannot tell apart from one the plugin ran (1-2 % of calls that came each time
+the server's timer expired, before the head timer stopped closing idle connections after
+10 s and the default went from 5 to 75 s, above the dispatcher's 30).
 They rely on what both uvicorn protocols keep: ``transport``, ``connections`` (shared by
 the server), ``cycle`` (the current request), ``on_response_complete`` and
 ``timeout_keep_alive_handler``; ``tests/test_python_plugin_server.py`` runs every guard
@@ -90,6 +96,8 @@ class _GuardedProtocol:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._await_head()  # the first byte of a request on a kept-alive connection
         awaiting_head = self._head_timer is not None
         if awaiting_head:
             self._head_bytes += len(data)
@@ -106,10 +114,8 @@ class _GuardedProtocol:
         super().on_response_complete()  # type: ignore[misc]
         self._seen_cycle = self.cycle
         idle = self.cycle is None or self.cycle.response_complete
-        if idle and not self.transport.is_closing():
-            self._await_head()
-            if self._draining:  # an answer that went out before the stop: still open
-                self._close_when_idle()
+        if idle and self._draining and not self.transport.is_closing():
+            self._close_when_idle()  # an answer that went out before the stop: still open
 
     def shutdown(self) -> None:
         """The server is stopping: answer the request under way and the next one if it

@@ -53,7 +53,8 @@ _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
         "--header-timeout",
         "header_timeout",
         float,
-        "seconds for a request head to arrive on a new or idle connection; closed after",
+        "seconds for a request head to complete, from its first byte (or from a new"
+        " connection's opening); closed after",
     ),
     (
         "--keep-alive-timeout",

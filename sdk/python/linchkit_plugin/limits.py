@@ -39,7 +39,9 @@ class ServerLimits:
     max_batch_items: int = 1000
     body_timeout: float = 30.0
     header_timeout: float = 10.0
-    keep_alive_timeout: float = 5.0
+    #: Longer than any host keeps an idle connection for reuse (the dispatcher's pool:
+    #: ``idle_timeout_s``, 30 s by default), so the host always closes first.
+    keep_alive_timeout: float = 75.0
     max_header_bytes: int = 64 * 1024
     max_connections: int = 1000
     compress_min_bytes: int = 32 * 1024
