@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::server::{Connected, Router};
 use tonic::codec::CompressionEncoding;
+use tonic::transport::server::{Connected, Router};
 use tonic::transport::Server;
 
 use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
