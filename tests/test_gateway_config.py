@@ -35,7 +35,12 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
             "grpc_port": 9443,
             "tls": {"cert": "tls/gw.pem", "key": "tls/gw.key", "client_ca": "tls/ca.pem"},
             "max_body_bytes": 4096,
-            "timeouts": {"body_ms": 1500, "header_ms": 2500, "heartbeat_ms": 3000},
+            "timeouts": {
+                "body_ms": 1500,
+                "header_ms": 2500,
+                "keep_alive_ms": 4000,
+                "heartbeat_ms": 3000,
+            },
             "grace_ms": 7000,
             "call_lane": False,
         },
@@ -47,6 +52,7 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
     assert settings.client_ca == tmp_path / "tls" / "ca.pem"
     assert settings.client_cert == "required"  # a client CA without a word: required
     assert (settings.body_timeout, settings.header_timeout, settings.heartbeat) == (1.5, 2.5, 3.0)
+    assert settings.keep_alive_timeout == 4.0
     assert (settings.max_body_bytes, settings.grace) == (4096, 7.0)
     assert settings.call_lane is False
     overridden = GatewaySettings.from_config(

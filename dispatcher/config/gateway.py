@@ -11,7 +11,7 @@ Durations are in milliseconds, as every other duration of a manifest.
       grpc_port: 9443
       tls: {cert: tls/gw.pem, key: tls/gw.key, client_ca: tls/clients.pem, client_cert: required}
       max_body_bytes: 1048576
-      timeouts: {body_ms: 30000, header_ms: 10000, heartbeat_ms: 20000}
+      timeouts: {body_ms: 30000, header_ms: 10000, keep_alive_ms: 75000, heartbeat_ms: 20000}
       max_job_waits: 1000
       grace_ms: 20000
 """
@@ -62,6 +62,8 @@ class GatewayTimeouts(StrictModel):
 
     body_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 30_000
     header_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 10_000
+    #: A call-lane connection idle between requests: longer than clients keep one.
+    keep_alive_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 75_000
     heartbeat_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 20_000
     #: The longest ``GET /v1/jobs/{id}?wait=`` holds a request open.
     job_wait_ms: Annotated[int, Field(ge=0, le=3_600_000)] = 30_000

@@ -11,7 +11,12 @@ Each limit guards one resource against one kind of client, broken or hostile:
     body_timeout           a request slot: a Content-Length that lies,   408, closed
                            a chunked body that never ends
     header_timeout         a connection: slowloris, a head that never    closed
-                           completes, a connection idle between requests
+                           completes (from a new connection's opening or
+                           a request's first byte)
+    keep_alive_timeout     a call-lane connection idle between requests  closed
+                           (longer than clients keep one for reuse, so
+                           they close first: a call sent on a connection
+                           the gateway is closing would be lost)
     max_job_wait           a request slot: GET /v1/jobs/{id}?wait=…      400 invalid_params
     max_job_waits          the state store: each parked wait reads the   503 overloaded,
                            job's record twice a second                   Retry-After: 1
@@ -50,6 +55,9 @@ class GatewaySettings:
     max_depth: int = 64
     body_timeout: float = 30.0
     header_timeout: float = 10.0
+    #: A call-lane connection idle between requests is closed after this; aiohttp's own
+    #: connections (other routes) after ``header_timeout``, which also times their heads.
+    keep_alive_timeout: float = 75.0
     #: Events kept for subscribers that reconnect (``last_event_id``).
     event_buffer: int = 1000
     #: Events one subscriber may have queued before it is cut off as too slow.
@@ -92,7 +100,13 @@ class GatewaySettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("body_timeout", "header_timeout", "heartbeat", "cert_check_interval"):
+        for name in (
+            "body_timeout",
+            "header_timeout",
+            "keep_alive_timeout",
+            "heartbeat",
+            "cert_check_interval",
+        ):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
@@ -131,6 +145,7 @@ class GatewaySettings:
                 "max_body_bytes": config.max_body_bytes,
                 "body_timeout": config.timeouts.body_ms / 1000,
                 "header_timeout": config.timeouts.header_ms / 1000,
+                "keep_alive_timeout": config.timeouts.keep_alive_ms / 1000,
                 "heartbeat": config.timeouts.heartbeat_ms / 1000,
                 "max_job_wait": config.timeouts.job_wait_ms / 1000,
                 "max_job_waits": config.max_job_waits,
