@@ -77,6 +77,9 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
         ({"port": 70000}, "65535"),
         ({"grpc_port": -1}, "grpc_port"),
         ({"timeouts": {"body_ms": 0}}, "body_ms"),
+        ({"timeouts": {"keep_alive_ms": 0}}, "keep_alive_ms"),
+        ({"timeouts": {"keep_alive_ms": 10**12}}, "keep_alive_ms"),
+        ({"timeouts": {"keep_alive_ms": "forever"}}, "keep_alive_ms"),
         ({"listen": "everywhere"}, "listen"),
     ],
 )
