@@ -33,7 +33,7 @@ from aiohttp import web
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.gateway.app import GATEWAY_KEY, HUB_KEY, create_app
 from dispatcher.gateway.events import EventHub
-from dispatcher.gateway.lane import CallLanes
+from dispatcher.gateway.lane import DRAIN_IDLE_SECONDS, CallLanes
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator
 from providers.tls import files_stamp
@@ -49,6 +49,8 @@ log = logging.getLogger("dispatcher.gateway")
 _SHUTDOWN_SECONDS = 2.0
 #: Connections the kernel queues before ``accept`` (aiohttp's ``TCPSite`` default).
 _BACKLOG = 128
+#: How often a stop looks whether aiohttp's connections have all closed.
+_POLL_SECONDS = 0.05
 
 
 def server_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
@@ -232,15 +234,31 @@ class GatewayServer:
                 await self._watch
             self._watch = None
         if self._listening is not None:
-            self._listening.close()  # no new connections
+            self._listening.close()  # no new connections: a client's connect is refused
+        # Both kinds of connection wind down at once: each closes after its next answer,
+        # one left idle soon after (``DRAIN_IDLE_SECONDS``; the lane's docstring says why).
+        closing = [self._close_aiohttp()]
         if self.lanes is not None:
-            self.lanes.stop_taking()
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()  # aiohttp's connections, its WebSockets and streams
-        if self.lanes is not None:
-            await self.lanes.aclose(_SHUTDOWN_SECONDS)
+            closing.append(self.lanes.aclose(_SHUTDOWN_SECONDS))
+        await asyncio.gather(*closing)
         self._listening = None
+
+    async def _close_aiohttp(self) -> None:
+        """aiohttp's connections: answers say ``Connection: close`` from now on; those
+        still open after ``DRAIN_IDLE_SECONDS`` are closed with its WebSockets and streams."""
+        if self._runner is None:
+            return
+        runner, self._runner = self._runner, None
+        runner.app[GATEWAY_KEY].closing = True
+        server = runner.server
+        loop = asyncio.get_running_loop()
+        until = loop.time() + DRAIN_IDLE_SECONDS
+        # aiohttp has no event for its last connection closing: polled.
+        while server is not None and server.connections and loop.time() < until:  # noqa: ASYNC110
+            await asyncio.sleep(_POLL_SECONDS)
+        if self.lanes is not None:
+            self.lanes.elsewhere_open = False
+        await runner.cleanup()
 
     async def __aenter__(self) -> Self:
         await self.start()
