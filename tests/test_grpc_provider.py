@@ -31,8 +31,11 @@ from dispatcher import (
     TargetUnavailable,
     Unauthorized,
 )
+from dispatcher.fleet import never_sent
 from linchkit_plugin._automtls import generate_certificate
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
+from linchkit_plugin.handshake import NOT_RUN_TRAILER
+from providers._grpc import connection as grpc_connection
 from providers.grpc import GrpcProvider, GrpcTarget
 from tests.conftest import manifest
 
@@ -45,6 +48,13 @@ STATUS_BY_METHOD = {
     "denied": grpc.StatusCode.PERMISSION_DENIED,
     "internal": grpc.StatusCode.INTERNAL,
     "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+#: Methods the scripted plugin refuses with the not-run trailer, under these statuses: only
+#: UNAVAILABLE is a stopping plugin's refusal; the trailer on another status is not taken.
+NOT_RUN_STATUS = {
+    "not_run": grpc.StatusCode.UNAVAILABLE,
+    "not_run_internal": grpc.StatusCode.INTERNAL,
 }
 
 
@@ -86,6 +96,12 @@ class ScriptedPlugin:
                 "request_id": request.context.request_id,
             }
         )
+        if request.method in NOT_RUN_STATUS:  # as a stopping plugin refuses a call
+            await context.abort(
+                NOT_RUN_STATUS[request.method],
+                "the plugin is stopping: the call was not run",
+                trailing_metadata=((NOT_RUN_TRAILER, "stopping"),),
+            )
         status = STATUS_BY_METHOD.get(request.method)
         if status is grpc.StatusCode.RESOURCE_EXHAUSTED:
             context.set_trailing_metadata((("retry-after", "2.5"),))
@@ -127,16 +143,16 @@ class ScriptedPlugin:
 
 
 async def serve(
-    servicer: ScriptedPlugin, credentials: Any = None
+    servicer: ScriptedPlugin, credentials: Any = None, address: str = "127.0.0.1:0"
 ) -> tuple[grpc.aio.Server, str, HealthServicer]:
     server = grpc.aio.server()
     plugin_pb2_grpc.add_PluginServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if credentials is None:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(address)
     else:
-        port = server.add_secure_port("127.0.0.1:0", credentials)
+        port = server.add_secure_port(address, credentials)
     await server.start()
     return server, f"127.0.0.1:{port}", health
 
@@ -152,7 +168,7 @@ async def scripted() -> AsyncIterator[tuple[ScriptedPlugin, str, HealthServicer]
 
 
 def plugin(target: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    methods = [*STATUS_BY_METHOD, "echo", "slow", "business", "limited", "stream"]
+    methods = [*STATUS_BY_METHOD, *NOT_RUN_STATUS, "echo", "slow", "business", "limited", "stream"]
     return {
         "id": "scripted",
         "version": "1.0.0",
@@ -190,6 +206,63 @@ async def test_grpc_statuses_become_dispatcher_errors(
     assert caught.value.retryable is retryable  # type: ignore[attr-defined]
     if method == "exhausted":
         assert caught.value.retry_after == 2.5  # type: ignore[attr-defined]
+
+
+async def test_a_call_a_stopping_plugin_did_not_run_is_never_sent_and_the_next_wait(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UNAVAILABLE with the not-run trailer: a fleet may send the call elsewhere, whatever
+    the method, and nothing more goes to the plugin until its connection closes (here it
+    never does: the hold ends after ``STOPPING_HOLD_SECONDS``)."""
+    monkeypatch.setattr(grpc_connection, "STOPPING_HOLD_SECONDS", 0.5)
+    servicer, address, _ = scripted
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+        with pytest.raises(TargetUnavailable) as refused:
+            await d.call("scripted", "not_run", {})
+        assert never_sent(refused.value)
+        reached = len(servicer.calls)
+        for _ in range(5):
+            with pytest.raises(TargetUnavailable) as held:
+                await d.call("scripted", "echo", {"n": 1})
+            assert never_sent(held.value)
+            assert "stopping" in held.value.message
+        assert len(servicer.calls) == reached  # none of them was sent
+        await asyncio.sleep(0.7)
+        assert await d.call("scripted", "echo", {"n": 2}) == {"n": 2}
+
+
+async def test_a_stopping_plugins_connection_is_used_again_once_it_has_closed() -> None:
+    servicer = ScriptedPlugin()
+    server, address, _ = await serve(servicer)
+    try:
+        async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+            with pytest.raises(TargetUnavailable):
+                await d.call("scripted", "not_run", {})
+            await server.stop(grace=None)  # the plugin stops, and one starts in its place
+            successor = ScriptedPlugin()
+            server, _, _ = await serve(successor, address=address)
+            async with asyncio.timeout(4):  # well inside the 5 s hold: the close ended it
+                while True:
+                    try:
+                        assert await d.call("scripted", "echo", {"n": 3}) == {"n": 3}
+                        break
+                    except TargetUnavailable as error:
+                        assert never_sent(error)
+                        await asyncio.sleep(0.05)
+            assert len(successor.calls) == 1
+    finally:
+        await server.stop(grace=None)
+
+
+async def test_the_not_run_trailer_on_another_status_is_not_taken_for_never_run(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    _, address, _ = scripted
+    async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))) as d:
+        with pytest.raises(TargetUnavailable) as caught:
+            await d.call("scripted", "not_run_internal", {})
+        assert not never_sent(caught.value)  # it may have run: only an idempotent resend
+        assert await d.call("scripted", "echo", {"n": 4}) == {"n": 4}  # no hold either
 
 
 async def test_reply_errors_travel_as_the_envelope_says(

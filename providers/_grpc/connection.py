@@ -36,8 +36,8 @@ from linchkit_plugin.errors import (
 )
 from linchkit_plugin.handshake import HEALTH_SERVICE
 from linchkit_plugin.wire import encode_json
-from providers._grpc.status import grpc_errors, translate_rpc_error
-from providers.base import Health
+from providers._grpc.status import grpc_errors, not_run, translate_rpc_error
+from providers.base import CONNECT_STAGE, Health
 from providers.invocation import Invocation, Outcome, running_loop_time
 
 __all__ = ["HEALTH_SERVICE", "ChannelSecurity", "PluginConnection"]
@@ -46,6 +46,11 @@ log = logging.getLogger("dispatcher.providers.grpc")
 
 _json_loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
+
+#: The longest a connection sends nothing after its plugin said it is stopping, if the
+#: plugin neither closes the connection nor goes away meanwhile (it should, in well under
+#: a second: ``linchkit_plugin.grpc_server``).
+STOPPING_HOLD_SECONDS = 5.0
 
 #: Channel options: keepalive so a dead peer is noticed between calls, large messages.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
@@ -182,6 +187,8 @@ class PluginConnection:
         self._outgoing: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         self._events_open = asyncio.Event()
         self._closed = False
+        #: While the plugin is stopping (it answered a call "not run"): what ends the wait.
+        self._stopping: asyncio.Task[None] | None = None
 
     # -- calls -------------------------------------------------------------------------
 
@@ -231,6 +238,8 @@ class PluginConnection:
         # same fields, metadata, deadline and errors. Each helper call cost ~0.1 µs in a
         # tight loop and two to five times that between two gRPC calls, where the caches
         # are cold (docs/architecture.md, "gRPC on the hot path").
+        if self._stopping is not None:
+            raise self._not_sent_while_stopping()
         now = self._loop_time()
         remaining = invocation.deadline - now
         if remaining <= 0:
@@ -279,6 +288,8 @@ class PluginConnection:
                     self._stub.Call, request, len(request.params_json), remaining, metadata
                 )
         except grpc_errors() as error:
+            if not_run(error):
+                self._hold_while_stopping()
             raise translate_rpc_error(
                 error,
                 f"{self.describe} {invocation.plugin}.{invocation.method}",
@@ -326,6 +337,33 @@ class PluginConnection:
             raise DeadlineExceeded(f"{self.describe} refused gzip and the deadline passed")
         return await method(request, timeout=remaining, metadata=metadata)
 
+    def _hold_while_stopping(self) -> None:
+        """The plugin answered a call "not run": it is stopping. Send it nothing more
+        until this connection has left READY (the plugin closed it, or is gone), at most
+        ``STOPPING_HOLD_SECONDS``: every call sent meanwhile would only be refused too,
+        and one still queued in its server when it shuts down could be cancelled unseen."""
+        if self._stopping is None and not self._closed:
+            self._stopping = asyncio.get_running_loop().create_task(self._until_left())
+
+    async def _until_left(self) -> None:
+        import grpc
+
+        ready = grpc.ChannelConnectivity.READY
+        try:
+            async with asyncio.timeout(STOPPING_HOLD_SECONDS):
+                while (state := self._channel.get_state()) == ready:
+                    await self._channel.wait_for_state_change(state)
+        except TimeoutError:
+            pass
+        finally:
+            self._stopping = None
+
+    def _not_sent_while_stopping(self) -> TargetUnavailable:
+        return TargetUnavailable(
+            f"{self.describe} is stopping (it refused a call as not run): not sent",
+            details=CONNECT_STAGE,
+        )
+
     def _cut_off(self, what: str) -> TargetUnavailable:
         """The error of a call the channel cancelled under us: the connection was closed
         (the plugin's process went away, or the dispatcher is closing)."""
@@ -342,7 +380,8 @@ class PluginConnection:
         raise _wire_error(reply.error)
 
     async def call_batch(self, invocations: Sequence[Invocation]) -> list[Outcome[Any]]:
-
+        if self._stopping is not None:
+            raise self._not_sent_while_stopping()
         earliest = min(invocations, key=lambda invocation: invocation.deadline)
         now = asyncio.get_running_loop().time()
         remaining = self._remaining(earliest, now)
@@ -355,6 +394,8 @@ class PluginConnection:
                 self._stub.CallBatch, request, size, remaining, self._call_metadata(earliest)
             )
         except grpc_errors() as error:
+            if not_run(error):
+                self._hold_while_stopping()
             raise translate_rpc_error(error, f"{self.describe} batch", earliest.deadline) from error
         except asyncio.CancelledError:
             if _cancelled_by_caller():
@@ -374,6 +415,8 @@ class PluginConnection:
 
     async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
         """The chunks of a streaming method; its error item, or a failed RPC, raises."""
+        if self._stopping is not None:
+            raise self._not_sent_while_stopping()
         now = asyncio.get_running_loop().time()
         remaining = self._remaining(invocation, now)
         request = self._request(invocation, now)
@@ -390,6 +433,8 @@ class PluginConnection:
                     raise _wire_error(item.error)
                 yield _loads(item.chunk_json, self.describe)
         except grpc_errors() as error:
+            if not_run(error):
+                self._hold_while_stopping()
             raise translate_rpc_error(error, what, invocation.deadline) from error
         except asyncio.CancelledError:
             if _cancelled_by_caller():
@@ -542,6 +587,9 @@ class PluginConnection:
 
     async def close(self) -> None:
         self._closed = True
+        stopping, self._stopping = self._stopping, None
+        if stopping is not None:
+            stopping.cancel()
         task, self._events_task = self._events_task, None
         if task is not None:
             task.cancel()

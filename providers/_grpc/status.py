@@ -32,6 +32,11 @@ could be opened (pick_first: ``failed to connect to all addresses``; round_robin
 failed``). Such a call was never written to any socket. Any other wording gets no
 marker: only an idempotent method's retry policy may send it again.
 
+A plugin that is stopping answers a call it did not run ``UNAVAILABLE`` with the trailing
+metadata ``linchkit-not-run`` (``NOT_RUN_TRAILER``; the Python SDK does, whose server would
+otherwise cancel such calls unseen, docs/protocol.md "Stopping while called"): never run,
+so it gets the same marker (``not_run`` tells the connection, which then stops sending).
+
 A plugin's own failures come back in ``CallReply.error`` and go through
 ``linchkit_plugin.errors.error_from_wire`` like every other transport's
 (``providers._grpc.connection``).
@@ -53,12 +58,14 @@ from linchkit_plugin.errors import (
     TargetUnavailable,
     Unauthorized,
 )
+from linchkit_plugin.handshake import NOT_RUN_TRAILER
 from providers.base import CONNECT_STAGE
 
 __all__ = [
     "DEADLINE_SKEW_SECONDS",
     "grpc_errors",
     "never_left_the_client",
+    "not_run",
     "too_large",
     "translate_rpc_error",
 ]
@@ -177,7 +184,9 @@ def translate_rpc_error(
         and asyncio.get_running_loop().time() >= deadline - DEADLINE_SKEW_SECONDS
     ):
         return DeadlineExceeded(message)
-    if status == grpc.StatusCode.UNAVAILABLE and never_left_the_client(details):
+    if status == grpc.StatusCode.UNAVAILABLE and (
+        never_left_the_client(details) or _said_not_run(error)
+    ):
         return TargetUnavailable(message, details=CONNECT_STAGE)
     if status in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE) and (
         side := too_large(details)
@@ -202,6 +211,22 @@ def translate_rpc_error(
                 with contextlib.suppress(ValueError):
                     retry_after = float(value)
     return kind(message, retryable=retryable, retry_after=retry_after)
+
+
+def not_run(error: Exception) -> bool:
+    """Whether a failed RPC is a stopping plugin's refusal of a call it did not run."""
+    import grpc
+    import grpc.aio
+
+    return (
+        isinstance(error, grpc.aio.AioRpcError)
+        and error.code() == grpc.StatusCode.UNAVAILABLE
+        and _said_not_run(error)
+    )
+
+
+def _said_not_run(error: Any) -> bool:
+    return any(key == NOT_RUN_TRAILER for key, _ in error.trailing_metadata() or ())
 
 
 def never_left_the_client(details: str) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import signal
-from typing import Any
 
 import pytest
 
@@ -38,25 +37,6 @@ STOPS = 3
 #: How long the calls run before the plugin is told to stop, and on after it has exited.
 LOAD_BEFORE_STOP = 0.4
 LOAD_AFTER_EXIT = 0.2
-
-#: Why the Python SDK loses calls: grpc core's server (which grpcio's is) cancels every call
-#: it has received but not yet handed to the application the moment shutdown begins, with
-#: CANCELLED, before it tells the client to go away (grpc/grpc#41785, open). Nothing in
-#: grpcio's API reaches that queue, and a server-side CANCELLED looks the same as one for a
-#: call cut off mid-run; the Go, Rust, Java and TypeScript servers refuse such streams so
-#: that grpc resends them. Strict, so a grpcio that stops doing it makes this fail here.
-CORE_CANCELS_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="grpc core's server cancels the calls it has not handed to the application yet"
-    " when shutdown begins (grpc/grpc#41785)",
-)
-
-
-def _languages() -> list[Any]:
-    return [
-        pytest.param(language, marks=CORE_CANCELS_PENDING) if language == "python" else language
-        for language in LANGUAGES
-    ]
 
 
 async def _stopped_under_load(language: str) -> collections.Counter[str]:
@@ -100,7 +80,7 @@ async def _stopped_under_load(language: str) -> collections.Counter[str]:
     return outcomes
 
 
-@pytest.mark.parametrize("language", _languages())
+@pytest.mark.parametrize("language", LANGUAGES)
 async def test_a_graceful_stop_under_load_loses_no_call(language: str) -> None:
     outcomes: collections.Counter[str] = collections.Counter()
     for _ in range(STOPS):

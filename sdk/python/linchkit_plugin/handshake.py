@@ -24,6 +24,7 @@ __all__ = [
     "MAGIC_COOKIE_KEY",
     "MAGIC_COOKIE_VALUE",
     "NETWORK_ENV",
+    "NOT_RUN_TRAILER",
     "PROTOCOL",
     "PROTOCOL_VERSIONS_ENV",
     "SOCKET_DIR_ENV",
@@ -51,6 +52,11 @@ PROTOCOL = "grpc"
 LINE_FORMAT = "CORE-VERSION|APP-VERSION|NETWORK|ADDRESS|PROTOCOL|SERVER-CERT"
 #: The service a plugin's ``grpc.health.v1.Health`` reports SERVING once started.
 HEALTH_SERVICE = "linchkit.plugin.v1.PluginService"
+#: Trailing metadata of an ``UNAVAILABLE`` a stopping plugin answers a call with that it
+#: did not run (value ``stopping``): the host knows it was never run, sends it elsewhere
+#: or fails it as never sent, and sends no more on that connection until it closes
+#: (docs/protocol.md, "Stopping while called").
+NOT_RUN_TRAILER = "linchkit-not-run"
 
 
 class HandshakeLine(NamedTuple):
