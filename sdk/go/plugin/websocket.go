@@ -7,6 +7,10 @@ package plugin
 //
 // Calls run through the same invoke/prepare as the gRPC service, so errors, deadlines and
 // params read the same; streams wait for the host's credit (a window of 256 chunks).
+//
+// Stopping loses no call: on SIGTERM the plugin says goaway, stops redialling and goes on
+// answering what arrives; the host sends nothing new and closes the connection (1000) once
+// its calls are answered. After goawayGrace the plugin closes it itself (1001).
 
 import (
 	"context"
@@ -42,6 +46,10 @@ const (
 	// maxFrameDepth: a call's params may nest MaxParamsDepth levels under the frame's
 	// object and its request's.
 	maxFrameDepth = MaxParamsDepth + 2
+	// goawayGrace: how long a stopping plugin waits, after goaway, for the host to answer
+	// its calls and close the connection, before closing it with what still runs (as
+	// GOAWAY_GRACE in the Python SDK).
+	goawayGrace = 5 * time.Second
 )
 
 // ErrRefused is returned when the gateway refuses the connection at the upgrade.
@@ -156,7 +164,7 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			fmt.Fprintf(os.Stderr, "linchkit plugin: cannot reach %s: %v; retrying\n", *url, err)
 		} else {
 			conn.SetReadLimit(maxMessageBytes)
-			session := &wsSession{plugin: p, conn: conn}
+			session := &wsSession{plugin: p, conn: conn, grace: goawayGrace}
 			session.run(ctx)
 			// Reset only once the gateway welcomed this plugin: one that closes every
 			// connection at once was otherwise redialled 20 times a second.
@@ -231,6 +239,8 @@ type wsSession struct {
 	slots   chan struct{} // one per call running: at most maxInFlight
 	// welcomed: the gateway accepted the hello; only then the redial backoff resets.
 	welcomed bool
+	// grace: how long the host has, after goaway, to close the connection (goawayGrace).
+	grace time.Duration
 }
 
 func (s *wsSession) send(ctx context.Context, v any) {
@@ -241,8 +251,11 @@ func (s *wsSession) send(ctx context.Context, v any) {
 	_ = s.conn.Write(ctx, websocket.MessageText, raw)
 }
 
-func (s *wsSession) run(parent context.Context) {
-	ctx, cancel := context.WithCancel(parent)
+// run serves the connection until it closes. The end of stopping (SIGTERM) is not the
+// connection's: cancelling the calls in flight with it lost them (the host saw 1006 and
+// could not tell whether they ran), so goAway hands the connection's end to the host.
+func (s *wsSession) run(stopping context.Context) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(stopping))
 	defer cancel()
 	defer s.conn.CloseNow()
 	s.calls = map[int64]context.CancelFunc{}
@@ -276,6 +289,7 @@ func (s *wsSession) run(parent context.Context) {
 			}
 		}
 	}()
+	go s.goAway(ctx, stopping)
 	go func() { // keepalive: a half-open connection ends within two heartbeats
 		ticker := time.NewTicker(websocketHeartbeat)
 		defer ticker.Stop()
@@ -317,6 +331,26 @@ func (s *wsSession) run(parent context.Context) {
 			continue
 		}
 		s.handle(ctx, f)
+	}
+}
+
+// goAway waits for the plugin to stop, then says goaway and lets the host close the
+// connection once its calls are answered: calls it sent before reading the goaway still
+// arrive, and are answered. A host that has not closed within the grace (an older one
+// does not know goaway) is cut off, as a stop did before.
+func (s *wsSession) goAway(ctx, stopping context.Context) {
+	select {
+	case <-stopping.Done():
+	case <-ctx.Done(): // the connection ended first
+		return
+	}
+	s.send(ctx, map[string]any{"type": "goaway"})
+	grace := time.NewTimer(s.grace)
+	defer grace.Stop()
+	select {
+	case <-grace.C:
+		_ = s.conn.Close(websocket.StatusGoingAway, "the plugin is stopping")
+	case <-ctx.Done():
 	}
 }
 
@@ -391,6 +425,9 @@ func (s *wsSession) handle(ctx context.Context, f frame) {
 	case "welcome":
 		s.welcomed = true
 	case "dropped":
+	case "error":
+		// The host could not use a frame of ours (an older one says so of goaway): never
+		// answered, or two peers could trade error frames for ever.
 	default:
 		s.send(ctx, map[string]any{"type": "error", "id": f.ID, "error": map[string]any{"type": TypeProviderError, "message": "unknown frame type"}})
 	}
