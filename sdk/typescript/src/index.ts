@@ -10,7 +10,7 @@ export type { ServeOptions } from './serve';
 export { PluginServer, PROTOCOL_VERSION, SERVICE_NAME } from './server';
 export * as handshake from './handshake';
 export { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV, tokenInterceptor } from './auth';
-export { Refused, Session, dial, serveWebSocket, STREAM_WINDOW } from './websocket';
+export { GOAWAY_GRACE, Refused, Session, WebSocketPluginServer, dial, serveWebSocket, STREAM_WINDOW } from './websocket';
 export type { DialOptions } from './websocket';
 export { Tracing, tracesEndpoint, OTLP_ENDPOINT_ENV, OTLP_TRACES_ENDPOINT_ENV } from './tracing';
 export type { CallSpan } from './tracing';

@@ -33,7 +33,7 @@ import type { Plugin } from './plugin';
 import { PluginServer } from './server';
 import { OTLP_ENDPOINT_ENV, OTLP_TRACES_ENDPOINT_ENV, Tracing } from './tracing';
 import { generateServerCertificate } from './tls';
-import { Refused, dial, serveWebSocket } from './websocket';
+import { Refused, WebSocketPluginServer, dial } from './websocket';
 
 export interface ServeOptions {
   argv?: readonly string[];
@@ -129,8 +129,11 @@ environment (docs/security.md):
 `;
 }
 
-/** The WebSocket modes run the plugin's own lifecycle: init with `--config`, start, stop on a signal. */
-async function startLifecycle(plugin: Plugin, configText: string | undefined): Promise<void> {
+/**
+ * The WebSocket modes run the plugin's own lifecycle: init with `--config`, start, and on a
+ * signal `windDown` (the connections' calls finish on a started plugin), then stop and exit.
+ */
+async function startLifecycle(plugin: Plugin, configText: string | undefined, windDown: () => Promise<void>): Promise<void> {
   let config: unknown;
   try {
     config = JSON.parse(configText ?? '{}');
@@ -140,8 +143,14 @@ async function startLifecycle(plugin: Plugin, configText: string | undefined): P
   if (typeof config !== 'object' || config === null || Array.isArray(config)) throw new HandshakeError('--config must be a JSON object');
   await plugin.runPhase('init', config as Record<string, unknown>);
   await plugin.runPhase('start');
+  let stopping = false;
   const stop = (): void => {
-    void plugin.close().finally(() => process.exit(0));
+    if (stopping) return; // a second signal: the first stop is under way, bounded by the grace
+    stopping = true;
+    void windDown()
+      .catch(() => undefined)
+      .then(() => plugin.close())
+      .finally(() => process.exit(0));
   };
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
@@ -150,9 +159,16 @@ async function startLifecycle(plugin: Plugin, configText: string | undefined): P
 /** `url` is checked already (connect.ts): a gateway that does not answer yet is retried. */
 async function connectToGateway(plugin: Plugin, url: string, config: string | undefined, env: NodeJS.ProcessEnv): Promise<void> {
   const token = BearerToken.configured(env);
-  await startLifecycle(plugin, config);
+  const stopping = new AbortController();
+  let dialling: Promise<void> = Promise.resolve();
+  // A stop: no redial, goaway on the connection; `dial` resolves once the gateway closed it.
+  await startLifecycle(plugin, config, () => {
+    stopping.abort();
+    return dialling;
+  });
+  dialling = dial(plugin, url, { token: token?.secret(), signal: stopping.signal });
   try {
-    await dial(plugin, url, { token: token?.secret() });
+    await dialling;
   } catch (error) {
     await closeQuietly(plugin); // the init hooks ran: their stop and destroy run too
     if (error instanceof Refused) throw new HandshakeError(`connect: ${error.message}`);
@@ -167,10 +183,11 @@ async function closeQuietly(plugin: Plugin): Promise<void> {
 
 async function serveOverWebSocket(plugin: Plugin, address: string, config: string | undefined, env: NodeJS.ProcessEnv): Promise<void> {
   const token = BearerToken.configured(env);
-  await startLifecycle(plugin, config);
+  const server = new WebSocketPluginServer(plugin, token);
+  await startLifecycle(plugin, config, () => server.close()); // a stop: no new connection, goaway on each
   let bound: string;
   try {
-    bound = await serveWebSocket(plugin, address, token);
+    bound = await server.listen(address);
   } catch (error) {
     await closeQuietly(plugin); // a port already taken: the hooks that ran are undone
     throw error;

@@ -12,8 +12,14 @@
  * frames abort it), streams honour the host's `credit` (a window of 256 chunks), `health`
  * is answered, host `event`s reach `plugin.on` handlers and the plugin's events go out.
  * Events emitted while no host is connected wait in the plugin's own bounded buffer.
+ *
+ * Stopping loses no call: the plugin says `goaway` on each connection (having stopped
+ * listening, or redialling), goes on answering what still arrives, and the host closes the
+ * connection once its calls are answered; after `GOAWAY_GRACE` the plugin closes it (1001).
  */
 import * as http from 'node:http';
+import type { Duplex } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import type { BearerToken } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError } from './errors';
@@ -33,6 +39,15 @@ const MAX_FRAME_DEPTH = MAX_DEPTH + 2;
 const MAX_BUFFERED_BYTES = 16 * 1024 * 1024;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 const PROTOCOL_VERSION = 1;
+/**
+ * Milliseconds a stopping plugin waits, after `goaway`, for the host to finish its calls and
+ * close the connection, before closing it itself (1001) with whatever still runs (5 s, as
+ * GOAWAY_GRACE in every SDK).
+ */
+export const GOAWAY_GRACE = 5_000;
+/** After its own close (1001), how long the plugin waits for the host's before cutting the socket. */
+const CLOSE_WAIT_MS = 1_000;
+const CLOSE_GOING_AWAY = 1001;
 
 type Frame = JsonObject & { type: string };
 
@@ -69,11 +84,15 @@ export class Session {
   private readonly backlog: RawData[] = [];
   /** The gateway accepted the hello (reverse mode): only then the redial backoff resets. */
   welcomed = false;
+  /** Resolves once the socket has closed, however. */
+  private readonly ended: Promise<void>;
 
   constructor(
     private readonly plugin: Plugin,
     private readonly socket: WebSocket,
-  ) {}
+  ) {
+    this.ended = new Promise((resolve) => socket.once('close', () => resolve()));
+  }
 
   /** Say hello, then serve until the socket closes (the returned promise resolves then). */
   run(): Promise<void> {
@@ -97,14 +116,26 @@ export class Session {
     // A message over maxPayload (closed with 1009), broken framing, a reset: 'close'
     // follows and ends the session. Unhandled, the 'error' event killed the process.
     this.socket.on('error', () => undefined);
-    return new Promise((resolve) => {
-      this.socket.once('close', () => {
-        this.unsubscribe();
-        for (const controller of this.calls.values()) controller.abort(new DeadlineExceeded('the connection closed'));
-        this.calls.clear();
-        resolve();
-      });
+    this.socket.once('close', () => {
+      this.unsubscribe();
+      for (const controller of this.calls.values()) controller.abort(new DeadlineExceeded('the connection closed'));
+      this.calls.clear();
     });
+    return this.ended;
+  }
+
+  /**
+   * The plugin stops: say `goaway` and go on serving, so the calls the host sent before it
+   * read it are answered; the host closes the connection once none is left. Past `graceMs`
+   * close it (1001), cutting off what still runs. Resolves once the socket is closed.
+   */
+  async goAway(graceMs = GOAWAY_GRACE): Promise<void> {
+    this.send({ type: 'goaway' });
+    if (await settlesWithin(this.ended, graceMs)) return;
+    this.socket.close(CLOSE_GOING_AWAY, 'the plugin is stopping');
+    // A host that does not answer the close either: ws alone would wait 30 s for it.
+    if (!(await settlesWithin(this.ended, CLOSE_WAIT_MS))) this.socket.terminate();
+    await this.ended;
   }
 
   private send(frame: JsonObject): void {
@@ -174,6 +205,11 @@ export class Session {
         return;
       case 'dropped':
         return;
+      case 'error':
+        // The host could not use a frame of ours (one that predates `goaway` says so of
+        // it): logged, never answered, or the two peers could trade errors for ever.
+        process.stderr.write(`linchkit plugin: the host could not use a frame: ${encodeJson(frame.error ?? null).toString('utf8', 0, 200)}\n`);
+        return;
       default:
         this.send({ type: 'error', id: id ?? null, error: toWireError(new ProviderError(`unknown frame type ${frame.type.slice(0, 40)}`)) });
     }
@@ -242,6 +278,17 @@ export class Session {
   }
 }
 
+/** Whether `promise` settles within `ms`; the timer does not outlive the answer. */
+async function settlesWithin(promise: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), ms)));
+  try {
+    return await Promise.race([promise.then(() => true), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 function isCancel(reason: unknown): boolean {
   return reason instanceof DeadlineExceeded && reason.message === 'cancelled by the host';
 }
@@ -290,28 +337,70 @@ function keepAlive(socket: WebSocket, intervalMs: number): void {
 }
 
 /**
- * Serve `plugin` at `address` (host:port) until the process stops; resolves to the bound
- * address. A mistyped address or a failed listen rejects with a `ListenError` (listen.ts).
+ * The plugin served as a WebSocket at any path: the dispatcher dials in. `listen` binds it;
+ * `close` stops it without losing a call (goaway on each connection, see `Session.goAway`).
  */
-export async function serveWebSocket(plugin: Plugin, address: string, token: BearerToken | undefined): Promise<string> {
-  const server = http.createServer((_, response) => {
-    response.writeHead(426, { 'Content-Type': 'application/json' });
-    response.end(encodeJson({ ok: false, error: toWireError(new InvalidParams('this plugin speaks WebSocket: send an upgrade')) }));
-  });
-  const sockets = new WebSocketServer({ noServer: true, maxPayload: MAX_MESSAGE_BYTES });
-  server.on('upgrade', (request, socket, head) => {
-    if (token !== undefined && !token.admits(request.headers.authorization)) {
+export class WebSocketPluginServer {
+  private readonly server: http.Server;
+  private readonly sockets = new WebSocketServer({ noServer: true, maxPayload: MAX_MESSAGE_BYTES });
+  private readonly sessions = new Set<Session>();
+  private closing = false;
+
+  constructor(
+    private readonly plugin: Plugin,
+    private readonly token: BearerToken | undefined,
+  ) {
+    this.server = http.createServer((_, response) => {
+      response.writeHead(426, { 'Content-Type': 'application/json' });
+      response.end(encodeJson({ ok: false, error: toWireError(new InvalidParams('this plugin speaks WebSocket: send an upgrade')) }));
+    });
+    this.server.on('upgrade', (request, socket, head) => this.upgrade(request, socket, head));
+  }
+
+  /** Listen at `address` (host:port); resolves to the bound address. A mistyped address or a failed listen rejects with a `ListenError` (listen.ts). */
+  async listen(address: string): Promise<string> {
+    const where = parseListenAddress(address);
+    const port = await listen(this.server, where);
+    return formatListenAddress({ host: where.host, port });
+  }
+
+  /**
+   * Stop: take no new connection (a host redialling is refused), say `goaway` on each open
+   * one and let the host finish its calls there, `graceMs` at most. Resolves once all closed.
+   */
+  async close(graceMs = GOAWAY_GRACE): Promise<void> {
+    this.closing = true;
+    this.server.close();
+    await Promise.all([...this.sessions].map((session) => session.goAway(graceMs)));
+  }
+
+  private upgrade(request: http.IncomingMessage, socket: Duplex, head: Buffer): void {
+    // An upgrade on a connection accepted before `close`: the listener is closed already.
+    // (handleUpgrade hands over the socket at once: none is upgraded after this check.)
+    if (this.closing) {
+      socket.end('HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+      return;
+    }
+    if (this.token !== undefined && !this.token.admits(request.headers.authorization)) {
       socket.end('HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       return;
     }
-    sockets.handleUpgrade(request, socket, head, (ws) => {
+    this.sockets.handleUpgrade(request, socket, head, (ws) => {
       keepAlive(ws, 10_000);
-      void new Session(plugin, ws).run();
+      const session = new Session(this.plugin, ws);
+      this.sessions.add(session);
+      void session.run().then(() => this.sessions.delete(session));
     });
-  });
-  const where = parseListenAddress(address);
-  const port = await listen(server, where);
-  return formatListenAddress({ host: where.host, port });
+  }
+}
+
+/**
+ * Serve `plugin` at `address` (host:port) until the process stops; resolves to the bound
+ * address. A mistyped address or a failed listen rejects with a `ListenError` (listen.ts).
+ * `WebSocketPluginServer` is the same with a graceful `close`.
+ */
+export async function serveWebSocket(plugin: Plugin, address: string, token: BearerToken | undefined): Promise<string> {
+  return new WebSocketPluginServer(plugin, token).listen(address);
 }
 
 export interface DialOptions {
@@ -319,6 +408,10 @@ export interface DialOptions {
   initialBackoffMs?: number;
   maxBackoffMs?: number;
   heartbeatMs?: number;
+  /** Aborted: the plugin stops; no redial, and the connection winds down (`Session.goAway`). */
+  signal?: AbortSignal;
+  /** How long a stop waits for the gateway to close the connection (`GOAWAY_GRACE`). */
+  graceMs?: number;
 }
 
 export class Refused extends Error {
@@ -327,35 +420,59 @@ export class Refused extends Error {
   }
 }
 
-/** Reverse mode: dial `url` as the plugin and serve calls, reconnecting, until refused. */
-export async function dial(plugin: Plugin, url: string, options: DialOptions = {}): Promise<never> {
+/**
+ * Reverse mode: dial `url` as the plugin and serve calls, reconnecting, until refused
+ * (rejects with `Refused`) or `options.signal` aborts (resolves once the connection closed).
+ */
+export async function dial(plugin: Plugin, url: string, options: DialOptions = {}): Promise<void> {
   const headers: Record<string, string> = { 'X-Plugin-Id': plugin.id, 'X-Plugin-Version': plugin.version };
   if (options.token !== undefined) headers.Authorization = `Bearer ${options.token}`;
   const initial = options.initialBackoffMs ?? 100;
   let backoff = initial;
-  for (;;) {
-    const outcome = await new Promise<'closed' | 'failed' | Refused>((resolve) => {
-      const socket = new WebSocket(url, { headers, maxPayload: MAX_MESSAGE_BYTES });
-      socket.once('unexpected-response', (_, response) => {
-        const status = response.statusCode ?? 0;
-        socket.terminate();
-        resolve([401, 403, 404].includes(status) ? new Refused(status) : 'failed');
-      });
-      socket.once('error', () => resolve('failed'));
-      socket.once('open', () => {
-        keepAlive(socket, options.heartbeatMs ?? 10_000);
-        const session = new Session(plugin, socket);
-        void session.run().then(() => {
-          // Reset only once the gateway welcomed this plugin: one that closes every
-          // connection at once was otherwise redialled 20 times a second.
-          if (session.welcomed) backoff = initial;
-          resolve('closed');
-        });
-      });
-    });
+  while (options.signal?.aborted !== true) {
+    const outcome = await connection(plugin, url, headers, options);
     if (outcome instanceof Refused) throw outcome;
+    // Reset only once the gateway welcomed this plugin: one that closes every
+    // connection at once was otherwise redialled 20 times a second.
+    if (outcome === 'welcomed') backoff = initial;
     // Full jitter: a gateway coming back is not hit by every plugin at once.
-    await new Promise((resolve) => setTimeout(resolve, Math.random() * backoff));
+    await sleep(Math.random() * backoff, undefined, { signal: options.signal }).catch(() => undefined);
     backoff = Math.min(backoff * 2, options.maxBackoffMs ?? 10_000);
   }
+}
+
+/**
+ * One connection to the gateway, served until it closes ('welcomed' or 'closed'), or
+ * 'failed' to open. Aborting `options.signal` winds it down: `goaway` once open, else the
+ * dial is given up.
+ */
+function connection(plugin: Plugin, url: string, headers: Record<string, string>, options: DialOptions): Promise<'welcomed' | 'closed' | 'failed' | Refused> {
+  return new Promise((resolve) => {
+    const socket = new WebSocket(url, { headers, maxPayload: MAX_MESSAGE_BYTES });
+    let session: Session | undefined;
+    const stop = (): void => {
+      if (session === undefined) socket.terminate();
+      else void session.goAway(options.graceMs);
+    };
+    options.signal?.addEventListener('abort', stop, { once: true });
+    const done = (outcome: 'welcomed' | 'closed' | 'failed' | Refused): void => {
+      options.signal?.removeEventListener('abort', stop);
+      resolve(outcome);
+    };
+    socket.once('unexpected-response', (_, response) => {
+      const status = response.statusCode ?? 0;
+      socket.terminate();
+      done([401, 403, 404].includes(status) ? new Refused(status) : 'failed');
+    });
+    // Once open, an error ends in 'close' too: the session ends there (a stop still drains).
+    socket.once('error', () => {
+      if (session === undefined) done('failed');
+    });
+    socket.once('open', () => {
+      keepAlive(socket, options.heartbeatMs ?? 10_000);
+      const opened = new Session(plugin, socket);
+      session = opened;
+      void opened.run().then(() => done(opened.welcomed ? 'welcomed' : 'closed'));
+    });
+  });
 }
