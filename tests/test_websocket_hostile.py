@@ -242,6 +242,7 @@ def test_the_frames_both_sides_send_match_the_published_schema() -> None:
         encode_frame({"type": "chunk", "id": 1, "data": [1]}),
         encode_frame({"type": "event", "event": "e", "data": None}),
         encode_frame({"type": "dropped", "count": 3}),
+        encode_frame({"type": "goaway"}),
         error_frame(Forbidden("no"), 4),
     ]
     for sample in samples:

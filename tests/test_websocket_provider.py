@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 from socket_plugin import SocketPlugin
 
@@ -21,6 +23,7 @@ from dispatcher import (
     TargetUnavailable,
 )
 from linchkit_plugin.host import PluginHost
+from linchkit_plugin.ws_protocol import GOAWAY_GRACE
 from linchkit_plugin.ws_server import WebSocketPluginServer
 from tests.conftest import manifest
 from tests.fault_proxy import FaultProxy
@@ -244,3 +247,59 @@ async def test_a_slow_stream_reader_holds_its_stream_not_the_connection(rig: Rig
     assert await d.call("sock", "echo", {"value": "meanwhile"}) == "meanwhile"
     received += [chunk async for chunk in stream]
     assert received == list(range(5_000))
+
+
+# -- a plugin that stops: goaway ---------------------------------------------------------------
+
+
+async def test_a_plugin_going_away_finishes_its_calls_and_the_next_go_to_its_successor() -> None:
+    """The plugin stops (``aclose``: goaway): its 20 calls in flight are answered, the host
+    closes the connection once they are (well before the plugin's grace), and a call made
+    meanwhile goes over a new connection, here to a successor the proxy now points at.
+    Before goaway every call in flight failed with the connection (close 1001/1006)."""
+    async with rigged() as rig:
+        d = rig.dispatcher
+        calls = [
+            asyncio.create_task(d.call("sock", "sleep", {"seconds": 0.5, "value": i}))
+            for i in range(20)
+        ]
+        # Every call running in the plugin (its session's tasks) before it is stopped.
+        await _until(lambda: sum(len(s._tasks) for s in rig.server.sessions) == 20)
+        successor_plugin = SocketPlugin()
+        successor = WebSocketPluginServer(
+            PluginHost(successor_plugin), plugin_id="sock", version="1.0.0"
+        )
+        successor_url = await successor.start()
+        try:
+            rig.proxy.upstream = ("127.0.0.1", int(successor_url.rsplit(":", 1)[1]))
+            first = rig.dialed().channel
+            started = asyncio.get_running_loop().time()
+            stopping = asyncio.create_task(rig.server.aclose())
+            await _until(lambda: first.going_away)
+            assert await d.call("sock", "echo", {"value": 7}) == 7  # on the successor
+            assert await asyncio.gather(*calls) == list(range(20))
+            await stopping
+            assert asyncio.get_running_loop().time() - started < GOAWAY_GRACE - 1
+            assert rig.proxy.connections == 2
+            assert len(successor.sessions) == 1
+        finally:
+            await successor.aclose()
+
+
+async def test_a_host_that_ignores_goaway_is_closed_after_the_grace_its_calls_answered() -> None:
+    """A host that predates goaway keeps the connection: the plugin answers what it still
+    sends, then closes it (1001) after the grace."""
+    server = WebSocketPluginServer(PluginHost(SocketPlugin()), plugin_id="sock", version="1.0.0")
+    url = await server.start()
+    async with aiohttp.ClientSession() as client, client.ws_connect(url) as socket:
+        assert orjson.loads((await socket.receive()).data)["type"] == "hello"
+        stopping = asyncio.create_task(server.aclose(grace=0.5))
+        assert orjson.loads((await socket.receive()).data) == {"type": "goaway"}
+        request = {"v": 1, "plugin": "sock", "method": "echo", "params": {"value": 3}}
+        await socket.send_bytes(orjson.dumps({"type": "call", "id": 1, "request": request}))
+        answer = orjson.loads((await socket.receive()).data)
+        assert answer == {"type": "response", "id": 1, "response": {"ok": True, "result": 3}}
+        closing = await socket.receive()
+        assert closing.type == aiohttp.WSMsgType.CLOSE
+        assert socket.close_code == 1001
+        await asyncio.wait_for(stopping, 5)

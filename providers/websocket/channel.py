@@ -17,6 +17,12 @@ the sink, so a slow caller never stalls it. Memory stays bounded on both ways:
 
 Answers for ids not in flight (late ones after a deadline, or made up) are counted in
 ``unknown_ids`` and dropped: a result reaches its caller once or not at all.
+
+A plugin that is stopping sends ``goaway``: from then on no call or stream is sent on the
+channel (``going_away``; a call is refused as never sent), the ones in flight are
+answered, and the channel closes itself (1000) once none is left. ``leaving`` is set then,
+or when the channel closes, so its owner can stop using it: the dialer dials anew, the
+gateway's fleet lets the instance go.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ _STREAM_QUEUE = STREAM_WINDOW + 8
 #: Consumed chunks that earn the plugin a ``credit`` frame: half a window at a time.
 _CREDIT_EVERY = STREAM_WINDOW // 2
 _END = object()
+#: How often a channel that was told ``goaway`` looks whether its last call has ended.
+_DRAIN_POLL_SECONDS = 0.01
 
 
 async def read_hello(socket: Socket) -> dict[str, Any]:
@@ -135,6 +143,10 @@ class Channel:
         self._send_lock = asyncio.Lock()
         self.closed = False
         self.close_reason = ""
+        #: The plugin said ``goaway``: nothing new is sent; the channel closes once drained.
+        self.going_away = False
+        #: Set on ``goaway`` or when the channel closes: its owner stops using it.
+        self.leaving = asyncio.Event()
         #: Counters, for ``health`` and tests: what the peer sent that could not be used.
         self.unknown_ids = 0
         self.protocol_errors = 0
@@ -157,11 +169,11 @@ class Channel:
         return data
 
     def _admit(self, invocation: Invocation) -> tuple[int, float]:
-        if self.closed:
-            raise TargetUnavailable(
-                f"{self.describe} is not connected: {self.close_reason}",
-                details={"stage": "connect"},
+        if self.closed or self.going_away:
+            reason = (
+                "is going away" if not self.closed else f"is not connected: {self.close_reason}"
             )
+            raise TargetUnavailable(f"{self.describe} {reason}", details={"stage": "connect"})
         if self.in_flight >= self._max_in_flight:
             raise Overloaded(
                 f"{self.describe} has {self.in_flight} calls in flight (max_in_flight)"
@@ -249,6 +261,8 @@ class Channel:
     async def health(self, timeout: float) -> Health:
         if self.closed:
             return Health("not_serving", f"not connected: {self.close_reason}")
+        if self.going_away:
+            return Health("not_serving", "going away: the plugin is stopping")
         call_id = next(self._ids)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[call_id] = future
@@ -372,6 +386,8 @@ class Channel:
             task = self._loop.create_task(self._send_quietly(error_frame(refusal, call_id)))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        elif kind == "goaway":
+            self._go_away()
         elif kind == "dropped":
             count = frame.get("count")
             if type(count) is int and count > 0:
@@ -380,6 +396,25 @@ class Channel:
         else:
             self.protocol_errors += 1
             log.warning("%s sent an unknown frame type %r", self.describe, kind[:40])
+
+    def _go_away(self) -> None:
+        """The plugin is stopping: send it nothing new, close once its calls are answered."""
+        if self.going_away or self.closed:
+            return
+        self.going_away = True
+        self.leaving.set()
+        log.info("%s is going away: its %d calls in flight finish", self.describe, self.in_flight)
+        task = self._loop.create_task(self._close_when_drained())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _close_when_drained(self) -> None:
+        # Calls end by their answers, deadlines or cancellation, in several places: looked
+        # at rather than signalled from each (a drain happens once per connection).
+        while self.in_flight and not self.closed:  # noqa: ASYNC110
+            await asyncio.sleep(_DRAIN_POLL_SECONDS)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.socket.close(code=1000)  # ends ``run``
 
     def _to_stream(self, call_id: int, queue: asyncio.Queue[Any], frame: dict[str, Any]) -> None:
         try:
@@ -433,6 +468,7 @@ class Channel:
             return
         self.closed = True
         self.close_reason = reason
+        self.leaving.set()
         pending, self._pending = self._pending, {}
         streams, self._streams = self._streams, {}
         for future in pending.values():
@@ -460,5 +496,5 @@ class Channel:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
+        state = "closed" if self.closed else "going away" if self.going_away else "open"
         return f"<Channel {self.describe} {state} in_flight={self.in_flight} unknown_ids={self.unknown_ids}>"

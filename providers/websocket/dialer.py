@@ -8,6 +8,11 @@ with ``stage: connect`` (never sent: the fleet may fail them over, for any metho
 Calls in flight when the connection drops fail ``TargetUnavailable`` with ``stage:
 in_flight``: retryable, which only the retry policy of an idempotent method acts on.
 
+A plugin that sends ``goaway`` (it is stopping) gets no new calls on that connection: a
+new one is dialled at once (behind a load balancer it reaches another instance; a plugin
+restarting in place refuses it until it is back, and calls wait for it as above) while
+the calls in flight finish on the old one, which then closes.
+
 Host events sent while disconnected wait in a buffer of ``event_buffer`` (the oldest
 dropped beyond it) and go out, in order, as soon as the next connection is up, followed
 by a ``dropped`` frame with the count lost, if any (also in ``health`` extra).
@@ -56,6 +61,8 @@ class DialedPlugin:
         self.channel: Channel | None = None
         self._up = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: The tasks reading the current connection and any still draining after goaway.
+        self._readers: set[asyncio.Task[None]] = set()
         self._events: deque[bytes] = deque(maxlen=target.event_buffer or None)
         self.events_dropped = 0
         self.connects = 0
@@ -74,6 +81,11 @@ class DialedPlugin:
         if task is not None:
             task.cancel()
             await asyncio.wait([task])
+        readers = list(self._readers)
+        for reader in readers:
+            reader.cancel()  # each closes its channel as it ends
+        if readers:
+            await asyncio.wait(readers)
         channel, self.channel = self.channel, None
         if channel is not None:
             await channel.close()
@@ -84,7 +96,7 @@ class DialedPlugin:
         """The open channel, waiting for one within the call's deadline and the
         connect timeout."""
         channel = self.channel
-        if channel is not None and not channel.closed:
+        if channel is not None and _usable(channel):
             return channel
         wait = self.target.connect_timeout_ms / 1000
         if invocation is not None:
@@ -95,7 +107,7 @@ class DialedPlugin:
         except TimeoutError:
             pass
         channel = self.channel
-        if channel is None or channel.closed:
+        if channel is None or not _usable(channel):
             raise TargetUnavailable(
                 f"{self.describe} is not connected ({self.last_error})",
                 details={"stage": "connect"},
@@ -105,7 +117,7 @@ class DialedPlugin:
     async def send_event(self, event: str, data: Any) -> None:
         frame = encode_frame({"type": "event", "event": event, "data": data})
         channel = self.channel
-        if channel is not None and not channel.closed and not self._events:
+        if channel is not None and _usable(channel) and not self._events:
             try:
                 await channel.send_event(frame)
                 return
@@ -119,7 +131,7 @@ class DialedPlugin:
 
     async def health(self, timeout: float) -> Health:
         channel = self.channel
-        if channel is None or channel.closed:
+        if channel is None or not _usable(channel):
             return Health("not_serving", f"not connected: {self.last_error}")
         health = await channel.health(timeout)
         health.extra.update(connects=self.connects, host_events_dropped=self.events_dropped)
@@ -144,17 +156,30 @@ class DialedPlugin:
                 self.connects += 1
                 self.channel = channel
                 self._up.set()
+                reader = asyncio.get_running_loop().create_task(self._read(channel))
+                self._readers.add(reader)
+                reader.add_done_callback(self._readers.discard)
                 await self._flush_events(channel)
-                try:
-                    await channel.run()
-                finally:
-                    self._up.clear()
-                    self.last_error = channel.close_reason
-                    await channel.close()
-                log.info("%s: %s; reconnecting", self.describe, channel.close_reason)
+                await channel.leaving.wait()  # closed, or the plugin said goaway
+                self._up.clear()
+                if channel.closed:
+                    await asyncio.wait([reader])
+                    log.info("%s: %s; reconnecting", self.describe, channel.close_reason)
+                else:  # its calls in flight finish on it while the next one is dialled
+                    self.last_error = "the plugin went away (goaway)"
+                    log.info("%s: the plugin is going away; dialling anew", self.describe)
             # Full jitter: plugins restarting are not redialled in lockstep.
             await asyncio.sleep(random.uniform(0, backoff))
             backoff = min(backoff * 2, target.reconnect_backoff_max_ms / 1000)
+
+    async def _read(self, channel: Channel) -> None:
+        """Read ``channel`` until it closes (it closes itself once drained after goaway)."""
+        try:
+            await channel.run()
+        finally:
+            if self.channel is channel:
+                self.last_error = channel.close_reason
+            await channel.close()
 
     async def _dial(self) -> Channel:
         target = self.target
@@ -218,8 +243,13 @@ class DialedPlugin:
             pass  # dropped again at once: the next connection takes what is left
 
     def __repr__(self) -> str:
-        state = "up" if self.channel is not None and not self.channel.closed else "down"
+        state = "up" if self.channel is not None and _usable(self.channel) else "down"
         return f"<DialedPlugin {self.describe} {state} connects={self.connects} events_waiting={len(self._events)}>"
+
+
+def _usable(channel: Channel) -> bool:
+    """Open and not going away: new calls may be sent on it."""
+    return not channel.closed and not channel.going_away
 
 
 def _ssl_of(target: WebSocketTarget) -> ssl.SSLContext | bool:

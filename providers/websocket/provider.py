@@ -22,6 +22,7 @@ A plugin connected in may not call the host: a ``call`` frame from it is answere
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -210,9 +211,17 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         for target in targets:
             self.inbound.register(target.key, inbound)
         log.info("%s connected as an instance of %s", key, plugin.key)
+        reader = asyncio.get_running_loop().create_task(channel.run())
         try:
-            await channel.run()
+            # Closed, or the plugin said goaway: either way the fleet lets the instance
+            # go now, and a goaway's calls in flight finish before the channel closes.
+            await channel.leaving.wait()
+            for target in targets:
+                self.inbound.unregister(target.key, inbound)
+            await asyncio.wait([reader])
         finally:
+            reader.cancel()
+            await asyncio.wait([reader])
             for target in targets:
                 self.inbound.unregister(target.key, inbound)
             await channel.close()

@@ -279,8 +279,11 @@ async def example(request: pytest.FixtureRequest) -> AsyncIterator[Example]:
 
 
 @contextlib.asynccontextmanager
-async def _dialling_in(path: Path, dispatcher: Dispatcher) -> AsyncIterator[None]:
-    """A gateway on port 0 and ``path connect`` dialling it; returns once it is an instance."""
+async def _dialling_in(
+    path: Path, dispatcher: Dispatcher
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A gateway on port 0 and ``path connect`` dialling it; yields the process once it is
+    an instance."""
     runner = web.AppRunner(create_app(dispatcher), handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -306,7 +309,7 @@ async def _dialling_in(path: Path, dispatcher: Dispatcher) -> AsyncIterator[None
                     await asyncio.sleep(0.02)
         except TimeoutError:
             pytest.fail(f"{path} connect did not join within {START_TIMEOUT:.0f} s")
-        yield
+        yield process
     finally:
         await _stop_service(process)
         await runner.cleanup()

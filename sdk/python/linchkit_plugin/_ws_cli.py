@@ -18,7 +18,13 @@ from urllib.parse import urlsplit
 
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken
 from linchkit_plugin.host import PluginHost
-from linchkit_plugin.ws_server import Refused, WebSocketPluginServer, checked_gateway_url, dial
+from linchkit_plugin.ws_server import (
+    Refused,
+    WebSocketPluginServer,
+    checked_gateway_url,
+    dial,
+    stop_on_signals,
+)
 
 __all__ = ["connect", "serve_websocket"]
 
@@ -73,8 +79,18 @@ def connect(
         return 2
 
     async def main() -> int:
-        dialling = asyncio.ensure_future(
-            dial(
+        # A signal does not cancel the dialling: it says goaway, the gateway finishes the
+        # calls it sent, and only then does it return.
+        stopping = asyncio.Event()
+        stop_on_signals(stopping)
+        print(
+            f"dispatcher-plugin: {options.plugin_id}@{options.plugin_version} dialling"
+            f" {options.url} (Ctrl+C stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            await dial(
                 host,
                 options.url,
                 plugin_id=options.plugin_id,
@@ -82,23 +98,8 @@ def connect(
                 token=token.secret() if token is not None else None,
                 config=config,
                 ssl=context,
+                stopping=stopping,
             )
-        )
-        signalled = asyncio.ensure_future(_until_signalled())
-        print(
-            f"dispatcher-plugin: {options.plugin_id}@{options.plugin_version} dialling"
-            f" {options.url} (Ctrl+C stops it)",
-            file=sys.stderr,
-            flush=True,
-        )
-        await asyncio.wait([dialling, signalled], return_when=asyncio.FIRST_COMPLETED)
-        signalled.cancel()
-        dialling.cancel()
-        await asyncio.gather(signalled, return_exceptions=True)
-        try:
-            await dialling
-        except asyncio.CancelledError:
-            return 0
         except Refused as refused:
             print(f"Error: {refused}", file=sys.stderr)
             return 1

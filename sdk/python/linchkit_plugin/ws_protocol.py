@@ -31,6 +31,7 @@ __all__ = [
     "CLOSE_WRONG_PLUGIN",
     "DEFAULT_HEARTBEAT",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "GOAWAY_GRACE",
     "HELLO_TIMEOUT",
     "MAX_FRAME_DEPTH",
     "PLUGIN_ID_HEADER",
@@ -57,6 +58,9 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
 #: Seconds between pings; a peer that does not answer within half of it is gone. Detects a
 #: half-open TCP connection (no FIN ever comes) within 1.5 heartbeats.
 DEFAULT_HEARTBEAT: Final = 10.0
+#: How long a stopping plugin waits, after ``goaway``, for the host to finish its calls and
+#: close the connection, before closing it itself (1001) with whatever is still running.
+GOAWAY_GRACE: Final = 5.0
 #: Seconds a new connection has to send its ``hello``.
 HELLO_TIMEOUT: Final = 10.0
 

@@ -11,6 +11,10 @@ Events the plugin emits while no host is connected wait in a bounded ``EventOutb
 (the oldest dropped beyond ``max_buffered_events``) and go out when a host connects,
 followed by a ``dropped`` frame with the count lost, if any.
 
+Stopping loses no call: the plugin sends ``goaway`` on each connection (and stops taking
+new ones), goes on answering whatever arrives, and the host closes the connection once
+its calls are answered; after ``GOAWAY_GRACE`` seconds the plugin closes it itself.
+
 Reverse mode (``dial``) reconnects after every drop with exponential backoff and full
 jitter; a refusal at the upgrade (401, 403, 404: wrong token, another plugin's id, no
 such inbound plugin) is not retried: ``Refused`` says which.
@@ -48,6 +52,7 @@ from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_BYTES,
+    GOAWAY_GRACE,
     PLUGIN_ID_HEADER,
     PLUGIN_VERSION_HEADER,
     STREAM_WINDOW,
@@ -64,6 +69,7 @@ __all__ = [
     "Refused",
     "WebSocketPluginServer",
     "dial",
+    "stop_on_signals",
 ]
 
 log = logging.getLogger("linchkit_plugin.websocket")
@@ -171,6 +177,8 @@ class PluginSession:
         #: The gateway accepted the hello (reverse mode): only then the redial backoff resets.
         self.welcomed = False
         self._send_lock = asyncio.Lock()
+        #: Set when ``run`` has ended (the connection closed).
+        self.ended = asyncio.Event()
 
     def queue_event(self, frame: bytes) -> None:
         try:
@@ -191,6 +199,19 @@ class PluginSession:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(sender, *tasks, return_exceptions=True)
+            self.ended.set()
+
+    async def go_away(self, grace: float = GOAWAY_GRACE) -> None:
+        """The plugin stops: say ``goaway``, answer what still arrives, and wait for the
+        host to close the connection once its calls are answered; after ``grace`` seconds
+        close it (1001), cutting off what is still running."""
+        await self._send(encode_frame({"type": "goaway"}))
+        try:
+            async with asyncio.timeout(grace):
+                await self.ended.wait()
+        except TimeoutError:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.socket.close(code=CLOSE_GOING_AWAY)
 
     async def _read(self) -> None:
         async for message in self.socket:
@@ -241,6 +262,10 @@ class PluginSession:
             self.welcomed = True
         elif kind == "dropped":
             log.info("host says: %s", frame)
+        elif kind == "error":
+            # The host could not use a frame of ours (a host that predates ``goaway`` says
+            # so of it): logged, never answered, or two peers could trade errors forever.
+            log.info("the host could not use a frame: %s", frame.get("error"))
         else:
             self.protocol_errors += 1
             await self._send(
@@ -372,10 +397,16 @@ class WebSocketPluginServer:
         host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]  # IPv6: host:port needs brackets
         return f"ws://{host}:{bound[1]}"
 
-    async def aclose(self) -> None:
+    async def aclose(self, grace: float = GOAWAY_GRACE) -> None:
+        """Stop: take no new connection, say ``goaway`` on each open one and let the host
+        finish its calls there (at most ``grace`` seconds), then close what is left."""
         runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        if runner is None:
+            return
+        for site in list(runner.sites):
+            await site.stop()  # the listener closes: a host redialling is refused
+        await asyncio.gather(*(session.go_away(grace) for session in tuple(self.sessions)))
+        await runner.cleanup()
 
     async def _open(self, app: web.Application) -> None:
         await self.host.open(self.config)
@@ -463,12 +494,16 @@ async def dial(
     initial_backoff: float = 0.1,
     max_backoff: float = 10.0,
     on_connected: Callable[[], Awaitable[None] | None] | None = None,
+    stopping: asyncio.Event | None = None,
 ) -> None:
     """Reverse mode: dial the gateway at ``url`` (``ws[s]://…/v1/plugins/connect``) as
     ``plugin_id@version`` and take calls over that connection, reconnecting after every
     drop (exponential backoff with full jitter, reset once a connection came up), until
-    cancelled. Runs the plugin's lifecycle around it. Raises ``Refused`` on 401/403/404.
+    cancelled, or until ``stopping`` is set: then it says ``goaway``, answers the calls the
+    gateway still sends until it closes the connection (at most ``GOAWAY_GRACE``), and
+    returns. Runs the plugin's lifecycle around it. Raises ``Refused`` on 401/403/404.
     """
+    stopping = stopping or asyncio.Event()
     checked_gateway_url(url)
     outbox = EventOutbox(max_buffered_events)
     if hasattr(host.plugin, "emit"):
@@ -481,7 +516,7 @@ async def dial(
     backoff = initial_backoff
     try:
         async with aiohttp.ClientSession() as client:
-            while True:
+            while not stopping.is_set():
                 try:
                     socket = await client.ws_connect(
                         url,
@@ -507,19 +542,46 @@ async def dial(
                         if outcome is not None:
                             await outcome
                     try:
-                        await session.run()
+                        await _serve_until(session, stopping)
                     finally:
                         await socket.close()
+                    if stopping.is_set():
+                        return
                     log.info("connection to %s closed (%s); reconnecting", url, socket.close_code)
                     # Reset only once the gateway welcomed this plugin: one that closes
                     # every connection at once is otherwise redialled 20 times a second.
                     if session.welcomed:
                         backoff = initial_backoff
                 # Full jitter: a gateway restarting is not hit by every plugin at once.
-                await asyncio.sleep(random.uniform(0, backoff))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), random.uniform(0, backoff))
                 backoff = min(backoff * 2, max_backoff)
     finally:
         await host.close()
+
+
+async def _serve_until(session: PluginSession, stopping: asyncio.Event) -> None:
+    """Serve ``session`` until its connection closes; if ``stopping`` is set first, go
+    away on it (``PluginSession.go_away``) and return once it has closed."""
+    running = asyncio.ensure_future(session.run())
+    told = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([running, told], return_when=asyncio.FIRST_COMPLETED)
+        if not running.done():
+            await session.go_away()
+        await running
+    finally:
+        for task in (running, told):
+            task.cancel()
+        await asyncio.gather(running, told, return_exceptions=True)
+
+
+def stop_on_signals(stopping: asyncio.Event) -> None:
+    """Set ``stopping`` on SIGTERM or SIGINT (where the loop can watch signals)."""
+    loop = asyncio.get_running_loop()
+    for each in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # not on Windows
+            loop.add_signal_handler(each, stopping.set)
 
 
 def main(
@@ -572,17 +634,22 @@ def main(
         except ValueError as error:
             sys.stderr.write(f"connect: {error}\n")
             return 1
-        try:
-            asyncio.run(
-                dial(
-                    host,
-                    options.url,
-                    plugin_id=plugin_id,
-                    version=version,
-                    token=token.secret() if token is not None else None,
-                    config=config,
-                )
+
+        async def connect() -> None:
+            stopping = asyncio.Event()
+            stop_on_signals(stopping)
+            await dial(
+                host,
+                options.url,
+                plugin_id=plugin_id,
+                version=version,
+                token=token.secret() if token is not None else None,
+                config=config,
+                stopping=stopping,
             )
+
+        try:
+            asyncio.run(connect())
         except Refused as refused:
             sys.stderr.write(f"connect: {refused}\n")
             return 1
