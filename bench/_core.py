@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import json
 import operator
@@ -212,3 +213,22 @@ def example_plugin(methods: Mapping[str, Any]) -> dict[str, Any]:
         },
         "methods": dict(methods),
     }
+
+
+@contextlib.contextmanager
+def collector_time() -> Iterator[list[tuple[int, float]]]:
+    """``(generation, CPU seconds)`` of every collection while inside (``gc.callbacks``)."""
+    collections: list[tuple[int, float]] = []
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.process_time()
+        else:
+            collections.append((info["generation"], time.process_time() - started[0]))
+
+    gc.callbacks.append(callback)
+    try:
+        yield collections
+    finally:
+        gc.callbacks.remove(callback)

@@ -27,18 +27,16 @@ rates, and the min is what a quiet round costs.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import resource
 import statistics
 import tempfile
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from itertools import count
 from pathlib import Path
 from typing import Any
 
-from bench._core import Options, available_cpus, pinned_to_cpu
+from bench._core import Options, available_cpus, collector_time, pinned_to_cpu
 from bench.bench_http import CLIENT_CPU, SERVER_CPU, fixed_reply_server, measure
 from bench.bench_policies import FULL_CHAIN, _write_plugin
 
@@ -157,25 +155,6 @@ async def _rounds(
             automatic = collections[1:] if collections and collections[0][0] == 2 else collections
             collected[name].append(sum(seconds for _, seconds in automatic) / calls * 1e6)
     return cpu, collected, faults
-
-
-@contextlib.contextmanager
-def collector_time() -> Iterator[list[tuple[int, float]]]:
-    """``(generation, CPU seconds)`` of every collection while inside (``gc.callbacks``)."""
-    collections: list[tuple[int, float]] = []
-    started = [0.0]
-
-    def callback(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            started[0] = time.process_time()
-        else:
-            collections.append((info["generation"], time.process_time() - started[0]))
-
-    gc.callbacks.append(callback)
-    try:
-        yield collections
-    finally:
-        gc.callbacks.remove(callback)
 
 
 def summarise(cpu: dict[str, list[float]], prefix: str = "chain") -> dict[str, float]:
