@@ -68,7 +68,14 @@ export function manifest(options: GatewayOptions = {}): Record<string, unknown> 
     ],
   };
   if (options.redisUrl !== undefined) {
-    document.state = { backend: 'redis', url: options.redisUrl, key_prefix: `ts-${process.pid}-${Date.now()}` };
+    // A Redis operation gets 2 s, not the default 200 ms: on a loaded test machine the
+    // first one (connecting) took longer, and the store then refused every job for a second.
+    document.state = {
+      backend: 'redis',
+      url: options.redisUrl,
+      key_prefix: `ts-${process.pid}-${Date.now()}`,
+      op_timeout_ms: 2000,
+    };
     document.jobs = { workers: 1 };
   }
   if (options.auth) {
