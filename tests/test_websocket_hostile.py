@@ -248,3 +248,51 @@ def test_the_frames_both_sides_send_match_the_published_schema() -> None:
     for sample in samples:
         validator.validate(orjson.loads(sample))
     assert not validator.is_valid({"type": "call", "id": "x", "request": request})
+
+
+async def test_a_plugin_saying_goaway_twice_mid_call_gets_its_call_answered_and_no_new_one() -> (
+    None
+):
+    """goaway (twice, one with a field too many) while a call runs: the call is answered,
+    nothing new reaches that connection, the host closes it (1000) once the call is done,
+    and the next call goes over a new connection."""
+    connections: list[dict[str, Any]] = []
+
+    async def script(ws: web.WebSocketResponse) -> None:
+        seen: dict[str, Any] = {"calls": 0, "after_goaway": 0, "goaway": False}
+        connections.append(seen)
+        await ws.send_bytes(HELLO)
+        async for message in ws:
+            if message.type != WSMsgType.TEXT:
+                break
+            frame = orjson.loads(message.data)
+            if frame["type"] != "call":
+                continue
+            seen["calls"] += 1
+            if seen["goaway"]:
+                seen["after_goaway"] += 1
+            if len(connections) == 1 and seen["calls"] == 1:
+                seen["goaway"] = True
+                await ws.send_str('{"type": "goaway"}')
+                await ws.send_str('{"type": "goaway", "why": "twice"}')
+                await asyncio.sleep(0.3)  # the call still runs while the host reads it
+            response = {"ok": True, "result": frame["request"]["params"]}
+            await ws.send_bytes(
+                orjson.dumps({"type": "response", "id": frame["id"], "response": response})
+            )
+        seen["close_code"] = ws.close_code
+
+    async with scripted(script) as dispatcher:
+        first = asyncio.create_task(dispatcher.call("liar", "echo", {"n": 1}))
+        while not connections or not connections[0]["goaway"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the host has read the goaway
+        second = await dispatcher.call("liar", "echo", {"n": 2})  # waits for a new connection
+        assert await first == {"n": 1}
+        assert second == {"n": 2}
+        assert connections[0]["after_goaway"] == 0
+        assert len(connections) == 2 and connections[1]["calls"] == 1
+        async with asyncio.timeout(5):
+            while "close_code" not in connections[0]:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert connections[0]["close_code"] == 1000
