@@ -211,6 +211,22 @@ async def _start_service(
     return process, parts[3]
 
 
+async def _start_websocket_service(
+    path: Path,
+) -> tuple[asyncio.subprocess.Process, str, dict[str, Any]]:
+    """``path serve --websocket``: the process, its address and a target dialling it."""
+    config = orjson.dumps(CONFIG).decode()
+    service, address = await _start_service(
+        path, protocol="websocket", extra=("--websocket", "--config", config)
+    )
+    target = {
+        "provider": "websocket",
+        "url": f"ws://{address}/",
+        "connect_timeout_ms": int(START_TIMEOUT * 1000),
+    }
+    return service, address, target
+
+
 async def _stop_service(process: asyncio.subprocess.Process) -> None:
     if process.returncode is None:
         process.send_signal(signal.SIGTERM)
@@ -243,15 +259,7 @@ async def example(request: pytest.FixtureRequest) -> AsyncIterator[Example]:
             "compression": {"min_bytes": 32 * 1024},
         }
     elif mode == "websocket":
-        config = orjson.dumps(CONFIG).decode()
-        service, address = await _start_service(
-            path, protocol="websocket", extra=("--websocket", "--config", config)
-        )
-        target = {
-            "provider": "websocket",
-            "url": f"ws://{address}/",
-            "connect_timeout_ms": int(START_TIMEOUT * 1000),
-        }
+        service, address, target = await _start_websocket_service(path)
     elif mode == "inbound":
         address = ""
         target = {"provider": "websocket", "mode": "inbound", "token": INBOUND_TOKEN}

@@ -22,13 +22,11 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 
 from dispatcher import Dispatcher, DispatchError
 from dispatcher.fleet import never_sent
 from tests.conformance.conftest import (
-    CONFIG,
     INBOUND_TOKEN,
     LANGUAGES,
     START_TIMEOUT,
@@ -36,6 +34,7 @@ from tests.conformance.conftest import (
     _dialling_in,
     _manifest,
     _start_service,
+    _start_websocket_service,
     _stop_service,
     executable,
 )
@@ -73,15 +72,7 @@ async def _plugin(
             "connect_timeout_ms": int(START_TIMEOUT * 1000),
         }
     else:
-        config = orjson.dumps(CONFIG).decode()
-        service, address = await _start_service(
-            path, protocol="websocket", extra=("--websocket", "--config", config)
-        )
-        target = {
-            "provider": "websocket",
-            "url": f"ws://{address}/",
-            "connect_timeout_ms": int(START_TIMEOUT * 1000),
-        }
+        service, _, target = await _start_websocket_service(path)
     try:
         yield target, service
     finally:
