@@ -710,7 +710,9 @@ async def test_a_target_sleeping_twice_the_deadline_gives_deadline_exceeded_on_t
             await dispatcher.call("count", "slow", {"seconds": 0.2, "tag": "late"})
         elapsed = time.perf_counter() - started
         await asyncio.sleep(0.25)  # long enough for a late result to show up
-    assert 0.1 <= elapsed < 0.1 + 0.02
+    # At the deadline, not when the target would have answered (0.2 s): the margin is a
+    # loaded two-core machine's (20 ms was missed by 3 ms in a full run).
+    assert 0.1 <= elapsed < 0.1 + 0.06
     assert CountingPlugin.finished == []  # the plugin's work was cancelled, no late result
 
 
