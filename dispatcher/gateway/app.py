@@ -124,8 +124,6 @@ class Gateway:
         self._plugin_sockets: set[web.WebSocketResponse] = set()
         #: ``GET /v1/jobs/{id}?wait=`` requests parked now (bounded: ``max_job_waits``).
         self._job_waits = 0
-        #: The gateway stops: every answer aiohttp writes closes its connection.
-        self.closing = False
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -502,19 +500,8 @@ def create_app(
     app.router.add_get("/healthz", gateway.healthz)
     app.router.add_get("/readyz", gateway.readyz)
     app.router.add_route("*", "/{tail:.*}", gateway.no_route)
-    app.on_response_prepare.append(_closing_after_answer)
     app.on_shutdown.append(gateway.close_streams)
     return app
-
-
-async def _closing_after_answer(request: web.Request, response: web.StreamResponse) -> None:
-    """While the gateway stops, an answer aiohttp writes says ``Connection: close`` and
-    its connection closes after it: the client's next call opens a new connection, which
-    the closed listener refuses (a call it knows was never sent), instead of being written
-    on one the gateway is about to close. A WebSocket's upgrade is left as it is."""
-    if request.app[GATEWAY_KEY].closing and response.status != 101:
-        response.force_close()
-        response.headers["Connection"] = "close"
 
 
 def _allowed_verb(path: str) -> str | None:

@@ -164,12 +164,15 @@ class GatewayServer:
         self.hub: EventHub | None = None
         #: The gRPC port, when ``settings.grpc_port`` asks for one.
         self.grpc: GrpcGateway | None = None
+        #: Stopping: every answer aiohttp writes closes its connection.
+        self._closing = False
 
     async def start(self) -> None:
         settings = self.settings
         reload = CertificateReload(settings) if settings.tls else None
         context = None if reload is None else reload.listening
         app = create_app(self.dispatcher, settings, authenticator=self._authenticator)
+        app.on_response_prepare.append(self._closing_after_answer)
         self.hub = app[HUB_KEY]
         runner = web.AppRunner(
             app,
@@ -249,7 +252,7 @@ class GatewayServer:
         if self._runner is None:
             return
         runner, self._runner = self._runner, None
-        runner.app[GATEWAY_KEY].closing = True
+        self._closing = True
         server = runner.server
         loop = asyncio.get_running_loop()
         until = loop.time() + DRAIN_IDLE_SECONDS
@@ -259,6 +262,18 @@ class GatewayServer:
         if self.lanes is not None:
             self.lanes.elsewhere_open = False
         await runner.cleanup()
+
+    async def _closing_after_answer(
+        self, request: web.Request, response: web.StreamResponse
+    ) -> None:
+        """While the gateway stops, an answer aiohttp writes says ``Connection: close`` and
+        its connection closes after it: the client's next call opens a new connection,
+        which the closed listener refuses (a call it knows was never sent), instead of
+        being written on one the gateway is about to close. A WebSocket's upgrade is left
+        as it is."""
+        if self._closing and response.status != 101:
+            response.force_close()
+            response.headers["Connection"] = "close"
 
     async def __aenter__(self) -> Self:
         await self.start()

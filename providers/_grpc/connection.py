@@ -288,9 +288,7 @@ class PluginConnection:
                     self._stub.Call, request, len(request.params_json), remaining, metadata
                 )
         except grpc_errors() as error:
-            if not_run(error):
-                self._hold_while_stopping()
-            raise translate_rpc_error(
+            raise self._failed(
                 error,
                 f"{self.describe} {invocation.plugin}.{invocation.method}",
                 invocation.deadline,
@@ -336,6 +334,13 @@ class PluginConnection:
         if remaining <= 0:
             raise DeadlineExceeded(f"{self.describe} refused gzip and the deadline passed")
         return await method(request, timeout=remaining, metadata=metadata)
+
+    def _failed(self, error: Exception, what: str, deadline: float) -> DispatchError:
+        """A failed call's dispatcher error; a plugin's "not run" also holds this
+        connection off while the plugin stops (``_hold_while_stopping``)."""
+        if not_run(error):
+            self._hold_while_stopping()
+        return translate_rpc_error(error, what, deadline)
 
     def _hold_while_stopping(self) -> None:
         """The plugin answered a call "not run": it is stopping. Send it nothing more
@@ -394,9 +399,7 @@ class PluginConnection:
                 self._stub.CallBatch, request, size, remaining, self._call_metadata(earliest)
             )
         except grpc_errors() as error:
-            if not_run(error):
-                self._hold_while_stopping()
-            raise translate_rpc_error(error, f"{self.describe} batch", earliest.deadline) from error
+            raise self._failed(error, f"{self.describe} batch", earliest.deadline) from error
         except asyncio.CancelledError:
             if _cancelled_by_caller():
                 raise
@@ -433,9 +436,7 @@ class PluginConnection:
                     raise _wire_error(item.error)
                 yield _loads(item.chunk_json, self.describe)
         except grpc_errors() as error:
-            if not_run(error):
-                self._hold_while_stopping()
-            raise translate_rpc_error(error, what, invocation.deadline) from error
+            raise self._failed(error, what, invocation.deadline) from error
         except asyncio.CancelledError:
             if _cancelled_by_caller():
                 raise

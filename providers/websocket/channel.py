@@ -154,6 +154,11 @@ class Channel:
         self.events_dropped_by_plugin = 0
 
     @property
+    def usable(self) -> bool:
+        """Open and not going away: new calls may be sent on it."""
+        return not self.closed and not self.going_away
+
+    @property
     def in_flight(self) -> int:
         return len(self._pending) + len(self._streams)
 

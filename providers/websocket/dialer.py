@@ -96,7 +96,7 @@ class DialedPlugin:
         """The open channel, waiting for one within the call's deadline and the
         connect timeout."""
         channel = self.channel
-        if channel is not None and _usable(channel):
+        if channel is not None and channel.usable:
             return channel
         wait = self.target.connect_timeout_ms / 1000
         if invocation is not None:
@@ -107,7 +107,7 @@ class DialedPlugin:
         except TimeoutError:
             pass
         channel = self.channel
-        if channel is None or not _usable(channel):
+        if channel is None or not channel.usable:
             raise TargetUnavailable(
                 f"{self.describe} is not connected ({self.last_error})",
                 details={"stage": "connect"},
@@ -117,7 +117,7 @@ class DialedPlugin:
     async def send_event(self, event: str, data: Any) -> None:
         frame = encode_frame({"type": "event", "event": event, "data": data})
         channel = self.channel
-        if channel is not None and _usable(channel) and not self._events:
+        if channel is not None and channel.usable and not self._events:
             try:
                 await channel.send_event(frame)
                 return
@@ -131,7 +131,7 @@ class DialedPlugin:
 
     async def health(self, timeout: float) -> Health:
         channel = self.channel
-        if channel is None or not _usable(channel):
+        if channel is None or not channel.usable:
             return Health("not_serving", f"not connected: {self.last_error}")
         health = await channel.health(timeout)
         health.extra.update(connects=self.connects, host_events_dropped=self.events_dropped)
@@ -243,13 +243,8 @@ class DialedPlugin:
             pass  # dropped again at once: the next connection takes what is left
 
     def __repr__(self) -> str:
-        state = "up" if self.channel is not None and _usable(self.channel) else "down"
+        state = "up" if self.channel is not None and self.channel.usable else "down"
         return f"<DialedPlugin {self.describe} {state} connects={self.connects} events_waiting={len(self._events)}>"
-
-
-def _usable(channel: Channel) -> bool:
-    """Open and not going away: new calls may be sent on it."""
-    return not channel.closed and not channel.going_away
 
 
 def _ssl_of(target: WebSocketTarget) -> ssl.SSLContext | bool:
