@@ -37,6 +37,7 @@ client CA files changed since the last (``_CertificateFetcher``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -74,6 +75,11 @@ STATUS_BY_TYPE: dict[str, grpc.StatusCode] = {
     "overloaded": grpc.StatusCode.UNAVAILABLE,
     "shutting_down": grpc.StatusCode.UNAVAILABLE,
 }
+#: At a stop, calls that arrive are held, neither run nor answered, until none has arrived
+#: for this long (at most ``SETTLE_MOST_SECONDS``); then grpc's shutdown begins and they go
+#: on (``GrpcGateway.aclose`` says why).
+SETTLE_QUIET_SECONDS = 0.1
+SETTLE_MOST_SECONDS = 1.0
 _SAN_PREFIXES = {"DNSName": "DNS", "IPAddress": "IP", "UniformResourceIdentifier": "URI", "RFC822Name": "email"}  # fmt: skip
 
 
@@ -133,10 +139,33 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
         self._dispatcher_authenticates = (
             authenticator is None and dispatcher.authenticator is not None
         )
+        #: Calls that have reached the service (``settle`` watches it), and while the port
+        #: stops, what holds the calls arriving until grpc's shutdown has begun.
+        self._arrivals = 0
+        self._held: asyncio.Event | None = None
+
+    async def settle(self) -> None:
+        """Hold every call from now on until ``release``; return once none has arrived for
+        ``SETTLE_QUIET_SECONDS`` (or after ``SETTLE_MOST_SECONDS``)."""
+        self._held = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + SETTLE_MOST_SECONDS
+        seen = -1
+        while self._arrivals != seen and loop.time() < until:
+            seen = self._arrivals
+            await asyncio.sleep(SETTLE_QUIET_SECONDS)
+
+    def release(self) -> None:
+        """Let the held calls go on (grpc's shutdown has begun)."""
+        if self._held is not None:
+            self._held.set()
 
     async def Call(
         self, request: gateway_pb2.GatewayCall, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GatewayReply:
+        self._arrivals += 1
+        if self._held is not None:
+            await self._held.wait()
         request_id = request.request_id or new_request_id()
         try:
             options = await self._options(request, context)
@@ -165,6 +194,9 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
     async def Stream(
         self, request: gateway_pb2.GatewayCall, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GatewayStreamItem]:
+        self._arrivals += 1
+        if self._held is not None:
+            await self._held.wait()
         try:
             options = await self._options(request, context)
             options.pop("idempotency_key")  # a stream is never replayed
@@ -312,9 +344,8 @@ class GrpcGateway:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
-            _Servicer(dispatcher, settings, authenticator), self._server
-        )
+        self._servicer = _Servicer(dispatcher, settings, authenticator)
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self._servicer, self._server)
 
     async def start(self) -> None:
         settings = self.settings
@@ -342,7 +373,26 @@ class GrpcGateway:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def aclose(self, grace: float = 2.0) -> None:
-        await self._server.stop(grace)
+        """Stop listening and end every call within ``grace`` seconds, losing none.
+
+        grpc core cancels, with ``CANCELLED``, every call it has received but not yet
+        handed to the service the moment its shutdown begins (grpc/grpc#41785): ~30 per
+        stop with 32 clients calling in a loop, calls a client cannot tell from ones cut
+        off mid-run. So the calls arriving are held first, which stops each client that
+        waits for its answer from sending the next; once none has arrived for
+        ``SETTLE_QUIET_SECONDS`` core's queue is empty, the shutdown begins (new calls are
+        refused as never sent: ``GOAWAY``, then the closed port) and the held calls go on,
+        through the dispatcher as any other (after a drain, ``shutting_down``).
+        """
+        servicer = self._servicer
+        try:
+            await servicer.settle()
+        finally:
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+            # After the stop's first step, in which grpc's shutdown begins: a held call's
+            # client then sends its next call to a port that refuses it as never sent.
+            asyncio.get_running_loop().call_soon(servicer.release)
+        await stopping
 
     def __repr__(self) -> str:
         reloads = self.fetcher.reloads if self.fetcher is not None else 0
