@@ -87,3 +87,26 @@ async def test_a_call_arriving_as_the_port_stops_without_a_drain_is_answered() -
             except grpc.aio.AioRpcError as raised:
                 error = raised
             assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_held_call_whose_deadline_comes_first_is_refused_as_not_run() -> None:
+    """Held calls wait for the stop's settle (0.1 s at least); one whose client gives up
+    sooner is answered ``shutting_down`` just before, not left to time out."""
+    async with Dispatcher(manifest(echo_entry())) as dispatcher:
+        server = GatewayServer(dispatcher, GatewaySettings(port=0, grpc_port=0))
+        await server.start()
+        assert server.grpc is not None
+        async with grpc.aio.insecure_channel(server.grpc.address) as channel:
+            gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+            await gateway.Call(SAY, timeout=10)
+            stopping = asyncio.create_task(server.aclose())
+            await asyncio.sleep(0.01)
+            error: grpc.aio.AioRpcError | None = None
+            try:
+                await gateway.Call(SAY, timeout=0.09)
+            except grpc.aio.AioRpcError as raised:
+                error = raised
+            assert error is not None
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            assert dict(error.trailing_metadata() or ())["error-type"] == "shutting_down"
+            await asyncio.wait_for(stopping, 10)

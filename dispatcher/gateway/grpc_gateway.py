@@ -53,7 +53,13 @@ from dispatcher.gateway.call_headers import MAX_TIMEOUT_MS, REQUEST_ID, TRACEPAR
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
 from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
-from linchkit_plugin.errors import DispatchError, InvalidParams, PluginError, Unauthorized
+from linchkit_plugin.errors import (
+    DispatchError,
+    InvalidParams,
+    PluginError,
+    ShuttingDown,
+    Unauthorized,
+)
 from providers.invocation import new_request_id
 from providers.tls import files_stamp
 
@@ -80,6 +86,8 @@ STATUS_BY_TYPE: dict[str, grpc.StatusCode] = {
 #: on (``GrpcGateway.aclose`` says why).
 SETTLE_QUIET_SECONDS = 0.1
 SETTLE_MOST_SECONDS = 1.0
+#: A held call whose deadline would pass first is refused as not run this long before it.
+HELD_DEADLINE_MARGIN_SECONDS = 0.05
 _SAN_PREFIXES = {"DNSName": "DNS", "IPAddress": "IP", "UniformResourceIdentifier": "URI", "RFC822Name": "email"}  # fmt: skip
 
 
@@ -160,14 +168,33 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
         if self._held is not None:
             self._held.set()
 
+    async def _held_until_released(
+        self, held: asyncio.Event, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Wait for ``release``; a call whose client gives up sooner is refused just before
+        its deadline, as not run (``shutting_down``), rather than left to time out, which
+        its client could not tell from a call cut off mid-run."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            await held.wait()
+            return
+        try:
+            async with asyncio.timeout(remaining - HELD_DEADLINE_MARGIN_SECONDS):
+                await held.wait()
+        except TimeoutError:
+            raise ShuttingDown(
+                "the gateway is stopping: the call was not run; send it to another replica",
+                details={"stage": "refused"},
+            ) from None
+
     async def Call(
         self, request: gateway_pb2.GatewayCall, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GatewayReply:
         self._arrivals += 1
-        if self._held is not None:
-            await self._held.wait()
         request_id = request.request_id or new_request_id()
         try:
+            if self._held is not None:
+                await self._held_until_released(self._held, context)
             options = await self._options(request, context)
             result = await self.dispatcher.call(
                 request.plugin, request.method, self._params(request), **options
@@ -195,9 +222,9 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
         self, request: gateway_pb2.GatewayCall, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GatewayStreamItem]:
         self._arrivals += 1
-        if self._held is not None:
-            await self._held.wait()
         try:
+            if self._held is not None:
+                await self._held_until_released(self._held, context)
             options = await self._options(request, context)
             options.pop("idempotency_key")  # a stream is never replayed
             chunks = self.dispatcher.stream(
