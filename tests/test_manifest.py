@@ -71,6 +71,39 @@ timeout_ms = 100
     assert manifest.plugins[0].policies_of("say").timeout_ms == 100
 
 
+@pytest.mark.parametrize("anchored", [False, True], ids=["plain", "merge-key"])
+def test_keys_yaml_1_1_reads_as_booleans_stay_words(tmp_path: Path, anchored: bool) -> None:
+    """A fallback's ``on:`` as the README writes it (PyYAML read it as ``True`` and the
+    manifest was refused: "on: required key is missing"); values are read as before."""
+    fallback = "{plugin: echo-local, on: [target_unavailable, circuit_open]}"
+    methods = (
+        f"hi: &fallback {{fallback: {fallback}}}\n      say: {{<<: *fallback}}"
+        if anchored
+        else f"say: {{fallback: {fallback}}}"
+    )
+    text = f"""
+version: 1
+plugins:
+  - id: echo
+    version: 1.0.0
+    config: {{on: 1, off: 2, yes: 3, "no": 4, debug: yes}}
+    target: {{provider: http, url: "http://127.0.0.1:9"}}
+    methods:
+      {methods}
+  - id: echo-local
+    version: 1.0.0
+    target: {{provider: local, entrypoint: "echo_plugin:EchoPlugin"}}
+    methods:
+      say: {{}}
+      hi: {{}}
+"""
+    plugin = load_manifest(write(tmp_path, text)).plugins[0]
+    assert plugin.config == {"on": 1, "off": 2, "yes": 3, "no": 4, "debug": True}
+    fallback = plugin.policies_of("say").fallback
+    assert fallback is not None
+    assert list(fallback.on) == ["target_unavailable", "circuit_open"]
+
+
 def test_every_problem_is_reported_with_file_line_and_path(tmp_path: Path) -> None:
     text = """\
 version: 1

@@ -21,7 +21,14 @@ import yaml
 
 from dispatcher.config.errors import ManifestError, ManifestProblem
 
-__all__ = ["INCLUDED_KEYS", "Document", "expand_includes", "read_document", "watched_paths"]
+__all__ = [
+    "INCLUDED_KEYS",
+    "Document",
+    "expand_includes",
+    "parse_yaml",
+    "read_document",
+    "watched_paths",
+]
 
 #: What an included file may hold: its entries, never sections of the whole manifest.
 INCLUDED_KEYS = frozenset({"plugins", "rollouts"})
@@ -43,8 +50,32 @@ class _NotPlain(Exception):
     """A document the fast constructor leaves to PyYAML's own (see ``_Loader``)."""
 
 
+def _keys_as_written(node: yaml.Node) -> None:
+    """A mapping's keys that YAML 1.1 reads as booleans stay the words they are.
+
+    PyYAML follows YAML 1.1, where a plain ``on``, ``off``, ``yes`` or ``no`` is a boolean,
+    key or not: a fallback's ``on: [target_unavailable]`` became ``{True: [...]}`` and was
+    refused as "on: required key is missing". Every key of a manifest is a name, and a
+    boolean key cannot even be sent as JSON (a plugin's ``config``), so a key keeps its
+    text; values are read as before (``enabled: yes`` is still true).
+    """
+    for key_node, _ in node.value:
+        if key_node.tag == _BOOL and isinstance(key_node, yaml.ScalarNode) and not key_node.style:
+            key_node.tag = _STR
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (its own wording of problems), keys as in ``_keys_as_written``."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        self.flatten_mapping(node)  # merged keys too (a second flatten finds nothing)
+        _keys_as_written(node)
+        return super().construct_mapping(node, deep=deep)
+
+
 class _Loader(_BASE_LOADER):  # type: ignore[misc]
-    """PyYAML's safe loader, building plain documents (maps, lists, strings) directly.
+    """PyYAML's safe loader, building plain documents (maps, lists, strings) directly;
+    keys as in ``_keys_as_written``.
 
     PyYAML's constructor is Python even over libyaml: a generator per mapping, a dispatch
     per node, and an implicit-tag lookup (regular expressions) per scalar, most of them
@@ -95,6 +126,11 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]
         except _NotPlain:
             return super().construct_document(node)
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        self.flatten_mapping(node)
+        _keys_as_written(node)
+        return super().construct_mapping(node, deep=deep)
+
     def _build(self, node: yaml.Node, built: dict[int, Any], open_nodes: set[int]) -> Any:
         identity = id(node)
         if identity in built:  # an alias of a node built already: the same object
@@ -121,6 +157,7 @@ class _Loader(_BASE_LOADER):  # type: ignore[misc]
         return value
 
     def _mapping(self, node: yaml.Node, built: dict[int, Any], open_nodes: set[int]) -> Any:
+        _keys_as_written(node)
         mapping: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE:
@@ -175,7 +212,7 @@ def read_document(path: str | os.PathLike[str]) -> Document:
             raise ManifestError(source, [ManifestProblem("", f"not valid TOML: {error}")]) from None
         return Document(source, data, file.parent)
     try:
-        data = _parse_yaml(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -186,12 +223,13 @@ def read_document(path: str | os.PathLike[str]) -> Document:
     return Document(source, data, file.parent, yaml_text=text)
 
 
-def _parse_yaml(text: str) -> Any:
+def parse_yaml(text: str) -> Any:
+    """A manifest's YAML: safe, with its keys as written (``_keys_as_written``)."""
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         # libyaml words its problems its own way: report them as PyYAML's parser does.
-        return yaml.load(text, Loader=yaml.SafeLoader)
+        return yaml.load(text, Loader=_SafeLoader)
 
 
 def expand_includes(main: Document) -> tuple[Document, list[Document], list[ManifestProblem]]:

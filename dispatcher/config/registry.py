@@ -32,6 +32,7 @@ import orjson
 import yaml
 from pydantic import AnyHttpUrl, Field, field_validator
 
+from dispatcher.config.includes import parse_yaml
 from linchkit_plugin.wire import nested_deeper_than
 from providers._headers import BaseUrl
 from providers.target import StrictModel
@@ -141,7 +142,7 @@ def _parsed_yaml(value: bytes) -> Any:
                     raise ValueError(_TOO_DEEP)
             elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
                 depth -= 1
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except (UnicodeDecodeError, yaml.YAMLError):
         raise ValueError("the value is neither JSON nor YAML") from None
 
