@@ -206,9 +206,48 @@ async def test_a_malformed_handshake_line_is_refused() -> None:
         },
         "methods": {"x": {}},
     }
-    with pytest.raises(HandshakeError, match="malformed handshake line 'hello world'"):
+    with pytest.raises(HandshakeError, match="malformed handshake line 'hello world'") as raised:
         async with Dispatcher(manifest(noisy)):
             pass
+    assert "write logs and prints to stderr" in str(raised.value)  # what to do about it
+
+
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        ("{folder}/not-built-yet", "no such file (is the plugin built?)"),
+        ("{folder}", "not an executable file"),
+        ("{folder}/plain.txt", "not an executable file"),
+        ("linchkit-no-such-program", "not found on the plugin's PATH"),
+    ],
+)
+async def test_a_command_that_cannot_run_is_named_before_anything_starts(
+    tmp_path: Path, command: str, why: str
+) -> None:
+    """Behind ``setpriv`` a missing file was "exited with code 127 before its handshake;
+    ... setpriv: failed to execute ...": now one line that says what is wrong."""
+    (tmp_path / "plain.txt").write_text("not a program")
+    program = command.format(folder=tmp_path)
+    entry = {
+        "id": "unbuilt",
+        "version": "1.0.0",
+        "target": {"provider": "subprocess", "command": [program, "serve"]},
+        "methods": {"x": {}},
+    }
+    with pytest.raises(ProviderError) as raised:
+        async with Dispatcher(manifest(entry)):
+            pass
+    assert str(raised.value).endswith(f"cannot start {program}: {why}"), raised.value
+    assert "setpriv" not in str(raised.value)
+
+
+async def test_a_plugin_runs_in_a_session_of_its_own() -> None:
+    """A terminal's Ctrl-C goes to its foreground process group: the dispatcher's, and
+    before, its plugins', which died at once and failed every Stop and Destroy."""
+    async with Dispatcher(manifest(crashing())) as dispatcher:
+        pid = await dispatcher.call("crashing", "pid")
+        assert os.getsid(pid) == pid != os.getsid(0)
+        assert os.getpgid(pid) != os.getpgid(0)
 
 
 def test_run_by_hand_the_plugin_prints_a_hint_and_exits_1() -> None:

@@ -111,6 +111,10 @@ async def spawn(
 
     Its stderr lines go to ``plugin_log`` and, when given, into ``output``; ``pass_fds``
     stay open in the child (a sandbox's seccomp program)."""
+    unrunnable = _unrunnable(argv[0], environment)
+    if unrunnable is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ProviderError(f"{who}: cannot start {argv[0]}: {unrunnable}")
     command, preexec = with_parent_death_signal(argv)
     try:
         process = await asyncio.create_subprocess_exec(
@@ -121,11 +125,29 @@ async def spawn(
             env=dict(environment),
             preexec_fn=preexec,
             pass_fds=pass_fds,
+            # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground process
+            # group) reaches the dispatcher, which stops the plugin in order (Stop, then
+            # SIGTERM), not the plugin first, which left every Stop and Destroy failing.
+            start_new_session=True,
         )
     except OSError as error:
         shutil.rmtree(folder, ignore_errors=True)
         raise ProviderError(f"{who}: cannot start {argv[0]}: {error.strerror}") from None
     return Child(process, folder, plugin_log, output)
+
+
+def _unrunnable(program: str, environment: Mapping[str, str]) -> str | None:
+    """Why ``program`` cannot be run, said before spawning: behind ``setpriv`` a missing
+    file was "exited with code 127 ... setpriv: failed to execute"; None if it can."""
+    if os.sep in program:
+        if not os.path.exists(program):
+            return "no such file (is the plugin built?)"
+        if os.path.isdir(program) or not os.access(program, os.X_OK):
+            return "not an executable file"
+        return None
+    if shutil.which(program, path=environment.get("PATH", os.defpath)) is None:
+        return "not found on the plugin's PATH"
+    return None
 
 
 class Child:

@@ -101,7 +101,8 @@ def parse(line: str, who: str, offered: Sequence[int], *, mtls: bool) -> tuple[s
         fields = HandshakeLine.parse(line)
     except ValueError:
         raise HandshakeError(
-            f"{who}: malformed handshake line {line!r:.200}; expected {LINE_FORMAT}"
+            f"{who}: malformed handshake line {line!r:.200}; expected {LINE_FORMAT} (the "
+            "plugin's stdout carries only this line: write logs and prints to stderr)"
         ) from None
     if fields.core_version != str(CORE_VERSION):
         raise HandshakeError(
