@@ -279,3 +279,25 @@ def test_the_cli_authenticates_with_an_api_key_from_the_environment(tmp_path: Pa
     assert allowed.exit_code == 0 and '"caller": "svc"' in allowed.output
     wrong = runner.invoke(main, arguments, env={"DISPATCHER_API_KEY": "nope"})
     assert wrong.exit_code == 1 and "nope" not in wrong.output
+
+
+def test_the_cli_leaves_credentials_out_when_the_manifest_has_no_auth(tmp_path: Path) -> None:
+    """As the gateway: without ``auth`` every call is allowed. A DISPATCHER_API_KEY set for
+    another manifest made every call here ``unauthorized`` (the library refuses what it
+    cannot check)."""
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+
+    (tmp_path / "plugins.yaml").write_text(
+        "version: 1\n"
+        "plugins:\n"
+        f"  - {{id: echo, version: 1.0.0, target: {{provider: local, entrypoint: 'echo_plugin:EchoPlugin', path: '{LOCAL_TARGET['path']}'}},"
+        " methods: {say: {}}}\n"
+    )
+    arguments = ["-m", str(tmp_path / "plugins.yaml"), "call", "echo.say", "-p", '{"text": "hi"}']
+    runner = CliRunner()
+    for environment in ({"DISPATCHER_API_KEY": API_KEY}, {"DISPATCHER_TOKEN": "a.b.c"}):
+        answered = runner.invoke(main, arguments, env=environment)
+        assert answered.exit_code == 0, answered.output
+        assert '"text": "hi"' in answered.output

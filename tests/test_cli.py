@@ -227,3 +227,29 @@ def test_verbose_shows_what_plugins_print(tmp_path: Path) -> None:
     assert "started" not in quiet.stderr
     assert "crashing plugin" in loud.stderr
     assert "started" in loud.stderr
+
+
+def test_call_starts_the_plugins_its_method_falls_back_to(tmp_path: Path) -> None:
+    """``dispatcher call`` starts only the plugin it calls, and now what it falls back to:
+    a fallback to another plugin answered ``plugin_not_found`` there (the library fell
+    back fine)."""
+    down = {
+        "id": "echo-remote",
+        "version": "1.0.0",
+        "target": {"provider": "http", "url": f"http://127.0.0.1:{free_port()}"},
+        "methods": {"say": {"fallback": {"plugin": "echo-middle", "on": ["target_unavailable"]}}},
+    }
+    middle = {
+        **down,
+        "id": "echo-middle",
+        "methods": {"say": {"fallback": {"plugin": "echo", "on": ["target_unavailable"]}}},
+    }
+    unrelated = {
+        **ECHO_LOCAL,
+        "id": "unrelated",
+        "target": {"provider": "http", "url": "http://127.0.0.1:9"},
+    }
+    manifest = str(write_manifest(tmp_path, ECHO_LOCAL, unrelated, down, middle))
+    called = run_cli("-m", manifest, "call", "echo-remote.say", "-p", '{"text": "hi"}')
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout)["text"] == "hi"

@@ -126,20 +126,40 @@ class Seconds(click.FloatRange):
         return seconds
 
 
-def credentials_from(api_key: str | None, token: str | None) -> Credentials | None:
-    """What ``--api-key`` and ``--token`` present, as the gateway would pass them on."""
-    if api_key is None and token is None:
+def credentials_from(
+    manifest: Manifest[Any], api_key: str | None, token: str | None
+) -> Credentials | None:
+    """What ``--api-key`` and ``--token`` present, as the gateway would pass them on: to
+    the manifest's ``auth``; without one there is nothing to check them and every call is
+    allowed, so they are left out (a ``DISPATCHER_API_KEY`` set for another manifest
+    refused every call here, as the library refuses credentials it cannot check)."""
+    if manifest.auth is None or (api_key is None and token is None):
         return None
     bearer = f"Bearer {token}" if token is not None else None
     return Credentials(authorization=bearer, api_key=api_key)
 
 
 def only_plugin(manifest: Manifest[Any], plugin_id: str) -> Manifest[Any]:
-    """``manifest`` with only the versions of ``plugin_id`` (all of them, if none matches,
-    so the dispatcher's own "no plugin … known: …" answer still lists what exists): a
-    command about one plugin starts no other."""
-    wanted = [plugin for plugin in manifest.plugins if plugin.id == plugin_id]
-    return manifest.model_copy(update={"plugins": wanted}) if wanted else manifest
+    """``manifest`` with only the versions of ``plugin_id`` and of the plugins its methods
+    fall back to, and theirs (all of them, if none matches, so the dispatcher's own "no
+    plugin … known: …" answer still lists what exists): a command about one plugin starts
+    no other it cannot need."""
+    if not any(plugin.id == plugin_id for plugin in manifest.plugins):
+        return manifest
+    ids = {plugin_id}
+    queue = [plugin_id]
+    while queue:
+        current = queue.pop()
+        for plugin in manifest.plugins:
+            if plugin.id != current:
+                continue
+            for method in plugin.methods:
+                fallback = plugin.policies_of(method).fallback
+                if fallback is not None and fallback.plugin not in ids:
+                    ids.add(fallback.plugin)
+                    queue.append(fallback.plugin)
+    chosen = [plugin for plugin in manifest.plugins if plugin.id in ids]
+    return manifest.model_copy(update={"plugins": chosen})
 
 
 def printable(text: str) -> str:

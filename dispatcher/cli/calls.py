@@ -56,10 +56,11 @@ def call(
 ) -> None:
     """Call PLUGIN.METHOD and print its result as JSON.
 
-    Only PLUGIN is started: another plugin of the manifest that is down or slow to start
-    does not hold this call up. With `access` in the manifest, authenticate with
-    --api-key or --token (or DISPATCHER_API_KEY / DISPATCHER_TOKEN, which keep the secret
-    out of the shell's history and the process list).
+    Only PLUGIN is started, with the plugins its methods fall back to: another plugin of
+    the manifest that is down or slow to start does not hold this call up. With `auth` in
+    the manifest, authenticate with --api-key or --token (or DISPATCHER_API_KEY /
+    DISPATCHER_TOKEN, which keep the secret out of the shell's history and the process
+    list); without it they are not needed and left out.
     """
     plugin, dot, method = target.rpartition(".")
     if not dot or not plugin or not method:
@@ -69,7 +70,7 @@ def call(
     except orjson.JSONDecodeError as error:
         raise click.UsageError(f"--params is not valid JSON: {error}") from None
     manifest = only_plugin(load(context), plugin)
-    credentials = credentials_from(api_key, token)
+    credentials = credentials_from(manifest, api_key, token)
 
     async def call_plugin(dispatcher: Dispatcher) -> Any:
         return await dispatcher.call(

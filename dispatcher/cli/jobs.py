@@ -233,7 +233,7 @@ def submit(
     manifest = only_plugin(manifest, plugin).model_copy(
         update={"jobs": manifest.jobs.model_copy(update={"workers": 0})}
     )
-    credentials = credentials_from(api_key, token)
+    credentials = credentials_from(manifest, api_key, token)
 
     async def queue(dispatcher: Dispatcher) -> str:
         return await dispatcher.submit(
