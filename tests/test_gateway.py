@@ -358,3 +358,20 @@ async def test_the_gateway_serves_metrics_and_the_latest_errors_when_telemetry_i
         assert errors["enabled"] is True
         assert [count["type"] for count in errors["counts"]] == ["plugin_error"]
         assert "cannot withdraw 500" in errors["recent"][0]["message"]
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+async def test_an_idempotency_key_takes_what_the_dispatcher_takes(lane: bool) -> None:
+    """1-255 characters on every route and port: the call route let 256 through to the
+    dispatcher, which refused it with a message of its own (and docs said 1-256)."""
+    settings = GatewaySettings(port=0, call_lane=lane)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        url = f"{server.url}/v1/plugins/echo/methods/say"
+        status, _, _ = await post(session, url, {"text": "hi"}, **{"Idempotency-Key": "k" * 255})
+        assert status == 200
+        status, _, body = await post(session, url, {"text": "hi"}, **{"Idempotency-Key": "k" * 256})
+        assert status == 400
+        assert body["error"]["message"] == "Idempotency-Key is 1-255 printable UTF-8 characters"

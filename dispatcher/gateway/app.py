@@ -162,7 +162,7 @@ class Gateway:
                 raise InvalidParams("X-Request-Id is 1-128 characters of A-Z a-z 0-9 . _ : -")
             caller, presented = await self._caller(credentials)
             timeout = timeout_of(headers)
-            idempotency_key = idempotency_key_of(headers, 256)
+            idempotency_key = idempotency_key_of(headers)
             traceparent = headers.get("traceparent")
             if traceparent is not None and not TRACEPARENT.match(traceparent):
                 traceparent = None  # W3C trace context: an invalid one is ignored, not refused
@@ -204,7 +204,7 @@ class Gateway:
         body_read = False
         try:
             caller, credentials = await self._caller(partial(credentials_of, request))
-            idempotency_key = idempotency_key_of(headers, 255)
+            idempotency_key = idempotency_key_of(headers)
             params = await read_params(request, self.settings)
             body_read = True
             match = request.match_info

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from dispatcher.policies.idempotency import MAX_KEY_LENGTH
 from linchkit_plugin.errors import InvalidParams
 
 __all__ = [
@@ -54,10 +55,11 @@ def version_of(headers: Mapping[str, str]) -> str | None:
     return version
 
 
-def idempotency_key_of(headers: Mapping[str, str], most: int) -> str | None:
-    """``Idempotency-Key``: 1 to ``most`` printable characters. Bytes that are not UTF-8
-    arrive as lone surrogates, which no store can encode: refused here, not a 500 there."""
+def idempotency_key_of(headers: Mapping[str, str]) -> str | None:
+    """``Idempotency-Key``: 1 to ``MAX_KEY_LENGTH`` printable characters, what the
+    dispatcher takes. Bytes that are not UTF-8 arrive as lone surrogates, which no store
+    can encode: refused here, not a 500 there."""
     key: str | None = headers.get("Idempotency-Key")
-    if key is not None and not (0 < len(key) <= most and key.isprintable()):
-        raise InvalidParams(f"Idempotency-Key is 1-{most} printable UTF-8 characters")
+    if key is not None and not (0 < len(key) <= MAX_KEY_LENGTH and key.isprintable()):
+        raise InvalidParams(f"Idempotency-Key is 1-{MAX_KEY_LENGTH} printable UTF-8 characters")
     return key

@@ -52,6 +52,7 @@ from dispatcher.gateway.body import Refused, parse_json
 from dispatcher.gateway.call_headers import MAX_TIMEOUT_MS, REQUEST_ID, TRACEPARENT
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
+from dispatcher.policies.idempotency import MAX_KEY_LENGTH
 from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
 from linchkit_plugin.errors import (
     DispatchError,
@@ -256,8 +257,8 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
         """``Dispatcher.call``'s keyword arguments: who calls, the deadline, the context."""
         if request.request_id and not REQUEST_ID.match(request.request_id):
             raise InvalidParams("request_id is 1-128 characters of A-Z a-z 0-9 . _ : -")
-        if len(request.idempotency_key) > 256:
-            raise InvalidParams("idempotency_key is at most 256 characters")
+        if len(request.idempotency_key) > MAX_KEY_LENGTH:
+            raise InvalidParams(f"idempotency_key is at most {MAX_KEY_LENGTH} characters")
         if request.timeout_ms > MAX_TIMEOUT_MS:
             raise InvalidParams(f"timeout_ms is at most {MAX_TIMEOUT_MS}")
         timeout = request.timeout_ms / 1000 if request.timeout_ms else None
