@@ -143,6 +143,22 @@ def test_a_method_without_any_target_is_an_error(tmp_path: Path) -> None:
     ]
 
 
+def test_problems_found_before_the_checks_across_the_manifest_say_more_may_follow(
+    tmp_path: Path,
+) -> None:
+    """A missing target is found only once every key is valid: the first report said
+    "(1 problem)" for an unknown key alone, as if it were all."""
+    text = "plugins:\n  - id: echo\n    version: 1.0.0\n    methods:\n      say: {bogus: 1}\n"
+    with pytest.raises(ManifestError) as raised:
+        load_manifest(write(tmp_path, text))
+    assert not raised.value.complete
+    assert "(1 problem; more checks run once these are fixed)" in str(raised.value)
+    with pytest.raises(ManifestError) as raised:
+        load_manifest(write(tmp_path, text.replace("{bogus: 1}", "{}")))
+    assert raised.value.complete
+    assert "(1 problem):" in str(raised.value)
+
+
 def test_a_missing_environment_variable_is_an_error(tmp_path: Path) -> None:
     entry = """\
   - id: echo

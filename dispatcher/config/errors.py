@@ -29,11 +29,21 @@ class ManifestProblem:
 
 
 class ManifestError(Exception):
-    """The manifest could not be loaded. ``problems`` lists every problem found."""
+    """The manifest could not be loaded. ``problems`` lists every problem found.
 
-    def __init__(self, source: str, problems: list[ManifestProblem]) -> None:
+    ``complete`` is False when the checks that look across entries (a method's target,
+    fallbacks, rollouts, egress) have not run yet: they need every entry valid first, so
+    fixing these problems may reveal more, and the message says so.
+    """
+
+    def __init__(
+        self, source: str, problems: list[ManifestProblem], *, complete: bool = True
+    ) -> None:
         self.source = source
         self.problems = problems
+        self.complete = complete
         lines = [p.render(source) for p in problems]
         count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
+        if not complete:
+            count += "; more checks run once these are fixed"
         super().__init__(f"invalid manifest {source} ({count}):\n  " + "\n  ".join(lines))

@@ -145,7 +145,8 @@ def _validate(main: Document) -> Manifest[Any]:
         for index, document in enumerate(documents)
     ]
     manifest: Manifest[Any] | None = None
-    if not problems:
+    checked_across = not problems
+    if checked_across:
         valid = [part for part in parts if part is not None]
         manifest = valid[0].model_copy(
             update={
@@ -172,7 +173,7 @@ def _validate(main: Document) -> Manifest[Any]:
                 problem.line or 0,
             )
         )
-        raise ManifestError(main.source, located)
+        raise ManifestError(main.source, located, complete=checked_across)
     assert manifest is not None
     return manifest
 
