@@ -34,6 +34,7 @@ values are masked wherever a target prints.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from providers.target import PluginInfo
 
 __all__ = ["GrpcInstance", "GrpcProvider", "GrpcTarget"]
+
+log = logging.getLogger("dispatcher.providers.grpc")
 
 
 _GRPC_ADDRESS = re.compile(
@@ -254,6 +257,8 @@ class GrpcProvider(Provider[GrpcTarget]):
     def __init__(self) -> None:
         # By ``target.key``: equal targets (of several methods or plugins) share a channel.
         self._connections: dict[str, PluginConnection] = {}
+        #: Plugins told once that their config reaches no service (``attach``).
+        self._config_unsent: set[str] = set()
 
     async def attach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
         if target.key not in self._connections:
@@ -268,8 +273,19 @@ class GrpcProvider(Provider[GrpcTarget]):
                 ready_timeout=target.connect_timeout_ms / 1000,
                 event_sink=sink,
             )
-        elif sink is not None:
-            connection.open_events(sink)
+        else:
+            if plugin.config and plugin.key not in self._config_unsent:
+                # Not a manifest problem: the service may have its own copy; but a config
+                # nobody receives is most often a missing ``lifecycle: dispatcher``.
+                self._config_unsent.add(plugin.key)
+                log.warning(
+                    "%s: its config is not sent to %s: with lifecycle: remote the service "
+                    "runs its own lifecycle (lifecycle: dispatcher sends it with Init)",
+                    plugin.key,
+                    target.describe(),
+                )
+            if sink is not None:
+                connection.open_events(sink)
 
     async def detach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
         connection = self._connections.get(target.key)

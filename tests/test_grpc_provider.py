@@ -378,17 +378,21 @@ async def test_streaming_on_a_provider_without_streams_is_a_typed_error() -> Non
 
 
 async def test_lifecycle_runs_when_the_dispatcher_owns_it(
-    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+    scripted: tuple[ScriptedPlugin, str, HealthServicer], caplog: pytest.LogCaptureFixture
 ) -> None:
     servicer, address, _ = scripted
     owned = {"provider": "grpc", "address": address, "lifecycle": "dispatcher"}
     async with Dispatcher(manifest(plugin(owned))):
         assert servicer.lifecycle == ["Init {'k': 'v'}", "Start"]
     assert servicer.lifecycle == ["Init {'k': 'v'}", "Start", "Stop", "Destroy"]
+    assert "config is not sent" not in caplog.text
     servicer.lifecycle.clear()
     async with Dispatcher(manifest(plugin({"provider": "grpc", "address": address}))):
         pass
     assert servicer.lifecycle == []  # 'remote': the service runs its own
+    # ... and never sees the manifest's config: said once, with the fix.
+    assert caplog.text.count("config is not sent") == 1
+    assert "lifecycle: dispatcher sends it with Init" in caplog.text
 
 
 async def test_health_follows_grpc_health_v1(

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +101,51 @@ def test_the_go_scaffold_builds_offline_passes_its_test_and_answers_a_call(tmp_p
     )
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout) == {"message": "hi, Ada", "caller": ""}
+    assert served_as_grpc_greets(plugin) == {"message": "hi, Ada", "caller": ""}
+
+
+def served_as_grpc_greets(plugin: Path) -> object:
+    """Its README's "As a gRPC service", as written there: the service serves, the target
+    line goes into plugins.yaml, and the call is answered with the manifest's config (a
+    target without ``lifecycle: dispatcher`` answered "hello": the config never arrived)."""
+    readme = (plugin / "README.md").read_text()
+    assert "./order-totals serve --address 127.0.0.1:50051" in readme
+    target = re.search(r"`(target: \{provider: grpc[^`]*)`", readme)
+    assert target is not None, readme
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    manifest = (plugin / "plugins.yaml").read_text()
+    grpc_manifest = re.sub(
+        r"target: \{provider: subprocess[^\n]*",
+        target.group(1).replace("50051", str(port)),
+        manifest,
+    )
+    (plugin / "grpc.yaml").write_text(grpc_manifest)
+    service = subprocess.Popen(
+        ["./order-totals", "serve", "--address", f"127.0.0.1:{port}"],
+        cwd=plugin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "LINCHKIT_PLUGIN_TOKEN": ""},
+    )
+    try:
+        assert service.stdout is not None
+        service.stdout.readline()  # the handshake line: it serves
+        called = run(
+            [
+                str(BIN / "dispatcher"), "-m", "grpc.yaml", "call", "order-totals.greet",
+                "-p", '{"name": "Ada"}',
+            ],
+            plugin,
+        )  # fmt: skip
+        assert called.returncode == 0, called.stderr
+        assert "config is not sent" not in called.stderr
+        return json.loads(called.stdout)
+    finally:
+        service.terminate()
+        service.wait(timeout=10)
+        service.stdout.close()  # type: ignore[union-attr]
 
 
 def call_greet(plugin: Path) -> object:
