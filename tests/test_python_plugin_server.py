@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -475,6 +476,23 @@ def test_serve_refuses_where_it_cannot_listen_as_asked(where: list[str], said: s
     assert done.returncode == 1, done.stderr
     assert said in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["http", "websocket"])
+def test_serve_on_a_port_in_use_says_so_in_one_line(websocket: bool) -> None:
+    """As every SDK's serve: one line, exit 1 (it was uvicorn's log line and exit 3)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        flags = ["--websocket"] if websocket else []
+        done = subprocess.run(
+            serve_command(*flags, "--port", str(port)), capture_output=True, text=True, timeout=30
+        )
+    assert done.returncode == 1, done.stderr
+    assert (
+        done.stderr.strip() == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
 
 
 def test_serve_help_documents_every_limit_and_its_variable() -> None:
