@@ -45,7 +45,8 @@ func InvalidParams(format string, args ...any) *Error {
 	return &Error{Type: TypeInvalidParams, Message: fmt.Sprintf(format, args...)}
 }
 
-// MethodNotFound says the plugin has no method of that name.
+// MethodNotFound says the plugin has no method of that name (a call the SDK cannot route
+// is answered with more: the plugin's id and the methods it has).
 func MethodNotFound(method string) *Error {
 	return &Error{Type: TypeMethodNotFound, Message: fmt.Sprintf("plugin has no method %s", shownName(method))}
 }

@@ -15,12 +15,13 @@
 package plugin
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 )
@@ -41,22 +42,27 @@ type Call struct {
 	plugin *Plugin
 }
 
-// Bind decodes the params into v (a pointer). Into a struct, an array of params is
-// positional: its items fill the fields in order (docs/protocol.md). A decoding failure,
-// or a missing field tagged `plugin:"required"`, is answered as invalid_params.
+// Bind decodes the params into v (a pointer). Into a struct or a map, the params must
+// be a JSON object of named params (null, or none, leaves v as it is): an array, a
+// string, a number or a boolean is invalid_params, "<method> takes an object of named
+// params, got an array", as the TypeScript and Java SDKs say it. A field of the wrong
+// kind is invalid_params naming the param and what it takes in JSON's words ("greet:
+// 'name' must be a string, got 5"), never a Go type; so is a missing field tagged
+// `plugin:"required"`.
 func (c *Call) Bind(v any) error {
-	params := c.Params
-	if named, ok := positionalToNamed(params, v); ok {
-		params = named
+	if takesNamedParams(v) {
+		if got := jsonKind(c.Params); got != "an object" && got != "null" {
+			return InvalidParams("%s takes an object of named params, got %s", c.Method, got)
+		}
 	}
-	if err := json.Unmarshal(params, v); err != nil {
+	if err := json.Unmarshal(c.Params, v); err != nil {
 		var typeErr *json.UnmarshalTypeError
-		if errors.As(err, &typeErr) && typeErr.Field != "" {
-			return InvalidParams("params of %s: %s must be of type %s, not a JSON %s", c.Method, typeErr.Field, typeErr.Type, typeErr.Value)
+		if errors.As(err, &typeErr) && typeErr.Type != nil {
+			return typeMismatch(c.Method, c.Params, typeErr)
 		}
 		return InvalidParams("params of %s: %v", c.Method, err)
 	}
-	if missing := missingRequired(params, v); missing != "" {
+	if missing := missingRequired(c.Params, v); missing != "" {
 		return InvalidParams("params of %s: missing required field %q", c.Method, missing)
 	}
 	return nil
@@ -132,6 +138,16 @@ func (p *Plugin) Method(name, description string, fn UnaryMethod) {
 // StreamingMethod registers a streaming method (CallStream).
 func (p *Plugin) StreamingMethod(name, description string, fn StreamMethod) {
 	p.register(&method{name: name, description: description, stream: fn})
+}
+
+// methodNotFound is the answer to a call of a method the plugin lacks: the plugin's id
+// and the methods it has, sorted, as the TypeScript and Java SDKs say it.
+func (p *Plugin) methodNotFound(name string) *Error {
+	known := strings.Join(slices.Sorted(maps.Keys(p.methods)), ", ")
+	if known == "" {
+		known = "none"
+	}
+	return &Error{Type: TypeMethodNotFound, Message: fmt.Sprintf("plugin %s has no method %s; it has: %s", p.id, shownName(name), known)}
 }
 
 func (p *Plugin) register(m *method) {
@@ -215,35 +231,6 @@ func jsonKey(field reflect.StructField) string {
 		return field.Name
 	}
 	return key
-}
-
-// positionalToNamed turns an array of params into an object keyed by the fields of the
-// struct v points to, in order; ok is false when params are not such an array.
-func positionalToNamed(params json.RawMessage, v any) (json.RawMessage, bool) {
-	t := structType(v)
-	trimmed := bytes.TrimSpace(params)
-	if t == nil || len(trimmed) == 0 || trimmed[0] != '[' {
-		return nil, false
-	}
-	var items []json.RawMessage
-	if err := json.Unmarshal(trimmed, &items); err != nil {
-		return nil, false
-	}
-	var keys []string
-	for i := range t.NumField() {
-		if key := jsonKey(t.Field(i)); key != "" {
-			keys = append(keys, key)
-		}
-	}
-	if len(items) > len(keys) {
-		return nil, false // too many: decoding the array fails as invalid_params
-	}
-	named := make(map[string]json.RawMessage, len(items))
-	for i, item := range items {
-		named[keys[i]] = item
-	}
-	raw, err := json.Marshal(named)
-	return raw, err == nil
 }
 
 // missingRequired names the first struct field tagged `plugin:"required"` whose JSON

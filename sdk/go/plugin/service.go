@@ -312,7 +312,7 @@ func (p *Plugin) prepare(parent context.Context, req *pluginpb.CallRequest) (con
 	}
 	m := p.methods[req.GetMethod()]
 	if m == nil {
-		return ctx, cancel, nil, nil, MethodNotFound(req.GetMethod())
+		return ctx, cancel, nil, nil, p.methodNotFound(req.GetMethod())
 	}
 	params := json.RawMessage(req.GetParamsJson())
 	if len(params) == 0 {
