@@ -49,7 +49,8 @@ impl Error {
         Error::new(types::INVALID_PARAMS, message)
     }
 
-    /// The plugin has no method of that name.
+    /// The plugin has no method of that name (a call the SDK cannot route is answered with
+    /// more: the plugin's id and the methods it has).
     pub fn method_not_found(method: &str) -> Self {
         Error::new(
             types::METHOD_NOT_FOUND,

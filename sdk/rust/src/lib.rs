@@ -119,11 +119,13 @@ pub struct Call {
 
 impl Call {
     /// Decodes the params; a decoding failure (a missing field, a wrong type) is answered
-    /// as `invalid_params`.
+    /// as `invalid_params`. A struct or a map takes named params: an array, a string, a
+    /// number or a boolean is refused, "greet takes an object of named params, got an
+    /// array", as the TypeScript and Java SDKs say it. A field of the wrong kind names the
+    /// param and what it takes in JSON's words, never a Rust type: "greet: 'name' must be
+    /// a string, got 5".
     pub fn params<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        self.params
-            .decode()
-            .map_err(|err| Error::invalid_params(format!("params of {}: {err}", self.method)))
+        params::decode(&self.method, self.params.as_bytes())
     }
 
     /// The params as the host sent them (`null` when it sent none).

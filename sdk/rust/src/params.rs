@@ -1,5 +1,10 @@
 //! What params every SDK can hold: the checks a call's params pass before any method sees
-//! them (docs/protocol.md, "gRPC binding").
+//! them (docs/protocol.md, "gRPC binding"), and the decoding of params into a method's
+//! type with errors in JSON's words.
+
+use serde::de::DeserializeOwned;
+
+use crate::Error;
 
 /// How deeply params may nest arrays and objects; deeper params are `invalid_params` in
 /// every SDK. The dispatcher's own encoder writes at most 254 levels, and a method that
@@ -104,8 +109,337 @@ pub fn shown_name(name: &str) -> String {
     format!("{:?}…", &name[..cut])
 }
 
+/// What a JSON value is, as a message says it: "an object", "an array", "a string",
+/// "a number", "a boolean" or "null" (Java's words, and TypeScript's).
+fn json_kind(value: &[u8]) -> &'static str {
+    match value.iter().find(|c| !c.is_ascii_whitespace()) {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') | None => "null",
+        Some(_) => "a number",
+    }
+}
+
+/// Whether `c` ends a number or a literal (`true`, `false`, `null`).
+fn ends_token(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\r' | b'\n' | b',' | b':' | b']' | b'}')
+}
+
+/// A value as a message says it got it: a number as it was written (cut to 40 bytes),
+/// anything else by its kind, so a message never quotes what a caller sent.
+fn shown_value(value: &[u8]) -> String {
+    let kind = json_kind(value);
+    if kind != "a number" {
+        return kind.into();
+    }
+    let start = value
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(0);
+    let number = &value[start..];
+    let end = number
+        .iter()
+        .position(|&c| ends_token(c))
+        .unwrap_or(number.len());
+    let text = String::from_utf8_lossy(&number[..end.min(40)]).into_owned();
+    if end > 40 {
+        text + "…"
+    } else {
+        text
+    }
+}
+
+/// The value an error at byte `offset` of `params` is about (params are valid JSON): its
+/// path from the top (`items[0].name`, empty for params themselves) and where it begins.
+/// One pass over params up to `offset`, without recursion.
+///
+/// The offset is where serde_json stopped: just past a scalar, at the `{` or `[` of a
+/// container of the wrong kind, just past the `}` of an object that misses a field. The
+/// value is the last one begun in the innermost container still open there.
+fn value_at(params: &[u8], offset: usize) -> (String, &[u8]) {
+    struct Frame<'a> {
+        object: bool,
+        key: &'a [u8], // the current member's key, as written (escapes kept: one line)
+        colon: bool,   // past the current member's ':'
+        index: usize,
+        start: Option<usize>, // where the current member's value begins, once it has
+    }
+    fn begin(stack: &mut [Frame], i: usize) {
+        if let Some(top) = stack.last_mut() {
+            if top.start.is_none() && (!top.object || top.colon) {
+                top.start = Some(i);
+            }
+        }
+    }
+    let offset = offset.min(params.len());
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut i = 0;
+    while i < offset {
+        match params[i] {
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            b'"' => {
+                let end = scan_string(params, i + 1).unwrap_or(params.len());
+                match stack.last_mut() {
+                    Some(top) if top.object && !top.colon => {
+                        top.key = &params[i + 1..end.min(params.len())];
+                    }
+                    _ => begin(&mut stack, i),
+                }
+                i = end;
+            }
+            c @ (b'{' | b'[') => {
+                begin(&mut stack, i);
+                stack.push(Frame {
+                    object: c == b'{',
+                    key: b"",
+                    colon: false,
+                    index: 0,
+                    start: None,
+                });
+            }
+            b'}' | b']' => {
+                stack.pop();
+            }
+            b':' => {
+                if let Some(top) = stack.last_mut() {
+                    top.colon = true;
+                }
+            }
+            b',' => {
+                if let Some(top) = stack.last_mut() {
+                    top.index += 1;
+                    (top.key, top.colon, top.start) = (b"", false, None);
+                }
+            }
+            _ => {
+                // a number, true, false, null
+                begin(&mut stack, i);
+                while i + 1 < offset && !ends_token(params[i + 1]) {
+                    i += 1;
+                }
+            }
+        }
+        i += 1;
+    }
+    // A container of the wrong kind: serde_json stopped at its '{' or '['.
+    if matches!(params.get(offset), Some(b'{' | b'[')) {
+        begin(&mut stack, offset);
+    }
+    let mut path = String::new();
+    let mut value = params;
+    for frame in &stack {
+        let Some(start) = frame.start else { break };
+        if frame.object {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(&String::from_utf8_lossy(frame.key));
+        } else {
+            path.push_str(&format!("[{}]", frame.index));
+        }
+        value = &params[start..];
+    }
+    if path.len() > 100 {
+        let mut cut = 100;
+        while !path.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        path.truncate(cut);
+        path.push('…');
+    }
+    (path, value)
+}
+
+/// The byte offset of serde_json's line (from 1) and column (bytes into the line).
+fn offset_of(raw: &[u8], line: usize, column: usize) -> usize {
+    let start = if line <= 1 {
+        0
+    } else {
+        raw.iter()
+            .enumerate()
+            .filter(|(_, &c)| c == b'\n')
+            .nth(line - 2)
+            .map_or(raw.len(), |(i, _)| i + 1)
+    };
+    start + column
+}
+
+/// What serde's expectation asks for, in JSON's words: a message must not name Rust
+/// types (the caller may not know Rust; "expected struct GreetParams" tells nothing).
+/// An expectation a type's own `Deserialize` wrote ("a date") is kept as it is.
+fn expected_json(expected: &str) -> String {
+    let words = match expected {
+        "i8" => "an integer from -128 to 127",
+        "i16" => "an integer from -32768 to 32767",
+        "i32" => "an integer from -2147483648 to 2147483647",
+        "i64" | "i128" | "isize" => "an integer",
+        "u8" => "an integer from 0 to 255",
+        "u16" => "an integer from 0 to 65535",
+        "u32" => "an integer from 0 to 4294967295",
+        "u64" | "u128" | "usize" => "a non-negative integer",
+        "f32" | "f64" => "a number",
+        "a string" | "a borrowed string" => "a string",
+        "a character" => "a string of one character",
+        "a boolean" => "a boolean",
+        "a sequence" => "an array",
+        "a map" => "an object",
+        "unit" => "null",
+        _ => {
+            let items = |rest: &str| -> Option<String> {
+                let n: usize = rest.split_whitespace().next()?.parse().ok()?;
+                Some(format!("an array of {n} items"))
+            };
+            if let Some(rest) = expected.strip_prefix("an array of length ") {
+                return items(rest).unwrap_or_else(|| "an array".into());
+            }
+            if let Some(rest) = expected.strip_prefix("a tuple of size ") {
+                return items(rest).unwrap_or_else(|| "an array".into());
+            }
+            if let Some(rest) = expected.strip_prefix("tuple struct ") {
+                return rest
+                    .split_once(" with ")
+                    .and_then(|(_, n)| items(n))
+                    .unwrap_or_else(|| "an array".into());
+            }
+            if expected.starts_with("struct ") || expected.starts_with("struct variant ") {
+                return "an object".into();
+            }
+            if expected.starts_with("tuple variant ") {
+                return "an array".into();
+            }
+            if expected.starts_with("unit struct ") {
+                return "null".into();
+            }
+            if expected.starts_with("enum ") {
+                return "one of the values it takes".into();
+            }
+            return expected.into();
+        }
+    };
+    words.into()
+}
+
+/// serde_json's error in the words of the TypeScript and Java SDKs: which param had the
+/// wrong kind of value, what it takes and what it got, in JSON's words.
+fn explain(method: &str, raw: &[u8], err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    let message = match text.rfind(" at line ") {
+        Some(at) if err.line() > 0 => &text[..at],
+        _ => &text,
+    };
+    let Some((what, expected)) = message.split_once(", expected ") else {
+        return format!("params of {method}: {text}");
+    };
+    let want = expected_json(expected);
+    if !(what.starts_with("invalid type: ") || what.starts_with("invalid value: ")) {
+        if want == expected {
+            return format!("params of {method}: {text}"); // no type named: as it was
+        }
+        return format!("params of {method}: {what}, expected {want}");
+    }
+    let (path, value) = value_at(raw, offset_of(raw, err.line(), err.column()));
+    if !path.is_empty() {
+        format!(
+            "{method}: '{path}' must be {want}, got {}",
+            shown_value(value)
+        )
+    } else if want == "an object" {
+        format!(
+            "{method} takes an object of named params, got {}",
+            json_kind(value)
+        )
+    } else {
+        format!("{method} takes {want}, got {}", shown_value(value))
+    }
+}
+
+/// How [`takes_named_params`] learns what a type asks of its deserializer first.
+#[derive(Debug)]
+struct Asked(bool);
+
+impl std::fmt::Display for Asked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("asked")
+    }
+}
+
+impl std::error::Error for Asked {}
+
+impl serde::de::Error for Asked {
+    fn custom<T: std::fmt::Display>(_: T) -> Self {
+        Asked(false)
+    }
+}
+
+/// A deserializer that holds nothing: it answers whether the type asked for an object
+/// (a struct or a map), through `Option` and newtypes, and fails every request.
+struct Probe;
+
+impl<'de> serde::Deserializer<'de> for Probe {
+    type Error = Asked;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Asked> {
+        Err(Asked(false))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _: &'static str,
+        _: &'static [&'static str],
+        _: V,
+    ) -> Result<V::Value, Asked> {
+        Err(Asked(true))
+    }
+
+    fn deserialize_map<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Asked> {
+        Err(Asked(true))
+    }
+
+    fn deserialize_option<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, Asked> {
+        visitor.visit_some(self)
+    }
+
+    fn deserialize_newtype_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Asked> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        unit unit_struct seq tuple tuple_struct enum identifier ignored_any
+    }
+}
+
+/// Whether `T` is named params: a struct or a map (behind `Option` or a newtype too), which
+/// only a JSON object fills. A type with its own `Deserialize` asking for any value, a
+/// sequence or a scalar takes what it takes.
+fn takes_named_params<T: DeserializeOwned>() -> bool {
+    matches!(T::deserialize(Probe), Err(Asked(true)))
+}
+
+/// Decodes a method's params into `T`. Into named params (a struct, a map) an array, a
+/// string, a number or a boolean is refused, "greet takes an object of named params, got
+/// an array", as the TypeScript and Java SDKs say it (`null` is left to `T`); a field of
+/// the wrong kind names the param and what it takes in JSON's words, never a Rust type.
+pub(crate) fn decode<T: DeserializeOwned>(method: &str, raw: &[u8]) -> Result<T, Error> {
+    let kind = json_kind(raw);
+    if kind != "an object" && kind != "null" && takes_named_params::<T>() {
+        return Err(Error::invalid_params(format!(
+            "{method} takes an object of named params, got {kind}"
+        )));
+    }
+    serde_json::from_slice(raw).map_err(|err| Error::invalid_params(explain(method, raw, &err)))
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn deep(n: usize) -> String {
@@ -145,6 +479,160 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Item {
+        name: String,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Inner {
+        deep: Vec<String>,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Greet {
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        small: i8,
+        #[serde(default)]
+        count: u64,
+        #[serde(default)]
+        ratio: f64,
+        #[serde(default)]
+        on: bool,
+        #[serde(default)]
+        items: Vec<Item>,
+        #[serde(default)]
+        tags: std::collections::HashMap<String, i64>,
+        inner: Option<Inner>,
+    }
+
+    fn message_of<T: DeserializeOwned + std::fmt::Debug>(params: &str) -> String {
+        let err = decode::<T>("greet", params.as_bytes()).expect_err(params);
+        assert_eq!(err.error_type, "invalid_params", "{params}");
+        err.message
+    }
+
+    #[test]
+    fn named_params_take_only_an_object() {
+        for (params, got) in [
+            (r#"["Ada"]"#, "an array"),
+            (r#""Ada""#, "a string"),
+            ("-1.5e3", "a number"),
+            (" true", "a boolean"),
+        ] {
+            let want = format!("greet takes an object of named params, got {got}");
+            assert_eq!(message_of::<Greet>(params), want);
+            assert_eq!(message_of::<Option<Greet>>(params), want);
+            assert_eq!(message_of::<HashMap<String, i64>>(params), want);
+        }
+        // null is left to the type, as before: a struct refuses it, an Option takes it.
+        assert_eq!(
+            message_of::<Greet>("null"),
+            "greet takes an object of named params, got null"
+        );
+        assert!(decode::<Option<Greet>>("greet", b"null").unwrap().is_none());
+        // What is not named params takes what it takes.
+        assert_eq!(decode::<Vec<i64>>("m", b"[1, 2]").unwrap(), [1, 2]);
+        assert_eq!(decode::<(i64, String)>("m", br#"[1, "a"]"#).unwrap().1, "a");
+        assert_eq!(
+            decode::<serde_json::Value>("m", b"[1]").unwrap(),
+            serde_json::json!([1])
+        );
+        assert_eq!(decode::<String>("m", br#""Ada""#).unwrap(), "Ada");
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_kind_is_named_in_jsons_words() {
+        for (params, want) in [
+            (r#"{"name": 5}"#, "greet: 'name' must be a string, got 5"),
+            (
+                r#"{"name": null}"#,
+                "greet: 'name' must be a string, got null",
+            ),
+            (
+                r#"{"name": {"first": "Ada"}}"#,
+                "greet: 'name' must be a string, got an object",
+            ),
+            (
+                r#"{"name": ["Ada"]}"#,
+                "greet: 'name' must be a string, got an array",
+            ),
+            (
+                r#"{"small": 300}"#,
+                "greet: 'small' must be an integer from -128 to 127, got 300",
+            ),
+            (
+                r#"{"count": -1}"#,
+                "greet: 'count' must be a non-negative integer, got -1",
+            ),
+            (
+                r#"{"count": 2.5}"#,
+                "greet: 'count' must be a non-negative integer, got 2.5",
+            ),
+            (
+                r#"{"ratio": "half"}"#,
+                "greet: 'ratio' must be a number, got a string",
+            ),
+            (
+                r#"{"on": "yes"}"#,
+                "greet: 'on' must be a boolean, got a string",
+            ),
+            (
+                r#"{"name": "Ada", "items": [{"name": "a"}, {"name": true}]}"#,
+                "greet: 'items[1].name' must be a string, got a boolean",
+            ),
+            (
+                r#"{"items": {"name": "a"}}"#,
+                "greet: 'items' must be an array, got an object",
+            ),
+            (
+                r#"{"tags": {"a": 1, "b": "two"}}"#,
+                "greet: 'tags.b' must be an integer, got a string",
+            ),
+            (
+                "{\n  \"inner\": {\"deep\": [\"x\", 7]}\n}",
+                "greet: 'inner.deep[1]' must be a string, got 7",
+            ),
+            (
+                r#"{"inner": "deep"}"#,
+                "greet: 'inner' must be an object, got a string",
+            ),
+        ] {
+            assert_eq!(message_of::<Greet>(params), want, "{params}");
+        }
+        assert_eq!(
+            message_of::<Vec<i64>>(r#"[1, "x"]"#),
+            "greet: '[1]' must be an integer, got a string"
+        );
+        assert_eq!(
+            message_of::<i64>(r#""x""#),
+            "greet takes an integer, got a string"
+        );
+        assert_eq!(
+            message_of::<(i64, i64)>("[1]"),
+            "params of greet: invalid length 1, expected an array of 2 items"
+        );
+        // No Rust type in what serde says otherwise either; what names none is kept.
+        assert_eq!(
+            message_of::<Inner>("{}"),
+            "params of greet: missing field `deep` at line 1 column 2"
+        );
+    }
+
+    #[test]
+    fn value_at_never_quotes_much_of_the_params() {
+        let long = format!(r#"{{"{}": "x"}}"#, "k".repeat(500));
+        let (path, value) = value_at(long.as_bytes(), long.len() - 1);
+        assert!(path.len() < 110 && path.ends_with('…'), "{path}");
+        assert_eq!(shown_value(value), "a string");
+        assert!(shown_value("9".repeat(300).as_bytes()).len() < 50);
     }
 
     #[test]

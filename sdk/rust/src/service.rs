@@ -125,6 +125,26 @@ impl Shared {
         self.config.read().unwrap().clone()
     }
 
+    /// The answer to a call of a method the plugin lacks: the plugin's id and the methods
+    /// it has, sorted, as the TypeScript and Java SDKs say it.
+    fn method_not_found(&self, name: &str) -> Error {
+        let mut known: Vec<&str> = self.methods.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        Error::new(
+            types::METHOD_NOT_FOUND,
+            format!(
+                "plugin {} has no method {}; it has: {known}",
+                self.id,
+                crate::params::shown_name(name)
+            ),
+        )
+    }
+
     /// Checks the envelope and finds the method: the call and its handler, or the error.
     fn prepare(&self, request: pb::CallRequest) -> Result<(Call, Handler), Error> {
         if request.v != 0 && request.v != PROTOCOL_VERSION {
@@ -139,7 +159,7 @@ impl Shared {
         let method = self
             .methods
             .get(&request.method)
-            .ok_or_else(|| Error::method_not_found(&request.method))?;
+            .ok_or_else(|| self.method_not_found(&request.method))?;
         let params = Json::from_wire(request.params_json);
         if let Some(why) = crate::params::check(params.as_bytes()) {
             return Err(Error::invalid_params(format!(

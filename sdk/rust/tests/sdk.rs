@@ -189,8 +189,16 @@ async fn service_mode_maps_errors_into_call_reply() {
             .into_inner(),
     );
     assert_eq!(
-        (unknown.r#type.as_str(), unknown.retryable),
-        ("method_not_found", false)
+        (
+            unknown.r#type.as_str(),
+            unknown.message.as_str(),
+            unknown.retryable
+        ),
+        (
+            "method_not_found",
+            r#"plugin test has no method "nope"; it has: count, echo, needs, panics, typed, waits"#,
+            false
+        )
     );
 
     let typed = error_of(
@@ -218,7 +226,31 @@ async fn service_mode_maps_errors_into_call_reply() {
         ("PluginError", "method panicked: boom")
     );
 
-    for params in ["{}", r#"{"n": "three"}"#, "{not json"] {
+    for (params, message) in [
+        (
+            "{}",
+            "params of needs: missing field `n` at line 1 column 2",
+        ),
+        (
+            r#"{"n": "three"}"#,
+            "needs: 'n' must be an integer, got a string",
+        ),
+        ("{not json", "params of needs are not valid JSON"),
+        // Named params only: no positional decoding, and no Rust type in the message.
+        ("[4]", "needs takes an object of named params, got an array"),
+        (
+            r#""four""#,
+            "needs takes an object of named params, got a string",
+        ),
+        ("4", "needs takes an object of named params, got a number"),
+        (
+            "true",
+            "needs takes an object of named params, got a boolean",
+        ),
+        // null or none: refused as before, now without the struct's name.
+        ("null", "needs takes an object of named params, got null"),
+        ("", "needs takes an object of named params, got null"),
+    ] {
         let invalid = error_of(
             client
                 .call(request("needs", params, 0))
@@ -226,7 +258,11 @@ async fn service_mode_maps_errors_into_call_reply() {
                 .unwrap()
                 .into_inner(),
         );
-        assert_eq!(invalid.r#type, "invalid_params", "params {params}");
+        assert_eq!(
+            (invalid.r#type.as_str(), invalid.message.as_str()),
+            ("invalid_params", message),
+            "params {params}"
+        );
     }
 
     let started = Instant::now();
