@@ -108,7 +108,8 @@ func TestBindSaysWhatWasWrongInJSONsWords(t *testing.T) {
 		{`{"tags": {"a": 1, "b": "two"}}`, "greet: 'tags.b' must be an integer, got a string"},
 		{"{\n  \"inner\": {\"deep\": [\"x\", 7]}\n}", "greet: 'inner.deep[1]' must be a string, got 7"},
 		{`{"inner": [1]}`, "greet: 'inner' must be an object, got an array"},
-		{`[{"name": "Ada"}]`, "greet takes an object of named params, got an array"},
+		{`[{"name": "Ada"}]`, "greet: 'name' must be a string, got an object"}, // positional
+		{`["Ada", 1, 2, 0.5, true, [], {}, {}, "one too many"]`, "greet takes at most 8 positional params, got 9"},
 		{`"Ada"`, "greet takes an object of named params, got a string"},
 		{`-1.5e3`, "greet takes an object of named params, got a number"},
 		{`false`, "greet takes an object of named params, got a boolean"},

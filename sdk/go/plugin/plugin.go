@@ -15,6 +15,7 @@
 package plugin
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -42,27 +43,34 @@ type Call struct {
 	plugin *Plugin
 }
 
-// Bind decodes the params into v (a pointer). Into a struct or a map, the params must
-// be a JSON object of named params (null, or none, leaves v as it is): an array, a
-// string, a number or a boolean is invalid_params, "<method> takes an object of named
-// params, got an array", as the TypeScript and Java SDKs say it. A field of the wrong
-// kind is invalid_params naming the param and what it takes in JSON's words ("greet:
-// 'name' must be a string, got 5"), never a Go type; so is a missing field tagged
-// `plugin:"required"`.
+// Bind decodes the params into v (a pointer). Into a struct, an array of params is
+// positional: its items fill the fields in order (docs/protocol.md). Into a struct or a
+// map, anything else must be a JSON object of named params (null, or none, leaves v as it
+// is): a string, a number or a boolean is invalid_params, "<method> takes an object of
+// named params, got a string", as the TypeScript and Java SDKs say it. A field of the
+// wrong kind is invalid_params naming the param and what it takes in JSON's words
+// ("greet: 'name' must be a string, got 5"), never a Go type; so is a missing field
+// tagged `plugin:"required"`.
 func (c *Call) Bind(v any) error {
+	params := c.Params
+	if named, ok, err := positionalToNamed(params, v, c.Method); err != nil {
+		return err
+	} else if ok {
+		params = named
+	}
 	if takesNamedParams(v) {
-		if got := jsonKind(c.Params); got != "an object" && got != "null" {
+		if got := jsonKind(params); got != "an object" && got != "null" {
 			return InvalidParams("%s takes an object of named params, got %s", c.Method, got)
 		}
 	}
-	if err := json.Unmarshal(c.Params, v); err != nil {
+	if err := json.Unmarshal(params, v); err != nil {
 		var typeErr *json.UnmarshalTypeError
 		if errors.As(err, &typeErr) && typeErr.Type != nil {
-			return typeMismatch(c.Method, c.Params, typeErr)
+			return typeMismatch(c.Method, params, typeErr)
 		}
 		return InvalidParams("params of %s: %v", c.Method, err)
 	}
-	if missing := missingRequired(c.Params, v); missing != "" {
+	if missing := missingRequired(params, v); missing != "" {
 		return InvalidParams("params of %s: missing required field %q", c.Method, missing)
 	}
 	return nil
@@ -231,6 +239,36 @@ func jsonKey(field reflect.StructField) string {
 		return field.Name
 	}
 	return key
+}
+
+// positionalToNamed turns an array of params into an object keyed by the fields of the
+// struct v points to, in order; ok is false when params are not an array or v is not a
+// struct, and an array longer than the struct has fields is invalid_params.
+func positionalToNamed(params json.RawMessage, v any, method string) (json.RawMessage, bool, error) {
+	t := structType(v)
+	trimmed := bytes.TrimSpace(params)
+	if t == nil || len(trimmed) == 0 || trimmed[0] != '[' {
+		return nil, false, nil
+	}
+	var items []json.RawMessage
+	if err := json.Unmarshal(trimmed, &items); err != nil {
+		return nil, false, nil // not valid JSON: the decoding that follows says so
+	}
+	var keys []string
+	for i := range t.NumField() {
+		if key := jsonKey(t.Field(i)); key != "" {
+			keys = append(keys, key)
+		}
+	}
+	if len(items) > len(keys) {
+		return nil, false, InvalidParams("%s takes at most %d positional params, got %d", method, len(keys), len(items))
+	}
+	named := make(map[string]json.RawMessage, len(items))
+	for i, item := range items {
+		named[keys[i]] = item
+	}
+	raw, err := json.Marshal(named)
+	return raw, err == nil, nil
 }
 
 // missingRequired names the first struct field tagged `plugin:"required"` whose JSON

@@ -91,8 +91,9 @@ func TestErrorMapping(t *testing.T) {
 		{"needs", `{}`, &pluginpb.Error{Type: "invalid_params", Message: `params of needs: missing required field "n"`}},
 		{"needs", `{"n": "three"}`, &pluginpb.Error{Type: "invalid_params", Message: "needs: 'n' must be an integer, got a string"}},
 		{"needs", `{"n": 2.5}`, &pluginpb.Error{Type: "invalid_params", Message: "needs: 'n' must be an integer, got 2.5"}},
-		// Named params only: no positional decoding, and no Go type in the message.
-		{"needs", `[4]`, &pluginpb.Error{Type: "invalid_params", Message: "needs takes an object of named params, got an array"}},
+		// Positional params fill the fields in order (docs/protocol.md); no Go type in a message.
+		{"needs", `["four"]`, &pluginpb.Error{Type: "invalid_params", Message: "needs: 'n' must be an integer, got a string"}},
+		{"needs", `[1, 2]`, &pluginpb.Error{Type: "invalid_params", Message: "needs takes at most 1 positional params, got 2"}},
 		{"needs", `"four"`, &pluginpb.Error{Type: "invalid_params", Message: "needs takes an object of named params, got a string"}},
 		{"needs", `4`, &pluginpb.Error{Type: "invalid_params", Message: "needs takes an object of named params, got a number"}},
 		{"needs", ` true`, &pluginpb.Error{Type: "invalid_params", Message: "needs takes an object of named params, got a boolean"}},
@@ -131,6 +132,7 @@ func TestResults(t *testing.T) {
 		{"echo", `{"a": [1, 2.5, "x"], "big": 12345678901234567890}`, `{"a": [1, 2.5, "x"], "big": 12345678901234567890}`},
 		{"echo", ``, `null`},
 		{"needs", `{"n": 3}`, `3`},
+		{"needs", `[4]`, `4`},                        // positional
 		{"count", `{}`, `[{"i":0},{"i":1},{"i":2}]`}, // a streaming method called once
 	} {
 		reply := call(t, p, c.method, c.params, 0)

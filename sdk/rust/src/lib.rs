@@ -119,9 +119,10 @@ pub struct Call {
 
 impl Call {
     /// Decodes the params; a decoding failure (a missing field, a wrong type) is answered
-    /// as `invalid_params`. A struct or a map takes named params: an array, a string, a
-    /// number or a boolean is refused, "greet takes an object of named params, got an
-    /// array", as the TypeScript and Java SDKs say it. A field of the wrong kind names the
+    /// as `invalid_params`. A struct or a map takes named params (a struct positional ones
+    /// too: an array fills its fields in order): a string, a number or a boolean is
+    /// refused, "greet takes an object of named params, got a string", as the TypeScript
+    /// and Java SDKs say it. A field of the wrong kind names the
     /// param and what it takes in JSON's words, never a Rust type: "greet: 'name' must be
     /// a string, got 5".
     pub fn params<T: DeserializeOwned>(&self) -> Result<T, Error> {

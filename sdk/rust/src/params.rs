@@ -422,13 +422,15 @@ fn takes_named_params<T: DeserializeOwned>() -> bool {
     matches!(T::deserialize(Probe), Err(Asked(true)))
 }
 
-/// Decodes a method's params into `T`. Into named params (a struct, a map) an array, a
-/// string, a number or a boolean is refused, "greet takes an object of named params, got
-/// an array", as the TypeScript and Java SDKs say it (`null` is left to `T`); a field of
-/// the wrong kind names the param and what it takes in JSON's words, never a Rust type.
+/// Decodes a method's params into `T`. Into named params (a struct, a map) a string, a
+/// number or a boolean is refused, "greet takes an object of named params, got a string",
+/// as the TypeScript and Java SDKs say it (`null` is left to `T`); an array is positional,
+/// serde filling a struct's fields in order (docs/protocol.md); a field of the wrong kind
+/// names the param and what it takes in JSON's words, never a Rust type.
 pub(crate) fn decode<T: DeserializeOwned>(method: &str, raw: &[u8]) -> Result<T, Error> {
     let kind = json_kind(raw);
-    if kind != "an object" && kind != "null" && takes_named_params::<T>() {
+    let named_or_positional = matches!(kind, "an object" | "an array" | "null");
+    if !named_or_positional && takes_named_params::<T>() {
         return Err(Error::invalid_params(format!(
             "{method} takes an object of named params, got {kind}"
         )));
@@ -522,7 +524,6 @@ mod tests {
     #[test]
     fn named_params_take_only_an_object() {
         for (params, got) in [
-            (r#"["Ada"]"#, "an array"),
             (r#""Ada""#, "a string"),
             ("-1.5e3", "a number"),
             (" true", "a boolean"),
@@ -538,6 +539,23 @@ mod tests {
             "greet takes an object of named params, got null"
         );
         assert!(decode::<Option<Greet>>("greet", b"null").unwrap().is_none());
+        // An array is positional: a struct's fields in order (docs/protocol.md).
+        #[derive(serde::Deserialize, Debug)]
+        struct Pair {
+            name: String,
+            count: u64,
+        }
+        let pair = decode::<Pair>("greet", br#"["Ada", 3]"#).expect("positional");
+        assert_eq!((pair.name.as_str(), pair.count), ("Ada", 3));
+        assert_eq!(
+            message_of::<Pair>("[1, 2]"),
+            "greet: '[0]' must be a string, got 1"
+        );
+        // A map has no order to fill: it takes named params only.
+        assert_eq!(
+            message_of::<HashMap<String, i64>>("[1]"),
+            "greet takes an object of named params, got an array"
+        );
         // What is not named params takes what it takes.
         assert_eq!(decode::<Vec<i64>>("m", b"[1, 2]").unwrap(), [1, 2]);
         assert_eq!(decode::<(i64, String)>("m", br#"[1, "a"]"#).unwrap().1, "a");

@@ -236,8 +236,12 @@ async fn service_mode_maps_errors_into_call_reply() {
             "needs: 'n' must be an integer, got a string",
         ),
         ("{not json", "params of needs are not valid JSON"),
-        // Named params only: no positional decoding, and no Rust type in the message.
-        ("[4]", "needs takes an object of named params, got an array"),
+        // Positional params fill the fields in order (docs/protocol.md); no Rust type in a
+        // message.
+        (
+            r#"["four"]"#,
+            "needs: '[0]' must be an integer, got a string",
+        ),
         (
             r#""four""#,
             "needs takes an object of named params, got a string",

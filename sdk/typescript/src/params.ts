@@ -13,7 +13,8 @@ export function isObject(value: unknown): value is JsonObject {
 /** `params` as an object, or `InvalidParams` naming what came instead. */
 export function expectObject(params: unknown, method: string): JsonObject {
   if (isObject(params)) return params;
-  const got = params === null ? 'null' : Array.isArray(params) ? 'an array' : typeof params;
+  const got =
+    params === null || params === undefined ? 'null' : Array.isArray(params) ? 'an array' : `a ${typeof params}`;
   throw new InvalidParams(`${method} takes an object of named params, got ${got}`);
 }
 

@@ -37,6 +37,10 @@ test('anything else thrown is answered with its name, not retryable', () => {
 
 test('params of the wrong shape are invalid_params', () => {
   assert.throws(() => new Params([1, 2], 'count'), InvalidParams);
+  // The words every SDK uses: 'a string', 'a number', 'a boolean' (Go, Rust, Java).
+  assert.throws(() => new Params('Ada', 'greet'), /greet takes an object of named params, got a string$/);
+  assert.throws(() => new Params(4, 'greet'), /got a number$/);
+  assert.throws(() => new Params(undefined, 'greet'), /got null$/);
   const params = new Params({ n: 2.5, s: 1 }, 'count');
   assert.throws(() => params.int('n'), /must be an integer/);
   assert.throws(() => params.int('missing'), /needs the param 'missing'/);
