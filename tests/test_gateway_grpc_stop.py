@@ -4,12 +4,16 @@ as never sent (``GrpcGateway.aclose``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 import grpc
 import grpc.aio
 import orjson
+import pytest
 
 from dispatcher import Dispatcher
 from dispatcher.gateway import GatewayServer, GatewaySettings
@@ -19,6 +23,32 @@ from tests.conftest import manifest
 from tests.gateway_support import echo_entry
 
 SAY = gateway_pb2.GatewayCall(plugin="echo", method="say", params_json=orjson.dumps({"text": "hi"}))
+
+
+@contextlib.asynccontextmanager
+async def _started_gateway() -> AsyncIterator[tuple[Dispatcher, GatewayServer, str]]:
+    """A dispatcher and its gateway with a gRPC port, started; the test stops the gateway."""
+    async with Dispatcher(manifest(echo_entry())) as dispatcher:
+        server = GatewayServer(dispatcher, GatewaySettings(port=0, grpc_port=0))
+        await server.start()
+        assert server.grpc is not None
+        yield dispatcher, server, server.grpc.address
+
+
+@contextlib.asynccontextmanager
+async def _stopping_after_a_call() -> AsyncIterator[tuple[Any, asyncio.Task[None]]]:
+    """A client connected to a started gateway (one call answered), and the gateway's
+    stop just begun."""
+    async with (
+        _started_gateway() as (_, server, address),
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+        await gateway.Call(SAY, timeout=10)  # connected
+        stopping = asyncio.create_task(server.aclose())
+        await asyncio.sleep(0.01)  # the port holds calls now
+        yield gateway, stopping
+        await asyncio.wait_for(stopping, 10)
 
 
 async def _call_until_refused(address: str, outcomes: Counter[str]) -> None:
@@ -48,11 +78,7 @@ async def test_stopping_while_clients_call_loses_no_call() -> None:
     ended ``CANCELLED`` in these 3 stops before the port held arriving calls first."""
     outcomes: Counter[str] = Counter()
     for _ in range(3):
-        async with Dispatcher(manifest(echo_entry())) as dispatcher:
-            server = GatewayServer(dispatcher, GatewaySettings(port=0, grpc_port=0))
-            await server.start()
-            assert server.grpc is not None
-            address = server.grpc.address
+        async with _started_gateway() as (dispatcher, server, address):
             clients = [
                 asyncio.create_task(_call_until_refused(address, outcomes)) for _ in range(32)
             ]
@@ -66,47 +92,27 @@ async def test_stopping_while_clients_call_loses_no_call() -> None:
 
 
 async def test_a_call_arriving_as_the_port_stops_without_a_drain_is_answered() -> None:
-    async with Dispatcher(manifest(echo_entry())) as dispatcher:
-        server = GatewayServer(dispatcher, GatewaySettings(port=0, grpc_port=0))
-        await server.start()
-        assert server.grpc is not None
-        async with grpc.aio.insecure_channel(server.grpc.address) as channel:
-            gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
-            await gateway.Call(SAY, timeout=10)  # connected
-            started = time.monotonic()
-            stopping = asyncio.create_task(server.aclose())
-            await asyncio.sleep(0.02)  # the port holds calls now
-            reply = await gateway.Call(SAY, timeout=10)
-            assert reply.ok and orjson.loads(reply.result_json)["text"] == "hi"
-            await asyncio.wait_for(stopping, 10)
-            # Held until quiet, not for the whole bound.
-            assert time.monotonic() - started < SETTLE_MOST_SECONDS + 1
-            error: grpc.aio.AioRpcError | None = None
-            try:
-                await gateway.Call(SAY, timeout=2)
-            except grpc.aio.AioRpcError as raised:
-                error = raised
-            assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+    started = time.monotonic()
+    async with _stopping_after_a_call() as (gateway, stopping):
+        reply = await gateway.Call(SAY, timeout=10)
+        assert reply.ok and orjson.loads(reply.result_json)["text"] == "hi"
+        await asyncio.wait_for(stopping, 10)
+        # Held until quiet, not for the whole bound.
+        assert time.monotonic() - started < SETTLE_MOST_SECONDS + 1
+        error = await _refused(gateway.Call(SAY, timeout=2))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_a_held_call_whose_deadline_comes_first_is_refused_as_not_run() -> None:
     """Held calls wait for the stop's settle (0.1 s at least); one whose client gives up
     sooner is answered ``shutting_down`` just before, not left to time out."""
-    async with Dispatcher(manifest(echo_entry())) as dispatcher:
-        server = GatewayServer(dispatcher, GatewaySettings(port=0, grpc_port=0))
-        await server.start()
-        assert server.grpc is not None
-        async with grpc.aio.insecure_channel(server.grpc.address) as channel:
-            gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
-            await gateway.Call(SAY, timeout=10)
-            stopping = asyncio.create_task(server.aclose())
-            await asyncio.sleep(0.01)
-            error: grpc.aio.AioRpcError | None = None
-            try:
-                await gateway.Call(SAY, timeout=0.09)
-            except grpc.aio.AioRpcError as raised:
-                error = raised
-            assert error is not None
-            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
-            assert dict(error.trailing_metadata() or ())["error-type"] == "shutting_down"
-            await asyncio.wait_for(stopping, 10)
+    async with _stopping_after_a_call() as (gateway, _):
+        error = await _refused(gateway.Call(SAY, timeout=0.09))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        assert dict(error.trailing_metadata() or ())["error-type"] == "shutting_down"
+
+
+async def _refused(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    return raised.value
