@@ -244,8 +244,9 @@ class Dispatcher:
         """Stop every plugin (in reverse start order), then close every provider.
 
         With ``grace`` (seconds), ``drain(grace)`` first: calls in flight may finish.
-        Without it, calls still in flight fail as their targets go away. A second
-        ``aclose`` while the first runs waits for it.
+        Without it, calls and streams still in flight are cut off at once: their callers
+        get ``ShuttingDown`` (``details["stage"] == "cut_off"``). A second ``aclose``
+        while the first runs waits for it.
         """
         if self._state == "closed":
             await self._wait_closed_by_another()
@@ -259,6 +260,7 @@ class Dispatcher:
             await self.jobs.aclose()
         self._state = "closed"
         self._routes.clear()
+        await self._cut_off_in_flight()
         await self._rollouts.aclose()  # shadow calls: their callers have their answers
         if self.fleets is not None:
             await self.fleets.aclose()  # health checks end before the providers close
@@ -281,6 +283,19 @@ class Dispatcher:
             await self.telemetry.aclose()  # spans of the last calls are sent
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
+
+    async def _cut_off_in_flight(self) -> None:
+        """What ``aclose`` leaves in flight is cut off before anything closes: a call of an
+        in-process plugin ran on after its plugin had stopped, and answered."""
+        in_flight = self._in_flight
+        if not in_flight.count:
+            return
+        in_flight.tell_left = True
+        cut = in_flight.cut_off(asyncio.current_task(), "the dispatcher closed")
+        log.info("closing: cut off %d calls and streams in flight", cut)
+        deadline = asyncio.get_running_loop().time() + CUT_OFF_SECONDS
+        if not await in_flight.wait_idle(deadline):
+            log.error("%d calls ignored their cut-off; closing under them", in_flight.count)
 
     async def _wait_closed_by_another(self) -> None:
         closed = self._closed

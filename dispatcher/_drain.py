@@ -157,7 +157,9 @@ class InFlight:
             self._idle = None
         return True
 
-    def cut_off(self, spare: asyncio.Task[Any] | None) -> int:
+    def cut_off(
+        self, spare: asyncio.Task[Any] | None, why: str = "the dispatcher's drain grace ran out"
+    ) -> int:
         """Cancel every call and stream still in flight (but ``spare``, the drain's own task).
 
         Returns how many were cut off. Streams suspended at a ``yield`` are marked and no
@@ -167,7 +169,7 @@ class InFlight:
         for task in self.calls:
             if task is not spare and task not in self.cut:
                 self.cut.add(task)
-                task.cancel("the dispatcher's drain grace ran out")
+                task.cancel(why)
                 cut += 1
         for stream in list(self.streams):
             stream.cut = True
@@ -176,7 +178,7 @@ class InFlight:
             if waiting is None:
                 self.streams.discard(stream)
             elif waiting is not spare:
-                waiting.cancel("the dispatcher's drain grace ran out")
+                waiting.cancel(why)
         return cut
 
     def cut_off_error(
@@ -192,8 +194,8 @@ class InFlight:
         if isinstance(error, DispatchError):
             log.debug("cut off %s: the chain ended with %r", what, error)
         return ShuttingDown(
-            f"the dispatcher shut down while {what} was in flight (the drain grace ran out);"
-            " it may have reached the plugin",
+            f"the dispatcher shut down while {what} was in flight (a drain's grace ran out, or"
+            " it closed without one); it may have reached the plugin",
             details={"stage": "cut_off"},
         )
 

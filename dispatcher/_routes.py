@@ -25,6 +25,7 @@ from linchkit_plugin.errors import (
     InvalidParams,
     MethodNotFound,
     PluginNotFound,
+    ShuttingDown,
     TargetUnavailable,
 )
 from providers.base import Provider
@@ -285,6 +286,13 @@ class RouteTable:
         return methods
 
     def _not_found(self, plugin: str, version: str | None, state: str) -> DispatchError:
+        if state == "closed":
+            # As while it drained (retryable, never sent): a host's requests arriving
+            # during its own cleanup are not a missing plugin.
+            return ShuttingDown(
+                f"the dispatcher is closed: a call of {plugin} refused; send it to another replica",
+                details={"stage": "refused"},
+            )
         if state != "running":
             return PluginNotFound(f"the dispatcher is {state}; call it inside 'async with'")
         wanted = plugin if version is None else f"{plugin}@{version}"

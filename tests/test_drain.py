@@ -333,3 +333,23 @@ async def test_sigterm_drains_the_calls_in_flight_and_the_host_exits_0(tmp_path:
     assert host.returncode == 0, err.decode()
     report = json.loads(out.decode().strip().splitlines()[-1])
     assert report == {"finished": 50, "late": "refused", "state": "closed", "tasks": 1}
+
+
+async def test_aclose_without_grace_cuts_off_an_in_process_call_at_once() -> None:
+    """A call of an in-process plugin ran on after ``aclose`` had stopped its plugin, and
+    answered; a later call said ``plugin_not_found``, as if it had never existed."""
+    from tests.conftest import LOCAL_TARGET
+
+    dispatcher = Dispatcher(manifest(echo_plugin("echo", LOCAL_TARGET)))
+    await dispatcher.start()
+    call = asyncio.create_task(dispatcher.call("echo", "sleep", {"seconds": 5}))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await dispatcher.aclose()
+    with pytest.raises(ShuttingDown) as cut:
+        await asyncio.wait_for(call, 2)
+    assert cut.value.details["stage"] == "cut_off"
+    assert time.monotonic() - started < 2
+    with pytest.raises(ShuttingDown) as refused:
+        await dispatcher.call("echo", "say", {"text": "late"})
+    assert refused.value.retryable and refused.value.details["stage"] == "refused"
