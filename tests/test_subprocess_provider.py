@@ -555,3 +555,39 @@ async def test_the_hosts_environment_does_not_reach_the_plugin_unless_asked(
         async with Dispatcher(manifest(crashing(inherit_env=opt_in))) as dispatcher:
             seen = await dispatcher.call("crashing", "environment")
         assert seen["LINCHKIT_TEST_SECRET"] == "hunter2", opt_in
+
+
+async def test_restarts_leave_no_events_reader_behind_and_lose_no_host_event() -> None:
+    """grpc.aio reads a stream's requests in a task of its own, cancelled only when the
+    call is cancelled while running: each restart left one waiting on the host-event
+    queue for good (4 after 4 restarts, still there after ``aclose``), each taking
+    host events meant for the live stream."""
+    from tests.test_stream_and_event_policies import example
+
+    def readers() -> int:
+        return sum(
+            1
+            for task in asyncio.all_tasks()
+            if "_consume_request_iterator" in task.get_coro().__qualname__  # type: ignore[union-attr]
+        )
+
+    entry = example()
+    entry["target"] = {**entry["target"], "restart_backoff_ms": 20}
+    async with Dispatcher(manifest(entry)) as dispatcher:
+        process = the_process(dispatcher)
+        pongs: asyncio.Queue[Any] = asyncio.Queue()
+        dispatcher.on("example", "pong", lambda _event, data: pongs.put_nowait(data))
+        for restart in range(1, 4):
+            assert process._child is not None
+            os.kill(process._child.pid, signal.SIGKILL)
+            await eventually(
+                lambda restart=restart: process.restarts == restart and process.state == "running"
+            )
+        await dispatcher.call("example", "sleep", {"ms": 1}, timeout=10)
+        assert readers() <= 1
+        for number in range(10):
+            await dispatcher.publish("example", "ping", number)
+        got = [await asyncio.wait_for(pongs.get(), 10) for _ in range(10)]
+        assert sorted(got) == list(range(10))
+    await asyncio.sleep(0.1)
+    assert readers() == 0

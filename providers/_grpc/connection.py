@@ -541,9 +541,24 @@ class PluginConnection:
             raise ProviderError(f"{self.describe} has no open Events stream")
         self._outgoing.put_nowait((name, encode_json(data)))
 
-    async def _outgoing_events(self) -> AsyncIterator[Any]:
-        while True:
-            item = await self._outgoing.get()
+    async def _outgoing_events(self, ended: asyncio.Future[None]) -> AsyncIterator[Any]:
+        """The host events of one ``Events`` stream, until ``ended``.
+
+        grpc.aio reads this in a task of its own, which it cancels only when the call is
+        cancelled while still running: a stream the plugin's exit ended left that task
+        waiting on the queue for good, one per restart, each taking host events meant for
+        the next stream. So each stream's reader stops when its stream ends."""
+        queue = self._outgoing
+        while not ended.done():
+            getting = asyncio.ensure_future(queue.get())
+            try:
+                await asyncio.wait((getting, ended), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getting.done():
+                    getting.cancel()  # Queue.get gives up without taking an item
+            if getting.cancelled():
+                return
+            item = getting.result()
             if item is None:
                 return
             yield self._pb.HostEvent(name=item[0], data_json=item[1])
@@ -552,9 +567,11 @@ class PluginConnection:
         import grpc.aio
 
         backoff = 0.05
+        loop = asyncio.get_running_loop()
         while not self._closed:
+            ended: asyncio.Future[None] = loop.create_future()
             try:
-                call = self._stub.Events(self._outgoing_events(), metadata=self._metadata)
+                call = self._stub.Events(self._outgoing_events(ended), metadata=self._metadata)
             except grpc.aio.BaseError as error:  # the channel closed under us
                 log.debug("%s Events stream cannot open: %s", self.describe, error)
                 return
@@ -582,6 +599,7 @@ class PluginConnection:
             finally:
                 self._events_open.clear()
                 call.cancel()
+                ended.set_result(None)
             # The stream ended (the plugin restarted or went away): reopen it, gently.
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
