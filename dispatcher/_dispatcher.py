@@ -244,8 +244,9 @@ class Dispatcher:
         """Stop every plugin (in reverse start order), then close every provider.
 
         With ``grace`` (seconds), ``drain(grace)`` first: calls in flight may finish.
-        Without it, calls and streams still in flight are cut off at once: their callers
-        get ``ShuttingDown`` (``details["stage"] == "cut_off"``). A second ``aclose``
+        Without it, batch items still queued are sent, and calls still in flight fail as
+        their targets go away; one still running after that (an in-process plugin's) is
+        cut off: ``ShuttingDown``, ``details["stage"] == "cut_off"``. A second ``aclose``
         while the first runs waits for it.
         """
         if self._state == "closed":
@@ -260,7 +261,6 @@ class Dispatcher:
             await self.jobs.aclose()
         self._state = "closed"
         self._routes.clear()
-        await self._cut_off_in_flight()
         await self._rollouts.aclose()  # shadow calls: their callers have their answers
         if self.fleets is not None:
             await self.fleets.aclose()  # health checks end before the providers close
@@ -274,6 +274,7 @@ class Dispatcher:
         if self.fleets is not None:
             await self.fleets.detach_all()  # the instances discovery brought
         await self._attachments.aclose()  # every plugin detached, then every provider closed
+        await self._cut_off_in_flight()  # what outlived its target: an in-process plugin's
         if self.authenticator is not None:
             await self.authenticator.aclose()
         if self._guard.audit is not None:
@@ -285,8 +286,8 @@ class Dispatcher:
             self._closed.set_result(None)
 
     async def _cut_off_in_flight(self) -> None:
-        """What ``aclose`` leaves in flight is cut off before anything closes: a call of an
-        in-process plugin ran on after its plugin had stopped, and answered."""
+        """What still runs once every target has gone is cut off: a call of an in-process
+        plugin ran on after ``aclose`` had stopped its plugin, and answered."""
         in_flight = self._in_flight
         if not in_flight.count:
             return
@@ -430,10 +431,12 @@ class Dispatcher:
             assert self.fleets is not None
             await self.fleets.watch_new()  # discovery and health checks of fleets it made
             used = {target.key for plugin in manifest.plugins for target in plugin.targets()}
-            if retired or self.fleets.unused(used):
+            if retired or plan.removed or plan.changed or self.fleets.unused(used):
                 await self._settle(grace)
                 await self._attachments.detach(retired)
                 await self.fleets.forget(used)
+                assert self.policies is not None
+                await self.policies.forget(plan.removed)  # changed ones were rebuilt
             return summary
 
     async def _apply_registry(self) -> dict[str, list[str]]:

@@ -459,7 +459,7 @@ async def test_ten_thousand_batched_calls_each_get_their_own_result(echo_url: st
             for i in range(10_000)
         ]
         results = await asyncio.gather(*calls, return_exceptions=True)
-        batcher = dispatcher.policies.batchers[0]  # type: ignore[union-attr]
+        (batcher,) = dispatcher.policies.batchers.values()  # type: ignore[union-attr]
     assert isinstance(results[4321], InvalidParams)
     for index, result in enumerate(results):
         if index != 4321:

@@ -345,3 +345,38 @@ def test_reload_plan_is_decided_without_io() -> None:
             parse_manifest({"version": 1, "telemetry": {"metrics": {"enabled": True}}}),
             source="x",
         )
+
+
+async def test_reloads_that_replace_a_version_leave_none_of_its_policy_state() -> None:
+    """Five reloads, each replacing the version: ``stats()`` listed every removed version's
+    cache (entries and all), limit, bulkhead and retry counter for good, and a removed
+    version's batcher kept its task."""
+    methods = {
+        "say": {"pure": True, "cache": {"ttl_ms": 60_000}},
+        "withdraw": {
+            "rate_limit": {"rate": 1000, "burst": 10, "scope": "method"},
+            "concurrency": {"max_in_flight": 4, "scope": "method"},
+        },
+        "digest": {"idempotent": True, "retry": {"attempts": 2}},
+        "sleep": {"batch": {"max_size": 10, "max_wait_ms": 5}},
+    }
+
+    def version(number: int) -> Any:
+        entry = echo_plugin("echo", LOCAL_TARGET, methods=methods)
+        return manifest({**entry, "version": f"{number}.0.0"})
+
+    async with Dispatcher(version(1)) as dispatcher:
+        runtime = dispatcher.policies
+        assert runtime is not None
+        for number in range(2, 7):
+            await dispatcher.call("echo", "say", {"text": f"v{number}"})
+            await dispatcher.reload(version(number))
+        before = set(asyncio.all_tasks())
+        stats = dispatcher.stats()
+        assert list(stats["caches"]) == ["echo@6.0.0.say"]
+        assert len(stats["rate_limits"]) == 1
+        assert len(stats["bulkheads"]) == 1
+        assert list(stats["retries"]) == ["echo@6.0.0.digest"]
+        assert list(runtime.batchers) == [("echo@6.0.0", "sleep")]
+        assert await dispatcher.call("echo", "sleep", {"seconds": 0}) >= 0  # batched, answered
+    assert not {task for task in asyncio.all_tasks() - before if not task.done()}

@@ -11,7 +11,7 @@ reload that keeps a version keeps its state. It owns every task the policies sta
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -96,15 +96,20 @@ class PolicyRuntime:
         self.budgets: dict[str, RetryBudget] = {}
         self.bulkheads: dict[str, Bulkhead] = {}
         self.limiters: dict[tuple[str, RateLimit], Bucket] = {}
+        # What one method of one plugin version owns, by ``(plugin key, method)`` (hedges
+        # and retries by ``"plugin@version.method"``): dropped when a reload removes the
+        # version (``forget``), replaced when it rebuilds the method.
         self.caches: dict[tuple[str, str], ResultCache] = {}
-        self.batchers: list[Batcher] = []
+        self.batchers: dict[tuple[str, str], Batcher] = {}
         self.hedges: dict[str, HedgeStep] = {}
         self.gates: dict[tuple[str, str], Gate] = {}
         self.breaker_listeners: list[StateListener] = []
         # Kept for stats() only: limits and bulkheads of a method's own scope are not shared.
-        self.limits: list[Limit | SharedLimit] = []
-        self.method_bulkheads: list[Bulkhead] = []
+        self.method_limits: dict[tuple[str, str], tuple[Limit | SharedLimit, ...]] = {}
+        self.method_bulkheads: dict[tuple[str, str], Bulkhead] = {}
         self.retries: dict[str, RetryStep] = {}
+        #: Batchers a rebuilt method replaced: closed once its calls in flight have ended.
+        self._replaced: list[Batcher] = []
 
     def chain(
         self, plugin: PluginSpec[Any], method: str, provider: Provider[Any], target: TargetConfig
@@ -112,6 +117,7 @@ class PolicyRuntime:
         """The chain of ``plugin.method``, built from its policies."""
         policies = plugin.policies_of(method)
         name = f"{plugin.id}.{method}"
+        owner = (plugin.key, method)
         fleet = self.fleets.fleet_of(target, provider)
         if fleet is None:
             (target,) = target.instance_targets()  # itself, or its one instance
@@ -120,7 +126,7 @@ class PolicyRuntime:
         shared: SharedBreaker | None = None
         step: Step
         if fleet is not None:
-            step = self._fleet_end(name, fleet, provider, policies)
+            step = self._fleet_end(owner, name, fleet, provider, policies)
             if policies.may_hedge:
                 step = self._hedge(f"{plugin.key}.{method}", key, fleet, policies, step)
         else:
@@ -134,9 +140,7 @@ class PolicyRuntime:
                 shared = self._shared_breaker(breaker, key, policies.breaker)
             if policies.batch is not None:
                 sender = self._batch_sender(self._invoke_batch(provider), target, breaker, shared)
-                batcher = Batcher(name, policies.batch, sender)
-                self.batchers.append(batcher)
-                step = batcher
+                step = self._batcher(owner, Batcher(name, policies.batch, sender))
             elif shared is not None:
                 step = SharedBreakerStep(shared, step)
             elif breaker is not None:
@@ -147,12 +151,16 @@ class PolicyRuntime:
                 key, RetryBudget(target.describe(), policies.retry.budget_ratio)
             )
             step = self.retries[f"{plugin.key}.{method}"] = RetryStep(policies.retry, budget, step)
-        bulkhead = self._bulkhead(name, key, target, policies) if policies.concurrency else None
+        bulkhead = (
+            self._bulkhead(owner, name, key, target, policies) if policies.concurrency else None
+        )
         if bulkhead is not None:
             step = BulkheadStep(bulkhead, step)
         limits = tuple(self._limit(name, key, target, spec) for spec in policies.rate_limit or ())
         if limits:
-            self.limits.extend(limits)
+            own = tuple(limit for limit in limits if limit not in self.target_limits.values())
+            if own:
+                self.method_limits[owner] = own
             step = RateLimitStep(limits, step)
         if policies.may_cache:
             assert policies.cache is not None
@@ -174,7 +182,12 @@ class PolicyRuntime:
         )
 
     def _fleet_end(
-        self, name: str, fleet: Fleet, provider: Provider[Any], policies: Policies
+        self,
+        owner: tuple[str, str],
+        name: str,
+        fleet: Fleet,
+        provider: Provider[Any],
+        policies: Policies,
     ) -> Step:
         """The end of a fleet target's chain: a ``FleetStep`` (or a batcher sending through it)."""
         policy = policies.breaker
@@ -187,12 +200,40 @@ class PolicyRuntime:
         fleet_step = FleetStep(fleet, self._invoke(provider), breaker_for, shared_for)
         if policies.batch is not None:
             sender = fleet_step.batch_sender(self._invoke_batch(provider))
-            batcher = Batcher(name, policies.batch, sender)
-            self.batchers.append(batcher)
-            return batcher
+            return self._batcher(owner, Batcher(name, policies.batch, sender))
         if not provider.enforces_deadline:
             return DeadlineGuard(name, fleet_step)
         return fleet_step
+
+    def _batcher(self, owner: tuple[str, str], batcher: Batcher) -> Batcher:
+        replaced = self.batchers.get(owner)
+        if replaced is not None:
+            self._replaced.append(replaced)
+        self.batchers[owner] = batcher
+        return batcher
+
+    async def forget(self, removed: Iterable[PluginSpec[Any]]) -> None:
+        """Drop what the ``removed`` plugin versions' methods owned (a reload took them
+        away and their calls in flight have ended): caches and their entries, limits,
+        bulkheads, retry and hedge counters; batch tasks end. Before, every reload kept
+        them all, and ``stats()`` listed each removed version's state for good."""
+        closing = self._replaced
+        self._replaced = []
+        for plugin in removed:
+            for method in plugin.methods:
+                owner = (plugin.key, method)
+                name = f"{plugin.key}.{method}"
+                self.caches.pop(owner, None)
+                self.gates.pop(owner, None)
+                self.method_limits.pop(owner, None)
+                self.method_bulkheads.pop(owner, None)
+                self.retries.pop(name, None)
+                self.hedges.pop(name, None)
+                batcher = self.batchers.pop(owner, None)
+                if batcher is not None:
+                    closing.append(batcher)
+        for batcher in closing:
+            await batcher.aclose()
 
     def _hedge(self, name: str, key: str, fleet: Fleet, policies: Policies, step: Step) -> Step:
         """Hedging, inside the retry step and around the fleet's: hedges spend the target's
@@ -276,13 +317,13 @@ class PolicyRuntime:
 
     def flush_batches(self) -> None:
         """Send every queued batch now, without waiting out its window (a drain began)."""
-        for batcher in self.batchers:
+        for batcher in (*self.batchers.values(), *self._replaced):
             batcher.flush_now()
 
     async def aclose(self, *, grace: float | None = None) -> None:
         """Send queued batches and end every batch task, waiting at most ``grace`` seconds
         for batches in flight (default: the batcher's own bound)."""
-        for batcher in self.batchers:
+        for batcher in (*self.batchers.values(), *self._replaced):
             await batcher.aclose(grace=grace)
 
     def stats(self) -> dict[str, Any]:
@@ -318,7 +359,7 @@ class PolicyRuntime:
                     },
                     "mean_size": batcher.mean_batch_size,
                 }
-                for batcher in self.batchers
+                for batcher in self.batchers.values()
             },
             "retry_budgets": {
                 budget.name: {"spent": budget.spent, "refused": budget.refused}
@@ -333,7 +374,10 @@ class PolicyRuntime:
                     "waited": limit.waited,
                     "rejected": limit.rejected,
                 }
-                for limit in self.limits
+                for limit in (
+                    *(limit for limits in self.method_limits.values() for limit in limits),
+                    *self.target_limits.values(),
+                )
             ],
             "bulkheads": {
                 bulkhead.name: {
@@ -341,7 +385,7 @@ class PolicyRuntime:
                     "waiting": bulkhead.waiting,
                     "rejected": bulkhead.rejected,
                 }
-                for bulkhead in (*self.bulkheads.values(), *self.method_bulkheads)
+                for bulkhead in (*self.bulkheads.values(), *self.method_bulkheads.values())
             },
             "hedges": {name: hedge.stats() for name, hedge in self.hedges.items()},
             "fleets": self.fleets.stats(),
@@ -382,12 +426,20 @@ class PolicyRuntime:
             )
         return breaker
 
-    def _bulkhead(self, name: str, key: str, target: TargetConfig, policies: Policies) -> Bulkhead:
+    def _bulkhead(
+        self,
+        owner: tuple[str, str],
+        name: str,
+        key: str,
+        target: TargetConfig,
+        policies: Policies,
+    ) -> Bulkhead:
         spec = policies.concurrency
         assert spec is not None
         if spec.scope == "method":
-            own = Bulkhead(name, spec.max_in_flight, spec.max_waiting)
-            self.method_bulkheads.append(own)
+            own = self.method_bulkheads[owner] = Bulkhead(
+                name, spec.max_in_flight, spec.max_waiting
+            )
             return own
         bulkhead = self.bulkheads.get(key)
         if bulkhead is None:
