@@ -301,3 +301,15 @@ def test_the_cli_leaves_credentials_out_when_the_manifest_has_no_auth(tmp_path: 
         answered = runner.invoke(main, arguments, env=environment)
         assert answered.exit_code == 0, answered.output
         assert '"text": "hi"' in answered.output
+
+
+def test_a_principal_takes_its_roles_as_any_collection_and_keeps_them_frozen() -> None:
+    """Typed as any iterable: ``Principal("bob", {"ops"})`` worked but failed mypy --strict."""
+    import dataclasses
+
+    by_set, by_list = Principal("bob", {"ops", "dev"}), Principal("bob", roles=["dev", "ops"])
+    assert by_set == by_list and hash(by_set) == hash(by_list)
+    assert by_set.roles == frozenset({"ops", "dev"}) and type(by_list.roles) is frozenset
+    assert dataclasses.replace(by_set, proven_by="jwt").roles == by_set.roles
+    with pytest.raises(TypeError, match="not one string"):
+        Principal("bob", "ops")

@@ -19,7 +19,7 @@ block on. Every refusal is the same ``Unauthorized`` with a fixed message
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -48,20 +48,26 @@ def refused() -> Unauthorized:
     return Unauthorized(UNAUTHORIZED_MESSAGE)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Principal:
     """An authenticated caller."""
 
     id: str
-    roles: frozenset[str] = frozenset()
+    roles: frozenset[str]
     #: How it authenticated; ``library``: the host vouches for it (``Dispatcher.call``).
-    proven_by: ProvenBy = "library"
+    proven_by: ProvenBy
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self, id: str, roles: Iterable[str] = frozenset(), proven_by: ProvenBy = "library"
+    ) -> None:
         # Roles key the access decisions' cache: a set or list passed by a host becomes a
         # frozenset (hashable, and nobody can change a principal's roles after the check).
-        if type(self.roles) is not frozenset:
-            object.__setattr__(self, "roles", frozenset(self.roles))
+        # Typed as any iterable, so a host's ``Principal("bob", {"ops"})`` type-checks too.
+        if isinstance(roles, str):
+            raise TypeError(f"roles are role names, not one string: pass [{roles!r}]")
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "roles", frozenset(roles))
+        object.__setattr__(self, "proven_by", proven_by)
 
     def __str__(self) -> str:
         return self.id
