@@ -215,8 +215,8 @@ class PolicyRuntime:
     async def forget(self, removed: Iterable[PluginSpec[Any]]) -> None:
         """Drop what the ``removed`` plugin versions' methods owned (a reload took them
         away and their calls in flight have ended): caches and their entries, limits,
-        bulkheads, retry and hedge counters; batch tasks end. Before, every reload kept
-        them all, and ``stats()`` listed each removed version's state for good."""
+        bulkheads, retry and hedge counters; batch tasks end. Kept, they would grow the
+        process and ``stats()`` with every reload, for good."""
         closing = self._replaced
         self._replaced = []
         for plugin in removed:
