@@ -28,12 +28,14 @@ class FaultProxy:
         self._open.set()
         self._cut: set[Direction] = set()
         self.refusing = False
+        self._closing = False
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
         self.drop()
@@ -60,13 +62,23 @@ class FaultProxy:
         self._cut.add(direction)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing or not self._open.is_set():
+        # Owned like the pipes: a connection accepted as ``aclose`` ran was left open
+        # (its socket then reported unclosed when the loop closed).
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._tasks.add(handler)
+            handler.add_done_callback(self._tasks.discard)
+        if self._closing or self.refusing or not self._open.is_set():
             writer.close()
             return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
+        except (OSError, asyncio.CancelledError):
             writer.close()
+            return
+        if self._closing:
+            writer.close()
+            up_writer.close()
             return
         self.connections += 1
         pair = (writer, up_writer)
