@@ -33,7 +33,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from dispatcher._attachments import Attachments, providers_for
-from dispatcher._drain import CUT_OFF_SECONDS, InFlight, checked_grace, current_task_getter
+from dispatcher._drain import InFlight, checked_grace, current_task_getter
 from dispatcher._events import EventHandler, EventHandlers
 from dispatcher._fallback import Fallbacks
 from dispatcher._guard import Caller, Guard
@@ -288,15 +288,11 @@ class Dispatcher:
     async def _cut_off_in_flight(self) -> None:
         """What still runs once every target has gone is cut off: a call of an in-process
         plugin ran on after ``aclose`` had stopped its plugin, and answered."""
-        in_flight = self._in_flight
-        if not in_flight.count:
-            return
-        in_flight.tell_left = True
-        cut = in_flight.cut_off(asyncio.current_task(), "the dispatcher closed")
-        log.info("closing: cut off %d calls and streams in flight", cut)
-        deadline = asyncio.get_running_loop().time() + CUT_OFF_SECONDS
-        if not await in_flight.wait_idle(deadline):
-            log.error("%d calls ignored their cut-off; closing under them", in_flight.count)
+        if self._in_flight.count:
+            cut = await self._in_flight.cut_off_and_wait(
+                asyncio.current_task(), "the dispatcher closed"
+            )
+            log.info("closing: cut off %d calls and streams still in flight", cut)
 
     async def _wait_closed_by_another(self) -> None:
         closed = self._closed
@@ -349,10 +345,10 @@ class Dispatcher:
             self.policies.flush_batches()  # queued items need not wait out their window
         if await in_flight.wait_idle(deadline):
             return
-        cut = in_flight.cut_off(spare=asyncio.current_task())
+        cut = await in_flight.cut_off_and_wait(
+            asyncio.current_task(), "the dispatcher's drain grace ran out"
+        )
         log.warning("drain grace of %g s ran out: cut off %d calls and streams", grace, cut)
-        if not await in_flight.wait_idle(asyncio.get_running_loop().time() + CUT_OFF_SECONDS):
-            log.error("%d calls ignored their cut-off; closing under them", in_flight.count)
 
     def drain_on_signal(self, *, grace: float, signals: Iterable[int] = (signal.SIGTERM,)) -> None:
         """On any of ``signals`` (default SIGTERM), drain for ``grace`` seconds, then close.

@@ -181,6 +181,15 @@ class InFlight:
                 waiting.cancel(why)
         return cut
 
+    async def cut_off_and_wait(self, spare: asyncio.Task[Any] | None, why: str) -> int:
+        """``cut_off``, then wait ``CUT_OFF_SECONDS`` at most for what was cut to end;
+        returns how many were cut off."""
+        self.tell_left = True
+        cut = self.cut_off(spare, why)
+        if not await self.wait_idle(asyncio.get_running_loop().time() + CUT_OFF_SECONDS):
+            log.error("%d calls ignored their cut-off; closing under them", self.count)
+        return cut
+
     def cut_off_error(
         self, task: asyncio.Task[Any] | None, what: str, error: BaseException | None = None
     ) -> ShuttingDown:

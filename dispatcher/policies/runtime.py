@@ -156,9 +156,12 @@ class PolicyRuntime:
         )
         if bulkhead is not None:
             step = BulkheadStep(bulkhead, step)
-        limits = tuple(self._limit(name, key, target, spec) for spec in policies.rate_limit or ())
+        specs = policies.rate_limit or ()
+        limits = tuple(self._limit(name, key, target, spec) for spec in specs)
         if limits:
-            own = tuple(limit for limit in limits if limit not in self.target_limits.values())
+            own = tuple(
+                limit for limit, spec in zip(limits, specs, strict=True) if spec.scope != "target"
+            )
             if own:
                 self.method_limits[owner] = own
             step = RateLimitStep(limits, step)
