@@ -116,3 +116,31 @@ async def _refused(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await call
     return raised.value
+
+
+async def test_a_client_that_never_stops_sending_holds_the_stop_no_longer_than_its_bound() -> None:
+    """A sender that does not wait for answers keeps calls arriving: the hold gives up
+    after ``SETTLE_MOST_SECONDS`` and the stop ends within its grace; every call ends."""
+    async with (
+        _started_gateway() as (_, server, address),
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+        calls: list[asyncio.Task[Any]] = []
+
+        async def flood() -> None:
+            while True:
+                calls.append(asyncio.create_task(gateway.Call(SAY, timeout=10)))
+                await asyncio.sleep(0.005)
+
+        sending = asyncio.create_task(flood())
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await asyncio.wait_for(server.aclose(), 10)
+        assert time.monotonic() - started < SETTLE_MOST_SECONDS + 2 + 1  # + the stop's grace
+        sending.cancel()
+        ended = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 15)
+        assert all(
+            isinstance(outcome, grpc.aio.AioRpcError | gateway_pb2.GatewayReply)
+            for outcome in ended
+        ), {type(outcome) for outcome in ended}
