@@ -1,8 +1,8 @@
-"""``dispatcher``: validate a manifest, list, call, deploy and remove plugins, check their
-health, submit async jobs and tend their dead letters, inspect their sandboxes, read
-their logs, verify audit logs, print the manifest's JSON Schema, scaffold a new plugin,
-run a local Lambda, serve the plugins over HTTP (the gateway), watch a running gateway
-and steer its rollouts.
+"""``dispatcher``: validate a manifest, list, call and load-test plugins, deploy and
+remove them, check their health, submit async jobs and tend their dead letters, inspect
+their sandboxes, read their logs, verify audit logs, print the manifest's JSON Schema,
+scaffold a new plugin, run a local Lambda, serve the plugins over HTTP (the gateway),
+watch a running gateway and steer its rollouts.
 
 One module per family of commands; each registers its commands on the group in ``_app``.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dispatcher.cli import (
     audit,
+    bench,
     calls,
     deploy,
     inspect,
@@ -32,6 +33,7 @@ __all__ = ["main"]
 # Imported for the commands they register.
 _COMMANDS = (
     audit,
+    bench,
     calls,
     deploy,
     inspect,

@@ -1,0 +1,426 @@
+"""``dispatcher bench``: put a load on one method through the dispatcher and say how it held.
+
+What a plugin author or an operator asks before a release: how many calls a second this
+method takes through the manifest's policies, with what latency, what fails under load
+and how, what a call costs the host's CPU, and how long the plugin takes to start. The
+load itself is ``dispatcher.cli._load``; this module parses, runs and prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from dispatcher._dispatcher import Dispatcher
+from dispatcher.cli._app import (
+    EXIT_FAILED,
+    Seconds,
+    credentials_from,
+    load,
+    main,
+    manifest_option,
+    only_plugin,
+    output_option,
+    printable,
+)
+from dispatcher.cli._load import Load, LoadReport, run_load
+from dispatcher.config import Manifest
+from dispatcher.identity import Credentials
+from linchkit_plugin.errors import DispatchError
+
+#: What a shell reports for a command ended by Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+#: Most callers one run may have: each is a task with its call in flight.
+MOST_CONCURRENCY = 10_000
+
+#: The measured run when neither --calls nor --duration is given.
+DEFAULT_DURATION = 10.0
+
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """One bench run's settings, as parsed."""
+
+    plugin: str
+    method: str
+    params: list[Any]
+    load: Load
+    warmup: int
+    timeout: float | None
+    caller: str | None
+    credentials: Credentials | None
+    version: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What the run measured, the dispatcher's start and first call included."""
+
+    start_ms: float
+    first_call_ms: float
+    report: LoadReport
+    cache: dict[str, int] | None
+
+
+@main.command()
+@click.argument("target", metavar="PLUGIN.METHOD")
+@click.option("-p", "--params", default=None, help="Params as JSON (default: {}).")
+@click.option(
+    "--params-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON Lines: one params value per line, sent in turn (to miss a pure method's cache).",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(1, MOST_CONCURRENCY),
+    default=16,
+    show_default=True,
+    help="Calls in flight at once.",
+)
+@click.option("-n", "--calls", type=click.IntRange(min=1), default=None, help="Calls to make.")
+@click.option(
+    "-d",
+    "--duration",
+    type=Seconds(0.001, 7 * 86400),
+    default=None,
+    help=f"Seconds to start calls for (default {DEFAULT_DURATION:g} without --calls).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(0.0, min_open=True),
+    default=None,
+    help="Open loop: start this many calls a second, each timed from when it was due.",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Calls made before measuring (default: --concurrency), so pools are open.",
+)
+@click.option("--timeout", type=Seconds(0.001, 3600), default=None, help="Seconds per call.")
+@click.option("--caller", default=None, help="Caller identity sent with each call.")
+@click.option(
+    "--api-key",
+    envvar="DISPATCHER_API_KEY",
+    default=None,
+    help="Authenticate with this API key (the manifest's auth.api_keys); prefer the env var.",
+)
+@click.option(
+    "--token",
+    envvar="DISPATCHER_TOKEN",
+    default=None,
+    help="Authenticate with this bearer JWT (the manifest's auth.jwt); prefer the env var.",
+)
+@click.option("--version", "plugin_version", default=None, help="Plugin version (default: latest).")
+@manifest_option
+@output_option
+@click.pass_context
+def bench(
+    context: click.Context,
+    target: str,
+    params: str | None,
+    params_file: Path | None,
+    concurrency: int,
+    calls: int | None,
+    duration: float | None,
+    rate: float | None,
+    warmup: int | None,
+    timeout: float | None,
+    caller: str | None,
+    api_key: str | None,
+    token: str | None,
+    plugin_version: str | None,
+    output: str,
+) -> None:
+    """Call PLUGIN.METHOD under load and print throughput, latency, errors and CPU.
+
+    Every call goes through the manifest's policies (cache, rate limits, breaker, retries,
+    deadlines), as a host's calls do; only PLUGIN (and the plugins it falls back to) is
+    started. Closed loop by default: --concurrency callers, each calling again as soon as
+    its call ends. With --rate, calls start on schedule and each is timed from when it was
+    due, so the wait of a method that cannot keep up is counted.
+
+    The first call is timed on its own (a cold start shows there), then --warmup calls,
+    then the measured run. A failed call is counted by its error type and the load goes
+    on. Ctrl-C stops starting calls and prints what was measured once the calls in flight
+    end; Ctrl-C again abandons them. Exit 0 when every call succeeded, 1 when any failed
+    (or the first call did: nothing is measured then), 130 when interrupted.
+    """
+    plugin, method = _plugin_and_method(target)
+    if params is not None and params_file is not None:
+        raise click.UsageError("give --params or --params-file, not both")
+    values = _params_from_file(params_file) if params_file is not None else [_json(params)]
+    if rate is not None and not math.isfinite(rate):
+        raise click.UsageError(f"--rate must be a number of calls a second, got {rate}")
+    if calls is None and duration is None:
+        duration = DEFAULT_DURATION
+    manifest = only_plugin(load(context), plugin)
+    run = _Run(
+        plugin,
+        method,
+        values,
+        Load(concurrency, calls, duration, rate),
+        concurrency if warmup is None else warmup,
+        timeout,
+        caller,
+        credentials_from(manifest, api_key, token),
+        plugin_version,
+    )
+    try:
+        outcome = asyncio.run(_measure(manifest, run))
+    except DispatchError as error:
+        click.echo(orjson.dumps({"error": error.to_wire()}).decode(), err=True)
+        context.exit(EXIT_FAILED)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        click.echo("interrupted: calls in flight abandoned, nothing to report", err=True)
+        context.exit(EXIT_INTERRUPTED)
+    if output == "json":
+        click.echo(orjson.dumps(_as_json(run, outcome), option=orjson.OPT_INDENT_2).decode())
+    else:
+        _print_table(run, outcome)
+    report = outcome.report
+    if report.interrupted:
+        context.exit(EXIT_INTERRUPTED)
+    if report.failed:
+        context.exit(EXIT_FAILED)
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+
+def _plugin_and_method(target: str) -> tuple[str, str]:
+    plugin, dot, method = target.rpartition(".")
+    if not dot or not plugin or not method:
+        raise click.UsageError(f"expected PLUGIN.METHOD, got {target!r}")
+    return plugin, method
+
+
+def _json(text: str | None) -> Any:
+    if text is None:
+        return {}
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise click.UsageError(f"--params is not valid JSON: {error}") from None
+
+
+def _params_from_file(path: Path) -> list[Any]:
+    """Every line of a JSON Lines file, decoded; blank lines skipped."""
+    values = []
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                values.append(orjson.loads(line))
+            except orjson.JSONDecodeError as error:
+                raise click.UsageError(
+                    f"--params-file {path}, line {number}: not valid JSON ({error})"
+                ) from None
+    if not values:
+        raise click.UsageError(f"--params-file {path} has no params (one JSON value per line)")
+    return values
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+async def _measure(manifest: Manifest[Any], run: _Run) -> _Outcome:
+    """Start the dispatcher, time its first call, warm up, then measure ``run.load``."""
+    begun = time.perf_counter()
+    async with Dispatcher(manifest) as dispatcher:
+        start_ms = (time.perf_counter() - begun) * 1000
+
+        def call(params: Any) -> Any:
+            return dispatcher.call(
+                run.plugin,
+                run.method,
+                params,
+                version=run.version,
+                caller=run.caller,
+                credentials=run.credentials,
+                timeout=run.timeout,
+            )
+
+        first_began = time.perf_counter()
+        await call(run.params[0])  # a method that fails at once fails here, measured or not
+        first_call_ms = (time.perf_counter() - first_began) * 1000
+        stop = asyncio.Event()
+        with _stop_on_interrupt(stop):
+            if run.warmup:
+                warmup = Load(run.load.concurrency, run.warmup, None)
+                await run_load(call, run.params, warmup, stop)
+            before = _cache_counts(dispatcher, run)
+            click.echo(f"{run.plugin}.{run.method}: measuring {_extent(run.load)}", err=True)
+            report = await run_load(call, run.params, run.load, stop)
+        cache = _cache_delta(before, _cache_counts(dispatcher, run))
+    return _Outcome(start_ms, first_call_ms, report, cache)
+
+
+def _extent(load: Load) -> str:
+    """How long the measured run goes on, for the line that says it has begun."""
+    bounds = []
+    if load.calls is not None:
+        bounds.append(f"{load.calls:,} calls")
+    if load.duration is not None:
+        bounds.append(f"{load.duration:g} s")
+    extent = " or ".join(bounds)
+    if len(bounds) > 1:
+        extent += ", whichever comes first"
+    return f"{extent} (Ctrl-C stops it early)"
+
+
+class _stop_on_interrupt:
+    """While inside: the first Ctrl-C sets ``stop`` (no new calls; those in flight end),
+    the second cancels the run. Where the loop cannot take signal handlers, Ctrl-C
+    interrupts as Python's default does."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._installed = False
+
+    def __enter__(self) -> None:
+        try:
+            self._loop.add_signal_handler(signal.SIGINT, self._interrupted)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no Unix
+            return
+        self._installed = True
+
+    def __exit__(self, *_: object) -> None:
+        if self._installed:
+            self._loop.remove_signal_handler(signal.SIGINT)
+
+    def _interrupted(self) -> None:
+        if self._stop.is_set():
+            if self._task is not None:
+                self._task.cancel()
+            return
+        self._stop.set()
+        click.echo(
+            "stopping: waiting for the calls in flight (Ctrl-C again to abandon them)", err=True
+        )
+
+
+def _cache_counts(dispatcher: Dispatcher, run: _Run) -> dict[str, int] | None:
+    """The method's cache counters (every version of the plugin), or None without a cache."""
+    prefix, suffix = f"{run.plugin}@", f".{run.method}"
+    caches = [
+        counters
+        for name, counters in dispatcher.stats().get("caches", {}).items()
+        if name.startswith(prefix) and name.endswith(suffix)
+    ]
+    if not caches:
+        return None
+    return {key: sum(each[key] for each in caches) for key in ("hits", "misses", "coalesced")}
+
+
+def _cache_delta(
+    before: dict[str, int] | None, after: dict[str, int] | None
+) -> dict[str, int] | None:
+    if before is None or after is None:
+        return None
+    return {key: after[key] - before[key] for key in after}
+
+
+# -- printing --------------------------------------------------------------------------------
+
+
+def _as_json(run: _Run, outcome: _Outcome) -> dict[str, Any]:
+    report = outcome.report
+    return {
+        "plugin": run.plugin,
+        "method": run.method,
+        "concurrency": run.load.concurrency,
+        "rate": run.load.rate,
+        "start_ms": outcome.start_ms,
+        "first_call_ms": outcome.first_call_ms,
+        "warmup_calls": run.warmup,
+        "calls": report.calls,
+        "succeeded": report.succeeded,
+        "failed": report.failed,
+        "errors": {
+            kind: {"count": tally.count, "retryable": tally.retryable, "message": tally.message}
+            for kind, tally in report.errors.items()
+        },
+        "seconds": report.elapsed,
+        "calls_per_s": report.calls_per_second,
+        "latency_ms": {
+            **{f"p{percent:g}": report.percentile_ms(percent) for percent in PERCENTILES},
+            "max": report.percentile_ms(100),
+        },
+        "cpu_us_per_call": report.cpu_us_per_call,
+        "cache": outcome.cache,
+        "not_started": report.not_started,
+        "interrupted": report.interrupted,
+    }
+
+
+def _print_table(run: _Run, outcome: _Outcome) -> None:
+    report = outcome.report
+    pace = f"open loop, {run.load.rate:g} calls/s" if run.load.rate else "closed loop"
+    rows = [
+        (f"{run.plugin}.{run.method}", f"{pace}, concurrency {run.load.concurrency}"),
+        ("start", f"{outcome.start_ms:,.0f} ms (the dispatcher and the plugin)"),
+        ("first call", f"{outcome.first_call_ms:,.1f} ms"),
+        (
+            "calls",
+            f"{report.calls:,} in {report.elapsed:,.2f} s: {report.calls_per_second:,.0f}/s"
+            + (" (interrupted)" if report.interrupted else ""),
+        ),
+        ("succeeded", f"{report.succeeded:,}" + _share(report.succeeded, report.calls)),
+    ]
+    if report.not_started:
+        rows.append(
+            (
+                "not started",
+                f"{report.not_started:,} calls due by the end were never started: the method "
+                f"took fewer than {run.load.rate:g} calls/s at concurrency {run.load.concurrency}",
+            )
+        )
+    for kind, tally in sorted(report.errors.items(), key=lambda item: -item[1].count):
+        again = "retryable" if tally.retryable else "not retryable"
+        rows.append(
+            (
+                f"failed {kind}",
+                f"{tally.count:,}{_share(tally.count, report.calls)}, {again}: {tally.message}",
+            )
+        )
+    if report.calls:
+        latencies = "  ".join(
+            f"p{percent:g} {report.percentile_ms(percent):,.2f}" for percent in PERCENTILES
+        )
+        rows.append(("latency (ms)", f"{latencies}  max {report.percentile_ms(100):,.2f}"))
+        rows.append(
+            ("CPU per call", f"{report.cpu_us_per_call:,.0f} µs (this process, every thread)")
+        )
+    if outcome.cache is not None:
+        cache = outcome.cache
+        rows.append(
+            (
+                "cache",
+                f"{cache['hits']:,} hits, {cache['misses']:,} misses, "
+                f"{cache['coalesced']:,} joined a call in flight",
+            )
+        )
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        click.echo(f"{label.ljust(width)}  {printable(value)}")
+
+
+def _share(part: int, whole: int) -> str:
+    return f" ({part / whole:.2%})" if whole else ""

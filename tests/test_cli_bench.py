@@ -1,0 +1,236 @@
+"""`dispatcher bench`: a load on one method through the manifest's policies, run as a user
+runs it (the real command, the real example plugin), its figures checked against what the
+load must have produced."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def echo_plugin(**methods: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "echo",
+        "version": "1.0.0",
+        "target": {
+            "provider": "local",
+            "entrypoint": "echo_plugin:EchoPlugin",
+            "path": str(ROOT / "examples" / "python"),
+        },
+        "methods": methods or {"say": {}},
+    }
+
+
+def manifest(folder: Path, plugin: dict[str, Any]) -> Path:
+    path = folder / "plugins.yaml"
+    path.write_text(json.dumps({"version": 1, "plugins": [plugin]}))
+    return path
+
+
+def bench(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "dispatcher"), "-m", str(path), "bench", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def figures(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    decoded: dict[str, Any] = json.loads(result.stdout)
+    return decoded
+
+
+def test_a_closed_loop_makes_exactly_the_calls_asked_and_times_each(tmp_path: Path) -> None:
+    path = manifest(tmp_path, echo_plugin())
+    result = bench(path, "echo.say", "-p", '{"text": "hi"}', "-n", "300", "-c", "8", "-o", "json")
+    assert result.returncode == 0, result.stderr
+    report = figures(result)
+    assert (report["calls"], report["succeeded"], report["failed"]) == (300, 300, 0)
+    assert report["errors"] == {} and report["not_started"] == 0
+    assert report["concurrency"] == 8 and report["warmup_calls"] == 8
+    latency = report["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    assert report["calls_per_s"] > 0 and report["cpu_us_per_call"] > 0
+    assert report["first_call_ms"] > 0 and report["start_ms"] > 0
+    assert "echo.say: measuring 300 calls" in result.stderr
+
+
+def test_the_table_says_what_the_run_measured(tmp_path: Path) -> None:
+    path = manifest(tmp_path, echo_plugin())
+    result = bench(path, "echo.say", "-p", '{"text": "hi"}', "-n", "50")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["echo.say", "closed", "loop,", "concurrency", "16"]
+    assert any(line.startswith("calls ") and "50 in" in line for line in lines)
+    assert any(line.startswith("succeeded ") and "50 (100.00%)" in line for line in lines)
+    assert any(line.startswith("latency (ms)") and "p99.9" in line for line in lines)
+
+
+def test_failed_calls_are_counted_by_type_and_the_load_goes_on(tmp_path: Path) -> None:
+    limited = {"rate_limit": {"rate": 20, "burst": 5, "mode": "reject"}}
+    path = manifest(tmp_path, echo_plugin(say=limited))
+    result = bench(
+        path, "echo.say", "-p", '{"text": "hi"}', "-n", "200", "-c", "4", "--warmup", "0",
+        "-o", "json",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = figures(result)
+    assert report["calls"] == 200
+    limited_calls = report["errors"]["rate_limited"]
+    # The first call took one unit of the burst of 5; the 200 calls take well under a
+    # second, in which the bucket refills by at most ~20 more.
+    assert 4 <= report["succeeded"] <= 4 + 20
+    assert limited_calls["count"] == 200 - report["succeeded"]
+    assert limited_calls["retryable"] is True
+    assert "over its limit" in limited_calls["message"]
+
+
+def test_a_method_that_fails_at_once_is_reported_as_dispatcher_call_reports_it(
+    tmp_path: Path,
+) -> None:
+    path = manifest(tmp_path, echo_plugin())
+    result = bench(path, "echo.shout", "-n", "10")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    error = json.loads(result.stderr.strip().splitlines()[-1])["error"]
+    assert error["type"] == "method_not_found"
+
+
+def test_an_open_loop_keeps_its_rate_when_the_method_keeps_up(tmp_path: Path) -> None:
+    path = manifest(tmp_path, echo_plugin())
+    result = bench(
+        path, "echo.say", "-p", '{"text": "hi"}', "--rate", "100", "-d", "1", "-c", "4",
+        "-o", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = figures(result)
+    assert report["calls"] == 100 and report["not_started"] == 0
+    assert 0.98 <= report["seconds"] < 1.5  # paced: the last call is due at 0.99 s
+
+
+def test_an_open_loop_counts_the_wait_of_a_method_that_cannot_keep_up(tmp_path: Path) -> None:
+    path = manifest(tmp_path, echo_plugin(sleep={}))
+    result = bench(
+        path, "echo.sleep", "-p", '{"seconds": 0.05}', "--rate", "200", "-d", "1", "-c", "2",
+        "--warmup", "0", "-o", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = figures(result)
+    # Two callers of a 50 ms method make at most ~40 calls a second, not 200: the rest fell
+    # due and were never started, and each call made is timed from when it was due.
+    assert report["calls"] <= 45
+    assert report["not_started"] == 200 - report["calls"]
+    assert report["latency_ms"]["p90"] > 300
+    assert report["seconds"] < 1.5  # the duration ends the run, not the backlog
+
+
+def test_params_from_a_file_are_sent_in_turn(tmp_path: Path) -> None:
+    cached = {"pure": True, "cache": {"ttl_ms": 60_000}}
+    path = manifest(tmp_path, echo_plugin(say=cached))
+    lines = tmp_path / "params.jsonl"
+    lines.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": "c"}\n')
+    result = bench(
+        path, "echo.say", "--params-file", str(lines), "-n", "30", "-c", "1", "--warmup", "0",
+        "-o", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # The first call stored "a"; the 30 measured ones cycle a, b, c: b and c miss once.
+    assert figures(result)["cache"] == {"hits": 28, "misses": 2, "coalesced": 0}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["echo"], "expected PLUGIN.METHOD"),
+        (["echo.say", "-p", "{nope"], "--params is not valid JSON"),
+        (["echo.say", "-c", "0"], "--concurrency"),
+        (["echo.say", "-c", "10001"], "--concurrency"),
+        (["echo.say", "--rate", "0"], "--rate"),
+        (["echo.say", "--rate", "nan"], "--rate"),
+        (["echo.say", "--rate", "inf"], "--rate"),
+        (["echo.say", "-n", "0"], "--calls"),
+        (["echo.say", "-d", "-1"], "--duration"),
+    ],
+)
+def test_bad_options_are_usage_errors(tmp_path: Path, args: list[str], says: str) -> None:
+    result = bench(manifest(tmp_path, echo_plugin()), *args)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_params_file_that_is_not_json_lines_is_a_usage_error(tmp_path: Path) -> None:
+    path = manifest(tmp_path, echo_plugin())
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a"}\n{"text": \n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    for file, says in ((broken, "line 2: not valid JSON"), (empty, "has no params")):
+        result = bench(path, "echo.say", "--params-file", str(file))
+        assert result.returncode == 2 and says in result.stderr, result.stderr
+    both = bench(path, "echo.say", "-p", "{}", "--params-file", str(broken))
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+def _started(path: Path, *args: str) -> subprocess.Popen[str]:
+    """`dispatcher bench` in the background, once it says it is measuring."""
+    process = subprocess.Popen(
+        [str(BIN / "dispatcher"), "-m", str(path), "bench", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    line = process.stderr.readline()
+    assert "measuring" in line, line
+    return process
+
+
+def test_ctrl_c_stops_starting_calls_and_reports_what_was_measured(tmp_path: Path) -> None:
+    path = manifest(tmp_path, echo_plugin(sleep={}))
+    process = _started(
+        path, "echo.sleep", "-p", '{"seconds": 0.3}', "-d", "60", "-c", "4", "--warmup", "0",
+        "-o", "json",
+    )  # fmt: skip
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    report = json.loads(stdout)
+    assert report["interrupted"] is True
+    assert report["failed"] == 0 and report["succeeded"] >= 4  # those in flight ended
+    assert report["seconds"] < 10
+    assert "stopping: waiting for the calls in flight" in stderr
+
+
+def test_a_second_ctrl_c_abandons_the_calls_in_flight(tmp_path: Path) -> None:
+    path = manifest(tmp_path, echo_plugin(sleep={"timeout_ms": 60_000}))
+    # The first call (made before measuring) is short; every measured one takes 30 s.
+    params = tmp_path / "params.jsonl"
+    params.write_text('{"seconds": 0.01}\n{"seconds": 30}\n')
+    process = _started(
+        path, "echo.sleep", "--params-file", str(params), "-d", "60", "-c", "2",
+        "--warmup", "0",
+    )  # fmt: skip
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130, stderr
+    assert "abandoned" in stderr and stdout == ""  # nothing measured is claimed
+    assert "Traceback" not in stderr
