@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -76,6 +77,7 @@ def test_the_python_scaffold_passes_its_own_test_and_answers_a_call(tmp_path: Pa
     )
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout) == {"message": "hi, Ada", "caller": None}
+    bench_greet(plugin)
 
 
 @pytest.mark.toolchain
@@ -102,6 +104,7 @@ def test_the_go_scaffold_builds_offline_passes_its_test_and_answers_a_call(tmp_p
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout) == {"message": "hi, Ada", "caller": ""}
     assert served_as_grpc_greets(plugin) == {"message": "hi, Ada", "caller": ""}
+    bench_greet(plugin)
 
 
 def served_as_grpc_greets(plugin: Path) -> object:
@@ -146,6 +149,17 @@ def served_as_grpc_greets(plugin: Path) -> object:
         service.terminate()
         service.wait(timeout=10)
         service.stdout.close()  # type: ignore[union-attr]
+
+
+def bench_greet(plugin: Path) -> None:
+    """Its README's load line, as written there: every call of the run succeeds."""
+    line = 'dispatcher bench order-totals.greet -p \'{"name": "Ada"}\' -d 5'
+    assert line in (plugin / "README.md").read_text()
+    benched = run([str(BIN / "dispatcher"), *shlex.split(line)[1:]], plugin)
+    assert benched.returncode == 0, benched.stdout + benched.stderr
+    rows = dict(row.split(None, 1) for row in benched.stdout.splitlines()[1:] if row)
+    assert rows["succeeded"].endswith("(100.00%)"), benched.stdout
+    assert not any(label.startswith("failed") for label in rows)
 
 
 def call_greet(plugin: Path) -> object:
