@@ -5,7 +5,9 @@ load must have produced."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from dispatcher.cli._load import Latencies
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
@@ -234,3 +237,18 @@ def test_a_second_ctrl_c_abandons_the_calls_in_flight(tmp_path: Path) -> None:
     assert process.returncode == 130, stderr
     assert "abandoned" in stderr and stdout == ""  # nothing measured is claimed
     assert "Traceback" not in stderr
+
+
+def test_latency_percentiles_are_within_their_bucket_of_the_exact_ones() -> None:
+    spread = random.Random(7)
+    exact = sorted(int(spread.lognormvariate(13, 1.5)) for _ in range(50_000))
+    latencies = Latencies()
+    for each in exact:
+        latencies.add(each)
+    for percent in (1, 50, 90, 99, 99.9):
+        nearest_rank = exact[math.ceil(percent / 100 * len(exact)) - 1]
+        assert abs(latencies.percentile(percent) - nearest_rank) <= nearest_rank / 64 + 1
+    assert latencies.percentile(100) == exact[-1]
+    # A run of any length keeps a few hundred buckets, not a number per call.
+    assert len(latencies._buckets) < 1_000
+    assert Latencies().percentile(50) == 0

@@ -20,14 +20,13 @@ import asyncio
 import itertools
 import math
 import time
-from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from linchkit_plugin.errors import DispatchError
 
-__all__ = ["Load", "LoadReport", "Tally", "run_load"]
+__all__ = ["Latencies", "Load", "LoadReport", "Tally", "run_load"]
 
 #: Longest error message kept per error type (a plugin's message may be any size).
 MESSAGE_MAX_CHARS = 200
@@ -66,13 +65,67 @@ class Tally:
     retryable: bool
 
 
+class Latencies:
+    """Call latencies in a log-linear histogram: a run of any length in the same few KB.
+
+    Below 128 ns each nanosecond is a bucket of its own; above, each power of two is cut
+    in 64, so a percentile read off a bucket is within 1/64 (1.6 %) of the latencies in it,
+    finer than one run differs from the next. The largest is kept exactly. (A list of
+    every latency took 8 bytes a call: 1.2 GB for an hour at 40,000 calls a second.)
+    """
+
+    __slots__ = ("_buckets", "count", "largest")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.largest = 0
+        self._buckets: dict[int, int] = {}
+
+    def add(self, nanoseconds: int) -> None:
+        nanoseconds = max(nanoseconds, 0)
+        self.count += 1
+        if nanoseconds > self.largest:
+            self.largest = nanoseconds
+        bucket = _bucket_of(nanoseconds)
+        self._buckets[bucket] = self._buckets.get(bucket, 0) + 1
+
+    def percentile(self, percent: float) -> int:
+        """The latency ``percent`` % of calls stayed within (nearest rank), in ns: the
+        middle of its bucket, never more than the largest."""
+        if not self.count:
+            return 0
+        rank = max(math.ceil(percent / 100 * self.count), 1)
+        seen = 0
+        for bucket in sorted(self._buckets):
+            seen += self._buckets[bucket]
+            if seen >= rank:
+                return min(_middle_of(bucket), self.largest)
+        return self.largest
+
+
+def _bucket_of(nanoseconds: int) -> int:
+    if nanoseconds < 128:
+        return nanoseconds
+    shift = nanoseconds.bit_length() - 7  # keep 7 significant bits: 64..127 after the shift
+    return 128 + (shift - 1) * 64 + (nanoseconds >> shift) - 64
+
+
+def _middle_of(bucket: int) -> int:
+    if bucket < 128:
+        return bucket
+    shift, mantissa = divmod(bucket - 128, 64)
+    shift += 1
+    low = (mantissa + 64) << shift
+    return low + (1 << shift) // 2
+
+
 @dataclass(slots=True)
 class LoadReport:
-    """What a load measured: outcomes, latencies (ns, sorted), wall and CPU time."""
+    """What a load measured: outcomes, latencies, wall and CPU time."""
 
     succeeded: int = 0
     errors: dict[str, Tally] = field(default_factory=dict)
-    latencies_ns: array[int] = field(default_factory=lambda: array("q"))
+    latencies: Latencies = field(default_factory=Latencies)
     elapsed: float = 0.0
     #: CPU time of this process over the run, every thread (providers' own included).
     cpu_seconds: float = 0.0
@@ -100,11 +153,7 @@ class LoadReport:
 
     def percentile_ms(self, percent: float) -> float:
         """The latency ``percent`` % of calls stayed within (nearest rank), in ms."""
-        latencies = self.latencies_ns
-        if not latencies:
-            return 0.0
-        rank = max(math.ceil(percent / 100 * len(latencies)), 1)
-        return latencies[rank - 1] / 1e6
+        return self.latencies.percentile(percent) / 1e6
 
     def count_error(self, error: BaseException) -> None:
         kind = error.type if isinstance(error, DispatchError) else type(error).__name__
@@ -155,7 +204,6 @@ async def run_load(
     if interval is not None and load.duration is not None and not report.interrupted:
         due_in_run = min(math.ceil(load.duration / interval), limit)
         report.not_started = max(int(due_in_run) - report.calls, 0)
-    report.latencies_ns = array("q", sorted(report.latencies_ns))
     return report
 
 
@@ -172,7 +220,7 @@ async def _one_call(
         report.count_error(error)
     else:
         report.succeeded += 1
-    report.latencies_ns.append(int((clock() - due) * 1e9))
+    report.latencies.add(int((clock() - due) * 1e9))
 
 
 async def _stopped_before(stop: asyncio.Event, seconds: float) -> bool:
