@@ -252,3 +252,21 @@ def test_latency_percentiles_are_within_their_bucket_of_the_exact_ones() -> None
     # A run of any length keeps a few hundred buckets, not a number per call.
     assert len(latencies._buckets) < 1_000
     assert Latencies().percentile(50) == 0
+
+
+def test_a_method_that_never_answers_ends_the_run_at_its_deadline(tmp_path: Path) -> None:
+    path = manifest(tmp_path, echo_plugin(sleep={"timeout_ms": 300}))
+    params = tmp_path / "params.jsonl"
+    params.write_text('{"seconds": 0}\n{"seconds": 600}\n')  # the first call must answer
+    began = time.monotonic()
+    result = bench(
+        path, "echo.sleep", "--params-file", str(params), "-d", "1", "-c", "1", "--warmup", "0",
+        "-o", "json",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = figures(result)
+    # One caller, alternating: an instant call, then one cut at 300 ms, for 1 s.
+    assert report["errors"]["deadline_exceeded"]["count"] == report["calls"] // 2
+    assert report["succeeded"] == report["calls"] - report["calls"] // 2
+    assert report["latency_ms"]["max"] < 1_000
+    assert time.monotonic() - began < 30
