@@ -4,6 +4,9 @@ load must have produced."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from dispatcher.cli._load import Latencies
 from tests.conftest import ROOT
@@ -270,3 +274,108 @@ def test_a_method_that_never_answers_ends_the_run_at_its_deadline(tmp_path: Path
     assert report["succeeded"] == report["calls"] - report["calls"] // 2
     assert report["latency_ms"]["max"] < 1_000
     assert time.monotonic() - began < 30
+
+
+# -- through a running gateway --------------------------------------------------------------
+
+BENCH_KEY = "bench-key-0123456789abcdef"
+
+
+async def _serve(folder: Path) -> tuple[asyncio.subprocess.Process, str]:
+    """`dispatcher serve` of the echo plugin with an API key (the real authenticator)."""
+    entry = echo_plugin(say={}, withdraw={"rate_limit": {"rate": 20, "burst": 5, "mode": "reject"}})
+    key = {"principal": "bench", "sha256": hashlib.sha256(BENCH_KEY.encode()).hexdigest()}
+    path = folder / "gateway.yaml"
+    path.write_text(json.dumps({"version": 1, "plugins": [entry], "auth": {"api_keys": [key]}}))
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "dispatcher"), "-m", str(path), "serve", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
+    assert line.startswith("listening on http://127.0.0.1:"), line
+    return process, line.split()[-1]
+
+
+async def _bench(*args: str, key: str | None = BENCH_KEY) -> tuple[int, str, str]:
+    environment = {**os.environ}
+    environment.pop("DISPATCHER_API_KEY", None)
+    if key is not None:
+        environment["DISPATCHER_API_KEY"] = key
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "dispatcher"), "bench", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=environment,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def test_through_a_gateway_calls_are_counted_as_a_caller_in_another_language_sees_them(
+    tmp_path: Path,
+) -> None:
+    process, url = await _serve(tmp_path)
+    try:
+        code, stdout, stderr = await _bench(
+            "echo.say", "-p", '{"text": "hi"}', "-n", "300", "-c", "8", "--gateway", url,
+            "-o", "json",
+        )  # fmt: skip
+        assert code == 0, stderr
+        report = json.loads(stdout)
+        assert (report["calls"], report["succeeded"], report["start_ms"]) == (300, 300, None)
+        # The gateway's 429 envelopes are counted by their type, as in process.
+        code, stdout, stderr = await _bench(
+            "echo.withdraw", "-p", '{"amount": 1}', "-n", "100", "--warmup", "0",
+            "--gateway", url, "-o", "json",
+        )  # fmt: skip
+        assert code == 1, stderr
+        report = json.loads(stdout)
+        assert report["errors"]["rate_limited"]["count"] == 100 - report["succeeded"]
+        assert 4 <= report["succeeded"] <= 24
+        # A wrong key fails the first call: nothing is measured.
+        code, stdout, stderr = await _bench("echo.say", "-n", "5", "--gateway", url, key="wrong")
+        assert code == 1 and stdout == ""
+        assert json.loads(stderr.strip().splitlines()[-1])["error"]["type"] == "unauthorized"
+        assert "wrong" not in stderr  # the key is not echoed back
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_a_gateway_that_does_not_answer_envelopes_is_a_provider_error(
+    tmp_path: Path,
+) -> None:
+    async def not_a_gateway(request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/html"):
+            return web.Response(text="<html>maintenance</html>", content_type="text/html")
+        endless = web.StreamResponse()  # no Content-Length, no end
+        await endless.prepare(request)
+        chunk = b"x" * 65536
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await endless.write(chunk)
+        return endless
+
+    app = web.Application()
+    app.router.add_post("/v1/plugins/{plugin}/methods/{method}", not_a_gateway)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        for method, says in (("html", "without a call's envelope"), ("endless", "over")):
+            code, stdout, stderr = await _bench(
+                f"echo.{method}", "-n", "3", "--gateway", f"http://127.0.0.1:{port}"
+            )
+            assert code == 1 and stdout == "", stderr
+            error = json.loads(stderr.strip().splitlines()[-1])["error"]
+            assert error["type"] == "provider_error" and says in error["message"]
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:1", "127.0.0.1:8080", "http://h:1/?q=1"])
+def test_a_gateway_url_that_is_not_one_is_a_usage_error(tmp_path: Path, url: str) -> None:
+    result = bench(manifest(tmp_path, echo_plugin()), "echo.say", "--gateway", url)
+    assert result.returncode == 2 and "--gateway" in result.stderr, result.stderr

@@ -156,7 +156,8 @@ class LoadReport:
         return self.latencies.percentile(percent) / 1e6
 
     def count_error(self, error: BaseException) -> None:
-        kind = error.type if isinstance(error, DispatchError) else type(error).__name__
+        # The type a caller sees on the wire: a plugin's own error by its own name.
+        kind = error.to_wire()["type"] if isinstance(error, DispatchError) else type(error).__name__
         tally = self.errors.get(kind)
         if tally is None:
             retryable = isinstance(error, DispatchError) and error.retryable

@@ -9,9 +9,13 @@ load itself is ``dispatcher.cli._load``; this module parses, runs and prints.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import math
 import signal
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,8 @@ from dispatcher.cli._app import (
     output_option,
     printable,
 )
-from dispatcher.cli._load import Load, LoadReport, run_load
+from dispatcher.cli._gateway_client import GatewayCaller, check_gateway_url
+from dispatcher.cli._load import CallOnce, Load, LoadReport, run_load
 from dispatcher.config import Manifest
 from dispatcher.identity import Credentials
 from linchkit_plugin.errors import DispatchError
@@ -58,16 +63,24 @@ class _Run:
     load: Load
     warmup: int
     timeout: float | None
-    caller: str | None
-    credentials: Credentials | None
     version: str | None
 
 
 @dataclass(frozen=True, slots=True)
-class _Outcome:
-    """What the run measured, the dispatcher's start and first call included."""
+class _Target:
+    """What the run calls: ``call(params)``, the method's cache counters when this process
+    holds them, and how long what serves the calls took to start when it started here."""
 
-    start_ms: float
+    call: CallOnce
+    cache_counts: Callable[[], dict[str, int] | None] | None
+    start_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What the run measured, the start and first call included."""
+
+    start_ms: float | None
     first_call_ms: float
     report: LoadReport
     cache: dict[str, int] | None
@@ -125,6 +138,12 @@ class _Outcome:
     help="Authenticate with this bearer JWT (the manifest's auth.jwt); prefer the env var.",
 )
 @click.option("--version", "plugin_version", default=None, help="Plugin version (default: latest).")
+@click.option(
+    "--gateway",
+    metavar="URL",
+    default=None,
+    help="Call through the gateway at URL (dispatcher serve) instead of in this process.",
+)
 @manifest_option
 @output_option
 @click.pass_context
@@ -143,6 +162,7 @@ def bench(
     api_key: str | None,
     token: str | None,
     plugin_version: str | None,
+    gateway: str | None,
     output: str,
 ) -> None:
     """Call PLUGIN.METHOD under load and print throughput, latency, errors and CPU.
@@ -152,6 +172,11 @@ def bench(
     started. Closed loop by default: --concurrency callers, each calling again as soon as
     its call ends. With --rate, calls start on schedule and each is timed from when it was
     due, so the wait of a method that cannot keep up is counted.
+
+    With --gateway URL the calls go through a running `dispatcher serve` instead, as a
+    caller in another language makes them (POST /v1/plugins/P/methods/M, with --api-key
+    or --token as its credentials): the manifest is not read, and CPU per call is this
+    client's.
 
     The first call is timed on its own (a cold start shows there), then --warmup calls,
     then the measured run. A failed call is counted by its error type and the load goes
@@ -167,7 +192,6 @@ def bench(
         raise click.UsageError(f"--rate must be a number of calls a second, got {rate}")
     if calls is None and duration is None:
         duration = DEFAULT_DURATION
-    manifest = only_plugin(load(context), plugin)
     run = _Run(
         plugin,
         method,
@@ -175,12 +199,21 @@ def bench(
         Load(concurrency, calls, duration, rate),
         concurrency if warmup is None else warmup,
         timeout,
-        caller,
-        credentials_from(manifest, api_key, token),
         plugin_version,
     )
+    if gateway is None:
+        manifest = only_plugin(load(context), plugin)
+        credentials = credentials_from(manifest, api_key, token)
+        target_of = _in_process(manifest, run, caller, credentials)
+    else:
+        if caller is not None:
+            raise click.UsageError(
+                "--caller names the caller in this process; the gateway takes it from "
+                "--api-key or --token"
+            )
+        target_of = _through_gateway(_gateway_url(gateway), run, api_key, token)
     try:
-        outcome = asyncio.run(_measure(manifest, run))
+        outcome = asyncio.run(_measure(target_of, run))
     except DispatchError as error:
         click.echo(orjson.dumps({"error": error.to_wire()}).decode(), err=True)
         context.exit(EXIT_FAILED)
@@ -238,23 +271,58 @@ def _params_from_file(path: Path) -> list[Any]:
 # -- running ---------------------------------------------------------------------------------
 
 
-async def _measure(manifest: Manifest[Any], run: _Run) -> _Outcome:
-    """Start the dispatcher, time its first call, warm up, then measure ``run.load``."""
+def _gateway_url(url: str) -> str:
+    try:
+        return check_gateway_url(url)
+    except ValueError as error:
+        raise click.UsageError(f"--gateway: {error}") from None
+
+
+@contextlib.asynccontextmanager
+async def _in_process(
+    manifest: Manifest[Any], run: _Run, caller: str | None, credentials: Credentials | None
+) -> AsyncIterator[_Target]:
+    """A dispatcher of ``manifest`` in this process, its start timed."""
     begun = time.perf_counter()
     async with Dispatcher(manifest) as dispatcher:
         start_ms = (time.perf_counter() - begun) * 1000
 
-        def call(params: Any) -> Any:
+        def call(params: Any) -> Awaitable[Any]:
             return dispatcher.call(
                 run.plugin,
                 run.method,
                 params,
                 version=run.version,
-                caller=run.caller,
-                credentials=run.credentials,
+                caller=caller,
+                credentials=credentials,
                 timeout=run.timeout,
             )
 
+        yield _Target(call, functools.partial(_cache_counts, dispatcher, run), start_ms)
+
+
+@contextlib.asynccontextmanager
+async def _through_gateway(
+    url: str, run: _Run, api_key: str | None, token: str | None
+) -> AsyncIterator[_Target]:
+    """Calls through a running gateway: one connection per caller."""
+    async with GatewayCaller(
+        url,
+        run.plugin,
+        run.method,
+        concurrency=run.load.concurrency,
+        version=run.version,
+        timeout=run.timeout,
+        api_key=api_key,
+        token=token,
+    ) as gateway:
+        yield _Target(gateway.call, None, None)
+
+
+async def _measure(target_of: AbstractAsyncContextManager[_Target], run: _Run) -> _Outcome:
+    """Time the first call, warm up, then measure ``run.load``."""
+    async with target_of as target:
+        call = target.call
         first_began = time.perf_counter()
         await call(run.params[0])  # a method that fails at once fails here, measured or not
         first_call_ms = (time.perf_counter() - first_began) * 1000
@@ -263,11 +331,12 @@ async def _measure(manifest: Manifest[Any], run: _Run) -> _Outcome:
             if run.warmup:
                 warmup = Load(run.load.concurrency, run.warmup, None)
                 await run_load(call, run.params, warmup, stop)
-            before = _cache_counts(dispatcher, run)
+            counts = target.cache_counts
+            before = counts() if counts is not None else None
             click.echo(f"{run.plugin}.{run.method}: measuring {_extent(run.load)}", err=True)
             report = await run_load(call, run.params, run.load, stop)
-        cache = _cache_delta(before, _cache_counts(dispatcher, run))
-    return _Outcome(start_ms, first_call_ms, report, cache)
+        cache = _cache_delta(before, counts() if counts is not None else None)
+    return _Outcome(target.start_ms, first_call_ms, report, cache)
 
 
 def _extent(load: Load) -> str:
@@ -375,7 +444,11 @@ def _print_table(run: _Run, outcome: _Outcome) -> None:
     pace = f"open loop, {run.load.rate:g} calls/s" if run.load.rate else "closed loop"
     rows = [
         (f"{run.plugin}.{run.method}", f"{pace}, concurrency {run.load.concurrency}"),
-        ("start", f"{outcome.start_ms:,.0f} ms (the dispatcher and the plugin)"),
+        *(
+            [("start", f"{outcome.start_ms:,.0f} ms (the dispatcher and the plugin)")]
+            if outcome.start_ms is not None
+            else []
+        ),
         ("first call", f"{outcome.first_call_ms:,.1f} ms"),
         (
             "calls",
@@ -405,9 +478,8 @@ def _print_table(run: _Run, outcome: _Outcome) -> None:
             f"p{percent:g} {report.percentile_ms(percent):,.2f}" for percent in PERCENTILES
         )
         rows.append(("latency (ms)", f"{latencies}  max {report.percentile_ms(100):,.2f}"))
-        rows.append(
-            ("CPU per call", f"{report.cpu_us_per_call:,.0f} µs (this process, every thread)")
-        )
+        whose = "this process" if outcome.start_ms is not None else "this client, not the gateway"
+        rows.append(("CPU per call", f"{report.cpu_us_per_call:,.0f} µs ({whose}, every thread)"))
     if outcome.cache is not None:
         cache = outcome.cache
         rows.append(
