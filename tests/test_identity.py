@@ -119,6 +119,31 @@ async def test_each_kind_of_credential_proves_a_principal(
     await chain.aclose()
 
 
+async def test_a_principal_prefix_keeps_an_issuers_subjects_apart_from_keys_and_certificates(
+    tmp_path: Path, keys: dict[str, SigningKey]
+) -> None:
+    """One namespace of principals by default (the same service by key or token is one
+    principal); an issuer whose subjects others choose gets a prefix of its own."""
+    write_jwks(tmp_path / "jwks.json", keys["rsa"])
+    key = {"principal": "billing-service", "sha256": api_key_digest(API_KEY)}
+    prefixed = {**jwt_config("jwks.json"), "principal_prefix": "idp:"}
+    authenticator = authenticator_of(auth_manifest(tmp_path, {"jwt": prefixed, "api_keys": [key]}))
+    assert authenticator is not None
+    await authenticator.start()
+    token = keys["rsa"].token(good_claims(sub="billing-service"))
+    assert (await authenticator.authenticate(bearer(token))).id == "idp:billing-service"
+    assert (await authenticator.authenticate(Credentials(api_key=API_KEY))).id == (
+        "billing-service"
+    )
+    await authenticator.aclose()
+
+
+@pytest.mark.parametrize("prefix", ["with space:", "tab\t", "x" * 65])
+def test_a_principal_prefix_is_printable_and_short(tmp_path: Path, prefix: str) -> None:
+    with pytest.raises(ManifestError, match="principal_prefix"):
+        auth_manifest(tmp_path, {"jwt": {**jwt_config("jwks.json"), "principal_prefix": prefix}})
+
+
 def _segments(token: str) -> list[str]:
     return token.split(".")
 

@@ -73,6 +73,11 @@ class JwtConfig(StrictModel):
     audience: str | None = None
     leeway_s: Annotated[float, Field(ge=0, le=300)] = 30
     principal_claim: Annotated[str, Field(min_length=1, max_length=64)] = "sub"
+    #: Put before every token's principal id: one namespace of principals is shared by
+    #: api_keys, mtls and jwt (a service may present a key or a token and be one principal,
+    #: with one set of jobs, caches and limits), so an issuer whose subjects others choose
+    #: must not name the principals keys and certificates prove (docs/security.md).
+    principal_prefix: Annotated[str, Field(max_length=64, pattern=r"^[!-~]*$")] = ""
     roles_claim: Annotated[str, Field(min_length=1, max_length=64)] | None = "roles"
     fetch_timeout_s: Annotated[float, Field(gt=0, le=30)] = 3
     #: An unknown ``kid`` makes the dispatcher fetch a URL's JWKS again, at most this often:

@@ -10,8 +10,9 @@ What a token must be to pass, in the order it is checked (any failure: ``refused
 3. PyJWT's ``jwt.decode`` with exactly that algorithm: the signature, ``exp`` (required),
    ``nbf`` and ``iat`` if present, ``iss`` and ``aud`` when configured, all with
    ``leeway_s`` of clock skew;
-4. the principal claim (``sub`` by default) a string of 1-256 printable characters; the
-   roles claim, if present, a list of strings or one space-separated string.
+4. the principal claim (``sub`` by default) a string of 1-256 printable characters, the
+   principal's id once ``principal_prefix`` is put before it; the roles claim, if
+   present, a list of strings or one space-separated string.
 
 **The cache of verified tokens.** A token that passed is kept, keyed by its exact text,
 until its ``exp`` (plus the leeway the check allowed) — safe because the signature was
@@ -160,7 +161,7 @@ class JwtAuthenticator:
         value = claims.get(self.config.principal_claim)
         if not isinstance(value, str) or not 0 < len(value) <= 256 or not value.isprintable():
             raise _Rejected("the principal claim is not a usable name")
-        return value
+        return self.config.principal_prefix + value
 
     def _roles(self, claims: dict[str, Any]) -> frozenset[str]:
         claim = self.config.roles_claim
