@@ -35,18 +35,43 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from dispatcher.state._redis_replies import now_ms, reply_fields, reply_text
-from dispatcher.state.base import CallbackOutbox, Delivery, JobRecords, JobStore
+from dispatcher.state.base import CallbackOutbox, Delivery, JobRecords, JobStore, StateUnavailable
 from dispatcher.state.redis_callbacks import RedisCallbacks
 
-__all__ = ["RedisJobRecords", "RedisJobs"]
+__all__ = ["LateRead", "RedisJobRecords", "RedisJobs"]
 
 T = TypeVar("T")
-Run = Callable[[str, float, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+
+
+class LateRead(StateUnavailable):
+    """A blocking read (a worker's wait for new jobs) that did not come back in time: most
+    of its time is Redis waiting as asked, so it says nothing of Redis; nothing was read."""
+
+
+class Run(Protocol):
+    """The backend's bounded operation (``RedisState._run``)."""
+
+    def __call__(
+        self,
+        what: str,
+        deadline: float,
+        operation: Callable[[], Awaitable[Any]],
+        *,
+        blocking: bool = False,
+    ) -> Awaitable[Any]: ...
+
 
 GROUP = "workers"
+
+#: How late Redis ends a blocking read: it looks for expired ones on its timer, ``hz``
+#: times a second (10 by default), so ``BLOCK 100`` answers after 100-200 ms (201 ms
+#: median measured). A worker's read blocks for at most half of what is left of the
+#: operation's bound after that, so an idle queue answers in time (50 ms with the 200 ms
+#: default bound: one read every 50-150 ms per worker while there is nothing to do).
+REDIS_TIMER_SECONDS = 0.1
 
 # Idempotent: a second worker's BUSYGROUP is not an error.
 _ENSURE_GROUP = """
@@ -251,14 +276,20 @@ class RedisJobs(JobStore):
         )
         entries = list(claimed[1]) if claimed and len(claimed) > 1 else []
         if not entries:
-            # Blocking below the operation bound: the read is one bounded operation too.
-            block_ms = max(1, int(min(block, self._op_timeout / 2) * 1000))
-            answer = await self._op(
-                "new jobs",
-                lambda: self._client.xreadgroup(
-                    GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms
-                ),
-            )
+            block_ms = max(1, int(min(block, (self._op_timeout - REDIS_TIMER_SECONDS) / 2) * 1000))
+            try:
+                answer = await self._run(
+                    "new jobs",
+                    self._deadline(),
+                    lambda: self._client.xreadgroup(
+                        GROUP, consumer, {self.stream: ">"}, count=count, block=block_ms
+                    ),
+                    blocking=True,
+                )
+            except LateRead:
+                # Nothing read this time. Entries Redis handed over as the read gave up
+                # are this consumer's pending ones: taken back after ``min_idle``, not lost.
+                return []
             for _stream, stream_entries in answer or ():
                 entries.extend(stream_entries)
         return [self._delivery(entry) for entry in entries]
