@@ -12,6 +12,15 @@ or more goes with ``grpc-encoding: gzip`` (grpc core decodes gzip answers by its
 by ``grpc.max_receive_message_length``, which counts decompressed bytes). A server without
 gzip answers UNIMPLEMENTED before the plugin runs: the call is resent plain and the
 connection sends plain from then on.
+
+grpc.aio keeps its core running (a poller thread, the event engine's threads, their epoll,
+eventfd and socket descriptors) while any of its channel or call objects lives: every one
+counts as a user of the core (grpc/grpc#23945), closed or not. So nothing a caller may keep
+reaches one once the connection has closed: ``close`` lets go of the channel, its stub and
+the calls of streams left open, and no exception leaves this module with grpc.aio's own
+frames in its traceback (``_drop_grpc_frames``), whose locals hold the call. A host that
+keeps the error of a call it cancelled, or a stream it broke out of, and closes its
+dispatcher, has nothing of grpc's left running.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import orjson
@@ -105,6 +114,16 @@ def _wire_error(error: Any) -> DispatchError:
     )
 
 
+def _drop_grpc_frames(error: BaseException) -> None:
+    """Cut ``error``'s traceback below the frame handling it (ours). The frames below are
+    grpc.aio's, and their locals hold the call object: a caller keeping our error (its
+    ``__cause__`` or ``__context__``) would keep the call, and grpc's core with it, long
+    after the dispatcher closed (see the module docstring)."""
+    traceback = error.__traceback__
+    if traceback is not None:
+        traceback.tb_next = None
+
+
 def _cancelled_by_caller() -> bool:
     """Whether a ``CancelledError`` is the calling task's own cancellation.
 
@@ -129,6 +148,51 @@ def _refused_compression(error: Any) -> bool:
         and code() == grpc.StatusCode.UNIMPLEMENTED
         and ("encoding" in text or "compress" in text)
     )
+
+
+def _refuse(*args: Any, **kwargs: Any) -> NoReturn:
+    """Any RPC of a closed connection."""
+    import grpc.aio
+
+    raise grpc.aio.UsageError("Channel is closed.")
+
+
+class _ClosedStub:
+    """The stub of a closed connection: every RPC is refused at once with the error grpc.aio
+    raises on a closed channel (so it translates alike), and nothing of grpc's is held."""
+
+    __slots__ = ()
+
+    def __getattr__(self, rpc: str) -> Callable[..., Any]:
+        return _refuse
+
+
+class _StreamCall:
+    """The gRPC call of one open stream, held where ``PluginConnection.close`` can let go of
+    it. A consumer that stops iterating without closing the stream (a ``break`` out of
+    ``async for``) leaves the generators suspended with whatever their frames hold, for as
+    long as it keeps the stream; the call is not one of them."""
+
+    __slots__ = ("call", "messages")
+
+    def __init__(self, call: Any) -> None:
+        self.call: Any = call
+        self.messages: AsyncIterator[Any] | None = call.__aiter__()  # as ``async for`` reads
+
+    async def next_item(self) -> Any:
+        """The next ``StreamItem``; None at the end of the stream. Once dropped, the
+        ``CancelledError`` grpc.aio raises for a call its closing channel cancelled."""
+        messages = self.messages
+        if messages is None:
+            raise asyncio.CancelledError
+        return await anext(messages, None)
+
+    def drop(self) -> None:
+        """Cancel the call (if still running) and let go of it."""
+        call = self.call
+        self.call = self.messages = None
+        if call is not None:
+            call.cancel()
 
 
 class PluginConnection:
@@ -175,10 +239,12 @@ class PluginConnection:
                 private_key=security.private_key,
                 certificate_chain=security.certificate_chain,
             )
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+            channel = grpc.aio.secure_channel(address, credentials, options=options)
         else:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
-        self._stub = plugin_pb2_grpc.PluginServiceStub(self._channel)
+            channel = grpc.aio.insecure_channel(address, options=options)
+        #: None once closed (so is the stub's channel: ``_ClosedStub``).
+        self._channel: Any | None = channel
+        self._stub: Any = plugin_pb2_grpc.PluginServiceStub(channel)
         self._metadata_type = grpc.aio.Metadata
         self._gzip = grpc.Compression.Gzip
         self._compress_min_bytes = compress_min_bytes
@@ -187,6 +253,8 @@ class PluginConnection:
         self._outgoing: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         self._events_open = asyncio.Event()
         self._closed = False
+        #: The streams open on this connection, so ``close`` lets go of their calls.
+        self._open_streams: set[_StreamCall] = set()
         #: While the plugin is stopping (it answered a call "not run"): what ends the wait.
         self._stopping: asyncio.Task[None] | None = None
 
@@ -288,12 +356,14 @@ class PluginConnection:
                     self._stub.Call, request, len(request.params_json), remaining, metadata
                 )
         except grpc_errors() as error:
+            _drop_grpc_frames(error)
             raise self._failed(
                 error,
                 f"{self.describe} {invocation.plugin}.{invocation.method}",
                 invocation.deadline,
             ) from error
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancelled:
+            _drop_grpc_frames(cancelled)
             if _cancelled_by_caller():
                 raise
             raise self._cut_off(f"{invocation.plugin}.{invocation.method}") from None
@@ -354,10 +424,11 @@ class PluginConnection:
         import grpc
 
         ready = grpc.ChannelConnectivity.READY
+        channel = self._channel
         try:
             async with asyncio.timeout(STOPPING_HOLD_SECONDS):
-                while (state := self._channel.get_state()) == ready:
-                    await self._channel.wait_for_state_change(state)
+                while channel is not None and (state := channel.get_state()) == ready:
+                    await channel.wait_for_state_change(state)
         except TimeoutError:
             pass
         finally:
@@ -399,8 +470,10 @@ class PluginConnection:
                 self._stub.CallBatch, request, size, remaining, self._call_metadata(earliest)
             )
         except grpc_errors() as error:
+            _drop_grpc_frames(error)
             raise self._failed(error, f"{self.describe} batch", earliest.deadline) from error
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancelled:
+            _drop_grpc_frames(cancelled)
             if _cancelled_by_caller():
                 raise
             raise self._cut_off("batch") from None
@@ -424,25 +497,32 @@ class PluginConnection:
         remaining = self._remaining(invocation, now)
         request = self._request(invocation, now)
         what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
-        try:
-            call = self._stub.CallStream(
-                request, timeout=remaining, metadata=self._call_metadata(invocation)
+        try:  # no local names the call: a stream left suspended holds only ``stream``
+            stream = _StreamCall(
+                self._stub.CallStream(
+                    request, timeout=remaining, metadata=self._call_metadata(invocation)
+                )
             )
         except grpc_errors() as error:  # a closed channel refuses at once
+            _drop_grpc_frames(error)
             raise translate_rpc_error(error, what) from error
+        self._open_streams.add(stream)
         try:
-            async for item in call:
+            while (item := await stream.next_item()) is not None:
                 if item.WhichOneof("item") == "error":
                     raise _wire_error(item.error)
                 yield _loads(item.chunk_json, self.describe)
         except grpc_errors() as error:
+            _drop_grpc_frames(error)
             raise self._failed(error, what, invocation.deadline) from error
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancelled:
+            _drop_grpc_frames(cancelled)
             if _cancelled_by_caller():
                 raise
             raise self._cut_off(f"{invocation.plugin}.{invocation.method} stream") from None
         finally:
-            call.cancel()
+            self._open_streams.discard(stream)
+            stream.drop()
 
     # -- lifecycle and health ------------------------------------------------------------
 
@@ -453,8 +533,10 @@ class PluginConnection:
                 self._pb.DescribeRequest(), timeout=timeout, metadata=self._metadata
             )
         except grpc_errors() as error:
+            _drop_grpc_frames(error)
             raise translate_rpc_error(error, f"{self.describe} Describe") from error
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancelled:
+            _drop_grpc_frames(cancelled)
             if _cancelled_by_caller():
                 raise
             raise self._cut_off("Describe") from None
@@ -478,8 +560,10 @@ class PluginConnection:
         try:
             await getattr(self._stub, step)(request, timeout=timeout, metadata=self._metadata)
         except grpc_errors() as error:
+            _drop_grpc_frames(error)
             raise translate_rpc_error(error, f"{self.describe} {step}") from error
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as cancelled:
+            _drop_grpc_frames(cancelled)
             if _cancelled_by_caller():
                 raise
             raise self._cut_off(step) from None
@@ -487,6 +571,8 @@ class PluginConnection:
     async def health(self, timeout: float = 5.0, service: str = HEALTH_SERVICE) -> Health:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        if self._channel is None:
+            return Health("not_serving", "health: the connection is closed")
         stub = health_pb2_grpc.HealthStub(self._channel)
         started = time.perf_counter()
         try:
@@ -507,13 +593,20 @@ class PluginConnection:
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the channel connects; ``TargetUnavailable`` when it does not."""
+        channel = self._channel
+        if channel is None:
+            raise TargetUnavailable(f"{self.describe}: the connection is closed", retryable=False)
         try:
             async with asyncio.timeout(timeout):
-                await self._channel.channel_ready()
+                await channel.channel_ready()
+            return
         except TimeoutError:
-            raise TargetUnavailable(
-                f"{self.describe} did not accept a connection within {timeout:.1f} s"
-            ) from None
+            pass
+        # Raised here, not in the ``except``: its context would be the cancelled wait,
+        # whose traceback holds the channel (see the module docstring).
+        raise TargetUnavailable(
+            f"{self.describe} did not accept a connection within {timeout:.1f} s"
+        )
 
     # -- events ----------------------------------------------------------------------------
 
@@ -616,7 +709,13 @@ class PluginConnection:
             # also swallow a cancellation of *our* caller arriving meanwhile (a supervisor
             # being stopped would then carry on and launch a new child).
             await asyncio.wait([task])
-        await self._channel.close()
+        channel, self._channel = self._channel, None
+        self._stub = _ClosedStub()
+        if channel is not None:
+            await channel.close()  # cancels the calls in flight
+        for stream in self._open_streams:
+            stream.drop()
+        self._open_streams.clear()
 
     def __repr__(self) -> str:
         events = "open" if self._events_task is not None else "none"
