@@ -513,6 +513,32 @@ async def test_a_call_on_a_closed_connection_is_a_dispatch_error(
     with pytest.raises(TargetUnavailable, match="closed") as caught:
         await connection.call(invocation)
     assert caught.value.retryable is False
+    with pytest.raises(TargetUnavailable, match="closed"):
+        async for _ in connection.stream(invocation):
+            pass
+    health = await connection.health()
+    assert (health.status, health.detail) == ("not_serving", "health: the connection is closed")
+
+
+async def test_a_stream_left_open_when_its_connection_closes_fails_when_resumed(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    """Its consumer held it at a chunk; closing lets go of the call (see
+    tests/test_grpc_teardown.py), and the stream, resumed, says the call was cut off."""
+    from dispatcher import Invocation
+
+    _, address, _ = scripted
+    connection = grpc_connection.PluginConnection(address)
+    invocation = Invocation("scripted", "1.0.0", "stream", {}, time.monotonic() + 5, "r-1")
+    chunks = connection.stream(invocation)
+    try:
+        assert await anext(chunks) == 0
+        await connection.close()
+        with pytest.raises(TargetUnavailable, match="closed with the call in flight"):
+            await anext(chunks)
+    finally:
+        await chunks.aclose()
+        await connection.close()
 
 
 async def test_publish_names_what_is_wrong() -> None:
