@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +114,26 @@ async def test_calls_streams_errors_and_events_both_ways(rig: Rig) -> None:
     (health,) = await d.health()
     assert health.health.ok, health
     assert rig.proxy.connections == 1
+
+
+async def test_health_just_after_start_waits_for_the_first_dial() -> None:
+    """``dispatcher health`` starts a dispatcher and probes at once: the dial still under way
+    is waited for (within the probe), not reported as a plugin that is down."""
+    async with rigged() as rig:
+        (report,) = await rig.dispatcher.health()
+        assert report.health.status == "serving", report
+
+
+async def test_health_of_a_plugin_that_is_not_running_says_so_at_once() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    async with Dispatcher(_manifest(port)) as dispatcher:
+        started = time.monotonic()
+        (report,) = await dispatcher.health(timeout=5)
+    assert report.health.status == "not_serving", report
+    assert "cannot connect" in report.health.detail
+    assert time.monotonic() - started < 2  # the refused dial, not the probe's timeout
 
 
 async def test_a_thousand_calls_in_flight_on_one_connection(rig: Rig) -> None:

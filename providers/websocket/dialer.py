@@ -21,6 +21,7 @@ by a ``dropped`` frame with the count lost, if any (also in ``health`` extra).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -60,6 +61,8 @@ class DialedPlugin:
         self._ids = itertools.count(1)  # across reconnects: an id never names two calls
         self.channel: Channel | None = None
         self._up = asyncio.Event()
+        #: Set once the first dial has ended, connected or not.
+        self._first_dial_ended = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         #: The tasks reading the current connection and any still draining after goaway.
         self._readers: set[asyncio.Task[None]] = set()
@@ -130,6 +133,13 @@ class DialedPlugin:
         self._events.append(frame)
 
     async def health(self, timeout: float) -> Health:
+        """The plugin's health over the connection; a probe made while the first dial
+        still runs (``dispatcher health`` right after attach) waits for it, within
+        ``timeout``, rather than reporting a connection not tried yet as down."""
+        if not self._first_dial_ended.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._first_dial_ended.wait()
         channel = self.channel
         if channel is None or not channel.usable:
             return Health("not_serving", f"not connected: {self.last_error}")
@@ -147,15 +157,18 @@ class DialedPlugin:
                 channel = await self._dial()
             except DispatchError as error:
                 self.last_error = error.message
+                self._first_dial_ended.set()
                 log.info("%s: %s", self.describe, error.message)
             except Exception as error:  # a bug of ours or the client's: keep redialling, say it
                 self.last_error = f"{type(error).__name__}: {error}"
+                self._first_dial_ended.set()
                 log.exception("%s: dialling failed unexpectedly", self.describe)
             else:
                 backoff = target.reconnect_backoff_ms / 1000
                 self.connects += 1
                 self.channel = channel
                 self._up.set()
+                self._first_dial_ended.set()
                 reader = asyncio.get_running_loop().create_task(self._read(channel))
                 self._readers.add(reader)
                 reader.add_done_callback(self._readers.discard)
