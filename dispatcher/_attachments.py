@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from dispatcher._reload import ReloadPlan
 from dispatcher.config import Manifest, PluginSpec
 from providers import provider_classes
-from providers.base import Provider
+from providers.base import Provider, ServedReport
 from providers.egress import EgressPolicy
 from providers.target import TargetConfig
 
@@ -62,10 +62,13 @@ class Attachments:
         providers: dict[str, Provider[Any]],
         egress: EgressPolicy,
         event_sink: Callable[..., Any],
+        served_sink: Callable[[ServedReport], None] | None = None,
     ) -> None:
+        """``served_sink``: told what plugins say they serve (``Provider.served_sink``)."""
         self.providers = providers
         self._egress = egress
         self._event_sink = event_sink
+        self._served_sink = served_sink
         self._started: list[Provider[Any]] = []
         self._attached: list[Attachment] = []
         for provider in providers.values():
@@ -73,6 +76,7 @@ class Attachments:
 
     def _prepare(self, provider: Provider[Any]) -> None:
         provider.event_sink = self._event_sink
+        provider.served_sink = self._served_sink
         provider.use_egress(self._egress)
 
     async def start(self) -> None:

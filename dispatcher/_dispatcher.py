@@ -16,8 +16,8 @@ attached (``_attachments``), in-flight bookkeeping (``_drain``), what a reload c
 checks and audit entry of each call (``_guard``), host events in and out
 (``_events``, ``_publish``), async jobs (``_jobs`` runs them, ``_job_view`` checks,
 queues and shows them), fallbacks (``_fallback``), rollouts (``_rollout``), health
-(``_health``), signals (``_signals``), plugins dialling in (``_inbound``); policies and
-fleets below them all.
+(``_health``), routed methods a plugin does not serve (``_served``), signals
+(``_signals``), plugins dialling in (``_inbound``); policies and fleets below them all.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from dispatcher._reload import ReloadPlan, plan_reload
 from dispatcher._rollout import RolloutListener, RolloutRuntime
 from dispatcher._route_build import RouteBuilder
 from dispatcher._routes import Route, RouteTable, checked_timeout
+from dispatcher._served import ServedCheck
 from dispatcher._signals import SignalDrain
 from dispatcher._versions import check_protocol
 from dispatcher.access import AccessControl
@@ -128,6 +129,7 @@ class Dispatcher:
             providers if providers is not None else providers_for(manifest),
             manifest.egress,
             self._events.emit,
+            ServedCheck(),
         )
         self._providers = self._attachments.providers
         self._routes = RouteTable()

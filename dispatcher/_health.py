@@ -5,14 +5,22 @@ the instance's state in the fleet, its breaker and where it came from, and one r
 discovery source: ``serving`` when its last read succeeded, ``not_serving`` with the
 reason when it failed (the fleet keeps calling the instances it listed before). A probe that times out is ``not_serving``; one that fails in a way its provider
 did not translate is ``unknown`` (providers must not raise from ``health``).
+
+A target that serves is asked, within what is left of the same timeout, which methods its
+plugin serves (``Provider.served_methods``); the methods the manifest routes there and the
+plugin lacks are ``missing_methods`` (``dispatcher._served``). They leave ``health`` as
+the probe said (the plugin serves its other methods) but make the report not ``ok``. A
+plugin that cannot say, or does not answer in time, has none: never a false alarm.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+from dispatcher._served import methods_routed_to, missing_methods
 from dispatcher.config import Manifest, PluginSpec
 from dispatcher.fleet import Fleet, FleetRuntime, Instance, InstanceSource
 from dispatcher.policies import PolicyRuntime
@@ -20,6 +28,8 @@ from providers.base import Health, Provider
 from providers.target import TargetConfig
 
 __all__ = ["TargetHealth", "probe_targets"]
+
+log = logging.getLogger("dispatcher")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +53,14 @@ class TargetHealth:
     #: What the target's provider cannot enforce of the plugin's capabilities on this
     #: machine (``Provider.sandbox``): reported, never skipped silently.
     unenforced: tuple[str, ...] = ()
+    #: Methods the manifest routes to this target that its plugin says it does not serve
+    #: (their calls fail ``method_not_found``).
+    missing_methods: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Serving, and serving every method the manifest routes here."""
+        return self.health.ok and not self.missing_methods
 
 
 async def probe_targets(
@@ -55,32 +73,46 @@ async def probe_targets(
     draining: bool,
 ) -> list[TargetHealth]:
     """One report per target (per instance and per source, for a fleet), probed concurrently."""
-    checks: list[tuple[PluginSpec[Any], TargetConfig, tuple[Fleet, Instance] | None]] = []
+    checks: list[_Check] = []
     sources: list[TargetHealth] = []
     for plugin in manifest.plugins:
         for target in plugin.targets():
+            routed = methods_routed_to(plugin, target)
             fleet = fleets.get(target) if fleets is not None else None
             if fleet is None:
-                checks += [(plugin, each, None) for each in target.instance_targets()]
+                checks += [_Check(plugin, each, routed) for each in target.instance_targets()]
                 continue
-            checks += [(plugin, each.target, (fleet, each)) for each in fleet.instances]
+            checks += [
+                _Check(plugin, each.target, routed, (fleet, each)) for each in fleet.instances
+            ]
             sources += [_source_report(plugin, fleet, source, draining) for source in fleet.sources]
     reports = await asyncio.gather(
-        *(_probe(providers[each.provider], each, timeout) for _, each, _ in checks)
+        *(_probe(providers[check.target.provider], check, timeout) for check in checks)
     )
     return [
         TargetHealth(
-            plugin.id,
-            plugin.version,
-            target.describe(),
-            report,
-            _circuit_state(policies, target),
-            *_fleet_state(member),
+            check.plugin.id,
+            check.plugin.version,
+            check.target.describe(),
+            health,
+            _circuit_state(policies, check.target),
+            *_fleet_state(check.member),
             draining=draining,
-            unenforced=_unenforced(providers[target.provider], plugin, target),
+            unenforced=_unenforced(providers[check.target.provider], check.plugin, check.target),
+            missing_methods=missing,
         )
-        for (plugin, target, member), report in zip(checks, reports, strict=True)
+        for check, (health, missing) in zip(checks, reports, strict=True)
     ] + sources
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    """One concrete target to probe, and the methods the manifest routes to it."""
+
+    plugin: PluginSpec[Any]
+    target: TargetConfig
+    routed: tuple[str, ...]
+    member: tuple[Fleet, Instance] | None = None
 
 
 def _source_report(
@@ -106,7 +138,21 @@ def _source_report(
     )
 
 
-async def _probe(provider: Provider[Any], target: TargetConfig, timeout: float) -> Health:
+async def _probe(
+    provider: Provider[Any], check: _Check, timeout: float
+) -> tuple[Health, tuple[str, ...]]:
+    """The target's health and, when it serves, the routed methods its plugin lacks; both
+    within ``timeout`` in all."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    health = await _health_of(provider, check.target, timeout)
+    if not health.ok or not check.routed:
+        return health, ()
+    served = await _served_of(provider, check, deadline - loop.time())
+    return health, missing_methods(check.routed, served)
+
+
+async def _health_of(provider: Provider[Any], target: TargetConfig, timeout: float) -> Health:
     try:
         async with asyncio.timeout(timeout):
             return await provider.health(target)
@@ -114,6 +160,23 @@ async def _probe(provider: Provider[Any], target: TargetConfig, timeout: float) 
         return Health("not_serving", f"no health answer within {timeout:.1f} s")
     except Exception as error:
         return Health("unknown", f"health probe failed: {type(error).__name__}")
+
+
+async def _served_of(
+    provider: Provider[Any], check: _Check, timeout: float
+) -> frozenset[str] | None:
+    """What the plugin says it serves; None when it cannot say, does not in time, or the
+    provider fails to ask (it must not raise: a bug there costs the report, not health)."""
+    if timeout <= 0:
+        return None
+    try:
+        async with asyncio.timeout(timeout):
+            return await provider.served_methods(check.plugin, check.target, timeout=timeout)
+    except TimeoutError:
+        return None
+    except Exception:
+        log.exception("%s: asking %s what it serves failed", check.plugin.key, provider.name)
+        return None
 
 
 def _unenforced(

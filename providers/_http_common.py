@@ -47,6 +47,7 @@ from linchkit_plugin.errors import (
 from providers._http_client import REQWEST_MISSING, ClientKind, HttpClient, HttpPool, Reply
 from providers.base import CONNECT_STAGE
 from providers.egress import EgressPolicy
+from providers.served import served_names
 from providers.target import TargetConfig, masked_url
 from providers.tls import ClientTls, ClientTlsContext
 
@@ -65,8 +66,13 @@ __all__ = [
     "read_limited",
     "redirect_detail",
     "retry_after_seconds",
+    "served_at",
     "status_error",
 ]
+
+#: The most of a ``GET /describe`` answer read: room for ``MAX_SERVED_METHODS`` names of
+#: a usual length; a longer answer is cut there, is no JSON, and says nothing.
+DESCRIBE_LIMIT = 1024 * 1024
 
 
 def open_session(
@@ -497,3 +503,36 @@ def retry_after_seconds(header: str | None) -> float | None:
         return max(0.0, parsedate_to_datetime(header).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+async def served_at(
+    client: HttpClient,
+    url: str,
+    headers: Mapping[str, str],
+    *,
+    timeout: float,
+    target: TargetConfig,
+    tls: ClientTlsContext | None,
+) -> frozenset[str] | None:
+    """The methods a plugin server's ``GET /describe`` lists (``docs/protocol.md``), or
+    None: any other answer (a function server without ``/describe`` answers 404), no
+    answer within ``timeout``, or a list ``providers.served`` does not believe."""
+    try:
+        reply = await client.get(
+            url,
+            {**headers, "Accept-Encoding": "identity"},  # a plain body, whatever its size
+            timeout=timeout,
+            limit=DESCRIBE_LIMIT,
+            target=target,
+            tls=tls,
+        )
+    except (TimeoutError, DispatchError):
+        return None
+    if reply.status != 200:
+        return None
+    try:
+        described = orjson.loads(reply.body)
+    except orjson.JSONDecodeError:
+        return None
+    methods = described.get("methods") if isinstance(described, dict) else None
+    return served_names(methods) if isinstance(methods, list) else None

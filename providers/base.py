@@ -23,6 +23,12 @@ Contract, for implementers:
 * ``logs`` yields the output of the plugin behind a target, oldest line first, where the
   provider keeps or can read it (a child's stderr, a container's log); the default raises
   ``LogsUnavailable``. It never ends by itself with ``follow``: the caller stops reading.
+* ``served_methods`` says which methods the plugin behind a target serves, as the plugin
+  listed them (``providers.served`` bounds the list), or None where the binding cannot
+  say; it reuses what the provider learnt (a ``Describe`` at start, a WebSocket
+  ``hello``) and asks the plugin only where it learnt nothing, within ``timeout``. A
+  provider that learns the list by itself (at start, on a connection) tells the
+  dispatcher through ``report_served``, which logs the routed methods it lacks.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ __all__ = [
     "Health",
     "LogsUnavailable",
     "Provider",
+    "ServedReport",
     "TargetConfig",
 ]
 
@@ -81,6 +88,18 @@ class Health:
         return self.status == "serving"
 
 
+@dataclass(frozen=True, slots=True)
+class ServedReport:
+    """What a plugin said it serves, as a provider learnt it (``Provider.report_served``)."""
+
+    plugin: PluginInfo
+    #: The manifest's target, or one of its instances.
+    target: TargetConfig
+    served: frozenset[str]
+    #: Where the plugin said it, for messages: the target, or one connection to it.
+    place: str
+
+
 @dataclass(slots=True)
 class ColdStarts:
     """The cold starts of one target: how many calls waited for an instance to start, and
@@ -108,6 +127,9 @@ class Provider(abc.ABC, Generic[TargetT]):
     enforces_deadline: ClassVar[bool] = True
     #: Where plugin events go, as ``sink(plugin_id, event, data)``; set by the dispatcher.
     event_sink: Callable[[str, str, Any], None] | None = None
+    #: Where a provider reports what a plugin says it serves, as soon as it learns it;
+    #: set by the dispatcher, which compares it with the manifest's routes.
+    served_sink: Callable[[ServedReport], None] | None = None
     #: Where this provider may connect; the defaults until ``use_egress`` is called.
     egress: EgressPolicy = EgressPolicy()
 
@@ -162,6 +184,30 @@ class Provider(abc.ABC, Generic[TargetT]):
     async def health(self, target: TargetT) -> Health:
         """Probe the target. Must not raise: report what is wrong in ``Health``."""
         return Health("unknown", "this provider has no health probe")
+
+    async def served_methods(
+        self, plugin: PluginInfo, target: TargetT, *, timeout: float
+    ) -> frozenset[str] | None:
+        """The methods ``plugin`` on ``target`` says it serves (``providers.served``), or
+        None when its binding cannot say (the default), the plugin did not say, or asking
+        failed. What the provider learnt already is reused; only where it learnt nothing
+        is the plugin asked, within ``timeout``. Must not raise."""
+        return None
+
+    def report_served(
+        self,
+        plugin: PluginInfo,
+        target: TargetT,
+        served: frozenset[str] | None,
+        *,
+        place: str | None = None,
+    ) -> None:
+        """Tell the dispatcher what ``plugin`` on ``target`` said it serves, when the
+        provider learnt it by itself (a ``Describe`` at start, a WebSocket ``hello``);
+        ``place`` names where, when not the target (one inbound connection)."""
+        sink = self.served_sink
+        if sink is not None and served is not None:
+            sink(ServedReport(plugin, target, served, place or target.describe()))
 
     def logs(
         self, plugin: PluginInfo, target: TargetT, *, follow: bool, lines: int

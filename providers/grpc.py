@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from linchkit_plugin.errors import ProviderError, TargetUnavailable
+from linchkit_plugin.errors import DispatchError, ProviderError, TargetUnavailable
 from linchkit_plugin.handshake import HEALTH_SERVICE
 from providers._compression import DEFAULT_MIN_BYTES, is_loopback
 from providers._grpc import lifecycle
@@ -273,6 +273,7 @@ class GrpcProvider(Provider[GrpcTarget]):
                 ready_timeout=target.connect_timeout_ms / 1000,
                 event_sink=sink,
             )
+            self.report_served(plugin, target, connection.served)
         else:
             if plugin.config and plugin.key not in self._config_unsent:
                 # Not a manifest problem: the service may have its own copy; but a config
@@ -333,6 +334,23 @@ class GrpcProvider(Provider[GrpcTarget]):
         except ProviderError as error:
             return Health("not_serving", str(error))
         return await connection.health(service=target.health_service)
+
+    async def served_methods(
+        self, plugin: PluginInfo, target: GrpcTarget, *, timeout: float
+    ) -> frozenset[str] | None:
+        """What the plugin's ``Describe`` at start listed (``lifecycle: dispatcher``); a
+        service that runs its own lifecycle may be redeployed under the dispatcher, so it
+        is asked again each time."""
+        connection = self._connections.get(target.key)
+        if connection is None:
+            return None
+        if target.lifecycle == "dispatcher" and connection.served is not None:
+            return connection.served
+        try:
+            await connection.identify(timeout)
+        except DispatchError:
+            return None
+        return connection.served
 
     def _event_sink_of(self, plugin: PluginInfo) -> Callable[[str, Any], None] | None:
         sink = self.event_sink

@@ -78,6 +78,7 @@ from providers._http_common import (
     HttpClients,
     basic_authorization,
     redirect_detail,
+    served_at,
     status_error,
 )
 from providers.base import CONNECT_STAGE, Health, Provider
@@ -90,6 +91,7 @@ from providers.target import (
     Destination,
     HealthCheck,
     OutlierDetection,
+    PluginInfo,
     StrictModel,
     masked_url,
 )
@@ -219,7 +221,15 @@ class HttpTarget(InstanceListing):
 class _Route:
     """What ``invoke`` needs of a target, computed once: URLs, final headers, TLS, client."""
 
-    __slots__ = ("client", "headers", "health_url", "invoke_url", "negotiation", "tls")
+    __slots__ = (
+        "client",
+        "describe_url",
+        "headers",
+        "health_url",
+        "invoke_url",
+        "negotiation",
+        "tls",
+    )
 
     def __init__(self, target: HttpTarget, client: HttpClient) -> None:
         from yarl import URL
@@ -228,6 +238,7 @@ class _Route:
         authorization = basic_authorization(invoke_url)
         self.invoke_url = str(invoke_url.with_user(None))
         self.health_url = str(URL(target.endpoint(target.health_path)).with_user(None))
+        self.describe_url = str(URL(target.endpoint("/describe")).with_user(None))
         headers = {"Content-Type": "application/json", **target.headers}
         if authorization is not None:
             headers["Authorization"] = authorization
@@ -363,6 +374,24 @@ class HttpProvider(Provider[HttpTarget]):
             "serving" if reply.status == 200 else "not_serving"
         )
         return Health(status, detail, latency_ms)
+
+    async def served_methods(
+        self, plugin: PluginInfo, target: HttpTarget, *, timeout: float
+    ) -> frozenset[str] | None:
+        """``GET /describe`` of the target's server, asked each time (the server may be
+        redeployed under the dispatcher); a function server without it says nothing."""
+        try:
+            route = self._route(target)
+        except DispatchError:
+            return None
+        return await served_at(
+            route.client,
+            route.describe_url,
+            route.headers,
+            timeout=timeout,
+            target=target,
+            tls=route.tls,
+        )
 
     async def _post(self, target: HttpTarget, body: dict[str, Any], remaining: float) -> Any:
         """POST ``body`` with ``remaining`` seconds to answer; the decoded JSON answer."""

@@ -88,6 +88,7 @@ class LocalProvider(Provider[LocalTarget]):
             await self._close(host, plugin)
             raise ProviderError(f"{plugin.key} failed to start: {error!r}") from error
         self._hosts[key] = host
+        self.report_served(plugin, target, _served_by(host, plugin))
 
     async def detach(self, plugin: PluginInfo, target: LocalTarget) -> None:
         host = self._hosts.pop((plugin.id, plugin.version, target.entrypoint), None)
@@ -110,6 +111,12 @@ class LocalProvider(Provider[LocalTarget]):
             invocation.context_wire(),
             invocation.remaining(),
         )
+
+    async def served_methods(
+        self, plugin: PluginInfo, target: LocalTarget, *, timeout: float
+    ) -> frozenset[str] | None:
+        host = self._hosts.get((plugin.id, plugin.version, target.entrypoint))
+        return None if host is None else _served_by(host, plugin)
 
     async def health(self, target: LocalTarget) -> Health:
         hosts = [host for key, host in self._hosts.items() if key[2] == target.entrypoint]
@@ -134,3 +141,12 @@ class LocalProvider(Provider[LocalTarget]):
                 await host.close()
         except Exception:  # stopping must go on for the other plugins
             log.exception("stopping %s failed", plugin.key)
+
+
+def _served_by(host: PluginHost, plugin: PluginInfo) -> frozenset[str]:
+    """What the plugin class serves: the host binds only the methods the manifest lists
+    (``attach``), so when it bound them all that is the answer, and the class's every
+    method is looked up (by name) only when some are missing, for the message."""
+    if len(host.methods) == len(plugin.methods):
+        return frozenset(host.methods)
+    return frozenset(host.served_method_names())

@@ -357,7 +357,9 @@ async def test_health_uses_the_readiness_path(standin: KnativeStandIn) -> None:
     assert asleep[0].health.status == "not_serving"
     assert "activating" in asleep[0].health.detail
     assert awake[0].health.status == "serving"
-    assert [request.path for request in revision.forwarded] == ["/health/readiness"]
+    # Once it serves, health asks what it serves: a function without /describe says nothing.
+    assert [request.path for request in revision.forwarded] == ["/health/readiness", "/describe"]
+    assert awake[0].missing_methods == ()
 
 
 async def test_unreachable_ingress_is_target_unavailable_within_the_deadline() -> None:

@@ -8,6 +8,7 @@ import click
 import orjson
 
 from dispatcher._dispatcher import Dispatcher, TargetHealth
+from dispatcher._served import listed
 from dispatcher.cli._app import (
     EXIT_FAILED,
     Seconds,
@@ -99,11 +100,14 @@ def call(
 )
 @click.pass_context
 def health(context: click.Context, output: str, timeout: float) -> None:
-    """Probe every target (every instance of a fleet); exit 1 if any is not serving.
+    """Probe every target (every instance of a fleet); exit 1 if any is not serving, or
+    does not serve a method the manifest routes to it.
 
     STATE is an instance's state in its fleet (healthy, ejected, down, leaving); "-" for a
     target with one instance. A fleet's discovery sources (DNS, a registry) get a row each,
-    STATE "source", not serving when their last read failed.
+    STATE "source", not serving when their last read failed. A target whose plugin says
+    (Describe, /describe, its WebSocket hello) it lacks methods routed to it gets a "NOT
+    SERVED" line under the table: their calls fail method_not_found.
     """
     manifest = load(context)
     try:
@@ -127,6 +131,7 @@ def health(context: click.Context, output: str, timeout: float) -> None:
                 "latency_ms": report.health.latency_ms,
                 "detail": report.health.detail,
                 "unenforced": list(report.unenforced),
+                "missing_methods": list(report.missing_methods),
             }
             for report in reports
         ]
@@ -139,16 +144,18 @@ def health(context: click.Context, output: str, timeout: float) -> None:
             ]
         )
         for report in reports:
-            for line in report.unenforced:
-                click.echo(
-                    f"{report.plugin}@{report.version} {report.target}: NOT ENFORCED: {line}"
-                )
-    if not all(report.health.ok for report in reports):
+            for line in _notes_of(report):
+                click.echo(f"{report.plugin}@{report.version} {report.target}: {line}")
+    if not all(report.ok for report in reports):
         context.exit(EXIT_FAILED)
 
 
 def _health_row(report: TargetHealth) -> tuple[str, ...]:
     latency = f"{report.health.latency_ms:.1f} ms" if report.health.latency_ms is not None else "-"
+    missing = report.missing_methods
+    detail = (
+        f"lacks {len(missing)} routed method(s): see below" if missing else report.health.detail
+    )
     return (
         f"{report.plugin}@{report.version}",
         report.target,
@@ -156,5 +163,16 @@ def _health_row(report: TargetHealth) -> tuple[str, ...]:
         report.health.status,
         report.circuit or "-",
         latency,
-        report.health.detail[:60],
+        detail[:60],
     )
+
+
+def _notes_of(report: TargetHealth) -> list[str]:
+    """The lines under the table for ``report``: what is not enforced, what is not served."""
+    notes = [f"NOT ENFORCED: {line}" for line in report.unenforced]
+    if report.missing_methods:
+        notes.append(
+            f"NOT SERVED: {listed(report.missing_methods)} (the manifest routes here what the"
+            " plugin does not serve: calls fail method_not_found)"
+        )
+    return notes

@@ -377,6 +377,12 @@ class Gateway:
         return web.json_response({"status": "alive"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        # Whether this replica takes calls, not whether every plugin serves what the
+        # manifest routes to it: a routed method a plugin lacks (``dispatcher health``
+        # reports it, the start logs it) fails its own calls, and the plugin's other
+        # methods still work. Failing readiness for it would take every replica out of the
+        # load balancer at once, as when a rollout ships the manifest naming a new method
+        # before the build that serves it: all calls lost instead of one method's.
         dispatcher = self.dispatcher
         if dispatcher.state == "running" and not dispatcher.draining:
             return web.json_response({"status": "ready"})

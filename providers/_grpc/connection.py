@@ -48,6 +48,7 @@ from linchkit_plugin.wire import encode_json
 from providers._grpc.status import grpc_errors, not_run, translate_rpc_error
 from providers.base import CONNECT_STAGE, Health
 from providers.invocation import Invocation, Outcome, running_loop_time
+from providers.served import MAX_SERVED_METHODS, served_names
 
 __all__ = ["HEALTH_SERVICE", "ChannelSecurity", "PluginConnection"]
 
@@ -257,6 +258,9 @@ class PluginConnection:
         self._open_streams: set[_StreamCall] = set()
         #: While the plugin is stopping (it answered a call "not run"): what ends the wait.
         self._stopping: asyncio.Task[None] | None = None
+        #: The methods the plugin's last ``Describe`` listed (``providers.served``); None
+        #: before one, or when it listed none.
+        self.served: frozenset[str] | None = None
 
     # -- calls -------------------------------------------------------------------------
 
@@ -527,7 +531,24 @@ class PluginConnection:
     # -- lifecycle and health ------------------------------------------------------------
 
     async def describe_plugin(self, timeout: float) -> dict[str, Any]:
+        """The plugin's ``Describe``, whole: who it is and each of its methods."""
+        info = await self._described(timeout)
+        return {
+            "id": info.id,
+            "version": info.version,
+            "protocol_version": info.protocol_version,
+            "runtime": info.runtime,
+            "methods": {method.name: {"streaming": method.streaming} for method in info.methods},
+        }
 
+    async def identify(self, timeout: float) -> int:
+        """``Describe`` the plugin: keep the methods it lists (``served``) and return the
+        plugin protocol version it reports (0: it does not say)."""
+        info = await self._described(timeout)
+        return int(info.protocol_version)
+
+    async def _described(self, timeout: float) -> Any:
+        """One ``Describe``, its answer as gRPC gave it; what it lists is kept in ``served``."""
         try:
             info = await self._stub.Describe(
                 self._pb.DescribeRequest(), timeout=timeout, metadata=self._metadata
@@ -540,13 +561,11 @@ class PluginConnection:
             if _cancelled_by_caller():
                 raise
             raise self._cut_off("Describe") from None
-        return {
-            "id": info.id,
-            "version": info.version,
-            "protocol_version": info.protocol_version,
-            "runtime": info.runtime,
-            "methods": {method.name: {"streaming": method.streaming} for method in info.methods},
-        }
+        methods = info.methods
+        # Counted before a name is read: a list past the cap is not believed anyway.
+        listed = methods if len(methods) > MAX_SERVED_METHODS else [m.name for m in methods]
+        self.served = served_names(listed)
+        return info
 
     async def lifecycle(self, step: str, timeout: float, config: Any = None) -> None:
         """Run one of ``Init`` (with ``config``), ``Start``, ``Stop``, ``Destroy``."""

@@ -4,8 +4,12 @@
 ``lifecycle: dispatcher`` on attach; the ``subprocess`` provider after every launch):
 
 1. wait until the channel connects, within ``ready_timeout`` (``TargetUnavailable``);
-   if the manifest declares the plugin's ``protocol``, ``Describe`` it and refuse
-   (``ProviderError``) a plugin reporting another one — before it is initialised;
+   ``Describe`` the plugin: the connection keeps the methods it lists (``served``, which
+   the provider reports to the dispatcher); if the manifest declares the plugin's
+   ``protocol``, refuse (``ProviderError``) a plugin reporting another one — before it is
+   initialised. Without a declared ``protocol`` a failed ``Describe`` (a plugin that does
+   not implement it) only leaves the methods unknown, and it is given at most
+   ``DESCRIBE_WAIT``: what it costs a plugin that answers is one RPC per start;
 2. with an event sink, open the plugin's ``Events`` stream;
 3. ``Init`` with the manifest's ``config``, then ``Start``, each within the plugin's
    ``lifecycle.init_timeout_ms``; a failure raises and the plugin is not started;
@@ -31,12 +35,15 @@ if TYPE_CHECKING:
     from providers._grpc.connection import PluginConnection
     from providers.target import PluginInfo
 
-__all__ = ["EVENTS_READY_WAIT", "begin", "end"]
+__all__ = ["DESCRIBE_WAIT", "EVENTS_READY_WAIT", "begin", "end"]
 
 log = logging.getLogger("dispatcher.providers.grpc")
 
 #: How long ``begin`` waits for the ``Events`` stream's headers.
 EVENTS_READY_WAIT = 0.25
+#: How long ``begin`` waits for a ``Describe`` it only asks for the plugin's methods (no
+#: ``protocol`` declared): the start must not wait an init timeout for a courtesy.
+DESCRIBE_WAIT = 5.0
 
 
 async def begin(
@@ -51,6 +58,8 @@ async def begin(
     init_timeout = plugin.lifecycle.init_timeout_ms / 1000
     if plugin.protocol is not None:
         await _check_protocol(connection, plugin, init_timeout)
+    else:
+        await _describe_quietly(connection, plugin, min(init_timeout, DESCRIBE_WAIT))
     if event_sink is not None:
         connection.open_events(event_sink)
     await connection.lifecycle("Init", init_timeout, plugin.config)
@@ -59,9 +68,18 @@ async def begin(
         await connection.events_ready(EVENTS_READY_WAIT)
 
 
+async def _describe_quietly(
+    connection: PluginConnection, plugin: PluginInfo, timeout: float
+) -> None:
+    """``Describe`` for the methods alone: a plugin that cannot answer still starts."""
+    try:
+        await connection.identify(timeout)
+    except DispatchError as error:
+        log.debug("%s on %s: no Describe (%s)", plugin.key, connection.describe, error)
+
+
 async def _check_protocol(connection: PluginConnection, plugin: PluginInfo, timeout: float) -> None:
-    info = await connection.describe_plugin(timeout)
-    reported = info["protocol_version"]
+    reported = await connection.identify(timeout)
     # 0 is proto3's unset: a plugin that does not report one is taken at its manifest's word.
     if reported and reported != plugin.protocol:
         raise ProviderError(

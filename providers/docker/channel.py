@@ -19,6 +19,7 @@ from providers.base import Health
 from providers.docker.socket_pin import PinnedSocket, SocketTampered
 from providers.http import HttpProvider, HttpTarget
 from providers.invocation import Invocation, Outcome
+from providers.target import PluginInfo
 
 __all__ = ["CHANNELS", "Address", "Channel", "HttpChannel"]
 
@@ -41,6 +42,7 @@ class Channel(Protocol):
     async def invoke(self, invocation: Invocation) -> Any: ...
     async def invoke_batch(self, invocations: Sequence[Invocation]) -> list[Outcome[Any]]: ...
     async def health(self) -> Health: ...
+    async def served_methods(self, plugin: PluginInfo, timeout: float) -> frozenset[str] | None: ...
     async def aclose(self) -> None: ...
 
 
@@ -126,6 +128,14 @@ class HttpChannel:
         except FileNotFoundError:
             return Health("not_serving", "the plugin has not created its socket yet")
         return await http.health(self._target)
+
+    async def served_methods(self, plugin: PluginInfo, timeout: float) -> frozenset[str] | None:
+        """The container's ``GET /describe``; None before its socket is there."""
+        try:
+            http = await self._client()
+        except (SocketTampered, FileNotFoundError):
+            return None
+        return await http.served_methods(plugin, self._target, timeout=timeout)
 
     async def aclose(self) -> None:
         http, self._http = self._http, None

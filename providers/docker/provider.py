@@ -204,6 +204,17 @@ class DockerProvider(Provider[DockerTarget]):
             )
         return Health("serving", "no container running; the next call starts one")
 
+    async def served_methods(
+        self, plugin: PluginInfo, target: DockerTarget, *, timeout: float
+    ) -> frozenset[str] | None:
+        """What a ready container of the plugin lists; None with none running (a
+        container is not started to ask)."""
+        pool = self._pools.get((plugin.id, plugin.version, target.key))
+        ready = [] if pool is None else pool.ready()
+        if not ready:
+            return None
+        return await ready[0].channel.served_methods(plugin, timeout)
+
     # -- logs ----------------------------------------------------------------------------
 
     async def logs(

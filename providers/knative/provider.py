@@ -75,6 +75,7 @@ from providers._http_common import (
     basic_authorization,
     redirect_detail,
     retry_after_seconds,
+    served_at,
     status_error,
 )
 from providers.base import ColdStarts, Health, Provider
@@ -83,7 +84,7 @@ from providers.knative.activation import Failure, classify_failure, made_by_func
 from providers.knative.cloudevents import Answer, decode_answer, encode_request, read_event
 from providers.knative.deployer import KnativeDeployer
 from providers.knative.target import KnativeTarget
-from providers.target import masked_url
+from providers.target import PluginInfo, masked_url
 from providers.tls import ClientTlsContext
 
 __all__ = ["KnativeProvider", "KnativeStats"]
@@ -115,7 +116,15 @@ class KnativeStats:
 class _Route:
     """What a call of one target needs, computed once: parsed URLs and headers."""
 
-    __slots__ = ("client", "headers", "health_url", "invoke_url", "negotiation", "tls")
+    __slots__ = (
+        "client",
+        "describe_url",
+        "headers",
+        "health_url",
+        "invoke_url",
+        "negotiation",
+        "tls",
+    )
 
     def __init__(self, target: KnativeTarget, client: HttpClient) -> None:
         from yarl import URL
@@ -125,6 +134,7 @@ class _Route:
         authorization = basic_authorization(invoke_url)
         self.invoke_url = str(invoke_url.with_user(None))
         self.health_url = str(URL(base + target.effective_readiness_path).with_user(None))
+        self.describe_url = str(URL(base + "/describe").with_user(None))
         self.client = client
         self.negotiation = Negotiation(target.compression, host=invoke_url.host or "")
         self.headers = request_headers({**target.headers, "Host": target.host}, self.negotiation)
@@ -251,6 +261,24 @@ class KnativeProvider(Provider[KnativeTarget]):
         if classify_failure(status=status, headers=headers, body=body) is Failure.NOT_REACHED:
             detail = f"activating (scaled to zero?): {detail}"
         return Health("not_serving", f"HTTP {status}: {detail}", latency_ms, {"host": target.host})
+
+    async def served_methods(
+        self, plugin: PluginInfo, target: KnativeTarget, *, timeout: float
+    ) -> frozenset[str] | None:
+        """``GET /describe`` through the ingress, as a call goes (a service built on the
+        SDK answers it; a CloudEvents function without it says nothing)."""
+        try:
+            route = self._route(target)
+        except DispatchError:
+            return None
+        return await served_at(
+            route.client,
+            route.describe_url,
+            route.headers,
+            timeout=timeout,
+            target=target,
+            tls=route.tls,
+        )
 
     # -- one attempt -----------------------------------------------------------------------
 

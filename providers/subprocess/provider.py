@@ -42,6 +42,7 @@ class SubprocessProvider(Provider[SubprocessTarget]):
             plugin,
             target,
             event_sink=(lambda event, data: sink(plugin_id, event, data)) if sink else None,
+            report_served=lambda served: self.report_served(plugin, target, served),
         )
         await process.start()
         self._processes[key] = process
@@ -118,6 +119,14 @@ class SubprocessProvider(Provider[SubprocessTarget]):
             return Health("not_serving", "not started")
         reports = [await process.health() for process in found]
         return next((report for report in reports if not report.ok), reports[0])
+
+    async def served_methods(
+        self, plugin: PluginInfo, target: SubprocessTarget, *, timeout: float
+    ) -> frozenset[str] | None:
+        """What the running process's ``Describe`` listed at its launch (each restart
+        asks anew): the process is the dispatcher's, nothing changes it in between."""
+        found = self._processes.get((plugin.id, plugin.version, target.key))
+        return None if found is None else found.served
 
     def __repr__(self) -> str:
         return f"<SubprocessProvider 'subprocess' processes={list(self._processes.values())}>"

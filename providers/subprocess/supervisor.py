@@ -51,10 +51,14 @@ class PluginProcess:
         target: SubprocessTarget,
         *,
         event_sink: Callable[[str, Any], None] | None,
+        report_served: Callable[[frozenset[str] | None], None] | None = None,
     ) -> None:
+        """``report_served``: told, after each launch, what the plugin's ``Describe``
+        listed (None: it listed nothing)."""
         self.plugin = plugin
         self.target = target
         self._event_sink = event_sink
+        self._report_served = report_served
         self._child: Child | None = None
         #: Every child launched and not yet terminated (``stop`` ends them all).
         self._children: set[Child] = set()
@@ -229,6 +233,8 @@ class PluginProcess:
         if self._stopped():  # a stop that arrived while this launch ran
             await child.terminate(0.5)
             raise asyncio.CancelledError
+        if self._report_served is not None:
+            self._report_served(child.connection.served)
         return child
 
     def _sandboxed(
@@ -339,6 +345,14 @@ class PluginProcess:
             return
         async for line in self.output.follow(lines):
             yield line
+
+    @property
+    def served(self) -> frozenset[str] | None:
+        """What the running launch's ``Describe`` listed; None while none runs."""
+        child = self._child
+        if self._state != "running" or child is None or child.connection is None:
+            return None
+        return child.connection.served
 
     async def health(self) -> Health:
         child = self._child

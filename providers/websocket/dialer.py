@@ -27,6 +27,7 @@ import logging
 import random
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -35,6 +36,7 @@ from linchkit_plugin.errors import DispatchError, InvalidParams, ProviderError, 
 from linchkit_plugin.ws_protocol import encode_frame
 from providers.base import Health
 from providers.invocation import Invocation
+from providers.served import served_names
 from providers.websocket.channel import Channel, EventSink, read_hello
 from providers.websocket.target import WebSocketTarget
 
@@ -52,7 +54,9 @@ class DialedPlugin:
         plugin_id: str,
         session: aiohttp.ClientSession,
         sink: EventSink | None,
+        report_served: Callable[[frozenset[str] | None], None] | None = None,
     ) -> None:
+        """``report_served``: told what each connection's ``hello`` listed."""
         self.target = target
         self.plugin_id = plugin_id
         self.describe = target.describe()
@@ -72,6 +76,9 @@ class DialedPlugin:
         self.last_error = "not connected yet"
         #: The plugin's last ``hello``: who it said it is, its methods.
         self.hello: dict[str, Any] = {}
+        #: The methods that ``hello`` listed (``providers.served``).
+        self.served: frozenset[str] | None = None
+        self._report_served = report_served
 
     def start(self) -> None:
         if self._task is None:
@@ -243,6 +250,9 @@ class DialedPlugin:
             # Not retryable in itself, but the right plugin may come back at that URL.
             raise ProviderError(f"is plugin {hello['id']!r:.80}, not {self.plugin_id!r}")
         self.hello = hello
+        self.served = served_names(hello.get("methods", ()))
+        if self._report_served is not None:
+            self._report_served(self.served)
 
     async def _flush_events(self, channel: Channel) -> None:
         try:

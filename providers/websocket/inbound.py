@@ -37,6 +37,8 @@ class InboundConnection:
     peer: tuple[str, int]
     #: Its ``hello``: who it said it is, its methods.
     hello: dict[str, Any] = field(default_factory=dict)
+    #: The methods that ``hello`` listed (``providers.served``).
+    served: frozenset[str] | None = None
 
     def endpoint(self) -> Endpoint:
         return Endpoint(host=self.peer[0], port=self.peer[1], key=self.key)

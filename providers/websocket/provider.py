@@ -42,6 +42,7 @@ from linchkit_plugin.ws_protocol import (
 from providers.base import Health, Provider
 from providers.discovery import InstanceSource
 from providers.invocation import Invocation
+from providers.served import served_names
 from providers.websocket.inbound import ConnectionSource, Inbound, InboundConnection
 from providers.websocket.target import WebSocketTarget
 
@@ -94,7 +95,13 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             raise TargetUnavailable(f"{target.describe()}: the provider is not started")
         from providers.websocket.dialer import DialedPlugin
 
-        dialed = DialedPlugin(target, plugin.id, self._session, self._sink_of(plugin.id))
+        dialed = DialedPlugin(
+            target,
+            plugin.id,
+            self._session,
+            self._sink_of(plugin.id),
+            report_served=lambda served: self.report_served(plugin, target, served),
+        )
         self._dialed[target.key] = dialed
         dialed.start()
 
@@ -158,6 +165,17 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             return Health("not_serving", error.message)
         return await channel.health(timeout)
 
+    async def served_methods(
+        self, plugin: PluginInfo, target: WebSocketTarget, *, timeout: float
+    ) -> frozenset[str] | None:
+        """What the ``hello`` of the target's connection listed (dialled: the last one;
+        inbound: that connection's)."""
+        if target.mode == "dial":
+            dialed = self._dialed.get(target.key)
+            return None if dialed is None else dialed.served
+        connection = self.inbound.get(target.connection) if target.connection else None
+        return None if connection is None else connection.served
+
     # -- reverse mode ----------------------------------------------------------------------
 
     def instance_source(self, target: WebSocketTarget) -> InstanceSource | None:
@@ -206,9 +224,11 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             max_events_per_second=first.max_events_per_second,
             sink=self._sink_of(plugin.id),
         )
-        inbound = InboundConnection(key, channel, plugin.id, plugin.version, peer, hello)
+        served = served_names(hello.get("methods", ()))
+        inbound = InboundConnection(key, channel, plugin.id, plugin.version, peer, hello, served)
         await channel.send_event(encode_frame({"type": "welcome", "instance": key}))
         for target in targets:
+            self.report_served(plugin, target, served, place=f"websocket inbound {key}")
             self.inbound.register(target.key, inbound)
         log.info("%s connected as an instance of %s", key, plugin.key)
         reader = asyncio.get_running_loop().create_task(channel.run())
@@ -244,10 +264,6 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             if hello["version"] != plugin.version
             else None
         )
-        missing = set(plugin.methods) - set(hello.get("methods", ()))
-        if wrong is None and missing:
-            # Calls of those get the plugin's own method_not_found; worth a line, not a refusal.
-            log.warning("%s connected without methods %s", plugin.key, sorted(missing)[:20])
         if wrong is not None:
             await socket.close(code=CLOSE_WRONG_PLUGIN, message=wrong[:120].encode())
             return None

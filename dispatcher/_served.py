@@ -1,0 +1,102 @@
+"""Methods the manifest routes to a target whose plugin does not serve them.
+
+A manifest naming a method its plugin lacks (a typo, a method a new build dropped) is not
+refused: the plugin answers such a call ``method_not_found``, and a manifest may name a
+method before the build that serves it is rolled out. It is said instead, as soon as the
+dispatcher knows it:
+
+* ``ServedCheck`` takes what providers report as they learn it (``Provider.report_served``:
+  a ``Describe`` at start, a WebSocket ``hello``) and logs one warning per plugin, place
+  and set of missing methods, e.g. ``greeter@1.0.0: the manifest routes greets to grpc
+  127.0.0.1:50051, which does not serve it; it serves: greet, shout``;
+* ``dispatcher._health`` asks ``Provider.served_methods`` and reports the gap in
+  ``TargetHealth.missing_methods`` (``dispatcher health`` exits 1).
+
+A target whose binding cannot say (Lambda, an HTTP function without ``/describe``) is
+never reported. What a plugin lists is bounded before it gets here (``providers.served``);
+what is printed of it is bounded here (``listed``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable
+from typing import Any
+
+from dispatcher.config import PluginSpec
+from providers.base import ServedReport
+from providers.target import TargetConfig
+
+__all__ = ["ServedCheck", "listed", "methods_routed_to", "missing_methods"]
+
+log = logging.getLogger("dispatcher")
+
+#: How many names a message shows; the rest are counted.
+SHOWN_NAMES = 20
+#: How many characters of one name a message shows.
+SHOWN_NAME_LENGTH = 64
+#: How many (plugin, place) pairs ``ServedCheck`` remembers it warned about; past that it
+#: forgets them all (one more warning each, rather than memory growing with connections).
+REMEMBERED_PLACES = 4096
+
+
+def methods_routed_to(plugin: PluginSpec[Any], target: TargetConfig) -> tuple[str, ...]:
+    """The methods of ``plugin`` the manifest routes to ``target``, or to the target of
+    which ``target`` is a fixed instance, in manifest order."""
+    places = {
+        each.key
+        for each in plugin.targets()
+        if each.key == target.key or any(i.key == target.key for i in each.instance_targets())
+    }
+    return tuple(name for name in plugin.methods if plugin.target_of(name).key in places)
+
+
+def missing_methods(routed: Iterable[str], served: frozenset[str] | None) -> tuple[str, ...]:
+    """Those of ``routed`` that ``served`` lacks; none when the plugin did not say."""
+    if served is None:
+        return ()
+    return tuple(name for name in routed if name not in served)
+
+
+def listed(names: Collection[str], shown: int = SHOWN_NAMES) -> str:
+    """``names`` for a message: at most ``shown`` of them, each cut short, the rest counted."""
+    cut = [_short(name) for name in list(names)[:shown]]
+    more = len(names) - len(cut)
+    return ", ".join(cut) + (f" and {more} more" if more > 0 else "")
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= SHOWN_NAME_LENGTH else name[: SHOWN_NAME_LENGTH - 1] + "…"
+
+
+class ServedCheck:
+    """The dispatcher's ``Provider.served_sink``: warns of the routed methods a plugin
+    says it does not serve, once per plugin, place and set of missing methods."""
+
+    def __init__(self) -> None:
+        self._warned: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def __call__(self, report: ServedReport) -> None:
+        plugin = report.plugin
+        if not isinstance(plugin, PluginSpec):
+            return  # providers are handed the manifest's plugins; anything else has no routes
+        missing = missing_methods(methods_routed_to(plugin, report.target), report.served)
+        place = (plugin.key, report.place)
+        if self._warned.get(place, ()) == missing:
+            return  # said already (a restart, a reconnect), or nothing to say
+        if len(self._warned) >= REMEMBERED_PLACES:
+            self._warned.clear()
+        self._warned[place] = missing
+        if missing:
+            log.warning(
+                "%s: the manifest routes %s to %s, which does not serve %s; it serves: %s",
+                plugin.key,
+                listed(missing),
+                report.place,
+                "it" if len(missing) == 1 else "them",
+                listed(sorted(report.served)) or "nothing the manifest could route",
+            )
+
+    def __repr__(self) -> str:
+        gaps = sum(1 for missing in self._warned.values() if missing)
+        return f"<ServedCheck places={len(self._warned)} with_missing={gaps}>"
