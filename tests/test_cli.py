@@ -99,6 +99,11 @@ def test_health_reports_every_target(served_port: int) -> None:
     down = cli("health", port=free_port())
     assert down.returncode == 1
     assert "not_serving" in down.stdout
+    # The table cuts a long detail at a word, marked; the whole of it follows the table.
+    row = next(line for line in down.stdout.splitlines() if "not_serving" in line)
+    assert row.endswith("…")
+    whole = [line for line in down.stdout.splitlines() if ": NOT_SERVING: " in line]
+    assert len(whole) == 1 and len(whole[0].split(": NOT_SERVING: ", 1)[1]) > 60
 
 
 def test_the_demo_runs_end_to_end() -> None:

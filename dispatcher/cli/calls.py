@@ -104,7 +104,10 @@ def health(context: click.Context, output: str, timeout: float) -> None:
     does not serve a method the manifest routes to it.
 
     STATE is an instance's state in its fleet (healthy, ejected, down, leaving); "-" for a
-    target with one instance. A fleet's discovery sources (DNS, a registry) get a row each,
+    target with one instance. It is the fleet of this command's own dispatcher, which has
+    just started: every instance begins healthy, so a dead one reads healthy and not
+    serving here; a running gateway's view is in its metrics and `dispatcher top`. A
+    detail too long for the table is printed whole under it. A fleet's discovery sources (DNS, a registry) get a row each,
     STATE "source", not serving when their last read failed. A target whose plugin says
     (Describe, /describe, its WebSocket hello) it lacks methods routed to it gets a "NOT
     SERVED" line under the table: their calls fail method_not_found.
@@ -163,13 +166,29 @@ def _health_row(report: TargetHealth) -> tuple[str, ...]:
         report.health.status,
         report.circuit or "-",
         latency,
-        detail[:60],
+        _cut(detail, DETAIL_WIDTH),
     )
+
+
+#: Characters of a probe's detail in the table; a longer one is printed whole below it.
+DETAIL_WIDTH = 60
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` in ``width`` characters, cut at a word where it can be, marked with "…"."""
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > width // 2 else cut) + "…"
 
 
 def _notes_of(report: TargetHealth) -> list[str]:
     """The lines under the table for ``report``: what is not enforced, what is not served."""
     notes = [f"NOT ENFORCED: {line}" for line in report.unenforced]
+    detail = report.health.detail
+    if not report.health.ok and len(detail) > DETAIL_WIDTH:
+        notes.append(f"{report.health.status.upper()}: {detail}")
     if report.missing_methods:
         notes.append(
             f"NOT SERVED: {listed(report.missing_methods)} (the manifest routes here what the"
