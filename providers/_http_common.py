@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import os
 import ssl
 import time
 from collections.abc import Mapping
@@ -390,6 +391,10 @@ def connect_error(error: aiohttp.ClientConnectorError, where: str) -> TargetUnav
     return TargetUnavailable(f"cannot connect to {where}: {error.os_error}", details=CONNECT_STAGE)
 
 
+#: What aiohttp's ``ClientOSError`` says when the request's body could not be written.
+_UNSENT_BODY = "Can not write request body"
+
+
 def in_flight_error(
     error: aiohttp.ClientError, where: str, tls: ClientTls | None = None
 ) -> TargetUnavailable:
@@ -405,6 +410,15 @@ def in_flight_error(
     refusal = _client_certificate_refusal(error, where)
     if refusal is not None:
         return refusal
+    if isinstance(error, aiohttp.ClientOSError) and _UNSENT_BODY in str(error):
+        # aiohttp says this only when writing the body itself failed (``write_bytes``),
+        # before its end went out: a plugin reads a body of the length the request
+        # announced before it runs anything, so this one never ran.
+        reason = os.strerror(error.errno) if error.errno else "the connection closed"
+        return TargetUnavailable(
+            f"{where}: the request could not be sent whole ({reason}): not run",
+            details=CONNECT_STAGE,
+        )
     hung_up = isinstance(error, aiohttp.ServerDisconnectedError) or (
         isinstance(error, aiohttp.ClientOSError) and error.errno in (errno.ECONNRESET, errno.EPIPE)
     )

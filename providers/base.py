@@ -60,10 +60,11 @@ __all__ = [
     "TargetConfig",
 ]
 
-#: ``details`` of an error raised before any byte of the request was sent (the connection
-#: could not be opened): a fleet may send such a call to another instance, whatever the
-#: method (``dispatcher.fleet.step``). Set only where that is certain; anything that may
-#: have reached the plugin carries no such marker.
+#: ``details`` of an error of a call that certainly never ran: the connection could not be
+#: opened, the request could not be written whole, or the plugin answered that it did not
+#: run it. A fleet may send such a call to another instance, whatever the method
+#: (``dispatcher.fleet.step``). Set only where that is certain; anything that may have
+#: reached the plugin carries no such marker.
 CONNECT_STAGE = {"stage": "connect"}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
 import subprocess
 import sys
@@ -16,12 +17,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
 from dispatcher import Dispatcher, DispatchError, ProviderError
 from dispatcher.config import ManifestError, load_manifest, parse_manifest
 from linchkit_plugin.wire import decode_response
+from providers._http_common import in_flight_error
 from providers.docker.target import DockerTarget
 from providers.envelope import decode_batch_response
 from providers.grpc import GrpcTarget
@@ -801,3 +804,16 @@ def test_the_dispatchers_own_urls_as_written_in_the_docs_load() -> None:
             "state": {"backend": "redis", "url": "rediss://:pw@redis.example:6380/1"},
         }
     )
+
+
+def test_a_request_whose_body_could_not_be_written_is_known_not_run() -> None:
+    """aiohttp raises this ``ClientOSError`` only when writing the body failed, before its
+    end went out (a SIGKILLed instance closing the pooled connection as a call was being
+    sent): the plugin cannot have run it, so a fleet may send it elsewhere. A reset after
+    the request went out stays "may have run"."""
+    unsent = aiohttp.ClientOSError(errno.EPIPE, "Can not write request body for http://h/x")
+    error = in_flight_error(unsent, "http http://h/invoke")
+    assert error.details == {"stage": "connect"}
+    assert "could not be sent whole (Broken pipe): not run" in str(error)
+    reset = aiohttp.ClientOSError(errno.ECONNRESET, "Connection reset by peer")
+    assert in_flight_error(reset, "http http://h/invoke").details == {}
