@@ -544,9 +544,13 @@ def test_dispatcher_health_shows_every_instance(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert table.returncode == 1, table.stderr  # one instance is not serving
-    header, *rows = table.stdout.splitlines()
+    header, *lines = table.stdout.splitlines()
+    rows = [line for line in lines if ": NOT_SERVING: " not in line]  # the table's
     assert "STATE" in header
     assert len(rows) == 2
+    assert [line for line in lines if line not in rows] == [
+        f"echo@1.0.0 http {dead}/invoke: NOT_SERVING: {reports_detail(as_json.stdout, 1)}"
+    ]
     assert server.url in rows[0] and " healthy " in rows[0] and " serving " in rows[0]
     assert dead in rows[1] and "not_serving" in rows[1]
     reports = json.loads(as_json.stdout)
@@ -555,6 +559,11 @@ def test_dispatcher_health_shows_every_instance(tmp_path: Path) -> None:
         (f"http {dead}/invoke", "healthy", "not_serving", "closed"),
     ]
     assert all(r["fleet"].startswith("http fleet [") for r in reports)
+
+
+def reports_detail(health_json: str, index: int) -> str:
+    detail: str = json.loads(health_json)[index]["detail"]
+    return detail
 
 
 # -- the hot path of a target with one instance ----------------------------------------------
