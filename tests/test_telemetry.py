@@ -601,3 +601,11 @@ async def test_errors_before_the_chain_are_counted_but_not_kept() -> None:
         # choose; no entry kept: there was no invocation, and the message is theirs.
         assert d.telemetry.errors.counts == {("?", "plugin_not_found"): 1}
         assert not d.telemetry.errors.recent
+
+
+def test_a_log_level_is_read_in_any_case_as_the_command_line_reads_it() -> None:
+    for written in ("info", "Info", "INFO"):
+        manifest = telemetry_manifest({"logs": {"format": "json", "level": written}}, traced())
+        assert manifest.telemetry.logs.level == "INFO"
+    with pytest.raises(ManifestError, match="level"):
+        telemetry_manifest({"logs": {"level": "verbose"}}, traced())

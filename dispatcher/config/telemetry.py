@@ -237,6 +237,12 @@ class LogSettings(StrictModel):
     format: Literal["text", "json"] | None = None
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("level", mode="before")
+    @classmethod
+    def _any_case(cls, level: object) -> object:
+        # As the command line's --log-level takes it: `info` is INFO.
+        return level.upper() if isinstance(level, str) else level
+
 
 class Telemetry(StrictModel):
     """The manifest's top-level ``telemetry:``."""
