@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local services the tests start for themselves, installed from Debian's packages:
-# etcd (the registry of tests/test_etcd_*.py: etcd-server, etcd 3.4), dnsmasq (the DNS
+# etcd (the registry of tests/test_etcd_*.py: etcd-server, etcd 3.4, and etcd-client, the
+# etcdctl the docs' registry examples use), dnsmasq (the DNS
 # server of the DNS discovery tests: dnsmasq-base, the binary without a system service),
 # Prometheus (the server that scrapes a dispatcher's /metrics in
 # tests/test_telemetry_prometheus.py; Debian's package also enables a system service: the
@@ -12,6 +13,7 @@
 set -euo pipefail
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
