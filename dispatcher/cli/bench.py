@@ -327,7 +327,7 @@ async def _measure(target_of: AbstractAsyncContextManager[_Target], run: _Run) -
         await call(run.params[0])  # a method that fails at once fails here, measured or not
         first_call_ms = (time.perf_counter() - first_began) * 1000
         stop = asyncio.Event()
-        with _stop_on_interrupt(stop):
+        with _StopOnInterrupt(stop):
             if run.warmup:
                 warmup = Load(run.load.concurrency, run.warmup, None)
                 await run_load(call, run.params, warmup, stop)
@@ -352,7 +352,7 @@ def _extent(load: Load) -> str:
     return f"{extent} (Ctrl-C stops it early)"
 
 
-class _stop_on_interrupt:
+class _StopOnInterrupt:
     """While inside: the first Ctrl-C sets ``stop`` (no new calls; those in flight end),
     the second cancels the run. Where the loop cannot take signal handlers, Ctrl-C
     interrupts as Python's default does."""
