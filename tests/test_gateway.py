@@ -97,6 +97,7 @@ async def test_the_deadline_header_bounds_the_call_and_a_bad_one_is_refused() ->
         for header, value in [
             ("X-Timeout-Ms", "-1"),
             ("X-Timeout-Ms", "1e3"),
+            ("X-Timeout-Ms", "\u00b2"),  # a digit to isdigit(), not to int(): was a 500
             ("Request-Timeout", "nan"),
         ]:
             status, _, body = await post(session, url, {"seconds": 0}, **{header: value})

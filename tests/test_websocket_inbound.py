@@ -11,16 +11,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from socket_plugin import SocketPlugin
 
 from dispatcher import Dispatcher, TargetUnavailable
+from dispatcher.gateway import GatewayServer, GatewaySettings
 from dispatcher.gateway.app import create_app
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_protocol import hello_frame
 from linchkit_plugin.ws_server import Refused, dial
 from tests.conftest import ROOT, manifest
+from tests.gateway_support import raw_connection, read_answer
 
 TOKEN = "sock-token-0123456789"
 OTHER_TOKEN = "other-token-9876543210"
@@ -193,6 +196,35 @@ async def test_an_upgrade_without_a_plugin_id_or_credentials_is_refused_before_u
         async with client.get(http, headers={"X-Plugin-Id": "sock"}) as answer:
             assert answer.status == 401
             assert (await answer.json())["error"]["type"] == "unauthorized"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [b"Bearer \xff\xfe", b"Bearer " + "s\u00f6ck".encode(), b"\xff\xfe"],
+    ids=["not-utf8", "non-ascii", "no-scheme"],
+)
+async def test_a_token_that_is_not_ascii_is_refused_401_not_a_500(
+    authorization: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Header bytes that are not UTF-8 reach the handler as lone surrogates; the token's
+    comparison encoded them strictly and answered 500 with a traceback."""
+    async with (
+        Dispatcher(_manifest()) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+        raw_connection(server.url) as (reader, writer),
+    ):
+        writer.write(
+            b"GET /v1/plugins/connect HTTP/1.1\r\nHost: x\r\nX-Plugin-Id: sock\r\n"
+            b"Authorization: " + authorization + b"\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        status, answer = await read_answer(reader)
+    assert status == 401
+    body = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["type"] == "unauthorized"
+    assert "Traceback" not in caplog.text
+    assert connected(dispatcher) == 0
 
 
 async def test_the_command_line_serves_and_dials(tmp_path: Any) -> None:

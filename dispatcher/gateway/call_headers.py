@@ -31,7 +31,12 @@ def timeout_of(headers: Mapping[str, str]) -> float | None:
     """The call's deadline in seconds from ``X-Timeout-Ms`` or ``Request-Timeout``."""
     milliseconds = headers.get("X-Timeout-Ms")
     if milliseconds is not None:
-        if milliseconds.isdigit() and 0 < int(milliseconds) <= MAX_TIMEOUT_MS:
+        # ASCII digits only: "²" is a digit to isdigit() and not to int().
+        if (
+            milliseconds.isascii()
+            and milliseconds.isdigit()
+            and 0 < int(milliseconds) <= MAX_TIMEOUT_MS
+        ):
             return int(milliseconds) / 1000
         raise InvalidParams(f"X-Timeout-Ms is an integer in [1, {MAX_TIMEOUT_MS}]")
     seconds = headers.get("Request-Timeout")

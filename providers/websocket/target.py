@@ -168,7 +168,10 @@ class WebSocketTarget(TargetConfig):
         may connect as an instance of this target. Constant time on the token."""
         if self.token is not None:
             expected = self.token.get_secret_value().encode()
-            if bearer is None or not hmac.compare_digest(expected, bearer.encode()):
+            # Header bytes that are not UTF-8 arrive as lone surrogates: compared as bytes
+            # all the same (surrogatepass never raises), so they are a wrong token, not a 500.
+            presented = None if bearer is None else bearer.encode("utf-8", "surrogatepass")
+            if presented is None or not hmac.compare_digest(expected, presented):
                 return False
         return self.principal is None or principal == self.principal
 
