@@ -17,8 +17,8 @@ nothing. Any replica's workers deliver (``run``): they claim due callbacks for a
 once, and settle: 2xx delivered; 5xx, 429 and no answer due again after a doubling,
 jittered pause (``callback_backoff_ms`` … ``callback_backoff_max_ms``) until
 ``callback_attempts`` POSTs were made; any other answer, a redirect (a 3xx is not
-followed: the record must not be carried anywhere the policy did not check) or a
-refusal by the egress policy ends it at once. An ended-without-delivery callback is
+followed: the record must not be carried anywhere the policy did not check), a
+refusal by the egress policy or a URL the HTTP client cannot use ends it at once. An ended-without-delivery callback is
 dead-lettered: its job's record says ``callback: failed`` and ``callback_error`` why
 (``dispatcher jobs --callback failed``). Each POST is bounded by ``callback_timeout_ms``.
 
@@ -350,6 +350,13 @@ class JobCallbacks:
                 status_code = answer.status
         except EgressRefused as refused:  # after resolution: it will not change
             return "failed", refused.message
+        except (aiohttp.InvalidURL, UnicodeError) as error:
+            # The client cannot use the URL at all (yarl's IDNA, aiohttp's refusal of an
+            # address in a form other than a.b.c.d): no later POST would fare better.
+            return (
+                "failed",
+                f"the HTTP client cannot use this callback_url ({type(error).__name__})",
+            )
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             return "retry", f"no answer ({type(error).__name__})"
         if 200 <= status_code < 300:

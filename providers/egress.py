@@ -6,7 +6,9 @@ A manifest names destinations: an HTTP target's ``url``, a Knative ``ingress``, 
 The policy is checked
 
 * **when the manifest loads** (``EgressPolicy.refusal``): address literals, cloud metadata
-  names, names the allowlist can never admit, Unix sockets outside ``unix_socket_dirs``
+  names, names the allowlist can never admit, hosts that are neither an address written
+  canonically nor a host name (``0xa9fea9fe``, ``127.1``: addresses to a resolver, which
+  a check as names would miss), Unix sockets outside ``unix_socket_dirs``
   (after symlinks are resolved), schemes other than http and https;
 * **when a provider connects, after name resolution** (``EgressPolicy.admitted``): every
   address a name resolves to is checked and the forbidden ones are never dialled; when
@@ -43,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -195,10 +198,12 @@ class EgressPolicy(StrictModel):
 
     def name_refusal(self, name: str) -> str | None:
         """Why the name itself is refused, before it is resolved; None if it may be."""
-        if not _is_dns_name(name):
+        problem = _name_problem(name)
+        if problem is not None:
             # Else the IDNA codec refuses it when it is resolved, a bare UnicodeError out of
-            # a call or a start (a websocket dialer's task ended on it without a word).
-            return f"{name[:80]!r} is no host name: a label is empty or longer than 63 characters"
+            # a call or a start (a websocket dialer's task ended on it without a word), or a
+            # client reads it as an address nobody checked (the last problem below).
+            return f"{name[:80]!r} is no host name: {problem}"
         normal = _normal_name(name)
         if normal in METADATA_NAMES and not self.allow_link_local:
             return f"{name} is a cloud metadata service; {_RELAX_LINK_LOCAL}"
@@ -282,11 +287,40 @@ class EgressPolicy(StrictModel):
         self.admitted(host, _unique(str(info[4][0]) for info in infos))
 
 
-def _is_dns_name(name: str) -> bool:
-    """Labels of 1 to 63 characters, 253 in all (one trailing dot allowed): what a
-    resolver takes."""
-    labels = name[:-1] if name.endswith(".") else name
-    return 0 < len(labels) <= 253 and all(0 < len(label) <= 63 for label in labels.split("."))
+#: A label of a host name: letters, digits, ``-`` and ``_`` (which resolvers take in
+#: names of services and hosts alike).
+_LABEL = re.compile(r"[A-Za-z0-9_-]+")
+#: A last label that makes the name an IPv4 address to whoever reads it: decimal digits,
+#: or ``0x`` and hexadecimal ones. ``inet_aton`` (so ``getaddrinfo``) and WHATWG URL
+#: parsers (reqwest's) take ``2852039166``, ``0251.0376.0251.0376``, ``0xa9fea9fe``,
+#: ``127.1`` and ``169.254.169.254.`` for addresses; aiohttp refuses to dial the decimal
+#: ones (a failure at the first request, not at load or submit). No top-level domain is
+#: a number.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
+
+
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` is not a host name a resolver takes as a name; None if it is one:
+    labels of 1 to 63 letters, digits, ``-`` or ``_`` (a non-ASCII name in its IDNA
+    form), 253 characters in all, one trailing dot allowed, the last label not a number."""
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "a label is empty or longer than 63 characters, or not IDNA"
+    written = name[:-1] if name.endswith(".") else name
+    labels = written.split(".")
+    if not 0 < len(written) <= 253 or not all(0 < len(label) <= 63 for label in labels):
+        return "a label is empty or longer than 63 characters"
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        return "a label holds something other than letters, digits, '-' and '_'"
+    if _NUMERIC_LABEL.fullmatch(labels[-1]):
+        return (
+            "it ends in a number, which resolvers and URL parsers read as an IPv4 address"
+            " (write an address as four decimal numbers, 169.254.169.254, and a name with"
+            " letters in its last label)"
+        )
+    return None
 
 
 def _unique(items: Iterable[str]) -> Sequence[str]:

@@ -79,6 +79,26 @@ def test_link_local_and_metadata_urls_are_refused_at_load(url: str) -> None:
     assert "allow_link_local" in message  # says how to relax it
 
 
+@pytest.mark.parametrize(
+    "host",
+    ["2852039166", "0251.0376.0251.0376", "0xa9fea9fe", "169.254.169.254.", "127.1", "10.0.0.0x1"],
+)
+def test_an_address_in_a_form_other_than_four_decimals_is_refused_at_load(host: str) -> None:
+    """Resolvers (inet_aton) and WHATWG URL parsers read these as 169.254.169.254,
+    127.0.0.1 or 10.0.0.1; the policy took them for names and checked none of that (an
+    http target's URL is made canonical by the manifest's URL type first)."""
+    message = refused({"provider": "grpc", "address": f"{host}:50051"})
+    assert "plugins[0].target.address" in message
+    assert "ends in a number" in message
+    policy = EgressPolicy()
+    refusal = policy.refusal(Destination.of_url("callback_url", f"http://{host}:8080/"))
+    assert refusal is not None
+    assert "ends in a number" in refusal
+    assert policy.name_refusal(host) is not None  # at connect time too
+    assert policy.name_refusal("svc-1.internal") is None
+    assert policy.name_refusal("a1.example.com.") is None
+
+
 def test_knative_ingress_and_grpc_address_are_checked_too() -> None:
     ingress = {"provider": "knative", "service": "echo", "ingress": "http://169.254.169.254"}
     assert "plugins[0].target.ingress" in refused(ingress)

@@ -230,6 +230,24 @@ async def test_hostile_submissions_are_refused_before_anything_is_queued(
                 400,
             ),
             ({"json": {"n": 1}, "headers": {"X-Callback-Url": "file:///etc/passwd"}}, 400),
+            # 169.254.169.254 (and 127.0.0.1) in the forms resolvers and URL parsers read
+            # as addresses: taken at submit before, then failed as retryable and re-POSTed.
+            *(
+                ({"json": {"n": 1}, "headers": {"X-Callback-Url": f"http://{host}/hook"}}, 400)
+                for host in (
+                    "2852039166",
+                    "0251.0376.0251.0376",
+                    "0xa9fea9fe",
+                    "0XA9FEA9FE",
+                    "169.254.169.254.",
+                    "169.254.43518",
+                    "127.1",
+                    "127.0.0.1.",
+                    "127.0.0.01",
+                    "ex%61mple.com",
+                    "a..b",
+                )
+            ),
             ({"json": {"n": 1}, "headers": {"X-Callback-Url": "http://" + "a" * 3000}}, 400),
         ]
         for options, expected in cases:

@@ -45,6 +45,30 @@ async def test_a_callback_url_put_in_the_record_behind_the_submit_check_is_not_c
         assert receiver.received == []
 
 
+async def test_a_callback_url_the_http_client_cannot_use_fails_at_once_without_retries(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """``127.1`` is 127.0.0.1 to a resolver, and aiohttp refuses to dial it: a record
+    naming it (behind the submit check) was POSTed as often as callback_attempts allow,
+    each failure taken for a receiver that did not answer yet."""
+    async with receiving(ok) as receiver:
+        async with dispatcher_for(tmp_path, redis_server.url, redis_prefix, workers=0) as submitter:
+            job_id = await submitter.submit("jobs", "work", {"n": 3})
+        unusable = receiver.url.replace("127.0.0.1", "127.1")
+        async with aioredis.Redis.from_url(redis_server.url) as client:
+            await client.hset(f"{redis_prefix}:job:{job_id}", "callback_url", unusable)
+        async with callbacks_dispatcher(
+            tmp_path, redis_server, redis_prefix, callback_attempts=4
+        ) as worker:
+            assert (await worker.result(job_id, wait=30))["n"] == 3
+            await until(lambda: callbacks(worker)["failed"] == 1, "the refusal")
+            assert callbacks(worker)["retried"] == 0
+            record = await worker.job(job_id)
+        assert record["callback"] == "failed"
+        assert "no host name" in record["callback_error"]
+        assert receiver.received == []
+
+
 @contextlib.asynccontextmanager
 async def endless_receiver() -> AsyncIterator[tuple[str, list[int]]]:
     """A receiver answering 200 and then a body of 6.5 GB, if anyone read it all;
