@@ -182,6 +182,7 @@ class Gateway:
             )
         except Refused as refused:
             answer = answer_of(refused.error, status=refused.status, close=refused.close)
+            answer.headers.update(refused.headers)
         except DispatchError as error:
             unread = not body_read and unread_body
             answer = answer_of(error, close=unread or isinstance(error, ShuttingDown))
@@ -219,7 +220,9 @@ class Gateway:
                 callback_url=headers.get("X-Callback-Url"),
             )
         except Refused as refused:
-            return error_answer(refused.error, status=refused.status, close=refused.close)
+            answer = error_answer(refused.error, status=refused.status, close=refused.close)
+            answer.headers.update(refused.headers)
+            return answer
         except DispatchError as error:
             unread = not body_read and request.body_exists
             return error_answer(error, close=unread or isinstance(error, ShuttingDown))
@@ -482,8 +485,11 @@ def create_app(
     settings = settings or GatewaySettings()
     gateway = Gateway(dispatcher, settings, authenticator)
     # client_max_size bounds only aiohttp's own body readers; the gateway reads bodies
-    # itself (dispatcher.gateway.body), under max_body_bytes.
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    # itself (dispatcher.gateway.body), under max_body_bytes, and decodes a compressed one
+    # itself, capped, whichever runner serves the app (handler_args reach its protocol).
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, handler_args={"auto_decompress": False}
+    )
     app[HUB_KEY] = gateway.hub
     app[GATEWAY_KEY] = gateway
     # Before the call route, whose {method} would take "name:submit" whole.

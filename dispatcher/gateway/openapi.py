@@ -150,7 +150,8 @@ _STATUS_TEXT = {
     404: "No such plugin, version or method",
     408: "The request body did not arrive in time",
     413: "The request body is over the gateway's limit",
-    415: "The request body is not application/json",
+    415: "The request body is not application/json, or in a Content-Encoding the gateway"
+    " does not decode (Accept-Encoding names those it does)",
     429: "Rate limited: come back after Retry-After seconds",
     500: "The plugin raised an error (its own type in error.type)",
     502: "The target broke the contract",
