@@ -409,6 +409,107 @@ async def test_without_credentials_401_with_www_authenticate_and_forbidden_403(
     assert wrong not in caplog.text
 
 
+def _head(*lines: bytes, end: bytes = b"\r\n") -> bytes:
+    return end.join((b"POST /v1/plugins/echo/methods/say HTTP/1.1", b"Host: x", *lines)) + end * 2
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+@pytest.mark.parametrize(
+    ("sent", "status"),
+    [
+        pytest.param(
+            _head(b"Authorization: Bearer " + SECRET_TOKEN.encode() * 300), 431, id="long-header"
+        ),
+        pytest.param(
+            _head(b"X-Pad: " + b"p" * 9000, b"X-API-Key: " + SECRET_TOKEN.encode()),
+            431,
+            id="long-header-before-the-key",
+        ),
+        pytest.param(
+            b"POST /v1/plugins/echo/methods/say?"
+            + SECRET_TOKEN.encode() * 300
+            + b" HTTP/1.1\r\n\r\n",
+            431,
+            id="long-request-line",
+        ),
+        pytest.param(
+            _head(b"X-API-Key: " + SECRET_TOKEN.encode(), b"Content-Length: 2", end=b"\n") + b"{}",
+            400,
+            id="bare-lf",
+        ),
+        pytest.param(
+            _head(b"X-API-Key: " + SECRET_TOKEN.encode(), b"Bad Header: x"), 400, id="bad-header"
+        ),
+    ],
+)
+async def test_a_head_aiohttp_cannot_parse_is_answered_in_the_envelope_and_never_quoted(
+    sent: bytes, status: int, lane: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """aiohttp answered these itself, text/plain, quoting the bytes it choked on (the
+    credentials with them), and logged the same with a traceback at ERROR on
+    ``aiohttp.server``, outside ``logs.format: json``."""
+    document = manifest(echo_entry()).model_dump(mode="json", exclude_none=True)
+    document["telemetry"] = {"logs": {"format": "json", "level": "DEBUG"}}
+    settings = GatewaySettings(port=0, call_lane=lane)
+    async with (
+        Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher,
+        GatewayServer(dispatcher, settings) as server,
+    ):
+        capsys.readouterr()
+        async with raw_connection(server.url) as (reader, writer):
+            writer.write(sent)
+            got, answer = await read_answer(reader)
+            assert await reader.read() == b""  # and the connection closed
+        logged = capsys.readouterr().err
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert got == status
+    assert b"content-type: application/json" in head.lower()
+    assert b"connection: close" in head.lower()
+    assert orjson.loads(body)["error"]["type"] == "invalid_params"
+    assert SECRET_TOKEN.encode() not in answer
+    assert SECRET_TOKEN not in logged
+    lines = [orjson.loads(line) for line in logged.splitlines() if "parser" in line]
+    assert len(lines) == 1, logged  # one JSON line, in the manifest's format
+    assert lines[0]["level"] == "WARNING"
+    assert lines[0]["logger"] == "dispatcher.gateway"
+    assert "exception" not in lines[0]
+    assert f"({status})" in lines[0]["message"]
+    assert "Traceback" not in logged
+
+
+async def test_a_handler_that_fails_answers_500_in_the_envelope_without_its_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A bug in a route aiohttp serves was "500 Internal Server Error" in text/plain; its
+    exception's message (which may quote what a client sent) stays out of the log."""
+    document = manifest(echo_entry()).model_dump(mode="json", exclude_none=True)
+    document["telemetry"] = {"logs": {"format": "json"}}
+    async with (
+        Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+        aiohttp.ClientSession() as session,
+    ):
+
+        def broken() -> dict[str, Any]:  # a fault put into a real dispatcher
+            raise ValueError(f"cannot parse {SECRET_TOKEN}")
+
+        dispatcher.stats = broken  # type: ignore[method-assign]
+        capsys.readouterr()
+        async with session.get(f"{server.url}/v1/rollouts") as answer:
+            assert answer.status == 500
+            assert answer.content_type == "application/json"
+            body = await answer.json()
+        logged = capsys.readouterr().err
+    assert body["error"]["type"] == "provider_error"
+    assert SECRET_TOKEN not in orjson.dumps(body).decode()
+    assert SECRET_TOKEN not in logged
+    line = orjson.loads(next(line for line in logged.splitlines() if "failed to answer" in line))
+    assert line["level"] == "ERROR"
+    assert "ValueError" in line["message"]
+    assert "/v1/rollouts" in line["message"]  # the route, as the app declares it
+    assert "broken" in line["message"]  # where it was raised
+
+
 async def test_an_authenticator_that_breaks_refuses_without_quoting_the_credentials(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

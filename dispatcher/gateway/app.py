@@ -78,7 +78,7 @@ from linchkit_plugin.ws_protocol import (
 )
 from providers.invocation import new_request_id
 
-__all__ = ["GATEWAY_KEY", "HUB_KEY", "Gateway", "create_app"]
+__all__ = ["GATEWAY_KEY", "HANDLER_ARGS", "HUB_KEY", "Gateway", "create_app"]
 
 log = logging.getLogger("dispatcher.gateway")
 
@@ -89,6 +89,9 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = "application/json"
 
 HUB_KEY = web.AppKey("event_hub", EventHub)
+#: What aiohttp's protocol is told for every connection of the app, whichever runner
+#: serves it: bodies are decoded by ``dispatcher.gateway.body``, capped, not by aiohttp.
+HANDLER_ARGS: Mapping[str, Any] = {"auto_decompress": False}
 
 
 class Gateway:
@@ -487,9 +490,7 @@ def create_app(
     # client_max_size bounds only aiohttp's own body readers; the gateway reads bodies
     # itself (dispatcher.gateway.body), under max_body_bytes, and decodes a compressed one
     # itself, capped, whichever runner serves the app (handler_args reach its protocol).
-    app = web.Application(
-        client_max_size=settings.max_body_bytes, handler_args={"auto_decompress": False}
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes, handler_args=HANDLER_ARGS)
     app[HUB_KEY] = gateway.hub
     app[GATEWAY_KEY] = gateway
     # Before the call route, whose {method} would take "name:submit" whole.

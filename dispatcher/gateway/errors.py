@@ -4,8 +4,10 @@ One table, the same for every route (``docs/gateway.md``), consistent with the p
 SDK's HTTP server and the HTTP provider's mapping (``providers/http.py``):
 
     type                                status  headers
-    invalid_params                      400     (413 body too large, 415 not JSON: the
-                                                gateway's own refusals, same type)
+    invalid_params                      400     (413 body too large, 415 not JSON or a
+                                                coding not decoded, 431 a line of the head
+                                                too long: the gateway's own refusals, same
+                                                type)
     unauthorized                        401     WWW-Authenticate: Bearer
     forbidden                           403
     plugin_not_found, method_not_found, 404

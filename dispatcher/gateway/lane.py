@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 import socket
 import time
@@ -53,6 +52,7 @@ from multidict import CIMultiDict
 from dispatcher.gateway.body import parse_json
 from dispatcher.gateway.credentials import credentials_from
 from dispatcher.gateway.errors import Answer, answer_of
+from dispatcher.gateway.protocol import log_failure
 from linchkit_plugin.errors import DeadlineExceeded, ProviderError
 
 if TYPE_CHECKING:
@@ -60,8 +60,6 @@ if TYPE_CHECKING:
     from dispatcher.gateway.settings import GatewaySettings
 
 __all__ = ["DRAIN_IDLE_SECONDS", "LANE_MAX_BODY", "LANE_MAX_HEAD", "CallLane", "CallLanes"]
-
-log = logging.getLogger("dispatcher.gateway")
 
 #: The largest body the lane holds; a larger one is read by aiohttp, under the gateway's
 #: limits, as it arrives. Calls are small: 64 KiB keeps the lane's buffer per connection
@@ -362,8 +360,8 @@ class CallLane(asyncio.Protocol):
                 partial(credentials_from, head.headers, transport),
                 unread_body=False,  # read whole: the connection stays usable after a refusal
             )
-        except Exception:  # a bug, not a caller's error: 500 without detail, as aiohttp's
-            log.exception("the call lane failed to answer %s.%s", plugin, method)
+        except Exception as error:  # a bug, not a caller's error: 500 without detail
+            log_failure(f"the call lane failed to answer a call of {plugin}.{method}", error)
             failed = ProviderError("the gateway failed to answer this call")
             answer = answer_of(failed, status=500, close=True)
         finally:

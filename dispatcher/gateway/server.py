@@ -2,7 +2,9 @@
 
 ``GatewayServer`` serves the app of ``dispatcher.gateway.app`` over a started
 ``Dispatcher``. Each connection starts on the call lane (``dispatcher.gateway.lane``),
-which answers plain calls itself and hands anything else to aiohttp's protocol; with
+which answers plain calls itself and hands anything else to aiohttp's protocol (as the
+gateway runs it, ``dispatcher.gateway.protocol``: what aiohttp answers by itself comes in
+the error envelope, quoting nothing a client sent); with
 ``access_log`` (or ``call_lane=False``) every request goes to aiohttp, which writes the
 log. aiohttp's keep-alive
 timer (and the lane's, alike) runs from the moment a connection opens and again after
@@ -25,15 +27,17 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher.gateway.app import GATEWAY_KEY, HUB_KEY, create_app
+from dispatcher.gateway.app import GATEWAY_KEY, HANDLER_ARGS, HUB_KEY, create_app
 from dispatcher.gateway.events import EventHub
 from dispatcher.gateway.lane import DRAIN_IDLE_SECONDS, CallLanes
+from dispatcher.gateway.protocol import GatewayProtocol
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator
 from providers.tls import files_stamp
@@ -174,24 +178,29 @@ class GatewayServer:
         app = create_app(self.dispatcher, settings, authenticator=self._authenticator)
         app.on_response_prepare.append(self._closing_after_answer)
         self.hub = app[HUB_KEY]
-        runner = web.AppRunner(
-            app,
-            handle_signals=False,
-            access_log=logging.getLogger("aiohttp.access") if self._access_log else None,
-            keepalive_timeout=settings.header_timeout,
+        protocol_options = {
+            "access_log": logging.getLogger("aiohttp.access") if self._access_log else None,
+            "keepalive_timeout": settings.header_timeout,
             # A body left unread (refused before or while reading it) is not read to its
             # end, which may never come: the connection closes after the answer instead.
-            lingering_time=0,
-            shutdown_timeout=_SHUTDOWN_SECONDS,
+            "lingering_time": 0,
+            **HANDLER_ARGS,
+        }
+        runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=_SHUTDOWN_SECONDS, **protocol_options
         )
         await runner.setup()
         self._runner = runner
         assert runner.server is not None
+        loop = asyncio.get_running_loop()
+        # aiohttp's protocol for the app, with the gateway's answers to requests aiohttp
+        # answers by itself (dispatcher.gateway.protocol), on every connection it serves.
+        protocols = partial(GatewayProtocol, runner.server, loop=loop, **protocol_options)
         if settings.call_lane and not self._access_log:
-            self.lanes = CallLanes(app[GATEWAY_KEY], settings, runner.server)
+            self.lanes = CallLanes(app[GATEWAY_KEY], settings, protocols)
         try:
-            self._listening = await asyncio.get_running_loop().create_server(
-                self.lanes or runner.server,
+            self._listening = await loop.create_server(
+                self.lanes or protocols,
                 settings.host,
                 settings.port,
                 ssl=context,
