@@ -217,14 +217,16 @@ async def test_a_body_where_none_is_expected_is_refused_and_steers_nothing(
     assert (status, answer["rollout"]["status"]) == (200, "paused")
 
 
-async def test_a_request_line_past_the_parsers_limit_is_a_400_without_a_traceback(
+async def test_a_request_line_past_the_parsers_limit_is_a_431_without_a_traceback(
     gateway: tuple[Dispatcher, str, aiohttp.ClientSession],
 ) -> None:
-    """aiohttp's own parser refuses a URL over 8190 bytes before any route runs: its
-    answer is plain text (not our envelope), but a 400, short, and without a traceback."""
+    """aiohttp's own parser refuses a URL over 8190 bytes before any route runs: in the
+    gateway's envelope (dispatcher.gateway.protocol), short, quoting none of it."""
     dispatcher, url, session = gateway
     async with session.post(f"{url}/v1/rollouts/{'x' * 9000}/answer:pause", headers=ADMIN) as r:
         text = await r.text()
-    assert r.status == 400
+    assert r.status == 431
+    assert r.content_type == "application/json"
     assert "Traceback" not in text and len(text) < 1000
+    assert "xxxx" not in text
     assert status_of(dispatcher) == "running"
