@@ -978,6 +978,22 @@ class Dispatcher:
         paused, resumed or aborted (``dispatcher._rollout.RolloutEvent``)."""
         self._rollouts.listeners.append(listener)
 
+    @property
+    def checks_access(self) -> bool:
+        """Whether the manifest has ``access`` rules: then only a principal they allow
+        calls a method."""
+        return self._guard.access is not None
+
+    def may_call(self, caller: Principal | None, plugin: str, version: str, method: str) -> bool:
+        """Whether ``caller`` may call ``method`` of ``plugin`` at ``version`` under the
+        manifest's ``access`` (anyone without it; only a principal with it), decided as a
+        call is, without counting a check or a refusal: for what the gateway shows a
+        caller (its plugins, methods and errors)."""
+        access = self._guard.access
+        if access is None:
+            return True
+        return caller is not None and access.allows(caller, plugin, version, method)
+
     def control_rollout(
         self, plugin: str, method: str, action: str, *, caller: Principal | None = None
     ) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from dispatcher.audit import verify
 from dispatcher.config import parse_manifest
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from tests.conftest import manifest
-from tests.gateway_support import echo_entry
+from tests.gateway_support import echo_entry, eventful_entry
 from tests.identity_support import good_claims, jwt_config, rsa_key, write_jwks
 
 READER_KEY = "rk_live_reader_0123456789abcdef"
@@ -98,3 +98,95 @@ async def test_the_manifest_decides_who_calls_and_every_request_is_audited(
         assert secret not in log
     report = verify(tmp_path / "audit.log")
     assert report.intact, report
+
+
+ALICE_KEY = "rk_live_alice_00112233445566778899"
+BOB_KEY = "rk_live_bob_99887766554433221100"
+CAROL_KEY = "rk_live_carol_aabbccddeeff00112233"
+
+
+async def test_introspection_shows_a_caller_only_what_it_may_call_and_its_own_errors(
+    tmp_path: Path,
+) -> None:
+    """Carol may call nothing: she was shown every plugin, method and params schema
+    (/v1/plugins, /openapi.json) and the recent errors of everyone's calls (/v1/errors),
+    whose messages carry what those callers sent. The docs promise a caller refused a
+    name "learns nothing of what does exist"."""
+    document = manifest(echo_entry(), eventful_entry()).model_dump(mode="json", exclude_none=True)
+    document |= {
+        "auth": {
+            "api_keys": [
+                {"principal": "alice", "sha256": sha256(ALICE_KEY), "roles": ["user"]},
+                {"principal": "bob", "sha256": sha256(BOB_KEY), "roles": ["user"]},
+                {"principal": "carol", "sha256": sha256(CAROL_KEY), "roles": []},
+                {"principal": "admin-svc", "sha256": sha256(ADMIN_KEY), "roles": ["admin"]},
+            ]
+        },
+        "access": {
+            "roles": {"user": {"allow": ["echo.say", "echo.withdraw"]}, "admin": {"allow": ["*"]}}
+        },
+        "telemetry": {"metrics": {"enabled": True}},
+    }
+    loaded = parse_manifest(document, base_dir=tmp_path)
+    async with (
+        Dispatcher(loaded) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def get(route: str, key: str | None) -> tuple[int, Any]:
+            headers = {"X-API-Key": key} if key is not None else {}
+            async with session.get(f"{server.url}{route}", headers=headers) as answer:
+                return answer.status, await answer.json()
+
+        withdraw = f"{server.url}/v1/plugins/echo/methods/withdraw"
+        for key, amount in ((ALICE_KEY, 500), (BOB_KEY, 700)):
+            async with session.post(
+                withdraw, json={"amount": amount}, headers={"X-API-Key": key}
+            ) as answer:
+                assert answer.status == 500  # the plugin's error, its message names the amount
+
+        for route in ("/v1/plugins", "/openapi.json", "/v1/errors"):
+            assert (await get(route, None))[0] == 401, route
+
+        # /v1/plugins: what each may call, nothing else.
+        def listed(body: Any) -> dict[str, list[str]]:
+            return {p["id"]: [m["name"] for m in p["methods"]] for p in body["plugins"]}
+
+        assert listed((await get("/v1/plugins", CAROL_KEY))[1]) == {}
+        assert listed((await get("/v1/plugins", ALICE_KEY))[1]) == {"echo": ["say", "withdraw"]}
+        assert listed((await get("/v1/plugins", ADMIN_KEY))[1]) == {
+            "echo": ["say", "sleep", "withdraw"],
+            "events": ["burst"],
+        }
+
+        # /openapi.json: the paths and params schemas of those methods only.
+        def described(body: Any) -> tuple[set[str], set[str]]:
+            paths = {path for path in body["paths"] if path.startswith("/v1/plugins/")}
+            schemas = {name for name in body["components"]["schemas"] if ".params" in name}
+            return paths, schemas
+
+        status, carol = await get("/openapi.json", CAROL_KEY)
+        assert status == 200
+        assert described(carol) == (set(), set())
+        assert "/v1/plugins" in carol["paths"]  # the routes themselves are no secret
+        assert described((await get("/openapi.json", ALICE_KEY))[1]) == (
+            {"/v1/plugins/echo/methods/say", "/v1/plugins/echo/methods/withdraw"},
+            {"echo.say.params", "echo.withdraw.params"},
+        )
+        assert len(described((await get("/openapi.json", ADMIN_KEY))[1])[0]) == 4
+
+        # /v1/errors: each caller's own calls; counts of the plugins it may call.
+        status, errors = await get("/v1/errors", CAROL_KEY)
+        assert (status, errors["recent"], errors["counts"]) == (200, [], [])
+        _, errors = await get("/v1/errors", ALICE_KEY)
+        assert [entry["message"][:18] for entry in errors["recent"]] == ["cannot withdraw 50"]
+        assert errors["recent"][0]["caller"] == "alice"
+        assert errors["counts"] == [{"plugin": "echo", "type": "plugin_error", "count": 2}]
+        _, errors = await get("/v1/errors", BOB_KEY)
+        assert [entry["message"][:18] for entry in errors["recent"]] == ["cannot withdraw 70"]
+        _, errors = await get("/v1/errors", ADMIN_KEY)
+        assert errors["recent"] == []  # another's message, whatever the caller's roles
+        assert errors["counts"] == [{"plugin": "echo", "type": "plugin_error", "count": 2}]
+        # Nothing of this is a call: no check or refusal counted, no audit record.
+        assert dispatcher.stats()["access"]["refusals"] == 0

@@ -186,13 +186,17 @@ async def test_unauthenticated_and_unauthorized_callers_steer_nothing(
     assert status_of(dispatcher) == "running"
 
 
-async def test_only_an_authenticated_caller_sees_the_rollouts(
+async def test_a_caller_sees_only_the_rollouts_of_methods_it_may_call(
     gateway: tuple[Dispatcher, str, aiohttp.ClientSession],
 ) -> None:
+    """The reader may call other.* only: the rollout of svc.answer (its counters, a
+    shadow's recent differences) was listed to it all the same."""
     _, url, session = gateway
     status, _, body = await send(session, "GET", f"{url}/v1/rollouts", {})
     assert_refused(status, body, 401, "unauthorized")
     status, _, body = await send(session, "GET", f"{url}/v1/rollouts", READER)
+    assert (status, body) == (200, {"rollouts": {}})
+    status, _, body = await send(session, "GET", f"{url}/v1/rollouts", ADMIN)
     assert status == 200
     assert body["rollouts"]["svc.answer"]["status"] == "running"
 

@@ -12,7 +12,7 @@ Routes (``docs/gateway.md``):
     GET  /v1/plugins/connect                     WebSocket: a plugin dials in (reverse mode)
     GET  /openapi.json                           generated from the manifest at start
     GET  /metrics                                Prometheus metrics (telemetry.metrics on)
-    GET  /v1/errors                              the latest errors, by type and plugin
+    GET  /v1/errors                              the caller's latest errors, counts by plugin
     GET  /v1/rollouts                            every rollout and shadow, step and counters
     POST /v1/rollouts/{plugin}/{method}:{action} pause, resume or abort a rollout (no body)
     GET  /healthz                                the process answers
@@ -37,6 +37,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -45,6 +46,7 @@ from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher._jobs import JobNotFinished, JobNotFound
+from dispatcher.config import Manifest
 from dispatcher.gateway.body import Refused, read_params
 from dispatcher.gateway.call_headers import (
     REQUEST_ID,
@@ -56,9 +58,9 @@ from dispatcher.gateway.call_headers import (
 from dispatcher.gateway.credentials import credentials_of
 from dispatcher.gateway.errors import Answer, answer_of, error_answer
 from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_event_id
-from dispatcher.gateway.openapi import openapi_document
+from dispatcher.gateway.openapi import Allows, openapi_document
 from dispatcher.gateway.settings import GatewaySettings
-from dispatcher.identity import Authenticator, Credentials, Principal
+from dispatcher.identity import Authenticator, Credentials, Principal, refused
 from dispatcher.state.base import TERMINAL_STATES
 from dispatcher.telemetry.metrics import metrics_handler
 from linchkit_plugin.errors import (
@@ -89,6 +91,20 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = "application/json"
 
 HUB_KEY = web.AppKey("event_hub", EventHub)
+#: Role sets whose view of the manifest is kept (``Gateway._view``); past this, it starts over.
+MAX_VIEWS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """What a caller may see of the manifest: the bodies of ``GET /v1/plugins`` and
+    ``/openapi.json``, and the plugins it may call a method of (whose errors it counts)."""
+
+    plugins: bytes
+    openapi: bytes
+    plugin_ids: frozenset[str]
+
+
 #: What aiohttp's protocol is told for every connection of the app, whichever runner
 #: serves it: bodies are decoded by ``dispatcher.gateway.body``, capped, not by aiohttp.
 HANDLER_ARGS: Mapping[str, Any] = {"auto_decompress": False}
@@ -117,12 +133,11 @@ class Gateway:
             buffer_size=settings.event_buffer, max_pending=settings.max_pending_events
         )
         self.hub.attach(dispatcher)
-        manifest = dispatcher.manifest
-        # Both answers are fixed for the gateway's life: encoded once.
-        self._openapi = orjson.dumps(
-            openapi_document(manifest, authenticated=self.authenticator is not None)
-        )
-        self._plugins = orjson.dumps({"plugins": _plugin_list(dispatcher)})
+        # What callers see of the manifest is fixed for the gateway's life: encoded once,
+        # or once per set of roles under ``access`` (``_view``).
+        self._manifest = dispatcher.manifest
+        self._everything = self._view_of(None)
+        self._views: dict[frozenset[str], _View] = {}
         self._streams: set[EventStream] = set()
         self._plugin_sockets: set[web.WebSocketResponse] = set()
         #: ``GET /v1/jobs/{id}?wait=`` requests parked now (bounded: ``max_job_waits``).
@@ -329,41 +344,97 @@ class Gateway:
             raise Unauthorized("the credentials could not be checked") from None
 
     # -- introspection -------------------------------------------------------------------
+    #
+    # Under the manifest's ``access`` a caller sees only what it may call: a caller refused
+    # a method learns nothing of what exists beyond it, here as from a call's ``Forbidden``.
 
     async def plugins(self, request: web.Request) -> web.Response:
+        """``GET /v1/plugins``: the plugins and methods the caller may call."""
         try:
-            await self._authenticate(request)
+            view = self._view(await self._authenticate(request))
         except DispatchError as error:
             return error_answer(error)
-        return web.Response(body=self._plugins, content_type=_JSON)
+        return web.Response(body=view.plugins, content_type=_JSON)
 
     async def openapi(self, request: web.Request) -> web.Response:
+        """``GET /openapi.json``: the document of the methods the caller may call."""
         try:
-            await self._authenticate(request)
+            view = self._view(await self._authenticate(request))
         except DispatchError as error:
             return error_answer(error)
-        return web.Response(body=self._openapi, content_type=_JSON)
+        return web.Response(body=view.openapi, content_type=_JSON)
 
     async def errors(self, request: web.Request) -> web.Response:
-        """The latest errors (``dispatcher.telemetry.errors``): their messages may carry
-        what callers sent, so only authenticated callers see them."""
+        """The latest errors (``dispatcher.telemetry.errors``) of the caller's own calls
+        (anonymous callers share those made anonymously, as they share jobs): a message
+        may carry what its caller sent. Counts by plugin and type, of the plugins the
+        caller may call."""
         try:
-            await self._authenticate(request)
+            principal = await self._authenticate(request)
+            view = self._view(principal)
         except DispatchError as error:
             return error_answer(error)
         telemetry = self.dispatcher.telemetry
         if telemetry is None:
             return web.json_response({"counts": [], "recent": [], "enabled": False})
-        return web.json_response({**telemetry.errors.snapshot(), "enabled": True})
+        snapshot = telemetry.errors.snapshot()
+        caller = principal.id if principal is not None else None
+        counts = snapshot["counts"]
+        if view is not self._everything:
+            counts = [count for count in counts if count["plugin"] in view.plugin_ids]
+        recent = [entry for entry in snapshot["recent"] if entry["caller"] == caller]
+        return web.json_response({"counts": counts, "recent": recent, "enabled": True})
 
     async def rollouts(self, request: web.Request) -> web.Response:
-        """Every rollout and shadow with its step and counters (``stats()["rollouts"]``)."""
+        """Every rollout and shadow with its step and counters (``stats()["rollouts"]``)
+        of a method the caller may call (at the version it rolls out to)."""
         try:
-            await self._authenticate(request)
+            principal = await self._authenticate(request)
+            view = self._view(principal)
             _no_body(request)
         except DispatchError as error:
             return error_answer(error, close=request.body_exists)
-        return web.json_response({"rollouts": self.dispatcher.stats()["rollouts"]})
+        rollouts = self.dispatcher.stats()["rollouts"]
+        if view is not self._everything:
+            may_call = self.dispatcher.may_call
+            rollouts = {
+                name: rollout
+                for name, rollout in rollouts.items()
+                if may_call(principal, rollout["plugin"], rollout["to"], rollout["method"])
+            }
+        return web.json_response({"rollouts": rollouts})
+
+    def _view(self, principal: Principal | None) -> _View:
+        """What ``principal`` may see of the manifest: everything without ``access``;
+        with it, what its roles allow (made on a role set's first request, then kept)."""
+        if not self.dispatcher.checks_access:
+            return self._everything
+        if principal is None:  # access needs a principal, as a call does
+            raise refused()
+        roles = principal.roles
+        view = self._views.get(roles)
+        if view is None:
+            if len(self._views) >= MAX_VIEWS:  # role sets come from tokens: bounded
+                self._views.clear()
+            view = self._views[roles] = self._view_of(partial(self.dispatcher.may_call, principal))
+        return view
+
+    def _view_of(self, allows: Allows | None) -> _View:
+        manifest = self._manifest
+        return _View(
+            plugins=orjson.dumps({"plugins": _plugin_list(manifest, allows)}),
+            openapi=orjson.dumps(
+                openapi_document(
+                    manifest, authenticated=self.authenticator is not None, allows=allows
+                )
+            ),
+            plugin_ids=frozenset(
+                plugin.id
+                for plugin in manifest.plugins
+                if allows is None
+                or any(allows(plugin.id, plugin.version, method) for method in plugin.methods)
+            ),
+        )
 
     async def control_rollout(self, request: web.Request) -> web.Response:
         """``POST /v1/rollouts/{plugin}/{method}:pause|resume|abort``, authenticated and
@@ -583,21 +654,28 @@ def _subscription_of(request: web.Request) -> tuple[tuple[Filter, ...], int | No
     )
 
 
-def _plugin_list(dispatcher: Dispatcher) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": plugin.id,
-            "version": plugin.version,
-            "description": plugin.description,
-            "methods": [
+def _plugin_list(manifest: Manifest[Any], allows: Allows | None) -> list[dict[str, Any]]:
+    """Each plugin version with the methods ``allows`` (None: every one); a version with
+    none left is not listed."""
+    listed = []
+    for plugin in manifest.plugins:
+        methods = [
+            {
+                "name": name,
+                "description": spec.description,
+                "path": f"/v1/plugins/{plugin.id}/methods/{name}",
+                "params_schema": spec.params_schema,
+            }
+            for name, spec in sorted(plugin.methods.items())
+            if allows is None or allows(plugin.id, plugin.version, name)
+        ]
+        if methods or allows is None:
+            listed.append(
                 {
-                    "name": name,
-                    "description": spec.description,
-                    "path": f"/v1/plugins/{plugin.id}/methods/{name}",
-                    "params_schema": spec.params_schema,
+                    "id": plugin.id,
+                    "version": plugin.version,
+                    "description": plugin.description,
+                    "methods": methods,
                 }
-                for name, spec in sorted(plugin.methods.items())
-            ],
-        }
-        for plugin in dispatcher.manifest.plugins
-    ]
+            )
+    return listed

@@ -8,19 +8,22 @@ answers the envelopes of ``docs/protocol.md`` with the statuses of
 keeps jobs (Redis), each method also has its ``…:submit`` path and the job routes
 (``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/result``) are described. A params schema's local
 ``$ref``s (``#/$defs/…``) are rewritten to point into the component that holds it, since
-in the document ``#`` is the document's root.
+in the document ``#`` is the document's root. Under the manifest's ``access`` the
+gateway serves each caller the document of what it may call (``allows``): a method it may
+not call is not in it, nor a plugin it may call nothing of.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from dispatcher._routes import version_key
 from dispatcher.config import DEFAULT_TIMEOUT_MS, Manifest, PluginSpec
 from dispatcher.gateway.errors import STATUS_BY_TYPE
 
-__all__ = ["openapi_document"]
+__all__ = ["Allows", "openapi_document"]
 
 _ERROR_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -161,10 +164,20 @@ _STATUS_TEXT = {
 }
 
 
+#: Whether a caller may call ``method`` of ``plugin`` at ``version`` (``access``).
+Allows = Callable[[str, str, str], bool]
+
+
 def openapi_document(
-    manifest: Manifest[Any], *, authenticated: bool, title: str = "LinchKit plugin gateway"
+    manifest: Manifest[Any],
+    *,
+    authenticated: bool,
+    title: str = "LinchKit plugin gateway",
+    allows: Allows | None = None,
 ) -> dict[str, Any]:
-    """The document for ``manifest``; ``authenticated`` adds the credentials calls need."""
+    """The document for ``manifest``; ``authenticated`` adds the credentials calls need.
+    With ``allows``, only the methods it allows at the version described (a plugin's
+    highest) are: what one caller may call under the manifest's ``access``."""
     latest: dict[str, PluginSpec[Any]] = {}
     for plugin in manifest.plugins:
         current = latest.get(plugin.id)
@@ -188,6 +201,8 @@ def openapi_document(
     for plugin_id in sorted(latest):
         plugin = latest[plugin_id]
         for method_name in sorted(plugin.methods):
+            if allows is not None and not allows(plugin_id, plugin.version, method_name):
+                continue
             component = f"{plugin_id}.{method_name}.params"
             schema = plugin.methods[method_name].params_schema
             schemas[component] = _rebased(schema, component) if schema is not None else {}

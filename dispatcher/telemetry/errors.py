@@ -1,6 +1,7 @@
 """Error tracking: how many calls failed, by plugin and error type, and the last few.
 
-``ErrorLog`` is what ``dispatcher top`` and the gateway's ``/v1/errors`` read. It is
+``ErrorLog`` is what ``dispatcher top`` and the gateway's ``/v1/errors`` read (the
+gateway shows each caller the entries of its own calls). It is
 bounded whatever callers and plugins do: counts are keyed by the plugin (from the
 manifest) and the error's stable ``type`` (from the error tree: a plugin's own exception
 names are not keys, they travel in ``remote_type`` of each recent entry), and the recent
@@ -46,6 +47,8 @@ class RecentError:
     request_id: str
     remote_type: str | None = None
     trace_id: str | None = None
+    #: Who made the call (``Invocation.caller``): the gateway shows a caller only its own.
+    caller: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +88,7 @@ class ErrorLog:
                 invocation.request_id,
                 None if remote is None else _cut(remote),
                 trace_id,
+                invocation.caller,
             )
         )
 
