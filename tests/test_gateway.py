@@ -571,3 +571,27 @@ async def test_an_idempotency_key_takes_what_the_dispatcher_takes(lane: bool) ->
         status, _, body = await post(session, url, {"text": "hi"}, **{"Idempotency-Key": "k" * 256})
         assert status == 400
         assert body["error"]["message"] == "Idempotency-Key is 1-255 printable UTF-8 characters"
+
+
+async def test_the_plugin_list_and_openapi_follow_a_reload() -> None:
+    """A reload that adds a version (calls now go to it) changes what the gateway lists:
+    the listing and the document were made once at start and stayed as they were."""
+    newer = {**echo_entry(say={"params_schema": SAY_SCHEMA}), "version": "1.1.0"}
+    async with (
+        running_gateway(echo_entry()) as (dispatcher, server),
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.get(f"{server.url}/v1/plugins") as answer:
+            before = (await answer.json())["plugins"]
+        await dispatcher.reload(manifest(echo_entry(), newer))
+        async with session.get(f"{server.url}/v1/plugins") as answer:
+            after = (await answer.json())["plugins"]
+        async with session.get(f"{server.url}/openapi.json") as answer:
+            document = await answer.json()
+    assert [(each["id"], each["version"]) for each in before] == [("echo", "1.0.0")]
+    assert ("echo", "1.1.0") in [(each["id"], each["version"]) for each in after]
+    assert document["info"]["version"] != "" and any(
+        "1.1.0" in orjson.dumps(operation).decode()
+        for path in document["paths"].values()
+        for operation in path.values()
+    )

@@ -10,7 +10,7 @@ Routes (``docs/gateway.md``):
     GET  /v1/plugins                             plugins, versions, methods
     GET  /v1/events                              WebSocket: plugin events, host events
     GET  /v1/plugins/connect                     WebSocket: a plugin dials in (reverse mode)
-    GET  /openapi.json                           generated from the manifest at start
+    GET  /openapi.json                           generated from the manifest (again after a reload)
     GET  /metrics                                Prometheus metrics (telemetry.metrics on)
     GET  /v1/errors                              the caller's latest errors, counts by plugin
     GET  /v1/rollouts                            every rollout and shadow, step and counters
@@ -133,8 +133,8 @@ class Gateway:
             buffer_size=settings.event_buffer, max_pending=settings.max_pending_events
         )
         self.hub.attach(dispatcher)
-        # What callers see of the manifest is fixed for the gateway's life: encoded once,
-        # or once per set of roles under ``access`` (``_view``).
+        # What callers see of the manifest: encoded once per manifest (a reload brings a
+        # new one), or once per set of roles under ``access`` (``_view``).
         self._manifest = dispatcher.manifest
         self._everything = self._view_of(None)
         self._views: dict[frozenset[str], _View] = {}
@@ -406,7 +406,12 @@ class Gateway:
 
     def _view(self, principal: Principal | None) -> _View:
         """What ``principal`` may see of the manifest: everything without ``access``;
-        with it, what its roles allow (made on a role set's first request, then kept)."""
+        with it, what its roles allow (made on a role set's first request, then kept
+        until a reload changes the manifest)."""
+        if self.dispatcher.manifest is not self._manifest:
+            self._manifest = self.dispatcher.manifest
+            self._everything = self._view_of(None)
+            self._views.clear()
         if not self.dispatcher.checks_access:
             return self._everything
         if principal is None:  # access needs a principal, as a call does
