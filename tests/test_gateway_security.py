@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
+import pytest
 
 from dispatcher import Dispatcher
 from dispatcher.audit import verify
 from dispatcher.config import parse_manifest
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from tests.conftest import manifest
-from tests.gateway_support import echo_entry, eventful_entry
+from tests.gateway_support import echo_entry, eventful_entry, running_gateway
 from tests.identity_support import good_claims, jwt_config, rsa_key, write_jwks
 
 READER_KEY = "rk_live_reader_0123456789abcdef"
@@ -190,3 +193,47 @@ async def test_introspection_shows_a_caller_only_what_it_may_call_and_its_own_er
         assert errors["counts"] == [{"plugin": "echo", "type": "plugin_error", "count": 2}]
         # Nothing of this is a call: no check or refusal counted, no audit record.
         assert dispatcher.stats()["access"]["refusals"] == 0
+
+
+def _dead_http_entry() -> dict[str, Any]:
+    return {
+        "id": "remote",
+        "version": "1.0.0",
+        "target": {"provider": "http", "url": f"http://127.0.0.1:{unused_port()}"},
+        "methods": {"say": {}},
+    }
+
+
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("detail", ["safe", "full"])
+async def test_a_caller_is_not_told_where_the_plugin_runs_unless_the_gateway_says_full(
+    detail: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = _dead_http_entry()
+    address = entry["target"]["url"].removeprefix("http://")
+    settings = GatewaySettings(port=0, error_detail=detail)
+    async with (
+        running_gateway(entry, settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.post(f"{server.url}/v1/plugins/remote/methods/say", json={}) as answer:
+            body = await answer.json()
+            request_id = answer.headers["X-Request-Id"]
+            assert answer.status == 503
+        async with session.get(f"{server.url}/v1/errors") as answer:
+            recent = (await answer.json())["recent"]
+    error = body["error"]
+    assert error["type"] == "target_unavailable" and error["retryable"] is True
+    assert error["details"] == {"stage": "connect"}  # whether it ran: the client acts on it
+    if detail == "full":
+        assert address in error["message"]
+        return
+    assert address not in error["message"] and address not in orjson.dumps(recent).decode()
+    assert error["message"].startswith("remote.say: the plugin could not be reached")
+    logged = [r.getMessage() for r in caplog.records if request_id in r.getMessage()]
+    assert len(logged) == 1 and address in logged[0]  # the operator has the detail

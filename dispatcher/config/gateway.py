@@ -86,6 +86,13 @@ class GatewayConfig(StrictModel):
     grace_ms: Annotated[int, Field(ge=0, le=86_400_000)] = Field(
         default=20_000, description="How long a drain lets calls in flight finish."
     )
+    error_detail: Literal["safe", "full"] = Field(
+        default="safe",
+        description="What callers are told of failures that are the infrastructure's"
+        " (target_unavailable, deadline_exceeded, provider_error, circuit_open, overloaded,"
+        " shutting_down): safe, a fixed message per type (the whole one logged); full, the"
+        " dispatcher's own message, which names targets and addresses.",
+    )
     call_lane: bool = Field(
         default=True,
         description="Answer plain calls on the call lane (httptools); false: every request"

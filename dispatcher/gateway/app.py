@@ -56,6 +56,7 @@ from dispatcher.gateway.call_headers import (
     version_of,
 )
 from dispatcher.gateway.credentials import credentials_of
+from dispatcher.gateway.disclosure import PUBLIC_MESSAGES, Disclosure
 from dispatcher.gateway.errors import Answer, answer_of, error_answer
 from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_event_id
 from dispatcher.gateway.openapi import Allows, openapi_document
@@ -121,6 +122,8 @@ class Gateway:
     ) -> None:
         self.dispatcher = dispatcher
         self.settings = settings
+        #: What callers are told of the infrastructure's failures (``error_detail``).
+        self.disclosure = Disclosure(settings.error_detail)  # type: ignore[arg-type]
         #: Who checks credentials: the host's own authenticator when it gave one, else the
         #: manifest's ``auth`` (the dispatcher's). With the dispatcher's, calls hand it the
         #: credentials themselves, so it authenticates, applies ``access`` and writes the
@@ -203,7 +206,8 @@ class Gateway:
             answer.headers.update(refused.headers)
         except DispatchError as error:
             unread = not body_read and unread_body
-            answer = answer_of(error, close=unread or isinstance(error, ShuttingDown))
+            told = self.disclosure.public(error, plugin, method, request_id)
+            answer = answer_of(told, close=unread or isinstance(error, ShuttingDown))
         else:
             try:
                 body = orjson.dumps({"ok": True, "result": result})
@@ -382,8 +386,17 @@ class Gateway:
         counts = snapshot["counts"]
         if view is not self._everything:
             counts = [count for count in counts if count["plugin"] in view.plugin_ids]
-        recent = [entry for entry in snapshot["recent"] if entry["caller"] == caller]
+        recent = [
+            self._public_entry(entry) for entry in snapshot["recent"] if entry["caller"] == caller
+        ]
         return web.json_response({"counts": counts, "recent": recent, "enabled": True})
+
+    def _public_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A recent error as its caller was told it (``error_detail``)."""
+        generic = PUBLIC_MESSAGES.get(entry.get("type", ""))
+        if generic is None or self.disclosure.detail == "full":
+            return entry
+        return {**entry, "message": f"{entry.get('plugin')}.{entry.get('method')}: {generic}"}
 
     async def rollouts(self, request: web.Request) -> web.Response:
         """Every rollout and shadow with its step and counters (``stats()["rollouts"]``)

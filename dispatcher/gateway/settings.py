@@ -81,6 +81,8 @@ class GatewaySettings:
     #: Plain calls answered on the call lane (``dispatcher.gateway.lane``); False: every
     #: request through aiohttp.web.
     call_lane: bool = True
+    #: What callers are told of the infrastructure's failures (``dispatcher.gateway.disclosure``).
+    error_detail: str = "safe"
 
     def __post_init__(self) -> None:
         if not self.host.strip():  # the socket layer takes "" as every interface
@@ -110,6 +112,8 @@ class GatewaySettings:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if self.error_detail not in ("safe", "full"):
+            raise ValueError(f"error_detail is safe or full, not {self.error_detail!r}")
         if not (0 <= self.max_job_wait <= 3_600):
             raise ValueError(
                 f"max_job_wait must be in [0, 3600] seconds, not {self.max_job_wait!r}"
@@ -151,6 +155,7 @@ class GatewaySettings:
                 "max_job_waits": config.max_job_waits,
                 "grace": config.grace_ms / 1000,
                 "call_lane": config.call_lane,
+                "error_detail": config.error_detail,
             }
             if tls is not None:
                 values |= {
