@@ -8,8 +8,10 @@ credentials it presented (the target's own token, or a principal of the manifest
 and returns an ``Admission`` the gateway serves the upgraded connection through. The
 provider then registers it as an instance of the plugin's fleet.
 
-Refusals come before the upgrade, as HTTP statuses: ``PluginNotFound`` (404) for an id
-that no inbound target of the manifest names, ``Unauthorized`` (401), ``Forbidden`` (403).
+Refusals come before the upgrade, as HTTP statuses: ``Unauthorized`` (401), ``Forbidden``
+(403), ``PluginNotFound`` (404) for an id that no inbound target of the manifest names —
+to a principal of the manifest's ``auth`` only: without one, an unknown id is refused as
+a known one with wrong credentials is (401, the same words), so ids cannot be probed.
 A plugin holding one plugin's token cannot claim another's id: each target checks its own.
 """
 
@@ -21,11 +23,15 @@ from typing import Any
 
 from dispatcher.config import Manifest, PluginSpec
 from dispatcher.identity import ChainAuthenticator, Credentials
-from linchkit_plugin.errors import DispatchError, PluginNotFound
+from linchkit_plugin.errors import DispatchError, PluginNotFound, Unauthorized
 from providers.base import Provider
 from providers.target import TargetConfig
 
-__all__ = ["Admission", "admit"]
+__all__ = ["WRONG_CREDENTIALS", "Admission", "admit"]
+
+#: What a connection without credentials that admit it is told, whether or not its id is
+#: one the manifest names (the websocket provider's refusal says the same).
+WRONG_CREDENTIALS = "missing or wrong credentials for this plugin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,17 +61,19 @@ async def admit(
         and (version is None or plugin.version == version)
         and any(target.accepts_connections() for target in plugin.targets())
     ]
-    if not candidates:
-        wanted = plugin_id if version is None else f"{plugin_id}@{version}"
-        raise PluginNotFound(f"no plugin {wanted[:200]!r} takes inbound connections here")
-    plugin = max(candidates, key=lambda each: _version_key(each.version))
-    bearer = _bearer(credentials.authorization)
     principal = None
     if authenticator is not None:
         try:
             principal = (await authenticator.authenticate(credentials)).id
         except DispatchError:
             principal = None  # the target's own token may still admit it
+    if not candidates:
+        if principal is None:
+            raise Unauthorized(WRONG_CREDENTIALS)
+        wanted = plugin_id if version is None else f"{plugin_id}@{version}"
+        raise PluginNotFound(f"no plugin {wanted[:200]!r} takes inbound connections here")
+    plugin = max(candidates, key=lambda each: _version_key(each.version))
+    bearer = _bearer(credentials.authorization)
     targets = [target for target in plugin.targets() if target.accepts_connections()]
     provider = providers[targets[0].provider]
     for target in targets:
