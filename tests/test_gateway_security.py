@@ -4,6 +4,7 @@ included) leaves exactly one record in a chain ``dispatcher audit verify`` accep
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import socket
@@ -237,3 +238,46 @@ async def test_a_caller_is_not_told_where_the_plugin_runs_unless_the_gateway_say
     assert error["message"].startswith("remote.say: the plugin could not be reached")
     logged = [r.getMessage() for r in caplog.records if request_id in r.getMessage()]
     assert len(logged) == 1 and address in logged[0]  # the operator has the detail
+
+
+async def test_a_subscriber_receives_only_the_events_its_roles_allow(tmp_path: Path) -> None:
+    listener_key, other_key = "lk_live_listener_0123456789", "lk_live_other_9876543210"
+    document = manifest(echo_entry(), eventful_entry()).model_dump(mode="json", exclude_none=True)
+    keys = [
+        {"principal": "listener", "sha256": sha256(listener_key), "roles": ["listener"]},
+        {"principal": "other", "sha256": sha256(other_key), "roles": ["other"]},
+        {"principal": "admin-svc", "sha256": sha256(ADMIN_KEY), "roles": ["admin"]},
+    ]
+    roles = {
+        "listener": {"allow": ["events.tick"]},
+        "other": {"allow": ["echo.say"]},
+        "admin": {"allow": ["*"]},
+    }
+    loaded = parse_manifest(
+        {**document, "auth": {"api_keys": keys}, "access": {"roles": roles}}, base_dir=tmp_path
+    )
+    async with (
+        Dispatcher(loaded) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        events = f"{server.url}/v1/events?plugin=events"
+        async with (
+            session.ws_connect(events, headers={"X-API-Key": listener_key}) as listening,
+            session.ws_connect(events, headers={"X-API-Key": other_key}) as other,
+        ):
+            async with asyncio.timeout(20):
+                for ws in (listening, other):
+                    assert (await ws.receive_json())["type"] == "subscribed"
+            async with session.post(
+                f"{server.url}/v1/plugins/events/methods/burst",
+                json={"name": "tick", "count": 3},
+                headers={"X-API-Key": ADMIN_KEY},
+            ) as answer:
+                assert answer.status == 200
+            async with asyncio.timeout(20):
+                got = [await listening.receive_json() for _ in range(3)]
+            assert [frame["event"] for frame in got] == ["tick"] * 3
+            with pytest.raises(TimeoutError):  # nothing reaches a caller not allowed it
+                async with asyncio.timeout(1.0):
+                    await other.receive_json()

@@ -49,6 +49,10 @@ TOO_SLOW = 4008
 _CLOSE_TIMEOUT = 2.0
 
 
+#: Verdicts one subscriber keeps (``Subscriber.allowed``); past this, it starts over.
+MAX_VERDICTS = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
     """Which events a subscriber wants; ``None`` matches any plugin or event name."""
@@ -85,9 +89,15 @@ class Subscriber:
     #: counted against ``limit``, or a replay of a full ring (as many events as the limit
     #: by default) would overflow on its own, every time the client resumes.
     said: int = 0
+    #: Under ``access``: whether the subscriber may receive ``plugin``'s ``event``; None
+    #: (no ``access``): every event. Its verdicts are kept by (plugin, event).
+    allowed: Callable[[str, str], bool] | None = None
+    verdicts: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     def offer(self, event: _Event) -> None:
         if self.too_slow or not any(f.matches(event.plugin, event.name) for f in self.filters):
+            return
+        if self.allowed is not None and not self._may_receive(event):
             return
         if len(self.pending) - self.said >= self.limit:
             self.too_slow = True
@@ -97,6 +107,16 @@ class Subscriber:
             return
         self.pending.append(event)
         self.wakeup.set()
+
+    def _may_receive(self, event: _Event) -> bool:
+        key = (event.plugin, event.name)
+        verdict = self.verdicts.get(key)
+        if verdict is None:
+            if len(self.verdicts) >= MAX_VERDICTS:  # event names are the plugins' to choose
+                self.verdicts.clear()
+            assert self.allowed is not None
+            verdict = self.verdicts[key] = self.allowed(event.plugin, event.name)
+        return verdict
 
     def say(self, frame: dict[str, Any]) -> None:
         """Queue a frame of the protocol's own (not counted against the limit)."""
@@ -156,11 +176,12 @@ class EventHub:
         last_event_id: int | None,
         on_overflow: Callable[[], None],
         stream: str | None = None,
+        allowed: Callable[[str, str], bool] | None = None,
     ) -> Subscriber:
         """Register a subscriber, its replay after ``last_event_id`` already queued.
         ``last_event_id`` of another ``stream`` (a gateway before a restart) resumes from
-        this hub's start."""
-        subscriber = Subscriber(tuple(filters), self._max_pending, on_overflow)
+        this hub's start. ``allowed``: which events it may receive (``Subscriber``)."""
+        subscriber = Subscriber(tuple(filters), self._max_pending, on_overflow, allowed=allowed)
         subscriber.say(
             {"type": "subscribed", "last_event_id": self._last_id, "stream": self.stream_id}
         )
@@ -304,8 +325,21 @@ class EventStream:
     def _subscribe(
         self, filters: tuple[Filter, ...], last_event_id: int | None, stream: str | None = None
     ) -> None:
-        self._subscriber = self._hub.subscribe(filters, last_event_id, self._overflowed, stream)
+        allowed = self._receives if self._dispatcher.checks_access else None
+        self._subscriber = self._hub.subscribe(
+            filters, last_event_id, self._overflowed, stream, allowed
+        )
         self._subscribed.set()
+
+    def _receives(self, plugin: str, event: str) -> bool:
+        """Under ``access``, a subscriber receives ``plugin``'s ``event`` when its roles
+        allow ``plugin.<event>`` at one of the plugin's versions: the rule that lets a
+        caller publish that event to the plugin, as a call's rule names a method."""
+        return any(
+            self._dispatcher.may_call(self._principal, plugin, spec.version, event)
+            for spec in self._dispatcher.manifest.plugins
+            if spec.id == plugin
+        )
 
     async def _publish(self, frame: dict[str, Any]) -> None:
         plugin, event = frame.get("plugin"), frame.get("event")
