@@ -24,6 +24,7 @@ too), and a submission to an unreachable Redis (or SQS) raises ``StateUnavailabl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -111,19 +112,27 @@ def new_job_record(
     return record
 
 
+#: What callers read decoded from the JSON the store keeps.
+_JSON_FIELDS = ("params", "result", "error", "previous_error")
+
+
 def job_status(record: dict[str, str]) -> dict[str, Any]:
-    """A stored record as callers read it: attempts a number, params, result and error
-    decoded (a field that is not JSON, as the text it is)."""
+    """A stored record as callers read it: attempts a number, params, result and errors
+    decoded (a field that is not JSON, as the text it is).
+
+    ``error`` is what the job ended with, or while it has not ended, what its last attempt
+    failed with: a job that succeeded after failed attempts has none (the store keeps the
+    last failure, written when it was retried); that one is its ``previous_error``."""
     status: dict[str, Any] = dict(record)
     attempts = record.get("attempts", "0")
     # A record written by hand into the store may hold anything: its text then, not a crash.
     status["attempts"] = int(attempts) if attempts.isdigit() else attempts
-    for field in ("params", "result", "error"):
-        if field in record:
-            try:
-                status[field] = orjson.loads(record[field])
-            except orjson.JSONDecodeError:
-                status[field] = record[field]
+    if record.get("state") == "succeeded" and "error" in status:
+        status["previous_error"] = status.pop("error")
+    for field in _JSON_FIELDS:
+        if field in status:
+            with contextlib.suppress(orjson.JSONDecodeError):  # else kept as the text it is
+                status[field] = orjson.loads(status[field])
     return status
 
 

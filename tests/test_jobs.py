@@ -91,6 +91,39 @@ async def test_a_submitted_job_runs_and_its_result_is_kept(
         assert d.stats()["jobs"]["succeeded"] == 1
 
 
+async def job_cut_off_then_succeeded(folder: Path, url: str, prefix: str, n: int) -> str:
+    """A job whose first attempt a drain cut off (``shutting_down``, retryable) and whose
+    second, on another dispatcher, succeeded: what a rolling restart does to a long job."""
+    async with dispatcher_for(folder, url, prefix, workers=1) as first:
+        job_id = await first.submit("jobs", "slow", {"n": n, "seconds": 60})
+        async with aioredis.Redis.from_url(url) as client, asyncio.timeout(30):
+            while not await client.get(f"{prefix}:started:{n}"):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await first.drain(0.1)
+        async with asyncio.timeout(30):  # the worker stores the cut-off attempt's end
+            while (record := await first.job(job_id))["state"] == "running":  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert (record["state"], record["error"]["type"]) == ("retrying", "shutting_down")
+    async with dispatcher_for(folder, url, prefix, workers=1) as second:
+        assert await second.result(job_id, wait=30) == {"n": n, "runs": 1}
+    return job_id
+
+
+async def test_a_job_that_succeeds_after_a_failed_attempt_carries_no_error(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Its ``error`` is what it ended with: a client that checks for one must not read a
+    success as a failure. The earlier attempt's error stays, named for what it is."""
+    job_id = await job_cut_off_then_succeeded(tmp_path, redis_server.url, redis_prefix, 8)
+    async with dispatcher_for(tmp_path, redis_server.url, redis_prefix) as d:
+        record = await d.job(job_id)
+    assert (record["state"], record["attempts"]) == ("succeeded", 2)
+    assert record["result"] == {"n": 8, "runs": 1}
+    assert "error" not in record
+    assert record["previous_error"]["type"] == "shutting_down"
+    assert record["previous_error"]["details"]["stage"] == "cut_off"
+
+
 async def test_result_says_not_finished_typed_and_unknown_ids_are_refused(
     tmp_path: Path, redis_server: Redis, redis_prefix: str
 ) -> None:

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from dispatcher import Dispatcher
 from dispatcher.config import load_manifest
 from tests.services import Redis
-from tests.test_jobs import manifest_file
+from tests.test_jobs import job_cut_off_then_succeeded, manifest_file
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Generous for a loaded 2-core machine; a hang is what it catches, not slowness.
@@ -141,6 +141,19 @@ async def test_a_failed_job_exits_1_with_its_error(
         shown = await cli(manifest, "job", job_id, "--wait", "60", "--result")
     assert shown.code == 1
     assert json.loads(shown.err)["error"]["type"] == "NoAccount"
+
+
+async def test_a_job_that_succeeded_after_a_failed_attempt_shows_no_error(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    job_id = await job_cut_off_then_succeeded(tmp_path, redis_server.url, redis_prefix, 9)
+    manifest = manifest_file(tmp_path, redis_server.url, redis_prefix)
+    record = json.loads((await cli(manifest, "job", job_id)).out)
+    assert record["state"] == "succeeded" and "error" not in record
+    assert record["previous_error"]["type"] == "shutting_down"
+    (row,) = [line.split() for line in (await cli(manifest, "jobs")).out.splitlines()[1:]]
+    # ID METHOD STATE ATTEMPTS SUBMITTED(date time) FINISHED(date time) ERROR CALLBACK
+    assert (row[0], row[2], row[3], row[8]) == (job_id, "succeeded", "2", "-")
 
 
 # -- hostile ----------------------------------------------------------------------------------

@@ -77,7 +77,15 @@ _JOB_ENVELOPE: dict[str, Any] = {
                 "caller": {"type": "string"},
                 "params": {},
                 "result": {"description": "Once succeeded."},
-                "error": {"$ref": "#/components/schemas/Error"},
+                "error": {
+                    "$ref": "#/components/schemas/Error",
+                    "description": "What it ended with (failed, dead), or while it runs"
+                    " again its last attempt's; none once succeeded",
+                },
+                "previous_error": {
+                    "$ref": "#/components/schemas/Error",
+                    "description": "Succeeded after failed attempts: the last one's error",
+                },
                 "submitted_at": {"type": "string", "description": "ms since the epoch"},
                 "started_at": {"type": "string"},
                 "finished_at": {"type": "string"},

@@ -67,7 +67,10 @@ export interface JobRecord {
   caller?: string;
   params?: unknown;
   result?: unknown;
+  /** What it ended with (failed, dead), or while it runs again its last attempt's; none once succeeded. */
   error?: unknown;
+  /** A job that succeeded after failed attempts: the last one's error. */
+  previous_error?: unknown;
   /** Milliseconds since the epoch, as strings. */
   submitted_at: string;
   started_at?: string;
