@@ -54,6 +54,7 @@ __all__ = [
     "JobNotFound",
     "JobWorkers",
     "JobsUnavailable",
+    "ended_error",
     "job_outcome",
     "job_status",
     "new_job_record",
@@ -137,18 +138,32 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
 
 
 def job_outcome(record: dict[str, str]) -> Any:
-    """A finished job's result, or raise its error (a fresh, typed exception)."""
-    state = record.get("state")
+    """A finished job's result, or raise its error (``ended_error``)."""
+    state = record.get("state", "")
     field = "result" if state == "succeeded" else "error"
     try:
         stored = orjson.loads(record.get(field, "null"))
     except orjson.JSONDecodeError:  # not written by a worker: say so, typed
         raise ProviderError(
-            f"job {record.get('id')}: its stored {field} is not JSON", details={"stage": "jobs"}
+            f"job {record.get('id')}: its stored {field} is not JSON",
+            details={"stage": "jobs", "state": state},
         ) from None
     if state == "succeeded":
         return stored
-    raise error_from_wire(stored)
+    raise ended_error(state, stored)
+
+
+def ended_error(state: str, wire: object) -> DispatchError:
+    """The error the result of a job that ended ``failed`` or ``dead`` is: its last
+    attempt's (``wire``, as stored), a fresh exception of its own type, but final: not
+    retryable and no ``retry_after``, whatever the attempt said, with ``details["state"]``
+    saying how the job ended. Asking again answers the same (a dead job runs again only
+    when redriven), so a client that retries a retryable error must not poll it for ever."""
+    error = error_from_wire(wire)
+    error.retryable = False
+    error.retry_after = None
+    error.details["state"] = state
+    return error
 
 
 def _attempts_of(record: dict[str, str]) -> int | None:

@@ -169,6 +169,7 @@ async def test_a_failed_job_answers_its_error_and_an_unfinished_one_202(
             session, "GET", f"{base}/v1/jobs/{job_id}/result?wait=30", ADMIN_KEY
         )
         assert (status, body["error"]["type"]) == (500, "NoAccount")
+        assert body["error"]["details"]["state"] == "failed"
     async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
         status, body, _ = await send(
             session, "POST", f"{base}/v1/plugins/jobs/methods/work:submit", ADMIN_KEY, json={"n": 2}
@@ -183,6 +184,29 @@ async def test_a_failed_job_answers_its_error_and_an_unfinished_one_202(
         assert 0.4 < time.monotonic() - started < 20
         status, body, _ = await send(session, "GET", f"{base}/v1/jobs/{job_id}", ADMIN_KEY)
         assert (status, body["job"]["state"]) == (200, "queued")
+
+
+async def test_a_dead_jobs_result_is_final_with_no_retry_after(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Its last attempt's error keeps its type and status, but a client that honours
+    ``Retry-After`` must not poll for ever: the job is over."""
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix) as (base, session):
+        status, body, _ = await send(
+            session, "POST", f"{base}/v1/plugins/jobs/methods/busy:submit", ADMIN_KEY, json={}
+        )
+        job_id = body["job_id"]
+        status, body, headers = await send(
+            session, "GET", f"{base}/v1/jobs/{job_id}/result?wait=30", ADMIN_KEY
+        )
+        record = (await send(session, "GET", f"{base}/v1/jobs/{job_id}", ADMIN_KEY))[1]["job"]
+    assert status == 503, body
+    assert "Retry-After" not in headers
+    error = body["error"]
+    assert error["type"] == "target_unavailable" and "always busy" in error["message"]
+    assert error["retryable"] is False and "retry_after" not in error
+    assert error["details"]["state"] == "dead"
+    assert (record["state"], record["attempts"]) == ("dead", 2)
 
 
 # -- hostile ----------------------------------------------------------------------------------

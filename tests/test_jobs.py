@@ -124,6 +124,29 @@ async def test_a_job_that_succeeds_after_a_failed_attempt_carries_no_error(
     assert record["previous_error"]["details"]["stage"] == "cut_off"
 
 
+async def test_the_result_of_an_ended_job_says_it_is_final(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """A dead or failed job's result raises its last attempt's error typed, but not as a
+    call's error to try again: asking again answers the same for ever."""
+    async with dispatcher_for(
+        tmp_path, redis_server.url, redis_prefix, workers=1, max_attempts=2
+    ) as d:
+        dead_id = await d.submit("jobs", "busy")
+        with pytest.raises(TargetUnavailable, match="always busy") as dead:
+            await d.result(dead_id, wait=30)
+        failed_id = await d.submit("jobs", "refuse")
+        with pytest.raises(PluginError, match="no such account") as failed:
+            await d.result(failed_id, wait=30)
+        # The record keeps the last attempt's error as it was raised.
+        assert (await d.job(dead_id))["error"]["retryable"] is True
+    assert dead.value.retryable is False
+    assert dead.value.retry_after is None
+    assert dead.value.details["state"] == "dead"
+    assert (failed.value.remote_type, failed.value.retryable) == ("NoAccount", False)
+    assert failed.value.details["state"] == "failed"
+
+
 async def test_result_says_not_finished_typed_and_unknown_ids_are_refused(
     tmp_path: Path, redis_server: Redis, redis_prefix: str
 ) -> None:

@@ -115,6 +115,12 @@ async def test_dead_letters_are_listed_redriven_and_purged_only_when_confirmed(
         neither = await cli(manifest, "dlq", "redrive")
         assert neither.code == 2
 
+        shown = await cli(manifest, "job", job_id, "--result")
+        assert shown.code == 1
+        error = json.loads(shown.err)["error"]  # the last attempt's, final: no polling it
+        assert error["type"] == "target_unavailable" and error["retryable"] is False
+        assert error["details"]["state"] == "dead" and "retry_after" not in error
+
         redriven = await cli(manifest, "dlq", "redrive", job_id)
         assert redriven.code == 0 and "redriven: 1" in redriven.out
         with pytest.raises(Exception, match="always busy"):
@@ -140,7 +146,12 @@ async def test_a_failed_job_exits_1_with_its_error(
         job_id = await dispatcher.submit("jobs", "refuse")
         shown = await cli(manifest, "job", job_id, "--wait", "60", "--result")
     assert shown.code == 1
-    assert json.loads(shown.err)["error"]["type"] == "NoAccount"
+    error = json.loads(shown.err)["error"]
+    assert (error["type"], error["retryable"], error["details"]["state"]) == (
+        "NoAccount",
+        False,
+        "failed",
+    )
 
 
 async def test_a_job_that_succeeded_after_a_failed_attempt_shows_no_error(

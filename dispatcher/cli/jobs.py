@@ -23,7 +23,7 @@ import click
 import orjson
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher._jobs import JobNotFinished, JobNotFound, job_status
+from dispatcher._jobs import JobNotFinished, JobNotFound, ended_error, job_status
 from dispatcher.cli._app import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -346,8 +346,9 @@ def job(context: click.Context, job_id: str, wait: float, only_result: bool) -> 
     state = status.get("state")
     if only_result and state == "succeeded":
         _print_json(status.get("result"))
-    elif only_result and state in TERMINAL_STATES:
-        click.echo(orjson.dumps({"error": status.get("error")}).decode(), err=True)
+    elif only_result and state in TERMINAL_STATES:  # final, as Dispatcher.result raises it
+        final = ended_error(str(state), status.get("error"))
+        click.echo(orjson.dumps({"error": final.to_wire()}).decode(), err=True)
     elif only_result:
         unfinished = JobNotFinished(f"job {job_id} is {state} after {status['attempts']} attempts")
         click.echo(orjson.dumps({"error": unfinished.to_wire()}).decode(), err=True)

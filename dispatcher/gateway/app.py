@@ -45,7 +45,7 @@ import orjson
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher._jobs import JobNotFinished, JobNotFound
+from dispatcher._jobs import JobNotFinished, JobNotFound, ended_error
 from dispatcher.config import Manifest
 from dispatcher.gateway.body import Refused, read_params
 from dispatcher.gateway.call_headers import (
@@ -71,7 +71,6 @@ from linchkit_plugin.errors import (
     ProviderError,
     ShuttingDown,
     Unauthorized,
-    error_from_wire,
 )
 from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
@@ -273,9 +272,9 @@ class Gateway:
         state = status.get("state")
         if state == "succeeded":
             return _json_answer({"ok": True, "result": status.get("result")})
-        if state in TERMINAL_STATES:
+        if state in TERMINAL_STATES:  # final: no Retry-After, whatever its type's status
             wire = status.get("error")
-            return error_answer(error_from_wire(wire if isinstance(wire, dict) else None))
+            return error_answer(ended_error(state, wire if isinstance(wire, dict) else None))
         waiting = JobNotFinished(
             f"job {status.get('id')} is {state} after {status.get('attempts')} attempts",
             details={"state": state},

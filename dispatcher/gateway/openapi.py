@@ -226,7 +226,10 @@ def openapi_document(
         }
         paths["/v1/jobs/{id}/result"] = {
             "get": _job_operation(
-                "getJobResult", "The job's result (its error: the call's status)", "OkEnvelope"
+                "getJobResult",
+                "The job's result (failed or dead: its last error with its type's status,"
+                " final: retryable false, no Retry-After, error.details.state)",
+                "OkEnvelope",
             )
         }
     document: dict[str, Any] = {

@@ -192,7 +192,8 @@ export class GatewayClient {
 
   /**
    * `GET /v1/jobs/{id}/result`: what the job returned; its own error (typed, as the call's
-   * would be) if it failed; a retryable DispatchError of type `job_not_finished` before it ends.
+   * would be, but not retryable: the job has ended, `details.state` says failed or dead) if
+   * it failed; a retryable DispatchError of type `job_not_finished` before it ends.
    */
   async jobResult<T = unknown>(id: string, options: JobOptions = {}): Promise<T> {
     const answer = await this.#jobRequest(`/v1/jobs/${encodeURIComponent(id)}/result`, options);
