@@ -113,21 +113,26 @@ def new_job_record(
     return record
 
 
+#: Counts in a record; every field whose name ends ``_at`` is a time (ms since the epoch).
+#: The store keeps them as text (a Redis hash); callers read numbers.
+_COUNTS = frozenset(("attempts", "callback_attempts"))
 #: What callers read decoded from the JSON the store keeps.
 _JSON_FIELDS = ("params", "result", "error", "previous_error")
 
 
 def job_status(record: dict[str, str]) -> dict[str, Any]:
-    """A stored record as callers read it: attempts a number, params, result and errors
-    decoded (a field that is not JSON, as the text it is).
+    """A stored record as callers read it: counts and times (``*_at``, ms since the epoch)
+    integers, params, result and errors decoded (a field that is not what it should be, a
+    record written by hand into the store, as the text it is: not a crash).
 
     ``error`` is what the job ended with, or while it has not ended, what its last attempt
     failed with: a job that succeeded after failed attempts has none (the store keeps the
     last failure, written when it was retried); that one is its ``previous_error``."""
     status: dict[str, Any] = dict(record)
-    attempts = record.get("attempts", "0")
-    # A record written by hand into the store may hold anything: its text then, not a crash.
-    status["attempts"] = int(attempts) if attempts.isdigit() else attempts
+    for name, value in record.items():
+        if name in _COUNTS or name.endswith("_at"):
+            status[name] = _number(value)
+    status.setdefault("attempts", 0)
     if record.get("state") == "succeeded" and "error" in status:
         status["previous_error"] = status.pop("error")
     for field in _JSON_FIELDS:
@@ -135,6 +140,12 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
             with contextlib.suppress(orjson.JSONDecodeError):  # else kept as the text it is
                 status[field] = orjson.loads(status[field])
     return status
+
+
+def _number(text: str) -> int | str:
+    # At most 18 digits: within JSON encoders' 64-bit integers (the store's scripts take
+    # no more for attempts either).
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else text
 
 
 def job_outcome(record: dict[str, str]) -> Any:

@@ -108,6 +108,9 @@ async def test_a_submitted_job_is_read_by_its_caller_and_audited(
         assert status == 200, body
         job = body["job"]
         assert (job["state"], job["caller"], job["params"]) == ("succeeded", "reader-svc", {"n": 4})
+        times = [job["submitted_at"], job["started_at"], job["finished_at"]]
+        assert all(type(moment) is int for moment in times), times  # ms since the epoch
+        assert times == sorted(times) and abs(times[0] - time.time() * 1000) < 600_000
         status, body, _ = await send(session, "GET", f"{base}/v1/jobs/{job_id}/result", READER_KEY)
         assert (status, body) == (200, {"ok": True, "result": {"n": 4, "runs": 1}})
 
@@ -319,6 +322,10 @@ async def test_the_openapi_document_describes_the_job_routes(
         "$ref": "#/components/schemas/jobs.work.params"
     }
     assert {"/v1/jobs/{id}", "/v1/jobs/{id}/result"} <= paths.keys()
+    job = document["components"]["schemas"]["JobEnvelope"]["properties"]["job"]["properties"]
+    assert {job[name]["type"] for name in ("submitted_at", "started_at", "finished_at")} == {
+        "integer"
+    }
     # Every reference resolves inside the document.
     text = json.dumps(document)
     for reference in set(re.findall(r'"\$ref": "#/([^"]+)"', text)):

@@ -97,3 +97,40 @@ async def test_submit_to_a_frozen_redis_ends_within_its_bound(
         own_redis.resume()
     assert ran.code == 1, ran
     assert json.loads(ran.err)["error"]["type"] == "target_unavailable", ran.err  # retryable
+
+
+async def test_a_record_with_unreadable_times_and_counts_is_shown_as_it_is(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Times and counts are numbers in what the commands print, read from the text the
+    store keeps: text that is no such number (a record written by hand) stays text, and
+    a time no calendar holds is a ``?`` in the table, not a traceback."""
+    manifest = manifest_file(tmp_path, redis_server.url, redis_prefix)
+    record = {
+        "id": "odd",
+        "plugin": "jobs",
+        "version": "1.0.0",
+        "method": "work",
+        "params": "{}",
+        "state": "queued",
+        "attempts": "²",  # a digit to str.isdigit, not to int()
+        "callback_attempts": "-1",
+        "submitted_at": "9" * 18,  # past any calendar
+        "redriven_at": "9" * 19,  # past what a JSON encoder's integers hold
+        "started_at": "soon",
+        "finished_at": "١٢",  # Arabic-Indic digits
+    }
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        await client.hset(f"{redis_prefix}:job:odd", mapping=record)
+        await client.zadd(f"{redis_prefix}:jobs:recent", {"odd": 1})
+    shown = await cli(manifest, "job", "odd")
+    assert shown.code == 0, shown.err
+    status = json.loads(shown.out)
+    assert status["submitted_at"] == int("9" * 18)
+    for field in ("attempts", "callback_attempts", "started_at", "finished_at", "redriven_at"):
+        assert status[field] == record[field], field
+    listed = await cli(manifest, "jobs")
+    assert listed.code == 0, listed.err
+    (row,) = [line.split() for line in listed.out.splitlines()[1:]]
+    # ID METHOD STATE ATTEMPTS SUBMITTED FINISHED ERROR CALLBACK: no time to show
+    assert row == ["odd", "jobs.work", "queued", "²", "?", "-", "-", "-"]

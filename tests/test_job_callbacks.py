@@ -102,6 +102,7 @@ async def test_a_finished_job_is_posted_once_and_signed(
         "succeeded",
         {"n": 9, "runs": 1},
     )
+    assert type(record["submitted_at"]) is type(record["finished_at"]) is int  # as GET shows it
     assert headers["Content-Type"] == "application/json"
     fields = dict(part.split("=", 1) for part in headers[SIGNATURE_HEADER].split(","))
     expected = hmac.new(SECRET.encode(), f"{fields['t']}.".encode() + body, hashlib.sha256)

@@ -87,7 +87,10 @@ async def test_a_submitted_job_runs_and_its_result_is_kept(
         assert record["attempts"] == 1
         assert record["caller"] == "billing"
         assert record["params"] == {"n": 7}
-        assert int(record["finished_at"]) >= int(record["submitted_at"])
+        # Numbers (ms since the epoch), not the strings Redis keeps them as.
+        times = [record["submitted_at"], record["started_at"], record["finished_at"]]
+        assert all(type(moment) is int for moment in times), times
+        assert times == sorted(times) and abs(times[0] - time.time() * 1000) < 600_000
         assert d.stats()["jobs"]["succeeded"] == 1
 
 

@@ -8,6 +8,7 @@ store or anywhere else, fails its test instead of holding the suite.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import sys
@@ -83,6 +84,8 @@ async def test_submit_then_job_and_jobs_show_it(
     record = json.loads(finished.out)
     assert (record["state"], record["attempts"], record["caller"]) == ("succeeded", 1, "ops")
     assert record["result"] == {"n": 3, "runs": 1}
+    times = [record["submitted_at"], record["started_at"], record["finished_at"]]
+    assert all(type(moment) is int for moment in times), times  # ms since the epoch
 
     only = await cli(manifest, "job", job_id, "--result")
     assert json.loads(only.out) == {"n": 3, "runs": 1}
@@ -92,6 +95,8 @@ async def test_submit_then_job_and_jobs_show_it(
     table = await cli(manifest, "jobs", "--limit", "5")
     assert table.out.splitlines()[0].split()[:4] == ["ID", "METHOD", "STATE", "ATTEMPTS"]
     assert job_id in table.out and "jobs.work" in table.out
+    submitted = datetime.datetime.fromtimestamp(times[0] / 1000, datetime.UTC)
+    assert submitted.strftime("%Y-%m-%d %H:%M:%S") in table.out  # the table says UTC
     assert (await cli(manifest, "jobs", "--state", "dead")).out.strip() == "no jobs"
 
 

@@ -120,10 +120,14 @@ def _print_json(value: Any) -> None:
     click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
 
 
-def _time(milliseconds: str | None) -> str:
-    if not milliseconds or not milliseconds.isdigit():
+def _time(milliseconds: object) -> str:
+    """A record's time (ms since the epoch, as ``job_status`` reads it) in UTC."""
+    if type(milliseconds) is not int:
         return "-"
-    moment = datetime.datetime.fromtimestamp(int(milliseconds) / 1000, datetime.UTC)
+    try:
+        moment = datetime.datetime.fromtimestamp(milliseconds / 1000, datetime.UTC)
+    except (OverflowError, OSError, ValueError):  # a record written by hand: no such time
+        return "?"
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 

@@ -71,10 +71,10 @@ export interface JobRecord {
   error?: unknown;
   /** A job that succeeded after failed attempts: the last one's error. */
   previous_error?: unknown;
-  /** Milliseconds since the epoch, as strings. */
-  submitted_at: string;
-  started_at?: string;
-  finished_at?: string;
+  /** Milliseconds since the epoch (every `…_at` field); strings before 2026-12-03. */
+  submitted_at: number;
+  started_at?: number;
+  finished_at?: number;
   [field: string]: unknown;
 }
 
