@@ -733,15 +733,16 @@ class Dispatcher:
             self._guard.end(entry, failure)
 
     async def job(self, job_id: str) -> dict[str, Any]:
-        """The status record of job ``job_id``: state, attempts, last error, times (ms
+        """The status record of job ``job_id``: state, attempts, error, times (integers, ms
         since the epoch), result once succeeded. ``JobNotFound`` if there is none."""
         return await job_status(job_store_of(self.state_backend), job_id)
 
     async def result(self, job_id: str, *, wait: float = 0.0) -> Any:
         """The result of job ``job_id``, waiting up to ``wait`` seconds for it to end.
 
-        Raises the job's own error (typed, as ``call`` would have) when it failed or was
-        dead-lettered, ``JobNotFinished`` when it has not ended within ``wait``.
+        Raises the job's own error (typed, as ``call`` would have, but not retryable and
+        with ``details["state"]`` ``"failed"`` or ``"dead"``: the job has ended) when it
+        failed or was dead-lettered, ``JobNotFinished`` when it has not ended within ``wait``.
         """
         return await job_result(job_store_of(self.state_backend), job_id, wait, self._clock)
 

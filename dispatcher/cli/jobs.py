@@ -287,8 +287,8 @@ def jobs(
     output: str,
     as_json: bool,
 ) -> None:
-    """List recent jobs: state, attempts, times, the type of their last error, where
-    their callback stands.
+    """List recent jobs: state, attempts, times, the type of their error (none once
+    succeeded), where their callback stands.
 
     Jobs are listed while their records are kept (jobs.result_ttl_ms; dead-lettered ones
     until purged). --state and --callback look among the latest 10,000 (every

@@ -264,7 +264,8 @@ class Gateway:
 
     async def job_result(self, request: web.Request) -> web.Response:
         """``GET /v1/jobs/{id}/result[?wait=S]``: a finished job's result as a call's
-        envelope, its error as a call's error; 202 with ``Retry-After`` until it ends."""
+        envelope, its error as a call's error but final (``ended_error``: not retryable, no
+        ``Retry-After``); 202 with ``Retry-After`` until it ends."""
         try:
             status = await self._waited_job(request)
         except DispatchError as error:
