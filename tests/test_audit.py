@@ -429,3 +429,49 @@ async def test_a_fleet_call_records_the_instance_that_answered(tmp_path: Path) -
     assert set(answers) == {HOSTS[0], HOSTS[1]}
     for answer, record in zip(answers, written, strict=True):
         assert record["instance"] == f"http {url_of[answer]}/invoke"
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def audited_manifest_file(tmp_path: Path) -> Path:
+    plugin = echo_plugin("echo", LOCAL_TARGET)
+    plugin["methods"]["say"] = {"audit_params": True}
+    document = {
+        "version": 1,
+        "plugins": [plugin],
+        "auth": {
+            "api_keys": [
+                {"principal": "svc", "sha256": api_key_digest(API_KEY), "roles": ["talker"]}
+            ]
+        },
+        "access": {"roles": {"talker": {"allow": ["echo.*"]}}},
+        "audit": {"path": "audit.log"},
+    }
+    path = tmp_path / "plugins.yaml"
+    path.write_text(json.dumps(document))  # JSON is YAML
+    return path
+
+
+def test_a_command_line_call_refuses_a_damaged_log_in_one_line_and_health_needs_none(
+    tmp_path: Path,
+) -> None:
+    manifest = audited_manifest_file(tmp_path)
+    log = tmp_path / "audit.log"
+    log.write_bytes(b'{"time":"2026-12-03T10:00:00+00:00","ki')
+    runner = CliRunner()
+    call = runner.invoke(
+        main, ["-m", str(manifest), "call", "echo.say", "-p", '{"text": "x"}'],
+        env={"DISPATCHER_API_KEY": API_KEY},
+    )  # fmt: skip
+    assert call.exit_code == 2, call.output
+    assert call.exception is None or isinstance(call.exception, SystemExit)
+    assert call.stderr.strip().splitlines() == [
+        f"error: the audit log {log} ends with an incomplete line; run 'dispatcher audit"
+        f" verify {log}' and move it aside before the dispatcher appends to it"
+    ]
+    # A health probe is not a call: it records nothing, so it neither needs the log nor
+    # stops at its damage (or at a file its user may not write).
+    health = runner.invoke(main, ["-m", str(manifest), "health"])
+    assert health.exit_code == 0, health.output
+    assert log.read_bytes() == b'{"time":"2026-12-03T10:00:00+00:00","ki'

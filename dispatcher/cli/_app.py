@@ -21,6 +21,7 @@ import click
 import orjson
 
 from dispatcher._dispatcher import Dispatcher
+from dispatcher.audit import AuditLogError
 from dispatcher.config import Manifest, ManifestError, load_manifest
 from dispatcher.identity import Credentials
 from linchkit_plugin.errors import DispatchError
@@ -170,11 +171,26 @@ def printable(text: str) -> str:
 
 
 def run_with_dispatcher(manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]) -> T:
+    """Start a dispatcher for ``manifest``, run ``job`` on it, close it. An audit log that
+    cannot be appended to (cut short, locked by a stuck writer) is one line on stderr
+    and exit 2: a call that cannot be recorded is not made."""
+
     async def session() -> T:
         async with Dispatcher(manifest) as dispatcher:
             return await job(dispatcher)
 
-    return asyncio.run(session())
+    try:
+        return asyncio.run(session())
+    except AuditLogError as error:
+        click.echo(f"error: {error}", err=True)
+        raise click.exceptions.Exit(EXIT_USAGE) from None
+
+
+def without_audit(manifest: Manifest[Any]) -> Manifest[Any]:
+    """``manifest`` for a command that makes no call (``health``, ``logs``): it needs
+    no audit log, so it neither opens the gateway's (which its user may not be allowed
+    to write, or which may be damaged) nor waits for its lock."""
+    return manifest.model_copy(update={"audit": None})
 
 
 def run_or_report(

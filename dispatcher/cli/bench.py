@@ -24,8 +24,10 @@ import click
 import orjson
 
 from dispatcher._dispatcher import Dispatcher
+from dispatcher.audit import AuditLogError
 from dispatcher.cli._app import (
     EXIT_FAILED,
+    EXIT_USAGE,
     Seconds,
     credentials_from,
     load,
@@ -217,6 +219,9 @@ def bench(
     except DispatchError as error:
         click.echo(orjson.dumps({"error": error.to_wire()}).decode(), err=True)
         context.exit(EXIT_FAILED)
+    except AuditLogError as error:  # its calls are audited: a log it cannot append to
+        click.echo(f"error: {error}", err=True)
+        context.exit(EXIT_USAGE)
     except (KeyboardInterrupt, asyncio.CancelledError):
         click.echo("interrupted: calls in flight abandoned, nothing to report", err=True)
         context.exit(EXIT_INTERRUPTED)

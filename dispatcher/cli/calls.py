@@ -21,6 +21,7 @@ from dispatcher.cli._app import (
     run_or_report,
     run_with_dispatcher,
     table,
+    without_audit,
 )
 from linchkit_plugin.errors import DispatchError
 
@@ -112,7 +113,7 @@ def health(context: click.Context, output: str, timeout: float) -> None:
     (Describe, /describe, its WebSocket hello) it lacks methods routed to it gets a "NOT
     SERVED" line under the table: their calls fail method_not_found.
     """
-    manifest = load(context)
+    manifest = without_audit(load(context))  # a probe is not a call: nothing to record
     try:
         reports = run_with_dispatcher(
             manifest, lambda dispatcher: dispatcher.health(timeout=timeout)

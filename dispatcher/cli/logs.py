@@ -16,7 +16,14 @@ from typing import Any
 import click
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher.cli._app import EXIT_FAILED, load, main, manifest_option, run_with_dispatcher
+from dispatcher.cli._app import (
+    EXIT_FAILED,
+    load,
+    main,
+    manifest_option,
+    run_with_dispatcher,
+    without_audit,
+)
 from dispatcher.config import PluginSpec
 from linchkit_plugin.errors import DispatchError
 from providers.target import TargetConfig
@@ -53,7 +60,7 @@ def logs(context: click.Context, plugin: str, follow: bool, lines: int) -> None:
     if not chosen:
         known = sorted({spec.id for spec in manifest.plugins})
         raise click.UsageError(f"no plugin {plugin!r} in the manifest (known: {', '.join(known)})")
-    manifest = manifest.model_copy(update={"plugins": chosen})
+    manifest = without_audit(manifest.model_copy(update={"plugins": chosen}))
 
     async def show(dispatcher: Dispatcher) -> list[DispatchError]:
         streams = [

@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 from dispatcher._dispatcher import Dispatcher
+from dispatcher.audit import AuditLogError
 from dispatcher.cli._app import EXIT_USAGE, Seconds, load, main, manifest_option, session
 from dispatcher.config import Manifest, ManifestError, watched_paths
 from dispatcher.gateway import GatewayServer, GatewaySettings
@@ -148,6 +149,9 @@ def serve(
     except DispatchError as error:  # a plugin that cannot start
         click.echo(f"error: {error}", err=True)
         context.exit(1)
+    except AuditLogError as error:  # cut short, or locked by a stuck writer
+        click.echo(f"error: {error}", err=True)
+        context.exit(EXIT_USAGE)
     except OSError as error:  # the address is taken, a certificate cannot be read
         click.echo(f"error: {error}", err=True)
         context.exit(EXIT_USAGE)
