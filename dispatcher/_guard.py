@@ -227,7 +227,6 @@ class Guard:
             audit.write(record)
         except TypeError:  # params orjson cannot write (JSONEncodeError is a TypeError)
             record["params"] = "<not JSON>"
-            record.pop("prev", None)
             audit.write(record)
 
     def stats(self) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""The audit log: one record per call under load, the chain and every kind of tampering."""
+"""The audit log: one record per call under load, the chain and every kind of tampering,
+several processes appending to one log, and a log whose end is damaged."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import json
 import logging
 import os
@@ -17,11 +19,12 @@ from click.testing import CliRunner
 
 from dispatcher import Dispatcher
 from dispatcher.audit import GENESIS, AuditLog, AuditLogError, verify, verify_lines
+from dispatcher.audit import log as audit_log
 from dispatcher.cli import main
 from dispatcher.config import ManifestError, parse_manifest
 from dispatcher.identity import Credentials, Principal, api_key_digest
 from linchkit_plugin.errors import DispatchError, Overloaded
-from tests.conftest import LOCAL_TARGET, echo_plugin
+from tests.conftest import LOCAL_TARGET, ROOT, echo_plugin
 
 API_KEY = "lk_audit_" + "c0ffee" * 6
 TALKER = Principal("alice", frozenset({"talker"}), "library")
@@ -107,7 +110,9 @@ async def test_exactly_one_record_per_call_under_a_thousand_concurrent_mixed_cal
 
     async with Dispatcher(audited_manifest(tmp_path)) as dispatcher:
         outcomes = await asyncio.gather(*(one(i, kind, dispatcher) for i, kind in enumerate(plan)))
-        head = dispatcher.stats()["audit"]["head"]
+    # The head of what the log wrote: a record is sealed when it is written (after the
+    # file's last line then), so the last ones are in it once the log has closed.
+    head = dispatcher.stats()["audit"]["head"]
     assert outcomes == plan
     log = tmp_path / "audit.log"
     written = records(log)
@@ -475,3 +480,291 @@ def test_a_command_line_call_refuses_a_damaged_log_in_one_line_and_health_needs_
     health = runner.invoke(main, ["-m", str(manifest), "health"])
     assert health.exit_code == 0, health.output
     assert log.read_bytes() == b'{"time":"2026-12-03T10:00:00+00:00","ki'
+
+
+# -- several processes writing one log ---------------------------------------------------
+
+#: A process that appends to the manifest's audit log: it starts its dispatcher, says
+#: "ready", waits for a line on stdin, then makes COUNT calls, a few at a time, spread
+#: over a second or so (so its writes fall between the other process's).
+_WRITER = """
+import asyncio, sys
+from dispatcher import Dispatcher
+from dispatcher.identity import Principal
+
+async def main(manifest, name, count):
+    caller = Principal("alice", frozenset({"talker"}), "library")
+    async with Dispatcher.from_file(manifest) as dispatcher:
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        for start in range(0, count, 4):
+            await asyncio.gather(*(
+                dispatcher.call("echo", "say", {"text": "x"}, caller=caller,
+                                request_id=f"{name}-{index}")
+                for index in range(start, min(start + 4, count))
+            ))
+            await asyncio.sleep(0.003)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'sdk' / 'python'}"}
+
+
+async def test_two_processes_appending_to_one_log_keep_one_chain(tmp_path: Path) -> None:
+    # Each process continued the chain from the last line it had read when it opened the
+    # log: the first line the other wrote after that broke it ("does not follow the line
+    # before it"), a false tamper report that a real forgery could hide among.
+    manifest = audited_manifest_file(tmp_path)
+    count = 400
+    writers = []
+    for name in ("first", "second"):
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _WRITER, str(manifest), name, str(count),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=_environment(),
+        )  # fmt: skip
+        writers.append(writer)
+    try:
+        for writer in writers:
+            assert writer.stdout is not None
+            assert await asyncio.wait_for(writer.stdout.readline(), 60) == b"ready\n"
+        for writer in writers:
+            assert writer.stdin is not None
+            writer.stdin.write(b"go\n")
+            await writer.stdin.drain()
+        for writer in writers:
+            assert await asyncio.wait_for(writer.wait(), 120) == 0
+    finally:
+        for writer in writers:
+            if writer.returncode is None:
+                writer.kill()
+                await writer.wait()
+    log = tmp_path / "audit.log"
+    written = [record["request_id"] for record in records(log)]
+    assert sorted(written) == sorted(
+        f"{name}-{index}" for name in ("first", "second") for index in range(count)
+    )
+    # Interleaved, not one process's records after the other's: the test tested something.
+    switches = sum(a[:5] != b[:5] for a, b in itertools.pairwise(written))
+    assert switches >= 4, switches
+    report = verify(log)
+    assert (report.intact, report.records) == (True, 2 * count), report
+    result = CliRunner().invoke(main, ["audit", "verify", str(log)])
+    assert result.exit_code == 0 and f"{2 * count} records, chain intact" in result.output
+
+
+async def test_a_call_from_the_command_line_joins_the_chain_of_a_running_dispatcher(
+    tmp_path: Path,
+) -> None:
+    # The report's case: `dispatcher call` from an operator's shell while the gateway
+    # writes the same log. The call is audited (it is a call like any other), into the
+    # one chain, after whatever the gateway wrote meanwhile.
+    manifest = audited_manifest_file(tmp_path)
+    async with Dispatcher.from_file(manifest) as dispatcher:
+        stop = asyncio.Event()
+
+        async def keep_calling() -> int:
+            made = 0
+            while not stop.is_set():
+                await dispatcher.call("echo", "say", {"text": "gw"}, caller=TALKER)
+                made += 1
+                await asyncio.sleep(0.002)
+            return made
+
+        gateway = asyncio.create_task(keep_calling())
+        for index in range(2):
+            command = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dispatcher.cli", "-m", str(manifest),
+                "call", "echo.say", "-p", json.dumps({"text": f"cli-{index}"}),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**_environment(), "DISPATCHER_API_KEY": API_KEY},
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(command.communicate(), 60)
+            assert command.returncode == 0, err.decode()
+            assert json.loads(out)["text"] == f"cli-{index}"
+        await asyncio.sleep(0.05)
+        stop.set()
+        made = await gateway
+    log = tmp_path / "audit.log"
+    written = records(log)
+    from_cli = [r for r in written if r["principal"] == {"id": "svc", "proven_by": "api_key"}]
+    assert [r["params"] for r in from_cli] == [{"text": "cli-0"}, {"text": "cli-1"}]
+    assert written.index(from_cli[0]) > 0 and written.index(from_cli[1]) < len(written) - 1
+    report = verify(log)
+    assert (report.intact, report.records) == (True, made + 2), report
+
+
+async def _until(condition: Any) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 10 s")
+
+
+async def test_a_log_whose_end_is_damaged_while_running_waits_until_it_is_moved_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Another writer died mid-write: the file ends with half a line. Appending after it
+    # would bury the damage under records that verify never reaches; the records wait
+    # instead (the calls are answered), and go to a new log once the file is moved aside.
+    monkeypatch.setattr(audit_log, "_RETRY_SECONDS", 0.05)
+    log = tmp_path / "audit.log"
+    async with Dispatcher(audited_manifest(tmp_path)) as dispatcher:
+
+        def written() -> int:
+            return int(dispatcher.stats()["audit"]["records"])
+
+        await dispatcher.call("echo", "say", {"text": "before"}, caller=TALKER)
+        await _until(lambda: written() == 1)
+        with log.open("ab") as file:
+            file.write(b'{"time":"2026-12-03T10:00:00+00:00","kind":"ca')
+        for index in range(3):
+            await dispatcher.call("echo", "say", {"text": f"after-{index}"}, caller=TALKER)
+        await _until(lambda: dispatcher.stats()["audit"]["write_errors"] >= 2)
+        assert log.read_bytes().endswith(b'"kind":"ca') and written() == 1
+        assert "ends with an incomplete line" in caplog.text
+        log.rename(tmp_path / "audit.damaged.log")
+        await _until(lambda: written() == 4)
+    damaged = verify(tmp_path / "audit.damaged.log")
+    assert (damaged.records, damaged.bad_line) == (1, 2) and "incomplete" in str(damaged.problem)
+    report = verify(log)
+    assert (report.intact, report.records) == (True, 3), report
+    assert [r["params"]["text"] for r in records(log)] == ["after-0", "after-1", "after-2"]
+    assert records(log)[0]["prev"] == GENESIS
+
+
+_FILE_SIZE_LIMITED = """
+import asyncio, resource, sys
+import dispatcher.audit.log as audit_log
+from dispatcher.audit import AuditLog
+
+audit_log._RETRY_SECONDS = 0.05
+
+async def main(path, limit):
+    log = AuditLog(path)
+    log.open()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))  # the disk is full past it
+    for index in range(200):
+        log.write({"kind": "call", "n": index, "pad": "x" * 200})
+        if index % 20 == 0:
+            await asyncio.sleep(0.01)
+    while log.write_errors < 3:
+        await asyncio.sleep(0.01)
+    with open(path, "rb") as file:
+        data = file.read()
+    print(len(data), data.endswith(b"\\n"), log.records, flush=True)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space again
+    await log.aclose()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+async def test_a_write_the_disk_refuses_halfway_leaves_no_cut_line_and_loses_no_record(
+    tmp_path: Path,
+) -> None:
+    # A file size limit (RLIMIT_FSIZE) stands in for a full disk: the write stops
+    # mid-batch. It used to leave half a line in the log, drop the batch, and append the
+    # next batches after the half line; now the half is cut off again and the batch
+    # waits, written once there is space.
+    log = tmp_path / "audit.log"
+    limit = 20_000  # a few dozen records: the limit falls inside a batch
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FILE_SIZE_LIMITED, str(log), str(limit),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_environment(),
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(writer.communicate(), 60)
+    assert writer.returncode == 0, err.decode()
+    size, whole_lines, written = out.decode().split()
+    assert int(size) <= limit and whole_lines == "True" and 0 < int(written) < 200
+    assert b"File too large" in err  # logged once, with what the writer does about it
+    report = verify(log)
+    assert (report.intact, report.records) == (True, 200), report
+    assert [record["n"] for record in records(log)] == list(range(200))
+
+
+_LOCK_HOLDER = """
+import fcntl, os, sys
+descriptor = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o640)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes it
+"""
+
+
+async def test_a_writer_stuck_holding_the_lock_is_named_when_another_opens_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_log, "OPEN_LOCK_SECONDS", 0.3)
+    path = tmp_path / "audit.log"
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _LOCK_HOLDER, str(path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert await asyncio.wait_for(holder.stdout.readline(), 30) == b"locked\n"
+        log = AuditLog(str(path))
+        with pytest.raises(AuditLogError, match=rf"locked by process {holder.pid} for over"):
+            log.open()
+        holder.stdin.close()
+        assert await asyncio.wait_for(holder.wait(), 30) == 0
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+    log.open()  # the lock is free: the log opens
+    log.write({"kind": "call", "outcome": "ok"})
+    await log.aclose()
+    assert verify(path).records == 1
+
+
+_HALF_WRITTEN = """
+import fcntl, os, sys, time
+from dispatcher.audit.chain import line_hash, seal
+
+# A writer caught mid-append: the lock held, half its line written. (A dispatcher's own
+# write cannot be paused halfway; this process follows the same protocol, slowly.)
+path = sys.argv[1]
+with open(path, "rb") as file:
+    last = file.read().splitlines()[-1]
+line = seal({"kind": "call", "outcome": "ok", "n": "late"}, line_hash(last)) + b"\\n"
+descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+os.write(descriptor, line[:40])
+print("half", flush=True)
+time.sleep(0.5)
+os.write(descriptor, line[40:])
+fcntl.flock(descriptor, fcntl.LOCK_UN)
+"""
+
+
+async def test_verify_while_a_writer_appends_waits_for_its_line_to_end(tmp_path: Path) -> None:
+    # verify read the file while a batch was being written: its end looked cut short,
+    # one more false report. Now it reads what the file held when no append was under way.
+    path, _ = await sample_log(tmp_path)
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HALF_WRITTEN, str(path),
+        stdout=asyncio.subprocess.PIPE,
+        env=_environment(),
+    )  # fmt: skip
+    try:
+        assert writer.stdout is not None
+        assert await asyncio.wait_for(writer.stdout.readline(), 30) == b"half\n"
+        report = await asyncio.to_thread(verify, path)
+        assert await asyncio.wait_for(writer.wait(), 30) == 0
+    finally:
+        if writer.returncode is None:
+            writer.kill()
+            await writer.wait()
+    assert (report.intact, report.records) == (True, 9), report

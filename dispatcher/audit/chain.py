@@ -5,8 +5,9 @@ Every record is one line of JSON, UTF-8, ending in ``\\n``:
     {"time":…,…,"prev":"<64 hex>","hash":"<64 hex>"}
 
 * ``prev`` is the SHA-256 (hex) of the previous line's bytes, its ``\\n`` excluded; the
-  first line of a log has ``prev`` = ``GENESIS`` (64 zeros). A log that is opened again
-  continues the chain from its last line.
+  first line of a log has ``prev`` = ``GENESIS`` (64 zeros). A record continues the chain
+  from the file's last line when it is written, whichever process wrote that line
+  (``log``: every writer appends under a lock).
 * ``hash`` is the SHA-256 (hex) of the line's *body*: the same JSON object without the
   ``hash`` member, i.e. the line's bytes up to ``,"hash":`` followed by ``}``. It is always
   the last member, written exactly as above, so a verifier needs no JSON canonicalisation:
@@ -25,16 +26,31 @@ check it; the dispatcher logs its head when it closes the log and reports it in
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-__all__ = ["GENESIS", "ChainReport", "line_hash", "line_problem", "seal", "verify", "verify_lines"]
+from dispatcher.audit._lock import lock, unlock
+
+__all__ = [
+    "GENESIS",
+    "ChainReport",
+    "line_hash",
+    "line_problem",
+    "seal",
+    "seal_body",
+    "verify",
+    "verify_lines",
+]
 
 GENESIS = "0" * 64
+#: How long ``verify`` waits for a writer to finish its append before it reads anyway.
+VERIFY_LOCK_SECONDS = 5.0
 _LINE = re.compile(rb'^(\{.*),"hash":"([0-9a-f]{64})"\}$', re.DOTALL)
 
 
@@ -50,6 +66,21 @@ def seal(record: dict[str, Any], prev: str) -> bytes:
     """
     record["prev"] = prev
     body = orjson.dumps(record)
+    digest = hashlib.sha256(body).hexdigest()
+    return body[:-1] + b',"hash":"' + digest.encode() + b'"}'
+
+
+def seal_body(body: bytes, prev: str) -> bytes:
+    """A record already written as JSON (``orjson.dumps``, without ``prev`` and ``hash``)
+    as its line, chained after ``prev``: the same bytes as ``seal`` of that record.
+
+    The writer serialises a record when its call ends (its params may change afterwards)
+    and seals it only when it appends it, after the file's last line at that moment.
+    """
+    if body == b"{}":
+        body = b'{"prev":"' + prev.encode() + b'"}'
+    else:
+        body = body[:-1] + b',"prev":"' + prev.encode() + b'"}'
     digest = hashlib.sha256(body).hexdigest()
     return body[:-1] + b',"hash":"' + digest.encode() + b'"}'
 
@@ -70,8 +101,25 @@ class ChainReport:
 
 
 def verify(path: str | Path, *, head: str | None = None) -> ChainReport:
-    """Check the whole chain of the log at ``path``; with ``head``, also that it ends there."""
-    return verify_lines(Path(path).read_bytes(), head=head)
+    """Check the whole chain of the log at ``path``; with ``head``, also that it ends there.
+
+    What dispatchers append while it reads is left out: it reads as much of the file as
+    there was when it held the writers' lock (shared, for an instant), so a batch being
+    written is not mistaken for a line cut short. A writer that holds the lock for longer
+    than ``VERIFY_LOCK_SECONDS`` (blocked on a hung disk) is not waited for.
+    """
+    with open(path, "rb") as file:
+        descriptor = file.fileno()
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a pipe: all it brings
+            return verify_lines(file.read(), head=head)
+        locked = lock(descriptor, shared=True, wait=VERIFY_LOCK_SECONDS)
+        try:
+            size = os.fstat(descriptor).st_size
+        finally:
+            if locked:
+                unlock(descriptor)
+        data = file.read(size)
+    return verify_lines(data, head=head)
 
 
 def verify_lines(data: bytes, *, head: str | None = None) -> ChainReport:
