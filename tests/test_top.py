@@ -124,3 +124,36 @@ async def test_calls_refused_before_their_chain_are_counted_under_bounded_labels
         ("echo", "method_not_found"),
         ("?", "plugin_not_found"),
     }
+
+
+async def test_a_fleet_row_shows_its_instances_and_names_are_never_markup() -> None:
+    """Fleet names carry their instances in brackets, which rich would read as markup
+    (and drop) unless every cell from the manifest or the gateway is escaped."""
+    fleet_target = {
+        "provider": "http",
+        "instances": [{"url": "http://127.0.0.2:1"}, {"url": "http://127.0.0.3:1"}],
+    }
+    plugin = {
+        "id": "echo",
+        "version": "1.0.0",
+        "target": fleet_target,
+        # A method name cannot hold brackets; a breaker's target (an instance) can.
+        "methods": {"say": {"breaker": {"fail_max": 1, "reset_timeout_ms": 60_000}}},
+    }
+    document = {"version": 1, "plugins": [plugin], **METRICS_ON}
+    async with Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher:
+        with contextlib.suppress(DispatchError):  # nothing listens: the breaker opens
+            await dispatcher.call("echo", "say", {"text": "hi"})
+        registry = dispatcher.telemetry.metrics.registry  # type: ignore[union-attr]
+        sample = Sample.parse(exposition(registry, None)[0].decode(), time=1.0)
+    from rich.console import Console
+
+    from dispatcher.cli.top import view
+
+    console = Console(record=True, width=300, color_system=None)
+    console.print(view("http://127.0.0.1:8080 [bold]x[/bold]", sample, sample))
+    shown = console.export_text()
+    fleet = "http fleet [http://127.0.0.2:1, http://127.0.0.3:1] /invoke"
+    assert shown.count(fleet) == 2, shown  # one row per instance, the list intact
+    assert "http://127.0.0.1:8080 [bold]x[/bold]" in shown
+    assert "│ open" in shown or " open" in shown

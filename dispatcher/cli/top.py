@@ -101,13 +101,18 @@ async def _scrape(session: Any, url: str) -> Sample:
 def view(url: str, before: Sample, now: Sample) -> Any:
     """The whole screen: methods, then breakers and instances when there are any."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    methods = Table(title=f"{url}   in flight {now.in_flight:g}", title_justify="left")
+    # Every name here comes from the manifest or the gateway: a fleet's name lists its
+    # instances in brackets, which rich would take for markup and drop. Cells are Text
+    # (never parsed) or escaped.
+    methods = Table(title=f"{escape(url)}   in flight {now.in_flight:g}", title_justify="left")
     for heading in ("PLUGIN", "METHOD", "CALLS/S", "ERRORS", "P50", "P99", "CACHE HITS"):
         methods.add_column(heading, justify="left" if heading in ("PLUGIN", "METHOD") else "right")
     for row in method_rows(before, now):
-        methods.add_row(*_cells(row))
+        methods.add_row(*(Text(cell) for cell in _cells(row)))
     parts: list[Any] = [methods]
     open_breakers = {target: state for target, state in now.breakers.items() if state != "closed"}
     if open_breakers:
@@ -115,15 +120,15 @@ def view(url: str, before: Sample, now: Sample) -> Any:
         breakers.add_column("TARGET")
         breakers.add_column("STATE")
         for target, state in sorted(open_breakers.items()):
-            breakers.add_row(target, f"[red]{state}[/red]" if state == "open" else state)
+            breakers.add_row(Text(target), Text(state, style="red" if state == "open" else ""))
         parts.append(breakers)
     if now.instances:
         instances = Table(title="fleet instances", title_justify="left")
         for heading in ("FLEET", "INSTANCE", "STATE"):
             instances.add_column(heading)
         for (fleet, instance), state in sorted(now.instances.items()):
-            shown = state if state == "healthy" else f"[yellow]{state}[/yellow]"
-            instances.add_row(fleet, instance, shown)
+            shown = Text(state, style="" if state == "healthy" else "yellow")
+            instances.add_row(Text(fleet), Text(instance), shown)
         parts.append(instances)
     return Group(*parts)
 
