@@ -418,14 +418,7 @@ class Dispatcher:
             self._attachments.adopt(attached)
             retired = self._attachments.retire(manifest)
             summary = plan.summary()
-            log.info(
-                "reloaded %s: added %s, removed %s, changed %s, kept %d",
-                source,
-                summary["added"] or "none",
-                summary["removed"] or "none",
-                summary["changed"] or "none",
-                len(plan.kept),
-            )
+            log.info("%s", plan.in_words(source))
             assert self.fleets is not None
             await self.fleets.watch_new()  # discovery and health checks of fleets it made
             used = {target.key for plugin in manifest.plugins for target in plugin.targets()}

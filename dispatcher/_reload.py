@@ -62,6 +62,19 @@ class ReloadPlan:
             "kept": [plugin.key for plugin in self.kept],
         }
 
+    def in_words(self, source: str) -> str:
+        """The reload's log line: what it did to which versions, or that it changed nothing."""
+        kept = len(self.kept)
+        if not (self.added or self.removed or self.changed):
+            versions = "version" if kept == 1 else "versions"
+            return f"reloaded {source}: nothing changed ({kept} plugin {versions} kept)"
+        done = [
+            f"{what} {', '.join(keys)}"
+            for what, keys in self.summary().items()
+            if what != "kept" and keys
+        ]
+        return f"reloaded {source}: {'; '.join(done)}; kept {kept} unchanged"
+
 
 def fixed_changes(running: PluginSpec[Any], new: PluginSpec[Any]) -> list[str]:
     """The fields of a running version's processes that ``new`` would change (refused)."""

@@ -5,6 +5,7 @@ and ``dispatcher serve`` reloads on SIGHUP and with ``--watch``."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -380,3 +381,40 @@ async def test_reloads_that_replace_a_version_leave_none_of_its_policy_state() -
         assert list(runtime.batchers) == [("echo@6.0.0", "sleep")]
         assert await dispatcher.call("echo", "sleep", {"seconds": 0}) >= 0  # batched, answered
     assert not {task for task in asyncio.all_tasks() - before if not task.done()}
+
+
+async def test_serve_logs_a_reload_once_at_info_in_words(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What ``dispatcher serve`` logs on SIGHUP or ``--watch``: one INFO line that says what
+    changed, its own wording when nothing did, an ERROR when the file is refused."""
+    from dispatcher.cli.serve import _reload
+
+    path = tmp_path / "plugins.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "plugins": [local("1.0.0")]}))
+    caplog.set_level(logging.INFO, logger="dispatcher")
+    async with Dispatcher.from_file(path) as dispatcher:
+
+        async def reload_logs() -> list[logging.LogRecord]:
+            caplog.clear()
+            await _reload(dispatcher, str(path), 1.0)
+            return [r for r in caplog.records if "reloaded" in r.getMessage()]
+
+        path.write_text(yaml.safe_dump({"version": 1, "plugins": [local("1.0.0"), local("2.0.0")]}))
+        (added,) = await reload_logs()
+        assert (added.levelname, added.getMessage()) == (
+            "INFO",
+            f"reloaded {path}: added fast@2.0.0; kept 1 unchanged",
+        )
+        path.write_text(yaml.safe_dump({"version": 1, "plugins": [local("2.0.0")]}))
+        (removed,) = await reload_logs()
+        assert removed.getMessage() == f"reloaded {path}: removed fast@1.0.0; kept 1 unchanged"
+        (same,) = await reload_logs()
+        assert (same.levelname, same.getMessage()) == (
+            "INFO",
+            f"reloaded {path}: nothing changed (1 plugin version kept)",
+        )
+        path.write_text("plugins: [\n")
+        (refused,) = await reload_logs()
+        assert refused.levelname == "ERROR"
+        assert refused.getMessage().startswith("manifest not reloaded, nothing changed: ")

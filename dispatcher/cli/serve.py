@@ -181,14 +181,12 @@ def _freeze_what_start_built() -> None:
 
 
 async def _reload(dispatcher: Dispatcher, path: str, grace: float) -> None:
-    try:
-        summary = await dispatcher.reload_from_file(path, grace=grace)
+    try:  # a reload that applies is logged by the dispatcher, at INFO, in words
+        await dispatcher.reload_from_file(path, grace=grace)
     except ManifestError as error:
         log.error("manifest not reloaded, nothing changed: %s", error)
     except Exception:
         log.exception("manifest not reloaded, nothing changed")
-    else:
-        log.warning("manifest reloaded: %s", summary)
 
 
 async def _watch(dispatcher: Dispatcher, path: str, interval: float, grace: float) -> None:
