@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ import yaml
 from dispatcher import Dispatcher, DispatchError, ManifestError, TargetUnavailable
 from dispatcher.fleet import Fleet, InstanceState
 from tests.conftest import ROOT, manifest
+from tests.services import until
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 BIN = Path(sys.executable).parent
@@ -350,6 +352,45 @@ async def test_health_reports_every_instance_with_its_state_and_breaker() -> Non
     ]
     assert {r.fleet for r in reports} == {f"http fleet [{live.url}, {dead}] /invoke"}
     assert reports[1].target == f"http {dead}/invoke"
+
+
+async def test_fleet_log_lines_name_an_instance_the_same_way(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its ejection, its probes saying it is down and up, its return: every line about
+    one instance names it alike (index and address), so they can be matched."""
+    live = Instance(HOSTS[0])
+    late = Instance(HOSTS[1])
+    port = free_port(HOSTS[1])
+    late.url = f"http://{HOSTS[1]}:{port}"  # nothing listens there yet
+    caplog.set_level(logging.INFO, logger="dispatcher.fleet")
+    async with serving(live):
+        plugins = fleet_manifest(
+            [live.url, late.url],
+            {"say": {}},
+            outlier={"consecutive_failures": 1, "base_ejection_ms": 60_000},
+            # Down after three probes: the calls below find it in service first.
+            health_check={"interval_ms": 100, "timeout_ms": 100, "unhealthy_after": 3,
+                          "healthy_after": 1},
+            balance="round_robin",
+        )  # fmt: skip
+        async with Dispatcher(plugins) as dispatcher:
+            fleet = the_fleet(dispatcher)
+            for _ in range(4):
+                await dispatcher.call("fleet", "say", {})  # one fails over: ejected
+            await until(lambda: fleet.instances[1].down, "a probe seeing it down")
+            server = await asyncio.start_server(late.handle, HOSTS[1], port)
+            await until(lambda: fleet.state_of(fleet.instances[1]) == "healthy", "its return")
+        server.close()  # the dispatcher closed its connections: their handlers have ended
+        await server.wait_closed()
+    name = f"instance 1 (http {late.url}/invoke)"
+    about = [r.getMessage() for r in caplog.records if "instance 1" in r.getMessage()]
+    assert {line.split(name, 1)[1].split(" for ")[0] for line in about} == {
+        " ejected",
+        " is down",
+        " is up again",
+        " back in service",
+    }, about
 
 
 # -- an instance killed mid-run and restarted -------------------------------------------

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dispatcher.fleet.balancer import new_balancer
-from dispatcher.fleet.instances import FIXED, Instance, InstanceState
+from dispatcher.fleet.instances import FIXED, Instance, InstanceState, label
 from dispatcher.fleet.outlier import OutlierDetector
 from dispatcher.fleet.sources import InstanceSource
 from providers.base import Provider
@@ -80,6 +80,7 @@ class Fleet:
             max_ejection=outlier.max_ejection_ms / 1000,
             max_ejected_percent=outlier.max_ejected_percent,
             clock=clock,
+            describe=self._label,
         )
         #: Instances marked down by active health checks.
         self.down = 0
@@ -103,7 +104,7 @@ class Fleet:
         self._next_index += 1
         self.instances = (*self.instances, instance)
         self.outliers.resize(len(self.instances))
-        log.info("%s: instance %s joined (%s)", self.name, target.describe(), source)
+        log.info("%s: %s joined (%s)", self.name, instance.label, source)
         return instance
 
     def leave(self, instance: Instance) -> None:
@@ -117,9 +118,14 @@ class Fleet:
             self.down -= 1
         self.outliers.forget(instance.index)
         self.outliers.resize(len(self.instances))
-        log.info(
-            "%s: instance %s left (%s)", self.name, instance.target.describe(), instance.source
-        )
+        log.info("%s: %s left (%s)", self.name, instance.label, instance.source)
+
+    def _label(self, index: int) -> str:
+        """How log lines name the instance at ``index`` (the outlier detector's lines too)."""
+        for instance in self.instances:
+            if instance.index == index:
+                return instance.label
+        return label(index, "no longer in the fleet")
 
     def reweigh(self, instance: Instance, weight: int) -> None:
         instance.weight = weight
@@ -215,7 +221,7 @@ class Fleet:
                     instance.down = False
                     self.down -= 1
                     self._serving = None
-                    log.info("%s: instance %s is up again", self.name, instance.target.describe())
+                    log.info("%s: %s is up again", self.name, instance.label)
                 if instance.index in self.outliers.ejected_until:
                     self.outliers.release(instance.index)
                     self._serving = None
@@ -226,7 +232,7 @@ class Fleet:
                 instance.down = True
                 self.down += 1
                 self._serving = None
-                log.warning("%s: instance %s is down", self.name, instance.target.describe())
+                log.warning("%s: %s is down", self.name, instance.label)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -48,7 +48,7 @@ class HealthChecker:
         except TimeoutError:
             serving = False
         except Exception:  # a provider's health must not raise; if it does, it failed
-            log.exception("health probe of %s raised", instance.target.describe())
+            log.exception("%s: health probe of %s raised", self.fleet.name, instance.label)
             serving = False
         self.fleet.record_probe(instance, serving, settings.unhealthy_after, settings.healthy_after)
 

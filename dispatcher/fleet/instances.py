@@ -10,7 +10,7 @@ from providers.target import TargetConfig
 if TYPE_CHECKING:
     from dispatcher.fleet.breaker import CircuitBreaker
 
-__all__ = ["FIXED", "Instance", "InstanceState"]
+__all__ = ["FIXED", "Instance", "InstanceState", "label"]
 
 
 class InstanceState(StrEnum):
@@ -30,6 +30,11 @@ class InstanceState(StrEnum):
 
 #: Where a fixed instance (one the manifest lists) comes from, for ``dispatcher health``.
 FIXED = "manifest"
+
+
+def label(index: int, description: str) -> str:
+    """An instance as log lines name it: ``instance 1 (http http://127.0.0.3:18181/invoke)``."""
+    return f"instance {index} ({description})"
 
 
 class Instance:
@@ -78,6 +83,12 @@ class Instance:
         self.down = False
         self.probe_failures = 0
         self.probe_successes = 0
+
+    @property
+    def label(self) -> str:
+        """How every log line names it: its index and where it is, e.g. ``instance 1 (http
+        http://127.0.0.3:18181/invoke)``, so an ejection matches the probe that saw it down."""
+        return label(self.index, self.target.describe())
 
     def __repr__(self) -> str:
         state = " down" if self.down else " leaving" if self.leaving else ""

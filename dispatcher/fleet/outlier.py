@@ -44,6 +44,7 @@ class OutlierDetector:
         "_clock",
         "base_ejection",
         "consecutive_failures",
+        "describe",
         "ejected",
         "ejected_until",
         "ejections",
@@ -66,8 +67,11 @@ class OutlierDetector:
         max_ejection: float,
         max_ejected_percent: int,
         clock: Clock,
+        describe: Callable[[int], str] | None = None,
     ) -> None:
         self.name = name
+        #: How log lines name the instance at an index (a fleet gives ``Instance.label``).
+        self.describe = describe or _by_index
         self.consecutive_failures = consecutive_failures
         self.base_ejection = base_ejection
         self.max_ejection = max(max_ejection, base_ejection)
@@ -133,7 +137,7 @@ class OutlierDetector:
         self.ejected -= 1
         self.failures[index] = 0
         self.returned_at[index] = self._clock()
-        log.info("%s: instance %d back in service", self.name, index)
+        log.info("%s: %s back in service", self.name, self.describe(index))
 
     def release_expired(self) -> None:
         if self.ejected:
@@ -158,9 +162,9 @@ class OutlierDetector:
         self.total_ejections += 1
         self.failures[index] = 0
         log.warning(
-            "%s: instance %d ejected for %.1f s after %d failures in a row (ejection %d)",
+            "%s: %s ejected for %.1f s after %d failures in a row (ejection %d)",
             self.name,
-            index,
+            self.describe(index),
             duration,
             self.consecutive_failures,
             ejections,
@@ -171,3 +175,7 @@ class OutlierDetector:
             f"<OutlierDetector {self.name} ejected={self.ejected}/{self.max_ejected}"
             f" failures={self.failures}>"
         )
+
+
+def _by_index(index: int) -> str:
+    return f"instance {index}"
