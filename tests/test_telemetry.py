@@ -8,10 +8,15 @@ processor chain; the OTLP wire is tests/test_telemetry_tracing.py's).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -421,6 +426,62 @@ async def test_json_log_lines_carry_the_request_trace_plugin_and_method() -> Non
     assert line["trace_id"] == f"{call.context.trace_id:032x}"
     assert line["level"] == "WARNING"
     assert not logging.getLogger("dispatcher").handlers  # removed when the dispatcher closed
+
+
+@pytest.mark.parametrize("format", ["json", "text"])
+async def test_serve_writes_each_log_record_once_in_the_manifests_format(
+    tmp_path: Path, format: str
+) -> None:
+    """``dispatcher serve`` installs a root handler and the manifest's ``telemetry.logs``
+    one more: each record once, in that format (JSON: every stderr line parses), the
+    access log and the drain included; "listening on" stays on stdout for scripts."""
+    document = {
+        "version": 1,
+        "plugins": [traced()],
+        "telemetry": {"logs": {"format": format, "level": "INFO"}},
+    }
+    manifest = tmp_path / "plugins.json"
+    manifest.write_text(json.dumps(document))
+    environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'sdk' / 'python'}"}
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dispatcher.cli", "-v", "-m", str(manifest), "serve",
+        "--port", "0", "--access-log",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=environment,
+    )  # fmt: skip
+    try:
+        assert serve.stdout is not None
+        listening = (await asyncio.wait_for(serve.stdout.readline(), 60)).decode()
+        assert listening.startswith("listening on http://"), listening
+        url = listening.split()[-1]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{url}/v1/plugins/traced/methods/noisy",
+                json={"text": "hello"},
+                headers={"X-Request-Id": "req-7"},
+            ) as answer,
+        ):
+            assert answer.status == 200
+        serve.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(serve.communicate(), 60)
+    finally:
+        if serve.returncode is None:
+            serve.kill()
+            await serve.wait()
+    lines = err.decode().splitlines()
+    if format == "json":
+        records = [json.loads(line) for line in lines]  # every line is JSON
+        messages = [record["message"] for record in records]
+        loggers = {record["logger"] for record in records}
+        (said,) = [record for record in records if record["message"] == "plugin says hello"]
+        assert said["request_id"] == "req-7"
+    else:
+        messages = [line.split(": ", 1)[1].rsplit(" [", 1)[0] for line in lines]
+        loggers = {line.split(" ")[3].rstrip(":") for line in lines}
+    assert messages.count("plugin says hello") == 1, lines
+    assert messages.count("draining: calls in flight have 20 s") == 1, lines
+    assert "aiohttp.access" in loggers, lines  # another logger's line, in the same format
+    assert len(set(messages)) == len(messages), lines  # nothing written twice
 
 
 def test_a_plugin_stderr_line_is_tagged_with_its_plugin_and_instance() -> None:

@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import click
@@ -24,6 +24,7 @@ from dispatcher._dispatcher import Dispatcher
 from dispatcher.audit import AuditLogError
 from dispatcher.config import Manifest, ManifestError, load_manifest
 from dispatcher.identity import Credentials
+from dispatcher.telemetry import CallContextFilter, formatter_for
 from linchkit_plugin.errors import DispatchError
 
 T = TypeVar("T")
@@ -40,6 +41,8 @@ class _Session:
     """What the group's options decide for every command."""
 
     manifest: str
+    #: The handlers ``main`` put on the root logger (none when the host had its own).
+    log_handlers: list[logging.Handler] = field(default_factory=list)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,10 +71,12 @@ def main(context: click.Context, manifest: str, verbose: int, log_level: str | N
     fish_source for the other shells).
     """
     level = log_level.upper() if log_level else ("WARNING", "INFO", "DEBUG")[min(verbose, 2)]
+    root = logging.getLogger()
+    before = list(root.handlers)
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
-    context.obj = _Session(manifest)
+    context.obj = _Session(manifest, [each for each in root.handlers if each not in before])
 
 
 def session(context: click.Context) -> _Session:
@@ -108,11 +113,26 @@ output_option = click.option(
 
 def load(context: click.Context) -> Manifest[Any]:
     try:
-        return load_manifest(session(context).manifest)
+        manifest = load_manifest(session(context).manifest)
     except ManifestError as error:
         click.echo(str(error), err=True)
         context.exit(EXIT_USAGE)
         raise  # unreachable: exit raises
+    _log_as(manifest, session(context).log_handlers)
+    return manifest
+
+
+def _log_as(manifest: Manifest[Any], handlers: Sequence[logging.Handler]) -> None:
+    """With ``telemetry.logs``, the handlers ``main`` installed write the manifest's format
+    too. The dispatcher's records go to its own handler only (``telemetry.logs``); these
+    write the other loggers' (``aiohttp.access``, ``asyncio``), so with ``json`` every
+    line on stderr is JSON."""
+    logs = manifest.telemetry.logs
+    if logs.format is None:
+        return
+    for handler in handlers:
+        handler.setFormatter(formatter_for(logs.format))
+        handler.addFilter(CallContextFilter())
 
 
 class Seconds(click.FloatRange):

@@ -249,7 +249,9 @@ async def _serve(
             if server.grpc is not None:
                 click.echo(f"grpc listening on {server.grpc.address}")
             await stop.wait()
-            click.echo(f"draining: calls in flight have {settings.grace:g} s", err=True)
+            # A log line (in the manifest's log format); "listening on" above is not: it
+            # is what scripts read on stdout to learn the address.
+            log.warning("draining: calls in flight have %g s", settings.grace)
             await dispatcher.drain(settings.grace)
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

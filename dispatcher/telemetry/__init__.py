@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.config import Telemetry
 from dispatcher.telemetry.errors import ErrorLog, RecentError
 from dispatcher.telemetry.flows import EventStep, OpenStream, StreamStep
-from dispatcher.telemetry.logs import CallContextFilter, JsonFormatter, text_formatter
+from dispatcher.telemetry.logs import (
+    CallContextFilter,
+    JsonFormatter,
+    TelemetryLogHandler,
+    formatter_for,
+    install,
+    uninstall,
+)
 from dispatcher.telemetry.metrics import (
     DispatcherMetrics,
     StatsCollector,
@@ -56,6 +62,7 @@ __all__ = [
     "StatsCollector",
     "TelemetryRuntime",
     "asgi_app",
+    "formatter_for",
     "metrics_handler",
 ]
 
@@ -84,7 +91,7 @@ class TelemetryRuntime:
         tracing = settings.tracing.resolved()
         if tracing is not None:
             self.tracing = _new_tracing(tracing, span_processors)
-        self._log_handler: logging.Handler | None = None
+        self._log_handler: TelemetryLogHandler | None = None
         self._set_level = False
         #: Around every ``Dispatcher.publish``: host events counted and traced.
         self.events = EventStep(errors=self.errors, metrics=self.metrics, tracing=self.tracing)
@@ -184,15 +191,12 @@ class TelemetryRuntime:
         logs = self.settings.logs
         if logs.format is None:
             return
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter() if logs.format == "json" else text_formatter())
-        handler.addFilter(CallContextFilter())
-        handler.setLevel(logs.level)
+        handler = TelemetryLogHandler(logs.format, logs.level)
         logger = logging.getLogger("dispatcher")
         if logger.level == logging.NOTSET:  # a level the host set stays
             logger.setLevel(logs.level)
             self._set_level = True
-        logger.addHandler(handler)
+        install(handler)  # and the records stop there: none written twice
         self._log_handler = handler
 
     async def aclose(self) -> None:
@@ -202,11 +206,10 @@ class TelemetryRuntime:
             # timeouts): off the loop, so calls of other dispatchers go on meanwhile.
             await asyncio.to_thread(self.tracing.shutdown)
         if self._log_handler is not None:
-            logger = logging.getLogger("dispatcher")
-            logger.removeHandler(self._log_handler)
+            uninstall(self._log_handler)
             self._log_handler = None
             if self._set_level:
-                logger.setLevel(logging.NOTSET)
+                logging.getLogger("dispatcher").setLevel(logging.NOTSET)
 
     def __repr__(self) -> str:
         return (

@@ -11,11 +11,17 @@ the logger's name and the provider tags the instance.
 ``JsonFormatter`` writes one JSON object per line (``telemetry.logs.format: json``); the
 text format is the usual one with those fields appended. Hosts with their own logging
 setup can add the filter and formatter to their handlers instead.
+
+``install`` puts a dispatcher's handler on the ``dispatcher`` logger and stops that
+logger's records from propagating to the root logger's handlers while one is installed:
+otherwise a host with a root handler (``logging.basicConfig``, ``dispatcher serve``)
+wrote each record twice, once in each format — plain lines among JSON ones.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -29,7 +35,11 @@ __all__ = [
     "CURRENT_TRACE_ID",
     "CallContextFilter",
     "JsonFormatter",
+    "TelemetryLogHandler",
+    "formatter_for",
+    "install",
     "text_formatter",
+    "uninstall",
 ]
 
 #: The call the current task is working on (innermost, for a call made inside a call).
@@ -37,6 +47,8 @@ CURRENT_CALL: ContextVar[Invocation | None] = ContextVar("dispatcher_current_cal
 #: The trace id of the current call's span, hex, when it is sampled.
 CURRENT_TRACE_ID: ContextVar[str | None] = ContextVar("dispatcher_trace_id", default=None)
 
+#: The logger ``telemetry.logs`` writes (and every logger under it).
+LOGGER = "dispatcher"
 _FIELDS = ("request_id", "trace_id", "plugin", "method", "instance")
 _PLUGIN_LOGGER = "dispatcher.plugin."
 #: Longest message a JSON line carries: a plugin flooding one huge line costs a bounded line.
@@ -98,3 +110,41 @@ class _TextFormatter(logging.Formatter):
             if record.__dict__.get(field) is not None
         )
         return f"{line} [{extras}]" if extras else line
+
+
+def formatter_for(format: str) -> logging.Formatter:
+    """The formatter of ``telemetry.logs.format``: ``json`` or ``text``."""
+    return JsonFormatter() if format == "json" else text_formatter()
+
+
+class TelemetryLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler ``telemetry.logs`` installs: stderr, the format asked for, the call's
+    fields on every record."""
+
+    def __init__(self, format: str, level: int | str) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(formatter_for(format))
+        self.addFilter(CallContextFilter())
+        self.setLevel(level)
+
+
+#: Whether the ``dispatcher`` logger propagated before the first handler was installed.
+_propagated: list[bool] = []
+
+
+def install(handler: TelemetryLogHandler) -> None:
+    """Add ``handler`` to the ``dispatcher`` logger, which from then on writes its records
+    there only (not to the root logger's handlers too) until the last one is removed."""
+    logger = logging.getLogger(LOGGER)
+    if not any(isinstance(each, TelemetryLogHandler) for each in logger.handlers):
+        _propagated[:] = [logger.propagate]
+        logger.propagate = False
+    logger.addHandler(handler)
+
+
+def uninstall(handler: TelemetryLogHandler) -> None:
+    """Remove ``handler``; the last one removed lets records propagate as before."""
+    logger = logging.getLogger(LOGGER)
+    logger.removeHandler(handler)
+    if _propagated and not any(isinstance(each, TelemetryLogHandler) for each in logger.handlers):
+        logger.propagate = _propagated.pop()
