@@ -104,6 +104,8 @@ class InstanceSource(abc.ABC):
         self.error: str | None = None
         #: How many good reads so far (the first one ends the dispatcher's start wait).
         self.reads = 0
+        #: How many reads failed so far (``dispatcher_fleet_source_failed_reads_total``).
+        self.failed_reads = 0
 
     @abc.abstractmethod
     async def run(self, report: Report) -> None:

@@ -225,6 +225,46 @@ async def test_etcd_down_keeps_the_last_list_and_recovers(own_etcd: Etcd) -> Non
         await until(lambda: len(reports.last) == 2, "a put after the restart")
 
 
+async def test_an_etcd_outage_is_logged_when_it_begins_and_when_it_ends(
+    own_etcd: Etcd, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retries every 100 ms while etcd is down: one line when reads begin to fail, one
+    when a read works again, however many retries failed between."""
+    caplog.set_level(logging.INFO, "dispatcher.fleet.sources.etcd")
+    prefix = "/linchkit/plugins/echo"
+    await put(own_etcd, f"{prefix}/a", {"url": "http://127.0.0.2:8081"})
+    watcher = source(own_etcd.url, prefix, timeout_ms=500, retry_ms=100)
+    async with watching(watcher):
+        await until(lambda: watcher.reads == 1, "the first read")
+        await asyncio.to_thread(own_etcd.stop)
+        await until(lambda: watcher.failed_reads >= 4, "several failed reads")
+        await asyncio.to_thread(own_etcd.start)
+        await until(lambda: watcher.reads == 2, "the read after the restart")
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"cannot read {watcher.name}: ")
+    assert "keeping the last 1 instance(s)" in lines[0]
+    assert lines[1].startswith(f"reading {watcher.name} again after ")
+    assert lines[1].endswith("; 1 instance")
+    assert watcher.failed_reads >= 4
+
+
+async def test_a_registry_failing_every_other_read_is_logged_at_most_once_a_while(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A read that works and a watch that ends at once, over and over (every 50 ms): one
+    outage's pair of lines, not a pair per read."""
+    caplog.set_level(logging.INFO, "dispatcher.fleet.sources.etcd")
+    async with lying_etcd(then_watch(watch_ends)) as url:
+        watcher = EtcdSource(spec(url, "/p", timeout_ms=300, retry_ms=50))
+        async with watching(watcher):
+            await until(lambda: watcher.reads >= 6, "several outages, each read again")
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2, lines
+    assert "the watch stream ended" in lines[0]
+    assert lines[1].startswith(f"reading {watcher.name} again after ")
+
+
 async def test_an_unreachable_etcd_is_an_error_not_an_exception() -> None:
     watcher = source(f"http://127.0.0.1:{free_port()}", timeout_ms=500, retry_ms=50)
     async with watching(watcher) as reports:

@@ -7,6 +7,7 @@ Waits are generous (a busy 2-core machine); what is asserted is who gets calls.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher
-from tests.conftest import echo_plugin, manifest
+from dispatcher.config import parse_manifest
+from tests.conftest import ROOT, echo_plugin, manifest
 from tests.dns_server import (
     Dnsmasq,
     Srv,
@@ -169,3 +171,55 @@ async def test_a_dns_server_that_dies_leaves_the_fleet_calling_its_last_instance
     assert answer["text"] == "still"
     rows = [report for report in await dispatcher.health() if report.state == "source"]
     assert [row.health.status for row in rows] == ["not_serving"]
+
+
+async def test_a_dns_outage_is_logged_once_when_it_begins_and_once_when_it_ends(
+    dnsmasq: StartDnsmasq, servers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reads fail every 200 ms while dnsmasq is down: one line says so, one says reads
+    work again; /metrics shows the source failing and counts the failed reads."""
+    port = int(servers[HOSTS[0]].rpartition(":")[2])
+    dns = dnsmasq(Zone(hosts={"echo.test": ["127.0.0.2"]}, local_ttl=1))
+    source = {
+        "name": "echo.test",
+        "type": "A",
+        "port": port,
+        "server": dns.server,
+        "min_refresh_ms": 100,
+        "max_refresh_ms": 200,
+        "timeout_ms": 300,
+    }
+    entry = echo_plugin(
+        "echo",
+        {"provider": "http", "instances": [{"dns": source}]},
+        methods={"say": {"idempotent": True}},
+    )
+    document = {"version": 1, "plugins": [entry], "telemetry": {"metrics": {"enabled": True}}}
+    caplog.set_level(logging.INFO, logger="dispatcher.fleet")
+    async with Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher:
+        (fleet,) = dispatcher.stats()["fleets"]
+        name = f"dns A echo.test:{port}"
+
+        def source_metrics() -> tuple[float, float]:
+            registry = dispatcher.telemetry.metrics.registry  # type: ignore[union-attr]
+            labels = {"fleet": fleet, "source": name}
+            up = registry.get_sample_value("dispatcher_fleet_source_up", labels)
+            failed = registry.get_sample_value("dispatcher_fleet_source_failed_reads_total", labels)
+            assert up is not None and failed is not None
+            return up, failed
+
+        assert source_metrics() == (1.0, 0.0)
+        dns.stop()
+        await until(lambda: source_metrics()[1] >= 3, "three failed reads", timeout=60)
+        assert source_metrics()[0] == 0.0
+        assert (await dispatcher.call("echo", "say", {"text": "still"}))["text"] == "still"
+        dns.start()
+        await until(lambda: source_metrics()[0] == 1.0, "reads working again", timeout=60)
+    about = [r for r in caplog.records if r.name == "dispatcher.fleet.dns"]
+    lines = [r.getMessage() for r in about]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"cannot read {name}: echo.test: no answer from {dns.server}")
+    assert lines[0].endswith("; keeping the last 1 endpoints")
+    assert lines[1].startswith(f"reading {name} again after ")
+    assert lines[1].endswith("; 1 instance")
+    assert {r.levelname for r in about} == {"WARNING"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from typing import Any
@@ -17,6 +18,8 @@ from dispatcher.fleet import (
     Weighted,
 )
 from dispatcher.fleet.instances import Instance
+from dispatcher.fleet.sources.health import ReadHealth
+from providers.discovery import InstanceSource
 from providers.http import HttpProvider, HttpTarget
 from providers.target import FleetSettings, HealthCheck, OutlierDetection
 
@@ -378,3 +381,42 @@ def test_a_degraded_fleet_looks_at_its_instances_only_when_their_states_change(
     fleet.record_probe(down, True, 1, 1)  # up again: the fast path, no look at all
     looked = 0
     assert all(fleet.pick() is not None for _ in range(100)) and looked == 0
+
+
+# -- a discovery source's outages in the log ---------------------------------------------
+
+
+class _Source(InstanceSource):
+    async def run(self, report: Any) -> None:  # never run: the health is driven by hand
+        raise AssertionError
+
+
+def test_source_outages_are_logged_once_each_and_rate_limited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    source = _Source("dns A echo.test:80")
+    health = ReadHealth(source, logging.getLogger("test.health"), quiet=30.0, clock=clock)
+    caplog.set_level(logging.INFO, "test.health")
+    for _ in range(5):  # one outage, five failed reads
+        health.failed("no answer")
+        clock.advance(1)
+    assert (source.error, source.failed_reads) == ("no answer", 5)
+    health.succeeded(2)
+    assert (source.error, source.reads) == (None, 1)
+    clock.advance(1)
+    for _ in range(3):  # three short outages within `quiet`: neither begin nor end logged
+        health.failed("refused")
+        health.succeeded(2)
+        clock.advance(1)
+    clock.advance(30)
+    health.failed("no answer")  # logged again, saying how many were not
+    health.succeeded(3)
+    assert [record.getMessage() for record in caplog.records] == [
+        "cannot read dns A echo.test:80: no answer",
+        "reading dns A echo.test:80 again after 5.0 s (5 failed reads); 2 instances",
+        "cannot read dns A echo.test:80: no answer (3 more outages since the last line,"
+        " not logged)",
+        "reading dns A echo.test:80 again after 0.0 s (1 failed read); 3 instances",
+    ]
+    assert source.failed_reads == 9

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import select
 import subprocess
@@ -457,6 +458,38 @@ async def test_fail_open_falls_back_to_local_state_within_the_deadline(
         await calls_during(dispatcher, 5, 2.0)
         after = dispatcher.stats()["state"]
         assert after["fallbacks"] == before["fallbacks"], f"{before} {after}"
+
+
+async def test_fail_open_says_when_redis_is_back_and_counts_its_fallbacks_in_metrics(
+    tmp_path: Path, own_redis: Redis, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    local_manifest(tmp_path, own_redis.url, redis_prefix, "fail_open")
+    path = tmp_path / "plugins.yaml"
+    path.write_text(
+        json.dumps({**json.loads(path.read_text()), "telemetry": {"metrics": {"enabled": True}}})
+    )
+    manifest = load_manifest(path)
+    caplog.set_level(logging.INFO, "dispatcher.state")
+    async with Dispatcher(manifest) as dispatcher:
+        registry = dispatcher.telemetry.metrics.registry  # type: ignore[union-attr]
+        assert registry.get_sample_value("dispatcher_state_fallbacks_total") == 0
+        await calls_during(dispatcher, 3, 1.0)
+        own_redis.stop()
+        try:
+            await calls_during(dispatcher, 10, 0.5)
+        finally:
+            own_redis.start()
+        fallbacks = dispatcher.stats()["state"]["fallbacks"]
+        assert fallbacks > 0
+        assert registry.get_sample_value("dispatcher_state_fallbacks_total") == fallbacks
+        await asyncio.sleep(0.4)  # retry_after: Redis is tried again
+        await calls_during(dispatcher, 5, 2.0)
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("using this replica's own state" in line for line in lines), lines
+    back = [line for line in lines if "answers again" in line]
+    assert len(back) == 1, lines
+    assert back[0].startswith(f"state store {own_redis.url} answers again after ")
+    assert back[0].endswith(f"; {fallbacks} fallbacks to this replica's own state meanwhile")
 
 
 @pytest.mark.parametrize("how", ["killed", "frozen"])

@@ -238,7 +238,12 @@ class Fleet:
         return {
             "balance": self.settings.balance,
             "sources": [
-                {"source": source.name, "reads": source.reads, "error": source.error}
+                {
+                    "source": source.name,
+                    "reads": source.reads,
+                    "failed_reads": source.failed_reads,
+                    "error": source.error,
+                }
                 for source in self.sources
             ],
             "failovers": self.failovers,

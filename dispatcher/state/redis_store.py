@@ -9,7 +9,9 @@ Bounds: every operation runs under ``min(op_timeout, time left in the call)``, r
 one retry (a pooled connection to a Redis that restarted) included. An operation that fails (timeout,
 connection refused or reset, any Redis error) raises ``StateUnavailable`` and makes the
 backend skip Redis for ``retry_after`` (the next calls fall back or fail at once instead
-of each spending the timeout), then try again.
+of each spending the timeout), then try again. Fallbacks are logged at most every
+``LOG_EVERY_SECONDS``; the first operation that succeeds after an outage that caused
+some says so (``answers again``).
 
 Notifications (one channel per key prefix): a breaker transition (every replica drops its
 cached view of that breaker), the end of an idempotent call (its waiters claim again) and
@@ -119,6 +121,10 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._down_until = -math.inf
         self._logged_at = -math.inf
+        #: When the operations began to fail (None while they succeed), and how many
+        #: fallbacks this outage caused: the end of one that caused some is logged.
+        self._failing_since: float | None = None
+        self._outage_fallbacks = 0
         self._listener: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.operations = 0
@@ -215,7 +221,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         self.operations += 1
         try:
             async with asyncio.timeout(budget):
-                return await operation()
+                result = await operation()
         except TimeoutError:
             if budget < self.op_timeout:  # the call's deadline, not Redis being slow
                 raise DeadlineExceeded(f"{what} did not finish before the deadline") from None
@@ -237,13 +243,34 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
                 raise self._late(what, reason) from None
         except (RedisError, OSError) as error:
             reason = f"{type(error).__name__}: {error}"
+        else:
+            if self._failing_since is not None:
+                self._answers_again()
+            return result
         self.failures += 1
+        if self._failing_since is None:
+            self._failing_since = now
+            self._outage_fallbacks = 0
         self._down_until = self._clock() + self.retry_after
         # Idle pooled connections to a Redis that went away would each fail once when it
         # is back: drop them now, so the first operations after it returns succeed.
         with contextlib.suppress(Exception):
             await self._pool.disconnect(inuse_connections=False)
         raise self._unavailable(what, reason)
+
+    def _answers_again(self) -> None:
+        """An operation succeeded after some failed: the outage is over. Said in the log
+        when the fallbacks of this outage were (fail_open), at their level."""
+        began, self._failing_since = self._failing_since, None
+        fallbacks, self._outage_fallbacks = self._outage_fallbacks, 0
+        if fallbacks and began is not None:
+            log.warning(
+                "state store %s answers again after %.1f s; %d fallbacks to this replica's"
+                " own state meanwhile",
+                self.where,
+                self._clock() - began,
+                fallbacks,
+            )
 
     def _late(self, what: str, reason: str) -> LateRead:
         """A blocking read that ran out of time: counted, not held against Redis."""
@@ -262,6 +289,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
 
     def fell_back(self, what: str, error: StateUnavailable) -> None:
         self.fallbacks += 1
+        self._outage_fallbacks += 1
         now = self._clock()
         if now - self._logged_at >= LOG_EVERY_SECONDS:
             self._logged_at = now

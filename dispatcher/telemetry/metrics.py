@@ -220,6 +220,7 @@ class StatsCollector(Collector):
         yield from _hedges(stats.get("hedges", {}))
         yield from _fallbacks(stats.get("fallbacks", {}))
         yield from _fleets(stats.get("fleets", {}))
+        yield from _state(stats.get("state", {}))
         yield from _rollouts(stats.get("rollouts", {}))
         yield from _cold_starts(stats.get("cold_starts", {}))
 
@@ -422,9 +423,23 @@ def _fleets(stats: Mapping[str, Any]) -> Iterator[Metric]:
     in_flight = _gauge(
         "dispatcher_fleet_instance_in_flight", "Attempts in flight.", ["fleet", "instance"]
     )
+    source_up = _gauge(
+        "dispatcher_fleet_source_up",
+        "1 while a discovery source reads (or has not failed yet), 0 while its reads fail"
+        " (the fleet keeps its last list).",
+        ["fleet", "source"],
+    )
+    source_failures = _counter(
+        "dispatcher_fleet_source_failed_reads",
+        "Reads of a discovery source that failed (each retry counts).",
+        ["fleet", "source"],
+    )
     for fleet, each in stats.items():
         failovers.add_metric([fleet], each["failovers"])
         ejections.add_metric([fleet], each["ejections"])
+        for source in each.get("sources", ()):
+            source_up.add_metric([fleet, source["source"]], 0.0 if source["error"] else 1.0)
+            source_failures.add_metric([fleet, source["source"]], source["failed_reads"])
         for instance in each["instances"]:
             target = instance["target"]
             for name in _INSTANCE_STATES:
@@ -432,7 +447,18 @@ def _fleets(stats: Mapping[str, Any]) -> Iterator[Metric]:
             calls.add_metric([fleet, target], instance["calls"])
             failures.add_metric([fleet, target], instance["failures"])
             in_flight.add_metric([fleet, target], instance["in_flight"])
-    yield from (failovers, ejections, state, calls, failures, in_flight)
+    yield from (failovers, ejections, state, calls, failures, in_flight, source_up, source_failures)
+
+
+def _state(stats: Mapping[str, Any]) -> Iterator[Metric]:
+    if "fallbacks" not in stats:  # the memory backend: nothing shared, nothing to fall back from
+        return
+    yield CounterMetricFamily(
+        "dispatcher_state_fallbacks",
+        "Steps that used this replica's own state because the shared store did not answer"
+        " (on_unavailable: fail_open).",
+        stats["fallbacks"],
+    )
 
 
 def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:

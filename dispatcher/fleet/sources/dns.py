@@ -14,7 +14,8 @@ local records have TTL 0: without the floor the source would ask in a loop).
 
 Failures map to one line in ``error``; the last list stays reported (a DNS mistake must not
 drain a fleet), and the source asks again after ``min_refresh_ms``, growing 1.5x per failure
-up to 30 s (or ``max_refresh_ms`` if lower):
+up to 30 s (or ``max_refresh_ms`` if lower). The log gets a line when reads start failing
+and one when they work again (``health.ReadHealth``), not one per read:
 
     timeout             no answer within timeout_ms (also: the server is down, since the
                         UDP refusal does not surface; or every UDP reply was garbage or not
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dispatcher.fleet.sources import InstanceSource, Report
+from dispatcher.fleet.sources.health import ReadHealth
 from providers.discovery import DnsDiscovery, Endpoint
 
 if TYPE_CHECKING:
@@ -149,6 +151,8 @@ class DnsSource(InstanceSource):
         #: Endpoints the last good read dropped (beyond MAX_ENDPOINTS).
         self.dropped = 0
         self._sleep = sleep
+        #: Keeps ``error`` and the read counters; logs an outage's start and end, once.
+        self.health = ReadHealth(self, log)
         self._schedule = RefreshSchedule.of(spec)
         self._reported = False
         self._resolver: dns.asyncresolver.Resolver | None = None
@@ -163,7 +167,7 @@ class DnsSource(InstanceSource):
                 raise
             except Exception as exc:  # a bug here must not end discovery, nor drain the fleet
                 log.exception("%s: unexpected failure", self.name)
-                self.error = one_line(f"unexpected {type(exc).__name__}: {exc}")
+                self.health.failed(one_line(f"unexpected {type(exc).__name__}: {exc}"))
                 delay = self._schedule.after_failure()
             await self._sleep(delay)
 
@@ -176,7 +180,7 @@ class DnsSource(InstanceSource):
             # address of a server given by name.
             self._resolver = None
             kept = f"; keeping the last {len(self.endpoints)} endpoints" if self._reported else ""
-            self.error = one_line(f"{exc}{kept}")
+            self.health.failed(one_line(f"{exc}{kept}"))
             return self._schedule.after_failure()
         endpoints, dropped = settle(lookup.endpoints)
         notes = list(lookup.notes)
@@ -185,12 +189,11 @@ class DnsSource(InstanceSource):
         if notes and (dropped != self.dropped or endpoints != self.endpoints):
             log.warning("%s: %s", self.name, "; ".join(notes))
         self.dropped = dropped
-        self.reads += 1
-        self.error = None
         if not self._reported or endpoints != self.endpoints:
             report(endpoints)
             self.endpoints = endpoints
             self._reported = True
+        self.health.succeeded(len(endpoints))
         return self._schedule.after_success(lookup.ttl_s)
 
     async def _lookup(self) -> Lookup:

@@ -15,7 +15,8 @@ Failures and what they do:
   body over ``max_message_bytes``, the watch stream ending, a watch cancelled (e.g. its
   revision compacted): ``error`` says which in one line, the last list stays reported,
   and after ``retry_ms`` (growing by half each time, up to 8 times) the range is read again;
-  a good read clears ``error``.
+  a good read clears ``error``. The log gets one line when reads start failing and one
+  when a read works again (``health.ReadHealth``), not one per retry.
 * A value off the contract (not JSON, neither url nor address, a bad weight or scheme):
   that key is left out and named in ``skipped`` with the reason (never its value, which
   may hold anything); the other keys are reported.
@@ -41,6 +42,7 @@ from dispatcher.fleet.sources.etcd_client import (
     EtcdPrefix,
     RegistryFailure,
 )
+from dispatcher.fleet.sources.health import ReadHealth
 from providers.discovery import Endpoint, RegistryDiscovery
 
 __all__ = ["EtcdSource", "RegistryFailure", "parse_registration"]
@@ -138,15 +140,16 @@ class EtcdSource(InstanceSource):
         self._found: dict[str, Endpoint] = {}
         #: Keys left out because their value is off the contract, with the reason.
         self.skipped: dict[str, str] = {}
+        #: Keeps ``error`` and the read counters; logs an outage's start and end, once.
+        self.health = ReadHealth(self, log)
 
     async def run(self, report: Report) -> None:
         def on_read(values: dict[str, bytes]) -> None:
-            self.error = None
-            self.reads += 1
             self._found, self.skipped = {}, {}
             for key, value in values.items():
                 self._put(key, value)
             self._report(report)
+            self.health.succeeded(len(self._found))
 
         def on_change(changes: list[Change]) -> None:
             for change in changes:
@@ -161,10 +164,9 @@ class EtcdSource(InstanceSource):
 
     def _fail(self, reason: str, delay: float) -> None:
         kept = len(self._found)
-        self.error = (
+        self.health.failed(
             f"{reason}; keeping the last {kept} instance(s), reading again in {delay:.3g} s"
         )
-        log.warning("registry %s: %s", self.name, self.error)
 
     def _report(self, report: Report) -> None:
         report([self._found[key] for key in sorted(self._found)])
