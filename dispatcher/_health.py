@@ -197,5 +197,4 @@ def _fleet_state(
 
 
 def _circuit_state(policies: PolicyRuntime | None, target: TargetConfig) -> str | None:
-    breaker = policies.breaker_of(target) if policies is not None else None
-    return str(breaker.state) if breaker is not None else None
+    return policies.circuit_state(target) if policies is not None else None

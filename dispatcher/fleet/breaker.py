@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from linchkit_plugin.errors import (
     CircuitOpen,
@@ -37,12 +37,34 @@ from linchkit_plugin.errors import (
 )
 from providers.invocation import Invocation, Outcome
 
-__all__ = ["BreakerState", "BreakerStep", "CircuitBreaker", "guard_batch", "is_health_failure"]
+__all__ = [
+    "BreakerState",
+    "BreakerStep",
+    "CircuitBreaker",
+    "NamedBreaker",
+    "StateListener",
+    "guard_batch",
+    "is_health_failure",
+]
 
 log = logging.getLogger("dispatcher.breaker")
 
 Clock = Callable[[], float]
-StateListener = Callable[["CircuitBreaker", "BreakerState", "BreakerState"], None]
+
+
+class NamedBreaker(Protocol):
+    """What a state listener is told a transition of: a ``CircuitBreaker``, or with
+    ``state: redis`` a ``SharedBreaker`` (its transitions as this replica learns them).
+    ``name`` is the target instance's description."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def state(self) -> BreakerState: ...
+
+
+StateListener = Callable[[NamedBreaker, "BreakerState", "BreakerState"], None]
 
 _HEALTH_FAILURES = (TargetUnavailable, DeadlineExceeded, RateLimited, ProviderError)
 

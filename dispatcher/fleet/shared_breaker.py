@@ -16,14 +16,22 @@ written only when they change something (failures were counted, a probe).
 When the store cannot answer: ``fail_open`` uses ``local`` (this replica's own breaker,
 which then decides alone), ``fail_closed`` raises ``StateUnavailable``. A call admitted
 locally is recorded locally: a ticket says which breaker admitted it.
+
+What this replica shows of the breaker (``shown``: metrics, ``dispatcher top``,
+``dispatcher health``, the ``dispatcher.breaker`` log) is the shared state as it last
+learnt it (``SharedStore.breaker_watch``: its own operations' answers, and a read after
+every transition another replica pushes), or the local breaker's while that one decides.
+A transition this replica learns of, whichever replica made it, is logged and told to the
+state listeners (``dispatcher_breaker_transitions_total``) once.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from dispatcher.config import BreakerPolicy
-from dispatcher.fleet.breaker import CircuitBreaker
+from dispatcher.fleet.breaker import BreakerState, CircuitBreaker
 from dispatcher.state import BreakerPolicyArgs, SharedStore, StateBackend, StateUnavailable, digest
 from linchkit_plugin.errors import CircuitOpen, DispatchError
 from providers.invocation import Invocation
@@ -40,11 +48,27 @@ LOCAL = 4
 #: timeout bounds it further).
 LATE_RECORD_SECONDS = 60.0
 
+log = logging.getLogger("dispatcher.breaker")
+
+_STATES = {state.value: state for state in BreakerState}
+
 
 class SharedBreaker:
     """The breaker of one target instance, shared by every replica naming the same store."""
 
-    __slots__ = ("args", "backend", "clock", "key", "local", "name", "store", "sync")
+    __slots__ = (
+        "args",
+        "backend",
+        "clock",
+        "key",
+        "local",
+        "local_decides",
+        "name",
+        "seen",
+        "seen_failures",
+        "store",
+        "sync",
+    )
 
     def __init__(
         self,
@@ -69,6 +93,12 @@ class SharedBreaker:
         self.store: SharedStore = backend.store
         self.sync = sync
         self.clock = clock
+        #: The shared state as this replica last learnt it (None: not yet).
+        self.seen: BreakerState | None = None
+        self.seen_failures = 0
+        #: The store did not answer the last admit (fail_open): the local breaker decides.
+        self.local_decides = False
+        self.store.breaker_watch(self.key, self._saw)
 
     async def admit(self, invocation: Invocation) -> int:
         """A ticket (``PROBE``, ``QUIET``, ``LOCAL`` bits) or ``CircuitOpen``; with the
@@ -84,7 +114,9 @@ class SharedBreaker:
             if not self.backend.fail_open:
                 raise
             self.backend.fell_back(f"the breaker of {self.name}", error)
+            self.local_decides = True
             return LOCAL | (PROBE if self.local.admit() else 0)
+        self.local_decides = False
         if not view.admitted:
             why = "open" if view.state == "open" else "half-open and its probes are in flight"
             raise CircuitOpen(
@@ -136,10 +168,41 @@ class SharedBreaker:
         else:
             self.local.record_success(False)
 
-    def state(self) -> str:
-        """The last state this replica saw (``unknown`` before its first round trip)."""
-        seen = self.store.breaker_view(self.key)
-        return seen[0].state if seen is not None else "unknown"
+    def _saw(self, state: str, failures: int) -> None:
+        """This replica learnt where the shared breaker stands (``breaker_watch``): a
+        change from what it knew is a transition, logged and told to the listeners once,
+        whichever replica made it. The first sight of a breaker not closed counts as
+        leaving ``closed``, the state every breaker starts in."""
+        new = _STATES.get(state)
+        if new is None:  # garbled by another writer: nothing learnt
+            return
+        self.seen_failures = failures
+        old = self.seen
+        if new is old:
+            return
+        self.seen = new
+        if old is None:
+            if new is BreakerState.CLOSED:
+                return
+            old = BreakerState.CLOSED
+        log.info("circuit of %s: %s -> %s (shared by all replicas)", self.name, old, new)
+        for listener in self.local.listeners:
+            listener(self, old, new)
+
+    def shown(self) -> tuple[str, int]:
+        """The state and failure count this replica shows: the shared breaker's as last
+        learnt, or the local one's while it decides (or before anything was learnt)."""
+        if self.local_decides or self.seen is None:
+            return str(self.local.state), self.local.failures
+        return str(self.seen), self.seen_failures
+
+    @property
+    def state(self) -> BreakerState:
+        """The state this replica shows (``shown``)."""
+        return BreakerState(self.shown()[0])
 
     def __repr__(self) -> str:
-        return f"<SharedBreaker {self.name} {self.state()} local={self.local!r}>"
+        return (
+            f"<SharedBreaker {self.name} seen={self.seen} local_decides={self.local_decides}"
+            f" local={self.local!r}>"
+        )

@@ -342,14 +342,17 @@ class PolicyRuntime:
                 }
                 for (plugin_key, method), cache in self.caches.items()
             },
+            # With state: redis, each breaker as this replica shows it: the shared state
+            # as it last learnt it, or its own breaker's while that one decides (the store
+            # did not answer: fail_open). Metrics, dispatcher top and health read this.
             "breakers": {
-                breaker.name: {"state": str(breaker.state), "failures": breaker.failures}
-                for breaker in self.breakers.values()
+                breaker.name: self._breaker_stats(key, breaker)
+                for key, breaker in self.breakers.items()
             },
-            # With state: redis, the state every replica shares, as this one last saw it
-            # ("unknown" before its first round trip); "breakers" is then the fallback's.
+            # The shared state alone, as this replica last learnt it ("unknown": not yet).
             "shared_breakers": {
-                shared.name: shared.state() for shared in self.shared_breakers.values()
+                shared.name: str(shared.seen or "unknown")
+                for shared in self.shared_breakers.values()
             },
             "batchers": {
                 batcher.name: {
@@ -394,6 +397,23 @@ class PolicyRuntime:
             "fleets": self.fleets.stats(),
             "state": self.state.stats(),
         }
+
+    def _breaker_stats(self, key: str, breaker: CircuitBreaker) -> dict[str, Any]:
+        shared = self.shared_breakers.get(key)
+        state, failures = (
+            (str(breaker.state), breaker.failures) if shared is None else shared.shown()
+        )
+        return {"state": state, "failures": failures}
+
+    def circuit_state(self, target: TargetConfig) -> str | None:
+        """The state of ``target``'s breaker as this replica shows it (``stats()``), or
+        None when it has none."""
+        key = target.key
+        shared = self.shared_breakers.get(key)
+        if shared is not None:
+            return shared.shown()[0]
+        breaker = self.breakers.get(key)
+        return None if breaker is None else str(breaker.state)
 
     def _instance_breaker(self, policy: BreakerPolicy, instance: Instance) -> CircuitBreaker:
         return self._breaker(instance.key, instance.target, policy)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Self
@@ -418,6 +418,14 @@ class SharedStore(ABC):
     def breaker_view(self, key: str) -> tuple[BreakerView, float] | None:
         """The last view of ``key`` this replica saw and when (the loop's clock), unless a
         transition pushed by another replica made it stale."""
+
+    @abstractmethod
+    def breaker_watch(self, key: str, seen: Callable[[str, int], None]) -> None:
+        """Call ``seen(state, failures)`` whenever this replica learns where the breaker
+        ``key`` stands: from the answer of one of its operations, and from a read of it
+        made when another replica's transition is pushed, when notifications (re)connect
+        (what was pushed meanwhile is lost) and when the watch begins. For what this
+        replica shows of the breaker (metrics, logs), never for admitting calls."""
 
     @abstractmethod
     async def cache_get(self, name: str, key: str, deadline: float) -> tuple[bytes | None, int]:

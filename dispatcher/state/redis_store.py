@@ -14,10 +14,12 @@ of each spending the timeout), then try again. Fallbacks are logged at most ever
 some says so (``answers again``).
 
 Notifications (one channel per key prefix): a breaker transition (every replica drops its
-cached view of that breaker), the end of an idempotent call (its waiters claim again) and
-the end of an async job (``result`` waiters read it; the jobs themselves: ``redis_jobs``).
-They save waiting, never carry state: a missed one costs at most ``breaker_sync_ms`` of a
-stale breaker view, or one poll interval of an idempotent waiter.
+cached view of that breaker, and reads where it stands for what it shows: metrics, logs),
+the end of an idempotent call (its waiters claim again) and the end of an async job
+(``result`` waiters read it; the jobs themselves: ``redis_jobs``). They save waiting,
+never carry state: a missed one costs at most ``breaker_sync_ms`` of a stale breaker
+view, or one poll interval of an idempotent waiter; the breakers are read again when
+notifications reconnect.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from dispatcher.state.base import (
 )
 from dispatcher.state.memory import MemoryIdempotency
 from dispatcher.state.redis_jobs import LateRead, RedisJobRecords, RedisJobs
-from linchkit_plugin.errors import DeadlineExceeded
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError
 
 __all__ = ["RedisState"]
 
@@ -114,6 +116,9 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         self._claim = self._client.register_script(_scripts.IDEMPOTENCY_CLAIM)
         self._end = self._client.register_script(_scripts.IDEMPOTENCY_END)
         self._views: dict[str, tuple[BreakerView, float]] = {}
+        #: ``breaker_watch``: who is told where each breaker stands, by key.
+        self._watchers: dict[str, Callable[[str, int], None]] = {}
+        self._subscribed = False  # notifications connected: a push will reach us
         self._jobs = RedisJobs(
             self._client, self._run, prefix, self.channel, self.op_timeout, clock, self.changed
         )
@@ -353,10 +358,47 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             int(wait_us) / 1_000_000,
         )
         self._views[key] = (view, self._clock())
+        seen = self._watchers.get(key)
+        if seen is not None:
+            seen(view.state, view.failures)
         return view
 
     def breaker_view(self, key: str) -> tuple[BreakerView, float] | None:
         return self._views.get(key)
+
+    def breaker_watch(self, key: str, seen: Callable[[str, int], None]) -> None:
+        self._watchers[key] = seen
+        if self._subscribed:  # else: read with the others once notifications connect
+            self.spawn(self._read_breakers([key]), "circuit breaker read")
+
+    async def _read_breakers(self, keys: list[str]) -> None:
+        """Where the breakers ``keys`` stand, told to their watchers: one round trip. A
+        read that fails is only counted (``failures``): nothing waits for it, and the next
+        push, reconnection or operation tells the watcher again."""
+
+        async def read() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(self._key("breaker", key), "state", "failures")
+                answers: list[Any] = await pipe.execute()
+                return answers
+
+        try:
+            answers = await self._run(
+                "circuit breaker reads", self._clock() + self.op_timeout, read
+            )
+        except DispatchError as error:
+            log.debug("circuit breakers not read from %s: %s", self.where, error)
+            return
+        for key, (state, failures) in zip(keys, answers, strict=True):
+            seen = self._watchers.get(key)
+            if seen is None:
+                continue
+            try:
+                count = int(failures or 0)
+            except ValueError:  # garbled by another writer: the state still tells
+                count = 0
+            seen(state.decode(errors="replace") if state else "closed", count)
 
     # -- cache -----------------------------------------------------------------------------------
 
@@ -446,12 +488,16 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             try:
                 await pubsub.subscribe(self.channel)
                 self._views.clear()  # anything pushed while unsubscribed was missed
+                self._subscribed = True
+                if self._watchers:  # and what the watchers were told of it: read anew
+                    self.spawn(self._read_breakers(list(self._watchers)), "circuit breaker reads")
                 backoff = 0.05
                 async for message in pubsub.listen():
                     self._notified(message.get("data"))
             except (RedisError, OSError) as error:
                 log.debug("state notifications from %s lost: %s", self.where, error)
             finally:
+                self._subscribed = False
                 self._views.clear()
                 # Bounded: this runs on cancellation too, when nothing would cancel it again.
                 with contextlib.suppress(Exception):
@@ -469,6 +515,8 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         kind, _, key = data.decode(errors="replace").partition(" ")
         if kind == "breaker":
             self._views.pop(key, None)
+            if key in self._watchers:  # a transition: where it stands now, for the watcher
+                self.spawn(self._read_breakers([key]), "circuit breaker read")
         elif kind in ("idem", "job"):
             for waiter in self._waiters.get(key if kind == "idem" else f"job:{key}", ()):
                 if not waiter.done():
