@@ -43,6 +43,7 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
             },
             "grace_ms": 7000,
             "call_lane": False,
+            "max_grpc_calls": 64,
         },
         tmp_path,
     )
@@ -55,6 +56,7 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
     assert settings.keep_alive_timeout == 4.0
     assert (settings.max_body_bytes, settings.grace) == (4096, 7.0)
     assert settings.call_lane is False
+    assert settings.max_grpc_calls == 64
     overridden = GatewaySettings.from_config(
         manifest.gateway,  # type: ignore[attr-defined]
         port=0,
@@ -77,6 +79,7 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
         ({"port": 70000}, "65535"),
         ({"grpc_port": -1}, "grpc_port"),
         ({"timeouts": {"body_ms": 0}}, "body_ms"),
+        ({"max_grpc_calls": 0}, "max_grpc_calls"),
         ({"timeouts": {"keep_alive_ms": 0}}, "keep_alive_ms"),
         ({"timeouts": {"keep_alive_ms": 10**12}}, "keep_alive_ms"),
         ({"timeouts": {"keep_alive_ms": "forever"}}, "keep_alive_ms"),

@@ -13,6 +13,7 @@ Durations are in milliseconds, as every other duration of a manifest.
       max_body_bytes: 1048576
       timeouts: {body_ms: 30000, header_ms: 10000, keep_alive_ms: 75000, heartbeat_ms: 20000}
       max_job_waits: 1000
+      max_grpc_calls: 1000
       grace_ms: 20000
 """
 
@@ -82,6 +83,11 @@ class GatewayConfig(StrictModel):
     timeouts: GatewayTimeouts = Field(default_factory=GatewayTimeouts)
     max_job_waits: Annotated[int, Field(ge=1)] = Field(
         default=1000, description="GET /v1/jobs/{id}?wait= requests parked at once; more: 503."
+    )
+    max_grpc_calls: Annotated[int, Field(ge=1)] = Field(
+        default=1000,
+        description="Calls the gRPC port holds at once, waiting for their message or running;"
+        " more: RESOURCE_EXHAUSTED.",
     )
     grace_ms: Annotated[int, Field(ge=0, le=86_400_000)] = Field(
         default=20_000, description="How long a drain lets calls in flight finish."

@@ -33,6 +33,24 @@ with trailing metadata ``error-type``, ``retryable`` and ``retry-after`` (second
 TLS reload: the server's credentials are dynamic; at each new connection grpc asks for
 the certificate configuration, and a new one is built when the certificate, key or
 client CA files changed since the last (``_CertificateFetcher``).
+
+What a peer may hold before it has sent anything worth authenticating (``docs/gateway.md``,
+limits), each bound from the gateway's settings:
+
+    bound                               from                   when passed
+    the call's one message arrives      body_timeout           DEADLINE_EXCEEDED
+    calls held at once                  max_grpc_calls         RESOURCE_EXHAUSTED (grpc)
+    streams open on one connection      100                    REFUSED_STREAM (never run)
+    TLS and HTTP/2 handshake            header_timeout         connection closed
+    a connection with no call           keep_alive_timeout     GOAWAY (nothing lost)
+    pings, without data between them    one per 10 s           GOAWAY too_many_pings after
+                                                               the third too soon
+
+The methods are registered as client-streaming (``_method_handlers``): grpc hands a
+unary method's call to the service only once its message has come, and waits for that
+without limit, holding the call's slot; a client-streaming one is handed over on its
+headers and the service reads the message itself, under ``body_timeout``, and parses it.
+Clients see no difference: the wire is the same.
 """
 
 from __future__ import annotations
@@ -53,8 +71,9 @@ from dispatcher.gateway.call_headers import MAX_TIMEOUT_MS, REQUEST_ID, TRACEPAR
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
 from dispatcher.policies.idempotency import MAX_KEY_LENGTH
-from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
+from linchkit_plugin._proto import gateway_pb2
 from linchkit_plugin.errors import (
+    DeadlineExceeded,
     DispatchError,
     InvalidParams,
     PluginError,
@@ -89,6 +108,18 @@ SETTLE_QUIET_SECONDS = 0.1
 SETTLE_MOST_SECONDS = 1.0
 #: A held call whose deadline would pass first is refused as not run this long before it.
 HELD_DEADLINE_MARGIN_SECONDS = 0.05
+#: HTTP/2 streams one connection may have open (RFC 9113 §6.5.2 asks for no fewer than
+#: 100): a grpc client with more calls queues the rest itself; a peer that ignores the
+#: setting has the extra streams refused, as never run. So one connection holds at most
+#: this many of the port's ``max_grpc_calls``.
+MAX_STREAMS_PER_CONNECTION = 100
+#: Pings a peer may send with no data between them: one per this long; the third sooner
+#: ends the connection (GOAWAY ``too_many_pings``). A ping flood costs the gateway an
+#: answer each; 10 s is the shortest keepalive grpc-go lets a client set, so a client
+#: keeping a long call alive through a NAT is never cut off.
+MIN_PING_INTERVAL_MS = 10_000
+MAX_PING_STRIKES = 2
+_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 _SAN_PREFIXES = {"DNSName": "DNS", "IPAddress": "IP", "UniformResourceIdentifier": "URI", "RFC822Name": "email"}  # fmt: skip
 
 
@@ -136,7 +167,7 @@ def _certificate_credentials(context: grpc.aio.ServicerContext) -> tuple[str | N
     return subject, tuple(sans)
 
 
-class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
+class _Servicer:
     def __init__(
         self, dispatcher: Dispatcher, settings: GatewaySettings, authenticator: Authenticator | None
     ) -> None:
@@ -152,6 +183,11 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
         #: stops, what holds the calls arriving until grpc's shutdown has begun.
         self._arrivals = 0
         self._held: asyncio.Event | None = None
+        #: The waits of calls whose message has not come yet, oldest first, and how many
+        #: may wait at once: half of the port's calls, so a flood of calls that never
+        #: send one leaves the other half to the calls that did (``_request``).
+        self._waiting: dict[asyncio.Timeout, None] = {}
+        self._most_waiting = max(1, settings.max_grpc_calls // 2)
 
     async def settle(self) -> None:
         """Hold every call from now on until ``release``; return once none has arrived for
@@ -188,12 +224,15 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
                 details={"stage": "refused"},
             ) from None
 
-    async def Call(
-        self, request: gateway_pb2.GatewayCall, context: grpc.aio.ServicerContext
+    async def call(
+        self, _requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> gateway_pb2.GatewayReply:
+        """``Call``: grpc hands it over on its headers; its message is read here."""
         self._arrivals += 1
-        request_id = request.request_id or new_request_id()
+        request_id = ""
         try:
+            request = await self._request(context)
+            request_id = request.request_id or new_request_id()
             if self._held is not None:
                 await self._held_until_released(self._held, context)
             options = await self._options(request, context)
@@ -219,11 +258,13 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
             )
         return gateway_pb2.GatewayReply(ok=True, result_json=result_json, request_id=request_id)
 
-    async def Stream(
-        self, request: gateway_pb2.GatewayCall, context: grpc.aio.ServicerContext
+    async def stream(
+        self, _requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.GatewayStreamItem]:
+        """``Stream``: as ``call``, its chunks as they come."""
         self._arrivals += 1
         try:
+            request = await self._request(context)
             if self._held is not None:
                 await self._held_until_released(self._held, context)
             options = await self._options(request, context)
@@ -241,6 +282,54 @@ class _Servicer(gateway_pb2_grpc.GatewayServiceServicer):  # type: ignore[misc]
                 error.message,
                 trailing_metadata=_trailers(error),
             )
+
+    async def _request(self, context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayCall:
+        """The call's one message, parsed, before anything else is done for it.
+
+        Authentication needs the message (the audit record names the plugin and method
+        it asks for), so until it comes the caller is nobody, and the wait for it is
+        bounded twice: a message not come within ``body_timeout`` of the call's headers
+        ends the call ``deadline_exceeded``, as a request body that late does on the HTTP
+        port (408); and when more than half of ``max_grpc_calls`` wait at once, the
+        oldest wait ends so, whatever its age. A client's message comes with its
+        headers, so the calls a flood keeps waiting are the flood's, and the other half
+        of the port's calls stays free for calls that did send theirs. Messages after
+        the first are not read, as for a unary method.
+        """
+        waiting = self._waiting
+        timer = asyncio.timeout(self.settings.body_timeout)
+        try:
+            async with timer:
+                waiting[timer] = None
+                if len(waiting) > self._most_waiting:
+                    self._end_oldest_wait(timer)
+                raw = await context.read()
+        except TimeoutError:
+            if timer in waiting:
+                late = f"did not arrive within {self.settings.body_timeout:g} s"
+            else:
+                late = (
+                    f"did not arrive before {self._most_waiting} later calls were waiting"
+                    " for theirs (half of max_grpc_calls, the most this port lets wait)"
+                )
+            raise DeadlineExceeded(f"the request message {late}") from None
+        finally:
+            waiting.pop(timer, None)
+        if raw is grpc.aio.EOF:
+            raise InvalidParams("the call sent no GatewayCall message")
+        request = gateway_pb2.GatewayCall()
+        request.ParseFromString(raw)
+        return request
+
+    def _end_oldest_wait(self, newest: asyncio.Timeout) -> None:
+        """End the oldest wait for a message at the loop's next turn. One whose
+        ``body_timeout`` has just passed is ending already (and can no longer be
+        rescheduled): the next oldest goes instead."""
+        for oldest in self._waiting:
+            if oldest is not newest and not oldest.expired():
+                del self._waiting[oldest]
+                oldest.reschedule(0)
+                return
 
     def _params(self, request: gateway_pb2.GatewayCall) -> Any:
         raw: bytes = request.params_json
@@ -352,6 +441,23 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _method_handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
+    """``GatewayService``'s methods, each registered as taking a stream of requests whose
+    bytes the servicer reads and parses itself (the module's docstring says why)."""
+    return {
+        "Call": grpc.stream_unary_rpc_method_handler(
+            servicer.call, response_serializer=gateway_pb2.GatewayReply.SerializeToString
+        ),
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            servicer.stream, response_serializer=gateway_pb2.GatewayStreamItem.SerializeToString
+        ),
+    }
+
+
 class GrpcGateway:
     """The gRPC port of one gateway; ``start()`` listens, ``aclose(grace)`` stops."""
 
@@ -370,10 +476,24 @@ class GrpcGateway:
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes + 1024),
                 ("grpc.so_reuseport", 0),
-            ]
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+                # Off: a stream counts against the limit while open, as HTTP/2 says, not
+                # until the service lets go of its call, after the client saw it end; on,
+                # a grpc client at 100 calls at once had 145 of 1,000 refused.
+                ("grpc.http.overload_protection", 0),
+                ("grpc.server_handshake_timeout_ms", _milliseconds(settings.header_timeout)),
+                ("grpc.max_connection_idle_ms", _milliseconds(settings.keep_alive_timeout)),
+                ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+                ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+            ],
+            maximum_concurrent_rpcs=settings.max_grpc_calls,
         )
         self._servicer = _Servicer(dispatcher, settings, authenticator)
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self._servicer, self._server)
+        handlers = _method_handlers(self._servicer)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, handlers),)
+        )
+        self._server.add_registered_method_handlers(_SERVICE, handlers)
 
     async def start(self) -> None:
         settings = self.settings

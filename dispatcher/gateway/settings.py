@@ -20,6 +20,9 @@ Each limit guards one resource against one kind of client, broken or hostile:
     max_job_wait           a request slot: GET /v1/jobs/{id}?wait=…      400 invalid_params
     max_job_waits          the state store: each parked wait reads the   503 overloaded,
                            job's record twice a second                   Retry-After: 1
+    max_grpc_calls         memory and tasks: calls on the gRPC port,     RESOURCE_EXHAUSTED
+                           waiting for their message (body_timeout at
+                           most) or running
     event_buffer           memory: events kept for resuming subscribers  oldest dropped; a
                                                                           resume past it is told
     max_pending_events     memory: events queued for one slow consumer   WebSocket closed 4008
@@ -78,6 +81,11 @@ class GatewaySettings:
     #: Waits (``?wait=`` > 0) parked at once on this gateway; one more is refused (503
     #: overloaded) instead of adding its reads of the state store to the others'.
     max_job_waits: int = 1000
+    #: Calls the gRPC port holds at once, from their arrival (waiting for their message,
+    #: ``body_timeout`` at most) to their answer; one more is refused RESOURCE_EXHAUSTED
+    #: by grpc. A call waiting for its message costs the gateway ~19 kB (measured): a
+    #: thousand is ~20 MB, the bound of ``max_job_waits`` and ``event_buffer`` too.
+    max_grpc_calls: int = 1000
     #: Plain calls answered on the call lane (``dispatcher.gateway.lane``); False: every
     #: request through aiohttp.web.
     call_lane: bool = True
@@ -99,6 +107,7 @@ class GatewaySettings:
             "event_buffer",
             "max_pending_events",
             "max_job_waits",
+            "max_grpc_calls",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -153,6 +162,7 @@ class GatewaySettings:
                 "heartbeat": config.timeouts.heartbeat_ms / 1000,
                 "max_job_wait": config.timeouts.job_wait_ms / 1000,
                 "max_job_waits": config.max_job_waits,
+                "max_grpc_calls": config.max_grpc_calls,
                 "grace": config.grace_ms / 1000,
                 "call_lane": config.call_lane,
                 "error_detail": config.error_detail,
