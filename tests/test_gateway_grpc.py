@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,47 @@ async def test_the_dispatcher_authenticates_checks_access_and_audits_grpc_calls(
     outcomes = [record["outcome"] for record in records if record.get("kind") == "call"]
     assert outcomes == ["unauthorized", "unauthorized", "ok", "forbidden"]
     assert API_KEY not in (tmp_path / "audit.log").read_text()
+
+
+async def test_bytes_that_are_not_a_gateway_call_are_invalid_argument_before_anything_else(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: grpc's UNKNOWN ``Unexpected <class 'DecodeError'>`` and a traceback in the
+    log for every such request. Now INVALID_ARGUMENT, ahead of authentication (no
+    credentials here) and the audit log, and nothing logged above debug."""
+    caplog.set_level(logging.DEBUG)
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with (
+        Dispatcher(keyed_manifest(tmp_path)) as dispatcher,
+        GatewayServer(dispatcher, settings) as server,
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        raw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+        call = channel.unary_unary("/linchkit.gateway.v1.GatewayService/Call", **raw)
+        stream = channel.unary_stream("/linchkit.gateway.v1.GatewayService/Stream", **raw)
+        garbage = (
+            b"\xff\xff\xff\xff\xff",  # no field has number 0 or this wire type
+            b"\x0a\x64echo",  # a string field 100 bytes long, 4 sent
+            b"\x0a\x04ec\xffo\x12\x03say",  # a string that is not UTF-8
+        )
+        for sent in garbage:
+            for attempt in (
+                lambda sent=sent: call(sent, timeout=10),
+                lambda sent=sent: _drain(stream(sent, timeout=10)),
+            ):
+                error = await rpc_error(attempt())
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (sent, error)
+                assert error.details() == (
+                    "the request is not a GatewayCall message (proto/gateway.proto)"
+                )
+                assert trailers(error) == {"error-type": "invalid_params", "retryable": "false"}
+    assert not (tmp_path / "audit.log").exists() or not (tmp_path / "audit.log").read_text()
+    loud = [
+        record
+        for record in caplog.records
+        if record.levelno > logging.DEBUG and record.name.startswith(("grpc", "dispatcher.gateway"))
+    ]
+    assert not loud, [record.getMessage() for record in loud]
 
 
 def write(path: Path, blob: bytes) -> Path:

@@ -49,8 +49,9 @@ limits), each bound from the gateway's settings:
 The methods are registered as client-streaming (``_method_handlers``): grpc hands a
 unary method's call to the service only once its message has come, and waits for that
 without limit, holding the call's slot; a client-streaming one is handed over on its
-headers and the service reads the message itself, under ``body_timeout``, and parses it.
-Clients see no difference: the wire is the same.
+headers and the service reads the message itself, under ``body_timeout``, and parses it
+(bytes that are not a ``GatewayCall`` are INVALID_ARGUMENT, not grpc's UNKNOWN with a
+traceback). Clients see no difference: the wire is the same.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import orjson
+from google.protobuf.message import DecodeError
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.gateway.body import Refused, parse_json
@@ -318,7 +320,14 @@ class _Servicer:
         if raw is grpc.aio.EOF:
             raise InvalidParams("the call sent no GatewayCall message")
         request = gateway_pb2.GatewayCall()
-        request.ParseFromString(raw)
+        try:
+            request.ParseFromString(raw)
+        except DecodeError:
+            # The peer's mistake, not the gateway's: no traceback, no line above debug.
+            log.debug("a gRPC request of %d bytes is not a GatewayCall message", len(raw))
+            raise InvalidParams(
+                "the request is not a GatewayCall message (proto/gateway.proto)"
+            ) from None
         return request
 
     def _end_oldest_wait(self, newest: asyncio.Timeout) -> None:
