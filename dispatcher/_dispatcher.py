@@ -523,13 +523,17 @@ class Dispatcher:
         traceparent: str | None = None,
         idempotency_key: str | None = None,
         request_id: str | None = None,
+        wait_at_most: float | None = None,
     ) -> Any:
         """Call ``plugin.method`` with ``params`` and return its result.
 
         ``caller``: who calls — a ``Principal`` the host authenticated, or (without
         ``access`` in the manifest) a plain string; ``credentials``: what a transport saw
         (the gateway), authenticated with the manifest's ``auth``. ``timeout`` (seconds)
-        overrides the method's ``timeout_ms`` and bounds the whole call. Raises a
+        overrides the method's ``timeout_ms`` and bounds the whole call;
+        ``wait_at_most`` (seconds: how long the caller waits, a gRPC client's deadline)
+        only shortens the deadline ``timeout`` or ``timeout_ms`` sets, never lengthens
+        it, so no value of it is too far. Raises a
         ``DispatchError`` subclass on any failure: ``Unauthorized`` and ``Forbidden``
         before any policy runs, ``ShuttingDown`` once the dispatcher drains.
         """
@@ -549,6 +553,7 @@ class Dispatcher:
                 traceparent,
                 idempotency_key,
                 request_id,
+                wait_at_most,
             )
         route: Route | None = None
         try:
@@ -556,7 +561,14 @@ class Dispatcher:
                 raise self._refused(f"call of {plugin}.{method}")
             route = self._routes.find(plugin, method, version, self._state)
             invocation = self._invocation(
-                route, params, timeout, request_id, caller, traceparent, idempotency_key
+                route,
+                params,
+                timeout,
+                request_id,
+                caller,
+                traceparent,
+                idempotency_key,
+                wait_at_most,
             )
         except DispatchError as refused:
             if self.telemetry is not None:  # refused before the chain, which counts the rest
@@ -595,6 +607,7 @@ class Dispatcher:
         traceparent: str | None,
         idempotency_key: str | None,
         request_id: str | None,
+        wait_at_most: float | None,
     ) -> Any:
         """``call`` through authentication, access checks and the audit log (``_guard``)."""
         entry = self._guard.begin(
@@ -616,7 +629,14 @@ class Dispatcher:
                 self._routes, self._state, plugin, method, version, caller, credentials, entry
             )
             invocation = self._invocation(
-                route, params, timeout, entry.request_id, caller_id, traceparent, idempotency_key
+                route,
+                params,
+                timeout,
+                entry.request_id,
+                caller_id,
+                traceparent,
+                idempotency_key,
+                wait_at_most,
             )
             invoke = route.invoke if idempotency_key is None else route.once
             chained = True  # from here on the chain's own telemetry step counts the call
@@ -652,6 +672,7 @@ class Dispatcher:
         caller: str | None,
         traceparent: str | None,
         idempotency_key: str | None,
+        wait_at_most: float | None = None,
     ) -> Invocation:
         """Check the params and fix the deadline of one call of ``route``."""
         if params is None:
@@ -659,6 +680,8 @@ class Dispatcher:
         if route.validate is not None:
             route.validate(params)
         budget = route.timeout if timeout is None else checked_timeout(timeout, route.name)
+        if wait_at_most is not None and wait_at_most < budget:
+            budget = checked_timeout(wait_at_most, route.name)
         # Positional: keyword arguments cost a third more on this, the per-call hot path.
         return Invocation(
             route.plugin,  # plugin
@@ -797,11 +820,13 @@ class Dispatcher:
         timeout: float | None = None,
         traceparent: str | None = None,
         request_id: str | None = None,
+        wait_at_most: float | None = None,
     ) -> AsyncIterator[Any]:
         """Call a streaming method; yields its chunks as they arrive.
 
         ``caller`` and ``credentials`` as for ``call``; the stream has one audit record,
-        written when it ends. ``timeout`` bounds the whole stream (the target's deadline).
+        written when it ends. ``timeout`` bounds the whole stream (the target's deadline);
+        ``wait_at_most``, as for ``call``, only shortens it.
         The method's rate limits, bulkhead and breaker apply
         (``dispatcher.policies.gate``); its cache, batching and retries do not. A provider
         without streaming raises ``ProviderError``; a failure mid-stream raises its
@@ -825,7 +850,7 @@ class Dispatcher:
                 self._routes, self._state, plugin, method, version, caller, credentials, entry
             )
             invocation = self._invocation(
-                route, params, timeout, entry.request_id, caller_id, traceparent, None
+                route, params, timeout, entry.request_id, caller_id, traceparent, None, wait_at_most
             )
             chunks = self._in_flight.tracked_stream(
                 route.open_stream(invocation), f"the stream of {route.name}"

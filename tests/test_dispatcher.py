@@ -15,6 +15,7 @@ import pytest
 
 from dispatcher import (
     Call,
+    DeadlineExceeded,
     Dispatcher,
     InvalidParams,
     Invocation,
@@ -54,6 +55,28 @@ async def test_health_refuses_a_timeout_that_is_no_deadline() -> None:
                 await dispatcher.health(timeout=bad)  # type: ignore[arg-type]
         [report] = await dispatcher.health(timeout=2.0)
         assert report.health.status == "serving"
+
+
+async def test_wait_at_most_shortens_a_calls_deadline_and_never_lengthens_it() -> None:
+    """How long the caller waits (a gRPC client's deadline): sooner than the method's
+    ``timeout_ms`` or ``timeout``, it is the deadline; later, even past any deadline the
+    dispatcher takes, it changes nothing."""
+    entry = echo_plugin("echo", LOCAL_TARGET, defaults={"timeout_ms": 100})
+    async with Dispatcher(manifest(entry)) as dispatcher:
+        assert await dispatcher.call("echo", "say", {"text": "x"}, wait_at_most=1e9)
+        for wait_at_most in (1e9, 60.0):
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                await dispatcher.call("echo", "sleep", {"seconds": 1.0}, wait_at_most=wait_at_most)
+            assert time.monotonic() - started < 0.9  # the method's 100 ms
+        slept = await dispatcher.call(
+            "echo", "sleep", {"seconds": 0.2}, timeout=5.0, wait_at_most=1e9
+        )
+        assert slept >= 0.2
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await dispatcher.call("echo", "sleep", {"seconds": 1.0}, timeout=5.0, wait_at_most=0.1)
+        assert time.monotonic() - started < 0.9
 
 
 async def test_the_latest_version_answers_unless_one_is_named() -> None:

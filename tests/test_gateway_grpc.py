@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,13 @@ from dispatcher.gateway import GatewayServer, GatewaySettings
 from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
 from providers._grpc.status import translate_rpc_error
 from tests.conftest import ROOT
-from tests.gateway_support import OneToken, echo_entry, example_entry, running_gateway
+from tests.gateway_support import (
+    SAY_SCHEMA,
+    OneToken,
+    echo_entry,
+    example_entry,
+    running_gateway,
+)
 
 API_KEY = "k-9f1d6c0a-never-shown"
 
@@ -126,6 +133,39 @@ async def test_streams_yield_chunks_in_order() -> None:
 async def _drain(stream: AsyncIterator[Any]) -> None:
     async for _ in stream:
         pass
+
+
+async def test_a_grpc_deadline_only_shortens_a_call_so_none_is_too_far() -> None:
+    """``timeout_ms`` sets the call's deadline as ``X-Timeout-Ms`` does on HTTP; the gRPC
+    deadline is how long the client waits, and bounds the call only when sooner. Before,
+    it stood in for ``timeout_ms``: past 86,400 s it was refused (``timeout must be a
+    number of seconds in (0, 86400]``), and a minute's deadline gave a method of 100 ms a
+    minute."""
+    entry = echo_entry(say={"params_schema": SAY_SCHEMA}, sleep={"timeout_ms": 100})
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with (
+        running_gateway(entry, settings=settings) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        gateway = stub(channel)
+        reply = await gateway.Call(grpc_call("echo", "say", {"text": "hi"}), timeout=1e9)
+        assert reply.ok
+        for deadline in (1e9, 60.0):  # later than the method's 100 ms: that stands
+            started = time.monotonic()
+            error = await rpc_error(
+                gateway.Call(grpc_call("echo", "sleep", {"seconds": 1.0}), timeout=deadline)
+            )
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+            assert trailers(error)["error-type"] == "deadline_exceeded"
+            assert time.monotonic() - started < 0.9
+        # timeout_ms overrides the method's, and a far deadline leaves it so.
+        slept = grpc_call("echo", "sleep", {"seconds": 0.3}, timeout_ms=5000)
+        assert (await gateway.Call(slept, timeout=1e9)).ok
+        # A sooner deadline wins over timeout_ms.
+        started = time.monotonic()
+        error = await rpc_error(gateway.Call(slept, timeout=0.1))
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 0.29
 
 
 def keyed_manifest(tmp_path: Path) -> Any:

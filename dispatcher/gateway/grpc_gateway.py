@@ -359,10 +359,12 @@ class _Servicer:
             raise InvalidParams(f"idempotency_key is at most {MAX_KEY_LENGTH} characters")
         if request.timeout_ms > MAX_TIMEOUT_MS:
             raise InvalidParams(f"timeout_ms is at most {MAX_TIMEOUT_MS}")
+        # timeout_ms sets the call's deadline as X-Timeout-Ms does on HTTP, overriding the
+        # method's; the gRPC deadline is how long the client waits, which only ever
+        # shortens it: one further away than any deadline (1e9 s) is no error.
         timeout = request.timeout_ms / 1000 if request.timeout_ms else None
         remaining = context.time_remaining()
-        if remaining is not None and (timeout is None or remaining < timeout):
-            timeout = max(remaining, 0.001)  # the client's own deadline, when it is sooner
+        wait_at_most = None if remaining is None else max(remaining, 0.001)
         credentials: Credentials | None = self._credentials(context)
         caller: Principal | None = None
         if not self._dispatcher_authenticates:
@@ -375,6 +377,7 @@ class _Servicer:
             "caller": caller,
             "credentials": credentials,
             "timeout": timeout,
+            "wait_at_most": wait_at_most,
             "traceparent": traceparent if TRACEPARENT.match(traceparent) else None,
             "idempotency_key": request.idempotency_key or None,
             "request_id": request.request_id or new_request_id(),
