@@ -168,6 +168,29 @@ async def test_a_grpc_deadline_only_shortens_a_call_so_none_is_too_far() -> None
         assert time.monotonic() - started < 0.29
 
 
+async def test_idempotency_keys_follow_the_http_ports_rule() -> None:
+    """1-255 printable characters, refused otherwise with the HTTP port's words (naming
+    the field). Before, control characters went through to the plugin's context."""
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        gateway = stub(channel)
+        for key in ("a\x00\n\r\x1b[31m", "\x7f", "line\u2028break", "k" * 256):
+            error = await rpc_error(
+                gateway.Call(grpc_call("echo", "say", {"text": "hi"}, idempotency_key=key))
+            )
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (key, error)
+            assert error.details() == "idempotency_key is 1-255 printable UTF-8 characters"
+            assert trailers(error)["error-type"] == "invalid_params"
+        for key in ("order-1", "clé 2", "k" * 255):
+            reply = await gateway.Call(
+                grpc_call("echo", "say", {"text": "hi"}, idempotency_key=key)
+            )
+            assert reply.ok, key
+
+
 def keyed_manifest(tmp_path: Path) -> Any:
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
     return parse_manifest(

@@ -69,10 +69,14 @@ from google.protobuf.message import DecodeError
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.gateway.body import Refused, parse_json
-from dispatcher.gateway.call_headers import MAX_TIMEOUT_MS, REQUEST_ID, TRACEPARENT
+from dispatcher.gateway.call_headers import (
+    MAX_TIMEOUT_MS,
+    REQUEST_ID,
+    TRACEPARENT,
+    checked_idempotency_key,
+)
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
-from dispatcher.policies.idempotency import MAX_KEY_LENGTH
 from linchkit_plugin._proto import gateway_pb2
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -355,8 +359,8 @@ class _Servicer:
         """``Dispatcher.call``'s keyword arguments: who calls, the deadline, the context."""
         if request.request_id and not REQUEST_ID.match(request.request_id):
             raise InvalidParams("request_id is 1-128 characters of A-Z a-z 0-9 . _ : -")
-        if len(request.idempotency_key) > MAX_KEY_LENGTH:
-            raise InvalidParams(f"idempotency_key is at most {MAX_KEY_LENGTH} characters")
+        if request.idempotency_key:  # proto3: empty is absent
+            checked_idempotency_key(request.idempotency_key, "idempotency_key")
         if request.timeout_ms > MAX_TIMEOUT_MS:
             raise InvalidParams(f"timeout_ms is at most {MAX_TIMEOUT_MS}")
         # timeout_ms sets the call's deadline as X-Timeout-Ms does on HTTP, overriding the
