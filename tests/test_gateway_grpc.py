@@ -226,6 +226,7 @@ async def test_the_dispatcher_authenticates_checks_access_and_audits_grpc_calls(
         key = (("x-api-key", API_KEY),)
         reply = await gateway.Call(grpc_call("echo", "say", {"text": "hi"}), metadata=key)
         assert reply.ok and orjson.loads(reply.result_json)["caller"] == "billing"
+        made_up = reply.request_id
         error = await rpc_error(
             gateway.Call(grpc_call("echo", "withdraw", {"amount": 1}), metadata=key)
         )
@@ -233,6 +234,9 @@ async def test_the_dispatcher_authenticates_checks_access_and_audits_grpc_calls(
     records = [orjson.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     outcomes = [record["outcome"] for record in records if record.get("kind") == "call"]
     assert outcomes == ["unauthorized", "unauthorized", "ok", "forbidden"]
+    # The request id made up for a call that sent none is the one its record keeps.
+    [answered] = [record for record in records if record.get("outcome") == "ok"]
+    assert answered["request_id"] == made_up
     assert API_KEY not in (tmp_path / "audit.log").read_text()
 
 

@@ -238,10 +238,10 @@ class _Servicer:
         request_id = ""
         try:
             request = await self._request(context)
-            request_id = request.request_id or new_request_id()
             if self._held is not None:
                 await self._held_until_released(self._held, context)
             options = await self._options(request, context)
+            request_id = options["request_id"]  # the audit record's, echoed
             result = await self.dispatcher.call(
                 request.plugin, request.method, self._params(request), **options
             )
