@@ -123,11 +123,13 @@ async def test_a_flood_of_silent_calls_leaves_half_the_port_to_calls_that_send()
             outcomes = await _outcomes(flood)
             assert outcomes["pending"] <= 10, outcomes
             # Some of the flood may find the port full for a moment (its ended waits not
-            # yet let go of): refused, never held.
+            # yet let go of): refused, never held. grpc's client may cancel some of its
+            # own before they reach the port (it did before this bound, too).
             assert set(outcomes) <= {
                 "pending",
                 "DEADLINE_EXCEEDED deadline_exceeded",
                 "RESOURCE_EXHAUSTED",
+                "CANCELLED",
             }, outcomes
             ended = next(call for call in flood if call.done())
             if await ended.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -142,17 +144,19 @@ async def test_a_flood_of_silent_calls_leaves_half_the_port_to_calls_that_send()
 async def test_calls_past_max_grpc_calls_are_refused_resource_exhausted_at_once() -> None:
     async with (
         running_gateway(echo_entry(say={}, sleep={}), settings=_settings(max_grpc_calls=4)) as (
-            _,
+            dispatcher,
             server,
         ),
         grpc.aio.insecure_channel(_address(server)) as channel,
     ):
         gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
         sleep = gateway_pb2.GatewayCall(
-            plugin="echo", method="sleep", params_json=orjson.dumps({"seconds": 1.0})
+            plugin="echo", method="sleep", params_json=orjson.dumps({"seconds": 1.5})
         )
         running = [asyncio.ensure_future(gateway.Call(sleep, timeout=10)) for _ in range(4)]
-        await asyncio.sleep(0.3)  # the four run
+        async with asyncio.timeout(5):  # until the four run
+            while dispatcher.stats()["dispatcher"]["calls_in_flight"] < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         started = time.monotonic()
         try:
             await gateway.Call(SAY, timeout=10)
