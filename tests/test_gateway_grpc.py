@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -345,3 +346,30 @@ async def test_mtls_on_the_grpc_port_with_the_client_ca_reloaded(tmp_path: Path)
             assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert server.grpc is not None and server.grpc.fetcher is not None
         assert server.grpc.fetcher.reloads >= 1
+
+
+@pytest.mark.parametrize("detail", ["safe", "full"])
+async def test_the_grpc_port_tells_a_caller_what_the_http_port_does_of_where_plugins_run(
+    detail: str,
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dead = {
+        "id": "remote",
+        "version": "1.0.0",
+        "target": {"provider": "http", "url": f"http://127.0.0.1:{port}"},
+        "methods": {"say": {}},
+    }
+    settings = GatewaySettings(port=0, grpc_port=0, error_detail=detail)
+    async with (
+        running_gateway(dead, settings=settings) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        error = await rpc_error(stub(channel).Call(grpc_call("remote", "say", {})))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert trailers(error)["error-type"] == "target_unavailable"
+    told = error.details() or ""
+    assert (f"127.0.0.1:{port}" in told) == (detail == "full")
+    if detail == "safe":
+        assert told.startswith("remote.say: the plugin could not be reached")

@@ -75,6 +75,7 @@ from dispatcher.gateway.call_headers import (
     TRACEPARENT,
     checked_idempotency_key,
 )
+from dispatcher.gateway.disclosure import Disclosure
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
 from linchkit_plugin._proto import gateway_pb2
@@ -194,6 +195,15 @@ class _Servicer:
         #: send one leaves the other half to the calls that did (``_request``).
         self._waiting: dict[asyncio.Timeout, None] = {}
         self._most_waiting = max(1, settings.max_grpc_calls // 2)
+        #: What callers are told of the infrastructure's failures, as on the HTTP port.
+        self.disclosure = Disclosure(settings.error_detail)  # type: ignore[arg-type]
+
+    def _told(
+        self, error: DispatchError, request: gateway_pb2.GatewayCall | None, request_id: str
+    ) -> DispatchError:
+        if request is None:  # refused before its message was read: nothing of a target
+            return error
+        return self.disclosure.public(error, request.plugin, request.method, request_id)
 
     async def settle(self) -> None:
         """Hold every call from now on until ``release``; return once none has arrived for
@@ -236,6 +246,7 @@ class _Servicer:
         """``Call``: grpc hands it over on its headers; its message is read here."""
         self._arrivals += 1
         request_id = ""
+        request = None
         try:
             request = await self._request(context)
             if self._held is not None:
@@ -251,10 +262,11 @@ class _Servicer:
                 ok=False, error=_error_message(error), request_id=request_id
             )
         except DispatchError as error:
+            told = self._told(error, request, request_id)
             await context.abort(
                 STATUS_BY_TYPE.get(error.type, grpc.StatusCode.FAILED_PRECONDITION),
-                error.message,
-                trailing_metadata=_trailers(error),
+                told.message,
+                trailing_metadata=_trailers(told),
             )
         except TypeError as error:  # a result JSON cannot carry
             await context.abort(
@@ -269,11 +281,14 @@ class _Servicer:
     ) -> AsyncIterator[gateway_pb2.GatewayStreamItem]:
         """``Stream``: as ``call``, its chunks as they come."""
         self._arrivals += 1
+        request = None
+        request_id = ""
         try:
             request = await self._request(context)
             if self._held is not None:
                 await self._held_until_released(self._held, context)
             options = await self._options(request, context)
+            request_id = options["request_id"]
             options.pop("idempotency_key")  # a stream is never replayed
             chunks = self.dispatcher.stream(
                 request.plugin, request.method, self._params(request), **options
@@ -283,10 +298,11 @@ class _Servicer:
         except PluginError as error:
             yield gateway_pb2.GatewayStreamItem(error=_error_message(error))
         except DispatchError as error:
+            told = self._told(error, request, request_id)
             await context.abort(
                 STATUS_BY_TYPE.get(error.type, grpc.StatusCode.FAILED_PRECONDITION),
-                error.message,
-                trailing_metadata=_trailers(error),
+                told.message,
+                trailing_metadata=_trailers(told),
             )
 
     async def _request(self, context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayCall:
