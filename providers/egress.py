@@ -238,7 +238,9 @@ class EgressPolicy(StrictModel):
 
         Raises ``EgressRefused`` when the name or every address is refused.
         """
-        refusal = self.name_refusal(name)
+        # An address literal (a client that dials what it was given) is no name to judge:
+        # the address itself is checked below.
+        refusal = None if _address(name) is not None else self.name_refusal(name)
         if refusal is not None:
             raise EgressRefused(f"egress policy refuses {name}: {refusal}")
         by_name = self.allow is not None and self.admitted_by_name(name)
