@@ -28,6 +28,7 @@ from dispatcher.telemetry import CallContextFilter, formatter_for
 from linchkit_plugin.errors import DispatchError
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -109,6 +110,23 @@ output_option = click.option(
     show_default=True,
     help="Print a table, or JSON for scripts.",
 )
+
+
+def credential_options(command: F) -> F:
+    """``--api-key`` and ``--token`` (or their environment variables), for the commands
+    that call as the gateway's callers do (``credentials_from`` passes them on)."""
+    command = click.option(
+        "--token",
+        envvar="DISPATCHER_TOKEN",
+        default=None,
+        help="Authenticate with this bearer JWT (the manifest's auth.jwt); prefer the env var.",
+    )(command)
+    return click.option(
+        "--api-key",
+        envvar="DISPATCHER_API_KEY",
+        default=None,
+        help="Authenticate with this API key (the manifest's auth.api_keys); prefer the env var.",
+    )(command)
 
 
 def load(context: click.Context) -> Manifest[Any]:

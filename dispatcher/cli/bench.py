@@ -29,6 +29,7 @@ from dispatcher.cli._app import (
     EXIT_FAILED,
     EXIT_USAGE,
     Seconds,
+    credential_options,
     credentials_from,
     load,
     main,
@@ -127,18 +128,7 @@ class _Outcome:
 )
 @click.option("--timeout", type=Seconds(0.001, 3600), default=None, help="Seconds per call.")
 @click.option("--caller", default=None, help="Caller identity sent with each call.")
-@click.option(
-    "--api-key",
-    envvar="DISPATCHER_API_KEY",
-    default=None,
-    help="Authenticate with this API key (the manifest's auth.api_keys); prefer the env var.",
-)
-@click.option(
-    "--token",
-    envvar="DISPATCHER_TOKEN",
-    default=None,
-    help="Authenticate with this bearer JWT (the manifest's auth.jwt); prefer the env var.",
-)
+@credential_options
 @click.option("--version", "plugin_version", default=None, help="Plugin version (default: latest).")
 @click.option(
     "--gateway",

@@ -12,6 +12,7 @@ from dispatcher._served import listed
 from dispatcher.cli._app import (
     EXIT_FAILED,
     Seconds,
+    credential_options,
     credentials_from,
     load,
     main,
@@ -31,18 +32,7 @@ from linchkit_plugin.errors import DispatchError
 @click.option("-p", "--params", default="{}", show_default=True, help="Params as JSON.")
 @click.option("--timeout", type=float, default=None, help="Seconds; overrides the method's.")
 @click.option("--caller", default=None, help="Caller identity sent with the call.")
-@click.option(
-    "--api-key",
-    envvar="DISPATCHER_API_KEY",
-    default=None,
-    help="Authenticate with this API key (the manifest's auth.api_keys); prefer the env var.",
-)
-@click.option(
-    "--token",
-    envvar="DISPATCHER_TOKEN",
-    default=None,
-    help="Authenticate with this bearer JWT (the manifest's auth.jwt); prefer the env var.",
-)
+@credential_options
 @click.option("--version", "plugin_version", default=None, help="Plugin version (default: latest).")
 @manifest_option
 @click.pass_context

@@ -28,6 +28,7 @@ from dispatcher.cli._app import (
     EXIT_FAILED,
     EXIT_USAGE,
     Seconds,
+    credential_options,
     credentials_from,
     load,
     main,
@@ -184,18 +185,7 @@ def _show(statuses: list[dict[str, Any]], output: str, as_json: bool, empty: str
 @click.argument("method")
 @click.argument("params", default="{}", required=False)
 @click.option("--caller", default=None, help="Caller identity the job carries.")
-@click.option(
-    "--api-key",
-    envvar="DISPATCHER_API_KEY",
-    default=None,
-    help="Authenticate with this API key (the manifest's auth.api_keys); prefer the env var.",
-)
-@click.option(
-    "--token",
-    envvar="DISPATCHER_TOKEN",
-    default=None,
-    help="Authenticate with this bearer JWT (the manifest's auth.jwt); prefer the env var.",
-)
+@credential_options
 @click.option("--version", "plugin_version", default=None, help="Plugin version (default: latest).")
 @click.option("--idempotency-key", default=None, help="The job runs at most once per key.")
 @click.option(
