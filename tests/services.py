@@ -270,7 +270,17 @@ class Redis:
         )
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall(payload)
-            return sock.recv(65536)
+            reply = sock.recv(65536)
+            # A bulk string ($<length>\r\n…\r\n), CLIENT LIST's, may come in pieces.
+            if reply.startswith(b"$") and b"\r\n" in reply:
+                length = int(reply[1 : reply.index(b"\r\n")])
+                whole = reply.index(b"\r\n") + 2 + max(length, 0) + 2
+                while len(reply) < whole:
+                    more = sock.recv(65536)
+                    if not more:
+                        break
+                    reply += more
+            return reply
 
     def pause(self) -> None:
         assert self.process is not None

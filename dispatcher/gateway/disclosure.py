@@ -6,9 +6,9 @@ an inbound plugin's peer address. Handed to any caller of the gateway as they ar
 map the network behind it. With ``error_detail: safe`` (the default) the gateway answers
 these types with a fixed message per type, keeping the type, ``retryable``,
 ``retry_after`` and the ``details`` a client acts on (``stage``: whether the call ran), and
-logs the whole message (at most one line per plugin, method and type every
-``LOG_EVERY_SECONDS``, with how many it did not log) for the operator, under the request
-id the answer carries in ``X-Request-Id``. What the plugin or the caller caused is
+logs the whole message for the operator with the request id (at most one line per
+plugin, method and type every ``LOG_EVERY_SECONDS``, with how many it did not log: under
+a storm of one failure, the first call's id stands for the rest). What the plugin or the caller caused is
 answered as written: a plugin's own error (its message is the plugin's, to its caller),
 ``invalid_params``, ``rate_limited``, ``forbidden`` and the rest. ``error_detail: full``
 answers every message as written (a gateway whose callers are its operators).
@@ -67,10 +67,7 @@ class Disclosure:
         if self.detail == "full" or generic is None:
             return error
         self._log(error, plugin, method, request_id)
-        public = error.with_message(
-            f"{plugin}.{method}: {generic} (the gateway's log has the detail under this "
-            "request's X-Request-Id)"
-        )
+        public = error.with_message(f"{plugin}.{method}: {generic} (the gateway logs the detail)")
         public.details = {k: v for k, v in error.details.items() if k in PUBLIC_DETAILS}
         return public
 
