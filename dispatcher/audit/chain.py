@@ -43,6 +43,7 @@ __all__ = [
     "line_hash",
     "line_problem",
     "seal",
+    "seal_batch",
     "seal_body",
     "verify",
     "verify_lines",
@@ -83,6 +84,18 @@ def seal_body(body: bytes, prev: str) -> bytes:
         body = body[:-1] + b',"prev":"' + prev.encode() + b'"}'
     digest = hashlib.sha256(body).hexdigest()
     return body[:-1] + b',"hash":"' + digest.encode() + b'"}'
+
+
+def seal_batch(bodies: list[bytes], prev: str) -> tuple[bytes, str]:
+    """``bodies`` sealed one after another from ``prev``, as the lines to write (each
+    ending in ``\\n``), and the hash of the last: the head once they are written."""
+    lines = []
+    for body in bodies:
+        line = seal_body(body, prev)
+        prev = line_hash(line)
+        lines.append(line)
+    lines.append(b"")
+    return b"\n".join(lines), prev
 
 
 @dataclass(frozen=True, slots=True)

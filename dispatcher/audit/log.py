@@ -69,7 +69,7 @@ from typing import IO, Any
 import orjson
 
 from dispatcher.audit._lock import holders, lock, unlock
-from dispatcher.audit.chain import GENESIS, line_hash, line_problem, seal_body
+from dispatcher.audit.chain import GENESIS, line_hash, line_problem, seal_batch
 
 __all__ = [
     "CLOSE_TIMEOUT_SECONDS",
@@ -351,14 +351,7 @@ class _FileSink:
         lock(descriptor)
         try:
             self._catch_up()
-            head = self.head
-            lines = []
-            for body in bodies:
-                line = seal_body(body, head)
-                head = line_hash(line)
-                lines.append(line)
-            lines.append(b"")
-            data = b"\n".join(lines)
+            data, head = seal_batch(bodies, self.head)
             try:
                 _write_all(descriptor, data)
             except OSError:
@@ -412,17 +405,11 @@ class _StreamSink:
         self.head = GENESIS
 
     def append(self, bodies: list[bytes]) -> str:
-        head = self.head
-        lines = []
-        for body in bodies:
-            line = seal_body(body, head)
-            head = line_hash(line)
-            lines.append(line)
-        lines.append(b"")
-        self.head = head  # written or not: a lost batch shows as a break
-        self.file.write(b"\n".join(lines))
+        # The head moves whether or not the write succeeds: a lost batch shows as a break.
+        data, self.head = seal_batch(bodies, self.head)
+        self.file.write(data)
         self.file.flush()
-        return head
+        return self.head
 
     def close(self) -> None:
         if self.owned:

@@ -56,7 +56,7 @@ from dispatcher.gateway.call_headers import (
     version_of,
 )
 from dispatcher.gateway.credentials import credentials_of
-from dispatcher.gateway.disclosure import PUBLIC_MESSAGES, Disclosure
+from dispatcher.gateway.disclosure import Disclosure
 from dispatcher.gateway.errors import Answer, answer_of, error_answer
 from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_event_id
 from dispatcher.gateway.openapi import Allows, openapi_document
@@ -122,7 +122,7 @@ class Gateway:
         self.dispatcher = dispatcher
         self.settings = settings
         #: What callers are told of the infrastructure's failures (``error_detail``).
-        self.disclosure = Disclosure(settings.error_detail)  # type: ignore[arg-type]
+        self.disclosure = Disclosure(settings.error_detail)
         #: Who checks credentials: the host's own authenticator when it gave one, else the
         #: manifest's ``auth`` (the dispatcher's). With the dispatcher's, calls hand it the
         #: credentials themselves, so it authenticates, applies ``access`` and writes the
@@ -393,10 +393,10 @@ class Gateway:
 
     def _public_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
         """A recent error as its caller was told it (``error_detail``)."""
-        generic = PUBLIC_MESSAGES.get(entry.get("type", ""))
-        if generic is None or self.disclosure.detail == "full":
-            return entry
-        return {**entry, "message": f"{entry.get('plugin')}.{entry.get('method')}: {generic}"}
+        told = self.disclosure.told(
+            str(entry.get("type")), str(entry.get("plugin")), str(entry.get("method"))
+        )
+        return entry if told is None else {**entry, "message": told}
 
     async def rollouts(self, request: web.Request) -> web.Response:
         """Every rollout and shadow with its step and counters (``stats()["rollouts"]``)

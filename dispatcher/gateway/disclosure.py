@@ -62,14 +62,20 @@ class Disclosure:
         self, error: DispatchError, plugin: str, method: str, request_id: str
     ) -> DispatchError:
         """``error`` as the caller is told it: as written, or its type's fixed message."""
-        kind = type(error).type
-        generic = PUBLIC_MESSAGES.get(kind)
-        if self.detail == "full" or generic is None:
+        told = self.told(type(error).type, plugin, method)
+        if told is None:
             return error
         self._log(error, plugin, method, request_id)
-        public = error.with_message(f"{plugin}.{method}: {generic} (the gateway logs the detail)")
+        public = error.with_message(f"{told} (the gateway logs the detail)")
         public.details = {k: v for k, v in error.details.items() if k in PUBLIC_DETAILS}
         return public
+
+    def told(self, kind: str, plugin: str, method: str) -> str | None:
+        """What a caller is told of an error of type ``kind``; None: its own message."""
+        generic = PUBLIC_MESSAGES.get(kind)
+        if self.detail == "full" or generic is None:
+            return None
+        return f"{plugin}.{method}: {generic}"
 
     def _log(self, error: DispatchError, plugin: str, method: str, request_id: str) -> None:
         key = (plugin, method, type(error).type)

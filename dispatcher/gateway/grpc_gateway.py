@@ -196,7 +196,7 @@ class _Servicer:
         self._waiting: dict[asyncio.Timeout, None] = {}
         self._most_waiting = max(1, settings.max_grpc_calls // 2)
         #: What callers are told of the infrastructure's failures, as on the HTTP port.
-        self.disclosure = Disclosure(settings.error_detail)  # type: ignore[arg-type]
+        self.disclosure = Disclosure(settings.error_detail)
 
     def _told(
         self, error: DispatchError, request: gateway_pb2.GatewayCall | None, request_id: str

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dispatcher.config.gateway import GatewayConfig
+from dispatcher.gateway.disclosure import ErrorDetail
 
 __all__ = ["ClientCertificates", "GatewaySettings"]
 
@@ -90,7 +91,7 @@ class GatewaySettings:
     #: request through aiohttp.web.
     call_lane: bool = True
     #: What callers are told of the infrastructure's failures (``dispatcher.gateway.disclosure``).
-    error_detail: str = "safe"
+    error_detail: ErrorDetail = "safe"
 
     def __post_init__(self) -> None:
         if not self.host.strip():  # the socket layer takes "" as every interface
