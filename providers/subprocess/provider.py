@@ -78,8 +78,7 @@ class SubprocessProvider(Provider[SubprocessTarget]):
 
     async def invoke(self, target: SubprocessTarget, invocation: Invocation) -> Any:
         process = self.process(invocation.plugin, invocation.version, target)
-        connection = await process.connection(invocation)
-        return await connection.call(invocation)
+        return await process.call(invocation, lambda connection: connection.call(invocation))
 
     async def invoke_batch(
         self, target: SubprocessTarget, invocations: Sequence[Invocation]
@@ -88,8 +87,7 @@ class SubprocessProvider(Provider[SubprocessTarget]):
             return await super().invoke_batch(target, invocations)
         first = invocations[0]
         process = self.process(first.plugin, first.version, target)
-        connection = await process.connection(first)
-        return await connection.call_batch(invocations)
+        return await process.call(first, lambda connection: connection.call_batch(invocations))
 
     async def stream(
         self, target: SubprocessTarget, invocation: Invocation

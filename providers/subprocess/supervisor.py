@@ -18,14 +18,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from linchkit_plugin._automtls import generate_certificate, pem_from_der
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, TargetUnavailable
 from providers._grpc import lifecycle
 from providers._grpc.connection import ChannelSecurity, PluginConnection
-from providers.base import Health
+from providers.base import CONNECT_STAGE, Health
 from providers.subprocess import handshake
 from providers.subprocess.child import Child, check_digests, socket_folder, spawn
 from providers.subprocess.output import OutputRing
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["PluginProcess"]
 
 log = logging.getLogger("dispatcher.providers.subprocess")
+
+T = TypeVar("T")
 
 
 class PluginProcess:
@@ -142,12 +144,35 @@ class PluginProcess:
 
     # -- calls -------------------------------------------------------------------------------
 
+    async def call(
+        self, invocation: Invocation, make: Callable[[PluginConnection], Awaitable[T]]
+    ) -> T:
+        """``make(connection)`` on the live connection. One the connection refused because
+        its process had just died (the socket gone before the exit was seen; nothing was
+        sent) is made once more, on the next process, within the call's deadline."""
+        child = await self._live_child(invocation)
+        connection = child.connection
+        assert connection is not None
+        try:
+            return await make(connection)
+        except TargetUnavailable as error:
+            grace = self.target.stop_grace_ms / 1000
+            if error.details != CONNECT_STAGE or not await _exits(child, invocation, grace):
+                raise
+        log.info("%s: a call refused by the exiting process goes to the next one", self.plugin.key)
+        return await make(await self.connection(invocation))
+
     async def connection(self, invocation: Invocation | None = None) -> PluginConnection:
         """The live connection; while restarting, wait for it up to the call's deadline."""
+        connection = (await self._live_child(invocation)).connection
+        assert connection is not None
+        return connection
+
+    async def _live_child(self, invocation: Invocation | None) -> Child:
         while True:
             child = self._child
             if self._state == "running" and child is not None and child.connection is not None:
-                return child.connection
+                return child
             if self._state in {"failed", "stopped", "new"}:
                 raise TargetUnavailable(
                     f"{self.plugin.key} ({self.target.describe()}) is {self._state}"
@@ -264,11 +289,16 @@ class PluginProcess:
         while True:
             child = self._child
             assert child is not None
-            code = await child.process.wait()
+            await child.exited.wait()
             if self._stopped():
                 return
+            # Restarting from the moment the exit is seen: calls made from now on wait
+            # for the next process instead of going to the dead one's socket.
             self._ready.clear()
             self._state = "restarting"
+            code = await child.process.wait()  # reaped: asyncio may say so a while later
+            if self._stopped():
+                return
             self._last_error = f"exited with code {code}"
             log.warning("%s (pid %d) %s", self.plugin.key, child.pid, self._last_error)
             await child.terminate(0.1)
@@ -367,3 +397,19 @@ class PluginProcess:
             f"<PluginProcess {self.plugin.key} {self._state} pid={self.pid} "
             f"restarts={self.restarts} output={len(self.output)} lines>"
         )
+
+
+async def _exits(child: Child, invocation: Invocation, grace: float) -> bool:
+    """Whether ``child`` is seen exiting within ``grace`` seconds (and the call's deadline).
+
+    A refusal that never reached the plugin (nothing listens on its socket, or it answered
+    "not run") is of a process going away: stopping by itself (a SIGTERM not ours), or
+    killed (its socket closes a few ms before the kernel has ended it: 4-65 ms here). It
+    is given the stop grace the manifest gives it; a process that still runs after that
+    refuses calls for reasons of its own."""
+    try:
+        async with asyncio.timeout(min(invocation.remaining(), grace)):
+            await child.exited.wait()
+    except TimeoutError:
+        return False
+    return True
