@@ -22,7 +22,10 @@ What this replica shows of the breaker (``shown``: metrics, ``dispatcher top``,
 learnt it (``SharedStore.breaker_watch``: its own operations' answers, and a read after
 every transition another replica pushes), or the local breaker's while that one decides.
 A transition this replica learns of, whichever replica made it, is logged and told to the
-state listeners (``dispatcher_breaker_transitions_total``) once.
+state listeners (``dispatcher_breaker_transitions_total``) once. What it learns may arrive
+in another order than the store answered (a read sent before an operation, answered
+after it): each answer carries the shared state's generation, and one older than what
+this replica holds is ignored, so a late answer never shows a state the breaker has left.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class SharedBreaker:
         "name",
         "seen",
         "seen_failures",
+        "seen_generation",
         "store",
         "sync",
     )
@@ -96,6 +100,8 @@ class SharedBreaker:
         #: The shared state as this replica last learnt it (None: not yet).
         self.seen: BreakerState | None = None
         self.seen_failures = 0
+        #: The generation of ``seen`` (-1: nothing learnt; 0: a store without generations).
+        self.seen_generation = -1
         #: The store did not answer the last admit (fail_open): the local breaker decides.
         self.local_decides = False
         self.store.breaker_watch(self.key, self._saw)
@@ -168,14 +174,18 @@ class SharedBreaker:
         else:
             self.local.record_success(False)
 
-    def _saw(self, state: str, failures: int) -> None:
+    def _saw(self, state: str, failures: int, generation: int) -> None:
         """This replica learnt where the shared breaker stands (``breaker_watch``): a
         change from what it knew is a transition, logged and told to the listeners once,
         whichever replica made it. The first sight of a breaker not closed counts as
-        leaving ``closed``, the state every breaker starts in."""
+        leaving ``closed``, the state every breaker starts in. An answer of an older
+        ``generation`` than the one held arrived late: the breaker has left that state,
+        so it is not learnt (it would count a transition back and one forth again). One of
+        the same generation is the same state; its failure count is taken as told."""
         new = _STATES.get(state)
-        if new is None:  # garbled by another writer: nothing learnt
+        if new is None or generation < self.seen_generation:  # garbled, or stale
             return
+        self.seen_generation = generation
         self.seen_failures = failures
         old = self.seen
         if new is old:
@@ -203,6 +213,7 @@ class SharedBreaker:
 
     def __repr__(self) -> str:
         return (
-            f"<SharedBreaker {self.name} seen={self.seen} local_decides={self.local_decides}"
+            f"<SharedBreaker {self.name} seen={self.seen} generation={self.seen_generation}"
+            f" local_decides={self.local_decides}"
             f" local={self.local!r}>"
         )

@@ -45,19 +45,27 @@ return {1, wait}
 #: The breaker's transitions (dispatcher/fleet/breaker.py, the same table) on a hash.
 #: KEYS[1] the breaker; ARGV op (admit|success|failure|nothing), fail_max, reset_us,
 #: half_open_max, success_threshold, probe (0|1), channel, name, ttl_ms.
-#: Returns {state, failures, admitted, probe, wait_us}. A transition is published on the
-#: channel so every replica drops its cached view at once. A probe slot taken by a
-#: replica that died frees itself after reset_timeout (``probe_until``).
+#: Returns {state, failures, admitted, probe, wait_us, generation}. A transition is
+#: published on the channel so every replica drops its cached view at once. A probe slot
+#: taken by a replica that died frees itself after reset_timeout (``probe_until``).
+#: ``generation`` orders what replicas learn of the state (an answer or a read that
+#: arrives after a newer one is stale): it grows with every transition, and when the hash
+#: is made (a hash stored without one counts as 0). It grows to at least the server's
+#: clock, so a hash that expired, or a Redis that restarted empty, does not start again
+#: below a generation replicas already hold; a missing hash is written by the first
+#: operation, even a closed admit, for the same reason.
 BREAKER = (
     _NOW
     + """
-local h = redis.call('HMGET', KEYS[1], 'state', 'failures', 'successes', 'opened_at', 'probes', 'probe_until')
+local h = redis.call('HMGET', KEYS[1], 'state', 'failures', 'successes', 'opened_at', 'probes',
+  'probe_until', 'generation')
 local state = h[1] or 'closed'
 local failures = tonumber(h[2] or '0')
 local successes = tonumber(h[3] or '0')
 local opened_at = tonumber(h[4] or '0')
 local probes = tonumber(h[5] or '0')
 local probe_until = tonumber(h[6] or '0')
+local generation = tonumber(h[7] or '0') or 0
 local op = ARGV[1]
 local fail_max = tonumber(ARGV[2])
 local reset = tonumber(ARGV[3])
@@ -94,8 +102,8 @@ if op == 'admit' then
       is_probe = 1
     end
   end
-  if state == 'closed' then
-    return {state, failures, 1, 0, 0}
+  if state == 'closed' and h[1] then
+    return {state, failures, 1, 0, 0, generation}
   end
 elseif op == 'success' then
   failures = 0
@@ -115,14 +123,17 @@ elseif op == 'failure' then
 elseif probe then
   probes = math.max(probes - 1, 0)
 end
+if state ~= old or not h[1] then
+  generation = math.max(generation + 1, now)
+end
 redis.call('HSET', KEYS[1], 'state', state, 'failures', failures, 'successes', successes,
   'opened_at', string.format('%d', opened_at), 'probes', probes,
-  'probe_until', string.format('%d', probe_until))
+  'probe_until', string.format('%d', probe_until), 'generation', string.format('%d', generation))
 redis.call('PEXPIRE', KEYS[1], ARGV[9])
 if state ~= old then
   redis.call('PUBLISH', ARGV[7], 'breaker ' .. ARGV[8])
 end
-return {state, failures, admitted, is_probe, wait}
+return {state, failures, admitted, is_probe, wait, generation}
 """
 )
 

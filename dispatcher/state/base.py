@@ -121,13 +121,16 @@ class BreakerPolicyArgs:
 
 @dataclass(frozen=True, slots=True)
 class BreakerView:
-    """A shared breaker as one operation left it."""
+    """A shared breaker as one operation left it. ``generation`` grows with every
+    transition of the shared state: of two views, the one with the lower generation is
+    older, whichever arrived last (0: a breaker stored without one, or never stored)."""
 
     state: str  # "closed", "open", "half-open" (BreakerState's values)
     failures: int
     admitted: bool = True
     probe: bool = False
     retry_after: float = 0.0
+    generation: int = 0
 
 
 # -- idempotency ------------------------------------------------------------------------
@@ -420,12 +423,14 @@ class SharedStore(ABC):
         transition pushed by another replica made it stale."""
 
     @abstractmethod
-    def breaker_watch(self, key: str, seen: Callable[[str, int], None]) -> None:
-        """Call ``seen(state, failures)`` whenever this replica learns where the breaker
-        ``key`` stands: from the answer of one of its operations, and from a read of it
-        made when another replica's transition is pushed, when notifications (re)connect
-        (what was pushed meanwhile is lost) and when the watch begins. For what this
-        replica shows of the breaker (metrics, logs), never for admitting calls."""
+    def breaker_watch(self, key: str, seen: Callable[[str, int, int], None]) -> None:
+        """Call ``seen(state, failures, generation)`` whenever this replica learns where
+        the breaker ``key`` stands: from the answer of one of its operations, and from a
+        read of it made when another replica's transition is pushed, when notifications
+        (re)connect (what was pushed meanwhile is lost) and when the watch begins. These
+        answers may be told in another order than the store gave them (several are in
+        flight at once): ``generation`` (``BreakerView``'s) says which is newer. For what
+        this replica shows of the breaker (metrics, logs), never for admitting calls."""
 
     @abstractmethod
     async def cache_get(self, name: str, key: str, deadline: float) -> tuple[bytes | None, int]:

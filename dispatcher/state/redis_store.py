@@ -117,7 +117,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         self._end = self._client.register_script(_scripts.IDEMPOTENCY_END)
         self._views: dict[str, tuple[BreakerView, float]] = {}
         #: ``breaker_watch``: who is told where each breaker stands, by key.
-        self._watchers: dict[str, Callable[[str, int], None]] = {}
+        self._watchers: dict[str, Callable[[str, int, int], None]] = {}
         self._subscribed = False  # notifications connected: a push will reach us
         self._jobs = RedisJobs(
             self._client, self._run, prefix, self.channel, self.op_timeout, clock, self.changed
@@ -347,7 +347,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             BREAKER_TTL_MS,
         )
         keys = (self._key("breaker", key),)
-        state, failures, admitted, is_probe, wait_us = await self._run(
+        state, failures, admitted, is_probe, wait_us, generation = await self._run(
             "a circuit breaker", deadline, lambda: self._breaker(keys=keys, args=args)
         )
         view = BreakerView(
@@ -356,17 +356,18 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             bool(admitted),
             bool(is_probe),
             int(wait_us) / 1_000_000,
+            int(generation),
         )
         self._views[key] = (view, self._clock())
         seen = self._watchers.get(key)
         if seen is not None:
-            seen(view.state, view.failures)
+            seen(view.state, view.failures, view.generation)
         return view
 
     def breaker_view(self, key: str) -> tuple[BreakerView, float] | None:
         return self._views.get(key)
 
-    def breaker_watch(self, key: str, seen: Callable[[str, int], None]) -> None:
+    def breaker_watch(self, key: str, seen: Callable[[str, int, int], None]) -> None:
         self._watchers[key] = seen
         if self._subscribed:  # else: read with the others once notifications connect
             self.spawn(self._read_breakers([key]), "circuit breaker read")
@@ -379,7 +380,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         async def read() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    pipe.hmget(self._key("breaker", key), "state", "failures")
+                    pipe.hmget(self._key("breaker", key), "state", "failures", "generation")
                 answers: list[Any] = await pipe.execute()
                 return answers
 
@@ -390,7 +391,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         except DispatchError as error:
             log.debug("circuit breakers not read from %s: %s", self.where, error)
             return
-        for key, (state, failures) in zip(keys, answers, strict=True):
+        for key, (state, failures, generation) in zip(keys, answers, strict=True):
             seen = self._watchers.get(key)
             if seen is None:
                 continue
@@ -398,7 +399,12 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
                 count = int(failures or 0)
             except ValueError:  # garbled by another writer: the state still tells
                 count = 0
-            seen(state.decode(errors="replace") if state else "closed", count)
+            try:
+                # None: no hash yet, or one stored before breakers had generations.
+                number = int(generation or 0)
+            except ValueError:
+                number = 0
+            seen(state.decode(errors="replace") if state else "closed", count, number)
 
     # -- cache -----------------------------------------------------------------------------------
 
