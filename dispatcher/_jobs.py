@@ -127,7 +127,8 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
 
     ``error`` is what the job ended with, or while it has not ended, what its last attempt
     failed with: a job that succeeded after failed attempts has none (the store keeps the
-    last failure, written when it was retried); that one is its ``previous_error``."""
+    last failure, written when it was retried); that one is its ``previous_error``. A
+    redriven job's store moved what it was dead-lettered with to ``previous_error``."""
     status: dict[str, Any] = dict(record)
     for name, value in record.items():
         if name in _COUNTS or name.endswith("_at"):

@@ -143,6 +143,41 @@ async def test_dead_letters_are_listed_redriven_and_purged_only_when_confirmed(
     assert gone.code == 1 and "no job" in gone.err
 
 
+async def test_a_redriven_job_shows_no_error_until_an_attempt_of_its_own_fails(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Queued again, a redriven job has not failed yet: what it was dead-lettered with is
+    its ``previous_error`` (as a success after failed attempts shows its last failure),
+    not its ``error``, and it has no end. Its new attempts' errors are its own again."""
+    workers = manifest_file(tmp_path, redis_server.url, redis_prefix, workers=1, max_attempts=1)
+    manifest = manifest_file(tmp_path, redis_server.url, redis_prefix, max_attempts=1)
+    async with Dispatcher(load_manifest(workers)) as dispatcher:
+        job_id = await dispatcher.submit("jobs", "busy")
+        with pytest.raises(Exception, match="always busy"):
+            await dispatcher.result(job_id, wait=60)
+        dead = await dispatcher.job(job_id)
+    assert dead["state"] == "dead" and dead["error"]["type"] == "target_unavailable"
+
+    redriven = await cli(manifest, "dlq", "redrive", job_id)
+    assert redriven.code == 0 and "redriven: 1" in redriven.out
+    record = json.loads((await cli(manifest, "job", job_id)).out)  # no worker: it waits
+    assert (record["state"], record["attempts"]) == ("queued", 0)
+    assert "error" not in record and "finished_at" not in record
+    assert record["previous_error"] == dead["error"]
+    (row,) = [line.split() for line in (await cli(manifest, "jobs")).out.splitlines()[1:]]
+    # ID METHOD STATE ATTEMPTS SUBMITTED(date time) FINISHED ERROR CALLBACK
+    assert (row[0], row[2], row[3], row[6], row[7]) == (job_id, "queued", "0", "-", "-")
+
+    async with Dispatcher(load_manifest(workers)) as dispatcher:
+        with pytest.raises(Exception, match="always busy"):
+            await dispatcher.result(job_id, wait=60)
+        again = await dispatcher.job(job_id)
+    assert (again["state"], again["attempts"]) == ("dead", 1)
+    assert again["error"]["type"] == "target_unavailable"
+    assert again["finished_at"] >= record["redriven_at"]
+    assert again["previous_error"] == dead["error"]
+
+
 async def test_a_failed_job_exits_1_with_its_error(
     tmp_path: Path, redis_server: Redis, redis_prefix: str
 ) -> None:

@@ -189,6 +189,56 @@ async def test_a_job_failing_retryably_is_dead_lettered_then_redriven_then_purge
             await d.job(job_id)
 
 
+async def test_a_redriven_job_waits_with_its_dead_letter_error_as_previous_error(
+    make: Any, queues: Queues
+) -> None:
+    """As on the Redis stream: queued again, its ``error`` is gone from the record and the
+    message (what it was dead-lettered with is its ``previous_error``), and so is its end."""
+    async with make(workers=1, max_attempts=1) as d:
+        job_id = await d.submit("jobs", "busy")
+        with pytest.raises(TargetUnavailable):
+            await d.result(job_id, wait=60)
+        dead = await d.job(job_id)
+    async with make() as d:  # no worker: redriven, it waits on the queue
+        assert await d.state_backend.jobs.redrive(job_id)  # type: ignore[union-attr]
+        record = await d.job(job_id)
+    assert (record["state"], record["attempts"]) == ("queued", 0)
+    assert "error" not in record and "finished_at" not in record
+    assert record["previous_error"] == dead["error"]
+    [message] = [json.loads(body) for body in queues.bodies(queues.url)]
+    assert "error" not in message and json.loads(message["previous_error"]) == dead["error"]
+
+
+async def test_without_a_job_view_a_redriven_message_carries_previous_error(
+    tmp_path: Path, sqs_server: Moto, queues: Queues, redis_server: Redis, redis_prefix: str
+) -> None:
+    """The message is the whole record there: redriven, it carries the error it was
+    dead-lettered with as ``previous_error``, and its next dead letter both."""
+
+    def bare(**jobs: Any) -> Dispatcher:
+        path = manifest_file(
+            tmp_path, sqs_server, queues, redis_server.url, redis_prefix, view=False, **jobs
+        )
+        return Dispatcher(load_manifest(path))
+
+    async with bare(workers=1, max_attempts=1) as d:
+        job_id = await d.submit("jobs", "busy")
+        store = d.state_backend.jobs  # type: ignore[union-attr]
+        [dead] = await eventually(lambda: store.dead(10), "a dead letter")
+    assert dead["id"] == job_id and json.loads(dead["error"])["message"] == "always busy"
+    async with bare() as d:  # no worker: redriven, it waits on the queue
+        assert await d.state_backend.jobs.redrive(job_id)  # type: ignore[union-attr]
+    [message] = [json.loads(body) for body in queues.bodies(queues.url)]
+    assert (message["state"], message["attempts"]) == ("queued", "0")
+    assert "error" not in message and message["previous_error"] == dead["error"]
+    # Read once above: SQS counts that receive, so the worker has room for one more.
+    async with bare(workers=1, max_attempts=3) as d:
+        store = d.state_backend.jobs  # type: ignore[union-attr]
+        [again] = await eventually(lambda: store.dead(10), "a dead letter")
+    assert json.loads(again["error"])["message"] == "always busy"
+    assert again["previous_error"] == dead["error"]
+
+
 async def test_a_non_retryable_error_ends_the_job_failed_at_once(make: Any, queues: Queues) -> None:
     async with make(workers=1) as d:
         job_id = await d.submit("jobs", "refuse")

@@ -84,7 +84,8 @@ _JOB_ENVELOPE: dict[str, Any] = {
                 },
                 "previous_error": {
                     "$ref": "#/components/schemas/Error",
-                    "description": "Succeeded after failed attempts: the last one's error",
+                    "description": "Succeeded after failed attempts: the last one's error;"
+                    " redriven: the one it was dead-lettered with",
                 },
                 "submitted_at": {"type": "integer", "description": "ms since the epoch"},
                 "started_at": {"type": "integer", "description": "its last attempt's start"},

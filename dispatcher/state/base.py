@@ -325,8 +325,10 @@ class JobStore(ABC):
 
     @abstractmethod
     async def redrive(self, job_id: str) -> bool:
-        """Put a dead-lettered job back on the stream with its attempts reset; False when
-        it is not dead-lettered (or cannot run again: a malformed entry)."""
+        """Put a dead-lettered job back on the stream with its attempts reset, its error
+        kept as ``previous_error`` (its ``error`` is only ever an attempt's since) and no
+        ``finished_at``; False when it is not dead-lettered (or cannot run again: a
+        malformed entry)."""
 
     @abstractmethod
     async def purge(self, job_ids: Sequence[str] | None = None) -> int:
@@ -371,7 +373,8 @@ class JobRecords(ABC):
 
     @abstractmethod
     async def requeue(self, job_id: str) -> None:
-        """A redriven job: queued again, attempts reset, no longer listed as dead."""
+        """A redriven job: queued again, attempts reset, no longer listed as dead; its
+        error kept as ``previous_error``, as ``JobStore.redrive``."""
 
     @abstractmethod
     async def record(self, job_id: str) -> dict[str, str] | None: ...

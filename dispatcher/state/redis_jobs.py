@@ -161,18 +161,35 @@ end
 return #due
 """
 
-_REDRIVE = """
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then return 0 end
-if redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then return 0 end
+# A dead-lettered job queued again (KEYS[1] its record, KEYS[2] the dead set; ARGV[1] its
+# id, ARGV[2] now in ms), the same on every queue (``RedisJobs.redrive``, the SQS view's
+# ``requeue``): what it was dead-lettered with becomes its ``previous_error`` (as a success
+# after failed attempts shows its last failure), so while it is queued or runs again its
+# ``error`` is only ever one of its new attempts'; it has not finished; and its next end
+# brings a callback of its own (a new delivery id): the last one's is over.
+_QUEUE_AGAIN = """
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('PERSIST', KEYS[1])
+local last = redis.call('HGET', KEYS[1], 'error')
+if last then redis.call('HSET', KEYS[1], 'previous_error', last) end
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'redriven_at', ARGV[2])
--- Its next end brings a callback of its own (a new delivery id): the last one's is over.
-redis.call('HDEL', KEYS[1], 'callback', 'callback_error', 'callback_claim',
-  'callback_delivered_at', 'callback_failed_at')
+redis.call('HDEL', KEYS[1], 'error', 'finished_at', 'callback', 'callback_error',
+  'callback_claim', 'callback_delivered_at', 'callback_failed_at')
+"""
+
+_REDRIVE = (
+    """
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then return 0 end
+"""
+    + _QUEUE_AGAIN
+    + """
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 return 1
 """
+)
+
+_REQUEUE = _QUEUE_AGAIN + "return 1\n"
 
 
 # Only what is dead-lettered: a job that was redriven meanwhile keeps its record.
@@ -186,16 +203,6 @@ for i, id in ipairs(ARGV) do
 end
 return dropped
 """
-
-
-#: A redriven job's last callback, cleared (as ``_REDRIVE`` does): its next end brings its own.
-_LAST_CALLBACK = (
-    "callback",
-    "callback_error",
-    "callback_claim",
-    "callback_delivered_at",
-    "callback_failed_at",
-)
 
 
 class RedisJobs(JobStore):
@@ -446,6 +453,7 @@ class RedisJobRecords(JobRecords):
         self._client = client
         self._channel = channel
         self._begin = client.register_script(_RECORD_BEGIN)
+        self._requeue = client.register_script(_REQUEUE)
         self.callbacks = jobs.callbacks
 
     async def put(self, job_id: str, record: dict[str, str]) -> None:
@@ -503,18 +511,9 @@ class RedisJobRecords(JobRecords):
         await jobs._op("a job's outcome", write)
 
     async def requeue(self, job_id: str) -> None:
-        jobs, key = self._jobs, self._jobs.record_key(job_id)
-        fields = {"state": "queued", "attempts": "0", "redriven_at": now_ms()}
-
-        async def write() -> None:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.zrem(jobs.dead_set, job_id)
-                pipe.persist(key)
-                pipe.hset(key, mapping=fields)
-                pipe.hdel(key, "error", "finished_at", *_LAST_CALLBACK)
-                await pipe.execute()
-
-        await jobs._op("a redrive", write)
+        jobs = self._jobs
+        keys = (jobs.record_key(job_id), jobs.dead_set)
+        await jobs._op("a redrive", lambda: self._requeue(keys=keys, args=(job_id, now_ms())))
 
     async def record(self, job_id: str) -> dict[str, str] | None:
         return await self._jobs.record(job_id)

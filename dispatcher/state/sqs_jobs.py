@@ -353,6 +353,8 @@ class SqsJobs(JobStore):
                 return False
             again = {k: v for k, v in record.items() if k not in _DEAD_FIELDS}
             again.update(state="queued", attempts="0")
+            if "error" in record:  # as the job view's requeue: see redis_jobs._QUEUE_AGAIN
+                again["previous_error"] = record["error"]
             if self.records is not None:
                 await self.records.requeue(job_id)
             # A new message: SQS counts its receives from one again, so attempts restart.
