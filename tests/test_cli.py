@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import httpx
 import pytest
 
@@ -214,24 +216,91 @@ def test_a_call_is_not_held_up_by_another_plugin_that_is_down(tmp_path: Path) ->
     assert time.monotonic() - started < 4.5  # the down plugin's 5 s connect is not waited for
 
 
+CRASHING = {
+    "id": "crashing",
+    "version": "1.0.0",
+    "target": {
+        "provider": "subprocess",
+        "command": [sys.executable, str(ROOT / "tests" / "plugins" / "crashing_plugin.py")],
+        "env": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+    },
+    "methods": {"pid": {}},
+}
+
+
 def test_verbose_shows_what_plugins_print(tmp_path: Path) -> None:
-    crashing = {
-        "id": "crashing",
-        "version": "1.0.0",
-        "target": {
-            "provider": "subprocess",
-            "command": [sys.executable, str(ROOT / "tests" / "plugins" / "crashing_plugin.py")],
-            "env": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")},
-        },
-        "methods": {"pid": {}},
-    }
-    manifest = str(write_manifest(tmp_path, crashing))
+    manifest = str(write_manifest(tmp_path, CRASHING))
     quiet = run_cli("-m", manifest, "call", "crashing.pid")
     loud = run_cli("-v", "-m", manifest, "call", "crashing.pid")
     assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
     assert "started" not in quiet.stderr
     assert "crashing plugin" in loud.stderr
     assert "started" in loud.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "info", "debug"),
+    [
+        (["call", "crashing.pid"], False, False),
+        (["call", "crashing.pid", "-v"], True, False),
+        (["call", "crashing.pid", "-vv"], True, True),
+        (["-v", "call", "crashing.pid", "-v"], True, True),  # counted wherever given
+        (["-vv", "call", "crashing.pid"], True, True),  # as it always was
+        (["-v", "-v", "call", "crashing.pid"], True, True),
+        (["-vv", "call", "crashing.pid", "--log-level", "warning"], False, False),
+        (["call", "crashing.pid", "--log-level", "info"], True, False),
+    ],
+)
+def test_verbose_and_log_level_go_before_or_after_the_command(
+    tmp_path: Path, args: list[str], info: bool, debug: bool
+) -> None:
+    """Operators type the flag after the command (``dispatcher serve -v``); it means what
+    it means before it. INFO shows the plugin's stderr, DEBUG asyncio's first line."""
+    manifest = str(write_manifest(tmp_path, CRASHING))
+    ran = run_cli("-m", manifest, *args)
+    assert ran.returncode == 0, ran.stderr
+    assert ("crashing plugin" in ran.stderr) is info, ran.stderr
+    assert ("DEBUG asyncio: Using selector" in ran.stderr) is debug, ran.stderr
+
+
+def test_serve_takes_verbose_after_its_name(tmp_path: Path) -> None:
+    manifest = str(write_manifest(tmp_path, ECHO_LOCAL))
+    with subprocess.Popen(
+        [str(BIN / "dispatcher"), "-m", manifest, "serve", "--port", "0", "-v"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as server:
+        try:
+            assert server.stdout is not None
+            listening = server.stdout.readline()  # empty: it ended (a refused option)
+            if listening.startswith("listening on http://127.0.0.1:"):
+                server.send_signal(signal.SIGINT)
+            _, stderr = server.communicate(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    assert server.returncode == 0, stderr
+    assert "INFO dispatcher: draining" in stderr
+
+
+def test_every_command_and_group_takes_verbose_and_log_level_once() -> None:
+    """Given by the group's classes, not declared by each command: one a module adds
+    later takes them too, and none may take -v for something else."""
+    from dispatcher.cli import main
+
+    def walk(group: click.Group, path: str) -> Iterator[tuple[str, click.Command]]:
+        for name, command in group.commands.items():
+            yield f"{path} {name}", command
+            if isinstance(command, click.Group):
+                yield from walk(command, f"{path} {name}")
+
+    commands = [("dispatcher", main), *walk(main, "dispatcher")]
+    assert len(commands) > 20
+    for path, command in commands:
+        names = [name for param in command.params for name in param.opts]
+        assert names.count("-v") == names.count("--verbose") == 1, path
+        assert names.count("--log-level") == 1, path
 
 
 def test_call_starts_the_plugins_its_method_falls_back_to(tmp_path: Path) -> None:

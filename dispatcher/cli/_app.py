@@ -1,6 +1,13 @@
 """The ``dispatcher`` command group and what its commands share: the session (which
-manifest), the ``-m`` and ``-o`` options, loading the manifest, running a dispatcher for
-one command, printing tables.
+manifest, how much to log), the ``-m`` and ``-o`` options, loading the manifest, running a
+dispatcher for one command, printing tables.
+
+``-v``/``--verbose`` and ``--log-level`` go before the command or after it (``dispatcher
+serve -v`` as ``dispatcher -v serve``), on every command and group: the group's classes
+(``_Group``, ``_Command``) give each its own copy of ``logging_options``, so no command
+declares them. ``-v`` counts wherever it is given (``-v serve -v`` is ``-vv``); a
+``--log-level`` overrides them, the last one given winning. ``-m`` goes after the commands
+that read a manifest (``manifest_option``).
 
 Exit codes: 0 success; 1 a call failed or a target is unhealthy; 2 bad usage or an
 invalid manifest. Errors are printed as one line (or one JSON object for ``call``),
@@ -41,12 +48,84 @@ MANIFEST_HELP = "Manifest file (YAML or TOML)."
 class _Session:
     """What the group's options decide for every command."""
 
-    manifest: str
+    manifest: str = "plugins.yaml"
+    #: ``-v`` given so far, before and after the command's name; ``--log-level``'s last.
+    verbose: int = 0
+    log_level: str | None = None
     #: The handlers ``main`` put on the root logger (none when the host had its own).
     log_handlers: list[logging.Handler] = field(default_factory=list)
 
+    @property
+    def level(self) -> str:
+        if self.log_level:
+            return self.log_level.upper()
+        return ("WARNING", "INFO", "DEBUG")[min(self.verbose, 2)]
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def _more_verbose(context: click.Context, _: click.Parameter, value: int) -> None:
+    if value:
+        current = context.ensure_object(_Session)
+        current.verbose += value
+        _relevel(current)
+
+
+def _set_log_level(context: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        current = context.ensure_object(_Session)
+        current.log_level = value
+        _relevel(current)
+
+
+def _relevel(current: _Session) -> None:
+    """An option after the command's name, parsed once ``main`` set logging up: the level
+    it set, changed. Left alone where ``main`` set nothing up (the host had handlers)."""
+    if current.log_handlers:
+        logging.getLogger().setLevel(current.level)
+
+
+def logging_options() -> list[click.Option]:
+    """``-v`` and ``--log-level``, new objects for each command that takes them. They
+    write the session (``_Session``), which ``main`` logs by."""
+    return [
+        click.Option(
+            ["-v", "--verbose"],
+            count=True,
+            expose_value=False,
+            callback=_more_verbose,
+            help="Log more: -v for info, -vv for debug (before or after the command).",
+        ),
+        click.Option(
+            ["--log-level"],
+            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+            default=None,
+            expose_value=False,
+            callback=_set_log_level,
+            help="Log level (overrides -v). Logs, plugin output included, go to stderr.",
+        ),
+    ]
+
+
+class _Command(click.Command):
+    """A ``dispatcher`` command: takes ``logging_options`` after its name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(logging_options())
+
+
+class _Group(click.Group):
+    """The ``dispatcher`` group, and the groups under it (``dlq``, ``rollout``): each takes
+    ``logging_options``, and so does every command and group made from it."""
+
+    command_class = _Command
+    group_class = type  # a group's groups are of its class
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(logging_options())
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-m",
     "--manifest",
@@ -56,28 +135,22 @@ class _Session:
     show_envvar=True,
     help=MANIFEST_HELP,
 )
-@click.option("-v", "--verbose", count=True, help="Log more: -v for info, -vv for debug.")
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default=None,
-    help="Log level (overrides -v). Logs, plugin output included, go to stderr.",
-)
 @click.version_option(package_name="linchkit-dispatcher", prog_name="dispatcher")
 @click.pass_context
-def main(context: click.Context, manifest: str, verbose: int, log_level: str | None) -> None:
+def main(context: click.Context, manifest: str) -> None:
     """Call LinchKit plugins wherever they run.
 
     Shell completion: eval "$(_DISPATCHER_COMPLETE=bash_source dispatcher)" (zsh_source,
     fish_source for the other shells).
     """
-    level = log_level.upper() if log_level else ("WARNING", "INFO", "DEBUG")[min(verbose, 2)]
+    current = context.ensure_object(_Session)  # made by -v or --log-level, if given
+    current.manifest = manifest
     root = logging.getLogger()
     before = list(root.handlers)
     logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+        level=current.level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
-    context.obj = _Session(manifest, [each for each in root.handlers if each not in before])
+    current.log_handlers = [each for each in root.handlers if each not in before]
 
 
 def session(context: click.Context) -> _Session:
