@@ -9,6 +9,7 @@ its first call, so a refusal there is the shared state's, not a local memory of 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from typing import Any
@@ -271,6 +272,44 @@ async def test_a_state_learnt_after_a_newer_one_is_ignored(
         f"circuit of {target}: closed -> open (shared by all replicas)",
         f"circuit of {target}: open -> closed (shared by all replicas)",
     ]
+
+
+async def test_an_answer_sent_before_a_pushed_transition_is_not_kept_as_the_view(
+    redis_server: Redis, redis_prefix: str
+) -> None:
+    """A replica admits calls on the last breaker answer it kept, for ``sync``. An answer
+    to an admit sent before another replica opened the circuit, arriving after the push
+    of that transition, showed the circuit closed: kept, it let calls through to the dead
+    target until ``sync`` passed. It is not kept; the next call asks Redis and is refused."""
+    dead = f"http://127.0.0.9:{free_port('127.0.0.9')}"
+    async with (
+        watched(redis_server, redis_prefix, dead, fail_max=1) as late_one,
+        watched(redis_server, redis_prefix, dead, fail_max=1) as other,
+    ):
+        breaker, store, _ = only_breaker(late_one)
+        script = store._breaker
+        answered, release = asyncio.Event(), asyncio.Event()
+
+        async def answered_late(**arguments: Any) -> Any:
+            answer = await script(**arguments)  # run by the real Redis: closed
+            answered.set()
+            await release.wait()
+            return answer
+
+        store._breaker = answered_late  # type: ignore[assignment]
+        deadline = asyncio.get_running_loop().time() + 10
+        admit = asyncio.create_task(store.breaker_admit(breaker.key, breaker.args, deadline))
+        await asyncio.wait_for(answered.wait(), 10)
+        with pytest.raises(TargetUnavailable):
+            await other.call("flaky", "flaky", {})  # fails and opens the shared circuit
+        await until(lambda: breaker.seen is BreakerState.OPEN, "the push of the transition")
+        store._breaker = script
+        release.set()
+        assert (await admit).state == "closed"  # what Redis said when it was asked
+
+        assert store.breaker_view(breaker.key) is None
+        with pytest.raises(CircuitOpen, match="shared by all replicas"):
+            await late_one.call("flaky", "flaky", {})
 
 
 async def test_a_breaker_gone_or_stored_without_a_generation_is_still_followed(

@@ -116,6 +116,8 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         self._claim = self._client.register_script(_scripts.IDEMPOTENCY_CLAIM)
         self._end = self._client.register_script(_scripts.IDEMPOTENCY_END)
         self._views: dict[str, tuple[BreakerView, float]] = {}
+        #: When a transition of each breaker was last pushed (``_may_keep``).
+        self._pushed_at: dict[str, float] = {}
         #: ``breaker_watch``: who is told where each breaker stands, by key.
         self._watchers: dict[str, Callable[[str, int, int], None]] = {}
         self._subscribed = False  # notifications connected: a push will reach us
@@ -347,6 +349,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             BREAKER_TTL_MS,
         )
         keys = (self._key("breaker", key),)
+        sent = self._clock()
         state, failures, admitted, is_probe, wait_us, generation = await self._run(
             "a circuit breaker", deadline, lambda: self._breaker(keys=keys, args=args)
         )
@@ -358,13 +361,26 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             int(wait_us) / 1_000_000,
             int(generation),
         )
-        self._views[key] = (view, self._clock())
+        if self._may_keep(key, view, sent):
+            self._views[key] = (view, sent)
         seen = self._watchers.get(key)
         if seen is not None:
             seen(view.state, view.failures, view.generation)
         return view
 
+    def _may_keep(self, key: str, view: BreakerView, sent: float) -> bool:
+        """Whether the answer ``view``, to an operation sent at ``sent``, may stand for the
+        breaker until ``sync`` has passed (``SharedBreaker.admit`` admits on it without
+        asking). Not when it arrived after a newer one (a lower generation), nor when a
+        transition was pushed after it was sent: answered late, it would show the breaker
+        closed after it opened, and calls would be admitted for up to ``sync``."""
+        held = self._views.get(key)
+        if held is not None and held[0].generation > view.generation:
+            return False
+        return sent > self._pushed_at.get(key, -math.inf)
+
     def breaker_view(self, key: str) -> tuple[BreakerView, float] | None:
+        """The last answer kept for ``key``, and when the operation it answered was sent."""
         return self._views.get(key)
 
     def breaker_watch(self, key: str, seen: Callable[[str, int, int], None]) -> None:
@@ -521,6 +537,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         kind, _, key = data.decode(errors="replace").partition(" ")
         if kind == "breaker":
             self._views.pop(key, None)
+            self._pushed_at[key] = self._clock()
             if key in self._watchers:  # a transition: where it stands now, for the watcher
                 self.spawn(self._read_breakers([key]), "circuit breaker read")
         elif kind in ("idem", "job"):
