@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher
-from dispatcher.config import Manifest
+from dispatcher.config import Manifest, parse_manifest
 from linchkit_plugin.errors import TargetUnavailable
-from tests.conftest import echo_plugin, manifest
+from tests.conftest import ROOT, echo_plugin, manifest
 from tests.fault_proxy import FaultProxy
 from tests.services import Etcd, Plugin, free_port, until
 from tests.test_plugin_registry import GO_EXAMPLE, PLUGIN, PYTHON_GRPC_EXAMPLE
@@ -34,18 +34,22 @@ def registry_manifest(
     etcd: Etcd, prefix: str, *, via: str | None = None, **target: Any
 ) -> Manifest[Any]:
     """A fleet of echo plugins found under ``prefix``, reading etcd ``via`` a proxy or not."""
+    return manifest(registry_plugin(etcd, prefix, via=via, **target))
+
+
+def registry_plugin(
+    etcd: Etcd, prefix: str, *, via: str | None = None, **target: Any
+) -> dict[str, Any]:
     registry = {"etcd": via or etcd.url, "prefix": prefix, "retry_ms": 100}
-    return manifest(
-        echo_plugin(
-            "echo",
-            {
-                "provider": "http",
-                "instances": [{"registry": registry}],
-                "balance": "round_robin",
-                **target,
-            },
-            methods={"say": {"idempotent": True}, "withdraw": {"idempotent": False}},
-        )
+    return echo_plugin(
+        "echo",
+        {
+            "provider": "http",
+            "instances": [{"registry": registry}],
+            "balance": "round_robin",
+            **target,
+        },
+        methods={"say": {"idempotent": True}, "withdraw": {"idempotent": False}},
     )
 
 
@@ -180,9 +184,26 @@ def _source_error(dispatcher: Dispatcher) -> str | None:
 async def test_a_fleet_nobody_registered_in_fails_calls_with_a_typed_error(
     etcd: Etcd, etcd_prefix: str, started: Any
 ) -> None:
-    dispatcher = await started(registry_manifest(etcd, etcd_prefix))
+    """... and says so in /metrics: /readyz stays ready (every replica reads the same
+    registry; failing readiness would take them all out at once), so the alert is on
+    ``dispatcher_fleet_instances{state="healthy"} == 0``, a series that exists at 0."""
+    document = {
+        "version": 1,
+        "plugins": [registry_plugin(etcd, etcd_prefix)],
+        "telemetry": {"metrics": {"enabled": True}},
+    }
+    dispatcher = await started(parse_manifest(document, base_dir=ROOT))
     with pytest.raises(TargetUnavailable, match=r"has no instance: etcd .* listed none"):
         await dispatcher.call("echo", "say", {"text": "anyone?"}, timeout=2)
+    registry = dispatcher.telemetry.metrics.registry
+    (fleet,) = dispatcher.stats()["fleets"]
+    counts = {
+        state: registry.get_sample_value(
+            "dispatcher_fleet_instances", {"fleet": fleet, "state": state}
+        )
+        for state in ("healthy", "ejected", "down", "leaving")
+    }
+    assert counts == {"healthy": 0.0, "ejected": 0.0, "down": 0.0, "leaving": 0.0}
 
 
 async def test_a_registration_the_egress_policy_forbids_never_joins(

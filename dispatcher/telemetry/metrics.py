@@ -416,6 +416,13 @@ def _fleets(stats: Mapping[str, Any]) -> Iterator[Metric]:
         "State of each instance of a fleet: 1 for the state it is in.",
         ["fleet", "instance", "state"],
     )
+    # Per fleet, every state always (0 included): an empty fleet has no per-instance
+    # series at all, and an alert on "no instance healthy" needs a series that says 0.
+    counts = _gauge(
+        "dispatcher_fleet_instances",
+        "Instances of a fleet in each state (0 when none: a fleet nobody registered in).",
+        ["fleet", "state"],
+    )
     calls = _counter("dispatcher_fleet_instance_calls", "Attempts sent.", ["fleet", "instance"])
     failures = _counter(
         "dispatcher_fleet_instance_failures", "Health failures.", ["fleet", "instance"]
@@ -440,6 +447,9 @@ def _fleets(stats: Mapping[str, Any]) -> Iterator[Metric]:
         for source in each.get("sources", ()):
             source_up.add_metric([fleet, source["source"]], 0.0 if source["error"] else 1.0)
             source_failures.add_metric([fleet, source["source"]], source["failed_reads"])
+        states = [instance["state"] for instance in each["instances"]]
+        for name in _INSTANCE_STATES:
+            counts.add_metric([fleet, name], states.count(name))
         for instance in each["instances"]:
             target = instance["target"]
             for name in _INSTANCE_STATES:
@@ -447,7 +457,8 @@ def _fleets(stats: Mapping[str, Any]) -> Iterator[Metric]:
             calls.add_metric([fleet, target], instance["calls"])
             failures.add_metric([fleet, target], instance["failures"])
             in_flight.add_metric([fleet, target], instance["in_flight"])
-    yield from (failovers, ejections, state, calls, failures, in_flight, source_up, source_failures)
+    yield from (failovers, ejections, counts, state, calls, failures, in_flight)
+    yield from (source_up, source_failures)
 
 
 def _state(stats: Mapping[str, Any]) -> Iterator[Metric]:
