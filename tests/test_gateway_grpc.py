@@ -192,6 +192,49 @@ async def test_idempotency_keys_follow_the_http_ports_rule() -> None:
             assert reply.ok, key
 
 
+async def test_versions_follow_the_http_ports_rule(caplog: pytest.LogCaptureFixture) -> None:
+    """1-256 printable characters, refused otherwise with the HTTP port's words (naming
+    the field), on ``Call`` and ``Stream``, with nothing logged above debug. Before, the
+    field went on unchecked: a control character reached the routes and the audit log."""
+    caplog.set_level(logging.DEBUG)
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        gateway = stub(channel)
+        hostile = (
+            "1.0.0\n\x1b[31m",
+            "\x00",
+            "^1\r\nX-Injected: yes",
+            "1.0.0\x7f",
+            "1.0.0\u2028",  # a line separator: not printable
+            "\u200b1.0.0",  # a zero-width space: not printable
+            "1.0.0" + " " * 252,  # 257 printable characters
+        )
+        for version in hostile:
+            request = grpc_call("echo", "say", {"text": "hi"}, version=version)
+            for attempt in (
+                lambda request=request: gateway.Call(request),
+                lambda request=request: _drain(gateway.Stream(request)),
+            ):
+                error = await rpc_error(attempt())
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (version, error)
+                assert error.details() == (
+                    "version is a version or range: 1-256 printable characters"
+                ), version
+                assert trailers(error) == {"error-type": "invalid_params", "retryable": "false"}
+        for version in ("1.0.0", "^1", ">=1.0.0 <2.0.0"):
+            reply = await gateway.Call(grpc_call("echo", "say", {"text": "hi"}, version=version))
+            assert reply.ok, version
+    loud = [
+        record
+        for record in caplog.records
+        if record.levelno > logging.DEBUG and record.name.startswith(("grpc", "dispatcher"))
+    ]
+    assert not loud, [record.getMessage() for record in loud]
+
+
 def keyed_manifest(tmp_path: Path) -> Any:
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
     return parse_manifest(

@@ -1,13 +1,15 @@
 """What a call's headers say, read the same way by every gateway route that takes a call
 (aiohttp's, the call lane's, ``:submit``) and, for the names and limits, by the gRPC
 gateway: the request id, the trace context, the deadline, the version, the idempotency
-key. Each reader refuses a bad value with ``InvalidParams``."""
+key. Each reader refuses a bad value with ``InvalidParams``; the ``checked_…`` functions
+are the rules both ports apply, given the name the value came under."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
 
+from dispatcher._versions import MAX_RANGE_LENGTH
 from dispatcher.policies.idempotency import MAX_KEY_LENGTH
 from linchkit_plugin.errors import InvalidParams
 
@@ -16,6 +18,7 @@ __all__ = [
     "REQUEST_ID",
     "TRACEPARENT",
     "checked_idempotency_key",
+    "checked_version",
     "idempotency_key_of",
     "timeout_of",
     "version_of",
@@ -53,11 +56,21 @@ def timeout_of(headers: Mapping[str, str]) -> float | None:
 
 
 def version_of(headers: Mapping[str, str]) -> str | None:
-    """``X-Plugin-Version``: a version or range, so printable; bytes that are not UTF-8
-    arrive as lone surrogates, which the audit log and the error's JSON cannot encode."""
+    """``X-Plugin-Version``: bytes that are not UTF-8 arrive as lone surrogates, which the
+    audit log and the error's JSON cannot encode: refused with the rest."""
     version: str | None = headers.get("X-Plugin-Version")
-    if version is not None and not (0 < len(version) <= 256 and version.isprintable()):
-        raise InvalidParams("X-Plugin-Version is a version or range: 1-256 printable characters")
+    return None if version is None else checked_version(version, "X-Plugin-Version")
+
+
+def checked_version(version: str, name: str) -> str:
+    """``version`` if it is 1 to ``MAX_RANGE_LENGTH`` printable characters (a version or
+    range is no more); else the refusal, naming the header or field (``name``) it came
+    in. One rule for every port: a control character would reach the routes' refusal
+    and the audit log."""
+    if not (0 < len(version) <= MAX_RANGE_LENGTH and version.isprintable()):
+        raise InvalidParams(
+            f"{name} is a version or range: 1-{MAX_RANGE_LENGTH} printable characters"
+        )
     return version
 
 

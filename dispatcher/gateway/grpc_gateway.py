@@ -74,6 +74,7 @@ from dispatcher.gateway.call_headers import (
     REQUEST_ID,
     TRACEPARENT,
     checked_idempotency_key,
+    checked_version,
 )
 from dispatcher.gateway.disclosure import Disclosure
 from dispatcher.gateway.settings import GatewaySettings
@@ -375,7 +376,9 @@ class _Servicer:
         """``Dispatcher.call``'s keyword arguments: who calls, the deadline, the context."""
         if request.request_id and not REQUEST_ID.match(request.request_id):
             raise InvalidParams("request_id is 1-128 characters of A-Z a-z 0-9 . _ : -")
-        if request.idempotency_key:  # proto3: empty is absent
+        if request.version:  # proto3: empty is absent
+            checked_version(request.version, "version")
+        if request.idempotency_key:
             checked_idempotency_key(request.idempotency_key, "idempotency_key")
         if request.timeout_ms > MAX_TIMEOUT_MS:
             raise InvalidParams(f"timeout_ms is at most {MAX_TIMEOUT_MS}")
