@@ -47,6 +47,7 @@ from dispatcher._job_view import (
     queue_job,
 )
 from dispatcher._jobs import JobWorkers
+from dispatcher._public_errors import ErrorDetail
 from dispatcher._publish import EventSender
 from dispatcher._reload import ReloadPlan, plan_reload
 from dispatcher._rollout import RolloutListener, RolloutRuntime
@@ -708,6 +709,7 @@ class Dispatcher:
         credentials: Credentials | None = None,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        error_detail: ErrorDetail = "full",
     ) -> str:
         """Queue a call of ``plugin.method`` on the shared job stream; its job id, at once.
 
@@ -718,12 +720,16 @@ class Dispatcher:
         ends, ``dispatcher._job_callbacks``) is allowed by the manifest's ``egress``. With
         ``access`` or ``audit`` configured the submission is audited (kind ``submit``).
         Raises ``JobsUnavailable`` on the memory backend and ``StateUnavailable`` when
-        Redis does not take the job.
+        Redis does not take the job. ``error_detail``: how the callback tells an error that
+        is the infrastructure's: as written (``full``, for a caller in this process), or as
+        a gateway answering ``safe`` does, which passes its own (``dispatcher._public_errors``).
         """
         store = job_store_of(self.state_backend)
         if self._draining:
             raise self._refused(f"job of {plugin}.{method}")
-        submission = new_submission(params, idempotency_key, callback_url, self.manifest.egress)
+        submission = new_submission(
+            params, idempotency_key, callback_url, self.manifest.egress, error_detail
+        )
         limit = self.manifest.jobs.max_params_bytes
         if not (
             self._guarded

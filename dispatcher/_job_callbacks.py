@@ -54,6 +54,7 @@ from typing import Any
 import orjson
 
 from dispatcher._outage_log import OutageLog
+from dispatcher._public_errors import public_job
 from dispatcher.config import JobsConfig
 from dispatcher.state.base import CallbackOutbox, PendingCallback, StateUnavailable
 from linchkit_plugin.errors import InvalidParams
@@ -96,6 +97,7 @@ _BOOKKEEPING = frozenset(
         "callback_attempts",
         "callback_claim",
         "callback_delivered_at",
+        "callback_detail",
         "callback_error",
         "callback_failed_at",
         "callback_id",
@@ -144,7 +146,12 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
 
 def callback_body(status: dict[str, Any], delivery_id: str) -> bytes:
     """What is POSTed: the job's status without the callback's bookkeeping, and the
-    delivery id (so the signature covers it)."""
+    delivery id (so the signature covers it). A job submitted through a gateway that
+    answers ``error_detail: safe`` (``callback_detail: safe``) has its errors told as
+    that gateway tells a call's (``dispatcher._public_errors``): the callback goes to
+    its caller."""
+    if status.get("callback_detail") == "safe":
+        status = public_job(status)
     document = {name: value for name, value in status.items() if name not in _BOOKKEEPING}
     document["delivery_id"] = delivery_id
     return orjson.dumps(document)

@@ -18,6 +18,7 @@ from dispatcher._jobs import (
     new_job_record,
 )
 from dispatcher._jobs import job_status as decoded_status
+from dispatcher._public_errors import ErrorDetail
 from dispatcher._routes import Route, checked_timeout
 from dispatcher.state import JobStore, StateBackend
 from dispatcher.state.base import TERMINAL_STATES
@@ -65,10 +66,16 @@ class Submission:
     params: Any
     idempotency_key: str | None
     callback_url: str | None
+    #: How its callback tells an infrastructure error (``dispatcher._public_errors``).
+    callback_detail: ErrorDetail = "full"
 
 
 def new_submission(
-    params: Any, idempotency_key: object, callback_url: object, egress: EgressPolicy
+    params: Any,
+    idempotency_key: object,
+    callback_url: object,
+    egress: EgressPolicy,
+    error_detail: ErrorDetail = "full",
 ) -> Submission:
     """A new job id and the submission's own checks: the key's size, and ``callback_url``
     allowed by the manifest's ``egress``; ``InvalidParams`` saying which failed."""
@@ -77,6 +84,7 @@ def new_submission(
         {} if params is None else params,
         checked_idempotency_key(idempotency_key),
         None if callback_url is None else checked_callback_url(callback_url, egress),
+        error_detail,
     )
 
 
@@ -100,6 +108,7 @@ async def queue_job(
         caller_id,
         submission.idempotency_key,
         submission.callback_url,
+        submission.callback_detail,
     )
     if len(record["params"]) > max_params_bytes:  # kept in the store until the job ends
         raise InvalidParams(

@@ -37,6 +37,7 @@ import orjson
 
 from dispatcher._job_callbacks import JobCallbacks, new_delivery_id
 from dispatcher._outage_log import OutageLog
+from dispatcher._public_errors import ErrorDetail
 from dispatcher.config import JobsConfig
 from dispatcher.state.base import (
     TERMINAL_STATES,
@@ -92,8 +93,11 @@ def new_job_record(
     caller: str | None,
     idempotency_key: str | None,
     callback_url: str | None = None,
+    callback_detail: ErrorDetail = "full",
 ) -> dict[str, str]:
-    """The stored record of a new job (every field a string: a Redis hash)."""
+    """The stored record of a new job (every field a string: a Redis hash).
+    ``callback_detail``: ``safe`` (kept with a ``callback_url`` only), its callback tells
+    an infrastructure error as a gateway answering ``safe`` does (``_job_callbacks``)."""
     record = {
         "id": job_id,
         "plugin": plugin,
@@ -110,6 +114,8 @@ def new_job_record(
         record["idempotency_key"] = idempotency_key
     if callback_url is not None:
         record["callback_url"] = callback_url
+        if callback_detail == "safe":  # absent: full, as every record before it
+            record["callback_detail"] = callback_detail
     return record
 
 

@@ -15,10 +15,13 @@ import aiohttp
 import pytest
 
 from dispatcher import Dispatcher, parse_manifest
+from dispatcher.config import load_manifest
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from tests.gateway_support import echo_entry
-from tests.services import Redis
+from tests.services import Redis, until
 from tests.test_gateway_security import ADMIN_KEY, READER_KEY, sha256
+from tests.test_job_callbacks import ok, receiving
+from tests.test_jobs_cli import cli
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
@@ -206,10 +209,78 @@ async def test_a_dead_jobs_result_is_final_with_no_retry_after(
     assert status == 503, body
     assert "Retry-After" not in headers
     error = body["error"]
-    assert error["type"] == "target_unavailable" and "always busy" in error["message"]
+    assert error["type"] == "target_unavailable"
+    # Told as a call's answer is under error_detail: safe (the store keeps the plugin's words).
+    assert error["message"].startswith("jobs.busy: the plugin could not be reached")
     assert error["retryable"] is False and "retry_after" not in error
     assert error["details"]["state"] == "dead"
     assert (record["state"], record["attempts"]) == ("dead", 2)
+
+
+#: An address nothing listens on: a job of a method routed there fails target_unavailable.
+DEAD_TARGET = "http://127.0.0.9:1/invoke"
+
+
+@pytest.mark.parametrize("detail", ["safe", "full"])
+async def test_a_jobs_infrastructure_error_is_told_as_a_calls_is(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, detail: str
+) -> None:
+    """Under ``error_detail: safe`` a job's record, its result and its callback tell a
+    failure of the infrastructure with its type's fixed message, as a call's answer does;
+    the store keeps the whole one, which the operator's CLI shows. Before, the record and
+    the callback carried the target's address to the caller."""
+    document = jobs_document(tmp_path, redis_server.url, redis_prefix, workers=1)
+    document["plugins"].append(
+        {
+            "id": "remote",
+            "version": "1.0.0",
+            "target": {"provider": "http", "url": DEAD_TARGET},
+            "methods": {"say": {}},
+        }
+    )
+    manifest = tmp_path / "remote.yaml"
+    manifest.write_text(json.dumps(document))  # JSON is YAML
+    settings = GatewaySettings(port=0, error_detail=detail)
+    async with (
+        receiving(ok) as receiver,
+        Dispatcher(load_manifest(manifest)) as dispatcher,
+        GatewayServer(dispatcher, settings) as server,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        base = server.url
+        status, body, _ = await send(
+            session,
+            "POST",
+            f"{base}/v1/plugins/remote/methods/say:submit",
+            ADMIN_KEY,
+            json={},
+            headers={"X-Callback-Url": receiver.url},
+        )
+        assert status == 202, body
+        job_id = body["job_id"]
+        status, record, _ = await send(
+            session, "GET", f"{base}/v1/jobs/{job_id}?wait=30", ADMIN_KEY
+        )
+        assert (status, record["job"]["state"]) == (200, "dead"), record
+        status, result, _ = await send(session, "GET", f"{base}/v1/jobs/{job_id}/result", ADMIN_KEY)
+        assert status == 503, result
+        await until(lambda: receiver.received, "callback")
+        called_back = json.loads(receiver.received[0][1])
+    told = [record["job"]["error"], result["error"], called_back["error"]]
+    for error in told:
+        assert error["type"] == "target_unavailable", error
+        assert error["details"].get("stage") == "connect", error
+    assert result["error"]["details"]["state"] == "dead"
+    for answer in (record, result, called_back):
+        assert ("127.0.0.9" in json.dumps(answer)) == (detail == "full"), answer
+    if detail == "safe":
+        for error in told:
+            assert error["message"].startswith("remote.say: the plugin could not be reached")
+    # The store keeps the whole record: the operator's CLI reads it there.
+    shown = await cli(manifest, "job", job_id)
+    assert shown.code == 1, shown
+    stored = json.loads(shown.out)
+    assert stored["state"] == "dead" and "127.0.0.9:1" in stored["error"]["message"], stored
 
 
 # -- hostile ----------------------------------------------------------------------------------

@@ -239,6 +239,7 @@ class Gateway:
                 credentials=credentials,
                 idempotency_key=idempotency_key,
                 callback_url=headers.get("X-Callback-Url"),
+                error_detail=self.disclosure.detail,
             )
         except Refused as refused:
             answer = error_answer(refused.error, status=refused.status, close=refused.close)
@@ -255,17 +256,17 @@ class Gateway:
 
     async def job(self, request: web.Request) -> web.Response:
         """``GET /v1/jobs/{id}[?wait=S]``: the caller's own job, waiting up to S seconds
-        (at most ``max_job_wait``) for it to end."""
+        (at most ``max_job_wait``) for it to end; its errors told as a call's are."""
         try:
             status = await self._waited_job(request)
         except DispatchError as error:
             return error_answer(error)
-        return _json_answer({"ok": True, "job": status})
+        return _json_answer({"ok": True, "job": self.disclosure.job(status)})
 
     async def job_result(self, request: web.Request) -> web.Response:
         """``GET /v1/jobs/{id}/result[?wait=S]``: a finished job's result as a call's
-        envelope, its error as a call's error but final (``ended_error``: not retryable, no
-        ``Retry-After``); 202 with ``Retry-After`` until it ends."""
+        envelope, its error as a call's error (told as one is) but final (``ended_error``:
+        not retryable, no ``Retry-After``); 202 with ``Retry-After`` until it ends."""
         try:
             status = await self._waited_job(request)
         except DispatchError as error:
@@ -274,7 +275,7 @@ class Gateway:
         if state == "succeeded":
             return _json_answer({"ok": True, "result": status.get("result")})
         if state in TERMINAL_STATES:  # final: no Retry-After, whatever its type's status
-            wire = status.get("error")
+            wire = self.disclosure.job(status).get("error")
             return error_answer(ended_error(state, wire if isinstance(wire, dict) else None))
         waiting = JobNotFinished(
             f"job {status.get('id')} is {state} after {status.get('attempts')} attempts",

@@ -1,4 +1,5 @@
-"""What a gateway caller is told of a failure that is the infrastructure's, not the plugin's.
+"""What a gateway caller is told of a failure that is the infrastructure's, not the plugin's
+(the rule, its types and fixed messages: ``dispatcher._public_errors``).
 
 The dispatcher's own errors are written for the operator: ``http http://10.0.0.7:8080/invoke
 did not answer within 4000 ms``, a target's raw answer (``answered HTTP 418: b'<html>…'``),
@@ -12,36 +13,26 @@ a storm of one failure, the first call's id stands for the rest). What the plugi
 answered as written: a plugin's own error (its message is the plugin's, to its caller),
 ``invalid_params``, ``rate_limited``, ``forbidden`` and the rest. ``error_detail: full``
 answers every message as written (a gateway whose callers are its operators).
+
+A job's record and result are told the same way (``Disclosure.job``), without a log line:
+the store keeps the whole record for the operator. A job submitted through a gateway
+answering ``safe`` is marked so, and its callback tells its errors the same way
+(``dispatcher._job_callbacks``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import Literal
+from collections.abc import Callable
+from typing import Any
 
+from dispatcher._public_errors import PUBLIC_DETAILS, ErrorDetail, public_job, public_message
 from linchkit_plugin.errors import DispatchError
 
 __all__ = ["Disclosure", "ErrorDetail"]
 
 log = logging.getLogger("dispatcher.gateway")
-
-ErrorDetail = Literal["safe", "full"]
-
-#: The types whose messages the dispatcher writes about its targets, and what a caller
-#: is told instead.
-PUBLIC_MESSAGES: Mapping[str, str] = {
-    "target_unavailable": "the plugin could not be reached",
-    "deadline_exceeded": "no answer within the call's deadline",
-    "provider_error": "the plugin's target answered outside the protocol",
-    "circuit_open": "calls to the plugin are refused for now: it failed too often",
-    "overloaded": "the dispatcher has no room for this call now",
-    "shutting_down": "the dispatcher is shutting down",
-}
-
-#: ``details`` a client acts on, kept in a safe answer (anything else may name a target).
-PUBLIC_DETAILS = frozenset({"stage", "state"})
 
 #: One log line per plugin, method and error type at most this often.
 LOG_EVERY_SECONDS = 10.0
@@ -72,10 +63,13 @@ class Disclosure:
 
     def told(self, kind: str, plugin: str, method: str) -> str | None:
         """What a caller is told of an error of type ``kind``; None: its own message."""
-        generic = PUBLIC_MESSAGES.get(kind)
-        if self.detail == "full" or generic is None:
-            return None
-        return f"{plugin}.{method}: {generic}"
+        return None if self.detail == "full" else public_message(kind, plugin, method)
+
+    def job(self, status: dict[str, Any]) -> dict[str, Any]:
+        """A job's status record (``Dispatcher.job``) as its caller is told it: its errors
+        as a call's would be. Nothing is logged: the store keeps the whole record, which
+        the operator reads with ``dispatcher job ID``."""
+        return status if self.detail == "full" else public_job(status)
 
     def _log(self, error: DispatchError, plugin: str, method: str, request_id: str) -> None:
         key = (plugin, method, type(error).type)
