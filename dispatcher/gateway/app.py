@@ -23,17 +23,13 @@ A call is handled in this order, so that what costs least refuses first: authent
 limits (``dispatcher.gateway.body``), then ``Dispatcher.call``. Nothing a client sent
 appears in a log line, and only the params' own shape in an error.
 
-A submission takes the same path to ``Dispatcher.submit`` (authenticated, checked
-against ``access``, audited as kind ``submit``); its job carries the caller's principal.
-A job is read only by the principal that submitted it (anonymous callers share the jobs
-submitted anonymously): another caller's job answers 404, exactly as a job that does not
-exist, so ids cannot be probed.
+The job routes (``…:submit``, ``/v1/jobs/…``) are ``dispatcher.gateway.job_routes``'s,
+registered here; they learn who calls as the call route does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -45,7 +41,6 @@ import orjson
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher._jobs import JobNotFinished, JobNotFound, ended_error
 from dispatcher.config import Manifest
 from dispatcher.gateway.body import Refused, read_params
 from dispatcher.gateway.call_headers import (
@@ -59,15 +54,14 @@ from dispatcher.gateway.credentials import credentials_of
 from dispatcher.gateway.disclosure import Disclosure
 from dispatcher.gateway.errors import Answer, answer_of, error_answer
 from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_event_id
+from dispatcher.gateway.job_routes import JobRoutes
 from dispatcher.gateway.openapi import Allows, openapi_document
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal, refused
-from dispatcher.state.base import TERMINAL_STATES
 from dispatcher.telemetry.metrics import metrics_handler
 from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,
-    Overloaded,
     ProviderError,
     ShuttingDown,
     Unauthorized,
@@ -142,8 +136,14 @@ class Gateway:
         self._views: dict[frozenset[str], _View] = {}
         self._streams: set[EventStream] = set()
         self._plugin_sockets: set[web.WebSocketResponse] = set()
-        #: ``GET /v1/jobs/{id}?wait=`` requests parked now (bounded: ``max_job_waits``).
-        self._job_waits = 0
+        #: ``…:submit`` and ``/v1/jobs/…``, authenticated as the other routes are.
+        self.jobs = JobRoutes(
+            dispatcher,
+            settings,
+            self.disclosure,
+            caller_of=self._caller,
+            authenticate=self._authenticate,
+        )
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -216,104 +216,6 @@ class Gateway:
                 return Answer(200, {"Content-Type": _JSON, "X-Request-Id": request_id}, body)
         answer.headers["X-Request-Id"] = request_id
         return answer
-
-    # -- async jobs ----------------------------------------------------------------------
-
-    async def submit(self, request: web.Request) -> web.Response:
-        """``POST …/methods/{method}:submit``: the body, headers and checks of a call;
-        ``Idempotency-Key`` and ``X-Callback-Url`` go with the job. 202 and its Location."""
-        headers = request.headers
-        body_read = False
-        try:
-            caller, credentials = await self._caller(partial(credentials_of, request))
-            idempotency_key = idempotency_key_of(headers)
-            params = await read_params(request, self.settings)
-            body_read = True
-            match = request.match_info
-            job_id = await self.dispatcher.submit(
-                match["plugin"],
-                match["method"],
-                params,
-                version=version_of(headers),
-                caller=caller,
-                credentials=credentials,
-                idempotency_key=idempotency_key,
-                callback_url=headers.get("X-Callback-Url"),
-                error_detail=self.disclosure.detail,
-            )
-        except Refused as refused:
-            answer = error_answer(refused.error, status=refused.status, close=refused.close)
-            answer.headers.update(refused.headers)
-            return answer
-        except DispatchError as error:
-            unread = not body_read and request.body_exists
-            return error_answer(error, close=unread or isinstance(error, ShuttingDown))
-        location = f"/v1/jobs/{job_id}"
-        body = orjson.dumps({"ok": True, "job_id": job_id, "location": location})
-        return web.Response(
-            status=202, body=body, headers={"Content-Type": _JSON, "Location": location}
-        )
-
-    async def job(self, request: web.Request) -> web.Response:
-        """``GET /v1/jobs/{id}[?wait=S]``: the caller's own job, waiting up to S seconds
-        (at most ``max_job_wait``) for it to end; its errors told as a call's are."""
-        try:
-            status = await self._waited_job(request)
-        except DispatchError as error:
-            return error_answer(error)
-        return _json_answer({"ok": True, "job": self.disclosure.job(status)})
-
-    async def job_result(self, request: web.Request) -> web.Response:
-        """``GET /v1/jobs/{id}/result[?wait=S]``: a finished job's result as a call's
-        envelope, its error as a call's error (told as one is) but final (``ended_error``:
-        not retryable, no ``Retry-After``); 202 with ``Retry-After`` until it ends."""
-        try:
-            status = await self._waited_job(request)
-        except DispatchError as error:
-            return error_answer(error)
-        state = status.get("state")
-        if state == "succeeded":
-            return _json_answer({"ok": True, "result": status.get("result")})
-        if state in TERMINAL_STATES:  # final: no Retry-After, whatever its type's status
-            wire = self.disclosure.job(status).get("error")
-            return error_answer(ended_error(state, wire if isinstance(wire, dict) else None))
-        waiting = JobNotFinished(
-            f"job {status.get('id')} is {state} after {status.get('attempts')} attempts",
-            details={"state": state},
-        )
-        body = orjson.dumps({"ok": False, "error": waiting.to_wire()})
-        headers = {"Content-Type": _JSON, "Retry-After": "1"}
-        return web.Response(status=202, body=body, headers=headers)
-
-    async def _waited_job(self, request: web.Request) -> dict[str, Any]:
-        principal = await self._authenticate(request)
-        job_id = request.match_info["id"]
-        if not _JOB_ID.match(job_id):
-            raise InvalidParams("a job id is 1-64 characters of A-Z a-z 0-9 . _ : -")
-        wait = _wait_of(request.query, self.settings.max_job_wait)
-        owner = principal.id if principal is not None else None
-        status = await self._own_job(job_id, owner)
-        if wait > 0 and status.get("state") not in TERMINAL_STATES:
-            if self._job_waits >= self.settings.max_job_waits:
-                raise Overloaded(
-                    f"this gateway already holds {self.settings.max_job_waits} job waits"
-                    " (max_job_waits): ask again, or without ?wait=",
-                    retry_after=1.0,
-                )
-            self._job_waits += 1
-            try:
-                with contextlib.suppress(DispatchError):  # its end, or not yet: read below
-                    await self.dispatcher.result(job_id, wait=wait)
-            finally:
-                self._job_waits -= 1
-            status = await self._own_job(job_id, owner)
-        return status
-
-    async def _own_job(self, job_id: str, owner: str | None) -> dict[str, Any]:
-        status = await self.dispatcher.job(job_id)
-        if status.get("caller") != owner:  # the same answer as no job: ids are not probed
-            raise JobNotFound(f"no job {job_id!r}: never submitted, or its record expired")
-        return status
 
     async def _caller(
         self, credentials: Callable[[], Credentials]
@@ -584,10 +486,11 @@ def create_app(
     app[HUB_KEY] = gateway.hub
     app[GATEWAY_KEY] = gateway
     # Before the call route, whose {method} would take "name:submit" whole.
-    app.router.add_post("/v1/plugins/{plugin}/methods/{method:[^{}/:]+}:submit", gateway.submit)
+    jobs = gateway.jobs
+    app.router.add_post("/v1/plugins/{plugin}/methods/{method:[^{}/:]+}:submit", jobs.submit)
     app.router.add_post("/v1/plugins/{plugin}/methods/{method}", gateway.call)
-    app.router.add_get("/v1/jobs/{id}", gateway.job, allow_head=False)
-    app.router.add_get("/v1/jobs/{id}/result", gateway.job_result, allow_head=False)
+    app.router.add_get("/v1/jobs/{id}", jobs.job, allow_head=False)
+    app.router.add_get("/v1/jobs/{id}/result", jobs.job_result, allow_head=False)
     app.router.add_get("/v1/plugins", gateway.plugins, allow_head=False)
     app.router.add_get("/v1/plugins/connect", gateway.connect_plugin, allow_head=False)
     app.router.add_get("/v1/events", gateway.events, allow_head=False)
@@ -638,28 +541,6 @@ def _rollout_target(match: Any) -> tuple[str, str, str]:
     if not _MANIFEST_NAME.match(method):
         raise InvalidParams("the method in the URL is not a method name of any manifest")
     return plugin, method, action
-
-
-def _wait_of(query: Any, most: float) -> float:
-    """``?wait=`` in seconds: a number in [0, ``most``]; absent is 0 (answer at once)."""
-    text = query.get("wait")
-    if text is None:
-        return 0.0
-    try:
-        wait = float(text)
-    except ValueError:
-        wait = -1.0
-    if not 0 <= wait <= most:  # NaN fails
-        raise InvalidParams(f"wait is a number of seconds in [0, {most:g}]")
-    return wait
-
-
-def _json_answer(document: dict[str, Any]) -> web.Response:
-    try:
-        body = orjson.dumps(document)
-    except TypeError as error:
-        return error_answer(ProviderError(f"the job's record is not JSON: {error}"))
-    return web.Response(body=body, headers={"Content-Type": _JSON})
 
 
 def _subscription_of(request: web.Request) -> tuple[tuple[Filter, ...], int | None] | None:
