@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from dispatcher._attachments import Attachments, providers_for
 from dispatcher._drain import InFlight, checked_grace, current_task_getter
-from dispatcher._events import EventHandler, EventHandlers
+from dispatcher._events import EventHandler, EventHandlers, EventListener
 from dispatcher._fallback import Fallbacks
 from dispatcher._guard import Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
@@ -1055,6 +1055,12 @@ class Dispatcher:
     def on(self, plugin: str, event: str, handler: EventHandler) -> None:
         """Run ``handler(event, data)`` whenever ``plugin`` emits ``event`` (``"*"``: any event)."""
         self._events.on(plugin, event, handler)
+
+    def on_event(self, listener: EventListener) -> None:
+        """Call ``listener(plugin, version, event, data)`` for every event any plugin
+        emits, plugins a reload adds included; ``version`` is that of the plugin that
+        emitted it (two run at once in a rollout). Synchronous: it must not block."""
+        self._events.listen(listener)
 
     @property
     def providers(self) -> dict[str, Provider[Any]]:

@@ -126,8 +126,10 @@ class Provider(abc.ABC, Generic[TargetT]):
     #: True when ``invoke`` ends every call by its deadline with the transport's own
     #: timeout; otherwise the dispatcher wraps calls in a deadline guard.
     enforces_deadline: ClassVar[bool] = True
-    #: Where plugin events go, as ``sink(plugin_id, event, data)``; set by the dispatcher.
-    event_sink: Callable[[str, str, Any], None] | None = None
+    #: Where plugin events go, as ``sink(plugin_id, version, event, data)``: the version
+    #: that emitted it, since two run side by side in a rollout; set by the dispatcher.
+    #: Providers hand a plugin ``event_sink_of(plugin)``, bound to its id and version.
+    event_sink: Callable[[str, str, str, Any], None] | None = None
     #: Where a provider reports what a plugin says it serves, as soon as it learns it;
     #: set by the dispatcher, which compares it with the manifest's routes.
     served_sink: Callable[[ServedReport], None] | None = None
@@ -194,6 +196,16 @@ class Provider(abc.ABC, Generic[TargetT]):
         failed. What the provider learnt already is reused; only where it learnt nothing
         is the plugin asked, within ``timeout``. Must not raise."""
         return None
+
+    def event_sink_of(self, plugin: PluginInfo) -> Callable[[str, Any], None] | None:
+        """``sink(event, data)`` for the events of ``plugin`` at its version (None when
+        the dispatcher takes none): what a provider hands the transport of one attached
+        plugin, so each event names the plugin and version that emitted it."""
+        sink = self.event_sink
+        if sink is None:
+            return None
+        plugin_id, version = plugin.id, plugin.version
+        return lambda event, data: sink(plugin_id, version, event, data)
 
     def report_served(
         self,

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
@@ -265,7 +265,7 @@ class GrpcProvider(Provider[GrpcTarget]):
             for destination in target.destinations():
                 await self.egress.check_connect(destination)
         connection = self._open(target)
-        sink = self._event_sink_of(plugin) if target.events else None
+        sink = self.event_sink_of(plugin) if target.events else None
         if target.lifecycle == "dispatcher":
             await lifecycle.begin(
                 connection,
@@ -351,13 +351,6 @@ class GrpcProvider(Provider[GrpcTarget]):
         except DispatchError:
             return None
         return connection.served
-
-    def _event_sink_of(self, plugin: PluginInfo) -> Callable[[str, Any], None] | None:
-        sink = self.event_sink
-        if sink is None:
-            return None
-        plugin_id = plugin.id
-        return lambda event, data: sink(plugin_id, event, data)
 
     def _open(self, target: GrpcTarget) -> PluginConnection:
         connection = self._connections.get(target.key)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
-from linchkit_plugin.host import EventSink, PluginHost
+from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import encode_json
 from providers.base import Health, Provider
 from providers.invocation import Invocation
@@ -74,7 +74,7 @@ class LocalProvider(Provider[LocalTarget]):
         # Only the methods the manifest lists: nothing else can be routed to, and a wide
         # class would otherwise cost its every public method per plugin.
         host = PluginHost.load(
-            target.entrypoint, target.path, emit=self._sink(plugin.id), methods=plugin.methods
+            target.entrypoint, target.path, emit=self.event_sink_of(plugin), methods=plugin.methods
         )
         try:
             async with asyncio.timeout(plugin.lifecycle.init_timeout_ms / 1000):
@@ -127,12 +127,6 @@ class LocalProvider(Provider[LocalTarget]):
             if not healthy:
                 return Health("not_serving", detail)
         return Health("serving")
-
-    def _sink(self, plugin_id: str) -> EventSink | None:
-        emit = self.event_sink
-        if emit is None:
-            return None
-        return lambda event, data: emit(plugin_id, event, data)
 
     @staticmethod
     async def _close(host: PluginHost, plugin: PluginInfo) -> None:

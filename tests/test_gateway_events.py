@@ -12,9 +12,11 @@ import aiohttp
 import orjson
 
 from dispatcher.gateway import TOO_SLOW, GatewaySettings
+from tests.conftest import manifest
 from tests.gateway_support import (
     SECRET_TOKEN,
     OneToken,
+    echo_entry,
     eventful_entry,
     example_entry,
     raw_connection,
@@ -55,7 +57,26 @@ async def test_a_subscriber_receives_the_events_a_plugin_emits_with_growing_ids(
             events = await frames(ws, 5)
         assert [event["data"]["n"] for event in events] == [0, 1, 2, 3, 4]
         assert [event["id"] for event in events] == [1, 2, 3, 4, 5]
-        assert {(event["plugin"], event["event"]) for event in events} == {("events", "tick")}
+        assert {(event["plugin"], event["version"], event["event"]) for event in events} == {
+            ("events", "1.0.0", "tick")
+        }
+
+
+async def test_events_of_a_plugin_a_reload_adds_reach_subscribers() -> None:
+    async with (
+        running_gateway(echo_entry()) as (dispatcher, server),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{server.url}/v1/events?plugin=events") as ws,
+    ):
+        await frames(ws, 1, "subscribed")
+        summary = await dispatcher.reload(manifest(echo_entry(), eventful_entry()))
+        assert summary["added"] == ["events@1.0.0"]
+        await burst(session, server.url, 2)
+        events = await frames(ws, 2)
+        assert [(event["version"], event["data"]["n"]) for event in events] == [
+            ("1.0.0", 0),
+            ("1.0.0", 1),
+        ]
 
 
 async def test_filters_in_the_first_frame_and_host_events_published_to_a_plugin() -> None:
@@ -83,6 +104,7 @@ async def test_filters_in_the_first_frame_and_host_events_published_to_a_plugin(
         assert published["ref"] == 7
         (pong,) = await frames(ws, 1)
         assert (pong["event"], pong["data"], pong["id"]) == ("pong", {"k": 1}, 4)
+        assert (pong["plugin"], pong["version"]) == ("example", "1.0.0")
         await ws.send_json({"type": "publish", "plugin": "ghost", "event": "ping", "ref": "x"})
         (error,) = await frames(ws, 1, "error")
         assert (error["ref"], error["error"]["type"]) == ("x", "plugin_not_found")

@@ -1,7 +1,8 @@
 """Plugin events over a WebSocket (``/v1/events``), with resume from the last event id.
 
-``EventHub`` takes every event the dispatcher's plugins emit (one ``Dispatcher.on``
-handler per plugin, ``"*"``), gives it the next id (1, 2, 3, …: one counter per gateway,
+``EventHub`` takes every event the dispatcher's plugins emit (``Dispatcher.on_event``:
+plugins a reload adds included), each with the version of the plugin that emitted it (two
+run at once in a rollout), gives it the next id (1, 2, 3, …: one counter per gateway,
 so ids only grow) and keeps the last ``event_buffer`` of them in a ring. A subscriber
 states its filters and, when it reconnects, the last id it saw: the events after it that
 are still in the ring are queued for it in the same step that registers it for live
@@ -70,6 +71,7 @@ class Filter:
 class _Event:
     id: int
     plugin: str
+    version: str
     name: str
     frame: str  # encoded once, sent to every subscriber as is
 
@@ -144,28 +146,30 @@ class EventHub:
         self.stream_id = secrets.token_hex(8)
 
     def attach(self, dispatcher: Dispatcher) -> None:
-        """Receive every event of every plugin in ``dispatcher``'s manifest."""
-        for plugin in sorted({spec.id for spec in dispatcher.manifest.plugins}):
-            dispatcher.on(plugin, "*", self._handler(plugin))
+        """Receive every event of every plugin ``dispatcher`` runs, now or after a reload."""
+        dispatcher.on_event(self.record)
 
-    def _handler(self, plugin: str) -> Callable[[str, Any], None]:
-        def record(event: str, data: Any) -> None:
-            self.record(plugin, event, data)
-
-        return record
-
-    def record(self, plugin: str, event: str, data: Any) -> None:
+    def record(self, plugin: str, version: str, event: str, data: Any) -> None:
         """Give the event the next id, keep it for resumes, queue it for its subscribers."""
         event_id = self._last_id + 1
         try:
             frame = orjson.dumps(
-                {"type": "event", "id": event_id, "plugin": plugin, "event": event, "data": data}
+                {
+                    "type": "event",
+                    "id": event_id,
+                    "plugin": plugin,
+                    "version": version,
+                    "event": event,
+                    "data": data,
+                }
             ).decode()
         except TypeError as error:
-            log.warning("event %s/%s dropped: its data is not JSON (%s)", plugin, event, error)
+            log.warning(
+                "event %s@%s/%s dropped: its data is not JSON (%s)", plugin, version, event, error
+            )
             return
         self._last_id = event_id
-        recorded = _Event(event_id, plugin, event, frame)
+        recorded = _Event(event_id, plugin, version, event, frame)
         self._ring.append(recorded)
         for subscriber in tuple(self._subscribers):
             subscriber.offer(recorded)

@@ -36,12 +36,10 @@ class SubprocessProvider(Provider[SubprocessTarget]):
         key = (plugin.id, plugin.version, target.key)
         if key in self._processes:
             return
-        sink = self.event_sink
-        plugin_id = plugin.id
         process = PluginProcess(
             plugin,
             target,
-            event_sink=(lambda event, data: sink(plugin_id, event, data)) if sink else None,
+            event_sink=self.event_sink_of(plugin),
             report_served=lambda served: self.report_served(plugin, target, served),
         )
         await process.start()

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from providers.target import PluginInfo
-    from providers.websocket.channel import Channel, EventSink
+    from providers.websocket.channel import Channel
     from providers.websocket.dialer import DialedPlugin
 
 __all__ = ["WebSocketProvider"]
@@ -99,7 +99,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             target,
             plugin.id,
             self._session,
-            self._sink_of(plugin.id),
+            self.event_sink_of(plugin),
             report_served=lambda served: self.report_served(plugin, target, served),
         )
         self._dialed[target.key] = dialed
@@ -222,7 +222,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             max_in_flight=first.max_in_flight,
             max_message_bytes=first.max_message_bytes,
             max_events_per_second=first.max_events_per_second,
-            sink=self._sink_of(plugin.id),
+            sink=self.event_sink_of(plugin),
         )
         served = served_names(hello.get("methods", ()))
         inbound = InboundConnection(key, channel, plugin.id, plugin.version, peer, hello, served)
@@ -268,12 +268,6 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             await socket.close(code=CLOSE_WRONG_PLUGIN, message=wrong[:120].encode())
             return None
         return hello
-
-    def _sink_of(self, plugin_id: str) -> EventSink | None:
-        sink = self.event_sink
-        if sink is None:
-            return None
-        return lambda event, data: sink(plugin_id, event, data)
 
     def __repr__(self) -> str:
         return f"<WebSocketProvider 'websocket' dialed={len(self._dialed)} {self.inbound!r}>"

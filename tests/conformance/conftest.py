@@ -90,7 +90,8 @@ class Example:
     language: str
     mode: str
     dispatcher: Dispatcher
-    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    #: (version, event, data) of each event the plugin emitted.
+    events: asyncio.Queue[tuple[str, str, Any]] = field(default_factory=asyncio.Queue)
     address: str = ""
 
     plugin = "example"
@@ -120,8 +121,9 @@ class Example:
     async def next_event(self, name: str, timeout: float = 10.0) -> Any:
         async with asyncio.timeout(timeout):
             while True:
-                event, data = await self.events.get()
+                version, event, data = await self.events.get()
                 if event == name:
+                    assert version == "1.0.0"  # each provider names the version that emitted it
                     return data
 
 
@@ -274,7 +276,9 @@ async def example(request: pytest.FixtureRequest) -> AsyncIterator[Example]:
     try:
         dispatcher = Dispatcher(_manifest(target))
         found = Example(language, mode, dispatcher, address=address)
-        dispatcher.on("example", "*", lambda event, data: found.events.put_nowait((event, data)))
+        dispatcher.on_event(
+            lambda _plugin, version, event, data: found.events.put_nowait((version, event, data))
+        )
         async with dispatcher:
             if mode != "inbound":
                 yield found

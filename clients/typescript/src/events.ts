@@ -44,6 +44,11 @@ export interface PluginEvent {
   /** The gateway's id: grows by one per event within one gateway process. */
   id: number;
   plugin: string;
+  /**
+   * The version of the plugin that emitted it: during a rollout two versions run, and
+   * emit, at once. Absent from gateways that predate it.
+   */
+  version?: string;
   event: string;
   data: unknown;
 }
@@ -354,7 +359,8 @@ export class EventStream {
         if (typeof id !== 'number' || typeof frame.plugin !== 'string' || typeof frame.event !== 'string') return;
         if (this.#cursor !== undefined && id <= this.#cursor) return; // a replay already handed on
         this.#cursor = id;
-        this.#listener.event({ id, plugin: frame.plugin, event: frame.event, data: frame.data });
+        const version = typeof frame.version === 'string' ? { version: frame.version } : {};
+        this.#listener.event({ id, plugin: frame.plugin, ...version, event: frame.event, data: frame.data });
         return;
       }
       case 'subscribed':

@@ -88,7 +88,7 @@ describe('events', () => {
     const ticks = collect(events);
     const everything: string[] = [];
     events.on('*', (_data, event) => {
-      everything.push(event.event);
+      everything.push(`${event.event}@${event.version}`);
     });
     events.on('tick', (data) => {
       if ((data as { n: number }).n === 1) throw new Error('a handler bug');
@@ -102,7 +102,7 @@ describe('events', () => {
     await burst(4);
     await eventually(() => ticks.length === 4 && failures.length === 2, 'four ticks and two failures');
     assert.deepEqual(ticks.map((tick) => tick.n), [0, 1, 2, 3]);
-    assert.deepEqual(everything, ['tick', 'tick', 'tick', 'tick']);
+    assert.deepEqual(everything, ['tick@1.0.0', 'tick@1.0.0', 'tick@1.0.0', 'tick@1.0.0']);
     assert.deepEqual(failures.map((error) => (error as Error).message).sort(), ['a handler bug', 'an async handler bug']);
     // Another plugin's events are not this one's.
     assert.equal(await client.call('example', 'emit', { name: 'other', data: {} }), true);
