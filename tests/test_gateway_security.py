@@ -281,3 +281,60 @@ async def test_a_subscriber_receives_only_the_events_its_roles_allow(tmp_path: P
             with pytest.raises(TimeoutError):  # nothing reaches a caller not allowed it
                 async with asyncio.timeout(1.0):
                     await other.receive_json()
+
+
+async def test_a_subscriber_allowed_one_version_receives_only_that_versions_events(
+    tmp_path: Path,
+) -> None:
+    """Two versions of one plugin at once, as in a rollout: a role naming one version's
+    glob receives that version's events only; a role naming none receives both."""
+    one_key, all_key = "lk_live_one_version_0123456789", "lk_live_all_versions_987654321"
+    entries = [eventful_entry(), {**eventful_entry(), "version": "2.0.0"}]
+    rollouts = [{"plugin": "events", "method": "burst", "from": "1.0.0", "to": "2.0.0"}]
+    document = {"version": 1, "plugins": entries, "rollouts": rollouts}
+    keys = [
+        {"principal": "one", "sha256": sha256(one_key), "roles": ["one"]},
+        {"principal": "all", "sha256": sha256(all_key), "roles": ["all"]},
+        {"principal": "admin-svc", "sha256": sha256(ADMIN_KEY), "roles": ["admin"]},
+    ]
+    roles = {
+        "one": {"allow": ["events@1.*.tick"]},
+        "all": {"allow": ["events.tick"]},
+        "admin": {"allow": ["*"]},
+    }
+    loaded = parse_manifest(
+        {**document, "auth": {"api_keys": keys}, "access": {"roles": roles}}, base_dir=tmp_path
+    )
+    async with (
+        Dispatcher(loaded) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        events = f"{server.url}/v1/events?plugin=events"
+        async with (
+            session.ws_connect(events, headers={"X-API-Key": one_key}) as one,
+            session.ws_connect(events, headers={"X-API-Key": all_key}) as everything,
+        ):
+            async with asyncio.timeout(20):
+                for ws in (one, everything):
+                    assert (await ws.receive_json())["type"] == "subscribed"
+            # 2 ticks from 1.0.0, 3 from 2.0.0, then 1 from 1.0.0: what the first
+            # subscriber gets before that last one is all it was ever sent of 2.0.0's.
+            for version, count in (("1.0.0", 2), ("2.0.0", 3), ("1.0.0", 1)):
+                async with session.post(
+                    f"{server.url}/v1/plugins/events/methods/burst",
+                    json={"name": "tick", "count": count},
+                    headers={"X-API-Key": ADMIN_KEY, "X-Plugin-Version": version},
+                ) as answer:
+                    assert answer.status == 200, await answer.text()
+            async with asyncio.timeout(20):
+                got_one = [await one.receive_json() for _ in range(3)]
+                got_all = [await everything.receive_json() for _ in range(6)]
+    assert [(frame["version"], frame["data"]["n"]) for frame in got_one] == [
+        ("1.0.0", 0),
+        ("1.0.0", 1),
+        ("1.0.0", 0),
+    ]
+    assert [frame["version"] for frame in got_all] == ["1.0.0"] * 2 + ["2.0.0"] * 3 + ["1.0.0"]
+    assert [frame["id"] for frame in got_all] == [1, 2, 3, 4, 5, 6]
+    assert [frame["id"] for frame in got_one] == [1, 2, 6]  # ids skip what it may not see

@@ -91,10 +91,11 @@ class Subscriber:
     #: counted against ``limit``, or a replay of a full ring (as many events as the limit
     #: by default) would overflow on its own, every time the client resumes.
     said: int = 0
-    #: Under ``access``: whether the subscriber may receive ``plugin``'s ``event``; None
-    #: (no ``access``): every event. Its verdicts are kept by (plugin, event).
-    allowed: Callable[[str, str], bool] | None = None
-    verdicts: dict[tuple[str, str], bool] = field(default_factory=dict)
+    #: Under ``access``: whether the subscriber may receive ``event`` of ``plugin`` at
+    #: ``version`` (``allowed(plugin, version, event)``); None (no ``access``): every
+    #: event. Its verdicts are kept by (plugin, version, event).
+    allowed: Callable[[str, str, str], bool] | None = None
+    verdicts: dict[tuple[str, str, str], bool] = field(default_factory=dict)
 
     def offer(self, event: _Event) -> None:
         if self.too_slow or not any(f.matches(event.plugin, event.name) for f in self.filters):
@@ -111,13 +112,13 @@ class Subscriber:
         self.wakeup.set()
 
     def _may_receive(self, event: _Event) -> bool:
-        key = (event.plugin, event.name)
+        key = (event.plugin, event.version, event.name)
         verdict = self.verdicts.get(key)
         if verdict is None:
             if len(self.verdicts) >= MAX_VERDICTS:  # event names are the plugins' to choose
                 self.verdicts.clear()
             assert self.allowed is not None
-            verdict = self.verdicts[key] = self.allowed(event.plugin, event.name)
+            verdict = self.verdicts[key] = self.allowed(event.plugin, event.version, event.name)
         return verdict
 
     def say(self, frame: dict[str, Any]) -> None:
@@ -180,7 +181,7 @@ class EventHub:
         last_event_id: int | None,
         on_overflow: Callable[[], None],
         stream: str | None = None,
-        allowed: Callable[[str, str], bool] | None = None,
+        allowed: Callable[[str, str, str], bool] | None = None,
     ) -> Subscriber:
         """Register a subscriber, its replay after ``last_event_id`` already queued.
         ``last_event_id`` of another ``stream`` (a gateway before a restart) resumes from
@@ -335,15 +336,13 @@ class EventStream:
         )
         self._subscribed.set()
 
-    def _receives(self, plugin: str, event: str) -> bool:
-        """Under ``access``, a subscriber receives ``plugin``'s ``event`` when its roles
-        allow ``plugin.<event>`` at one of the plugin's versions: the rule that lets a
-        caller publish that event to the plugin, as a call's rule names a method."""
-        return any(
-            self._dispatcher.may_call(self._principal, plugin, spec.version, event)
-            for spec in self._dispatcher.manifest.plugins
-            if spec.id == plugin
-        )
+    def _receives(self, plugin: str, version: str, event: str) -> bool:
+        """Under ``access``, a subscriber receives ``event`` of ``plugin`` when its roles
+        allow ``plugin.<event>`` at ``version``, the version that emitted it: the rule
+        that lets a caller publish that event to that version, as a call's rule names a
+        method. So ``billing@1.*.paid`` lets through what billing 1.x emits, not what the
+        2.0 it is rolling out to emits beside it."""
+        return self._dispatcher.may_call(self._principal, plugin, version, event)
 
     async def _publish(self, frame: dict[str, Any]) -> None:
         plugin, event = frame.get("plugin"), frame.get("event")
