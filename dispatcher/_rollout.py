@@ -23,7 +23,11 @@ Failures that count are the ones the new version (its code, its target) is to bl
 
 A ``Shadow`` returns the primary's answer untouched; after it, the chosen share of calls
 is sent again to the shadow version in a task this runtime owns (at most
-``max_in_flight`` at once, else skipped), and the two answers compared.
+``max_in_flight`` at once, else skipped), and the two answers compared. Its last few
+differences say when, which request, what kind (``result_differs``, ``shadow_failed``
+with the error's type) and how long each side took, never a value: its stats are shown
+to every caller who may call the method, and a call's params and results are its
+caller's alone. The two answers of a difference go to the log, at DEBUG.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -70,8 +75,11 @@ ROLLBACK_ERROR_TYPES = frozenset(
 
 #: Latencies kept per window for its p99: enough for 1 % to be 10 calls.
 _LATENCY_SAMPLES = 1000
-#: Differences a shadow keeps to show (results shortened): enough to see a pattern.
+#: Differences a shadow keeps to show (no values: ``Shadow._remember``): enough to see a
+#: pattern.
 _RECENT_DIFFERENCES = 5
+#: How much of each answer a DEBUG line of a difference shows.
+_LOGGED_CHARS = 200
 
 Status = Literal["running", "paused", "completed", "rolled_back", "aborted"]
 Action = Literal["pause", "resume", "abort"]
@@ -329,32 +337,36 @@ class Shadow:
         return self._primary
 
     def _mirrored(self, invoke: Invoke) -> Invoke:
+        clock = self._clock
+
         async def mirrored(invocation: Invocation) -> Any:
+            started = clock()
             result = await invoke(invocation)  # a failed primary has nothing to compare
             self._count = count = self._count + 1
             if _split_due(count, self.shadow.percent):
-                self._mirror(invocation, result)
+                self._mirror(invocation, result, clock() - started)
             return result
 
         return mirrored
 
-    def _mirror(self, invocation: Invocation, result: Any) -> None:
+    def _mirror(self, invocation: Invocation, result: Any, seconds: float) -> None:
         if self._in_flight >= self.shadow.max_in_flight:
             self.counts["skipped"] += 1
             return
         self._in_flight += 1
         self.counts["mirrored"] += 1
-        task = asyncio.get_running_loop().create_task(self._compare(invocation, result))
+        task = asyncio.get_running_loop().create_task(self._compare(invocation, result, seconds))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _compare(self, invocation: Invocation, expected: Any) -> None:
+    async def _compare(self, invocation: Invocation, expected: Any, primary_seconds: float) -> None:
         other = self._other
         assert other is not None
+        started = self._clock()
         mirrored = dataclasses.replace(
             invocation,
             version=other.version,
-            deadline=self._clock() + other.timeout,
+            deadline=started + other.timeout,
             request_id=new_request_id(),
             idempotency_key=None,
         )
@@ -362,7 +374,9 @@ class Shadow:
             answer = await other.invoke(mirrored)
         except DispatchError as error:
             self.counts["failed"] += 1
-            self._remember(invocation, expected, {"error": error.type, "message": str(error)[:200]})
+            self._remember(
+                invocation, primary_seconds, self._clock() - started, expected, error, error.type
+            )
             return
         except Exception:  # a shadow's bug must never reach anyone; say so in the log
             self.counts["failed"] += 1
@@ -374,17 +388,45 @@ class Shadow:
             self.counts["equal"] += 1
         else:
             self.counts["different"] += 1
-            self._remember(invocation, expected, answer)
+            self._remember(invocation, primary_seconds, self._clock() - started, expected, answer)
 
-    def _remember(self, invocation: Invocation, expected: Any, answer: Any) -> None:
-        # Results shortened, params left out: they may hold personal data.
-        self.recent.append(
-            {
-                "request_id": invocation.request_id,
-                "primary": repr(expected)[:200],
-                "shadow": repr(answer)[:200],
-            }
-        )
+    def _remember(
+        self,
+        invocation: Invocation,
+        primary_seconds: float,
+        shadow_seconds: float,
+        expected: Any,
+        answer: Any,
+        error: str | None = None,
+    ) -> None:
+        """Keep what an operator judges a shadow by, and no value: these stats are shown
+        to every caller who may call the method (``GET /v1/rollouts``), and a result or
+        an error's message (which often quotes the params) belongs to the one caller whose
+        call it was. The request id lets the operator find the call in the log."""
+        difference: dict[str, Any] = {
+            "time": round(time.time(), 3),
+            "request_id": invocation.request_id,
+            "kind": "result_differs" if error is None else "shadow_failed",
+            "primary_ms": round(primary_seconds * 1000, 3),
+            "shadow_ms": round(shadow_seconds * 1000, 3),
+        }
+        if error is not None:
+            difference["error"] = error
+        self.recent.append(difference)
+        # The values themselves go to the log, read by whoever runs the dispatcher, not by
+        # its callers; at DEBUG, so they are written only while an operator looks into a
+        # shadow (level of ``dispatcher.rollout``), not kept by default: results may hold
+        # personal data. Params are never written, as in the audit log without
+        # ``audit_params``.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "shadow of %s: %s for request %s: primary %s, shadow %s",
+                self.spec.name,
+                difference["kind"].replace("_", " "),
+                invocation.request_id,
+                repr(expected)[:_LOGGED_CHARS],
+                repr(answer)[:_LOGGED_CHARS],
+            )
 
     def control(self, action: Action) -> None:
         raise InvalidParams(f"{self.spec.name} is a shadow: {action} applies to rollouts only")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 
 from dispatcher import Dispatcher, ManifestError, RolloutEvent, parse_manifest
@@ -156,9 +157,8 @@ async def test_shadow_never_changes_the_callers_answer_and_counts_differences() 
         assert stats["different"] > 0 and stats["equal"] > 0
         assert stats["different"] + stats["equal"] == 32
         assert 0 < len(stats["recent_differences"]) <= 5
-        assert "other" in str(stats["recent_differences"]) or "broke" in str(
-            stats["recent_differences"]
-        )
+        kinds = {each["kind"] for each in stats["recent_differences"]}
+        assert kinds <= {"result_differs", "shadow_failed"} and kinds
 
 
 async def test_a_rollout_never_serves_one_versions_cached_result_to_the_other() -> None:
@@ -297,3 +297,100 @@ async def test_the_gateway_and_the_cli_show_and_steer_rollouts() -> None:
         assert aborted.exit_code == 0, aborted.output
         assert "aborted 0%" in aborted.output
         assert d.stats()["rollouts"]["svc.answer"]["status"] == "aborted"
+
+
+async def test_a_shadows_differences_show_no_callers_values_to_another_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Alice's calls are mirrored to a shadow that answers otherwise or fails with her
+    note in its message; Bob, who may call the method too, reads the shadow's recent
+    differences (the gateway, the CLI): when, which request, what kind, how long, and
+    nothing of what Alice sent or got. The values are in the log at DEBUG, for the
+    operator who asks for them."""
+    import hashlib
+
+    import aiohttp
+    from click.testing import CliRunner
+
+    from dispatcher.cli import main
+    from dispatcher.gateway import GatewayServer, GatewaySettings
+
+    alice_key, bob_key = "rk_shadow_alice_0123456789abcdef", "rk_shadow_bob_fedcba9876543210"
+    spec = {
+        "plugin": "svc",
+        "method": "pure_answer",
+        "from": "1.0.0",
+        "shadow": {"version": "2.0.0", "percent": 100},
+    }
+    document = {
+        "version": 1,
+        "plugins": [version("1.0.0"), version("2.0.0", tag="other", fail_every=3)],
+        "rollouts": [spec],
+        "auth": {
+            "api_keys": [
+                {
+                    "principal": principal,
+                    "sha256": hashlib.sha256(key.encode()).hexdigest(),
+                    "roles": ["user"],
+                }
+                for principal, key in (("alice", alice_key), ("bob", bob_key))
+            ]
+        },
+        "access": {"roles": {"user": {"allow": ["svc.*"]}}},
+    }
+    settings = GatewaySettings(port=0, header_timeout=2.0, body_timeout=2.0)
+    caplog.set_level(logging.DEBUG, logger="dispatcher.rollout")
+    before = time.time()
+    async with (
+        Dispatcher(parse_manifest(document, base_dir=ROOT)) as d,
+        GatewayServer(d, settings) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        request_ids = []
+        for x in (1, 3, 5, 7, 9, 11):  # odd: the shadow answers otherwise, or fails
+            async with session.post(
+                f"{server.url}/v1/plugins/svc/methods/pure_answer",
+                json={"x": x, "note": f"alice-secret-{x}"},
+                headers={"X-API-Key": alice_key},
+            ) as answer:
+                assert answer.status == 200, await answer.text()
+                assert (await answer.json())["result"]["note"] == f"alice-secret-{x}"
+                request_ids.append(answer.headers["X-Request-Id"])
+        deadline = time.monotonic() + 10
+        shadow = d.stats()["rollouts"]["svc.pure_answer"]
+        while shadow["different"] + shadow["failed"] < 6:  # all six compared
+            assert time.monotonic() < deadline, shadow
+            await asyncio.sleep(0.01)
+            shadow = d.stats()["rollouts"]["svc.pure_answer"]
+        async with session.get(
+            f"{server.url}/v1/rollouts", headers={"X-API-Key": bob_key}
+        ) as answer:
+            assert answer.status == 200
+            shown = await answer.text()
+        status = await asyncio.to_thread(
+            CliRunner().invoke,
+            main,
+            ["rollout", "status", "--url", server.url, "--api-key", bob_key],
+        )
+    assert "alice-secret" not in shown
+    differences = orjson.loads(shown)["rollouts"]["svc.pure_answer"]["recent_differences"]
+    assert len(differences) == 5  # the last five of six
+    assert [each["request_id"] for each in differences] == request_ids[1:]
+    assert [(each["kind"], each.get("error")) for each in differences] == [
+        ("result_differs", None),
+        ("shadow_failed", "plugin_error"),  # every third call of the shadow fails
+        ("result_differs", None),
+        ("result_differs", None),
+        ("shadow_failed", "plugin_error"),
+    ]
+    for each in differences:
+        assert set(each) <= {"time", "request_id", "kind", "error", "primary_ms", "shadow_ms"}
+        assert before <= each["time"] <= time.time()
+        assert each["primary_ms"] >= 0 and each["shadow_ms"] >= 0
+    assert status.exit_code == 0, status.output
+    assert "alice-secret" not in status.output
+    assert f"{request_ids[-1]}  shadow failed: plugin_error" in status.output
+    assert f"{request_ids[-2]}  result differs" in status.output
+    # The operator who turns the rollout logger down to DEBUG sees the values.
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(request_ids[0] in line and "alice-secret-1" in line for line in logged)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import click
@@ -52,7 +53,8 @@ _api_key = click.option(
 def status(
     context: click.Context, url: str, token: str | None, api_key: str | None, as_json: bool
 ) -> None:
-    """Each rollout's step, share of calls on the new version, failures; each shadow's comparisons."""
+    """Each rollout's step, share of calls on the new version, failures; each shadow's
+    comparisons and its recent differences (when, which request, what kind, how long)."""
     try:
         answer = asyncio.run(_request("GET", f"{url.rstrip('/')}/v1/rollouts", token, api_key))
     except GatewayFailed as error:
@@ -66,6 +68,8 @@ def status(
         click.echo("no rollouts")
     for name, each in sorted(rollouts.items()):
         click.echo(_line(name, each))
+        for difference in each.get("recent_differences", ()):
+            click.echo(_difference(difference))
 
 
 def _line(name: str, each: dict[str, Any]) -> str:
@@ -82,6 +86,16 @@ def _line(name: str, each: dict[str, Any]) -> str:
         f"  window: {window['errors']}/{window['calls']} failed, p99 {p99}"
     )
     return f"{line}  ({each['reason']})" if each["reason"] else line
+
+
+def _difference(each: dict[str, Any]) -> str:
+    """One of a shadow's recent differences: when, which request, what kind, how long."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(each["time"]))
+    kind = each["kind"].replace("_", " ")
+    if each.get("error") is not None:
+        kind = f"{kind}: {each['error']}"
+    took = f"primary {each['primary_ms']:g} ms, shadow {each['shadow_ms']:g} ms"
+    return f"  {when}  {each['request_id']}  {kind}  ({took})"
 
 
 def _control(action: str) -> Any:

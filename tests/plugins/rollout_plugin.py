@@ -30,9 +30,12 @@ class RolloutPlugin(Plugin):
     async def calls_seen(self) -> int:
         return self.calls
 
-    async def pure_answer(self, x: int = 0) -> dict[str, Any]:
-        """Pure in the manifest: versions agree on even ``x`` and differ on odd ones."""
+    async def pure_answer(self, x: int = 0, note: str = "") -> dict[str, Any]:
+        """Pure in the manifest: versions agree on even ``x`` and differ on odd ones. A
+        ``note`` (a caller's own data) is in the answer, and in the message of a failure."""
         self.calls += 1
         if self.fail_every and self.calls % self.fail_every == 0:
-            raise PluginError(f"{self.version} broke on call {self.calls}")
-        return {"x": x, "tag": self.tag if x % 2 else "same"}
+            raise PluginError(
+                f"{self.version} broke on call {self.calls}" + (f" for {note}" if note else "")
+            )
+        return {"x": x, "tag": self.tag if x % 2 else "same", **({"note": note} if note else {})}
