@@ -17,7 +17,7 @@ far less. Each variant adds one thing to the one before it:
 * ``raw_header``:    the header with a new value on every call, as every dispatched call sends it;
 * ``raw_deadline``:  + ``timeout=`` the seconds left of a per-call deadline (a float);
 * ``raw_request``:   + the request built as the dispatcher builds it (dict context, a
-  request id, ``encode_json`` of the params) and the reply decoded (``_loads``);
+  request id, ``encode_json`` of the params) and the reply decoded (``loads``);
 * ``connection``:    ``PluginConnection.call`` with an ``Invocation`` built per call;
 * ``provider``:      ``GrpcProvider.invoke``;
 * ``route``:         the route's chain, the dispatcher building the ``Invocation``;
@@ -89,7 +89,7 @@ def _variants(dispatcher: Any, address: str) -> dict[str, Call]:
 
     from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
     from linchkit_plugin.wire import encode_json
-    from providers._grpc.connection import _loads
+    from providers._grpc.replies import loads
     from providers.invocation import Invocation, new_request_id
 
     loop = asyncio.get_running_loop()
@@ -152,7 +152,7 @@ def _variants(dispatcher: Any, address: str) -> dict[str, Call]:
         reply = await stub.Call(
             request, timeout=deadline - now, metadata=Metadata(("x-request-id", request_id))
         )
-        return _loads(reply.result_json, "bench")
+        return loads(reply.result_json, "bench")
 
     def invocation() -> Invocation:
         return Invocation("example", "1.0.0", "echo", PARAMS, loop.time() + 30, new_request_id())

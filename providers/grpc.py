@@ -45,7 +45,8 @@ from linchkit_plugin.errors import DispatchError, ProviderError, TargetUnavailab
 from linchkit_plugin.handshake import HEALTH_SERVICE
 from providers._compression import DEFAULT_MIN_BYTES, is_loopback
 from providers._grpc import lifecycle
-from providers._grpc.connection import ChannelSecurity, PluginConnection
+from providers._grpc.channel import ChannelSecurity
+from providers._grpc.connection import PluginConnection
 from providers.base import Health, Provider
 from providers.discovery import Endpoint, Weight, instance_item
 from providers.instances import InstanceListing

@@ -13,14 +13,10 @@ by ``grpc.max_receive_message_length``, which counts decompressed bytes). A serv
 gzip answers UNIMPLEMENTED before the plugin runs: the call is resent plain and the
 connection sends plain from then on.
 
-grpc.aio keeps its core running (a poller thread, the event engine's threads, their epoll,
-eventfd and socket descriptors) while any of its channel or call objects lives: every one
-counts as a user of the core (grpc/grpc#23945), closed or not. So nothing a caller may keep
-reaches one once the connection has closed: ``close`` lets go of the channel, its stub and
-the calls of streams left open, and no exception leaves this module with grpc.aio's own
-frames in its traceback (``_drop_grpc_frames``), whose locals hold the call. A host that
-keeps the error of a call it cancelled, or a stream it broke out of, and closes its
-dispatcher, has nothing of grpc's left running.
+The ``Events`` stream is ``providers._grpc.events``. Once closed, a connection holds nothing
+of grpc.aio's, and no exception leaves it with grpc.aio's frames in its traceback: ``close``
+lets go of the channel, its stub and the calls of streams left open
+(``providers._grpc.release`` says why, and holds what makes it so).
 """
 
 from __future__ import annotations
@@ -30,8 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import quote
 
 import orjson
@@ -41,16 +36,24 @@ from linchkit_plugin.errors import (
     DispatchError,
     ProviderError,
     TargetUnavailable,
-    error_from_wire,
 )
 from linchkit_plugin.handshake import HEALTH_SERVICE
 from linchkit_plugin.wire import encode_json
-from providers._grpc.status import grpc_errors, not_run, translate_rpc_error
+from providers._grpc.channel import ChannelSecurity, open_channel
+from providers._grpc.events import EventsStream
+from providers._grpc.release import ClosedStub, StreamCall, drop_grpc_frames
+from providers._grpc.replies import loads, wire_error
+from providers._grpc.status import (
+    grpc_errors,
+    not_run,
+    refused_compression,
+    translate_rpc_error,
+)
 from providers.base import CONNECT_STAGE, Health
 from providers.invocation import Invocation, Outcome, running_loop_time
 from providers.served import MAX_SERVED_METHODS, served_names
 
-__all__ = ["HEALTH_SERVICE", "ChannelSecurity", "PluginConnection"]
+__all__ = ["HEALTH_SERVICE", "PluginConnection"]
 
 log = logging.getLogger("dispatcher.providers.grpc")
 
@@ -61,26 +64,6 @@ _JSONDecodeError = orjson.JSONDecodeError
 #: plugin neither closes the connection nor goes away meanwhile (it should, in well under
 #: a second: ``linchkit_plugin.grpc_server``).
 STOPPING_HOLD_SECONDS = 5.0
-
-#: Channel options: keepalive so a dead peer is noticed between calls, large messages.
-_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-]
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelSecurity:
-    """TLS material of a channel, as PEM bytes. ``root`` None with ``tls``: system roots."""
-
-    tls: bool = False
-    root: bytes | None = None
-    private_key: bytes | None = None
-    certificate_chain: bytes | None = None
-    server_name: str | None = None
-
 
 _HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
 
@@ -93,38 +76,6 @@ def _header(value: str) -> str:
     return quote(value, safe=_HEADER_SAFE)
 
 
-def _loads(data: bytes, what: str) -> Any:
-    if not data:
-        return None
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as error:
-        raise ProviderError(f"{what} answered bytes that are not JSON: {error}") from None
-
-
-def _wire_error(error: Any) -> DispatchError:
-    details = _loads(error.details_json, "plugin") if error.details_json else None
-    return error_from_wire(
-        {
-            "type": error.type,
-            "message": error.message,
-            "retryable": error.retryable,
-            "details": details,
-            "retry_after": error.retry_after or None,
-        }
-    )
-
-
-def _drop_grpc_frames(error: BaseException) -> None:
-    """Cut ``error``'s traceback below the frame handling it (ours). The frames below are
-    grpc.aio's, and their locals hold the call object: a caller keeping our error (its
-    ``__cause__`` or ``__context__``) would keep the call, and grpc's core with it, long
-    after the dispatcher closed (see the module docstring)."""
-    traceback = error.__traceback__
-    if traceback is not None:
-        traceback.tb_next = None
-
-
 def _cancelled_by_caller() -> bool:
     """Whether a ``CancelledError`` is the calling task's own cancellation.
 
@@ -135,65 +86,6 @@ def _cancelled_by_caller() -> bool:
     """
     task = asyncio.current_task()
     return task is None or task.cancelling() > 0
-
-
-def _refused_compression(error: Any) -> bool:
-    """An UNIMPLEMENTED that names the encoding: the server has no decompressor for it."""
-    import grpc
-
-    code = getattr(error, "code", None)
-    details = getattr(error, "details", None)
-    text = str(details() if callable(details) else "").lower()
-    return (
-        callable(code)
-        and code() == grpc.StatusCode.UNIMPLEMENTED
-        and ("encoding" in text or "compress" in text)
-    )
-
-
-def _refuse(*args: Any, **kwargs: Any) -> NoReturn:
-    """Any RPC of a closed connection."""
-    import grpc.aio
-
-    raise grpc.aio.UsageError("Channel is closed.")
-
-
-class _ClosedStub:
-    """The stub of a closed connection: every RPC is refused at once with the error grpc.aio
-    raises on a closed channel (so it translates alike), and nothing of grpc's is held."""
-
-    __slots__ = ()
-
-    def __getattr__(self, rpc: str) -> Callable[..., Any]:
-        return _refuse
-
-
-class _StreamCall:
-    """The gRPC call of one open stream, held where ``PluginConnection.close`` can let go of
-    it. A consumer that stops iterating without closing the stream (a ``break`` out of
-    ``async for``) leaves the generators suspended with whatever their frames hold, for as
-    long as it keeps the stream; the call is not one of them."""
-
-    __slots__ = ("call", "messages")
-
-    def __init__(self, call: Any) -> None:
-        self.call: Any = call
-        self.messages: AsyncIterator[Any] | None = call.__aiter__()  # as ``async for`` reads
-
-    async def next_item(self) -> Any:
-        """The next ``StreamItem``; None at the end of the stream. Once dropped, the
-        ``CancelledError`` grpc.aio raises for a call its closing channel cancelled."""
-        messages = self.messages
-        if messages is None:
-            raise asyncio.CancelledError
-        return await anext(messages, None)
-
-    def drop(self) -> None:
-        """Cancel the call (if still running) and let go of it."""
-        call = self.call
-        self.call = self.messages = None
-        if call is not None:
-            call.cancel()
 
 
 class PluginConnection:
@@ -230,32 +122,18 @@ class PluginConnection:
             self._loop_time = asyncio.get_running_loop().time
         security = security or ChannelSecurity()
         self.security = security
-        options = list(_CHANNEL_OPTIONS)
-        if security.server_name:
-            options.append(("grpc.ssl_target_name_override", security.server_name))
-            options.append(("grpc.default_authority", security.server_name))
-        if security.tls:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=security.root,
-                private_key=security.private_key,
-                certificate_chain=security.certificate_chain,
-            )
-            channel = grpc.aio.secure_channel(address, credentials, options=options)
-        else:
-            channel = grpc.aio.insecure_channel(address, options=options)
-        #: None once closed (so is the stub's channel: ``_ClosedStub``).
+        channel = open_channel(address, security)
+        #: None once closed (so is the stub's channel: ``ClosedStub``).
         self._channel: Any | None = channel
         self._stub: Any = plugin_pb2_grpc.PluginServiceStub(channel)
         self._metadata_type = grpc.aio.Metadata
         self._gzip = grpc.Compression.Gzip
         self._compress_min_bytes = compress_min_bytes
         self._metadata = tuple(metadata)
-        self._events_task: asyncio.Task[None] | None = None
-        self._outgoing: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
-        self._events_open = asyncio.Event()
+        self._events = EventsStream(plugin_pb2.HostEvent, self.describe)
         self._closed = False
         #: The streams open on this connection, so ``close`` lets go of their calls.
-        self._open_streams: set[_StreamCall] = set()
+        self._open_streams: set[StreamCall] = set()
         #: While the plugin is stopping (it answered a call "not run"): what ends the wait.
         self._stopping: asyncio.Task[None] | None = None
         #: The methods the plugin's last ``Describe`` listed (``providers.served``); None
@@ -360,14 +238,14 @@ class PluginConnection:
                     self._stub.Call, request, len(request.params_json), remaining, metadata
                 )
         except grpc_errors() as error:
-            _drop_grpc_frames(error)
+            drop_grpc_frames(error)
             raise self._failed(
                 error,
                 f"{self.describe} {invocation.plugin}.{invocation.method}",
                 invocation.deadline,
             ) from error
         except asyncio.CancelledError as cancelled:
-            _drop_grpc_frames(cancelled)
+            drop_grpc_frames(cancelled)
             if _cancelled_by_caller():
                 raise
             raise self._cut_off(f"{invocation.plugin}.{invocation.method}") from None
@@ -400,7 +278,7 @@ class PluginConnection:
         try:
             return await method(request, timeout=timeout, metadata=metadata, compression=self._gzip)
         except grpc_errors() as error:
-            if not _refused_compression(error):
+            if not refused_compression(error):
                 raise
         log.info("%s does not take gzip: sending plain from now on", self.describe)
         self._compress_min_bytes = None
@@ -454,10 +332,10 @@ class PluginConnection:
 
     def _result(self, reply: Any) -> Any:
         if reply.ok:
-            return _loads(reply.result_json, self.describe)
+            return loads(reply.result_json, self.describe)
         if not reply.HasField("error"):
             raise ProviderError(f"{self.describe} answered ok=false without an error")
-        raise _wire_error(reply.error)
+        raise wire_error(reply.error)
 
     async def call_batch(self, invocations: Sequence[Invocation]) -> list[Outcome[Any]]:
         if self._stopping is not None:
@@ -474,10 +352,10 @@ class PluginConnection:
                 self._stub.CallBatch, request, size, remaining, self._call_metadata(earliest)
             )
         except grpc_errors() as error:
-            _drop_grpc_frames(error)
+            drop_grpc_frames(error)
             raise self._failed(error, f"{self.describe} batch", earliest.deadline) from error
         except asyncio.CancelledError as cancelled:
-            _drop_grpc_frames(cancelled)
+            drop_grpc_frames(cancelled)
             if _cancelled_by_caller():
                 raise
             raise self._cut_off("batch") from None
@@ -502,25 +380,25 @@ class PluginConnection:
         request = self._request(invocation, now)
         what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
         try:  # no local names the call: a stream left suspended holds only ``stream``
-            stream = _StreamCall(
+            stream = StreamCall(
                 self._stub.CallStream(
                     request, timeout=remaining, metadata=self._call_metadata(invocation)
                 )
             )
         except grpc_errors() as error:  # a closed channel refuses at once
-            _drop_grpc_frames(error)
+            drop_grpc_frames(error)
             raise translate_rpc_error(error, what) from error
         self._open_streams.add(stream)
         try:
             while (item := await stream.next_item()) is not None:
                 if item.WhichOneof("item") == "error":
-                    raise _wire_error(item.error)
-                yield _loads(item.chunk_json, self.describe)
+                    raise wire_error(item.error)
+                yield loads(item.chunk_json, self.describe)
         except grpc_errors() as error:
-            _drop_grpc_frames(error)
+            drop_grpc_frames(error)
             raise self._failed(error, what, invocation.deadline) from error
         except asyncio.CancelledError as cancelled:
-            _drop_grpc_frames(cancelled)
+            drop_grpc_frames(cancelled)
             if _cancelled_by_caller():
                 raise
             raise self._cut_off(f"{invocation.plugin}.{invocation.method} stream") from None
@@ -554,10 +432,10 @@ class PluginConnection:
                 self._pb.DescribeRequest(), timeout=timeout, metadata=self._metadata
             )
         except grpc_errors() as error:
-            _drop_grpc_frames(error)
+            drop_grpc_frames(error)
             raise translate_rpc_error(error, f"{self.describe} Describe") from error
         except asyncio.CancelledError as cancelled:
-            _drop_grpc_frames(cancelled)
+            drop_grpc_frames(cancelled)
             if _cancelled_by_caller():
                 raise
             raise self._cut_off("Describe") from None
@@ -579,10 +457,10 @@ class PluginConnection:
         try:
             await getattr(self._stub, step)(request, timeout=timeout, metadata=self._metadata)
         except grpc_errors() as error:
-            _drop_grpc_frames(error)
+            drop_grpc_frames(error)
             raise translate_rpc_error(error, f"{self.describe} {step}") from error
         except asyncio.CancelledError as cancelled:
-            _drop_grpc_frames(cancelled)
+            drop_grpc_frames(cancelled)
             if _cancelled_by_caller():
                 raise
             raise self._cut_off(step) from None
@@ -622,7 +500,7 @@ class PluginConnection:
         except TimeoutError:
             pass
         # Raised here, not in the ``except``: its context would be the cancelled wait,
-        # whose traceback holds the channel (see the module docstring).
+        # whose traceback holds the channel (``providers._grpc.release``).
         raise TargetUnavailable(
             f"{self.describe} did not accept a connection within {timeout:.1f} s"
         )
@@ -631,105 +509,30 @@ class PluginConnection:
 
     def open_events(self, sink: Callable[[str, Any], None]) -> None:
         """Keep the plugin's ``Events`` stream open in a task; its events go to ``sink``."""
-        if self._events_task is None:
-            self._events_task = asyncio.get_running_loop().create_task(
-                self._run_events(sink), name=f"events {self.describe}"
-            )
+        self._events.open(self._events_call, sink)
 
     async def events_ready(self, timeout: float) -> bool:
         """Wait until the plugin has answered the Events stream's headers (so an ``emit``
         from now on is not lost); False after ``timeout`` (plugins that send headers only
         with their first event)."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._events_open.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await self._events.ready(timeout)
 
     def send_event(self, name: str, data: Any) -> None:
         """Queue a host event for the plugin (delivered while the Events stream is open)."""
-        if self._events_task is None:
-            raise ProviderError(f"{self.describe} has no open Events stream")
-        self._outgoing.put_nowait((name, encode_json(data)))
+        self._events.send(name, data)
 
-    async def _outgoing_events(self, ended: asyncio.Future[None]) -> AsyncIterator[Any]:
-        """The host events of one ``Events`` stream, until ``ended``.
-
-        grpc.aio reads this in a task of its own, which it cancels only when the call is
-        cancelled while still running: a stream the plugin's exit ended left that task
-        waiting on the queue for good, one per restart, each taking host events meant for
-        the next stream. So each stream's reader stops when its stream ends."""
-        queue = self._outgoing
-        while not ended.done():
-            getting = asyncio.ensure_future(queue.get())
-            try:
-                await asyncio.wait((getting, ended), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not getting.done():
-                    getting.cancel()  # Queue.get gives up without taking an item
-            if getting.cancelled():
-                return
-            item = getting.result()
-            if item is None:
-                return
-            yield self._pb.HostEvent(name=item[0], data_json=item[1])
-
-    async def _run_events(self, sink: Callable[[str, Any], None]) -> None:
-        import grpc.aio
-
-        backoff = 0.05
-        loop = asyncio.get_running_loop()
-        while not self._closed:
-            ended: asyncio.Future[None] = loop.create_future()
-            try:
-                call = self._stub.Events(self._outgoing_events(ended), metadata=self._metadata)
-            except grpc.aio.BaseError as error:  # the channel closed under us
-                log.debug("%s Events stream cannot open: %s", self.describe, error)
-                return
-            try:
-                await call.initial_metadata()
-                self._events_open.set()
-                async for event in call:
-                    backoff = 0.05
-                    try:
-                        data = _loads(event.data_json, self.describe)
-                    except ProviderError:
-                        log.warning("%s sent event %r with bad JSON", self.describe, event.name)
-                        continue
-                    try:
-                        sink(event.name, data)
-                    except Exception:  # one bad handler must not end the stream
-                        log.exception("%s: delivering event %r failed", self.describe, event.name)
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    log.info("%s has no Events stream", self.describe)
-                    return
-                log.debug("%s Events stream ended: %s", self.describe, error.code().name)
-            except grpc.aio.BaseError as error:
-                log.debug("%s Events stream failed: %s", self.describe, error)
-            finally:
-                self._events_open.clear()
-                call.cancel()
-                ended.set_result(None)
-            # The stream ended (the plugin restarted or went away): reopen it, gently.
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+    def _events_call(self, outgoing: AsyncIterator[Any]) -> Any:
+        """Open the ``Events`` RPC on this connection's channel (refused once closed)."""
+        return self._stub.Events(outgoing, metadata=self._metadata)
 
     async def close(self) -> None:
         self._closed = True
         stopping, self._stopping = self._stopping, None
         if stopping is not None:
             stopping.cancel()
-        task, self._events_task = self._events_task, None
-        if task is not None:
-            task.cancel()
-            # asyncio.wait, not ``await task`` under suppress(CancelledError): that would
-            # also swallow a cancellation of *our* caller arriving meanwhile (a supervisor
-            # being stopped would then carry on and launch a new child).
-            await asyncio.wait([task])
+        await self._events.close()
         channel, self._channel = self._channel, None
-        self._stub = _ClosedStub()
+        self._stub = ClosedStub()
         if channel is not None:
             await channel.close()  # cancels the calls in flight
         for stream in self._open_streams:
@@ -737,5 +540,5 @@ class PluginConnection:
         self._open_streams.clear()
 
     def __repr__(self) -> str:
-        events = "open" if self._events_task is not None else "none"
+        events = "open" if self._events.running else "none"
         return f"<PluginConnection {self.describe} events={events} closed={self._closed}>"

@@ -37,9 +37,12 @@ metadata ``linchkit-not-run`` (``NOT_RUN_TRAILER``; the Python SDK does, whose s
 otherwise cancel such calls unseen, docs/protocol.md "Stopping while called"): never run,
 so it gets the same marker (``not_run`` tells the connection, which then stops sending).
 
+A server without a decompressor for a request's ``grpc-encoding`` answers UNIMPLEMENTED
+naming the encoding (``refused_compression``): the connection resends the call plain.
+
 A plugin's own failures come back in ``CallReply.error`` and go through
 ``linchkit_plugin.errors.error_from_wire`` like every other transport's
-(``providers._grpc.connection``).
+(``providers._grpc.replies``).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ __all__ = [
     "grpc_errors",
     "never_left_the_client",
     "not_run",
+    "refused_compression",
     "too_large",
     "translate_rpc_error",
 ]
@@ -222,6 +226,20 @@ def not_run(error: Exception) -> bool:
         isinstance(error, grpc.aio.AioRpcError)
         and error.code() == grpc.StatusCode.UNAVAILABLE
         and _said_not_run(error)
+    )
+
+
+def refused_compression(error: Any) -> bool:
+    """An UNIMPLEMENTED that names the encoding: the server has no decompressor for it."""
+    import grpc
+
+    code = getattr(error, "code", None)
+    details = getattr(error, "details", None)
+    text = str(details() if callable(details) else "").lower()
+    return (
+        callable(code)
+        and code() == grpc.StatusCode.UNIMPLEMENTED
+        and ("encoding" in text or "compress" in text)
     )
 
 

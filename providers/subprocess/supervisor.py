@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from linchkit_plugin._automtls import generate_certificate, pem_from_der
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, TargetUnavailable
 from providers._grpc import lifecycle
-from providers._grpc.connection import ChannelSecurity, PluginConnection
+from providers._grpc.channel import ChannelSecurity
+from providers._grpc.connection import PluginConnection
 from providers.base import CONNECT_STAGE, Health
 from providers.subprocess import handshake
 from providers.subprocess.child import Child, check_digests, socket_folder, spawn
