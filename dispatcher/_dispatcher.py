@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self
 
 from dispatcher._attachments import Attachments, providers_for
 from dispatcher._drain import InFlight, checked_grace, current_task_getter
@@ -86,8 +86,6 @@ if TYPE_CHECKING:
 __all__ = ["Call", "Dispatcher", "TargetHealth"]
 
 log = logging.getLogger("dispatcher")
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,24 +477,6 @@ class Dispatcher:
             details={"stage": "refused"},
         )
 
-    async def _tracked(self, work: Awaitable[T], what: str) -> T:
-        """Await ``work`` as a call in flight (``Dispatcher.call`` inlines the same)."""
-        task = asyncio.current_task()
-        calls = self._calls
-        if task is None or task in calls:
-            return await work
-        calls.add(task)
-        try:
-            return await work
-        except (asyncio.CancelledError, DispatchError) as error:
-            if self._cut and task in self._cut:
-                raise self._in_flight.cut_off_error(task, what, error) from None
-            raise
-        finally:
-            calls.discard(task)
-            if self._in_flight.tell_left:
-                self._in_flight.left(task)
-
     async def __aenter__(self) -> Self:
         await self.start()
         return self
@@ -577,7 +557,7 @@ class Dispatcher:
             raise
         invoke = route.invoke if idempotency_key is None else route.once
         # In flight: the task in a set, so a drain can wait for it and cut it off
-        # (dispatcher._drain). Inlined from _tracked: this is the per-call hot path.
+        # (dispatcher._drain). InFlight.tracked, inlined: this is the per-call hot path.
         task = self._current_task()
         calls = self._calls
         if task is None or task in calls:  # a call from inside a call: the outer one counts
@@ -641,7 +621,7 @@ class Dispatcher:
             )
             invoke = route.invoke if idempotency_key is None else route.once
             chained = True  # from here on the chain's own telemetry step counts the call
-            return await self._tracked(invoke(invocation), f"the call of {route.name}")
+            return await self._in_flight.tracked(invoke(invocation), f"the call of {route.name}")
         except BaseException as error:
             failure = error
             if self.telemetry is not None and not chained and isinstance(error, DispatchError):
@@ -779,7 +759,9 @@ class Dispatcher:
             route, params, None, record.get("id"), record.get("caller"), None, key
         )
         invoke = route.invoke if key is None else route.once
-        return await self._tracked(invoke(invocation), f"job {record.get('id')} of {route.name}")
+        return await self._in_flight.tracked(
+            invoke(invocation), f"job {record.get('id')} of {route.name}"
+        )
 
     async def call_many(
         self,
@@ -893,7 +875,7 @@ class Dispatcher:
         if not self._guarded:
             if self._draining:
                 raise self._refused(f"event {event!r} to {plugin}")
-            await self._tracked(
+            await self._in_flight.tracked(
                 self._publish(plugin, event, data, version, timeout), f"event {event!r} to {plugin}"
             )
             return
@@ -911,7 +893,7 @@ class Dispatcher:
             assert wanted is not None
             guard.authorize(caller, plugin, wanted, event)
             entry.version = wanted
-            await self._tracked(
+            await self._in_flight.tracked(
                 self._publish(plugin, event, data, wanted, timeout), f"event {event!r} to {plugin}"
             )
         except BaseException as error:

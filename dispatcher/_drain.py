@@ -24,14 +24,16 @@ import asyncio
 import functools
 import logging
 import sys
-from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from linchkit_plugin.errors import DispatchError, InvalidParams, ShuttingDown
 
 __all__ = ["CUT_OFF_SECONDS", "InFlight", "OpenStream", "checked_grace", "current_task_getter"]
 
 log = logging.getLogger("dispatcher")
+
+T = TypeVar("T")
 
 #: How long cut-off calls get to unwind (release slots, close their connections) after
 #: the grace has run out, before the dispatcher closes under whatever still ignores its
@@ -207,6 +209,26 @@ class InFlight:
             " it closed without one); it may have reached the plugin",
             details={"stage": "cut_off"},
         )
+
+    async def tracked(self, work: Awaitable[T], what: str) -> T:
+        """Await ``work`` as a call in flight: a drain waits for it and may cut it off (then
+        ``ShuttingDown``). A call from inside a call is not counted again: the outer one
+        counts. ``Dispatcher.call`` inlines the same on its hot path."""
+        task = asyncio.current_task()
+        calls = self.calls
+        if task is None or task in calls:
+            return await work
+        calls.add(task)
+        try:
+            return await work
+        except (asyncio.CancelledError, DispatchError) as error:
+            if self.cut and task in self.cut:
+                raise self.cut_off_error(task, what, error) from None
+            raise
+        finally:
+            calls.discard(task)
+            if self.tell_left:
+                self.left(task)
 
     async def tracked_stream(
         self, chunks: AsyncGenerator[Any, None], what: str
