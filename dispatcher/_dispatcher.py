@@ -12,12 +12,13 @@ flight so a drain or a reload can wait for it or cut it off, and the order in wh
 parts below are built and torn down. Each part with a job of its own lives apart, and the
 methods here only put them in order: routes (``_routes``), what each provider has
 attached (``_attachments``), in-flight bookkeeping (``_drain``), what a reload changes
-(``_reload``), how a method's route is built (``_route_build``), the guard, access
-checks and audit entry of each call (``_guard``), host events in and out
-(``_events``, ``_publish``), async jobs (``_jobs`` runs them, ``_job_view`` checks,
-queues and shows them), fallbacks (``_fallback``), rollouts (``_rollout``), health
-(``_health``), routed methods a plugin does not serve (``_served``), signals
-(``_signals``), plugins dialling in (``_inbound``); policies and fleets below them all.
+(``_reload``) and the steps that carry it out (``_reload_steps``), how a method's route
+is built (``_route_build``), the guard, access checks and audit entry of each call
+(``_guard``), host events in and out (``_events``, ``_publish``), async jobs (``_jobs``
+runs them, ``_job_view`` checks, queues and shows them), fallbacks (``_fallback``),
+rollouts (``_rollout``), health (``_health``), routed methods a plugin does not serve
+(``_served``), signals (``_signals``), plugins dialling in (``_inbound``); policies and
+fleets below them all.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from dispatcher._job_view import (
 from dispatcher._jobs import JobWorkers
 from dispatcher._public_errors import ErrorDetail
 from dispatcher._publish import EventSender
-from dispatcher._reload import ReloadPlan, plan_reload
+from dispatcher._reload import plan_reload
+from dispatcher._reload_steps import ReloadSteps
 from dispatcher._rollout import RolloutListener, RolloutRuntime
 from dispatcher._route_build import RouteBuilder
 from dispatcher._routes import Route, RouteTable, checked_timeout
@@ -136,6 +138,7 @@ class Dispatcher:
         self._rollouts = RolloutRuntime(self._clock)
         self._fallbacks = Fallbacks()
         self._build: RouteBuilder | None = None  # from start(): routes need the policies
+        self._reload_steps: ReloadSteps | None = None  # from start(), as the routes
         self._state = "new"
         # Draining (dispatcher._drain): what is in flight, aliased for the hot path.
         self._in_flight = InFlight()
@@ -208,6 +211,17 @@ class Dispatcher:
             boundary=None if telemetry is None else telemetry.boundary,
         )
         self._build = RouteBuilder(self.policies, self._providers, self._fallbacks.wrap, telemetry)
+        self._reload_steps = ReloadSteps(
+            attachments=self._attachments,
+            build=self._build,
+            fallbacks=self._fallbacks,
+            rollouts=self._rollouts,
+            fleets=self.fleets,
+            policies=self.policies,
+            in_flight=self._in_flight,
+            current_task=self._current_task,
+            draining=lambda: self._draining,
+        )
         self._events_out = EventSender(self._providers, self.policies, self.fleets, self._clock)
         if telemetry is not None:
             telemetry.start()
@@ -409,67 +423,21 @@ class Dispatcher:
             if self.registry is not None:  # the registry's entries stay through a file reload
                 manifest = self.registry.merge(file_manifest, self.manifest, source=source)
             plan = plan_reload(self.manifest, manifest, source=source)
-            for plugin in [*plan.added, *(new for _, new in plan.changed)]:
-                check_protocol(plugin.key, plugin.protocol)
-            attached = await self._attachments.attach_new(plan)
-            self._swap_routes(manifest, plan)
+            steps = self._reload_steps  # carried out on the parts (dispatcher._reload_steps)
+            assert steps is not None
+            attached = await steps.attach(plan)
+            # The swap: the new table replaces the old with no await in between, so no call
+            # sees half of it.
+            routes = steps.new_routes(manifest, plan, self._routes)
+            self._routes = routes
+            self.manifest = manifest
+            steps.serve(routes, plan)
             self._file_manifest = file_manifest
-            self._attachments.adopt(attached)
-            retired = self._attachments.retire(manifest)
-            summary = plan.summary()
-            log.info("%s", plan.in_words(source))
-            assert self.fleets is not None
-            await self.fleets.watch_new()  # discovery and health checks of fleets it made
-            used = {target.key for plugin in manifest.plugins for target in plugin.targets()}
-            if retired or plan.removed or plan.changed or self.fleets.unused(used):
-                await self._settle(grace)
-                await self._attachments.detach(retired)
-                await self.fleets.forget(used)
-                assert self.policies is not None
-                await self.policies.forget(plan.removed)  # changed ones were rebuilt
-            return summary
+            await steps.finish(manifest, plan, attached, grace, source)
+            return plan.summary()
 
     async def _apply_registry(self) -> dict[str, list[str]]:
         return await self.reload(self._file_manifest, source="the registry")
-
-    def _swap_routes(self, manifest: Manifest[Any], plan: ReloadPlan) -> None:
-        """Build the new table, then replace the reference (no await in between, so no call
-        sees half of it). Kept versions keep their route objects, and so their state."""
-        assert self.fleets is not None
-        old_routes = self._routes
-        kept = {plugin.key for plugin in plan.kept}
-        routes = RouteTable()
-        for plugin in manifest.plugins:
-            if plugin.key in kept:
-                routes.add(plugin, old_routes.routes_of(plugin.id, plugin.version))
-            else:
-                assert self._build is not None
-                routes.add(plugin, self._build.routes_of(plugin, routes))
-        self._fallbacks.forget(plan.removed)
-        self._rollouts.configure(manifest.rollouts, routes)
-        self._routes = routes
-        self.manifest = manifest
-        self._fallbacks.point_at(routes)
-        for plugin in [*plan.removed, *(old for old, _ in plan.changed)]:
-            for target in plugin.targets():
-                self.fleets.unserve(plugin, target)
-        for plugin in [*plan.added, *(new for _, new in plan.changed)]:
-            for target in plugin.targets():
-                self.fleets.serve(plugin, target)
-
-    async def _settle(self, grace: float) -> None:
-        """Wait until the calls in flight now have ended, ``grace`` seconds at most."""
-        loop = asyncio.get_running_loop()
-        in_flight = self._in_flight
-        in_flight.tell_left = True
-        try:
-            settled = await in_flight.wait_settled(loop.time() + grace, self._current_task())
-        finally:
-            in_flight.tell_left = self._draining
-        if not settled:
-            log.warning(
-                "reload: calls in flight at the swap still ran after %g s; detaching anyway", grace
-            )
 
     def _refused(self, what: str) -> ShuttingDown:
         return ShuttingDown(

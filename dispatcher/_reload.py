@@ -1,7 +1,7 @@
 """What a reload changes: the plan between the running manifest and a new one, free of I/O.
 
-``Dispatcher.reload`` carries the plan out; this module only decides it, so every rule
-below is tested without starting anything.
+``Dispatcher.reload`` carries the plan out (``dispatcher._reload_steps``); this module only
+decides it, so every rule below is tested without starting anything.
 
 - Top-level sections other than ``plugins`` (``state``, ``auth``, ``access``, ``audit``,
   ``telemetry``, ``gateway``, ``egress``, ``registry``) are wired into objects built once at start

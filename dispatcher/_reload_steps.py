@@ -1,0 +1,143 @@
+"""A reload carried out on the running parts, step by step.
+
+``Dispatcher.reload`` decides what changes (``dispatcher._reload``'s plan, with the
+registry's entries merged in) and installs the new routing table and manifest; what has
+to happen to the parts around that install is here, in the order the dispatcher runs it:
+
+1. ``attach``: refuse a version added or changed that declares a plugin protocol this
+   dispatcher does not speak (``ProviderError``), then attach the new targets, all or
+   none; a failure raises with nothing changed yet;
+2. ``new_routes``: build the new table. Kept versions keep their route objects, and so
+   their policy state; the others get new ones. Fallbacks of removed versions are
+   forgotten and the manifest's rollouts are set up on the new table. No await: the
+   dispatcher installs the table right after, so no call sees half of it;
+3. ``serve``: fallbacks point at the installed table; fleets stop serving the targets of
+   removed and changed versions and serve those of added and changed ones;
+4. ``finish``: take the new attachments into the ledger, retire what the manifest no
+   longer uses, log what the reload did, start discovery and health checks of new
+   fleets. If anything is no longer used, wait until the calls in flight at the swap
+   have ended (``grace`` seconds at most: then calls still using it fail as it goes),
+   and detach it: retired attachments, fleets, the policy state of removed versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from dispatcher._attachments import Attachment, Attachments
+from dispatcher._drain import InFlight
+from dispatcher._fallback import Fallbacks
+from dispatcher._reload import ReloadPlan
+from dispatcher._rollout import RolloutRuntime
+from dispatcher._route_build import RouteBuilder
+from dispatcher._routes import RouteTable
+from dispatcher._versions import check_protocol
+from dispatcher.config import Manifest
+from dispatcher.fleet import FleetRuntime
+from dispatcher.policies import PolicyRuntime
+
+__all__ = ["ReloadSteps"]
+
+log = logging.getLogger("dispatcher")
+
+
+class ReloadSteps:
+    """The steps of a reload on one dispatcher's running parts (made at its start).
+
+    ``current_task`` is the dispatcher's, ``draining`` whether it drains now: a reload
+    that waits for calls in flight must not stop a drain from hearing of them ending.
+    """
+
+    def __init__(
+        self,
+        *,
+        attachments: Attachments,
+        build: RouteBuilder,
+        fallbacks: Fallbacks,
+        rollouts: RolloutRuntime,
+        fleets: FleetRuntime,
+        policies: PolicyRuntime,
+        in_flight: InFlight,
+        current_task: Callable[[], asyncio.Task[Any] | None],
+        draining: Callable[[], bool],
+    ) -> None:
+        self._attachments = attachments
+        self._build = build
+        self._fallbacks = fallbacks
+        self._rollouts = rollouts
+        self._fleets = fleets
+        self._policies = policies
+        self._in_flight = in_flight
+        self._current_task = current_task
+        self._draining = draining
+
+    async def attach(self, plan: ReloadPlan) -> list[Attachment]:
+        """Step 1: what the versions added or changed newly need, attached (not yet in
+        the ledger: ``finish`` takes them in)."""
+        for plugin in [*plan.added, *(new for _, new in plan.changed)]:
+            check_protocol(plugin.key, plugin.protocol)
+        return await self._attachments.attach_new(plan)
+
+    def new_routes(
+        self, manifest: Manifest[Any], plan: ReloadPlan, old_routes: RouteTable
+    ) -> RouteTable:
+        """Step 2: the routing table of ``manifest``, for the dispatcher to install at once."""
+        kept = {plugin.key for plugin in plan.kept}
+        routes = RouteTable()
+        for plugin in manifest.plugins:
+            if plugin.key in kept:
+                routes.add(plugin, old_routes.routes_of(plugin.id, plugin.version))
+            else:
+                routes.add(plugin, self._build.routes_of(plugin, routes))
+        self._fallbacks.forget(plan.removed)
+        self._rollouts.configure(manifest.rollouts, routes)
+        return routes
+
+    def serve(self, routes: RouteTable, plan: ReloadPlan) -> None:
+        """Step 3, once ``routes`` is installed: fallbacks and fleets follow it."""
+        self._fallbacks.point_at(routes)
+        for plugin in [*plan.removed, *(old for old, _ in plan.changed)]:
+            for target in plugin.targets():
+                self._fleets.unserve(plugin, target)
+        for plugin in [*plan.added, *(new for _, new in plan.changed)]:
+            for target in plugin.targets():
+                self._fleets.serve(plugin, target)
+
+    async def finish(
+        self,
+        manifest: Manifest[Any],
+        plan: ReloadPlan,
+        attached: list[Attachment],
+        grace: float,
+        source: str,
+    ) -> None:
+        """Step 4: the ledger follows ``manifest``; what it no longer uses is detached once
+        the calls in flight at the swap have ended, ``grace`` seconds at most."""
+        attachments, fleets = self._attachments, self._fleets
+        attachments.adopt(attached)
+        retired = attachments.retire(manifest)
+        log.info("%s", plan.in_words(source))
+        await fleets.watch_new()  # discovery and health checks of fleets it made
+        used = {target.key for plugin in manifest.plugins for target in plugin.targets()}
+        if retired or plan.removed or plan.changed or fleets.unused(used):
+            await self._settle(grace)
+            await attachments.detach(retired)
+            await fleets.forget(used)
+            await self._policies.forget(plan.removed)  # changed ones were rebuilt
+
+    async def _settle(self, grace: float) -> None:
+        """Wait until the calls in flight now have ended, ``grace`` seconds at most."""
+        loop = asyncio.get_running_loop()
+        in_flight = self._in_flight
+        in_flight.tell_left = True
+        try:
+            settled = await in_flight.wait_settled(loop.time() + grace, self._current_task())
+        finally:
+            in_flight.tell_left = self._draining()
+        if not settled:
+            log.warning(
+                "reload: calls in flight at the swap still ran after %g s; detaching anyway", grace
+            )
