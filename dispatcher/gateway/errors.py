@@ -27,7 +27,10 @@ a retryable 429/503 that knows no better, so clients that honour it back off.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import NamedTuple
 
 import orjson
@@ -35,7 +38,7 @@ from aiohttp import web
 
 from linchkit_plugin.errors import DispatchError
 
-__all__ = ["STATUS_BY_TYPE", "Answer", "answer_of", "error_answer", "status_of"]
+__all__ = ["STATUS_BY_TYPE", "Answer", "answer_of", "error_answer", "status_of", "written"]
 
 STATUS_BY_TYPE: Mapping[str, int] = {
     "invalid_params": 400,
@@ -56,6 +59,7 @@ STATUS_BY_TYPE: Mapping[str, int] = {
 }
 
 _RETRY_LATER = frozenset({429, 503})
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 def status_of(error: DispatchError) -> int:
@@ -104,3 +108,32 @@ def _wire(error: DispatchError) -> dict[str, object]:
     except TypeError:  # a plugin's details that JSON cannot carry: keep what it can
         wire.pop("details", None)
     return wire
+
+
+def written(answer: Answer, close: bool) -> bytes:
+    """``answer`` as the bytes of an HTTP/1.1 response, for what writes them itself (the
+    call lane, the listener refusing a connection) rather than through aiohttp."""
+    status, headers, body = answer
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+        f"Content-Length: {len(body)}\r\nDate: {_http_date()}\r\n"
+    ]
+    for name, value in headers.items():
+        if name != "Connection":
+            lines.append(f"{name}: {value}\r\n")
+    if close:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1") + body
+
+
+_date = (0, "")
+
+
+def _http_date() -> str:
+    """``Date``'s value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True))
+    return _date[1]

@@ -39,11 +39,8 @@ import asyncio
 import contextlib
 import re
 import socket
-import time
 from collections.abc import Callable
-from email.utils import formatdate
 from functools import partial
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -51,7 +48,7 @@ from multidict import CIMultiDict
 
 from dispatcher.gateway.body import parse_json
 from dispatcher.gateway.credentials import credentials_from
-from dispatcher.gateway.errors import Answer, answer_of
+from dispatcher.gateway.errors import answer_of, written
 from dispatcher.gateway.protocol import log_failure
 from linchkit_plugin.errors import DeadlineExceeded, ProviderError
 
@@ -99,7 +96,6 @@ _MOST_HEADERS = 128
 #: and one idle that long closes as its keep-alive timer would have. As the plugin SDK's
 #: server (``linchkit_plugin._uvicorn``).
 DRAIN_IDLE_SECONDS = 1.0
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 class CallLanes:
@@ -370,7 +366,7 @@ class CallLane(asyncio.Protocol):
         close = not keep_alive or lanes.closing or answer.headers.get("Connection") == "close"
         if transport.is_closing():
             return
-        transport.write(_written(answer, close))
+        transport.write(written(answer, close))
         if close:
             self._closing = True
             transport.close()
@@ -452,7 +448,7 @@ class CallLane(asyncio.Protocol):
         )
         transport = self._transport
         assert transport is not None
-        transport.write(_written(answer_of(late, status=408, close=True), close=True))
+        transport.write(written(answer_of(late, status=408, close=True), close=True))
         self._closing = True
         transport.close()
 
@@ -493,31 +489,3 @@ class CallLane(asyncio.Protocol):
 async def _params(body: bytes, max_depth: int) -> Any:
     """The params of a body the lane read whole (its type checked with its head)."""
     return parse_json(body, max_depth) if body else {}
-
-
-_date = (0, "")
-
-
-def _http_date() -> str:
-    """``Date``'s value, formatted once a second."""
-    global _date
-    now = int(time.time())
-    if _date[0] != now:
-        _date = (now, formatdate(now, usegmt=True))
-    return _date[1]
-
-
-def _written(answer: Answer, close: bool) -> bytes:
-    """``answer`` as the bytes of an HTTP/1.1 response."""
-    status, headers, body = answer
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-        f"Content-Length: {len(body)}\r\nDate: {_http_date()}\r\n"
-    ]
-    for name, value in headers.items():
-        if name != "Connection":
-            lines.append(f"{name}: {value}\r\n")
-    if close:
-        lines.append("Connection: close\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1") + body
