@@ -44,6 +44,8 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
             "grace_ms": 7000,
             "call_lane": False,
             "max_grpc_calls": 64,
+            "max_connections": 300,
+            "max_connections_per_peer": 30,
         },
         tmp_path,
     )
@@ -57,6 +59,7 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
     assert (settings.max_body_bytes, settings.grace) == (4096, 7.0)
     assert settings.call_lane is False
     assert settings.max_grpc_calls == 64
+    assert (settings.max_connections, settings.connections_per_peer) == (300, 30)
     overridden = GatewaySettings.from_config(
         manifest.gateway,  # type: ignore[attr-defined]
         port=0,
@@ -65,6 +68,9 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
     assert (overridden.port, overridden.client_cert, overridden.grpc_port) == (0, "optional", 9443)
     assert GatewaySettings.from_config(None) == GatewaySettings()
     assert GatewaySettings().call_lane is True
+    unset = GatewaySettings.from_config(with_gateway({"max_connections": 100}, tmp_path).gateway)  # type: ignore[attr-defined]
+    assert unset.connections_per_peer == 25  # a quarter when not said
+    assert GatewaySettings().connections_per_peer == 1024
 
 
 @pytest.mark.parametrize(
@@ -80,6 +86,15 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
         ({"grpc_port": -1}, "grpc_port"),
         ({"timeouts": {"body_ms": 0}}, "body_ms"),
         ({"max_grpc_calls": 0}, "max_grpc_calls"),
+        ({"max_connections": 0}, "max_connections"),
+        ({"max_connections": "many"}, "max_connections"),
+        ({"max_connections": 10**9}, "max_connections"),
+        ({"max_connections_per_peer": 0}, "max_connections_per_peer"),
+        (
+            {"max_connections": 100, "max_connections_per_peer": 101},
+            r"max_connections_per_peer \(101\) is above max_connections \(100\)",
+        ),
+        ({"max_connections_per_peer": 5000}, r"above max_connections \(4096\)"),
         ({"timeouts": {"keep_alive_ms": 0}}, "keep_alive_ms"),
         ({"timeouts": {"keep_alive_ms": 10**12}}, "keep_alive_ms"),
         ({"timeouts": {"keep_alive_ms": "forever"}}, "keep_alive_ms"),
@@ -92,6 +107,24 @@ def test_mistakes_are_named_where_they_are(
     with pytest.raises(ManifestError, match=complaint) as raised:
         with_gateway(gateway, tmp_path)
     assert "gateway" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("limits", "complaint"),
+    [
+        ({"max_connections": 0}, r"max_connections must be in \[1, 10000000\], not 0"),
+        ({"max_connections_per_peer": 0}, "max_connections_per_peer must be in"),
+        (
+            {"max_connections": 10, "max_connections_per_peer": 11},
+            r"max_connections_per_peer \(11\) is above max_connections \(10\)",
+        ),
+    ],
+)
+def test_connection_limits_given_in_python_are_checked(
+    limits: dict[str, int], complaint: str
+) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        GatewaySettings(**limits)  # type: ignore[arg-type]
 
 
 async def test_serve_reads_the_section_and_serves_grpc_beside_http(tmp_path: Path) -> None:

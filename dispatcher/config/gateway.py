@@ -14,6 +14,8 @@ Durations are in milliseconds, as every other duration of a manifest.
       timeouts: {body_ms: 30000, header_ms: 10000, keep_alive_ms: 75000, heartbeat_ms: 20000}
       max_job_waits: 1000
       max_grpc_calls: 1000
+      max_connections: 4096
+      max_connections_per_peer: 1024
       grace_ms: 20000
 """
 
@@ -25,9 +27,27 @@ from pydantic import Field, model_validator
 
 from providers.target import ManifestPath, StrictModel
 
-__all__ = ["GatewayConfig", "GatewayTimeouts", "GatewayTls"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "MOST_CONNECTIONS",
+    "GatewayConfig",
+    "GatewayTimeouts",
+    "GatewayTls",
+]
 
 _Port = Annotated[int, Field(ge=0, le=65535)]
+#: Connections each port holds open at once, by default. Measured on the 2-core test
+#: machine (``dispatcher serve``, 3,000 connections held): one file descriptor each, and
+#: of the process's memory ~2 kB for an HTTP connection that sent nothing, ~5 kB once the
+#: call lane has answered on it, ~11 kB once aiohttp serves it, ~17 kB for a gRPC
+#: connection past its HTTP/2 handshake (the kernel's socket buffers come on top). Its
+#: RLIMIT_NOFILE is 20,000: two ports at 4,096 take 8,192 descriptors at most, leaving
+#: the rest to the dispatcher's own connections (plugins, Redis, OTLP) and files, and
+#: cost ~115 MB at the most (the gateway warns at start when the limit is lower than
+#: the ports' connections need, docs/gateway.md).
+DEFAULT_MAX_CONNECTIONS = 4096
+#: grpc takes an int below 2**31; far above what any process holds descriptors for.
+MOST_CONNECTIONS = 10_000_000
 
 
 class GatewayTls(StrictModel):
@@ -89,6 +109,16 @@ class GatewayConfig(StrictModel):
         description="Calls the gRPC port holds at once, waiting for their message or running;"
         " more: RESOURCE_EXHAUSTED.",
     )
+    max_connections: Annotated[int, Field(ge=1, le=MOST_CONNECTIONS)] = Field(
+        default=DEFAULT_MAX_CONNECTIONS,
+        description="Connections open at once on each port (HTTP, gRPC); one more is closed"
+        " at once (HTTP: 503 overloaded when it costs nothing).",
+    )
+    max_connections_per_peer: Annotated[int, Field(ge=1, le=MOST_CONNECTIONS)] | None = Field(
+        default=None,
+        description="Connections one peer address (an IPv6 peer's /64) may hold open on the"
+        " HTTP port; default: a quarter of max_connections.",
+    )
     grace_ms: Annotated[int, Field(ge=0, le=86_400_000)] = Field(
         default=20_000, description="How long a drain lets calls in flight finish."
     )
@@ -104,3 +134,13 @@ class GatewayConfig(StrictModel):
         description="Answer plain calls on the call lane (httptools); false: every request"
         " through aiohttp.web, at more CPU per call (docs/gateway.md).",
     )
+
+    @model_validator(mode="after")
+    def _one_peer_within_the_whole(self) -> GatewayConfig:
+        per_peer = self.max_connections_per_peer
+        if per_peer is not None and per_peer > self.max_connections:
+            raise ValueError(
+                f"max_connections_per_peer ({per_peer}) is above max_connections"
+                f" ({self.max_connections}): lower it, or raise max_connections"
+            )
+        return self

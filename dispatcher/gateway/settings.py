@@ -23,6 +23,11 @@ Each limit guards one resource against one kind of client, broken or hostile:
     max_grpc_calls         memory and tasks: calls on the gRPC port,     RESOURCE_EXHAUSTED
                            waiting for their message (body_timeout at
                            most) or running
+    max_connections        file descriptors and memory: connections      HTTP: 503 overloaded
+                           open on each port (idle ones, TLS handshakes   and closed (TLS:
+                           under way)                                     closed); gRPC: closed
+    max_connections_       the same, against one peer address taking     as max_connections
+      per_peer             them all (the HTTP port only: grpc cannot)
     event_buffer           memory: events kept for resuming subscribers  oldest dropped; a
                                                                           resume past it is told
     max_pending_events     memory: events queued for one slow consumer   WebSocket closed 4008
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dispatcher.config.gateway import GatewayConfig
+from dispatcher.config.gateway import DEFAULT_MAX_CONNECTIONS, MOST_CONNECTIONS, GatewayConfig
 from dispatcher.gateway.disclosure import ErrorDetail
 
 __all__ = ["ClientCertificates", "GatewaySettings"]
@@ -87,6 +92,14 @@ class GatewaySettings:
     #: by grpc. A call waiting for its message costs the gateway ~19 kB (measured): a
     #: thousand is ~20 MB, the bound of ``max_job_waits`` and ``event_buffer`` too.
     max_grpc_calls: int = 1000
+    #: Connections each port holds open at once, counted from their acceptance (a TLS
+    #: handshake under way included); one more is refused at once (``dispatcher.gateway.
+    #: listener``; on the gRPC port, grpc's own quota). What a connection costs, measured,
+    #: and why 4,096: ``dispatcher.config.gateway.DEFAULT_MAX_CONNECTIONS``.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: Connections one peer address may hold open on the HTTP port (an IPv6 peer is its
+    #: /64); None: a quarter of ``max_connections`` (``connections_per_peer``).
+    max_connections_per_peer: int | None = None
     #: Plain calls answered on the call lane (``dispatcher.gateway.lane``); False: every
     #: request through aiohttp.web.
     call_lane: bool = True
@@ -112,6 +125,15 @@ class GatewaySettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("max_connections", "max_connections_per_peer"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= MOST_CONNECTIONS:
+                raise ValueError(f"{name} must be in [1, {MOST_CONNECTIONS}], not {value}")
+        if self.connections_per_peer > self.max_connections:
+            raise ValueError(
+                f"max_connections_per_peer ({self.max_connections_per_peer}) is above"
+                f" max_connections ({self.max_connections}): lower it, or raise max_connections"
+            )
         for name in (
             "body_timeout",
             "header_timeout",
@@ -145,6 +167,14 @@ class GatewaySettings:
     def tls(self) -> bool:
         return self.tls_cert is not None
 
+    @property
+    def connections_per_peer(self) -> int:
+        """``max_connections_per_peer``, or a quarter of ``max_connections`` when unset:
+        one peer cannot take them all, and a few (a load balancer's nodes) still can."""
+        if self.max_connections_per_peer is not None:
+            return self.max_connections_per_peer
+        return max(1, self.max_connections // 4)
+
     @classmethod
     def from_config(cls, config: GatewayConfig | None, **overrides: Any) -> GatewaySettings:
         """The manifest's ``gateway:`` section, then ``overrides`` (the command line's
@@ -164,6 +194,8 @@ class GatewaySettings:
                 "max_job_wait": config.timeouts.job_wait_ms / 1000,
                 "max_job_waits": config.max_job_waits,
                 "max_grpc_calls": config.max_grpc_calls,
+                "max_connections": config.max_connections,
+                "max_connections_per_peer": config.max_connections_per_peer,
                 "grace": config.grace_ms / 1000,
                 "call_lane": config.call_lane,
                 "error_detail": config.error_detail,
