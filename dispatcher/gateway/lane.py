@@ -54,6 +54,8 @@ from linchkit_plugin.errors import DeadlineExceeded, ProviderError
 
 if TYPE_CHECKING:
     from dispatcher.gateway.app import Gateway
+    from dispatcher.gateway.connections import Seat
+    from dispatcher.gateway.listener import SeatedProtocols
     from dispatcher.gateway.settings import GatewaySettings
 
 __all__ = ["DRAIN_IDLE_SECONDS", "LANE_MAX_BODY", "LANE_MAX_HEAD", "CallLane", "CallLanes"]
@@ -105,7 +107,7 @@ class CallLanes:
         self,
         gateway: Gateway,
         settings: GatewaySettings,
-        elsewhere: Callable[[], asyncio.Protocol],
+        elsewhere: SeatedProtocols,
     ) -> None:
         self.gateway = gateway
         self.settings = settings
@@ -122,9 +124,10 @@ class CallLanes:
         self.served = 0
         self.handed_off = 0
 
-    def __call__(self) -> asyncio.Protocol:
-        """A new connection's protocol (``loop.create_server``'s factory)."""
-        return CallLane(self)
+    def __call__(self, *, seat: Seat | None = None) -> asyncio.Protocol:
+        """A new connection's protocol, which gives ``seat`` back when the connection
+        closes (or hands it to aiohttp's protocol with the connection)."""
+        return CallLane(self, seat)
 
     def stop_taking(self) -> None:
         """Wind every connection down: each closes after its next answer (which says
@@ -242,8 +245,10 @@ def _read_head(raw: bytes, most: int) -> tuple[_Head, str, str, bool] | None:
 class CallLane(asyncio.Protocol):
     """One connection while it sends plain calls (the module's docstring)."""
 
-    def __init__(self, lanes: CallLanes) -> None:
+    def __init__(self, lanes: CallLanes, seat: Seat | None = None) -> None:
         self._lanes = lanes
+        #: The connection's place in the port's counts (``dispatcher.gateway.connections``).
+        self._seat = seat
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
@@ -292,6 +297,8 @@ class CallLane(asyncio.Protocol):
         self._closing = True
         self._stop_waiting()
         self._lanes.gone(self)
+        if self._seat is not None:
+            self._seat.release()
 
     def pause_writing(self) -> None:
         self._writable = False
@@ -465,7 +472,8 @@ class CallLane(asyncio.Protocol):
             transport.close()
             return
         self._lanes.handed_off += 1
-        protocol = self._lanes.elsewhere()
+        protocol = self._lanes.elsewhere(seat=self._seat)  # it gives the seat back now
+        self._seat = None
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         data, self._buffer = bytes(self._buffer), bytearray()

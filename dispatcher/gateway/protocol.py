@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import logging
 import traceback
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from dispatcher.gateway.connections import Seat
 from dispatcher.gateway.errors import error_answer
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams, ProviderError
 
@@ -46,7 +48,17 @@ log = logging.getLogger("dispatcher.gateway")
 class GatewayProtocol(RequestHandler):
     """aiohttp's ``RequestHandler`` with the gateway's answers to what aiohttp answers
     itself (the module's docstring). Made by ``GatewayServer`` for each connection it
-    serves with aiohttp, with the options its ``AppRunner`` got."""
+    serves with aiohttp, with the options its ``AppRunner`` got, and the connection's
+    ``seat`` in the port's counts, given back when it closes."""
+
+    def __init__(self, *args: Any, seat: Seat | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seat = seat
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self._seat is not None:
+            self._seat.release()
 
     def handle_error(
         self,

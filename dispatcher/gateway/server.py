@@ -11,6 +11,13 @@ timer (and the lane's, alike) runs from the moment a connection opens and again 
 each answer, and closes the connection if no complete request head arrived by then: that
 is the gateway's header timeout (slowloris, idle connections), set to ``header_timeout``.
 
+Connections: the port holds ``max_connections`` at most, ``connections_per_peer`` from
+one peer address; the listening socket is the gateway's own (``dispatcher.gateway.
+listener``), which refuses a connection past either as it accepts it (503 ``overloaded``
+on plain HTTP, closed on TLS), and bounds a TLS handshake by ``header_timeout``. At start
+the gateway warns when RLIMIT_NOFILE is lower than its ports' connections need
+(``descriptors_short``).
+
 TLS: ``CertificateReload`` builds a new context from the certificate, key and client CA
 when any of their files change (checked every ``cert_check_interval`` seconds, or at once
 on ``reload_certificates()``, which ``dispatcher serve`` calls on SIGHUP), and every
@@ -26,26 +33,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import resource
 import ssl
+from collections.abc import Mapping
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.gateway.app import GATEWAY_KEY, HANDLER_ARGS, HUB_KEY, create_app
+from dispatcher.gateway.connections import ConnectionLimit, Refusal
+from dispatcher.gateway.errors import answer_of, written
 from dispatcher.gateway.events import EventHub
 from dispatcher.gateway.lane import DRAIN_IDLE_SECONDS, CallLanes
+from dispatcher.gateway.listener import Listener
 from dispatcher.gateway.protocol import GatewayProtocol
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator
+from dispatcher.telemetry.metrics import ConnectionsCollector
+from linchkit_plugin.errors import Overloaded
 from providers.tls import files_stamp
 
 if TYPE_CHECKING:
     from dispatcher.gateway.grpc_gateway import GrpcGateway
 
-__all__ = ["CertificateReload", "GatewayServer", "server_ssl_context"]
+__all__ = ["CertificateReload", "GatewayServer", "descriptors_short", "server_ssl_context"]
 
 log = logging.getLogger("dispatcher.gateway")
 
@@ -55,6 +70,53 @@ _SHUTDOWN_SECONDS = 2.0
 _BACKLOG = 128
 #: How often a stop looks whether aiohttp's connections have all closed.
 _POLL_SECONDS = 0.05
+#: File descriptors the process needs besides its ports' connections (plugins, their
+#: connections, Redis, OTLP, the audit log, files) when it warns about RLIMIT_NOFILE.
+FD_RESERVE = 1024
+#: What a connection refused at a limit is told (plain HTTP), by the limit.
+_REFUSALS: Mapping[Refusal, str] = {
+    "max_connections": "this gateway holds as many connections as it takes"
+    " (max_connections): send the call again shortly, or over a connection you keep open",
+    "max_connections_per_peer": "this gateway holds as many connections from your address"
+    " as it takes from one (max_connections_per_peer): send calls over the connections"
+    " you have open, or close some",
+}
+
+
+def _refusal_answer(refusal: Refusal) -> bytes:
+    error = Overloaded(
+        _REFUSALS[refusal], retry_after=1.0, details={"stage": "refused", "limit": refusal}
+    )
+    return written(answer_of(error, close=True), close=True)
+
+
+def descriptors_short(settings: GatewaySettings, limit: int, open_now: int) -> str | None:
+    """Why RLIMIT_NOFILE ``limit`` cannot hold the ports' ``max_connections`` beside the
+    ``open_now`` descriptors and ``FD_RESERVE``, or None when it can."""
+    ports = 1 if settings.grpc_port is None else 2
+    needed = settings.max_connections * ports + open_now + FD_RESERVE
+    if limit == resource.RLIM_INFINITY or needed <= limit:
+        return None
+    return (
+        f"RLIMIT_NOFILE is {limit}, but max_connections {settings.max_connections} on"
+        f" {ports} port(s), with the {open_now} descriptors open now and {FD_RESERVE} kept"
+        f" for the dispatcher's own connections and files, need {needed}: the process"
+        " would run out of file descriptors before the ports reach their limit (new"
+        " connections then wait in the kernel's backlog, and the dispatcher's own"
+        " connections to plugins fail). Raise it (systemd LimitNOFILE=, ulimit -n) or"
+        " lower gateway.max_connections"
+    )
+
+
+def _warn_if_descriptors_short(settings: GatewaySettings) -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux: the reserve alone
+        open_now = 0
+    short = descriptors_short(settings, soft, open_now)
+    if short is not None:
+        log.warning("%s", short)
 
 
 def server_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
@@ -160,7 +222,14 @@ class GatewayServer:
         self._authenticator = authenticator
         self._access_log = access_log
         self._runner: web.AppRunner | None = None
-        self._listening: asyncio.Server | None = None
+        self._listening: Listener | None = None
+        #: The HTTP port's open connections against ``max_connections`` and per peer.
+        self.connections = ConnectionLimit(
+            "HTTP",
+            most=self.settings.max_connections,
+            most_per_peer=self.settings.connections_per_peer,
+        )
+        self._collector: ConnectionsCollector | None = None
         #: The call lanes of the connections (None with ``access_log``: aiohttp logs).
         self.lanes: CallLanes | None = None
         self._reload: CertificateReload | None = None
@@ -198,17 +267,24 @@ class GatewayServer:
         protocols = partial(GatewayProtocol, runner.server, loop=loop, **protocol_options)
         if settings.call_lane and not self._access_log:
             self.lanes = CallLanes(app[GATEWAY_KEY], settings, protocols)
+        _warn_if_descriptors_short(settings)
+        listener = self._listening = Listener(
+            self.connections,
+            self.lanes or protocols,
+            ssl_context=context,
+            handshake_timeout=settings.header_timeout,
+            refusal_answer=_refusal_answer,
+            backlog=_BACKLOG,
+        )
         try:
-            self._listening = await loop.create_server(
-                self.lanes or protocols,
-                settings.host,
-                settings.port,
-                ssl=context,
-                backlog=_BACKLOG,
-            )
+            await listener.start(settings.host, settings.port)
         except BaseException:
             await self.aclose()
             raise
+        telemetry = self.dispatcher.telemetry
+        if telemetry is not None and telemetry.metrics is not None:
+            self._collector = ConnectionsCollector(self.connection_stats)
+            telemetry.metrics.registry.register(self._collector)
         if reload is not None:
             self._reload = reload
             self._watch = asyncio.create_task(reload.watch(settings.cert_check_interval))
@@ -227,6 +303,10 @@ class GatewayServer:
         """Load the certificate files again now (SIGHUP); True if a new pair was loaded."""
         return self._reload.check(force=True) if self._reload is not None else False
 
+    def connection_stats(self) -> dict[str, dict[str, Any]]:
+        """Each port's open connections, limits and refusals (the metrics read it)."""
+        return {"http": self.connections.stats()}
+
     @property
     def url(self) -> str:
         """The base URL of the first address listened on (the real port when given 0)."""
@@ -237,6 +317,11 @@ class GatewayServer:
         return f"{scheme}://{shown}:{port}"
 
     async def aclose(self) -> None:
+        if self._collector is not None:
+            telemetry = self.dispatcher.telemetry
+            if telemetry is not None and telemetry.metrics is not None:
+                telemetry.metrics.registry.unregister(self._collector)
+            self._collector = None
         if self.grpc is not None:
             grpc_port, self.grpc = self.grpc, None
             await grpc_port.aclose(_SHUTDOWN_SECONDS)
@@ -246,7 +331,8 @@ class GatewayServer:
                 await self._watch
             self._watch = None
         if self._listening is not None:
-            self._listening.close()  # no new connections: a client's connect is refused
+            # No new connections (a client's connect is refused); handshakes under way end.
+            await self._listening.aclose()
         # Both kinds of connection wind down at once: each closes after its next answer,
         # one left idle soon after (``DRAIN_IDLE_SECONDS``; the lane's docstring says why).
         closing = [self._close_aiohttp()]
@@ -298,4 +384,4 @@ class GatewayServer:
 
     def __repr__(self) -> str:
         where = self.url if self._listening is not None else "not listening"
-        return f"<GatewayServer {where} {self.hub!r}>"
+        return f"<GatewayServer {where} {self.connections!r} {self.hub!r}>"

@@ -42,7 +42,14 @@ if TYPE_CHECKING:
     from aiohttp import web
     from prometheus_client.metrics_core import Metric
 
-__all__ = ["CallRecord", "DispatcherMetrics", "StatsCollector", "asgi_app", "metrics_handler"]
+__all__ = [
+    "CallRecord",
+    "ConnectionsCollector",
+    "DispatcherMetrics",
+    "StatsCollector",
+    "asgi_app",
+    "metrics_handler",
+]
 
 #: Distinct outcomes one route may report before the rest are counted as ``other``: the
 #: error tree bounds them already; this bounds a third-party error class naming itself.
@@ -223,6 +230,41 @@ class StatsCollector(Collector):
         yield from _state(stats.get("state", {}))
         yield from _rollouts(stats.get("rollouts", {}))
         yield from _cold_starts(stats.get("cold_starts", {}))
+
+
+class ConnectionsCollector(Collector):
+    """A gateway's connections by port (``GatewayServer.connection_stats``), read at
+    scrape time: open now, the limit, and those refused, by the limit that refused them.
+    A port whose grpc does not report a figure leaves it out."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        open_now = _gauge(
+            "dispatcher_gateway_connections", "Connections open on a gateway port.", ["port"]
+        )
+        most = _gauge(
+            "dispatcher_gateway_max_connections",
+            "Connections a gateway port holds at most (gateway.max_connections).",
+            ["port"],
+        )
+        refused = _counter(
+            "dispatcher_gateway_connections_refused",
+            "New connections a gateway port closed at once, by the limit they met"
+            " (max_connections, max_connections_per_peer).",
+            ["port", "reason"],
+        )
+        for port, each in self._stats().items():
+            if each.get("open") is not None:
+                open_now.add_metric([port], each["open"])
+            most.add_metric([port], each["max"])
+            for reason, count in each.get("refused", {}).items():
+                refused.add_metric([port, reason], count)
+        yield from (open_now, most, refused)
 
 
 def _counter(name: str, documentation: str, labels: list[str]) -> CounterMetricFamily:
