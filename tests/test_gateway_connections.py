@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc.aio
+import h2.config
+import h2.connection
 import orjson
 import pytest
 import trustme
@@ -23,6 +26,7 @@ from dispatcher import Dispatcher, parse_manifest
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from dispatcher.gateway.connections import LOG_INTERVAL, ConnectionLimit, Seat, peer_of
 from dispatcher.gateway.server import FD_RESERVE, descriptors_short
+from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
 from tests.conftest import ROOT, manifest
 from tests.gateway_support import echo_entry, read_answer, running_gateway
 from tests.test_gateway_tls import client_context, write_pair
@@ -32,6 +36,7 @@ CALL = (
     b"Content-Type: application/json\r\nContent-Length: 13\r\n\r\n"
     b'{"text":"hi"}'
 )
+SAY = gateway_pb2.GatewayCall(plugin="echo", method="say", params_json=orjson.dumps({"text": "hi"}))
 #: A refused connection is answered (or closed) as it is accepted: well within this.
 PROMPTLY = 1.0
 
@@ -253,6 +258,68 @@ async def test_tls_refused_connections_are_closed_and_handshakes_are_bounded(
                 await _close(connection)
 
 
+def _h2_connection(address: str) -> Any:
+    """A TCP connection to the gRPC port that has sent HTTP/2's preface and SETTINGS,
+    as a client does before its first call, and then nothing."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    connection = socket.create_connection((host, int(port)), timeout=5)
+    h2_state = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    h2_state.initiate_connection()
+    connection.sendall(h2_state.data_to_send())
+    return connection
+
+
+async def test_the_grpc_port_closes_connections_past_max_connections() -> None:
+    """grpc's own quota (``grpc.max_allowed_incoming_connections``): the 21st connection
+    of 20 is closed as it is accepted; a call on a connection held still runs; one closed
+    makes room. channelz's count of open connections is exported."""
+    document = manifest(echo_entry()).model_dump(mode="json", exclude_none=True)
+    document["telemetry"] = {"metrics": {"enabled": True}}
+    settings = _settings(grpc_port=0, max_connections=20, max_connections_per_peer=20)
+    async with (
+        Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher,
+        GatewayServer(dispatcher, settings) as server,
+    ):
+        assert server.grpc is not None
+        grpc_port = server.grpc
+        address = grpc_port.address
+        loop = asyncio.get_running_loop()
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            assert (await stub.Call(SAY, timeout=10)).ok
+            raw = [await loop.run_in_executor(None, _h2_connection, address) for _ in range(19)]
+            try:
+                await _until(lambda: grpc_port.connection_stats()["open"] == 20)
+                for _ in range(5):
+                    started = time.monotonic()
+                    extra = await loop.run_in_executor(None, _h2_connection, address)
+                    try:
+                        assert await loop.run_in_executor(None, extra.recv, 1024) == b""
+                    finally:
+                        extra.close()
+                    assert time.monotonic() - started < PROMPTLY
+                assert (await stub.Call(SAY, timeout=10)).ok
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"{server.url}/metrics") as answer,
+                ):
+                    exposition = await answer.text()
+                assert 'dispatcher_gateway_connections{port="grpc"} 20.0' in exposition
+                assert 'dispatcher_gateway_max_connections{port="grpc"} 20.0' in exposition
+                assert 'dispatcher_gateway_connections{port="http"} 1.0' in exposition  # /metrics
+                for connection in raw[:5]:
+                    connection.close()
+                await _until(lambda: grpc_port.connection_stats()["open"] == 15)
+                async with grpc.aio.insecure_channel(address) as another:
+                    reply = await gateway_pb2_grpc.GatewayServiceStub(another).Call(SAY, timeout=10)
+                    assert reply.ok
+            finally:
+                for connection in raw:
+                    connection.close()
+
+
 async def test_refusals_are_exported_as_metrics_by_port_and_reason() -> None:
     document = manifest(echo_entry()).model_dump(mode="json", exclude_none=True)
     document["telemetry"] = {"metrics": {"enabled": True}}
@@ -338,6 +405,7 @@ def test_the_gateway_says_when_rlimit_nofile_cannot_hold_its_connections() -> No
     [
         test_one_peer_cannot_take_every_connection,
         test_an_http_client_refused_reads_the_503_not_a_reset,
+        test_the_grpc_port_closes_connections_past_max_connections,
     ],
     ids=lambda test: test.__name__.removeprefix("test_"),
 )

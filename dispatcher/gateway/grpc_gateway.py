@@ -45,6 +45,19 @@ limits), each bound from the gateway's settings:
     a connection with no call           keep_alive_timeout     GOAWAY (nothing lost)
     pings, without data between them    one per 10 s           GOAWAY too_many_pings after
                                                                the third too soon
+    connections open on the port        max_connections        closed at once (grpc's
+                                                               quota), unanswered
+
+The connection limit is grpc core's own (``grpc.max_allowed_incoming_connections``,
+grpc/grpc#36088, ``src/core/lib/resource_quota/connection_quota.cc``): counted from the
+accept, so a TLS handshake under way counts; one more connection is closed as it is
+accepted, silently (no log line, no counter grpc exposes to Python). It is per address
+listened on (a host name resolving to two addresses gets two). grpc has no limit per
+peer: its quota is handed the peer's address and ignores it, interceptors see calls, not
+connections (an idle connection, the flood this guards against, makes none), and grpcio
+offers no way to hand grpc a connection accepted in Python (the C core's passive listener
+and ``external:`` acceptor are not exposed). ``connection_stats`` reads the open
+connections from grpc's channelz (``_OpenConnections``).
 
 The methods are registered as client-streaming (``_method_handlers``): grpc hands a
 unary method's call to the service only once its message has come, and waits for that
@@ -58,7 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +79,7 @@ import grpc
 import grpc.aio
 import orjson
 from google.protobuf.message import DecodeError
+from grpc._cython import cygrpc  # channelz's reads: grpcio's public channelz is a servicer
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.gateway.body import Refused, parse_json
@@ -476,6 +490,56 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
+class _OpenConnections:
+    """The connections open on one grpc server, as its channelz node lists them.
+
+    channelz keeps a node per server, made with it, and one per connection from its
+    accept to its close (before its HTTP/2 preface too), on by default
+    (``grpc.enable_channelz``). The server's node is found as the one that appeared while
+    ``make`` made the server. grpcio exposes channelz's reads only in its private
+    ``cygrpc`` (the ``grpcio-channelz`` package serves them as a gRPC service); a read
+    that fails (a grpcio without them, channelz off) counts nothing: None.
+    """
+
+    #: Sockets one channelz read lists at most (grpc's page size).
+    _PAGE = 100
+
+    def __init__(self, make: Callable[[], grpc.aio.Server]) -> None:
+        before = self._servers()
+        self.server = make()
+        after = self._servers()
+        appeared = after - before if before is not None and after is not None else set()
+        self._id = appeared.pop() if len(appeared) == 1 else None
+        if self._id is None:
+            log.debug(
+                "grpc's channelz shows no new server: the gRPC port's connections go uncounted"
+            )
+
+    @staticmethod
+    def _servers() -> set[int] | None:
+        try:
+            page = orjson.loads(cygrpc.channelz_get_servers(0))
+            return {int(server["ref"]["serverId"]) for server in page.get("server", ())}
+        except Exception:  # grpc's private API: anything is possible, nothing is counted
+            return None
+
+    def count(self) -> int | None:
+        """Connections open now, or None when channelz cannot tell."""
+        if self._id is None:
+            return None
+        count, start = 0, 0
+        try:
+            while True:
+                page = orjson.loads(cygrpc.channelz_get_server_sockets(self._id, start, self._PAGE))
+                sockets = page.get("socketRef", ())
+                count += len(sockets)
+                if page.get("end", True) or not sockets:
+                    return count
+                start = max(int(socket["socketId"]) for socket in sockets) + 1
+        except Exception:
+            return None
+
+
 def _milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -507,7 +571,18 @@ class GrpcGateway:
         self.settings = settings
         self.port: int | None = None
         self.fetcher: _CertificateFetcher | None = None
-        self._server = grpc.aio.server(
+        self._connections = _OpenConnections(lambda: self._new_server(settings))
+        self._server = self._connections.server
+        self._servicer = _Servicer(dispatcher, settings, authenticator)
+        handlers = _method_handlers(self._servicer)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(_SERVICE, handlers),)
+        )
+        self._server.add_registered_method_handlers(_SERVICE, handlers)
+
+    @staticmethod
+    def _new_server(settings: GatewaySettings) -> grpc.aio.Server:
+        return grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes + 1024),
                 ("grpc.so_reuseport", 0),
@@ -520,15 +595,11 @@ class GrpcGateway:
                 ("grpc.max_connection_idle_ms", _milliseconds(settings.keep_alive_timeout)),
                 ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
                 ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+                # Closed at once past it, as it is accepted (the module's docstring).
+                ("grpc.max_allowed_incoming_connections", settings.max_connections),
             ],
             maximum_concurrent_rpcs=settings.max_grpc_calls,
         )
-        self._servicer = _Servicer(dispatcher, settings, authenticator)
-        handlers = _method_handlers(self._servicer)
-        self._server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(_SERVICE, handlers),)
-        )
-        self._server.add_registered_method_handlers(_SERVICE, handlers)
 
     async def start(self) -> None:
         settings = self.settings
@@ -548,6 +619,11 @@ class GrpcGateway:
             raise OSError(f"cannot listen for gRPC on {address}")
         self.port = port
         await self._server.start()
+
+    def connection_stats(self) -> dict[str, Any]:
+        """Open connections (None when grpc's channelz cannot tell) and the limit; grpc
+        counts no refusals it would tell, so none are reported."""
+        return {"open": self._connections.count(), "max": self.settings.max_connections}
 
     @property
     def address(self) -> str:

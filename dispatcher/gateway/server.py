@@ -304,8 +304,12 @@ class GatewayServer:
         return self._reload.check(force=True) if self._reload is not None else False
 
     def connection_stats(self) -> dict[str, dict[str, Any]]:
-        """Each port's open connections, limits and refusals (the metrics read it)."""
-        return {"http": self.connections.stats()}
+        """Each port's open connections, limits and refusals (the metrics read it): the
+        HTTP port's as counted here, the gRPC port's as grpc reports them."""
+        stats = {"http": self.connections.stats()}
+        if self.grpc is not None:
+            stats["grpc"] = self.grpc.connection_stats()
+        return stats
 
     @property
     def url(self) -> str:
