@@ -406,6 +406,9 @@ class Shadow:
         difference: dict[str, Any] = {
             "time": round(time.time(), 3),
             "request_id": invocation.request_id,
+            # Whose call it was: the gateway shows a request id (a caller may choose its
+            # own, and write anything in it) to that caller only, as /v1/errors does.
+            "caller": invocation.caller,
             "kind": "result_differs" if error is None else "shadow_failed",
             "primary_ms": round(primary_seconds * 1000, 3),
             "shadow_ms": round(shadow_seconds * 1000, 3),

@@ -362,20 +362,29 @@ async def test_a_shadows_differences_show_no_callers_values_to_another_caller(
             assert time.monotonic() < deadline, shadow
             await asyncio.sleep(0.01)
             shadow = d.stats()["rollouts"]["svc.pure_answer"]
-        async with session.get(
-            f"{server.url}/v1/rollouts", headers={"X-API-Key": bob_key}
-        ) as answer:
-            assert answer.status == 200
-            shown = await answer.text()
-        status = await asyncio.to_thread(
-            CliRunner().invoke,
-            main,
-            ["rollout", "status", "--url", server.url, "--api-key", bob_key],
-        )
+        shown, to_alice = [
+            await (
+                await session.get(f"{server.url}/v1/rollouts", headers={"X-API-Key": key})
+            ).text()
+            for key in (bob_key, alice_key)
+        ]
+        status, alices_status = [
+            await asyncio.to_thread(
+                CliRunner().invoke,
+                main,
+                ["rollout", "status", "--url", server.url, "--api-key", key],
+            )
+            for key in (bob_key, alice_key)
+        ]
     assert "alice-secret" not in shown
     differences = orjson.loads(shown)["rollouts"]["svc.pure_answer"]["recent_differences"]
     assert len(differences) == 5  # the last five of six
-    assert [each["request_id"] for each in differences] == request_ids[1:]
+    # A request id is shown to its own caller only: a caller may choose its own, and
+    # write anything in it.
+    assert not any("request_id" in each or "caller" in each for each in differences)
+    alices = orjson.loads(to_alice)["rollouts"]["svc.pure_answer"]["recent_differences"]
+    assert [each["request_id"] for each in alices] == request_ids[1:]
+    assert not any(request_id in shown for request_id in request_ids)
     assert [(each["kind"], each.get("error")) for each in differences] == [
         ("result_differs", None),
         ("shadow_failed", "plugin_error"),  # every third call of the shadow fails
@@ -389,8 +398,11 @@ async def test_a_shadows_differences_show_no_callers_values_to_another_caller(
         assert each["primary_ms"] >= 0 and each["shadow_ms"] >= 0
     assert status.exit_code == 0, status.output
     assert "alice-secret" not in status.output
-    assert f"{request_ids[-1]}  shadow failed: plugin_error" in status.output
-    assert f"{request_ids[-2]}  result differs" in status.output
+    assert "-  shadow failed: plugin_error" in status.output
+    assert "-  result differs" in status.output
+    assert not any(request_id in status.output for request_id in request_ids)
+    assert f"{request_ids[-1]}  shadow failed: plugin_error" in alices_status.output
+    assert f"{request_ids[-2]}  result differs" in alices_status.output
     # The operator who turns the rollout logger down to DEBUG sees the values.
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert any(request_ids[0] in line and "alice-secret-1" in line for line in logged)

@@ -89,13 +89,14 @@ def _line(name: str, each: dict[str, Any]) -> str:
 
 
 def _difference(each: dict[str, Any]) -> str:
-    """One of a shadow's recent differences: when, which request, what kind, how long."""
+    """One of a shadow's recent differences: when, which request (another caller's call:
+    ``-``, the gateway shows a request id to its caller only), what kind, how long."""
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(each["time"]))
     kind = each["kind"].replace("_", " ")
     if each.get("error") is not None:
         kind = f"{kind}: {each['error']}"
     took = f"primary {each['primary_ms']:g} ms, shadow {each['shadow_ms']:g} ms"
-    return f"  {when}  {each['request_id']}  {kind}  ({took})"
+    return f"  {when}  {each.get('request_id', '-')}  {kind}  ({took})"
 
 
 def _control(action: str) -> Any:
