@@ -344,18 +344,22 @@ async def test_calls_cancelled_as_they_start_leave_the_plugin_serving(plugin: Pl
 
 #: Params of 5 MB: past grpc's default 4 MiB, well within the 64 MiB every side takes.
 LARGE = b'"' + b"x" * 5_000_000 + b'"'
+#: ... worked on, not refused: a 10 MB batch parsed and answered on a loaded two-core
+#: machine took over ANSWER_WITHIN (Node, in a full run beside other work). What this
+#: checks is that they cross, not how fast.
+LARGE_WITHIN = 30.0
 
 
 async def test_params_and_results_of_5_mb_cross_call_batch_and_events(plugin: Plugin) -> None:
     async with stub_of(plugin) as stub:
-        reply = await stub.Call(request(params=LARGE), timeout=ANSWER_WITHIN)
+        reply = await stub.Call(request(params=LARGE), timeout=LARGE_WITHIN)
         assert reply.ok, reply.error
         assert reply.result_json == LARGE
         # Two such items: a 10 MB batch, and a 10 MB answer.
         batch = plugin_pb2.BatchRequest(calls=[request(params=LARGE)] * 2)
-        replies = await stub.CallBatch(batch, timeout=ANSWER_WITHIN)
+        replies = await stub.CallBatch(batch, timeout=LARGE_WITHIN)
         assert [(r.ok, r.result_json == LARGE) for r in replies.results] == [(True, True)] * 2
-        pong = await asyncio.wait_for(_pong(stub, LARGE), ANSWER_WITHIN)
+        pong = await asyncio.wait_for(_pong(stub, LARGE), LARGE_WITHIN)
         assert len(pong.data_json) == len(LARGE)
 
 
