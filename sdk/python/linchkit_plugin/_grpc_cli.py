@@ -1,0 +1,90 @@
+"""The plugin executable's command line (``linchkit_plugin.grpc_server.main``): which mode
+it runs in, read before the plugin is built.
+
+* ``serve [--address HOST:PORT]``: service mode, with the bearer token callers must
+  present (``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``, docs/security.md);
+* no arguments, with the magic cookie in the environment: subprocess mode, started by a
+  host; no token is read, AutoMTLS admits only the host that launched the plugin;
+* anything else: a hint on stderr, for whoever ran it by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
+from linchkit_plugin.handshake import MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE
+from linchkit_plugin.listen import address_mistake, host_and_port
+from linchkit_plugin.registry import (
+    ADVERTISE_ENV,
+    DEFAULT_LEAVE_DELAY,
+    DEFAULT_TTL,
+    LEAVE_DELAY_ENV,
+    REGISTER_ETCD_ENV,
+    REGISTER_PREFIX_ENV,
+    REGISTER_TTL_ENV,
+)
+
+__all__ = ["Launch", "read_command_line"]
+
+_HINT = (
+    "This is a LinchKit plugin: it is started by the dispatcher, not by hand.\n"
+    "To run it as a gRPC service instead: {program} serve --address 127.0.0.1:50051\n"
+)
+
+_SERVE_ENVIRONMENT = f"""\
+environment (docs/registry.md, docs/security.md):
+  {TOKEN_FILE_ENV}, {TOKEN_ENV}
+      the bearer token every call must carry (without it anyone may call)
+  {REGISTER_ETCD_ENV}, {REGISTER_PREFIX_ENV}
+      register {{"address": "host:port"}} in this etcd, under this prefix, while serving
+  {ADVERTISE_ENV}
+      the host:port dispatchers reach (required when listening on 0.0.0.0 or ::)
+  {REGISTER_TTL_ENV}
+      the lease's seconds, at least 2 (default {DEFAULT_TTL})
+  {LEAVE_DELAY_ENV}
+      seconds served on after leaving the registry on SIGTERM, 0-600 (default {DEFAULT_LEAVE_DELAY:g})
+"""
+
+
+class Launch(NamedTuple):
+    """How the executable runs: service mode (``arguments``, ``serve``'s, and the token
+    callers must present, if one is configured) or subprocess mode (``arguments`` None)."""
+
+    arguments: argparse.Namespace | None
+    token: BearerToken | None
+
+
+def read_command_line(argv: Sequence[str]) -> Launch | None:
+    """How ``argv`` (without the program's name) runs the executable; None once the reason
+    it cannot run is on stderr (exit status 1). ``--help`` exits, as argparse does."""
+    arguments: argparse.Namespace | None = None
+    if argv and argv[0] == "serve":
+        parser = argparse.ArgumentParser(
+            prog=f"{os.path.basename(sys.argv[0])} serve",
+            description="Serve the plugin as a gRPC service until SIGTERM or Ctrl+C.",
+            epilog=_SERVE_ENVIRONMENT,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.add_argument(
+            "--address", default="127.0.0.1:0", help="host:port to listen on (%(default)s)"
+        )
+        arguments = parser.parse_args(argv[1:])
+        if host_and_port(arguments.address) is None:
+            sys.stderr.write(address_mistake(arguments.address) + "\n")
+            return None
+    elif os.environ.get(MAGIC_COOKIE_KEY) != MAGIC_COOKIE_VALUE:
+        sys.stderr.write(_HINT.format(program=os.path.basename(sys.argv[0])))
+        return None
+    token: BearerToken | None = None
+    if arguments is not None:  # service mode only: in subprocess mode AutoMTLS admits the host
+        try:
+            token = BearerToken.configured(os.environ.get(TOKEN_FILE_ENV) or None)
+        except TokenError as error:
+            sys.stderr.write(f"serve: {error}\n")
+            return None
+    return Launch(arguments, token)
