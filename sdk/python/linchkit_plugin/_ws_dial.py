@@ -1,0 +1,161 @@
+"""Reverse mode (``linchkit_plugin.ws_server.dial``): the plugin dials the dispatcher's
+gateway and takes calls over that connection.
+
+It reconnects after every drop with exponential backoff and full jitter, reset only once
+the gateway welcomed the plugin; a refusal at the upgrade (401, 403, 404: wrong token,
+another plugin's id, no such inbound plugin) is not retried: ``Refused`` says which.
+Stopping loses no call: the plugin says ``goaway`` and answers what the gateway still sends
+until it closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from linchkit_plugin._ws_events import EventOutbox
+from linchkit_plugin._ws_session import PluginSession, hello_of
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.ws_protocol import (
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PLUGIN_ID_HEADER,
+    PLUGIN_VERSION_HEADER,
+)
+
+__all__ = ["Refused", "checked_gateway_url", "dial"]
+
+log = logging.getLogger("linchkit_plugin.websocket")
+
+
+class Refused(Exception):
+    """The gateway refused the connection at the upgrade; retrying would not help."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"the gateway refused the connection ({status}): {message}")
+        self.status = status
+
+
+#: The schemes a gateway's WebSocket URL may have (aiohttp dials http(s) as ws(s)).
+_GATEWAY_SCHEMES = frozenset({"ws", "wss", "http", "https"})
+
+
+def checked_gateway_url(url: str) -> str:
+    """``url`` if it can name a gateway; else ``ValueError``: a URL that can never reach
+    one would otherwise be retried for ever, quietly."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme.lower() not in _GATEWAY_SCHEMES or not parts.hostname:
+        raise ValueError(
+            "--url must be a ws:// or wss:// URL"
+            f" (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not {url!r}"
+        )
+    return url
+
+
+async def dial(
+    host: PluginHost,
+    url: str,
+    *,
+    plugin_id: str,
+    version: str,
+    token: str | None = None,
+    config: dict[str, Any] | None = None,
+    ssl: Any = True,
+    heartbeat: float = DEFAULT_HEARTBEAT,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_in_flight: int = 1024,
+    max_buffered_events: int = 1000,
+    initial_backoff: float = 0.1,
+    max_backoff: float = 10.0,
+    on_connected: Callable[[], Awaitable[None] | None] | None = None,
+    stopping: asyncio.Event | None = None,
+) -> None:
+    """Reverse mode: dial the gateway at ``url`` (``ws[s]://…/v1/plugins/connect``) as
+    ``plugin_id@version`` and take calls over that connection, reconnecting after every
+    drop (exponential backoff with full jitter, reset once a connection came up), until
+    cancelled, or until ``stopping`` is set: then it says ``goaway``, answers the calls the
+    gateway still sends until it closes the connection (at most ``GOAWAY_GRACE``), and
+    returns. Runs the plugin's lifecycle around it. Raises ``Refused`` on 401/403/404.
+    """
+    stopping = stopping or asyncio.Event()
+    checked_gateway_url(url)
+    outbox = EventOutbox(max_buffered_events)
+    if hasattr(host.plugin, "emit"):
+        host.plugin._emit = outbox.emit
+    hello = hello_of(host, plugin_id, version)
+    headers = {PLUGIN_ID_HEADER: plugin_id, PLUGIN_VERSION_HEADER: version}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    await host.open(config or {})
+    backoff = initial_backoff
+    try:
+        async with aiohttp.ClientSession() as client:
+            while not stopping.is_set():
+                try:
+                    socket = await client.ws_connect(
+                        url,
+                        headers=headers,
+                        heartbeat=heartbeat,
+                        max_msg_size=max_message_bytes,
+                        ssl=ssl,
+                        decode_text=False,
+                        timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                    )
+                except aiohttp.WSServerHandshakeError as error:
+                    if error.status in (401, 403, 404):
+                        raise Refused(error.status, error.message) from None
+                    log.warning("the gateway answered %s; retrying", error.status)
+                except (aiohttp.ClientError, OSError) as error:
+                    log.info("cannot reach %s: %s; retrying", url, type(error).__name__)
+                else:
+                    session = PluginSession(
+                        host, socket, outbox, hello=hello, max_in_flight=max_in_flight
+                    )
+                    if on_connected is not None:
+                        outcome = on_connected()
+                        if outcome is not None:
+                            await outcome
+                    try:
+                        await _serve_until(session, stopping)
+                    finally:
+                        await socket.close()
+                    if stopping.is_set():
+                        return
+                    log.info("connection to %s closed (%s); reconnecting", url, socket.close_code)
+                    # Reset only once the gateway welcomed this plugin: one that closes
+                    # every connection at once is otherwise redialled 20 times a second.
+                    if session.welcomed:
+                        backoff = initial_backoff
+                # Full jitter: a gateway restarting is not hit by every plugin at once.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), random.uniform(0, backoff))
+                backoff = min(backoff * 2, max_backoff)
+    finally:
+        await host.close()
+
+
+async def _serve_until(session: PluginSession, stopping: asyncio.Event) -> None:
+    """Serve ``session`` until its connection closes; if ``stopping`` is set first, go
+    away on it (``PluginSession.go_away``) and return once it has closed."""
+    running = asyncio.ensure_future(session.run())
+    told = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([running, told], return_when=asyncio.FIRST_COMPLETED)
+        if not running.done():
+            await session.go_away()
+        await running
+    finally:
+        for task in (running, told):
+            task.cancel()
+        await asyncio.gather(running, told, return_exceptions=True)

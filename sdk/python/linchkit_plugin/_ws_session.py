@@ -1,0 +1,267 @@
+"""One open WebSocket serving a plugin (``linchkit_plugin.ws_server``), whichever side
+dialled: the dispatcher (served) or the plugin (reverse mode, ``_ws_dial``).
+
+A ``PluginSession`` sends ``hello``, runs each ``call`` and ``stream`` frame as a task of
+its own (at most ``max_in_flight`` at once; beyond that it stops reading, so TCP pushes back
+on the host instead of this process buffering), cancels a task on ``cancel``, answers
+``health``, hands ``event`` frames to the plugin's ``on_event`` and sends the plugin's
+events. A stream sends no more chunks than the host's credit allows (``STREAM_WINDOW``,
+then what ``credit`` frames grant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from linchkit_plugin._ws_events import EventOutbox
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams, ProviderError
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.wire import error_response, ok_response, parse_request
+from linchkit_plugin.ws_protocol import (
+    CLOSE_GOING_AWAY,
+    GOAWAY_GRACE,
+    STREAM_WINDOW,
+    FrameError,
+    decode_frame,
+    encode_frame,
+    error_frame,
+    hello_frame,
+)
+
+__all__ = ["PluginSession", "Socket", "hello_of"]
+
+log = logging.getLogger("linchkit_plugin.websocket")
+
+Socket = web.WebSocketResponse[Any] | aiohttp.ClientWebSocketResponse[Any]
+
+#: Frames of one session's events waiting to be written; beyond it the newest is dropped.
+_SESSION_EVENT_QUEUE = 1024
+
+
+class _Window:
+    """How many chunks a stream may still send before the host grants more."""
+
+    __slots__ = ("_credit", "_granted")
+
+    def __init__(self, credit: int) -> None:
+        self._credit = credit
+        self._granted = asyncio.Event()
+
+    async def take(self) -> None:
+        while self._credit <= 0:
+            self._granted.clear()
+            await self._granted.wait()
+        self._credit -= 1
+
+    def grant(self, count: int) -> None:
+        self._credit += count
+        self._granted.set()
+
+
+class PluginSession:
+    """Serves the plugin over one open WebSocket until it closes."""
+
+    def __init__(
+        self,
+        host: PluginHost,
+        socket: Socket,
+        outbox: EventOutbox,
+        *,
+        hello: bytes,
+        max_in_flight: int = 1024,
+    ) -> None:
+        self.host = host
+        self.socket = socket
+        self.outbox = outbox
+        self._hello = hello
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._windows: dict[int, _Window] = {}
+        self._events: asyncio.Queue[bytes] = asyncio.Queue(_SESSION_EVENT_QUEUE)
+        self.events_dropped = 0
+        self.protocol_errors = 0
+        #: The gateway accepted the hello (reverse mode): only then the redial backoff resets.
+        self.welcomed = False
+        self._send_lock = asyncio.Lock()
+        #: Set when ``run`` has ended (the connection closed).
+        self.ended = asyncio.Event()
+
+    def queue_event(self, frame: bytes) -> None:
+        try:
+            self._events.put_nowait(frame)
+        except asyncio.QueueFull:  # a host that does not read: bounded, counted
+            self.events_dropped += 1
+
+    async def run(self) -> None:
+        await self._send(self._hello)
+        self.outbox.join(self)
+        sender = asyncio.get_running_loop().create_task(self._send_events())
+        try:
+            await self._read()
+        finally:
+            self.outbox.leave(self)
+            sender.cancel()
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(sender, *tasks, return_exceptions=True)
+            self.ended.set()
+
+    async def go_away(self, grace: float = GOAWAY_GRACE) -> None:
+        """The plugin stops: say ``goaway``, answer what still arrives, and wait for the
+        host to close the connection once its calls are answered; after ``grace`` seconds
+        close it (1001), cutting off what is still running."""
+        await self._send(encode_frame({"type": "goaway"}))
+        try:
+            async with asyncio.timeout(grace):
+                await self.ended.wait()
+        except TimeoutError:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.socket.close(code=CLOSE_GOING_AWAY)
+
+    async def _read(self) -> None:
+        async for message in self.socket:
+            if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                break  # ERROR (too large, broken framing) or CLOSE: the session ends
+            try:
+                frame = decode_frame(message.data)
+            except FrameError as error:
+                self.protocol_errors += 1
+                await self._send(error_frame(error))
+                continue
+            await self._handle(frame)
+
+    async def _handle(self, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        call_id = frame.get("id")
+        if kind in ("call", "stream"):
+            if type(call_id) is not int or call_id in self._tasks:
+                self.protocol_errors += 1
+                await self._send(error_frame(ProviderError(f"{kind} needs a new integer id")))
+                return
+            await self._slots.acquire()  # full: stop reading; TCP pushes back on the host
+            task = asyncio.get_running_loop().create_task(self._run_call(kind, call_id, frame))
+            self._tasks[call_id] = task
+        elif kind == "credit":
+            window = self._windows.get(call_id) if type(call_id) is int else None
+            count = frame.get("n")
+            if window is not None and type(count) is int and 0 < count <= 1 << 20:
+                window.grant(count)
+        elif kind == "cancel":
+            running = self._tasks.get(call_id) if type(call_id) is int else None
+            if running is not None:  # an unknown id: the call ended meanwhile, nothing to do
+                running.cancel()
+        elif kind == "health":
+            healthy, detail = await self.host.health()
+            status = "serving" if healthy else "not_serving"
+            await self._send(
+                encode_frame({"type": "health", "id": call_id, "status": status, "detail": detail})
+            )
+        elif kind == "event":
+            name = frame.get("event")
+            if type(name) is str:
+                try:
+                    await self.host.deliver(name, frame.get("data"))
+                except Exception:
+                    log.exception("on_event(%r) raised", name)
+        elif kind == "welcome":
+            self.welcomed = True
+        elif kind == "dropped":
+            log.info("host says: %s", frame)
+        elif kind == "error":
+            # The host could not use a frame of ours (a host that predates ``goaway`` says
+            # so of it): logged, never answered, or two peers could trade errors forever.
+            log.info("the host could not use a frame: %s", frame.get("error"))
+        else:
+            self.protocol_errors += 1
+            await self._send(
+                error_frame(ProviderError(f"unknown frame type {kind!r:.40}"), call_id)
+            )
+
+    async def _run_call(self, kind: str, call_id: int, frame: dict[str, Any]) -> None:
+        try:
+            try:
+                request = parse_request(frame.get("request"))
+                deadline_ms = request.deadline_ms  # positive, or None (no deadline)
+                timeout = None if deadline_ms is None else deadline_ms / 1000
+                if kind == "call":
+                    result = await self.host.call_with_deadline(
+                        request.method, request.params, request.context, timeout
+                    )
+                    response = ok_response(result)
+                else:
+                    await self._stream(
+                        call_id, request.method, request.params, request.context, timeout
+                    )
+                    response = ok_response(None)
+            except DispatchError as error:
+                response = error_response(error)
+            try:
+                data = encode_frame({"type": "response", "id": call_id, "response": response})
+            except InvalidParams as error:
+                failure = ProviderError(f"the plugin's result is not JSON: {error.message}")
+                data = encode_frame(
+                    {"type": "response", "id": call_id, "response": error_response(failure)}
+                )
+            await self._send(data)
+        except asyncio.CancelledError:
+            pass  # the host cancelled the call (or the connection ended): nobody to answer
+        finally:
+            self._tasks.pop(call_id, None)
+            self._slots.release()
+
+    async def _stream(
+        self, call_id: int, method: str, params: Any, context: dict[str, Any], timeout: float | None
+    ) -> None:
+        window = self._windows[call_id] = _Window(STREAM_WINDOW)
+        try:
+            # aclosing: the generator ends in this task, in the context it started in,
+            # also when the host cancels; left to the garbage collector it ended in
+            # another context and logged a traceback.
+            async with (
+                asyncio.timeout(timeout),
+                contextlib.aclosing(self.host.stream(method, params, context)) as chunks,
+            ):
+                async for chunk in chunks:
+                    await window.take()  # the host's credit: a slow reader slows this stream
+                    await self._send(encode_frame({"type": "chunk", "id": call_id, "data": chunk}))
+        except TimeoutError:
+            raise DeadlineExceeded(f"stream {method!r} passed its deadline") from None
+        finally:
+            self._windows.pop(call_id, None)
+
+    async def _send_events(self) -> None:
+        while True:
+            frame = await self._events.get()
+            await self._send(frame)
+
+    async def _send(self, data: bytes) -> None:
+        # send_frame waits for the transport to drain above its limit: a host that reads
+        # slowly slows this plugin's answers instead of growing a buffer here.
+        # One sender at a time: aiohttp has every paused writer await one shared future,
+        # so a call cancelled while waiting to drain would cancel the others with it.
+        with contextlib.suppress(ConnectionError):
+            async with self._send_lock:
+                await self.socket.send_frame(data, WSMsgType.TEXT)
+
+    def __repr__(self) -> str:
+        return (
+            f"<PluginSession in_flight={len(self._tasks)} protocol_errors={self.protocol_errors}>"
+        )
+
+
+def hello_of(host: PluginHost, plugin_id: str, version: str) -> bytes:
+    """The ``hello`` frame every session of ``host`` opens with."""
+    plugin = host.plugin
+    return hello_frame(
+        plugin_id or str(getattr(plugin, "id", "") or type(plugin).__name__),
+        version or str(getattr(plugin, "version", "") or "0.0.0"),
+        list(host.methods),
+        streaming=list(host.streaming),
+    )
