@@ -26,8 +26,9 @@ import click
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.audit import AuditLogError
 from dispatcher.cli._app import EXIT_USAGE, Seconds, load, main, manifest_option, session
-from dispatcher.config import Manifest, ManifestError, watched_paths
+from dispatcher.config import Manifest, ManifestError, TelemetryEnvironmentError, watched_paths
 from dispatcher.gateway import GatewayServer, GatewaySettings
+from dispatcher.gateway.scrape import scrape_token
 from linchkit_plugin.errors import DispatchError
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -115,9 +116,11 @@ def serve(
     """Serve the manifest's plugins over HTTP (and a WebSocket for events), and gRPC
     with --grpc-port.
 
-    Prints "listening on URL" once it listens (and "grpc listening on HOST:PORT"). Routes:
-    POST /v1/plugins/PLUGIN/methods/METHOD, GET /v1/plugins, /v1/events (WebSocket),
-    /openapi.json, /healthz, /readyz (docs/gateway.md). The manifest's gateway: section
+    Prints "listening on URL" once it listens (and "grpc listening on HOST:PORT", "admin
+    listening on URL" with telemetry.metrics.listen). Routes: POST
+    /v1/plugins/PLUGIN/methods/METHOD, GET /v1/plugins, /v1/events (WebSocket),
+    /openapi.json, /metrics (unless on the admin listener), /healthz, /readyz
+    (docs/gateway.md). The manifest's gateway: section
     sets the same as these options; an option given here wins. Callers authenticate as
     the manifest's auth: says; without it, keep the gateway on a private network.
     """
@@ -144,15 +147,20 @@ def serve(
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     try:
+        # Here too, not only as the gateway starts: before any plugin is started for nothing.
+        scrape_token(manifest.telemetry.metrics)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(_serve(manifest, settings, access_log, path, watch))
+    except TelemetryEnvironmentError as error:  # names the variable, never its value
+        click.echo(f"error: {error}", err=True)
+        context.exit(EXIT_USAGE)
     except DispatchError as error:  # a plugin that cannot start
         click.echo(f"error: {error}", err=True)
         context.exit(1)
     except AuditLogError as error:  # cut short, or locked by a stuck writer
         click.echo(f"error: {error}", err=True)
         context.exit(EXIT_USAGE)
-    except OSError as error:  # the address is taken, a certificate cannot be read
+    except OSError as error:  # an address is taken, a certificate cannot be read
         click.echo(f"error: {error}", err=True)
         context.exit(EXIT_USAGE)
 
@@ -248,6 +256,8 @@ async def _serve(
             click.echo(f"listening on {server.url}")
             if server.grpc is not None:
                 click.echo(f"grpc listening on {server.grpc.address}")
+            if server.admin is not None:
+                click.echo(f"admin listening on {server.admin.url}")
             await stop.wait()
             # A log line (in the manifest's log format); "listening on" above is not: it
             # is what scripts read on stdout to learn the address.

@@ -12,13 +12,14 @@ a refusal names the variable (``TelemetryEnvironmentError``), never its value.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 from urllib.parse import unquote
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from providers._headers import (
     HeaderFields,
@@ -36,6 +37,7 @@ __all__ = [
     "Telemetry",
     "TelemetryEnvironmentError",
     "TracingSettings",
+    "listen_address",
 ]
 
 #: The span exporter's default when only the environment names no path: OTLP/HTTP.
@@ -56,8 +58,10 @@ _LIBERAL_VALUE = re.compile(r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 
 
 class TelemetryEnvironmentError(ValueError):
-    """An ``OTEL_*`` variable the dispatcher's tracing would use holds what it cannot use.
-    Names the variable, never its value (an endpoint's password, a header's token)."""
+    """A variable the dispatcher's telemetry would use holds what it cannot use: an
+    ``OTEL_*`` variable of its tracing, or the one ``telemetry.metrics.token_env`` names
+    (unset or empty, too). Names the variable, never its value (an endpoint's password, a
+    header's token, the scrape token)."""
 
     def __init__(self, variable: str, reason: str) -> None:
         super().__init__(f"{variable}: {reason}")
@@ -66,13 +70,25 @@ class TelemetryEnvironmentError(ValueError):
 
 
 class MetricsSettings(StrictModel):
-    """Prometheus metrics: a registry per dispatcher (``Dispatcher.metrics``)."""
+    """Prometheus metrics: a registry per dispatcher (``Dispatcher.metrics``), and where
+    ``dispatcher serve`` serves them: on the gateway's port, or on an admin listener of
+    their own (``listen``); open to any scraper, or to the holder of a token (``token_env``)."""
 
     enabled: bool = False
     #: Upper bounds (seconds) of the call latency histogram's buckets.
     latency_buckets: Annotated[
         tuple[Annotated[float, Field(gt=0)], ...], Field(min_length=1, max_length=30)
     ] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+    listen: str | None = Field(
+        default=None,
+        description="HOST:PORT ([::1]:9464 for IPv6; port 0: any free port): serve /metrics,"
+        " /healthz and /readyz there, and /metrics no longer on the gateway's port.",
+    )
+    token_env: str | None = Field(
+        default=None,
+        description="The environment variable holding the bearer token /metrics then"
+        " requires (Authorization: Bearer …), wherever it is served.",
+    )
 
     @field_validator("latency_buckets")
     @classmethod
@@ -80,6 +96,85 @@ class MetricsSettings(StrictModel):
         if list(buckets) != sorted(set(buckets)):
             raise ValueError("bucket bounds must increase strictly")
         return buckets
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, listen: str | None) -> str | None:
+        if listen is not None:
+            listen_address(listen)
+        return listen
+
+    @field_validator("token_env")
+    @classmethod
+    def _variable_name(cls, variable: str | None) -> str | None:
+        if variable is not None and not _VARIABLE.fullmatch(variable):
+            raise ValueError(
+                "the name of an environment variable (letters, digits and '_', not first"
+                " a digit; at most 128), not its value"
+            )
+        return variable
+
+    @model_validator(mode="after")
+    def _serving_needs_metrics(self) -> Self:
+        if not self.enabled:
+            for name in ("listen", "token_env"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} is set but metrics are off: add enabled: true, or drop {name}"
+                    )
+        return self
+
+    @property
+    def listen_at(self) -> tuple[str, int] | None:
+        """``listen`` as the host to bind (an IPv6 address without its brackets) and the
+        port; None when metrics are served on the gateway's port."""
+        return None if self.listen is None else listen_address(self.listen)
+
+
+#: A host name as DNS writes one (letters, digits, '-', dots between labels).
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z"
+)
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` as ``(host, port)``: an IPv4 address or a host name, or an IPv6
+    address in brackets (``[::1]:9464``, returned without them); the port 0-65535 (0: any
+    free port). ``ValueError`` saying what is wrong and how it is written."""
+    form = "HOST:PORT expected (127.0.0.1:9464, [::1]:9464; port 0: any free port)"
+    if "://" in listen:
+        raise ValueError(f"{form}: an address, not a URL")
+    if listen.startswith("["):
+        inside, bracket, port = listen[1:].partition("]:")
+        if not bracket:
+            raise ValueError(f"{form}: an IPv6 address in brackets, then ':' and the port")
+        if not _is_ipv6(inside):
+            raise ValueError(f"{form}: {inside[:60]!r} in brackets is not an IPv6 address")
+        host = inside
+    else:
+        host, colon, port = listen.rpartition(":")
+        if not colon:
+            raise ValueError(f"{form}: no port")
+        if ":" in host and _is_ipv6(host):
+            raise ValueError(f"{form}: an IPv6 address goes in brackets, [{host[:60]}]:{port[:8]}")
+        if not host:  # the socket layer takes "" as every interface
+            raise ValueError(f"{form}: the host is empty (0.0.0.0 or [::] for every interface)")
+        if not _HOST_NAME.match(host):
+            raise ValueError(f"{form}: {host[:60]!r} is neither an IPv4 address nor a host name")
+    if not _PORT.match(port) or int(port) > 65535:
+        raise ValueError(f"{form}: the port {port[:8]!r} is not a number from 0 to 65535")
+    return host, int(port)
 
 
 class TracingSettings(StrictModel):

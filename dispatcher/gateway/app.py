@@ -11,7 +11,8 @@ Routes (``docs/gateway.md``):
     GET  /v1/events                              WebSocket: plugin events, host events
     GET  /v1/plugins/connect                     WebSocket: a plugin dials in (reverse mode)
     GET  /openapi.json                           generated from the manifest (again after a reload)
-    GET  /metrics                                Prometheus metrics (telemetry.metrics on)
+    GET  /metrics                                Prometheus metrics (telemetry.metrics on; not
+                                                 here with its listen, a token with token_env)
     GET  /v1/errors                              the caller's latest errors, counts by plugin
     GET  /v1/rollouts                            every rollout and shadow, step and counters
     POST /v1/rollouts/{plugin}/{method}:{action} pause, resume or abort a rollout (no body)
@@ -56,9 +57,9 @@ from dispatcher.gateway.errors import Answer, answer_of, error_answer
 from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_event_id
 from dispatcher.gateway.job_routes import JobRoutes
 from dispatcher.gateway.openapi import Allows, openapi_document
+from dispatcher.gateway.scrape import metrics_route, scrape_token
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal, refused
-from dispatcher.telemetry.metrics import metrics_handler
 from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,
@@ -478,7 +479,8 @@ def create_app(
     *,
     authenticator: Authenticator | None = None,
 ) -> web.Application:
-    """The gateway over ``dispatcher``, which must be started (and outlive the app)."""
+    """The gateway over ``dispatcher``, which must be started (and outlive the app).
+    ``TelemetryEnvironmentError`` when ``/metrics`` needs a token its variable lacks."""
     settings = settings or GatewaySettings()
     gateway = Gateway(dispatcher, settings, authenticator)
     # client_max_size bounds only aiohttp's own body readers; the gateway reads bodies
@@ -499,9 +501,12 @@ def create_app(
     app.router.add_get("/openapi.json", gateway.openapi, allow_head=False)
     telemetry = dispatcher.telemetry
     if telemetry is not None and telemetry.metrics is not None:
-        # Open like /healthz: a scraper holds no credentials, and the labels name plugins,
-        # methods and error types only (bounded, nothing a caller sent).
-        app.router.add_get("/metrics", metrics_handler(telemetry.metrics.registry))
+        metrics = telemetry.settings.metrics
+        if metrics.listen is None:  # else on the admin listener only (dispatcher.gateway.admin)
+            # A scraper holds none of the callers' credentials: open, like /healthz, unless
+            # token_env names a token of its own (dispatcher.gateway.scrape).
+            registry = telemetry.metrics.registry
+            app.router.add_get("/metrics", metrics_route(registry, scrape_token(metrics)))
     app.router.add_get("/v1/errors", gateway.errors, allow_head=False)
     app.router.add_get("/v1/rollouts", gateway.rollouts, allow_head=False)
     app.router.add_post("/v1/rollouts/{plugin}/{action}", gateway.control_rollout)

@@ -18,6 +18,10 @@ on plain HTTP, closed on TLS), and bounds a TLS handshake by ``header_timeout``.
 the gateway warns when RLIMIT_NOFILE is lower than its ports' connections need
 (``descriptors_short``).
 
+With ``telemetry.metrics.listen`` the gateway also runs the admin listener
+(``dispatcher.gateway.admin``: ``/metrics``, ``/healthz``, ``/readyz``), started after its
+ports and closed after them; ``/metrics`` is then not on the gateway's port.
+
 TLS: ``CertificateReload`` builds a new context from the certificate, key and client CA
 when any of their files change (checked every ``cert_check_interval`` seconds, or at once
 on ``reload_certificates()``, which ``dispatcher serve`` calls on SIGHUP), and every
@@ -44,7 +48,8 @@ from typing import TYPE_CHECKING, Any, Self
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher.gateway.app import GATEWAY_KEY, HANDLER_ARGS, HUB_KEY, create_app
+from dispatcher.gateway.admin import AdminPort
+from dispatcher.gateway.app import GATEWAY_KEY, HANDLER_ARGS, HUB_KEY, Gateway, create_app
 from dispatcher.gateway.connections import ConnectionLimit, Refusal
 from dispatcher.gateway.errors import answer_of, written
 from dispatcher.gateway.events import EventHub
@@ -237,6 +242,8 @@ class GatewayServer:
         self.hub: EventHub | None = None
         #: The gRPC port, when ``settings.grpc_port`` asks for one.
         self.grpc: GrpcGateway | None = None
+        #: ``/metrics``, ``/healthz``, ``/readyz`` where ``telemetry.metrics.listen`` says.
+        self.admin: AdminPort | None = None
         #: Stopping: every answer aiohttp writes closes its connection.
         self._closing = False
 
@@ -245,6 +252,8 @@ class GatewayServer:
         reload = CertificateReload(settings) if settings.tls else None
         context = None if reload is None else reload.listening
         app = create_app(self.dispatcher, settings, authenticator=self._authenticator)
+        # Before anything listens: it reads the scrape token, which may be missing.
+        admin = self._admin_port(app[GATEWAY_KEY])
         app.on_response_prepare.append(self._closing_after_answer)
         self.hub = app[HUB_KEY]
         protocol_options = {
@@ -298,6 +307,28 @@ class GatewayServer:
             except BaseException:
                 await self.aclose()
                 raise
+        if admin is not None:  # last: ready there once the gateway's ports listen
+            self.admin = admin
+            try:
+                await admin.start()
+            except BaseException:
+                await self.aclose()
+                raise
+
+    def _admin_port(self, gateway: Gateway) -> AdminPort | None:
+        """The admin listener ``telemetry.metrics.listen`` asks for, not started yet."""
+        telemetry = self.dispatcher.telemetry
+        if telemetry is None or telemetry.metrics is None:
+            return None
+        metrics = telemetry.settings.metrics
+        if metrics.listen is None:
+            return None
+        return AdminPort(
+            gateway,
+            telemetry.metrics.registry,
+            metrics,
+            header_timeout=self.settings.header_timeout,
+        )
 
     def reload_certificates(self) -> bool:
         """Load the certificate files again now (SIGHUP); True if a new pair was loaded."""
@@ -309,6 +340,8 @@ class GatewayServer:
         stats = {"http": self.connections.stats()}
         if self.grpc is not None:
             stats["grpc"] = self.grpc.connection_stats()
+        if self.admin is not None:
+            stats["admin"] = self.admin.connections.stats()
         return stats
 
     @property
@@ -344,6 +377,10 @@ class GatewayServer:
             closing.append(self.lanes.aclose(_SHUTDOWN_SECONDS))
         await asyncio.gather(*closing)
         self._listening = None
+        if self.admin is not None:
+            # Last: scrapers and probes read it while the gateway's ports wind down.
+            admin, self.admin = self.admin, None
+            await admin.aclose()
 
     async def _close_aiohttp(self) -> None:
         """aiohttp's connections: answers say ``Connection: close`` from now on; those
