@@ -628,3 +628,42 @@ async def test_serve_with_the_listen_address_taken_says_so_and_exits(tmp_path: P
     assert f"cannot serve telemetry.metrics.listen 127.0.0.12:{port}:" in message
     assert "address already in use" in message
     assert "Traceback" not in message
+
+
+async def test_top_reads_the_admin_port_with_the_token_from_a_variable(tmp_path: Path) -> None:
+    settings = {"listen": "127.0.0.14:0", "token_env": VARIABLE}
+    serve = await start_serve(tmp_path, settings, TOKEN)
+    environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'sdk' / 'python'}"}
+
+    async def top(*options: str, token: str | None = None) -> tuple[int | None, str, str]:
+        env = {**environment, VARIABLE: token} if token is not None else environment
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dispatcher.cli", "top", "--once", "--interval", "0.2",
+            *options,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        return process.returncode, out.decode(), err.decode()
+
+    try:
+        assert serve.stdout is not None
+        gateway = (await asyncio.wait_for(serve.stdout.readline(), 60)).decode().split()[-1]
+        admin = (await asyncio.wait_for(serve.stdout.readline(), 60)).decode().split()[-1]
+        code, out, err = await top("--url", admin, "--token-env", VARIABLE, token=TOKEN)
+        assert code == 0, err
+        assert "CALLS/S" in out
+        code, _, err = await top("--url", admin)
+        assert code == 1
+        assert "needs the scrape token (telemetry.metrics.token_env): --token-env NAME" in err
+        code, _, err = await top("--url", gateway, "--token-env", VARIABLE, token=TOKEN)
+        assert code == 1
+        assert "or point --url at its admin listener (telemetry.metrics.listen)" in err
+        code, _, err = await top("--url", admin, "--token-env", "LINCHKIT_TEST_UNSET_VARIABLE")
+        assert code == 2
+        assert (
+            err
+            == "error: --token-env LINCHKIT_TEST_UNSET_VARIABLE: the variable is unset or empty\n"
+        )
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(serve.wait(), 30)

@@ -6,18 +6,22 @@ that failed, p50 and p99 over the last interval and the cache's hit ratio, then 
 breakers that are not closed and each fleet instance's state. The figures come from
 ``dispatcher.telemetry.snapshot``; this module only fetches and draws. ``--once`` takes
 two scrapes an interval apart, prints one view and exits: for scripts and for a terminal
-that is not one.
+that is not one. A gateway that serves its metrics on an admin listener
+(``telemetry.metrics.listen``) is read there (``--url`` its address); one that requires a
+scrape token (``token_env``) is sent it from the variable ``--token-env`` names, never
+from the command line, where any user of the machine could read it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
 import click
 
-from dispatcher.cli._app import EXIT_FAILED, Seconds, main
+from dispatcher.cli._app import EXIT_FAILED, EXIT_USAGE, Seconds, main
 from dispatcher.telemetry.snapshot import MethodRow, Sample, method_rows
 
 #: A scrape that takes longer than this is a gateway in trouble: say so, do not wait.
@@ -34,7 +38,15 @@ class ScrapeFailed(Exception):
     default="http://127.0.0.1:8080",
     show_default=True,
     envvar="DISPATCHER_URL",
-    help="The gateway (dispatcher serve) to watch; env DISPATCHER_URL.",
+    help="The gateway (dispatcher serve) to watch, or its admin listener"
+    " (telemetry.metrics.listen); env DISPATCHER_URL.",
+)
+@click.option(
+    "--token-env",
+    metavar="NAME",
+    default=None,
+    help="Send the bearer token in this environment variable (the gateway's"
+    " telemetry.metrics.token_env).",
 )
 @click.option(
     "--interval",
@@ -45,10 +57,19 @@ class ScrapeFailed(Exception):
 )
 @click.option("--once", is_flag=True, help="Print one view (two scrapes apart) and exit.")
 @click.pass_context
-def top(context: click.Context, url: str, interval: float, once: bool) -> None:
+def top(
+    context: click.Context, url: str, token_env: str | None, interval: float, once: bool
+) -> None:
     """Watch a running gateway: rate, errors, p50/p99, cache and breakers per method."""
+    headers = {}
+    if token_env is not None:
+        token = os.environ.get(token_env)
+        if not token:  # named, never shown
+            click.echo(f"error: --token-env {token_env}: the variable is unset or empty", err=True)
+            context.exit(EXIT_USAGE)
+        headers["Authorization"] = f"Bearer {token}"
     try:
-        asyncio.run(_watch(url.rstrip("/"), interval, once))
+        asyncio.run(_watch(url.rstrip("/"), interval, once, headers))
     except ScrapeFailed as error:
         click.echo(f"error: {error}", err=True)
         context.exit(EXIT_FAILED)
@@ -56,14 +77,14 @@ def top(context: click.Context, url: str, interval: float, once: bool) -> None:
         pass
 
 
-async def _watch(url: str, interval: float, once: bool) -> None:
+async def _watch(url: str, interval: float, once: bool, headers: dict[str, str]) -> None:
     import aiohttp
     from rich.console import Console
     from rich.live import Live
 
     console = Console()
     timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
         before = await _scrape(session, url)
         await asyncio.sleep(interval)
         now = await _scrape(session, url)
@@ -84,7 +105,13 @@ async def _scrape(session: Any, url: str) -> Sample:
         async with session.get(f"{url}/metrics", allow_redirects=False) as answer:
             if answer.status == 404:
                 raise ScrapeFailed(
-                    f"{url} serves no /metrics: enable telemetry.metrics in its manifest"
+                    f"{url} serves no /metrics: enable telemetry.metrics in its manifest, or"
+                    " point --url at its admin listener (telemetry.metrics.listen)"
+                )
+            if answer.status == 401:
+                raise ScrapeFailed(
+                    f"{url}/metrics needs the scrape token (telemetry.metrics.token_env):"
+                    " --token-env NAME of a variable holding it"
                 )
             if answer.status != 200:
                 raise ScrapeFailed(f"{url}/metrics answered {answer.status}")
