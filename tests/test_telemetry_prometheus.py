@@ -2,7 +2,9 @@
 
 Prometheus is Debian's package (``infra/services/install.sh``, ``make services-prereqs``),
 started by the test on a free loopback port with a scrape interval of one second; the
-dispatcher's registry is served by ``metrics_handler`` on 127.0.0.1 as the gateway will.
+dispatcher's registry is served by ``metrics_handler`` on 127.0.0.1, and by a gateway's
+admin listener behind a bearer token (``telemetry.metrics.listen``, ``token_env``), which
+Prometheus sends from a ``credentials_file`` as operators configure it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from dispatcher import Dispatcher, parse_manifest
+from dispatcher.gateway import GatewayServer, GatewaySettings
 from dispatcher.telemetry import metrics_handler
 from linchkit_plugin.errors import CircuitOpen, PluginError, TargetUnavailable
 from tests.conftest import ROOT, bound_socket
@@ -82,14 +85,18 @@ def prometheus(tmp_path: Path) -> Iterator[Any]:
     """Start Prometheus scraping a given port; yields a function doing that, returning its URL."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(scraped_port: int) -> str:
+    def start(scraped_port: int | None = None, *, jobs: str | None = None) -> str:
+        """Scrape 127.0.0.1:``scraped_port`` as job ``dispatcher``, or ``jobs`` (the
+        ``scrape_configs`` list, as YAML)."""
+        if jobs is None:
+            jobs = (
+                "  - job_name: dispatcher\n"
+                "    scrape_interval: 1s\n"
+                f"    static_configs: [{{targets: ['127.0.0.1:{scraped_port}']}}]\n"
+            )
         config = tmp_path / "prometheus.yml"
         config.write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            "scrape_configs:\n"
-            "  - job_name: dispatcher\n"
-            "    scrape_interval: 1s\n"
-            f"    static_configs: [{{targets: ['127.0.0.1:{scraped_port}']}}]\n"
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\nscrape_configs:\n" + jobs
         )
         port = free_port()
         with (tmp_path / "prometheus.log").open("wb") as log:  # the child keeps its own copy
@@ -182,6 +189,91 @@ async def test_prometheus_scrapes_call_counts_and_a_breaker_state(
         1,
         log,
     )
+
+
+async def test_prometheus_scrapes_the_admin_port_with_the_token_from_a_credentials_file(
+    prometheus: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scrape config docs/observability.md shows: ``authorization: {credentials_file}``
+    sends ``Authorization: Bearer <the file's content>`` (written with the trailing newline
+    of ``echo``, which Prometheus trims). A job without it is refused: ``up`` is 0."""
+    token = "pr0metheus-scrape-token-9d2e"
+    monkeypatch.setenv("LINCHKIT_SCRAPE_TOKEN", token)
+    credentials = tmp_path / "dispatcher-scrape-token"
+    credentials.write_text(token + "\n")
+    credentials.chmod(0o600)
+    document = {
+        "version": 1,
+        "telemetry": {
+            "metrics": {
+                "enabled": True,
+                "listen": "127.0.0.13:0",
+                "token_env": "LINCHKIT_SCRAPE_TOKEN",
+            }
+        },
+        "plugins": [
+            {
+                "id": "traced",
+                "version": "1.0.0",
+                "target": TRACED_TARGET,
+                "methods": {"context": {}},
+            }
+        ],
+    }
+    async with (
+        Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+    ):
+        assert server.admin is not None
+        admin = server.admin.url.removeprefix("http://")
+        base = prometheus(
+            jobs=(
+                "  - job_name: dispatcher\n"
+                "    scrape_interval: 1s\n"
+                "    authorization:\n"
+                f"      credentials_file: {credentials}\n"
+                f"    static_configs: [{{targets: ['{admin}']}}]\n"
+                "  - job_name: no-token\n"
+                "    scrape_interval: 1s\n"
+                f"    static_configs: [{{targets: ['{admin}']}}]\n"
+                "  - job_name: gateway-port\n"
+                "    scrape_interval: 1s\n"
+                "    authorization:\n"
+                f"      credentials_file: {credentials}\n"
+                f"    static_configs: [{{targets: ['{server.url.removeprefix('http://')}']}}]\n"
+            )
+        )
+        for _ in range(3):
+            await dispatcher.call("traced", "context")
+        log = tmp_path / "prometheus.log"
+        await query_until(
+            base, 'sum(dispatcher_calls_total{job="dispatcher",plugin="traced"})', 3, log
+        )
+        await query_until(
+            base, 'dispatcher_gateway_connections{job="dispatcher",port="admin"} > bool 0', 1, log
+        )
+        await query_until(base, 'up{job="dispatcher"}', 1, log)
+        await query_until(base, 'up{job="no-token"}', 0, log)  # 401
+        await query_until(base, 'up{job="gateway-port"}', 0, log)  # 404: not served there
+        await _until_target_error(base, "no-token", "401", log)
+        await _until_target_error(base, "gateway-port", "404", log)
+    assert token not in _tail(log)
+
+
+async def _until_target_error(base: str, job: str, status: str, process_log: Path) -> None:
+    """Prometheus reports job's target down with ``status`` in its last error."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PATIENCE
+    last: Any = None
+    async with aiohttp.ClientSession() as session:
+        while loop.time() < deadline:
+            async with session.get(f"{base}/api/v1/targets") as response:
+                last = await response.json()
+            for target in last["data"]["activeTargets"]:
+                if target["labels"]["job"] == job and status in target["lastError"]:
+                    return
+            await asyncio.sleep(0.5)
+    pytest.fail(f"{job} never failed with {status}; last answer: {last}\n{_tail(process_log)}")
 
 
 def _tail(path: Path) -> str:
