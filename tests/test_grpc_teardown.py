@@ -75,7 +75,9 @@ def left_behind(provider: str, grpc_address: str, way: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("provider", ["grpc", "subprocess"])
-@pytest.mark.parametrize("way", ["completed", "cancelled", "deadline", "stream_left"])
+@pytest.mark.parametrize(
+    "way", ["completed", "cancelled", "deadline", "stream_left", "stream_failed"]
+)
 def test_a_closed_dispatcher_leaves_no_grpc_thread_or_descriptor(
     grpc_address: str, provider: str, way: str
 ) -> None:

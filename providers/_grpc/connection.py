@@ -404,7 +404,7 @@ class PluginConnection:
             raise self._cut_off(f"{invocation.plugin}.{invocation.method} stream") from None
         finally:
             self._open_streams.discard(stream)
-            stream.drop()
+            await stream.close()
 
     # -- lifecycle and health ------------------------------------------------------------
 

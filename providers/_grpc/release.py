@@ -19,6 +19,7 @@ its dispatcher, has nothing of grpc's left running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
@@ -71,6 +72,17 @@ class StreamCall:
         if messages is None:
             raise asyncio.CancelledError
         return await anext(messages, None)
+
+    async def close(self) -> None:
+        """``drop``, and end the reader grpc.aio made for the call. Left suspended (a
+        stream that ended on its plugin's error item before grpc read the end), that reader
+        and the call hold each other: a cycle only the garbage collector breaks, which kept
+        grpc's core running after ``aclose``. Suspended at a ``yield``, it ends at once."""
+        messages = self.messages
+        self.drop()
+        if messages is not None:
+            with contextlib.suppress(Exception):
+                await messages.aclose()  # type: ignore[attr-defined]
 
     def drop(self) -> None:
         """Cancel the call (if still running) and let go of it."""
