@@ -227,7 +227,11 @@ class RouteTable:
         route = methods.get(method)
         if route is None:
             known = ", ".join(sorted(methods))
-            raise MethodNotFound(f"plugin {plugin!r} has no method {method!r}; it has: {known}")
+            # The manifest's methods, not the plugin's: a method the plugin serves but the
+            # manifest does not list is as unknown here, and that is where to add it.
+            raise MethodNotFound(
+                f"plugin {plugin!r} has no method {method!r} in the manifest; it has: {known}"
+            )
         if self._splits:
             split = self._splits.get((plugin, method))
             if split is not None and (

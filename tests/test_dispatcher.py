@@ -40,6 +40,9 @@ async def test_unknown_plugin_and_method_name_what_exists() -> None:
             await dispatcher.call("ehco", "say", {"text": "x"})
         with pytest.raises(MethodNotFound, match="it has: digest, say, sleep, withdraw"):
             await dispatcher.call("echo", "shout", {"text": "x"})
+        # The plugin's class has ``fail``; the manifest does not list it, and says so.
+        with pytest.raises(MethodNotFound, match="no method 'fail' in the manifest; it has"):
+            await dispatcher.call("echo", "fail", {"message": "x"})
 
 
 async def test_calls_outside_the_context_are_refused_clearly() -> None:

@@ -751,6 +751,7 @@ async def test_a_body_that_is_not_json_by_its_content_type_is_refused(content_ty
         ("echo", {"self": {"x": 1}, "other": 2}, "self"),
         ("only_positional", {"value": 1}, "value"),
         ("only_positional", {"nope": 1}, "missing"),
+        ("only_positional", {"nope": 1}, "it takes no 'nope'"),  # the misspelt name too
         ("named", {"a": 1, "nope": 2}, "nope"),
         ("only_positional", [1, 2], "positional"),
     ],

@@ -100,7 +100,10 @@ class PluginSpec(StrictModel, Generic[TargetT]):
     def _method_names_are_identifiers(cls, methods: dict[str, Any]) -> dict[str, Any]:
         for name in methods:
             if not re.fullmatch(IDENTIFIER, name):  # match() let "say\n" through
-                raise ValueError(f"method name {name!r} must start with a letter; [A-Za-z0-9_.-]")
+                raise ValueError(
+                    f"method name {name!r} must start with a letter and hold only letters,"
+                    " digits, '_', '.' and '-'"
+                )
         return methods
 
     @property

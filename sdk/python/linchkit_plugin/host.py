@@ -302,19 +302,27 @@ def _binding_error(
         signature = inspect.signature(target)
         signature.bind(*bound_args, **kwargs)
     except TypeError as binding:
-        return InvalidParams(_mismatch(function, binding))
+        return InvalidParams(_mismatch(function, binding, kwargs))
     except ValueError:  # no signature to compare with (a builtin): the plugin's own error
         return _plugin_error(error)
     return _plugin_error(error)
 
 
-def _mismatch(function: Callable[..., Any], binding: TypeError) -> str:
+def _mismatch(function: Callable[..., Any], binding: TypeError, kwargs: dict[str, Any]) -> str:
     name = getattr(function, "__name__", "method")
     try:
-        shown = f"{name}{inspect.signature(function)}"
+        signature = inspect.signature(function)
     except ValueError:
-        shown = name
-    return f"params do not match {shown}: {binding}"
+        return f"params do not match {name}: {binding}"
+    message = f"params do not match {name}{signature}: {binding}"
+    # Python names only the first thing wrong: with ``{"amnt": 5}`` the missing
+    # ``amount``, never the misspelt name the caller sent, which is the one to fix.
+    takes = signature.parameters
+    if not any(each.kind is inspect.Parameter.VAR_KEYWORD for each in takes.values()):
+        unknown = [repr(key) for key in kwargs if key not in takes]
+        if unknown and "unexpected keyword" not in str(binding):
+            message += f"; it takes no {', '.join(unknown)}"
+    return message
 
 
 def _plugin_error(error: Exception) -> PluginError:
