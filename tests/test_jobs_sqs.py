@@ -209,6 +209,36 @@ async def test_a_redriven_job_waits_with_its_dead_letter_error_as_previous_error
     assert "error" not in message and json.loads(message["previous_error"]) == dead["error"]
 
 
+async def test_a_redrive_after_the_view_lost_the_record_lets_the_worker_make_it_again(
+    make: Any, redis_server: Redis, redis_prefix: str
+) -> None:
+    """The job view's record gone (expired, a Redis restarted empty) while the message
+    waits on the dead-letter queue: the redrive writes no partial record (state and
+    attempts only, which the worker took for a record and never filled), so the worker
+    makes it again from the message, as for any record it does not find."""
+    async with make(workers=1, max_attempts=1) as d:
+        job_id = await d.submit("jobs", "busy")
+        with pytest.raises(TargetUnavailable):
+            await d.result(job_id, wait=60)
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        [key] = [k async for k in client.scan_iter(f"{redis_prefix}*:job:{job_id}")]
+        await client.delete(key)
+        async with make() as d:
+            assert await d.state_backend.jobs.redrive(job_id)  # type: ignore[union-attr]
+        assert await client.exists(key) == 0  # no partial record
+    async with make(workers=1, max_attempts=1) as d:
+
+        async def ended_again() -> dict[str, Any] | None:
+            try:
+                record = await d.job(job_id)
+            except JobNotFound:  # until the worker takes the message
+                return None
+            return record if record["state"] == "dead" else None
+
+        record = await eventually(ended_again, "the job dead-lettered again")
+    assert (record["plugin"], record["method"], record["params"]) == ("jobs", "busy", {})
+
+
 async def test_without_a_job_view_a_redriven_message_carries_previous_error(
     tmp_path: Path, sqs_server: Moto, queues: Queues, redis_server: Redis, redis_prefix: str
 ) -> None:

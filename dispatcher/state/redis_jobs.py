@@ -189,7 +189,19 @@ return 1
 """
 )
 
-_REQUEUE = _QUEUE_AGAIN + "return 1\n"
+# The SQS view's: a record gone (expired, a Redis restarted empty) is not made again here
+# with the few fields a redrive sets, which the worker would take for a record and never
+# fill; left missing, the worker makes it whole from the message (_RECORD_BEGIN).
+_REQUEUE = (
+    """
+if redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
+end
+"""
+    + _QUEUE_AGAIN
+    + "return 1\n"
+)
 
 
 # Only what is dead-lettered: a job that was redriven meanwhile keeps its record.
@@ -434,6 +446,10 @@ end
 if state == false then
   for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   redis.call('HSET', KEYS[1], 'attempts', 0)
+elseif redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then
+  -- A partial record (a redrive's fields, written by a dispatcher before 2026-12-04):
+  -- what the message carries fills what it lacks.
+  for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 local attempts = redis.call('HGET', KEYS[1], 'attempts')
 if attempts == false or (#attempts <= 18 and string.match(attempts, '^%-?%d+$')) then
