@@ -161,3 +161,33 @@ async def test_a_call_that_ends_is_answered_and_not_cancelled(tmp_path: Path) ->
             assert answer.status == 200
             assert (await answer.json())["result"] == "whole"
         assert marked(tmp_path) == {"start-whole", "done-whole"}
+
+
+async def test_fifty_calls_cancelled_at_once_are_all_cancelled_and_it_goes_on_serving(
+    tmp_path: Path,
+) -> None:
+    async with serving(tmp_path) as url:
+        plugin = {
+            "id": "marks",
+            "version": "1.0.0",
+            "target": {"provider": "http", "url": url},
+            "methods": {"slow": {"timeout_ms": 10_000}},
+        }
+        async with Dispatcher(manifest(plugin)) as dispatcher:
+            calls = [
+                asyncio.ensure_future(
+                    dispatcher.call("marks", "slow", {"seconds": SLEEP, "tag": str(n)})
+                )
+                for n in range(50)
+            ]
+            await asyncio.sleep(0.5)
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            for n in range(50):
+                await until_marked(tmp_path, f"cancelled-{n}", within=2.0)
+            answer = await dispatcher.call("marks", "slow", {"seconds": 0.01, "tag": "after"})
+            assert answer == "after"
+            assert not {name for name in marked(tmp_path) if name.startswith("done-")} - {
+                "done-after"
+            }
