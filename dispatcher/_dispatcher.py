@@ -125,6 +125,7 @@ class Dispatcher:
         self._events_out: EventSender | None = None  # host events to plugins (dispatcher._publish)
         self._circuit_listeners: list[CircuitListener] = []
         self._events = EventHandlers()
+        self._events_lost_warned: set[str] = set()  # plugins Dispatcher.on warned about
         #: Providers and what each has attached (dispatcher._attachments).
         self._attachments = Attachments(
             providers if providers is not None else providers_for(manifest),
@@ -1003,8 +1004,36 @@ class Dispatcher:
         )
 
     def on(self, plugin: str, event: str, handler: EventHandler) -> None:
-        """Run ``handler(event, data)`` whenever ``plugin`` emits ``event`` (``"*"``: any event)."""
+        """Run ``handler(event, data)`` whenever ``plugin`` emits ``event`` (``"*"``: any event).
+
+        When none of the plugin's targets can carry its events back (an ``http`` target,
+        say: ``Provider.delivers_events``), the handler is never called; a WARNING says so,
+        once per plugin."""
         self._events.on(plugin, event, handler)
+        self._warn_if_events_lost(plugin)
+
+    def _warn_if_events_lost(self, plugin_id: str) -> None:
+        if plugin_id in self._events_lost_warned:
+            return
+        bindings: set[str] = set()
+        for spec in self.manifest.plugins:
+            if spec.id != plugin_id:
+                continue
+            for target in spec.targets():
+                provider = self._providers.get(target.provider)
+                if provider is None or provider.delivers_events_on(target):
+                    return
+                bindings.add(target.provider)
+        if not bindings:
+            return  # not in the manifest (yet): a reload or the registry may add it
+        self._events_lost_warned.add(plugin_id)
+        log.warning(
+            "events of plugin %r never reach Dispatcher.on: its %s target has no channel"
+            " back to the host (events are delivered on local, subprocess and grpc targets"
+            " with events on, and websocket targets)",
+            plugin_id,
+            "/".join(sorted(bindings)),
+        )
 
     def on_event(self, listener: EventListener) -> None:
         """Call ``listener(plugin, version, event, data)`` for every event any plugin

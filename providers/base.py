@@ -130,6 +130,10 @@ class Provider(abc.ABC, Generic[TargetT]):
     #: that emitted it, since two run side by side in a rollout; set by the dispatcher.
     #: Providers hand a plugin ``event_sink_of(plugin)``, bound to its id and version.
     event_sink: Callable[[str, str, str, Any], None] | None = None
+    #: True when a plugin on this provider's targets has a channel back to the host, so
+    #: what it emits reaches ``Dispatcher.on``; False where the binding has none (HTTP,
+    #: Knative, Lambda, Wasm, Docker): ``Dispatcher.on`` then warns, as the SDK does.
+    delivers_events: ClassVar[bool] = True
     #: Where a provider reports what a plugin says it serves, as soon as it learns it;
     #: set by the dispatcher, which compares it with the manifest's routes.
     served_sink: Callable[[ServedReport], None] | None = None
@@ -173,6 +177,11 @@ class Provider(abc.ABC, Generic[TargetT]):
         generator; the default raises ``ProviderError`` on the first chunk.
         """
         return _no_stream(self.name, invocation)
+
+    def delivers_events_on(self, target: TargetT) -> bool:
+        """Whether the plugin behind ``target`` can send events to the host:
+        ``delivers_events``, unless the target turns its events off (``events: false``)."""
+        return self.delivers_events
 
     async def send_event(self, target: TargetT, event: str, data: Any) -> None:
         """Deliver a host event to the plugin behind ``target`` (``Dispatcher.publish``)."""

@@ -255,6 +255,9 @@ class GrpcProvider(Provider[GrpcTarget]):
     target_model = GrpcTarget
     native_batch = True
 
+    def delivers_events_on(self, target: GrpcTarget) -> bool:
+        return target.events
+
     def __init__(self) -> None:
         # By ``target.key``: equal targets (of several methods or plugins) share a channel.
         self._connections: dict[str, PluginConnection] = {}

@@ -254,6 +254,7 @@ class _Route:
 class HttpProvider(Provider[HttpTarget]):
     name = "http"
     target_model = HttpTarget
+    delivers_events = False  # no channel from the plugin back to the host
     native_batch = True
 
     def __init__(

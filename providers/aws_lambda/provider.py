@@ -55,6 +55,7 @@ _CLIENT_CONTEXT_LIMIT = 3583
 class LambdaProvider(Provider[LambdaTarget]):
     name = "lambda"
     target_model = LambdaTarget
+    delivers_events = False  # no channel from the plugin back to the host
     native_batch = True
     #: How often ``logs(follow=True)`` asks CloudWatch Logs for new events.
     logs_poll_s: float = 1.0

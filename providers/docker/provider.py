@@ -68,6 +68,7 @@ log = logging.getLogger("dispatcher.providers.docker")
 class DockerProvider(Provider[DockerTarget]):
     name = "docker"
     target_model = DockerTarget
+    delivers_events = False  # no channel from the plugin back to the host
     native_batch = True
 
     def __init__(

@@ -148,6 +148,7 @@ class KnativeProvider(Provider[KnativeTarget]):
 
     name = "knative"
     target_model = KnativeTarget
+    delivers_events = False  # no channel from the plugin back to the host
 
     def __init__(
         self,

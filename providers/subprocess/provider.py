@@ -28,6 +28,9 @@ class SubprocessProvider(Provider[SubprocessTarget]):
     target_model = SubprocessTarget
     native_batch = True
 
+    def delivers_events_on(self, target: SubprocessTarget) -> bool:
+        return target.events
+
     def __init__(self) -> None:
         # By (plugin id, version, ``target.key``): one process per plugin and target.
         self._processes: dict[tuple[str, str, str], PluginProcess] = {}

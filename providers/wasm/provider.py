@@ -71,6 +71,7 @@ class _Attached:
 class WasmProvider(Provider[WasmTarget]):
     name = "wasm"
     target_model = WasmTarget
+    delivers_events = False  # no channel from the plugin back to the host
 
     def __init__(self) -> None:
         self._runtime: ModuleType | None = None

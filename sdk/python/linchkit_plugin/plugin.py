@@ -14,6 +14,7 @@ class whose failures are transient.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, ClassVar, TypeVar
@@ -23,6 +24,12 @@ __all__ = ["LIFECYCLE_HOOKS", "Plugin", "current_context", "raw_params"]
 LIFECYCLE_HOOKS = frozenset(
     {"init", "start", "stop", "destroy", "health_check", "emit", "on_event"}
 )
+
+log = logging.getLogger("linchkit_plugin")
+
+#: Event names ``emit`` remembers having warned about, at most: names made per event
+#: (an id in them) would otherwise grow the set without end.
+_MAX_WARNED_EVENTS = 1000
 
 _current_context: ContextVar[dict[str, Any] | None] = ContextVar(
     "plugin_call_context", default=None
@@ -71,6 +78,20 @@ class Plugin:
         """Called with each event the host sends (``Dispatcher.publish``); ignores them by default."""
 
     def emit(self, event: str, data: Any = None) -> None:
-        """Send an event to the host's handlers (``Dispatcher.on``); dropped if nobody listens."""
+        """Send an event to the host's handlers (``Dispatcher.on``); dropped if nobody listens.
+
+        Served where the host has no channel back to the plugin (HTTP with
+        ``dispatcher-plugin serve``, Knative, Lambda), events cannot be delivered: each is
+        dropped, and the first of each name logs a WARNING saying so."""
         if self._emit is not None:
             self._emit(event, data)
+            return
+        warned = self.__dict__.setdefault("_undelivered_events", set())
+        if event not in warned and len(warned) < _MAX_WARNED_EVENTS:
+            warned.add(event)
+            log.warning(
+                "event %r is not delivered: this plugin is served without a channel back"
+                " to the host (HTTP, Knative, Lambda); events reach the host in-process"
+                " (local), over gRPC (subprocess, grpc) and over WebSocket",
+                event,
+            )
