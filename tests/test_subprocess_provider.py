@@ -38,7 +38,10 @@ def crashing(**target: Any) -> dict[str, Any]:
         "id": "crashing",
         "version": "1.0.0",
         "target": {"provider": "subprocess", "command": CRASHING, **target},
-        "methods": {"pid": {}, "echo": {}, "announce": {}, "nap": {}, "environment": {}},
+        "methods": {
+            **{name: {} for name in ("pid", "echo", "announce", "nap", "environment")},
+            **{name: {} for name in ("complain", "write")},
+        },
     }
 
 
@@ -99,6 +102,35 @@ async def test_launch_logs_stderr_and_stop_leaves_nothing(caplog: pytest.LogCapt
     assert not Path(folder).exists()  # noqa: ASYNC240 - a test's one stat
     assert process.state == "stopped"
     assert process.exit_code == 0  # it left by itself, before any signal
+
+
+async def test_stderr_lines_keep_the_level_the_plugin_logged_them_at(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A host logging at WARNING sees the plugin's warnings and errors, whatever SDK wrote
+    them; a line without a level stays INFO (docs/grpc-and-subprocess.md)."""
+    caplog.set_level(logging.DEBUG, logger="dispatcher.plugin.crashing")
+    lines = {
+        "ERROR svc: the ledger is gone": logging.ERROR,
+        '{"time":"2026-12-04T00:10:00Z","level":"WARN","msg":"slog json"}': logging.WARNING,
+        'time=2026-12-04T00:10:00Z level=error msg="slog text"': logging.ERROR,
+        "2026/12/04 00:10:00 WARN go log": logging.WARNING,
+        "2026-12-04T00:10:00.123456Z  WARN plugin: rust tracing": logging.WARNING,
+        "Error reading a file, said as a sentence": logging.INFO,
+    }
+    async with Dispatcher(manifest(crashing())) as dispatcher:
+        assert await dispatcher.call("crashing", "complain", {"text": "disk almost full"})
+        for line in lines:
+            assert await dispatcher.call("crashing", "write", {"line": line})
+        await eventually(lambda: "said as a sentence" in caplog.text)
+
+    def level_of(text: str) -> int:
+        (record,) = [r for r in caplog.records if text in r.getMessage()]
+        assert record.name == "dispatcher.plugin.crashing"
+        return record.levelno
+
+    assert level_of("disk almost full") == logging.WARNING  # the Python SDK's own format
+    assert {line: level_of(line) for line in lines} == lines
 
 
 async def test_a_crashed_plugin_is_restarted_as_a_new_process() -> None:

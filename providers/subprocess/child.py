@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 
 from linchkit_plugin.errors import ProviderError
 from providers._grpc.connection import PluginConnection
+from providers.subprocess.levels import line_level
 from providers.subprocess.output import OutputRing
 
 __all__ = ["Child", "check_digests", "socket_folder", "spawn", "with_parent_death_signal"]
@@ -233,8 +234,11 @@ class Child:
             if self._output is not None:
                 self._output.append(line)
             # Tagged with this launch (its pid), so structured logs tell instances apart;
-            # the plugin comes from the logger's name (dispatcher.telemetry.logs).
-            self._plugin_log.info("%s", line, extra={"instance": f"pid {self.process.pid}"})
+            # the plugin comes from the logger's name (dispatcher.telemetry.logs). At the
+            # level the line carries (a plugin's WARNING stays one), else INFO.
+            self._plugin_log.log(
+                line_level(line), "%s", line, extra={"instance": f"pid {self.process.pid}"}
+            )
 
     async def _drain_stdout(self) -> None:
         assert self.process.stdout is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import signal
 import sys
@@ -47,6 +48,16 @@ class CrashingPlugin(Plugin):
     async def announce(self, name: str) -> bool:
         """Emit the plugin event ``name`` with this process's pid."""
         self.emit(name, os.getpid())
+        return True
+
+    async def complain(self, text: str) -> bool:
+        """Log ``text`` as a WARNING with Python's logging, as a plugin author does."""
+        logging.getLogger("crashing").warning("%s", text)
+        return True
+
+    async def write(self, line: str) -> bool:
+        """Write ``line`` to stderr as it is (a log line in another SDK's format)."""
+        print(line, file=sys.stderr, flush=True)
         return True
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -106,6 +107,9 @@ HANDSHAKE_CORE_VERSION = CORE_VERSION
 #: The most calls one CallBatch may carry: the dispatcher's batcher sends at most this many
 #: (``batching.max_size``); more is refused whole with INVALID_ARGUMENT (docs/protocol.md).
 MAX_BATCH_CALLS = 10_000
+#: How ``main`` formats the plugin's log lines on stderr when the plugin set up none: the
+#: level first, which the subprocess provider reads to log the line at the same level.
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: The largest gRPC message the plugin takes or sends (Call, CallBatch, CallStream items,
 #: Events), counted after decompression: 64 MiB, the dispatcher's own limit (its channel's
 #: ``grpc.max_receive_message_length`` and ``grpc.max_send_message_length``). A larger one
@@ -375,6 +379,11 @@ def main(
     launch = read_command_line(list(sys.argv[1:] if argv is None else argv))
     if launch is None:
         return 1
+    if not logging.getLogger().handlers:
+        # Each line the plugin logs starts with its level, so a host reading this process's
+        # stderr keeps it: a WARNING here stays one there. A plugin that configured its
+        # own logging before ``main`` keeps its own.
+        logging.basicConfig(format=LOG_FORMAT)
     host = PluginHost(plugin_class())
     server = PluginServer(
         host,
