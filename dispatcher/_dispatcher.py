@@ -260,10 +260,10 @@ class Dispatcher:
         """Stop every plugin (in reverse start order), then close every provider.
 
         With ``grace`` (seconds), ``drain(grace)`` first: calls in flight may finish.
-        Without it, batch items still queued are sent, and calls still in flight fail as
-        their targets go away; one still running after that (an in-process plugin's) is
-        cut off: ``ShuttingDown``, ``details["stage"] == "cut_off"``. A second ``aclose``
-        while the first runs waits for it.
+        Without it, batch items still queued are sent, and every call still in flight ends
+        in ``ShuttingDown``, ``details["stage"] == "cut_off"``: one whose target closes
+        under it (raised from the provider's error), one still running after that (an
+        in-process plugin's) cut off. A second ``aclose`` while the first runs waits for it.
         """
         if self._state == "closed":
             await self._wait_closed_by_another()
@@ -287,6 +287,9 @@ class Dispatcher:
         await self._events.aclose()
         if self.state_backend is not None:
             await self.state_backend.aclose()  # after the chains: their last records are written
+        # From here calls in flight fail as their targets close: the dispatcher's doing,
+        # so they end in ShuttingDown, not in a TargetUnavailable blaming the plugin.
+        self._in_flight.closing = True
         if self.fleets is not None:
             await self.fleets.detach_all()  # the instances discovery brought
         await self._attachments.aclose()  # every plugin detached, then every provider closed
@@ -539,6 +542,10 @@ class Dispatcher:
                 raise self._in_flight.cut_off_error(
                     task, f"the call of {route.name}", error
                 ) from None
+            if self._in_flight.closed_under(error):  # aclose closed its target under it
+                raise self._in_flight.closed_under_error(
+                    f"the call of {route.name}", error
+                ) from error
             raise
         finally:
             calls.discard(task)

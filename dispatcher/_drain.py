@@ -16,6 +16,14 @@ retryable error, not a ``CancelledError`` it did not ask for.
 A stream is cut off the same way while it waits for a chunk; a stream suspended at a
 ``yield`` (its consumer is busy elsewhere) is only marked, and its next step raises
 ``ShuttingDown``: cancelling its consumer's task would cancel unrelated work.
+
+``aclose`` without a grace closes the targets under what is in flight: a subprocess
+plugin's connection closes, an HTTP client's session ends, and the provider fails the call
+with ``TargetUnavailable`` as if the plugin had gone away. Once ``closing`` is set, such a
+failure (``CLOSED_UNDER``) is the dispatcher's own doing: the call ends in the same
+``ShuttingDown`` (``stage`` ``cut_off``) as an in-process plugin's call, with the
+provider's error as its cause. While the dispatcher runs, a plugin going away is still
+``TargetUnavailable``.
 """
 
 from __future__ import annotations
@@ -27,9 +35,22 @@ import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from linchkit_plugin.errors import DispatchError, InvalidParams, ShuttingDown
+from linchkit_plugin.errors import (
+    DispatchError,
+    InvalidParams,
+    ProviderError,
+    ShuttingDown,
+    TargetUnavailable,
+)
 
-__all__ = ["CUT_OFF_SECONDS", "InFlight", "OpenStream", "checked_grace", "current_task_getter"]
+__all__ = [
+    "CLOSED_UNDER",
+    "CUT_OFF_SECONDS",
+    "InFlight",
+    "OpenStream",
+    "checked_grace",
+    "current_task_getter",
+]
 
 log = logging.getLogger("dispatcher")
 
@@ -39,6 +60,9 @@ T = TypeVar("T")
 #: the grace has run out, before the dispatcher closes under whatever still ignores its
 #: cancellation.
 CUT_OFF_SECONDS = 1.0
+
+#: What a provider raises for a call whose target the closing dispatcher took away.
+CLOSED_UNDER = (TargetUnavailable, ProviderError)
 
 
 def current_task_getter(
@@ -83,6 +107,7 @@ class InFlight:
         "_settling",
         "_settling_streams",
         "calls",
+        "closing",
         "cut",
         "streams",
         "tell_left",
@@ -96,6 +121,9 @@ class InFlight:
         #: Whether a call or stream ending must call ``left`` (a drain or a reload waits
         #: for it); one attribute check on the hot path otherwise.
         self.tell_left = False
+        #: Set by ``aclose`` as it closes the targets: what their calls then fail with
+        #: (``CLOSED_UNDER``) is the dispatcher's doing, not the plugin's.
+        self.closing = False
         self._idle: asyncio.Future[None] | None = None
         # A reload waiting for the calls and streams in flight when routes swapped
         # (``wait_settled``); calls that started later do not hold it up.
@@ -204,6 +232,20 @@ class InFlight:
             task.uncancel()
         if isinstance(error, DispatchError):
             log.debug("cut off %s: the chain ended with %r", what, error)
+        return self._shutting_down(what)
+
+    def closed_under(self, error: BaseException) -> bool:
+        """Whether ``error`` ended a call because ``aclose`` closed its target under it."""
+        return self.closing and isinstance(error, CLOSED_UNDER)
+
+    def closed_under_error(self, what: str, error: BaseException) -> ShuttingDown:
+        """The error of ``what``, whose target ``aclose`` closed under it (``error``: the
+        provider's, which the caller raises it from)."""
+        log.debug("cut off %s: its target closed under it with %r", what, error)
+        return self._shutting_down(what)
+
+    @staticmethod
+    def _shutting_down(what: str) -> ShuttingDown:
         return ShuttingDown(
             f"the dispatcher shut down while {what} was in flight (a drain's grace ran out, or"
             " it closed without one); it may have reached the plugin",
@@ -224,6 +266,8 @@ class InFlight:
         except (asyncio.CancelledError, DispatchError) as error:
             if self.cut and task in self.cut:
                 raise self.cut_off_error(task, what, error) from None
+            if self.closing and self.closed_under(error):
+                raise self.closed_under_error(what, error) from error
             raise
         finally:
             calls.discard(task)
@@ -244,11 +288,13 @@ class InFlight:
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
                     break
-                except (asyncio.CancelledError, DispatchError):
+                except (asyncio.CancelledError, DispatchError) as error:
                     if stream.cut:
                         if task is not None:
                             task.uncancel()
                         raise self.cut_off_error(None, what) from None
+                    if self.closing and self.closed_under(error):
+                        raise self.closed_under_error(what, error) from error
                     raise
                 finally:
                     stream.task = None

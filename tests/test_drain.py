@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from dispatcher import Dispatcher, InvalidParams, ShuttingDown
+from dispatcher import Dispatcher, InvalidParams, ShuttingDown, TargetUnavailable
 from dispatcher._drain import CUT_OFF_SECONDS
 from linchkit_plugin.errors import error_from_wire
 from tests.conftest import EXAMPLES, ROOT, echo_plugin, manifest
@@ -353,3 +354,72 @@ async def test_aclose_without_grace_cuts_off_an_in_process_call_at_once() -> Non
     with pytest.raises(ShuttingDown) as refused:
         await dispatcher.call("echo", "say", {"text": "late"})
     assert refused.value.retryable and refused.value.details["stage"] == "refused"
+
+
+async def _served_echo() -> tuple[asyncio.subprocess.Process, str]:
+    """``dispatcher-plugin serve`` of the example plugin in a process of its own, and its URL."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "linchkit_plugin.cli", "serve", "echo_plugin:EchoPlugin",
+        "--path", str(EXAMPLES), "--port", "0",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+    found = re.search(r"listening on (http://[0-9.:]+)", line)
+    assert found, line
+    return process, found.group(1)
+
+
+async def _stopped(process: asyncio.subprocess.Process | None) -> None:
+    if process is not None and process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+@pytest.mark.parametrize("provider", ["local", "subprocess", "http"])
+async def test_aclose_cuts_off_a_call_in_flight_alike_on_every_provider(provider: str) -> None:
+    """The dispatcher closing under a call is its own doing: ``ShuttingDown``, stage
+    ``cut_off``, on every provider; subprocess said the plugin went away, HTTP
+    ``ServerDisconnectedError``, both ``TargetUnavailable`` inviting a retry."""
+    from tests.conftest import LOCAL_TARGET
+
+    served = None
+    try:
+        if provider == "local":
+            spec = echo_plugin("echo", LOCAL_TARGET)
+        elif provider == "subprocess":
+            spec = {**example(), "id": "echo"}
+        else:
+            served, url = await _served_echo()
+            spec = http_echo(url)
+        # The subprocess example's sleep takes milliseconds, the echo plugin's seconds.
+        unit, scale = ("ms", 1000) if provider == "subprocess" else ("seconds", 1)
+        dispatcher = Dispatcher(manifest(spec))
+        await dispatcher.start()
+        assert await dispatcher.call("echo", "sleep", {unit: 0}, timeout=30) is not None
+        call = asyncio.create_task(dispatcher.call("echo", "sleep", {unit: 5 * scale}, timeout=30))
+        await asyncio.sleep(0.3)
+        await dispatcher.aclose()
+        with pytest.raises(ShuttingDown) as cut:
+            await asyncio.wait_for(call, MARGIN)
+    finally:
+        await _stopped(served)
+    assert cut.value.details == {"stage": "cut_off"}, cut.value
+    assert "the dispatcher shut down" in str(cut.value)
+    if provider != "local":  # the provider's own account, kept as the cause
+        assert isinstance(cut.value.__cause__, TargetUnavailable), repr(cut.value.__cause__)
+
+
+async def test_an_http_plugin_going_away_while_the_dispatcher_runs_is_still_unavailable() -> None:
+    served, url = await _served_echo()
+    try:
+        async with Dispatcher(manifest(http_echo(url))) as dispatcher:
+            assert await dispatcher.call("echo", "sleep", {"seconds": 0}, timeout=30) >= 0
+            call = asyncio.create_task(dispatcher.call("echo", "sleep", {"seconds": 5}, timeout=30))
+            await asyncio.sleep(0.3)
+            served.kill()
+            with pytest.raises(TargetUnavailable):
+                await asyncio.wait_for(call, MARGIN)
+    finally:
+        await _stopped(served)
