@@ -168,20 +168,34 @@ class PluginHost:
             yield await self.call(method, params, context)
             return
         args, kwargs = _arguments_for(self.methods[method], params)
-        token = _current_context.set(context)
         try:
-            try:
-                chunks = self.methods[method](*args, **kwargs)
-            except TypeError as error:
-                raise _binding_error(self.methods[method], args, kwargs, error) from error
-            async for chunk in chunks:
+            chunks = self.methods[method](*args, **kwargs)
+        except TypeError as error:
+            raise _binding_error(self.methods[method], args, kwargs, error) from error
+        # The call's context is set around each step of the plugin's generator, never
+        # across a yield: a host that runs the plugin in its own process (``local``) then
+        # does not see it between chunks, and may close the stream from another context
+        # (a task of its own, the collector's finalizer) without a ContextVar error.
+        try:
+            while True:
+                token = _current_context.set(context)
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    _current_context.reset(token)
                 yield chunk
         except DispatchError:
             raise
         except Exception as error:
             raise _plugin_error(error) from error
         finally:
-            _current_context.reset(token)
+            token = _current_context.set(context)
+            try:
+                await chunks.aclose()
+            finally:
+                _current_context.reset(token)
 
     async def close(self) -> None:
         """Run ``stop()`` then ``destroy()``; both run even if one fails."""
