@@ -6,19 +6,25 @@ Without ``path``, the plugin is imported from the manifest's folder, the way
 
 The provider owns each plugin instance's lifecycle: ``attach`` runs ``init``/``start``,
 ``detach`` runs ``stop``/``destroy``. Params must be JSON, exactly as for remote targets,
-so a plugin can move out of process without its callers noticing.
+so a plugin can move out of process without its callers noticing. Streaming methods
+(async generator methods) stream and host events reach ``on_event`` through the SDK's
+``PluginHost``, the code the SDK's own servers run, so they behave as over subprocess or
+gRPC: a unary call of a streaming method answers its chunks as a list, a stream of a
+unary method yields its one result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from linchkit_plugin.errors import ProviderError, TargetUnavailable
+from linchkit_plugin.errors import DeadlineExceeded, ProviderError, TargetUnavailable
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import encode_json
 from providers.base import Health, Provider
@@ -31,6 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["LocalProvider", "LocalTarget"]
 
 log = logging.getLogger("dispatcher.providers.local")
+
+#: How long a plugin being detached has to take the host events queued for it.
+EVENTS_GRACE_SECONDS = 1.0
 
 
 class LocalTarget(TargetConfig):
@@ -66,6 +75,8 @@ class LocalProvider(Provider[LocalTarget]):
 
     def __init__(self) -> None:
         self._hosts: dict[tuple[str, str, str], PluginHost] = {}
+        #: Host events on their way to each plugin, handed over in order by one task each.
+        self._inboxes: dict[tuple[str, str, str], _Inbox] = {}
 
     async def attach(self, plugin: PluginInfo, target: LocalTarget) -> None:
         key = (plugin.id, plugin.version, target.entrypoint)
@@ -91,19 +102,24 @@ class LocalProvider(Provider[LocalTarget]):
         self.report_served(plugin, target, _served_by(host, plugin))
 
     async def detach(self, plugin: PluginInfo, target: LocalTarget) -> None:
-        host = self._hosts.pop((plugin.id, plugin.version, target.entrypoint), None)
+        key = (plugin.id, plugin.version, target.entrypoint)
+        inbox = self._inboxes.pop(key, None)
+        if inbox is not None:
+            await inbox.close()
+        host = self._hosts.pop(key, None)
         if host is not None:
             await self._close(host, plugin)
 
     async def aclose(self) -> None:
+        inboxes, self._inboxes = self._inboxes, {}
+        for inbox in inboxes.values():
+            await inbox.close()
         hosts, self._hosts = self._hosts, {}
         for host in hosts.values():
             await host.close()
 
     async def invoke(self, target: LocalTarget, invocation: Invocation) -> Any:
-        host = self._hosts.get((invocation.plugin, invocation.version, target.entrypoint))
-        if host is None:
-            raise TargetUnavailable(f"{invocation.plugin}@{invocation.version} is not started")
+        host = self._host(target, invocation)
         encode_json(invocation.params)  # what a remote plugin could not get, a local one does not
         return await host.call_with_deadline(
             invocation.method,
@@ -111,6 +127,54 @@ class LocalProvider(Provider[LocalTarget]):
             invocation.context_wire(),
             invocation.remaining(),
         )
+
+    async def stream(
+        self, target: LocalTarget, invocation: Invocation
+    ) -> AsyncGenerator[Any, None]:
+        """The chunks of the plugin's streaming method, as the SDK's servers stream them
+        (``PluginHost.stream``): a unary method yields its one result, a plugin error
+        mid-stream raises after the chunks before it. The deadline bounds the whole
+        stream: past it the plugin's generator is cancelled (or closed, when it is the
+        caller that is slow) and ``DeadlineExceeded`` raised; a caller that stops
+        reading or is cancelled closes it."""
+        host = self._host(target, invocation)
+        encode_json(invocation.params)
+        if invocation.remaining() <= 0:
+            raise DeadlineExceeded(f"deadline passed before {invocation.method!r} started")
+        chunks = host.stream(invocation.method, invocation.params, invocation.context_wire())
+        try:
+            while True:
+                left = invocation.remaining()
+                if left <= 0:
+                    raise _past_deadline(invocation)
+                try:
+                    async with asyncio.timeout(left):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise _past_deadline(invocation) from None
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def send_event(self, target: LocalTarget, event: str, data: Any) -> None:
+        """Hand the host event to the plugin's ``on_event``, as the SDK's servers do: in
+        the order published, after ``publish`` returns; a handler that fails is logged
+        and the next event still delivered. Data must be JSON, as for a remote plugin."""
+        encode_json(data)
+        for key, host in self._hosts.items():
+            if key[2] == target.entrypoint:
+                inbox = self._inboxes.get(key)
+                if inbox is None:
+                    inbox = self._inboxes[key] = _Inbox(host)
+                inbox.put(event, data)
+
+    def _host(self, target: LocalTarget, invocation: Invocation) -> PluginHost:
+        host = self._hosts.get((invocation.plugin, invocation.version, target.entrypoint))
+        if host is None:
+            raise TargetUnavailable(f"{invocation.plugin}@{invocation.version} is not started")
+        return host
 
     async def served_methods(
         self, plugin: PluginInfo, target: LocalTarget, *, timeout: float
@@ -135,6 +199,44 @@ class LocalProvider(Provider[LocalTarget]):
                 await host.close()
         except Exception:  # stopping must go on for the other plugins
             log.exception("stopping %s failed", plugin.key)
+
+
+def _past_deadline(invocation: Invocation) -> DeadlineExceeded:
+    return DeadlineExceeded(f"{invocation.method!r} did not finish before its deadline")
+
+
+class _Inbox:
+    """The host events of one local plugin, delivered one at a time and in order by a task
+    of their own (``deliver_host_events`` of the SDK's gRPC server does the same)."""
+
+    def __init__(self, host: PluginHost) -> None:
+        self._host = host
+        self._queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._deliver())
+
+    def put(self, event: str, data: Any) -> None:
+        self._queue.put_nowait((event, data))
+
+    async def close(self) -> None:
+        """Deliver what is queued, for ``EVENTS_GRACE_SECONDS`` at most, then stop: an
+        ``on_event`` that hangs is cancelled, as a stopping server cancels its reader."""
+        self._queue.put_nowait(None)
+        task = self._task
+        try:
+            await asyncio.wait({task}, timeout=EVENTS_GRACE_SECONDS)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _deliver(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            event, data = item
+            try:
+                await self._host.deliver(event, data)
+            except Exception:  # one bad event must not stop the next
+                log.exception("host event %r failed", event)
 
 
 def _served_by(host: PluginHost, plugin: PluginInfo) -> frozenset[str]:

@@ -368,10 +368,24 @@ async def test_stream_yields_chunks_then_raises_the_error_item(
     assert chunks == [0, 1, 2]
 
 
+def _without_streams_or_events() -> dict[str, Any]:
+    """A provider with the base's defaults for streams and events: the in-process one
+    without its own (it has both)."""
+    from providers.base import Provider
+    from providers.local import LocalProvider
+
+    class Unary(LocalProvider):
+        stream = Provider.stream  # type: ignore[assignment]
+        send_event = Provider.send_event  # type: ignore[assignment]
+
+    return {"local": Unary()}
+
+
 async def test_streaming_on_a_provider_without_streams_is_a_typed_error() -> None:
     from tests.conftest import LOCAL_TARGET, echo_plugin
 
-    async with Dispatcher(manifest(echo_plugin("echo", LOCAL_TARGET))) as d:
+    unary = _without_streams_or_events()
+    async with Dispatcher(manifest(echo_plugin("echo", LOCAL_TARGET)), providers=unary) as d:
         with pytest.raises(ProviderError, match="no streaming"):
             async for _ in d.stream("echo", "say", {"text": "x"}):
                 pass
@@ -545,7 +559,8 @@ async def test_publish_names_what_is_wrong() -> None:
     from dispatcher import PluginNotFound
     from tests.conftest import LOCAL_TARGET, echo_plugin
 
-    async with Dispatcher(manifest(echo_plugin("echo", LOCAL_TARGET))) as d:
+    unary = _without_streams_or_events()
+    async with Dispatcher(manifest(echo_plugin("echo", LOCAL_TARGET)), providers=unary) as d:
         with pytest.raises(PluginNotFound):
             await d.publish("nope", "ping")
         with pytest.raises(ProviderError, match="cannot send events"):
