@@ -173,8 +173,8 @@ class Provider(abc.ABC, Generic[TargetT]):
     def stream(self, target: TargetT, invocation: Invocation) -> AsyncGenerator[Any, None]:
         """The chunks of a streaming method, as they come; errors raise ``DispatchError``.
 
-        Providers whose wire streams (gRPC, subprocess) override this with an async
-        generator; the default raises ``ProviderError`` on the first chunk.
+        Providers that stream (local, gRPC, subprocess, WebSocket) override this with an
+        async generator; the default raises ``ProviderError`` on the first chunk.
         """
         return _no_stream(self.name, invocation)
 
