@@ -75,6 +75,8 @@ class LocalProvider(Provider[LocalTarget]):
 
     def __init__(self) -> None:
         self._hosts: dict[tuple[str, str, str], PluginHost] = {}
+        #: The target each host was attached on: an event goes to the hosts of equal targets.
+        self._targets: dict[tuple[str, str, str], LocalTarget] = {}
         #: Host events on their way to each plugin, handed over in order by one task each.
         self._inboxes: dict[tuple[str, str, str], _Inbox] = {}
 
@@ -99,6 +101,7 @@ class LocalProvider(Provider[LocalTarget]):
             await self._close(host, plugin)
             raise ProviderError(f"{plugin.key} failed to start: {error!r}") from error
         self._hosts[key] = host
+        self._targets[key] = target
         self.report_served(plugin, target, _served_by(host, plugin))
 
     async def detach(self, plugin: PluginInfo, target: LocalTarget) -> None:
@@ -106,6 +109,7 @@ class LocalProvider(Provider[LocalTarget]):
         inbox = self._inboxes.pop(key, None)
         if inbox is not None:
             await inbox.close()
+        self._targets.pop(key, None)
         host = self._hosts.pop(key, None)
         if host is not None:
             await self._close(host, plugin)
@@ -115,6 +119,7 @@ class LocalProvider(Provider[LocalTarget]):
         for inbox in inboxes.values():
             await inbox.close()
         hosts, self._hosts = self._hosts, {}
+        self._targets = {}
         for host in hosts.values():
             await host.close()
 
@@ -164,7 +169,7 @@ class LocalProvider(Provider[LocalTarget]):
         and the next event still delivered. Data must be JSON, as for a remote plugin."""
         encode_json(data)
         for key, host in self._hosts.items():
-            if key[2] == target.entrypoint:
+            if self._targets.get(key) == target:
                 inbox = self._inboxes.get(key)
                 if inbox is None:
                     inbox = self._inboxes[key] = _Inbox(host)

@@ -249,3 +249,28 @@ async def test_a_stream_s_call_context_is_the_plugin_s_alone_and_it_closes_from_
     # Closed from another context (a task of its own, the collector's finalizer).
     await asyncio.create_task(chunks.aclose())
     assert plugin.at_close == {"request_id": "r1"}
+
+
+async def test_an_event_goes_only_to_the_plugin_it_is_published_to(tmp_path: Path) -> None:
+    def entry(plugin_id: str) -> dict[str, Any]:
+        (tmp_path / plugin_id).mkdir()
+        return {
+            "id": plugin_id,
+            "version": "1.0.0",
+            "target": {
+                "provider": "local",
+                "entrypoint": "tests.test_local_streams:Legacy",
+                "path": str(tmp_path / plugin_id),
+            },
+            "methods": {"seen_events": {}},
+        }
+
+    async with Dispatcher(manifest(entry("a"), entry("b"))) as dispatcher:
+        await dispatcher.publish("a", "ping", 1)
+        for _ in range(100):
+            if await dispatcher.call("a", "seen_events"):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert await dispatcher.call("a", "seen_events") == [["ping", 1]]
+        assert await dispatcher.call("b", "seen_events") == []
