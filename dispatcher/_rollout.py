@@ -55,6 +55,7 @@ __all__ = [
     "RolloutListener",
     "RolloutRuntime",
     "Shadow",
+    "shown_to",
 ]
 
 log = logging.getLogger("dispatcher.rollout")
@@ -506,3 +507,24 @@ class RolloutRuntime:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def shown_to(rollout: dict[str, Any], caller: str | None) -> dict[str, Any]:
+    """A rollout's or shadow's stats (``stats()["rollouts"]``'s) as ``caller`` is shown
+    them (``GET /v1/rollouts``): a shadow's recent differences without whose call each
+    was, and with the request id of the caller's own calls only (another caller's id may
+    be one it chose, and say anything)."""
+    recent = rollout.get("recent_differences")
+    if not recent:
+        return rollout
+    shown = []
+    for difference in recent:
+        own = difference.get("caller") == caller
+        shown.append(
+            {
+                name: value
+                for name, value in difference.items()
+                if name != "caller" and (own or name != "request_id")
+            }
+        )
+    return {**rollout, "recent_differences": shown}

@@ -42,6 +42,7 @@ import orjson
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
+from dispatcher._rollout import shown_to
 from dispatcher.config import Manifest
 from dispatcher.gateway.body import Refused, read_params
 from dispatcher.gateway.call_headers import (
@@ -320,7 +321,7 @@ class Gateway:
                 if may_call(principal, rollout["plugin"], rollout["to"], rollout["method"])
             }
         caller = principal.id if principal is not None else None
-        shown = {name: _differences_of(rollout, caller) for name, rollout in rollouts.items()}
+        shown = {name: shown_to(rollout, caller) for name, rollout in rollouts.items()}
         return web.json_response({"rollouts": shown})
 
     def _view(self, principal: Principal | None) -> _View:
@@ -586,23 +587,3 @@ def _plugin_list(manifest: Manifest[Any], allows: Allows | None) -> list[dict[st
                 }
             )
     return listed
-
-
-def _differences_of(rollout: dict[str, Any], caller: str | None) -> dict[str, Any]:
-    """A shadow's stats as ``caller`` is shown them: its recent differences without whose
-    call each was, and with the request id of the caller's own calls only (another
-    caller's id may be one it chose, and say anything)."""
-    recent = rollout.get("recent_differences")
-    if not recent:
-        return rollout
-    shown = []
-    for difference in recent:
-        own = difference.get("caller") == caller
-        shown.append(
-            {
-                name: value
-                for name, value in difference.items()
-                if name != "caller" and (own or name != "request_id")
-            }
-        )
-    return {**rollout, "recent_differences": shown}
