@@ -28,6 +28,7 @@ from linchkit_plugin.errors import DeadlineExceeded, ProviderError, TargetUnavai
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import encode_json
 from providers.base import Health, Provider
+from providers.host_events import HostEvents
 from providers.invocation import Invocation
 from providers.target import ManifestPath, TargetConfig
 
@@ -172,7 +173,7 @@ class LocalProvider(Provider[LocalTarget]):
             if self._targets.get(key) == target:
                 inbox = self._inboxes.get(key)
                 if inbox is None:
-                    inbox = self._inboxes[key] = _Inbox(host)
+                    inbox = self._inboxes[key] = _Inbox(host, f"{key[0]}@{key[1]}")
                 inbox.put(event, data)
 
     def _host(self, target: LocalTarget, invocation: Invocation) -> PluginHost:
@@ -212,20 +213,21 @@ def _past_deadline(invocation: Invocation) -> DeadlineExceeded:
 
 class _Inbox:
     """The host events of one local plugin, delivered one at a time and in order by a task
-    of their own (``deliver_host_events`` of the SDK's gRPC server does the same)."""
+    of their own (``deliver_host_events`` of the SDK's gRPC server does the same); at most
+    ``HOST_EVENTS_HELD`` wait, past that the oldest goes (``providers.host_events``)."""
 
-    def __init__(self, host: PluginHost) -> None:
+    def __init__(self, host: PluginHost, describe: str) -> None:
         self._host = host
-        self._queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
+        self._queue: HostEvents[tuple[str, Any]] = HostEvents(describe)
         self._task = asyncio.get_running_loop().create_task(self._deliver())
 
     def put(self, event: str, data: Any) -> None:
-        self._queue.put_nowait((event, data))
+        self._queue.hold((event, data))
 
     async def close(self) -> None:
         """Deliver what is queued, for ``EVENTS_GRACE_SECONDS`` at most, then stop: an
         ``on_event`` that hangs is cancelled, as a stopping server cancels its reader."""
-        self._queue.put_nowait(None)
+        self._queue.end()
         task = self._task
         try:
             await asyncio.wait({task}, timeout=EVENTS_GRACE_SECONDS)

@@ -274,3 +274,53 @@ async def test_an_event_goes_only_to_the_plugin_it_is_published_to(tmp_path: Pat
         await asyncio.sleep(0.05)
         assert await dispatcher.call("a", "seen_events") == [["ping", 1]]
         assert await dispatcher.call("b", "seen_events") == []
+
+
+class Slow:
+    """Takes host events only once told to (``go``): a host publishing meanwhile floods it."""
+
+    async def init(self, config: dict[str, Any]) -> None:
+        self.seen: list[int] = []
+        self.open = asyncio.Event()
+
+    async def on_event(self, event: str, data: Any) -> None:
+        await self.open.wait()
+        self.seen.append(data)
+
+    async def go(self) -> None:
+        self.open.set()
+
+    async def seen_events(self) -> list[int]:
+        return self.seen
+
+
+async def test_a_flood_of_host_events_holds_the_newest_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A host publishing faster than ``on_event`` takes events grew its queue without
+    bound; at most ``HOST_EVENTS_HELD`` wait, past that the oldest goes, said once."""
+    from providers.host_events import HOST_EVENTS_HELD
+
+    entry = {
+        "id": "slow",
+        "version": "1.0.0",
+        "target": {"provider": "local", "entrypoint": "tests.test_local_streams:Slow"},
+        "methods": {"go": {}, "seen_events": {}},
+    }
+    published = HOST_EVENTS_HELD * 5
+    async with Dispatcher(manifest(entry)) as dispatcher:
+        for number in range(published):
+            await dispatcher.publish("slow", "tick", number)
+        await dispatcher.call("slow", "go")
+        seen: list[int] = []
+        for _ in range(500):
+            seen = await dispatcher.call("slow", "seen_events")
+            if seen and seen[-1] == published - 1:
+                break
+            await asyncio.sleep(0.01)
+    # The newest that were kept, in order; before them at most the one the handler
+    # already held when the flood began.
+    assert seen[-HOST_EVENTS_HELD:] == list(range(published - HOST_EVENTS_HELD, published))
+    assert len(seen) <= HOST_EVENTS_HELD + 1
+    drops = [r.getMessage() for r in caplog.records if "dropping the oldest" in r.getMessage()]
+    assert len(drops) == 1 and "slow@1.0.0" in drops[0]

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.wire import encode_json
 from providers._grpc.replies import loads
+from providers.host_events import HostEvents
 
 __all__ = ["EventsStream", "OpenEvents"]
 
@@ -43,7 +44,7 @@ class EventsStream:
         self._host_event = host_event
         self.describe = describe
         self._task: asyncio.Task[None] | None = None
-        self._outgoing: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._outgoing: HostEvents[tuple[str, bytes]] = HostEvents(describe)
         self._open = asyncio.Event()
         self._closed = False
 
@@ -71,10 +72,11 @@ class EventsStream:
         return True
 
     def send(self, name: str, data: Any) -> None:
-        """Queue a host event for the plugin (delivered while the stream is open)."""
+        """Queue a host event for the plugin (delivered while the stream is open; at most
+        ``HOST_EVENTS_HELD`` wait, past that the oldest goes)."""
         if self._task is None:
             raise ProviderError(f"{self.describe} has no open Events stream")
-        self._outgoing.put_nowait((name, encode_json(data)))
+        self._outgoing.hold((name, encode_json(data)))
 
     async def close(self) -> None:
         """End the stream's task, and wait until it has ended; it is not reopened."""
