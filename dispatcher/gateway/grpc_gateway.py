@@ -57,7 +57,7 @@ peer: its quota is handed the peer's address and ignores it, interceptors see ca
 connections (an idle connection, the flood this guards against, makes none), and grpcio
 offers no way to hand grpc a connection accepted in Python (the C core's passive listener
 and ``external:`` acceptor are not exposed). ``connection_stats`` reads the open
-connections from grpc's channelz (``_OpenConnections``).
+connections from grpc's channelz (``dispatcher.gateway.grpc_connections``).
 
 The methods are registered as client-streaming (``_method_handlers``): grpc hands a
 unary method's call to the service only once its message has come, and waits for that
@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ import grpc
 import grpc.aio
 import orjson
 from google.protobuf.message import DecodeError
-from grpc._cython import cygrpc  # channelz's reads: grpcio's public channelz is a servicer
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher.gateway.body import Refused, parse_json
@@ -91,6 +90,7 @@ from dispatcher.gateway.call_headers import (
     checked_version,
 )
 from dispatcher.gateway.disclosure import Disclosure
+from dispatcher.gateway.grpc_connections import OpenConnections
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
 from linchkit_plugin._proto import gateway_pb2
@@ -490,56 +490,6 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
-class _OpenConnections:
-    """The connections open on one grpc server, as its channelz node lists them.
-
-    channelz keeps a node per server, made with it, and one per connection from its
-    accept to its close (before its HTTP/2 preface too), on by default
-    (``grpc.enable_channelz``). The server's node is found as the one that appeared while
-    ``make`` made the server. grpcio exposes channelz's reads only in its private
-    ``cygrpc`` (the ``grpcio-channelz`` package serves them as a gRPC service); a read
-    that fails (a grpcio without them, channelz off) counts nothing: None.
-    """
-
-    #: Sockets one channelz read lists at most (grpc's page size).
-    _PAGE = 100
-
-    def __init__(self, make: Callable[[], grpc.aio.Server]) -> None:
-        before = self._servers()
-        self.server = make()
-        after = self._servers()
-        appeared = after - before if before is not None and after is not None else set()
-        self._id = appeared.pop() if len(appeared) == 1 else None
-        if self._id is None:
-            log.debug(
-                "grpc's channelz shows no new server: the gRPC port's connections go uncounted"
-            )
-
-    @staticmethod
-    def _servers() -> set[int] | None:
-        try:
-            page = orjson.loads(cygrpc.channelz_get_servers(0))
-            return {int(server["ref"]["serverId"]) for server in page.get("server", ())}
-        except Exception:  # grpc's private API: anything is possible, nothing is counted
-            return None
-
-    def count(self) -> int | None:
-        """Connections open now, or None when channelz cannot tell."""
-        if self._id is None:
-            return None
-        count, start = 0, 0
-        try:
-            while True:
-                page = orjson.loads(cygrpc.channelz_get_server_sockets(self._id, start, self._PAGE))
-                sockets = page.get("socketRef", ())
-                count += len(sockets)
-                if page.get("end", True) or not sockets:
-                    return count
-                start = max(int(socket["socketId"]) for socket in sockets) + 1
-        except Exception:
-            return None
-
-
 def _milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
@@ -571,7 +521,7 @@ class GrpcGateway:
         self.settings = settings
         self.port: int | None = None
         self.fetcher: _CertificateFetcher | None = None
-        self._connections = _OpenConnections(lambda: self._new_server(settings))
+        self._connections = OpenConnections(lambda: self._new_server(settings))
         self._server = self._connections.server
         self._servicer = _Servicer(dispatcher, settings, authenticator)
         handlers = _method_handlers(self._servicer)
