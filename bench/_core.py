@@ -92,6 +92,7 @@ def run_benchmarks(
     for name in chosen:
         module = available[name]
         report(f"running bench {name} ...")
+        speed = interpreter_ns_per_loop()
         run: Callable[[Options], Coroutine[Any, Any, Mapping[str, float]]] = module.run
         try:
             with asyncio.Runner(loop_factory=_client_loop_factory()) as runner:
@@ -104,10 +105,39 @@ def run_benchmarks(
             continue
         figures.update({key: float(value) for key, value in produced.items()})
         figures[f"{name}_run_at_unix"] = time.time()  # the README's goals table says when
+        figures[f"{name}{INTERPRETER_AT_START}"] = speed
         goals.update(getattr(module, "GOALS", {}))
     if failed:
         raise BenchmarksFailed(failed, figures, goals)
     return figures, goals
+
+
+#: The suffix of each benchmark's ``interpreter_ns_per_loop`` when it began.
+INTERPRETER_AT_START = "_python_loop_ns_at_start"
+
+#: Iterations of one timing of ``interpreter_ns_per_loop``: ~5 ms at 50 ns each.
+_LOOP_ITERATIONS = 100_000
+
+
+def interpreter_ns_per_loop() -> float:
+    """How fast this machine runs Python bytecode now: ns per iteration of a bare loop
+    adding integers, the best of five timings (~30-60 ms in all).
+
+    Recorded beside each benchmark's figures because the machine's speed moves them, and
+    not evenly: the dispatcher's own work per call is Python, the fastest raw client's
+    (pyreqwest) mostly Rust. On the same two-core machine on different days one loop
+    iteration took 50-60 ns and 105-125 ns, and on the slower days the dispatcher's
+    ratios to raw pyreqwest read lower for the same code. The load average says whether
+    other work shared the cores; this says how fast the cores ran Python at all.
+    """
+    best = float("inf")
+    for _ in range(5):
+        began = time.perf_counter_ns()
+        total = 0
+        for number in range(_LOOP_ITERATIONS):
+            total += number
+        best = min(best, time.perf_counter_ns() - began)
+    return best / _LOOP_ITERATIONS
 
 
 class BenchmarksFailed(Exception):

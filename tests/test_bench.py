@@ -82,6 +82,7 @@ def test_a_failing_benchmark_does_not_cost_the_others_their_figures(
     assert caught.value.failed == ["broken"]
     figures = caught.value.figures
     assert figures.pop("fine_run_at_unix") > 0  # when it ran, for the README's goals table
+    assert figures.pop("fine_python_loop_ns_at_start") > 0  # and how fast Python ran then
     assert figures == {"fine_calls_per_s": 1.0}
     assert "no engine here" in "".join(reports)
 

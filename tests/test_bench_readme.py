@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import Goal
+from bench._core import interpreter_ns_per_loop
 from bench.readme import (
     BEGIN,
     END,
@@ -49,10 +50,21 @@ def test_a_row_says_met_missed_or_not_measured_with_the_load_and_the_time() -> N
         }
     }
     rows = render_goals(results, goals).splitlines()
-    assert "| x | `x_ratio` | 0.91 | >= 0.9 | ✔ | 0.4 | 2026-12-02 " in rows[4]
-    assert "| x | `x_added_us` | 30 | <= 25 | ✘ | 0.4 |" in rows[5]
+    assert "| x | `x_ratio` | 0.91 | >= 0.9 | ✔ | 0.4 | — | 2026-12-02 " in rows[4]
+    assert "| x | `x_added_us` | 30 | <= 25 | ✘ | 0.4 | — |" in rows[5]
     # The longest prefix's load: the sub-benchmark's, not the benchmark's.
     assert "| x | `x_sub_gone_us` | — | <= 1 | not measured | 3.0 | " in rows[6]
+    # A run since the interpreter's speed is recorded shows it.
+    results["x_python_loop_ns_at_start"] = 112.4
+    rows = render_goals(results, goals).splitlines()
+    assert "| x | `x_ratio` | 0.91 | >= 0.9 | ✔ | 0.4 | 112 ns | 2026-12-02 " in rows[4]
+
+
+def test_a_run_records_how_fast_the_machine_ran_python_when_it_began() -> None:
+    speed = interpreter_ns_per_loop()
+    # A bare loop iteration: tens of nanoseconds on any machine that runs the suite, and
+    # never zero (the loop is not optimised away).
+    assert 1.0 < speed < 10_000.0
 
 
 def test_a_readme_without_the_markers_is_refused_not_appended_to() -> None:
