@@ -1,7 +1,9 @@
 """Host events to plugins: ``Dispatcher.publish`` sends one event to every target a plugin
 version runs on — for a fleet, every instance it has now — each through its target's
 event gate (the rate limits, bulkhead and breaker scoped to the target: an event belongs
-to no method), the whole publish bounded by one deadline."""
+to no method), the whole publish bounded by one deadline. The provider is told the plugin
+version as well as the target (``Provider.send_event``): other plugins, or the other
+version of a rollout, may run on an equal target and must not get the event."""
 
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ class EventSender:
                     if spec.id == plugin and spec.version == wanted:
                         for target in spec.targets():
                             for instance in self._instances_of(target):
-                                await self._send(instance, invocation, event, data)
+                                await self._send(spec, instance, invocation, event, data)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"publishing {event!r} to {plugin} took longer than {timeout:g} s"
@@ -74,9 +76,14 @@ class EventSender:
         return [instance.target for instance in fleet.instances]
 
     async def _send(
-        self, target: TargetConfig, invocation: Invocation, event: str, data: Any
+        self,
+        plugin: PluginSpec[Any],
+        target: TargetConfig,
+        invocation: Invocation,
+        event: str,
+        data: Any,
     ) -> None:
         send_event = self._providers[target.provider].send_event
         await self._policies.event_gate(target).send(
-            invocation, lambda: send_event(target, event, data)
+            invocation, lambda: send_event(plugin, target, event, data)
         )

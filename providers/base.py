@@ -20,6 +20,8 @@ Contract, for implementers:
   lists those places in its target model's ``destinations()`` so they are checked when
   the manifest loads too. The dispatcher hands it the manifest's policy through
   ``use_egress`` before ``start``; a provider that connects nowhere ignores both.
+* ``send_event`` delivers a host event to the plugin version it names on the target it
+  names, never to another plugin or version attached on an equal target.
 * ``logs`` yields the output of the plugin behind a target, oldest line first, where the
   provider keeps or can read it (a child's stderr, a container's log); the default raises
   ``LogsUnavailable``. It never ends by itself with ``follow``: the caller stops reading.
@@ -183,8 +185,16 @@ class Provider(abc.ABC, Generic[TargetT]):
         ``delivers_events``, unless the target turns its events off (``events: false``)."""
         return self.delivers_events
 
-    async def send_event(self, target: TargetT, event: str, data: Any) -> None:
-        """Deliver a host event to the plugin behind ``target`` (``Dispatcher.publish``)."""
+    async def send_event(self, plugin: PluginInfo, target: TargetT, event: str, data: Any) -> None:
+        """Deliver a host event to ``plugin`` at its version on ``target``
+        (``Dispatcher.publish``), and to nothing else running there.
+
+        Several plugins, or a rollout's two versions of one, may be attached on equal
+        targets (one command, one class): a provider that runs one instance per plugin
+        and target sends to that plugin's alone. Where a target is one plugin process the
+        provider does not start (a gRPC address, a dialled WebSocket), sending on its
+        connection is sending to that plugin.
+        """
         raise ProviderError(f"the {self.name} provider cannot send events to plugins")
 
     def cold_starts(self) -> dict[str, ColdStarts]:

@@ -329,7 +329,13 @@ class GrpcProvider(Provider[GrpcTarget]):
         async for chunk in self._connection(target).stream(invocation):
             yield chunk
 
-    async def send_event(self, target: GrpcTarget, event: str, data: Any) -> None:
+    async def send_event(
+        self, plugin: PluginInfo, target: GrpcTarget, event: str, data: Any
+    ) -> None:
+        """Queue the host event on the ``Events`` stream of the target's channel. The
+        address is one plugin service, whichever entries of the manifest name it (they
+        share the channel): sending on it is sending to ``plugin``, and reaches no other
+        address."""
         self._connection(target).send_event(event, data)
 
     async def health(self, target: GrpcTarget) -> Health:

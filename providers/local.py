@@ -76,7 +76,8 @@ class LocalProvider(Provider[LocalTarget]):
 
     def __init__(self) -> None:
         self._hosts: dict[tuple[str, str, str], PluginHost] = {}
-        #: The target each host was attached on: an event goes to the hosts of equal targets.
+        #: The target each host was attached on: an event published on another target with
+        #: the same entrypoint is not delivered again (``send_event``).
         self._targets: dict[tuple[str, str, str], LocalTarget] = {}
         #: Host events on their way to each plugin, handed over in order by one task each.
         self._inboxes: dict[tuple[str, str, str], _Inbox] = {}
@@ -164,17 +165,27 @@ class LocalProvider(Provider[LocalTarget]):
         finally:
             await chunks.aclose()
 
-    async def send_event(self, target: LocalTarget, event: str, data: Any) -> None:
-        """Hand the host event to the plugin's ``on_event``, as the SDK's servers do: in
-        the order published, after ``publish`` returns; a handler that fails is logged
-        and the next event still delivered. Data must be JSON, as for a remote plugin."""
+    async def send_event(
+        self, plugin: PluginInfo, target: LocalTarget, event: str, data: Any
+    ) -> None:
+        """Hand the host event to the ``on_event`` of ``plugin``'s own instance, as the
+        SDK's servers do: in the order published, after ``publish`` returns; a handler
+        that fails is logged and the next event still delivered. Data must be JSON, as for
+        a remote plugin. Other plugins of the same class, or another version of this one,
+        have instances of their own: they do not get it."""
         encode_json(data)
-        for key, host in self._hosts.items():
-            if self._targets.get(key) == target:
-                inbox = self._inboxes.get(key)
-                if inbox is None:
-                    inbox = self._inboxes[key] = _Inbox(host, f"{key[0]}@{key[1]}")
-                inbox.put(event, data)
+        key = (plugin.id, plugin.version, target.entrypoint)
+        host = self._hosts.get(key)
+        if host is None:
+            raise TargetUnavailable(f"{plugin.key} is not started on {target.describe()}")
+        if self._targets.get(key) != target:
+            # Its instance was attached on another of its targets with this entrypoint
+            # (one per plugin and class): it takes the event when published there.
+            return
+        inbox = self._inboxes.get(key)
+        if inbox is None:
+            inbox = self._inboxes[key] = _Inbox(host, plugin.key)
+        inbox.put(event, data)
 
     def _host(self, target: LocalTarget, invocation: Invocation) -> PluginHost:
         host = self._hosts.get((invocation.plugin, invocation.version, target.entrypoint))

@@ -22,6 +22,8 @@ from dispatcher import (
     Overloaded,
     PluginError,
     RateLimited,
+    TargetUnavailable,
+    parse_manifest,
 )
 from linchkit_plugin import current_context
 from linchkit_plugin.host import PluginHost
@@ -324,3 +326,54 @@ async def test_a_flood_of_host_events_holds_the_newest_and_says_so_once(
     assert len(seen) <= HOST_EVENTS_HELD + 1
     drops = [r.getMessage() for r in caplog.records if "dropping the oldest" in r.getMessage()]
     assert len(drops) == 1 and "slow@1.0.0" in drops[0]
+
+
+async def test_plugins_started_from_one_target_each_take_only_their_own_host_events(
+    provider: str, tmp_path: Path
+) -> None:
+    """Two plugins started from one command (``subprocess``) or one class (``local``), and
+    two versions of one of them during a rollout, all on an equal target: a host event
+    reaches the plugin version it is published to and no other. The provider was told
+    only the target, and sent to every plugin running on an equal one."""
+    entry = streams(provider, tmp_path)
+    plugins = [
+        {**entry, "id": "a", "version": "1.0.0"},
+        {**entry, "id": "a", "version": "2.0.0"},
+        {**entry, "id": "b", "version": "1.0.0"},
+    ]
+    rollout = {"plugin": "a", "method": "double", "from": "1.0.0", "to": "2.0.0"}
+    parsed = parse_manifest(
+        {"version": 1, "plugins": plugins, "rollouts": [rollout]}, base_dir=ROOT
+    )
+    answers: list[tuple[str, str, Any]] = []
+    async with Dispatcher(parsed) as dispatcher:
+        dispatcher.on_event(
+            lambda plugin, version, event, data: answers.append((plugin, version, data))
+        )
+        sent = {("a", "1.0.0"): "to a 1", ("a", "2.0.0"): "to a 2", ("b", "1.0.0"): "to b"}
+        for (plugin, version), data in sent.items():
+            await dispatcher.publish(plugin, "ping", data, version=version)
+        # Then one last event each: a plugin answers in order, so once each has answered
+        # its last, everything it was going to answer has come.
+        for plugin, version in sent:
+            await dispatcher.publish(plugin, "ping", "last", version=version)
+        end = time.monotonic() + 10
+        while {(p, v) for p, v, data in answers if data == "last"} != set(sent):
+            assert time.monotonic() < end, answers
+            await asyncio.sleep(0.02)
+    assert sorted(answers) == sorted(
+        [(plugin, version, data) for (plugin, version), data in sent.items()]
+        + [(plugin, version, "last") for plugin, version in sent]
+    )
+
+
+async def test_a_host_event_for_a_plugin_not_running_on_the_target_is_refused(
+    provider: str, tmp_path: Path
+) -> None:
+    """Another plugin runs on an equal target: that is no delivery to this one."""
+    running = streams(provider, tmp_path)
+    (absent,) = manifest({**running, "id": "absent"}).plugins
+    async with Dispatcher(manifest(running)) as dispatcher:
+        (target,) = dispatcher.manifest.plugins[0].targets()
+        with pytest.raises(TargetUnavailable, match=r"absent@1\.0\.0 is not started"):
+            await dispatcher.providers[provider].send_event(absent, target, "ping", 1)

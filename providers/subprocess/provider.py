@@ -98,10 +98,15 @@ class SubprocessProvider(Provider[SubprocessTarget]):
         async for chunk in connection.stream(invocation):
             yield chunk
 
-    async def send_event(self, target: SubprocessTarget, event: str, data: Any) -> None:
-        for (_, _, key), process in self._processes.items():
-            if key == target.key:
-                (await process.connection()).send_event(event, data)
+    async def send_event(
+        self, plugin: PluginInfo, target: SubprocessTarget, event: str, data: Any
+    ) -> None:
+        """Queue the host event on the ``Events`` stream of ``plugin``'s own process on
+        ``target``, waiting for it while it restarts. Other plugins, or another version of
+        this one, started from the same command run processes of their own: they do not
+        get it."""
+        process = self.process(plugin.id, plugin.version, target)
+        (await process.connection()).send_event(event, data)
 
     async def logs(
         self, plugin: PluginInfo, target: SubprocessTarget, *, follow: bool, lines: int

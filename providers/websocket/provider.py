@@ -136,7 +136,12 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         async for chunk in channel.stream(invocation):
             yield chunk
 
-    async def send_event(self, target: WebSocketTarget, event: str, data: Any) -> None:
+    async def send_event(
+        self, plugin: PluginInfo, target: WebSocketTarget, event: str, data: Any
+    ) -> None:
+        """Send the host event over the target's connection. A dialled URL is one plugin
+        process, whichever entries name it (they share the connection): sending on it is
+        sending to ``plugin``."""
         if target.mode == "dial":
             dialed = self._dialed.get(target.key)
             if dialed is None:
