@@ -52,8 +52,8 @@ def _manifest() -> Any:
 
 
 @contextlib.asynccontextmanager
-async def gateway() -> AsyncIterator[tuple[Dispatcher, str]]:
-    async with Dispatcher(_manifest()) as dispatcher:
+async def gateway(plugins: Any = None) -> AsyncIterator[tuple[Dispatcher, str]]:
+    async with Dispatcher(plugins or _manifest()) as dispatcher:
         runner = web.AppRunner(create_app(dispatcher), handle_signals=False, shutdown_timeout=2)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -75,7 +75,7 @@ async def plugins(url: str, count: int, **options: Any) -> AsyncIterator[list[So
                 PluginHost(plugin),
                 url,
                 plugin_id=options.get("plugin_id", "sock"),
-                version="1.0.0",
+                version=options.get("version", "1.0.0"),
                 token=options.get("token", TOKEN),
                 initial_backoff=0.02,
                 max_backoff=0.2,
@@ -144,6 +144,35 @@ async def test_a_plugin_that_drops_leaves_the_fleet_and_rejoins_on_reconnect() -
         await until(lambda: connected(dispatcher) == 0)
         with pytest.raises(TargetUnavailable):
             await dispatcher.call("sock", "echo", {"value": "nobody"}, timeout=1)
+
+
+async def test_a_host_event_reaches_only_the_connections_of_the_version_it_names() -> None:
+    """Two versions of one plugin with equal inbound targets, as in a rollout, share one
+    fleet: its instances are the connections of both. A host event published to one
+    version reaches that version's connections alone."""
+    entry = {
+        "id": "sock",
+        "target": {"provider": "websocket", "mode": "inbound", "token": TOKEN},
+        "methods": {"echo": {}},
+    }
+    both = manifest({**entry, "version": "1.0.0"}, {**entry, "version": "2.0.0"})
+    async with (
+        gateway(both) as (dispatcher, url),
+        plugins(url, 1, version="1.0.0") as (first,),
+        plugins(url, 1, version="2.0.0") as (second,),
+    ):
+        await until(lambda: connected(dispatcher) == 2)
+        await instances(dispatcher, 2)
+        await dispatcher.publish("sock", "ping", "to 1", version="1.0.0")
+        await dispatcher.publish("sock", "ping", "to 2", version="2.0.0")
+        # Then one last event each: a connection delivers in order, so once each plugin
+        # has its last, it has everything it was going to get.
+        await dispatcher.publish("sock", "ping", "last", version="1.0.0")
+        await dispatcher.publish("sock", "ping", "last", version="2.0.0")
+        await until(lambda: ("ping", "last") in first.received)
+        await until(lambda: ("ping", "last") in second.received)
+    assert first.received == [("ping", "to 1"), ("ping", "last")]
+    assert second.received == [("ping", "to 2"), ("ping", "last")]
 
 
 async def test_wrong_tokens_and_claims_of_another_plugins_id_are_refused() -> None:

@@ -118,12 +118,16 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             if dialed is None:
                 raise TargetUnavailable(f"{target.describe()} is not attached")
             return await dialed.ready(invocation)
+        return self._connected(target).channel
+
+    def _connected(self, target: WebSocketTarget) -> InboundConnection:
+        """The inbound connection a concrete inbound target names."""
         connection = self.inbound.get(target.connection) if target.connection else None
         if connection is None:
             raise TargetUnavailable(
                 f"{target.describe()}: no such plugin connected", details={"stage": "connect"}
             )
-        return connection.channel
+        return connection
 
     async def invoke(self, target: WebSocketTarget, invocation: Invocation) -> Any:
         channel = await self._channel(target, invocation)
@@ -139,17 +143,24 @@ class WebSocketProvider(Provider[WebSocketTarget]):
     async def send_event(
         self, plugin: PluginInfo, target: WebSocketTarget, event: str, data: Any
     ) -> None:
-        """Send the host event over the target's connection. A dialled URL is one plugin
-        process, whichever entries name it (they share the connection): sending on it is
-        sending to ``plugin``."""
+        """Send the host event to ``plugin`` over the target's connection. A dialled URL
+        is one plugin process, whichever entries name it (they share the connection):
+        sending on it is sending to ``plugin``. An inbound connection is one plugin
+        process too, but the fleet of an inbound target holds every connection admitted
+        for an equal target, another plugin's or another version's among them: such a
+        connection is not ``plugin`` and does not get the event."""
         if target.mode == "dial":
             dialed = self._dialed.get(target.key)
             if dialed is None:
                 raise TargetUnavailable(f"{target.describe()} is not attached")
             await dialed.send_event(event, data)
             return
-        channel = await self._channel(target, None)
-        await channel.send_event(encode_frame({"type": "event", "event": event, "data": data}))
+        connection = self._connected(target)
+        if (connection.plugin_id, connection.version) != (plugin.id, plugin.version):
+            return
+        await connection.channel.send_event(
+            encode_frame({"type": "event", "event": event, "data": data})
+        )
 
     async def health(self, target: WebSocketTarget) -> Health:
         timeout = max(target.heartbeat_ms / 1000, 1.0)
