@@ -13,6 +13,8 @@ from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any
 
+# First: grpc reads whether to register its fork handlers when it is imported.
+import providers._fork_safety  # noqa: F401
 from providers.base import Health, Provider
 from providers.target import TargetConfig
 

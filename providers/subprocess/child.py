@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 
 from linchkit_plugin.errors import ProviderError
+from providers._fork_safety import note_late_grpc
 from providers._grpc.connection import PluginConnection
 from providers.subprocess.levels import line_level
 from providers.subprocess.output import OutputRing
@@ -117,6 +118,7 @@ async def spawn(
         shutil.rmtree(folder, ignore_errors=True)
         raise ProviderError(f"{who}: cannot start {argv[0]}: {unrunnable}")
     command, preexec = with_parent_death_signal(argv)
+    note_late_grpc(logging.getLogger("dispatcher.providers"))
     try:
         process = await asyncio.create_subprocess_exec(
             *command,
