@@ -21,6 +21,7 @@ from urllib.parse import unquote
 
 from pydantic import Field, field_validator, model_validator
 
+from dispatcher.config.gateway import GatewayTls
 from providers._headers import (
     HeaderFields,
     checked_header_value,
@@ -72,7 +73,8 @@ class TelemetryEnvironmentError(ValueError):
 class MetricsSettings(StrictModel):
     """Prometheus metrics: a registry per dispatcher (``Dispatcher.metrics``), and where
     ``dispatcher serve`` serves them: on the gateway's port, or on an admin listener of
-    their own (``listen``); open to any scraper, or to the holder of a token (``token_env``)."""
+    their own (``listen``, over TLS with ``tls``); open to any scraper, or to the holder of a
+    token (``token_env``)."""
 
     enabled: bool = False
     #: Upper bounds (seconds) of the call latency histogram's buckets.
@@ -88,6 +90,11 @@ class MetricsSettings(StrictModel):
         default=None,
         description="The environment variable holding the bearer token /metrics then"
         " requires (Authorization: Bearer …), wherever it is served.",
+    )
+    tls: GatewayTls | None = Field(
+        default=None,
+        description="Serve the admin listener over HTTPS, as gateway.tls serves the gateway's"
+        " port: cert, key, client_ca, client_cert.",
     )
 
     @field_validator("latency_buckets")
@@ -117,11 +124,16 @@ class MetricsSettings(StrictModel):
     @model_validator(mode="after")
     def _serving_needs_metrics(self) -> Self:
         if not self.enabled:
-            for name in ("listen", "token_env"):
+            for name in ("listen", "token_env", "tls"):
                 if getattr(self, name) is not None:
                     raise ValueError(
                         f"{name} is set but metrics are off: add enabled: true, or drop {name}"
                     )
+        if self.tls is not None and self.listen is None:
+            raise ValueError(
+                "tls is the admin listener's, and needs listen (HOST:PORT) to have one; on"
+                " the gateway's port, /metrics is served over gateway.tls"
+            )
         return self
 
     @property

@@ -12,8 +12,9 @@ from dispatcher.gateway.app import Gateway, create_app
 from dispatcher.gateway.errors import STATUS_BY_TYPE, error_answer, status_of
 from dispatcher.gateway.events import TOO_SLOW, EventHub
 from dispatcher.gateway.openapi import openapi_document
-from dispatcher.gateway.server import CertificateReload, GatewayServer, server_ssl_context
-from dispatcher.gateway.settings import ClientCertificates, GatewaySettings
+from dispatcher.gateway.server import GatewayServer, server_ssl_context
+from dispatcher.gateway.settings import GatewaySettings
+from dispatcher.gateway.tls import CertificateReload, ClientCertificates, ServerTls
 
 __all__ = [
     "STATUS_BY_TYPE",
@@ -24,6 +25,7 @@ __all__ = [
     "Gateway",
     "GatewayServer",
     "GatewaySettings",
+    "ServerTls",
     "create_app",
     "error_answer",
     "openapi_document",

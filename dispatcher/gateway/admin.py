@@ -13,16 +13,28 @@ answers ``/metrics`` 404, as any route it does not have. ``GatewayServer`` start
 listener after its own ports and closes it after them, so that while the gateway drains,
 scrapers still read it and ``/readyz`` answers 503 here as there.
 
-It is plain HTTP, read by aiohttp through the gateway's protocol (what aiohttp answers by
-itself comes in the envelope, quoting nothing a client sent): no call lane, no TLS. It
-accepts for itself as the gateway's port does (``dispatcher.gateway.listener``), with the
-gateway's ``header_timeout`` (a head that never completes, a connection idle between
-scrapes) and a connection limit of its own, fixed and small: ``ADMIN_MAX_CONNECTIONS``.
+It is HTTP read by aiohttp through the gateway's protocol (what aiohttp answers by itself
+comes in the envelope, quoting nothing a client sent), no call lane; over TLS with
+``telemetry.metrics.tls``, the gateway's model and code (``dispatcher.gateway.tls``):
+client certificates none, optional or required, the files reloaded when they change
+(every ``cert_check_interval``, and on SIGHUP with the gateway's). It accepts for itself
+as the gateway's port does (``dispatcher.gateway.listener``), with the gateway's
+``header_timeout`` (a TLS handshake, a head that never completes, a connection idle
+between scrapes) and a connection limit of its own, fixed and small:
+``ADMIN_MAX_CONNECTIONS``.
+
+An admin port in clear beside a gateway serving TLS is warned of once at start, unless it
+listens on a loopback address (a scraper on the same host, a sidecar): the gateway's TLS
+says the network between callers and it is not trusted, and the scrape token, the
+metrics and the probes would cross it in clear (``admin_in_clear``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
+import logging
 import socket
 from functools import partial
 
@@ -36,9 +48,12 @@ from dispatcher.gateway.errors import answer_of, error_answer, written
 from dispatcher.gateway.listener import Listener
 from dispatcher.gateway.protocol import GatewayProtocol
 from dispatcher.gateway.scrape import metrics_route, scrape_token
+from dispatcher.gateway.tls import CertificateReload, ServerTls
 from linchkit_plugin.errors import InvalidParams, Overloaded
 
-__all__ = ["ADMIN_MAX_CONNECTIONS", "ADMIN_MAX_CONNECTIONS_PER_PEER", "AdminPort"]
+__all__ = ["ADMIN_MAX_CONNECTIONS", "ADMIN_MAX_CONNECTIONS_PER_PEER", "AdminPort", "admin_in_clear"]
+
+log = logging.getLogger("dispatcher.gateway")
 
 #: Connections the admin port holds at once. Its clients are a few scrapers and probes
 #: (a pair of Prometheus servers, the kubelet or a load balancer's health checks, a
@@ -53,6 +68,19 @@ ADMIN_MAX_CONNECTIONS = 64
 ADMIN_MAX_CONNECTIONS_PER_PEER = 16
 #: How long answers in progress may take to go out when the port closes.
 _SHUTDOWN_SECONDS = 2.0
+
+
+def admin_in_clear(host: str, *, gateway_tls: bool, admin_tls: bool) -> bool:
+    """Whether an admin port on ``host`` is worth a warning: in clear, beside a gateway
+    serving TLS, on an address other hosts reach (not loopback)."""
+    if admin_tls or not gateway_tls:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return True
 
 
 def _refusal_answer(refusal: Refusal) -> bytes:
@@ -78,7 +106,9 @@ async def _no_route(request: web.Request) -> web.Response:
 class AdminPort:
     """``/metrics``, ``/healthz``, ``/readyz`` on ``settings.listen``: ``start`` listens,
     ``aclose`` stops. Made before anything listens, since it reads the scrape token
-    (``TelemetryEnvironmentError`` naming ``token_env``'s variable if it cannot)."""
+    (``TelemetryEnvironmentError`` naming ``token_env``'s variable if it cannot) and loads the TLS files (``OSError``,
+    ``ssl.SSLError``). ``gateway_tls``: whether the gateway's port serves TLS (an admin
+    port in clear beside it is warned of)."""
 
     def __init__(
         self,
@@ -87,6 +117,8 @@ class AdminPort:
         settings: MetricsSettings,
         *,
         header_timeout: float,
+        cert_check_interval: float = 5.0,
+        gateway_tls: bool = False,
     ) -> None:
         address = settings.listen_at
         if settings.listen is None or address is None:
@@ -98,6 +130,14 @@ class AdminPort:
         self._registry = registry
         self._token = scrape_token(settings)
         self._header_timeout = header_timeout
+        self._reload = (
+            None
+            if settings.tls is None
+            else CertificateReload(ServerTls.from_config(settings.tls, port="admin"))
+        )
+        self._cert_check_interval = cert_check_interval
+        self._watch: asyncio.Task[None] | None = None
+        self._gateway_tls = gateway_tls
         self.connections = ConnectionLimit(
             "admin", most=ADMIN_MAX_CONNECTIONS, most_per_peer=ADMIN_MAX_CONNECTIONS_PER_PEER
         )
@@ -135,7 +175,7 @@ class AdminPort:
         self._listening = Listener(
             self.connections,
             protocols,
-            ssl_context=None,
+            ssl_context=None if self._reload is None else self._reload.listening,
             handshake_timeout=self._header_timeout,
             refusal_answer=_refusal_answer,
             backlog=ADMIN_MAX_CONNECTIONS,
@@ -151,6 +191,19 @@ class AdminPort:
             raise OSError(
                 error.errno, f"cannot serve telemetry.metrics.listen {self.listen}: {reason}"
             ) from None
+        if self._reload is not None:
+            self._watch = asyncio.create_task(self._reload.watch(self._cert_check_interval))
+        elif admin_in_clear(host, gateway_tls=self._gateway_tls, admin_tls=False):
+            log.warning(
+                "the admin port %s serves in clear while the gateway's port serves TLS:"
+                " the scrape token and the metrics cross the network unencrypted; set"
+                " telemetry.metrics.tls, or listen on a loopback address",
+                self.listen,
+            )
+
+    def reload_certificates(self) -> bool:
+        """Load the TLS files again now (SIGHUP); True if a new pair was loaded."""
+        return self._reload.check(force=True) if self._reload is not None else False
 
     @property
     def url(self) -> str:
@@ -158,10 +211,17 @@ class AdminPort:
         assert self._listening is not None, "start() first"
         host, port = self._listening.sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}"
+        scheme = "http" if self._reload is None else "https"
+        return f"{scheme}://{shown}:{port}"
 
     async def aclose(self) -> None:
-        """Stop listening, let answers in progress go out (briefly), close every connection."""
+        """Stop listening, let answers in progress go out (briefly), close every
+        connection, end the certificate watch."""
+        if self._watch is not None:
+            watch, self._watch = self._watch, None
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         if self._listening is not None:
             listening, self._listening = self._listening, None
             await listening.aclose()
@@ -171,4 +231,6 @@ class AdminPort:
 
     def __repr__(self) -> str:
         where = self.url if self._listening is not None else f"{self.listen} (not listening)"
-        return f"<AdminPort {where} {self.connections!r} token={self._token is not None}>"
+        return (
+            f"<AdminPort {where} {self.connections!r} token={self._token!r} tls={self._reload!r}>"
+        )

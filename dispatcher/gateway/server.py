@@ -22,14 +22,11 @@ With ``telemetry.metrics.listen`` the gateway also runs the admin listener
 (``dispatcher.gateway.admin``: ``/metrics``, ``/healthz``, ``/readyz``), started after its
 ports and closed after them; ``/metrics`` is then not on the gateway's port.
 
-TLS: ``CertificateReload`` builds a new context from the certificate, key and client CA
-when any of their files change (checked every ``cert_check_interval`` seconds, or at once
-on ``reload_certificates()``, which ``dispatcher serve`` calls on SIGHUP), and every
-handshake from then on uses it: the new certificate is presented, and client
-certificates are verified against the new CA (a CA rotated away is no longer trusted).
-Connections already open keep theirs. Files that fail to load (a key written before its
-certificate, a broken file) keep the old context serving and are tried again at the next
-change.
+TLS: ``CertificateReload`` (``dispatcher.gateway.tls``) builds a new context from the
+certificate, key and client CA when any of their files change (checked every
+``cert_check_interval`` seconds, or at once on ``reload_certificates()``, which
+``dispatcher serve`` calls on SIGHUP); every handshake from then on uses it. The admin
+listener's own ``telemetry.metrics.tls`` is reloaded the same way, at the same times.
 """
 
 from __future__ import annotations
@@ -57,10 +54,10 @@ from dispatcher.gateway.lane import DRAIN_IDLE_SECONDS, CallLanes
 from dispatcher.gateway.listener import Listener
 from dispatcher.gateway.protocol import GatewayProtocol
 from dispatcher.gateway.settings import GatewaySettings
+from dispatcher.gateway.tls import CertificateReload, tls_context
 from dispatcher.identity import Authenticator
 from dispatcher.telemetry.metrics import ConnectionsCollector
 from linchkit_plugin.errors import Overloaded
-from providers.tls import files_stamp
 
 if TYPE_CHECKING:
     from dispatcher.gateway.grpc_gateway import GrpcGateway
@@ -126,84 +123,8 @@ def _warn_if_descriptors_short(settings: GatewaySettings) -> None:
 
 def server_ssl_context(settings: GatewaySettings) -> ssl.SSLContext | None:
     """The TLS context ``settings`` ask for, or ``None`` for plain HTTP."""
-    if settings.tls_cert is None or settings.tls_key is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    if settings.client_cert != "none":
-        assert settings.client_ca is not None  # GatewaySettings checks it
-        context.load_verify_locations(cafile=settings.client_ca)
-        context.verify_mode = (
-            ssl.CERT_REQUIRED if settings.client_cert == "required" else ssl.CERT_OPTIONAL
-        )
-    return context
-
-
-class CertificateReload:
-    """Builds a new TLS context when the certificate, key or client CA files change.
-
-    The listening socket keeps the context it was created with (``listening``); its
-    ``sni_callback``, which OpenSSL runs at every handshake (with or without SNI), hands
-    the handshake to the newest context. A new context, not ``load_cert_chain`` on the
-    live one, because a CA loaded into a context can never be taken out of it again: a
-    client CA that was rotated away must stop being trusted.
-    """
-
-    def __init__(self, settings: GatewaySettings) -> None:
-        self._settings = settings
-        self._files = tuple(
-            path
-            for path in (settings.tls_cert, settings.tls_key, settings.client_ca)
-            if path is not None
-        )
-        self._loaded = files_stamp(self._files)
-        self._failed: tuple[object, ...] | None = None
-        context = server_ssl_context(settings)
-        assert context is not None, "CertificateReload is for a gateway serving TLS"
-        self.listening = context
-        self.current = context
-        context.sni_callback = self._hand_over
-        self.reloads = 0
-
-    def _hand_over(
-        self, connection: ssl.SSLObject, name: str | None, context: ssl.SSLContext
-    ) -> None:
-        current = self.current
-        if current is not context:
-            connection.context = current  # this handshake: the newest certificate and CA
-
-    def check(self, *, force: bool = False) -> bool:
-        """Reload if the files changed (or ``force``); True when a new context was built."""
-        stamp = files_stamp(self._files)
-        if not force and (stamp == self._loaded or stamp == self._failed):
-            return False
-        try:
-            context = server_ssl_context(self._settings)
-        except (OSError, ssl.SSLError) as error:
-            if stamp != self._failed:
-                log.warning(
-                    "TLS files not reloaded, the previous certificate and client CA still"
-                    " serve: %s",
-                    error,
-                )
-            self._failed = stamp
-            return False
-        assert context is not None
-        self.current = context
-        self._loaded = stamp
-        self._failed = None
-        self.reloads += 1
-        log.info("TLS certificate and client CA reloaded from %s", ", ".join(map(str, self._files)))
-        return True
-
-    async def watch(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            self.check()
-
-    def __repr__(self) -> str:
-        return f"<CertificateReload {self._settings.tls_cert} reloads={self.reloads}>"
+    tls = settings.server_tls
+    return None if tls is None else tls_context(tls)
 
 
 class GatewayServer:
@@ -249,7 +170,8 @@ class GatewayServer:
 
     async def start(self) -> None:
         settings = self.settings
-        reload = CertificateReload(settings) if settings.tls else None
+        server_tls = settings.server_tls
+        reload = CertificateReload(server_tls) if server_tls is not None else None
         context = None if reload is None else reload.listening
         app = create_app(self.dispatcher, settings, authenticator=self._authenticator)
         # Before anything listens: it reads the scrape token, which may be missing.
@@ -328,11 +250,16 @@ class GatewayServer:
             telemetry.metrics.registry,
             metrics,
             header_timeout=self.settings.header_timeout,
+            cert_check_interval=self.settings.cert_check_interval,
+            gateway_tls=self.settings.tls,
         )
 
     def reload_certificates(self) -> bool:
-        """Load the certificate files again now (SIGHUP); True if a new pair was loaded."""
-        return self._reload.check(force=True) if self._reload is not None else False
+        """Load the certificate files again now (SIGHUP), the gateway's and the admin
+        port's; True if a new pair was loaded for either."""
+        gateway = self._reload.check(force=True) if self._reload is not None else False
+        admin = self.admin.reload_certificates() if self.admin is not None else False
+        return gateway or admin
 
     def connection_stats(self) -> dict[str, dict[str, Any]]:
         """Each port's open connections, limits and refusals (the metrics read it): the

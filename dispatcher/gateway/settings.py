@@ -40,16 +40,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from dispatcher.config.gateway import DEFAULT_MAX_CONNECTIONS, MOST_CONNECTIONS, GatewayConfig
 from dispatcher.gateway.disclosure import ErrorDetail
+from dispatcher.gateway.tls import ClientCertificates, ServerTls
 
 __all__ = ["ClientCertificates", "GatewaySettings"]
-
-#: Whether the TLS layer asks for a client certificate: ``optional`` verifies one when
-#: sent, ``required`` refuses the handshake without one.
-ClientCertificates = Literal["none", "optional", "required"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,6 +163,19 @@ class GatewaySettings:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def server_tls(self) -> ServerTls | None:
+        """What the gateway's port serves TLS with; None: plain HTTP."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return ServerTls(
+            cert=self.tls_cert,
+            key=self.tls_key,
+            client_ca=self.client_ca,
+            client_cert=self.client_cert,
+            port="gateway",
+        )
 
     @property
     def connections_per_peer(self) -> int:
