@@ -18,14 +18,16 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 
 from dispatcher import Dispatcher, parse_manifest
-from dispatcher.gateway import GatewayServer, GatewaySettings
+from dispatcher.gateway import GatewayServer, GatewaySettings, scrape
 from dispatcher.telemetry import metrics_handler
 from linchkit_plugin.errors import CircuitOpen, PluginError, TargetUnavailable
 from tests.conftest import ROOT, bound_socket
 from tests.services import free_port
+from tests.test_gateway_tls import write_pair
 from tests.test_telemetry import TRACED_TARGET, closed_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -279,3 +281,79 @@ async def _until_target_error(base: str, job: str, status: str, process_log: Pat
 def _tail(path: Path) -> str:
     """The end of Prometheus' log, to explain a failure (read once, as the test ends)."""
     return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+
+async def test_prometheus_scrapes_the_admin_port_over_tls_while_the_token_file_rotates(
+    prometheus: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``telemetry.metrics.tls`` and ``token_file`` as docs/observability.md shows them:
+    Prometheus scrapes over HTTPS (``tls_config: {ca_file}``) with ``credentials_file``
+    the very file the dispatcher reads its token from. The file is rotated (written aside,
+    renamed over) while Prometheus scrapes every second: no scrape fails (``up`` never 0),
+    and a job still sending the old token is refused once the grace (1 s here) is over."""
+    monkeypatch.setattr(scrape, "TOKEN_FILE_GRACE_SECONDS", 1.0)
+    ca = trustme.CA()
+    cert, key = write_pair(tmp_path, ca.issue_cert("127.0.0.15"))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    credentials, old_credentials = tmp_path / "scrape-credential", tmp_path / "old-credential"
+    first, second = "f1rst-file-scrape-token-31b7", "s2cond-file-scrape-token-c04d"
+    for path in (credentials, old_credentials):
+        path.write_text(first + "\n")
+    document = {
+        "version": 1,
+        "telemetry": {
+            "metrics": {
+                "enabled": True,
+                "listen": "127.0.0.15:0",
+                "token_file": str(credentials),
+                "tls": {"cert": str(cert), "key": str(key)},
+            }
+        },
+        "plugins": [
+            {
+                "id": "traced",
+                "version": "1.0.0",
+                "target": TRACED_TARGET,
+                "methods": {"context": {}},
+            }
+        ],
+    }
+    async with (
+        Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+    ):
+        assert server.admin is not None
+        admin = server.admin.url.removeprefix("https://")
+
+        def job(name: str, credentials: Path) -> str:
+            return (
+                f"  - job_name: {name}\n"
+                "    scrape_interval: 1s\n"
+                "    scheme: https\n"
+                f"    tls_config: {{ca_file: {ca_file}}}\n"
+                "    authorization:\n"
+                f"      credentials_file: {credentials}\n"
+                f"    static_configs: [{{targets: ['{admin}']}}]\n"
+            )
+
+        base = prometheus(jobs=job("dispatcher", credentials) + job("old-token", old_credentials))
+        log = tmp_path / "prometheus.log"
+        await dispatcher.call("traced", "context")
+        await query_until(
+            base, 'sum(dispatcher_calls_total{job="dispatcher",plugin="traced"})', 1, log
+        )
+        await query_until(base, 'up{job="old-token"}', 1, log)
+        spare = credentials.with_name("scrape-credential.new")
+        spare.write_text(second + "\n")
+        spare.replace(credentials)
+        for _ in range(2):
+            await dispatcher.call("traced", "context")
+        # Scraped with the new token since; the job that kept the old one is refused.
+        await query_until(
+            base, 'sum(dispatcher_calls_total{job="dispatcher",plugin="traced"})', 3, log
+        )
+        await _until_target_error(base, "old-token", "401", log)
+        await query_until(base, 'min_over_time(up{job="dispatcher"}[10m])', 1, log)
+        assert "rotations=1" in repr(server.admin)
+    assert first not in _tail(log) and second not in _tail(log)

@@ -45,6 +45,7 @@ from dispatcher.config.telemetry import (
     ResolvedTracing,
     Telemetry,
     TelemetryEnvironmentError,
+    TokenFileError,
     TracingSettings,
 )
 
@@ -88,6 +89,7 @@ __all__ = [
     "StateConfig",
     "Telemetry",
     "TelemetryEnvironmentError",
+    "TokenFileError",
     "TracingSettings",
     "load_manifest",
     "merge_entries",

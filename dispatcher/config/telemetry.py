@@ -16,6 +16,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import unquote
 
@@ -29,7 +30,7 @@ from providers._headers import (
     http_url_parts,
     is_header_name,
 )
-from providers.target import StrictModel
+from providers.target import ManifestPath, StrictModel
 
 __all__ = [
     "LogSettings",
@@ -37,6 +38,7 @@ __all__ = [
     "ResolvedTracing",
     "Telemetry",
     "TelemetryEnvironmentError",
+    "TokenFileError",
     "TracingSettings",
     "listen_address",
 ]
@@ -70,11 +72,21 @@ class TelemetryEnvironmentError(ValueError):
         self.reason = reason
 
 
+class TokenFileError(TelemetryEnvironmentError):
+    """The file ``telemetry.metrics.token_file`` names holds no usable scrape token as the
+    dispatcher starts (missing, unreadable, empty, too large, or what no header carries).
+    Names the file (``path``; also as ``variable``), never its content."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(str(path), reason)
+        self.path = path
+
+
 class MetricsSettings(StrictModel):
     """Prometheus metrics: a registry per dispatcher (``Dispatcher.metrics``), and where
     ``dispatcher serve`` serves them: on the gateway's port, or on an admin listener of
     their own (``listen``, over TLS with ``tls``); open to any scraper, or to the holder of a
-    token (``token_env``)."""
+    token (``token_env``, or ``token_file``, read again when it changes)."""
 
     enabled: bool = False
     #: Upper bounds (seconds) of the call latency histogram's buckets.
@@ -90,6 +102,11 @@ class MetricsSettings(StrictModel):
         default=None,
         description="The environment variable holding the bearer token /metrics then"
         " requires (Authorization: Bearer …), wherever it is served.",
+    )
+    token_file: ManifestPath | None = Field(
+        default=None,
+        description="A file holding that token instead (a trailing newline is no part of it),"
+        " read again when it changes; the previous token is still admitted for 2 minutes.",
     )
     tls: GatewayTls | None = Field(
         default=None,
@@ -124,11 +141,15 @@ class MetricsSettings(StrictModel):
     @model_validator(mode="after")
     def _serving_needs_metrics(self) -> Self:
         if not self.enabled:
-            for name in ("listen", "token_env", "tls"):
+            for name in ("listen", "token_env", "token_file", "tls"):
                 if getattr(self, name) is not None:
                     raise ValueError(
                         f"{name} is set but metrics are off: add enabled: true, or drop {name}"
                     )
+        if self.token_env is not None and self.token_file is not None:
+            raise ValueError(
+                "token_env and token_file: one or the other names the scrape token, not both"
+            )
         if self.tls is not None and self.listen is None:
             raise ValueError(
                 "tls is the admin listener's, and needs listen (HOST:PORT) to have one; on"

@@ -2,8 +2,8 @@
 own (``telemetry.metrics.listen``), so that the gateway's port, open to callers, no
 longer tells anyone the plugins, methods and error types its metrics are labelled with.
 
-    GET /metrics    the exposition (``dispatcher.gateway.scrape``: with ``token_env``,
-                    to the holder of its token only)
+    GET /metrics    the exposition (``dispatcher.gateway.scrape``: with ``token_env`` or
+                    ``token_file``, to the holder of its token only)
     GET /healthz    the process answers (the gateway's own handler)
     GET /readyz     the dispatcher takes calls, 503 while it drains (the gateway's own)
     anything else   404 ``invalid_params`` in the gateway's envelope
@@ -106,7 +106,8 @@ async def _no_route(request: web.Request) -> web.Response:
 class AdminPort:
     """``/metrics``, ``/healthz``, ``/readyz`` on ``settings.listen``: ``start`` listens,
     ``aclose`` stops. Made before anything listens, since it reads the scrape token
-    (``TelemetryEnvironmentError`` naming ``token_env``'s variable if it cannot) and loads the TLS files (``OSError``,
+    (``TelemetryEnvironmentError`` naming ``token_env``'s variable, or ``TokenFileError``
+    naming ``token_file``, if it cannot) and loads the TLS files (``OSError``,
     ``ssl.SSLError``). ``gateway_tls``: whether the gateway's port serves TLS (an admin
     port in clear beside it is warned of)."""
 

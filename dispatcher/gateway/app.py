@@ -12,7 +12,8 @@ Routes (``docs/gateway.md``):
     GET  /v1/plugins/connect                     WebSocket: a plugin dials in (reverse mode)
     GET  /openapi.json                           generated from the manifest (again after a reload)
     GET  /metrics                                Prometheus metrics (telemetry.metrics on; not
-                                                 here with its listen, a token with token_env)
+                                                 here with its listen; a token with token_env
+                                                 or token_file)
     GET  /v1/errors                              the caller's latest errors, counts by plugin
     GET  /v1/rollouts                            every rollout and shadow, step and counters
     POST /v1/rollouts/{plugin}/{method}:{action} pause, resume or abort a rollout (no body)
@@ -505,7 +506,7 @@ def create_app(
         metrics = telemetry.settings.metrics
         if metrics.listen is None:  # else on the admin listener only (dispatcher.gateway.admin)
             # A scraper holds none of the callers' credentials: open, like /healthz, unless
-            # token_env names a token of its own (dispatcher.gateway.scrape).
+            # token_env or token_file names a token of its own (dispatcher.gateway.scrape).
             registry = telemetry.metrics.registry
             app.router.add_get("/metrics", metrics_route(registry, scrape_token(metrics)))
     app.router.add_get("/v1/errors", gateway.errors, allow_head=False)
