@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +22,7 @@ from dispatcher import Dispatcher, ManifestError
 from dispatcher.config import TelemetryEnvironmentError, TokenFileError
 from dispatcher.gateway import GatewayServer, GatewaySettings, scrape
 from dispatcher.gateway.scrape import MOST_TOKEN_BYTES, ScrapeTokenFile
+from tests.conftest import ROOT
 from tests.test_gateway_admin import (
     TOKEN,
     VARIABLE,
@@ -343,3 +346,46 @@ async def test_an_unreadable_file_keeps_the_last_token_on_the_admin_port(
     ]
     assert len(warnings) == 1, caplog.text
     assert TOKEN not in caplog.text
+
+
+# -- dispatcher top ---------------------------------------------------------------------------------
+
+
+async def test_top_reads_the_admin_port_with_the_token_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "metrics-credential"
+    path.write_text(TOKEN + "\n")
+    serve = await start_serve(tmp_path, {"listen": "127.0.0.35:0", "token_file": str(path)}, None)
+    environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'sdk' / 'python'}"}
+    environment[VARIABLE] = TOKEN
+
+    async def top(*options: str) -> tuple[int | None, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dispatcher.cli", "top", "--once", "--interval", "0.2",
+            *options,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=environment,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        return process.returncode, out.decode() + err.decode()
+
+    try:
+        assert serve.stdout is not None
+        await asyncio.wait_for(serve.stdout.readline(), 60)  # the gateway's port
+        admin = (await asyncio.wait_for(serve.stdout.readline(), 60)).decode().split()[-1]
+        code, shown = await top("--url", admin, "--token-file", str(path))
+        assert code == 0, shown
+        assert "CALLS/S" in shown
+        code, shown = await top("--url", admin, "--token-file", str(path), "--token-env", VARIABLE)
+        assert code == 2
+        assert "error: --token-env or --token-file: one of them, not both" in shown
+        for content in (None, b"\n", TOKEN.encode() * 200):
+            wrong = tmp_path / "wrong-credential"
+            wrong.unlink(missing_ok=True)
+            if content is not None:
+                wrong.write_bytes(content)
+            code, shown = await top("--url", admin, "--token-file", str(wrong))
+            assert code == 2, shown
+            assert shown.startswith(f"error: --token-file {wrong}: the file "), shown
+            assert TOKEN not in shown
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(serve.wait(), 30)

@@ -7,16 +7,21 @@ breakers that are not closed and each fleet instance's state. The figures come f
 ``dispatcher.telemetry.snapshot``; this module only fetches and draws. ``--once`` takes
 two scrapes an interval apart, prints one view and exits: for scripts and for a terminal
 that is not one. A gateway that serves its metrics on an admin listener
-(``telemetry.metrics.listen``) is read there (``--url`` its address); one that requires a
-scrape token (``token_env``) is sent it from the variable ``--token-env`` names, never
+(``telemetry.metrics.listen``) is read there (``--url`` its address; over HTTPS, a
+private CA is trusted through ``SSL_CERT_FILE``); one that requires a scrape token
+(``token_env``, ``token_file``) is sent it from the variable ``--token-env`` names or the
+file ``--token-file`` names (read again at each scrape, so a rotation is followed), never
 from the command line, where any user of the machine could read it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -26,6 +31,8 @@ from dispatcher.telemetry.snapshot import MethodRow, Sample, method_rows
 
 #: A scrape that takes longer than this is a gateway in trouble: say so, do not wait.
 SCRAPE_TIMEOUT = 5.0
+#: The most of a token file read (the gateway's own cap: a token is tens of bytes).
+_MOST_TOKEN_BYTES = 4096
 
 
 class ScrapeFailed(Exception):
@@ -49,6 +56,14 @@ class ScrapeFailed(Exception):
     " telemetry.metrics.token_env).",
 )
 @click.option(
+    "--token-file",
+    metavar="PATH",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Send the bearer token in this file (a trailing newline stripped), read again at"
+    " each scrape (the gateway's telemetry.metrics.token_file).",
+)
+@click.option(
     "--interval",
     type=Seconds(min=0.2, max=60),
     default=1.0,
@@ -58,16 +73,33 @@ class ScrapeFailed(Exception):
 @click.option("--once", is_flag=True, help="Print one view (two scrapes apart) and exit.")
 @click.pass_context
 def top(
-    context: click.Context, url: str, token_env: str | None, interval: float, once: bool
+    context: click.Context,
+    url: str,
+    token_env: str | None,
+    token_file: Path | None,
+    interval: float,
+    once: bool,
 ) -> None:
     """Watch a running gateway: rate, errors, p50/p99, cache and breakers per method."""
-    headers = {}
+    if token_env is not None and token_file is not None:
+        click.echo("error: --token-env or --token-file: one of them, not both", err=True)
+        context.exit(EXIT_USAGE)
+    headers: Callable[[], dict[str, str]] = dict
     if token_env is not None:
         token = os.environ.get(token_env)
         if not token:  # named, never shown
             click.echo(f"error: --token-env {token_env}: the variable is unset or empty", err=True)
             context.exit(EXIT_USAGE)
-        headers["Authorization"] = f"Bearer {token}"
+        bearer = {"Authorization": f"Bearer {token}"}
+
+        def headers() -> dict[str, str]:
+            return bearer
+    elif token_file is not None:
+        try:
+            headers = _FileToken(token_file).headers
+        except ValueError as error:  # names the file, never its content
+            click.echo(f"error: --token-file {token_file}: {error}", err=True)
+            context.exit(EXIT_USAGE)
     try:
         asyncio.run(_watch(url.rstrip("/"), interval, once, headers))
     except ScrapeFailed as error:
@@ -77,32 +109,65 @@ def top(
         pass
 
 
-async def _watch(url: str, interval: float, once: bool, headers: dict[str, str]) -> None:
+class _FileToken:
+    """The token in a file, read again at each scrape; the last one read while it holds
+    none (being rewritten). ``ValueError`` from the first read, naming what is wrong."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._token = self._read()
+
+    def _read(self) -> str:
+        try:
+            with self._path.open("rb") as file:
+                content = file.read(_MOST_TOKEN_BYTES + 1)
+        except OSError as error:
+            raise ValueError(f"the file cannot be read ({error.strerror or error})") from None
+        if len(content) > _MOST_TOKEN_BYTES:
+            raise ValueError(f"the file holds more than {_MOST_TOKEN_BYTES} bytes: not a token")
+        token = content.rstrip(b"\r\n")
+        if not token:
+            raise ValueError("the file is empty")
+        try:
+            return token.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError("the token in the file is not ASCII") from None
+
+    def headers(self) -> dict[str, str]:
+        # The last token read while the file holds none: the gateway still takes it.
+        with contextlib.suppress(ValueError):
+            self._token = self._read()
+        return {"Authorization": f"Bearer {self._token}"}
+
+
+async def _watch(
+    url: str, interval: float, once: bool, headers: Callable[[], dict[str, str]]
+) -> None:
     import aiohttp
     from rich.console import Console
     from rich.live import Live
 
     console = Console()
     timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT)
-    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
-        before = await _scrape(session, url)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        before = await _scrape(session, url, headers())
         await asyncio.sleep(interval)
-        now = await _scrape(session, url)
+        now = await _scrape(session, url, headers())
         if once:
             console.print(view(url, before, now))
             return
         with Live(view(url, before, now), console=console, auto_refresh=False) as live:
             while True:
                 await asyncio.sleep(interval)
-                before, now = now, await _scrape(session, url)
+                before, now = now, await _scrape(session, url, headers())
                 live.update(view(url, before, now), refresh=True)
 
 
-async def _scrape(session: Any, url: str) -> Sample:
+async def _scrape(session: Any, url: str, headers: dict[str, str]) -> Sample:
     import aiohttp
 
     try:
-        async with session.get(f"{url}/metrics", allow_redirects=False) as answer:
+        async with session.get(f"{url}/metrics", headers=headers, allow_redirects=False) as answer:
             if answer.status == 404:
                 raise ScrapeFailed(
                     f"{url} serves no /metrics: enable telemetry.metrics in its manifest, or"
@@ -111,7 +176,7 @@ async def _scrape(session: Any, url: str) -> Sample:
             if answer.status == 401:
                 raise ScrapeFailed(
                     f"{url}/metrics needs the scrape token (telemetry.metrics.token_env):"
-                    " --token-env NAME of a variable holding it"
+                    " --token-env NAME of a variable holding it, or --token-file PATH"
                 )
             if answer.status != 200:
                 raise ScrapeFailed(f"{url}/metrics answered {answer.status}")
