@@ -277,3 +277,82 @@ async def test_events_need_credentials_when_the_gateway_has_an_authenticator() -
             await frames(ws, 1, "subscribed")
             await burst(session, server.url, 1, **headers)
             assert len(await frames(ws, 1)) == 1
+
+
+def two_versions() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The eventful plugin in 1.0.0 and 2.0.0 at once, as during a rollout: both emit."""
+    return eventful_entry(), {**eventful_entry(), "version": "2.0.0"}
+
+
+async def burst_from(session: aiohttp.ClientSession, url: str, version: str, count: int) -> None:
+    await burst(session, url, count, **{"X-Plugin-Version": version})
+
+
+async def test_a_filter_naming_a_version_receives_only_that_versions_events() -> None:
+    """A host pinned to 1.0.0 during a rollout must not take 2.0.0's events for its own;
+    a filter without a version still receives both, and a resume keeps the version."""
+    async with (
+        running_gateway(*two_versions()) as (_, server),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{server.url}/v1/events") as first,
+        session.ws_connect(f"{server.url}/v1/events?plugin=events&version=2.0.0") as second,
+        session.ws_connect(f"{server.url}/v1/events?plugin=events") as every,
+    ):
+        await first.send_json(
+            {"type": "subscribe", "filters": [{"plugin": "events", "version": "1.0.0"}]}
+        )
+        (subscribed,) = await frames(first, 1, "subscribed")
+        for ws in (second, every):
+            await frames(ws, 1, "subscribed")
+        for version, count in (("1.0.0", 2), ("2.0.0", 3), ("1.0.0", 1)):
+            await burst_from(session, server.url, version, count)
+        got_first = [(event["id"], event["version"]) for event in await frames(first, 3)]
+        got_second = [(event["id"], event["version"]) for event in await frames(second, 3)]
+        got_every = [event["id"] for event in await frames(every, 6)]
+        assert got_first == [(1, "1.0.0"), (2, "1.0.0"), (6, "1.0.0")]
+        assert got_second == [(3, "2.0.0"), (4, "2.0.0"), (5, "2.0.0")]
+        assert got_every == [1, 2, 3, 4, 5, 6]
+        # Resuming after id 1: the replay holds 1.0.0's 2 and 6, not 2.0.0's 3-5; then
+        # live ones of 1.0.0 only (7 is 2.0.0's, 8 marks the end).
+        async with session.ws_connect(f"{server.url}/v1/events") as resumed:
+            await resumed.send_json(
+                {
+                    "type": "subscribe",
+                    "filters": [{"plugin": "events", "version": "1.0.0"}],
+                    "last_event_id": 1,
+                    "stream": subscribed["stream"],
+                }
+            )
+            await frames(resumed, 1, "subscribed")
+            await burst_from(session, server.url, "2.0.0", 1)
+            await burst_from(session, server.url, "1.0.0", 1)
+            assert [event["id"] for event in await frames(resumed, 3)] == [2, 6, 8]
+
+
+async def test_a_bad_version_in_a_filter_gets_a_typed_error_and_the_connection_stays() -> None:
+    async with (
+        running_gateway(*two_versions()) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.ws_connect(f"{server.url}/v1/events") as ws:
+            for version in (7, True, ["1.0.0"], {"v": 1}, "", "1" * 100_000, "1.0.0\n"):
+                await ws.send_json(
+                    {"type": "subscribe", "filters": [{"plugin": "events", "version": version}]}
+                )
+                (error,) = await frames(ws, 1, "error")
+                assert error["error"]["type"] == "invalid_params", str(version)[:40]
+                assert "version" in error["error"]["message"]
+                assert len(error["error"]["message"]) < 300  # the huge one is not echoed
+            await ws.send_json(
+                {"type": "subscribe", "filters": [{"plugin": "events", "version": "2.0.0"}]}
+            )
+            await frames(ws, 1, "subscribed")
+            await burst_from(session, server.url, "1.0.0", 1)
+            await burst_from(session, server.url, "2.0.0", 1)
+            (event,) = await frames(ws, 1)
+            assert (event["id"], event["version"]) == (2, "2.0.0")
+        for query in ("version=" + "9" * 5000, "version=", "version=1.0%00"):
+            async with session.get(f"{server.url}/v1/events?plugin=events&{query}") as answer:
+                assert answer.status == 400, query
+                body = await answer.json()
+                assert body["error"]["type"] == "invalid_params"

@@ -56,7 +56,13 @@ from dispatcher.gateway.call_headers import (
 from dispatcher.gateway.credentials import credentials_of
 from dispatcher.gateway.disclosure import Disclosure
 from dispatcher.gateway.errors import Answer, answer_of, error_answer
-from dispatcher.gateway.events import EventHub, EventStream, Filter, checked_event_id
+from dispatcher.gateway.events import (
+    EventHub,
+    EventStream,
+    Filter,
+    checked_event_id,
+    checked_filter_version,
+)
 from dispatcher.gateway.job_routes import JobRoutes
 from dispatcher.gateway.openapi import Allows, openapi_document
 from dispatcher.gateway.scrape import metrics_route, scrape_token
@@ -553,12 +559,13 @@ def _rollout_target(match: Any) -> tuple[str, str, str]:
 
 
 def _subscription_of(request: web.Request) -> tuple[tuple[Filter, ...], int | None] | None:
-    """A subscription the query states (``plugin``, ``event``, ``last_event_id``), if any;
-    without one, the client subscribes with its first frame."""
+    """A subscription the query states (``plugin``, ``event``, ``version``,
+    ``last_event_id``), if any; without one, the client subscribes with its first frame."""
     query = request.query
-    if not {"plugin", "event", "last_event_id"} & query.keys():
+    if not {"plugin", "event", "version", "last_event_id"} & query.keys():
         return None
-    return (Filter(query.get("plugin"), query.get("event")),), checked_event_id(
+    version = checked_filter_version(query.get("version"))
+    return (Filter(query.get("plugin"), query.get("event"), version),), checked_event_id(
         query.get("last_event_id")
     )
 

@@ -8,7 +8,9 @@ states its filters and, when it reconnects, the last id it saw: the events after
 are still in the ring are queued for it in the same step that registers it for live
 ones, with no await in between, so a resume has no gap and no duplicate. Events that
 left the ring before the client came back are reported as a ``gap`` frame, never skipped
-silently.
+silently. A filter names a plugin, an event name and an exact version, each optional: a
+host pinned to one version of a plugin that is rolling out takes that version's events
+only, replays included.
 
 Ids count within one hub, so they start again at 1 when the gateway restarts. The
 ``subscribed`` frame names the hub (``stream``, random per hub); a client that resumes
@@ -35,6 +37,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from dispatcher._dispatcher import Dispatcher
+from dispatcher._versions import MAX_RANGE_LENGTH
 from dispatcher.identity import Principal
 from linchkit_plugin.errors import DispatchError, InvalidParams
 
@@ -56,14 +59,21 @@ MAX_VERDICTS = 4096
 
 @dataclass(frozen=True, slots=True)
 class Filter:
-    """Which events a subscriber wants; ``None`` matches any plugin or event name."""
+    """Which events a subscriber wants; ``None`` matches any plugin, event name or version.
+
+    ``version`` is the exact version that emitted the event: during a rollout two versions
+    of a plugin run and emit, and a host pinned to one must not take the other's events
+    for its own."""
 
     plugin: str | None = None
     event: str | None = None
+    version: str | None = None
 
-    def matches(self, plugin: str, event: str) -> bool:
-        return (self.plugin is None or self.plugin == plugin) and (
-            self.event is None or self.event == event
+    def matches(self, plugin: str, event: str, version: str) -> bool:
+        return (
+            (self.plugin is None or self.plugin == plugin)
+            and (self.event is None or self.event == event)
+            and (self.version is None or self.version == version)
         )
 
 
@@ -98,7 +108,9 @@ class Subscriber:
     verdicts: dict[tuple[str, str, str], bool] = field(default_factory=dict)
 
     def offer(self, event: _Event) -> None:
-        if self.too_slow or not any(f.matches(event.plugin, event.name) for f in self.filters):
+        if self.too_slow or not any(
+            f.matches(event.plugin, event.name, event.version) for f in self.filters
+        ):
             return
         if self.allowed is not None and not self._may_receive(event):
             return
@@ -368,19 +380,33 @@ def parse_subscription(source: Any) -> tuple[tuple[Filter, ...], int | None, str
     """Filters, ``last_event_id`` and the ``stream`` it belongs to from a subscribe frame."""
     raw_filters = source.get("filters", [{}])
     if not isinstance(raw_filters, list) or not 1 <= len(raw_filters) <= 100:
-        raise InvalidParams("'filters' is a list of 1 to 100 {plugin?, event?} objects")
+        raise InvalidParams("'filters' is a list of 1 to 100 {plugin?, event?, version?} objects")
     filters = []
     for item in raw_filters:
         if not isinstance(item, dict):
-            raise InvalidParams("each filter is an object {plugin?, event?}")
+            raise InvalidParams("each filter is an object {plugin?, event?, version?}")
         plugin, event = item.get("plugin"), item.get("event")
         if not isinstance(plugin, str | None) or not isinstance(event, str | None):
             raise InvalidParams("a filter's 'plugin' and 'event' are strings")
-        filters.append(Filter(plugin, event))
+        filters.append(Filter(plugin, event, checked_filter_version(item.get("version"))))
     stream = source.get("stream")
     if not isinstance(stream, str | None) or (stream is not None and len(stream) > 64):
         raise InvalidParams("'stream' is the string a 'subscribed' frame named (64 at most)")
     return tuple(filters), checked_event_id(source.get("last_event_id")), stream
+
+
+def checked_filter_version(value: Any) -> str | None:
+    """A filter's ``version``: absent (any version) or the exact version, 1 to
+    ``MAX_RANGE_LENGTH`` printable characters as calls' ``X-Plugin-Version`` (no version
+    is longer; a control character would reach the error frame and the logs)."""
+    if value is None:
+        return None
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_RANGE_LENGTH and value.isprintable()):
+        raise InvalidParams(
+            f"a filter's 'version' is the exact version that emitted the event:"
+            f" 1-{MAX_RANGE_LENGTH} printable characters"
+        )
+    return value
 
 
 def checked_event_id(value: Any) -> int | None:
