@@ -64,6 +64,11 @@ export interface Gap {
 export interface EventFilter {
   plugin?: string;
   event?: string;
+  /**
+   * The exact version that emitted the event (during a rollout two versions emit). A
+   * gateway that predates the field ignores it and sends every version's events.
+   */
+  version?: string;
 }
 
 export interface EventStreamListener {

@@ -57,6 +57,12 @@ export type PluginState = 'created' | 'initialized' | 'started' | 'stopped' | 'd
 /** Every event of the plugin, whatever its name. */
 export const ANY_EVENT = '*';
 
+/**
+ * An exact version (semver, as the manifest's), not a range such as `^1.2` or `1.x`: only
+ * a plugin pinned to one has its events filtered by version.
+ */
+const EXACT_VERSION = /^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$/;
+
 export class RemotePlugin implements RemotePluginService {
   readonly id: string;
   readonly version: string | undefined;
@@ -245,14 +251,24 @@ export class RemotePlugin implements RemotePluginService {
     return this.#events().publish(frame, options.timeoutMs);
   }
 
+  /**
+   * The version whose events this plugin hears: the one it is pinned to, when that is an
+   * exact version. During a rollout both versions emit, and a host pinned to 1.0.0 must
+   * not take 2.0.0's events for its own. Unpinned (or pinned to a range): every version's.
+   */
+  get #eventVersion(): string | undefined {
+    return this.version !== undefined && EXACT_VERSION.test(this.version) ? this.version : undefined;
+  }
+
   #events(): EventStream {
     if (this.#stream === undefined) {
       const url = new URL('/v1/events', this.#client.url);
       url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+      const version = this.#eventVersion;
       this.#stream = new EventStream(
         url.toString(),
         this.#client.credentialHeaders(),
-        [{ plugin: this.id }],
+        [{ plugin: this.id, ...(version === undefined ? {} : { version }) }],
         {
           event: (event) => this.#deliver(event),
           gap: (gap) => {
@@ -267,6 +283,10 @@ export class RemotePlugin implements RemotePluginService {
   }
 
   #deliver(event: PluginEvent): void {
+    // A gateway older than the filter's `version` sends every version's events: drop
+    // the others here. One that does not say the version cannot be told apart.
+    const version = this.#eventVersion;
+    if (version !== undefined && event.version !== undefined && event.version !== version) return;
     const handlers = [...(this.#handlers.get(event.event) ?? []), ...(this.#handlers.get(ANY_EVENT) ?? [])];
     for (const handler of handlers) this.#guard(() => handler(event.data, event), event);
   }

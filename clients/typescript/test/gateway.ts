@@ -36,6 +36,8 @@ export interface GatewayOptions {
   auth?: boolean;
   /** Keep state (and async jobs, run by one worker) on this Redis. */
   redisUrl?: string;
+  /** Serve the eventful plugin in 2.0.0 beside 1.0.0, as during a rollout: both emit. */
+  twoEventVersions?: boolean;
 }
 
 export function manifest(options: GatewayOptions = {}): Record<string, unknown> {
@@ -67,6 +69,11 @@ export function manifest(options: GatewayOptions = {}): Record<string, unknown> 
       },
     ],
   };
+  if (options.twoEventVersions) {
+    const plugins = document.plugins as Record<string, unknown>[];
+    const events = plugins.find((plugin) => plugin.id === 'events');
+    plugins.push({ ...events, version: '2.0.0' });
+  }
   if (options.redisUrl !== undefined) {
     // A Redis operation gets 2 s, not the default 200 ms: on a loaded test machine the
     // first one (connecting) took longer, and the store then refused every job for a second.
