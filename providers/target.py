@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, Self
 from urllib.parse import urlsplit
 
 import orjson
@@ -226,6 +226,17 @@ class TargetConfig(StrictModel):
 
     def is_fleet(self) -> bool:
         return bool(self.instance_sources()) or len(self.instance_targets()) > 1
+
+    def of_plugin(self, plugin_key: str) -> Self:
+        """This target as the manifest entry ``plugin_key`` (``id@version``) uses it; the
+        default, for a target that is the same place whoever calls it: itself.
+
+        A target whose instances are plugins of one version (those that connect to the
+        dispatcher as it, ``accepts_connections``) returns a copy that names the version:
+        an equal target written for another version or plugin is then another target,
+        another key, so another fleet, and its calls never reach this one's instances.
+        ``PluginSpec`` asks each target it loads."""
+        return self
 
     def fleet_settings(self) -> FleetSettings:
         """How a fleet of this target's instances is balanced and watched."""

@@ -19,6 +19,7 @@ from socket_plugin import SocketPlugin
 from dispatcher import Dispatcher, TargetUnavailable
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from dispatcher.gateway.app import create_app
+from linchkit_plugin import current_context
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_protocol import hello_frame
 from linchkit_plugin.ws_server import Refused, dial
@@ -110,6 +111,15 @@ async def instances(dispatcher: Dispatcher, count: int) -> None:
     await until(lambda: len([i for i in fleet.instances if not i.leaving]) == count)
 
 
+async def instances_in_all(dispatcher: Dispatcher, count: int) -> None:
+    """Wait until the dispatcher's fleets have ``count`` instances that take calls, in all."""
+    assert dispatcher.fleets is not None
+    fleets = list(dispatcher.fleets.fleets.values())
+    await until(
+        lambda: sum(len([i for i in f.instances if not i.leaving]) for f in fleets) == count
+    )
+
+
 async def test_connected_plugins_are_instances_the_balancer_spreads_calls_over() -> None:
     async with gateway() as (dispatcher, url), plugins(url, 3) as made:
         await until(lambda: connected(dispatcher) == 3)
@@ -147,9 +157,8 @@ async def test_a_plugin_that_drops_leaves_the_fleet_and_rejoins_on_reconnect() -
 
 
 async def test_a_host_event_reaches_only_the_connections_of_the_version_it_names() -> None:
-    """Two versions of one plugin with equal inbound targets, as in a rollout, share one
-    fleet: its instances are the connections of both. A host event published to one
-    version reaches that version's connections alone."""
+    """Two versions of one plugin with equal inbound targets, as in a rollout: a host
+    event published to one version reaches that version's connections alone."""
     entry = {
         "id": "sock",
         "target": {"provider": "websocket", "mode": "inbound", "token": TOKEN},
@@ -162,7 +171,7 @@ async def test_a_host_event_reaches_only_the_connections_of_the_version_it_names
         plugins(url, 1, version="2.0.0") as (second,),
     ):
         await until(lambda: connected(dispatcher) == 2)
-        await instances(dispatcher, 2)
+        await instances_in_all(dispatcher, 2)
         await dispatcher.publish("sock", "ping", "to 1", version="1.0.0")
         await dispatcher.publish("sock", "ping", "to 2", version="2.0.0")
         # Then one last event each: a connection delivers in order, so once each plugin
@@ -173,6 +182,139 @@ async def test_a_host_event_reaches_only_the_connections_of_the_version_it_names
         await until(lambda: ("ping", "last") in second.received)
     assert first.received == [("ping", "to 1"), ("ping", "last")]
     assert second.received == [("ping", "to 2"), ("ping", "last")]
+
+
+class VersionedPlugin(SocketPlugin):
+    """A SocketPlugin that answers with the version it connected as."""
+
+    def __init__(self, version: str) -> None:
+        super().__init__()
+        self.version = version
+
+    async def who(self, n: int = 0) -> str:
+        self.ran.append(current_context().get("request_id", ""))
+        return self.version
+
+    who_batched = who
+
+    async def whos(self, n: int) -> AsyncIterator[str]:
+        for _ in range(n):
+            yield self.version
+
+
+def _versions_manifest(*versions: str, twin: bool = False) -> Any:
+    """``sock`` at each of ``versions`` (and, with ``twin``, a plugin ``twin``), every one
+    on an equal inbound target: one token, one mode, nothing else."""
+    entry = {
+        "id": "sock",
+        "target": {"provider": "websocket", "mode": "inbound", "token": TOKEN},
+        "defaults": {"timeout_ms": 5_000},
+        "methods": {
+            "who": {},
+            "who_batched": {"batch": {"max_size": 8, "max_wait_ms": 5}},
+            "whos": {},
+        },
+    }
+    entries = [{**entry, "version": version} for version in versions]
+    if twin:
+        entries.append({**entry, "id": "twin", "version": "1.0.0"})
+    return manifest(*entries)
+
+
+@contextlib.asynccontextmanager
+async def versioned(
+    url: str, version: str, count: int, plugin_id: str = "sock"
+) -> AsyncIterator[list[VersionedPlugin]]:
+    made = [VersionedPlugin(version) for _ in range(count)]
+    tasks = [
+        asyncio.ensure_future(
+            dial(
+                PluginHost(plugin),
+                url,
+                plugin_id=plugin_id,
+                version=version,
+                token=TOKEN,
+                initial_backoff=0.02,
+                max_backoff=0.2,
+            )
+        )
+        for plugin in made
+    ]
+    try:
+        yield made
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def connected_as(dispatcher: Dispatcher, plugin_id: str, version: str) -> int:
+    provider: Any = dispatcher.providers["websocket"]
+    return len(
+        [c for c in provider.inbound.all() if (c.plugin_id, c.version) == (plugin_id, version)]
+    )
+
+
+async def test_calls_batches_and_streams_reach_only_the_connections_of_their_version() -> None:
+    """Two versions of one plugin with equal inbound targets, as in a rollout: each
+    version's calls, batches and streams go to that version's connections, never the
+    other's, however the balancer spreads them."""
+    async with (
+        gateway(_versions_manifest("1.0.0", "2.0.0")) as (dispatcher, url),
+        versioned(url, "1.0.0", 2) as first,
+        versioned(url, "2.0.0", 2) as second,
+    ):
+        await until(lambda: connected_as(dispatcher, "sock", "1.0.0") == 2)
+        await until(lambda: connected_as(dispatcher, "sock", "2.0.0") == 2)
+        await instances_in_all(dispatcher, 4)
+        for method in ("who", "who_batched"):
+            for version in ("1.0.0", "2.0.0"):
+                answers = await asyncio.gather(
+                    *(dispatcher.call("sock", method, {"n": i}, version=version) for i in range(40))
+                )
+                assert set(answers) == {version}, (method, version)
+        for version in ("1.0.0", "2.0.0"):
+            for _ in range(8):
+                chunks = [
+                    c async for c in dispatcher.stream("sock", "whos", {"n": 3}, version=version)
+                ]
+                assert chunks == [version] * 3
+        # Every connection of each version took calls: the balancer spread them over its own.
+        assert all(plugin.ran for plugin in [*first, *second])
+        # Health lists, under each version, the instances of its own connections.
+        provider: Any = dispatcher.providers["websocket"]
+        for report in await dispatcher.health():
+            if report.state != "source":
+                key = report.target.removeprefix("websocket inbound ")
+                assert provider.inbound.get(key).version == report.version, report
+        reports = [r for r in await dispatcher.health() if r.state != "source"]
+        assert sorted(r.version for r in reports) == ["1.0.0"] * 2 + ["2.0.0"] * 2
+
+
+async def test_a_version_with_no_connection_fails_its_calls_typed_not_on_another() -> None:
+    """With only 2.0.0 (of ``sock``) connected, calls to 1.0.0 and to another plugin
+    whose inbound target is equal fail as a call with nothing connected fails; the
+    connection of 2.0.0 never sees them."""
+    async with (
+        gateway(_versions_manifest("1.0.0", "2.0.0", twin=True)) as (dispatcher, url),
+        versioned(url, "2.0.0", 1) as (second,),
+    ):
+        await until(lambda: connected_as(dispatcher, "sock", "2.0.0") == 1)
+        spec = next(p for p in dispatcher.manifest.plugins if p.version == "2.0.0")
+        assert spec.target is not None and dispatcher.fleets is not None
+        await until(lambda: len(dispatcher.fleets.fleets[spec.target.key].instances) == 1)
+        assert await dispatcher.call("sock", "who", {}, version="2.0.0") == "2.0.0"
+        ran = len(second.ran)
+        for plugin, version in (("sock", "1.0.0"), ("twin", "1.0.0")):
+            for method in ("who", "who_batched"):
+                with pytest.raises(TargetUnavailable):
+                    await dispatcher.call(plugin, method, {}, version=version, timeout=1)
+            with pytest.raises(TargetUnavailable):
+                async for _ in dispatcher.stream(plugin, "whos", {"n": 1}, version=version):
+                    pass
+        assert len(second.ran) == ran
+        instances = [r for r in await dispatcher.health() if r.state != "source"]
+        assert [(r.plugin, r.version) for r in instances] == [("sock", "2.0.0")]
 
 
 async def test_wrong_tokens_and_claims_of_another_plugins_id_are_refused() -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from dispatcher.config.gateway import GatewayConfig
 from dispatcher.config.jobs import JobsConfig
@@ -97,14 +97,31 @@ class PluginSpec(StrictModel, Generic[TargetT]):
 
     @field_validator("methods")
     @classmethod
-    def _method_names_are_identifiers(cls, methods: dict[str, Any]) -> dict[str, Any]:
+    def _method_names_are_identifiers(
+        cls, methods: dict[str, MethodSpec[TargetT]], info: ValidationInfo
+    ) -> dict[str, MethodSpec[TargetT]]:
         for name in methods:
             if not re.fullmatch(IDENTIFIER, name):  # match() let "say\n" through
                 raise ValueError(
                     f"method name {name!r} must start with a letter and hold only letters,"
                     " digits, '_', '.' and '-'"
                 )
-        return methods
+        key = _key_of(info)
+        if key is None:
+            return methods
+        owned: dict[str, MethodSpec[TargetT]] = {}
+        for name, method in methods.items():
+            target = method.target
+            mine = None if target is None else target.of_plugin(key)
+            # A copy keeps what was set as set; the method has no cached state to carry.
+            owned[name] = method if mine is target else method.model_copy(update={"target": mine})
+        return owned
+
+    @field_validator("target")
+    @classmethod
+    def _target_of_this_plugin(cls, target: TargetT | None, info: ValidationInfo) -> TargetT | None:
+        key = _key_of(info)
+        return target if target is None or key is None else target.of_plugin(key)
 
     @property
     def key(self) -> str:
@@ -147,6 +164,13 @@ class PluginSpec(StrictModel, Generic[TargetT]):
             if target not in distinct:
                 distinct.append(target)
         return distinct
+
+
+def _key_of(info: ValidationInfo) -> str | None:
+    """The ``id@version`` of the plugin being validated; None when either is invalid (the
+    manifest is refused then anyway)."""
+    plugin_id, version = info.data.get("id"), info.data.get("version")
+    return None if plugin_id is None or version is None else f"{plugin_id}@{version}"
 
 
 class Manifest(StrictModel, Generic[TargetT]):

@@ -5,6 +5,8 @@ endpoint up, reconnecting with backoff and jitter. Reverse mode (``mode: inbound
 gateway admits a plugin (``admit``: its token or principal) and hands the upgraded
 connection to ``accept``, which checks the plugin's ``hello`` and registers it as an
 instance of the target's fleet (``instance_source``); the fleet layer balances over them.
+An inbound target names its plugin version (``WebSocketTarget.plugin``): its fleet holds
+that version's connections only.
 
 Errors, as every provider maps them here and nowhere else:
 
@@ -146,19 +148,16 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         """Send the host event to ``plugin`` over the target's connection. A dialled URL
         is one plugin process, whichever entries name it (they share the connection):
         sending on it is sending to ``plugin``. An inbound connection is one plugin
-        process too, but the fleet of an inbound target holds every connection admitted
-        for an equal target, another plugin's or another version's among them: such a
-        connection is not ``plugin`` and does not get the event."""
+        process too, admitted as ``plugin``: the fleet of an inbound target is that of
+        one plugin version (``WebSocketTarget.plugin``), so its connections are all
+        ``plugin``'s."""
         if target.mode == "dial":
             dialed = self._dialed.get(target.key)
             if dialed is None:
                 raise TargetUnavailable(f"{target.describe()} is not attached")
             await dialed.send_event(event, data)
             return
-        connection = self._connected(target)
-        if (connection.plugin_id, connection.version) != (plugin.id, plugin.version):
-            return
-        await connection.channel.send_event(
+        await self._connected(target).channel.send_event(
             encode_frame({"type": "event", "event": event, "data": data})
         )
 
@@ -223,7 +222,9 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         peer: tuple[str, int],
     ) -> None:
         """Serve an admitted, upgraded connection as an instance of each of ``targets``
-        until it closes. Its first frame must be the ``hello`` of ``plugin``."""
+        until it closes. Its first frame must be the ``hello`` of ``plugin``. ``targets``
+        are ``plugin``'s own (each names it: ``WebSocketTarget.plugin``), so the
+        connection joins that version's fleets and no other's."""
         from providers.websocket.channel import Channel
 
         socket = connection

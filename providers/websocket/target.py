@@ -7,6 +7,15 @@ An inbound target is a fleet whose instances are the plugins connected to the ga
 right now (``WebSocketProvider.instance_source``); ``instance_at`` names one connection
 (``connection``), which is all a concrete inbound target adds, and which a manifest
 never sets.
+
+The fleet is that of one plugin version: loading the manifest sets ``plugin`` (its
+``id@version``, ``of_plugin``), so two versions in a rollout, or two plugins, that write
+equal inbound targets have two targets, two keys, two fleets. A connection is admitted
+as one plugin version and registered under that version's targets only: the balancer,
+health checks, host events and stats of a version see its own connections and no
+other's. Keyed by the target and not by (plugin, target) beside it, because everything
+else keyed by a target (breakers, retry budgets, bulkheads, target-scoped limits, the
+fleet's health checks) is then that version's too, with no second key to keep in step.
 """
 
 from __future__ import annotations
@@ -98,6 +107,11 @@ class WebSocketTarget(TargetConfig):
     connection: str | None = Field(
         default=None, description="Set by the dispatcher: one inbound connection."
     )
+    plugin: str | None = Field(
+        default=None,
+        description="Set by the dispatcher: inbound: the plugin version (id@version) whose"
+        " connections are this target's instances.",
+    )
     balance: Balance = "least_request"
     health_check: HealthCheck | None = None
     outlier: OutlierDetection = Field(default_factory=OutlierDetection)
@@ -120,6 +134,8 @@ class WebSocketTarget(TargetConfig):
                 raise ValueError("a websocket target in dial mode needs url (ws:// or wss://)")
             if self.principal is not None or self.connection is not None:
                 raise ValueError("principal is for mode: inbound")
+            if self.plugin is not None:
+                raise ValueError("plugin is set by the dispatcher, for mode: inbound only")
         else:
             if self.url is not None:
                 raise ValueError("mode: inbound takes no url: plugins connect to the gateway")
@@ -177,6 +193,13 @@ class WebSocketTarget(TargetConfig):
 
     def is_fleet(self) -> bool:
         return self.accepts_connections()
+
+    def of_plugin(self, plugin_key: str) -> WebSocketTarget:
+        if self.mode != "inbound" or self.plugin == plugin_key:
+            return self  # a dialled URL is one place, whoever calls it
+        # Validated again, not model_copy'd: a copy would carry the cached ``key`` along.
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_validate({**fields, "plugin": plugin_key})
 
     def instance_targets(self) -> tuple[WebSocketTarget, ...]:
         # An inbound fleet has no fixed instance: only the connections that come.
