@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from socket_plugin import SocketPlugin
 
-from dispatcher import Dispatcher, TargetUnavailable
+from dispatcher import Dispatcher, ManifestError, TargetUnavailable
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from dispatcher.gateway.app import create_app
 from linchkit_plugin import current_context
@@ -253,6 +253,34 @@ def connected_as(dispatcher: Dispatcher, plugin_id: str, version: str) -> int:
     return len(
         [c for c in provider.inbound.all() if (c.plugin_id, c.version) == (plugin_id, version)]
     )
+
+
+def test_an_inbound_target_is_the_plugin_versions_own_whatever_the_manifest_writes() -> None:
+    """Loading gives each inbound target (a plugin's, a method's) its plugin version; one
+    written to claim another's is given its own all the same, and a dial target takes none."""
+    inbound = {"provider": "websocket", "mode": "inbound", "token": TOKEN}
+    loaded = manifest(
+        {"id": "sock", "version": "1.0.0", "target": inbound, "methods": {"who": {}}},
+        {
+            "id": "sock",
+            "version": "2.0.0",
+            "target": {**inbound, "plugin": "sock@1.0.0"},
+            "methods": {"who": {}, "whos": {"target": inbound}},
+        },
+    )
+    first, second = loaded.plugins
+    assert [t.plugin for t in first.targets()] == ["sock@1.0.0"]
+    assert [t.plugin for t in second.targets()] == ["sock@2.0.0"]  # one target, both methods
+    assert first.target_of("who").key != second.target_of("who").key
+    with pytest.raises(ManifestError, match="plugin is set by the dispatcher"):
+        manifest(
+            {
+                "id": "sock",
+                "version": "1.0.0",
+                "target": {"provider": "websocket", "url": "ws://127.0.0.1:1/", "plugin": "x"},
+                "methods": {"who": {}},
+            }
+        )
 
 
 async def test_calls_batches_and_streams_reach_only_the_connections_of_their_version() -> None:
