@@ -4,6 +4,13 @@ Without ``path``, the plugin is imported from the manifest's folder, the way
 ``dispatcher-plugin serve`` imports from the current folder: a plugin file next to its
 ``plugins.yaml`` needs no more than its ``entrypoint``.
 
+One module name comes from one folder: Python keeps one module per name in a process, so
+a second ``path`` holding another ``echo.py`` would not be imported at all, its calls
+running the first folder's ``echo``. The manifest refuses two folders holding one module
+name (``host_module``), which is why a plugin instance is keyed by ``(id, version,
+entrypoint)`` and not its ``path``: in a manifest that loads, the entrypoint says which
+code runs.
+
 The provider owns each plugin instance's lifecycle: ``attach`` runs ``init``/``start``,
 ``detach`` runs ``stop``/``destroy``. Params must be JSON, exactly as for remote targets,
 so a plugin can move out of process without its callers noticing. Streaming methods
@@ -19,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
+from importlib.machinery import PathFinder
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -68,6 +76,19 @@ class LocalTarget(TargetConfig):
 
     def describe(self) -> str:
         return f"local {self.entrypoint}"
+
+    def host_module(self) -> tuple[str, str] | None:
+        # The top-level name: ``pkg.a:A`` and ``pkg.b:B`` share ``pkg``, and once ``pkg``
+        # is imported from one folder, ``pkg.b`` is looked for in that folder alone.
+        # Found as the import would find it in ``path`` alone, nothing imported.
+        name = self.entrypoint.partition(":")[0].partition(".")[0]
+        if self.path is None:
+            return None
+        spec = PathFinder.find_spec(name, [str(self.path)])
+        if spec is None:
+            return None
+        where = spec.origin or next(iter(spec.submodule_search_locations or ()), None)
+        return None if where is None else (name, where)
 
 
 class LocalProvider(Provider[LocalTarget]):

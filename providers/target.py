@@ -227,6 +227,17 @@ class TargetConfig(StrictModel):
     def is_fleet(self) -> bool:
         return bool(self.instance_sources()) or len(self.instance_targets()) > 1
 
+    def host_module(self) -> tuple[str, str] | None:
+        """The top-level module this target imports into the dispatcher's own process and
+        where its code is (the file or folder the target's own ``path`` finds); None, the
+        default, for a target whose plugin runs anywhere else, or one whose folder does
+        not hold the module (it imports what ``sys.path`` finds).
+
+        A process holds one module of a name (``sys.modules``): two targets whose folders
+        hold two modules of one name would both run whichever was imported first, so the
+        manifest refuses them (``dispatcher.config.loader``)."""
+        return None
+
     def of_plugin(self, plugin_key: str) -> Self:
         """This target as the manifest entry ``plugin_key`` (``id@version``) uses it; the
         default, for a target that is the same place whoever calls it: itself.

@@ -15,6 +15,7 @@ from dispatcher import (
     DeadlineExceeded,
     Dispatcher,
     InvalidParams,
+    ManifestError,
     MethodNotFound,
     PluginError,
     ProviderError,
@@ -232,3 +233,63 @@ async def test_a_local_plugin_binds_only_the_methods_its_manifest_lists(tmp_path
             await dispatcher.call("wide", "missing")
         with pytest.raises(MethodNotFound):  # on the class, not in the manifest: no route
             await dispatcher.call("wide", "m8")
+
+
+def _twin_folders(root: Path, module: str) -> tuple[Path, Path]:
+    """Two folders, each with its own code under one entrypoint ``{module}:Twin``."""
+    folders = []
+    for name in ("a", "b"):
+        folder = root / name
+        folder.mkdir()
+        (folder / f"{module}.py").write_text(
+            f"class Twin:\n    def who(self) -> str:\n        return {name!r}\n"
+        )
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def test_one_module_from_two_folders_is_refused_as_the_manifest_loads(tmp_path: Path) -> None:
+    """Python holds one module of a name per process: a second folder's ``twin`` would
+    be the first's, and its calls would run the first folder's code. A plugin with two
+    local targets differing only in ``path``, or two versions of a rollout in two
+    folders, is refused, naming both; one folder loads, and so do folders that do not
+    hold the module (it is imported from ``sys.path`` then, whichever folder is named)."""
+    module = f"twin_{tmp_path.name.replace('-', '_')}"
+    first, second = _twin_folders(tmp_path, module)
+    entrypoint = f"{module}:Twin"
+
+    def local(folder: Path) -> dict[str, Any]:
+        return {"provider": "local", "entrypoint": entrypoint, "path": str(folder)}
+
+    with pytest.raises(ManifestError) as two_targets:
+        manifest(
+            {
+                "id": "twin",
+                "version": "1.0.0",
+                "target": local(first),
+                "methods": {"who": {}, "who_b": {"target": local(second)}},
+            }
+        )
+    (problem,) = two_targets.value.problems
+    assert problem.path == "plugins[0].methods.who_b.target.path"
+    assert f"imports module {module!r} from {second / module}.py" in problem.message
+    assert f"plugins[0].target imports it from {first / module}.py" in problem.message
+    with pytest.raises(ManifestError, match=f"imports module {module!r}"):
+        manifest(
+            {"id": "twin", "version": "1.0.0", "target": local(first), "methods": {"who": {}}},
+            {"id": "twin", "version": "2.0.0", "target": local(second), "methods": {"who": {}}},
+        )
+    manifest(  # one folder for both versions: one module, as written
+        {"id": "twin", "version": "1.0.0", "target": local(first), "methods": {"who": {}}},
+        {"id": "twin", "version": "2.0.0", "target": local(first), "methods": {"who": {}}},
+    )
+    (tmp_path / "empty").mkdir()
+    manifest(
+        {"id": "twin", "version": "1.0.0", "target": local(first), "methods": {"who": {}}},
+        {
+            "id": "twin",
+            "version": "2.0.0",
+            "target": local(tmp_path / "empty"),
+            "methods": {"who": {}},
+        },
+    )

@@ -393,6 +393,42 @@ def _semantic_problems(
                 )
     yield from fallback_problems(manifest)
     yield from _rollout_problems(manifest, describe)
+    yield from _host_module_problems(manifest, describe)
+
+
+def _written_targets(plugin: PluginSpec[Any]) -> Iterator[tuple[str, TargetConfig]]:
+    """The targets an entry writes, each with where (``target``, ``methods.<name>.target``)."""
+    if plugin.target is not None:
+        yield "target", plugin.target
+    for name, method in plugin.methods.items():
+        if method.target is not None:
+            yield f"methods.{name}.target", method.target
+
+
+def _host_module_problems(
+    manifest: Manifest[Any], describe: Callable[[str, int], str]
+) -> Iterator[ManifestProblem]:
+    """Targets whose folders hold two modules of one name, both to be imported into this
+    process (local targets differing only in ``path``; two versions in two folders):
+    Python would import the first alone, and every one of them would run its code."""
+    first: dict[str, tuple[str, int, str]] = {}
+    for index, plugin in enumerate(manifest.plugins):
+        for field, target in _written_targets(plugin):
+            imported = target.host_module()
+            if imported is None:
+                continue
+            module, code = imported
+            seen = first.setdefault(module, (code, index, field))
+            if seen[0] == code:
+                continue
+            entry, of, source = describe("plugins", seen[1]).partition(" of ")
+            yield ManifestProblem(
+                f"plugins[{index}].{field}.path",
+                f"imports module {module!r} from {code}, but {entry}.{seen[2]}{of}{source}"
+                f" imports it from {seen[0]}: a process holds one module of a name, so this"
+                " target would run that code. Give one module another name, or run one"
+                " out of process (provider: subprocess)",
+            )
 
 
 def _rollout_problems(
