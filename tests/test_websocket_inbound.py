@@ -317,6 +317,15 @@ async def test_calls_batches_and_streams_reach_only_the_connections_of_their_ver
                 assert provider.inbound.get(key).version == report.version, report
         reports = [r for r in await dispatcher.health() if r.state != "source"]
         assert sorted(r.version for r in reports) == ["1.0.0"] * 2 + ["2.0.0"] * 2
+        # So do the fleets' stats (and the metrics made of them): one fleet per version,
+        # its own connections' calls.
+        fleets = dispatcher.stats()["fleets"]
+        for version in ("1.0.0", "2.0.0"):
+            instances = fleets[f"websocket inbound of sock@{version}"]["instances"]
+            assert len(instances) == 2
+            for each in instances:
+                key = each["target"].removeprefix("websocket inbound ")
+                assert provider.inbound.get(key).version == version and each["calls"] > 0
 
 
 async def test_a_version_with_no_connection_fails_its_calls_typed_not_on_another() -> None:

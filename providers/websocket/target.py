@@ -165,7 +165,10 @@ class WebSocketTarget(TargetConfig):
     def describe(self) -> str:
         if self.mode == "dial":
             return f"websocket {masked_url(self.url or '')}"
-        return f"websocket inbound {self.connection}" if self.connection else "websocket inbound"
+        if self.connection:
+            return f"websocket inbound {self.connection}"
+        # The fleet's name (stats, metrics, logs): one per plugin version.
+        return f"websocket inbound of {self.plugin}" if self.plugin else "websocket inbound"
 
     def destinations(self) -> tuple[Destination, ...]:
         if self.url is None:
