@@ -344,8 +344,9 @@ async def test_a_version_with_no_connection_fails_its_calls_typed_not_on_another
         ran = len(second.ran)
         for plugin, version in (("sock", "1.0.0"), ("twin", "1.0.0")):
             for method in ("who", "who_batched"):
-                with pytest.raises(TargetUnavailable):
+                with pytest.raises(TargetUnavailable) as raised:
                     await dispatcher.call(plugin, method, {}, version=version, timeout=1)
+                assert raised.value.retryable  # as with nothing connected at all
             with pytest.raises(TargetUnavailable):
                 async for _ in dispatcher.stream(plugin, "whos", {"n": 1}, version=version):
                     pass
