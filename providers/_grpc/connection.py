@@ -48,6 +48,7 @@ from providers._grpc.status import (
     not_run,
     refused_compression,
     translate_rpc_error,
+    transport_broke,
 )
 from providers.base import CONNECT_STAGE, Health
 from providers.invocation import Invocation, Outcome, running_loop_time
@@ -136,6 +137,9 @@ class PluginConnection:
         self._open_streams: set[StreamCall] = set()
         #: While the plugin is stopping (it answered a call "not run"): what ends the wait.
         self._stopping: asyncio.Task[None] | None = None
+        #: A call ended because the connection under it closed or was reset, since the
+        #: last ``broke_under_a_call``: the plugin's process may be going away.
+        self._broke = False
         #: The methods the plugin's last ``Describe`` listed (``providers.served``); None
         #: before one, or when it listed none.
         self.served: frozenset[str] | None = None
@@ -292,6 +296,8 @@ class PluginConnection:
         connection off while the plugin stops (``_hold_while_stopping``)."""
         if not_run(error):
             self._hold_while_stopping()
+        elif transport_broke(error):
+            self._broke = True
         return translate_rpc_error(error, what, deadline)
 
     def _hold_while_stopping(self) -> None:
@@ -325,6 +331,7 @@ class PluginConnection:
     def _cut_off(self, what: str) -> TargetUnavailable:
         """The error of a call the channel cancelled under us: the connection was closed
         (the plugin's process went away, or the dispatcher is closing)."""
+        self._broke = True
         return TargetUnavailable(
             f"{self.describe} {what}: the connection closed with the call in flight "
             "(the plugin went away); it may be retried"
@@ -487,6 +494,14 @@ class PluginConnection:
         if answer.status == health_pb2.HealthCheckResponse.SERVING:
             return Health("serving", status_name, latency_ms)
         return Health("not_serving", status_name, latency_ms)
+
+    def broke_under_a_call(self) -> bool:
+        """Whether a call ended because this connection closed or was reset under it,
+        since the last time this was asked (a plugin that answered an error of its own
+        did not: its connection stands). The subprocess supervisor asks, to hold the
+        calls after it until it knows whether the process is exiting."""
+        broke, self._broke = self._broke, False
+        return broke
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the channel connects; ``TargetUnavailable`` when it does not."""

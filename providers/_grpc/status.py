@@ -72,6 +72,7 @@ __all__ = [
     "refused_compression",
     "too_large",
     "translate_rpc_error",
+    "transport_broke",
 ]
 
 #: How grpc core words the failure of a call that no connection was picked for (the LB
@@ -245,6 +246,25 @@ def refused_compression(error: Any) -> bool:
 
 def _said_not_run(error: Any) -> bool:
     return any(key == NOT_RUN_TRAILER for key, _ in error.trailing_metadata() or ())
+
+
+#: How grpc core words a call's end when the connection under it closed or was reset
+#: (``Stream removed (Socket closed)``, ``… (sendmsg: Broken pipe (32))``, ``… (recvmsg:
+#: Connection reset by peer)``, as grpcio 1.85 words them): the peer went away, which a
+#: plugin answering UNAVAILABLE itself does not say.
+_TRANSPORT_GONE_PREFIXES = ("Stream removed", "Socket closed", "Connection reset", "GOAWAY")
+
+
+def transport_broke(error: Exception) -> bool:
+    """Whether a failed RPC ended because its connection closed or was reset under it."""
+    import grpc
+    import grpc.aio
+
+    return (
+        isinstance(error, grpc.aio.AioRpcError)
+        and error.code() == grpc.StatusCode.UNAVAILABLE
+        and (error.details() or "").startswith(_TRANSPORT_GONE_PREFIXES)
+    )
 
 
 def never_left_the_client(details: str) -> bool:

@@ -63,6 +63,8 @@ class PluginProcess:
         self._event_sink = event_sink
         self._report_served = report_served
         self._child: Child | None = None
+        #: The running child whose connection was lost under a call: it may be exiting.
+        self._dying: Child | None = None
         #: Every child launched and not yet terminated (``stop`` ends them all).
         self._children: set[Child] = set()
         self._ready = asyncio.Event()
@@ -157,8 +159,13 @@ class PluginProcess:
         try:
             return await make(connection)
         except TargetUnavailable as error:
-            grace = self.target.stop_grace_ms / 1000
-            if error.details != CONNECT_STAGE or not await _exits(child, invocation, grace):
+            if error.details != CONNECT_STAGE:
+                # It may have reached the plugin: not made again. But its connection went
+                # with it: the calls after it wait to see whether the process is exiting.
+                if connection.broke_under_a_call():
+                    self._dying = child
+                raise
+            if not await _exits(child, invocation, self.target.stop_grace_ms / 1000):
                 raise
         log.info("%s: a call refused by the exiting process goes to the next one", self.plugin.key)
         return await make(await self.connection(invocation))
@@ -173,7 +180,14 @@ class PluginProcess:
         while True:
             child = self._child
             if self._state == "running" and child is not None and child.connection is not None:
-                return child
+                if child.exited.is_set():
+                    # Seen exiting, and the supervisor has not run since to say it is
+                    # restarting: let it, rather than call into the dead process.
+                    await asyncio.sleep(0)
+                    continue
+                if child is not self._dying or not await self._exits_soon(child, invocation):
+                    return child
+                continue
             if self._state in {"failed", "stopped", "new"}:
                 raise TargetUnavailable(
                     f"{self.plugin.key} ({self.target.describe()}) is {self._state}"
@@ -190,6 +204,27 @@ class PluginProcess:
                 raise DeadlineExceeded(
                     f"{self.plugin.key} was restarting until the deadline"
                 ) from None
+
+    async def _exits_soon(self, child: Child, invocation: Invocation | None) -> bool:
+        """Whether ``child``, whose connection was lost under a call, is seen exiting
+        within the stop grace (and the call's deadline).
+
+        When a plugin dies, its socket closes a few ms before the process is seen exiting
+        (4-65 ms here): a call made in between went into the dead connection and failed
+        ("Stream removed (sendmsg: Broken pipe)"), where it should wait for the next
+        process, as calls made during a restart do. A connection lost to a process that
+        goes on (it is not seen exiting) is used again: grpc connects anew."""
+        grace = self.target.stop_grace_ms / 1000
+        if invocation is not None:
+            grace = min(grace, invocation.remaining())
+        try:
+            async with asyncio.timeout(max(grace, 0.0)):
+                await child.exited.wait()
+        except TimeoutError:
+            if self._dying is child:
+                self._dying = None
+            return False
+        return True
 
     # -- launching ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from linchkit_plugin import Plugin
+from linchkit_plugin.errors import TargetUnavailable
 from linchkit_plugin.grpc_server import main
 
 
@@ -35,6 +36,14 @@ class CrashingPlugin(Plugin):
 
     async def echo(self, value: Any = None) -> Any:
         return value
+
+    async def unavailable(self) -> None:
+        """Fail as a plugin whose own dependency is down does: its process goes on."""
+        raise TargetUnavailable("its database is down")
+
+    async def exit(self, code: int = 3) -> None:
+        """Die at once, in the middle of this call (as a crash does)."""
+        os._exit(code)
 
     async def nap(self, seconds: float) -> float:
         """Hold a call open (for cancellation tests)."""
