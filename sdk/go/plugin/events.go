@@ -2,8 +2,6 @@ package plugin
 
 import (
 	"encoding/json"
-	"fmt"
-	"os"
 	"sync"
 
 	"github.com/linchkit/dispatcher/sdk/go/internal/pluginpb"
@@ -50,7 +48,7 @@ func (h *eventHub) publish(name string, data json.RawMessage) {
 				select {
 				case <-queue:
 					if dropped == 0 {
-						fmt.Fprintln(os.Stderr, "linchkit plugin: the host is not reading its Events stream; dropping the oldest events")
+						sdkLog.Warn("linchkit plugin: the host is not reading its Events stream; dropping the oldest events")
 					}
 					dropped++
 					h.subscribers[queue] = dropped

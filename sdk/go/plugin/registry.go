@@ -13,6 +13,7 @@ package plugin
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
@@ -20,6 +21,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -54,7 +56,7 @@ type registration struct {
 	value   []byte
 	ttl     int64
 	client  *http.Client
-	log     io.Writer
+	log     *slog.Logger
 	lease   int64
 	written bool
 	// leaveDelay: how long deregister waits after leaving, still serving.
@@ -65,7 +67,7 @@ type registration struct {
 
 // registrationFromEnv is nil without LINCHKIT_REGISTER_ETCD; otherwise every setting is
 // checked, so a mistake stops the plugin before it serves.
-func registrationFromEnv(getenv func(string) string, listening net.Addr, log io.Writer) (*registration, error) {
+func registrationFromEnv(getenv func(string) string, listening net.Addr, log *slog.Logger) (*registration, error) {
 	base := getenv(EnvRegisterEtcd)
 	if base == "" {
 		return nil, nil
@@ -183,8 +185,8 @@ func (r *registration) deregister() {
 	time.Sleep(r.leaveDelay)
 }
 
-func (r *registration) say(format string, args ...any) {
-	fmt.Fprintf(r.log, "linchkit plugin: "+format+"\n", args...)
+func (r *registration) say(level slog.Level, format string, args ...any) {
+	r.log.Log(context.Background(), level, fmt.Sprintf("linchkit plugin: "+format, args...))
 }
 
 func (r *registration) run() {
@@ -194,12 +196,12 @@ func (r *registration) run() {
 		wait := time.Duration(r.ttl) * time.Second / 3
 		if err := r.renew(); err != nil {
 			if !failing {
-				r.say("warning: cannot register %s in etcd: %v; serving anyway and trying again", r.key, err)
+				r.say(slog.LevelWarn, "cannot register %s in etcd: %v; serving anyway and trying again", r.key, err)
 			}
 			failing = true
 			wait = min(wait, time.Second)
 		} else if failing {
-			r.say("etcd answers again: %s is registered", r.key)
+			r.say(slog.LevelInfo, "etcd answers again: %s is registered", r.key)
 			failing = false
 		}
 		select {
@@ -222,7 +224,7 @@ func (r *registration) renew() error {
 			return fmt.Errorf("etcd did not renew the lease%s", why(answer))
 		}
 		if number(result["TTL"]) <= 0 {
-			r.say("etcd lost the lease of %s (restarted?): registering again", r.key)
+			r.say(slog.LevelWarn, "etcd lost the lease of %s (restarted?): registering again", r.key)
 			r.lease, r.written = 0, false
 		}
 	}
@@ -249,7 +251,7 @@ func (r *registration) renew() error {
 			return fmt.Errorf("etcd refused the registration%s", why(answer))
 		}
 		r.written = true
-		r.say("registered %s in etcd at %s", r.key, r.base)
+		r.say(slog.LevelInfo, "registered %s in etcd at %s", r.key, r.base)
 	}
 	return nil
 }
@@ -261,11 +263,11 @@ func (r *registration) leave() {
 	// The key first: a dispatcher stops calling this instance from that moment.
 	_, _ = r.post("/v3/kv/deleterange", map[string]any{"key": base64.StdEncoding.EncodeToString([]byte(r.key))})
 	if _, err := r.post("/v3/lease/revoke", map[string]any{"ID": strconv.FormatInt(r.lease, 10)}); err != nil {
-		r.say("warning: cannot deregister %s: %v; it leaves the registry when its lease ends, within %d s",
+		r.say(slog.LevelWarn, "cannot deregister %s: %v; it leaves the registry when its lease ends, within %d s",
 			r.key, err, r.ttl)
 		return
 	}
-	r.say("deregistered %s", r.key)
+	r.say(slog.LevelInfo, "deregistered %s", r.key)
 }
 
 // post sends one request to etcd's JSON gateway; its error answers are JSON too.

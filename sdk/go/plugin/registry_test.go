@@ -62,12 +62,12 @@ func TestRegistrationSettingsAreCheckedBeforeServing(t *testing.T) {
 			env[k] = v
 		}
 		env[c.name] = c.value
-		_, err := registrationFromEnv(func(k string) string { return env[k] }, listening, io.Discard)
+		_, err := registrationFromEnv(func(k string) string { return env[k] }, listening, newLogger(io.Discard))
 		if err == nil || !strings.Contains(err.Error(), c.wrong) || strings.Contains(err.Error(), "SECRET") {
 			t.Errorf("%s=%q: error %v, want one saying %q", c.name, c.value, err, c.wrong)
 		}
 	}
-	r, err := registrationFromEnv(func(k string) string { return good[k] }, listening, io.Discard)
+	r, err := registrationFromEnv(func(k string) string { return good[k] }, listening, newLogger(io.Discard))
 	if err != nil || !strings.HasPrefix(r.key, "/linchkit/plugins/echo/") || string(r.value) != `{"address":"127.0.0.2:50051"}` {
 		t.Errorf("good settings: %v, %v", r, err)
 	}
@@ -75,10 +75,10 @@ func TestRegistrationSettingsAreCheckedBeforeServing(t *testing.T) {
 		t.Errorf("leave delay %v by default, want 1s", r.leaveDelay)
 	}
 	good[EnvLeaveDelay] = "0.25"
-	if r, err := registrationFromEnv(func(k string) string { return good[k] }, listening, io.Discard); err != nil || r.leaveDelay != 250*time.Millisecond {
+	if r, err := registrationFromEnv(func(k string) string { return good[k] }, listening, newLogger(io.Discard)); err != nil || r.leaveDelay != 250*time.Millisecond {
 		t.Errorf("%s=0.25: %v, %v", EnvLeaveDelay, r, err)
 	}
-	if r, err := registrationFromEnv(func(string) string { return "" }, listening, io.Discard); r != nil || err != nil {
+	if r, err := registrationFromEnv(func(string) string { return "" }, listening, newLogger(io.Discard)); r != nil || err != nil {
 		t.Errorf("no settings: %v, %v; want no registration", r, err)
 	}
 }

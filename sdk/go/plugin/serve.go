@@ -59,7 +59,7 @@ func (p *Plugin) Serve() {
 	defer stop()
 	env := Environment{Args: os.Args[1:], Getenv: os.Getenv, Stdin: os.Stdin, Stdout: os.Stdout}
 	if err := p.Run(ctx, env); err != nil {
-		fmt.Fprintln(os.Stderr, err)
+		sdkLog.Error(err.Error())
 		os.Exit(1)
 	}
 	os.Exit(0)
@@ -79,7 +79,7 @@ func (p *Plugin) Run(ctx context.Context, env Environment) error {
 	traces, err := tracingFromEnv(ctx, env.Getenv, p)
 	if err != nil {
 		// Tracing is an aid, not the plugin's job: serve untraced rather than not at all.
-		fmt.Fprintln(os.Stderr, "linchkit plugin:", err, "(serving without tracing)")
+		sdkLog.Warn("linchkit plugin: serving without tracing", "err", err)
 	}
 	p.tracing = traces
 	defer func() {
@@ -157,14 +157,14 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	if err != nil {
 		return fmt.Errorf("serve: cannot listen on %s: %w", *address, err)
 	}
-	registry, err := registrationFromEnv(env.Getenv, listener.Addr(), os.Stderr)
+	registry, err := registrationFromEnv(env.Getenv, listener.Addr(), sdkLog)
 	if err != nil {
 		listener.Close()
 		return fmt.Errorf("serve: %w", err)
 	}
 	if token == nil {
-		fmt.Fprintf(os.Stderr, "linchkit plugin: warning: no bearer token configured (%s or %s): "+
-			"anybody who can reach %s can call this plugin\n", EnvTokenFile, EnvToken, listener.Addr())
+		sdkLog.Warn(fmt.Sprintf("linchkit plugin: no bearer token configured (%s or %s): "+
+			"anybody who can reach %s can call this plugin", EnvTokenFile, EnvToken, listener.Addr()))
 	}
 	line := handshakeLine(ProtocolVersion, "tcp", listener.Addr().String(), "")
 	var onStopping func()
@@ -263,7 +263,7 @@ func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds crede
 		return err
 	case <-ctx.Done():
 	case <-stdinClosed:
-		fmt.Fprintln(os.Stderr, "linchkit plugin: stdin closed, the host is gone; stopping")
+		sdkLog.Info("linchkit plugin: stdin closed, the host is gone; stopping")
 	}
 	if onStopping != nil {
 		onStopping()

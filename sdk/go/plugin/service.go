@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
-	"os"
 	"runtime/debug"
 	"sync"
 	"time"
@@ -132,12 +131,12 @@ func (s *service) shutdown() {
 	defer cancel()
 	if needStop {
 		if err := s.runLifecycle(ctx, "stop", s.plugin.onStop, &s.stopped); err != nil {
-			fmt.Fprintln(os.Stderr, "linchkit plugin:", err)
+			sdkLog.Error("linchkit plugin: " + err.Error())
 		}
 	}
 	if needDestroy {
 		if err := s.runLifecycle(ctx, "destroy", s.plugin.onDestroy, &s.destroyed); err != nil {
-			fmt.Fprintln(os.Stderr, "linchkit plugin:", err)
+			sdkLog.Error("linchkit plugin: " + err.Error())
 		}
 	}
 }
@@ -228,7 +227,7 @@ func (s *service) Events(stream pluginpb.PluginService_EventsServer) error {
 					data = json.RawMessage("null")
 				}
 				if err := runMethod(func() error { handler(stream.Context(), data); return nil }); err != nil {
-					fmt.Fprintf(os.Stderr, "linchkit plugin: host event %q: %v\n", event.GetName(), err)
+					sdkLog.Error("linchkit plugin: the handler of a host event failed", "event", event.GetName(), "err", err)
 				}
 			}
 		}
@@ -337,7 +336,7 @@ func errorReply(e *Error) *pluginpb.CallReply {
 func runMethod(fn func() error) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			fmt.Fprintf(os.Stderr, "linchkit plugin: method panicked: %v\n%s", r, debug.Stack())
+			sdkLog.Error(fmt.Sprintf("linchkit plugin: method panicked: %v", r), "stack", string(debug.Stack()))
 			err = &Error{Type: "PluginError", Message: fmt.Sprintf("method panicked: %v", r)}
 		}
 	}()

@@ -14,7 +14,6 @@ package plugin
 import (
 	"context"
 	"fmt"
-	"os"
 	"strings"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -137,7 +136,7 @@ func (t *tracing) shutdown(ctx context.Context) {
 		return
 	}
 	if err := t.provider.Shutdown(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, "linchkit plugin: tracing: could not send the last spans:", err)
+		sdkLog.Warn("linchkit plugin: tracing: could not send the last spans", "err", err)
 	}
 }
 

@@ -161,7 +161,7 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			if response != nil && (response.StatusCode == 401 || response.StatusCode == 403 || response.StatusCode == 404) {
 				return fmt.Errorf("connect: %w (%d)", ErrRefused, response.StatusCode)
 			}
-			fmt.Fprintf(os.Stderr, "linchkit plugin: cannot reach %s: %v; retrying\n", *url, err)
+			sdkLog.Warn("linchkit plugin: cannot reach the gateway; retrying", "url", *url, "err", err)
 		} else {
 			conn.SetReadLimit(maxMessageBytes)
 			session := &wsSession{plugin: p, conn: conn, grace: goawayGrace}
