@@ -10,7 +10,7 @@ cannot take is said on stderr and the stream goes on.
 from __future__ import annotations
 
 import asyncio
-import sys
+import logging
 import weakref
 from collections.abc import AsyncIterable
 from typing import Any, TypeAlias
@@ -19,6 +19,8 @@ import orjson
 
 from linchkit_plugin._grpc_envelope import result_json
 from linchkit_plugin.host import PluginHost
+
+log = logging.getLogger("linchkit_plugin")
 
 __all__ = ["EVENTS_PER_STREAM", "EventStreams", "deliver_host_events"]
 
@@ -76,10 +78,9 @@ def _offer(queue: EventQueue, payload: tuple[str, bytes]) -> None:
         queue.get_nowait()
         dropped = _dropped.get(queue, 0)
         if not dropped:
-            print(
-                "linchkit plugin: the host is not reading its Events stream; "
-                f"dropping the oldest events past {EVENTS_PER_STREAM}",
-                file=sys.stderr,
+            log.warning(
+                "the host is not reading its Events stream; dropping the oldest events past %d",
+                EVENTS_PER_STREAM,
             )
         _dropped[queue] = dropped + 1
     queue.put_nowait(payload)
@@ -96,4 +97,5 @@ async def deliver_host_events(host: PluginHost, request_iterator: AsyncIterable[
             data = orjson.loads(event.data_json) if event.data_json else None
             await host.deliver(event.name, data)
         except Exception as error:  # one bad event must not end the stream
-            print(f"host event {event.name!r} failed: {error!r}", file=sys.stderr)
+            # A level the host reads (subprocess plugins: providers/subprocess/levels.py).
+            log.error("host event %r failed: %r", event.name, error)
