@@ -59,7 +59,9 @@ func (p *Plugin) Serve() {
 	defer stop()
 	env := Environment{Args: os.Args[1:], Getenv: os.Getenv, Stdin: os.Stdin, Stdout: os.Stdout}
 	if err := p.Run(ctx, env); err != nil {
-		sdkLog.Error(err.Error())
+		// A refusal for the person who ran it (a mistyped flag, no host): one plain line,
+		// as in every SDK, not a log record; a host logs the plugin's exit itself.
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	os.Exit(0)
