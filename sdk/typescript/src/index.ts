@@ -5,6 +5,8 @@ export { DeadlineExceeded, InvalidParams, MethodNotFound, PluginError, ProviderE
 export type { PluginErrorOptions, WireError } from './errors';
 export { Params, expectObject, isObject } from './params';
 export type { JsonObject } from './params';
+export { Logger } from './log';
+export type { Level, Sink } from './log';
 export { serve } from './serve';
 export type { ServeOptions } from './serve';
 export { PluginServer, PROTOCOL_VERSION, SERVICE_NAME } from './server';

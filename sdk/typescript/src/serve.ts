@@ -29,6 +29,7 @@ import { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV } from './auth';
 import { HandshakeError, SERVE_USAGE, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
 import { CONNECT_USAGE, parseConnectCommand } from './connect';
 import { DEFAULT_ADDRESS, ListenError, cannotListen } from './listen';
+import { Logger, log, routeConsole } from './log';
 import type { Plugin } from './plugin';
 import { PluginServer } from './server';
 import { OTLP_ENDPOINT_ENV, OTLP_TRACES_ENDPOINT_ENV, Tracing } from './tracing';
@@ -193,7 +194,7 @@ async function serveOverWebSocket(plugin: Plugin, address: string, config: strin
     throw error;
   }
   if (token === undefined) {
-    process.stderr.write(`linchkit plugin: warning: no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): anybody who can reach ${bound} can call this plugin\n`);
+    log.warn(`no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): anybody who can reach ${bound} can call this plugin`);
   }
   process.stdout.write(`1|1|tcp|${bound}|websocket|\n`);
 }
@@ -208,9 +209,8 @@ async function serveService(
   const port = await bindService(server, address);
   const host = address.slice(0, address.lastIndexOf(':'));
   if (token === undefined) {
-    process.stderr.write(
-      `linchkit plugin: warning: no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): ` +
-        `anybody who can reach ${host}:${port} can call this plugin\n`,
+    log.warn(
+      `no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): ` + `anybody who can reach ${host}:${port} can call this plugin`,
     );
   }
   stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing); // before the line: the host may stop us at once
@@ -279,10 +279,10 @@ async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: 
 
   const stop = stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing); // before the line: the host may stop us at once
   process.stdout.write(handshakeLine(config.appVersion, config.network, address, certDer) + '\n');
-  // The host reads no more of stdout: a pipe nobody drains would block the event loop.
-  console.log = console.error;
-  console.info = console.error;
-  console.debug = console.error;
+  // The host reads no more of stdout: a pipe nobody drains would block the event loop. The
+  // console goes to stderr, each record one line that says its level (log.ts): the host
+  // logs a console.warn as a warning, a console.error as an error.
+  routeConsole(new Logger(plugin.id));
 
   // Parent death: the host holds our stdin's write end; end-of-file means it is gone.
   process.stdin.on('end', stop);
@@ -300,7 +300,7 @@ function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer,
     stopping = true;
     server.setServing(false);
     const hooks = plugin.close().catch((error: unknown) => {
-      process.stderr.write(`linchkit plugin: stop/destroy failed: ${String(error)}\n`);
+      log.error(`stop/destroy failed: ${String(error)}`);
     });
     const bounded = Promise.race([hooks, new Promise((resolve) => setTimeout(resolve, 5000).unref())]);
     // Spans last: the drained calls' are buffered by then; bounded, a dead collector must

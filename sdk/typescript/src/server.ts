@@ -16,6 +16,7 @@ import * as descriptor from 'protobufjs/ext/descriptor';
 import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
 import { type BearerToken, tokenInterceptor } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError, type WireError } from './errors';
+import { log } from './log';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import type { CallSpan, Tracing } from './tracing';
@@ -482,7 +483,7 @@ export class PluginServer {
             waiting.shift();
             if (!told) {
               told = true;
-              process.stderr.write('linchkit plugin: the host is not reading its Events stream; dropping the oldest events\n');
+              log.warn('the host is not reading its Events stream; dropping the oldest events');
             }
           }
           waiting.push({ name, data_json: encodeJson(data) });
@@ -493,11 +494,11 @@ export class PluginServer {
           try {
             data = decodeJson(event.data_json, `data of host event ${event.name}`);
           } catch (error) {
-            process.stderr.write(`linchkit plugin: dropped host event ${event.name}: ${(error as Error).message}\n`);
+            log.warn(`dropped host event ${event.name}: ${(error as Error).message}`);
             return;
           }
           plugin.deliverHostEvent(event.name, data).catch((error: unknown) => {
-            process.stderr.write(`linchkit plugin: handler of host event ${event.name} failed: ${String(error)}\n`);
+            log.error(`handler of host event ${event.name} failed: ${String(error)}`);
           });
         });
         const close = (): void => {

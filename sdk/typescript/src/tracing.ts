@@ -21,6 +21,7 @@ import type * as Resources from '@opentelemetry/resources';
 import type * as TraceBase from '@opentelemetry/sdk-trace-base';
 import type * as TraceNode from '@opentelemetry/sdk-trace-node';
 import { toWireError } from './errors';
+import { log } from './log';
 import type { CallContext } from './plugin';
 
 export const OTLP_ENDPOINT_ENV = 'OTEL_EXPORTER_OTLP_ENDPOINT';
@@ -72,9 +73,9 @@ export class Tracing {
       base = require('@opentelemetry/sdk-trace-base');
       node = require('@opentelemetry/sdk-trace-node');
     } catch (error) {
-      process.stderr.write(
-        `linchkit plugin: ${OTLP_ENDPOINT_ENV} is set but OpenTelemetry is not installed ` +
-          `(${(error as Error).message.split('\n')[0]}): serving without tracing\n`,
+      log.warn(
+        `${OTLP_ENDPOINT_ENV} is set but OpenTelemetry is not installed ` +
+          `(${(error as Error).message.split('\n')[0]}): serving without tracing`,
       );
       return undefined;
     }
@@ -132,7 +133,7 @@ export class Tracing {
     try {
       await this.provider.shutdown();
     } catch (error) {
-      process.stderr.write(`linchkit plugin: tracing: could not send the last spans: ${String(error)}\n`);
+      log.warn(`tracing: could not send the last spans: ${String(error)}`);
     }
   }
 }

@@ -24,6 +24,7 @@ import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import type { BearerToken } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError } from './errors';
 import { formatListenAddress, listen, parseListenAddress } from './listen';
+import { log } from './log';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import { decodeJson, encodeJson } from './server';
@@ -196,7 +197,7 @@ export class Session {
       case 'event':
         if (typeof frame.event === 'string') {
           this.plugin.deliverHostEvent(frame.event, frame.data ?? null).catch((error: unknown) => {
-            process.stderr.write(`linchkit plugin: handler of ${frame.event} failed: ${String(error)}\n`);
+            log.error(`handler of host event ${frame.event} failed: ${String(error)}`);
           });
         }
         return;
@@ -208,7 +209,7 @@ export class Session {
       case 'error':
         // The host could not use a frame of ours (one that predates `goaway` says so of
         // it): logged, never answered, or the two peers could trade errors for ever.
-        process.stderr.write(`linchkit plugin: the host could not use a frame: ${encodeJson(frame.error ?? null).toString('utf8', 0, 200)}\n`);
+        log.warn(`the host could not use a frame: ${encodeJson(frame.error ?? null).toString('utf8', 0, 200)}`);
         return;
       default:
         this.send({ type: 'error', id: id ?? null, error: toWireError(new ProviderError(`unknown frame type ${frame.type.slice(0, 40)}`)) });
