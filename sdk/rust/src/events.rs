@@ -75,15 +75,19 @@ impl Emitter {
         // A lagging host lost the oldest events: said once per stream, not once per event
         // (a line per event flooded stderr with as many lines as a host sent pings).
         let mut told = false;
-        Box::pin(BroadcastStream::new(receiver).filter_map(move |item| match item {
-            Ok(event) => Some(Ok(event)),
-            Err(BroadcastStreamRecvError::Lagged(_)) => {
-                if !std::mem::replace(&mut told, true) {
-                    eprintln!("linchkit plugin: the host is not reading its Events stream; dropping the oldest events");
+        Box::pin(
+            BroadcastStream::new(receiver).filter_map(move |item| match item {
+                Ok(event) => Some(Ok(event)),
+                Err(BroadcastStreamRecvError::Lagged(_)) => {
+                    if !std::mem::replace(&mut told, true) {
+                        crate::log::warn(
+                            "the host is not reading its Events stream; dropping the oldest events",
+                        );
+                    }
+                    None
                 }
-                None
-            }
-        }))
+            }),
+        )
     }
 
     /// Ends every open stream, at shutdown: the host's `Events` calls return.

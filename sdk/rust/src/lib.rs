@@ -21,6 +21,7 @@
 mod auth;
 mod error;
 mod events;
+mod log;
 mod params;
 mod serve;
 mod service;

@@ -103,10 +103,11 @@ impl Plugin {
     /// status 1 without it. It stops gracefully on SIGTERM or SIGINT, and as a subprocess
     /// also when its stdin reaches end-of-file (the host died).
     pub fn serve(self) -> ! {
+        crate::log::install_panic_hook();
         let runtime = match tokio::runtime::Runtime::new() {
             Ok(runtime) => runtime,
             Err(err) => {
-                eprintln!("linchkit plugin: cannot start the async runtime: {err}");
+                crate::log::error(&format!("cannot start the async runtime: {err}"));
                 std::process::exit(1);
             }
         };
@@ -143,10 +144,10 @@ impl Plugin {
                 .map_err(failed(&format!("serve: cannot listen on {address}")))?;
             let bound = listener.local_addr().map_err(failed("serve"))?.to_string();
             if token.is_none() {
-                eprintln!(
-                    "linchkit plugin: warning: no bearer token configured ({ENV_TOKEN_FILE} or \
-                     {ENV_TOKEN}): anybody who can reach {bound} can call this plugin"
-                );
+                crate::log::warn(&format!(
+                    "no bearer token configured ({ENV_TOKEN_FILE} or {ENV_TOKEN}): \
+                     anybody who can reach {bound} can call this plugin"
+                ));
             }
             let (shared, router) = build(self, true, token).await;
             write_line(
@@ -193,7 +194,7 @@ impl Plugin {
                     break;
                 }
             }
-            eprintln!("linchkit plugin: stdin closed, the host is gone; stopping");
+            crate::log::info("stdin closed, the host is gone; stopping");
         };
         let stop = async move {
             tokio::select! {
@@ -360,7 +361,7 @@ where
             match next {
                 None => return,
                 Some(Err(err)) => {
-                    eprintln!("linchkit plugin: accept failed: {err}");
+                    crate::log::warn(&format!("accept failed: {err}"));
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Some(Ok(stream)) => {
@@ -372,7 +373,7 @@ where
                                 let _ = connections.send(Ok(tls)).await;
                             }
                             Err(err) => {
-                                eprintln!("linchkit plugin: refused a TLS connection: {err}")
+                                crate::log::warn(&format!("refused a TLS connection: {err}"))
                             }
                         }
                     });

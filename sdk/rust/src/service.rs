@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -107,11 +108,11 @@ impl Shared {
                 {
                     Ok(Ok(())) => {}
                     Ok(Err(err)) => {
-                        eprintln!("linchkit plugin: {name} hook failed at shutdown: {err}")
+                        crate::log::error(&format!("{name} hook failed at shutdown: {err}"))
                     }
-                    Err(_) => eprintln!(
-                        "linchkit plugin: {name} hook did not finish within 5s at shutdown"
-                    ),
+                    Err(_) => crate::log::error(&format!(
+                        "{name} hook did not finish within 5s at shutdown"
+                    )),
                 }
             }
         }
@@ -487,7 +488,17 @@ impl PluginService for Service {
                 match host_events.message().await {
                     Ok(Some(event)) => {
                         if let Some(handler) = handlers.get(&event.name) {
-                            handler(Json::from_wire(event.data_json), &emitter);
+                            // A panicking handler loses its one event, not the stream: the
+                            // task reading it would end, and every later event with it.
+                            let data = Json::from_wire(event.data_json);
+                            let run = AssertUnwindSafe(|| handler(data, &emitter));
+                            if std::panic::catch_unwind(run).is_err() {
+                                crate::log::error(&format!(
+                                    "the handler of host event {:?} panicked; \
+                                     the Events stream goes on",
+                                    event.name
+                                ));
+                            }
                         }
                     }
                     Ok(None) => return,

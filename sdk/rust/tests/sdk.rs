@@ -61,6 +61,7 @@ fn test_plugin() -> Plugin {
             Ok(())
         })
         .on_event("ping", |data, events| events.emit("pong", data))
+        .on_event("boom", |_, _| panic!("a handler that fails"))
 }
 
 /// A plugin running in this process; dropping `stdin` is the host dying.
@@ -330,11 +331,18 @@ async fn service_mode_maps_errors_into_call_reply() {
         assert_eq!(items, want, "CallStream {method}");
     }
 
-    // Events: ping → pong.
-    let outgoing = tokio_stream::iter(vec![pb::HostEvent {
-        name: "ping".into(),
-        data_json: b"[7]".to_vec(),
-    }]);
+    // Events: ping → pong, after a host event whose handler panicked: that one is lost,
+    // the stream goes on.
+    let outgoing = tokio_stream::iter(vec![
+        pb::HostEvent {
+            name: "boom".into(),
+            data_json: b"null".to_vec(),
+        },
+        pb::HostEvent {
+            name: "ping".into(),
+            data_json: b"[7]".to_vec(),
+        },
+    ]);
     let mut events = client.events(outgoing).await.unwrap().into_inner();
     let pong = tokio::time::timeout(Duration::from_secs(5), events.message())
         .await
