@@ -64,6 +64,10 @@ maven() { # maven ARGS...: offline when known to work, else online
   "${MVN[@]}" "$@"
 }
 maven install
+# The example's jar anew: with only the SDK changed, maven-jar-plugin keeps the last jar, which
+# the shade plugin had already filled with the old SDK's classes, and shading it again keeps
+# those over the new ones (the first copy of a class wins).
+rm -f example/target/example-plugin.jar example/target/original-example-plugin.jar
 maven -f example/pom.xml package
 touch "$OFFLINE_OK"
 grep -h 'Tests run' target/surefire-reports/*.txt example/target/surefire-reports/*.txt || true
