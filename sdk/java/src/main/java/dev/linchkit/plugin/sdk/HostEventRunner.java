@@ -30,7 +30,7 @@ final class HostEventRunner {
         (task, executor) -> {
           if (executor.isShutdown()) return;
           if (!told.getAndSet(true)) {
-            System.err.println("linchkit plugin: host events arrive faster than their handlers finish; "
+            Log.SDK.warning("host events arrive faster than their handlers finish; "
                 + "dropping the oldest waiting ones (at most " + queued + " wait)");
           }
           // Make room by dropping the oldest waiting event, then queue this one; another

@@ -45,6 +45,7 @@ import java.util.concurrent.ThreadFactory;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicInteger;
+import java.util.logging.Level;
 
 /**
  * The gRPC binding of a {@link Plugin}: linchkit.plugin.v1.PluginService. Plugin failures
@@ -359,7 +360,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
         if (waiting.size() >= EVENTS_PER_STREAM) {
           waiting.poll();
           if (!told.getAndSet(true)) {
-            System.err.println("linchkit plugin: the host is not reading its Events stream; dropping the oldest events");
+            Log.SDK.warning("the host is not reading its Events stream; dropping the oldest events");
           }
         }
         waiting.add(PluginEvent.newBuilder().setName(name).setDataJson(encodeJson(data)).build());
@@ -373,7 +374,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
           try {
             plugin.deliverHostEvent(event.getName(), decodeJson(event.getDataJson(), "data of host event " + event.getName()));
           } catch (Throwable error) {
-            System.err.println("linchkit plugin: host event " + event.getName() + " failed: " + error);
+            Log.SDK.log(Level.SEVERE, "host event " + event.getName() + " failed", error);
           }
         });
       }

@@ -23,6 +23,7 @@ import java.util.Comparator;
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.logging.Level;
 import java.util.stream.Stream;
 
 /**
@@ -81,6 +82,7 @@ public final class Serve {
   public static final int MAX_MESSAGE_BYTES = 64 << 20;
 
   public static void serve(Plugin plugin, String[] args) {
+    Log.formatRootConsoleUnlessConfigured();
     try {
       Handshake.Command command = Handshake.parseCommand(args);
       if (command.helpWanted()) {
@@ -126,7 +128,7 @@ public final class Serve {
         try {
           plugin.close();
         } catch (Exception error) {
-          System.err.println("linchkit plugin: stop/destroy failed: " + error);
+          Log.SDK.log(Level.SEVERE, "stop/destroy failed", error);
         }
       }, "plugin-close");
       hooks.start();
@@ -171,7 +173,7 @@ public final class Serve {
       throw cannotListen(address, bindFailure(error));
     }
     if (token == null) {
-      System.err.println("linchkit plugin: warning: no bearer token configured (" + BearerToken.TOKEN_FILE_ENV
+      Log.SDK.warning("no bearer token configured (" + BearerToken.TOKEN_FILE_ENV
           + " or " + BearerToken.TOKEN_ENV + "): anybody who can reach " + host + ":" + server.getPort()
           + " can call this plugin");
     }
