@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from typing import Any
 
@@ -205,6 +206,32 @@ async def test_host_ping_is_answered_by_pong_with_the_same_data(example: Example
     payload = {"nested": [1, {"x": "y"}], "n": 2**40}
     await example.dispatcher.publish("example", "ping", payload)
     assert await example.next_event("pong") == payload
+
+
+async def test_a_failing_host_event_handler_reaches_the_hosts_log_as_an_error(
+    example: Example, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SDK's own stderr line says its level, so the host logs an SDK error at ERROR,
+    not at INFO (providers/subprocess/levels.py); the plugin goes on."""
+    if example.mode != "subprocess":
+        pytest.skip("only a subprocess plugin's stderr reaches the host's log")
+    caplog.set_level(logging.DEBUG, logger="dispatcher.plugin.example")
+    message = f"the ledger of {example.language} is gone"
+    before = len(caplog.records)
+    await example.dispatcher.publish("example", "fail", {"message": message})
+    await example.dispatcher.publish("example", "ping", {"after": "fail"})
+    assert await example.next_event("pong") == {"after": "fail"}
+    deadline = time.monotonic() + 10
+    while not any(message in r.getMessage() for r in caplog.records[before:]):
+        assert time.monotonic() < deadline, "the failure reached no log within 10 s"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # the rest of a record written as several lines, if any
+    # Every line of the failure (a stack trace too) at ERROR: one line a record.
+    logged = [r for r in caplog.records[before:] if r.name == "dispatcher.plugin.example"]
+    assert {r.levelname for r in logged} == {"ERROR"}, [
+        (r.levelname, r.getMessage()) for r in logged
+    ]
+    assert any(message in r.getMessage() for r in logged)
 
 
 async def test_config_is_what_init_received(example: Example) -> None:

@@ -77,6 +77,8 @@ class ExamplePlugin(Plugin):
     async def on_event(self, event: str, data: Any) -> None:
         if event == "ping":
             Plugin.emit(self, "pong", data)
+        elif event == "fail":  # a handler that fails: the SDK logs it and goes on
+            raise RuntimeError(data.get("message") if isinstance(data, dict) else data)
 
 
 if __name__ == "__main__":

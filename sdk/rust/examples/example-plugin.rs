@@ -104,5 +104,12 @@ fn main() {
         .method("emit", "emits plugin event name with data", emit)
         .method("config", "the config object passed to Init", config)
         .on_event("ping", |data, events| events.emit("pong", data))
+        // A handler that fails: the SDK logs it at ERROR and goes on.
+        .on_event("fail", |data, _| {
+            let event: FailParams = data.decode().unwrap_or(FailParams {
+                message: String::new(),
+            });
+            panic!("{}", event.message)
+        })
         .serve()
 }

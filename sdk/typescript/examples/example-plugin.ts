@@ -66,6 +66,10 @@ export function examplePlugin(): Plugin {
   plugin.method('config', () => plugin.config, { description: 'the JSON object passed to Init' });
 
   plugin.on('ping', (data) => plugin.emit('pong', data));
+  // A handler that fails: the SDK logs it at ERROR and goes on.
+  plugin.on('fail', (data) => {
+    throw new Error(String((data as { message?: unknown } | null)?.message));
+  });
   return plugin;
 }
 

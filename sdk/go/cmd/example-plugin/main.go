@@ -115,5 +115,14 @@ func main() {
 		_ = p.Emit("pong", data)
 	})
 
+	// A handler that fails: the SDK logs it at ERROR and goes on.
+	p.OnEvent("fail", func(_ context.Context, data json.RawMessage) {
+		var event struct {
+			Message string `json:"message"`
+		}
+		_ = json.Unmarshal(data, &event)
+		panic(event.Message)
+	})
+
 	p.Serve()
 }

@@ -64,6 +64,10 @@ public final class ExamplePlugin {
     });
 
     plugin.on("ping", (name, data) -> plugin.emit("pong", data));
+    // A handler that fails: the SDK logs it at ERROR and goes on.
+    plugin.on("fail", (name, data) -> {
+      throw new IllegalStateException(data.getAsJsonObject().get("message").getAsString());
+    });
     return plugin;
   }
 
