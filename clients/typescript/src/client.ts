@@ -1,16 +1,25 @@
 /**
  * The gateway's HTTP side: calls (`POST /v1/plugins/{plugin}/methods/{method}`), async
  * jobs (`…:submit`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/result`), the plugin list and
- * readiness, with credentials, a deadline enforced here as well as sent, and every
- * failure turned into a DispatchError at this boundary (no fetch TypeError or AbortError
- * reaches a caller, except the caller's own abort reason).
+ * readiness, with credentials (asked of their providers for every request), a deadline
+ * enforced here as well as sent, at most `maxConnections` connections (undici's Agent,
+ * kept alive; calls beyond wait here), and every failure turned into a DispatchError at
+ * this boundary (no fetch TypeError or AbortError reaches a caller, except the caller's
+ * own abort reason). A gateway that cannot be reached is TargetUnavailable with
+ * `details.stage`: `connect` when the request provably never left (the connection was
+ * refused, reset or timed out while connecting, DNS, the TLS handshake), `in_flight`
+ * when it may have reached the gateway (the connection broke after it was written).
  */
 
 import { randomUUID } from 'node:crypto';
 
+import { Agent, buildConnector, fetch } from 'undici';
+import type { Dispatcher, Response } from 'undici';
+
 import {
   DeadlineExceeded,
   DispatchError,
+  InvalidParams,
   ProviderError,
   TargetUnavailable,
   errorFromStatus,
@@ -23,15 +32,36 @@ import type { CallOptions, MethodInfo, PluginInfo, Readiness } from './types';
 
 export type { CallOptions, MethodInfo, PluginInfo, Readiness } from './types';
 
+/**
+ * A credential, or what gives it: called for every request and every connect of an event
+ * stream (so a JWT can be refreshed before it expires, or after the gateway refused it).
+ */
+export type Credential = string | (() => string | Promise<string>);
+
 export interface GatewayClientOptions {
   /** The gateway's base URL, as `dispatcher serve` prints it: `http://127.0.0.1:8080`. */
   url: string;
   /** Sent as `X-API-Key` (manifest `auth.api_keys`). */
-  apiKey?: string;
+  apiKey?: Credential;
   /** Sent as `Authorization: Bearer …` (manifest `auth.jwt`). */
-  token?: string;
+  token?: Credential;
+  /** The same as `token` (one or the other). */
+  bearerToken?: Credential;
   /** A call's deadline when the call names none; without either the method's `timeout_ms` rules. */
   timeoutMs?: number;
+  /**
+   * How long a request that names no `timeoutMs` (neither the call nor the client) waits
+   * for its answer here (ms; default 30000). Not sent: the method's `timeout_ms` still
+   * rules at the gateway; this only bounds the wait for a gateway that hangs.
+   */
+  defaultTimeoutMs?: number;
+  /**
+   * The most connections this client opens to the gateway (default 256, kept alive);
+   * more calls at once wait here for one, instead of meeting the gateway's per-peer limit.
+   */
+  maxConnections?: number;
+  /** An undici dispatcher of the host's (a proxy, its own pool) instead of the client's own. */
+  dispatcher?: Dispatcher;
   /** How the event streams of this client's plugins reconnect. */
   events?: EventStreamOptions;
 }
@@ -83,12 +113,27 @@ export const JOB_NOT_FINISHED = 'job_not_finished';
 
 /** The gateway's largest `X-Timeout-Ms`. */
 const MAX_TIMEOUT_MS = 86_400_000;
+/** How long a request waits for its answer when nothing names a deadline. */
+export const DEFAULT_TIMEOUT_MS = 30_000;
+export const DEFAULT_MAX_CONNECTIONS = 256;
+/** The gateway's longest `Idempotency-Key` (dispatcher/policies/idempotency.py). */
+export const MAX_IDEMPOTENCY_KEY_LENGTH = 255;
+
+/** `details.stage` of a request that provably never left (providers/base.py, CONNECT_STAGE). */
+export const CONNECT_STAGE = 'connect';
+/** `details.stage` of a request that may have reached the gateway, as the dispatcher says it. */
+export const IN_FLIGHT_STAGE = 'in_flight';
 
 export class GatewayClient {
   readonly url: string;
   readonly timeoutMs: number | undefined;
+  readonly defaultTimeoutMs: number;
   readonly eventOptions: EventStreamOptions;
-  readonly #credentials: Record<string, string>;
+  readonly #apiKey: Credential | undefined;
+  readonly #token: Credential | undefined;
+  readonly #dispatcher: Dispatcher;
+  /** The agent this client made (closed by `close`), not one the host passed. */
+  readonly #ownAgent: Agent | undefined;
 
   constructor(options: GatewayClientOptions) {
     const url = new URL(options.url);
@@ -98,11 +143,41 @@ export class GatewayClient {
     this.url = url.toString().replace(/\/+$/, '');
     if (options.timeoutMs !== undefined) checkTimeout(options.timeoutMs);
     this.timeoutMs = options.timeoutMs;
+    this.defaultTimeoutMs = options.defaultTimeoutMs ?? DEFAULT_TIMEOUT_MS;
+    checkTimeout(this.defaultTimeoutMs);
     this.eventOptions = options.events ?? {};
-    const credentials: Record<string, string> = {};
-    if (options.apiKey !== undefined) credentials['X-API-Key'] = options.apiKey;
-    if (options.token !== undefined) credentials['Authorization'] = `Bearer ${options.token}`;
-    this.#credentials = credentials;
+    if (options.token !== undefined && options.bearerToken !== undefined) {
+      throw new TypeError('token and bearerToken are one option: give one');
+    }
+    this.#apiKey = options.apiKey;
+    this.#token = options.token ?? options.bearerToken;
+    const maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
+    if (!(Number.isInteger(maxConnections) && maxConnections >= 1)) {
+      throw new RangeError(`maxConnections is a positive integer, not ${maxConnections}`);
+    }
+    if (options.dispatcher !== undefined) {
+      this.#dispatcher = options.dispatcher;
+    } else {
+      // Deadlines are this client's (headers and body timeouts off: a job's wait may be an
+      // hour); a connect that fails is marked, so its error can say the request never left.
+      const connector = buildConnector({ timeout: 10_000 });
+      this.#ownAgent = new Agent({
+        connections: maxConnections,
+        headersTimeout: 0,
+        bodyTimeout: 0,
+        connect: (connectOptions, callback) =>
+          connector(connectOptions, (error, socket) => {
+            if (error !== null) NOT_SENT.add(error);
+            (callback as (error: Error | null, socket: unknown) => void)(error, socket);
+          }),
+      });
+      this.#dispatcher = this.#ownAgent;
+    }
+  }
+
+  /** Close this client's connections (the ones it made; a host's `dispatcher` is the host's). */
+  async close(): Promise<void> {
+    await this.#ownAgent?.close();
   }
 
   /** A remote plugin of this gateway, in the RemotePluginService shape. */
@@ -110,9 +185,20 @@ export class GatewayClient {
     return new RemotePlugin(this, id, options.version);
   }
 
-  /** The headers that carry this client's credentials (for the event stream's upgrade). */
-  credentialHeaders(): Record<string, string> {
-    return { ...this.#credentials };
+  /**
+   * The headers that carry this client's credentials, asking the providers anew (for every
+   * request, and every connect of an event stream). A value no header can carry rejects
+   * with InvalidParams naming the option, never the value.
+   */
+  async credentialHeaders(): Promise<Record<string, string>> {
+    const headers: Record<string, string> = {};
+    if (this.#apiKey !== undefined) {
+      headers['X-API-Key'] = checkedSecret(await credentialOf(this.#apiKey), 'apiKey');
+    }
+    if (this.#token !== undefined) {
+      headers['Authorization'] = `Bearer ${checkedSecret(await credentialOf(this.#token), 'token')}`;
+    }
+    return headers;
   }
 
   /** Call `plugin.method` with `params`; its result, or a DispatchError subclass. */
@@ -123,27 +209,21 @@ export class GatewayClient {
     options: CallOptions = {},
   ): Promise<T> {
     const requestId = options.requestId ?? randomUUID();
+    if (!REQUEST_ID.test(requestId)) {
+      throw new InvalidParams(`requestId is 1-128 of A-Z a-z 0-9 . _ : -, not ${JSON.stringify(requestId)}`);
+    }
     const timeoutMs = options.timeoutMs ?? this.timeoutMs;
     if (timeoutMs !== undefined) checkTimeout(timeoutMs);
     const headers: Record<string, string> = {
-      ...this.#credentials,
+      ...(await this.credentialHeaders()),
       'Content-Type': 'application/json',
       'X-Request-Id': requestId,
     };
     if (timeoutMs !== undefined) headers['X-Timeout-Ms'] = String(Math.max(1, Math.ceil(timeoutMs)));
-    if (options.idempotencyKey !== undefined) headers['Idempotency-Key'] = options.idempotencyKey;
-    if (options.traceparent !== undefined) headers['traceparent'] = options.traceparent;
-    if (options.version !== undefined) headers['X-Plugin-Version'] = options.version;
-    let body: string;
-    try {
-      body = JSON.stringify(params ?? {});
-    } catch (error) {
-      throw new DispatchError(`the params of ${plugin}.${method} are not JSON: ${String(error)}`, {
-        type: 'invalid_params',
-        requestId,
-        cause: error,
-      });
-    }
+    if (options.idempotencyKey !== undefined) headers['Idempotency-Key'] = idempotencyKeyHeader(options.idempotencyKey);
+    if (options.traceparent !== undefined) headers['traceparent'] = checkedValue(options.traceparent, 'traceparent');
+    if (options.version !== undefined) headers['X-Plugin-Version'] = checkedValue(options.version, 'version');
+    const body = jsonOf(params, `${plugin}.${method}`, requestId);
     const path = `/v1/plugins/${encodeURIComponent(plugin)}/methods/${encodeURIComponent(method)}`;
     const answer = await this.#request('POST', path, { headers, body }, timeoutMs, options.signal, requestId);
     return (await this.#envelope(answer, requestId, `${plugin}.${method}`)) as T;
@@ -156,19 +236,11 @@ export class GatewayClient {
   async submit(plugin: string, method: string, params: unknown = {}, options: SubmitOptions = {}): Promise<string> {
     const timeoutMs = options.timeoutMs ?? this.timeoutMs;
     if (timeoutMs !== undefined) checkTimeout(timeoutMs);
-    const headers: Record<string, string> = { ...this.#credentials, 'Content-Type': 'application/json' };
-    if (options.idempotencyKey !== undefined) headers['Idempotency-Key'] = options.idempotencyKey;
-    if (options.callbackUrl !== undefined) headers['X-Callback-Url'] = options.callbackUrl;
-    if (options.version !== undefined) headers['X-Plugin-Version'] = options.version;
-    let body: string;
-    try {
-      body = JSON.stringify(params ?? {});
-    } catch (error) {
-      throw new DispatchError(`the params of ${plugin}.${method} are not JSON: ${String(error)}`, {
-        type: 'invalid_params',
-        cause: error,
-      });
-    }
+    const headers: Record<string, string> = { ...(await this.credentialHeaders()), 'Content-Type': 'application/json' };
+    if (options.idempotencyKey !== undefined) headers['Idempotency-Key'] = idempotencyKeyHeader(options.idempotencyKey);
+    if (options.callbackUrl !== undefined) headers['X-Callback-Url'] = checkedValue(options.callbackUrl, 'callbackUrl');
+    if (options.version !== undefined) headers['X-Plugin-Version'] = checkedValue(options.version, 'version');
+    const body = jsonOf(params, `${plugin}.${method}`);
     const path = `/v1/plugins/${encodeURIComponent(plugin)}/methods/${encodeURIComponent(method)}:submit`;
     const answer = await this.#request('POST', path, { headers, body }, timeoutMs, options.signal);
     const text = await this.#text(answer);
@@ -208,7 +280,7 @@ export class GatewayClient {
     const timeoutMs = options.timeoutMs ?? (wait ? wait * 1000 + 10_000 : this.timeoutMs);
     if (timeoutMs !== undefined) checkTimeout(timeoutMs);
     const query = wait ? `?wait=${wait}` : '';
-    return this.#request('GET', path + query, { headers: this.credentialHeaders() }, timeoutMs, options.signal);
+    return this.#request('GET', path + query, { headers: await this.credentialHeaders() }, timeoutMs, options.signal);
   }
 
   /** `GET /v1/plugins`: every plugin and version of the manifest, with its methods. */
@@ -216,7 +288,7 @@ export class GatewayClient {
     const answer = await this.#request(
       'GET',
       '/v1/plugins',
-      { headers: this.credentialHeaders() },
+      { headers: await this.credentialHeaders() },
       options.timeoutMs ?? this.timeoutMs,
       options.signal,
     );
@@ -250,41 +322,55 @@ export class GatewayClient {
     requestId?: string,
   ): Promise<Answer> {
     signal?.throwIfAborted();
+    const deadlineMs = timeoutMs ?? this.defaultTimeoutMs;
     const controller = new AbortController();
     let timedOut = false;
-    const timer =
-      timeoutMs === undefined
-        ? undefined
-        : setTimeout(() => {
-            timedOut = true;
-            controller.abort();
-          }, timeoutMs);
-    const onAbort = (): void => controller.abort(signal?.reason);
-    signal?.addEventListener('abort', onAbort, { once: true });
+    const timer = setTimeout(() => {
+      timedOut = true;
+      controller.abort();
+    }, deadlineMs);
+    const unlink = signal === undefined ? undefined : linkAbort(signal, () => controller.abort(signal.reason));
     const done = (): void => {
-      if (timer !== undefined) clearTimeout(timer);
-      signal?.removeEventListener('abort', onAbort);
+      clearTimeout(timer);
+      unlink?.();
     };
     const where = `${method} ${path}`;
     const translate = (error: unknown): unknown => {
       done();
       if (signal?.aborted) return signal.reason;
       const common = requestId === undefined ? {} : { requestId };
-      if (timedOut) {
-        return new DeadlineExceeded(`${where}: no answer within the deadline of ${timeoutMs} ms`, {
-          ...common,
-          cause: error,
-        });
+      if (timedOut || isUndiciTimeout(error)) {
+        return new DeadlineExceeded(
+          `${where}: no answer within the deadline of ${timedOut ? deadlineMs : 'the transport'} ms` +
+            (timeoutMs === undefined && timedOut ? ' (the client default: no timeoutMs given)' : ''),
+          { ...common, cause: error },
+        );
       }
       if (error instanceof DispatchError) return error;
-      return new TargetUnavailable(`${where}: the gateway at ${this.url} cannot be reached (${describe(error)})`, {
-        ...common,
-        cause: error,
-      });
+      if (isRefusedInput(error)) {
+        // fetch refused a header value: the caller's input, and its message may hold a credential.
+        return new InvalidParams(`${where}: a header value cannot be sent (fetch refused it)`, common);
+      }
+      if (neverSent(error)) {
+        return new TargetUnavailable(
+          `${where}: the gateway at ${this.url} cannot be reached (${describe(error)}); the request was not sent`,
+          { ...common, details: { stage: CONNECT_STAGE }, cause: error },
+        );
+      }
+      return new TargetUnavailable(
+        `${where}: the connection to the gateway at ${this.url} failed before the answer (${describe(error)}); ` +
+          'the request may have reached it',
+        { ...common, details: { stage: IN_FLIGHT_STAGE }, cause: error },
+      );
     };
     let response: Response;
     try {
-      response = await fetch(`${this.url}${path}`, { method, ...init, signal: controller.signal });
+      response = await fetch(`${this.url}${path}`, {
+        method,
+        ...init,
+        signal: controller.signal,
+        dispatcher: this.#dispatcher,
+      });
     } catch (error) {
       throw translate(error);
     }
@@ -350,6 +436,125 @@ function parseJson(text: string): unknown {
     return JSON.parse(text) as unknown;
   } catch {
     return undefined;
+  }
+}
+
+/**
+ * Errors of the connector (refused, reset or timed out while connecting, DNS, the TLS
+ * handshake): no byte of the request went out on those sockets.
+ */
+const NOT_SENT = new WeakSet<object>();
+/** Codes that name a failure before any connection was made, whoever's connector it was. */
+const CONNECT_CODES = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'EAI_NONAME', 'EHOSTUNREACH', 'ENETUNREACH', 'EADDRNOTAVAIL', 'UND_ERR_CONNECT_TIMEOUT']);
+const UNDICI_TIMEOUTS = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT']);
+
+function causes(error: unknown): unknown[] {
+  const chain: unknown[] = [];
+  for (let at = error; at !== undefined && at !== null && chain.length < 8; at = (at as { cause?: unknown }).cause) {
+    chain.push(at);
+    if (!(at instanceof Error)) break;
+  }
+  return chain;
+}
+
+function codeOf(error: unknown): string | undefined {
+  const code = error instanceof Error ? (error as NodeJS.ErrnoException).code : undefined;
+  return typeof code === 'string' ? code : undefined;
+}
+
+function neverSent(error: unknown): boolean {
+  return causes(error).some(
+    (cause) => (typeof cause === 'object' && cause !== null && NOT_SENT.has(cause)) || CONNECT_CODES.has(codeOf(cause) ?? ''),
+  );
+}
+
+function isUndiciTimeout(error: unknown): boolean {
+  return causes(error).some((cause) => UNDICI_TIMEOUTS.has(codeOf(cause) ?? ''));
+}
+
+/** fetch's own refusal of what it was given (a header value), not a network failure. */
+function isRefusedInput(error: unknown): boolean {
+  return error instanceof TypeError && error.message !== 'fetch failed' && error.cause === undefined;
+}
+
+/**
+ * Call `onAbort` when `signal` aborts, with one listener per signal however many calls
+ * share it (no MaxListenersExceededWarning); the returned function forgets the call.
+ */
+const LINKED = new WeakMap<AbortSignal, Set<() => void>>();
+function linkAbort(signal: AbortSignal, onAbort: () => void): () => void {
+  let callbacks = LINKED.get(signal);
+  if (callbacks === undefined) {
+    const registered = new Set<() => void>();
+    callbacks = registered;
+    LINKED.set(signal, registered);
+    const listener = (): void => {
+      LINKED.delete(signal);
+      for (const callback of [...registered]) callback();
+    };
+    signal.addEventListener('abort', listener, { once: true });
+    (registered as Set<() => void> & { listener?: () => void }).listener = listener;
+  }
+  const set = callbacks;
+  set.add(onAbort);
+  return () => {
+    set.delete(onAbort);
+    if (set.size === 0 && LINKED.get(signal) === set) {
+      LINKED.delete(signal);
+      const listener = (set as Set<() => void> & { listener?: () => void }).listener;
+      if (listener !== undefined) signal.removeEventListener('abort', listener);
+    }
+  };
+}
+
+const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
+/** What an HTTP header value may hold here: visible ASCII and inner spaces. */
+const HEADER_VALUE = /^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$/;
+/** Python's str.isprintable(), the gateway's rule for an idempotency key. */
+const PRINTABLE = /^(?:[^\p{C}\p{Z}]| )+$/u;
+
+/** `value` if a header can carry it; else InvalidParams naming `option` (and the value). */
+function checkedValue(value: string, option: string): string {
+  if (typeof value !== 'string' || !HEADER_VALUE.test(value)) {
+    throw new InvalidParams(`${option} is visible ASCII characters (a header value), not ${JSON.stringify(value)}`);
+  }
+  return value;
+}
+
+/** A credential if a header can carry it; else InvalidParams naming the option, never the value. */
+function checkedSecret(value: string, option: string): string {
+  if (typeof value !== 'string' || !HEADER_VALUE.test(value)) {
+    throw new InvalidParams(`${option} is visible ASCII characters (a header value); the one given is not (not shown)`);
+  }
+  return value;
+}
+
+async function credentialOf(credential: Credential): Promise<string> {
+  return typeof credential === 'function' ? await credential() : credential;
+}
+
+/**
+ * The gateway's rule (1-255 printable characters), sent as UTF-8 bytes: a header carries
+ * bytes, and fetch would send a character above U+00FF not at all, one below as Latin-1.
+ */
+function idempotencyKeyHeader(key: string): string {
+  const length = typeof key === 'string' ? [...key].length : 0;
+  if (!(length >= 1 && length <= MAX_IDEMPOTENCY_KEY_LENGTH && PRINTABLE.test(key) && key.trim() === key)) {
+    throw new InvalidParams(
+      `idempotencyKey is 1-${MAX_IDEMPOTENCY_KEY_LENGTH} printable characters without spaces around, not ${JSON.stringify(key).slice(0, 300)}`,
+    );
+  }
+  return Buffer.from(key, 'utf8').toString('latin1');
+}
+
+function jsonOf(params: unknown, what: string, requestId?: string): string {
+  try {
+    return JSON.stringify(params ?? {});
+  } catch (error) {
+    throw new InvalidParams(`the params of ${what} are not JSON: ${String(error)}`, {
+      ...(requestId === undefined ? {} : { requestId }),
+      cause: error,
+    });
   }
 }
 

@@ -75,8 +75,11 @@ export interface EventStreamListener {
   event(event: PluginEvent): void;
   gap(gap: Gap): void;
   /** A problem of the stream itself: a refused upgrade, an error frame without a ref. */
-  error(error: DispatchError): void;
+  error(error: unknown): void;
 }
+
+/** The credentials of one connect: asked anew for each (a provider may renew a token). */
+export type HeadersSource = Record<string, string> | (() => Promise<Record<string, string>>);
 
 export interface PublishFrame {
   plugin: string;
@@ -99,7 +102,7 @@ const MAX_REFUSAL_BYTES = 64 * 1024;
 
 export class EventStream {
   readonly #url: string;
-  readonly #headers: Record<string, string>;
+  readonly #headers: HeadersSource;
   readonly #filters: EventFilter[];
   readonly #listener: EventStreamListener;
   readonly #initialDelayMs: number;
@@ -129,7 +132,7 @@ export class EventStream {
 
   constructor(
     url: string,
-    headers: Record<string, string>,
+    headers: HeadersSource,
     filters: EventFilter[],
     listener: EventStreamListener,
     options: EventStreamOptions = {},
@@ -247,11 +250,38 @@ export class EventStream {
     this.#connect();
   }
 
+  /** Ask for the credentials of this connect, then open it. */
   #connect(): void {
     this.#reconnectTimer = undefined;
+    const source = this.#headers;
+    if (typeof source !== 'function') {
+      this.#open_(source);
+      return;
+    }
+    // Hold the place of the socket while the provider answers: nothing else connects.
+    const placeholder = setTimeout(() => undefined, 0);
+    this.#reconnectTimer = placeholder;
+    source().then(
+      (headers) => {
+        if (this.#reconnectTimer !== placeholder) return;
+        this.#reconnectTimer = undefined;
+        if (this.#closed) return;
+        this.#open_(headers);
+      },
+      (error: unknown) => {
+        if (this.#reconnectTimer !== placeholder) return;
+        this.#reconnectTimer = undefined;
+        if (this.#closed) return;
+        this.#listener.error(error);
+        this.#scheduleReconnect();
+      },
+    );
+  }
+
+  #open_(headers: Record<string, string>): void {
     this.#connections += 1;
     const socket = new WebSocket(this.#url, {
-      headers: this.#headers,
+      headers,
       handshakeTimeout: 10_000,
       maxPayload: 16 * 1024 * 1024,
     });

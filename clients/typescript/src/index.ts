@@ -1,8 +1,17 @@
 /** LinchKit dispatcher host client: remote plugins through the gateway (`dispatcher serve`). */
 
-export { GatewayClient, JOB_NOT_FINISHED } from './client';
+export {
+  CONNECT_STAGE,
+  DEFAULT_MAX_CONNECTIONS,
+  DEFAULT_TIMEOUT_MS,
+  GatewayClient,
+  IN_FLIGHT_STAGE,
+  JOB_NOT_FINISHED,
+  MAX_IDEMPOTENCY_KEY_LENGTH,
+} from './client';
 export type {
   CallOptions,
+  Credential,
   GatewayClientOptions,
   JobOptions,
   JobRecord,

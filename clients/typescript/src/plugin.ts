@@ -26,7 +26,8 @@ export interface PluginGateway {
   call<T = unknown>(plugin: string, method: string, params?: unknown, options?: CallOptions): Promise<T>;
   listPlugins(options?: { timeoutMs?: number; signal?: AbortSignal }): Promise<PluginInfo[]>;
   readiness(options?: { timeoutMs?: number; signal?: AbortSignal }): Promise<Readiness>;
-  credentialHeaders(): Record<string, string>;
+  /** Asked anew at every connect of the event stream (a provider may renew a token). */
+  credentialHeaders(): Promise<Record<string, string>>;
 }
 
 export type EventHandler = (data: unknown, event: PluginEvent) => void | Promise<void>;
@@ -267,7 +268,7 @@ export class RemotePlugin implements RemotePluginService {
       const version = this.#eventVersion;
       this.#stream = new EventStream(
         url.toString(),
-        this.#client.credentialHeaders(),
+        () => this.#client.credentialHeaders(),
         [{ plugin: this.id, ...(version === undefined ? {} : { version }) }],
         {
           event: (event) => this.#deliver(event),

@@ -4,9 +4,16 @@
  */
 
 export interface CallOptions {
-  /** The call's deadline: sent as `X-Timeout-Ms` and enforced here (DeadlineExceeded). */
+  /**
+   * The call's deadline: sent as `X-Timeout-Ms` and enforced here (DeadlineExceeded).
+   * Without one (here or on the client) nothing is sent, so the method's `timeout_ms`
+   * rules, and the client waits at most its `defaultTimeoutMs` (30 s) for the answer.
+   */
   timeoutMs?: number;
-  /** 1-256 characters, handed to the plugin in the call's context. */
+  /**
+   * 1-255 printable characters (the gateway's rule; sent as UTF-8), handed to the plugin
+   * in the call's context. Anything else is InvalidParams before the call is sent.
+   */
   idempotencyKey?: string;
   /** The call's id (1-128 of `A-Z a-z 0-9 . _ : -`); made up here when absent. */
   requestId?: string;

@@ -84,9 +84,15 @@ describe('calls', () => {
     assert.match(business.message, /balance is 100/);
     assert.equal(await echo.call('withdraw', { amount: 30 }), 70);
 
-    // A bad header value is the gateway's invalid_params, typed like any other.
-    const badKey = await rejection(echo.call('say', { text: 'x' }, { idempotencyKey: 'k'.repeat(300) }));
+    // An idempotency key past the gateway's 255 characters is refused before it is sent;
+    // one of 255, and one beyond ASCII (sent as UTF-8), the gateway takes.
+    const badKey = await rejection(echo.call('say', { text: 'x' }, { idempotencyKey: 'k'.repeat(256) }));
     assert.ok(badKey instanceof InvalidParams);
+    assert.match(badKey.message, /1-255/);
+    for (const idempotencyKey of ['k'.repeat(255), 'заказ-42 ✓']) {
+      const result = await echo.call<{ text: string }>('say', { text: 'keyed' }, { idempotencyKey });
+      assert.equal(result.text, 'keyed');
+    }
   });
 
   test('a deadline is sent to the gateway and its 504 is DeadlineExceeded', async () => {

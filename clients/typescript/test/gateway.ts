@@ -38,6 +38,8 @@ export interface GatewayOptions {
   redisUrl?: string;
   /** Serve the eventful plugin in 2.0.0 beside 1.0.0, as during a rollout: both emit. */
   twoEventVersions?: boolean;
+  /** The gateway's `max_connections_per_peer`: calls past it from one address are refused. */
+  maxConnectionsPerPeer?: number;
 }
 
 export function manifest(options: GatewayOptions = {}): Record<string, unknown> {
@@ -84,6 +86,9 @@ export function manifest(options: GatewayOptions = {}): Record<string, unknown> 
       op_timeout_ms: 2000,
     };
     document.jobs = { workers: 1 };
+  }
+  if (options.maxConnectionsPerPeer !== undefined) {
+    document.gateway = { max_connections_per_peer: options.maxConnectionsPerPeer };
   }
   if (options.auth) {
     const sha256 = createHash('sha256').update(API_KEY, 'utf8').digest('hex');
@@ -150,6 +155,16 @@ export class Gateway {
     const timer = setTimeout(() => child.kill('SIGKILL'), 20_000);
     await exited;
     clearTimeout(timer);
+  }
+
+  /** SIGKILL: the gateway dies at once, its connections cut with whatever they carried. */
+  async kill(): Promise<void> {
+    const child = this.#process;
+    this.#process = undefined;
+    if (child === undefined || child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise<void>((done) => child.once('exit', () => done()));
+    child.kill('SIGKILL');
+    await exited;
   }
 
   async restart(): Promise<void> {
