@@ -26,7 +26,7 @@ import {
   errorFromWire,
   isRecord,
 } from './errors';
-import type { EventStreamOptions } from './events';
+import type { EventStreamOptions, ResumePoint } from './events';
 import { RemotePlugin } from './plugin';
 import type { CallOptions, MethodInfo, PluginInfo, Readiness } from './types';
 
@@ -181,8 +181,8 @@ export class GatewayClient {
   }
 
   /** A remote plugin of this gateway, in the RemotePluginService shape. */
-  plugin(id: string, options: { version?: string } = {}): RemotePlugin {
-    return new RemotePlugin(this, id, options.version);
+  plugin(id: string, options: { version?: string; resumeFrom?: ResumePoint } = {}): RemotePlugin {
+    return new RemotePlugin(this, id, options.version, options.resumeFrom);
   }
 
   /**

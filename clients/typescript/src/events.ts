@@ -38,6 +38,11 @@ export interface EventStreamOptions {
    * network cut) would otherwise hold the stream until the OS gives up.
    */
   idleTimeoutMs?: number;
+  /**
+   * Upgrades refused with 401 in a row before the stream gives up (default 3): each asks
+   * the credential provider again, after the usual backoff, so an expired JWT is renewed.
+   */
+  maxAuthAttempts?: number;
 }
 
 export interface PluginEvent {
@@ -51,6 +56,13 @@ export interface PluginEvent {
   version?: string;
   event: string;
   data: unknown;
+}
+
+/** Where a stream resumes: the last event id handed on, and the gateway's id stream it is of. */
+export interface ResumePoint {
+  lastEventId: number;
+  /** The gateway's `stream` name; without it ids are taken to be of the gateway now running. */
+  stream?: string;
 }
 
 /** Events the gateway no longer held when the stream resumed: they are lost to this client. */
@@ -76,6 +88,8 @@ export interface EventStreamListener {
   gap(gap: Gap): void;
   /** A problem of the stream itself: a refused upgrade, an error frame without a ref. */
   error(error: unknown): void;
+  /** The stream gave up for good (refused): no event will come any more. */
+  failed?(error: DispatchError): void;
 }
 
 /** The credentials of one connect: asked anew for each (a provider may renew a token). */
@@ -97,12 +111,15 @@ interface Pending {
 }
 
 /** Statuses of a refused upgrade that another attempt will not change. */
-const FATAL_STATUSES = new Set([401, 403]);
+const FATAL_STATUSES = new Set([403]);
 const MAX_REFUSAL_BYTES = 64 * 1024;
 
 export class EventStream {
   readonly #url: string;
   readonly #headers: HeadersSource;
+  readonly #maxAuthAttempts: number;
+  /** Upgrades refused with 401 since the last subscription the gateway confirmed. */
+  #authFailures = 0;
   readonly #filters: EventFilter[];
   readonly #listener: EventStreamListener;
   readonly #initialDelayMs: number;
@@ -123,6 +140,8 @@ export class EventStream {
   #reconnectTimer: NodeJS.Timeout | undefined;
   #idleTimer: NodeJS.Timeout | undefined;
   #refusal: DispatchError | undefined;
+  /** This connection's upgrade was refused with 401: decided at its close. */
+  #authError: DispatchError | undefined;
   #nextRef = 1;
   readonly #pending = new Map<number, Pending>();
   #connections = 0;
@@ -136,8 +155,11 @@ export class EventStream {
     filters: EventFilter[],
     listener: EventStreamListener,
     options: EventStreamOptions = {},
+    resume?: ResumePoint,
   ) {
     this.#url = url;
+    this.#cursor = resume?.lastEventId;
+    this.#stream = resume?.stream;
     this.#headers = headers;
     this.#filters = filters;
     this.#listener = listener;
@@ -145,11 +167,17 @@ export class EventStream {
     this.#maxDelayMs = options.maxDelayMs ?? 5000;
     this.#idleTimeoutMs = options.idleTimeoutMs ?? 60_000;
     this.emitTimeoutMs = options.emitTimeoutMs ?? 10_000;
+    this.#maxAuthAttempts = Math.max(1, options.maxAuthAttempts ?? 3);
   }
 
   /** The last event id handed on, and how many connections were opened (for tests, repr). */
   get lastEventId(): number | undefined {
     return this.#cursor;
+  }
+  /** Where a new stream (of this or another client, process) would resume this one. */
+  get resumePoint(): ResumePoint | undefined {
+    if (this.#cursor === undefined) return undefined;
+    return { lastEventId: this.#cursor, ...(this.#stream === undefined ? {} : { stream: this.#stream }) };
   }
   get connections(): number {
     return this.#connections;
@@ -273,9 +301,41 @@ export class EventStream {
         this.#reconnectTimer = undefined;
         if (this.#closed) return;
         this.#listener.error(error);
-        this.#scheduleReconnect();
+        if (error instanceof DispatchError && !error.retryable) this.#refused(error);
+        else this.#authRefused(error);
       },
     );
+  }
+
+  /** A 401 (or a provider that failed): try again with fresh credentials, a few times. */
+  #authRefused(error: unknown): void {
+    this.#authFailures += 1;
+    if (this.#authFailures >= this.#maxAuthAttempts) {
+      const final =
+        error instanceof DispatchError
+          ? error
+          : new Unauthorized(`the credential provider failed: ${error instanceof Error ? error.message : String(error)}`, {
+              cause: error,
+            });
+      const givenUp = new Unauthorized(
+        `the event stream of ${this.#url} gave up after ${this.#authFailures} refused connects: ${final.message}`,
+        { ...(final.status === undefined ? {} : { status: final.status }), cause: final },
+      );
+      this.#listener.error(givenUp);
+      this.#refused(givenUp);
+      return;
+    }
+    if (!this.#closed) this.#scheduleReconnect();
+  }
+
+  /** Stop for good: the refusal goes to every waiter and pending emit, and the listener. */
+  #refused(error: DispatchError): void {
+    this.#refusal = error;
+    clearTimeout(this.#reconnectTimer);
+    this.#reconnectTimer = undefined;
+    this.#failPending(() => true, error);
+    this.#settleWaiters(error);
+    this.#listener.failed?.(error);
   }
 
   #open_(headers: Record<string, string>): void {
@@ -309,8 +369,10 @@ export class EventStream {
         } catch {
           error = errorFromStatus(status, text);
         }
-        if (FATAL_STATUSES.has(status) || error instanceof Unauthorized || error instanceof Forbidden) {
+        if (FATAL_STATUSES.has(status) || error instanceof Forbidden) {
           this.#refusal = error;
+        } else if (status === 401 || error instanceof Unauthorized) {
+          this.#authError = error;
         }
         this.#listener.error(error);
         socket.terminate();
@@ -349,8 +411,13 @@ export class EventStream {
         new TargetUnavailable('the event stream dropped before the ack: the event may or may not have been published'),
       );
       if (this.#refusal !== undefined) {
-        this.#failPending(() => true, this.#refusal);
-        this.#settleWaiters(this.#refusal);
+        this.#refused(this.#refusal);
+        return;
+      }
+      const authError = this.#authError;
+      this.#authError = undefined;
+      if (authError !== undefined) {
+        this.#authRefused(authError);
         return;
       }
       if (!this.#closed) this.#scheduleReconnect();
@@ -441,6 +508,7 @@ export class EventStream {
     }
     this.#stream = stream;
     this.#confirmed = true;
+    this.#authFailures = 0;
     this.#settleWaiters();
   }
 

@@ -23,7 +23,7 @@ export type {
 export { ANY_EVENT, RemotePlugin } from './plugin';
 export type { ErrorHandler, EventHandler, GapHandler, HealthStatus, PluginGateway, PluginState, RemotePluginService } from './plugin';
 export { EventStream } from './events';
-export type { EventFilter, EventStreamOptions, Gap, PluginEvent } from './events';
+export type { EventFilter, EventStreamOptions, Gap, PluginEvent, ResumePoint } from './events';
 export {
   CircuitOpen,
   DeadlineExceeded,

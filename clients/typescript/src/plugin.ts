@@ -12,7 +12,7 @@
 
 import { MethodNotFound, PluginNotFound, ShuttingDown } from './errors';
 import { EventStream } from './events';
-import type { EventStreamOptions, Gap, PluginEvent } from './events';
+import type { EventStreamOptions, Gap, PluginEvent, ResumePoint } from './events';
 import type { CallOptions, MethodInfo, PluginInfo, Readiness } from './types';
 
 /**
@@ -76,10 +76,14 @@ export class RemotePlugin implements RemotePluginService {
   readonly #errorHandlers = new Set<ErrorHandler>();
   readonly #inFlight = new Set<Promise<unknown>>();
 
-  constructor(client: PluginGateway, id: string, version?: string) {
+  /** Where the next event stream resumes: given at creation, then the last stream's. */
+  #resume: ResumePoint | undefined;
+
+  constructor(client: PluginGateway, id: string, version?: string, resumeFrom?: ResumePoint) {
     this.#client = client;
     this.id = id;
     this.version = version;
+    this.#resume = resumeFrom;
   }
 
   get state(): PluginState {
@@ -98,7 +102,16 @@ export class RemotePlugin implements RemotePluginService {
 
   /** The event stream's last event id: where a reconnect resumes. */
   get lastEventId(): number | undefined {
-    return this.#stream?.lastEventId;
+    return this.resumePoint?.lastEventId;
+  }
+
+  /**
+   * The last event id handed on and the gateway's stream name: kept by a host that stops,
+   * given to `client.plugin(id, {resumeFrom})` by the one that takes over, so the gateway
+   * replays what came between (or says `gap`, as at any resume).
+   */
+  get resumePoint(): ResumePoint | undefined {
+    return this.#stream?.resumePoint ?? this.#resume;
   }
 
   /**
@@ -155,6 +168,7 @@ export class RemotePlugin implements RemotePluginService {
     this.#state = 'stopped';
     const stream = this.#stream;
     this.#stream = undefined;
+    this.#resume = stream?.resumePoint ?? this.#resume;
     await Promise.all([stream?.close(), Promise.allSettled([...this.#inFlight])]);
   }
 
@@ -266,7 +280,7 @@ export class RemotePlugin implements RemotePluginService {
       const url = new URL('/v1/events', this.#client.url);
       url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
       const version = this.#eventVersion;
-      this.#stream = new EventStream(
+      const stream: EventStream = new EventStream(
         url.toString(),
         () => this.#client.credentialHeaders(),
         [{ plugin: this.id, ...(version === undefined ? {} : { version }) }],
@@ -276,9 +290,19 @@ export class RemotePlugin implements RemotePluginService {
             for (const handler of this.#gapHandlers) this.#guard(() => handler(gap));
           },
           error: (error) => this.#report(error),
+          failed: (error) => {
+            // Refused for good (reported through `error` already): forget the stream, so a
+            // later start, on or emit opens a new one, asking for credentials again.
+            void error;
+            if (this.#stream === stream) this.#stream = undefined;
+            this.#resume = stream.resumePoint ?? this.#resume;
+            void stream.close();
+          },
         },
         this.#client.eventOptions,
+        this.#resume,
       );
+      this.#stream = stream;
     }
     return this.#stream;
   }

@@ -5,57 +5,10 @@
  */
 
 import assert from 'node:assert/strict';
-import { createConnection, createServer, Server, Socket } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 
 import { GatewayClient, Gap, PluginNotFound, RemotePlugin } from '../src';
-import { eventually, Gateway } from './gateway';
-
-/** A TCP relay to the gateway that the test can cut, and refuse connections through. */
-class Relay {
-  readonly #server: Server;
-  readonly #sockets = new Set<Socket>();
-  refusing = false;
-  port = 0;
-
-  constructor(target: () => number) {
-    this.#server = createServer((client) => {
-      if (this.refusing) {
-        client.destroy();
-        return;
-      }
-      const upstream = createConnection(target(), '127.0.0.1');
-      for (const [from, to] of [
-        [client, upstream],
-        [upstream, client],
-      ] as const) {
-        this.#sockets.add(from);
-        from.pipe(to);
-        from.on('error', () => to.destroy());
-        from.on('close', () => {
-          this.#sockets.delete(from);
-          to.destroy();
-        });
-      }
-    });
-  }
-
-  async listen(): Promise<string> {
-    await new Promise<void>((done) => this.#server.listen(0, '127.0.0.1', done));
-    this.port = (this.#server.address() as { port: number }).port;
-    return `http://127.0.0.1:${this.port}`;
-  }
-
-  /** Drop every connection now, as a network cut would (no close frame). */
-  cut(): void {
-    for (const socket of this.#sockets) socket.destroy();
-  }
-
-  async close(): Promise<void> {
-    this.cut();
-    await new Promise((done) => this.#server.close(done));
-  }
-}
+import { eventually, Gateway, Relay } from './gateway';
 
 interface Tick {
   id: number;
@@ -158,6 +111,28 @@ describe('events', () => {
     } finally {
       await relay.close();
     }
+  });
+
+  test('a new client resumes from the resume point a stopped one kept: what came between arrives', async () => {
+    const first = client.plugin('events');
+    const seen = collect(first);
+    await first.start();
+    await burst(2);
+    await eventually(() => seen.length === 2, 'two ticks');
+    await first.destroy();
+    const point = first.resumePoint;
+    assert.ok(point !== undefined && point.lastEventId === seen[1]?.id && typeof point.stream === 'string');
+
+    await burst(3); // while no one listens
+    const other = new GatewayClient({ url: gateway.url, timeoutMs: 15_000, events: fast });
+    const second = other.plugin('events', { resumeFrom: point });
+    const ticks = collect(second);
+    await second.start();
+    await eventually(() => ticks.length === 3, 'the three ticks emitted between');
+    assert.deepEqual(ticks.map((tick) => tick.n), [0, 1, 2]);
+    assert.equal(ticks[0]?.id, point.lastEventId + 1);
+    await second.destroy();
+    await other.close();
   });
 
   test('a resume past the gateway ring is told as a gap, and the events after it arrive', async () => {

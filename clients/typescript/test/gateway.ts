@@ -6,7 +6,7 @@
  */
 
 import { ChildProcess, spawn } from 'node:child_process';
-import { createServer } from 'node:net';
+import { createConnection, createServer, Server, Socket } from 'node:net';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -40,6 +40,8 @@ export interface GatewayOptions {
   twoEventVersions?: boolean;
   /** The gateway's `max_connections_per_peer`: calls past it from one address are refused. */
   maxConnectionsPerPeer?: number;
+  /** Accept bearer tokens signed by the keys of this JWKS file (no leeway on `exp`). */
+  jwks?: string;
 }
 
 export function manifest(options: GatewayOptions = {}): Record<string, unknown> {
@@ -89,6 +91,10 @@ export function manifest(options: GatewayOptions = {}): Record<string, unknown> 
   }
   if (options.maxConnectionsPerPeer !== undefined) {
     document.gateway = { max_connections_per_peer: options.maxConnectionsPerPeer };
+  }
+  if (options.jwks !== undefined) {
+    document.auth = { jwt: { jwks: options.jwks, algorithms: ['RS256'], leeway_s: 0 } };
+    document.access = { roles: { host: { allow: ['*'] } } };
   }
   if (options.auth) {
     const sha256 = createHash('sha256').update(API_KEY, 'utf8').digest('hex');
@@ -231,5 +237,51 @@ export class RedisServer {
     const exited = new Promise<void>((done) => child.once('exit', () => done()));
     child.kill('SIGKILL');
     await exited;
+  }
+}
+
+/** A TCP relay to the gateway that the test can cut, and refuse connections through. */
+export class Relay {
+  readonly #server: Server;
+  readonly #sockets = new Set<Socket>();
+  refusing = false;
+  port = 0;
+
+  constructor(target: () => number) {
+    this.#server = createServer((client) => {
+      if (this.refusing) {
+        client.destroy();
+        return;
+      }
+      const upstream = createConnection(target(), '127.0.0.1');
+      for (const [from, to] of [
+        [client, upstream],
+        [upstream, client],
+      ] as const) {
+        this.#sockets.add(from);
+        from.pipe(to);
+        from.on('error', () => to.destroy());
+        from.on('close', () => {
+          this.#sockets.delete(from);
+          to.destroy();
+        });
+      }
+    });
+  }
+
+  async listen(): Promise<string> {
+    await new Promise<void>((done) => this.#server.listen(0, '127.0.0.1', done));
+    this.port = (this.#server.address() as { port: number }).port;
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  /** Drop every connection now, as a network cut would (no close frame). */
+  cut(): void {
+    for (const socket of this.#sockets) socket.destroy();
+  }
+
+  async close(): Promise<void> {
+    this.cut();
+    await new Promise((done) => this.#server.close(done));
   }
 }
