@@ -1,8 +1,9 @@
 """The TypeScript host client (``clients/typescript``) against real ``dispatcher serve``
 processes: its own node:test suite, run here so ``make test`` runs it in CI. The suite
 starts the gateways itself, with this interpreter (``LINCHKIT_PYTHON``): calls and each
-error class, deadlines, API keys, async jobs on a Redis the suite starts, events through
-a relay that is cut, a gap, and a gateway restarted on the same port."""
+error class, deadlines, API keys, JWTs from a provider, a gateway killed mid-call, input
+refused before sending, the connection cap, async jobs on a Redis the suite starts, events
+through a relay that is cut, a gap, and a gateway restarted on the same port."""
 
 from __future__ import annotations
 
