@@ -481,28 +481,26 @@ function isRefusedInput(error: unknown): boolean {
  * Call `onAbort` when `signal` aborts, with one listener per signal however many calls
  * share it (no MaxListenersExceededWarning); the returned function forgets the call.
  */
-const LINKED = new WeakMap<AbortSignal, Set<() => void>>();
+const LINKED = new WeakMap<AbortSignal, { listener: () => void; callbacks: Set<() => void> }>();
 function linkAbort(signal: AbortSignal, onAbort: () => void): () => void {
-  let callbacks = LINKED.get(signal);
-  if (callbacks === undefined) {
-    const registered = new Set<() => void>();
-    callbacks = registered;
-    LINKED.set(signal, registered);
+  let link = LINKED.get(signal);
+  if (link === undefined) {
+    const callbacks = new Set<() => void>();
     const listener = (): void => {
       LINKED.delete(signal);
-      for (const callback of [...registered]) callback();
+      for (const callback of [...callbacks]) callback();
     };
+    link = { listener, callbacks };
+    LINKED.set(signal, link);
     signal.addEventListener('abort', listener, { once: true });
-    (registered as Set<() => void> & { listener?: () => void }).listener = listener;
   }
-  const set = callbacks;
-  set.add(onAbort);
+  const { listener, callbacks } = link;
+  callbacks.add(onAbort);
   return () => {
-    set.delete(onAbort);
-    if (set.size === 0 && LINKED.get(signal) === set) {
+    callbacks.delete(onAbort);
+    if (callbacks.size === 0 && LINKED.get(signal)?.callbacks === callbacks) {
       LINKED.delete(signal);
-      const listener = (set as Set<() => void> & { listener?: () => void }).listener;
-      if (listener !== undefined) signal.removeEventListener('abort', listener);
+      signal.removeEventListener('abort', listener);
     }
   };
 }

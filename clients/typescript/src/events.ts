@@ -283,7 +283,7 @@ export class EventStream {
     this.#reconnectTimer = undefined;
     const source = this.#headers;
     if (typeof source !== 'function') {
-      this.#open_(source);
+      this.#openSocket(source);
       return;
     }
     // Hold the place of the socket while the provider answers: nothing else connects.
@@ -294,7 +294,7 @@ export class EventStream {
         if (this.#reconnectTimer !== placeholder) return;
         this.#reconnectTimer = undefined;
         if (this.#closed) return;
-        this.#open_(headers);
+        this.#openSocket(headers);
       },
       (error: unknown) => {
         if (this.#reconnectTimer !== placeholder) return;
@@ -338,7 +338,7 @@ export class EventStream {
     this.#listener.failed?.(error);
   }
 
-  #open_(headers: Record<string, string>): void {
+  #openSocket(headers: Record<string, string>): void {
     this.#connections += 1;
     const socket = new WebSocket(this.#url, {
       headers,
