@@ -134,6 +134,7 @@ export class GatewayClient {
   readonly #dispatcher: Dispatcher;
   /** The agent this client made (closed by `close`), not one the host passed. */
   readonly #ownAgent: Agent | undefined;
+  readonly #maxConnections: number;
 
   constructor(options: GatewayClientOptions) {
     const url = new URL(options.url);
@@ -155,6 +156,7 @@ export class GatewayClient {
     if (!(Number.isInteger(maxConnections) && maxConnections >= 1)) {
       throw new RangeError(`maxConnections is a positive integer, not ${maxConnections}`);
     }
+    this.#maxConnections = maxConnections;
     if (options.dispatcher !== undefined) {
       this.#dispatcher = options.dispatcher;
     } else {
@@ -173,6 +175,13 @@ export class GatewayClient {
       });
       this.#dispatcher = this.#ownAgent;
     }
+  }
+
+  toString(): string {
+    const credentials = [this.#apiKey === undefined ? '' : 'apiKey', this.#token === undefined ? '' : 'token'].filter(Boolean);
+    return `GatewayClient(${this.url}, timeoutMs=${this.timeoutMs ?? `none (waits ${this.defaultTimeoutMs})`}, ${
+      this.#ownAgent === undefined ? "the host's dispatcher" : `maxConnections=${this.#maxConnections}`
+    }, credentials=${credentials.join('+') || 'none'})`;
   }
 
   /** Close this client's connections (the ones it made; a host's `dispatcher` is the host's). */

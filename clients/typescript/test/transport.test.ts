@@ -140,7 +140,10 @@ describe('bounds', () => {
       assert.ok(late instanceof DeadlineExceeded, String(late));
       assert.ok(performance.now() - started < 3000);
       assert.doesNotMatch(late.message, /cannot be reached/);
-      assert.equal(new GatewayClient({ url: silent.url }).defaultTimeoutMs, 30_000);
+      const plain = new GatewayClient({ url: silent.url, apiKey: 'never-shown' });
+      assert.equal(plain.defaultTimeoutMs, 30_000);
+      assert.match(String(plain), /waits 30000.*maxConnections=256.*credentials=apiKey/);
+      assert.ok(!String(plain).includes('never-shown'));
     } finally {
       await silent.close();
     }
