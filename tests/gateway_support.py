@@ -68,7 +68,7 @@ def eventful_entry() -> dict[str, Any]:
                     "type": "object",
                     "properties": {
                         "name": {"type": "string", "maxLength": 50},
-                        "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+                        "count": {"type": "integer", "minimum": 0, "maximum": 5000},
                         "size": {"type": "integer", "minimum": 0, "maximum": 65_536},
                     },
                     "required": ["name", "count"],

@@ -245,11 +245,13 @@ async def test_a_consumer_that_does_not_read_is_cut_off_and_others_get_everythin
 
             reader_task = asyncio.create_task(keep_reading())
             try:
-                # The raw one never reads: 64 KB events fill the socket buffers, then its queue.
-                for _ in range(20):
+                # The raw one never reads: 64 KB events fill the socket buffers, then its
+                # queue, which it leaves unsent from one look of the hub to the next.
+                for _ in range(60):
                     await burst(session, server.url, 20, size=64 * 1024)
                     if hub.subscribers == 1:
                         break
+                    await asyncio.sleep(0.1)
                 assert hub.subscribers == 1
                 async with asyncio.timeout(20):
                     while len(received) < hub.last_event_id:  # noqa: ASYNC110
@@ -356,3 +358,46 @@ async def test_a_bad_version_in_a_filter_gets_a_typed_error_and_the_connection_s
                 assert answer.status == 400, query
                 body = await answer.json()
                 assert body["error"]["type"] == "invalid_params"
+
+
+async def test_a_fast_consumer_takes_a_burst_larger_than_max_pending_events_whole() -> None:
+    """A plugin emitting in one loop records every event before the gateway's sender may
+    write one: a consumer is behind only by what it has had time to take and has not, so
+    one that reads keeps its connection and receives the whole burst, up to the ring."""
+    settings = GatewaySettings(port=0, event_buffer=3000, max_pending_events=1000)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{server.url}/v1/events?plugin=events") as ws,
+    ):
+        await frames(ws, 1, "subscribed")
+        await burst(session, server.url, 3000)
+        events = await frames(ws, 3000)
+        assert [event["id"] for event in events] == list(range(1, 3001))
+        await burst(session, server.url, 1)
+        assert [event["id"] for event in await frames(ws, 1)] == [3001]
+        assert not ws.closed
+
+
+async def test_a_burst_larger_than_the_ring_closes_a_consumer_once_and_the_resume_says_the_gap() -> (
+    None
+):
+    """Events past the ring cannot wait for anyone: the consumer is closed once (4008) and
+    resumes from its last id, told what the ring no longer holds."""
+    settings = GatewaySettings(port=0, event_buffer=1000, max_pending_events=1000)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.ws_connect(f"{server.url}/v1/events?plugin=events") as ws:
+            await frames(ws, 1, "subscribed")
+            await burst(session, server.url, 1500)
+            async with asyncio.timeout(10):
+                message = await ws.receive()
+                while message.type == aiohttp.WSMsgType.TEXT:
+                    message = await ws.receive()
+            assert ws.close_code == TOO_SLOW
+        async with session.ws_connect(f"{server.url}/v1/events?last_event_id=0") as ws:
+            (gap,) = await frames(ws, 1, "gap")
+            assert gap == {"type": "gap", "after": 0, "resumed_at": 501}
+            assert [event["id"] for event in await frames(ws, 1000)] == list(range(501, 1501))

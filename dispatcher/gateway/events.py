@@ -18,9 +18,16 @@ sends the stream its last id belongs to, and when that is not this hub's the res
 starts from this hub's first event (with a ``gap`` if the ring lost some): an id of a
 gateway gone says nothing about this one's, and taking it at its word would skip events.
 
-Each subscriber's queue is bounded (``max_pending_events``): a client that reads slower
-than events arrive is closed with code 4008 and can resume from its last id, rather than
-holding the gateway's memory without end. The protocol is in ``docs/gateway.md``.
+A client that reads slower than events arrive is closed with code 4008 and can resume
+from its last id, rather than holding the gateway's memory without end. It is behind by
+what it has had time to take and has not: the events queued for it when the hub last
+looked (``PATIENCE`` ago, at least) and still unsent now; over ``max_pending_events`` of
+them, it is cut off. Not by what is queued at one instant: a plugin that emits in one
+loop records its whole burst before the sender may write one frame, and counting that
+closed every subscriber, however fast it read, on any burst over the limit. What a burst
+can put in one queue at once is bounded by the ring (or ``max_pending_events`` if
+larger): past it, the events would outlast the ring's copy, and the subscriber is cut off
+at once (its resume is told the gap). The protocol is in ``docs/gateway.md``.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from dispatcher._versions import MAX_RANGE_LENGTH
 from dispatcher.identity import Principal
 from linchkit_plugin.errors import DispatchError, InvalidParams
 
-__all__ = ["TOO_SLOW", "EventHub", "EventStream", "Filter", "Subscriber"]
+__all__ = ["PATIENCE", "TOO_SLOW", "EventHub", "EventStream", "Filter", "Subscriber"]
 
 log = logging.getLogger("dispatcher.gateway")
 
@@ -51,6 +58,10 @@ TOO_SLOW = 4008
 #: How long closing a cut-off subscriber may take before its connection is dropped: a
 #: client that reads nothing does not read the close frame either.
 _CLOSE_TIMEOUT = 2.0
+#: Seconds between the hub's looks at its subscribers' queues: an event queued at one
+#: look and still unsent at the next has waited this long at least, the time a consumer
+#: that reads has to take what a burst queued for it.
+PATIENCE = 1.0
 
 
 #: Verdicts one subscriber keeps (``Subscriber.allowed``); past this, it starts over.
@@ -91,8 +102,11 @@ class Subscriber:
     """One WebSocket's subscription: its filters and the frames queued for it."""
 
     filters: tuple[Filter, ...]
+    #: ``max_pending_events``: events it may leave queued from one look of the hub to the next.
     limit: int
     on_overflow: Callable[[], None]
+    #: Events it may have queued at any instant (the ring's size, or ``limit`` if larger).
+    capacity: int
     #: Events (encoded once, shared by every subscriber) and the protocol's own frames.
     pending: deque[_Event | str] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
@@ -106,6 +120,11 @@ class Subscriber:
     #: event. Its verdicts are kept by (plugin, version, event).
     allowed: Callable[[str, str, str], bool] | None = None
     verdicts: dict[tuple[str, str, str], bool] = field(default_factory=dict)
+    #: Events queued for it since it subscribed, and sent: their difference is its queue.
+    queued: int = 0
+    sent: int = 0
+    #: ``queued`` at the hub's last look (``EventHub.look``).
+    looked: int = 0
 
     def offer(self, event: _Event) -> None:
         if self.too_slow or not any(
@@ -114,14 +133,27 @@ class Subscriber:
             return
         if self.allowed is not None and not self._may_receive(event):
             return
-        if len(self.pending) - self.said >= self.limit:
-            self.too_slow = True
-            self.pending.clear()
-            self.said = 0
-            self.on_overflow()
+        if self.queued - self.sent >= self.capacity:
+            self.cut_off()
             return
         self.pending.append(event)
+        self.queued += 1
         self.wakeup.set()
+
+    def look(self) -> None:
+        """The hub's look: cut it off if it left more than ``limit`` of the events queued
+        at the last look unsent since."""
+        if self.looked - self.sent > self.limit:
+            self.cut_off()
+        self.looked = self.queued
+
+    def cut_off(self) -> None:
+        if self.too_slow:
+            return
+        self.too_slow = True
+        self.pending.clear()
+        self.said = 0
+        self.on_overflow()
 
     def _may_receive(self, event: _Event) -> bool:
         key = (event.plugin, event.version, event.name)
@@ -142,6 +174,7 @@ class Subscriber:
     def next_frame(self) -> str:
         item = self.pending.popleft()
         if isinstance(item, _Event):
+            self.sent += 1
             return item.frame
         self.said -= 1
         return item
@@ -150,11 +183,14 @@ class Subscriber:
 class EventHub:
     """Every plugin event of one gateway: ids, the ring for resuming, the subscribers."""
 
-    def __init__(self, *, buffer_size: int, max_pending: int) -> None:
+    def __init__(self, *, buffer_size: int, max_pending: int, patience: float = PATIENCE) -> None:
         self._ring: deque[_Event] = deque(maxlen=buffer_size)
         self._max_pending = max_pending
+        self._patience = patience
         self._last_id = 0
         self._subscribers: set[Subscriber] = set()
+        #: The next look, while a subscriber has events queued (none when all are idle).
+        self._looking: asyncio.TimerHandle | None = None
         #: Names this hub's id sequence, so a resume can tell whose ids it holds.
         self.stream_id = secrets.token_hex(8)
 
@@ -186,6 +222,26 @@ class EventHub:
         self._ring.append(recorded)
         for subscriber in tuple(self._subscribers):
             subscriber.offer(recorded)
+        if self._looking is None and self._subscribers:
+            self._look_later()
+
+    def _look_later(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # recorded outside a loop: nothing can be sent either
+            return
+        self._looking = loop.call_later(self._patience, self._look)
+
+    def _look(self) -> None:
+        """Cut off the subscribers that left too much unsent since the last look; look
+        again while any has events queued."""
+        self._looking = None
+        busy = False
+        for subscriber in tuple(self._subscribers):
+            subscriber.look()
+            busy = busy or (not subscriber.too_slow and subscriber.queued > subscriber.sent)
+        if busy:
+            self._look_later()
 
     def subscribe(
         self,
@@ -198,7 +254,13 @@ class EventHub:
         """Register a subscriber, its replay after ``last_event_id`` already queued.
         ``last_event_id`` of another ``stream`` (a gateway before a restart) resumes from
         this hub's start. ``allowed``: which events it may receive (``Subscriber``)."""
-        subscriber = Subscriber(tuple(filters), self._max_pending, on_overflow, allowed=allowed)
+        subscriber = Subscriber(
+            tuple(filters),
+            self._max_pending,
+            on_overflow,
+            max(self._max_pending, self._ring.maxlen or 0),
+            allowed=allowed,
+        )
         subscriber.say(
             {"type": "subscribed", "last_event_id": self._last_id, "stream": self.stream_id}
         )
@@ -212,10 +274,15 @@ class EventHub:
                 if event.id > last_event_id:
                     subscriber.offer(event)
         self._subscribers.add(subscriber)
+        if self._looking is None and subscriber.queued:
+            self._look_later()
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
+        if not self._subscribers and self._looking is not None:
+            self._looking.cancel()
+            self._looking = None
 
     @property
     def last_event_id(self) -> int:
@@ -266,7 +333,7 @@ class EventStream:
             if self._subscriber is not None:
                 self._hub.unsubscribe(self._subscriber)
         if self._subscriber is not None and self._subscriber.too_slow:
-            reason = f"too slow: over {self._subscriber.limit} events queued; resume from your last event id"
+            reason = "too slow: events left unread too long; resume from your last event id"
             await self._close(TOO_SLOW, reason)
         else:
             await self._close(1000, "")

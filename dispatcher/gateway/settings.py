@@ -30,7 +30,8 @@ Each limit guards one resource against one kind of client, broken or hostile:
       per_peer             them all (the HTTP port only: grpc cannot)
     event_buffer           memory: events kept for resuming subscribers  oldest dropped; a
                                                                           resume past it is told
-    max_pending_events     memory: events queued for one slow consumer   WebSocket closed 4008
+    max_pending_events     memory: events one slow consumer leaves       WebSocket closed 4008
+                           unread for a second
 
 ``dispatcher serve`` sets them from its options (``dispatcher.cli.serve``).
 """
@@ -66,7 +67,8 @@ class GatewaySettings:
     keep_alive_timeout: float = 75.0
     #: Events kept for subscribers that reconnect (``last_event_id``).
     event_buffer: int = 1000
-    #: Events one subscriber may have queued before it is cut off as too slow.
+    #: Events one subscriber may leave unsent from one look of the hub to the next (a
+    #: second, ``events.PATIENCE``) before it is cut off as too slow (``dispatcher.gateway.events``).
     max_pending_events: int = 1000
     #: Seconds between WebSocket pings; a peer that does not answer one in time is closed.
     heartbeat: float = 20.0
