@@ -526,7 +526,11 @@ async def test_connections_past_the_admin_limits_are_refused_and_the_gateway_is_
                 await _close(connection)
     assert limit.refused == {"max_connections": 1, "max_connections_per_peer": 1}
     lines = [r.getMessage() for r in caplog.records if "on the admin port" in r.getMessage()]
-    assert len(lines) == 1, lines  # one line per interval, not one per connection
+    # One line per interval, not one per connection: the first refusal at once, the
+    # second when the port closed (before the interval ended).
+    assert len(lines) == 2, lines
+    assert "1 from peers at max_connections_per_peer" in lines[0]
+    assert "1 with the port at max_connections" in lines[1]
 
 
 # -- dispatcher serve ---------------------------------------------------------------------------

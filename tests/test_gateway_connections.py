@@ -151,9 +151,39 @@ async def test_connections_past_max_connections_are_refused_503_and_open_ones_ke
             assert await _call_on(again) == 200
         finally:
             await _close(again)
-    refusals = [r for r in caplog.records if "refused" in r.getMessage()]
-    assert len(refusals) == 1, [r.getMessage() for r in refusals]  # not a line per connection
-    assert "max_connections (20)" in refusals[0].getMessage()
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    # Not a line per connection: the first at once, the other 9 when the port closed.
+    assert len(refusals) == 2, refusals
+    assert "refused 1 new connection(s)" in refusals[0]
+    assert "refused 9 new connection(s)" in refusals[1]
+    assert "max_connections (20)" in refusals[0]
+
+
+async def test_refusals_of_a_burst_are_logged_by_a_timer_when_a_quiet_period_follows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: the first refusal was logged at once, the rest of the burst only when another
+    refusal came after the interval, minutes later maybe ("refused 1 new connection(s)"
+    after 1,122 were). Now the rest is logged when the interval ends, with its count."""
+    settings = _settings(max_connections=4, max_connections_per_peer=4)
+    caplog.set_level(logging.WARNING, "dispatcher.gateway")
+    async with (
+        running_gateway(echo_entry(), settings=settings) as (_, server),
+        _held(server.url, 4),
+    ):
+        server.connections.log_interval = 0.5
+        await _until(lambda: server.connections.open == 4)
+        for _ in range(12):
+            assert (await _refused(server.url))[1] == 503
+
+        def lines() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+
+        await _until(lambda: len(lines()) >= 2, within=3.0)
+        counted = [int(line.split("refused ", 1)[1].split(" ", 1)[0]) for line in lines()]
+        assert sum(counted) == 12, lines()
+        await asyncio.sleep(1.0)
+        assert len(lines()) == len(counted)  # nothing more refused: nothing more said
 
 
 async def test_one_peer_cannot_take_every_connection() -> None:

@@ -16,7 +16,10 @@ peers are peers like any other: a sidecar or a proxy on the same host counts as 
 
 Refusals are logged in one line at WARNING at most every ``LOG_INTERVAL`` seconds, saying
 how many were refused since the last line and why, never a line per connection: a flood
-of connections must not become a flood of log lines. ``Dispatcher.telemetry``'s metrics
+of connections must not become a flood of log lines. Those refused after a line are said
+when the interval ends (the listener's timer calls ``flush``), not at the next refusal,
+which may come minutes later or never: the first of a burst of 1,122 was logged alone, and
+the other 1,121 waited for the next burst. ``Dispatcher.telemetry``'s metrics
 export the counts (``dispatcher.telemetry.metrics.ConnectionsCollector``).
 """
 
@@ -99,6 +102,8 @@ class ConnectionLimit:
         #: Connections refused since the start, by reason.
         self.refused: dict[Refusal, int] = dict.fromkeys(REASONS, 0)
         self._logged: dict[Refusal, int] = dict.fromkeys(REASONS, 0)
+        #: Seconds between two log lines about refused connections.
+        self.log_interval = LOG_INTERVAL
         self._next_log = -float("inf")
         self._last_refused_peer = ""
 
@@ -113,10 +118,8 @@ class ConnectionLimit:
             self._last_refused_peer = peer
         if refusal is not None:
             self.refused[refusal] += 1
-            now = self._clock()
-            if now >= self._next_log:
-                self._next_log = now + LOG_INTERVAL
-                self._log()
+            if self._clock() >= self._next_log:
+                self.flush()
             return refusal
         self.open += 1
         self.by_peer[peer] = held + 1
@@ -131,7 +134,21 @@ class ConnectionLimit:
         else:
             del self.by_peer[peer]
 
-    def _log(self) -> None:
+    @property
+    def unlogged(self) -> int:
+        """Connections refused since the last log line."""
+        return sum(self.refused[reason] - self._logged[reason] for reason in REASONS)
+
+    def log_due_in(self) -> float:
+        """Seconds until the next log line may be written (0: now)."""
+        return max(0.0, self._next_log - self._clock())
+
+    def flush(self) -> None:
+        """Log the refusals since the last line, if any (the listener calls it when the
+        interval ends, so that a burst's count does not wait for the next refusal)."""
+        if not self.unlogged:
+            return
+        self._next_log = self._clock() + self.log_interval
         counts = {reason: self.refused[reason] - self._logged[reason] for reason in REASONS}
         self._logged = dict(self.refused)
         parts = []
@@ -149,7 +166,7 @@ class ConnectionLimit:
             " one each %g s): %s; %d open now from %d peer(s)",
             sum(counts.values()),
             self.port,
-            LOG_INTERVAL,
+            self.log_interval,
             ", ".join(parts),
             self.open,
             len(self.by_peer),

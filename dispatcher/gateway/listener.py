@@ -80,6 +80,8 @@ class Listener:
         #: handshake under way): cancelled at a stop.
         self._connecting: set[asyncio.Task[None]] = set()
         self._resume: asyncio.TimerHandle | None = None
+        #: Logs the refusals that came after the last line when its interval ends.
+        self._flushing: asyncio.TimerHandle | None = None
         self._next_log = -float("inf")
         #: Where what a refused connection sent already is read into, and dropped.
         self._drained = memoryview(bytearray(_DRAINED))
@@ -134,6 +136,10 @@ class Listener:
         seat = self.limit.admit(peer_of(address))
         if not isinstance(seat, Seat):
             self._refuse(connection, seat)
+            if self._flushing is None and self.limit.unlogged:
+                self._flushing = asyncio.get_running_loop().call_later(
+                    self.limit.log_due_in(), self._flush
+                )
             return
         connection.setblocking(False)
         task = asyncio.get_running_loop().create_task(self._connect(connection, seat))
@@ -152,6 +158,10 @@ class Listener:
                     connection.send(self._refusal_answer(refusal))
         finally:
             connection.close()
+
+    def _flush(self) -> None:
+        self._flushing = None
+        self.limit.flush()
 
     async def _connect(self, connection: socket.socket, seat: Seat) -> None:
         loop = asyncio.get_running_loop()
@@ -194,6 +204,10 @@ class Listener:
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
+        self.limit.flush()  # the last refusals are said, not lost with the port
         loop = asyncio.get_running_loop()
         for listening in self.sockets:
             if listening.fileno() >= 0:
