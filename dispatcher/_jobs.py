@@ -134,7 +134,12 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
     ``error`` is what the job ended with, or while it has not ended, what its last attempt
     failed with: a job that succeeded after failed attempts has none (the store keeps the
     last failure, written when it was retried); that one is its ``previous_error``. A
-    redriven job's store moved what it was dead-lettered with to ``previous_error``."""
+    redriven job's store moved what it was dead-lettered with to ``previous_error``.
+
+    A job that ended ``failed`` or ``dead`` has the error its result is (``ended_error``):
+    final (not retryable, no ``retry_after``) and naming the state, whatever its last
+    attempt said. Read here, every backend's records (and those stored before) say it:
+    before, a dead job's record called its error retryable while its result did not."""
     status: dict[str, Any] = dict(record)
     for name, value in record.items():
         if name in _COUNTS or name.endswith("_at"):
@@ -146,6 +151,16 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
         if field in status:
             with contextlib.suppress(orjson.JSONDecodeError):  # else kept as the text it is
                 status[field] = orjson.loads(status[field])
+    state, error = record.get("state"), status.get("error")
+    if (
+        state in ("failed", "dead")
+        and isinstance(error, dict)
+        and isinstance(error.get("type"), str)
+        and isinstance(error.get("message"), str)
+    ):
+        details = error.get("details")
+        wire = {**error, "details": dict(details) if isinstance(details, dict) else None}
+        status["error"] = ended_error(state, wire).to_wire()
     return status
 
 

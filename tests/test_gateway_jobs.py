@@ -215,6 +215,15 @@ async def test_a_dead_jobs_result_is_final_with_no_retry_after(
     assert error["retryable"] is False and "retry_after" not in error
     assert error["details"]["state"] == "dead"
     assert (record["state"], record["attempts"]) == ("dead", 2)
+    # The record says what the result says: before, its error was the last attempt's as
+    # stored, retryable and without the state, for a job that will not run again.
+    told = record["error"]
+    assert (told["type"], told["retryable"], told["details"]) == (
+        "target_unavailable",
+        False,
+        error["details"],
+    )
+    assert "retry_after" not in told
 
 
 #: An address nothing listens on: a job of a method routed there fails target_unavailable.

@@ -141,8 +141,12 @@ async def test_the_result_of_an_ended_job_says_it_is_final(
         failed_id = await d.submit("jobs", "refuse")
         with pytest.raises(PluginError, match="no such account") as failed:
             await d.result(failed_id, wait=30)
-        # The record keeps the last attempt's error as it was raised.
-        assert (await d.job(dead_id))["error"]["retryable"] is True
+        # The record says what the result says (before, it told the dead job's error
+        # retryable, as its last attempt was raised, and without its state).
+        for job_id, state in ((dead_id, "dead"), (failed_id, "failed")):
+            told = (await d.job(job_id))["error"]
+            assert (told["retryable"], told["details"]["state"]) == (False, state)
+            assert "retry_after" not in told
     assert dead.value.retryable is False
     assert dead.value.retry_after is None
     assert dead.value.details["state"] == "dead"

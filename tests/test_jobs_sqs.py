@@ -204,9 +204,14 @@ async def test_a_redriven_job_waits_with_its_dead_letter_error_as_previous_error
         record = await d.job(job_id)
     assert (record["state"], record["attempts"]) == ("queued", 0)
     assert "error" not in record and "finished_at" not in record
-    assert record["previous_error"] == dead["error"]
+    # The dead record told its error final (not retryable, state dead); previous_error is
+    # the last attempt's as it was stored.
+    assert dead["error"]["retryable"] is False and dead["error"]["details"]["state"] == "dead"
+    told = {key: dead["error"][key] for key in ("type", "message")}
+    assert {key: record["previous_error"][key] for key in told} == told
     [message] = [json.loads(body) for body in queues.bodies(queues.url)]
-    assert "error" not in message and json.loads(message["previous_error"]) == dead["error"]
+    assert "error" not in message
+    assert json.loads(message["previous_error"]) == record["previous_error"]
 
 
 async def test_a_redrive_after_the_view_lost_the_record_lets_the_worker_make_it_again(
