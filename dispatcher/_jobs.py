@@ -55,6 +55,7 @@ __all__ = [
     "JobNotFound",
     "JobWorkers",
     "JobsUnavailable",
+    "ResultTooLarge",
     "ended_error",
     "job_outcome",
     "job_status",
@@ -78,6 +79,14 @@ class JobNotFound(DispatchError):
 class JobNotFinished(DispatchError):
     type = "job_not_finished"
     default_retryable = True
+
+
+class ResultTooLarge(DispatchError):
+    """A job's result over ``jobs.max_result_bytes``: the plugin answered, the dispatcher
+    did not keep it (not retried: the same call would answer as much again). Stored and
+    read back, it is the plugin SDK's ``PluginError`` of this type (status 500)."""
+
+    type = "result_too_large"
 
 
 def _now_ms() -> str:
@@ -420,10 +429,10 @@ class JobWorkers:
             return
         limit = self.config.max_result_bytes
         if len(encoded) > limit:  # kept in the store for result_ttl_ms: bounded like params
-            failure = ProviderError(
-                f"job {job_id}: its result is {len(encoded)} bytes as JSON, over the"
-                f" {limit} of jobs.max_result_bytes; nothing was kept",
-                retryable=False,
+            failure = ResultTooLarge(
+                f"job {job_id}: the plugin's result is {len(encoded)} bytes as JSON, over"
+                f" jobs.max_result_bytes = {limit}; it was not kept",
+                details={"stage": "jobs", "limit": limit, "bytes": len(encoded)},
             )
             await self._failed(entry, record, attempts, failure)
             return

@@ -59,6 +59,7 @@ def jobs_document(tmp_path: Path, url: str, prefix: str, workers: int) -> dict[s
                     },
                     "busy": {},
                     "refuse": {},
+                    "echo": {},
                 },
             }
         ],
@@ -224,6 +225,37 @@ async def test_a_dead_jobs_result_is_final_with_no_retry_after(
         error["details"],
     )
     assert "retry_after" not in told
+
+
+async def test_a_result_over_max_result_bytes_is_told_so(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """The plugin answered, the dispatcher could not keep its answer: said so, with the
+    limit, as its own type. Before: provider_error, told under error_detail safe as "the
+    plugin's target answered outside the protocol", which sent the caller to the plugin."""
+    document = jobs_document(tmp_path, redis_server.url, redis_prefix, workers=1)
+    document["jobs"]["max_result_bytes"] = 1000
+    settings = GatewaySettings(port=0)
+    async with (
+        Dispatcher(parse_manifest(document, base_dir=tmp_path)) as dispatcher,
+        GatewayServer(dispatcher, settings) as server,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        base = server.url
+        submit = f"{base}/v1/plugins/jobs/methods/echo:submit"
+        status, body, _ = await send(session, "POST", submit, ADMIN_KEY, json={"text": "x" * 2000})
+        assert status == 202, body
+        job_id = body["job_id"]
+        status, result, _ = await send(
+            session, "GET", f"{base}/v1/jobs/{job_id}/result?wait=30", ADMIN_KEY
+        )
+        record = (await send(session, "GET", f"{base}/v1/jobs/{job_id}", ADMIN_KEY))[1]["job"]
+    error = result["error"]
+    assert (status, error["type"], error["retryable"]) == (500, "result_too_large", False), result
+    assert "2002 bytes" in error["message"] and "jobs.max_result_bytes = 1000" in error["message"]
+    assert "outside the protocol" not in error["message"]
+    assert error["details"] == {"stage": "jobs", "state": "failed", "limit": 1000, "bytes": 2002}
+    assert (record["state"], record["error"]["type"]) == ("failed", "result_too_large")
 
 
 #: An address nothing listens on: a job of a method routed there fails target_unavailable.

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from dispatcher import Dispatcher, JobNotFound
 from dispatcher.config import load_manifest
 from dispatcher.state import StateUnavailable
-from linchkit_plugin.errors import DispatchError, ProviderError
+from linchkit_plugin.errors import DispatchError, PluginError, ProviderError
 from tests.services import Redis
 from tests.sqs_support import Moto, Queues
 from tests.test_job_callbacks import ok, receiving
@@ -104,8 +104,9 @@ async def test_a_result_over_max_result_bytes_fails_the_job_instead_of_filling_r
         tmp_path, redis_server.url, redis_prefix, workers=1, max_result_bytes=4096
     ) as d:
         job_id = await d.submit("jobs", "echo", {"text": "x" * 10_000})
-        with pytest.raises(ProviderError, match="max_result_bytes"):
+        with pytest.raises(PluginError, match="max_result_bytes = 4096") as caught:
             await d.result(job_id, wait=30)
+        assert caught.value.to_wire()["type"] == "result_too_large"
         status = await d.job(job_id)
         assert (status["state"], "result" in status) == ("failed", False)
         small = await d.submit("jobs", "echo", {"text": "x" * 100})

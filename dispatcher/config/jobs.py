@@ -150,7 +150,7 @@ class JobsConfig(StrictModel):
     max_result_bytes: Annotated[int, Field(ge=1, le=256 * 1024 * 1024)] = Field(
         default=16 * 1024 * 1024,
         description="Largest result of one job, as JSON: it is kept in Redis for "
-        "result_ttl_ms; a larger one fails the job (provider_error), nothing is kept.",
+        "result_ttl_ms; a larger one fails the job (result_too_large), nothing is kept.",
     )
     callback_secret: str | None = Field(
         default=None,

@@ -14,6 +14,7 @@ SDK's HTTP server and the HTTP provider's mapping (``providers/http.py``):
     job_not_found (or another caller's)
     rate_limited                        429     Retry-After
     plugin_error (the plugin raised)    500     the plugin's own type in the envelope
+    result_too_large                    500     a job's result over jobs.max_result_bytes
     provider_error                      502     the target broke the contract
     target_unavailable, circuit_open,   503     Retry-After
     overloaded, shutting_down
@@ -49,6 +50,7 @@ STATUS_BY_TYPE: Mapping[str, int] = {
     "job_not_found": 404,
     "rate_limited": 429,
     "plugin_error": 500,
+    "result_too_large": 500,
     "provider_error": 502,
     "target_unavailable": 503,
     "circuit_open": 503,
