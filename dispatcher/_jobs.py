@@ -429,12 +429,12 @@ class JobWorkers:
             return
         limit = self.config.max_result_bytes
         if len(encoded) > limit:  # kept in the store for result_ttl_ms: bounded like params
-            failure = ResultTooLarge(
+            too_large = ResultTooLarge(
                 f"job {job_id}: the plugin's result is {len(encoded)} bytes as JSON, over"
                 f" jobs.max_result_bytes = {limit}; it was not kept",
                 details={"stage": "jobs", "limit": limit, "bytes": len(encoded)},
             )
-            await self._failed(entry, record, attempts, failure)
+            await self._failed(entry, record, attempts, too_large)
             return
         fields = {"state": "succeeded", "result": encoded, "finished_at": _now_ms()}
         await self._ended(entry, record, fields)
