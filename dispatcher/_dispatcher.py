@@ -41,11 +41,12 @@ from dispatcher._guard import Caller, Guard
 from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
 from dispatcher._job_view import (
+    Submission,
     job_result,
     job_status,
     job_store_of,
     new_submission,
-    queue_job,
+    queue_job_once,
 )
 from dispatcher._jobs import JobWorkers
 from dispatcher._public_errors import ErrorDetail
@@ -66,7 +67,7 @@ from dispatcher.fleet import FleetRuntime
 from dispatcher.fleet.breaker import StateListener as CircuitListener
 from dispatcher.identity import ChainAuthenticator, Credentials, Principal, authenticator_of
 from dispatcher.policies import PolicyRuntime
-from dispatcher.state import StateBackend, new_backend
+from dispatcher.state import JobStore, StateBackend, new_backend
 from dispatcher.telemetry import TelemetryRuntime
 from linchkit_plugin.errors import (
     DispatchError,
@@ -694,7 +695,7 @@ class Dispatcher:
         ):
             route = self._routes.find(plugin, method, version, self._state)
             caller_id = caller if isinstance(caller, str) else None
-            return await queue_job(store, submission, route, caller_id, limit)
+            return await self._queue_job(store, submission, route, caller_id, limit)
         entry = self._guard.begin(
             "submit", caller, plugin, version, method, submission.job_id, None, submission.params
         )
@@ -703,12 +704,33 @@ class Dispatcher:
             route, caller_id = await self._guard.resolve(
                 self._routes, self._state, plugin, method, version, caller, credentials, entry
             )
-            return await queue_job(store, submission, route, caller_id, limit)
+            return await self._queue_job(store, submission, route, caller_id, limit)
         except BaseException as error:
             failure = error
             raise
         finally:
             self._guard.end(entry, failure)
+
+    async def _queue_job(
+        self,
+        store: JobStore,
+        submission: Submission,
+        route: Route,
+        caller_id: str | None,
+        limit: int,
+    ) -> str:
+        """Queue the job, once per idempotency key (``queue_job_once``)."""
+        backend = self.state_backend
+        assert backend is not None  # job_store_of found the store on it
+        return await queue_job_once(
+            store,
+            backend.idempotency,
+            self.manifest.state.idempotency_retention_ms / 1000,
+            submission,
+            route,
+            caller_id,
+            limit,
+        )
 
     async def job(self, job_id: str) -> dict[str, Any]:
         """The status record of job ``job_id``: state, attempts, error, times (integers, ms

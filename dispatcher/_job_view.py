@@ -5,6 +5,9 @@ are ``dispatcher._jobs``; the durable store is the state backend's (``dispatcher
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +23,19 @@ from dispatcher._jobs import (
 from dispatcher._jobs import job_status as decoded_status
 from dispatcher._public_errors import ErrorDetail
 from dispatcher._routes import Route, checked_timeout
-from dispatcher.state import JobStore, StateBackend
+from dispatcher.state import (
+    Claim,
+    IdempotencyStore,
+    JobStore,
+    StateBackend,
+    StateUnavailable,
+    decode_outcome,
+    digest,
+    encode_result,
+)
 from dispatcher.state.base import TERMINAL_STATES
-from linchkit_plugin.errors import InvalidParams
+from linchkit_plugin.errors import DeadlineExceeded, InvalidParams
+from linchkit_plugin.wire import encode_json
 from providers.egress import EgressPolicy
 from providers.invocation import new_request_id
 
@@ -34,10 +47,16 @@ __all__ = [
     "job_store_of",
     "new_submission",
     "queue_job",
+    "queue_job_once",
 ]
 
 #: How often ``job_result`` reads the record again when no notification came.
 _POLL_SECONDS = 0.5
+#: How long a keyed submission waits for another of the same key that is being queued
+#: (a write to the store, milliseconds), and how long that one holds the key at most.
+_SUBMIT_WAIT_SECONDS = 5.0
+#: How often a keyed submission waiting for another looks again without a notification.
+_SUBMIT_POLL_SECONDS = 0.05
 
 
 def job_store_of(backend: StateBackend | None) -> JobStore:
@@ -116,6 +135,64 @@ async def queue_job(
         )
     await store.submit(submission.job_id, record)
     return submission.job_id
+
+
+async def queue_job_once(
+    store: JobStore,
+    idempotency: IdempotencyStore,
+    retention: float,
+    submission: Submission,
+    route: Route,
+    caller_id: str | None,
+    max_params_bytes: int,
+) -> str:
+    """``queue_job``, once per idempotency key: a submission with the key of an earlier
+    one (the same method, caller and params) is that job, its id answered again, for
+    ``retention`` seconds (``state.idempotency_retention_ms``, as a keyed call's outcome
+    is kept); with other params it is refused as a keyed call is. Without a key, or
+    before, every submission queued a job of its own (the plugin's result replayed under
+    each new id: the key also goes with the job, to its call)."""
+    raw_key = submission.idempotency_key
+    if raw_key is None:
+        return await queue_job(store, submission, route, caller_id, max_params_bytes)
+    scope = "\0" if caller_id is None else "\1" + caller_id
+    # Not the key of the job's call (plugin, method, caller, key): a record of its own.
+    key = digest("submit", route.plugin, route.method, scope, raw_key)
+    fingerprint = digest(encode_json(submission.params, sort_keys=True))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _SUBMIT_WAIT_SECONDS
+    while True:
+        claimed = await idempotency.claim(key, fingerprint, _SUBMIT_WAIT_SECONDS, deadline)
+        if claimed.claim is Claim.RUN:
+            break
+        if claimed.claim is Claim.DONE and claimed.outcome is not None:
+            job_id = decode_outcome(claimed.outcome)
+            if isinstance(job_id, str):
+                return job_id
+        if claimed.claim is Claim.MISMATCH:
+            raise InvalidParams(
+                f"idempotency key {raw_key!r:.80} was already used for {route.plugin}."
+                f"{route.method} with other params; a new request needs a new key"
+            )
+        left = deadline - loop.time()
+        if left <= 0:
+            raise DeadlineExceeded(
+                f"the first submission of {route.plugin}.{route.method} with idempotency key"
+                f" {raw_key!r:.80} was not queued within {_SUBMIT_WAIT_SECONDS:g} s: submit again",
+                retryable=True,
+            )
+        await idempotency.changed(key, min(_SUBMIT_POLL_SECONDS, left))
+    try:
+        job_id = await queue_job(store, submission, route, caller_id, max_params_bytes)
+    except BaseException:
+        with contextlib.suppress(StateUnavailable):
+            await idempotency.release(key, claimed.token, math.inf)
+        raise
+    # Not kept (the store failed after the job was queued): the job stands; a submission
+    # again after the claim's lease may queue another.
+    with contextlib.suppress(StateUnavailable):
+        await idempotency.complete(key, claimed.token, encode_result(job_id), retention, math.inf)
+    return job_id
 
 
 def checked_job_id(job_id: object) -> str:

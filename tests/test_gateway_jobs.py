@@ -258,6 +258,42 @@ async def test_a_result_over_max_result_bytes_is_told_so(
     assert (record["state"], record["error"]["type"]) == ("failed", "result_too_large")
 
 
+async def test_a_submit_with_an_idempotency_key_again_is_the_same_job(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Before: each submit with the key queued a new job (the plugin's result replayed
+    under a new id). Now the same key, caller and params answer the first job again; other
+    params are refused as a call's are; another caller's key is its own."""
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (
+        base,
+        session,
+    ):
+        submit = f"{base}/v1/plugins/jobs/methods/work:submit"
+        keyed = {"Idempotency-Key": "order-17"}
+        answers = [
+            await send(session, "POST", submit, ADMIN_KEY, json={"n": 3}, headers=keyed)
+            for _ in range(3)
+        ]
+        assert [status for status, _, _ in answers] == [202, 202, 202], answers
+        first = answers[0][1]
+        assert [body for _, body, _ in answers] == [first] * 3
+        assert {headers["Location"] for _, _, headers in answers} == {first["location"]}
+        status, body, _ = await send(
+            session, "POST", submit, ADMIN_KEY, json={"n": 4}, headers=keyed
+        )
+        assert (status, body["error"]["type"]) == (400, "invalid_params"), body
+        assert "order-17" in body["error"]["message"] and "other params" in body["error"]["message"]
+        status, other, _ = await send(
+            session, "POST", submit, READER_KEY, json={"n": 3}, headers=keyed
+        )
+        assert status == 202 and other["job_id"] != first["job_id"]
+        unkeyed = [
+            (await send(session, "POST", submit, ADMIN_KEY, json={"n": 3}))[1]["job_id"]
+            for _ in range(2)
+        ]
+        assert len({*unkeyed, first["job_id"]}) == 3
+
+
 #: An address nothing listens on: a job of a method routed there fails target_unavailable.
 DEAD_TARGET = "http://127.0.0.9:1/invoke"
 
