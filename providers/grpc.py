@@ -278,6 +278,7 @@ class GrpcProvider(Provider[GrpcTarget]):
                 event_sink=sink,
             )
             self.report_served(plugin, target, connection.served)
+            connection.watch_restarts(lambda: lifecycle.again(connection, plugin))
         else:
             if plugin.config and plugin.key not in self._config_unsent:
                 # Not a manifest problem: the service may have its own copy; but a config
@@ -297,6 +298,7 @@ class GrpcProvider(Provider[GrpcTarget]):
         if connection is None:
             return
         if target.lifecycle == "dispatcher":
+            await connection.stop_watching()  # a connection lost from now on is no restart
             await lifecycle.end(connection, plugin)
         if self._connections.get(target.key) is connection:
             del self._connections[target.key]

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from providers._grpc.connection import PluginConnection
     from providers.target import PluginInfo
 
-__all__ = ["DESCRIBE_WAIT", "EVENTS_READY_WAIT", "begin", "end"]
+__all__ = ["DESCRIBE_WAIT", "EVENTS_READY_WAIT", "again", "begin", "end"]
 
 log = logging.getLogger("dispatcher.providers.grpc")
 
@@ -66,6 +66,33 @@ async def begin(
     await connection.lifecycle("Start", init_timeout)
     if event_sink is not None:
         await connection.events_ready(EVENTS_READY_WAIT)
+
+
+async def again(connection: PluginConnection, plugin: PluginInfo) -> None:
+    """``Describe`` (the protocol check as in ``begin``), ``Init``, ``Start``: for a plugin
+    its connection found again after it was lost (``PluginConnection.watch_restarts``).
+
+    The protocol gives a process no identity of its own, so a lost connection to the same
+    process (a proxy's reset, a server's maximum connection age) also gets them: a
+    plugin's ``Init`` must take being run again with the same config.
+    """
+    log.info(
+        "%s on %s: the connection was lost and is back: running Init and Start again"
+        " (a restarted service would otherwise run unconfigured)",
+        plugin.key,
+        connection.describe,
+    )
+    init_timeout = plugin.lifecycle.init_timeout_ms / 1000
+    if plugin.protocol is not None:
+        await _check_protocol(connection, plugin, init_timeout)
+    else:
+        await _describe_quietly(connection, plugin, min(init_timeout, DESCRIBE_WAIT))
+    try:
+        await connection.lifecycle("Init", init_timeout, plugin.config)
+        await connection.lifecycle("Start", init_timeout)
+    except DispatchError as error:
+        log.error("%s on %s: %s", plugin.key, connection.describe, error)
+        raise
 
 
 async def _describe_quietly(
