@@ -45,6 +45,7 @@ from providers._grpc.release import ClosedStub, StreamCall, drop_grpc_frames
 from providers._grpc.replies import loads, wire_error
 from providers._grpc.status import (
     grpc_errors,
+    lifecycle_failure,
     not_run,
     refused_compression,
     translate_rpc_error,
@@ -570,7 +571,9 @@ class PluginConnection:
             await getattr(self._stub, step)(request, timeout=timeout, metadata=self._metadata)
         except grpc_errors() as error:
             drop_grpc_frames(error)
-            raise translate_rpc_error(error, f"{self.describe} {step}") from error
+            what = f"{self.describe} {step}"
+            failed = lifecycle_failure(error, what, step)
+            raise (failed or translate_rpc_error(error, what)) from error
         except asyncio.CancelledError as cancelled:
             drop_grpc_frames(cancelled)
             if _cancelled_by_caller():

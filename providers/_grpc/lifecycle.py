@@ -12,7 +12,11 @@
    ``DESCRIBE_WAIT``: what it costs a plugin that answers is one RPC per start;
 2. with an event sink, open the plugin's ``Events`` stream;
 3. ``Init`` with the manifest's ``config``, then ``Start``, each within the plugin's
-   ``lifecycle.init_timeout_ms``; a failure raises and the plugin is not started;
+   ``lifecycle.init_timeout_ms``; a failure raises and the plugin is not started. A hook
+   the plugin reports failed is ``ProviderError``, not retryable, naming the step and the
+   plugin's error type (``providers._grpc.status.lifecycle_failure``). An ``Init`` that
+   fails or times out gets no ``Stop`` nor ``Destroy`` (its RPC is cancelled at the
+   timeout, which the SDKs pass on to the hook); a ``Start`` that fails gets ``Destroy``;
 4. with an event sink, wait up to ``EVENTS_READY_WAIT`` for the plugin to answer the
    ``Events`` stream's headers, so what it emits from now on reaches the host
    (``docs/protocol.md``: plugins should send them at once; those that do not cost this
@@ -62,8 +66,7 @@ async def begin(
         await _describe_quietly(connection, plugin, min(init_timeout, DESCRIBE_WAIT))
     if event_sink is not None:
         connection.open_events(event_sink)
-    await connection.lifecycle("Init", init_timeout, plugin.config)
-    await connection.lifecycle("Start", init_timeout)
+    await _init_and_start(connection, plugin, init_timeout)
     if event_sink is not None:
         await connection.events_ready(EVENTS_READY_WAIT)
 
@@ -88,11 +91,30 @@ async def again(connection: PluginConnection, plugin: PluginInfo) -> None:
     else:
         await _describe_quietly(connection, plugin, min(init_timeout, DESCRIBE_WAIT))
     try:
-        await connection.lifecycle("Init", init_timeout, plugin.config)
-        await connection.lifecycle("Start", init_timeout)
+        await _init_and_start(connection, plugin, init_timeout)
     except DispatchError as error:
         log.error("%s on %s: %s", plugin.key, connection.describe, error)
         raise
+
+
+async def _init_and_start(connection: PluginConnection, plugin: PluginInfo, timeout: float) -> None:
+    """``Init``, then ``Start``. An ``Init`` that fails or times out (its RPC cancelled,
+    which every SDK passes on to the hook) gets nothing more: ``Destroy`` undoes an
+    ``Init`` that succeeded, and is not sent while the hook may still run. A ``Start``
+    that fails gets ``Destroy`` for the ``Init`` before it, never ``Stop``."""
+    await connection.lifecycle("Init", timeout, plugin.config)
+    try:
+        await connection.lifecycle("Start", timeout)
+    except DispatchError:
+        await _destroy_quietly(connection, plugin)
+        raise
+
+
+async def _destroy_quietly(connection: PluginConnection, plugin: PluginInfo) -> None:
+    try:
+        await connection.lifecycle("Destroy", plugin.lifecycle.stop_timeout_ms / 1000)
+    except DispatchError as error:
+        log.warning("%s Destroy after a failed Start failed: %s", plugin.key, error)
 
 
 async def _describe_quietly(

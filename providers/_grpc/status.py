@@ -43,12 +43,22 @@ naming the encoding (``refused_compression``): the connection resends the call p
 A plugin's own failures come back in ``CallReply.error`` and go through
 ``linchkit_plugin.errors.error_from_wire`` like every other transport's
 (``providers._grpc.replies``).
+
+A lifecycle RPC (``Init``, ``Start``, ``Stop``, ``Destroy``) has no error in its reply: a
+plugin whose hook fails answers with a status, which each SDK chooses on its own —
+``FAILED_PRECONDITION`` with ``init failed: PluginError('BadConfig', '…')`` (Python) or
+``init hook failed: BadConfig: …`` (Go, Rust), ``INTERNAL`` with ``BadConfig: …`` (Java,
+TypeScript), ``INVALID_ARGUMENT`` for a config that is not JSON, ``UNKNOWN`` for a handler
+that raised. ``lifecycle_failure`` reads all of them alike: the plugin refused the step,
+which sending it again would not change, so ``ProviderError``, not retryable, naming the
+step and the plugin's error type (``details``: ``step``, ``error_type``, ``status``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from typing import Any
 
 from linchkit_plugin.errors import (
@@ -67,6 +77,7 @@ from providers.base import CONNECT_STAGE
 __all__ = [
     "DEADLINE_SKEW_SECONDS",
     "grpc_errors",
+    "lifecycle_failure",
     "never_left_the_client",
     "not_run",
     "refused_compression",
@@ -216,6 +227,53 @@ def translate_rpc_error(
                 with contextlib.suppress(ValueError):
                     retry_after = float(value)
     return kind(message, retryable=retryable, retry_after=retry_after)
+
+
+#: How the SDKs word a failed hook before the plugin's error: ``init failed: …`` (Python),
+#: ``init hook failed: …`` (Go, Rust).
+_HOOK_FAILED = re.compile(r"(?:init|start|stop|destroy)(?: hook)? failed: ", re.IGNORECASE)
+#: A Python exception's repr (``PluginError('BadConfig', 'region is missing', …)``,
+#: ``RuntimeError('boom')``), or ``Type: message`` (Go, Rust, Java, TypeScript).
+_PYTHON_REPR = re.compile(r"(\w+)\((?:'([^']*)', )?'(.*?)'(?:, retryable=\w+)?\)", re.DOTALL)
+_TYPE_FIRST = re.compile(r"([A-Za-z_][\w.$]*): (.*)", re.DOTALL)
+
+
+def _plugin_error(details: str) -> tuple[str | None, str]:
+    """The plugin's error type (None when it does not say) and message in a lifecycle
+    status's ``details()``."""
+    text = details.strip()
+    if prefix := _HOOK_FAILED.match(text):
+        text = text[prefix.end() :]
+    if (python := _PYTHON_REPR.fullmatch(text)) is not None:
+        name, remote_type, message = python.groups()
+        return (remote_type if name == "PluginError" and remote_type else name), message
+    if (typed := _TYPE_FIRST.fullmatch(text)) is not None:
+        return typed.group(1), typed.group(2)
+    return None, text
+
+
+def lifecycle_failure(error: Exception, what: str, step: str) -> DispatchError | None:
+    """The error of a lifecycle ``step`` the plugin answered as failed (the statuses the
+    SDKs send for a failing hook, above); None for any other failure (the transport's,
+    the deadline's), which ``translate_rpc_error`` reads as for a call."""
+    import grpc
+    import grpc.aio
+
+    if not isinstance(error, grpc.aio.AioRpcError) or error.code() not in (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ):
+        return None
+    error_type, message = _plugin_error(error.details() or "")
+    said = f"{error_type}: {message}" if error_type else message
+    return ProviderError(
+        f"{what}: the plugin failed its {step}: {said}; not retried: fix what it names"
+        " (its config, or the plugin) and start it again",
+        retryable=False,
+        details={"step": step, "error_type": error_type, "status": error.code().name},
+    )
 
 
 def not_run(error: Exception) -> bool:
