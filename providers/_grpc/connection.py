@@ -144,6 +144,8 @@ class PluginConnection:
         #: The methods the plugin's last ``Describe`` listed (``providers.served``); None
         #: before one, or when it listed none.
         self.served: frozenset[str] | None = None
+        #: The id and version the plugin's last ``Describe`` reported; None before one.
+        self.identity: tuple[str, str] | None = None
         #: ``watch_restarts``: the task that follows the channel's state, and, once the
         #: channel has left READY, what calls wait for before they go: the plugin found
         #: again has had its ``Init`` and ``Start`` (done with an exception: they failed).
@@ -271,7 +273,7 @@ class PluginConnection:
                 raise ProviderError(
                     f"{self.describe} answered bytes that are not JSON: {error}"
                 ) from None
-        return self._result(reply)
+        return self._result(reply, invocation)
 
     async def _unary(
         self,
@@ -439,12 +441,12 @@ class PluginConnection:
             "(the plugin went away); it may be retried"
         )
 
-    def _result(self, reply: Any) -> Any:
+    def _result(self, reply: Any, invocation: Invocation) -> Any:
         if reply.ok:
             return loads(reply.result_json, self.describe)
         if not reply.HasField("error"):
             raise ProviderError(f"{self.describe} answered ok=false without an error")
-        raise wire_error(reply.error)
+        raise wire_error(reply.error, invocation)
 
     async def call_batch(self, invocations: Sequence[Invocation]) -> list[Outcome[Any]]:
         if self._stopping is not None:
@@ -475,9 +477,9 @@ class PluginConnection:
                 f"{self.describe} answered {len(reply.results)} results for a batch of {len(invocations)}"
             )
         outcomes: list[Outcome[Any]] = []
-        for item in reply.results:
+        for item, invocation in zip(reply.results, invocations, strict=True):
             try:
-                outcomes.append(Outcome(result=self._result(item)))
+                outcomes.append(Outcome(result=self._result(item, invocation)))
             except DispatchError as error:
                 outcomes.append(Outcome(error=error))
         return outcomes
@@ -505,7 +507,7 @@ class PluginConnection:
         try:
             while (item := await stream.next_item()) is not None:
                 if item.WhichOneof("item") == "error":
-                    raise wire_error(item.error)
+                    raise wire_error(item.error, invocation)
                 yield loads(item.chunk_json, self.describe)
         except grpc_errors() as error:
             drop_grpc_frames(error)
@@ -552,6 +554,7 @@ class PluginConnection:
             if _cancelled_by_caller():
                 raise
             raise self._cut_off("Describe") from None
+        self.identity = (str(info.id), str(info.version))
         methods = info.methods
         # Counted before a name is read: a list past the cap is not believed anyway.
         listed = methods if len(methods) > MAX_SERVED_METHODS else [m.name for m in methods]

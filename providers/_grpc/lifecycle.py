@@ -64,6 +64,7 @@ async def begin(
         await _check_protocol(connection, plugin, init_timeout)
     else:
         await _describe_quietly(connection, plugin, min(init_timeout, DESCRIBE_WAIT))
+    _tell_identity(connection, plugin)
     if event_sink is not None:
         connection.open_events(event_sink)
     await _init_and_start(connection, plugin, init_timeout)
@@ -115,6 +116,40 @@ async def _destroy_quietly(connection: PluginConnection, plugin: PluginInfo) -> 
         await connection.lifecycle("Destroy", plugin.lifecycle.stop_timeout_ms / 1000)
     except DispatchError as error:
         log.warning("%s Destroy after a failed Start failed: %s", plugin.key, error)
+
+
+#: (plugin key, reported id, reported version) already warned of: once, not per launch.
+_TOLD_IDENTITIES: set[tuple[str, str, str]] = set()
+
+
+def _tell_identity(connection: PluginConnection, plugin: PluginInfo) -> None:
+    """Warn once when the plugin's ``Describe`` names another id or version than the
+    manifest. Not refused: the gRPC binding does not ask them to match (the WebSocket
+    ``hello`` does), and calls name the plugin by the manifest's id; but a mismatch is
+    most often the wrong build or a copied manifest entry. An empty field says nothing."""
+    if connection.identity is None:
+        return
+    reported_id, reported_version = connection.identity
+    differs = (reported_id and reported_id != plugin.id) or (
+        reported_version and reported_version != plugin.version
+    )
+    told = (plugin.key, reported_id, reported_version)
+    if not differs or told in _TOLD_IDENTITIES:
+        return
+    if len(_TOLD_IDENTITIES) >= 4096:  # bounded whatever reloads bring
+        _TOLD_IDENTITIES.clear()
+    _TOLD_IDENTITIES.add(told)
+    log.warning(
+        "%s on %s: the plugin reports itself as %s version %s, the manifest names it %s"
+        " version %s: calls go to it under the manifest's id; check the build deployed"
+        " there, or the manifest",
+        plugin.key,
+        connection.describe,
+        reported_id[:64] or "(no id)",
+        reported_version[:64] or "(no version)",
+        plugin.id,
+        plugin.version,
+    )
 
 
 async def _describe_quietly(

@@ -5,11 +5,14 @@ which goes through ``linchkit_plugin.errors.error_from_wire`` like every other t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from linchkit_plugin.errors import DispatchError, ProviderError, error_from_wire
+from linchkit_plugin.errors import DispatchError, MethodNotFound, ProviderError, error_from_wire
+
+if TYPE_CHECKING:
+    from providers.invocation import Invocation
 
 __all__ = ["loads", "wire_error"]
 
@@ -24,9 +27,24 @@ def loads(data: bytes, what: str) -> Any:
         raise ProviderError(f"{what} answered bytes that are not JSON: {error}") from None
 
 
-def wire_error(error: Any) -> DispatchError:
-    """The dispatcher error of a plugin's ``Error`` message."""
+def wire_error(error: Any, invocation: Invocation | None = None) -> DispatchError:
+    """The dispatcher error of a plugin's ``Error`` message.
+
+    A ``method_not_found`` names the plugin by the manifest's id, the one its caller
+    used: a plugin names itself (``plugin jplug has no method nope``) by the id its own
+    code gives, which need not be the manifest's. Its words stay in ``details``
+    (``plugin_message``)."""
     details = loads(error.details_json, "plugin") if error.details_json else None
+    if error.type == MethodNotFound.type and invocation is not None:
+        return MethodNotFound(
+            f"plugin {invocation.plugin!r} has no method {invocation.method!r}: the plugin"
+            " answered method_not_found",
+            retryable=error.retryable,
+            details={
+                **(details if isinstance(details, dict) else {}),
+                "plugin_message": error.message,
+            },
+        )
     return error_from_wire(
         {
             "type": error.type,

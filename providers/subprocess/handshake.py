@@ -86,7 +86,9 @@ async def read_line(
             raw = await process.stdout.readline()
     except TimeoutError:
         raise HandshakeError(
-            f"{who}: no handshake line within {timeout:.1f} s{tail(stderr)}"
+            f"{who}: no handshake line within {timeout:.1f} s (the target's"
+            f" handshake_timeout_ms: {round(timeout * 1000)}); raise it for a plugin that"
+            f" starts slowly{tail(stderr)}"
         ) from None
     if not raw:
         code = await process.wait()
