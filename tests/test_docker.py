@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -627,3 +628,14 @@ async def test_a_tcp_container_answers_only_its_dispatcher() -> None:
             answer = await stranger.post(f"http://127.0.0.1:{free_port}/invoke", json=envelope)
     assert answer.status_code == 401
     assert answer.json()["error"]["type"] == "unauthorized"
+
+
+def test_the_static_binary_recipe_in_docs_is_the_one_this_file_runs() -> None:
+    """docs/docker.md's Dockerfile for a static binary starts what the test plugin's
+    Dockerfile starts (no SDK binary serves the HTTP envelope a docker target speaks)."""
+    doc = (ROOT / "docs" / "docker.md").read_text()
+    recipe = (ROOT / "tests" / "docker_plugin_go" / "Dockerfile").read_text()
+    entrypoints = re.findall(r"ENTRYPOINT \[.*\]", doc)
+    assert entrypoints, "docs/docker.md shows no Dockerfile"
+    assert set(entrypoints) == set(re.findall(r"ENTRYPOINT \[.*\]", recipe))
+    assert "tests/docker_plugin_go" in doc

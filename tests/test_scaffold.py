@@ -302,3 +302,17 @@ def test_an_sdk_folder_that_is_not_that_sdk_is_refused_and_nothing_is_written(
     assert result.exit_code == 2, result.output
     assert f"is not the {named} SDK" in result.output
     assert not (tmp_path / "order-totals").exists()
+
+
+@pytest.mark.parametrize("language", ["go", "rust", "java", "typescript"])
+def test_the_readme_installs_the_dispatcher_from_its_checkout_not_from_pypi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, language: str
+) -> None:
+    """The dispatcher is not on PyPI: the README says what the main README's "Install"
+    does, with the checkout the scaffold's SDK came from."""
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(main, ["new", "order-totals", "--lang", language]).exit_code == 0
+    readme = (tmp_path / "order-totals" / "README.md").read_text()
+    assert "pip install 'linchkit-dispatcher" not in readme
+    install = f"pip install -e '{ROOT}/sdk/python[grpc]' -e '{ROOT}[grpc]'"
+    assert install in " ".join(readme.split()), readme

@@ -2,7 +2,8 @@
 
 A scaffold is the files of ``templates/<language>/`` with their placeholders filled in:
 ``{{name}}`` (the plugin's id, as given), ``{{module}}`` (the name as an identifier),
-``{{class}}`` (the plugin class or type) and ``{{sdk}}`` (the SDK checkout a compiled
+``{{class}}`` (the plugin class or type), ``{{checkout}}`` (the checkout holding that
+SDK, which the dispatcher is installed from) and ``{{sdk}}`` (the SDK checkout a compiled
 language depends on until the SDKs are published); a language may add its own, taken from
 the SDK so that the scaffold builds offline at once, with the versions the SDK is tested
 with: Go, the SDK's ``go`` version, requirements and ``go.sum``; Rust, its ``Cargo.lock``;
@@ -78,6 +79,8 @@ def new(name: str, language: str, sdk_path: Path | None) -> None:
         "module": name.replace("-", "_"),
         "class": "".join(word.capitalize() for word in name.split("-")),
         "sdk": str(sdk) if sdk is not None else "",
+        # The checkout the SDK is part of (sdk/<lang>): the dispatcher installs from it.
+        "checkout": str(sdk.parents[1]) if sdk is not None else "",
     }
     if language == "go" and sdk is not None:
         values |= _go_values(sdk)
