@@ -299,7 +299,14 @@ class GrpcProvider(Provider[GrpcTarget]):
             return
         if target.lifecycle == "dispatcher":
             await connection.stop_watching()  # a connection lost from now on is no restart
-            await lifecycle.end(connection, plugin)
+            if connection.restart_owed:
+                log.info(
+                    "%s on %s: no Stop or Destroy: the plugin there has not had its Init",
+                    plugin.key,
+                    target.describe(),
+                )
+            else:
+                await lifecycle.end(connection, plugin)
         if self._connections.get(target.key) is connection:
             del self._connections[target.key]
         await connection.close()

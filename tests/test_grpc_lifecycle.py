@@ -244,3 +244,36 @@ async def test_a_failed_start_gets_destroy_for_the_init_that_succeeded() -> None
         assert process.plugin.steps == ["init", "start", "destroy"]
     finally:
         await process.end()
+
+
+async def test_a_restarted_service_whose_init_fails_fails_calls_with_that_error() -> None:
+    port = free_port()
+    first = Process(port)
+    second: Process | None = None
+    try:
+        await asyncio.wait_for(first.bound, 10)
+        async with Dispatcher(owned(port)) as dispatcher:
+            assert await dispatcher.call("configured", "settings", {}) == {"region": ""}
+            await first.end()
+            second = Process(port, BadConfig())  # the redeploy brought a build that refuses
+            await asyncio.wait_for(second.bound, 10)
+            for _ in range(100):
+                try:
+                    await dispatcher.call("configured", "settings", {})
+                except TargetUnavailable as error:
+                    assert never_sent(error), error
+                    await asyncio.sleep(0.05)
+                    continue
+                except ProviderError as error:
+                    assert_init_refused(error)
+                    assert "the connection to the plugin was lost and is back" in error.message
+                    break
+                pytest.fail("a call reached a service whose Init failed")
+            else:
+                pytest.fail("the restarted service was never tried")
+            assert second.plugin.steps == ["init"]  # its settings never ran
+        assert second.plugin.steps == ["init"]  # nor Stop and Destroy, without an Init
+    finally:
+        for process in (first, second):
+            if process is not None and not process.task.done():
+                await process.end()

@@ -345,6 +345,13 @@ class PluginConnection:
                 self._follow(self._channel, restart)
             )
 
+    @property
+    def restart_owed(self) -> bool:
+        """Whether the channel left READY since the plugin's last ``Init`` and ``Start``
+        and the plugin it reaches now has not had them (or they failed): such a plugin
+        gets no ``Stop`` nor ``Destroy``."""
+        return self._owed is not None
+
     async def stop_watching(self) -> None:
         """End ``watch_restarts`` (before ``Stop``: a connection lost then is not a restart)."""
         watching, self._watching = self._watching, None
