@@ -8,7 +8,10 @@ calling code and the status mapping, shared with the subprocess provider). The c
 With ``lifecycle: dispatcher`` the dispatcher runs the plugin's ``Init`` (with the
 manifest's ``config``) and ``Start`` when it attaches, ``Stop`` and ``Destroy`` when it
 detaches (the sequence of ``providers._grpc.lifecycle``, as for subprocess plugins); with
-``remote`` (the default) the service runs its own lifecycle.
+``remote`` (the default) the service runs its own lifecycle. With ``dispatcher``, a
+service found again after its connection was lost (a redeploy at the same address) gets
+``Describe``, ``Init`` and ``Start`` again before calls go to it
+(``PluginConnection.watch_restarts``; docs/grpc-and-subprocess.md says what is left).
 
 Instances: ``instances: [{address: …, weight: …}, {dns: …}, {registry: …}]`` (instead of
 ``address``, or besides it: ``address`` is then the first instance) makes the target a
