@@ -277,3 +277,46 @@ async def test_a_restarted_service_whose_init_fails_fails_calls_with_that_error(
         for process in (first, second):
             if process is not None and not process.task.done():
                 await process.end()
+
+
+async def test_a_plugin_left_without_calls_is_not_initialised_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """grpc lets a channel without calls go idle (after 30 minutes by default) and connects
+    it again on the next call: to the host that looks like the plugin found again, which
+    gets Init and Start anew. Shown here with an idle timeout of 1 s (grpc's least); the channels the
+    dispatcher opens never go idle (``CLIENT_IDLE_TIMEOUT_MS``)."""
+    from providers._grpc import channel
+
+    options = dict(channel._CHANNEL_OPTIONS)
+    assert options["grpc.client_idle_timeout_ms"] == channel.CLIENT_IDLE_TIMEOUT_MS >= 86_400_000
+    port = free_port()
+    process = Process(port)
+    try:
+        await asyncio.wait_for(process.bound, 10)
+        monkeypatch.setattr(
+            channel,
+            "_CHANNEL_OPTIONS",
+            list({**options, "grpc.client_idle_timeout_ms": 1000}.items()),
+        )
+        # No Events stream: it is a call that never ends, which keeps a channel from idling.
+        spec = manifest(
+            {
+                "id": "configured",
+                "version": "1.0.0",
+                "target": {
+                    "provider": "grpc",
+                    "address": f"127.0.0.1:{port}",
+                    "lifecycle": "dispatcher",
+                    "events": False,
+                },
+                "methods": {"settings": {}},
+            }
+        )
+        async with Dispatcher(spec) as dispatcher:
+            await dispatcher.call("configured", "settings", {})
+            await asyncio.sleep(3.0)  # idle (grpc idles a channel after 1 s at the least)
+            await dispatcher.call("configured", "settings", {})
+        assert process.plugin.steps.count("init") == 2, process.plugin.steps
+    finally:
+        await process.end()

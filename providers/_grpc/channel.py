@@ -13,10 +13,22 @@ from typing import Any
 
 __all__ = ["ChannelSecurity", "open_channel"]
 
-#: Channel options: keepalive so a dead peer is noticed between calls, large messages.
+#: The longest a channel stays connected without a call before grpc lets it go idle (its
+#: default: 30 minutes): never, as grpc counts it (INT_MAX ms, some 24 days). A channel
+#: that went idle and connected again looked like a plugin restarted at its address, and
+#: under ``lifecycle: dispatcher`` a plugin found again gets ``Init`` and ``Start`` anew
+#: (``PluginConnection.watch_restarts``): every plugin left without calls for half an
+#: hour would have had them again. A connection held costs a descriptor and the
+#: keepalive's pings, which already notice a dead peer (and the channel then connects
+#: again by itself).
+CLIENT_IDLE_TIMEOUT_MS = 2**31 - 1
+
+#: Channel options: keepalive so a dead peer is noticed between calls, large messages,
+#: no idling.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.client_idle_timeout_ms", CLIENT_IDLE_TIMEOUT_MS),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
