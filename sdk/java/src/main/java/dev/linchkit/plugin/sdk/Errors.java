@@ -7,17 +7,47 @@ import java.util.concurrent.CompletionException;
 import java.util.concurrent.ExecutionException;
 import java.lang.reflect.InvocationTargetException;
 
-/** How anything a method throws becomes the wire {@code Error} of docs/protocol.md. */
+/**
+ * How anything a method throws becomes the wire {@code Error} of docs/protocol.md. Never
+ * throws itself: a conversion that failed would leave the call unanswered until its deadline.
+ */
 public final class Errors {
   private Errors() {}
 
-  /** The wire error for {@code thrown}: a PluginException as it says, anything else by its class name. */
+  /** The type of a PluginException that gave none (null or empty). */
+  public static final String DEFAULT_TYPE = "PluginError";
+
+  /** What is answered when even the conversion failed. */
+  private static final Error FALLBACK = Error.newBuilder()
+      .setType(DEFAULT_TYPE)
+      .setMessage("the plugin's error could not be converted")
+      .build();
+
+  /**
+   * The wire error for {@code thrown}: a PluginException as it says, anything else by its class
+   * name. A missing type is {@link #DEFAULT_TYPE} (or a subclass's name); an anonymous class is
+   * named by its nearest named superclass; a missing message names the class, once.
+   */
   public static Error toWire(Throwable thrown) {
+    try {
+      return convert(thrown);
+    } catch (Throwable broken) {
+      return FALLBACK;
+    }
+  }
+
+  private static Error convert(Throwable thrown) {
+    if (thrown == null) return FALLBACK;
     Throwable cause = unwrap(thrown);
+    String className = namedClass(cause.getClass());
     if (cause instanceof PluginException error) {
+      String type = error.type();
+      if (type == null || type.isEmpty()) {
+        type = className.equals("PluginException") ? DEFAULT_TYPE : className;
+      }
       Error.Builder wire = Error.newBuilder()
-          .setType(error.type())
-          .setMessage(nullToEmpty(error.getMessage()))
+          .setType(type)
+          .setMessage(messageOf(cause, type, className))
           .setRetryable(error.retryable())
           .setRetryAfter(error.retryAfterSeconds());
       if (error.details() != null) {
@@ -25,8 +55,26 @@ public final class Errors {
       }
       return wire.build();
     }
-    String message = cause.getMessage() != null ? cause.getMessage() : cause.toString();
-    return Error.newBuilder().setType(cause.getClass().getSimpleName()).setMessage(message).setRetryable(false).build();
+    return Error.newBuilder().setType(className).setMessage(messageOf(cause, className, className)).setRetryable(false).build();
+  }
+
+  /**
+   * The message, or for none the class's name, unless the type already says it: the host shows
+   * {@code type: message}, and {@code StackOverflowError: StackOverflowError} says it twice.
+   */
+  private static String messageOf(Throwable cause, String type, String className) {
+    String message = cause.getMessage();
+    if (message != null) return message;
+    return type.equals(className) ? "(no message)" : className;
+  }
+
+  /** The simple name of {@code type}, or of its nearest named superclass (anonymous, local). */
+  static String namedClass(Class<?> type) {
+    for (Class<?> current = type; current != null; current = current.getSuperclass()) {
+      String name = current.getSimpleName();
+      if (!name.isEmpty()) return name;
+    }
+    return "Throwable";
   }
 
   private static Throwable unwrap(Throwable thrown) {
@@ -36,9 +84,5 @@ public final class Errors {
       current = current.getCause();
     }
     return current;
-  }
-
-  private static String nullToEmpty(String text) {
-    return text == null ? "" : text;
   }
 }

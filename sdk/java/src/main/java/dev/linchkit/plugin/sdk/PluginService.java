@@ -129,8 +129,19 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     return WireJson.decode(bytes, what);
   }
 
+  /** What is answered when not even the error reply could be built (out of memory, say). */
+  private static final CallReply UNCONVERTIBLE = CallReply.newBuilder().setOk(false).setError(Errors.toWire(null)).build();
+
+  /**
+   * The reply for {@code thrown}. Never throws: an exception escaping here would leave the call
+   * unanswered until its deadline, and for ever without one.
+   */
   static CallReply errorReply(Throwable thrown) {
-    return CallReply.newBuilder().setOk(false).setError(Errors.toWire(thrown)).build();
+    try {
+      return CallReply.newBuilder().setOk(false).setError(Errors.toWire(thrown)).build();
+    } catch (Throwable broken) {
+      return UNCONVERTIBLE;
+    }
   }
 
   // ---- calls ---------------------------------------------------------------------------
@@ -191,12 +202,16 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     CallContext ctx = contextOf(request);
     CompletableFuture<CallReply> reply = new CompletableFuture<>();
     Future<?> task = workers.submit(() -> {
+      CallReply answer;
       try {
         JsonElement result = plugin.invoke(request.getMethod(), params, ctx);
-        reply.complete(CallReply.newBuilder().setOk(true).setResultJson(encodeJson(result)).build());
+        answer = CallReply.newBuilder().setOk(true).setResultJson(encodeJson(result)).build();
       } catch (Throwable error) {
-        reply.complete(errorReply(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error));
+        answer = errorReply(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error);
       }
+      // Whatever happened above, the call is answered: a reply left incomplete waits for the
+      // deadline, and for ever without one.
+      reply.complete(answer);
     });
     Runnable giveUp = () -> {
       if (reply.complete(errorReply(ctx.overError()))) task.cancel(true);
@@ -278,7 +293,13 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       if (!ended.compareAndSet(false, true)) return;
       synchronized (out) {
         try {
-          if (error != null) out.onNext(StreamItem.newBuilder().setError(Errors.toWire(error)).build());
+          if (error != null) {
+            out.onNext(StreamItem.newBuilder().setError(Errors.toWire(error)).build());
+          }
+        } catch (RuntimeException cancelled) {
+          // the host went away first
+        }
+        try {
           out.onCompleted();
         } catch (RuntimeException cancelled) {
           // the host went away first

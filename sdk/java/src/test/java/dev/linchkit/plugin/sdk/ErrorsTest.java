@@ -50,6 +50,32 @@ class ErrorsTest {
   }
 
   @Test
+  void aMissingOrEmptyTypeIsANamedDefaultNeverAnEmptyString() {
+    assertEquals(Errors.DEFAULT_TYPE, Errors.toWire(new PluginException(null, "m")).getType());
+    assertEquals(Errors.DEFAULT_TYPE, Errors.toWire(new PluginException("", "m")).getType());
+    assertEquals("m", Errors.toWire(new PluginException(null, "m")).getMessage());
+    assertEquals("PluginException", Errors.toWire(new PluginException(null, null)).getMessage());
+    class OutOfStock extends PluginException {
+      OutOfStock() {
+        super(null, "gone");
+      }
+    }
+    assertEquals("OutOfStock", Errors.toWire(new OutOfStock()).getType(), "a subclass without a type is named by its class");
+    // An anonymous class has no simple name: its nearest named superclass's.
+    assertEquals("IllegalStateException", Errors.toWire(new IllegalStateException("x") {}).getType());
+    assertEquals(Errors.DEFAULT_TYPE, Errors.toWire(new PluginException("", "x") {}).getType());
+    assertEquals(Errors.DEFAULT_TYPE, Errors.toWire(null).getType(), "never throws");
+  }
+
+  @Test
+  void anExceptionWithoutAMessageNamesItsClassOnce() {
+    Error wire = Errors.toWire(new StackOverflowError());
+    assertEquals("StackOverflowError", wire.getType());
+    assertFalse(wire.getMessage().contains("StackOverflowError"), wire.getMessage());
+    assertFalse(wire.getMessage().isEmpty());
+  }
+
+  @Test
   void paramsOfTheWrongShapeAreInvalidParams() throws Exception {
     assertThrows(PluginException.class, () -> new Params(JsonParser.parseString("[1, 2]"), "count"));
     Params params = new Params(JsonParser.parseString("{\"n\": 2.5, \"s\": 1, \"big\": 3.0}"), "count");
