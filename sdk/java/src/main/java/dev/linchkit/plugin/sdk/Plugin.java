@@ -192,38 +192,64 @@ public final class Plugin {
     for (EventHandler handler : handlers) handler.handle(name, data);
   }
 
-  /** Run Init's hooks, once. */
+  /**
+   * Run Init's hooks with {@code configuration}, which {@link #config()} reports from now on.
+   * Every Init runs them: a service outlives its hosts, and the next host to attach runs the
+   * lifecycle again, with its own config (docs/protocol.md), as the other SDKs do. An Init
+   * begins a new round: the Stop and Destroy of the last one count no more.
+   */
   void init(JsonObject configuration) throws Exception {
-    if (!markDone(Phase.INIT)) return;
     config = configuration;
+    synchronized (done) {
+      done.clear();
+      done.add(Phase.INIT);
+    }
     for (InitHook hook : initHooks) hook.run(configuration);
   }
 
-  void start() throws Exception { runOnce(Phase.START, startHooks); }
-  void stop() throws Exception { runOnce(Phase.STOP, stopHooks); }
-  void destroy() throws Exception { runOnce(Phase.DESTROY, destroyHooks); }
-
-  /** Stop (if started) then destroy, both even if one fails, when the host did not. */
-  void close() throws Exception {
-    try {
-      boolean started;
-      synchronized (done) {
-        started = done.contains(Phase.START);
-      }
-      if (started) stop();
-    } finally {
-      destroy();
-    }
-  }
-
-  private boolean markDone(Phase phase) {
+  void start() throws Exception {
+    run(startHooks);
     synchronized (done) {
-      return done.add(phase);
+      done.add(Phase.START);
+      done.remove(Phase.STOP);
     }
   }
 
-  private void runOnce(Phase phase, List<Hook> hooks) throws Exception {
-    if (!markDone(phase)) return;
+  void stop() throws Exception {
+    run(stopHooks);
+    mark(Phase.STOP);
+  }
+
+  void destroy() throws Exception {
+    run(destroyHooks);
+    mark(Phase.DESTROY);
+  }
+
+  /**
+   * At shutdown, what the host did not run itself: Stop when started and not stopped since,
+   * Destroy when not destroyed since the last Init; both even if one fails.
+   */
+  void close() throws Exception {
+    boolean needStop;
+    boolean needDestroy;
+    synchronized (done) {
+      needStop = done.contains(Phase.START) && !done.contains(Phase.STOP);
+      needDestroy = !done.contains(Phase.DESTROY);
+    }
+    try {
+      if (needStop) stop();
+    } finally {
+      if (needDestroy) destroy();
+    }
+  }
+
+  private void mark(Phase phase) {
+    synchronized (done) {
+      done.add(phase);
+    }
+  }
+
+  private static void run(List<Hook> hooks) throws Exception {
     for (Hook hook : hooks) hook.run();
   }
 

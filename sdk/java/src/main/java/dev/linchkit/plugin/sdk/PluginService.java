@@ -86,6 +86,8 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
 
   private final Plugin plugin;
   private final HealthStatusManager health;
+  /** Service mode: it serves calls whichever host attaches or detaches, so health stays SERVING. */
+  private final boolean servingFromStart;
   private final ExecutorService workers = Executors.newCachedThreadPool(daemonThreads("plugin-method"));
   private final HostEventRunner hostEvents = new HostEventRunner(daemonThreads("plugin-host-event"));
   private final ScheduledExecutorService timers = Executors.newSingleThreadScheduledExecutor(daemonThreads("plugin-deadline"));
@@ -93,6 +95,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   public PluginService(Plugin plugin, HealthStatusManager health, boolean servingFromStart) {
     this.plugin = plugin;
     this.health = health;
+    this.servingFromStart = servingFromStart;
     setServing(servingFromStart);
   }
 
@@ -476,10 +479,14 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     });
   }
 
+  /**
+   * A subprocess's one host stops it: NOT_SERVING. A service goes on serving the calls of
+   * whoever attaches next (and still answers this host's), so its health stays SERVING.
+   */
   @Override
   public void stop(LifecycleRequest request, StreamObserver<LifecycleReply> observer) {
     lifecycle(observer, () -> {
-      setServing(false);
+      if (!servingFromStart) setServing(false);
       plugin.stop();
     });
   }

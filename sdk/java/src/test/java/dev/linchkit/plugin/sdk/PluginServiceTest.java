@@ -8,11 +8,15 @@ import com.google.gson.JsonParser;
 import com.google.protobuf.ByteString;
 import dev.linchkit.plugin.v1.CallReply;
 import dev.linchkit.plugin.v1.CallRequest;
+import dev.linchkit.plugin.v1.InitRequest;
+import dev.linchkit.plugin.v1.LifecycleRequest;
 import dev.linchkit.plugin.v1.PluginServiceGrpc;
 import dev.linchkit.plugin.v1.StreamItem;
 import io.grpc.ManagedChannel;
 import io.grpc.Server;
 import io.grpc.ServerInterceptors;
+import io.grpc.health.v1.HealthCheckRequest;
+import io.grpc.health.v1.HealthCheckResponse.ServingStatus;
 import io.grpc.health.v1.HealthGrpc;
 import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder;
 import io.grpc.netty.shaded.io.grpc.netty.NettyServerBuilder;
@@ -23,6 +27,7 @@ import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicInteger;
 import org.junit.jupiter.api.AfterEach;
 import org.junit.jupiter.api.Test;
 
@@ -62,6 +67,10 @@ class PluginServiceTest {
     return CallRequest.newBuilder().setV(1).setMethod(method).setParamsJson(ByteString.copyFromUtf8(params)).build();
   }
 
+  private static ServingStatus status(Running running) {
+    return running.health().check(HealthCheckRequest.newBuilder().setService(PluginService.SERVICE_NAME).build()).getStatus();
+  }
+
   @Test
   void anErrorWithoutATypeIsAnsweredAtOnceNotAtTheDeadline() throws Exception {
     Plugin plugin = new Plugin("p", "1");
@@ -93,6 +102,54 @@ class PluginServiceTest {
     assertEquals("{\"row\":1}", items.get(0).getChunkJson().toStringUtf8());
     assertEquals(Errors.DEFAULT_TYPE, items.get(1).getError().getType());
     assertTrue(System.nanoTime() - start < TimeUnit.SECONDS.toNanos(10), "no call waited for its deadline");
+  }
+
+  @Test
+  void aServiceRunsTheLifecycleOfEachHostThatAttachesWithItsConfig() throws Exception {
+    Plugin plugin = new Plugin("p", "1");
+    AtomicInteger inits = new AtomicInteger();
+    AtomicInteger starts = new AtomicInteger();
+    AtomicInteger stops = new AtomicInteger();
+    AtomicInteger destroys = new AtomicInteger();
+    plugin.onInit(config -> inits.incrementAndGet())
+        .onStart(starts::incrementAndGet)
+        .onStop(stops::incrementAndGet)
+        .onDestroy(destroys::incrementAndGet);
+    plugin.method("config", (params, ctx) -> plugin.config());
+    Running running = serve(plugin, true);
+    var stub = running.stub();
+    LifecycleRequest none = LifecycleRequest.getDefaultInstance();
+    for (String host : new String[] {"first", "second"}) {
+      stub.init(InitRequest.newBuilder().setConfigJson(ByteString.copyFromUtf8("{\"host\": \"" + host + "\"}")).build());
+      stub.start(none);
+      CallReply config = stub.call(request("config", "{}"));
+      assertEquals(JsonParser.parseString("{\"host\": \"" + host + "\"}"), JsonParser.parseString(config.getResultJson().toStringUtf8()));
+      stub.stop(none);
+      stub.destroy(none);
+      assertEquals(ServingStatus.SERVING, status(running), "a service still serves calls after a host detached");
+      assertTrue(stub.call(request("config", "{}")).getOk());
+    }
+    assertEquals(List.of(2, 2, 2, 2), List.of(inits.get(), starts.get(), stops.get(), destroys.get()));
+
+    // A third host attaches and the service is ended: its Stop and Destroy run at shutdown.
+    stub.init(InitRequest.newBuilder().setConfigJson(ByteString.copyFromUtf8("{}")).build());
+    stub.start(none);
+    plugin.close();
+    assertEquals(List.of(3, 3, 3, 3), List.of(inits.get(), starts.get(), stops.get(), destroys.get()));
+    plugin.close();
+    assertEquals(3, destroys.get(), "nothing twice");
+  }
+
+  @Test
+  void aSubprocessIsServingFromStartToStop() throws Exception {
+    Plugin plugin = new Plugin("p", "1");
+    Running running = serve(plugin, false);
+    assertEquals(ServingStatus.NOT_SERVING, status(running));
+    running.stub().init(InitRequest.getDefaultInstance());
+    running.stub().start(LifecycleRequest.getDefaultInstance());
+    assertEquals(ServingStatus.SERVING, status(running));
+    running.stub().stop(LifecycleRequest.getDefaultInstance());
+    assertEquals(ServingStatus.NOT_SERVING, status(running));
   }
 
   @SuppressWarnings("unused")

@@ -1,0 +1,78 @@
+"""What a host sees of the Java SDK where it once differed from the other SDKs, with the
+real Java example plugin (``sdk/java/dist/example-plugin``): a service's lifecycle run
+anew for each host that attaches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher, parse_manifest
+from tests.conformance.conftest import (
+    CONFIG,
+    LANGUAGES,
+    START_TIMEOUT,
+    _start_service,
+    _stop_service,
+    executable,
+)
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.skipif("java" not in LANGUAGES, reason="the Java SDK is not built here")
+
+
+def manifest(target: dict[str, Any], config: dict[str, Any]) -> Any:
+    return parse_manifest(
+        {
+            "version": 1,
+            "plugins": [
+                {
+                    "id": "example",
+                    "version": "1.0.0",
+                    "config": config,
+                    "target": target,
+                    "lifecycle": {"init_timeout_ms": int(START_TIMEOUT * 1000)},
+                    "defaults": {"timeout_ms": 60_000},
+                    "methods": {name: {} for name in ("echo", "count", "config")},
+                }
+            ],
+        },
+        base_dir=ROOT,
+    )
+
+
+async def health_of(address: str) -> Any:
+    import grpc.aio
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="linchkit.plugin.v1.PluginService"), timeout=10
+        )
+    return reply.status
+
+
+async def test_a_service_runs_the_lifecycle_of_each_host_with_its_config() -> None:
+    """A second host attaching to a long-running service gets its own Init (its config,
+    as ``config`` reports) and Start, after the first host's Stop and Destroy; health stays
+    SERVING while the service serves calls."""
+    from grpc_health.v1 import health_pb2
+
+    service, address = await _start_service(executable("java"))
+    try:
+        target = {
+            "provider": "grpc",
+            "address": address,
+            "lifecycle": "dispatcher",
+            "connect_timeout_ms": int(START_TIMEOUT * 1000),
+        }
+        for host in ("first", "second"):
+            config = {**CONFIG, "host": host}
+            async with Dispatcher(manifest(target, config)) as dispatcher:
+                assert await dispatcher.call("example", "config", {}) == config
+            # That host detached (Stop, Destroy): the service still serves, and says so.
+            assert await health_of(address) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await _stop_service(service)
