@@ -1,10 +1,12 @@
 """What a host sees of the Java SDK where it once differed from the other SDKs, with the
 real Java example plugin (``sdk/java/dist/example-plugin``): a service's lifecycle run
-anew for each host that attaches.
+anew for each host that attaches, a subprocess launch that logs no false warning.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -76,3 +78,26 @@ async def test_a_service_runs_the_lifecycle_of_each_host_with_its_config() -> No
             assert await health_of(address) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await _stop_service(service)
+
+
+async def test_a_subprocess_launch_logs_no_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A plain launch on a Unix socket logs nothing at WARNING (Netty once warned of
+    SO_KEEPALIVE, which a Unix socket lacks, at every connection)."""
+    caplog.set_level(logging.DEBUG, logger="dispatcher.plugin.example")
+    target = {
+        "provider": "subprocess",
+        "command": [str(executable("java"))],
+        "handshake_timeout_ms": int(START_TIMEOUT * 1000),
+        "health_interval_ms": 0,
+    }
+    async with Dispatcher(manifest(target, CONFIG)) as dispatcher:
+        assert await dispatcher.call("example", "echo", {"hi": 1}) == {"hi": 1}
+        await asyncio.sleep(0.5)  # the plugin's last stderr lines
+    logged = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == "dispatcher.plugin.example" and r.levelno >= logging.WARNING
+    ]
+    assert logged == []

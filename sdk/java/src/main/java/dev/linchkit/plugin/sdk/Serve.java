@@ -4,6 +4,7 @@ import io.grpc.Server;
 import io.grpc.ServerInterceptors;
 import io.grpc.netty.shaded.io.grpc.netty.GrpcSslContexts;
 import io.grpc.netty.shaded.io.grpc.netty.NettyServerBuilder;
+import io.grpc.netty.shaded.io.netty.channel.ChannelOption;
 import io.grpc.netty.shaded.io.netty.channel.EventLoopGroup;
 import io.grpc.netty.shaded.io.netty.channel.epoll.EpollEventLoopGroup;
 import io.grpc.netty.shaded.io.netty.channel.epoll.EpollServerDomainSocketChannel;
@@ -222,7 +223,11 @@ public final class Serve {
       builder = NettyServerBuilder.forAddress(new DomainSocketAddress(socket.toString()))
           .channelType(EpollServerDomainSocketChannel.class)
           .bossEventLoopGroup(loops[0])
-          .workerEventLoopGroup(loops[1]);
+          .workerEventLoopGroup(loops[1])
+          // grpc-java sets SO_KEEPALIVE on every accepted channel; a Unix socket has no such
+          // option, and Netty warned "Unknown channel option 'SO_KEEPALIVE'" at each connection
+          // (the host logged it as a WARNING). A null value takes the option away again.
+          .withChildOption(ChannelOption.SO_KEEPALIVE, null);
       address = socket.toString();
     } else {
       builder = NettyServerBuilder.forAddress(new InetSocketAddress("127.0.0.1", 0));
