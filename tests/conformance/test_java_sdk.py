@@ -1,6 +1,7 @@
 """What a host sees of the Java SDK where it once differed from the other SDKs, with the
 real Java example plugin (``sdk/java/dist/example-plugin``): a service's lifecycle run
-anew for each host that attaches, a subprocess launch that logs no false warning.
+anew for each host that attaches, a subprocess launch that logs no false warning, a reply
+over the gRPC size cap answered as an error rather than sent.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher import Dispatcher, parse_manifest
+from dispatcher import Dispatcher, ProviderError, parse_manifest
 from tests.conformance.conftest import (
     CONFIG,
     LANGUAGES,
@@ -23,6 +24,9 @@ from tests.conformance.conftest import (
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif("java" not in LANGUAGES, reason="the Java SDK is not built here")
+
+#: Chunks of ``count`` gathered into one unary reply: past the 64 MiB cap (~72 MB of JSON).
+OVER_THE_CAP = 5_200_000
 
 
 def manifest(target: dict[str, Any], config: dict[str, Any]) -> Any:
@@ -80,11 +84,13 @@ async def test_a_service_runs_the_lifecycle_of_each_host_with_its_config() -> No
         await _stop_service(service)
 
 
-async def test_a_subprocess_launch_logs_no_warning(
+async def test_a_subprocess_logs_no_warning_and_refuses_a_reply_over_the_cap(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A plain launch on a Unix socket logs nothing at WARNING (Netty once warned of
-    SO_KEEPALIVE, which a Unix socket lacks, at every connection)."""
+    SO_KEEPALIVE, which a Unix socket lacks, at every connection). A result over the 64 MiB
+    cap comes back as the plugin's ``provider_error`` with ``details.reason`` ``too_large``,
+    without being sent, so no stream error (with its Netty stack) reaches the host's log."""
     caplog.set_level(logging.DEBUG, logger="dispatcher.plugin.example")
     target = {
         "provider": "subprocess",
@@ -94,6 +100,15 @@ async def test_a_subprocess_launch_logs_no_warning(
     }
     async with Dispatcher(manifest(target, CONFIG)) as dispatcher:
         assert await dispatcher.call("example", "echo", {"hi": 1}) == {"hi": 1}
+        with pytest.raises(ProviderError) as refused:
+            await dispatcher.call("example", "count", {"n": OVER_THE_CAP})
+        assert refused.value.details is not None
+        assert refused.value.details["reason"] == "too_large", refused.value
+        assert refused.value.retryable is False
+        assert "over the gRPC message size cap" in str(refused.value), refused.value
+        assert await dispatcher.call("example", "echo", {"still": "serving"}) == {
+            "still": "serving"
+        }
         await asyncio.sleep(0.5)  # the plugin's last stderr lines
     logged = [
         (r.levelname, r.getMessage())

@@ -2,6 +2,7 @@ package dev.linchkit.plugin.sdk;
 
 import java.util.logging.ConsoleHandler;
 import java.util.logging.Handler;
+import java.util.logging.Level;
 import java.util.logging.Logger;
 import java.util.logging.SimpleFormatter;
 
@@ -22,6 +23,27 @@ final class Log {
     logger.addHandler(console);
     logger.setUseParentHandlers(false); // the root's console would write each record twice
     return logger;
+  }
+
+  /** grpc-java's server transport, which logs a failed stream with its whole stack. */
+  static final Logger NETTY_SERVER = Logger.getLogger("io.grpc.netty.shaded.io.grpc.netty.NettyServerHandler");
+
+  /**
+   * grpc-java logs each HTTP/2 stream error ("Stream Error", a reset stream, a message its peer
+   * refused) at WARNING with a 45-line stack, twice for one over-size reply, and a subprocess
+   * plugin's host logs each line as a warning. The failed stream is one call, which its caller
+   * sees failed already: the record becomes one line at FINE (shown only when asked for).
+   */
+  static void quietStreamErrors() {
+    NETTY_SERVER.setFilter(record -> {
+      if (!"Stream Error".equals(record.getMessage()) || record.getLevel().intValue() > Level.WARNING.intValue()) {
+        return true;
+      }
+      if (SDK.isLoggable(Level.FINE)) {
+        SDK.fine("gRPC stream error: " + record.getThrown());
+      }
+      return false;
+    });
   }
 
   /**

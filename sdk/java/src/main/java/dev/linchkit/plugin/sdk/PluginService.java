@@ -88,14 +88,21 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   private final HealthStatusManager health;
   /** Service mode: it serves calls whichever host attaches or detaches, so health stays SERVING. */
   private final boolean servingFromStart;
+  /** The largest reply this service sends: the host refuses a larger one (docs/protocol.md). */
+  private final int maxReplyBytes;
   private final ExecutorService workers = Executors.newCachedThreadPool(daemonThreads("plugin-method"));
   private final HostEventRunner hostEvents = new HostEventRunner(daemonThreads("plugin-host-event"));
   private final ScheduledExecutorService timers = Executors.newSingleThreadScheduledExecutor(daemonThreads("plugin-deadline"));
 
   public PluginService(Plugin plugin, HealthStatusManager health, boolean servingFromStart) {
+    this(plugin, health, servingFromStart, Serve.MAX_MESSAGE_BYTES);
+  }
+
+  PluginService(Plugin plugin, HealthStatusManager health, boolean servingFromStart, int maxReplyBytes) {
     this.plugin = plugin;
     this.health = health;
     this.servingFromStart = servingFromStart;
+    this.maxReplyBytes = maxReplyBytes;
     setServing(servingFromStart);
   }
 
@@ -145,6 +152,29 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     } catch (Throwable broken) {
       return UNCONVERTIBLE;
     }
+  }
+
+  /**
+   * What is answered instead of a message over the host's cap: sending it would only make the
+   * host reset the stream (and Netty log a stack trace for it here) after all of it went.
+   * {@code provider_error} with {@code details.reason} {@code too_large}, not retryable: what
+   * the host makes of any reply refused for its size.
+   */
+  PluginException tooLarge(String what, long bytes) {
+    JsonObject details = new JsonObject();
+    details.addProperty("reason", "too_large");
+    details.addProperty("bytes", bytes);
+    details.addProperty("limit", maxReplyBytes);
+    return new PluginException("provider_error",
+        what + " is " + bytes + " bytes, over the gRPC message size cap of " + maxReplyBytes + " bytes",
+        false, details, 0);
+  }
+
+  /** {@code reply}, or the too-large error in its place when it is over the cap. */
+  CallReply capped(CallReply reply, String method) {
+    int size = reply.getSerializedSize();
+    if (size <= maxReplyBytes) return reply;
+    return errorReply(tooLarge((reply.getOk() ? "the result of " : "the error of ") + WireJson.shownName(method), size));
   }
 
   // ---- calls ---------------------------------------------------------------------------
@@ -212,6 +242,11 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       } catch (Throwable error) {
         answer = errorReply(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error);
       }
+      try {
+        answer = capped(answer, request.getMethod());
+      } catch (Throwable error) {
+        answer = errorReply(error);
+      }
       // Whatever happened above, the call is answered: a reply left incomplete waits for the
       // deadline, and for ever without one.
       reply.complete(answer);
@@ -269,6 +304,17 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     CompletableFuture.allOf(replies.toArray(CompletableFuture[]::new)).thenRun(() -> {
       BatchReply.Builder batch = BatchReply.newBuilder();
       for (CompletableFuture<CallReply> reply : replies) batch.addResults(reply.join());
+      // Each reply fits, but together they may not: the largest give way to the too-large error.
+      while (batch.build().getSerializedSize() > maxReplyBytes) {
+        int largest = 0;
+        for (int i = 1; i < batch.getResultsCount(); i++) {
+          if (batch.getResults(i).getSerializedSize() > batch.getResults(largest).getSerializedSize()) largest = i;
+        }
+        CallReply over = batch.getResults(largest);
+        batch.setResults(largest, errorReply(tooLarge(
+            (over.getOk() ? "the result of " : "the error of ") + "call " + largest + " of a batch over the cap",
+            over.getSerializedSize())));
+      }
       reply(observer, batch.build());
     });
   }
@@ -297,7 +343,13 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       synchronized (out) {
         try {
           if (error != null) {
-            out.onNext(StreamItem.newBuilder().setError(Errors.toWire(error)).build());
+            StreamItem item = StreamItem.newBuilder().setError(Errors.toWire(error)).build();
+            if (item.getSerializedSize() > maxReplyBytes) {
+              item = StreamItem.newBuilder()
+                  .setError(Errors.toWire(tooLarge("the error of " + WireJson.shownName(request.getMethod()), item.getSerializedSize())))
+                  .build();
+            }
+            out.onNext(item);
           }
         } catch (RuntimeException cancelled) {
           // the host went away first
@@ -334,8 +386,12 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
         }
       }
       if (ended.get()) throw ctx.overError();
+      StreamItem item = StreamItem.newBuilder().setChunkJson(encodeJson(Plugin.toJson(chunk))).build();
+      if (item.getSerializedSize() > maxReplyBytes) {
+        throw tooLarge("a chunk of " + WireJson.shownName(request.getMethod()), item.getSerializedSize());
+      }
       synchronized (out) {
-        out.onNext(StreamItem.newBuilder().setChunkJson(encodeJson(Plugin.toJson(chunk))).build());
+        out.onNext(item);
       }
     };
     Future<?> task = workers.submit(() -> {

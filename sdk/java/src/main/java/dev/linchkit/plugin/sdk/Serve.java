@@ -77,13 +77,15 @@ public final class Serve {
   /**
    * The largest gRPC message the plugin takes (Call, CallBatch, Events): 64 MiB, the dispatcher's
    * own limit (its channel's grpc.max_receive_message_length and grpc.max_send_message_length), not
-   * grpc-java's default 4 MiB. Replies are not capped by grpc-java's server; the dispatcher refuses
-   * one over the same 64 MiB. A larger request is refused with RESOURCE_EXHAUSTED.
+   * grpc-java's default 4 MiB. A larger request is refused with RESOURCE_EXHAUSTED. grpc-java's
+   * server caps no reply; the dispatcher refuses one over the same 64 MiB, so {@link PluginService}
+   * answers such a reply with the too-large error instead of sending it.
    */
   public static final int MAX_MESSAGE_BYTES = 64 << 20;
 
   public static void serve(Plugin plugin, String[] args) {
     Log.formatRootConsoleUnlessConfigured();
+    Log.quietStreamErrors();
     try {
       Handshake.Command command = Handshake.parseCommand(args);
       if (command.helpWanted()) {

@@ -4,8 +4,11 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import com.google.gson.JsonObject;
 import com.google.gson.JsonParser;
 import com.google.protobuf.ByteString;
+import dev.linchkit.plugin.v1.BatchReply;
+import dev.linchkit.plugin.v1.BatchRequest;
 import dev.linchkit.plugin.v1.CallReply;
 import dev.linchkit.plugin.v1.CallRequest;
 import dev.linchkit.plugin.v1.InitRequest;
@@ -37,9 +40,9 @@ class PluginServiceTest {
 
   private record Running(PluginService service, PluginServiceGrpc.PluginServiceBlockingStub stub, HealthGrpc.HealthBlockingStub health) {}
 
-  private Running serve(Plugin plugin, boolean servingFromStart) throws Exception {
+  private Running serve(Plugin plugin, boolean servingFromStart, int maxReplyBytes) throws Exception {
     HealthStatusManager health = new HealthStatusManager();
-    PluginService service = new PluginService(plugin, health, servingFromStart);
+    PluginService service = new PluginService(plugin, health, servingFromStart, maxReplyBytes);
     Server server = NettyServerBuilder.forAddress(new InetSocketAddress("127.0.0.1", 0))
         .maxInboundMessageSize(Serve.MAX_MESSAGE_BYTES)
         .addService(ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR))
@@ -84,7 +87,7 @@ class PluginServiceTest {
       out.send(Map.of("row", 1));
       throw new PluginException(null, "after one row");
     });
-    Running running = serve(plugin, true);
+    Running running = serve(plugin, true, Serve.MAX_MESSAGE_BYTES);
     long start = System.nanoTime();
     CallReply reply = running.stub().withDeadlineAfter(20, TimeUnit.SECONDS).call(request("untyped", "{}"));
     assertTrue(System.nanoTime() - start < TimeUnit.SECONDS.toNanos(5), "answered long before the deadline");
@@ -116,7 +119,7 @@ class PluginServiceTest {
         .onStop(stops::incrementAndGet)
         .onDestroy(destroys::incrementAndGet);
     plugin.method("config", (params, ctx) -> plugin.config());
-    Running running = serve(plugin, true);
+    Running running = serve(plugin, true, Serve.MAX_MESSAGE_BYTES);
     var stub = running.stub();
     LifecycleRequest none = LifecycleRequest.getDefaultInstance();
     for (String host : new String[] {"first", "second"}) {
@@ -143,13 +146,60 @@ class PluginServiceTest {
   @Test
   void aSubprocessIsServingFromStartToStop() throws Exception {
     Plugin plugin = new Plugin("p", "1");
-    Running running = serve(plugin, false);
+    Running running = serve(plugin, false, Serve.MAX_MESSAGE_BYTES);
     assertEquals(ServingStatus.NOT_SERVING, status(running));
     running.stub().init(InitRequest.getDefaultInstance());
     running.stub().start(LifecycleRequest.getDefaultInstance());
     assertEquals(ServingStatus.SERVING, status(running));
     running.stub().stop(LifecycleRequest.getDefaultInstance());
     assertEquals(ServingStatus.NOT_SERVING, status(running));
+  }
+
+  private static void assertTooLarge(dev.linchkit.plugin.v1.Error error) {
+    assertEquals("provider_error", error.getType(), error.toString());
+    assertFalse(error.getRetryable());
+    JsonObject details = JsonParser.parseString(error.getDetailsJson().toStringUtf8()).getAsJsonObject();
+    assertEquals("too_large", details.get("reason").getAsString());
+  }
+
+  @Test
+  void aReplyOverTheCapIsAnsweredTooLargeInsteadOfSent() throws Exception {
+    Plugin plugin = new Plugin("p", "1");
+    plugin.method("big", (params, ctx) -> "x".repeat(new Params(params, "big").integer("n", 0, 1 << 30) > 0
+        ? (int) new Params(params, "big").integer("n", 0, 1 << 30) : 0));
+    plugin.streamingMethod("rows", (params, ctx, out) -> {
+      out.send("small");
+      out.send("x".repeat(2000));
+    });
+    Running running = serve(plugin, true, 1000);
+    assertTrue(running.stub().call(request("big", "{\"n\": 900}")).getOk());
+    CallReply over = running.stub().call(request("big", "{\"n\": 2000}"));
+    assertFalse(over.getOk());
+    assertTooLarge(over.getError());
+
+    List<StreamItem> items = new ArrayList<>();
+    running.stub().callStream(request("rows", "{}")).forEachRemaining(items::add);
+    assertEquals(2, items.size(), items.toString());
+    assertTooLarge(items.get(1).getError());
+
+    // Two replies that fit alone but not together: the larger one gives way.
+    BatchReply batch = running.stub().callBatch(BatchRequest.newBuilder()
+        .addCalls(request("big", "{\"n\": 500}"))
+        .addCalls(request("big", "{\"n\": 600}"))
+        .build());
+    assertTrue(batch.getResults(0).getOk());
+    assertTooLarge(batch.getResults(1).getError());
+    assertTrue(batch.getSerializedSize() <= 1000);
+  }
+
+  @Test
+  void aResultOver64MiBIsAnsweredTooLargeToAHostOfThatCap() throws Exception {
+    Plugin plugin = new Plugin("p", "1");
+    plugin.method("huge", (params, ctx) -> "x".repeat(70_000_000));
+    Running running = serve(plugin, true, Serve.MAX_MESSAGE_BYTES);
+    CallReply over = running.stub().withDeadlineAfter(60, TimeUnit.SECONDS).call(request("huge", "{}"));
+    assertTooLarge(over.getError());
+    assertTrue(over.getError().getMessage().contains(String.valueOf(Serve.MAX_MESSAGE_BYTES)), over.getError().getMessage());
   }
 
   @SuppressWarnings("unused")
