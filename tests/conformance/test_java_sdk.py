@@ -1,13 +1,15 @@
 """What a host sees of the Java SDK where it once differed from the other SDKs, with the
 real Java example plugin (``sdk/java/dist/example-plugin``): a service's lifecycle run
 anew for each host that attaches, a subprocess launch that logs no false warning, a reply
-over the gRPC size cap answered as an error rather than sent.
+over the gRPC size cap answered as an error rather than sent, and ``--help`` without
+``serve``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from tests.conformance.conftest import (
     executable,
 )
 from tests.conftest import ROOT
+from tests.services import CLEAN_ENVIRONMENT
 
 pytestmark = pytest.mark.skipif("java" not in LANGUAGES, reason="the Java SDK is not built here")
 
@@ -116,3 +119,19 @@ async def test_a_subprocess_logs_no_warning_and_refuses_a_reply_over_the_cap(
         if r.name == "dispatcher.plugin.example" and r.levelno >= logging.WARNING
     ]
     assert logged == []
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_without_serve_shows_the_usage(flag: str) -> None:
+    done = subprocess.run(
+        [str(executable("java")), flag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=CLEAN_ENVIRONMENT,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert "usage:" in done.stdout and "--address" in done.stdout
+    assert "unknown command" not in done.stderr

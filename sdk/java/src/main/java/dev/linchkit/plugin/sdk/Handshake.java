@@ -135,6 +135,8 @@ public final class Handshake {
 
   public static Command parseCommand(String[] args) throws HandshakeException {
     if (args.length == 0) return new Command(null, false);
+    // `example-plugin --help` asks what the executable takes: the same help as `serve --help`.
+    if (args[0].equals("--help") || args[0].equals("-h")) return new Command(null, true);
     if (!args[0].equals("serve")) {
       throw new HandshakeException("unknown command '" + args[0] + "'; " + SERVE_USAGE);
     }

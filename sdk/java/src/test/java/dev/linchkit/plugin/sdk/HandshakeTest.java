@@ -93,6 +93,11 @@ class HandshakeTest {
       assertFalse(command.isService(), "help serves nothing: " + help);
     }
     assertTrue(parse("serve", "--address", "127.0.0.1:1", "--help").helpWanted());
+    // `example-plugin --help` too: an author asks the executable, not its serve command.
+    for (String help : new String[] {"--help", "-h"}) {
+      assertTrue(parse(help).helpWanted(), help);
+      assertFalse(parse(help).isService(), help);
+    }
   }
 
   @Test
