@@ -316,3 +316,13 @@ def test_the_readme_installs_the_dispatcher_from_its_checkout_not_from_pypi(
     assert "pip install 'linchkit-dispatcher" not in readme
     install = f"pip install -e '{ROOT}/sdk/python[grpc]' -e '{ROOT}[grpc]'"
     assert install in " ".join(readme.split()), readme
+
+
+def test_the_python_readme_installs_from_the_checkout_not_from_pypi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(main, ["new", "order-totals", "--lang", "python"]).exit_code == 0
+    readme = (tmp_path / "order-totals" / "README.md").read_text()
+    assert "pip install 'linchkit" not in readme
+    assert "pip install -e 'sdk/python[http]' -e ." in readme
