@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     config: Arc<RwLock<Arc<Json>>>,
     health: HealthReporter,
     lifecycle: Mutex<Lifecycle>,
+    /// A service (`serve --address`) outlives its hosts: SERVING until it shuts down.
+    service: bool,
 }
 
 impl Shared {
@@ -66,6 +68,7 @@ impl Shared {
             config: plugin.config,
             health,
             lifecycle: Mutex::default(),
+            service: serving_from_start,
         });
         shared.set_serving(serving_from_start).await;
         shared
@@ -368,7 +371,13 @@ impl PluginService for Service {
                 .await
                 .map_err(|err| hook_status("init", err))?;
         }
-        self.0.mark(|state| state.inited = true);
+        // An Init begins a new round: the last host's Stop and Destroy count no more.
+        self.0.mark(|state| {
+            *state = Lifecycle {
+                inited: true,
+                ..Lifecycle::default()
+            }
+        });
         Ok(Response::new(pb::LifecycleReply {}))
     }
 
@@ -377,7 +386,10 @@ impl PluginService for Service {
         _: Request<pb::LifecycleRequest>,
     ) -> Result<Response<pb::LifecycleReply>, Status> {
         self.run_hook("start", &self.0.hooks.start).await?;
-        self.0.mark(|state| state.started = true);
+        self.0.mark(|state| {
+            state.started = true;
+            state.stopped = false;
+        });
         self.0.set_serving(true).await;
         Ok(Response::new(pb::LifecycleReply {}))
     }
@@ -386,7 +398,9 @@ impl PluginService for Service {
         &self,
         _: Request<pb::LifecycleRequest>,
     ) -> Result<Response<pb::LifecycleReply>, Status> {
-        self.0.set_serving(false).await;
+        if !self.0.service {
+            self.0.set_serving(false).await;
+        }
         self.run_hook("stop", &self.0.hooks.stop).await?;
         self.0.mark(|state| state.stopped = true);
         Ok(Response::new(pb::LifecycleReply {}))
