@@ -33,11 +33,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from dispatcher.config import StateConfig
 from dispatcher.state import _scripts
@@ -524,7 +524,8 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
                 # Bounded: this runs on cancellation too, when nothing would cancel it again.
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(CLOSE_SECONDS):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        # redis-py types PubSub.aclose from 8.2 on; earlier releases do not.
+                        await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(CLOSE_SECONDS):
                         await client.aclose()
