@@ -108,6 +108,47 @@ async def test_the_deadline_header_bounds_the_call_and_a_bad_one_is_refused() ->
             assert (status, body["error"]["type"]) == (400, "invalid_params"), (header, value)
 
 
+@pytest.mark.parametrize("call_lane", [True, False])
+async def test_the_gateways_max_timeout_cuts_a_longer_asked_deadline(call_lane: bool) -> None:
+    """``max_timeout_ms`` cuts what a caller asks for to the cap, not refused; a deadline
+    under it stands, and a call that asks for none keeps its method's longer timeout.
+    Before, a minute's X-Timeout-Ms held the call (and the plugin) for the whole minute."""
+    entry = echo_entry(sleep={"timeout_ms": 5000})
+    settings = GatewaySettings(port=0, max_timeout_ms=300, call_lane=call_lane)
+    async with (
+        running_gateway(entry, settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        url = f"{server.url}/v1/plugins/echo/methods/sleep"
+        for header, value in [("X-Timeout-Ms", "60000"), ("Request-Timeout", "60")]:
+            started = loop_time()
+            status, _, body = await post(session, url, {"seconds": 30}, **{header: value})
+            assert (status, body["error"]["type"]) == (504, "deadline_exceeded"), header
+            assert loop_time() - started < 5  # the cap's 0.3 s and slack; it sleeps 30 s
+        # Under the cap: the asked deadline stands.
+        status, _, body = await post(session, url, {"seconds": 0.01}, **{"X-Timeout-Ms": "250"})
+        assert (status, body["ok"]) == (200, True)
+        status, _, body = await post(session, url, {"seconds": 5}, **{"X-Timeout-Ms": "50"})
+        assert (status, body["error"]["type"]) == (504, "deadline_exceeded")
+        # No deadline asked: the method's own 5 s, above the cap, is not cut.
+        status, _, body = await post(session, url, {"seconds": 0.6})
+        assert (status, body["ok"]) == (200, True)
+        assert body["result"] >= 0.6
+        # Past a day is still malformed, cap or not.
+        status, _, body = await post(session, url, {"seconds": 0}, **{"X-Timeout-Ms": "86400001"})
+        assert (status, body["error"]["type"]) == (400, "invalid_params")
+        # The OpenAPI document tells the cap; what it accepts is unchanged.
+        async with session.get(f"{server.url}/openapi.json") as answer:
+            headers = orjson.loads(await answer.read())["components"]["parameters"]
+        for name in ("TimeoutMs", "RequestTimeout"):
+            assert "cuts a longer deadline to 300 ms" in headers[name]["description"]
+        assert headers["TimeoutMs"]["schema"]["maximum"] == 86_400_000
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
 async def test_a_rate_limited_call_is_429_with_retry_after() -> None:
     entry = echo_entry(say={"rate_limit": {"rate": 0.01, "burst": 1, "mode": "reject"}})
     async with running_gateway(entry) as (_, server), aiohttp.ClientSession() as session:
@@ -360,6 +401,8 @@ async def test_listing_openapi_health_and_unknown_routes() -> None:
         reference = say["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         assert document["components"]["schemas"][reference.rsplit("/", 1)[1]] == SAY_SCHEMA
         assert "/v1/plugins/events/methods/burst" in document["paths"]
+        timeout_header = document["components"]["parameters"]["TimeoutMs"]
+        assert "max_timeout_ms" not in timeout_header["description"]  # no cap: nothing cut
         async with session.get(f"{server.url}/healthz") as answer:
             assert (answer.status, await answer.json()) == (200, {"status": "alive"})
         async with session.get(f"{server.url}/nowhere") as answer:

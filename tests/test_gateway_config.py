@@ -46,6 +46,7 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
             "max_grpc_calls": 64,
             "max_connections": 300,
             "max_connections_per_peer": 30,
+            "max_timeout_ms": 300_000,
         },
         tmp_path,
     )
@@ -60,6 +61,8 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
     assert settings.call_lane is False
     assert settings.max_grpc_calls == 64
     assert (settings.max_connections, settings.connections_per_peer) == (300, 30)
+    assert settings.max_timeout_ms == 300_000
+    assert GatewaySettings().max_timeout_ms is None  # unset: a day, what callers had
     overridden = GatewaySettings.from_config(
         manifest.gateway,  # type: ignore[attr-defined]
         port=0,
@@ -99,6 +102,12 @@ def test_the_section_maps_onto_settings_and_given_options_win(tmp_path: Path) ->
         ({"timeouts": {"keep_alive_ms": 10**12}}, "keep_alive_ms"),
         ({"timeouts": {"keep_alive_ms": "forever"}}, "keep_alive_ms"),
         ({"listen": "everywhere"}, "listen"),
+        ({"max_timeout_ms": 0}, "max_timeout_ms"),
+        ({"max_timeout_ms": -5}, "max_timeout_ms"),
+        ({"max_timeout_ms": 86_400_001}, "max_timeout_ms"),
+        ({"max_timeout_ms": 1.5}, "max_timeout_ms"),
+        ({"max_timeout_ms": "soon"}, "max_timeout_ms"),
+        ({"max_timeout_ms": True}, "max_timeout_ms"),
     ],
 )
 def test_mistakes_are_named_where_they_are(
@@ -125,6 +134,12 @@ def test_connection_limits_given_in_python_are_checked(
 ) -> None:
     with pytest.raises(ValueError, match=complaint):
         GatewaySettings(**limits)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cap", [0, -1, 86_400_001, 1.5, "300", True])
+def test_a_max_timeout_given_in_python_is_checked(cap: object) -> None:
+    with pytest.raises(ValueError, match=r"max_timeout_ms must be an integer of milliseconds"):
+        GatewaySettings(max_timeout_ms=cap)  # type: ignore[arg-type]
 
 
 async def test_serve_reads_the_section_and_serves_grpc_beside_http(tmp_path: Path) -> None:

@@ -169,6 +169,42 @@ async def test_a_grpc_deadline_only_shortens_a_call_so_none_is_too_far() -> None
         assert time.monotonic() - started < 0.29
 
 
+async def test_the_gateways_max_timeout_cuts_a_longer_timeout_ms() -> None:
+    """``max_timeout_ms`` cuts ``timeout_ms`` as it cuts ``X-Timeout-Ms`` on HTTP, not
+    refused; one under it stands, and a call with none keeps its method's longer timeout.
+    Before, a minute's timeout_ms held the call (and the plugin) for the whole minute."""
+    entry = echo_entry(sleep={"timeout_ms": 5000})
+    settings = GatewaySettings(port=0, grpc_port=0, max_timeout_ms=300)
+    async with (
+        running_gateway(entry, settings=settings) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        gateway = stub(channel)
+        started = time.monotonic()
+        error = await rpc_error(
+            gateway.Call(grpc_call("echo", "sleep", {"seconds": 30}, timeout_ms=60_000))
+        )
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+        assert trailers(error)["error-type"] == "deadline_exceeded"
+        assert time.monotonic() - started < 5  # the cap's 0.3 s and slack; it sleeps 30 s
+        # Under the cap: the asked deadline stands.
+        assert (
+            await gateway.Call(grpc_call("echo", "sleep", {"seconds": 0.01}, timeout_ms=250))
+        ).ok
+        error = await rpc_error(
+            gateway.Call(grpc_call("echo", "sleep", {"seconds": 5}, timeout_ms=50))
+        )
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+        # No timeout_ms: the method's own 5 s, above the cap, is not cut.
+        reply = await gateway.Call(grpc_call("echo", "sleep", {"seconds": 0.6}))
+        assert reply.ok and orjson.loads(reply.result_json) >= 0.6
+        # Past a day is still malformed, cap or not.
+        error = await rpc_error(
+            gateway.Call(grpc_call("echo", "sleep", {"seconds": 0}, timeout_ms=86_400_001))
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+
+
 async def test_idempotency_keys_follow_the_http_ports_rule() -> None:
     """1-255 printable characters, refused otherwise with the HTTP port's words (naming
     the field). Before, control characters went through to the plugin's context."""

@@ -13,6 +13,7 @@ Durations are in milliseconds, as every other duration of a manifest.
       max_body_bytes: 1048576
       timeouts: {body_ms: 30000, header_ms: 10000, keep_alive_ms: 75000, heartbeat_ms: 20000}
       max_job_waits: 1000
+      max_timeout_ms: 300000
       max_grpc_calls: 1000
       max_connections: 4096
       max_connections_per_peer: 1024
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from providers.target import ManifestPath, StrictModel
 
@@ -104,6 +105,12 @@ class GatewayConfig(StrictModel):
     max_job_waits: Annotated[int, Field(ge=1)] = Field(
         default=1000, description="GET /v1/jobs/{id}?wait= requests parked at once; more: 503."
     )
+    max_timeout_ms: Annotated[int, Field(ge=1, le=86_400_000)] | None = Field(
+        default=None,
+        description="The longest deadline a caller may ask for (X-Timeout-Ms, Request-Timeout,"
+        " gRPC timeout_ms); a longer one is cut to it, not refused. Unset: a day. A call"
+        " that asks for none keeps its method's timeout_ms.",
+    )
     max_grpc_calls: Annotated[int, Field(ge=1)] = Field(
         default=1000,
         description="Calls the gRPC port holds at once, waiting for their message or running;"
@@ -134,6 +141,14 @@ class GatewayConfig(StrictModel):
         description="Answer plain calls on the call lane (httptools); false: every request"
         " through aiohttp.web, at more CPU per call (docs/gateway.md).",
     )
+
+    @field_validator("max_timeout_ms", mode="before")
+    @classmethod
+    def _milliseconds_are_no_flag(cls, value: object) -> object:
+        # pydantic takes true for 1 ms: a YAML slip, not a cap anyone means.
+        if isinstance(value, bool):
+            raise ValueError(f"a whole number of milliseconds in [1, 86400000], not {value}")
+        return value
 
     @model_validator(mode="after")
     def _one_peer_within_the_whole(self) -> GatewayConfig:

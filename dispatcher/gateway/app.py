@@ -49,6 +49,7 @@ from dispatcher.gateway.body import Refused, read_params
 from dispatcher.gateway.call_headers import (
     REQUEST_ID,
     TRACEPARENT,
+    capped_timeout,
     idempotency_key_of,
     timeout_of,
     version_of,
@@ -190,7 +191,7 @@ class Gateway:
             if sent_id is not None and request_id != sent_id:
                 raise InvalidParams("X-Request-Id is 1-128 characters of A-Z a-z 0-9 . _ : -")
             caller, presented = await self._caller(credentials)
-            timeout = timeout_of(headers)
+            timeout = capped_timeout(timeout_of(headers), self.settings.max_timeout_ms)
             idempotency_key = idempotency_key_of(headers)
             traceparent = headers.get("traceparent")
             if traceparent is not None and not TRACEPARENT.match(traceparent):
@@ -357,7 +358,10 @@ class Gateway:
             plugins=orjson.dumps({"plugins": _plugin_list(manifest, allows)}),
             openapi=orjson.dumps(
                 openapi_document(
-                    manifest, authenticated=self.authenticator is not None, allows=allows
+                    manifest,
+                    authenticated=self.authenticator is not None,
+                    allows=allows,
+                    max_timeout_ms=self.settings.max_timeout_ms,
                 )
             ),
             plugin_ids=frozenset(

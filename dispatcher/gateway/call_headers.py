@@ -17,6 +17,7 @@ __all__ = [
     "MAX_TIMEOUT_MS",
     "REQUEST_ID",
     "TRACEPARENT",
+    "capped_timeout",
     "checked_idempotency_key",
     "checked_version",
     "idempotency_key_of",
@@ -53,6 +54,16 @@ def timeout_of(headers: Mapping[str, str]) -> float | None:
             return value
         raise InvalidParams("Request-Timeout is a number of seconds in (0, 86400]")
     return None
+
+
+def capped_timeout(timeout: float | None, max_timeout_ms: int | None) -> float | None:
+    """The deadline a caller asked for (seconds; None: it asked for none), cut to the
+    gateway's ``max_timeout_ms`` when that is set: a longer one is shortened, not
+    refused, as Envoy's ``max_grpc_timeout`` does. None stays None, so a call that asks
+    for nothing keeps its method's own ``timeout_ms``, whatever the cap."""
+    if timeout is None or max_timeout_ms is None:
+        return timeout
+    return min(timeout, max_timeout_ms / 1000)
 
 
 def version_of(headers: Mapping[str, str]) -> str | None:

@@ -86,6 +86,7 @@ from dispatcher.gateway.call_headers import (
     MAX_TIMEOUT_MS,
     REQUEST_ID,
     TRACEPARENT,
+    capped_timeout,
     checked_idempotency_key,
     checked_version,
 )
@@ -398,8 +399,10 @@ class _Servicer:
             raise InvalidParams(f"timeout_ms is at most {MAX_TIMEOUT_MS}")
         # timeout_ms sets the call's deadline as X-Timeout-Ms does on HTTP, overriding the
         # method's; the gRPC deadline is how long the client waits, which only ever
-        # shortens it: one further away than any deadline (1e9 s) is no error.
-        timeout = request.timeout_ms / 1000 if request.timeout_ms else None
+        # shortens it: one further away than any deadline (1e9 s) is no error. Either is
+        # cut to the gateway's max_timeout_ms, as on HTTP.
+        asked = request.timeout_ms / 1000 if request.timeout_ms else None
+        timeout = capped_timeout(asked, self.settings.max_timeout_ms)
         remaining = context.time_remaining()
         wait_at_most = None if remaining is None else max(remaining, 0.001)
         credentials: Credentials | None = self._credentials(context)

@@ -183,10 +183,12 @@ def openapi_document(
     authenticated: bool,
     title: str = "LinchKit plugin gateway",
     allows: Allows | None = None,
+    max_timeout_ms: int | None = None,
 ) -> dict[str, Any]:
     """The document for ``manifest``; ``authenticated`` adds the credentials calls need.
     With ``allows``, only the methods it allows at the version described (a plugin's
-    highest) are: what one caller may call under the manifest's ``access``."""
+    highest) are: what one caller may call under the manifest's ``access``. With
+    ``max_timeout_ms`` (the gateway's), the deadline headers say a longer one is cut to it."""
     latest: dict[str, PluginSpec[Any]] = {}
     for plugin in manifest.plugins:
         current = latest.get(plugin.id)
@@ -244,7 +246,7 @@ def openapi_document(
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "parameters": _HEADERS,
+            "parameters": _headers(max_timeout_ms),
             "responses": {
                 str(status): {
                     "description": text,
@@ -265,6 +267,18 @@ def openapi_document(
         }
         document["security"] = [{"bearer": []}, {"apiKey": []}]
     return document
+
+
+def _headers(max_timeout_ms: int | None) -> dict[str, dict[str, Any]]:
+    """``_HEADERS``, the deadline headers telling the gateway's cap when it has one. The
+    schema's ``maximum`` stays what is accepted: a longer deadline is cut, not refused."""
+    if max_timeout_ms is None:
+        return _HEADERS
+    cut = f" This gateway cuts a longer deadline to {max_timeout_ms} ms (max_timeout_ms)."
+    return _HEADERS | {
+        name: _HEADERS[name] | {"description": _HEADERS[name]["description"] + cut}
+        for name in ("TimeoutMs", "RequestTimeout")
+    }
 
 
 def _operation(plugin: PluginSpec[Any], method: str, component: str) -> dict[str, Any]:

@@ -20,6 +20,10 @@ Each limit guards one resource against one kind of client, broken or hostile:
     max_job_wait           a request slot: GET /v1/jobs/{id}?wait=…      400 invalid_params
     max_job_waits          the state store: each parked wait reads the   503 overloaded,
                            job's record twice a second                   Retry-After: 1
+    max_timeout_ms         a request slot and the plugin's capacity: a   the call's deadline
+                           caller asking a long deadline (X-Timeout-Ms,  cut to it, not
+                           Request-Timeout, gRPC timeout_ms) for a call  refused (unset: a
+                           that hangs                                    day)
     max_grpc_calls         memory and tasks: calls on the gRPC port,     RESOURCE_EXHAUSTED
                            waiting for their message (body_timeout at
                            most) or running
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.config.gateway import DEFAULT_MAX_CONNECTIONS, MOST_CONNECTIONS, GatewayConfig
+from dispatcher.gateway.call_headers import MAX_TIMEOUT_MS
 from dispatcher.gateway.disclosure import ErrorDetail
 from dispatcher.gateway.tls import ClientCertificates, ServerTls
 
@@ -86,6 +91,11 @@ class GatewaySettings:
     #: Waits (``?wait=`` > 0) parked at once on this gateway; one more is refused (503
     #: overloaded) instead of adding its reads of the state store to the others'.
     max_job_waits: int = 1000
+    #: The longest deadline (ms) a caller may ask for, on either port; a longer one is cut
+    #: to it (``call_headers.capped_timeout``), as Envoy's ``max_grpc_timeout`` does. It
+    #: bounds only what a caller asks: a call that asks for none keeps its method's
+    #: ``timeout_ms``, longer or not. None: ``MAX_TIMEOUT_MS``, a day.
+    max_timeout_ms: int | None = None
     #: Calls the gRPC port holds at once, from their arrival (waiting for their message,
     #: ``body_timeout`` at most) to their answer; one more is refused RESOURCE_EXHAUSTED
     #: by grpc. A call waiting for its message costs the gateway ~19 kB (measured): a
@@ -149,6 +159,14 @@ class GatewaySettings:
             raise ValueError(
                 f"max_job_wait must be in [0, 3600] seconds, not {self.max_job_wait!r}"
             )
+        cap = self.max_timeout_ms
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= MAX_TIMEOUT_MS
+        ):
+            raise ValueError(
+                f"max_timeout_ms must be an integer of milliseconds in [1, {MAX_TIMEOUT_MS}],"
+                f" not {cap!r}"
+            )
         if not (0 <= self.grace <= 86_400):
             raise ValueError(f"grace must be in [0, 86400] seconds, not {self.grace!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -205,6 +223,7 @@ class GatewaySettings:
                 "heartbeat": config.timeouts.heartbeat_ms / 1000,
                 "max_job_wait": config.timeouts.job_wait_ms / 1000,
                 "max_job_waits": config.max_job_waits,
+                "max_timeout_ms": config.max_timeout_ms,
                 "max_grpc_calls": config.max_grpc_calls,
                 "max_connections": config.max_connections,
                 "max_connections_per_peer": config.max_connections_per_peer,
