@@ -2,6 +2,7 @@
 //! with a tonic client; the handshake, AutoMTLS and the mapping of errors.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,10 @@ struct Running {
 }
 
 async fn start(args: &[&str], vars: &[(&str, &str)]) -> Running {
+    start_plugin(test_plugin(), args, vars).await
+}
+
+async fn start_plugin(plugin: Plugin, args: &[&str], vars: &[(&str, &str)]) -> Running {
     let (stdin_host, stdin_plugin) = tokio::io::duplex(64);
     let (stdout_plugin, stdout_host) = tokio::io::duplex(4096);
     let env = Environment {
@@ -85,7 +90,7 @@ async fn start(args: &[&str], vars: &[(&str, &str)]) -> Running {
         stdout: Box::new(stdout_plugin),
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(test_plugin().run(env, async move {
+    let task = tokio::spawn(plugin.run(env, async move {
         let _ = stopped.await;
     }));
     let mut line = String::new();
@@ -576,4 +581,67 @@ async fn service_mode_with_a_token_refuses_calls_without_it() {
     assert!(reply.ok);
     assert_eq!(reply.result_json, b"1");
     running.stop().await;
+}
+
+/// A service outlives its hosts: the second host's Init begins a new round, so when the
+/// service is stopped after that host started it and went away, the SDK still runs the Stop
+/// and Destroy that host did not, though the first host's were run by the host itself.
+#[tokio::test]
+async fn service_mode_stops_the_round_of_the_last_host_at_shutdown() {
+    let stops = Arc::new(AtomicUsize::new(0));
+    let destroys = Arc::new(AtomicUsize::new(0));
+    let (on_stop, on_destroy) = (stops.clone(), destroys.clone());
+    let plugin = Plugin::new("rounds", "0.1.0")
+        .method("echo", "", |call: Call| async move {
+            Ok(call.raw_params().clone())
+        })
+        .on_stop(move || {
+            let stops = on_stop.clone();
+            async move {
+                stops.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+        .on_destroy(move || {
+            let destroys = on_destroy.clone();
+            async move {
+                destroys.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        });
+    let running = start_plugin(plugin, &["serve", "--address", "127.0.0.1:0"], &[]).await;
+    let (mut client, mut health_client) = running.client().await;
+    let init = || pb::InitRequest {
+        config_json: b"{}".to_vec(),
+    };
+    // The first host: a whole round, ended by the host.
+    client.init(init()).await.unwrap();
+    client.start(pb::LifecycleRequest {}).await.unwrap();
+    client.stop(pb::LifecycleRequest {}).await.unwrap();
+    client.destroy(pb::LifecycleRequest {}).await.unwrap();
+    assert_eq!(
+        (
+            stops.load(Ordering::SeqCst),
+            destroys.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+    assert_eq!(
+        health(&mut health_client, SERVICE_NAME).await,
+        ServingStatus::Serving as i32,
+        "a service serves the next host after one detaches"
+    );
+    // The second host starts it and goes away without Stop or Destroy.
+    client.init(init()).await.unwrap();
+    client.start(pb::LifecycleRequest {}).await.unwrap();
+    drop(client);
+    drop(health_client);
+    running.stop().await;
+    assert_eq!(
+        (
+            stops.load(Ordering::SeqCst),
+            destroys.load(Ordering::SeqCst)
+        ),
+        (2, 2)
+    );
 }
