@@ -116,6 +116,12 @@ async def test_stderr_lines_keep_the_level_the_plugin_logged_them_at(
         'time=2026-12-04T00:10:00Z level=error msg="slog text"': logging.ERROR,
         "2026/12/04 00:10:00 WARN go log": logging.WARNING,
         "2026-12-04T00:10:00.123456Z  WARN plugin: rust tracing": logging.WARNING,
+        "[0.012s][warning][gc] a JVM's -Xlog warning": logging.WARNING,
+        "[2026-12-04T00:10:00.123+0000][0.5s][4242][error][os,thread] a JVM's -Xlog error": (
+            logging.ERROR
+        ),
+        "[0.5s][info][gc] a JVM's -Xlog info": logging.INFO,
+        "OpenJDK 64-Bit Server VM warning: the JVM's own warning": logging.WARNING,
         "Error reading a file, said as a sentence": logging.INFO,
     }
     async with Dispatcher(manifest(crashing())) as dispatcher:

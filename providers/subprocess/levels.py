@@ -11,6 +11,8 @@ level is read from the start of the line, in the shapes plugins write:
     2026-12-04T00:10:00Z  WARN svc: disk ...   Rust's tracing-subscriber fmt
     time=... level=WARN msg="disk almost full" Go's slog.TextHandler (logfmt)
     {"time":...,"level":"warn","msg":...}      JSON lines: slog.JSONHandler, pino (40)
+    [0.012s][warning][gc] ...                  the JVM's unified logging (-Xlog), any decorators
+    OpenJDK 64-Bit Server VM warning: ...      the JVM's own warnings (HotSpot, OpenJ9 alike)
 
 A bare level word must be upper case (``Error reading x`` is a message, not a level);
 ``level=`` and JSON ``"level"`` take any case. A line with none of these stays INFO, as
@@ -52,6 +54,11 @@ _BARE = re.compile(
 )
 _LOGFMT = re.compile(r"(?:^|\s)level=\"?([A-Za-z]+)")
 _JSON = re.compile(r"\"level\"\s*:\s*(?:\"([A-Za-z]+)\"|([0-9]+))")
+# -Xlog's decorators come first, each in brackets (uptime, time, pid, tags...), the level
+# among them in lower case: ``[0.012s][warning][gc]``, ``[2026-...][0.5s][error][os,thread]``.
+_JVM = re.compile(r"(?:\[[^\[\]]*\]){0,6}?\[(trace|debug|info|warning|error)\]")
+_JVM_LEVELS = {"warning": logging.WARNING, "error": logging.ERROR, "info": logging.INFO}
+_VM_WARNING = re.compile(r"[\w().\- ]{0,60} VM warning: ")
 
 
 def line_level(line: str) -> int:
@@ -67,10 +74,16 @@ def line_level(line: str) -> int:
                 return logging.CRITICAL if number >= 60 else logging.ERROR
             return _PINO.get(number, logging.INFO)
         return _LEVELS.get(found.group(1).upper(), logging.INFO)
+    if head.startswith("["):
+        found = _JVM.match(head)
+        if found is not None:
+            return _JVM_LEVELS.get(found.group(1), logging.DEBUG)
     found = _BARE.match(head)
     if found is not None:
         return _LEVELS[found.group(1) or found.group(2)]
     found = _LOGFMT.search(head)
     if found is not None:
         return _LEVELS.get(found.group(1).upper(), logging.INFO)
+    if _VM_WARNING.match(head) is not None:
+        return logging.WARNING
     return logging.INFO
