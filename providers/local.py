@@ -7,9 +7,13 @@ Without ``path``, the plugin is imported from the manifest's folder, the way
 One module name comes from one folder: Python keeps one module per name in a process, so
 a second ``path`` holding another ``echo.py`` would not be imported at all, its calls
 running the first folder's ``echo``. The manifest refuses two folders holding one module
-name (``host_module``), which is why a plugin instance is keyed by ``(id, version,
-entrypoint)`` and not its ``path``: in a manifest that loads, the entrypoint says which
-code runs.
+name (``host_module``). A reload may point a target at a new folder, though (a new
+version shipped in a new folder): the module is then imported from there, the old
+folder's put aside (``providers._local_imports``, which also says when that is refused:
+``ModuleConflict``). A plugin instance is keyed by ``(id, version, entrypoint)`` and
+where its module's code is, not by ``path``: in a manifest, the entrypoint says which code
+runs, and across a reload the old folder's instance runs on beside the new folder's until
+it is detached.
 
 The provider owns each plugin instance's lifecycle: ``attach`` runs ``init``/``start``,
 ``detach`` runs ``stop``/``destroy``. Params must be JSON, exactly as for remote targets,
@@ -26,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator
+from functools import cached_property
 from importlib.machinery import PathFinder
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +40,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from linchkit_plugin.errors import DeadlineExceeded, ProviderError, TargetUnavailable
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import encode_json
+from providers._local_imports import ModuleConflict, import_from_folder
 from providers.base import Health, Provider
 from providers.host_events import HostEvents
 from providers.invocation import Invocation
@@ -43,7 +49,7 @@ from providers.target import ManifestPath, TargetConfig
 if TYPE_CHECKING:
     from providers.target import PluginInfo
 
-__all__ = ["LocalProvider", "LocalTarget"]
+__all__ = ["LocalProvider", "LocalTarget", "ModuleConflict"]
 
 log = logging.getLogger("dispatcher.providers.local")
 
@@ -78,9 +84,15 @@ class LocalTarget(TargetConfig):
         return f"local {self.entrypoint}"
 
     def host_module(self) -> tuple[str, str] | None:
-        # The top-level name: ``pkg.a:A`` and ``pkg.b:B`` share ``pkg``, and once ``pkg``
-        # is imported from one folder, ``pkg.b`` is looked for in that folder alone.
-        # Found as the import would find it in ``path`` alone, nothing imported.
+        return self._host_module
+
+    @cached_property
+    def _host_module(self) -> tuple[str, str] | None:
+        # Found once (the manifest asks as it loads): the provider keys a plugin's
+        # instance by it (``_code``), on every call. The top-level name: ``pkg.a:A`` and
+        # ``pkg.b:B`` share ``pkg``, and once ``pkg`` is imported from one folder,
+        # ``pkg.b`` is looked for in that folder alone. Found as the import would find it
+        # in ``path`` alone, nothing imported.
         name = self.entrypoint.partition(":")[0].partition(".")[0]
         if self.path is None:
             return None
@@ -90,23 +102,44 @@ class LocalTarget(TargetConfig):
         where = spec.origin or next(iter(spec.submodule_search_locations or ()), None)
         return None if where is None else (name, where)
 
+    @cached_property
+    def _code(self) -> str | None:
+        # Where the module's code is: the provider's key of an instance, looked up on
+        # every call (a string: its hash is kept, a tuple's is not).
+        found = self._host_module
+        return None if found is None else found[1]
+
 
 class LocalProvider(Provider[LocalTarget]):
     name = "local"
     target_model = LocalTarget
 
     def __init__(self) -> None:
-        self._hosts: dict[tuple[str, str, str], PluginHost] = {}
+        self._hosts: dict[_HostKey, PluginHost] = {}
         #: The target each host was attached on: an event published on another target with
         #: the same entrypoint is not delivered again (``send_event``).
-        self._targets: dict[tuple[str, str, str], LocalTarget] = {}
+        self._targets: dict[_HostKey, LocalTarget] = {}
         #: Host events on their way to each plugin, handed over in order by one task each.
-        self._inboxes: dict[tuple[str, str, str], _Inbox] = {}
+        self._inboxes: dict[_HostKey, _Inbox] = {}
 
     async def attach(self, plugin: PluginInfo, target: LocalTarget) -> None:
-        key = (plugin.id, plugin.version, target.entrypoint)
+        key = _host_key(plugin.id, plugin.version, target)
         if key in self._hosts:
             return
+        # The module from the target's own folder, not one of its name imported from
+        # another (the old folder, when a reload ships a version in a new one).
+        put_aside = import_from_folder(target.host_module(), target.path)
+        try:
+            host = await self._opened(plugin, target)
+        except BaseException:
+            if put_aside is not None:
+                put_aside.put_back()
+            raise
+        self._hosts[key] = host
+        self._targets[key] = target
+        self.report_served(plugin, target, _served_by(host, plugin))
+
+    async def _opened(self, plugin: PluginInfo, target: LocalTarget) -> PluginHost:
         # Only the methods the manifest lists: nothing else can be routed to, and a wide
         # class would otherwise cost its every public method per plugin.
         host = PluginHost.load(
@@ -123,12 +156,10 @@ class LocalProvider(Provider[LocalTarget]):
         except Exception as error:
             await self._close(host, plugin)
             raise ProviderError(f"{plugin.key} failed to start: {error!r}") from error
-        self._hosts[key] = host
-        self._targets[key] = target
-        self.report_served(plugin, target, _served_by(host, plugin))
+        return host
 
     async def detach(self, plugin: PluginInfo, target: LocalTarget) -> None:
-        key = (plugin.id, plugin.version, target.entrypoint)
+        key = _host_key(plugin.id, plugin.version, target)
         inbox = self._inboxes.pop(key, None)
         if inbox is not None:
             await inbox.close()
@@ -195,7 +226,7 @@ class LocalProvider(Provider[LocalTarget]):
         a remote plugin. Other plugins of the same class, or another version of this one,
         have instances of their own: they do not get it."""
         encode_json(data)
-        key = (plugin.id, plugin.version, target.entrypoint)
+        key = _host_key(plugin.id, plugin.version, target)
         host = self._hosts.get(key)
         if host is None:
             raise TargetUnavailable(f"{plugin.key} is not started on {target.describe()}")
@@ -209,7 +240,9 @@ class LocalProvider(Provider[LocalTarget]):
         inbox.put(event, data)
 
     def _host(self, target: LocalTarget, invocation: Invocation) -> PluginHost:
-        host = self._hosts.get((invocation.plugin, invocation.version, target.entrypoint))
+        # The key written out, not ``_host_key``: a call saves the function call.
+        key = (invocation.plugin, invocation.version, target.entrypoint, target._code)
+        host = self._hosts.get(key)
         if host is None:
             raise TargetUnavailable(f"{invocation.plugin}@{invocation.version} is not started")
         return host
@@ -217,11 +250,12 @@ class LocalProvider(Provider[LocalTarget]):
     async def served_methods(
         self, plugin: PluginInfo, target: LocalTarget, *, timeout: float
     ) -> frozenset[str] | None:
-        host = self._hosts.get((plugin.id, plugin.version, target.entrypoint))
+        host = self._hosts.get(_host_key(plugin.id, plugin.version, target))
         return None if host is None else _served_by(host, plugin)
 
     async def health(self, target: LocalTarget) -> Health:
-        hosts = [host for key, host in self._hosts.items() if key[2] == target.entrypoint]
+        instance = (target.entrypoint, target._code)
+        hosts = [host for key, host in self._hosts.items() if key[2:] == instance]
         if not hosts:
             return Health("not_serving", "not started")
         for host in hosts:
@@ -237,6 +271,17 @@ class LocalProvider(Provider[LocalTarget]):
                 await host.close()
         except Exception:  # stopping must go on for the other plugins
             log.exception("stopping %s failed", plugin.key)
+
+
+#: A plugin instance: plugin id, version, entrypoint, and where the module's code is
+#: (``host_module``; None when the target's folder does not hold it).
+_HostKey = tuple[str, str, str, str | None]
+
+
+def _host_key(plugin_id: str, version: str, target: LocalTarget) -> _HostKey:
+    # The code's place, not the ``path``: two spellings of one folder share an instance,
+    # and an old folder's instance stays apart from a new folder's during a reload.
+    return plugin_id, version, target.entrypoint, target._code
 
 
 def _past_deadline(invocation: Invocation) -> DeadlineExceeded:
