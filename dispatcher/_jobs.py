@@ -148,29 +148,45 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
     A job that ended ``failed`` or ``dead`` has the error its result is (``ended_error``):
     final (not retryable, no ``retry_after``) and naming the state, whatever its last
     attempt said. Read here, every backend's records (and those stored before) say it:
-    before, a dead job's record called its error retryable while its result did not."""
+    before, a dead job's record called its error retryable while its result did not.
+    So does a redriven job's ``previous_error`` (the store keeps the dead letter's error
+    as its last attempt raised it): it reads as the dead job's ``error`` read before the
+    redrive, not as a retryable error of a job that runs again by itself."""
     status: dict[str, Any] = dict(record)
     for name, value in record.items():
         if name in _COUNTS or name.endswith("_at"):
             status[name] = _number(value)
     status.setdefault("attempts", 0)
-    if record.get("state") == "succeeded" and "error" in status:
+    state = record.get("state")
+    # Only a redrive writes ``previous_error`` to the store, and only a dead job is
+    # redriven (every backend's dead letters are the ``dead`` ones); a success moves its
+    # last attempt's error there here, which stays as that attempt said.
+    dead_letter = "previous_error" in record
+    if state == "succeeded" and "error" in status:
         status["previous_error"] = status.pop("error")
+        dead_letter = False
     for field in _JSON_FIELDS:
         if field in status:
             with contextlib.suppress(orjson.JSONDecodeError):  # else kept as the text it is
                 status[field] = orjson.loads(status[field])
-    state, error = record.get("state"), status.get("error")
-    if (
-        state in ("failed", "dead")
-        and isinstance(error, dict)
+    if state in ("failed", "dead") and "error" in status:
+        status["error"] = _told_final(state, status["error"])
+    if dead_letter:
+        status["previous_error"] = _told_final("dead", status["previous_error"])
+    return status
+
+
+def _told_final(state: str, error: Any) -> Any:
+    """A stored error object as ``ended_error`` tells it; anything else as it is."""
+    if not (
+        isinstance(error, dict)
         and isinstance(error.get("type"), str)
         and isinstance(error.get("message"), str)
     ):
-        details = error.get("details")
-        wire = {**error, "details": dict(details) if isinstance(details, dict) else None}
-        status["error"] = ended_error(state, wire).to_wire()
-    return status
+        return error
+    details = error.get("details")
+    wire = {**error, "details": dict(details) if isinstance(details, dict) else None}
+    return ended_error(state, wire).to_wire()
 
 
 def _number(text: str) -> int | str:

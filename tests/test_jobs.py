@@ -188,6 +188,9 @@ async def test_a_job_failing_retryably_is_dead_lettered_then_redriven_then_purge
         assert not await store.redrive(job_id)  # no longer dead-lettered
         with pytest.raises(TargetUnavailable):
             await d.result(job_id, wait=30)  # ran its 3 attempts again, dead again
+        # What it was dead-lettered with reads as it did then: final, not the last
+        # attempt's retryable (before, previous_error said "retryable": true).
+        assert (await d.job(job_id))["previous_error"] == record["error"]
         assert await effects(redis_server.url, redis_prefix, "busy") == 6
         assert await store.purge() == 1
         assert await store.dead(10) == []

@@ -163,9 +163,10 @@ async def test_a_redriven_job_shows_no_error_until_an_attempt_of_its_own_fails(
     record = json.loads((await cli(manifest, "job", job_id)).out)  # no worker: it waits
     assert (record["state"], record["attempts"]) == ("queued", 0)
     assert "error" not in record and "finished_at" not in record
-    # The same error: the dead record told it final (not retryable, its state named).
-    told = {key: dead["error"][key] for key in ("type", "message")}
-    assert {key: record["previous_error"][key] for key in told} == told
+    # The same error, told as the dead record told it: final (not retryable, its state
+    # named). Before, it was the last attempt's as stored: "retryable": true.
+    assert record["previous_error"] == dead["error"]
+    assert (dead["error"]["retryable"], dead["error"]["details"]["state"]) == (False, "dead")
     (row,) = [line.split() for line in (await cli(manifest, "jobs")).out.splitlines()[1:]]
     # ID METHOD STATE ATTEMPTS SUBMITTED(date time) FINISHED ERROR CALLBACK
     assert (row[0], row[2], row[3], row[6], row[7]) == (job_id, "queued", "0", "-", "-")
@@ -177,7 +178,7 @@ async def test_a_redriven_job_shows_no_error_until_an_attempt_of_its_own_fails(
     assert (again["state"], again["attempts"]) == ("dead", 1)
     assert again["error"]["type"] == "target_unavailable"
     assert again["finished_at"] >= record["redriven_at"]
-    assert {key: again["previous_error"][key] for key in told} == told
+    assert again["previous_error"] == dead["error"]
 
 
 async def test_a_failed_job_exits_1_with_its_error(

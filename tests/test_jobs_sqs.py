@@ -25,6 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from dispatcher import Dispatcher, JobNotFound, JobsUnavailable
+from dispatcher._jobs import ended_error, job_status
 from dispatcher.config import ManifestError, load_manifest
 from dispatcher.state import JobTooLarge, StateUnavailable
 from linchkit_plugin.errors import InvalidParams, PluginError, TargetUnavailable
@@ -204,14 +205,13 @@ async def test_a_redriven_job_waits_with_its_dead_letter_error_as_previous_error
         record = await d.job(job_id)
     assert (record["state"], record["attempts"]) == ("queued", 0)
     assert "error" not in record and "finished_at" not in record
-    # The dead record told its error final (not retryable, state dead); previous_error is
-    # the last attempt's as it was stored.
+    # The dead record told its error final (not retryable, state dead), and so does its
+    # previous_error (before, the last attempt's as it was stored: "retryable": true).
     assert dead["error"]["retryable"] is False and dead["error"]["details"]["state"] == "dead"
-    told = {key: dead["error"][key] for key in ("type", "message")}
-    assert {key: record["previous_error"][key] for key in told} == told
+    assert record["previous_error"] == dead["error"]
     [message] = [json.loads(body) for body in queues.bodies(queues.url)]
-    assert "error" not in message
-    assert json.loads(message["previous_error"]) == record["previous_error"]
+    assert "error" not in message  # the message carries it as stored, read final
+    assert ended_error("dead", json.loads(message["previous_error"])).to_wire() == dead["error"]
 
 
 async def test_a_redrive_after_the_view_lost_the_record_lets_the_worker_make_it_again(
@@ -272,6 +272,11 @@ async def test_without_a_job_view_a_redriven_message_carries_previous_error(
         [again] = await eventually(lambda: store.dead(10), "a dead letter")
     assert json.loads(again["error"])["message"] == "always busy"
     assert again["previous_error"] == dead["error"]
+    # As ``dispatcher dlq list`` reads them: the error it was dead-lettered with first is
+    # told as that dead letter told it (final), not as its last attempt raised it.
+    told = job_status(again)["previous_error"]
+    assert told == job_status(dead)["error"]
+    assert (told["retryable"], told["details"]["state"]) == (False, "dead")
 
 
 async def test_a_non_retryable_error_ends_the_job_failed_at_once(make: Any, queues: Queues) -> None:
