@@ -9,7 +9,7 @@ async with Dispatcher.from_file("plugins.yaml") as d:
 from __future__ import annotations
 
 from dispatcher._dispatcher import Call, Dispatcher, TargetHealth
-from dispatcher._jobs import JobNotFinished, JobNotFound, JobsUnavailable
+from dispatcher._jobs import JobNotFinished, JobNotFound, JobsUnavailable, ResultTooLarge
 from dispatcher._rollout import RolloutEvent
 from dispatcher.config import (
     Manifest,
@@ -67,6 +67,7 @@ __all__ = [
     "Principal",
     "ProviderError",
     "RateLimited",
+    "ResultTooLarge",
     "RolloutEvent",
     "ShuttingDown",
     "TargetHealth",

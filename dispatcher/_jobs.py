@@ -14,6 +14,7 @@ Errors, as a tree::
     DispatchError (linchkit_plugin.errors)
     ├── JobNotFound      no record of that id: never submitted, or kept past result_ttl_ms
     ├── JobNotFinished   ``result(wait=…)`` ran out of time first (retryable: ask again)
+    ├── ResultTooLarge   the job's result was over ``jobs.max_result_bytes``: not kept
     └── JobsUnavailable  this dispatcher's state backend keeps no jobs (memory)
 
 (``JobsUnavailable`` lives with the stores, ``dispatcher.state.base``, which raise it
@@ -30,7 +31,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -51,6 +52,7 @@ from linchkit_plugin.wire import encode_json
 from providers.egress import EgressPolicy
 
 __all__ = [
+    "OWN_ERROR_TYPES",
     "JobNotFinished",
     "JobNotFound",
     "JobWorkers",
@@ -84,9 +86,16 @@ class JobNotFinished(DispatchError):
 class ResultTooLarge(DispatchError):
     """A job's result over ``jobs.max_result_bytes``: the plugin answered, the dispatcher
     did not keep it (not retried: the same call would answer as much again). Stored and
-    read back, it is the plugin SDK's ``PluginError`` of this type (status 500)."""
+    read back (``ended_error``), it is this class again, with its details (``limit``,
+    ``bytes``); before 2026-12-04 it was read back as a ``PluginError`` of this type."""
 
     type = "result_too_large"
+
+
+#: The dispatcher's own types a job's stored error may have, beyond the protocol's: read
+#: back as their class (``error_from_wire(…, types=…)``), not as a plugin's error of that
+#: name. Only for what a worker stored: a plugin's answer is read with the protocol's.
+OWN_ERROR_TYPES: Mapping[str, type[DispatchError]] = {ResultTooLarge.type: ResultTooLarge}
 
 
 def _now_ms() -> str:
@@ -217,7 +226,7 @@ def ended_error(state: str, wire: object) -> DispatchError:
     retryable and no ``retry_after``, whatever the attempt said, with ``details["state"]``
     saying how the job ended. Asking again answers the same (a dead job runs again only
     when redriven), so a client that retries a retryable error must not poll it for ever."""
-    error = error_from_wire(wire)
+    error = error_from_wire(wire, types=OWN_ERROR_TYPES)
     error.retryable = False
     error.retry_after = None
     error.details["state"] = state

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher, JobNotFound
+from dispatcher import Dispatcher, JobNotFound, ResultTooLarge
+from dispatcher._jobs import ended_error
 from dispatcher.config import load_manifest
 from dispatcher.state import StateUnavailable
-from linchkit_plugin.errors import DispatchError, PluginError, ProviderError
+from linchkit_plugin.errors import DispatchError, ProviderError
 from tests.services import Redis
 from tests.sqs_support import Moto, Queues
 from tests.test_job_callbacks import ok, receiving
@@ -104,11 +105,20 @@ async def test_a_result_over_max_result_bytes_fails_the_job_instead_of_filling_r
         tmp_path, redis_server.url, redis_prefix, workers=1, max_result_bytes=4096
     ) as d:
         job_id = await d.submit("jobs", "echo", {"text": "x" * 10_000})
-        with pytest.raises(PluginError, match="max_result_bytes = 4096") as caught:
+        # Read back from the store as the dispatcher raised it: its own class, with its
+        # details (before, a PluginError whose remote type was "result_too_large").
+        with pytest.raises(ResultTooLarge, match="max_result_bytes = 4096") as caught:
             await d.result(job_id, wait=30)
-        assert caught.value.to_wire()["type"] == "result_too_large"
+        assert caught.value.details == {
+            "stage": "jobs",
+            "state": "failed",
+            "limit": 4096,
+            "bytes": 10_002,
+        }
+        assert caught.value.retryable is False
         status = await d.job(job_id)
         assert (status["state"], "result" in status) == ("failed", False)
+        assert isinstance(ended_error("failed", status["error"]), ResultTooLarge)
         small = await d.submit("jobs", "echo", {"text": "x" * 100})
         assert await d.result(small, wait=30) == "x" * 100
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher, JobNotFound, JobsUnavailable
+from dispatcher import Dispatcher, JobNotFound, JobsUnavailable, ResultTooLarge
 from dispatcher._jobs import ended_error, job_status
 from dispatcher.config import ManifestError, load_manifest
 from dispatcher.state import JobTooLarge, StateUnavailable
@@ -286,6 +286,24 @@ async def test_a_non_retryable_error_ends_the_job_failed_at_once(make: Any, queu
             await d.result(job_id, wait=30)
         assert ((await d.job(job_id))["state"], (await d.job(job_id))["attempts"]) == ("failed", 1)
     assert queues.count(queues.dead_url) == 0
+
+
+async def test_a_result_over_max_result_bytes_is_read_back_as_the_error_raised(
+    make: Any, queues: Queues
+) -> None:
+    """As on the Redis stream: the job fails ``result_too_large`` and its record, result and
+    the final error rebuilt from it are the dispatcher's own class with its details
+    (before, a ``PluginError`` whose remote type was "result_too_large")."""
+    async with make(workers=1, max_result_bytes=1000) as d:
+        job_id = await d.submit("jobs", "echo", {"text": "x" * 2000})
+        with pytest.raises(ResultTooLarge, match="max_result_bytes = 1000") as caught:
+            await d.result(job_id, wait=60)
+        status = await d.job(job_id)
+    expected = {"stage": "jobs", "state": "failed", "limit": 1000, "bytes": 2002}
+    assert (caught.value.details, caught.value.retryable) == (expected, False)
+    assert (status["state"], status["error"]["details"]) == ("failed", expected)
+    assert isinstance(ended_error("failed", status["error"]), ResultTooLarge)
+    assert queues.count(queues.dead_url) == 0  # failed, not dead-lettered
 
 
 async def test_a_redelivered_message_of_an_ended_job_is_only_deleted(

@@ -234,11 +234,18 @@ _BY_TYPE: dict[str, type[DispatchError]] = {
 }
 
 
-def error_from_wire(error: object) -> DispatchError:
+def error_from_wire(
+    error: object, *, types: Mapping[str, type[DispatchError]] | None = None
+) -> DispatchError:
     """Turn the ``error`` object of a response envelope back into an exception.
 
     A known ``type`` becomes that class; any other type is the plugin's own error.
     A malformed error object is itself a contract breach: ``ProviderError``.
+
+    ``types``: classes by ``type`` known beyond the protocol's, for a reader of errors it
+    wrote itself (a host reading its own records back gets its own error types, not a
+    plugin's error of that name). The protocol's types come first: these extend them.
+    This package imports no host: a host hands its types in here.
     """
     if not isinstance(error, dict):
         return ProviderError(f"target answered a malformed error object: {error!r:.200}")
@@ -255,6 +262,8 @@ def error_from_wire(error: object) -> DispatchError:
         "details": details if isinstance(details, dict) else None,
     }
     known = _BY_TYPE.get(remote_type)
+    if known is None and types is not None:
+        known = types.get(remote_type)
     if known is not None:
         return known(message, **kwargs)
     return PluginError(message, remote_type=remote_type, **kwargs)
