@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import grpc.aio
 import orjson
@@ -86,6 +87,57 @@ async def test_calls_answer_with_the_result_and_errors_map_to_statuses_read_back
         assert translate_rpc_error(error, "gateway").type == "invalid_params"
         error = await rpc_error(gateway.Call(cases[3][0]))
         assert translate_rpc_error(error, "gateway").type == "deadline_exceeded"
+
+
+#: No call ends ``result_too_large`` today (a job's worker raises it, and the gRPC port has
+#: no job routes): an in-process plugin raising the dispatcher's own error stands in for
+#: whatever route would bring it to the port.
+_RESULT_TOO_LARGE_PLUGIN = """
+from dispatcher import ResultTooLarge
+from linchkit_plugin import Plugin
+
+
+class TooLarge(Plugin):
+    async def big(self) -> None:
+        raise ResultTooLarge(
+            "the result is 2002 bytes as JSON, over jobs.max_result_bytes = 1000",
+            details={"stage": "jobs", "limit": 1000, "bytes": 2002},
+        )
+"""
+
+
+async def test_result_too_large_is_resource_exhausted_final_as_the_http_ports_500(
+    tmp_path: Path,
+) -> None:
+    """The dispatcher's own limit on an answer: RESOURCE_EXHAUSTED, as grpc says of a
+    message over a size limit, told final (``retryable: false``, no ``retry-after``) as
+    the HTTP port's 500 without ``Retry-After`` is. Before: FAILED_PRECONDITION, the code
+    of ``provider_error`` (the target broke the protocol), which it is not."""
+    (tmp_path / "too_large_plugin.py").write_text(_RESULT_TOO_LARGE_PLUGIN)
+    entry = {
+        "id": "limits",
+        "version": "1.0.0",
+        "target": {
+            "provider": "local",
+            "entrypoint": "too_large_plugin:TooLarge",
+            "path": str(tmp_path),
+        },
+        "methods": {"big": {}},
+    }
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with (
+        running_gateway(entry, settings=settings) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+        aiohttp.ClientSession() as session,
+        session.post(f"{server.url}/v1/plugins/limits/methods/big", json={}) as answer,
+    ):
+        error = await rpc_error(stub(channel).Call(grpc_call("limits", "big", {})))
+        http_status, http_error = answer.status, (await answer.json())["error"]
+        retry_after = answer.headers.get("Retry-After")
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert trailers(error) == {"error-type": "result_too_large", "retryable": "false"}
+    assert "jobs.max_result_bytes = 1000" in (error.details() or "")
+    assert (http_status, http_error["type"], retry_after) == (500, "result_too_large", None)
 
 
 async def test_hostile_requests_are_refused_typed_and_the_port_keeps_serving() -> None:

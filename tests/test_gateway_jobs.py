@@ -470,6 +470,10 @@ async def test_the_openapi_document_describes_the_job_routes(
         "$ref": "#/components/schemas/jobs.work.params"
     }
     assert {"/v1/jobs/{id}", "/v1/jobs/{id}/result"} <= paths.keys()
+    # A job's result answers 500 for a type of the dispatcher's too: named where 500 is.
+    result_500 = paths["/v1/jobs/{id}/result"]["get"]["responses"]["500"]["$ref"]
+    assert result_500 == "#/components/responses/500"
+    assert "result_too_large" in document["components"]["responses"]["500"]["description"]
     job = document["components"]["schemas"]["JobEnvelope"]["properties"]["job"]["properties"]
     assert {job[name]["type"] for name in ("submitted_at", "started_at", "finished_at")} == {
         "integer"

@@ -22,6 +22,8 @@ through its own grpc code gets the same error type back):
     forbidden                                         PERMISSION_DENIED
     plugin_not_found, method_not_found                NOT_FOUND
     rate_limited                                      RESOURCE_EXHAUSTED
+    result_too_large (a job's result over             RESOURCE_EXHAUSTED, ``retryable``
+    jobs.max_result_bytes; HTTP's 500)                false: final, unlike rate_limited
     deadline_exceeded                                 DEADLINE_EXCEEDED
     target_unavailable, circuit_open, overloaded,     UNAVAILABLE
     shutting_down
@@ -123,6 +125,15 @@ STATUS_BY_TYPE: dict[str, grpc.StatusCode] = {
     "circuit_open": grpc.StatusCode.UNAVAILABLE,
     "overloaded": grpc.StatusCode.UNAVAILABLE,
     "shutting_down": grpc.StatusCode.UNAVAILABLE,
+    # The dispatcher's own limit on an answer (a job's result over jobs.max_result_bytes):
+    # what grpc itself answers for a message over a size limit, as this port does for a
+    # request over max_body_bytes. The HTTP port's 500 (not 429, no Retry-After) says it is
+    # final; here the trailers do (retryable false, no retry-after). Not provider_error's
+    # FAILED_PRECONDITION (the target did not break the protocol: the HTTP port's 502 vs
+    # 500), nor INTERNAL (grpc's broken invariants, read back as a crashed handler). Read
+    # back by providers._grpc.status it is rate_limited (it knows size limits by grpc's
+    # wording only): the one type that does not come back as itself; the trailers do.
+    "result_too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 #: At a stop, calls that arrive are held, neither run nor answered, until none has arrived
 #: for this long (at most ``SETTLE_MOST_SECONDS``); then grpc's shutdown begins and they go

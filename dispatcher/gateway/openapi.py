@@ -165,7 +165,8 @@ _STATUS_TEXT = {
     415: "The request body is not application/json, or in a Content-Encoding the gateway"
     " does not decode (Accept-Encoding names those it does)",
     429: "Rate limited: come back after Retry-After seconds",
-    500: "The plugin raised an error (its own type in error.type)",
+    500: "The plugin raised an error (its own type in error.type); for a job's result also"
+    " result_too_large: the result was over the dispatcher's jobs.max_result_bytes, not kept",
     502: "The target broke the contract",
     503: "Unavailable, circuit open, overloaded or shutting down: retry after Retry-After seconds",
     501: "The gateway's state backend keeps no jobs (memory)",
