@@ -132,7 +132,14 @@ async def dial(
                         await socket.close()
                     if stopping.is_set():
                         return
-                    log.info("connection to %s closed (%s); reconnecting", url, socket.close_code)
+                    # Every close is redialled, a reload's 1012 or 1001 too: the upgrade then
+                    # admits what the gateway serves now, or refuses (401/403/404: Refused).
+                    log.info(
+                        "connection to %s closed (%s%s); reconnecting",
+                        url,
+                        socket.close_code,
+                        f": {session.close_reason}" if session.close_reason else "",
+                    )
                     # Reset only once the gateway welcomed this plugin: one that closes
                     # every connection at once is otherwise redialled 20 times a second.
                     if session.welcomed:

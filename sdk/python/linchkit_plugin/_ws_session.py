@@ -91,6 +91,9 @@ class PluginSession:
         self._send_lock = asyncio.Lock()
         #: Set when ``run`` has ended (the connection closed).
         self.ended = asyncio.Event()
+        #: The reason in the peer's close frame: why the host closed (a reload replaced
+        #: or removed this plugin, the gateway stops), for the log.
+        self.close_reason = ""
 
     def queue_event(self, frame: bytes) -> None:
         try:
@@ -126,8 +129,12 @@ class PluginSession:
                 await self.socket.close(code=CLOSE_GOING_AWAY)
 
     async def _read(self) -> None:
-        async for message in self.socket:
+        while True:
+            # ``receive``, not ``async for``: iterating hides the close frame and its reason.
+            message = await self.socket.receive()
             if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                if message.type == WSMsgType.CLOSE:
+                    self.close_reason = str(message.extra or "")[:200]
                 break  # ERROR (too large, broken framing) or CLOSE: the session ends
             try:
                 frame = decode_frame(message.data)
