@@ -17,7 +17,10 @@ to happen to the parts around that install is here, in the order the dispatcher 
    longer uses, log what the reload did, start discovery and health checks of new
    fleets. If anything is no longer used, wait until the calls in flight at the swap
    have ended (``grace`` seconds at most: then calls still using it fail as it goes),
-   and detach it: retired attachments, fleets, the policy state of removed versions.
+   close the connections of plugins that dialled in on targets no longer used (nothing
+   calls them any more: each plugin is told whether its id is still served, so that it
+   dials again, or is gone), and detach the rest: retired attachments, fleets, the policy
+   state of removed versions.
 """
 
 from __future__ import annotations
@@ -124,9 +127,30 @@ class ReloadSteps:
         used = {target.key for plugin in manifest.plugins for target in plugin.targets()}
         if retired or plan.removed or plan.changed or fleets.unused(used):
             await self._settle(grace)
+            await self._close_connections(manifest, plan, used)
             await attachments.detach(retired)
             await fleets.forget(used)
             await self._policies.forget(plan.removed)  # changed ones were rebuilt
+
+    async def _close_connections(
+        self, manifest: Manifest[Any], plan: ReloadPlan, used: set[str]
+    ) -> None:
+        """Close the plugin connections of the inbound targets of removed and changed
+        versions that ``manifest`` no longer uses (those it keeps stay connected)."""
+        served = {
+            plugin.id
+            for plugin in manifest.plugins
+            if any(target.accepts_connections() for target in plugin.targets())
+        }
+        for plugin in [*plan.removed, *(old for old, _ in plan.changed)]:
+            for target in plugin.targets():
+                provider = self._attachments.providers.get(target.provider)
+                if provider is None or not target.accepts_connections() or target.key in used:
+                    continue
+                try:
+                    await provider.close_connections(target, replaced=plugin.id in served)
+                except Exception:  # as a failed detach: logged, the reload is done
+                    log.exception("reload: closing the connections of %s failed", plugin.key)
 
     async def _settle(self, grace: float) -> None:
         """Wait until the calls in flight now have ended, ``grace`` seconds at most."""

@@ -289,6 +289,15 @@ class Provider(abc.ABC, Generic[TargetT]):
         of ``targets`` until it closes; reported through ``instance_source``."""
         raise ProviderError(f"the {self.name} provider takes no inbound connections")
 
+    async def close_connections(self, target: TargetT, *, replaced: bool) -> None:
+        """A reload left ``target`` (one that ``accepts_connections``) out of the manifest:
+        close the plugin connections still open on it, which nothing calls any more,
+        telling each plugin why, and refuse any that completes its handshake there later.
+        ``replaced``: the new manifest still takes connections of that plugin id (another
+        version, or this one on a changed target), so one that dials again may be admitted;
+        otherwise the plugin is gone. Called once the calls in flight at the reload's swap
+        have ended (or its grace passed). The default: nothing, as nothing connects."""
+
     def deployer(self) -> Deployer[TargetT] | None:
         """How this provider deploys its targets (``dispatcher deploy``); None if it cannot."""
         return None

@@ -20,8 +20,10 @@ from dispatcher import Dispatcher, ManifestError, TargetUnavailable
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from dispatcher.gateway.app import create_app
 from linchkit_plugin import current_context
+from linchkit_plugin._ws_events import EventOutbox
+from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.host import PluginHost
-from linchkit_plugin.ws_protocol import hello_frame
+from linchkit_plugin.ws_protocol import PLUGIN_ID_HEADER, PLUGIN_VERSION_HEADER, hello_frame
 from linchkit_plugin.ws_server import Refused, dial
 from tests.conftest import ROOT, manifest
 from tests.gateway_support import raw_connection, read_answer
@@ -499,3 +501,171 @@ async def test_a_url_that_can_never_reach_a_gateway_is_refused_before_anything_r
         "Error: --url must be a ws:// or wss:// URL"
         f" (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not {url!r}"
     )
+
+
+# -- a reload that leaves a version's inbound target out -------------------------------------
+
+SOCK = {
+    "id": "sock",
+    "version": "1.0.0",
+    "target": {"provider": "websocket", "mode": "inbound", "token": TOKEN},
+    "defaults": {"timeout_ms": 5_000},
+    "methods": {"echo": {}, "sleep": {}},
+}
+OTHER = {
+    "id": "other",
+    "version": "1.0.0",
+    "target": {"provider": "websocket", "mode": "inbound", "token": OTHER_TOKEN},
+    "methods": {"echo": {}},
+}
+#: What a reload makes of ``sock@1.0.0`` (``other`` is kept in each), and how the
+#: connection of ``sock@1.0.0`` is closed then: None, not at all.
+RELOADS = {
+    "removed": ([OTHER], 1001, "a reload removed sock@1.0.0; no version of it takes"),
+    "replaced by 2.0.0": (
+        [{**SOCK, "version": "2.0.0"}, OTHER],
+        1012,
+        "a reload replaced sock@1.0.0; connect again",
+    ),
+    "its target changed": (
+        [{**SOCK, "target": {**SOCK["target"], "max_in_flight": 64}}, OTHER],
+        1012,
+        "a reload replaced sock@1.0.0; connect again",
+    ),
+    "a policy changed": ([{**SOCK, "defaults": {"timeout_ms": 6_000}}, OTHER], None, ""),
+}
+
+
+@contextlib.asynccontextmanager
+async def one_connection(url: str, plugin_id: str, token: str) -> AsyncIterator[PluginSession]:
+    """One connection of a real plugin (the SDK's session serving a SocketPlugin, version
+    1.0.0), which is not dialled again when it closes: the test reads how it ended."""
+    host = PluginHost(SocketPlugin())
+    await host.open({})
+    headers = {
+        PLUGIN_ID_HEADER: plugin_id,
+        PLUGIN_VERSION_HEADER: "1.0.0",
+        "Authorization": f"Bearer {token}",
+    }
+    async with aiohttp.ClientSession() as client:
+        socket = await client.ws_connect(url, headers=headers, decode_text=False)
+        hello = hello_of(host, plugin_id, "1.0.0")
+        session = PluginSession(host, socket, EventOutbox(), hello=hello)
+        running = asyncio.ensure_future(session.run())
+        try:
+            yield session
+        finally:
+            await socket.close()
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await host.close()
+
+
+def keys_of(dispatcher: Dispatcher, plugin_id: str) -> list[str]:
+    provider: Any = dispatcher.providers["websocket"]
+    return [c.key for c in provider.inbound.all() if c.plugin_id == plugin_id]
+
+
+@pytest.mark.parametrize("change", list(RELOADS))
+async def test_a_reload_that_leaves_a_versions_target_out_closes_its_connections(
+    change: str,
+) -> None:
+    """Connected as sock@1.0.0, a call in flight, then a reload: once the call has been
+    answered, the connection is closed with a code and reason that say why (1012: the id
+    is served on another target now, connect again; 1001: it is gone). The connection of
+    a version the reload keeps, and of one whose target stays, is not touched."""
+    plugins, code, reason = RELOADS[change]
+    async with (
+        gateway(manifest(SOCK, OTHER)) as (dispatcher, url),
+        one_connection(url, "sock", TOKEN) as sock,
+        one_connection(url, "other", OTHER_TOKEN) as other,
+    ):
+        await until(lambda: len(keys_of(dispatcher, "sock") + keys_of(dispatcher, "other")) == 2)
+        await instances_in_all(dispatcher, 2)
+        kept = keys_of(dispatcher, "other")
+        plugin: Any = sock.host.plugin
+        call = asyncio.ensure_future(
+            dispatcher.call("sock", "sleep", {"seconds": 0.5, "value": "answered"})
+        )
+        await until(lambda: bool(plugin.ran))  # in flight on the connection
+        await dispatcher.reload(manifest(*plugins), grace=10)
+        assert await call == "answered"  # drained first, not cut off by the close
+        if code is None:
+            assert not sock.ended.is_set() and keys_of(dispatcher, "sock") != []
+            assert await dispatcher.call("sock", "echo", {"value": 1}) == 1
+        else:
+            async with asyncio.timeout(10):
+                await sock.ended.wait()
+            assert sock.socket.close_code == code
+            assert sock.close_reason.startswith(reason)
+            assert keys_of(dispatcher, "sock") == []
+        assert not other.ended.is_set() and keys_of(dispatcher, "other") == kept
+        assert await dispatcher.call("other", "echo", {"value": "still"}) == "still"
+
+
+@pytest.mark.parametrize("change", ["removed", "replaced by 2.0.0", "its target changed"])
+async def test_the_sdk_dials_again_after_such_a_close_and_lands_on_what_is_served_now(
+    change: str,
+) -> None:
+    """The SDK dials again after 1012 and 1001 alike: a version still served on a changed
+    target is admitted to its new fleet and takes calls; a version no longer served is
+    refused at the upgrade, and ``dial`` ends there (``Refused``) instead of serving
+    nobody."""
+    plugins, _, _ = RELOADS[change]
+    async with gateway(manifest(SOCK, OTHER)) as (dispatcher, url):
+        dialling = asyncio.ensure_future(
+            dial(
+                PluginHost(SocketPlugin()),
+                url,
+                plugin_id="sock",
+                version="1.0.0",
+                token=TOKEN,
+                initial_backoff=0.02,
+                max_backoff=0.2,
+            )
+        )
+        try:
+            await until(lambda: len(keys_of(dispatcher, "sock")) == 1)
+            before = keys_of(dispatcher, "sock")
+            await dispatcher.reload(manifest(*plugins), grace=10)
+            if change == "its target changed":
+                await until(lambda: keys_of(dispatcher, "sock") not in ([], before))
+                await instances_in_all(dispatcher, 1)
+                assert await dispatcher.call("sock", "echo", {"value": "new"}) == "new"
+                assert not dialling.done()
+            else:
+                with pytest.raises(Refused) as refused:
+                    await asyncio.wait_for(dialling, 15)
+                assert refused.value.status == 401
+        finally:
+            dialling.cancel()
+            await asyncio.gather(dialling, return_exceptions=True)
+
+
+async def test_a_plugin_admitted_before_such_a_reload_and_saying_hello_after_is_closed() -> None:
+    """Admitted at the upgrade as sock@1.0.0, its hello sent only once a reload removed
+    that version: closed as the connections open then were, not served in a fleet that
+    nothing calls. A later reload that serves the version again admits it again."""
+    headers = {
+        PLUGIN_ID_HEADER: "sock",
+        PLUGIN_VERSION_HEADER: "1.0.0",
+        "Authorization": f"Bearer {TOKEN}",
+    }
+    async with (
+        gateway(manifest(SOCK, OTHER)) as (dispatcher, url),
+        aiohttp.ClientSession() as client,
+    ):
+        async with client.ws_connect(url, headers=headers) as ws:
+            await dispatcher.reload(manifest(OTHER), grace=10)
+            await ws.send_bytes(hello_frame("sock", "1.0.0", ["echo", "sleep"]))
+            while (message := await ws.receive(timeout=10)).type != aiohttp.WSMsgType.CLOSE:
+                pass  # its welcome, sent before the close
+            assert ws.close_code == 1001
+            assert message.extra.startswith("a reload removed sock@1.0.0")
+        assert keys_of(dispatcher, "sock") == []
+        await dispatcher.reload(manifest(SOCK, OTHER), grace=10)
+        async with one_connection(url, "sock", TOKEN) as sock:
+            await until(lambda: len(keys_of(dispatcher, "sock")) == 1)
+            await instances_in_all(dispatcher, 1)
+            assert await dispatcher.call("sock", "echo", {"value": "back"}) == "back"
+            assert not sock.ended.is_set()

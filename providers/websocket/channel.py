@@ -59,7 +59,7 @@ from linchkit_plugin.ws_protocol import (
 from providers.base import Health
 from providers.invocation import Invocation
 
-__all__ = ["Channel", "EventSink", "Socket", "read_hello"]
+__all__ = ["Channel", "EventSink", "Socket", "close_message", "read_hello"]
 
 log = logging.getLogger("dispatcher.providers.websocket")
 
@@ -76,6 +76,12 @@ _CREDIT_EVERY = STREAM_WINDOW // 2
 _END = object()
 #: How often a channel that was told ``goaway`` looks whether its last call has ended.
 _DRAIN_POLL_SECONDS = 0.01
+
+
+def close_message(reason: str) -> bytes:
+    """``reason`` as a close frame carries it: 123 bytes of UTF-8 at most (the frame's
+    payload is 125, the code takes 2), never cut inside a character."""
+    return reason.encode()[:123].decode(errors="ignore").encode()
 
 
 async def read_hello(socket: Socket) -> dict[str, Any]:
@@ -491,10 +497,16 @@ class Channel:
             details={"stage": "in_flight"},
         )
 
-    async def close(self, code: int = 1000) -> None:
-        self._closed("the dispatcher closed the connection")
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection with ``code`` and ``reason`` (what the peer reads: it decides
+        whether to dial again), failing what is still in flight on it."""
+        self._closed(
+            f"the dispatcher closed the connection ({code}: {reason})"
+            if reason
+            else "the dispatcher closed the connection"
+        )
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.socket.close(code=code)
+            await self.socket.close(code=code, message=close_message(reason))
         tasks = list(self._background)
         for task in tasks:
             task.cancel()

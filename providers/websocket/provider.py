@@ -6,7 +6,9 @@ gateway admits a plugin (``admit``: its token or principal) and hands the upgrad
 connection to ``accept``, which checks the plugin's ``hello`` and registers it as an
 instance of the target's fleet (``instance_source``); the fleet layer balances over them.
 An inbound target names its plugin version (``WebSocketTarget.plugin``): its fleet holds
-that version's connections only.
+that version's connections only. A reload that leaves such a target out closes its
+connections once their calls are done (``close_connections``): 1012 when the plugin's id
+still takes connections (dial again), 1001 when it is gone.
 
 Errors, as every provider maps them here and nowhere else:
 
@@ -38,6 +40,7 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.ws_protocol import (
     CLOSE_BAD_HELLO,
     CLOSE_GOING_AWAY,
+    CLOSE_SERVICE_RESTART,
     CLOSE_WRONG_PLUGIN,
     encode_frame,
 )
@@ -69,6 +72,9 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         #: Dial mode, by ``target.key``: equal targets share one connection.
         self._dialed: dict[str, DialedPlugin] = {}
         self.inbound = Inbound()
+        #: Inbound targets a reload left out, by key: the close code and reason their
+        #: connections got, for one whose handshake ends after that (``close_connections``).
+        self._left_out: dict[str, tuple[int, str]] = {}
 
     async def start(self) -> None:
         # aiohttp and the modules built on it load here, not with the target model.
@@ -196,6 +202,8 @@ class WebSocketProvider(Provider[WebSocketTarget]):
     def instance_source(self, target: WebSocketTarget) -> InstanceSource | None:
         if not target.accepts_connections():
             return None
+        # Its fleet is watched (again): a reload that left the target out was undone.
+        self._left_out.pop(target.key, None)
         return ConnectionSource(
             self.inbound, target.key, f"inbound connections ({target.describe()})"
         )
@@ -244,6 +252,15 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         served = served_names(hello.get("methods", ()))
         inbound = InboundConnection(key, channel, plugin.id, plugin.version, peer, hello, served)
         await channel.send_event(encode_frame({"type": "welcome", "instance": key}))
+        # No await from here to the registration: a reload's ``close_connections`` either
+        # ran before (and is read here) or finds the connection registered.
+        left_out = next((self._left_out[t.key] for t in targets if t.key in self._left_out), None)
+        if left_out is not None:
+            # Admitted before a reload left its target out, said hello after: closed as
+            # the connections open then were, or it would serve a fleet nothing calls.
+            await channel.close(*left_out)
+            log.info("%s closed at once: %s", key, channel.close_reason)
+            return
         for target in targets:
             self.report_served(plugin, target, served, place=f"websocket inbound {key}")
             self.inbound.register(target.key, inbound)
@@ -263,6 +280,24 @@ class WebSocketProvider(Provider[WebSocketTarget]):
                 self.inbound.unregister(target.key, inbound)
             await channel.close()
             log.info("%s left: %s", key, channel.close_reason)
+
+    async def close_connections(self, target: WebSocketTarget, *, replaced: bool) -> None:
+        """Close the connections of an inbound target a reload left out: 1012 (service
+        restart) when ``replaced``, so the plugin dials again and is admitted as whatever
+        the manifest serves now, or refused at the upgrade; 1001 (going away) when no
+        version of its id takes connections any more."""
+        code, reason = _reload_close(target, replaced)
+        self._left_out[target.key] = (code, reason)
+        connections = self.inbound.of_fleet(target.key)
+        if connections:
+            log.info(
+                "%s: closing %d connection(s), %d: %s",
+                target.describe(),
+                len(connections),
+                code,
+                reason,
+            )
+        await asyncio.gather(*(each.channel.close(code, reason) for each in connections))
 
     async def _hello(self, socket: Any, plugin: PluginInfo) -> dict[str, Any] | None:
         """The plugin's ``hello``, checked against the plugin admitted; None (and the
@@ -287,4 +322,15 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         return hello
 
     def __repr__(self) -> str:
-        return f"<WebSocketProvider 'websocket' dialed={len(self._dialed)} {self.inbound!r}>"
+        return (
+            f"<WebSocketProvider 'websocket' dialed={len(self._dialed)} {self.inbound!r}"
+            f" left_out={len(self._left_out)}>"
+        )
+
+
+def _reload_close(target: WebSocketTarget, replaced: bool) -> tuple[int, str]:
+    """The close code and reason of a connection whose target a reload left out."""
+    plugin = target.plugin or target.describe()
+    if replaced:
+        return CLOSE_SERVICE_RESTART, f"a reload replaced {plugin}; connect again"
+    return CLOSE_GOING_AWAY, f"a reload removed {plugin}; no version of it takes connections here"

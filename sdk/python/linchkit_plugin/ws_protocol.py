@@ -28,6 +28,7 @@ __all__ = [
     "CLOSE_BAD_HELLO",
     "CLOSE_GOING_AWAY",
     "CLOSE_NORMAL",
+    "CLOSE_SERVICE_RESTART",
     "CLOSE_WRONG_PLUGIN",
     "DEFAULT_HEARTBEAT",
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -48,6 +49,9 @@ __all__ = [
 #: Close codes: RFC 6455's, and ours in the private 4000-4999 range.
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
+#: A reload replaced the plugin version the connection serves (another version of its id,
+#: or the same one on a changed target, takes connections now): dial again.
+CLOSE_SERVICE_RESTART: Final = 1012
 #: The first frame was not a valid ``hello``, or not within ``HELLO_TIMEOUT``.
 CLOSE_BAD_HELLO: Final = 4400
 #: The ``hello`` names a plugin (id, version, methods) other than the one admitted.
