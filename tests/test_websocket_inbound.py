@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -605,13 +606,14 @@ async def test_a_reload_that_leaves_a_versions_target_out_closes_its_connections
 
 @pytest.mark.parametrize("change", ["removed", "replaced by 2.0.0", "its target changed"])
 async def test_the_sdk_dials_again_after_such_a_close_and_lands_on_what_is_served_now(
-    change: str,
+    change: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The SDK dials again after 1012 and 1001 alike: a version still served on a changed
-    target is admitted to its new fleet and takes calls; a version no longer served is
-    refused at the upgrade, and ``dial`` ends there (``Refused``) instead of serving
-    nobody."""
-    plugins, _, _ = RELOADS[change]
+    """The SDK logs why it was closed and dials again, after 1012 and 1001 alike: a
+    version still served on a changed target is admitted to its new fleet and takes
+    calls; a version no longer served is refused at the upgrade, and ``dial`` ends there
+    (``Refused``) instead of serving nobody."""
+    caplog.set_level(logging.INFO, logger="linchkit_plugin.websocket")
+    plugins, code, reason = RELOADS[change]
     async with gateway(manifest(SOCK, OTHER)) as (dispatcher, url):
         dialling = asyncio.ensure_future(
             dial(
@@ -628,6 +630,7 @@ async def test_the_sdk_dials_again_after_such_a_close_and_lands_on_what_is_serve
             await until(lambda: len(keys_of(dispatcher, "sock")) == 1)
             before = keys_of(dispatcher, "sock")
             await dispatcher.reload(manifest(*plugins), grace=10)
+            await until(lambda: f"closed ({code}: {reason}" in caplog.text)
             if change == "its target changed":
                 await until(lambda: keys_of(dispatcher, "sock") not in ([], before))
                 await instances_in_all(dispatcher, 1)
