@@ -1,11 +1,12 @@
 /**
  * The gateway's HTTP side: calls (`POST /v1/plugins/{plugin}/methods/{method}`), async
  * jobs (`…:submit`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/result`), the plugin list and
- * readiness, with credentials (asked of their providers for every request), a deadline
- * enforced here as well as sent, at most `maxConnections` connections (undici's Agent,
- * kept alive; calls beyond wait here), and every failure turned into a DispatchError at
- * this boundary (no fetch TypeError or AbortError reaches a caller, except the caller's
- * own abort reason). A gateway that cannot be reached is TargetUnavailable with
+ * readiness, with credentials (asked of their providers for every request), a call's
+ * deadline sent and enforced here when the caller names one (else the method's own rules
+ * at the gateway), at most `maxConnections` connections (undici's Agent, kept alive;
+ * calls beyond wait here), and every failure turned into a DispatchError at this boundary
+ * (no fetch TypeError or AbortError reaches a caller, except the caller's own abort
+ * reason). A gateway that cannot be reached is TargetUnavailable with
  * `details.stage`: `connect` when the request provably never left (the connection was
  * refused, reset or timed out while connecting, DNS, the TLS handshake), `in_flight`
  * when it may have reached the gateway (the connection broke after it was written).
@@ -47,12 +48,18 @@ export interface GatewayClientOptions {
   token?: Credential;
   /** The same as `token` (one or the other). */
   bearerToken?: Credential;
-  /** A call's deadline when the call names none; without either the method's `timeout_ms` rules. */
+  /**
+   * A call's deadline when the call names none (sent as `X-Timeout-Ms`, enforced here).
+   * Without either, nothing is sent and the client waits for the gateway's answer: the
+   * method's `timeout_ms` rules there (CALL_SAFETY_NET_MS is the client's only bound).
+   */
   timeoutMs?: number;
   /**
-   * How long a request that names no `timeoutMs` (neither the call nor the client) waits
-   * for its answer here (ms; default 30000). Not sent: the method's `timeout_ms` still
-   * rules at the gateway; this only bounds the wait for a gateway that hangs.
+   * How long a request that runs no method (the plugin list, readiness, a submission, a
+   * job's record without `waitSeconds`) waits for its answer when it names no `timeoutMs`
+   * (ms; default 30000): the gateway answers those itself, so this only finds out a
+   * gateway that hangs. Not sent, and not a call's bound: a call without `timeoutMs` waits
+   * for the gateway, which ends it at the method's `timeout_ms`.
    */
   defaultTimeoutMs?: number;
   /**
@@ -113,8 +120,16 @@ export const JOB_NOT_FINISHED = 'job_not_finished';
 
 /** The gateway's largest `X-Timeout-Ms`. */
 const MAX_TIMEOUT_MS = 86_400_000;
-/** How long a request waits for its answer when nothing names a deadline. */
+/** How long a request that runs no method waits for its answer when nothing names a deadline. */
 export const DEFAULT_TIMEOUT_MS = 30_000;
+/**
+ * How long a call that names no deadline waits for its answer here: a day and a minute.
+ * The gateway ends every call by then (a method's `timeout_ms` is at most a day, as is
+ * any `X-Timeout-Ms`) and answers `deadline_exceeded` itself, so only a gateway that hangs
+ * with the connection open meets it; one that vanished is found out sooner by TCP
+ * keepalive (probes after a minute idle).
+ */
+export const CALL_SAFETY_NET_MS = MAX_TIMEOUT_MS + 60_000;
 export const DEFAULT_MAX_CONNECTIONS = 256;
 /** The gateway's longest `Idempotency-Key` (dispatcher/policies/idempotency.py). */
 export const MAX_IDEMPOTENCY_KEY_LENGTH = 255;
@@ -161,8 +176,9 @@ export class GatewayClient {
       this.#dispatcher = options.dispatcher;
     } else {
       // Deadlines are this client's (headers and body timeouts off: a job's wait may be an
-      // hour); a connect that fails is marked, so its error can say the request never left.
-      const connector = buildConnector({ timeout: 10_000 });
+      // hour, a call the method's timeout_ms); TCP keepalive finds out a peer that vanished
+      // meanwhile; a connect that fails is marked, so its error can say the request never left.
+      const connector = buildConnector({ timeout: 10_000, keepAlive: true, keepAliveInitialDelay: 60_000 });
       this.#ownAgent = new Agent({
         connections: maxConnections,
         headersTimeout: 0,
@@ -179,7 +195,7 @@ export class GatewayClient {
 
   toString(): string {
     const credentials = [this.#apiKey === undefined ? '' : 'apiKey', this.#token === undefined ? '' : 'token'].filter(Boolean);
-    return `GatewayClient(${this.url}, timeoutMs=${this.timeoutMs ?? `none (waits ${this.defaultTimeoutMs})`}, ${
+    return `GatewayClient(${this.url}, timeoutMs=${this.timeoutMs ?? "none (the gateway's)"}, ${
       this.#ownAgent === undefined ? "the host's dispatcher" : `maxConnections=${this.#maxConnections}`
     }, credentials=${credentials.join('+') || 'none'})`;
   }
@@ -234,7 +250,9 @@ export class GatewayClient {
     if (options.version !== undefined) headers['X-Plugin-Version'] = checkedValue(options.version, 'version');
     const body = jsonOf(params, `${plugin}.${method}`, requestId);
     const path = `/v1/plugins/${encodeURIComponent(plugin)}/methods/${encodeURIComponent(method)}`;
-    const answer = await this.#request('POST', path, { headers, body }, timeoutMs, options.signal, requestId);
+    // Without a deadline the gateway decides (the method's timeout_ms) and says so with
+    // its own deadline_exceeded: the client only keeps its safety net.
+    const answer = await this.#request('POST', path, { headers, body }, timeoutMs, options.signal, requestId, CALL_SAFETY_NET_MS);
     return (await this.#envelope(answer, requestId, `${plugin}.${method}`)) as T;
   }
 
@@ -320,7 +338,8 @@ export class GatewayClient {
   /**
    * One request under a deadline and the caller's signal. A deadline that passes, before
    * the answer or while its body arrives, is DeadlineExceeded; a gateway that cannot be
-   * reached is TargetUnavailable; the caller's abort rejects with its reason.
+   * reached is TargetUnavailable; the caller's abort rejects with its reason. Without
+   * `timeoutMs` the wait is bounded by `unboundedMs` (default `defaultTimeoutMs`).
    */
   async #request(
     method: string,
@@ -329,9 +348,10 @@ export class GatewayClient {
     timeoutMs: number | undefined,
     signal: AbortSignal | undefined,
     requestId?: string,
+    unboundedMs: number = this.defaultTimeoutMs,
   ): Promise<Answer> {
     signal?.throwIfAborted();
-    const deadlineMs = timeoutMs ?? this.defaultTimeoutMs;
+    const deadlineMs = timeoutMs ?? unboundedMs;
     const controller = new AbortController();
     let timedOut = false;
     const timer = setTimeout(() => {
@@ -351,7 +371,7 @@ export class GatewayClient {
       if (timedOut || isUndiciTimeout(error)) {
         return new DeadlineExceeded(
           `${where}: no answer within the deadline of ${timedOut ? deadlineMs : 'the transport'} ms` +
-            (timeoutMs === undefined && timedOut ? ' (the client default: no timeoutMs given)' : ''),
+            (timeoutMs === undefined && timedOut ? " (no timeoutMs given: the client's own bound)" : ''),
           { ...common, cause: error },
         );
       }

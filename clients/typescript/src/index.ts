@@ -1,6 +1,7 @@
 /** LinchKit dispatcher host client: remote plugins through the gateway (`dispatcher serve`). */
 
 export {
+  CALL_SAFETY_NET_MS,
   CONNECT_STAGE,
   DEFAULT_MAX_CONNECTIONS,
   DEFAULT_TIMEOUT_MS,

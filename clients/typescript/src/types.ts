@@ -6,8 +6,10 @@
 export interface CallOptions {
   /**
    * The call's deadline: sent as `X-Timeout-Ms` and enforced here (DeadlineExceeded).
-   * Without one (here or on the client) nothing is sent, so the method's `timeout_ms`
-   * rules, and the client waits at most its `defaultTimeoutMs` (30 s) for the answer.
+   * Without one (here or on the client) nothing is sent and the client waits for the
+   * gateway's answer: the method's `timeout_ms` rules there, and the gateway answers
+   * `deadline_exceeded` itself (504) when it passes. The client's only bound is then
+   * CALL_SAFETY_NET_MS (a day and a minute), for a gateway that hangs.
    */
   timeoutMs?: number;
   /**

@@ -31,7 +31,9 @@ async function rejection(promise: Promise<unknown>): Promise<unknown> {
 }
 
 describe('calls', () => {
-  const gateway = new Gateway();
+  // `sleep` may take 34 s at the gateway (its own timeout_ms), past the 30 s that hosts
+  // usually think of as a default.
+  const gateway = new Gateway({ sleepTimeoutMs: 34_000 });
   let client: GatewayClient;
   before(async () => {
     await gateway.start();
@@ -101,6 +103,26 @@ describe('calls', () => {
     assert.ok(late instanceof DeadlineExceeded, String(late));
     assert.equal(late.retryable, true);
     assert.ok(performance.now() - started < 2500, 'the deadline did not end the call');
+  });
+
+  test("without timeoutMs a call waits for the gateway's answer: past 30 s, up to the method's timeout_ms", async () => {
+    const patient = new GatewayClient({ url: gateway.url });
+    const echo = patient.plugin('echo');
+    const started = performance.now();
+    const [slow, tooSlow] = await Promise.allSettled([
+      echo.call<number>('sleep', { seconds: 30.5 }),
+      echo.call('sleep', { seconds: 60 }, { requestId: 'too-slow-1' }),
+    ]);
+    assert.ok(slow.status === 'fulfilled', `the 30.5 s call failed: ${String(slow.status === 'rejected' && slow.reason)}`);
+    assert.ok(slow.value >= 30.5);
+    // The method's own timeout_ms (34 s) ends the other at the gateway: its 504, not the client's.
+    assert.ok(tooSlow.status === 'rejected');
+    const late: unknown = tooSlow.reason;
+    assert.ok(late instanceof DeadlineExceeded, String(late));
+    assert.equal(late.status, 504);
+    assert.equal(late.requestId, 'too-slow-1');
+    assert.ok(performance.now() - started < 45_000);
+    await patient.close();
   });
 
   test('the deadline holds on the client too, against a peer that never answers', async () => {

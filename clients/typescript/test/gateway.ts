@@ -42,6 +42,8 @@ export interface GatewayOptions {
   maxConnectionsPerPeer?: number;
   /** Accept bearer tokens signed by the keys of this JWKS file (no leeway on `exp`). */
   jwks?: string;
+  /** The echo plugin's `sleep` method's own `timeout_ms` (default: the manifest's, 30 s). */
+  sleepTimeoutMs?: number;
 }
 
 export function manifest(options: GatewayOptions = {}): Record<string, unknown> {
@@ -55,7 +57,7 @@ export function manifest(options: GatewayOptions = {}): Record<string, unknown> 
         target: { provider: 'local', entrypoint: 'echo_plugin:EchoPlugin', path: join(ROOT, 'examples', 'python') },
         methods: {
           say: { params_schema: SAY_SCHEMA, description: 'Echo text back' },
-          sleep: {},
+          sleep: options.sleepTimeoutMs === undefined ? {} : { timeout_ms: options.sleepTimeoutMs },
           withdraw: {},
         },
       },

@@ -30,17 +30,22 @@ async function freePort(): Promise<number> {
   return port;
 }
 
-/** A TCP server that reads requests and never answers: a hung gateway. */
-async function silentServer(): Promise<{ url: string; close: () => Promise<void> }> {
+/** A TCP server that reads requests and never answers: a hung gateway. `received`: what came. */
+async function silentServer(): Promise<{ url: string; received: () => string; close: () => Promise<void> }> {
   const sockets = new Set<Socket>();
+  let received = '';
   const silent: Server = createServer((socket) => {
     sockets.add(socket);
+    socket.on('data', (chunk: Buffer) => {
+      received += chunk.toString('latin1');
+    });
     socket.on('error', () => undefined);
   });
   await new Promise<void>((done) => silent.listen(0, '127.0.0.1', done));
   const { port } = silent.address() as { port: number };
   return {
     url: `http://127.0.0.1:${port}`,
+    received: () => received,
     close: async () => {
       for (const socket of sockets) socket.destroy();
       await new Promise((done) => silent.close(done));
@@ -131,18 +136,37 @@ describe('bad input', () => {
 });
 
 describe('bounds', () => {
-  test('a hung gateway and no timeoutMs: DeadlineExceeded after the client default', async () => {
+  test('a call without timeoutMs sends no deadline and waits for the gateway; other requests keep defaultTimeoutMs', async () => {
     const silent = await silentServer();
     try {
       const client = new GatewayClient({ url: silent.url, defaultTimeoutMs: 300 });
+      // The plugin list, readiness, a job's record: the gateway answers them itself.
       const started = performance.now();
-      const late = await rejection(client.call('echo', 'say', { text: 'hi' }));
+      const late = await rejection(client.listPlugins());
       assert.ok(late instanceof DeadlineExceeded, String(late));
       assert.ok(performance.now() - started < 3000);
       assert.doesNotMatch(late.message, /cannot be reached/);
+
+      // A call names no deadline: the method's timeout_ms rules at the gateway, which
+      // answers deadline_exceeded itself; the client does not give up at 300 ms (nor 30 s).
+      const controller = new AbortController();
+      const call = rejection(client.call('echo', 'say', { text: 'hi' }, { signal: controller.signal }));
+      await new Promise((done) => setTimeout(done, 1500));
+      controller.abort(new Error('the host gave up'));
+      const aborted = await call;
+      assert.ok(aborted instanceof Error && aborted.message === 'the host gave up', String(aborted));
+      const head = silent.received().toLowerCase();
+      assert.match(head, /post \/v1\/plugins\/echo\/methods\/say/);
+      assert.doesNotMatch(head, /x-timeout-ms|request-timeout/);
+
+      // With timeoutMs: sent, and enforced here too.
+      const bounded = await rejection(client.call('echo', 'say', { text: 'hi' }, { timeoutMs: 200 }));
+      assert.ok(bounded instanceof DeadlineExceeded, String(bounded));
+      assert.match(silent.received(), /X-Timeout-Ms: 200\r\n/i);
+
       const plain = new GatewayClient({ url: silent.url, apiKey: 'never-shown' });
       assert.equal(plain.defaultTimeoutMs, 30_000);
-      assert.match(String(plain), /waits 30000.*maxConnections=256.*credentials=apiKey/);
+      assert.match(String(plain), /timeoutMs=none \(the gateway's\).*maxConnections=256.*credentials=apiKey/);
       assert.ok(!String(plain).includes('never-shown'));
     } finally {
       await silent.close();
