@@ -226,6 +226,14 @@ export class GatewayClient {
     return headers;
   }
 
+  /**
+   * Whether the credentials may differ from one request to the next: some are given as a
+   * function. If not, a 401 is final (the event stream does not connect again with them).
+   */
+  get credentialsChange(): boolean {
+    return typeof this.#apiKey === 'function' || typeof this.#token === 'function';
+  }
+
   /** Call `plugin.method` with `params`; its result, or a DispatchError subclass. */
   async call<T = unknown>(
     plugin: string,

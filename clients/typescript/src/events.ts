@@ -41,6 +41,8 @@ export interface EventStreamOptions {
   /**
    * Upgrades refused with 401 in a row before the stream gives up (default 3): each asks
    * the credential provider again, after the usual backoff, so an expired JWT is renewed.
+   * Credentials that cannot change (strings, not functions) are not tried again: their
+   * first 401 ends the stream.
    */
   maxAuthAttempts?: number;
 }
@@ -92,7 +94,10 @@ export interface EventStreamListener {
   failed?(error: DispatchError): void;
 }
 
-/** The credentials of one connect: asked anew for each (a provider may renew a token). */
+/**
+ * The credentials of one connect: asked anew for each (a provider may renew a token). A
+ * record cannot change, so a 401 is final; a function may give others at the next connect.
+ */
 export type HeadersSource = Record<string, string> | (() => Promise<Record<string, string>>);
 
 export interface PublishFrame {
@@ -118,6 +123,8 @@ export class EventStream {
   readonly #url: string;
   readonly #headers: HeadersSource;
   readonly #maxAuthAttempts: number;
+  /** Whether the next connect may carry other credentials: if not, a 401 is final. */
+  readonly #credentialsChange: boolean;
   /** Upgrades refused with 401 since the last subscription the gateway confirmed. */
   #authFailures = 0;
   readonly #filters: EventFilter[];
@@ -156,6 +163,12 @@ export class EventStream {
     listener: EventStreamListener,
     options: EventStreamOptions = {},
     resume?: ResumePoint,
+    /**
+     * Whether `headers` may give other credentials at the next connect (default: when it
+     * is a function). A function that only reads credentials fixed in advance says false,
+     * so a 401 ends the stream at once instead of being tried `maxAuthAttempts` times.
+     */
+    credentialsChange: boolean = typeof headers === 'function',
   ) {
     this.#url = url;
     this.#cursor = resume?.lastEventId;
@@ -168,6 +181,7 @@ export class EventStream {
     this.#idleTimeoutMs = options.idleTimeoutMs ?? 60_000;
     this.emitTimeoutMs = options.emitTimeoutMs ?? 10_000;
     this.#maxAuthAttempts = Math.max(1, options.maxAuthAttempts ?? 3);
+    this.#credentialsChange = credentialsChange;
   }
 
   /** The last event id handed on, and how many connections were opened (for tests, repr). */
@@ -369,9 +383,11 @@ export class EventStream {
         } catch {
           error = errorFromStatus(status, text);
         }
-        if (FATAL_STATUSES.has(status) || error instanceof Forbidden) {
+        const unauthorized = status === 401 || error instanceof Unauthorized;
+        if (FATAL_STATUSES.has(status) || error instanceof Forbidden || (unauthorized && !this.#credentialsChange)) {
+          // Refused for good: the same credentials would be refused again.
           this.#refusal = error;
-        } else if (status === 401 || error instanceof Unauthorized) {
+        } else if (unauthorized) {
           this.#authError = error;
         }
         this.#listener.error(error);

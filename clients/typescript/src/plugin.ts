@@ -28,6 +28,8 @@ export interface PluginGateway {
   readiness(options?: { timeoutMs?: number; signal?: AbortSignal }): Promise<Readiness>;
   /** Asked anew at every connect of the event stream (a provider may renew a token). */
   credentialHeaders(): Promise<Record<string, string>>;
+  /** Whether credentialHeaders may answer differently next time (a credential is a function). */
+  readonly credentialsChange: boolean;
 }
 
 export type EventHandler = (data: unknown, event: PluginEvent) => void | Promise<void>;
@@ -301,6 +303,7 @@ export class RemotePlugin implements RemotePluginService {
         },
         this.#client.eventOptions,
         this.#resume,
+        this.#client.credentialsChange,
       );
       this.#stream = stream;
     }

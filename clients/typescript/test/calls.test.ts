@@ -19,7 +19,7 @@ import {
   TargetUnavailable,
   Unauthorized,
 } from '../src';
-import { API_KEY, Gateway } from './gateway';
+import { API_KEY, Gateway, Relay } from './gateway';
 
 async function rejection(promise: Promise<unknown>): Promise<unknown> {
   try {
@@ -252,6 +252,46 @@ describe('an authenticated gateway', () => {
       await echo.destroy();
     }
     assert.ok(!gateway.stderr.includes(API_KEY));
+  });
+
+  test('a static key refused on the event stream fails at once; a key from a function is asked again', async () => {
+    const relay = new Relay(() => gateway.port);
+    const url = await relay.listen();
+    const events = { initialDelayMs: 50, maxDelayMs: 200, maxAuthAttempts: 3 };
+    try {
+      const fixed = new GatewayClient({ url, apiKey: 'wrong-key', events }).plugin('events');
+      fixed.on('tick', () => undefined);
+      const errors: unknown[] = [];
+      fixed.onError((error) => errors.push(error));
+      const refused = await rejection(fixed.start());
+      assert.ok(refused instanceof Unauthorized, String(refused));
+      assert.equal(refused.status, 401);
+      assert.ok(!refused.message.includes('wrong-key'));
+      assert.equal(relay.connections, 1, 'a key that cannot change was tried again');
+      assert.ok(errors.length === 1 && errors[0] instanceof Unauthorized, errors.map(String).join('; '));
+      assert.equal(fixed.eventStream, undefined);
+      await fixed.destroy();
+
+      // A function may give another key at the next connect: asked again, up to maxAuthAttempts.
+      let asked = 0;
+      const provided = new GatewayClient({
+        url,
+        apiKey: () => {
+          asked += 1;
+          return 'wrong-key';
+        },
+        events,
+      }).plugin('events');
+      provided.on('tick', () => undefined);
+      const given = await rejection(provided.start());
+      assert.ok(given instanceof Unauthorized, String(given));
+      assert.match(given.message, /gave up after 3/);
+      assert.equal(asked, 3);
+      assert.equal(relay.connections, 1 + 3);
+      await provided.destroy();
+    } finally {
+      await relay.close();
+    }
   });
 
   test('with the key: calls, init and events go through', async () => {

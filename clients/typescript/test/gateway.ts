@@ -248,9 +248,12 @@ export class Relay {
   readonly #sockets = new Set<Socket>();
   refusing = false;
   port = 0;
+  /** Connections accepted so far (refused ones included). */
+  connections = 0;
 
   constructor(target: () => number) {
     this.#server = createServer((client) => {
+      this.connections += 1;
       if (this.refusing) {
         client.destroy();
         return;
