@@ -33,6 +33,10 @@ environment (``_no_thp``: mimalloc then turns transparent huge pages off for the
 with them, the kernel zeroing 2 MB pages was a third of the tokio thread's time in a burst
 of new connections), and the dispatcher with no pool (the provider's shared
 512 connections: the old behaviour, 10,000 calls in ~20 rounds; run once, it takes 20 s).
+The ``_h2c`` variants speak HTTP/2 by prior knowledge (raw pyreqwest, and the dispatcher's
+target with ``http2: true``) to the same function served by Go's net/http
+(``bench/h2c_server``, built with ``go`` when the benchmark runs; without ``go`` they are
+left out): the calls in flight share one connection instead of holding one each.
 """
 
 from __future__ import annotations
@@ -40,11 +44,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -66,7 +74,11 @@ VARIANTS = (
     "dispatcher_reqwest_no_thp",
     "dispatcher_aiohttp",
     "dispatcher_no_pool",
+    "pyreqwest_h2c",
+    "dispatcher_reqwest_h2c",
 )
+#: The variants that speak HTTP/2 to ``bench/h2c_server`` (run only where ``go`` builds it).
+H2C = frozenset({"pyreqwest_h2c", "dispatcher_reqwest_h2c"})
 #: What a variant's process gets in its environment besides ours.
 ENVIRONMENTS = {
     "pyreqwest_no_thp": {"MIMALLOC_ALLOW_THP": "0"},
@@ -97,6 +109,8 @@ async def run(options: Options) -> dict[str, float]:
         "http_inflight_load_average_1min_at_start": os.getloadavg()[0],
     }
     for variant in VARIANTS:
+        if variant in H2C and shutil.which("go") is None:
+            continue  # no Go toolchain to build the HTTP/2 server with
         runs = [await _fresh_run(variant, calls) for _ in range(1 if variant in ONCE else repeats)]
         for key in runs[0]:
             value = statistics.median(measured[key] for measured in runs)
@@ -115,7 +129,8 @@ async def _fresh_run(variant: str, calls: int, *flags: str) -> dict[str, float]:
     """One run of ``variant`` in a process of its own, against a server of its own."""
     cpu = SERVER_CPU if len(available_cpus()) > 1 else None
     extra = ("--delay-ms", str(DELAY_S * 1000), "--backlog", str(calls))
-    async with port_server("bench._tail_server", cpu, extra) as url:
+    server = _h2c_server(cpu) if variant in H2C else port_server("bench._tail_server", cpu, extra)
+    async with server as url:
         before = _kernel_counters()
         measured = await _in_child(variant, url, calls, flags)
         after = _kernel_counters()
@@ -146,6 +161,32 @@ async def _in_child(variant: str, url: str, calls: int, flags: tuple[str, ...]) 
         raise RuntimeError(f"bench_http_inflight --variant {variant} failed")
     figures: dict[str, float] = json.loads(out.splitlines()[-1])
     return figures
+
+
+@contextlib.asynccontextmanager
+async def _h2c_server(cpu: int | None) -> AsyncIterator[str]:
+    """``bench/h2c_server`` answering every call after ``DELAY_S``, pinned to ``cpu``."""
+    process = await asyncio.create_subprocess_exec(
+        _h2c_binary(), "-delay", f"{DELAY_S}s", stdout=asyncio.subprocess.PIPE
+    )
+    if cpu is not None:
+        os.sched_setaffinity(process.pid, {cpu})
+    try:
+        assert process.stdout is not None
+        port = int(await asyncio.wait_for(process.stdout.readline(), 30))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        await process.wait()
+
+
+@functools.cache
+def _h2c_binary() -> str:
+    """``bench/h2c_server`` built (once per process) into a folder of its own."""
+    binary = Path(tempfile.mkdtemp(prefix="bench-h2c-")) / "h2c_server"
+    source = Path(__file__).parent / "h2c_server"
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=source, check=True)
+    return str(binary)
 
 
 def _kernel_counters(path: Path = Path("/proc/net/netstat")) -> dict[str, float]:
@@ -240,11 +281,13 @@ async def _client(variant: str, url: str, calls: int) -> AsyncIterator[Call]:
 
             yield call
         return
-    if variant in ("pyreqwest", "pyreqwest_no_thp"):
+    if variant in ("pyreqwest", "pyreqwest_no_thp", "pyreqwest_h2c"):
         from pyreqwest.client import ClientBuilder
 
         body = envelope_bytes("say")
         builder = ClientBuilder().follow_redirects(False).max_connections(calls)
+        if variant in H2C:
+            builder = builder.http2_prior_knowledge()
         async with builder.build() as client:
 
             async def call() -> Any:
@@ -258,8 +301,9 @@ async def _client(variant: str, url: str, calls: int) -> AsyncIterator[Call]:
 
     target: dict[str, Any] = {"provider": "http", "url": url}
     if variant != "dispatcher_no_pool":
-        target["client"] = variant.removeprefix("dispatcher_").removesuffix("_no_thp")
+        target["client"] = variant.removeprefix("dispatcher_").split("_")[0]
         target["pool"] = {"max_connections": calls}
+        target["http2"] = variant in H2C
     manifest = parse_manifest(
         {
             "version": 1,

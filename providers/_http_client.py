@@ -45,12 +45,14 @@ from providers.tls import ClientTlsContext
 
 __all__ = [
     "DEFAULT_CLIENT",
+    "HTTP2_DESCRIPTION",
     "REQWEST_MISSING",
     "ChosenClient",
     "ClientKind",
     "HttpClient",
     "HttpPool",
     "Reply",
+    "checked_http2",
 ]
 
 #: Which client a target's calls go through (``client:`` of an http or knative target).
@@ -88,6 +90,20 @@ def _available(kind: ClientKind | None) -> ClientKind | None:
 
 #: ``client:`` of an http or knative target: a client this installation has, or unset.
 ChosenClient = Annotated[ClientKind | None, AfterValidator(_available)]
+
+#: What ``http2:`` of an http target says, for its field's description.
+HTTP2_DESCRIPTION = (
+    "Speak HTTP/2 only, without negotiating (h2c on http://, h2 on https://): the calls in"
+    " flight share a connection instead of holding one each. The server must speak it"
+    " (hypercorn, Go's net/http with unencrypted HTTP/2); client: reqwest only."
+)
+
+
+def checked_http2(http2: bool, client: ClientKind | None) -> None:
+    """``http2: true`` (an http target's) is refused unless it names ``client: reqwest``: aiohttp
+    speaks HTTP/1.1 only, and the provider's default client may be either."""
+    if http2 and client != "reqwest":
+        raise ValueError("http2: true needs client: reqwest (aiohttp speaks HTTP/1.1 only)")
 
 
 class HttpPool(StrictModel):

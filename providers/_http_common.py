@@ -271,19 +271,27 @@ class HttpClients:
         self._shared_pool = shared_pool
         self._egress = egress
         self._unix_socket = unix_socket
-        self._shared: dict[ClientKind, HttpClient] = {}
+        self._shared: dict[tuple[ClientKind, bool], HttpClient] = {}
         self._own: list[HttpClient] = []
 
-    def for_target(self, kind: ClientKind | None, pool: HttpPool | None) -> HttpClient:
-        """The client of a target that asks for ``kind`` (None: the default) and ``pool``."""
+    def for_target(
+        self, kind: ClientKind | None, pool: HttpPool | None, *, http2: bool = False
+    ) -> HttpClient:
+        """The client of a target that asks for ``kind`` (None: the default) and ``pool``,
+        speaking HTTP/2 only when ``http2`` (reqwest alone can: the manifest checks it)."""
         chosen = self._default if kind is None or self._unix_socket is not None else kind
+        if http2 and chosen != "reqwest":
+            raise ProviderError(
+                "http2 needs client: reqwest, and this provider's calls go through aiohttp"
+                + (" (it dials a Unix socket)" if self._unix_socket is not None else "")
+            )
         if pool is not None:
-            client = self._open(chosen, pool)
+            client = self._open(chosen, pool, http2)
             self._own.append(client)
             return client
-        shared = self._shared.get(chosen)
+        shared = self._shared.get((chosen, http2))
         if shared is None:
-            shared = self._shared[chosen] = self._open(chosen, self._shared_pool)
+            shared = self._shared[chosen, http2] = self._open(chosen, self._shared_pool, http2)
         return shared
 
     async def aclose(self) -> None:
@@ -293,17 +301,18 @@ class HttpClients:
         for client in clients:
             await client.aclose()
 
-    def _open(self, kind: ClientKind, pool: HttpPool) -> HttpClient:
+    def _open(self, kind: ClientKind, pool: HttpPool, http2: bool) -> HttpClient:
         if kind == "reqwest":
             try:
                 from providers._reqwest import ReqwestClient
             except ImportError as error:  # a host chose it by hand (the manifest checks it)
                 raise ProviderError(f"{REQWEST_MISSING} ({error})") from None
-            return ReqwestClient(pool, egress=self._egress)
+            return ReqwestClient(pool, egress=self._egress, http2=http2)
         return AiohttpClient(pool, egress=self._egress, unix_socket=self._unix_socket)
 
     def __repr__(self) -> str:
-        return f"<HttpClients default={self._default} shared={list(self._shared)} own={len(self._own)}>"
+        shared = [f"{kind}+h2" if http2 else kind for kind, http2 in self._shared]
+        return f"<HttpClients default={self._default} shared={shared} own={len(self._own)}>"
 
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int, target: TargetConfig) -> bytes:

@@ -150,11 +150,13 @@ def _timeout(seconds: float) -> timedelta:
 class ReqwestClient(HttpClient):
     """pyreqwest clients, one per target URL and TLS generation, closed in ``aclose``."""
 
-    __slots__ = ("_closed", "_egress", "_entries", "_every", "_pool")
+    __slots__ = ("_closed", "_egress", "_entries", "_every", "_http2", "_pool")
 
-    def __init__(self, pool: HttpPool, *, egress: EgressPolicy) -> None:
+    def __init__(self, pool: HttpPool, *, egress: EgressPolicy, http2: bool = False) -> None:
         self._pool = pool
         self._egress = egress
+        #: HTTP/2 only, by prior knowledge (``http2:`` of the target): h2c on http://.
+        self._http2 = http2
         self._entries: dict[object, _Entry] = {}
         self._every: list[Client] = []
         self._closed = False
@@ -313,6 +315,11 @@ class ReqwestClient(HttpClient):
             .pool_idle_timeout(timedelta(seconds=pool.idle_timeout_s))
             .pool_max_idle_per_host(pool.max_per_host or pool.max_connections)
         )
+        if self._http2:
+            # Without an upgrade or ALPN: the first bytes on a new connection are HTTP/2's
+            # preface, so a server that speaks only HTTP/1.1 fails the call at once (as a
+            # connection it closed or answered with garbage), not after a timeout.
+            builder = builder.http2_prior_knowledge()
         if tls is None:
             return builder
         builder = builder.min_tls_version("TLSv1.2")
@@ -350,7 +357,8 @@ class ReqwestClient(HttpClient):
     def __repr__(self) -> str:
         return (
             f"<ReqwestClient clients={len(self._every)}"
-            f" max_connections={self._pool.max_connections} closed={self._closed}>"
+            f" max_connections={self._pool.max_connections}"
+            f"{' http2' if self._http2 else ''} closed={self._closed}>"
         )
 
 
@@ -459,5 +467,11 @@ def _translate(error: BaseException, where: str, tls: ClientTlsContext | None) -
             f" ({presented}): check tls.cert_file and tls.key_file, and that the server"
             " trusts the CA that signed them",
             details={"tls": "closed_without_answer"},
+        )
+    if "connection error detected" in text:  # h2's words for a peer that broke HTTP/2
+        return TargetUnavailable(
+            f"{where} broke HTTP/2 ({last}): with http2: true the server must speak HTTP/2"
+            " without negotiating (h2c on http://); one that speaks only HTTP/1.1 fails so",
+            details={"http2": "protocol_error"},
         )
     return TargetUnavailable(f"{where} failed mid-call: {type(error).__name__}: {last}")

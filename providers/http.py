@@ -68,11 +68,13 @@ from providers._compression import (
 from providers._headers import BaseUrl, HeaderFields, RequestPath, checked_token
 from providers._http_client import (
     DEFAULT_CLIENT,
+    HTTP2_DESCRIPTION,
     ChosenClient,
     ClientKind,
     HttpClient,
     HttpPool,
     Reply,
+    checked_http2,
 )
 from providers._http_common import (
     HttpClients,
@@ -154,6 +156,7 @@ class HttpTarget(InstanceListing):
         description="A connection pool of this target's own, sized for its concurrency;"
         " default: the provider's shared pool (512 connections).",
     )
+    http2: bool = Field(default=False, description=HTTP2_DESCRIPTION)
     compression: HttpCompression = Field(
         default_factory=HttpCompression,
         description="Compress large request envelopes where the plugin accepts it, and"
@@ -170,6 +173,11 @@ class HttpTarget(InstanceListing):
             plain = [str(url) for url in self._urls() if url.scheme != "https"]
             if plain:
                 raise ValueError(f"tls is set but {masked_url(plain[0])} is not https")
+        return self
+
+    @model_validator(mode="after")
+    def _http2_needs_reqwest(self) -> HttpTarget:
+        checked_http2(self.http2, self.client)
         return self
 
     @model_validator(mode="after")
@@ -428,7 +436,7 @@ class HttpProvider(Provider[HttpTarget]):
             # is never resolved, so this is where it is checked.
             for destination in target.destinations():
                 self.egress.check(destination)
-            client = clients.for_target(target.client, target.pool)
+            client = clients.for_target(target.client, target.pool, http2=target.http2)
             route = self._routes[target.key] = _Route(target, client)
         return route
 
