@@ -67,6 +67,9 @@ class Membership:
         #: Attaches and detaches of this fleet happen one at a time: an instance listed
         #: again while it is being detached attaches after the detach, not during it.
         self._lock = asyncio.Lock()
+        #: One pass at a time: ``start``'s own pass and the task's would otherwise both
+        #: find an instance absent while the other attaches it, and join it twice.
+        self._reconciling = asyncio.Lock()
 
     async def start(self, first_read_timeout: float) -> None:
         """Watch every source; return once each has answered once (or the timeout passed),
@@ -145,6 +148,10 @@ class Membership:
             await self._reconcile()
 
     async def _reconcile(self) -> None:
+        async with self._reconciling:
+            await self._reconcile_now()
+
+    async def _reconcile_now(self) -> None:
         fleet = self.fleet
         wanted: dict[str, tuple[TargetConfig, int, str]] = {}
         for source, listed in zip(self.sources, self._listed, strict=True):
