@@ -1,9 +1,13 @@
-"""gRPC fleets whose instances DNS discovery brings (a real dnsmasq): each instance joins
-once and has one ``Init``.
+"""gRPC fleets whose instances DNS discovery brings (a real dnsmasq) or the manifest lists:
+each instance joins once and has one ``Init``, and a reload that removes the plugin
+version calling the fleet detaches every instance the fleet attached, each exactly once,
+while the dispatcher keeps running.
 
 The instances are the Python SDK's gRPC server, served in this loop on 127.0.0.2 and .3
 (one port for both, as an A record names one port) with ``lifecycle: dispatcher``: each
-records its ``Init``/``Start``/``Stop``/``Destroy``.
+records its ``Init``/``Start``/``Stop``/``Destroy``. Whether the dispatcher's channel to an
+instance is still open is read from the kernel's table of TCP connections, not from the
+provider.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,11 +31,13 @@ from tests.dns_server import (
     dnsmasq_fixture,  # noqa: F401  (the fixture `dnsmasq`)
     needs_dnsmasq,
 )
+from tests.services import until
 
 pytestmark = needs_dnsmasq
 
 StartDnsmasq = Callable[[Zone], Dnsmasq]
 V1_HOSTS = ("127.0.0.2", "127.0.0.3")
+V2_HOST = "127.0.0.4"
 METHODS = {"whoami": {"timeout_ms": 10_000}}
 
 
@@ -91,6 +98,20 @@ def port_free_on(*hosts: str) -> int:
     raise RuntimeError("no port free on every loopback host")
 
 
+def connections_to(address: str) -> int:
+    """Established TCP connections to ``address`` (``host:port``) on this machine, over
+    IPv4 or IPv6 sockets (gRPC's are often IPv6, the address then IPv4-mapped)."""
+    host, _, port = address.rpartition(":")
+    ipv4 = socket.inet_aton(host)[::-1].hex().upper()
+    wanted = {f"{ipv4}:{int(port):04X}", f"0000000000000000FFFF0000{ipv4}:{int(port):04X}"}
+    lines = [
+        line.split()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6")
+        for line in Path(table).read_text().splitlines()[1:]
+    ]
+    return sum(1 for fields in lines if fields[2] in wanted and fields[3] == "01")
+
+
 @pytest.fixture
 async def served() -> AsyncIterator[Callable[[str, int, str], Any]]:
     started: list[Instance] = []
@@ -120,6 +141,20 @@ def fleet(version: str, instances: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def on_one_address(version: str, address: str) -> dict[str, Any]:
+    return {
+        "id": "fleet",
+        "version": version,
+        "target": {
+            "provider": "grpc",
+            "address": address,
+            "lifecycle": "dispatcher",
+            "connect_timeout_ms": 10_000,
+        },
+        "methods": METHODS,
+    }
+
+
 async def test_each_discovered_instance_joins_once_and_has_one_init(
     dnsmasq: StartDnsmasq, served: Any
 ) -> None:
@@ -136,3 +171,53 @@ async def test_each_discovered_instance_joins_once_and_has_one_init(
         ]
         assert [each.plugin.steps for each in v1] == [["init", "start"]] * 2
     assert [each.plugin.steps for each in v1] == [["init", "start", "stop", "destroy"]] * 2
+
+
+@pytest.mark.parametrize("listed_by", ["dns", "manifest"])
+@pytest.mark.parametrize("replaced", [False, True], ids=["removed", "replaced"])
+async def test_a_removed_fleet_detaches_each_of_its_instances_once(
+    dnsmasq: StartDnsmasq, served: Any, listed_by: str, replaced: bool
+) -> None:
+    port = port_free_on(*V1_HOSTS)
+    v1 = [await served(host, port) for host in V1_HOSTS]
+    if listed_by == "dns":
+        dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+        instances: list[dict[str, Any]] = [
+            {"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}
+        ]
+    else:
+        instances = [{"address": each.address} for each in v1]
+    other = None
+    async with Dispatcher(manifest(fleet("1.0.0", instances))) as dispatcher:
+        hosts = {await dispatcher.call("fleet", "whoami", {}) for _ in range(6)}
+        assert hosts == set(V1_HOSTS)
+        assert [each.plugin.steps for each in v1] == [["init", "start"]] * 2
+        assert all(connections_to(each.address) for each in v1)
+
+        if replaced:
+            other = await served(V2_HOST, port_free_on(V2_HOST), "2.0.0")
+            summary = await dispatcher.reload(
+                manifest(on_one_address("2.0.0", other.address)), grace=10
+            )
+            assert summary["added"] == ["fleet@2.0.0"]
+        else:
+            summary = await dispatcher.reload(manifest(), grace=10)
+        assert summary["removed"] == ["fleet@1.0.0"]
+
+        await until(
+            lambda: all(each.plugin.steps[2:] == ["stop", "destroy"] for each in v1),
+            "Stop and Destroy on every instance of the removed version",
+            timeout=10,
+        )
+        await until(
+            lambda: not any(connections_to(each.address) for each in v1),
+            "the channels to the removed version's instances closed",
+            timeout=10,
+        )
+        assert dispatcher.state == "running"
+        if other is not None:
+            assert await dispatcher.call("fleet", "whoami", {}) == V2_HOST
+    # Closing the dispatcher detaches nothing of the removed version a second time.
+    assert [each.plugin.steps for each in v1] == [["init", "start", "stop", "destroy"]] * 2
+    if other is not None:
+        assert other.plugin.steps == ["init", "start", "stop", "destroy"]

@@ -105,7 +105,9 @@ class FleetRuntime:
 
     def unserve(self, plugin: PluginInfo, target: TargetConfig) -> None:
         """``plugin`` no longer calls the fleet of ``target`` (a reload removed it):
-        instances discovery brings from now on are not attached for it."""
+        instances discovery brings from now on are not attached for it. Those attached
+        for it already are detached for it when they leave, or when ``forget`` ends the
+        fleet."""
         plugins = self._plugins.get(target.key)
         if plugins is not None:
             plugins[:] = [each for each in plugins if each.key != plugin.key]
@@ -185,6 +187,10 @@ class FleetRuntime:
     def _membership(self, fleet: Fleet, sources: list[InstanceSource]) -> Membership:
         plugins = self._plugins.setdefault(fleet.target.key, [])
         provider = fleet.provider
+        # The plugins each discovered instance was attached for, by its key: it is detached
+        # for those, not for whoever calls the fleet by then (a reload that removed them
+        # has emptied ``plugins`` before ``forget`` detaches the instance).
+        attached_for: dict[str, list[PluginInfo]] = {}
 
         async def attach(target: TargetConfig) -> None:
             attached: list[PluginInfo] = []
@@ -197,9 +203,10 @@ class FleetRuntime:
                     with contextlib.suppress(Exception):
                         await provider.detach(plugin, target)
                 raise
+            attached_for[target.key] = attached
 
         async def detach(target: TargetConfig) -> None:
-            for plugin in reversed(plugins):
+            for plugin in reversed(attached_for.pop(target.key, [])):
                 await provider.detach(plugin, target)
 
         membership = self.memberships[fleet.target.key] = Membership(
