@@ -56,6 +56,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_free_on(*hosts: str) -> int:
+    """A port nothing listens on at any of ``hosts`` (loopback addresses): the instances
+    of a fleet found by DNS share one port, each on its own address."""
+    for _ in range(50):
+        port = free_port(hosts[0])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free on every loopback host")
+
+
 class Etcd:
     """One etcd process on loopback; ``stop`` and ``start`` keep its ports and data."""
 

@@ -27,26 +27,11 @@ from dispatcher.fleet import Fleet, InstanceState
 from providers.grpc import GrpcProvider, GrpcTarget
 from providers.invocation import Invocation
 from tests.conftest import ROOT, manifest
+from tests.services import port_free_on
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 PLUGIN = ROOT / "tests" / "plugins" / "fleet_grpc_plugin.py"
 BIN = Path(sys.executable).parent
-
-
-def port_free_on_every_host() -> int:
-    """A port nothing listens on at any of ``HOSTS``: the instances share it."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((HOSTS[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for host in HOSTS[1:]:
-                with socket.socket() as other:
-                    other.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free on every loopback host")
 
 
 class GrpcInstance:
@@ -100,7 +85,7 @@ class GrpcInstance:
 
 @pytest.fixture
 def instances() -> Iterator[list[GrpcInstance]]:
-    port = port_free_on_every_host()
+    port = port_free_on(*HOSTS)
     servers = [GrpcInstance(host, port) for host in HOSTS]
     try:
         for server in servers:

@@ -204,3 +204,10 @@ async def test_an_answer_over_max_response_bytes_is_refused_over_http2() -> None
 def test_http2_without_client_reqwest_is_refused_by_the_manifest(target: dict[str, Any]) -> None:
     with pytest.raises(ManifestError, match="http2: true needs client: reqwest"):
         parse_manifest(entry(target), base_dir=ROOT)
+
+
+@pytest.mark.parametrize("value", ["maybe", None, [True], {"on": True}])
+def test_an_http2_that_is_not_a_boolean_is_refused_naming_the_key(value: Any) -> None:
+    target = {"provider": "http", "url": "http://127.0.0.1:9", "client": "reqwest"}
+    with pytest.raises(ManifestError, match="http2"):
+        parse_manifest(entry({**target, "http2": value}), base_dir=ROOT)

@@ -31,7 +31,7 @@ from tests.dns_server import (
     dnsmasq_fixture,  # noqa: F401  (the fixture `dnsmasq`)
     needs_dnsmasq,
 )
-from tests.services import until
+from tests.services import port_free_on, until
 
 pytestmark = needs_dnsmasq
 
@@ -81,21 +81,6 @@ class Instance:
     async def end(self) -> None:
         self.stop.set()
         await asyncio.wait_for(self.task, 10)
-
-
-def port_free_on(*hosts: str) -> int:
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((hosts[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for host in hosts[1:]:
-                with socket.socket() as other:
-                    other.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free on every loopback host")
 
 
 def connections_to(address: str) -> int:
