@@ -25,6 +25,13 @@ the fleet sends it to another instance, whatever the method.
 
 grpcio is imported when a connection is opened, not when this module loads.
 
+One address is one service: entries of the manifest that name it share it, and a reload
+that puts a new version where the old one ran attaches the new one before the old one
+leaves. Neither's detach ends what the other uses: a connection closes when its last
+entry leaves, the service gets ``Stop``/``Destroy`` when the last entry at its address
+leaves, and its config stays that of an entry still attached
+(``providers._grpc.sharing``).
+
 Egress: before a channel is created (``attach``), ``address`` is checked against the
 manifest's ``egress`` policy: a ``unix:`` socket must be in ``unix_socket_dirs``, and a
 name is resolved and every address checked (``EgressPolicy.check_connect``); a refusal
@@ -50,6 +57,7 @@ from providers._compression import DEFAULT_MIN_BYTES, is_loopback
 from providers._grpc import lifecycle
 from providers._grpc.channel import ChannelSecurity
 from providers._grpc.connection import PluginConnection
+from providers._grpc.sharing import ConnectionUsers, EventSink, ServiceUsers, Use
 from providers.base import Health, Provider
 from providers.discovery import Endpoint, Weight, instance_item
 from providers.instances import InstanceListing
@@ -264,6 +272,10 @@ class GrpcProvider(Provider[GrpcTarget]):
     def __init__(self) -> None:
         # By ``target.key``: equal targets (of several methods or plugins) share a channel.
         self._connections: dict[str, PluginConnection] = {}
+        #: Who is attached over each connection, by ``target.key`` (``_grpc.sharing``).
+        self._users: dict[str, ConnectionUsers] = {}
+        #: Who reaches the service at each address (``connect_address()``).
+        self._services: dict[str, ServiceUsers] = {}
         #: Plugins told once that their config reaches no service (``attach``).
         self._config_unsent: set[str] = set()
 
@@ -272,50 +284,127 @@ class GrpcProvider(Provider[GrpcTarget]):
             for destination in target.destinations():
                 await self.egress.check_connect(destination)
         connection = self._open(target)
+        users = self._users.setdefault(target.key, ConnectionUsers())
+        service = self._services.setdefault(target.connect_address(), ServiceUsers())
         sink = self.event_sink_of(plugin) if target.events else None
+        if sink is not None:
+            users.sinks[plugin.key] = sink
+        running = service.initialised if service.uses else None
+        inits_sent = connection.inits_sent
+        try:
+            await self._begin(plugin, target, connection, service, users.emit if sink else None)
+        except BaseException:
+            users.sinks.pop(plugin.key, None)
+            if running is not None and connection.inits_sent > inits_sent:
+                await self._restore(service, running, plugin)
+            if not users.plugins:  # opened for this attach alone
+                await self._close(target)
+            raise
+        users.plugins[plugin.key] = plugin
+        use = Use(plugin, target.key, runs_lifecycle=target.lifecycle == "dispatcher")
+        service.uses[(plugin.key, target.key)] = use
+
+    async def _begin(
+        self,
+        plugin: PluginInfo,
+        target: GrpcTarget,
+        connection: PluginConnection,
+        service: ServiceUsers,
+        sink: EventSink | None,
+    ) -> None:
         if target.lifecycle == "dispatcher":
             await lifecycle.begin(
                 connection,
                 plugin,
                 ready_timeout=target.connect_timeout_ms / 1000,
                 event_sink=sink,
+                # Another entry's calls run there: a failed Start is undone by ``_restore``.
+                destroy_on_failed_start=not service.uses,
             )
+            service.initialised = plugin
             self.report_served(plugin, target, connection.served)
-            connection.watch_restarts(lambda: lifecycle.again(connection, plugin))
-        else:
-            if plugin.config and plugin.key not in self._config_unsent:
-                # Not a manifest problem: the service may have its own copy; but a config
-                # nobody receives is most often a missing ``lifecycle: dispatcher``.
-                self._config_unsent.add(plugin.key)
-                log.warning(
-                    "%s: its config is not sent to %s: with lifecycle: remote the service "
-                    "runs its own lifecycle (lifecycle: dispatcher sends it with Init)",
-                    plugin.key,
-                    target.describe(),
-                )
-            if sink is not None:
-                connection.open_events(sink)
+            connection.watch_restarts(
+                lambda: lifecycle.again(connection, service.initialised or plugin)
+            )
+            return
+        if plugin.config and plugin.key not in self._config_unsent:
+            # Not a manifest problem: the service may have its own copy; but a config
+            # nobody receives is most often a missing ``lifecycle: dispatcher``.
+            self._config_unsent.add(plugin.key)
+            log.warning(
+                "%s: its config is not sent to %s: with lifecycle: remote the service "
+                "runs its own lifecycle (lifecycle: dispatcher sends it with Init)",
+                plugin.key,
+                target.describe(),
+            )
+        if sink is not None:
+            connection.open_events(sink)
 
     async def detach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
-        connection = self._connections.get(target.key)
-        if connection is None:
+        users = self._users.get(target.key)
+        if users is None or users.plugins.pop(plugin.key, None) is None:
             return
-        if target.lifecycle == "dispatcher":
-            await connection.stop_watching()  # a connection lost from now on is no restart
-            if connection.restart_owed:
-                log.info(
-                    "%s on %s: no Stop or Destroy: the plugin there has not had its Init",
-                    plugin.key,
-                    target.describe(),
-                )
-            else:
-                await lifecycle.end(connection, plugin)
-        if self._connections.get(target.key) is connection:
-            del self._connections[target.key]
-        await connection.close()
+        users.sinks.pop(plugin.key, None)
+        address = target.connect_address()
+        service = self._services[address]
+        del service.uses[(plugin.key, target.key)]
+        if service.uses:  # another entry still calls the service: it keeps running
+            await self._hand_over(service, plugin)
+            if not users.plugins:
+                await self._close(target)
+            return
+        del self._services[address]
+        if service.initialised is not None:
+            await self._end(self._connections[target.key], service.initialised, target)
+        await self._close(target)
+
+    async def _hand_over(self, service: ServiceUsers, leaving: PluginInfo) -> None:
+        """Keep the service's config that of an entry still attached (``_grpc.sharing``)."""
+        if service.initialised is None or service.initialised.key != leaving.key:
+            return
+        heir = service.heir()
+        if heir is None:
+            return  # the rest run their own lifecycle; the last to leave ends this one
+        try:
+            await lifecycle.hand_over(self._connections[heir.target_key], heir.plugin, leaving)
+        except DispatchError as error:
+            log.error(
+                "%s on %s: %s", heir.plugin.key, self._connections[heir.target_key].describe, error
+            )
+        service.initialised = heir.plugin
+
+    async def _restore(
+        self, service: ServiceUsers, running: PluginInfo, failed: PluginInfo
+    ) -> None:
+        """Give the service ``running``'s config back after ``failed``'s start there failed."""
+        for use in reversed(service.uses.values()):
+            if use.plugin.key == running.key:
+                await lifecycle.restore(self._connections[use.target_key], running, failed)
+                return
+
+    async def _end(
+        self, connection: PluginConnection, plugin: PluginInfo, target: GrpcTarget
+    ) -> None:
+        await connection.stop_watching()  # a connection lost from now on is no restart
+        if connection.restart_owed:
+            log.info(
+                "%s on %s: no Stop or Destroy: the plugin there has not had its Init",
+                plugin.key,
+                target.describe(),
+            )
+            return
+        await lifecycle.end(connection, plugin)
+
+    async def _close(self, target: GrpcTarget) -> None:
+        self._users.pop(target.key, None)
+        connection = self._connections.pop(target.key, None)
+        if connection is not None:
+            await connection.close()
 
     async def aclose(self) -> None:
         connections, self._connections = self._connections, {}
+        self._users.clear()
+        self._services.clear()
         for connection in connections.values():
             await connection.close()
 

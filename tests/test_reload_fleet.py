@@ -12,24 +12,22 @@ provider.
 
 from __future__ import annotations
 
-import asyncio
-import socket
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from dispatcher import Dispatcher
-from linchkit_plugin import Plugin
-from linchkit_plugin.grpc_server import PluginServer
-from linchkit_plugin.host import PluginHost
 from tests.conftest import manifest
 from tests.dns_server import (
     Dnsmasq,
     Zone,
     dnsmasq_fixture,  # noqa: F401  (the fixture `dnsmasq`)
     needs_dnsmasq,
+)
+from tests.recorded_grpc import (
+    connections_to,
+    served_fixture,  # noqa: F401  (the fixture `served`)
 )
 from tests.services import port_free_on, until
 
@@ -39,77 +37,6 @@ StartDnsmasq = Callable[[Zone], Dnsmasq]
 V1_HOSTS = ("127.0.0.2", "127.0.0.3")
 V2_HOST = "127.0.0.4"
 METHODS = {"whoami": {"timeout_ms": 10_000}}
-
-
-class Recording(Plugin):
-    """Records its lifecycle; answers with the host it serves on."""
-
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.steps: list[str] = []
-
-    async def init(self, config: dict[str, Any]) -> None:
-        self.steps.append("init")
-
-    async def start(self) -> None:
-        self.steps.append("start")
-
-    async def stop(self) -> None:
-        self.steps.append("stop")
-
-    async def destroy(self) -> None:
-        self.steps.append("destroy")
-
-    async def whoami(self) -> str:
-        return self.host
-
-
-class Instance:
-    """One gRPC plugin service on ``host:port``, in this loop."""
-
-    def __init__(self, host: str, port: int, version: str) -> None:
-        self.address = f"{host}:{port}"
-        self.plugin = Recording(host)
-        self.stop = asyncio.Event()
-        server = PluginServer(PluginHost(self.plugin), plugin_id="fleet", version=version)
-        loop = asyncio.get_running_loop()
-        self.bound: asyncio.Future[int] = loop.create_future()
-        self.task = loop.create_task(
-            server.serve(self.address, on_ready=self.bound.set_result, stop=self.stop)
-        )
-
-    async def end(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 10)
-
-
-def connections_to(address: str) -> int:
-    """Established TCP connections to ``address`` (``host:port``) on this machine, over
-    IPv4 or IPv6 sockets (gRPC's are often IPv6, the address then IPv4-mapped)."""
-    host, _, port = address.rpartition(":")
-    ipv4 = socket.inet_aton(host)[::-1].hex().upper()
-    wanted = {f"{ipv4}:{int(port):04X}", f"0000000000000000FFFF0000{ipv4}:{int(port):04X}"}
-    lines = [
-        line.split()
-        for table in ("/proc/net/tcp", "/proc/net/tcp6")
-        for line in Path(table).read_text().splitlines()[1:]
-    ]
-    return sum(1 for fields in lines if fields[2] in wanted and fields[3] == "01")
-
-
-@pytest.fixture
-async def served() -> AsyncIterator[Callable[[str, int, str], Any]]:
-    started: list[Instance] = []
-
-    async def serve(host: str, port: int, version: str = "1.0.0") -> Instance:
-        instance = Instance(host, port, version)
-        started.append(instance)
-        await asyncio.wait_for(instance.bound, 10)
-        return instance
-
-    yield serve
-    for instance in started:
-        await instance.end()
 
 
 def fleet(version: str, instances: list[dict[str, Any]]) -> dict[str, Any]:

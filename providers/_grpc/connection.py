@@ -151,6 +151,8 @@ class PluginConnection:
         #: again has had its ``Init`` and ``Start`` (done with an exception: they failed).
         self._watching: asyncio.Task[None] | None = None
         self._owed: asyncio.Future[None] | None = None
+        #: ``Init`` requests sent (answered or not): whether a failed start reached one.
+        self.inits_sent = 0
 
     # -- calls -------------------------------------------------------------------------
 
@@ -570,7 +572,8 @@ class PluginConnection:
 
     async def lifecycle(self, step: str, timeout: float, config: Any = None) -> None:
         """Run one of ``Init`` (with ``config``), ``Start``, ``Stop``, ``Destroy``."""
-
+        if step == "Init":
+            self.inits_sent += 1
         pb = self._pb
         request = (
             pb.InitRequest(config_json=encode_json(config or {}))

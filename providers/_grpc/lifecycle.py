@@ -39,7 +39,15 @@ if TYPE_CHECKING:
     from providers._grpc.connection import PluginConnection
     from providers.target import PluginInfo
 
-__all__ = ["DESCRIBE_WAIT", "EVENTS_READY_WAIT", "again", "begin", "end"]
+__all__ = [
+    "DESCRIBE_WAIT",
+    "EVENTS_READY_WAIT",
+    "again",
+    "begin",
+    "end",
+    "hand_over",
+    "restore",
+]
 
 log = logging.getLogger("dispatcher.providers.grpc")
 
@@ -56,8 +64,12 @@ async def begin(
     *,
     ready_timeout: float,
     event_sink: Callable[[str, Any], None] | None = None,
+    destroy_on_failed_start: bool = True,
 ) -> None:
-    """Connect, open ``Events`` (with ``event_sink``), ``Init``, ``Start``; raise on failure."""
+    """Connect, open ``Events`` (with ``event_sink``), ``Init``, ``Start``; raise on failure.
+
+    ``destroy_on_failed_start=False``: a service another entry still uses gets no
+    ``Destroy`` after a failed ``Start``; the caller puts its config back (``restore``)."""
     await connection.wait_ready(ready_timeout)
     init_timeout = plugin.lifecycle.init_timeout_ms / 1000
     if plugin.protocol is not None:
@@ -67,7 +79,7 @@ async def begin(
     _tell_identity(connection, plugin)
     if event_sink is not None:
         connection.open_events(event_sink)
-    await _init_and_start(connection, plugin, init_timeout)
+    await _init_and_start(connection, plugin, init_timeout, destroy=destroy_on_failed_start)
     if event_sink is not None:
         await connection.events_ready(EVENTS_READY_WAIT)
 
@@ -98,16 +110,54 @@ async def again(connection: PluginConnection, plugin: PluginInfo) -> None:
         raise
 
 
-async def _init_and_start(connection: PluginConnection, plugin: PluginInfo, timeout: float) -> None:
+async def hand_over(connection: PluginConnection, plugin: PluginInfo, leaving: PluginInfo) -> None:
+    """``Init`` and ``Start`` with ``plugin``'s config, for a service whose last ``Init``
+    was ``leaving``'s, which no longer uses it (``providers._grpc.sharing``): nothing to
+    send when their configs are equal. Raise on failure."""
+    if plugin.config == leaving.config:
+        return
+    log.info(
+        "%s on %s: %s had its last Init and is gone: running Init and Start again with %s's config",
+        plugin.key,
+        connection.describe,
+        leaving.key,
+        plugin.key,
+    )
+    await _init_and_start(connection, plugin, plugin.lifecycle.init_timeout_ms / 1000)
+
+
+async def restore(connection: PluginConnection, plugin: PluginInfo, failed: PluginInfo) -> None:
+    """``Init`` and ``Start`` with ``plugin``'s config again, on a service ``plugin`` still
+    uses after ``failed``'s ``begin`` there failed (its ``Init`` may have run). Failures
+    are logged: ``plugin``'s calls then fail as after a failed restart."""
+    log.warning(
+        "%s on %s: the failed start of %s ran its lifecycle there: running Init and Start"
+        " again with %s's config",
+        plugin.key,
+        connection.describe,
+        failed.key,
+        plugin.key,
+    )
+    try:
+        await _init_and_start(connection, plugin, plugin.lifecycle.init_timeout_ms / 1000)
+    except DispatchError as error:
+        log.error("%s on %s: %s", plugin.key, connection.describe, error)
+
+
+async def _init_and_start(
+    connection: PluginConnection, plugin: PluginInfo, timeout: float, *, destroy: bool = True
+) -> None:
     """``Init``, then ``Start``. An ``Init`` that fails or times out (its RPC cancelled,
     which every SDK passes on to the hook) gets nothing more: ``Destroy`` undoes an
     ``Init`` that succeeded, and is not sent while the hook may still run. A ``Start``
-    that fails gets ``Destroy`` for the ``Init`` before it, never ``Stop``."""
+    that fails gets ``Destroy`` for the ``Init`` before it (unless ``destroy`` is
+    False), never ``Stop``."""
     await connection.lifecycle("Init", timeout, plugin.config)
     try:
         await connection.lifecycle("Start", timeout)
     except DispatchError:
-        await _destroy_quietly(connection, plugin)
+        if destroy:
+            await _destroy_quietly(connection, plugin)
         raise
 
 

@@ -1,0 +1,73 @@
+"""Who uses a gRPC connection, and who uses the plugin service at an address.
+
+Manifest entries whose targets are equal share one connection (``target.key``); entries
+whose targets name one address reach one service there, whatever else their targets say
+(metadata, timeouts). A reload that replaces version 1 by version 2 on the same address
+attaches version 2 before it detaches version 1, so the two overlap. Hence:
+
+- a connection closes when the last entry using it is detached;
+- the service's ``Stop`` and ``Destroy`` are sent when the last entry using the address is
+  detached, never while another still calls it;
+- the service runs with the config of the last ``Init`` it had (``initialised``); when
+  that entry leaves and another with ``lifecycle: dispatcher`` stays, the newest such
+  entry's ``Init`` and ``Start`` are sent again with its config, so the service never
+  runs with the config of a version that is gone;
+- a new entry whose ``Init`` reached the service and whose start then failed sends no
+  ``Destroy`` there; the service gets the running entry's ``Init`` and ``Start`` back;
+- what the service emits goes to the newest entry attached over the connection, so an
+  event names a version still served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from providers.target import PluginInfo
+
+__all__ = ["ConnectionUsers", "EventSink", "ServiceUsers", "Use"]
+
+#: ``sink(event, data)``: where one attached plugin's events go.
+EventSink = Callable[[str, Any], None]
+
+
+@dataclass(slots=True)
+class ConnectionUsers:
+    """The plugins attached over one connection, oldest first."""
+
+    plugins: dict[str, PluginInfo] = field(default_factory=dict)
+    sinks: dict[str, EventSink] = field(default_factory=dict)
+
+    def emit(self, event: str, data: Any) -> None:
+        """The connection's ``Events`` sink: the newest plugin's, when it takes events."""
+        if self.sinks:
+            next(reversed(self.sinks.values()))(event, data)
+
+
+@dataclass(frozen=True, slots=True)
+class Use:
+    """One plugin attached to the service over the connection of ``target_key``."""
+
+    plugin: PluginInfo
+    target_key: str
+    #: Whether its target has ``lifecycle: dispatcher``.
+    runs_lifecycle: bool
+
+
+@dataclass(slots=True)
+class ServiceUsers:
+    """The attachments that reach the service at one address, oldest first."""
+
+    uses: dict[tuple[str, str], Use] = field(default_factory=dict)
+    #: The plugin whose ``Init`` the service had last; None while the dispatcher has run
+    #: no lifecycle there (``lifecycle: remote``).
+    initialised: PluginInfo | None = None
+
+    def heir(self) -> Use | None:
+        """The newest attachment that runs the service's lifecycle; None when none does."""
+        for use in reversed(self.uses.values()):
+            if use.runs_lifecycle:
+                return use
+        return None

@@ -1,0 +1,134 @@
+"""A reload that puts a new version of a gRPC plugin on the address the old version
+served: one service at one address, whatever the manifest calls it.
+
+The service is the Python SDK's gRPC server in this loop (``tests.recorded_grpc``), with
+``lifecycle: dispatcher``: it records each ``Init`` (and its config), ``Start``, ``Stop``
+and ``Destroy``. The new version must be called on the service the old one leaves
+running: the old version's detach sends no ``Stop`` or ``Destroy`` while another entry
+still uses the service, and closes no connection another entry calls through. The last
+entry to leave ends the lifecycle, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher
+from linchkit_plugin.errors import ProviderError
+from tests.conftest import manifest
+from tests.recorded_grpc import (
+    Serve,
+    connections_to,
+    served_fixture,  # noqa: F401  (the fixture `served`)
+)
+from tests.services import free_port, until
+
+METHODS = {"whoami": {"timeout_ms": 10_000}, "shout": {"timeout_ms": 10_000}}
+
+
+def entry(version: str, address: str, *, plugin_id: str = "svc", **target: Any) -> dict[str, Any]:
+    return {
+        "id": plugin_id,
+        "version": version,
+        "config": {"version": version},
+        "target": {
+            "provider": "grpc",
+            "address": address,
+            "lifecycle": "dispatcher",
+            "connect_timeout_ms": 10_000,
+            **target,
+        },
+        "methods": METHODS,
+    }
+
+
+@pytest.mark.parametrize(
+    "v2_target",
+    [{}, {"connect_timeout_ms": 9_000}],
+    ids=["same-target", "another-target-same-address"],
+)
+async def test_a_new_version_on_the_old_version_s_address_keeps_its_service(
+    served: Serve, v2_target: dict[str, Any]
+) -> None:
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    heard: list[tuple[str, str, Any]] = []
+    async with Dispatcher(manifest(entry("1.0.0", service.address))) as dispatcher:
+        dispatcher.on_event(
+            lambda plugin, version, event, data: heard.append((version, event, data))
+        )
+        assert await dispatcher.call("svc", "whoami", {}) == "127.0.0.1"
+
+        summary = await dispatcher.reload(
+            manifest(entry("2.0.0", service.address, **v2_target)), grace=10
+        )
+        assert (summary["added"], summary["removed"]) == (["svc@2.0.0"], ["svc@1.0.0"])
+
+        # Before: the old version's detach stopped and destroyed the service, and closed
+        # the connection the new version shared: "… is not attached".
+        assert await dispatcher.call("svc", "whoami", {}) == "127.0.0.1"
+        assert service.plugin.steps == ["init", "start", "init", "start"]
+        assert service.plugin.configs[-1] == {"version": "2.0.0"}
+        await until(lambda: connections_to(service.address) == 1, "the old channel closed")
+
+        # What the service emits now is the new version's.
+        await dispatcher.call("svc", "shout", {})
+        await until(lambda: heard, "the event")
+        assert heard == [("2.0.0", "shouted", "127.0.0.1")]
+    assert service.plugin.steps == ["init", "start", "init", "start", "stop", "destroy"]
+    await until(lambda: not connections_to(service.address), "every channel closed")
+
+
+async def test_removing_one_of_two_plugins_served_at_one_address_leaves_the_other(
+    served: Serve,
+) -> None:
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    one = entry("1.0.0", service.address, plugin_id="one")
+    two = entry("1.0.0", service.address, plugin_id="two")
+    one["config"], two["config"] = {"who": "one"}, {"who": "two"}
+    async with Dispatcher(manifest(one, two)) as dispatcher:
+        assert service.plugin.configs == [{"who": "one"}, {"who": "two"}]
+        # "two" had the service's last Init: "one", which stays, gets its config back.
+        await dispatcher.reload(manifest(one))
+        assert await dispatcher.call("one", "whoami", {}) == "127.0.0.1"
+        assert service.plugin.steps == ["init", "start"] * 3
+        assert service.plugin.configs[-1] == {"who": "one"}
+    assert service.plugin.steps[-2:] == ["stop", "destroy"]
+    assert service.plugin.steps.count("stop") == 1
+
+
+@pytest.mark.parametrize("failing_step", ["init", "start"])
+async def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(
+    served: Serve, failing_step: str
+) -> None:
+    """The new version's ``Init`` ran on the service the old one calls, then it (or its
+    ``Start``) failed: the service gets the old version's config back, and no ``Destroy``."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    failing = entry("2.0.0", service.address)
+    failing["config"] = {"fail": failing_step}
+    recording = service.plugin
+
+    async def init(config: dict[str, Any]) -> None:
+        recording.steps.append("init")
+        recording.configs.append(config)
+        if config.get("fail") == "init":
+            raise RuntimeError("refused")
+
+    async def start() -> None:
+        recording.steps.append("start")
+        if recording.configs[-1].get("fail") == "start":
+            raise RuntimeError("refused")
+
+    recording.init = init  # type: ignore[method-assign]
+    recording.start = start  # type: ignore[method-assign]
+    async with Dispatcher(manifest(entry("1.0.0", service.address))) as dispatcher:
+        with pytest.raises(ProviderError, match=failing_step.capitalize()):
+            await dispatcher.reload(manifest(failing), grace=10)
+        # Before: a failed Start sent Destroy to the service version 1 still called.
+        assert "destroy" not in recording.steps
+        assert recording.steps[-2:] == ["init", "start"]
+        assert recording.configs[-1] == {"version": "1.0.0"}
+        assert await dispatcher.call("svc", "whoami", {}) == "127.0.0.1"
+        assert connections_to(service.address) == 1
+    assert recording.steps[-2:] == ["stop", "destroy"]
