@@ -6,7 +6,9 @@ to happen to the parts around that install is here, in the order the dispatcher 
 
 1. ``attach``: refuse a version added or changed that declares a plugin protocol this
    dispatcher does not speak (``ProviderError``), then attach the new targets, all or
-   none; a failure raises with nothing changed yet;
+   none; a failure raises with nothing changed yet. Then attach the new versions to the
+   instances discovery already found for fleets they call (one that refuses leaves its
+   fleet, and joins it again later: ``FleetRuntime.attach_found``);
 2. ``new_routes``: build the new table. Kept versions keep their route objects, and so
    their policy state; the others get new ones. Fallbacks of removed versions are
    forgotten and the manifest's rollouts are set up on the new table. No await: the
@@ -19,8 +21,9 @@ to happen to the parts around that install is here, in the order the dispatcher 
    have ended (``grace`` seconds at most: then calls still using it fail as it goes),
    close the connections of plugins that dialled in on targets no longer used (nothing
    calls them any more: each plugin is told whether its id is still served, so that it
-   dials again, or is gone), and detach the rest: retired attachments, fleets, the policy
-   state of removed versions.
+   dials again, or is gone), and detach the rest: retired attachments, discovered
+   instances from the versions no longer calling them, fleets, the policy state of
+   removed versions.
 """
 
 from __future__ import annotations
@@ -80,9 +83,14 @@ class ReloadSteps:
     async def attach(self, plan: ReloadPlan) -> list[Attachment]:
         """Step 1: what the versions added or changed newly need, attached (not yet in
         the ledger: ``finish`` takes them in)."""
-        for plugin in [*plan.added, *(new for _, new in plan.changed)]:
+        arriving = [*plan.added, *(new for _, new in plan.changed)]
+        for plugin in arriving:
             check_protocol(plugin.key, plugin.protocol)
-        return await self._attachments.attach_new(plan)
+        attached = await self._attachments.attach_new(plan)
+        for plugin in arriving:  # and the instances discovery found for fleets they call
+            for target in plugin.targets():
+                await self._fleets.attach_found(plugin, target)
+        return attached
 
     def new_routes(
         self, manifest: Manifest[Any], plan: ReloadPlan, old_routes: RouteTable
@@ -129,6 +137,7 @@ class ReloadSteps:
             await self._settle(grace)
             await self._close_connections(manifest, plan, used)
             await attachments.detach(retired)
+            await fleets.release()  # discovered instances, from versions gone
             await fleets.forget(used)
             await self._policies.forget(plan.removed)  # changed ones were rebuilt
 

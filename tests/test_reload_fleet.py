@@ -136,3 +136,117 @@ async def test_a_removed_fleet_detaches_each_of_its_instances_once(
     assert [each.plugin.steps for each in v1] == [["init", "start", "stop", "destroy"]] * 2
     if other is not None:
         assert other.plugin.steps == ["init", "start", "stop", "destroy"]
+
+
+def versioned(version: str, instances: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fleet's entry at ``version``, with a config of its own (what Init carries)."""
+    return {**fleet(version, instances), "config": {"version": version}}
+
+
+async def test_a_version_added_to_a_fleet_is_attached_to_the_instances_already_found(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    port = port_free_on(*V1_HOSTS)
+    v1 = [await served(host, port) for host in V1_HOSTS]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    async with Dispatcher(manifest(versioned("1.0.0", source))) as dispatcher:
+        await dispatcher.reload(
+            manifest(versioned("1.0.0", source), versioned("2.0.0", source)), grace=10
+        )
+        # Before: the instances found before the reload never had version 2's Init.
+        assert [each.plugin.configs for each in v1] == [
+            [{"version": "1.0.0"}, {"version": "2.0.0"}]
+        ] * 2
+
+        # Version 1 leaves: the instances stay, with no Stop, for version 2's calls.
+        await dispatcher.reload(manifest(versioned("2.0.0", source)), grace=10)
+        assert [each.plugin.steps for each in v1] == [["init", "start"] * 2] * 2
+        hosts = {await dispatcher.call("fleet", "whoami", {}) for _ in range(4)}
+        assert hosts == set(V1_HOSTS)
+    assert [each.plugin.steps[-2:] for each in v1] == [["stop", "destroy"]] * 2
+    assert [each.plugin.steps.count("stop") for each in v1] == [1, 1]
+
+
+async def test_a_version_removed_from_a_fleet_another_keeps_is_detached_from_its_instances(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    port = port_free_on(*V1_HOSTS)
+    v1 = [await served(host, port) for host in V1_HOSTS]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    # Version 1 is attached last, so the instances run with its config.
+    both = manifest(versioned("2.0.0", source), versioned("1.0.0", source))
+    async with Dispatcher(both) as dispatcher:
+        assert [each.plugin.configs[-1] for each in v1] == [{"version": "1.0.0"}] * 2
+        await dispatcher.reload(manifest(versioned("2.0.0", source)), grace=10)
+        # Before: version 1 stayed attached, and the instances kept its config.
+        await until(
+            lambda: all(each.plugin.configs[-1] == {"version": "2.0.0"} for each in v1),
+            "version 2's config on every instance",
+            timeout=10,
+        )
+        assert "stop" not in v1[0].plugin.steps + v1[1].plugin.steps
+        assert await dispatcher.call("fleet", "whoami", {}) in V1_HOSTS
+    assert [each.plugin.steps.count("stop") for each in v1] == [1, 1]
+
+
+async def test_an_instance_whose_attach_failed_is_tried_again_while_dns_stays_the_same(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    port = port_free_on(*V1_HOSTS)
+    first = await served(V1_HOSTS[0], port)
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = {"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}
+    entry = fleet("1.0.0", [source])
+    entry["target"]["connect_timeout_ms"] = 300
+    async with Dispatcher(manifest(entry)) as dispatcher:
+        # .3 is listed but nothing answers there yet: its attach fails, it is left out.
+        (stats,) = dispatcher.stats()["fleets"].values()
+        assert [each["target"] for each in stats["instances"]] == [f"grpc {first.address}"]
+        late = await served(V1_HOSTS[1], port)
+        # Before: only a change in the DNS answer brought another pass: never, here.
+        await until(
+            lambda: late.plugin.steps == ["init", "start"],
+            "Init and Start on the instance that came up late",
+            timeout=15,
+        )
+        hosts = {await dispatcher.call("fleet", "whoami", {}) for _ in range(6)}
+        assert hosts == set(V1_HOSTS)
+
+
+async def test_an_instance_that_refuses_an_added_version_leaves_and_joins_once_it_accepts(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    port = port_free_on(*V1_HOSTS)
+    good, refusing = [await served(host, port) for host in V1_HOSTS]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    recording = refusing.plugin
+    refuse = True
+
+    async def init(config: dict[str, Any]) -> None:
+        recording.steps.append("init")
+        recording.configs.append(config)
+        if refuse and config == {"version": "2.0.0"}:
+            raise RuntimeError("not this version")
+
+    recording.init = init  # type: ignore[method-assign]
+
+    def members(dispatcher: Dispatcher) -> list[str]:
+        (stats,) = dispatcher.stats()["fleets"].values()
+        return sorted(each["target"] for each in stats["instances"])
+
+    async with Dispatcher(manifest(versioned("1.0.0", source))) as dispatcher:
+        await dispatcher.reload(
+            manifest(versioned("1.0.0", source), versioned("2.0.0", source)), grace=10
+        )
+        # The reload stands; the instance that cannot serve version 2 left the fleet.
+        assert members(dispatcher) == [f"grpc {good.address}"]
+        assert {await dispatcher.call("fleet", "whoami", {}) for _ in range(4)} == {V1_HOSTS[0]}
+        refuse = False
+        await until(
+            lambda: len(members(dispatcher)) == 2, "the instance back in the fleet", timeout=15
+        )
+        assert recording.configs[-2:] == [{"version": "1.0.0"}, {"version": "2.0.0"}]
+        assert recording.steps[-4:] == ["init", "start", "init", "start"]

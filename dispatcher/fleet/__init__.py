@@ -25,12 +25,13 @@ tasks (health checks, sources, membership): ``start`` starts them, ``aclose`` en
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from dispatcher.fleet.balancer import Balancer, LeastRequest, RoundRobin, Weighted
 from dispatcher.fleet.breaker import BreakerState, CircuitBreaker, is_health_failure
+from dispatcher.fleet.discovered import DiscoveredAttachments
 from dispatcher.fleet.fleet import Fleet
 from dispatcher.fleet.health import HealthChecker
 from dispatcher.fleet.instances import Instance, InstanceState
@@ -72,7 +73,8 @@ class FleetRuntime:
         self.memberships: dict[str, Membership] = {}
         #: How long an instance that left waits for its calls before it is detached.
         self.drain_timeout = drain_timeout
-        self._plugins: dict[str, list[PluginInfo]] = {}
+        #: Who serves each fleet, and each discovered instance's attachments, by target key.
+        self._discovered: dict[str, DiscoveredAttachments] = {}
         #: Health-check tasks by fleet (target key); fleets being watched.
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watched: set[str] = set()
@@ -100,17 +102,48 @@ class FleetRuntime:
     def serve(self, plugin: PluginInfo, target: TargetConfig) -> None:
         """``plugin`` calls the fleet of ``target``: instances discovery brings are
         attached for it too."""
-        if target.key in self.fleets:
-            self._plugins.setdefault(target.key, []).append(plugin)
+        discovered = self._discovered_of(target)
+        if discovered is not None and not discovered.serves(plugin):
+            discovered.serving.append(plugin)
 
     def unserve(self, plugin: PluginInfo, target: TargetConfig) -> None:
         """``plugin`` no longer calls the fleet of ``target`` (a reload removed it):
         instances discovery brings from now on are not attached for it. Those attached
-        for it already are detached for it when they leave, or when ``forget`` ends the
-        fleet."""
-        plugins = self._plugins.get(target.key)
-        if plugins is not None:
-            plugins[:] = [each for each in plugins if each.key != plugin.key]
+        for it already are detached for it by ``release``, when they leave, or when
+        ``forget`` ends the fleet."""
+        discovered = self._discovered.get(target.key)
+        if discovered is not None:
+            discovered.stop_serving(plugin)
+
+    async def attach_found(self, plugin: PluginInfo, target: TargetConfig) -> None:
+        """Before a reload's routes swap: attach ``plugin`` (a version the reload adds)
+        to the instances discovery already brought to the fleet of ``target``. An
+        instance it cannot be attached to leaves the fleet, and joins again (for every
+        version) at the next pass of the fleet's membership."""
+        discovered = self._discovered.get(target.key)
+        membership = self.memberships.get(target.key)
+        if discovered is None or membership is None or discovered.serves(plugin):
+            return
+        failed = await membership.exclusively(partial(discovered.add, plugin))
+        for key in failed:
+            membership.retire_member(key)
+
+    async def release(self) -> None:
+        """After a reload's calls in flight ended: detach the discovered instances of the
+        fleets still used from the versions that no longer call them."""
+        for key, discovered in self._discovered.items():
+            membership = self.memberships.get(key)
+            if membership is not None:
+                await membership.exclusively(discovered.release)
+
+    def _discovered_of(self, target: TargetConfig) -> DiscoveredAttachments | None:
+        fleet = self.fleets.get(target.key)
+        if fleet is None:
+            return None
+        discovered = self._discovered.get(target.key)
+        if discovered is None:
+            discovered = self._discovered[target.key] = DiscoveredAttachments(fleet.provider)
+        return discovered
 
     async def start(self, *, first_read_timeout: float = 5.0) -> None:
         """Start watching every fleet: discovery sources (waiting until each has answered
@@ -150,7 +183,7 @@ class FleetRuntime:
         for key in [key for key in self.fleets if key not in used]:
             fleet = self.fleets.pop(key)
             self._watched.discard(key)
-            self._plugins.pop(key, None)
+            self._discovered.pop(key, None)
             self.checkers = [each for each in self.checkers if each.fleet is not fleet]
             task = self._tasks.pop(key, None)
             if task is not None:
@@ -185,32 +218,14 @@ class FleetRuntime:
         return sources if own is None else [*sources, own]
 
     def _membership(self, fleet: Fleet, sources: list[InstanceSource]) -> Membership:
-        plugins = self._plugins.setdefault(fleet.target.key, [])
-        provider = fleet.provider
-        # The plugins each discovered instance was attached for, by its key: it is detached
-        # for those, not for whoever calls the fleet by then (a reload that removed them
-        # has emptied ``plugins`` before ``forget`` detaches the instance).
-        attached_for: dict[str, list[PluginInfo]] = {}
-
-        async def attach(target: TargetConfig) -> None:
-            attached: list[PluginInfo] = []
-            try:
-                for plugin in plugins:
-                    await provider.attach(plugin, target)
-                    attached.append(plugin)
-            except BaseException:
-                for plugin in reversed(attached):  # all plugins or none
-                    with contextlib.suppress(Exception):
-                        await provider.detach(plugin, target)
-                raise
-            attached_for[target.key] = attached
-
-        async def detach(target: TargetConfig) -> None:
-            for plugin in reversed(attached_for.pop(target.key, [])):
-                await provider.detach(plugin, target)
-
+        discovered = self._discovered_of(fleet.target)
+        assert discovered is not None  # the fleet is in self.fleets
         membership = self.memberships[fleet.target.key] = Membership(
-            fleet, sources, attach=attach, detach=detach, drain_timeout=self.drain_timeout
+            fleet,
+            sources,
+            attach=discovered.attach,
+            detach=discovered.detach,
+            drain_timeout=self.drain_timeout,
         )
         return membership
 

@@ -10,7 +10,9 @@ An instance listed by several sources (or also fixed) is one instance: the first
 it names its source and weight. Fixed instances never leave; the dispatcher attached
 them and detaches them. An endpoint the target cannot turn into a valid target, or that
 the egress policy refuses, is skipped and logged; an instance whose attach fails is left
-out and tried again at the next report.
+out and tried again by a pass 0.5 s later, then 1 s, 2 s … up to 30 s while it fails
+(sources report only changes: an instance listed before its server is up would
+otherwise wait for the next one).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -37,6 +40,13 @@ Attach = Callable[[TargetConfig], Awaitable[None]]
 
 #: How often a leaving instance is checked for calls still in flight.
 _IDLE_POLL = 0.05
+#: After a pass that left an instance out (its attach failed), the next pass comes this
+#: long after, doubling up to ``_RETRY_LONGEST``: sources report only changes, and an
+#: instance listed before its server is up would otherwise wait for the next change.
+_RETRY_FIRST = 0.5
+_RETRY_LONGEST = 30.0
+
+T = TypeVar("T")
 
 
 class Membership:
@@ -70,6 +80,9 @@ class Membership:
         #: One pass at a time: ``start``'s own pass and the task's would otherwise both
         #: find an instance absent while the other attaches it, and join it twice.
         self._reconciling = asyncio.Lock()
+        #: The pass scheduled after one that left an instance out, and the wait before it.
+        self._retry: asyncio.Task[None] | None = None
+        self._retry_delay = _RETRY_FIRST
 
     async def start(self, first_read_timeout: float) -> None:
         """Watch every source; return once each has answered once (or the timeout passed),
@@ -91,8 +104,8 @@ class Membership:
 
     async def aclose(self) -> None:
         """Stop watching; instances stay attached until ``detach_all``."""
-        tasks = [*self._tasks, *self._retiring]
-        self._tasks = []
+        tasks = [*self._tasks, *self._retiring, *([self._retry] if self._retry else [])]
+        self._tasks, self._retry = [], None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -101,6 +114,19 @@ class Membership:
                 await source.aclose()
             except Exception:
                 log.exception("closing %s failed", source.name)
+
+    async def exclusively(self, action: Callable[[], Awaitable[T]]) -> T:
+        """Run ``action`` while no instance of this fleet is being attached or detached."""
+        async with self._lock:
+            return await action()
+
+    def retire_member(self, key: str) -> None:
+        """Take the discovered instance ``key`` out (detached once its calls are done); the
+        next pass joins it again if a source still lists it."""
+        instance = self.fleet.member(key)
+        if instance is not None and instance.source != FIXED:
+            self._retire(instance)
+            self._retry_soon()
 
     async def detach_all(self) -> None:
         """Detach every discovered instance still attached (the dispatcher is closing)."""
@@ -158,21 +184,41 @@ class Membership:
             for target, weight in listed:
                 wanted.setdefault(target.key, (target, weight, source.name))
         present = {instance.key: instance for instance in fleet.instances}
+        left_out = False
         for key, (target, weight, source_name) in wanted.items():
             instance = present.get(key)
             if instance is None:
-                await self._join(target, weight, source_name)
+                left_out |= not await self._join(target, weight, source_name)
             elif instance.source != FIXED and instance.weight != weight:
                 fleet.reweigh(instance, weight)
         for key, instance in present.items():
             if instance.source != FIXED and key not in wanted:
                 self._retire(instance)
+        if left_out:
+            self._retry_soon()
+        else:
+            self._retry_delay = _RETRY_FIRST
 
-    async def _join(self, target: TargetConfig, weight: int, source_name: str) -> None:
+    async def _join(self, target: TargetConfig, weight: int, source_name: str) -> bool:
         if not await self._safely(self._attach, target, "attaching"):
-            return  # left out; the next report tries again
+            return False  # left out; the next pass tries again
         self.attached[target.key] = target
         self.fleet.join(target, weight=weight, source=source_name)
+        return True
+
+    def _retry_soon(self) -> None:
+        """Run a pass again after ``_retry_delay`` (doubled each time, while instances stay
+        left out), unless one is already due."""
+        if self._retry is not None and not self._retry.done():
+            return
+        delay, self._retry_delay = self._retry_delay, min(self._retry_delay * 2, _RETRY_LONGEST)
+        self._retry = asyncio.get_running_loop().create_task(
+            self._pass_after(delay), name=f"next membership pass of {self.fleet.name}"
+        )
+
+    async def _pass_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._changed.set()
 
     def _retire(self, instance: Instance) -> None:
         self.fleet.leave(instance)
