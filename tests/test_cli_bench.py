@@ -379,3 +379,18 @@ async def test_a_gateway_that_does_not_answer_envelopes_is_a_provider_error(
 def test_a_gateway_url_that_is_not_one_is_a_usage_error(tmp_path: Path, url: str) -> None:
     result = bench(manifest(tmp_path, echo_plugin()), "echo.say", "--gateway", url)
     assert result.returncode == 2 and "--gateway" in result.stderr, result.stderr
+
+
+def test_without_timeout_a_gateway_call_waits_as_long_as_a_method_may_run() -> None:
+    """The gateway ends a call at the method's ``timeout_ms`` (a day at most) and says so;
+    without ``--timeout`` the client keeps only a safety net beyond that. Before, it gave
+    up after 60 s, failing every call of a method allowed longer as deadline_exceeded."""
+    from pydantic import ValidationError
+
+    from dispatcher.cli._gateway_client import DEFAULT_CLIENT_SECONDS
+    from dispatcher.config.policies import Policies
+
+    Policies(timeout_ms=86_400_000)  # the longest a method may run
+    with pytest.raises(ValidationError):
+        Policies(timeout_ms=86_400_001)
+    assert DEFAULT_CLIENT_SECONDS > 86_400

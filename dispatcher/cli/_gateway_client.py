@@ -23,6 +23,7 @@ from linchkit_plugin.errors import (
     TargetUnavailable,
     error_from_wire,
 )
+from providers.base import CONNECT_STAGE
 
 __all__ = ["GatewayCaller", "check_gateway_url"]
 
@@ -30,9 +31,14 @@ __all__ = ["GatewayCaller", "check_gateway_url"]
 #: answering a call.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
-#: How long a call may take without ``--timeout`` (the gateway enforces the method's own
-#: deadline; this only bounds a gateway that stopped answering).
-DEFAULT_CLIENT_SECONDS = 60.0
+#: How long a call may take without ``--timeout``: a day and a minute. The gateway ends
+#: every call at its method's ``timeout_ms`` (a day at most) and answers
+#: ``deadline_exceeded`` itself, so only a gateway that hangs with the connection open
+#: meets this bound (the TypeScript client's ``CALL_SAFETY_NET_MS``).
+DEFAULT_CLIENT_SECONDS = 86_400.0 + 60.0
+
+#: How long opening a connection to the gateway may take.
+CONNECT_SECONDS = 10.0
 
 #: What the client waits beyond ``--timeout`` for the gateway's own deadline answer.
 DEADLINE_MARGIN_SECONDS = 5.0
@@ -67,7 +73,7 @@ class GatewayCaller:
         self._where = url
         self._headers = _headers(version, timeout, api_key, token)
         seconds = DEFAULT_CLIENT_SECONDS if timeout is None else timeout + DEADLINE_MARGIN_SECONDS
-        self._timeout = aiohttp.ClientTimeout(total=seconds)
+        self._timeout = aiohttp.ClientTimeout(total=seconds, sock_connect=CONNECT_SECONDS)
         self._concurrency = concurrency
         self._session: aiohttp.ClientSession | None = None
 
@@ -94,6 +100,12 @@ class GatewayCaller:
             async with self._session.post(self._url, data=orjson.dumps(params)) as answer:
                 body = await _read_capped(answer)
                 status = answer.status
+        except aiohttp.ConnectionTimeoutError:
+            raise TargetUnavailable(
+                f"gateway {self._where}: no connection within {CONNECT_SECONDS:g} s;"
+                " the call was not sent",
+                details=dict(CONNECT_STAGE),
+            ) from None
         except TimeoutError:
             raise DeadlineExceeded(
                 f"gateway {self._where} did not answer within {self._timeout.total:g} s"
