@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from collections.abc import AsyncGenerator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -278,6 +279,9 @@ class GrpcProvider(Provider[GrpcTarget]):
         self._services: dict[str, ServiceUsers] = {}
         #: Plugins told once that their config reaches no service (``attach``).
         self._config_unsent: set[str] = set()
+        #: This host's ``linchkit-host``: services attached by other hosts too (replicas)
+        #: run their stop hooks only when the last host leaves.
+        self.host_id = secrets.token_hex(8)
 
     async def attach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
         if target.key not in self._connections:
@@ -472,6 +476,7 @@ class GrpcProvider(Provider[GrpcTarget]):
                 metadata=tuple(target.metadata.items()),
                 describe=target.describe(),
                 compress_min_bytes=target.compression.threshold(target.connect_address()),
+                host_id=self.host_id,
             )
         return connection
 

@@ -37,7 +37,7 @@ from linchkit_plugin.errors import (
     ProviderError,
     TargetUnavailable,
 )
-from linchkit_plugin.handshake import HEALTH_SERVICE
+from linchkit_plugin.handshake import HEALTH_SERVICE, HOST_METADATA
 from linchkit_plugin.wire import encode_json
 from providers._grpc.channel import ChannelSecurity, open_channel
 from providers._grpc.events import EventsStream
@@ -104,9 +104,11 @@ class PluginConnection:
         metadata: Sequence[tuple[str, str]] = (),
         describe: str = "",
         compress_min_bytes: int | None = None,
+        host_id: str | None = None,
     ) -> None:
         """``compress_min_bytes``: send requests whose params are this large in gzip;
-        None: never compress."""
+        None: never compress. ``host_id``: sent as ``linchkit-host`` on lifecycle RPCs, so
+        a service attached by several hosts stops only when the last leaves."""
         import grpc
         import grpc.aio
 
@@ -132,6 +134,9 @@ class PluginConnection:
         self._gzip = grpc.Compression.Gzip
         self._compress_min_bytes = compress_min_bytes
         self._metadata = tuple(metadata)
+        self._lifecycle_metadata = (
+            self._metadata if host_id is None else (*self._metadata, (HOST_METADATA, host_id))
+        )
         self._events = EventsStream(plugin_pb2.HostEvent, self.describe)
         self._closed = False
         #: The streams open on this connection, so ``close`` lets go of their calls.
@@ -581,7 +586,9 @@ class PluginConnection:
             else pb.LifecycleRequest()
         )
         try:
-            await getattr(self._stub, step)(request, timeout=timeout, metadata=self._metadata)
+            await getattr(self._stub, step)(
+                request, timeout=timeout, metadata=self._lifecycle_metadata
+            )
         except grpc_errors() as error:
             drop_grpc_frames(error)
             what = f"{self.describe} {step}"

@@ -30,10 +30,23 @@ def _integer(name: str, value: Any) -> int:
 
 
 class ExamplePlugin(Plugin):
-    methods = ("echo", "digest", "fail", "sleep", "count", "emit", "config")
+    methods = ("echo", "digest", "fail", "sleep", "count", "emit", "config", "hooks")
+
+    def __init__(self) -> None:
+        self._hooks = {"init": 0, "start": 0, "stop": 0, "destroy": 0}
 
     async def init(self, config: dict[str, Any]) -> None:
+        self._hooks["init"] += 1
         self._config = config
+
+    async def start(self) -> None:
+        self._hooks["start"] += 1
+
+    async def stop(self) -> None:
+        self._hooks["stop"] += 1
+
+    async def destroy(self) -> None:
+        self._hooks["destroy"] += 1
 
     @raw_params
     async def echo(self, params: Any) -> Any:
@@ -73,6 +86,10 @@ class ExamplePlugin(Plugin):
     async def config(self) -> Any:
         """The JSON object passed to Init."""
         return getattr(self, "_config", {})
+
+    async def hooks(self) -> dict[str, int]:
+        """How many times each lifecycle hook ran."""
+        return dict(self._hooks)
 
     async def on_event(self, event: str, data: Any) -> None:
         if event == "ping":

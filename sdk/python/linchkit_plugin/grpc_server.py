@@ -52,6 +52,7 @@ from linchkit_plugin._grpc_drain import StopGate, refuse_as_not_run
 from linchkit_plugin._grpc_envelope import parse_call, result_json
 from linchkit_plugin._grpc_events import EventStreams, deliver_host_events
 from linchkit_plugin._grpc_executable import run
+from linchkit_plugin._grpc_hosts import MAX_HOSTS, AttachedHosts, host_of
 from linchkit_plugin._grpc_reflection import add_reflection
 from linchkit_plugin.auth import BearerToken
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError
@@ -152,6 +153,8 @@ class PluginServer:
         self._config: Any = {}
         #: Counts the calls that reach the service; once stopping, they are answered not run.
         self._gate = StopGate()
+        #: The hosts attached now: the last to leave runs the stop and destroy hooks.
+        self._hosts = AttachedHosts()
         host_plugin = host.plugin
         if hasattr(host_plugin, "emit"):
             host_plugin._emit = self.emit
@@ -184,6 +187,12 @@ class PluginServer:
     async def Init(self, request: Any, context: Any) -> Any:
         import grpc
 
+        host = await self._host(context)
+        if not self._hosts.has_room_for(host):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_HOSTS} hosts are attached to this service; one more is refused",
+            )
         try:
             config = orjson.loads(request.config_json) if request.config_json else {}
         except orjson.JSONDecodeError as error:
@@ -192,21 +201,37 @@ class PluginServer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "config must be a JSON object")
         self._config = config
         await self._lifecycle(context, "init", config)
+        self._hosts.add(host)
         return self._pb.LifecycleReply()
 
     async def Start(self, request: Any, context: Any) -> Any:
+        await self._host(context)
         await self._lifecycle(context, "start")
         await self._set_serving(True)
         return self._pb.LifecycleReply()
 
     async def Stop(self, request: Any, context: Any) -> Any:
+        if self._hosts.others_stay(await self._host(context)):
+            return self._pb.LifecycleReply()  # the plugin goes on serving them
         await self._set_serving(False)
         await self._lifecycle(context, "stop")
         return self._pb.LifecycleReply()
 
     async def Destroy(self, request: Any, context: Any) -> Any:
+        if self._hosts.others_stay(await self._host(context)):
+            return self._pb.LifecycleReply()
         await self._lifecycle(context, "destroy")
         return self._pb.LifecycleReply()
+
+    async def _host(self, context: Any) -> str:
+        """The calling host's id (``linchkit-host``); INVALID_ARGUMENT when off the contract."""
+        try:
+            return host_of(context.invocation_metadata())
+        except ValueError as error:
+            import grpc
+
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise  # abort raises; this only tells type checkers
 
     async def Call(self, request: Any, context: Any) -> Any:
         if self._gate.arrive():

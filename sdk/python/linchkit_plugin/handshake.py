@@ -20,6 +20,7 @@ __all__ = [
     "CLIENT_CERT_ENV",
     "CORE_VERSION",
     "HEALTH_SERVICE",
+    "HOST_METADATA",
     "LINE_FORMAT",
     "MAGIC_COOKIE_KEY",
     "MAGIC_COOKIE_VALUE",
@@ -57,6 +58,10 @@ HEALTH_SERVICE = "linchkit.plugin.v1.PluginService"
 #: or fails it as never sent, and sends no more on that connection until it closes
 #: (docs/protocol.md, "Stopping while called").
 NOT_RUN_TRAILER = "linchkit-not-run"
+#: Lifecycle RPC metadata: the id of the host sending it, drawn once per host process, so
+#: a service attached by several hosts runs its stop hooks only when the last one leaves
+#: (docs/protocol.md, "Several hosts on one service").
+HOST_METADATA = "linchkit-host"
 
 
 class HandshakeLine(NamedTuple):
