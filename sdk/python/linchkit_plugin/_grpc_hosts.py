@@ -8,6 +8,7 @@ plugin's ``stop`` and ``destroy`` hooks run only when the last of them leaves, s
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 
 from linchkit_plugin.handshake import HOST_METADATA
@@ -32,18 +33,33 @@ def host_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 
 
 class AttachedHosts:
-    """Hosts whose ``Init`` succeeded and that have not sent ``Stop`` or ``Destroy`` since."""
+    """Hosts whose ``Init`` succeeded and that have not sent ``Stop`` or ``Destroy`` since.
 
-    __slots__ = ("_hosts",)
+    A host whose ``Init`` is running holds a place already: Inits of new hosts arriving
+    together cannot push the set past ``MAX_HOSTS``."""
+
+    __slots__ = ("_hosts", "_joining")
 
     def __init__(self) -> None:
         self._hosts: set[str] = set()
+        self._joining: Counter[str] = Counter()
 
-    def has_room_for(self, host: str) -> bool:
-        return host in self._hosts or len(self._hosts) < MAX_HOSTS
+    def join(self, host: str) -> bool:
+        """Hold a place for ``host`` while its ``Init`` runs; False when there is none.
+        Every True is followed by one ``joined``."""
+        places = self._hosts | self._joining.keys()
+        if host not in places and len(places) >= MAX_HOSTS:
+            return False
+        self._joining[host] += 1
+        return True
 
-    def add(self, host: str) -> None:
-        self._hosts.add(host)
+    def joined(self, host: str, succeeded: bool) -> None:
+        """The end of ``host``'s ``Init``: attached when it succeeded."""
+        self._joining[host] -= 1
+        if self._joining[host] <= 0:
+            del self._joining[host]
+        if succeeded:
+            self._hosts.add(host)
 
     def others_stay(self, leaving: str) -> bool:
         """Take ``leaving`` out; whether another host is still attached (then its

@@ -188,11 +188,21 @@ class PluginServer:
         import grpc
 
         host = await self._host(context)
-        if not self._hosts.has_room_for(host):
+        if not self._hosts.join(host):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{MAX_HOSTS} hosts are attached to this service; one more is refused",
             )
+        succeeded = False
+        try:
+            succeeded = await self._init(request, context)
+        finally:
+            self._hosts.joined(host, succeeded)
+        return self._pb.LifecycleReply()
+
+    async def _init(self, request: Any, context: Any) -> bool:
+        import grpc
+
         try:
             config = orjson.loads(request.config_json) if request.config_json else {}
         except orjson.JSONDecodeError as error:
@@ -201,8 +211,7 @@ class PluginServer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "config must be a JSON object")
         self._config = config
         await self._lifecycle(context, "init", config)
-        self._hosts.add(host)
-        return self._pb.LifecycleReply()
+        return True
 
     async def Start(self, request: Any, context: Any) -> Any:
         await self._host(context)
