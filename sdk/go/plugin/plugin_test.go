@@ -202,12 +202,17 @@ type started struct {
 
 func start(t *testing.T, args []string, vars map[string]string) *started {
 	t.Helper()
+	return startPlugin(t, testPlugin(), args, vars)
+}
+
+func startPlugin(t *testing.T, p *Plugin, args []string, vars map[string]string) *started {
+	t.Helper()
 	stdinReader, stdinWriter := io.Pipe()
 	stdoutReader, stdoutWriter := io.Pipe()
 	env := Environment{Args: args, Getenv: func(k string) string { return vars[k] }, Stdin: stdinReader, Stdout: stdoutWriter}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &started{stdin: stdinWriter, done: make(chan error, 1)}
-	go func() { s.done <- testPlugin().Run(ctx, env) }()
+	go func() { s.done <- p.Run(ctx, env) }()
 	t.Cleanup(func() {
 		cancel()
 		stdinWriter.Close()

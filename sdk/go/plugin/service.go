@@ -28,6 +28,8 @@ type service struct {
 	plugin  *Plugin
 	health  *health.Server
 	closing chan struct{} // closed at shutdown: ends the long-lived Events streams
+	// hosts attached now: the last to leave runs the stop and destroy hooks.
+	hosts *attachedHosts
 
 	mu        sync.Mutex
 	inited    bool
@@ -37,7 +39,7 @@ type service struct {
 }
 
 func newService(p *Plugin, servingFromStart bool) *service {
-	s := &service{plugin: p, health: health.NewServer(), closing: make(chan struct{})}
+	s := &service{plugin: p, health: health.NewServer(), closing: make(chan struct{}), hosts: newAttachedHosts()}
 	s.setServing(servingFromStart)
 	return s
 }
@@ -61,7 +63,15 @@ func (s *service) Describe(context.Context, *pluginpb.DescribeRequest) (*pluginp
 	return info, nil
 }
 
-func (s *service) Init(ctx context.Context, req *pluginpb.InitRequest) (*pluginpb.LifecycleReply, error) {
+func (s *service) Init(ctx context.Context, req *pluginpb.InitRequest) (_ *pluginpb.LifecycleReply, err error) {
+	host, err := hostOf(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if !s.hosts.join(host) {
+		return nil, status.Errorf(codes.ResourceExhausted, "%d hosts are attached to this service; one more is refused", MaxHosts)
+	}
+	defer func() { s.hosts.joined(host, err == nil) }()
 	config := json.RawMessage(req.GetConfigJson())
 	if len(config) == 0 {
 		config = json.RawMessage("{}")
@@ -80,6 +90,9 @@ func (s *service) Init(ctx context.Context, req *pluginpb.InitRequest) (*pluginp
 }
 
 func (s *service) Start(ctx context.Context, _ *pluginpb.LifecycleRequest) (*pluginpb.LifecycleReply, error) {
+	if _, err := hostOf(ctx); err != nil {
+		return nil, err
+	}
 	if err := s.runLifecycle(ctx, "start", s.plugin.onStart, &s.started); err != nil {
 		return nil, err
 	}
@@ -88,6 +101,11 @@ func (s *service) Start(ctx context.Context, _ *pluginpb.LifecycleRequest) (*plu
 }
 
 func (s *service) Stop(ctx context.Context, _ *pluginpb.LifecycleRequest) (*pluginpb.LifecycleReply, error) {
+	if othersStay, err := s.leave(ctx); err != nil {
+		return nil, err
+	} else if othersStay {
+		return &pluginpb.LifecycleReply{}, nil // the plugin goes on serving them
+	}
 	s.setServing(false)
 	if err := s.runLifecycle(ctx, "stop", s.plugin.onStop, &s.stopped); err != nil {
 		return nil, err
@@ -96,10 +114,24 @@ func (s *service) Stop(ctx context.Context, _ *pluginpb.LifecycleRequest) (*plug
 }
 
 func (s *service) Destroy(ctx context.Context, _ *pluginpb.LifecycleRequest) (*pluginpb.LifecycleReply, error) {
+	if othersStay, err := s.leave(ctx); err != nil {
+		return nil, err
+	} else if othersStay {
+		return &pluginpb.LifecycleReply{}, nil
+	}
 	if err := s.runLifecycle(ctx, "destroy", s.plugin.onDestroy, &s.destroyed); err != nil {
 		return nil, err
 	}
 	return &pluginpb.LifecycleReply{}, nil
+}
+
+// leave takes the calling host out of the attached ones; whether another one stays.
+func (s *service) leave(ctx context.Context) (othersStay bool, err error) {
+	host, err := hostOf(ctx)
+	if err != nil {
+		return false, err
+	}
+	return s.hosts.leave(host), nil
 }
 
 func (s *service) runLifecycle(ctx context.Context, name string, hook Hook, done *bool) error {
