@@ -8,13 +8,28 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"sync/atomic"
 	"time"
 
 	"github.com/linchkit/dispatcher/sdk/go/plugin"
 )
 
+// hookCounts is how many times each lifecycle hook ran (the method hooks): it lives as
+// long as the process, so a host sees whether another host's Stop ran the stop hook.
+type hookCounts struct {
+	init, start, stop, destroy atomic.Int64
+}
+
 func main() {
 	p := plugin.New("example", "1.0.0")
+	var hooks hookCounts
+	p.OnInit(func(context.Context, json.RawMessage) error {
+		hooks.init.Add(1) // the SDK keeps the config for p.Config
+		return nil
+	})
+	p.OnStart(func(context.Context) error { hooks.start.Add(1); return nil })
+	p.OnStop(func(context.Context) error { hooks.stop.Add(1); return nil })
+	p.OnDestroy(func(context.Context) error { hooks.destroy.Add(1); return nil })
 
 	p.Method("echo", "returns the params unchanged", func(_ context.Context, call *plugin.Call) (any, error) {
 		return call.Params, nil
@@ -109,6 +124,13 @@ func main() {
 
 	p.Method("config", "the config object passed to Init", func(_ context.Context, call *plugin.Call) (any, error) {
 		return p.Config(), nil
+	})
+
+	p.Method("hooks", "how many times each lifecycle hook ran", func(context.Context, *plugin.Call) (any, error) {
+		return map[string]int64{
+			"init": hooks.init.Load(), "start": hooks.start.Load(),
+			"stop": hooks.stop.Load(), "destroy": hooks.destroy.Load(),
+		}, nil
 	})
 
 	p.OnEvent("ping", func(_ context.Context, data json.RawMessage) {
