@@ -93,6 +93,8 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   private final ExecutorService workers = Executors.newCachedThreadPool(daemonThreads("plugin-method"));
   private final HostEventRunner hostEvents = new HostEventRunner(daemonThreads("plugin-host-event"));
   private final ScheduledExecutorService timers = Executors.newSingleThreadScheduledExecutor(daemonThreads("plugin-deadline"));
+  /** The hosts attached now: the last to leave runs the stop and destroy hooks. */
+  private final AttachedHosts hosts = new AttachedHosts();
 
   public PluginService(Plugin plugin, HealthStatusManager health, boolean servingFromStart) {
     this(plugin, health, servingFromStart, Serve.MAX_MESSAGE_BYTES);
@@ -512,8 +514,26 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     reply(observer, LifecycleReply.getDefaultInstance());
   }
 
+  /**
+   * The calling host's id ({@code linchkit-host}, "" without it); null once {@code observer}
+   * was answered INVALID_ARGUMENT for an id off the contract, before any hook runs.
+   */
+  private static String host(StreamObserver<LifecycleReply> observer) {
+    String host = AttachedHosts.hostOf(HEADERS.get());
+    if (host == null) observer.onError(Status.INVALID_ARGUMENT.withDescription(AttachedHosts.BAD_ID).asRuntimeException());
+    return host;
+  }
+
   @Override
   public void init(InitRequest request, StreamObserver<LifecycleReply> observer) {
+    String host = host(observer);
+    if (host == null) return;
+    if (!hosts.hasRoomFor(host)) {
+      observer.onError(Status.RESOURCE_EXHAUSTED
+          .withDescription(AttachedHosts.MAX_HOSTS + " hosts are attached to this service; one more is refused")
+          .asRuntimeException());
+      return;
+    }
     JsonObject config;
     try {
       JsonElement value = decodeJson(request.getConfigJson(), "config_json");
@@ -524,11 +544,15 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       observer.onError(Status.INVALID_ARGUMENT.withDescription(error.getMessage()).asRuntimeException());
       return;
     }
-    lifecycle(observer, () -> plugin.init(config));
+    lifecycle(observer, () -> {
+      plugin.init(config);
+      hosts.add(host); // only once its Init succeeded
+    });
   }
 
   @Override
   public void start(LifecycleRequest request, StreamObserver<LifecycleReply> observer) {
+    if (host(observer) == null) return;
     lifecycle(observer, () -> {
       plugin.start();
       setServing(true);
@@ -536,11 +560,19 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   }
 
   /**
-   * A subprocess's one host stops it: NOT_SERVING. A service goes on serving the calls of
-   * whoever attaches next (and still answers this host's), so its health stays SERVING.
+   * The last host to leave stops the plugin; while another is attached, a host's Stop runs
+   * nothing, so no hook runs under the other's calls. A subprocess's one host stops it:
+   * NOT_SERVING. A service goes on serving the calls of whoever attaches next (and still
+   * answers this host's), so its health stays SERVING.
    */
   @Override
   public void stop(LifecycleRequest request, StreamObserver<LifecycleReply> observer) {
+    String host = host(observer);
+    if (host == null) return;
+    if (hosts.othersStay(host)) {
+      reply(observer, LifecycleReply.getDefaultInstance());
+      return;
+    }
     lifecycle(observer, () -> {
       if (!servingFromStart) setServing(false);
       plugin.stop();
@@ -549,6 +581,12 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
 
   @Override
   public void destroy(LifecycleRequest request, StreamObserver<LifecycleReply> observer) {
+    String host = host(observer);
+    if (host == null) return;
+    if (hosts.othersStay(host)) {
+      reply(observer, LifecycleReply.getDefaultInstance());
+      return;
+    }
     lifecycle(observer, plugin::destroy);
   }
 }

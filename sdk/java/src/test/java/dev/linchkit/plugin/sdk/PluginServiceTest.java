@@ -2,6 +2,7 @@ package dev.linchkit.plugin.sdk;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import com.google.gson.JsonObject;
@@ -16,14 +17,18 @@ import dev.linchkit.plugin.v1.LifecycleRequest;
 import dev.linchkit.plugin.v1.PluginServiceGrpc;
 import dev.linchkit.plugin.v1.StreamItem;
 import io.grpc.ManagedChannel;
+import io.grpc.Metadata;
 import io.grpc.Server;
 import io.grpc.ServerInterceptors;
+import io.grpc.Status;
+import io.grpc.StatusRuntimeException;
 import io.grpc.health.v1.HealthCheckRequest;
 import io.grpc.health.v1.HealthCheckResponse.ServingStatus;
 import io.grpc.health.v1.HealthGrpc;
 import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder;
 import io.grpc.netty.shaded.io.grpc.netty.NettyServerBuilder;
 import io.grpc.protobuf.services.HealthStatusManager;
+import io.grpc.stub.MetadataUtils;
 import java.net.InetSocketAddress;
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
@@ -141,6 +146,87 @@ class PluginServiceTest {
     assertEquals(List.of(3, 3, 3, 3), List.of(inits.get(), starts.get(), stops.get(), destroys.get()));
     plugin.close();
     assertEquals(3, destroys.get(), "nothing twice");
+  }
+
+  /** The stub as host {@code id} sends it ({@code linchkit-host}). */
+  private static PluginServiceGrpc.PluginServiceBlockingStub as(Running running, String id) {
+    Metadata headers = new Metadata();
+    headers.put(AttachedHosts.HOST, id);
+    return running.stub().withInterceptors(MetadataUtils.newAttachHeadersInterceptor(headers));
+  }
+
+  private static Plugin counting(AtomicInteger[] counts) {
+    Plugin plugin = new Plugin("p", "1");
+    for (int i = 0; i < counts.length; i++) counts[i] = new AtomicInteger();
+    return plugin.onInit(config -> counts[0].incrementAndGet())
+        .onStart(counts[1]::incrementAndGet)
+        .onStop(counts[2]::incrementAndGet)
+        .onDestroy(counts[3]::incrementAndGet);
+  }
+
+  private static List<Integer> counted(AtomicInteger[] counts) {
+    return List.of(counts[0].get(), counts[1].get(), counts[2].get(), counts[3].get());
+  }
+
+  @Test
+  void onlyTheLastHostToLeaveRunsTheStopAndDestroyHooks() throws Exception {
+    for (boolean servingFromStart : new boolean[] {true, false}) {
+      AtomicInteger[] counts = new AtomicInteger[4];
+      Running running = serve(counting(counts), servingFromStart, Serve.MAX_MESSAGE_BYTES);
+      LifecycleRequest none = LifecycleRequest.getDefaultInstance();
+      for (String host : new String[] {"a", "b"}) {
+        as(running, host).init(InitRequest.getDefaultInstance());
+        as(running, host).start(none);
+      }
+      as(running, "b").stop(none);
+      as(running, "b").destroy(none);
+      assertEquals(List.of(2, 2, 0, 0), counted(counts), "b left while a is attached: nothing ran");
+      assertEquals(ServingStatus.SERVING, status(running));
+      // A host without the metadata counts as the host "": it joins and leaves like any other.
+      running.stub().init(InitRequest.getDefaultInstance());
+      running.stub().stop(none);
+      running.stub().destroy(none);
+      assertEquals(List.of(3, 2, 0, 0), counted(counts));
+      as(running, "a").stop(none);
+      as(running, "a").destroy(none);
+      assertEquals(List.of(3, 2, 1, 1), counted(counts), "the last host to leave stops the plugin");
+      assertEquals(servingFromStart ? ServingStatus.SERVING : ServingStatus.NOT_SERVING, status(running));
+    }
+  }
+
+  @Test
+  void aHostIdOffTheContractIsRefusedBeforeAnyHook() throws Exception {
+    AtomicInteger[] counts = new AtomicInteger[4];
+    Running running = serve(counting(counts), true, Serve.MAX_MESSAGE_BYTES);
+    LifecycleRequest none = LifecycleRequest.getDefaultInstance();
+    as(running, "a").init(InitRequest.getDefaultInstance());
+    for (String bad : new String[] {"x".repeat(65), "bad id", "", "a/b"}) {
+      var stub = as(running, bad);
+      for (Runnable step : new Runnable[] {
+          () -> stub.init(InitRequest.getDefaultInstance()), () -> stub.start(none), () -> stub.stop(none), () -> stub.destroy(none)}) {
+        StatusRuntimeException refused = assertThrows(StatusRuntimeException.class, step::run);
+        assertEquals(Status.Code.INVALID_ARGUMENT, refused.getStatus().getCode());
+        assertEquals("linchkit-host must be 1-64 of A-Z a-z 0-9 . _ -", refused.getStatus().getDescription());
+      }
+    }
+    assertEquals(List.of(1, 0, 0, 0), counted(counts));
+    as(running, "a").stop(none);
+    assertEquals(List.of(1, 0, 1, 0), counted(counts), "a was still the one host");
+  }
+
+  @Test
+  void aServiceTracksAtMost1024Hosts() throws Exception {
+    AtomicInteger[] counts = new AtomicInteger[4];
+    Running running = serve(counting(counts), true, Serve.MAX_MESSAGE_BYTES);
+    for (int i = 0; i < AttachedHosts.MAX_HOSTS; i++) as(running, "h" + i).init(InitRequest.getDefaultInstance());
+    StatusRuntimeException refused = assertThrows(StatusRuntimeException.class,
+        () -> as(running, "one-more").init(InitRequest.getDefaultInstance()));
+    assertEquals(Status.Code.RESOURCE_EXHAUSTED, refused.getStatus().getCode());
+    assertEquals(AttachedHosts.MAX_HOSTS, counts[0].get(), "no hook ran for the one refused");
+    as(running, "h0").init(InitRequest.getDefaultInstance()); // one already attached may Init again
+    as(running, "h0").destroy(LifecycleRequest.getDefaultInstance());
+    as(running, "one-more").init(InitRequest.getDefaultInstance());
+    assertEquals(0, counts[3].get());
   }
 
   @Test
