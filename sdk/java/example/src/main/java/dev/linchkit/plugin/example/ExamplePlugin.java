@@ -9,7 +9,9 @@ import java.nio.charset.StandardCharsets;
 import java.security.MessageDigest;
 import java.security.NoSuchAlgorithmException;
 import java.util.HexFormat;
+import java.util.LinkedHashMap;
 import java.util.Map;
+import java.util.concurrent.atomic.AtomicInteger;
 
 /**
  * The example plugin of docs/protocol.md ("The example plugin, in every language"),
@@ -61,6 +63,20 @@ public final class ExamplePlugin {
     plugin.method("config", "the JSON object passed to Init", (params, ctx) -> {
       JsonObject config = plugin.config();
       return config;
+    });
+
+    // How many times each lifecycle hook ran, for as long as the process lives.
+    Map<String, AtomicInteger> hooks = new LinkedHashMap<>();
+    for (String hook : new String[] {"init", "start", "stop", "destroy"}) hooks.put(hook, new AtomicInteger());
+    plugin.onInit(config -> hooks.get("init").incrementAndGet())
+        .onStart(() -> hooks.get("start").incrementAndGet())
+        .onStop(() -> hooks.get("stop").incrementAndGet())
+        .onDestroy(() -> hooks.get("destroy").incrementAndGet());
+
+    plugin.method("hooks", "how many times each lifecycle hook ran", (params, ctx) -> {
+      Map<String, Integer> counts = new LinkedHashMap<>();
+      hooks.forEach((hook, count) -> counts.put(hook, count.get()));
+      return counts;
     });
 
     plugin.on("ping", (name, data) -> plugin.emit("pong", data));
