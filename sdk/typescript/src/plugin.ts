@@ -159,9 +159,17 @@ export class Plugin {
     for (const handler of handlers) await handler(data, name);
   }
 
-  /** @internal Run a lifecycle phase's hooks, once. */
+  /**
+   * @internal Run a lifecycle phase's hooks. Init's run at every Init (the last config is the
+   * one held: hosts sharing a service each send theirs) and, after a stop or destroy, begin
+   * the lifecycle anew; start, stop and destroy run once per lifecycle.
+   */
   async runPhase(phase: Phase, config?: JsonObject): Promise<void> {
-    if (this.done.has(phase)) return;
+    if (phase === 'init') {
+      if (this.done.has('stop') || this.done.has('destroy')) this.done.clear();
+    } else if (this.done.has(phase)) {
+      return;
+    }
     this.done.add(phase);
     if (phase === 'init') this.config = config ?? {};
     for (const hook of this.hooks[phase]) await hook(this.config);

@@ -1,0 +1,41 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { Plugin } from '@linchkit/plugin-sdk';
+
+function counted(): { plugin: Plugin; ran: string[] } {
+  const ran: string[] = [];
+  const plugin = new Plugin({ id: 'p', version: '1' })
+    .onInit((config) => void ran.push(`init ${JSON.stringify(config)}`))
+    .onStart(() => void ran.push('start'))
+    .onStop(() => void ran.push('stop'))
+    .onDestroy(() => void ran.push('destroy'));
+  return { plugin, ran };
+}
+
+test('every Init runs the init hooks and the last config is held; start runs once', async () => {
+  const { plugin, ran } = counted();
+  await plugin.runPhase('init', { host: 'a' });
+  await plugin.runPhase('start');
+  await plugin.runPhase('init', { host: 'b' }); // a second host attaching
+  await plugin.runPhase('start');
+  assert.deepEqual(ran, ['init {"host":"a"}', 'start', 'init {"host":"b"}']);
+  assert.deepEqual(plugin.config, { host: 'b' });
+  assert.equal(plugin.started, true);
+});
+
+test('an Init after stop and destroy begins the lifecycle anew', async () => {
+  const { plugin, ran } = counted();
+  for (const host of ['a', 'b']) {
+    await plugin.runPhase('init', { host });
+    await plugin.runPhase('start');
+    await plugin.runPhase('stop');
+    await plugin.runPhase('destroy');
+  }
+  await plugin.runPhase('init', { host: 'c' });
+  await plugin.runPhase('start');
+  await plugin.close(); // the shutdown: the lifecycle under way is stopped and destroyed
+  await plugin.close();
+  const cycle = ['start', 'stop', 'destroy'];
+  assert.deepEqual(ran, ['init {"host":"a"}', ...cycle, 'init {"host":"b"}', ...cycle, 'init {"host":"c"}', ...cycle]);
+  assert.deepEqual(plugin.config, { host: 'c' });
+});
