@@ -65,6 +65,14 @@ export function examplePlugin(): Plugin {
 
   plugin.method('config', () => plugin.config, { description: 'the JSON object passed to Init' });
 
+  // How many times each lifecycle hook ran, for as long as the process lives.
+  const hooks = { init: 0, start: 0, stop: 0, destroy: 0 };
+  plugin.onInit(() => void hooks.init++);
+  plugin.onStart(() => void hooks.start++);
+  plugin.onStop(() => void hooks.stop++);
+  plugin.onDestroy(() => void hooks.destroy++);
+  plugin.method('hooks', () => ({ ...hooks }), { description: 'how many times each lifecycle hook ran' });
+
   plugin.on('ping', (data) => plugin.emit('pong', data));
   // A handler that fails: the SDK logs it at ERROR and goes on.
   plugin.on('fail', (data) => {

@@ -16,6 +16,7 @@ import * as descriptor from 'protobufjs/ext/descriptor';
 import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-check';
 import { type BearerToken, tokenInterceptor } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError, type WireError } from './errors';
+import { AttachedHosts, BadHostId, hostOf, MAX_HOSTS } from './hosts';
 import { log } from './log';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
@@ -290,6 +291,8 @@ export class PluginServer {
   readonly health: HealthImplementation;
   private readonly plugin: Plugin;
   private readonly tracing: Tracing | undefined;
+  /** The hosts attached now: the last to leave runs the stop and destroy hooks. */
+  private readonly hosts = new AttachedHosts();
 
   constructor(plugin: Plugin, options: PluginServerOptions) {
     this.plugin = plugin;
@@ -401,6 +404,32 @@ export class PluginServer {
     };
   }
 
+  /** The calling host's id (`linchkit-host`); undefined once the call was answered
+   * INVALID_ARGUMENT for an id off the contract. */
+  private host(call: grpc.ServerUnaryCall<unknown, object>, callback: grpc.sendUnaryData<object>): string | undefined {
+    try {
+      return hostOf(call.metadata);
+    } catch (error) {
+      if (!(error instanceof BadHostId)) throw error;
+      callback({ code: grpc.status.INVALID_ARGUMENT, details: error.message });
+      return undefined;
+    }
+  }
+
+  /** Stop and Destroy: the host leaves; `run` only when it was the last one attached. */
+  private leaving(run: () => Promise<void>): grpc.handleUnaryCall<unknown, object> {
+    const whenLast = this.lifecycle(run);
+    return (call, callback) => {
+      const host = this.host(call, callback);
+      if (host === undefined) return;
+      if (this.hosts.othersStay(host)) {
+        callback(null, {}); // the plugin goes on serving them
+        return;
+      }
+      whenLast(call, callback);
+    };
+  }
+
   private implementation(): grpc.UntypedServiceImplementation {
     const plugin = this.plugin;
     return {
@@ -414,6 +443,15 @@ export class PluginServer {
         });
       },
       Init: (call: grpc.ServerUnaryCall<{ config_json: Buffer }, object>, callback: grpc.sendUnaryData<object>) => {
+        const host = this.host(call, callback);
+        if (host === undefined) return;
+        if (!this.hosts.hasRoomFor(host)) {
+          callback({
+            code: grpc.status.RESOURCE_EXHAUSTED,
+            details: `${MAX_HOSTS} hosts are attached to this service; one more is refused`,
+          });
+          return;
+        }
         let config: JsonObject;
         try {
           const value = decodeJson(call.request.config_json, 'config_json') ?? {};
@@ -423,17 +461,23 @@ export class PluginServer {
           callback({ code: grpc.status.INVALID_ARGUMENT, details: (error as Error).message });
           return;
         }
-        this.lifecycle(() => plugin.runPhase('init', config))(call, callback);
+        this.lifecycle(async () => {
+          await plugin.runPhase('init', config);
+          this.hosts.add(host);
+        })(call, callback);
       },
-      Start: this.lifecycle(async () => {
-        await plugin.runPhase('start');
-        this.setServing(true);
-      }),
-      Stop: this.lifecycle(async () => {
+      Start: (call: grpc.ServerUnaryCall<unknown, object>, callback: grpc.sendUnaryData<object>) => {
+        if (this.host(call, callback) === undefined) return;
+        this.lifecycle(async () => {
+          await plugin.runPhase('start');
+          this.setServing(true);
+        })(call, callback);
+      },
+      Stop: this.leaving(async () => {
         this.setServing(false);
         await plugin.runPhase('stop');
       }),
-      Destroy: this.lifecycle(() => plugin.runPhase('destroy')),
+      Destroy: this.leaving(() => plugin.runPhase('destroy')),
       Call: (call: grpc.ServerUnaryCall<CallRequestMessage, CallReplyMessage>, callback: grpc.sendUnaryData<CallReplyMessage>) => {
         void this.answer(call.request, call).then((reply) => callback(null, reply));
       },

@@ -94,7 +94,7 @@ test('Describe names the plugin and its methods', async () => {
   assert.equal(info.runtime, RUNTIME);
   assert.equal(info.protocol_version, 1);
   const names = info.methods.map((m: { name: string }) => m.name).sort();
-  assert.deepEqual(names, ['config', 'count', 'digest', 'echo', 'emit', 'fail', 'sleep']);
+  assert.deepEqual(names, ['config', 'count', 'digest', 'echo', 'emit', 'fail', 'hooks', 'sleep']);
   assert.equal(info.methods.find((m: { name: string }) => m.name === 'count').streaming, true);
 });
 
@@ -111,6 +111,36 @@ test('lifecycle, config and calls over mutual TLS', async () => {
   assert.equal((await call('count', { m: 1 })).error.type, 'invalid_params');
   assert.equal((await call('digest', { data: 'x', rounds: 'many' })).error.type, 'invalid_params');
   assert.deepEqual(JSON.parse((await call('count', { n: 3 })).result_json), [{ i: 0 }, { i: 1 }, { i: 2 }]);
+});
+
+test('a second host leaving runs no hook under the first; an id off the contract is refused', async () => {
+  const as = (id: string) => {
+    const metadata = new grpc.Metadata();
+    metadata.set('linchkit-host', id);
+    return (method: string, request: object): Promise<unknown> =>
+      new Promise((resolve, reject) =>
+        client[method](request, metadata, { deadline: Date.now() + 5000 }, (error: Error | null, reply: unknown) =>
+          error ? reject(error) : resolve(reply),
+        ),
+      );
+  };
+  const before = JSON.parse((await call('hooks', {})).result_json);
+  const other = as('other-host.1');
+  await other('Init', { config_json: json({ greeting: 'hi' }) });
+  await other('Start', {});
+  await other('Stop', {});
+  await other('Destroy', {});
+  for (const method of ['Init', 'Start', 'Stop', 'Destroy']) {
+    await assert.rejects(as('bad id')(method, method === 'Init' ? { config_json: json({}) } : {}), (error: grpc.ServiceError) => {
+      assert.equal(error.code, grpc.status.INVALID_ARGUMENT, method);
+      assert.equal(error.details, 'linchkit-host must be 1-64 of A-Z a-z 0-9 . _ -');
+      return true;
+    });
+  }
+  // The host without the metadata (the one that launched the plugin) is still attached.
+  const after = JSON.parse((await call('hooks', {})).result_json);
+  assert.deepEqual(after, { ...before, init: before.init + 1 });
+  assert.deepEqual(JSON.parse((await call('config', {})).result_json), { greeting: 'hi' });
 });
 
 test('sleep gives up with deadline_exceeded when the deadline passes first', async () => {
