@@ -528,7 +528,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   public void init(InitRequest request, StreamObserver<LifecycleReply> observer) {
     String host = host(observer);
     if (host == null) return;
-    if (!hosts.hasRoomFor(host)) {
+    if (!hosts.join(host)) {
       observer.onError(Status.RESOURCE_EXHAUSTED
           .withDescription(AttachedHosts.MAX_HOSTS + " hosts are attached to this service; one more is refused")
           .asRuntimeException());
@@ -541,13 +541,20 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       if (!value.isJsonObject()) throw PluginException.invalidParams("config_json must be a JSON object");
       config = value.getAsJsonObject();
     } catch (PluginException error) {
+      hosts.joined(host, false);
       observer.onError(Status.INVALID_ARGUMENT.withDescription(error.getMessage()).asRuntimeException());
       return;
     }
-    lifecycle(observer, () -> {
-      plugin.init(config);
-      hosts.add(host); // only once its Init succeeded
-    });
+    boolean[] attached = {false};
+    try {
+      lifecycle(observer, () -> {
+        plugin.init(config);
+        hosts.joined(host, true); // attached once its Init succeeded, before the reply goes
+        attached[0] = true;
+      });
+    } finally {
+      if (!attached[0]) hosts.joined(host, false);
+    }
   }
 
   @Override
