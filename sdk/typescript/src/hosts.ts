@@ -33,16 +33,33 @@ export function hostOf(metadata: grpc.Metadata): string {
   throw new BadHostId();
 }
 
-/** Hosts whose `Init` succeeded and that have not sent `Stop` or `Destroy` since. */
+/**
+ * Hosts whose `Init` succeeded and that have not sent `Stop` or `Destroy` since. A host
+ * whose `Init` is running (its hook awaits) holds a place already, so Inits of new hosts
+ * arriving together cannot push the set past `MAX_HOSTS`.
+ */
 export class AttachedHosts {
   private readonly hosts = new Set<string>();
+  /** Inits running now, by host. */
+  private readonly joining = new Map<string, number>();
 
-  hasRoomFor(host: string): boolean {
-    return this.hosts.has(host) || this.hosts.size < MAX_HOSTS;
+  /** Hold a place for `host` while its `Init` runs; false when there is none. Every true
+   * is followed by one `joined`. */
+  join(host: string): boolean {
+    const known = this.hosts.has(host) || this.joining.has(host);
+    let places = this.hosts.size;
+    for (const each of this.joining.keys()) if (!this.hosts.has(each)) places += 1;
+    if (!known && places >= MAX_HOSTS) return false;
+    this.joining.set(host, (this.joining.get(host) ?? 0) + 1);
+    return true;
   }
 
-  add(host: string): void {
-    this.hosts.add(host);
+  /** The end of `host`'s `Init`: attached when it succeeded. */
+  joined(host: string, succeeded: boolean): void {
+    const running = (this.joining.get(host) ?? 1) - 1;
+    if (running > 0) this.joining.set(host, running);
+    else this.joining.delete(host);
+    if (succeeded) this.hosts.add(host);
   }
 
   /** Take `leaving` out; whether another host is still attached (then its `Stop` or

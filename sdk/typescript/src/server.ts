@@ -445,7 +445,7 @@ export class PluginServer {
       Init: (call: grpc.ServerUnaryCall<{ config_json: Buffer }, object>, callback: grpc.sendUnaryData<object>) => {
         const host = this.host(call, callback);
         if (host === undefined) return;
-        if (!this.hosts.hasRoomFor(host)) {
+        if (!this.hosts.join(host)) {
           callback({
             code: grpc.status.RESOURCE_EXHAUSTED,
             details: `${MAX_HOSTS} hosts are attached to this service; one more is refused`,
@@ -458,12 +458,18 @@ export class PluginServer {
           if (!isObject(value)) throw new InvalidParams('config_json must be a JSON object');
           config = value;
         } catch (error) {
+          this.hosts.joined(host, false);
           callback({ code: grpc.status.INVALID_ARGUMENT, details: (error as Error).message });
           return;
         }
         this.lifecycle(async () => {
-          await plugin.runPhase('init', config);
-          this.hosts.add(host);
+          let attached = false;
+          try {
+            await plugin.runPhase('init', config);
+            attached = true; // attached once its Init succeeded, before the reply goes
+          } finally {
+            this.hosts.joined(host, attached);
+          }
         })(call, callback);
       },
       Start: (call: grpc.ServerUnaryCall<unknown, object>, callback: grpc.sendUnaryData<object>) => {
