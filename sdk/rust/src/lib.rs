@@ -21,6 +21,7 @@
 mod auth;
 mod error;
 mod events;
+mod hosts;
 mod log;
 mod params;
 mod serve;
@@ -265,7 +266,8 @@ impl Plugin {
         self
     }
 
-    /// The hook run by `Stop`, and at shutdown if the host never called `Stop`.
+    /// The hook run by `Stop` from the last host attached, and at shutdown if no `Stop` ran it
+    /// since the last `Start`.
     pub fn on_stop<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -275,7 +277,8 @@ impl Plugin {
         self
     }
 
-    /// The hook run by `Destroy`, and at shutdown if the host never called it.
+    /// The hook run by `Destroy` from the last host attached, and at shutdown if no `Destroy`
+    /// ran it since the last `Init`.
     pub fn on_destroy<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,

@@ -16,6 +16,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::events::EventStream;
+use crate::hosts::{host_of, AttachedHosts, MAX_HOSTS};
 use crate::pb::plugin_service_server::PluginService;
 use crate::size_status::restated;
 
@@ -27,12 +28,15 @@ use crate::{
     PROTOCOL_VERSION, SERVICE_NAME,
 };
 
+/// What the lifecycle RPCs left behind; one lock, as tonic runs RPCs concurrently.
 #[derive(Default)]
 struct Lifecycle {
+    /// The hosts attached now: the last to leave runs the stop and destroy hooks.
+    hosts: AttachedHosts,
+    /// The init hook ran, and the destroy hook has not since.
     inited: bool,
+    /// The start hook ran, and the stop hook has not since.
     started: bool,
-    stopped: bool,
-    destroyed: bool,
 }
 
 /// Everything the RPCs share, built once from the [`Plugin`] when it starts serving.
@@ -91,10 +95,7 @@ impl Shared {
         self.emitter.close();
         let (need_stop, need_destroy) = {
             let state = self.lifecycle.lock().unwrap();
-            (
-                state.started && !state.stopped,
-                state.inited && !state.destroyed,
-            )
+            (state.started, state.inited)
         };
         let hooks = [
             (need_stop, "stop", &self.hooks.stop),
@@ -121,8 +122,15 @@ impl Shared {
         }
     }
 
-    fn mark(&self, set: impl FnOnce(&mut Lifecycle)) {
-        set(&mut self.lifecycle.lock().unwrap());
+    fn mark<T>(&self, set: impl FnOnce(&mut Lifecycle) -> T) -> T {
+        set(&mut self.lifecycle.lock().unwrap())
+    }
+
+    /// Takes the calling host out (docs/protocol.md, "Several hosts on one service"):
+    /// whether another stays attached, when its `Stop` or `Destroy` runs nothing.
+    fn others_stay<T>(&self, request: &Request<T>) -> Result<bool, Status> {
+        let host = host_of(request.metadata())?;
+        Ok(self.mark(|state| state.hosts.others_stay(&host)))
     }
 
     fn config(&self) -> Arc<Json> {
@@ -355,6 +363,12 @@ impl PluginService for Service {
         &self,
         request: Request<pb::InitRequest>,
     ) -> Result<Response<pb::LifecycleReply>, Status> {
+        let host = host_of(request.metadata())?;
+        if !self.0.mark(|state| state.hosts.has_room_for(&host)) {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_HOSTS} hosts are attached to this service; one more is refused"
+            )));
+        }
         let mut config = request.into_inner().config_json;
         if config.is_empty() {
             config = b"{}".to_vec();
@@ -371,47 +385,48 @@ impl PluginService for Service {
                 .await
                 .map_err(|err| hook_status("init", err))?;
         }
-        // An Init begins a new round: the last host's Stop and Destroy count no more.
         self.0.mark(|state| {
-            *state = Lifecycle {
-                inited: true,
-                ..Lifecycle::default()
-            }
+            state.inited = true;
+            state.hosts.add(host);
         });
         Ok(Response::new(pb::LifecycleReply {}))
     }
 
     async fn start(
         &self,
-        _: Request<pb::LifecycleRequest>,
+        request: Request<pb::LifecycleRequest>,
     ) -> Result<Response<pb::LifecycleReply>, Status> {
+        host_of(request.metadata())?;
         self.run_hook("start", &self.0.hooks.start).await?;
-        self.0.mark(|state| {
-            state.started = true;
-            state.stopped = false;
-        });
+        self.0.mark(|state| state.started = true);
         self.0.set_serving(true).await;
         Ok(Response::new(pb::LifecycleReply {}))
     }
 
     async fn stop(
         &self,
-        _: Request<pb::LifecycleRequest>,
+        request: Request<pb::LifecycleRequest>,
     ) -> Result<Response<pb::LifecycleReply>, Status> {
+        if self.0.others_stay(&request)? {
+            return Ok(Response::new(pb::LifecycleReply {})); // the plugin serves them on
+        }
         if !self.0.service {
             self.0.set_serving(false).await;
         }
         self.run_hook("stop", &self.0.hooks.stop).await?;
-        self.0.mark(|state| state.stopped = true);
+        self.0.mark(|state| state.started = false);
         Ok(Response::new(pb::LifecycleReply {}))
     }
 
     async fn destroy(
         &self,
-        _: Request<pb::LifecycleRequest>,
+        request: Request<pb::LifecycleRequest>,
     ) -> Result<Response<pb::LifecycleReply>, Status> {
+        if self.0.others_stay(&request)? {
+            return Ok(Response::new(pb::LifecycleReply {}));
+        }
         self.run_hook("destroy", &self.0.hooks.destroy).await?;
-        self.0.mark(|state| state.destroyed = true);
+        self.0.mark(|state| state.inited = false);
         Ok(Response::new(pb::LifecycleReply {}))
     }
 

@@ -583,11 +583,8 @@ async fn service_mode_with_a_token_refuses_calls_without_it() {
     running.stop().await;
 }
 
-/// A service outlives its hosts: the second host's Init begins a new round, so when the
-/// service is stopped after that host started it and went away, the SDK still runs the Stop
-/// and Destroy that host did not, though the first host's were run by the host itself.
-#[tokio::test]
-async fn service_mode_stops_the_round_of_the_last_host_at_shutdown() {
+/// A plugin that counts its stop and destroy hooks.
+fn counting_plugin() -> (Plugin, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let stops = Arc::new(AtomicUsize::new(0));
     let destroys = Arc::new(AtomicUsize::new(0));
     let (on_stop, on_destroy) = (stops.clone(), destroys.clone());
@@ -609,6 +606,16 @@ async fn service_mode_stops_the_round_of_the_last_host_at_shutdown() {
                 Ok(())
             }
         });
+    (plugin, stops, destroys)
+}
+
+/// A service outlives its hosts: once the last host sent Stop and Destroy, the next host's
+/// Init and Start run the hooks anew, so when the service is stopped after that host started
+/// it and went away, the SDK still runs the Stop and Destroy that host did not, though the
+/// first host's were run by the host itself.
+#[tokio::test]
+async fn service_mode_stops_the_round_of_the_last_host_at_shutdown() {
+    let (plugin, stops, destroys) = counting_plugin();
     let running = start_plugin(plugin, &["serve", "--address", "127.0.0.1:0"], &[]).await;
     let (mut client, mut health_client) = running.client().await;
     let init = || pb::InitRequest {
@@ -644,4 +651,54 @@ async fn service_mode_stops_the_round_of_the_last_host_at_shutdown() {
         ),
         (2, 2)
     );
+}
+
+fn as_host<T>(host: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("linchkit-host", host.parse().unwrap());
+    request
+}
+
+/// A second host's Init while the first has started the plugin does not forget that start:
+/// when both go away without Stop (killed), shutdown still runs the stop hook, once.
+#[tokio::test]
+async fn service_mode_stops_at_shutdown_what_any_host_started() {
+    let (plugin, stops, destroys) = counting_plugin();
+    let running = start_plugin(plugin, &["serve", "--address", "127.0.0.1:0"], &[]).await;
+    let (mut client, mut health_client) = running.client().await;
+    let init = || pb::InitRequest {
+        config_json: b"{}".to_vec(),
+    };
+    client.init(as_host("first", init())).await.unwrap();
+    client
+        .start(as_host("first", pb::LifecycleRequest {}))
+        .await
+        .unwrap();
+    client.init(as_host("second", init())).await.unwrap();
+    // The first detaches while the second stays: nothing runs, the plugin serves on.
+    client
+        .stop(as_host("first", pb::LifecycleRequest {}))
+        .await
+        .unwrap();
+    client
+        .destroy(as_host("first", pb::LifecycleRequest {}))
+        .await
+        .unwrap();
+    let counted = || {
+        (
+            stops.load(Ordering::SeqCst),
+            destroys.load(Ordering::SeqCst),
+        )
+    };
+    assert_eq!(counted(), (0, 0));
+    assert_eq!(
+        health(&mut health_client, SERVICE_NAME).await,
+        ServingStatus::Serving as i32
+    );
+    drop(client);
+    drop(health_client);
+    running.stop().await;
+    assert_eq!(counted(), (1, 1));
 }
