@@ -2,6 +2,8 @@
 //! written on the Rust SDK. Every SDK ships the same one, so one conformance suite runs
 //! against all of them.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use linchkit_plugin::{Call, ChunkSender, Error, Json, Plugin};
@@ -86,7 +88,31 @@ async fn config(call: Call) -> Result<Json, Error> {
     Ok(call.config().clone())
 }
 
+/// How many times each of the plugin's lifecycle hooks ran, for the `hooks` method.
+#[derive(Default)]
+struct HookCounts {
+    init: AtomicU64,
+    start: AtomicU64,
+    stop: AtomicU64,
+    destroy: AtomicU64,
+}
+
+impl HookCounts {
+    fn ran(counter: &AtomicU64) -> Result<(), Error> {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 fn main() {
+    let counts = Arc::new(HookCounts::default());
+    let (on_init, on_start, on_stop, on_destroy, reported) = (
+        counts.clone(),
+        counts.clone(),
+        counts.clone(),
+        counts.clone(),
+        counts,
+    );
     Plugin::new("example", "1.0.0")
         .method("echo", "returns the params unchanged", echo)
         .method(
@@ -103,6 +129,40 @@ fn main() {
         .streaming_method("count", "streams {\"i\": 0} … {\"i\": n-1}", count)
         .method("emit", "emits plugin event name with data", emit)
         .method("config", "the config object passed to Init", config)
+        .method(
+            "hooks",
+            "how many times each lifecycle hook ran",
+            move |_: Call| {
+                let counts = reported.clone();
+                async move {
+                    let count = |counter: &AtomicU64| counter.load(Ordering::SeqCst);
+                    Ok(json!({
+                        "init": count(&counts.init),
+                        "start": count(&counts.start),
+                        "stop": count(&counts.stop),
+                        "destroy": count(&counts.destroy),
+                    })
+                    .into())
+                }
+            },
+        )
+        // The SDK keeps the config for `config`; the hooks only count.
+        .on_init(move |_| {
+            let ran = HookCounts::ran(&on_init.init);
+            async move { ran }
+        })
+        .on_start(move || {
+            let ran = HookCounts::ran(&on_start.start);
+            async move { ran }
+        })
+        .on_stop(move || {
+            let ran = HookCounts::ran(&on_stop.stop);
+            async move { ran }
+        })
+        .on_destroy(move || {
+            let ran = HookCounts::ran(&on_destroy.destroy);
+            async move { ran }
+        })
         .on_event("ping", |data, events| events.emit("pong", data))
         // A handler that fails: the SDK logs it at ERROR and goes on.
         .on_event("fail", |data, _| {
