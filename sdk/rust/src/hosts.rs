@@ -4,7 +4,7 @@
 //! plugin's stop and destroy hooks run only when the last of them leaves, so no host's
 //! `Stop` runs under another's calls. RPCs without it count as one host whose id is empty.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use tonic::metadata::MetadataMap;
 use tonic::Status;
@@ -32,24 +32,52 @@ pub(crate) fn host_of(metadata: &MetadataMap) -> Result<String, Status> {
     )))
 }
 
-/// Hosts whose `Init` succeeded and that have not sent `Stop` or `Destroy` since.
+/// Hosts whose `Init` succeeded and that have not sent `Stop` or `Destroy` since. A host
+/// whose `Init` is running holds a place already: tonic runs handlers concurrently, and
+/// Inits of new hosts arriving together must not push the set past `MAX_HOSTS`.
 #[derive(Default)]
-pub(crate) struct AttachedHosts(HashSet<String>);
+pub(crate) struct AttachedHosts {
+    attached: HashSet<String>,
+    /// Inits running now, by host.
+    joining: HashMap<String, usize>,
+}
 
 impl AttachedHosts {
-    pub(crate) fn has_room_for(&self, host: &str) -> bool {
-        self.0.contains(host) || self.0.len() < MAX_HOSTS
+    /// Holds a place for `host` while its `Init` runs; false when there is none. Every
+    /// true is followed by one `joined` (`Joining` sees to it).
+    pub(crate) fn join(&mut self, host: &str) -> bool {
+        let known = self.attached.contains(host) || self.joining.contains_key(host);
+        let places = self.attached.len()
+            + self
+                .joining
+                .keys()
+                .filter(|each| !self.attached.contains(*each))
+                .count();
+        if !known && places >= MAX_HOSTS {
+            return false;
+        }
+        *self.joining.entry(host.to_string()).or_default() += 1;
+        true
     }
 
-    pub(crate) fn add(&mut self, host: String) {
-        self.0.insert(host);
+    /// The end of `host`'s `Init`: attached when it succeeded.
+    pub(crate) fn joined(&mut self, host: &str, succeeded: bool) {
+        if let Some(running) = self.joining.get_mut(host) {
+            *running -= 1;
+            if *running == 0 {
+                self.joining.remove(host);
+            }
+        }
+        if succeeded {
+            self.attached.insert(host.to_string());
+        }
     }
 
     /// Takes `leaving` out; whether another host is still attached (then its `Stop` or
     /// `Destroy` runs nothing).
     pub(crate) fn others_stay(&mut self, leaving: &str) -> bool {
-        self.0.remove(leaving);
-        !self.0.is_empty()
+        self.attached.remove(leaving);
+        !self.attached.is_empty()
     }
 }
 
@@ -81,11 +109,16 @@ mod tests {
         }
     }
 
+    fn attached(hosts: &mut AttachedHosts, host: &str) {
+        assert!(hosts.join(host));
+        hosts.joined(host, true);
+    }
+
     #[test]
     fn the_last_host_to_leave_is_told_so() {
         let mut hosts = AttachedHosts::default();
-        hosts.add("a".into());
-        hosts.add("b".into());
+        attached(&mut hosts, "a");
+        attached(&mut hosts, "b");
         assert!(hosts.others_stay("a"));
         assert!(hosts.others_stay("a"), "b is still attached");
         assert!(!hosts.others_stay("b"));
@@ -96,13 +129,22 @@ mod tests {
     fn a_service_has_room_for_1024_hosts() {
         let mut hosts = AttachedHosts::default();
         for index in 0..MAX_HOSTS {
-            assert!(hosts.has_room_for(&format!("h{index}")));
-            hosts.add(format!("h{index}"));
+            attached(&mut hosts, &format!("h{index}"));
         }
-        assert!(!hosts.has_room_for("one-more"));
-        assert!(
-            hosts.has_room_for("h0"),
-            "a host already attached may Init again"
-        );
+        assert!(!hosts.join("one-more"));
+        assert!(hosts.join("h0"), "a host already attached may Init again");
+        hosts.joined("h0", true);
+    }
+
+    #[test]
+    fn inits_under_way_hold_their_places() {
+        let mut hosts = AttachedHosts::default();
+        for index in 0..MAX_HOSTS {
+            assert!(hosts.join(&format!("h{index}")));
+        }
+        // None has finished its Init: one more host still finds no place.
+        assert!(!hosts.join("one-more"));
+        hosts.joined("h1", false); // a failed Init gives its place back
+        assert!(hosts.join("one-more"));
     }
 }

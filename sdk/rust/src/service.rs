@@ -306,6 +306,21 @@ fn hook_status(name: &str, err: Error) -> Status {
 
 pub(crate) struct Service(pub(crate) Arc<Shared>);
 
+/// A host's place while its `Init` runs: given back when the `Init` ends without
+/// attaching it (failed, or dropped because its host cancelled it).
+struct Joining<'a> {
+    shared: &'a Shared,
+    host: Option<String>,
+}
+
+impl Drop for Joining<'_> {
+    fn drop(&mut self) {
+        if let Some(host) = self.host.take() {
+            self.shared.mark(|state| state.hosts.joined(&host, false));
+        }
+    }
+}
+
 impl Service {
     async fn run_hook(&self, name: &str, hook: &Option<crate::HookFn>) -> Result<(), Status> {
         if let Some(hook) = hook.clone() {
@@ -364,11 +379,16 @@ impl PluginService for Service {
         request: Request<pb::InitRequest>,
     ) -> Result<Response<pb::LifecycleReply>, Status> {
         let host = host_of(request.metadata())?;
-        if !self.0.mark(|state| state.hosts.has_room_for(&host)) {
+        if !self.0.mark(|state| state.hosts.join(&host)) {
             return Err(Status::resource_exhausted(format!(
                 "{MAX_HOSTS} hosts are attached to this service; one more is refused"
             )));
         }
+        // Gives the place back if this Init fails, or is dropped when its host cancels it.
+        let mut joining = Joining {
+            shared: &self.0,
+            host: Some(host),
+        };
         let mut config = request.into_inner().config_json;
         if config.is_empty() {
             config = b"{}".to_vec();
@@ -385,9 +405,10 @@ impl PluginService for Service {
                 .await
                 .map_err(|err| hook_status("init", err))?;
         }
+        let host = joining.host.take().expect("joined once");
         self.0.mark(|state| {
             state.inited = true;
-            state.hosts.add(host);
+            state.hosts.joined(&host, true);
         });
         Ok(Response::new(pb::LifecycleReply {}))
     }
