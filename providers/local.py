@@ -29,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncGenerator
 from functools import cached_property
 from importlib.machinery import PathFinder
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -40,7 +42,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from linchkit_plugin.errors import DeadlineExceeded, ProviderError, TargetUnavailable
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import encode_json
-from providers._local_imports import ModuleConflict, import_from_folder
+from providers._local_imports import ModuleConflict, PutAside, import_from_folder
 from providers.base import Health, Provider
 from providers.host_events import HostEvents
 from providers.invocation import Invocation
@@ -121,6 +123,10 @@ class LocalProvider(Provider[LocalTarget]):
         self._targets: dict[_HostKey, LocalTarget] = {}
         #: Host events on their way to each plugin, handed over in order by one task each.
         self._inboxes: dict[_HostKey, _Inbox] = {}
+        #: The top-level module each host was made from, and what its attach put aside
+        #: for it: a detach that undoes the attach (a reload that failed) puts that back.
+        self._modules: dict[_HostKey, ModuleType] = {}
+        self._put_aside: dict[_HostKey, PutAside] = {}
 
     async def attach(self, plugin: PluginInfo, target: LocalTarget) -> None:
         key = _host_key(plugin.id, plugin.version, target)
@@ -128,7 +134,8 @@ class LocalProvider(Provider[LocalTarget]):
             return
         # The module from the target's own folder, not one of its name imported from
         # another (the old folder, when a reload ships a version in a new one).
-        put_aside = import_from_folder(target.host_module(), target.path)
+        found = target.host_module()
+        put_aside = import_from_folder(found, target.path)
         try:
             host = await self._opened(plugin, target)
         except BaseException:
@@ -137,6 +144,11 @@ class LocalProvider(Provider[LocalTarget]):
             raise
         self._hosts[key] = host
         self._targets[key] = target
+        module = None if found is None else sys.modules.get(found[0])
+        if module is not None:
+            self._modules[key] = module
+        if put_aside is not None:
+            self._put_aside[key] = put_aside
         self.report_served(plugin, target, _served_by(host, plugin))
 
     async def _opened(self, plugin: PluginInfo, target: LocalTarget) -> PluginHost:
@@ -164,9 +176,24 @@ class LocalProvider(Provider[LocalTarget]):
         if inbox is not None:
             await inbox.close()
         self._targets.pop(key, None)
+        self._put_back_for(key)
         host = self._hosts.pop(key, None)
         if host is not None:
             await self._close(host, plugin)
+
+    def _put_back_for(self, key: _HostKey) -> None:
+        """Undo the module swap of ``key``'s attach when its detach undoes the attach: its
+        module is still the one in ``sys.modules`` and a host still attached was made
+        from the module it put aside (a reload that failed after this attach). A detach
+        that retires an old version finds the new version's module there, and leaves it."""
+        module = self._modules.pop(key, None)
+        put_aside = self._put_aside.pop(key, None)
+        if module is None or put_aside is None:
+            return
+        previous = put_aside.modules.get(put_aside.name)
+        still_used = any(each is previous for each in self._modules.values())
+        if sys.modules.get(put_aside.name) is module and still_used:
+            put_aside.put_back()
 
     async def aclose(self) -> None:
         inboxes, self._inboxes = self._inboxes, {}
@@ -174,6 +201,7 @@ class LocalProvider(Provider[LocalTarget]):
             await inbox.close()
         hosts, self._hosts = self._hosts, {}
         self._targets = {}
+        self._modules, self._put_aside = {}, {}
         for host in hosts.values():
             await host.close()
 

@@ -192,3 +192,32 @@ async def test_a_new_folder_that_fails_to_import_leaves_the_old_module_in_place(
         assert await dispatcher.call("answer", "which") == "old"
         await dispatcher.reload(manifest(entry(entrypoint, old, "2.0.0")))
         assert await dispatcher.call("answer", "which") == "old"
+
+
+async def test_a_reload_that_fails_after_a_module_was_swapped_puts_it_back(
+    tmp_path: Path, module_name: str
+) -> None:
+    """The new version attached, swapping in the new folder's module; another plugin of
+    the same reload failed, so the reload detached the new version again: the running
+    version's module is the one in ``sys.modules`` again, as after a failed import."""
+    old = module_folder(tmp_path, module_name, "old")
+    new = module_folder(tmp_path, module_name, "new")
+    entrypoint = f"{module_name}:Answer"
+    failing = {
+        "id": "failing",
+        "version": "1.0.0",
+        "target": {
+            "provider": "local",
+            "entrypoint": f"{module_name}:NoSuchClass",
+            "path": str(new),
+        },
+        "methods": {"which": {}},
+    }
+    async with Dispatcher(manifest(entry(entrypoint, old))) as dispatcher:
+        loaded = sys.modules[module_name]
+        with pytest.raises(ProviderError, match="NoSuchClass"):
+            await dispatcher.reload(manifest(entry(entrypoint, new, "2.0.0"), failing))
+        # Before: the new folder's module stayed, so the next import of the name by the
+        # running version (or a reload keeping the old path) got the new folder's code.
+        assert sys.modules[module_name] is loaded
+        assert await dispatcher.call("answer", "which") == "old"
