@@ -44,7 +44,7 @@ from tests.conftest import LOCAL_TARGET, ROOT, manifest, serve_asgi
 
 EXAMPLE = ROOT / "sdk" / "python" / "dist" / "example-plugin"
 #: What the example plugin serves (docs/protocol.md, "The example plugin").
-EXAMPLE_SERVES = "config, count, digest, echo, emit, fail, sleep"
+EXAMPLE_SERVES = "config, count, digest, echo, emit, fail, hooks, sleep"
 DISPATCHER = Path(sys.executable).parent / "dispatcher"
 INBOUND_TOKEN = "served-inbound-token-0123"
 

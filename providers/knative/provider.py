@@ -199,6 +199,10 @@ class KnativeProvider(Provider[KnativeTarget]):
                 return outcome
             error: DispatchError = outcome
             if failure is Failure.FINAL:
+                if attempts > 1 and isinstance(error, DeadlineExceeded):
+                    # The last wait left little time, and the last attempt ran out of it:
+                    # what ended the call is the activation the earlier attempts saw.
+                    raise _gave_up(target, attempts, activating, error) from error
                 raise error
             if failure is Failure.MAYBE_REACHED:
                 self.stats.maybe_reached += 1
@@ -215,12 +219,7 @@ class KnativeProvider(Provider[KnativeTarget]):
             delay = min(backoff, target.activation_backoff_max_ms / 1000)
             delay = max(delay, error.retry_after or 0.0) * (0.5 + self._random.random() / 2)
             if invocation.remaining() <= delay:
-                state = "was still activating" if activating else "could not be reached"
-                raise DeadlineExceeded(
-                    f"{target.host} {state} when the deadline passed"
-                    f" ({attempts} attempts; last: {error.message})",
-                    details={"attempts": attempts, "activating": activating},
-                ) from error
+                raise _gave_up(target, attempts, activating, error) from error
             self.stats.activation_retries += 1
             await asyncio.sleep(delay)
             backoff *= 2
@@ -389,3 +388,15 @@ def _unavailable(error: TargetUnavailable, target: KnativeTarget) -> tuple[Failu
         return Failure.FINAL, error
     failed = error.with_message(error.message.replace(target.describe(), target.host, 1))
     return Failure.MAYBE_REACHED, failed.with_details(stage="in_flight")
+
+
+def _gave_up(
+    target: KnativeTarget, attempts: int, activating: bool, last: DispatchError
+) -> DeadlineExceeded:
+    """The deadline passed while the revision activated (or the ingress was down)."""
+    state = "was still activating" if activating else "could not be reached"
+    return DeadlineExceeded(
+        f"{target.host} {state} when the deadline passed"
+        f" ({attempts} attempts; last: {last.message})",
+        details={"attempts": attempts, "activating": activating},
+    )
