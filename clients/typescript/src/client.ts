@@ -49,7 +49,8 @@ export interface GatewayClientOptions {
   /** The same as `token` (one or the other). */
   bearerToken?: Credential;
   /**
-   * A call's deadline when the call names none (sent as `X-Timeout-Ms`, enforced here).
+   * A call's deadline when the call names none (sent as `X-Timeout-Ms`; enforced here
+   * `DEADLINE_MARGIN_MS` later, so the gateway's own 504 comes first).
    * Without either, nothing is sent and the client waits for the gateway's answer: the
    * method's `timeout_ms` rules there (CALL_SAFETY_NET_MS is the client's only bound).
    */
@@ -130,6 +131,13 @@ export const DEFAULT_TIMEOUT_MS = 30_000;
  * keepalive (probes after a minute idle).
  */
 export const CALL_SAFETY_NET_MS = MAX_TIMEOUT_MS + 60_000;
+/**
+ * How long past a call's `timeoutMs` the client waits for the gateway's own answer: the
+ * gateway ends the call at that deadline and answers 504 with the call's `requestId`,
+ * which then arrives first rather than racing the client's timer. Only a gateway that
+ * stopped answering meets the client's bound.
+ */
+export const DEADLINE_MARGIN_MS = 1_000;
 export const DEFAULT_MAX_CONNECTIONS = 256;
 /** The gateway's longest `Idempotency-Key` (dispatcher/policies/idempotency.py). */
 export const MAX_IDEMPOTENCY_KEY_LENGTH = 255;
@@ -259,8 +267,10 @@ export class GatewayClient {
     const body = jsonOf(params, `${plugin}.${method}`, requestId);
     const path = `/v1/plugins/${encodeURIComponent(plugin)}/methods/${encodeURIComponent(method)}`;
     // Without a deadline the gateway decides (the method's timeout_ms) and says so with
-    // its own deadline_exceeded: the client only keeps its safety net.
-    const answer = await this.#request('POST', path, { headers, body }, timeoutMs, options.signal, requestId, CALL_SAFETY_NET_MS);
+    // its own deadline_exceeded: the client only keeps its safety net. With one, the
+    // gateway's answer at the deadline gets DEADLINE_MARGIN_MS to arrive.
+    const waitMs = timeoutMs === undefined ? undefined : timeoutMs + DEADLINE_MARGIN_MS;
+    const answer = await this.#request('POST', path, { headers, body }, waitMs, options.signal, requestId, CALL_SAFETY_NET_MS);
     return (await this.#envelope(answer, requestId, `${plugin}.${method}`)) as T;
   }
 

@@ -99,9 +99,14 @@ describe('calls', () => {
 
   test('a deadline is sent to the gateway and its 504 is DeadlineExceeded', async () => {
     const started = performance.now();
-    const late = await rejection(client.plugin('echo').call('sleep', { seconds: 3 }, { timeoutMs: 300 }));
+    const late = await rejection(
+      client.plugin('echo').call('sleep', { seconds: 3 }, { timeoutMs: 300, requestId: 'late-1' }),
+    );
     assert.ok(late instanceof DeadlineExceeded, String(late));
     assert.equal(late.retryable, true);
+    // The gateway's own answer, not the client's timer (before 2026-12-04 they raced).
+    assert.equal(late.status, 504, late.message);
+    assert.equal(late.requestId, 'late-1');
     assert.ok(performance.now() - started < 2500, 'the deadline did not end the call');
   });
 
