@@ -32,7 +32,12 @@ pytestmark = pytest.mark.skipif("java" not in LANGUAGES, reason="the Java SDK is
 OVER_THE_CAP = 5_200_000
 
 
-def manifest(target: dict[str, Any], config: dict[str, Any]) -> Any:
+def manifest(
+    target: dict[str, Any],
+    config: dict[str, Any],
+    methods: tuple[str, ...] = ("echo", "count", "config"),
+) -> Any:
+    """The example plugin on ``target`` with ``config``, routing ``methods``."""
     return parse_manifest(
         {
             "version": 1,
@@ -44,7 +49,7 @@ def manifest(target: dict[str, Any], config: dict[str, Any]) -> Any:
                     "target": target,
                     "lifecycle": {"init_timeout_ms": int(START_TIMEOUT * 1000)},
                     "defaults": {"timeout_ms": 60_000},
-                    "methods": {name: {} for name in ("echo", "count", "config")},
+                    "methods": {name: {} for name in methods},
                 }
             ],
         },

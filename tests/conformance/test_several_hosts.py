@@ -19,7 +19,6 @@ import grpc.aio
 import pytest
 
 from dispatcher import Dispatcher
-from dispatcher.config import parse_manifest
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from tests.conformance.conftest import (
     CONFIG,
@@ -29,7 +28,7 @@ from tests.conformance.conftest import (
     _stop_service,
     executable,
 )
-from tests.conftest import ROOT
+from tests.conformance.test_java_sdk import manifest as example_manifest
 
 #: What a service tracks at most (docs/protocol.md).
 MAX_HOSTS = 1024
@@ -46,23 +45,7 @@ async def service(request: pytest.FixtureRequest) -> AsyncIterator[str]:
 
 
 def manifest(target: dict[str, Any], config: dict[str, Any]) -> Any:
-    return parse_manifest(
-        {
-            "version": 1,
-            "plugins": [
-                {
-                    "id": "example",
-                    "version": "1.0.0",
-                    "config": config,
-                    "target": target,
-                    "lifecycle": {"init_timeout_ms": int(START_TIMEOUT * 1000)},
-                    "defaults": {"timeout_ms": 60_000},
-                    "methods": {name: {} for name in ("echo", "config", "hooks")},
-                }
-            ],
-        },
-        base_dir=ROOT,
-    )
+    return example_manifest(target, config, methods=("echo", "config", "hooks"))
 
 
 async def stops(dispatcher: Dispatcher) -> tuple[int, int]:
