@@ -131,7 +131,8 @@ class FleetRuntime:
     async def release(self) -> None:
         """After a reload's calls in flight ended: detach the discovered instances of the
         fleets still used from the versions that no longer call them."""
-        for key, discovered in self._discovered.items():
+        # A copy: a detach awaits, and nothing must change the dict under the loop.
+        for key, discovered in list(self._discovered.items()):
             membership = self.memberships.get(key)
             if membership is not None:
                 await membership.exclusively(discovered.release)

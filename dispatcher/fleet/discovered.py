@@ -82,7 +82,7 @@ class DiscoveredAttachments:
                     "%s on %s failed: %s; the instance leaves the fleet until it is listed again",
                     plugin.key,
                     target.describe(),
-                    str(error).splitlines()[0] if str(error) else type(error).__name__,
+                    (str(error) or type(error).__name__).splitlines()[0],
                 )
                 failed.append(key)
                 continue
