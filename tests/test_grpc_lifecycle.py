@@ -16,9 +16,15 @@ import grpc
 import grpc.aio
 import pytest
 
-from dispatcher import DeadlineExceeded, Dispatcher, ProviderError, TargetUnavailable
+from dispatcher import (
+    DeadlineExceeded,
+    Dispatcher,
+    Overloaded,
+    ProviderError,
+    TargetUnavailable,
+)
 from dispatcher.fleet import never_sent
-from linchkit_plugin import Plugin
+from linchkit_plugin import Plugin, _grpc_hosts
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from linchkit_plugin.errors import PluginError
 from linchkit_plugin.grpc_server import PluginServer
@@ -216,6 +222,33 @@ async def test_a_failed_init_reads_alike_in_every_sdks_words(
         assert_init_refused(refused.value)
     finally:
         await server.stop(grace=None)
+
+
+async def test_a_service_full_of_hosts_refuses_init_as_overloaded_not_as_a_rate_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: RESOURCE_EXHAUSTED on Init read as for a call, RateLimited, as if the host
+    # had called too often.
+    monkeypatch.setattr(_grpc_hosts, "MAX_HOSTS", 1)
+    port = free_port()
+    process = Process(port)
+    try:
+        await asyncio.wait_for(process.bound, 10)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await plugin_pb2_grpc.PluginServiceStub(channel).Init(
+                plugin_pb2.InitRequest(config_json=b"{}"),
+                metadata=(("linchkit-host", "another-replica"),),
+                timeout=10,
+            )
+        with pytest.raises(Overloaded) as refused:
+            async with Dispatcher(owned(port)):
+                pass
+        assert refused.value.retryable
+        assert "already holds as many hosts as it takes" in refused.value.message
+        assert refused.value.details == {"step": "Init", "status": "RESOURCE_EXHAUSTED"}
+        assert process.plugin.steps == ["init"]  # the other replica's, and no Destroy
+    finally:
+        await process.end()
 
 
 async def test_an_init_that_times_out_is_cancelled_and_gets_no_stop_or_destroy() -> None:

@@ -52,6 +52,9 @@ TypeScript), ``INVALID_ARGUMENT`` for a config that is not JSON, ``UNKNOWN`` for
 that raised. ``lifecycle_failure`` reads all of them alike: the plugin refused the step,
 which sending it again would not change, so ``ProviderError``, not retryable, naming the
 step and the plugin's error type (``details``: ``step``, ``error_type``, ``status``).
+An ``Init`` answered RESOURCE_EXHAUSTED (not for its size) comes from a service that holds
+as many hosts as it takes (docs/protocol.md, "Several hosts on one service"): that is
+``Overloaded``, retryable once another host leaves, not a rate limit.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from linchkit_plugin.errors import (
     DispatchError,
     Forbidden,
     InvalidParams,
+    Overloaded,
     ProviderError,
     RateLimited,
     TargetUnavailable,
@@ -259,14 +263,23 @@ def lifecycle_failure(error: Exception, what: str, step: str) -> DispatchError |
     import grpc
     import grpc.aio
 
-    if not isinstance(error, grpc.aio.AioRpcError) or error.code() not in (
+    if not isinstance(error, grpc.aio.AioRpcError):
+        return None
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not too_large(details):
+        return Overloaded(
+            f"{what}: the service already holds as many hosts as it takes ({details});"
+            " it admits this one once another host has stopped it",
+            details={"step": step, "status": error.code().name},
+        )
+    if error.code() not in (
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.INVALID_ARGUMENT,
     ):
         return None
-    error_type, message = _plugin_error(error.details() or "")
+    error_type, message = _plugin_error(details)
     said = f"{error_type}: {message}" if error_type else message
     return ProviderError(
         f"{what}: the plugin failed its {step}: {said}; not retried: fix what it names"
