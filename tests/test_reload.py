@@ -418,3 +418,29 @@ async def test_serve_logs_a_reload_once_at_info_in_words(
         (refused,) = await reload_logs()
         assert refused.levelname == "ERROR"
         assert refused.getMessage().startswith("manifest not reloaded, nothing changed: ")
+
+
+async def test_serve_logs_a_target_that_cannot_start_in_one_line_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload naming a plugin whose target cannot start (an executable not built) is the
+    operator's mistake, not the dispatcher's bug: the ERROR line says why, in words, as
+    for a manifest that does not load, with no traceback that only repeats it."""
+    from dispatcher.cli.serve import _reload
+
+    path = tmp_path / "plugins.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "plugins": [local("1.0.0")]}))
+    missing = tmp_path / "not-built" / "plugin"
+    unbuilt = echo_plugin("unbuilt", {"provider": "subprocess", "command": [str(missing)]})
+    caplog.set_level(logging.INFO, logger="dispatcher")
+    async with Dispatcher.from_file(path) as dispatcher:
+        path.write_text(yaml.safe_dump({"version": 1, "plugins": [local("1.0.0"), unbuilt]}))
+        await _reload(dispatcher, str(path), 1.0)
+        (refused,) = [r for r in caplog.records if "not reloaded" in r.getMessage()]
+        assert refused.levelname == "ERROR"
+        assert refused.getMessage() == (
+            "manifest not reloaded, nothing changed: "
+            f"unbuilt@1.0.0: cannot start {missing}: no such file (is the plugin built?)"
+        )
+        assert refused.exc_info is None
+        assert [plugin.key for plugin in dispatcher.manifest.plugins] == ["fast@1.0.0"]

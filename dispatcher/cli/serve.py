@@ -193,6 +193,10 @@ async def _reload(dispatcher: Dispatcher, path: str, grace: float) -> None:
         await dispatcher.reload_from_file(path, grace=grace)
     except ManifestError as error:
         log.error("manifest not reloaded, nothing changed: %s", error)
+    except DispatchError as error:
+        # A target that cannot start (an executable not built, a service not listening):
+        # the operator's to fix, and its message says what; a traceback would only repeat it.
+        log.error("manifest not reloaded, nothing changed: %s", error)
     except Exception:
         log.exception("manifest not reloaded, nothing changed")
 
