@@ -360,6 +360,31 @@ async def test_a_jobs_infrastructure_error_is_told_as_a_calls_is(
     assert stored["state"] == "dead" and "127.0.0.9:1" in stored["error"]["message"], stored
 
 
+async def test_a_submission_while_the_store_is_down_is_told_as_a_calls_failure_is(
+    tmp_path: Path,
+) -> None:
+    """Redis down (restarted, unreachable): a submission cannot be queued, and under
+    ``error_detail: safe`` its caller is told so as a call's caller is, with the type's
+    fixed message, not the state store's address the dispatcher writes for its operator.
+    Before, the 503 named ``redis://…@127.0.0.9:1/0``."""
+    down = "redis://:store-password@127.0.0.9:1/0"
+    loaded = parse_manifest(jobs_document(tmp_path, down, "down", workers=0), base_dir=tmp_path)
+    async with (
+        Dispatcher(loaded) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        submit = f"{server.url}/v1/plugins/jobs/methods/work:submit"
+        status, body, headers = await send(session, "POST", submit, READER_KEY, json={"n": 1})
+    assert status == 503, body
+    error = body["error"]
+    assert (error["type"], error["retryable"]) == ("target_unavailable", True), error
+    assert error["message"] == (
+        "jobs.work: the plugin could not be reached (the gateway logs the detail)"
+    )
+    assert "127.0.0.9" not in json.dumps(body) and "Retry-After" in headers
+
+
 # -- hostile ----------------------------------------------------------------------------------
 
 

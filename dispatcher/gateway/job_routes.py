@@ -40,6 +40,7 @@ from linchkit_plugin.errors import (
     ProviderError,
     ShuttingDown,
 )
+from providers.invocation import new_request_id
 
 __all__ = ["Authenticate", "CallerOf", "JobRoutes"]
 
@@ -104,8 +105,16 @@ class JobRoutes:
             answer.headers.update(refused.headers)
             return answer
         except DispatchError as error:
+            # Told as a call's failure is: the state store down, a drain, a full audit log
+            # name the infrastructure (the store's address) in their messages. The id ties
+            # the caller's answer to the line the gateway logs.
+            request_id = new_request_id()
+            match = request.match_info
+            told = self.disclosure.public(error, match["plugin"], match["method"], request_id)
             unread = not body_read and request.body_exists
-            return error_answer(error, close=unread or isinstance(error, ShuttingDown))
+            answer = error_answer(told, close=unread or isinstance(error, ShuttingDown))
+            answer.headers["X-Request-Id"] = request_id
+            return answer
         location = f"/v1/jobs/{job_id}"
         body = orjson.dumps({"ok": True, "job_id": job_id, "location": location})
         return web.Response(
