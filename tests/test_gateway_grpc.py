@@ -156,6 +156,8 @@ async def test_hostile_requests_are_refused_typed_and_the_port_keeps_serving() -
             not_json,
             deep,
             grpc_call("echo", "say", {"text": "hi"}, request_id="bad id\n"),
+            # A trailing newline alone passed the check ("$" matches before it), before.
+            grpc_call("echo", "say", {"text": "hi"}, request_id="good-id\n"),
             grpc_call("echo", "say", {"text": "hi"}, idempotency_key="k" * 300),
             grpc_call("echo", "say", {"text": "hi"}, timeout_ms=4_000_000_000),
         ):

@@ -360,13 +360,23 @@ async def test_a_jobs_infrastructure_error_is_told_as_a_calls_is(
     assert stored["state"] == "dead" and "127.0.0.9:1" in stored["error"]["message"], stored
 
 
-async def test_a_submission_while_the_store_is_down_is_told_as_a_calls_failure_is(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("method", "path", "told"),
+    [
+        ("POST", "/v1/plugins/jobs/methods/work:submit", "jobs.work:submit"),
+        ("GET", "/v1/jobs/j-1", "job j-1"),
+        ("GET", "/v1/jobs/j-1?wait=1", "job j-1"),
+        ("GET", "/v1/jobs/j-1/result", "job j-1"),
+    ],
+    ids=["submit", "read", "read-waiting", "result"],
+)
+async def test_the_job_routes_tell_a_store_outage_without_the_stores_address(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, method: str, path: str, told: str
 ) -> None:
-    """Redis down (restarted, unreachable): a submission cannot be queued, and under
-    ``error_detail: safe`` its caller is told so as a call's caller is, with the type's
-    fixed message, not the state store's address the dispatcher writes for its operator.
-    Before, the 503 named ``redis://…@127.0.0.9:1/0``."""
+    """Redis down (restarted, unreachable): under ``error_detail: safe`` a job route's
+    caller is told the job store could not be reached, not the store's address that the
+    dispatcher writes for its operator, which the log keeps with the answer's request id.
+    Before, each 503 named ``redis://…@127.0.0.9:1/0``."""
     down = "redis://:store-password@127.0.0.9:1/0"
     loaded = parse_manifest(jobs_document(tmp_path, down, "down", workers=0), base_dir=tmp_path)
     async with (
@@ -374,15 +384,19 @@ async def test_a_submission_while_the_store_is_down_is_told_as_a_calls_failure_i
         GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
     ):
-        submit = f"{server.url}/v1/plugins/jobs/methods/work:submit"
-        status, body, headers = await send(session, "POST", submit, READER_KEY, json={"n": 1})
+        options = {"json": {"n": 1}} if method == "POST" else {}
+        status, body, headers = await send(
+            session, method, server.url + path, READER_KEY, **options
+        )
     assert status == 503, body
     error = body["error"]
     assert (error["type"], error["retryable"]) == ("target_unavailable", True), error
     assert error["message"] == (
-        "jobs.work: the plugin could not be reached (the gateway logs the detail)"
+        f"{told}: the job store could not be reached (the gateway logs the detail)"
     )
     assert "127.0.0.9" not in json.dumps(body) and "Retry-After" in headers
+    logged = [r.getMessage() for r in caplog.records if headers["X-Request-Id"] in r.getMessage()]
+    assert len(logged) == 1 and "127.0.0.9" in logged[0], logged
 
 
 # -- hostile ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from dispatcher.cli._app import main
 LANGUAGES = ("python", "go", "rust", "java", "typescript")
 
 #: A plugin id that is also a safe folder name: lowercase words joined by single hyphens.
-_NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*$")
+_NAME = re.compile(r"^[a-z][a-z0-9]*(?:-[a-z0-9]+)*\Z")
 _MAX_NAME = 64
 _TEMPLATE_SUFFIX = ".tmpl"
 #: Where a compiled language's SDK lives in this repository's checkout.

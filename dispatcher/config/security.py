@@ -50,7 +50,7 @@ _PRINCIPAL = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x0
 _ROLE = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 #: ``plugin[@version-glob].method`` with fnmatch globs (``*``, ``?``, ``[…]``), ASCII only.
-_RULE = re.compile(r"^[A-Za-z0-9_.*?\[\]!@-]+$")
+_RULE = re.compile(r"^[A-Za-z0-9_.*?\[\]!@-]+\Z")
 
 
 class ApiKey(StrictModel):

@@ -88,10 +88,9 @@ __all__ = ["GATEWAY_KEY", "HANDLER_ARGS", "HUB_KEY", "Gateway", "create_app"]
 
 log = logging.getLogger("dispatcher.gateway")
 
-_PLUGIN_NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
+_PLUGIN_NAME = re.compile(r"^[A-Za-z0-9._@+-]{1,128}\Z")
 #: A plugin id or method name as the manifest admits it (``IDENTIFIER``), at most 256 long.
 _MANIFEST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,255}\Z")
-_JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _JSON = "application/json"
 
 HUB_KEY = web.AppKey("event_hub", EventHub)

@@ -26,8 +26,8 @@ __all__ = [
 ]
 
 #: W3C trace context: an invalid one is ignored, not refused.
-TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 #: The longest deadline a caller may ask for: a day.
 MAX_TIMEOUT_MS = 86_400_000
 

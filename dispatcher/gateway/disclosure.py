@@ -27,7 +27,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dispatcher._public_errors import PUBLIC_DETAILS, ErrorDetail, public_job, public_message
+from dispatcher._public_errors import (
+    PUBLIC_DETAILS,
+    PUBLIC_MESSAGES,
+    ErrorDetail,
+    public_job,
+    public_message,
+)
 from linchkit_plugin.errors import DispatchError
 
 __all__ = ["Disclosure", "ErrorDetail"]
@@ -57,9 +63,21 @@ class Disclosure:
         if told is None:
             return error
         self._log(error, plugin, method, request_id)
-        public = error.with_message(f"{told} (the gateway logs the detail)")
-        public.details = {k: v for k, v in error.details.items() if k in PUBLIC_DETAILS}
-        return public
+        return _told(error, told)
+
+    def public_job_error(
+        self, error: DispatchError, route: str, about: str, request_id: str
+    ) -> DispatchError:
+        """An error of a job ``route`` (``submit``, ``read``), ``about`` naming what it was
+        for (``PLUGIN.METHOD:submit``, ``job ID``), as its caller is told it. Those routes
+        reach the job store, never a plugin: its failures are told as the store's, the
+        rest with a call's fixed message. Logged at most once per route and type a while."""
+        kind = type(error).type
+        if self.told(kind, "", "") is None:
+            return error
+        self._log(error, "jobs", route, request_id)
+        generic = _JOB_STORE_MESSAGES.get(kind) or PUBLIC_MESSAGES[kind]
+        return _told(error, f"{about}: {generic}")
 
     def told(self, kind: str, plugin: str, method: str) -> str | None:
         """What a caller is told of an error of type ``kind``; None: its own message."""
@@ -94,3 +112,17 @@ class Disclosure:
 
     def __repr__(self) -> str:
         return f"<Disclosure {self.detail}>"
+
+
+#: What a job route's caller is told of the job store's own failures (Redis or SQS down,
+#: or too slow) instead of a call's "the plugin could not be reached".
+_JOB_STORE_MESSAGES = {
+    "target_unavailable": "the job store could not be reached",
+    "deadline_exceeded": "the job store did not answer in time",
+}
+
+
+def _told(error: DispatchError, told: str) -> DispatchError:
+    public = error.with_message(f"{told} (the gateway logs the detail)")
+    public.details = {k: v for k, v in error.details.items() if k in PUBLIC_DETAILS}
+    return public

@@ -44,7 +44,7 @@ from providers.invocation import new_request_id
 
 __all__ = ["Authenticate", "CallerOf", "JobRoutes"]
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
 _JSON = "application/json"
 
 #: Who calls, as a call's route learns it: the credentials the request presented (read
@@ -108,13 +108,11 @@ class JobRoutes:
             # Told as a call's failure is: the state store down, a drain, a full audit log
             # name the infrastructure (the store's address) in their messages. The id ties
             # the caller's answer to the line the gateway logs.
-            request_id = new_request_id()
             match = request.match_info
-            told = self.disclosure.public(error, match["plugin"], match["method"], request_id)
+            about = f"{match['plugin']}.{match['method']}:submit"
             unread = not body_read and request.body_exists
-            answer = error_answer(told, close=unread or isinstance(error, ShuttingDown))
-            answer.headers["X-Request-Id"] = request_id
-            return answer
+            closing = unread or isinstance(error, ShuttingDown)
+            return self._failed(error, "submit", about, close=closing)
         location = f"/v1/jobs/{job_id}"
         body = orjson.dumps({"ok": True, "job_id": job_id, "location": location})
         return web.Response(
@@ -127,7 +125,7 @@ class JobRoutes:
         try:
             status = await self._waited_job(request)
         except DispatchError as error:
-            return error_answer(error)
+            return self._failed(error, "read", _job_named(request))
         return _json_answer({"ok": True, "job": self.disclosure.job(status)})
 
     async def job_result(self, request: web.Request) -> web.Response:
@@ -137,7 +135,7 @@ class JobRoutes:
         try:
             status = await self._waited_job(request)
         except DispatchError as error:
-            return error_answer(error)
+            return self._failed(error, "read", _job_named(request))
         state = status.get("state")
         if state == "succeeded":
             return _json_answer({"ok": True, "result": status.get("result")})
@@ -151,6 +149,17 @@ class JobRoutes:
         body = orjson.dumps({"ok": False, "error": waiting.to_wire()})
         headers = {"Content-Type": _JSON, "Retry-After": "1"}
         return web.Response(status=202, body=body, headers=headers)
+
+    def _failed(
+        self, error: DispatchError, route: str, about: str, *, close: bool = False
+    ) -> web.Response:
+        """A job route's failure, as its caller is told it (the job store's address and
+        its errors' words stay in the log); ``X-Request-Id`` names the logged line."""
+        request_id = new_request_id()
+        told = self.disclosure.public_job_error(error, route, about, request_id)
+        answer = error_answer(told, close=close)
+        answer.headers["X-Request-Id"] = request_id
+        return answer
 
     async def _waited_job(self, request: web.Request) -> dict[str, Any]:
         principal = await self._authenticate(request)
@@ -184,6 +193,12 @@ class JobRoutes:
 
     def __repr__(self) -> str:
         return f"<JobRoutes waits={self._job_waits}/{self.settings.max_job_waits}>"
+
+
+def _job_named(request: web.Request) -> str:
+    """``job ID`` when the path's id is one (it is echoed to its caller), else ``job``."""
+    job_id = request.match_info["id"]
+    return f"job {job_id}" if _JOB_ID.match(job_id) else "job"
 
 
 def _wait_of(query: Any, most: float) -> float:

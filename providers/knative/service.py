@@ -60,7 +60,7 @@ GROUP = "serving.knative.dev"
 VERSION = "v1"
 PLURAL = "services"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "knative-serving-v1-service.openapi.json"
-_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?\Z")
 
 
 def revision_name(service: str, version: str) -> str:
