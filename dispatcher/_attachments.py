@@ -71,6 +71,9 @@ class Attachments:
         self._served_sink = served_sink
         self._started: list[Provider[Any]] = []
         self._attached: list[Attachment] = []
+        #: Retired by a reload that has not detached them yet (it waits for their calls):
+        #: a close meanwhile detaches them, before the rest (``aclose``).
+        self._retired: list[Attachment] = []
         for provider in providers.values():
             self._prepare(provider)
 
@@ -122,16 +125,26 @@ class Attachments:
         }
         retired = [each for each in self._attached if each.key() not in used]
         self._attached = [each for each in self._attached if each.key() in used]
+        self._retired.extend(retired)
         return retired
 
     async def detach(self, retired: list[Attachment]) -> None:
-        """Detach ``retired`` (a reload's), newest first; a failure is logged, not raised."""
+        """Detach ``retired`` (a reload's), newest first; a failure is logged, not raised.
+        Those a close detached meanwhile are not detached again."""
         for each in reversed(retired):
+            if not any(each is still for still in self._retired):
+                continue
+            self._retired = [still for still in self._retired if still is not each]
             if await _detached(each):
                 log.info("reload: detached %s from %s", each.plugin.key, each.target.describe())
 
     async def aclose(self) -> None:
-        """Detach everything, newest first, then close the started providers, last first."""
+        """Detach everything, newest first, then close the started providers, last first.
+        What a reload retired and has not detached yet goes first: it is on its way out,
+        and what stays must not be handed its place (a service at one address keeps the
+        config of the entry detached last)."""
+        while self._retired:
+            await _detached(self._retired.pop())
         while self._attached:
             await _detached(self._attached.pop())
         while self._started:

@@ -50,6 +50,11 @@ class Recording(Plugin):
     async def shout(self) -> None:
         self.emit("shouted", self.host)
 
+    async def linger(self, seconds: float) -> str:
+        """Answer after ``seconds``: a call still in flight when a reload or a close comes."""
+        await asyncio.sleep(seconds)
+        return self.host
+
 
 class Instance:
     """One gRPC plugin service on ``host:port``, in this loop."""

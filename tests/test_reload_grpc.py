@@ -11,6 +11,7 @@ entry to leave ends the lifecycle, once.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -25,7 +26,11 @@ from tests.recorded_grpc import (
 )
 from tests.services import free_port, until
 
-METHODS = {"whoami": {"timeout_ms": 10_000}, "shout": {"timeout_ms": 10_000}}
+METHODS = {
+    "whoami": {"timeout_ms": 10_000},
+    "shout": {"timeout_ms": 10_000},
+    "linger": {"timeout_ms": 10_000},
+}
 
 
 def entry(version: str, address: str, *, plugin_id: str = "svc", **target: Any) -> dict[str, Any]:
@@ -132,3 +137,33 @@ async def test_a_new_version_that_fails_to_start_leaves_the_old_one_serving(
         assert await dispatcher.call("svc", "whoami", {}) == "127.0.0.1"
         assert connections_to(service.address) == 1
     assert recording.steps[-2:] == ["stop", "destroy"]
+
+
+@pytest.mark.parametrize("same_address", [False, True], ids=["another-address", "same-address"])
+async def test_a_close_while_a_reload_waits_for_calls_ends_the_removed_version_s_service(
+    served: Serve, same_address: bool
+) -> None:
+    """The reload has retired version 1 and waits for its call in flight when the
+    dispatcher closes: version 1's service still gets its ``Stop`` and ``Destroy``, and a
+    service both used is not handed back to version 1's config on its way out."""
+    old = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    new = old if same_address else await served("127.0.0.1", free_port(), "2.0.0", "svc")
+    dispatcher = Dispatcher(manifest(entry("1.0.0", old.address)))
+    await dispatcher.start()
+    call = asyncio.create_task(dispatcher.call("svc", "linger", {"seconds": 2}))
+    await until(lambda: dispatcher.stats()["dispatcher"]["calls_in_flight"], "the call in flight")
+    reload = asyncio.create_task(dispatcher.reload(manifest(entry("2.0.0", new.address)), grace=10))
+    await until(lambda: new.plugin.configs[-1:] == [{"version": "2.0.0"}], "version 2's Init")
+    await asyncio.sleep(0.1)  # the reload waits for the call to version 1
+    assert not reload.done()
+    await dispatcher.aclose()
+    await asyncio.gather(call, reload, return_exceptions=True)
+    # Before: version 1, out of the ledger while the reload waited, was never detached:
+    # its service had no Stop nor Destroy; at one address it got version 1's Init back.
+    if same_address:
+        assert old.plugin.steps == ["init", "start", "init", "start", "stop", "destroy"]
+        assert old.plugin.configs[-1] == {"version": "2.0.0"}
+    else:
+        assert old.plugin.steps == ["init", "start", "stop", "destroy"]
+        assert new.plugin.steps == ["init", "start", "stop", "destroy"]
+    await until(lambda: not connections_to(old.address), "every channel closed")
