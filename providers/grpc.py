@@ -48,6 +48,7 @@ import logging
 import re
 import secrets
 from collections.abc import AsyncGenerator, Coroutine, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
@@ -293,17 +294,18 @@ class GrpcProvider(Provider[GrpcTarget]):
         sink = self.event_sink_of(plugin) if target.events else None
         if sink is not None:
             users.sinks[plugin.key] = sink
-        running = service.initialised if service.uses else None
-        inits_sent = connection.inits_sent
-        try:
-            await self._begin(plugin, target, connection, service, users.emit if sink else None)
-        except BaseException:
-            users.sinks.pop(plugin.key, None)
-            if running is not None and connection.inits_sent > inits_sent:
-                await self._restore(service, running, plugin)
-            if not users.plugins:  # opened for this attach alone
-                await self._close(target)
-            raise
+        async with service.steps:
+            running = service.initialised if service.uses else None
+            inits_sent = connection.inits_sent
+            try:
+                await self._begin(plugin, target, connection, service, users.emit if sink else None)
+            except BaseException:
+                users.sinks.pop(plugin.key, None)
+                if running is not None and connection.inits_sent > inits_sent:
+                    await self._restore(service, running, plugin)
+                if not users.plugins:  # opened for this attach alone
+                    await self._close(target)
+                raise
         users.plugins[plugin.key] = plugin
         use = Use(plugin, target.key, runs_lifecycle=target.lifecycle == "dispatcher")
         service.uses[(plugin.key, target.key)] = use
@@ -327,9 +329,7 @@ class GrpcProvider(Provider[GrpcTarget]):
             )
             service.initialised = plugin
             self.report_served(plugin, target, connection.served)
-            connection.watch_restarts(
-                lambda: lifecycle.again(connection, service.initialised or plugin)
-            )
+            connection.watch_restarts(partial(self._again, connection, service, plugin))
             return
         if plugin.config and plugin.key not in self._config_unsent:
             # Not a manifest problem: the service may have its own copy; but a config
@@ -344,6 +344,15 @@ class GrpcProvider(Provider[GrpcTarget]):
         if sink is not None:
             connection.open_events(sink)
 
+    async def _again(
+        self, connection: PluginConnection, service: ServiceUsers, plugin: PluginInfo
+    ) -> None:
+        """A service found again: ``Init`` and ``Start`` with the config of the entry that
+        had the last ``Init`` once no other step is under way (a new version's start may
+        be, on the same service)."""
+        async with service.steps:
+            await lifecycle.again(connection, service.initialised or plugin)
+
     async def detach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
         users = self._users.get(target.key)
         if users is None or users.plugins.pop(plugin.key, None) is None:
@@ -353,13 +362,15 @@ class GrpcProvider(Provider[GrpcTarget]):
         service = self._services[address]
         del service.uses[(plugin.key, target.key)]
         if service.uses:  # another entry still calls the service: it keeps running
-            await self._hand_over(service, plugin)
+            async with service.steps:
+                await self._hand_over(service, plugin)
             if not users.plugins:
                 await self._close(target)
             return
         del self._services[address]
         if service.initialised is not None:
-            await self._end(self._connections[target.key], service.initialised, target)
+            async with service.steps:
+                await self._end(self._connections[target.key], service.initialised, target)
         await self._close(target)
 
     async def _hand_over(self, service: ServiceUsers, leaving: PluginInfo) -> None:

@@ -167,3 +167,35 @@ async def test_a_close_while_a_reload_waits_for_calls_ends_the_removed_version_s
         assert old.plugin.steps == ["init", "start", "stop", "destroy"]
         assert new.plugin.steps == ["init", "start", "stop", "destroy"]
     await until(lambda: not connections_to(old.address), "every channel closed")
+
+
+async def test_a_service_restarted_before_a_reload_runs_with_the_new_version_s_config(
+    served: Serve,
+) -> None:
+    """The service at version 1's address restarts; before the dispatcher has run Init
+    and Start there again, a reload puts version 2 there. Both sequences reach the new
+    process: the last Init it has must be version 2's, whose calls it serves."""
+    first = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    host, _, port = first.address.rpartition(":")
+    async with Dispatcher(manifest(entry("1.0.0", first.address))) as dispatcher:
+        assert await dispatcher.call("svc", "whoami", {}) == "127.0.0.1"
+        await first.end()
+        restarted = await served(host, int(port), "1.0.0", "svc")
+        recording = restarted.plugin
+
+        async def init(config: dict[str, Any]) -> None:
+            # An Init that takes a while, as real ones do: the restart's, with version
+            # 1's config, is still running when version 2's arrives.
+            if config == {"version": "1.0.0"}:
+                await asyncio.sleep(0.3)
+            recording.steps.append("init")
+            recording.configs.append(config)
+
+        recording.init = init  # type: ignore[method-assign]
+        await dispatcher.reload(manifest(entry("2.0.0", first.address)), grace=10)
+        assert await dispatcher.call("svc", "whoami", {}) == "127.0.0.1"
+        # Before: the restart's Init was read as version 1's before version 2's Init
+        # and sent after it: the service ran with the config of a version gone.
+        assert restarted.plugin.configs[-1] == {"version": "2.0.0"}
+        assert "stop" not in restarted.plugin.steps
+    assert restarted.plugin.steps[-2:] == ["stop", "destroy"]

@@ -15,11 +15,15 @@ attaches version 2 before it detaches version 1, so the two overlap. Hence:
 - a new entry whose ``Init`` reached the service and whose start then failed sends no
   ``Destroy`` there; the service gets the running entry's ``Init`` and ``Start`` back;
 - what the service emits goes to the newest entry attached over the connection, so an
-  event names a version still served.
+  event names a version still served;
+- the lifecycle steps sent to the service run one sequence at a time (``steps``): a
+  service found again after its connection was lost gets the ``Init`` of the entry that
+  had the last one when its turn comes, not one read before a new version's ``Init``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -64,6 +68,10 @@ class ServiceUsers:
     #: The plugin whose ``Init`` the service had last; None while the dispatcher has run
     #: no lifecycle there (``lifecycle: remote``).
     initialised: PluginInfo | None = None
+    #: Held while a sequence of lifecycle steps goes to the service (a start, a hand-over,
+    #: a restart's ``Init`` again, the end): two at once left the config of the one whose
+    #: ``Init`` came last, which need not be ``initialised``.
+    steps: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def heir(self) -> Use | None:
         """The newest attachment that runs the service's lifecycle; None when none does."""
