@@ -8,7 +8,9 @@ to happen to the parts around that install is here, in the order the dispatcher 
    dispatcher does not speak (``ProviderError``), then attach the new targets, all or
    none; a failure raises with nothing changed yet. Then attach the new versions to the
    instances discovery already found for fleets they call (one that refuses leaves its
-   fleet, and joins it again later: ``FleetRuntime.attach_found``);
+   fleet, and joins it again later: ``FleetRuntime.attach_found``); make the fleets no
+   running version called and start their discovery and health checks, so that calls
+   routed to them after the swap find their instances (``FleetRuntime.make_for``);
 2. ``new_routes``: build the new table. Kept versions keep their route objects, and so
    their policy state; the others get new ones. Fallbacks of removed versions are
    forgotten and the manifest's rollouts are set up on the new table. No await: the
@@ -16,8 +18,7 @@ to happen to the parts around that install is here, in the order the dispatcher 
 3. ``serve``: fallbacks point at the installed table; fleets stop serving the targets of
    removed and changed versions and serve those of added and changed ones;
 4. ``finish``: take the new attachments into the ledger, retire what the manifest no
-   longer uses, log what the reload did, start discovery and health checks of new
-   fleets. If anything is no longer used, wait until the calls in flight at the swap
+   longer uses, log what the reload did. If anything is no longer used, wait until the calls in flight at the swap
    have ended (``grace`` seconds at most: then calls still using it fail as it goes),
    close the connections of plugins that dialled in on targets no longer used (nothing
    calls them any more: each plugin is told whether its id is still served, so that it
@@ -90,6 +91,11 @@ class ReloadSteps:
         for plugin in arriving:  # and the instances discovery found for fleets they call
             for target in plugin.targets():
                 await self._fleets.attach_found(plugin, target)
+                provider = self._attachments.providers[target.provider]
+                self._fleets.make_for(plugin, target, provider)
+        # Fleets no running version called: discovered before the swap, or calls routed
+        # to them would find no instance until ``finish``.
+        await self._fleets.watch_new()
         return attached
 
     def new_routes(

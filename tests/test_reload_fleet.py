@@ -12,6 +12,7 @@ provider.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -250,3 +251,40 @@ async def test_an_instance_that_refuses_an_added_version_leaves_and_joins_once_i
         )
         assert recording.configs[-2:] == [{"version": "1.0.0"}, {"version": "2.0.0"}]
         assert recording.steps[-4:] == ["init", "start", "init", "start"]
+
+
+async def test_calls_during_a_reload_to_another_fleet_find_its_instances(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    """Version 2's target differs from version 1's (here its connect timeout), so it is
+    another fleet, whose instances discovery must find before calls are routed to it."""
+    port = port_free_on(*V1_HOSTS)
+    found = [await served(host, port) for host in V1_HOSTS]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    v2 = versioned("2.0.0", source)
+    v2["target"]["connect_timeout_ms"] = 9_000
+    async with Dispatcher(manifest(versioned("1.0.0", source))) as dispatcher:
+        failed: list[str] = []
+        reloaded = False
+
+        async def keep_calling() -> None:
+            while not reloaded:
+                try:
+                    await dispatcher.call("fleet", "whoami", {})
+                except Exception as error:
+                    failed.append(str(error).splitlines()[0])
+                await asyncio.sleep(0)
+
+        calling = asyncio.create_task(keep_calling())
+        await asyncio.sleep(0.05)
+        await dispatcher.reload(manifest(v2), grace=10)
+        reloaded = True
+        await calling
+        # Before: the new fleet was made with the routes and discovered after the swap;
+        # calls in between failed '… has no instance: … not read yet'.
+        assert failed == []
+        assert [each.plugin.configs for each in found] == [
+            [{"version": "1.0.0"}, {"version": "2.0.0"}]
+        ] * 2
+    assert [each.plugin.steps.count("stop") for each in found] == [1, 1]

@@ -128,6 +128,13 @@ class FleetRuntime:
         for key in failed:
             membership.retire_member(key)
 
+    def make_for(self, plugin: PluginInfo, target: TargetConfig, provider: Provider[Any]) -> None:
+        """Before a reload's routes swap: make the fleet of ``target`` if no running
+        version calls it yet, served by ``plugin``, for ``watch_new`` to fill before calls
+        reach it (made with the routes, it had no instance until after the swap)."""
+        if target.key not in self.fleets and self.fleet_of(target, provider) is not None:
+            self.serve(plugin, target)
+
     async def release(self) -> None:
         """After a reload's calls in flight ended: detach the discovered instances of the
         fleets still used from the versions that no longer call them."""
