@@ -113,6 +113,11 @@ class Attachments:
             raise
         return attached
 
+    async def detach_unadopted(self, attached: list[Attachment]) -> None:
+        """Detach what ``attach_new`` attached and nothing adopted, newest first."""
+        for each in reversed(attached):
+            await _detached(each)
+
     def adopt(self, attached: Iterable[Attachment]) -> None:
         self._attached.extend(attached)
 

@@ -431,6 +431,13 @@ class Dispatcher:
             steps = self._reload_steps  # carried out on the parts (dispatcher._reload_steps)
             assert steps is not None
             attached = await steps.attach(plan)
+            if self._state == "closed":  # closed while attaching: nothing is swapped in
+                await steps.abandon(attached)
+                raise ShuttingDown(
+                    "the dispatcher closed while the reload attached its new versions:"
+                    " nothing was reloaded",
+                    details={"stage": "refused"},
+                )
             # The swap: the new table replaces the old with no await in between, so no call
             # sees half of it.
             routes = steps.new_routes(manifest, plan, self._routes)

@@ -98,6 +98,11 @@ class ReloadSteps:
         await self._fleets.watch_new()
         return attached
 
+    async def abandon(self, attached: list[Attachment]) -> None:
+        """Detach what ``attach`` attached, for a reload that goes no further (the
+        dispatcher closed meanwhile: its close detached only what the ledger held)."""
+        await self._attachments.detach_unadopted(attached)
+
     def new_routes(
         self, manifest: Manifest[Any], plan: ReloadPlan, old_routes: RouteTable
     ) -> RouteTable:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher
+from linchkit_plugin.errors import ShuttingDown
 from tests.conftest import manifest
 from tests.dns_server import (
     Dnsmasq,
@@ -288,3 +289,44 @@ async def test_calls_during_a_reload_to_another_fleet_find_its_instances(
             [{"version": "1.0.0"}, {"version": "2.0.0"}]
         ] * 2
     assert [each.plugin.steps.count("stop") for each in found] == [1, 1]
+
+
+async def test_a_close_while_a_reload_attaches_a_fleet_ends_the_reload_and_every_channel(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    """The dispatcher closes while a reload attaches version 2 to the instances found
+    (their Init takes a second): the reload ends in ShuttingDown, swaps nothing in, and
+    leaves no channel open nor instance attached."""
+    port = port_free_on(*V1_HOSTS)
+    found = [await served(host, port) for host in V1_HOSTS]
+    for each in found:
+        recording = each.plugin
+
+        async def init(config: dict[str, Any], recording: Any = recording) -> None:
+            if config == {"version": "2.0.0"}:
+                await asyncio.sleep(1)
+            recording.steps.append("init")
+            recording.configs.append(config)
+
+        recording.init = init  # type: ignore[method-assign]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    v2 = versioned("2.0.0", source)
+    v2["target"]["connect_timeout_ms"] = 9_000
+    dispatcher = Dispatcher(manifest(versioned("1.0.0", source)))
+    await dispatcher.start()
+    reload = asyncio.create_task(
+        dispatcher.reload(manifest(versioned("1.0.0", source), v2), grace=10)
+    )
+    await asyncio.sleep(0.5)
+    await dispatcher.aclose()
+    # Before: KeyError ('fleet', '1.0.0') from the route build, on the table the close
+    # had emptied.
+    with pytest.raises(ShuttingDown, match="nothing was reloaded"):
+        await reload
+    await until(
+        lambda: not any(connections_to(each.address) for each in found),
+        "every channel closed",
+        timeout=10,
+    )
+    assert [each.plugin.steps[-2:] for each in found] == [["stop", "destroy"]] * 2

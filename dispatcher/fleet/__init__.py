@@ -78,6 +78,8 @@ class FleetRuntime:
         #: Health-check tasks by fleet (target key); fleets being watched.
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._watched: set[str] = set()
+        #: Set by ``aclose``: a reload the close overtook starts no more watching.
+        self._closed = False
 
     def fleet_of(self, target: TargetConfig, provider: Provider[Any]) -> Fleet | None:
         """The fleet of ``target`` (made on first use), or None when it is not a fleet."""
@@ -161,6 +163,8 @@ class FleetRuntime:
     async def watch_new(self, *, first_read_timeout: float = 5.0) -> None:
         """Start watching the fleets not watched yet: all of them at start, those a reload
         made since."""
+        if self._closed:
+            return
         loop = asyncio.get_running_loop()
         fresh = [fleet for key, fleet in self.fleets.items() if key not in self._watched]
         self._watched.update(fleet.target.key for fleet in fresh)
@@ -204,6 +208,7 @@ class FleetRuntime:
 
     async def aclose(self) -> None:
         """End every task; discovered instances stay attached until ``detach_all``."""
+        self._closed = True
         tasks, self._tasks = list(self._tasks.values()), {}
         for task in tasks:
             task.cancel()

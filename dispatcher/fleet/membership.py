@@ -83,6 +83,9 @@ class Membership:
         #: The pass scheduled after one that left an instance out, and the wait before it.
         self._retry: asyncio.Task[None] | None = None
         self._retry_delay = _RETRY_FIRST
+        #: Set by ``aclose``: a pass still to come (``start``'s, from a reload the close
+        #: overtook) attaches nothing more, which no one would detach.
+        self._closed = False
 
     async def start(self, first_read_timeout: float) -> None:
         """Watch every source; return once each has answered once (or the timeout passed),
@@ -104,6 +107,7 @@ class Membership:
 
     async def aclose(self) -> None:
         """Stop watching; instances stay attached until ``detach_all``."""
+        self._closed = True
         tasks = [*self._tasks, *self._retiring, *([self._retry] if self._retry else [])]
         self._tasks, self._retry = [], None
         for task in tasks:
@@ -175,7 +179,8 @@ class Membership:
 
     async def _reconcile(self) -> None:
         async with self._reconciling:
-            await self._reconcile_now()
+            if not self._closed:
+                await self._reconcile_now()
 
     async def _reconcile_now(self) -> None:
         fleet = self.fleet
@@ -200,8 +205,11 @@ class Membership:
             self._retry_delay = _RETRY_FIRST
 
     async def _join(self, target: TargetConfig, weight: int, source_name: str) -> bool:
-        if not await self._safely(self._attach, target, "attaching"):
+        if self._closed or not await self._safely(self._attach, target, "attaching"):
             return False  # left out; the next pass tries again
+        if self._closed:  # closed during the attach, after ``detach_all``
+            await self._safely(self._detach, target, "detaching")
+            return False
         self.attached[target.key] = target
         self.fleet.join(target, weight=weight, source=source_name)
         return True
@@ -209,7 +217,7 @@ class Membership:
     def _retry_soon(self) -> None:
         """Run a pass again after ``_retry_delay`` (doubled each time, while instances stay
         left out), unless one is already due."""
-        if self._retry is not None and not self._retry.done():
+        if self._closed or (self._retry is not None and not self._retry.done()):
             return
         delay, self._retry_delay = self._retry_delay, min(self._retry_delay * 2, _RETRY_LONGEST)
         self._retry = asyncio.get_running_loop().create_task(
