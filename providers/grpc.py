@@ -370,7 +370,11 @@ class GrpcProvider(Provider[GrpcTarget]):
         del self._services[address]
         if service.initialised is not None:
             async with service.steps:
-                await self._end(self._connections[target.key], service.initialised, target)
+                # None: the provider closed while this waited its turn (its close ends
+                # every connection; there is nothing left to send Stop over).
+                connection = self._connections.get(target.key)
+                if connection is not None:
+                    await self._end(connection, service.initialised, target)
         await self._close(target)
 
     async def _hand_over(self, service: ServiceUsers, leaving: PluginInfo) -> None:
@@ -378,14 +382,13 @@ class GrpcProvider(Provider[GrpcTarget]):
         if service.initialised is None or service.initialised.key != leaving.key:
             return
         heir = service.heir()
-        if heir is None:
-            return  # the rest run their own lifecycle; the last to leave ends this one
+        connection = None if heir is None else self._connections.get(heir.target_key)
+        if heir is None or connection is None:
+            return  # the rest run their own lifecycle (the last to leave ends it), or closed
         try:
-            await lifecycle.hand_over(self._connections[heir.target_key], heir.plugin, leaving)
+            await lifecycle.hand_over(connection, heir.plugin, leaving)
         except DispatchError as error:
-            log.error(
-                "%s on %s: %s", heir.plugin.key, self._connections[heir.target_key].describe, error
-            )
+            log.error("%s on %s: %s", heir.plugin.key, connection.describe, error)
         service.initialised = heir.plugin
 
     async def _restore(
@@ -393,8 +396,9 @@ class GrpcProvider(Provider[GrpcTarget]):
     ) -> None:
         """Give the service ``running``'s config back after ``failed``'s start there failed."""
         for use in reversed(service.uses.values()):
-            if use.plugin.key == running.key:
-                await lifecycle.restore(self._connections[use.target_key], running, failed)
+            connection = self._connections.get(use.target_key)  # None: the provider closed
+            if use.plugin.key == running.key and connection is not None:
+                await lifecycle.restore(connection, running, failed)
                 return
 
     async def _end(

@@ -30,10 +30,13 @@ class Recording(Plugin):
         self.host = host
         self.steps: list[str] = []
         self.configs: list[dict[str, Any]] = []
+        #: Seconds each ``Init`` takes from now on: one still under way when the test acts.
+        self.init_takes = 0.0
 
     async def init(self, config: dict[str, Any]) -> None:
         self.steps.append("init")
         self.configs.append(config)
+        await asyncio.sleep(self.init_takes)
 
     async def start(self) -> None:
         self.steps.append("start")

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from dispatcher import Dispatcher
+from dispatcher import Dispatcher, DispatchError
 from linchkit_plugin.errors import ProviderError
+from providers.grpc import GrpcProvider
 from tests.conftest import manifest
 from tests.recorded_grpc import (
     Serve,
@@ -199,3 +200,28 @@ async def test_a_service_restarted_before_a_reload_runs_with_the_new_version_s_c
         assert restarted.plugin.configs[-1] == {"version": "2.0.0"}
         assert "stop" not in restarted.plugin.steps
     assert restarted.plugin.steps[-2:] == ["stop", "destroy"]
+
+
+async def test_a_detach_waiting_its_turn_when_the_provider_closes_ends_quietly(
+    served: Serve,
+) -> None:
+    """Version 1 leaves while version 2's ``Init`` holds the service's turn, and the
+    provider closes meanwhile (the dispatcher closing under a reload): the detach, once
+    its turn comes, finds no connection to send ``Stop`` over. Before, it raised
+    ``KeyError`` (the connection's key), untyped; so could the failed start's restore."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    provider = GrpcProvider()
+    second = manifest(entry("2.0.0", service.address)).plugins[0]
+    async with Dispatcher(
+        manifest(entry("1.0.0", service.address)), providers={"grpc": provider}
+    ) as d:
+        first = d.manifest.plugins[0]
+        service.plugin.init_takes = 0.5
+        attaching = asyncio.create_task(provider.attach(second, second.target))
+        await until(lambda: service.plugin.steps.count("init") == 2, "version 2's Init under way")
+        detaching = asyncio.create_task(provider.detach(first, first.target))
+        await asyncio.sleep(0.05)  # the detach waits for the attach's turn
+        await provider.aclose()
+        outcomes = await asyncio.gather(attaching, detaching, return_exceptions=True)
+    for outcome in outcomes:
+        assert outcome is None or isinstance(outcome, DispatchError), repr(outcome)
