@@ -53,8 +53,8 @@ services-prereqs:
 	bash infra/services/install.sh
 
 # pytest on two workers (pytest-xdist), a test file each at a time: most tests wait on
-# processes, containers and sockets, so the suite takes half the time on two cores (27 ->
-# 12 min here). Not more workers: timing-bound tests are written for a 2-core machine with
+# processes, containers and sockets, so two workers took half the time of one (27 -> 12 min
+# when last measured; the suite has grown since: 21 min on 2026-12-04). Not more workers: timing-bound tests are written for a 2-core machine with
 # one other thing running. Each file keeps its module fixtures on one worker.
 test: $(STAMP) sdks docker-prereqs services-prereqs lambda-runtime
 	$(BIN)/ruff check .
