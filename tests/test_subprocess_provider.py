@@ -477,9 +477,13 @@ def test_the_handshake_is_the_one_docs_protocol_md_describes() -> None:
     line = handshake.HandshakeLine.of(1, "unix", "/tmp/lk-plugin-x1/plugin.sock", "MIIB")
     assert str(line) == "1|1|unix|/tmp/lk-plugin-x1/plugin.sock|grpc|MIIB"
     assert handshake.HandshakeLine.parse(str(line)) == line
-    assert parse(str(line), "p@1", [1], mtls=False) == ("unix:/tmp/lk-plugin-x1/plugin.sock", None)
+    unix = {"network": "unix", "socket_folder": "/tmp/lk-plugin-x1"}
+    assert parse(str(line), "p@1", [1], mtls=False, **unix) == (
+        "unix:/tmp/lk-plugin-x1/plugin.sock",
+        None,
+    )
     with pytest.raises(HandshakeError, match="core version '2'; this host speaks 1"):
-        parse("2|1|unix|/s|grpc|", "p@1", [1], mtls=False)
+        parse("2|1|unix|/s|grpc|", "p@1", [1], mtls=False, **unix)
 
 
 async def test_a_plugin_sigkilled_mid_burst_fails_calls_only_with_dispatch_errors() -> None:

@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from linchkit_plugin.errors import ProviderError
 from providers._fork_safety import note_late_grpc
@@ -26,7 +26,18 @@ from providers._grpc.connection import PluginConnection
 from providers.subprocess.levels import line_level
 from providers.subprocess.output import OutputRing
 
-__all__ = ["Child", "check_digests", "socket_folder", "spawn", "with_parent_death_signal"]
+__all__ = [
+    "MAX_LINE_BYTES",
+    "Child",
+    "check_digests",
+    "socket_folder",
+    "spawn",
+    "with_parent_death_signal",
+]
+
+#: The longest line read whole from a plugin's stdout or stderr (the handshake line is ~1
+#: KB). A longer stderr line is logged in pieces of this size; stdout is read as it comes.
+MAX_LINE_BYTES = 64 * 1024
 
 
 def _sha256_of(path: str) -> str:
@@ -128,6 +139,7 @@ async def spawn(
             env=dict(environment),
             preexec_fn=preexec,
             pass_fds=pass_fds,
+            limit=MAX_LINE_BYTES,
             # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground process
             # group) reaches the dispatcher, which stops the plugin in order (Stop, then
             # SIGTERM), not the plugin first, which left every Stop and Destroy failing.
@@ -151,6 +163,24 @@ def _unrunnable(program: str, environment: Mapping[str, str]) -> str | None:
     if shutil.which(program, path=environment.get("PATH", os.defpath)) is None:
         return "not found on the plugin's PATH"
     return None
+
+
+async def _lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """Each line of ``stream``, a line longer than ``MAX_LINE_BYTES`` in pieces of that size.
+
+    ``async for`` over a StreamReader raises ``ValueError`` at such a line: the reader
+    ended there, every later line of the plugin went unlogged, and once the pipe was full
+    the plugin's next write blocked for ever."""
+    while True:
+        try:
+            line = await stream.readuntil(b"\n")
+        except asyncio.IncompleteReadError as ended:
+            if ended.partial:
+                yield ended.partial
+            return
+        except asyncio.LimitOverrunError as overrun:
+            line = await stream.readexactly(min(overrun.consumed, MAX_LINE_BYTES))
+        yield line
 
 
 class Child:
@@ -229,7 +259,7 @@ class Child:
 
     async def _forward_stderr(self) -> None:
         assert self.process.stderr is not None
-        async for raw in self.process.stderr:
+        async for raw in _lines(self.process.stderr):
             line = raw.decode("utf-8", "replace").rstrip()
             self.stderr_tail.append(line)
             del self.stderr_tail[:-20]
@@ -244,7 +274,7 @@ class Child:
 
     async def _drain_stdout(self) -> None:
         assert self.process.stdout is not None
-        async for raw in self.process.stdout:
+        async for raw in _lines(self.process.stdout):
             self._plugin_log.debug("stdout: %s", raw.decode("utf-8", "replace").rstrip())
 
     async def terminate(self, grace: float) -> int | None:

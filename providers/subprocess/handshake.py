@@ -5,13 +5,22 @@ both sides must agree on; ``docs/protocol.md`` the contract).
 it prints on stdout; ``parse`` checks it and returns the gRPC address to connect to and,
 with AutoMTLS, the plugin's one-time server certificate (the only root the host trusts).
 Every way a plugin fails to start as the protocol says is a ``HandshakeError``.
+
+The address is the plugin's word, and the host dials it: a plugin sandboxed without a
+network could otherwise name any host and port, or any Unix socket of the host, and have
+the dispatcher carry its calls there. So the address must be what the protocol says it
+is (docs/protocol.md, "Handshake"): the target's own ``network``, a Unix socket directly
+in the folder the host made for this launch, or a TCP port on a loopback address.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import os
 import re
+import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -29,12 +38,20 @@ from linchkit_plugin.handshake import (
     SOCKET_DIR_ENV,
     HandshakeLine,
 )
+from providers.subprocess.child import MAX_LINE_BYTES
 from providers.subprocess.target import MINIMAL_ENV
 
 if TYPE_CHECKING:
     from providers.subprocess.target import SubprocessTarget
 
-__all__ = ["HandshakeError", "environment", "inherited", "parse", "read_line"]
+__all__ = [
+    "HandshakeError",
+    "check_socket",
+    "environment",
+    "inherited",
+    "parse",
+    "read_line",
+]
 
 
 class HandshakeError(ProviderError):
@@ -83,7 +100,23 @@ async def read_line(
     assert process.stdout is not None
     try:
         async with asyncio.timeout(timeout):
-            raw = await process.stdout.readline()
+            raw = await process.stdout.readuntil(b"\n")
+    except asyncio.IncompleteReadError as ended:
+        raw = ended.partial  # stdout closed: a last line without its line break, or none
+    except asyncio.LimitOverrunError:
+        # Refused: killed now and its stdout read to the end, or the pipe, paused with a
+        # full buffer, would never see its end and never be closed.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                while await process.stdout.read(MAX_LINE_BYTES):
+                    pass
+        raise HandshakeError(
+            f"{who}: its stdout holds no line break in its first"
+            f" {MAX_LINE_BYTES // 1024} KiB; expected one handshake line ({LINE_FORMAT})"
+            f"{tail(stderr)}"
+        ) from None
     except TimeoutError:
         raise HandshakeError(
             f"{who}: no handshake line within {timeout:.1f} s (the target's"
@@ -97,8 +130,20 @@ async def read_line(
     return raw.decode("utf-8", "replace").strip()
 
 
-def parse(line: str, who: str, offered: Sequence[int], *, mtls: bool) -> tuple[str, bytes | None]:
-    """The gRPC address of the plugin and, with ``mtls``, its server certificate (DER)."""
+def parse(
+    line: str,
+    who: str,
+    offered: Sequence[int],
+    *,
+    mtls: bool,
+    network: str,
+    socket_folder: str,
+) -> tuple[str, bytes | None]:
+    """The gRPC address of the plugin and, with ``mtls``, its server certificate (DER).
+
+    ``network`` is the target's; a ``unix`` address must name an entry directly in
+    ``socket_folder``, a ``tcp`` one a loopback address (the module's docstring says why).
+    """
     try:
         fields = HandshakeLine.parse(line)
     except ValueError:
@@ -117,13 +162,24 @@ def parse(line: str, who: str, offered: Sequence[int], *, mtls: bool) -> tuple[s
         )
     if fields.protocol != PROTOCOL:
         raise HandshakeError(f"{who}: protocol {fields.protocol!r}; only {PROTOCOL} is spoken")
-    network, address = fields.network, fields.address
-    if network == "unix":
+    address = fields.address
+    if fields.network != network:
+        raise HandshakeError(
+            f"{who}: handshake network {fields.network!r:.20}; the target's network is {network}"
+        )
+    if network == "unix" and _directly_in(address, socket_folder):
         grpc_address = f"unix:{address}"
-    elif network == "tcp" and re.fullmatch(r"[^:\s]+:\d+|\[[0-9a-fA-F:]+\]:\d+", address):
+    elif network == "tcp" and _loopback_port(address):
         grpc_address = address
     else:
-        raise HandshakeError(f"{who}: bad network/address {network}|{address}")
+        raise HandshakeError(
+            f"{who}: bad {network} address {address!r:.200}: expected "
+            + (
+                f"a socket in {socket_folder} (LINCHKIT_PLUGIN_SOCKET_DIR)"
+                if network == "unix"
+                else "127.0.0.1:PORT (a loopback address)"
+            )
+        )
     if not mtls:
         return grpc_address, None
     if not fields.server_cert:
@@ -135,6 +191,39 @@ def parse(line: str, who: str, offered: Sequence[int], *, mtls: bool) -> tuple[s
         return grpc_address, der_from_handshake(fields.server_cert)
     except ValueError as error:
         raise HandshakeError(f"{who}: bad server certificate: {error}") from None
+
+
+def _directly_in(address: str, folder: str) -> bool:
+    name = os.path.basename(address)
+    return (
+        os.path.isabs(address)
+        and os.path.dirname(address) == folder.rstrip(os.sep)
+        and name not in {"", ".", ".."}
+    )
+
+
+def _loopback_port(address: str) -> bool:
+    found = re.fullmatch(r"(\d+\.\d+\.\d+\.\d+|\[[0-9a-fA-F:]+\]):(\d{1,5})", address)
+    if found is None or not 0 < int(found.group(2)) < 65536:
+        return False
+    try:
+        return ipaddress.ip_address(found.group(1).strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_socket(who: str, address: str) -> None:
+    """Refuse a ``unix:`` address whose entry is not a socket the plugin made (a symlink
+    it planted would lead the host's connection to whatever socket it points to)."""
+    if not address.startswith("unix:"):
+        return
+    path = address.removeprefix("unix:")
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as error:
+        raise HandshakeError(f"{who}: its socket {path}: {error.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise HandshakeError(f"{who}: {path} is not a socket (a symlink or a file): refused")
 
 
 def tail(lines: Sequence[str]) -> str:

@@ -267,8 +267,14 @@ class PluginProcess:
             timeout = target.handshake_timeout_ms / 1000
             line = await handshake.read_line(child.process, who, timeout, child.stderr_tail)
             address, server_der = handshake.parse(
-                line, who, target.protocol_versions, mtls=client_certificate is not None
+                line,
+                who,
+                target.protocol_versions,
+                mtls=client_certificate is not None,
+                network=target.network,
+                socket_folder=folder,
             )
+            handshake.check_socket(who, address)
             child.drain_stdout()
             security = ChannelSecurity()
             if client_certificate is not None and server_der is not None:
