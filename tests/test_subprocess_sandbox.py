@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
 ]
 
-METHODS = ("whoami", "connect", "read", "write", "env", "spawn", "ptrace")
+METHODS = ("whoami", "connect", "read", "write", "env", "spawn", "ptrace", "namespace", "fill")
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,36 @@ async def test_a_forbidden_syscall_kills_only_the_plugin_which_restarts(
             await asyncio.sleep(0.05)
     assert process.pid != first_pid
     assert process.restarts == 1
+
+
+async def test_namespaces_made_by_clone_kill_the_plugin_as_unshare_does(
+    dispatcher: Dispatcher,
+) -> None:
+    # clone(CLONE_NEWUSER | CLONE_NEWNET): a user namespace where the plugin holds every
+    # capability, what the filter's unshare rule is there to refuse.
+    with pytest.raises(TargetUnavailable):
+        await call(dispatcher, "namespace")
+
+
+async def test_without_the_filter_bubblewrap_still_refuses_a_user_namespace(
+    hostile_executable: Path,
+) -> None:
+    plugin = sandboxed(hostile_executable, sandbox={"seccomp": False})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        outcome = await call(dispatcher, "namespace")
+    assert outcome["created"] is False
+    assert outcome["error"]
+
+
+async def test_the_private_tmp_is_bounded(hostile_executable: Path) -> None:
+    # /tmp is a tmpfs: host memory that RLIMIT_AS (memory_mb) does not count, half the
+    # host's RAM by default.
+    plugin = sandboxed(hostile_executable, sandbox={"tmp_mb": 8})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        outcome = await call(dispatcher, "fill", path="/tmp/hog", mb=48)
+        assert outcome["mb"] <= 8
+        assert "no space left on device" in outcome["error"]
+        assert (await call(dispatcher, "whoami"))["no_new_privs"] == "1"  # still serving
 
 
 async def test_granted_files_and_variables_are_visible_as_granted(

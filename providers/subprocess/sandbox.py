@@ -8,12 +8,17 @@ Layers, outermost first, each applied even when the next is missing:
                 kernel never applies RLIMIT_NPROC to root, and a plugin needs no root;
                 without bubblewrap, also no_new_privs
     bwrap       new user, PID, IPC, UTS, cgroup and network namespaces (the network is
-                shared only when capabilities.network grants some); a read-only view of
+                shared only when capabilities.network grants some), and no user namespace
+                of the plugin's own inside them (bubblewrap 0.8); a read-only view of
                 /usr, the executable's folder and ``sandbox.runtime``; the socket folder
-                read-write (the only way out); the granted files; a private /tmp, /proc,
-                /dev; no_new_privs; dies with the dispatcher
+                read-write (the only way out); the granted files; a private /tmp of
+                ``sandbox.tmp_mb`` (bubblewrap 0.8), /proc, /dev; no_new_privs; dies with
+                the dispatcher
     seccomp     a BPF program (libseccomp through ``pyseccomp``) that kills the plugin
-                on ptrace, mount, bpf, keyctl, kernel modules, kexec, reboot, …
+                on ptrace, mount (and the new mount API), bpf, keyctl, kernel modules,
+                kexec, reboot, …, and on namespaces made by clone(2) as by unshare(2);
+                clone3(2), whose flags a filter cannot read, answers ENOSYS (C libraries
+                fall back to clone)
 
 What cannot be enforced here (no bwrap, no libseccomp, network limited to some hosts,
 which a namespace cannot express) is listed in ``Translation.unenforced``: the provider
@@ -22,9 +27,12 @@ warns at attach time and ``dispatcher inspect`` prints it.
 
 from __future__ import annotations
 
+import errno
+import functools
 import math
 import os
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +50,21 @@ DENIED_SYSCALLS = (
     "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff",
     "unshare", "setns", "perf_event_open", "userfaultfd", "open_by_handle_at",
     "acct", "settimeofday", "clock_settime", "syslog",
+    "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree", "mount_setattr",
 )  # fmt: skip
+
+#: clone(2) flags that make namespaces: what unshare(2) would, by the other door (a user
+#: namespace of the plugin's own gives it every capability in there, and the kernel's
+#: code for namespaces and netfilter to aim at).
+_NAMESPACE_FLAGS = (
+    0x00020000,  # CLONE_NEWNS
+    0x02000000,  # CLONE_NEWCGROUP
+    0x04000000,  # CLONE_NEWUTS
+    0x08000000,  # CLONE_NEWIPC
+    0x10000000,  # CLONE_NEWUSER
+    0x20000000,  # CLONE_NEWPID
+    0x40000000,  # CLONE_NEWNET
+)
 
 
 @dataclass
@@ -71,11 +93,28 @@ def seccomp_program() -> IO[bytes] | None:
     rules = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
     for name in DENIED_SYSCALLS:
         rules.add_rule(pyseccomp.KILL_PROCESS, name)
+    for flag in _NAMESPACE_FLAGS:  # the flags are clone's first argument on x86-64 and arm64
+        rules.add_rule(
+            pyseccomp.KILL_PROCESS, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag)
+        )
+    rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
     # Outlives this function: the child inherits its descriptor; SandboxedLaunch.close ends it.
     program = tempfile.TemporaryFile()  # noqa: SIM115
     rules.export_bpf(program)
     program.seek(0)
     return program
+
+
+@functools.cache
+def _bwrap_options(bwrap: str) -> frozenset[str]:
+    """The options ``bwrap --help`` lists (``--size`` and ``--disable-userns`` are 0.8's)."""
+    try:
+        shown = subprocess.run(
+            [bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(word for word in shown.stdout.split() if word.startswith("--"))
 
 
 def sandboxed_launch(
@@ -127,10 +166,28 @@ def sandboxed_launch(
         return SandboxedLaunch([*command, *argv], translation, (), run_as)
 
     executable = Path(argv[0])
-    view = [
-        "--unshare-all", "--die-with-parent", "--new-session",
+    options = _bwrap_options(bwrap)
+    view = ["--unshare-all", "--die-with-parent", "--new-session"]
+    if "--disable-userns" in options:
+        # --unshare-all only tries for a user namespace; --disable-userns needs one.
+        view += ["--unshare-user", "--disable-userns"]
+    else:
+        unenforced.append(
+            "namespaces: this bubblewrap cannot keep the plugin from making user namespaces "
+            "of its own (--disable-userns is bubblewrap 0.8's)"
+        )
+    # A tmpfs is memory the plugin's RLIMIT_AS does not count: unbounded, it was half the
+    # host's RAM for any plugin to fill.
+    if "--size" in options:
+        view += ["--size", str(sandbox.tmp_mb * 1024 * 1024)]
+    else:
+        unenforced.append(
+            f"files: /tmp is not limited to {sandbox.tmp_mb} MiB (--size is bubblewrap 0.8's)"
+        )
+    view += [
+        "--tmpfs", "/tmp",
         "--ro-bind", "/usr", "/usr",
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--proc", "/proc", "--dev", "/dev",
     ]  # fmt: skip
     for link in ("bin", "lib", "lib64", "sbin"):
         if os.path.islink(f"/{link}"):
@@ -145,13 +202,14 @@ def sandboxed_launch(
     enforced.append(
         "namespaces: user, pid, ipc, uts, cgroup"
         + (", network" if not capabilities.has_network else "")
+        + ("; none of the plugin's own" if "--disable-userns" in options else "")
         + "; no_new_privs; dies with the dispatcher"
     )
     enforced.append(
         "files: read-only /usr, "
         + ", ".join(str(path) for path in [own, *sandbox.runtime])
         + "".join(f", {grant.path} ({grant.mode})" for grant in capabilities.files)
-        + "; private /tmp; the socket folder"
+        + f"; private /tmp ({sandbox.tmp_mb} MiB); the socket folder"
     )
     if capabilities.has_network:
         view.append("--share-net")

@@ -35,6 +35,12 @@ class SubprocessSandbox(StrictModel):
     )
     seccomp: bool = Field(default=True, description="Deny ptrace, mount, bpf, keyctl, modules…")
     open_files: int = Field(default=256, gt=0, description="RLIMIT_NOFILE.")
+    tmp_mb: int = Field(
+        default=64,
+        gt=0,
+        description="Size of the plugin's private /tmp (memory: capabilities.memory_mb does "
+        "not count it).",
+    )
     processes: int = Field(
         default=128, gt=0, description="RLIMIT_NPROC when capabilities set no pids (threads count)."
     )

@@ -1,6 +1,6 @@
 // A hostile subprocess plugin for the sandbox tests (tests/test_subprocess_sandbox.py): it
-// dials out, reads and writes where it should not, reads variables, forks without end
-// and calls ptrace.
+// dials out, reads and writes where it should not, reads variables, forks without end,
+// calls ptrace, makes namespaces of its own and fills its /tmp.
 // Built with the Go SDK so it needs nothing in its sandbox but its own file.
 package main
 
@@ -118,6 +118,48 @@ func main() {
 	p.Method("ptrace", "calls ptrace(PTRACE_TRACEME)", func(_ context.Context, _ *plugin.Call) (any, error) {
 		_, _, errno := syscall.Syscall(syscall.SYS_PTRACE, syscall.PTRACE_TRACEME, 0, 0)
 		return fmt.Sprintf("ptrace returned errno %d", errno), nil
+	})
+
+	p.Method("namespace", "clone(2)s a child into new user and network namespaces", func(_ context.Context, _ *plugin.Call) (any, error) {
+		// What unshare(2) does, by the other door: a user namespace of its own gives the
+		// child every capability there (a network namespace to configure, nftables...).
+		flags := uintptr(syscall.CLONE_NEWUSER | syscall.CLONE_NEWNET | uintptr(syscall.SIGCHLD))
+		pid, _, errno := syscall.RawSyscall6(syscall.SYS_CLONE, flags, 0, 0, 0, 0, 0)
+		if errno != 0 {
+			return map[string]any{"created": false, "error": errno.Error()}, nil
+		}
+		if pid == 0 {
+			syscall.RawSyscall(syscall.SYS_EXIT_GROUP, 0, 0, 0)
+		}
+		var status syscall.WaitStatus
+		_, _ = syscall.Wait4(int(pid), &status, 0, nil)
+		return map[string]any{"created": true, "error": ""}, nil
+	})
+
+	p.Method("fill", "writes mb MiB into path, keeps it, reports how much was written", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Path string `json:"path" plugin:"required"`
+			MB   int    `json:"mb" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		file, err := os.Create(params.Path)
+		if err != nil {
+			return nil, plugin.NewError("FileError", err.Error())
+		}
+		defer file.Close()
+		block := make([]byte, 1<<20)
+		written := 0
+		failure := ""
+		for written < params.MB {
+			if _, err := file.Write(block); err != nil {
+				failure = err.Error()
+				break
+			}
+			written++
+		}
+		return map[string]any{"mb": written, "error": failure}, nil
 	})
 
 	p.Serve()
