@@ -56,9 +56,21 @@ def _manifest() -> Any:
 
 
 @contextlib.asynccontextmanager
-async def gateway(plugins: Any = None) -> AsyncIterator[tuple[Dispatcher, str]]:
+async def gateway(
+    plugins: Any = None, *, upgrades: list[str] | None = None
+) -> AsyncIterator[tuple[Dispatcher, str]]:
+    """The dispatcher's gateway on loopback; ``upgrades`` gets the ``X-Plugin-Id`` of each
+    connection it upgrades."""
     async with Dispatcher(plugins or _manifest()) as dispatcher:
-        runner = web.AppRunner(create_app(dispatcher), handle_signals=False, shutdown_timeout=2)
+        app = create_app(dispatcher)
+        if upgrades is not None:
+
+            async def count(request: web.Request, response: web.StreamResponse) -> None:
+                if response.status == 101:
+                    upgrades.append(request.headers.get(PLUGIN_ID_HEADER, ""))
+
+            app.on_response_prepare.append(count)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -400,6 +412,106 @@ async def test_a_hello_that_names_another_plugin_closes_the_connection() -> None
             await ws.receive(timeout=10)
             assert ws.close_code == 4400
         assert connected(dispatcher) == 0
+
+
+async def test_a_hello_closed_4403_ends_the_dial_without_dialling_again() -> None:
+    """Admitted at the upgrade, closed 4403 on its hello: the next connection would send
+    the same hello and get the same close, so ``dial`` raises ``Refused`` with the gateway's
+    reason at once, as for a 403 at the upgrade, instead of redialling for ever. The dial
+    names no version here: the gateway admits the one it serves (2.0.0), and the hello says
+    the plugin's own (1.0.0)."""
+    served = {
+        "id": "sock",
+        "version": "2.0.0",
+        "target": {"provider": "websocket", "mode": "inbound", "token": TOKEN},
+        "methods": {"echo": {}},
+    }
+    upgrades: list[str] = []
+    async with gateway(manifest(served), upgrades=upgrades) as (dispatcher, url):
+        dialling = dial(PluginHost(SocketPlugin()), url, plugin_id="sock", version="", token=TOKEN)
+        with pytest.raises(Refused) as refused:
+            await asyncio.wait_for(dialling, 3)
+        assert connected(dispatcher) == 0
+    assert upgrades == ["sock"]  # one connection: not dialled again
+    assert refused.value.status == 4403
+    assert refused.value.reason == "admitted as version 2.0.0, said '1.0.0'"
+    assert str(refused.value) == (
+        "the gateway refused the connection (4403): admitted as version 2.0.0, said '1.0.0'"
+    )
+
+
+@contextlib.asynccontextmanager
+async def closing_gateway(code: int, reason: str) -> AsyncIterator[tuple[str, list[Any]]]:
+    """A WebSocket server on loopback that upgrades every dial, reads its hello and closes
+    the connection with ``code`` and ``reason``, as the gateway answers a hello it does not
+    take. Yields its URL and the hellos read, one per upgrade."""
+    hellos: list[Any] = []
+
+    async def connect(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        hello = await ws.receive(timeout=10)
+        hellos.append(orjson.loads(hello.data))
+        await ws.close(code=code, message=reason.encode())
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/plugins/connect", connect)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"ws://127.0.0.1:{runner.addresses[0][1]}/v1/plugins/connect", hellos
+    finally:
+        await runner.cleanup()
+
+
+async def test_connect_exits_1_naming_the_reason_of_a_4403_without_dialling_again() -> None:
+    """``dispatcher-plugin connect`` as a process: a close 4403 after its hello is final,
+    as a 401 at the upgrade is: status 1 and the gateway's reason, one connection."""
+    reason = "admitted as version 2.0.0, said '1.0.0'"
+    async with closing_gateway(4403, reason) as (url, hellos):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "linchkit_plugin.cli", "connect", "socket_plugin:SocketPlugin",
+            "--url", url, "--id", "sock", "--version", "1.0.0",
+            "--path", str(ROOT / "tests" / "plugins"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), 20)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert process.returncode == 1 and out == b""
+    assert err.decode().strip().splitlines()[-1] == (
+        f"Error: the gateway refused the connection (4403): {reason}"
+    )
+    assert [(hello["id"], hello["version"]) for hello in hellos] == [("sock", "1.0.0")]
+
+
+@pytest.mark.parametrize("code", [4400, 1001, 1008, 1011, 1012])
+async def test_every_other_close_after_the_hello_is_dialled_again(code: int) -> None:
+    """4400 (a bad hello, or none within 10 s: maybe a slow link), a reload's 1012 and
+    1001, and whatever else the gateway closes with are not refusals: ``dial`` goes on."""
+    async with closing_gateway(code, "closed by the test") as (url, hellos):
+        dialling = asyncio.ensure_future(
+            dial(
+                PluginHost(SocketPlugin()),
+                url,
+                plugin_id="sock",
+                version="1.0.0",
+                initial_backoff=0.01,
+                max_backoff=0.05,
+            )
+        )
+        try:
+            await until(lambda: len(hellos) >= 3, timeout=10)
+            assert not dialling.done()
+        finally:
+            dialling.cancel()
+            await asyncio.gather(dialling, return_exceptions=True)
 
 
 async def test_an_upgrade_without_a_plugin_id_or_credentials_is_refused_before_upgrading() -> None:

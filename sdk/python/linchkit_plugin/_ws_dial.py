@@ -2,8 +2,11 @@
 gateway and takes calls over that connection.
 
 It reconnects after every drop with exponential backoff and full jitter, reset only once
-the gateway welcomed the plugin; a refusal at the upgrade (401, 403, 404: wrong token,
-another plugin's id, no such inbound plugin) is not retried: ``Refused`` says which.
+the gateway welcomed the plugin. A refusal is not retried, as the same dial would get the
+same answer: at the upgrade (401, 403, 404: wrong token, another plugin's id, no such
+inbound plugin), or after it, a close 4403 on a ``hello`` that names another id or version
+than the one admitted. ``Refused`` says which, with the gateway's reason. Every other close
+is redialled, 4400 too (no ``hello`` within 10 s may be a slow link).
 Stopping loses no call: the plugin says ``goaway`` and answers what the gateway still sends
 until it closes the connection.
 """
@@ -24,6 +27,7 @@ from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_protocol import (
+    CLOSE_WRONG_PLUGIN,
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_BYTES,
     PLUGIN_ID_HEADER,
@@ -36,11 +40,18 @@ log = logging.getLogger("linchkit_plugin.websocket")
 
 
 class Refused(Exception):
-    """The gateway refused the connection at the upgrade; retrying would not help."""
+    """The gateway refused this plugin; dialling again would get the same answer.
+
+    ``status`` is the HTTP status of a refused upgrade (401, 403, 404), or the close code
+    ``CLOSE_WRONG_PLUGIN`` (4403) of a connection the gateway upgraded and then closed on
+    the plugin's ``hello`` (it named another id or version than the one admitted);
+    ``reason`` is what the gateway said.
+    """
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"the gateway refused the connection ({status}): {message}")
         self.status = status
+        self.reason = message
 
 
 #: The schemes a gateway's WebSocket URL may have (aiohttp dials http(s) as ws(s)).
@@ -86,7 +97,8 @@ async def dial(
     drop (exponential backoff with full jitter, reset once a connection came up), until
     cancelled, or until ``stopping`` is set: then it says ``goaway``, answers the calls the
     gateway still sends until it closes the connection (at most ``GOAWAY_GRACE``), and
-    returns. Runs the plugin's lifecycle around it. Raises ``Refused`` on 401/403/404.
+    returns. Runs the plugin's lifecycle around it. Raises ``Refused`` on a 401/403/404 at
+    the upgrade, and on a close 4403 after the ``hello``.
     """
     stopping = stopping or asyncio.Event()
     checked_gateway_url(url)
@@ -132,8 +144,13 @@ async def dial(
                         await socket.close()
                     if stopping.is_set():
                         return
-                    # Every close is redialled, a reload's 1012 or 1001 too: the upgrade then
-                    # admits what the gateway serves now, or refuses (401/403/404: Refused).
+                    if socket.close_code == CLOSE_WRONG_PLUGIN:
+                        # The hello names another plugin than the upgrade admitted: the
+                        # next connection would send the same hello and get the same close.
+                        raise Refused(CLOSE_WRONG_PLUGIN, session.close_reason)
+                    # Every other close is redialled, a reload's 1012 or 1001 too (the upgrade
+                    # then admits what the gateway serves now, or refuses: 401/403/404), and
+                    # 4400 (a hello that took over 10 s may have been a slow link).
                     log.info(
                         "connection to %s closed (%s%s); reconnecting",
                         url,
