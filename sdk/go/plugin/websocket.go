@@ -3,7 +3,10 @@ package plugin
 // Reverse mode over WebSocket (docs/protocol.md, "WebSocket binding"): the plugin dials
 // the dispatcher's gateway (`connect --url ws://gateway/v1/plugins/connect`) and takes
 // calls over that one connection, reconnecting after a drop with exponential backoff and
-// full jitter. A 401, 403 or 404 at the upgrade is final: the gateway refuses this plugin.
+// full jitter. A 401, 403 or 404 at the upgrade is final: the gateway refuses this plugin;
+// so is a close 4403 after it (the hello names another id or version than the one
+// admitted), as the next connection would send the same hello. Every other close, 4400
+// (no hello within 10 s: maybe a slow link) included, is redialled.
 //
 // Calls run through the same invoke/prepare as the gRPC service, so errors, deadlines and
 // params read the same; streams wait for the host's credit (a window of 256 chunks).
@@ -50,9 +53,13 @@ const (
 	// its calls and close the connection, before closing it with what still runs (as
 	// GOAWAY_GRACE in the Python SDK).
 	goawayGrace = 5 * time.Second
+	// closeWrongPlugin: the gateway upgraded the connection but not the hello, which names
+	// another id or version than the one it admitted (CLOSE_WRONG_PLUGIN in the Python SDK).
+	closeWrongPlugin websocket.StatusCode = 4403
 )
 
-// ErrRefused is returned when the gateway refuses the connection at the upgrade.
+// ErrRefused is returned when the gateway refuses the plugin: a 401, 403 or 404 at the
+// upgrade, or a close 4403 after it (the error then carries the gateway's reason).
 var ErrRefused = errors.New("the gateway refused the connection")
 
 type wireContext struct {
@@ -174,6 +181,11 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			if ctx.Err() != nil {
 				return nil
 			}
+			if session.closeCode == closeWrongPlugin {
+				// The hello names another plugin than the upgrade admitted: the next
+				// connection would send the same hello and get the same close.
+				return fmt.Errorf("connect: %w (%d): %s", ErrRefused, closeWrongPlugin, session.closeReason)
+			}
 		}
 		// Full jitter: a gateway coming back is not hit by every plugin at once.
 		select {
@@ -241,6 +253,10 @@ type wsSession struct {
 	welcomed bool
 	// grace: how long the host has, after goaway, to close the connection (goawayGrace).
 	grace time.Duration
+	// closeCode and closeReason: the host's close frame, once run has returned (-1 and ""
+	// when the connection ended without one).
+	closeCode   websocket.StatusCode
+	closeReason string
 }
 
 func (s *wsSession) send(ctx context.Context, v any) {
@@ -311,6 +327,11 @@ func (s *wsSession) run(stopping context.Context) {
 	for {
 		_, data, err := s.conn.Read(ctx)
 		if err != nil {
+			s.closeCode = websocket.CloseStatus(err)
+			var closed websocket.CloseError
+			if errors.As(err, &closed) {
+				s.closeReason = closed.Reason
+			}
 			s.mu.Lock()
 			for _, stop := range s.calls {
 				stop()

@@ -3,8 +3,12 @@ package plugin
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -142,4 +146,83 @@ func TestGoAwayClosesAfterTheGrace(t *testing.T) {
 		t.Fatalf("closed after %v, before the grace of %v", waited, grace)
 	}
 	waitEnded(t, ended, 5*time.Second)
+}
+
+// closingGateway stands in for the gateway: it upgrades every dial, reads the hello and
+// closes the connection with code and reason. It counts the upgrades.
+func closingGateway(t *testing.T, code websocket.StatusCode, reason string) (string, *atomic.Int32) {
+	t.Helper()
+	var upgrades atomic.Int32
+	gateway := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		conn, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer conn.CloseNow()
+		upgrades.Add(1)
+		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+		defer cancel()
+		if _, _, err := conn.Read(ctx); err != nil { // the hello
+			return
+		}
+		_ = conn.Close(code, reason)
+	}))
+	t.Cleanup(gateway.Close)
+	return "ws" + strings.TrimPrefix(gateway.URL, "http") + "/v1/plugins/connect", &upgrades
+}
+
+// A close 4403 after the hello (it names another plugin than the one admitted) is final,
+// as a 403 at the upgrade is: the same hello would get the same close.
+func TestConnectEndsOnACloseWrongPluginWithoutDiallingAgain(t *testing.T) {
+	const reason = "admitted as version 2.0.0, said '0.1.0'"
+	url, upgrades := closingGateway(t, 4403, reason)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	env := Environment{Args: []string{"connect", "-url", url}, Getenv: func(string) string { return "" },
+		Stdin: strings.NewReader(""), Stdout: io.Discard}
+	began := time.Now()
+	err := testPlugin().Run(ctx, env)
+	if !errors.Is(err, ErrRefused) {
+		t.Fatalf("connect after a close 4403: %v after %v, want ErrRefused", err, time.Since(began))
+	}
+	if want := "connect: the gateway refused the connection (4403): " + reason; err.Error() != want {
+		t.Errorf("the error: %q, want %q", err, want)
+	}
+	if n := upgrades.Load(); n != 1 {
+		t.Errorf("%d upgrades, want 1: a refusal is not dialled again", n)
+	}
+	if took := time.Since(began); took > 2*time.Second {
+		t.Errorf("refused after %v, want at once", took)
+	}
+}
+
+// 4400 (a bad hello, or none within 10 s: maybe a slow link) and the other closes are not
+// refusals: connect dials again.
+func TestConnectDialsAgainAfterEveryOtherClose(t *testing.T) {
+	for _, code := range []websocket.StatusCode{4400, websocket.StatusGoingAway, websocket.StatusPolicyViolation, 1012} {
+		t.Run(code.String(), func(t *testing.T) {
+			url, upgrades := closingGateway(t, code, "closed by the test")
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			env := Environment{Args: []string{"connect", "-url", url}, Getenv: func(string) string { return "" },
+				Stdin: strings.NewReader(""), Stdout: io.Discard}
+			ended := make(chan error, 1)
+			go func() { ended <- testPlugin().Run(ctx, env) }()
+			deadline := time.Now().Add(10 * time.Second)
+			for upgrades.Load() < 3 {
+				select {
+				case err := <-ended:
+					t.Fatalf("connect ended after %d upgrades: %v; want it dialling again", upgrades.Load(), err)
+				case <-time.After(10 * time.Millisecond):
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%d upgrades in 10 s, want 3", upgrades.Load())
+				}
+			}
+			cancel()
+			if err := <-ended; err != nil {
+				t.Fatalf("connect, stopped: %v, want nil", err)
+			}
+		})
+	}
 }
