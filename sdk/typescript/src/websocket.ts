@@ -5,7 +5,9 @@
  *   `url: ws://…`); prints `1|1|tcp|ADDR|websocket|` once listening.
  * - `dial(plugin, url, options)`: reverse mode; the plugin dials the gateway's
  *   `/v1/plugins/connect` and takes calls over that connection, reconnecting after a drop
- *   with exponential backoff and full jitter. A 401/403/404 at the upgrade is not retried.
+ *   with exponential backoff and full jitter. A 401/403/404 at the upgrade is not retried,
+ *   nor a close 4403 after it (the hello names another id or version than the one admitted:
+ *   the next connection would send the same hello); every other close, 4400 included, is.
  *
  * One `Session` serves one connection either way: `hello` first, then each `call`/`stream`
  * frame runs with its own AbortController (deadline from `context.deadline_ms`, `cancel`
@@ -49,6 +51,8 @@ export const GOAWAY_GRACE = 5_000;
 /** After its own close (1001), how long the plugin waits for the host's before cutting the socket. */
 const CLOSE_WAIT_MS = 1_000;
 const CLOSE_GOING_AWAY = 1001;
+/** The gateway upgraded the connection but not the hello: it names another id or version than the one admitted. */
+const CLOSE_WRONG_PLUGIN = 4403;
 
 type Frame = JsonObject & { type: string };
 
@@ -415,9 +419,14 @@ export interface DialOptions {
   graceMs?: number;
 }
 
+/**
+ * The gateway refused the plugin; dialling again would get the same answer. `status` is the
+ * HTTP status of a refused upgrade (401, 403, 404), or the close code 4403 of a connection
+ * closed on the plugin's hello, with the gateway's `reason`.
+ */
 export class Refused extends Error {
-  constructor(readonly status: number) {
-    super(`the gateway refused the connection (${status})`);
+  constructor(readonly status: number, readonly reason = '') {
+    super(`the gateway refused the connection (${status})${reason === '' ? '' : `: ${reason}`}`);
   }
 }
 
@@ -469,11 +478,17 @@ function connection(plugin: Plugin, url: string, headers: Record<string, string>
     socket.once('error', () => {
       if (session === undefined) done('failed');
     });
+    let refusal: Refused | undefined;
+    socket.once('close', (code: number, reason: Buffer) => {
+      // The hello names another plugin than the upgrade admitted: the next connection
+      // would send the same hello and get the same close.
+      if (code === CLOSE_WRONG_PLUGIN) refusal = new Refused(code, reason.toString('utf8'));
+    });
     socket.once('open', () => {
       keepAlive(socket, options.heartbeatMs ?? 10_000);
       const opened = new Session(plugin, socket);
       session = opened;
-      void opened.run().then(() => done(opened.welcomed ? 'welcomed' : 'closed'));
+      void opened.run().then(() => done(refusal ?? (opened.welcomed ? 'welcomed' : 'closed')));
     });
   });
 }
