@@ -1,5 +1,6 @@
 """What the gateway's tests share: a dispatcher and a gateway on 127.0.0.1 port 0, a tiny
-authenticator (a test double of the seam the real authenticators plug into), raw sockets."""
+authenticator (a test double of the seam the real authenticators plug into), raw sockets,
+and a stand-in for the gateway that closes each plugin connection after its hello."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
+from aiohttp import web
 
 from dispatcher import Dispatcher, Forbidden, Unauthorized
 from dispatcher.gateway import GatewayServer, GatewaySettings
@@ -164,3 +168,30 @@ async def read_answer(reader: asyncio.StreamReader, timeout: float = 10.0) -> tu
         if length is not None:
             rest = await reader.readexactly(length)
         return status, head + rest
+
+
+@contextlib.asynccontextmanager
+async def closing_gateway(code: int, reason: str) -> AsyncIterator[tuple[str, list[Any]]]:
+    """A WebSocket server on loopback that upgrades every dial, reads its hello and closes
+    the connection with ``code`` and ``reason``, as the gateway answers a hello it does not
+    take. Yields its URL and the hellos read, one per upgrade."""
+    hellos: list[Any] = []
+
+    async def connect(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        hello = await ws.receive(timeout=10)
+        hellos.append(orjson.loads(hello.data))
+        await ws.close(code=code, message=reason.encode())
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/plugins/connect", connect)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"ws://127.0.0.1:{runner.addresses[0][1]}/v1/plugins/connect", hellos
+    finally:
+        await runner.cleanup()

@@ -27,7 +27,7 @@ from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_protocol import PLUGIN_ID_HEADER, PLUGIN_VERSION_HEADER, hello_frame
 from linchkit_plugin.ws_server import Refused, dial
 from tests.conftest import ROOT, manifest
-from tests.gateway_support import raw_connection, read_answer
+from tests.gateway_support import closing_gateway, raw_connection, read_answer
 
 TOKEN = "sock-token-0123456789"
 OTHER_TOKEN = "other-token-9876543210"
@@ -438,33 +438,6 @@ async def test_a_hello_closed_4403_ends_the_dial_without_dialling_again() -> Non
     assert str(refused.value) == (
         "the gateway refused the connection (4403): admitted as version 2.0.0, said '1.0.0'"
     )
-
-
-@contextlib.asynccontextmanager
-async def closing_gateway(code: int, reason: str) -> AsyncIterator[tuple[str, list[Any]]]:
-    """A WebSocket server on loopback that upgrades every dial, reads its hello and closes
-    the connection with ``code`` and ``reason``, as the gateway answers a hello it does not
-    take. Yields its URL and the hellos read, one per upgrade."""
-    hellos: list[Any] = []
-
-    async def connect(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        hello = await ws.receive(timeout=10)
-        hellos.append(orjson.loads(hello.data))
-        await ws.close(code=code, message=reason.encode())
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/v1/plugins/connect", connect)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"ws://127.0.0.1:{runner.addresses[0][1]}/v1/plugins/connect", hellos
-    finally:
-        await runner.cleanup()
 
 
 async def test_connect_exits_1_naming_the_reason_of_a_4403_without_dialling_again() -> None:

@@ -3,17 +3,20 @@
 (``--help``: the usage and the environment the service reads, status 0), never a stack
 trace, never serving somewhere else than asked. ``connect`` (reverse mode) of the SDKs
 that dial the gateway: a ``--url`` that can never reach one ends at once the same way,
-rather than being retried for ever.
+rather than being retried for ever, and so does a gateway that closes the connection 4403
+on the plugin's hello (the same hello would get the same close).
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 
 import pytest
 
 from tests.conformance.conftest import LANGUAGES, WEBSOCKET_MODES, executable
+from tests.gateway_support import closing_gateway
 from tests.services import CLEAN_ENVIRONMENT
 
 #: Words that mean a runtime printed a crash instead of an answer.
@@ -110,3 +113,28 @@ def test_serve_websocket_holds_to_the_same_address_rule(language: str, address: 
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
         line = one_clear_line(serve(language, "--websocket", "--address", busy))
     assert line.startswith(f"serve: cannot listen on {busy}"), line
+
+
+@pytest.mark.parametrize("language", DIALLING)
+async def test_connect_ends_when_the_gateway_closes_the_hello_4403(language: str) -> None:
+    """The hello names another id or version than the gateway admitted at the upgrade: it
+    closes the connection 4403. One line naming the gateway's reason and status 1, after
+    one connection, as for a 403 at the upgrade: not dialled again for ever."""
+    reason = "admitted as version 2.0.0, said '1.0.0'"
+    async with closing_gateway(4403, reason) as (url, hellos):
+        command = [str(executable(language)), "connect", "--url", url]
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=CLEAN_ENVIRONMENT,
+        )  # fmt: skip
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), 30)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    done = subprocess.CompletedProcess(command, process.returncode, out.decode(), err.decode())
+    line = one_clear_line(done)
+    assert line == f"connect: the gateway refused the connection (4403): {reason}", line
+    assert len(hellos) == 1
