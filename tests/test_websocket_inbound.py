@@ -440,6 +440,20 @@ async def test_a_hello_closed_4403_ends_the_dial_without_dialling_again() -> Non
     )
 
 
+async def test_a_malformed_version_refused_400_at_the_upgrade_ends_the_dial() -> None:
+    """A version off the gateway's pattern is a 400 at the upgrade, which the same dial
+    would get again: ``dial`` raises ``Refused`` at once. Before, it dialled again for ever,
+    logging "the gateway answered 400; retrying" each time."""
+    async with gateway() as (dispatcher, url):
+        dialling = dial(
+            PluginHost(SocketPlugin()), url, plugin_id="sock", version="1.0 beta", token=TOKEN
+        )
+        with pytest.raises(Refused) as refused:
+            await asyncio.wait_for(dialling, 3)
+        assert connected(dispatcher) == 0
+    assert refused.value.status == 400
+
+
 async def test_connect_exits_1_naming_the_reason_of_a_4403_without_dialling_again() -> None:
     """``dispatcher-plugin connect`` as a process: a close 4403 after its hello is final,
     as a 401 at the upgrade is: status 1 and the gateway's reason, one connection."""

@@ -3,7 +3,7 @@ package plugin
 // Reverse mode over WebSocket (docs/protocol.md, "WebSocket binding"): the plugin dials
 // the dispatcher's gateway (`connect --url ws://gateway/v1/plugins/connect`) and takes
 // calls over that one connection, reconnecting after a drop with exponential backoff and
-// full jitter. A 401, 403 or 404 at the upgrade is final: the gateway refuses this plugin;
+// full jitter. A 400, 401, 403 or 404 at the upgrade is final: the gateway refuses this plugin;
 // so is a close 4403 after it (the hello names another id or version than the one
 // admitted), as the next connection would send the same hello. Every other close, 4400
 // (no hello within 10 s: maybe a slow link) included, is redialled.
@@ -58,7 +58,7 @@ const (
 	closeWrongPlugin websocket.StatusCode = 4403
 )
 
-// ErrRefused is returned when the gateway refuses the plugin: a 401, 403 or 404 at the
+// ErrRefused is returned when the gateway refuses the plugin: a 400, 401, 403 or 404 at the
 // upgrade, or a close 4403 after it (the error then carries the gateway's reason).
 var ErrRefused = errors.New("the gateway refused the connection")
 
@@ -165,7 +165,7 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			if response != nil && (response.StatusCode == 401 || response.StatusCode == 403 || response.StatusCode == 404) {
+			if response != nil && refusedAtUpgrade(response.StatusCode) {
 				return fmt.Errorf("connect: %w (%d)", ErrRefused, response.StatusCode)
 			}
 			sdkLog.Warn("linchkit plugin: cannot reach the gateway; retrying", "url", *url, "err", err)
@@ -195,6 +195,12 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 		}
 		backoff = min(backoff*2, maxConnectBackoff)
 	}
+}
+
+// refusedAtUpgrade: the gateway's answers that the same dial would get again (a malformed
+// id or version, a wrong credential, another principal, no such inbound plugin).
+func refusedAtUpgrade(status int) bool {
+	return status == 400 || status == 401 || status == 403 || status == 404
 }
 
 func (p *Plugin) stopHooks() {

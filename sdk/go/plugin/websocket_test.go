@@ -226,3 +226,27 @@ func TestConnectDialsAgainAfterEveryOtherClose(t *testing.T) {
 		})
 	}
 }
+
+// A 400 at the upgrade (an id or version off the gateway's pattern) is what the same dial
+// would get again, as a 401, 403 or 404 is: connect ends. Before, it dialled again for ever.
+func TestConnectEndsOnA400AtTheUpgrade(t *testing.T) {
+	var requests atomic.Int32
+	server := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		http.Error(w, `{"ok":false,"error":{"type":"invalid_params"}}`, http.StatusBadRequest)
+	}))
+	t.Cleanup(server.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	url := "ws" + strings.TrimPrefix(server.URL, "http")
+	env := Environment{Args: []string{"connect", "-url", url}, Getenv: func(string) string { return "" },
+		Stdin: strings.NewReader(""), Stdout: io.Discard}
+	began := time.Now()
+	err := testPlugin().Run(ctx, env)
+	if !errors.Is(err, ErrRefused) {
+		t.Fatalf("connect after a 400: %v after %v, want ErrRefused", err, time.Since(began))
+	}
+	if n := requests.Load(); n != 1 {
+		t.Errorf("%d requests, want 1: a refusal is not dialled again", n)
+	}
+}

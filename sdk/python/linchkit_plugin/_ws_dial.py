@@ -3,7 +3,8 @@ gateway and takes calls over that connection.
 
 It reconnects after every drop with exponential backoff and full jitter, reset only once
 the gateway welcomed the plugin. A refusal is not retried, as the same dial would get the
-same answer: at the upgrade (401, 403, 404: wrong token, another plugin's id, no such
+same answer: at the upgrade (400, 401, 403, 404: a malformed id or version, wrong token,
+another plugin's id, no such
 inbound plugin), or after it, a close 4403 on a ``hello`` that names another id or version
 than the one admitted. ``Refused`` says which, with the gateway's reason. Every other close
 is redialled, 4400 too (no ``hello`` within 10 s may be a slow link).
@@ -42,7 +43,7 @@ log = logging.getLogger("linchkit_plugin.websocket")
 class Refused(Exception):
     """The gateway refused this plugin; dialling again would get the same answer.
 
-    ``status`` is the HTTP status of a refused upgrade (401, 403, 404), or the close code
+    ``status`` is the HTTP status of a refused upgrade (400, 401, 403, 404), or the close code
     ``CLOSE_WRONG_PLUGIN`` (4403) of a connection the gateway upgraded and then closed on
     the plugin's ``hello`` (it named another id or version than the one admitted);
     ``reason`` is what the gateway said.
@@ -97,7 +98,7 @@ async def dial(
     drop (exponential backoff with full jitter, reset once a connection came up), until
     cancelled, or until ``stopping`` is set: then it says ``goaway``, answers the calls the
     gateway still sends until it closes the connection (at most ``GOAWAY_GRACE``), and
-    returns. Runs the plugin's lifecycle around it. Raises ``Refused`` on a 401/403/404 at
+    returns. Runs the plugin's lifecycle around it. Raises ``Refused`` on a 400/401/403/404 at
     the upgrade, and on a close 4403 after the ``hello``.
     """
     stopping = stopping or asyncio.Event()
@@ -125,7 +126,7 @@ async def dial(
                         timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
                     )
                 except aiohttp.WSServerHandshakeError as error:
-                    if error.status in (401, 403, 404):
+                    if error.status in (400, 401, 403, 404):
                         raise Refused(error.status, error.message) from None
                     log.warning("the gateway answered %s; retrying", error.status)
                 except (aiohttp.ClientError, OSError) as error:
@@ -149,7 +150,7 @@ async def dial(
                         # next connection would send the same hello and get the same close.
                         raise Refused(CLOSE_WRONG_PLUGIN, session.close_reason)
                     # Every other close is redialled, a reload's 1012 or 1001 too (the upgrade
-                    # then admits what the gateway serves now, or refuses: 401/403/404), and
+                    # then admits what the gateway serves now, or refuses: 400/401/403/404), and
                     # 4400 (a hello that took over 10 s may have been a slow link).
                     log.info(
                         "connection to %s closed (%s%s); reconnecting",

@@ -16,7 +16,7 @@ new ones), goes on answering whatever arrives, and the host closes the connectio
 its calls are answered; after ``GOAWAY_GRACE`` seconds the plugin closes it itself.
 
 Reverse mode (``dial``) reconnects after every drop with exponential backoff and full
-jitter; a refusal is not retried: at the upgrade (401, 403, 404: wrong token, another
+jitter; a refusal is not retried: at the upgrade (400, 401, 403, 404: a malformed id or version, wrong token, another
 plugin's id, no such inbound plugin), or a close 4403 after it (the ``hello`` names another
 id or version than the one admitted). ``Refused`` says which.
 

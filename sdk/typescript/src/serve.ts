@@ -115,7 +115,7 @@ function connectHelp(): string {
 
 Reverse mode: dial the dispatcher's gateway over WebSocket and serve its calls until SIGTERM
 or Ctrl+C. A gateway that cannot be reached (yet) is dialled again with backoff and jitter;
-one that refuses the plugin (401, 403, 404) ends it with exit 1.
+one that refuses the plugin (400, 401, 403, 404) ends it with exit 1.
 
 options:
   --url URL      the gateway's plugin endpoint: ws://HOST:PORT/v1/plugins/connect, or

@@ -5,7 +5,7 @@
  *   `url: ws://…`); prints `1|1|tcp|ADDR|websocket|` once listening.
  * - `dial(plugin, url, options)`: reverse mode; the plugin dials the gateway's
  *   `/v1/plugins/connect` and takes calls over that connection, reconnecting after a drop
- *   with exponential backoff and full jitter. A 401/403/404 at the upgrade is not retried,
+ *   with exponential backoff and full jitter. A 400/401/403/404 at the upgrade is not retried,
  *   nor a close 4403 after it (the hello names another id or version than the one admitted:
  *   the next connection would send the same hello); every other close, 4400 included, is.
  *
@@ -421,7 +421,7 @@ export interface DialOptions {
 
 /**
  * The gateway refused the plugin; dialling again would get the same answer. `status` is the
- * HTTP status of a refused upgrade (401, 403, 404), or the close code 4403 of a connection
+ * HTTP status of a refused upgrade (400, 401, 403, 404), or the close code 4403 of a connection
  * closed on the plugin's hello, with the gateway's `reason`.
  */
 export class Refused extends Error {
@@ -472,7 +472,7 @@ function connection(plugin: Plugin, url: string, headers: Record<string, string>
     socket.once('unexpected-response', (_, response) => {
       const status = response.statusCode ?? 0;
       socket.terminate();
-      done([401, 403, 404].includes(status) ? new Refused(status) : 'failed');
+      done([400, 401, 403, 404].includes(status) ? new Refused(status) : 'failed');
     });
     // Once open, an error ends in 'close' too: the session ends there (a stop still drains).
     socket.once('error', () => {

@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
+import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
 import { WebSocketServer } from 'ws';
@@ -98,5 +99,29 @@ test('example-plugin connect: a close 4403 after the hello is one line naming th
     assert.equal(gateway.upgrades(), 1);
   } finally {
     gateway.close();
+  }
+});
+
+test('a 400 at the upgrade ends dial with Refused, without dialling again', BOUNDED, async () => {
+  // An id or version off the gateway's pattern: the same dial would get the same 400.
+  let requests = 0;
+  const server = createServer((_, response) => {
+    requests += 1;
+    response.writeHead(400, { 'Content-Type': 'application/json' }).end('{"ok":false}');
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  try {
+    const url = `ws://127.0.0.1:${(server.address() as AddressInfo).port}/v1/plugins/connect`;
+    const signal = AbortSignal.timeout(5_000);
+    const refused = await dial(examplePlugin(), url, { initialBackoffMs: 1, maxBackoffMs: 10, signal }).then(
+      () => assert.fail(`dial went on dialling: ${requests} requests in 5 s`),
+      (error: unknown) => error,
+    );
+    assert.ok(refused instanceof Refused, String(refused));
+    assert.equal(refused.status, 400);
+    assert.equal(requests, 1);
+  } finally {
+    server.close();
   }
 });
