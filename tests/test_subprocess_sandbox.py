@@ -8,6 +8,7 @@ plugin's answer and the host's side (a listener that hears nothing, a file not w
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -28,7 +29,18 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
 ]
 
-METHODS = ("whoami", "connect", "read", "write", "env", "spawn", "ptrace", "namespace", "fill")
+METHODS = (
+    "whoami",
+    "connect",
+    "read",
+    "write",
+    "env",
+    "spawn",
+    "ptrace",
+    "namespace",
+    "fill",
+    "io_uring",
+)
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +178,13 @@ async def test_namespaces_made_by_clone_kill_the_plugin_as_unshare_does(
     # capability, what the filter's unshare rule is there to refuse.
     with pytest.raises(TargetUnavailable):
         await call(dispatcher, "namespace")
+
+
+async def test_io_uring_is_unavailable_to_the_plugin(dispatcher: Dispatcher) -> None:
+    # Its work runs in kernel threads the filter does not see; before, the ring was made.
+    outcome = await call(dispatcher, "io_uring")
+    assert outcome == {"created": False, "errno": errno.ENOSYS}
+    assert (await call(dispatcher, "whoami"))["no_new_privs"] == "1"  # still serving
 
 
 async def test_without_the_filter_bubblewrap_still_refuses_a_user_namespace(

@@ -18,7 +18,7 @@ Layers, outermost first, each applied even when the next is missing:
                 on ptrace, mount (and the new mount API), bpf, keyctl, kernel modules,
                 kexec, reboot, …, and on namespaces made by clone(2) as by unshare(2);
                 clone3(2), whose flags a filter cannot read, answers ENOSYS (C libraries
-                fall back to clone)
+                fall back to clone); so does io_uring, whose work a filter does not see
 
 What cannot be enforced here (no bwrap, no libseccomp, network limited to some hosts,
 which a namespace cannot express) is listed in ``Translation.unenforced``: the provider
@@ -67,6 +67,12 @@ _NAMESPACE_FLAGS = (
 )
 
 
+#: Answered ENOSYS, as a kernel without them would: io_uring runs work in kernel threads
+#: that a seccomp filter does not see (Docker's default profile refuses it too), and the
+#: runtimes that use it (libuv, for Node's files) fall back to plain calls on ENOSYS.
+_UNAVAILABLE = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+
+
 @dataclass
 class SandboxedLaunch:
     """The argv to spawn, the descriptors it inherits, and what it enforces."""
@@ -98,6 +104,8 @@ def seccomp_program() -> IO[bytes] | None:
             pyseccomp.KILL_PROCESS, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag)
         )
     rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
+    for name in _UNAVAILABLE:
+        rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), name)
     # Outlives this function: the child inherits its descriptor; SandboxedLaunch.close ends it.
     program = tempfile.TemporaryFile()  # noqa: SIM115
     rules.export_bpf(program)

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/linchkit/dispatcher/sdk/go/plugin"
 )
@@ -118,6 +119,16 @@ func main() {
 	p.Method("ptrace", "calls ptrace(PTRACE_TRACEME)", func(_ context.Context, _ *plugin.Call) (any, error) {
 		_, _, errno := syscall.Syscall(syscall.SYS_PTRACE, syscall.PTRACE_TRACEME, 0, 0)
 		return fmt.Sprintf("ptrace returned errno %d", errno), nil
+	})
+
+	p.Method("io_uring", "sets up an io_uring", func(_ context.Context, _ *plugin.Call) (any, error) {
+		var params [120]byte                                                            // struct io_uring_params, zeroed
+		fd, _, errno := syscall.Syscall(425, 1, uintptr(unsafe.Pointer(&params[0])), 0) // io_uring_setup
+		if errno != 0 {
+			return map[string]any{"created": false, "errno": int(errno)}, nil
+		}
+		_ = syscall.Close(int(fd))
+		return map[string]any{"created": true, "errno": 0}, nil
 	})
 
 	p.Method("namespace", "clone(2)s a child into new user and network namespaces", func(_ context.Context, _ *plugin.Call) (any, error) {
