@@ -17,10 +17,13 @@ What survives a call:
 * Either way an instance whose call was cancelled (deadline, cpu cap) or trapped
   (memory limit, crash) is dropped: its state is whatever the interruption left.
 
-Deadlines: ``cancel`` is scheduled on the event loop at the call's end time and stops
-the module at its next instruction boundary (wasmtime epoch interruption inside
-libextism). Cancel and free both run on the loop, so a late cancel never reaches an
-instance that was freed or handed to the next call.
+Deadlines: a call waits for a free slot until its deadline at most; ``cancel`` is
+scheduled on the event loop at the call's end time and stops the module at its next
+instruction boundary (wasmtime epoch interruption inside libextism). libextism forgets a
+cancel that arrives before the call has started, and a deadline can fire before the
+thread has entered the module, so the cancel is repeated until the thread is back. Cancel
+and free both run on the loop, so a late cancel never reaches an instance that was freed
+or handed to the next call.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ from providers.wasm.runtime import CallFailed, Compiled, Instance
 
 __all__ = ["CallResult", "InstancePool"]
 
+#: A cancelled call is cancelled again after this, then twice as long each time up to the
+#: maximum, until its thread is back (a module asleep in a host call may stay for long).
+_RECANCEL_SECONDS = 0.01
+_RECANCEL_MAX_SECONDS = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
@@ -42,7 +50,8 @@ class CallResult:
 
     output: bytes | None = None
     failure: CallFailed | None = None
-    cancelled_by: Literal["deadline", "cpu", None] = None
+    #: ``busy``: every slot stayed taken until the deadline; the call never started.
+    cancelled_by: Literal["deadline", "cpu", "busy", None] = None
 
 
 class _Lane:
@@ -104,11 +113,18 @@ class InstancePool:
         return lane.instance
 
     async def call(
-        self, function: str, payload: bytes, seconds: float, *, cpu_capped: bool
+        self, function: str, payload: bytes, *, remaining: float, cpu_s: float | None
     ) -> CallResult:
-        """Run ``function``; cancel it after ``seconds`` (its deadline or its cpu cap)."""
+        """Run ``function`` within ``remaining`` seconds, and at most ``cpu_s`` of them."""
         loop = asyncio.get_running_loop()
-        await self._slots.acquire()
+        ends = loop.time() + remaining
+        try:
+            # A slot can stay taken for as long as a module sleeps in a host call: waiting
+            # for one is bounded by this call's deadline, not by the other call's.
+            async with asyncio.timeout_at(ends):
+                await self._slots.acquire()
+        except TimeoutError:
+            return CallResult(failure=CallFailed("cancelled", "timeout"), cancelled_by="busy")
         try:
             lane = self._idle.pop() if self._idle else None
             if lane is None:
@@ -121,29 +137,40 @@ class InstancePool:
             self._slots.release()
             raise
         self._running.add(instance)
+        remaining = max(ends - loop.time(), 0.0)
+        cpu_capped = cpu_s is not None and cpu_s < remaining
+        seconds = cpu_s if cpu_s is not None and cpu_capped else remaining
         cancelled: list[Literal["deadline", "cpu"]] = []
+        timer: list[asyncio.TimerHandle] = []
 
-        def cancel() -> None:
-            cancelled.append("cpu" if cpu_capped else "deadline")
+        def cancel(again_after: float = _RECANCEL_SECONDS) -> None:
+            if not cancelled:
+                cancelled.append("cpu" if cpu_capped else "deadline")
             instance.cancel()
+            # libextism drops a cancel that comes before the call has started (the thread
+            # may not have entered the module yet): again, until ``_settle`` stops it.
+            timer[0] = loop.call_later(
+                again_after, cancel, min(again_after * 2, _RECANCEL_MAX_SECONDS)
+            )
 
-        timer = loop.call_later(max(seconds, 0.0), cancel)
+        timer.append(loop.call_later(seconds, cancel))
         future = loop.run_in_executor(self._executor, _run, instance, function, payload)
         future.add_done_callback(lambda _: self._settle(lane, instance, timer, keep=not cancelled))
-        done, _ = await asyncio.wait({future}, timeout=max(seconds, 0.0) + 0.05)
+        done, _ = await asyncio.wait({future}, timeout=seconds + 0.05)
         if not done:
             # Blocked in a host call past its end: answer the caller now; the slot and the
             # instance are settled when the thread comes back.
             if not cancelled:
+                timer[0].cancel()
                 cancel()
             return CallResult(failure=CallFailed("cancelled", "timeout"), cancelled_by=cancelled[0])
         output, failure = future.result()
         return CallResult(output, failure, cancelled[0] if cancelled else None)
 
     def _settle(
-        self, lane: _Lane, instance: Instance, timer: asyncio.TimerHandle, *, keep: bool
+        self, lane: _Lane, instance: Instance, timer: list[asyncio.TimerHandle], *, keep: bool
     ) -> None:
-        timer.cancel()
+        timer[0].cancel()
         self._running.discard(instance)
         if not (keep and self._reuse and instance.healthy) or self._closed:
             instance.close()
@@ -168,6 +195,10 @@ class InstancePool:
                 lane.instance.close()
                 lane.instance = None
             lane.compiled.close()
+
+    @property
+    def size(self) -> int:
+        return self._size
 
     @property
     def idle(self) -> int:

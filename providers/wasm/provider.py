@@ -8,6 +8,7 @@ instances; calls run on the pool's threads. Error mapping, at this boundary:
                                                 ``type``; plain text → PluginError
                                                 (remote_type ``ExtismError``)
     the call's deadline passed                  DeadlineExceeded (the instance is dropped)
+    every instance busy until the deadline      DeadlineExceeded (naming ``pool_size``)
     ``cpu_s`` of its capabilities used up       LimitExceeded(limit="cpu_s")
     linear memory past ``memory_mb``            LimitExceeded(limit="memory_mb")
     a trap or an exit (Go panic, unreachable)   ProviderError; the dispatcher keeps serving
@@ -160,10 +161,8 @@ class WasmProvider(Provider[WasmTarget]):
         remaining = invocation.remaining()
         if remaining <= 0:
             raise DeadlineExceeded(f"{invocation.plugin}.{invocation.method}: deadline passed")
-        cpu_capped = attached.cpu_s is not None and attached.cpu_s < remaining
-        seconds = attached.cpu_s if cpu_capped and attached.cpu_s is not None else remaining
         result = await attached.pool.call(
-            invocation.method, payload, seconds, cpu_capped=cpu_capped
+            invocation.method, payload, remaining=remaining, cpu_s=attached.cpu_s
         )
         return _result(invocation, result, attached)
 
@@ -181,6 +180,11 @@ def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> 
     where = f"{invocation.plugin}.{invocation.method}"
     if result.cancelled_by == "deadline":
         raise DeadlineExceeded(f"{where}: the call's deadline passed; the wasm call was stopped")
+    if result.cancelled_by == "busy":
+        raise DeadlineExceeded(
+            f"{where}: every instance stayed busy until the call's deadline "
+            f"(pool_size {attached.pool.size}); the call did not start"
+        )
     if result.cancelled_by == "cpu":
         raise LimitExceeded(
             f"{where}: ran past its cpu_s ({attached.cpu_s} s); the wasm call was stopped",

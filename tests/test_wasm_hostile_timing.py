@@ -1,0 +1,115 @@
+"""provider: wasm against modules that play with time: a loop whose stop comes before it
+starts, and a host call that holds its instance past other callers' deadlines.
+
+The modules are written in the WebAssembly text format (libextism compiles it as it does a
+.wasm file), so each hostile behaviour is a few exact instructions and no toolchain runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatcher import DeadlineExceeded, Dispatcher
+from providers.capabilities import Capabilities
+from providers.wasm.pool import InstancePool
+from providers.wasm.runtime import Compiled
+from providers.wasm.sandbox import sandbox_of
+from tests.conftest import manifest
+
+#: ``spin`` never returns; ``nap`` sleeps in WASI's poll_oneoff (a host call, which epoch
+#: interruption cannot stop) for NAP_SECONDS; ``one`` answers the JSON ``1``.
+NAP_SECONDS = 3
+HOSTILE_WAT = f"""(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+  (import "extism:host/env" "store_u8" (func $store_u8 (param i64 i32)))
+  (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
+  (memory (export "memory") 1)
+  (func (export "spin") (result i32) (loop $again (br $again)) (i32.const 0))
+  (func (export "nap") (result i32)
+    ;; one subscription at 0: a relative clock of NAP_SECONDS; events at 64, their count at 128
+    (i32.store8 (i32.const 8) (i32.const 0))
+    (i32.store (i32.const 16) (i32.const 1))
+    (i64.store (i32.const 24) (i64.const {NAP_SECONDS * 1_000_000_000}))
+    (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))
+    (i32.const 0))
+  (func (export "one") (result i32) (local $at i64)
+    (local.set $at (call $alloc (i64.const 1)))
+    (call $store_u8 (local.get $at) (i32.const 49))
+    (call $output_set (local.get $at) (i64.const 1))
+    (i32.const 0))
+)""".encode()
+
+
+@pytest.fixture
+def module(tmp_path: Path) -> Path:
+    path = tmp_path / "hostile.wat"
+    path.write_bytes(HOSTILE_WAT)
+    return path
+
+
+def plugin(module: Path, **target: Any) -> dict[str, Any]:
+    return {
+        "id": "hostile",
+        "version": "1.0.0",
+        "target": {
+            "provider": "wasm",
+            "module": str(module),
+            "sha256": hashlib.sha256(module.read_bytes()).hexdigest(),
+            **target,
+        },
+        "methods": {"spin": {}, "nap": {}, "one": {}},
+    }
+
+
+@pytest.fixture
+async def pool(tmp_path: Path) -> AsyncIterator[InstancePool]:
+    sandbox = sandbox_of(Capabilities(), {})
+    code = HOSTILE_WAT
+    pool = InstancePool(
+        "hostile",
+        lambda: Compiled(
+            code, hashlib.sha256(code).hexdigest(), sandbox.manifest_options, tmp_path / "cache"
+        ),
+        sandbox.config,
+        size=1,
+        reuse=True,
+    )
+    await pool.warm()
+    try:
+        yield pool
+    finally:
+        await pool.aclose()
+
+
+async def test_a_deadline_that_ends_before_the_module_starts_still_stops_it(
+    pool: InstancePool,
+) -> None:
+    # A deadline of zero fires about when the thread enters the module, often before:
+    # libextism drops a cancel that finds no call running, and the loop would then hold the
+    # pool's only slot for ever. Ten tries lose that race at least once.
+    for _ in range(10):
+        result = await pool.call("spin", b"null", remaining=0.0, cpu_s=None)
+        assert result.cancelled_by == "deadline"
+        async with asyncio.timeout(5):
+            answer = await pool.call("one", b"null", remaining=2.0, cpu_s=None)
+        assert answer.output == b"1", answer
+
+
+async def test_a_call_waiting_for_a_busy_instance_ends_at_its_own_deadline(module: Path) -> None:
+    async with Dispatcher(manifest(plugin(module, pool_size=1))) as dispatcher:
+        napping = asyncio.create_task(dispatcher.call("hostile", "nap", None, timeout=0.2))
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        with pytest.raises(DeadlineExceeded, match="pool_size"):
+            await dispatcher.call("hostile", "one", None, timeout=0.3)
+        assert time.perf_counter() - started < 1.0
+        with pytest.raises(DeadlineExceeded):
+            await napping
