@@ -71,7 +71,7 @@ class Containers:
             await self.engine.sweep({LABEL_OWNER: self._owner_labels[LABEL_OWNER]})
         finally:
             await self.engine.close()
-            shutil.rmtree(self._socket_root, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, self._socket_root, True)
 
     def _track(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Run ``work`` as a task that ``aclose`` cancels."""

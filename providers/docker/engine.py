@@ -21,6 +21,7 @@ label.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -166,7 +167,9 @@ class Engine:
             if error.status not in (404, 409):  # gone already, or removal in progress
                 log.warning("removing container %s: %s", container_id[:12], error.message)
         if socket_dir:
-            shutil.rmtree(socket_dir, ignore_errors=True)
+            # The plugin wrote in it, as many files as it liked: deleting them can take
+            # seconds, which must not be the event loop's.
+            await asyncio.to_thread(shutil.rmtree, socket_dir, True)
 
     async def sweep(self, labels: dict[str, str]) -> None:
         """Remove every container carrying all ``labels``."""
