@@ -1,5 +1,6 @@
-"""provider: wasm against modules that play with time: a loop whose stop comes before it
-starts, and a host call that holds its instance past other callers' deadlines.
+"""provider: wasm against modules that play with time and with their own start: a loop
+whose stop comes before it starts, a host call that holds its instance past other callers'
+deadlines, start code that takes long or traps.
 
 The modules are written in the WebAssembly text format (libextism compiles it as it does a
 .wasm file), so each hostile behaviour is a few exact instructions and no toolchain runs.
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher import DeadlineExceeded, Dispatcher
+from dispatcher import DeadlineExceeded, Dispatcher, ProviderError
 from providers.capabilities import Capabilities
 from providers.wasm.pool import InstancePool
 from providers.wasm.runtime import Compiled
@@ -113,3 +114,58 @@ async def test_a_call_waiting_for_a_busy_instance_ends_at_its_own_deadline(modul
         assert time.perf_counter() - started < 1.0
         with pytest.raises(DeadlineExceeded):
             await napping
+
+
+#: ``_initialize`` (run whenever an instance is made) first busy-waits START_SECONDS on
+#: WASI's monotonic clock, then, given a folder (its one preopen), traps if the file
+#: ``started`` is there already, creating it otherwise: the attach's instance starts,
+#: every later one traps. Without a folder, every instance starts.
+START_SECONDS = 2
+SLOW_START_WAT = f"""(module
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $now (param i32 i64 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 64) "started")
+  (func (export "_initialize") (local $until i64)
+    (drop (call $now (i32.const 1) (i64.const 1) (i32.const 0)))
+    (local.set $until (i64.add (i64.load (i32.const 0)) (i64.const {START_SECONDS * 1_000_000_000})))
+    (loop $wait
+      (drop (call $now (i32.const 1) (i64.const 1) (i32.const 0)))
+      (br_if $wait (i64.lt_u (i64.load (i32.const 0)) (local.get $until))))
+    ;; O_CREAT | O_EXCL; WASI's errno 20 is EEXIST
+    (if (i32.eq (i32.const 20)
+          (call $open (i32.const 3) (i32.const 0) (i32.const 64) (i32.const 7) (i32.const 5)
+            (i64.const 0) (i64.const 0) (i32.const 0) (i32.const 16)))
+      (then unreachable)))
+  (func (export "one") (result i32) (i32.const 0))
+)""".encode()
+
+
+def slow_start(tmp_path: Path, *, trap_after_first: bool) -> dict[str, Any]:
+    module = tmp_path / "slow-start.wat"
+    module.write_bytes(SLOW_START_WAT)
+    entry = plugin(module, instances="fresh", pool_size=1)
+    entry["methods"] = {"one": {}}
+    if trap_after_first:
+        folder = tmp_path / "state"
+        folder.mkdir()
+        entry["capabilities"] = {"files": [{"path": str(folder), "mode": "rw"}]}
+    return entry
+
+
+async def test_a_call_ends_at_its_deadline_while_its_instance_is_still_starting(
+    tmp_path: Path,
+) -> None:
+    async with Dispatcher(manifest(slow_start(tmp_path, trap_after_first=False))) as dispatcher:
+        started = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            await dispatcher.call("hostile", "one", None, timeout=0.3)
+        assert time.perf_counter() - started < START_SECONDS / 2
+
+
+async def test_an_instance_whose_start_traps_fails_its_call_typed(tmp_path: Path) -> None:
+    async with Dispatcher(manifest(slow_start(tmp_path, trap_after_first=True))) as dispatcher:
+        for _ in range(2):  # the lane is not lost with the instance: the next call tries again
+            with pytest.raises(ProviderError, match="cannot instantiate"):
+                await dispatcher.call("hostile", "one", None, timeout=30)

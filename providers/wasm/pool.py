@@ -105,12 +105,30 @@ class InstancePool:
         self._lanes.append(lane)
         return lane
 
-    def _instance_of(self, lane: _Lane) -> Instance:
-        if lane.instance is None or not self._reuse:
-            if lane.instance is not None:
-                lane.instance.close()
-            lane.instance = lane.compiled.instantiate(self._config)
-        return lane.instance
+    def _prepare(self, lane: _Lane | None) -> tuple[_Lane, Instance | CallFailed]:
+        """A lane and the instance a call runs on; the failure to make one (a module whose
+        start traps) as a value, so the lane is not lost with it."""
+        if lane is None:
+            lane = self._new_lane()
+        try:
+            if lane.instance is None or not self._reuse:
+                if lane.instance is not None:
+                    lane.instance.close()
+                    lane.instance = None
+                lane.instance = lane.compiled.instantiate(self._config)
+        except CallFailed as failure:
+            return lane, failure
+        return lane, lane.instance
+
+    def _prepared(self, setup: asyncio.Future[tuple[_Lane, Instance | CallFailed]]) -> None:
+        """A call gave up while its lane was made: the lane goes back once it is."""
+        if not self._closed and not setup.cancelled() and setup.exception() is None:
+            lane, made = setup.result()
+            if isinstance(made, Instance) and not self._reuse:
+                made.close()
+                lane.instance = None
+            self._idle.append(lane)
+        self._slots.release()
 
     async def call(
         self, function: str, payload: bytes, *, remaining: float, cpu_s: float | None
@@ -125,17 +143,36 @@ class InstancePool:
                 await self._slots.acquire()
         except TimeoutError:
             return CallResult(failure=CallFailed("cancelled", "timeout"), cancelled_by="busy")
-        try:
-            lane = self._idle.pop() if self._idle else None
-            if lane is None:
-                lane = await loop.run_in_executor(self._executor, self._new_lane)
-            if lane.instance is None or not self._reuse:
-                instance = await loop.run_in_executor(self._executor, self._instance_of, lane)
-            else:
-                instance = lane.instance
-        except BaseException:
-            self._slots.release()
-            raise
+        lane = self._idle.pop() if self._idle else None
+        if lane is not None and lane.instance is not None and self._reuse:
+            instance = lane.instance
+        else:
+            # Compiling a lane and starting an instance run the module's own start code,
+            # which no cancel reaches: the caller waits for them until its deadline only.
+            setup = loop.run_in_executor(self._executor, self._prepare, lane)
+            try:
+                made_in_time, _ = await asyncio.wait({setup}, timeout=max(ends - loop.time(), 0.0))
+            except BaseException:
+                setup.add_done_callback(self._prepared)
+                raise
+            if not made_in_time:
+                setup.add_done_callback(self._prepared)
+                return CallResult(
+                    failure=CallFailed("cancelled", "timeout"), cancelled_by="deadline"
+                )
+            try:
+                lane, made = setup.result()
+            except CallFailed as compile_failure:  # compiling the new lane failed
+                self._slots.release()
+                return CallResult(failure=compile_failure)
+            except BaseException:
+                self._slots.release()
+                raise
+            if isinstance(made, CallFailed):
+                self._idle.append(lane)
+                self._slots.release()
+                return CallResult(failure=made)
+            instance = made
         self._running.add(instance)
         remaining = max(ends - loop.time(), 0.0)
         cpu_capped = cpu_s is not None and cpu_s < remaining
