@@ -1,8 +1,9 @@
 """A wasm plugin's capabilities in Extism's words: the manifest it is compiled with, the
 config its instances get, and what that enforces.
 
-    network    Extism's HTTP host function may reach ``allowed_hosts`` (names only);
-               WASI preview 1 has no sockets, so nothing else reaches the network
+    network    Extism's HTTP host function may reach ``allowed_hosts`` (names only),
+               and wherever they redirect (reported as not enforced); WASI preview 1
+               has no sockets, so nothing else reaches the network
     files      WASI preopens at the same path, ``ro:`` for read-only grants
     env        the WASI environment stays empty (Extism offers none); each granted
                variable is passed as an Extism config key of its name
@@ -60,6 +61,13 @@ def sandbox_of(capabilities: Capabilities, plugin_config: dict[str, Any]) -> Was
         if hosts
         else "network: none (WASI preview 1 has no sockets; no Extism HTTP host allowed)"
     )
+    if hosts:
+        # libextism's HTTP client checks the first URL only, and resolves names itself.
+        unenforced.append(
+            f"network: a redirect from {', '.join(hosts)} is followed to any host, and the "
+            "names connect wherever they resolve: the manifest's egress policy (link-local "
+            "and metadata addresses included) does not apply to Extism's HTTP"
+        )
     unenforced.extend(
         f"network: {cidr} cannot be granted (Extism allows host names only): denied"
         for cidr in capabilities.network
