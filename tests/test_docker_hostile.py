@@ -1,4 +1,5 @@
-"""The docker provider against a plugin that abuses the host folder its socket lives in.
+"""The docker provider against a plugin that abuses the host folder its socket lives in,
+and against a local process that takes a container's loopback port before it does.
 
 That folder is a host directory mounted read-write at ``/run/linchkit``: the one place a
 sandboxed plugin writes to the host's own disk. The plugin (``tests/docker_plugin_hostile``)
@@ -8,15 +9,26 @@ runs on the unruly plugin's image with its folder granted read-only, so nothing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import os
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from dispatcher import Dispatcher, TargetUnavailable
+from dispatcher import Dispatcher, DispatchError, TargetUnavailable
 from tests.conftest import ROOT, manifest
-from tests.test_docker import UNRULY_IMAGE, docker_images, eventually, socket_folders
+from tests.test_docker import (
+    UNRULY_IMAGE,
+    docker_images,
+    eventually,
+    socket_folders,
+    unruly,
+)
 
 __all__ = ["docker_images"]  # the session's engine and images, as tests/test_docker.py has them
 
@@ -84,3 +96,63 @@ async def test_the_socket_folder_takes_no_more_than_tmp_mb() -> None:
             "hostile", "fill", {"path": "/run/linchkit/big", "mb": 32}
         )
         assert not beside_socket["ok"], "32 MiB written to the host's disk with tmp_mb 8"
+
+
+class _Impostor(http.server.BaseHTTPRequestHandler):
+    """Answers as a plugin would, and keeps what the host sent it."""
+
+    seen: list[dict[str, str | None]]
+
+    def _answer(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self._answer(b'{"status": "serving"}')
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        self.seen.append({"authorization": self.headers.get("Authorization"), "body": body})
+        self._answer(b'{"ok": true, "result": "forged"}')
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def impostor() -> Iterator[tuple[int, list[dict[str, str | None]]]]:
+    """A local process's HTTP server on a loopback port, listening before any container."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    seen: list[dict[str, str | None]] = []
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", port), type("Impostor", (_Impostor,), {"seen": seen})
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield port, seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="transport tcp: the host connects to the port and never checks that its "
+    "container listens there; whoever bound it first gets the calls and the token",
+)
+async def test_a_port_taken_before_the_container_does_not_receive_its_calls(
+    impostor: tuple[int, list[dict[str, str | None]]],
+) -> None:
+    port, seen = impostor
+    victim = unruly(transport="tcp", port=port, max_instances=1, sandbox={"network": "host"})
+    answer = None
+    async with Dispatcher(manifest(victim)) as dispatcher:
+        with contextlib.suppress(DispatchError):  # refused is what should happen
+            answer = await dispatcher.call("unruly", "whoami")
+    assert seen == [], f"an impostor received the container's calls, token and all: {seen}"
+    assert answer != "forged"
