@@ -17,13 +17,13 @@ What survives a call:
 * Either way an instance whose call was cancelled (deadline, cpu cap) or trapped
   (memory limit, crash) is dropped: its state is whatever the interruption left.
 
-Deadlines: a call waits for a free slot until its deadline at most; ``cancel`` is
-scheduled on the event loop at the call's end time and stops the module at its next
-instruction boundary (wasmtime epoch interruption inside libextism). libextism forgets a
-cancel that arrives before the call has started, and a deadline can fire before the
-thread has entered the module, so the cancel is repeated until the thread is back. Cancel
-and free both run on the loop, so a late cancel never reaches an instance that was freed
-or handed to the next call.
+Deadlines: a call waits for a free slot, and for its instance's start code (which no
+cancel reaches), until its deadline at most; ``cancel`` is scheduled on the event loop at
+the call's end time and stops the module at its next instruction boundary (wasmtime epoch
+interruption inside libextism). libextism forgets a cancel that arrives before the call
+has started, and a deadline can fire before the thread has entered the module, so the
+cancel is repeated until the thread is back. Cancel and free both run on the loop, so a
+late cancel never reaches an instance that was freed or handed to the next call.
 """
 
 from __future__ import annotations
