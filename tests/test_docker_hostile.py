@@ -13,6 +13,7 @@ import contextlib
 import http.server
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher, DispatchError, TargetUnavailable
+from providers.docker import DockerProvider
 from tests.conftest import ROOT, manifest
 from tests.test_docker import (
     UNRULY_IMAGE,
@@ -51,6 +53,42 @@ def hostile(**limits: Any) -> dict[str, Any]:
         "capabilities": {"files": [{"path": str(HOSTILE_FOLDER), "mode": "ro"}]},
         "methods": {"fill": {}, "litter": {}, "crash": {}},
     }
+
+
+#: The hostile plugin on an image declaring ``VOLUME /data`` (``Dockerfile.volume``).
+VOLUME_IMAGE = "linchkit-test/hostile-volume:1"
+
+
+def with_a_volume(**limits: Any) -> dict[str, Any]:
+    return {
+        "id": "hostile",
+        "version": "1.0.0",
+        "defaults": {"timeout_ms": 120_000},
+        "target": {
+            "provider": "docker",
+            "image": VOLUME_IMAGE,
+            "build": {"context": str(HOSTILE_FOLDER), "dockerfile": "Dockerfile.volume"},
+            "limits": {"memory_mb": 96, "pids": 48, "cpus": 1.0, **limits},
+        },
+        "methods": {"fill": {}},
+    }
+
+
+@pytest.fixture(scope="module")
+def volume_image(docker_images: None) -> None:
+    async def deploy() -> None:
+        (plugin,) = manifest(with_a_volume()).plugins
+        async with DockerProvider() as provider:
+            await provider.deployer().apply(plugin, plugin.target)
+
+    asyncio.run(deploy())
+
+
+def engine_volumes() -> set[str]:
+    listed = subprocess.run(
+        ["docker", "volume", "ls", "-q"], check=True, capture_output=True, text=True
+    )
+    return set(listed.stdout.split())
 
 
 def socket_folder_entries() -> list[str]:
@@ -156,3 +194,13 @@ async def test_a_port_taken_before_the_container_does_not_receive_its_calls(
             answer = await dispatcher.call("unruly", "whoami")
     assert seen == [], f"an impostor received the container's calls, token and all: {seen}"
     assert answer != "forged"
+
+
+@pytest.mark.usefixtures("volume_image")
+async def test_an_image_volume_is_a_tmpfs_of_tmp_mb_and_nothing_is_left_behind() -> None:
+    before = engine_volumes()
+    async with Dispatcher(manifest(with_a_volume(tmp_mb=8))) as dispatcher:
+        filled = await dispatcher.call("hostile", "fill", {"path": "/data/big", "mb": 32})
+        assert not filled["ok"], "32 MiB written to the image's volume with tmp_mb 8"
+        assert filled["mb"] <= 8
+    assert engine_volumes() - before == set()

@@ -114,6 +114,9 @@ class Containers:
         target = pool.target
         name = f"linchkit-{_slug(pool.plugin.id)}-{secrets.token_hex(4)}"
         socket_dir: Path | None = None
+        # Its VOLUMEs, which the sandbox covers with tmpfs (no image: create says so below).
+        image = await engine.image(target.image)
+        volumes = list(((image or {}).get("Config") or {}).get("Volumes") or {})
         # A fresh token per container: with transport tcp the plugin listens on the host's
         # loopback, where any local process could otherwise call it.
         token = secrets.token_urlsafe(32)
@@ -138,7 +141,7 @@ class Containers:
             env["LINCHKIT_PLUGIN_PORT"] = str(port)
             address = Address(f"{name} of {pool.label}", port=port, token=token)
         channel = CHANNELS[target.protocol](address)
-        config = container_config(target, env, socket_dir, pool.plugin.capabilities)
+        config = container_config(target, env, socket_dir, pool.plugin.capabilities, volumes)
         config["Labels"] = {
             **self._owner_labels,
             LABEL_PLUGIN: pool.plugin.key,

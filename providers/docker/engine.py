@@ -162,7 +162,8 @@ class Engine:
         """Remove the container, running or not, and its socket folder; never raises."""
         try:
             with self._translated():
-                await self._docker.containers.container(container_id).delete(force=True)
+                # v: with its anonymous volumes, which the engine would otherwise keep.
+                await self._docker.containers.container(container_id).delete(force=True, v=True)
         except EngineError as error:
             if error.status not in (404, 409):  # gone already, or removal in progress
                 log.warning("removing container %s: %s", container_id[:12], error.message)

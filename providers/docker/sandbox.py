@@ -11,6 +11,7 @@ Sandbox by default (each relaxation is a key under ``sandbox`` in the manifest):
                                                               plugin binds 127.0.0.1)
     memory (no swap), CPU and pids limits                   limits.memory_mb/cpus/pids
     an init process (tini) reaps orphans, forwards SIGTERM
+    the image's own VOLUMEs: each a tmpfs of tmp_mb, not a volume on the host's disk
 
 The plugin's ``capabilities`` (``providers.capabilities``) tighten or grant on top:
 ``memory_mb`` and ``pids`` replace the target's limits, ``files`` become bind mounts at the
@@ -25,6 +26,7 @@ Pure: it builds a dict and touches neither the engine nor the file system.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +84,27 @@ def container_config(
     env: dict[str, str],
     socket_dir: Path | None,
     capabilities: Capabilities | None = None,
+    image_volumes: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """The create body of one container of ``target``; ``socket_dir`` is mounted if given."""
+    """The create body of one container of ``target``; ``socket_dir`` is mounted if given.
+
+    ``image_volumes`` are the paths the image declares as ``VOLUME``s: left alone, the
+    engine would make each a volume on the host's disk, writable past the read-only root
+    and ``tmp_mb``, and left behind with its contents when the container is removed."""
     capabilities = capabilities or Capabilities()
     sandbox, limits = target.sandbox, target.limits
     memory = (capabilities.memory_mb or limits.memory_mb) * 1024 * 1024
+    tmpfs = f"rw,nosuid,nodev,mode=1777,size={limits.tmp_mb}m"
+    mounted = {str(grant.path) for grant in capabilities.files}
+    if socket_dir is not None:
+        mounted.add(SOCKET_MOUNT)
     host_config: dict[str, Any] = {
         "Init": True,
         "ReadonlyRootfs": sandbox.read_only_root,
-        "Tmpfs": {"/tmp": f"rw,nosuid,nodev,mode=1777,size={limits.tmp_mb}m"},
+        "Tmpfs": {
+            **{path: tmpfs for path in image_volumes if path.rstrip("/") not in mounted},
+            "/tmp": tmpfs,
+        },
         "CapDrop": ["ALL"] if sandbox.drop_all_capabilities else [],
         "SecurityOpt": ["no-new-privileges:true"] if sandbox.no_new_privileges else [],
         "Memory": memory,
