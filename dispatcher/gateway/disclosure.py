@@ -73,10 +73,10 @@ class Disclosure:
         reach the job store, never a plugin: its failures are told as the store's, the
         rest with a call's fixed message. Logged at most once per route and type a while."""
         kind = type(error).type
-        if self.told(kind, "", "") is None:
+        generic = _JOB_STORE_MESSAGES.get(kind) or PUBLIC_MESSAGES.get(kind)
+        if self.detail == "full" or generic is None:
             return error
         self._log(error, "jobs", route, request_id)
-        generic = _JOB_STORE_MESSAGES.get(kind) or PUBLIC_MESSAGES[kind]
         return _told(error, f"{about}: {generic}")
 
     def told(self, kind: str, plugin: str, method: str) -> str | None:

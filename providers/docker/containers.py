@@ -115,7 +115,10 @@ class Containers:
         name = f"linchkit-{_slug(pool.plugin.id)}-{secrets.token_hex(4)}"
         socket_dir: Path | None = None
         # Its VOLUMEs, which the sandbox covers with tmpfs (no image: create says so below).
-        image = await engine.image(target.image)
+        try:
+            image = await engine.image(target.image)
+        except EngineError as error:  # as create's: an engine gone is TargetUnavailable
+            raise start_failure(error, target.image, pool.label) from error
         volumes = list(((image or {}).get("Config") or {}).get("Volumes") or {})
         # A fresh token per container: with transport tcp the plugin listens on the host's
         # loopback, where any local process could otherwise call it.
