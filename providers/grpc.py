@@ -290,7 +290,36 @@ class GrpcProvider(Provider[GrpcTarget]):
                 await self.egress.check_connect(destination)
         connection = self._open(target)
         users = self._users.setdefault(target.key, ConnectionUsers())
-        service = self._services.setdefault(target.connect_address(), ServiceUsers())
+        address = target.connect_address()
+        service = self._services.setdefault(address, ServiceUsers())
+        users.attaching += 1
+        service.attaching += 1
+        try:
+            await self._take_turn(plugin, target, connection, users, service)
+        except BaseException:
+            users.attaching -= 1
+            service.attaching -= 1
+            if service.unused() and self._services.get(address) is service:
+                del self._services[address]
+            if users.unused():  # opened for this attach alone
+                await self._close(target)
+            raise
+        users.attaching -= 1
+        service.attaching -= 1
+        users.plugins[plugin.key] = plugin
+        use = Use(plugin, target.key, runs_lifecycle=target.lifecycle == "dispatcher")
+        service.uses[(plugin.key, target.key)] = use
+
+    async def _take_turn(
+        self,
+        plugin: PluginInfo,
+        target: GrpcTarget,
+        connection: PluginConnection,
+        users: ConnectionUsers,
+        service: ServiceUsers,
+    ) -> None:
+        """Start ``plugin`` on the service once no other lifecycle step is under way there;
+        if its start fails, give the service back the config of the entry it ran with."""
         sink = self.event_sink_of(plugin) if target.events else None
         if sink is not None:
             users.sinks[plugin.key] = sink
@@ -303,12 +332,7 @@ class GrpcProvider(Provider[GrpcTarget]):
                 users.sinks.pop(plugin.key, None)
                 if running is not None and connection.inits_sent > inits_sent:
                     await self._restore(service, running, plugin)
-                if not users.plugins:  # opened for this attach alone
-                    await self._close(target)
                 raise
-        users.plugins[plugin.key] = plugin
-        use = Use(plugin, target.key, runs_lifecycle=target.lifecycle == "dispatcher")
-        service.uses[(plugin.key, target.key)] = use
 
     async def _begin(
         self,
@@ -361,21 +385,22 @@ class GrpcProvider(Provider[GrpcTarget]):
         address = target.connect_address()
         service = self._services[address]
         del service.uses[(plugin.key, target.key)]
-        if service.uses:  # another entry still calls the service: it keeps running
-            async with service.steps:
+        async with service.steps:
+            # Who else uses the service is read once this has its turn: an attach that
+            # had the turn before it may have joined meanwhile.
+            if service.uses:  # another entry still calls the service: it keeps running
                 await self._hand_over(service, plugin)
-            if not users.plugins:
-                await self._close(target)
-            return
-        del self._services[address]
-        if service.initialised is not None:
-            async with service.steps:
+            elif service.initialised is not None:
                 # None: the provider closed while this waited its turn (its close ends
                 # every connection; there is nothing left to send Stop over).
                 connection = self._connections.get(target.key)
                 if connection is not None:
                     await self._end(connection, service.initialised, target)
-        await self._close(target)
+        # An attach that came meanwhile keeps the record, and starts after this end.
+        if service.unused() and self._services.get(address) is service:
+            del self._services[address]
+        if users.unused():
+            await self._close(target)
 
     async def _hand_over(self, service: ServiceUsers, leaving: PluginInfo) -> None:
         """Keep the service's config that of an entry still attached (``_grpc.sharing``)."""

@@ -225,3 +225,93 @@ async def test_a_detach_waiting_its_turn_when_the_provider_closes_ends_quietly(
         outcomes = await asyncio.gather(attaching, detaching, return_exceptions=True)
     for outcome in outcomes:
         assert outcome is None or isinstance(outcome, DispatchError), repr(outcome)
+
+
+def _refusing(recording: Any) -> None:
+    """Make the service's ``Init`` fail for a config that asks it to."""
+
+    async def init(config: dict[str, Any]) -> None:
+        recording.steps.append("init")
+        recording.configs.append(config)
+        await asyncio.sleep(recording.init_takes)
+        if config.get("fail"):
+            raise RuntimeError("refused")
+
+    recording.init = init
+
+
+async def test_a_failed_attach_leaves_no_record_of_its_address(served: Serve) -> None:
+    """An attach whose service refused its ``Init`` leaves nothing behind: a fleet whose
+    instances come and go at new addresses, each failing, must not grow the provider."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    _refusing(service.plugin)
+    failing = manifest({**entry("1.0.0", service.address), "config": {"fail": True}})
+    plugin = failing.plugins[0]
+    provider = GrpcProvider()
+    try:
+        with pytest.raises(ProviderError, match="Init"):
+            await provider.attach(plugin, plugin.target)
+        # Before: the address's record of who uses the service stayed, empty.
+        assert not provider._services
+        assert not provider._users and not provider._connections
+    finally:
+        await provider.aclose()
+
+
+async def test_an_attach_waiting_on_a_failing_one_keeps_its_address_record(
+    served: Serve,
+) -> None:
+    """Two plugins attach to one service at once and the first one's ``Init`` fails: the
+    second, which waited its turn, is still recorded at the address, so its detach ends
+    the service's lifecycle (``Stop``, ``Destroy``) and leaves no record either."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    _refusing(service.plugin)
+    service.plugin.init_takes = 0.2
+    bad = {**entry("1.0.0", service.address, plugin_id="bad"), "config": {"fail": True}}
+    good = entry("1.0.0", service.address, plugin_id="good")
+    failing, working = manifest(bad, good).plugins
+    provider = GrpcProvider()
+    try:
+        outcomes = await asyncio.gather(
+            provider.attach(failing, failing.target),
+            provider.attach(working, working.target),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[0], ProviderError) and outcomes[1] is None, outcomes
+        await provider.detach(working, working.target)
+        assert service.plugin.steps[-2:] == ["stop", "destroy"]
+        assert not provider._services
+    finally:
+        await provider.aclose()
+
+
+async def test_an_attach_during_the_last_detach_starts_after_its_end(served: Serve) -> None:
+    """The last plugin at an address leaves (its ``Stop`` is slow) as another attaches
+    there: the newcomer's ``Init`` and ``Start`` come after the leaver's ``Stop`` and
+    ``Destroy``, so the service is not destroyed under it. Before, the newcomer made a
+    record of its own with its own turn, and its start ran between the two."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    recording = service.plugin
+
+    async def stop() -> None:
+        recording.steps.append("stop")
+        await asyncio.sleep(0.3)
+
+    recording.stop = stop  # type: ignore[method-assign]
+    one, two = manifest(
+        entry("1.0.0", service.address, plugin_id="one"),
+        entry("1.0.0", service.address, plugin_id="two"),
+    ).plugins
+    provider = GrpcProvider()
+    try:
+        await provider.attach(one, one.target)
+        leaving = asyncio.create_task(provider.detach(one, one.target))
+        await until(lambda: recording.steps[-1] == "stop", "one's Stop under way")
+        await provider.attach(two, two.target)
+        await leaving
+        assert recording.steps == ["init", "start", "stop", "destroy", "init", "start"]
+        await provider.detach(two, two.target)
+        assert recording.steps[-2:] == ["stop", "destroy"]
+        assert not provider._services and not provider._connections
+    finally:
+        await provider.aclose()

@@ -5,9 +5,11 @@ whose targets name one address reach one service there, whatever else their targ
 (metadata, timeouts). A reload that replaces version 1 by version 2 on the same address
 attaches version 2 before it detaches version 1, so the two overlap. Hence:
 
-- a connection closes when the last entry using it is detached;
+- a connection closes when the last entry using it is detached, or the attach it was
+  opened for fails, unless another attach over it is under way;
 - the service's ``Stop`` and ``Destroy`` are sent when the last entry using the address is
-  detached, never while another still calls it;
+  detached, never while another still calls it; the address's record goes with it (or
+  with a failed attach), unless another attach there is under way;
 - the service runs with the config of the last ``Init`` it had (``initialised``); when
   that entry leaves and another with ``lifecycle: dispatcher`` stays, the newest such
   entry's ``Init`` and ``Start`` are sent again with its config, so the service never
@@ -43,6 +45,12 @@ class ConnectionUsers:
 
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     sinks: dict[str, EventSink] = field(default_factory=dict)
+    #: Attaches under way over the connection: a failed one, or a detach, must not close
+    #: what another is about to use.
+    attaching: int = 0
+
+    def unused(self) -> bool:
+        return not self.plugins and not self.attaching
 
     def emit(self, event: str, data: Any) -> None:
         """The connection's ``Events`` sink: the newest plugin's, when it takes events."""
@@ -72,6 +80,12 @@ class ServiceUsers:
     #: a restart's ``Init`` again, the end): two at once left the config of the one whose
     #: ``Init`` came last, which need not be ``initialised``.
     steps: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: Attaches under way to the address, each holding this record: it is dropped only
+    #: once none is, so they all take their turns on one ``steps``.
+    attaching: int = 0
+
+    def unused(self) -> bool:
+        return not self.uses and not self.attaching
 
     def heir(self) -> Use | None:
         """The newest attachment that runs the service's lifecycle; None when none does."""
