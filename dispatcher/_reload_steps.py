@@ -10,7 +10,9 @@ to happen to the parts around that install is here, in the order the dispatcher 
    instances discovery already found for fleets they call (one that refuses leaves its
    fleet, and joins it again later: ``FleetRuntime.attach_found``); make the fleets no
    running version called and start their discovery and health checks, so that calls
-   routed to them after the swap find their instances (``FleetRuntime.make_for``);
+   routed to them after the swap find their instances (``FleetRuntime.make_for``). A
+   failure here, or the reload's caller giving up, undoes the whole step
+   (``FleetRuntime.roll_back``, then the new targets are detached);
 2. ``new_routes``: build the new table. Kept versions keep their route objects, and so
    their policy state; the others get new ones. Fallbacks of removed versions are
    forgotten and the manifest's rollouts are set up on the new table. No await: the
@@ -42,7 +44,7 @@ from dispatcher._rollout import RolloutRuntime
 from dispatcher._route_build import RouteBuilder
 from dispatcher._routes import RouteTable
 from dispatcher._versions import check_protocol
-from dispatcher.config import Manifest
+from dispatcher.config import Manifest, PluginSpec
 from dispatcher.fleet import FleetRuntime
 from dispatcher.policies import PolicyRuntime
 
@@ -88,7 +90,17 @@ class ReloadSteps:
         for plugin in arriving:
             check_protocol(plugin.key, plugin.protocol)
         attached = await self._attachments.attach_new(plan)
-        for plugin in arriving:  # and the instances discovery found for fleets they call
+        before = self._fleets.checkpoint()
+        try:
+            await self._join_fleets(arriving)
+        except BaseException:  # cancelled too: its caller gave up, so nothing changes
+            await self._fleets.roll_back(before)
+            await self.abandon(attached)
+            raise
+        return attached
+
+    async def _join_fleets(self, arriving: list[PluginSpec[Any]]) -> None:
+        for plugin in arriving:  # the instances discovery found for fleets they call
             for target in plugin.targets():
                 await self._fleets.attach_found(plugin, target)
                 provider = self._attachments.providers[target.provider]
@@ -96,7 +108,6 @@ class ReloadSteps:
         # Fleets no running version called: discovered before the swap, or calls routed
         # to them would find no instance until ``finish``.
         await self._fleets.watch_new()
-        return attached
 
     async def abandon(self, attached: list[Attachment]) -> None:
         """Detach what ``attach`` attached, for a reload that goes no further (the

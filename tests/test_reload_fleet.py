@@ -330,3 +330,84 @@ async def test_a_close_while_a_reload_attaches_a_fleet_ends_the_reload_and_every
         timeout=10,
     )
     assert [each.plugin.steps[-2:] for each in found] == [["stop", "destroy"]] * 2
+
+
+async def test_a_reload_cancelled_while_it_attaches_found_instances_changes_nothing(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    """A reload adding version 2 to a fleet is cancelled (its caller gave up) once version
+    2 is attached to the first instance found and while the second's ``Init`` runs: the
+    reload leaves nothing behind. Before, the first instance kept version 2 attached and
+    ran with its config (its last ``Init``) while version 1 alone called it, and
+    instances joining later were attached for version 2 too."""
+    port = port_free_on(*V1_HOSTS)
+    found = [await served(host, port) for host in V1_HOSTS]
+    slow = found[1].plugin
+
+    async def init(config: dict[str, Any]) -> None:
+        slow.steps.append("init")
+        slow.configs.append(config)
+        if config == {"version": "2.0.0"}:
+            await asyncio.sleep(5)
+
+    slow.init = init  # type: ignore[method-assign]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    one = manifest(versioned("1.0.0", source))
+    async with Dispatcher(one) as dispatcher:
+        reload = asyncio.create_task(
+            dispatcher.reload(manifest(versioned("1.0.0", source), versioned("2.0.0", source)))
+        )
+        await until(lambda: slow.configs[-1] == {"version": "2.0.0"}, "version 2's Init")
+        reload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reload
+        assert [each.plugin.configs[-1] for each in found] == [{"version": "1.0.0"}] * 2
+        assert dispatcher.manifest is one
+        hosts = {await dispatcher.call("fleet", "whoami", {}) for _ in range(4)}
+        assert hosts == set(V1_HOSTS)
+        # A reload to the same manifest changes nothing, and finds nothing to end.
+        assert (await dispatcher.reload(one))["kept"] == ["fleet@1.0.0"]
+    assert [each.plugin.steps[-2:] for each in found] == [["stop", "destroy"]] * 2
+    assert [each.plugin.steps.count("stop") for each in found] == [1, 1]
+
+
+async def test_a_close_while_a_reload_adds_a_version_to_a_fleet_ends_every_attachment(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    """As above, with the version added to the fleet the running one calls: the close
+    comes once version 2 is attached to the first instance found and while the second's
+    ``Init`` runs. Every instance ends with ``Stop`` and ``Destroy``, and no channel stays."""
+    port = port_free_on(*V1_HOSTS)
+    found = [await served(host, port) for host in V1_HOSTS]
+    slow = found[1].plugin
+
+    async def init(config: dict[str, Any]) -> None:
+        slow.steps.append("init")
+        slow.configs.append(config)
+        if config == {"version": "2.0.0"}:
+            await asyncio.sleep(1)
+
+    slow.init = init  # type: ignore[method-assign]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    dispatcher = Dispatcher(manifest(versioned("1.0.0", source)))
+    await dispatcher.start()
+    reload = asyncio.create_task(
+        dispatcher.reload(manifest(versioned("1.0.0", source), versioned("2.0.0", source)))
+    )
+    await until(lambda: slow.configs[-1] == {"version": "2.0.0"}, "version 2's Init")
+    await dispatcher.aclose()
+    with pytest.raises(ShuttingDown, match="nothing was reloaded"):
+        await reload
+    await until(
+        lambda: not any(connections_to(each.address) for each in found),
+        "every channel closed",
+        timeout=10,
+    )
+    await until(
+        lambda: [each.plugin.steps[-2:] for each in found] == [["stop", "destroy"]] * 2,
+        "every instance ended",
+        timeout=10,
+    )
+    assert [each.plugin.steps.count("destroy") for each in found] == [1, 1]

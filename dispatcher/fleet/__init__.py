@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -47,6 +48,7 @@ __all__ = [
     "BreakerState",
     "CircuitBreaker",
     "Fleet",
+    "FleetCheckpoint",
     "FleetRuntime",
     "FleetStep",
     "HealthChecker",
@@ -61,6 +63,14 @@ __all__ = [
     "is_health_failure",
     "never_sent",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class FleetCheckpoint:
+    """The fleets there were, and which versions served each (target key, plugin key)."""
+
+    fleets: frozenset[str]
+    serving: frozenset[tuple[str, str]]
 
 
 class FleetRuntime:
@@ -124,7 +134,9 @@ class FleetRuntime:
         version) at the next pass of the fleet's membership."""
         discovered = self._discovered.get(target.key)
         membership = self.memberships.get(target.key)
-        if discovered is None or membership is None or discovered.serves(plugin):
+        if self._closed or discovered is None or membership is None:
+            return
+        if discovered.serves(plugin):
             return
         failed = await membership.exclusively(partial(discovered.add, plugin))
         for key in failed:
@@ -136,6 +148,26 @@ class FleetRuntime:
         reach it (made with the routes, it had no instance until after the swap)."""
         if target.key not in self.fleets and self.fleet_of(target, provider) is not None:
             self.serve(plugin, target)
+
+    def checkpoint(self) -> FleetCheckpoint:
+        """What ``roll_back`` returns to: taken before a reload's first step."""
+        serving = {
+            (key, plugin.key)
+            for key, discovered in self._discovered.items()
+            for plugin in discovered.serving
+        }
+        return FleetCheckpoint(frozenset(self.fleets), frozenset(serving))
+
+    async def roll_back(self, checkpoint: FleetCheckpoint) -> None:
+        """Undo a reload's first step, which went no further (it failed, or its caller
+        gave up): the versions it added to fleets stop serving them and are detached from
+        the instances found, and the fleets it made end."""
+        for key, discovered in self._discovered.items():
+            for plugin in list(discovered.serving):
+                if (key, plugin.key) not in checkpoint.serving:
+                    discovered.stop_serving(plugin)
+        await self.release()
+        await self.forget(set(checkpoint.fleets))
 
     async def release(self) -> None:
         """After a reload's calls in flight ended: detach the discovered instances of the

@@ -75,6 +75,8 @@ class DiscoveredAttachments:
         self.serving.append(plugin)
         failed: list[str] = []
         for key, (target, plugins) in list(self._attached.items()):
+            if key not in self._attached:
+                continue  # detached since (every instance is, as the dispatcher closes)
             try:
                 await self.provider.attach(plugin, target)
             except Exception as error:
@@ -85,6 +87,11 @@ class DiscoveredAttachments:
                     (str(error) or type(error).__name__).splitlines()[0],
                 )
                 failed.append(key)
+                continue
+            if self._attached.get(key, (None, None))[1] is not plugins:
+                # Detached while this attached (the dispatcher closing): end it too.
+                with contextlib.suppress(Exception):
+                    await self.provider.detach(plugin, target)
                 continue
             plugins.append(plugin)
         return failed
