@@ -121,8 +121,9 @@ class Attachments:
     def adopt(self, attached: Iterable[Attachment]) -> None:
         self._attached.extend(attached)
 
-    def retire(self, manifest: Manifest[Any]) -> list[Attachment]:
-        """Take out of the ledger, and return, the attachments ``manifest`` no longer uses."""
+    def retire(self, manifest: Manifest[Any]) -> None:
+        """Take the attachments ``manifest`` no longer uses out of the ledger, for
+        ``detach_retired`` (or the close) to detach."""
         used = {
             (plugin.key, instance.key)
             for plugin in manifest.plugins
@@ -131,15 +132,18 @@ class Attachments:
         retired = [each for each in self._attached if each.key() not in used]
         self._attached = [each for each in self._attached if each.key() in used]
         self._retired.extend(retired)
-        return retired
 
-    async def detach(self, retired: list[Attachment]) -> None:
-        """Detach ``retired`` (a reload's), newest first; a failure is logged, not raised.
-        Those a close detached meanwhile are not detached again."""
-        for each in reversed(retired):
-            if not any(each is still for still in self._retired):
-                continue
-            self._retired = [still for still in self._retired if still is not each]
+    @property
+    def retiring(self) -> bool:
+        """Whether some attachment a reload retired is still attached."""
+        return bool(self._retired)
+
+    async def detach_retired(self) -> None:
+        """Detach what reloads retired, newest first: this reload's, and what one whose
+        caller gave up after its swap left; a failure is logged, not raised. Those a close
+        detached meanwhile are not detached again."""
+        while self._retired:
+            each = self._retired.pop()
             if await _detached(each):
                 log.info("reload: detached %s from %s", each.plugin.key, each.target.describe())
 

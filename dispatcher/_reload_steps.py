@@ -24,7 +24,8 @@ to happen to the parts around that install is here, in the order the dispatcher 
    have ended (``grace`` seconds at most: then calls still using it fail as it goes),
    close the connections of plugins that dialled in on targets no longer used (nothing
    calls them any more: each plugin is told whether its id is still served, so that it
-   dials again, or is gone), and detach the rest: retired attachments, discovered
+   dials again, or is gone), and detach the rest: retired attachments (with any an
+   earlier reload retired and left when its caller gave up after its swap), discovered
    instances from the versions no longer calling them, fleets, the policy state of
    removed versions.
 """
@@ -151,14 +152,14 @@ class ReloadSteps:
         the calls in flight at the swap have ended, ``grace`` seconds at most."""
         attachments, fleets = self._attachments, self._fleets
         attachments.adopt(attached)
-        retired = attachments.retire(manifest)
+        attachments.retire(manifest)
         log.info("%s", plan.in_words(source))
         await fleets.watch_new()  # discovery and health checks of fleets it made
         used = {target.key for plugin in manifest.plugins for target in plugin.targets()}
-        if retired or plan.removed or plan.changed or fleets.unused(used):
+        if attachments.retiring or plan.removed or plan.changed or fleets.unused(used):
             await self._settle(grace)
             await self._close_connections(manifest, plan, used)
-            await attachments.detach(retired)
+            await attachments.detach_retired()
             await fleets.release()  # discovered instances, from versions gone
             await fleets.forget(used)
             await self._policies.forget(plan.removed)  # changed ones were rebuilt

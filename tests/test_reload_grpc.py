@@ -315,3 +315,31 @@ async def test_an_attach_during_the_last_detach_starts_after_its_end(served: Ser
         assert not provider._services and not provider._connections
     finally:
         await provider.aclose()
+
+
+async def test_what_a_reload_cancelled_after_its_swap_retired_goes_at_the_next_reload(
+    served: Serve,
+) -> None:
+    """A reload from version 1 on one address to version 2 on another waits for version
+    1's call in flight, and its caller gives up meanwhile: the swap stands, and version 1,
+    retired but not detached, is detached by the next reload (which changes nothing) once
+    its own calls in flight have ended. Before, it stayed started until the close."""
+    old = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    new = await served("127.0.0.1", free_port(), "2.0.0", "svc")
+    async with Dispatcher(manifest(entry("1.0.0", old.address))) as dispatcher:
+        lingering = asyncio.create_task(dispatcher.call("svc", "linger", {"seconds": 0.5}))
+        await until(lambda: dispatcher.stats()["dispatcher"]["calls_in_flight"], "the call")
+        reload = asyncio.create_task(
+            dispatcher.reload(manifest(entry("2.0.0", new.address)), grace=10)
+        )
+        await until(lambda: new.plugin.steps == ["init", "start"], "version 2 started")
+        await asyncio.sleep(0.05)  # the swap is done: the reload waits for the call
+        reload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reload
+        assert await lingering == "127.0.0.1"
+        assert await dispatcher.call("svc", "whoami", {}) == "127.0.0.1"
+        assert old.plugin.steps == ["init", "start"]  # retired, not detached yet
+        assert (await dispatcher.reload(manifest(entry("2.0.0", new.address))))["kept"]
+        assert old.plugin.steps == ["init", "start", "stop", "destroy"]
+        assert new.plugin.steps == ["init", "start"]
