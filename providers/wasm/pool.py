@@ -2,8 +2,9 @@
 
 At most ``pool_size`` calls run at once, each in a lane of its own (``_Lane``: a compiled
 module and its instance, so cancelling one call never stops another) and on a thread of
-the pool's own executor
-(so a busy plugin never takes another's threads, and the event loop never runs wasm).
+the pool's own (``Workers``: a busy plugin never takes another's threads, the event loop
+never runs wasm, and a thread asleep in a host call holds up neither the close nor the
+process's exit).
 A call holds its slot until its thread is done, even after its caller was answered: a
 module blocked in a host call (a WASI sleep) cannot be interrupted, and a slot freed
 early would let threads pile up behind it.
@@ -29,12 +30,13 @@ late cancel never reaches an instance that was freed or handed to the next call.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
 from providers.wasm.runtime import CallFailed, Compiled, Instance
+from providers.wasm.workers import Workers
 
 __all__ = ["CallResult", "InstancePool"]
 
@@ -42,6 +44,13 @@ __all__ = ["CallResult", "InstancePool"]
 #: maximum, until its thread is back (a module asleep in a host call may stay for long).
 _RECANCEL_SECONDS = 0.01
 _RECANCEL_MAX_SECONDS = 1.0
+
+#: How long a close waits for its threads once it cancelled their calls: a cancel stops a
+#: module at its next instruction within milliseconds; a thread still out after this is
+#: in a host call, and is left to come back on its own.
+CLOSE_WAIT_SECONDS = 0.5
+
+log = logging.getLogger("dispatcher.providers.wasm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +97,13 @@ class InstancePool:
         self._lanes: list[_Lane] = []
         self._running: set[Instance] = set()
         self._slots = asyncio.Semaphore(size)
-        self._executor = ThreadPoolExecutor(size, thread_name_prefix=f"wasm-{name}")
+        self._workers = Workers(size, f"wasm-{name}")
         self._closed = False
 
     async def warm(self) -> Instance:
         """The first lane and an instance, made now (the attach check of exports)."""
-        lane = await asyncio.get_running_loop().run_in_executor(self._executor, self._new_lane)
-        lane.instance = await asyncio.get_running_loop().run_in_executor(
-            self._executor, lane.compiled.instantiate, self._config
-        )
+        lane = await self._workers.run(self._new_lane)
+        lane.instance = await self._workers.run(lane.compiled.instantiate, self._config)
         self._idle.append(lane)
         return lane.instance
 
@@ -121,13 +128,17 @@ class InstancePool:
         return lane, lane.instance
 
     def _prepared(self, setup: asyncio.Future[tuple[_Lane, Instance | CallFailed]]) -> None:
-        """A call gave up while its lane was made: the lane goes back once it is."""
-        if not self._closed and not setup.cancelled() and setup.exception() is None:
+        """A call gave up while its lane was made: the lane goes back once it is (or is
+        freed, the pool closed meanwhile)."""
+        if not setup.cancelled() and setup.exception() is None:
             lane, made = setup.result()
-            if isinstance(made, Instance) and not self._reuse:
-                made.close()
-                lane.instance = None
-            self._idle.append(lane)
+            if self._closed:
+                _free(lane)
+            else:
+                if isinstance(made, Instance) and not self._reuse:
+                    made.close()
+                    lane.instance = None
+                self._idle.append(lane)
         self._slots.release()
 
     async def call(
@@ -149,7 +160,7 @@ class InstancePool:
         else:
             # Compiling a lane and starting an instance run the module's own start code,
             # which no cancel reaches: the caller waits for them until its deadline only.
-            setup = loop.run_in_executor(self._executor, self._prepare, lane)
+            setup = self._workers.run(self._prepare, lane)
             try:
                 made_in_time, _ = await asyncio.wait({setup}, timeout=max(ends - loop.time(), 0.0))
             except BaseException:
@@ -191,7 +202,7 @@ class InstancePool:
             )
 
         timer.append(loop.call_later(seconds, cancel))
-        future = loop.run_in_executor(self._executor, _run, instance, function, payload)
+        future = self._workers.run(_run, instance, function, payload)
         future.add_done_callback(lambda _: self._settle(lane, instance, timer, keep=not cancelled))
         done, _ = await asyncio.wait({future}, timeout=seconds + 0.05)
         if not done:
@@ -209,29 +220,40 @@ class InstancePool:
     ) -> None:
         timer[0].cancel()
         self._running.discard(instance)
-        if not (keep and self._reuse and instance.healthy) or self._closed:
-            instance.close()
-            lane.instance = None
-        if not self._closed:
+        if self._closed:  # its thread came back after the close: the lane goes now
+            _free(lane)
+        else:
+            if not (keep and self._reuse and instance.healthy):
+                instance.close()
+                lane.instance = None
             self._idle.append(lane)
         self._slots.release()
 
     async def aclose(self) -> None:
-        """Stop running calls, wait for their threads, free every instance and module."""
+        """Stop running calls and wait for their threads (``CLOSE_WAIT_SECONDS`` at most),
+        then free every instance and module no thread is still in."""
         self._closed = True
         for instance in list(self._running):
             instance.cancel()
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
-        for _ in range(100):  # the threads are done; their done-callbacks settle on the loop
-            if not self._running:
+        stuck = await self._workers.close(CLOSE_WAIT_SECONDS)
+        for _ in range(100):  # the threads are done; their outcomes settle on the loop
+            if stuck or not self._running:
                 break
             await asyncio.sleep(0.001)
-        lanes, self._lanes, self._idle = self._lanes, [], []
+        # With a thread still out, only idle lanes are surely unused: the others are freed
+        # as their threads come back (``_settle``, ``_prepared``).
+        lanes = self._idle if stuck else self._lanes
+        self._lanes, self._idle = [], []
         for lane in lanes:
-            if lane.instance is not None:
-                lane.instance.close()
-                lane.instance = None
-            lane.compiled.close()
+            _free(lane)
+        if stuck:
+            log.warning(
+                "wasm plugin %s: %d call(s) still in a host call (a sleep?) %g s after the"
+                " close cancelled them; each is freed when it returns",
+                self.name,
+                len(stuck),
+                CLOSE_WAIT_SECONDS,
+            )
 
     @property
     def size(self) -> int:
@@ -247,6 +269,14 @@ class InstancePool:
             f"<InstancePool {self.name} {mode} size={self._size} lanes={len(self._lanes)} "
             f"running={len(self._running)} idle={len(self._idle)}>"
         )
+
+
+def _free(lane: _Lane) -> None:
+    """Free a lane's instance and module (each at most once: freeing is idempotent)."""
+    if lane.instance is not None:
+        lane.instance.close()
+        lane.instance = None
+    lane.compiled.close()
 
 
 def _run(
