@@ -166,6 +166,21 @@ async def test_a_call_ends_at_its_deadline_while_its_instance_is_still_starting(
         assert time.perf_counter() - started < START_SECONDS / 2
 
 
+async def test_an_attach_whose_start_code_outlasts_start_timeout_ms_fails_typed(
+    tmp_path: Path,
+) -> None:
+    """Start code that runs on (here for START_SECONDS; it could be for ever: no cancel
+    reaches it) fails the attach at ``start_timeout_ms``, so a dispatcher's start ends
+    with a ``ProviderError`` naming it instead of hanging."""
+    entry = slow_start(tmp_path, trap_after_first=False)
+    entry["target"]["start_timeout_ms"] = 300
+    started = time.perf_counter()
+    with pytest.raises(ProviderError, match=r"start_timeout_ms \(300 ms\)"):
+        async with Dispatcher(manifest(entry)):
+            pass
+    assert time.perf_counter() - started < START_SECONDS / 2
+
+
 async def test_an_instance_whose_start_traps_fails_its_call_typed(tmp_path: Path) -> None:
     async with Dispatcher(manifest(slow_start(tmp_path, trap_after_first=True))) as dispatcher:
         for _ in range(2):  # the lane is not lost with the instance: the next call tries again
@@ -226,7 +241,7 @@ asyncio.run(main(sys.argv[1] == "wait"))
         took = time.perf_counter() - started
         text = output.decode()
         assert process.returncode == 0, text
-        assert "closed" in text and "still in a host call" in text, text
+        assert "closed" in text and "still busy" in text, text
         assert "Traceback" not in text and "ERROR" not in text, text
         if mode == "exit":
             assert took < NAP_SECONDS, (took, text)

@@ -248,8 +248,9 @@ class InstancePool:
             _free(lane)
         if stuck:
             log.warning(
-                "wasm plugin %s: %d call(s) still in a host call (a sleep?) %g s after the"
-                " close cancelled them; each is freed when it returns",
+                "wasm plugin %s: %d thread(s) still busy %g s after the close (in a host"
+                " call, or in start code no cancel reaches); what each runs on is freed"
+                " when it returns",
                 self.name,
                 len(stuck),
                 CLOSE_WAIT_SECONDS,

@@ -117,11 +117,19 @@ class WasmProvider(Provider[WasmTarget]):
         )
         attached = _Attached(pool, sandbox.memory_mb, sandbox.cpu_s, sandbox.translation)
         try:
-            instance = await pool.warm()
+            async with asyncio.timeout(target.start_timeout_ms / 1000):
+                instance = await pool.warm()
             missing = [name for name in plugin.methods if not instance.exports(name)]
         except runtime.CallFailed as failure:
             await pool.aclose()
             raise ProviderError(f"{plugin.key}: {module.path}: {failure.message}") from None
+        except TimeoutError:
+            await pool.aclose()
+            raise ProviderError(
+                f"{plugin.key}: {module.path}: compiling the module and starting an instance"
+                f" took longer than start_timeout_ms ({target.start_timeout_ms} ms): its start"
+                " code may never return"
+            ) from None
         if missing:
             await pool.aclose()
             raise ProviderError(

@@ -35,6 +35,13 @@ class WasmTarget(TargetConfig):
     pool_size: int = Field(
         default=4, ge=1, le=256, description="At most this many calls run at once (threads)."
     )
+    start_timeout_ms: int = Field(
+        default=120_000,
+        gt=0,
+        description="How long attaching may take: compiling the module (seconds for a large "
+        "one, when not cached) and running its start code, which no cancel reaches; past it "
+        "the attach fails, and a thread still in the start code is left to end on its own.",
+    )
     cache_dir: ManifestPath | None = Field(
         default=None,
         description="Keep compiled code here, keyed by the module and the runtime's version, "
