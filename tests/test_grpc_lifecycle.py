@@ -251,6 +251,25 @@ async def test_a_service_full_of_hosts_refuses_init_as_overloaded_not_as_a_rate_
         await process.end()
 
 
+async def test_an_init_refused_for_want_of_capacity_says_so_not_that_hosts_are_full() -> None:
+    # Before: every RESOURCE_EXHAUSTED on Init was a service full of hosts, whatever it said.
+    server = grpc.aio.server()
+    refusal = AnsweringInit(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!")
+    plugin_pb2_grpc.add_PluginServiceServicer_to_server(refusal, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        with pytest.raises(Overloaded) as refused:
+            async with Dispatcher(owned(port)):
+                pass
+    finally:
+        await server.stop(grace=None)
+    assert refused.value.retryable
+    assert "at its limit of concurrent calls" in refused.value.message
+    assert "hosts" not in refused.value.message
+    assert refused.value.details == {"step": "Init", "status": "RESOURCE_EXHAUSTED"}
+
+
 async def test_an_init_that_times_out_is_cancelled_and_gets_no_stop_or_destroy() -> None:
     port = free_port()
     process = Process(port, SlowInit())

@@ -8,6 +8,7 @@ reuse are checked on the wire, not against a mock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,8 +24,10 @@ from grpc_health.v1._async import HealthServicer
 from dispatcher import (
     DeadlineExceeded,
     Dispatcher,
+    DispatchError,
     Forbidden,
     InvalidParams,
+    Overloaded,
     PluginError,
     ProviderError,
     RateLimited,
@@ -102,6 +105,13 @@ class ScriptedPlugin:
                 "the plugin is stopping: the call was not run",
                 trailing_metadata=((NOT_RUN_TRAILER, "stopping"),),
             )
+        if request.method == "exhausted_says":  # RESOURCE_EXHAUSTED in the words asked for
+            asked = orjson.loads(request.params_json)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                asked["details"],
+                trailing_metadata=tuple(map(tuple, asked.get("trailers", ()))),
+            )
         status = STATUS_BY_METHOD.get(request.method)
         if status is grpc.StatusCode.RESOURCE_EXHAUSTED:
             context.set_trailing_metadata((("retry-after", "2.5"),))
@@ -168,7 +178,16 @@ async def scripted() -> AsyncIterator[tuple[ScriptedPlugin, str, HealthServicer]
 
 
 def plugin(target: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    methods = [*STATUS_BY_METHOD, *NOT_RUN_STATUS, "echo", "slow", "business", "limited", "stream"]
+    methods = [
+        *STATUS_BY_METHOD,
+        *NOT_RUN_STATUS,
+        "echo",
+        "slow",
+        "business",
+        "limited",
+        "stream",
+        "exhausted_says",
+    ]
     return {
         "id": "scripted",
         "version": "1.0.0",
@@ -206,6 +225,86 @@ async def test_grpc_statuses_become_dispatcher_errors(
     assert caught.value.retryable is retryable  # type: ignore[attr-defined]
     if method == "exhausted":
         assert caught.value.retry_after == 2.5  # type: ignore[attr-defined]
+
+
+#: RESOURCE_EXHAUSTED as servers word it, and what each is: a size refusal, a rate limit
+#: (a quota the caller used up), or a server short of something (calls at once, memory).
+EXHAUSTED_WORDINGS = [
+    ("grpc: received message larger than max (67108889 vs. 67108864)", InvalidParams, "size cap"),
+    ("rejected by grpc_ratelimit middleware, please retry later.", RateLimited, "rate limiting"),
+    ("Quota exceeded for quota metric 'Requests' per minute", RateLimited, "rate limiting"),
+    ("local_rate_limited", RateLimited, "rate limiting"),  # envoy's local rate limit
+    ("Server is under memory pressure. Stream rejected.", Overloaded, "short of memory"),
+    ("no space left on device", Overloaded, "out of a resource"),
+    # Our gRPC gateway's rate_limited, in whatever words, says so in its trailer.
+    ("slow down [error-type: rate_limited]", RateLimited, "rate limiting"),
+]
+
+
+@pytest.mark.parametrize(("details", "error", "cause"), EXHAUSTED_WORDINGS)
+async def test_resource_exhausted_is_read_as_what_its_server_says_it_is(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+    details: str,
+    error: type[Exception],
+    cause: str,
+) -> None:
+    """Before: every RESOURCE_EXHAUSTED but a size refusal was RateLimited, a server short
+    of memory too, and the message named no cause. A method that may be retried shows
+    that a size refusal is sent once, not retried as a rate limit."""
+    servicer, address, _ = scripted
+    declared = plugin({"provider": "grpc", "address": address})
+    declared["methods"]["exhausted_says"] = {
+        "idempotent": True,
+        "retry": {"attempts": 3, "initial_backoff_ms": 1, "budget_ratio": 1},
+    }
+    asked: dict[str, Any] = {"details": details}
+    if "[error-type: rate_limited]" in details:
+        asked["trailers"] = [["error-type", "rate_limited"]]
+    async with Dispatcher(manifest(declared)) as d:
+        with pytest.raises(DispatchError) as caught:
+            await d.call("scripted", "exhausted_says", asked)
+    assert type(caught.value) is error, caught.value
+    assert cause in caught.value.message
+    assert details in caught.value.message
+    assert caught.value.retryable is (error is not InvalidParams)
+    if error is InvalidParams:
+        assert [call["method"] for call in servicer.calls] == ["exhausted_says"]
+
+
+async def test_a_server_at_its_limit_of_calls_at_once_is_overloaded_not_rate_limited() -> None:
+    """grpcio's ``maximum_concurrent_rpcs``: RESOURCE_EXHAUSTED ``Concurrent RPC limit
+    exceeded!`` for a call past it, which no handler ran (a fleet may send it to another
+    instance). Before: RateLimited, as if this caller had called too often."""
+    servicer = ScriptedPlugin()
+    server = grpc.aio.server(maximum_concurrent_rpcs=1)
+    plugin_pb2_grpc.add_PluginServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        target = {"provider": "grpc", "address": f"127.0.0.1:{port}"}
+        async with Dispatcher(manifest(plugin(target))) as d:
+            async with asyncio.timeout(4):  # once the host's Events stream (refused) ended
+                while True:
+                    with contextlib.suppress(DispatchError):
+                        assert await d.call("scripted", "echo", {}) == {}
+                        break
+                    await asyncio.sleep(0.01)
+            calls = len(servicer.calls)
+            slow = asyncio.ensure_future(d.call("scripted", "slow", {}))
+            async with asyncio.timeout(4):
+                while len(servicer.calls) == calls:  # noqa: ASYNC110 (until it runs)
+                    await asyncio.sleep(0.01)
+            with pytest.raises(Overloaded) as refused:
+                await d.call("scripted", "echo", {})
+            slow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await slow
+    finally:
+        await server.stop(grace=None)
+    assert refused.value.retryable
+    assert "at its limit of concurrent calls" in refused.value.message
+    assert "Concurrent RPC limit exceeded" in refused.value.message
+    assert never_sent(refused.value)  # grpcio refuses it before any handler: unrun
 
 
 async def test_a_call_a_stopping_plugin_did_not_run_is_never_sent_and_the_next_wait(

@@ -131,7 +131,7 @@ STATUS_BY_TYPE: dict[str, grpc.StatusCode] = {
     # final; here the trailers do (retryable false, no retry-after). Not provider_error's
     # FAILED_PRECONDITION (the target did not break the protocol: the HTTP port's 502 vs
     # 500), nor INTERNAL (grpc's broken invariants, read back as a crashed handler). Read
-    # back by providers._grpc.status it is rate_limited (it knows size limits by grpc's
+    # back by providers._grpc.status it is overloaded (it knows size limits by grpc's
     # wording only): the one type that does not come back as itself; the trailers do.
     "result_too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }

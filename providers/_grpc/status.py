@@ -4,9 +4,15 @@
     UNAVAILABLE, CANCELLED, ABORTED  TargetUnavailable            yes
     UNKNOWN, INTERNAL                TargetUnavailable            yes (a handler crashed)
     DEADLINE_EXCEEDED                DeadlineExceeded             yes
-    RESOURCE_EXHAUSTED               RateLimited                  yes (``retry-after`` trailer)
+    RESOURCE_EXHAUSTED, by its words:
       … the request over a size cap  InvalidParams                no (resending gets it again)
       … the reply over a size cap    ProviderError                no
+      … the server short of calls    Overloaded                   yes
+        at once or of memory
+      … a rate limit or quota, or    RateLimited                  yes (``retry-after`` trailer)
+        a ``retry-after`` or ``error-type: rate_limited`` trailer
+      … any other                    Overloaded                   yes (the server is short
+                                                                       of something)
     INVALID_ARGUMENT, OUT_OF_RANGE   InvalidParams                no
     UNAUTHENTICATED                  Unauthorized                 no
     PERMISSION_DENIED                Forbidden                    no
@@ -20,6 +26,19 @@ which says OUT_OF_RANGE; only the wording says which side refused which message
 checks each SDK's). Params too large are the caller's to fix: ``InvalidParams``, with
 ``details["reason"] == "too_large"``, as HTTP's 413 is. A result too large is the plugin's:
 ``ProviderError`` with the same reason. Neither is a rate limit, and neither is retryable.
+
+No SDK answers a call RESOURCE_EXHAUSTED but for its size: a plugin's own rate limit is
+an error in its reply (``rate_limited``). What else says RESOURCE_EXHAUSTED is a server
+short of capacity (grpcio's ``maximum_concurrent_rpcs``: ``Concurrent RPC limit
+exceeded!``; grpc core under memory pressure) or a rate limiter in front of the plugin
+(go-grpc-middleware's ``rejected by grpc_ratelimit middleware``, envoy's
+``local_rate_limited``, a cloud API's ``Quota exceeded``), which may send a
+``retry-after`` trailer, as our gRPC gateway does with ``error-type: rate_limited``.
+A server short of capacity is ``Overloaded``, not a rate limit: the caller did nothing
+it must call less of. grpcio refuses a call past its limit before any handler runs it,
+so that one also carries ``CONNECT_STAGE`` (a fleet tries another instance). A rate
+limit is told by its words or its trailers; a status that says neither is a server
+short of something, ``Overloaded`` too. The message says which (``_exhausted``).
 
 An UNAVAILABLE that provably never left the client carries ``details["stage"] ==
 "connect"`` (``CONNECT_STAGE``; a fleet then tries another instance, for any method).
@@ -52,9 +71,10 @@ TypeScript), ``INVALID_ARGUMENT`` for a config that is not JSON, ``UNKNOWN`` for
 that raised. ``lifecycle_failure`` reads all of them alike: the plugin refused the step,
 which sending it again would not change, so ``ProviderError``, not retryable, naming the
 step and the plugin's error type (``details``: ``step``, ``error_type``, ``status``).
-An ``Init`` answered RESOURCE_EXHAUSTED (not for its size) comes from a service that holds
-as many hosts as it takes (docs/protocol.md, "Several hosts on one service"): that is
-``Overloaded``, retryable once another host leaves, not a rate limit.
+An ``Init`` answered RESOURCE_EXHAUSTED in the SDKs' words for a service that holds as
+many hosts as it takes (docs/protocol.md, "Several hosts on one service") is
+``Overloaded``, retryable once another host leaves, not a rate limit; another
+RESOURCE_EXHAUSTED not for its size is read as for a call (``_exhausted``).
 """
 
 from __future__ import annotations
@@ -150,7 +170,6 @@ def _status_names() -> dict[Any, tuple[type[DispatchError], bool | None]]:
         code.UNKNOWN: (TargetUnavailable, None),
         code.INTERNAL: (TargetUnavailable, None),
         code.DEADLINE_EXCEEDED: (DeadlineExceeded, None),
-        code.RESOURCE_EXHAUSTED: (RateLimited, None),
         code.INVALID_ARGUMENT: (InvalidParams, None),
         code.OUT_OF_RANGE: (InvalidParams, None),
         code.UNAUTHENTICATED: (Unauthorized, None),
@@ -223,14 +242,71 @@ def translate_rpc_error(
             retryable=False,
             details={"reason": "too_large"},
         )
+    if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return _exhausted(error, what)
     kind, retryable = _BY_STATUS.get(status, (ProviderError, None))
+    return kind(message, retryable=retryable)
+
+
+#: grpcio's server past its ``maximum_concurrent_rpcs`` (lower case): refused unrun.
+_AT_CONCURRENCY_LIMIT = "concurrent rpc limit exceeded"
+#: How a server short of capacity words RESOURCE_EXHAUSTED (lower case), and what it is
+#: short of.
+_SERVER_SHORT_OF = (
+    (_AT_CONCURRENCY_LIMIT, "at its limit of concurrent calls"),
+    ("memory", "short of memory"),  # grpc core: "Server is under memory pressure. …"
+)
+#: How a rate limiter or a quota words it (lower case, substrings).
+_RATE_LIMIT_WORDS = (
+    "rate limit",
+    "rate_limit",
+    "ratelimit",
+    "rate-limit",
+    "quota",
+    "throttl",
+    "too many requests",
+)
+
+
+def _exhausted(error: Any, what: str, details: dict[str, Any] | None = None) -> DispatchError:
+    """A RESOURCE_EXHAUSTED not for a message's size (see the module's docstring), as a
+    server short of capacity (``Overloaded``) or a rate limit (``RateLimited``)."""
+    said = error.details() or ""
+    status = f"RESOURCE_EXHAUSTED {said}".rstrip()
     retry_after: float | None = None
-    if kind is RateLimited:
-        for key, value in error.trailing_metadata() or ():
-            if key == "retry-after":
-                with contextlib.suppress(ValueError):
-                    retry_after = float(value)
-    return kind(message, retryable=retryable, retry_after=retry_after)
+    typed_rate_limited = False
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after":
+            with contextlib.suppress(ValueError):
+                retry_after = float(value)
+        elif key == "error-type":  # our gRPC gateway's trailer (proto/gateway.proto)
+            typed_rate_limited = value == "rate_limited"
+    words = said.lower()
+    if details is None and _AT_CONCURRENCY_LIMIT in words:  # a call, refused unrun
+        details = CONNECT_STAGE
+    for marker, short_of in _SERVER_SHORT_OF:
+        if marker in words:
+            return Overloaded(
+                f"{what}: the plugin's server is {short_of} ({status}); not a rate limit:"
+                " it takes calls again as its load falls",
+                retry_after=retry_after,
+                details=details,
+            )
+    if (
+        typed_rate_limited
+        or retry_after is not None
+        or any(marker in words for marker in _RATE_LIMIT_WORDS)
+    ):
+        return RateLimited(
+            f"{what}: the plugin or a proxy before it is rate limiting calls ({status})",
+            retry_after=retry_after,
+            details=details,
+        )
+    return Overloaded(
+        f"{what}: the plugin's server is out of a resource ({status}); not a rate limit:"
+        " it may take calls again as its load falls",
+        details=details,
+    )
 
 
 #: How the SDKs word a failed hook before the plugin's error: ``init failed: …`` (Python),
@@ -256,6 +332,10 @@ def _plugin_error(details: str) -> tuple[str | None, str]:
     return None, text
 
 
+#: Every SDK's words for an ``Init`` past the hosts a service takes.
+_HOSTS_FULL = "hosts are attached to this service"
+
+
 def lifecycle_failure(error: Exception, what: str, step: str) -> DispatchError | None:
     """The error of a lifecycle ``step`` the plugin answered as failed (the statuses the
     SDKs send for a failing hook, above); None for any other failure (the transport's,
@@ -267,10 +347,13 @@ def lifecycle_failure(error: Exception, what: str, step: str) -> DispatchError |
         return None
     details = error.details() or ""
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not too_large(details):
+        refused = {"step": step, "status": error.code().name}
+        if _HOSTS_FULL not in details:  # a server short of capacity, or a rate limiter
+            return _exhausted(error, what, refused)
         return Overloaded(
             f"{what}: the service already holds as many hosts as it takes ({details});"
             " it admits this one once another host has stopped it",
-            details={"step": step, "status": error.code().name},
+            details=refused,
         )
     if error.code() not in (
         grpc.StatusCode.FAILED_PRECONDITION,
