@@ -172,7 +172,14 @@ export class Plugin {
     }
     this.done.add(phase);
     if (phase === 'init') this.config = config ?? {};
-    for (const hook of this.hooks[phase]) await hook(this.config);
+    try {
+      for (const hook of this.hooks[phase]) await hook(this.config);
+    } catch (error) {
+      // A start that failed started nothing: the next Start runs its hooks again, as in every
+      // SDK, rather than answer OK for a plugin that never started.
+      if (phase === 'start') this.done.delete('start');
+      throw error;
+    }
   }
 
   /** @internal Stop then destroy, both even if one fails, when the host did not. */

@@ -39,3 +39,19 @@ test('an Init after stop and destroy begins the lifecycle anew', async () => {
   assert.deepEqual(ran, ['init {"host":"a"}', ...cycle, 'init {"host":"b"}', ...cycle, 'init {"host":"c"}', ...cycle]);
   assert.deepEqual(plugin.config, { host: 'c' });
 });
+
+test('a start that failed runs again at the next Start, and the plugin is not started meanwhile', async () => {
+  const ran: string[] = [];
+  let refuse = true;
+  const plugin = new Plugin({ id: 'p', version: '1' }).onStart(() => {
+    ran.push('start');
+    if (refuse) throw new Error('the database is down');
+  });
+  await plugin.runPhase('init', {});
+  await assert.rejects(plugin.runPhase('start'), /the database is down/);
+  assert.equal(plugin.started, false);
+  refuse = false;
+  await plugin.runPhase('start'); // before: answered at once, the hook never run again
+  assert.deepEqual(ran, ['start', 'start']);
+  assert.equal(plugin.started, true);
+});
