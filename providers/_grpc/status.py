@@ -64,11 +64,11 @@ A plugin's own failures come back in ``CallReply.error`` and go through
 (``providers._grpc.replies``).
 
 A lifecycle RPC (``Init``, ``Start``, ``Stop``, ``Destroy``) has no error in its reply: a
-plugin whose hook fails answers with a status, which each SDK chooses on its own —
-``FAILED_PRECONDITION`` with ``init failed: PluginError('BadConfig', '…')`` (Python) or
-``init hook failed: BadConfig: …`` (Go, Rust), ``INTERNAL`` with ``BadConfig: …`` (Java,
-TypeScript), ``INVALID_ARGUMENT`` for a config that is not JSON, ``UNKNOWN`` for a handler
-that raised. ``lifecycle_failure`` reads all of them alike: the plugin refused the step,
+plugin whose hook fails answers ``FAILED_PRECONDITION`` (docs/protocol.md, "A lifecycle
+hook that fails") with ``init failed: PluginError('BadConfig', '…')`` (Python) or
+``init hook failed: BadConfig: …`` (Go, Rust, Java, TypeScript); Java and TypeScript
+plugins built before 2026-12-04 answer ``INTERNAL`` with ``BadConfig: …``; a config that
+is not JSON is ``INVALID_ARGUMENT``, a handler that raised ``UNKNOWN``. ``lifecycle_failure`` reads all of them alike: the plugin refused the step,
 which sending it again would not change, so ``ProviderError``, not retryable, naming the
 step and the plugin's error type (``details``: ``step``, ``error_type``, ``status``).
 An ``Init`` answered RESOURCE_EXHAUSTED in the SDKs' words for a service that holds as
@@ -310,7 +310,7 @@ def _exhausted(error: Any, what: str, details: dict[str, Any] | None = None) -> 
 
 
 #: How the SDKs word a failed hook before the plugin's error: ``init failed: …`` (Python),
-#: ``init hook failed: …`` (Go, Rust).
+#: ``init hook failed: …`` (Go, Rust, Java, TypeScript).
 _HOOK_FAILED = re.compile(r"(?:init|start|stop|destroy)(?: hook)? failed: ", re.IGNORECASE)
 #: A Python exception's repr (``PluginError('BadConfig', 'region is missing', …)``,
 #: ``RuntimeError('boom')``), or ``Type: message`` (Go, Rust, Java, TypeScript).

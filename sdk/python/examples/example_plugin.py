@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from linchkit_plugin import Plugin
-from linchkit_plugin.errors import InvalidParams
+from linchkit_plugin.errors import InvalidParams, PluginError
 from linchkit_plugin.grpc_server import main
 from linchkit_plugin.plugin import raw_params
 
@@ -38,9 +38,16 @@ class ExamplePlugin(Plugin):
     async def init(self, config: dict[str, Any]) -> None:
         self._hooks["init"] += 1
         self._config = config
+        self._fail_if_named("init")
 
     async def start(self) -> None:
         self._hooks["start"] += 1
+        self._fail_if_named("start")
+
+    def _fail_if_named(self, hook: str) -> None:
+        """A config's ``fail_hook`` fails that hook: how the suite sees what the SDK answers."""
+        if getattr(self, "_config", {}).get("fail_hook") == hook:
+            raise PluginError(f"fail_hook names {hook}", remote_type="BadConfig")
 
     async def stop(self) -> None:
         self._hooks["stop"] += 1

@@ -3,7 +3,7 @@
 //! against all of them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use linchkit_plugin::{Call, ChunkSender, Error, Json, Plugin};
@@ -88,18 +88,35 @@ async fn config(call: Call) -> Result<Json, Error> {
     Ok(call.config().clone())
 }
 
-/// How many times each of the plugin's lifecycle hooks ran, for the `hooks` method.
+/// How many times each of the plugin's lifecycle hooks ran, for the `hooks` method, and
+/// the hook the last config's `fail_hook` names.
 #[derive(Default)]
 struct HookCounts {
     init: AtomicU64,
     start: AtomicU64,
     stop: AtomicU64,
     destroy: AtomicU64,
+    fail_hook: Mutex<Option<String>>,
+}
+
+#[derive(Deserialize)]
+struct FailHook {
+    fail_hook: Option<String>,
 }
 
 impl HookCounts {
     fn ran(counter: &AtomicU64) -> Result<(), Error> {
         counter.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Fails the hook the config's `fail_hook` names: how the conformance suite sees what
+    /// the SDK answers a failing hook.
+    fn fail_if_named(&self, hook: &str) -> Result<(), Error> {
+        let named = self.fail_hook.lock().unwrap_or_else(|p| p.into_inner());
+        if named.as_deref() == Some(hook) {
+            return Err(Error::new("BadConfig", format!("fail_hook names {hook}")));
+        }
         Ok(())
     }
 }
@@ -146,13 +163,17 @@ fn main() {
                 }
             },
         )
-        // The SDK keeps the config for `config`; the hooks only count.
-        .on_init(move |_| {
+        // The SDK keeps the config for `config`; the hooks count, and fail when asked.
+        .on_init(move |config: Json| {
             let ran = HookCounts::ran(&on_init.init);
+            let named = config.decode::<FailHook>().ok().and_then(|c| c.fail_hook);
+            *on_init.fail_hook.lock().unwrap_or_else(|p| p.into_inner()) = named;
+            let ran = ran.and_then(|()| on_init.fail_if_named("init"));
             async move { ran }
         })
         .on_start(move || {
-            let ran = HookCounts::ran(&on_start.start);
+            let ran =
+                HookCounts::ran(&on_start.start).and_then(|()| on_start.fail_if_named("start"));
             async move { ran }
         })
         .on_stop(move || {

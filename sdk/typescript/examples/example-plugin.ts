@@ -11,6 +11,12 @@ export function digest(data: string, rounds: number): string {
   return rounds === 0 ? Buffer.from(data, 'utf8').toString('hex') : bytes.toString('hex');
 }
 
+/** Fails the hook a config's `fail_hook` names: how the conformance suite sees what the SDK
+ * answers a failing hook. */
+function failIfNamed(config: Record<string, unknown>, hook: string): void {
+  if (config.fail_hook === hook) throw new PluginError('BadConfig', `fail_hook names ${hook}`);
+}
+
 export function examplePlugin(): Plugin {
   const plugin = new Plugin({ id: 'example', version: '1.0.0', runtime: 'typescript' });
 
@@ -67,8 +73,14 @@ export function examplePlugin(): Plugin {
 
   // How many times each lifecycle hook ran, for as long as the process lives.
   const hooks = { init: 0, start: 0, stop: 0, destroy: 0 };
-  plugin.onInit(() => void hooks.init++);
-  plugin.onStart(() => void hooks.start++);
+  plugin.onInit((config) => {
+    hooks.init++;
+    failIfNamed(config, 'init');
+  });
+  plugin.onStart(() => {
+    hooks.start++;
+    failIfNamed(plugin.config, 'start');
+  });
   plugin.onStop(() => void hooks.stop++);
   plugin.onDestroy(() => void hooks.destroy++);
   plugin.method('hooks', () => ({ ...hooks }), { description: 'how many times each lifecycle hook ran' });

@@ -191,6 +191,8 @@ function metadataValue(metadata: grpc.Metadata, key: string): string {
 
 /** What every kind of server call has. */
 type SurfaceCall = grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerWritableStream<unknown, unknown>;
+/** A lifecycle hook's name, as a failed one is named in its status. */
+type HookName = 'init' | 'start' | 'stop' | 'destroy';
 
 /** A call's context and the means to end it; `finish()` releases its timer. */
 interface LiveContext {
@@ -392,13 +394,20 @@ export class PluginServer {
     if (!call.cancelled) call.end();
   }
 
-  private lifecycle(run: () => Promise<void>): grpc.handleUnaryCall<unknown, object> {
+  /** Runs the `name` hook's step. A hook that throws is the plugin refusing the step:
+   * FAILED_PRECONDITION with `init hook failed: Type: message`, the code and words of every
+   * SDK (docs/protocol.md, "gRPC binding"), which the host reads as a refusal not worth
+   * sending again. INTERNAL, which this answered before, says grpc's own invariants broke. */
+  private lifecycle(name: HookName, run: () => Promise<void>): grpc.handleUnaryCall<unknown, object> {
     return (_call, callback) => {
       run().then(
         () => callback(null, {}),
         (error: unknown) => {
           const wire = toWireError(error);
-          callback({ code: grpc.status.INTERNAL, details: `${wire.type}: ${wire.message}` });
+          callback({
+            code: grpc.status.FAILED_PRECONDITION,
+            details: `${name} hook failed: ${wire.type}: ${wire.message}`,
+          });
         },
       );
     };
@@ -417,8 +426,8 @@ export class PluginServer {
   }
 
   /** Stop and Destroy: the host leaves; `run` only when it was the last one attached. */
-  private leaving(run: () => Promise<void>): grpc.handleUnaryCall<unknown, object> {
-    const whenLast = this.lifecycle(run);
+  private leaving(name: HookName, run: () => Promise<void>): grpc.handleUnaryCall<unknown, object> {
+    const whenLast = this.lifecycle(name, run);
     return (call, callback) => {
       const host = this.host(call, callback);
       if (host === undefined) return;
@@ -462,7 +471,7 @@ export class PluginServer {
           callback({ code: grpc.status.INVALID_ARGUMENT, details: (error as Error).message });
           return;
         }
-        this.lifecycle(async () => {
+        this.lifecycle('init', async () => {
           let attached = false;
           try {
             await plugin.runPhase('init', config);
@@ -474,16 +483,16 @@ export class PluginServer {
       },
       Start: (call: grpc.ServerUnaryCall<unknown, object>, callback: grpc.sendUnaryData<object>) => {
         if (this.host(call, callback) === undefined) return;
-        this.lifecycle(async () => {
+        this.lifecycle('start', async () => {
           await plugin.runPhase('start');
           this.setServing(true);
         })(call, callback);
       },
-      Stop: this.leaving(async () => {
+      Stop: this.leaving('stop', async () => {
         this.setServing(false);
         await plugin.runPhase('stop');
       }),
-      Destroy: this.leaving(() => plugin.runPhase('destroy')),
+      Destroy: this.leaving('destroy', () => plugin.runPhase('destroy')),
       Call: (call: grpc.ServerUnaryCall<CallRequestMessage, CallReplyMessage>, callback: grpc.sendUnaryData<CallReplyMessage>) => {
         void this.answer(call.request, call).then((reply) => callback(null, reply));
       },

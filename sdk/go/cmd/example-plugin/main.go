@@ -20,14 +20,26 @@ type hookCounts struct {
 	init, start, stop, destroy atomic.Int64
 }
 
+// failIfNamed fails the hook a config's "fail_hook" names: how the conformance suite sees
+// what the SDK answers a failing hook.
+func failIfNamed(config json.RawMessage, hook string) error {
+	var asked struct {
+		FailHook string `json:"fail_hook"`
+	}
+	if json.Unmarshal(config, &asked) == nil && asked.FailHook == hook {
+		return &plugin.Error{Type: "BadConfig", Message: "fail_hook names " + hook}
+	}
+	return nil
+}
+
 func main() {
 	p := plugin.New("example", "1.0.0")
 	var hooks hookCounts
-	p.OnInit(func(context.Context, json.RawMessage) error {
+	p.OnInit(func(_ context.Context, config json.RawMessage) error {
 		hooks.init.Add(1) // the SDK keeps the config for p.Config
-		return nil
+		return failIfNamed(config, "init")
 	})
-	p.OnStart(func(context.Context) error { hooks.start.Add(1); return nil })
+	p.OnStart(func(context.Context) error { hooks.start.Add(1); return failIfNamed(p.Config(), "start") })
 	p.OnStop(func(context.Context) error { hooks.stop.Add(1); return nil })
 	p.OnDestroy(func(context.Context) error { hooks.destroy.Add(1); return nil })
 

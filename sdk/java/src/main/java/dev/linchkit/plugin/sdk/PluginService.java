@@ -503,12 +503,21 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     void run() throws Exception;
   }
 
-  private void lifecycle(StreamObserver<LifecycleReply> observer, Step step) {
+  /**
+   * Runs the {@code name} hook ("init", "start", "stop", "destroy"). A hook that throws is the
+   * plugin refusing the step: FAILED_PRECONDITION with "init hook failed: Type: message", the
+   * code and words of every SDK (docs/protocol.md, "gRPC binding"), which the host reads as
+   * a refusal not worth sending again. INTERNAL, which this answered before, says grpc's own
+   * invariants broke.
+   */
+  private void lifecycle(StreamObserver<LifecycleReply> observer, String name, Step step) {
     try {
       step.run();
     } catch (Throwable error) {
       var wire = Errors.toWire(error);
-      observer.onError(Status.INTERNAL.withDescription(wire.getType() + ": " + wire.getMessage()).asRuntimeException());
+      observer.onError(Status.FAILED_PRECONDITION
+          .withDescription(name + " hook failed: " + wire.getType() + ": " + wire.getMessage())
+          .asRuntimeException());
       return;
     }
     reply(observer, LifecycleReply.getDefaultInstance());
@@ -547,7 +556,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     }
     boolean[] attached = {false};
     try {
-      lifecycle(observer, () -> {
+      lifecycle(observer, "init", () -> {
         plugin.init(config);
         hosts.joined(host, true); // attached once its Init succeeded, before the reply goes
         attached[0] = true;
@@ -560,7 +569,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   @Override
   public void start(LifecycleRequest request, StreamObserver<LifecycleReply> observer) {
     if (host(observer) == null) return;
-    lifecycle(observer, () -> {
+    lifecycle(observer, "start", () -> {
       plugin.start();
       setServing(true);
     });
@@ -580,7 +589,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       reply(observer, LifecycleReply.getDefaultInstance());
       return;
     }
-    lifecycle(observer, () -> {
+    lifecycle(observer, "stop", () -> {
       if (!servingFromStart) setServing(false);
       plugin.stop();
     });
@@ -594,6 +603,6 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       reply(observer, LifecycleReply.getDefaultInstance());
       return;
     }
-    lifecycle(observer, plugin::destroy);
+    lifecycle(observer, "destroy", plugin::destroy);
   }
 }

@@ -20,6 +20,17 @@ import java.util.concurrent.atomic.AtomicInteger;
 public final class ExamplePlugin {
   private ExamplePlugin() {}
 
+  /**
+   * Fails the hook a config's {@code fail_hook} names: how the conformance suite sees what the
+   * SDK answers a failing hook.
+   */
+  static void failIfNamed(JsonObject config, String hook) throws PluginException {
+    if (config != null && config.has("fail_hook") && config.get("fail_hook").isJsonPrimitive()
+        && hook.equals(config.get("fail_hook").getAsString())) {
+      throw new PluginException("BadConfig", "fail_hook names " + hook);
+    }
+  }
+
   /** Hex of SHA-256 applied {@code rounds} times, each round hashing the previous digest. */
   public static String digest(String data, long rounds) throws NoSuchAlgorithmException {
     MessageDigest sha256 = MessageDigest.getInstance("SHA-256");
@@ -68,8 +79,14 @@ public final class ExamplePlugin {
     // How many times each lifecycle hook ran, for as long as the process lives.
     Map<String, AtomicInteger> hooks = new LinkedHashMap<>();
     for (String hook : new String[] {"init", "start", "stop", "destroy"}) hooks.put(hook, new AtomicInteger());
-    plugin.onInit(config -> hooks.get("init").incrementAndGet())
-        .onStart(() -> hooks.get("start").incrementAndGet())
+    plugin.onInit(config -> {
+          hooks.get("init").incrementAndGet();
+          failIfNamed(config, "init");
+        })
+        .onStart(() -> {
+          hooks.get("start").incrementAndGet();
+          failIfNamed(plugin.config(), "start");
+        })
         .onStop(() -> hooks.get("stop").incrementAndGet())
         .onDestroy(() -> hooks.get("destroy").incrementAndGet());
 
