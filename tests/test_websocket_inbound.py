@@ -415,11 +415,56 @@ async def test_a_hello_that_names_another_plugin_closes_the_connection() -> None
 
 
 async def test_a_hello_closed_4403_ends_the_dial_without_dialling_again() -> None:
-    """Admitted at the upgrade, closed 4403 on its hello: the next connection would send
-    the same hello and get the same close, so ``dial`` raises ``Refused`` with the gateway's
-    reason at once, as for a 403 at the upgrade, instead of redialling for ever. The dial
-    names no version here: the gateway admits the one it serves (2.0.0), and the hello says
-    the plugin's own (1.0.0)."""
+    """Admitted at the upgrade, closed 4403 on its hello (here by a server that closes
+    every hello so, as the gateway does a hello naming another plugin than the one it
+    admitted): the next connection would send the same hello and get the same close, so
+    ``dial`` raises ``Refused`` with the gateway's reason at once, as for a 403 at the
+    upgrade, instead of redialling for ever."""
+    reason = "admitted as version 2.0.0, said '1.0.0'"
+    async with closing_gateway(4403, reason) as (url, hellos):
+        dialling = dial(
+            PluginHost(SocketPlugin()), url, plugin_id="sock", version="1.0.0", token=TOKEN
+        )
+        with pytest.raises(Refused) as refused:
+            await asyncio.wait_for(dialling, 3)
+    assert len(hellos) == 1  # one connection: not dialled again
+    assert refused.value.status == 4403
+    assert refused.value.reason == reason
+    assert str(refused.value) == f"the gateway refused the connection (4403): {reason}"
+
+
+async def test_a_dial_naming_no_version_is_admitted_as_the_version_its_hello_names() -> None:
+    """``dial(version="")`` says the plugin class's version (1.0.0) in its upgrade headers
+    as in its hello, so the gateway admits that version, not the highest it serves.
+    Before: the header was empty, the gateway admitted 2.0.0, and closed the connection
+    4403 on the hello naming 1.0.0, a final refusal."""
+    entry = {
+        "id": "sock",
+        "target": {"provider": "websocket", "mode": "inbound", "token": TOKEN},
+        "methods": {"echo": {}},
+    }
+    both = manifest({**entry, "version": "1.0.0"}, {**entry, "version": "2.0.0"})
+    upgrades: list[str] = []
+    async with gateway(both, upgrades=upgrades) as (dispatcher, url):
+        dialling = asyncio.ensure_future(
+            dial(PluginHost(SocketPlugin()), url, plugin_id="sock", version="", token=TOKEN)
+        )
+        try:
+            await until(lambda: connected(dispatcher) == 1 or dialling.done(), timeout=5)
+            if dialling.done():
+                dialling.result()  # the refusal, raised
+            await instances_in_all(dispatcher, 1)
+            assert await dispatcher.call("sock", "echo", {"value": 1}, version="1.0.0") == 1
+        finally:
+            dialling.cancel()
+            await asyncio.gather(dialling, return_exceptions=True)
+    assert upgrades == ["sock"]
+
+
+async def test_a_dial_naming_no_version_of_a_version_not_served_is_refused_at_the_upgrade() -> None:
+    """The gateway serves 2.0.0 alone; the plugin class is 1.0.0: refused before the
+    upgrade, as the plugin's own version is not served there (before: admitted as 2.0.0
+    and closed on its hello)."""
     served = {
         "id": "sock",
         "version": "2.0.0",
@@ -432,12 +477,8 @@ async def test_a_hello_closed_4403_ends_the_dial_without_dialling_again() -> Non
         with pytest.raises(Refused) as refused:
             await asyncio.wait_for(dialling, 3)
         assert connected(dispatcher) == 0
-    assert upgrades == ["sock"]  # one connection: not dialled again
-    assert refused.value.status == 4403
-    assert refused.value.reason == "admitted as version 2.0.0, said '1.0.0'"
-    assert str(refused.value) == (
-        "the gateway refused the connection (4403): admitted as version 2.0.0, said '1.0.0'"
-    )
+    assert upgrades == []  # never upgraded
+    assert refused.value.status == 401, refused.value  # no target of sock@1.0.0 takes it
 
 
 async def test_a_malformed_version_refused_400_at_the_upgrade_ends_the_dial() -> None:

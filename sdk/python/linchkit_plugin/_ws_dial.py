@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from linchkit_plugin._ws_events import EventOutbox
-from linchkit_plugin._ws_session import PluginSession, hello_of
+from linchkit_plugin._ws_session import PluginSession, hello_of, identity_of
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_protocol import (
     CLOSE_WRONG_PLUGIN,
@@ -94,7 +94,8 @@ async def dial(
     stopping: asyncio.Event | None = None,
 ) -> None:
     """Reverse mode: dial the gateway at ``url`` (``ws[s]://…/v1/plugins/connect``) as
-    ``plugin_id@version`` and take calls over that connection, reconnecting after every
+    ``plugin_id@version`` (empty: the plugin class's own ``id``, ``version``) and take
+    calls over that connection, reconnecting after every
     drop (exponential backoff with full jitter, reset once a connection came up), until
     cancelled, or until ``stopping`` is set: then it says ``goaway``, answers the calls the
     gateway still sends until it closes the connection (at most ``GOAWAY_GRACE``), and
@@ -106,6 +107,10 @@ async def dial(
     outbox = EventOutbox(max_buffered_events)
     if hasattr(host.plugin, "emit"):
         host.plugin._emit = outbox.emit
+    # One identity in the headers and the hello: an empty version named none in the
+    # header (the gateway admitted the highest it serves) while the hello named the
+    # plugin class's, and the gateway closed the connection 4403, for good.
+    plugin_id, version = identity_of(host, plugin_id, version)
     hello = hello_of(host, plugin_id, version)
     headers = {PLUGIN_ID_HEADER: plugin_id, PLUGIN_VERSION_HEADER: version}
     if token is not None:

@@ -34,7 +34,7 @@ from linchkit_plugin.ws_protocol import (
     hello_frame,
 )
 
-__all__ = ["PluginSession", "Socket", "hello_of"]
+__all__ = ["PluginSession", "Socket", "hello_of", "identity_of"]
 
 log = logging.getLogger("linchkit_plugin.websocket")
 
@@ -263,12 +263,19 @@ class PluginSession:
         )
 
 
-def hello_of(host: PluginHost, plugin_id: str, version: str) -> bytes:
-    """The ``hello`` frame every session of ``host`` opens with."""
+def identity_of(host: PluginHost, plugin_id: str, version: str) -> tuple[str, str]:
+    """The id and version ``host``'s plugin goes by: those given, else the plugin class's
+    own (``id``, ``version``), else its class name and ``0.0.0``. A dial names these in its
+    upgrade headers and in its ``hello`` alike: the gateway closes a connection whose
+    ``hello`` names another plugin than the one it admitted."""
     plugin = host.plugin
-    return hello_frame(
+    return (
         plugin_id or str(getattr(plugin, "id", "") or type(plugin).__name__),
         version or str(getattr(plugin, "version", "") or "0.0.0"),
-        list(host.methods),
-        streaming=list(host.streaming),
     )
+
+
+def hello_of(host: PluginHost, plugin_id: str, version: str) -> bytes:
+    """The ``hello`` frame every session of ``host`` opens with (``identity_of``)."""
+    plugin_id, version = identity_of(host, plugin_id, version)
+    return hello_frame(plugin_id, version, list(host.methods), streaming=list(host.streaming))
