@@ -433,6 +433,47 @@ async def test_a_hello_closed_4403_ends_the_dial_without_dialling_again() -> Non
     assert str(refused.value) == f"the gateway refused the connection (4403): {reason}"
 
 
+#: A hostile gateway's close reason: clear the operator's screen, then forge a log line.
+HOSTILE_REASON = "\x1b[2J\nERROR forged line \u202e"
+
+
+async def test_a_hostile_close_reason_is_shown_escaped_in_refused_and_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A close reason is the peer's text, printed to the operator's terminal (``connect``
+    prints ``Refused``) and log: its control characters (ESC, a newline, a bidi override)
+    are escaped, not sent to the terminal as they are. Before: as they came."""
+    caplog.set_level(logging.INFO, logger="linchkit_plugin.websocket")
+    async with closing_gateway(4403, HOSTILE_REASON) as (url, _):
+        dialling = dial(
+            PluginHost(SocketPlugin()), url, plugin_id="sock", version="1.0.0", token=TOKEN
+        )
+        with pytest.raises(Refused) as refused:
+            await asyncio.wait_for(dialling, 3)
+    assert refused.value.reason == "\\x1b[2J\\nERROR forged line \\u202e"
+    assert str(refused.value).isprintable()
+    async with closing_gateway(1011, HOSTILE_REASON) as (url, hellos):
+        dialling = asyncio.ensure_future(
+            dial(PluginHost(SocketPlugin()), url, plugin_id="sock", version="1.0.0")
+        )
+        try:
+            await until(lambda: len(hellos) >= 2, timeout=10)
+        finally:
+            dialling.cancel()
+            await asyncio.gather(dialling, return_exceptions=True)
+    (logged, *_) = [r.getMessage() for r in caplog.records if "(1011" in r.getMessage()]
+    assert logged.endswith("(1011: \\x1b[2J\\nERROR forged line \\u202e); reconnecting")
+    assert logged.isprintable()
+    # The longest reason a close frame holds (123 bytes), all ESC: cut once escaped.
+    async with closing_gateway(4403, "\x1b" * 123) as (url, _):
+        dialling = dial(
+            PluginHost(SocketPlugin()), url, plugin_id="sock", version="1.0.0", token=TOKEN
+        )
+        with pytest.raises(Refused) as refused:
+            await asyncio.wait_for(dialling, 3)
+    assert refused.value.reason == "\\x1b" * 50 + "…"
+
+
 async def test_a_dial_naming_no_version_is_admitted_as_the_version_its_hello_names() -> None:
     """``dial(version="")`` says the plugin class's version (1.0.0) in its upgrade headers
     as in its hello, so the gateway admits that version, not the highest it serves.

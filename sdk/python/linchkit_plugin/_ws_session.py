@@ -32,6 +32,7 @@ from linchkit_plugin.ws_protocol import (
     encode_frame,
     error_frame,
     hello_frame,
+    shown_close_reason,
 )
 
 __all__ = ["PluginSession", "Socket", "hello_of", "identity_of"]
@@ -133,8 +134,8 @@ class PluginSession:
             # ``receive``, not ``async for``: iterating hides the close frame and its reason.
             message = await self.socket.receive()
             if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                if message.type == WSMsgType.CLOSE:
-                    self.close_reason = str(message.extra or "")[:200]
+                if message.type == WSMsgType.CLOSE:  # shown to the operator: made safe
+                    self.close_reason = shown_close_reason(str(message.extra or ""))
                 break  # ERROR (too large, broken framing) or CLOSE: the session ends
             try:
                 frame = decode_frame(message.data)

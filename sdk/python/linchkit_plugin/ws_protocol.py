@@ -37,6 +37,7 @@ __all__ = [
     "MAX_FRAME_DEPTH",
     "PLUGIN_ID_HEADER",
     "PLUGIN_VERSION_HEADER",
+    "SHOWN_REASON_CHARS",
     "STREAM_WINDOW",
     "FrameError",
     "checked_hello",
@@ -44,6 +45,7 @@ __all__ = [
     "encode_frame",
     "error_frame",
     "hello_frame",
+    "shown_close_reason",
 ]
 
 #: Close codes: RFC 6455's, and ours in the private 4000-4999 range.
@@ -119,6 +121,23 @@ def error_frame(error: DispatchError, call_id: Any = None) -> bytes:
     if type(call_id) is int:
         frame["id"] = call_id
     return encode_frame(frame)
+
+
+#: The most of a peer's close reason shown, once escaped: a reason is at most 123 bytes,
+#: which escaping may make four times longer.
+SHOWN_REASON_CHARS = 200
+
+
+def shown_close_reason(reason: str) -> str:
+    """A close reason the peer sent, as a log line or a terminal may show it: every
+    character that does not print (ESC, a newline, a bidi override) escaped as Python
+    writes it (``\\x1b``, ``\\n``, ``\\u202e``), and cut to ``SHOWN_REASON_CHARS``. The
+    peer chose those bytes; the operator's terminal must not run them."""
+    shown = "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in reason
+    )
+    return shown if len(shown) <= SHOWN_REASON_CHARS else shown[:SHOWN_REASON_CHARS] + "…"
 
 
 def hello_frame(
