@@ -31,6 +31,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/coder/websocket"
 
@@ -265,6 +266,41 @@ type wsSession struct {
 	closeReason string
 }
 
+// shownReasonBytes is the most of a peer's close reason shown, once escaped: a reason is
+// at most 123 bytes, which escaping may make four times longer.
+const shownReasonBytes = 200
+
+// shownCloseReason is a close reason the peer sent as an error or a log line may show it:
+// every rune that does not print (ESC, a newline, a bidi override, a byte that is not
+// UTF-8) escaped as Go writes it (\x1b, \n, \u202e), cut to shownReasonBytes. The peer
+// chose those bytes; the operator's terminal must not run them.
+func shownCloseReason(reason string) string {
+	var shown strings.Builder
+	for i, r := range reason {
+		switch {
+		case r == utf8.RuneError && !strings.HasPrefix(reason[i:], string(utf8.RuneError)):
+			fmt.Fprintf(&shown, `\x%02x`, reason[i])
+		case strconv.IsPrint(r):
+			shown.WriteRune(r)
+		default:
+			quoted := strconv.QuoteRune(r)
+			shown.WriteString(quoted[1 : len(quoted)-1])
+		}
+		if shown.Len() > shownReasonBytes {
+			break
+		}
+	}
+	text := shown.String()
+	if len(text) <= shownReasonBytes {
+		return text
+	}
+	cut := shownReasonBytes
+	for cut > 0 && !utf8.RuneStart(text[cut]) {
+		cut--
+	}
+	return text[:cut] + "…"
+}
+
 func (s *wsSession) send(ctx context.Context, v any) {
 	raw, err := json.Marshal(v)
 	if err != nil {
@@ -336,7 +372,7 @@ func (s *wsSession) run(stopping context.Context) {
 			s.closeCode = websocket.CloseStatus(err)
 			var closed websocket.CloseError
 			if errors.As(err, &closed) {
-				s.closeReason = closed.Reason
+				s.closeReason = shownCloseReason(closed.Reason)
 			}
 			s.mu.Lock()
 			for _, stop := range s.calls {

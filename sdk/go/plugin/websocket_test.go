@@ -196,6 +196,25 @@ func TestConnectEndsOnACloseWrongPluginWithoutDiallingAgain(t *testing.T) {
 	}
 }
 
+// A close reason is the gateway's text, printed to the operator's terminal with the error:
+// its control characters (ESC, a newline, a bidi override) are escaped, and a long one cut.
+func TestAHostileCloseReasonIsShownEscaped(t *testing.T) {
+	for reason, shown := range map[string]string{
+		"\x1b[2J\nERROR forged line \u202e": `\x1b[2J\nERROR forged line \u202e`,
+		strings.Repeat("\x1b", 123):         strings.Repeat(`\x1b`, 50) + "…",
+	} {
+		url, _ := closingGateway(t, 4403, reason)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		env := Environment{Args: []string{"connect", "-url", url}, Getenv: func(string) string { return "" },
+			Stdin: strings.NewReader(""), Stdout: io.Discard}
+		err := testPlugin().Run(ctx, env)
+		cancel()
+		if want := "connect: the gateway refused the connection (4403): " + shown; err == nil || err.Error() != want {
+			t.Errorf("the error: %q, want %q", err, want)
+		}
+	}
+}
+
 // 4400 (a bad hello, or none within 10 s: maybe a slow link) and the other closes are not
 // refusals: connect dials again.
 func TestConnectDialsAgainAfterEveryOtherClose(t *testing.T) {
