@@ -419,6 +419,35 @@ export interface DialOptions {
   graceMs?: number;
 }
 
+/** The most of a peer's close reason shown, once escaped: a reason is at most 123 bytes,
+ * which escaping may make four times longer. */
+const SHOWN_REASON_CHARS = 200;
+/** What does not print: controls, format characters (a bidi override), separators other
+ * than the space, lone surrogates, private and unassigned code points. */
+const NOT_PRINTED = /[\p{C}\p{Z}]/gu;
+const NAMED_ESCAPES: Record<string, string> = { '\t': '\\t', '\n': '\\n', '\r': '\\r' };
+
+/**
+ * A close reason the peer sent, as an error or a log line may show it: every character that
+ * does not print (ESC, a newline, a bidi override) escaped as Python writes it (`\x1b`,
+ * `\n`, `\u202e`), cut to SHOWN_REASON_CHARS. The peer chose those bytes; the operator's
+ * terminal must not run them.
+ */
+function shownCloseReason(reason: string): string {
+  const shown = reason.replace(NOT_PRINTED, (char) => {
+    if (char === ' ') return char;
+    const named = NAMED_ESCAPES[char];
+    if (named !== undefined) return named;
+    const code = char.codePointAt(0) ?? 0;
+    if (code < 0x100) return `\\x${code.toString(16).padStart(2, '0')}`;
+    if (code < 0x10000) return `\\u${code.toString(16).padStart(4, '0')}`;
+    return `\\U${code.toString(16).padStart(8, '0')}`;
+  });
+  if (shown.length <= SHOWN_REASON_CHARS) return shown;
+  const cut = /[\ud800-\udbff]/.test(shown.charAt(SHOWN_REASON_CHARS - 1)) ? SHOWN_REASON_CHARS - 1 : SHOWN_REASON_CHARS;
+  return `${shown.slice(0, cut)}…`;
+}
+
 /**
  * The gateway refused the plugin; dialling again would get the same answer. `status` is the
  * HTTP status of a refused upgrade (400, 401, 403, 404), or the close code 4403 of a connection
@@ -482,7 +511,7 @@ function connection(plugin: Plugin, url: string, headers: Record<string, string>
     socket.once('close', (code: number, reason: Buffer) => {
       // The hello names another plugin than the upgrade admitted: the next connection
       // would send the same hello and get the same close.
-      if (code === CLOSE_WRONG_PLUGIN) refusal = new Refused(code, reason.toString('utf8'));
+      if (code === CLOSE_WRONG_PLUGIN) refusal = new Refused(code, shownCloseReason(reason.toString('utf8')));
     });
     socket.once('open', () => {
       keepAlive(socket, options.heartbeatMs ?? 10_000);

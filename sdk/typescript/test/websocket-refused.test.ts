@@ -36,6 +36,29 @@ async function closingGateway(code: number, reason: string): Promise<{ url: stri
   return { url, upgrades: () => upgrades, close: () => server.close() };
 }
 
+test('a hostile close reason is escaped and cut in Refused, which connect prints', BOUNDED, async () => {
+  // ESC[2J clears the operator's screen, a newline forges a line, U+202E reverses text.
+  const cases: Array<[string, string]> = [
+    ['\x1b[2J\nERROR forged line \u202e', '\\x1b[2J\\nERROR forged line \\u202e'],
+    ['\x1b'.repeat(123), `${'\\x1b'.repeat(50)}…`], // the longest reason a close frame holds
+  ];
+  for (const [reason, shown] of cases) {
+    const gateway = await closingGateway(4403, reason);
+    try {
+      const signal = AbortSignal.timeout(5_000);
+      const refused = await dial(examplePlugin(), gateway.url, { initialBackoffMs: 1, maxBackoffMs: 10, signal }).then(
+        () => assert.fail('dial went on dialling'),
+        (error: unknown) => error,
+      );
+      assert.ok(refused instanceof Refused, String(refused));
+      assert.equal(refused.reason, shown);
+      assert.equal(refused.message, `the gateway refused the connection (4403): ${shown}`);
+    } finally {
+      gateway.close();
+    }
+  }
+});
+
 test('a close 4403 after the hello ends dial with Refused and the reason, without dialling again', BOUNDED, async () => {
   const gateway = await closingGateway(4403, REASON);
   try {
