@@ -14,6 +14,32 @@ import { format } from 'node:util';
 
 export type Level = 'DEBUG' | 'INFO' | 'WARN' | 'ERROR';
 
+/** What does not print: controls, format characters (a bidi override), separators other
+ * than the space, lone surrogates, private and unassigned code points. */
+const NOT_PRINTED = /[\p{C}\p{Z}]/gu;
+const NAMED_ESCAPES: Record<string, string> = { '\t': '\\t', '\n': '\\n', '\r': '\\r' };
+
+/**
+ * Text a peer chose (a close reason, a host event's name), as a log line or an error may show
+ * it: every character that does not print (ESC, a newline, a bidi override) escaped as Python
+ * writes it (`\x1b`, `\n`, `\u202e`), cut to `max` characters. The operator's terminal must
+ * not run what a peer sent.
+ */
+export function shown(text: string, max: number): string {
+  const escaped = text.replace(NOT_PRINTED, (char) => {
+    if (char === ' ') return char;
+    const named = NAMED_ESCAPES[char];
+    if (named !== undefined) return named;
+    const code = char.codePointAt(0) ?? 0;
+    if (code < 0x100) return `\\x${code.toString(16).padStart(2, '0')}`;
+    if (code < 0x10000) return `\\u${code.toString(16).padStart(4, '0')}`;
+    return `\\U${code.toString(16).padStart(8, '0')}`;
+  });
+  if (escaped.length <= max) return escaped;
+  const cut = /[\ud800-\udbff]/.test(escaped.charAt(max - 1)) ? max - 1 : max;
+  return `${escaped.slice(0, cut)}…`;
+}
+
 /** Where a logger writes; stderr unless a test passes its own. */
 export type Sink = (line: string) => void;
 

@@ -17,7 +17,7 @@ import { HealthImplementation, protoPath as healthProtoPath } from 'grpc-health-
 import { type BearerToken, tokenInterceptor } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError, type WireError } from './errors';
 import { AttachedHosts, BadHostId, hostOf, MAX_HOSTS } from './hosts';
-import { log } from './log';
+import { log, shown } from './log';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import type { CallSpan, Tracing } from './tracing';
@@ -551,13 +551,13 @@ export class PluginServer {
         call.on('data', (event: { name: string; data_json: Buffer }) => {
           let data: unknown;
           try {
-            data = decodeJson(event.data_json, `data of host event ${event.name}`);
+            data = decodeJson(event.data_json, `data of host event ${shown(event.name, 64)}`);
           } catch (error) {
-            log.warn(`dropped host event ${event.name}: ${(error as Error).message}`);
+            log.warn(`dropped host event ${shown(event.name, 64)}: ${(error as Error).message}`);
             return;
           }
           plugin.deliverHostEvent(event.name, data).catch((error: unknown) => {
-            log.error(`handler of host event ${event.name} failed: ${String(error)}`);
+            log.error(`handler of host event ${shown(event.name, 64)} failed: ${String(error)}`);
           });
         });
         const close = (): void => {

@@ -26,7 +26,7 @@ import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import type { BearerToken } from './auth';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError } from './errors';
 import { formatListenAddress, listen, parseListenAddress } from './listen';
-import { log } from './log';
+import { log, shown } from './log';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import { decodeJson, encodeJson } from './server';
@@ -200,8 +200,9 @@ export class Session {
         return;
       case 'event':
         if (typeof frame.event === 'string') {
-          this.plugin.deliverHostEvent(frame.event, frame.data ?? null).catch((error: unknown) => {
-            log.error(`handler of host event ${frame.event} failed: ${String(error)}`);
+          const name = frame.event;
+          this.plugin.deliverHostEvent(name, frame.data ?? null).catch((error: unknown) => {
+            log.error(`handler of host event ${shown(name, 64)} failed: ${String(error)}`);
           });
         }
         return;
@@ -422,30 +423,10 @@ export interface DialOptions {
 /** The most of a peer's close reason shown, once escaped: a reason is at most 123 bytes,
  * which escaping may make four times longer. */
 const SHOWN_REASON_CHARS = 200;
-/** What does not print: controls, format characters (a bidi override), separators other
- * than the space, lone surrogates, private and unassigned code points. */
-const NOT_PRINTED = /[\p{C}\p{Z}]/gu;
-const NAMED_ESCAPES: Record<string, string> = { '\t': '\\t', '\n': '\\n', '\r': '\\r' };
 
-/**
- * A close reason the peer sent, as an error or a log line may show it: every character that
- * does not print (ESC, a newline, a bidi override) escaped as Python writes it (`\x1b`,
- * `\n`, `\u202e`), cut to SHOWN_REASON_CHARS. The peer chose those bytes; the operator's
- * terminal must not run them.
- */
+/** A close reason the peer sent, as an error or a log line may show it (`shown`). */
 function shownCloseReason(reason: string): string {
-  const shown = reason.replace(NOT_PRINTED, (char) => {
-    if (char === ' ') return char;
-    const named = NAMED_ESCAPES[char];
-    if (named !== undefined) return named;
-    const code = char.codePointAt(0) ?? 0;
-    if (code < 0x100) return `\\x${code.toString(16).padStart(2, '0')}`;
-    if (code < 0x10000) return `\\u${code.toString(16).padStart(4, '0')}`;
-    return `\\U${code.toString(16).padStart(8, '0')}`;
-  });
-  if (shown.length <= SHOWN_REASON_CHARS) return shown;
-  const cut = /[\ud800-\udbff]/.test(shown.charAt(SHOWN_REASON_CHARS - 1)) ? SHOWN_REASON_CHARS - 1 : SHOWN_REASON_CHARS;
-  return `${shown.slice(0, cut)}…`;
+  return shown(reason, SHOWN_REASON_CHARS);
 }
 
 /**

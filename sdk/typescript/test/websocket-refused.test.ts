@@ -148,3 +148,41 @@ test('a 400 at the upgrade ends dial with Refused, without dialling again', BOUN
     server.close();
   }
 });
+
+test("a host event's hostile name is escaped in the log line of its failed handler", BOUNDED, async () => {
+  const server = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  await once(server, 'listening');
+  server.on('connection', (socket) => {
+    socket.once('message', () => {
+      // ESC[2J clears the operator's screen, a newline forges a line, U+202E reverses text.
+      socket.send(JSON.stringify({ type: 'event', event: '\x1b[2J\nERROR forged \u202e', data: null }));
+    });
+  });
+  const url = `ws://127.0.0.1:${(server.address() as AddressInfo).port}/v1/plugins/connect`;
+  const plugin = examplePlugin().on('*', () => {
+    throw new Error('no handler for that');
+  });
+  const written: string[] = [];
+  const write = process.stderr.write.bind(process.stderr);
+  process.stderr.write = ((chunk: string | Uint8Array) => {
+    written.push(String(chunk));
+    return true;
+  }) as typeof process.stderr.write;
+  const stopping = new AbortController();
+  try {
+    const dialling = dial(plugin, url, { initialBackoffMs: 1, maxBackoffMs: 10, signal: stopping.signal });
+    const deadline = Date.now() + 5_000;
+    while (!written.some((line) => line.includes('handler of host event')) && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    stopping.abort();
+    await dialling.catch(() => undefined);
+  } finally {
+    process.stderr.write = write;
+    server.close();
+  }
+  const line = written.find((each) => each.includes('handler of host event'));
+  assert.ok(line, written.join(''));
+  assert.ok(line.includes('host event \\x1b[2J\\nERROR forged \\u202e failed'), line);
+  assert.ok(!line.includes('\x1b'), line);
+});
