@@ -292,20 +292,15 @@ class GrpcProvider(Provider[GrpcTarget]):
         users = self._users.setdefault(target.key, ConnectionUsers())
         address = target.connect_address()
         service = self._services.setdefault(address, ServiceUsers())
-        users.attaching += 1
-        service.attaching += 1
+        users.under_way += 1
+        service.under_way += 1
         try:
             await self._take_turn(plugin, target, connection, users, service)
         except BaseException:
-            users.attaching -= 1
-            service.attaching -= 1
-            if service.unused() and self._services.get(address) is service:
-                del self._services[address]
-            if users.unused():  # opened for this attach alone
-                await self._close(target)
+            await self._leave(target, users, service)  # opened for this attach alone?
             raise
-        users.attaching -= 1
-        service.attaching -= 1
+        users.under_way -= 1
+        service.under_way -= 1
         users.plugins[plugin.key] = plugin
         use = Use(plugin, target.key, runs_lifecycle=target.lifecycle == "dispatcher")
         service.uses[(plugin.key, target.key)] = use
@@ -382,24 +377,40 @@ class GrpcProvider(Provider[GrpcTarget]):
         if users is None or users.plugins.pop(plugin.key, None) is None:
             return
         users.sinks.pop(plugin.key, None)
-        address = target.connect_address()
-        service = self._services[address]
+        service = self._services[target.connect_address()]
         del service.uses[(plugin.key, target.key)]
-        async with service.steps:
-            # Who else uses the service is read once this has its turn: an attach that
-            # had the turn before it may have joined meanwhile.
-            if service.uses:  # another entry still calls the service: it keeps running
-                await self._hand_over(service, plugin)
-            elif service.initialised is not None:
-                # None: the provider closed while this waited its turn (its close ends
-                # every connection; there is nothing left to send Stop over).
-                connection = self._connections.get(target.key)
-                if connection is not None:
-                    await self._end(connection, service.initialised, target)
-        # An attach that came meanwhile keeps the record, and starts after this end.
+        # Under way until its end is sent: another detach over the connection, or a
+        # failed attach, must not close it first (the service would get no Stop).
+        users.under_way += 1
+        service.under_way += 1
+        try:
+            async with service.steps:
+                # Who else uses the service is read once this has its turn: an attach
+                # that had the turn before it may have joined meanwhile.
+                if service.uses:  # another entry still calls the service: it keeps running
+                    await self._hand_over(service, plugin)
+                elif service.initialised is not None:
+                    # None: the provider closed while this waited its turn (its close
+                    # ends every connection; there is nothing left to send Stop over).
+                    connection = self._connections.get(target.key)
+                    if connection is not None:
+                        await self._end(connection, service.initialised, target)
+        finally:
+            # An attach that came meanwhile keeps the record, and starts after this end.
+            await self._leave(target, users, service)
+
+    async def _leave(
+        self, target: GrpcTarget, users: ConnectionUsers, service: ServiceUsers
+    ) -> None:
+        """An attach or detach is over: drop the address's record and close the
+        connection when nothing uses them any more (nor is about to)."""
+        users.under_way -= 1
+        service.under_way -= 1
+        address = target.connect_address()
         if service.unused() and self._services.get(address) is service:
             del self._services[address]
-        if users.unused():
+        # Another record by now: the provider closed, and ended this connection.
+        if users.unused() and self._users.get(target.key) is users:
             await self._close(target)
 
     async def _hand_over(self, service: ServiceUsers, leaving: PluginInfo) -> None:

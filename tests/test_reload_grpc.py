@@ -343,3 +343,50 @@ async def test_what_a_reload_cancelled_after_its_swap_retired_goes_at_the_next_r
         assert (await dispatcher.reload(manifest(entry("2.0.0", new.address))))["kept"]
         assert old.plugin.steps == ["init", "start", "stop", "destroy"]
         assert new.plugin.steps == ["init", "start"]
+
+
+async def test_two_entries_over_one_channel_detached_at_once_end_their_service(
+    served: Serve,
+) -> None:
+    """Two plugins with equal targets (one channel) leave at once; the first to take its
+    turn hands the service to the other's config. The second then ends the service over
+    the channel. Before, the first closed the channel as it left (no plugin was left on
+    it), and the second found nothing to send ``Stop`` over: no ``Stop``, no ``Destroy``."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    one, two = manifest(
+        {**entry("1.0.0", service.address, plugin_id="one"), "config": {"who": "one"}},
+        {**entry("1.0.0", service.address, plugin_id="two"), "config": {"who": "two"}},
+    ).plugins
+    provider = GrpcProvider()
+    try:
+        await provider.attach(one, one.target)
+        await provider.attach(two, two.target)
+        await asyncio.gather(provider.detach(two, two.target), provider.detach(one, one.target))
+        assert service.plugin.steps == ["init", "start"] * 3 + ["stop", "destroy"]
+        assert not provider._services and not provider._users and not provider._connections
+        await until(lambda: not connections_to(service.address), "the channel closed")
+    finally:
+        await provider.aclose()
+
+
+async def test_a_close_while_a_new_version_fails_to_start_on_the_channel_ends_the_service(
+    served: Serve,
+) -> None:
+    """A reload puts version 2 on version 1's target (one channel) and its ``Init`` fails;
+    the dispatcher closes while that ``Init`` runs, so version 1's detach waits its turn.
+    Version 1 still sends ``Stop`` and ``Destroy``. Before, the failed attach closed the
+    channel (no plugin was on it any more) and version 1's detach had none to send on."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    _refusing(service.plugin)
+    dispatcher = Dispatcher(manifest(entry("1.0.0", service.address)))
+    await dispatcher.start()
+    service.plugin.init_takes = 0.3
+    failing = {**entry("2.0.0", service.address), "config": {"fail": True}}
+    reload = asyncio.create_task(dispatcher.reload(manifest(failing), grace=10))
+    await until(lambda: service.plugin.steps.count("init") == 2, "version 2's Init under way")
+    await dispatcher.aclose()
+    with pytest.raises(ProviderError, match="Init"):
+        await reload
+    assert service.plugin.steps == ["init", "start", "init", "stop", "destroy"]
+    await until(lambda: not connections_to(service.address), "the channel closed")
+

@@ -6,10 +6,11 @@ whose targets name one address reach one service there, whatever else their targ
 attaches version 2 before it detaches version 1, so the two overlap. Hence:
 
 - a connection closes when the last entry using it is detached, or the attach it was
-  opened for fails, unless another attach over it is under way;
+  opened for fails, unless another attach or detach over it is under way (a detach
+  waiting its turn still sends ``Stop`` and ``Destroy`` over it);
 - the service's ``Stop`` and ``Destroy`` are sent when the last entry using the address is
   detached, never while another still calls it; the address's record goes with it (or
-  with a failed attach), unless another attach there is under way;
+  with a failed attach), unless another attach or detach there is under way;
 - the service runs with the config of the last ``Init`` it had (``initialised``); when
   that entry leaves and another with ``lifecycle: dispatcher`` stays, the newest such
   entry's ``Init`` and ``Start`` are sent again with its config, so the service never
@@ -45,12 +46,12 @@ class ConnectionUsers:
 
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     sinks: dict[str, EventSink] = field(default_factory=dict)
-    #: Attaches under way over the connection: a failed one, or a detach, must not close
-    #: what another is about to use.
-    attaching: int = 0
+    #: Attaches and detaches under way over the connection: none may close what another
+    #: is about to use (an attach to start, a detach to send ``Stop`` and ``Destroy``).
+    under_way: int = 0
 
     def unused(self) -> bool:
-        return not self.plugins and not self.attaching
+        return not self.plugins and not self.under_way
 
     def emit(self, event: str, data: Any) -> None:
         """The connection's ``Events`` sink: the newest plugin's, when it takes events."""
@@ -80,12 +81,12 @@ class ServiceUsers:
     #: a restart's ``Init`` again, the end): two at once left the config of the one whose
     #: ``Init`` came last, which need not be ``initialised``.
     steps: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: Attaches under way to the address, each holding this record: it is dropped only
-    #: once none is, so they all take their turns on one ``steps``.
-    attaching: int = 0
+    #: Attaches and detaches under way at the address, each holding this record: it is
+    #: dropped only once none is, so they all take their turns on one ``steps``.
+    under_way: int = 0
 
     def unused(self) -> bool:
-        return not self.uses and not self.attaching
+        return not self.uses and not self.under_way
 
     def heir(self) -> Use | None:
         """The newest attachment that runs the service's lifecycle; None when none does."""
