@@ -27,14 +27,14 @@ to happen to the parts around that install is here, in the order the dispatcher 
    dials again, or is gone), and detach the rest: retired attachments (with any an
    earlier reload retired and left when its caller gave up after its swap), discovered
    instances from the versions no longer calling them, fleets, the policy state of
-   removed versions.
+   removed versions. A caller giving up once the wait is over waits for these to end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from dispatcher._attachments import Attachment, Attachments
@@ -158,11 +158,18 @@ class ReloadSteps:
         used = {target.key for plugin in manifest.plugins for target in plugin.targets()}
         if attachments.retiring or plan.removed or plan.changed or fleets.unused(used):
             await self._settle(grace)
-            await self._close_connections(manifest, plan, used)
-            await attachments.detach_retired()
-            await fleets.release()  # discovered instances, from versions gone
-            await fleets.forget(used)
-            await self._policies.forget(plan.removed)  # changed ones were rebuilt
+            # A caller giving up from here would cut a detach in half (a service with its
+            # Stop and no Destroy, and a channel open until the close, for nothing ends
+            # it again): the rest runs to its end, then the cancel goes on.
+            await _to_its_end(self._end_retired(manifest, plan, used))
+
+    async def _end_retired(self, manifest: Manifest[Any], plan: ReloadPlan, used: set[str]) -> None:
+        """What the swap retired, ended once its calls are done."""
+        await self._close_connections(manifest, plan, used)
+        await self._attachments.detach_retired()
+        await self._fleets.release()  # discovered instances, from versions gone
+        await self._fleets.forget(used)
+        await self._policies.forget(plan.removed)  # changed ones were rebuilt
 
     async def _close_connections(
         self, manifest: Manifest[Any], plan: ReloadPlan, used: set[str]
@@ -197,3 +204,18 @@ class ReloadSteps:
             log.warning(
                 "reload: calls in flight at the swap still ran after %g s; detaching anyway", grace
             )
+
+
+async def _to_its_end(work: Coroutine[Any, Any, None]) -> None:
+    """Await ``work`` to its end even if the awaiting task is cancelled meanwhile; the
+    cancel is raised once ``work`` is done."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()  # its own failure first
+    if cancelled:
+        raise asyncio.CancelledError

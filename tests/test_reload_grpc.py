@@ -390,3 +390,34 @@ async def test_a_close_while_a_new_version_fails_to_start_on_the_channel_ends_th
     assert service.plugin.steps == ["init", "start", "init", "stop", "destroy"]
     await until(lambda: not connections_to(service.address), "the channel closed")
 
+
+async def test_a_reload_cancelled_while_it_detaches_what_it_retired_ends_it_still(
+    served: Serve,
+) -> None:
+    """The reload's caller gives up while version 1, which it retired, is being stopped:
+    the cancel waits for the detach to end, so version 1's service gets its ``Destroy``
+    and its channel closes. Before, the detach was cut after ``Stop``, out of the list of
+    what is to be detached, and nothing ended it: no ``Destroy``, even at the close, and
+    a channel open until then."""
+    old = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    new = await served("127.0.0.1", free_port(), "2.0.0", "svc")
+    recording = old.plugin
+
+    async def stop() -> None:
+        recording.steps.append("stop")
+        await asyncio.sleep(0.3)
+
+    recording.stop = stop  # type: ignore[method-assign]
+    async with Dispatcher(manifest(entry("1.0.0", old.address))) as dispatcher:
+        reload = asyncio.create_task(
+            dispatcher.reload(manifest(entry("2.0.0", new.address)), grace=10)
+        )
+        await until(lambda: recording.steps[-1:] == ["stop"], "version 1's Stop under way")
+        reload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reload
+        assert recording.steps == ["init", "start", "stop", "destroy"]
+        await until(lambda: not connections_to(old.address), "version 1's channel closed")
+        assert await dispatcher.call("svc", "whoami", {}) == "127.0.0.1"
+    assert recording.steps == ["init", "start", "stop", "destroy"]
+    assert new.plugin.steps == ["init", "start", "stop", "destroy"]
