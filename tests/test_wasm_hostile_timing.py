@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher import DeadlineExceeded, Dispatcher, ProviderError
+from dispatcher import DeadlineExceeded, Dispatcher, ProviderError, TargetUnavailable
 from providers.capabilities import Capabilities
 from providers.wasm.pool import InstancePool
 from providers.wasm.runtime import Compiled
@@ -250,3 +250,74 @@ asyncio.run(main(sys.argv[1] == "wait"))
 def _env() -> dict[str, str]:
     """This interpreter's import path for the child (the checkout, and its SDK)."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+
+
+async def test_a_call_waiting_for_a_slot_as_the_pool_closes_ends_at_once(
+    pool: InstancePool,
+) -> None:
+    """The pool closes (its plugin detached) while one call sleeps in a host call and
+    another waits for the slot: the waiting one ends as the close does, saying so. Before,
+    it took the slot when the sleeper's thread came back, handed its start to a thread
+    that had ended, and waited until its own deadline to fail as if it had run."""
+    napping = asyncio.create_task(pool.call("nap", b"null", remaining=10.0, cpu_s=None))
+    await asyncio.sleep(0.1)
+    waiting = asyncio.create_task(pool.call("one", b"null", remaining=8.0, cpu_s=None))
+    await asyncio.sleep(0.05)
+    started = time.perf_counter()
+    await pool.aclose()
+    result = await waiting
+    assert result.cancelled_by == "closed", result
+    assert time.perf_counter() - started < 1.5
+    await napping
+
+
+async def test_a_call_whose_instance_starts_as_the_pool_closes_does_not_run(
+    tmp_path: Path,
+) -> None:
+    """``fresh`` instances: the call's instance is being made when the pool closes. The
+    close frees it; the call must not run on it, nor cancel it again and again. Before,
+    the call handed the freed instance to a thread that had ended, waited until its
+    deadline, and its cancel fired on the freed instance every second from then on."""
+    sandbox = sandbox_of(Capabilities(), {})
+    code = HOSTILE_WAT
+    pool = InstancePool(
+        "hostile",
+        lambda: Compiled(
+            code, hashlib.sha256(code).hexdigest(), sandbox.manifest_options, tmp_path / "cache"
+        ),
+        sandbox.config,
+        size=1,
+        reuse=False,
+    )
+    await pool.warm()
+    call = asyncio.create_task(pool.call("one", b"null", remaining=5.0, cpu_s=None))
+    await asyncio.sleep(0)  # its instance is being made
+    started = time.perf_counter()
+    await pool.aclose()
+    result = await call
+    assert result.cancelled_by == "closed", result
+    assert time.perf_counter() - started < 1.5
+    assert not pool._running
+
+
+async def test_a_call_waiting_for_a_version_a_reload_removes_fails_typed_at_its_detach(
+    module: Path,
+) -> None:
+    """A reload removes version 1 while one of its calls sleeps in a host call and another
+    waits for the instance: once the reload's grace is over and version 1 is detached,
+    the waiting call fails at once with ``TargetUnavailable`` (retryable: it never ran).
+    Before, it waited until its own deadline and failed as if it had run too long."""
+    async with Dispatcher(manifest(plugin(module, pool_size=1))) as dispatcher:
+        napping = asyncio.create_task(dispatcher.call("hostile", "nap", None, timeout=10))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(dispatcher.call("hostile", "one", None, timeout=8))
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        await dispatcher.reload(manifest({**plugin(module), "version": "2.0.0"}), grace=0.2)
+        with pytest.raises(TargetUnavailable, match="detached"):
+            await waiting
+        assert time.perf_counter() - started < 2.0
+        napping.cancel()
+        await asyncio.gather(napping, return_exceptions=True)
+        assert await dispatcher.call("hostile", "one", None, timeout=5) == 1
+

@@ -60,7 +60,8 @@ class CallResult:
     output: bytes | None = None
     failure: CallFailed | None = None
     #: ``busy``: every slot stayed taken until the deadline; the call never started.
-    cancelled_by: Literal["deadline", "cpu", "busy", None] = None
+    #: ``closed``: the pool closed (its plugin was detached) before the call started.
+    cancelled_by: Literal["deadline", "cpu", "busy", "closed", None] = None
 
 
 class _Lane:
@@ -154,6 +155,11 @@ class InstancePool:
                 await self._slots.acquire()
         except TimeoutError:
             return CallResult(failure=CallFailed("cancelled", "timeout"), cancelled_by="busy")
+        if self._closed:
+            # Its threads have ended: a job given them now would wait for ever. The slot
+            # goes to the next call waiting, which ends here too.
+            self._slots.release()
+            return _CLOSED
         lane = self._idle.pop() if self._idle else None
         if lane is not None and lane.instance is not None and self._reuse:
             instance = lane.instance
@@ -179,6 +185,10 @@ class InstancePool:
             except BaseException:
                 self._slots.release()
                 raise
+            if self._closed:  # while its lane was made: the close freed what it could not
+                _free(lane)  # know was in use: the call must not run on it
+                self._slots.release()
+                return _CLOSED
             if isinstance(made, CallFailed):
                 self._idle.append(lane)
                 self._slots.release()
@@ -233,6 +243,7 @@ class InstancePool:
         """Stop running calls and wait for their threads (``CLOSE_WAIT_SECONDS`` at most),
         then free every instance and module no thread is still in."""
         self._closed = True
+        self._slots.release()  # wakes the calls waiting for a slot, one by one: they end
         for instance in list(self._running):
             instance.cancel()
         stuck = await self._workers.close(CLOSE_WAIT_SECONDS)
@@ -270,6 +281,9 @@ class InstancePool:
             f"<InstancePool {self.name} {mode} size={self._size} lanes={len(self._lanes)} "
             f"running={len(self._running)} idle={len(self._idle)}>"
         )
+
+
+_CLOSED = CallResult(failure=CallFailed("cancelled", "closed"), cancelled_by="closed")
 
 
 def _free(lane: _Lane) -> None:

@@ -9,6 +9,7 @@ instances; calls run on the pool's threads. Error mapping, at this boundary:
                                                 (remote_type ``ExtismError``)
     the call's deadline passed                  DeadlineExceeded (the instance is dropped)
     every instance busy until the deadline      DeadlineExceeded (naming ``pool_size``)
+    the plugin detached before the call began   TargetUnavailable (retryable)
     ``cpu_s`` of its capabilities used up       LimitExceeded(limit="cpu_s")
     linear memory past ``memory_mb``            LimitExceeded(limit="memory_mb")
     a trap or an exit (Go panic, unreachable)   ProviderError; the dispatcher keeps serving
@@ -192,6 +193,11 @@ def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> 
         raise DeadlineExceeded(
             f"{where}: every instance stayed busy until the call's deadline "
             f"(pool_size {attached.pool.size}); the call did not start"
+        )
+    if result.cancelled_by == "closed":
+        raise TargetUnavailable(
+            f"{where}: the plugin was detached (a reload, or the dispatcher closing) before"
+            " the call started"
         )
     if result.cancelled_by == "cpu":
         raise LimitExceeded(
