@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from providers.wasm.pool import InstancePool
 from providers.wasm.runtime import Compiled
 from providers.wasm.sandbox import sandbox_of
 from tests.conftest import manifest
+from tests.services import until
 
 #: ``spin`` never returns; ``nap`` sleeps in WASI's poll_oneoff (a host call, which epoch
 #: interruption cannot stop) for NAP_SECONDS; ``one`` answers the JSON ``1``.
@@ -321,3 +323,26 @@ async def test_a_call_waiting_for_a_version_a_reload_removes_fails_typed_at_its_
         await asyncio.gather(napping, return_exceptions=True)
         assert await dispatcher.call("hostile", "one", None, timeout=5) == 1
 
+
+async def test_an_attach_given_up_while_its_start_code_runs_leaves_no_thread(
+    module: Path, tmp_path: Path
+) -> None:
+    """A reload adding a plugin whose start code takes START_SECONDS is cancelled (its
+    caller gave up) meanwhile: once the start code returns, nothing of the attach is left
+    running. Before, only a start that failed or timed out closed the pool: a cancel left
+    its thread waiting for jobs for as long as the process lived."""
+    slow = slow_start(tmp_path, trap_after_first=False)
+    slow["id"] = "slow"
+
+    def threads() -> list[str]:
+        return [each.name for each in threading.enumerate() if each.name.startswith("wasm-slow")]
+
+    async with Dispatcher(manifest(plugin(module))) as dispatcher:
+        reload = asyncio.create_task(dispatcher.reload(manifest(plugin(module), slow)))
+        await until(threads, "the attach's thread")
+        await asyncio.sleep(0.2)
+        reload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reload
+        await until(lambda: not threads(), "the attach's thread ended", timeout=START_SECONDS + 3)
+        assert await dispatcher.call("hostile", "one", None, timeout=5) == 1

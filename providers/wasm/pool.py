@@ -102,11 +102,19 @@ class InstancePool:
         self._closed = False
 
     async def warm(self) -> Instance:
-        """The first lane and an instance, made now (the attach check of exports)."""
-        lane = await self._workers.run(self._new_lane)
-        lane.instance = await self._workers.run(lane.compiled.instantiate, self._config)
+        """The first lane and an instance, made now (the attach check of exports). An
+        attach that gives up meanwhile (``start_timeout_ms``, a cancel) leaves the lane to
+        be freed once it is made: the start code runs on, and no cancel reaches it."""
+        setup = self._workers.run(self._prepare, None)
+        try:
+            lane, made = await asyncio.shield(setup)
+        except BaseException:
+            setup.add_done_callback(self._take_back)
+            raise
         self._idle.append(lane)
-        return lane.instance
+        if isinstance(made, CallFailed):
+            raise made
+        return made
 
     def _new_lane(self) -> _Lane:
         lane = _Lane(self._compile_lane())
@@ -130,7 +138,11 @@ class InstancePool:
 
     def _prepared(self, setup: asyncio.Future[tuple[_Lane, Instance | CallFailed]]) -> None:
         """A call gave up while its lane was made: the lane goes back once it is (or is
-        freed, the pool closed meanwhile)."""
+        freed, the pool closed meanwhile), and so does the call's slot."""
+        self._take_back(setup)
+        self._slots.release()
+
+    def _take_back(self, setup: asyncio.Future[tuple[_Lane, Instance | CallFailed]]) -> None:
         if not setup.cancelled() and setup.exception() is None:
             lane, made = setup.result()
             if self._closed:
@@ -140,7 +152,6 @@ class InstancePool:
                     made.close()
                     lane.instance = None
                 self._idle.append(lane)
-        self._slots.release()
 
     async def call(
         self, function: str, payload: bytes, *, remaining: float, cpu_s: float | None

@@ -121,16 +121,19 @@ class WasmProvider(Provider[WasmTarget]):
             async with asyncio.timeout(target.start_timeout_ms / 1000):
                 instance = await pool.warm()
             missing = [name for name in plugin.methods if not instance.exports(name)]
-        except runtime.CallFailed as failure:
+        except BaseException as error:
+            # Cancelled too (a reload's caller gave up): the pool's thread would wait for
+            # jobs for as long as the process lives.
             await pool.aclose()
-            raise ProviderError(f"{plugin.key}: {module.path}: {failure.message}") from None
-        except TimeoutError:
-            await pool.aclose()
-            raise ProviderError(
-                f"{plugin.key}: {module.path}: compiling the module and starting an instance"
-                f" took longer than start_timeout_ms ({target.start_timeout_ms} ms): its start"
-                " code may never return"
-            ) from None
+            if isinstance(error, runtime.CallFailed):
+                raise ProviderError(f"{plugin.key}: {module.path}: {error.message}") from None
+            if isinstance(error, TimeoutError):
+                raise ProviderError(
+                    f"{plugin.key}: {module.path}: compiling the module and starting an"
+                    f" instance took longer than start_timeout_ms ({target.start_timeout_ms}"
+                    " ms): its start code may never return"
+                ) from None
+            raise
         if missing:
             await pool.aclose()
             raise ProviderError(
