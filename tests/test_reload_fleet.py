@@ -411,3 +411,61 @@ async def test_a_close_while_a_reload_adds_a_version_to_a_fleet_ends_every_attac
         timeout=10,
     )
     assert [each.plugin.steps.count("destroy") for each in found] == [1, 1]
+
+
+async def test_a_reload_that_goes_back_leaves_an_earlier_one_s_retired_version_its_calls(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    """Version 1 calls a fleet found by DNS. A first reload, to version 2 elsewhere, is
+    cancelled as it waits for version 1's call in flight: the swap stands, and version 1
+    stays attached to the instances until a wait covers its call. A second reload, adding
+    another plugin on that fleet, is cancelled as it attaches it, and goes back: it
+    detaches what it attached, and only that. Before, going back detached every version
+    no longer serving the fleet, version 1 too: its call in flight failed as the channels
+    closed under it."""
+    port = port_free_on(*V1_HOSTS)
+    found = [await served(host, port) for host in V1_HOSTS]
+    for each in found:
+        recording = each.plugin
+
+        async def init(config: dict[str, Any], recording: Any = recording) -> None:
+            recording.steps.append("init")
+            recording.configs.append(config)
+            if config == {"version": "3.0.0"}:
+                await asyncio.sleep(5)
+
+        recording.init = init  # type: ignore[method-assign]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    methods = {**METHODS, "linger": {"timeout_ms": 10_000}}
+    v1 = {**versioned("1.0.0", source), "methods": methods}
+    added = {**versioned("3.0.0", source), "id": "other", "methods": methods}
+    elsewhere = await served(V2_HOST, port_free_on(V2_HOST), "2.0.0")
+    v2 = on_one_address("2.0.0", elsewhere.address)
+    async with Dispatcher(manifest(v1)) as dispatcher:
+        lingering = asyncio.create_task(dispatcher.call("fleet", "linger", {"seconds": 1.5}))
+        await until(lambda: dispatcher.stats()["dispatcher"]["calls_in_flight"], "the call")
+        first = asyncio.create_task(dispatcher.reload(manifest(v2), grace=10))
+        await until(lambda: elsewhere.plugin.steps == ["init", "start"], "version 2 started")
+        await asyncio.sleep(0.05)  # the swap is done: the reload waits for the call
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second = asyncio.create_task(dispatcher.reload(manifest(v2, added), grace=10))
+        await until(
+            lambda: any(each.plugin.configs[-1] == {"version": "3.0.0"} for each in found),
+            "the added plugin's Init",
+        )
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        assert await lingering in V1_HOSTS
+        assert all("stop" not in each.plugin.steps for each in found)
+        # The next reload's wait is over at once: version 1 goes now, and its channels.
+        assert (await dispatcher.reload(manifest(v2), grace=10))["kept"] == ["fleet@2.0.0"]
+        assert [each.plugin.steps[-2:] for each in found] == [["stop", "destroy"]] * 2
+        await until(
+            lambda: not any(connections_to(each.address) for each in found),
+            "the channels to version 1's instances closed",
+        )
+    assert [each.plugin.steps.count("destroy") for each in found] == [1, 1]

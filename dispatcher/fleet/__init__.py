@@ -162,11 +162,24 @@ class FleetRuntime:
         """Undo a reload's first step, which went no further (it failed, or its caller
         gave up): the versions it added to fleets stop serving them and are detached from
         the instances found, and the fleets it made end."""
+        added: dict[str, frozenset[str]] = {}
         for key, discovered in self._discovered.items():
+            added[key] = frozenset(
+                plugin.key
+                for plugin in discovered.serving
+                if (key, plugin.key) not in checkpoint.serving
+            )
             for plugin in list(discovered.serving):
-                if (key, plugin.key) not in checkpoint.serving:
+                if plugin.key in added[key]:
                     discovered.stop_serving(plugin)
-        await self.release()
+        # Those alone: a version an earlier reload retired may still be attached, its
+        # calls in flight (that reload's caller gave up during its wait); the next
+        # reload's wait covers them, then ``release`` detaches it.
+        for key, keys in added.items():
+            found = self._discovered.get(key)
+            membership = self.memberships.get(key)
+            if keys and found is not None and membership is not None:
+                await membership.exclusively(partial(found.release, only=keys))
         await self.forget(set(checkpoint.fleets))
 
     async def release(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from providers.base import Provider
@@ -96,11 +97,16 @@ class DiscoveredAttachments:
             plugins.append(plugin)
         return failed
 
-    async def release(self) -> None:
-        """Detach every instance from the versions that no longer serve the fleet."""
+    async def release(self, *, only: Collection[str] | None = None) -> None:
+        """Detach every instance from the versions that no longer serve the fleet (of
+        them, those whose keys are in ``only``, if given)."""
         serving = {each.key for each in self.serving}
+
+        def leaving(plugin: PluginInfo) -> bool:
+            return plugin.key not in serving and (only is None or plugin.key in only)
+
         for target, plugins in list(self._attached.values()):
-            for plugin in [each for each in reversed(plugins) if each.key not in serving]:
+            for plugin in [each for each in reversed(plugins) if leaving(each)]:
                 plugins.remove(plugin)
                 try:
                     await self.provider.detach(plugin, target)
