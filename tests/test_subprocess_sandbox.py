@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import sysconfig
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,8 +25,8 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher, PluginError, TargetUnavailable
-from tests.conftest import manifest
-from tests.sandbox_support import build_static, open_folder, remove
+from tests.conftest import ROOT, manifest
+from tests.sandbox_support import PLUGINS, build_static, open_folder, remove
 
 pytestmark = [
     pytest.mark.toolchain,
@@ -85,6 +89,18 @@ def host_folder() -> Iterator[Path]:
 
 async def call(dispatcher: Dispatcher, method: str, **params: Any) -> Any:
     return await dispatcher.call("hostile", method, params, timeout=20)
+
+
+async def answers_again(dispatcher: Dispatcher, plugin: str = "hostile") -> dict[str, Any]:
+    """``whoami`` of ``plugin`` once it answers again (it is restarting), within 20 s."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return await dispatcher.call(plugin, "whoami", {}, timeout=20)  # type: ignore[no-any-return]
+        except TargetUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 async def test_the_plugin_runs_unprivileged_in_its_own_namespaces(dispatcher: Dispatcher) -> None:
@@ -150,6 +166,71 @@ async def test_a_fork_bomb_stops_at_the_process_limit(dispatcher: Dispatcher) ->
     assert (await call(dispatcher, "whoami"))["no_new_privs"] == "1"  # still serving
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs plugins as a user other than the dispatcher's")
+async def test_a_plugin_holding_its_process_limit_keeps_no_other_plugin_from_starting(
+    hostile_executable: Path,
+) -> None:
+    # RLIMIT_NPROC counts the processes and threads of a real uid. Every plugin runs as
+    # 65534, and the limit, set before bwrap, counted all of them: one holding its limit
+    # kept the next plugin from starting ("bwrap: Creating new namespace failed") and any
+    # plugin from restarting. Set inside its user namespace, it counts the plugin's own.
+    bomber = sandboxed(hostile_executable, {"pids": 32})
+    other = {**sandboxed(hostile_executable, {"pids": 32}), "id": "other"}
+    async with Dispatcher(manifest(bomber)) as first:
+        held = await call(first, "spawn", n=500, hold=True)
+        assert "resource temporarily unavailable" in held["error"]
+        async with Dispatcher(manifest(other)) as second:  # a launch
+            me = await second.call("other", "whoami", {}, timeout=20)
+            assert me["pid"] < 10
+            with pytest.raises(TargetUnavailable):  # killed by the filter: a restart
+                await second.call("other", "ptrace", {}, timeout=20)
+            assert (await answers_again(second, "other"))["pid"] < 10
+
+
+def _system_python_is_ours() -> bool:
+    """Whether /usr/bin/python3 can import this interpreter's packages (same version)."""
+    try:
+        shown = subprocess.run(
+            ["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+    except OSError:
+        return False
+    return shown.stdout.strip() == str(sys.version_info[:2])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a dispatcher as another user")
+async def test_not_as_root_neither_the_dispatchers_threads_nor_a_plugin_at_its_limit_keep_a_plugin_from_starting(
+    hostile_executable: Path,
+) -> None:
+    # Not root: the plugins run as the dispatcher's uid. RLIMIT_NPROC set outside their
+    # user namespaces counted every thread of that uid: a dispatcher with 40 threads of
+    # its own could not start a plugin with pids 32, and one plugin at its limit kept the
+    # next from starting.
+    if not await asyncio.to_thread(_system_python_is_ours):
+        pytest.skip("/usr/bin/python3 is not this interpreter's version")
+    packages = sysconfig.get_paths()["purelib"]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+            "/usr/bin/python3", str(PLUGINS / "nonroot_dispatcher.py"), str(hostile_executable),
+        ],
+        env={
+            "PATH": os.environ["PATH"],
+            "HOME": "/tmp",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python"), packages]),
+        },
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["dispatcher_uid"] == seen["first"]["uid"] == seen["second"]["uid"] == 65534
+    assert "resource temporarily unavailable" in seen["held"]["error"]
+    assert seen["second"]["pid"] < 10
+    assert seen["dispatcher_forks"]
+
+
 async def test_a_forbidden_syscall_kills_only_the_plugin_which_restarts(
     dispatcher: Dispatcher,
 ) -> None:
@@ -158,15 +239,7 @@ async def test_a_forbidden_syscall_kills_only_the_plugin_which_restarts(
     first_pid = process.pid
     with pytest.raises(TargetUnavailable):
         await call(dispatcher, "ptrace")
-    deadline = time.monotonic() + 20
-    while True:  # restart as configured (restart: true, backoff 50 ms)
-        try:
-            await call(dispatcher, "whoami")
-            break
-        except TargetUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
+    await answers_again(dispatcher)  # restarted as configured (restart: true, backoff 50 ms)
     assert process.pid != first_pid
     assert process.restarts == 1
 

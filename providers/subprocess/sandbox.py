@@ -2,8 +2,7 @@
 
 Layers, outermost first, each applied even when the next is missing:
 
-    prlimit     RLIMIT_CPU (capabilities.cpu_s), RLIMIT_AS (memory_mb), RLIMIT_NOFILE,
-                RLIMIT_NPROC (pids; threads count too)
+    prlimit     RLIMIT_CPU (capabilities.cpu_s), RLIMIT_AS (memory_mb), RLIMIT_NOFILE
     setpriv     as root: the plugin's uid:gid (65534 by default) and no groups: the
                 kernel never applies RLIMIT_NPROC to root, and a plugin needs no root;
                 without bubblewrap, also no_new_privs
@@ -14,11 +13,24 @@ Layers, outermost first, each applied even when the next is missing:
                 read-write (the only way out); the granted files; a private /tmp of
                 ``sandbox.tmp_mb`` (bubblewrap 0.8), /proc, /dev; no_new_privs; dies with
                 the dispatcher
+    prlimit     inside the plugin's user namespace: RLIMIT_NPROC (pids; threads count
+                too), which there counts the plugin's own processes, not its uid's
+                (without bubblewrap it is set with the other limits, and counts the uid's)
     seccomp     a BPF program (libseccomp through ``pyseccomp``) that kills the plugin
                 on ptrace, mount (and the new mount API), bpf, keyctl, kernel modules,
                 kexec, reboot, …, and on namespaces made by clone(2) as by unshare(2);
                 clone3(2), whose flags a filter cannot read, answers ENOSYS (C libraries
                 fall back to clone); so does io_uring, whose work a filter does not see
+
+Whose processes a process limit counts: RLIMIT_NPROC is checked against the processes
+and threads of the real uid in the forking process's user namespace, then, level by level,
+in each namespace above it, there against the limit the namespace's creator had. Set
+before bwrap, as it was, it counted every process of the uid on the host: with every
+plugin running as 65534, one holding its limit kept every other plugin from starting or
+restarting ("bwrap: Creating new namespace failed"), and a dispatcher not running as root
+(its plugins run as its uid) with more threads than a plugin's limit could not start it.
+Set inside, each plugin counts its own; the levels above are held to the dispatcher's own
+limit (``ulimit -u``), which bounds the dispatcher's threads and its plugins' together.
 
 What cannot be enforced here (no bwrap, no libseccomp, network limited to some hosts,
 which a namespace cannot express) is listed in ``Translation.unenforced``: the provider
@@ -31,6 +43,7 @@ import errno
 import functools
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -113,6 +126,12 @@ def seccomp_program() -> IO[bytes] | None:
     return program
 
 
+def _counts_per_user_namespace() -> bool:
+    """Whether RLIMIT_NPROC counts a uid's processes per user namespace (Linux 5.14)."""
+    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return found is not None and (int(found[1]), int(found[2])) >= (5, 14)
+
+
 @functools.cache
 def _bwrap_options(bwrap: str) -> frozenset[str]:
     """The options ``bwrap --help`` lists (``--size`` and ``--disable-userns`` are 0.8's)."""
@@ -135,21 +154,30 @@ def sandboxed_launch(
     enforced, unenforced = translation.enforced, translation.unenforced
     command: list[str] = []
 
-    limits = [f"--nofile={sandbox.open_files}", f"--nproc={capabilities.pids or sandbox.processes}"]
+    prlimit = shutil.which("prlimit")
+    setpriv = shutil.which("setpriv")
+    bwrap = shutil.which("bwrap")
+
+    nproc = f"--nproc={capabilities.pids or sandbox.processes}"
+    limits = [f"--nofile={sandbox.open_files}"]
     if capabilities.cpu_s is not None:
         limits.append(f"--cpu={math.ceil(capabilities.cpu_s)}")
     if capabilities.memory_mb is not None:
         limits.append(f"--as={capabilities.memory_mb * 1024 * 1024}")
-    prlimit = shutil.which("prlimit")
+    # RLIMIT_NPROC goes inside the plugin's user namespace, where it counts the plugin's
+    # own processes; before bwrap it counted the uid's on the whole host (the module's
+    # docstring says what that did).
+    inner_nproc = bwrap is not None and prlimit is not None
     if prlimit is not None:
-        command += [prlimit, *limits, "--"]
-        enforced.append("limits: " + " ".join(limit.lstrip("-") for limit in limits))
+        command += [prlimit, *limits] if inner_nproc else [prlimit, nproc, *limits]
+        command.append("--")
+        shown = [limits[0], nproc, *limits[1:]]
+        enforced.append("limits: " + " ".join(limit.lstrip("-") for limit in shown))
     else:
         unenforced.append("limits: prlimit (util-linux) is missing; no resource limit applies")
 
     run_as = None
-    setpriv = shutil.which("setpriv")
-    bwrap = shutil.which("bwrap")
+    shared_user = ""
     if os.geteuid() == 0:
         uid, gid = (int(part) for part in sandbox.user.split(":"))
         if setpriv is not None:
@@ -159,8 +187,11 @@ def sandboxed_launch(
                 command.append("--no-new-privs")
             command.append("--")
             enforced.append(f"user: {uid}:{gid}")
+            shared_user = f"uid {uid} (sandbox.user)"
         else:
             unenforced.append("user: setpriv is missing: the plugin runs as root (pids unlimited)")
+    else:
+        shared_user = f"uid {os.getuid()}, the dispatcher's"
 
     files: list[IO[bytes]] = []
     pass_fds: tuple[int, ...] = ()
@@ -169,6 +200,11 @@ def sandboxed_launch(
             "namespaces: bubblewrap (bwrap) is not installed: no private network, file view, "
             "/tmp or PID namespace; only the limits above apply"
         )
+        if prlimit is not None and shared_user:
+            unenforced.append(
+                f"limits: {nproc.lstrip('-')} counts every process and thread of {shared_user}, "
+                "not the plugin's alone (without bubblewrap it has no user namespace of its own)"
+            )
         if sandbox.seccomp:
             unenforced.append("seccomp: needs bubblewrap to load the filter")
         return SandboxedLaunch([*command, *argv], translation, (), run_as)
@@ -239,6 +275,23 @@ def sandboxed_launch(
             enforced.append(
                 "seccomp: kills the plugin on " + ", ".join(DENIED_SYSCALLS[:6]) + ", …"
             )
+    inside: list[str] = []
+    if inner_nproc:
+        assert prlimit is not None
+        if not os.path.realpath(prlimit).startswith("/usr/"):
+            view += ["--ro-bind", prlimit, prlimit]  # outside the /usr the plugin is shown
+        inside = [prlimit, nproc, "--"]
+        if "--unshare-user" in view and _counts_per_user_namespace():
+            enforced.append(
+                f"processes: {nproc.lstrip('-')} counts the plugin's own processes and "
+                "threads (set inside its user namespace)"
+            )
+        elif shared_user:
+            unenforced.append(
+                f"limits: {nproc.lstrip('-')} counts every process and thread of "
+                f"{shared_user}, not the plugin's alone (a user namespace counts its own "
+                "from Linux 5.14, and the plugin has one of its own with bubblewrap 0.8)"
+            )
     return SandboxedLaunch(
-        [*command, bwrap, *view, "--", *argv], translation, pass_fds, run_as, files
+        [*command, bwrap, *view, "--", *inside, *argv], translation, pass_fds, run_as, files
     )

@@ -92,9 +92,10 @@ func main() {
 		return nil, nil
 	})
 
-	p.Method("spawn", "starts up to n processes, counts those that started, ends them", func(_ context.Context, call *plugin.Call) (any, error) {
+	p.Method("spawn", "starts up to n processes, counts those that started, ends them (or, with hold, keeps all but two a minute)", func(_ context.Context, call *plugin.Call) (any, error) {
 		var params struct {
-			N int `json:"n" plugin:"required"`
+			N    int  `json:"n" plugin:"required"`
+			Hold bool `json:"hold"`
 		}
 		if err := call.Bind(&params); err != nil {
 			return nil, err
@@ -109,7 +110,13 @@ func main() {
 			}
 			started = append(started, child)
 		}
-		for _, child := range started {
+		ending := started
+		if params.Hold && len(started) > 2 {
+			// Two ended, so that the Go runtime can still start a thread to answer: at the
+			// limit itself it dies ("failed to create new OS thread").
+			ending = started[len(started)-2:]
+		}
+		for _, child := range ending {
 			_ = child.Process.Kill()
 			_ = child.Wait()
 		}
