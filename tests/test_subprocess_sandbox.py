@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher, PluginError, TargetUnavailable
+from providers.subprocess.uids import CLAIMS_FOLDER, PLUGIN_UIDS
 from tests.conftest import ROOT, manifest
 from tests.sandbox_support import PLUGINS, build_static, open_folder, remove
 
@@ -44,6 +46,7 @@ METHODS = (
     "namespace",
     "fill",
     "io_uring",
+    "inotify",
 )
 
 
@@ -108,7 +111,7 @@ async def test_the_plugin_runs_unprivileged_in_its_own_namespaces(dispatcher: Di
     assert me["no_new_privs"] == "1"
     assert me["pid"] < 10  # its own PID namespace: it cannot see, let alone signal, ours
     if os.geteuid() == 0:
-        assert me["uid"] == 65534
+        assert me["uid"] in PLUGIN_UIDS  # a uid of its own (providers.subprocess.uids)
 
 
 async def test_network_egress_fails_and_a_loopback_listener_hears_nothing(
@@ -166,16 +169,20 @@ async def test_a_fork_bomb_stops_at_the_process_limit(dispatcher: Dispatcher) ->
     assert (await call(dispatcher, "whoami"))["no_new_privs"] == "1"  # still serving
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="runs plugins as a user other than the dispatcher's")
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs plugins as users other than the dispatcher's")
+@pytest.mark.parametrize("user", [None, "65534:65534"], ids=["uids of their own", "one user"])
 async def test_a_plugin_holding_its_process_limit_keeps_no_other_plugin_from_starting(
-    hostile_executable: Path,
+    hostile_executable: Path, user: str | None
 ) -> None:
-    # RLIMIT_NPROC counts the processes and threads of a real uid. Every plugin runs as
+    # RLIMIT_NPROC counts the processes and threads of a real uid. Every plugin ran as
     # 65534, and the limit, set before bwrap, counted all of them: one holding its limit
     # kept the next plugin from starting ("bwrap: Creating new namespace failed") and any
-    # plugin from restarting. Set inside its user namespace, it counts the plugin's own.
-    bomber = sandboxed(hostile_executable, {"pids": 32})
-    other = {**sandboxed(hostile_executable, {"pids": 32}), "id": "other"}
+    # plugin from restarting. Each plugin now has a uid of its own, and the limit, set
+    # inside its user namespace, counts its own processes even when an operator gives two
+    # plugins the same user.
+    sandbox = {"user": user} if user else True
+    bomber = sandboxed(hostile_executable, {"pids": 32}, sandbox=sandbox)
+    other = {**sandboxed(hostile_executable, {"pids": 32}, sandbox=sandbox), "id": "other"}
     async with Dispatcher(manifest(bomber)) as first:
         held = await call(first, "spawn", n=500, hold=True)
         assert "resource temporarily unavailable" in held["error"]
@@ -185,6 +192,53 @@ async def test_a_plugin_holding_its_process_limit_keeps_no_other_plugin_from_sta
             with pytest.raises(TargetUnavailable):  # killed by the filter: a restart
                 await second.call("other", "ptrace", {}, timeout=20)
             assert (await answers_again(second, "other"))["pid"] < 10
+        if user is None:
+            assert (await call(first, "whoami"))["uid"] != me["uid"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs plugins as users other than the dispatcher's")
+@pytest.mark.parametrize("user", [None, "65534:65534"], ids=["uids of their own", "one user"])
+async def test_a_plugin_holding_the_inotify_instances_of_its_uid_keeps_them_from_others_of_it(
+    hostile_executable: Path, user: str | None
+) -> None:
+    # The kernel keeps some limits per uid on the whole host, whatever the namespaces:
+    # inotify instances (128 by default), inotify and epoll watches, pending signals,
+    # message queues, pipe buffers. Plugins that share a uid share them; a uid of its own
+    # is what keeps them apart.
+    sandbox = {"user": user} if user else True
+    hog = sandboxed(hostile_executable, sandbox=sandbox)
+    other = {**sandboxed(hostile_executable, sandbox=sandbox), "id": "other"}
+    async with Dispatcher(manifest(hog, other)) as dispatcher:
+        held = await call(dispatcher, "inotify", hold=True)
+        assert "too many open files" in held["error"]
+        theirs = await dispatcher.call("other", "inotify", {}, timeout=20)
+    if user is None:
+        assert theirs == {"opened": held["opened"], "error": held["error"]}
+    else:  # what an operator accepts by giving plugins one user
+        assert theirs["opened"] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="plugins run as users of their own only as root")
+async def test_a_plugins_uid_is_claimed_while_it_runs_and_released_when_it_stops(
+    hostile_executable: Path,
+) -> None:
+    def claimed_elsewhere(uid: int) -> bool:  # what another dispatcher's claim would meet
+        descriptor = os.open(CLAIMS_FOLDER / str(uid), os.O_RDWR)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(descriptor)
+        return False
+
+    async with Dispatcher(manifest(sandboxed(hostile_executable))) as dispatcher:
+        uid = (await call(dispatcher, "whoami"))["uid"]
+        assert claimed_elsewhere(uid)
+        with pytest.raises(TargetUnavailable):  # killed by the filter: a restart
+            await call(dispatcher, "ptrace")
+        assert (await answers_again(dispatcher))["uid"] == uid  # kept across restarts
+    assert not claimed_elsewhere(uid)
 
 
 def _system_python_is_ours() -> bool:

@@ -32,7 +32,8 @@ set by util-linux ``setpriv`` where present, else by ``prctl`` between fork and 
 
 Modules: ``target`` (the manifest's model), ``handshake`` (the host's side of steps 2-3),
 ``child`` (one launched process: 1, 4, the parent-death signal, the end of 7), ``output``
-(the bounded ring of stderr lines behind ``logs``),
+(the bounded ring of stderr lines behind ``logs``), ``sandbox`` (the launch of a target
+with ``sandbox:``), ``uids`` (the uid of its own a sandboxed plugin runs as, as root),
 ``supervisor`` (``PluginProcess``: launches, supervision, restarts, health), ``provider``.
 """
 

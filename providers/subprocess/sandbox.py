@@ -3,7 +3,8 @@
 Layers, outermost first, each applied even when the next is missing:
 
     prlimit     RLIMIT_CPU (capabilities.cpu_s), RLIMIT_AS (memory_mb), RLIMIT_NOFILE
-    setpriv     as root: the plugin's uid:gid (65534 by default) and no groups: the
+    setpriv     as root: a uid (and gid) claimed for the plugin alone
+                (``providers.subprocess.uids``), or ``sandbox.user``; no groups: the
                 kernel never applies RLIMIT_NPROC to root, and a plugin needs no root;
                 without bubblewrap, also no_new_privs
     bwrap       new user, PID, IPC, UTS, cgroup and network namespaces (the network is
@@ -31,10 +32,14 @@ restarting ("bwrap: Creating new namespace failed"), and a dispatcher not runnin
 (its plugins run as its uid) with more threads than a plugin's limit could not start it.
 Set inside, each plugin counts its own; the levels above are held to the dispatcher's own
 limit (``ulimit -u``), which bounds the dispatcher's threads and its plugins' together.
+The uid of its own adds what a namespace does not: the kernel's other per-user limits
+(inotify instances, 128 by default, pending signals, message queues, pipe buffers) are
+counted per uid on the whole host.
 
 What cannot be enforced here (no bwrap, no libseccomp, network limited to some hosts,
-which a namespace cannot express) is listed in ``Translation.unenforced``: the provider
-warns at attach time and ``dispatcher inspect`` prints it.
+which a namespace cannot express, per-user limits shared with the dispatcher when it does
+not run as root) is listed in ``Translation.unenforced``: the provider warns at attach time
+and ``dispatcher inspect`` prints it.
 """
 
 from __future__ import annotations
@@ -53,8 +58,15 @@ from typing import IO
 
 from providers.capabilities import Capabilities, Translation
 from providers.subprocess.target import SubprocessSandbox
+from providers.subprocess.uids import PLUGIN_UIDS
 
-__all__ = ["DENIED_SYSCALLS", "SandboxedLaunch", "sandboxed_launch", "seccomp_program"]
+__all__ = [
+    "DENIED_SYSCALLS",
+    "SandboxedLaunch",
+    "needs_own_uid",
+    "sandboxed_launch",
+    "seccomp_program",
+]
 
 #: What a plugin never needs and an escape often does.
 DENIED_SYSCALLS = (
@@ -79,6 +91,12 @@ _NAMESPACE_FLAGS = (
     0x40000000,  # CLONE_NEWNET
 )
 
+
+#: What the kernel counts per user, host-wide, for the plugins that share a uid.
+_PER_USER_LIMITS = (
+    "the kernel's per-user limits (inotify instances and watches, pending signals, "
+    "message queues, pipe buffers)"
+)
 
 #: Answered ENOSYS, as a kernel without them would: io_uring runs work in kernel threads
 #: that a seccomp filter does not see (Docker's default profile refuses it too), and the
@@ -144,16 +162,30 @@ def _bwrap_options(bwrap: str) -> frozenset[str]:
     return frozenset(word for word in shown.stdout.split() if word.startswith("--"))
 
 
+def needs_own_uid(sandbox: SubprocessSandbox) -> bool:
+    """Whether a launch with ``sandbox`` runs as a uid claimed for the plugin alone
+    (``providers.subprocess.uids``): as root, with setpriv, and no ``sandbox.user``."""
+    return os.geteuid() == 0 and sandbox.user is None and shutil.which("setpriv") is not None
+
+
 def sandboxed_launch(
     argv: list[str],
     sandbox: SubprocessSandbox,
     capabilities: Capabilities,
     socket_folder: str,
+    *,
+    own_uid: int | None = None,
+    own_uid_failure: str | None = None,
 ) -> SandboxedLaunch:
+    """The launch of ``argv`` in its sandbox.
+
+    ``own_uid``: the uid claimed for this plugin when ``needs_own_uid``; ``own_uid_failure``
+    why none could be (the plugin then runs as 65534, reported). With neither, the launch
+    only describes what a launch would do (``dispatcher inspect``), uid claimed at launch.
+    """
     translation = Translation("subprocess")
     enforced, unenforced = translation.enforced, translation.unenforced
     command: list[str] = []
-
     prlimit = shutil.which("prlimit")
     setpriv = shutil.which("setpriv")
     bwrap = shutil.which("bwrap")
@@ -179,19 +211,41 @@ def sandboxed_launch(
     run_as = None
     shared_user = ""
     if os.geteuid() == 0:
-        uid, gid = (int(part) for part in sandbox.user.split(":"))
-        if setpriv is not None:
+        if setpriv is None:
+            unenforced.append("user: setpriv is missing: the plugin runs as root (pids unlimited)")
+        else:
+            if sandbox.user is not None:
+                uid, gid = (int(part) for part in sandbox.user.split(":"))
+                enforced.append(f"user: {uid}:{gid} (sandbox.user)")
+                shared_user = f"uid {uid} (sandbox.user)"
+            elif own_uid is not None:
+                uid = gid = own_uid
+                enforced.append(f"user: {uid}:{gid}, a uid of its own")
+            else:
+                uid = gid = 65534
+                if own_uid_failure is not None:
+                    unenforced.append(
+                        f"user: no uid of its own ({own_uid_failure}): runs as 65534:65534, "
+                        f"sharing {_PER_USER_LIMITS} with every plugin that runs as it"
+                    )
+                    shared_user = "uid 65534"
+                else:
+                    enforced.append(
+                        f"user: a uid of its own, claimed at launch from {PLUGIN_UIDS.start}-"
+                        f"{PLUGIN_UIDS.stop - 1}"
+                    )
             run_as = (uid, gid)
             command += [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
             if bwrap is None:
                 command.append("--no-new-privs")
             command.append("--")
-            enforced.append(f"user: {uid}:{gid}")
-            shared_user = f"uid {uid} (sandbox.user)"
-        else:
-            unenforced.append("user: setpriv is missing: the plugin runs as root (pids unlimited)")
     else:
-        shared_user = f"uid {os.getuid()}, the dispatcher's"
+        uid = os.getuid()
+        unenforced.append(
+            f"user: the dispatcher does not run as root: the plugin runs as its uid {uid}, "
+            f"sharing {_PER_USER_LIMITS} with the dispatcher and its other plugins"
+        )
+        shared_user = f"uid {uid}, the dispatcher's"
 
     files: list[IO[bytes]] = []
     pass_fds: tuple[int, ...] = ()

@@ -30,7 +30,8 @@ from providers.base import CONNECT_STAGE, Health
 from providers.subprocess import handshake
 from providers.subprocess.child import Child, check_digests, socket_folder, spawn
 from providers.subprocess.output import OutputRing
-from providers.subprocess.sandbox import SandboxedLaunch, sandboxed_launch
+from providers.subprocess.sandbox import SandboxedLaunch, needs_own_uid, sandboxed_launch
+from providers.subprocess.uids import UidClaim, UidUnavailable, claim_uid
 
 if TYPE_CHECKING:
     from providers.capabilities import Translation
@@ -81,6 +82,9 @@ class PluginProcess:
         self.exit_code: int | None = None
         #: What the sandbox of the last launch enforces (None: not sandboxed, or not launched).
         self.translation: Translation | None = None
+        #: The uid claimed for the plugin's sandbox (``needs_own_uid``): the same across its
+        #: restarts (files it wrote in a granted folder stay its own), released by ``stop``.
+        self._uid: UidClaim | None = None
 
     @property
     def pid(self) -> int | None:
@@ -98,7 +102,11 @@ class PluginProcess:
 
     async def start(self) -> None:
         """Launch the plugin and wait for it to be started; raise if it cannot be."""
-        self._child = await self._launch()
+        try:
+            self._child = await self._launch()
+        except BaseException:
+            self._release_uid()  # no stop follows a start that failed
+            raise
         self._state = "running"
         self._ready.set()
         loop = asyncio.get_running_loop()
@@ -139,6 +147,7 @@ class PluginProcess:
         codes = await asyncio.gather(*(each.terminate(remaining) for each in ending))
         if child is not None:
             self.exit_code = codes[0]
+        self._release_uid()
         pending = [task for task in tasks if not task.done()]
         if pending:
             log.warning("%s: %s did not end when cancelled", self.plugin.key, pending)
@@ -312,18 +321,37 @@ class PluginProcess:
         environment: dict[str, str],
     ) -> SandboxedLaunch:
         capabilities = self.plugin.capabilities
-        launch = sandboxed_launch(argv, sandbox, capabilities, folder)
+        failure = None
+        if self._uid is None and needs_own_uid(sandbox):
+            try:
+                self._uid = claim_uid(self.plugin.id)
+            except UidUnavailable as error:
+                failure = error.strerror  # reported below, as the sandbox's unenforced
+        launch = sandboxed_launch(
+            argv,
+            sandbox,
+            capabilities,
+            folder,
+            own_uid=self._uid.uid if self._uid is not None else None,
+            own_uid_failure=failure,
+        )
         for name in capabilities.env:
             if name in os.environ:
                 environment[name] = os.environ[name]
         if launch.run_as is not None:
             # The plugin's user must create its socket in the folder, and only it and we.
             os.chown(folder, *launch.run_as)
-        if self.translation is None:
-            for line in launch.translation.unenforced:
+        told = self.translation.unenforced if self.translation is not None else []
+        for line in launch.translation.unenforced:
+            if line not in told:  # at the first launch, and when a restart's differs
                 log.warning("%s sandbox: %s", self.plugin.key, line)
         self.translation = launch.translation
         return launch
+
+    def _release_uid(self) -> None:
+        uid, self._uid = self._uid, None
+        if uid is not None:
+            uid.release()
 
     # -- supervision -------------------------------------------------------------------------
 
@@ -437,7 +465,9 @@ class PluginProcess:
     def __repr__(self) -> str:
         return (
             f"<PluginProcess {self.plugin.key} {self._state} pid={self.pid} "
-            f"restarts={self.restarts} output={len(self.output)} lines>"
+            f"restarts={self.restarts} output={len(self.output)} lines"
+            + (f" uid={self._uid.uid}" if self._uid is not None else "")
+            + ">"
         )
 
 

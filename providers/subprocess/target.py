@@ -29,9 +29,11 @@ class SubprocessSandbox(StrictModel):
         description="Folders or files the plugin's runtime needs (an interpreter, its "
         "libraries), bound read-only beside /usr and the executable's own folder.",
     )
-    user: Annotated[str, Field(pattern=r"^[0-9]+:[0-9]+$")] = Field(
-        default="65534:65534",
-        description="uid:gid the plugin runs as when the dispatcher runs as root.",
+    user: Annotated[str, Field(pattern=r"^[0-9]+:[0-9]+$")] | None = Field(
+        default=None,
+        description="uid:gid the plugin runs as when the dispatcher runs as root. Default: "
+        "a uid of its own, claimed while it runs (providers.subprocess.uids): plugins that "
+        "share a uid share the kernel's per-user limits.",
     )
     seccomp: bool = Field(default=True, description="Deny ptrace, mount, bpf, keyctl, modules…")
     open_files: int = Field(default=256, gt=0, description="RLIMIT_NOFILE.")

@@ -1,6 +1,7 @@
 // A hostile subprocess plugin for the sandbox tests (tests/test_subprocess_sandbox.py): it
 // dials out, reads and writes where it should not, reads variables, forks without end,
-// calls ptrace, makes namespaces of its own and fills its /tmp.
+// holds every inotify instance its uid may have, calls ptrace, makes namespaces of its
+// own and fills its /tmp.
 // Built with the Go SDK so it needs nothing in its sandbox but its own file.
 package main
 
@@ -121,6 +122,31 @@ func main() {
 			_ = child.Wait()
 		}
 		return map[string]any{"started": len(started), "error": failure}, nil
+	})
+
+	p.Method("inotify", "opens inotify instances until refused, counts them, closes them (or, with hold, keeps them)", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Hold bool `json:"hold"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		var opened []int
+		failure := ""
+		for len(opened) < 1000 {
+			fd, err := syscall.InotifyInit1(syscall.IN_CLOEXEC)
+			if err != nil {
+				failure = err.Error()
+				break
+			}
+			opened = append(opened, fd)
+		}
+		if !params.Hold {
+			for _, fd := range opened {
+				_ = syscall.Close(fd)
+			}
+		}
+		return map[string]any{"opened": len(opened), "error": failure}, nil
 	})
 
 	p.Method("ptrace", "calls ptrace(PTRACE_TRACEME)", func(_ context.Context, _ *plugin.Call) (any, error) {
