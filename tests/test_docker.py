@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -591,7 +592,7 @@ async def test_a_plugin_cannot_point_the_host_at_another_unix_socket(
 def test_a_socket_path_that_is_not_a_socket_is_refused_before_any_connect(
     planted: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from providers.docker.socket_pin import PinnedSocket, SocketTampered
+    from providers._socket_pin import PinnedSocket, SocketTampered
 
     victim = tmp_path / "victim.sock"
     server = socket.socket(socket.AF_UNIX)
@@ -603,7 +604,12 @@ def test_a_socket_path_that_is_not_a_socket_is_refused_before_any_connect(
         "file": lambda: path.write_text("x"),
         "directory": path.mkdir,
     }[planted]()
-    pin = PinnedSocket(str(path), "test-container")
+    pin = PinnedSocket(
+        str(path),
+        "container test-container",
+        logging.getLogger("dispatcher.providers.docker"),
+        "refuses every call to this container",
+    )
     try:
         with pytest.raises(SocketTampered, match=r"made its plugin\.sock a"):
             pin.pin()

@@ -7,8 +7,9 @@ One job per module:
     provider.py    DockerProvider: pools of containers per plugin target, calls, errors
     pool.py        the bookkeeping of one pool: its containers and the calls waiting
     containers.py  starting, watching, replacing and removing containers
-    channel.py     how a call reaches a container (the HTTP envelope; the seam for gRPC)
-    socket_pin.py  the plugin's Unix socket, pinned: never a symlink or a swapped file
+    channel.py     how a call reaches a container (the HTTP envelope; the seam for gRPC),
+                   over its Unix socket pinned (``providers._socket_pin``): never a
+                   symlink or a swapped file
     sandbox.py     the Engine API create body: the sandbox, in the API's own words
     engine.py      the engine through aiodocker (its only importer), ownership and orphans
     image.py       ``dispatcher deploy``: building the image, as a ``Deployer``

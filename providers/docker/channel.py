@@ -10,18 +10,21 @@ the Literal's new value in ``DockerTarget``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from linchkit_plugin.errors import TargetUnavailable
+from providers._socket_pin import PinnedSocket, SocketTampered
 from providers.base import Health
-from providers.docker.socket_pin import PinnedSocket, SocketTampered
 from providers.http import HttpProvider, HttpTarget
 from providers.invocation import Invocation, Outcome
 from providers.target import PluginInfo
 
 __all__ = ["CHANNELS", "Address", "Channel", "HttpChannel"]
+
+log = logging.getLogger("dispatcher.providers.docker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +73,12 @@ class HttpChannel:
         if address.unix_socket is not None:
             # The host part of the URL is only a label: the connector dials the socket.
             url = "http://container"
-            self._pin = PinnedSocket(address.unix_socket, address.container)
+            self._pin = PinnedSocket(
+                address.unix_socket,
+                f"container {address.container}",
+                log,
+                "refuses every call to this container",
+            )
         else:
             url = f"http://127.0.0.1:{address.port}"
             self._http = HttpProvider(max_connections=64)

@@ -1,28 +1,32 @@
-"""The plugin's Unix socket, pinned: the host connects only to the socket the plugin made.
+"""A plugin's Unix socket, pinned: the host connects only to the socket the plugin made.
 
-The socket folder is mounted read-write into the container, so the plugin can put
-anything at ``plugin.sock``: a symlink to a host socket (the Docker engine's, a
-database's, another plugin's), a FIFO, a regular file. ``connect(2)`` follows symlinks
-and has no ``O_NOFOLLOW``, so checking the path and then connecting to it races with
-the plugin. Instead:
+The plugin's socket folder is the plugin's to write (a container's bind mount), so it
+can put anything at its socket's name, at any time: a symlink to a host socket (the Docker
+engine's, a database's, another plugin's), a FIFO, a regular file. ``connect(2)`` follows
+symlinks and has no ``O_NOFOLLOW``, so checking the path and then connecting to it races
+with the plugin, and every new connection (an HTTP pool's, grpc's reconnect after a drop)
+dials the path again. Instead:
 
-1. the folder is opened ``O_PATH | O_DIRECTORY | O_NOFOLLOW`` and ``plugin.sock``
-   opened relative to it with ``O_PATH | O_NOFOLLOW``: that names the directory entry
-   itself, never what a symlink points to;
+1. the folder is opened ``O_PATH | O_DIRECTORY | O_NOFOLLOW`` and the socket opened
+   relative to it with ``O_PATH | O_NOFOLLOW``: that names the directory entry itself,
+   never what a symlink points to;
 2. ``fstat`` of that descriptor must be a socket on the folder's own file system (not a
    symlink, FIFO, file or directory; a hard link to a socket elsewhere cannot be made
-   across the bind mount);
+   across a bind mount);
 3. the host connects to ``/proc/self/fd/N``: the kernel resolves it to the pinned inode,
-   whatever the plugin does to the folder afterwards;
-4. before each call the entry is looked at again (``fstatat``, no follow): if it is no
-   longer the pinned socket, the plugin tampered with it; the incident is logged once and
-   every call is refused (``TargetUnavailable``, not retryable), and so are its health
-   probes, so the provider replaces the container.
+   whatever the plugin does to the folder afterwards, for the first connection as for
+   every reconnect;
+4. ``check`` looks at the entry again (``fstatat``, no follow): if it is no longer the
+   pinned socket, the plugin tampered with it; the incident is logged once, and from then
+   on ``check`` and ``pin`` raise ``SocketTampered``. What the provider does then is its
+   own (Docker refuses every call and replaces the container).
 
-Owner: the socket's uid is not compared with the container's user (a ``sandbox.user``
-may be a name, and a user-namespaced engine maps uids); only the container can write to
-the folder (its parent is the dispatcher's, mode 0700), so a socket found there and
-pinned was made by the container.
+Owner: the socket's uid is not compared with the plugin's user (a container's
+``sandbox.user`` may be a name, and a user-namespaced engine maps uids); only the plugin
+can write to the folder (its parent is the dispatcher's, mode 0700), so a socket found
+there and pinned was made by the plugin.
+
+``close`` lets go of both descriptors: the provider calls it when the plugin ends.
 """
 
 from __future__ import annotations
@@ -34,8 +38,6 @@ import stat
 from typing import NoReturn
 
 __all__ = ["PinnedSocket", "SocketTampered"]
-
-log = logging.getLogger("dispatcher.providers.docker")
 
 
 class SocketTampered(OSError):
@@ -57,10 +59,14 @@ def _kind(mode: int) -> str:
 class PinnedSocket:
     """``path``'s socket, once the plugin has made it (``pin``), and checks that it stays."""
 
-    def __init__(self, path: str, container: str) -> None:
+    def __init__(self, path: str, owner: str, log: logging.Logger, consequence: str) -> None:
+        """``owner`` names the plugin in the incident's log line ("container …"), ``log``
+        is the provider's logger, ``consequence`` what the provider does about it."""
         self.path = path
         self._folder, self._name = os.path.split(path)
-        self._container = container
+        self._owner = owner
+        self._log = log
+        self._consequence = consequence
         self._folder_fd: int | None = None
         self._socket_fd: int | None = None
         self._identity: tuple[int, int] | None = None
@@ -97,7 +103,8 @@ class PinnedSocket:
         of cost: one ``fstatat``)."""
         if self._incident is not None:
             raise SocketTampered(self._incident)
-        assert self._folder_fd is not None
+        if self._folder_fd is None:
+            return  # not pinned yet, or closed: nothing is dialled through it
         try:
             now = os.stat(self._name, dir_fd=self._folder_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -111,16 +118,17 @@ class PinnedSocket:
         if self._folder_fd is not None:
             with contextlib.suppress(OSError):  # not a symlink: nothing to add
                 target = f" pointing to {os.readlink(self._name, dir_fd=self._folder_fd)!r}"
-        log.error(
-            "security: container %s %s%s; the host will not connect there, and refuses "
-            "every call to this container",
-            self._container,
+        self._log.error(
+            "security: %s %s%s; the host will not connect there, and %s",
+            self._owner,
             self._incident,
             target,
+            self._consequence,
         )
         raise SocketTampered(self._incident)
 
     def close(self) -> None:
+        """Close the descriptors (idempotent); ``pin`` opens them anew."""
         for descriptor in (self._socket_fd, self._folder_fd):
             if descriptor is not None:
                 os.close(descriptor)
