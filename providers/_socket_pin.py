@@ -1,11 +1,11 @@
 """A plugin's Unix socket, pinned: the host connects only to the socket the plugin made.
 
-The plugin's socket folder is the plugin's to write (a container's bind mount), so it
-can put anything at its socket's name, at any time: a symlink to a host socket (the Docker
-engine's, a database's, another plugin's), a FIFO, a regular file. ``connect(2)`` follows
-symlinks and has no ``O_NOFOLLOW``, so checking the path and then connecting to it races
-with the plugin, and every new connection (an HTTP pool's, grpc's reconnect after a drop)
-dials the path again. Instead:
+The plugin's socket folder is the plugin's to write (a container's bind mount, a
+sandboxed subprocess's folder), so it can put anything at its socket's name, at any time:
+a symlink to a host socket (the Docker engine's, a database's, another plugin's), a FIFO,
+a regular file. ``connect(2)`` follows symlinks and has no ``O_NOFOLLOW``, so checking
+the path and then connecting to it races with the plugin, and every new connection (an
+HTTP pool's, grpc's reconnect after a drop) dials the path again. Instead:
 
 1. the folder is opened ``O_PATH | O_DIRECTORY | O_NOFOLLOW`` and the socket opened
    relative to it with ``O_PATH | O_NOFOLLOW``: that names the directory entry itself,
@@ -19,7 +19,7 @@ dials the path again. Instead:
 4. ``check`` looks at the entry again (``fstatat``, no follow): if it is no longer the
    pinned socket, the plugin tampered with it; the incident is logged once, and from then
    on ``check`` and ``pin`` raise ``SocketTampered``. What the provider does then is its
-   own (Docker refuses every call and replaces the container).
+   own (Docker refuses every call and replaces the container; a subprocess is killed).
 
 Owner: the socket's uid is not compared with the plugin's user (a container's
 ``sandbox.user`` may be a name, and a user-namespaced engine maps uids); only the plugin

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -157,6 +158,36 @@ async def test_a_crashed_plugin_is_restarted_as_a_new_process() -> None:
         (report,) = await dispatcher.health()
         assert report.health.status == "serving"
         assert report.health.extra["restarts"] == 1
+
+
+def descriptors_into(folder: str) -> list[str]:
+    """What this process holds open in ``folder`` (a pinned socket and its folder)."""
+    found = []
+    for descriptor in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor, gone by now
+            target = os.readlink(f"/proc/self/fd/{descriptor}")
+            if target == folder or target.startswith(folder + os.sep):
+                found.append(target)
+    return found
+
+
+async def test_the_socket_is_dialled_pinned_and_let_go_when_its_process_ends() -> None:
+    # The host dials the socket it checked at the handshake, through a descriptor, at every
+    # reconnect (tests/test_subprocess_sandbox.py: a plugin that swaps it for a symlink);
+    # the descriptor goes with the process, at a restart as at the stop.
+    async with Dispatcher(manifest(crashing(restart_backoff_ms=20))) as dispatcher:
+        process = the_process(dispatcher)
+        first = process._child
+        assert first is not None and first.connection is not None
+        assert first.connection.address.startswith("unix:/proc/self/fd/")
+        assert len(descriptors_into(first.folder)) == 2  # the folder, the socket
+        os.kill(await dispatcher.call("crashing", "pid"), signal.SIGKILL)
+        await eventually(lambda: process.restarts == 1 and process.state == "running")
+        assert not descriptors_into(first.folder)
+        second = process._child
+        assert second is not None
+        assert await dispatcher.call("crashing", "echo", {"value": 1}) == 1
+    assert not descriptors_into(second.folder)
 
 
 async def test_a_crash_loop_stops_restarting_and_fails_calls() -> None:

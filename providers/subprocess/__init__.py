@@ -14,8 +14,10 @@ Modelled on hashicorp/go-plugin (``docs/protocol.md``, "Subprocess plugins"):
 3. The child prints one handshake line on stdout within ``handshake_timeout_ms``; the
    host checks the core version, that the chosen protocol version is one it offered, the
    network and the protocol, and (AutoMTLS) takes the plugin's one-time server certificate
-   as the only root it trusts (``handshake``). Then it connects (``providers._grpc``) and
-   runs ``Init`` (the manifest's config) and ``Start`` (``providers._grpc.lifecycle``).
+   as the only root it trusts (``handshake``). Then it connects (``providers._grpc``), to
+   a Unix socket pinned (``handshake.pin_socket``): at every reconnect the very socket it
+   checked, never a symlink the plugin put in its place later; and runs ``Init`` (the
+   manifest's config) and ``Start`` (``providers._grpc.lifecycle``).
 4. The child's stderr goes to the log line by line (logger ``dispatcher.plugin.<id>``), and
    its last 1,000 lines, across restarts, are kept for ``logs`` (``dispatcher logs``).
 5. Health pings every ``health_interval_ms``; a child that stops answering is killed.

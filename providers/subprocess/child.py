@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from linchkit_plugin.errors import ProviderError
 from providers._fork_safety import note_late_grpc
 from providers._grpc.connection import PluginConnection
+from providers._socket_pin import PinnedSocket
 from providers.subprocess.levels import line_level
 from providers.subprocess.output import OutputRing
 
@@ -203,6 +204,8 @@ class Child:
         self.process = process
         self.folder = folder
         self.connection: PluginConnection | None = None
+        #: Its Unix socket, pinned (``handshake.pin_socket``): what ``connection`` dials.
+        self.socket_pin: PinnedSocket | None = None
         self.stderr_tail: list[str] = []
         self._plugin_log = plugin_log
         self._output = output
@@ -304,6 +307,8 @@ class Child:
                     process.kill()
             for reader in self._readers:
                 reader.cancel()
+            if self.socket_pin is not None:
+                self.socket_pin.close()  # after the connection: nothing dials it any more
             shutil.rmtree(self.folder, ignore_errors=True)
         await process.wait()
         self._stop_watching()

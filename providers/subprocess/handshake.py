@@ -10,7 +10,9 @@ The address is the plugin's word, and the host dials it: a plugin sandboxed with
 network could otherwise name any host and port, or any Unix socket of the host, and have
 the dispatcher carry its calls there. So the address must be what the protocol says it
 is (docs/protocol.md, "Handshake"): the target's own ``network``, a Unix socket directly
-in the folder the host made for this launch, or a TCP port on a loopback address.
+in the folder the host made for this launch, or a TCP port on a loopback address. That
+socket is pinned (``pin_socket``): the host dials the very socket it checked, at every
+reconnect, whatever the plugin puts at its name later.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import re
-import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -38,6 +40,7 @@ from linchkit_plugin.handshake import (
     SOCKET_DIR_ENV,
     HandshakeLine,
 )
+from providers._socket_pin import PinnedSocket, SocketTampered
 from providers.subprocess.child import MAX_LINE_BYTES
 from providers.subprocess.target import MINIMAL_ENV
 
@@ -46,10 +49,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HandshakeError",
-    "check_socket",
     "environment",
     "inherited",
     "parse",
+    "pin_socket",
     "read_line",
 ]
 
@@ -212,18 +215,31 @@ def _loopback_port(address: str) -> bool:
         return False
 
 
-def check_socket(who: str, address: str) -> None:
-    """Refuse a ``unix:`` address whose entry is not a socket the plugin made (a symlink
-    it planted would lead the host's connection to whatever socket it points to)."""
+def pin_socket(
+    who: str, pid: int, address: str, log: logging.Logger
+) -> tuple[str, PinnedSocket | None]:
+    """The address to dial for ``address`` and, for a ``unix:`` one, its pin.
+
+    The socket is pinned (``providers._socket_pin``) and dialled as ``/proc/self/fd/N``:
+    checked once and dialled by its path, as it was, a plugin could swap it for a symlink
+    to any socket the dispatcher's user may reach after the handshake, and the host's next
+    reconnect went there (with ``auto_mtls: false``, its calls and their metadata in plain
+    text). ``HandshakeError`` if the entry is not a socket the plugin made (a symlink, a
+    file, nothing)."""
     if not address.startswith("unix:"):
-        return
+        return address, None
     path = address.removeprefix("unix:")
+    pin = PinnedSocket(path, f"plugin {who} (pid {pid})", log, "kills it")
     try:
-        mode = os.lstat(path).st_mode
+        return f"unix:{pin.pin()}", pin
+    except SocketTampered:
+        pin.close()
+        raise HandshakeError(
+            f"{who}: {path} is not a socket (a symlink or a file): refused"
+        ) from None
     except OSError as error:
+        pin.close()
         raise HandshakeError(f"{who}: its socket {path}: {error.strerror}") from None
-    if not stat.S_ISSOCK(mode):
-        raise HandshakeError(f"{who}: {path} is not a socket (a symlink or a file): refused")
 
 
 def tail(lines: Sequence[str]) -> str:

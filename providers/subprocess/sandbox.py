@@ -11,9 +11,10 @@ Layers, outermost first, each applied even when the next is missing:
                 shared only when capabilities.network grants some), and no user namespace
                 of the plugin's own inside them (bubblewrap 0.8); a read-only view of
                 /usr, the executable's folder and ``sandbox.runtime``; the socket folder
-                read-write (the only way out); the granted files; a private /tmp of
-                ``sandbox.tmp_mb`` (bubblewrap 0.8), /proc, /dev; no_new_privs; dies with
-                the dispatcher
+                read-write (the only way out: the host dials the socket it checked,
+                pinned, never a name the plugin can change, ``handshake.pin_socket``);
+                the granted files; a private /tmp of ``sandbox.tmp_mb`` (bubblewrap
+                0.8), /proc, /dev; no_new_privs; dies with the dispatcher
     prlimit     inside the plugin's user namespace: RLIMIT_NPROC (pids; threads count
                 too), which there counts the plugin's own processes, not its uid's
                 (without bubblewrap it is set with the other limits, and counts the uid's)

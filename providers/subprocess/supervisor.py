@@ -26,6 +26,7 @@ from linchkit_plugin.errors import DeadlineExceeded, DispatchError, TargetUnavai
 from providers._grpc import lifecycle
 from providers._grpc.channel import ChannelSecurity
 from providers._grpc.connection import PluginConnection
+from providers._socket_pin import SocketTampered
 from providers.base import CONNECT_STAGE, Health
 from providers.subprocess import handshake
 from providers.subprocess.child import Child, check_digests, socket_folder, spawn
@@ -168,6 +169,7 @@ class PluginProcess:
         try:
             return await make(connection)
         except TargetUnavailable as error:
+            self._kill_if_tampered(child)  # what broke the connection, perhaps
             if error.details != CONNECT_STAGE:
                 # It may have reached the plugin: not made again. But its connection went
                 # with it: the calls after it wait to see whether the process is exiting.
@@ -283,7 +285,7 @@ class PluginProcess:
                 network=target.network,
                 socket_folder=folder,
             )
-            handshake.check_socket(who, address)
+            address, child.socket_pin = handshake.pin_socket(who, child.pid, address, log)
             child.drain_stdout()
             security = ChannelSecurity()
             if client_certificate is not None and server_der is not None:
@@ -413,6 +415,22 @@ class PluginProcess:
         delay = self.target.restart_backoff_ms * 2**exponent
         return float(min(delay, self.target.restart_backoff_max_ms)) / 1000
 
+    def _kill_if_tampered(self, child: Child) -> bool:
+        """Kill ``child`` if its plugin has put something else at its socket's name (the
+        pin logs the incident once), and say so. The host never dials it there
+        (``handshake.pin_socket``), but a plugin that tries is hostile: it is restarted as
+        ``restart`` says, into a folder of its own, pinned anew."""
+        if child.socket_pin is None:
+            return False
+        try:
+            child.socket_pin.check()
+        except SocketTampered as incident:
+            self._last_error = str(incident)
+            with contextlib.suppress(ProcessLookupError):
+                child.process.kill()
+            return True
+        return False
+
     async def _ping(self) -> None:
         interval = self.target.health_interval_ms / 1000
         failures = 0
@@ -420,6 +438,9 @@ class PluginProcess:
             await asyncio.sleep(interval)
             child = self._child
             if self._state != "running" or child is None or child.connection is None:
+                failures = 0
+                continue
+            if self._kill_if_tampered(child):
                 failures = 0
                 continue
             health = await child.connection.health(timeout=min(interval, 2.0))

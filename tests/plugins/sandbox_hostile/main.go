@@ -1,7 +1,7 @@
 // A hostile subprocess plugin for the sandbox tests (tests/test_subprocess_sandbox.py): it
 // dials out, reads and writes where it should not, reads variables, forks without end,
 // holds every inotify instance its uid may have, calls ptrace, makes namespaces of its
-// own and fills its /tmp.
+// own, fills its /tmp and swaps its socket for a symlink to a host socket.
 // Built with the Go SDK so it needs nothing in its sandbox but its own file.
 package main
 
@@ -11,6 +11,8 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -124,6 +126,31 @@ func main() {
 		return map[string]any{"started": len(started), "error": failure}, nil
 	})
 
+	p.Method("swap_socket", "replaces its socket with a symlink to address, then drops the host's connections", func(_ context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			Address string `json:"address" plugin:"required"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		sockets, _ := filepath.Glob(filepath.Join(os.Getenv("LINCHKIT_PLUGIN_SOCKET_DIR"), "*.sock"))
+		if len(sockets) != 1 {
+			return nil, plugin.NewError("FileError", fmt.Sprintf("expected one socket, found %v", sockets))
+		}
+		// Moved aside, not removed: it still listens, for a host that kept hold of it.
+		if err := os.Rename(sockets[0], sockets[0]+".moved"); err != nil {
+			return nil, plugin.NewError("FileError", err.Error())
+		}
+		if err := os.Symlink(params.Address, sockets[0]); err != nil {
+			return nil, plugin.NewError("FileError", err.Error())
+		}
+		go func() { // after this answer has gone: the host must dial the path again
+			time.Sleep(200 * time.Millisecond)
+			dropConnections()
+		}()
+		return sockets[0], nil
+	})
+
 	p.Method("inotify", "opens inotify instances until refused, counts them, closes them (or, with hold, keeps them)", func(_ context.Context, call *plugin.Call) (any, error) {
 		var params struct {
 			Hold bool `json:"hold"`
@@ -207,4 +234,23 @@ func main() {
 	})
 
 	p.Serve()
+}
+
+// dropConnections shuts down every connected socket of the process (the host's
+// connections to its gRPC server), leaving the listening one serving.
+func dropConnections() {
+	entries, _ := os.ReadDir("/proc/self/fd")
+	for _, entry := range entries {
+		fd, err := strconv.Atoi(entry.Name())
+		if err != nil {
+			continue
+		}
+		if target, _ := os.Readlink("/proc/self/fd/" + entry.Name()); !strings.HasPrefix(target, "socket:") {
+			continue
+		}
+		if listening, err := syscall.GetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_ACCEPTCONN); err != nil || listening == 1 {
+			continue
+		}
+		_ = syscall.Shutdown(fd, syscall.SHUT_RDWR)
+	}
 }
