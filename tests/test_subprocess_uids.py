@@ -10,14 +10,18 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
 
+from dispatcher import Dispatcher
 from providers.capabilities import Capabilities
+from providers.subprocess import HandshakeError
 from providers.subprocess.sandbox import sandboxed_launch
 from providers.subprocess.target import SubprocessSandbox
 from providers.subprocess.uids import PLUGIN_UIDS, UidUnavailable, claim_uid
+from tests.conftest import manifest
 
 UIDS = range(3_000_000_000, 3_000_000_000 + 8)  # none of the host's, nor the dispatcher's
 
@@ -121,3 +125,22 @@ def test_inspect_says_the_uid_is_claimed_at_launch_and_an_explicit_user_is_kept(
     chosen.close()
     assert chosen.run_as == (1234, 5678)
     assert "user: 1234:5678 (sandbox.user)" in chosen.translation.enforced
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="plugins run as users of their own only as root")
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+async def test_a_plugin_that_fails_to_start_lets_go_of_its_uid() -> None:
+    plugin = {
+        "id": "never-starts",
+        "version": "1.0.0",
+        "target": {"provider": "subprocess", "command": ["/bin/false"], "sandbox": True},
+        "methods": {"x": {}},
+    }
+    with pytest.raises(HandshakeError, match="exited with code 1 before its handshake"):
+        async with Dispatcher(manifest(plugin)):
+            pass
+    claim = claim_uid("never-starts")  # its own uid, free again (no stop follows)
+    try:
+        assert claim.uid == PLUGIN_UIDS[zlib.crc32(b"never-starts") % len(PLUGIN_UIDS)]
+    finally:
+        claim.release()
