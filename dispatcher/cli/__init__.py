@@ -4,47 +4,12 @@ their sandboxes, read their logs, verify audit logs, print the manifest's JSON S
 scaffold a new plugin, run a local Lambda, serve the plugins over HTTP (the gateway),
 watch a running gateway and steer its rollouts.
 
-One module per family of commands; each registers its commands on the group in ``_app``.
+One module per family of commands; each registers its commands on the group in ``_app``,
+once a command of it is looked up (``_app.COMMAND_MODULES``).
 """
 
 from __future__ import annotations
 
-from dispatcher.cli import (
-    audit,
-    bench,
-    calls,
-    deploy,
-    inspect,
-    jobs,
-    local_lambda,
-    logs,
-    manifest,
-    new,
-    remove,
-    rollout,
-    schema,
-    serve,
-    top,
-)
-from dispatcher.cli._app import main
+from dispatcher.cli._app import COMMAND_MODULES, main
 
-__all__ = ["main"]
-
-# Imported for the commands they register.
-_COMMANDS = (
-    audit,
-    bench,
-    calls,
-    deploy,
-    inspect,
-    jobs,
-    local_lambda,
-    logs,
-    manifest,
-    new,
-    remove,
-    rollout,
-    schema,
-    serve,
-    top,
-)
+__all__ = ["COMMAND_MODULES", "main"]
