@@ -151,7 +151,15 @@ def test_cli_logs_follows_a_subprocess_plugin_until_ctrl_c(tmp_path: Path) -> No
         plugin_pid = int(found[1])
         assert alive(plugin_pid)
         cli.send_signal(signal.SIGINT)
-        assert cli.wait(timeout=30) == 0, cli.stderr.read() if cli.stderr else ""
+        # Read both pipes while waiting: a command blocked writing to a full pipe would
+        # never exit, and what it wrote says why it did not.
+        try:
+            _, errors = cli.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            cli.kill()
+            _, errors = cli.communicate()
+            pytest.fail(f"Ctrl-C did not end the command within 30 s; stderr: {errors}")
+        assert cli.returncode == 0, errors
     assert not alive(plugin_pid), "Ctrl-C stops the plugin the command started"
 
 

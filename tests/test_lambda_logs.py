@@ -291,9 +291,11 @@ async def test_cli_logs_follow_prints_a_later_call_until_ctrl_c(env: Env, tmp_pa
                 assert line, "the CLI ended without printing the call"
                 line = (await process.stdout.readline()).decode()
         process.send_signal(signal.SIGINT)
+        # Both pipes read while waiting: a command blocked writing to a full pipe would
+        # never exit, and what it wrote says why it did not.
         async with asyncio.timeout(30):
-            await process.wait()
-        assert process.returncode == 0
+            _, errors = await process.communicate()
+        assert process.returncode == 0, errors.decode()
     finally:
         if process.returncode is None:
             process.kill()
