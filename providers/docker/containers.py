@@ -52,9 +52,14 @@ class Containers:
         socket_root: Path,
         owner_labels: dict[str, str],
         clock: Callable[[], float],
+        *,
+        socket_volumes: bool = False,
     ) -> None:
         self.engine = engine
         self._socket_root = socket_root
+        #: Socket folders are tmpfs volumes of the engine's (reachable here), not folders
+        #: of ``socket_root`` on the host's disk (``sandbox.container_config``).
+        self.socket_volumes = socket_volumes
         self._owner_labels = owner_labels
         self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
@@ -130,40 +135,53 @@ class Containers:
             "LINCHKIT_PLUGIN_VERSION": pool.plugin.version,
             "LINCHKIT_PLUGIN_TOKEN": token,
         }
+        described = f"{name} of {pool.label}"
+        in_volume = target.transport == "unix" and self.socket_volumes
+        port: int | None = None
         if target.transport == "unix":
-            socket_dir = self._socket_root / name
-            socket_dir.mkdir()
-            socket_dir.chmod(0o777)  # the container's user creates the socket; parent is 0700
             env["LINCHKIT_PLUGIN_UDS"] = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
-            address = Address(
-                f"{name} of {pool.label}", unix_socket=str(socket_dir / SOCKET_NAME), token=token
-            )
+            if not in_volume:
+                socket_dir = self._socket_root / name
+                socket_dir.mkdir()
+                socket_dir.chmod(0o777)  # the container's user creates the socket; parent 0700
         else:
             port = target.port or _free_port()
             env["LINCHKIT_PLUGIN_HOST"] = "127.0.0.1"
             env["LINCHKIT_PLUGIN_PORT"] = str(port)
-            address = Address(f"{name} of {pool.label}", port=port, token=token)
-        channel = CHANNELS[target.protocol](address)
-        config = container_config(target, env, socket_dir, pool.plugin.capabilities, volumes)
+        config = container_config(
+            target, env, socket_dir, pool.plugin.capabilities, volumes, socket_in_volume=in_volume
+        )
         config["Labels"] = {
             **self._owner_labels,
             LABEL_PLUGIN: pool.plugin.key,
             LABEL_SOCKET_DIR: str(socket_dir or ""),
         }
         container_id: str | None = None
+        channel = None
         try:
             try:
                 container_id = await engine.create(config, name)
                 await engine.start(container_id)
+                # The volume's folder is the engine's to name: known once it is mounted.
+                folder = (
+                    await engine.mount_source(container_id, SOCKET_MOUNT) if in_volume else None
+                )
             except EngineError as error:
                 raise start_failure(error, target.image, pool.label) from error
+            if port is not None:
+                address = Address(described, port=port, token=token)
+            else:
+                folder = folder or str(socket_dir)
+                address = Address(described, unix_socket=f"{folder}/{SOCKET_NAME}", token=token)
+            channel = CHANNELS[target.protocol](address)
             instance = Instance(container_id, name, socket_dir, channel, target.stop_timeout_s)
             await channel.open()
             instance.watcher = self._track(self._watch(pool, instance), f"docker-watch {name}")
             pool.instances.append(instance)
             await self._wait_ready(pool, instance)
         except BaseException:
-            await channel.aclose()
+            if channel is not None:
+                await channel.aclose()
             if container_id is not None:
                 pool.instances = [i for i in pool.instances if i.id != container_id]
                 directory = str(socket_dir) if socket_dir else None

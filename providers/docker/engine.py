@@ -136,6 +136,27 @@ class Engine:
         with self._translated():
             await self._docker.containers.container(container_id).start()
 
+    async def mount_source(self, container_id: str, destination: str) -> str | None:
+        """Where on the host the container's mount at ``destination`` is (``Mounts``)."""
+        with self._translated():
+            info = await self._docker.containers.container(container_id).show()
+        for mount in info.get("Mounts") or ():
+            if mount.get("Destination") == destination:
+                return str(mount.get("Source") or "") or None
+        return None
+
+    async def volumes_reachable(self) -> bool:
+        """Whether this process can reach what is in the engine's volumes (its
+        ``DockerRootDir``/volumes, 0701 root on a stock engine: as root, or with a
+        rootless engine of this user's); False when it cannot tell."""
+        try:
+            with self._translated():
+                info = await self._docker.system.info()
+        except EngineError:
+            return False
+        root = info.get("DockerRootDir")
+        return bool(root) and os.access(Path(str(root)) / "volumes", os.X_OK)
+
     async def wait(self, container_id: str) -> dict[str, Any]:
         """Wait for the container to stop (``POST /containers/{id}/wait``); its ``State``."""
         container = self._docker.containers.container(container_id)

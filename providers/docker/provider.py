@@ -97,7 +97,10 @@ class DockerProvider(Provider[DockerTarget]):
     async def start(self) -> None:
         engine = await Engine.connect(self._docker_url)
         labels = owner_labels(self.owner)
-        self._containers = Containers(engine, make_socket_root(), labels, self._clock)
+        reachable = await engine.volumes_reachable()
+        self._containers = Containers(
+            engine, make_socket_root(), labels, self._clock, socket_volumes=reachable
+        )
         try:
             await self.remove_orphans()
         except BaseException:
@@ -107,13 +110,20 @@ class DockerProvider(Provider[DockerTarget]):
 
     def sandbox(self, plugin: PluginInfo, target: DockerTarget) -> Translation | None:
         """What the containers of ``plugin`` enforce of its capabilities (``docker.sandbox``)."""
-        return sandbox_translation(target, plugin.capabilities)
+        return self._translation(plugin, target)
+
+    def _translation(self, plugin: PluginInfo, target: DockerTarget) -> Translation:
+        # Socket folders are tmpfs volumes as the engine said at start, or, not started
+        # (``dispatcher inspect`` starts nothing), as a stock engine's would be.
+        containers = self._containers
+        in_volume = containers.socket_volumes if containers is not None else os.geteuid() == 0
+        return sandbox_translation(target, plugin.capabilities, socket_in_volume=in_volume)
 
     async def attach(self, plugin: PluginInfo, target: DockerTarget) -> None:
         key = (plugin.id, plugin.version, target.key)
         if key in self._pools:
             return
-        for line in sandbox_translation(target, plugin.capabilities).unenforced:
+        for line in self._translation(plugin, target).unenforced:
             log.warning("%s on %s: %s", plugin.key, target.describe(), line)
         pool = self._pools[key] = Pool(plugin, target)
         if target.min_instances:

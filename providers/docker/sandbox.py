@@ -7,8 +7,10 @@ Sandbox by default (each relaxation is a key under ``sandbox`` in the manifest):
     no-new-privileges                                       sandbox.no_new_privileges
     non-root user 65534:65534                               sandbox.user
     no network at all; the plugin listens on a Unix         sandbox.network: host
-      socket in a directory mounted from the host           (with transport: tcp, the
-                                                              plugin binds 127.0.0.1)
+      socket in a tmpfs of SOCKET_FOLDER_MB that the        (with transport: tcp, the
+      engine mounts and the host reaches (a folder of       plugin binds 127.0.0.1)
+      the host's where the engine's volumes are out of
+      the host's reach: unbounded, reported)
     memory (no swap), CPU and pids limits                   limits.memory_mb/cpus/pids
     an init process (tini) reaps orphans, forwards SIGTERM
     the image's own VOLUMEs: each a tmpfs of tmp_mb, not a volume on the host's disk
@@ -33,12 +35,26 @@ from typing import Any
 from providers.capabilities import Capabilities, Translation
 from providers.docker.target import DockerTarget
 
-__all__ = ["SOCKET_MOUNT", "SOCKET_NAME", "container_config", "granted_env", "translation"]
+__all__ = [
+    "SOCKET_FOLDER_INODES",
+    "SOCKET_FOLDER_MB",
+    "SOCKET_MOUNT",
+    "SOCKET_NAME",
+    "container_config",
+    "granted_env",
+    "translation",
+]
 
-#: Where the host's socket folder is mounted in the container.
+#: Where the socket folder is mounted in the container.
 SOCKET_MOUNT = "/run/linchkit"
 #: The plugin's socket in that folder.
 SOCKET_NAME = "plugin.sock"
+#: The size of the socket folder when it is a tmpfs: a socket takes no room, and a plugin
+#: must have no place to write past ``tmp_mb`` but /tmp.
+SOCKET_FOLDER_MB = 1
+#: And as many files: a socket (and what a runtime puts beside it, a lock) is all it holds;
+#: without a cap, each of a plugin's empty files would cost kernel memory, not room.
+SOCKET_FOLDER_INODES = 64
 
 
 def granted_env(capabilities: Capabilities) -> dict[str, str]:
@@ -46,9 +62,19 @@ def granted_env(capabilities: Capabilities) -> dict[str, str]:
     return {name: os.environ[name] for name in capabilities.env if name in os.environ}
 
 
-def translation(target: DockerTarget, capabilities: Capabilities) -> Translation:
-    """What the container of ``target`` enforces of ``capabilities``, and what it cannot."""
+def translation(
+    target: DockerTarget, capabilities: Capabilities, *, socket_in_volume: bool = True
+) -> Translation:
+    """What the container of ``target`` enforces of ``capabilities``, and what it cannot;
+    ``socket_in_volume``: whether the socket folder is a tmpfs (the host reaches the
+    engine's volumes), or a folder on the host's disk."""
     result = Translation("docker")
+    if target.transport == "unix" and not socket_in_volume:
+        result.unenforced.append(
+            "files: the socket folder is a folder on the host's disk, which the plugin may"
+            " fill without bound (the engine's volumes, where it would be a tmpfs of"
+            f" {SOCKET_FOLDER_MB} MiB, are out of this process's reach: run it as root)"
+        )
     sandbox, limits = target.sandbox, target.limits
     network = "host" if capabilities.has_network else sandbox.network
     result.enforced.append(
@@ -85,8 +111,13 @@ def container_config(
     socket_dir: Path | None,
     capabilities: Capabilities | None = None,
     image_volumes: Iterable[str] = (),
+    *,
+    socket_in_volume: bool = False,
 ) -> dict[str, Any]:
-    """The create body of one container of ``target``; ``socket_dir`` is mounted if given.
+    """The create body of one container of ``target``; ``socket_dir`` is mounted if given,
+    or, with ``socket_in_volume``, an anonymous volume that is a tmpfs of
+    ``SOCKET_FOLDER_MB`` (the engine mounts it and removes it with the container; the host
+    finds it in the container's ``Mounts``).
 
     ``image_volumes`` are the paths the image declares as ``VOLUME``s: left alone, the
     engine would make each a volume on the host's disk, writable past the read-only root
@@ -96,7 +127,7 @@ def container_config(
     memory = (capabilities.memory_mb or limits.memory_mb) * 1024 * 1024
     tmpfs = f"rw,nosuid,nodev,mode=1777,size={limits.tmp_mb}m"
     mounted = {str(grant.path) for grant in capabilities.files}
-    if socket_dir is not None:
+    if socket_dir is not None or socket_in_volume:
         mounted.add(SOCKET_MOUNT)
     host_config: dict[str, Any] = {
         "Init": True,
@@ -120,6 +151,8 @@ def container_config(
         binds.append(f"{socket_dir}:{SOCKET_MOUNT}:rw")
     if binds:
         host_config["Binds"] = binds
+    if socket_in_volume:
+        host_config["Mounts"] = [_socket_volume()]
     config: dict[str, Any] = {
         "Image": target.image,
         "Env": [f"{key}={value}" for key, value in {**granted_env(capabilities), **env}.items()],
@@ -129,3 +162,21 @@ def container_config(
     if target.command is not None:
         config["Cmd"] = target.command
     return config
+
+
+def _socket_volume() -> dict[str, Any]:
+    """The socket folder as an anonymous volume the local driver mounts as a tmpfs: mode
+    0777, for the container's user creates its socket there."""
+    options = (
+        f"size={SOCKET_FOLDER_MB}m,nr_inodes={SOCKET_FOLDER_INODES},mode=0777,nosuid,nodev,noexec"
+    )
+    return {
+        "Type": "volume",
+        "Target": SOCKET_MOUNT,
+        "VolumeOptions": {
+            "DriverConfig": {
+                "Name": "local",
+                "Options": {"type": "tmpfs", "device": "tmpfs", "o": options},
+            }
+        },
+    }
