@@ -199,11 +199,6 @@ def impostor() -> Iterator[tuple[int, list[dict[str, str | None]]]]:
         server.server_close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transport tcp: the host connects to the port and never checks that its "
-    "container listens there; whoever bound it first gets the calls and the token",
-)
 async def test_a_port_taken_before_the_container_does_not_receive_its_calls(
     impostor: tuple[int, list[dict[str, str | None]]],
 ) -> None:

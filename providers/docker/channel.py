@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from linchkit_plugin.errors import TargetUnavailable
 from providers._socket_pin import PinnedSocket, SocketTampered
 from providers.base import Health
+from providers.docker.port_owner import PortOwner, PortTaken, can_check_owners
 from providers.http import HttpProvider, HttpTarget
 from providers.invocation import Invocation, Outcome
 from providers.target import PluginInfo
@@ -36,6 +37,8 @@ class Address:
     port: int | None = None
     #: The bearer token this container's plugin server was started with (``LINCHKIT_PLUGIN_TOKEN``).
     token: str | None = None
+    #: The container's first process (``State.Pid``): who must hold ``port``.
+    container_pid: int | None = None
 
 
 class Channel(Protocol):
@@ -63,12 +66,16 @@ class HttpChannel:
 
     Over a Unix socket, the host only ever connects to the socket the plugin created in
     its folder (``PinnedSocket``): never through a symlink or to another file the plugin
-    put in its place.
+    put in its place. Over a loopback port, the host sends nothing there until the
+    container's own processes alone listen on it (``PortOwner``; again at each health
+    probe), where this process may look (as root).
     """
 
     def __init__(self, address: Address) -> None:
         self._address = address
         self._pin: PinnedSocket | None = None
+        self._owner: PortOwner | None = None
+        self._taken: PortTaken | None = None
         self._http: HttpProvider | None = None
         if address.unix_socket is not None:
             # The host part of the URL is only a label: the connector dials the socket.
@@ -82,6 +89,10 @@ class HttpChannel:
         else:
             url = f"http://127.0.0.1:{address.port}"
             self._http = HttpProvider(max_connections=64)
+            if address.port is not None and address.container_pid and can_check_owners():
+                self._owner = PortOwner(
+                    address.port, address.container_pid, f"container {address.container}"
+                )
         self._target = _ContainerHttpTarget(
             provider="http", url=url, container=address.container, bearer_token=address.token
         )
@@ -96,6 +107,8 @@ class HttpChannel:
         pin = self._pin
         if pin is None:
             assert self._http is not None
+            if self._owner is not None and not self._owner.verified:
+                self._check_owner()
             return self._http
         if self._http is None:
             path = pin.pin()  # SocketTampered, or FileNotFoundError until the plugin listens
@@ -105,43 +118,70 @@ class HttpChannel:
         pin.check()
         return self._http
 
+    def _check_owner(self) -> None:
+        """``PortOwner.check``: ``FileNotFoundError`` while nothing listens yet; once a
+        process outside the container held the port, ``PortTaken`` for good (logged once:
+        a local process waited for this container's calls and token)."""
+        assert self._owner is not None
+        if self._taken is not None:
+            raise self._taken
+        try:
+            listening = self._owner.check()
+        except PortTaken as error:
+            self._taken = error
+            log.error("security: %s; its calls and token are not sent there", error)
+            raise
+        if not listening:
+            raise FileNotFoundError(f"nothing listens on port {self._owner.port} yet")
+
     async def invoke(self, invocation: Invocation) -> Any:
         try:
             http = await self._client()
-        except (SocketTampered, FileNotFoundError) as error:
+        except (SocketTampered, PortTaken, FileNotFoundError) as error:
             raise self._refused(error) from None
         return await http.invoke(self._target, invocation)
 
     async def invoke_batch(self, invocations: Sequence[Invocation]) -> list[Outcome[Any]]:
         try:
             http = await self._client()
-        except (SocketTampered, FileNotFoundError) as error:
+        except (SocketTampered, PortTaken, FileNotFoundError) as error:
             raise self._refused(error) from None
         return await http.invoke_batch(self._target, invocations)
 
     def _refused(self, error: OSError) -> TargetUnavailable:
+        container = self._address.container
         if isinstance(error, SocketTampered):
             return TargetUnavailable(
-                f"container {self._address.container} {error}; refusing to call it",
+                f"container {container} {error}; refusing to call it",
                 retryable=False,
-                details={"container": self._address.container, "socket_tampered": True},
+                details={"container": container, "socket_tampered": True},
             )
-        return TargetUnavailable(f"container {self._address.container} has no socket yet")
+        if isinstance(error, PortTaken):
+            return TargetUnavailable(
+                f"{error}; refusing to call it",
+                retryable=False,
+                details={"container": container, "port_taken": True},
+            )
+        if self._owner is not None:
+            return TargetUnavailable(f"container {container} does not listen on its port yet")
+        return TargetUnavailable(f"container {container} has no socket yet")
 
     async def health(self) -> Health:
         try:
+            if self._owner is not None:
+                self._check_owner()  # at every probe: whoever listens now
             http = await self._client()
-        except SocketTampered as error:
+        except (SocketTampered, PortTaken) as error:
             return Health("not_serving", f"refused: {error}")
         except FileNotFoundError:
-            return Health("not_serving", "the plugin has not created its socket yet")
+            return Health("not_serving", "the plugin does not listen yet")
         return await http.health(self._target)
 
     async def served_methods(self, plugin: PluginInfo, timeout: float) -> frozenset[str] | None:
         """The container's ``GET /describe``; None before its socket is there."""
         try:
             http = await self._client()
-        except (SocketTampered, FileNotFoundError):
+        except (SocketTampered, PortTaken, FileNotFoundError):
             return None
         return await http.served_methods(plugin, self._target, timeout=timeout)
 

@@ -162,16 +162,16 @@ class Containers:
             try:
                 container_id = await engine.create(config, name)
                 await engine.start(container_id)
-                # The volume's folder is the engine's to name: known once it is mounted.
-                folder = (
-                    await engine.mount_source(container_id, SOCKET_MOUNT) if in_volume else None
-                )
+                # The volume's folder is the engine's to name, and the container's first
+                # process its to start: both known once it runs.
+                info = await engine.inspect(container_id) if in_volume or port else {}
             except EngineError as error:
                 raise start_failure(error, target.image, pool.label) from error
             if port is not None:
-                address = Address(described, port=port, token=token)
+                first = (info.get("State") or {}).get("Pid") or None
+                address = Address(described, port=port, token=token, container_pid=first)
             else:
-                folder = folder or str(socket_dir)
+                folder = _mount_source(info, SOCKET_MOUNT) if in_volume else str(socket_dir)
                 address = Address(described, unix_socket=f"{folder}/{SOCKET_NAME}", token=token)
             channel = CHANNELS[target.protocol](address)
             instance = Instance(container_id, name, socket_dir, channel, target.stop_timeout_s)
@@ -272,6 +272,14 @@ class Containers:
         await engine.force_remove(
             instance.id, str(instance.socket_dir) if instance.socket_dir else None
         )
+
+
+def _mount_source(info: dict[str, Any], destination: str) -> str:
+    """Where on the host the container's mount at ``destination`` is (its ``Mounts``)."""
+    for mount in info.get("Mounts") or ():
+        if mount.get("Destination") == destination and mount.get("Source"):
+            return str(mount["Source"])
+    raise TargetUnavailable(f"the engine names no folder for the container's {destination}")
 
 
 def _slug(text: str) -> str:

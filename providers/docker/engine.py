@@ -136,14 +136,11 @@ class Engine:
         with self._translated():
             await self._docker.containers.container(container_id).start()
 
-    async def mount_source(self, container_id: str, destination: str) -> str | None:
-        """Where on the host the container's mount at ``destination`` is (``Mounts``)."""
+    async def inspect(self, container_id: str) -> dict[str, Any]:
+        """The container's record (``GET /containers/{id}/json``)."""
         with self._translated():
-            info = await self._docker.containers.container(container_id).show()
-        for mount in info.get("Mounts") or ():
-            if mount.get("Destination") == destination:
-                return str(mount.get("Source") or "") or None
-        return None
+            info: dict[str, Any] = await self._docker.containers.container(container_id).show()
+        return info
 
     async def volumes_reachable(self) -> bool:
         """Whether this process can reach what is in the engine's volumes (its

@@ -55,6 +55,7 @@ from providers.docker.engine import (
 )
 from providers.docker.image import DockerDeployer
 from providers.docker.pool import Instance, Pool, death_details, death_text
+from providers.docker.port_owner import can_check_owners
 from providers.docker.sandbox import translation as sandbox_translation
 from providers.docker.target import DockerTarget
 from providers.invocation import Invocation, Outcome
@@ -117,7 +118,12 @@ class DockerProvider(Provider[DockerTarget]):
         # (``dispatcher inspect`` starts nothing), as a stock engine's would be.
         containers = self._containers
         in_volume = containers.socket_volumes if containers is not None else os.geteuid() == 0
-        return sandbox_translation(target, plugin.capabilities, socket_in_volume=in_volume)
+        return sandbox_translation(
+            target,
+            plugin.capabilities,
+            socket_in_volume=in_volume,
+            port_owner_checked=can_check_owners(),
+        )
 
     async def attach(self, plugin: PluginInfo, target: DockerTarget) -> None:
         key = (plugin.id, plugin.version, target.key)

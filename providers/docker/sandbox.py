@@ -63,12 +63,22 @@ def granted_env(capabilities: Capabilities) -> dict[str, str]:
 
 
 def translation(
-    target: DockerTarget, capabilities: Capabilities, *, socket_in_volume: bool = True
+    target: DockerTarget,
+    capabilities: Capabilities,
+    *,
+    socket_in_volume: bool = True,
+    port_owner_checked: bool = True,
 ) -> Translation:
     """What the container of ``target`` enforces of ``capabilities``, and what it cannot;
     ``socket_in_volume``: whether the socket folder is a tmpfs (the host reaches the
-    engine's volumes), or a folder on the host's disk."""
+    engine's volumes), or a folder on the host's disk; ``port_owner_checked``: whether the
+    host can tell who listens on a ``transport: tcp`` port (``port_owner``)."""
     result = Translation("docker")
+    if target.transport == "tcp" and not port_owner_checked:
+        result.unenforced.append(
+            "network: who listens on the container's port is not checked (it needs root):"
+            " a local process that binds it first gets the calls and their token"
+        )
     if target.transport == "unix" and not socket_in_volume:
         result.unenforced.append(
             "files: the socket folder is a folder on the host's disk, which the plugin may"
