@@ -346,3 +346,16 @@ async def test_an_attach_given_up_while_its_start_code_runs_leaves_no_thread(
             await reload
         await until(lambda: not threads(), "the attach's thread ended", timeout=START_SECONDS + 3)
         assert await dispatcher.call("hostile", "one", None, timeout=5) == 1
+
+
+async def test_a_compile_cache_that_cannot_be_written_fails_the_attach_typed(
+    module: Path, tmp_path: Path
+) -> None:
+    """A ``cache_dir`` that cannot be made (here: under a file) is a ``ProviderError``
+    naming it. Before, the OSError escaped the attach untyped."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    entry = plugin(module, cache_dir=str(blocker / "cache"))
+    with pytest.raises(ProviderError, match="cannot use the compile cache"):
+        async with Dispatcher(manifest(entry)):
+            pass

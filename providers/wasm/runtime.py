@@ -28,7 +28,8 @@ __all__ = ["CallFailed", "Compiled", "Instance", "runtime_version"]
 _CACHE_VARIABLE = "EXTISM_CACHE_CONFIG"
 _cache_lock = threading.Lock()
 
-FailureKind = Literal["cancelled", "memory", "trap", "plugin"]
+#: ``host``: the dispatcher's side failed (its compile cache folder cannot be written).
+FailureKind = Literal["cancelled", "memory", "trap", "plugin", "host"]
 
 
 def runtime_version() -> str:
@@ -71,6 +72,10 @@ class Compiled:
             self._compiled = self._compile_cached(manifest, cache_dir)
         except extism.Error as error:
             raise CallFailed("trap", f"cannot compile the module: {error}") from error
+        except OSError as error:  # the cache folder: not writable, not a folder, disk full
+            raise CallFailed(
+                "host", f"cannot use the compile cache in {cache_dir}: {error.strerror or error}"
+            ) from error
 
     @staticmethod
     def _compile_cached(manifest: dict[str, Any], cache_dir: Path) -> Any:
