@@ -28,6 +28,10 @@ What every client guarantees, so the providers above it never see a vendor excep
 
 Redirects are never followed by either client: a 3xx comes back as a ``Reply`` with its
 ``Location`` header, for the provider to refuse (``providers._http_common.status_error``).
+
+A ``ConnectionCheck`` (aiohttp only) is awaited before each new connection is opened; the
+``DispatchError`` it raises reaches the caller as it is, and no byte of the request goes
+out.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Annotated, Literal, NamedTuple, Self
+from typing import Annotated, Literal, NamedTuple, Protocol, Self
 
 from pydantic import AfterValidator, Field
 
@@ -49,6 +53,7 @@ __all__ = [
     "REQWEST_MISSING",
     "ChosenClient",
     "ClientKind",
+    "ConnectionCheck",
     "HttpClient",
     "HttpPool",
     "Reply",
@@ -143,6 +148,13 @@ class Reply(NamedTuple):
     status: int
     headers: Mapping[str, str]
     body: bytes
+
+
+class ConnectionCheck(Protocol):
+    """Awaited before a client opens a new connection: raises a ``DispatchError`` to refuse
+    it (the docker provider's check of who listens on a container's port)."""
+
+    async def __call__(self) -> None: ...
 
 
 class HttpClient(ABC):

@@ -30,6 +30,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import orjson
@@ -45,7 +46,14 @@ from linchkit_plugin.errors import (
     Unauthorized,
     error_from_wire,
 )
-from providers._http_client import REQWEST_MISSING, ClientKind, HttpClient, HttpPool, Reply
+from providers._http_client import (
+    REQWEST_MISSING,
+    ClientKind,
+    ConnectionCheck,
+    HttpClient,
+    HttpPool,
+    Reply,
+)
 from providers.base import CONNECT_STAGE
 from providers.egress import EgressPolicy
 from providers.served import served_names
@@ -83,6 +91,7 @@ def open_session(
     egress: EgressPolicy,
     unix_socket: str | None = None,
     max_per_host: int = 0,
+    before_connect: ConnectionCheck | None = None,
 ) -> aiohttp.ClientSession:
     """One keep-alive pool for every target of a provider; no automatic headers, no decoding.
 
@@ -91,6 +100,7 @@ def open_session(
     resolution in aiohttp: callers check those themselves (``EgressPolicy.check``).
     ``unix_socket``: send every request over this socket (a socket the provider was given
     in code, not one from the manifest); the URL then only names the host.
+    ``before_connect``: awaited before each new connection (``ConnectionCheck``).
     """
     import aiohttp
 
@@ -115,7 +125,25 @@ def open_session(
         connector=connector,
         skip_auto_headers=("User-Agent", "Accept-Encoding"),
         auto_decompress=False,
+        trace_configs=None if before_connect is None else [_checked_connections(before_connect)],
     )
+
+
+def _checked_connections(check: ConnectionCheck) -> aiohttp.TraceConfig:
+    """Runs ``check`` where aiohttp is about to open a connection: a failure there releases
+    the connection's slot and leaves the request (``BaseConnector.connect``)."""
+    import aiohttp
+
+    async def checked(
+        _session: aiohttp.ClientSession,
+        _context: SimpleNamespace,
+        _params: aiohttp.TraceConnectionCreateStartParams,
+    ) -> None:
+        await check()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_start.append(checked)
+    return trace
 
 
 class AiohttpClient(HttpClient):
@@ -124,7 +152,12 @@ class AiohttpClient(HttpClient):
     __slots__ = ("_session", "_timeouts", "_urls")
 
     def __init__(
-        self, pool: HttpPool, *, egress: EgressPolicy, unix_socket: str | None = None
+        self,
+        pool: HttpPool,
+        *,
+        egress: EgressPolicy,
+        unix_socket: str | None = None,
+        before_connect: ConnectionCheck | None = None,
     ) -> None:
         self._session = open_session(
             max_connections=pool.max_connections,
@@ -132,6 +165,7 @@ class AiohttpClient(HttpClient):
             keepalive_seconds=pool.idle_timeout_s,
             unix_socket=unix_socket,
             egress=egress,
+            before_connect=before_connect,
         )
         self._timeouts: dict[int, aiohttp.ClientTimeout] = {}
         self._urls: dict[str, URL] = {}
@@ -256,7 +290,15 @@ class HttpClients:
     dispatcher that uses it); every one is closed in ``aclose``.
     """
 
-    __slots__ = ("_default", "_egress", "_own", "_shared", "_shared_pool", "_unix_socket")
+    __slots__ = (
+        "_before_connect",
+        "_default",
+        "_egress",
+        "_own",
+        "_shared",
+        "_shared_pool",
+        "_unix_socket",
+    )
 
     def __init__(
         self,
@@ -265,12 +307,16 @@ class HttpClients:
         *,
         egress: EgressPolicy,
         unix_socket: str | None = None,
+        before_connect: ConnectionCheck | None = None,
     ) -> None:
-        # aiohttp is the one client that dials a Unix socket.
-        self._default: ClientKind = "aiohttp" if unix_socket is not None else default
+        # aiohttp is the one client that dials a Unix socket, and that lets a check run
+        # before each new connection.
+        forced = unix_socket is not None or before_connect is not None
+        self._default: ClientKind = "aiohttp" if forced else default
         self._shared_pool = shared_pool
         self._egress = egress
         self._unix_socket = unix_socket
+        self._before_connect = before_connect
         self._shared: dict[tuple[ClientKind, bool], HttpClient] = {}
         self._own: list[HttpClient] = []
 
@@ -279,7 +325,8 @@ class HttpClients:
     ) -> HttpClient:
         """The client of a target that asks for ``kind`` (None: the default) and ``pool``,
         speaking HTTP/2 only when ``http2`` (reqwest alone can: the manifest checks it)."""
-        chosen = self._default if kind is None or self._unix_socket is not None else kind
+        forced = self._unix_socket is not None or self._before_connect is not None
+        chosen = self._default if kind is None or forced else kind
         if http2 and chosen != "reqwest":
             raise ProviderError(
                 "http2 needs client: reqwest, and this provider's calls go through aiohttp"
@@ -308,7 +355,12 @@ class HttpClients:
             except ImportError as error:  # a host chose it by hand (the manifest checks it)
                 raise ProviderError(f"{REQWEST_MISSING} ({error})") from None
             return ReqwestClient(pool, egress=self._egress, http2=http2)
-        return AiohttpClient(pool, egress=self._egress, unix_socket=self._unix_socket)
+        return AiohttpClient(
+            pool,
+            egress=self._egress,
+            unix_socket=self._unix_socket,
+            before_connect=self._before_connect,
+        )
 
     def __repr__(self) -> str:
         shared = [f"{kind}+h2" if http2 else kind for kind, http2 in self._shared]

@@ -71,6 +71,7 @@ from providers._http_client import (
     HTTP2_DESCRIPTION,
     ChosenClient,
     ClientKind,
+    ConnectionCheck,
     HttpClient,
     HttpPool,
     Reply,
@@ -272,16 +273,19 @@ class HttpProvider(Provider[HttpTarget]):
         keepalive_seconds: float = 30.0,
         unix_socket: str | None = None,
         client: ClientKind = DEFAULT_CLIENT,
+        before_connect: ConnectionCheck | None = None,
     ) -> None:
         """``unix_socket``: send every request over this socket (the docker provider's
         sandboxed containers listen on one); the URL then only names the host, and every
         call goes through aiohttp (the one client that dials a Unix socket).
-        ``client``: the client of targets that name none."""
+        ``client``: the client of targets that name none. ``before_connect``: awaited
+        before each new connection, to refuse it (``ConnectionCheck``; aiohttp then too)."""
         self._default_client = client
         self._shared_pool = HttpPool(
             max_connections=max_connections, idle_timeout_s=keepalive_seconds
         )
         self._unix_socket = unix_socket
+        self._before_connect = before_connect
         self._clients: HttpClients | None = None
         self._routes: dict[str, _Route] = {}
         #: The running loop's clock. ``start`` binds it: ``asyncio.get_running_loop()``
@@ -296,6 +300,7 @@ class HttpProvider(Provider[HttpTarget]):
             self._shared_pool,
             egress=self.egress,
             unix_socket=self._unix_socket,
+            before_connect=self._before_connect,
         )
         self._loop_time = asyncio.get_running_loop().time
 

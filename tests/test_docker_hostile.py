@@ -8,12 +8,15 @@ runs on the unruly plugin's image with its folder granted read-only, so nothing 
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import http.server
 import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -52,8 +55,21 @@ def hostile(**limits: Any) -> dict[str, Any]:
             "limits": {"memory_mb": 96, "pids": 48, "cpus": 1.0, **limits},
         },
         "capabilities": {"files": [{"path": str(HOSTILE_FOLDER), "mode": "ro"}]},
-        "methods": {"fill": {}, "litter": {}, "crash": {}},
+        "methods": {"fill": {}, "litter": {}, "crash": {}, "stop_listening": {}},
     }
+
+
+def hostile_on_port(port: int) -> dict[str, Any]:
+    """The hostile plugin with transport tcp on ``port``, probed only when it starts."""
+    plugin = hostile()
+    plugin["target"].update(
+        transport="tcp",
+        port=port,
+        max_instances=1,
+        health_interval_s=3600,
+        sandbox={"network": "host"},
+    )
+    return plugin
 
 
 #: The hostile plugin on an image declaring ``VOLUME /data`` (``Dockerfile.volume``).
@@ -220,3 +236,174 @@ async def test_an_image_volume_is_a_tmpfs_of_tmp_mb_and_nothing_is_left_behind()
         assert not filled["ok"], "32 MiB written to the image's volume with tmp_mb 8"
         assert filled["mb"] <= 8
     assert engine_volumes() - before == set()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _impostor_server(seen: list[dict[str, str | None]]) -> http.server.ThreadingHTTPServer:
+    """An impostor's HTTP server that is handed its connections (``process_request``)."""
+    handler = type("Impostor", (_Impostor,), {"seen": seen})
+    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler, bind_and_activate=False)
+
+
+def _accept_queue(inode: int) -> int:
+    """How many connections wait on the listening socket ``inode`` (``/proc/net/tcp``)."""
+    with open("/proc/net/tcp", encoding="ascii") as table:
+        for row in table.readlines()[1:]:
+            fields = row.split()
+            if fields[9] == str(inode):
+                return int(fields[4].partition(":")[2], 16)
+    return 0
+
+
+@pytest.fixture
+def impostor_in_flight() -> Iterator[tuple[int, list[dict[str, str | None]]]]:
+    """A local process listening on a loopback port that no process holds while the host
+    looks: the listening socket travels in a message the process sent itself, and comes out
+    only for as long as it takes to accept a connection waiting on it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port, inode = int(listener.getsockname()[1]), os.fstat(listener.fileno()).st_ino
+    sender, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def park(sock: socket.socket) -> None:
+        rights = array.array("i", [sock.fileno()])
+        sender.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        sock.close()
+
+    def unpark() -> socket.socket:
+        _, ancillary, _, _ = receiver.recvmsg(1, socket.CMSG_SPACE(rights_size))
+        descriptor = array.array("i")
+        descriptor.frombytes(ancillary[0][2][:rights_size])
+        return socket.socket(fileno=descriptor[0])
+
+    rights_size = array.array("i").itemsize
+    park(listener)
+    seen: list[dict[str, str | None]] = []
+    server = _impostor_server(seen)
+    stop = threading.Event()
+
+    def accept_when_asked() -> None:
+        while not stop.wait(0.005):
+            if not _accept_queue(inode):
+                continue
+            held = unpark()
+            held.setblocking(False)
+            waiting = []
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    waiting.append(held.accept())
+            park(held)
+            for connection, address in waiting:
+                connection.setblocking(True)
+                server.process_request(connection, address)
+
+    thread = threading.Thread(target=accept_when_asked, daemon=True)
+    thread.start()
+    try:
+        yield port, seen
+    finally:
+        stop.set()
+        thread.join()
+        server.server_close()
+        sender.close()
+        receiver.close()
+
+
+async def test_a_listener_no_process_holds_while_the_host_looks_does_not_receive_its_calls(
+    impostor_in_flight: tuple[int, list[dict[str, str | None]]],
+) -> None:
+    """A listening socket in flight (SCM_RIGHTS) is in no process's descriptors: no
+    holder found is not "held by the container alone"."""
+    port, seen = impostor_in_flight
+    victim = unruly(transport="tcp", port=port, max_instances=1, sandbox={"network": "host"})
+    answer = None
+    async with Dispatcher(manifest(victim)) as dispatcher:
+        with contextlib.suppress(DispatchError):  # refused is what should happen
+            answer = await dispatcher.call("unruly", "whoami")
+    assert seen == [], f"an impostor received the container's calls, token and all: {seen}"
+    assert answer != "forged"
+
+
+async def test_a_port_the_container_lets_go_of_is_checked_again_before_a_new_connection() -> None:
+    """The check holds for the listener it saw: a connection the pool opens later goes to
+    whoever listens then, here a local process that took the port while the plugin's
+    server let go of it (as a server reloading does)."""
+    port = _free_port()
+    seen: list[dict[str, str | None]] = []
+    server = None
+    try:
+        async with Dispatcher(manifest(hostile_on_port(port))) as dispatcher:
+            assert await dispatcher.call("hostile", "stop_listening") >= 1
+            server = http.server.ThreadingHTTPServer(
+                ("127.0.0.1", port), type("Impostor", (_Impostor,), {"seen": seen})
+            )
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            # One call takes the connection the pool keeps; the others need new ones.
+            calls = [
+                dispatcher.call("hostile", "fill", {"path": "/tmp/x", "mb": 0}) for _ in range(4)
+            ]
+            answers = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    assert seen == [], f"an impostor received the container's calls, token and all: {seen}"
+    assert "forged" not in answers
+
+
+#: Processes holding many descriptors each, as on a busy host (a database, a browser).
+_CROWD = """
+import os, signal
+files = [open("/dev/null") for _ in range({descriptors})]
+for _ in range({processes}):
+    if os.fork() == 0:
+        signal.pause()
+        os._exit(0)
+print("ready", flush=True)
+signal.pause()
+"""
+
+
+@pytest.fixture
+def crowded_host() -> Iterator[None]:
+    """600 processes of 400 descriptors each, the lot ended with their process group."""
+    crowd = subprocess.Popen(
+        [sys.executable, "-c", _CROWD.format(processes=600, descriptors=400)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert crowd.stdout is not None
+        assert crowd.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        os.killpg(crowd.pid, signal.SIGKILL)
+        crowd.wait()
+        crowd.stdout.close()
+
+
+@pytest.mark.usefixtures("crowded_host")
+async def test_who_listens_on_a_port_is_looked_up_off_the_event_loop() -> None:
+    """Finding a port's holders reads every process's descriptors: on a host with many,
+    that takes most of a second, which must not be the event loop's at each probe."""
+    box = unruly(
+        transport="tcp", max_instances=1, health_interval_s=0.2, sandbox={"network": "host"}
+    )
+    async with Dispatcher(manifest(box)) as dispatcher:
+        await dispatcher.call("unruly", "whoami")
+        gaps: list[float] = []
+        last = time.perf_counter()
+        deadline = last + 2.0
+        while time.perf_counter() < deadline:  # the container's probes, every 0.2 s
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+    assert max(gaps) < 0.25, f"the event loop stalled {max(gaps):.2f} s"

@@ -10,6 +10,7 @@ the Literal's new value in ``DockerTarget``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,9 +67,9 @@ class HttpChannel:
 
     Over a Unix socket, the host only ever connects to the socket the plugin created in
     its folder (``PinnedSocket``): never through a symlink or to another file the plugin
-    put in its place. Over a loopback port, the host sends nothing there until the
-    container's own processes alone listen on it (``PortOwner``; again at each health
-    probe), where this process may look (as root).
+    put in its place. Over a loopback port, the host opens no connection there unless the
+    container's own processes alone listen on it (``PortOwner``: checked again at each
+    health probe, and before each new connection), where this process may look (as root).
     """
 
     def __init__(self, address: Address) -> None:
@@ -88,11 +89,17 @@ class HttpChannel:
             )
         else:
             url = f"http://127.0.0.1:{address.port}"
-            self._http = HttpProvider(max_connections=64)
-            if address.port is not None and address.container_pid and can_check_owners():
+            if address.port is not None and can_check_owners():
+                # No pid (the container stopped as it started): no process passes the check.
                 self._owner = PortOwner(
-                    address.port, address.container_pid, f"container {address.container}"
+                    address.port, address.container_pid or 0, f"container {address.container}"
                 )
+            # Every new connection of the pool is checked, not only the first: the port may
+            # change hands while the container runs (its server reloading, or dying).
+            self._http = HttpProvider(
+                max_connections=64,
+                before_connect=None if self._owner is None else self._before_connect,
+            )
         self._target = _ContainerHttpTarget(
             provider="http", url=url, container=address.container, bearer_token=address.token
         )
@@ -107,8 +114,8 @@ class HttpChannel:
         pin = self._pin
         if pin is None:
             assert self._http is not None
-            if self._owner is not None and not self._owner.verified:
-                self._check_owner()
+            if self._taken is not None:
+                raise self._taken
             return self._http
         if self._http is None:
             path = pin.pin()  # SocketTampered, or FileNotFoundError until the plugin listens
@@ -118,19 +125,33 @@ class HttpChannel:
         pin.check()
         return self._http
 
-    def _check_owner(self) -> None:
-        """``PortOwner.check``: ``FileNotFoundError`` while nothing listens yet; once a
-        process outside the container held the port, ``PortTaken`` for good (logged once:
-        a local process waited for this container's calls and token)."""
+    async def _before_connect(self) -> None:
+        """Before the HTTP client opens a connection to the port: its listeners are the
+        ones last found to be the container's alone, or they are checked again."""
+        assert self._owner is not None
+        try:
+            if self._taken is not None:
+                raise self._taken
+            if not await asyncio.to_thread(self._owner.unchanged):
+                await self._check_owner()
+        except (PortTaken, FileNotFoundError) as error:
+            raise self._refused(error) from None
+
+    async def _check_owner(self) -> None:
+        """``PortOwner.check``, off the event loop (it reads every process's descriptors):
+        ``FileNotFoundError`` while nothing listens yet; once a process outside the
+        container held the port, ``PortTaken`` for good (logged once: a local process
+        waited for this container's calls and token)."""
         assert self._owner is not None
         if self._taken is not None:
             raise self._taken
         try:
-            listening = self._owner.check()
+            listening = await asyncio.to_thread(self._owner.check)
         except PortTaken as error:
-            self._taken = error
-            log.error("security: %s; its calls and token are not sent there", error)
-            raise
+            if self._taken is None:  # checks of connections opened together: one incident
+                self._taken = error
+                log.error("security: %s; its calls and token are not sent there", error)
+            raise self._taken from None
         if not listening:
             raise FileNotFoundError(f"nothing listens on port {self._owner.port} yet")
 
@@ -169,7 +190,7 @@ class HttpChannel:
     async def health(self) -> Health:
         try:
             if self._owner is not None:
-                self._check_owner()  # at every probe: whoever listens now
+                await self._check_owner()  # at every probe: whoever listens now
             http = await self._client()
         except (SocketTampered, PortTaken) as error:
             return Health("not_serving", f"refused: {error}")

@@ -4,15 +4,25 @@ someone who bound the port first.
 With ``transport: tcp`` the container shares the host's network and its plugin binds
 ``127.0.0.1:port``; the host connects there with the container's bearer token. Any local
 process that binds the port first (a fixed ``port``, or the free port the host picked, in
-the moment before the plugin binds it) would get the calls, the token with them, and
-answer in the container's name. So before the host sends anything there, and again at
-each health probe, it looks up the listening sockets of the port in the kernel's table
-(``/proc/net/tcp``, ``tcp6``), finds the processes holding them (``/proc/PID/fd``), and
-requires each to be in the container's PID namespace (the same ``/proc/PID/ns/pid`` as
-the container's first process, which the engine names in ``State.Pid``).
+the moment before the plugin binds it), or while the plugin's server lets go of it, would
+get the calls, the token with them, and answer in the container's name. So at each health
+probe the host looks up the listening sockets of the port in the kernel's table
+(``/proc/net/tcp``, ``tcp6``: every address a connection to 127.0.0.1 reaches, the
+IPv4-mapped ones too), finds the processes holding them (``/proc/PID/fd``), and requires
+each socket to be held, and only by processes in the container's PID namespace (the
+namespace of the container's first process, which the engine names in ``State.Pid``, read
+once, as it starts: a pid read again later may be another process's). A listening socket
+no process holds is not the container's: it may be travelling in a message
+(``SCM_RIGHTS``) between an outsider's calls to ``accept``.
 
-Reading another user's descriptors needs root (or ``CAP_SYS_PTRACE``): without it the
-check cannot be made, and the provider reports the port as trusted, not checked.
+Before each new connection the host reads the table again (``unchanged``, no descriptor
+scan): the port's listeners must be the very sockets the last check found, or it checks
+again. What is left is the moment between that read and ``connect`` itself.
+
+Reading every process's descriptors takes time (seconds on a host of many processes with
+many descriptors each): the channel does it off the event loop. Reading another user's
+descriptors needs root (or ``CAP_SYS_PTRACE``): without it the check cannot be made, and
+the provider reports the port as trusted, not checked.
 """
 
 from __future__ import annotations
@@ -26,12 +36,15 @@ __all__ = ["PortOwner", "PortTaken", "can_check_owners"]
 #: ``st`` of a listening socket in ``/proc/net/tcp``.
 _LISTEN = "0A"
 #: Local addresses a listener on the host's loopback port answers at (hex, as the table
-#: writes them): 127.0.0.1, 0.0.0.0, ::1 and ::.
+#: writes them): 127.0.0.1, 0.0.0.0, ::1, ::, and an IPv6 socket's IPv4-mapped
+#: ::ffff:127.0.0.1 and ::ffff:0.0.0.0, which take IPv4 connections as the first two do.
 _LOOPBACK_OR_ANY = {
     "0100007F",
     "00000000",
     "00000000000000000000000001000000",
     "00000000000000000000000000000000",
+    "0000000000000000FFFF00000100007F",
+    "0000000000000000FFFF000000000000",
 }
 
 
@@ -46,32 +59,55 @@ def can_check_owners() -> bool:
 
 class PortOwner:
     """The check that ``port`` is listened on by the container whose first process is
-    ``container_pid`` alone; ``verified`` once it held (the provider checks again at
-    each health probe)."""
+    ``container_pid`` alone (``check``), and that it still is (``unchanged``)."""
 
     def __init__(self, port: int, container_pid: int, describe: str) -> None:
         self.port = port
-        self.container_pid = container_pid
         self.describe = describe
-        self.verified = False
+        namespace = _namespace(container_pid)
+        # None: no process of the container to tell apart from the host's (it is gone, or
+        # the pid is a process of this host's own namespace): nobody passes.
+        self._namespace = None if namespace == _namespace(os.getpid()) else namespace
+        #: The listening sockets ``check`` last found held by the container's alone.
+        self._verified: frozenset[str] = frozenset()
 
     def check(self) -> bool:
-        """True when the port has a listener and every one is the container's; False while
-        nothing listens yet. ``PortTaken`` when a process outside it holds one."""
+        """True when the port has a listener and every one is held by the container's
+        processes alone; False while nothing listens yet. ``PortTaken`` when a process
+        outside it holds one, or nobody does. Reads every process's descriptors: call it
+        off the event loop."""
+        self._verified = frozenset()
         inodes = _listening_inodes(self.port)
         if not inodes:
-            self.verified = False
             return False
-        theirs = _namespace(self.container_pid)
-        for pid in _holders(inodes):
-            if theirs is None or _namespace(pid) != theirs:
-                self.verified = False
-                raise PortTaken(
-                    f"port {self.port} of {self.describe} is held by pid {pid}"
-                    f" ({_command(pid)}), not by a process of the container"
-                )
-        self.verified = True
+        holders = _holders(inodes)
+        held = frozenset(holders)
+        unheld = inodes - held
+        if unheld and unheld & _listening_inodes(self.port):  # not closed meanwhile
+            raise PortTaken(
+                f"port {self.port} of {self.describe} is listened on by a socket no process"
+                " holds (one passed in a message between its owner's calls to accept), not"
+                " by a process of the container"
+            )
+        for pids in holders.values():
+            for pid in pids:
+                if self._namespace is None or _namespace(pid) != self._namespace:
+                    raise PortTaken(
+                        f"port {self.port} of {self.describe} is held by pid {pid}"
+                        f" ({_command(pid)}), not by a process of the container"
+                    )
+        if not held:
+            return False
+        self._verified = held
         return True
+
+    def unchanged(self) -> bool:
+        """Whether the port's listeners are still exactly those ``check`` last found held
+        by the container alone: the table read again, no descriptor scanned."""
+        return bool(self._verified) and _listening_inodes(self.port) == self._verified
+
+    def __repr__(self) -> str:
+        return f"<PortOwner port={self.port} verified={sorted(self._verified)}>"
 
 
 def _listening_inodes(port: int) -> set[str]:
@@ -88,27 +124,32 @@ def _listening_inodes(port: int) -> set[str]:
     return inodes
 
 
-def _holders(inodes: set[str]) -> set[int]:
-    """The processes with a descriptor of one of the sockets ``inodes``."""
-    links = {f"socket:[{inode}]" for inode in inodes}
-    holders: set[int] = set()
+def _holders(inodes: set[str]) -> dict[str, set[int]]:
+    """The processes with a descriptor of each of the sockets ``inodes`` that any holds."""
+    links = {f"socket:[{inode}]": inode for inode in inodes}
+    holders: dict[str, set[int]] = {}
     with os.scandir("/proc") as processes:
         for process in processes:
-            if process.name.isdigit() and _holds(process.name, links):
-                holders.add(int(process.name))
+            if process.name.isdigit():
+                for inode in _held(process.name, links):
+                    holders.setdefault(inode, set()).add(int(process.name))
     return holders
 
 
-def _holds(pid: str, links: set[str]) -> bool:
+def _held(pid: str, links: dict[str, str]) -> set[str]:
+    held: set[str] = set()
     with contextlib.suppress(OSError), os.scandir(f"/proc/{pid}/fd") as descriptors:
         for descriptor in descriptors:
             with contextlib.suppress(OSError):
-                if os.readlink(descriptor.path) in links:
-                    return True
-    return False
+                inode = links.get(os.readlink(descriptor.path))
+                if inode is not None:
+                    held.add(inode)
+    return held
 
 
 def _namespace(pid: int) -> str | None:
+    if pid <= 0:
+        return None
     try:
         return os.readlink(f"/proc/{pid}/ns/pid")
     except OSError:

@@ -7,6 +7,7 @@ here needs no image build.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -38,3 +39,18 @@ class HostilePlugin(Plugin):
 
     def crash(self) -> None:
         os._exit(3)
+
+    async def stop_listening(self) -> int:
+        """Close this server's listening sockets and keep serving the connections open,
+        as a server about to listen again (a reload) does: for a moment its port is free."""
+        import uvicorn  # the SDK's server, on this image
+
+        servers = [
+            listening
+            for each in gc.get_objects()
+            if isinstance(each, uvicorn.Server)
+            for listening in getattr(each, "servers", ())
+        ]
+        for server in servers:
+            server.close()
+        return len(servers)

@@ -1,0 +1,178 @@
+"""Who listens on a container's loopback port (``providers/docker/port_owner.py``), told
+with real sockets and real processes, no engine: a process in a PID namespace of its own
+stands for the container, as the engine's ``State.Pid`` would name it.
+
+Reading other processes' descriptors and making PID namespaces both need root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dispatcher import TargetUnavailable
+from providers.docker.channel import Address, HttpChannel
+from providers.docker.port_owner import PortOwner, PortTaken
+from providers.invocation import Invocation
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0, reason="reads other processes' descriptors, makes PID namespaces"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def container_pid() -> Iterator[int]:
+    """The host's pid of a process that is PID 1 of a namespace of its own."""
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sleep", "120"])
+    try:
+        children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children")
+        deadline = time.monotonic() + 10
+        while not children.read_text().split():
+            assert time.monotonic() < deadline, "unshare started no process"
+            time.sleep(0.01)
+        yield int(children.read_text().split()[0])
+    finally:
+        outer.kill()
+        outer.wait()
+
+
+def test_a_listener_on_an_ipv4_mapped_address_is_looked_at(container_pid: int) -> None:
+    """An IPv6 socket bound to ::ffff:127.0.0.1 takes connections to 127.0.0.1 as an IPv4
+    one does: it is a listener of the port, not "nothing listens yet"."""
+    with socket.socket(socket.AF_INET6) as outsider:
+        outsider.bind(("::ffff:127.0.0.1", 0))
+        outsider.listen()
+        port = outsider.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            pass  # it does answer there
+        with pytest.raises(PortTaken, match=f"held by pid {os.getpid()}"):
+            PortOwner(port, container_pid, "test").check()
+
+
+_LISTENER = """
+import socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen()
+print("listening", flush=True)
+sys.stdin.read()
+"""
+
+
+def _start_as_pid(pid: int, port: int) -> subprocess.Popen[str] | None:
+    """A listener on ``port`` in this host's namespace, started as ``pid`` if the kernel
+    hands that pid out next (``ns_last_pid``); None if another process took it first."""
+    Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+    process = subprocess.Popen(
+        [sys.executable, "-c", _LISTENER, str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    if process.pid == pid:
+        return process
+    process.kill()
+    process.wait()
+    return None
+
+
+def test_the_pid_of_a_container_gone_is_not_its_namespace(container_pid: int) -> None:
+    """The container's namespace is the one its first process had when the check was
+    made: once that process is gone, a host process given its pid is not the container."""
+    port = free_port()
+    owner = PortOwner(port, container_pid, "test")
+    os.kill(container_pid, 9)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{container_pid}").exists():
+        assert time.monotonic() < deadline, "the container's first process did not end"
+        time.sleep(0.01)
+    impostor = None
+    for _ in range(50):  # other processes of the machine may take the pid first
+        impostor = _start_as_pid(container_pid, port)
+        if impostor is not None:
+            break
+    if impostor is None:
+        pytest.skip(f"pid {container_pid} went to other processes 50 times")
+    try:
+        assert impostor.stdout is not None
+        assert impostor.stdout.readline().strip() == "listening"
+        with pytest.raises(PortTaken, match=f"held by pid {container_pid}"):
+            owner.check()
+    finally:
+        impostor.kill()
+        impostor.wait()
+        assert impostor.stdin is not None and impostor.stdout is not None
+        impostor.stdin.close()
+        impostor.stdout.close()
+
+
+def test_a_pid_of_the_hosts_own_namespace_is_no_container() -> None:
+    """A pid that is a process of this host's own namespace (the container's pid reused
+    before the channel was made) would let every process of the host pass."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(PortTaken):
+            PortOwner(port, os.getpid(), "test").check()
+
+
+class _Impostor(http.server.BaseHTTPRequestHandler):
+    seen: list[str | None]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.seen.append(self.headers.get("Authorization"))
+        body = b'{"ok": true, "result": "forged"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+async def test_a_container_without_a_pid_is_not_trusted_with_its_port() -> None:
+    """The engine names no ``State.Pid`` for a container that stopped as it started (its
+    plugin found the port taken): the channel must not then skip the check."""
+    seen: list[str | None] = []
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), type("Impostor", (_Impostor,), {"seen": seen})
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    channel = HttpChannel(Address("test-container", port=port, token="secret"))
+    await channel.open()
+    answer = None
+    try:
+        invocation = Invocation(
+            "plugin", "1.0.0", "method", {}, asyncio.get_running_loop().time() + 5, "r-1"
+        )
+        with contextlib.suppress(TargetUnavailable):
+            answer = await channel.invoke(invocation)
+    finally:
+        await channel.aclose()
+        server.shutdown()
+        server.server_close()
+    assert seen == [], "the container's token went to whoever listened on its port"
+    assert answer != "forged"
