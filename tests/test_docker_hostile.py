@@ -407,3 +407,36 @@ async def test_who_listens_on_a_port_is_looked_up_off_the_event_loop() -> None:
             gaps.append(now - last)
             last = now
     assert max(gaps) < 0.25, f"the event loop stalled {max(gaps):.2f} s"
+
+
+_IN_ITS_OWN_MOUNT_NAMESPACE = """
+import asyncio, sys
+sys.path[:0] = [{root!r}, {sdk!r}]
+from dispatcher import Dispatcher
+from tests.conftest import manifest
+from tests.test_docker import echo_box
+
+async def main():
+    async with Dispatcher(manifest(echo_box(ready_timeout_s=10))) as dispatcher:
+        answer = await dispatcher.call("echo-box", "say", {{"text": "hi"}})
+        print(answer["text"], flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the engine's volumes are out of reach: no tmpfs")
+async def test_socket_folders_work_where_the_engine_mounts_out_of_sight() -> None:
+    """A rootless engine mounts its volumes in a mount namespace of its own (rootlesskit's):
+    the tmpfs is not where this process looks, and a socket made in it never appears here.
+    A dispatcher in a mount namespace of its own stands for that: the folder must then be
+    a host folder again (as before the tmpfs), said once as NOT ENFORCED."""
+    program = _IN_ITS_OWN_MOUNT_NAMESPACE.format(root=str(ROOT), sdk=str(ROOT / "sdk" / "python"))
+    child = await asyncio.create_subprocess_exec(
+        "unshare", "--mount", "--propagation", "private", sys.executable, "-c", program,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(child.communicate(), 120)
+    assert child.returncode == 0, err.decode()
+    assert out.decode().strip() == "hi"
+    assert err.decode().count("NOT ENFORCED") == 1, err.decode()

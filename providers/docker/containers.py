@@ -3,7 +3,9 @@
 A container is started for a pool when a call needs one (``spawn``) or when the plugin is
 attached with ``min_instances`` (``start``): a socket folder is made and mounted, the
 container created with the sandbox of ``sandbox.py`` and the owner's labels, and the
-plugin's ``GET /health`` polled until ``ready_timeout_s``. A per-container watcher
+plugin's ``GET /health`` polled until ``ready_timeout_s``. A socket folder the engine
+mounted where this process does not see it (a rootless engine's) is a host folder again,
+for that container and every later one. A per-container watcher
 (``POST /containers/{id}/wait``) notices a container that dies, fails nothing itself
 (calls in flight fail on their broken connection; the provider reports them with the
 exit code and ``OOMKilled``), removes it, and starts a replacement when the pool falls
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -115,6 +118,22 @@ class Containers:
         return instance
 
     async def _run(self, pool: Pool) -> Instance:
+        try:
+            return await self._run_once(pool)
+        except _FolderOutOfSight as error:
+            if self.socket_volumes:  # true of every container of this engine: said once
+                self.socket_volumes = False
+                log.warning(
+                    "the engine mounts its volumes where this process does not see them"
+                    " (%s is no mount point here: a rootless engine, or this process in a"
+                    " mount namespace of its own): each container's socket folder is a"
+                    " folder on the host's disk from now on, which its plugin may fill"
+                    " without bound (NOT ENFORCED)",
+                    error.folder,
+                )
+            return await self._run_once(pool)
+
+    async def _run_once(self, pool: Pool) -> Instance:
         engine = self.engine
         target = pool.target
         name = f"linchkit-{_slug(pool.plugin.id)}-{secrets.token_hex(4)}"
@@ -172,6 +191,11 @@ class Containers:
                 address = Address(described, port=port, token=token, container_pid=first)
             else:
                 folder = _mount_source(info, SOCKET_MOUNT) if in_volume else str(socket_dir)
+                # The tmpfs is where the engine mounted it: in the engine's mount namespace.
+                # Not this process's (a rootless engine's is rootlesskit's), and the folder
+                # seen here is an empty one on disk, where the plugin's socket never appears.
+                if in_volume and not await asyncio.to_thread(os.path.ismount, folder):
+                    raise _FolderOutOfSight(folder)
                 address = Address(described, unix_socket=f"{folder}/{SOCKET_NAME}", token=token)
             channel = CHANNELS[target.protocol](address)
             instance = Instance(container_id, name, socket_dir, channel, target.stop_timeout_s)
@@ -272,6 +296,14 @@ class Containers:
         await engine.force_remove(
             instance.id, str(instance.socket_dir) if instance.socket_dir else None
         )
+
+
+class _FolderOutOfSight(Exception):
+    """The engine mounted a container's socket folder where this process does not see it."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__(folder)
+        self.folder = folder
 
 
 def _mount_source(info: dict[str, Any], destination: str) -> str:

@@ -144,8 +144,9 @@ class Engine:
 
     async def volumes_reachable(self) -> bool:
         """Whether this process can reach what is in the engine's volumes (its
-        ``DockerRootDir``/volumes, 0701 root on a stock engine: as root, or with a
-        rootless engine of this user's); False when it cannot tell."""
+        ``DockerRootDir``/volumes, 0701 root on a stock engine: as root); False when it
+        cannot tell. Whether it also sees the engine's mounts there (not a rootless
+        engine's) only a container tells (``Containers``)."""
         try:
             with self._translated():
                 info = await self._docker.system.info()
