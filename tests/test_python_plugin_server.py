@@ -495,6 +495,23 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(websocket: bool) -> None:
     )
 
 
+def test_serve_on_a_unix_socket_it_cannot_make_says_so_in_one_line(tmp_path: Path) -> None:
+    """A folder that is missing, or a file where the folder should be: one line, exit 1.
+    It was the event loop's traceback, 74 lines (a container's full socket folder too)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for path, reason in (
+        (tmp_path / "missing" / "plugin.sock", "No such file or directory"),
+        (blocker / "plugin.sock", "Not a directory"),
+    ):
+        done = subprocess.run(
+            serve_command("--uds", str(path)), capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 1, done.stderr
+        said = f"Error: cannot listen on the Unix socket {path}: {reason}"
+        assert done.stderr.strip() == said, done.stderr
+
+
 def test_serve_help_documents_every_limit_and_its_variable() -> None:
     shown = subprocess.run(
         [sys.executable, "-m", "linchkit_plugin.cli", "serve", "--help"],

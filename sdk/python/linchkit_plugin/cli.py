@@ -401,6 +401,7 @@ def _check_listening(options: argparse.Namespace) -> None:
     """Where to listen, checked before anything starts: the socket layer would take port
     99999 as 34463 (modulo 65536) and an empty host as every interface."""
     if options.uds:
+        _try_unix_socket(options.uds)
         return
     if not 0 <= options.port <= 65535:
         _fail(f"--port must be in 0-65535 (0: any free port), not {options.port}")
@@ -423,6 +424,20 @@ def _try_binding(address: tuple[Any, ...]) -> None:
     with socket.socket(family, kind, protocol) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(where)
+
+
+def _try_unix_socket(path: str) -> None:
+    """Make the Unix socket ``path`` and take it away again: a folder that is missing, not
+    writable or full fails here, in one line and exit 1, rather than as the event loop's
+    traceback. A path already there is left to the server (a socket of an earlier run)."""
+    if os.path.lexists(path):
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.bind(path)
+        os.unlink(path)
+    except OSError as error:
+        _fail(f"cannot listen on the Unix socket {path}: {error.strerror or error}")
 
 
 def _check_registration(options: argparse.Namespace) -> bool:
