@@ -4,8 +4,12 @@ the sandbox's user (65534) may enter."""
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import ROOT
 from tests.sdk_toolchains import GO, OFFLINE, require, succeed
@@ -36,3 +40,26 @@ def build_static(source: str, folder: Path, name: str) -> Path:
 
 def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(name="unix_listener")
+def unix_listener_fixture() -> Iterator[socket.socket]:
+    """A Unix socket of the host's, outside anything the plugin is shown, listening and
+    never accepting on its own: ``heard`` says whether anyone connected."""
+    folder = open_folder("host-socket-")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(folder / "host.sock"))
+    listener.listen()
+    listener.setblocking(False)
+    yield listener
+    listener.close()
+    remove(folder)
+
+
+def heard(listener: socket.socket) -> bool:
+    try:
+        connection, _ = listener.accept()
+    except BlockingIOError:
+        return False
+    connection.close()
+    return True

@@ -219,13 +219,7 @@ async def test_a_port_taken_before_the_container_does_not_receive_its_calls(
     impostor: tuple[int, list[dict[str, str | None]]],
 ) -> None:
     port, seen = impostor
-    victim = unruly(transport="tcp", port=port, max_instances=1, sandbox={"network": "host"})
-    answer = None
-    async with Dispatcher(manifest(victim)) as dispatcher:
-        with contextlib.suppress(DispatchError):  # refused is what should happen
-            answer = await dispatcher.call("unruly", "whoami")
-    assert seen == [], f"an impostor received the container's calls, token and all: {seen}"
-    assert answer != "forged"
+    await _the_impostor_hears_nothing(port, seen)
 
 
 @pytest.mark.usefixtures("volume_image")
@@ -321,13 +315,7 @@ async def test_a_listener_no_process_holds_while_the_host_looks_does_not_receive
     """A listening socket in flight (SCM_RIGHTS) is in no process's descriptors: no
     holder found is not "held by the container alone"."""
     port, seen = impostor_in_flight
-    victim = unruly(transport="tcp", port=port, max_instances=1, sandbox={"network": "host"})
-    answer = None
-    async with Dispatcher(manifest(victim)) as dispatcher:
-        with contextlib.suppress(DispatchError):  # refused is what should happen
-            answer = await dispatcher.call("unruly", "whoami")
-    assert seen == [], f"an impostor received the container's calls, token and all: {seen}"
-    assert answer != "forged"
+    await _the_impostor_hears_nothing(port, seen)
 
 
 async def test_a_port_the_container_lets_go_of_is_checked_again_before_a_new_connection() -> None:
@@ -440,3 +428,15 @@ async def test_socket_folders_work_where_the_engine_mounts_out_of_sight() -> Non
     assert child.returncode == 0, err.decode()
     assert out.decode().strip() == "hi"
     assert err.decode().count("NOT ENFORCED") == 1, err.decode()
+
+
+async def _the_impostor_hears_nothing(port: int, seen: list[dict[str, str | None]]) -> None:
+    """A container on ``port`` (transport tcp) is called: refused, never answered by the
+    impostor there, which hears nothing (no call, no token)."""
+    victim = unruly(transport="tcp", port=port, max_instances=1, sandbox={"network": "host"})
+    answer = None
+    async with Dispatcher(manifest(victim)) as dispatcher:
+        with contextlib.suppress(DispatchError):  # refused is what should happen
+            answer = await dispatcher.call("unruly", "whoami")
+    assert seen == [], f"an impostor received the container's calls, token and all: {seen}"
+    assert answer != "forged"

@@ -343,14 +343,7 @@ async def test_a_reload_cancelled_while_it_attaches_found_instances_changes_noth
     port = port_free_on(*V1_HOSTS)
     found = [await served(host, port) for host in V1_HOSTS]
     slow = found[1].plugin
-
-    async def init(config: dict[str, Any]) -> None:
-        slow.steps.append("init")
-        slow.configs.append(config)
-        if config == {"version": "2.0.0"}:
-            await asyncio.sleep(5)
-
-    slow.init = init  # type: ignore[method-assign]
+    _slow_version_2_init(slow, 5)
     dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
     source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
     one = manifest(versioned("1.0.0", source))
@@ -381,14 +374,7 @@ async def test_a_close_while_a_reload_adds_a_version_to_a_fleet_ends_every_attac
     port = port_free_on(*V1_HOSTS)
     found = [await served(host, port) for host in V1_HOSTS]
     slow = found[1].plugin
-
-    async def init(config: dict[str, Any]) -> None:
-        slow.steps.append("init")
-        slow.configs.append(config)
-        if config == {"version": "2.0.0"}:
-            await asyncio.sleep(1)
-
-    slow.init = init  # type: ignore[method-assign]
+    _slow_version_2_init(slow, 1)
     dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
     source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
     dispatcher = Dispatcher(manifest(versioned("1.0.0", source)))
@@ -469,3 +455,15 @@ async def test_a_reload_that_goes_back_leaves_an_earlier_one_s_retired_version_i
             "the channels to version 1's instances closed",
         )
     assert [each.plugin.steps.count("destroy") for each in found] == [1, 1]
+
+
+def _slow_version_2_init(recording: Any, seconds: float) -> None:
+    """The instance records each ``Init`` at once and takes ``seconds`` over version 2's."""
+
+    async def init(config: dict[str, Any]) -> None:
+        recording.steps.append("init")
+        recording.configs.append(config)
+        if config == {"version": "2.0.0"}:
+            await asyncio.sleep(seconds)
+
+    recording.init = init

@@ -16,7 +16,13 @@ import pytest
 from dispatcher import Dispatcher
 from providers.subprocess import HandshakeError
 from tests.conftest import manifest
-from tests.sandbox_support import PLUGINS, open_folder, remove
+from tests.sandbox_support import (
+    PLUGINS,
+    heard,
+    open_folder,
+    remove,
+    unix_listener_fixture,  # noqa: F401  (the fixture `unix_listener`)
+)
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
@@ -59,28 +65,6 @@ def tcp_listener() -> Iterator[socket.socket]:
     listener.setblocking(False)
     yield listener
     listener.close()
-
-
-@pytest.fixture
-def unix_listener() -> Iterator[socket.socket]:
-    """A socket of the host's, outside anything the plugin is shown."""
-    folder = open_folder("host-socket-")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(folder / "host.sock"))
-    listener.listen()
-    listener.setblocking(False)
-    yield listener
-    listener.close()
-    remove(folder)
-
-
-def heard(listener: socket.socket) -> bool:
-    try:
-        connection, _ = listener.accept()
-    except BlockingIOError:
-        return False
-    connection.close()
-    return True
 
 
 async def test_a_plugin_without_network_cannot_have_the_host_dial_a_port_for_it(

@@ -29,7 +29,14 @@ import pytest
 from dispatcher import Dispatcher, DispatchError, PluginError, TargetUnavailable
 from providers.subprocess.uids import CLAIMS_FOLDER, PLUGIN_UIDS
 from tests.conftest import ROOT, manifest
-from tests.sandbox_support import PLUGINS, build_static, open_folder, remove
+from tests.sandbox_support import (
+    PLUGINS,
+    build_static,
+    heard,
+    open_folder,
+    remove,
+    unix_listener_fixture,  # noqa: F401  (the fixture `unix_listener`)
+)
 
 pytestmark = [
     pytest.mark.toolchain,
@@ -106,29 +113,6 @@ async def answers_again(dispatcher: Dispatcher, plugin: str = "hostile") -> dict
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def host_socket() -> Iterator[socket.socket]:
-    """A Unix socket of the host's that the plugin is not shown, listening, never accepting
-    on its own: ``heard`` says whether anyone connected."""
-    folder = open_folder("sandbox-host-socket-")
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(folder / "host.sock"))
-    listener.listen()
-    listener.setblocking(False)
-    yield listener
-    listener.close()
-    remove(folder)
-
-
-def heard(listener: socket.socket) -> bool:
-    try:
-        connection, _ = listener.accept()
-    except BlockingIOError:
-        return False
-    connection.close()
-    return True
 
 
 async def test_the_plugin_runs_unprivileged_in_its_own_namespaces(dispatcher: Dispatcher) -> None:
@@ -324,14 +308,14 @@ async def test_a_forbidden_syscall_kills_only_the_plugin_which_restarts(
 
 
 async def test_a_socket_swapped_for_a_symlink_after_the_handshake_is_not_followed(
-    dispatcher: Dispatcher, host_socket: socket.socket
+    dispatcher: Dispatcher, unix_listener: socket.socket
 ) -> None:
     # The handshake checks the socket once; the host dials it again whenever the
     # connection drops. The plugin moves its socket aside, puts a symlink to a host socket
     # in its place, and drops the connection: the host's reconnect went there (with
     # auto_mtls: false, its calls in plain text).
     assert (await call(dispatcher, "whoami"))["pid"] < 10
-    await call(dispatcher, "swap_socket", address=host_socket.getsockname())
+    await call(dispatcher, "swap_socket", address=unix_listener.getsockname())
     await asyncio.sleep(0.6)  # the plugin drops the connection 200 ms after answering
     try:
         answer = await dispatcher.call("hostile", "whoami", {}, timeout=5)
@@ -339,11 +323,11 @@ async def test_a_socket_swapped_for_a_symlink_after_the_handshake_is_not_followe
         pass  # refused, as the dispatcher's own error: acceptable
     else:
         assert answer["pid"] < 10  # the real plugin, through the socket it made
-    assert not heard(host_socket)
+    assert not heard(unix_listener)
 
 
 async def test_a_plugin_that_swaps_its_socket_is_caught_killed_and_restarted(
-    hostile_executable: Path, host_socket: socket.socket, caplog: pytest.LogCaptureFixture
+    hostile_executable: Path, unix_listener: socket.socket, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Never dialled there (above), but a plugin that tries is hostile: its health pings
     # look at the folder again.
@@ -353,7 +337,7 @@ async def test_a_plugin_that_swaps_its_socket_is_caught_killed_and_restarted(
             (process,) = dispatcher.providers["subprocess"]._processes.values()  # type: ignore[attr-defined]
             first_pid = process.pid
             with contextlib.suppress(TargetUnavailable):  # caught before it could answer
-                await call(dispatcher, "swap_socket", address=host_socket.getsockname())
+                await call(dispatcher, "swap_socket", address=unix_listener.getsockname())
             deadline = time.monotonic() + 20
             while process.restarts == 0 and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
@@ -361,8 +345,8 @@ async def test_a_plugin_that_swaps_its_socket_is_caught_killed_and_restarted(
             assert process.pid != first_pid
     assert f"security: plugin hostile@1.0.0 (pid {first_pid}) replaced its plugin-" in caplog.text
     assert "with a symlink (at " in caplog.text
-    assert repr(host_socket.getsockname()) in caplog.text  # where it pointed
-    assert not heard(host_socket)
+    assert repr(unix_listener.getsockname()) in caplog.text  # where it pointed
+    assert not heard(unix_listener)
 
 
 async def test_namespaces_made_by_clone_kill_the_plugin_as_unshare_does(

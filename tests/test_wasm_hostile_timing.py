@@ -74,19 +74,24 @@ def plugin(module: Path, **target: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-async def pool(tmp_path: Path) -> AsyncIterator[InstancePool]:
+def hostile_pool(tmp_path: Path, *, reuse: bool) -> InstancePool:
+    """A pool of one instance of the hostile module, straight from the provider's parts."""
     sandbox = sandbox_of(Capabilities(), {})
     code = HOSTILE_WAT
-    pool = InstancePool(
+    return InstancePool(
         "hostile",
         lambda: Compiled(
             code, hashlib.sha256(code).hexdigest(), sandbox.manifest_options, tmp_path / "cache"
         ),
         sandbox.config,
         size=1,
-        reuse=True,
+        reuse=reuse,
     )
+
+
+@pytest.fixture
+async def pool(tmp_path: Path) -> AsyncIterator[InstancePool]:
+    pool = hostile_pool(tmp_path, reuse=True)
     await pool.warm()
     try:
         yield pool
@@ -280,17 +285,7 @@ async def test_a_call_whose_instance_starts_as_the_pool_closes_does_not_run(
     close frees it; the call must not run on it, nor cancel it again and again. Before,
     the call handed the freed instance to a thread that had ended, waited until its
     deadline, and its cancel fired on the freed instance every second from then on."""
-    sandbox = sandbox_of(Capabilities(), {})
-    code = HOSTILE_WAT
-    pool = InstancePool(
-        "hostile",
-        lambda: Compiled(
-            code, hashlib.sha256(code).hexdigest(), sandbox.manifest_options, tmp_path / "cache"
-        ),
-        sandbox.config,
-        size=1,
-        reuse=False,
-    )
+    pool = hostile_pool(tmp_path, reuse=False)
     await pool.warm()
     call = asyncio.create_task(pool.call("one", b"null", remaining=5.0, cpu_s=None))
     await asyncio.sleep(0)  # its instance is being made
