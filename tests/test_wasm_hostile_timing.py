@@ -25,6 +25,7 @@ from providers.capabilities import Capabilities
 from providers.wasm.pool import InstancePool
 from providers.wasm.runtime import Compiled
 from providers.wasm.sandbox import sandbox_of
+from providers.wasm.workers import Workers
 from tests.conftest import manifest
 from tests.services import until
 
@@ -354,3 +355,12 @@ async def test_a_compile_cache_that_cannot_be_written_fails_the_attach_typed(
     with pytest.raises(ProviderError, match="cannot use the compile cache"):
         async with Dispatcher(manifest(entry)):
             pass
+
+
+async def test_a_job_given_to_closed_workers_is_refused_not_lost() -> None:
+    """Once ``close`` told the threads to end, a job would wait for ever: refused at once."""
+    workers = Workers(1, "wasm-closed")
+    assert await workers.run(lambda: 1) == 1
+    assert await workers.close(1.0) == []
+    with pytest.raises(RuntimeError, match="have ended"):
+        workers.run(lambda: 2)

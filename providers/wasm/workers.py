@@ -34,11 +34,14 @@ class Workers:
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._lock = threading.Lock()
+        self._closed = False
 
     def run(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """``function(*args)`` on a worker thread; its outcome as a future of this loop.
         Cancelling the future does not stop the thread (nothing can): its outcome is
-        then dropped."""
+        then dropped. After ``close``, ``RuntimeError``: no thread would ever run it."""
+        if self._closed:
+            raise RuntimeError(f"the threads of {self._name} have ended")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         with self._lock:
@@ -70,6 +73,7 @@ class Workers:
         """Ask every thread to end once its call is done, and wait ``timeout`` seconds at
         most; the names of the threads still running then (each in a call that does not
         return: left to end on its own)."""
+        self._closed = True
         threads = list(self._threads)
         for _ in threads:
             self._jobs.put(None)
