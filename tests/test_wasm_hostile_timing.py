@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import sys
 import threading
 import time
@@ -20,7 +21,14 @@ from typing import Any
 
 import pytest
 
-from dispatcher import DeadlineExceeded, Dispatcher, ProviderError, TargetUnavailable
+from dispatcher import (
+    DeadlineExceeded,
+    Dispatcher,
+    ManifestError,
+    ProviderError,
+    TargetUnavailable,
+    parse_manifest,
+)
 from providers.capabilities import Capabilities
 from providers.wasm.pool import InstancePool
 from providers.wasm.runtime import Compiled
@@ -364,3 +372,31 @@ async def test_a_job_given_to_closed_workers_is_refused_not_lost() -> None:
     assert await workers.close(1.0) == []
     with pytest.raises(RuntimeError, match="have ended"):
         workers.run(lambda: 2)
+
+
+async def test_a_lane_whose_compile_cache_is_gone_fails_its_call_as_the_hosts(
+    module: Path, tmp_path: Path
+) -> None:
+    """A second lane compiled after the cache folder became a file: that call is a
+    ``ProviderError`` naming the cache, not a failure of the module's."""
+    cache = tmp_path / "cache"
+    async with Dispatcher(manifest(plugin(module, cache_dir=str(cache), pool_size=2))) as d:
+        shutil.rmtree(cache)
+        cache.write_text("")
+        napping = asyncio.create_task(d.call("hostile", "nap", None, timeout=0.5))
+        await asyncio.sleep(0.1)  # the first lane is asleep: the next call needs a second
+        with pytest.raises(ProviderError) as refused:
+            await d.call("hostile", "one", None, timeout=5)
+        assert "cannot use the compile cache" in refused.value.message
+        assert "the wasm module failed" not in refused.value.message
+        with pytest.raises(DeadlineExceeded):
+            await napping
+
+
+@pytest.mark.parametrize("value", [0, -1, "soon", 1.5, None, 10**30])
+def test_a_start_timeout_ms_that_is_no_positive_whole_number_is_refused_at_load(
+    module: Path, value: Any
+) -> None:
+    entry = plugin(module, start_timeout_ms=value)
+    with pytest.raises(ManifestError, match="start_timeout_ms"):
+        parse_manifest({"plugins": [entry]})

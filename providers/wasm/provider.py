@@ -225,6 +225,8 @@ def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> 
         )
     if failure.kind == "plugin":
         return _plugin_error(failure.message)
+    if failure.kind == "host":  # the dispatcher's side (its compile cache), not the module
+        raise ProviderError(f"{where}: {failure.message[:500]}")
     raise ProviderError(f"{where}: the wasm module failed: {failure.message[:500]}")
 
 
