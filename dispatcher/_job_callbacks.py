@@ -6,7 +6,7 @@ is ``InvalidParams`` then, not a failed delivery later), again by the worker's o
 before every POST (the record was read back from the store, and may have been written by
 a replica with a looser policy or by someone with the store's key), and after name
 resolution when the worker connects
-(the resolver of ``providers._http_common.open_session``), so a caller cannot make the
+(the resolver of ``providers._aiohttp.open_session``), so a caller cannot make the
 dispatcher reach a metadata service or a network it may not.
 
 **Durable, at least once** where the job store keeps a ``CallbackOutbox`` (Redis jobs,
@@ -58,7 +58,7 @@ from dispatcher._public_errors import public_job
 from dispatcher.config import JobsConfig
 from dispatcher.state.base import CallbackOutbox, PendingCallback, StateUnavailable
 from linchkit_plugin.errors import InvalidParams
-from providers._http_common import open_session
+from providers._aiohttp import open_session
 from providers.egress import EgressPolicy, EgressRefused
 from providers.target import Destination
 

@@ -5,7 +5,7 @@ the addresses a name resolves to, only those the policy admits are returned, so 
 never dials the others; a name left with none raises ``EgressRefused``, which aiohttp lets
 through unchanged (it wraps only ``OSError``), so the call fails before a byte is sent.
 Results are what aiohttp caches, so a cached address was checked when it was resolved.
-Imported with aiohttp, when a session opens (``providers._http_common.open_session``).
+Imported with aiohttp, when a session opens (``providers._aiohttp.open_session``).
 """
 
 from __future__ import annotations

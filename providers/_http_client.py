@@ -4,7 +4,7 @@
 hot path: POST these bytes to this URL, with these headers, within this many seconds,
 reading at most this many bytes of answer. Two clients implement it:
 
-* ``aiohttp`` (``providers._http_common.AiohttpClient``): the pure-asyncio client, one
+* ``aiohttp`` (``providers._aiohttp.AiohttpClient``): the pure-asyncio client, one
   keep-alive pool per provider (or per target with its own ``pool:``). The only client
   that dials a Unix socket, and the one streams, SSE and WebSocket stay on.
 * ``reqwest`` (``providers._reqwest.ReqwestClient``): Rust's reqwest/hyper through

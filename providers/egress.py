@@ -14,7 +14,7 @@ The policy is checked
   address a name resolves to is checked and the forbidden ones are never dialled; when
   none is left the call fails with ``EgressRefused`` (a ``ProviderError``, not
   retryable) before a byte is sent. aiohttp does this through the resolver of
-  ``providers._http_common.open_session``; gRPC resolves and checks before it creates a
+  ``providers._aiohttp.open_session``; gRPC resolves and checks before it creates a
   channel (``check_connect``; grpc resolves again on its own afterwards, which stays
   unchecked: see ``providers.grpc``).
 

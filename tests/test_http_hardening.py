@@ -24,7 +24,7 @@ import pytest
 from dispatcher import Dispatcher, DispatchError, ProviderError
 from dispatcher.config import ManifestError, load_manifest, parse_manifest
 from linchkit_plugin.wire import decode_response
-from providers._http_common import in_flight_error
+from providers._aiohttp import in_flight_error
 from providers.docker.target import DockerTarget
 from providers.envelope import decode_batch_response
 from providers.grpc import GrpcTarget

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from providers._aiohttp import AiohttpClient
 from providers._http_client import HttpPool
-from providers._http_common import AiohttpClient
 from providers.egress import EgressPolicy
 from providers.http import HttpProvider, HttpTarget
 from providers.invocation import Invocation, new_request_id

@@ -78,7 +78,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
 
     async def start(self) -> None:
         # aiohttp and the modules built on it load here, not with the target model.
-        from providers._http_common import open_session
+        from providers._aiohttp import open_session
 
         self._session = open_session(max_connections=1024, keepalive_seconds=15, egress=self.egress)
 
