@@ -11,7 +11,7 @@ detaches (the sequence of ``providers._grpc.lifecycle``, as for subprocess plugi
 ``remote`` (the default) the service runs its own lifecycle. With ``dispatcher``, a
 service found again after its connection was lost (a redeploy at the same address) gets
 ``Describe``, ``Init`` and ``Start`` again before calls go to it
-(``PluginConnection.watch_restarts``; docs/grpc-and-subprocess.md says what is left).
+(``providers._grpc.restarts``; docs/grpc-and-subprocess.md says what is left).
 
 Instances: ``instances: [{address: …, weight: …}, {dns: …}, {registry: …}]`` (instead of
 ``address``, or besides it: ``address`` is then the first instance) makes the target a
@@ -348,7 +348,7 @@ class GrpcProvider(Provider[GrpcTarget]):
             )
             service.initialised = plugin
             self.report_served(plugin, target, connection.served)
-            connection.watch_restarts(partial(self._again, connection, service, plugin))
+            connection.restarts.watch(partial(self._again, connection, service, plugin))
             return
         if plugin.config and plugin.key not in self._config_unsent:
             # Not a manifest problem: the service may have its own copy; but a config
@@ -440,8 +440,8 @@ class GrpcProvider(Provider[GrpcTarget]):
     async def _end(
         self, connection: PluginConnection, plugin: PluginInfo, target: GrpcTarget
     ) -> None:
-        await connection.stop_watching()  # a connection lost from now on is no restart
-        if connection.restart_owed:
+        await connection.restarts.stop()  # a connection lost from now on is no restart
+        if connection.restarts.restart_owed:
             log.info(
                 "%s on %s: no Stop or Destroy: the plugin there has not had its Init",
                 plugin.key,

@@ -17,7 +17,7 @@ __all__ = ["ChannelSecurity", "open_channel"]
 #: default: 30 minutes): never, as grpc counts it (INT_MAX ms, some 24 days). A channel
 #: that went idle and connected again looked like a plugin restarted at its address, and
 #: under ``lifecycle: dispatcher`` a plugin found again gets ``Init`` and ``Start`` anew
-#: (``PluginConnection.watch_restarts``): every plugin left without calls for half an
+#: (``providers._grpc.restarts``): every plugin left without calls for half an
 #: hour would have had them again. A connection held costs a descriptor and the
 #: keepalive's pings, which already notice a dead peer (and the channel then connects
 #: again by itself).

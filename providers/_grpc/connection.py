@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -43,6 +43,7 @@ from providers._grpc.channel import ChannelSecurity, open_channel
 from providers._grpc.events import EventsStream
 from providers._grpc.release import ClosedStub, StreamCall, drop_grpc_frames
 from providers._grpc.replies import loads, wire_error
+from providers._grpc.restarts import RestartWatch
 from providers._grpc.status import (
     grpc_errors,
     lifecycle_failure,
@@ -151,11 +152,9 @@ class PluginConnection:
         self.served: frozenset[str] | None = None
         #: The id and version the plugin's last ``Describe`` reported; None before one.
         self.identity: tuple[str, str] | None = None
-        #: ``watch_restarts``: the task that follows the channel's state, and, once the
-        #: channel has left READY, what calls wait for before they go: the plugin found
-        #: again has had its ``Init`` and ``Start`` (done with an exception: they failed).
-        self._watching: asyncio.Task[None] | None = None
-        self._owed: asyncio.Future[None] | None = None
+        #: A plugin found again after its connection was lost: ``Init`` and ``Start``
+        #: before calls go (``restarts.watch``, under ``lifecycle: dispatcher``).
+        self.restarts = RestartWatch(channel, self.describe, self._loop_time)
         #: ``Init`` requests sent (answered or not): whether a failed start reached one.
         self.inits_sent = 0
 
@@ -209,8 +208,8 @@ class PluginConnection:
         # are cold (docs/architecture.md, "gRPC on the hot path").
         if self._stopping is not None:
             raise self._not_sent_while_stopping()
-        if self._owed is not None:
-            await self._restarted(invocation.deadline)
+        if self.restarts.owed is not None:
+            await self.restarts.wait(invocation.deadline)
         now = self._loop_time()
         remaining = invocation.deadline - now
         if remaining <= 0:
@@ -339,107 +338,6 @@ class PluginConnection:
         finally:
             self._stopping = None
 
-    # -- a plugin found again (``watch_restarts``) ------------------------------------------
-
-    def watch_restarts(self, restart: Callable[[], Awaitable[None]]) -> None:
-        """Follow the channel's state: once it has left READY (the plugin's process went
-        away, or only its connection did), reconnect at once, and when it is READY again
-        run ``restart`` (the plugin's ``Init`` and ``Start``) before any call goes. A
-        call made meanwhile waits for it, within its deadline; one made while nothing
-        answers at the address goes, and fails as never sent."""
-        if self._watching is None and self._channel is not None:
-            self._watching = asyncio.get_running_loop().create_task(
-                self._follow(self._channel, restart)
-            )
-
-    @property
-    def restart_owed(self) -> bool:
-        """Whether the channel left READY since the plugin's last ``Init`` and ``Start``
-        and the plugin it reaches now has not had them (or they failed): such a plugin
-        gets no ``Stop`` nor ``Destroy``."""
-        return self._owed is not None
-
-    async def stop_watching(self) -> None:
-        """End ``watch_restarts`` (before ``Stop``: a connection lost then is not a restart)."""
-        watching, self._watching = self._watching, None
-        if watching is not None:
-            watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watching
-
-    async def _follow(self, channel: Any, restart: Callable[[], Awaitable[None]]) -> None:
-        import grpc
-
-        ready = grpc.ChannelConnectivity.READY
-        loop = asyncio.get_running_loop()
-        state = channel.get_state()
-        while True:
-            owed = self._owed
-            if state != ready:
-                if owed is None or owed.done():
-                    self._owed = loop.create_future()
-            elif owed is not None and not owed.done():
-                await self._restart(restart, owed)
-                state = channel.get_state(try_to_connect=True)
-                continue
-            await channel.wait_for_state_change(state)
-            state = channel.get_state(try_to_connect=True)
-
-    async def _restart(
-        self, restart: Callable[[], Awaitable[None]], owed: asyncio.Future[None]
-    ) -> None:
-        try:
-            await restart()
-        except DispatchError as error:
-            # Calls fail with it at once until the channel leaves READY again (the next
-            # process of the plugin gets its own Init): as a failed Init fails a start.
-            owed.set_exception(error)
-            owed.exception()  # retrieved: every waiting call raises a copy of its own
-            return
-        owed.set_result(None)
-        if self._owed is owed:
-            self._owed = None
-
-    async def _restarted(self, deadline: float) -> None:
-        """Hold a call until the plugin found again after a lost connection has had its
-        ``Init`` and ``Start``; raise their failure."""
-        import grpc
-
-        ready = grpc.ChannelConnectivity.READY
-        failing = grpc.ChannelConnectivity.TRANSIENT_FAILURE
-        while (owed := self._owed) is not None:
-            if owed.done():
-                error = None if owed.cancelled() else owed.exception()
-                if isinstance(error, DispatchError):
-                    raise error.with_message(
-                        f"{self.describe}: the connection to the plugin was lost and is back,"
-                        f" and running its lifecycle again failed: {error.message}"
-                    )
-                return
-            channel = self._channel
-            if channel is None:
-                return  # closed: the call fails as on any closed connection
-            state = channel.get_state(try_to_connect=True)
-            if state == failing:
-                return  # nothing answers at the address: the call fails as never sent
-            remaining = deadline - self._loop_time()
-            waits: list[asyncio.Future[Any]] = [owed]
-            if state != ready:
-                waits.append(asyncio.ensure_future(channel.wait_for_state_change(state)))
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(remaining):
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"deadline passed before calling {self.describe}: the connection to the"
-                    " plugin was lost and is back, and its Init and Start had not finished"
-                ) from None
-            finally:
-                for waiter in waits[1:]:
-                    waiter.cancel()
-
     def _not_sent_while_stopping(self) -> TargetUnavailable:
         return TargetUnavailable(
             f"{self.describe} is stopping (it refused a call as not run): not sent",
@@ -466,8 +364,8 @@ class PluginConnection:
         if self._stopping is not None:
             raise self._not_sent_while_stopping()
         earliest = min(invocations, key=lambda invocation: invocation.deadline)
-        if self._owed is not None:
-            await self._restarted(earliest.deadline)
+        if self.restarts.owed is not None:
+            await self.restarts.wait(earliest.deadline)
         now = asyncio.get_running_loop().time()
         remaining = self._remaining(earliest, now)
         request = self._pb.BatchRequest(
@@ -502,8 +400,8 @@ class PluginConnection:
         """The chunks of a streaming method; its error item, or a failed RPC, raises."""
         if self._stopping is not None:
             raise self._not_sent_while_stopping()
-        if self._owed is not None:
-            await self._restarted(invocation.deadline)
+        if self.restarts.owed is not None:
+            await self.restarts.wait(invocation.deadline)
         now = asyncio.get_running_loop().time()
         remaining = self._remaining(invocation, now)
         request = self._request(invocation, now)
@@ -670,10 +568,7 @@ class PluginConnection:
 
     async def close(self) -> None:
         self._closed = True
-        await self.stop_watching()
-        owed, self._owed = self._owed, None
-        if owed is not None and not owed.done():
-            owed.cancel()
+        await self.restarts.close()
         stopping, self._stopping = self._stopping, None
         if stopping is not None:
             stopping.cancel()

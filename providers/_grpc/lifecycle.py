@@ -86,7 +86,7 @@ async def begin(
 
 async def again(connection: PluginConnection, plugin: PluginInfo) -> None:
     """``Describe`` (the protocol check as in ``begin``), ``Init``, ``Start``: for a plugin
-    its connection found again after it was lost (``PluginConnection.watch_restarts``).
+    its connection found again after it was lost (``providers._grpc.restarts``).
 
     The protocol gives a process no identity of its own, so a lost connection to the same
     process (a proxy's reset, a server's maximum connection age) also gets them: a
