@@ -230,6 +230,8 @@ class Membership:
 
     def _retire(self, instance: Instance) -> None:
         self.fleet.leave(instance)
+        if self._closed:  # ``detach_all`` detaches it; a task now would be nobody's
+            return
         task = asyncio.get_running_loop().create_task(
             self._detach_when_idle(instance), name=f"retiring {instance.target.describe()}"
         )

@@ -1,0 +1,67 @@
+"""A fleet's membership after its close: what retires an instance then leaves nothing
+running behind (``dispatcher.fleet.membership``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from dispatcher.fleet import Fleet
+from dispatcher.fleet.membership import Membership
+from providers.discovery import Endpoint, InstanceSource, Report
+from providers.http import HttpProvider, HttpTarget
+from providers.target import TargetConfig
+
+
+class _Listing(InstanceSource):
+    """A source that lists one endpoint once, then waits to be cancelled."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        super().__init__("one endpoint")
+        self.endpoint = endpoint
+
+    async def run(self, report: Report) -> None:
+        report([self.endpoint])
+        self.reads += 1
+        await asyncio.Event().wait()
+
+
+async def test_an_instance_retired_after_the_close_starts_no_task_of_its_own() -> None:
+    # A reload's attach of a new version to a discovered instance can fail while the
+    # dispatcher closes (FleetRuntime.attach_found awaits the attach, then retires the
+    # instance): the retirement came after the membership had gathered its tasks, and
+    # left one that nothing owned or awaited.
+    target = HttpTarget.model_validate(
+        {"provider": "http", "instances": [{"dns": {"name": "echo.test", "type": "SRV"}}]}
+    )
+    fleet = Fleet(target, [], HttpProvider(), time.monotonic)
+    attached: list[str] = []
+    detached: list[str] = []
+
+    async def attach(instance: TargetConfig) -> Any:
+        attached.append(instance.key)
+
+    async def detach(instance: TargetConfig) -> Any:
+        detached.append(instance.key)
+
+    membership = Membership(
+        fleet,
+        [_Listing(Endpoint("127.0.0.1", 9))],
+        attach=attach,
+        detach=detach,
+        drain_timeout=1.0,
+    )
+    await membership.start(first_read_timeout=1.0)
+    (member,) = fleet.instances
+    assert attached == [member.key]
+    await membership.aclose()
+    await membership.detach_all()
+    assert detached == [member.key]
+    before = asyncio.all_tasks()
+
+    membership.retire_member(member.key)
+
+    started = asyncio.all_tasks() - before
+    assert not started, f"tasks left running after the close: {started}"
+    assert detached == [member.key]  # detached once, by detach_all
