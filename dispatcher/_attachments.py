@@ -15,6 +15,7 @@ A provider no plugin used at start is made and started when a reload first needs
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -74,6 +75,9 @@ class Attachments:
         #: Retired by a reload that has not detached them yet (it waits for their calls):
         #: a close meanwhile detaches them, before the rest (``aclose``).
         self._retired: list[Attachment] = []
+        #: The detach of a retired attachment under way (``detach_retired``): the close
+        #: waits for it before it closes providers.
+        self._detaching: set[asyncio.Future[bool]] = set()
         for provider in providers.values():
             self._prepare(provider)
 
@@ -144,14 +148,23 @@ class Attachments:
         detached meanwhile are not detached again."""
         while self._retired:
             each = self._retired.pop()
-            if await _detached(each):
+            detach = asyncio.ensure_future(_detached(each))
+            self._detaching.add(detach)
+            try:
+                detached = await detach
+            finally:
+                self._detaching.discard(detach)
+            if detached:
                 log.info("reload: detached %s from %s", each.plugin.key, each.target.describe())
 
     async def aclose(self) -> None:
         """Detach everything, newest first, then close the started providers, last first.
         What a reload retired and has not detached yet goes first: it is on its way out,
         and what stays must not be handed its place (a service at one address keeps the
-        config of the entry detached last)."""
+        config of the entry detached last). A reload's detach under way ends first: its
+        provider closed under it would cut it in half (a ``Stop`` without its ``Destroy``)."""
+        if self._detaching:
+            await asyncio.gather(*self._detaching, return_exceptions=True)
         while self._retired:
             await _detached(self._retired.pop())
         while self._attached:

@@ -12,6 +12,7 @@ entry to leave ends the lifecycle, once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -421,3 +422,33 @@ async def test_a_reload_cancelled_while_it_detaches_what_it_retired_ends_it_stil
         assert await dispatcher.call("svc", "whoami", {}) == "127.0.0.1"
     assert recording.steps == ["init", "start", "stop", "destroy"]
     assert new.plugin.steps == ["init", "start", "stop", "destroy"]
+
+
+async def test_a_close_while_a_reload_detaches_what_it_retired_lets_that_detach_end(
+    served: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dispatcher closes while the reload stops version 1, which it retired: the close
+    lets that detach end before it closes the provider, so version 1's service gets its
+    ``Destroy`` and nothing fails. Before, the close found nothing left to detach (the
+    reload had taken version 1 off the list) and closed the provider under the detach:
+    its ``Destroy`` went on a closed channel."""
+    old = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    new = await served("127.0.0.1", free_port(), "2.0.0", "svc")
+    recording = old.plugin
+
+    async def stop() -> None:
+        recording.steps.append("stop")
+        await asyncio.sleep(0.3)
+
+    recording.stop = stop  # type: ignore[method-assign]
+    dispatcher = Dispatcher(manifest(entry("1.0.0", old.address)))
+    await dispatcher.start()
+    reload = asyncio.create_task(dispatcher.reload(manifest(entry("2.0.0", new.address)), grace=10))
+    await until(lambda: recording.steps[-1:] == ["stop"], "version 1's Stop under way")
+    await dispatcher.aclose()
+    await reload
+    assert recording.steps == ["init", "start", "stop", "destroy"]
+    assert new.plugin.steps == ["init", "start", "stop", "destroy"]
+    failed = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert not failed, [record.getMessage() for record in failed]
+    await until(lambda: not connections_to(old.address), "version 1's channel closed")
