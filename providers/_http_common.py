@@ -108,10 +108,18 @@ class HttpClients:
         self._own: list[HttpClient] = []
 
     def for_target(
-        self, kind: ClientKind | None, pool: HttpPool | None, *, http2: bool = False
+        self,
+        kind: ClientKind | None,
+        pool: HttpPool | None,
+        *,
+        http2: bool = False,
+        authority: str | None = None,
     ) -> HttpClient:
         """The client of a target that asks for ``kind`` (None: the default) and ``pool``,
-        speaking HTTP/2 only when ``http2`` (reqwest alone can: the manifest checks it)."""
+        speaking HTTP/2 only when ``http2`` (reqwest alone can: the manifest checks it).
+        ``authority``: the host its requests name instead of the URL's, whose address
+        they still go to (a Knative service behind its ingress, on HTTP/2): a client of
+        the target's own."""
         forced = self._unix_socket is not None or self._before_connect is not None
         chosen = self._default if kind is None or forced else kind
         if http2 and chosen != "reqwest":
@@ -119,13 +127,15 @@ class HttpClients:
                 "http2 needs client: reqwest, and this provider's calls go through aiohttp"
                 + (" (it dials a Unix socket)" if self._unix_socket is not None else "")
             )
-        if pool is not None:
-            client = self._open(chosen, pool, http2)
+        if pool is not None or authority is not None:
+            client = self._open(chosen, pool or self._shared_pool, http2, authority)
             self._own.append(client)
             return client
         shared = self._shared.get((chosen, http2))
         if shared is None:
-            shared = self._shared[chosen, http2] = self._open(chosen, self._shared_pool, http2)
+            shared = self._shared[chosen, http2] = self._open(
+                chosen, self._shared_pool, http2, None
+            )
         return shared
 
     async def aclose(self) -> None:
@@ -135,13 +145,17 @@ class HttpClients:
         for client in clients:
             await client.aclose()
 
-    def _open(self, kind: ClientKind, pool: HttpPool, http2: bool) -> HttpClient:
+    def _open(
+        self, kind: ClientKind, pool: HttpPool, http2: bool, authority: str | None
+    ) -> HttpClient:
         if kind == "reqwest":
             try:
                 from providers._reqwest import ReqwestClient
             except ImportError as error:  # a host chose it by hand (the manifest checks it)
                 raise ProviderError(f"{REQWEST_MISSING} ({error})") from None
-            return ReqwestClient(pool, egress=self._egress, http2=http2)
+            return ReqwestClient(pool, egress=self._egress, http2=http2, authority=authority)
+        if authority is not None:
+            raise ProviderError("a request authority other than the URL's needs client: reqwest")
         from providers._aiohttp import AiohttpClient
 
         return AiohttpClient(

@@ -20,6 +20,9 @@ target's ``pool:``, its own client certificate, and its own resolved addresses.
   files (``ClientTlsContext``) gives a new context, and a new client is built for it; the
   old one is closed with the provider. ``server_name`` is sent and verified by putting it
   in the request URL and pinning it to the real host's addresses.
+* **Authority.** A client made with ``authority`` (a Knative service on HTTP/2, which its
+  ingress routes by ``:authority``; HTTP/2 has no ``Host`` header to set) puts that name
+  in the request URL the same way: the requests name the service and go to the ingress.
 * **Requests in flight.** ``pool.max_connections`` is kept by an ``InFlightLimit`` per
   client (``providers._in_flight``), not by pyreqwest's own bound, whose wait for a slot
   under the request's timeout cost more than the whole check here. A cancelled call's
@@ -150,13 +153,23 @@ def _timeout(seconds: float) -> timedelta:
 class ReqwestClient(HttpClient):
     """pyreqwest clients, one per target URL and TLS generation, closed in ``aclose``."""
 
-    __slots__ = ("_closed", "_egress", "_entries", "_every", "_http2", "_pool")
+    __slots__ = ("_authority", "_closed", "_egress", "_entries", "_every", "_http2", "_pool")
 
-    def __init__(self, pool: HttpPool, *, egress: EgressPolicy, http2: bool = False) -> None:
+    def __init__(
+        self,
+        pool: HttpPool,
+        *,
+        egress: EgressPolicy,
+        http2: bool = False,
+        authority: str | None = None,
+    ) -> None:
         self._pool = pool
         self._egress = egress
         #: HTTP/2 only, by prior knowledge (``http2:`` of the target): h2c on http://.
         self._http2 = http2
+        #: The host every request names (its :authority, its Host), sent to the URL's
+        #: host's addresses: a Knative service behind its ingress.
+        self._authority = authority
         self._entries: dict[object, _Entry] = {}
         self._every: list[Client] = []
         self._closed = False
@@ -276,14 +289,17 @@ class ReqwestClient(HttpClient):
         host, port = parsed.host or "", parsed.port or 0
         builder = self._builder(tls)
         request_url = url
-        server_name = None if tls is None else tls.server_name
-        if server_name is not None or not _is_address(host):
+        # The name the request carries, where it is not the URL's host: reqwest takes the
+        # request's authority (and the name TLS verifies) from the URL it sends to, so
+        # that name goes in the URL, pinned to the addresses of the real host.
+        named = self._authority or (None if tls is None else tls.server_name)
+        if named is not None or not _is_address(host):
             addresses = await self._admitted(host, port, target)
-            name = server_name or host
+            name = named or host
             for address in addresses:
                 builder = builder.resolve(name, address, port)
-            if server_name is not None:
-                request_url = str(parsed.with_host(server_name))
+            if named is not None:
+                request_url = str(parsed.with_host(named))
         try:
             parsed_url = Url(request_url)
         except ValueError as error:  # the manifest's checks let no such URL through

@@ -137,7 +137,10 @@ class _Route:
         self.describe_url = str(URL(base + "/describe").with_user(None))
         self.client = client
         self.negotiation = Negotiation(target.compression, host=invoke_url.host or "")
-        self.headers = request_headers({**target.headers, "Host": target.host}, self.negotiation)
+        # Routed by Host: on HTTP/2 the host travels as the request's :authority, which
+        # the client takes from the URL it sends to (``authority`` of its client).
+        routing = {} if target.http2 else {"Host": target.host}
+        self.headers = request_headers({**target.headers, **routing}, self.negotiation)
         if authorization is not None:
             self.headers["Authorization"] = authorization
         self.tls = None if target.tls is None else ClientTlsContext(target.tls)
@@ -362,7 +365,12 @@ class KnativeProvider(Provider[KnativeTarget]):
                 raise ProviderError(
                     "the knative provider is not started (use the Dispatcher as a context manager)"
                 )
-            client = clients.for_target(target.client, target.pool)
+            client = clients.for_target(
+                target.client,
+                target.pool,
+                http2=target.http2,
+                authority=target.host if target.http2 else None,
+            )
             route = self._routes[target.key] = _Route(target, client)
         return route
 

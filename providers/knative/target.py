@@ -21,7 +21,7 @@ from pydantic import AnyHttpUrl, BeforeValidator, Field, PrivateAttr, model_vali
 from linchkit_plugin.errors import ProviderError
 from providers._compression import HttpCompression
 from providers._headers import BaseUrl, HeaderFields, RequestPath
-from providers._http_client import ChosenClient, HttpPool
+from providers._http_client import ChosenClient, HttpPool, checked_http2
 from providers.discovery import Weight, instance_item
 from providers.instances import InstanceListing
 from providers.model import Argv, EnvVars, ImageReference
@@ -156,6 +156,12 @@ class KnativeTarget(InstanceListing):
         description="A connection pool of this target's own; default: the provider's"
         " shared pool to the ingress (512 connections).",
     )
+    http2: bool = Field(
+        default=False,
+        description="Speak HTTP/2 to the ingress without negotiating (h2c on http://, h2 on"
+        " https://), the service's host as each request's :authority: the calls in flight"
+        " share a connection instead of holding one each. client: reqwest only.",
+    )
     compression: HttpCompression = Field(
         default_factory=HttpCompression,
         description="Compress large request envelopes where the function accepts it, and"
@@ -176,6 +182,17 @@ class KnativeTarget(InstanceListing):
             raise ValueError(
                 "credentials twice: user:password in ingress and an Authorization header"
                 " would both set the Authorization header; keep one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _http2_needs_reqwest(self) -> KnativeTarget:
+        checked_http2(self.http2, self.client)
+        if self.http2 and self.tls is not None and self.tls.server_name is not None:
+            # HTTP/2 routes by :authority, which is also the name TLS verifies here.
+            raise ValueError(
+                "http2: true sends the service's host as the request's authority and TLS"
+                f" server name ({self.host}): tls.server_name cannot name another"
             )
         return self
 
