@@ -42,7 +42,8 @@ def test_inspect_prints_each_targets_sandbox_and_what_it_cannot_enforce(tmp_path
     out = done.stdout
     assert "capabilities: network: api.example.com, 10.0.0.0/8" in out
     assert "memory: 64 MiB of linear memory" in out  # wasm
-    assert "NOT ENFORCED: network: 10.0.0.0/8 cannot be granted" in out  # wasm: names only
+    # wasm: the dispatcher answers the module's HTTP, so a network is a grant it enforces
+    assert "network: HTTP(S) to api.example.com, 10.0.0.0/8 (URLs naming an address in it)" in out
     assert "limits: nofile=256 nproc=16 cpu=2 as=67108864" in out  # subprocess
     if shutil.which("bwrap"):
         assert "NOT ENFORCED: network: limited to api.example.com, 10.0.0.0/8" in out
@@ -68,13 +69,13 @@ def test_health_names_what_a_sandbox_cannot_enforce(tmp_path: Path) -> None:
     plugin = {
         "id": "calc",
         "version": "1.0.0",
-        "capabilities": {"network": ["10.0.0.0/8"]},
+        "capabilities": {"env": ["LINCHKIT_INSPECT_NEVER_SET"]},
         "target": {"provider": "wasm", "module": str(module), "sha256": sha256_of(module)},
         "methods": {"echo": {}},
     }
     done = run_cli("health", "-m", str(write_manifest(tmp_path, plugin)))
     assert done.returncode == 0, done.stderr
     assert (
-        "calc@1.0.0 wasm example-plugin.wasm (pooled, 4): NOT ENFORCED: network: 10.0.0.0/8 cannot be granted"
+        "calc@1.0.0 wasm example-plugin.wasm (pooled, 4): NOT ENFORCED: env: LINCHKIT_INSPECT_NEVER_SET is granted but not set"
         in done.stdout
     )

@@ -1,92 +1,230 @@
-"""provider: wasm and the network a plugin is granted: Extism's HTTP host function, against
-a real HTTP server on the loopback that redirects a granted name to an address not granted.
+"""provider: wasm and the network a plugin is granted: Extism's ``http_request``, answered by
+the dispatcher (``providers.wasm.http_host``), against real HTTP(S) servers on the loopback
+that redirect, never answer, trickle, answer too much, or are not granted at all.
 
-The module is written in the WebAssembly text format, the request baked in: it asks for
-the URL through ``http_request`` and answers the response's body.
+The modules are written in the WebAssembly text format, each request baked in: ``fetch``
+answers the response's body, ``status`` its status code, ``headers`` its headers' JSON
+(``http_status_code`` and ``http_headers``), ``forged`` sends the request after writing
+over the length the Extism allocator keeps for it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.server
+import logging
+import os
+import ssl
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+import trustme
 
-from dispatcher import Dispatcher
+from dispatcher import DeadlineExceeded, Dispatcher, ProviderError, parse_manifest
 from linchkit_plugin.wire import encode_json
-from providers.capabilities import Capabilities
+from providers.capabilities import Capabilities, LimitExceeded
+from providers.egress import EgressRefused
+from providers.wasm.http_host import NetworkRefused
 from providers.wasm.sandbox import sandbox_of
-from tests.conftest import manifest
+from tests.conftest import ROOT
+
+#: Where the request's JSON and body sit in the module's data.
+REQUEST_AT = 1024
 
 
-class _Redirecting(http.server.BaseHTTPRequestHandler):
-    """``/start`` redirects to 127.0.0.2 (not a granted name); anything else answers."""
+@dataclass
+class Server:
+    port: int
+    #: ``METHOD host/path`` of every request that reached the server.
+    seen: list[str] = field(default_factory=list)
+    #: Connections accepted, requests or not.
+    connections: list[str] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
 
-    seen: list[str]
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """``/start`` redirects to 127.0.0.2 (not granted); ``/echo`` answers what it got;
+    ``/big?N`` answers N bytes (``/big-unsized``: without a Content-Length); ``/silent``
+    never answers; ``/trickle`` answers a byte of its head at a time, for ever."""
+
+    server_state: Server
 
     def do_GET(self) -> None:
-        self.seen.append(f"{self.headers['Host']}{self.path}")
-        if self.path == "/start":
-            self.send_response(302)
-            self.send_header("Location", f"http://127.0.0.2:{self.server.server_port}/private")
+        self._answer()
+
+    def do_POST(self) -> None:
+        self._answer()
+
+    def _answer(self) -> None:
+        state = self.server_state
+        state.seen.append(f"{self.command} {self.headers['Host']}{self.path}")
+        path, _, query = self.path.partition("?")
+        if path == "/start":
+            self._send(302, b'"moved"', Location=f"http://127.0.0.2:{state.port}/private")
+        elif path == "/echo":
+            length = int(self.headers.get("Content-Length") or 0)
+            echo = {
+                "method": self.command,
+                "body": self.rfile.read(length).decode(),
+                "content_type": self.headers["Content-Type"],
+                "x_test": self.headers["X-Test"],
+            }
+            self.send_response(200)
+            self.send_header("X-Answer", "yes")
+            self.send_header("X-Twice", "a")
+            self.send_header("X-Twice", "b")
+            body = orjson.dumps(echo)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            return
-        self.send_response(200)
+            self.wfile.write(body)
+        elif path in ("/big", "/big-unsized"):
+            body = b'"' + b"a" * (int(query) - 2) + b'"'
+            self.send_response(200)
+            if path == "/big":
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif path == "/silent":
+            state.release.wait()
+        elif path == "/trickle":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+            while not state.release.wait(0.05):
+                self.wfile.write(b"X")
+                self.wfile.flush()
+        else:
+            self._send(200, orjson.dumps(path.strip("/")))
+
+    def _send(self, status: int, body: bytes, **headers: str) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(b'"private"')
+        self.wfile.write(body)
 
     def log_message(self, *_: object) -> None:
         pass
 
 
-@pytest.fixture
-def server() -> Iterator[tuple[int, list[str]]]:
-    seen: list[str] = []
-    handler = type("Handler", (_Redirecting,), {"seen": seen})
+class _CountingServer(http.server.ThreadingHTTPServer):
+    state: Server
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.state.connections.append(client_address[0])
+        super().process_request(request, client_address)
+
+
+def _serve(tls: ssl.SSLContext | None = None) -> Iterator[Server]:
     # Every loopback address, 127.0.0.2 (the redirect's) among them.
-    httpd = http.server.ThreadingHTTPServer(("0.0.0.0", 0), handler)
+    httpd = _CountingServer(("0.0.0.0", 0), _Handler)
+    state = Server(httpd.server_port)
+    httpd.state = state
+    httpd.RequestHandlerClass = type("Handler", (_Handler,), {"server_state": state})
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield httpd.server_port, seen
+        yield state
     finally:
+        state.release.set()  # the handlers that never answer
         httpd.shutdown()
         httpd.server_close()
 
 
-def fetching_module(folder: Path, url: str) -> Path:
-    request = encode_json({"url": url, "method": "GET", "headers": {}}).decode()
-    quoted = request.replace('"', "\\22")  # a WAT string's escape for a double quote
+@pytest.fixture
+def server() -> Iterator[Server]:
+    yield from _serve()
+
+
+def _wat_string(data: bytes) -> str:
+    return "".join(
+        chr(byte) if 0x20 <= byte < 0x7F and byte not in b'"\\' else f"\\{byte:02x}"
+        for byte in data
+    )
+
+
+def http_module(
+    folder: Path,
+    url: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> Path:
+    request = encode_json({"url": url, "method": method, "headers": headers or {}})
+    body_at = REQUEST_AT + len(request) + 16
+    end = body_at + len(body or b"")
+    pages = end // 65536 + 2
+    send_body = (
+        f"(call $copy (i32.const {body_at}) (i32.const {len(body)}))" if body else "(i64.const 0)"
+    )
     wat = f"""(module
   (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
   (import "extism:host/env" "store_u8" (func $store_u8 (param i64 i32)))
   (import "extism:host/env" "length" (func $length (param i64) (result i64)))
   (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
   (import "extism:host/env" "http_request" (func $http (param i64 i64) (result i64)))
-  (memory (export "memory") 1)
-  (data (i32.const 1024) "{quoted}")
-  (func (export "fetch") (result i32) (local $at i64) (local $i i32) (local $body i64)
-    (local.set $at (call $alloc (i64.const {len(request)})))
-    (block $copied (loop $copy
-      (br_if $copied (i32.ge_u (local.get $i) (i32.const {len(request)})))
+  (import "extism:host/env" "http_status_code" (func $status (result i32)))
+  (import "extism:host/env" "http_headers" (func $headers (result i64)))
+  (memory (export "memory") {pages})
+  (data (i32.const {REQUEST_AT}) "{_wat_string(request)}")
+  (data (i32.const {body_at}) "{_wat_string(body or b"")}")
+  (func $copy (param $from i32) (param $size i32) (result i64) (local $at i64) (local $i i32)
+    (local.set $at (call $alloc (i64.extend_i32_u (local.get $size))))
+    (block $copied (loop $next
+      (br_if $copied (i32.ge_u (local.get $i) (local.get $size)))
       (call $store_u8 (i64.add (local.get $at) (i64.extend_i32_u (local.get $i)))
-        (i32.load8_u (i32.add (i32.const 1024) (local.get $i))))
+        (i32.load8_u (i32.add (local.get $from) (local.get $i))))
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br $copy)))
-    (local.set $body (call $http (local.get $at) (i64.const 0)))
-    (call $output_set (local.get $body) (call $length (local.get $body)))
+      (br $next)))
+    (local.get $at))
+  (func $request (result i64) (call $copy (i32.const {REQUEST_AT}) (i32.const {len(request)})))
+  (func $answer (param $at i64) (call $output_set (local.get $at) (call $length (local.get $at))))
+  (func (export "fetch") (result i32)
+    (call $answer (call $http (call $request) {send_body}))
+    (i32.const 0))
+  (func (export "headers") (result i32)
+    (drop (call $http (call $request) {send_body}))
+    (call $answer (call $headers))
+    (i32.const 0))
+  (func (export "status") (result i32) (local $code i32) (local $at i64)
+    (drop (call $http (call $request) {send_body}))
+    (local.set $code (call $status))
+    (local.set $at (call $alloc (i64.const 3)))
+    (call $store_u8 (local.get $at)
+      (i32.add (i32.const 48) (i32.div_u (local.get $code) (i32.const 100))))
+    (call $store_u8 (i64.add (local.get $at) (i64.const 1))
+      (i32.add (i32.const 48) (i32.rem_u (i32.div_u (local.get $code) (i32.const 10)) (i32.const 10))))
+    (call $store_u8 (i64.add (local.get $at) (i64.const 2))
+      (i32.add (i32.const 48) (i32.rem_u (local.get $code) (i32.const 10))))
+    (call $output_set (local.get $at) (i64.const 3))
+    (i32.const 0))
+  (func (export "forged") (result i32) (local $at i64)
+    ;; The allocator's record of a block ends with its length (4 bytes, little-endian)
+    ;; right before the block: claim 1 MiB (what a request may be) for a few bytes.
+    (local.set $at (call $request))
+    (call $store_u8 (i64.sub (local.get $at) (i64.const 4)) (i32.const 0))
+    (call $store_u8 (i64.sub (local.get $at) (i64.const 3)) (i32.const 0))
+    (call $store_u8 (i64.sub (local.get $at) (i64.const 2)) (i32.const 16))
+    (call $store_u8 (i64.sub (local.get $at) (i64.const 1)) (i32.const 0))
+    (call $answer (call $http (local.get $at) (i64.const 0)))
     (i32.const 0))
 )"""
-    module = folder / "fetch.wat"
+    module = folder / f"fetch-{hashlib.sha256(wat.encode()).hexdigest()[:12]}.wat"
     module.write_text(wat)
     return module
 
 
-def fetcher(module: Path) -> dict[str, object]:
+def fetcher(module: Path, network: list[str], **capabilities: Any) -> dict[str, Any]:
     return {
         "id": "fetcher",
         "version": "1.0.0",
@@ -94,38 +232,324 @@ def fetcher(module: Path) -> dict[str, object]:
             "provider": "wasm",
             "module": str(module),
             "sha256": hashlib.sha256(module.read_bytes()).hexdigest(),
+            "pool_size": 1,
         },
-        "capabilities": {"network": ["localhost"]},
-        "methods": {"fetch": {}},
+        "capabilities": {"network": network, **capabilities},
+        "methods": {"fetch": {}, "status": {}, "headers": {}, "forged": {}},
     }
 
 
-async def test_a_granted_name_is_reached(tmp_path: Path, server: tuple[int, list[str]]) -> None:
-    port, seen = server
-    module = fetching_module(tmp_path, f"http://localhost:{port}/public")
-    async with Dispatcher(manifest(fetcher(module))) as dispatcher:
-        assert await dispatcher.call("fetcher", "fetch", None) == "private"
-    assert seen == [f"localhost:{port}/public"]
+def dispatcher_of(*plugins: dict[str, Any], egress: dict[str, Any] | None = None) -> Dispatcher:
+    document: dict[str, Any] = {"version": 1, "plugins": list(plugins)}
+    if egress is not None:
+        document["egress"] = egress
+    return Dispatcher(parse_manifest(document, base_dir=ROOT))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="libextism's HTTP host function follows redirects to any host; the dispatcher "
-    "cannot turn that off (reported at attach as not enforced)",
-)
-async def test_a_redirect_from_a_granted_name_to_another_host_is_not_followed(
-    tmp_path: Path, server: tuple[int, list[str]]
+def security_incidents(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "dispatcher.providers.wasm"
+        and record.levelno == logging.ERROR
+        and record.getMessage().startswith("security:")
+    ]
+
+
+# -- what a grant reaches, and no further --------------------------------------------------
+
+
+async def test_a_granted_name_is_reached(tmp_path: Path, server: Server) -> None:
+    module = http_module(tmp_path, f"http://localhost:{server.port}/public")
+    async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
+        assert await dispatcher.call("fetcher", "fetch", None) == "public"
+    assert server.seen == [f"GET localhost:{server.port}/public"]
+
+
+async def test_a_redirect_from_a_granted_name_is_answered_to_the_module_not_followed(
+    tmp_path: Path, server: Server
 ) -> None:
-    port, seen = server
-    module = fetching_module(tmp_path, f"http://localhost:{port}/start")
-    async with Dispatcher(manifest(fetcher(module))) as dispatcher:
-        with contextlib.suppress(Exception):  # refused is what should happen
+    module = http_module(tmp_path, f"http://localhost:{server.port}/start")
+    async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
+        assert await dispatcher.call("fetcher", "status", None) == 302
+        assert await dispatcher.call("fetcher", "fetch", None) == "moved"
+    assert server.seen == [f"GET localhost:{server.port}/start"] * 2, "127.0.0.2 was reached"
+
+
+async def test_a_host_not_granted_is_refused_and_nothing_reaches_it(
+    tmp_path: Path, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = http_module(tmp_path, f"http://127.0.0.2:{server.port}/private")
+    allowed = http_module(tmp_path, f"http://localhost:{server.port}/public")
+    async with dispatcher_of(
+        fetcher(refused, ["localhost"]),
+        {**fetcher(allowed, ["localhost"]), "id": "allowed"},
+    ) as dispatcher:
+        with pytest.raises(NetworkRefused) as caught:
             await dispatcher.call("fetcher", "fetch", None)
-    assert seen == [f"localhost:{port}/start"], "the redirect reached 127.0.0.2"
+        # The plugin keeps serving: the next call gets a fresh instance and the same answer.
+        with pytest.raises(NetworkRefused):
+            await dispatcher.call("fetcher", "fetch", None)
+        assert await dispatcher.call("allowed", "fetch", None) == "public"
+    message = caught.value.message
+    assert message.startswith("fetcher.fetch: HTTP request to 127.0.0.2 refused")
+    assert "not granted (capabilities.network: localhost)" in message
+    assert caught.value.details["host"] == "127.0.0.2"
+    assert not caught.value.retryable
+    assert server.seen == [f"GET localhost:{server.port}/public"]
+    assert server.connections == ["127.0.0.1"]
+    assert len(security_incidents(caplog)) == 2  # once per refused request
+    assert "127.0.0.2" in security_incidents(caplog)[0]
 
 
-def test_what_a_host_grant_does_not_enforce_is_reported() -> None:
-    translation = sandbox_of(Capabilities(network=["api.example.com"]), {}).translation
-    reported = " ".join(translation.unenforced)
-    assert "redirect" in reported
-    assert "egress" in reported
+async def test_an_address_in_a_granted_network_is_reached_a_name_is_not(
+    tmp_path: Path, server: Server
+) -> None:
+    by_address = http_module(tmp_path, f"http://127.0.0.2:{server.port}/public")
+    by_name = http_module(tmp_path, f"http://localhost:{server.port}/public")
+    async with dispatcher_of(
+        fetcher(by_address, ["127.0.0.0/8"]),
+        {**fetcher(by_name, ["127.0.0.0/8"]), "id": "named"},
+    ) as dispatcher:
+        assert await dispatcher.call("fetcher", "fetch", None) == "public"
+        with pytest.raises(NetworkRefused, match="localhost is not granted"):
+            await dispatcher.call("named", "fetch", None)
+    assert server.seen == [f"GET 127.0.0.2:{server.port}/public"]
+
+
+async def test_a_granted_name_that_resolves_only_where_egress_forbids_is_refused_unconnected(
+    tmp_path: Path, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = http_module(tmp_path, f"http://localhost:{server.port}/public")
+    plugin = fetcher(module, ["localhost"])
+    async with dispatcher_of(plugin, egress={"allow": ["10.0.0.0/8"]}) as dispatcher:
+        with pytest.raises(EgressRefused) as caught:
+            await dispatcher.call("fetcher", "fetch", None)
+    message = caught.value.message
+    assert message.startswith("fetcher.fetch: HTTP request to localhost refused: egress policy")
+    assert "127.0.0.1 is not in egress.allow (10.0.0.0/8)" in message
+    assert server.connections == []
+    assert len(security_incidents(caplog)) == 1
+
+
+async def test_a_link_local_address_is_refused_even_inside_a_granted_network(
+    tmp_path: Path,
+) -> None:
+    module = http_module(tmp_path, "http://169.254.169.254/latest/meta-data/")
+    async with dispatcher_of(fetcher(module, ["169.254.0.0/16"])) as dispatcher:
+        with pytest.raises(EgressRefused, match=r"169\.254\.169\.254 is link-local"):
+            await dispatcher.call("fetcher", "fetch", None)
+
+
+# -- answers: bounded in size and time, status and headers readable ------------------------
+
+
+@pytest.mark.parametrize("path", ["big", "big-unsized"])
+async def test_an_answer_larger_than_the_bound_is_refused(
+    tmp_path: Path, server: Server, path: str
+) -> None:
+    # memory_mb 4: the bound is a quarter, 1 MiB.
+    bound = 1024 * 1024
+    small = http_module(tmp_path, f"http://localhost:{server.port}/{path}?{bound}")
+    large = http_module(tmp_path, f"http://localhost:{server.port}/{path}?{bound + 1}")
+    async with dispatcher_of(
+        fetcher(small, ["localhost"], memory_mb=4),
+        {**fetcher(large, ["localhost"], memory_mb=4), "id": "large"},
+    ) as dispatcher:
+        assert len(await dispatcher.call("fetcher", "fetch", None)) == bound - 2
+        with pytest.raises(LimitExceeded) as caught:
+            await dispatcher.call("large", "fetch", None)
+    assert caught.value.details["limit"] == "http_response_bytes"
+    assert caught.value.details["host"] == "localhost"
+    assert f"larger than {bound} bytes" in caught.value.message
+
+
+@pytest.mark.parametrize("path", ["silent", "trickle"])
+async def test_a_server_that_never_answers_is_bounded_by_the_deadline(
+    tmp_path: Path, server: Server, path: str
+) -> None:
+    stuck = http_module(tmp_path, f"http://localhost:{server.port}/{path}")
+    async with dispatcher_of(fetcher(stuck, ["localhost"])) as dispatcher:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await dispatcher.call("fetcher", "fetch", None, timeout=0.5)
+        assert time.monotonic() - started < 0.5 + 0.3
+        # The request ended with the call: the pool's one thread is free again at once,
+        # not when the server lets go (a call waiting for it would end busy).
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="the call's deadline passed; the wasm"):
+            await dispatcher.call("fetcher", "fetch", None, timeout=0.5)
+        assert time.monotonic() - started < 0.5 + 0.3
+    assert server.seen == [f"GET localhost:{server.port}/{path}"] * 2
+
+
+async def test_a_request_body_and_headers_are_passed_on(tmp_path: Path, server: Server) -> None:
+    module = http_module(
+        tmp_path,
+        f"http://localhost:{server.port}/echo",
+        method="post",
+        headers={"Content-Type": "application/json", "X-Test": "yes", "Connection": "close"},
+        body=b'{"x": 1}',
+    )
+    async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
+        assert await dispatcher.call("fetcher", "fetch", None) == {
+            "method": "POST",
+            "body": '{"x": 1}',
+            "content_type": "application/json",
+            "x_test": "yes",
+        }
+
+
+async def test_status_and_headers_are_readable(tmp_path: Path, server: Server) -> None:
+    module = http_module(tmp_path, f"http://localhost:{server.port}/echo", method="POST")
+    async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
+        assert await dispatcher.call("fetcher", "status", None) == 200
+        headers = await dispatcher.call("fetcher", "headers", None)
+    assert headers["x-answer"] == "yes"
+    assert headers["x-twice"] == "a, b"
+    echo = {"method": "POST", "body": "", "content_type": None, "x_test": None}
+    assert headers["content-length"] == str(len(orjson.dumps(echo)))
+
+
+# -- malformed and hostile requests --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({"X-Test": "a\r\nX-Injected: 1"}, "the header X-Test holds a control character"),
+        ({"X-Test\r\nX-Injected": "1"}, "is not a token"),
+        ({"X-Test": "a\nb"}, "holds a control character"),
+        ({"X-Test": "a" * 100_000}, "its headers hold 100006 bytes, at most 65536"),
+        ({f"X-{n}": "1" for n in range(101)}, "101 headers, at most 100"),
+        ({"Host": "other.example"}, "the dispatcher sets Host itself"),
+        ({"Transfer-Encoding": "chunked"}, "the dispatcher sets Transfer-Encoding itself"),
+    ],
+    ids=["crlf-value", "crlf-name", "lf", "huge", "many", "host", "framing"],
+)
+async def test_a_malformed_header_is_refused_before_anything_is_sent(
+    tmp_path: Path, server: Server, headers: dict[str, str], reason: str
+) -> None:
+    module = http_module(tmp_path, f"http://localhost:{server.port}/echo", headers=headers)
+    async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
+        with pytest.raises(NetworkRefused) as caught:
+            await dispatcher.call("fetcher", "fetch", None)
+    assert caught.value.message.startswith("fetcher.fetch: HTTP request to localhost refused")
+    assert reason in caught.value.message
+    assert server.connections == []
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("file:///etc/passwd", "only http and https URLs are allowed, not file:"),
+        ("http://user:secret@localhost:{port}/public", "the URL holds credentials"),
+        ("http://localhost:{port}/a b", "printable ASCII characters, without spaces"),
+        ("http://localhost\\@127.0.0.2:{port}/", "without spaces or backslashes"),
+    ],
+    ids=["scheme", "credentials", "space", "backslash"],
+)
+async def test_a_malformed_url_is_refused(
+    tmp_path: Path, server: Server, url: str, reason: str
+) -> None:
+    module = http_module(tmp_path, url.format(port=server.port))
+    async with dispatcher_of(fetcher(module, ["localhost", "127.0.0.2"])) as dispatcher:
+        with pytest.raises(NetworkRefused, match=r"HTTP request to .* refused") as caught:
+            await dispatcher.call("fetcher", "fetch", None)
+    assert reason in caught.value.message
+    assert server.connections == []
+
+
+def test_a_forged_block_length_is_refused_not_read_past_the_memory(
+    tmp_path: Path, server: Server
+) -> None:
+    """In a process of its own: reading past the module's memory would end it (SIGSEGV)."""
+    module = http_module(tmp_path, f"http://localhost:{server.port}/public")
+    script = f"""
+import asyncio
+from tests.test_wasm_hostile_network import dispatcher_of, fetcher
+from pathlib import Path
+
+async def main():
+    async with dispatcher_of(fetcher(Path({str(module)!r}), ["localhost"])) as dispatcher:
+        try:
+            await dispatcher.call("fetcher", "forged", None)
+        except Exception as error:
+            print(type(error).__name__, error)
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("NetworkRefused fetcher.forged: HTTP request refused:")
+    assert "claims 1048576 bytes, past the end of the module's memory" in done.stdout
+    assert server.connections == []
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def authority() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def trusted(authority: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> trustme.CA:
+    """The test's CA in the trust store of the standard library's default context."""
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    return authority
+
+
+def tls_server(authority: trustme.CA, name: str) -> Iterator[Server]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert(name).configure_cert(context)
+    yield from _serve(context)
+
+
+async def test_https_reaches_a_granted_name_whose_certificate_names_it(
+    tmp_path: Path, trusted: trustme.CA
+) -> None:
+    for server in tls_server(trusted, "localhost"):
+        module = http_module(tmp_path, f"https://localhost:{server.port}/public")
+        async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
+            assert await dispatcher.call("fetcher", "fetch", None) == "public"
+        assert server.seen == [f"GET localhost:{server.port}/public"]
+
+
+async def test_https_refuses_a_certificate_for_another_name(
+    tmp_path: Path, trusted: trustme.CA
+) -> None:
+    for server in tls_server(trusted, "other.example"):
+        module = http_module(tmp_path, f"https://localhost:{server.port}/public")
+        async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
+            with pytest.raises(ProviderError) as caught:
+                await dispatcher.call("fetcher", "fetch", None)
+        assert "HTTP request to localhost failed: its certificate is not trusted for localhost" in (
+            caught.value.message
+        )
+        assert server.seen == []
+
+
+# -- what the sandbox reports --------------------------------------------------------------
+
+
+def test_a_network_grant_is_reported_enforced_redirects_and_egress_included() -> None:
+    translation = sandbox_of(
+        Capabilities(network=["api.example.com", "10.0.0.0/8"]), {}
+    ).translation
+    assert translation.unenforced == []
+    network = next(line for line in translation.enforced if line.startswith("network:"))
+    assert "api.example.com, 10.0.0.0/8 (URLs naming an address in it)" in network
+    assert "egress policy checked on every resolved address" in network
+    assert "never followed" in network
+    assert f"at most {32 * 1024 * 1024} bytes" in network

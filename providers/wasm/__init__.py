@@ -8,7 +8,9 @@ Extism PDK runs unchanged and the Go SDK builds one with the standard toolchain
     target.py    the manifest's model; no runtime import, so a manifest loads without it
     module.py    reading the module file and refusing one that is not the pinned one
     sandbox.py   the plugin's capabilities in Extism's words (pure)
-    runtime.py   libextism through the ``extism`` package (its only importer)
+    http_host.py the module's HTTP requests, made by the dispatcher (grant, egress, bounds)
+    runtime.py   libextism through the ``extism`` package (its only importer), and the
+                 host functions that hand ``http_request`` to ``http_host``
     pool.py      instances, pooled or fresh, the threads calls run on, deadlines
     provider.py  WasmProvider: attach, calls, and the error mapping
 

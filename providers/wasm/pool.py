@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -223,7 +224,8 @@ class InstancePool:
             )
 
         timer.append(loop.call_later(seconds, cancel))
-        future = self._workers.run(_run, instance, function, payload)
+        # The module's HTTP requests end when the call does (providers.wasm.http_host).
+        future = self._workers.run(_run, instance, function, payload, time.monotonic() + seconds)
         future.add_done_callback(lambda _: self._settle(lane, instance, timer, keep=not cancelled))
         done, _ = await asyncio.wait({future}, timeout=seconds + 0.05)
         if not done:
@@ -234,6 +236,10 @@ class InstancePool:
                 cancel()
             return CallResult(failure=CallFailed("cancelled", "timeout"), cancelled_by=cancelled[0])
         output, failure = future.result()
+        if failure is not None and failure.kind == "cancelled" and not cancelled:
+            # An HTTP request of the module reached the call's end just before the timer:
+            # the same end, told the same way.
+            cancelled.append("cpu" if cpu_capped else "deadline")
         return CallResult(output, failure, cancelled[0] if cancelled else None)
 
     def _settle(
@@ -306,10 +312,12 @@ def _free(lane: _Lane) -> None:
 
 
 def _run(
-    instance: Instance, function: str, payload: bytes
+    instance: Instance, function: str, payload: bytes, ends: float
 ) -> tuple[bytes | None, CallFailed | None]:
     try:
-        return instance.call(function, payload), None
+        return instance.call(function, payload, ends=ends), None
     except CallFailed as failure:
-        instance.healthy = failure.kind == "plugin"  # a trap leaves the instance unusable
+        # A trap leaves the instance unusable, and so does a failed HTTP request (the
+        # module was stopped wherever it was).
+        instance.healthy = failure.kind == "plugin"
         return None, failure

@@ -15,6 +15,12 @@ instances; calls run on the pool's threads. Error mapping, at this boundary:
     a trap or an exit (Go panic, unreachable)   ProviderError; the dispatcher keeps serving
     a method the module does not export         MethodNotFound
     a module missing, unreadable, not pinned    ModuleRefused (a ProviderError) at attach
+    an HTTP request refused (not granted, a     NetworkRefused / EgressRefused (ProviderErrors,
+    malformed one, the egress policy)           naming the host), logged as a security
+                                                incident; nothing was sent
+    an HTTP answer past the bound               LimitExceeded(limit="http_response_bytes")
+    an HTTP request that failed                 ProviderError naming the host and why
+                                                (``providers.wasm.http_host``)
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.wire import encode_json
 from providers.base import Health, Provider
 from providers.capabilities import LimitExceeded, Translation
+from providers.egress import EgressRefused
+from providers.wasm.http_host import HttpGrant, NetworkRefused
 from providers.wasm.module import read_pinned
 from providers.wasm.pool import CallResult, InstancePool
 from providers.wasm.sandbox import sandbox_of
@@ -103,6 +111,16 @@ class WasmProvider(Provider[WasmTarget]):
         sandbox = sandbox_of(plugin.capabilities, plugin.config)
         for line in sandbox.translation.unenforced:
             log.warning("%s on %s: %s", plugin.key, target.describe(), line)
+        network = (
+            HttpGrant(
+                sandbox.hosts,
+                sandbox.networks,
+                self.egress,
+                max_response_bytes=sandbox.max_response_bytes,
+            )
+            if sandbox.hosts or sandbox.networks
+            else None
+        )
         pool = InstancePool(
             plugin.key,
             functools.partial(
@@ -111,6 +129,7 @@ class WasmProvider(Provider[WasmTarget]):
                 module.sha256,
                 sandbox.manifest_options,
                 target.cache_dir or self._scratch,
+                network,
             ),
             sandbox.config,
             size=target.pool_size,
@@ -209,6 +228,16 @@ def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> 
             value=attached.cpu_s,
         )
     failure = result.failure
+    if failure is not None and failure.error is not None:  # an HTTP request of the module
+        error = failure.error
+        # Made for this call and seen by nobody yet, so said in place: ``with_message``
+        # clones, and a clone of an error whose constructor takes required keywords
+        # (LimitExceeded) cannot be made.
+        error.message = f"{where}: {error.message}"
+        error.args = (error.message,)
+        if isinstance(error, NetworkRefused | EgressRefused):
+            log.error("security: %s; nothing was sent, and the call was stopped", error.message)
+        raise error
     if failure is None:
         output = result.output or b""
         try:

@@ -8,7 +8,23 @@ run in parallel and the event loop keeps running.
 
 Extism reports every failure as one string; ``CallFailed.kind`` sorts them: the host's
 cancel (our deadline), the memory limit, a trap or exit of the module, or an error the
-plugin set itself (``pdk.SetError``).
+plugin set itself (``pdk.SetError``); and ``http``, a request the module made through
+``http_request`` that the dispatcher refused or that failed (``CallFailed.error``).
+
+HTTP: libextism's ``http_request``, ``http_status_code`` and ``http_headers`` are shadowed
+by the host functions below (its linker links a host's functions after its own, shadowing
+allowed), so every request goes through ``providers.wasm.http_host``. Each call carries
+its ``HttpState`` as libextism's host context: its end, its last status and headers. Two
+things about Python host functions shape them:
+
+* an exception raised in one is printed by cffi and dropped, and the module goes on as if
+  it had an answer: every failure is caught and handed to ``HttpState.fail``, which keeps
+  it for the provider and cancels the call (the module stops at its next instruction);
+* the SDK reads a memory block as long as the module's allocator says it is, and that
+  allocator's bookkeeping lies in memory the module can write (``store_u8``): a block
+  claiming more bytes than the memory holds would have the dispatcher read (and write)
+  past it, a crash or a leak of the host's memory. Bytes go in and out through the kernel
+  instead (``write``/``preadv`` on a memfd), which answers EFAULT where a pointer would fault.
 """
 
 from __future__ import annotations
@@ -20,7 +36,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import extism
+import orjson
 from extism import extism as _extism
+
+from linchkit_plugin.errors import DispatchError, ProviderError
+from providers.capabilities import LimitExceeded
+from providers.wasm.http_host import MAX_REQUEST_BYTES, HttpGrant, HttpState, NetworkRefused
 
 __all__ = ["CallFailed", "Compiled", "Instance", "runtime_version"]
 
@@ -29,7 +50,8 @@ _CACHE_VARIABLE = "EXTISM_CACHE_CONFIG"
 _cache_lock = threading.Lock()
 
 #: ``host``: the dispatcher's side failed (its compile cache folder cannot be written).
-FailureKind = Literal["cancelled", "memory", "trap", "plugin", "host"]
+#: ``http``: a request through ``http_request`` was refused or failed (``CallFailed.error``).
+FailureKind = Literal["cancelled", "memory", "trap", "plugin", "host", "http"]
 
 
 def runtime_version() -> str:
@@ -39,10 +61,14 @@ def runtime_version() -> str:
 class CallFailed(Exception):
     """One call ended without output."""
 
-    def __init__(self, kind: FailureKind, message: str) -> None:
+    def __init__(
+        self, kind: FailureKind, message: str, *, error: DispatchError | None = None
+    ) -> None:
         super().__init__(message)
         self.kind: FailureKind = kind
         self.message = message
+        #: ``http``: the typed error the caller gets.
+        self.error = error
 
 
 def _kind_of(message: str) -> FailureKind:
@@ -66,7 +92,16 @@ class Compiled:
     provider names the folder instead (the target's ``cache_dir`` or a private one).
     """
 
-    def __init__(self, code: bytes, sha256: str, options: dict[str, Any], cache_dir: Path) -> None:
+    def __init__(
+        self,
+        code: bytes,
+        sha256: str,
+        options: dict[str, Any],
+        cache_dir: Path,
+        network: HttpGrant | None = None,
+    ) -> None:
+        """``network``: where its instances' HTTP requests may go (None: nowhere)."""
+        self._network = network
         manifest = {"wasm": [{"data": code, "hash": sha256}], **options}
         try:
             self._compiled = self._compile_cached(manifest, cache_dir)
@@ -95,7 +130,7 @@ class Compiled:
             previous = os.environ.get(_CACHE_VARIABLE)
             os.environ[_CACHE_VARIABLE] = str(config)
             try:
-                return _extism.CompiledPlugin(manifest, wasi=True, functions=[])
+                return _extism.CompiledPlugin(manifest, wasi=True, functions=_HTTP_FUNCTIONS)
             finally:
                 if previous is None:
                     del os.environ[_CACHE_VARIABLE]
@@ -107,7 +142,7 @@ class Compiled:
             plugin = extism.Plugin(self._compiled, wasi=True, config=config, functions=[])
         except extism.Error as error:
             raise CallFailed("trap", f"cannot instantiate the module: {error}") from error
-        return Instance(plugin)
+        return Instance(plugin, self._network)
 
     def close(self) -> None:
         self._compiled.__del__()  # frees the native module now, not when collected
@@ -118,6 +153,7 @@ class Instance:
     """One instance of a module: one call at a time, on any thread."""
 
     _plugin: Any
+    _network: HttpGrant | None = None
     _cancel: Any = None
     #: False once a call trapped: what is left of its memory is not to be trusted.
     healthy: bool = True
@@ -128,12 +164,25 @@ class Instance:
     def exports(self, name: str) -> bool:
         return bool(self._plugin.function_exists(name))
 
-    def call(self, function: str, payload: bytes) -> bytes:
+    def call(self, function: str, payload: bytes, *, ends: float) -> bytes:
+        """Run ``function``; its HTTP requests end at ``ends`` (``time.monotonic()``), when
+        the pool stops the call."""
+        http = HttpState(self._network, ends, self.cancel)
+        output, failed = b"", None
         try:
-            return bytes(self._plugin.call(function, payload))
+            output = bytes(self._plugin.call(function, payload, host_context=http))
         except extism.Error as error:
             message = str(error)
-            raise CallFailed(_kind_of(message), message) from None
+            failed = CallFailed(_kind_of(message), message)
+        # What the HTTP host functions saw comes first: they stopped the module for it, and
+        # it may even have finished before the stop reached it.
+        if http.timed_out:
+            raise CallFailed("cancelled", "timeout")
+        if http.failure is not None:
+            raise CallFailed("http", http.failure.message, error=http.failure)
+        if failed is not None:
+            raise failed
+        return output
 
     def cancel(self) -> None:
         """Stop the running call at its next instruction boundary (any thread)."""
@@ -141,3 +190,170 @@ class Instance:
 
     def close(self) -> None:
         self._plugin.__del__()
+
+
+# -- the HTTP host functions ----------------------------------------------------------------
+
+_ENV = "extism:host/env"
+_I32, _I64 = extism.ValType.I32, extism.ValType.I64
+
+
+def _http_request(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) -> None:
+    """``http_request(request, body) -> body``: Extism's request JSON and body (0: none),
+    both the host's to free as in libextism; the answer's body, or 0 when it is empty."""
+    outputs[0].value = 0
+    state = _state_of(current)
+    if state is None:  # outside a call (start code): no state to answer with, nothing sent
+        return
+    request, body = inputs[0].value, inputs[1].value
+    try:
+        answer = state.request(
+            _read(current, request, "request JSON", MAX_REQUEST_BYTES),
+            _read(current, body, "body", None) if body else None,
+        )
+        outputs[0].value = _write(current, answer)
+    except BaseException as error:  # cffi would drop it, and the module go on
+        state.fail(error)
+    finally:  # after the answer is placed, so it never takes the blocks the module frees too
+        _free(current, request)
+        _free(current, body)
+
+
+def _http_status_code(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) -> None:
+    """The last answer's status in this call; 0 before one, or after a failed request."""
+    state = _state_of(current)
+    outputs[0].value = state.status if state is not None else 0
+
+
+def _http_headers(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) -> None:
+    """The last answer's headers in this call as a JSON object (names in lower case); 0
+    before one. Always given: Extism asks the host to allow it, and a module may read its
+    own answer's headers."""
+    outputs[0].value = 0
+    state = _state_of(current)
+    if state is None or state.headers is None:
+        return
+    try:
+        outputs[0].value = _write(current, orjson.dumps(state.headers))
+    except BaseException as error:
+        state.fail(error)
+
+
+# Registered once, for the process: the SDK finds a host function by its index in a global
+# registry, so functions made per plugin would pile up there. Per call state comes as the
+# call's host context instead.
+_HTTP_FUNCTIONS = [
+    extism.host_fn(name="http_request", namespace=_ENV, signature=([_I64, _I64], [_I64]))(
+        _http_request
+    ),
+    extism.host_fn(name="http_status_code", namespace=_ENV, signature=([], [_I32]))(
+        _http_status_code
+    ),
+    extism.host_fn(name="http_headers", namespace=_ENV, signature=([], [_I64]))(_http_headers),
+]
+
+_lib, _ffi = _extism._lib, _extism._ffi
+
+
+def _state_of(current: Any) -> HttpState | None:
+    context = _lib.extism_current_plugin_host_context(current.pointer)
+    if context == _ffi.NULL:
+        return None
+    state = _ffi.from_handle(context)
+    return state if isinstance(state, HttpState) else None
+
+
+def _read(current: Any, offset: int, what: str, limit: int | None) -> bytes:
+    """The memory block at ``offset``, copied out of the module."""
+    length = _lib.extism_current_plugin_memory_length(current.pointer, offset) if offset > 0 else 0
+    if length == 0:
+        raise NetworkRefused(f"HTTP request refused: its {what} is not an Extism memory block")
+    if limit is not None and length > limit:
+        raise NetworkRefused(f"HTTP request refused: its {what} is {length} bytes, at most {limit}")
+    base = _lib.extism_current_plugin_memory(current.pointer)
+    data = _copied_out(base + offset, length) if base != _ffi.NULL else None
+    if data is None:
+        raise NetworkRefused(
+            f"HTTP request refused: its {what} at {offset} claims {length} bytes, past the end"
+            " of the module's memory (its allocator's records were written over)"
+        )
+    return data
+
+
+def _write(current: Any, data: bytes) -> int:
+    """A new memory block holding ``data``; its offset (0 for no bytes, as Extism's)."""
+    if not data:
+        return 0
+    offset = _lib.extism_current_plugin_memory_alloc(current.pointer, len(data))
+    if offset == 0:
+        raise LimitExceeded(
+            f"the answer's {len(data)} bytes do not fit in the module's memory (memory_mb)",
+            limit="memory_mb",
+            value=None,
+        )
+    base = _lib.extism_current_plugin_memory(current.pointer)
+    if base == _ffi.NULL or not _copied_in(base + offset, data):
+        _free(current, offset)
+        raise ProviderError(
+            f"the block Extism allocated for the answer ({len(data)} bytes at {offset}) is"
+            " not all inside the module's memory (its allocator's records were written over)"
+        )
+    return int(offset)
+
+
+def _free(current: Any, offset: int) -> None:
+    if offset > 0:
+        _lib.extism_current_plugin_memory_free(current.pointer, offset)
+
+
+def _copied_out(address: Any, length: int) -> bytes | None:
+    """``length`` bytes from ``address`` (a pointer into a module's memory); None when not
+    all of them can be read. The kernel reads them (``write`` into a memfd): a page that is
+    not there is an EFAULT, not a fault of the dispatcher."""
+    view = memoryview(_ffi.buffer(address, length))
+    scratch = os.memfd_create("linchkit-wasm-memory", os.MFD_CLOEXEC)
+    try:
+        done = 0
+        while done < length:
+            try:
+                written = os.write(scratch, view[done:])
+            except OSError:
+                return None
+            if written == 0:
+                return None
+            done += written
+        pieces = []
+        done = 0
+        while done < length:
+            piece = os.pread(scratch, length - done, done)
+            if not piece:
+                return None
+            pieces.append(piece)
+            done += len(piece)
+        return b"".join(pieces)
+    finally:
+        os.close(scratch)
+
+
+def _copied_in(address: Any, data: bytes) -> bool:
+    """Write ``data`` at ``address`` (a pointer into a module's memory); False when not all
+    of it could be written (the kernel writes it: ``preadv`` from a memfd)."""
+    view = memoryview(_ffi.buffer(address, len(data)))
+    source = memoryview(data)
+    scratch = os.memfd_create("linchkit-wasm-memory", os.MFD_CLOEXEC)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.write(scratch, source[done:])
+        done = 0
+        while done < len(data):
+            try:
+                read = os.preadv(scratch, [view[done:]], done)
+            except OSError:
+                return False
+            if read == 0:
+                return False
+            done += read
+        return True
+    finally:
+        os.close(scratch)

@@ -1,9 +1,13 @@
 """A wasm plugin's capabilities in Extism's words: the manifest it is compiled with, the
 config its instances get, and what that enforces.
 
-    network    Extism's HTTP host function may reach ``allowed_hosts`` (names only),
-               and wherever they redirect (reported as not enforced); WASI preview 1
-               has no sockets, so nothing else reaches the network
+    network    HTTP(S) through Extism's ``http_request`` only, which the dispatcher
+               answers itself (``providers.wasm.http_host``): to the granted names
+               (globs as Extism's ``allowed_hosts``) and to addresses written in the URL
+               inside granted networks; every address checked by the egress policy and
+               dialled pinned; redirects answered, never followed; answers at most
+               ``max_response_bytes``. WASI preview 1 has no sockets, so nothing else
+               reaches the network
     files      WASI preopens at the same path, ``ro:`` for read-only grants
     env        the WASI environment stays empty (Extism offers none); each granted
                variable is passed as an Extism config key of its name
@@ -16,6 +20,7 @@ Pure: it builds dicts and reads only the host's environment for granted names.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +29,32 @@ from linchkit_plugin.wire import encode_json
 from providers.capabilities import Capabilities, Translation, is_cidr
 from providers.wasm.target import DEFAULT_MEMORY_MB
 
-__all__ = ["CONFIG_KEY", "WasmSandbox", "sandbox_of"]
+__all__ = [
+    "CONFIG_KEY",
+    "EXTISM_MAX_RESPONSE_BYTES",
+    "WasmSandbox",
+    "max_response_bytes",
+    "sandbox_of",
+]
 
 #: The Extism config key holding the plugin's whole ``config`` as JSON (sdk/go/wasm).
 CONFIG_KEY = "linchkit.config"
 _PAGE = 64 * 1024
+_MIB = 1024 * 1024
+#: libextism's own bound on an HTTP answer's body when the manifest sets none.
+EXTISM_MAX_RESPONSE_BYTES = 50 * _MIB
+
+
+def max_response_bytes(memory_mb: int) -> int:
+    """How large an HTTP answer's body may be: a quarter of ``memory_mb``, at most
+    libextism's 50 MiB (32 MiB at the default 128 MiB).
+
+    ``memory_mb`` bounds every memory of the instance together: the body is written into
+    Extism's memory, and a module that reads it copies it into its own (the Go PDK's
+    ``Body()``), next to its heap and whatever it makes of the body. Two copies in half of
+    the budget leave the other half to the module; an answer that still does not fit fails
+    the call (``memory_mb``) instead of growing past the limit."""
+    return min(EXTISM_MAX_RESPONSE_BYTES, memory_mb * _MIB // 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +66,10 @@ class WasmSandbox:
     memory_mb: int
     cpu_s: float | None
     translation: Translation
+    #: Where HTTP may go: name patterns (Extism's ``allowed_hosts``) and networks.
+    hosts: tuple[str, ...] = ()
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_response_bytes: int = 0
 
 
 def sandbox_of(capabilities: Capabilities, plugin_config: dict[str, Any]) -> WasmSandbox:
@@ -47,31 +77,31 @@ def sandbox_of(capabilities: Capabilities, plugin_config: dict[str, Any]) -> Was
     translation = Translation("wasm")
     enforced, unenforced = translation.enforced, translation.unenforced
 
-    hosts = [host for host in capabilities.network if not is_cidr(host)]
+    hosts = tuple(host for host in capabilities.network if not is_cidr(host))
+    networks = tuple(
+        ipaddress.ip_network(grant, strict=False)
+        for grant in capabilities.network
+        if is_cidr(grant)
+    )
+    response_bytes = max_response_bytes(memory_mb)
     options: dict[str, Any] = {
-        "memory": {"max_pages": memory_mb * 1024 * 1024 // _PAGE},
-        "allowed_hosts": hosts,
+        "memory": {"max_pages": memory_mb * _MIB // _PAGE},
+        # libextism's own HTTP client is shadowed by the dispatcher's (runtime.py): none
+        # granted to it, in case a module ever reached it.
+        "allowed_hosts": [],
         "allowed_paths": {
             ("ro:" if grant.mode == "ro" else "") + str(grant.path): str(grant.path)
             for grant in capabilities.files
         },
     }
+    granted = [*hosts, *(f"{network} (URLs naming an address in it)" for network in networks)]
     enforced.append(
-        f"network: {', '.join(hosts)} through Extism HTTP only"
-        if hosts
-        else "network: none (WASI preview 1 has no sockets; no Extism HTTP host allowed)"
-    )
-    if hosts:
-        # libextism's HTTP client checks the first URL only, and resolves names itself.
-        unenforced.append(
-            f"network: a redirect from {', '.join(hosts)} is followed to any host, and the "
-            "names connect wherever they resolve: the manifest's egress policy (link-local "
-            "and metadata addresses included) does not apply to Extism's HTTP"
-        )
-    unenforced.extend(
-        f"network: {cidr} cannot be granted (Extism allows host names only): denied"
-        for cidr in capabilities.network
-        if is_cidr(cidr)
+        f"network: HTTP(S) to {', '.join(granted)} only, through Extism's http_request,"
+        " which the dispatcher answers: egress policy checked on every resolved address,"
+        " which is dialled pinned; redirects answered to the module, never followed;"
+        f" answers of at most {response_bytes} bytes"
+        if granted
+        else "network: none (WASI preview 1 has no sockets; Extism HTTP refused)"
     )
     enforced.append(
         "files: "
@@ -107,4 +137,13 @@ def sandbox_of(capabilities: Capabilities, plugin_config: dict[str, Any]) -> Was
         else "cpu: the call's deadline (epoch interruption)"
     )
     enforced.append("processes: none possible")
-    return WasmSandbox(options, config, memory_mb, capabilities.cpu_s, translation)
+    return WasmSandbox(
+        options,
+        config,
+        memory_mb,
+        capabilities.cpu_s,
+        translation,
+        hosts,
+        networks,
+        response_bytes,
+    )

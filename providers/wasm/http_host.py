@@ -1,0 +1,564 @@
+"""The HTTP requests a wasm module makes, made by the dispatcher and not by libextism.
+
+A module asks through Extism's ``http_request`` host function (``extism:host/env``; what
+every PDK's ``NewHTTPRequest(...).Send()`` calls). libextism's own client checks the first
+URL's host only, follows a redirect to any host and connects wherever a name resolves;
+``providers.wasm.runtime`` shadows it, and ``http_status_code`` and ``http_headers`` with
+it, by functions that hand each request to ``HttpState.request`` here. Before a byte is
+sent, a request must pass, in this order:
+
+1. its form: Extism's request JSON ``{url, method, headers}`` (at most
+   ``MAX_REQUEST_BYTES``); an ``http`` or ``https`` URL of at most ``MAX_URL_LENGTH``
+   printable ASCII characters, without credentials; a method that is a token; at most
+   ``MAX_HEADERS`` headers of ``MAX_HEADER_BYTES`` in all, whose names are tokens and
+   whose values hold no CR, LF or other control character (a header split in two is a
+   request smuggled in one); none of the headers the dispatcher sets itself
+   (``Host``, ``Content-Length``, ``Connection``…) unless it says what the dispatcher does;
+2. the plugin's grant, ``capabilities.network``: the URL's host matches one of its names
+   as Extism's ``allowed_hosts`` would (``fnmatch``'s globs, as the ``glob`` crate's:
+   ``*.example.com``), or it is an address written in the URL that lies in one of its
+   networks (``10.0.0.0/8``);
+3. the manifest's egress policy (``providers.egress``) on every address the name resolves
+   to, resolved here and once: link-local and metadata addresses are refused unless
+   allowed, and only ``egress.allow`` when it is set.
+
+Then the request goes to the first admitted address that takes the connection (that
+address: nothing resolves the name again), carries the URL's own ``Host``, and over
+``https`` the certificate is verified against the URL's host (the standard library's
+default context: the system's trust store, or ``SSL_CERT_FILE``). One request per
+connection. A redirect is an answer like any other: the module gets its status, headers
+and body, and nothing follows it. The body is read up to ``HttpGrant.max_response_bytes``
+(a quarter of ``memory_mb``: ``providers.wasm.sandbox``); every wait, the connection's and
+each read's, ends when the call does. Resolving a name is the one wait that does not: the
+system resolver has its own timeout (resolv.conf's, seconds), and the caller is answered at
+its deadline regardless (``providers.wasm.pool``).
+
+A request that fails ends the call, as libextism's own failures do (they trap):
+
+    the form or the grant refused           NetworkRefused (a ProviderError), nothing sent
+    the egress policy refused the addresses EgressRefused, nothing sent
+    the body larger than the bound          LimitExceeded(limit="http_response_bytes")
+    no address, no connection, an untrusted ProviderError naming the host and the reason
+    certificate, an answer that is not HTTP
+    the call's end reached                  the call's deadline (or its cpu_s) passed
+
+No extism import: ``providers.wasm.runtime`` moves the bytes in and out of the module.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import http.client
+import io
+import ipaddress
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from linchkit_plugin.errors import DispatchError, ProviderError
+from providers.capabilities import LimitExceeded
+from providers.egress import EgressPolicy, EgressRefused
+
+__all__ = [
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
+    "MAX_REQUEST_BYTES",
+    "MAX_URL_LENGTH",
+    "HttpGrant",
+    "HttpState",
+    "NetworkRefused",
+    "TimedOut",
+]
+
+#: Extism's request JSON, read from the module's memory before anything else is looked at.
+MAX_REQUEST_BYTES = 1024 * 1024
+MAX_URL_LENGTH = 8 * 1024
+MAX_HEADERS = 100
+#: Every name and value of the request's headers together.
+MAX_HEADER_BYTES = 64 * 1024
+#: A response's body is read in pieces of this size, so the bound is checked as it grows.
+_READ_BYTES = 64 * 1024
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: RFC 9110's token: a method, a header's name.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: A header's value: visible characters, spaces and tabs (no CR, LF, NUL, DEL).
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+#: What a URL may hold: printable ASCII without space or backslash (which URL parsers read
+#: differently from each other, the way a host is smuggled past a check).
+_URL = re.compile(r"[!-\[\]-~]+")
+#: Headers about the connection and the body's framing, which the dispatcher sets itself.
+_OWN_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    }
+)
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class NetworkRefused(ProviderError):
+    """A wasm module's HTTP request the dispatcher refused; nothing was sent."""
+
+
+class TimedOut(Exception):
+    """The call's end came while its HTTP request was under way."""
+
+
+class HttpGrant:
+    """Where one plugin's module may send HTTP requests, and how large an answer may be."""
+
+    __slots__ = ("_tls", "_tls_lock", "egress", "hosts", "max_response_bytes", "networks")
+
+    def __init__(
+        self,
+        hosts: Iterable[str],
+        networks: Iterable[IPNetwork],
+        egress: EgressPolicy,
+        *,
+        max_response_bytes: int,
+    ) -> None:
+        #: Name patterns of ``capabilities.network`` (Extism's ``allowed_hosts``).
+        self.hosts = tuple(host.lower() for host in hosts)
+        self.networks = tuple(networks)
+        self.egress = egress
+        self.max_response_bytes = max_response_bytes
+        self._tls: ssl.SSLContext | None = None
+        self._tls_lock = threading.Lock()
+
+    def tls(self) -> ssl.SSLContext:
+        """The default context, made once per plugin: it loads the trust store (tens of ms)."""
+        with self._tls_lock:
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            return self._tls
+
+    def describe(self) -> str:
+        granted = [*self.hosts, *(str(network) for network in self.networks)]
+        return ", ".join(granted) or "none"
+
+    def __repr__(self) -> str:
+        return f"<HttpGrant {self.describe()} max_response_bytes={self.max_response_bytes}>"
+
+
+class HttpState:
+    """The HTTP side of one wasm call: its end, and its last answer's status and headers.
+
+    The pool makes one per call (``Instance.call``) and libextism hands it to the host
+    functions as the call's host context, so concurrent calls never share one.
+    """
+
+    __slots__ = ("_stop", "ends", "failure", "grant", "headers", "status", "timed_out")
+
+    def __init__(self, grant: HttpGrant | None, ends: float, stop: Callable[[], object]) -> None:
+        self.grant = grant
+        #: ``time.monotonic()`` when the pool stops the call (its deadline or cpu_s).
+        self.ends = ends
+        self._stop = stop
+        self.status = 0
+        self.headers: dict[str, str] | None = None
+        #: Why a request of this call failed; the call fails with it.
+        self.failure: DispatchError | None = None
+        self.timed_out = False
+
+    def fail(self, error: BaseException) -> None:
+        """End the call with ``error``: recorded for the provider, and the module stopped at
+        its next instruction (it must not go on as if it had an answer)."""
+        if isinstance(error, TimedOut):
+            self.timed_out = True
+        elif isinstance(error, DispatchError):
+            self.failure = self.failure or error
+        else:
+            self.failure = self.failure or ProviderError(
+                f"the HTTP host function failed: {type(error).__name__}: {error}"
+            )
+        self._stop()
+
+    def request(self, request: bytes, body: bytes | None) -> bytes:
+        """Send the module's request; the answer's body. Raises ``NetworkRefused``,
+        ``EgressRefused``, ``LimitExceeded``, ``ProviderError`` or ``TimedOut``."""
+        if self.failure is not None or self.timed_out:
+            # Stopped for an earlier request, and not yet at an instruction where the stop
+            # takes effect (a host call is none): nothing more goes out.
+            return b""
+        self.status, self.headers = 0, None
+        url, method, asked = _parsed(request)
+        target = _Target.of(url)
+        headers = _checked_headers(target, asked, body, method)
+        grant = self.grant
+        if grant is None:
+            raise target.refused("the plugin is granted no network (capabilities.network)")
+        connections = _admitted(grant, target, self._remaining)
+        sock = _connect(target, connections, self._remaining)
+        try:
+            if target.scheme == "https":
+                sock = _tls(grant, target, sock, self._remaining)
+            return self._exchange(grant, target, sock, method, headers, body)
+        finally:
+            sock.close()
+
+    def __repr__(self) -> str:
+        ended = "timed out" if self.timed_out else repr(self.failure) if self.failure else "ok"
+        return f"<HttpState status={self.status} {ended}>"
+
+    def _remaining(self) -> float:
+        remaining = self.ends - time.monotonic()
+        if remaining <= 0:
+            raise TimedOut
+        return remaining
+
+    def _exchange(
+        self,
+        grant: HttpGrant,
+        target: _Target,
+        sock: socket.socket,
+        method: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+    ) -> bytes:
+        connection = http.client.HTTPConnection(target.host, target.port)
+        connection.sock = _Bounded(sock, self._remaining)
+        try:
+            connection.putrequest(method, target.path, skip_host=True, skip_accept_encoding=True)
+            connection.putheader("Host", target.authority)
+            for name, value in headers:
+                connection.putheader(name, value)
+            if body is not None or method in _BODY_METHODS:
+                connection.putheader("Content-Length", str(len(body or b"")))
+            connection.putheader("Connection", "close")
+            connection.endheaders(body)
+            response = connection.getresponse()
+            self.status = response.status
+            self.headers = _headers_of(response.getheaders())
+            return _body_of(response, target, grant.max_response_bytes)
+        except TimeoutError:
+            raise TimedOut from None
+        except http.client.IncompleteRead:
+            raise target.failed("the answer ended before its body") from None
+        except (http.client.HTTPException, OSError) as error:
+            raise target.failed(_reason(error)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """The URL's parts the dispatcher acts on."""
+
+    scheme: str
+    host: str
+    port: int
+    #: ``Host``: the host as the URL writes it, with its port when not the default.
+    authority: str
+    path: str
+    address: IPAddress | None
+
+    @classmethod
+    def of(cls, url: str) -> _Target:
+        shown = _shown(url)
+        if len(url) > MAX_URL_LENGTH or not _URL.fullmatch(url):
+            raise _refused_url(
+                shown,
+                f"a URL is at most {MAX_URL_LENGTH} printable ASCII characters, without"
+                " spaces or backslashes (percent-encode the rest, and write a host in its"
+                " IDNA form)",
+            )
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as error:
+            raise _refused_url(shown, f"not a URL ({error})") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise _refused_url(shown, f"only http and https URLs are allowed, not {scheme}:")
+        host = parts.hostname
+        if not host:
+            raise _refused_url(shown, "the URL names no host")
+        address = _address(host)
+        written = f"[{host}]" if isinstance(address, ipaddress.IPv6Address) else host
+        default = 443 if scheme == "https" else 80
+        target = cls(
+            scheme,
+            host,
+            port or default,
+            written if port in (None, default) else f"{written}:{port}",
+            (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+            address,
+        )
+        if "@" in parts.netloc:
+            raise target.refused("the URL holds credentials; send them in a header (Authorization)")
+        return target
+
+    def refused(self, reason: str) -> NetworkRefused:
+        return NetworkRefused(
+            f"HTTP request to {self.host} refused: {reason}", details={"host": self.host}
+        )
+
+    def failed(self, reason: str) -> ProviderError:
+        return ProviderError(
+            f"HTTP request to {self.host} failed: {reason}", details={"host": self.host}
+        )
+
+
+def _shown(url: str) -> str:
+    """Enough of a URL to say which it was, without its query or credentials (secrets)."""
+    base = url.split("?", 1)[0].split("#", 1)[0]
+    scheme, separator, rest = base.partition("//")
+    if "@" in rest.split("/", 1)[0]:
+        rest = "…@" + rest.split("@", 1)[1]
+    shown = scheme + separator + rest
+    return shown[:80] + ("…" if len(shown) > 80 or len(base) < len(url) else "")
+
+
+def _refused_url(shown: str, reason: str) -> NetworkRefused:
+    return NetworkRefused(f"HTTP request to {shown!r} refused: {reason}", details={"url": shown})
+
+
+def _parsed(request: bytes) -> tuple[str, str, dict[str, str]]:
+    """Extism's request JSON: the URL, the method (GET when unset), the headers."""
+    try:
+        parsed = orjson.loads(request)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        url, method, headers = parsed.get("url"), parsed.get("method"), parsed.get("headers")
+        method = "GET" if method is None else method
+        headers = {} if headers is None else headers
+        if (
+            isinstance(url, str)
+            and isinstance(method, str)
+            and isinstance(headers, dict)
+            and all(isinstance(value, str) for value in headers.values())
+        ):
+            return url, method.upper(), headers
+    raise NetworkRefused(
+        "HTTP request refused: it is not Extism's request JSON"
+        ' {"url": string, "method": string, "headers": {string: string}}'
+    )
+
+
+def _checked_headers(
+    target: _Target, headers: dict[str, str], body: bytes | None, method: str
+) -> list[tuple[str, str]]:
+    if len(method) > 32 or not _TOKEN.fullmatch(method):
+        raise target.refused(f"the method {method[:40]!r} is not an HTTP method (a token)")
+    if len(headers) > MAX_HEADERS:
+        raise target.refused(f"{len(headers)} headers, at most {MAX_HEADERS}")
+    size = sum(len(name) + len(value) for name, value in headers.items())
+    if size > MAX_HEADER_BYTES:
+        raise target.refused(f"its headers hold {size} bytes, at most {MAX_HEADER_BYTES}")
+    own = {
+        "host": target.authority.lower(),
+        "content-length": str(len(body or b"")),
+        "connection": "close",
+    }
+    checked: list[tuple[str, str]] = []
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise target.refused(f"the header name {name[:40]!r} is not a token")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise target.refused(
+                f"the header {name} holds a control character (CR, LF, NUL…) or a character"
+                " outside Latin-1"
+            )
+        lower = name.lower()
+        if lower in _OWN_HEADERS:
+            if own.get(lower) == value.strip().lower():
+                continue  # says what the dispatcher sends anyway
+            raise target.refused(
+                f"the dispatcher sets {name} itself (one request per connection, the"
+                " URL's host, the body's length)"
+            )
+        checked.append((name, value))
+    return checked
+
+
+def _admitted(
+    grant: HttpGrant, target: _Target, remaining: Callable[[], float]
+) -> list[tuple[socket.AddressFamily, Any]]:
+    """Where to connect: the ``(family, socket address)`` pairs the URL's host resolves to
+    that the egress policy admits, in the resolver's order."""
+    host = target.host
+    by_name = any(fnmatch.fnmatchcase(host, pattern) for pattern in grant.hosts)
+    # A network grants the addresses written in URLs, not names: a name nobody granted is
+    # not even looked up (a lookup is a message to whoever serves that name's zone).
+    in_network = target.address is not None and any(
+        target.address in network for network in grant.networks
+    )
+    if not (by_name or in_network):
+        raise target.refused(f"{host} is not granted (capabilities.network: {grant.describe()})")
+    if target.address is None:
+        # Before it is resolved: metadata names, names egress.allow can never admit.
+        refusal = grant.egress.name_refusal(host)
+        if refusal is not None:
+            raise EgressRefused(
+                f"HTTP request to {host} refused: egress policy refuses {host}: {refusal}",
+                details={"host": host},
+            )
+    remaining()
+    try:
+        infos = socket.getaddrinfo(
+            host,
+            target.port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_NUMERICHOST if target.address is not None else 0,
+        )
+    except (OSError, UnicodeError) as error:
+        raise target.failed(f"cannot resolve {host}: {error}") from None
+    found: dict[str, tuple[socket.AddressFamily, Any]] = {}
+    for family, _, _, _, sockaddr in infos:
+        found.setdefault(str(sockaddr[0]), (family, sockaddr))
+    try:
+        admitted = grant.egress.admitted(host, list(found))
+    except EgressRefused as error:
+        raise EgressRefused(
+            f"HTTP request to {host} refused: {error.message}", details={"host": host}
+        ) from None
+    return [found[each] for each in admitted]
+
+
+def _connect(
+    target: _Target,
+    connections: Sequence[tuple[socket.AddressFamily, Any]],
+    remaining: Callable[[], float],
+) -> socket.socket:
+    failures: list[str] = []
+    for family, sockaddr in connections:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(remaining())
+            sock.connect(sockaddr)
+        except TimeoutError:
+            sock.close()
+            raise TimedOut from None
+        except OSError as error:
+            sock.close()
+            failures.append(f"{sockaddr[0]}: {error.strerror or error}")
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise target.failed(f"cannot connect ({'; '.join(failures)})")
+
+
+def _tls(
+    grant: HttpGrant, target: _Target, sock: socket.socket, remaining: Callable[[], float]
+) -> socket.socket:
+    try:
+        sock.settimeout(remaining())
+        return grant.tls().wrap_socket(sock, server_hostname=target.host)
+    except TimeoutError:
+        raise TimedOut from None
+    except ssl.SSLCertVerificationError as error:
+        raise target.failed(
+            f"its certificate is not trusted for {target.host}: {error.verify_message}"
+        ) from None
+    except OSError as error:  # ssl.SSLError among them
+        raise target.failed(f"TLS: {_reason(error)}") from None
+
+
+def _body_of(response: http.client.HTTPResponse, target: _Target, limit: int) -> bytes:
+    if response.length is not None and response.length > limit:
+        raise _too_large(target, limit, f"its Content-Length is {response.length}")
+    pieces: list[bytes] = []
+    read = 0
+    while piece := response.read(min(_READ_BYTES, limit + 1 - read)):
+        pieces.append(piece)
+        read += len(piece)
+        if read > limit:
+            raise _too_large(target, limit, "it went on past that")
+    return b"".join(pieces)
+
+
+def _too_large(target: _Target, limit: int, how: str) -> LimitExceeded:
+    error = LimitExceeded(
+        f"HTTP request to {target.host}: the answer's body is larger than {limit} bytes"
+        f" ({how}), a quarter of the plugin's memory_mb",
+        limit="http_response_bytes",
+        value=limit,
+    )
+    error.details["host"] = target.host
+    return error
+
+
+def _headers_of(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """Names in lower case as Extism's own (the ``http`` crate's); a repeated header's
+    values joined with ``, ``, as HTTP allows, where Extism kept the last one only."""
+    joined: dict[str, str] = {}
+    for name, value in headers:
+        lower = name.lower()
+        joined[lower] = f"{joined[lower]}, {value}" if lower in joined else value
+    return joined
+
+
+def _address(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+class _Bounded:
+    """The socket ``http.client`` writes to and reads from: every wait ends when the call
+    does (a socket's own timeout bounds each wait, not their sum: a server that trickles a
+    byte at a time would hold the call past its end)."""
+
+    __slots__ = ("_remaining", "_sock")
+
+    def __init__(self, sock: socket.socket, remaining: Callable[[], float]) -> None:
+        self._sock = sock
+        self._remaining = remaining
+
+    def _bound(self) -> None:
+        try:
+            self._sock.settimeout(self._remaining())
+        except TimedOut:
+            raise TimeoutError("the call's end came") from None
+
+    def sendall(self, data: bytes) -> None:
+        self._bound()
+        self._sock.sendall(data)
+
+    def recv_into(self, buffer: Any) -> int:
+        self._bound()
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_Reader(self))
+
+    def close(self) -> None:
+        """Nothing: ``http.client`` closes its connection once the answer's head is read
+        (``Connection: close``), and the body is read after; ``HttpState`` closes the socket."""
+
+
+class _Reader(io.RawIOBase):
+    def __init__(self, sock: _Bounded) -> None:
+        self._socket = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._socket.recv_into(buffer)
