@@ -5,7 +5,9 @@ that redirect, never answer, trickle, answer too much, or are not granted at all
 The modules are written in the WebAssembly text format, each request baked in: ``fetch``
 answers the response's body, ``status`` its status code, ``headers`` its headers' JSON
 (``http_status_code`` and ``http_headers``), ``forged`` sends the request after writing
-over the length the Extism allocator keeps for it.
+over the length the Extism allocator keeps for it. One test sends through the Go PDK
+(``pdk.NewHTTPRequest``, the hostile Go plugin), whose ``Send`` frees what it passed and
+reads the headers.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from providers.egress import EgressRefused
 from providers.wasm.http_host import NetworkRefused
 from providers.wasm.sandbox import sandbox_of
 from tests.conftest import ROOT
+from tests.wasm_support import build_hostile, wasm_plugin
 
 #: Where the request's JSON and body sit in the module's data.
 REQUEST_AT = 1024
@@ -409,6 +412,44 @@ async def test_status_and_headers_are_readable(tmp_path: Path, server: Server) -
     assert headers["x-twice"] == "a, b"
     echo = {"method": "POST", "body": "", "content_type": None, "x_test": None}
     assert headers["content-length"] == str(len(orjson.dumps(echo)))
+
+
+@pytest.fixture(scope="module")
+def go_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_hostile(tmp_path_factory.mktemp("wasm"))
+
+
+async def test_a_go_pdk_plugin_sends_and_reads_through_the_dispatcher(
+    go_module: Path, server: Server
+) -> None:
+    plugin = wasm_plugin(go_module, capabilities={"network": ["localhost"]}, pool_size=1)
+    base = f"http://localhost:{server.port}"
+    async with dispatcher_of(plugin) as dispatcher:
+        echo = await dispatcher.call("hostile", "fetch", {"url": f"{base}/echo", "body": "[1]"})
+        moved = await dispatcher.call("hostile", "fetch", {"url": f"{base}/start"})
+        assert await dispatcher.call("hostile", "remember", None) == 1
+        with pytest.raises(NetworkRefused, match=r"127\.0\.0\.2 is not granted"):
+            await dispatcher.call("hostile", "fetch", {"url": f"http://127.0.0.2:{server.port}/"})
+        # The refused call's instance was dropped (stopped wherever it was): a fresh one.
+        assert await dispatcher.call("hostile", "remember", None) == 1
+        again = await dispatcher.call("hostile", "fetch", {"url": f"{base}/echo", "body": "[2]"})
+    assert echo["status"] == 200
+    assert orjson.loads(echo["body"]) == {
+        "method": "POST",
+        "body": "[1]",
+        "content_type": "application/json",
+        "x_test": None,
+    }
+    assert echo["headers"]["x-answer"] == "yes"
+    assert echo["headers"]["x-twice"] == "a, b"
+    assert moved["status"] == 302
+    assert moved["body"] == '"moved"'
+    assert orjson.loads(again["body"])["body"] == "[2]"
+    assert server.seen == [
+        f"POST localhost:{server.port}/echo",
+        f"GET localhost:{server.port}/start",
+        f"POST localhost:{server.port}/echo",
+    ]
 
 
 # -- malformed and hostile requests --------------------------------------------------------

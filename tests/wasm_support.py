@@ -21,6 +21,7 @@ HOSTILE_METHODS = (
     "environ",
     "remember",
     "crash",
+    "fetch",
 )
 
 

@@ -2,7 +2,8 @@
 
 // A hostile plugin for the wasm provider's tests (tests/test_wasm_provider.py): it loops
 // forever, grows its memory without end, reads and writes files it may not have been
-// granted, reads variables, keeps state between calls and panics.
+// granted, reads variables, keeps state between calls, panics, and sends HTTP requests
+// through the Go PDK (tests/test_wasm_hostile_network.py).
 package main
 
 import (
@@ -124,4 +125,31 @@ func remember() int32 {
 //go:wasmexport crash
 func crash() int32 {
 	return wasm.Call(func(json.RawMessage) (any, error) { panic("the plugin crashed on purpose") })
+}
+
+// fetch sends {url, body} through the PDK's HTTP (a POST when there is a body) and answers
+// the status, headers and body that came back.
+//
+//go:wasmexport fetch
+func fetch() int32 {
+	return wasm.Call(func(raw json.RawMessage) (any, error) {
+		var ask struct {
+			URL  string `json:"url"`
+			Body string `json:"body"`
+		}
+		if err := wasm.Bind(raw, &ask); err != nil {
+			return nil, err
+		}
+		request := pdk.NewHTTPRequest(pdk.MethodGet, ask.URL)
+		if ask.Body != "" {
+			request = pdk.NewHTTPRequest(pdk.MethodPost, ask.URL).SetBody([]byte(ask.Body))
+			request.SetHeader("Content-Type", "application/json")
+		}
+		response := request.Send()
+		return map[string]any{
+			"status":  response.Status(),
+			"headers": response.Headers(),
+			"body":    string(response.Body()),
+		}, nil
+	})
 }
