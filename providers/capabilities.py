@@ -5,7 +5,8 @@ through ``PluginInfo.capabilities``) names its rights in one vocabulary; each sa
 provider translates it into its own mechanism:
 
     capability     wasm (Extism/wasmtime)        subprocess + bubblewrap     docker
-    network        Extism allowed_hosts (HTTP)   keep the network namespace  NetworkMode
+    network        HTTP via the host's           keep the network namespace  NetworkMode
+                   http_request, egress checked
     files          WASI preopens (ro:/rw)        --ro-bind / --bind          Binds :ro/:rw
     env            Extism config keys            the child's environment     Env
     cpu_s          caps each call's run time     RLIMIT_CPU                  NanoCpus (rate)
