@@ -271,7 +271,8 @@ def _read(current: Any, offset: int, what: str, limit: int | None) -> bytes:
     if limit is not None and length > limit:
         raise NetworkRefused(f"HTTP request refused: its {what} is {length} bytes, at most {limit}")
     base = _lib.extism_current_plugin_memory(current.pointer)
-    data = _copied_out(base + offset, length) if base != _ffi.NULL else None
+    inside = _within_reservation(offset, length) and base != _ffi.NULL
+    data = _copied_out(base + offset, length) if inside else None
     if data is None:
         raise NetworkRefused(
             f"HTTP request refused: its {what} at {offset} claims {length} bytes, past the end"
@@ -292,7 +293,8 @@ def _write(current: Any, data: bytes) -> int:
             value=None,
         )
     base = _lib.extism_current_plugin_memory(current.pointer)
-    if base == _ffi.NULL or not _copied_in(base + offset, data):
+    inside = _within_reservation(offset, len(data)) and base != _ffi.NULL
+    if not inside or not _copied_in(base + offset, data):
         _free(current, offset)
         raise ProviderError(
             f"the block Extism allocated for the answer ({len(data)} bytes at {offset}) is"
@@ -301,15 +303,28 @@ def _write(current: Any, data: bytes) -> int:
     return int(offset)
 
 
+#: Extism's kernel memory is a 32-bit wasm memory: every byte of it lies below 4 GiB from
+#: its base, inside the address range wasmtime reserves for it (inaccessible past the
+#: memory's size). An offset or a length beyond that comes from allocator records the
+#: module wrote over, and would point the copy at the host's own memory, where the kernel
+#: reads and writes as readily as in the module's: refused before any address is made.
+_MEMORY32_BYTES = 1 << 32
+
+
+def _within_reservation(offset: int, length: int) -> bool:
+    return offset > 0 and length > 0 and offset + length <= _MEMORY32_BYTES
+
+
 def _free(current: Any, offset: int) -> None:
     if offset > 0:
         _lib.extism_current_plugin_memory_free(current.pointer, offset)
 
 
 def _copied_out(address: Any, length: int) -> bytes | None:
-    """``length`` bytes from ``address`` (a pointer into a module's memory); None when not
-    all of them can be read. The kernel reads them (``write`` into a memfd): a page that is
-    not there is an EFAULT, not a fault of the dispatcher."""
+    """``length`` bytes from ``address`` (a pointer into a module's memory, checked by
+    ``_within_reservation``); None when not all of them can be read. The kernel reads them
+    (``write`` into a memfd): a page past the memory's size is an EFAULT, not a fault of
+    the dispatcher."""
     view = memoryview(_ffi.buffer(address, length))
     scratch = os.memfd_create("linchkit-wasm-memory", os.MFD_CLOEXEC)
     try:
