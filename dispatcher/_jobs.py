@@ -15,6 +15,7 @@ Errors, as a tree::
     ├── JobNotFound      no record of that id: never submitted, or kept past result_ttl_ms
     ├── JobNotFinished   ``result(wait=…)`` ran out of time first (retryable: ask again)
     ├── ResultTooLarge   the job's result was over ``jobs.max_result_bytes``: not kept
+    │                    (defined in ``providers.base``: a provider reads it back too)
     └── JobsUnavailable  this dispatcher's state backend keeps no jobs (memory)
 
 (``JobsUnavailable`` lives with the stores, ``dispatcher.state.base``, which raise it
@@ -49,6 +50,7 @@ from dispatcher.state.base import (
 )
 from linchkit_plugin.errors import DispatchError, ProviderError, error_from_wire
 from linchkit_plugin.wire import encode_json
+from providers.base import ResultTooLarge
 from providers.egress import EgressPolicy
 
 __all__ = [
@@ -81,15 +83,6 @@ class JobNotFound(DispatchError):
 class JobNotFinished(DispatchError):
     type = "job_not_finished"
     default_retryable = True
-
-
-class ResultTooLarge(DispatchError):
-    """A job's result over ``jobs.max_result_bytes``: the plugin answered, the dispatcher
-    did not keep it (not retried: the same call would answer as much again). Stored and
-    read back (``ended_error``), it is this class again, with its details (``limit``,
-    ``bytes``); before 2026-12-04 it was read back as a ``PluginError`` of this type."""
-
-    type = "result_too_large"
 
 
 #: The dispatcher's own types a job's stored error may have, beyond the protocol's: read

@@ -58,6 +58,7 @@ __all__ = [
     "Health",
     "LogsUnavailable",
     "Provider",
+    "ResultTooLarge",
     "ServedReport",
     "TargetConfig",
 ]
@@ -75,6 +76,17 @@ TargetT = TypeVar("TargetT", bound=TargetConfig)
 
 class LogsUnavailable(ProviderError):
     """The provider keeps no output of its plugins, or cannot read it for this target."""
+
+
+class ResultTooLarge(DispatchError):
+    """A job's result over ``jobs.max_result_bytes``: the plugin answered, the dispatcher
+    did not keep it (not retried: the same call would answer as much again). Stored and
+    read back (``dispatcher._jobs.ended_error``), it is this class again, with its details
+    (``limit``, ``bytes``); before 2026-12-04 it was read back as a ``PluginError`` of this
+    type. Here, below the jobs that raise it, because a provider reads it back too: a
+    gateway's gRPC port names it in its ``error-type`` trailer (``providers._grpc.status``)."""
+
+    type = "result_too_large"
 
 
 @dataclass(frozen=True, slots=True)

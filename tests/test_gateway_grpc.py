@@ -22,8 +22,9 @@ import pytest
 import trustme
 from cryptography import x509
 
-from dispatcher import Dispatcher, parse_manifest
+from dispatcher import Dispatcher, ResultTooLarge, parse_manifest
 from dispatcher.gateway import GatewayServer, GatewaySettings
+from dispatcher.gateway.grpc_gateway import STATUS_BY_TYPE
 from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
 from providers._grpc.status import translate_rpc_error
 from tests.conftest import ROOT
@@ -138,6 +139,93 @@ async def test_result_too_large_is_resource_exhausted_final_as_the_http_ports_50
     assert trailers(error) == {"error-type": "result_too_large", "retryable": "false"}
     assert "jobs.max_result_bytes = 1000" in (error.details() or "")
     assert (http_status, http_error["type"], retry_after) == (500, "result_too_large", None)
+    # Read back as itself, final: before, the reader took RESOURCE_EXHAUSTED without
+    # grpc's size wording for a server short of capacity, Overloaded and retryable.
+    read = translate_rpc_error(error, "gateway limits.big")
+    assert isinstance(read, ResultTooLarge), repr(read)
+    assert not read.retryable and read.retry_after is None
+    assert "jobs.max_result_bytes = 1000" in read.message
+
+
+#: Raises the error of the type it is asked for, as the dispatcher's chain would have
+#: raised it to the gateway (an in-process plugin's DispatchError reaches the port as is).
+_FAILING_PLUGIN = """
+from dispatcher import ResultTooLarge
+from linchkit_plugin import Plugin
+from linchkit_plugin.errors import (
+    CircuitOpen, DeadlineExceeded, Forbidden, InvalidParams, Overloaded, ProviderError,
+    RateLimited, ShuttingDown, TargetUnavailable, Unauthorized,
+)
+
+KINDS = {
+    kind.type: kind
+    for kind in (
+        CircuitOpen, DeadlineExceeded, Forbidden, InvalidParams, Overloaded, ProviderError,
+        RateLimited, ResultTooLarge, ShuttingDown, TargetUnavailable, Unauthorized,
+    )
+}
+
+
+class Failing(Plugin):
+    async def fail(self, type, retryable=None, retry_after=None):
+        raise KINDS[type](
+            f"raised as {type} for the test", retryable=retryable, retry_after=retry_after
+        )
+"""
+
+#: (how the call gets its error: the params of ``fail``, or a plugin or method that does
+#: not exist; what it is read back as: type, retryable, retry_after). Each type of the
+#: port's table (``STATUS_BY_TYPE``), and a ``retryable`` or ``retry_after`` other than
+#: the type's own, which only the trailers carry.
+_READ_BACK = [
+    ({"type": "invalid_params"}, ("invalid_params", False, None)),
+    ({"type": "unauthorized"}, ("unauthorized", False, None)),
+    ({"type": "forbidden"}, ("forbidden", False, None)),
+    ("plugin_not_found", ("plugin_not_found", False, None)),
+    ("method_not_found", ("method_not_found", False, None)),
+    ({"type": "rate_limited", "retry_after": 2.5}, ("rate_limited", True, 2.5)),
+    ({"type": "result_too_large"}, ("result_too_large", False, None)),
+    ({"type": "deadline_exceeded"}, ("deadline_exceeded", True, None)),
+    ({"type": "target_unavailable"}, ("target_unavailable", True, None)),
+    ({"type": "target_unavailable", "retryable": False}, ("target_unavailable", False, None)),
+    ({"type": "circuit_open", "retry_after": 4}, ("circuit_open", True, 4.0)),
+    ({"type": "overloaded", "retry_after": 0.5}, ("overloaded", True, 0.5)),
+    ({"type": "shutting_down"}, ("shutting_down", True, None)),
+    ({"type": "provider_error"}, ("provider_error", False, None)),
+]
+
+
+async def test_every_error_type_of_the_grpc_port_is_read_back_as_itself(tmp_path: Path) -> None:
+    """What ``providers._grpc.status`` makes of each status the port answers, trailers and
+    all: the type the gateway named, its ``retryable`` and ``retry_after``, the gateway's
+    message. Before, only the type's status was read: NOT_FOUND was provider_error,
+    circuit_open, overloaded and shutting_down were target_unavailable without their
+    retry_after, a retryable false was read retryable, and result_too_large was overloaded."""
+    raised = {case["type"] for case, _ in _READ_BACK if isinstance(case, dict)}
+    # provider_error: the status of any type not in the table.
+    assert raised | {"plugin_not_found", "method_not_found"} == {*STATUS_BY_TYPE, "provider_error"}
+    (tmp_path / "failing_plugin.py").write_text(_FAILING_PLUGIN)
+    target = {"provider": "local", "entrypoint": "failing_plugin:Failing", "path": str(tmp_path)}
+    entry = {"id": "failing", "version": "1.0.0", "target": target, "methods": {"fail": {}}}
+    settings = GatewaySettings(port=0, grpc_port=0)
+    read: list[tuple[str, bool, float | None]] = []
+    async with (
+        running_gateway(entry, settings=settings) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        gateway = stub(channel)
+        for case, _ in _READ_BACK:
+            if case == "plugin_not_found":
+                request = grpc_call("ghost", "fail", {})
+            elif case == "method_not_found":
+                request = grpc_call("failing", "nope", {})
+            else:
+                request = grpc_call("failing", "fail", case)
+            error = await rpc_error(gateway.Call(request))
+            error_read = translate_rpc_error(error, "gateway")
+            assert (error.details() or "") in error_read.message
+            read.append((error_read.type, error_read.retryable, error_read.retry_after))
+    assert read == [expected for _, expected in _READ_BACK]
 
 
 async def test_hostile_requests_are_refused_typed_and_the_port_keeps_serving() -> None:

@@ -6,17 +6,22 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
+import grpc.aio
 import pytest
 
-from dispatcher import Dispatcher, parse_manifest
+from dispatcher import Dispatcher, ResultTooLarge, parse_manifest
 from dispatcher.config import load_manifest
 from dispatcher.gateway import GatewayServer, GatewaySettings
+from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
+from providers._grpc.status import translate_rpc_error
 from tests.gateway_support import echo_entry
 from tests.services import Redis, until
 from tests.test_gateway_security import ADMIN_KEY, READER_KEY, sha256
@@ -256,6 +261,73 @@ async def test_a_result_over_max_result_bytes_is_told_so(
     assert "outside the protocol" not in error["message"]
     assert error["details"] == {"stage": "jobs", "state": "failed", "limit": 1000, "bytes": 2002}
     assert (record["state"], record["error"]["type"]) == ("failed", "result_too_large")
+
+
+#: A method that waits for a job of its own dispatcher and answers its result: the gRPC
+#: port has no job routes (proto/gateway.proto: Call and Stream), so a call is how a job's
+#: end reaches it. ``HOST`` is the dispatcher, handed over by the test once it has started.
+_JOB_WAITER_PLUGIN = """
+from linchkit_plugin import Plugin
+
+HOST = None
+
+
+class JobWaiter(Plugin):
+    async def result(self, job_id):
+        return await HOST.result(job_id, wait=30)
+"""
+
+
+async def test_a_result_over_max_result_bytes_on_the_grpc_port_is_read_back_as_itself(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """A real job whose result is over ``jobs.max_result_bytes``, its end answered on the
+    gateway's gRPC port and read back by the dispatcher's own reading of gRPC statuses
+    (``providers._grpc.status``): ``ResultTooLarge``, not retryable, the gateway's words.
+    Before: ``Overloaded``, retryable, "the plugin's server is out of a resource", which
+    sends the call to another instance for the same too-large result."""
+    (tmp_path / "job_waiter_plugin.py").write_text(_JOB_WAITER_PLUGIN)
+    document = jobs_document(tmp_path, redis_server.url, redis_prefix, workers=1)
+    document["jobs"]["max_result_bytes"] = 1000
+    document["plugins"].append(
+        {
+            "id": "waiter",
+            "version": "1.0.0",
+            "target": {
+                "provider": "local",
+                "entrypoint": "job_waiter_plugin:JobWaiter",
+                "path": str(tmp_path),
+            },
+            "methods": {"result": {}},
+        }
+    )
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with (
+        Dispatcher(parse_manifest(document, base_dir=tmp_path)) as dispatcher,
+        GatewayServer(dispatcher, settings) as server,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
+    ):
+        sys.modules["job_waiter_plugin"].HOST = dispatcher
+        submit = f"{server.url}/v1/plugins/jobs/methods/echo:submit"
+        status, body, _ = await send(session, "POST", submit, ADMIN_KEY, json={"text": "x" * 2000})
+        assert status == 202, body
+        assert server.grpc is not None
+        async with grpc.aio.insecure_channel(server.grpc.address) as channel:
+            call = gateway_pb2.GatewayCall(
+                plugin="waiter",
+                method="result",
+                params_json=json.dumps({"job_id": body["job_id"]}).encode(),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as answered:
+                await gateway_pb2_grpc.GatewayServiceStub(channel).Call(
+                    call, metadata=(("x-api-key", ADMIN_KEY),)
+                )
+    error = answered.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    read = translate_rpc_error(error, "gateway waiter.result")
+    assert isinstance(read, ResultTooLarge), repr(read)
+    assert not read.retryable and read.retry_after is None
+    assert "2002 bytes" in read.message and "jobs.max_result_bytes = 1000" in read.message
 
 
 async def test_a_submit_with_an_idempotency_key_again_is_the_same_job(

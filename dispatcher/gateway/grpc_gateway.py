@@ -14,7 +14,8 @@ mode, so with ``client_cert: optional`` the gRPC port asks for no certificate: c
 authenticate with tokens or keys there.
 
 Errors (the reverse of ``providers._grpc.status``, so a dispatcher reading this port
-through its own grpc code gets the same error type back):
+through its own grpc code gets the same error type back, told apart by ``error-type``
+where types share a status):
 
     error type                                        gRPC status
     invalid_params                                    INVALID_ARGUMENT
@@ -130,9 +131,8 @@ STATUS_BY_TYPE: dict[str, grpc.StatusCode] = {
     # request over max_body_bytes. The HTTP port's 500 (not 429, no Retry-After) says it is
     # final; here the trailers do (retryable false, no retry-after). Not provider_error's
     # FAILED_PRECONDITION (the target did not break the protocol: the HTTP port's 502 vs
-    # 500), nor INTERNAL (grpc's broken invariants, read back as a crashed handler). Read
-    # back by providers._grpc.status it is overloaded (it knows size limits by grpc's
-    # wording only): the one type that does not come back as itself; the trailers do.
+    # 500), nor INTERNAL (grpc's broken invariants, read back as a crashed handler).
+    # providers._grpc.status tells it from rate_limited by its error-type trailer.
     "result_too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 #: At a stop, calls that arrive are held, neither run nor answered, until none has arrived

@@ -11,6 +11,8 @@
         at once or of memory
       … a rate limit or quota, or    RateLimited                  yes (``retry-after`` trailer)
         a ``retry-after`` or ``error-type: rate_limited`` trailer
+      … ``error-type:                ResultTooLarge               no
+        result_too_large``
       … any other                    Overloaded                   yes (the server is short
                                                                        of something)
     INVALID_ARGUMENT, OUT_OF_RANGE   InvalidParams                no
@@ -56,6 +58,17 @@ metadata ``linchkit-not-run`` (``NOT_RUN_TRAILER``; the Python SDK does, whose s
 otherwise cancel such calls unseen, docs/protocol.md "Stopping while called"): never run,
 so it gets the same marker (``not_run`` tells the connection, which then stops sending).
 
+Our gRPC gateway (``dispatcher.gateway.grpc_gateway``) ends a call with a status and
+trailers ``error-type``, ``retryable`` and ``retry-after`` (proto/gateway.proto). Where
+the status alone says less than the type (NOT_FOUND: ``plugin_not_found`` or
+``method_not_found``; UNAVAILABLE: ``target_unavailable``, ``circuit_open``,
+``overloaded`` or ``shutting_down``), the trailers are read: the error comes back as the
+type the gateway named, with its ``retryable`` and ``retry_after`` (``_named_by_gateway``).
+RESOURCE_EXHAUSTED is a rate limit or ``result_too_large``: a job's result over the
+gateway's ``jobs.max_result_bytes``, which no other instance answers smaller, so
+``ResultTooLarge``, not retryable (``_exhausted``; before, it was read as a server short
+of capacity: ``Overloaded``, retryable). No SDK sends these trailers.
+
 A server without a decompressor for a request's ``grpc-encoding`` answers UNIMPLEMENTED
 naming the encoding (``refused_compression``): the connection resends the call plain.
 
@@ -82,21 +95,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 from linchkit_plugin.errors import (
+    CircuitOpen,
     DeadlineExceeded,
     DispatchError,
     Forbidden,
     InvalidParams,
+    MethodNotFound,
     Overloaded,
+    PluginNotFound,
     ProviderError,
     RateLimited,
+    ShuttingDown,
     TargetUnavailable,
     Unauthorized,
 )
 from linchkit_plugin.handshake import NOT_RUN_TRAILER
-from providers.base import CONNECT_STAGE
+from providers.base import CONNECT_STAGE, ResultTooLarge
 
 __all__ = [
     "DEADLINE_SKEW_SECONDS",
@@ -244,8 +261,70 @@ def translate_rpc_error(
         )
     if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return _exhausted(error, what)
+    if (named := _named_by_gateway(error, message)) is not None:
+        return named
     kind, retryable = _BY_STATUS.get(status, (ProviderError, None))
     return kind(message, retryable=retryable)
+
+
+class _GatewayTrailers(NamedTuple):
+    """What our gRPC gateway's trailing metadata says of the error it ended a call with
+    (proto/gateway.proto): each None when not said, or not said as the gateway says it."""
+
+    error_type: str | None
+    retryable: bool | None
+    retry_after: float | None
+
+
+def _gateway_trailers(error: Any) -> _GatewayTrailers:
+    error_type: str | None = None
+    retryable: bool | None = None
+    retry_after: float | None = None
+    for key, value in error.trailing_metadata() or ():
+        if key == "error-type":
+            error_type = value
+        elif key == "retryable":
+            retryable = {"true": True, "false": False}.get(value)
+        elif key == "retry-after":
+            with contextlib.suppress(ValueError):
+                retry_after = float(value)
+    return _GatewayTrailers(error_type, retryable, retry_after)
+
+
+#: The types our gateway names in ``error-type`` (dispatcher/gateway/grpc_gateway.py), each
+#: read back as its own class. The status alone cannot tell apart those that share one:
+#: NOT_FOUND is ``plugin_not_found`` or ``method_not_found``; UNAVAILABLE is
+#: ``target_unavailable``, ``circuit_open``, ``overloaded`` or ``shutting_down``, each with
+#: its own ``retry_after``. The others' status says their type too; their ``retryable`` is
+#: the trailer's alike. RESOURCE_EXHAUSTED's two (``rate_limited``, ``result_too_large``)
+#: are read by ``_exhausted``, beside other servers' words for a rate limit.
+_GATEWAY_TYPES: dict[str, type[DispatchError]] = {
+    kind.type: kind
+    for kind in (
+        PluginNotFound,
+        MethodNotFound,
+        InvalidParams,
+        Unauthorized,
+        Forbidden,
+        DeadlineExceeded,
+        TargetUnavailable,
+        CircuitOpen,
+        Overloaded,
+        ShuttingDown,
+        ProviderError,
+    )
+}
+
+
+def _named_by_gateway(error: Any, message: str) -> DispatchError | None:
+    """The error our gateway named in its trailers, with the ``retryable`` and
+    ``retry_after`` it said; None from any other server (no SDK sends ``error-type``), or
+    for a type this reader has no class for, which the status says as well as it can."""
+    said = _gateway_trailers(error)
+    kind = _GATEWAY_TYPES.get(said.error_type or "")
+    if kind is None:
+        return None
+    return kind(message, retryable=said.retryable, retry_after=said.retry_after)
 
 
 #: grpcio's server past its ``maximum_concurrent_rpcs`` (lower case): refused unrun.
@@ -270,17 +349,22 @@ _RATE_LIMIT_WORDS = (
 
 def _exhausted(error: Any, what: str, details: dict[str, Any] | None = None) -> DispatchError:
     """A RESOURCE_EXHAUSTED not for a message's size (see the module's docstring), as a
-    server short of capacity (``Overloaded``) or a rate limit (``RateLimited``)."""
+    server short of capacity (``Overloaded``), a rate limit (``RateLimited``), or our
+    gateway's ``result_too_large`` (``ResultTooLarge``)."""
     said = error.details() or ""
     status = f"RESOURCE_EXHAUSTED {said}".rstrip()
-    retry_after: float | None = None
-    typed_rate_limited = False
-    for key, value in error.trailing_metadata() or ():
-        if key == "retry-after":
-            with contextlib.suppress(ValueError):
-                retry_after = float(value)
-        elif key == "error-type":  # our gRPC gateway's trailer (proto/gateway.proto)
-            typed_rate_limited = value == "rate_limited"
+    trailers = _gateway_trailers(error)  # a rate limiter's retry-after too, not only ours
+    retry_after = trailers.retry_after
+    if trailers.error_type == ResultTooLarge.type:
+        # Our gateway's: the plugin answered, the result is over the limit of the
+        # dispatcher behind the gateway (jobs.max_result_bytes). No capacity comes back.
+        return ResultTooLarge(
+            f"{what}: the result is over the dispatcher's limit on results ({status});"
+            " not retried: the same call answers as much again",
+            retryable=False,
+            details=details,
+        )
+    typed_rate_limited = trailers.error_type == RateLimited.type
     words = said.lower()
     if details is None and _AT_CONCURRENCY_LIMIT in words:  # a call, refused unrun
         details = CONNECT_STAGE
