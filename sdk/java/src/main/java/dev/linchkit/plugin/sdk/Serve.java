@@ -1,6 +1,8 @@
 package dev.linchkit.plugin.sdk;
 
+import io.grpc.BindableService;
 import io.grpc.Server;
+import io.grpc.ServerInterceptor;
 import io.grpc.ServerInterceptors;
 import io.grpc.netty.shaded.io.grpc.netty.GrpcSslContexts;
 import io.grpc.netty.shaded.io.grpc.netty.NettyServerBuilder;
@@ -77,7 +79,8 @@ public final class Serve {
   /**
    * The largest gRPC message the plugin takes (Call, CallBatch, Events): 64 MiB, the dispatcher's
    * own limit (its channel's grpc.max_receive_message_length and grpc.max_send_message_length), not
-   * grpc-java's default 4 MiB. A larger request is refused with RESOURCE_EXHAUSTED. grpc-java's
+   * grpc-java's default 4 MiB. A larger request is refused with RESOURCE_EXHAUSTED, one larger only
+   * once decompressed too ({@link OversizedRequests}). grpc-java's
    * server caps no reply; the dispatcher refuses one over the same 64 MiB, so {@link PluginService}
    * answers such a reply with the too-large error instead of sending it.
    */
@@ -161,14 +164,10 @@ public final class Serve {
     HealthStatusManager health = new HealthStatusManager();
     PluginService service = new PluginService(plugin, health, true);
     // The last interceptor runs first: the token is checked before anything else.
-    Server server = NettyServerBuilder.forAddress(bindAddress)
-        .maxInboundMessageSize(MAX_MESSAGE_BYTES)
-        .addService(token == null
-            ? ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR)
-            : ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR, token))
-        .addService(health.getHealthService())
-        .addService(ProtoReflectionServiceV1.newInstance())
-        .addService(ProtoReflectionService.newInstance())
+    ServerInterceptor[] interceptors = token == null
+        ? new ServerInterceptor[] {PluginService.HEADERS_INTERCEPTOR}
+        : new ServerInterceptor[] {PluginService.HEADERS_INTERCEPTOR, token};
+    Server server = serving(NettyServerBuilder.forAddress(bindAddress), service, health, MAX_MESSAGE_BYTES, interceptors)
         .build();
     try {
       server.start();
@@ -184,6 +183,23 @@ public final class Serve {
     stopOnSignals(running);
     announce(Handshake.line(1, "tcp", host + ":" + server.getPort(), null));
     return running;
+  }
+
+  /**
+   * {@code builder} serving the plugin's services: {@code service} behind {@code interceptors}
+   * (the last runs first), health and server reflection, requests of up to
+   * {@code maxRequestBytes}, and one over it only once decompressed refused as one over it on
+   * the wire is ({@link OversizedRequests}).
+   */
+  static NettyServerBuilder serving(NettyServerBuilder builder, PluginService service, HealthStatusManager health,
+      int maxRequestBytes, ServerInterceptor... interceptors) {
+    builder.maxInboundMessageSize(maxRequestBytes)
+        .addService(ServerInterceptors.intercept(OversizedRequests.answered(service.bindService(), maxRequestBytes), interceptors));
+    for (BindableService other : new BindableService[] {
+        health.getHealthService(), ProtoReflectionServiceV1.newInstance(), ProtoReflectionService.newInstance()}) {
+      builder.addService(OversizedRequests.answered(other.bindService(), maxRequestBytes));
+    }
+    return builder;
   }
 
   private static Handshake.HandshakeException cannotListen(Handshake.ServiceAddress address, String reason) {
@@ -246,12 +262,7 @@ public final class Serve {
           .clientAuth(ClientAuth.REQUIRE)
           .build());
     }
-    Server server = builder
-        .maxInboundMessageSize(MAX_MESSAGE_BYTES)
-        .addService(ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR))
-        .addService(health.getHealthService())
-        .addService(ProtoReflectionServiceV1.newInstance())
-        .addService(ProtoReflectionService.newInstance())
+    Server server = serving(builder, service, health, MAX_MESSAGE_BYTES, PluginService.HEADERS_INTERCEPTOR)
         .build()
         .start();
     if (address == null) address = "127.0.0.1:" + server.getPort();

@@ -12,14 +12,15 @@ import dev.linchkit.plugin.v1.BatchReply;
 import dev.linchkit.plugin.v1.BatchRequest;
 import dev.linchkit.plugin.v1.CallReply;
 import dev.linchkit.plugin.v1.CallRequest;
+import dev.linchkit.plugin.v1.HostEvent;
 import dev.linchkit.plugin.v1.InitRequest;
 import dev.linchkit.plugin.v1.LifecycleRequest;
+import dev.linchkit.plugin.v1.PluginEvent;
 import dev.linchkit.plugin.v1.PluginServiceGrpc;
 import dev.linchkit.plugin.v1.StreamItem;
 import io.grpc.ManagedChannel;
 import io.grpc.Metadata;
 import io.grpc.Server;
-import io.grpc.ServerInterceptors;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.grpc.health.v1.HealthCheckRequest;
@@ -29,6 +30,7 @@ import io.grpc.netty.shaded.io.grpc.netty.NettyChannelBuilder;
 import io.grpc.netty.shaded.io.grpc.netty.NettyServerBuilder;
 import io.grpc.protobuf.services.HealthStatusManager;
 import io.grpc.stub.MetadataUtils;
+import io.grpc.stub.StreamObserver;
 import java.net.InetSocketAddress;
 import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
@@ -43,15 +45,17 @@ import org.junit.jupiter.api.Test;
 class PluginServiceTest {
   private final List<Runnable> cleanups = new ArrayList<>();
 
-  private record Running(PluginService service, PluginServiceGrpc.PluginServiceBlockingStub stub, HealthGrpc.HealthBlockingStub health) {}
+  private record Running(PluginService service, ManagedChannel channel, PluginServiceGrpc.PluginServiceBlockingStub stub, HealthGrpc.HealthBlockingStub health) {}
 
   private Running serve(Plugin plugin, boolean servingFromStart, int maxReplyBytes) throws Exception {
+    return serve(plugin, servingFromStart, maxReplyBytes, Serve.MAX_MESSAGE_BYTES);
+  }
+
+  private Running serve(Plugin plugin, boolean servingFromStart, int maxReplyBytes, int maxRequestBytes) throws Exception {
     HealthStatusManager health = new HealthStatusManager();
     PluginService service = new PluginService(plugin, health, servingFromStart, maxReplyBytes);
-    Server server = NettyServerBuilder.forAddress(new InetSocketAddress("127.0.0.1", 0))
-        .maxInboundMessageSize(Serve.MAX_MESSAGE_BYTES)
-        .addService(ServerInterceptors.intercept(service, PluginService.HEADERS_INTERCEPTOR))
-        .addService(health.getHealthService())
+    Server server = Serve.serving(NettyServerBuilder.forAddress(new InetSocketAddress("127.0.0.1", 0)),
+            service, health, maxRequestBytes, PluginService.HEADERS_INTERCEPTOR)
         .build()
         .start();
     ManagedChannel channel = NettyChannelBuilder.forAddress("127.0.0.1", server.getPort())
@@ -63,7 +67,7 @@ class PluginServiceTest {
       server.shutdownNow();
       service.close();
     });
-    return new Running(service, PluginServiceGrpc.newBlockingStub(channel), HealthGrpc.newBlockingStub(channel));
+    return new Running(service, channel, PluginServiceGrpc.newBlockingStub(channel), HealthGrpc.newBlockingStub(channel));
   }
 
   @AfterEach
@@ -286,6 +290,79 @@ class PluginServiceTest {
     CallReply over = running.stub().withDeadlineAfter(60, TimeUnit.SECONDS).call(request("huge", "{}"));
     assertTooLarge(over.getError());
     assertTrue(over.getError().getMessage().contains(String.valueOf(Serve.MAX_MESSAGE_BYTES)), over.getError().getMessage());
+  }
+
+  /** The status {@code stream} ends with: it must end with one, not with its items. */
+  private static Status endOf(java.util.Iterator<?> stream) {
+    StatusRuntimeException ended = assertThrows(StatusRuntimeException.class, () -> stream.forEachRemaining(item -> {}));
+    return ended.getStatus();
+  }
+
+  private static void assertRefusedAsTooLarge(Status status, int cap) {
+    assertEquals(Status.Code.RESOURCE_EXHAUSTED, status.getCode(), status.toString());
+    // grpc-java's words for a request over the cap, which the dispatcher reads as one.
+    assertEquals("Decompressed gRPC message exceeds maximum size " + cap, status.getDescription());
+  }
+
+  /**
+   * A gzip request small on the wire, over the server's cap once decompressed (a gzip bomb),
+   * on each kind of method: RESOURCE_EXHAUSTED, as for one over the cap uncompressed, and the
+   * service serves on. Before: UNKNOWN "Application error processing RPC" (grpc-java lets the
+   * parser's size refusal escape as an application error), which the host reads as a crashed
+   * handler and sends again, and a SEVERE stack trace logged for each.
+   */
+  @Test
+  void aGzipRequestOverTheCapOnceDecompressedIsRefusedAsTooLarge() throws Exception {
+    Plugin plugin = new Plugin("p", "1");
+    plugin.method("echo", (params, ctx) -> params);
+    plugin.streamingMethod("rows", (params, ctx, out) -> out.send(params));
+    List<String> events = java.util.Collections.synchronizedList(new ArrayList<>());
+    plugin.on("ping", (name, data) -> events.add(data.toString()));
+    int cap = 1 << 20;
+    Running running = serve(plugin, true, Serve.MAX_MESSAGE_BYTES, cap);
+    List<String> severe = java.util.Collections.synchronizedList(new ArrayList<>());
+    java.util.logging.Logger grpc = java.util.logging.Logger.getLogger("io.grpc");
+    java.util.logging.Handler recorder = new java.util.logging.Handler() {
+      @Override public void publish(java.util.logging.LogRecord record) {
+        if (record.getLevel().intValue() >= java.util.logging.Level.SEVERE.intValue()) severe.add(record.getMessage());
+      }
+      @Override public void flush() {}
+      @Override public void close() {}
+    };
+    grpc.addHandler(recorder);
+    cleanups.add(() -> grpc.removeHandler(recorder));
+    String bomb = "\"" + "0".repeat(2 * cap) + "\"";
+    var gzip = running.stub().withCompression("gzip").withDeadlineAfter(20, TimeUnit.SECONDS);
+
+    StatusRuntimeException call = assertThrows(StatusRuntimeException.class, () -> gzip.call(request("echo", bomb)));
+    assertRefusedAsTooLarge(call.getStatus(), cap);
+    StatusRuntimeException batch = assertThrows(StatusRuntimeException.class,
+        () -> gzip.callBatch(BatchRequest.newBuilder().addCalls(request("echo", bomb)).build()));
+    assertRefusedAsTooLarge(batch.getStatus(), cap);
+    assertRefusedAsTooLarge(endOf(gzip.callStream(request("rows", bomb))), cap);
+    StatusRuntimeException init = assertThrows(StatusRuntimeException.class,
+        () -> gzip.init(InitRequest.newBuilder().setConfigJson(ByteString.copyFromUtf8("{\"a\": " + bomb + "}")).build()));
+    assertRefusedAsTooLarge(init.getStatus(), cap);
+
+    // The Events stream: its headers went at once, so the refusal ends it in its trailers.
+    var ended = new java.util.concurrent.CompletableFuture<Status>();
+    var stream = PluginServiceGrpc.newStub(running.channel()).withCompression("gzip").events(new StreamObserver<PluginEvent>() {
+      @Override public void onNext(PluginEvent event) {}
+      @Override public void onError(Throwable error) { ended.complete(Status.fromThrowable(error)); }
+      @Override public void onCompleted() { ended.complete(Status.OK); }
+    });
+    stream.onNext(HostEvent.newBuilder().setName("ping").setDataJson(ByteString.copyFromUtf8("\"small\"")).build());
+    stream.onNext(HostEvent.newBuilder().setName("ping").setDataJson(ByteString.copyFromUtf8(bomb)).build());
+    assertRefusedAsTooLarge(ended.get(20, TimeUnit.SECONDS), cap);
+    stream.onCompleted();
+
+    CallReply after = running.stub().withCompression("gzip").call(request("echo", "{\"still\": \"serving\"}"));
+    assertTrue(after.getOk(), after.toString());
+    assertEquals("{\"still\":\"serving\"}", after.getResultJson().toStringUtf8());
+    long until = System.nanoTime() + TimeUnit.SECONDS.toNanos(5);
+    while (events.isEmpty() && System.nanoTime() < until) Thread.sleep(10); // delivered on its own thread
+    assertEquals(List.of("\"small\""), events, "the event before the refused one was delivered, and no other");
+    assertEquals(List.of(), severe, "a host's oversized request is no error of the plugin's");
   }
 
   @SuppressWarnings("unused")
