@@ -143,6 +143,10 @@ _NOT_SENT_PREFIXES = (
 _REQUEST_TOO_LARGE = (
     "CLIENT: Sent message larger than max",  # grpc core: our channel, nothing sent
     "SERVER: Received message larger than max",  # grpc core (the Python SDK)
+    # grpc core, gzip (the Python SDK; any grpc core server of a smaller cap, such as
+    # grpc's default 4 MiB). Its words for a reply our channel decompresses past the cap
+    # too: no SDK sends one (each caps its reply before compressing it), so the request.
+    "Decompressed message larger than max",
     "grpc: received message larger than max",  # grpc-go
     "grpc: received message after decompression larger than max",  # grpc-go, gzip
     "gRPC message exceeds maximum size",  # grpc-java, plain and decompressed

@@ -381,6 +381,34 @@ async def test_params_over_64_mib_are_refused_as_too_large(plugin: Plugin) -> No
     await still_serving(plugin)
 
 
+#: 70 MB of one byte: ~70 KB in gzip, past every SDK's cap on a received message.
+BOMB_PARAMS = b'"' + b"0" * 70_000_000 + b'"'
+
+
+async def test_params_over_64_mib_once_decompressed_are_refused_as_too_large(
+    plugin: Plugin,
+) -> None:
+    """A gzip request of ~70 KB that expands past the cap (a gzip bomb): every server counts
+    its decompressed size and refuses it as it refuses one over the cap on the wire, with
+    RESOURCE_EXHAUSTED, which the dispatcher makes the caller's InvalidParams. Before, the
+    Java SDK answered UNKNOWN ("Application error processing RPC": grpc-java lets the
+    parser's size refusal escape as an application error), which the dispatcher reads as a
+    crashed handler, TargetUnavailable, retryable: the same request sent again."""
+    options = [("grpc.max_send_message_length", -1)]
+    async with grpc.aio.insecure_channel(plugin.address, options=options) as channel:
+        stub = plugin_pb2_grpc.PluginServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Call(
+                request(params=BOMB_PARAMS), timeout=LARGE_WITHIN, compression=grpc.Compression.Gzip
+            )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+    assert len(caught.value.details() or "") < SHORT
+    error = translate_rpc_error(caught.value, "example.echo")
+    assert isinstance(error, InvalidParams), error
+    assert error.retryable is False and error.details == {"reason": "too_large"}, error
+    await still_serving(plugin)
+
+
 async def status_ending(stream: Any) -> grpc.aio.AioRpcError:
     """The error status ``stream`` ends with, past any events the plugin held for it."""
     try:
