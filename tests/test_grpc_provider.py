@@ -112,6 +112,13 @@ class ScriptedPlugin:
                 asked["details"],
                 trailing_metadata=tuple(map(tuple, asked.get("trailers", ()))),
             )
+        if request.method == "aborts_with":  # the status, words and trailers asked for
+            asked = orjson.loads(request.params_json)
+            await context.abort(
+                grpc.StatusCode[asked["status"]],
+                asked["details"],
+                trailing_metadata=tuple(map(tuple, asked.get("trailers", ()))),
+            )
         status = STATUS_BY_METHOD.get(request.method)
         if status is grpc.StatusCode.RESOURCE_EXHAUSTED:
             context.set_trailing_metadata((("retry-after", "2.5"),))
@@ -269,6 +276,34 @@ async def test_resource_exhausted_is_read_as_what_its_server_says_it_is(
     assert caught.value.retryable is (error is not InvalidParams)
     if error is InvalidParams:
         assert [call["method"] for call in servicer.calls] == ["exhausted_says"]
+
+
+@pytest.mark.parametrize(
+    ("status", "named", "read_as"),
+    [
+        # The gateway's own pairs: read as the type named.
+        ("NOT_FOUND", "plugin_not_found", "plugin_not_found"),
+        ("UNAVAILABLE", "shutting_down", "shutting_down"),
+        # A service naming a type under a status the gateway never gives it: the status.
+        ("INTERNAL", "plugin_not_found", "target_unavailable"),
+        ("FAILED_PRECONDITION", "shutting_down", "provider_error"),
+        ("INVALID_ARGUMENT", "circuit_open", "invalid_params"),
+    ],
+)
+async def test_an_error_type_trailer_is_believed_only_beside_its_own_status(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer], status: str, named: str, read_as: str
+) -> None:
+    """The gateway's ``error-type`` trailer names a type the status alone cannot; any
+    server can send the trailer, and one saying ``plugin_not_found`` under an INTERNAL made
+    its own failure read as the dispatcher's routing (not found, final)."""
+    _, address, _ = scripted
+    declared = plugin({"provider": "grpc", "address": address})
+    declared["methods"]["aborts_with"] = {}
+    asked = {"status": status, "details": "said so", "trailers": [["error-type", named]]}
+    async with Dispatcher(manifest(declared)) as d:
+        with pytest.raises(DispatchError) as caught:
+            await d.call("scripted", "aborts_with", asked)
+    assert caught.value.type == read_as, caught.value
 
 
 async def test_a_server_at_its_limit_of_calls_at_once_is_overloaded_not_rate_limited() -> None:

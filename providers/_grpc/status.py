@@ -296,38 +296,43 @@ def _gateway_trailers(error: Any) -> _GatewayTrailers:
 
 
 #: The types our gateway names in ``error-type`` (dispatcher/gateway/grpc_gateway.py), each
-#: read back as its own class. The status alone cannot tell apart those that share one:
-#: NOT_FOUND is ``plugin_not_found`` or ``method_not_found``; UNAVAILABLE is
-#: ``target_unavailable``, ``circuit_open``, ``overloaded`` or ``shutting_down``, each with
-#: its own ``retry_after``. The others' status says their type too; their ``retryable`` is
-#: the trailer's alike. RESOURCE_EXHAUSTED's two (``rate_limited``, ``result_too_large``)
-#: are read by ``_exhausted``, beside other servers' words for a rate limit.
-_GATEWAY_TYPES: dict[str, type[DispatchError]] = {
-    kind.type: kind
-    for kind in (
-        PluginNotFound,
-        MethodNotFound,
-        InvalidParams,
-        Unauthorized,
-        Forbidden,
-        DeadlineExceeded,
-        TargetUnavailable,
-        CircuitOpen,
-        Overloaded,
-        ShuttingDown,
-        ProviderError,
+#: read back as its own class, and the status the gateway ends such a call with. The status
+#: alone cannot tell apart those that share one: NOT_FOUND is ``plugin_not_found`` or
+#: ``method_not_found``; UNAVAILABLE is ``target_unavailable``, ``circuit_open``,
+#: ``overloaded`` or ``shutting_down``, each with its own ``retry_after``. The others' status
+#: says their type too; their ``retryable`` is the trailer's alike. RESOURCE_EXHAUSTED's two
+#: (``rate_limited``, ``result_too_large``) are read by ``_exhausted``, beside other servers'
+#: words for a rate limit. A trailer is believed only beside its own status: any server can
+#: send trailers, and a plugin's service saying ``error-type: plugin_not_found`` under an
+#: INTERNAL must not make its own failure read as the dispatcher's routing.
+_GATEWAY_TYPES: dict[str, tuple[type[DispatchError], str]] = {
+    kind.type: (kind, status)
+    for kind, status in (
+        (PluginNotFound, "NOT_FOUND"),
+        (MethodNotFound, "NOT_FOUND"),
+        (InvalidParams, "INVALID_ARGUMENT"),
+        (Unauthorized, "UNAUTHENTICATED"),
+        (Forbidden, "PERMISSION_DENIED"),
+        (DeadlineExceeded, "DEADLINE_EXCEEDED"),
+        (TargetUnavailable, "UNAVAILABLE"),
+        (CircuitOpen, "UNAVAILABLE"),
+        (Overloaded, "UNAVAILABLE"),
+        (ShuttingDown, "UNAVAILABLE"),
+        (ProviderError, "FAILED_PRECONDITION"),
     )
 }
 
 
 def _named_by_gateway(error: Any, message: str) -> DispatchError | None:
     """The error our gateway named in its trailers, with the ``retryable`` and
-    ``retry_after`` it said; None from any other server (no SDK sends ``error-type``), or
-    for a type this reader has no class for, which the status says as well as it can."""
+    ``retry_after`` it said; None from any other server (no SDK sends ``error-type``), for
+    a type this reader has no class for, or a type under a status the gateway never gives
+    it: the status says those as well as it can."""
     said = _gateway_trailers(error)
-    kind = _GATEWAY_TYPES.get(said.error_type or "")
-    if kind is None:
+    named = _GATEWAY_TYPES.get(said.error_type or "")
+    if named is None or error.code().name != named[1]:
         return None
+    kind, _ = named
     return kind(message, retryable=said.retryable, retry_after=said.retry_after)
 
 
