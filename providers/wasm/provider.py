@@ -229,12 +229,7 @@ def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> 
         )
     failure = result.failure
     if failure is not None and failure.error is not None:  # an HTTP request of the module
-        error = failure.error
-        # Made for this call and seen by nobody yet, so said in place: ``with_message``
-        # clones, and a clone of an error whose constructor takes required keywords
-        # (LimitExceeded) cannot be made.
-        error.message = f"{where}: {error.message}"
-        error.args = (error.message,)
+        error = failure.error.with_message(f"{where}: {failure.error.message}")
         if isinstance(error, NetworkRefused | EgressRefused):
             log.error("security: %s; nothing was sent, and the call was stopped", error.message)
         raise error

@@ -70,6 +70,14 @@ class DispatchError(Exception):
         self.retry_after = retry_after
         self.details: dict[str, Any] = dict(details) if details else {}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy.copy and pickle rebuild an exception by calling its class with its ``args``
+        # (the message). A subclass whose constructor takes more (``LimitExceeded``'s
+        # keywords, ``ModuleConflict``'s names) failed there with a TypeError, so a batch
+        # or the followers of a cache miss got that instead of its error. Made without
+        # ``__init__``, its fields set as they are.
+        return (_rebuilt, (type(self), self.args), self.__dict__)
+
     def clone(self) -> Self:
         """A new exception with the same fields and no traceback.
 
@@ -178,6 +186,11 @@ class ShuttingDown(DispatchError):
 
     type = "shutting_down"
     default_retryable = True
+
+
+def _rebuilt(kind: type[DispatchError], args: tuple[Any, ...]) -> DispatchError:
+    """An error of ``kind`` with ``args``, its ``__init__`` not run (``__reduce__``)."""
+    return kind.__new__(kind, *args)
 
 
 class PluginError(DispatchError):
