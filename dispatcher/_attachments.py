@@ -78,6 +78,8 @@ class Attachments:
         #: The detach of a retired attachment under way (``detach_retired``): the close
         #: waits for it before it closes providers.
         self._detaching: set[asyncio.Future[bool]] = set()
+        #: A close has begun: a reload detaches no more of what it retired (the close does).
+        self._closing = False
         for provider in providers.values():
             self._prepare(provider)
 
@@ -145,8 +147,9 @@ class Attachments:
     async def detach_retired(self) -> None:
         """Detach what reloads retired, newest first: this reload's, and what one whose
         caller gave up after its swap left; a failure is logged, not raised. Those a close
-        detached meanwhile are not detached again."""
-        while self._retired:
+        detached meanwhile are not detached again, and once a close has begun none is
+        started here: the close waits only for the detach under way, then does the rest."""
+        while self._retired and not self._closing:
             each = self._retired.pop()
             detach = asyncio.ensure_future(_detached(each))
             self._detaching.add(detach)
@@ -163,6 +166,7 @@ class Attachments:
         and what stays must not be handed its place (a service at one address keeps the
         config of the entry detached last). A reload's detach under way ends first: its
         provider closed under it would cut it in half (a ``Stop`` without its ``Destroy``)."""
+        self._closing = True
         if self._detaching:
             await asyncio.gather(*self._detaching, return_exceptions=True)
         while self._retired:

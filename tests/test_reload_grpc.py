@@ -452,3 +452,45 @@ async def test_a_close_while_a_reload_detaches_what_it_retired_lets_that_detach_
     failed = [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert not failed, [record.getMessage() for record in failed]
     await until(lambda: not connections_to(old.address), "version 1's channel closed")
+
+
+async def test_a_close_while_a_reload_detaches_two_it_retired_lets_both_detaches_end(
+    served: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above with two retired entries: the close waits for the detach under way, and
+    the reload, woken first by its end, starts the next one. That one too must end before
+    the provider closes: its service gets its ``Destroy``, and nothing fails."""
+    services = {
+        plugin_id: (
+            await served("127.0.0.1", free_port(), "1.0.0", plugin_id),
+            await served("127.0.0.1", free_port(), "2.0.0", plugin_id),
+        )
+        for plugin_id in ("one", "two")
+    }
+    for old, _ in services.values():
+        recording = old.plugin
+
+        async def stop(recording: Any = recording) -> None:
+            recording.steps.append("stop")
+            await asyncio.sleep(0.3)
+
+        recording.stop = stop  # type: ignore[method-assign]
+    dispatcher = Dispatcher(
+        manifest(
+            *(entry("1.0.0", old.address, plugin_id=key) for key, (old, _) in services.items())
+        )
+    )
+    await dispatcher.start()
+    changed = manifest(
+        *(entry("2.0.0", new.address, plugin_id=key) for key, (_, new) in services.items())
+    )
+    reload = asyncio.create_task(dispatcher.reload(changed, grace=10))
+    olds = [old.plugin for old, _ in services.values()]
+    await until(lambda: any(each.steps[-1:] == ["stop"] for each in olds), "a Stop under way")
+    await dispatcher.aclose()
+    await reload
+    for old, new in services.values():
+        assert old.plugin.steps == ["init", "start", "stop", "destroy"]
+        assert new.plugin.steps == ["init", "start", "stop", "destroy"]
+    failed = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert not failed, [record.getMessage() for record in failed]
