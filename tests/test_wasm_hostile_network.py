@@ -534,6 +534,111 @@ asyncio.run(main())
     assert server.connections == []
 
 
+def start_code_module(folder: Path, url: str, host_function: str, kind: str) -> Path:
+    """A module whose start code calls ``host_function``; its ``fetch`` answers ``"served"``.
+    A ``reactor``'s start code is its ``_initialize`` (Go's ``init`` functions), which
+    libextism runs as it links the module and again as it instantiates it at the first
+    call; a ``command``'s (it exports ``_start``) is ``__wasm_call_ctors``, run at the
+    first call only."""
+    request = encode_json({"url": url, "method": "GET", "headers": {}})
+    calls = {
+        "http_request": f"(drop (call $http (call $copy (i32.const {REQUEST_AT})"
+        f" (i32.const {len(request)})) (i64.const 0)))",
+        "http_status_code": "(drop (call $status))",
+        "http_headers": "(drop (call $headers))",
+    }
+    start = {
+        "reactor": f'(func (export "_initialize") {calls[host_function]})',
+        "command": '(func (export "_start"))'
+        f' (func (export "__wasm_call_ctors") {calls[host_function]})',
+    }
+    served = encode_json("served")
+    wat = f"""(module
+  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+  (import "extism:host/env" "store_u8" (func $store_u8 (param i64 i32)))
+  (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
+  (import "extism:host/env" "http_request" (func $http (param i64 i64) (result i64)))
+  (import "extism:host/env" "http_status_code" (func $status (result i32)))
+  (import "extism:host/env" "http_headers" (func $headers (result i64)))
+  (memory (export "memory") 2)
+  (data (i32.const {REQUEST_AT}) "{_wat_string(request)}")
+  (data (i32.const 64) "{_wat_string(served)}")
+  (func $copy (param $from i32) (param $size i32) (result i64) (local $at i64) (local $i i32)
+    (local.set $at (call $alloc (i64.extend_i32_u (local.get $size))))
+    (block $copied (loop $next
+      (br_if $copied (i32.ge_u (local.get $i) (local.get $size)))
+      (call $store_u8 (i64.add (local.get $at) (i64.extend_i32_u (local.get $i)))
+        (i32.load8_u (i32.add (local.get $from) (local.get $i))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $next)))
+    (local.get $at))
+  {start[kind]}
+  (func (export "fetch") (result i32)
+    (call $output_set (call $copy (i32.const 64) (i32.const {len(served)})) (i64.const {len(served)}))
+    (i32.const 0))
+)"""
+    module = folder / f"start-{kind}-{host_function}.wat"
+    module.write_text(wat)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("kind", "host_function"),
+    [
+        pytest.param(
+            "reactor",
+            "http_request",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="libextism's wrapper of a host function reads its arguments through"
+                " the instance's store pointer, null while start code runs as the module is"
+                " linked: SIGSEGV before the dispatcher's function is reached (as with"
+                " libextism's own http_request, config_get or var_get)",
+            ),
+        ),
+        ("reactor", "http_status_code"),
+        ("reactor", "http_headers"),
+        ("command", "http_request"),
+        ("command", "http_status_code"),
+        ("command", "http_headers"),
+    ],
+)
+def test_a_request_in_the_module_s_start_code_is_not_sent_and_harms_nothing(
+    tmp_path: Path, server: Server, kind: str, host_function: str
+) -> None:
+    """In a process of its own: libextism runs start code before the instance's pointers to
+    its store are set (null as it links the module, stale at the first call until its
+    input is set), so a host function that reaches the instance then would end the
+    process (SIGSEGV). The start code's request is not sent (no call, no deadline, nobody
+    to answer), and the plugin serves its calls."""
+    url = f"http://localhost:{server.port}/public"
+    module = start_code_module(tmp_path, url, host_function, kind)
+    script = f"""
+import asyncio
+from tests.test_wasm_hostile_network import dispatcher_of, fetcher
+from pathlib import Path
+
+async def main():
+    plugin = {{**fetcher(Path({str(module)!r}), ["localhost"]), "methods": {{"fetch": {{}}}}}}
+    async with dispatcher_of(plugin) as dispatcher:
+        for _ in range(2):
+            print(await dispatcher.call("fetcher", "fetch", None))
+
+asyncio.run(main())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["served", "served"]
+    assert server.connections == []
+
+
 # -- TLS -----------------------------------------------------------------------------------
 
 

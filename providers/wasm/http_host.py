@@ -161,8 +161,8 @@ class HttpGrant:
 class HttpState:
     """The HTTP side of one wasm call: its end, and its last answer's status and headers.
 
-    The pool makes one per call (``Instance.call``) and libextism hands it to the host
-    functions as the call's host context, so concurrent calls never share one.
+    ``Instance.call`` makes one per call and keeps it for the thread the call runs on,
+    where the host functions find it, so concurrent calls never share one.
     """
 
     __slots__ = ("_stop", "ends", "failure", "grant", "headers", "status", "timed_out")

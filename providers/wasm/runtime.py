@@ -13,9 +13,9 @@ plugin set itself (``pdk.SetError``); and ``http``, a request the module made th
 
 HTTP: libextism's ``http_request``, ``http_status_code`` and ``http_headers`` are shadowed
 by the host functions below (its linker links a host's functions after its own, shadowing
-allowed), so every request goes through ``providers.wasm.http_host``. Each call carries
-its ``HttpState`` as libextism's host context: its end, its last status and headers. Two
-things about Python host functions shape them:
+allowed), so every request goes through ``providers.wasm.http_host``. Each call's
+``HttpState`` (its end, its last status and headers) is kept for the thread the call runs
+on (``Instance.call``). Three things about Python host functions shape them:
 
 * an exception raised in one is printed by cffi and dropped, and the module goes on as if
   it had an answer: every failure is caught and handed to ``HttpState.fail``, which keeps
@@ -24,13 +24,26 @@ things about Python host functions shape them:
   allocator's bookkeeping lies in memory the module can write (``store_u8``): a block
   claiming more bytes than the memory holds would have the dispatcher read (and write)
   past it, a crash or a leak of the host's memory. Bytes go in and out through the kernel
-  instead (``write``/``preadv`` on a memfd), which answers EFAULT where a pointer would fault.
+  instead (``write``/``preadv`` on a memfd), which answers EFAULT where a pointer would fault;
+* a module's start code (``_initialize``, a start function: Go's ``init`` functions) runs
+  while libextism instantiates it, when the instance's pointers to its store are not set
+  yet (null while it links, stale until a call has set its input): every
+  ``extism_current_plugin_*`` function, the host context's lookup included, would end the
+  process (SIGSEGV). So the host functions reach the instance only within
+  ``Instance.call``, and an instance's first call runs its start code first, by a call of
+  a name it cannot export (``Instance._instantiate``): start code is answered as if no
+  request had been made (0), nothing is sent, and a call never meets it. Not
+  mended here: start code that libextism runs as it links the module (a reactor's
+  ``_initialize``) and that calls a host function with arguments (``http_request``, or
+  libextism's own ``config_get``) ends the process inside libextism, whose wrapper reads
+  the arguments through the null pointer before any function of ours is reached.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -157,6 +170,9 @@ class Instance:
     _cancel: Any = None
     #: False once a call trapped: what is left of its memory is not to be trusted.
     healthy: bool = True
+    #: Whether libextism has instantiated it (run its start code) and set its pointers
+    #: to its store (``_instantiate``).
+    _instantiated: bool = False
 
     def __post_init__(self) -> None:
         self._cancel = self._plugin.cancel_handle()
@@ -167,13 +183,18 @@ class Instance:
     def call(self, function: str, payload: bytes, *, ends: float) -> bytes:
         """Run ``function``; its HTTP requests end at ``ends`` (``time.monotonic()``), when
         the pool stops the call."""
+        if not self._instantiated:
+            self._instantiate()
         http = HttpState(self._network, ends, self.cancel)
         output, failed = b"", None
+        _calling.state = http
         try:
-            output = bytes(self._plugin.call(function, payload, host_context=http))
+            output = bytes(self._plugin.call(function, payload))
         except extism.Error as error:
             message = str(error)
             failed = CallFailed(_kind_of(message), message)
+        finally:
+            _calling.state = None
         # What the HTTP host functions saw comes first: they stopped the module for it, and
         # it may even have finished before the stop reached it.
         if http.timed_out:
@@ -183,6 +204,23 @@ class Instance:
         if failed is not None:
             raise failed
         return output
+
+    def _instantiate(self) -> None:
+        """Run the start code libextism runs at an instance's first call, before that call.
+
+        libextism instantiates a module at its first call, and sets the instance's pointers
+        to its store only after the start code ran (module docstring): a call of a name no
+        module can know runs it outside the state of any call (so the host functions reach
+        nothing), and fails once the pointers are set. As before, within the first call's
+        time, and no cancel reaches it."""
+        unknown = f"linchkit-instantiate-{uuid.uuid4().hex}"
+        try:
+            self._plugin.call(unknown, b"")
+        except extism.Error as error:
+            message = str(error)
+            if message != f"Function not found: {unknown}":  # the start code failed
+                raise CallFailed(_kind_of(message), message) from None
+        self._instantiated = True
 
     def cancel(self) -> None:
         """Stop the running call at its next instruction boundary (any thread)."""
@@ -202,9 +240,9 @@ def _http_request(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) 
     """``http_request(request, body) -> body``: Extism's request JSON and body (0: none),
     both the host's to free as in libextism; the answer's body, or 0 when it is empty."""
     outputs[0].value = 0
-    state = _state_of(current)
-    if state is None:  # outside a call (start code): no state to answer with, nothing sent
-        return
+    state = _state()
+    if state is None:  # start code: nothing sent, and the instance not reached (not even
+        return  # to free the blocks, in the module's own memory: module docstring)
     request, body = inputs[0].value, inputs[1].value
     try:
         answer = state.request(
@@ -221,7 +259,7 @@ def _http_request(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) 
 
 def _http_status_code(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) -> None:
     """The last answer's status in this call; 0 before one, or after a failed request."""
-    state = _state_of(current)
+    state = _state()
     outputs[0].value = state.status if state is not None else 0
 
 
@@ -230,7 +268,7 @@ def _http_headers(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) 
     before one. Always given: Extism asks the host to allow it, and a module may read its
     own answer's headers."""
     outputs[0].value = 0
-    state = _state_of(current)
+    state = _state()
     if state is None or state.headers is None:
         return
     try:
@@ -240,8 +278,8 @@ def _http_headers(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) 
 
 
 # Registered once, for the process: the SDK finds a host function by its index in a global
-# registry, so functions made per plugin would pile up there. Per call state comes as the
-# call's host context instead.
+# registry, so functions made per plugin would pile up there. Per call state comes from
+# the thread the call runs on instead (``_calling``).
 _HTTP_FUNCTIONS = [
     extism.host_fn(name="http_request", namespace=_ENV, signature=([_I64, _I64], [_I64]))(
         _http_request
@@ -254,13 +292,17 @@ _HTTP_FUNCTIONS = [
 
 _lib, _ffi = _extism._lib, _extism._ffi
 
+#: ``state``: the ``HttpState`` of the call this thread runs (``Instance.call``), None
+#: outside one. Host functions run on the calling thread, synchronously.
+_calling = threading.local()
 
-def _state_of(current: Any) -> HttpState | None:
-    context = _lib.extism_current_plugin_host_context(current.pointer)
-    if context == _ffi.NULL:
-        return None
-    state = _ffi.from_handle(context)
-    return state if isinstance(state, HttpState) else None
+
+def _state() -> HttpState | None:
+    """The state of the call under way on this thread; None outside ``Instance.call``
+    (start code, run as an instance is made), where the instance must not be reached
+    (module docstring)."""
+    state: HttpState | None = getattr(_calling, "state", None)
+    return state
 
 
 def _read(current: Any, offset: int, what: str, limit: int | None) -> bytes:
