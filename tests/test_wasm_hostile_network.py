@@ -501,6 +501,26 @@ async def test_a_malformed_url_is_refused(
     assert server.connections == []
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["http:/user:secret@localhost/public", "ftp:user:secret@localhost", "http:user:secret@x"],
+    ids=["one-slash", "scheme", "no-slash"],
+)
+async def test_credentials_in_a_refused_url_are_not_repeated(
+    tmp_path: Path, server: Server, caplog: pytest.LogCaptureFixture, url: str
+) -> None:
+    # A URL refused before it is parsed is shown in the refusal (to the caller, in the
+    # security log): what its userinfo would be is not, however the URL is malformed.
+    module = http_module(tmp_path, url)
+    async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
+        with pytest.raises(NetworkRefused) as caught:
+            await dispatcher.call("fetcher", "fetch", None)
+    told = [caught.value.message, str(caught.value.details), *security_incidents(caplog)]
+    assert len(told) == 3
+    assert not [each for each in told if "secret" in each], told
+    assert server.connections == []
+
+
 def test_a_forged_block_length_is_refused_not_read_past_the_memory(
     tmp_path: Path, server: Server
 ) -> None:

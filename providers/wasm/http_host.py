@@ -318,10 +318,15 @@ class _Target:
 def _shown(url: str) -> str:
     """Enough of a URL to say which it was, without its query or credentials (secrets)."""
     base = url.split("?", 1)[0].split("#", 1)[0]
-    scheme, separator, rest = base.partition("//")
-    if "@" in rest.split("/", 1)[0]:
-        rest = "…@" + rest.split("@", 1)[1]
-    shown = scheme + separator + rest
+    shown = base
+    if "@" in base:
+        # A URL shown here was refused before it was parsed: however malformed (one slash,
+        # none, another scheme), whatever stands before its last "@" may be userinfo.
+        scheme, colon, rest = base.partition(":")
+        if not colon:
+            scheme, rest = "", base
+        slashes = rest[: len(rest) - len(rest.lstrip("/"))]
+        shown = f"{scheme}{colon}{slashes}…@{base.rsplit('@', 1)[1]}"
     return shown[:80] + ("…" if len(shown) > 80 or len(base) < len(url) else "")
 
 
