@@ -65,3 +65,45 @@ async def test_an_instance_retired_after_the_close_starts_no_task_of_its_own() -
     started = asyncio.all_tasks() - before
     assert not started, f"tasks left running after the close: {started}"
     assert detached == [member.key]  # detached once, by detach_all
+
+
+async def test_a_close_lets_a_retired_instance_s_detach_under_way_end() -> None:
+    # An instance retired while the dispatcher runs is detached by a task of its own once
+    # its calls are done. A close that came during that detach cancelled it half-way, and
+    # detach_all no longer knew the instance (the task had taken it off the list): its
+    # plugins were never detached from it (a gRPC plugin's Stop cut off, no Destroy).
+    target = HttpTarget.model_validate(
+        {"provider": "http", "instances": [{"dns": {"name": "echo.test", "type": "SRV"}}]}
+    )
+    fleet = Fleet(target, [], HttpProvider(), time.monotonic)
+    detaching: list[str] = []
+    detached: list[str] = []
+
+    async def attach(instance: TargetConfig) -> Any:
+        pass
+
+    async def detach(instance: TargetConfig) -> Any:
+        detaching.append(instance.key)
+        await asyncio.sleep(0.2)
+        detached.append(instance.key)
+
+    membership = Membership(
+        fleet,
+        [_Listing(Endpoint("127.0.0.1", 9))],
+        attach=attach,
+        detach=detach,
+        drain_timeout=1.0,
+    )
+    await membership.start(first_read_timeout=1.0)
+    (member,) = fleet.instances
+    membership.retire_member(member.key)
+    for _ in range(100):
+        if detaching:
+            break
+        await asyncio.sleep(0.01)
+    assert detaching == [member.key]
+
+    await membership.aclose()
+    await membership.detach_all()
+
+    assert detached == [member.key]

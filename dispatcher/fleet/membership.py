@@ -74,6 +74,9 @@ class Membership:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._retiring: set[asyncio.Task[None]] = set()
+        #: Those of ``_retiring`` detaching now: the close lets them end, since the
+        #: instance is off ``attached`` and ``detach_all`` would not detach it again.
+        self._detaching: set[asyncio.Task[None]] = set()
         #: Attaches and detaches of this fleet happen one at a time: an instance listed
         #: again while it is being detached attaches after the detach, not during it.
         self._lock = asyncio.Lock()
@@ -106,13 +109,20 @@ class Membership:
         await self._reconcile()
 
     async def aclose(self) -> None:
-        """Stop watching; instances stay attached until ``detach_all``."""
+        """Stop watching; instances stay attached until ``detach_all``. A retired
+        instance's detach under way ends first (cut off, its plugins would never be
+        detached from it); a retired instance still waiting for its calls stays attached."""
         self._closed = True
-        tasks = [*self._tasks, *self._retiring, *([self._retry] if self._retry else [])]
+        detaching = [task for task in self._retiring if task in self._detaching]
+        tasks = [
+            *self._tasks,
+            *(task for task in self._retiring if task not in self._detaching),
+            *([self._retry] if self._retry else []),
+        ]
         self._tasks, self._retry = [], None
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *detaching, return_exceptions=True)
         for source in self.sources:
             try:
                 await source.aclose()
@@ -249,7 +259,13 @@ class Membership:
         if self.fleet.member(instance.key) is not None:
             return  # listed again meanwhile: a new instance of the same target took over
         if self.attached.pop(instance.key, None) is not None:
-            await self._safely(self._detach, instance.target, "detaching")
+            task = asyncio.current_task()
+            assert task is not None
+            self._detaching.add(task)
+            try:
+                await self._safely(self._detach, instance.target, "detaching")
+            finally:
+                self._detaching.discard(task)
 
     async def _safely(self, action: Attach, target: TargetConfig, doing: str) -> bool:
         try:
