@@ -298,7 +298,11 @@ class ReqwestClient(HttpClient):
             name = named or host
             for address in addresses:
                 builder = builder.resolve(name, address, port)
-            if named is not None:
+            if self._authority is not None:
+                # The authority as HTTP/1.1's Host was sent: the name alone. Without a port
+                # in the URL, the connection takes the pinned address's (the ingress's).
+                request_url = str(parsed.with_host(named).with_port(None))
+            elif named is not None:
                 request_url = str(parsed.with_host(named))
         try:
             parsed_url = Url(request_url)
@@ -309,6 +313,8 @@ class ReqwestClient(HttpClient):
         built = self._entries.get(key)
         if built is not None:  # another call built it while this one resolved
             return built
+        if self._closed:  # closed while this one resolved: a client now would stay open
+            raise ProviderError(f"the client of {target.describe()} is closed")
         client = builder.build()
         _settle_before_exit()
         self._every.append(client)

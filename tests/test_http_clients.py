@@ -498,3 +498,28 @@ async def test_a_url_reqwest_cannot_parse_is_a_provider_error_not_a_value_error(
                     tls=None,
                 )
         assert "clients=0" in repr(client)
+
+
+async def test_a_call_that_resolves_its_host_while_the_client_closes_leaves_no_client_open() -> (
+    None
+):
+    """A first call to a name resolves it before it builds its pyreqwest client; a close
+    that comes during the lookup found nothing to close, and the call then built a client
+    (a pool, connections) nobody would close. It is refused instead, as after the close."""
+    from providers._http_client import HttpPool
+    from providers._reqwest import ReqwestClient
+    from providers.egress import EgressPolicy
+    from providers.http import HttpTarget
+
+    target = HttpTarget.model_validate({"provider": "http", "url": "http://localhost:1"})
+    client = ReqwestClient(HttpPool(), egress=EgressPolicy())
+    call = asyncio.create_task(
+        client.post(
+            "http://localhost:1/invoke", b"{}", {}, timeout=1, limit=1024, target=target, tls=None
+        )
+    )
+    await asyncio.sleep(0)  # the call waits for the resolver
+    await client.aclose()
+    with pytest.raises(ProviderError, match="closed"):
+        await call
+    assert "clients=0" in repr(client)
