@@ -301,7 +301,7 @@ class ReqwestClient(HttpClient):
             if self._authority is not None:
                 # The authority as HTTP/1.1's Host was sent: the name alone. Without a port
                 # in the URL, the connection takes the pinned address's (the ingress's).
-                request_url = str(parsed.with_host(named).with_port(None))
+                request_url = str(parsed.with_host(self._authority).with_port(None))
             elif named is not None:
                 request_url = str(parsed.with_host(named))
         try:

@@ -41,7 +41,7 @@ async def _ingress(scope: Scope, receive: Any, send: Any) -> None:
         if not message.get("more_body"):
             break
     headers = dict(scope["headers"])
-    host = headers.get(b"host", b"").decode().rsplit(":", 1)[0]
+    host = headers.get(b"host", b"").decode()  # as written: a port, if any, stays on it
     service = SERVICES.get(host)
     if service is None:
         status, payload = 404, b"no such host"
@@ -196,3 +196,12 @@ async def test_the_ingress_is_checked_against_the_egress_policy_and_the_service_
         async with Dispatcher(parse_manifest(document, base_dir=ROOT)) as dispatcher:
             with pytest.raises(ProviderError, match="egress"):
                 await dispatcher.call("p0", "say", {})
+
+
+async def test_a_host_header_of_the_manifest_does_not_contradict_the_authority() -> None:
+    # On HTTP/1.1 the service's Host replaces one the manifest sets; on HTTP/2 the authority
+    # carries the host, and the manifest's Host went beside it, naming another.
+    target = knative("URL", headers={"Host": "other.default.example.com", "X-Team": "a"})
+    async with ingress() as url, Dispatcher(manifest({**target, "ingress": url})) as dispatcher:
+        answer = await dispatcher.call("p0", "say", {})
+    assert (answer["host"], answer["host_headers"]) == ("echo.default.example.com", 1)

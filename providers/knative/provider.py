@@ -139,8 +139,11 @@ class _Route:
         self.negotiation = Negotiation(target.compression, host=invoke_url.host or "")
         # Routed by Host: on HTTP/2 the host travels as the request's :authority, which
         # the client takes from the URL it sends to (``authority`` of its client).
+        given = target.headers
+        if target.http2:  # a Host of the manifest's own would contradict the authority
+            given = {name: value for name, value in given.items() if name.lower() != "host"}
         routing = {} if target.http2 else {"Host": target.host}
-        self.headers = request_headers({**target.headers, **routing}, self.negotiation)
+        self.headers = request_headers({**given, **routing}, self.negotiation)
         if authorization is not None:
             self.headers["Authorization"] = authorization
         self.tls = None if target.tls is None else ClientTlsContext(target.tls)
