@@ -487,8 +487,9 @@ async def test_a_malformed_header_is_refused_before_anything_is_sent(
         ("http://user:secret@localhost:{port}/public", "the URL holds credentials"),
         ("http://localhost:{port}/a b", "printable ASCII characters, without spaces"),
         ("http://localhost\\@127.0.0.2:{port}/", "without spaces or backslashes"),
+        ("http://localhost:0/public", "port 0"),
     ],
-    ids=["scheme", "credentials", "space", "backslash"],
+    ids=["scheme", "credentials", "space", "backslash", "port-0"],
 )
 async def test_a_malformed_url_is_refused(
     tmp_path: Path, server: Server, url: str, reason: str

@@ -289,13 +289,15 @@ class _Target:
         host = parts.hostname
         if not host:
             raise _refused_url(shown, "the URL names no host")
+        if port == 0:  # no server listens there; a connect would pick a port of its own
+            raise _refused_url(shown, "it names port 0")
         address = _address(host)
         written = f"[{host}]" if isinstance(address, ipaddress.IPv6Address) else host
         default = 443 if scheme == "https" else 80
         target = cls(
             scheme,
             host,
-            port or default,
+            default if port is None else port,
             written if port in (None, default) else f"{written}:{port}",
             (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
             address,
