@@ -65,10 +65,14 @@ async def _function(scope: Scope, receive: Any, send: Any) -> None:
 
 @contextlib.asynccontextmanager
 async def h2c_server(
-    max_streams: int = 1000, tls: tuple[Path, Path] | None = None
+    max_streams: int = 1000,
+    tls: tuple[Path, Path] | None = None,
+    *,
+    app: Any = _function,
+    http2: bool = True,
 ) -> AsyncIterator[str]:
-    """hypercorn serving ``_function`` on loopback (HTTP/1.1, and HTTP/2 by prior
-    knowledge, ``max_streams`` at once on a connection; over TLS with ``tls``'s
+    """hypercorn serving ``app`` on loopback (HTTP/1.1, and HTTP/2 by prior knowledge,
+    ``max_streams`` at once on a connection, unless not ``http2``; over TLS with ``tls``'s
     certificate and key); yields its URL."""
     config = Config()
     port = free_port()
@@ -78,8 +82,11 @@ async def h2c_server(
     config.h2_max_concurrent_streams = max_streams
     config.accesslog = None
     config.errorlog = None
+    if not http2:
+        config.alpn_protocols = ["http/1.1"]
+        config.h2_max_concurrent_streams = 0
     stop = asyncio.Event()
-    server = asyncio.create_task(serve(_function, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    server = asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))
     try:
         for _ in range(200):  # until it listens
             with contextlib.suppress(OSError):

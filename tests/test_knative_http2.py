@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
 
 from dispatcher import Dispatcher, ProviderError, TargetUnavailable
 from dispatcher.config import ManifestError, parse_manifest
 from tests.conftest import ROOT
-from tests.services import free_port
+from tests.test_http2 import h2c_server
 
 Scope = dict[str, Any]
 
@@ -61,31 +58,10 @@ async def _ingress(scope: Scope, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-@contextlib.asynccontextmanager
-async def ingress(*, http2: bool = True) -> AsyncIterator[str]:
+def ingress(*, http2: bool = True) -> contextlib.AbstractAsyncContextManager[str]:
     """hypercorn serving ``_ingress`` on loopback (HTTP/2 by prior knowledge and HTTP/1.1;
-    HTTP/1.1 only when not ``http2``); yields its URL."""
-    config = Config()
-    port = free_port()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    config.errorlog = None
-    if not http2:
-        config.alpn_protocols = ["http/1.1"]
-        config.h2_max_concurrent_streams = 0
-    stop = asyncio.Event()
-    server = asyncio.create_task(serve(_ingress, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
-    try:
-        for _ in range(200):  # until it listens
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 10)
+    HTTP/1.1 only when not ``http2``); its URL."""
+    return h2c_server(app=_ingress, http2=http2)
 
 
 def knative(url: str, **extra: Any) -> dict[str, Any]:
