@@ -22,7 +22,8 @@ The guards, and how to relax each:
 
 ``allow_link_local: false`` (the default) refuses 169.254.0.0/16 and fe80::/10, where
 cloud metadata services hand out credentials, the metadata addresses outside them
-(fd00:ec2::254, 100.100.100.200), the same as IPv4-mapped IPv6 addresses, and the
+(fd00:ec2::254, 100.100.100.200), the same carried in IPv6 addresses that reach them
+(IPv4-mapped, NAT64's 64:ff9b::/96 and 64:ff9b:1::/48, 6to4's 2002::/16), and the
 metadata names (``METADATA_NAMES``). ``true`` allows them all.
 
 ``allow`` (default unset: any other destination) makes an allowlist: when set, nothing
@@ -104,13 +105,27 @@ def _normal_name(name: str) -> str:
     return name.strip("[]").rstrip(".").lower()
 
 
+#: IPv6 prefixes that NAT64 translators turn into the IPv4 address in the last 32 bits:
+#: the well-known prefix and the local-use one (RFC 6052, 8215; used as a /96).
+NAT64_NETWORKS: tuple[ipaddress.IPv6Network, ...] = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+)
+
+
 def _address(host: str) -> IPAddress | None:
+    """The address ``host`` writes, as the IPv4 address it reaches when it is an IPv6 one
+    carrying it: IPv4-mapped, through a NAT64 translator, or 6to4. A policy that refuses
+    169.254.169.254 refuses 64:ff9b::a9fe:a9fe too, which a NAT64 on the host turns into it."""
     try:
         found = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
     except ValueError:
         return None
-    mapped = found.ipv4_mapped if isinstance(found, ipaddress.IPv6Address) else None
-    return mapped or found
+    if not isinstance(found, ipaddress.IPv6Address):
+        return found
+    if any(found in network for network in NAT64_NETWORKS):
+        return ipaddress.IPv4Address(int(found) & 0xFFFF_FFFF)
+    return found.ipv4_mapped or found.sixtofour or found
 
 
 def _checked_entries(entries: tuple[str, ...] | None) -> tuple[str, ...] | None:

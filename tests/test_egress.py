@@ -17,7 +17,7 @@ import pytest
 
 from dispatcher import Dispatcher, ProviderError
 from dispatcher.config import ManifestError, parse_manifest
-from providers.egress import Destination, EgressPolicy
+from providers.egress import Destination, EgressPolicy, EgressRefused
 from tests.conftest import LOCAL_TARGET, ROOT, echo_plugin
 
 
@@ -69,6 +69,9 @@ async def listening() -> AsyncIterator[tuple[int, list[bytes]]]:
         "http://[fe80::1]:8080",
         "http://[fd00:ec2::254]/",
         "http://[::ffff:169.254.169.254]/",
+        "http://[64:ff9b::a9fe:a9fe]/",  # NAT64's well-known prefix
+        "http://[64:ff9b:1::a9fe:a9fe]/",  # NAT64's local-use prefix, as a /96
+        "http://[2002:a9fe:a9fe::1]/",  # 6to4
         "http://metadata.google.internal/computeMetadata/v1/",
         "http://METADATA.google.internal./",
     ],
@@ -396,3 +399,19 @@ async def test_the_jwks_download_inside_egress_still_reaches_the_issuer() -> Non
         async with Dispatcher(loaded):
             pass
         assert len(received) == 1 and received[0].startswith(b"GET /jwks ")
+
+
+def test_an_ipv6_address_carrying_an_ipv4_one_is_judged_as_that_ipv4_address() -> None:
+    """An IPv6 address that a translator or a tunnel turns into an IPv4 one reaches that
+    IPv4 address: NAT64 (64:ff9b::/96, and the local-use 64:ff9b:1::/48 as a /96) and 6to4
+    (2002::/16), as IPv4-mapped addresses were already. Before, 64:ff9b::a9fe:a9fe (a
+    metadata service through a NAT64 on the host) passed where 169.254.169.254 did not."""
+    policy = EgressPolicy()
+    for address in ("64:ff9b::a9fe:a9fe", "64:ff9b:1::a9fe:a9fe", "2002:a9fe:a9fe::1"):
+        with pytest.raises(EgressRefused, match="link-local"):
+            policy.admitted("api.example.com", [address])
+    assert policy.admitted("api.example.com", ["64:ff9b::cb00:7109"]) == ["64:ff9b::cb00:7109"]
+    allowlist = EgressPolicy.model_validate({"allow": ["10.0.0.0/8"]})
+    assert allowlist.admitted("svc.internal", ["64:ff9b::a00:1"]) == ["64:ff9b::a00:1"]
+    with pytest.raises(EgressRefused, match=r"not in egress\.allow"):
+        allowlist.admitted("svc.internal", ["64:ff9b::cb00:7109"])  # 203.0.113.9
