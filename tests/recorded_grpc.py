@@ -32,6 +32,8 @@ class Recording(Plugin):
         self.configs: list[dict[str, Any]] = []
         #: Seconds each ``Init`` takes from now on: one still under way when the test acts.
         self.init_takes = 0.0
+        #: The same for each ``Stop`` (recorded when it begins).
+        self.stop_takes = 0.0
 
     async def init(self, config: dict[str, Any]) -> None:
         self.steps.append("init")
@@ -43,6 +45,7 @@ class Recording(Plugin):
 
     async def stop(self) -> None:
         self.steps.append("stop")
+        await asyncio.sleep(self.stop_takes)
 
     async def destroy(self) -> None:
         self.steps.append("destroy")

@@ -293,12 +293,7 @@ async def test_an_attach_during_the_last_detach_starts_after_its_end(served: Ser
     record of its own with its own turn, and its start ran between the two."""
     service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
     recording = service.plugin
-
-    async def stop() -> None:
-        recording.steps.append("stop")
-        await asyncio.sleep(0.3)
-
-    recording.stop = stop  # type: ignore[method-assign]
+    recording.stop_takes = 0.3
     one, two = manifest(
         entry("1.0.0", service.address, plugin_id="one"),
         entry("1.0.0", service.address, plugin_id="two"),
@@ -403,12 +398,7 @@ async def test_a_reload_cancelled_while_it_detaches_what_it_retired_ends_it_stil
     old = await served("127.0.0.1", free_port(), "1.0.0", "svc")
     new = await served("127.0.0.1", free_port(), "2.0.0", "svc")
     recording = old.plugin
-
-    async def stop() -> None:
-        recording.steps.append("stop")
-        await asyncio.sleep(0.3)
-
-    recording.stop = stop  # type: ignore[method-assign]
+    recording.stop_takes = 0.3
     async with Dispatcher(manifest(entry("1.0.0", old.address))) as dispatcher:
         reload = asyncio.create_task(
             dispatcher.reload(manifest(entry("2.0.0", new.address)), grace=10)
@@ -435,12 +425,7 @@ async def test_a_close_while_a_reload_detaches_what_it_retired_lets_that_detach_
     old = await served("127.0.0.1", free_port(), "1.0.0", "svc")
     new = await served("127.0.0.1", free_port(), "2.0.0", "svc")
     recording = old.plugin
-
-    async def stop() -> None:
-        recording.steps.append("stop")
-        await asyncio.sleep(0.3)
-
-    recording.stop = stop  # type: ignore[method-assign]
+    recording.stop_takes = 0.3
     dispatcher = Dispatcher(manifest(entry("1.0.0", old.address)))
     await dispatcher.start()
     reload = asyncio.create_task(dispatcher.reload(manifest(entry("2.0.0", new.address)), grace=10))
@@ -468,13 +453,7 @@ async def test_a_close_while_a_reload_detaches_two_it_retired_lets_both_detaches
         for plugin_id in ("one", "two")
     }
     for old, _ in services.values():
-        recording = old.plugin
-
-        async def stop(recording: Any = recording) -> None:
-            recording.steps.append("stop")
-            await asyncio.sleep(0.3)
-
-        recording.stop = stop  # type: ignore[method-assign]
+        old.plugin.stop_takes = 0.3
     dispatcher = Dispatcher(
         manifest(
             *(entry("1.0.0", old.address, plugin_id=key) for key, (old, _) in services.items())

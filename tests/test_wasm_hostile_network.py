@@ -227,6 +227,21 @@ def http_module(
     return module
 
 
+def _in_a_process_of_its_own(script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a Python process of its own (a crash there ends only it), which
+    must exit 0; what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 def fetcher(module: Path, network: list[str], **capabilities: Any) -> dict[str, Any]:
     return {
         "id": "fetcher",
@@ -541,15 +556,7 @@ async def main():
 
 asyncio.run(main())
 """
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _in_a_process_of_its_own(script)
     assert done.stdout.startswith("NetworkRefused fetcher.forged: HTTP request refused:")
     assert "claims 1048576 bytes, past the end of the module's memory" in done.stdout
     assert server.connections == []
@@ -647,15 +654,7 @@ async def main():
 
 asyncio.run(main())
 """
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _in_a_process_of_its_own(script)
     assert done.stdout.split() == ["served", "served"]
     assert server.connections == []
 
