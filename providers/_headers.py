@@ -30,6 +30,7 @@ __all__ = [
     "checked_url_port",
     "http_url_parts",
     "is_header_name",
+    "is_header_value",
     "refuse_aws_credentials",
 ]
 
@@ -44,10 +45,15 @@ _CONTROL_OR_SPACE = re.compile(r"[\s\x00-\x1f\x7f]")
 _PORT = re.compile(r"0*[0-9]{1,5}")
 
 
+def is_header_value(value: str) -> bool:
+    """Whether ``value`` may travel as a header's value: printable ASCII, spaces and tabs."""
+    return _HEADER_VALUE.fullmatch(value) is not None
+
+
 def checked_header_value(name: str, value: str) -> str:
     """``value`` if it may travel as the value of header ``name``; else ``ValueError``
     naming the header, never the value."""
-    if not _HEADER_VALUE.fullmatch(value):
+    if not is_header_value(value):
         raise ValueError(
             f"the value of header {name!r} must be printable ASCII (no CR, LF or other"
             " control characters)"

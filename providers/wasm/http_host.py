@@ -11,7 +11,7 @@ sent, a request must pass, in this order:
    ``MAX_REQUEST_BYTES``); an ``http`` or ``https`` URL of at most ``MAX_URL_LENGTH``
    printable ASCII characters, without credentials; a method that is a token; at most
    ``MAX_HEADERS`` headers of ``MAX_HEADER_BYTES`` in all, whose names are tokens and
-   whose values hold no CR, LF or other control character (a header split in two is a
+   whose values are printable ASCII, no CR, LF or control character (a header split in two is a
    request smuggled in one); none of the headers the dispatcher sets itself
    (``Host``, ``Content-Length``, ``Connection``…) unless it says what the dispatcher does;
 2. the plugin's grant, ``capabilities.network``: the URL's host matches one of its names
@@ -64,6 +64,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from linchkit_plugin.errors import DispatchError, ProviderError
+from providers._headers import is_header_name, is_header_value
 from providers.capabilities import LimitExceeded
 from providers.egress import EgressPolicy, EgressRefused
 
@@ -90,10 +91,6 @@ _READ_BYTES = 64 * 1024
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: RFC 9110's token: a method, a header's name.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: A header's value: visible characters, spaces and tabs (no CR, LF, NUL, DEL).
-_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 #: What a URL may hold: printable ASCII without space or backslash (which URL parsers read
 #: differently from each other, the way a host is smuggled past a check).
 _URL = re.compile(r"[!-\[\]-~]+")
@@ -362,7 +359,8 @@ def _parsed(request: bytes) -> tuple[str, str, dict[str, str]]:
 def _checked_headers(
     target: _Target, headers: dict[str, str], body: bytes | None, method: str
 ) -> list[tuple[str, str]]:
-    if len(method) > 32 or not _TOKEN.fullmatch(method):
+    # A method is a token as a header's name is (RFC 9110).
+    if len(method) > 32 or not is_header_name(method):
         raise target.refused(f"the method {method[:40]!r} is not an HTTP method (a token)")
     if len(headers) > MAX_HEADERS:
         raise target.refused(f"{len(headers)} headers, at most {MAX_HEADERS}")
@@ -376,12 +374,12 @@ def _checked_headers(
     }
     checked: list[tuple[str, str]] = []
     for name, value in headers.items():
-        if not _TOKEN.fullmatch(name):
+        if not is_header_name(name):
             raise target.refused(f"the header name {name[:40]!r} is not a token")
-        if not _FIELD_VALUE.fullmatch(value):
+        if not is_header_value(value):
             raise target.refused(
                 f"the header {name} holds a control character (CR, LF, NUL…) or a character"
-                " outside Latin-1"
+                " outside printable ASCII"
             )
         lower = name.lower()
         if lower in _OWN_HEADERS:
