@@ -148,6 +148,19 @@ def server() -> Iterator[Server]:
     yield from _serve()
 
 
+#: A WAT function of the test modules: ``size`` bytes of the module's memory from ``from``
+#: copied into a new Extism block; the block's offset.
+_WAT_COPY = """(func $copy (param $from i32) (param $size i32) (result i64) (local $at i64) (local $i i32)
+    (local.set $at (call $alloc (i64.extend_i32_u (local.get $size))))
+    (block $copied (loop $next
+      (br_if $copied (i32.ge_u (local.get $i) (local.get $size)))
+      (call $store_u8 (i64.add (local.get $at) (i64.extend_i32_u (local.get $i)))
+        (i32.load8_u (i32.add (local.get $from) (local.get $i))))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $next)))
+    (local.get $at))"""
+
+
 def _wat_string(data: bytes) -> str:
     return "".join(
         chr(byte) if 0x20 <= byte < 0x7F and byte not in b'"\\' else f"\\{byte:02x}"
@@ -181,15 +194,7 @@ def http_module(
   (memory (export "memory") {pages})
   (data (i32.const {REQUEST_AT}) "{_wat_string(request)}")
   (data (i32.const {body_at}) "{_wat_string(body or b"")}")
-  (func $copy (param $from i32) (param $size i32) (result i64) (local $at i64) (local $i i32)
-    (local.set $at (call $alloc (i64.extend_i32_u (local.get $size))))
-    (block $copied (loop $next
-      (br_if $copied (i32.ge_u (local.get $i) (local.get $size)))
-      (call $store_u8 (i64.add (local.get $at) (i64.extend_i32_u (local.get $i)))
-        (i32.load8_u (i32.add (local.get $from) (local.get $i))))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br $next)))
-    (local.get $at))
+  {_WAT_COPY}
   (func $request (result i64) (call $copy (i32.const {REQUEST_AT}) (i32.const {len(request)})))
   (func $answer (param $at i64) (call $output_set (local.get $at) (call $length (local.get $at))))
   (func (export "fetch") (result i32)
@@ -591,15 +596,7 @@ def start_code_module(folder: Path, url: str, host_function: str, kind: str) -> 
   (memory (export "memory") 2)
   (data (i32.const {REQUEST_AT}) "{_wat_string(request)}")
   (data (i32.const 64) "{_wat_string(served)}")
-  (func $copy (param $from i32) (param $size i32) (result i64) (local $at i64) (local $i i32)
-    (local.set $at (call $alloc (i64.extend_i32_u (local.get $size))))
-    (block $copied (loop $next
-      (br_if $copied (i32.ge_u (local.get $i) (local.get $size)))
-      (call $store_u8 (i64.add (local.get $at) (i64.extend_i32_u (local.get $i)))
-        (i32.load8_u (i32.add (local.get $from) (local.get $i))))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br $next)))
-    (local.get $at))
+  {_WAT_COPY}
   {start[kind]}
   (func (export "fetch") (result i32)
     (call $output_set (call $copy (i32.const 64) (i32.const {len(served)})) (i64.const {len(served)}))
