@@ -20,11 +20,12 @@ written whole. A refused client certificate is named as such either way.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from linchkit_plugin.errors import ProviderError, TargetUnavailable
 from providers._http_client import ConnectionCheck, HttpClient, HttpPool, Reply
@@ -47,7 +48,7 @@ def open_session(
     egress: EgressPolicy,
     unix_socket: str | None = None,
     max_per_host: int = 0,
-    before_connect: ConnectionCheck | None = None,
+    connection_check: ConnectionCheck | None = None,
 ) -> aiohttp.ClientSession:
     """One keep-alive pool for every target of a provider; no automatic headers, no decoding.
 
@@ -56,7 +57,8 @@ def open_session(
     resolution in aiohttp: callers check those themselves (``EgressPolicy.check``).
     ``unix_socket``: send every request over this socket (a socket the provider was given
     in code, not one from the manifest); the URL then only names the host.
-    ``before_connect``: awaited before each new connection (``ConnectionCheck``).
+    ``connection_check``: asked before each new connection and once it is open, before
+    the request is written (``ConnectionCheck``).
     """
     import aiohttp
 
@@ -68,7 +70,12 @@ def open_session(
             unix_socket, limit=max_connections, keepalive_timeout=keepalive_seconds
         )
     else:
-        connector = aiohttp.TCPConnector(
+        connector_of = (
+            aiohttp.TCPConnector
+            if connection_check is None
+            else functools.partial(_checked_connector(), connection_check)
+        )
+        connector = connector_of(
             limit=max_connections,
             limit_per_host=max_per_host,
             keepalive_timeout=keepalive_seconds,
@@ -81,13 +88,15 @@ def open_session(
         connector=connector,
         skip_auto_headers=("User-Agent", "Accept-Encoding"),
         auto_decompress=False,
-        trace_configs=None if before_connect is None else [_checked_connections(before_connect)],
+        trace_configs=None
+        if connection_check is None
+        else [_checked_connections(connection_check)],
     )
 
 
 def _checked_connections(check: ConnectionCheck) -> aiohttp.TraceConfig:
-    """Runs ``check`` where aiohttp is about to open a connection: a failure there releases
-    the connection's slot and leaves the request (``BaseConnector.connect``)."""
+    """Runs ``check.before_connect`` where aiohttp is about to open a connection: a failure
+    there releases the connection's slot and leaves the request (``BaseConnector.connect``)."""
     import aiohttp
 
     async def checked(
@@ -95,11 +104,43 @@ def _checked_connections(check: ConnectionCheck) -> aiohttp.TraceConfig:
         _context: SimpleNamespace,
         _params: aiohttp.TraceConnectionCreateStartParams,
     ) -> None:
-        await check()
+        await check.before_connect()
 
     trace = aiohttp.TraceConfig()
     trace.on_connection_create_start.append(checked)
     return trace
+
+
+@functools.cache
+def _checked_connector() -> Callable[..., aiohttp.TCPConnector]:
+    """A ``TCPConnector`` that asks its ``_connection_check`` about each connection it
+    opens, once it is open and before it is handed to a request.
+
+    aiohttp has no public hook there: its ``on_connection_create_end`` trace is told
+    nothing of the connection. ``_create_connection`` is where ``BaseConnector.connect``
+    gets a new connection from (aiohttp 3.9-3.14; tests/test_docker_port_owner.py fails if
+    the check stops running); a failure there releases the connection's slot, as one of
+    the connect itself does.
+    """
+    import aiohttp
+
+    class CheckedConnector(aiohttp.TCPConnector):
+        def __init__(self, check: ConnectionCheck, **options: Any) -> None:
+            super().__init__(**options)
+            self._connection_check = check
+
+        async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+            protocol = await super()._create_connection(req, traces, timeout)
+            try:
+                transport = protocol.transport
+                local = None if transport is None else transport.get_extra_info("sockname")
+                await self._connection_check.connected(local)
+            except BaseException:
+                protocol.close()
+                raise
+            return protocol
+
+    return CheckedConnector
 
 
 class AiohttpClient(HttpClient):
@@ -113,7 +154,7 @@ class AiohttpClient(HttpClient):
         *,
         egress: EgressPolicy,
         unix_socket: str | None = None,
-        before_connect: ConnectionCheck | None = None,
+        connection_check: ConnectionCheck | None = None,
     ) -> None:
         self._session = open_session(
             max_connections=pool.max_connections,
@@ -121,7 +162,7 @@ class AiohttpClient(HttpClient):
             keepalive_seconds=pool.idle_timeout_s,
             unix_socket=unix_socket,
             egress=egress,
-            before_connect=before_connect,
+            connection_check=connection_check,
         )
         self._timeouts: dict[int, aiohttp.ClientTimeout] = {}
         self._urls: dict[str, URL] = {}

@@ -29,9 +29,9 @@ What every client guarantees, so the providers above it never see a vendor excep
 Redirects are never followed by either client: a 3xx comes back as a ``Reply`` with its
 ``Location`` header, for the provider to refuse (``providers._http_common.status_error``).
 
-A ``ConnectionCheck`` (aiohttp only) is awaited before each new connection is opened; the
-``DispatchError`` it raises reaches the caller as it is, and no byte of the request goes
-out.
+A ``ConnectionCheck`` (aiohttp only) is asked before each new connection is opened, and
+again once it is open, before a byte of the request is written; the ``DispatchError`` it
+raises reaches the caller as it is, and nothing of the request goes out.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Annotated, Literal, NamedTuple, Protocol, Self
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, Self
 
 from pydantic import AfterValidator, Field
 
@@ -151,10 +151,17 @@ class Reply(NamedTuple):
 
 
 class ConnectionCheck(Protocol):
-    """Awaited before a client opens a new connection: raises a ``DispatchError`` to refuse
-    it (the docker provider's check of who listens on a container's port)."""
+    """Who a client may send a request to over a new connection: each method raises a
+    ``DispatchError`` to refuse it (the docker provider's check of who listens on a
+    container's port, then of who accepted the connection)."""
 
-    async def __call__(self) -> None: ...
+    async def before_connect(self) -> None:
+        """The client is about to open a new connection."""
+
+    async def connected(self, local: tuple[Any, ...] | None) -> None:
+        """The new connection is open, from ``local`` (this end's address and port, as
+        ``getsockname`` gives it; None when the connection closed meanwhile), and nothing
+        was written to it yet; it is closed if this raises."""
 
 
 class HttpClient(ABC):

@@ -78,7 +78,7 @@ class HttpClients:
     """
 
     __slots__ = (
-        "_before_connect",
+        "_connection_check",
         "_default",
         "_egress",
         "_own",
@@ -94,16 +94,16 @@ class HttpClients:
         *,
         egress: EgressPolicy,
         unix_socket: str | None = None,
-        before_connect: ConnectionCheck | None = None,
+        connection_check: ConnectionCheck | None = None,
     ) -> None:
         # aiohttp is the one client that dials a Unix socket, and that lets a check run
-        # before each new connection.
-        forced = unix_socket is not None or before_connect is not None
+        # before each new connection and once it is open.
+        forced = unix_socket is not None or connection_check is not None
         self._default: ClientKind = "aiohttp" if forced else default
         self._shared_pool = shared_pool
         self._egress = egress
         self._unix_socket = unix_socket
-        self._before_connect = before_connect
+        self._connection_check = connection_check
         self._shared: dict[tuple[ClientKind, bool], HttpClient] = {}
         self._own: list[HttpClient] = []
 
@@ -120,7 +120,7 @@ class HttpClients:
         ``authority``: the host its requests name instead of the URL's, whose address
         they still go to (a Knative service behind its ingress, on HTTP/2): a client of
         the target's own."""
-        forced = self._unix_socket is not None or self._before_connect is not None
+        forced = self._unix_socket is not None or self._connection_check is not None
         chosen = self._default if kind is None or forced else kind
         if http2 and chosen != "reqwest":
             raise ProviderError(
@@ -162,7 +162,7 @@ class HttpClients:
             pool,
             egress=self._egress,
             unix_socket=self._unix_socket,
-            before_connect=self._before_connect,
+            connection_check=self._connection_check,
         )
 
     def __repr__(self) -> str:

@@ -273,19 +273,20 @@ class HttpProvider(Provider[HttpTarget]):
         keepalive_seconds: float = 30.0,
         unix_socket: str | None = None,
         client: ClientKind = DEFAULT_CLIENT,
-        before_connect: ConnectionCheck | None = None,
+        connection_check: ConnectionCheck | None = None,
     ) -> None:
         """``unix_socket``: send every request over this socket (the docker provider's
         sandboxed containers listen on one); the URL then only names the host, and every
         call goes through aiohttp (the one client that dials a Unix socket).
-        ``client``: the client of targets that name none. ``before_connect``: awaited
-        before each new connection, to refuse it (``ConnectionCheck``; aiohttp then too)."""
+        ``client``: the client of targets that name none. ``connection_check``: asked
+        before each new connection and again once it is open, nothing sent yet, to refuse
+        it (``ConnectionCheck``; aiohttp then too)."""
         self._default_client = client
         self._shared_pool = HttpPool(
             max_connections=max_connections, idle_timeout_s=keepalive_seconds
         )
         self._unix_socket = unix_socket
-        self._before_connect = before_connect
+        self._connection_check = connection_check
         self._clients: HttpClients | None = None
         self._routes: dict[str, _Route] = {}
         #: The running loop's clock. ``start`` binds it: ``asyncio.get_running_loop()``
@@ -300,7 +301,7 @@ class HttpProvider(Provider[HttpTarget]):
             self._shared_pool,
             egress=self.egress,
             unix_socket=self._unix_socket,
-            before_connect=self._before_connect,
+            connection_check=self._connection_check,
         )
         self._loop_time = asyncio.get_running_loop().time
 

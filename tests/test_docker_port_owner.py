@@ -176,3 +176,96 @@ async def test_a_container_without_a_pid_is_not_trusted_with_its_port() -> None:
         server.server_close()
     assert seen == [], "the container's token went to whoever listened on its port"
     assert answer != "forged"
+
+
+#: The container's plugin server: answers every call in the container's name. Forking, as
+#: a server handing each connection to a worker process does: the accepted end is then held
+#: by a process the listener check never saw, still one of the container's.
+_CONTAINER_SERVER = """
+import http.server, socketserver, sys
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"ok": true, "result": "from the container"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_):
+        pass
+
+class Server(socketserver.ForkingMixIn, http.server.HTTPServer):
+    allow_reuse_address = True
+
+server = Server(("127.0.0.1", int(sys.argv[1])), Handler)
+print("listening", flush=True)
+server.serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def _container_server(port: int) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """The plugin's server as PID 1 of a namespace of its own; yields its host pid."""
+    command = ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c"]
+    outer = subprocess.Popen(
+        [*command, _CONTAINER_SERVER, str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert outer.stdout is not None
+        assert outer.stdout.readline().strip() == "listening"
+        children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
+        yield int(children[0]), outer
+    finally:
+        outer.kill()
+        outer.wait()
+        assert outer.stdout is not None
+        outer.stdout.close()
+
+
+async def test_a_connection_accepted_outside_the_container_gets_no_request() -> None:
+    """Between the last look at the port's listeners and ``connect`` the port may change
+    hands (the plugin's server letting go of it, a process joining it with
+    ``SO_REUSEPORT``). Whoever accepted the connection is who reads the request and its
+    token: the channel finds that end of the connection and refuses it when a process
+    outside the container holds it, before a byte is sent."""
+    port = free_port()
+    seen: list[str | None] = []
+    with _container_server(port) as (container_pid, container):
+        channel = HttpChannel(
+            Address("test-container", port=port, token="secret", container_pid=container_pid)
+        )
+        await channel.open()
+        loop = asyncio.get_running_loop()
+        impostor = None
+        try:
+
+            def invocation() -> Invocation:
+                return Invocation("plugin", "1.0.0", "method", {}, loop.time() + 5, "r-1")
+
+            # A forked worker of the container answers: the check lets it through.
+            assert await channel.invoke(invocation()) == "from the container"
+            # The port changes hands after the channel last read its listeners.
+            container.kill()
+            container.wait()
+            await asyncio.sleep(0.2)  # the pool sees its connection closed
+            impostor = http.server.ThreadingHTTPServer(
+                ("127.0.0.1", port), type("Impostor", (_Impostor,), {"seen": seen})
+            )
+            threading.Thread(target=impostor.serve_forever, daemon=True).start()
+            assert channel._owner is not None
+            channel._owner.unchanged = lambda: True  # type: ignore[method-assign]
+            with pytest.raises(TargetUnavailable) as refused:
+                await channel.invoke(invocation())
+        finally:
+            await channel.aclose()
+            if impostor is not None:
+                impostor.shutdown()
+                impostor.server_close()
+    assert seen == [], "the container's token went to the process that took its port"
+    assert refused.value.details.get("port_taken") is True
+    assert f"accepted by pid {os.getpid()}" in str(refused.value)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from linchkit_plugin.errors import TargetUnavailable
 from providers._socket_pin import PinnedSocket, SocketTampered
-from providers.base import Health
+from providers.base import CONNECT_STAGE, Health
 from providers.docker.port_owner import PortOwner, PortTaken, can_check_owners
 from providers.http import HttpProvider, HttpTarget
 from providers.invocation import Invocation, Outcome
@@ -69,7 +69,8 @@ class HttpChannel:
     its folder (``PinnedSocket``): never through a symlink or to another file the plugin
     put in its place. Over a loopback port, the host opens no connection there unless the
     container's own processes alone listen on it (``PortOwner``: checked again at each
-    health probe, and before each new connection), where this process may look (as root).
+    health probe, and before each new connection) and sends nothing on a connection that
+    a process outside the container accepted, where this process may look (as root).
     """
 
     def __init__(self, address: Address) -> None:
@@ -97,8 +98,7 @@ class HttpChannel:
             # Every new connection of the pool is checked, not only the first: the port may
             # change hands while the container runs (its server reloading, or dying).
             self._http = HttpProvider(
-                max_connections=64,
-                before_connect=None if self._owner is None else self._before_connect,
+                max_connections=64, connection_check=None if self._owner is None else self
             )
         self._target = _ContainerHttpTarget(
             provider="http", url=url, container=address.container, bearer_token=address.token
@@ -125,9 +125,10 @@ class HttpChannel:
         pin.check()
         return self._http
 
-    async def _before_connect(self) -> None:
-        """Before the HTTP client opens a connection to the port: its listeners are the
-        ones last found to be the container's alone, or they are checked again."""
+    async def before_connect(self) -> None:
+        """Before the HTTP client opens a connection to the port (``ConnectionCheck``): its
+        listeners are the ones last found to be the container's alone, or they are checked
+        again."""
         assert self._owner is not None
         try:
             if self._taken is not None:
@@ -136,6 +137,28 @@ class HttpChannel:
                 await self._check_owner()
         except (PortTaken, FileNotFoundError) as error:
             raise self._refused(error) from None
+
+    async def connected(self, local: tuple[Any, ...] | None) -> None:
+        """The HTTP client opened a connection to the port, nothing sent on it yet
+        (``ConnectionCheck``): it waits until the connection is accepted and requires the
+        container's processes to hold its other end (``PortOwner.accepted``). A process
+        outside the container that took the port since ``before_connect`` is refused for
+        good, as at a probe. The wait is the call's: its timeout ends it."""
+        owner = self._owner
+        assert owner is not None
+        pause = 0.0005
+        try:
+            if local is None:
+                raise ConnectionResetError("the connection closed before it was checked")
+            while not await asyncio.to_thread(owner.accepted, local):
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.02)
+        except PortTaken as error:
+            raise self._refused(self._incident(error)) from None
+        except ConnectionResetError as error:
+            raise TargetUnavailable(
+                f"container {self._address.container}: {error}", details=CONNECT_STAGE
+            ) from None
 
     async def _check_owner(self) -> None:
         """``PortOwner.check``, off the event loop (it reads every process's descriptors):
@@ -148,12 +171,17 @@ class HttpChannel:
         try:
             listening = await asyncio.to_thread(self._owner.check)
         except PortTaken as error:
-            if self._taken is None:  # checks of connections opened together: one incident
-                self._taken = error
-                log.error("security: %s; its calls and token are not sent there", error)
-            raise self._taken from None
+            raise self._incident(error) from None
         if not listening:
             raise FileNotFoundError(f"nothing listens on port {self._owner.port} yet")
+
+    def _incident(self, error: PortTaken) -> PortTaken:
+        """The port was found in other hands: every later call is refused with the first
+        such finding, logged once (checks of connections opened together find it alike)."""
+        if self._taken is None:
+            self._taken = error
+            log.error("security: %s; its calls and token are not sent there", error)
+        return self._taken
 
     async def invoke(self, invocation: Invocation) -> Any:
         try:

@@ -17,7 +17,13 @@ no process holds is not the container's: it may be travelling in a message
 
 Before each new connection the host reads the table again (``unchanged``, no descriptor
 scan): the port's listeners must be the very sockets the last check found, or it checks
-again. What is left is the moment between that read and ``connect`` itself.
+again. That leaves the moment between the read and ``connect`` itself, in which the port
+may change hands (the plugin's server letting go of it, a process of the same user
+joining it with ``SO_REUSEPORT``, which spreads connections over every listener). So once
+a connection is open, and before a byte of the request goes out, the host finds the other
+end of that very connection in the table and requires it to be held by the container's
+processes (``accepted``): the kernel gives it a socket file only when a process accepts
+it, so the host waits for that, and whoever accepted it is who would read the request.
 
 Reading every process's descriptors takes time (seconds on a host of many processes with
 many descriptors each): the channel does it off the event loop. Reading another user's
@@ -29,12 +35,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["PortOwner", "PortTaken", "can_check_owners"]
 
 #: ``st`` of a listening socket in ``/proc/net/tcp``.
 _LISTEN = "0A"
+#: How long a connection's accepted end may be held by no process (between ``accept``
+#: giving it an inode and the descriptor being installed; or a socket travelling in a
+#: message) before it counts as nobody's.
+_UNHELD_GRACE_SECONDS = 0.05
 #: Local addresses a listener on the host's loopback port answers at (hex, as the table
 #: writes them): 127.0.0.1, 0.0.0.0, ::1, ::, and an IPv6 socket's IPv4-mapped
 #: ::ffff:127.0.0.1 and ::ffff:0.0.0.0, which take IPv4 connections as the first two do.
@@ -70,6 +84,9 @@ class PortOwner:
         self._namespace = None if namespace == _namespace(os.getpid()) else namespace
         #: The listening sockets ``check`` last found held by the container's alone.
         self._verified: frozenset[str] = frozenset()
+        #: The container's processes found holding its sockets: looked at first for an
+        #: accepted connection (a few descriptors, not every process's).
+        self._pids: frozenset[int] = frozenset()
 
     def check(self) -> bool:
         """True when the port has a listener and every one is held by the container's
@@ -99,7 +116,54 @@ class PortOwner:
         if not held:
             return False
         self._verified = held
+        self._pids = frozenset(pid for pids in holders.values() for pid in pids)
         return True
+
+    def accepted(self, local: tuple[Any, ...]) -> bool:
+        """Whether the connection this host opened from ``local`` (its own end's address
+        and port) to the port was accepted by the container's processes: False while it
+        waits in a listener's queue, True once a process of the container holds its other
+        end. ``PortTaken`` when a process outside the container holds that end, or no
+        process does; ``ConnectionResetError`` when the connection is gone from the table.
+        Reads descriptors: call it off the event loop."""
+        inode = _accepted_inode(self.port, local)
+        if inode is None:
+            raise ConnectionResetError(
+                f"the connection to port {self.port} of {self.describe} closed before it was"
+                " checked"
+            )
+        if inode == "0":  # in a listener's queue: nobody has accepted it yet
+            return False
+        link = {f"socket:[{inode}]": inode}
+        for pid in self._pids:  # the container's server, usually
+            if _held(str(pid), link) and self._in_container(pid):
+                return True
+        holders = self._holders_of(inode)
+        for pid in holders:
+            if not self._in_container(pid):
+                raise PortTaken(
+                    f"a connection to port {self.port} of {self.describe} was accepted by"
+                    f" pid {pid} ({_command(pid)}), not by a process of the container"
+                )
+        self._pids |= holders
+        return True
+
+    def _holders_of(self, inode: str) -> set[int]:
+        """Every process holding the socket ``inode``; ``PortTaken`` if none does for
+        longer than an ``accept`` takes to hand it over."""
+        give_up = time.monotonic() + _UNHELD_GRACE_SECONDS
+        while not (holders := _holders({inode}).get(inode, set())):
+            if time.monotonic() > give_up:
+                raise PortTaken(
+                    f"a connection to port {self.port} of {self.describe} was accepted, and no"
+                    " process holds it (one passed in a message), not a process of the"
+                    " container"
+                )
+            time.sleep(0.005)
+        return holders
+
+    def _in_container(self, pid: int) -> bool:
+        return self._namespace is not None and _namespace(pid) == self._namespace
 
     def unchanged(self) -> bool:
         """Whether the port's listeners are still exactly those ``check`` last found held
@@ -122,6 +186,40 @@ def _listening_inodes(port: int) -> set[str]:
                 if local_port == wanted and fields[3] == _LISTEN and address in _LOOPBACK_OR_ANY:
                     inodes.add(fields[9])
     return inodes
+
+
+def _accepted_inode(port: int, local: tuple[Any, ...]) -> str | None:
+    """The inode of the other end of the connection from ``local`` to ``port`` ("0" until
+    a process accepts it), None when the table has no such connection."""
+    wanted_port = f"{port:04X}"
+    for table, peer in _peer_as_written(local[0], local[1]):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as rows:
+            next(rows, None)  # the header
+            for row in rows:
+                fields = row.split()
+                if fields[2] == peer and fields[1].rpartition(":")[2] == wanted_port:
+                    return fields[9]
+    return None
+
+
+def _peer_as_written(host: str, port: int) -> list[tuple[str, str]]:
+    """Where the accepted end of a connection from ``host:port`` is listed, and how its
+    peer is written there: in ``tcp`` for an IPv4 listener, and in ``tcp6`` as the
+    IPv4-mapped address for an IPv6 one; each 32-bit word of the address in the
+    machine's byte order, as hex."""
+    if ":" in host:
+        return [("/proc/net/tcp6", f"{_words(socket.AF_INET6, host)}:{port:04X}")]
+    return [
+        ("/proc/net/tcp", f"{_words(socket.AF_INET, host)}:{port:04X}"),
+        ("/proc/net/tcp6", f"{_words(socket.AF_INET6, '::ffff:' + host)}:{port:04X}"),
+    ]
+
+
+def _words(family: int, host: str) -> str:
+    packed = socket.inet_pton(family, host)
+    if sys.byteorder == "big":
+        return packed.hex().upper()
+    return b"".join(packed[at : at + 4][::-1] for at in range(0, len(packed), 4)).hex().upper()
 
 
 def _holders(inodes: set[str]) -> dict[str, set[int]]:
