@@ -207,11 +207,13 @@ server.serve_forever()
 
 
 @contextlib.contextmanager
-def _container_server(port: int) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def _container_server(
+    port: int, script: str = _CONTAINER_SERVER
+) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     """The plugin's server as PID 1 of a namespace of its own; yields its host pid."""
     command = ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c"]
     outer = subprocess.Popen(
-        [*command, _CONTAINER_SERVER, str(port)],
+        [*command, script, str(port)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -269,3 +271,39 @@ async def test_a_connection_accepted_outside_the_container_gets_no_request() -> 
     assert seen == [], "the container's token went to the process that took its port"
     assert refused.value.details.get("port_taken") is True
     assert f"accepted by pid {os.getpid()}" in str(refused.value)
+
+
+#: A container's server at its limit of connections: each one is accepted and closed at once.
+_CLOSING_SERVER = """
+import socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen()
+print("listening", flush=True)
+while True:
+    listener.accept()[0].close()
+"""
+
+
+async def test_a_connection_its_container_closes_at_once_fails_at_once() -> None:
+    """A server that closes what it accepts leaves the connection's other end held by no
+    process: that is a closed connection (a retryable failure, nothing sent), not a port
+    in other hands, and the call does not wait for its deadline."""
+    port = free_port()
+    with _container_server(port, _CLOSING_SERVER) as (container_pid, _):
+        channel = HttpChannel(
+            Address("test-container", port=port, token="secret", container_pid=container_pid)
+        )
+        await channel.open()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            invocation = Invocation("plugin", "1.0.0", "method", {}, started + 10, "r-1")
+            with pytest.raises(TargetUnavailable) as failed:
+                await channel.invoke(invocation)
+        finally:
+            await channel.aclose()
+    assert loop.time() - started < 5
+    assert not failed.value.details.get("port_taken")
+    assert channel._taken is None

@@ -45,6 +45,9 @@ __all__ = ["PortOwner", "PortTaken", "can_check_owners"]
 
 #: ``st`` of a listening socket in ``/proc/net/tcp``.
 _LISTEN = "0A"
+#: ``st`` of a connection's end while it is open: ESTABLISHED, SYN_RECV. Any other of an
+#: end that no process holds is one its server closed.
+_OPEN = ("01", "03")
 #: How long a connection's accepted end may be held by no process (between ``accept``
 #: giving it an inode and the descriptor being installed; or a socket travelling in a
 #: message) before it counts as nobody's.
@@ -124,43 +127,48 @@ class PortOwner:
         and port) to the port was accepted by the container's processes: False while it
         waits in a listener's queue, True once a process of the container holds its other
         end. ``PortTaken`` when a process outside the container holds that end, or no
-        process does; ``ConnectionResetError`` when the connection is gone from the table.
-        Reads descriptors: call it off the event loop."""
-        inode = _accepted_inode(self.port, local)
-        if inode is None:
-            raise ConnectionResetError(
-                f"the connection to port {self.port} of {self.describe} closed before it was"
-                " checked"
-            )
-        if inode == "0":  # in a listener's queue: nobody has accepted it yet
-            return False
-        link = {f"socket:[{inode}]": inode}
-        for pid in self._pids:  # the container's server, usually
-            if _held(str(pid), link) and self._in_container(pid):
-                return True
-        holders = self._holders_of(inode)
-        for pid in holders:
-            if not self._in_container(pid):
-                raise PortTaken(
-                    f"a connection to port {self.port} of {self.describe} was accepted by"
-                    f" pid {pid} ({_command(pid)}), not by a process of the container"
+        process does; ``ConnectionResetError`` when its server closed it first, or it is
+        gone from the table. Reads descriptors: call it off the event loop."""
+        give_up: float | None = None
+        while True:
+            state, inode = _other_end(self.port, local)
+            if inode == "0" and state in _OPEN:  # in a listener's queue: not accepted yet
+                return False
+            if inode is None or inode == "0":  # closed by its server, or gone
+                raise ConnectionResetError(
+                    f"the connection to port {self.port} of {self.describe} closed before it"
+                    " was checked"
                 )
-        self._pids |= holders
-        return True
-
-    def _holders_of(self, inode: str) -> set[int]:
-        """Every process holding the socket ``inode``; ``PortTaken`` if none does for
-        longer than an ``accept`` takes to hand it over."""
-        give_up = time.monotonic() + _UNHELD_GRACE_SECONDS
-        while not (holders := _holders({inode}).get(inode, set())):
-            if time.monotonic() > give_up:
+            holders = self._holders_of(inode)
+            for pid in holders:
+                if not self._in_container(pid):
+                    raise PortTaken(
+                        f"a connection to port {self.port} of {self.describe} was accepted"
+                        f" by pid {pid} ({_command(pid)}), not by a process of the container"
+                    )
+            if holders:
+                self._pids |= holders
+                return True
+            # Accepted and held by nobody: its descriptor is being installed, or closed,
+            # or it travels in a message. Only the last lasts.
+            if give_up is None:
+                give_up = time.monotonic() + _UNHELD_GRACE_SECONDS
+            elif time.monotonic() > give_up:
                 raise PortTaken(
-                    f"a connection to port {self.port} of {self.describe} was accepted, and no"
-                    " process holds it (one passed in a message), not a process of the"
+                    f"a connection to port {self.port} of {self.describe} was accepted, and"
+                    " no process holds it (one passed in a message), not a process of the"
                     " container"
                 )
             time.sleep(0.005)
-        return holders
+
+    def _holders_of(self, inode: str) -> set[int]:
+        """The processes holding the socket ``inode``: the container's server alone when
+        it holds it (a few descriptors read), else every process that does."""
+        link = {f"socket:[{inode}]": inode}
+        for pid in self._pids:
+            if _held(str(pid), link):
+                return {pid}
+        return _holders({inode}).get(inode, set())
 
     def _in_container(self, pid: int) -> bool:
         return self._namespace is not None and _namespace(pid) == self._namespace
@@ -188,9 +196,10 @@ def _listening_inodes(port: int) -> set[str]:
     return inodes
 
 
-def _accepted_inode(port: int, local: tuple[Any, ...]) -> str | None:
-    """The inode of the other end of the connection from ``local`` to ``port`` ("0" until
-    a process accepts it), None when the table has no such connection."""
+def _other_end(port: int, local: tuple[Any, ...]) -> tuple[str | None, str | None]:
+    """The state and inode of the other end of the connection from ``local`` to ``port``
+    (inode "0" until a process accepts it, and again once it closed it); (None, None)
+    when the table has no such connection."""
     wanted_port = f"{port:04X}"
     for table, peer in _peer_as_written(local[0], local[1]):
         with contextlib.suppress(OSError), open(table, encoding="ascii") as rows:
@@ -198,8 +207,8 @@ def _accepted_inode(port: int, local: tuple[Any, ...]) -> str | None:
             for row in rows:
                 fields = row.split()
                 if fields[2] == peer and fields[1].rpartition(":")[2] == wanted_port:
-                    return fields[9]
-    return None
+                    return fields[3], fields[9]
+    return None, None
 
 
 def _peer_as_written(host: str, port: int) -> list[tuple[str, str]]:
