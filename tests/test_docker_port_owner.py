@@ -307,3 +307,17 @@ async def test_a_connection_its_container_closes_at_once_fails_at_once() -> None
     assert loop.time() - started < 5
     assert not failed.value.details.get("port_taken")
     assert channel._taken is None
+
+
+def test_a_connection_that_met_itself_is_no_port_taken(container_pid: int) -> None:
+    """With nothing listening, a connection whose own port the kernel picked as the one it
+    dials connects to itself (TCP's simultaneous open): its other end is this process's
+    own socket. Nothing is sent there, and it is not a port in other hands."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.connect(("127.0.0.1", port))
+        owner = PortOwner(port, container_pid, "test")
+        with pytest.raises(ConnectionResetError, match="to itself"):
+            owner.accepted(probe.getsockname())

@@ -129,6 +129,8 @@ class PortOwner:
         end. ``PortTaken`` when a process outside the container holds that end, or no
         process does; ``ConnectionResetError`` when its server closed it first, or it is
         gone from the table. Reads descriptors: call it off the event loop."""
+        if local[1] == self.port:  # nothing listened, and the connection met itself
+            raise ConnectionResetError(f"the connection to port {self.port} is to itself")
         give_up: float | None = None
         while True:
             state, inode = _other_end(self.port, local)
