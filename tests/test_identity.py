@@ -535,6 +535,40 @@ async def test_a_rotated_key_is_fetched_on_demand_and_refetches_are_rate_limited
     await authenticator.aclose()
 
 
+async def test_a_key_replaced_under_its_kid_stops_its_cached_tokens_at_the_next_fetch(
+    tmp_path: Path, keys: dict[str, SigningKey], jwks_server: tuple[JwksServer, str]
+) -> None:
+    """An issuer that withdraws a leaked key may publish its successor under the same
+    kid. Before, the cache was dropped only when the kids or their algorithms changed:
+    a token of the withdrawn key verified once stayed accepted until its ``exp``, and any
+    caller could trigger the refetch that should have stopped it (a made-up kid)."""
+    server, url = jwks_server
+    withdrawn, other = keys["rsa"], keys["ec"]
+    successor = keys["other_rsa"]  # kid rsa-1 too, another key
+    server.document = jwks(withdrawn, other)
+    config = auth_manifest(tmp_path, {"jwt": jwt_config(url, refetch_min_interval_s=0)}).auth.jwt
+    authenticator = JwtAuthenticator(config)
+    await authenticator.start()
+    leaked = withdrawn.token(good_claims(sub="mallory"))
+    assert (await authenticator.principal_of(leaked)).id == "mallory"
+    server.document = jwks(successor, other)
+    with pytest.raises(Unauthorized):  # anyone may name a kid nobody has
+        await authenticator.principal_of(other.token(kid="made-up"))
+    assert server.hits == 2
+    with pytest.raises(Unauthorized):
+        await authenticator.principal_of(leaked)
+    assert (await authenticator.principal_of(successor.token())).id == "billing-service"
+    # A fetch that finds the same keys keeps the cache: a verified token is not checked again.
+    token = successor.token(good_claims(sub="cached"))
+    await authenticator.principal_of(token)
+    verified = authenticator.verified
+    await authenticator.keys.refresh()
+    assert server.hits == 3
+    assert (await authenticator.principal_of(token)).id == "cached"
+    assert authenticator.verified == verified
+    await authenticator.aclose()
+
+
 async def test_a_jwks_server_that_hangs_or_is_gone_gives_unauthorized_not_a_hang(
     tmp_path: Path, keys: dict[str, SigningKey], jwks_server: tuple[JwksServer, str]
 ) -> None:

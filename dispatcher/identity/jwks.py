@@ -10,6 +10,11 @@ token with the unknown kid is refused, never left hanging.
 Only public signing keys are kept: a key with private members (``d``, …), a symmetric
 (``oct``) key, a key meant for encryption (``use: enc``) or without a ``kid`` is skipped,
 with a warning that names its ``kid``, never its material.
+
+``generation`` counts the changes of the key set — a kid added or gone, or a kid whose
+key is now another (an issuer withdrawing a leaked key may publish its successor under
+the same kid) — so the verified tokens kept by ``tokens`` are dropped with the keys that
+verified them.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class KeySet:
         self.refetch_min_interval = refetch_min_interval
         self.clock = clock
         self.keys: dict[str, PyJWK] = {}
+        #: Each key's JWK as read (canonical JSON), by kid: what tells a key replaced
+        #: under its kid from the same key read again.
+        self._entries: dict[str, bytes] = {}
         self.fetches = 0
         self.failures = 0
         #: Bumped whenever the set of keys changes: the token cache is dropped then.
@@ -116,12 +124,13 @@ class KeySet:
                 len(self.keys),
             )
             return
-        keys = self._public_keys(document)
-        if keys.keys() != self.keys.keys() or any(
-            keys[kid].algorithm_name != self.keys[kid].algorithm_name for kid in keys
-        ):
+        found = self._public_keys(document)
+        if found is None:
+            return
+        keys, entries = found
+        if entries != self._entries:
             self.generation += 1
-        self.keys = keys
+        self.keys, self._entries = keys, entries
 
     async def _download(self) -> bytes:
         # Imported here: only a key set at a URL needs an HTTP client, and importing the
@@ -164,16 +173,19 @@ class KeySet:
             raise _Refused(f"larger than {MAX_JWKS_BYTES} bytes")
         return body
 
-    def _public_keys(self, document: Any) -> dict[str, PyJWK]:
-        entries = document.get("keys") if isinstance(document, dict) else None
-        if not isinstance(entries, list):
+    def _public_keys(self, document: Any) -> tuple[dict[str, PyJWK], dict[str, bytes]] | None:
+        """The usable keys of ``document`` and their JWKs, by kid; None (the known keys
+        kept) when it is no key set."""
+        listed = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(listed, list):
             log.warning(
                 "JWKS %s has no 'keys' list; keeping %d known keys", self._name, len(self.keys)
             )
             self.failures += 1
-            return self.keys
+            return None
         keys: dict[str, PyJWK] = {}
-        for entry in entries:
+        entries: dict[str, bytes] = {}
+        for entry in listed:
             if not isinstance(entry, dict):
                 continue
             kid = entry.get("kid")
@@ -192,7 +204,9 @@ class KeySet:
                     kid,
                     type(error).__name__,
                 )
-        return keys
+                continue
+            entries[kid] = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)
+        return keys, entries
 
     @property
     def _name(self) -> str:

@@ -18,8 +18,9 @@ What a token must be to pass, in the order it is checked (any failure: ``refused
 until its ``exp`` (plus the leeway the check allowed) — safe because the signature was
 verified over exactly those bytes: any other text, one bit flipped, is another key and
 goes through every check. It is bounded (``cache_size``, oldest first out) and dropped
-whenever the issuer's key set changes, so a key removed from the JWKS stops its tokens
-at the next refetch rather than at their expiry. A repeated token then costs a dict
+whenever the issuer's key set changes (``KeySet.generation``: a key added, removed, or
+replaced under its kid), so a key removed from the JWKS stops its tokens at the next
+refetch rather than at their expiry. A repeated token then costs a dict
 probe and a clock reading (``python -m bench identity``).
 """
 
