@@ -892,9 +892,8 @@ class Dispatcher:
             guard.caller_id(caller)
             try:
                 wanted: str | None = self._routes.version_of(plugin, version, self._state)
-            except PluginNotFound:
-                guard.authorize(caller, plugin, version or "", event)
-                raise
+            except PluginNotFound as missing:
+                raise guard.missing(missing, caller, plugin, version, event) from None
             assert wanted is not None
             guard.authorize(caller, plugin, wanted, event)
             entry.version = wanted

@@ -10,7 +10,8 @@ For each call, in this order, before any policy or target sees it:
 2. **authorize**: the principal's roles against ``access`` (``dispatcher.access``) for the
    resolved ``plugin@version.method`` → ``Forbidden``. A name that resolves to nothing is
    checked as written first, so a caller who may not call it gets ``Forbidden``, not the
-   list of what exists that ``PluginNotFound`` carries.
+   list of what exists that ``PluginNotFound`` carries; one who may is told it is not
+   there, without that list (``Guard.missing``).
 3. **audit**: when the call ends, however it ends (refused while draining, unauthorized,
    forbidden, invalid, failed, cancelled, or answered), exactly one record
    (``dispatcher.audit``). While the log is ``max_backlog`` records behind its sink, calls
@@ -154,11 +155,35 @@ class Guard:
         also for a name that resolves to nothing (no listing of what exists for them)."""
         try:
             route = routes.find(plugin, method, version, state)
-        except (PluginNotFound, MethodNotFound):
-            self.authorize(caller, plugin, version or "", method)
-            raise
+        except (PluginNotFound, MethodNotFound) as missing:
+            raise self.missing(missing, caller, plugin, version, method) from None
         self.authorize(caller, route.plugin, route.version, route.method)
         return route
+
+    def missing(
+        self,
+        error: PluginNotFound | MethodNotFound,
+        caller: Caller,
+        plugin: str,
+        version: str | None,
+        method: str,
+    ) -> DispatchError:
+        """What ``caller`` is told of ``plugin@version.method`` (a method, or an event),
+        which resolves to nothing (``error``): ``Forbidden`` is raised if it may not call
+        the name as written. Under ``access`` the error names what was asked, and not
+        the manifest's plugins, versions and methods it lists: a role may call a name
+        that does not exist (``*`` but not ``vault.*``; ``billing.*`` but not
+        ``billing.admin_*``) and be denied some of those, which ``Dispatcher.may_call``
+        and the gateway's listings keep from it."""
+        self.authorize(caller, plugin, version or "", method)
+        if self.access is None:
+            return error
+        if isinstance(error, MethodNotFound):
+            return MethodNotFound(
+                f"plugin {plugin!r:.80} has no method {method!r:.80} in the manifest"
+            )
+        wanted = plugin if version is None else f"{plugin}@{version}"
+        return PluginNotFound(f"no plugin {wanted!r:.160} in the manifest")
 
     def begin(
         self,

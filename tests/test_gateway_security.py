@@ -19,6 +19,7 @@ from dispatcher import Dispatcher
 from dispatcher.audit import verify
 from dispatcher.config import parse_manifest
 from dispatcher.gateway import GatewayServer, GatewaySettings
+from linchkit_plugin.errors import PluginNotFound
 from tests.conftest import manifest
 from tests.gateway_support import echo_entry, eventful_entry, running_gateway
 from tests.identity_support import good_claims, jwt_config, rsa_key, write_jwks
@@ -338,3 +339,59 @@ async def test_a_subscriber_allowed_one_version_receives_only_that_versions_even
     assert [frame["version"] for frame in got_all] == ["1.0.0"] * 2 + ["2.0.0"] * 3 + ["1.0.0"]
     assert [frame["id"] for frame in got_all] == [1, 2, 3, 4, 5, 6]
     assert [frame["id"] for frame in got_one] == [1, 2, 6]  # ids skip what it may not see
+
+
+async def test_a_name_that_resolves_to_nothing_lists_nothing_the_callers_roles_deny(
+    tmp_path: Path,
+) -> None:
+    """A role allowed everything but a few names (``*`` with a deny, ``billing.*`` but
+    not ``billing.admin_*``) may call a name that does not exist. Before, the answer
+    listed what does: every ``plugin@version`` of the manifest (the denied plugin's too)
+    or every method of the plugin (the denied ones too), which ``GET /v1/plugins`` hides
+    from it. Under ``access`` such an answer now lists nothing, for calls and publishes
+    (a submission is checked by the same code); without ``access`` it still lists what
+    exists."""
+    ops_key = "lk_live_ops_0123456789abcdef0123"
+    document = manifest(echo_entry(), {**echo_entry(), "id": "vault"}).model_dump(
+        mode="json", exclude_none=True
+    )
+    loaded = parse_manifest(
+        {
+            **document,
+            "auth": {
+                "api_keys": [{"principal": "ops", "sha256": sha256(ops_key), "roles": ["ops"]}]
+            },
+            "access": {"roles": {"ops": {"allow": ["*"], "deny": ["vault.*", "echo.withdraw"]}}},
+        },
+        base_dir=tmp_path,
+    )
+    hidden = ("vault", "withdraw", "sleep", "1.0.0")
+    async with (
+        Dispatcher(loaded) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+        aiohttp.ClientSession(headers={"X-API-Key": ops_key}) as session,
+    ):
+        for path, headers, kind in [
+            ("nothing/methods/x", {}, "plugin_not_found"),
+            ("echo/methods/nope", {}, "method_not_found"),
+            ("Echo/methods/say", {}, "plugin_not_found"),
+            ("echo/methods/say", {"X-Plugin-Version": "9.9.9"}, "plugin_not_found"),
+            ("echo/methods/say", {"X-Plugin-Version": "9"}, "plugin_not_found"),
+        ]:
+            async with session.post(
+                f"{server.url}/v1/plugins/{path}", json={"text": "x"}, headers=headers
+            ) as answer:
+                text = await answer.text()
+                assert (answer.status, orjson.loads(text)["error"]["type"]) == (404, kind), text
+            assert not [name for name in hidden if name in text], text
+        async with session.get(f"{server.url}/v1/plugins") as answer:
+            assert [plugin["id"] for plugin in (await answer.json())["plugins"]] == ["echo"]
+        async with session.ws_connect(f"{server.url}/v1/events") as ws:
+            await ws.send_json({"type": "publish", "plugin": "nothing", "event": "e", "ref": 1})
+            async with asyncio.timeout(20):
+                frame = await ws.receive_json()
+            assert frame["error"]["type"] == "plugin_not_found", frame
+            assert not [name for name in hidden if name in orjson.dumps(frame).decode()], frame
+    async with Dispatcher(manifest(echo_entry())) as open_dispatcher:
+        with pytest.raises(PluginNotFound, match=r"known: echo@1\.0\.0"):
+            await open_dispatcher.call("nothing", "x")
