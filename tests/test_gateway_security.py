@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
+import grpc
+import grpc.aio
 import orjson
 import pytest
 
@@ -19,9 +23,17 @@ from dispatcher import Dispatcher
 from dispatcher.audit import verify
 from dispatcher.config import parse_manifest
 from dispatcher.gateway import GatewayServer, GatewaySettings
+from dispatcher.telemetry.logs import text_formatter
+from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
 from linchkit_plugin.errors import PluginNotFound
 from tests.conftest import manifest
-from tests.gateway_support import echo_entry, eventful_entry, running_gateway
+from tests.gateway_support import (
+    echo_entry,
+    eventful_entry,
+    raw_connection,
+    read_answer,
+    running_gateway,
+)
 from tests.identity_support import good_claims, jwt_config, rsa_key, write_jwks
 
 READER_KEY = "rk_live_reader_0123456789abcdef"
@@ -395,3 +407,39 @@ async def test_a_name_that_resolves_to_nothing_lists_nothing_the_callers_roles_d
     async with Dispatcher(manifest(echo_entry())) as open_dispatcher:
         with pytest.raises(PluginNotFound, match=r"known: echo@1\.0\.0"):
             await open_dispatcher.call("nothing", "x")
+
+
+async def test_names_a_caller_made_up_are_logged_on_one_line_and_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the dispatcher drains (or its audit log is behind) a call is refused before
+    its names are resolved, and the gateway logs the refusal with the names the caller
+    wrote. Before, a line break in one (``%0A`` in the path; any character in a gRPC
+    field, unauthenticated) wrote a record of the caller's making into a text log, and a
+    gRPC name of 200,000 characters was logged whole, twice, on every such call."""
+    forged = "\n2026-12-05 09:00:00,000 ERROR dispatcher.audit: the audit log was deleted"
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with running_gateway(echo_entry(), settings=settings) as (dispatcher, server):
+        assert server.grpc is not None
+        await dispatcher.drain(1)
+        caplog.set_level(logging.WARNING, logger="dispatcher.gateway")
+        path = "/v1/plugins/x" + quote(forged, safe="") + "/methods/say"
+        async with raw_connection(server.url) as (reader, writer):
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                "Content-Length: 2\r\n\r\n{}".encode()
+            )
+            status, _ = await read_answer(reader)
+        assert status == 503
+        async with grpc.aio.insecure_channel(server.grpc.address) as channel:
+            gateway = gateway_pb2_grpc.GatewayServiceStub(channel)
+            for plugin, method in [("x" + forged, "say"), ("y" * 200_000 + forged, "say\r")]:
+                call = gateway_pb2.GatewayCall(plugin=plugin, method=method, params_json=b"{}")
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await gateway.Call(call)
+    logged = [record for record in caplog.records if record.name.startswith("dispatcher.gateway")]
+    assert len(logged) == 3, [record.getMessage()[:200] for record in logged]
+    for record in logged:
+        line = text_formatter().format(record)
+        assert "\n" not in line and "\r" not in line, line[:300]
+        assert "shutting_down" in line and len(line) < 5_000, line[:300]

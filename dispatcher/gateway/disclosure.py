@@ -9,7 +9,8 @@ these types with a fixed message per type, keeping the type, ``retryable``,
 ``retry_after`` and the ``details`` a client acts on (``stage``: whether the call ran), and
 logs the whole message for the operator with the request id (at most one line per
 plugin, method and type every ``LOG_EVERY_SECONDS``, with how many it did not log: under
-a storm of one failure, the first call's id stands for the rest). What the plugin or the caller caused is
+a storm of one failure, the first call's id stands for the rest; names and message cut,
+on one line, since a call refused before its names resolved is logged with the caller's). What the plugin or the caller caused is
 answered as written: a plugin's own error (its message is the plugin's, to its caller),
 ``invalid_params``, ``rate_limited``, ``forbidden`` and the rest. ``error_detail: full``
 answers every message as written (a gateway whose callers are its operators).
@@ -42,6 +43,9 @@ log = logging.getLogger("dispatcher.gateway")
 
 #: One log line per plugin, method and error type at most this often.
 LOG_EVERY_SECONDS = 10.0
+#: The most of a plugin or method name, and of a message, that a log line quotes.
+LOGGED_NAME_CHARS = 256
+LOGGED_MESSAGE_CHARS = 4096
 
 
 class Disclosure:
@@ -90,6 +94,11 @@ class Disclosure:
         return status if self.detail == "full" else public_job(status)
 
     def _log(self, error: DispatchError, plugin: str, method: str, request_id: str) -> None:
+        # The names are the caller's when the call was refused before they were resolved
+        # (while the dispatcher drains, or its audit log is behind), and so is the message
+        # that quotes them: each is logged on one line and cut, and so kept as a key.
+        plugin = _one_line(plugin, LOGGED_NAME_CHARS)
+        method = _one_line(method, LOGGED_NAME_CHARS)
         key = (plugin, method, type(error).type)
         now = self._clock()
         last, unlogged = self._logged.get(key, (-LOG_EVERY_SECONDS, 0))
@@ -106,7 +115,7 @@ class Disclosure:
             plugin,
             method,
             type(error).type,
-            error.message,
+            _one_line(error.message, LOGGED_MESSAGE_CHARS),
             also,
         )
 
@@ -120,6 +129,15 @@ _JOB_STORE_MESSAGES = {
     "target_unavailable": "the job store could not be reached",
     "deadline_exceeded": "the job store did not answer in time",
 }
+
+
+def _one_line(text: str, most: int) -> str:
+    """``text`` cut to ``most`` characters, its line breaks and other unprintable
+    characters escaped as ``repr`` writes them: a line break in a name a caller chose
+    would start a log record of the caller's making in the text format."""
+    if len(text) > most:
+        text = text[:most] + "…"
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _told(error: DispatchError, told: str) -> DispatchError:
