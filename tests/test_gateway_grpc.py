@@ -26,6 +26,7 @@ from dispatcher import Dispatcher, ResultTooLarge, parse_manifest
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from dispatcher.gateway.grpc_gateway import STATUS_BY_TYPE
 from linchkit_plugin._proto import gateway_pb2, gateway_pb2_grpc
+from linchkit_plugin.errors import InvalidParams, PluginNotFound
 from providers._grpc.status import translate_rpc_error
 from tests.conftest import ROOT
 from tests.gateway_support import (
@@ -255,6 +256,42 @@ async def test_hostile_requests_are_refused_typed_and_the_port_keeps_serving() -
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # grpc's own size limit
         # An invalid traceparent is ignored, as on the HTTP port.
         reply = await gateway.Call(grpc_call("echo", "say", {"text": "ok"}, traceparent="junk"))
+        assert reply.ok
+
+
+async def test_an_error_quoting_a_long_value_is_still_its_own_status_and_type() -> None:
+    """An error's message can quote what the caller sent: a value over its schema's
+    ``maxLength``, a property the schema does not take, a plugin name nobody has. grpc
+    sends the message in a trailer, percent-encoded (a byte past ASCII takes three), and
+    its clients refuse trailers past 16 KiB. Before, such a call reached its client as
+    ``RESOURCE_EXHAUSTED`` "received metadata size exceeds hard limit" without the
+    ``error-type`` trailer, which reads back as ``Overloaded``, retryable: a caller was
+    told to send again what could never pass. The message is now cut to fit."""
+    settings = GatewaySettings(port=0, grpc_port=0)
+    async with (
+        running_gateway(settings=settings) as (_, server),
+        grpc.aio.insecure_channel(server.grpc.address) as channel,  # type: ignore[union-attr]
+    ):
+        gateway = stub(channel)
+        invalid = (grpc.StatusCode.INVALID_ARGUMENT, "invalid_params", InvalidParams)
+        missing = (grpc.StatusCode.NOT_FOUND, "plugin_not_found", PluginNotFound)
+        for request, (code, kind, error_class) in [
+            (grpc_call("echo", "say", {"text": "t" * 30_000}), invalid),
+            (grpc_call("echo", "say", {"k" * 30_000: 1, "text": "x"}), invalid),
+            (grpc_call("echo", "say", {"text": "\u00e9" * 10_000}), invalid),
+            (grpc_call("p" * 30_000, "say"), missing),
+            (grpc_call("\u00e9" * 3_000, "say"), missing),
+        ]:
+            for attempt in (
+                lambda request=request: gateway.Call(request),
+                lambda request=request: _drain(gateway.Stream(request)),
+            ):
+                error = await rpc_error(attempt())
+                assert (error.code(), trailers(error).get("error-type")) == (code, kind), error
+                read_back = translate_rpc_error(error, "gateway")
+                assert type(read_back) is error_class and not read_back.retryable
+                assert error.details().endswith("…")
+        reply = await gateway.Call(grpc_call("echo", "say", {"text": "ok"}))
         assert reply.ok
 
 

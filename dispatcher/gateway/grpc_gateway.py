@@ -153,6 +153,13 @@ MAX_STREAMS_PER_CONNECTION = 100
 #: keeping a long call alive through a NAT is never cut off.
 MIN_PING_INTERVAL_MS = 10_000
 MAX_PING_STRIKES = 2
+#: The most of an error's message a status carries, in UTF-8 bytes. grpc sends it in a
+#: trailer, percent-encoded (a byte past ASCII takes three), and its clients refuse
+#: trailers past 8 KiB some of the time and past 16 KiB always, as RESOURCE_EXHAUSTED
+#: without this port's ``error-type``: a retryable ``Overloaded`` to
+#: ``providers._grpc.status``. A message may quote what the caller sent (a value over its
+#: schema's ``maxLength``, a made-up plugin name), so it is cut to fit.
+MAX_STATUS_MESSAGE_BYTES = 2048
 _SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 _SAN_PREFIXES = {"DNSName": "DNS", "IPAddress": "IP", "UniformResourceIdentifier": "URI", "RFC822Name": "email"}  # fmt: skip
 
@@ -171,6 +178,14 @@ def _error_message(error: DispatchError) -> gateway_pb2.GatewayError:
         details_json=details_json,
         retry_after=error.retry_after or 0.0,
     )
+
+
+def _status_message(message: str) -> str:
+    """``message`` cut to ``MAX_STATUS_MESSAGE_BYTES`` of UTF-8 (and an ellipsis)."""
+    encoded = message.encode("utf-8", "replace")
+    if len(encoded) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    return encoded[:MAX_STATUS_MESSAGE_BYTES].decode("utf-8", "ignore") + "…"
 
 
 def _trailers(error: DispatchError) -> tuple[tuple[str, str], ...]:
@@ -292,13 +307,13 @@ class _Servicer:
             told = self._told(error, request, request_id)
             await context.abort(
                 STATUS_BY_TYPE.get(error.type, grpc.StatusCode.FAILED_PRECONDITION),
-                told.message,
+                _status_message(told.message),
                 trailing_metadata=_trailers(told),
             )
         except TypeError as error:  # a result JSON cannot carry
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"the plugin's result is not JSON: {error}",
+                _status_message(f"the plugin's result is not JSON: {error}"),
                 trailing_metadata=(("error-type", "provider_error"), ("retryable", "false")),
             )
         return gateway_pb2.GatewayReply(ok=True, result_json=result_json, request_id=request_id)
@@ -328,7 +343,7 @@ class _Servicer:
             told = self._told(error, request, request_id)
             await context.abort(
                 STATUS_BY_TYPE.get(error.type, grpc.StatusCode.FAILED_PRECONDITION),
-                told.message,
+                _status_message(told.message),
                 trailing_metadata=_trailers(told),
             )
 
