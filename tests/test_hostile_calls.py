@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from dispatcher import DeadlineExceeded, Dispatcher, InvalidParams, RateLimited
+from dispatcher.policies import ratelimit
 from tests.conftest import LOCAL_TARGET, echo_plugin, manifest
 
 ODD_TIMEOUTS = [float("inf"), float("-inf"), float("nan"), 1e300, 10**30, True, "1"]
@@ -99,3 +100,51 @@ async def test_rate_limited_says_how_long_until_a_slot_frees() -> None:
     assert retry_after is not None
     assert 0 < retry_after <= 0.65, retry_after  # 1 s for the slot, 0.4 s already gone
     assert not math.isclose(retry_after, 1.0)
+
+
+async def test_a_caller_hammering_its_limit_gets_no_more_than_its_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-caller buckets are forgotten once unused, so callers cannot grow memory.
+    Before, "unused" was counted from the bucket's creation (cachetools' TTLCache sets an
+    item's time to live when it is stored, not when it is read): a caller kept at its
+    limit got a new, empty bucket every ``CALLER_BUCKET_IDLE_SECONDS`` (600 s), its whole
+    burst again each time, and calls queued in ``mode: wait`` on the old bucket while new
+    ones passed on the new. Shortened here to 0.2 s to see it in a second."""
+    monkeypatch.setattr(ratelimit, "CALLER_BUCKET_IDLE_SECONDS", 0.2)
+    limit = {"rate": 2, "burst": 4, "mode": "reject", "scope": "caller"}
+    plugin = echo_plugin("echo", LOCAL_TARGET, methods={"say": {"rate_limit": limit}})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        passed = refused = 0
+        while loop.time() - started < 1.5:
+            try:
+                await dispatcher.call("echo", "say", {"text": "x"}, caller="mallory")
+                passed += 1
+            except RateLimited:
+                refused += 1
+            await asyncio.sleep(0.02)
+        elapsed = loop.time() - started
+        # Another caller still has a whole burst of its own.
+        for _ in range(4):
+            await dispatcher.call("echo", "say", {"text": "x"}, caller="alice")
+    assert refused > 0
+    assert passed <= 4 + 2 * elapsed + 1, (passed, elapsed)  # burst + rate·T, one of slack
+
+
+async def test_buckets_of_callers_gone_quiet_are_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What bounds the memory of per-caller limits: a bucket unused for
+    ``CALLER_BUCKET_IDLE_SECONDS`` that has drained is forgotten when a new caller comes."""
+    monkeypatch.setattr(ratelimit, "CALLER_BUCKET_IDLE_SECONDS", 0.2)
+    limit = {"rate": 100, "burst": 1, "mode": "reject", "scope": "caller"}
+    plugin = echo_plugin("echo", LOCAL_TARGET, methods={"say": {"rate_limit": limit}})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        assert dispatcher.policies is not None
+        (held,) = (each for limits in dispatcher.policies.method_limits.values() for each in limits)
+        for n in range(300):
+            await dispatcher.call("echo", "say", {"text": "x"}, caller=f"caller-{n}")
+        assert "callers=300 " in repr(held)
+        await asyncio.sleep(0.3)
+        await dispatcher.call("echo", "say", {"text": "x"}, caller="newcomer")
+        assert "callers=1 " in repr(held), repr(held)

@@ -9,11 +9,11 @@ until the bucket has room or the call's deadline passes. Cache hits never get he
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from aiolimiter import AsyncLimiter
-from cachetools import TTLCache
 
 from dispatcher.config import RateLimit
 from linchkit_plugin.errors import RateLimited
@@ -23,7 +23,8 @@ __all__ = ["Limit", "LimitLike", "RateLimitStep", "new_limiter"]
 
 Next = Callable[[Invocation], Awaitable[Any]]
 
-#: Per-caller buckets are forgotten after this long unused, so callers cannot grow memory.
+#: Per-caller buckets are forgotten after this long unused (once drained), so callers
+#: cannot grow memory; past ``MAX_CALLER_BUCKETS`` the least recently used goes.
 CALLER_BUCKET_IDLE_SECONDS = 600.0
 MAX_CALLER_BUCKETS = 100_000
 
@@ -66,6 +67,13 @@ class Bucket(AsyncLimiter):
             self._wake_next()
         return True
 
+    def forgettable(self, now: float, idle: float) -> bool:
+        """Whether nobody has used it for ``idle`` seconds and nothing waits on it, and it
+        has drained by ``now``: a new bucket would be the same (empty), so forgetting it
+        gives its caller nothing."""
+        quiet = now - self._last_check
+        return not self._waiters and quiet >= idle and self._level <= quiet * self._rate_per_sec
+
     def seconds_until_room(self) -> float:
         """How long until the bucket has room for one more call (after ``take_if_room``
         or ``has_capacity`` brought its level up to date).
@@ -92,10 +100,11 @@ class Limit:
             if shared is not None
             else (None if spec.scope == "caller" else new_limiter(spec))
         )
-        self._per_caller: TTLCache[str, Bucket] | None = (
-            TTLCache(MAX_CALLER_BUCKETS, CALLER_BUCKET_IDLE_SECONDS)
-            if spec.scope == "caller"
-            else None
+        #: Least recently used first. Not cachetools' ``TTLCache``: it forgets an item a
+        #: time after it was stored, however often it is read since, and a caller kept at
+        #: its limit got a new, empty bucket (its burst again) every 600 s.
+        self._per_caller: OrderedDict[str, Bucket] | None = (
+            OrderedDict() if spec.scope == "caller" else None
         )
         self.rejected = 0
         self.waited = 0
@@ -105,11 +114,14 @@ class Limit:
             assert self._single is not None
             return self._single
         caller = invocation.caller or ""
-        try:
-            return self._per_caller[caller]
-        except KeyError:
-            limiter = self._per_caller[caller] = new_limiter(self.spec)
-            return limiter
+        buckets = self._per_caller
+        bucket = buckets.get(caller)
+        if bucket is not None:
+            buckets.move_to_end(caller)
+            return bucket
+        _forget_unused(buckets)
+        bucket = buckets[caller] = new_limiter(self.spec)
+        return bucket
 
     async def acquire(self, invocation: Invocation) -> None:
         bucket = self.bucket(invocation)
@@ -135,10 +147,25 @@ class Limit:
             ) from None
 
     def __repr__(self) -> str:
+        callers = "" if self._per_caller is None else f" callers={len(self._per_caller)}"
         return (
             f"<Limit {self.name} {self.spec.rate:g}/s burst={self.spec.capacity} "
-            f"{self.spec.scope} {self.spec.mode} rejected={self.rejected} waited={self.waited}>"
+            f"{self.spec.scope} {self.spec.mode}{callers} rejected={self.rejected}"
+            f" waited={self.waited}>"
         )
+
+
+def _forget_unused(buckets: OrderedDict[str, Bucket]) -> None:
+    """Before a new caller's bucket: forget the least recently used ones that nobody
+    has used for ``CALLER_BUCKET_IDLE_SECONDS`` and that have drained (each bucket is
+    forgotten once, so this costs O(1) per new caller over time), and past
+    ``MAX_CALLER_BUCKETS`` the least recently used whatever its level."""
+    now = asyncio.get_running_loop().time()  # the buckets' clock
+    idle = CALLER_BUCKET_IDLE_SECONDS
+    while buckets and (
+        len(buckets) >= MAX_CALLER_BUCKETS or next(iter(buckets.values())).forgettable(now, idle)
+    ):
+        buckets.popitem(last=False)
 
 
 class RateLimitStep:
