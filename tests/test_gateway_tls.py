@@ -10,13 +10,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import grpc
+import grpc.aio
 import pytest
 import trustme
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from dispatcher.gateway import GatewaySettings
-from dispatcher.gateway.credentials import rfc4514
+from dispatcher.gateway.certificates import certificate_names
 from tests.gateway_support import OneToken, running_gateway
+from tests.test_gateway_grpc import grpc_call, stub
 
 
 def write_pair(folder: Path, cert: trustme.LeafCert) -> tuple[Path, Path]:
@@ -195,10 +199,84 @@ async def test_a_rotated_client_ca_is_used_at_the_next_handshake_and_the_old_one
             assert await say(session, url) == 200
 
 
-def test_subjects_are_written_as_rfc4514_says() -> None:
-    subject = (
-        (("countryName", "DE"),),
-        (("organizationName", 'A+B, "C"'),),
-        (("commonName", " lead#"), ("userId", "u1")),
+def _self_signed(subject: x509.Name, *sans: x509.GeneralName) -> bytes:
+    """A certificate of ``subject`` and ``sans``, as DER."""
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
     )
-    assert rfc4514(subject) == 'CN=\\ lead#+UID=u1,O=A\\+B\\, \\"C\\",C=DE'
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    certificate = builder.sign(key, hashes.SHA256())
+    return certificate.public_bytes(serialization.Encoding.DER)
+
+
+def test_subjects_are_written_as_rfc4514_says() -> None:
+    oid = x509.NameOID
+    subject = x509.Name(
+        [
+            x509.RelativeDistinguishedName([x509.NameAttribute(oid.COUNTRY_NAME, "DE")]),
+            x509.RelativeDistinguishedName([x509.NameAttribute(oid.ORGANIZATION_NAME, 'A+B, "C"')]),
+            x509.RelativeDistinguishedName(
+                [
+                    x509.NameAttribute(oid.COMMON_NAME, " lead#"),
+                    x509.NameAttribute(oid.USER_ID, "u1"),
+                ]
+            ),
+        ]
+    )
+    names = certificate_names(_self_signed(subject, x509.DNSName("a.example")))
+    assert names == ('CN=\\ lead#+UID=u1,O=A\\+B\\, \\"C\\",C=DE', ("DNS:a.example",))
+
+
+async def test_one_client_certificate_is_named_alike_on_both_ports(tmp_path: Path) -> None:
+    """The HTTP port named a certificate from Python's decoded form and the gRPC port
+    from cryptography's: ``CN=a\\=b`` against ``CN=a=b``, an IPv6 SAN written in full
+    against ``::1``. A subject in the manifest then matched on one port only."""
+    server_ca, client_ca = trustme.CA(), trustme.CA()
+    cert, key = write_pair(tmp_path, server_ca.issue_cert("localhost"))
+    client_ca_path = tmp_path / "client-ca.pem"
+    client_ca.cert_pem.write_to_path(str(client_ca_path))
+    client = client_ca.issue_cert("a.example", "::1", common_name="a=b")
+    subject = x509.load_pem_x509_certificate(
+        client.cert_chain_pems[0].bytes()
+    ).subject.rfc4514_string()
+    assert subject.startswith("CN=a=b,")
+    authenticator = OneToken(subjects=frozenset({subject}))
+    settings = GatewaySettings(
+        port=0,
+        grpc_port=0,
+        tls_cert=cert,
+        tls_key=key,
+        client_ca=client_ca_path,
+        client_cert="required",
+    )
+    async with running_gateway(settings=settings, authenticator=authenticator) as (_, server):
+        url = server.url.replace("127.0.0.1", "localhost")
+        async with session_with(client_context(server_ca, client)) as session:
+            assert await say(session, url) == 200
+        over_http = authenticator.seen[-1]
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=server_ca.cert_pem.bytes(),
+            private_key=client.private_key_pem.bytes(),
+            certificate_chain=client.cert_chain_pems[0].bytes(),
+        )
+        assert server.grpc is not None
+        async with grpc.aio.secure_channel(f"localhost:{server.grpc.port}", credentials) as channel:
+            reply = await stub(channel).Call(grpc_call("echo", "say", {"text": "hi"}), timeout=10)
+            assert reply.ok
+        over_grpc = authenticator.seen[-1]
+    assert over_http.certificate_subject == over_grpc.certificate_subject == subject
+    assert over_http.certificate_sans == over_grpc.certificate_sans == ("DNS:a.example", "IP:::1")

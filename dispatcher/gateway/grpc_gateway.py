@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ from dispatcher.gateway.call_headers import (
     checked_idempotency_key,
     checked_version,
 )
+from dispatcher.gateway.certificates import certificate_names
 from dispatcher.gateway.disclosure import Disclosure
 from dispatcher.gateway.grpc_connections import OpenConnections
 from dispatcher.gateway.settings import GatewaySettings
@@ -161,7 +163,6 @@ MAX_PING_STRIKES = 2
 #: schema's ``maxLength``, a made-up plugin name), so it is cut to fit.
 MAX_STATUS_MESSAGE_BYTES = 2048
 _SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
-_SAN_PREFIXES = {"DNSName": "DNS", "IPAddress": "IP", "UniformResourceIdentifier": "URI", "RFC822Name": "email"}  # fmt: skip
 
 
 def _error_message(error: DispatchError) -> gateway_pb2.GatewayError:
@@ -196,24 +197,17 @@ def _trailers(error: DispatchError) -> tuple[tuple[str, str], ...]:
 
 
 def _certificate_credentials(context: grpc.aio.ServicerContext) -> tuple[str | None, Sequence[str]]:
-    """The subject and SANs of the client certificate grpc verified, if one was."""
+    """The subject and SANs of the client certificate grpc verified, if one was, named
+    as the HTTP port names them (``dispatcher.gateway.certificates``)."""
     pem = context.auth_context().get("x509_pem_cert")
     if not pem:
         return None, ()
-    from cryptography import x509  # only for a verified client certificate
-
-    certificate = x509.load_pem_x509_certificate(pem[0])
-    subject = certificate.subject.rfc4514_string()
-    sans: list[str] = []
     try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        names = None
-    for name in names or ():
-        prefix = _SAN_PREFIXES.get(type(name).__name__)
-        if prefix is not None:
-            sans.append(f"{prefix}:{name.value}")
-    return subject, tuple(sans)
+        der = ssl.PEM_cert_to_DER_cert(pem[0].decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return None, ()
+    names = certificate_names(der)
+    return (None, ()) if names is None else names
 
 
 class _Servicer:
