@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
-from dispatcher.gateway import TOO_SLOW, GatewaySettings
+from dispatcher import Dispatcher, parse_manifest
+from dispatcher.gateway import TOO_SLOW, GatewayServer, GatewaySettings
+from dispatcher.gateway.events import CREDENTIALS_ENDED
 from tests.conftest import manifest
 from tests.gateway_support import (
     SECRET_TOKEN,
@@ -22,6 +26,7 @@ from tests.gateway_support import (
     raw_connection,
     running_gateway,
 )
+from tests.identity_support import good_claims, jwt_config, rsa_key, write_jwks
 
 
 async def burst(
@@ -401,3 +406,45 @@ async def test_a_burst_larger_than_the_ring_closes_a_consumer_once_and_the_resum
             (gap,) = await frames(ws, 1, "gap")
             assert gap == {"type": "gap", "after": 0, "resumed_at": 501}
             assert [event["id"] for event in await frames(ws, 1000)] == list(range(501, 1501))
+
+
+async def test_a_stream_ends_when_the_token_it_was_opened_with_expires(tmp_path: Path) -> None:
+    """A stream is authenticated at its upgrade. Checked then only, one opened with a
+    token valid for two seconds received events (and could publish) for as long as it
+    stayed open; now it is closed with 1008 once the token has expired."""
+    key = rsa_key("stream-key")
+    write_jwks(tmp_path / "jwks.json", key)
+    loaded = parse_manifest(
+        {
+            "version": 1,
+            "plugins": [eventful_entry()],
+            "auth": {"jwt": jwt_config("jwks.json", leeway_s=0)},
+        },
+        base_dir=tmp_path,
+    )
+    token = key.token(good_claims(exp=int(time.time()) + 2))
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        Dispatcher(loaded) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{server.url}/v1/events?plugin=events", headers=headers) as ws,
+    ):
+        await frames(ws, 1, "subscribed")
+        await burst(session, server.url, 1, **headers)
+        assert len(await frames(ws, 1)) == 1  # while the token holds
+        async with asyncio.timeout(15):
+            while (await ws.receive()).type not in _CLOSED:
+                pass
+        assert ws.close_code == CREDENTIALS_ENDED
+        assert time.time() >= token_exp(token)
+
+
+_CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+
+
+def token_exp(token: str) -> int:
+    payload = token.split(".")[1]
+    exp = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
+    assert isinstance(exp, int)
+    return exp

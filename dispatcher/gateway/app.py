@@ -427,7 +427,9 @@ class Gateway:
             refusal = InvalidParams("/v1/events is a WebSocket: send the upgrade headers")
             return error_answer(refusal, status=426)
         await ws.prepare(request)
-        stream = EventStream(ws, request, self.hub, self.dispatcher, principal)
+        stream = EventStream(
+            ws, request, self.hub, self.dispatcher, principal, lambda: self._authenticate(request)
+        )
         self._streams.add(stream)
         try:
             await stream.run(initial)

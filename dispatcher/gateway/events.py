@@ -28,6 +28,14 @@ closed every subscriber, however fast it read, on any burst over the limit. What
 can put in one queue at once is bounded by the ring (or ``max_pending_events`` if
 larger): past it, the events would outlast the ring's copy, and the subscriber is cut off
 at once (its resume is told the gap). The protocol is in ``docs/gateway.md``.
+
+A stream is authenticated at its upgrade and then again every ``RECHECK_SECONDS`` and
+when the proof of its principal expires (a bearer token's ``exp``): a token expired, or
+its signing key gone from the issuer's key set, ends it with 1008; a host's own
+authenticator may also refuse, or give other roles, which then apply to what it receives
+and publishes. Checked once only, a stream
+opened with a token valid for minutes received events, and published, for as long as it
+stayed open.
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,13 +57,30 @@ from dispatcher._versions import MAX_RANGE_LENGTH
 from dispatcher.identity import Principal
 from linchkit_plugin.errors import DispatchError, InvalidParams
 
-__all__ = ["PATIENCE", "TOO_SLOW", "EventHub", "EventStream", "Filter", "Subscriber"]
+__all__ = [
+    "CREDENTIALS_ENDED",
+    "PATIENCE",
+    "RECHECK_SECONDS",
+    "TOO_SLOW",
+    "EventHub",
+    "EventStream",
+    "Filter",
+    "Subscriber",
+]
 
 log = logging.getLogger("dispatcher.gateway")
 
 #: The close code of a subscriber cut off for reading too slowly (4000-4999: the
 #: application's own; 08 as in HTTP 408).
 TOO_SLOW = 4008
+#: The close code of a stream whose credentials no longer hold (RFC 6455: policy violation).
+CREDENTIALS_ENDED = 1008
+#: How often a stream's credentials are checked again, besides when its principal's proof
+#: expires: how long a revoked key or a changed role takes to reach an open stream.
+RECHECK_SECONDS = 60.0
+#: How long after a principal's ``expires_at`` its stream checks again: a token is refused
+#: only once the clock has passed it.
+_EXPIRY_MARGIN = 0.05
 #: How long closing a cut-off subscriber may take before its connection is dropped: a
 #: client that reads nothing does not read the close frame either.
 _CLOSE_TIMEOUT = 2.0
@@ -309,10 +335,16 @@ class EventStream:
         hub: EventHub,
         dispatcher: Dispatcher,
         principal: Principal | None = None,
+        recheck: Callable[[], Awaitable[Principal | None]] | None = None,
     ) -> None:
         self._ws = ws
         #: Who opened the connection: its publishes are sent as this caller.
         self._principal = principal
+        #: Authenticates the connection's credentials again (``Unauthorized`` once they no
+        #: longer hold); None: nobody authenticated it.
+        self._recheck = recheck
+        #: How the stream ended, when something other than its peer ended it.
+        self._ended: tuple[int, str] | None = None
         self._request = request
         self._hub = hub
         self._dispatcher = dispatcher
@@ -323,16 +355,20 @@ class EventStream:
     async def run(self, initial: tuple[tuple[Filter, ...], int | None] | None) -> None:
         """Serve the connection until either side ends it."""
         self._sender = asyncio.create_task(self._send_loop())
-        receiving = asyncio.create_task(self._receive_loop(initial))
+        tasks = {self._sender, asyncio.create_task(self._receive_loop(initial))}
+        if self._recheck is not None and self._principal is not None:
+            tasks.add(asyncio.create_task(self._watch_credentials()))
         try:
-            await asyncio.wait({self._sender, receiving}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (self._sender, receiving):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(self._sender, receiving, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self._subscriber is not None:
                 self._hub.unsubscribe(self._subscriber)
-        if self._subscriber is not None and self._subscriber.too_slow:
+        if self._ended is not None:
+            await self._close(*self._ended)
+        elif self._subscriber is not None and self._subscriber.too_slow:
             reason = "too slow: events left unread too long; resume from your last event id"
             await self._close(TOO_SLOW, reason)
         else:
@@ -352,6 +388,31 @@ class EventStream:
             transport = self._request.transport
             if transport is not None:
                 transport.abort()
+
+    async def _watch_credentials(self) -> None:
+        """Checks the connection's credentials again every ``RECHECK_SECONDS``, and once
+        its principal's proof has expired; returns, which ends the stream, when they no
+        longer hold. A principal whose roles changed is the stream's from then on."""
+        assert self._recheck is not None
+        while True:
+            wait = RECHECK_SECONDS
+            expires_at = None if self._principal is None else self._principal.expires_at
+            if expires_at is not None:
+                wait = min(wait, max(expires_at - time.time(), 0.0) + _EXPIRY_MARGIN)
+            await asyncio.sleep(wait)
+            try:
+                principal = await self._recheck()
+            except DispatchError:
+                self._ended = (
+                    CREDENTIALS_ENDED,
+                    "the credentials this stream was opened with no longer hold: reconnect"
+                    " with valid ones",
+                )
+                return
+            changed = principal != self._principal
+            self._principal = principal
+            if changed and self._subscriber is not None:
+                self._subscriber.verdicts.clear()  # decided for the roles it had
 
     def _overflowed(self) -> None:
         # The sender may be stuck waiting for the client to read: stop it where it is.

@@ -56,9 +56,18 @@ class Principal:
     roles: frozenset[str]
     #: How it authenticated; ``library``: the host vouches for it (``Dispatcher.call``).
     proven_by: ProvenBy
+    #: When what proved it stops proving it, in wall-clock seconds (a bearer token's
+    #: ``exp``, with the leeway its check allows); None: no end is known. What holds a
+    #: connection open in its name (an event stream) checks it again by then. Not part of
+    #: its identity: two tokens of one caller make equal principals.
+    expires_at: float | None = field(default=None, compare=False)
 
     def __init__(
-        self, id: str, roles: Iterable[str] = frozenset(), proven_by: ProvenBy = "library"
+        self,
+        id: str,
+        roles: Iterable[str] = frozenset(),
+        proven_by: ProvenBy = "library",
+        expires_at: float | None = None,
     ) -> None:
         # Roles key the access decisions' cache: a set or list passed by a host becomes a
         # frozenset (hashable, and nobody can change a principal's roles after the check).
@@ -68,6 +77,7 @@ class Principal:
         object.__setattr__(self, "id", id)
         object.__setattr__(self, "roles", frozenset(roles))
         object.__setattr__(self, "proven_by", proven_by)
+        object.__setattr__(self, "expires_at", expires_at)
 
     def __str__(self) -> str:
         return self.id

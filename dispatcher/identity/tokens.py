@@ -152,11 +152,12 @@ class JwtAuthenticator:
             leeway=config.leeway_s,
             options={"require": self._required, "verify_signature": True},
         )
-        principal = Principal(self._principal_id(claims), self._roles(claims), "jwt")
         expires = claims["exp"]
         if not isinstance(expires, int | float):  # PyJWT checked it is an integer date
             raise _Rejected("exp is not a number")
-        return principal, float(expires) + config.leeway_s
+        until = float(expires) + config.leeway_s
+        roles = self._roles(claims)
+        return Principal(self._principal_id(claims), roles, "jwt", expires_at=until), until
 
     def _principal_id(self, claims: dict[str, Any]) -> str:
         value = claims.get(self.config.principal_claim)
