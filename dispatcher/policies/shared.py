@@ -18,12 +18,15 @@ the store cannot answer and the manifest says ``fail_open`` (``dispatcher.state`
 * ``SharedCacheStep``: entries in Redis under a generation per method; a hit is one
   round trip, so ``Dispatcher.ainvalidate`` (one increment) is seen by every replica's
   next read. Concurrent misses in one replica still make one call (single flight).
-  Fallback: no cache (the call goes to the target).
+  Fallback: no cache (the call goes to the target). An entry that is not JSON (another
+  writer's) is a miss, logged, and the fresh result replaces it; entries are bounded
+  (``redis_store.MAX_CACHED_BYTES``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -42,6 +45,8 @@ from providers.invocation import Invocation, Outcome
 __all__ = ["SharedBreakerStep", "SharedCacheStep", "SharedLimit"]
 
 Next = Callable[[Invocation], Awaitable[Any]]
+
+log = logging.getLogger("dispatcher.state")
 
 
 class SharedLimit:
@@ -200,8 +205,19 @@ class SharedCacheStep:
             self.backend.fell_back(f"the cache of {cache.name}", error)
             value = None
         if value is not None:
-            cache.hits += 1
-            return orjson.loads(value)
+            try:
+                result = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                # Not what a dispatcher writes (another writer's, or corrupted): a miss,
+                # and the fresh result stored below takes its place.
+                log.warning(
+                    "the shared cache of %s held an entry that is not JSON; calling the"
+                    " target and replacing it",
+                    cache.name,
+                )
+            else:
+                cache.hits += 1
+                return result
         cache.misses += 1
         result = await self.next(invocation)
         if generation is not None and invocation.remaining() > 0:

@@ -137,12 +137,21 @@ return {state, failures, admitted, is_probe, wait, generation}
 """
 )
 
-#: KEYS[1] the cache's generation counter; ARGV entry prefix, entry digest.
-#: Returns {generation, value or false}. Invalidating bumps the generation, so every
-#: replica's next read misses at once; old entries end with their TTL.
+#: KEYS[1] the cache's generation counter; ARGV entry prefix, entry digest, max bytes.
+#: Returns {generation, value or false}, or {generation, its size} for an entry over max
+#: bytes, which no dispatcher writes: it is deleted unread (sent whole, it would cost
+#: every read its transfer, and one outlasting the operation timeout made the store look
+#: down). Invalidating bumps the generation, so every replica's next read misses at once;
+#: old entries end with their TTL.
 CACHE_GET = """
 local generation = redis.call('GET', KEYS[1]) or '0'
-return {generation, redis.call('GET', ARGV[1] .. generation .. ':' .. ARGV[2])}
+local entry = ARGV[1] .. generation .. ':' .. ARGV[2]
+local size = redis.call('STRLEN', entry)
+if size > tonumber(ARGV[3]) then
+  redis.call('DEL', entry)
+  return {generation, size}
+end
+return {generation, redis.call('GET', entry)}
 """
 
 #: KEYS[1] the generation counter; ARGV prefix, digest, value, ttl_ms, generation read.

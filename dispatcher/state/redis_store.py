@@ -41,6 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dispatcher.config import StateConfig
 from dispatcher.state import _scripts
+from dispatcher.state._redis_replies import reply_text
 from dispatcher.state.base import (
     Admission,
     BreakerPolicyArgs,
@@ -68,6 +69,9 @@ T = TypeVar("T")
 BREAKER_TTL_MS = 86_400_000
 #: A warning about Redis at most this often; every fallback is counted in ``stats()``.
 LOG_EVERY_SECONDS = 10.0
+#: The largest cached result kept in Redis, as JSON (``jobs.max_result_bytes``' default):
+#: a larger one is served and not shared, and one found there is dropped unread.
+MAX_CACHED_BYTES = 16 * 1024 * 1024
 #: The longest ``aclose`` waits for each connection it closes (a Redis that stopped
 #: answering must not hold a host's shutdown up).
 CLOSE_SECONDS = 2.0
@@ -426,15 +430,35 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
 
     async def cache_get(self, name: str, key: str, deadline: float) -> tuple[bytes | None, int]:
         keys = (self._key("cachegen", name),)
-        args = (self._key("cache", name) + ":", key)
+        args = (self._key("cache", name) + ":", key, MAX_CACHED_BYTES)
         generation, value = await self._run(
             "a cache read", deadline, lambda: self._cache_get(keys=keys, args=args)
         )
-        return (value if isinstance(value, bytes) else None), int(generation)
+        if isinstance(value, int):
+            log.warning(
+                "state store %s: a cached entry of %d bytes, over the bound of %d that"
+                " dispatchers write, was dropped unread; the call goes to the target",
+                self.where,
+                value,
+                MAX_CACHED_BYTES,
+            )
+        text = reply_text(generation)
+        digits = text.removeprefix("-")
+        # What INCR writes: a 64-bit integer. It refuses anything else, so a counter
+        # another writer garbled stays garbled until someone deletes it.
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 19):
+            raise StateUnavailable(
+                f"state store {self.where} refused a cache read: the cache's generation"
+                f" counter ({self._key('cachegen', name)}) is not an integer; delete it",
+                details={"stage": "state"},
+            )
+        return (value if isinstance(value, bytes) else None), int(text)
 
     async def cache_set(
         self, name: str, key: str, value: bytes, ttl: float, generation: int, deadline: float
     ) -> None:
+        if len(value) > MAX_CACHED_BYTES:
+            return  # served, not shared: every replica's read of it would cost its transfer
         keys = (self._key("cachegen", name),)
         args = (self._key("cache", name) + ":", key, value, max(1, int(ttl * 1000)), generation)
         await self._run("a cache write", deadline, lambda: self._cache_set(keys=keys, args=args))
