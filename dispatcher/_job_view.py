@@ -166,7 +166,9 @@ async def queue_job_once(
         if claimed.claim is Claim.RUN:
             break
         if claimed.claim is Claim.DONE and claimed.outcome is not None:
-            job_id = decode_outcome(claimed.outcome)
+            job_id = decode_outcome(
+                claimed.outcome, f"the job recorded for idempotency key {raw_key!r:.80}"
+            )
             if isinstance(job_id, str):
                 return job_id
         if claimed.claim is Claim.MISMATCH:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher
+from dispatcher import Dispatcher, ProviderError
 from dispatcher.config import load_manifest
 from dispatcher.state import StateUnavailable
 from tests.services import Redis
@@ -121,3 +121,39 @@ async def test_a_cache_generation_that_is_not_a_number_is_a_typed_fallback(
     async with counter(tmp_path, redis_server.url, redis_prefix, "fail_closed") as dispatcher:
         with pytest.raises(StateUnavailable, match="generation"):
             await dispatcher.call("counter", "read", {"item": "a"})
+
+
+# -- idempotency records --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [b"{garbage", b"", b"[1, 2]", b'"ok"', b"[" * 300 + b"]" * 300],
+    ids=["broken", "empty", "list", "string", "deep"],
+)
+async def test_an_idempotency_outcome_no_dispatcher_wrote_is_a_typed_error_and_runs_nothing(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis, outcome: bytes
+) -> None:
+    params = {"amount": 1, "delay": 0}
+    async with counter(tmp_path, redis_server.url, redis_prefix) as dispatcher:
+        first = await dispatcher.call("counter", "charge", params, idempotency_key="order-17")
+        assert first == {"charged": 1, "run": 1}
+        await writer.hset(await only_key(writer, f"{redis_prefix}:idem:*"), "outcome", outcome)
+        with pytest.raises(ProviderError, match=r"order-17.*new key") as caught:
+            await dispatcher.call("counter", "charge", params, idempotency_key="order-17")
+        assert caught.value.retryable is False
+        # What the first call did is unknown: the key never runs the plugin again.
+        again = await dispatcher.call("counter", "charge", params, idempotency_key="order-18")
+        assert again == {"charged": 1, "run": 2}
+
+
+async def test_a_submission_record_no_dispatcher_wrote_is_a_typed_error(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis
+) -> None:
+    params = {"amount": 1, "delay": 0}
+    async with counter(tmp_path, redis_server.url, redis_prefix) as dispatcher:
+        await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")
+        record = await only_key(writer, f"{redis_prefix}:idem:*")  # the submission's
+        await writer.hset(record, "outcome", b"{garbage")
+        with pytest.raises(ProviderError, match=r"order-17.*new key"):
+            await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")

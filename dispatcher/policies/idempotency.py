@@ -154,7 +154,9 @@ class IdempotencyStep:
                 break
             if claimed.claim is Claim.DONE:
                 assert claimed.outcome is not None
-                return decode_outcome(claimed.outcome)
+                return decode_outcome(
+                    claimed.outcome, f"the outcome of idempotency key {raw_key!r:.80}"
+                )
             if claimed.claim is Claim.MISMATCH:
                 raise self._mismatch(raw_key)
             remaining = invocation.remaining()

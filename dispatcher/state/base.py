@@ -36,6 +36,7 @@ import orjson
 from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,
+    ProviderError,
     TargetUnavailable,
     error_from_wire,
 )
@@ -158,9 +159,23 @@ def encode_error(error: DispatchError) -> bytes:
     return encode_json({"ok": False, "error": error.to_wire()})
 
 
-def decode_outcome(outcome: bytes) -> Any:
-    """The stored result, or raise the stored error (a fresh exception per caller)."""
-    document = orjson.loads(outcome)
+def decode_outcome(outcome: bytes, what: str = "a stored outcome") -> Any:
+    """The stored result, or raise the stored error (a fresh exception per caller).
+
+    An outcome no dispatcher wrote (not a JSON object: another writer's, or corrupted)
+    raises ``ProviderError`` naming ``what``: the call it records may have run, and what
+    it returned is lost, so it is not run again under the same record."""
+    try:
+        document = orjson.loads(outcome)
+    except orjson.JSONDecodeError:
+        document = None
+    if not isinstance(document, dict):
+        raise ProviderError(
+            f"{what} in the state store is not one a dispatcher wrote (not a JSON object);"
+            " the call it records may have run, so it does not run again: a new request"
+            " needs a new key",
+            details={"stage": "state"},
+        )
     if document.get("ok"):
         return document.get("result")
     raise error_from_wire(document.get("error"))
