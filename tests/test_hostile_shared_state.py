@@ -7,6 +7,7 @@ state of every other call stays usable.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -15,32 +16,45 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher, ProviderError
+from dispatcher import CircuitOpen, Dispatcher, ProviderError, TargetUnavailable
 from dispatcher.config import load_manifest
 from dispatcher.state import StateUnavailable
-from tests.services import Redis
+from tests.services import Redis, free_port
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 
 def counter(folder: Path, url: str, prefix: str, mode: str = "fail_open") -> Dispatcher:
-    """The counting plugin in this process: ``read`` cached, ``charge`` called with keys."""
+    """The counting plugin in this process: ``read`` cached, ``charge`` called with keys,
+    ``ping`` rate limited."""
+    target = {
+        "provider": "local",
+        "entrypoint": "counting_plugin:CountingPlugin",
+        "path": str(PLUGINS),
+    }
+    methods = {
+        "read": {"pure": True, "cache": {"ttl_ms": 60_000}},
+        "charge": {},
+        "ping": {"rate_limit": {"rate": 100, "burst": 10, "mode": "reject"}},
+    }
+    return dispatcher_of(folder, url, prefix, mode, target, methods)
+
+
+def dispatcher_of(
+    folder: Path,
+    url: str,
+    prefix: str,
+    mode: str,
+    target: dict[str, Any],
+    methods: dict[str, Any],
+    **state: Any,
+) -> Dispatcher:
     path = folder / "plugins.yaml"
+    state = {"backend": "redis", "url": url, "key_prefix": prefix, "on_unavailable": mode, **state}
     document = {
         "version": 1,
-        "state": {"backend": "redis", "url": url, "key_prefix": prefix, "on_unavailable": mode},
-        "plugins": [
-            {
-                "id": "counter",
-                "version": "1.0.0",
-                "target": {
-                    "provider": "local",
-                    "entrypoint": "counting_plugin:CountingPlugin",
-                    "path": str(PLUGINS),
-                },
-                "methods": {"read": {"pure": True, "cache": {"ttl_ms": 60_000}}, "charge": {}},
-            }
-        ],
+        "state": state,
+        "plugins": [{"id": "counter", "version": "1.0.0", "target": target, "methods": methods}],
     }
     path.write_text(json.dumps(document))  # JSON is YAML
     return Dispatcher(load_manifest(path))
@@ -157,3 +171,111 @@ async def test_a_submission_record_no_dispatcher_wrote_is_a_typed_error(
         await writer.hset(record, "outcome", b"{garbage")
         with pytest.raises(ProviderError, match=r"order-17.*new key"):
             await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")
+
+
+# -- shared breakers and rate limits ------------------------------------------------------------
+
+
+def unreachable(folder: Path, url: str, prefix: str, mode: str, reset_ms: int) -> Dispatcher:
+    """A target nothing listens at, behind a shared breaker that opens after 2 failures;
+    every call asks Redis (no view of the breaker is trusted in between)."""
+    target = {"provider": "http", "url": f"http://127.0.0.1:{free_port()}"}
+    breaker = {"fail_max": 2, "reset_timeout_ms": reset_ms, "half_open_max_calls": 1}
+    methods = {"ping": {"breaker": breaker}}
+    return dispatcher_of(folder, url, prefix, mode, target, methods, breaker_sync_ms=0)
+
+
+async def store_now_us(client: aioredis.Redis) -> int:
+    """Redis's clock, which the breaker's script reads, in microseconds."""
+    seconds, micros = await client.time()
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"state": "shut"},
+        {"state": "closed", "failures": "x"},
+        {"state": "closed", "failures": "nan"},
+    ],
+    ids=["unknown-state", "failures-word", "failures-nan"],
+)
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+async def test_a_breaker_hash_no_dispatcher_wrote_is_refused_never_read_as_closed(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    writer: aioredis.Redis,
+    fields: dict[str, str],
+    mode: str,
+) -> None:
+    """Read as it was, an unknown state admitted every call and never opened, a NaN count
+    never reached fail_max, both for every replica and for good (each operation renewed
+    the hash's TTL), and a count that is no number ended the script's reply early (a Lua
+    nil ends an array): a ValueError out of the call."""
+    async with unreachable(tmp_path, redis_server.url, redis_prefix, mode, 60_000) as dispatcher:
+        with pytest.raises(TargetUnavailable):
+            await dispatcher.call("counter", "ping")
+        await writer.hset(await only_key(writer, f"{redis_prefix}:breaker:*"), mapping=fields)
+        if mode == "fail_closed":
+            with pytest.raises(StateUnavailable, match="circuit breaker"):
+                await dispatcher.call("counter", "ping")
+            return
+        # The local breaker decides while the shared one cannot: it opens after fail_max.
+        for _ in range(2):
+            with pytest.raises(TargetUnavailable):
+                await dispatcher.call("counter", "ping")
+        with pytest.raises(CircuitOpen):
+            await dispatcher.call("counter", "ping")
+        assert dispatcher.stats()["state"]["fallbacks"] >= 3
+
+
+async def test_a_breaker_opened_ahead_of_the_stores_clock_stays_open_no_longer_than_reset(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis
+) -> None:
+    """A time ahead of Redis's clock (a failover to a server whose clock is behind, or a
+    lying writer) kept the circuit open, and its half-open probes refused, until that
+    time came: a year here, for every replica."""
+    async with unreachable(
+        tmp_path, redis_server.url, redis_prefix, "fail_open", 500
+    ) as dispatcher:
+        with pytest.raises(TargetUnavailable):
+            await dispatcher.call("counter", "ping")
+        key = await only_key(writer, f"{redis_prefix}:breaker:*")
+        year_ahead = str(await store_now_us(writer) + 365 * 86_400 * 1_000_000)
+        await writer.hset(key, mapping={"state": "open", "opened_at": year_ahead})
+        with pytest.raises(CircuitOpen) as caught:
+            await dispatcher.call("counter", "ping")
+        assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 0.5
+        await writer.hset(
+            key, mapping={"state": "half-open", "probes": "1", "probe_until": year_ahead}
+        )
+        with pytest.raises(CircuitOpen):  # the probe slot is taken, for reset_timeout at most
+            await dispatcher.call("counter", "ping")
+        await asyncio.sleep(0.6)
+        with pytest.raises(TargetUnavailable):  # a probe again
+            await dispatcher.call("counter", "ping")
+
+
+@pytest.mark.parametrize("stored", ["inf", "1e300", "soon"])
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+async def test_a_rate_limit_value_no_dispatcher_wrote_is_refused_never_a_negative_wait(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    writer: aioredis.Redis,
+    stored: str,
+    mode: str,
+) -> None:
+    """Read as a number, "inf" or "1e300" refused every call of the method on every
+    replica, whatever on_unavailable said, with a retry_after of -9.2e12 s (Lua's
+    infinity made a 64-bit integer), until the key was deleted."""
+    async with counter(tmp_path, redis_server.url, redis_prefix, mode) as dispatcher:
+        assert await dispatcher.call("counter", "ping") == "pong"
+        await writer.set(await only_key(writer, f"{redis_prefix}:limit:*"), stored)
+        if mode == "fail_closed":
+            with pytest.raises(StateUnavailable, match="rate limit"):
+                await dispatcher.call("counter", "ping")
+            return
+        assert await dispatcher.call("counter", "ping") == "pong"  # this replica's own limit
+        assert dispatcher.stats()["state"]["fallbacks"] == 1

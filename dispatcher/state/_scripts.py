@@ -3,6 +3,14 @@
 Every script reads the clock with ``TIME`` on the server, so replicas whose own clocks
 differ still agree (Redis 7 replicates a script's effects, not the script, which makes
 ``TIME`` allowed). Times are integer microseconds: 1.7e15 fits a Lua double exactly.
+
+A stored number is read only as the scripts write it, decimal digits (``_COUNT``): Lua's
+``tonumber`` also takes ``inf``, ``nan`` and ``1e300``, which kept a limit refusing with
+a negative wait and a breaker from ever opening, and a value it takes for no number at
+all ends a reply's array early (a Lua nil ends it). A key holding anything else (another
+writer's, or corrupted) fails the script with an error that says ``UNREADABLE``: the
+backend's ``StateUnavailable`` (refused, not Redis down), a fallback with ``fail_open``,
+until the key is deleted or expires.
 """
 
 from __future__ import annotations
@@ -14,6 +22,16 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 """
 
+#: ``count(text)``: a stored count or time as the scripts write it (absent: 0), else nil.
+#: At most 17 digits: every one the scripts write, and exact in a Lua double.
+_COUNT = """
+local function count(text)
+  if not text then return 0 end
+  if #text > 17 or not string.match(text, '^%d+$') then return nil end
+  return tonumber(text)
+end
+"""
+
 #: GCRA (the generic cell rate algorithm): one key holding the theoretical arrival time
 #: (TAT). ``interval`` = 1/rate, ``tolerance`` = burst * interval, so over T seconds at
 #: most burst + rate·T calls pass — the bound of the in-process leaky bucket. A call that
@@ -21,14 +39,15 @@ local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 #: KEYS[1] the limit; ARGV interval_us, burst, max_wait_us. Returns {admitted, wait_us}.
 LIMIT = (
     _NOW
+    + _COUNT
     + """
 local interval = tonumber(ARGV[1])
 local tolerance = interval * tonumber(ARGV[2])
-local tat = now
-local stored = redis.call('GET', KEYS[1])
-if stored then
-  tat = math.max(tonumber(stored), now)
+local stored = count(redis.call('GET', KEYS[1]))
+if not stored then
+  return redis.error_reply('UNREADABLE rate limit: the key holds no time a dispatcher writes')
 end
+local tat = math.max(stored, now)
 local new_tat = tat + interval
 local wait = new_tat - tolerance - now
 if wait > tonumber(ARGV[3]) then
@@ -56,19 +75,29 @@ return {1, wait}
 #: operation, even a closed admit, for the same reason.
 BREAKER = (
     _NOW
+    + _COUNT
     + """
 local h = redis.call('HMGET', KEYS[1], 'state', 'failures', 'successes', 'opened_at', 'probes',
   'probe_until', 'generation')
 local state = h[1] or 'closed'
-local failures = tonumber(h[2] or '0')
-local successes = tonumber(h[3] or '0')
-local opened_at = tonumber(h[4] or '0')
-local probes = tonumber(h[5] or '0')
-local probe_until = tonumber(h[6] or '0')
+local failures = count(h[2])
+local successes = count(h[3])
+local opened_at = count(h[4])
+local probes = count(h[5])
+local probe_until = count(h[6])
 local generation = tonumber(h[7] or '0') or 0
+if (state ~= 'closed' and state ~= 'open' and state ~= 'half-open') or not failures
+    or not successes or not opened_at or not probes or not probe_until then
+  return redis.error_reply('UNREADABLE circuit breaker: its hash holds a state or a count a'
+    .. ' dispatcher does not write')
+end
 local op = ARGV[1]
 local fail_max = tonumber(ARGV[2])
 local reset = tonumber(ARGV[3])
+-- Times ahead of this server's clock (a failover to a server whose clock is behind, or a
+-- lying writer) would keep the circuit open, or its probe slots taken, until they came.
+opened_at = math.min(opened_at, now)
+probe_until = math.min(probe_until, now + reset)
 local half_open_max = tonumber(ARGV[4])
 local threshold = tonumber(ARGV[5])
 local probe = ARGV[6] == '1'
