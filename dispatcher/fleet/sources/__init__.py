@@ -12,6 +12,8 @@ The sources the manifest names (``TargetConfig.instance_sources()``) are made he
 
 A source that fails keeps its last list (the fleet keeps calling those instances) and
 says why in ``error``, which ``dispatcher health`` shows; it never raises out of ``run``.
+A source reports at most ``MAX_ENDPOINTS`` endpoints, the first in its own stable order,
+and logs how many more it left out.
 A provider may add a source of its own (``Provider.instance_source``), for instances
 only it knows of, such as plugins connected to the dispatcher.
 """
@@ -21,7 +23,12 @@ from __future__ import annotations
 from providers.discovery import DnsDiscovery, InstanceSource, RegistryDiscovery, Report
 from providers.target import Discovery
 
-__all__ = ["InstanceSource", "Report", "new_source"]
+__all__ = ["MAX_ENDPOINTS", "InstanceSource", "Report", "new_source"]
+
+#: At most this many endpoints are reported by one source: a name or a prefix listing
+#: more is either a mistake or an attack on our memory (each is a target, a breaker and a
+#: pool of the fleet, and every report makes the fleet check each listed one again).
+MAX_ENDPOINTS = 1000
 
 
 def new_source(spec: Discovery) -> InstanceSource:

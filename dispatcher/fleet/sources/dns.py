@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dispatcher.fleet.sources import InstanceSource, Report
+from dispatcher.fleet.sources import MAX_ENDPOINTS, InstanceSource, Report
 from dispatcher.fleet.sources.health import ReadHealth
 from providers.discovery import DnsDiscovery, Endpoint
 
@@ -53,9 +53,6 @@ __all__ = ["MAX_ENDPOINTS", "DnsSource", "RefreshSchedule"]
 
 log = logging.getLogger("dispatcher.fleet.dns")
 
-#: At most this many endpoints are reported (the first in sorted order, so the choice is
-#: stable across reads); a name with more is either a mistake or an attack on our memory.
-MAX_ENDPOINTS = 1000
 #: SRV targets resolved by a follow-up query per read, and how many at once: a huge SRV
 #: answer without an additional section must not turn into thousands of queries.
 MAX_FOLLOW_UPS = 64

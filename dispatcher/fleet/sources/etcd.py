@@ -20,6 +20,9 @@ Failures and what they do:
 * A value off the contract (not JSON, neither url nor address, a bad weight or scheme):
   that key is left out and named in ``skipped`` with the reason (never its value, which
   may hold anything); the other keys are reported.
+* More than ``MAX_ENDPOINTS`` registrations: the first in key order are reported, the
+  others counted in ``dropped`` and logged when their number changes; one of those
+  reported that leaves makes room for the next.
 
 A watch that was created and then stays silent is a quiet registry, not a failure: etcd
 sends nothing while nothing changes. A peer that dies closes the connection, which ends
@@ -35,7 +38,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from dispatcher.fleet.sources import InstanceSource, Report
+from dispatcher.fleet.sources import MAX_ENDPOINTS, InstanceSource, Report
 from dispatcher.fleet.sources.etcd_client import (
     MAX_MESSAGE_BYTES,
     Change,
@@ -140,6 +143,8 @@ class EtcdSource(InstanceSource):
         self._found: dict[str, Endpoint] = {}
         #: Keys left out because their value is off the contract, with the reason.
         self.skipped: dict[str, str] = {}
+        #: Well-formed registrations left out, beyond the first MAX_ENDPOINTS.
+        self.dropped = 0
         #: Keeps ``error`` and the read counters; logs an outage's start and end, once.
         self.health = ReadHealth(self, log)
 
@@ -169,7 +174,18 @@ class EtcdSource(InstanceSource):
         )
 
     def _report(self, report: Report) -> None:
-        report([self._found[key] for key in sorted(self._found)])
+        keys = sorted(self._found)
+        dropped = max(0, len(keys) - MAX_ENDPOINTS)
+        if dropped and dropped != self.dropped:
+            log.warning(
+                "registry %s: %d instances beyond the bound of %d ignored (the first keys"
+                " in order are used)",
+                self.name,
+                dropped,
+                MAX_ENDPOINTS,
+            )
+        self.dropped = dropped
+        report([self._found[key] for key in keys[:MAX_ENDPOINTS]])
 
     def _put(self, key: str, value: bytes) -> None:
         try:
@@ -189,7 +205,8 @@ class EtcdSource(InstanceSource):
     def __repr__(self) -> str:
         state = f" error={self.error!r}" if self.error else ""
         skipped = f" skipped={sorted(self.skipped)}" if self.skipped else ""
+        dropped = f" dropped={self.dropped}" if self.dropped else ""
         return (
             f"<EtcdSource {self.name} instances={len(self._found)} reads={self.reads}"
-            f"{state}{skipped}>"
+            f"{dropped}{state}{skipped}>"
         )
