@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import CircuitOpen, Dispatcher, ProviderError, TargetUnavailable
+from dispatcher import (
+    CircuitOpen,
+    Dispatcher,
+    ProviderError,
+    ResultTooLarge,
+    TargetUnavailable,
+)
 from dispatcher.config import load_manifest
 from dispatcher.state import StateUnavailable
 from tests.services import Redis, free_port
@@ -279,3 +285,37 @@ async def test_a_rate_limit_value_no_dispatcher_wrote_is_refused_never_a_negativ
             return
         assert await dispatcher.call("counter", "ping") == "pong"  # this replica's own limit
         assert dispatcher.stats()["state"]["fallbacks"] == 1
+
+
+async def test_an_idempotency_outcome_over_the_bound_is_never_read_and_runs_nothing(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis
+) -> None:
+    """Read whole, a 64 MiB outcome outlasted op_timeout_ms: the claim failed, the
+    replica skipped Redis for retry_after_ms, and with fail_open the duplicate claimed
+    this replica's own record instead and ran the plugin again."""
+    params = {"amount": 1, "delay": 0}
+    async with counter(tmp_path, redis_server.url, redis_prefix) as dispatcher:
+        await dispatcher.call("counter", "charge", params, idempotency_key="order-17")
+        huge = b'{"ok":true,"result":"' + b"x" * (17 * 1024 * 1024) + b'"}'
+        await writer.hset(await only_key(writer, f"{redis_prefix}:idem:*"), "outcome", huge)
+        with pytest.raises(ResultTooLarge, match=r"order-17.*new key") as caught:
+            await dispatcher.call("counter", "charge", params, idempotency_key="order-17")
+        assert caught.value.details["bytes"] == len(huge)
+        again = await dispatcher.call("counter", "charge", params, idempotency_key="order-18")
+        assert again == {"charged": 1, "run": 2}  # order-17 ran once
+        state = dispatcher.stats()["state"]
+        assert state["failures"] == 0 and state["fallbacks"] == 0
+
+
+async def test_a_keyed_result_over_the_bound_is_not_recorded_whole(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis
+) -> None:
+    """Its duplicates are told it ran, and why they get no copy of it."""
+    item = "x" * (17 * 1024 * 1024)
+    async with counter(tmp_path, redis_server.url, redis_prefix) as dispatcher:
+        first = await dispatcher.call("counter", "read", {"item": item}, idempotency_key="big")
+        assert first["read"] == 1
+        record = await only_key(writer, f"{redis_prefix}:idem:*")
+        assert await writer.hstrlen(record, "outcome") < 1024
+        with pytest.raises(ResultTooLarge, match=r"'big'.*new key"):
+            await dispatcher.call("counter", "read", {"item": item}, idempotency_key="big")

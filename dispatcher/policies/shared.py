@@ -20,7 +20,7 @@ the store cannot answer and the manifest says ``fail_open`` (``dispatcher.state`
   next read. Concurrent misses in one replica still make one call (single flight).
   Fallback: no cache (the call goes to the target). An entry that is not JSON (another
   writer's) is a miss, logged, and the fresh result replaces it; entries are bounded
-  (``redis_store.MAX_CACHED_BYTES``).
+  (``redis_store.MAX_VALUE_BYTES``).
 """
 
 from __future__ import annotations

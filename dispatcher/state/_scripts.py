@@ -194,18 +194,22 @@ end
 return 0
 """
 
-#: KEYS[1] the record; ARGV fingerprint, token, lease_ms. Returns {'run'}, {'done',
-#: outcome}, {'busy'} or {'mismatch'}.
+#: KEYS[1] the record; ARGV fingerprint, token, lease_ms, max bytes. Returns {'run'},
+#: {'done', outcome}, {'busy'} or {'mismatch'}; {'done', its size} for an outcome over max
+#: bytes, which no dispatcher records (read whole, it would cost every duplicate its
+#: transfer, and one outlasting the operation timeout made the store look down).
 IDEMPOTENCY_CLAIM = """
-local h = redis.call('HMGET', KEYS[1], 'fp', 'outcome')
-if not h[1] then
+local fp = redis.call('HGET', KEYS[1], 'fp')
+if not fp then
   redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'token', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return {'run'}
 end
-if h[1] ~= ARGV[1] then return {'mismatch'} end
-if h[2] then return {'done', h[2]} end
-return {'busy'}
+if fp ~= ARGV[1] then return {'mismatch'} end
+if redis.call('HEXISTS', KEYS[1], 'outcome') == 0 then return {'busy'} end
+local size = redis.call('HSTRLEN', KEYS[1], 'outcome')
+if size > tonumber(ARGV[4]) then return {'done', size} end
+return {'done', redis.call('HGET', KEYS[1], 'outcome')}
 """
 
 #: KEYS[1] the record; ARGV token, outcome ('' to release), retention_ms, channel, name.

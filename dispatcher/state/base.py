@@ -41,6 +41,7 @@ from linchkit_plugin.errors import (
     error_from_wire,
 )
 from linchkit_plugin.wire import encode_json
+from providers.base import ResultTooLarge
 
 __all__ = [
     "CALLBACK_STATES",
@@ -66,6 +67,7 @@ __all__ = [
     "digest",
     "encode_error",
     "encode_result",
+    "encode_too_large",
 ]
 
 
@@ -159,12 +161,19 @@ def encode_error(error: DispatchError) -> bytes:
     return encode_json({"ok": False, "error": error.to_wire()})
 
 
+def encode_too_large(size: int, limit: int) -> bytes:
+    """What a store records of an outcome of ``size`` bytes, over the ``limit`` it keeps:
+    that the call ran, and its size. Neither a result nor an error a plugin could give."""
+    return encode_json({"ok": False, "too_large": size, "limit": limit})
+
+
 def decode_outcome(outcome: bytes, what: str = "a stored outcome") -> Any:
     """The stored result, or raise the stored error (a fresh exception per caller).
 
-    An outcome no dispatcher wrote (not a JSON object: another writer's, or corrupted)
-    raises ``ProviderError`` naming ``what``: the call it records may have run, and what
-    it returned is lost, so it is not run again under the same record."""
+    An outcome recorded by its size only (``encode_too_large``) raises ``ResultTooLarge``.
+    One no dispatcher wrote (not a JSON object: another writer's, or corrupted) raises
+    ``ProviderError``. Both name ``what``: the call the record stands for may have run,
+    and what it returned is not there, so it is not run again under the same record."""
     try:
         document = orjson.loads(outcome)
     except orjson.JSONDecodeError:
@@ -175,6 +184,13 @@ def decode_outcome(outcome: bytes, what: str = "a stored outcome") -> Any:
             " the call it records may have run, so it does not run again: a new request"
             " needs a new key",
             details={"stage": "state"},
+        )
+    if "too_large" in document:
+        size, limit = document.get("too_large"), document.get("limit")
+        raise ResultTooLarge(
+            f"{what}: the call ran, and its result, {size} bytes, is over the {limit} bytes a"
+            " shared record keeps; it does not run again: a new request needs a new key",
+            details={"stage": "state", "bytes": size, "limit": limit},
         )
     if document.get("ok"):
         return document.get("result")

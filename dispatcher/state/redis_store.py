@@ -54,6 +54,7 @@ from dispatcher.state.base import (
     SharedStore,
     StateBackend,
     StateUnavailable,
+    encode_too_large,
 )
 from dispatcher.state.memory import MemoryIdempotency
 from dispatcher.state.redis_jobs import LateRead, RedisJobRecords, RedisJobs
@@ -69,9 +70,12 @@ T = TypeVar("T")
 BREAKER_TTL_MS = 86_400_000
 #: A warning about Redis at most this often; every fallback is counted in ``stats()``.
 LOG_EVERY_SECONDS = 10.0
-#: The largest cached result kept in Redis, as JSON (``jobs.max_result_bytes``' default):
-#: a larger one is served and not shared, and one found there is dropped unread.
-MAX_CACHED_BYTES = 16 * 1024 * 1024
+#: The largest cached result or recorded outcome kept in Redis, as JSON (the default of
+#: ``jobs.max_result_bytes``), and the largest read: read whole, a value that outlasted
+#: ``op_timeout_ms`` failed every read of it, each making the replica skip Redis for
+#: ``retry_after_ms``. A larger result is served and not cached; a larger outcome is
+#: recorded as its size only (``encode_too_large``).
+MAX_VALUE_BYTES = 16 * 1024 * 1024
 #: The longest ``aclose`` waits for each connection it closes (a Redis that stopped
 #: answering must not hold a host's shutdown up).
 CLOSE_SECONDS = 2.0
@@ -430,7 +434,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
 
     async def cache_get(self, name: str, key: str, deadline: float) -> tuple[bytes | None, int]:
         keys = (self._key("cachegen", name),)
-        args = (self._key("cache", name) + ":", key, MAX_CACHED_BYTES)
+        args = (self._key("cache", name) + ":", key, MAX_VALUE_BYTES)
         generation, value = await self._run(
             "a cache read", deadline, lambda: self._cache_get(keys=keys, args=args)
         )
@@ -440,7 +444,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
                 " dispatchers write, was dropped unread; the call goes to the target",
                 self.where,
                 value,
-                MAX_CACHED_BYTES,
+                MAX_VALUE_BYTES,
             )
         text = reply_text(generation)
         digits = text.removeprefix("-")
@@ -457,7 +461,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
     async def cache_set(
         self, name: str, key: str, value: bytes, ttl: float, generation: int, deadline: float
     ) -> None:
-        if len(value) > MAX_CACHED_BYTES:
+        if len(value) > MAX_VALUE_BYTES:
             return  # served, not shared: every replica's read of it would cost its transfer
         keys = (self._key("cachegen", name),)
         args = (self._key("cache", name) + ":", key, value, max(1, int(ttl * 1000)), generation)
@@ -478,18 +482,23 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
     async def claim(self, key: str, fingerprint: str, lease: float, deadline: float) -> Claimed:
         token = os.urandom(8).hex()
         keys = (self._key("idem", key),)
-        args = (fingerprint, token, max(1, int(lease * 1000)))
+        args = (fingerprint, token, max(1, int(lease * 1000)), MAX_VALUE_BYTES)
         answer = await self._run(
             "an idempotency record", deadline, lambda: self._claim(keys=keys, args=args)
         )
         claim = Claim(answer[0].decode())
         if claim is Claim.RUN:
             return Claimed(claim, token)
-        return Claimed(claim, outcome=answer[1] if len(answer) > 1 else None)
+        outcome = answer[1] if len(answer) > 1 else None
+        if isinstance(outcome, int):  # its size: over the bound, not sent (another writer's)
+            outcome = encode_too_large(outcome, MAX_VALUE_BYTES)
+        return Claimed(claim, outcome=outcome)
 
     async def complete(
         self, key: str, token: str, outcome: bytes, retention: float, deadline: float
     ) -> None:
+        if len(outcome) > MAX_VALUE_BYTES:
+            outcome = encode_too_large(len(outcome), MAX_VALUE_BYTES)
         await self._end_claim(key, token, outcome, retention, deadline)
 
     async def release(self, key: str, token: str, deadline: float) -> None:
