@@ -25,7 +25,8 @@ from dispatcher import (
 )
 from dispatcher.config import load_manifest
 from dispatcher.state import StateUnavailable
-from tests.services import Redis, free_port
+from dispatcher.state.redis_store import RedisState
+from tests.services import Redis, free_port, until
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
@@ -319,3 +320,30 @@ async def test_a_keyed_result_over_the_bound_is_not_recorded_whole(
         assert await writer.hstrlen(record, "outcome") < 1024
         with pytest.raises(ResultTooLarge, match=r"'big'.*new key"):
             await dispatcher.call("counter", "read", {"item": item}, idempotency_key="big")
+
+
+# -- notifications ---------------------------------------------------------------------------
+
+
+async def test_pushes_naming_breakers_this_replica_has_not_cost_it_memory(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis
+) -> None:
+    """Whoever may publish on the prefix's channel could name another breaker in every
+    message, each remembered for good (when it was pushed, by name): 20,000 names of 1 KiB
+    held 20 MB of the replica, and nothing bounded them."""
+    channel = f"{redis_prefix}:events"
+    async with counter(tmp_path, redis_server.url, redis_prefix) as dispatcher:
+        store = dispatcher.state_backend
+        assert isinstance(store, RedisState)
+        await until(lambda: store._subscribed, "the subscription")
+        async with writer.pipeline(transaction=False) as pipe:
+            for n in range(20_000):
+                pipe.publish(channel, f"breaker {n:01024d}")
+            await pipe.execute()
+        # Pushes arrive in order: once this one wakes its waiter, the others were read.
+        read = asyncio.create_task(store.changed("marker", timeout=30))
+        await asyncio.sleep(0.1)
+        await writer.publish(channel, "idem marker")
+        async with asyncio.timeout(30):
+            await read
+        assert len(store._pushed_at) == 0  # the replica has no breaker of any of them

@@ -570,10 +570,15 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             return
         kind, _, key = data.decode(errors="replace").partition(" ")
         if kind == "breaker":
+            # Every breaker of this replica watches its key from the start (SharedBreaker):
+            # another key is none of ours, and remembering it would let whoever publishes
+            # on the channel grow this replica's memory one name at a time.
+            if key not in self._watchers:
+                return
             self._views.pop(key, None)
             self._pushed_at[key] = self._clock()
-            if key in self._watchers:  # a transition: where it stands now, for the watcher
-                self.spawn(self._read_breakers([key]), "circuit breaker read")
+            # A transition: where it stands now, for the watcher.
+            self.spawn(self._read_breakers([key]), "circuit breaker read")
         elif kind in ("idem", "job"):
             for waiter in self._waiters.get(key if kind == "idem" else f"job:{key}", ()):
                 if not waiter.done():
