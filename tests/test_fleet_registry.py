@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,10 +21,12 @@ import pytest
 
 from dispatcher import Dispatcher
 from dispatcher.config import Manifest, parse_manifest
+from dispatcher.fleet.sources import MAX_ENDPOINTS
 from linchkit_plugin.errors import TargetUnavailable
 from tests.conftest import ROOT, echo_plugin, manifest
 from tests.fault_proxy import FaultProxy
 from tests.services import Etcd, Plugin, free_port, until
+from tests.test_etcd_source import put_many
 from tests.test_plugin_registry import GO_EXAMPLE, PLUGIN, PYTHON_GRPC_EXAMPLE
 
 #: How late the dispatcher of the graceful-stop tests learns that a plugin left.
@@ -217,6 +220,39 @@ async def test_a_registration_the_egress_policy_forbids_never_joins(
     assert set(members(dispatcher)) == {f"http {url}"}
     for _ in range(5):
         await dispatcher.call("echo", "say", {"text": "safe"})
+
+
+async def test_a_registration_that_flaps_costs_the_loop_what_changed_not_the_whole_list(
+    etcd: Etcd, etcd_prefix: str, started: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each report made the fleet validate every listed endpoint again (a target and its
+    egress check, about 45 µs each): with 1,000 registrations, one key put 300 times
+    in a row kept the dispatcher's loop busy for seconds (half its turns came over a
+    second late), and a refused registration was logged again at every put."""
+    caplog.set_level(logging.WARNING, "dispatcher.fleet")
+    await asyncio.to_thread(put_many, etcd, etcd_prefix, range(MAX_ENDPOINTS - 2))
+    etcd.put(f"{etcd_prefix}/metadata", json.dumps({"url": "http://169.254.169.254:80"}))
+    dispatcher = await started(registry_manifest(etcd, etcd_prefix))
+    await until(lambda: len(members(dispatcher)) == MAX_ENDPOINTS - 2, "the registrations")
+
+    def flap() -> None:
+        for n in range(300):
+            etcd.put(f"{etcd_prefix}/zz", json.dumps({"url": f"http://10.1.0.{n % 200 + 1}:8080"}))
+
+    lags: list[float] = []
+    flapping = asyncio.create_task(asyncio.to_thread(flap))
+    loop = asyncio.get_running_loop()
+    while not flapping.done():
+        before = loop.time()
+        await asyncio.sleep(0.01)
+        lags.append(loop.time() - before - 0.01)
+    await flapping
+    await until(lambda: "http http://10.1.0.100:8080/invoke" in members(dispatcher), "the last put")
+    assert len(members(dispatcher)) == MAX_ENDPOINTS - 1
+    lags.sort()
+    assert lags[len(lags) // 2] < 0.1, f"the loop's median lag was {lags[len(lags) // 2]:.3f} s"
+    refused = [r for r in caplog.records if "169.254.169.254" in r.getMessage()]
+    assert len(refused) == 1, len(refused)
 
 
 async def test_a_plugin_stopped_gracefully_loses_no_call_of_a_busy_fleet(

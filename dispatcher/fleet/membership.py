@@ -9,7 +9,9 @@ reconciles, so attaches and detaches never race and a burst of reports costs one
 An instance listed by several sources (or also fixed) is one instance: the first to list
 it names its source and weight. Fixed instances never leave; the dispatcher attached
 them and detaches them. An endpoint the target cannot turn into a valid target, or that
-the egress policy refuses, is skipped and logged; an instance whose attach fails is left
+the egress policy refuses, is skipped and logged once while its source lists it (what
+each endpoint became is kept from one report to the next, so a report costs what
+changed, not the whole list); an instance whose attach fails is left
 out and tried again by a pass 0.5 s later, then 1 s, 2 s … up to 30 s while it fails
 (sources report only changes: an instance listed before its server is up would
 otherwise wait for the next one).
@@ -69,6 +71,14 @@ class Membership:
         self._drain_timeout = drain_timeout
         #: What each source lists now, as (target, weight), by source.
         self._listed: list[list[tuple[TargetConfig, int]]] = [[] for _ in self.sources]
+        #: What each endpoint a source listed last became: its target and weight, or None
+        #: (skipped), by source. A source reports its whole list at every change, and
+        #: making a target of an endpoint and checking it against the egress policy (both
+        #: fixed while the fleet lives) costs ~45 µs: done again for every endpoint, one
+        #: registration put over and over held the loop for seconds at 1,000 instances.
+        self._made: list[dict[Endpoint, tuple[TargetConfig, int] | None]] = [
+            {} for _ in self.sources
+        ]
         #: Discovered instances attached and not yet detached, by key.
         self.attached: dict[str, TargetConfig] = {}
         self._changed = asyncio.Event()
@@ -152,32 +162,37 @@ class Membership:
 
     def _reporter(self, index: int) -> Callable[[Sequence[Endpoint]], None]:
         def report(endpoints: Sequence[Endpoint]) -> None:
-            self._listed[index] = self._targets(self.sources[index], endpoints)
+            source, made = self.sources[index], self._made[index]
+            now: dict[Endpoint, tuple[TargetConfig, int] | None] = {}
+            for endpoint in endpoints:
+                now[endpoint] = (
+                    made[endpoint] if endpoint in made else self._target(source, endpoint)
+                )
+            self._made[index] = now  # only what is listed: bounded by the source's bound
+            self._listed[index] = [each for each in now.values() if each is not None]
             self._changed.set()
 
         return report
 
-    def _targets(
-        self, source: InstanceSource, endpoints: Sequence[Endpoint]
-    ) -> list[tuple[TargetConfig, int]]:
-        targets: list[tuple[TargetConfig, int]] = []
-        for endpoint in endpoints:
-            try:
-                target = self.fleet.target.instance_at(endpoint)
-                for destination in target.destinations():
-                    self.fleet.provider.egress.check(destination)
-            except (ValidationError, DispatchError, ValueError) as error:
-                first_line = str(error).splitlines()[0]
-                log.warning(
-                    "%s: skipping %s listed by %s: %s",
-                    self.fleet.name,
-                    endpoint,
-                    source.name,
-                    first_line,
-                )
-                continue
-            targets.append((target, endpoint.weight))
-        return targets
+    def _target(
+        self, source: InstanceSource, endpoint: Endpoint
+    ) -> tuple[TargetConfig, int] | None:
+        """The target and weight of ``endpoint``, or None (logged) when it cannot be one."""
+        try:
+            target = self.fleet.target.instance_at(endpoint)
+            for destination in target.destinations():
+                self.fleet.provider.egress.check(destination)
+        except (ValidationError, DispatchError, ValueError) as error:
+            first_line = str(error).splitlines()[0]
+            log.warning(
+                "%s: skipping %s listed by %s: %s",
+                self.fleet.name,
+                endpoint,
+                source.name,
+                first_line,
+            )
+            return None
+        return target, endpoint.weight
 
     # -- reconciling ---------------------------------------------------------------------
 
