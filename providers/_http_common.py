@@ -38,6 +38,7 @@ from linchkit_plugin.errors import (
     RateLimited,
     TargetUnavailable,
     Unauthorized,
+    bounded_retry_after,
     error_from_wire,
 )
 from providers._http_client import (
@@ -238,15 +239,18 @@ def envelope_error(payload: bytes) -> DispatchError | None:
 
 
 def retry_after_seconds(header: str | None) -> float | None:
-    """A ``Retry-After`` header (seconds or an HTTP date) as seconds from now."""
+    """A ``Retry-After`` header (seconds or an HTTP date) as seconds from now, believed
+    as far as ``bounded_retry_after`` believes a peer (``inf`` parses as a float)."""
     if not header:
         return None
     try:
-        return max(0.0, float(header))
+        return bounded_retry_after(max(0.0, float(header)))
     except ValueError:
         pass
     try:
-        return max(0.0, parsedate_to_datetime(header).timestamp() - time.time())
+        return bounded_retry_after(
+            max(0.0, parsedate_to_datetime(header).timestamp() - time.time())
+        )
     except (TypeError, ValueError):
         return None
 

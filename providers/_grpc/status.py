@@ -111,6 +111,7 @@ from linchkit_plugin.errors import (
     ShuttingDown,
     TargetUnavailable,
     Unauthorized,
+    bounded_retry_after,
 )
 from linchkit_plugin.handshake import NOT_RUN_TRAILER
 from providers.base import CONNECT_STAGE, ResultTooLarge
@@ -290,8 +291,8 @@ def _gateway_trailers(error: Any) -> _GatewayTrailers:
         elif key == "retryable":
             retryable = {"true": True, "false": False}.get(value)
         elif key == "retry-after":
-            with contextlib.suppress(ValueError):
-                retry_after = float(value)
+            with contextlib.suppress(ValueError):  # any server may send it: believed bounded
+                retry_after = bounded_retry_after(float(value))
     return _GatewayTrailers(error_type, retryable, retry_after)
 
 

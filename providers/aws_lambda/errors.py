@@ -29,6 +29,7 @@ from linchkit_plugin.errors import (
     RateLimited,
     TargetUnavailable,
     Unauthorized,
+    bounded_retry_after,
 )
 from providers.aws_lambda.client import botocore_exceptions
 from providers.aws_lambda.target import LambdaTarget
@@ -135,6 +136,6 @@ def _retry_after(header: str | None) -> float | None:
     if not header:
         return None
     try:
-        return max(0.0, float(header))
+        return bounded_retry_after(max(0.0, float(header)))
     except ValueError:
         return None

@@ -21,17 +21,21 @@ nothing from aiohttp, botocore or grpc reaches a caller.
 
 ``type`` is stable and travels on the wire (``docs/protocol.md``); ``retryable`` tells
 the retry policy whether another attempt may succeed; ``retry_after`` (seconds) is set
-when the target or a policy knows when to come back.
+when the target or a policy knows when to come back. A peer's ``retry_after`` is read
+through ``bounded_retry_after``: a finite number of seconds, at least 0 and at most
+``MAX_RETRY_AFTER_SECONDS``, or None.
 
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Final, Self
 
 __all__ = [
+    "MAX_RETRY_AFTER_SECONDS",
     "CircuitOpen",
     "DeadlineExceeded",
     "DispatchError",
@@ -46,8 +50,14 @@ __all__ = [
     "ShuttingDown",
     "TargetUnavailable",
     "Unauthorized",
+    "bounded_retry_after",
     "error_from_wire",
 ]
+
+#: The longest a peer's ``retry_after`` is believed (seconds). It is a hint from a plugin,
+#: or a proxy before it, that may lie: what acts on it (a retry within a call's deadline, a
+#: job's next attempt, a client told ``Retry-After``) waits at most this long for it.
+MAX_RETRY_AFTER_SECONDS: Final = 300.0
 
 
 class DispatchError(Exception):
@@ -247,13 +257,31 @@ _BY_TYPE: dict[str, type[DispatchError]] = {
 }
 
 
+def bounded_retry_after(value: object) -> float | None:
+    """A peer's ``retry_after`` as seconds to act on: at most ``MAX_RETRY_AFTER_SECONDS``;
+    None unless it is a finite number, at least 0. NaN, an infinity, a negative or a boolean
+    say nothing a caller can wait for; NaN and the infinities are not even JSON, so an
+    error carrying one could not be written down (a job's attempt) or sent on."""
+    if type(value) is not float and type(value) is not int:
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer past any float
+        return None
+    if not 0.0 <= seconds < math.inf:  # false for NaN too
+        return None
+    return min(seconds, MAX_RETRY_AFTER_SECONDS)
+
+
 def error_from_wire(
     error: object, *, types: Mapping[str, type[DispatchError]] | None = None
 ) -> DispatchError:
     """Turn the ``error`` object of a response envelope back into an exception.
 
     A known ``type`` becomes that class; any other type is the plugin's own error.
-    A malformed error object is itself a contract breach: ``ProviderError``.
+    A malformed error object is itself a contract breach: ``ProviderError``. A
+    ``retry_after`` that is no number of seconds to wait is dropped, one too long is cut
+    (``bounded_retry_after``).
 
     ``types``: classes by ``type`` known beyond the protocol's, for a reader of errors it
     wrote itself (a host reading its own records back gets its own error types, not a
@@ -271,7 +299,7 @@ def error_from_wire(
     details = error.get("details")
     kwargs: dict[str, Any] = {
         "retryable": retryable if isinstance(retryable, bool) else None,
-        "retry_after": float(retry_after) if isinstance(retry_after, int | float) else None,
+        "retry_after": bounded_retry_after(retry_after),
         "details": details if isinstance(details, dict) else None,
     }
     known = _BY_TYPE.get(remote_type)
