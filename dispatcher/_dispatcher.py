@@ -952,9 +952,11 @@ class Dispatcher:
 
     def stats(self) -> dict[str, Any]:
         """The dispatcher's state and calls in flight; cache, breaker, batch, retry-budget,
-        hedge and fallback counters; access checks and the audit log's head."""
+        hedge and fallback counters; plugin events' handlers running and events dropped;
+        access checks and the audit log's head."""
         stats = self.policies.stats() if self.policies is not None else {}
         stats["fallbacks"] = self._fallbacks.stats()
+        stats["events"] = self._events.stats()
         stats["rollouts"] = self._rollouts.stats()
         stats.update(self._guard.stats())  # "access" and "audit", when configured
         if self.jobs is not None:

@@ -8,6 +8,14 @@ listeners (``listen``) get every event of every plugin, its plugin and version t
 handler that returns a coroutine runs as a task of its own, so a slow handler never holds
 up the provider's stream; the dispatcher cancels what is still running when it closes. A
 handler that raises is logged, never propagated to the plugin.
+
+One plugin's events keep at most ``MAX_RUNNING_HANDLERS_PER_PLUGIN`` such tasks running:
+an event that comes while as many run is not handed to the handlers that are coroutines
+(the others still run), and is counted (``stats``) and logged. A plugin decides how many
+events it sends (over gRPC, as many as the connection carries); the host's handlers how
+fast they end. A task per event, unbounded, let a plugin grow the host's memory for as
+long as its handlers were behind. The bound is per plugin: a flood fills its own share,
+not that of every plugin's events.
 """
 
 from __future__ import annotations
@@ -15,12 +23,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any, Protocol
 
-__all__ = ["EventHandler", "EventHandlers", "EventListener"]
+__all__ = ["MAX_RUNNING_HANDLERS_PER_PLUGIN", "EventHandler", "EventHandlers", "EventListener"]
 
 log = logging.getLogger("dispatcher")
+
+#: Handler tasks one plugin's events may keep running at once: a second of events at the
+#: WebSocket binding's default ``max_events_per_second``.
+MAX_RUNNING_HANDLERS_PER_PLUGIN = 10_000
 
 #: ``handler(event, data)``; may return a coroutine, which runs as a task.
 EventHandler = Callable[[str, Any], Any]
@@ -39,6 +52,10 @@ class EventHandlers:
         self._handlers: dict[tuple[str, str], list[EventHandler]] = defaultdict(list)
         self._listeners: list[EventListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Handler tasks running, by the plugin whose event they handle.
+        self._running: dict[str, int] = {}
+        #: Events not handed to coroutine handlers: their plugin had as many running.
+        self.dropped = 0
 
     def on(self, plugin: str, event: str, handler: EventHandler) -> None:
         self._handlers[(plugin, event)].append(handler)
@@ -59,11 +76,40 @@ class EventHandlers:
             try:
                 outcome = handler(event, data)
                 if asyncio.iscoroutine(outcome):
-                    task = asyncio.get_running_loop().create_task(outcome)
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    self._run(plugin, event, outcome)
             except Exception:
                 log.exception("event handler for %s/%s failed", plugin, event)
+
+    def _run(self, plugin: str, event: str, handling: Coroutine[Any, Any, Any]) -> None:
+        running = self._running.get(plugin, 0)
+        if running >= MAX_RUNNING_HANDLERS_PER_PLUGIN:
+            handling.close()  # never started: nothing to wait for, nothing to warn of
+            self.dropped += 1
+            if self.dropped in (1, 1000) or self.dropped % 100_000 == 0:
+                log.warning(
+                    "events of %s come faster than their handlers end: %d handlers run;"
+                    " event %r not handled (%d dropped so far)",
+                    plugin,
+                    running,
+                    event[:80],
+                    self.dropped,
+                )
+            return
+        task = asyncio.get_running_loop().create_task(handling)
+        self._running[plugin] = running + 1
+        self._tasks.add(task)
+        task.add_done_callback(partial(self._ended, plugin))
+
+    def _ended(self, plugin: str, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        running = self._running.get(plugin, 0) - 1
+        if running > 0:
+            self._running[plugin] = running
+        else:
+            self._running.pop(plugin, None)
+
+    def stats(self) -> dict[str, int]:
+        return {"handlers_running": len(self._tasks), "handler_events_dropped": self.dropped}
 
     async def aclose(self) -> None:
         """Cancel the handlers still running and wait for them to end."""
@@ -74,5 +120,6 @@ class EventHandlers:
     def __repr__(self) -> str:
         return (
             f"<EventHandlers handlers={sum(map(len, self._handlers.values()))}"
-            f" listeners={len(self._listeners)} running={len(self._tasks)}>"
+            f" listeners={len(self._listeners)} running={len(self._tasks)}"
+            f" dropped={self.dropped}>"
         )
