@@ -740,6 +740,7 @@ SIZE_WORDINGS = [
     ("Error, decoded message length too large: found 67108889 bytes, the limit is: 1", "request"),
     ("Error decompressing: size limit, of 67108864 bytes, exceeded while decompressing", "request"),
     ("Stream removed (CLIENT: Received message larger than max (70000000 vs. 67108864))", "reply"),
+    ("Stream removed (received metadata size exceeds soft limit (9126 vs. 8192))", "reply"),
     ("SERVER: Sent message larger than max (70000000 vs. 67108864)", "reply"),
     ("grpc: trying to send message larger than max (70000000 vs. 67108864)", "reply"),
     ("Sent message larger than max (70000000 vs. 67108864)", "reply"),

@@ -6,7 +6,8 @@
     DEADLINE_EXCEEDED                DeadlineExceeded             yes
     RESOURCE_EXHAUSTED, by its words:
       … the request over a size cap  InvalidParams                no (resending gets it again)
-      … the reply over a size cap    ProviderError                no
+      … the reply (its message, or   ProviderError                no
+        its metadata) over a cap
       … the server short of calls    Overloaded                   yes
         at once or of memory
       … a rate limit or quota, or    RateLimited                  yes (``retry-after`` trailer)
@@ -28,6 +29,10 @@ which says OUT_OF_RANGE; only the wording says which side refused which message
 checks each SDK's). Params too large are the caller's to fix: ``InvalidParams``, with
 ``details["reason"] == "too_large"``, as HTTP's 413 is. A result too large is the plugin's:
 ``ProviderError`` with the same reason. Neither is a rate limit, and neither is retryable.
+So is a reply whose headers or trailers are over the cap on the metadata our channel
+receives (16 KiB; from 8 KiB grpc refuses some at random): the plugin ran the call and
+answers as much again, whatever those trailers say (``_REPLY_METADATA_TOO_LARGE``; it was
+read as a server short of capacity, retryable, or as a rate limit from its trailers).
 
 No SDK answers a call RESOURCE_EXHAUSTED but for its size: a plugin's own rate limit is
 an error in its reply (``rate_limited``). What else says RESOURCE_EXHAUSTED is a server
@@ -161,6 +166,11 @@ _REPLY_TOO_LARGE = (
     "grpc: trying to send message larger than max",  # grpc-go
     "encoded message length too large",  # tonic, OUT_OF_RANGE
 )
+#: … and a reply whose metadata (headers or trailers) our channel refused: over grpc
+#: core's limit on what a channel receives (8 KiB soft, refused at random up to 16 KiB
+#: hard), as grpcio 1.85 words it. A server refusing our request's metadata says the same
+#: without ``Stream removed``, which only our side's refusal of a stream wraps it in.
+_REPLY_METADATA_TOO_LARGE = "Stream removed (received metadata size exceeds"
 #: grpc-js words both sides without a prefix: a server's "Received" is the request.
 _GRPC_JS_REQUEST_TOO_LARGE = ("Received message larger than max", "decompresses to a size larger")
 _GRPC_JS_REPLY_TOO_LARGE = "Sent message larger than max"
@@ -170,6 +180,8 @@ def too_large(details: str) -> str | None:
     """``"request"`` or ``"reply"`` when ``details()`` says that message was over a size
     cap, else None. Our own channel's words (``CLIENT: …``) are checked before grpc-js's
     unprefixed ones, which they contain."""
+    if details.startswith(_REPLY_METADATA_TOO_LARGE):
+        return "reply"
     if any(words in details for words in _REPLY_TOO_LARGE):
         return "reply"
     if any(words in details for words in _REQUEST_TOO_LARGE):
@@ -259,8 +271,9 @@ def translate_rpc_error(
                 retryable=False,
                 details={"reason": "too_large"},
             )
+        cap = "metadata" if details.startswith(_REPLY_METADATA_TOO_LARGE) else "message"
         return ProviderError(
-            f"{what}: the reply is over the gRPC message size cap ({status.name} {details})",
+            f"{what}: the reply is over the gRPC {cap} size cap ({status.name} {details})",
             retryable=False,
             details={"reason": "too_large"},
         )
