@@ -414,6 +414,33 @@ async def test_a_hello_that_names_another_plugin_closes_the_connection() -> None
         assert connected(dispatcher) == 0
 
 
+@pytest.mark.parametrize(
+    ("first_frame", "code"),
+    [
+        (hello_frame("插件" * 30, "1.0.0", ["echo"]), 4403),  # another id, not ASCII
+        (hello_frame("sock", "版本" * 20, ["echo"]), 4403),  # another version
+        (orjson.dumps({"type": "问候" * 20}), 4400),  # no hello at all
+    ],
+)
+async def test_a_refused_hello_not_in_ascii_is_closed_with_its_code(
+    first_frame: bytes, code: int
+) -> None:
+    """The close reason quotes what the plugin said; a close frame holds 123 bytes of it.
+    Before: the reason was cut at 120 characters, not bytes, and a frame of up to 360
+    bytes went out, which the plugin's WebSocket refuses as a protocol error (1002): it
+    never read 4403, so the SDK's ``connect`` dialled again for ever instead of exiting
+    with the refusal."""
+    async with gateway() as (dispatcher, url), aiohttp.ClientSession() as client:
+        headers = {"X-Plugin-Id": "sock", "Authorization": f"Bearer {TOKEN}"}
+        async with client.ws_connect(url, headers=headers) as ws:
+            await ws.send_bytes(first_frame)
+            message = await ws.receive(timeout=10)
+            assert message.type == aiohttp.WSMsgType.CLOSE, message
+            assert ws.close_code == code
+            assert 0 < len(message.extra.encode()) <= 123
+        assert connected(dispatcher) == 0
+
+
 async def test_a_hello_closed_4403_ends_the_dial_without_dialling_again() -> None:
     """Admitted at the upgrade, closed 4403 on its hello (here by a server that closes
     every hello so, as the gateway does a hello naming another plugin than the one it

@@ -59,7 +59,7 @@ from linchkit_plugin.ws_protocol import (
 from providers.base import Health
 from providers.invocation import Invocation
 
-__all__ = ["Channel", "EventSink", "Socket", "read_hello"]
+__all__ = ["Channel", "EventSink", "Socket", "close_message", "read_hello"]
 
 log = logging.getLogger("dispatcher.providers.websocket")
 
@@ -78,7 +78,7 @@ _END = object()
 _DRAIN_POLL_SECONDS = 0.01
 
 
-def _close_message(reason: str) -> bytes:
+def close_message(reason: str) -> bytes:
     """``reason`` as a close frame carries it: 123 bytes of UTF-8 at most (the frame's
     payload is 125, the code takes 2), never cut inside a character."""
     return reason.encode()[:123].decode(errors="ignore").encode()
@@ -506,7 +506,7 @@ class Channel:
             else "the dispatcher closed the connection"
         )
         with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.socket.close(code=code, message=_close_message(reason))
+            await self.socket.close(code=code, message=close_message(reason))
         tasks = list(self._background)
         for task in tasks:
             task.cancel()

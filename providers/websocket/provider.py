@@ -302,12 +302,14 @@ class WebSocketProvider(Provider[WebSocketTarget]):
     async def _hello(self, socket: Any, plugin: PluginInfo) -> dict[str, Any] | None:
         """The plugin's ``hello``, checked against the plugin admitted; None (and the
         connection closed with the reason) when it is not one."""
-        from providers.websocket.channel import read_hello
+        from providers.websocket.channel import close_message, read_hello
 
+        # A close frame holds 123 bytes of reason, and the reason quotes the plugin: cut in
+        # characters, one not in ASCII made a frame the plugin refused (1002), unread.
         try:
             hello = await read_hello(socket)
         except DispatchError as error:
-            await socket.close(code=CLOSE_BAD_HELLO, message=error.message[:120].encode())
+            await socket.close(code=CLOSE_BAD_HELLO, message=close_message(error.message))
             return None
         wrong = (
             f"admitted as {plugin.id!r}, said it is {hello['id']!r:.60}"
@@ -317,7 +319,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             else None
         )
         if wrong is not None:
-            await socket.close(code=CLOSE_WRONG_PLUGIN, message=wrong[:120].encode())
+            await socket.close(code=CLOSE_WRONG_PLUGIN, message=close_message(wrong))
             return None
         return hello
 
