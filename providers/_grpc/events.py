@@ -4,8 +4,9 @@ the plugin emits goes to the host's sink, host events queued with ``send`` go to
 A stream that ends (the plugin restarted or went away) is reopened after a wait that starts
 at 0.05 s, doubles with each end up to 2 s, and starts over once an event arrives. A plugin
 that answers UNIMPLEMENTED has no ``Events`` stream and is not asked again; a closed channel
-ends the task. An event whose data is not JSON is logged and skipped; a sink that raises is
-logged, and the stream goes on. ``PluginConnection`` opens the RPC on its channel
+ends the task. An event whose data is not JSON is skipped and counted (``bad_events``),
+and logged sparingly (the first, the 1,000th, every 100,000th; its name escaped and cut);
+a sink that raises is logged, and the stream goes on. ``PluginConnection`` opens the RPC on its channel
 (``OpenEvents``) and ends the task with ``close`` before it closes that channel.
 """
 
@@ -47,6 +48,8 @@ class EventsStream:
         self._outgoing: HostEvents[tuple[str, bytes]] = HostEvents(describe)
         self._open = asyncio.Event()
         self._closed = False
+        #: Events whose data was not JSON: skipped, and logged sparingly.
+        self.bad_events = 0
 
     @property
     def running(self) -> bool:
@@ -131,7 +134,15 @@ class EventsStream:
                     try:
                         data = loads(event.data_json, self.describe)
                     except ProviderError:
-                        log.warning("%s sent event %r with bad JSON", self.describe, event.name)
+                        self.bad_events += 1
+                        bad = self.bad_events
+                        if bad in (1, 1000) or bad % 100_000 == 0:
+                            log.warning(
+                                "%s sent event %.80r with bad JSON (%d so far)",
+                                self.describe,
+                                event.name,
+                                bad,
+                            )
                         continue
                     try:
                         sink(event.name, data)

@@ -16,7 +16,10 @@ the sink, so a slow caller never stalls it. Memory stays bounded on both ways:
   is cancelled); events beyond ``max_events_per_second`` are dropped and counted.
 
 Answers for ids not in flight (late ones after a deadline, or made up) are counted in
-``unknown_ids`` and dropped: a result reaches its caller once or not at all.
+``unknown_ids`` and dropped: a result reaches its caller once or not at all. Frames that
+cannot be used are counted in ``protocol_errors`` and logged sparingly (the first, the
+1,000th, every 100,000th; what the plugin wrote escaped and cut): how many a plugin sends
+is its to decide, how many lines the host writes is not.
 
 A plugin that is stopping sends ``goaway``: from then on no call or stream is sent on the
 channel (``going_away``; a call is refused as never sent), the ones in flight are
@@ -76,6 +79,12 @@ _CREDIT_EVERY = STREAM_WINDOW // 2
 _END = object()
 #: How often a channel that was told ``goaway`` looks whether its last call has ended.
 _DRAIN_POLL_SECONDS = 0.01
+
+
+def _sparingly(count: int) -> bool:
+    """Whether the ``count``-th of something a plugin does again and again is logged: the
+    first, the 1,000th and every 100,000th."""
+    return count in (1, 1000) or count % 100_000 == 0
 
 
 def close_message(reason: str) -> bytes:
@@ -158,6 +167,7 @@ class Channel:
         self.protocol_errors = 0
         self.events_dropped = 0
         self.events_dropped_by_plugin = 0
+        self._dropped_frames = 0
 
     @property
     def usable(self) -> bool:
@@ -362,8 +372,13 @@ class Channel:
         try:
             frame = decode_frame(data)
         except FrameError as error:
-            self.protocol_errors += 1
-            log.warning("%s sent %s", self.describe, error.message)
+            if self._count_protocol_error():
+                log.warning(
+                    "%s sent %s (%d unusable frames so far)",
+                    self.describe,
+                    error.message,
+                    self.protocol_errors,
+                )
             return
         kind = frame["type"]
         raw_id = frame.get("id")
@@ -403,10 +418,26 @@ class Channel:
             count = frame.get("count")
             if type(count) is int and count > 0:
                 self.events_dropped_by_plugin += count
-                log.warning("%s dropped %d events while disconnected", self.describe, count)
-        else:
-            self.protocol_errors += 1
-            log.warning("%s sent an unknown frame type %r", self.describe, kind[:40])
+                self._dropped_frames += 1
+                if _sparingly(self._dropped_frames):
+                    log.warning(
+                        "%s dropped %d events while disconnected (%d in all)",
+                        self.describe,
+                        count,
+                        self.events_dropped_by_plugin,
+                    )
+        elif self._count_protocol_error():
+            log.warning(
+                "%s sent an unknown frame type %.40r (%d unusable frames so far)",
+                self.describe,
+                kind,
+                self.protocol_errors,
+            )
+
+    def _count_protocol_error(self) -> bool:
+        """Count a frame from the plugin that this side cannot use; whether to log it."""
+        self.protocol_errors += 1
+        return _sparingly(self.protocol_errors)
 
     def _go_away(self) -> None:
         """The plugin is stopping: send it nothing new, close once its calls are answered."""
@@ -448,7 +479,7 @@ class Channel:
             return
         if not self._events.take():
             self.events_dropped += 1
-            if self.events_dropped in (1, 1000) or self.events_dropped % 100_000 == 0:
+            if _sparingly(self.events_dropped):
                 log.warning(
                     "%s sends events faster than max_events_per_second; %d dropped",
                     self.describe,
@@ -471,8 +502,13 @@ class Channel:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(error)
             return
-        self.protocol_errors += 1
-        log.warning("%s could not use a frame this side sent: %s", self.describe, error.message)
+        if self._count_protocol_error():
+            log.warning(
+                "%s could not use a frame this side sent: %.200r (%d unusable frames so far)",
+                self.describe,
+                error.message,
+                self.protocol_errors,
+            )
 
     def _closed(self, reason: str) -> None:
         if self.closed:
