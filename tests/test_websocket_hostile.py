@@ -203,6 +203,47 @@ async def test_a_plugin_may_not_call_the_host() -> None:
         assert answers[0]["error"]["type"] == "forbidden"
 
 
+async def test_a_plugin_flooding_calls_it_never_reads_refusals_of_costs_bounded_memory() -> None:
+    """150,000 call frames from a plugin that reads nothing back: each is counted, but the
+    host holds at most ``MAX_REFUSALS_WAITING`` refusals waiting for it. Before: a task
+    and an error frame per call frame (some 1.3 kB of the host's memory each), over
+    100,000 waiting here, and cancelling them as the dispatcher closed took half a minute."""
+    from providers.websocket.channel import MAX_REFUSALS_WAITING
+
+    flood = 150_000
+    reading = asyncio.Event()
+    refusals = 0
+
+    async def caller(ws: web.WebSocketResponse) -> None:
+        nonlocal refusals
+        await ws.send_bytes(HELLO)
+        request = {"v": 1, "plugin": "liar", "method": "x", "params": {}, "context": {}}
+        frame = orjson.dumps({"type": "call", "id": 1, "request": request})
+        for _ in range(flood):
+            await ws.send_bytes(frame)
+        await reading.wait()  # reads nothing until the host has read the flood
+        async for message in ws:
+            frame = orjson.loads(message.data)
+            if frame["type"] == "error":
+                refusals += 1
+            elif frame["type"] == "call":
+                response = {"ok": True, "result": "answered"}
+                await ws.send_bytes(
+                    orjson.dumps({"type": "response", "id": frame["id"], "response": response})
+                )
+
+    async with scripted(caller) as d:
+        channel = None
+        async with asyncio.timeout(30):
+            while channel is None or channel.protocol_errors < flood:
+                await asyncio.sleep(0.02)
+                channel = channel_of(d)
+        assert len(channel._background) <= MAX_REFUSALS_WAITING
+        reading.set()
+        assert await d.call("liar", "echo", {}) == "answered"
+        assert refusals > 0  # told, as far as it reads
+
+
 async def test_a_plugin_that_says_it_is_another_plugin_is_not_called() -> None:
     async def impostor(ws: web.WebSocketResponse) -> None:
         await ws.send_bytes(hello_frame("someone-else", "1.0.0", ["echo"]))

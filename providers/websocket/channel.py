@@ -62,7 +62,14 @@ from linchkit_plugin.ws_protocol import (
 from providers.base import Health
 from providers.invocation import Invocation
 
-__all__ = ["Channel", "EventSink", "Socket", "close_message", "read_hello"]
+__all__ = [
+    "MAX_REFUSALS_WAITING",
+    "Channel",
+    "EventSink",
+    "Socket",
+    "close_message",
+    "read_hello",
+]
 
 log = logging.getLogger("dispatcher.providers.websocket")
 
@@ -79,6 +86,10 @@ _CREDIT_EVERY = STREAM_WINDOW // 2
 _END = object()
 #: How often a channel that was told ``goaway`` looks whether its last call has ended.
 _DRAIN_POLL_SECONDS = 0.01
+#: Refusals of a plugin's own calls waiting to be sent: past these a call frame is counted
+#: and not answered. Each costs a task and an error frame: a plugin that sent calls and
+#: read nothing back had the host hold some 1.3 kB per call frame of 30 bytes it sent.
+MAX_REFUSALS_WAITING = 64
 
 
 def _sparingly(count: int) -> bool:
@@ -155,6 +166,7 @@ class Channel:
         #: Streams in flight: id → the queue of their chunks (and the final response).
         self._streams: dict[int, asyncio.Queue[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._refusals_waiting = 0
         self._send_lock = asyncio.Lock()
         self.closed = False
         self.close_reason = ""
@@ -408,10 +420,11 @@ class Channel:
             # A plugin may not call the host over its connection (nor through it, the
             # dispatcher's other plugins): refused, typed, the connection stays.
             self.protocol_errors += 1
-            refusal = Forbidden(f"{self.describe}: a plugin connection may not call the host")
-            task = self._loop.create_task(self._send_quietly(error_frame(refusal, call_id)))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            if self._refusals_waiting < MAX_REFUSALS_WAITING:
+                self._refusals_waiting += 1
+                task = self._loop.create_task(self._refuse(call_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         elif kind == "goaway":
             self._go_away()
         elif kind == "dropped":
@@ -438,6 +451,13 @@ class Channel:
         """Count a frame from the plugin that this side cannot use; whether to log it."""
         self.protocol_errors += 1
         return _sparingly(self.protocol_errors)
+
+    async def _refuse(self, call_id: int | None) -> None:
+        refusal = Forbidden(f"{self.describe}: a plugin connection may not call the host")
+        try:
+            await self._send_quietly(error_frame(refusal, call_id))
+        finally:
+            self._refusals_waiting -= 1
 
     def _go_away(self) -> None:
         """The plugin is stopping: send it nothing new, close once its calls are answered."""
