@@ -55,8 +55,9 @@ class Server:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """``/start`` redirects to 127.0.0.2 (not granted); ``/echo`` answers what it got;
-    ``/big?N`` answers N bytes (``/big-unsized``: without a Content-Length); ``/silent``
-    never answers; ``/trickle`` answers a byte of its head at a time, for ever."""
+    ``/length`` the length of the body it got; ``/big?N`` answers N bytes
+    (``/big-unsized``: without a Content-Length); ``/silent`` never answers; ``/trickle``
+    answers a byte of its head at a time, for ever."""
 
     server_state: Server
 
@@ -64,6 +65,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer()
 
     def do_POST(self) -> None:
+        self._answer()
+
+    def do_PUT(self) -> None:
         self._answer()
 
     def _answer(self) -> None:
@@ -88,6 +92,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif path == "/length":
+            length = int(self.headers.get("Content-Length") or 0)
+            self._send(200, orjson.dumps(len(self.rfile.read(length))))
         elif path in ("/big", "/big-unsized"):
             body = b'"' + b"a" * (int(query) - 2) + b'"'
             self.send_response(200)
@@ -423,6 +430,35 @@ async def test_a_request_body_and_headers_are_passed_on(tmp_path: Path, server: 
         }
 
 
+async def test_a_request_body_larger_than_the_bound_is_refused_before_anything_is_sent(
+    tmp_path: Path, server: Server
+) -> None:
+    # memory_mb 4: the bound is a quarter, 1 MiB, as for an answer's body.
+    bound = 1024 * 1024
+    url = f"http://localhost:{server.port}/length"
+    fits = http_module(tmp_path, url, method="POST", body=b"a" * bound)
+    too_large = http_module(tmp_path, url, method="POST", body=b"a" * (bound + 1))
+    elsewhere = f"http://127.0.0.2:{server.port}/length"
+    refused = http_module(tmp_path, elsewhere, method="POST", body=b"a" * (bound + 1))
+    async with dispatcher_of(
+        fetcher(fits, ["localhost"], memory_mb=4),
+        {**fetcher(too_large, ["localhost"], memory_mb=4), "id": "large"},
+        {**fetcher(refused, ["localhost"], memory_mb=4), "id": "refused"},
+    ) as dispatcher:
+        assert await dispatcher.call("fetcher", "fetch", None) == bound
+        with pytest.raises(LimitExceeded) as caught:
+            await dispatcher.call("large", "fetch", None)
+        # Both too large and not granted: the refusal is told (and logged), not the limit.
+        with pytest.raises(NetworkRefused, match=r"127\.0\.0\.2 is not granted"):
+            await dispatcher.call("refused", "fetch", None)
+    assert caught.value.details["limit"] == "http_request_body_bytes"
+    assert caught.value.details["host"] == "localhost"
+    assert not caught.value.retryable
+    message = caught.value.message
+    assert f"the request's body is {bound + 1} bytes, larger than {bound}" in message
+    assert server.connections == ["127.0.0.1"], "the large body's request was sent"
+
+
 async def test_status_and_headers_are_readable(tmp_path: Path, server: Server) -> None:
     module = http_module(tmp_path, f"http://localhost:{server.port}/echo", method="POST")
     async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
@@ -703,6 +739,15 @@ async def test_https_refuses_a_certificate_for_another_name(
         assert server.seen == []
 
 
+async def test_https_sends_a_request_body(tmp_path: Path, trusted: trustme.CA) -> None:
+    for server in tls_server(trusted, "localhost"):
+        url = f"https://localhost:{server.port}/length"
+        module = http_module(tmp_path, url, method="PUT", body=b"b" * 300_000)
+        async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
+            assert await dispatcher.call("fetcher", "fetch", None) == 300_000
+        assert server.seen == [f"PUT localhost:{server.port}/length"]
+
+
 # -- what the sandbox reports --------------------------------------------------------------
 
 
@@ -715,4 +760,4 @@ def test_a_network_grant_is_reported_enforced_redirects_and_egress_included() ->
     assert "api.example.com, 10.0.0.0/8 (URLs naming an address in it)" in network
     assert "egress policy checked on every resolved address" in network
     assert "never followed" in network
-    assert f"at most {32 * 1024 * 1024} bytes" in network
+    assert f"request bodies and answers of at most {32 * 1024 * 1024} bytes" in network

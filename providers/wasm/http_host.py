@@ -8,39 +8,46 @@ it, by functions that hand each request to ``HttpState.request`` here. Before a 
 sent, a request must pass, in this order:
 
 1. its form: Extism's request JSON ``{url, method, headers}`` (at most
-   ``MAX_REQUEST_BYTES``); an ``http`` or ``https`` URL of at most ``MAX_URL_LENGTH``
-   printable ASCII characters, without credentials; a method that is a token; at most
-   ``MAX_HEADERS`` headers of ``MAX_HEADER_BYTES`` in all, whose names are tokens and
-   whose values are printable ASCII, no CR, LF or control character (a header split in two is a
-   request smuggled in one); none of the headers the dispatcher sets itself
-   (``Host``, ``Content-Length``, ``Connection``…) unless it says what the dispatcher does;
+   ``MAX_REQUEST_BYTES``), and its body an Extism memory block; an ``http`` or ``https``
+   URL of at most ``MAX_URL_LENGTH`` printable ASCII characters, without credentials; a
+   method that is a token; at most ``MAX_HEADERS`` headers of ``MAX_HEADER_BYTES`` in all,
+   whose names are tokens and whose values are printable ASCII, no CR, LF or control
+   character (a header split in two is a request smuggled in one); none of the headers the
+   dispatcher sets itself (``Host``, ``Content-Length``, ``Connection``…) unless it says
+   what the dispatcher does;
 2. the plugin's grant, ``capabilities.network``: the URL's host matches one of its names
    as Extism's ``allowed_hosts`` would (``fnmatch``'s globs, as the ``glob`` crate's:
    ``*.example.com``), or it is an address written in the URL that lies in one of its
    networks (``10.0.0.0/8``);
-3. the manifest's egress policy (``providers.egress``) on every address the name resolves
-   to, resolved here and once: link-local and metadata addresses are refused unless
-   allowed, and only ``egress.allow`` when it is set.
+3. the manifest's egress policy (``providers.egress``): a name it refuses (metadata names,
+   names ``egress.allow`` can never admit) is not even looked up, and every address the
+   name resolves to, resolved here and once, is checked: link-local and metadata
+   addresses are refused unless allowed, and only ``egress.allow`` when it is set;
+4. its body's size: at most ``HttpGrant.max_request_body_bytes`` (a quarter of
+   ``memory_mb``, as an answer's: ``providers.wasm.sandbox``), checked before a byte of it
+   is copied out of the module. Refusals come first: a request both refused and too large
+   is refused, and logged as such.
 
 Then the request goes to the first admitted address that takes the connection (that
 address: nothing resolves the name again), carries the URL's own ``Host``, and over
 ``https`` the certificate is verified against the URL's host (the standard library's
 default context: the system's trust store, or ``SSL_CERT_FILE``). One request per
 connection. A redirect is an answer like any other: the module gets its status, headers
-and body, and nothing follows it. The body is read up to ``HttpGrant.max_response_bytes``
-(a quarter of ``memory_mb``: ``providers.wasm.sandbox``); every wait, the connection's and
-each read's, ends when the call does. Resolving a name is the one wait that does not: the
-system resolver has its own timeout (resolv.conf's, seconds), and the caller is answered at
-its deadline regardless (``providers.wasm.pool``).
+and body, and nothing follows it. The body is read up to ``HttpGrant.max_response_bytes``;
+every wait, the connection's and each read's, ends when the call does. Resolving a name is
+the one wait that does not: the system resolver has its own timeout (resolv.conf's,
+seconds), and the caller is answered at its deadline regardless (``providers.wasm.pool``).
 
 A request that fails ends the call, as libextism's own failures do (they trap):
 
-    the form or the grant refused           NetworkRefused (a ProviderError), nothing sent
-    the egress policy refused the addresses EgressRefused, nothing sent
-    the body larger than the bound          LimitExceeded(limit="http_response_bytes")
-    no address, no connection, an untrusted ProviderError naming the host and the reason
+    the form or the grant refused            NetworkRefused (a ProviderError), nothing sent
+    the egress policy refused the addresses  EgressRefused, nothing sent
+    the request's body larger than its bound LimitExceeded(limit="http_request_body_bytes"),
+                                             nothing sent
+    the answer's body larger than its bound  LimitExceeded(limit="http_response_bytes")
+    no address, no connection, an untrusted  ProviderError naming the host and the reason
     certificate, an answer that is not HTTP
-    the call's end reached                  the call's deadline (or its cpu_s) passed
+    the call's end reached                   the call's deadline (or its cpu_s) passed
 
 No extism import: ``providers.wasm.runtime`` moves the bytes in and out of the module.
 """
@@ -57,8 +64,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
@@ -76,6 +84,7 @@ __all__ = [
     "HttpGrant",
     "HttpState",
     "NetworkRefused",
+    "RequestBody",
     "TimedOut",
 ]
 
@@ -119,10 +128,31 @@ class TimedOut(Exception):
     """The call's end came while its HTTP request was under way."""
 
 
-class HttpGrant:
-    """Where one plugin's module may send HTTP requests, and how large an answer may be."""
+class RequestBody(Protocol):
+    """A request's body where the module left it (``providers.wasm.runtime``): its length
+    known at once, its bytes copied out only for a request that passed every check."""
 
-    __slots__ = ("_tls", "_tls_lock", "egress", "hosts", "max_response_bytes", "networks")
+    def __len__(self) -> int: ...
+
+    def copied(self) -> AbstractContextManager[memoryview]:
+        """Its bytes, copied out of the module once, readable within the ``with``; raises
+        ``NetworkRefused`` when not all of them can be read."""
+        ...
+
+
+class HttpGrant:
+    """Where one plugin's module may send HTTP requests, and how large a body may be each
+    way."""
+
+    __slots__ = (
+        "_tls",
+        "_tls_lock",
+        "egress",
+        "hosts",
+        "max_request_body_bytes",
+        "max_response_bytes",
+        "networks",
+    )
 
     def __init__(
         self,
@@ -131,12 +161,14 @@ class HttpGrant:
         egress: EgressPolicy,
         *,
         max_response_bytes: int,
+        max_request_body_bytes: int,
     ) -> None:
         #: Name patterns of ``capabilities.network`` (Extism's ``allowed_hosts``).
         self.hosts = tuple(host.lower() for host in hosts)
         self.networks = tuple(networks)
         self.egress = egress
         self.max_response_bytes = max_response_bytes
+        self.max_request_body_bytes = max_request_body_bytes
         self._tls: ssl.SSLContext | None = None
         self._tls_lock = threading.Lock()
 
@@ -152,7 +184,10 @@ class HttpGrant:
         return ", ".join(granted) or "none"
 
     def __repr__(self) -> str:
-        return f"<HttpGrant {self.describe()} max_response_bytes={self.max_response_bytes}>"
+        return (
+            f"<HttpGrant {self.describe()} max_request_body_bytes={self.max_request_body_bytes}"
+            f" max_response_bytes={self.max_response_bytes}>"
+        )
 
 
 class HttpState:
@@ -188,7 +223,7 @@ class HttpState:
             )
         self._stop()
 
-    def request(self, request: bytes, body: bytes | None) -> bytes:
+    def request(self, request: bytes, body: RequestBody | None) -> bytes:
         """Send the module's request; the answer's body. Raises ``NetworkRefused``,
         ``EgressRefused``, ``LimitExceeded``, ``ProviderError`` or ``TimedOut``."""
         if self.failure is not None or self.timed_out:
@@ -198,18 +233,22 @@ class HttpState:
         self.status, self.headers = 0, None
         url, method, asked = _parsed(request)
         target = _Target.of(url)
-        headers = _checked_headers(target, asked, body, method)
+        length = None if body is None else len(body)
+        headers = _checked_headers(target, asked, length, method)
         grant = self.grant
         if grant is None:
             raise target.refused("the plugin is granted no network (capabilities.network)")
         connections = _admitted(grant, target, self._remaining)
-        sock = _connect(target, connections, self._remaining)
-        try:
-            if target.scheme == "https":
-                sock = _tls(grant, target, sock, self._remaining)
-            return self._exchange(grant, target, sock, method, headers, body)
-        finally:
-            sock.close()
+        if length is not None and length > grant.max_request_body_bytes:
+            raise _body_too_large(target, length, grant.max_request_body_bytes)
+        with nullcontext(None) if body is None else body.copied() as data:
+            sock = _connect(target, connections, self._remaining)
+            try:
+                if target.scheme == "https":
+                    sock = _tls(grant, target, sock, self._remaining)
+                return self._exchange(grant, target, sock, method, headers, data)
+            finally:
+                sock.close()
 
     def __repr__(self) -> str:
         ended = "timed out" if self.timed_out else repr(self.failure) if self.failure else "ok"
@@ -228,7 +267,7 @@ class HttpState:
         sock: socket.socket,
         method: str,
         headers: list[tuple[str, str]],
-        body: bytes | None,
+        body: memoryview | None,
     ) -> bytes:
         connection = http.client.HTTPConnection(target.host, target.port)
         connection.sock = _Bounded(sock, self._remaining)
@@ -238,7 +277,7 @@ class HttpState:
             for name, value in headers:
                 connection.putheader(name, value)
             if body is not None or method in _BODY_METHODS:
-                connection.putheader("Content-Length", str(len(body or b"")))
+                connection.putheader("Content-Length", str(0 if body is None else len(body)))
             connection.putheader("Connection", "close")
             connection.endheaders(body)
             response = connection.getresponse()
@@ -357,7 +396,7 @@ def _parsed(request: bytes) -> tuple[str, str, dict[str, str]]:
 
 
 def _checked_headers(
-    target: _Target, headers: dict[str, str], body: bytes | None, method: str
+    target: _Target, headers: dict[str, str], body_length: int | None, method: str
 ) -> list[tuple[str, str]]:
     # A method is a token as a header's name is (RFC 9110).
     if len(method) > 32 or not is_header_name(method):
@@ -369,7 +408,7 @@ def _checked_headers(
         raise target.refused(f"its headers hold {size} bytes, at most {MAX_HEADER_BYTES}")
     own = {
         "host": target.authority.lower(),
-        "content-length": str(len(body or b"")),
+        "content-length": str(body_length or 0),
         "connection": "close",
     }
     checked: list[tuple[str, str]] = []
@@ -491,6 +530,18 @@ def _body_of(response: http.client.HTTPResponse, target: _Target, limit: int) ->
     return b"".join(pieces)
 
 
+def _body_too_large(target: _Target, length: int, limit: int) -> LimitExceeded:
+    error = LimitExceeded(
+        f"HTTP request to {target.host} refused: the request's body is {length} bytes,"
+        f" larger than {limit}, a quarter of the plugin's memory_mb (send less per request,"
+        " or raise memory_mb)",
+        limit="http_request_body_bytes",
+        value=limit,
+    )
+    error.details["host"] = target.host
+    return error
+
+
 def _too_large(target: _Target, limit: int, how: str) -> LimitExceeded:
     error = LimitExceeded(
         f"HTTP request to {target.host}: the answer's body is larger than {limit} bytes"
@@ -542,7 +593,7 @@ class _Bounded:
         except TimedOut:
             raise TimeoutError("the call's end came") from None
 
-    def sendall(self, data: bytes) -> None:
+    def sendall(self, data: bytes | memoryview) -> None:
         self._bound()
         self._sock.sendall(data)
 

@@ -18,6 +18,7 @@ instances; calls run on the pool's threads. Error mapping, at this boundary:
     an HTTP request refused (not granted, a     NetworkRefused / EgressRefused (ProviderErrors,
     malformed one, the egress policy)           naming the host), logged as a security
                                                 incident; nothing was sent
+    an HTTP request's body past the bound       LimitExceeded(limit="http_request_body_bytes")
     an HTTP answer past the bound               LimitExceeded(limit="http_response_bytes")
     an HTTP request that failed                 ProviderError naming the host and why
                                                 (``providers.wasm.http_host``)
@@ -117,6 +118,7 @@ class WasmProvider(Provider[WasmTarget]):
                 sandbox.networks,
                 self.egress,
                 max_response_bytes=sandbox.max_response_bytes,
+                max_request_body_bytes=sandbox.max_request_body_bytes,
             )
             if sandbox.hosts or sandbox.networks
             else None

@@ -25,6 +25,8 @@ on (``Instance.call``). Three things about Python host functions shape them:
   claiming more bytes than the memory holds would have the dispatcher read (and write)
   past it, a crash or a leak of the host's memory. Bytes go in and out through the kernel
   instead (``write``/``preadv`` on a memfd), which answers EFAULT where a pointer would fault;
+  a request's body is copied out once, into the memfd, and sent from a read-only mapping of
+  it, and only once the request passed every check (``http_host.RequestBody``);
 * a module's start code (``_initialize``, a start function: Go's ``init`` functions) runs
   while libextism instantiates it, when the instance's pointers to its store are not set
   yet (null while it links, stale until a call has set its input): every
@@ -41,9 +43,12 @@ on (``Instance.call``). Three things about Python host functions shape them:
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -247,7 +252,7 @@ def _http_request(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) 
     try:
         answer = state.request(
             _read(current, request, "request JSON", MAX_REQUEST_BYTES),
-            _read(current, body, "body", None) if body else None,
+            _ModuleBody(current, body) if body else None,
         )
         outputs[0].value = _write(current, answer)
     except BaseException as error:  # cffi would drop it, and the module go on
@@ -305,22 +310,54 @@ def _state() -> HttpState | None:
     return state
 
 
-def _read(current: Any, offset: int, what: str, limit: int | None) -> bytes:
+def _read(current: Any, offset: int, what: str, limit: int) -> bytes:
     """The memory block at ``offset``, copied out of the module."""
+    length = _length_of(current, offset, what)
+    if length > limit:
+        raise NetworkRefused(f"HTTP request refused: its {what} is {length} bytes, at most {limit}")
+    with _block_copied(current, offset, length, what) as data:
+        return bytes(data)
+
+
+class _ModuleBody:
+    """A request's body, still in the module's memory (``http_host.RequestBody``): its
+    length read from Extism's records now, its bytes copied out when the request is sent
+    (after the bound on it is checked, so a body past it is never copied)."""
+
+    __slots__ = ("_current", "_length", "_offset")
+
+    def __init__(self, current: Any, offset: int) -> None:
+        self._current = current
+        self._offset = offset
+        self._length = _length_of(current, offset, "body")
+
+    def __len__(self) -> int:
+        return self._length
+
+    def copied(self) -> contextlib.AbstractContextManager[memoryview]:
+        return _block_copied(self._current, self._offset, self._length, "body")
+
+
+def _length_of(current: Any, offset: int, what: str) -> int:
+    """The length Extism's records give the block at ``offset`` (the module can write them)."""
     length = _lib.extism_current_plugin_memory_length(current.pointer, offset) if offset > 0 else 0
     if length == 0:
         raise NetworkRefused(f"HTTP request refused: its {what} is not an Extism memory block")
-    if limit is not None and length > limit:
-        raise NetworkRefused(f"HTTP request refused: its {what} is {length} bytes, at most {limit}")
+    return int(length)
+
+
+@contextlib.contextmanager
+def _block_copied(current: Any, offset: int, length: int, what: str) -> Iterator[memoryview]:
+    """The ``length`` bytes at ``offset``, copied out of the module (``_copied_out``)."""
     base = _lib.extism_current_plugin_memory(current.pointer)
     inside = _within_reservation(offset, length) and base != _ffi.NULL
-    data = _copied_out(base + offset, length) if inside else None
-    if data is None:
-        raise NetworkRefused(
-            f"HTTP request refused: its {what} at {offset} claims {length} bytes, past the end"
-            " of the module's memory (its allocator's records were written over)"
-        )
-    return data
+    with _copied_out(base + offset if inside else None, length) as data:
+        if data is None:
+            raise NetworkRefused(
+                f"HTTP request refused: its {what} at {offset} claims {length} bytes, past the"
+                " end of the module's memory (its allocator's records were written over)"
+            )
+        yield data
 
 
 def _write(current: Any, data: bytes) -> int:
@@ -362,34 +399,40 @@ def _free(current: Any, offset: int) -> None:
         _lib.extism_current_plugin_memory_free(current.pointer, offset)
 
 
-def _copied_out(address: Any, length: int) -> bytes | None:
+@contextlib.contextmanager
+def _copied_out(address: Any, length: int) -> Iterator[memoryview | None]:
     """``length`` bytes from ``address`` (a pointer into a module's memory, checked by
-    ``_within_reservation``); None when not all of them can be read. The kernel reads them
-    (``write`` into a memfd): a page past the memory's size is an EFAULT, not a fault of
-    the dispatcher."""
-    view = memoryview(_ffi.buffer(address, length))
-    scratch = os.memfd_create("linchkit-wasm-memory", os.MFD_CLOEXEC)
-    try:
-        done = 0
-        while done < length:
-            try:
-                written = os.write(scratch, view[done:])
-            except OSError:
-                return None
-            if written == 0:
-                return None
-            done += written
-        pieces = []
-        done = 0
-        while done < length:
-            piece = os.pread(scratch, length - done, done)
-            if not piece:
-                return None
-            pieces.append(piece)
-            done += len(piece)
-        return b"".join(pieces)
-    finally:
-        os.close(scratch)
+    ``_within_reservation``; None: none to read), readable within the ``with``; None when
+    not all of them can be read. The kernel reads them (``write`` into a memfd): a page
+    past the memory's size is an EFAULT, not a fault of the dispatcher. They are seen
+    through a read-only mapping of the memfd: one copy, however large."""
+    mapped = None
+    if address is not None:
+        view = memoryview(_ffi.buffer(address, length))
+        scratch = os.memfd_create("linchkit-wasm-memory", os.MFD_CLOEXEC)
+        try:
+            if _written(scratch, view):
+                mapped = mmap.mmap(scratch, length, prot=mmap.PROT_READ)
+        finally:
+            os.close(scratch)  # the mapping keeps the memfd's pages
+    if mapped is None:
+        yield None
+        return
+    with mapped, memoryview(mapped) as copied:
+        yield copied
+
+
+def _written(scratch: int, view: memoryview) -> bool:
+    done = 0
+    while done < len(view):
+        try:
+            written = os.write(scratch, view[done:])
+        except OSError:
+            return False
+        if written == 0:
+            return False
+        done += written
+    return True
 
 
 def _copied_in(address: Any, data: bytes) -> bool:

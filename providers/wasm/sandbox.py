@@ -5,7 +5,8 @@ config its instances get, and what that enforces.
                answers itself (``providers.wasm.http_host``): to the granted names
                (globs as Extism's ``allowed_hosts``) and to addresses written in the URL
                inside granted networks; every address checked by the egress policy and
-               dialled pinned; redirects answered, never followed; answers at most
+               dialled pinned; redirects answered, never followed; request bodies at
+               most ``max_request_body_bytes`` and answers at most
                ``max_response_bytes``. WASI preview 1 has no sockets, so nothing else
                reaches the network
     files      WASI preopens at the same path, ``ro:`` for read-only grants
@@ -33,6 +34,7 @@ __all__ = [
     "CONFIG_KEY",
     "EXTISM_MAX_RESPONSE_BYTES",
     "WasmSandbox",
+    "max_request_body_bytes",
     "max_response_bytes",
     "sandbox_of",
 ]
@@ -57,6 +59,16 @@ def max_response_bytes(memory_mb: int) -> int:
     return min(EXTISM_MAX_RESPONSE_BYTES, memory_mb * _MIB // 4)
 
 
+def max_request_body_bytes(memory_mb: int) -> int:
+    """How large an HTTP request's body may be: as large as an answer's.
+
+    The body lies in the module's memory, which ``memory_mb`` bounds, but the dispatcher
+    copies it out to send it, into memory of its own that no limit of the plugin's counts,
+    once for each call under way (``pool_size``). The same bound each way keeps what one
+    call may have the dispatcher hold, sending or reading, to one figure."""
+    return max_response_bytes(memory_mb)
+
+
 @dataclass(frozen=True, slots=True)
 class WasmSandbox:
     """What one plugin's instances are compiled and started with."""
@@ -70,6 +82,7 @@ class WasmSandbox:
     hosts: tuple[str, ...] = ()
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_response_bytes: int = 0
+    max_request_body_bytes: int = 0
 
 
 def sandbox_of(capabilities: Capabilities, plugin_config: dict[str, Any]) -> WasmSandbox:
@@ -99,7 +112,7 @@ def sandbox_of(capabilities: Capabilities, plugin_config: dict[str, Any]) -> Was
         f"network: HTTP(S) to {', '.join(granted)} only, through Extism's http_request,"
         " which the dispatcher answers: egress policy checked on every resolved address,"
         " which is dialled pinned; redirects answered to the module, never followed;"
-        f" answers of at most {response_bytes} bytes"
+        f" request bodies and answers of at most {response_bytes} bytes"
         if granted
         else "network: none (WASI preview 1 has no sockets; Extism HTTP refused)"
     )
@@ -146,4 +159,5 @@ def sandbox_of(capabilities: Capabilities, plugin_config: dict[str, Any]) -> Was
         hosts,
         networks,
         response_bytes,
+        max_request_body_bytes(memory_mb),
     )
