@@ -1,6 +1,8 @@
 """provider: wasm and the network a plugin is granted: Extism's ``http_request``, answered by
 the dispatcher (``providers.wasm.http_host``), against real HTTP(S) servers on the loopback
-that redirect, never answer, trickle, answer too much, or are not granted at all.
+that redirect, never answer, trickle, answer too much, or are not granted at all, and
+against a real DNS server that never answers (the system resolver pointed at it in a mount
+namespace of the test's own).
 
 The modules are written in the WebAssembly text format, each request baked in: ``fetch``
 answers the response's body, ``status`` its status code, ``headers`` its headers' JSON
@@ -16,12 +18,13 @@ import hashlib
 import http.server
 import logging
 import os
+import secrets
 import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from providers.egress import EgressRefused
 from providers.wasm.http_host import NetworkRefused
 from providers.wasm.sandbox import sandbox_of
 from tests.conftest import ROOT
+from tests.services import until
 from tests.wasm_support import build_hostile, wasm_plugin
 
 #: Where the request's JSON and body sit in the module's data.
@@ -239,11 +243,13 @@ def http_module(
     return module
 
 
-def _in_a_process_of_its_own(script: str) -> subprocess.CompletedProcess[str]:
+def _in_a_process_of_its_own(
+    script: str, *, wrapper: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in a Python process of its own (a crash there ends only it), which
-    must exit 0; what it printed."""
+    must exit 0; what it printed. ``wrapper``: the command that runs that process."""
     done = subprocess.run(
-        [sys.executable, "-c", script],
+        [*wrapper, sys.executable, "-c", script],
         capture_output=True,
         text=True,
         timeout=60,
@@ -294,6 +300,20 @@ async def test_a_granted_name_is_reached(tmp_path: Path, server: Server) -> None
     async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
         assert await dispatcher.call("fetcher", "fetch", None) == "public"
     assert server.seen == [f"GET localhost:{server.port}/public"]
+
+
+async def test_the_threads_that_look_names_up_end_with_the_dispatcher(
+    tmp_path: Path, server: Server
+) -> None:
+    module = http_module(tmp_path, f"http://localhost:{server.port}/public")
+    async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
+        assert await dispatcher.call("fetcher", "fetch", None) == "public"
+        assert _resolver_threads()
+    await until(lambda: not _resolver_threads(), "end of the resolver's threads", timeout=5)
+
+
+def _resolver_threads() -> list[threading.Thread]:
+    return [each for each in threading.enumerate() if each.name.startswith("wasm-resolver")]
 
 
 async def test_a_redirect_from_a_granted_name_is_answered_to_the_module_not_followed(
@@ -746,6 +766,125 @@ async def test_https_sends_a_request_body(tmp_path: Path, trusted: trustme.CA) -
         async with dispatcher_of(fetcher(module, ["localhost"])) as dispatcher:
             assert await dispatcher.call("fetcher", "fetch", None) == 300_000
         assert server.seen == [f"PUT localhost:{server.port}/length"]
+
+
+# -- deadlines: a resolver that never answers ----------------------------------------------
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="binds the port of DNS, and mounts a resolv.conf in a mount namespace of its own",
+)
+
+
+def _a_resolver_that_never_answers(folder: Path) -> tuple[list[str], str]:
+    """The command to run a process whose system resolver asks only a DNS server on the
+    loopback that reads every query and never answers (resolv.conf, bind-mounted in a mount
+    namespace of its own), and the Python that starts that server, in the process."""
+    address = f"127.53.{secrets.randbelow(256)}.{1 + secrets.randbelow(254)}"
+    conf = folder / "resolv.conf"
+    # glibc's longest wait per attempt: the test is long over by then.
+    conf.write_text(f"nameserver {address}\noptions timeout:30 attempts:1\n")
+    wrapper = [
+        "unshare", "--mount", "--propagation", "private",
+        "sh", "-c", 'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(conf),
+    ]  # fmt: skip
+    server = f"""
+import socket, threading
+silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+silent.bind(({address!r}, 53))
+def never_answer():
+    while True:
+        silent.recv(4096)
+threading.Thread(target=never_answer, daemon=True).start()
+"""
+    return wrapper, server
+
+
+@needs_root
+def test_a_name_the_resolver_never_answers_ends_at_the_deadline_and_frees_the_thread(
+    tmp_path: Path,
+) -> None:
+    """The caller is answered at the deadline, and the lane's thread (pool_size 1) stops
+    waiting for the resolver then too: the next call runs, and ends at its own deadline,
+    instead of finding the pool busy for as long as the resolver takes (30 s here)."""
+    module = http_module(tmp_path, "http://slow.test/public")
+    wrapper, server = _a_resolver_that_never_answers(tmp_path)
+    script = f"""{server}
+import asyncio, time
+from pathlib import Path
+from tests.test_wasm_hostile_network import dispatcher_of, fetcher
+
+async def main():
+    async with dispatcher_of(fetcher(Path({str(module)!r}), ["slow.test"])) as dispatcher:
+        for _ in range(2):
+            started = time.monotonic()
+            try:
+                await dispatcher.call("fetcher", "fetch", None, timeout=0.5)
+            except Exception as error:
+                print(f"{{time.monotonic() - started:.3f}}", type(error).__name__, error)
+
+asyncio.run(main())
+"""
+    done = _in_a_process_of_its_own(script, wrapper=wrapper)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout
+    for line in lines:
+        seconds, kind, message = line.split(" ", 2)
+        assert kind == "DeadlineExceeded", line
+        assert "the call's deadline passed; the wasm call was stopped" in message, line
+        assert float(seconds) < 0.5 + 0.3, line
+
+
+@needs_root
+def test_lookups_the_resolver_never_answers_are_capped_and_the_next_fails_at_once(
+    tmp_path: Path,
+) -> None:
+    """Each call gives up on its lookup at its deadline, and the lookup stays under way on
+    a resolver thread until the system resolver gives up: at most MAX_LOOKUPS of them, and
+    the request past them fails at once, typed, with no new thread."""
+    module = http_module(tmp_path, "http://slow.test/public")
+    wrapper, server = _a_resolver_that_never_answers(tmp_path)
+    script = f"""{server}
+import asyncio, threading, time
+from pathlib import Path
+from providers.wasm.resolver import MAX_LOOKUPS
+from tests.test_wasm_hostile_network import dispatcher_of, fetcher
+
+async def main():
+    plugin = fetcher(Path({str(module)!r}), ["slow.test"])
+    plugin["target"]["pool_size"] = 8
+    async with dispatcher_of(plugin) as dispatcher:
+        async def call(timeout):
+            started = time.monotonic()
+            try:
+                await dispatcher.call("fetcher", "fetch", None, timeout=timeout)
+            except Exception as error:
+                return f"{{time.monotonic() - started:.3f}} {{type(error).__name__}} {{error}}"
+        print("limit", MAX_LOOKUPS)
+        for _ in range(MAX_LOOKUPS // 8):
+            for outcome in await asyncio.gather(*(call(0.3) for _ in range(8))):
+                print(outcome)
+        threads = threading.active_count()
+        print(await call(5.0))
+        print("threads", threads, threading.active_count())
+
+asyncio.run(main())
+"""
+    done = _in_a_process_of_its_own(script, wrapper=wrapper)
+    limit, *waited, refused, threads = done.stdout.splitlines()
+    lookups = int(limit.split()[1])
+    assert lookups % 8 == 0
+    assert len(waited) == lookups, done.stdout
+    for line in waited:
+        assert "DeadlineExceeded" in line and "the call's deadline passed" in line, line
+    seconds, kind, message = refused.split(" ", 2)
+    assert kind == "ProviderError", refused
+    assert float(seconds) < 0.5, refused
+    assert "HTTP request to slow.test failed: cannot resolve slow.test:" in message
+    assert f"{lookups} lookups are waiting for the system resolver" in message
+    before, after = threads.split()[1:]
+    assert before == after
 
 
 # -- what the sandbox reports --------------------------------------------------------------

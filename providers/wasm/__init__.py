@@ -9,6 +9,7 @@ Extism PDK runs unchanged and the Go SDK builds one with the standard toolchain
     module.py    reading the module file and refusing one that is not the pinned one
     sandbox.py   the plugin's capabilities in Extism's words (pure)
     http_host.py the module's HTTP requests, made by the dispatcher (grant, egress, bounds)
+    resolver.py  the names those requests look up, each waited for until its call's end
     runtime.py   libextism through the ``extism`` package (its only importer), and the
                  host functions that hand ``http_request`` to ``http_host``
     pool.py      instances, pooled or fresh, the threads calls run on, deadlines

@@ -33,10 +33,10 @@ address: nothing resolves the name again), carries the URL's own ``Host``, and o
 ``https`` the certificate is verified against the URL's host (the standard library's
 default context: the system's trust store, or ``SSL_CERT_FILE``). One request per
 connection. A redirect is an answer like any other: the module gets its status, headers
-and body, and nothing follows it. The body is read up to ``HttpGrant.max_response_bytes``;
-every wait, the connection's and each read's, ends when the call does. Resolving a name is
-the one wait that does not: the system resolver has its own timeout (resolv.conf's,
-seconds), and the caller is answered at its deadline regardless (``providers.wasm.pool``).
+and body, and nothing follows it. The body is read up to ``HttpGrant.max_response_bytes``.
+Every wait ends when the call does: the name's lookup (on the ``Resolver``'s threads, which
+go on alone while the system resolver takes its time; at most ``MAX_LOOKUPS`` at once,
+``providers.wasm.resolver``), the connection, each write and each read.
 
 A request that fails ends the call, as libextism's own failures do (they trap):
 
@@ -46,7 +46,8 @@ A request that fails ends the call, as libextism's own failures do (they trap):
                                              nothing sent
     the answer's body larger than its bound  LimitExceeded(limit="http_response_bytes")
     no address, no connection, an untrusted  ProviderError naming the host and the reason
-    certificate, an answer that is not HTTP
+    certificate, an answer that is not HTTP,
+    ``MAX_LOOKUPS`` lookups under way
     the call's end reached                   the call's deadline (or its cpu_s) passed
 
 No extism import: ``providers.wasm.runtime`` moves the bytes in and out of the module.
@@ -75,6 +76,7 @@ from linchkit_plugin.errors import DispatchError, ProviderError
 from providers._headers import is_header_name, is_header_value
 from providers.capabilities import LimitExceeded
 from providers.egress import EgressPolicy, EgressRefused
+from providers.wasm.resolver import AddressInfo, Resolver, ResolverBusy
 
 __all__ = [
     "MAX_HEADERS",
@@ -141,8 +143,8 @@ class RequestBody(Protocol):
 
 
 class HttpGrant:
-    """Where one plugin's module may send HTTP requests, and how large a body may be each
-    way."""
+    """Where one plugin's module may send HTTP requests, how large a body may be each way,
+    and the resolver its names are looked up with."""
 
     __slots__ = (
         "_tls",
@@ -152,6 +154,7 @@ class HttpGrant:
         "max_request_body_bytes",
         "max_response_bytes",
         "networks",
+        "resolver",
     )
 
     def __init__(
@@ -162,6 +165,7 @@ class HttpGrant:
         *,
         max_response_bytes: int,
         max_request_body_bytes: int,
+        resolver: Resolver,
     ) -> None:
         #: Name patterns of ``capabilities.network`` (Extism's ``allowed_hosts``).
         self.hosts = tuple(host.lower() for host in hosts)
@@ -169,6 +173,8 @@ class HttpGrant:
         self.egress = egress
         self.max_response_bytes = max_response_bytes
         self.max_request_body_bytes = max_request_body_bytes
+        #: The provider's, shared by its plugins: its bound on lookups is for them all.
+        self.resolver = resolver
         self._tls: ssl.SSLContext | None = None
         self._tls_lock = threading.Lock()
 
@@ -454,14 +460,18 @@ def _admitted(
                 f"HTTP request to {host} refused: egress policy refuses {host}: {refusal}",
                 details={"host": host},
             )
-    remaining()
+    infos: Sequence[AddressInfo]
     try:
-        infos = socket.getaddrinfo(
-            host,
-            target.port,
-            type=socket.SOCK_STREAM,
-            flags=socket.AI_NUMERICHOST if target.address is not None else 0,
-        )
+        if target.address is not None:  # written in the URL: nothing to wait for
+            infos = socket.getaddrinfo(
+                host, target.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+        else:
+            infos = grant.resolver.resolve(host, target.port, timeout=remaining())
+    except TimeoutError:
+        raise TimedOut from None
+    except ResolverBusy as busy:
+        raise target.failed(f"cannot resolve {host}: {busy}") from None
     except (OSError, UnicodeError) as error:
         raise target.failed(f"cannot resolve {host}: {error}") from None
     found: dict[str, tuple[socket.AddressFamily, Any]] = {}

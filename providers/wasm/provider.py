@@ -22,6 +22,9 @@ instances; calls run on the pool's threads. Error mapping, at this boundary:
     an HTTP answer past the bound               LimitExceeded(limit="http_response_bytes")
     an HTTP request that failed                 ProviderError naming the host and why
                                                 (``providers.wasm.http_host``)
+
+The names the modules' requests look up are resolved on the provider's own ``Resolver``
+(``providers.wasm.resolver``), started with it, shared by its plugins and closed with it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from providers.egress import EgressRefused
 from providers.wasm.http_host import HttpGrant, NetworkRefused
 from providers.wasm.module import read_pinned
 from providers.wasm.pool import CallResult, InstancePool
+from providers.wasm.resolver import Resolver
 from providers.wasm.sandbox import sandbox_of
 from providers.wasm.target import WasmTarget
 
@@ -88,6 +92,7 @@ class WasmProvider(Provider[WasmTarget]):
         self._runtime: ModuleType | None = None
         self._attached: dict[tuple[str, str, str], _Attached] = {}
         self._scratch: Path | None = None
+        self._resolver: Resolver | None = None
 
     async def start(self) -> None:
         try:
@@ -100,13 +105,14 @@ class WasmProvider(Provider[WasmTarget]):
         # Targets without a cache_dir compile into this one: their lanes reuse the first
         # compile, and nothing is left behind when the dispatcher stops.
         self._scratch = Path(tempfile.mkdtemp(prefix="linchkit-wasm-"))
+        self._resolver = Resolver()
 
     async def attach(self, plugin: PluginInfo, target: WasmTarget) -> None:
         key = (plugin.id, plugin.version, target.key)
         if key in self._attached:
             return
         runtime = self._runtime
-        if runtime is None or self._scratch is None:
+        if runtime is None or self._scratch is None or self._resolver is None:
             raise ProviderError("the wasm provider is not started")
         module = await asyncio.to_thread(read_pinned, target.module, target.sha256)
         sandbox = sandbox_of(plugin.capabilities, plugin.config)
@@ -119,6 +125,7 @@ class WasmProvider(Provider[WasmTarget]):
                 self.egress,
                 max_response_bytes=sandbox.max_response_bytes,
                 max_request_body_bytes=sandbox.max_request_body_bytes,
+                resolver=self._resolver,
             )
             if sandbox.hosts or sandbox.networks
             else None
@@ -172,6 +179,9 @@ class WasmProvider(Provider[WasmTarget]):
     async def aclose(self) -> None:
         attached, self._attached = self._attached, {}
         await asyncio.gather(*(each.pool.aclose() for each in attached.values()))
+        if self._resolver is not None:
+            self._resolver.close()
+            self._resolver = None
         if self._scratch is not None:
             await asyncio.to_thread(shutil.rmtree, self._scratch, True)
             self._scratch = None
@@ -206,7 +216,7 @@ class WasmProvider(Provider[WasmTarget]):
         return Health("serving", ", ".join(repr(pool) for pool in pools))
 
     def __repr__(self) -> str:
-        return f"<WasmProvider plugins={len(self._attached)}>"
+        return f"<WasmProvider plugins={len(self._attached)} {self._resolver!r}>"
 
 
 def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> Any:
