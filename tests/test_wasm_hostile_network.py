@@ -7,9 +7,10 @@ namespace of the test's own).
 The modules are written in the WebAssembly text format, each request baked in: ``fetch``
 answers the response's body, ``status`` its status code, ``headers`` its headers' JSON
 (``http_status_code`` and ``http_headers``), ``forged`` sends the request after writing
-over the length the Extism allocator keeps for it. One test sends through the Go PDK
-(``pdk.NewHTTPRequest``, the hostile Go plugin), whose ``Send`` frees what it passed and
-reads the headers.
+over the length the Extism allocator keeps for it; ``straight_line_module`` sends and sleeps
+in an order a test gives, with no instruction between where a cancel would stop it. One
+test sends through the Go PDK (``pdk.NewHTTPRequest``, the hostile Go plugin), whose
+``Send`` frees what it passed and reads the headers.
 """
 
 from __future__ import annotations
@@ -768,7 +769,149 @@ async def test_https_sends_a_request_body(tmp_path: Path, trusted: trustme.CA) -
         assert server.seen == [f"PUT localhost:{server.port}/length"]
 
 
-# -- deadlines: a resolver that never answers ----------------------------------------------
+# -- deadlines: a resolver that never answers, a refusal when the call's end comes ---------
+
+
+def straight_line_module(folder: Path, *steps: float | str) -> Path:
+    """A module whose ``fetch`` makes the blocks of its requests first, then takes
+    ``steps`` one after the other: a string sends a request to that URL (its answer
+    dropped), a float sleeps that many seconds in WASI's poll_oneoff (a host call, which a
+    cancel waits for). wasmtime stops a cancelled module where a function or a loop begins,
+    and there is none between the steps: each is taken even once the call was stopped.
+    Its ``one`` answers ``1``."""
+    urls = [step for step in steps if isinstance(step, str)]
+    requests = [encode_json({"url": url, "method": "GET", "headers": {}}) for url in urls]
+    assert all(len(request) < 1024 for request in requests)
+    data = "\n".join(
+        f'  (data (i32.const {REQUEST_AT + 1024 * n}) "{_wat_string(request)}")'
+        for n, request in enumerate(requests)
+    )
+    locals_ = " ".join(f"(local $r{n} i64)" for n in range(len(requests)))
+    blocks = " ".join(
+        f"(local.set $r{n} (call $copy (i32.const {REQUEST_AT + 1024 * n})"
+        f" (i32.const {len(request)})))"
+        for n, request in enumerate(requests)
+    )
+    taken: list[str] = []
+    for step in steps:
+        if isinstance(step, str):
+            taken.append(f"(drop (call $http (local.get $r{urls.index(step)}) (i64.const 0)))")
+        else:
+            taken.append(
+                f"(i64.store (i32.const 24) (i64.const {round(step * 1e9)}))"
+                " (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))"
+            )
+    wat = f"""(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+  (import "extism:host/env" "store_u8" (func $store_u8 (param i64 i32)))
+  (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
+  (import "extism:host/env" "http_request" (func $http (param i64 i64) (result i64)))
+  (memory (export "memory") 2)
+{data}
+  (data (i32.const 512) "1")
+  {_WAT_COPY}
+  (func (export "fetch") (result i32) {locals_}
+    {blocks}
+    ;; one subscription at 0, a relative clock (its timeout at 24); events at 64, their count at 128
+    (i32.store8 (i32.const 8) (i32.const 0))
+    (i32.store (i32.const 16) (i32.const 1))
+    {" ".join(taken)}
+    (i32.const 0))
+  (func (export "one") (result i32)
+    (call $output_set (call $copy (i32.const 512) (i32.const 1)) (i64.const 1))
+    (i32.const 0))
+)"""
+    module = folder / f"steps-{hashlib.sha256(wat.encode()).hexdigest()[:12]}.wat"
+    module.write_text(wat)
+    return module
+
+
+def stepper(module: Path, network: list[str]) -> dict[str, Any]:
+    return {**fetcher(module, network), "methods": {"fetch": {}, "one": {}}}
+
+
+@pytest.mark.parametrize(
+    ("url", "network", "refusal"),
+    [
+        ("http://127.0.0.2:9/private", ["localhost"], NetworkRefused),
+        ("http://169.254.169.254/latest/meta-data/", ["169.254.0.0/16"], EgressRefused),
+    ],
+    ids=["grant", "egress"],
+)
+async def test_a_refusal_is_told_and_logged_though_the_deadline_came_before_the_thread_was_back(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    url: str,
+    network: list[str],
+    refusal: type[Exception],
+) -> None:
+    # Refused at once, the module goes on into a host call (a sleep) before the stop takes
+    # effect, and its thread is back just past the deadline, within the pool's grace for
+    # a thread to come back: the pool's timer has cancelled the call meanwhile.
+    deadline = 0.3
+    module = straight_line_module(tmp_path, url, deadline + 0.03)
+    async with dispatcher_of(stepper(module, network)) as dispatcher:
+        started = time.monotonic()
+        with pytest.raises(refusal) as caught:
+            await dispatcher.call("fetcher", "fetch", None, timeout=deadline)
+        assert time.monotonic() - started > deadline
+    assert caught.value.message.startswith("fetcher.fetch: HTTP request to ")
+    incidents = security_incidents(caplog)
+    assert len(incidents) == 1
+    assert incidents[0].startswith("security: fetcher.fetch: HTTP request to ")
+
+
+async def test_a_refusal_whose_thread_is_back_after_the_caller_was_answered_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As above, but the sleep outlasts the pool's grace: the caller is answered at the
+    # deadline, and the refusal is logged when the thread is back.
+    deadline = 0.3
+    module = straight_line_module(tmp_path, "http://127.0.0.2:9/private", deadline + 0.4)
+    async with dispatcher_of(stepper(module, ["localhost"])) as dispatcher:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await dispatcher.call("fetcher", "fetch", None, timeout=deadline)
+        assert time.monotonic() - started < deadline + 0.2
+        assert security_incidents(caplog) == []  # the module sleeps on
+        # pool_size 1: this call starts once the sleeper's thread is back and settled.
+        assert await dispatcher.call("fetcher", "one", None, timeout=5) == 1
+    incidents = security_incidents(caplog)
+    assert len(incidents) == 1
+    assert incidents[0].startswith("security: fetcher.fetch: HTTP request to 127.0.0.2 refused")
+    assert "after its caller was answered" in incidents[0]
+
+
+@pytest.mark.parametrize(
+    ("steps", "sent"),
+    [
+        (("{base}/silent", "http://127.0.0.2:9/private"), ["/silent"]),
+        ((0.5, "{base}/public"), []),
+    ],
+    ids=["after-a-request-timed-out", "after-the-deadline-cancelled-it"],
+)
+async def test_a_request_made_once_the_call_was_stopped_is_neither_sent_nor_refused(
+    tmp_path: Path,
+    server: Server,
+    caplog: pytest.LogCaptureFixture,
+    steps: tuple[float | str, ...],
+    sent: list[str],
+) -> None:
+    """A stopped module that asks for more before the stop takes effect: libextism ends
+    every call into Extism's own functions then, so its request cannot even be read. It
+    is not sent, and no refusal is made up from the length of 0 Extism gives (a false
+    security incident): the call ended at its deadline, and says so."""
+    base = f"http://localhost:{server.port}"
+    taken = (step.format(base=base) if isinstance(step, str) else step for step in steps)
+    module = straight_line_module(tmp_path, *taken)
+    async with dispatcher_of(stepper(module, ["localhost"])) as dispatcher:
+        with pytest.raises(DeadlineExceeded, match="the call's deadline passed"):
+            await dispatcher.call("fetcher", "fetch", None, timeout=0.3)
+        # pool_size 1: this call starts once the first one's thread is back and settled.
+        assert await dispatcher.call("fetcher", "one", None, timeout=5) == 1
+    assert security_incidents(caplog) == []
+    assert server.seen == [f"GET localhost:{server.port}{path}" for path in sent]
 
 
 needs_root = pytest.mark.skipif(

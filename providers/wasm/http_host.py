@@ -50,6 +50,13 @@ A request that fails ends the call, as libextism's own failures do (they trap):
     ``MAX_LOOKUPS`` lookups under way
     the call's end reached                   the call's deadline (or its cpu_s) passed
 
+Once a call is stopped (``HttpState.stopped``: a request of it failed, or its deadline,
+its cpu_s or a close came) the module runs on to its next instruction where the stop takes
+effect, and may ask for more meanwhile: nothing more goes out, and nothing more is judged
+(``providers.wasm.runtime``: its request cannot even be read then). A refusal made before
+the stop is the call's outcome even when the deadline came before its thread was back, and
+is logged even when the caller was answered first (``providers.wasm.provider``).
+
 No extism import: ``providers.wasm.runtime`` moves the bytes in and out of the module.
 """
 
@@ -88,6 +95,7 @@ __all__ = [
     "NetworkRefused",
     "RequestBody",
     "TimedOut",
+    "is_refusal",
 ]
 
 #: Extism's request JSON, read from the module's memory before anything else is looked at.
@@ -124,6 +132,12 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 class NetworkRefused(ProviderError):
     """A wasm module's HTTP request the dispatcher refused; nothing was sent."""
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is a refusal of the form, the grant or the egress policy: a
+    security incident, logged as one (``providers.wasm.provider``)."""
+    return isinstance(error, NetworkRefused | EgressRefused)
 
 
 class TimedOut(Exception):
@@ -203,7 +217,7 @@ class HttpState:
     where the host functions find it, so concurrent calls never share one.
     """
 
-    __slots__ = ("_stop", "ends", "failure", "grant", "headers", "status", "timed_out")
+    __slots__ = ("_stop", "ends", "failure", "grant", "headers", "status", "stopped", "timed_out")
 
     def __init__(self, grant: HttpGrant | None, ends: float, stop: Callable[[], object]) -> None:
         self.grant = grant
@@ -215,10 +229,14 @@ class HttpState:
         #: Why a request of this call failed; the call fails with it.
         self.failure: DispatchError | None = None
         self.timed_out = False
+        #: Set once the call was told to stop, by ``fail`` or by whoever cancels the call
+        #: (``Instance.cancel``: its deadline, its cpu_s, a close); any thread may set it.
+        self.stopped = False
 
     def fail(self, error: BaseException) -> None:
         """End the call with ``error``: recorded for the provider, and the module stopped at
         its next instruction (it must not go on as if it had an answer)."""
+        self.stopped = True
         if isinstance(error, TimedOut):
             self.timed_out = True
         elif isinstance(error, DispatchError):
@@ -232,9 +250,9 @@ class HttpState:
     def request(self, request: bytes, body: RequestBody | None) -> bytes:
         """Send the module's request; the answer's body. Raises ``NetworkRefused``,
         ``EgressRefused``, ``LimitExceeded``, ``ProviderError`` or ``TimedOut``."""
-        if self.failure is not None or self.timed_out:
-            # Stopped for an earlier request, and not yet at an instruction where the stop
-            # takes effect (a host call is none): nothing more goes out.
+        if self.stopped:
+            # Not yet at an instruction where the stop takes effect (a host call is none):
+            # nothing more goes out.
             return b""
         self.status, self.headers = 0, None
         url, method, asked = _parsed(request)

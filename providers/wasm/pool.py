@@ -25,21 +25,26 @@ interruption inside libextism). libextism forgets a cancel that arrives before t
 has started, and a deadline can fire before the thread has entered the module, so the
 cancel is repeated until the thread is back. Cancel and free both run on the loop, so a
 late cancel never reaches an instance that was freed or handed to the next call.
+
+A thread that comes back after its caller was answered brings a failure nobody will be
+told: ``on_late_failure`` hears it (the provider logs a refused HTTP request there, a
+security incident whenever it happens).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from providers.wasm.runtime import CallFailed, Compiled, Instance
 from providers.wasm.workers import Workers
 
-__all__ = ["CallResult", "InstancePool"]
+__all__ = ["CallResult", "InstancePool", "LateFailure"]
 
 #: A cancelled call is cancelled again after this, then twice as long each time up to the
 #: maximum, until its thread is back (a module asleep in a host call may stay for long).
@@ -63,6 +68,13 @@ class CallResult:
     #: ``busy``: every slot stayed taken until the deadline; the call never started.
     #: ``closed``: the pool closed (its plugin was detached) before the call started.
     cancelled_by: Literal["deadline", "cpu", "busy", "closed", None] = None
+
+
+class LateFailure(Protocol):
+    """Told how a call of ``function`` failed, once its thread is back after its caller
+    was answered (its deadline, its cpu_s)."""
+
+    def __call__(self, function: str, failure: CallFailed) -> None: ...
 
 
 class _Lane:
@@ -89,8 +101,10 @@ class InstancePool:
         *,
         size: int,
         reuse: bool,
+        on_late_failure: LateFailure | None = None,
     ) -> None:
         self.name = name
+        self._on_late_failure = on_late_failure
         self._compile_lane = compile_lane
         self._config = config
         self._size = size
@@ -230,10 +244,12 @@ class InstancePool:
         done, _ = await asyncio.wait({future}, timeout=seconds + 0.05)
         if not done:
             # Blocked in a host call past its end: answer the caller now; the slot and the
-            # instance are settled when the thread comes back.
+            # instance are settled when the thread comes back, and how it failed is told
+            # then to whoever listens.
             if not cancelled:
                 timer[0].cancel()
                 cancel()
+            future.add_done_callback(functools.partial(self._failed_late, function))
             return CallResult(failure=CallFailed("cancelled", "timeout"), cancelled_by=cancelled[0])
         output, failure = future.result()
         if failure is not None and failure.kind == "cancelled" and not cancelled:
@@ -241,6 +257,15 @@ class InstancePool:
             # the same end, told the same way.
             cancelled.append("cpu" if cpu_capped else "deadline")
         return CallResult(output, failure, cancelled[0] if cancelled else None)
+
+    def _failed_late(
+        self, function: str, future: asyncio.Future[tuple[bytes | None, CallFailed | None]]
+    ) -> None:
+        if self._on_late_failure is None or future.cancelled() or future.exception():
+            return
+        _, failure = future.result()
+        if failure is not None:
+            self._on_late_failure(function, failure)
 
     def _settle(
         self, lane: _Lane, instance: Instance, timer: list[asyncio.TimerHandle], *, keep: bool

@@ -23,6 +23,11 @@ instances; calls run on the pool's threads. Error mapping, at this boundary:
     an HTTP request that failed                 ProviderError naming the host and why
                                                 (``providers.wasm.http_host``)
 
+A refused HTTP request comes first: it stopped the module, and the deadline (or cpu_s)
+reached before the module's thread was back (a host call it made after, a WASI sleep)
+does not hide it as a timeout. A refusal whose thread comes back after its caller was
+answered is logged then (``InstancePool``'s ``on_late_failure``).
+
 The names the modules' requests look up are resolved on the provider's own ``Resolver``
 (``providers.wasm.resolver``), started with it, shared by its plugins and closed with it.
 """
@@ -51,8 +56,7 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.wire import encode_json
 from providers.base import Health, Provider
 from providers.capabilities import LimitExceeded, Translation
-from providers.egress import EgressRefused
-from providers.wasm.http_host import HttpGrant, NetworkRefused
+from providers.wasm.http_host import HttpGrant, is_refusal
 from providers.wasm.module import read_pinned
 from providers.wasm.pool import CallResult, InstancePool
 from providers.wasm.resolver import Resolver
@@ -62,8 +66,10 @@ from providers.wasm.target import WasmTarget
 if TYPE_CHECKING:
     from types import ModuleType
 
+    from linchkit_plugin.errors import DispatchError
     from providers.invocation import Invocation
     from providers.target import PluginInfo
+    from providers.wasm.runtime import CallFailed
 
 __all__ = ["WasmProvider"]
 
@@ -143,6 +149,7 @@ class WasmProvider(Provider[WasmTarget]):
             sandbox.config,
             size=target.pool_size,
             reuse=target.instances == "pooled",
+            on_late_failure=functools.partial(_failed_late, plugin.id),
         )
         attached = _Attached(pool, sandbox.memory_mb, sandbox.cpu_s, sandbox.translation)
         try:
@@ -221,6 +228,10 @@ class WasmProvider(Provider[WasmTarget]):
 
 def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> Any:
     where = f"{invocation.plugin}.{invocation.method}"
+    failure = result.failure
+    if failure is not None and failure.error is not None and is_refusal(failure.error):
+        # The pool's timer may have fired before the thread was back (module docstring).
+        raise _http_failure(where, failure.error)
     if result.cancelled_by == "deadline":
         raise DeadlineExceeded(f"{where}: the call's deadline passed; the wasm call was stopped")
     if result.cancelled_by == "busy":
@@ -239,12 +250,8 @@ def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> 
             limit="cpu_s",
             value=attached.cpu_s,
         )
-    failure = result.failure
     if failure is not None and failure.error is not None:  # an HTTP request of the module
-        error = failure.error.with_message(f"{where}: {failure.error.message}")
-        if isinstance(error, NetworkRefused | EgressRefused):
-            log.error("security: %s; nothing was sent, and the call was stopped", error.message)
-        raise error
+        raise _http_failure(where, failure.error)
     if failure is None:
         output = result.output or b""
         try:
@@ -264,6 +271,26 @@ def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> 
     if failure.kind == "host":  # the dispatcher's side (its compile cache), not the module
         raise ProviderError(f"{where}: {failure.message[:500]}")
     raise ProviderError(f"{where}: the wasm module failed: {failure.message[:500]}")
+
+
+def _http_failure(where: str, error: DispatchError) -> DispatchError:
+    told = error.with_message(f"{where}: {error.message}")
+    if is_refusal(told):
+        log.error("security: %s; nothing was sent, and the call was stopped", told.message)
+    return told
+
+
+def _failed_late(plugin: str, function: str, failure: CallFailed) -> None:
+    """A call's failure that came after its caller was answered: a refusal is logged all
+    the same (``InstancePool``'s ``on_late_failure``)."""
+    if failure.error is not None and is_refusal(failure.error):
+        log.error(
+            "security: %s.%s: %s; nothing was sent, and the call was stopped (after its"
+            " caller was answered: its deadline or cpu_s came first)",
+            plugin,
+            function,
+            failure.error.message,
+        )
 
 
 def _plugin_error(message: str) -> Any:

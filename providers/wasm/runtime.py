@@ -15,11 +15,17 @@ HTTP: libextism's ``http_request``, ``http_status_code`` and ``http_headers`` ar
 by the host functions below (its linker links a host's functions after its own, shadowing
 allowed), so every request goes through ``providers.wasm.http_host``. Each call's
 ``HttpState`` (its end, its last status and headers) is kept for the thread the call runs
-on (``Instance.call``). Three things about Python host functions shape them:
+on (``Instance.call``). Four things about Python host functions shape them:
 
 * an exception raised in one is printed by cffi and dropped, and the module goes on as if
   it had an answer: every failure is caught and handed to ``HttpState.fail``, which keeps
   it for the provider and cancels the call (the module stops at its next instruction);
+* once a call is cancelled (``HttpState.fail``, or its deadline, its cpu_s, a close:
+  ``Instance.cancel`` marks it ``stopped``), the module runs on until an instruction where
+  the cancel takes effect (the start of a function or of a loop), and may call a host
+  function meanwhile; but every call into Extism's own functions (the kernel: a block's
+  length, alloc, free) now ends in a trap, so a request is neither read nor judged then,
+  nor an answer written: nothing goes out, and no failure is made up from a length of 0;
 * the SDK reads a memory block as long as the module's allocator says it is, and that
   allocator's bookkeeping lies in memory the module can write (``store_u8``): a block
   claiming more bytes than the memory holds would have the dispatcher read (and write)
@@ -178,6 +184,8 @@ class Instance:
     #: Whether libextism has instantiated it (run its start code) and set its pointers
     #: to its store (``_instantiate``).
     _instantiated: bool = False
+    #: The HTTP side of the call under way, told when the call is cancelled.
+    _http: HttpState | None = None
 
     def __post_init__(self) -> None:
         self._cancel = self._plugin.cancel_handle()
@@ -192,14 +200,14 @@ class Instance:
             self._instantiate()
         http = HttpState(self._network, ends, self.cancel)
         output, failed = b"", None
-        _calling.state = http
+        _calling.state = self._http = http
         try:
             output = bytes(self._plugin.call(function, payload))
         except extism.Error as error:
             message = str(error)
             failed = CallFailed(_kind_of(message), message)
         finally:
-            _calling.state = None
+            _calling.state = self._http = None
         # What the HTTP host functions saw comes first: they stopped the module for it, and
         # it may even have finished before the stop reached it.
         if http.timed_out:
@@ -229,6 +237,9 @@ class Instance:
 
     def cancel(self) -> None:
         """Stop the running call at its next instruction boundary (any thread)."""
+        http = self._http
+        if http is not None:
+            http.stopped = True
         self._cancel.cancel()
 
     def close(self) -> None:
@@ -248,13 +259,21 @@ def _http_request(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) 
     state = _state()
     if state is None:  # start code: nothing sent, and the instance not reached (not even
         return  # to free the blocks, in the module's own memory: module docstring)
+    if state.stopped:
+        # Cancelled, and not yet at an instruction where that takes effect: libextism now
+        # ends every call into Extism's own functions with a trap, so the blocks can be
+        # neither read nor freed (a length of 0 would read as a forged block, a false
+        # alarm). Nothing is judged, nothing goes out.
+        return
     request, body = inputs[0].value, inputs[1].value
     try:
         answer = state.request(
-            _read(current, request, "request JSON", MAX_REQUEST_BYTES),
-            _ModuleBody(current, body) if body else None,
+            _read(current, request, "request JSON", MAX_REQUEST_BYTES, state),
+            _ModuleBody(current, body, state) if body else None,
         )
-        outputs[0].value = _write(current, answer)
+        outputs[0].value = _write(current, answer, state)
+    except _Cancelled:  # meanwhile (above): the call ends as cancelled, nothing made up
+        pass
     except BaseException as error:  # cffi would drop it, and the module go on
         state.fail(error)
     finally:  # after the answer is placed, so it never takes the blocks the module frees too
@@ -274,10 +293,12 @@ def _http_headers(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) 
     own answer's headers."""
     outputs[0].value = 0
     state = _state()
-    if state is None or state.headers is None:
+    if state is None or state.headers is None or state.stopped:
         return
     try:
-        outputs[0].value = _write(current, orjson.dumps(state.headers))
+        outputs[0].value = _write(current, orjson.dumps(state.headers), state)
+    except _Cancelled:
+        pass
     except BaseException as error:
         state.fail(error)
 
@@ -310,9 +331,14 @@ def _state() -> HttpState | None:
     return state
 
 
-def _read(current: Any, offset: int, what: str, limit: int) -> bytes:
+class _Cancelled(Exception):
+    """Extism's own functions failed because the call was cancelled meanwhile (they trap
+    once it is): what they answered says nothing about the module's blocks."""
+
+
+def _read(current: Any, offset: int, what: str, limit: int, state: HttpState) -> bytes:
     """The memory block at ``offset``, copied out of the module."""
-    length = _length_of(current, offset, what)
+    length = _length_of(current, offset, what, state)
     if length > limit:
         raise NetworkRefused(f"HTTP request refused: its {what} is {length} bytes, at most {limit}")
     with _block_copied(current, offset, length, what) as data:
@@ -326,10 +352,10 @@ class _ModuleBody:
 
     __slots__ = ("_current", "_length", "_offset")
 
-    def __init__(self, current: Any, offset: int) -> None:
+    def __init__(self, current: Any, offset: int, state: HttpState) -> None:
         self._current = current
         self._offset = offset
-        self._length = _length_of(current, offset, "body")
+        self._length = _length_of(current, offset, "body", state)
 
     def __len__(self) -> int:
         return self._length
@@ -338,10 +364,12 @@ class _ModuleBody:
         return _block_copied(self._current, self._offset, self._length, "body")
 
 
-def _length_of(current: Any, offset: int, what: str) -> int:
+def _length_of(current: Any, offset: int, what: str, state: HttpState) -> int:
     """The length Extism's records give the block at ``offset`` (the module can write them)."""
     length = _lib.extism_current_plugin_memory_length(current.pointer, offset) if offset > 0 else 0
     if length == 0:
+        if state.stopped:  # looked at after the answer: a cancel is marked before it is sent
+            raise _Cancelled
         raise NetworkRefused(f"HTTP request refused: its {what} is not an Extism memory block")
     return int(length)
 
@@ -360,12 +388,14 @@ def _block_copied(current: Any, offset: int, length: int, what: str) -> Iterator
         yield data
 
 
-def _write(current: Any, data: bytes) -> int:
+def _write(current: Any, data: bytes, state: HttpState) -> int:
     """A new memory block holding ``data``; its offset (0 for no bytes, as Extism's)."""
     if not data:
         return 0
     offset = _lib.extism_current_plugin_memory_alloc(current.pointer, len(data))
     if offset == 0:
+        if state.stopped:
+            raise _Cancelled
         raise LimitExceeded(
             f"the answer's {len(data)} bytes do not fit in the module's memory (memory_mb)",
             limit="memory_mb",
