@@ -624,16 +624,20 @@ asyncio.run(main())
     assert server.connections == []
 
 
-def start_code_module(folder: Path, url: str, host_function: str, kind: str) -> Path:
+def start_code_module(
+    folder: Path, url: str, host_function: str, kind: str, *, body_bytes: int = 0
+) -> Path:
     """A module whose start code calls ``host_function``; its ``fetch`` answers ``"served"``.
     A ``reactor``'s start code is its ``_initialize`` (Go's ``init`` functions), which
     libextism runs as it links the module and again as it instantiates it at the first
     call; a ``command``'s (it exports ``_start``) is ``__wasm_call_ctors``, run at the
-    first call only."""
+    first call only. ``body_bytes``: the start code's request has a body block of that
+    many bytes, and ``fetch`` takes a block as large (and traps when it cannot)."""
     request = encode_json({"url": url, "method": "GET", "headers": {}})
+    body = f"(call $alloc (i64.const {body_bytes}))" if body_bytes else "(i64.const 0)"
     calls = {
         "http_request": f"(drop (call $http (call $copy (i32.const {REQUEST_AT})"
-        f" (i32.const {len(request)})) (i64.const 0)))",
+        f" (i32.const {len(request)})) {body}))",
         "http_status_code": "(drop (call $status))",
         "http_headers": "(drop (call $headers))",
     }
@@ -656,10 +660,11 @@ def start_code_module(folder: Path, url: str, host_function: str, kind: str) -> 
   {_WAT_COPY}
   {start[kind]}
   (func (export "fetch") (result i32)
+    {f"(if (i64.eqz {body}) (then unreachable))" if body_bytes else ""}
     (call $output_set (call $copy (i32.const 64) (i32.const {len(served)})) (i64.const {len(served)}))
     (i32.const 0))
 )"""
-    module = folder / f"start-{kind}-{host_function}.wat"
+    module = folder / f"start-{kind}-{host_function}-{body_bytes}.wat"
     module.write_text(wat)
     return module
 
@@ -703,6 +708,34 @@ from pathlib import Path
 async def main():
     plugin = {{**fetcher(Path({str(module)!r}), ["localhost"]), "methods": {{"fetch": {{}}}}}}
     async with dispatcher_of(plugin) as dispatcher:
+        for _ in range(2):
+            print(await dispatcher.call("fetcher", "fetch", None))
+
+asyncio.run(main())
+"""
+    done = _in_a_process_of_its_own(script)
+    assert done.stdout.split() == ["served", "served"]
+    assert server.connections == []
+
+
+def test_the_blocks_of_a_request_in_start_code_do_not_outlive_it(
+    tmp_path: Path, server: Server
+) -> None:
+    """Start code's request is answered without reaching the instance, so the dispatcher
+    cannot free its blocks (``providers.wasm.runtime``); libextism's reset, as the call that
+    made the instance sets its input, frees every block. Start code that asks with a body
+    of 2.5 MiB leaves its call room for 2.5 MiB of its own, in 4 MiB in all: nothing kept
+    the first."""
+    url = f"http://localhost:{server.port}/public"
+    module = start_code_module(tmp_path, url, "http_request", "command", body_bytes=5 << 19)
+    script = f"""
+import asyncio
+from tests.test_wasm_hostile_network import dispatcher_of, fetcher
+from pathlib import Path
+
+async def main():
+    plugin = fetcher(Path({str(module)!r}), ["localhost"], memory_mb=4)
+    async with dispatcher_of({{**plugin, "methods": {{"fetch": {{}}}}}}) as dispatcher:
         for _ in range(2):
             print(await dispatcher.call("fetcher", "fetch", None))
 

@@ -40,7 +40,10 @@ on (``Instance.call``). Four things about Python host functions shape them:
   process (SIGSEGV). So the host functions reach the instance only within
   ``Instance.call``, and an instance's first call runs its start code first, by a call of
   a name it cannot export (``Instance._instantiate``): start code is answered as if no
-  request had been made (0), nothing is sent, and a call never meets it. Not
+  request had been made (0), nothing is sent, and a call never meets it. The blocks of
+  its request are not freed then (that reaches the instance too), and need not be:
+  libextism resets Extism's memory as a call sets its input, every block freed, and the
+  call that ran the start code does so right after it. Not
   mended here: start code that libextism runs as it links the module (a reactor's
   ``_initialize``) and that calls a host function with arguments (``http_request``, or
   libextism's own ``config_get``) ends the process inside libextism, whose wrapper reads
@@ -258,7 +261,7 @@ def _http_request(current: Any, inputs: list[Any], outputs: list[Any], *_: Any) 
     outputs[0].value = 0
     state = _state()
     if state is None:  # start code: nothing sent, and the instance not reached (not even
-        return  # to free the blocks, in the module's own memory: module docstring)
+        return  # to free the blocks: libextism's reset frees them, module docstring)
     if state.stopped:
         # Cancelled, and not yet at an instruction where that takes effect: libextism now
         # ends every call into Extism's own functions with a trap, so the blocks can be
