@@ -321,3 +321,65 @@ def test_a_connection_that_met_itself_is_no_port_taken(container_pid: int) -> No
         owner = PortOwner(port, container_pid, "test")
         with pytest.raises(ConnectionResetError, match="to itself"):
             owner.accepted(probe.getsockname())
+
+
+#: A container's server whose listening process accepts and hands each connection to a
+#: worker it forked, over a Unix socket (``SCM_RIGHTS``), closing its own copy: between the
+#: two the connection is held by no process. The worker is busy for a while before it
+#: takes the next one, as a worker in the middle of another request is.
+_HANDING_SERVER = """
+import http.server, os, socket, sys, time
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"ok": true, "result": "from the container"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_):
+        pass
+
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen()
+handing, taking = socket.socketpair()
+if os.fork() == 0:
+    listener.close()
+    while True:
+        time.sleep(0.3)
+        _, (descriptor,), _, _ = socket.recv_fds(taking, 1, 1)
+        connection = socket.socket(fileno=descriptor)
+        Handler(connection, ("127.0.0.1", 0), None)
+        connection.close()
+print("listening", flush=True)
+while True:
+    connection, _ = listener.accept()
+    socket.send_fds(handing, [b"c"], [connection.fileno()])
+    connection.close()
+"""
+
+
+async def test_a_connection_handed_to_a_busy_worker_is_the_containers() -> None:
+    """A server that accepts in one process and hands the connection to a worker over a
+    Unix socket leaves it held by no process until the worker takes it, for as long as
+    the worker is busy. Nothing can read the request before a process holds the
+    connection, so the channel waits for one, and judges that one: a container handing
+    connections to its workers is not a port in other hands."""
+    port = free_port()
+    with _container_server(port, _HANDING_SERVER) as (container_pid, _):
+        channel = HttpChannel(
+            Address("test-container", port=port, token="secret", container_pid=container_pid)
+        )
+        await channel.open()
+        loop = asyncio.get_running_loop()
+        try:
+            invocation = Invocation("plugin", "1.0.0", "method", {}, loop.time() + 10, "r-1")
+            assert await channel.invoke(invocation) == "from the container"
+        finally:
+            await channel.aclose()
+    assert channel._taken is None

@@ -23,7 +23,9 @@ joining it with ``SO_REUSEPORT``, which spreads connections over every listener)
 a connection is open, and before a byte of the request goes out, the host finds the other
 end of that very connection in the table and requires it to be held by the container's
 processes (``accepted``): the kernel gives it a socket file only when a process accepts
-it, so the host waits for that, and whoever accepted it is who would read the request.
+it, so the host waits for that, and whoever holds it is who would read the request (one
+handed to a worker in a message is held by nobody until the worker takes it: the host
+waits for that too).
 
 Reading every process's descriptors takes time (seconds on a host of many processes with
 many descriptors each): the channel does it off the event loop. Reading another user's
@@ -37,7 +39,6 @@ import contextlib
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,6 @@ _LISTEN = "0A"
 #: ``st`` of a connection's end while it is open: ESTABLISHED, SYN_RECV. Any other of an
 #: end that no process holds is one its server closed.
 _OPEN = ("01", "03")
-#: How long a connection's accepted end may be held by no process (between ``accept``
-#: giving it an inode and the descriptor being installed; or a socket travelling in a
-#: message) before it counts as nobody's.
-_UNHELD_GRACE_SECONDS = 0.05
 #: Local addresses a listener on the host's loopback port answers at (hex, as the table
 #: writes them): 127.0.0.1, 0.0.0.0, ::1, ::, and an IPv6 socket's IPv4-mapped
 #: ::ffff:127.0.0.1 and ::ffff:0.0.0.0, which take IPv4 connections as the first two do.
@@ -125,43 +122,35 @@ class PortOwner:
     def accepted(self, local: tuple[Any, ...]) -> bool:
         """Whether the connection this host opened from ``local`` (its own end's address
         and port) to the port was accepted by the container's processes: False while it
-        waits in a listener's queue, True once a process of the container holds its other
-        end. ``PortTaken`` when a process outside the container holds that end, or no
-        process does; ``ConnectionResetError`` when its server closed it first, or it is
+        waits in a listener's queue or is held by no process, True once a process of the
+        container holds its other end. ``PortTaken`` when a process outside the container
+        holds that end; ``ConnectionResetError`` when its server closed it first, or it is
         gone from the table. Reads descriptors: call it off the event loop."""
         if local[1] == self.port:  # nothing listened, and the connection met itself
             raise ConnectionResetError(f"the connection to port {self.port} is to itself")
-        give_up: float | None = None
-        while True:
-            state, inode = _other_end(self.port, local)
-            if inode == "0" and state in _OPEN:  # in a listener's queue: not accepted yet
-                return False
-            if inode is None or inode == "0":  # closed by its server, or gone
-                raise ConnectionResetError(
-                    f"the connection to port {self.port} of {self.describe} closed before it"
-                    " was checked"
-                )
-            holders = self._holders_of(inode)
-            for pid in holders:
-                if not self._in_container(pid):
-                    raise PortTaken(
-                        f"a connection to port {self.port} of {self.describe} was accepted"
-                        f" by pid {pid} ({_command(pid)}), not by a process of the container"
-                    )
-            if holders:
-                self._pids |= holders
-                return True
-            # Accepted and held by nobody: its descriptor is being installed, or closed,
-            # or it travels in a message. Only the last lasts.
-            if give_up is None:
-                give_up = time.monotonic() + _UNHELD_GRACE_SECONDS
-            elif time.monotonic() > give_up:
+        state, inode = _other_end(self.port, local)
+        if inode == "0" and state in _OPEN:  # in a listener's queue: not accepted yet
+            return False
+        if inode is None or inode == "0":  # closed by its server, or gone
+            raise ConnectionResetError(
+                f"the connection to port {self.port} of {self.describe} closed before it"
+                " was checked"
+            )
+        holders = self._holders_of(inode)
+        for pid in holders:
+            if not self._in_container(pid):
                 raise PortTaken(
-                    f"a connection to port {self.port} of {self.describe} was accepted, and"
-                    " no process holds it (one passed in a message), not a process of the"
-                    " container"
+                    f"a connection to port {self.port} of {self.describe} was accepted"
+                    f" by pid {pid} ({_command(pid)}), not by a process of the container"
                 )
-            time.sleep(0.005)
+        if holders:
+            self._pids |= holders
+            return True
+        # Accepted and held by nobody: its descriptor is being installed, or it travels in
+        # a message (a server handing connections to its workers, for as long as the
+        # worker is busy). Nothing reads the request before a process holds the
+        # connection, and that process is judged then: wait for it, as for an accept.
+        return False
 
     def _holders_of(self, inode: str) -> set[int]:
         """The processes holding the socket ``inode``: the container's server alone when
