@@ -204,8 +204,10 @@ async def store_now_us(client: aioredis.Redis) -> int:
         {"state": "shut"},
         {"state": "closed", "failures": "x"},
         {"state": "closed", "failures": "nan"},
+        {"generation": "nan"},
+        {"generation": "1e300"},
     ],
-    ids=["unknown-state", "failures-word", "failures-nan"],
+    ids=["unknown-state", "failures-word", "failures-nan", "generation-nan", "generation-1e300"],
 )
 @pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
 async def test_a_breaker_hash_no_dispatcher_wrote_is_refused_never_read_as_closed(

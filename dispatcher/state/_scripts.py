@@ -85,9 +85,9 @@ local successes = count(h[3])
 local opened_at = count(h[4])
 local probes = count(h[5])
 local probe_until = count(h[6])
-local generation = tonumber(h[7] or '0') or 0
+local generation = count(h[7])
 if (state ~= 'closed' and state ~= 'open' and state ~= 'half-open') or not failures
-    or not successes or not opened_at or not probes or not probe_until then
+    or not successes or not opened_at or not probes or not probe_until or not generation then
   return redis.error_reply('UNREADABLE circuit breaker: its hash holds a state or a count a'
     .. ' dispatcher does not write')
 end
