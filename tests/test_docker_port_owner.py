@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from dispatcher import TargetUnavailable
+from providers.docker import port_owner
 from providers.docker.channel import Address, HttpChannel
 from providers.docker.port_owner import PortOwner, PortTaken
 from providers.invocation import Invocation
@@ -383,3 +384,38 @@ async def test_a_connection_handed_to_a_busy_worker_is_the_containers() -> None:
         finally:
             await channel.aclose()
     assert channel._taken is None
+
+
+async def test_a_forking_server_costs_a_connection_no_scan_of_every_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that forks a process per connection (and closes the connection in the
+    parent) leaves it held by a process the last look at the listeners never saw. Found
+    by reading every process's descriptors, that cost each new connection seconds on a
+    host of many processes, and a server closing each connection after its answer
+    (HTTP/1.0) makes one per call. The container's processes' own children are looked
+    at first. The real scan is counted, not replaced."""
+    scans: list[set[str]] = []
+    every_process = port_owner._holders
+
+    def counted(inodes: set[str]) -> dict[str, set[int]]:
+        scans.append(inodes)
+        return every_process(inodes)
+
+    monkeypatch.setattr(port_owner, "_holders", counted)
+    port = free_port()
+    with _container_server(port) as (container_pid, _):
+        channel = HttpChannel(
+            Address("test-container", port=port, token="secret", container_pid=container_pid)
+        )
+        await channel.open()
+        loop = asyncio.get_running_loop()
+        try:
+            for number in range(5):
+                invocation = Invocation(
+                    "plugin", "1.0.0", "method", {}, loop.time() + 5, f"r-{number}"
+                )
+                assert await channel.invoke(invocation) == "from the container"
+        finally:
+            await channel.aclose()
+    assert len(scans) == 1, "every process's descriptors read again for a new connection"

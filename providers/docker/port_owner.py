@@ -143,23 +143,27 @@ class PortOwner:
                     f"a connection to port {self.port} of {self.describe} was accepted"
                     f" by pid {pid} ({_command(pid)}), not by a process of the container"
                 )
-        if holders:
-            self._pids |= holders
-            return True
-        # Accepted and held by nobody: its descriptor is being installed, or it travels in
-        # a message (a server handing connections to its workers, for as long as the
-        # worker is busy). Nothing reads the request before a process holds the
+        # Accepted and held by nobody (False): its descriptor is being installed, or it
+        # travels in a message (a server handing connections to its workers, for as long
+        # as the worker is busy). Nothing reads the request before a process holds the
         # connection, and that process is judged then: wait for it, as for an accept.
-        return False
+        return bool(holders)
 
     def _holders_of(self, inode: str) -> set[int]:
         """The processes holding the socket ``inode``: the container's server alone when
-        it holds it (a few descriptors read), else every process that does."""
+        it or a process it forked holds it (a few descriptors read: a server forking a
+        process per connection hands each to a child of its own), else every process
+        that does."""
         link = {f"socket:[{inode}]": inode}
         for pid in self._pids:
             if _held(str(pid), link):
                 return {pid}
-        return _holders({inode}).get(inode, set())
+        for pid in _children(self._pids):
+            if _held(str(pid), link):
+                return {pid}
+        holders = _holders({inode}).get(inode, set())
+        self._pids |= holders
+        return holders
 
     def _in_container(self, pid: int) -> bool:
         return self._namespace is not None and _namespace(pid) == self._namespace
@@ -232,6 +236,19 @@ def _holders(inodes: set[str]) -> dict[str, set[int]]:
                 for inode in _held(process.name, links):
                     holders.setdefault(inode, set()).add(int(process.name))
     return holders
+
+
+def _children(pids: frozenset[int]) -> list[int]:
+    """The processes ``pids`` forked (``/proc/PID/task/TID/children``, every thread's);
+    none where the kernel does not list them."""
+    children: list[int] = []
+    for pid in pids:
+        with contextlib.suppress(OSError), os.scandir(f"/proc/{pid}/task") as threads:
+            for thread in threads:
+                with contextlib.suppress(OSError, ValueError):
+                    listed = Path(thread.path, "children").read_text().split()
+                    children.extend(int(child) for child in listed)
+    return children
 
 
 def _held(pid: str, links: dict[str, str]) -> set[str]:
