@@ -34,7 +34,7 @@ from dispatcher.state import (
     encode_result,
 )
 from dispatcher.state.base import TERMINAL_STATES
-from linchkit_plugin.errors import DeadlineExceeded, InvalidParams
+from linchkit_plugin.errors import DeadlineExceeded, InvalidParams, ProviderError
 from linchkit_plugin.wire import encode_json
 from providers.egress import EgressPolicy
 from providers.invocation import new_request_id
@@ -166,11 +166,18 @@ async def queue_job_once(
         if claimed.claim is Claim.RUN:
             break
         if claimed.claim is Claim.DONE and claimed.outcome is not None:
-            job_id = decode_outcome(
-                claimed.outcome, f"the job recorded for idempotency key {raw_key!r:.80}"
-            )
+            what = f"the job recorded for idempotency key {raw_key!r:.80}"
+            job_id = decode_outcome(claimed.outcome, what)
             if isinstance(job_id, str):
                 return job_id
+            # A record done is done: waiting for it to change would end in a deadline
+            # that says to submit again, which meets the same record.
+            raise ProviderError(
+                f"{what} in the state store is not one a dispatcher wrote (no job id); the"
+                " job it records may have been queued, so none is queued again: a new"
+                " request needs a new key",
+                details={"stage": "state"},
+            )
         if claimed.claim is Claim.MISMATCH:
             raise InvalidParams(
                 f"idempotency key {raw_key!r:.80} was already used for {route.plugin}."

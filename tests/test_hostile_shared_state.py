@@ -168,16 +168,23 @@ async def test_an_idempotency_outcome_no_dispatcher_wrote_is_a_typed_error_and_r
         assert again == {"charged": 1, "run": 2}
 
 
+@pytest.mark.parametrize(
+    "outcome", [b"{garbage", b'{"ok": true, "result": 17}'], ids=["broken", "no-job-id"]
+)
 async def test_a_submission_record_no_dispatcher_wrote_is_a_typed_error(
-    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis, outcome: bytes
 ) -> None:
+    """A record whose result is no job id (a dispatcher records the id it queued) was
+    polled until the submission's wait ran out, then answered as a retryable deadline:
+    "submit again", which met the same record for as long as it was kept."""
     params = {"amount": 1, "delay": 0}
     async with counter(tmp_path, redis_server.url, redis_prefix) as dispatcher:
         await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")
         record = await only_key(writer, f"{redis_prefix}:idem:*")  # the submission's
-        await writer.hset(record, "outcome", b"{garbage")
-        with pytest.raises(ProviderError, match=r"order-17.*new key"):
+        await writer.hset(record, "outcome", outcome)
+        with pytest.raises(ProviderError, match=r"order-17.*new key") as caught:
             await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")
+        assert caught.value.retryable is False
 
 
 # -- shared breakers and rate limits ------------------------------------------------------------
