@@ -246,6 +246,33 @@ async def test_a_registry_of_thousands_reports_a_bounded_list(
         assert str(reports.last[-1]) == f"10.0.{MAX_ENDPOINTS // 256}.{MAX_ENDPOINTS % 256}:8080"
 
 
+async def test_registrations_past_the_bound_cost_no_report_and_no_log_line_each(
+    etcd: Etcd, etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer filling the prefix past the bound, a key at a time: each of its keys
+    sorted every key again, reported the same list (which the fleet went through again)
+    and logged a warning, since the number left out had changed. 20,000 such puts kept
+    the dispatcher's loop busy for some 45 s and wrote 19,000 lines. Past the bound, a
+    key changes nothing reported: nothing is reported, and the log says so once."""
+    caplog.set_level(logging.WARNING, "dispatcher.fleet.sources.etcd")
+    await asyncio.to_thread(put_many, etcd, etcd_prefix, range(MAX_ENDPOINTS))
+    watcher = source(etcd.url, etcd_prefix)
+    async with watching(watcher) as reports:
+        await until(lambda: reports.lists, "the first report")
+        assert len(reports.last) == MAX_ENDPOINTS
+        for number in range(30):  # after every key in order: left out
+            await put(etcd, f"{etcd_prefix}/z{number:03d}", {"url": "http://10.9.0.1:8080"})
+        await until(lambda: watcher.dropped == 30, "the last put")
+        assert len(reports.lists) == 1, "a list reported again, unchanged"
+        said = [r for r in caplog.records if "beyond the bound" in r.getMessage()]
+        assert len(said) == 1, [r.getMessage() for r in said]
+        # One of the first leaving still makes room for the next, reported.
+        await asyncio.to_thread(etcd.delete, f"{etcd_prefix}/i00000")
+        await until(lambda: watcher.dropped == 29, "the delete")
+        await until(lambda: len(reports.lists) == 2, "the list without it")
+        assert str(reports.last[-1]) == "10.9.0.1:8080"
+
+
 async def test_etcd_down_keeps_the_last_list_and_recovers(own_etcd: Etcd) -> None:
     prefix = "/linchkit/plugins/echo"
     await put(own_etcd, f"{prefix}/a", {"url": "http://127.0.0.2:8081"})

@@ -21,8 +21,9 @@ Failures and what they do:
   that key is left out and named in ``skipped`` with the reason (never its value, which
   may hold anything); the other keys are reported.
 * More than ``MAX_ENDPOINTS`` registrations: the first in key order are reported, the
-  others counted in ``dropped`` and logged when their number changes; one of those
-  reported that leaves makes room for the next.
+  others counted in ``dropped`` and logged when some are first left out; one of those
+  reported that leaves makes room for the next. A change past the first keys changes
+  nothing reported, and is not reported (the keys are kept in order, not sorted again).
 
 A watch that was created and then stays silent is a quiet registry, not a failure: etcd
 sends nothing while nothing changes. A peer that dies closes the connection, which ends
@@ -31,6 +32,7 @@ the stream; a half-open connection is caught by TCP keepalive on the socket.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import logging
 from typing import Any
@@ -141,6 +143,10 @@ class EtcdSource(InstanceSource):
         )
         #: Every well-formed registration, by key: what is reported.
         self._found: dict[str, Endpoint] = {}
+        #: The keys of ``_found`` in order: the first ``MAX_ENDPOINTS`` are reported.
+        self._keys: list[str] = []
+        #: The list last reported (None: none yet), not reported again while it holds.
+        self._reported: list[Endpoint] | None = None
         #: Keys left out because their value is off the contract, with the reason.
         self.skipped: dict[str, str] = {}
         #: Well-formed registrations left out, beyond the first MAX_ENDPOINTS.
@@ -150,7 +156,7 @@ class EtcdSource(InstanceSource):
 
     async def run(self, report: Report) -> None:
         def on_read(values: dict[str, bytes]) -> None:
-            self._found, self.skipped = {}, {}
+            self._found, self._keys, self.skipped = {}, [], {}
             for key, value in values.items():
                 self._put(key, value)
             self._report(report)
@@ -159,7 +165,7 @@ class EtcdSource(InstanceSource):
         def on_change(changes: list[Change]) -> None:
             for change in changes:
                 if change.value is None:
-                    self._found.pop(change.key, None)
+                    self._forget(change.key)
                     self.skipped.pop(change.key, None)
                 else:
                     self._put(change.key, change.value)
@@ -174,9 +180,11 @@ class EtcdSource(InstanceSource):
         )
 
     def _report(self, report: Report) -> None:
-        keys = sorted(self._found)
-        dropped = max(0, len(keys) - MAX_ENDPOINTS)
-        if dropped and dropped != self.dropped:
+        """Report the first ``MAX_ENDPOINTS`` instances in key order, unless that is the
+        list reported last: a writer filling the prefix past the bound, a key at a time,
+        would have the fleet go through the same list at each of its keys."""
+        dropped = max(0, len(self._keys) - MAX_ENDPOINTS)
+        if dropped and not self.dropped:  # once, not at each key more (``dropped`` counts)
             log.warning(
                 "registry %s: %d instances beyond the bound of %d ignored (the first keys"
                 " in order are used)",
@@ -185,19 +193,28 @@ class EtcdSource(InstanceSource):
                 MAX_ENDPOINTS,
             )
         self.dropped = dropped
-        report([self._found[key] for key in keys[:MAX_ENDPOINTS]])
+        listed = [self._found[key] for key in self._keys[:MAX_ENDPOINTS]]
+        if listed != self._reported:
+            self._reported = listed
+            report(listed)
 
     def _put(self, key: str, value: bytes) -> None:
         try:
             endpoint = parse_registration(value)
         except ValueError as wrong:
-            self._found.pop(key, None)
+            self._forget(key)
             if self.skipped.get(key) != str(wrong):
                 log.warning("registry %s: key %s left out: %s", self.name, key, wrong)
             self.skipped[key] = str(wrong)
             return
         self.skipped.pop(key, None)
+        if key not in self._found:
+            bisect.insort(self._keys, key)
         self._found[key] = endpoint
+
+    def _forget(self, key: str) -> None:
+        if self._found.pop(key, None) is not None:
+            del self._keys[bisect.bisect_left(self._keys, key)]
 
     async def aclose(self) -> None:
         await self._etcd.aclose()
