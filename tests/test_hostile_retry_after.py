@@ -4,8 +4,8 @@ plugin) answer with a ``retry_after`` that is NaN, an infinity, negative or 1e30
 reply's error, in gRPC's ``retry-after`` trailer and in the WebSocket response envelope.
 
 Every error a caller gets carries a ``retry_after`` that is None or a number of seconds
-from 0 to ``MAX_RETRY_AFTER_SECONDS``: a caller that sleeps it is never parked for hours
-(or raises on NaN), and a job worker that schedules it neither parks the job for good
+from 0 to ``MAX_RETRY_AFTER_SECONDS`` (a day): a caller that sleeps it is never parked for
+good (or raises on NaN), and a job worker that schedules it neither parks the job for good
 nor fails to record the attempt and runs a finished job again.
 """
 

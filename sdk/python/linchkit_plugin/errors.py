@@ -54,10 +54,13 @@ __all__ = [
     "error_from_wire",
 ]
 
-#: The longest a peer's ``retry_after`` is believed (seconds). It is a hint from a plugin,
-#: or a proxy before it, that may lie: what acts on it (a retry within a call's deadline, a
-#: job's next attempt, a client told ``Retry-After``) waits at most this long for it.
-MAX_RETRY_AFTER_SECONDS: Final = 300.0
+#: The longest a peer's ``retry_after`` is believed (seconds): a day, the most the gateway
+#: tells its own clients in ``Retry-After``. It is a hint from a plugin, or a proxy before
+#: it, that may lie, and what a plugin's hint delays is that plugin's own work (a retry,
+#: which the call's deadline ends anyway, a job's next attempt): bounded, it parks nothing
+#: for good. Not shorter: an honest quota that resets hourly would have a job's every
+#: attempt spent before it does.
+MAX_RETRY_AFTER_SECONDS: Final = 86_400.0
 
 
 class DispatchError(Exception):
