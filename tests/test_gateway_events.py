@@ -12,10 +12,13 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from dispatcher import Dispatcher, parse_manifest
-from dispatcher.gateway import TOO_SLOW, GatewayServer, GatewaySettings
+from dispatcher.gateway import TOO_SLOW, GatewayServer, GatewaySettings, events
 from dispatcher.gateway.events import CREDENTIALS_ENDED
+from dispatcher.identity import Credentials, Principal
+from linchkit_plugin.errors import TargetUnavailable, Unauthorized
 from tests.conftest import manifest
 from tests.gateway_support import (
     SECRET_TOKEN,
@@ -448,3 +451,66 @@ def token_exp(token: str) -> int:
     exp = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"]
     assert isinstance(exp, int)
     return exp
+
+
+class _Changing:
+    """A host's authenticator whose answer the test changes while a stream is open."""
+
+    def __init__(self, expires_at: float | None = None) -> None:
+        self.answer: Exception | None = None
+        self.expires_at = expires_at
+        self.asked = 0
+
+    async def authenticate(self, credentials: Credentials) -> Principal:
+        self.asked += 1
+        if self.answer is not None:
+            raise self.answer
+        return Principal("alice", expires_at=self.expires_at)
+
+
+async def test_a_stream_whose_credentials_cannot_be_checked_stays_until_they_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a refusal ends a stream: an authenticator that cannot answer for a while (its
+    backend down: a retryable error) leaves the stream it admitted open."""
+    monkeypatch.setattr(events, "RECHECK_SECONDS", 0.1)
+    authenticator = _Changing()
+    async with (
+        running_gateway(authenticator=authenticator) as (_, server),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{server.url}/v1/events?plugin=events") as ws,
+    ):
+        await frames(ws, 1, "subscribed")
+        authenticator.answer = TargetUnavailable("the identity backend is down")
+        asked = authenticator.asked
+        async with asyncio.timeout(10):
+            while authenticator.asked < asked + 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert not ws.closed
+        authenticator.answer = None
+        await burst(session, server.url, 1)
+        assert len(await frames(ws, 1)) == 1
+        authenticator.answer = Unauthorized("revoked")
+        async with asyncio.timeout(10):
+            while (await ws.receive()).type not in _CLOSED:
+                pass
+        assert ws.close_code == CREDENTIALS_ENDED
+
+
+async def test_an_authenticator_accepting_past_the_expiry_it_gave_is_not_asked_in_a_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A principal whose ``expires_at`` has passed, and which its authenticator still
+    accepts, is checked again at the usual pace, not every few milliseconds."""
+    monkeypatch.setattr(events, "RECHECK_SECONDS", 0.5)
+    authenticator = _Changing(expires_at=time.time() - 10)
+    async with (
+        running_gateway(authenticator=authenticator) as (_, server),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{server.url}/v1/events?plugin=events") as ws,
+    ):
+        await frames(ws, 1, "subscribed")
+        asked = authenticator.asked
+        await asyncio.sleep(1.2)
+        assert authenticator.asked - asked <= 3, authenticator.asked - asked
+        assert not ws.closed

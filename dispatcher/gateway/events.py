@@ -55,7 +55,7 @@ from aiohttp import WSMsgType, web
 from dispatcher._dispatcher import Dispatcher
 from dispatcher._versions import MAX_RANGE_LENGTH
 from dispatcher.identity import Principal
-from linchkit_plugin.errors import DispatchError, InvalidParams
+from linchkit_plugin.errors import DispatchError, Forbidden, InvalidParams, Unauthorized
 
 __all__ = [
     "CREDENTIALS_ENDED",
@@ -397,18 +397,26 @@ class EventStream:
         while True:
             wait = RECHECK_SECONDS
             expires_at = None if self._principal is None else self._principal.expires_at
-            if expires_at is not None:
-                wait = min(wait, max(expires_at - time.time(), 0.0) + _EXPIRY_MARGIN)
+            left = None if expires_at is None else expires_at - time.time()
+            if left is not None and left > -_EXPIRY_MARGIN:
+                # Not once it has passed: an authenticator that still accepts then is
+                # asked again at the usual pace, not every few milliseconds.
+                wait = min(wait, max(left, 0.0) + _EXPIRY_MARGIN)
             await asyncio.sleep(wait)
             try:
                 principal = await self._recheck()
-            except DispatchError:
+            except (Unauthorized, Forbidden):
                 self._ended = (
                     CREDENTIALS_ENDED,
                     "the credentials this stream was opened with no longer hold: reconnect"
                     " with valid ones",
                 )
                 return
+            except DispatchError as error:
+                # The check could not be made (a host authenticator's backend down): the
+                # stream was admitted, and stays until an answer says otherwise.
+                log.warning("could not check an event stream's credentials again: %s", error)
+                continue
             changed = principal != self._principal
             self._principal = principal
             if changed and self._subscriber is not None:
