@@ -199,8 +199,10 @@ async def test_a_rotated_client_ca_is_used_at_the_next_handshake_and_the_old_one
             assert await say(session, url) == 200
 
 
-def _self_signed(subject: x509.Name, *sans: x509.GeneralName) -> bytes:
-    """A certificate of ``subject`` and ``sans``, as DER."""
+def _self_signed(
+    subject: x509.Name, *sans: x509.GeneralName, extension: x509.ExtensionType | None = None
+) -> bytes:
+    """A certificate of ``subject`` and ``sans`` (or ``extension``), as DER."""
     import datetime
 
     from cryptography.hazmat.primitives import hashes
@@ -219,6 +221,8 @@ def _self_signed(subject: x509.Name, *sans: x509.GeneralName) -> bytes:
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    if extension is not None:
+        builder = builder.add_extension(extension, critical=False)
     certificate = builder.sign(key, hashes.SHA256())
     return certificate.public_bytes(serialization.Encoding.DER)
 
@@ -280,3 +284,15 @@ async def test_one_client_certificate_is_named_alike_on_both_ports(tmp_path: Pat
         over_grpc = authenticator.seen[-1]
     assert over_http.certificate_subject == over_grpc.certificate_subject == subject
     assert over_http.certificate_sans == over_grpc.certificate_sans == ("DNS:a.example", "IP:::1")
+
+
+def test_a_san_of_a_kind_cryptography_cannot_read_names_no_san_and_fails_nothing() -> None:
+    """OpenSSL verifies a certificate whose SANs include an EDIPartyName; cryptography
+    raises an exception of its own type on reading it, which reached the HTTP port as a
+    500. The subject still names the caller; no SAN does."""
+    edi_party_name = bytes.fromhex("3007A505A1030C0178")  # SEQUENCE { [5] { [1] "x" } }
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "odd")])
+    extension = x509.UnrecognizedExtension(
+        x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, edi_party_name
+    )
+    assert certificate_names(_self_signed(subject, extension=extension)) == ("CN=odd", ())

@@ -35,21 +35,24 @@ _SAN_PREFIXES = {
 @functools.lru_cache(maxsize=1024)
 def certificate_names(der: bytes) -> CertificateNames | None:
     """The subject and SANs of the certificate ``der`` (DER bytes), which the TLS layer
-    verified; None when cryptography cannot read what OpenSSL accepted (an extension it
-    finds malformed): a certificate that names nobody. Cached by its bytes: a connection
-    presents one certificate for every request on it, and parsing it costs more than the
-    rest of reading the credentials."""
+    verified; None when cryptography cannot read what OpenSSL accepted: a certificate
+    that names nobody. SANs it cannot read (a kind it has no type for, such as an
+    EDIPartyName, or an extension it finds malformed) are left out, the subject kept.
+    Cached by its bytes: a connection presents one certificate for every request on it,
+    and parsing it costs more than the rest of reading the credentials."""
     from cryptography import x509  # only for a verified client certificate
 
     try:
         certificate = x509.load_der_x509_certificate(der)
         subject = certificate.subject.rfc4514_string()
-        try:
-            extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        except x509.ExtensionNotFound:
-            return subject, ()
     except ValueError:
         return None
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return subject, ()
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        return subject, ()
     sans = tuple(
         f"{_SAN_PREFIXES[type(name).__name__]}:{name.value}"
         for name in extension.value
