@@ -419,3 +419,33 @@ async def test_a_forking_server_costs_a_connection_no_scan_of_every_process(
         finally:
             await channel.aclose()
     assert len(scans) == 1, "every process's descriptors read again for a new connection"
+
+
+def test_a_connection_is_told_from_one_to_another_address_of_the_same_port() -> None:
+    """The kernel may give two connections one source address and port when they go to
+    different destinations: one to the container's 127.0.0.1:port, one to a process
+    outside it listening on 127.0.0.2:port. The container's connection is the container's,
+    whichever row the table lists first."""
+    port = free_port()
+    with (
+        _container_server(port) as (container_pid, _),
+        socket.socket() as outsider,
+        socket.socket() as elsewhere,
+        socket.socket() as ours,
+    ):
+        outsider.bind(("127.0.0.2", port))
+        outsider.listen()
+        for client in (elsewhere, ours):
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        elsewhere.bind(("127.0.0.1", 0))
+        ours.bind(elsewhere.getsockname())
+        elsewhere.connect(("127.0.0.2", port))
+        accepted, _ = outsider.accept()  # held by this process: outside the container
+        with accepted:
+            ours.connect(("127.0.0.1", port))
+            owner = PortOwner(port, container_pid, "test")
+            assert owner.check()
+            deadline = time.monotonic() + 10
+            while not owner.accepted(ours.getsockname()):
+                assert time.monotonic() < deadline, "the container never took the connection"
+                time.sleep(0.01)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from linchkit_plugin.errors import TargetUnavailable
 from providers._socket_pin import PinnedSocket, SocketTampered
 from providers.base import CONNECT_STAGE, Health
-from providers.docker.port_owner import PortOwner, PortTaken, can_check_owners
+from providers.docker.port_owner import DIALLED_HOST, PortOwner, PortTaken, can_check_owners
 from providers.http import HttpProvider, HttpTarget
 from providers.invocation import Invocation, Outcome
 from providers.target import PluginInfo
@@ -89,7 +89,7 @@ class HttpChannel:
                 "refuses every call to this container",
             )
         else:
-            url = f"http://127.0.0.1:{address.port}"
+            url = f"http://{DIALLED_HOST}:{address.port}"
             if address.port is not None and can_check_owners():
                 # No pid (the container stopped as it started): no process passes the check.
                 self._owner = PortOwner(

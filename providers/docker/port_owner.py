@@ -42,10 +42,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PortOwner", "PortTaken", "can_check_owners"]
+__all__ = ["DIALLED_HOST", "PortOwner", "PortTaken", "can_check_owners"]
 
 #: ``st`` of a listening socket in ``/proc/net/tcp``.
 _LISTEN = "0A"
+#: Where the host dials a container's port (``providers.docker.channel``).
+DIALLED_HOST = "127.0.0.1"
 #: ``st`` of a connection's end while it is open: ESTABLISHED, SYN_RECV. Any other of an
 #: end that no process holds is one its server closed.
 _OPEN = ("01", "03")
@@ -192,30 +194,47 @@ def _listening_inodes(port: int) -> set[str]:
 
 
 def _other_end(port: int, local: tuple[Any, ...]) -> tuple[str | None, str | None]:
-    """The state and inode of the other end of the connection from ``local`` to ``port``
-    (inode "0" until a process accepts it, and again once it closed it); (None, None)
-    when the table has no such connection."""
-    wanted_port = f"{port:04X}"
-    for table, peer in _peer_as_written(local[0], local[1]):
+    """The state and inode of the other end of the connection from ``local`` to
+    127.0.0.1:``port`` (inode "0" until a process accepts it, and again once it closed
+    it); (None, None) when the table has no such connection. Both ends' addresses are
+    matched: a connection from the same address and port to 127.0.0.2:``port`` (another
+    destination, so the kernel may give it the same source port) is another one."""
+    for table, dialled, peer in _ends_as_written(DIALLED_HOST, port, local[0], local[1]):
         with contextlib.suppress(OSError), open(table, encoding="ascii") as rows:
             next(rows, None)  # the header
             for row in rows:
                 fields = row.split()
-                if fields[2] == peer and fields[1].rpartition(":")[2] == wanted_port:
+                if fields[2] == peer and fields[1] == dialled:
                     return fields[3], fields[9]
     return None, None
 
 
-def _peer_as_written(host: str, port: int) -> list[tuple[str, str]]:
-    """Where the accepted end of a connection from ``host:port`` is listed, and how its
-    peer is written there: in ``tcp`` for an IPv4 listener, and in ``tcp6`` as the
-    IPv4-mapped address for an IPv6 one; each 32-bit word of the address in the
-    machine's byte order, as hex."""
-    if ":" in host:
-        return [("/proc/net/tcp6", f"{_words(socket.AF_INET6, host)}:{port:04X}")]
+def _ends_as_written(
+    host: str, port: int, peer_host: str, peer_port: int
+) -> list[tuple[str, str, str]]:
+    """Where the accepted end of a connection from ``peer_host:peer_port`` to
+    ``host:port`` is listed, and how its own address and its peer's are written there: in
+    ``tcp`` for an IPv4 listener, and in ``tcp6`` as IPv4-mapped addresses for an IPv6
+    one; each 32-bit word of an address in the machine's byte order, as hex."""
+    if ":" in host or ":" in peer_host:
+        return [
+            (
+                "/proc/net/tcp6",
+                f"{_words(socket.AF_INET6, host)}:{port:04X}",
+                f"{_words(socket.AF_INET6, peer_host)}:{peer_port:04X}",
+            )
+        ]
     return [
-        ("/proc/net/tcp", f"{_words(socket.AF_INET, host)}:{port:04X}"),
-        ("/proc/net/tcp6", f"{_words(socket.AF_INET6, '::ffff:' + host)}:{port:04X}"),
+        (
+            "/proc/net/tcp",
+            f"{_words(socket.AF_INET, host)}:{port:04X}",
+            f"{_words(socket.AF_INET, peer_host)}:{peer_port:04X}",
+        ),
+        (
+            "/proc/net/tcp6",
+            f"{_words(socket.AF_INET6, '::ffff:' + host)}:{port:04X}",
+            f"{_words(socket.AF_INET6, '::ffff:' + peer_host)}:{peer_port:04X}",
+        ),
     ]
 
 
