@@ -428,6 +428,51 @@ async def test_json_log_lines_carry_the_request_trace_plugin_and_method() -> Non
     assert not logging.getLogger("dispatcher").handlers  # removed when the dispatcher closed
 
 
+#: What a plugin or a caller may put in a message: a line break starting a record of its
+#: own making, and an escape sequence clearing the operator's terminal.
+FORGED = "hello\n2026-12-05 00:00:00,000 ERROR dispatcher: forged\x1b[2J"
+
+
+async def test_a_peer_s_words_in_a_text_log_line_stay_on_that_line() -> None:
+    """The text format wrote a message as it came: a plugin's words holding a line break
+    made a second line that read as the dispatcher's own record (the JSON format escapes
+    them)."""
+    telemetry = {"logs": {"format": "text"}}
+    async with Dispatcher(telemetry_manifest(telemetry, traced())) as dispatcher:
+        assert dispatcher.telemetry is not None
+        handler = dispatcher.telemetry._log_handler
+        assert handler is not None
+        stream = io.StringIO()
+        handler.setStream(stream)  # type: ignore[attr-defined]
+        await dispatcher.call("traced", "noisy", {"text": FORGED})
+    (line,) = [each for each in stream.getvalue().splitlines() if "plugin says" in each]
+    assert "forged" in line and "\\n" in line and "\\x1b" in line
+    assert "\x1b" not in stream.getvalue()
+    assert not any(
+        each.startswith("2026-12-05 00:00:00") for each in stream.getvalue().splitlines()
+    )
+
+
+def test_the_command_line_s_own_log_lines_keep_a_peer_s_words_on_one_line(tmp_path: Path) -> None:
+    """Without ``telemetry.logs``, ``dispatcher``'s commands log through the handler the
+    command line installs: its lines too are one per record."""
+    import subprocess
+
+    manifest = tmp_path / "plugins.json"
+    manifest.write_text(json.dumps({"version": 1, "plugins": [traced()]}))
+    environment = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'sdk' / 'python'}"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "-v", "-m", str(manifest), "call",
+         "traced.noisy", "-p", json.dumps({"text": FORGED})],
+        capture_output=True, text=True, env=environment, timeout=60, check=False,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    (line,) = [each for each in ran.stderr.splitlines() if "plugin says" in each]
+    assert "forged" in line and "\\n" in line
+    assert "\x1b" not in ran.stderr
+    assert not any(each.startswith("2026-12-05 00:00:00") for each in ran.stderr.splitlines())
+
+
 @pytest.mark.parametrize("format", ["json", "text"])
 async def test_serve_writes_each_log_record_once_in_the_manifests_format(
     tmp_path: Path, format: str

@@ -33,6 +33,7 @@ from dispatcher.audit import AuditLogError
 from dispatcher.config import Manifest, ManifestError, load_manifest
 from dispatcher.identity import Credentials
 from dispatcher.telemetry import CallContextFilter, formatter_for
+from dispatcher.telemetry.logs import OneLineFormatter
 from linchkit_plugin.errors import DispatchError
 
 T = TypeVar("T")
@@ -193,10 +194,10 @@ def main(context: click.Context, manifest: str) -> None:
     current.manifest = manifest
     root = logging.getLogger()
     before = list(root.handlers)
-    logging.basicConfig(
-        level=current.level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=current.level, stream=sys.stderr)
     current.log_handlers = [each for each in root.handlers if each not in before]
+    for handler in current.log_handlers:
+        handler.setFormatter(OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
 
 
 def session(context: click.Context) -> _Session:

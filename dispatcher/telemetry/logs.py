@@ -35,6 +35,7 @@ __all__ = [
     "CURRENT_TRACE_ID",
     "CallContextFilter",
     "JsonFormatter",
+    "OneLineFormatter",
     "TelemetryLogHandler",
     "formatter_for",
     "install",
@@ -101,7 +102,27 @@ def text_formatter() -> logging.Formatter:
     return _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-class _TextFormatter(logging.Formatter):
+class OneLineFormatter(logging.Formatter):
+    """A text format whose every record is one line: a message's line breaks and other
+    control characters are escaped (``\\n``, ``\\x1b``), its traceback still follows.
+
+    Messages quote what peers sent: a plugin's error message, the id a plugin reports, a
+    name a caller made up. Written as they came, a line break there starts a line of the
+    peer's making that reads as the dispatcher's own record, and an escape sequence
+    rewrites the operator's terminal. The JSON format escapes them already.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        if not message.isprintable():
+            record.message = "".join(
+                char if char.isprintable() else char.encode("unicode_escape").decode()
+                for char in message
+            )
+        return super().formatMessage(record)
+
+
+class _TextFormatter(OneLineFormatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         extras = " ".join(
