@@ -30,8 +30,8 @@ from dispatcher import (
     parse_manifest,
 )
 from providers.capabilities import Capabilities
-from providers.wasm.pool import InstancePool
-from providers.wasm.runtime import Compiled
+from providers.wasm.pool import InstancePool, _run
+from providers.wasm.runtime import CallFailed, Compiled
 from providers.wasm.sandbox import sandbox_of
 from providers.wasm.workers import Workers
 from tests.conftest import manifest
@@ -400,3 +400,46 @@ def test_a_start_timeout_ms_that_is_no_positive_whole_number_is_refused_at_load(
     entry = plugin(module, start_timeout_ms=value)
     with pytest.raises(ManifestError, match="start_timeout_ms"):
         parse_manifest({"plugins": [entry]})
+
+
+def test_an_instance_made_while_a_cancel_was_on_its_way_is_dropped_not_kept(
+    tmp_path: Path,
+) -> None:
+    """wasmtime's epoch is shared by every instance of a module: an instance made while
+    the cancel of another was on its way fails every call with libextism's "unable to
+    clear error message", for good. Read as the plugin's own error, it stayed in the pool
+    and every call it took failed; it is the runtime's failure now (the module did not
+    run), and the pool drops the instance."""
+    sandbox = sandbox_of(Capabilities(), {})
+    code = HOSTILE_WAT
+    compiled = Compiled(
+        code, hashlib.sha256(code).hexdigest(), sandbox.manifest_options, tmp_path / "cache"
+    )
+    try:
+        failures: list[CallFailed] = []
+        for _ in range(20):  # the cancel reaches the epoch late often, not always
+            napping = compiled.instantiate(sandbox.config)
+            napping.call("one", b"null", ends=time.monotonic() + 5)
+            thread = threading.Thread(
+                target=_run, args=(napping, "nap", b"null", time.monotonic() + 5)
+            )
+            thread.start()
+            time.sleep(0.1)  # asleep in poll_oneoff, a host call
+            made_meanwhile = compiled.instantiate(sandbox.config)
+            napping.cancel()
+            output, failure = _run(made_meanwhile, "one", b"null", time.monotonic() + 5)
+            thread.join()
+            if failure is not None:
+                failures.append(failure)
+                assert not made_meanwhile.healthy  # the pool drops it
+            else:
+                assert output == b"1"
+            made_meanwhile.close()
+            napping.close()
+            if failures:
+                break
+        if not failures:
+            pytest.skip("every cancel reached the epoch in time (20 tries)")
+        assert failures[0].kind == "runtime", failures[0].message
+    finally:
+        compiled.close()

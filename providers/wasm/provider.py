@@ -20,6 +20,8 @@ instances; calls run on the pool's threads. Error mapping, at this boundary:
                                                 incident; nothing was sent
     an HTTP request's body past the bound       LimitExceeded(limit="http_request_body_bytes")
     an HTTP answer past the bound               LimitExceeded(limit="http_response_bytes")
+    libextism could not set the call up on the  TargetUnavailable (stage connect: the module
+    instance (``runtime``)                      did not run); the instance is replaced
     an HTTP request that failed                 ProviderError naming the host and why
                                                 (``providers.wasm.http_host``)
 
@@ -54,7 +56,7 @@ from linchkit_plugin.errors import (
     error_from_wire,
 )
 from linchkit_plugin.wire import encode_json
-from providers.base import Health, Provider
+from providers.base import CONNECT_STAGE, Health, Provider
 from providers.capabilities import LimitExceeded, Translation
 from providers.wasm.http_host import HttpGrant, is_refusal
 from providers.wasm.module import read_pinned
@@ -268,6 +270,12 @@ def _result(invocation: Invocation, result: CallResult, attached: _Attached) -> 
         )
     if failure.kind == "plugin":
         return _plugin_error(failure.message)
+    if failure.kind == "runtime":  # the instance is dropped: the next call gets a new one
+        raise TargetUnavailable(
+            f"{where}: the wasm runtime could not set the call up on its instance"
+            f" ({failure.message[:200]}); the module did not run, and the instance is replaced",
+            details=CONNECT_STAGE,
+        )
     if failure.kind == "host":  # the dispatcher's side (its compile cache), not the module
         raise ProviderError(f"{where}: {failure.message[:500]}")
     raise ProviderError(f"{where}: the wasm module failed: {failure.message[:500]}")

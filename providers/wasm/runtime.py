@@ -78,7 +78,26 @@ _cache_lock = threading.Lock()
 
 #: ``host``: the dispatcher's side failed (its compile cache folder cannot be written).
 #: ``http``: a request through ``http_request`` was refused or failed (``CallFailed.error``).
-FailureKind = Literal["cancelled", "memory", "trap", "plugin", "host", "http"]
+#: ``runtime``: libextism could not set the call up on the instance: the module never ran.
+FailureKind = Literal["cancelled", "memory", "trap", "plugin", "host", "http", "runtime"]
+
+#: How libextism words its own failure to set a call up on an instance, before the
+#: module's function runs (libextism 1.x, ``runtime/src/plugin.rs``). An instance made
+#: while a cancel of another instance of its module was on its way (wasmtime's epoch,
+#: which every instance of a module shares, moved on between the instance's making and
+#: its first call) fails each call so, for good: read as the plugin's own error, that
+#: instance stayed in the pool and every call it took failed (``unable to clear error
+#: message``, seen under load). Matched whole or as a prefix: a plugin's own message is
+#: its own text, and one that chose these words only loses its instance.
+_SET_UP_FAILED = (
+    "unable to clear error message",
+    "Plugin::clear_error failed",
+    "unable to set extism input",
+    "unable to set extism host context",
+    "extism reset failed",
+    "call to extism:host/env::reset failed",
+    "unable to reset plugin: ",
+)
 
 
 def runtime_version() -> str:
@@ -103,6 +122,8 @@ def _kind_of(message: str) -> FailureKind:
         return "cancelled"
     if message == "oom":
         return "memory"
+    if message.startswith(_SET_UP_FAILED):
+        return "runtime"
     # A trap (unreachable, stack overflow…) carries wasmtime's backtrace; an exit (a Go
     # panic calls proc_exit) names its code. Anything else the plugin set itself.
     if "wasm backtrace" in message or message.startswith(("Error code", "Plugin exited")):
