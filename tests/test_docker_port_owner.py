@@ -179,11 +179,10 @@ async def test_a_container_without_a_pid_is_not_trusted_with_its_port() -> None:
     assert answer != "forged"
 
 
-#: The container's plugin server: answers every call in the container's name. Forking, as
-#: a server handing each connection to a worker process does: the accepted end is then held
-#: by a process the listener check never saw, still one of the container's.
-_CONTAINER_SERVER = """
-import http.server, socketserver, sys
+#: The plugin's request handler in a container's server script: answers every call in
+#: the container's name.
+_HANDLER = """
+import http.server, os, socket, socketserver, sys, time
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
@@ -197,7 +196,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *_):
         pass
+"""
 
+#: The container's plugin server. Forking, as a server handing each connection to a
+#: worker process does: the accepted end is then held by a process the listener check
+#: never saw, still one of the container's.
+_CONTAINER_SERVER = (
+    _HANDLER
+    + """
 class Server(socketserver.ForkingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
 
@@ -205,6 +211,7 @@ server = Server(("127.0.0.1", int(sys.argv[1])), Handler)
 print("listening", flush=True)
 server.serve_forever()
 """
+)
 
 
 @contextlib.contextmanager
@@ -328,22 +335,9 @@ def test_a_connection_that_met_itself_is_no_port_taken(container_pid: int) -> No
 #: worker it forked, over a Unix socket (``SCM_RIGHTS``), closing its own copy: between the
 #: two the connection is held by no process. The worker is busy for a while before it
 #: takes the next one, as a worker in the middle of another request is.
-_HANDING_SERVER = """
-import http.server, os, socket, sys, time
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = b'{"ok": true, "result": "from the container"}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *_):
-        pass
-
+_HANDING_SERVER = (
+    _HANDLER
+    + """
 listener = socket.socket()
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 listener.bind(("127.0.0.1", int(sys.argv[1])))
@@ -363,6 +357,7 @@ while True:
     socket.send_fds(handing, [b"c"], [connection.fileno()])
     connection.close()
 """
+)
 
 
 async def test_a_connection_handed_to_a_busy_worker_is_the_containers() -> None:

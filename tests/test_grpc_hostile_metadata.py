@@ -12,8 +12,6 @@ server short of capacity, whatever the trailers say.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -23,6 +21,7 @@ import pytest
 from dispatcher import Dispatcher, ProviderError
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from tests.conftest import manifest
+from tests.hostile_peers import grpc_plugin
 
 #: Over grpc's hard limit (16 KiB) on the metadata a channel receives.
 LARGE = "a" * 20_000
@@ -50,19 +49,6 @@ class Oversharing(plugin_pb2_grpc.PluginServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no events here")
 
 
-@contextlib.asynccontextmanager
-async def oversharing() -> AsyncIterator[tuple[Oversharing, str]]:
-    servicer = Oversharing()
-    server = grpc.aio.server()
-    plugin_pb2_grpc.add_PluginServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=None)
-
-
 @pytest.mark.parametrize("method", ["large_trailer", "large_header", "rate_limit_trailers"])
 async def test_an_answer_with_metadata_over_the_cap_is_the_plugins_reply_too_large(
     method: str,
@@ -71,7 +57,8 @@ async def test_an_answer_with_metadata_over_the_cap_is_the_plugins_reply_too_lar
     calls again as its load falls"), retryable, so an idempotent method ran three times
     and its breaker counted no failure; with retry-after trailers, ``RateLimited`` with
     the plugin's retry_after."""
-    async with oversharing() as (servicer, address):
+    servicer = Oversharing()
+    async with grpc_plugin(servicer) as address:
         entry = {
             "id": "oversharing",
             "version": "1.0.0",

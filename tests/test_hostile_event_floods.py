@@ -11,17 +11,14 @@ still reach their handlers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
-
-import grpc
-import grpc.aio
 
 from dispatcher import Dispatcher
 from dispatcher._events import MAX_RUNNING_HANDLERS_PER_PLUGIN
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from tests.conftest import manifest
+from tests.hostile_peers import grpc_plugin
 from tests.services import until
 
 #: More than the host lets run at once.
@@ -44,18 +41,6 @@ class EmittingPlugin(plugin_pb2_grpc.PluginServiceServicer):
             yield plugin_pb2.PluginEvent(name="spam", data_json=b'{"x": 1}')
         while True:
             yield plugin_pb2.PluginEvent(name=await self.more.get(), data_json=b"null")
-
-
-@contextlib.asynccontextmanager
-async def served(plugin: EmittingPlugin) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    plugin_pb2_grpc.add_PluginServiceServicer_to_server(plugin, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=None)
 
 
 def entry(plugin_id: str, address: str) -> dict[str, Any]:
@@ -83,8 +68,8 @@ async def test_an_event_flood_keeps_a_bounded_number_of_handlers_running() -> No
         calm.append(event)
 
     async with (
-        served(EmittingPlugin(at_once=FLOOD)) as flooding,
-        served(EmittingPlugin(at_once=0)) as quiet,
+        grpc_plugin(EmittingPlugin(at_once=FLOOD)) as flooding,
+        grpc_plugin(EmittingPlugin(at_once=0)) as quiet,
     ):
         d = Dispatcher(manifest(entry("flood", flooding), entry("calm", quiet)))
         d.on("flood", "spam", busy)  # before it starts: the flood comes as Events opens

@@ -13,13 +13,10 @@ cap) and what escape sequences reached an operator's terminal.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-import grpc.aio
 import orjson
 import pytest
 from aiohttp import WSMsgType, web
@@ -28,6 +25,7 @@ from dispatcher import Dispatcher
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from linchkit_plugin.ws_protocol import hello_frame
 from tests.conftest import manifest
+from tests.hostile_peers import grpc_plugin, websocket_plugin
 from tests.services import until
 
 #: What a plugin writes for an operator's terminal: a colour, a line of its own, then much.
@@ -71,26 +69,17 @@ async def test_frames_a_websocket_plugin_sends_that_cannot_be_used_are_logged_sp
                 )
         return ws
 
-    app = web.Application()
-    app.router.add_get("/", plugin)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"ws://127.0.0.1:{runner.addresses[0][1]}/"
-    entry = {
-        "id": "noisy",
-        "version": "1.0.0",
-        "target": {"provider": "websocket", "url": url},
-        "methods": {"echo": {}},
-    }
-    try:
+    async with websocket_plugin(plugin) as url:
+        entry = {
+            "id": "noisy",
+            "version": "1.0.0",
+            "target": {"provider": "websocket", "url": url},
+            "methods": {"echo": {}},
+        }
         async with Dispatcher(manifest(entry)) as dispatcher:
             assert await dispatcher.call("noisy", "echo", {}) == "after the flood"
             (dialed,) = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
             assert dialed.channel.protocol_errors == 2 * FRAMES  # every one counted
-    finally:
-        await runner.cleanup()
     lines = lines_of(caplog, "dispatcher.providers.websocket")
     assert 2 <= len(lines) <= 6, len(lines)  # the first, the 1,000th
     assert all(len(line) <= LINE_CHARS for line in lines), max(map(len, lines))
@@ -109,18 +98,6 @@ class EventsNotJson(plugin_pb2_grpc.PluginServiceServicer):
         await asyncio.Event().wait()
 
 
-@contextlib.asynccontextmanager
-async def served(servicer: Any) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    plugin_pb2_grpc.add_PluginServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=None)
-
-
 async def test_events_a_grpc_plugin_sends_that_are_not_json_are_logged_sparingly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -128,7 +105,7 @@ async def test_events_a_grpc_plugin_sends_that_are_not_json_are_logged_sparingly
     characters; up to the channel's 64 MiB)."""
     caplog.set_level(logging.WARNING, logger="dispatcher.providers.grpc")
     done: list[Any] = []
-    async with served(EventsNotJson()) as address:
+    async with grpc_plugin(EventsNotJson()) as address:
         entry = {
             "id": "noisy",
             "version": "1.0.0",

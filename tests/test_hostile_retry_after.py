@@ -12,9 +12,7 @@ nor fails to record the attempt and runs a finished job again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from linchkit_plugin.errors import MAX_RETRY_AFTER_SECONDS
 from linchkit_plugin.wire import encode_json
 from linchkit_plugin.ws_protocol import hello_frame
 from tests.conftest import manifest
+from tests.hostile_peers import grpc_plugin, websocket_plugin
 from tests.services import Redis
 
 #: What a lying plugin says, and the ``retry_after`` the caller must get for it.
@@ -73,19 +72,6 @@ class LyingPlugin(plugin_pb2_grpc.PluginServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no events here")
 
 
-@contextlib.asynccontextmanager
-async def lying_grpc_plugin() -> AsyncIterator[tuple[LyingPlugin, str]]:
-    servicer = LyingPlugin()
-    server = grpc.aio.server()
-    plugin_pb2_grpc.add_PluginServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=None)
-
-
 def assert_sane(error: DispatchError, expected: float | None) -> None:
     assert error.retry_after == expected, error.retry_after
     encode_json(error.to_wire())  # what a job worker records: JSON carries it
@@ -97,7 +83,7 @@ async def test_a_grpc_plugins_retry_after_reaches_the_caller_only_as_sane_second
     where: str, said: str, expected: float | None
 ) -> None:
     """Before: NaN, the infinities, -5 and 1e308 reached the caller as said."""
-    async with lying_grpc_plugin() as (_, address):
+    async with grpc_plugin(LyingPlugin()) as address:
         entry = {
             "id": "liar",
             "version": "1.0.0",
@@ -137,25 +123,16 @@ async def test_a_websocket_plugins_retry_after_reaches_the_caller_only_as_sane_s
                 )
         return ws
 
-    app = web.Application()
-    app.router.add_get("/", plugin)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"ws://127.0.0.1:{runner.addresses[0][1]}/"
-    entry = {
-        "id": "liar",
-        "version": "1.0.0",
-        "target": {"provider": "websocket", "url": url},
-        "methods": {"limited": {}},
-    }
-    try:
+    async with websocket_plugin(plugin) as url:
+        entry = {
+            "id": "liar",
+            "version": "1.0.0",
+            "target": {"provider": "websocket", "url": url},
+            "methods": {"limited": {}},
+        }
         async with Dispatcher(manifest(entry)) as dispatcher:
             with pytest.raises(RateLimited) as caught:
                 await dispatcher.call("liar", "limited", {})
-    finally:
-        await runner.cleanup()
     assert_sane(caught.value, expected)
 
 
@@ -168,7 +145,8 @@ async def test_a_job_whose_plugin_says_a_retry_after_json_cannot_carry_ends_once
     error down (NaN is no JSON number), logged it as a bug of its own and left the entry
     for another worker, which ran the job again each visibility timeout until it was
     dead-lettered: a charge the plugin had declined, sent three times."""
-    async with lying_grpc_plugin() as (servicer, address):
+    servicer = LyingPlugin()
+    async with grpc_plugin(servicer) as address:
         document = {
             "version": 1,
             "state": {"backend": "redis", "url": redis_server.url, "key_prefix": redis_prefix},
