@@ -13,6 +13,10 @@ Refusals come before the upgrade, as HTTP statuses: ``Unauthorized`` (401), ``Fo
 to a principal of the manifest's ``auth`` only: without one, an unknown id is refused as
 a known one with wrong credentials is (401, the same words), so ids cannot be probed.
 A plugin holding one plugin's token cannot claim another's id: each target checks its own.
+
+The gateway checks a connection's credentials again while it is open
+(``dispatcher.gateway.rechecks``): ``admit`` again with the same ones, and the moment its
+principal's proof expires is the ``Admission``'s ``expires_at``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ class Admission:
     plugin: PluginSpec[Any]
     provider: Provider[Any]
     targets: Sequence[TargetConfig]
+    #: When the principal it presented stops being proven (``Principal.expires_at``); None:
+    #: none, or one without an end. The next check may find it admitted by its token alone.
+    expires_at: float | None = None
 
     async def serve(self, connection: Any, peer: tuple[str, int]) -> None:
         await self.provider.accept(self.plugin, self.targets, connection, peer)
@@ -62,11 +69,14 @@ async def admit(
         and any(target.accepts_connections() for target in plugin.targets())
     ]
     principal = None
+    expires_at = None
     if authenticator is not None:
         try:
-            principal = (await authenticator.authenticate(credentials)).id
+            authenticated = await authenticator.authenticate(credentials)
         except DispatchError:
-            principal = None  # the target's own token may still admit it
+            pass  # the target's own token may still admit it
+        else:
+            principal, expires_at = authenticated.id, authenticated.expires_at
     if not candidates:
         if principal is None:
             raise Unauthorized(WRONG_CREDENTIALS)
@@ -78,7 +88,7 @@ async def admit(
     provider = providers[targets[0].provider]
     for target in targets:
         await provider.admit(target, bearer=bearer, principal=principal)
-    return Admission(plugin, provider, targets)
+    return Admission(plugin, provider, targets, expires_at)
 
 
 def _bearer(authorization: str | None) -> str | None:

@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from dispatcher import Dispatcher, parse_manifest
-from dispatcher.gateway import TOO_SLOW, GatewayServer, GatewaySettings, events
-from dispatcher.gateway.events import CREDENTIALS_ENDED
+from dispatcher.gateway import TOO_SLOW, GatewayServer, GatewaySettings, rechecks
+from dispatcher.gateway.rechecks import CREDENTIALS_ENDED
 from dispatcher.identity import Credentials, Principal
 from linchkit_plugin.errors import TargetUnavailable, Unauthorized
 from tests.conftest import manifest
@@ -473,7 +473,7 @@ async def test_a_stream_whose_credentials_cannot_be_checked_stays_until_they_are
 ) -> None:
     """Only a refusal ends a stream: an authenticator that cannot answer for a while (its
     backend down: a retryable error) leaves the stream it admitted open."""
-    monkeypatch.setattr(events, "RECHECK_SECONDS", 0.1)
+    monkeypatch.setattr(rechecks, "RECHECK_SECONDS", 0.1)
     authenticator = _Changing()
     async with (
         running_gateway(authenticator=authenticator) as (_, server),
@@ -502,7 +502,7 @@ async def test_an_authenticator_accepting_past_the_expiry_it_gave_is_not_asked_i
 ) -> None:
     """A principal whose ``expires_at`` has passed, and which its authenticator still
     accepts, is checked again at the usual pace, not every few milliseconds."""
-    monkeypatch.setattr(events, "RECHECK_SECONDS", 0.5)
+    monkeypatch.setattr(rechecks, "RECHECK_SECONDS", 0.5)
     authenticator = _Changing(expires_at=time.time() - 10)
     async with (
         running_gateway(authenticator=authenticator) as (_, server),

@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,7 +19,7 @@ import pytest
 from aiohttp import web
 from socket_plugin import SocketPlugin
 
-from dispatcher import Dispatcher, ManifestError, TargetUnavailable
+from dispatcher import Dispatcher, ManifestError, TargetUnavailable, parse_manifest
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from dispatcher.gateway.app import create_app
 from linchkit_plugin import current_context
@@ -28,6 +30,7 @@ from linchkit_plugin.ws_protocol import PLUGIN_ID_HEADER, PLUGIN_VERSION_HEADER,
 from linchkit_plugin.ws_server import Refused, dial
 from tests.conftest import ROOT, manifest
 from tests.gateway_support import closing_gateway, raw_connection, read_answer
+from tests.identity_support import good_claims, jwt_config, rsa_key, write_jwks
 
 TOKEN = "sock-token-0123456789"
 OTHER_TOKEN = "other-token-9876543210"
@@ -880,3 +883,58 @@ async def test_a_plugin_admitted_before_such_a_reload_and_saying_hello_after_is_
             await instances_in_all(dispatcher, 1)
             assert await dispatcher.call("sock", "echo", {"value": "back"}) == "back"
             assert not sock.ended.is_set()
+
+
+async def test_a_plugin_connected_with_a_token_that_expires_is_closed_then(
+    tmp_path: Path,
+) -> None:
+    """A plugin dialling in is admitted at its upgrade. Checked then only, one admitted by
+    a JWT valid for two seconds took calls for as long as its connection lasted; now the
+    gateway closes it with 1008 once the token has expired, and its dial back with the
+    same token is refused at the upgrade."""
+    key = rsa_key("plugin-key")
+    write_jwks(tmp_path / "jwks.json", key)
+    loaded = parse_manifest(
+        {
+            "version": 1,
+            "plugins": [
+                {
+                    "id": "sock",
+                    "version": "1.0.0",
+                    "target": {
+                        "provider": "websocket",
+                        "mode": "inbound",
+                        "principal": "billing-service",
+                    },
+                    "methods": {"echo": {}},
+                }
+            ],
+            "auth": {"jwt": jwt_config("jwks.json", leeway_s=0)},
+        },
+        base_dir=tmp_path,
+    )
+    token = key.token(good_claims(exp=int(time.time()) + 2))
+    async with gateway(loaded) as (dispatcher, url):
+        dialling = asyncio.ensure_future(
+            dial(
+                PluginHost(SocketPlugin()),
+                url,
+                plugin_id="sock",
+                version="1.0.0",
+                token=token,
+                initial_backoff=0.02,
+                max_backoff=0.2,
+            )
+        )
+        try:
+            await until(lambda: connected(dispatcher) == 1)
+            assert await dispatcher.call("sock", "echo", {"value": "hi"}) == "hi"
+            with pytest.raises(Refused) as refused:
+                async with asyncio.timeout(15):
+                    await dialling
+            assert refused.value.status == 401
+            assert connected(dispatcher) == 0
+        finally:
+            dialling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Refused):
+                await dialling

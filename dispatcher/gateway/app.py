@@ -32,6 +32,7 @@ registered here; they learn who calls as the call route does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -66,12 +67,15 @@ from dispatcher.gateway.events import (
 )
 from dispatcher.gateway.job_routes import JobRoutes
 from dispatcher.gateway.openapi import Allows, openapi_document
+from dispatcher.gateway.rechecks import CREDENTIALS_ENDED, seconds_to_next_check
 from dispatcher.gateway.scrape import metrics_route, scrape_token
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal, refused
 from linchkit_plugin.errors import (
     DispatchError,
+    Forbidden,
     InvalidParams,
+    PluginNotFound,
     ProviderError,
     ShuttingDown,
     Unauthorized,
@@ -476,11 +480,45 @@ class Gateway:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         where = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("unknown", 0)
         self._plugin_sockets.add(ws)
+        watching = asyncio.create_task(
+            self._watch_plugin(ws, request, plugin_id, version, admission.expires_at)
+        )
         try:
             await admission.serve(ws, where)
         finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
             self._plugin_sockets.discard(ws)
         return ws
+
+    async def _watch_plugin(
+        self,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        plugin_id: str,
+        version: str | None,
+        expires_at: float | None,
+    ) -> None:
+        """Admits a plugin's connection again with the credentials it presented
+        (``dispatcher.gateway.rechecks``), and closes it with ``CREDENTIALS_ENDED`` once they
+        no longer admit it: a token expired, or changed in the manifest by a reload."""
+        while not ws.closed:
+            await asyncio.sleep(seconds_to_next_check(expires_at))
+            try:
+                admission = await self.dispatcher.admit_plugin(
+                    plugin_id, version, credentials_of(request)
+                )
+            except (Unauthorized, Forbidden, PluginNotFound):
+                await ws.close(
+                    code=CREDENTIALS_ENDED,
+                    message=b"the credentials this plugin connected with no longer admit it",
+                )
+                return
+            except DispatchError as error:  # not checked (draining): it stays
+                log.info("could not check a connected plugin's credentials again: %s", error)
+                continue
+            expires_at = admission.expires_at
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)

@@ -29,11 +29,10 @@ can put in one queue at once is bounded by the ring (or ``max_pending_events`` i
 larger): past it, the events would outlast the ring's copy, and the subscriber is cut off
 at once (its resume is told the gap). The protocol is in ``docs/gateway.md``.
 
-A stream is authenticated at its upgrade and then again every ``RECHECK_SECONDS`` and
-when the proof of its principal expires (a bearer token's ``exp``): a token expired, or
-its signing key gone from the issuer's key set, ends it with 1008; a host's own
-authenticator may also refuse, or give other roles, which then apply to what it receives
-and publishes. Checked once only, a stream
+A stream is authenticated at its upgrade and then again as ``dispatcher.gateway.rechecks``
+says (every minute, and when the proof of its principal expires): a token expired, or its
+signing key gone from the issuer's key set, ends it with 1008; a host's own authenticator
+may also refuse, or give other roles, which then apply to what it receives and publishes. Checked once only, a stream
 opened with a token valid for minutes received events, and published, for as long as it
 stayed open.
 """
@@ -43,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -54,13 +52,12 @@ from aiohttp import WSMsgType, web
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher._versions import MAX_RANGE_LENGTH
+from dispatcher.gateway.rechecks import CREDENTIALS_ENDED, seconds_to_next_check
 from dispatcher.identity import Principal
 from linchkit_plugin.errors import DispatchError, Forbidden, InvalidParams, Unauthorized
 
 __all__ = [
-    "CREDENTIALS_ENDED",
     "PATIENCE",
-    "RECHECK_SECONDS",
     "TOO_SLOW",
     "EventHub",
     "EventStream",
@@ -73,14 +70,6 @@ log = logging.getLogger("dispatcher.gateway")
 #: The close code of a subscriber cut off for reading too slowly (4000-4999: the
 #: application's own; 08 as in HTTP 408).
 TOO_SLOW = 4008
-#: The close code of a stream whose credentials no longer hold (RFC 6455: policy violation).
-CREDENTIALS_ENDED = 1008
-#: How often a stream's credentials are checked again, besides when its principal's proof
-#: expires: how long a revoked key or a changed role takes to reach an open stream.
-RECHECK_SECONDS = 60.0
-#: How long after a principal's ``expires_at`` its stream checks again: a token is refused
-#: only once the clock has passed it.
-_EXPIRY_MARGIN = 0.05
 #: How long closing a cut-off subscriber may take before its connection is dropped: a
 #: client that reads nothing does not read the close frame either.
 _CLOSE_TIMEOUT = 2.0
@@ -390,19 +379,13 @@ class EventStream:
                 transport.abort()
 
     async def _watch_credentials(self) -> None:
-        """Checks the connection's credentials again every ``RECHECK_SECONDS``, and once
-        its principal's proof has expired; returns, which ends the stream, when they no
-        longer hold. A principal whose roles changed is the stream's from then on."""
+        """Checks the connection's credentials again (``dispatcher.gateway.rechecks``);
+        returns, which ends the stream, when they no longer hold. A principal whose roles
+        changed is the stream's from then on."""
         assert self._recheck is not None
         while True:
-            wait = RECHECK_SECONDS
             expires_at = None if self._principal is None else self._principal.expires_at
-            left = None if expires_at is None else expires_at - time.time()
-            if left is not None and left > -_EXPIRY_MARGIN:
-                # Not once it has passed: an authenticator that still accepts then is
-                # asked again at the usual pace, not every few milliseconds.
-                wait = min(wait, max(left, 0.0) + _EXPIRY_MARGIN)
-            await asyncio.sleep(wait)
+            await asyncio.sleep(seconds_to_next_check(expires_at))
             try:
                 principal = await self._recheck()
             except (Unauthorized, Forbidden):
