@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from dispatcher import Dispatcher, ProviderError
+from dispatcher import Dispatcher, InvalidParams, ProviderError
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from tests.conftest import manifest
 from tests.hostile_peers import grpc_plugin
@@ -79,3 +79,28 @@ async def test_an_answer_with_metadata_over_the_cap_is_the_plugins_reply_too_lar
     assert (error.retryable, error.retry_after) == (False, None)
     assert error.details == {"reason": "too_large"}
     assert "metadata" in error.message and "size cap" in error.message
+
+
+async def test_a_request_whose_metadata_the_plugin_refuses_is_the_callers_to_fix() -> None:
+    """A caller id past the 16 KiB of metadata a grpc server takes: the plugin's server
+    refuses the request, and would refuse it again. Before: ``Overloaded`` ("out of a
+    resource … as its load falls"), retryable, resent by an idempotent method's retries."""
+    servicer = Oversharing()
+    async with grpc_plugin(servicer) as address:
+        entry = {
+            "id": "oversharing",
+            "version": "1.0.0",
+            "target": {"provider": "grpc", "address": address},
+            "methods": {
+                "large_trailer": {
+                    "idempotent": True,
+                    "retry": {"attempts": 3, "initial_backoff_ms": 1, "budget_ratio": 1},
+                }
+            },
+        }
+        async with Dispatcher(manifest(entry)) as dispatcher:
+            with pytest.raises(InvalidParams) as caught:
+                await dispatcher.call("oversharing", "large_trailer", {}, caller="c" * 40_000)
+    assert servicer.calls == 0  # refused before the plugin saw it, once
+    error = caught.value
+    assert (error.retryable, error.details) == (False, {"reason": "too_large"})

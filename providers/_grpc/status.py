@@ -5,7 +5,8 @@
     UNKNOWN, INTERNAL                TargetUnavailable            yes (a handler crashed)
     DEADLINE_EXCEEDED                DeadlineExceeded             yes
     RESOURCE_EXHAUSTED, by its words:
-      … the request over a size cap  InvalidParams                no (resending gets it again)
+      … the request (its message, or InvalidParams                no (resending gets it again)
+        its metadata) over a cap
       … the reply (its message, or   ProviderError                no
         its metadata) over a cap
       … the server short of calls    Overloaded                   yes
@@ -171,6 +172,10 @@ _REPLY_TOO_LARGE = (
 #: hard), as grpcio 1.85 words it. A server refusing our request's metadata says the same
 #: without ``Stream removed``, which only our side's refusal of a stream wraps it in.
 _REPLY_METADATA_TOO_LARGE = "Stream removed (received metadata size exceeds"
+#: … and our request's metadata, refused by the plugin's server (grpc core's words on its
+#: side, which reach us without our channel's ``Stream removed``): a caller id or a trace
+#: header past the 16 KiB a grpc server takes. The same request is refused again.
+_REQUEST_METADATA_TOO_LARGE = "received metadata size exceeds"
 #: grpc-js words both sides without a prefix: a server's "Received" is the request.
 _GRPC_JS_REQUEST_TOO_LARGE = ("Received message larger than max", "decompresses to a size larger")
 _GRPC_JS_REPLY_TOO_LARGE = "Sent message larger than max"
@@ -182,6 +187,8 @@ def too_large(details: str) -> str | None:
     unprefixed ones, which they contain."""
     if details.startswith(_REPLY_METADATA_TOO_LARGE):
         return "reply"
+    if details.startswith(_REQUEST_METADATA_TOO_LARGE):
+        return "request"
     if any(words in details for words in _REPLY_TOO_LARGE):
         return "reply"
     if any(words in details for words in _REQUEST_TOO_LARGE):
