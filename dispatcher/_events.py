@@ -27,6 +27,8 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any, Protocol
 
+from providers._log_lines import sparingly
+
 __all__ = ["MAX_RUNNING_HANDLERS_PER_PLUGIN", "EventHandler", "EventHandlers", "EventListener"]
 
 log = logging.getLogger("dispatcher")
@@ -85,7 +87,7 @@ class EventHandlers:
         if running >= MAX_RUNNING_HANDLERS_PER_PLUGIN:
             handling.close()  # never started: nothing to wait for, nothing to warn of
             self.dropped += 1
-            if self.dropped in (1, 1000) or self.dropped % 100_000 == 0:
+            if sparingly(self.dropped):
                 log.warning(
                     "events of %s come faster than their handlers end: %d handlers run;"
                     " event %r not handled (%d dropped so far)",

@@ -35,6 +35,7 @@ from dispatcher.identity import Credentials
 from dispatcher.telemetry import CallContextFilter, formatter_for
 from dispatcher.telemetry.logs import OneLineFormatter
 from linchkit_plugin.errors import DispatchError
+from providers._log_lines import printable
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -319,13 +320,6 @@ def only_plugin(manifest: Manifest[Any], plugin_id: str) -> Manifest[Any]:
                     queue.append(fallback.plugin)
     chosen = [plugin for plugin in manifest.plugins if plugin.id in ids]
     return manifest.model_copy(update={"plugins": chosen})
-
-
-def printable(text: str) -> str:
-    """``text`` with its control characters escaped, for a terminal."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def run_with_dispatcher(manifest: Manifest[Any], job: Callable[[Dispatcher], Awaitable[T]]) -> T:

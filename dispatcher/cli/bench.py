@@ -36,13 +36,13 @@ from dispatcher.cli._app import (
     manifest_option,
     only_plugin,
     output_option,
-    printable,
 )
 from dispatcher.cli._gateway_client import GatewayCaller, check_gateway_url
 from dispatcher.cli._load import CallOnce, Load, LoadReport, run_load
 from dispatcher.config import Manifest
 from dispatcher.identity import Credentials
 from linchkit_plugin.errors import DispatchError
+from providers._log_lines import printable
 
 #: What a shell reports for a command ended by Ctrl-C (128 + SIGINT).
 EXIT_INTERRUPTED = 130

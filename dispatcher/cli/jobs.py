@@ -35,7 +35,6 @@ from dispatcher.cli._app import (
     manifest_option,
     only_plugin,
     output_option,
-    printable,
     run_or_report,
     table,
 )
@@ -43,6 +42,7 @@ from dispatcher.config import Manifest
 from dispatcher.state import JobStore, new_backend
 from dispatcher.state.base import CALLBACK_STATES, JOB_STATES, TERMINAL_STATES
 from linchkit_plugin.errors import DispatchError
+from providers._log_lines import printable
 
 T = TypeVar("T")
 

@@ -36,6 +36,7 @@ from dispatcher._public_errors import (
     public_message,
 )
 from linchkit_plugin.errors import DispatchError
+from providers._log_lines import printable
 
 __all__ = ["Disclosure", "ErrorDetail"]
 
@@ -133,11 +134,11 @@ _JOB_STORE_MESSAGES = {
 
 def _one_line(text: str, most: int) -> str:
     """``text`` cut to ``most`` characters, its line breaks and other unprintable
-    characters escaped as ``repr`` writes them: a line break in a name a caller chose
-    would start a log record of the caller's making in the text format."""
+    characters escaped: a line break in a name a caller chose would start a log record of
+    the caller's making in the text format (whichever formatter the host's log has)."""
     if len(text) > most:
         text = text[:most] + "…"
-    return text if text.isprintable() else repr(text)[1:-1]
+    return printable(text)
 
 
 def _told(error: DispatchError, told: str) -> DispatchError:

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from providers._log_lines import printable
 from providers.invocation import Invocation
 
 __all__ = [
@@ -113,12 +114,7 @@ class OneLineFormatter(logging.Formatter):
     """
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        message = record.message
-        if not message.isprintable():
-            record.message = "".join(
-                char if char.isprintable() else char.encode("unicode_escape").decode()
-                for char in message
-            )
+        record.message = printable(record.message)
         return super().formatMessage(record)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.wire import encode_json
 from providers._grpc.replies import loads
+from providers._log_lines import sparingly
 from providers.host_events import HostEvents
 
 __all__ = ["EventsStream", "OpenEvents"]
@@ -136,7 +137,7 @@ class EventsStream:
                     except ProviderError:
                         self.bad_events += 1
                         bad = self.bad_events
-                        if bad in (1, 1000) or bad % 100_000 == 0:
+                        if sparingly(bad):
                             log.warning(
                                 "%s sent event %.80r with bad JSON (%d so far)",
                                 self.describe,

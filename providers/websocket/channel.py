@@ -59,6 +59,7 @@ from linchkit_plugin.ws_protocol import (
     encode_frame,
     error_frame,
 )
+from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
 
@@ -90,12 +91,6 @@ _DRAIN_POLL_SECONDS = 0.01
 #: and not answered. Each costs a task and an error frame: a plugin that sent calls and
 #: read nothing back had the host hold some 1.3 kB per call frame of 30 bytes it sent.
 MAX_REFUSALS_WAITING = 64
-
-
-def _sparingly(count: int) -> bool:
-    """Whether the ``count``-th of something a plugin does again and again is logged: the
-    first, the 1,000th and every 100,000th."""
-    return count in (1, 1000) or count % 100_000 == 0
 
 
 def close_message(reason: str) -> bytes:
@@ -432,7 +427,7 @@ class Channel:
             if type(count) is int and count > 0:
                 self.events_dropped_by_plugin += count
                 self._dropped_frames += 1
-                if _sparingly(self._dropped_frames):
+                if sparingly(self._dropped_frames):
                     log.warning(
                         "%s dropped %d events while disconnected (%d in all)",
                         self.describe,
@@ -450,7 +445,7 @@ class Channel:
     def _count_protocol_error(self) -> bool:
         """Count a frame from the plugin that this side cannot use; whether to log it."""
         self.protocol_errors += 1
-        return _sparingly(self.protocol_errors)
+        return sparingly(self.protocol_errors)
 
     async def _refuse(self, call_id: int | None) -> None:
         refusal = Forbidden(f"{self.describe}: a plugin connection may not call the host")
@@ -499,7 +494,7 @@ class Channel:
             return
         if not self._events.take():
             self.events_dropped += 1
-            if _sparingly(self.events_dropped):
+            if sparingly(self.events_dropped):
                 log.warning(
                     "%s sends events faster than max_events_per_second; %d dropped",
                     self.describe,
