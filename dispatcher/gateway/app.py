@@ -67,15 +67,13 @@ from dispatcher.gateway.events import (
 )
 from dispatcher.gateway.job_routes import JobRoutes
 from dispatcher.gateway.openapi import Allows, openapi_document
-from dispatcher.gateway.rechecks import CREDENTIALS_ENDED, seconds_to_next_check
+from dispatcher.gateway.rechecks import CREDENTIALS_ENDED, until_refused
 from dispatcher.gateway.scrape import metrics_route, scrape_token
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal, refused
 from linchkit_plugin.errors import (
     DispatchError,
-    Forbidden,
     InvalidParams,
-    PluginNotFound,
     ProviderError,
     ShuttingDown,
     Unauthorized,
@@ -503,22 +501,17 @@ class Gateway:
         """Admits a plugin's connection again with the credentials it presented
         (``dispatcher.gateway.rechecks``), and closes it with ``CREDENTIALS_ENDED`` once they
         no longer admit it: a token expired, or changed in the manifest by a reload."""
-        while not ws.closed:
-            await asyncio.sleep(seconds_to_next_check(expires_at))
-            try:
-                admission = await self.dispatcher.admit_plugin(
-                    plugin_id, version, credentials_of(request)
-                )
-            except (Unauthorized, Forbidden, PluginNotFound):
-                await ws.close(
-                    code=CREDENTIALS_ENDED,
-                    message=b"the credentials this plugin connected with no longer admit it",
-                )
-                return
-            except DispatchError as error:  # not checked (draining): it stays
-                log.info("could not check a connected plugin's credentials again: %s", error)
-                continue
-            expires_at = admission.expires_at
+
+        async def admitted() -> float | None:
+            credentials = credentials_of(request)
+            admission = await self.dispatcher.admit_plugin(plugin_id, version, credentials)
+            return admission.expires_at
+
+        await until_refused(admitted, expires_at)
+        await ws.close(
+            code=CREDENTIALS_ENDED,
+            message=b"the credentials this plugin connected with no longer admit it",
+        )
 
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)

@@ -52,9 +52,9 @@ from aiohttp import WSMsgType, web
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher._versions import MAX_RANGE_LENGTH
-from dispatcher.gateway.rechecks import CREDENTIALS_ENDED, seconds_to_next_check
+from dispatcher.gateway.rechecks import CREDENTIALS_ENDED, until_refused
 from dispatcher.identity import Principal
-from linchkit_plugin.errors import DispatchError, Forbidden, InvalidParams, Unauthorized
+from linchkit_plugin.errors import DispatchError, InvalidParams
 
 __all__ = [
     "PATIENCE",
@@ -383,27 +383,22 @@ class EventStream:
         returns, which ends the stream, when they no longer hold. A principal whose roles
         changed is the stream's from then on."""
         assert self._recheck is not None
-        while True:
-            expires_at = None if self._principal is None else self._principal.expires_at
-            await asyncio.sleep(seconds_to_next_check(expires_at))
-            try:
-                principal = await self._recheck()
-            except (Unauthorized, Forbidden):
-                self._ended = (
-                    CREDENTIALS_ENDED,
-                    "the credentials this stream was opened with no longer hold: reconnect"
-                    " with valid ones",
-                )
-                return
-            except DispatchError as error:
-                # The check could not be made (a host authenticator's backend down): the
-                # stream was admitted, and stays until an answer says otherwise.
-                log.warning("could not check an event stream's credentials again: %s", error)
-                continue
+        recheck = self._recheck
+
+        async def checked() -> float | None:
+            principal = await recheck()
             changed = principal != self._principal
             self._principal = principal
             if changed and self._subscriber is not None:
                 self._subscriber.verdicts.clear()  # decided for the roles it had
+            return None if principal is None else principal.expires_at
+
+        expires_at = None if self._principal is None else self._principal.expires_at
+        await until_refused(checked, expires_at)
+        self._ended = (
+            CREDENTIALS_ENDED,
+            "the credentials this stream was opened with no longer hold: reconnect with valid ones",
+        )
 
     def _overflowed(self) -> None:
         # The sender may be stuck waiting for the client to read: stop it where it is.

@@ -11,9 +11,16 @@ made (a host authenticator's backend down, the dispatcher draining) leaves it op
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Awaitable, Callable
 
-__all__ = ["CREDENTIALS_ENDED", "RECHECK_SECONDS", "seconds_to_next_check"]
+from linchkit_plugin.errors import DispatchError, Forbidden, PluginNotFound, Unauthorized
+
+__all__ = ["CREDENTIALS_ENDED", "RECHECK_SECONDS", "seconds_to_next_check", "until_refused"]
+
+log = logging.getLogger("dispatcher.gateway")
 
 #: The close code of a connection whose credentials no longer hold (RFC 6455: policy
 #: violation).
@@ -35,3 +42,21 @@ def seconds_to_next_check(expires_at: float | None) -> float:
     if left is not None and left > -_EXPIRY_MARGIN:
         wait = min(wait, max(left, 0.0) + _EXPIRY_MARGIN)
     return wait
+
+
+async def until_refused(
+    check: Callable[[], Awaitable[float | None]], expires_at: float | None
+) -> None:
+    """Check a connection's credentials again, as often as ``seconds_to_next_check``
+    says, until they are refused: ``check`` raises ``Unauthorized``, ``Forbidden`` or
+    ``PluginNotFound`` then, and returns when its new proof expires otherwise. A check
+    that could not be made (another ``DispatchError``: a host authenticator's backend
+    down, the dispatcher draining) is logged and made again at the next time."""
+    while True:
+        await asyncio.sleep(seconds_to_next_check(expires_at))
+        try:
+            expires_at = await check()
+        except (Unauthorized, Forbidden, PluginNotFound):
+            return
+        except DispatchError as error:
+            log.warning("could not check a connection's credentials again: %s", error)
