@@ -147,18 +147,21 @@ async def queue_job_once(
     max_params_bytes: int,
 ) -> str:
     """``queue_job``, once per idempotency key: a submission with the key of an earlier
-    one (the same method, caller and params) is that job, its id answered again, for
-    ``retention`` seconds (``state.idempotency_retention_ms``, as a keyed call's outcome
-    is kept); with other params it is refused as a keyed call is. Without a key, or
-    before, every submission queued a job of its own (the plugin's result replayed under
-    each new id: the key also goes with the job, to its call)."""
+    one (the same method, version, caller and params) is that job, its id answered again,
+    for ``retention`` seconds (``state.idempotency_retention_ms``, as a keyed call's
+    outcome is kept); with other params or at another version it is refused as a keyed
+    call is. Without a key, or before, every submission queued a job of its own (the
+    plugin's result replayed under each new id: the key also goes with the job, to its
+    call)."""
     raw_key = submission.idempotency_key
     if raw_key is None:
         return await queue_job(store, submission, route, caller_id, max_params_bytes)
     scope = "\0" if caller_id is None else "\1" + caller_id
     # Not the key of the job's call (plugin, method, caller, key): a record of its own.
     key = digest("submit", route.plugin, route.method, scope, raw_key)
-    fingerprint = digest(encode_json(submission.params, sort_keys=True))
+    # The version the job is fixed to is part of the request: a key used on 1.x and
+    # then on 2.x answered 1.x's job to a caller who asked for 2.x.
+    fingerprint = digest(route.version, encode_json(submission.params, sort_keys=True))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _SUBMIT_WAIT_SECONDS
     while True:
@@ -181,7 +184,8 @@ async def queue_job_once(
         if claimed.claim is Claim.MISMATCH:
             raise InvalidParams(
                 f"idempotency key {raw_key!r:.80} was already used for {route.plugin}."
-                f"{route.method} with other params; a new request needs a new key"
+                f"{route.method} with other params or at another version than"
+                f" {route.version}; a new request needs a new key"
             )
         left = deadline - loop.time()
         if left <= 0:

@@ -616,6 +616,54 @@ async def test_an_idempotency_key_takes_what_the_dispatcher_takes(lane: bool) ->
         assert body["error"]["message"] == "Idempotency-Key is 1-255 printable UTF-8 characters"
 
 
+def counter_entry(version: str) -> dict[str, Any]:
+    """The counting plugin in this process, at ``version``: its ``run`` says how many
+    calls reached that version's instance."""
+    target = {
+        "provider": "local",
+        "entrypoint": "counting_plugin:CountingPlugin",
+        "path": str(ROOT / "tests" / "plugins"),
+    }
+    return {"id": "counter", "version": version, "target": target, "methods": {"charge": {}}}
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+async def test_an_idempotency_key_spent_on_one_version_is_refused_on_another(lane: bool) -> None:
+    """Before: the key's record was the plugin's, method's, caller's and key's, whatever
+    version the call went to, so a caller who spent a key on 1.0.0 and sent it to 2.0.0
+    was answered 1.0.0's outcome, and 2.0.0 never ran. Another version is another
+    request, refused as other params are; the same version still replays."""
+    settings = GatewaySettings(port=0, call_lane=lane)
+    entries = (counter_entry("1.0.0"), counter_entry("2.0.0"))
+    async with (
+        running_gateway(*entries, settings=settings) as (_, server),
+        aiohttp.ClientSession() as session,
+    ):
+        url = f"{server.url}/v1/plugins/counter/methods/charge"
+        params = {"amount": 5, "delay": 0}
+        keyed = {"Idempotency-Key": "order-17"}
+        status, _, first = await post(
+            session, url, params, **keyed, **{"X-Plugin-Version": "1.0.0"}
+        )
+        assert (status, first["result"]) == (200, {"charged": 5, "run": 1})
+        status, _, again = await post(
+            session, url, params, **keyed, **{"X-Plugin-Version": "1.0.0"}
+        )
+        assert (status, again) == (200, first)  # a duplicate at the same version: replayed
+        for version in ("2.0.0", "^2"):  # exact, or a range resolving to 2.0.0
+            status, _, other = await post(
+                session, url, params, **keyed, **{"X-Plugin-Version": version}
+            )
+            assert (status, other["error"]["type"]) == (400, "invalid_params"), other
+            assert "order-17" in other["error"]["message"]
+            assert "another version than 2.0.0" in other["error"]["message"]
+        status, _, latest = await post(session, url, params, **keyed)  # no version: 2.0.0
+        assert status == 400, latest
+        # 2.0.0 ran none of them: its first call with a new key is its first run.
+        status, _, fresh = await post(session, url, params, **{"Idempotency-Key": "order-18"})
+        assert (status, fresh["result"]) == (200, {"charged": 5, "run": 1})
+
+
 async def test_the_plugin_list_and_openapi_follow_a_reload() -> None:
     """A reload that adds a version (calls now go to it) changes what the gateway lists:
     the listing and the document were made once at start and stayed as they were."""

@@ -366,6 +366,40 @@ async def test_a_submit_with_an_idempotency_key_again_is_the_same_job(
         assert len({*unkeyed, first["job_id"]}) == 3
 
 
+async def test_a_submission_key_spent_on_one_version_is_refused_on_another(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Before: a key used to submit to 1.0.0 and then to 2.0.0 answered the 1.0.0 job's id
+    (its record keyed by method, caller and key, not version), so the caller believed a
+    2.0.0 job queued that never was. Another version is another request: refused."""
+    document = jobs_document(tmp_path, redis_server.url, redis_prefix, workers=0)
+    (plugin,) = document["plugins"]
+    document["plugins"].append({**plugin, "version": "2.0.0"})
+    loaded = parse_manifest(document, base_dir=tmp_path)
+    async with (
+        Dispatcher(loaded) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        submit = f"{server.url}/v1/plugins/jobs/methods/work:submit"
+
+        async def submitted(version: str) -> tuple[int, Any]:
+            headers = {"Idempotency-Key": "order-17", "X-Plugin-Version": version}
+            status, body, _ = await send(
+                session, "POST", submit, ADMIN_KEY, json={"n": 3}, headers=headers
+            )
+            return status, body
+
+        status, first = await submitted("1.0.0")
+        assert status == 202, first
+        assert await submitted("1.0.0") == (202, first)
+        status, other = await submitted("2.0.0")
+        assert (status, other["error"]["type"]) == (400, "invalid_params"), other
+        assert "another version than 2.0.0" in other["error"]["message"]
+        job = await dispatcher.job(first["job_id"])
+        assert job["version"] == "1.0.0"
+
+
 #: An address nothing listens on: a job of a method routed there fails target_unavailable.
 DEAD_TARGET = "http://127.0.0.9:1/invoke"
 

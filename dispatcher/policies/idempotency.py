@@ -9,9 +9,12 @@ With a key, the record ``(plugin, method, caller, key)`` is claimed in the state
 run (its deadline, plus a margin), then completed with the call's outcome, kept for
 ``idempotency_retention_ms``. Meanwhile:
 
-* a duplicate (same key, same params: a hash of their canonical JSON) waits for the first
-  call's outcome and gets it, result or error — within its own deadline;
-* the same key with other params is refused with ``InvalidParams``;
+* a duplicate (same key, same version, same params: a hash of the version and the
+  params' canonical JSON) waits for the first call's outcome and gets it, result or error —
+  within its own deadline;
+* the same key with other params, or at another version of the method, is refused with
+  ``InvalidParams``: another version is another request (its code, its schema), so it
+  neither replays the first version's outcome nor runs under a key already spent;
 * a duplicate after the outcome gets it at once, without calling the target.
 
 A first call that provably never reached the plugin (refused by a limit, a bulkhead or a
@@ -102,13 +105,15 @@ class IdempotencyStep:
             "\0" if caller is None else "\1" + caller,
             raw_key,
         )
-        fingerprint = digest(encode_json(invocation.params, sort_keys=True))
+        # The version is the one the call resolved to: a key used on 1.x and then on 2.x
+        # replayed 1.x's outcome to a caller who asked for 2.x.
+        fingerprint = digest(invocation.version, encode_json(invocation.params, sort_keys=True))
         while True:
             mine = self.local.get(key)
             if mine is None:
                 break
             if mine[0] != fingerprint:
-                raise self._mismatch(raw_key)
+                raise self._mismatch(raw_key, invocation.version)
             shared = mine[1]
             if shared is None:
                 shared = mine[1] = asyncio.get_running_loop().create_future()
@@ -158,7 +163,7 @@ class IdempotencyStep:
                     claimed.outcome, f"the outcome of idempotency key {raw_key!r:.80}"
                 )
             if claimed.claim is Claim.MISMATCH:
-                raise self._mismatch(raw_key)
+                raise self._mismatch(raw_key, invocation.version)
             remaining = invocation.remaining()
             if remaining <= 0:
                 raise self._late(raw_key)
@@ -205,10 +210,10 @@ class IdempotencyStep:
         except StateUnavailable as error:
             self.backend.fell_back(f"the idempotency record of {self.name}", error)
 
-    def _mismatch(self, raw_key: str) -> InvalidParams:
+    def _mismatch(self, raw_key: str, version: str) -> InvalidParams:
         return InvalidParams(
             f"idempotency key {raw_key!r:.80} was already used for {self.name} with other "
-            "params; a new request needs a new key"
+            f"params or at another version than {version}; a new request needs a new key"
         )
 
     def _late(self, raw_key: str) -> DeadlineExceeded:
