@@ -46,6 +46,7 @@ from dispatcher._job_view import (
     job_status,
     job_store_of,
     new_submission,
+    owned_job_status,
     queue_job_once,
 )
 from dispatcher._jobs import JobWorkers
@@ -743,6 +744,12 @@ class Dispatcher:
         """The status record of job ``job_id``: state, attempts, error, times (integers, ms
         since the epoch), result once succeeded. ``JobNotFound`` if there is none."""
         return await job_status(job_store_of(self.state_backend), job_id)
+
+    async def job_for(self, job_id: str, caller: str | None) -> dict[str, Any]:
+        """``job`` as ``caller`` may read it: only a job it submitted (None: one submitted
+        anonymously). Another caller's is ``JobNotFound``, as a job that does not exist;
+        its record is not fetched whole, nor decoded (``dispatcher._job_view``)."""
+        return await owned_job_status(job_store_of(self.state_backend), job_id, caller)
 
     async def result(self, job_id: str, *, wait: float = 0.0) -> Any:
         """The result of job ``job_id``, waiting up to ``wait`` seconds for it to end.

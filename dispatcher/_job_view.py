@@ -46,6 +46,7 @@ __all__ = [
     "job_status",
     "job_store_of",
     "new_submission",
+    "owned_job_status",
     "queue_job",
     "queue_job_once",
 ]
@@ -217,6 +218,18 @@ def checked_job_id(job_id: object) -> str:
 async def job_status(store: JobStore, job_id: object) -> dict[str, Any]:
     """The status record of a job: its fields as stored, JSON ones decoded."""
     record = await store.record(checked_job_id(job_id))
+    if record is None:
+        raise _not_found(job_id)
+    return decoded_status(record)
+
+
+async def owned_job_status(store: JobStore, job_id: object, caller: str | None) -> dict[str, Any]:
+    """``job_status`` for ``caller``, who reads only the jobs it submitted (None: those
+    submitted anonymously). Another caller's job is ``JobNotFound``, as one that does not
+    exist, so ids cannot be probed; the store compares the owner first
+    (``JobStore.owned_record``), and only the owner's record is decoded: another caller's
+    params and result, up to the store's bounds, cost the reader nothing to refuse."""
+    record = await store.owned_record(checked_job_id(job_id), caller)
     if record is None:
         raise _not_found(job_id)
     return decoded_status(record)

@@ -400,6 +400,32 @@ async def test_a_submission_key_spent_on_one_version_is_refused_on_another(
         assert job["version"] == "1.0.0"
 
 
+async def test_anonymous_callers_read_the_jobs_submitted_anonymously_and_no_others(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Without ``auth`` every caller of the gateway is anonymous: they share the jobs
+    submitted anonymously (a record with no ``caller``), and a job a host submitted for a
+    named caller is not theirs, whose owner Redis compares (``owned_record``)."""
+    document = jobs_document(tmp_path, redis_server.url, redis_prefix, workers=0)
+    del document["auth"], document["access"]
+    loaded = parse_manifest(document, base_dir=tmp_path)
+    async with (
+        Dispatcher(loaded) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0)) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        submit = f"{server.url}/v1/plugins/jobs/methods/work:submit"
+        status, body, _ = await send(session, "POST", submit, None, json={"n": 1})
+        assert status == 202, body
+        status, read, _ = await send(session, "GET", f"{server.url}{body['location']}", None)
+        assert (status, read["job"]["state"]) == (200, "queued"), read
+        assert "caller" not in read["job"]
+        named = await dispatcher.submit("jobs", "work", {"n": 2}, caller="billing")
+        status, read, _ = await send(session, "GET", f"{server.url}/v1/jobs/{named}", None)
+        assert (status, read["error"]["type"]) == (404, "job_not_found"), read
+        assert (await dispatcher.job_for(named, "billing"))["caller"] == "billing"
+
+
 #: An address nothing listens on: a job of a method routed there fails target_unavailable.
 DEAD_TARGET = "http://127.0.0.9:1/invoke"
 

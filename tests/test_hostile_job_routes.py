@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from tests.services import Redis
 from tests.test_gateway_jobs import jobs_gateway, send
-from tests.test_gateway_security import READER_KEY
+from tests.test_gateway_security import ADMIN_KEY, READER_KEY
 
 SUBMIT = "/v1/plugins/jobs/methods/work:submit"
 
@@ -97,6 +97,39 @@ async def test_a_record_written_by_hand_answers_a_typed_error_not_a_500(
             status, body, _ = await send(session, "GET", base + path, READER_KEY)
             assert status != 500, (path, body)
             assert body["ok"] is (status == 200), (path, body)
+
+
+async def test_another_callers_job_is_refused_before_its_record_is_read_whole(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Before: a read of someone else's job fetched the whole record (HGETALL), decoded its
+    params, result and errors, and only then compared the owner, so a caller probing ids
+    or re-reading one made the gateway and Redis move and parse other callers' results
+    (here 1 MB) for a 404. Now Redis compares the owner field and sends nothing more."""
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session):
+        status, body = await submitted(session, base)  # reader-svc's job
+        job_id = body["job_id"]
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            big = json.dumps({"blob": "x" * 1_000_000})
+            record = f"{redis_prefix}:job:{job_id}"
+            await client.hset(record, mapping={"state": "succeeded", "result": big})
+            await client.config_resetstat()
+            for path in (
+                f"/v1/jobs/{job_id}",
+                f"/v1/jobs/{job_id}/result",
+                f"/v1/jobs/{job_id}?wait=5",
+            ):
+                for _ in range(5):
+                    status, body, _ = await send(session, "GET", base + path, ADMIN_KEY)
+                    assert (status, body["error"]["type"]) == (404, "job_not_found"), body
+            stats = await client.info("commandstats")
+            assert "cmdstat_hgetall" not in stats, stats["cmdstat_hgetall"]
+            assert stats["cmdstat_evalsha"]["calls"] >= 15  # the owner compared in Redis
+        finally:
+            await client.aclose()
+        status, body, _ = await send(session, "GET", f"{base}/v1/jobs/{job_id}/result", READER_KEY)
+        assert (status, len(body["result"]["blob"])) == (200, 1_000_000)
 
 
 @pytest.mark.parametrize("verb", ["POST", "PUT", "DELETE", "PATCH"])

@@ -153,6 +153,10 @@ async def test_a_job_runs_end_to_end_and_its_message_is_deleted(make: Any, queue
         )
         assert record["params"] == {"n": 7}
         assert int(record["finished_at"]) >= int(record["submitted_at"])
+        # Its caller reads it through the job view on Redis; another caller finds none.
+        assert await d.job_for(job_id, "billing") == record
+        with pytest.raises(JobNotFound):
+            await d.job_for(job_id, None)
         # The record is written before the message is deleted: the count follows.
         await until(lambda: d.stats()["jobs"]["succeeded"] == 1, "the count of successes")
         assert d.stats()["state"]["jobs"]["backend"] == "sqs"

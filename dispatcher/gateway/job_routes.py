@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
-from dispatcher._jobs import JobNotFinished, JobNotFound, ended_error
+from dispatcher._jobs import JobNotFinished, ended_error
 from dispatcher.gateway.body import Refused, read_params
 from dispatcher.gateway.call_headers import idempotency_key_of, version_of
 from dispatcher.gateway.credentials import credentials_of
@@ -186,10 +186,9 @@ class JobRoutes:
         return status
 
     async def _own_job(self, job_id: str, owner: str | None) -> dict[str, Any]:
-        status = await self.dispatcher.job(job_id)
-        if status.get("caller") != owner:  # the same answer as no job: ids are not probed
-            raise JobNotFound(f"no job {job_id!r}: never submitted, or its record expired")
-        return status
+        # The owner is compared before the record is decoded, or fetched whole: a caller
+        # probing ids made the gateway decode other callers' params and results.
+        return await self.dispatcher.job_for(job_id, owner)
 
     def __repr__(self) -> str:
         return f"<JobRoutes waits={self._job_waits}/{self.settings.max_job_waits}>"

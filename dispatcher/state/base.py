@@ -346,6 +346,12 @@ class JobStore(ABC):
     @abstractmethod
     async def record(self, job_id: str) -> dict[str, str] | None: ...
 
+    async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
+        """The record of ``job_id`` if ``caller`` submitted it (None: anonymously); None
+        when there is none or another caller's. A store that can read the owner alone
+        first overrides this, so another caller's record is never fetched whole."""
+        return _if_owned(await self.record(job_id), caller)
+
     @abstractmethod
     async def recent(self, limit: int) -> list[dict[str, str]]:
         """The latest submitted jobs still kept, newest first."""
@@ -410,6 +416,10 @@ class JobRecords(ABC):
     @abstractmethod
     async def record(self, job_id: str) -> dict[str, str] | None: ...
 
+    async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
+        """As ``JobStore.owned_record``."""
+        return _if_owned(await self.record(job_id), caller)
+
     @abstractmethod
     async def recent(self, limit: int) -> list[dict[str, str]]: ...
 
@@ -423,6 +433,14 @@ class JobRecords(ABC):
 
     @abstractmethod
     async def changed(self, key: str, timeout: float) -> None: ...
+
+
+def _if_owned(record: dict[str, str] | None, caller: str | None) -> dict[str, str] | None:
+    """``record`` if ``caller`` submitted it: its ``caller`` field, absent for a job
+    submitted anonymously, compared before anything else of it is looked at."""
+    if record is None or record.get("caller") != caller:
+        return None
+    return record
 
 
 # -- the backends -----------------------------------------------------------------------

@@ -73,6 +73,18 @@ GROUP = "workers"
 #: default bound: one read every 50-150 ms per worker while there is nothing to do).
 REDIS_TIMER_SECONDS = 0.1
 
+# A job's record for its owner only: the caller field (absent: submitted anonymously,
+# ARGV[1] '0') is compared here, so another caller's record never leaves Redis.
+_OWNED_RECORD = """
+local caller = redis.call('HGET', KEYS[1], 'caller')
+if ARGV[1] == '1' then
+  if caller ~= ARGV[2] then return false end
+elseif caller ~= false then
+  return false
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
 # Idempotent: a second worker's BUSYGROUP is not an error.
 _ENSURE_GROUP = """
 redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
@@ -251,6 +263,7 @@ class RedisJobs(JobStore):
         self._keep = client.register_script(_KEEP)
         self._redrive = client.register_script(_REDRIVE)
         self._purge = client.register_script(_PURGE_SOME)
+        self._owned = client.register_script(_OWNED_RECORD)
         self.callbacks: CallbackOutbox | None = RedisCallbacks(
             client, self._op, self.callback_set, self.record_key("")
         )
@@ -371,6 +384,12 @@ class RedisJobs(JobStore):
         answer = await self._op(
             "a job record", lambda: self._client.hgetall(self.record_key(job_id))
         )
+        return reply_fields(answer) if answer else None
+
+    async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
+        args = ("0", "") if caller is None else ("1", caller)
+        keys = (self.record_key(job_id),)
+        answer = await self._op("a job record", lambda: self._owned(keys=keys, args=args))
         return reply_fields(answer) if answer else None
 
     async def _records(self, index: str, limit: int) -> list[dict[str, str]]:
@@ -533,6 +552,9 @@ class RedisJobRecords(JobRecords):
 
     async def record(self, job_id: str) -> dict[str, str] | None:
         return await self._jobs.record(job_id)
+
+    async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
+        return await self._jobs.owned_record(job_id, caller)
 
     async def recent(self, limit: int) -> list[dict[str, str]]:
         return await self._jobs.recent(limit)

@@ -287,6 +287,10 @@ class SqsJobs(JobStore):
     async def record(self, job_id: str) -> dict[str, str] | None:
         return await self._view(f"job {job_id!r:.80}'s status").record(job_id)
 
+    async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
+        view = self._view(f"job {job_id!r:.80}'s status")
+        return await view.owned_record(job_id, caller)
+
     async def recent(self, limit: int) -> list[dict[str, str]]:
         return await self._view("listing jobs").recent(limit)
 
