@@ -148,3 +148,35 @@ async def test_buckets_of_callers_gone_quiet_are_forgotten(monkeypatch: pytest.M
         await asyncio.sleep(0.3)
         await dispatcher.call("echo", "say", {"text": "x"}, caller="newcomer")
         assert "callers=1 " in repr(held), repr(held)
+
+
+async def test_a_flood_of_new_caller_ids_cannot_reset_an_established_callers_bucket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: past ``MAX_CALLER_BUCKETS`` the least recently used bucket was forgotten
+    whatever its level, so one principal presenting a new id per call (ids are what the
+    authenticator or the host says) pushed every other caller's bucket out, and each came
+    back with a whole burst. Now a bucket that has not drained is never forgotten: the new
+    ids share one overflow bucket, and memory stays bounded. 64 buckets here, not 100,000."""
+    monkeypatch.setattr(ratelimit, "MAX_CALLER_BUCKETS", 64)
+    limit = {"rate": 0.5, "burst": 3, "mode": "reject", "scope": "caller"}
+    plugin = echo_plugin("echo", LOCAL_TARGET, methods={"say": {"rate_limit": limit}})
+    async with Dispatcher(manifest(plugin)) as dispatcher:
+        assert dispatcher.policies is not None
+        (held,) = (each for limits in dispatcher.policies.method_limits.values() for each in limits)
+        for _ in range(3):
+            await dispatcher.call("echo", "say", {"text": "x"}, caller="alice")
+        with pytest.raises(RateLimited):
+            await dispatcher.call("echo", "say", {"text": "x"}, caller="alice")
+        flood_passed = 0
+        for n in range(1_000):
+            try:
+                await dispatcher.call("echo", "say", {"text": "x"}, caller=f"mallory-{n}")
+                flood_passed += 1
+            except RateLimited:
+                pass
+        with pytest.raises(RateLimited):  # alice's bucket is as she left it
+            await dispatcher.call("echo", "say", {"text": "x"}, caller="alice")
+        assert "callers=64 overflow" in repr(held), repr(held)
+    # 63 ids with buckets of their own, then one shared burst for the 937 others.
+    assert flood_passed == 63 + 3, flood_passed

@@ -24,9 +24,12 @@ __all__ = ["Limit", "LimitLike", "RateLimitStep", "new_limiter"]
 Next = Callable[[Invocation], Awaitable[Any]]
 
 #: Per-caller buckets are forgotten after this long unused (once drained), so callers
-#: cannot grow memory; past ``MAX_CALLER_BUCKETS`` the least recently used goes.
+#: cannot grow memory; at most ``MAX_CALLER_BUCKETS`` are kept (``_room_for_one``).
 CALLER_BUCKET_IDLE_SECONDS = 600.0
 MAX_CALLER_BUCKETS = 100_000
+#: With ``MAX_CALLER_BUCKETS`` kept, how many of the least recently used a new caller's
+#: first call looks at for one that has drained: a bounded cost per new caller.
+FULL_SCAN = 32
 
 
 class LimitLike(Protocol):
@@ -106,6 +109,9 @@ class Limit:
         self._per_caller: OrderedDict[str, Bucket] | None = (
             OrderedDict() if spec.scope == "caller" else None
         )
+        #: The one bucket new callers share while every kept bucket still holds what its
+        #: caller spent (``_room_for_one``); made when first needed.
+        self._overflow: Bucket | None = None
         self.rejected = 0
         self.waited = 0
 
@@ -119,7 +125,11 @@ class Limit:
         if bucket is not None:
             buckets.move_to_end(caller)
             return bucket
-        _forget_unused(buckets)
+        if not _room_for_one(buckets):
+            overflow = self._overflow
+            if overflow is None:
+                overflow = self._overflow = new_limiter(self.spec)
+            return overflow
         bucket = buckets[caller] = new_limiter(self.spec)
         return bucket
 
@@ -147,7 +157,10 @@ class Limit:
             ) from None
 
     def __repr__(self) -> str:
-        callers = "" if self._per_caller is None else f" callers={len(self._per_caller)}"
+        callers = ""
+        if self._per_caller is not None:
+            shared = "" if self._overflow is None else " overflow"
+            callers = f" callers={len(self._per_caller)}{shared}"
         return (
             f"<Limit {self.name} {self.spec.rate:g}/s burst={self.spec.capacity} "
             f"{self.spec.scope} {self.spec.mode}{callers} rejected={self.rejected}"
@@ -155,17 +168,33 @@ class Limit:
         )
 
 
-def _forget_unused(buckets: OrderedDict[str, Bucket]) -> None:
-    """Before a new caller's bucket: forget the least recently used ones that nobody
-    has used for ``CALLER_BUCKET_IDLE_SECONDS`` and that have drained (each bucket is
-    forgotten once, so this costs O(1) per new caller over time), and past
-    ``MAX_CALLER_BUCKETS`` the least recently used whatever its level."""
+def _room_for_one(buckets: OrderedDict[str, Bucket]) -> bool:
+    """Before a new caller's bucket: whether there is room for it.
+
+    First the least recently used buckets that nobody has used for
+    ``CALLER_BUCKET_IDLE_SECONDS`` and that have drained are forgotten (each once, so
+    O(1) per new caller over time). With ``MAX_CALLER_BUCKETS`` still kept, a bucket goes
+    only if it has drained: forgetting it gives its caller nothing, since a new bucket would
+    be the same. One that still holds what its caller spent is never forgotten, however
+    long since it was used: callers choose their ids (a token issuer's subjects, a host's
+    own strings), so under a least-recently-used rule one principal presenting a new id
+    per call pushed established callers out, each then back with a whole burst. Up to
+    ``FULL_SCAN`` are looked at, those that have not drained moved to the back; with none
+    to forget, False: the new caller shares the limit's one overflow bucket. A flood of new
+    ids then throttles itself, and callers new during it with it, while every caller
+    already kept keeps exactly its level."""
     now = asyncio.get_running_loop().time()  # the buckets' clock
     idle = CALLER_BUCKET_IDLE_SECONDS
-    while buckets and (
-        len(buckets) >= MAX_CALLER_BUCKETS or next(iter(buckets.values())).forgettable(now, idle)
-    ):
+    while buckets and next(iter(buckets.values())).forgettable(now, idle):
         buckets.popitem(last=False)
+    if len(buckets) < MAX_CALLER_BUCKETS:
+        return True
+    for _ in range(min(FULL_SCAN, len(buckets))):
+        caller, bucket = buckets.popitem(last=False)
+        if bucket.forgettable(now, 0.0):
+            return True
+        buckets[caller] = bucket
+    return False
 
 
 class RateLimitStep:
