@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -514,3 +516,96 @@ async def test_an_authenticator_accepting_past_the_expiry_it_gave_is_not_asked_i
         await asyncio.sleep(1.2)
         assert authenticator.asked - asked <= 3, authenticator.asked - asked
         assert not ws.closed
+
+
+class _CountingKeys:
+    """A host's authenticator (the seam's own, as a host writes one) that accepts the API
+    keys it holds, counts every check per key, and refuses a key once revoked or once
+    the proof it gave has expired (as a JWT's ``exp``)."""
+
+    def __init__(self, **expires_at: float) -> None:
+        self.expires_at = expires_at
+        self.revoked: set[str] = set()
+        self.asked: Counter[str] = Counter()
+
+    async def authenticate(self, credentials: Credentials) -> Principal:
+        key = credentials.api_key or ""
+        self.asked[key] += 1
+        expires_at = self.expires_at.get(key)
+        if key in self.revoked or (expires_at is not None and time.time() >= expires_at):
+            raise Unauthorized("revoked")
+        return Principal(f"holder-{key}", expires_at=expires_at)
+
+
+async def _open_streams(
+    stack: contextlib.AsyncExitStack, session: aiohttp.ClientSession, url: str, key: str, n: int
+) -> list[aiohttp.ClientWebSocketResponse]:
+    streams = [
+        await stack.enter_async_context(
+            session.ws_connect(f"{url}/v1/events?plugin=events", headers={"X-API-Key": key})
+        )
+        for _ in range(n)
+    ]
+    for ws in streams:
+        await frames(ws, 1, "subscribed")
+    return streams
+
+
+async def _until_closed(ws: aiohttp.ClientWebSocketResponse) -> None:
+    async with asyncio.timeout(5):
+        while (await ws.receive()).type not in _CLOSED:
+            pass
+
+
+async def test_streams_holding_the_same_credentials_share_one_recheck_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: each stream re-checked its credentials on its own timer, so 8 streams
+    opened with one API key cost the host's authenticator 8 calls per interval. Now one
+    per distinct credentials, whose answer every stream holding them takes: a refusal
+    ends all 8 at once, and the streams of another key are checked, and kept, apart."""
+    monkeypatch.setattr(rechecks, "RECHECK_SECONDS", 0.1)
+    authenticator = _CountingKeys()
+    async with (
+        running_gateway(authenticator=authenticator) as (_, server),
+        aiohttp.ClientSession() as session,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        shared = await _open_streams(stack, session, server.url, "a", 8)
+        others = await _open_streams(stack, session, server.url, "b", 2)
+        before = authenticator.asked.copy()
+        started = time.monotonic()
+        await asyncio.sleep(0.55)
+        rounds = (time.monotonic() - started) / 0.1
+        checked_a = authenticator.asked["a"] - before["a"]
+        checked_b = authenticator.asked["b"] - before["b"]
+        assert 2 <= checked_a <= rounds + 1, (checked_a, rounds)
+        assert 2 <= checked_b <= rounds + 1, (checked_b, rounds)
+        authenticator.revoked.add("a")
+        for ws in shared:
+            await _until_closed(ws)
+            assert ws.close_code == CREDENTIALS_ENDED
+        assert not any(ws.closed for ws in others)
+        await burst(session, server.url, 1, **{"X-API-Key": "b"})
+        for ws in others:
+            assert len(await frames(ws, 1)) == 1
+
+
+async def test_shared_rechecks_still_come_when_the_proof_expires() -> None:
+    """The check at a proof's expiry stays exact when streams share it: five streams of a
+    key whose proof ends in 0.4 s are checked once then, not a minute later, and closed."""
+    expires_at = time.time() + 0.4
+    authenticator = _CountingKeys(c=expires_at)
+    async with (
+        running_gateway(authenticator=authenticator) as (_, server),
+        aiohttp.ClientSession() as session,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        streams = await _open_streams(stack, session, server.url, "c", 5)
+        opened = authenticator.asked["c"]
+        for ws in streams:
+            await _until_closed(ws)
+            assert ws.close_code == CREDENTIALS_ENDED
+        assert time.time() >= expires_at
+        assert time.time() < expires_at + 1.5
+        assert authenticator.asked["c"] - opened == 1

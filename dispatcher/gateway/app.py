@@ -44,6 +44,7 @@ import orjson
 from aiohttp import web
 
 from dispatcher._dispatcher import Dispatcher
+from dispatcher._inbound import Admission
 from dispatcher._rollout import shown_to
 from dispatcher.config import Manifest
 from dispatcher.gateway.body import Refused, read_params
@@ -67,7 +68,7 @@ from dispatcher.gateway.events import (
 )
 from dispatcher.gateway.job_routes import JobRoutes
 from dispatcher.gateway.openapi import Allows, openapi_document
-from dispatcher.gateway.rechecks import CREDENTIALS_ENDED, until_refused
+from dispatcher.gateway.rechecks import CREDENTIALS_ENDED, Rechecks
 from dispatcher.gateway.scrape import metrics_route, scrape_token
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal, refused
@@ -147,6 +148,9 @@ class Gateway:
         self._views: dict[frozenset[str], _View] = {}
         self._streams: set[EventStream] = set()
         self._plugin_sockets: set[web.WebSocketResponse] = set()
+        #: The re-checks of the event streams' and plugins' credentials, one per distinct
+        #: credentials however many connections hold them.
+        self.rechecks = Rechecks()
         #: ``…:submit`` and ``/v1/jobs/…``, authenticated as the other routes are.
         self.jobs = JobRoutes(
             dispatcher,
@@ -429,15 +433,27 @@ class Gateway:
             refusal = InvalidParams("/v1/events is a WebSocket: send the upgrade headers")
             return error_answer(refusal, status=426)
         await ws.prepare(request)
-        stream = EventStream(
-            ws, request, self.hub, self.dispatcher, principal, lambda: self._authenticate(request)
-        )
+        recheck = None
+        if self.authenticator is not None:
+            credentials = credentials_of(request)
+            recheck = partial(
+                self.rechecks.until_refused,
+                ("events", *_held(credentials)),
+                partial(self._check, credentials),
+                expiry=_expiry_of,
+            )
+        stream = EventStream(ws, request, self.hub, self.dispatcher, principal, recheck)
         self._streams.add(stream)
         try:
             await stream.run(initial)
         finally:
             self._streams.discard(stream)
         return ws
+
+    async def close_rechecks(self, app: web.Application) -> None:
+        """On cleanup: end the re-checks of connections still held (their sockets are
+        closed by now)."""
+        await self.rechecks.aclose()
 
     async def close_streams(self, app: web.Application) -> None:
         """On shutdown: tell every subscriber the gateway is going away (1001), so it
@@ -502,12 +518,13 @@ class Gateway:
         (``dispatcher.gateway.rechecks``), and closes it with ``CREDENTIALS_ENDED`` once they
         no longer admit it: a token expired, or changed in the manifest by a reload."""
 
-        async def admitted() -> float | None:
-            credentials = credentials_of(request)
-            admission = await self.dispatcher.admit_plugin(plugin_id, version, credentials)
-            return admission.expires_at
-
-        await until_refused(admitted, expires_at)
+        credentials = credentials_of(request)
+        await self.rechecks.until_refused(
+            ("plugin", plugin_id, version, *_held(credentials)),
+            partial(self.dispatcher.admit_plugin, plugin_id, version, credentials),
+            expires_at,
+            expiry=_admission_expiry,
+        )
         await ws.close(
             code=CREDENTIALS_ENDED,
             message=b"the credentials this plugin connected with no longer admit it",
@@ -558,7 +575,27 @@ def create_app(
     app.router.add_get("/readyz", gateway.readyz)
     app.router.add_route("*", "/{tail:.*}", gateway.no_route)
     app.on_shutdown.append(gateway.close_streams)
+    app.on_cleanup.append(gateway.close_rechecks)
     return app
+
+
+def _held(credentials: Credentials) -> tuple[object, ...]:
+    """What a connection's credentials are, as the key its re-checks share: connections
+    presenting the same ones are checked once for all."""
+    return (
+        credentials.authorization,
+        credentials.api_key,
+        credentials.certificate_subject,
+        tuple(credentials.certificate_sans),
+    )
+
+
+def _expiry_of(principal: Principal | None) -> float | None:
+    return None if principal is None else principal.expires_at
+
+
+def _admission_expiry(admission: Admission) -> float | None:
+    return admission.expires_at
 
 
 def _allowed_verb(path: str) -> str | None:

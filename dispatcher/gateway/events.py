@@ -45,14 +45,14 @@ import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import WSMsgType, web
 
 from dispatcher._dispatcher import Dispatcher
 from dispatcher._versions import MAX_RANGE_LENGTH
-from dispatcher.gateway.rechecks import CREDENTIALS_ENDED, until_refused
+from dispatcher.gateway.rechecks import CREDENTIALS_ENDED
 from dispatcher.identity import Principal
 from linchkit_plugin.errors import DispatchError, InvalidParams
 
@@ -314,6 +314,16 @@ class EventHub:
         )
 
 
+class Recheck(Protocol):
+    """Checks a stream's credentials again (``Rechecks.until_refused``, its credentials
+    and check bound), given the end of the proof it was opened with and what to tell it
+    of every check's principal; returns once they are refused."""
+
+    def __call__(
+        self, expires_at: float | None, *, checked: Callable[[Principal | None], None]
+    ) -> Awaitable[None]: ...
+
+
 class EventStream:
     """One WebSocket connection: its subscription (at most one), its publishes, its sender."""
 
@@ -324,13 +334,13 @@ class EventStream:
         hub: EventHub,
         dispatcher: Dispatcher,
         principal: Principal | None = None,
-        recheck: Callable[[], Awaitable[Principal | None]] | None = None,
+        recheck: Recheck | None = None,
     ) -> None:
         self._ws = ws
         #: Who opened the connection: its publishes are sent as this caller.
         self._principal = principal
-        #: Authenticates the connection's credentials again (``Unauthorized`` once they no
-        #: longer hold); None: nobody authenticated it.
+        #: Checks the connection's credentials again until they no longer hold; None:
+        #: nobody authenticated it.
         self._recheck = recheck
         #: How the stream ended, when something other than its peer ended it.
         self._ended: tuple[int, str] | None = None
@@ -383,18 +393,15 @@ class EventStream:
         returns, which ends the stream, when they no longer hold. A principal whose roles
         changed is the stream's from then on."""
         assert self._recheck is not None
-        recheck = self._recheck
 
-        async def checked() -> float | None:
-            principal = await recheck()
+        def checked(principal: Principal | None) -> None:
             changed = principal != self._principal
             self._principal = principal
             if changed and self._subscriber is not None:
                 self._subscriber.verdicts.clear()  # decided for the roles it had
-            return None if principal is None else principal.expires_at
 
         expires_at = None if self._principal is None else self._principal.expires_at
-        await until_refused(checked, expires_at)
+        await self._recheck(expires_at, checked=checked)
         self._ended = (
             CREDENTIALS_ENDED,
             "the credentials this stream was opened with no longer hold: reconnect with valid ones",
