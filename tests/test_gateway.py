@@ -389,6 +389,34 @@ async def test_draining_answers_503_and_readyz_says_so_while_calls_in_flight_fin
         await drained
 
 
+async def test_names_made_up_during_a_drain_are_logged_sparingly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the dispatcher drains a call is refused before its names are resolved, and
+    its refusal was logged once per plugin, method and type every 10 s: a caller making
+    up a new name per call wrote a line per call (300 here). Names the manifest does not
+    hold now share one count, logged the first, the 1,000th, every 100,000th time; the
+    manifest's own names are logged as before."""
+    caplog.set_level(logging.WARNING, "dispatcher.gateway")
+    async with running_gateway() as (dispatcher, server), aiohttp.ClientSession() as session:
+        await dispatcher.drain(1)
+        base = f"{server.url}/v1/plugins"
+        made_up = [f"{base}/ghost-{n}/methods/m" for n in range(150)]
+        made_up += [f"{base}/echo/methods/shout-{n}" for n in range(150)]
+        answers = await asyncio.gather(*(post(session, url, {}) for url in made_up))
+        assert {(status, body["error"]["type"]) for status, _, body in answers} == {
+            (503, "shutting_down")
+        }
+        for _ in range(3):
+            status, _, _ = await post(session, f"{base}/echo/methods/say", {"text": "x"})
+            assert status == 503
+    lines = [r.getMessage() for r in caplog.records if "answered shutting_down" in r.getMessage()]
+    assert len(lines) == 2, f"{len(lines)} lines: {lines[:3]}"
+    made_up_lines = [line for line in lines if "no plugin and method of the manifest" in line]
+    assert len(made_up_lines) == 1, lines
+    assert len([line for line in lines if " echo.say " in line]) == 1, lines
+
+
 async def test_listing_openapi_health_and_unknown_routes() -> None:
     async with running_gateway() as (_, server), aiohttp.ClientSession() as session:
         async with session.get(f"{server.url}/v1/plugins") as answer:

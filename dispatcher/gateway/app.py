@@ -57,7 +57,7 @@ from dispatcher.gateway.call_headers import (
     version_of,
 )
 from dispatcher.gateway.credentials import credentials_of
-from dispatcher.gateway.disclosure import Disclosure
+from dispatcher.gateway.disclosure import Disclosure, ManifestNames
 from dispatcher.gateway.errors import Answer, answer_of, error_answer
 from dispatcher.gateway.events import (
     EventHub,
@@ -128,7 +128,9 @@ class Gateway:
         self.dispatcher = dispatcher
         self.settings = settings
         #: What callers are told of the infrastructure's failures (``error_detail``).
-        self.disclosure = Disclosure(settings.error_detail)
+        self.disclosure = Disclosure(
+            settings.error_detail, known=ManifestNames(lambda: dispatcher.manifest)
+        )
         #: Who checks credentials: the host's own authenticator when it gave one, else the
         #: manifest's ``auth`` (the dispatcher's). With the dispatcher's, calls hand it the
         #: credentials themselves, so it authenticates, applies ``access`` and writes the

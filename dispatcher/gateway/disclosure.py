@@ -10,7 +10,11 @@ these types with a fixed message per type, keeping the type, ``retryable``,
 logs the whole message for the operator with the request id (at most one line per
 plugin, method and type every ``LOG_EVERY_SECONDS``, with how many it did not log: under
 a storm of one failure, the first call's id stands for the rest; names and message cut,
-on one line, since a call refused before its names resolved is logged with the caller's). What the plugin or the caller caused is
+on one line, since a call refused before its names resolved is logged with the caller's).
+Names that are not the manifest's (made up by a caller, and refused before they were
+resolved: while the dispatcher drains) are no key of their own, which each made-up name
+would be: those answers are logged sparingly, all together (the first, the 1,000th, every
+100,000th: ``providers._log_lines``). What the plugin or the caller caused is
 answered as written: a plugin's own error (its message is the plugin's, to its caller),
 ``invalid_params``, ``rate_limited``, ``forbidden`` and the rest. ``error_detail: full``
 answers every message as written (a gateway whose callers are its operators).
@@ -35,10 +39,11 @@ from dispatcher._public_errors import (
     public_job,
     public_message,
 )
+from dispatcher.config import Manifest
 from linchkit_plugin.errors import DispatchError
-from providers._log_lines import printable
+from providers._log_lines import printable, sparingly
 
-__all__ = ["Disclosure", "ErrorDetail"]
+__all__ = ["Disclosure", "ErrorDetail", "ManifestNames"]
 
 log = logging.getLogger("dispatcher.gateway")
 
@@ -53,12 +58,21 @@ class Disclosure:
     """Turns a call's error into what its caller is told (``safe``), logging the rest."""
 
     def __init__(
-        self, detail: ErrorDetail = "safe", clock: Callable[[], float] = time.monotonic
+        self,
+        detail: ErrorDetail = "safe",
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        known: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.detail = detail
         self._clock = clock
+        #: Whether a plugin and method are the manifest's (``ManifestNames``); None: every
+        #: name is taken for one.
+        self._known = known
         #: (plugin, method, type) → (when last logged, how many since not logged)
         self._logged: dict[tuple[str, str, str], tuple[float, int]] = {}
+        #: Answers to calls naming no plugin and method of the manifest, logged or not.
+        self.made_up = 0
 
     def public(
         self, error: DispatchError, plugin: str, method: str, request_id: str
@@ -67,7 +81,10 @@ class Disclosure:
         told = self.told(type(error).type, plugin, method)
         if told is None:
             return error
-        self._log(error, plugin, method, request_id)
+        if self._known is None or self._known(plugin, method):
+            self._log(error, plugin, method, request_id)
+        else:
+            self._log_made_up(error, plugin, method, request_id)
         return _told(error, told)
 
     def public_job_error(
@@ -120,8 +137,48 @@ class Disclosure:
             also,
         )
 
+    def _log_made_up(self, error: DispatchError, plugin: str, method: str, request_id: str) -> None:
+        """A caller chooses how many names it makes up, not how many lines the host
+        writes: one key per name (or a clear of the keys every 10,000 of them, which made
+        the manifest's own log again) let a drain's worth of made-up names log a line each."""
+        self.made_up += 1
+        if not sparingly(self.made_up):
+            return
+        log.warning(
+            "request %s %s.%s answered %s: %s (%d answers so far to calls naming no plugin"
+            " and method of the manifest, logged sparingly)",
+            request_id,
+            _one_line(plugin, LOGGED_NAME_CHARS),
+            _one_line(method, LOGGED_NAME_CHARS),
+            type(error).type,
+            _one_line(error.message, LOGGED_MESSAGE_CHARS),
+            self.made_up,
+        )
+
     def __repr__(self) -> str:
-        return f"<Disclosure {self.detail}>"
+        return f"<Disclosure {self.detail} made_up={self.made_up}>"
+
+
+class ManifestNames:
+    """Whether a plugin and method are named by the manifest ``manifest()`` returns (a
+    host's dispatcher's: after a reload, the new one's), any version of the plugin."""
+
+    def __init__(self, manifest: Callable[[], Manifest[Any]]) -> None:
+        self._manifest = manifest
+        self._seen: Manifest[Any] | None = None
+        self._names: frozenset[tuple[str, str]] = frozenset()
+
+    def __call__(self, plugin: str, method: str) -> bool:
+        manifest = self._manifest()
+        if manifest is not self._seen:
+            self._seen = manifest
+            self._names = frozenset(
+                (spec.id, name) for spec in manifest.plugins for name in spec.methods
+            )
+        return (plugin, method) in self._names
+
+    def __repr__(self) -> str:
+        return f"<ManifestNames {len(self._names)}>"
 
 
 #: What a job route's caller is told of the job store's own failures (Redis or SQS down,

@@ -95,7 +95,7 @@ from dispatcher.gateway.call_headers import (
     checked_version,
 )
 from dispatcher.gateway.certificates import certificate_names
-from dispatcher.gateway.disclosure import Disclosure
+from dispatcher.gateway.disclosure import Disclosure, ManifestNames
 from dispatcher.gateway.grpc_connections import OpenConnections
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Authenticator, Credentials, Principal
@@ -232,7 +232,9 @@ class _Servicer:
         self._waiting: dict[asyncio.Timeout, None] = {}
         self._most_waiting = max(1, settings.max_grpc_calls // 2)
         #: What callers are told of the infrastructure's failures, as on the HTTP port.
-        self.disclosure = Disclosure(settings.error_detail)
+        self.disclosure = Disclosure(
+            settings.error_detail, known=ManifestNames(lambda: dispatcher.manifest)
+        )
 
     def _told(
         self, error: DispatchError, request: gateway_pb2.GatewayCall | None, request_id: str
