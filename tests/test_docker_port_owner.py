@@ -444,3 +444,104 @@ def test_a_connection_is_told_from_one_to_another_address_of_the_same_port() -> 
             while not owner.accepted(ours.getsockname()):
                 assert time.monotonic() < deadline, "the container never took the connection"
                 time.sleep(0.01)
+
+
+async def test_connections_waiting_together_are_looked_at_together_off_the_default_executor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connections a server hands to a busy worker wait, held by no process, and each look
+    at one held by nobody reads every process's descriptors. Looked at one by one, each
+    connection ran that scan every 20 ms in the event loop's default executor (six threads
+    on two cores, the ones aiohttp resolves host names in): six waiting connections
+    filled it. They are looked at together now, on the channel's own thread: one scan at a
+    time, never on the default executor's threads. The real scan is watched, not replaced."""
+    threads: set[str] = set()
+    running = 0
+    most_at_once = 0
+    lock = threading.Lock()
+    every_process = port_owner._holders
+
+    def watched(inodes: set[str]) -> dict[str, set[int]]:
+        nonlocal running, most_at_once
+        with lock:
+            running += 1
+            most_at_once = max(most_at_once, running)
+            threads.add(threading.current_thread().name)
+        try:
+            time.sleep(0.005)  # a scan of a busier host than this one
+            return every_process(inodes)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(port_owner, "_holders", watched)
+    port = free_port()
+    with _container_server(port, _HANDING_SERVER) as (container_pid, _):
+        channel = HttpChannel(
+            Address("test-container", port=port, token="secret", container_pid=container_pid)
+        )
+        await channel.open()
+        loop = asyncio.get_running_loop()
+        try:
+            calls = [
+                channel.invoke(
+                    Invocation("plugin", "1.0.0", "method", {}, loop.time() + 10, f"r-{number}")
+                )
+                for number in range(6)
+            ]
+            assert await asyncio.gather(*calls) == ["from the container"] * 6
+        finally:
+            await channel.aclose()
+    assert threads, "no connection was held by nobody: the test proves nothing"
+    assert all(name.startswith("linchkit-port-check") for name in threads), threads
+    assert most_at_once == 1
+
+
+async def test_a_connection_an_outsider_keeps_in_flight_is_refused_not_waited_for() -> None:
+    """A process that takes the port after the channel last read its listeners, accepts
+    the connection and passes it along in a message (``SCM_RIGHTS``) leaves it held by no
+    process, as a container's server handing it to a worker would: the channel waited for
+    a holder until the call's deadline. The port's listeners are read again while it
+    waits: listeners other than the container's are checked, and the outsider's is found."""
+    port = free_port()
+    with _container_server(port) as (container_pid, container):
+        channel = HttpChannel(
+            Address("test-container", port=port, token="secret", container_pid=container_pid)
+        )
+        await channel.open()
+        loop = asyncio.get_running_loop()
+        impostor = socket.socket()
+        kept, keeper = socket.socketpair()
+        try:
+
+            def invocation() -> Invocation:
+                return Invocation("plugin", "1.0.0", "method", {}, loop.time() + 4, "r-1")
+
+            assert await channel.invoke(invocation()) == "from the container"
+            container.kill()
+            container.wait()
+            await asyncio.sleep(0.2)  # the pool sees its connection closed
+            impostor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            impostor.bind(("127.0.0.1", port))
+            impostor.listen()
+
+            def keep_in_flight() -> None:
+                with contextlib.suppress(OSError):
+                    connection, _ = impostor.accept()
+                    socket.send_fds(kept, [b"c"], [connection.fileno()])
+                    connection.close()
+
+            threading.Thread(target=keep_in_flight, daemon=True).start()
+            assert channel._owner is not None
+            channel._owner.unchanged = lambda: True  # type: ignore[method-assign]
+            started = loop.time()
+            with pytest.raises(TargetUnavailable) as refused:
+                await channel.invoke(invocation())
+        finally:
+            await channel.aclose()
+            impostor.close()
+            kept.close()
+            keeper.close()
+    assert loop.time() - started < 2, "the call waited for its deadline"
+    assert refused.value.details.get("port_taken") is True
+    assert f"held by pid {os.getpid()}" in str(refused.value)

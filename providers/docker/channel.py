@@ -11,10 +11,12 @@ the Literal's new value in ``DockerTarget``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from linchkit_plugin.errors import TargetUnavailable
 from providers._socket_pin import PinnedSocket, SocketTampered
@@ -27,6 +29,13 @@ from providers.target import PluginInfo
 __all__ = ["CHANNELS", "Address", "Channel", "HttpChannel"]
 
 log = logging.getLogger("dispatcher.providers.docker")
+
+_T = TypeVar("_T")
+
+#: Seconds between looks at connections waiting to be accepted: the first soon (an accept
+#: takes well under a millisecond), doubling while they wait, up to the last.
+_FIRST_LOOK = 0.0005
+_LAST_LOOK = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +88,12 @@ class HttpChannel:
         self._owner: PortOwner | None = None
         self._taken: PortTaken | None = None
         self._http: HttpProvider | None = None
+        #: Connections opened to the port and not yet found accepted by the container.
+        self._awaiting_accept: dict[tuple[Any, ...], asyncio.Future[None]] = {}
+        self._arrived = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+        #: The one thread the port's checks run on (``_off_loop``); started at the first.
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="linchkit-port-check")
         if address.unix_socket is not None:
             # The host part of the URL is only a label: the connector dials the socket.
             url = "http://container"
@@ -133,7 +148,7 @@ class HttpChannel:
         try:
             if self._taken is not None:
                 raise self._taken
-            if not await asyncio.to_thread(self._owner.unchanged):
+            if not await self._off_loop(self._owner.unchanged):
                 await self._check_owner()
         except (PortTaken, FileNotFoundError) as error:
             raise self._refused(error) from None
@@ -141,24 +156,64 @@ class HttpChannel:
     async def connected(self, local: tuple[Any, ...] | None) -> None:
         """The HTTP client opened a connection to the port, nothing sent on it yet
         (``ConnectionCheck``): it waits until the connection is accepted and requires the
-        container's processes to hold its other end (``PortOwner.accepted``). A process
+        container's processes to hold its other end (``PortOwner.accepted_all``). A process
         outside the container that took the port since ``before_connect`` is refused for
         good, as at a probe. The wait is the call's: its timeout ends it."""
-        owner = self._owner
-        assert owner is not None
-        pause = 0.0005
         try:
             if local is None:
                 raise ConnectionResetError("the connection closed before it was checked")
-            while not await asyncio.to_thread(owner.accepted, local):
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.02)
+            waiter = asyncio.get_running_loop().create_future()
+            self._awaiting_accept[local] = waiter
+            self._arrived.set()
+            if self._watch is None or self._watch.done():
+                self._watch = asyncio.create_task(self._watch_accepts())
+            try:
+                await waiter
+            finally:
+                del self._awaiting_accept[local]
         except PortTaken as error:
             raise self._refused(self._incident(error)) from None
         except ConnectionResetError as error:
             raise TargetUnavailable(
                 f"container {self._address.container}: {error}", details=CONNECT_STAGE
             ) from None
+
+    async def _watch_accepts(self) -> None:
+        """Looks at every connection waiting to be accepted, all at once, until none is
+        left: soon after one arrives, then less often while they wait (a busy worker may
+        take a while to take what its server accepted for it)."""
+        owner = self._owner
+        assert owner is not None
+        waiting = self._awaiting_accept
+        pause = _FIRST_LOOK
+        while ends := [end for end, waiter in waiting.items() if not waiter.done()]:
+            self._arrived.clear()
+            outcomes: dict[tuple[Any, ...], bool | Exception]
+            try:
+                outcomes = dict(await self._off_loop(owner.accepted_all, ends))
+            except Exception as error:  # the reads failed: so do the waits
+                outcomes = dict.fromkeys(ends, error)
+            for end, outcome in outcomes.items():
+                waiter = waiting.get(end)
+                if waiter is None or waiter.done() or outcome is False:
+                    continue
+                if outcome is True:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(outcome)
+            try:
+                async with asyncio.timeout(pause):
+                    await self._arrived.wait()
+                pause = _FIRST_LOOK  # a new connection: look soon
+            except TimeoutError:
+                pause = min(pause * 2, _LAST_LOOK)
+
+    def _off_loop(self, read: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """``read`` on the channel's own thread: reading every process's descriptors may
+        take seconds, and neither blocks the event loop nor fills its default executor
+        (where aiohttp resolves host names, for every target of the process), and the
+        channel's reads of the tables go one at a time."""
+        return asyncio.get_running_loop().run_in_executor(self._reads, read, *args)
 
     async def _check_owner(self) -> None:
         """``PortOwner.check``, off the event loop (it reads every process's descriptors):
@@ -169,7 +224,7 @@ class HttpChannel:
         if self._taken is not None:
             raise self._taken
         try:
-            listening = await asyncio.to_thread(self._owner.check)
+            listening = await self._off_loop(self._owner.check)
         except PortTaken as error:
             raise self._incident(error) from None
         if not listening:
@@ -235,6 +290,11 @@ class HttpChannel:
         return await http.served_methods(plugin, self._target, timeout=timeout)
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        self._reads.shutdown(wait=False, cancel_futures=True)
         http, self._http = self._http, None
         if http is not None:
             await http.aclose()

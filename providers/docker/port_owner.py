@@ -28,7 +28,8 @@ handed to a worker in a message is held by nobody until the worker takes it: the
 waits for that too).
 
 Reading every process's descriptors takes time (seconds on a host of many processes with
-many descriptors each): the channel does it off the event loop. Reading another user's
+many descriptors each): the channel does it off the event loop, on a thread of its own,
+for every connection waiting to be accepted at once (``accepted_all``). Reading another user's
 descriptors needs root (or ``CAP_SYS_PTRACE``): without it the check cannot be made, and
 the provider reports the port as trusted, not checked.
 """
@@ -39,6 +40,7 @@ import contextlib
 import os
 import socket
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,11 @@ _LOOPBACK_OR_ANY = {
 
 class PortTaken(OSError):
     """A process outside the container listens on the container's port."""
+
+
+#: What ``PortOwner.accepted_all`` finds of one connection: accepted by the container
+#: (True), not yet (False), or why it is not to be used (``PortTaken``, a reset).
+Outcome = bool | OSError
 
 
 def can_check_owners() -> bool:
@@ -128,44 +135,85 @@ class PortOwner:
         container holds its other end. ``PortTaken`` when a process outside the container
         holds that end; ``ConnectionResetError`` when its server closed it first, or it is
         gone from the table. Reads descriptors: call it off the event loop."""
-        if local[1] == self.port:  # nothing listened, and the connection met itself
-            raise ConnectionResetError(f"the connection to port {self.port} is to itself")
-        state, inode = _other_end(self.port, local)
-        if inode == "0" and state in _OPEN:  # in a listener's queue: not accepted yet
-            return False
-        if inode is None or inode == "0":  # closed by its server, or gone
-            raise ConnectionResetError(
-                f"the connection to port {self.port} of {self.describe} closed before it"
-                " was checked"
-            )
-        holders = self._holders_of(inode)
-        for pid in holders:
-            if not self._in_container(pid):
-                raise PortTaken(
-                    f"a connection to port {self.port} of {self.describe} was accepted"
-                    f" by pid {pid} ({_command(pid)}), not by a process of the container"
-                )
-        # Accepted and held by nobody (False): its descriptor is being installed, or it
-        # travels in a message (a server handing connections to its workers, for as long
-        # as the worker is busy). Nothing reads the request before a process holds the
-        # connection, and that process is judged then: wait for it, as for an accept.
-        return bool(holders)
+        outcome = self.accepted_all([local])[local]
+        if isinstance(outcome, OSError):
+            raise outcome
+        return outcome
 
-    def _holders_of(self, inode: str) -> set[int]:
-        """The processes holding the socket ``inode``: the container's server alone when
-        it or a process it forked holds it (a few descriptors read: a server forking a
-        process per connection hands each to a child of its own), else every process
-        that does."""
+    def accepted_all(self, ends: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], Outcome]:
+        """``accepted`` of many connections at once, its error as the outcome of the
+        connection it is about: the tables read once for all of them, every process's
+        descriptors at most once (for the connections that no process of the container
+        holds). Connections opened together wait together; each alone, they read the
+        tables and scanned every process once each, as often as they looked.
+
+        While a connection is held by no process, the port's listeners are read again:
+        listeners other than those last found the container's mean the port may have
+        changed hands since the connection was opened (a process joining it with
+        ``SO_REUSEPORT`` and handing what it accepts elsewhere), and they are checked
+        (``check``): its ``PortTaken`` is then the outcome of every connection."""
+        outcomes: dict[tuple[Any, ...], Outcome] = {}
+        ends = list(ends)
+        found = _other_ends(self.port, [end for end in ends if end[1] != self.port])
+        unheld: dict[tuple[Any, ...], str] = {}
+        for end in ends:
+            if end[1] == self.port:  # nothing listened, and the connection met itself
+                outcomes[end] = ConnectionResetError(
+                    f"the connection to port {self.port} is to itself"
+                )
+                continue
+            state, inode = found.get(end, (None, None))
+            if inode == "0" and state in _OPEN:  # in a listener's queue: not accepted yet
+                outcomes[end] = False
+            elif inode is None or inode == "0":  # closed by its server, or gone
+                outcomes[end] = ConnectionResetError(
+                    f"the connection to port {self.port} of {self.describe} closed before it"
+                    " was checked"
+                )
+            elif self._held_by_container(inode):
+                outcomes[end] = True
+            else:
+                unheld[end] = inode
+        if unheld:
+            outcomes.update(self._judge_unheld(unheld))
+        return outcomes
+
+    def _judge_unheld(self, unheld: dict[tuple[Any, ...], str]) -> dict[tuple[Any, ...], Outcome]:
+        """The outcomes of accepted connections that no process the container is known by
+        holds: one scan of every process for all of them."""
+        holders = _holders(set(unheld.values()))
+        outcomes: dict[tuple[Any, ...], Outcome] = {}
+        for end, inode in unheld.items():
+            pids = holders.get(inode, set())
+            outsiders = [pid for pid in pids if not self._in_container(pid)]
+            if outsiders:
+                outcomes[end] = PortTaken(
+                    f"a connection to port {self.port} of {self.describe} was accepted"
+                    f" by pid {outsiders[0]} ({_command(outsiders[0])}), not by a process"
+                    " of the container"
+                )
+                continue
+            self._pids |= pids
+            # Held by nobody (False): its descriptor is being installed, or it travels in
+            # a message (a server handing connections to its workers, for as long as the
+            # worker is busy). Nothing reads the request before a process holds the
+            # connection, and that process is judged then: wait for it, as for an accept.
+            outcomes[end] = bool(pids)
+        if False in outcomes.values() and not self._listeners_unchanged():
+            try:
+                self.check()
+            except PortTaken as taken:
+                return dict.fromkeys(unheld, taken)
+        return outcomes
+
+    def _held_by_container(self, inode: str) -> bool:
+        """Whether the container's server, or a process it forked, holds the socket
+        ``inode``: a few descriptors read (a server forking a process per connection
+        hands each to a child of its own)."""
         link = {f"socket:[{inode}]": inode}
-        for pid in self._pids:
-            if _held(str(pid), link):
-                return {pid}
-        for pid in _children(self._pids):
-            if _held(str(pid), link):
-                return {pid}
-        holders = _holders({inode}).get(inode, set())
-        self._pids |= holders
-        return holders
+        return any(_held(str(pid), link) for pid in self._pids) or any(
+            _held(str(pid), link) for pid in _children(self._pids)
+        )
 
     def _in_container(self, pid: int) -> bool:
         return self._namespace is not None and _namespace(pid) == self._namespace
@@ -173,6 +221,9 @@ class PortOwner:
     def unchanged(self) -> bool:
         """Whether the port's listeners are still exactly those ``check`` last found held
         by the container alone: the table read again, no descriptor scanned."""
+        return self._listeners_unchanged()
+
+    def _listeners_unchanged(self) -> bool:
         return bool(self._verified) and _listening_inodes(self.port) == self._verified
 
     def __repr__(self) -> str:
@@ -193,20 +244,27 @@ def _listening_inodes(port: int) -> set[str]:
     return inodes
 
 
-def _other_end(port: int, local: tuple[Any, ...]) -> tuple[str | None, str | None]:
-    """The state and inode of the other end of the connection from ``local`` to
+def _other_ends(port: int, ends: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], tuple[str, str]]:
+    """The state and inode of the other end of each connection from one of ``ends`` to
     127.0.0.1:``port`` (inode "0" until a process accepts it, and again once it closed
-    it); (None, None) when the table has no such connection. Both ends' addresses are
+    it); a connection the table does not list is left out. Both ends' addresses are
     matched: a connection from the same address and port to 127.0.0.2:``port`` (another
-    destination, so the kernel may give it the same source port) is another one."""
-    for table, dialled, peer in _ends_as_written(DIALLED_HOST, port, local[0], local[1]):
+    destination, so the kernel may give it the same source port) is another one. Each
+    table is read once, for every connection."""
+    wanted: dict[str, dict[tuple[str, str], tuple[Any, ...]]] = {}
+    for end in ends:
+        for table, dialled, peer in _ends_as_written(DIALLED_HOST, port, end[0], end[1]):
+            wanted.setdefault(table, {})[peer, dialled] = end
+    found: dict[tuple[Any, ...], tuple[str, str]] = {}
+    for table, rows_wanted in wanted.items():
         with contextlib.suppress(OSError), open(table, encoding="ascii") as rows:
             next(rows, None)  # the header
             for row in rows:
                 fields = row.split()
-                if fields[2] == peer and fields[1] == dialled:
-                    return fields[3], fields[9]
-    return None, None
+                matched = rows_wanted.get((fields[2], fields[1]))
+                if matched is not None and matched not in found:
+                    found[matched] = fields[3], fields[9]
+    return found
 
 
 def _ends_as_written(
