@@ -20,6 +20,7 @@ import http.server
 import logging
 import os
 import secrets
+import socket
 import ssl
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from linchkit_plugin.wire import encode_json
 from providers.capabilities import Capabilities, LimitExceeded
 from providers.egress import EgressRefused
 from providers.wasm.http_host import NetworkRefused
+from providers.wasm.resolver import Resolver, ResolverBusy
 from providers.wasm.sandbox import sandbox_of
 from tests.conftest import ROOT
 from tests.services import until
@@ -1076,3 +1078,40 @@ def test_a_network_grant_is_reported_enforced_redirects_and_egress_included() ->
     assert "egress policy checked on every resolved address" in network
     assert "never followed" in network
     assert f"request bodies and answers of at most {32 * 1024 * 1024} bytes" in network
+
+
+def test_a_name_the_hosts_file_gives_is_answered_with_every_lookup_under_way(
+    tmp_path: Path,
+) -> None:
+    """With every lookup the resolver may run stuck in an unanswering DNS server, the
+    system resolver would still have answered a name of ``/etc/hosts`` from the file
+    (``localhost``, a service's fixed name): so does the resolver, without a thread. A
+    name the file does not give is refused at once, as before. Checked against the
+    system's own answer for ``localhost``, and with a file of the test's own."""
+    system = socket.getaddrinfo("localhost", 80, type=socket.SOCK_STREAM)
+    full = Resolver(limit=0)  # every lookup it may run is under way
+    assert {info[4][0] for info in full.resolve("localhost", 80, timeout=1)} == {
+        info[4][0] for info in system
+    }
+    hosts = tmp_path / "hosts"
+    hosts.write_text(
+        "# a comment\n"
+        "127.0.0.9 Hosted.test alias.test # a trailing comment\n"
+        "::1 hosted.test\n"
+        "fe80::1%eth0 hosted.test\n"
+        "not-an-address hosted.test\n"
+        "127.0.0.10\n"
+    )
+    full = Resolver(limit=0, hosts_file=str(hosts))
+    assert full.resolve("HOSTED.test.", 8080, timeout=1) == [
+        (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.9", 8080)),
+        (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", 8080, 0, 0)),
+    ]
+    with pytest.raises(ResolverBusy):
+        full.resolve("elsewhere.test", 80, timeout=1)
+    hosts.write_text("127.0.0.11 elsewhere.test\n")
+    os.utime(hosts, ns=(0, 1))  # a change the file's size alone might not show
+    assert [info[4] for info in full.resolve("elsewhere.test", 80, timeout=1)] == [
+        ("127.0.0.11", 80)
+    ]
+    assert full.threads == []

@@ -11,11 +11,17 @@ gives up, and its answer is dropped.
 
 At most ``limit`` lookups are under way at once, answered or not: a resolver that never
 answers ties up ``limit`` threads, not one more with every call, and a lookup past them
-fails at once (``ResolverBusy``), starting no thread and waiting for none.
+fails at once (``ResolverBusy``), starting no thread and waiting for none, unless the
+hosts file (``/etc/hosts``) names the host: the system resolver would have answered that
+from the file without asking a server (``files`` before ``dns`` in nsswitch.conf, as every
+distribution ships it), so a stuck server does not make ``localhost`` unreachable. The
+file is read only then: while a thread is free, every name goes to ``getaddrinfo``, which
+asks the sources in the order the machine's nsswitch.conf gives.
 
     Resolver.resolve raises
     ├── TimeoutError     the wait reached its end; the lookup goes on, unheard
-    ├── ResolverBusy     ``limit`` lookups are under way; this one never started
+    ├── ResolverBusy     ``limit`` lookups are under way, and the hosts file does not
+    │                    name the host; this one never started
     ├── RuntimeError     the resolver is closed
     └── what getaddrinfo raised (``socket.gaierror``, ``UnicodeError`` for a name IDNA
         cannot encode)
@@ -23,6 +29,8 @@ fails at once (``ResolverBusy``), starting no thread and waiting for none.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import queue
 import socket
 import threading
@@ -37,6 +45,10 @@ __all__ = ["MAX_LOOKUPS", "AddressInfo", "Resolver", "ResolverBusy"]
 MAX_LOOKUPS = 32
 
 AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+
+HOSTS_FILE = "/etc/hosts"
+#: The most of the hosts file read: a file past it is read that far.
+HOSTS_FILE_MAX_BYTES = 1 << 20
 
 
 class ResolverBusy(Exception):
@@ -61,9 +73,12 @@ class _Lookup:
 class Resolver:
     """``getaddrinfo`` on up to ``limit`` daemon threads, started as lookups need them."""
 
-    def __init__(self, limit: int = MAX_LOOKUPS, name: str = "wasm-resolver") -> None:
+    def __init__(
+        self, limit: int = MAX_LOOKUPS, name: str = "wasm-resolver", hosts_file: str = HOSTS_FILE
+    ) -> None:
         self._limit = limit
         self._name = name
+        self._hosts = _HostsFile(hosts_file)
         self._lookups: queue.SimpleQueue[_Lookup | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         #: Lookups handed to a thread and not yet answered, waited for or not.
@@ -77,17 +92,15 @@ class Resolver:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"the {self._name} threads have ended")
-            if self._busy >= self._limit:
-                raise ResolverBusy(self._busy)
-            self._busy += 1
-            # Every thread is either idle or on one lookup: a lookup more than there are
-            # threads needs a new one (at most ``limit`` in all, as lookups are).
-            if self._busy > len(self._threads):
-                thread = threading.Thread(
-                    target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
-                )
-                self._threads.append(thread)
-                thread.start()
+            busy = self._busy >= self._limit
+            if not busy:
+                self._busy += 1
+                self._start_thread_if_needed()
+        if busy:
+            answer = self._hosts.lookup(host, port)
+            if not answer:
+                raise ResolverBusy(self._limit)
+            return answer
         lookup = _Lookup(host, port)
         self._lookups.put(lookup)
         if not lookup.done.wait(max(timeout, 0.0)):
@@ -95,6 +108,16 @@ class Resolver:
         if lookup.error is not None:
             raise lookup.error
         return lookup.answer
+
+    def _start_thread_if_needed(self) -> None:
+        # Every thread is either idle or on one lookup: a lookup more than there are
+        # threads needs a new one (at most ``limit`` in all, as lookups are).
+        if self._busy > len(self._threads):
+            thread = threading.Thread(
+                target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
 
     def _work(self) -> None:
         while (lookup := self._lookups.get()) is not None:
@@ -128,3 +151,71 @@ class Resolver:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"busy={self._busy}/{self._limit}"
         return f"<Resolver {self._name} {state} threads={len(self._threads)}>"
+
+
+class _HostsFile:
+    """The addresses the hosts file gives each name, read again when the file changes."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._read_as: tuple[int, int] | None = None
+        self._names: dict[str, list[str]] = {}
+
+    def lookup(self, host: str, port: int) -> list[AddressInfo]:
+        """What ``getaddrinfo(host, port, type=SOCK_STREAM)`` answers from the file (in its
+        order), or nothing where it does not name ``host``."""
+        answer: list[AddressInfo] = []
+        for address in self._entries().get(host.lower().rstrip("."), ()):
+            if ":" in address:
+                answer.append(
+                    (
+                        socket.AF_INET6,
+                        socket.SOCK_STREAM,
+                        socket.IPPROTO_TCP,
+                        "",
+                        (address, port, 0, 0),
+                    )
+                )
+            else:
+                answer.append(
+                    (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+                )
+        return answer
+
+    def _entries(self) -> dict[str, list[str]]:
+        with self._lock:
+            try:
+                stat = os.stat(self._path)
+            except OSError:
+                return {}
+            if (stat.st_mtime_ns, stat.st_size) != self._read_as:
+                self._names = _parse_hosts(self._path)
+                self._read_as = (stat.st_mtime_ns, stat.st_size)
+            return self._names
+
+
+def _parse_hosts(path: str) -> dict[str, list[str]]:
+    """Name → addresses of a hosts file, in its order; a line that is not an address and
+    names is skipped, as the system resolver skips it."""
+    try:
+        with open(path, "rb") as hosts:
+            text = hosts.read(HOSTS_FILE_MAX_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return {}
+    names: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        fields = line.partition("#")[0].split()
+        # A scoped address (fe80::1%eth0) is left out: its socket address needs the
+        # scope's number, and egress refuses link-local addresses anyway.
+        if len(fields) < 2 or "%" in fields[0]:
+            continue
+        try:
+            address = str(ipaddress.ip_address(fields[0]))
+        except ValueError:
+            continue
+        for name in fields[1:]:
+            found = names.setdefault(name.lower(), [])
+            if address not in found:
+                found.append(address)
+    return names
