@@ -160,13 +160,16 @@ async def queue_job_once(
     scope = "\0" if caller_id is None else "\1" + caller_id
     # Not the key of the job's call (plugin, method, caller, key): a record of its own.
     key = digest("submit", route.plugin, route.method, scope, raw_key)
-    # The version the job is fixed to is part of the request: a key used on 1.x and
-    # then on 2.x answered 1.x's job to a caller who asked for 2.x.
-    fingerprint = digest(route.version, encode_json(submission.params, sort_keys=True))
+    # The version the job is fixed to is part of the request, kept beside the params'
+    # fingerprint (as a keyed call's is): a key used on 1.x and then on 2.x answered 1.x's
+    # job to a caller who asked for 2.x.
+    fingerprint = digest(encode_json(submission.params, sort_keys=True))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _SUBMIT_WAIT_SECONDS
     while True:
-        claimed = await idempotency.claim(key, fingerprint, _SUBMIT_WAIT_SECONDS, deadline)
+        claimed = await idempotency.claim(
+            key, fingerprint, _SUBMIT_WAIT_SECONDS, deadline, version=route.version
+        )
         if claimed.claim is Claim.RUN:
             break
         if claimed.claim is Claim.DONE and claimed.outcome is not None:

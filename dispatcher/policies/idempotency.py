@@ -9,13 +9,16 @@ With a key, the record ``(plugin, method, caller, key)`` is claimed in the state
 run (its deadline, plus a margin), then completed with the call's outcome, kept for
 ``idempotency_retention_ms``. Meanwhile:
 
-* a duplicate (same key, same version, same params: a hash of the version and the
-  params' canonical JSON) waits for the first call's outcome and gets it, result or error —
-  within its own deadline;
+* a duplicate (same key, same version, same params: a hash of the params' canonical JSON,
+  and the version kept beside it in the record) waits for the first call's outcome and
+  gets it, result or error — within its own deadline;
 * the same key with other params, or at another version of the method, is refused with
   ``InvalidParams``: another version is another request (its code, its schema), so it
   neither replays the first version's outcome nor runs under a key already spent;
 * a duplicate after the outcome gets it at once, without calling the target.
+
+A record an older dispatcher wrote (before 2026-12-05) has no version: it replays for the
+same params, as it did then (``state._scripts.IDEMPOTENCY_CLAIM`` says until when).
 
 A first call that provably never reached the plugin (refused by a limit, a bulkhead or a
 breaker, a connection that never opened, the state store itself), or that failed with a
@@ -85,7 +88,8 @@ class IdempotencyStep:
         self.next = next_step
         #: This replica's calls per record, ``[fingerprint, shared]``: its duplicates share
         #: one claim. ``shared`` is None until a duplicate joins (most calls have none),
-        #: then the future the duplicates wait on.
+        #: then the future the duplicates wait on. A step serves one route, so one version:
+        #: the fingerprint of its params tells its duplicates apart.
         self.local: dict[str, list[Any]] = {}
 
     def __call__(self, invocation: Invocation) -> Awaitable[Any]:
@@ -105,9 +109,10 @@ class IdempotencyStep:
             "\0" if caller is None else "\1" + caller,
             raw_key,
         )
-        # The version is the one the call resolved to: a key used on 1.x and then on 2.x
-        # replayed 1.x's outcome to a caller who asked for 2.x.
-        fingerprint = digest(invocation.version, encode_json(invocation.params, sort_keys=True))
+        # The params' alone: the version the call resolved to is kept beside it in the
+        # record (a key used on 1.x and then on 2.x replayed 1.x's outcome to a caller who
+        # asked for 2.x), where a replica comparing fingerprints only still reads it.
+        fingerprint = digest(encode_json(invocation.params, sort_keys=True))
         while True:
             mine = self.local.get(key)
             if mine is None:
@@ -148,7 +153,9 @@ class IdempotencyStep:
         while True:
             lease = max(invocation.remaining(), 0.0) + LEASE_MARGIN_SECONDS
             try:
-                claimed = await store.claim(key, fingerprint, lease, invocation.deadline)
+                claimed = await store.claim(
+                    key, fingerprint, lease, invocation.deadline, version=invocation.version
+                )
             except StateUnavailable as error:
                 if not self.backend.fail_open or store is self.backend.local_idempotency:
                     raise

@@ -479,10 +479,12 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
 
     # -- idempotency --------------------------------------------------------------------------------
 
-    async def claim(self, key: str, fingerprint: str, lease: float, deadline: float) -> Claimed:
+    async def claim(
+        self, key: str, fingerprint: str, lease: float, deadline: float, *, version: str
+    ) -> Claimed:
         token = os.urandom(8).hex()
         keys = (self._key("idem", key),)
-        args = (fingerprint, token, max(1, int(lease * 1000)), MAX_VALUE_BYTES)
+        args = (fingerprint, token, max(1, int(lease * 1000)), MAX_VALUE_BYTES, version)
         answer = await self._run(
             "an idempotency record", deadline, lambda: self._claim(keys=keys, args=args)
         )
