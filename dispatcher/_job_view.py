@@ -168,7 +168,14 @@ async def queue_job_once(
     deadline = loop.time() + _SUBMIT_WAIT_SECONDS
     while True:
         claimed = await idempotency.claim(
-            key, fingerprint, _SUBMIT_WAIT_SECONDS, deadline, version=route.version
+            key,
+            fingerprint,
+            _SUBMIT_WAIT_SECONDS,
+            deadline,
+            version=route.version,
+            # A rollout chose the version (the key's side of its split): a record of the
+            # key at its other version is the same submission, as for a keyed call.
+            other_versions=route.once.other_versions,
         )
         if claimed.claim is Claim.RUN:
             break
@@ -186,10 +193,11 @@ async def queue_job_once(
                 details={"stage": "state"},
             )
         if claimed.claim is Claim.MISMATCH:
+            versions = " or ".join((route.version, *route.once.other_versions))
             raise InvalidParams(
                 f"idempotency key {raw_key!r:.80} was already used for {route.plugin}."
                 f"{route.method} with other params or at another version than"
-                f" {route.version}; a new request needs a new key"
+                f" {versions}; a new request needs a new key"
             )
         left = deadline - loop.time()
         if left <= 0:

@@ -20,6 +20,11 @@ run (its deadline, plus a margin), then completed with the call's outcome, kept 
 A record an older dispatcher wrote (before 2026-12-05) has no version: it replays for the
 same params, as it did then (``state._scripts.IDEMPOTENCY_CLAIM`` says until when).
 
+A call a rollout routed (no exact version: ``dispatcher._rollout``) is answered from a
+record at either of its two versions (``other_versions``): the rollout chose the version,
+not the caller, and a retry that lands on the other side (the split moved, or rolled back)
+is the same request. The rollout sends a key's calls to one side while its split holds.
+
 A first call that provably never reached the plugin (refused by a limit, a bulkhead or a
 breaker, a connection that never opened, the state store itself), or that failed with a
 retryable error, gives its key back, so the caller (or a job's next attempt) may try again
@@ -79,18 +84,33 @@ def never_ran(error: DispatchError) -> bool:
 
 
 class IdempotencyStep:
-    __slots__ = ("backend", "local", "name", "next", "retention")
+    __slots__ = ("backend", "local", "name", "next", "other_versions", "retention")
 
-    def __init__(self, name: str, backend: StateBackend, retention: float, next_step: Next):
+    def __init__(
+        self,
+        name: str,
+        backend: StateBackend,
+        retention: float,
+        next_step: Next,
+        other_versions: tuple[str, ...] = (),
+    ):
         self.name = name
         self.backend = backend
         self.retention = retention
         self.next = next_step
+        #: Versions besides the call's own whose record answers it too: a rollout's
+        #: other side, for the calls the rollout routes.
+        self.other_versions = other_versions
         #: This replica's calls per record, ``[fingerprint, shared]``: its duplicates share
         #: one claim. ``shared`` is None until a duplicate joins (most calls have none),
         #: then the future the duplicates wait on. A step serves one route, so one version:
         #: the fingerprint of its params tells its duplicates apart.
         self.local: dict[str, list[Any]] = {}
+
+    def around(self, next_step: Next, other_versions: tuple[str, ...] = ()) -> IdempotencyStep:
+        """This step in front of ``next_step`` (the chain as a rollout or a shadow wraps
+        it), answering also from records at ``other_versions``."""
+        return IdempotencyStep(self.name, self.backend, self.retention, next_step, other_versions)
 
     def __call__(self, invocation: Invocation) -> Awaitable[Any]:
         if invocation.idempotency_key is None:
@@ -154,7 +174,12 @@ class IdempotencyStep:
             lease = max(invocation.remaining(), 0.0) + LEASE_MARGIN_SECONDS
             try:
                 claimed = await store.claim(
-                    key, fingerprint, lease, invocation.deadline, version=invocation.version
+                    key,
+                    fingerprint,
+                    lease,
+                    invocation.deadline,
+                    version=invocation.version,
+                    other_versions=self.other_versions,
                 )
             except StateUnavailable as error:
                 if not self.backend.fail_open or store is self.backend.local_idempotency:
@@ -218,9 +243,10 @@ class IdempotencyStep:
             self.backend.fell_back(f"the idempotency record of {self.name}", error)
 
     def _mismatch(self, raw_key: str, version: str) -> InvalidParams:
+        versions = " or ".join((version, *self.other_versions))
         return InvalidParams(
             f"idempotency key {raw_key!r:.80} was already used for {self.name} with other "
-            f"params or at another version than {version}; a new request needs a new key"
+            f"params or at another version than {versions}; a new request needs a new key"
         )
 
     def _late(self, raw_key: str) -> DeadlineExceeded:

@@ -194,7 +194,8 @@ end
 return 0
 """
 
-#: KEYS[1] the record; ARGV fingerprint, token, lease_ms, max bytes, version. Returns
+#: KEYS[1] the record; ARGV fingerprint, token, lease_ms, max bytes, version, then the
+#: other versions whose record answers the claim too (a rollout's other side). Returns
 #: {'run'}, {'done', outcome}, {'busy'} or {'mismatch'}; {'done', its size} for an outcome
 #: over max bytes, which no dispatcher records (read whole, it would cost every duplicate
 #: its transfer, and one outlasting the operation timeout made the store look down).
@@ -215,7 +216,17 @@ if not fp then
   return {'run'}
 end
 if fp ~= ARGV[1] then return {'mismatch'} end
-if record[2] and record[2] ~= ARGV[5] then return {'mismatch'} end
+local version = record[2]
+if version then
+  local known = false
+  for i = 5, #ARGV do
+    if ARGV[i] == version then
+      known = true
+      break
+    end
+  end
+  if not known then return {'mismatch'} end
+end
 if redis.call('HEXISTS', KEYS[1], 'outcome') == 0 then return {'busy'} end
 local size = redis.call('HSTRLEN', KEYS[1], 'outcome')
 if size > tonumber(ARGV[4]) then return {'done', size} end

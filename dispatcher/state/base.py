@@ -202,13 +202,20 @@ class IdempotencyStore(ABC):
 
     @abstractmethod
     async def claim(
-        self, key: str, fingerprint: str, lease: float, deadline: float, *, version: str
+        self,
+        key: str,
+        fingerprint: str,
+        lease: float,
+        deadline: float,
+        *,
+        version: str,
+        other_versions: tuple[str, ...] = (),
     ) -> Claimed:
         """Own ``key`` for ``lease`` seconds (a crashed owner's claim ends then), or say
         why not. ``fingerprint`` stands for the request's params and ``version`` for the
         version it runs at, kept beside it in the record: a record with another
-        fingerprint, or at another version, is ``MISMATCH``. ``deadline`` (the loop's
-        clock) bounds the operation."""
+        fingerprint, or at another version than ``version`` and ``other_versions``, is
+        ``MISMATCH``. ``deadline`` (the loop's clock) bounds the operation."""
 
     @abstractmethod
     async def complete(

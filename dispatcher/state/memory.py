@@ -63,7 +63,14 @@ class MemoryIdempotency(IdempotencyStore):
         return record
 
     async def claim(
-        self, key: str, fingerprint: str, lease: float, deadline: float, *, version: str
+        self,
+        key: str,
+        fingerprint: str,
+        lease: float,
+        deadline: float,
+        *,
+        version: str,
+        other_versions: tuple[str, ...] = (),
     ) -> Claimed:
         now = self._clock()
         record = self._live(key, now)
@@ -76,7 +83,9 @@ class MemoryIdempotency(IdempotencyStore):
             token = str(next(self._tokens))
             self._records[key] = _Record(fingerprint, version, token, now + lease)
             return Claimed(Claim.RUN, token)
-        if record.fingerprint != fingerprint or record.version != version:
+        if record.fingerprint != fingerprint or (
+            record.version != version and record.version not in other_versions
+        ):
             return Claimed(Claim.MISMATCH)
         if record.outcome is not None:
             return Claimed(Claim.DONE, outcome=record.outcome)
