@@ -521,7 +521,7 @@ class Dispatcher:
         try:
             if self._draining:
                 raise self._refused(f"call of {plugin}.{method}")
-            route = self._routes.find(plugin, method, version, self._state)
+            route = self._routes.find(plugin, method, version, self._state, idempotency_key)
             invocation = self._invocation(
                 route,
                 params,
@@ -592,7 +592,15 @@ class Dispatcher:
             if self._draining:
                 raise self._refused(f"call of {plugin}.{method}")
             route, caller_id = await self._guard.resolve(
-                self._routes, self._state, plugin, method, version, caller, credentials, entry
+                self._routes,
+                self._state,
+                plugin,
+                method,
+                version,
+                caller,
+                credentials,
+                entry,
+                idempotency_key,
             )
             invocation = self._invocation(
                 route,
@@ -701,7 +709,7 @@ class Dispatcher:
             or credentials is not None
             or (caller is not None and caller.__class__ is not str)
         ):
-            route = self._routes.find(plugin, method, version, self._state)
+            route = self._routes.find(plugin, method, version, self._state, idempotency_key)
             caller_id = caller if isinstance(caller, str) else None
             return await self._queue_job(store, submission, route, caller_id, limit)
         entry = self._guard.begin(
@@ -710,7 +718,15 @@ class Dispatcher:
         failure: BaseException | None = None
         try:
             route, caller_id = await self._guard.resolve(
-                self._routes, self._state, plugin, method, version, caller, credentials, entry
+                self._routes,
+                self._state,
+                plugin,
+                method,
+                version,
+                caller,
+                credentials,
+                entry,
+                idempotency_key,
             )
             return await self._queue_job(store, submission, route, caller_id, limit)
         except BaseException as error:

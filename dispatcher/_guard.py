@@ -129,15 +129,19 @@ class Guard:
         caller: Caller,
         credentials: Credentials | None,
         entry: Audited | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[Route, str | None]:
         """The route of a guarded call and the caller id its invocation carries: the caller
         authenticated, then authorized for what the name resolves to. ``entry``, when the
-        call is audited, learns the principal and the route as soon as they are known."""
+        call is audited, learns the principal and the route as soon as they are known.
+        ``idempotency_key``: the call's, which a rollout splits by (``RouteTable.find``)."""
         principal = await self.principal_of(caller, credentials)
         if entry is not None:
             entry.caller = principal
         caller_id = self.caller_id(principal)
-        route = self.authorized_route(routes, state, plugin, method, version, principal)
+        route = self.authorized_route(
+            routes, state, plugin, method, version, principal, idempotency_key
+        )
         if entry is not None:
             entry.route = route
         return route, caller_id
@@ -150,11 +154,12 @@ class Guard:
         method: str,
         version: str | None,
         caller: Caller,
+        idempotency_key: str | None = None,
     ) -> Route:
         """The route of ``plugin.method`` if ``caller`` may call it; ``Forbidden`` if not,
         also for a name that resolves to nothing (no listing of what exists for them)."""
         try:
-            route = routes.find(plugin, method, version, state)
+            route = routes.find(plugin, method, version, state, idempotency_key)
         except (PluginNotFound, MethodNotFound) as missing:
             raise self.missing(missing, caller, plugin, version, method) from None
         self.authorize(caller, route.plugin, route.version, route.method)

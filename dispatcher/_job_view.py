@@ -160,13 +160,23 @@ async def queue_job_once(
     scope = "\0" if caller_id is None else "\1" + caller_id
     # Not the key of the job's call (plugin, method, caller, key): a record of its own.
     key = digest("submit", route.plugin, route.method, scope, raw_key)
-    # The version the job is fixed to is part of the request: a key used on 1.x and
-    # then on 2.x answered 1.x's job to a caller who asked for 2.x.
-    fingerprint = digest(route.version, encode_json(submission.params, sort_keys=True))
+    # The version the job is fixed to is part of the request, kept beside the params'
+    # fingerprint (as a keyed call's is): a key used on 1.x and then on 2.x answered 1.x's
+    # job to a caller who asked for 2.x.
+    fingerprint = digest(encode_json(submission.params, sort_keys=True))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _SUBMIT_WAIT_SECONDS
     while True:
-        claimed = await idempotency.claim(key, fingerprint, _SUBMIT_WAIT_SECONDS, deadline)
+        claimed = await idempotency.claim(
+            key,
+            fingerprint,
+            _SUBMIT_WAIT_SECONDS,
+            deadline,
+            version=route.version,
+            # A rollout chose the version (the key's side of its split): a record of the
+            # key at its other version is the same submission, as for a keyed call.
+            other_versions=route.once.other_versions,
+        )
         if claimed.claim is Claim.RUN:
             break
         if claimed.claim is Claim.DONE and claimed.outcome is not None:
@@ -183,10 +193,11 @@ async def queue_job_once(
                 details={"stage": "state"},
             )
         if claimed.claim is Claim.MISMATCH:
+            versions = " or ".join((route.version, *route.once.other_versions))
             raise InvalidParams(
                 f"idempotency key {raw_key!r:.80} was already used for {route.plugin}."
                 f"{route.method} with other params or at another version than"
-                f" {route.version}; a new request needs a new key"
+                f" {versions}; a new request needs a new key"
             )
         left = deadline - loop.time()
         if left <= 0:

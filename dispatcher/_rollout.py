@@ -6,6 +6,13 @@ version go where they say. Both are plain objects on the event loop's thread, so
 split is a counter and two integer divisions: no lock, no random draw, and exactly
 ``percent`` of every 100 calls go to the new version.
 
+A call carrying an idempotency key is split by its key instead (a stable hash: the same
+on every replica), so the key's repeats go where its first call went; as the rollout
+advances a key only ever moves to the new version. A keyed call goes through the
+idempotency step in front of the rollout's wrapping, answered from a record at either
+version: a repeat meeting the key's record replays it wherever the split now sends it (a
+step later, or after a rollback), and never runs again or is refused for the version.
+
 A ``Rollout`` is a small state machine evaluated on the call path, not by a timer task:
 the first call after ``interval_s`` ends the window (no calls, no evidence, no step).
 
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -110,6 +118,15 @@ def _split_due(count: int, percent: float) -> bool:
     return int(count * percent / 100) > int((count - 1) * percent / 100)
 
 
+def _key_share(name: str, idempotency_key: object) -> float:
+    """Where ``idempotency_key`` falls in [0, 100) for the rollout ``name``: a key under
+    the percentage goes to the new version. The same on every replica and every run
+    (``hash`` is seeded per process), and independent between methods."""
+    text = f"{name}\0{idempotency_key}".encode("utf-8", "surrogatepass")
+    number = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+    return number % 10_000 / 100
+
+
 def _p99(latencies: deque[float]) -> float | None:
     if not latencies:
         return None
@@ -168,14 +185,15 @@ class Rollout:
         self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
 
     def bind(self, old: Route, new: Route) -> None:
-        """Use the routes of the table now being built (a reload rebuilds them)."""
-        self._old = old.with_invoke(self._measured(old.invoke, "from"))
-        self._new = new.with_invoke(self._measured(new.invoke, "to"))
+        """Use the routes of the table now being built (a reload rebuilds them). A keyed
+        call on either side is answered from its key's record at either version."""
+        self._old = old.with_invoke(self._measured(old.invoke, "from"), (new.version,))
+        self._new = new.with_invoke(self._measured(new.invoke, "to"), (old.version,))
 
     def covers(self, wanted: str) -> bool:
         return self._covers(wanted)
 
-    def pick(self) -> Route:
+    def pick(self, idempotency_key: str | None = None) -> Route:
         assert self._old is not None
         assert self._new is not None
         if self.status == "running" and self._clock() >= self._window_end:
@@ -185,6 +203,8 @@ class Rollout:
             return self._old
         if percent >= 100:
             return self._new
+        if idempotency_key is not None:
+            return self._new if _key_share(self.spec.name, idempotency_key) < percent else self._old
         self._count = count = self._count + 1
         return self._new if _split_due(count, percent) else self._old
 
@@ -333,7 +353,7 @@ class Shadow:
     def covers(self, wanted: str) -> bool:
         return self._covers(wanted)
 
-    def pick(self) -> Route:
+    def pick(self, idempotency_key: str | None = None) -> Route:
         assert self._primary is not None
         return self._primary
 

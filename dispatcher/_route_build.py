@@ -71,8 +71,8 @@ class RouteBuilder:
                 invoke,
             )
         gate = policies.gate(plugin, method)
-        route = Route(plugin, method, provider, invoke, gate, policies.fleets.get(target))
-        route.once = policies.once(plugin, method, invoke)
+        once = policies.once(plugin, method, invoke)
+        route = Route(plugin, method, provider, invoke, once, gate, policies.fleets.get(target))
         if telemetry is not None:
             route.open_stream = telemetry.around_stream(
                 plugin.id, plugin.version, method, target.provider, route.open_stream

@@ -19,6 +19,7 @@ from dispatcher._versions import highest_in_range, version_key
 from dispatcher.config import DEFAULT_TIMEOUT_MS, PluginSpec
 from dispatcher.fleet import Fleet
 from dispatcher.policies import Gate, Step
+from dispatcher.policies.idempotency import IdempotencyStep
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
@@ -71,6 +72,7 @@ class Route:
         method: str,
         provider: Provider[Any],
         invoke: Step,
+        once: IdempotencyStep,
         gate: Gate,
         fleet: Fleet | None = None,
     ) -> None:
@@ -83,8 +85,8 @@ class Route:
         self.validate = _params_validator(plugin.methods[method].params_schema)
         self.invoke = invoke
         #: The chain of a call carrying an idempotency key: ``invoke`` behind the
-        #: idempotency step (dispatcher.policies.idempotency), set by the dispatcher.
-        self.once: Step = invoke
+        #: idempotency step (dispatcher.policies.idempotency).
+        self.once = once
         self.gate = gate
         #: For the audit log: whether its records carry params, what serves the method.
         self.audit_params = bool(policies.audit_params)
@@ -100,13 +102,17 @@ class Route:
             gate.stream, open_stream=self.stream
         )
 
-    def with_invoke(self, invoke: Step) -> Route:
+    def with_invoke(self, invoke: Step, other_versions: tuple[str, ...] = ()) -> Route:
         """This route with ``invoke`` around its chain (a rollout measures, a shadow
-        mirrors); a call carrying an idempotency key takes it too."""
+        mirrors). A call carrying an idempotency key takes it behind the idempotency
+        step, which answers it also from a record at ``other_versions`` (a rollout's
+        other side: the rollout chose this version, not the caller)."""
         route = object.__new__(Route)
         for name in Route.__slots__:
             setattr(route, name, getattr(self, name))
-        route.invoke = route.once = invoke
+        route.invoke = invoke
+        # Not ``invoke`` alone: keyed calls a rollout routed ran once per duplicate.
+        route.once = self.once.around(invoke, other_versions)
         return route
 
 
@@ -118,7 +124,10 @@ class Split(Protocol):
         """Whether both versions satisfy the range ``wanted`` (then it splits too)."""
         ...
 
-    def pick(self) -> Route: ...
+    def pick(self, idempotency_key: str | None) -> Route:
+        """The route of one call; a call carrying ``idempotency_key`` goes where the
+        key's other calls went (while the split holds)."""
+        ...
 
 
 def _bind_stream(
@@ -221,8 +230,16 @@ class RouteTable:
     def has_plugin(self, plugin: str) -> bool:
         return plugin in self._latest
 
-    def find(self, plugin: str, method: str, version: str | None, state: str) -> Route:
-        """The route of ``plugin.method``; ``state`` explains a miss while not running."""
+    def find(
+        self,
+        plugin: str,
+        method: str,
+        version: str | None,
+        state: str,
+        idempotency_key: str | None = None,
+    ) -> Route:
+        """The route of ``plugin.method``; ``state`` explains a miss while not running.
+        ``idempotency_key``: the call's, so that a rollout sends its repeats one way."""
         methods = self._methods(plugin, version, state)
         route = methods.get(method)
         if route is None:
@@ -238,7 +255,7 @@ class RouteTable:
                 version is None
                 or ((plugin, version) not in self._versions and split.covers(version))
             ):
-                return split.pick()
+                return split.pick(idempotency_key)
         return route
 
     def version_of(self, plugin: str, version: str | None, state: str) -> str:

@@ -25,8 +25,9 @@ import redis.asyncio as aioredis
 
 from dispatcher import Dispatcher, JobNotFinished, JobNotFound, JobsUnavailable
 from dispatcher.config import ManifestError, load_manifest
-from dispatcher.state import StateUnavailable
+from dispatcher.state import StateUnavailable, digest, encode_result
 from linchkit_plugin.errors import PluginError, TargetUnavailable
+from linchkit_plugin.wire import encode_json
 from tests.services import CLEAN_ENVIRONMENT, Redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -331,6 +332,27 @@ async def test_a_redelivered_job_whose_key_has_its_outcome_does_not_run_again(
     ) as worker:
         assert await worker.result(job_id, wait=30) == {"n": 3, "runs": 1}
         assert await effects(url, redis_prefix, 3) == 1
+
+
+async def test_a_submission_key_an_older_dispatcher_recorded_answers_its_job(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Before: a keyed submission's record had the version in its fingerprint, so one an
+    older dispatcher wrote (the params' fingerprint alone) refused the same submission,
+    sent again within the retention window, with ``InvalidParams``. It is that job."""
+    url = redis_server.url
+    async with (
+        dispatcher_for(tmp_path, url, redis_prefix) as dispatcher,
+        aioredis.Redis.from_url(url) as client,
+    ):
+        job_id = await dispatcher.submit("jobs", "work", {"n": 4})
+        record = f"{redis_prefix}:idem:" + digest("submit", "jobs", "work", "\0", "order-4")
+        fingerprint = digest(encode_json({"n": 4}, sort_keys=True))
+        older = {"fp": fingerprint, "token": "older", "outcome": encode_result(job_id)}
+        await client.hset(record, mapping=older)
+        await client.pexpire(record, 60_000)
+        again = await dispatcher.submit("jobs", "work", {"n": 4}, idempotency_key="order-4")
+        assert again == job_id
 
 
 async def test_a_job_outliving_the_visibility_timeout_on_a_live_worker_runs_once(

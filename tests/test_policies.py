@@ -275,7 +275,9 @@ async def test_kept_idempotency_outcomes_hold_their_own_size() -> None:
     tracemalloc.start()
     try:
         for number in range(1000):
-            claimed = await store.claim(f"k{number}", "same params", 60.0, math.inf)
+            claimed = await store.claim(
+                f"k{number}", "same params", 60.0, math.inf, version="1.0.0"
+            )
             await store.complete(f"k{number}", claimed.token, encode_result(number), 60.0, math.inf)
         held, _ = tracemalloc.get_traced_memory()
     finally:
@@ -283,7 +285,7 @@ async def test_kept_idempotency_outcomes_hold_their_own_size() -> None:
     # A record with its token and outcome is ~0.3 KB: the outcome must not add 4 KB more, nor an
     # asyncio.Event (~0.9 KB with its deque) that no duplicate ever waited on.
     assert held < 1000 * 512, f"{held} bytes for 1,000 small outcomes"
-    done = await store.claim("k999", "same params", 60.0, math.inf)
+    done = await store.claim("k999", "same params", 60.0, math.inf, version="1.0.0")
     assert done.outcome is not None and decode_outcome(done.outcome) == 999
 
 
@@ -306,34 +308,40 @@ async def test_a_full_idempotency_store_evicts_a_batch_at_a_time_oldest_finished
     store._evict = counted  # type: ignore[method-assign]
 
     async def finish(key: str) -> None:
-        claimed = await store.claim(key, "params", 60.0, math.inf)
+        claimed = await store.claim(key, "params", 60.0, math.inf, version="1.0.0")
         assert claimed.claim is Claim.RUN
         await store.complete(key, claimed.token, encode_result(key), 600.0, math.inf)
 
-    running = await store.claim("running", "params", 600.0, math.inf)
+    running = await store.claim("running", "params", 600.0, math.inf, version="1.0.0")
     for number in range(99):
         await finish(f"old{number}")
     for number in range(30):  # full from the first one on
         await finish(f"new{number}")
     assert passes == 3 and len(store) <= 100
     for key in ("old30", "old98", "new0", "new29"):
-        assert (await store.claim(key, "params", 60.0, math.inf)).claim is Claim.DONE
-    assert (await store.claim("running", "params", 60.0, math.inf)).claim is Claim.BUSY
+        assert (
+            await store.claim(key, "params", 60.0, math.inf, version="1.0.0")
+        ).claim is Claim.DONE
+    assert (
+        await store.claim("running", "params", 60.0, math.inf, version="1.0.0")
+    ).claim is Claim.BUSY
     assert running.claim is Claim.RUN
     for key in ("old0", "old29"):  # the oldest finished went, a batch at a time
-        assert (await store.claim(key, "params", 60.0, math.inf)).claim is Claim.RUN
+        assert (
+            await store.claim(key, "params", 60.0, math.inf, version="1.0.0")
+        ).claim is Claim.RUN
 
 
 async def test_a_duplicate_waiting_on_a_record_is_woken_when_it_ends() -> None:
     store = MemoryIdempotency(FakeClock())
-    first = await store.claim("k", "params", 60.0, math.inf)
+    first = await store.claim("k", "params", 60.0, math.inf, version="1.0.0")
     waiting = asyncio.create_task(store.changed("k", 30.0))
     await asyncio.sleep(0)
     assert not waiting.done()
     await store.complete("k", first.token, encode_result(1), 60.0, math.inf)
     await asyncio.wait_for(waiting, 5.0)  # woken, not left to its 30 s
     await asyncio.wait_for(store.changed("k", 30.0), 5.0)  # finished: returns at once
-    second = await store.claim("gone", "params", 60.0, math.inf)
+    second = await store.claim("gone", "params", 60.0, math.inf, version="1.0.0")
     waiting = asyncio.create_task(store.changed("gone", 30.0))
     await asyncio.sleep(0)
     await store.release("gone", second.token, math.inf)

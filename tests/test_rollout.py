@@ -1,7 +1,8 @@
 """Safe rollout and shadow traffic (``rollouts:`` in the manifest, ``dispatcher._rollout``):
 a failing canary is rolled back within one interval with at most one failed call past
-its budget, a healthy one walks every step, a shadow never changes a caller's answer, and
-a rollout never serves one version's cached result to the other."""
+its budget, a healthy one walks every step, a shadow never changes a caller's answer, a
+rollout never serves one version's cached result to the other, and a keyed call or
+submission it routes runs once, its repeats sent one way and replayed wherever they land."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import orjson
 import pytest
 
 from dispatcher import Dispatcher, ManifestError, RolloutEvent, parse_manifest
-from linchkit_plugin.errors import DispatchError
+from linchkit_plugin.errors import DispatchError, InvalidParams
 from tests.conftest import ROOT
+from tests.services import Redis
 
 PLUGINS = str(ROOT / "tests" / "plugins")
 SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python"), PLUGINS])
@@ -41,9 +43,11 @@ def version(number: str, target: dict[str, Any] | None = None, **config: Any) ->
     }
 
 
-def rollouts_manifest(*plugins: dict[str, Any], rollouts: list[dict[str, Any]]) -> Any:
+def rollouts_manifest(
+    *plugins: dict[str, Any], rollouts: list[dict[str, Any]], **sections: Any
+) -> Any:
     return parse_manifest(
-        {"version": 1, "plugins": list(plugins), "rollouts": rollouts}, base_dir=ROOT
+        {"version": 1, "plugins": list(plugins), "rollouts": rollouts, **sections}, base_dir=ROOT
     )
 
 
@@ -173,6 +177,139 @@ async def test_a_rollout_never_serves_one_versions_cached_result_to_the_other() 
         # Each version's target ran once; every other call was its own version's cache.
         assert await dispatcher.call("svc", "calls_seen", version="1.0.0") == 1
         assert await dispatcher.call("svc", "calls_seen", version="2.0.0") == 1
+
+
+def redis_state(redis_server: Redis, redis_prefix: str) -> dict[str, Any]:
+    return {"backend": "redis", "url": redis_server.url, "key_prefix": redis_prefix}
+
+
+@pytest.fixture(params=["memory", "redis"])
+def state(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The manifest's ``state`` section: this process's memory, or a real Redis."""
+    if request.param == "memory":
+        return {"backend": "memory"}
+    return redis_state(
+        request.getfixturevalue("redis_server"), request.getfixturevalue("redis_prefix")
+    )
+
+
+#: Keys of which the rollout below sends some to each version (a stable hash of the key).
+KEYS = [f"order-{number}" for number in range(12)]
+
+
+async def test_a_keyed_call_runs_once_during_a_rollout_wherever_its_repeats_land(
+    state: dict[str, Any],
+) -> None:
+    """Before: a rollout's routes took keyed calls past the idempotency step
+    (``Route.with_invoke`` made their keyed chain the rollout's measuring alone), so at
+    50 % one key sent 4 times ran 4 times, on both versions. A key's calls go to one
+    side and run once; a repeat after the split moved (here: aborted to 0 %) replays the
+    first answer, neither running on 1.0.0 nor refused for the version it landed on."""
+    spec = rollout(steps=[50, 100], interval_s=60)
+    manifest = rollouts_manifest(version("1.0.0"), version("2.0.0"), rollouts=[spec], state=state)
+    async with Dispatcher(manifest) as dispatcher:
+
+        async def runs() -> list[int]:
+            return [
+                await dispatcher.call("svc", "calls_seen", version=number)
+                for number in ("1.0.0", "2.0.0")
+            ]
+
+        first: dict[str, Any] = {}
+        for key in KEYS:
+            answers = [
+                await dispatcher.call("svc", "answer", {"x": 1}, idempotency_key=key)
+                for _ in range(4)
+            ]
+            assert answers == [answers[0]] * 4, key
+            first[key] = answers[0]
+        ran = await runs()
+        assert sum(ran) == len(KEYS) and all(ran), ran  # once per key, on both sides
+        assert dispatcher.stats()["rollouts"]["svc.answer"]["calls"] == {
+            "from": ran[0],
+            "to": ran[1],
+        }
+        assert dispatcher.control_rollout("svc", "answer", "abort")["percent"] == 0
+        for key in KEYS:  # every call goes to 1.0.0 now: the keys 2.0.0 ran replay its answer
+            assert (
+                await dispatcher.call("svc", "answer", {"x": 1}, idempotency_key=key)
+                == (first[key])
+            )
+        assert await runs() == ran
+        # Named exactly, the other version is another request: refused, as before.
+        moved = next(key for key, answer in first.items() if answer["version"] == "2.0.0")
+        with pytest.raises(InvalidParams, match=r"another version than 1\.0\.0;"):
+            await dispatcher.call("svc", "answer", {"x": 1}, version="1.0.0", idempotency_key=moved)
+        with pytest.raises(InvalidParams, match="other params"):  # through the rollout too
+            await dispatcher.call("svc", "answer", {"x": 2}, idempotency_key=moved)
+
+
+async def test_a_keyed_retry_goes_to_the_version_its_first_call_went_to() -> None:
+    """A keyed call that failed retryably frees its key, and its retry runs: split by the
+    rollout's counter, the retry went to the other version every other time (a plugin
+    keeping its effects once by the key, in its own version's store, ran it twice). The
+    split of keyed calls is by key."""
+    spec = rollout(steps=[50, 100], interval_s=60, max_error_rate=1)
+    manifest = rollouts_manifest(
+        version("1.0.0", flaky=True), version("2.0.0", flaky=True), rollouts=[spec]
+    )
+    async with Dispatcher(manifest) as dispatcher:
+        went = set()
+        for key in KEYS:
+            with pytest.raises(DispatchError) as failed:
+                await dispatcher.call("svc", "answer", {"x": 1}, idempotency_key=key)
+            assert failed.value.retryable, failed.value
+            retried = await dispatcher.call("svc", "answer", {"x": 1}, idempotency_key=key)
+            assert failed.value.message.startswith(retried["version"] + " flaked"), key
+            went.add(retried["version"])
+        assert went == {"1.0.0", "2.0.0"}
+
+
+async def test_a_keyed_submission_during_a_rollout_is_one_job(
+    redis_server: Redis, redis_prefix: str
+) -> None:
+    """Before: the version of a keyed submission came from the rollout's counter, so its
+    repeat went to the other version half the time and was refused with
+    ``InvalidParams`` (its record was at the first one's). It is the first job, wherever
+    the split sends the repeat."""
+    spec = rollout(steps=[50, 100], interval_s=60)
+    manifest = rollouts_manifest(
+        version("1.0.0"),
+        version("2.0.0"),
+        rollouts=[spec],
+        state=redis_state(redis_server, redis_prefix),
+        jobs={"workers": 0},
+    )
+    async with Dispatcher(manifest) as dispatcher:
+
+        async def submitted(key: str) -> str:
+            return await dispatcher.submit("svc", "answer", {"x": 1}, idempotency_key=key)
+
+        jobs = {key: await submitted(key) for key in KEYS}
+        assert [await submitted(key) for key in KEYS] == list(jobs.values())
+        versions = {(await dispatcher.job(job_id))["version"] for job_id in jobs.values()}
+        assert versions == {"1.0.0", "2.0.0"}
+        dispatcher.control_rollout("svc", "answer", "abort")
+        assert [await submitted(key) for key in KEYS] == list(jobs.values())
+
+
+async def test_a_keyed_call_of_a_shadowed_method_runs_once() -> None:
+    """Before: a shadow's route took keyed calls past the idempotency step as a
+    rollout's did: every repeat ran on the primary again (and was mirrored again)."""
+    spec = {
+        "plugin": "svc",
+        "method": "pure_answer",
+        "from": "1.0.0",
+        "shadow": {"version": "2.0.0", "percent": 100},
+    }
+    manifest = rollouts_manifest(version("1.0.0"), version("2.0.0"), rollouts=[spec])
+    async with Dispatcher(manifest) as dispatcher:
+        answers = [
+            await dispatcher.call("svc", "pure_answer", {"x": 1}, idempotency_key="k")
+            for _ in range(3)
+        ]
+        assert answers == [{"x": 1, "tag": "1.0.0"}] * 3
+        assert await dispatcher.call("svc", "calls_seen", version="1.0.0") == 1
 
 
 def test_a_shadow_of_a_method_that_is_not_pure_is_refused() -> None:

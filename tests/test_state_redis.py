@@ -26,8 +26,9 @@ import redis.asyncio as aioredis
 
 from dispatcher import Dispatcher, parse_manifest
 from dispatcher.config import ManifestError, load_manifest
-from dispatcher.state import StateUnavailable
+from dispatcher.state import StateUnavailable, digest, encode_result
 from linchkit_plugin.errors import CircuitOpen, DeadlineExceeded, InvalidParams, RateLimited
+from linchkit_plugin.wire import encode_json
 from tests.services import CLEAN_ENVIRONMENT, Redis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -589,6 +590,79 @@ async def test_a_refused_first_call_gives_its_key_back(
             "counter", "charge", {"amount": 2, "delay": 0}, idempotency_key="k"
         )
         assert result == {"charged": 2, "run": 2}
+
+
+#: The claim a dispatcher before 2026-12-05 runs (``state._scripts.IDEMPOTENCY_CLAIM`` then):
+#: it compares the params' fingerprint alone, and writes records without a version.
+OLDER_CLAIM = """
+local fp = redis.call('HGET', KEYS[1], 'fp')
+if not fp then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'token', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return {'run'}
+end
+if fp ~= ARGV[1] then return {'mismatch'} end
+if redis.call('HEXISTS', KEYS[1], 'outcome') == 0 then return {'busy'} end
+return {'done', redis.call('HGET', KEYS[1], 'outcome')}
+"""
+
+
+def charge_manifest(folder: Path, url: str, prefix: str) -> Path:
+    target = {"provider": "local", "entrypoint": "counting_plugin:CountingPlugin"}
+    methods = {"charge": {}, "counts": {}}
+    return write_manifest(folder, url, prefix, {**target, "path": str(PLUGINS)}, methods)
+
+
+def charge_record(prefix: str, raw_key: str) -> str:
+    """The Redis key of an anonymous caller's idempotency record of ``counter.charge``."""
+    return f"{prefix}:idem:" + digest("counter", "charge", "\0", raw_key)
+
+
+#: A record's fingerprint, then and now: the params' canonical JSON.
+CHARGE = {"amount": 5, "delay": 0}
+CHARGE_FINGERPRINT = digest(encode_json(CHARGE, sort_keys=True))
+
+
+async def test_a_record_an_older_dispatcher_wrote_replays_for_the_same_params(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Before: the version went into a record's fingerprint, so a record an older
+    dispatcher wrote (the params' fingerprint alone, no version) met a retry of its call
+    with ``InvalidParams`` for the record's whole retention (24 h), and on a rolling
+    deploy. It replays; other params are refused as ever."""
+    path = charge_manifest(tmp_path, redis_server.url, redis_prefix)
+    async with (
+        aioredis.Redis.from_url(redis_server.url) as client,
+        Dispatcher.from_file(path) as dispatcher,
+    ):
+        record = charge_record(redis_prefix, "order-1")
+        older = {"fp": CHARGE_FINGERPRINT, "token": "t", "outcome": encode_result({"charged": 5})}
+        await client.hset(record, mapping=older)
+        await client.pexpire(record, 60_000)
+        replayed = await dispatcher.call("counter", "charge", CHARGE, idempotency_key="order-1")
+        assert replayed == {"charged": 5}
+        with pytest.raises(InvalidParams, match="already used"):
+            await dispatcher.call("counter", "charge", {"amount": 6}, idempotency_key="order-1")
+        assert (await dispatcher.call("counter", "counts"))["charges"] == 0
+
+
+async def test_a_record_written_now_replays_on_an_older_replica(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """Before: during a rolling deploy a retry reaching a replica not yet replaced was
+    refused with ``InvalidParams`` (its fingerprint, the params' alone, did not match the
+    new one with the version in it). The version is a field beside the fingerprint."""
+    path = charge_manifest(tmp_path, redis_server.url, redis_prefix)
+    async with (
+        aioredis.Redis.from_url(redis_server.url) as client,
+        Dispatcher.from_file(path) as dispatcher,
+    ):
+        first = await dispatcher.call("counter", "charge", CHARGE, idempotency_key="order-2")
+        assert first == {"charged": 5, "run": 1}
+        record = charge_record(redis_prefix, "order-2")
+        answer = await client.eval(OLDER_CLAIM, 1, record, CHARGE_FINGERPRINT, "t", 60_000)
+        assert answer == [b"done", encode_result(first)]
+        assert await client.hget(record, "version") == b"1.0.0"
 
 
 async def test_open_shared_breaker_refuses_without_a_target_call(

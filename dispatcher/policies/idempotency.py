@@ -9,13 +9,21 @@ With a key, the record ``(plugin, method, caller, key)`` is claimed in the state
 run (its deadline, plus a margin), then completed with the call's outcome, kept for
 ``idempotency_retention_ms``. Meanwhile:
 
-* a duplicate (same key, same version, same params: a hash of the version and the
-  params' canonical JSON) waits for the first call's outcome and gets it, result or error —
-  within its own deadline;
+* a duplicate (same key, same version, same params: a hash of the params' canonical JSON,
+  and the version kept beside it in the record) waits for the first call's outcome and
+  gets it, result or error — within its own deadline;
 * the same key with other params, or at another version of the method, is refused with
   ``InvalidParams``: another version is another request (its code, its schema), so it
   neither replays the first version's outcome nor runs under a key already spent;
 * a duplicate after the outcome gets it at once, without calling the target.
+
+A record an older dispatcher wrote (before 2026-12-05) has no version: it replays for the
+same params, as it did then (``state._scripts.IDEMPOTENCY_CLAIM`` says until when).
+
+A call a rollout routed (no exact version: ``dispatcher._rollout``) is answered from a
+record at either of its two versions (``other_versions``): the rollout chose the version,
+not the caller, and a retry that lands on the other side (the split moved, or rolled back)
+is the same request. The rollout sends a key's calls to one side while its split holds.
 
 A first call that provably never reached the plugin (refused by a limit, a bulkhead or a
 breaker, a connection that never opened, the state store itself), or that failed with a
@@ -76,17 +84,33 @@ def never_ran(error: DispatchError) -> bool:
 
 
 class IdempotencyStep:
-    __slots__ = ("backend", "local", "name", "next", "retention")
+    __slots__ = ("backend", "local", "name", "next", "other_versions", "retention")
 
-    def __init__(self, name: str, backend: StateBackend, retention: float, next_step: Next):
+    def __init__(
+        self,
+        name: str,
+        backend: StateBackend,
+        retention: float,
+        next_step: Next,
+        other_versions: tuple[str, ...] = (),
+    ):
         self.name = name
         self.backend = backend
         self.retention = retention
         self.next = next_step
+        #: Versions besides the call's own whose record answers it too: a rollout's
+        #: other side, for the calls the rollout routes.
+        self.other_versions = other_versions
         #: This replica's calls per record, ``[fingerprint, shared]``: its duplicates share
         #: one claim. ``shared`` is None until a duplicate joins (most calls have none),
-        #: then the future the duplicates wait on.
+        #: then the future the duplicates wait on. A step serves one route, so one version:
+        #: the fingerprint of its params tells its duplicates apart.
         self.local: dict[str, list[Any]] = {}
+
+    def around(self, next_step: Next, other_versions: tuple[str, ...] = ()) -> IdempotencyStep:
+        """This step in front of ``next_step`` (the chain as a rollout or a shadow wraps
+        it), answering also from records at ``other_versions``."""
+        return IdempotencyStep(self.name, self.backend, self.retention, next_step, other_versions)
 
     def __call__(self, invocation: Invocation) -> Awaitable[Any]:
         if invocation.idempotency_key is None:
@@ -105,9 +129,10 @@ class IdempotencyStep:
             "\0" if caller is None else "\1" + caller,
             raw_key,
         )
-        # The version is the one the call resolved to: a key used on 1.x and then on 2.x
-        # replayed 1.x's outcome to a caller who asked for 2.x.
-        fingerprint = digest(invocation.version, encode_json(invocation.params, sort_keys=True))
+        # The params' alone: the version the call resolved to is kept beside it in the
+        # record (a key used on 1.x and then on 2.x replayed 1.x's outcome to a caller who
+        # asked for 2.x), where a replica comparing fingerprints only still reads it.
+        fingerprint = digest(encode_json(invocation.params, sort_keys=True))
         while True:
             mine = self.local.get(key)
             if mine is None:
@@ -148,7 +173,14 @@ class IdempotencyStep:
         while True:
             lease = max(invocation.remaining(), 0.0) + LEASE_MARGIN_SECONDS
             try:
-                claimed = await store.claim(key, fingerprint, lease, invocation.deadline)
+                claimed = await store.claim(
+                    key,
+                    fingerprint,
+                    lease,
+                    invocation.deadline,
+                    version=invocation.version,
+                    other_versions=self.other_versions,
+                )
             except StateUnavailable as error:
                 if not self.backend.fail_open or store is self.backend.local_idempotency:
                     raise
@@ -211,9 +243,10 @@ class IdempotencyStep:
             self.backend.fell_back(f"the idempotency record of {self.name}", error)
 
     def _mismatch(self, raw_key: str, version: str) -> InvalidParams:
+        versions = " or ".join((version, *self.other_versions))
         return InvalidParams(
             f"idempotency key {raw_key!r:.80} was already used for {self.name} with other "
-            f"params or at another version than {version}; a new request needs a new key"
+            f"params or at another version than {versions}; a new request needs a new key"
         )
 
     def _late(self, raw_key: str) -> DeadlineExceeded:

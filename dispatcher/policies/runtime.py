@@ -176,7 +176,7 @@ class PolicyRuntime:
         self.gates[(plugin.key, method)] = Gate(limits, bulkhead, breaker, shared)
         return step
 
-    def once(self, plugin: PluginSpec[Any], method: str, invoke: Step) -> Step:
+    def once(self, plugin: PluginSpec[Any], method: str, invoke: Step) -> IdempotencyStep:
         """What a call of ``plugin.method`` carrying an idempotency key goes through:
         ``invoke`` (the whole chain, fallback included) behind the idempotency step.
         Kept off ``invoke`` so calls without a key pay nothing for it."""

@@ -194,18 +194,39 @@ end
 return 0
 """
 
-#: KEYS[1] the record; ARGV fingerprint, token, lease_ms, max bytes. Returns {'run'},
-#: {'done', outcome}, {'busy'} or {'mismatch'}; {'done', its size} for an outcome over max
-#: bytes, which no dispatcher records (read whole, it would cost every duplicate its
-#: transfer, and one outlasting the operation timeout made the store look down).
+#: KEYS[1] the record; ARGV fingerprint, token, lease_ms, max bytes, version, then the
+#: other versions whose record answers the claim too (a rollout's other side). Returns
+#: {'run'}, {'done', outcome}, {'busy'} or {'mismatch'}; {'done', its size} for an outcome
+#: over max bytes, which no dispatcher records (read whole, it would cost every duplicate
+#: its transfer, and one outlasting the operation timeout made the store look down).
+#:
+#: The version is a field of its own beside ``fp`` (the params' fingerprint), not part of
+#: it, so records stay readable both ways during a rolling deploy: a dispatcher from before
+#: 2026-12-05 compares ``fp`` alone and replays a record this one wrote (as it replayed
+#: any, whatever the version), and a record it wrote, which has no ``version``, is replayed
+#: here for the same params instead of refused. That second rule is for records of those
+#: older dispatchers only; it can go once none runs and a retention window
+#: (``state.idempotency_retention_ms``, 24 h by default) has passed since the last stopped.
 IDEMPOTENCY_CLAIM = """
-local fp = redis.call('HGET', KEYS[1], 'fp')
+local record = redis.call('HMGET', KEYS[1], 'fp', 'version')
+local fp = record[1]
 if not fp then
-  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'token', ARGV[2])
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'token', ARGV[2], 'version', ARGV[5])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return {'run'}
 end
 if fp ~= ARGV[1] then return {'mismatch'} end
+local version = record[2]
+if version then
+  local known = false
+  for i = 5, #ARGV do
+    if ARGV[i] == version then
+      known = true
+      break
+    end
+  end
+  if not known then return {'mismatch'} end
+end
 if redis.call('HEXISTS', KEYS[1], 'outcome') == 0 then return {'busy'} end
 local size = redis.call('HSTRLEN', KEYS[1], 'outcome')
 if size > tonumber(ARGV[4]) then return {'done', size} end

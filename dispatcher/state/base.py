@@ -143,7 +143,7 @@ class Claim(Enum):
     RUN = "run"  # this call owns the key: run it, then complete or release
     DONE = "done"  # an earlier call finished: its outcome is in ``Claimed.outcome``
     BUSY = "busy"  # another call owns the key and runs now: wait, then claim again
-    MISMATCH = "mismatch"  # the key was used with other params
+    MISMATCH = "mismatch"  # the key was used with other params, or at another version
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,9 +201,21 @@ class IdempotencyStore(ABC):
     """Records of calls made with an idempotency key: who runs it, and what it returned."""
 
     @abstractmethod
-    async def claim(self, key: str, fingerprint: str, lease: float, deadline: float) -> Claimed:
+    async def claim(
+        self,
+        key: str,
+        fingerprint: str,
+        lease: float,
+        deadline: float,
+        *,
+        version: str,
+        other_versions: tuple[str, ...] = (),
+    ) -> Claimed:
         """Own ``key`` for ``lease`` seconds (a crashed owner's claim ends then), or say
-        why not. ``deadline`` (the loop's clock) bounds the operation."""
+        why not. ``fingerprint`` stands for the request's params and ``version`` for the
+        version it runs at, kept beside it in the record: a record with another
+        fingerprint, or at another version than ``version`` and ``other_versions``, is
+        ``MISMATCH``. ``deadline`` (the loop's clock) bounds the operation."""
 
     @abstractmethod
     async def complete(

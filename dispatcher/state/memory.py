@@ -29,6 +29,9 @@ EVICTION_BATCH = MAX_RECORDS // 10
 @dataclass(slots=True)
 class _Record:
     fingerprint: str
+    #: The version the call runs at (``IdempotencyStore.claim``): the route's own string,
+    #: shared by its records.
+    version: str
     token: str
     expires: float
     outcome: bytes | None = None
@@ -59,7 +62,16 @@ class MemoryIdempotency(IdempotencyStore):
             return None
         return record
 
-    async def claim(self, key: str, fingerprint: str, lease: float, deadline: float) -> Claimed:
+    async def claim(
+        self,
+        key: str,
+        fingerprint: str,
+        lease: float,
+        deadline: float,
+        *,
+        version: str,
+        other_versions: tuple[str, ...] = (),
+    ) -> Claimed:
         now = self._clock()
         record = self._live(key, now)
         if record is None:
@@ -69,9 +81,11 @@ class MemoryIdempotency(IdempotencyStore):
             # does. os.urandom (a system call) took 0.6-0.8 µs of the 8.2-8.7 µs a key
             # added to a call (bench idempotency).
             token = str(next(self._tokens))
-            self._records[key] = _Record(fingerprint, token, now + lease)
+            self._records[key] = _Record(fingerprint, version, token, now + lease)
             return Claimed(Claim.RUN, token)
-        if record.fingerprint != fingerprint:
+        if record.fingerprint != fingerprint or (
+            record.version != version and record.version not in other_versions
+        ):
             return Claimed(Claim.MISMATCH)
         if record.outcome is not None:
             return Claimed(Claim.DONE, outcome=record.outcome)

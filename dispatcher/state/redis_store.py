@@ -479,10 +479,27 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
 
     # -- idempotency --------------------------------------------------------------------------------
 
-    async def claim(self, key: str, fingerprint: str, lease: float, deadline: float) -> Claimed:
+    async def claim(
+        self,
+        key: str,
+        fingerprint: str,
+        lease: float,
+        deadline: float,
+        *,
+        version: str,
+        other_versions: tuple[str, ...] = (),
+    ) -> Claimed:
         token = os.urandom(8).hex()
         keys = (self._key("idem", key),)
-        args = (fingerprint, token, max(1, int(lease * 1000)), MAX_VALUE_BYTES)
+        lease_ms = max(1, int(lease * 1000))
+        args: tuple[str | int, ...] = (
+            fingerprint,
+            token,
+            lease_ms,
+            MAX_VALUE_BYTES,
+            version,
+            *other_versions,
+        )
         answer = await self._run(
             "an idempotency record", deadline, lambda: self._claim(keys=keys, args=args)
         )

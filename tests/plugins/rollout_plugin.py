@@ -17,10 +17,14 @@ class RolloutPlugin(Plugin):
         self.fail_from = int(config.get("fail_from", 0))
         #: Fail every n-th call (0: never): a shadow that sometimes fails.
         self.fail_every = int(config.get("fail_every", 0))
+        #: Fail every other call retryably, the first one included: its retry succeeds.
+        self.flaky = bool(config.get("flaky", False))
         self.calls = 0
 
     async def answer(self, x: int = 0) -> dict[str, Any]:
         self.calls += 1
+        if self.flaky and self.calls % 2:
+            raise PluginError(f"{self.version} flaked on call {self.calls}", retryable=True)
         if (self.fail_from and self.calls >= self.fail_from) or (
             self.fail_every and self.calls % self.fail_every == 0
         ):
