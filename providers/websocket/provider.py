@@ -244,6 +244,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         channel = Channel(
             socket,
             f"websocket inbound {key}",
+            heartbeat=first.heartbeat_ms / 1000,
             max_in_flight=first.max_in_flight,
             max_message_bytes=first.max_message_bytes,
             max_events_per_second=first.max_events_per_second,
@@ -251,7 +252,11 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         )
         served = served_names(hello.get("methods", ()))
         inbound = InboundConnection(key, channel, plugin.id, plugin.version, peer, hello, served)
-        await channel.send_event(encode_frame({"type": "welcome", "instance": key}))
+        try:
+            await channel.send_event(encode_frame({"type": "welcome", "instance": key}))
+        except TargetUnavailable:
+            await channel.close()  # and its writer with it
+            raise
         # No await from here to the registration: a reload's ``close_connections`` either
         # ran before (and is read here) or finds the connection registered.
         left_out = next((self._left_out[t.key] for t in targets if t.key in self._left_out), None)

@@ -79,7 +79,8 @@ class WebSocketTarget(TargetConfig):
         default=10_000,
         ge=100,
         le=600_000,
-        description="Ping this often; a peer silent for 1.5x this is gone (half-open TCP).",
+        description="Ping this often; a peer silent for 1.5x this is gone (half-open TCP),"
+        " and so is one that takes nothing written to it for 1.5x this.",
     )
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=1 << 30)
     max_in_flight: int = Field(
