@@ -486,6 +486,17 @@ class Channel:
         call on it at once, with a typed error, and lets the dialer dial again or the
         fleet fail calls over, where the stall would otherwise hold each call to its
         deadline for as long as the plugin kept the connection open."""
+        # aiohttp writes frames of its own beside this task's, unordered with them: the
+        # reader's automatic pong, the heartbeat's ping, a close. None can land inside one
+        # of our frames (aiohttp 3.14, ``_websocket/writer.py``): ``send_frame`` hands a
+        # whole frame to the transport synchronously (header and payload in one
+        # ``transport.write``, or two with no await between them past 16 KiB) and awaits
+        # only afterwards, to drain; compressed data frames are made and written under
+        # aiohttp's own lock, and control frames are never compressed, so they do not touch
+        # the compressor either. Another writer's frame can only come between two of ours,
+        # which RFC 6455 allows of control frames (section 5.4). So no lock of ours covers
+        # them: what they share with this task is the drain future above, which only a
+        # stall (the connection is being dropped) or aiohttp's own closing cancels.
         outbox, loop = self._outbox, self._loop
         while not self.closed:
             if not outbox:
