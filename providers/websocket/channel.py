@@ -65,6 +65,7 @@ from linchkit_plugin.ws_protocol import (
     encode_frame,
     error_frame,
 )
+from providers._event_rate import EventRate
 from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
@@ -140,26 +141,6 @@ async def read_hello(socket: Socket) -> dict[str, Any]:
         raise InvalidParams(f"broke the protocol: {error.message}") from None
 
 
-class _Bucket:
-    """A token bucket for the plugin's events: ``rate`` a second, bursts of ``rate``."""
-
-    __slots__ = ("_last", "_rate", "_tokens")
-
-    def __init__(self, rate: float) -> None:
-        self._rate = rate
-        self._tokens = rate
-        self._last = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-
 class Channel:
     """Calls, streams, health probes and events over one open WebSocket."""
 
@@ -183,7 +164,7 @@ class Channel:
         self._max_in_flight = max_in_flight
         self._max_message_bytes = max_message_bytes
         self._sink = sink
-        self._events = _Bucket(max_events_per_second)
+        self._events = EventRate(max_events_per_second)
         self._loop = asyncio.get_running_loop()
         #: Unary calls and health probes in flight: id → the future of their answer.
         self._pending: dict[int, asyncio.Future[Any]] = {}
