@@ -60,6 +60,7 @@ from linchkit_plugin.ws_protocol import (
     HELLO_TIMEOUT,
     STREAM_WINDOW,
     FrameError,
+    UnknownProtocol,
     checked_hello,
     decode_frame,
     encode_frame,
@@ -128,7 +129,8 @@ def close_message(reason: str) -> bytes:
 
 async def read_hello(socket: Socket) -> dict[str, Any]:
     """The first frame of a new connection, a checked ``hello``: ``TargetUnavailable`` if
-    none comes within ``HELLO_TIMEOUT``, ``InvalidParams`` if it is not a valid one."""
+    none comes within ``HELLO_TIMEOUT``, ``InvalidParams`` if it is not a valid one
+    (``UnknownProtocol``, as it is, for a protocol version this side does not speak)."""
     try:
         message = await socket.receive(timeout=HELLO_TIMEOUT)
     except TimeoutError:
@@ -137,6 +139,8 @@ async def read_hello(socket: Socket) -> dict[str, Any]:
         raise TargetUnavailable(f"closed before its hello ({message.type.name})")
     try:
         return checked_hello(decode_frame(message.data))
+    except UnknownProtocol:
+        raise
     except DispatchError as error:
         raise InvalidParams(f"broke the protocol: {error.message}") from None
 

@@ -37,11 +37,13 @@ from linchkit_plugin.errors import (
     TargetUnavailable,
     Unauthorized,
 )
+from linchkit_plugin.wire import PROTOCOL_VERSION
 from linchkit_plugin.ws_protocol import (
     CLOSE_BAD_HELLO,
     CLOSE_GOING_AWAY,
     CLOSE_SERVICE_RESTART,
     CLOSE_WRONG_PLUGIN,
+    UnknownProtocol,
     encode_frame,
 )
 from providers.base import Health, Provider
@@ -313,6 +315,14 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         # characters, one not in ASCII made a frame the plugin refused (1002), unread.
         try:
             hello = await read_hello(socket)
+        except UnknownProtocol as error:
+            # A refusal, as a hello naming another plugin is: the SDKs dial a 4400 again
+            # (a hello that came late may have been a slow link), which would send the same
+            # hello for ever; a 4403 ends their dial with this reason in one line.
+            spoken = error.details.get("protocol")
+            refusal = f"this gateway speaks protocol {PROTOCOL_VERSION}; the hello said {spoken}"
+            await socket.close(code=CLOSE_WRONG_PLUGIN, message=close_message(refusal))
+            return None
         except DispatchError as error:
             await socket.close(code=CLOSE_BAD_HELLO, message=close_message(error.message))
             return None
