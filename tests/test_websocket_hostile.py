@@ -398,3 +398,50 @@ async def test_a_plugin_that_reads_nothing_but_keeps_talking_is_dropped_and_hold
         assert kinds <= {DeadlineExceeded, TargetUnavailable}, kinds
         assert most_queued <= 256, most_queued
         assert not stalled._background
+
+
+async def test_an_error_frame_for_a_stream_whose_queue_is_full_ends_the_stream_at_once() -> None:
+    """A plugin sends a stream's window and more (8 chunks past it, which the host still
+    holds for it) while the reader is busy, then an ``error`` frame for the stream.
+    Before: the queue was full, the error was dropped, and the reader, once it had taken
+    the chunks, waited for the stream's deadline (``DeadlineExceeded`` after 1.5 s). Now
+    the stream's queue keeps a place for what ends it: the plugin's error arrives right
+    after its chunks."""
+    from dispatcher import PluginError
+    from linchkit_plugin.ws_protocol import STREAM_WINDOW
+
+    held = STREAM_WINDOW + 8  # what the host holds for a stream before it fails it
+
+    async def failing_stream(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(HELLO)
+        async for message in ws:
+            frame = orjson.loads(message.data)
+            if frame["type"] != "stream":
+                continue
+            chunks = [
+                orjson.dumps({"type": "chunk", "id": frame["id"], "data": n})
+                for n in range(held + 1)
+            ]
+            await ws.send_bytes(chunks[0])
+            await asyncio.sleep(0.05)  # the reader takes chunk 0, then is busy
+            for chunk in chunks[1:]:
+                await ws.send_bytes(chunk)
+            error = {"type": "DiskFull", "message": "no room for row 265"}
+            await ws.send_bytes(orjson.dumps({"type": "error", "id": frame["id"], "error": error}))
+
+    async with scripted(failing_stream) as d:
+        started = asyncio.get_running_loop().time()
+        stream = d.stream("liar", "echo", {}, timeout=1.5)
+        received = [await anext(stream)]
+        await asyncio.sleep(0.3)  # busy: every frame above arrives meanwhile
+
+        async def the_rest() -> None:
+            async for chunk in stream:
+                received.append(chunk)
+
+        with pytest.raises(PluginError) as raised:
+            await the_rest()
+        elapsed = asyncio.get_running_loop().time() - started
+        assert raised.value.remote_type == "DiskFull"
+        assert elapsed < 1.0, elapsed
+        assert received == list(range(held + 1))

@@ -89,8 +89,11 @@ Socket = ClientWebSocketResponse[Any] | web.WebSocketResponse[Any]
 EventSink = Callable[[str, Any], None]
 
 #: Chunks of one stream held for its consumer: the plugin's window (it sends no more
-#: until granted ``credit``) and room for the final response. A plugin that ignores the
-#: window fills it, and its stream fails ``Overloaded``.
+#: until granted ``credit``) and some to spare. A plugin that ignores the window fills it,
+#: and its stream fails ``Overloaded``. The stream's queue holds one more item: whatever
+#: ends the stream (its response, an error frame, ``Overloaded``, the connection's end)
+#: always finds a place, so its reader learns of it after the chunks it has, not at its
+#: deadline.
 _STREAM_QUEUE = STREAM_WINDOW + 8
 #: Consumed chunks that earn the plugin a ``credit`` frame: half a window at a time.
 _CREDIT_EVERY = STREAM_WINDOW // 2
@@ -279,7 +282,7 @@ class Channel:
     async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
         call_id, now = self._admit(invocation)
         data = self._frame("stream", call_id, invocation, now)
-        queue: asyncio.Queue[Any] = asyncio.Queue(_STREAM_QUEUE)
+        queue: asyncio.Queue[Any] = asyncio.Queue(_STREAM_QUEUE + 1)
         self._streams[call_id] = queue
         written = self._queue(data, call_id)
         what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
@@ -412,8 +415,7 @@ class Channel:
             future.set_exception(never_sent)
         queue = self._streams.pop(call_id, None)
         if queue is not None:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(never_sent)
+            self._end_stream(queue, never_sent)
 
     def _gave_up(self) -> None:
         """A sender gave up before its frame's turn. The frame stays queued until the
@@ -680,19 +682,29 @@ class Channel:
         await self._close_socket(1000, "")  # ends ``run``
 
     def _to_stream(self, call_id: int, queue: asyncio.Queue[Any], frame: dict[str, Any]) -> None:
-        try:
-            queue.put_nowait(frame)
-        except asyncio.QueueFull:
+        if frame["type"] == "chunk" and queue.qsize() >= _STREAM_QUEUE:
             # The consumer reads slower than the plugin writes: end the stream rather than
             # hold its chunks without bound, or stall the reader every other call shares.
             self._streams.pop(call_id, None)
-            queue.get_nowait()
-            queue.put_nowait(
+            self._end_stream(
+                queue,
                 Overloaded(
                     f"{self.describe} stream {call_id}: its reader fell {_STREAM_QUEUE} chunks behind"
-                )
+                ),
             )
             self._send_cancel(call_id)  # its frame went out: the plugin is sending chunks
+            return
+        if frame["type"] == "chunk":
+            queue.put_nowait(frame)
+        else:
+            self._end_stream(queue, frame)
+
+    @staticmethod
+    def _end_stream(queue: asyncio.Queue[Any], end: Any) -> None:
+        """Queue what ends a stream, in the place its queue keeps for it (chunks never take
+        it). Full only when an end is queued already, which the reader stops at."""
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(end)
 
     def _event(self, frame: dict[str, Any]) -> None:
         name = frame.get("event")
@@ -720,8 +732,7 @@ class Channel:
             return
         queue = self._streams.pop(call_id, None) if type(call_id) is int else None
         if queue is not None:
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(error)
+            self._end_stream(queue, error)
             return
         if self._count_protocol_error():
             log.warning(
@@ -752,8 +763,7 @@ class Channel:
             if not future.done():
                 future.set_exception(self._cut_off(reason))
         for queue in streams.values():
-            with contextlib.suppress(asyncio.QueueFull):
-                queue.put_nowait(self._cut_off(reason))
+            self._end_stream(queue, self._cut_off(reason))
 
     def _cut_off(self, reason: str) -> TargetUnavailable:
         # Sent and maybe run: retryable, but only the retry policy (idempotent methods)
