@@ -56,6 +56,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from linchkit_plugin.errors import DispatchError, ProviderError, TargetUnavailable
 from linchkit_plugin.handshake import HEALTH_SERVICE
 from providers._compression import DEFAULT_MIN_BYTES, is_loopback
+from providers._event_rate import DEFAULT_MAX_EVENTS_PER_SECOND
 from providers._grpc import lifecycle
 from providers._grpc.channel import ChannelSecurity
 from providers._grpc.connection import PluginConnection
@@ -184,6 +185,11 @@ class GrpcTarget(InstanceListing):
     )
     batch: bool = Field(default=True, description="Send batches as one CallBatch.")
     events: bool = Field(default=True, description="Keep the plugin's Events stream open.")
+    max_events_per_second: int = Field(
+        default=DEFAULT_MAX_EVENTS_PER_SECOND,
+        ge=1,
+        description="Plugin events beyond this rate are dropped, counted.",
+    )
     health_service: str = HEALTH_SERVICE
     connect_timeout_ms: int = Field(default=5_000, gt=0)
     compression: GrpcCompression = Field(
@@ -528,6 +534,7 @@ class GrpcProvider(Provider[GrpcTarget]):
                 describe=target.describe(),
                 compress_min_bytes=target.compression.threshold(target.connect_address()),
                 host_id=self.host_id,
+                max_events_per_second=target.max_events_per_second,
             )
         return connection
 

@@ -11,8 +11,11 @@ still reach their handlers.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
+
+import pytest
 
 from dispatcher import Dispatcher
 from dispatcher._events import MAX_RUNNING_HANDLERS_PER_PLUGIN
@@ -90,3 +93,37 @@ async def test_an_event_flood_keeps_a_bounded_number_of_handlers_running() -> No
             await until(lambda: calm == ["hello"], "the other plugin's event handled")
             release.set()
             await until(lambda: d.stats()["events"]["handlers_running"] == 0, "handlers done")
+
+
+async def test_an_event_flood_beyond_the_rate_is_dropped_before_decoding_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A plugin sends 3,000 events as fast as gRPC carries them to a target that takes 200
+    a second. Before: every one was decoded and handed to the handlers, however fast the
+    plugin sent (gRPC's flow control bounds the memory a flood holds, not the CPU it
+    costs). Now what is over the rate (a second's worth in a burst, then the rate) is
+    dropped before its data is read, counted, and said in a log line, as on WebSocket."""
+    flood, rate = 3_000, 200
+    received = 0
+
+    def count(event: str, data: Any) -> None:
+        nonlocal received
+        received += 1
+
+    async with grpc_plugin(EmittingPlugin(at_once=flood)) as flooding:
+        target = {"provider": "grpc", "address": flooding, "max_events_per_second": rate}
+        d = Dispatcher(manifest({**entry("flood", flooding), "target": target}))
+        d.on("flood", "spam", count)
+        started = time.monotonic()
+        async with d:
+            (connection,) = d.providers["grpc"]._connections.values()  # type: ignore[attr-defined]
+            events = connection._events
+
+            await until(lambda: received + events.events_dropped >= flood, "the flood read")
+            elapsed = time.monotonic() - started
+            assert received <= rate + rate * elapsed + 1, (received, elapsed)
+            assert events.events_dropped == flood - received > 0
+            assert events.counters()["events_dropped"] == events.events_dropped
+    assert any(
+        "faster than max_events_per_second" in record.getMessage() for record in caplog.records
+    )

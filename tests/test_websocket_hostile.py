@@ -337,3 +337,111 @@ async def test_a_plugin_saying_goaway_twice_mid_call_gets_its_call_answered_and_
             while "close_code" not in connections[0]:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         assert connections[0]["close_code"] == 1000
+
+
+async def test_a_plugin_that_reads_nothing_but_keeps_talking_is_dropped_and_holds_little() -> None:
+    """A plugin that stops reading but sends an event every 10 ms: any frame received
+    puts aiohttp's ping off, so the heartbeat never finds the plugin gone. Before: every
+    call abandoned meanwhile left a task waiting to send its ``cancel`` behind the stalled
+    write (over 1,200 here, for as long as the plugin kept talking), and a caller could
+    get a bare ``CancelledError`` (aiohttp's drain future, cancelled by another caller's
+    deadline). Now a write the plugin takes nothing of for 1.5 heartbeats drops the
+    connection, every caller gets a typed error, a call never written gets no ``cancel``,
+    and what waits to be written stays near what is still wanted."""
+    stop = asyncio.Event()
+
+    async def deaf_but_talking(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(HELLO)
+        tick = orjson.dumps({"type": "event", "event": "tick", "data": None})
+        while not stop.is_set():  # never reads: TCP pushes back once its buffers are full
+            await ws.send_bytes(tick)
+            await asyncio.sleep(0.01)
+
+    async with scripted(deaf_but_talking, heartbeat_ms=200) as d:
+        async with asyncio.timeout(5):
+            while channel_of(d) is None:  # noqa: ASYNC110 - the dialer's first connection
+                await asyncio.sleep(0.01)
+        stalled = channel_of(d)
+        most_tasks = most_queued = 0
+
+        async def watch() -> None:
+            nonlocal most_tasks, most_queued
+            while True:
+                most_tasks = max(most_tasks, len(stalled._background))
+                most_queued = max(most_queued, len(getattr(stalled, "_outbox", ())))
+                await asyncio.sleep(0.005)
+
+        async def callers() -> list[Any]:
+            blob = "z" * (4 * 1024 * 1024)  # a few of these fill the socket's buffers
+            fillers = [
+                asyncio.ensure_future(d.call("liar", "echo", {"blob": blob}, timeout=1.0))
+                for _ in range(4)
+            ]
+            small: list[asyncio.Future[Any]] = []
+            for _ in range(30):  # 0.6 s of calls that give up after 30 ms
+                small += [
+                    asyncio.ensure_future(d.call("liar", "echo", {}, timeout=0.03))
+                    for _ in range(40)
+                ]
+                await asyncio.sleep(0.02)
+            return await asyncio.gather(*fillers, *small, return_exceptions=True)
+
+        watching = asyncio.ensure_future(watch())
+        try:
+            outcomes = await callers()
+        finally:
+            watching.cancel()
+            stop.set()
+        assert most_tasks <= 8, most_tasks
+        assert stalled.closed and "stalled" in stalled.close_reason, stalled.close_reason
+        kinds = {type(outcome) for outcome in outcomes}
+        assert kinds <= {DeadlineExceeded, TargetUnavailable}, kinds
+        assert most_queued <= 256, most_queued
+        assert not stalled._background
+
+
+async def test_an_error_frame_for_a_stream_whose_queue_is_full_ends_the_stream_at_once() -> None:
+    """A plugin sends a stream's window and more (8 chunks past it, which the host still
+    holds for it) while the reader is busy, then an ``error`` frame for the stream.
+    Before: the queue was full, the error was dropped, and the reader, once it had taken
+    the chunks, waited for the stream's deadline (``DeadlineExceeded`` after 1.5 s). Now
+    the stream's queue keeps a place for what ends it: the plugin's error arrives right
+    after its chunks."""
+    from dispatcher import PluginError
+    from linchkit_plugin.ws_protocol import STREAM_WINDOW
+
+    held = STREAM_WINDOW + 8  # what the host holds for a stream before it fails it
+
+    async def failing_stream(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(HELLO)
+        async for message in ws:
+            frame = orjson.loads(message.data)
+            if frame["type"] != "stream":
+                continue
+            chunks = [
+                orjson.dumps({"type": "chunk", "id": frame["id"], "data": n})
+                for n in range(held + 1)
+            ]
+            await ws.send_bytes(chunks[0])
+            await asyncio.sleep(0.05)  # the reader takes chunk 0, then is busy
+            for chunk in chunks[1:]:
+                await ws.send_bytes(chunk)
+            error = {"type": "DiskFull", "message": "no room for row 265"}
+            await ws.send_bytes(orjson.dumps({"type": "error", "id": frame["id"], "error": error}))
+
+    async with scripted(failing_stream) as d:
+        started = asyncio.get_running_loop().time()
+        stream = d.stream("liar", "echo", {}, timeout=1.5)
+        received = [await anext(stream)]
+        await asyncio.sleep(0.3)  # busy: every frame above arrives meanwhile
+
+        async def the_rest() -> None:
+            async for chunk in stream:
+                received.append(chunk)
+
+        with pytest.raises(PluginError) as raised:
+            await the_rest()
+        elapsed = asyncio.get_running_loop().time() - started
+        assert raised.value.remote_type == "DiskFull"
+        assert elapsed < 1.0, elapsed
+        assert received == list(range(held + 1))

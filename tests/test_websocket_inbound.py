@@ -418,6 +418,35 @@ async def test_a_hello_that_names_another_plugin_closes_the_connection() -> None
 
 
 @pytest.mark.parametrize(
+    ("protocol", "code", "reason"),
+    [
+        (2, 4403, "this gateway speaks protocol 1; the hello said 2"),
+        (True, 4400, "broke the protocol: hello's 'protocol' must be an integer, not true"),
+        (1.0, 4400, "broke the protocol: hello's 'protocol' must be an integer, not 1.0"),
+    ],
+    ids=["another-version", "true", "float"],
+)
+async def test_a_hello_in_a_protocol_the_gateway_does_not_speak_is_refused(
+    protocol: Any, code: int, reason: str
+) -> None:
+    """Before: a hello in protocol 2 was closed 4400, which every SDK's dial takes for a
+    slow link and dials again, with the same hello, for ever (the Python SDK saying so at
+    INFO); and ``true`` or ``1.0`` were taken for protocol 1 and welcomed. Now another
+    version is refused with 4403 and a reason naming both versions, which ends the SDKs'
+    dial with that line, and a protocol that is not an integer is a malformed hello."""
+    hello = orjson.loads(hello_frame("sock", "1.0.0", ["echo"]))
+    hello["protocol"] = protocol
+    async with gateway() as (dispatcher, url), aiohttp.ClientSession() as client:
+        headers = {"X-Plugin-Id": "sock", "Authorization": f"Bearer {TOKEN}"}
+        async with client.ws_connect(url, headers=headers) as ws:
+            await ws.send_bytes(orjson.dumps(hello))
+            message = await ws.receive(timeout=10)
+            assert message.type == aiohttp.WSMsgType.CLOSE, message
+            assert (ws.close_code, message.extra) == (code, reason)
+        assert connected(dispatcher) == 0
+
+
+@pytest.mark.parametrize(
     ("first_frame", "code"),
     [
         (hello_frame("插件" * 30, "1.0.0", ["echo"]), 4403),  # another id, not ASCII

@@ -39,6 +39,7 @@ from linchkit_plugin.errors import (
 )
 from linchkit_plugin.handshake import HEALTH_SERVICE, HOST_METADATA
 from linchkit_plugin.wire import encode_json
+from providers._event_rate import DEFAULT_MAX_EVENTS_PER_SECOND
 from providers._grpc.channel import ChannelSecurity, open_channel
 from providers._grpc.events import EventsStream
 from providers._grpc.release import ClosedStub, StreamCall, drop_grpc_frames
@@ -106,10 +107,12 @@ class PluginConnection:
         describe: str = "",
         compress_min_bytes: int | None = None,
         host_id: str | None = None,
+        max_events_per_second: float = DEFAULT_MAX_EVENTS_PER_SECOND,
     ) -> None:
         """``compress_min_bytes``: send requests whose params are this large in gzip;
         None: never compress. ``host_id``: sent as ``linchkit-host`` on lifecycle RPCs, so
-        a service attached by several hosts stops only when the last leaves."""
+        a service attached by several hosts stops only when the last leaves.
+        ``max_events_per_second``: the plugin's events beyond it are dropped, counted."""
         import grpc
         import grpc.aio
 
@@ -138,7 +141,9 @@ class PluginConnection:
         self._lifecycle_metadata = (
             self._metadata if host_id is None else (*self._metadata, (HOST_METADATA, host_id))
         )
-        self._events = EventsStream(plugin_pb2.HostEvent, self.describe)
+        self._events = EventsStream(
+            plugin_pb2.HostEvent, self.describe, max_per_second=max_events_per_second
+        )
         self._closed = False
         #: The streams open on this connection, so ``close`` lets go of their calls.
         self._open_streams: set[StreamCall] = set()
@@ -517,9 +522,10 @@ class PluginConnection:
             return Health("not_serving", self._cut_off("health").message)
         latency_ms = (time.perf_counter() - started) * 1000
         status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        extra = self._events.counters()
         if answer.status == health_pb2.HealthCheckResponse.SERVING:
-            return Health("serving", status_name, latency_ms)
-        return Health("not_serving", status_name, latency_ms)
+            return Health("serving", status_name, latency_ms, extra)
+        return Health("not_serving", status_name, latency_ms, extra)
 
     def broke_under_a_call(self) -> bool:
         """Whether a call ended because this connection closed or was reset under it,

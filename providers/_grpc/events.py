@@ -4,9 +4,13 @@ the plugin emits goes to the host's sink, host events queued with ``send`` go to
 A stream that ends (the plugin restarted or went away) is reopened after a wait that starts
 at 0.05 s, doubles with each end up to 2 s, and starts over once an event arrives. A plugin
 that answers UNIMPLEMENTED has no ``Events`` stream and is not asked again; a closed channel
-ends the task. An event whose data is not JSON is skipped and counted (``bad_events``),
-and logged sparingly (the first, the 1,000th, every 100,000th; its name escaped and cut);
-a sink that raises is logged, and the stream goes on. ``PluginConnection`` opens the RPC on its channel
+ends the task. Events beyond ``max_per_second`` (the target's ``max_events_per_second``,
+as on the WebSocket binding: ``providers._event_rate``) are dropped before their data is
+decoded, counted (``events_dropped``) and logged sparingly; a flood costs the host what
+reading it from gRPC costs, never a decode or a handler per event. An event whose data is
+not JSON is skipped and counted (``bad_events``), and logged sparingly (the first, the
+1,000th, every 100,000th; its name escaped and cut); a sink that raises is logged, and the
+stream goes on. ``PluginConnection`` opens the RPC on its channel
 (``OpenEvents``) and ends the task with ``close`` before it closes that channel.
 """
 
@@ -19,6 +23,7 @@ from typing import Any, Protocol
 
 from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.wire import encode_json
+from providers._event_rate import DEFAULT_MAX_EVENTS_PER_SECOND, EventRate
 from providers._grpc.replies import loads
 from providers._log_lines import sparingly
 from providers.host_events import HostEvents
@@ -39,12 +44,22 @@ class EventsStream:
     """One plugin's ``Events`` stream, reopened whenever it ends until ``close``.
 
     ``host_event`` builds the ``HostEvent`` message of a name and its JSON; ``describe``
-    names the plugin's connection in logs and errors.
+    names the plugin's connection in logs and errors; ``max_per_second`` bounds the
+    plugin's events (``EventRate``).
     """
 
-    def __init__(self, host_event: Callable[..., Any], describe: str) -> None:
+    def __init__(
+        self,
+        host_event: Callable[..., Any],
+        describe: str,
+        *,
+        max_per_second: float = DEFAULT_MAX_EVENTS_PER_SECOND,
+    ) -> None:
         self._host_event = host_event
         self.describe = describe
+        self._rate = EventRate(max_per_second)
+        #: Events beyond ``max_per_second``: dropped, and logged sparingly.
+        self.events_dropped = 0
         self._task: asyncio.Task[None] | None = None
         self._outgoing: HostEvents[tuple[str, bytes]] = HostEvents(describe)
         self._open = asyncio.Event()
@@ -93,6 +108,21 @@ class EventsStream:
             # being stopped would then carry on and launch a new child).
             await asyncio.wait([task])
 
+    def counters(self) -> dict[str, int]:
+        """What the plugin sent that did not reach the host's handlers, when anything
+        did not (``dispatcher health`` shows them)."""
+        counts = {"events_dropped": self.events_dropped, "bad_events": self.bad_events}
+        return {name: count for name, count in counts.items() if count}
+
+    def _drop(self) -> None:
+        self.events_dropped += 1
+        if sparingly(self.events_dropped):
+            log.warning(
+                "%s sends events faster than max_events_per_second; %d dropped",
+                self.describe,
+                self.events_dropped,
+            )
+
     async def _outgoing_events(self, ended: asyncio.Future[None]) -> AsyncIterator[Any]:
         """The host events of one ``Events`` stream, until ``ended``.
 
@@ -132,6 +162,9 @@ class EventsStream:
                 self._open.set()
                 async for event in call:
                     backoff = 0.05
+                    if not self._rate.take():
+                        self._drop()
+                        continue
                     try:
                         data = loads(event.data_json, self.describe)
                     except ProviderError:

@@ -297,7 +297,10 @@ class PluginProcess:
                     server_name="localhost",
                 )
             child.connection = PluginConnection(
-                address, security=security, describe=f"{who} (pid {child.pid})"
+                address,
+                security=security,
+                describe=f"{who} (pid {child.pid})",
+                max_events_per_second=target.max_events_per_second,
             )
             await lifecycle.begin(
                 child.connection,

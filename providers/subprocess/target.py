@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from providers._event_rate import DEFAULT_MAX_EVENTS_PER_SECOND
 from providers.model import Argv, EnvVars
 from providers.target import ManifestPath, StrictModel, TargetConfig
 
@@ -83,6 +84,11 @@ class SubprocessTarget(TargetConfig):
     restart_backoff_max_ms: int = Field(default=5_000, gt=0)
     stop_grace_ms: int = Field(default=3_000, gt=0)
     events: bool = True
+    max_events_per_second: int = Field(
+        default=DEFAULT_MAX_EVENTS_PER_SECOND,
+        ge=1,
+        description="Plugin events beyond this rate are dropped, counted.",
+    )
     batch: bool = True
     sandbox: SubprocessSandbox | None = Field(
         default=None,

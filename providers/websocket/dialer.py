@@ -229,6 +229,7 @@ class DialedPlugin:
             socket,
             self.describe,
             ids=self._ids,
+            heartbeat=heartbeat,
             max_in_flight=target.max_in_flight,
             max_message_bytes=target.max_message_bytes,
             max_events_per_second=target.max_events_per_second,

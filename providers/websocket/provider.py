@@ -37,11 +37,13 @@ from linchkit_plugin.errors import (
     TargetUnavailable,
     Unauthorized,
 )
+from linchkit_plugin.wire import PROTOCOL_VERSION
 from linchkit_plugin.ws_protocol import (
     CLOSE_BAD_HELLO,
     CLOSE_GOING_AWAY,
     CLOSE_SERVICE_RESTART,
     CLOSE_WRONG_PLUGIN,
+    UnknownProtocol,
     encode_frame,
 )
 from providers.base import Health, Provider
@@ -244,6 +246,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         channel = Channel(
             socket,
             f"websocket inbound {key}",
+            heartbeat=first.heartbeat_ms / 1000,
             max_in_flight=first.max_in_flight,
             max_message_bytes=first.max_message_bytes,
             max_events_per_second=first.max_events_per_second,
@@ -251,7 +254,11 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         )
         served = served_names(hello.get("methods", ()))
         inbound = InboundConnection(key, channel, plugin.id, plugin.version, peer, hello, served)
-        await channel.send_event(encode_frame({"type": "welcome", "instance": key}))
+        try:
+            await channel.send_event(encode_frame({"type": "welcome", "instance": key}))
+        except TargetUnavailable:
+            await channel.close()  # and its writer with it
+            raise
         # No await from here to the registration: a reload's ``close_connections`` either
         # ran before (and is read here) or finds the connection registered.
         left_out = next((self._left_out[t.key] for t in targets if t.key in self._left_out), None)
@@ -308,6 +315,14 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         # characters, one not in ASCII made a frame the plugin refused (1002), unread.
         try:
             hello = await read_hello(socket)
+        except UnknownProtocol as error:
+            # A refusal, as a hello naming another plugin is: the SDKs dial a 4400 again
+            # (a hello that came late may have been a slow link), which would send the same
+            # hello for ever; a 4403 ends their dial with this reason in one line.
+            spoken = error.details.get("protocol")
+            refusal = f"this gateway speaks protocol {PROTOCOL_VERSION}; the hello said {spoken}"
+            await socket.close(code=CLOSE_WRONG_PLUGIN, message=close_message(refusal))
+            return None
         except DispatchError as error:
             await socket.close(code=CLOSE_BAD_HELLO, message=close_message(error.message))
             return None

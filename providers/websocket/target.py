@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from linchkit_plugin.ws_protocol import DEFAULT_MAX_MESSAGE_BYTES
+from providers._event_rate import DEFAULT_MAX_EVENTS_PER_SECOND
 from providers._headers import checked_token, checked_url_port
 from providers.discovery import Endpoint
 from providers.target import (
@@ -79,14 +80,17 @@ class WebSocketTarget(TargetConfig):
         default=10_000,
         ge=100,
         le=600_000,
-        description="Ping this often; a peer silent for 1.5x this is gone (half-open TCP).",
+        description="Ping this often; a peer silent for 1.5x this is gone (half-open TCP),"
+        " and so is one that takes nothing written to it for 1.5x this.",
     )
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=1 << 30)
     max_in_flight: int = Field(
         default=4096, ge=1, le=1_000_000, description="Calls at once on one connection."
     )
     max_events_per_second: int = Field(
-        default=10_000, ge=1, description="Plugin events beyond this rate are dropped, counted."
+        default=DEFAULT_MAX_EVENTS_PER_SECOND,
+        ge=1,
+        description="Plugin events beyond this rate are dropped, counted.",
     )
     event_buffer: int = Field(
         default=1000,

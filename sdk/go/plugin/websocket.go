@@ -5,7 +5,8 @@ package plugin
 // calls over that one connection, reconnecting after a drop with exponential backoff and
 // full jitter. A 400, 401, 403 or 404 at the upgrade is final: the gateway refuses this plugin;
 // so is a close 4403 after it (the hello names another id or version than the one
-// admitted), as the next connection would send the same hello. Every other close, 4400
+// admitted, or speaks a protocol the gateway does not), as the next connection would send
+// the same hello. Every other close, 4400
 // (no hello within 10 s: maybe a slow link) included, is redialled.
 //
 // Calls run through the same invoke/prepare as the gRPC service, so errors, deadlines and

@@ -6,7 +6,7 @@ the gateway welcomed the plugin. A refusal is not retried, as the same dial woul
 same answer: at the upgrade (400, 401, 403, 404: a malformed id or version, wrong token,
 another plugin's id, no such
 inbound plugin), or after it, a close 4403 on a ``hello`` that names another id or version
-than the one admitted. ``Refused`` says which, with the gateway's reason. Every other close
+than the one admitted, or speaks a protocol version the gateway does not. ``Refused`` says which, with the gateway's reason. Every other close
 is redialled, 4400 too (no ``hello`` within 10 s may be a slow link).
 Stopping loses no call: the plugin says ``goaway`` and answers what the gateway still sends
 until it closes the connection.
@@ -45,7 +45,8 @@ class Refused(Exception):
 
     ``status`` is the HTTP status of a refused upgrade (400, 401, 403, 404), or the close code
     ``CLOSE_WRONG_PLUGIN`` (4403) of a connection the gateway upgraded and then closed on
-    the plugin's ``hello`` (it named another id or version than the one admitted);
+    the plugin's ``hello`` (it named another id or version than the one admitted, or spoke
+    a protocol version the gateway does not);
     ``reason`` is what the gateway said.
     """
 

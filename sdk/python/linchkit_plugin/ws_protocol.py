@@ -40,6 +40,7 @@ __all__ = [
     "SHOWN_REASON_CHARS",
     "STREAM_WINDOW",
     "FrameError",
+    "UnknownProtocol",
     "checked_hello",
     "decode_frame",
     "encode_frame",
@@ -56,7 +57,8 @@ CLOSE_GOING_AWAY: Final = 1001
 CLOSE_SERVICE_RESTART: Final = 1012
 #: The first frame was not a valid ``hello``, or not within ``HELLO_TIMEOUT``.
 CLOSE_BAD_HELLO: Final = 4400
-#: The ``hello`` names a plugin (id, version, methods) other than the one admitted.
+#: The ``hello`` names a plugin (id, version, methods) other than the one admitted, or
+#: speaks a protocol version the gateway does not: the same ``hello`` would be refused again.
 CLOSE_WRONG_PLUGIN: Final = 4403
 
 #: A message larger than this closes the connection (1009): the envelope's 8 MiB, as HTTP.
@@ -86,6 +88,11 @@ PLUGIN_VERSION_HEADER: Final = "X-Plugin-Version"
 
 class FrameError(ProviderError):
     """A message that is not a frame of this protocol (not JSON, not an object, no type)."""
+
+
+class UnknownProtocol(InvalidParams):
+    """A ``hello`` in a protocol version this side does not speak (``details["protocol"]``):
+    unlike a malformed one, sending it again would get the same answer."""
 
 
 def encode_frame(frame: dict[str, Any]) -> bytes:
@@ -166,9 +173,15 @@ def checked_hello(frame: dict[str, Any]) -> dict[str, Any]:
     """``frame`` if it is a ``hello`` this side understands; ``InvalidParams`` otherwise."""
     if frame.get("type") != "hello":
         raise InvalidParams(f"the first frame must be 'hello', not {frame.get('type')!r:.40}")
-    if frame.get("protocol") != PROTOCOL_VERSION:
-        raise InvalidParams(
-            f"hello speaks protocol {frame.get('protocol')!r:.20}; this side speaks {PROTOCOL_VERSION}"
+    protocol = frame.get("protocol")
+    # Exactly an integer: Python would take ``true`` and ``1.0`` for 1.
+    if type(protocol) is not int:
+        shown = orjson.dumps(protocol)[:20].decode(errors="ignore")
+        raise InvalidParams(f"hello's 'protocol' must be an integer, not {shown}")
+    if protocol != PROTOCOL_VERSION:
+        raise UnknownProtocol(
+            f"hello speaks protocol {protocol}; this side speaks {PROTOCOL_VERSION}",
+            details={"protocol": protocol},
         )
     for key in ("id", "version"):
         value = frame.get(key)

@@ -18,7 +18,8 @@ its calls are answered; after ``GOAWAY_GRACE`` seconds the plugin closes it itse
 Reverse mode (``dial``) reconnects after every drop with exponential backoff and full
 jitter; a refusal is not retried: at the upgrade (400, 401, 403, 404: a malformed id or version, wrong token, another
 plugin's id, no such inbound plugin), or a close 4403 after it (the ``hello`` names another
-id or version than the one admitted). ``Refused`` says which.
+id or version than the one admitted, or a protocol the gateway does not speak). ``Refused``
+says which.
 
 aiohttp is the ``websocket`` extra: ``pip install 'linchkit-plugin[websocket]'``.
 

@@ -6,8 +6,9 @@
  * - `dial(plugin, url, options)`: reverse mode; the plugin dials the gateway's
  *   `/v1/plugins/connect` and takes calls over that connection, reconnecting after a drop
  *   with exponential backoff and full jitter. A 400/401/403/404 at the upgrade is not retried,
- *   nor a close 4403 after it (the hello names another id or version than the one admitted:
- *   the next connection would send the same hello); every other close, 4400 included, is.
+ *   nor a close 4403 after it (the hello names another id or version than the one admitted,
+ *   or speaks a protocol the gateway does not: the next connection would send the same
+ *   hello); every other close, 4400 included, is.
  *
  * One `Session` serves one connection either way: `hello` first, then each `call`/`stream`
  * frame runs with its own AbortController (deadline from `context.deadline_ms`, `cancel`
