@@ -50,23 +50,25 @@ class FirstKeys(Generic[T]):
 
         ``created``: the key is new to the prefix (every key of a read, a put etcd says
         made the key), so one not kept counts one more past the bound."""
-        values = self._values
-        if key in values:
-            values[key] = value
-            return True
-        keys = self._keys
-        if len(keys) < self.bound:
-            bisect.insort(keys, key)
-            values[key] = value
-            return True
-        if key > keys[-1]:
-            self.beyond = self.beyond + 1 if created else max(self.beyond, 1)
+        if self.past(key, created=created):
             return False
-        # Among the first: the last kept one is now the first past the bound.
-        del values[keys.pop()]
-        bisect.insort(keys, key)
+        values, keys = self._values, self._keys
+        if key not in values:
+            if len(keys) == self.bound:
+                # Among the first: the last kept one is now the first past the bound.
+                del values[keys.pop()]
+                self.beyond += 1
+            bisect.insort(keys, key)
         values[key] = value
-        self.beyond += 1
+        return True
+
+    def past(self, key: str, *, created: bool) -> bool:
+        """Whether ``key`` falls past the bound, so would not be kept whatever its value:
+        counted then (``put`` says how), and its value need not even be read."""
+        keys = self._keys
+        if len(keys) < self.bound or key <= keys[-1]:
+            return False
+        self.beyond = self.beyond + 1 if created else max(self.beyond, 1)
         return True
 
     def remove(self, key: str) -> bool:
