@@ -20,10 +20,13 @@ from dispatcher import (
     CircuitOpen,
     Dispatcher,
     ProviderError,
+    RateLimited,
     ResultTooLarge,
     TargetUnavailable,
 )
+from dispatcher._routes import MAX_TIMEOUT_SECONDS
 from dispatcher.config import load_manifest
+from dispatcher.policies.shared import LONGEST_WAIT_SECONDS
 from dispatcher.state import StateUnavailable
 from dispatcher.state.redis_store import RedisState
 from tests.services import Redis, free_port, until
@@ -295,6 +298,61 @@ async def test_a_rate_limit_value_no_dispatcher_wrote_is_refused_never_a_negativ
             return
         assert await dispatcher.call("counter", "ping") == "pong"  # this replica's own limit
         assert dispatcher.stats()["state"]["fallbacks"] == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "expiry_ms"),
+    [("reject", None), ("reject", 3_600_000), ("wait", None)],
+    ids=["reject-no-expiry", "reject-an-hour", "wait-no-expiry"],
+)
+async def test_a_rate_limit_time_far_ahead_costs_at_most_one_window(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    writer: aioredis.Redis,
+    expiry_ms: int | None,
+    mode: str,
+) -> None:
+    """Decimal digits, so read as a time: a theoretical arrival time a year ahead refused
+    every call of the method on every replica (retry_after: a year) until the key
+    expired, and a key written without an expiry never does. A limit holds at most its
+    burst window ahead of now (and in wait mode the waits it granted, never past the
+    key's expiry): further is read as that bound, so the forged time costs one window.
+    (Wait mode with a forged expiry: at most that expiry, and a day, the longest a call
+    may legitimately have reserved ahead, which cannot be told from a forged time.)"""
+    target = {
+        "provider": "local",
+        "entrypoint": "counting_plugin:CountingPlugin",
+        "path": str(PLUGINS),
+    }
+    limit = {"rate": 100, "burst": 10, "mode": mode}  # a window of 100 ms
+    methods = {"ping": {"rate_limit": limit}}
+    async with dispatcher_of(
+        tmp_path, redis_server.url, redis_prefix, "fail_closed", target, methods
+    ) as dispatcher:
+        assert await dispatcher.call("counter", "ping") == "pong"
+        key = await only_key(writer, f"{redis_prefix}:limit:*")
+        year_ahead = await store_now_us(writer) + 365 * 86_400 * 1_000_000
+        await writer.set(key, str(year_ahead), px=expiry_ms)
+        started = asyncio.get_running_loop().time()
+        while True:
+            try:
+                assert await dispatcher.call("counter", "ping", timeout=1.0) == "pong"
+                break
+            except RateLimited as limited:  # reject mode: the window's last slot
+                assert limited.retry_after is not None and limited.retry_after <= 0.2
+                await asyncio.sleep(limited.retry_after)
+        assert asyncio.get_running_loop().time() - started < 0.5
+        stored = int(await writer.get(key))
+        assert stored < await store_now_us(writer) + 200_000  # the window, not a year
+        assert dispatcher.stats()["state"]["failures"] == 0
+
+
+def test_a_wait_mode_limit_reads_ahead_no_further_than_the_longest_deadline() -> None:
+    """The bound the store reads a wait-mode limit's time to (a layer below the routes,
+    so a copy of theirs): shorter, a legitimate queue of waits would be cut and the limit
+    admit more than its rate; longer, a forged time would refuse for longer."""
+    assert LONGEST_WAIT_SECONDS == MAX_TIMEOUT_SECONDS
 
 
 async def test_an_idempotency_outcome_over_the_bound_is_never_read_and_runs_nothing(

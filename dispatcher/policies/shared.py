@@ -48,6 +48,11 @@ Next = Callable[[Invocation], Awaitable[Any]]
 
 log = logging.getLogger("dispatcher.state")
 
+#: The longest a call may wait for a shared limit in ``wait`` mode: its deadline, at most a
+#: day (``dispatcher._routes.MAX_TIMEOUT_SECONDS``, a layer above this one). The store
+#: reads a limit's state as at most this (and its burst window) ahead of now.
+LONGEST_WAIT_SECONDS = 86_400.0
+
 
 class SharedLimit:
     """A rate limit counted across replicas; the same interface as ``Limit``."""
@@ -58,6 +63,7 @@ class SharedLimit:
         self.name = local.name
         self.spec: RateLimit = local.spec
         self.reject = local.reject
+        self.longest_wait = 0.0 if self.reject else LONGEST_WAIT_SECONDS
         self.key = digest(key, repr(self.spec))  # new settings, new bucket
         self.per_caller = self.spec.scope == "caller"
         self.backend = backend
@@ -74,7 +80,12 @@ class SharedLimit:
         max_wait = 0.0 if self.reject else invocation.remaining()
         try:
             admission = await self.store.acquire(
-                key, spec.rate, spec.capacity, max_wait, invocation.deadline
+                key,
+                spec.rate,
+                spec.capacity,
+                max_wait,
+                invocation.deadline,
+                longest_wait=self.longest_wait,
             )
         except StateUnavailable as error:
             if not self.backend.fail_open:

@@ -36,7 +36,18 @@ end
 #: (TAT). ``interval`` = 1/rate, ``tolerance`` = burst * interval, so over T seconds at
 #: most burst + rate·T calls pass — the bound of the in-process leaky bucket. A call that
 #: may wait reserves its slot (the TAT moves on) and is told how long to sleep.
-#: KEYS[1] the limit; ARGV interval_us, burst, max_wait_us. Returns {admitted, wait_us}.
+#:
+#: A TAT is read as at most what a dispatcher could have written: ``tolerance`` ahead of
+#: now (the burst window; a TAT further ahead refuses every call), plus the longest wait
+#: the limit grants a call (``longest_wait_us``: 0 in reject mode, the longest deadline in
+#: wait mode, whose callers reserve slots ahead), and never past the key's own expiry,
+#: which every write sets just beyond the TAT it writes (a key without one is not ours:
+#: the burst window alone). A further one (forged, corrupt, or a failover to a server
+#: whose clock is behind) refused calls until its key expired, never if it had no expiry:
+#: it is read as that bound and written back, so it costs at most one window (wait mode:
+#: at most its expiry, and the longest deadline).
+#: KEYS[1] the limit; ARGV interval_us, burst, max_wait_us, longest_wait_us.
+#: Returns {admitted, wait_us}.
 LIMIT = (
     _NOW
     + _COUNT
@@ -47,10 +58,20 @@ local stored = count(redis.call('GET', KEYS[1]))
 if not stored then
   return redis.error_reply('UNREADABLE rate limit: the key holds no time a dispatcher writes')
 end
-local tat = math.max(stored, now)
+local ceiling = now + tolerance + tonumber(ARGV[4])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -1 then
+  ceiling = now + tolerance
+elseif ttl >= 0 then
+  ceiling = math.min(ceiling, now + ttl * 1000)
+end
+local tat = math.max(math.min(stored, ceiling), now)
 local new_tat = tat + interval
 local wait = new_tat - tolerance - now
 if wait > tonumber(ARGV[3]) then
+  if stored > ceiling then
+    redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  end
   return {0, wait}
 end
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)

@@ -435,10 +435,19 @@ class SharedStore(ABC):
 
     @abstractmethod
     async def acquire(
-        self, key: str, rate: float, burst: int, max_wait: float, deadline: float
+        self,
+        key: str,
+        rate: float,
+        burst: int,
+        max_wait: float,
+        deadline: float,
+        *,
+        longest_wait: float,
     ) -> Admission:
         """One call against the limit ``key``: ``rate``/s, ``burst`` at once. With
-        ``max_wait`` > 0 a call may reserve a slot up to that far ahead."""
+        ``max_wait`` > 0 a call may reserve a slot up to that far ahead. ``longest_wait``:
+        the longest any call of this limit may be granted (0 when none waits), so how far
+        ahead its state may legitimately be; anything further is read as that far."""
 
     @abstractmethod
     async def breaker_admit(

@@ -320,10 +320,17 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
     # -- rate limits -------------------------------------------------------------------------
 
     async def acquire(
-        self, key: str, rate: float, burst: int, max_wait: float, deadline: float
+        self,
+        key: str,
+        rate: float,
+        burst: int,
+        max_wait: float,
+        deadline: float,
+        *,
+        longest_wait: float,
     ) -> Admission:
         interval_us = math.ceil(1_000_000 / rate)  # rounded up: never more than the rate
-        args = (interval_us, burst, int(max_wait * 1_000_000))
+        args = (interval_us, burst, int(max_wait * 1_000_000), int(longest_wait * 1_000_000))
         keys = (self._key("limit", key),)
         admitted, wait_us = await self._run(
             "a rate limit", deadline, lambda: self._limit(keys=keys, args=args)
