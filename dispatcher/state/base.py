@@ -348,11 +348,13 @@ class JobStore(ABC):
 
     @abstractmethod
     async def recent(self, limit: int) -> list[dict[str, str]]:
-        """The latest submitted jobs still kept, newest first."""
+        """The latest submitted jobs still kept, newest first, as listing rows: what a
+        list shows of each record, each value bounded, never the whole record
+        (``_job_summaries``)."""
 
     @abstractmethod
     async def dead(self, limit: int) -> list[dict[str, str]]:
-        """Dead-lettered jobs, newest first."""
+        """Dead-lettered jobs, newest first, as listing rows (``recent``)."""
 
     @abstractmethod
     async def redrive(self, job_id: str) -> bool:
@@ -411,10 +413,12 @@ class JobRecords(ABC):
     async def record(self, job_id: str) -> dict[str, str] | None: ...
 
     @abstractmethod
-    async def recent(self, limit: int) -> list[dict[str, str]]: ...
+    async def recent(self, limit: int) -> list[dict[str, str]]:
+        """Listing rows, as ``JobStore.recent``."""
 
     @abstractmethod
-    async def dead(self, limit: int) -> list[dict[str, str]]: ...
+    async def dead(self, limit: int) -> list[dict[str, str]]:
+        """Listing rows, as ``JobStore.dead``."""
 
     @abstractmethod
     async def purge_dead(self, job_ids: Sequence[str] | None = None) -> int:
