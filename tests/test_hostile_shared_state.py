@@ -109,6 +109,37 @@ async def test_a_cached_entry_that_is_not_json_is_a_miss_and_is_replaced(
         assert dispatcher.stats()["state"]["fallbacks"] == 0
 
 
+async def test_a_cached_entry_that_is_not_json_and_stays_is_logged_sparingly(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    writer: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An entry that is not JSON is replaced by the fresh result, unless that result is
+    not stored (not JSON itself, over the bound, a write that failed): then every call
+    met the entry again and logged a warning, one line per call for as long as the entry
+    lived. Counted per method and logged sparingly (the first, the 1,000th, …)."""
+    target = {
+        "provider": "local",
+        "entrypoint": "counting_plugin:CountingPlugin",
+        "path": str(PLUGINS),
+    }
+    methods = {"measure": {"pure": True, "cache": {"ttl_ms": 60_000}}}
+    async with dispatcher_of(
+        tmp_path, redis_server.url, redis_prefix, "fail_open", target, methods
+    ) as dispatcher:
+        assert (await dispatcher.call("counter", "measure", {"item": "a"}))["read"] == 1
+        await writer.set(await only_key(writer, f"{redis_prefix}:cache:*"), b"{not json")
+        with caplog.at_level(logging.WARNING, logger="dispatcher.state"):
+            for run in range(2, 12):  # each answer holds NaN: served, never stored
+                answer = await dispatcher.call("counter", "measure", {"item": "a"})
+                assert answer["read"] == run
+        said = [r.getMessage() for r in caplog.records if "not JSON" in r.getMessage()]
+        assert len(said) == 1, said
+        assert dispatcher.stats()["state"]["fallbacks"] == 0
+
+
 async def test_a_cached_entry_over_the_bound_is_never_read_and_is_dropped(
     tmp_path: Path,
     redis_server: Redis,
