@@ -8,6 +8,7 @@ state of every other call stays usable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -164,6 +165,35 @@ async def test_a_cached_entry_over_the_bound_is_never_read_and_is_dropped(
         assert state["failures"] == 0 and state["fallbacks"] == 0
 
 
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+async def test_a_cached_entry_of_another_type_is_a_miss_and_is_replaced(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    writer: aioredis.Redis,
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hash where the entry's string belongs failed every read with WRONGTYPE, taken
+    for Redis being unavailable: with fail_open every call of the method fell back (no
+    cache, a fallback counted, nothing replacing the entry), with fail_closed every call
+    failed, for as long as the entry lived. It is an entry no dispatcher wrote, as one
+    that is not JSON is: a miss, logged, dropped, and the fresh result takes its place."""
+    async with counter(tmp_path, redis_server.url, redis_prefix, mode) as dispatcher:
+        assert await dispatcher.call("counter", "read", {"item": "a"}) == {"item": "a", "read": 1}
+        key = await only_key(writer, f"{redis_prefix}:cache:*")
+        await writer.delete(key)
+        await writer.hset(key, mapping={"result": "forged"})
+        with caplog.at_level(logging.WARNING, logger="dispatcher.state"):
+            fresh = await dispatcher.call("counter", "read", {"item": "a"})
+        assert fresh == {"item": "a", "read": 2}
+        assert "a hash, not a string" in caplog.text
+        assert await dispatcher.call("counter", "read", {"item": "a"}) == fresh  # a hit
+        assert await writer.type(key) == b"string"
+        state = dispatcher.stats()["state"]
+        assert state["failures"] == 0 and state["fallbacks"] == 0
+
+
 async def test_a_cache_generation_that_is_not_a_number_is_a_typed_fallback(
     tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis
 ) -> None:
@@ -200,6 +230,56 @@ async def test_an_idempotency_outcome_no_dispatcher_wrote_is_a_typed_error_and_r
         # What the first call did is unknown: the key never runs the plugin again.
         again = await dispatcher.call("counter", "charge", params, idempotency_key="order-18")
         assert again == {"charged": 1, "run": 2}
+
+
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+async def test_an_idempotency_record_of_another_type_runs_nothing(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis, mode: str
+) -> None:
+    """A string where the record's hash belongs failed the claim with WRONGTYPE, taken
+    for Redis being unavailable: fail_open claimed this replica's own record instead and
+    ran the plugin again for a key whose first call had run; fail_closed failed every
+    duplicate retryably (come again, forever). It is a record no dispatcher wrote, as one
+    whose outcome is garbled is: a typed, final error, and nothing runs."""
+    params = {"amount": 1, "delay": 0}
+    async with counter(tmp_path, redis_server.url, redis_prefix, mode) as dispatcher:
+        first = await dispatcher.call("counter", "charge", params, idempotency_key="order-17")
+        assert first == {"charged": 1, "run": 1}
+        key = await only_key(writer, f"{redis_prefix}:idem:*")
+        await writer.delete(key)
+        await writer.set(key, "forged")
+        with pytest.raises(ProviderError, match=r"order-17.*new key") as caught:
+            await dispatcher.call("counter", "charge", params, idempotency_key="order-17")
+        assert caught.value.retryable is False
+        again = await dispatcher.call("counter", "charge", params, idempotency_key="order-18")
+        assert again == {"charged": 1, "run": 2}  # order-17 ran once
+        state = dispatcher.stats()["state"]
+        assert state["failures"] == 0 and state["fallbacks"] == 0
+
+
+@pytest.mark.parametrize("kind", ["limit", "breaker"])
+async def test_a_limit_or_breaker_of_another_type_is_refused_as_a_garbled_one(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis, kind: str
+) -> None:
+    """The same as a value no dispatcher writes: refused, this replica's own state used
+    (fail_open), never read as a limit that refuses for ever or a circuit that never
+    opens. (It was already: WRONGTYPE is a refusal as UNREADABLE is.)"""
+    if kind == "limit":
+        made = counter(tmp_path, redis_server.url, redis_prefix)
+    else:
+        made = unreachable(tmp_path, redis_server.url, redis_prefix, "fail_open", 60_000)
+    async with made as dispatcher:
+        with contextlib.suppress(TargetUnavailable):
+            await dispatcher.call("counter", "ping")
+        key = await only_key(writer, f"{redis_prefix}:{kind}:*")
+        await writer.delete(key)
+        if kind == "breaker":
+            await writer.set(key, "1")
+        else:
+            await writer.hset(key, "f", "1")
+        with contextlib.suppress(TargetUnavailable):
+            await dispatcher.call("counter", "ping")
+        assert dispatcher.stats()["state"]["fallbacks"] == 1
 
 
 @pytest.mark.parametrize(

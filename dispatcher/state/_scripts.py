@@ -191,11 +191,18 @@ return {state, failures, admitted, is_probe, wait, generation}
 #: Returns {generation, value or false}, or {generation, its size} for an entry over max
 #: bytes, which no dispatcher writes: it is deleted unread (sent whole, it would cost
 #: every read its transfer, and one outlasting the operation timeout made the store look
-#: down). Invalidating bumps the generation, so every replica's next read misses at once;
-#: old entries end with their TTL.
+#: down). So is an entry of another type than a string (a hash…: {generation, false, its
+#: type}), which failed every read of it with WRONGTYPE, as Redis being unavailable does,
+#: for as long as it lived: no fresh result replaced it. Invalidating bumps the
+#: generation, so every replica's next read misses at once; old entries end with their TTL.
 CACHE_GET = """
 local generation = redis.call('GET', KEYS[1]) or '0'
 local entry = ARGV[1] .. generation .. ':' .. ARGV[2]
+local kind = redis.call('TYPE', entry)['ok']
+if kind ~= 'string' and kind ~= 'none' then
+  redis.call('DEL', entry)
+  return {generation, false, kind}
+end
 local size = redis.call('STRLEN', entry)
 if size > tonumber(ARGV[3]) then
   redis.call('DEL', entry)
@@ -218,8 +225,13 @@ return 0
 #: KEYS[1] the record; ARGV fingerprint, token, lease_ms, max bytes. Returns {'run'},
 #: {'done', outcome}, {'busy'} or {'mismatch'}; {'done', its size} for an outcome over max
 #: bytes, which no dispatcher records (read whole, it would cost every duplicate its
-#: transfer, and one outlasting the operation timeout made the store look down).
+#: transfer, and one outlasting the operation timeout made the store look down). A key of
+#: another type than a hash is a record no dispatcher wrote: {'done', ''}, an outcome that
+#: is none of ours (the call it stands for may have run: it is not run again). Before, its
+#: WRONGTYPE was Redis unavailable: fail_open ran the call again on this replica's records.
 IDEMPOTENCY_CLAIM = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then return {'done', ''} end
 local fp = redis.call('HGET', KEYS[1], 'fp')
 if not fp then
   redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'token', ARGV[2])

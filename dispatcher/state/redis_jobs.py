@@ -179,9 +179,15 @@ LIST_PAGE = 500
 # A terminal record is returned as it is (the worker only acks: a redelivery after a
 # redrive race); otherwise one more attempt is counted before the job runs. An attempts
 # field that is not an integer (a record not written by us) is left for the worker to
-# dead-letter: HINCRBY would fail the script, and every redelivery after it, for ever.
+# dead-letter: HINCRBY would fail the script, and every redelivery after it, for ever. So
+# would a key of another type than a hash (WRONGTYPE): no dispatcher writes one, so it is
+# deleted unread and the worker dead-letters the job as one without a record.
 _BEGIN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' then
+  if kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+  return false
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'succeeded' and state ~= 'failed' and state ~= 'dead' then
   local attempts = redis.call('HGET', KEYS[1], 'attempts')
@@ -265,9 +271,12 @@ redis.call('HDEL', KEYS[1], 'error', 'finished_at', 'callback', 'callback_error'
   'callback_claim', 'callback_delivered_at', 'callback_failed_at')
 """
 
+# Not a record a dispatcher wrote (no plugin; a key of another type, whose WRONGTYPE
+# failed ``dlq redrive --all`` at it): nothing it could run.
 _REDRIVE = (
     """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then return 0 end
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then return 0 end
 """
     + _QUEUE_AGAIN
@@ -282,7 +291,7 @@ return 1
 # fill; left missing, the worker makes it whole from the message (_RECORD_BEGIN).
 _REQUEUE = (
     """
-if redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' or redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return 0
 end
@@ -550,7 +559,10 @@ class RedisJobs(JobStore):
 # A terminal record is returned as it is; one gone (expired, a Redis that restarted empty)
 # is made again from what the message carried (ARGV[2..]); then one more attempt is counted
 # (not on an attempts field that is no integer: the worker dead-letters that, as _BEGIN).
+# A key of another type than a hash is no dispatcher's: deleted unread, made again.
 _RECORD_BEGIN = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'succeeded' or state == 'failed' or state == 'dead' then
   return redis.call('HGETALL', KEYS[1])
