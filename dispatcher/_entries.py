@@ -14,6 +14,16 @@ watch said, so the last entries stay in use until etcd answers again (``error`` 
 meanwhile). An entry left out (trust, validation) is logged once per reason, never with
 its value, and listed in ``skipped``, ``stats()`` and ``health``.
 
+Bounded by ``trust.max_entries``: the entries kept are the first keys in key order
+(``FirstKeys``: every replica keeps the same ones), the keys past them are counted in
+``dropped`` and not even parsed; keys refused by trust are listed up to the same bound,
+the others counted in ``unlisted``. Both overflows are logged sparingly. Whoever writes
+the prefix, a key at a time while it is watched, would otherwise choose how many plugin
+versions the host attaches and how much of its memory and log they fill. No caller waits
+on the follower, so an entry past the bound is a logged drop, not a refusal; a kept entry
+that leaves while others wait past the bound has the prefix read again (``EtcdPrefix``),
+which says which comes next.
+
 The dispatcher owns the task (``start``; ended in ``aclose``); a failure inside an apply is
 caught here, so the task lives as long as the dispatcher.
 """
@@ -31,6 +41,8 @@ from dispatcher._reload import fixed_changes
 from dispatcher.config import Manifest, ManifestError, RegistryConfig, merge_entries
 from dispatcher.config.registry import entry_item
 from dispatcher.fleet.sources.etcd_client import Change, EtcdPrefix, one_line
+from dispatcher.fleet.sources.first_keys import FirstKeys
+from providers._log_lines import sparingly
 from providers.base import Health
 
 __all__ = ["RegistryEntries"]
@@ -54,10 +66,18 @@ class RegistryEntries:
             timeout=config.timeout_ms / 1000,
             retry=config.retry_ms / 1000,
         )
-        #: Entries trust allows, by key: ``plugins:`` items, not yet validated.
-        self._items: dict[str, dict[str, Any]] = {}
-        #: Keys trust refused, and keys the merge left out, with the reason.
+        #: Entries trust allows, by key: ``plugins:`` items, not yet validated. The first
+        #: ``trust.max_entries`` keys in order; the others counted (``dropped``).
+        self._items: FirstKeys[dict[str, Any]] = FirstKeys(config.trust.max_entries)
+        #: Keys trust refused (at most ``max_entries``: the others counted in
+        #: ``unlisted``), and keys the merge left out, with the reason.
         self._refused: dict[str, str] = {}
+        self.unlisted = 0
+        #: Overflows so far, what their log lines are spared by (``sparingly``): keys
+        #: refused and left unlisted, and changes that began to leave entries out.
+        self._unlisted_seen = 0
+        self._drops_begun = 0
+        self._dropping = False
         self._invalid: dict[str, str] = {}
         self._logged: dict[str, str] = {}
         #: Why the last read failed (None once one succeeds); reads that succeeded.
@@ -89,7 +109,9 @@ class RegistryEntries:
         (``config``, ``runtime``…) would refuse the whole reload, holding up every other
         change: that entry is left out and the running one kept, until it is published
         under a new version."""
-        merged, invalid = merge_entries(base, self._items, source=f"{source} + {self.name}")
+        merged, invalid = merge_entries(
+            base, dict(self._items.items()), source=f"{source} + {self.name}"
+        )
         on_file = {plugin.key for plugin in base.plugins}
         was = {plugin.key: plugin for plugin in running.plugins}
         plugins = []
@@ -133,6 +155,12 @@ class RegistryEntries:
         await self._etcd.aclose()
 
     @property
+    def dropped(self) -> int:
+        """Entries past ``trust.max_entries`` left out (exact after each read; between
+        reads, ``first_keys`` says how they are counted)."""
+        return self._items.beyond
+
+    @property
     def skipped(self) -> dict[str, str]:
         """Every key left out, with the reason (trust first, then validation)."""
         return {**self._invalid, **self._refused}
@@ -142,6 +170,8 @@ class RegistryEntries:
             "registry": self.name,
             "entries": sorted(set(self._items) - set(self._invalid)),
             "skipped": self.skipped,
+            "dropped": self.dropped,
+            "unlisted": self.unlisted,
             "reads": self.reads,
             "error": self.error,
             "applied": self.applied,
@@ -156,7 +186,13 @@ class RegistryEntries:
         elif not self.reads:
             state = Health("unknown", "not read yet")
         else:
-            state = Health("serving", f"{len(self._items) - len(self._invalid)} entries")
+            entries = f"{len(self._items) - len(self._invalid)} entries"
+            if self.dropped:
+                entries += (
+                    f"; {self.dropped} more left out past trust.max_entries"
+                    f" ({self.config.trust.max_entries})"
+                )
+            state = Health("serving", entries)
         reports = [
             TargetHealth("registry", "-", self.name, state, source="registry", draining=draining)
         ]
@@ -178,35 +214,64 @@ class RegistryEntries:
     def _read(self, values: dict[str, bytes]) -> None:
         self.error = None
         self.reads += 1
-        previous, self._items, self._refused = self._items, {}, {}
+        previous = dict(self._items.items())
+        self._items.clear()
+        self._refused, self.unlisted = {}, 0
         for key, value in values.items():
-            self._put(key, value, previous.get(key))
-        self._invalid = {key: why for key, why in self._invalid.items() if key in values}
+            self._put(key, value, previous.get(key), created=True)
+        self._invalid = {key: why for key, why in self._invalid.items() if key in self._items}
         self._log_skipped()
         self._changed.set()
 
-    def _change(self, changes: list[Change]) -> None:
+    def _change(self, changes: list[Change]) -> bool:
+        """Apply a batch of the watch; True asks for the prefix to be read again (a kept
+        entry left while others wait past the bound)."""
+        read_again = False
         for change in changes:
             if change.value is None:
-                self._items.pop(change.key, None)
+                read_again |= self._items.remove(change.key)
                 self._refused.pop(change.key, None)
                 self._invalid.pop(change.key, None)
             else:
-                self._put(change.key, change.value, self._items.pop(change.key, None))
+                before = self._items.get(change.key)
+                read_again |= self._put(change.key, change.value, before, created=change.created)
         self._log_skipped()
         self._changed.set()
+        return read_again
 
-    def _put(self, key: str, value: bytes, before: dict[str, Any] | None) -> None:
+    def _put(self, key: str, value: bytes, before: dict[str, Any] | None, *, created: bool) -> bool:
+        """Keep, refuse or count ``key``; True when a kept entry left (refused now) and
+        the prefix must be read again to know which takes its place."""
         self._refused.pop(key, None)
+        if self._items.past(key, created=created):
+            self._invalid.pop(key, None)
+            return False  # past the bound: not parsed at all
         try:
             item = entry_item(key, value, self.config)
         except ValueError as wrong:
             self._invalid.pop(key, None)
-            self._refused[key] = str(wrong)
-            return
+            self._refuse_entry(key, str(wrong))
+            return self._items.remove(key)
         if item != before:  # the same value read again keeps its verdict until the merge
             self._invalid.pop(key, None)
-        self._items[key] = item
+        if not self._items.put(key, item, created=created):
+            self._invalid.pop(key, None)
+        return False
+
+    def _refuse_entry(self, key: str, reason: str) -> None:
+        if len(self._refused) < self.config.trust.max_entries:
+            self._refused[key] = reason
+            return
+        self.unlisted += 1
+        self._unlisted_seen += 1
+        if sparingly(self._unlisted_seen):
+            log.warning(
+                "registry %s: more than %d keys refused by trust; the others are left out"
+                " and not listed (%d such keys so far)",
+                self.name,
+                self.config.trust.max_entries,
+                self._unlisted_seen,
+            )
 
     def _failed(self, reason: str, delay: float) -> None:
         retry = f", reading again in {delay:.3g} s" if delay else ""
@@ -214,6 +279,18 @@ class RegistryEntries:
         log.warning("registry %s: %s", self.name, self.error)
 
     def _log_skipped(self) -> None:
+        dropped = self.dropped
+        if dropped and not self._dropping:  # not at each key more: ``dropped`` counts
+            self._drops_begun += 1
+            if sparingly(self._drops_begun):
+                log.warning(
+                    "registry %s: %d entries past trust.max_entries (%d) left out; the"
+                    " first keys in order are used",
+                    self.name,
+                    dropped,
+                    self.config.trust.max_entries,
+                )
+        self._dropping = dropped > 0
         skipped = self.skipped
         for key, reason in skipped.items():
             if self._logged.get(key) != reason:
@@ -246,6 +323,6 @@ class RegistryEntries:
     def __repr__(self) -> str:
         state = f" error={self.error!r}" if self.error else ""
         return (
-            f"<RegistryEntries {self.name} entries={len(self._items)}"
+            f"<RegistryEntries {self.name} entries={len(self._items)} dropped={self.dropped}"
             f" skipped={len(self.skipped)} reads={self.reads} applied={self.applied}{state}>"
         )

@@ -156,7 +156,8 @@ def job_status(record: dict[str, str]) -> dict[str, Any]:
     redrive, not as a retryable error of a job that runs again by itself."""
     status: dict[str, Any] = dict(record)
     for name, value in record.items():
-        if name in _COUNTS or name.endswith("_at"):
+        # ``…_bytes``: a listing row's size of a field it did not read (``_job_summaries``).
+        if name in _COUNTS or name.endswith(("_at", "_bytes")):
             status[name] = _number(value)
     status.setdefault("attempts", 0)
     state = record.get("state")

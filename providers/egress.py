@@ -23,8 +23,9 @@ The guards, and how to relax each:
 ``allow_link_local: false`` (the default) refuses 169.254.0.0/16 and fe80::/10, where
 cloud metadata services hand out credentials, the metadata addresses outside them
 (fd00:ec2::254, 100.100.100.200), the same carried in IPv6 addresses that reach them
-(IPv4-mapped, NAT64's 64:ff9b::/96 and 64:ff9b:1::/48, 6to4's 2002::/16), and the
-metadata names (``METADATA_NAMES``). ``true`` allows them all.
+(IPv4-mapped, IPv4-compatible, NAT64's 64:ff9b::/96 and 64:ff9b:1::/48, 6to4's
+2002::/16: ``_address`` says which forms and why), and the metadata names
+(``METADATA_NAMES``). ``true`` allows them all.
 
 ``allow`` (default unset: any other destination) makes an allowlist: when set, nothing
 else. Entries are networks or addresses (``10.0.0.0/8``, ``127.0.0.1``), host names
@@ -115,8 +116,27 @@ NAT64_NETWORKS: tuple[ipaddress.IPv6Network, ...] = (
 
 def _address(host: str) -> IPAddress | None:
     """The address ``host`` writes, as the IPv4 address it reaches when it is an IPv6 one
-    carrying it: IPv4-mapped, through a NAT64 translator, or 6to4. A policy that refuses
-    169.254.169.254 refuses 64:ff9b::a9fe:a9fe too, which a NAT64 on the host turns into it."""
+    carrying it. A policy that refuses 169.254.169.254 refuses 64:ff9b::a9fe:a9fe too,
+    which a NAT64 on the host turns into it.
+
+    Judged as the IPv4 address they carry (each may be turned into it on the way, by the
+    host's stack, a translator or a tunnel, or by a client or proxy that reads the form):
+
+    * IPv4-mapped, ``::ffff:a.b.c.d``: the IPv4 address itself to a dual-stack socket;
+    * IPv4-compatible, ``::a.b.c.d`` (deprecated, RFC 4291 2.5.5.1; ``::a9fe:a9fe`` is
+      169.254.169.254): automatic tunnels (Linux's ``sit0`` routes ``::/96``) and some
+      parsers send it to the IPv4 address. Not ``::`` and ``::1``, which are the
+      unspecified and loopback addresses, not 0.0.0.0 and 0.0.0.1;
+    * NAT64, ``64:ff9b::/96`` and the local-use ``64:ff9b:1::/48`` (RFC 6052, 8215; the
+      last 32 bits, as a /96 is used): a translator sends it to the IPv4 address;
+    * 6to4, ``2002:a.b.c.d::/48`` (RFC 3056): a 6to4 router at that IPv4 address is
+      where it goes. Refusing a metadata or private address there costs nothing legitimate
+      (6to4 is deprecated, RFC 7526) and a relay on the host's network would reach it.
+
+    Not unwrapped: Teredo (``2001::/32``) carries a client's address obfuscated, reached
+    as UDP through a relay on the Internet, and ISATAP's interface identifier names a
+    tunnel endpoint inside a site's own IPv6 prefix: neither is a way to an IPv4 service
+    of the host's network that the IPv6 address itself is not checked as."""
     try:
         found = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
     except ValueError:
@@ -125,6 +145,8 @@ def _address(host: str) -> IPAddress | None:
         return found
     if any(found in network for network in NAT64_NETWORKS):
         return ipaddress.IPv4Address(int(found) & 0xFFFF_FFFF)
+    if int(found) >> 32 == 0 and int(found) > 1:  # IPv4-compatible; not :: nor ::1
+        return ipaddress.IPv4Address(int(found))
     return found.ipv4_mapped or found.sixtofour or found
 
 

@@ -69,6 +69,8 @@ async def listening() -> AsyncIterator[tuple[int, list[bytes]]]:
         "http://[fe80::1]:8080",
         "http://[fd00:ec2::254]/",
         "http://[::ffff:169.254.169.254]/",
+        "http://[::a9fe:a9fe]/",  # IPv4-compatible (deprecated), as Python prints it
+        "http://[::169.254.169.254]/",  # the same, written with its IPv4 address
         "http://[64:ff9b::a9fe:a9fe]/",  # NAT64's well-known prefix
         "http://[64:ff9b:1::a9fe:a9fe]/",  # NAT64's local-use prefix, as a /96
         "http://[2002:a9fe:a9fe::1]/",  # 6to4
@@ -399,6 +401,21 @@ async def test_the_jwks_download_inside_egress_still_reaches_the_issuer() -> Non
         async with Dispatcher(loaded):
             pass
         assert len(received) == 1 and received[0].startswith(b"GET /jwks ")
+
+
+def test_an_ipv4_compatible_address_is_judged_as_its_ipv4_address() -> None:
+    """``::a9fe:a9fe`` (IPv4-compatible, deprecated) is 169.254.169.254 to an automatic
+    tunnel or a parser that reads the form; it passed, being neither link-local IPv6 nor
+    IPv4-mapped. ``::`` and ``::1`` are no IPv4 addresses: loopback stays loopback."""
+    policy = EgressPolicy()
+    for address in ("::a9fe:a9fe", "::169.254.169.254", "::6464:64c8"):  # 100.100.100.200
+        with pytest.raises(EgressRefused, match="link-local"):
+            policy.admitted("api.example.com", [address])
+    assert policy.admitted("localhost", ["::1"]) == ["::1"]
+    allowlist = EgressPolicy.model_validate({"allow": ["::1/128", "10.0.0.0/8"]})
+    assert allowlist.admitted("svc.internal", ["::1", "::a00:1"]) == ["::1", "::a00:1"]
+    with pytest.raises(EgressRefused, match=r"not in egress\.allow"):
+        allowlist.admitted("svc.internal", ["::cb00:7109"])  # 203.0.113.9
 
 
 def test_an_ipv6_address_carrying_an_ipv4_one_is_judged_as_that_ipv4_address() -> None:

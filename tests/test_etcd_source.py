@@ -19,6 +19,7 @@ import pytest
 
 from dispatcher.fleet.sources import MAX_ENDPOINTS, new_source
 from dispatcher.fleet.sources.etcd import EtcdSource, parse_registration
+from dispatcher.fleet.sources.first_keys import FirstKeys
 from providers.discovery import Endpoint, RegistryDiscovery
 from tests.services import Etcd, free_port, until
 
@@ -266,11 +267,66 @@ async def test_registrations_past_the_bound_cost_no_report_and_no_log_line_each(
         assert len(reports.lists) == 1, "a list reported again, unchanged"
         said = [r for r in caplog.records if "beyond the bound" in r.getMessage()]
         assert len(said) == 1, [r.getMessage() for r in said]
-        # One of the first leaving still makes room for the next, reported.
+        # One of the first leaving still makes room for the next, reported: the list
+        # without it at once, then (only the first keys are kept: the prefix is read
+        # again to learn which is next) the list with the next.
         await asyncio.to_thread(etcd.delete, f"{etcd_prefix}/i00000")
         await until(lambda: watcher.dropped == 29, "the delete")
-        await until(lambda: len(reports.lists) == 2, "the list without it")
+        assert len(reports.lists) in (2, 3)
+        assert len(reports.last) == MAX_ENDPOINTS
         assert str(reports.last[-1]) == "10.9.0.1:8080"
+
+
+def put_junk(etcd: Etcd, prefix: str, numbers: range) -> None:
+    """One key off the contract per number, 128 to a transaction."""
+    for start in range(numbers.start, numbers.stop, 128):
+        puts = [
+            {
+                "requestPut": {
+                    "key": base64.b64encode(f"{prefix}/junk{n:05d}".encode()).decode(),
+                    "value": base64.b64encode(b"not json").decode(),
+                }
+            }
+            for n in range(start, min(start + 128, numbers.stop))
+        ]
+        etcd.call("/v3/kv/txn", {"success": puts})
+
+
+async def test_keys_past_the_bound_are_counted_not_kept(
+    etcd: Etcd, etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the first MAX_ENDPOINTS registrations were reported, but every one under the
+    prefix was kept (to know which came next), and every key off the contract was kept
+    with its reason and logged: whoever writes the prefix, a key at a time while it is
+    watched, chose how much of the dispatcher's memory and log it filled (a million junk
+    keys, a million entries and lines). Both are kept to the reported bound now, the rest
+    counted, the overflow logged sparingly; the first keys still make room for the next."""
+    caplog.set_level(logging.WARNING, "dispatcher.fleet.sources.etcd")
+    await asyncio.to_thread(put_many, etcd, etcd_prefix, range(MAX_ENDPOINTS))
+    watcher = source(etcd.url, etcd_prefix)
+    async with watching(watcher) as reports:
+        await until(lambda: reports.lists, "the first report")
+        await asyncio.to_thread(put_many, etcd, etcd_prefix, range(MAX_ENDPOINTS, 2500))
+        await asyncio.to_thread(put_junk, etcd, etcd_prefix, range(2500))
+        # First in key order, so reported: once it is, every key before it was seen.
+        await put(etcd, f"{etcd_prefix}/a-last", {"url": "http://10.9.0.1:8080"})
+        await until(lambda: str(reports.last[0]) == "10.9.0.1:8080", "the last put")
+        assert f"instances={MAX_ENDPOINTS} " in repr(watcher)  # kept, not only reported
+        assert len(watcher.skipped) == MAX_ENDPOINTS and watcher.unlisted == 1500
+        assert watcher.dropped == 2501 - MAX_ENDPOINTS
+        lines = [r.getMessage() for r in caplog.records]
+        # Each listed key once, "beyond the bound" once, the unlisted 1,500 at their
+        # first and 1,000th (``sparingly``): not a line a key.
+        assert len(lines) <= MAX_ENDPOINTS + 3, len(lines)
+        assert sum("keys off the contract" in line for line in lines) == 2
+        # Past the bound, nothing is known of a key but its count: a kept one leaving
+        # has the prefix read again, which says which is next.
+        await asyncio.to_thread(etcd.delete, f"{etcd_prefix}/i00000")
+        await until(lambda: watcher.reads == 2, "the read that refills")
+        last = MAX_ENDPOINTS - 1  # after a-last, i00001 … i00999
+        assert str(reports.last[-1]) == f"10.0.{last // 256}.{last % 256}:8080"
+        assert watcher.dropped == 2500 - MAX_ENDPOINTS
+        assert watcher.unlisted == 1500 and watcher.error is None
 
 
 async def test_etcd_down_keeps_the_last_list_and_recovers(own_etcd: Etcd) -> None:
@@ -512,3 +568,23 @@ async def test_a_lying_etcd_is_an_error_within_the_timeout(
             else:
                 assert reports.lists == []
     assert not any(record.exc_info for record in caplog.records), "no traceback"
+
+
+def test_first_keys_keeps_the_bound_and_says_when_a_read_must_refill() -> None:
+    """The memory of the source's registrations, alone: the first keys in order kept,
+    the others counted, and a kept key leaving while some wait past it asks for a read."""
+    kept: FirstKeys[int] = FirstKeys(3)
+    for n, key in enumerate(["d", "b", "c", "e", "f"]):
+        kept.put(key, n, created=True)
+    assert kept.items() == [("b", 1), ("c", 2), ("d", 0)] and kept.beyond == 2
+    assert kept.put("a", 9, created=True)  # among the first: the last kept goes past
+    assert list(kept) == ["a", "b", "c"] and kept.beyond == 3
+    assert not kept.put("z", 1, created=False)  # written again, past the bound: counted once
+    assert kept.beyond == 3
+    assert not kept.remove("z")  # past the bound: unknown, nothing to refill
+    assert kept.remove("b")  # kept, and keys wait past it: read again
+    assert list(kept) == ["a", "c"]
+    kept.clear()
+    assert len(kept) == 0 and kept.beyond == 0
+    kept.put("x", 1, created=True)
+    assert not kept.remove("x")  # nothing past the bound: nothing to learn

@@ -21,7 +21,7 @@ from tests.services import Redis
 from tests.sqs_support import Moto, Queues
 from tests.test_job_callbacks import ok, receiving
 from tests.test_jobs import dispatcher_for, manifest_file
-from tests.test_jobs_sqs import make, queues, until  # noqa: F401 (fixtures)
+from tests.test_jobs_sqs import eventually, make, queues, until  # noqa: F401 (fixtures)
 from tests.test_jobs_sqs import manifest_file as sqs_manifest_file
 
 
@@ -96,6 +96,39 @@ async def test_a_key_of_the_wrong_type_is_refused_without_taking_redis_down(
             await d.job("a-string")
         job_id = await d.submit("jobs", "work", {"n": 1})  # not refused "for a moment"
         assert (await d.job(job_id))["state"] == "queued"
+
+
+async def test_a_queued_job_whose_record_is_another_type_is_dead_lettered_not_looped(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """A string where a queued job's record belongs failed the worker's start with
+    WRONGTYPE: the entry was left for later, taken again after each visibility timeout,
+    and failed again, for ever. No dispatcher writes one: it is dropped unread and the
+    job dead-lettered as one without a record; a redrive finds nothing it could run,
+    where it failed ``dlq redrive --all`` at that job; and a callback due for such a key
+    no longer fails every claim, which held every other job's callback back."""
+    job_id = "a-string"
+    async with dispatcher_for(
+        tmp_path, redis_server.url, redis_prefix, workers=1, visibility_timeout_ms=200
+    ) as d:
+        store = d.state_backend.jobs  # type: ignore[union-attr]
+        async with aioredis.Redis.from_url(redis_server.url) as client:
+            await client.set(f"{redis_prefix}:job:{job_id}", "not a hash")
+            await client.xadd(f"{redis_prefix}:jobs", {"job": job_id})
+
+            async def dead() -> bool:
+                return await client.type(f"{redis_prefix}:job:{job_id}") == b"hash"
+
+            await eventually(dead, "the dead letter", timeout=5.0)
+            assert (await d.job(job_id))["state"] == "dead"
+            assert d.stats()["jobs"]["malformed"] == 1
+            await client.set(f"{redis_prefix}:job:{job_id}", "not a hash again")
+            assert not await store.redrive(job_id)
+            await client.zadd(f"{redis_prefix}:jobs:callbacks", {job_id: 0})
+            assert store.callbacks is not None
+            assert await store.callbacks.claim(10, 1.0) == []
+            assert await client.zscore(f"{redis_prefix}:jobs:callbacks", job_id) is None
+        assert d.state_backend.stats()["failures"] == 0  # type: ignore[union-attr]
 
 
 async def test_a_result_over_max_result_bytes_fails_the_job_instead_of_filling_redis(

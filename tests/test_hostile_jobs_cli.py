@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from dispatcher._jobs import job_status
+from dispatcher.cli.jobs import _job_store, _rows
+from dispatcher.config import load_manifest
+from dispatcher.state._job_summaries import ErrorBudget, summary
 from tests.services import Redis
 from tests.test_gateway_security import READER_KEY, sha256
 from tests.test_jobs import manifest_file
@@ -134,3 +138,51 @@ async def test_a_record_with_unreadable_times_and_counts_is_shown_as_it_is(
     (row,) = [line.split() for line in listed.out.splitlines()[1:]]
     # ID METHOD STATE ATTEMPTS SUBMITTED FINISHED ERROR CALLBACK: no time to show
     assert row == ["odd", "jobs.work", "queued", "²", "?", "-", "-", "-"]
+
+
+async def test_a_listing_reads_rows_not_whole_records(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """``dispatcher jobs`` and ``dlq list`` read every listed record whole (HGETALL): a
+    few records with a 16 MiB result, 8 MiB params or a field of any size another writer
+    chose were all loaded into the command (for ``--state``, among the 10,000 it looks
+    at). The store now sends a row per job: the small fields, errors whole only when
+    small, the type of one up to 64 KiB, params and result by their sizes."""
+    manifest = load_manifest(manifest_file(tmp_path, redis_server.url, redis_prefix))
+    mib = 1024 * 1024
+    error = json.dumps({"type": "Huge", "message": "m" * 32 * 1024, "retryable": False})
+    records = {
+        "result": {"state": "succeeded", "result": '"' + "r" * 16 * mib + '"'},
+        "params": {"state": "dead", "params": '"' + "p" * 8 * mib + '"', "error": error},
+        "plugin": {"state": "queued", "plugin": "x" * mib},
+    }
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        for number, (job_id, fields) in enumerate(records.items()):
+            record = {"id": job_id, "method": "work", "attempts": "1", **fields}
+            record.setdefault("plugin", "jobs")
+            await client.hset(f"{redis_prefix}:job:{job_id}", mapping=record)
+            await client.zadd(f"{redis_prefix}:jobs:recent", {job_id: number})
+        await client.set(f"{redis_prefix}:job:a-string", "not a record")  # another writer's
+        await client.zadd(f"{redis_prefix}:jobs:recent", {"a-string": 10, "i" * 100: 11})
+        await client.zadd(f"{redis_prefix}:jobs:dead", {"params": 1})
+        sent_before = int((await client.info("stats"))["total_net_output_bytes"])
+        async with _job_store(manifest) as store:
+            recent = await store.recent(20)
+            dead = await store.dead(20)
+        sent = int((await client.info("stats"))["total_net_output_bytes"]) - sent_before
+    assert sent < 64 * 1024, sent  # rows, not the 25 MiB of the records
+    rows = {row["id"]: row for row in recent}
+    assert list(rows) == ["a-string", "plugin", "params", "result"]  # newest first
+    assert rows["a-string"] == {"id": "a-string", "record_type": "string"}
+    assert rows["result"]["result_bytes"] == str(16 * mib + 2) and "result" not in rows["result"]
+    assert rows["plugin"]["plugin_bytes"] == str(mib) and "plugin" not in rows["plugin"]
+    assert rows["params"]["error_type"] == "Huge" and "error" not in rows["params"]
+    assert dead == [rows["params"]]
+    # A record in hand (an SQS dead letter without a job view) makes the same row.
+    for job_id, fields in records.items():
+        record = {"id": job_id, "method": "work", "attempts": "1", "plugin": "jobs", **fields}
+        assert summary(job_id, record, ErrorBudget()) == rows[job_id], job_id
+    statuses = [job_status(row) for row in recent]
+    assert statuses[2]["params_bytes"] == 8 * mib + 2  # a number, as counts and times are
+    table = _rows(statuses)
+    assert [row[6] for row in table[1:]] == ["-", "-", "Huge", "-"]  # ERROR

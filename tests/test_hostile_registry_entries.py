@@ -6,6 +6,8 @@ A real etcd; the first tests read the trust rules alone.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import logging
 
@@ -160,3 +162,55 @@ def test_an_entry_naming_link_local_in_disguise_is_refused_by_egress(url: str) -
     merged, skipped = merge_entries(manifest, {"/p/echo@1.0.0": item}, source="test")
     assert [plugin.key for plugin in merged.plugins] == ["main@1.0.0"]
     assert "link-local" in skipped["/p/echo@1.0.0"], skipped
+
+
+def put_entries(etcd: Etcd, values: dict[str, str]) -> None:
+    """Many keys at once, 128 to a transaction (etcd's default bound)."""
+    items = list(values.items())
+    for start in range(0, len(items), 128):
+        puts = [
+            {"requestPut": {"key": b64(key), "value": b64(value)}}
+            for key, value in items[start : start + 128]
+        ]
+        etcd.call("/v3/kv/txn", {"success": puts})
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+async def test_entries_past_max_entries_are_counted_not_kept_nor_applied(
+    etcd: Etcd, etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Entries had no bound: every key trust allowed was kept, parsed and attached as a
+    plugin version, and every key it refused was kept, listed (one health row each) and
+    logged. Whoever writes the prefix chose how many plugin versions the host ran and how
+    much of its memory and log they filled. Now the first ``trust.max_entries`` keys in
+    order apply (the same on every replica), the others are counted and not even parsed,
+    refusals are listed up to the same bound, and the overflow is logged sparingly."""
+    caplog.set_level(logging.WARNING, logger="dispatcher.registry")
+    url = "http://127.0.0.1:1/"  # never called
+    for version in ("1.0.0", "1.0.1", "1.0.2"):
+        etcd.put(f"{etcd_prefix}/echo@{version}", entry(url, version))
+    document = manifest_with_registry(etcd, etcd_prefix, trust={"max_entries": 3})
+    async with dispatcher_for(document) as dispatcher:
+        await until(lambda: "echo@1.0.2" in keys(dispatcher), "the first entries")
+        past = {f"{etcd_prefix}/echo@2.0.{n}": entry(url, f"2.0.{n}") for n in range(50)}
+        junk = {f"{etcd_prefix}/a-junk{n:02d}@1.0.0": "not a mapping" for n in range(50)}
+        await asyncio.to_thread(put_entries, etcd, {**past, **junk})
+        # First in key order after the junk: once it applies, every key before it was read.
+        etcd.put(f"{etcd_prefix}/aaa@1.0.0", entry(url, "1.0.0", "aaa"))
+        await until(lambda: "aaa@1.0.0" in keys(dispatcher), "the last entry")
+        assert keys(dispatcher) == {"main@1.0.0", "aaa@1.0.0", "echo@1.0.0", "echo@1.0.1"}
+        stats = dispatcher.stats()["registry"]
+        assert stats["entries"] == [
+            f"{etcd_prefix}/aaa@1.0.0",
+            *sorted(f"{etcd_prefix}/echo@1.0.{n}" for n in range(2)),
+        ]
+        assert stats["dropped"] == 51  # the 50 past, and echo@1.0.2 aaa pushed out
+        assert len(stats["skipped"]) == 3 and stats["unlisted"] == 47
+        assert len(await dispatcher.health()) < 20
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) <= 6, lines  # 3 refusals named, each overflow once
+        assert sum("max_entries" in line for line in lines) == 1
+        assert sum("refused by trust" in line for line in lines) == 1

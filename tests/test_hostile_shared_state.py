@@ -8,6 +8,7 @@ state of every other call stays usable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -20,10 +21,13 @@ from dispatcher import (
     CircuitOpen,
     Dispatcher,
     ProviderError,
+    RateLimited,
     ResultTooLarge,
     TargetUnavailable,
 )
+from dispatcher._routes import MAX_TIMEOUT_SECONDS
 from dispatcher.config import load_manifest
+from dispatcher.policies.shared import LONGEST_WAIT_SECONDS
 from dispatcher.state import StateUnavailable
 from dispatcher.state.redis_store import RedisState
 from tests.services import Redis, free_port, until
@@ -106,6 +110,37 @@ async def test_a_cached_entry_that_is_not_json_is_a_miss_and_is_replaced(
         assert dispatcher.stats()["state"]["fallbacks"] == 0
 
 
+async def test_a_cached_entry_that_is_not_json_and_stays_is_logged_sparingly(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    writer: aioredis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An entry that is not JSON is replaced by the fresh result, unless that result is
+    not stored (not JSON itself, over the bound, a write that failed): then every call
+    met the entry again and logged a warning, one line per call for as long as the entry
+    lived. Counted per method and logged sparingly (the first, the 1,000th, …)."""
+    target = {
+        "provider": "local",
+        "entrypoint": "counting_plugin:CountingPlugin",
+        "path": str(PLUGINS),
+    }
+    methods = {"measure": {"pure": True, "cache": {"ttl_ms": 60_000}}}
+    async with dispatcher_of(
+        tmp_path, redis_server.url, redis_prefix, "fail_open", target, methods
+    ) as dispatcher:
+        assert (await dispatcher.call("counter", "measure", {"item": "a"}))["read"] == 1
+        await writer.set(await only_key(writer, f"{redis_prefix}:cache:*"), b"{not json")
+        with caplog.at_level(logging.WARNING, logger="dispatcher.state"):
+            for run in range(2, 12):  # each answer holds NaN: served, never stored
+                answer = await dispatcher.call("counter", "measure", {"item": "a"})
+                assert answer["read"] == run
+        said = [r.getMessage() for r in caplog.records if "not JSON" in r.getMessage()]
+        assert len(said) == 1, said
+        assert dispatcher.stats()["state"]["fallbacks"] == 0
+
+
 async def test_a_cached_entry_over_the_bound_is_never_read_and_is_dropped(
     tmp_path: Path,
     redis_server: Redis,
@@ -126,6 +161,35 @@ async def test_a_cached_entry_over_the_bound_is_never_read_and_is_dropped(
         assert fresh == {"item": "a", "read": 2}
         assert "over the bound" in caplog.text
         assert await writer.strlen(key) == len(json.dumps(fresh, separators=(",", ":")))
+        state = dispatcher.stats()["state"]
+        assert state["failures"] == 0 and state["fallbacks"] == 0
+
+
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+async def test_a_cached_entry_of_another_type_is_a_miss_and_is_replaced(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    writer: aioredis.Redis,
+    mode: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hash where the entry's string belongs failed every read with WRONGTYPE, taken
+    for Redis being unavailable: with fail_open every call of the method fell back (no
+    cache, a fallback counted, nothing replacing the entry), with fail_closed every call
+    failed, for as long as the entry lived. It is an entry no dispatcher wrote, as one
+    that is not JSON is: a miss, logged, dropped, and the fresh result takes its place."""
+    async with counter(tmp_path, redis_server.url, redis_prefix, mode) as dispatcher:
+        assert await dispatcher.call("counter", "read", {"item": "a"}) == {"item": "a", "read": 1}
+        key = await only_key(writer, f"{redis_prefix}:cache:*")
+        await writer.delete(key)
+        await writer.hset(key, mapping={"result": "forged"})
+        with caplog.at_level(logging.WARNING, logger="dispatcher.state"):
+            fresh = await dispatcher.call("counter", "read", {"item": "a"})
+        assert fresh == {"item": "a", "read": 2}
+        assert "a hash, not a string" in caplog.text
+        assert await dispatcher.call("counter", "read", {"item": "a"}) == fresh  # a hit
+        assert await writer.type(key) == b"string"
         state = dispatcher.stats()["state"]
         assert state["failures"] == 0 and state["fallbacks"] == 0
 
@@ -166,6 +230,56 @@ async def test_an_idempotency_outcome_no_dispatcher_wrote_is_a_typed_error_and_r
         # What the first call did is unknown: the key never runs the plugin again.
         again = await dispatcher.call("counter", "charge", params, idempotency_key="order-18")
         assert again == {"charged": 1, "run": 2}
+
+
+@pytest.mark.parametrize("mode", ["fail_open", "fail_closed"])
+async def test_an_idempotency_record_of_another_type_runs_nothing(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis, mode: str
+) -> None:
+    """A string where the record's hash belongs failed the claim with WRONGTYPE, taken
+    for Redis being unavailable: fail_open claimed this replica's own record instead and
+    ran the plugin again for a key whose first call had run; fail_closed failed every
+    duplicate retryably (come again, forever). It is a record no dispatcher wrote, as one
+    whose outcome is garbled is: a typed, final error, and nothing runs."""
+    params = {"amount": 1, "delay": 0}
+    async with counter(tmp_path, redis_server.url, redis_prefix, mode) as dispatcher:
+        first = await dispatcher.call("counter", "charge", params, idempotency_key="order-17")
+        assert first == {"charged": 1, "run": 1}
+        key = await only_key(writer, f"{redis_prefix}:idem:*")
+        await writer.delete(key)
+        await writer.set(key, "forged")
+        with pytest.raises(ProviderError, match=r"order-17.*new key") as caught:
+            await dispatcher.call("counter", "charge", params, idempotency_key="order-17")
+        assert caught.value.retryable is False
+        again = await dispatcher.call("counter", "charge", params, idempotency_key="order-18")
+        assert again == {"charged": 1, "run": 2}  # order-17 ran once
+        state = dispatcher.stats()["state"]
+        assert state["failures"] == 0 and state["fallbacks"] == 0
+
+
+@pytest.mark.parametrize("kind", ["limit", "breaker"])
+async def test_a_limit_or_breaker_of_another_type_is_refused_as_a_garbled_one(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis, kind: str
+) -> None:
+    """The same as a value no dispatcher writes: refused, this replica's own state used
+    (fail_open), never read as a limit that refuses for ever or a circuit that never
+    opens. (It was already: WRONGTYPE is a refusal as UNREADABLE is.)"""
+    if kind == "limit":
+        made = counter(tmp_path, redis_server.url, redis_prefix)
+    else:
+        made = unreachable(tmp_path, redis_server.url, redis_prefix, "fail_open", 60_000)
+    async with made as dispatcher:
+        with contextlib.suppress(TargetUnavailable):
+            await dispatcher.call("counter", "ping")
+        key = await only_key(writer, f"{redis_prefix}:{kind}:*")
+        await writer.delete(key)
+        if kind == "breaker":
+            await writer.set(key, "1")
+        else:
+            await writer.hset(key, "f", "1")
+        with contextlib.suppress(TargetUnavailable):
+            await dispatcher.call("counter", "ping")
+        assert dispatcher.stats()["state"]["fallbacks"] == 1
 
 
 @pytest.mark.parametrize(
@@ -295,6 +409,61 @@ async def test_a_rate_limit_value_no_dispatcher_wrote_is_refused_never_a_negativ
             return
         assert await dispatcher.call("counter", "ping") == "pong"  # this replica's own limit
         assert dispatcher.stats()["state"]["fallbacks"] == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "expiry_ms"),
+    [("reject", None), ("reject", 3_600_000), ("wait", None)],
+    ids=["reject-no-expiry", "reject-an-hour", "wait-no-expiry"],
+)
+async def test_a_rate_limit_time_far_ahead_costs_at_most_one_window(
+    tmp_path: Path,
+    redis_server: Redis,
+    redis_prefix: str,
+    writer: aioredis.Redis,
+    expiry_ms: int | None,
+    mode: str,
+) -> None:
+    """Decimal digits, so read as a time: a theoretical arrival time a year ahead refused
+    every call of the method on every replica (retry_after: a year) until the key
+    expired, and a key written without an expiry never does. A limit holds at most its
+    burst window ahead of now (and in wait mode the waits it granted, never past the
+    key's expiry): further is read as that bound, so the forged time costs one window.
+    (Wait mode with a forged expiry: at most that expiry, and a day, the longest a call
+    may legitimately have reserved ahead, which cannot be told from a forged time.)"""
+    target = {
+        "provider": "local",
+        "entrypoint": "counting_plugin:CountingPlugin",
+        "path": str(PLUGINS),
+    }
+    limit = {"rate": 100, "burst": 10, "mode": mode}  # a window of 100 ms
+    methods = {"ping": {"rate_limit": limit}}
+    async with dispatcher_of(
+        tmp_path, redis_server.url, redis_prefix, "fail_closed", target, methods
+    ) as dispatcher:
+        assert await dispatcher.call("counter", "ping") == "pong"
+        key = await only_key(writer, f"{redis_prefix}:limit:*")
+        year_ahead = await store_now_us(writer) + 365 * 86_400 * 1_000_000
+        await writer.set(key, str(year_ahead), px=expiry_ms)
+        started = asyncio.get_running_loop().time()
+        while True:
+            try:
+                assert await dispatcher.call("counter", "ping", timeout=1.0) == "pong"
+                break
+            except RateLimited as limited:  # reject mode: the window's last slot
+                assert limited.retry_after is not None and limited.retry_after <= 0.2
+                await asyncio.sleep(limited.retry_after)
+        assert asyncio.get_running_loop().time() - started < 0.5
+        stored = int(await writer.get(key))
+        assert stored < await store_now_us(writer) + 200_000  # the window, not a year
+        assert dispatcher.stats()["state"]["failures"] == 0
+
+
+def test_a_wait_mode_limit_reads_ahead_no_further_than_the_longest_deadline() -> None:
+    """The bound the store reads a wait-mode limit's time to (a layer below the routes,
+    so a copy of theirs): shorter, a legitimate queue of waits would be cut and the limit
+    admit more than its rate; longer, a forged time would refuse for longer."""
+    assert LONGEST_WAIT_SECONDS == MAX_TIMEOUT_SECONDS
 
 
 async def test_an_idempotency_outcome_over_the_bound_is_never_read_and_runs_nothing(

@@ -394,6 +394,15 @@ async def test_a_link_local_address_is_refused_even_inside_a_granted_network(
             await dispatcher.call("fetcher", "fetch", None)
 
 
+async def test_the_metadata_address_carried_in_an_ipv6_one_is_refused(tmp_path: Path) -> None:
+    """A module granted an IPv6 network reached 169.254.169.254 written IPv4-compatible
+    (``::a9fe:a9fe``): the egress policy took it for an IPv6 address like any other."""
+    module = http_module(tmp_path, "http://[::a9fe:a9fe]/latest/meta-data/")
+    async with dispatcher_of(fetcher(module, ["::/96"])) as dispatcher:
+        with pytest.raises(EgressRefused, match=r"169\.254\.169\.254 is link-local"):
+            await dispatcher.call("fetcher", "fetch", None)
+
+
 # -- answers: bounded in size and time, status and headers readable ------------------------
 
 

@@ -133,10 +133,14 @@ def _time(milliseconds: object) -> str:
 
 
 def _error_type(status: dict[str, Any]) -> str:
-    error = status.get("error")
-    if isinstance(error, dict):
-        return str(error.get("type") or "?")
-    return "-" if error is None else "?"
+    """A listing row's error type: read by the store (the error itself may be too large
+    to list), none once the job succeeded (what failed before is not its error)."""
+    if status.get("state") == "succeeded":
+        return "-"
+    kind = status.get("error_type")
+    if isinstance(kind, str):
+        return kind
+    return "?" if "error" in status or "error_bytes" in status else "-"
 
 
 def _rows(statuses: list[dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -282,7 +286,9 @@ def jobs(
 
     Jobs are listed while their records are kept (jobs.result_ttl_ms; dead-lettered ones
     until purged). --state and --callback look among the latest 10,000 (every
-    dead-lettered job for --state dead).
+    dead-lettered job for --state dead). A row holds what a list needs, each value
+    bounded: params and result by their sizes (params_bytes, result_bytes), an error
+    whole when small; `dispatcher job ID` shows a job whole.
     """
 
     def wanted(record: dict[str, str]) -> bool:

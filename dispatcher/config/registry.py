@@ -17,6 +17,9 @@ calls, so what they may say is narrower than a file's (``trust``):
 * the key must name the entry's own ``id@version``, and the value fit ``max_entry_bytes``,
   nest at most ``MAX_ENTRY_DEPTH`` levels and use no YAML aliases (what they expand to
   would cost the host far more than the value's size);
+* at most ``max_entries`` entries, the first keys in order (the same on every replica):
+  whoever writes the prefix would otherwise choose how many plugin versions the host
+  attaches and keeps in memory;
 * the manifest's ``egress`` applies to every destination an entry names.
 
 An entry off these rules is left out, named in the registry's ``skipped`` with the reason
@@ -63,6 +66,11 @@ class EntryTrust(StrictModel):
         default=None, description="Plugin ids entries may declare; any when unset."
     )
     max_entry_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 64 * 1024
+    max_entries: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=1_000,
+        description="Entries taken from the registry, the first keys in order; the others"
+        " are left out, counted and logged (each entry is a plugin version the host attaches).",
+    )
 
 
 class RegistryConfig(StrictModel):

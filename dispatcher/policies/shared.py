@@ -40,6 +40,7 @@ from dispatcher.policies.ratelimit import Limit
 from dispatcher.state import SharedStore, StateBackend, StateUnavailable, digest
 from linchkit_plugin.errors import DispatchError, InvalidParams, RateLimited
 from linchkit_plugin.wire import encode_json
+from providers._log_lines import sparingly
 from providers.invocation import Invocation, Outcome
 
 __all__ = ["SharedBreakerStep", "SharedCacheStep", "SharedLimit"]
@@ -47,6 +48,11 @@ __all__ = ["SharedBreakerStep", "SharedCacheStep", "SharedLimit"]
 Next = Callable[[Invocation], Awaitable[Any]]
 
 log = logging.getLogger("dispatcher.state")
+
+#: The longest a call may wait for a shared limit in ``wait`` mode: its deadline, at most a
+#: day (``dispatcher._routes.MAX_TIMEOUT_SECONDS``, a layer above this one). The store
+#: reads a limit's state as at most this (and its burst window) ahead of now.
+LONGEST_WAIT_SECONDS = 86_400.0
 
 
 class SharedLimit:
@@ -58,6 +64,7 @@ class SharedLimit:
         self.name = local.name
         self.spec: RateLimit = local.spec
         self.reject = local.reject
+        self.longest_wait = 0.0 if self.reject else LONGEST_WAIT_SECONDS
         self.key = digest(key, repr(self.spec))  # new settings, new bucket
         self.per_caller = self.spec.scope == "caller"
         self.backend = backend
@@ -74,7 +81,12 @@ class SharedLimit:
         max_wait = 0.0 if self.reject else invocation.remaining()
         try:
             admission = await self.store.acquire(
-                key, spec.rate, spec.capacity, max_wait, invocation.deadline
+                key,
+                spec.rate,
+                spec.capacity,
+                max_wait,
+                invocation.deadline,
+                longest_wait=self.longest_wait,
             )
         except StateUnavailable as error:
             if not self.backend.fail_open:
@@ -165,7 +177,7 @@ def _deadline(invocation: Invocation) -> float:
 class SharedCacheStep:
     """A pure method's results, cached where every replica reads them."""
 
-    __slots__ = ("backend", "cache", "name", "next", "store", "ttl")
+    __slots__ = ("backend", "cache", "name", "next", "store", "ttl", "unreadable")
 
     def __init__(self, cache: ResultCache, ttl: float, backend: StateBackend, next_step: Next):
         assert backend.store is not None
@@ -175,6 +187,8 @@ class SharedCacheStep:
         self.backend = backend
         self.store: SharedStore = backend.store
         self.next = next_step
+        #: Entries read that were not JSON: their log line is spared by it.
+        self.unreadable = 0
 
     async def __call__(self, invocation: Invocation) -> Any:
         cache = self.cache
@@ -209,12 +223,18 @@ class SharedCacheStep:
                 result = orjson.loads(value)
             except orjson.JSONDecodeError:
                 # Not what a dispatcher writes (another writer's, or corrupted): a miss,
-                # and the fresh result stored below takes its place.
-                log.warning(
-                    "the shared cache of %s held an entry that is not JSON; calling the"
-                    " target and replacing it",
-                    cache.name,
-                )
+                # and the fresh result stored below takes its place. Logged sparingly: a
+                # result that is not stored (not JSON, over the bound) leaves the entry
+                # for the next call to meet again, a line a call for as long as it lives.
+                self.unreadable += 1
+                if sparingly(self.unreadable):
+                    log.warning(
+                        "the shared cache of %s held an entry that is not JSON; calling the"
+                        " target, whose result replaces it when it can be stored (%d such"
+                        " entries read so far)",
+                        cache.name,
+                        self.unreadable,
+                    )
             else:
                 cache.hits += 1
                 return result
@@ -235,4 +255,4 @@ class SharedCacheStep:
         return result
 
     def __repr__(self) -> str:
-        return f"<SharedCacheStep {self.cache!r}>"
+        return f"<SharedCacheStep {self.cache!r} unreadable={self.unreadable}>"

@@ -36,7 +36,18 @@ end
 #: (TAT). ``interval`` = 1/rate, ``tolerance`` = burst * interval, so over T seconds at
 #: most burst + rate·T calls pass — the bound of the in-process leaky bucket. A call that
 #: may wait reserves its slot (the TAT moves on) and is told how long to sleep.
-#: KEYS[1] the limit; ARGV interval_us, burst, max_wait_us. Returns {admitted, wait_us}.
+#:
+#: A TAT is read as at most what a dispatcher could have written: ``tolerance`` ahead of
+#: now (the burst window; a TAT further ahead refuses every call), plus the longest wait
+#: the limit grants a call (``longest_wait_us``: 0 in reject mode, the longest deadline in
+#: wait mode, whose callers reserve slots ahead), and never past the key's own expiry,
+#: which every write sets just beyond the TAT it writes (a key without one is not ours:
+#: the burst window alone). A further one (forged, corrupt, or a failover to a server
+#: whose clock is behind) refused calls until its key expired, never if it had no expiry:
+#: it is read as that bound and written back, so it costs at most one window (wait mode:
+#: at most its expiry, and the longest deadline).
+#: KEYS[1] the limit; ARGV interval_us, burst, max_wait_us, longest_wait_us.
+#: Returns {admitted, wait_us}.
 LIMIT = (
     _NOW
     + _COUNT
@@ -47,10 +58,20 @@ local stored = count(redis.call('GET', KEYS[1]))
 if not stored then
   return redis.error_reply('UNREADABLE rate limit: the key holds no time a dispatcher writes')
 end
-local tat = math.max(stored, now)
+local ceiling = now + tolerance + tonumber(ARGV[4])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -1 then
+  ceiling = now + tolerance
+elseif ttl >= 0 then
+  ceiling = math.min(ceiling, now + ttl * 1000)
+end
+local tat = math.max(math.min(stored, ceiling), now)
 local new_tat = tat + interval
 local wait = new_tat - tolerance - now
 if wait > tonumber(ARGV[3]) then
+  if stored > ceiling then
+    redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  end
   return {0, wait}
 end
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
@@ -170,11 +191,18 @@ return {state, failures, admitted, is_probe, wait, generation}
 #: Returns {generation, value or false}, or {generation, its size} for an entry over max
 #: bytes, which no dispatcher writes: it is deleted unread (sent whole, it would cost
 #: every read its transfer, and one outlasting the operation timeout made the store look
-#: down). Invalidating bumps the generation, so every replica's next read misses at once;
-#: old entries end with their TTL.
+#: down). So is an entry of another type than a string (a hash…: {generation, false, its
+#: type}), which failed every read of it with WRONGTYPE, as Redis being unavailable does,
+#: for as long as it lived: no fresh result replaced it. Invalidating bumps the
+#: generation, so every replica's next read misses at once; old entries end with their TTL.
 CACHE_GET = """
 local generation = redis.call('GET', KEYS[1]) or '0'
 local entry = ARGV[1] .. generation .. ':' .. ARGV[2]
+local kind = redis.call('TYPE', entry)['ok']
+if kind ~= 'string' and kind ~= 'none' then
+  redis.call('DEL', entry)
+  return {generation, false, kind}
+end
 local size = redis.call('STRLEN', entry)
 if size > tonumber(ARGV[3]) then
   redis.call('DEL', entry)
@@ -198,7 +226,11 @@ return 0
 #: other versions whose record answers the claim too (a rollout's other side). Returns
 #: {'run'}, {'done', outcome}, {'busy'} or {'mismatch'}; {'done', its size} for an outcome
 #: over max bytes, which no dispatcher records (read whole, it would cost every duplicate
-#: its transfer, and one outlasting the operation timeout made the store look down).
+#: its transfer, and one outlasting the operation timeout made the store look down). A key
+#: of another type than a hash is a record no dispatcher wrote: {'done', ''}, an outcome
+#: that is none of ours (the call it stands for may have run: it is not run again). Before,
+#: its WRONGTYPE was Redis unavailable: fail_open ran the call again on this replica's
+#: records.
 #:
 #: The version is a field of its own beside ``fp`` (the params' fingerprint), not part of
 #: it, so records stay readable both ways during a rolling deploy: a dispatcher from before
@@ -208,6 +240,8 @@ return 0
 #: older dispatchers only; it can go once none runs and a retention window
 #: (``state.idempotency_retention_ms``, 24 h by default) has passed since the last stopped.
 IDEMPOTENCY_CLAIM = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then return {'done', ''} end
 local record = redis.call('HMGET', KEYS[1], 'fp', 'version')
 local fp = record[1]
 if not fp then

@@ -366,11 +366,13 @@ class JobStore(ABC):
 
     @abstractmethod
     async def recent(self, limit: int) -> list[dict[str, str]]:
-        """The latest submitted jobs still kept, newest first."""
+        """The latest submitted jobs still kept, newest first, as listing rows: what a
+        list shows of each record, each value bounded, never the whole record
+        (``_job_summaries``)."""
 
     @abstractmethod
     async def dead(self, limit: int) -> list[dict[str, str]]:
-        """Dead-lettered jobs, newest first."""
+        """Dead-lettered jobs, newest first, as listing rows (``recent``)."""
 
     @abstractmethod
     async def redrive(self, job_id: str) -> bool:
@@ -433,10 +435,12 @@ class JobRecords(ABC):
         return _if_owned(await self.record(job_id), caller)
 
     @abstractmethod
-    async def recent(self, limit: int) -> list[dict[str, str]]: ...
+    async def recent(self, limit: int) -> list[dict[str, str]]:
+        """Listing rows, as ``JobStore.recent``."""
 
     @abstractmethod
-    async def dead(self, limit: int) -> list[dict[str, str]]: ...
+    async def dead(self, limit: int) -> list[dict[str, str]]:
+        """Listing rows, as ``JobStore.dead``."""
 
     @abstractmethod
     async def purge_dead(self, job_ids: Sequence[str] | None = None) -> int:
@@ -465,10 +469,19 @@ class SharedStore(ABC):
 
     @abstractmethod
     async def acquire(
-        self, key: str, rate: float, burst: int, max_wait: float, deadline: float
+        self,
+        key: str,
+        rate: float,
+        burst: int,
+        max_wait: float,
+        deadline: float,
+        *,
+        longest_wait: float,
     ) -> Admission:
         """One call against the limit ``key``: ``rate``/s, ``burst`` at once. With
-        ``max_wait`` > 0 a call may reserve a slot up to that far ahead."""
+        ``max_wait`` > 0 a call may reserve a slot up to that far ahead. ``longest_wait``:
+        the longest any call of this limit may be granted (0 when none waits), so how far
+        ahead its state may legitimately be; anything further is read as that far."""
 
     @abstractmethod
     async def breaker_admit(

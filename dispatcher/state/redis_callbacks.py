@@ -30,8 +30,10 @@ __all__ = ["RedisCallbacks"]
 Operation = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 # Due callbacks, each leased to this claim (due again after the lease), its attempt counted.
-# One whose record is gone or no longer pending is dropped. KEYS[1] the callbacks set;
-# ARGV count, lease_ms, record key prefix, token. Returns {id, attempt, record...} each.
+# One whose record is gone or no longer pending is dropped, and so is one whose key holds
+# another type than a hash (no dispatcher's record: its WRONGTYPE failed every claim, so no
+# callback of any job was delivered while it was due). KEYS[1] the callbacks set; ARGV
+# count, lease_ms, record key prefix, token. Returns {id, attempt, record...} each.
 _CALLBACK_CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -39,7 +41,7 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumb
 local claimed = {}
 for _, id in ipairs(due) do
   local key = ARGV[3] .. id
-  if redis.call('HGET', key, 'callback') ~= 'pending' then
+  if redis.call('TYPE', key)['ok'] ~= 'hash' or redis.call('HGET', key, 'callback') ~= 'pending' then
     redis.call('ZREM', KEYS[1], id)
   else
     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)

@@ -37,6 +37,16 @@ import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from dispatcher.state._job_summaries import (
+    ERRORS,
+    LISTED,
+    MAX_ERROR_BYTES,
+    MAX_FIELD_BYTES,
+    MAX_TYPE_CHARS,
+    MAX_TYPED_ERROR_BYTES,
+    SIZED,
+    ErrorBudget,
+)
 from dispatcher.state._redis_replies import now_ms, reply_fields, reply_text
 from dispatcher.state.base import CallbackOutbox, Delivery, JobRecords, JobStore, StateUnavailable
 from dispatcher.state.redis_callbacks import RedisCallbacks
@@ -100,12 +110,96 @@ redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[3]) + 1))
 return 1
 """
 
+# A page of a listing (``_job_summaries``, which says what a row holds and why): each job
+# id of the index in ranks ARGV[2]..ARGV[3], newest first, as its row, made next to the
+# record so only the row crosses the network; false for an id whose record is gone (or
+# longer than any job id), the id and its ``record_type`` for a key that holds no hash.
+# ARGV[1] the records' key prefix; ARGV[4..8] the bounds (field, error, error budget left,
+# typed error, type characters); then the listed fields, '', the errors, '', the sized.
+# Returns {error budget left, row or false, ...}, a row {id, name, value, name, value...}.
+_LIST = """
+local ids = redis.call('ZREVRANGE', KEYS[1], ARGV[2], ARGV[3])
+local field_bound = tonumber(ARGV[4])
+local error_bound = tonumber(ARGV[5])
+local budget = tonumber(ARGV[6])
+local typed_bound = tonumber(ARGV[7])
+local type_chars = tonumber(ARGV[8])
+local groups, group = {{}, {}, {}}, 1
+for i = 9, #ARGV do
+  if ARGV[i] == '' then group = group + 1 else table.insert(groups[group], ARGV[i]) end
+end
+local reply = {0}
+for _, id in ipairs(ids) do
+  local key = ARGV[1] .. id
+  local kind = #id <= 64 and redis.call('TYPE', key)['ok'] or 'none'
+  local row = false
+  if kind == 'hash' then
+    row = {id}
+    local function size_of(field)
+      local size = redis.call('HSTRLEN', key, field)
+      if size == 0 and redis.call('HEXISTS', key, field) == 0 then return nil end
+      return size
+    end
+    local function add(name, value)
+      row[#row + 1] = name
+      row[#row + 1] = value
+    end
+    for _, field in ipairs(groups[1]) do
+      local size = size_of(field)
+      if size and size <= field_bound then
+        add(field, redis.call('HGET', key, field))
+      elseif size then
+        add(field .. '_bytes', tostring(size))
+      end
+    end
+    for _, field in ipairs(groups[2]) do
+      local size = size_of(field)
+      if size then
+        local value = false
+        if size <= typed_bound then value = redis.call('HGET', key, field) end
+        if size <= error_bound and size <= budget then
+          budget = budget - size
+          add(field, value)
+        else
+          add(field .. '_bytes', tostring(size))
+        end
+        if field == 'error' and value then
+          local ok, decoded = pcall(cjson.decode, value)
+          if ok and type(decoded) == 'table' and type(decoded['type']) == 'string'
+              and #decoded['type'] <= type_chars then
+            add('error_type', decoded['type'])
+          end
+        end
+      end
+    end
+    for _, field in ipairs(groups[3]) do
+      local size = size_of(field)
+      if size then add(field .. '_bytes', tostring(size)) end
+    end
+  elseif kind ~= 'none' then
+    row = {id, 'record_type', kind}
+  end
+  reply[#reply + 1] = row
+end
+reply[1] = budget
+return reply
+"""
+
+#: Job ids a listing reads per round trip (each one bounded operation).
+LIST_PAGE = 500
+
 # A terminal record is returned as it is (the worker only acks: a redelivery after a
 # redrive race); otherwise one more attempt is counted before the job runs. An attempts
 # field that is not an integer (a record not written by us) is left for the worker to
-# dead-letter: HINCRBY would fail the script, and every redelivery after it, for ever.
+# dead-letter: HINCRBY would fail the script, and every redelivery after it, for ever. So
+# would a key of another type than a hash (WRONGTYPE): no dispatcher writes one, so it is
+# deleted unread and the worker dead-letters the job as one without a record.
 _BEGIN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' then
+  if kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+  return false
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'succeeded' and state ~= 'failed' and state ~= 'dead' then
   local attempts = redis.call('HGET', KEYS[1], 'attempts')
@@ -189,9 +283,12 @@ redis.call('HDEL', KEYS[1], 'error', 'finished_at', 'callback', 'callback_error'
   'callback_claim', 'callback_delivered_at', 'callback_failed_at')
 """
 
+# Not a record a dispatcher wrote (no plugin; a key of another type, whose WRONGTYPE
+# failed ``dlq redrive --all`` at it): nothing it could run.
 _REDRIVE = (
     """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then return 0 end
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then return 0 end
 """
     + _QUEUE_AGAIN
@@ -206,7 +303,7 @@ return 1
 # fill; left missing, the worker makes it whole from the message (_RECORD_BEGIN).
 _REQUEUE = (
     """
-if redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' or redis.call('HEXISTS', KEYS[1], 'plugin') == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return 0
 end
@@ -264,6 +361,7 @@ class RedisJobs(JobStore):
         self._redrive = client.register_script(_REDRIVE)
         self._purge = client.register_script(_PURGE_SOME)
         self._owned = client.register_script(_OWNED_RECORD)
+        self._list = client.register_script(_LIST)
         self.callbacks: CallbackOutbox | None = RedisCallbacks(
             client, self._op, self.callback_set, self.record_key("")
         )
@@ -393,15 +491,38 @@ class RedisJobs(JobStore):
         return reply_fields(answer) if answer else None
 
     async def _records(self, index: str, limit: int) -> list[dict[str, str]]:
-        async def read() -> list[dict[str, str]]:
-            ids = await self._client.zrevrange(index, 0, max(0, limit - 1))
-            async with self._client.pipeline(transaction=False) as pipe:
-                for job_id in ids:
-                    pipe.hgetall(self.record_key(reply_text(job_id)))
-                answers = await pipe.execute()
-            return [reply_fields(answer) for answer in answers if answer]
-
-        return await self._op("job records", read)
+        """The rows of the ``limit`` newest jobs of ``index`` (``_job_summaries``), a page
+        per round trip."""
+        budget = ErrorBudget()
+        rows: dict[str, dict[str, str]] = {}
+        for start in range(0, limit, LIST_PAGE):
+            stop = min(limit, start + LIST_PAGE) - 1
+            args = [
+                self.record_key(""),
+                start,
+                stop,
+                MAX_FIELD_BYTES,
+                MAX_ERROR_BYTES,
+                budget.left,
+                MAX_TYPED_ERROR_BYTES,
+                MAX_TYPE_CHARS,
+                *LISTED,
+                "",
+                *ERRORS,
+                "",
+                *SIZED,
+            ]
+            reply = await self._op(
+                "job records", functools.partial(self._list, keys=(index,), args=args)
+            )
+            budget.left = int(reply[0])
+            for row in reply[1:]:
+                if row:  # a job submitted meanwhile moves the ranks on: listed once
+                    fields = reply_fields(row[1:])
+                    rows.setdefault(reply_text(row[0]), fields)
+            if len(reply) - 1 < stop - start + 1:
+                break
+        return [{"id": job_id, **fields} for job_id, fields in rows.items()]
 
     async def recent(self, limit: int) -> list[dict[str, str]]:
         return await self._records(self.recent_set, limit)
@@ -457,7 +578,10 @@ class RedisJobs(JobStore):
 # A terminal record is returned as it is; one gone (expired, a Redis that restarted empty)
 # is made again from what the message carried (ARGV[2..]); then one more attempt is counted
 # (not on an attempts field that is no integer: the worker dead-letters that, as _BEGIN).
+# A key of another type than a hash is no dispatcher's: deleted unread, made again.
 _RECORD_BEGIN = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'succeeded' or state == 'failed' or state == 'dead' then
   return redis.call('HGETALL', KEYS[1])

@@ -59,6 +59,7 @@ from dispatcher.state.base import (
 from dispatcher.state.memory import MemoryIdempotency
 from dispatcher.state.redis_jobs import LateRead, RedisJobRecords, RedisJobs
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError
+from providers._log_lines import sparingly
 
 __all__ = ["RedisState"]
 
@@ -147,6 +148,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         self.skipped = 0  # operations not tried: Redis failed less than retry_after ago
         self.late_reads = 0  # blocking reads (a worker's wait for jobs) that came back late
         self.fallbacks = 0  # steps that used local state instead (fail_open)
+        self.dropped_entries = 0  # cached entries no dispatcher wrote, deleted unread
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -320,10 +322,17 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
     # -- rate limits -------------------------------------------------------------------------
 
     async def acquire(
-        self, key: str, rate: float, burst: int, max_wait: float, deadline: float
+        self,
+        key: str,
+        rate: float,
+        burst: int,
+        max_wait: float,
+        deadline: float,
+        *,
+        longest_wait: float,
     ) -> Admission:
         interval_us = math.ceil(1_000_000 / rate)  # rounded up: never more than the rate
-        args = (interval_us, burst, int(max_wait * 1_000_000))
+        args = (interval_us, burst, int(max_wait * 1_000_000), int(longest_wait * 1_000_000))
         keys = (self._key("limit", key),)
         admitted, wait_us = await self._run(
             "a rate limit", deadline, lambda: self._limit(keys=keys, args=args)
@@ -405,7 +414,8 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.hmget(self._key("breaker", key), "state", "failures", "generation")
-                answers: list[Any] = await pipe.execute()
+                # One key of another type (WRONGTYPE) must not keep the others unread.
+                answers: list[Any] = await pipe.execute(raise_on_error=False)
                 return answers
 
         try:
@@ -415,10 +425,11 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         except DispatchError as error:
             log.debug("circuit breakers not read from %s: %s", self.where, error)
             return
-        for key, (state, failures, generation) in zip(keys, answers, strict=True):
+        for key, answer in zip(keys, answers, strict=True):
             seen = self._watchers.get(key)
-            if seen is None:
-                continue
+            if seen is None or isinstance(answer, Exception):
+                continue  # unreadable: its operations say so (refused, as for a garbled one)
+            state, failures, generation = answer
             try:
                 count = int(failures or 0)
             except ValueError:  # garbled by another writer: the state still tells
@@ -435,17 +446,26 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
     async def cache_get(self, name: str, key: str, deadline: float) -> tuple[bytes | None, int]:
         keys = (self._key("cachegen", name),)
         args = (self._key("cache", name) + ":", key, MAX_VALUE_BYTES)
-        generation, value = await self._run(
+        generation, value, *wrong_type = await self._run(
             "a cache read", deadline, lambda: self._cache_get(keys=keys, args=args)
         )
-        if isinstance(value, int):
-            log.warning(
-                "state store %s: a cached entry of %d bytes, over the bound of %d that"
-                " dispatchers write, was dropped unread; the call goes to the target",
-                self.where,
-                value,
-                MAX_VALUE_BYTES,
-            )
+        if isinstance(value, int) or wrong_type:
+            # Dropped unread, each once; logged sparingly, since whoever writes them
+            # chooses how many there are.
+            self.dropped_entries += 1
+            if sparingly(self.dropped_entries):
+                what = (
+                    f"a {reply_text(wrong_type[0])}, not a string"
+                    if wrong_type
+                    else f"{value} bytes, over the bound of {MAX_VALUE_BYTES} dispatchers write"
+                )
+                log.warning(
+                    "state store %s: a cached entry no dispatcher wrote (%s) was dropped"
+                    " unread; the call goes to the target (%d such entries so far)",
+                    self.where,
+                    what,
+                    self.dropped_entries,
+                )
         text = reply_text(generation)
         digits = text.removeprefix("-")
         # What INCR writes: a 64-bit integer. It refuses anything else, so a counter
@@ -611,6 +631,7 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
             "skipped": self.skipped,
             "late_reads": self.late_reads,
             "fallbacks": self.fallbacks,
+            "dropped_entries": self.dropped_entries,
             "available": self._clock() >= self._down_until,
         }
 

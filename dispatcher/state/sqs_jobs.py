@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.config import JobsConfig, SqsJobsConfig
+from dispatcher.state._job_summaries import ErrorBudget, summary
 from dispatcher.state.base import (
     TERMINAL_STATES,
     Delivery,
@@ -337,11 +338,13 @@ class SqsJobs(JobStore):
 
     async def _peek_dead(self, limit: int) -> list[dict[str, str]]:
         found: list[dict[str, str]] = []
+        budget = ErrorBudget()
 
         async def note(_: str, message: Message, record: dict[str, str] | None) -> bool:
             if len(found) < limit:
                 raw = {"id": f"message-{message.message_id}", "raw": message.body[:500]}
-                found.append(record or {**raw, "state": "dead"})
+                row = summary(record["id"], record, budget) if record else None
+                found.append(row or {**raw, "state": "dead"})
             return False
 
         await self._scan_dead(note)

@@ -7,6 +7,7 @@ several dispatcher processes call one plugin and the counts are the plugin's own
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from linchkit_plugin import Plugin
@@ -29,6 +30,12 @@ class CountingPlugin(Plugin):
         """Pure in the manifest: a fresh answer says the target was called."""
         self.reads += 1
         return {"item": item, "read": self.reads}
+
+    async def measure(self, item: str) -> dict[str, Any]:
+        """Pure in the manifest; from its second run on its answer holds NaN, which JSON
+        cannot carry: a cache serves that answer and cannot share it."""
+        self.reads += 1
+        return {"item": item, "read": self.reads, "ratio": 0.5 if self.reads == 1 else math.nan}
 
     async def ping(self) -> str:
         return "pong"

@@ -24,6 +24,13 @@ Failures and what they do:
   others counted in ``dropped`` and logged when some are first left out; one of those
   reported that leaves makes room for the next. A change past the first keys changes
   nothing reported, and is not reported (the keys are kept in order, not sorted again).
+  Only the first keys are kept, not every registration under the prefix
+  (``first_keys.FirstKeys``): when one of them leaves while some are past them, the
+  prefix is read again to learn which comes next.
+* More than ``MAX_ENDPOINTS`` keys off the contract: the first named in ``skipped`` (each
+  logged once), the others only counted in ``unlisted`` and logged sparingly
+  (``providers._log_lines.sparingly``): a prefix filled with junk costs neither memory nor
+  a log line per key.
 
 A watch that was created and then stays silent is a quiet registry, not a failure: etcd
 sends nothing while nothing changes. A peer that dies closes the connection, which ends
@@ -32,7 +39,6 @@ the stream; a half-open connection is caught by TCP keepalive on the socket.
 
 from __future__ import annotations
 
-import bisect
 import ipaddress
 import logging
 from typing import Any
@@ -47,7 +53,9 @@ from dispatcher.fleet.sources.etcd_client import (
     EtcdPrefix,
     RegistryFailure,
 )
+from dispatcher.fleet.sources.first_keys import FirstKeys
 from dispatcher.fleet.sources.health import ReadHealth
+from providers._log_lines import sparingly
 from providers.discovery import Endpoint, RegistryDiscovery
 
 __all__ = ["EtcdSource", "RegistryFailure", "parse_registration"]
@@ -141,35 +149,51 @@ class EtcdSource(InstanceSource):
             retry=spec.retry_ms / 1000,
             max_message_bytes=max_message_bytes,
         )
-        #: Every well-formed registration, by key: what is reported.
-        self._found: dict[str, Endpoint] = {}
-        #: The keys of ``_found`` in order: the first ``MAX_ENDPOINTS`` are reported.
-        self._keys: list[str] = []
+        #: The well-formed registrations reported: the first in key order. Kept to the
+        #: bound of what is reported (MAX_ENDPOINTS), not every key under the prefix:
+        #: whoever writes the prefix would choose how much of our memory it holds.
+        self._found: FirstKeys[Endpoint] = FirstKeys(MAX_ENDPOINTS)
         #: The list last reported (None: none yet), not reported again while it holds.
         self._reported: list[Endpoint] | None = None
-        #: Keys left out because their value is off the contract, with the reason.
+        #: Keys left out because their value is off the contract, with the reason: at
+        #: most MAX_ENDPOINTS of them, the same bound; the others are only counted in
+        #: ``unlisted`` (exact after a read; between reads, one that goes is not seen).
         self.skipped: dict[str, str] = {}
-        #: Well-formed registrations left out, beyond the first MAX_ENDPOINTS.
-        self.dropped = 0
+        self.unlisted = 0
+        #: Overflows so far, what their log lines are spared by (``sparingly``): keys off
+        #: the contract left unlisted, and reports that began to leave registrations out.
+        self._unlisted_seen = 0
+        self._drops_begun = 0
+        #: Whether the last report left registrations out.
+        self._dropping = False
         #: Keeps ``error`` and the read counters; logs an outage's start and end, once.
         self.health = ReadHealth(self, log)
 
+    @property
+    def dropped(self) -> int:
+        """Well-formed registrations left out, beyond the first MAX_ENDPOINTS (exact after
+        each read; between reads, ``first_keys`` says how it is counted)."""
+        return self._found.beyond
+
     async def run(self, report: Report) -> None:
         def on_read(values: dict[str, bytes]) -> None:
-            self._found, self._keys, self.skipped = {}, [], {}
+            previous, self.skipped, self.unlisted = self.skipped, {}, 0
+            self._found.clear()
             for key, value in values.items():
-                self._put(key, value)
+                self._put(key, value, created=True, logged=previous.get(key))
             self._report(report)
             self.health.succeeded(len(self._found))
 
-        def on_change(changes: list[Change]) -> None:
+        def on_change(changes: list[Change]) -> bool:
+            read_again = False
             for change in changes:
                 if change.value is None:
-                    self._forget(change.key)
+                    read_again |= self._found.remove(change.key)
                     self.skipped.pop(change.key, None)
                 else:
-                    self._put(change.key, change.value)
+                    read_again |= self._put(change.key, change.value, created=change.created)
             self._report(report)
+            return read_again
 
         await self._etcd.follow(on_read, on_change, self._fail)
 
@@ -183,46 +207,64 @@ class EtcdSource(InstanceSource):
         """Report the first ``MAX_ENDPOINTS`` instances in key order, unless that is the
         list reported last: a writer filling the prefix past the bound, a key at a time,
         would have the fleet go through the same list at each of its keys."""
-        dropped = max(0, len(self._keys) - MAX_ENDPOINTS)
-        if dropped and not self.dropped:  # once, not at each key more (``dropped`` counts)
-            log.warning(
-                "registry %s: %d instances beyond the bound of %d ignored (the first keys"
-                " in order are used)",
-                self.name,
-                dropped,
-                MAX_ENDPOINTS,
-            )
-        self.dropped = dropped
-        listed = [self._found[key] for key in self._keys[:MAX_ENDPOINTS]]
+        dropped = self.dropped
+        if dropped and not self._dropping:  # not at each key more (``dropped`` counts)
+            self._drops_begun += 1
+            if sparingly(self._drops_begun):
+                log.warning(
+                    "registry %s: %d instances beyond the bound of %d ignored (the first"
+                    " keys in order are used)",
+                    self.name,
+                    dropped,
+                    MAX_ENDPOINTS,
+                )
+        self._dropping = dropped > 0
+        listed = self._found.values()
         if listed != self._reported:
             self._reported = listed
             report(listed)
 
-    def _put(self, key: str, value: bytes) -> None:
+    def _put(self, key: str, value: bytes, *, created: bool, logged: str | None = None) -> bool:
+        """Keep or skip ``key``; True when a kept registration left and the prefix must be
+        read again to know which takes its place. ``logged``: the reason this key was
+        skipped for before a read (logged then, not again)."""
         try:
             endpoint = parse_registration(value)
         except ValueError as wrong:
-            self._forget(key)
-            if self.skipped.get(key) != str(wrong):
-                log.warning("registry %s: key %s left out: %s", self.name, key, wrong)
-            self.skipped[key] = str(wrong)
-            return
+            read_again = self._found.remove(key)
+            self._skip(key, str(wrong), self.skipped.get(key, logged))
+            return read_again
         self.skipped.pop(key, None)
-        if key not in self._found:
-            bisect.insort(self._keys, key)
-        self._found[key] = endpoint
+        self._found.put(key, endpoint, created=created)
+        return False
 
-    def _forget(self, key: str) -> None:
-        if self._found.pop(key, None) is not None:
-            del self._keys[bisect.bisect_left(self._keys, key)]
+    def _skip(self, key: str, reason: str, logged: str | None) -> None:
+        if key not in self.skipped and len(self.skipped) >= MAX_ENDPOINTS:
+            self.unlisted += 1
+            self._unlisted_seen += 1
+            if sparingly(self._unlisted_seen):
+                log.warning(
+                    "registry %s: more than %d keys off the contract; the others are left"
+                    " out and not listed (%d such keys so far)",
+                    self.name,
+                    MAX_ENDPOINTS,
+                    self._unlisted_seen,
+                )
+            return
+        if logged != reason:
+            log.warning("registry %s: key %s left out: %s", self.name, key, reason)
+        self.skipped[key] = reason
 
     async def aclose(self) -> None:
         await self._etcd.aclose()
 
     def __repr__(self) -> str:
         state = f" error={self.error!r}" if self.error else ""
-        skipped = f" skipped={sorted(self.skipped)}" if self.skipped else ""
+        names = sorted(self.skipped)
+        skipped = f" skipped={names[:3]}{'…' if len(names) > 3 else ''}" if names else ""
         dropped = f" dropped={self.dropped}" if self.dropped else ""
+        skipped += f" ({len(names)})" if len(names) > 3 else ""
+        skipped += f" unlisted={self.unlisted}" if self.unlisted else ""
         return (
             f"<EtcdSource {self.name} instances={len(self._found)} reads={self.reads}"
             f"{dropped}{state}{skipped}>"

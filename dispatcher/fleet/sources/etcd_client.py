@@ -4,7 +4,12 @@ Two readers share it: the fleet's ``EtcdSource`` (instances, ``sources/etcd.py``
 registry of plugin entries (``dispatcher._entries``). ``EtcdPrefix.follow`` reads every key
 under ``<prefix>/`` (``/v3/kv/range``), hands the whole set to ``on_read``, then watches
 (``/v3/watch``, one JSON object per line) from the read's revision + 1, so no change between
-the read and the watch is lost, and hands each batch of changes to ``on_change``.
+the read and the watch is lost, and hands each batch of changes to ``on_change``. A reader
+that keeps only part of the prefix (``first_keys``) may answer True from ``on_change`` to
+have the prefix read again (one of the keys it keeps left, and it cannot tell which key
+takes its place): the watch ends and a read follows, at once the first time, then at most
+once per ``retry`` (a writer deleting a key at a time must not have the registry read
+whole at each delete).
 
 Failures (``on_failure(reason, delay)``, then a new read after ``delay``, growing by half each
 time up to 8 times ``retry``): etcd unreachable, slower than ``timeout`` (connecting,
@@ -21,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import math
 import socket
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -29,7 +35,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-__all__ = ["MAX_MESSAGE_BYTES", "Change", "EtcdPrefix", "RegistryFailure", "one_line"]
+__all__ = ["MAX_MESSAGE_BYTES", "Change", "EtcdPrefix", "OnChange", "RegistryFailure", "one_line"]
 
 #: The largest range answer or watch line read; a registry of thousands of keys is well
 #: under it, and a peer sending more is not the registry we know.
@@ -44,10 +50,16 @@ class RegistryFailure(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One key put (``value`` its bytes) or deleted (``value`` None)."""
+    """One key put (``value`` its bytes) or deleted (``value`` None); ``created``: the put
+    made the key (etcd's ``version`` 1), rather than writing it again."""
 
     key: str
     value: bytes | None
+    created: bool = False
+
+
+#: ``on_change(changes)``: True asks for the prefix to be read again (module docstring).
+OnChange = Callable[[list[Change]], bool | None]
 
 
 class EtcdPrefix:
@@ -73,17 +85,23 @@ class EtcdPrefix:
     async def follow(
         self,
         on_read: Callable[[dict[str, bytes]], None],
-        on_change: Callable[[list[Change]], None],
+        on_change: OnChange,
         on_failure: Callable[[str, float], None],
     ) -> None:
-        """Read, watch, and read again after a failure, until cancelled; never raises."""
+        """Read, watch, and read again after a failure, or when ``on_change`` asks, until
+        cancelled; never raises."""
+        loop = asyncio.get_running_loop()
         delay = self._retry
+        asked_at = -math.inf  # when on_change last asked for a read
         while True:
             try:
                 revision, found = await self.read()
                 delay = self._retry
                 on_read(found)
-                await self._watch(revision + 1, on_change)
+                if await self._watch(revision + 1, on_change):
+                    await asyncio.sleep(max(0.0, asked_at + self._retry - loop.time()))
+                    asked_at = loop.time()
+                    continue
                 raise RegistryFailure("the watch stream ended")
             except RegistryFailure as failure:
                 on_failure(str(failure), delay)
@@ -130,7 +148,8 @@ class EtcdPrefix:
             found[_key(kv)] = _unb64(kv.get("value", ""))
         return revision, found
 
-    async def _watch(self, start_revision: int, on_change: Callable[[list[Change]], None]) -> None:
+    async def _watch(self, start_revision: int, on_change: OnChange) -> bool:
+        """Follow the watch until it ends (False) or ``on_change`` asks for a read (True)."""
         request = {"create_request": {**self._range, "start_revision": str(start_revision)}}
         async with self._http().post(
             f"{self._base}/v3/watch",
@@ -151,11 +170,12 @@ class EtcdPrefix:
                 async with asyncio.timeout(self._timeout):
                     created = await anext(lines, None)
                 if created is None:
-                    return  # ended before it began: follow() says so
+                    return False  # ended before it began: follow() says so
                 self._changes(created)
                 async for line in lines:
-                    if changes := self._changes(line):
-                        on_change(changes)
+                    if (changes := self._changes(line)) and on_change(changes):
+                        return True
+        return False
 
     def _changes(self, line: bytes) -> list[Change]:
         """The changes one line of the watch stream carries."""
@@ -179,8 +199,12 @@ class EtcdPrefix:
             kv = event.get("kv") if isinstance(event, dict) else None
             if not isinstance(kv, dict):
                 raise RegistryFailure("etcd's watch answer holds an event without a key")
-            deleted = event.get("type", "PUT") == "DELETE"
-            changes.append(Change(_key(kv), None if deleted else _unb64(kv.get("value", ""))))
+            if event.get("type", "PUT") == "DELETE":
+                changes.append(Change(_key(kv), None))
+            else:
+                # int64 fields are strings in the gateway's JSON; a key's first version is 1.
+                created = str(kv.get("version", "")) == "1"
+                changes.append(Change(_key(kv), _unb64(kv.get("value", "")), created))
         return changes
 
     # -- HTTP, bounded ---------------------------------------------------------------------
