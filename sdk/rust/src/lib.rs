@@ -22,6 +22,7 @@ mod auth;
 mod error;
 mod events;
 mod hosts;
+mod late_streams;
 mod log;
 mod params;
 mod serve;

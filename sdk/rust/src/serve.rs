@@ -20,6 +20,7 @@ use tonic::transport::server::{Connected, Router};
 use tonic::transport::Server;
 
 use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
+use crate::late_streams::LateStreams;
 use crate::pb::plugin_service_server::PluginServiceServer;
 use crate::service::{Service, Shared};
 use crate::size_status::SizeStatus;
@@ -299,7 +300,9 @@ async fn build(
 }
 
 /// Serves on `incoming` (through TLS when there is an acceptor) until `stop` completes,
-/// then ends the plugin's streams, runs its remaining hooks and stops gracefully.
+/// then ends the plugin's streams, runs its remaining hooks and stops gracefully. Each
+/// connection is read through [`LateStreams`], so a call the client sent too late for the
+/// stop cannot make h2 close the connection under the calls still running on it.
 async fn serve_on<St, IO>(
     shared: Arc<Shared>,
     router: Router,
@@ -316,10 +319,13 @@ where
         let _ = server_stopped.await;
     };
     let mut server = match acceptor {
-        None => tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal)),
-        Some(acceptor) => tokio::spawn(
-            router.serve_with_incoming_shutdown(tls_incoming(incoming, acceptor), signal),
-        ),
+        None => {
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming.map(late_streams), signal))
+        }
+        Some(acceptor) => tokio::spawn(router.serve_with_incoming_shutdown(
+            tls_incoming(incoming, acceptor).map(late_streams),
+            signal,
+        )),
     };
     let outcome =
         |done: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>| match done {
@@ -340,6 +346,10 @@ where
             Ok(())
         }
     }
+}
+
+fn late_streams<IO>(accepted: io::Result<IO>) -> io::Result<LateStreams<IO>> {
+    accepted.map(LateStreams::new)
 }
 
 /// Completes TLS handshakes off the accept loop, so one slow client cannot hold up others.

@@ -702,3 +702,160 @@ async fn service_mode_stops_at_shutdown_what_any_host_started() {
     running.stop().await;
     assert_eq!(counted(), (1, 1));
 }
+
+/// One HTTP/2 frame, as a test client writes it or reads it.
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    fn encoded(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        bytes.extend([kind, flags]);
+        bytes.extend(stream.to_be_bytes());
+        bytes.extend(payload);
+        bytes
+    }
+
+    async fn read(socket: &mut tokio::net::TcpStream) -> Option<Frame> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 9];
+        socket.read_exact(&mut head).await.ok()?;
+        let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; length];
+        socket.read_exact(&mut payload).await.ok()?;
+        Some(Frame {
+            kind: head[3],
+            flags: head[4],
+            stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+            payload,
+        })
+    }
+}
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+
+/// A `Call` on `stream` as grpc core writes one: HEADERS (here HPACK literals, no
+/// Huffman), a WINDOW_UPDATE on the stream, then the message in one DATA frame.
+fn raw_call(stream: u32, method: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/linchkit.plugin.v1.PluginService/Call"),
+        (":authority", "127.0.0.1"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        block.push(0x00); // a literal without indexing, its name too
+        block.push(name.len() as u8);
+        block.extend(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend(value.as_bytes());
+    }
+    let message = prost::Message::encode_to_vec(&request(method, "1", 0));
+    let mut body = vec![0];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    let mut bytes = Frame::encoded(HEADERS, END_HEADERS, stream, &block);
+    bytes.extend(Frame::encoded(
+        WINDOW_UPDATE,
+        0,
+        stream,
+        &5u32.to_be_bytes(),
+    ));
+    bytes.extend(Frame::encoded(DATA, END_STREAM, stream, &body));
+    bytes
+}
+
+/// At a graceful stop h2 caps the streams it takes when the client acknowledges its PING.
+/// grpc core may send, after that acknowledgement and in the same write, a call it
+/// numbered before it read the first GOAWAY, with a WINDOW_UPDATE on its stream. That call
+/// is ignored (the second GOAWAY tells the client to send it again elsewhere), and the call
+/// already running is still answered: h2 took that WINDOW_UPDATE for a protocol error
+/// (GOAWAY PROTOCOL_ERROR) and closed the connection under the running call, whose answer
+/// was lost.
+#[tokio::test]
+async fn a_call_sent_too_late_for_the_stop_costs_no_call_in_flight() {
+    use tokio::io::AsyncWriteExt;
+    let plugin = Plugin::new("test", "0.1.0").method("naps", "", |_: Call| async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(Json::raw("\"rested\""))
+    });
+    let mut running = start_plugin(plugin, &["serve", "--address", "127.0.0.1:0"], &[]).await;
+    let mut socket = tokio::net::TcpStream::connect(&running.fields[3])
+        .await
+        .unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(Frame::encoded(0x4, 0, 0, &[])); // SETTINGS
+    hello.extend(raw_call(1, "naps"));
+    hello.extend(Frame::encoded(PING, 0, 0, b"in-order"));
+    socket.write_all(&hello).await.unwrap();
+    // Its acknowledgement says the server has read the call on stream 1.
+    let mut frames = Vec::new();
+    loop {
+        let frame = Frame::read(&mut socket).await.expect("a frame");
+        let acknowledged = frame.kind == PING && frame.flags & ACK != 0;
+        frames.push(frame);
+        if acknowledged {
+            break;
+        }
+    }
+
+    let _ = running.stop.take().unwrap().send(());
+    let stopped = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut raced = false;
+        while let Some(frame) = Frame::read(&mut socket).await {
+            if frame.kind == PING && frame.flags & ACK == 0 && !raced {
+                raced = true;
+                let mut late = Frame::encoded(PING, ACK, 0, &frame.payload);
+                late.extend(raw_call(3, "naps"));
+                socket.write_all(&late).await.unwrap();
+            }
+            frames.push(frame);
+        }
+    });
+    stopped.await.expect("the plugin closed the connection");
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.kind == GOAWAY && f.payload[..4] == [0, 0, 0, 1]),
+        "a GOAWAY names stream 1 the last one taken"
+    );
+    let errors: Vec<u32> = frames
+        .iter()
+        .filter(|f| f.kind == GOAWAY)
+        .map(|f| u32::from_be_bytes([f.payload[4], f.payload[5], f.payload[6], f.payload[7]]))
+        .filter(|&code| code != 0)
+        .collect();
+    assert_eq!(errors, Vec::<u32>::new(), "GOAWAY error codes");
+    let answer = frames
+        .iter()
+        .find(|f| f.kind == DATA && f.stream == 1)
+        .expect("the call in flight is answered");
+    let reply: pb::CallReply = prost::Message::decode(&answer.payload[5..]).unwrap();
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(reply.result_json, b"\"rested\"");
+    assert!(frames
+        .iter()
+        .any(|f| f.kind == HEADERS && f.stream == 1 && f.flags & END_STREAM != 0));
+    assert!(
+        frames.iter().all(|f| f.stream != 3),
+        "the late call is not taken"
+    );
+    let outcome = tokio::time::timeout(Duration::from_secs(10), running.task).await;
+    assert!(
+        matches!(outcome, Ok(Ok(Ok(())))),
+        "plugin did not stop cleanly"
+    );
+}
