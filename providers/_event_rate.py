@@ -5,13 +5,17 @@ a message); the rate is what bounds the host's CPU: an event over it is dropped 
 data is decoded or a handler looks at it, and counted. The WebSocket binding and the gRPC
 ``Events`` stream (of ``provider: grpc`` and ``subprocess`` targets) bound their plugins'
 events alike, with ``max_events_per_second``: a token bucket of that rate whose burst is
-one second of it.
+one second of it. What it drops it counts (``dropped``) and logs sparingly, in the same
+words on both bindings.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+
+from providers._log_lines import sparingly
 
 __all__ = ["DEFAULT_MAX_EVENTS_PER_SECOND", "EventRate"]
 
@@ -21,15 +25,28 @@ DEFAULT_MAX_EVENTS_PER_SECOND = 10_000
 
 class EventRate:
     """A token bucket: ``rate`` events a second, bursts of ``rate``; ``take`` says whether
-    one more event fits. ``clock``: seconds, monotonic (tests pass their own)."""
+    one more event fits, ``admit`` also counts and logs one that does not. ``describe``
+    names the plugin's connection in that log line, written to ``log``. ``clock``:
+    seconds, monotonic (tests pass their own)."""
 
-    __slots__ = ("_clock", "_last", "_rate", "_tokens")
+    __slots__ = ("_clock", "_describe", "_last", "_log", "_rate", "_tokens", "dropped")
 
-    def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate: float,
+        describe: str = "a plugin",
+        log: logging.Logger | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._rate = rate
         self._tokens = rate
         self._clock = clock
         self._last = clock()
+        self._describe = describe
+        self._log = log if log is not None else logging.getLogger("dispatcher.providers")
+        #: Events ``admit`` refused: beyond the rate, dropped.
+        self.dropped = 0
 
     def take(self) -> bool:
         now = self._clock()
@@ -40,5 +57,18 @@ class EventRate:
             return True
         return False
 
+    def admit(self) -> bool:
+        """``take``; an event it refuses is counted and logged sparingly."""
+        if self.take():
+            return True
+        self.dropped += 1
+        if sparingly(self.dropped):
+            self._log.warning(
+                "%s sends events faster than max_events_per_second; %d dropped",
+                self._describe,
+                self.dropped,
+            )
+        return False
+
     def __repr__(self) -> str:
-        return f"<EventRate {self._rate:g}/s tokens={self._tokens:.0f}>"
+        return f"<EventRate {self._rate:g}/s tokens={self._tokens:.0f} dropped={self.dropped}>"

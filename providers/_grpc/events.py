@@ -57,9 +57,8 @@ class EventsStream:
     ) -> None:
         self._host_event = host_event
         self.describe = describe
-        self._rate = EventRate(max_per_second)
-        #: Events beyond ``max_per_second``: dropped, and logged sparingly.
-        self.events_dropped = 0
+        #: Events beyond ``max_per_second`` are dropped, counted and logged sparingly.
+        self._rate = EventRate(max_per_second, describe, log)
         self._task: asyncio.Task[None] | None = None
         self._outgoing: HostEvents[tuple[str, bytes]] = HostEvents(describe)
         self._open = asyncio.Event()
@@ -114,14 +113,10 @@ class EventsStream:
         counts = {"events_dropped": self.events_dropped, "bad_events": self.bad_events}
         return {name: count for name, count in counts.items() if count}
 
-    def _drop(self) -> None:
-        self.events_dropped += 1
-        if sparingly(self.events_dropped):
-            log.warning(
-                "%s sends events faster than max_events_per_second; %d dropped",
-                self.describe,
-                self.events_dropped,
-            )
+    @property
+    def events_dropped(self) -> int:
+        """Events beyond ``max_per_second``, dropped."""
+        return self._rate.dropped
 
     async def _outgoing_events(self, ended: asyncio.Future[None]) -> AsyncIterator[Any]:
         """The host events of one ``Events`` stream, until ``ended``.
@@ -162,8 +157,7 @@ class EventsStream:
                 self._open.set()
                 async for event in call:
                     backoff = 0.05
-                    if not self._rate.take():
-                        self._drop()
+                    if not self._rate.admit():
                         continue
                     try:
                         data = loads(event.data_json, self.describe)

@@ -171,7 +171,7 @@ class Channel:
         self._max_in_flight = max_in_flight
         self._max_message_bytes = max_message_bytes
         self._sink = sink
-        self._events = EventRate(max_events_per_second)
+        self._events = EventRate(max_events_per_second, describe, log)
         self._loop = asyncio.get_running_loop()
         #: Unary calls and health probes in flight: id → the future of their answer.
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -203,7 +203,6 @@ class Channel:
         #: Counters, for ``health`` and tests: what the peer sent that could not be used.
         self.unknown_ids = 0
         self.protocol_errors = 0
-        self.events_dropped = 0
         self.events_dropped_by_plugin = 0
         self._dropped_frames = 0
         self._writer = self._loop.create_task(self._write(), name=f"writing {describe}")
@@ -706,18 +705,16 @@ class Channel:
         with contextlib.suppress(asyncio.QueueFull):
             queue.put_nowait(end)
 
+    @property
+    def events_dropped(self) -> int:
+        """The plugin's events beyond ``max_events_per_second``, dropped."""
+        return self._events.dropped
+
     def _event(self, frame: dict[str, Any]) -> None:
         name = frame.get("event")
         if type(name) is not str or self._sink is None:
             return
-        if not self._events.take():
-            self.events_dropped += 1
-            if sparingly(self.events_dropped):
-                log.warning(
-                    "%s sends events faster than max_events_per_second; %d dropped",
-                    self.describe,
-                    self.events_dropped,
-                )
+        if not self._events.admit():
             return
         try:
             self._sink(name, frame.get("data"))
