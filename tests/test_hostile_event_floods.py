@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher import Dispatcher
+from dispatcher import Dispatcher, ManifestError
 from dispatcher._events import MAX_RUNNING_HANDLERS_PER_PLUGIN
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
 from tests.conftest import manifest
@@ -127,3 +127,19 @@ async def test_an_event_flood_beyond_the_rate_is_dropped_before_decoding_and_log
     assert any(
         "faster than max_events_per_second" in record.getMessage() for record in caplog.records
     )
+
+
+@pytest.mark.parametrize("provider", ["grpc", "subprocess"])
+@pytest.mark.parametrize("rate", [0, -5, "fast", 1.5, None])
+def test_a_malformed_event_rate_is_refused_at_load(provider: str, rate: Any) -> None:
+    """``max_events_per_second`` of a gRPC or subprocess target: a rate that admits no
+    event, a negative one, a word, a fraction or null is the manifest's error, naming the
+    field, not a target that drops every event or fails at its first one."""
+    target: dict[str, Any] = (
+        {"provider": "grpc", "address": "127.0.0.1:1"}
+        if provider == "grpc"
+        else {"provider": "subprocess", "command": ["true"]}
+    )
+    target["max_events_per_second"] = rate
+    with pytest.raises(ManifestError, match="max_events_per_second"):
+        manifest({**entry("flood", "127.0.0.1:1"), "target": target})

@@ -13,7 +13,7 @@ import logging
 
 import pytest
 
-from dispatcher import parse_manifest
+from dispatcher import ManifestError, parse_manifest
 from dispatcher.config import RegistryConfig, merge_entries
 from dispatcher.config.registry import entry_item
 from tests.conftest import LOCAL_TARGET, ROOT, echo_plugin
@@ -214,3 +214,21 @@ async def test_entries_past_max_entries_are_counted_not_kept_nor_applied(
         assert len(lines) <= 6, lines  # 3 refusals named, each overflow once
         assert sum("max_entries" in line for line in lines) == 1
         assert sum("refused by trust" in line for line in lines) == 1
+
+
+@pytest.mark.parametrize("bound", [0, -1, 10_001, "many", 2.5, None])
+def test_a_malformed_entry_bound_is_refused_at_load(bound: object) -> None:
+    """``trust.max_entries`` outside 1 … 10,000, or not a whole number, is the manifest's
+    error naming the field: a bound of none would apply nothing, one past the range would
+    let a registry fill the dispatcher's memory."""
+    document = {
+        "version": 1,
+        "plugins": [echo_plugin("main", LOCAL_TARGET)],
+        "registry": {
+            "etcd": "http://127.0.0.1:1",
+            "prefix": "/p/",
+            "trust": {"max_entries": bound},
+        },
+    }
+    with pytest.raises(ManifestError, match="max_entries"):
+        parse_manifest(document, base_dir=ROOT)
