@@ -545,3 +545,32 @@ async def test_a_connection_an_outsider_keeps_in_flight_is_refused_not_waited_fo
     assert loop.time() - started < 2, "the call waited for its deadline"
     assert refused.value.details.get("port_taken") is True
     assert f"held by pid {os.getpid()}" in str(refused.value)
+
+
+async def test_a_table_that_cannot_be_read_is_the_providers_error_not_the_readers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reading who accepted a connection can fail (``/proc`` unreadable, a descriptor
+    limit reached): the call ends with the provider's typed error, stage ``connect``
+    (nothing was sent), not with the reader's ``PermissionError`` escaping aiohttp."""
+    port = free_port()
+    with _container_server(port) as (container_pid, _):
+        channel = HttpChannel(
+            Address("test-container", port=port, token="secret", container_pid=container_pid)
+        )
+        await channel.open()
+        assert channel._owner is not None
+
+        def unreadable(ends: object) -> object:
+            raise PermissionError("/proc/net/tcp: permission denied")
+
+        monkeypatch.setattr(channel._owner, "accepted_all", unreadable)
+        loop = asyncio.get_running_loop()
+        try:
+            invocation = Invocation("plugin", "1.0.0", "method", {}, loop.time() + 5, "r-1")
+            with pytest.raises(TargetUnavailable) as failed:
+                await channel.invoke(invocation)
+        finally:
+            await channel.aclose()
+    assert failed.value.details.get("stage") == "connect"
+    assert "cannot check who accepted" in str(failed.value)

@@ -177,6 +177,14 @@ class HttpChannel:
             raise TargetUnavailable(
                 f"container {self._address.container}: {error}", details=CONNECT_STAGE
             ) from None
+        except (OSError, RuntimeError) as error:
+            # The tables could not be read (or the channel closed under the wait): nothing
+            # was sent, and the caller gets the provider's error, not the reader's.
+            raise TargetUnavailable(
+                f"container {self._address.container}: cannot check who accepted the"
+                f" connection to its port: {error}",
+                details=CONNECT_STAGE,
+            ) from None
 
     async def _watch_accepts(self) -> None:
         """Looks at every connection waiting to be accepted, all at once, until none is
