@@ -709,7 +709,7 @@ class Dispatcher:
             or credentials is not None
             or (caller is not None and caller.__class__ is not str)
         ):
-            route = self._routes.find(plugin, method, version, self._state, idempotency_key)
+            route = self._routes.find(plugin, method, version, self._state, submission.split_key)
             caller_id = caller if isinstance(caller, str) else None
             return await self._queue_job(store, submission, route, caller_id, limit)
         entry = self._guard.begin(
@@ -726,7 +726,7 @@ class Dispatcher:
                 caller,
                 credentials,
                 entry,
-                idempotency_key,
+                submission.split_key,
             )
             return await self._queue_job(store, submission, route, caller_id, limit)
         except BaseException as error:
@@ -778,10 +778,15 @@ class Dispatcher:
 
     async def _run_job(self, record: dict[str, str], params: Any) -> Any:
         """One attempt of a job, through its method's chain like any call (tracked, so a
-        drain waits for it); the caller's access was checked when it was submitted."""
+        drain waits for it); the caller's access was checked when it was submitted. A job
+        a rollout placed is placed again, and ``record["version"]`` says where it runs."""
         route = self._routes.find(
             record["plugin"], record["method"], record["version"], self._state
         )
+        split_key = record.get("split_key")
+        if split_key is not None:
+            route = self._routes.placed_again(route, split_key)
+            record["version"] = route.version
         key = record.get("idempotency_key")
         invocation = self._invocation(
             route, params, None, record.get("id"), record.get("caller"), None, key

@@ -89,6 +89,13 @@ class Submission:
     #: How its callback tells an infrastructure error (``dispatcher._public_errors``).
     callback_detail: ErrorDetail = "full"
 
+    @property
+    def split_key(self) -> str:
+        """What a rollout places the job by: its idempotency key (its repeats, and a keyed
+        call, go where it went), else its own id (each attempt goes where the first went
+        while the rollout's step holds)."""
+        return self.job_id if self.idempotency_key is None else self.idempotency_key
+
 
 def new_submission(
     params: Any,
@@ -116,7 +123,8 @@ async def queue_job(
     max_params_bytes: int,
 ) -> str:
     """Check ``submission``'s params against ``route``'s method and queue its record;
-    its job id. The version is fixed now: a reload later does not change what it runs."""
+    its job id. The version is fixed now (a reload later does not change what it runs),
+    unless a rollout chose it: then the rollout places the job again when it runs."""
     if route.validate is not None:
         route.validate(submission.params)
     record = new_job_record(
@@ -129,6 +137,8 @@ async def queue_job(
         submission.idempotency_key,
         submission.callback_url,
         submission.callback_detail,
+        # The route is a rollout's side: the rollout chose the version, not the caller.
+        split_key=submission.split_key if route.once.other_versions else None,
     )
     if len(record["params"]) > max_params_bytes:  # kept in the store until the job ends
         raise InvalidParams(

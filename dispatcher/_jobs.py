@@ -105,10 +105,14 @@ def new_job_record(
     idempotency_key: str | None,
     callback_url: str | None = None,
     callback_detail: ErrorDetail = "full",
+    *,
+    split_key: str | None = None,
 ) -> dict[str, str]:
     """The stored record of a new job (every field a string: a Redis hash).
     ``callback_detail``: ``safe`` (kept with a ``callback_url`` only), its callback tells
-    an infrastructure error as a gateway answering ``safe`` does (``_job_callbacks``)."""
+    an infrastructure error as a gateway answering ``safe`` does (``_job_callbacks``).
+    ``split_key``: a rollout chose ``version`` by it, and places the job again by it
+    when it runs (``RouteTable.placed_again``)."""
     record = {
         "id": job_id,
         "plugin": plugin,
@@ -127,6 +131,8 @@ def new_job_record(
         record["callback_url"] = callback_url
         if callback_detail == "safe":  # absent: full, as every record before it
             record["callback_detail"] = callback_detail
+    if split_key is not None:
+        record["split_key"] = split_key
     return record
 
 
@@ -232,6 +238,13 @@ def _attempts_of(record: dict[str, str]) -> int | None:
         return int(record.get("attempts", "1"))
     except ValueError:
         return None
+
+
+def _moved(record: dict[str, str], placed: str | None) -> dict[str, str]:
+    """The record's new ``version`` when the attempt ran elsewhere than it was placed (a
+    rollout placed it again: ``Dispatcher._run_job``); none when it ran there."""
+    version = record.get("version")
+    return {} if version is None or version == placed else {"version": version}
 
 
 def backoff(config: JobsConfig, attempt: int, retry_after: float | None) -> float:
@@ -427,24 +440,26 @@ class JobWorkers:
             fields = self._dead(f"job {job_id} has unreadable params", attempts)
             await self._ended(entry, record, fields)
             return
+        placed = record.get("version")
         self.running += 1
         try:
             result = await self.run(record, params)
         except DispatchError as error:
-            await self._failed(entry, record, attempts, error)
+            await self._failed(entry, record, attempts, error, _moved(record, placed))
             return
         except Exception as error:  # a host bug, not the plugin's answer: not retried
             log.exception("job %s failed unexpectedly", job_id)
             failure = ProviderError(f"job {job_id} failed in the dispatcher: {error!r:.200}")
-            await self._failed(entry, record, attempts, failure)
+            await self._failed(entry, record, attempts, failure, _moved(record, placed))
             return
         finally:
             self.running -= 1
+        moved = _moved(record, placed)
         try:
             encoded = encode_json(result).decode()
         except DispatchError:  # a result that is not JSON: nothing to keep, no use retrying
             failure = ProviderError(f"job {job_id}: the result is not JSON", retryable=False)
-            await self._failed(entry, record, attempts, failure)
+            await self._failed(entry, record, attempts, failure, moved)
             return
         limit = self.config.max_result_bytes
         if len(encoded) > limit:  # kept in the store for result_ttl_ms: bounded like params
@@ -453,9 +468,9 @@ class JobWorkers:
                 f" jobs.max_result_bytes = {limit}; it was not kept",
                 details={"stage": "jobs", "limit": limit, "bytes": len(encoded)},
             )
-            await self._failed(entry, record, attempts, too_large)
+            await self._failed(entry, record, attempts, too_large, moved)
             return
-        fields = {"state": "succeeded", "result": encoded, "finished_at": _now_ms()}
+        fields = {"state": "succeeded", "result": encoded, "finished_at": _now_ms(), **moved}
         await self._ended(entry, record, fields)
         self.counts["succeeded"] += 1
 
@@ -479,18 +494,25 @@ class JobWorkers:
             self.callbacks.send(url, job_status({**record, **fields}))
 
     async def _failed(
-        self, entry: str, record: dict[str, str], attempts: int, error: DispatchError
+        self,
+        entry: str,
+        record: dict[str, str],
+        attempts: int,
+        error: DispatchError,
+        moved: dict[str, str],
     ) -> None:
+        """Store a failed attempt: to be retried, or the job's end. ``moved``: the version
+        the attempt ran at, when a rollout placed it elsewhere than the record said."""
         job_id = record["id"]
         wire = encode_json(error.to_wire()).decode()
         if error.retryable and attempts < self.config.max_attempts:
             delay = backoff(self.config, attempts, error.retry_after)
-            fields = {"state": "retrying", "error": wire}
+            fields = {"state": "retrying", "error": wire, **moved}
             await self.store.retry_later(entry, job_id, fields, delay)
             self.counts["retried"] += 1
             return
         state = "dead" if error.retryable else "failed"
-        fields = {"state": state, "error": wire, "finished_at": _now_ms()}
+        fields = {"state": state, "error": wire, "finished_at": _now_ms(), **moved}
         await self._ended(entry, record, fields)
         self.counts[state] += 1
 

@@ -13,6 +13,11 @@ idempotency step in front of the rollout's wrapping, answered from a record at e
 version: a repeat meeting the key's record replays it wherever the split now sends it (a
 step later, or after a rollback), and never runs again or is refused for the version.
 
+A job is placed by the same split when it is submitted, by its idempotency key or else its
+own id (``split_key``, kept in its record), and placed again by it at each attempt: its
+attempts are measured like calls, and a job the new version had not run yet when the
+rollout rolled back runs at the old one (its record says where it ran).
+
 A ``Rollout`` is a small state machine evaluated on the call path, not by a timer task:
 the first call after ``interval_s`` ends the window (no calls, no evidence, no step).
 
@@ -193,6 +198,9 @@ class Rollout:
     def covers(self, wanted: str) -> bool:
         return self._covers(wanted)
 
+    def moves(self, version: str) -> bool:
+        return version == self.spec.from_version or version == self.to_version
+
     def pick(self, idempotency_key: str | None = None) -> Route:
         assert self._old is not None
         assert self._new is not None
@@ -352,6 +360,9 @@ class Shadow:
 
     def covers(self, wanted: str) -> bool:
         return self._covers(wanted)
+
+    def moves(self, version: str) -> bool:
+        return False  # every call is the primary's; the mirror is a copy
 
     def pick(self, idempotency_key: str | None = None) -> Route:
         assert self._primary is not None

@@ -129,6 +129,11 @@ class Split(Protocol):
         key's other calls went (while the split holds)."""
         ...
 
+    def moves(self, version: str) -> bool:
+        """Whether this split places calls at ``version`` (a job it placed there may be
+        placed again when it runs): one of a rollout's two versions; a shadow moves none."""
+        ...
+
 
 def _bind_stream(
     provider: Provider[Any], target: TargetConfig
@@ -257,6 +262,16 @@ class RouteTable:
             ):
                 return split.pick(idempotency_key)
         return route
+
+    def placed_again(self, route: Route, split_key: str) -> Route:
+        """Where the split of ``route``'s method sends ``split_key`` now: the route of a
+        job the split placed when it was submitted (a rollback or a step since moves it,
+        and its attempts are measured like calls); ``route`` once no split moves its
+        version (the rollout left the manifest)."""
+        split = self._splits.get((route.plugin, route.method)) if self._splits else None
+        if split is None or not split.moves(route.version):
+            return route
+        return split.pick(split_key)
 
     def version_of(self, plugin: str, version: str | None, state: str) -> str:
         """The version a call of ``plugin`` goes to (``version``, or the highest)."""

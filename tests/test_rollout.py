@@ -293,6 +293,54 @@ async def test_a_keyed_submission_during_a_rollout_is_one_job(
         assert [await submitted(key) for key in KEYS] == list(jobs.values())
 
 
+async def test_jobs_a_rollout_placed_count_toward_it_and_follow_its_rollback(
+    redis_server: Redis, redis_prefix: str
+) -> None:
+    """Before: the rollout chose a job's version when it was submitted, and the job ran
+    around the rollout: a new version that failed every job never rolled back, and half
+    the jobs failed. Now a job's attempts are measured like calls, and the jobs placed on
+    the new version that have not run yet follow the rollback (their records say where
+    they ran)."""
+    spec = rollout(steps=[50, 100], interval_s=60, max_error_rate=0.01)
+    manifest = rollouts_manifest(
+        version("1.0.0"),
+        version("2.0.0", fail_from=1),
+        rollouts=[spec],
+        state=redis_state(redis_server, redis_prefix),
+        jobs={"workers": 0},
+    )
+    async with Dispatcher(manifest) as submitter:
+        jobs = [await submitter.submit("svc", "answer", {"x": n}) for n in range(20)]
+        placed = [(await submitter.job(job_id))["version"] for job_id in jobs]
+    assert placed.count("2.0.0") >= 3, placed  # split by job id: about half of them
+    # One worker taking one job at a time: the first job on 2.0.0 is the only one to fail.
+    async with Dispatcher(
+        rollouts_manifest(
+            version("1.0.0"),
+            version("2.0.0", fail_from=1),
+            rollouts=[spec],
+            state=redis_state(redis_server, redis_prefix),
+            jobs={"workers": 1, "batch": 1},
+        )
+    ) as worker:
+        outcomes = []
+        for job_id in jobs:
+            try:
+                outcomes.append((await worker.result(job_id, wait=20))["version"])
+            except DispatchError as error:
+                assert error.details["state"] == "failed", error
+                outcomes.append("failed")
+        ran = [(await worker.job(job_id))["version"] for job_id in jobs]
+        stats = worker.stats()["rollouts"]["svc.answer"]
+    assert stats["status"] == "rolled_back", stats
+    assert outcomes.count("failed") == 1, outcomes
+    first = outcomes.index("failed")
+    assert placed[first] == "2.0.0" == ran[first]
+    assert all(version == "1.0.0" for version in placed[:first]), placed
+    assert outcomes[first + 1 :] == ["1.0.0"] * (len(jobs) - first - 1)
+    assert ran[first + 1 :] == ["1.0.0"] * (len(jobs) - first - 1)
+
+
 async def test_a_keyed_call_of_a_shadowed_method_runs_once() -> None:
     """Before: a shadow's route took keyed calls past the idempotency step as a
     rollout's did: every repeat ran on the primary again (and was mirrored again)."""
