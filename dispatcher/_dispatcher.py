@@ -536,7 +536,13 @@ class Dispatcher:
             if self.telemetry is not None:  # refused before the chain, which counts the rest
                 self._count_refused(plugin, method, route, refused)
             raise
-        invoke = route.invoke if idempotency_key is None else route.once
+        invoke = (
+            route.invoke
+            if idempotency_key is None
+            else route.once_unversioned
+            if version is None
+            else route.once
+        )
         # In flight: the task in a set, so a drain can wait for it and cut it off
         # (dispatcher._drain). InFlight.tracked, inlined: this is the per-call hot path.
         task = self._current_task()
@@ -612,7 +618,13 @@ class Dispatcher:
                 idempotency_key,
                 wait_at_most,
             )
-            invoke = route.invoke if idempotency_key is None else route.once
+            invoke = (
+                route.invoke
+                if idempotency_key is None
+                else route.once_unversioned
+                if version is None
+                else route.once
+            )
             chained = True  # from here on the chain's own telemetry step counts the call
             return await self._in_flight.tracked(invoke(invocation), f"the call of {route.name}")
         except BaseException as error:
@@ -711,7 +723,9 @@ class Dispatcher:
         ):
             route = self._routes.find(plugin, method, version, self._state, submission.split_key)
             caller_id = caller if isinstance(caller, str) else None
-            return await self._queue_job(store, submission, route, caller_id, limit)
+            return await self._queue_job(
+                store, submission, route, caller_id, limit, version_named=version is not None
+            )
         entry = self._guard.begin(
             "submit", caller, plugin, version, method, submission.job_id, None, submission.params
         )
@@ -728,7 +742,9 @@ class Dispatcher:
                 entry,
                 submission.split_key,
             )
-            return await self._queue_job(store, submission, route, caller_id, limit)
+            return await self._queue_job(
+                store, submission, route, caller_id, limit, version_named=version is not None
+            )
         except BaseException as error:
             failure = error
             raise
@@ -742,6 +758,8 @@ class Dispatcher:
         route: Route,
         caller_id: str | None,
         limit: int,
+        *,
+        version_named: bool,
     ) -> str:
         """Queue the job, once per idempotency key (``queue_job_once``)."""
         backend = self.state_backend
@@ -754,6 +772,7 @@ class Dispatcher:
             route,
             caller_id,
             limit,
+            version_named=version_named,
         )
 
     async def job(self, job_id: str) -> dict[str, Any]:

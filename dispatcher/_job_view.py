@@ -24,6 +24,7 @@ from dispatcher._jobs import job_status as decoded_status
 from dispatcher._public_errors import ErrorDetail
 from dispatcher._routes import Route, checked_timeout
 from dispatcher.state import (
+    ANY_VERSION,
     Claim,
     IdempotencyStore,
     JobStore,
@@ -156,12 +157,15 @@ async def queue_job_once(
     route: Route,
     caller_id: str | None,
     max_params_bytes: int,
+    *,
+    version_named: bool = True,
 ) -> str:
     """``queue_job``, once per idempotency key: a submission with the key of an earlier
     one (the same method, version, caller and params) is that job, its id answered again,
     for ``retention`` seconds (``state.idempotency_retention_ms``, as a keyed call's
-    outcome is kept); with other params or at another version it is refused as a keyed
-    call is. Without a key, or before, every submission queued a job of its own (the
+    outcome is kept); with other params or naming another version it is refused as a
+    keyed call is. Without ``version_named`` (the submission named none) the earlier
+    one's version does not matter, as for a keyed call naming none. Without a key, or before, every submission queued a job of its own (the
     plugin's result replayed under each new id: the key also goes with the job, to its
     call)."""
     raw_key = submission.idempotency_key
@@ -184,8 +188,9 @@ async def queue_job_once(
             deadline,
             version=route.version,
             # A rollout chose the version (the key's side of its split): a record of the
-            # key at its other version is the same submission, as for a keyed call.
-            other_versions=route.once.other_versions,
+            # key at its other version is the same submission, as for a keyed call; and
+            # at any version when the submission named none.
+            other_versions=route.once.other_versions if version_named else (ANY_VERSION,),
         )
         if claimed.claim is Claim.RUN:
             break
@@ -204,10 +209,10 @@ async def queue_job_once(
             )
         if claimed.claim is Claim.MISMATCH:
             versions = " or ".join((route.version, *route.once.other_versions))
+            other = f" or at another version than {versions}" if version_named else ""
             raise InvalidParams(
                 f"idempotency key {raw_key!r:.80} was already used for {route.plugin}."
-                f"{route.method} with other params or at another version than"
-                f" {versions}; a new request needs a new key"
+                f"{route.method} with other params{other}; a new request needs a new key"
             )
         left = deadline - loop.time()
         if left <= 0:

@@ -20,6 +20,7 @@ from dispatcher.config import DEFAULT_TIMEOUT_MS, PluginSpec
 from dispatcher.fleet import Fleet
 from dispatcher.policies import Gate, Step
 from dispatcher.policies.idempotency import IdempotencyStep
+from dispatcher.state import ANY_VERSION
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
@@ -57,6 +58,7 @@ class Route:
         "method",
         "name",
         "once",
+        "once_unversioned",
         "open_stream",
         "plugin",
         "stream",
@@ -87,6 +89,10 @@ class Route:
         #: The chain of a call carrying an idempotency key: ``invoke`` behind the
         #: idempotency step (dispatcher.policies.idempotency).
         self.once = once
+        #: The same for a call that named no version: its key's record at any version of
+        #: the method answers it (a retry after a newer version was deployed, after a
+        #: rollout that placed it left the manifest, is the same request).
+        self.once_unversioned = once.around(once.next, (ANY_VERSION,))
         self.gate = gate
         #: For the audit log: whether its records carry params, what serves the method.
         self.audit_params = bool(policies.audit_params)
@@ -113,6 +119,7 @@ class Route:
         route.invoke = invoke
         # Not ``invoke`` alone: keyed calls a rollout routed ran once per duplicate.
         route.once = self.once.around(invoke, other_versions)
+        route.once_unversioned = self.once.around(invoke, (ANY_VERSION,))
         return route
 
 

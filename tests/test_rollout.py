@@ -591,3 +591,67 @@ async def test_a_shadows_differences_show_no_callers_values_to_another_caller(
     # The operator who turns the rollout logger down to DEBUG sees the values.
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert any(request_ids[0] in line and "alice-secret-1" in line for line in logged)
+
+
+async def test_a_keyed_retry_naming_no_version_replays_after_a_newer_version_came(
+    state: dict[str, Any],
+) -> None:
+    """Before: a keyed call naming no version ran at 1.0.0; once 2.0.0 was deployed its
+    retry (a client retrying a call that timed out during the deploy) went to 2.0.0 and
+    was refused with ``InvalidParams``. The caller asked for no version: the key's record
+    at any version is its answer. A call naming a version is still held to it."""
+    async with Dispatcher(rollouts_manifest(version("1.0.0"), rollouts=[], state=state)) as d:
+        first = await d.call("svc", "answer", {"x": 1}, idempotency_key="order-1")
+        assert first["version"] == "1.0.0"
+        await d.reload(
+            rollouts_manifest(version("1.0.0"), version("2.0.0"), rollouts=[], state=state)
+        )
+        assert await d.call("svc", "answer", {"x": 1}, idempotency_key="order-1") == first
+        assert (
+            await d.call("svc", "answer", {"x": 1}, version="^1", idempotency_key="order-1")
+            == first
+        )
+        assert await d.call("svc", "calls_seen", version="2.0.0") == 0
+        assert await d.call("svc", "calls_seen", version="1.0.0") == 1
+        with pytest.raises(InvalidParams, match=r"another version than 2\.0\.0;"):
+            await d.call("svc", "answer", {"x": 1}, version="2.0.0", idempotency_key="order-1")
+        with pytest.raises(InvalidParams, match=r"with other params; a new request"):
+            await d.call("svc", "answer", {"x": 2}, idempotency_key="order-1")
+        fresh = await d.call("svc", "answer", {"x": 1}, idempotency_key="order-2")
+        assert fresh["version"] == "2.0.0"
+
+
+async def test_a_keyed_retry_replays_after_the_rollout_that_placed_it_left(
+    state: dict[str, Any],
+) -> None:
+    """Before: a key the rollout sent to 1.0.0, retried after the rollout was taken out of
+    the manifest (every call naming no version now goes to 2.0.0), was refused."""
+    spec = rollout(steps=[50, 100], interval_s=60)
+    plugins = (version("1.0.0"), version("2.0.0"))
+    async with Dispatcher(rollouts_manifest(*plugins, rollouts=[spec], state=state)) as d:
+        first = {key: await d.call("svc", "answer", {"x": 1}, idempotency_key=key) for key in KEYS}
+        assert {answer["version"] for answer in first.values()} == {"1.0.0", "2.0.0"}
+        await d.reload(rollouts_manifest(*plugins, rollouts=[], state=state))
+        for key in KEYS:
+            assert await d.call("svc", "answer", {"x": 1}, idempotency_key=key) == first[key]
+        seen = [await d.call("svc", "calls_seen", version=each) for each in ("1.0.0", "2.0.0")]
+        assert sum(seen) == len(KEYS)
+
+
+async def test_a_keyed_submission_naming_no_version_is_one_job_after_a_newer_version_came(
+    redis_server: Redis, redis_prefix: str
+) -> None:
+    """Before: resubmitted after 2.0.0 was deployed, a keyed submission naming no version
+    was refused (its record was at 1.0.0); it is the same job."""
+    sections = {"state": redis_state(redis_server, redis_prefix), "jobs": {"workers": 0}}
+    async with Dispatcher(rollouts_manifest(version("1.0.0"), rollouts=[], **sections)) as d:
+        job_id = await d.submit("svc", "answer", {"x": 1}, idempotency_key="order-1")
+        await d.reload(
+            rollouts_manifest(version("1.0.0"), version("2.0.0"), rollouts=[], **sections)
+        )
+        assert await d.submit("svc", "answer", {"x": 1}, idempotency_key="order-1") == job_id
+        assert (await d.job(job_id))["version"] == "1.0.0"
+        with pytest.raises(InvalidParams, match=r"another version than 2\.0\.0;"):
+            await d.submit("svc", "answer", {"x": 1}, version="2.0.0", idempotency_key="order-1")
+        with pytest.raises(InvalidParams, match=r"with other params; a new request"):
+            await d.submit("svc", "answer", {"x": 2}, idempotency_key="order-1")

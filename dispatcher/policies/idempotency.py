@@ -12,18 +12,21 @@ run (its deadline, plus a margin), then completed with the call's outcome, kept 
 * a duplicate (same key, same version, same params: a hash of the params' canonical JSON,
   and the version kept beside it in the record) waits for the first call's outcome and
   gets it, result or error — within its own deadline;
-* the same key with other params, or at another version of the method, is refused with
-  ``InvalidParams``: another version is another request (its code, its schema), so it
-  neither replays the first version's outcome nor runs under a key already spent;
+* the same key with other params, or naming another version of the method, is refused
+  with ``InvalidParams``: a version asked for is another request (its code, its schema),
+  so it neither replays the first version's outcome nor runs under a key already spent;
 * a duplicate after the outcome gets it at once, without calling the target.
 
 A record an older dispatcher wrote (before 2026-12-05) has no version: it replays for the
 same params, as it did then (``state._scripts.IDEMPOTENCY_CLAIM`` says until when).
 
-A call a rollout routed (no exact version: ``dispatcher._rollout``) is answered from a
-record at either of its two versions (``other_versions``): the rollout chose the version,
-not the caller, and a retry that lands on the other side (the split moved, or rolled back)
-is the same request. The rollout sends a key's calls to one side while its split holds.
+A call that named no version is answered from its key's record at any version of the
+method (``ANY_VERSION``): the dispatcher chose the version, not the caller, and its retry
+after a newer version was deployed, or after a rollout that placed it left the manifest,
+is the same request (before 2026-12-05 it was refused). A call a rollout routed for a
+range both its versions satisfy is answered from a record at either of them
+(``other_versions``), as is a retry that lands on the other side (the split moved, or
+rolled back). The rollout sends a key's calls to one side while its split holds.
 
 A first call that provably never reached the plugin (refused by a limit, a bulkhead or a
 breaker, a connection that never opened, the state store itself), or that failed with a
@@ -43,6 +46,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.state import (
+    ANY_VERSION,
     Claim,
     IdempotencyStore,
     StateBackend,
@@ -243,10 +247,14 @@ class IdempotencyStep:
             self.backend.fell_back(f"the idempotency record of {self.name}", error)
 
     def _mismatch(self, raw_key: str, version: str) -> InvalidParams:
-        versions = " or ".join((version, *self.other_versions))
+        if ANY_VERSION in self.other_versions:
+            what = "with other params"
+        else:
+            versions = " or ".join((version, *self.other_versions))
+            what = f"with other params or at another version than {versions}"
         return InvalidParams(
-            f"idempotency key {raw_key!r:.80} was already used for {self.name} with other "
-            f"params or at another version than {versions}; a new request needs a new key"
+            f"idempotency key {raw_key!r:.80} was already used for {self.name} {what};"
+            " a new request needs a new key"
         )
 
     def _late(self, raw_key: str) -> DeadlineExceeded:

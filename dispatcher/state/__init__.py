@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from dispatcher.config import JobsConfig, StateConfig
 from dispatcher.state.base import (
+    ANY_VERSION,
     Admission,
     BreakerPolicyArgs,
     BreakerView,
@@ -34,6 +35,7 @@ from dispatcher.state.base import (
 from dispatcher.state.memory import MemoryIdempotency, MemoryState
 
 __all__ = [
+    "ANY_VERSION",
     "Admission",
     "BreakerPolicyArgs",
     "BreakerView",

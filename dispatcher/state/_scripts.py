@@ -223,7 +223,8 @@ return 0
 """
 
 #: KEYS[1] the record; ARGV fingerprint, token, lease_ms, max bytes, version, then the
-#: other versions whose record answers the claim too (a rollout's other side). Returns
+#: other versions whose record answers the claim too (a rollout's other side; ``*``: any
+#: version, for a call that named none). Returns
 #: {'run'}, {'done', outcome}, {'busy'} or {'mismatch'}; {'done', its size} for an outcome
 #: over max bytes, which no dispatcher records (read whole, it would cost every duplicate
 #: its transfer, and one outlasting the operation timeout made the store look down). A key
@@ -254,7 +255,7 @@ local version = record[2]
 if version then
   local known = false
   for i = 5, #ARGV do
-    if ARGV[i] == version then
+    if ARGV[i] == version or ARGV[i] == '*' then
       known = true
       break
     end

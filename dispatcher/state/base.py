@@ -44,6 +44,7 @@ from linchkit_plugin.wire import encode_json
 from providers.base import ResultTooLarge
 
 __all__ = [
+    "ANY_VERSION",
     "CALLBACK_STATES",
     "JOB_STATES",
     "TERMINAL_STATES",
@@ -197,6 +198,11 @@ def decode_outcome(outcome: bytes, what: str = "a stored outcome") -> Any:
     raise error_from_wire(document.get("error"))
 
 
+#: In ``other_versions`` of a claim: a record at any version answers it (the call named
+#: none). Never a version: a manifest's versions are semantic versions.
+ANY_VERSION = "*"
+
+
 class IdempotencyStore(ABC):
     """Records of calls made with an idempotency key: who runs it, and what it returned."""
 
@@ -215,7 +221,8 @@ class IdempotencyStore(ABC):
         why not. ``fingerprint`` stands for the request's params and ``version`` for the
         version it runs at, kept beside it in the record: a record with another
         fingerprint, or at another version than ``version`` and ``other_versions``, is
-        ``MISMATCH``. ``deadline`` (the loop's clock) bounds the operation."""
+        ``MISMATCH`` (``ANY_VERSION`` among them: at any version, only the fingerprint
+        counts). ``deadline`` (the loop's clock) bounds the operation."""
 
     @abstractmethod
     async def complete(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from itertools import count, islice
 from typing import Any
 
-from dispatcher.state.base import Claim, Claimed, IdempotencyStore, StateBackend
+from dispatcher.state.base import ANY_VERSION, Claim, Claimed, IdempotencyStore, StateBackend
 
 __all__ = ["EVICTION_BATCH", "MAX_RECORDS", "MemoryIdempotency", "MemoryState"]
 
@@ -84,7 +84,9 @@ class MemoryIdempotency(IdempotencyStore):
             self._records[key] = _Record(fingerprint, version, token, now + lease)
             return Claimed(Claim.RUN, token)
         if record.fingerprint != fingerprint or (
-            record.version != version and record.version not in other_versions
+            record.version != version
+            and record.version not in other_versions
+            and ANY_VERSION not in other_versions
         ):
             return Claimed(Claim.MISMATCH)
         if record.outcome is not None:
