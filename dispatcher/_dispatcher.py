@@ -536,13 +536,7 @@ class Dispatcher:
             if self.telemetry is not None:  # refused before the chain, which counts the rest
                 self._count_refused(plugin, method, route, refused)
             raise
-        invoke = (
-            route.invoke
-            if idempotency_key is None
-            else route.once_unversioned
-            if version is None
-            else route.once
-        )
+        invoke = route.invoke if idempotency_key is None else route.keyed(version)
         # In flight: the task in a set, so a drain can wait for it and cut it off
         # (dispatcher._drain). InFlight.tracked, inlined: this is the per-call hot path.
         task = self._current_task()
@@ -618,13 +612,7 @@ class Dispatcher:
                 idempotency_key,
                 wait_at_most,
             )
-            invoke = (
-                route.invoke
-                if idempotency_key is None
-                else route.once_unversioned
-                if version is None
-                else route.once
-            )
+            invoke = route.invoke if idempotency_key is None else route.keyed(version)
             chained = True  # from here on the chain's own telemetry step counts the call
             return await self._in_flight.tracked(invoke(invocation), f"the call of {route.name}")
         except BaseException as error:

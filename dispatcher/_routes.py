@@ -108,6 +108,10 @@ class Route:
             gate.stream, open_stream=self.stream
         )
 
+    def keyed(self, version: str | None) -> IdempotencyStep:
+        """The chain of a call carrying an idempotency key that named ``version`` (or none)."""
+        return self.once if version is not None else self.once_unversioned
+
     def with_invoke(self, invoke: Step, other_versions: tuple[str, ...] = ()) -> Route:
         """This route with ``invoke`` around its chain (a rollout measures, a shadow
         mirrors). A call carrying an idempotency key takes it behind the idempotency
