@@ -321,7 +321,7 @@ class HttpProvider(Provider[HttpTarget]):
         remaining = invocation.deadline - now
         if remaining <= 0:
             raise DeadlineExceeded(f"deadline passed before calling {target.describe()}")
-        data = encode_json(invocation.request_wire(now))
+        data = invocation.request_json(now)
         route = self._routes.get(target.key) or self._route(target)
         negotiation = route.negotiation
         try:

@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any, Generic, TypeVar
 
+import orjson
+
 from linchkit_plugin.errors import DispatchError
+from linchkit_plugin.wire import encode_json, json_fragment
 
 __all__ = ["Invocation", "Outcome", "new_request_id", "running_loop_time"]
 
@@ -111,6 +114,44 @@ class Invocation:
             "params": self.params,
             "context": self.context_wire(now),
         }
+
+    def request_json(self, now: float) -> bytes:
+        """``encode_json(self.request_wire(now))``, the same bytes, written around the
+        params' own JSON: the envelope's head is kept per method and its context is
+        formatted, where the dicts of ``request_wire`` cost building and encoding again.
+        0.53 µs against 1.23 for a call with small params (``bench_hot_path``); every
+        HTTP call builds one. A call with a caller, a trace or a key takes the dicts."""
+        if not (self.caller is None and self.traceparent is None and self.idempotency_key is None):
+            return encode_json(self.request_wire(now))
+        try:
+            request_id = orjson.dumps(self.request_id)
+        except TypeError:  # not UTF-8 (a lone surrogate): refused as the dicts' encoding is
+            return encode_json(self.request_wire(now))
+        head = _HEADS.get((self.plugin, self.method))
+        if head is None:
+            head = _request_head(self.plugin, self.method)
+        left_ms = int((self.deadline - now) * 1000)
+        return b'%b%b,"context":{"request_id":%b,"deadline_ms":%d}}' % (
+            head,
+            json_fragment(self.params),
+            request_id,
+            left_ms if left_ms > 0 else 1,  # at least 1, as in ``context_wire``
+        )
+
+
+#: The envelope's head up to its params, per plugin and method (``request_json``).
+_HEADS: dict[tuple[str, str], bytes] = {}
+_MOST_HEADS = 4096
+
+
+def _request_head(plugin: str, method: str) -> bytes:
+    if len(_HEADS) >= _MOST_HEADS:  # names a reload no longer routes: start again
+        _HEADS.clear()
+    head = _HEADS[(plugin, method)] = b'{"v":1,"plugin":%b,"method":%b,"params":' % (
+        orjson.dumps(plugin),
+        orjson.dumps(method),
+    )
+    return head
 
 
 # The slots' own setters (dataclass builds the slotted class, so read them off it here).

@@ -1,4 +1,5 @@
-"""``encode_json``: the bytes it returns hold the document and no more.
+"""``encode_json``: the bytes it returns hold the document and no more; and
+``Invocation.request_json``, which writes the same bytes of an envelope without its dicts.
 
 Every envelope a call sends, and every cache key, lives as long as the call or the entry:
 10,000 calls in flight held 40 MB of orjson's spare buffer before ``encode_json`` copied
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+from typing import Any
 
 import orjson
 import pytest
 
 from linchkit_plugin.errors import InvalidParams
 from linchkit_plugin.wire import encode_json
+from providers.invocation import Invocation
 
 ENVELOPE = {
     "v": 1,
@@ -111,3 +114,60 @@ def test_a_plugin_reads_only_a_positive_integer_as_a_deadline(sent: object, read
         {"v": 1, "method": "m", "params": None, "context": {"request_id": "r", "deadline_ms": sent}}
     )
     assert request.deadline_ms == read
+
+
+# Invocation.request_json: the envelope's bytes without building its dicts
+
+
+def _invocation(**fields: Any) -> Invocation:
+    values: dict[str, Any] = {
+        "plugin": "bench",
+        "version": "1.0.0",
+        "method": "say",
+        "params": {"text": "hi"},
+        "deadline": 100.0,
+        "request_id": "0123456789ab-1",
+        **fields,
+    }
+    return Invocation(**values)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"params": [1, "two", None, 3.5]},
+        {"params": 'text \u2603 with "quotes" and \\ and \n'},
+        {"params": {"nested": {"deep": [{"x": None}]}}},
+        {"params": 7},
+        {"request_id": 'a caller\'s "id" \u00e9\u2028'},
+        {"caller": "alice"},
+        {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+        {"idempotency_key": "order-17"},
+        {"plugin": "billing-v2", "method": "charge_card"},
+        {"deadline": 100.0004},
+        {"deadline": 50.0},
+    ],
+)
+def test_the_request_bytes_are_the_envelope_encoded(fields: dict[str, Any]) -> None:
+    invocation = _invocation(**fields)
+    now = 95.0 if fields.get("deadline") != 100.0004 else 100.0
+    assert invocation.request_json(now) == encode_json(invocation.request_wire(now))
+    assert orjson.loads(invocation.request_json(now))["v"] == 1
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_the_request_bytes_refuse_a_non_finite_number(value: float) -> None:
+    invocation = _invocation(params={"x": [1, {"y": value}]})
+    with pytest.raises(InvalidParams, match="not a JSON number"):
+        invocation.request_json(95.0)
+
+
+def test_the_request_bytes_refuse_what_json_cannot_carry() -> None:
+    for invocation in (
+        _invocation(params={"x": object()}),
+        _invocation(params={"x": "\ud800"}),
+        _invocation(request_id="\ud800"),
+    ):
+        with pytest.raises(InvalidParams, match="JSON-serializable"):
+            invocation.request_json(95.0)

@@ -22,6 +22,7 @@ __all__ = [
     "decode_response",
     "encode_json",
     "error_response",
+    "json_fragment",
     "nested_deeper_than",
     "ok_response",
     "parse_request",
@@ -54,6 +55,18 @@ def encode_json(value: Any, *, sort_keys: bool = False) -> bytes:
     # 100 KB one 0.9 MB, for as long as the bytes live (a call in flight, a cache key). A
     # copy of exactly the document's size costs 30-40 ns (bench/bench_http_inflight.py).
     return b"%b" % data
+
+
+def json_fragment(value: Any) -> bytes:
+    """``encode_json(value)`` to be copied into a larger document at once, and not kept:
+    the same checks, without the copy (the bytes may hold orjson's whole buffer)."""
+    try:
+        data = orjson.dumps(value)
+    except TypeError as error:
+        raise InvalidParams(f"params must be JSON-serializable: {error}") from None
+    if data.find(b"null") >= 0:
+        _refuse_non_finite(value)
+    return data
 
 
 def nested_deeper_than(value: Any, max_depth: int) -> bool:
