@@ -17,6 +17,7 @@ import io.grpc.netty.shaded.io.netty.handler.codec.http2.Http2Exception;
 import io.grpc.netty.shaded.io.netty.handler.ssl.SslContext;
 import io.grpc.netty.shaded.io.netty.handler.ssl.SslHandler;
 import io.grpc.netty.shaded.io.netty.util.AsciiString;
+import java.nio.charset.StandardCharsets;
 
 /**
  * Each connection's bytes read through a filter for the frames Netty takes for a protocol error
@@ -46,8 +47,8 @@ import io.grpc.netty.shaded.io.netty.util.AsciiString;
  * once a GOAWAY is out, so that Netty has read every frame before the one it looks at, and
  * drops a late stream's DATA, WINDOW_UPDATE and RST_STREAM, the frames Netty means to ignore,
  * counting a dropped DATA against the connection's flow-control window as Netty does for a
- * DATA it ignores. Nothing is dropped before a GOAWAY, and nothing on a stream that may have
- * existed.
+ * DATA it ignores. Nothing is dropped before a GOAWAY, nothing on a stream that may have
+ * existed, and nothing of a connection that does not open with HTTP/2's preface.
  */
 final class LateStreams {
   private LateStreams() {}
@@ -116,7 +117,7 @@ final class LateStreams {
 
   /** The client's bytes on their way to Netty's HTTP/2 handler, a late stream's frames cut out. */
   static final class Frames extends ChannelInboundHandlerAdapter {
-    private static final int PREFACE_LENGTH = 24;
+    private static final byte[] PREFACE = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".getBytes(StandardCharsets.US_ASCII);
     private static final int HEADER_LENGTH = 9;
     private static final int DATA = 0x0;
     private static final int RST_STREAM = 0x3;
@@ -124,8 +125,15 @@ final class LateStreams {
     private static final int END_STREAM = 0x1;
 
     private final Http2ConnectionHandler http2;
-    /** Bytes of the preface, or of the frame being handed on, still to come. */
-    private int passing = PREFACE_LENGTH;
+    /** Bytes of the client's preface still to come. */
+    private int prefaceLeft = PREFACE.length;
+    /**
+     * Set when the bytes do not open with the preface: not HTTP/2 as Netty's handler reads it (were
+     * the filter ever put in front of TLS), so they are handed on as they came, nothing cut.
+     */
+    private boolean handingOnAll;
+    /** Bytes of the frame being handed on still to come. */
+    private int passing;
     /** Bytes of a dropped frame still to come. */
     private int dropping;
     /** The start of a frame whose header is not all here yet. */
@@ -137,7 +145,7 @@ final class LateStreams {
 
     @Override
     public void channelRead(ChannelHandlerContext ctx, Object msg) {
-      if (!(msg instanceof ByteBuf read)) {
+      if (handingOnAll || !(msg instanceof ByteBuf read)) {
         ctx.fireChannelRead(msg);
         return;
       }
@@ -148,6 +156,16 @@ final class LateStreams {
         int end = bytes.writerIndex();
         int handOnFrom = at;
         while (at < end) {
+          if (prefaceLeft > 0) {
+            if (bytes.getByte(at) != PREFACE[PREFACE.length - prefaceLeft]) {
+              handingOnAll = true;
+              at = end;
+              break;
+            }
+            at++;
+            prefaceLeft--;
+            continue;
+          }
           if (passing > 0) {
             int taken = Math.min(passing, end - at);
             at += taken;

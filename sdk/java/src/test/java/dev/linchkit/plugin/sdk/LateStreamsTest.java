@@ -220,6 +220,36 @@ class LateStreamsTest {
     server.channel.finishAndReleaseAll();
   }
 
+  @Test
+  void onlyBytesThatOpenWithThePrefaceAreFiltered() throws Exception {
+    byte[] lateWindowUpdate = frame(WINDOW_UPDATE, 0, 3, ByteBuffer.allocate(4).putInt(100).array());
+    byte[] notThePreface = Arrays.copyOf("GET / HTTP/1.1\r\n".getBytes(StandardCharsets.US_ASCII), PREFACE.length);
+    assertEquals(hex(PREFACE), hex(filteredAfterAGoaway(concat(PREFACE, lateWindowUpdate))));
+    byte[] other = concat(notThePreface, lateWindowUpdate);
+    assertEquals(hex(other), hex(filteredAfterAGoaway(other)));
+  }
+
+  /** What the filter hands on of {@code bytes} once the server has sent a GOAWAY naming stream 1. */
+  private static byte[] filteredAfterAGoaway(byte[] bytes) throws Exception {
+    Http2ConnectionHandler http2 = new Http2ConnectionHandlerBuilder().server(true).frameListener(new Http2FrameAdapter()).build();
+    http2.connection().goAwaySent(1, NO_ERROR, Unpooled.EMPTY_BUFFER);
+    EmbeddedChannel channel = new EmbeddedChannel(new LateStreams.Frames(http2));
+    for (int at = 0; at < bytes.length; at += 5) {
+      channel.writeInbound(Unpooled.wrappedBuffer(Arrays.copyOfRange(bytes, at, Math.min(bytes.length, at + 5))));
+    }
+    ByteArrayOutputStream handedOn = new ByteArrayOutputStream();
+    for (ByteBuf in = channel.readInbound(); in != null; in = channel.readInbound()) {
+      handedOn.writeBytes(ByteBufUtil.getBytes(in));
+      in.release();
+    }
+    channel.finishAndReleaseAll();
+    return handedOn.toByteArray();
+  }
+
+  private static String hex(byte[] bytes) {
+    return ByteBufUtil.hexDump(bytes);
+  }
+
   private static final long SHUTDOWN_PING = 0x5709L;
 
   /**
