@@ -27,7 +27,7 @@ import java.nio.charset.StandardCharsets;
  * the client acknowledges it, a second GOAWAY names the last stream the plugin took. A stream
  * the client opened after that is "late": RFC 9113 (section 6.8) has the server ignore its
  * frames, and the client, told by the second GOAWAY, sends the call again on a new connection.
- * Netty (4.2.15 in grpc-java 1.83.1) refuses the late stream's HEADERS with RST_STREAM
+ * Netty (4.2.15 in grpc-java 1.83.1; 4.2.17 in 1.85.1, the latest, alike) refuses the late stream's HEADERS with RST_STREAM
  * REFUSED_STREAM without counting the stream as created; then, although it means to ignore a
  * frame "for a stream created after GOAWAY sent", it checks first that the stream may have
  * existed ({@code DefaultHttp2ConnectionDecoder.FrameReadListener.verifyStreamMayHaveExisted},
@@ -49,6 +49,10 @@ import java.nio.charset.StandardCharsets;
  * counting a dropped DATA against the connection's flow-control window as Netty does for a
  * DATA it ignores. Nothing is dropped before a GOAWAY, nothing on a stream that may have
  * existed, and nothing of a connection that does not open with HTTP/2's preface.
+ *
+ * <p>The negotiator is grpc-java's {@code @Internal} API, the only way into its pipeline: an
+ * upgrade that changes it fails to compile, and one that moves the TLS handler fails
+ * {@code LateStreamsTest} over TLS.
  */
 final class LateStreams {
   private LateStreams() {}
