@@ -12,6 +12,7 @@ import io.grpc.netty.shaded.io.netty.channel.epoll.EpollEventLoopGroup;
 import io.grpc.netty.shaded.io.netty.channel.epoll.EpollServerDomainSocketChannel;
 import io.grpc.netty.shaded.io.netty.channel.unix.DomainSocketAddress;
 import io.grpc.netty.shaded.io.netty.handler.ssl.ClientAuth;
+import io.grpc.netty.shaded.io.netty.handler.ssl.SslContext;
 import io.grpc.netty.shaded.io.netty.handler.ssl.SslContextBuilder;
 import io.grpc.protobuf.services.HealthStatusManager;
 import io.grpc.protobuf.services.ProtoReflectionService;
@@ -20,6 +21,7 @@ import java.io.IOException;
 import java.io.InputStream;
 import java.io.PrintStream;
 import java.net.InetSocketAddress;
+import java.net.SocketAddress;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.Comparator;
@@ -167,7 +169,7 @@ public final class Serve {
     ServerInterceptor[] interceptors = token == null
         ? new ServerInterceptor[] {PluginService.HEADERS_INTERCEPTOR}
         : new ServerInterceptor[] {PluginService.HEADERS_INTERCEPTOR, token};
-    Server server = serving(NettyServerBuilder.forAddress(bindAddress), service, health, MAX_MESSAGE_BYTES, interceptors)
+    Server server = serving(builder(bindAddress, null), service, health, MAX_MESSAGE_BYTES, interceptors)
         .build();
     try {
       server.start();
@@ -183,6 +185,15 @@ public final class Serve {
     stopOnSignals(running);
     announce(Handshake.line(1, "tcp", host + ":" + server.getPort(), null));
     return running;
+  }
+
+  /**
+   * A server builder for {@code address}, in plaintext or with {@code tls} when it is not null, whose
+   * connections are read through {@link LateStreams}: a call sent too late for a graceful stop costs
+   * no call in flight.
+   */
+  static NettyServerBuilder builder(SocketAddress address, SslContext tls) {
+    return NettyServerBuilder.forAddress(address, LateStreams.credentials(tls));
   }
 
   /**
@@ -223,6 +234,18 @@ public final class Serve {
     HealthStatusManager health = new HealthStatusManager();
     PluginService service = new PluginService(plugin, health, false);
 
+    byte[] certDer = null;
+    SslContext tls = null;
+    if (config.clientCertPem() != null) {
+      AutoTls.ServerCertificate certificate = AutoTls.generate();
+      certDer = certificate.certificate().getEncoded();
+      // The host's one-time certificate is the only trusted root, and it is required.
+      tls = GrpcSslContexts.configure(SslContextBuilder.forServer(certificate.privateKey(), certificate.certificate()))
+          .trustManager(AutoTls.parsePem(config.clientCertPem()))
+          .clientAuth(ClientAuth.REQUIRE)
+          .build();
+    }
+
     NettyServerBuilder builder;
     EventLoopGroup[] loops = new EventLoopGroup[0];
     Path cleanup = null;
@@ -238,7 +261,7 @@ public final class Serve {
       }
       Files.deleteIfExists(socket);
       loops = new EventLoopGroup[] {new EpollEventLoopGroup(1), new EpollEventLoopGroup(2)};
-      builder = NettyServerBuilder.forAddress(new DomainSocketAddress(socket.toString()))
+      builder = builder(new DomainSocketAddress(socket.toString()), tls)
           .channelType(EpollServerDomainSocketChannel.class)
           .bossEventLoopGroup(loops[0])
           .workerEventLoopGroup(loops[1])
@@ -248,20 +271,10 @@ public final class Serve {
           .withChildOption(ChannelOption.SO_KEEPALIVE, null);
       address = socket.toString();
     } else {
-      builder = NettyServerBuilder.forAddress(new InetSocketAddress("127.0.0.1", 0));
+      builder = builder(new InetSocketAddress("127.0.0.1", 0), tls);
       address = null;
     }
 
-    byte[] certDer = null;
-    if (config.clientCertPem() != null) {
-      AutoTls.ServerCertificate certificate = AutoTls.generate();
-      certDer = certificate.certificate().getEncoded();
-      // The host's one-time certificate is the only trusted root, and it is required.
-      builder.sslContext(GrpcSslContexts.configure(SslContextBuilder.forServer(certificate.privateKey(), certificate.certificate()))
-          .trustManager(AutoTls.parsePem(config.clientCertPem()))
-          .clientAuth(ClientAuth.REQUIRE)
-          .build());
-    }
     Server server = serving(builder, service, health, MAX_MESSAGE_BYTES, PluginService.HEADERS_INTERCEPTOR)
         .build()
         .start();
