@@ -9,15 +9,14 @@ between the read and the watch is lost, and hands each batch of changes to ``on_
 A read goes in pages, as etcd's own clients read a large range: at most ``PAGE_KEYS`` keys a
 request, each request starting just after the last key of the one before and pinned to the
 revision of the first, so the pages together are one snapshot. One answer for the whole
-prefix is over any bound on a message (``max_message_bytes`` here, gRPC's 4 MiB or
-``--max-request-bytes`` in front of etcd) as soon as the prefix holds a few hundred large
-values; read whole, such a prefix failed every read for ever. A page over the bound is asked
-again with half as many keys (and the smaller size kept), down to one key: only a single
-value over the bound fails the read. The reader is handed each page as it comes and keeps
-what it keeps of it (``first_keys``), so memory is one page, not the prefix; what it builds
-replaces what it had only when the read is whole (``PrefixRead.done``), so a read failing
-midway, or a concurrent look at the reader, never sees half a prefix. A reader
-that keeps only part of the prefix (``first_keys``) may answer True from ``on_change`` to
+prefix passes ``max_message_bytes`` (8 MiB) as soon as the prefix holds a few hundred
+values of 32 KiB: read whole, such a prefix failed every read, for ever (and whatever the
+bound, some prefix passes it). A page over the bound is asked again with half as many keys
+(and the smaller size kept), down to one key: only a single value over the bound fails the
+read. The reader is handed each page as it comes and keeps what it keeps of it
+(``first_keys``), so memory is one page, not the prefix; what it builds replaces what it had
+only when the read is whole (``PrefixRead.done``), so a read failing midway, or a concurrent
+look at the reader, never sees half a prefix. A reader that keeps only part of the prefix (``first_keys``) may answer True from ``on_change`` to
 have the prefix read again (one of the keys it keeps left, and it cannot tell which key
 takes its place): the watch ends and a read follows, at once the first time, then at most
 once per ``retry`` (a writer deleting a key at a time must not have the registry read
