@@ -59,6 +59,7 @@ from dispatcher._route_build import RouteBuilder
 from dispatcher._routes import Route, RouteTable, checked_timeout
 from dispatcher._served import ServedCheck
 from dispatcher._signals import SignalDrain
+from dispatcher._text import checked_call_text
 from dispatcher._versions import check_protocol
 from dispatcher.access import AccessControl
 from dispatcher.audit import AuditLog
@@ -649,6 +650,7 @@ class Dispatcher:
         wait_at_most: float | None = None,
     ) -> Invocation:
         """Check the params and fix the deadline of one call of ``route``."""
+        checked_call_text(caller, request_id, traceparent, idempotency_key)
         if params is None:
             params = {}
         if route.validate is not None:

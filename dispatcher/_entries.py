@@ -22,7 +22,9 @@ the prefix, a key at a time while it is watched, would otherwise choose how many
 versions the host attaches and how much of its memory and log they fill. No caller waits
 on the follower, so an entry past the bound is a logged drop, not a refusal; a kept entry
 that leaves while others wait past the bound has the prefix read again (``EtcdPrefix``),
-which says which comes next.
+which says which comes next. A read goes in pages (a prefix of any size is read) and
+replaces what was kept only once whole, so a reload meanwhile merges the entries of the
+read before, never half of this one.
 
 The dispatcher owns the task (``start``; ended in ``aclose``); a failure inside an apply is
 caught here, so the task lives as long as the dispatcher.
@@ -34,13 +36,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher._health import TargetHealth
 from dispatcher._reload import fixed_changes
 from dispatcher.config import Manifest, ManifestError, RegistryConfig, merge_entries
 from dispatcher.config.registry import entry_item
-from dispatcher.fleet.sources.etcd_client import Change, EtcdPrefix, one_line
+from dispatcher.fleet.sources.etcd_client import Change, EtcdPrefix, PrefixRead, one_line
 from dispatcher.fleet.sources.first_keys import FirstKeys
 from providers._log_lines import sparingly
 from providers.base import Health
@@ -51,6 +54,18 @@ log = logging.getLogger("dispatcher.registry")
 
 #: ``apply()``: reload the dispatcher with the file's manifest and these entries.
 Apply = Callable[[], Awaitable[object]]
+
+
+@dataclass(slots=True)
+class _Kept:
+    """What the follower keeps of the prefix: built afresh by each read, then swapped in."""
+
+    #: Entries trust allows, by key: ``plugins:`` items, not yet validated. The first
+    #: ``trust.max_entries`` keys in order; the others counted (``dropped``).
+    items: FirstKeys[dict[str, Any]]
+    #: Keys trust refused (at most ``max_entries``: the others counted in ``unlisted``).
+    refused: dict[str, str] = field(default_factory=dict)
+    unlisted: int = 0
 
 
 class RegistryEntries:
@@ -66,18 +81,13 @@ class RegistryEntries:
             timeout=config.timeout_ms / 1000,
             retry=config.retry_ms / 1000,
         )
-        #: Entries trust allows, by key: ``plugins:`` items, not yet validated. The first
-        #: ``trust.max_entries`` keys in order; the others counted (``dropped``).
-        self._items: FirstKeys[dict[str, Any]] = FirstKeys(config.trust.max_entries)
-        #: Keys trust refused (at most ``max_entries``: the others counted in
-        #: ``unlisted``), and keys the merge left out, with the reason.
-        self._refused: dict[str, str] = {}
-        self.unlisted = 0
+        self._kept = _Kept(FirstKeys(config.trust.max_entries))
         #: Overflows so far, what their log lines are spared by (``sparingly``): keys
         #: refused and left unlisted, and changes that began to leave entries out.
         self._unlisted_seen = 0
         self._drops_begun = 0
         self._dropping = False
+        #: Keys the merge left out, with the reason.
         self._invalid: dict[str, str] = {}
         self._logged: dict[str, str] = {}
         #: Why the last read failed (None once one succeeds); reads that succeeded.
@@ -94,11 +104,10 @@ class RegistryEntries:
     async def read_once(self) -> None:
         """One read as the dispatcher starts, so it serves the registry's entries from its
         first calls on; etcd failing here only delays them (``follow`` reads again)."""
-        values = await self._etcd.read_or_reason()
-        if isinstance(values, str):
-            self._failed(values, 0)
+        reason = await self._etcd.read_or_reason(self._read())
+        if reason is not None:
+            self._failed(reason, 0)
             return
-        self._read(values)
         self._changed.clear()
 
     def merge(self, base: Manifest[Any], running: Manifest[Any], *, source: str) -> Manifest[Any]:
@@ -110,7 +119,7 @@ class RegistryEntries:
         change: that entry is left out and the running one kept, until it is published
         under a new version."""
         merged, invalid = merge_entries(
-            base, dict(self._items.items()), source=f"{source} + {self.name}"
+            base, dict(self._kept.items.items()), source=f"{source} + {self.name}"
         )
         on_file = {plugin.key for plugin in base.plugins}
         was = {plugin.key: plugin for plugin in running.plugins}
@@ -158,17 +167,22 @@ class RegistryEntries:
     def dropped(self) -> int:
         """Entries past ``trust.max_entries`` left out (exact after each read; between
         reads, ``first_keys`` says how they are counted)."""
-        return self._items.beyond
+        return self._kept.items.beyond
+
+    @property
+    def unlisted(self) -> int:
+        """Keys trust refused past the bound of those listed, only counted."""
+        return self._kept.unlisted
 
     @property
     def skipped(self) -> dict[str, str]:
         """Every key left out, with the reason (trust first, then validation)."""
-        return {**self._invalid, **self._refused}
+        return {**self._invalid, **self._kept.refused}
 
     def stats(self) -> dict[str, Any]:
         return {
             "registry": self.name,
-            "entries": sorted(set(self._items) - set(self._invalid)),
+            "entries": sorted(set(self._kept.items) - set(self._invalid)),
             "skipped": self.skipped,
             "dropped": self.dropped,
             "unlisted": self.unlisted,
@@ -186,7 +200,7 @@ class RegistryEntries:
         elif not self.reads:
             state = Health("unknown", "not read yet")
         else:
-            entries = f"{len(self._items) - len(self._invalid)} entries"
+            entries = f"{len(self._kept.items) - len(self._invalid)} entries"
             if self.dropped:
                 entries += (
                     f"; {self.dropped} more left out past trust.max_entries"
@@ -211,58 +225,68 @@ class RegistryEntries:
 
     # -- following --------------------------------------------------------------------------
 
-    def _read(self, values: dict[str, bytes]) -> None:
-        self.error = None
-        self.reads += 1
-        previous = dict(self._items.items())
-        self._items.clear()
-        self._refused, self.unlisted = {}, 0
-        for key, value in values.items():
-            self._put(key, value, previous.get(key), created=True)
-        self._invalid = {key: why for key, why in self._invalid.items() if key in self._items}
-        self._log_skipped()
-        self._changed.set()
+    def _read(self) -> PrefixRead:
+        """A fresh read: its pages fill a new ``_Kept``, swapped in once the read is whole."""
+        kept = _Kept(FirstKeys(self.config.trust.max_entries))
+
+        def page(values: list[tuple[str, bytes]]) -> None:
+            for key, value in values:
+                self._put(kept, key, value, created=True)
+
+        def done() -> None:
+            previous, self._kept = self._kept, kept
+            self.error = None
+            self.reads += 1
+            # The same value read again keeps its verdict until the merge.
+            self._invalid = {
+                key: why
+                for key, why in self._invalid.items()
+                if key in kept.items and kept.items.get(key) == previous.items.get(key)
+            }
+            self._log_skipped()
+            self._changed.set()
+
+        return PrefixRead(page, done)
 
     def _change(self, changes: list[Change]) -> bool:
         """Apply a batch of the watch; True asks for the prefix to be read again (a kept
         entry left while others wait past the bound)."""
         read_again = False
+        kept = self._kept
         for change in changes:
             if change.value is None:
-                read_again |= self._items.remove(change.key)
-                self._refused.pop(change.key, None)
+                read_again |= kept.items.remove(change.key)
+                kept.refused.pop(change.key, None)
                 self._invalid.pop(change.key, None)
             else:
-                before = self._items.get(change.key)
-                read_again |= self._put(change.key, change.value, before, created=change.created)
+                before = kept.items.get(change.key)
+                read_again |= self._put(kept, change.key, change.value, created=change.created)
+                # The same value written again keeps its verdict until the merge.
+                if change.key not in kept.items or kept.items.get(change.key) != before:
+                    self._invalid.pop(change.key, None)
         self._log_skipped()
         self._changed.set()
         return read_again
 
-    def _put(self, key: str, value: bytes, before: dict[str, Any] | None, *, created: bool) -> bool:
-        """Keep, refuse or count ``key``; True when a kept entry left (refused now) and
-        the prefix must be read again to know which takes its place."""
-        self._refused.pop(key, None)
-        if self._items.past(key, created=created):
-            self._invalid.pop(key, None)
+    def _put(self, kept: _Kept, key: str, value: bytes, *, created: bool) -> bool:
+        """Keep, refuse or count ``key`` in ``kept``; True when a kept entry left (refused
+        now) and the prefix must be read again to know which takes its place."""
+        kept.refused.pop(key, None)
+        if kept.items.past(key, created=created):
             return False  # past the bound: not parsed at all
         try:
             item = entry_item(key, value, self.config)
         except ValueError as wrong:
-            self._invalid.pop(key, None)
-            self._refuse_entry(key, str(wrong))
-            return self._items.remove(key)
-        if item != before:  # the same value read again keeps its verdict until the merge
-            self._invalid.pop(key, None)
-        if not self._items.put(key, item, created=created):
-            self._invalid.pop(key, None)
+            self._refuse_entry(kept, key, str(wrong))
+            return kept.items.remove(key)
+        kept.items.put(key, item, created=created)
         return False
 
-    def _refuse_entry(self, key: str, reason: str) -> None:
-        if len(self._refused) < self.config.trust.max_entries:
-            self._refused[key] = reason
+    def _refuse_entry(self, kept: _Kept, key: str, reason: str) -> None:
+        if len(kept.refused) < self.config.trust.max_entries:
+            kept.refused[key] = reason
             return
-        self.unlisted += 1
+        kept.unlisted += 1
         self._unlisted_seen += 1
         if sparingly(self._unlisted_seen):
             log.warning(
@@ -275,7 +299,7 @@ class RegistryEntries:
 
     def _failed(self, reason: str, delay: float) -> None:
         retry = f", reading again in {delay:.3g} s" if delay else ""
-        self.error = f"{reason}; keeping the last {len(self._items)} entries{retry}"
+        self.error = f"{reason}; keeping the last {len(self._kept.items)} entries{retry}"
         log.warning("registry %s: %s", self.name, self.error)
 
     def _log_skipped(self) -> None:
@@ -323,6 +347,6 @@ class RegistryEntries:
     def __repr__(self) -> str:
         state = f" error={self.error!r}" if self.error else ""
         return (
-            f"<RegistryEntries {self.name} entries={len(self._items)} dropped={self.dropped}"
+            f"<RegistryEntries {self.name} entries={len(self._kept.items)} dropped={self.dropped}"
             f" skipped={len(self.skipped)} reads={self.reads} applied={self.applied}{state}>"
         )

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher._routes import Route, RouteTable
+from dispatcher._text import encodable_text
 from dispatcher.access import AccessControl
 from dispatcher.audit import AuditLog, timestamp
 from dispatcher.fleet.instances import Instance
@@ -294,8 +295,11 @@ def _trace_id(traceparent: str | None) -> str | None:
 
 
 def _clip(name: object) -> Any:
+    # A lone surrogate (a name refused as one no route has, a caller's text the call was
+    # refused for) is kept as its escape: orjson cannot write it, and the record of the
+    # refusal was lost to a TypeError raised in its caller's face.
     if isinstance(name, str) and len(name) > _MAX_NAME:
-        return name[:_MAX_NAME] + "…"
+        return encodable_text(name[:_MAX_NAME] + "…")
     if name is None or isinstance(name, str):
-        return name
+        return name if name is None else encodable_text(name)
     return repr(name)[:_MAX_NAME]

@@ -23,6 +23,7 @@ from dispatcher._jobs import (
 from dispatcher._jobs import job_status as decoded_status
 from dispatcher._public_errors import ErrorDetail
 from dispatcher._routes import Route, checked_timeout
+from dispatcher._text import checked_text
 from dispatcher.state import (
     ANY_VERSION,
     Claim,
@@ -168,6 +169,7 @@ async def queue_job_once(
     one's version does not matter, as for a keyed call naming none. Without a key, or before, every submission queued a job of its own (the
     plugin's result replayed under each new id: the key also goes with the job, to its
     call)."""
+    checked_text(caller_id, "caller")  # kept in the record, and in the key's below
     raw_key = submission.idempotency_key
     if raw_key is None:
         return await queue_job(store, submission, route, caller_id, max_params_bytes)
@@ -255,6 +257,7 @@ async def owned_job_status(store: JobStore, job_id: object, caller: str | None) 
     exist, so ids cannot be probed; the store compares the owner first
     (``JobStore.owned_record``), and only the owner's record is decoded: another caller's
     params and result, up to the store's bounds, cost the reader nothing to refuse."""
+    checked_text(caller, "caller")
     record = await store.owned_record(checked_job_id(job_id), caller)
     if record is None:
         raise _not_found(job_id)

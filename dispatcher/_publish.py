@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dispatcher._routes import RouteTable, checked_timeout
+from dispatcher._text import checked_text
 from dispatcher.config import PluginSpec
 from dispatcher.fleet import FleetRuntime
 from dispatcher.policies import PolicyRuntime
@@ -52,6 +53,7 @@ class EventSender:
         """Send ``event`` to every target of the version of ``plugin`` that ``version``
         resolves to in ``routes`` (whose entries are ``plugins``)."""
         wanted = routes.version_of(plugin, version, state)
+        checked_text(event, "event")  # sent in the plugin's own encoding, after this returns
         timeout = checked_timeout(timeout, f"publishing {event!r} to {plugin}")
         invocation = Invocation(
             plugin, wanted, event, data, self._clock() + timeout, new_request_id()

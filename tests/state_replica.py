@@ -5,7 +5,8 @@ prints ``{"ready": true}``, then answers one JSON line per command:
 
 * ``offer``: from wall-clock time ``start_at`` on, ``rate`` calls/s for ``seconds`` to
   ``plugin.method`` without waiting for answers; replies with how many were admitted,
-  refused by a rate limit, or failed otherwise;
+  refused by a rate limit, refused because the state store did not answer in time
+  (``state_unavailable``: ``fail_closed``), or failed otherwise (by error type);
 * ``call`` and ``calls`` (``n`` concurrent): one call each, replying with its outcome
   (``ok``, ``result`` or the error's ``type`` and ``message``) and its duration;
 * ``invalidate``: ``Dispatcher.ainvalidate``; ``stats``: the state backend's counters;
@@ -24,6 +25,7 @@ from typing import Any
 import orjson
 
 from dispatcher import Dispatcher
+from dispatcher.state import StateUnavailable
 from linchkit_plugin.errors import DispatchError, RateLimited
 
 
@@ -58,6 +60,8 @@ async def offer(dispatcher: Dispatcher, command: dict[str, Any]) -> dict[str, An
             await dispatcher.call(command["plugin"], command["method"], {}, timeout=5.0)
         except RateLimited:
             counts["limited"] += 1
+        except StateUnavailable:  # its type is target_unavailable: told apart here
+            counts["state_unavailable"] += 1
         except DispatchError as error:
             counts[error.type] += 1
         else:

@@ -329,6 +329,66 @@ async def test_keys_past_the_bound_are_counted_not_kept(
         assert watcher.unlisted == 1500 and watcher.error is None
 
 
+def put_heavy(etcd: Etcd, prefix: str, numbers: range, size: int) -> None:
+    """One registration per number whose value carries ``size`` bytes more, under 1 MiB
+    to a transaction (etcd refuses a request over 1.5 MiB)."""
+    pad = "x" * size
+    batch = max(1, (1 << 20) // size)
+    for start in range(numbers.start, numbers.stop, batch):
+        puts = [
+            {
+                "requestPut": {
+                    "key": base64.b64encode(f"{prefix}/heavy{n:04d}".encode()).decode(),
+                    "value": base64.b64encode(
+                        json.dumps({"url": f"http://10.1.0.{n % 256}:{n + 1}", "pad": pad}).encode()
+                    ).decode(),
+                }
+            }
+            for n in range(start, min(start + batch, numbers.stop))
+        ]
+        etcd.call("/v3/kv/txn", {"success": puts})
+
+
+async def test_a_prefix_over_one_answer_is_read_in_pages(etcd: Etcd, etcd_prefix: str) -> None:
+    """The prefix was read in one range request, whose answer may not pass 8 MiB: 300
+    registrations of 32 KiB each (9.4 MiB, 12.5 in the gateway's base64) failed every
+    read, for ever, and the fleet had no instance. Read in pages now, at one revision,
+    the first MAX_ENDPOINTS kept and the rest counted as before; the watch follows from
+    the read's revision, so a put after it is reported."""
+    await asyncio.to_thread(put_heavy, etcd, etcd_prefix, range(300), 32 * 1024)
+    await asyncio.to_thread(put_many, etcd, etcd_prefix, range(MAX_ENDPOINTS))
+    watcher = source(etcd.url, etcd_prefix)
+    async with watching(watcher) as reports:
+        await until(lambda: reports.lists or watcher.error, "the first read")
+        assert watcher.error is None and watcher.reads == 1
+        heavy = [Endpoint(f"10.1.0.{n % 256}", n + 1) for n in range(300)]
+        light = [Endpoint(f"10.0.{n // 256}.{n % 256}", 8080) for n in range(MAX_ENDPOINTS - 300)]
+        assert reports.last == heavy + light
+        assert watcher.dropped == 300
+        await put(etcd, f"{etcd_prefix}/a", {"url": "http://10.9.0.1:8080"})
+        await until(lambda: reports.last[0] == Endpoint("10.9.0.1", 8080), "the put")
+        assert watcher.dropped == 301 and watcher.reads == 1
+
+
+async def test_a_page_over_the_bound_is_asked_again_smaller(etcd: Etcd, etcd_prefix: str) -> None:
+    """Pages are counted in keys: 512 values of 64 KiB would be one answer over any bound. A
+    page over it is asked again with half the keys, until it fits; only a value over the
+    bound alone fails the read, and the list read before is kept."""
+    await asyncio.to_thread(put_heavy, etcd, etcd_prefix, range(48), 64 * 1024)
+    watcher = EtcdSource(spec(etcd.url, etcd_prefix, retry_ms=100), max_message_bytes=1 << 20)
+    async with watching(watcher) as reports:
+        await until(lambda: reports.lists or watcher.error, "the first read")
+        assert watcher.error is None
+        assert reports.last == [Endpoint(f"10.1.0.{n}", n + 1) for n in range(48)]
+        await asyncio.to_thread(put_heavy, etcd, etcd_prefix, range(48, 49), 800 * 1024)
+        # The watch's line fails first, then the read that follows it.
+        await until(
+            lambda: "answer is over 1048576 bytes for a single key" in (watcher.error or ""),
+            "the read of a value over the bound",
+        )
+        assert len(reports.last) == 48 and watcher.reads == 1
+
+
 async def test_etcd_down_keeps_the_last_list_and_recovers(own_etcd: Etcd) -> None:
     prefix = "/linchkit/plugins/echo"
     await put(own_etcd, f"{prefix}/a", {"url": "http://127.0.0.2:8081"})
@@ -463,6 +523,12 @@ async def garbage(_path: str, writer: asyncio.StreamWriter) -> None:
     await writer.drain()
 
 
+async def endless_pages(_path: str, writer: asyncio.StreamWriter) -> None:
+    """The same page for ever, each saying more keys follow: read whole, a loop."""
+    writer.write(OK_HEAD + RANGE[:-1] + b',"more":true}')
+    await writer.drain()
+
+
 async def endless_body(_path: str, writer: asyncio.StreamWriter) -> None:
     writer.write(OK_HEAD + b'{"kvs": ["')
     with contextlib.suppress(ConnectionError):
@@ -542,6 +608,7 @@ async def http_error(_path: str, writer: asyncio.StreamWriter) -> None:
         (hang, "no answer within 300 ms", 0),
         (garbage, "answer to the range read is not JSON", 0),
         (endless_body, "answer is over 1048576 bytes", 0),
+        (endless_pages, "range answer holds a key out of order", 0),
         (http_error, "HTTP 503 to the range read: etcdserver: request timed out", 0),
         (then_watch(watch_hangs), "no answer within 300 ms", 1),
         (then_watch(watch_then_garbage), "answer to the watch is not JSON", 1),

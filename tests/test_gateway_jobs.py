@@ -16,6 +16,7 @@ import aiohttp
 import grpc
 import grpc.aio
 import pytest
+import redis.asyncio as aioredis
 
 from dispatcher import Dispatcher, ResultTooLarge, parse_manifest
 from dispatcher.config import load_manifest
@@ -532,6 +533,29 @@ async def test_the_job_routes_tell_a_store_outage_without_the_stores_address(
 
 
 # -- hostile ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs/a-string", "/v1/jobs/a-string/result?wait=5"])
+async def test_a_job_key_of_the_wrong_type_is_a_final_corrupt_entry(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, path: str
+) -> None:
+    """Another program's key where a job's record belongs answered 503 "the job store
+    could not be reached", retryable with Retry-After: a client retried, for ever, a key
+    that reads the same each time. Now a corrupt entry, as the listing and the worker
+    take it: 502 provider_error, final, no Retry-After, told as the job store's."""
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        await client.set(f"{redis_prefix}:job:a-string", "SECRET")
+    async with jobs_gateway(tmp_path, redis_server.url, redis_prefix) as (base, session):
+        status, body, headers = await send(session, "GET", base + path, READER_KEY)
+    assert status == 502, body
+    error = body["error"]
+    assert (error["type"], error["retryable"]) == ("provider_error", False), error
+    assert "Retry-After" not in headers
+    assert error["message"] == (
+        "job a-string: the job store holds an entry no dispatcher wrote"
+        " (the gateway logs the detail)"
+    )
+    assert "SECRET" not in json.dumps(body)
 
 
 @pytest.mark.parametrize(

@@ -84,18 +84,36 @@ async def test_a_hand_written_record_ends_without_taking_redis_down(
         assert backend is not None and backend.stats()["failures"] == 0, backend.stats()
 
 
-async def test_a_key_of_the_wrong_type_is_refused_without_taking_redis_down(
+async def test_a_key_of_the_wrong_type_is_a_corrupt_entry_not_redis_down(
     tmp_path: Path, redis_server: Redis, redis_prefix: str
 ) -> None:
-    """Another program's key where a job's record would be (WRONGTYPE): that read fails,
-    typed, and every other caller of the store goes on."""
+    """Another program's key where a job's record would be (WRONGTYPE). A direct read of
+    it (``job``, ``job_for`` as the gateway reads, ``result``) raised StateUnavailable:
+    retryable, the store "refused", so a client retried a key that reads the same each
+    time, while the listing showed it as a corrupt row and the worker dead-lettered it.
+    Now the same corrupt entry: ``ProviderError``, final, naming what the key holds
+    (never its value), whoever asks; every other caller of the store goes on."""
     async with dispatcher_for(tmp_path, redis_server.url, redis_prefix) as d:
         async with aioredis.Redis.from_url(redis_server.url) as client:
-            await client.set(f"{redis_prefix}:job:a-string", "not a hash")
-        with pytest.raises(StateUnavailable, match="refused"):
-            await d.job("a-string")
+            await client.set(f"{redis_prefix}:job:a-string", "SECRET not a hash")
+            await client.rpush(f"{redis_prefix}:job:a-list", "SECRET")
+        reads = [
+            ("a-string", "string", lambda job_id: d.job(job_id)),
+            ("a-string", "string", lambda job_id: d.job_for(job_id, None)),
+            ("a-string", "string", lambda job_id: d.job_for(job_id, "someone")),
+            ("a-list", "list", lambda job_id: d.result(job_id, wait=5)),
+        ]
+        for job_id, kind, read in reads:
+            with pytest.raises(ProviderError) as raised:
+                await read(job_id)
+            error = raised.value
+            assert not isinstance(error, StateUnavailable) and not error.retryable, error
+            assert f"holds a {kind} where its record belongs" in error.message
+            assert error.details == {"stage": "jobs", "record_type": kind}
+            assert "SECRET" not in error.message
         job_id = await d.submit("jobs", "work", {"n": 1})  # not refused "for a moment"
         assert (await d.job(job_id))["state"] == "queued"
+        assert d.state_backend.stats()["failures"] == 0  # type: ignore[union-attr]
 
 
 async def test_a_queued_job_whose_record_is_another_type_is_dead_lettered_not_looped(

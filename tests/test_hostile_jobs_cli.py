@@ -140,6 +140,21 @@ async def test_a_record_with_unreadable_times_and_counts_is_shown_as_it_is(
     assert row == ["odd", "jobs.work", "queued", "²", "?", "-", "-", "-"]
 
 
+async def test_a_key_of_the_wrong_type_is_shown_as_a_corrupt_entry(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """``dispatcher job ID`` on another program's key (not a hash) said the store
+    "refused a job record: WRONGTYPE …", as if Redis failed; the listing shows it as a
+    row of that type. Now the same: what the key holds, which no dispatcher wrote."""
+    manifest = manifest_file(tmp_path, redis_server.url, redis_prefix)
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        await client.set(f"{redis_prefix}:job:a-string", "SECRET")
+    shown = await cli(manifest, "job", "a-string")
+    assert shown.code == 1, shown
+    assert "holds a string where its record belongs" in shown.err, shown.err
+    assert "WRONGTYPE" not in shown.err and "SECRET" not in shown.err + shown.out
+
+
 async def test_a_listing_reads_rows_not_whole_records(
     tmp_path: Path, redis_server: Redis, redis_prefix: str
 ) -> None:

@@ -216,6 +216,27 @@ async def test_entries_past_max_entries_are_counted_not_kept_nor_applied(
         assert sum("refused by trust" in line for line in lines) == 1
 
 
+async def test_a_prefix_over_one_answer_is_read_in_pages(
+    etcd: Etcd,
+    etcd_prefix: str,
+    greeters: dict[str, str],  # noqa: F811 (the fixture)
+) -> None:
+    """The prefix was read in one range answer, which may not pass 8 MiB: 300 large
+    values before the good entry (9.4 MiB) failed every read, and the dispatcher ran
+    without any registry entry, for ever. Read in pages now: the junk is refused by name
+    and the entry after it applies."""
+    junk = {f"{etcd_prefix}/a-junk{n:03d}@1.0.0": "x" * 32 * 1024 for n in range(300)}
+    for start in range(0, 300, 24):  # under etcd's 1.5 MiB to a request
+        await asyncio.to_thread(put_entries, etcd, dict(list(junk.items())[start : start + 24]))
+    etcd.put(f"{etcd_prefix}/echo@1.0.0", entry(greeters["one"]))
+    async with dispatcher_for(manifest_with_registry(etcd, etcd_prefix)) as dispatcher:
+        await until(lambda: "echo@1.0.0" in keys(dispatcher), "the entry after the junk")
+        assert await greeting(dispatcher) == "one"
+        stats = dispatcher.stats()["registry"]
+        assert stats["error"] is None and stats["reads"] == 1
+        assert set(stats["skipped"]) == set(junk)
+
+
 @pytest.mark.parametrize("bound", [0, -1, 10_001, "many", 2.5, None])
 def test_a_malformed_entry_bound_is_refused_at_load(bound: object) -> None:
     """``trust.max_entries`` outside 1 … 10,000, or not a whole number, is the manifest's

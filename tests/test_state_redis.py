@@ -204,25 +204,36 @@ def test_three_replicas_share_one_rate_limit_exactly(
         reports = offer_together(three, rate=1000, seconds=10)
         admitted = sum(report.get("admitted", 0) for report in reports)
         limited = sum(report.get("limited", 0) for report in reports)
+        unread = sum(report.get("state_unavailable", 0) for report in reports)
         failed = {
             kind: count
             for report in reports
             for kind, count in report.items()
-            if kind not in ("admitted", "limited", "offered", "late_ms")
+            if kind not in ("admitted", "limited", "state_unavailable", "offered", "late_ms")
         }
-        print(f"attempt {attempt}: admitted {admitted}, limited {limited}, per replica {reports}")
+        print(
+            f"attempt {attempt}: admitted {admitted}, limited {limited}, store past its bound"
+            f" {unread}, per replica {reports}"
+        )
         assert failed == {}, reports
-        assert admitted + limited == sum(report["offered"] for report in reports)
+        assert admitted + limited + unread == sum(report["offered"] for report in reports)
         # Never more than burst + rate x seconds = 10 + 100 x 10 (within 2 %), however
         # the replicas were scheduled: the limit is one limit.
         assert admitted <= 1010 * 1.02, reports
-        if max(report["late_ms"] for report in reports) <= STARVED_MS:
+        if max(report["late_ms"] for report in reports) <= STARVED_MS and not unread:
             break
         # A replica the machine starved offered nothing for a while, then all at once:
-        # the limit rightly refused what came late, so the total says nothing. Again.
+        # the limit rightly refused what came late, so the total says nothing. Likewise a
+        # limit that could not be read within op_timeout_ms (Redis or the replica starved,
+        # at a load of 6 on two cores: 2,571 such calls on one replica once): fail_closed
+        # refuses it, StateUnavailable, retryable, and skips Redis for retry_after_ms,
+        # as it must; it admits none, which the bound above checks. Again.
         time.sleep(1.0)  # the limit's burst back
     else:
-        pytest.skip("the replicas were starved in 3 runs: only the upper bound was checked")
+        pytest.skip(
+            "the replicas were starved, or the store past its bound, in 3 runs: only the"
+            " upper bound was checked"
+        )
     assert all(report["admitted"] > 0 for report in reports), reports
     # Exactly: burst + rate x seconds = 10 + 100 x 10, within 2 %.
     assert abs(admitted - 1010) <= 1010 * 0.02, reports

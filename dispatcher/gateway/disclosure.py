@@ -182,10 +182,13 @@ class ManifestNames:
 
 
 #: What a job route's caller is told of the job store's own failures (Redis or SQS down,
-#: or too slow) instead of a call's "the plugin could not be reached".
+#: or too slow; an entry in it no dispatcher wrote) instead of a call's "the plugin could
+#: not be reached" or "the plugin's target answered outside the protocol": a job route
+#: reaches the store, never a plugin.
 _JOB_STORE_MESSAGES = {
     "target_unavailable": "the job store could not be reached",
     "deadline_exceeded": "the job store did not answer in time",
+    "provider_error": "the job store holds an entry no dispatcher wrote",
 }
 
 

@@ -69,6 +69,7 @@ __all__ = [
     "encode_error",
     "encode_result",
     "encode_too_large",
+    "unreadable_record",
 ]
 
 
@@ -363,12 +364,16 @@ class JobStore(ABC):
         return 0
 
     @abstractmethod
-    async def record(self, job_id: str) -> dict[str, str] | None: ...
+    async def record(self, job_id: str) -> dict[str, str] | None:
+        """The record of ``job_id``; None when there is none. A key no dispatcher wrote in
+        its place (another type than a record) raises ``unreadable_record``'s error."""
 
     async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
         """The record of ``job_id`` if ``caller`` submitted it (None: anonymously); None
         when there is none or another caller's. A store that can read the owner alone
-        first overrides this, so another caller's record is never fetched whole."""
+        first overrides this, so another caller's record is never fetched whole. A key no
+        dispatcher wrote raises as for ``record``, whoever asks: it is nobody's job, and
+        its value is not read."""
         return _if_owned(await self.record(job_id), caller)
 
     @abstractmethod
@@ -456,6 +461,18 @@ class JobRecords(ABC):
 
     @abstractmethod
     async def changed(self, key: str, timeout: float) -> None: ...
+
+
+def unreadable_record(job_id: str, kind: str) -> ProviderError:
+    """A job's key holding what no dispatcher writes (a ``kind`` other than a record): a
+    corrupt entry, as the listing shows it (``record_type``) and the worker dead-letters
+    it. Final: reading it again reads the same, so it is not ``StateUnavailable``, which
+    told callers to retry a store that answered."""
+    return ProviderError(
+        f"job {job_id}: the state store holds a {kind} where its record belongs, not one a"
+        " dispatcher wrote; it stays so until the key is deleted or the job purged",
+        details={"stage": "jobs", "record_type": kind},
+    )
 
 
 def _if_owned(record: dict[str, str] | None, caller: str | None) -> dict[str, str] | None:

@@ -48,7 +48,14 @@ from dispatcher.state._job_summaries import (
     ErrorBudget,
 )
 from dispatcher.state._redis_replies import now_ms, reply_fields, reply_text
-from dispatcher.state.base import CallbackOutbox, Delivery, JobRecords, JobStore, StateUnavailable
+from dispatcher.state.base import (
+    CallbackOutbox,
+    Delivery,
+    JobRecords,
+    JobStore,
+    StateUnavailable,
+    unreadable_record,
+)
 from dispatcher.state.redis_callbacks import RedisCallbacks
 
 __all__ = ["LateRead", "RedisJobRecords", "RedisJobs"]
@@ -84,12 +91,20 @@ GROUP = "workers"
 REDIS_TIMER_SECONDS = 0.1
 
 # A job's record for its owner only: the caller field (absent: submitted anonymously,
-# ARGV[1] '0') is compared here, so another caller's record never leaves Redis.
+# ARGV[1] '0') is compared here, so another caller's record never leaves Redis; ARGV[1]
+# '2': anyone's. A key of another type is no dispatcher's record: its type is answered
+# (a corrupt entry, as a listing's row says), never its value. Its WRONGTYPE was told as
+# the store failing, retryable, for a key that reads the same each time.
 _OWNED_RECORD = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'hash' then
+  if kind == 'none' then return false end
+  return kind
+end
 local caller = redis.call('HGET', KEYS[1], 'caller')
 if ARGV[1] == '1' then
   if caller ~= ARGV[2] then return false end
-elseif caller ~= false then
+elseif ARGV[1] == '0' and caller ~= false then
   return false
 end
 return redis.call('HGETALL', KEYS[1])
@@ -479,15 +494,16 @@ class RedisJobs(JobStore):
         return int(kept)
 
     async def record(self, job_id: str) -> dict[str, str] | None:
-        answer = await self._op(
-            "a job record", lambda: self._client.hgetall(self.record_key(job_id))
-        )
-        return reply_fields(answer) if answer else None
+        return await self._record(job_id, ("2", ""))
 
     async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
-        args = ("0", "") if caller is None else ("1", caller)
+        return await self._record(job_id, ("0", "") if caller is None else ("1", caller))
+
+    async def _record(self, job_id: str, args: tuple[str, str]) -> dict[str, str] | None:
         keys = (self.record_key(job_id),)
         answer = await self._op("a job record", lambda: self._owned(keys=keys, args=args))
+        if isinstance(answer, (bytes, str)):
+            raise unreadable_record(job_id, reply_text(answer))
         return reply_fields(answer) if answer else None
 
     async def _records(self, index: str, limit: int) -> list[dict[str, str]]:

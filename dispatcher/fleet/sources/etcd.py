@@ -5,14 +5,18 @@ instance, on a lease the instance keeps alive, whose value is JSON ``{"url": …
 HTTP server) or ``{"address": "host:port"}`` (a gRPC one), optionally ``"weight"``.
 
 etcd is reached through its v3 JSON gateway (``etcd_client.EtcdPrefix``, shared with the
-registry of plugin entries), so no etcd client library is needed: a range read, then a
-watch from the read's revision + 1, so no change between the read and the watch is lost.
+registry of plugin entries), so no etcd client library is needed: a range read, in pages
+of at most ``PAGE_KEYS`` keys at one revision (a prefix of any size is listed, each answer
+under ``max_message_bytes``), then a watch from the read's revision + 1, so no change
+between the read and the watch is lost. What a read finds replaces what was kept only
+once every page is in: a read failing midway changes nothing.
 
 Failures and what they do:
 
 * etcd unreachable, slower than ``timeout_ms`` (connecting, reading the range, or
-  creating the watch), an HTTP error, a body that is not the gateway's JSON, a line or
-  body over ``max_message_bytes``, the watch stream ending, a watch cancelled (e.g. its
+  creating the watch; each page of a read is bounded alone), an HTTP error, a body that is
+  not the gateway's JSON, a watch line or a single key's value over ``max_message_bytes``,
+  the watch stream ending, a page's revision compacted while the read goes on, a watch cancelled (e.g. its
   revision compacted): ``error`` says which in one line, the last list stays reported,
   and after ``retry_ms`` (growing by half each time, up to 8 times) the range is read again;
   a good read clears ``error``. The log gets one line when reads start failing and one
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,6 +56,7 @@ from dispatcher.fleet.sources.etcd_client import (
     MAX_MESSAGE_BYTES,
     Change,
     EtcdPrefix,
+    PrefixRead,
     RegistryFailure,
 )
 from dispatcher.fleet.sources.first_keys import FirstKeys
@@ -134,6 +140,21 @@ def _from_address(address: Any, weight: int) -> Endpoint:
     return Endpoint(host=host, port=int(port_text), weight=weight)
 
 
+@dataclass(slots=True)
+class _Kept:
+    """What a source keeps of the prefix: built afresh by each read, then swapped in."""
+
+    #: The well-formed registrations reported: the first in key order. Kept to the bound
+    #: of what is reported (MAX_ENDPOINTS), not every key under the prefix: whoever writes
+    #: the prefix would choose how much of our memory it holds.
+    found: FirstKeys[Endpoint] = field(default_factory=lambda: FirstKeys(MAX_ENDPOINTS))
+    #: Keys left out because their value is off the contract, with the reason: at most
+    #: MAX_ENDPOINTS of them, the same bound; the others are only counted in ``unlisted``
+    #: (exact after a read; between reads, one that goes is not seen).
+    skipped: dict[str, str] = field(default_factory=dict)
+    unlisted: int = 0
+
+
 class EtcdSource(InstanceSource):
     """Reports the instances registered under ``spec.prefix`` and watches for changes."""
 
@@ -149,17 +170,9 @@ class EtcdSource(InstanceSource):
             retry=spec.retry_ms / 1000,
             max_message_bytes=max_message_bytes,
         )
-        #: The well-formed registrations reported: the first in key order. Kept to the
-        #: bound of what is reported (MAX_ENDPOINTS), not every key under the prefix:
-        #: whoever writes the prefix would choose how much of our memory it holds.
-        self._found: FirstKeys[Endpoint] = FirstKeys(MAX_ENDPOINTS)
+        self._kept = _Kept()
         #: The list last reported (None: none yet), not reported again while it holds.
         self._reported: list[Endpoint] | None = None
-        #: Keys left out because their value is off the contract, with the reason: at
-        #: most MAX_ENDPOINTS of them, the same bound; the others are only counted in
-        #: ``unlisted`` (exact after a read; between reads, one that goes is not seen).
-        self.skipped: dict[str, str] = {}
-        self.unlisted = 0
         #: Overflows so far, what their log lines are spared by (``sparingly``): keys off
         #: the contract left unlisted, and reports that began to leave registrations out.
         self._unlisted_seen = 0
@@ -173,32 +186,49 @@ class EtcdSource(InstanceSource):
     def dropped(self) -> int:
         """Well-formed registrations left out, beyond the first MAX_ENDPOINTS (exact after
         each read; between reads, ``first_keys`` says how it is counted)."""
-        return self._found.beyond
+        return self._kept.found.beyond
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Keys left out because their value is off the contract, with the reason."""
+        return self._kept.skipped
+
+    @property
+    def unlisted(self) -> int:
+        """Keys off the contract past the bound of ``skipped``, only counted."""
+        return self._kept.unlisted
 
     async def run(self, report: Report) -> None:
-        def on_read(values: dict[str, bytes]) -> None:
-            previous, self.skipped, self.unlisted = self.skipped, {}, 0
-            self._found.clear()
-            for key, value in values.items():
-                self._put(key, value, created=True, logged=previous.get(key))
-            self._report(report)
-            self.health.succeeded(len(self._found))
+        def on_read() -> PrefixRead:
+            kept, logged = _Kept(), self._kept.skipped
+
+            def page(values: list[tuple[str, bytes]]) -> None:
+                for key, value in values:
+                    self._put(kept, key, value, created=True, logged=logged.get(key))
+
+            def done() -> None:
+                self._kept = kept
+                self._report(report)
+                self.health.succeeded(len(kept.found))
+
+            return PrefixRead(page, done)
 
         def on_change(changes: list[Change]) -> bool:
             read_again = False
+            kept = self._kept
             for change in changes:
                 if change.value is None:
-                    read_again |= self._found.remove(change.key)
-                    self.skipped.pop(change.key, None)
+                    read_again |= kept.found.remove(change.key)
+                    kept.skipped.pop(change.key, None)
                 else:
-                    read_again |= self._put(change.key, change.value, created=change.created)
+                    read_again |= self._put(kept, change.key, change.value, created=change.created)
             self._report(report)
             return read_again
 
         await self._etcd.follow(on_read, on_change, self._fail)
 
     def _fail(self, reason: str, delay: float) -> None:
-        kept = len(self._found)
+        kept = len(self._kept.found)
         self.health.failed(
             f"{reason}; keeping the last {kept} instance(s), reading again in {delay:.3g} s"
         )
@@ -219,28 +249,30 @@ class EtcdSource(InstanceSource):
                     MAX_ENDPOINTS,
                 )
         self._dropping = dropped > 0
-        listed = self._found.values()
+        listed = self._kept.found.values()
         if listed != self._reported:
             self._reported = listed
             report(listed)
 
-    def _put(self, key: str, value: bytes, *, created: bool, logged: str | None = None) -> bool:
-        """Keep or skip ``key``; True when a kept registration left and the prefix must be
-        read again to know which takes its place. ``logged``: the reason this key was
-        skipped for before a read (logged then, not again)."""
+    def _put(
+        self, kept: _Kept, key: str, value: bytes, *, created: bool, logged: str | None = None
+    ) -> bool:
+        """Keep or skip ``key`` in ``kept``; True when a kept registration left and the
+        prefix must be read again to know which takes its place. ``logged``: the reason
+        this key was skipped for before a read (logged then, not again)."""
         try:
             endpoint = parse_registration(value)
         except ValueError as wrong:
-            read_again = self._found.remove(key)
-            self._skip(key, str(wrong), self.skipped.get(key, logged))
+            read_again = kept.found.remove(key)
+            self._skip(kept, key, str(wrong), kept.skipped.get(key, logged))
             return read_again
-        self.skipped.pop(key, None)
-        self._found.put(key, endpoint, created=created)
+        kept.skipped.pop(key, None)
+        kept.found.put(key, endpoint, created=created)
         return False
 
-    def _skip(self, key: str, reason: str, logged: str | None) -> None:
-        if key not in self.skipped and len(self.skipped) >= MAX_ENDPOINTS:
-            self.unlisted += 1
+    def _skip(self, kept: _Kept, key: str, reason: str, logged: str | None) -> None:
+        if key not in kept.skipped and len(kept.skipped) >= MAX_ENDPOINTS:
+            kept.unlisted += 1
             self._unlisted_seen += 1
             if sparingly(self._unlisted_seen):
                 log.warning(
@@ -253,7 +285,7 @@ class EtcdSource(InstanceSource):
             return
         if logged != reason:
             log.warning("registry %s: key %s left out: %s", self.name, key, reason)
-        self.skipped[key] = reason
+        kept.skipped[key] = reason
 
     async def aclose(self) -> None:
         await self._etcd.aclose()
@@ -266,6 +298,6 @@ class EtcdSource(InstanceSource):
         skipped += f" ({len(names)})" if len(names) > 3 else ""
         skipped += f" unlisted={self.unlisted}" if self.unlisted else ""
         return (
-            f"<EtcdSource {self.name} instances={len(self._found)} reads={self.reads}"
+            f"<EtcdSource {self.name} instances={len(self._kept.found)} reads={self.reads}"
             f"{dropped}{state}{skipped}>"
         )

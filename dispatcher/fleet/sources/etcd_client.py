@@ -2,10 +2,21 @@
 
 Two readers share it: the fleet's ``EtcdSource`` (instances, ``sources/etcd.py``) and the
 registry of plugin entries (``dispatcher._entries``). ``EtcdPrefix.follow`` reads every key
-under ``<prefix>/`` (``/v3/kv/range``), hands the whole set to ``on_read``, then watches
-(``/v3/watch``, one JSON object per line) from the read's revision + 1, so no change between
-the read and the watch is lost, and hands each batch of changes to ``on_change``. A reader
-that keeps only part of the prefix (``first_keys``) may answer True from ``on_change`` to
+under ``<prefix>/`` (``/v3/kv/range``) into a ``PrefixRead`` that ``on_read`` makes, then
+watches (``/v3/watch``, one JSON object per line) from the read's revision + 1, so no change
+between the read and the watch is lost, and hands each batch of changes to ``on_change``.
+
+A read goes in pages, as etcd's own clients read a large range: at most ``PAGE_KEYS`` keys a
+request, each request starting just after the last key of the one before and pinned to the
+revision of the first, so the pages together are one snapshot. One answer for the whole
+prefix passes ``max_message_bytes`` (8 MiB) as soon as the prefix holds a few hundred
+values of 32 KiB: read whole, such a prefix failed every read, for ever (and whatever the
+bound, some prefix passes it). A page over the bound is asked again with half as many keys
+(and the smaller size kept), down to one key: only a single value over the bound fails the
+read. The reader is handed each page as it comes and keeps what it keeps of it
+(``first_keys``), so memory is one page, not the prefix; what it builds replaces what it had
+only when the read is whole (``PrefixRead.done``), so a read failing midway, or a concurrent
+look at the reader, never sees half a prefix. A reader that keeps only part of the prefix (``first_keys``) may answer True from ``on_change`` to
 have the prefix read again (one of the keys it keeps left, and it cannot tell which key
 takes its place): the watch ends and a read follows, at once the first time, then at most
 once per ``retry`` (a writer deleting a key at a time must not have the registry read
@@ -14,8 +25,9 @@ whole at each delete).
 Failures (``on_failure(reason, delay)``, then a new read after ``delay``, growing by half each
 time up to 8 times ``retry``): etcd unreachable, slower than ``timeout`` (connecting,
 reading the range, creating the watch), an HTTP error, a body that is not the gateway's
-JSON, a line or body over ``max_message_bytes``, the watch stream ending, a watch
-cancelled (its revision compacted). The reader keeps what it had: nothing here reports an
+JSON, a line over ``max_message_bytes`` or a value that is even alone, a range answer whose
+keys go backwards (each page must start after the last), the watch stream ending, a watch
+cancelled or a page's revision compacted between two pages. The reader keeps what it had: nothing here reports an
 empty set because etcd went away. A silent watch is a quiet registry, not a failure; a
 half-open connection is caught by TCP keepalive.
 """
@@ -35,17 +47,44 @@ from typing import Any
 import aiohttp
 import orjson
 
-__all__ = ["MAX_MESSAGE_BYTES", "Change", "EtcdPrefix", "OnChange", "RegistryFailure", "one_line"]
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "PAGE_KEYS",
+    "Change",
+    "EtcdPrefix",
+    "OnChange",
+    "PrefixRead",
+    "RegistryFailure",
+    "one_line",
+]
 
-#: The largest range answer or watch line read; a registry of thousands of keys is well
-#: under it, and a peer sending more is not the registry we know.
+#: The largest range answer (one page) or watch line read. A peer sending more for a
+#: single key, or a single change, is not the registry we know.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+#: Keys asked for in one range request (etcd's clients page by a count of keys too); fewer
+#: when that many values are over ``max_message_bytes`` together (module docstring).
+PAGE_KEYS = 512
 #: The longest wait between reads, as a multiple of ``retry``.
 _BACKOFF_CAP = 8
 
 
 class RegistryFailure(Exception):
     """Reading or watching the registry failed; the message says how, in one line."""
+
+
+class _OverBound(RegistryFailure):
+    """An answer over ``max_message_bytes``: a range page is asked again, smaller."""
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixRead:
+    """One read of the prefix as a reader builds it: ``page(values)`` with each page's keys
+    and values in key order, then ``done()`` once the read is whole. What the reader builds
+    from the pages is kept aside until ``done``: a read that fails midway is never done,
+    and changes nothing the reader had."""
+
+    page: Callable[[list[tuple[str, bytes]]], None]
+    done: Callable[[], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,25 +118,27 @@ class EtcdPrefix:
         self._retry = retry
         self._max_bytes = max_message_bytes
         # The key just after every "<prefix>/…" key: "/" is followed by "0" in ASCII.
-        self._range = {"key": _b64(f"{prefix}/"), "range_end": _b64(f"{prefix}0")}
+        self._first, self._end = f"{prefix}/".encode(), f"{prefix}0".encode()
+        self._range = {"key": _b64(self._first), "range_end": _b64(self._end)}
+        #: Keys a range page asks for: halved for good while a page is over the bound.
+        self._page_keys = PAGE_KEYS
         self._session: aiohttp.ClientSession | None = None
 
     async def follow(
         self,
-        on_read: Callable[[dict[str, bytes]], None],
+        on_read: Callable[[], PrefixRead],
         on_change: OnChange,
         on_failure: Callable[[str, float], None],
     ) -> None:
-        """Read, watch, and read again after a failure, or when ``on_change`` asks, until
-        cancelled; never raises."""
+        """Read (into a fresh ``on_read()`` each time), watch, and read again after a
+        failure, or when ``on_change`` asks, until cancelled; never raises."""
         loop = asyncio.get_running_loop()
         delay = self._retry
         asked_at = -math.inf  # when on_change last asked for a read
         while True:
             try:
-                revision, found = await self.read()
+                revision = await self.read(on_read())
                 delay = self._retry
-                on_read(found)
                 if await self._watch(revision + 1, on_change):
                     await asyncio.sleep(max(0.0, asked_at + self._retry - loop.time()))
                     asked_at = loop.time()
@@ -113,23 +154,67 @@ class EtcdPrefix:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, _BACKOFF_CAP * self._retry)
 
-    async def read_or_reason(self) -> dict[str, bytes] | str:
-        """One ``read``'s keys, or why it failed (in one line) instead of raising."""
+    async def read_or_reason(self, into: PrefixRead) -> str | None:
+        """One ``read`` into ``into``, or why it failed (in one line) instead of raising."""
         try:
-            _, found = await self.read()
+            await self.read(into)
         except RegistryFailure as failure:
             return str(failure)
         except TimeoutError:
             return f"no answer within {self._timeout * 1000:g} ms"
         except (aiohttp.ClientError, OSError) as failure:
             return f"cannot reach etcd: {one_line(str(failure)) or type(failure).__name__}"
-        return found
+        return None
 
-    async def read(self) -> tuple[int, dict[str, bytes]]:
-        """Every key under the prefix with its value, and the revision the read saw."""
+    async def read(self, into: PrefixRead) -> int:
+        """Every key under the prefix with its value, a page at a time into ``into``
+        (``done`` once whole); the revision the read saw. Each page is bounded by
+        ``timeout``; together they are one snapshot, at the first page's revision."""
+        start, revision = self._first, None
+        while True:
+            request: dict[str, Any] = {
+                "key": _b64(start),
+                "range_end": self._range["range_end"],
+                "limit": str(self._page_keys),
+            }
+            if revision is not None:
+                request["revision"] = str(revision)
+            try:
+                document = await self._range_page(request)
+            except _OverBound:
+                if self._page_keys == 1:
+                    raise RegistryFailure(
+                        f"etcd's answer is over {self._max_bytes} bytes for a single key"
+                    ) from None
+                self._page_keys //= 2
+                continue
+            if revision is None:
+                revision = _revision(document)
+            kvs = document.get("kvs", [])
+            if not isinstance(kvs, list):
+                raise RegistryFailure("etcd's range answer has no list of keys")
+            page: list[tuple[str, bytes]] = []
+            for kv in kvs:
+                if not isinstance(kv, dict):
+                    raise RegistryFailure("etcd's range answer holds something that is not a key")
+                key = _unb64(kv.get("key"))
+                # In key order and after the page before: a peer repeating a page with
+                # "more" set would otherwise be read for ever.
+                if key < start or not key < self._end:
+                    raise RegistryFailure("etcd's range answer holds a key out of order")
+                start = key + b"\0"
+                page.append((key.decode(errors="replace"), _unb64(kv.get("value", ""))))
+            into.page(page)
+            if not document.get("more"):
+                into.done()
+                return revision
+            if not page:
+                raise RegistryFailure("etcd's range answer says more keys follow but holds none")
+
+    async def _range_page(self, request: dict[str, Any]) -> dict[str, Any]:
         async with asyncio.timeout(self._timeout):
             async with self._http().post(
-                f"{self._base}/v3/kv/range", data=orjson.dumps(self._range)
+                f"{self._base}/v3/kv/range", data=orjson.dumps(request)
             ) as answer:
                 body = await self._bounded_body(answer)
         document = self._decode(body, "the range read")
@@ -137,16 +222,7 @@ class EtcdPrefix:
             raise RegistryFailure(
                 f"etcd answered HTTP {answer.status} to the range read{_why(document)}"
             )
-        revision = _revision(document)
-        kvs = document.get("kvs", [])
-        if not isinstance(kvs, list):
-            raise RegistryFailure("etcd's range answer has no list of keys")
-        found: dict[str, bytes] = {}
-        for kv in kvs:
-            if not isinstance(kv, dict):
-                raise RegistryFailure("etcd's range answer holds something that is not a key")
-            found[_key(kv)] = _unb64(kv.get("value", ""))
-        return revision, found
+        return document
 
     async def _watch(self, start_revision: int, on_change: OnChange) -> bool:
         """Follow the watch until it ends (False) or ``on_change`` asks for a read (True)."""
@@ -222,7 +298,7 @@ class EtcdPrefix:
         async for chunk in answer.content.iter_any():
             body += chunk
             if len(body) > self._max_bytes:
-                raise RegistryFailure(f"etcd's answer is over {self._max_bytes} bytes")
+                raise _OverBound(f"etcd's answer is over {self._max_bytes} bytes")
         return bytes(body)
 
     async def _lines(self, stream: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
@@ -261,8 +337,8 @@ def one_line(text: str, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
 
 
 def _unb64(field: Any) -> bytes:
