@@ -650,7 +650,13 @@ class Dispatcher:
         wait_at_most: float | None = None,
     ) -> Invocation:
         """Check the params and fix the deadline of one call of ``route``."""
-        checked_call_text(caller, request_id, traceparent, idempotency_key)
+        if not (
+            caller is None
+            and request_id is None
+            and traceparent is None
+            and idempotency_key is None
+        ):  # most calls carry none of them: no function call for them (the hot path)
+            checked_call_text(caller, request_id, traceparent, idempotency_key)
         if params is None:
             params = {}
         if route.validate is not None:
