@@ -696,9 +696,10 @@ class Dispatcher:
 
         A worker of any replica (``jobs: {workers: N}``) runs it later through the method's
         chain, retrying retryable errors (``dispatcher._jobs``); ``result`` and ``job`` read
-        it. Checked now: the method exists (its version is fixed now), ``caller`` may call
-        it, the params match its schema, ``callback_url`` (POSTed the job's record when it
-        ends, ``dispatcher._job_callbacks``) is allowed by the manifest's ``egress``. With
+        it. Checked now: the method exists (its version is fixed now, unless a rollout
+        chose it), ``caller`` may call it, the params match its schema, ``callback_url``
+        (POSTed the job's record when it ends, ``dispatcher._job_callbacks``) is allowed by
+        the manifest's ``egress``. With
         ``access`` or ``audit`` configured the submission is audited (kind ``submit``).
         Raises ``JobsUnavailable`` on the memory backend and ``StateUnavailable`` when
         Redis does not take the job. ``error_detail``: how the callback tells an error that
