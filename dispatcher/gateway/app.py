@@ -486,6 +486,11 @@ class Gateway:
             return error_answer(error)
         ws = web.WebSocketResponse(
             heartbeat=self.settings.heartbeat,
+            # A frame must come whole within 1.5 heartbeats of the last (a pong counts), as
+            # a dialled plugin's must (providers.websocket.channel.STALL_HEARTBEATS): every
+            # byte received puts the ping off, so a plugin trickling one frame would hold
+            # its reader, and every call on it, for as long as the frame takes.
+            receive_timeout=self.settings.heartbeat * 1.5,
             max_msg_size=DEFAULT_MAX_MESSAGE_BYTES,
             decode_text=False,
         )

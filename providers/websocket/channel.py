@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from aiohttp import ClientWebSocketResponse, WSMsgType, web
+from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
 
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -74,6 +74,7 @@ from providers.invocation import Invocation
 __all__ = [
     "CLOSE_STALLED",
     "MAX_REFUSALS_WAITING",
+    "READ_STALLED_REASON",
     "STALL_HEARTBEATS",
     "Channel",
     "EventSink",
@@ -115,6 +116,10 @@ STALL_HEARTBEATS = 1.5
 #: The close code of a connection dropped because its writes stalled (policy violation:
 #: the plugin does not read what it is sent). It will most likely never read it either.
 CLOSE_STALLED = 1008
+#: Why a connection whose plugin sent no whole frame within the socket's receive timeout
+#: (1.5 heartbeats) was dropped: one that trickles a frame puts the ping off with every
+#: byte, and would hold the reader (and every call) until its frame ends.
+READ_STALLED_REASON = "the plugin sent no whole frame (nor a pong) for 1.5 heartbeats"
 
 
 def _cancelled_by_owner() -> bool:
@@ -128,6 +133,20 @@ def close_message(reason: str) -> bytes:
     """``reason`` as a close frame carries it: 123 bytes of UTF-8 at most (the frame's
     payload is 125, the code takes 2), never cut inside a character."""
     return reason.encode()[:123].decode(errors="ignore").encode()
+
+
+def _transport_of(socket: Socket) -> asyncio.Transport | None:
+    """The transport under ``socket``, to abort. aiohttp (3.14) offers no abort of a
+    WebSocket; both of its WebSocket classes write through a ``WebSocketWriter`` whose
+    ``transport`` is the connection's. None if that ever changes: closes are then
+    graceful only, as before (``tests/test_websocket_drop.py`` fails, and says so)."""
+    transport = getattr(getattr(socket, "_writer", None), "transport", None)
+    return transport if isinstance(transport, asyncio.Transport) else None
+
+
+def _abort_if_open(transport: asyncio.Transport) -> None:
+    if transport.get_write_buffer_size() > 0:
+        transport.abort()
 
 
 async def read_hello(socket: Socket) -> dict[str, Any]:
@@ -547,7 +566,25 @@ class Channel:
         reason = f"the plugin took nothing written to it for {self._write_stall:g} s"
         log.warning("%s: %s; dropping the connection", self.describe, reason)
         self._closed(f"{reason} (writes stalled)")
-        await self._close_socket(CLOSE_STALLED, reason)
+        await self._drop(CLOSE_STALLED, reason)
+
+    async def _drop(self, code: int, reason: str) -> None:
+        """Close the connection at once: the close frame is handed to the socket if it
+        can take it now, and the transport is aborted rather than closed. A graceful close
+        waits for the plugin's close frame (aiohttp's close timeout), and asyncio keeps a
+        closed transport's socket open until what is buffered for it drains, which a
+        plugin that reads nothing never lets happen: the descriptor and megabytes of
+        buffered frames stayed for as long as the plugin kept its end open."""
+        transport = _transport_of(self.socket)
+        if transport is not None and not transport.is_closing():
+            if transport.get_write_buffer_size() == 0:
+                # Nothing ahead of it: aiohttp writes it to the socket without waiting.
+                # Behind a full buffer it would never reach the plugin before the abort.
+                frame = code.to_bytes(2, "big") + close_message(reason)
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.socket.send_frame(frame, WSMsgType.CLOSE)
+            transport.abort()
+        await self._close_socket(code, reason)  # aiohttp's own state: closed, timers off
 
     async def _close_socket(self, code: int, reason: str) -> None:
         """Close the socket, not waiting for its buffer to drain: a plugin that does not
@@ -564,12 +601,29 @@ class Channel:
                 # cancelled; it has closed the transport all the same.
                 if _cancelled_by_owner():
                     raise
+            finally:
+                self._let_go()
+
+    def _let_go(self) -> None:
+        """After a graceful close: asyncio keeps a closed transport's socket open until
+        what is buffered for it drains, which a plugin that reads nothing never lets
+        happen. One aiohttp found gone (1006: no pong, a read timeout) is aborted now; one
+        that may still be reading gets as long as a write may stall to take the rest
+        (the close frame is at its end), then is aborted."""
+        transport = _transport_of(self.socket)
+        if transport is None or transport.get_write_buffer_size() == 0:
+            return
+        if self.socket.close_code == WSCloseCode.ABNORMAL_CLOSURE:
+            transport.abort()
+        else:
+            self._loop.call_later(self._write_stall, _abort_if_open, transport)
 
     # -- reading ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Read frames until the socket closes; then fail every call still in flight."""
         reason = "the connection closed"
+        trickled = False
         try:
             async for message in self.socket:
                 if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -577,11 +631,19 @@ class Channel:
                 elif message.type == WSMsgType.ERROR:
                     reason = f"the connection failed: {message.data}"
                     break
-        except (TimeoutError, ConnectionError) as error:
+        except TimeoutError:
+            # The socket's receive timeout (1.5 heartbeats, set by whoever opened it): no
+            # frame came whole, not even a pong, though every byte put the ping off.
+            trickled = True
+            reason = READ_STALLED_REASON
+        except ConnectionError as error:
             reason = f"the connection failed: {type(error).__name__}"
         finally:
             code = self.socket.close_code
             self._closed(f"{reason} (close code {code})" if code else reason)
+        if trickled:
+            log.warning("%s: %s; dropping the connection", self.describe, reason)
+            await self._drop(CLOSE_STALLED, reason)
 
     def _received(self, data: str | bytes) -> None:
         try:
