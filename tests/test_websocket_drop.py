@@ -59,6 +59,14 @@ def tcp_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
     return None
 
 
+def tcp_inodes_to(remote: tuple[str, int]) -> set[int]:
+    """The inodes of the IPv4 TCP sockets connected to ``remote``."""
+    wanted = _hex_address(remote)
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return {int(row[9]) for row in rows if row[2] == wanted and row[9] != "0"}
+
+
 def held(inode: int) -> bool:
     """Whether a descriptor of this process still refers to socket ``inode``."""
     for fd in os.listdir("/proc/self/fd"):
@@ -139,7 +147,9 @@ def trickling(masked: bool) -> Behaviour:
 
 
 @contextlib.asynccontextmanager
-async def raw_plugin_server(host: str, behave: Behaviour) -> AsyncIterator[tuple[str, int]]:
+async def raw_plugin_server(
+    host: str, behave: Behaviour, *, plugin_id: str = "raw"
+) -> AsyncIterator[tuple[str, int]]:
     """A plugin at ``host``: upgrades, says hello, then ``behave``; never reads again."""
     loop = asyncio.get_running_loop()
     listener = small_receive_buffer()  # accepted sockets take it on
@@ -158,7 +168,8 @@ async def raw_plugin_server(host: str, behave: Behaviour) -> AsyncIterator[tuple
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n",
         )
-        await loop.sock_sendall(conn, ws_frame(hello_frame("raw", "1.0.0", ["echo"]), masked=False))
+        hello = hello_frame(plugin_id, "1.0.0", ["echo"])
+        await loop.sock_sendall(conn, ws_frame(hello, masked=False))
         with contextlib.suppress(ConnectionError):
             await behave(lambda data: loop.sock_sendall(conn, data))
 
@@ -181,7 +192,7 @@ async def raw_plugin_server(host: str, behave: Behaviour) -> AsyncIterator[tuple
 
 @contextlib.asynccontextmanager
 async def raw_plugin_client(
-    gateway: tuple[str, int], behave: Behaviour
+    gateway: tuple[str, int], behave: Behaviour, *, version: str = "1.0.0"
 ) -> AsyncIterator[socket.socket]:
     """A plugin that dials the gateway, says hello, then ``behave``s; never reads again."""
     loop = asyncio.get_running_loop()
@@ -199,7 +210,7 @@ async def raw_plugin_client(
     )
     head = await read_head(sock)
     assert head.startswith(b"HTTP/1.1 101"), head[:200]
-    await loop.sock_sendall(sock, ws_frame(hello_frame("raw", "1.0.0", ["echo"]), masked=True))
+    await loop.sock_sendall(sock, ws_frame(hello_frame("raw", version, ["echo"]), masked=True))
     task = asyncio.ensure_future(behave(lambda data: loop.sock_sendall(sock, data)))
     try:
         yield sock
@@ -419,3 +430,41 @@ async def test_a_plugin_dialled_in_that_is_idle_but_reads_is_kept_past_the_bound
         finally:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
+
+
+async def silent(send: Callable[[bytes], Awaitable[None]]) -> None:
+    await asyncio.Event().wait()
+
+
+async def test_a_plugin_dialled_in_whose_hello_lies_is_let_go_at_once() -> None:
+    """Admitted as version 1.0.0, its hello says 2.0.0, and it then neither reads nor
+    closes. Before: the gateway closed gracefully, waiting 10 s (aiohttp's close
+    timeout) for the plugin's close frame, holding the socket and the handler all along.
+    Now the refusal is handed over and the socket aborted."""
+    async with (
+        gateway_of() as (_, address),
+        raw_plugin_client(address, silent, version="2.0.0") as plugin,
+    ):
+        inode = tcp_inode(address, plugin.getsockname())
+        assert inode is not None
+        await until(lambda: not held(inode), 2)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(2):  # the refusal reached the plugin before the end
+            received = await loop.sock_recv(plugin, 4096)
+        assert received[:2] == bytes([0x88, len(received) - 2])  # one close frame
+        assert int.from_bytes(received[2:4], "big") == 4403, received
+
+
+async def test_a_dialled_plugin_whose_hello_lies_is_let_go_at_once() -> None:
+    """The plugin at the URL says it is another plugin, then neither reads nor closes.
+    Before: the dialer closed gracefully, waiting a heartbeat (10 s here) for the
+    plugin's close frame. Now the socket is aborted once the close frame is handed over."""
+    async with (
+        raw_plugin_server("127.0.0.5", silent, plugin_id="impostor") as plugin,
+        dialling(plugin, heartbeat_ms=10_000) as dispatcher,
+    ):
+        (dialed,) = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
+        await until(lambda: tcp_inodes_to(plugin), 5)
+        dialled = tcp_inodes_to(plugin)
+        await until(lambda: not any(held(inode) for inode in dialled), 2)
+        assert "impostor" in dialed.last_error, dialed.last_error

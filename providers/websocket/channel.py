@@ -80,6 +80,7 @@ __all__ = [
     "EventSink",
     "Socket",
     "close_message",
+    "hang_up",
     "read_hello",
 ]
 
@@ -142,6 +143,26 @@ def _transport_of(socket: Socket) -> asyncio.Transport | None:
     graceful only, as before (``tests/test_websocket_drop.py`` fails, and says so)."""
     transport = getattr(getattr(socket, "_writer", None), "transport", None)
     return transport if isinstance(transport, asyncio.Transport) else None
+
+
+async def hang_up(socket: Socket, code: int, reason: str) -> None:
+    """Drop the connection at once: hand the close frame (``code``, ``reason``) to the
+    socket if it can take it now, and abort the transport rather than close it. A graceful
+    close waits for the plugin's close frame (aiohttp's close timeout), and asyncio keeps a
+    closed transport's socket open until what is buffered for it drains, which a plugin
+    that reads nothing never lets happen: the descriptor and megabytes of buffered frames
+    stayed for as long as the plugin kept its end open. Close the socket afterwards too
+    (it then returns at once) so that aiohttp's state and timers end with it."""
+    transport = _transport_of(socket)
+    if transport is None or transport.is_closing():
+        return
+    if transport.get_write_buffer_size() == 0:
+        # Nothing ahead of it: aiohttp writes it to the socket without waiting. Behind a
+        # full buffer it would never reach the plugin before the abort.
+        frame = code.to_bytes(2, "big") + close_message(reason)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await socket.send_frame(frame, WSMsgType.CLOSE)
+    transport.abort()
 
 
 def _abort_if_open(transport: asyncio.Transport) -> None:
@@ -569,21 +590,7 @@ class Channel:
         await self._drop(CLOSE_STALLED, reason)
 
     async def _drop(self, code: int, reason: str) -> None:
-        """Close the connection at once: the close frame is handed to the socket if it
-        can take it now, and the transport is aborted rather than closed. A graceful close
-        waits for the plugin's close frame (aiohttp's close timeout), and asyncio keeps a
-        closed transport's socket open until what is buffered for it drains, which a
-        plugin that reads nothing never lets happen: the descriptor and megabytes of
-        buffered frames stayed for as long as the plugin kept its end open."""
-        transport = _transport_of(self.socket)
-        if transport is not None and not transport.is_closing():
-            if transport.get_write_buffer_size() == 0:
-                # Nothing ahead of it: aiohttp writes it to the socket without waiting.
-                # Behind a full buffer it would never reach the plugin before the abort.
-                frame = code.to_bytes(2, "big") + close_message(reason)
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await self.socket.send_frame(frame, WSMsgType.CLOSE)
-            transport.abort()
+        await hang_up(self.socket, code, reason)
         await self._close_socket(code, reason)  # aiohttp's own state: closed, timers off
 
     async def _close_socket(self, code: int, reason: str) -> None:
@@ -832,15 +839,19 @@ class Channel:
             details={"stage": "in_flight"},
         )
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self, code: int = 1000, reason: str = "", *, at_once: bool = False) -> None:
         """Close the connection with ``code`` and ``reason`` (what the peer reads: it decides
-        whether to dial again), failing what is still in flight on it."""
+        whether to dial again), failing what is still in flight on it. ``at_once``: drop
+        it (``hang_up``), not waiting for the plugin's close frame."""
         self._closed(
             f"the dispatcher closed the connection ({code}: {reason})"
             if reason
             else "the dispatcher closed the connection"
         )
-        await self._close_socket(code, reason)
+        if at_once:
+            await self._drop(code, reason)
+        else:
+            await self._close_socket(code, reason)
         tasks = [*self._background, self._writer]
         for task in tasks:
             task.cancel()

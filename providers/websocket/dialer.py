@@ -243,7 +243,9 @@ class DialedPlugin:
         try:
             await self._read_hello(socket)
         except BaseException:
-            await channel.close()
+            # No hello, a wrong one, or the dial was cancelled: not waiting for a plugin
+            # that may neither read nor close to say goodbye.
+            await channel.close(at_once=True)
             raise
         return channel
 
