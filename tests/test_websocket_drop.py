@@ -148,9 +148,10 @@ def trickling(masked: bool) -> Behaviour:
 
 @contextlib.asynccontextmanager
 async def raw_plugin_server(
-    host: str, behave: Behaviour, *, plugin_id: str = "raw"
+    host: str, behave: Behaviour, *, plugin_id: str = "raw", hello_after: float = 0.0
 ) -> AsyncIterator[tuple[str, int]]:
-    """A plugin at ``host``: upgrades, says hello, then ``behave``; never reads again."""
+    """A plugin at ``host``: upgrades, says hello (``hello_after`` seconds later), then
+    ``behave``; never reads again."""
     loop = asyncio.get_running_loop()
     listener = small_receive_buffer()  # accepted sockets take it on
     listener.bind((host, 0))
@@ -169,6 +170,7 @@ async def raw_plugin_server(
             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n",
         )
         hello = hello_frame(plugin_id, "1.0.0", ["echo"])
+        await asyncio.sleep(hello_after)
         await loop.sock_sendall(conn, ws_frame(hello, masked=False))
         with contextlib.suppress(ConnectionError):
             await behave(lambda data: loop.sock_sendall(conn, data))
@@ -258,7 +260,9 @@ async def dialled_channel(dispatcher: Dispatcher) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def gateway_of(heartbeat: float = 20.0) -> AsyncIterator[tuple[Dispatcher, tuple[str, int]]]:
+async def gateway_of(
+    heartbeat: float = 20.0, max_message_bytes: int = 32 * 1024 * 1024
+) -> AsyncIterator[tuple[Dispatcher, tuple[str, int]]]:
     plugins = manifest(
         {
             "id": "raw",
@@ -268,7 +272,7 @@ async def gateway_of(heartbeat: float = 20.0) -> AsyncIterator[tuple[Dispatcher,
                 "mode": "inbound",
                 "token": TOKEN,
                 "heartbeat_ms": 200,
-                "max_message_bytes": 32 * 1024 * 1024,
+                "max_message_bytes": max_message_bytes,
             },
             "defaults": {"timeout_ms": 10_000},
             "methods": {"echo": {}},
@@ -460,7 +464,8 @@ async def test_a_dialled_plugin_whose_hello_lies_is_let_go_at_once() -> None:
     Before: the dialer closed gracefully, waiting a heartbeat (10 s here) for the
     plugin's close frame. Now the socket is aborted once the close frame is handed over."""
     async with (
-        raw_plugin_server("127.0.0.5", silent, plugin_id="impostor") as plugin,
+        # Its hello comes 0.3 s after the upgrade: time to find the dispatcher's socket.
+        raw_plugin_server("127.0.0.5", silent, plugin_id="impostor", hello_after=0.3) as plugin,
         dialling(plugin, heartbeat_ms=10_000) as dispatcher,
     ):
         (dialed,) = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
@@ -468,3 +473,46 @@ async def test_a_dialled_plugin_whose_hello_lies_is_let_go_at_once() -> None:
         dialled = tcp_inodes_to(plugin)
         await until(lambda: not any(held(inode) for inode in dialled), 2)
         assert "impostor" in dialed.last_error, dialed.last_error
+
+
+async def test_a_plugin_dialled_in_is_held_to_its_targets_max_message_bytes() -> None:
+    """An inbound target's max_message_bytes (12 MiB here) bounds what its plugins send,
+    as a dialled target's does. Before: the gateway read a plugin's messages up to 8 MiB
+    whatever the target said, so a 10 MiB answer closed the connection (1009) and, with
+    a smaller limit, a message over it was taken."""
+    limit = 12 * 1024 * 1024
+    async with (
+        gateway_of(max_message_bytes=limit) as (dispatcher, address),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            f"http://{address[0]}:{address[1]}/v1/plugins/connect",
+            headers={
+                PLUGIN_ID_HEADER: "raw",
+                PLUGIN_VERSION_HEADER: "1.0.0",
+                "Authorization": f"Bearer {TOKEN}",
+            },
+        ) as plugin,
+    ):
+        await plugin.send_bytes(hello_frame("raw", "1.0.0", ["echo"]))
+
+        async def answer() -> None:
+            async for message in plugin:
+                frame = orjson.loads(message.data)
+                if frame["type"] == "call":
+                    result = {"ok": True, "result": "a" * (10 * 1024 * 1024)}
+                    answer = {"type": "response", "id": frame["id"], "response": result}
+                    await plugin.send_bytes(orjson.dumps(answer))
+
+        answering = asyncio.ensure_future(answer())
+        try:
+            await until(lambda: inbound_channel(dispatcher) is not None, 5)
+            assert len(await dispatcher.call("raw", "echo", {}, timeout=5)) == 10 * 1024 * 1024
+            channel = inbound_channel(dispatcher)
+            event = {"type": "event", "event": "big", "data": "b" * limit}
+            with contextlib.suppress(ConnectionError):  # refused on its header: cut off
+                await plugin.send_bytes(orjson.dumps(event))
+            await until(lambda: channel.closed, 5)
+            assert "exceeds limit" in channel.close_reason, channel.close_reason
+        finally:
+            answering.cancel()
+            await asyncio.gather(answering, return_exceptions=True)

@@ -200,6 +200,9 @@ class WebSocketTarget(TargetConfig):
                 return False
         return self.principal is None or principal == self.principal
 
+    def inbound_message_limit(self) -> int | None:
+        return self.max_message_bytes if self.accepts_connections() else None
+
     def is_fleet(self) -> bool:
         return self.accepts_connections()
 
