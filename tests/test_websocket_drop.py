@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import os
 import re
 import socket
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -516,3 +518,35 @@ async def test_a_plugin_dialled_in_is_held_to_its_targets_max_message_bytes() ->
         finally:
             answering.cancel()
             await asyncio.gather(answering, return_exceptions=True)
+
+
+async def test_a_plugin_dialled_in_is_not_held_to_what_its_hello_padded() -> None:
+    """A hello within the message limit (6 MiB here) that lists a million methods and
+    carries a million empty arrays beside them: decoded, some 100 MB of objects. Before:
+    the host kept the hello whole for as long as the connection lasted (in the
+    connection's record and the task serving it), so a few such plugins held gigabytes.
+    Now it keeps the fields it reads, its method lists cut just past what it believes."""
+    padded = orjson.loads(hello_frame("raw", "1.0.0", ["echo"]))
+    padded["methods"] = ["m"] * 1_000_000
+    padded["padding"] = [[]] * 1_000_000
+    tracemalloc.start()
+    try:
+        async with (
+            gateway_of() as (dispatcher, address),
+            aiohttp.ClientSession() as session,
+            session.ws_connect(
+                f"http://{address[0]}:{address[1]}/v1/plugins/connect",
+                headers={
+                    PLUGIN_ID_HEADER: "raw",
+                    PLUGIN_VERSION_HEADER: "1.0.0",
+                    "Authorization": f"Bearer {TOKEN}",
+                },
+            ) as plugin,
+        ):
+            await plugin.send_bytes(orjson.dumps(padded))
+            await until(lambda: inbound_channel(dispatcher) is not None, 10)
+            gc.collect()
+            held_now, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held_now < 20 * 1024 * 1024, f"{held_now / 2**20:.0f} MiB held"

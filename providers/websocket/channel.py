@@ -70,6 +70,7 @@ from providers._event_rate import EventRate
 from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
+from providers.served import MAX_SERVED_METHODS
 
 __all__ = [
     "CLOSE_STALLED",
@@ -165,6 +166,23 @@ async def hang_up(socket: Socket, code: int, reason: str) -> None:
     transport.abort()
 
 
+def _kept(hello: dict[str, Any]) -> dict[str, Any]:
+    """What is kept of a checked hello for the connection's life: the fields read, each
+    list cut just past what is believed of it (``providers.served``), never what else the
+    plugin padded it with. Decoded, a hello of a few MiB of JSON is over 100 MB of objects."""
+    kept: dict[str, Any] = {
+        key: hello[key] for key in ("type", "protocol", "id", "version") if key in hello
+    }
+    if type(runtime := hello.get("runtime")) is str:
+        kept["runtime"] = runtime[:200]
+    for key in ("methods", "streaming"):
+        listed = hello.get(key)
+        if type(listed) is list:
+            # One past the most believed: a longer list is still seen as too long.
+            kept[key] = [name for name in listed[: MAX_SERVED_METHODS + 1] if type(name) is str]
+    return kept
+
+
 def _abort_if_open(transport: asyncio.Transport) -> None:
     if transport.get_write_buffer_size() > 0:
         transport.abort()
@@ -181,7 +199,7 @@ async def read_hello(socket: Socket) -> dict[str, Any]:
     if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
         raise TargetUnavailable(f"closed before its hello ({message.type.name})")
     try:
-        return checked_hello(decode_frame(message.data))
+        return _kept(checked_hello(decode_frame(message.data)))
     except UnknownProtocol:
         raise
     except DispatchError as error:
