@@ -550,3 +550,24 @@ async def test_a_plugin_dialled_in_is_not_held_to_what_its_hello_padded() -> Non
     finally:
         tracemalloc.stop()
     assert held_now < 20 * 1024 * 1024, f"{held_now / 2**20:.0f} MiB held"
+
+
+# -- on uvloop, the loop `dispatcher serve` runs --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "test",
+    [
+        test_a_dialled_plugin_dropped_for_stalled_writes_lets_go_of_its_socket_at_once,
+        test_a_plugin_dialled_in_dropped_for_stalled_writes_lets_go_of_its_socket_at_once,
+        test_a_plugin_dialled_in_trickling_a_frame_is_cut_off_within_the_heartbeat,
+        test_a_plugin_dialled_in_whose_hello_lies_is_let_go_at_once,
+    ],
+    ids=lambda test: test.__name__.removeprefix("test_"),
+)
+def test_on_uvloop(test: Any) -> None:
+    """uvloop's transports are not ``asyncio.Transport``s: before, the abort looked for
+    one, found none, and left every dropped socket open as before (these four failed)."""
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(test())

@@ -42,7 +42,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
 
@@ -143,7 +143,9 @@ def _transport_of(socket: Socket) -> asyncio.Transport | None:
     ``transport`` is the connection's. None if that ever changes: closes are then
     graceful only, as before (``tests/test_websocket_drop.py`` fails, and says so)."""
     transport = getattr(getattr(socket, "_writer", None), "transport", None)
-    return transport if isinstance(transport, asyncio.Transport) else None
+    if not hasattr(transport, "abort") or not hasattr(transport, "get_write_buffer_size"):
+        return None
+    return cast(asyncio.Transport, transport)  # uvloop's is not one, but has these
 
 
 async def hang_up(socket: Socket, code: int, reason: str) -> None:
