@@ -154,8 +154,8 @@ async def hang_up(socket: Socket, code: int, reason: str) -> None:
     close waits for the plugin's close frame (aiohttp's close timeout), and asyncio keeps a
     closed transport's socket open until what is buffered for it drains, which a plugin
     that reads nothing never lets happen: the descriptor and megabytes of buffered frames
-    stayed for as long as the plugin kept its end open. Close the socket afterwards too
-    (it then returns at once) so that aiohttp's state and timers end with it."""
+    stayed for as long as the plugin kept its end open. Its caller closes the socket
+    afterwards (which then returns at once), so that aiohttp's state and timers end too."""
     transport = _transport_of(socket)
     if transport is None or transport.is_closing():
         return
