@@ -49,6 +49,13 @@ class Admission:
     #: none, or one without an end. The next check may find it admitted by its token alone.
     expires_at: float | None = None
 
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The largest message the plugin may send on its connection: the largest its
+        targets allow (``TargetConfig.inbound_message_limit``); None if none says."""
+        limits = [limit for t in self.targets if (limit := t.inbound_message_limit())]
+        return max(limits) if limits else None
+
     async def serve(self, connection: Any, peer: tuple[str, int]) -> None:
         await self.provider.accept(self.plugin, self.targets, connection, peer)
 

@@ -224,6 +224,11 @@ class TargetConfig(StrictModel):
         reaches itself, is no."""
         return False
 
+    def inbound_message_limit(self) -> int | None:
+        """The largest message a plugin connected as an instance of this target may send
+        (the gateway reads none larger); None, the default, for the gateway's own."""
+        return None
+
     def is_fleet(self) -> bool:
         return bool(self.instance_sources()) or len(self.instance_targets()) > 1
 

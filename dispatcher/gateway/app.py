@@ -486,7 +486,14 @@ class Gateway:
             return error_answer(error)
         ws = web.WebSocketResponse(
             heartbeat=self.settings.heartbeat,
-            max_msg_size=DEFAULT_MAX_MESSAGE_BYTES,
+            # A frame must come whole within 1.5 heartbeats of the last (a pong counts), as
+            # a dialled plugin's must (providers.websocket.channel.STALL_HEARTBEATS): every
+            # byte received puts the ping off, so a plugin trickling one frame would hold
+            # its reader, and every call on it, for as long as the frame takes.
+            receive_timeout=self.settings.heartbeat * 1.5,
+            # The plugin's target's max_message_bytes, as a dialled plugin's: a message
+            # over it closes the connection (1009).
+            max_msg_size=admission.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
             decode_text=False,
         )
         if not ws.can_prepare(request).ok:

@@ -42,9 +42,9 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
-from aiohttp import ClientWebSocketResponse, WSMsgType, web
+from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
 
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -70,15 +70,18 @@ from providers._event_rate import EventRate
 from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
+from providers.served import MAX_SERVED_METHODS
 
 __all__ = [
     "CLOSE_STALLED",
     "MAX_REFUSALS_WAITING",
+    "READ_STALLED_REASON",
     "STALL_HEARTBEATS",
     "Channel",
     "EventSink",
     "Socket",
     "close_message",
+    "hang_up",
     "read_hello",
 ]
 
@@ -115,6 +118,10 @@ STALL_HEARTBEATS = 1.5
 #: The close code of a connection dropped because its writes stalled (policy violation:
 #: the plugin does not read what it is sent). It will most likely never read it either.
 CLOSE_STALLED = 1008
+#: Why a connection whose plugin sent no whole frame within the socket's receive timeout
+#: (1.5 heartbeats) was dropped: one that trickles a frame puts the ping off with every
+#: byte, and would hold the reader (and every call) until its frame ends.
+READ_STALLED_REASON = "the plugin sent no whole frame (nor a pong) for 1.5 heartbeats"
 
 
 def _cancelled_by_owner() -> bool:
@@ -130,6 +137,59 @@ def close_message(reason: str) -> bytes:
     return reason.encode()[:123].decode(errors="ignore").encode()
 
 
+def _transport_of(socket: Socket) -> asyncio.Transport | None:
+    """The transport under ``socket``, to abort. aiohttp (3.14) offers no abort of a
+    WebSocket; both of its WebSocket classes write through a ``WebSocketWriter`` whose
+    ``transport`` is the connection's. None if that ever changes: closes are then
+    graceful only, as before (``tests/test_websocket_drop.py`` fails, and says so)."""
+    transport = getattr(getattr(socket, "_writer", None), "transport", None)
+    if not hasattr(transport, "abort") or not hasattr(transport, "get_write_buffer_size"):
+        return None
+    return cast(asyncio.Transport, transport)  # uvloop's is not one, but has these
+
+
+async def hang_up(socket: Socket, code: int, reason: str) -> None:
+    """Drop the connection at once: hand the close frame (``code``, ``reason``) to the
+    socket if it can take it now, and abort the transport rather than close it. A graceful
+    close waits for the plugin's close frame (aiohttp's close timeout), and asyncio keeps a
+    closed transport's socket open until what is buffered for it drains, which a plugin
+    that reads nothing never lets happen: the descriptor and megabytes of buffered frames
+    stayed for as long as the plugin kept its end open. Its caller closes the socket
+    afterwards (which then returns at once), so that aiohttp's state and timers end too."""
+    transport = _transport_of(socket)
+    if transport is None or transport.is_closing():
+        return
+    if transport.get_write_buffer_size() == 0:
+        # Nothing ahead of it: aiohttp writes it to the socket without waiting. Behind a
+        # full buffer it would never reach the plugin before the abort.
+        frame = code.to_bytes(2, "big") + close_message(reason)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await socket.send_frame(frame, WSMsgType.CLOSE)
+    transport.abort()
+
+
+def _kept(hello: dict[str, Any]) -> dict[str, Any]:
+    """What is kept of a checked hello for the connection's life: the fields read, each
+    list cut just past what is believed of it (``providers.served``), never what else the
+    plugin padded it with. Decoded, a hello of a few MiB of JSON is over 100 MB of objects."""
+    kept: dict[str, Any] = {
+        key: hello[key] for key in ("type", "protocol", "id", "version") if key in hello
+    }
+    if type(runtime := hello.get("runtime")) is str:
+        kept["runtime"] = runtime[:200]
+    for key in ("methods", "streaming"):
+        listed = hello.get(key)
+        if type(listed) is list:
+            # One past the most believed: a longer list is still seen as too long.
+            kept[key] = [name for name in listed[: MAX_SERVED_METHODS + 1] if type(name) is str]
+    return kept
+
+
+def _abort_if_open(transport: asyncio.Transport) -> None:
+    if transport.get_write_buffer_size() > 0:
+        transport.abort()
+
+
 async def read_hello(socket: Socket) -> dict[str, Any]:
     """The first frame of a new connection, a checked ``hello``: ``TargetUnavailable`` if
     none comes within ``HELLO_TIMEOUT``, ``InvalidParams`` if it is not a valid one
@@ -141,7 +201,7 @@ async def read_hello(socket: Socket) -> dict[str, Any]:
     if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
         raise TargetUnavailable(f"closed before its hello ({message.type.name})")
     try:
-        return checked_hello(decode_frame(message.data))
+        return _kept(checked_hello(decode_frame(message.data)))
     except UnknownProtocol:
         raise
     except DispatchError as error:
@@ -547,7 +607,11 @@ class Channel:
         reason = f"the plugin took nothing written to it for {self._write_stall:g} s"
         log.warning("%s: %s; dropping the connection", self.describe, reason)
         self._closed(f"{reason} (writes stalled)")
-        await self._close_socket(CLOSE_STALLED, reason)
+        await self._drop(CLOSE_STALLED, reason)
+
+    async def _drop(self, code: int, reason: str) -> None:
+        await hang_up(self.socket, code, reason)
+        await self._close_socket(code, reason)  # aiohttp's own state: closed, timers off
 
     async def _close_socket(self, code: int, reason: str) -> None:
         """Close the socket, not waiting for its buffer to drain: a plugin that does not
@@ -564,12 +628,29 @@ class Channel:
                 # cancelled; it has closed the transport all the same.
                 if _cancelled_by_owner():
                     raise
+            finally:
+                self._let_go()
+
+    def _let_go(self) -> None:
+        """After a graceful close: asyncio keeps a closed transport's socket open until
+        what is buffered for it drains, which a plugin that reads nothing never lets
+        happen. One aiohttp found gone (1006: no pong, a read timeout) is aborted now; one
+        that may still be reading gets as long as a write may stall to take the rest
+        (the close frame is at its end), then is aborted."""
+        transport = _transport_of(self.socket)
+        if transport is None or transport.get_write_buffer_size() == 0:
+            return
+        if self.socket.close_code == WSCloseCode.ABNORMAL_CLOSURE:
+            transport.abort()
+        else:
+            self._loop.call_later(self._write_stall, _abort_if_open, transport)
 
     # -- reading ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Read frames until the socket closes; then fail every call still in flight."""
         reason = "the connection closed"
+        trickled = False
         try:
             async for message in self.socket:
                 if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
@@ -577,11 +658,19 @@ class Channel:
                 elif message.type == WSMsgType.ERROR:
                     reason = f"the connection failed: {message.data}"
                     break
-        except (TimeoutError, ConnectionError) as error:
+        except TimeoutError:
+            # The socket's receive timeout (1.5 heartbeats, set by whoever opened it): no
+            # frame came whole, not even a pong, though every byte put the ping off.
+            trickled = True
+            reason = READ_STALLED_REASON
+        except ConnectionError as error:
             reason = f"the connection failed: {type(error).__name__}"
         finally:
             code = self.socket.close_code
             self._closed(f"{reason} (close code {code})" if code else reason)
+        if trickled:
+            log.warning("%s: %s; dropping the connection", self.describe, reason)
+            await self._drop(CLOSE_STALLED, reason)
 
     def _received(self, data: str | bytes) -> None:
         try:
@@ -770,15 +859,19 @@ class Channel:
             details={"stage": "in_flight"},
         )
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self, code: int = 1000, reason: str = "", *, at_once: bool = False) -> None:
         """Close the connection with ``code`` and ``reason`` (what the peer reads: it decides
-        whether to dial again), failing what is still in flight on it."""
+        whether to dial again), failing what is still in flight on it. ``at_once``: drop
+        it (``hang_up``), not waiting for the plugin's close frame."""
         self._closed(
             f"the dispatcher closed the connection ({code}: {reason})"
             if reason
             else "the dispatcher closed the connection"
         )
-        await self._close_socket(code, reason)
+        if at_once:
+            await self._drop(code, reason)
+        else:
+            await self._close_socket(code, reason)
         tasks = [*self._background, self._writer]
         for task in tasks:
             task.cancel()

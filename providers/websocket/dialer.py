@@ -37,7 +37,7 @@ from linchkit_plugin.ws_protocol import encode_frame
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.served import served_names
-from providers.websocket.channel import Channel, EventSink, read_hello
+from providers.websocket.channel import STALL_HEARTBEATS, Channel, EventSink, read_hello
 from providers.websocket.target import WebSocketTarget
 
 __all__ = ["DialedPlugin"]
@@ -217,7 +217,12 @@ class DialedPlugin:
                 compress=15 if target.compress else 0,
                 ssl=_ssl_of(target),
                 decode_text=False,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=heartbeat),
+                # A frame must come whole within 1.5 heartbeats of the last (a pong counts):
+                # every byte received puts the ping off, so a plugin trickling a frame
+                # would otherwise hold the reader, and every call, for as long as it takes.
+                timeout=aiohttp.ClientWSTimeout(
+                    ws_receive=STALL_HEARTBEATS * heartbeat, ws_close=heartbeat
+                ),
             )
         except aiohttp.WSServerHandshakeError as error:
             raise TargetUnavailable(
@@ -238,7 +243,9 @@ class DialedPlugin:
         try:
             await self._read_hello(socket)
         except BaseException:
-            await channel.close()
+            # No hello, a wrong one, or the dial was cancelled: not waiting for a plugin
+            # that may neither read nor close to say goodbye.
+            await channel.close(at_once=True)
             raise
         return channel
 

@@ -309,10 +309,13 @@ class WebSocketProvider(Provider[WebSocketTarget]):
     async def _hello(self, socket: Any, plugin: PluginInfo) -> dict[str, Any] | None:
         """The plugin's ``hello``, checked against the plugin admitted; None (and the
         connection closed with the reason) when it is not one."""
-        from providers.websocket.channel import close_message, read_hello
+        from providers.websocket.channel import read_hello
 
         # A close frame holds 123 bytes of reason, and the reason quotes the plugin: cut in
-        # characters, one not in ASCII made a frame the plugin refused (1002), unread.
+        # characters, one not in ASCII made a frame the plugin refused (1002), unread
+        # (``hang_up`` cuts it so). Each refusal drops the connection at once: a plugin that
+        # sent a wrong hello and then neither reads nor closes held its socket and this
+        # handler for aiohttp's close timeout (10 s).
         try:
             hello = await read_hello(socket)
         except UnknownProtocol as error:
@@ -321,10 +324,10 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             # hello for ever; a 4403 ends their dial with this reason in one line.
             spoken = error.details.get("protocol")
             refusal = f"this gateway speaks protocol {PROTOCOL_VERSION}; the hello said {spoken}"
-            await socket.close(code=CLOSE_WRONG_PLUGIN, message=close_message(refusal))
+            await _refuse(socket, CLOSE_WRONG_PLUGIN, refusal)
             return None
         except DispatchError as error:
-            await socket.close(code=CLOSE_BAD_HELLO, message=close_message(error.message))
+            await _refuse(socket, CLOSE_BAD_HELLO, error.message)
             return None
         wrong = (
             f"admitted as {plugin.id!r}, said it is {hello['id']!r:.60}"
@@ -334,7 +337,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             else None
         )
         if wrong is not None:
-            await socket.close(code=CLOSE_WRONG_PLUGIN, message=close_message(wrong))
+            await _refuse(socket, CLOSE_WRONG_PLUGIN, wrong)
             return None
         return hello
 
@@ -343,6 +346,14 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             f"<WebSocketProvider 'websocket' dialed={len(self._dialed)} {self.inbound!r}"
             f" left_out={len(self._left_out)}>"
         )
+
+
+async def _refuse(socket: Any, code: int, reason: str) -> None:
+    """Refuse a connection's hello: the close frame handed over, the connection dropped."""
+    from providers.websocket.channel import close_message, hang_up
+
+    await hang_up(socket, code, reason)
+    await socket.close(code=code, message=close_message(reason))  # returns at once now
 
 
 def _reload_close(target: WebSocketTarget, replaced: bool) -> tuple[int, str]:

@@ -81,7 +81,9 @@ class WebSocketTarget(TargetConfig):
         ge=100,
         le=600_000,
         description="Ping this often; a peer silent for 1.5x this is gone (half-open TCP),"
-        " and so is one that takes nothing written to it for 1.5x this.",
+        " and so is one that takes nothing written to it for 1.5x this, or sends no whole"
+        " frame for 1.5x this (inbound: pings and whole frames follow the gateway's"
+        " heartbeat; the write stall, this).",
     )
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=1 << 30)
     max_in_flight: int = Field(
@@ -197,6 +199,9 @@ class WebSocketTarget(TargetConfig):
             if presented is None or not hmac.compare_digest(expected, presented):
                 return False
         return self.principal is None or principal == self.principal
+
+    def inbound_message_limit(self) -> int | None:
+        return self.max_message_bytes if self.accepts_connections() else None
 
     def is_fleet(self) -> bool:
         return self.accepts_connections()

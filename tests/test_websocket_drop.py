@@ -1,0 +1,573 @@
+"""provider: websocket: a connection the dispatcher drops is gone at once, and a plugin
+that trickles a frame is cut off. The plugins here are raw sockets on loopback that
+complete the WebSocket upgrade and then misbehave: one never reads (a small receive
+buffer, so the dispatcher's writes stall), one sends a frame a byte at a time. Whether
+the dispatcher still holds the connection is read from the process's own descriptors
+(``/proc/self/fd`` and ``/proc/net/tcp``), not from aiohttp's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import gc
+import hashlib
+import os
+import re
+import socket
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from dispatcher import Dispatcher, TargetUnavailable
+from dispatcher.gateway import GatewaySettings
+from dispatcher.gateway.app import create_app
+from linchkit_plugin.ws_protocol import PLUGIN_ID_HEADER, PLUGIN_VERSION_HEADER, hello_frame
+from tests.conftest import manifest
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/proc/net/tcp"), reason="reads the process's sockets from /proc"
+)
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+TOKEN = "drop-token-0123456789"
+BLOB = "z" * (16 * 1024 * 1024)  # more than the kernel's send and receive buffers hold
+TICK = orjson.dumps({"type": "event", "event": "tick", "data": None})
+#: How long a dropped connection's descriptor may outlive the drop: a few turns of the loop.
+AT_ONCE = 0.1
+
+# -- what the process holds ---------------------------------------------------------------
+
+
+def _hex_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
+
+
+def tcp_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+    """The inode of the IPv4 TCP socket from ``local`` to ``remote``, if the kernel has one."""
+    wanted = (_hex_address(local), _hex_address(remote))
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if (fields[1], fields[2]) == wanted and fields[9] != "0":
+                return int(fields[9])
+    return None
+
+
+def tcp_inodes_to(remote: tuple[str, int]) -> set[int]:
+    """The inodes of the IPv4 TCP sockets connected to ``remote``."""
+    wanted = _hex_address(remote)
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return {int(row[9]) for row in rows if row[2] == wanted and row[9] != "0"}
+
+
+def held(inode: int) -> bool:
+    """Whether a descriptor of this process still refers to socket ``inode``."""
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == f"socket:[{inode}]":
+                return True
+    return False
+
+
+# -- raw WebSocket ------------------------------------------------------------------------
+
+
+def ws_frame(
+    payload: bytes, *, masked: bool, opcode: int = 0x1, length: int | None = None
+) -> bytes:
+    """A final frame of ``payload``; ``length``: the length its header claims."""
+    size = len(payload) if length is None else length
+    head = bytes([0x80 | opcode])
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        head += bytes([mask_bit | size])
+    elif size < 65536:
+        head += bytes([mask_bit | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([mask_bit | 127]) + size.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def read_head(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await loop.sock_recv(sock, 4096)
+        if not chunk:
+            raise ConnectionError("closed during the upgrade")
+        data += chunk
+    return data
+
+
+def small_receive_buffer() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    return sock
+
+
+#: What a raw plugin does once the upgrade is done: ``behave(send)``, where ``send(payload)``
+#: writes bytes as they are.
+Behaviour = Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+
+def talking_but_deaf(masked: bool) -> Behaviour:
+    """Sends an event every 10 ms and reads nothing: the heartbeat never pings it."""
+
+    async def behave(send: Callable[[bytes], Awaitable[None]]) -> None:
+        while True:
+            await send(ws_frame(TICK, masked=masked))
+            await asyncio.sleep(0.01)
+
+    return behave
+
+
+def trickling(masked: bool) -> Behaviour:
+    """Starts a 1 MiB event and sends it one byte per 100 ms (the heartbeat never pings)."""
+
+    async def behave(send: Callable[[bytes], Awaitable[None]]) -> None:
+        prefix = b'{"type": "event", "event": "slow", "data": "'
+        start = ws_frame(b"", masked=masked, length=1024 * 1024)
+        await send(start + (b"\0\0\0\0" if masked else b"") + prefix[:1])
+        for byte in prefix[1:] + b"x" * (1024 * 1024):
+            await asyncio.sleep(0.1)
+            await send(bytes([byte]))  # masked with zeros: as it is
+
+    return behave
+
+
+@contextlib.asynccontextmanager
+async def raw_plugin_server(
+    host: str, behave: Behaviour, *, plugin_id: str = "raw", hello_after: float = 0.0
+) -> AsyncIterator[tuple[str, int]]:
+    """A plugin at ``host``: upgrades, says hello (``hello_after`` seconds later), then
+    ``behave``; never reads again."""
+    loop = asyncio.get_running_loop()
+    listener = small_receive_buffer()  # accepted sockets take it on
+    listener.bind((host, 0))
+    listener.listen()
+    accepted: list[socket.socket] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(conn: socket.socket) -> None:
+        request = await read_head(conn)
+        key = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", request)
+        assert key is not None
+        accept = base64.b64encode(hashlib.sha1(key.group(1) + _GUID).digest())
+        await loop.sock_sendall(
+            conn,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n",
+        )
+        hello = hello_frame(plugin_id, "1.0.0", ["echo"])
+        await asyncio.sleep(hello_after)
+        await loop.sock_sendall(conn, ws_frame(hello, masked=False))
+        with contextlib.suppress(ConnectionError):
+            await behave(lambda data: loop.sock_sendall(conn, data))
+
+    async def accepting() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            accepted.append(conn)
+            tasks.add(asyncio.ensure_future(serve(conn)))
+
+    acceptor = asyncio.ensure_future(accepting())
+    try:
+        yield listener.getsockname()
+    finally:
+        for task in (acceptor, *tasks):
+            task.cancel()
+        await asyncio.gather(acceptor, *tasks, return_exceptions=True)
+        for each in (listener, *accepted):
+            each.close()
+
+
+@contextlib.asynccontextmanager
+async def raw_plugin_client(
+    gateway: tuple[str, int], behave: Behaviour, *, version: str = "1.0.0"
+) -> AsyncIterator[socket.socket]:
+    """A plugin that dials the gateway, says hello, then ``behave``s; never reads again."""
+    loop = asyncio.get_running_loop()
+    sock = small_receive_buffer()
+    await loop.sock_connect(sock, gateway)
+    key = base64.b64encode(os.urandom(16))
+    await loop.sock_sendall(
+        sock,
+        b"GET /v1/plugins/connect HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+        + key
+        + b"\r\n"
+        + f"{PLUGIN_ID_HEADER}: raw\r\n{PLUGIN_VERSION_HEADER}: 1.0.0\r\n".encode()
+        + f"Authorization: Bearer {TOKEN}\r\n\r\n".encode(),
+    )
+    head = await read_head(sock)
+    assert head.startswith(b"HTTP/1.1 101"), head[:200]
+    await loop.sock_sendall(sock, ws_frame(hello_frame("raw", version, ["echo"]), masked=True))
+    task = asyncio.ensure_future(behave(lambda data: loop.sock_sendall(sock, data)))
+    try:
+        yield sock
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sock.close()
+
+
+# -- the dispatcher -----------------------------------------------------------------------
+
+
+def dialling(address: tuple[str, int], heartbeat_ms: int) -> Dispatcher:
+    host, port = address
+    return Dispatcher(
+        manifest(
+            {
+                "id": "raw",
+                "version": "1.0.0",
+                "target": {
+                    "provider": "websocket",
+                    "url": f"ws://{host}:{port}/",
+                    "heartbeat_ms": heartbeat_ms,
+                    "max_message_bytes": 32 * 1024 * 1024,
+                    "reconnect_backoff_ms": 5_000,
+                    "reconnect_backoff_max_ms": 5_000,
+                },
+                "defaults": {"timeout_ms": 10_000},
+                "methods": {"echo": {}},
+            }
+        )
+    )
+
+
+async def until(condition: Callable[[], Any], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - state of other objects, polled
+            await asyncio.sleep(0.005)
+
+
+async def dialled_channel(dispatcher: Dispatcher) -> Any:
+    (dialed,) = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
+    await until(lambda: dialed.channel is not None, 5)
+    return dialed.channel
+
+
+@contextlib.asynccontextmanager
+async def gateway_of(
+    heartbeat: float = 20.0, max_message_bytes: int = 32 * 1024 * 1024
+) -> AsyncIterator[tuple[Dispatcher, tuple[str, int]]]:
+    plugins = manifest(
+        {
+            "id": "raw",
+            "version": "1.0.0",
+            "target": {
+                "provider": "websocket",
+                "mode": "inbound",
+                "token": TOKEN,
+                "heartbeat_ms": 200,
+                "max_message_bytes": max_message_bytes,
+            },
+            "defaults": {"timeout_ms": 10_000},
+            "methods": {"echo": {}},
+        }
+    )
+    async with Dispatcher(plugins) as dispatcher:
+        runner = web.AppRunner(
+            create_app(dispatcher, GatewaySettings(heartbeat=heartbeat)),
+            handle_signals=False,
+            shutdown_timeout=1,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            yield dispatcher, runner.addresses[0][:2]
+        finally:
+            await runner.cleanup()
+
+
+def inbound_channel(dispatcher: Dispatcher) -> Any:
+    connections = dispatcher.providers["websocket"].inbound.all()  # type: ignore[attr-defined]
+    return connections[0].channel if connections else None
+
+
+# -- the tests ----------------------------------------------------------------------------
+
+
+async def test_a_dialled_plugin_dropped_for_stalled_writes_lets_go_of_its_socket_at_once() -> None:
+    """Before: the drop closed the socket gracefully, and asyncio keeps a closed
+    transport's descriptor until its buffer drains, which a plugin that never reads never
+    lets it: the socket stayed open (with megabytes buffered) for as long as the plugin
+    kept its end. Now the drop aborts the transport once the close frame is handed over."""
+    async with (
+        raw_plugin_server("127.0.0.2", talking_but_deaf(masked=False)) as plugin,
+        dialling(plugin, heartbeat_ms=200) as dispatcher,
+    ):
+        channel = await dialled_channel(dispatcher)
+        inode = tcp_inode(channel.socket.get_extra_info("sockname"), plugin)
+        assert inode is not None and held(inode)
+        with pytest.raises(TargetUnavailable) as raised:
+            await dispatcher.call("raw", "echo", {"blob": BLOB}, timeout=5)
+        assert raised.value.details["stage"] == "in_flight"
+        assert "stalled" in channel.close_reason, channel.close_reason
+        await asyncio.sleep(AT_ONCE)
+        assert not held(inode), "the dropped connection's socket is still open"
+
+
+async def test_a_dialled_plugin_that_goes_silent_lets_go_of_its_socket_once_found() -> None:
+    """The plugin reads nothing and sends nothing: the heartbeat (or the stall, whichever
+    comes first) finds it. Before: aiohttp closed the transport gracefully and its
+    descriptor stayed behind the unsent call. Now the channel's close aborts it."""
+
+    async def silent(send: Callable[[bytes], Awaitable[None]]) -> None:
+        await asyncio.Event().wait()
+
+    async with (
+        raw_plugin_server("127.0.0.3", silent) as plugin,
+        dialling(plugin, heartbeat_ms=300) as dispatcher,
+    ):
+        channel = await dialled_channel(dispatcher)
+        inode = tcp_inode(channel.socket.get_extra_info("sockname"), plugin)
+        assert inode is not None
+        with pytest.raises(TargetUnavailable):
+            await dispatcher.call("raw", "echo", {"blob": BLOB}, timeout=5)
+        await until(lambda: channel.closed, 2)
+        await asyncio.sleep(AT_ONCE)
+        assert not held(inode), "the dropped connection's socket is still open"
+
+
+async def test_a_plugin_dialled_in_dropped_for_stalled_writes_lets_go_of_its_socket_at_once() -> (
+    None
+):
+    """The same from the gateway's side, a plugin connected in: the stall bound is its
+    inbound target's (heartbeat_ms 200 here, 0.3 s), and the drop frees the socket then."""
+    async with (
+        gateway_of() as (dispatcher, address),
+        raw_plugin_client(address, talking_but_deaf(masked=True)) as plugin,
+    ):
+        await until(lambda: inbound_channel(dispatcher) is not None, 5)
+        channel = inbound_channel(dispatcher)
+        inode = tcp_inode(address, plugin.getsockname())
+        assert inode is not None and held(inode)
+        with pytest.raises(TargetUnavailable) as raised:
+            await dispatcher.call("raw", "echo", {"blob": BLOB}, timeout=5)
+        assert raised.value.details["stage"] == "in_flight"
+        assert "stalled" in channel.close_reason, channel.close_reason
+        await asyncio.sleep(AT_ONCE)
+        assert not held(inode), "the dropped connection's socket is still open"
+
+
+async def test_a_dialled_plugin_trickling_a_frame_is_cut_off_within_its_heartbeat() -> None:
+    """A plugin starts a 1 MiB message and sends a byte of it every 100 ms: every byte puts
+    the heartbeat's ping off, and no receive timeout was set, so before it held the
+    reader (and every call on the connection, to its deadline) for the 29 hours the
+    message would take. Now a connection that completes no frame within 1.5 heartbeats is
+    dropped, its calls failed at once."""
+    async with (
+        raw_plugin_server("127.0.0.4", trickling(masked=False)) as plugin,
+        dialling(plugin, heartbeat_ms=200) as dispatcher,
+    ):
+        channel = await dialled_channel(dispatcher)
+        inode = tcp_inode(channel.socket.get_extra_info("sockname"), plugin)
+        assert inode is not None
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TargetUnavailable):
+            await dispatcher.call("raw", "echo", {}, timeout=5)
+        assert asyncio.get_running_loop().time() - started < 2
+        assert channel.closed and "frame" in channel.close_reason, channel.close_reason
+        await asyncio.sleep(AT_ONCE)
+        assert not held(inode), "the dropped connection's socket is still open"
+
+
+async def test_a_plugin_dialled_in_trickling_a_frame_is_cut_off_within_the_heartbeat() -> None:
+    """The same on the gateway's side: the bound follows the gateway's heartbeat, which
+    pings the plugins connected in (0.2 s here)."""
+    async with (
+        gateway_of(heartbeat=0.2) as (dispatcher, address),
+        raw_plugin_client(address, trickling(masked=True)) as plugin,
+    ):
+        await until(lambda: inbound_channel(dispatcher) is not None, 5)
+        channel = inbound_channel(dispatcher)
+        inode = tcp_inode(address, plugin.getsockname())
+        assert inode is not None
+        await until(lambda: channel.closed, 2)
+        assert "frame" in channel.close_reason, channel.close_reason
+        await asyncio.sleep(AT_ONCE)
+        assert not held(inode), "the dropped connection's socket is still open"
+
+
+async def test_a_plugin_dialled_in_that_is_idle_but_reads_is_kept_past_the_bound() -> None:
+    """The bound does not drop a plugin that is merely idle: one that sends nothing but
+    answers the gateway's pings stays connected for many heartbeats."""
+    async with (
+        gateway_of(heartbeat=0.1) as (dispatcher, address),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            f"http://{address[0]}:{address[1]}/v1/plugins/connect",
+            headers={
+                PLUGIN_ID_HEADER: "raw",
+                PLUGIN_VERSION_HEADER: "1.0.0",
+                "Authorization": f"Bearer {TOKEN}",
+            },
+            heartbeat=None,  # it only answers
+        ) as plugin,
+    ):
+        await plugin.send_bytes(hello_frame("raw", "1.0.0", ["echo"]))
+
+        async def read() -> None:  # answers the gateway's pings as it reads
+            async for _ in plugin:
+                pass
+
+        reading = asyncio.ensure_future(read())
+        try:
+            await until(lambda: inbound_channel(dispatcher) is not None, 5)
+            channel = inbound_channel(dispatcher)
+            await asyncio.sleep(1.0)  # ten heartbeats
+            assert not channel.closed, channel.close_reason
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+
+
+async def silent(send: Callable[[bytes], Awaitable[None]]) -> None:
+    await asyncio.Event().wait()
+
+
+async def test_a_plugin_dialled_in_whose_hello_lies_is_let_go_at_once() -> None:
+    """Admitted as version 1.0.0, its hello says 2.0.0, and it then neither reads nor
+    closes. Before: the gateway closed gracefully, waiting 10 s (aiohttp's close
+    timeout) for the plugin's close frame, holding the socket and the handler all along.
+    Now the refusal is handed over and the socket aborted."""
+    async with (
+        gateway_of() as (_, address),
+        raw_plugin_client(address, silent, version="2.0.0") as plugin,
+    ):
+        inode = tcp_inode(address, plugin.getsockname())
+        assert inode is not None
+        await until(lambda: not held(inode), 2)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(2):  # the refusal reached the plugin before the end
+            received = await loop.sock_recv(plugin, 4096)
+        assert received[:2] == bytes([0x88, len(received) - 2])  # one close frame
+        assert int.from_bytes(received[2:4], "big") == 4403, received
+
+
+async def test_a_dialled_plugin_whose_hello_lies_is_let_go_at_once() -> None:
+    """The plugin at the URL says it is another plugin, then neither reads nor closes.
+    Before: the dialer closed gracefully, waiting a heartbeat (10 s here) for the
+    plugin's close frame. Now the socket is aborted once the close frame is handed over."""
+    async with (
+        # Its hello comes 0.3 s after the upgrade: time to find the dispatcher's socket.
+        raw_plugin_server("127.0.0.5", silent, plugin_id="impostor", hello_after=0.3) as plugin,
+        dialling(plugin, heartbeat_ms=10_000) as dispatcher,
+    ):
+        (dialed,) = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
+        await until(lambda: tcp_inodes_to(plugin), 5)
+        dialled = tcp_inodes_to(plugin)
+        await until(lambda: not any(held(inode) for inode in dialled), 2)
+        assert "impostor" in dialed.last_error, dialed.last_error
+
+
+async def test_a_plugin_dialled_in_is_held_to_its_targets_max_message_bytes() -> None:
+    """An inbound target's max_message_bytes (12 MiB here) bounds what its plugins send,
+    as a dialled target's does. Before: the gateway read a plugin's messages up to 8 MiB
+    whatever the target said, so a 10 MiB answer closed the connection (1009) and, with
+    a smaller limit, a message over it was taken."""
+    limit = 12 * 1024 * 1024
+    async with (
+        gateway_of(max_message_bytes=limit) as (dispatcher, address),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            f"http://{address[0]}:{address[1]}/v1/plugins/connect",
+            headers={
+                PLUGIN_ID_HEADER: "raw",
+                PLUGIN_VERSION_HEADER: "1.0.0",
+                "Authorization": f"Bearer {TOKEN}",
+            },
+        ) as plugin,
+    ):
+        await plugin.send_bytes(hello_frame("raw", "1.0.0", ["echo"]))
+
+        async def answer() -> None:
+            async for message in plugin:
+                frame = orjson.loads(message.data)
+                if frame["type"] == "call":
+                    result = {"ok": True, "result": "a" * (10 * 1024 * 1024)}
+                    answer = {"type": "response", "id": frame["id"], "response": result}
+                    await plugin.send_bytes(orjson.dumps(answer))
+
+        answering = asyncio.ensure_future(answer())
+        try:
+            await until(lambda: inbound_channel(dispatcher) is not None, 5)
+            assert len(await dispatcher.call("raw", "echo", {}, timeout=5)) == 10 * 1024 * 1024
+            channel = inbound_channel(dispatcher)
+            event = {"type": "event", "event": "big", "data": "b" * limit}
+            with contextlib.suppress(ConnectionError):  # refused on its header: cut off
+                await plugin.send_bytes(orjson.dumps(event))
+            await until(lambda: channel.closed, 5)
+            assert "exceeds limit" in channel.close_reason, channel.close_reason
+        finally:
+            answering.cancel()
+            await asyncio.gather(answering, return_exceptions=True)
+
+
+async def test_a_plugin_dialled_in_is_not_held_to_what_its_hello_padded() -> None:
+    """A hello within the message limit (6 MiB here) that lists a million methods and
+    carries a million empty arrays beside them: decoded, some 100 MB of objects. Before:
+    the host kept the hello whole for as long as the connection lasted (in the
+    connection's record and the task serving it), so a few such plugins held gigabytes.
+    Now it keeps the fields it reads, its method lists cut just past what it believes."""
+    padded = orjson.loads(hello_frame("raw", "1.0.0", ["echo"]))
+    padded["methods"] = ["m"] * 1_000_000
+    padded["padding"] = [[]] * 1_000_000
+    tracemalloc.start()
+    try:
+        async with (
+            gateway_of() as (dispatcher, address),
+            aiohttp.ClientSession() as session,
+            session.ws_connect(
+                f"http://{address[0]}:{address[1]}/v1/plugins/connect",
+                headers={
+                    PLUGIN_ID_HEADER: "raw",
+                    PLUGIN_VERSION_HEADER: "1.0.0",
+                    "Authorization": f"Bearer {TOKEN}",
+                },
+            ) as plugin,
+        ):
+            await plugin.send_bytes(orjson.dumps(padded))
+            await until(lambda: inbound_channel(dispatcher) is not None, 10)
+            gc.collect()
+            held_now, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held_now < 20 * 1024 * 1024, f"{held_now / 2**20:.0f} MiB held"
+
+
+# -- on uvloop, the loop `dispatcher serve` runs --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "test",
+    [
+        test_a_dialled_plugin_dropped_for_stalled_writes_lets_go_of_its_socket_at_once,
+        test_a_plugin_dialled_in_dropped_for_stalled_writes_lets_go_of_its_socket_at_once,
+        test_a_plugin_dialled_in_trickling_a_frame_is_cut_off_within_the_heartbeat,
+        test_a_plugin_dialled_in_whose_hello_lies_is_let_go_at_once,
+    ],
+    ids=lambda test: test.__name__.removeprefix("test_"),
+)
+def test_on_uvloop(test: Any) -> None:
+    """uvloop's transports are not ``asyncio.Transport``s: before, the abort looked for
+    one, found none, and left every dropped socket open as before (these four failed)."""
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(test())
