@@ -1,8 +1,9 @@
 """``provider: websocket``: plugins over one WebSocket, dialled or dialling in.
 
 ``target`` holds the manifest's model, ``channel`` one open connection's multiplexed calls,
-``dialer`` dial mode's reconnecting connection, ``inbound`` the connections of reverse mode
-and their instance source, ``provider`` the driver. aiohttp is imported with this package,
+``writer`` the one task that writes a connection's frames, in order, ``dialer`` dial mode's
+reconnecting connection, ``inbound`` the connections of reverse mode and their instance
+source, ``provider`` the driver. aiohttp is imported with this package,
 which the dispatcher loads only for manifests that use it.
 """
 
