@@ -57,7 +57,8 @@ from dispatcher.state.base import (
     encode_too_large,
 )
 from dispatcher.state.memory import MemoryIdempotency
-from dispatcher.state.redis_jobs import LateRead, RedisJobRecords, RedisJobs
+from dispatcher.state.redis_job_records import RedisJobRecords
+from dispatcher.state.redis_jobs import LateRead, RedisJobs
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError
 from providers._log_lines import sparingly
 
