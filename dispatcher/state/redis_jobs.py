@@ -29,14 +29,14 @@ stream: the job view of jobs queued on SQS (``sqs_jobs``) when the manifest also
 
 Runs every operation through the backend's bounded ``run`` (its timeout, its skip after
 a failure, its translation of redis-py errors into ``StateUnavailable``); it imports no
-redis-py itself (``redis_store`` is the only module that does).
+redis-py itself (``redis_connection`` is the only module that does).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from dispatcher.state._job_scripts import (
     BEGIN,
@@ -62,36 +62,13 @@ from dispatcher.state._job_summaries import (
     ErrorBudget,
 )
 from dispatcher.state._redis_replies import now_ms, reply_fields, reply_text
-from dispatcher.state.base import (
-    CallbackOutbox,
-    Delivery,
-    JobStore,
-    StateUnavailable,
-    unreadable_record,
-)
+from dispatcher.state.base import CallbackOutbox, Delivery, JobStore, unreadable_record
 from dispatcher.state.redis_callbacks import RedisCallbacks
+from dispatcher.state.redis_connection import LateRead, Run
 
 __all__ = ["LateRead", "RedisJobs"]
 
 T = TypeVar("T")
-
-
-class LateRead(StateUnavailable):
-    """A blocking read (a worker's wait for new jobs) that did not come back in time: most
-    of its time is Redis waiting as asked, so it says nothing of Redis; nothing was read."""
-
-
-class Run(Protocol):
-    """The backend's bounded operation (``RedisState._run``)."""
-
-    def __call__(
-        self,
-        what: str,
-        deadline: float,
-        operation: Callable[[], Awaitable[Any]],
-        *,
-        blocking: bool = False,
-    ) -> Awaitable[Any]: ...
 
 
 GROUP = "workers"
