@@ -309,7 +309,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
     async def _hello(self, socket: Any, plugin: PluginInfo) -> dict[str, Any] | None:
         """The plugin's ``hello``, checked against the plugin admitted; None (and the
         connection closed with the reason) when it is not one."""
-        from providers.websocket.channel import read_hello
+        from providers.websocket.hello import read_hello
 
         # A close frame holds 123 bytes of reason, and the reason quotes the plugin: cut in
         # characters, one not in ASCII made a frame the plugin refused (1002), unread
