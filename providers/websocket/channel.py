@@ -41,9 +41,9 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, cast
+from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType
 
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -66,7 +66,8 @@ from providers._event_rate import EventRate
 from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
-from providers.websocket.writer import FrameWriter, Socket, cancelled_by_owner
+from providers.websocket.closing import close_socket, hang_up
+from providers.websocket.writer import FrameWriter, Socket
 
 __all__ = [
     "CLOSE_STALLED",
@@ -76,8 +77,6 @@ __all__ = [
     "Channel",
     "EventSink",
     "Socket",
-    "close_message",
-    "hang_up",
 ]
 
 log = logging.getLogger("dispatcher.providers.websocket")
@@ -114,48 +113,6 @@ CLOSE_STALLED = 1008
 #: (1.5 heartbeats) was dropped: one that trickles a frame puts the ping off with every
 #: byte, and would hold the reader (and every call) until its frame ends.
 READ_STALLED_REASON = "the plugin sent no whole frame (nor a pong) for 1.5 heartbeats"
-
-
-def close_message(reason: str) -> bytes:
-    """``reason`` as a close frame carries it: 123 bytes of UTF-8 at most (the frame's
-    payload is 125, the code takes 2), never cut inside a character."""
-    return reason.encode()[:123].decode(errors="ignore").encode()
-
-
-def _transport_of(socket: Socket) -> asyncio.Transport | None:
-    """The transport under ``socket``, to abort. aiohttp (3.14) offers no abort of a
-    WebSocket; both of its WebSocket classes write through a ``WebSocketWriter`` whose
-    ``transport`` is the connection's. None if that ever changes: closes are then
-    graceful only, as before (``tests/test_websocket_drop.py`` fails, and says so)."""
-    transport = getattr(getattr(socket, "_writer", None), "transport", None)
-    if not hasattr(transport, "abort") or not hasattr(transport, "get_write_buffer_size"):
-        return None
-    return cast(asyncio.Transport, transport)  # uvloop's is not one, but has these
-
-
-async def hang_up(socket: Socket, code: int, reason: str) -> None:
-    """Drop the connection at once: hand the close frame (``code``, ``reason``) to the
-    socket if it can take it now, and abort the transport rather than close it. A graceful
-    close waits for the plugin's close frame (aiohttp's close timeout), and asyncio keeps a
-    closed transport's socket open until what is buffered for it drains, which a plugin
-    that reads nothing never lets happen: the descriptor and megabytes of buffered frames
-    stayed for as long as the plugin kept its end open. Its caller closes the socket
-    afterwards (which then returns at once), so that aiohttp's state and timers end too."""
-    transport = _transport_of(socket)
-    if transport is None or transport.is_closing():
-        return
-    if transport.get_write_buffer_size() == 0:
-        # Nothing ahead of it: aiohttp writes it to the socket without waiting. Behind a
-        # full buffer it would never reach the plugin before the abort.
-        frame = code.to_bytes(2, "big") + close_message(reason)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await socket.send_frame(frame, WSMsgType.CLOSE)
-    transport.abort()
-
-
-def _abort_if_open(transport: asyncio.Transport) -> None:
-    if transport.get_write_buffer_size() > 0:
-        transport.abort()
 
 
 class Channel:
@@ -410,36 +367,7 @@ class Channel:
         await self._close_socket(code, reason)  # aiohttp's own state: closed, timers off
 
     async def _close_socket(self, code: int, reason: str) -> None:
-        """Close the socket, not waiting for its buffer to drain: a plugin that does not
-        read would hold the close for good (aiohttp's server waits by default)."""
-        message = close_message(reason)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            try:
-                if isinstance(self.socket, web.WebSocketResponse):
-                    await self.socket.close(code=code, message=message, drain=False)
-                else:
-                    await self.socket.close(code=code, message=message)
-            except asyncio.CancelledError:
-                # Not ours: aiohttp's close awaited the drain future a stalled write
-                # cancelled; it has closed the transport all the same.
-                if cancelled_by_owner():
-                    raise
-            finally:
-                self._let_go()
-
-    def _let_go(self) -> None:
-        """After a graceful close: asyncio keeps a closed transport's socket open until
-        what is buffered for it drains, which a plugin that reads nothing never lets
-        happen. One aiohttp found gone (1006: no pong, a read timeout) is aborted now; one
-        that may still be reading gets as long as a write may stall to take the rest
-        (the close frame is at its end), then is aborted."""
-        transport = _transport_of(self.socket)
-        if transport is None or transport.get_write_buffer_size() == 0:
-            return
-        if self.socket.close_code == WSCloseCode.ABNORMAL_CLOSURE:
-            transport.abort()
-        else:
-            self._loop.call_later(self._writer.stall_after, _abort_if_open, transport)
+        await close_socket(self.socket, code, reason, stall_after=self._writer.stall_after)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -350,7 +350,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
 
 async def _refuse(socket: Any, code: int, reason: str) -> None:
     """Refuse a connection's hello: the close frame handed over, the connection dropped."""
-    from providers.websocket.channel import close_message, hang_up
+    from providers.websocket.closing import close_message, hang_up
 
     await hang_up(socket, code, reason)
     await socket.close(code=code, message=close_message(reason))  # returns at once now
