@@ -513,7 +513,7 @@ async def test_pushes_naming_breakers_this_replica_has_not_cost_it_memory(
     async with counter(tmp_path, redis_server.url, redis_prefix) as dispatcher:
         store = dispatcher.state_backend
         assert isinstance(store, RedisState)
-        await until(lambda: store._subscribed, "the subscription")
+        await until(lambda: store._breakers.subscribed, "the subscription")
         async with writer.pipeline(transaction=False) as pipe:
             for n in range(20_000):
                 pipe.publish(channel, f"breaker {n:01024d}")
@@ -524,4 +524,4 @@ async def test_pushes_naming_breakers_this_replica_has_not_cost_it_memory(
         await writer.publish(channel, "idem marker")
         async with asyncio.timeout(30):
             await read
-        assert len(store._pushed_at) == 0  # the replica has no breaker of any of them
+        assert len(store._breakers._pushed_at) == 0  # the replica has no breaker of any of them

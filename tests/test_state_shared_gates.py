@@ -256,7 +256,7 @@ async def test_a_state_learnt_after_a_newer_one_is_ignored(
         await until(lambda: breaker.seen is BreakerState.OPEN, "the open circuit")
 
         await client.hset(key, mapping=before)  # the older answer, delivered now
-        await store._read_breakers([breaker.key])
+        await store._breakers.read([breaker.key])
         assert breaker.shown() == ("open", 2)
         assert transitions(replica, target, "closed", "open") == 1.0
         assert transitions(replica, target, "open", "closed") == 0.0
@@ -264,7 +264,7 @@ async def test_a_state_learnt_after_a_newer_one_is_ignored(
         # A newer one is learnt: the generation, not the order of arrival, decides.
         generation = int(after.get(b"generation", 0)) + 1
         await client.hset(key, mapping={"state": "closed", "failures": 0, "generation": generation})
-        await store._read_breakers([breaker.key])
+        await store._breakers.read([breaker.key])
         assert breaker.shown() == ("closed", 0)
         assert transitions(replica, target, "open", "closed") == 1.0
     logged = [r.getMessage() for r in caplog.records if r.name == "dispatcher.breaker"]
@@ -287,7 +287,7 @@ async def test_an_answer_sent_before_a_pushed_transition_is_not_kept_as_the_view
         watched(redis_server, redis_prefix, dead, fail_max=1) as other,
     ):
         breaker, store, _ = only_breaker(late_one)
-        script = store._breaker
+        script = store._breakers._script
         answered, release = asyncio.Event(), asyncio.Event()
 
         async def answered_late(**arguments: Any) -> Any:
@@ -296,14 +296,14 @@ async def test_an_answer_sent_before_a_pushed_transition_is_not_kept_as_the_view
             await release.wait()
             return answer
 
-        store._breaker = answered_late  # type: ignore[assignment]
+        store._breakers._script = answered_late
         deadline = asyncio.get_running_loop().time() + 10
         admit = asyncio.create_task(store.breaker_admit(breaker.key, breaker.args, deadline))
         await asyncio.wait_for(answered.wait(), 10)
         with pytest.raises(TargetUnavailable):
             await other.call("flaky", "flaky", {})  # fails and opens the shared circuit
         await until(lambda: breaker.seen is BreakerState.OPEN, "the push of the transition")
-        store._breaker = script
+        store._breakers._script = script
         release.set()
         assert (await admit).state == "closed"  # what Redis said when it was asked
 

@@ -368,7 +368,7 @@ async def test_a_plugin_that_reads_nothing_but_keeps_talking_is_dropped_and_hold
             nonlocal most_tasks, most_queued
             while True:
                 most_tasks = max(most_tasks, len(stalled._background))
-                most_queued = max(most_queued, len(getattr(stalled, "_outbox", ())))
+                most_queued = max(most_queued, len(stalled._writer))
                 await asyncio.sleep(0.005)
 
         async def callers() -> list[Any]:

@@ -25,7 +25,7 @@ from dispatcher.state.base import CallbackOutbox, PendingCallback
 
 __all__ = ["RedisCallbacks"]
 
-#: Runs one Redis operation under the store's bounds (``RedisJobs._op``): what it is, for
+#: Runs one Redis operation under the store's bounds (``RedisJobs.op``): what it is, for
 #: the error a caller sees, and the operation.
 Operation = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 

@@ -360,7 +360,7 @@ class SqsJobs(JobStore):
                 return False
             again = {k: v for k, v in record.items() if k not in _DEAD_FIELDS}
             again.update(state="queued", attempts="0")
-            if "error" in record:  # as the job view's requeue: see redis_jobs._QUEUE_AGAIN
+            if "error" in record:  # as the job view's requeue: see _job_scripts._QUEUE_AGAIN
                 again["previous_error"] = record["error"]
             if self.records is not None:
                 await self.records.requeue(job_id)

@@ -316,7 +316,7 @@ def _gateway_trailers(error: Any) -> _GatewayTrailers:
     return _GatewayTrailers(error_type, retryable, retry_after)
 
 
-#: The types our gateway names in ``error-type`` (dispatcher/gateway/grpc_gateway.py), each
+#: The types our gateway names in ``error-type`` (dispatcher/gateway/grpc_errors.py), each
 #: read back as its own class, and the status the gateway ends such a call with. The status
 #: alone cannot tell apart those that share one: NOT_FOUND is ``plugin_not_found`` or
 #: ``method_not_found``; UNAVAILABLE is ``target_unavailable``, ``circuit_open``,

@@ -9,6 +9,8 @@ Extism PDK runs unchanged and the Go SDK builds one with the standard toolchain
     module.py    reading the module file and refusing one that is not the pinned one
     sandbox.py   the plugin's capabilities in Extism's words (pure)
     http_host.py the module's HTTP requests, made by the dispatcher (grant, egress, bounds)
+    http_request.py    a request's form: Extism's JSON, the URL, the method, the headers
+    http_connection.py a request's connection, TLS and answer, every wait bounded
     resolver.py  the names those requests look up, each waited for until its call's end
     runtime.py   libextism through the ``extism`` package (its only importer), and the
                  host functions that hand ``http_request`` to ``http_host``

@@ -57,32 +57,47 @@ effect, and may ask for more meanwhile: nothing more goes out, and nothing more 
 the stop is the call's outcome even when the deadline came before its thread was back, and
 is logged even when the caller was answered first (``providers.wasm.provider``).
 
-No extism import: ``providers.wasm.runtime`` moves the bytes in and out of the module.
+Here: the grant, each call's state and the order of the checks, and the grant's and the
+egress policy's judgement (steps 2 and 3). The request's form is ``http_request``'s, its
+connection ``http_connection``'s. No extism import: ``providers.wasm.runtime`` moves the
+bytes in and out of the module.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import http.client
-import io
-import ipaddress
-import re
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
-
-import orjson
 
 from linchkit_plugin.errors import DispatchError, ProviderError
-from providers._headers import is_header_name, is_header_value
 from providers.capabilities import LimitExceeded
 from providers.egress import EgressPolicy, EgressRefused
+from providers.wasm.http_connection import (
+    BoundedSocket,
+    TimedOut,
+    connect,
+    headers_of,
+    read_body,
+    reason,
+    tls,
+)
+from providers.wasm.http_request import (
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MAX_REQUEST_BYTES,
+    MAX_URL_LENGTH,
+    IPNetwork,
+    NetworkRefused,
+    Target,
+    checked_headers,
+    parsed,
+)
 from providers.wasm.resolver import AddressInfo, Resolver, ResolverBusy
 
 __all__ = [
@@ -98,50 +113,13 @@ __all__ = [
     "is_refusal",
 ]
 
-#: Extism's request JSON, read from the module's memory before anything else is looked at.
-MAX_REQUEST_BYTES = 1024 * 1024
-MAX_URL_LENGTH = 8 * 1024
-MAX_HEADERS = 100
-#: Every name and value of the request's headers together.
-MAX_HEADER_BYTES = 64 * 1024
-#: A response's body is read in pieces of this size, so the bound is checked as it grows.
-_READ_BYTES = 64 * 1024
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-#: What a URL may hold: printable ASCII without space or backslash (which URL parsers read
-#: differently from each other, the way a host is smuggled past a check).
-_URL = re.compile(r"[!-\[\]-~]+")
-#: Headers about the connection and the body's framing, which the dispatcher sets itself.
-_OWN_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-    }
-)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-
-class NetworkRefused(ProviderError):
-    """A wasm module's HTTP request the dispatcher refused; nothing was sent."""
 
 
 def is_refusal(error: BaseException) -> bool:
     """Whether ``error`` is a refusal of the form, the grant or the egress policy: a
     security incident, logged as one (``providers.wasm.provider``)."""
     return isinstance(error, NetworkRefused | EgressRefused)
-
-
-class TimedOut(Exception):
-    """The call's end came while its HTTP request was under way."""
 
 
 class RequestBody(Protocol):
@@ -255,10 +233,10 @@ class HttpState:
             # nothing more goes out.
             return b""
         self.status, self.headers = 0, None
-        url, method, asked = _parsed(request)
-        target = _Target.of(url)
+        url, method, asked = parsed(request)
+        target = Target.of(url)
         length = None if body is None else len(body)
-        headers = _checked_headers(target, asked, length, method)
+        headers = checked_headers(target, asked, length, method)
         grant = self.grant
         if grant is None:
             raise target.refused("the plugin is granted no network (capabilities.network)")
@@ -266,10 +244,10 @@ class HttpState:
         if length is not None and length > grant.max_request_body_bytes:
             raise _body_too_large(target, length, grant.max_request_body_bytes)
         with nullcontext(None) if body is None else body.copied() as data:
-            sock = _connect(target, connections, self._remaining)
+            sock = connect(target, connections, self._remaining)
             try:
                 if target.scheme == "https":
-                    sock = _tls(grant, target, sock, self._remaining)
+                    sock = tls(grant.tls, target, sock, self._remaining)
                 return self._exchange(grant, target, sock, method, headers, data)
             finally:
                 sock.close()
@@ -287,14 +265,14 @@ class HttpState:
     def _exchange(
         self,
         grant: HttpGrant,
-        target: _Target,
+        target: Target,
         sock: socket.socket,
         method: str,
         headers: list[tuple[str, str]],
         body: memoryview | None,
     ) -> bytes:
         connection = http.client.HTTPConnection(target.host, target.port)
-        connection.sock = _Bounded(sock, self._remaining)
+        connection.sock = BoundedSocket(sock, self._remaining)
         try:
             connection.putrequest(method, target.path, skip_host=True, skip_accept_encoding=True)
             connection.putheader("Host", target.authority)
@@ -306,158 +284,18 @@ class HttpState:
             connection.endheaders(body)
             response = connection.getresponse()
             self.status = response.status
-            self.headers = _headers_of(response.getheaders())
-            return _body_of(response, target, grant.max_response_bytes)
+            self.headers = headers_of(response.getheaders())
+            return read_body(response, target, grant.max_response_bytes)
         except TimeoutError:
             raise TimedOut from None
         except http.client.IncompleteRead:
             raise target.failed("the answer ended before its body") from None
         except (http.client.HTTPException, OSError) as error:
-            raise target.failed(_reason(error)) from None
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """The URL's parts the dispatcher acts on."""
-
-    scheme: str
-    host: str
-    port: int
-    #: ``Host``: the host as the URL writes it, with its port when not the default.
-    authority: str
-    path: str
-    address: IPAddress | None
-
-    @classmethod
-    def of(cls, url: str) -> _Target:
-        shown = _shown(url)
-        if len(url) > MAX_URL_LENGTH or not _URL.fullmatch(url):
-            raise _refused_url(
-                shown,
-                f"a URL is at most {MAX_URL_LENGTH} printable ASCII characters, without"
-                " spaces or backslashes (percent-encode the rest, and write a host in its"
-                " IDNA form)",
-            )
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as error:
-            raise _refused_url(shown, f"not a URL ({error})") from None
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
-            raise _refused_url(shown, f"only http and https URLs are allowed, not {scheme}:")
-        host = parts.hostname
-        if not host:
-            raise _refused_url(shown, "the URL names no host")
-        if port == 0:  # no server listens there; a connect would pick a port of its own
-            raise _refused_url(shown, "it names port 0")
-        address = _address(host)
-        written = f"[{host}]" if isinstance(address, ipaddress.IPv6Address) else host
-        default = 443 if scheme == "https" else 80
-        target = cls(
-            scheme,
-            host,
-            default if port is None else port,
-            written if port in (None, default) else f"{written}:{port}",
-            (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-            address,
-        )
-        if "@" in parts.netloc:
-            raise target.refused("the URL holds credentials; send them in a header (Authorization)")
-        return target
-
-    def refused(self, reason: str) -> NetworkRefused:
-        return NetworkRefused(
-            f"HTTP request to {self.host} refused: {reason}", details={"host": self.host}
-        )
-
-    def failed(self, reason: str) -> ProviderError:
-        return ProviderError(
-            f"HTTP request to {self.host} failed: {reason}", details={"host": self.host}
-        )
-
-
-def _shown(url: str) -> str:
-    """Enough of a URL to say which it was, without its query or credentials (secrets)."""
-    base = url.split("?", 1)[0].split("#", 1)[0]
-    shown = base
-    if "@" in base:
-        # A URL shown here was refused before it was parsed: however malformed (one slash,
-        # none, another scheme), whatever stands before its last "@" may be userinfo.
-        scheme, colon, rest = base.partition(":")
-        if not colon:
-            scheme, rest = "", base
-        slashes = rest[: len(rest) - len(rest.lstrip("/"))]
-        shown = f"{scheme}{colon}{slashes}…@{base.rsplit('@', 1)[1]}"
-    return shown[:80] + ("…" if len(shown) > 80 or len(base) < len(url) else "")
-
-
-def _refused_url(shown: str, reason: str) -> NetworkRefused:
-    return NetworkRefused(f"HTTP request to {shown!r} refused: {reason}", details={"url": shown})
-
-
-def _parsed(request: bytes) -> tuple[str, str, dict[str, str]]:
-    """Extism's request JSON: the URL, the method (GET when unset), the headers."""
-    try:
-        parsed = orjson.loads(request)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if isinstance(parsed, dict):
-        url, method, headers = parsed.get("url"), parsed.get("method"), parsed.get("headers")
-        method = "GET" if method is None else method
-        headers = {} if headers is None else headers
-        if (
-            isinstance(url, str)
-            and isinstance(method, str)
-            and isinstance(headers, dict)
-            and all(isinstance(value, str) for value in headers.values())
-        ):
-            return url, method.upper(), headers
-    raise NetworkRefused(
-        "HTTP request refused: it is not Extism's request JSON"
-        ' {"url": string, "method": string, "headers": {string: string}}'
-    )
-
-
-def _checked_headers(
-    target: _Target, headers: dict[str, str], body_length: int | None, method: str
-) -> list[tuple[str, str]]:
-    # A method is a token as a header's name is (RFC 9110).
-    if len(method) > 32 or not is_header_name(method):
-        raise target.refused(f"the method {method[:40]!r} is not an HTTP method (a token)")
-    if len(headers) > MAX_HEADERS:
-        raise target.refused(f"{len(headers)} headers, at most {MAX_HEADERS}")
-    size = sum(len(name) + len(value) for name, value in headers.items())
-    if size > MAX_HEADER_BYTES:
-        raise target.refused(f"its headers hold {size} bytes, at most {MAX_HEADER_BYTES}")
-    own = {
-        "host": target.authority.lower(),
-        "content-length": str(body_length or 0),
-        "connection": "close",
-    }
-    checked: list[tuple[str, str]] = []
-    for name, value in headers.items():
-        if not is_header_name(name):
-            raise target.refused(f"the header name {name[:40]!r} is not a token")
-        if not is_header_value(value):
-            raise target.refused(
-                f"the header {name} holds a control character (CR, LF, NUL…) or a character"
-                " outside printable ASCII"
-            )
-        lower = name.lower()
-        if lower in _OWN_HEADERS:
-            if own.get(lower) == value.strip().lower():
-                continue  # says what the dispatcher sends anyway
-            raise target.refused(
-                f"the dispatcher sets {name} itself (one request per connection, the"
-                " URL's host, the body's length)"
-            )
-        checked.append((name, value))
-    return checked
+            raise target.failed(reason(error)) from None
 
 
 def _admitted(
-    grant: HttpGrant, target: _Target, remaining: Callable[[], float]
+    grant: HttpGrant, target: Target, remaining: Callable[[], float]
 ) -> list[tuple[socket.AddressFamily, Any]]:
     """Where to connect: the ``(family, socket address)`` pairs the URL's host resolves to
     that the egress policy admits, in the resolver's order."""
@@ -504,61 +342,7 @@ def _admitted(
     return [found[each] for each in admitted]
 
 
-def _connect(
-    target: _Target,
-    connections: Sequence[tuple[socket.AddressFamily, Any]],
-    remaining: Callable[[], float],
-) -> socket.socket:
-    failures: list[str] = []
-    for family, sockaddr in connections:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(remaining())
-            sock.connect(sockaddr)
-        except TimeoutError:
-            sock.close()
-            raise TimedOut from None
-        except OSError as error:
-            sock.close()
-            failures.append(f"{sockaddr[0]}: {error.strerror or error}")
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    raise target.failed(f"cannot connect ({'; '.join(failures)})")
-
-
-def _tls(
-    grant: HttpGrant, target: _Target, sock: socket.socket, remaining: Callable[[], float]
-) -> socket.socket:
-    try:
-        sock.settimeout(remaining())
-        return grant.tls().wrap_socket(sock, server_hostname=target.host)
-    except TimeoutError:
-        raise TimedOut from None
-    except ssl.SSLCertVerificationError as error:
-        raise target.failed(
-            f"its certificate is not trusted for {target.host}: {error.verify_message}"
-        ) from None
-    except OSError as error:  # ssl.SSLError among them
-        raise target.failed(f"TLS: {_reason(error)}") from None
-
-
-def _body_of(response: http.client.HTTPResponse, target: _Target, limit: int) -> bytes:
-    if response.length is not None and response.length > limit:
-        raise _too_large(target, limit, f"its Content-Length is {response.length}")
-    pieces: list[bytes] = []
-    read = 0
-    while piece := response.read(min(_READ_BYTES, limit + 1 - read)):
-        pieces.append(piece)
-        read += len(piece)
-        if read > limit:
-            raise _too_large(target, limit, "it went on past that")
-    return b"".join(pieces)
-
-
-def _body_too_large(target: _Target, length: int, limit: int) -> LimitExceeded:
+def _body_too_large(target: Target, length: int, limit: int) -> LimitExceeded:
     error = LimitExceeded(
         f"HTTP request to {target.host} refused: the request's body is {length} bytes,"
         f" larger than {limit}, a quarter of the plugin's memory_mb (send less per request,"
@@ -568,81 +352,3 @@ def _body_too_large(target: _Target, length: int, limit: int) -> LimitExceeded:
     )
     error.details["host"] = target.host
     return error
-
-
-def _too_large(target: _Target, limit: int, how: str) -> LimitExceeded:
-    error = LimitExceeded(
-        f"HTTP request to {target.host}: the answer's body is larger than {limit} bytes"
-        f" ({how}), a quarter of the plugin's memory_mb",
-        limit="http_response_bytes",
-        value=limit,
-    )
-    error.details["host"] = target.host
-    return error
-
-
-def _headers_of(headers: list[tuple[str, str]]) -> dict[str, str]:
-    """Names in lower case as Extism's own (the ``http`` crate's); a repeated header's
-    values joined with ``, ``, as HTTP allows, where Extism kept the last one only."""
-    joined: dict[str, str] = {}
-    for name, value in headers:
-        lower = name.lower()
-        joined[lower] = f"{joined[lower]}, {value}" if lower in joined else value
-    return joined
-
-
-def _address(host: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or type(error).__name__
-
-
-class _Bounded:
-    """The socket ``http.client`` writes to and reads from: every wait ends when the call
-    does (a socket's own timeout bounds each wait, not their sum: a server that trickles a
-    byte at a time would hold the call past its end)."""
-
-    __slots__ = ("_remaining", "_sock")
-
-    def __init__(self, sock: socket.socket, remaining: Callable[[], float]) -> None:
-        self._sock = sock
-        self._remaining = remaining
-
-    def _bound(self) -> None:
-        try:
-            self._sock.settimeout(self._remaining())
-        except TimedOut:
-            raise TimeoutError("the call's end came") from None
-
-    def sendall(self, data: bytes | memoryview) -> None:
-        self._bound()
-        self._sock.sendall(data)
-
-    def recv_into(self, buffer: Any) -> int:
-        self._bound()
-        return self._sock.recv_into(buffer)
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return io.BufferedReader(_Reader(self))
-
-    def close(self) -> None:
-        """Nothing: ``http.client`` closes its connection once the answer's head is read
-        (``Connection: close``), and the body is read after; ``HttpState`` closes the socket."""
-
-
-class _Reader(io.RawIOBase):
-    def __init__(self, sock: _Bounded) -> None:
-        self._socket = sock
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        return self._socket.recv_into(buffer)

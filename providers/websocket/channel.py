@@ -7,8 +7,8 @@
 A call costs two futures, one timeout and one dict entry; no task. The reader runs in
 the task that owns the connection (``run``) and only resolves futures and hands events to
 the sink, so a slow caller never stalls it. One writer task per channel writes every frame
-(``_write``), in order; a sender waits for its frame to go out. Memory stays bounded on
-both ways:
+(``FrameWriter``, ``writer.py``), in order; a sender waits for its frame to go out. Memory
+stays bounded on both ways:
 
 * out: at most ``max_in_flight`` calls (then ``Overloaded``), each message at most
   ``max_message_bytes`` (``InvalidParams`` for that call), and every frame waits for the
@@ -40,11 +40,10 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, cast
+from typing import Any
 
-from aiohttp import ClientWebSocketResponse, WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType
 
 from linchkit_plugin.errors import (
     DeadlineExceeded,
@@ -57,11 +56,8 @@ from linchkit_plugin.errors import (
 )
 from linchkit_plugin.wire import decode_response
 from linchkit_plugin.ws_protocol import (
-    HELLO_TIMEOUT,
     STREAM_WINDOW,
     FrameError,
-    UnknownProtocol,
-    checked_hello,
     decode_frame,
     encode_frame,
     error_frame,
@@ -70,7 +66,8 @@ from providers._event_rate import EventRate
 from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
-from providers.served import MAX_SERVED_METHODS
+from providers.websocket.closing import close_socket, hang_up
+from providers.websocket.writer import FrameWriter, Socket
 
 __all__ = [
     "CLOSE_STALLED",
@@ -80,14 +77,10 @@ __all__ = [
     "Channel",
     "EventSink",
     "Socket",
-    "close_message",
-    "hang_up",
-    "read_hello",
 ]
 
 log = logging.getLogger("dispatcher.providers.websocket")
 
-Socket = ClientWebSocketResponse[Any] | web.WebSocketResponse[Any]
 #: ``sink(event, data)``: where the plugin's events go.
 EventSink = Callable[[str, Any], None]
 
@@ -107,8 +100,6 @@ _DRAIN_POLL_SECONDS = 0.01
 #: and not answered. Each costs a task and an error frame: a plugin that sent calls and
 #: read nothing back had the host hold some 1.3 kB per call frame of 30 bytes it sent.
 MAX_REFUSALS_WAITING = 64
-#: Frames given up by their senders that may wait in a channel's queue before it is pruned.
-_GIVEN_UP_KEPT = 64
 #: Heartbeats a write may wait for the plugin to take anything before the connection is
 #: dropped: as long as the heartbeat takes to find a silent peer gone (a ping after one
 #: heartbeat of silence, its pong due within half of one). The heartbeat alone does not
@@ -122,90 +113,6 @@ CLOSE_STALLED = 1008
 #: (1.5 heartbeats) was dropped: one that trickles a frame puts the ping off with every
 #: byte, and would hold the reader (and every call) until its frame ends.
 READ_STALLED_REASON = "the plugin sent no whole frame (nor a pong) for 1.5 heartbeats"
-
-
-def _cancelled_by_owner() -> bool:
-    """Whether the running task is being cancelled (``Task.cancelling``), as opposed to
-    woken with ``CancelledError`` by a future someone else cancelled."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
-
-
-def close_message(reason: str) -> bytes:
-    """``reason`` as a close frame carries it: 123 bytes of UTF-8 at most (the frame's
-    payload is 125, the code takes 2), never cut inside a character."""
-    return reason.encode()[:123].decode(errors="ignore").encode()
-
-
-def _transport_of(socket: Socket) -> asyncio.Transport | None:
-    """The transport under ``socket``, to abort. aiohttp (3.14) offers no abort of a
-    WebSocket; both of its WebSocket classes write through a ``WebSocketWriter`` whose
-    ``transport`` is the connection's. None if that ever changes: closes are then
-    graceful only, as before (``tests/test_websocket_drop.py`` fails, and says so)."""
-    transport = getattr(getattr(socket, "_writer", None), "transport", None)
-    if not hasattr(transport, "abort") or not hasattr(transport, "get_write_buffer_size"):
-        return None
-    return cast(asyncio.Transport, transport)  # uvloop's is not one, but has these
-
-
-async def hang_up(socket: Socket, code: int, reason: str) -> None:
-    """Drop the connection at once: hand the close frame (``code``, ``reason``) to the
-    socket if it can take it now, and abort the transport rather than close it. A graceful
-    close waits for the plugin's close frame (aiohttp's close timeout), and asyncio keeps a
-    closed transport's socket open until what is buffered for it drains, which a plugin
-    that reads nothing never lets happen: the descriptor and megabytes of buffered frames
-    stayed for as long as the plugin kept its end open. Its caller closes the socket
-    afterwards (which then returns at once), so that aiohttp's state and timers end too."""
-    transport = _transport_of(socket)
-    if transport is None or transport.is_closing():
-        return
-    if transport.get_write_buffer_size() == 0:
-        # Nothing ahead of it: aiohttp writes it to the socket without waiting. Behind a
-        # full buffer it would never reach the plugin before the abort.
-        frame = code.to_bytes(2, "big") + close_message(reason)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await socket.send_frame(frame, WSMsgType.CLOSE)
-    transport.abort()
-
-
-def _kept(hello: dict[str, Any]) -> dict[str, Any]:
-    """What is kept of a checked hello for the connection's life: the fields read, each
-    list cut just past what is believed of it (``providers.served``), never what else the
-    plugin padded it with. Decoded, a hello of a few MiB of JSON is over 100 MB of objects."""
-    kept: dict[str, Any] = {
-        key: hello[key] for key in ("type", "protocol", "id", "version") if key in hello
-    }
-    if type(runtime := hello.get("runtime")) is str:
-        kept["runtime"] = runtime[:200]
-    for key in ("methods", "streaming"):
-        listed = hello.get(key)
-        if type(listed) is list:
-            # One past the most believed: a longer list is still seen as too long.
-            kept[key] = [name for name in listed[: MAX_SERVED_METHODS + 1] if type(name) is str]
-    return kept
-
-
-def _abort_if_open(transport: asyncio.Transport) -> None:
-    if transport.get_write_buffer_size() > 0:
-        transport.abort()
-
-
-async def read_hello(socket: Socket) -> dict[str, Any]:
-    """The first frame of a new connection, a checked ``hello``: ``TargetUnavailable`` if
-    none comes within ``HELLO_TIMEOUT``, ``InvalidParams`` if it is not a valid one
-    (``UnknownProtocol``, as it is, for a protocol version this side does not speak)."""
-    try:
-        message = await socket.receive(timeout=HELLO_TIMEOUT)
-    except TimeoutError:
-        raise TargetUnavailable(f"no hello within {HELLO_TIMEOUT:.0f} s") from None
-    if message.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-        raise TargetUnavailable(f"closed before its hello ({message.type.name})")
-    try:
-        return _kept(checked_hello(decode_frame(message.data)))
-    except UnknownProtocol:
-        raise
-    except DispatchError as error:
-        raise InvalidParams(f"broke the protocol: {error.message}") from None
 
 
 class Channel:
@@ -239,21 +146,6 @@ class Channel:
         self._streams: dict[int, asyncio.Queue[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._refusals_waiting = 0
-        #: Frames for the writer, in order: (bytes, the future its sender waits on or None,
-        #: the id a ``cancel`` names if its sender gives up while it is being written).
-        self._outbox: deque[tuple[bytes, asyncio.Future[None] | None, int | None]] = deque()
-        #: What the idle writer waits on: done once something is queued.
-        self._outbox_filled: asyncio.Future[None] | None = None
-        #: Frames in ``_outbox`` whose senders gave up (counted since it was last pruned).
-        self._given_up = 0
-        self._write_stall = STALL_HEARTBEATS * heartbeat
-        #: When the write in progress began (None: the writer is idle), and the timer that
-        #: looks whether it has stalled (``_watch_writes``): one timer, not one per write.
-        self._write_began: float | None = None
-        self._write_watch: asyncio.TimerHandle | None = None
-        self._write_stalled = False
-        #: The writer waits for the socket to drain: senders wait for their frames.
-        self._draining = False
         self.closed = False
         self.close_reason = ""
         #: The plugin said ``goaway``: nothing new is sent; the channel closes once drained.
@@ -265,7 +157,14 @@ class Channel:
         self.protocol_errors = 0
         self.events_dropped_by_plugin = 0
         self._dropped_frames = 0
-        self._writer = self._loop.create_task(self._write(), name=f"writing {describe}")
+        self._writer = FrameWriter(
+            socket,
+            describe,
+            stall_after=STALL_HEARTBEATS * heartbeat,
+            never_sent=self._frame_never_sent,
+            stalled=self._stalled,
+            lost=self._closed,
+        )
 
     @property
     def usable(self) -> bool:
@@ -307,24 +206,24 @@ class Channel:
         data = self._frame("call", call_id, invocation, now)
         future: asyncio.Future[Any] = self._loop.create_future()
         self._pending[call_id] = future
-        written = self._queue(data, call_id)
+        written = self._writer.queue(data, call_id)
         try:
             # One deadline over the send and the answer: a plugin that stops reading
             # blocks the send (the socket does not drain), and must not hold the caller
             # past its deadline there either.
             async with asyncio.timeout_at(invocation.deadline):
-                if self._draining:  # backpressure: wait for the call to go out
+                if self._writer.draining:  # backpressure: wait for the call to go out
                     await self._sent(written, invocation)
                 response = await future
         except TimeoutError:
             self._forget(call_id, future)
-            self._cancel_remote(call_id, written)  # the plugin may stop working on it
+            self._writer.cancel(call_id, written)  # the plugin may stop working on it
             raise DeadlineExceeded(
                 f"{self.describe} {invocation.plugin}.{invocation.method} did not answer in time"
             ) from None
         except asyncio.CancelledError:
             if self._pending.pop(call_id, None) is not None:
-                self._cancel_remote(call_id, written)  # the caller gave up: so may the plugin
+                self._writer.cancel(call_id, written)  # the caller gave up: so may the plugin
             raise
         except TargetUnavailable:
             self._forget(call_id, future)
@@ -343,14 +242,14 @@ class Channel:
         data = self._frame("stream", call_id, invocation, now)
         queue: asyncio.Queue[Any] = asyncio.Queue(_STREAM_QUEUE + 1)
         self._streams[call_id] = queue
-        written = self._queue(data, call_id)
+        written = self._writer.queue(data, call_id)
         what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
         finished = False
         consumed = 0
         try:
             try:
                 async with asyncio.timeout_at(invocation.deadline):
-                    if self._draining:
+                    if self._writer.draining:
                         await self._sent(written, invocation)
             except TimeoutError:
                 raise DeadlineExceeded(
@@ -379,7 +278,7 @@ class Channel:
                 yield item.get("data") if type(item) is dict else None
         finally:
             if self._streams.pop(call_id, None) is not None and not finished:
-                self._cancel_remote(call_id, written)
+                self._writer.cancel(call_id, written)
 
     async def health(self, timeout: float) -> Health:
         if self.closed:
@@ -392,7 +291,9 @@ class Channel:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                await self._sent(self._queue(encode_frame({"type": "health", "id": call_id})), None)
+                await self._sent(
+                    self._writer.queue(encode_frame({"type": "health", "id": call_id})), None
+                )
                 answer = await future
         except TimeoutError:
             return Health("not_serving", f"no health answer within {timeout:.1f} s")
@@ -418,34 +319,16 @@ class Channel:
         }
 
     async def send_event(self, data: bytes) -> None:
-        await self._sent(self._queue(data), None)
+        await self._sent(self._writer.queue(data), None)
 
-    # -- writing ---------------------------------------------------------------------------
-
-    def _queue(self, data: bytes, call_id: int | None = None) -> asyncio.Future[None]:
-        """Queue ``data`` (the frame of call ``call_id``, if it is one) for the writer.
-        The future is done once the frame went out, or failed with ``ConnectionError`` if
-        it never will; a call's answer then fails too. Cancelling it before its turn (the
-        sender gave up) keeps the frame from being written."""
-        written: asyncio.Future[None] = self._loop.create_future()
-        if self.closed:
-            written.set_exception(ConnectionError(self.close_reason))
-            return written
-        self._outbox.append((data, written, call_id))
-        self._wake_writer()
-        return written
-
-    def _wake_writer(self) -> None:
-        filled = self._outbox_filled
-        if filled is not None and not filled.done():
-            filled.set_result(None)
+    # -- sending ---------------------------------------------------------------------------
 
     async def _sent(self, written: asyncio.Future[None], invocation: Invocation | None) -> None:
         """Wait for ``written``; ``TargetUnavailable`` (stage ``connect``) if it never goes out."""
         try:
             await written
         except asyncio.CancelledError:
-            self._gave_up()
+            self._writer.gave_up()
             raise
         except (ConnectionError, RuntimeError) as error:
             # Nothing was written: the call provably never reached the plugin.
@@ -458,16 +341,8 @@ class Channel:
             details={"stage": "connect"},
         )
 
-    def _not_written(
-        self, written: asyncio.Future[None], call_id: int | None, error: BaseException
-    ) -> None:
-        """A frame that will never go out: its future fails (read here, for a sender that
-        is not waiting on it), and so does its call, as one never sent."""
-        if not written.done():
-            written.set_exception(error)
-            written.exception()
-        if call_id is None:
-            return
+    def _frame_never_sent(self, call_id: int, error: BaseException) -> None:
+        """The frame of call ``call_id`` will never go out: the call fails as never sent."""
         never_sent = self._never_sent(": the connection closed", error)
         future = self._pending.pop(call_id, None)
         if future is not None and not future.done():
@@ -476,135 +351,13 @@ class Channel:
         if queue is not None:
             self._end_stream(queue, never_sent)
 
-    def _gave_up(self) -> None:
-        """A sender gave up before its frame's turn. The frame stays queued until the
-        writer reaches and skips it, which a stalled writer does not: once most of the
-        queue is given up, it is rebuilt without those, so that what is queued stays near
-        what is still wanted and never grows with the calls abandoned while a plugin does
-        not read."""
-        self._given_up += 1
-        if self._given_up <= _GIVEN_UP_KEPT or self._given_up * 2 <= len(self._outbox):
-            return
-        wanted = [entry for entry in self._outbox if entry[1] is None or not entry[1].done()]
-        self._outbox.clear()
-        self._outbox.extend(wanted)
-        self._given_up = 0
-
-    def _cancel_remote(self, call_id: int, written: asyncio.Future[None]) -> None:
-        """Tell the plugin that the caller of ``call_id`` gave up, if its frame went out.
-        One still queued is not written at all; one being written at this moment gets its
-        ``cancel`` from the writer, once it is out."""
-        if self.closed:
-            return
-        if written.cancel():
-            self._gave_up()
-            return
-        if written.cancelled() or written.exception() is not None:
-            return
-        self._send_cancel(call_id)
-
-    def _send_cancel(self, call_id: int) -> None:
-        if self.closed:
-            return
-        self._outbox.append((encode_frame({"type": "cancel", "id": call_id}), None, None))
-        self._wake_writer()
-
     async def _send_quietly(self, data: bytes) -> None:
         # The connection is gone, and whatever this was about with it.
         with contextlib.suppress(TargetUnavailable):
-            await self._sent(self._queue(data), None)
-
-    async def _write(self) -> None:
-        """Write the queued frames in order, each once the socket has drained the last:
-        the one task of ours that writes to the socket. A sender goes on to wait for its
-        answer at once, unless this task is waiting for the socket to drain: then it waits
-        for its frame to go out first, so a plugin that reads slowly slows its callers.
-
-        Callers do not write themselves, because aiohttp (3.14) has every writer that waits
-        for the socket to drain await one shared future, and keeps that future once a
-        waiter is cancelled: a caller whose deadline passed while it waited cancelled it,
-        and every later wait on it (another caller's, aiohttp's own ping) raised
-        ``CancelledError`` at once, into callers nobody had cancelled. This task is
-        cancelled only by ``close`` and by the stall timer (``_watch_writes``).
-
-        A plugin that stops reading stalls it. Dropping the connection once a write has
-        waited ``_write_stall`` (rather than only bounding what waits behind it) ends every
-        call on it at once, with a typed error, and lets the dialer dial again or the
-        fleet fail calls over, where the stall would otherwise hold each call to its
-        deadline for as long as the plugin kept the connection open."""
-        # aiohttp writes frames of its own beside this task's, unordered with them: the
-        # reader's automatic pong, the heartbeat's ping, a close. None can land inside one
-        # of our frames (aiohttp 3.14, ``_websocket/writer.py``): ``send_frame`` hands a
-        # whole frame to the transport synchronously (header and payload in one
-        # ``transport.write``, or two with no await between them past 16 KiB) and awaits
-        # only afterwards, to drain; compressed data frames are made and written under
-        # aiohttp's own lock, and control frames are never compressed, so they do not touch
-        # the compressor either. Another writer's frame can only come between two of ours,
-        # which RFC 6455 allows of control frames (section 5.4). So no lock of ours covers
-        # them: what they share with this task is the drain future above, which only a
-        # stall (the connection is being dropped) or aiohttp's own closing cancels.
-        outbox, loop = self._outbox, self._loop
-        while not self.closed:
-            if not outbox:
-                self._outbox_filled = loop.create_future()
-                await self._outbox_filled
-                continue
-            data, written, call_id = outbox.popleft()
-            if written is not None and written.done():
-                continue  # its sender gave up before its turn: it is never written
-            self._write_began = loop.time()
-            if self._write_watch is None:
-                self._write_watch = loop.call_at(
-                    self._write_began + self._write_stall, self._watch_writes
-                )
-            self._draining = True
-            try:
-                await self.socket.send_frame(data, WSMsgType.TEXT)
-            except (ConnectionError, RuntimeError) as error:
-                # aiohttp refuses a frame for a closing connection before writing any of it.
-                if written is not None:
-                    self._not_written(written, call_id, error)
-                continue
-            except asyncio.CancelledError:
-                if written is not None and not written.done():
-                    written.set_result(None)  # in the socket's buffer: its call fails in_flight
-                if self._write_stalled:  # cancelled by ``_watch_writes``
-                    if (task := asyncio.current_task()) is not None:
-                        task.uncancel()
-                    await self._stalled()
-                    return
-                if _cancelled_by_owner():
-                    raise
-                # aiohttp cancelled the shared drain future itself (its ping's task, as the
-                # connection closes): the frame is out and the connection is going.
-                self._closed("the connection closed while the dispatcher wrote to it")
-                return
-            finally:
-                self._draining = False
-                self._write_began = None
-            if written is None:
-                continue
-            if not written.done():
-                written.set_result(None)
-            elif call_id is not None:  # its sender gave up while it was being written
-                self._send_cancel(call_id)
-
-    def _watch_writes(self) -> None:
-        """The stall timer: ends the write in progress once it has waited ``_write_stall``
-        for the socket to drain; looks again when the write now in progress is due."""
-        self._write_watch = None
-        began = self._write_began
-        if began is None or self.closed:
-            return  # idle: the next write sets the timer again
-        due = began + self._write_stall
-        if self._loop.time() < due:
-            self._write_watch = self._loop.call_at(due, self._watch_writes)
-            return
-        self._write_stalled = True
-        self._writer.cancel()
+            await self._sent(self._writer.queue(data), None)
 
     async def _stalled(self) -> None:
-        reason = f"the plugin took nothing written to it for {self._write_stall:g} s"
+        reason = f"the plugin took nothing written to it for {self._writer.stall_after:g} s"
         log.warning("%s: %s; dropping the connection", self.describe, reason)
         self._closed(f"{reason} (writes stalled)")
         await self._drop(CLOSE_STALLED, reason)
@@ -614,36 +367,7 @@ class Channel:
         await self._close_socket(code, reason)  # aiohttp's own state: closed, timers off
 
     async def _close_socket(self, code: int, reason: str) -> None:
-        """Close the socket, not waiting for its buffer to drain: a plugin that does not
-        read would hold the close for good (aiohttp's server waits by default)."""
-        message = close_message(reason)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            try:
-                if isinstance(self.socket, web.WebSocketResponse):
-                    await self.socket.close(code=code, message=message, drain=False)
-                else:
-                    await self.socket.close(code=code, message=message)
-            except asyncio.CancelledError:
-                # Not ours: aiohttp's close awaited the drain future a stalled write
-                # cancelled; it has closed the transport all the same.
-                if _cancelled_by_owner():
-                    raise
-            finally:
-                self._let_go()
-
-    def _let_go(self) -> None:
-        """After a graceful close: asyncio keeps a closed transport's socket open until
-        what is buffered for it drains, which a plugin that reads nothing never lets
-        happen. One aiohttp found gone (1006: no pong, a read timeout) is aborted now; one
-        that may still be reading gets as long as a write may stall to take the rest
-        (the close frame is at its end), then is aborted."""
-        transport = _transport_of(self.socket)
-        if transport is None or transport.get_write_buffer_size() == 0:
-            return
-        if self.socket.close_code == WSCloseCode.ABNORMAL_CLOSURE:
-            transport.abort()
-        else:
-            self._loop.call_later(self._write_stall, _abort_if_open, transport)
+        await close_socket(self.socket, code, reason, stall_after=self._writer.stall_after)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -780,7 +504,7 @@ class Channel:
                     f"{self.describe} stream {call_id}: its reader fell {_STREAM_QUEUE} chunks behind"
                 ),
             )
-            self._send_cancel(call_id)  # its frame went out: the plugin is sending chunks
+            self._writer.queue_cancel(call_id)  # its frame went out: the plugin is sending chunks
             return
         if frame["type"] == "chunk":
             queue.put_nowait(frame)
@@ -834,15 +558,7 @@ class Channel:
         self.closed = True
         self.close_reason = reason
         self.leaving.set()
-        queued = list(self._outbox)
-        self._outbox.clear()
-        for _, written, call_id in queued:  # never sent: failed as such, not as in flight
-            if written is not None:
-                self._not_written(written, call_id, ConnectionError(reason))
-        self._wake_writer()  # the writer ends
-        if self._write_watch is not None:
-            self._write_watch.cancel()
-            self._write_watch = None
+        self._writer.stop(reason)  # what is still queued fails as never sent
         pending, self._pending = self._pending, {}
         streams, self._streams = self._streams, {}
         for future in pending.values():
@@ -872,7 +588,7 @@ class Channel:
             await self._drop(code, reason)
         else:
             await self._close_socket(code, reason)
-        tasks = [*self._background, self._writer]
+        tasks = [*self._background, self._writer.task]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -881,5 +597,5 @@ class Channel:
         state = "closed" if self.closed else "going away" if self.going_away else "open"
         return (
             f"<Channel {self.describe} {state} in_flight={self.in_flight}"
-            f" to_write={len(self._outbox)} unknown_ids={self.unknown_ids}>"
+            f" to_write={len(self._writer)} unknown_ids={self.unknown_ids}>"
         )

@@ -37,7 +37,8 @@ from linchkit_plugin.ws_protocol import encode_frame
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.served import served_names
-from providers.websocket.channel import STALL_HEARTBEATS, Channel, EventSink, read_hello
+from providers.websocket.channel import STALL_HEARTBEATS, Channel, EventSink
+from providers.websocket.hello import read_hello
 from providers.websocket.target import WebSocketTarget
 
 __all__ = ["DialedPlugin"]

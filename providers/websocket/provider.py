@@ -309,7 +309,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
     async def _hello(self, socket: Any, plugin: PluginInfo) -> dict[str, Any] | None:
         """The plugin's ``hello``, checked against the plugin admitted; None (and the
         connection closed with the reason) when it is not one."""
-        from providers.websocket.channel import read_hello
+        from providers.websocket.hello import read_hello
 
         # A close frame holds 123 bytes of reason, and the reason quotes the plugin: cut in
         # characters, one not in ASCII made a frame the plugin refused (1002), unread
@@ -350,7 +350,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
 
 async def _refuse(socket: Any, code: int, reason: str) -> None:
     """Refuse a connection's hello: the close frame handed over, the connection dropped."""
-    from providers.websocket.channel import close_message, hang_up
+    from providers.websocket.closing import close_message, hang_up
 
     await hang_up(socket, code, reason)
     await socket.close(code=code, message=close_message(reason))  # returns at once now

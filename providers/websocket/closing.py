@@ -1,0 +1,97 @@
+"""How the dispatcher ends a WebSocket connection: ``close_socket`` closes it without
+waiting for what is buffered to drain, and lets go of the socket once the plugin had as
+long as a write may stall to read the rest; ``hang_up`` drops it at once, waiting neither
+for the plugin's close frame nor for it to read; ``close_message`` is a close frame's
+reason as it fits. Used by the channel (a close, a drain, a stalled or trickling plugin)
+and by the provider (a refused hello).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import cast
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from providers.websocket.writer import Socket, cancelled_by_owner
+
+__all__ = ["close_message", "close_socket", "hang_up"]
+
+
+def close_message(reason: str) -> bytes:
+    """``reason`` as a close frame carries it: 123 bytes of UTF-8 at most (the frame's
+    payload is 125, the code takes 2), never cut inside a character."""
+    return reason.encode()[:123].decode(errors="ignore").encode()
+
+
+def _transport_of(socket: Socket) -> asyncio.Transport | None:
+    """The transport under ``socket``, to abort. aiohttp (3.14) offers no abort of a
+    WebSocket; both of its WebSocket classes write through a ``WebSocketWriter`` whose
+    ``transport`` is the connection's. None if that ever changes: closes are then
+    graceful only, as before (``tests/test_websocket_drop.py`` fails, and says so)."""
+    transport = getattr(getattr(socket, "_writer", None), "transport", None)
+    if not hasattr(transport, "abort") or not hasattr(transport, "get_write_buffer_size"):
+        return None
+    return cast(asyncio.Transport, transport)  # uvloop's is not one, but has these
+
+
+async def hang_up(socket: Socket, code: int, reason: str) -> None:
+    """Drop the connection at once: hand the close frame (``code``, ``reason``) to the
+    socket if it can take it now, and abort the transport rather than close it. A graceful
+    close waits for the plugin's close frame (aiohttp's close timeout), and asyncio keeps a
+    closed transport's socket open until what is buffered for it drains, which a plugin
+    that reads nothing never lets happen: the descriptor and megabytes of buffered frames
+    stayed for as long as the plugin kept its end open. Its caller closes the socket
+    afterwards (which then returns at once), so that aiohttp's state and timers end too."""
+    transport = _transport_of(socket)
+    if transport is None or transport.is_closing():
+        return
+    if transport.get_write_buffer_size() == 0:
+        # Nothing ahead of it: aiohttp writes it to the socket without waiting. Behind a
+        # full buffer it would never reach the plugin before the abort.
+        frame = code.to_bytes(2, "big") + close_message(reason)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await socket.send_frame(frame, WSMsgType.CLOSE)
+    transport.abort()
+
+
+async def close_socket(socket: Socket, code: int, reason: str, *, stall_after: float) -> None:
+    """Close the socket, not waiting for its buffer to drain: a plugin that does not
+    read would hold the close for good (aiohttp's server waits by default). What is
+    still buffered for it then is dropped (``_let_go``); ``stall_after``: as long as a
+    write may wait for the plugin to take anything."""
+    message = close_message(reason)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        try:
+            if isinstance(socket, web.WebSocketResponse):
+                await socket.close(code=code, message=message, drain=False)
+            else:
+                await socket.close(code=code, message=message)
+        except asyncio.CancelledError:
+            # Not ours: aiohttp's close awaited the drain future a stalled write
+            # cancelled; it has closed the transport all the same.
+            if cancelled_by_owner():
+                raise
+        finally:
+            _let_go(socket, stall_after)
+
+
+def _let_go(socket: Socket, stall_after: float) -> None:
+    """After a graceful close: asyncio keeps a closed transport's socket open until
+    what is buffered for it drains, which a plugin that reads nothing never lets
+    happen. One aiohttp found gone (1006: no pong, a read timeout) is aborted now; one
+    that may still be reading gets as long as a write may stall to take the rest
+    (the close frame is at its end), then is aborted."""
+    transport = _transport_of(socket)
+    if transport is None or transport.get_write_buffer_size() == 0:
+        return
+    if socket.close_code == WSCloseCode.ABNORMAL_CLOSURE:
+        transport.abort()
+    else:
+        asyncio.get_running_loop().call_later(stall_after, _abort_if_open, transport)
+
+
+def _abort_if_open(transport: asyncio.Transport) -> None:
+    if transport.get_write_buffer_size() > 0:
+        transport.abort()
