@@ -148,6 +148,29 @@ def trickling(masked: bool) -> Behaviour:
     return behave
 
 
+def fragmenting(masked: bool) -> Behaviour:
+    """Sends an event in fragments of one byte, 50 ms apart, each followed by a ping and
+    an unsolicited pong: signs of life aiohttp takes between fragments, while no frame
+    ever comes whole."""
+
+    def frame(payload: bytes, opcode: int, final: bool) -> bytes:
+        whole = ws_frame(payload, masked=masked, opcode=opcode)
+        return whole if final else bytes([whole[0] & 0x7F]) + whole[1:]
+
+    async def behave(send: Callable[[bytes], Awaitable[None]]) -> None:
+        body = b'{"type": "event", "event": "slow", "data": "' + b"x" * 100_000
+        await send(frame(body[:1], 0x1, final=False))
+        for byte in body[1:]:
+            await asyncio.sleep(0.05)
+            await send(
+                frame(bytes([byte]), 0x0, final=False)
+                + frame(b"", 0x9, final=True)
+                + frame(b"", 0xA, final=True)
+            )
+
+    return behave
+
+
 @contextlib.asynccontextmanager
 async def raw_plugin_server(
     host: str, behave: Behaviour, *, plugin_id: str = "raw", hello_after: float = 0.0
@@ -388,6 +411,25 @@ async def test_a_dialled_plugin_trickling_a_frame_is_cut_off_within_its_heartbea
         assert not held(inode), "the dropped connection's socket is still open"
 
 
+async def test_a_dialled_plugin_sending_fragments_between_pings_is_cut_off() -> None:
+    """A plugin sends a message in one-byte fragments with a ping and a pong after each:
+    aiohttp takes each for a sign of life, so the socket's receive timeout (which a pong
+    restarted) never ended it, and the connection's reader was held for the hours the
+    message would take. The read watch counts whole frames only: no frame came, nor an
+    answer to its health probe, so it is dropped within three bounds of 0.3 s."""
+    async with (
+        raw_plugin_server("127.0.0.4", fragmenting(masked=False)) as plugin,
+        dialling(plugin, heartbeat_ms=200) as dispatcher,
+    ):
+        channel = await dialled_channel(dispatcher)
+        inode = tcp_inode(channel.socket.get_extra_info("sockname"), plugin)
+        assert inode is not None
+        await until(lambda: channel.closed, 3)
+        assert "no whole frame" in channel.close_reason, channel.close_reason
+        await asyncio.sleep(AT_ONCE)
+        assert not held(inode), "the dropped connection's socket is still open"
+
+
 async def test_a_plugin_dialled_in_trickling_a_frame_is_cut_off_within_the_heartbeat() -> None:
     """The same on the gateway's side: the bound follows the gateway's heartbeat, which
     pings the plugins connected in (0.2 s here)."""
@@ -407,7 +449,8 @@ async def test_a_plugin_dialled_in_trickling_a_frame_is_cut_off_within_the_heart
 
 async def test_a_plugin_dialled_in_that_is_idle_but_reads_is_kept_past_the_bound() -> None:
     """The bound does not drop a plugin that is merely idle: one that sends nothing but
-    answers the gateway's pings stays connected for many heartbeats."""
+    answers the gateway's pings and the health probes of its read watch (docs/protocol.md)
+    stays connected for many heartbeats, and its answers are not counted as unknown."""
     async with (
         gateway_of(heartbeat=0.1) as (dispatcher, address),
         aiohttp.ClientSession() as session,
@@ -424,15 +467,19 @@ async def test_a_plugin_dialled_in_that_is_idle_but_reads_is_kept_past_the_bound
         await plugin.send_bytes(hello_frame("raw", "1.0.0", ["echo"]))
 
         async def read() -> None:  # answers the gateway's pings as it reads
-            async for _ in plugin:
-                pass
+            async for message in plugin:
+                frame = orjson.loads(message.data)
+                if frame.get("type") == "health":
+                    answer = {"type": "health", "id": frame["id"], "status": "serving"}
+                    await plugin.send_bytes(orjson.dumps(answer))
 
         reading = asyncio.ensure_future(read())
         try:
             await until(lambda: inbound_channel(dispatcher) is not None, 5)
             channel = inbound_channel(dispatcher)
-            await asyncio.sleep(1.0)  # ten heartbeats
+            await asyncio.sleep(1.5)  # fifteen of the gateway's heartbeats, five bounds
             assert not channel.closed, channel.close_reason
+            assert channel.unknown_ids == 0
         finally:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
@@ -561,6 +608,7 @@ async def test_a_plugin_dialled_in_is_not_held_to_what_its_hello_padded() -> Non
         test_a_dialled_plugin_dropped_for_stalled_writes_lets_go_of_its_socket_at_once,
         test_a_plugin_dialled_in_dropped_for_stalled_writes_lets_go_of_its_socket_at_once,
         test_a_plugin_dialled_in_trickling_a_frame_is_cut_off_within_the_heartbeat,
+        test_a_dialled_plugin_sending_fragments_between_pings_is_cut_off,
         test_a_plugin_dialled_in_whose_hello_lies_is_let_go_at_once,
     ],
     ids=lambda test: test.__name__.removeprefix("test_"),

@@ -139,11 +139,8 @@ class WebSocketRoutes:
             return error_answer(error)
         ws = web.WebSocketResponse(
             heartbeat=self.settings.heartbeat,
-            # A frame must come whole within 1.5 heartbeats of the last (a pong counts), as
-            # a dialled plugin's must (providers.websocket.channel.STALL_HEARTBEATS): every
-            # byte received puts the ping off, so a plugin trickling one frame would hold
-            # its reader, and every call on it, for as long as the frame takes.
-            receive_timeout=self.settings.heartbeat * 1.5,
+            # No receive timeout (a timer per message): the channel's read watch finds a
+            # plugin trickling a frame, as a dialled one's does (providers.websocket.read_watch).
             # The plugin's target's max_message_bytes, as a dialled plugin's: a message
             # over it closes the connection (1009).
             max_msg_size=admission.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,

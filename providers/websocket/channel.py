@@ -40,7 +40,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 from aiohttp import WSMsgType
@@ -67,6 +67,7 @@ from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.websocket.closing import close_socket, hang_up
+from providers.websocket.read_watch import ReadWatch
 from providers.websocket.writer import FrameWriter, Socket
 
 __all__ = [
@@ -109,10 +110,12 @@ STALL_HEARTBEATS = 1.5
 #: The close code of a connection dropped because its writes stalled (policy violation:
 #: the plugin does not read what it is sent). It will most likely never read it either.
 CLOSE_STALLED = 1008
-#: Why a connection whose plugin sent no whole frame within the socket's receive timeout
-#: (1.5 heartbeats) was dropped: one that trickles a frame puts the ping off with every
-#: byte, and would hold the reader (and every call) until its frame ends.
-READ_STALLED_REASON = "the plugin sent no whole frame (nor a pong) for 1.5 heartbeats"
+#: Why a connection whose plugin sent no whole frame for 1.5 heartbeats, nor answered the
+#: health probe it was sent then within 1.5 more, was dropped (``read_watch``): one that
+#: trickles a frame would hold the reader (and every call) until its frame ends.
+READ_STALLED_REASON = (
+    "the plugin sent no whole frame for 1.5 heartbeats, nor answered a health probe in 1.5 more"
+)
 
 
 class Channel:
@@ -165,6 +168,14 @@ class Channel:
             stalled=self._stalled,
             lost=self._closed,
         )
+        #: Whole frames read, looked at once every 1.5 heartbeats (``read_watch``).
+        self._read_watch = ReadWatch(
+            self._loop,
+            STALL_HEARTBEATS * heartbeat,
+            probe=self._probe,
+            stalled=self._read_stalled,
+        )
+        self._probe_id: int | None = None
 
     @property
     def usable(self) -> bool:
@@ -374,27 +385,36 @@ class Channel:
     async def run(self) -> None:
         """Read frames until the socket closes; then fail every call still in flight."""
         reason = "the connection closed"
-        trickled = False
+        watch = self._read_watch
+        watch.start()
         try:
             async for message in self.socket:
                 if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    watch.frames += 1
                     self._received(message.data)
                 elif message.type == WSMsgType.ERROR:
                     reason = f"the connection failed: {message.data}"
                     break
-        except TimeoutError:
-            # The socket's receive timeout (1.5 heartbeats, set by whoever opened it): no
-            # frame came whole, not even a pong, though every byte put the ping off.
-            trickled = True
-            reason = READ_STALLED_REASON
         except ConnectionError as error:
             reason = f"the connection failed: {type(error).__name__}"
         finally:
             code = self.socket.close_code
             self._closed(f"{reason} (close code {code})" if code else reason)
-        if trickled:
-            log.warning("%s: %s; dropping the connection", self.describe, reason)
-            await self._drop(CLOSE_STALLED, reason)
+
+    def _probe(self) -> None:
+        """No whole frame for a bound: ask for one (``ReadWatch``), its answer unused."""
+        self._probe_id = next(self._ids)
+        self._spawn(self._send_quietly(encode_frame({"type": "health", "id": self._probe_id})))
+
+    def _read_stalled(self) -> None:
+        log.warning("%s: %s; dropping the connection", self.describe, READ_STALLED_REASON)
+        self._closed(READ_STALLED_REASON)
+        self._spawn(self._drop(CLOSE_STALLED, READ_STALLED_REASON))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _received(self, data: str | bytes) -> None:
         try:
@@ -421,6 +441,8 @@ class Channel:
             if queue is not None and call_id is not None and kind == "response":
                 self._to_stream(call_id, queue, frame)
                 return
+            if kind == "health" and call_id is not None and call_id == self._probe_id:
+                return  # the answer to the read watch's probe: its coming was the point
             self.unknown_ids += 1
         elif kind == "chunk":
             queue = self._streams.get(call_id) if call_id is not None else None
@@ -438,9 +460,7 @@ class Channel:
             self.protocol_errors += 1
             if self._refusals_waiting < MAX_REFUSALS_WAITING:
                 self._refusals_waiting += 1
-                task = self._loop.create_task(self._refuse(call_id))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._spawn(self._refuse(call_id))
         elif kind == "goaway":
             self._go_away()
         elif kind == "dropped":
@@ -482,9 +502,7 @@ class Channel:
         self.going_away = True
         self.leaving.set()
         log.info("%s is going away: its %d calls in flight finish", self.describe, self.in_flight)
-        task = self._loop.create_task(self._close_when_drained())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._close_when_drained())
 
     async def _close_when_drained(self) -> None:
         # Calls end by their answers, deadlines or cancellation, in several places: looked
@@ -558,6 +576,7 @@ class Channel:
         self.closed = True
         self.close_reason = reason
         self.leaving.set()
+        self._read_watch.stop()
         self._writer.stop(reason)  # what is still queued fails as never sent
         pending, self._pending = self._pending, {}
         streams, self._streams = self._streams, {}

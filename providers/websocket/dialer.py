@@ -37,7 +37,7 @@ from linchkit_plugin.ws_protocol import encode_frame
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.served import served_names
-from providers.websocket.channel import STALL_HEARTBEATS, Channel, EventSink
+from providers.websocket.channel import Channel, EventSink
 from providers.websocket.hello import read_hello
 from providers.websocket.target import WebSocketTarget
 
@@ -218,12 +218,9 @@ class DialedPlugin:
                 compress=15 if target.compress else 0,
                 ssl=_ssl_of(target),
                 decode_text=False,
-                # A frame must come whole within 1.5 heartbeats of the last (a pong counts):
-                # every byte received puts the ping off, so a plugin trickling a frame
-                # would otherwise hold the reader, and every call, for as long as it takes.
-                timeout=aiohttp.ClientWSTimeout(
-                    ws_receive=STALL_HEARTBEATS * heartbeat, ws_close=heartbeat
-                ),
+                # No receive timeout: a timer per message; the channel's read watch finds a
+                # plugin trickling a frame (providers.websocket.read_watch).
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=heartbeat),
             )
         except aiohttp.WSServerHandshakeError as error:
             raise TargetUnavailable(

@@ -82,8 +82,8 @@ class WebSocketTarget(TargetConfig):
         le=600_000,
         description="Ping this often; a peer silent for 1.5x this is gone (half-open TCP),"
         " and so is one that takes nothing written to it for 1.5x this, or sends no whole"
-        " frame for 1.5x this (inbound: pings and whole frames follow the gateway's"
-        " heartbeat; the write stall, this).",
+        " frame for 1.5x this and then none in answer to a health probe for 1.5x this"
+        " again (inbound: pings follow the gateway's heartbeat; the rest, this).",
     )
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=1 << 30)
     max_in_flight: int = Field(
