@@ -94,8 +94,10 @@ class ExamplePlugin(Plugin):
         """The JSON object passed to Init."""
         return getattr(self, "_config", {})
 
-    async def hooks(self) -> dict[str, int]:
-        """How many times each lifecycle hook ran."""
+    async def hooks(self, after_ms: int = 0) -> dict[str, int]:
+        """How many times each lifecycle hook ran, counted ``after_ms`` milliseconds from now:
+        whether a stop ran them under a call still in flight."""
+        await asyncio.sleep(_integer("after_ms", after_ms) / 1000)
         return dict(self._hooks)
 
     async def on_event(self, event: str, data: Any) -> None:

@@ -28,6 +28,12 @@ struct SleepParams {
 }
 
 #[derive(Deserialize)]
+struct HooksParams {
+    #[serde(default)]
+    after_ms: u64,
+}
+
+#[derive(Deserialize)]
 struct CountParams {
     n: u64,
 }
@@ -148,10 +154,14 @@ fn main() {
         .method("config", "the config object passed to Init", config)
         .method(
             "hooks",
-            "how many times each lifecycle hook ran",
-            move |_: Call| {
+            "how many times each lifecycle hook ran, counted after_ms from now",
+            move |call: Call| {
                 let counts = reported.clone();
                 async move {
+                    // Counted later: whether a stop ran the hooks under a call in flight.
+                    let params: Option<HooksParams> = call.params()?;
+                    let after_ms = params.map_or(0, |p| p.after_ms);
+                    tokio::time::sleep(Duration::from_millis(after_ms)).await;
                     let count = |counter: &AtomicU64| counter.load(Ordering::SeqCst);
                     Ok(json!({
                         "init": count(&counts.init),

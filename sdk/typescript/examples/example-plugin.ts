@@ -83,7 +83,16 @@ export function examplePlugin(): Plugin {
   });
   plugin.onStop(() => void hooks.stop++);
   plugin.onDestroy(() => void hooks.destroy++);
-  plugin.method('hooks', () => ({ ...hooks }), { description: 'how many times each lifecycle hook ran' });
+  plugin.method(
+    'hooks',
+    async (params, ctx) => {
+      // Counted later: whether a stop ran the hooks under a call still in flight.
+      const p = new Params(params ?? {}, 'hooks');
+      if ('after_ms' in p.values) await ctx.sleep(p.int('after_ms', { min: 0 }));
+      return { ...hooks };
+    },
+    { description: 'how many times each lifecycle hook ran, counted `after_ms` from now' },
+  );
 
   plugin.on('ping', (data) => plugin.emit('pong', data));
   // A handler that fails: the SDK logs it at ERROR and goes on.

@@ -138,7 +138,24 @@ func main() {
 		return p.Config(), nil
 	})
 
-	p.Method("hooks", "how many times each lifecycle hook ran", func(context.Context, *plugin.Call) (any, error) {
+	p.Method("hooks", "how many times each lifecycle hook ran, counted after_ms from now", func(ctx context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			AfterMs int64 `json:"after_ms"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		if params.AfterMs < 0 {
+			return nil, plugin.InvalidParams("after_ms must not be negative, got %d", params.AfterMs)
+		}
+		// Counted later: whether a stop ran the hooks under a call still in flight.
+		timer := time.NewTimer(time.Duration(params.AfterMs) * time.Millisecond)
+		defer timer.Stop()
+		select {
+		case <-timer.C:
+		case <-ctx.Done():
+			return nil, plugin.DeadlineExceeded("hooks: the call's deadline passed before after_ms")
+		}
 		return map[string]int64{
 			"init": hooks.init.Load(), "start": hooks.start.Load(),
 			"stop": hooks.stop.Load(), "destroy": hooks.destroy.Load(),

@@ -90,7 +90,11 @@ public final class ExamplePlugin {
         .onStop(() -> hooks.get("stop").incrementAndGet())
         .onDestroy(() -> hooks.get("destroy").incrementAndGet());
 
-    plugin.method("hooks", "how many times each lifecycle hook ran", (params, ctx) -> {
+    plugin.method("hooks", "how many times each lifecycle hook ran, counted `after_ms` from now", (params, ctx) -> {
+      // Counted later: whether a stop ran the hooks under a call still in flight.
+      if (params != null && params.isJsonObject() && params.getAsJsonObject().has("after_ms")) {
+        ctx.sleep(new Params(params, "hooks").integer("after_ms", 0, Long.MAX_VALUE));
+      }
       Map<String, Integer> counts = new LinkedHashMap<>();
       hooks.forEach((hook, count) -> counts.put(hook, count.get()));
       return counts;
