@@ -11,7 +11,9 @@ Each case starts the example plugin (as ``test_graceful_stop`` does: ``provider:
 with ``lifecycle: dispatcher``, and each WebSocket binding the SDK has), sends one call,
 and sends the plugin SIGTERM while it runs. What the call answers says what happened: the
 ``sleep`` call answers only if it was let finish; ``hooks`` with ``after_ms`` counts the
-hooks that had run by the time it finished.
+hooks that had run by the time it finished. With ``say_hooks`` in its config the example
+plugin's hooks each write a line to stderr, which says that they ran after all, and in
+which order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -37,20 +40,35 @@ STOP_GRACE = 5.0
 IN_FLIGHT_BEFORE_STOP = 0.5
 
 
+@dataclass
+class Stopped:
+    """What one call across a stop saw."""
+
+    #: The call's result.
+    result: Any
+    #: How long after the SIGTERM the plugin exited.
+    exited_after: float
+    #: The lines the plugin wrote to stderr.
+    said: list[str]
+
+
 async def _call_across_a_stop(
     binding: str, language: str, method: str, params: dict[str, Any]
-) -> tuple[Any, float]:
-    """Call ``method`` on a freshly started plugin, SIGTERM the plugin while the call runs;
-    the call's result and how long after the SIGTERM the plugin exited."""
+) -> Stopped:
+    """Call ``method`` on a freshly started plugin, SIGTERM the plugin while the call runs."""
+    piped = asyncio.subprocess.PIPE
+    config = {**CONFIG, "say_hooks": True}
     async with (
-        _plugin(binding, language) as (target, service),
-        Dispatcher(manifest(target, CONFIG, methods=("sleep", "hooks"))) as dispatcher,
+        _plugin(binding, language, stderr=piped, config=config) as (target, service),
+        Dispatcher(manifest(target, config, methods=("sleep", "hooks"))) as dispatcher,
         contextlib.AsyncExitStack() as stack,
     ):
         if service is None:  # it dials the gateway
             service = await stack.enter_async_context(
-                _dialling_in(executable(language), dispatcher)
+                _dialling_in(executable(language), dispatcher, stderr=piped, config=config)
             )
+        assert service.stderr is not None
+        said = asyncio.create_task(service.stderr.read())  # read all along: a full pipe blocks
         call = asyncio.create_task(dispatcher.call("example", method, params, timeout=15))
         await asyncio.sleep(IN_FLIGHT_BEFORE_STOP)
         assert not call.done(), call
@@ -59,7 +77,9 @@ async def _call_across_a_stop(
         async with asyncio.timeout(STOP_GRACE + 10):
             result = await call
             await service.wait()
-        return result, time.monotonic() - stopped_at
+            exited_after = time.monotonic() - stopped_at
+            lines = (await said).decode(errors="replace").splitlines()
+        return Stopped(result, exited_after, lines)
 
 
 @pytest.mark.parametrize(
@@ -70,10 +90,10 @@ async def test_a_call_in_flight_at_a_stop_has_the_grace_to_finish(
 ) -> None:
     # Longer than the 2 s some SDKs gave, well within the grace from the SIGTERM.
     ms = 3_500
-    result, exited_after = await _call_across_a_stop(binding, language, "sleep", {"ms": ms})
-    assert result == {"slept_ms": ms}
+    stopped = await _call_across_a_stop(binding, language, "sleep", {"ms": ms})
+    assert stopped.result == {"slept_ms": ms}
     # The stop waited for the call, and no longer than the grace past it.
-    assert ms / 1000 - IN_FLIGHT_BEFORE_STOP <= exited_after < STOP_GRACE + 3, exited_after
+    assert ms / 1000 - IN_FLIGHT_BEFORE_STOP <= stopped.exited_after < STOP_GRACE + 3, stopped
 
 
 @pytest.mark.parametrize(
@@ -82,7 +102,10 @@ async def test_a_call_in_flight_at_a_stop_has_the_grace_to_finish(
 async def test_the_stop_hooks_run_after_the_calls_in_flight_finished(
     binding: str, language: str
 ) -> None:
-    result, _ = await _call_across_a_stop(binding, language, "hooks", {"after_ms": 1_500})
+    stopped = await _call_across_a_stop(binding, language, "hooks", {"after_ms": 1_500})
     # The plugin was started (its own lifecycle over WebSocket, the dispatcher's over gRPC)
     # and, when the call finished, not yet stopped.
-    assert result == {"init": 1, "start": 1, "stop": 0, "destroy": 0}
+    assert stopped.result == {"init": 1, "start": 1, "stop": 0, "destroy": 0}
+    # Then it was: stop, then destroy, once each.
+    hooks = [line for line in stopped.said if line.startswith("example: ")]
+    assert hooks == ["example: stop hook ran", "example: destroy hook ran"], stopped.said

@@ -51,9 +51,18 @@ class ExamplePlugin(Plugin):
 
     async def stop(self) -> None:
         self._hooks["stop"] += 1
+        self._say("stop")
 
     async def destroy(self) -> None:
         self._hooks["destroy"] += 1
+        self._say("destroy")
+
+    def _say(self, hook: str) -> None:
+        """A config's ``say_hooks`` has the stop and destroy hooks each write a line to
+        stderr: how the suite sees that they ran once the process is gone."""
+        if getattr(self, "_config", {}).get("say_hooks") is True:
+            sys.stderr.write(f"example: {hook} hook ran\n")
+            sys.stderr.flush()
 
     @raw_params
     async def echo(self, params: Any) -> Any:

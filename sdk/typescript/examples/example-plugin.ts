@@ -81,8 +81,19 @@ export function examplePlugin(): Plugin {
     hooks.start++;
     failIfNamed(plugin.config, 'start');
   });
-  plugin.onStop(() => void hooks.stop++);
-  plugin.onDestroy(() => void hooks.destroy++);
+  // A config's `say_hooks` has the stop and destroy hooks each write a line to stderr: how
+  // the conformance suite sees that they ran once the process is gone.
+  const sayIfAsked = (hook: string): void => {
+    if (plugin.config.say_hooks === true) process.stderr.write(`example: ${hook} hook ran\n`);
+  };
+  plugin.onStop(() => {
+    hooks.stop++;
+    sayIfAsked('stop');
+  });
+  plugin.onDestroy(() => {
+    hooks.destroy++;
+    sayIfAsked('destroy');
+  });
   plugin.method(
     'hooks',
     async (params, ctx) => {
