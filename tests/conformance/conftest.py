@@ -214,12 +214,15 @@ async def _start_service(
 
 
 async def _start_websocket_service(
-    path: Path,
+    path: Path, stderr: int | None = None, config: dict[str, Any] = CONFIG
 ) -> tuple[asyncio.subprocess.Process, str, dict[str, Any]]:
-    """``path serve --websocket``: the process, its address and a target dialling it."""
-    config = orjson.dumps(CONFIG).decode()
+    """``path serve --websocket`` with ``config``: the process, its address and a target
+    dialling it."""
     service, address = await _start_service(
-        path, protocol="websocket", extra=("--websocket", "--config", config)
+        path,
+        stderr=stderr,
+        protocol="websocket",
+        extra=("--websocket", "--config", orjson.dumps(config).decode()),
     )
     target = {
         "provider": "websocket",
@@ -292,10 +295,13 @@ async def example(request: pytest.FixtureRequest) -> AsyncIterator[Example]:
 
 @contextlib.asynccontextmanager
 async def _dialling_in(
-    path: Path, dispatcher: Dispatcher
+    path: Path,
+    dispatcher: Dispatcher,
+    stderr: int | None = None,
+    config: dict[str, Any] = CONFIG,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A gateway on port 0 and ``path connect`` dialling it; yields the process once it is
-    an instance."""
+    """A gateway on port 0 and ``path connect --config config`` dialling it (its stderr to
+    ``stderr``, else ours); yields the process once it is an instance."""
     runner = web.AppRunner(create_app(dispatcher), handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -306,8 +312,8 @@ async def _dialling_in(
     process = await asyncio.create_subprocess_exec(
         str(path), "connect",
         "--url", f"ws://127.0.0.1:{port}/v1/plugins/connect",
-        "--config", orjson.dumps(CONFIG).decode(),
-        stdin=asyncio.subprocess.PIPE, env=env,
+        "--config", orjson.dumps(config).decode(),
+        stdin=asyncio.subprocess.PIPE, stderr=stderr, env=env,
     )  # fmt: skip
     try:
         target: Any = dispatcher.manifest.plugins[0].target

@@ -27,6 +27,7 @@ import pytest
 from dispatcher import Dispatcher, DispatchError
 from dispatcher.fleet import never_sent
 from tests.conformance.conftest import (
+    CONFIG,
     INBOUND_TOKEN,
     LANGUAGES,
     START_TIMEOUT,
@@ -55,16 +56,18 @@ CASES = [("grpc", language) for language in LANGUAGES] + [
 
 @contextlib.asynccontextmanager
 async def _plugin(
-    binding: str, language: str
+    binding: str, language: str, stderr: int | None = None, config: dict[str, Any] = CONFIG
 ) -> AsyncIterator[tuple[dict[str, Any], asyncio.subprocess.Process | None]]:
     """The target of a plugin to serve over ``binding``, and its process when that one
-    is started here (a plugin dialling in is started once the dispatcher runs)."""
+    is started here (a plugin dialling in is started once the dispatcher runs), its stderr
+    to ``stderr`` (else ours); ``config`` is what a WebSocket plugin runs its own
+    lifecycle with."""
     path = executable(language)
     if binding == "inbound":
         yield {"provider": "websocket", "mode": "inbound", "token": INBOUND_TOKEN}, None
         return
     if binding == "grpc":
-        service, address = await _start_service(path)
+        service, address = await _start_service(path, stderr=stderr)
         target = {
             "provider": "grpc",
             "address": address,
@@ -72,7 +75,7 @@ async def _plugin(
             "connect_timeout_ms": int(START_TIMEOUT * 1000),
         }
     else:
-        service, _, target = await _start_websocket_service(path)
+        service, _, target = await _start_websocket_service(path, stderr=stderr, config=config)
     try:
         yield target, service
     finally:

@@ -41,7 +41,9 @@ const (
 	CoreVersion = 1
 )
 
-// gracePeriod bounds how long in-flight calls may take to finish at shutdown.
+// gracePeriod bounds how long the calls in flight at a stop may take to finish before
+// they are cut off and the plugin's stop and destroy hooks run: 5 s, as in every SDK
+// (docs/protocol.md, "Stopping while called").
 const gracePeriod = 5 * time.Second
 
 // ErrNotLaunchedByHost is returned when the plugin runs without the handshake
@@ -230,9 +232,9 @@ func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
 const MaxMessageBytes = 64 << 20
 
 // serveOn serves on listener, prints the handshake line once serving, and stops
-// gracefully when ctx is done or stdinClosed closes, calling onStopping (leave a registry)
-// before the calls in flight are drained. With a token, every RPC but health's and
-// reflection's must carry it.
+// gracefully when ctx is done or stdinClosed closes: onStopping (leave a registry), then
+// the calls in flight are drained (gracePeriod at most), then the hooks the host did not
+// call run. With a token, every RPC but health's and reflection's must carry it.
 func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds credentials.TransportCredentials,
 	token *bearerToken, servingFromStart bool, line string, stdout io.Writer, stdinClosed <-chan struct{},
 	onStopping func()) error {
@@ -270,7 +272,7 @@ func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds crede
 	if onStopping != nil {
 		onStopping()
 	}
-	svc.shutdown()
+	svc.stopServing()
 	stopped := make(chan struct{})
 	go func() { server.GracefulStop(); close(stopped) }()
 	select {
@@ -278,6 +280,7 @@ func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds crede
 	case <-time.After(gracePeriod):
 		server.Stop()
 	}
+	svc.runRemainingHooks()
 	return nil
 }
 

@@ -150,11 +150,17 @@ func (s *service) mark(flag *bool) {
 	s.mu.Unlock()
 }
 
-// shutdown runs the stop and destroy hooks the host did not call, so a plugin ended by
-// SIGTERM or by its host's death still cleans up.
-func (s *service) shutdown() {
+// stopServing reports NOT_SERVING and ends the Events streams, which never end by
+// themselves: the first step of a stop, before the calls in flight are drained.
+func (s *service) stopServing() {
 	s.health.Shutdown()
 	close(s.closing)
+}
+
+// runRemainingHooks runs the stop and destroy hooks the host did not call, so a plugin
+// ended by SIGTERM or by its host's death still cleans up. It comes after the drain: a stop
+// hook that closes what the calls use must not pull it from under calls still running.
+func (s *service) runRemainingHooks() {
 	s.mu.Lock()
 	needStop := s.started && !s.stopped
 	needDestroy := s.inited && !s.destroyed

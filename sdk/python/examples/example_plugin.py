@@ -51,9 +51,18 @@ class ExamplePlugin(Plugin):
 
     async def stop(self) -> None:
         self._hooks["stop"] += 1
+        self._say("stop")
 
     async def destroy(self) -> None:
         self._hooks["destroy"] += 1
+        self._say("destroy")
+
+    def _say(self, hook: str) -> None:
+        """A config's ``say_hooks`` has the stop and destroy hooks each write a line to
+        stderr: how the suite sees that they ran once the process is gone."""
+        if getattr(self, "_config", {}).get("say_hooks") is True:
+            sys.stderr.write(f"example: {hook} hook ran\n")
+            sys.stderr.flush()
 
     @raw_params
     async def echo(self, params: Any) -> Any:
@@ -94,8 +103,10 @@ class ExamplePlugin(Plugin):
         """The JSON object passed to Init."""
         return getattr(self, "_config", {})
 
-    async def hooks(self) -> dict[str, int]:
-        """How many times each lifecycle hook ran."""
+    async def hooks(self, after_ms: int = 0) -> dict[str, int]:
+        """How many times each lifecycle hook ran, counted ``after_ms`` milliseconds from now:
+        whether a stop ran them under a call still in flight."""
+        await asyncio.sleep(_integer("after_ms", after_ms) / 1000)
         return dict(self._hooks)
 
     async def on_event(self, event: str, data: Any) -> None:

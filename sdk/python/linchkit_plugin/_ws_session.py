@@ -7,6 +7,11 @@ on the host instead of this process buffering), cancels a task on ``cancel``, an
 ``health``, hands ``event`` frames to the plugin's ``on_event`` and sends the plugin's
 events. A stream sends no more chunks than the host's credit allows (``STREAM_WINDOW``,
 then what ``credit`` frames grant).
+
+One writer task per session writes every frame, in order (``_write``); the call tasks, the
+reader and the events sender queue theirs (``_send``), and wait for a frame to go out only
+while the writer waits for the socket to drain, so a host that reads slowly slows the
+plugin's answers instead of growing a buffer here.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from typing import Any
 
 import aiohttp
@@ -43,6 +49,8 @@ Socket = web.WebSocketResponse[Any] | aiohttp.ClientWebSocketResponse[Any]
 
 #: Frames of one session's events waiting to be written; beyond it the newest is dropped.
 _SESSION_EVENT_QUEUE = 1024
+#: Frames given up by their senders that may wait in the writer's queue before it is pruned.
+_GIVEN_UP_KEPT = 64
 
 
 class _Window:
@@ -89,7 +97,16 @@ class PluginSession:
         self.protocol_errors = 0
         #: The gateway accepted the hello (reverse mode): only then the redial backoff resets.
         self.welcomed = False
-        self._send_lock = asyncio.Lock()
+        #: Frames for the writer, in order, each with the future its sender may wait on.
+        self._outbox: deque[tuple[bytes, asyncio.Future[None]]] = deque()
+        #: What the idle writer waits on: done once something is queued.
+        self._outbox_filled: asyncio.Future[None] | None = None
+        #: Frames in ``_outbox`` whose senders gave up (counted since it was last pruned).
+        self._given_up = 0
+        #: The writer waits for the socket to drain: senders wait for their frames.
+        self._draining = False
+        self._writer: asyncio.Task[None] | None = None
+        self._writing_ended = False
         #: Set when ``run`` has ended (the connection closed).
         self.ended = asyncio.Event()
         #: The reason in the peer's close frame: why the host closed (a reload replaced
@@ -103,18 +120,25 @@ class PluginSession:
             self.events_dropped += 1
 
     async def run(self) -> None:
-        await self._send(self._hello)
-        self.outbox.join(self)
-        sender = asyncio.get_running_loop().create_task(self._send_events())
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write())
+        sender: asyncio.Task[None] | None = None
         try:
+            await self._send(self._hello)
+            self.outbox.join(self)
+            sender = loop.create_task(self._send_events())
             await self._read()
         finally:
             self.outbox.leave(self)
-            sender.cancel()
             tasks = list(self._tasks.values())
+            if sender is not None:
+                tasks.append(sender)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(sender, *tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._end_writing()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
             self.ended.set()
 
     async def go_away(self, grace: float = GOAWAY_GRACE) -> None:
@@ -250,13 +274,76 @@ class PluginSession:
             await self._send(frame)
 
     async def _send(self, data: bytes) -> None:
-        # send_frame waits for the transport to drain above its limit: a host that reads
-        # slowly slows this plugin's answers instead of growing a buffer here.
-        # One sender at a time: aiohttp has every paused writer await one shared future,
-        # so a call cancelled while waiting to drain would cancel the others with it.
-        with contextlib.suppress(ConnectionError):
-            async with self._send_lock:
+        """Queue ``data`` for the writer; while the writer waits for the socket to drain,
+        wait for it to go out (a host that reads slowly slows the sender). A sender
+        cancelled before its frame's turn keeps it from being written."""
+        if self._writing_ended:
+            return  # the connection is gone: nobody to send to
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox.append((data, written))
+        filled = self._outbox_filled
+        if filled is not None and not filled.done():
+            filled.set_result(None)
+        if not self._draining:
+            return
+        try:
+            await written
+        except asyncio.CancelledError:
+            self._gave_up()
+            raise
+
+    def _gave_up(self) -> None:
+        """A sender gave up before its frame's turn. The frame stays queued until the
+        writer reaches and skips it, which a writer waiting for a host that does not read
+        does not: once most of the queue is given up, it is rebuilt without those, so it
+        never grows with the calls the host cancels meanwhile."""
+        self._given_up += 1
+        if self._given_up <= _GIVEN_UP_KEPT or self._given_up * 2 <= len(self._outbox):
+            return
+        wanted = [entry for entry in self._outbox if not entry[1].done()]
+        self._outbox.clear()
+        self._outbox.extend(wanted)
+        self._given_up = 0
+
+    async def _write(self) -> None:
+        """Write the queued frames in order, each once the socket has drained the last:
+        the one task of this session that writes to the socket.
+
+        Senders do not write themselves, because aiohttp (3.14) has every writer that waits
+        for the socket to drain await one shared future, and keeps that future once a
+        waiter is cancelled: a call the host cancelled while its answer waited cancelled
+        it, and every later wait on it raised ``CancelledError`` at once, into senders
+        nobody had cancelled (another call's stream ended without its answer, the events
+        sender or the reader ended). Only ``run`` cancels this task, as the session ends.
+        aiohttp's own frames (pong, ping, close) never land inside one of ours: it hands a
+        whole frame to the transport before it awaits the drain."""
+        outbox, loop = self._outbox, asyncio.get_running_loop()
+        while not self._writing_ended:
+            if not outbox:
+                self._outbox_filled = loop.create_future()
+                await self._outbox_filled
+                continue
+            data, written = outbox.popleft()
+            if written.done():
+                continue  # its sender gave up before its turn: it is never written
+            self._draining = True
+            try:
                 await self.socket.send_frame(data, WSMsgType.TEXT)
+            except (ConnectionError, RuntimeError):
+                pass  # the connection is closing: ``run`` ends the session
+            finally:
+                self._draining = False
+            if not written.done():
+                written.set_result(None)
+
+    def _end_writing(self) -> None:
+        """No frame goes out any more: the senders still waiting are let go."""
+        self._writing_ended = True
+        queued = list(self._outbox)
+        self._outbox.clear()
+        for _, written in queued:
+            if not written.done():
+                written.set_result(None)
 
     def __repr__(self) -> str:
         return (

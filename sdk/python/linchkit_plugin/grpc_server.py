@@ -120,6 +120,10 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: down (at most ``STOP_QUIET_MOST_SECONDS``): see ``linchkit_plugin._grpc_drain``.
 STOP_QUIET_SECONDS = 0.1
 STOP_QUIET_MOST_SECONDS = 2.0
+#: How long the calls in flight at a stop may run on, counted from the stop (SIGTERM, the
+#: host gone), before they are cut off and the plugin's ``stop`` and ``destroy`` hooks run:
+#: 5 s, as in every SDK (docs/protocol.md, "Stopping while called").
+STOP_GRACE_SECONDS = 5.0
 
 
 class PluginServer:
@@ -355,7 +359,9 @@ class PluginServer:
         on_stopping: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Listen on ``address``, call ``on_ready(bound_port)``, serve until ``stop`` is set;
-        then await ``on_stopping`` (leave a registry) before draining the calls in flight."""
+        then await ``on_stopping`` (leave a registry) before draining the calls in flight
+        (``STOP_GRACE_SECONDS`` at most), and only then run the hooks the host did not: a
+        ``stop`` hook that closes what the calls use must not pull it from under them."""
         import grpc.aio
         from grpc_health.v1 import health_pb2_grpc
 
@@ -393,10 +399,12 @@ class PluginServer:
             if on_stopping is not None:
                 await on_stopping()
         finally:
+            loop = asyncio.get_running_loop()
+            grace_ends = loop.time() + STOP_GRACE_SECONDS  # the calls run on meanwhile
             await self._wind_down()
             await self.health.enter_graceful_shutdown()
             self._events.end_all()  # Events streams never end by themselves
-            await server.stop(grace=2)
+            await server.stop(grace=max(0.0, grace_ends - loop.time()))
             with contextlib.suppress(Exception):
                 await self.host.close()
 

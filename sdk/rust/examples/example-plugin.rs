@@ -2,7 +2,7 @@
 //! written on the Rust SDK. Every SDK ships the same one, so one conformance suite runs
 //! against all of them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,12 @@ struct FailParams {
 #[derive(Deserialize)]
 struct SleepParams {
     ms: u64,
+}
+
+#[derive(Deserialize)]
+struct HooksParams {
+    #[serde(default)]
+    after_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -88,8 +94,8 @@ async fn config(call: Call) -> Result<Json, Error> {
     Ok(call.config().clone())
 }
 
-/// How many times each of the plugin's lifecycle hooks ran, for the `hooks` method, and
-/// the hook the last config's `fail_hook` names.
+/// How many times each of the plugin's lifecycle hooks ran, for the `hooks` method, the
+/// hook the last config's `fail_hook` names, and whether it asked for `say_hooks`.
 #[derive(Default)]
 struct HookCounts {
     init: AtomicU64,
@@ -97,17 +103,28 @@ struct HookCounts {
     stop: AtomicU64,
     destroy: AtomicU64,
     fail_hook: Mutex<Option<String>>,
+    say_hooks: AtomicBool,
 }
 
 #[derive(Deserialize)]
-struct FailHook {
+struct HookConfig {
     fail_hook: Option<String>,
+    #[serde(default)]
+    say_hooks: bool,
 }
 
 impl HookCounts {
     fn ran(counter: &AtomicU64) -> Result<(), Error> {
         counter.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// A config's `say_hooks` has the stop and destroy hooks each write a line to stderr:
+    /// how the conformance suite sees that they ran once the process is gone.
+    fn say_if_asked(&self, hook: &str) {
+        if self.say_hooks.load(Ordering::SeqCst) {
+            eprintln!("example: {hook} hook ran");
+        }
     }
 
     /// Fails the hook the config's `fail_hook` names: how the conformance suite sees what
@@ -148,10 +165,14 @@ fn main() {
         .method("config", "the config object passed to Init", config)
         .method(
             "hooks",
-            "how many times each lifecycle hook ran",
-            move |_: Call| {
+            "how many times each lifecycle hook ran, counted after_ms from now",
+            move |call: Call| {
                 let counts = reported.clone();
                 async move {
+                    // Counted later: whether a stop ran the hooks under a call in flight.
+                    let params: Option<HooksParams> = call.params()?;
+                    let after_ms = params.map_or(0, |p| p.after_ms);
+                    tokio::time::sleep(Duration::from_millis(after_ms)).await;
                     let count = |counter: &AtomicU64| counter.load(Ordering::SeqCst);
                     Ok(json!({
                         "init": count(&counts.init),
@@ -163,10 +184,13 @@ fn main() {
                 }
             },
         )
-        // The SDK keeps the config for `config`; the hooks count, and fail when asked.
+        // The SDK keeps the config for `config`; the hooks count, and fail or say so when asked.
         .on_init(move |config: Json| {
             let ran = HookCounts::ran(&on_init.init);
-            let named = config.decode::<FailHook>().ok().and_then(|c| c.fail_hook);
+            let asked = config.decode::<HookConfig>().ok();
+            let say = asked.as_ref().is_some_and(|c| c.say_hooks);
+            on_init.say_hooks.store(say, Ordering::SeqCst);
+            let named = asked.and_then(|c| c.fail_hook);
             *on_init.fail_hook.lock().unwrap_or_else(|p| p.into_inner()) = named;
             let ran = ran.and_then(|()| on_init.fail_if_named("init"));
             async move { ran }
@@ -178,10 +202,12 @@ fn main() {
         })
         .on_stop(move || {
             let ran = HookCounts::ran(&on_stop.stop);
+            on_stop.say_if_asked("stop");
             async move { ran }
         })
         .on_destroy(move || {
             let ran = HookCounts::ran(&on_destroy.destroy);
+            on_destroy.say_if_asked("destroy");
             async move { ran }
         })
         .on_event("ping", |data, events| events.emit("pong", data))

@@ -35,7 +35,6 @@ pub const ENV_SOCKET_DIR: &str = "LINCHKIT_PLUGIN_SOCKET_DIR";
 /// The version of the handshake line's format.
 pub const CORE_VERSION: u32 = 1;
 
-/// How long in-flight calls may take to finish at shutdown.
 /// The largest gRPC message the plugin takes or sends (Call, CallBatch, CallStream items,
 /// Events), decompressed: 64 MiB, the dispatcher's own limit (its channel's
 /// `grpc.max_receive_message_length` and `grpc.max_send_message_length`), not tonic's
@@ -44,6 +43,9 @@ pub const CORE_VERSION: u32 = 1;
 /// OUT_OF_RANGE, which the dispatcher reads by its words.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// How long the calls in flight at a stop may take to finish before they are cut off and
+/// the plugin's stop and destroy hooks run: 5 s, as in every SDK (docs/protocol.md,
+/// "Stopping while called").
 const GRACE_PERIOD: Duration = Duration::from_secs(5);
 
 /// Why a plugin could not serve.
@@ -300,7 +302,8 @@ async fn build(
 }
 
 /// Serves on `incoming` (through TLS when there is an acceptor) until `stop` completes,
-/// then ends the plugin's streams, runs its remaining hooks and stops gracefully. Each
+/// then ends the plugin's streams, stops gracefully (the calls in flight have
+/// `GRACE_PERIOD` to finish) and only then runs the plugin's remaining hooks. Each
 /// connection is read through [`LateStreams`], so a call the client sent too late for the
 /// stop cannot make h2 close the connection under the calls still running on it.
 async fn serve_on<St, IO>(
@@ -337,15 +340,17 @@ where
         done = &mut server => return outcome(done),
         () = stop => {}
     }
-    shared.shutdown().await;
+    shared.stop_serving().await;
     let _ = stop_server.send(());
-    match tokio::time::timeout(GRACE_PERIOD, &mut server).await {
+    let served = match tokio::time::timeout(GRACE_PERIOD, &mut server).await {
         Ok(done) => outcome(done),
         Err(_) => {
             server.abort();
             Ok(())
         }
-    }
+    };
+    shared.run_remaining_hooks().await;
+    served
 }
 
 fn late_streams<IO>(accepted: io::Result<IO>) -> io::Result<LateStreams<IO>> {

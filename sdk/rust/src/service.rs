@@ -88,11 +88,17 @@ impl Shared {
         self.health.set_service_status(SERVICE_NAME, status).await;
     }
 
-    /// Ends the `Events` streams and runs the stop and destroy hooks the host did not call,
-    /// so a plugin ended by SIGTERM or by its host's death still cleans up.
-    pub(crate) async fn shutdown(&self) {
+    /// The first step of a stop, before the calls in flight are drained: reports
+    /// NOT_SERVING and ends the `Events` streams, which never end by themselves.
+    pub(crate) async fn stop_serving(&self) {
         self.set_serving(false).await;
         self.emitter.close();
+    }
+
+    /// Runs the stop and destroy hooks the host did not call, so a plugin ended by SIGTERM
+    /// or by its host's death still cleans up. It comes after the drain: a stop hook that
+    /// closes what the calls use must not pull it from under calls still running.
+    pub(crate) async fn run_remaining_hooks(&self) {
         let (need_stop, need_destroy) = {
             let state = self.lifecycle.lock().unwrap();
             (state.started, state.inited)
@@ -569,7 +575,20 @@ impl PluginService for Service {
 /// trailers; without this the stream stayed open, and the host waited for its deadline
 /// instead of hearing why. Restated like a refused `Call`: one over the cap is
 /// RESOURCE_EXHAUSTED (docs/protocol.md).
+///
+/// It also ends when the events do (the emitter closed at a stop), while the host's side
+/// is still open: a merge alone waited for both, and a graceful stop waited for it, the
+/// whole grace and the plugin's hooks with it.
 fn ended_by(events: EventStream, refusal: oneshot::Receiver<Status>) -> EventStream {
-    let refused = futures_util::stream::once(refusal).filter_map(|sent| sent.ok().map(Err));
-    Box::pin(events.merge(refused))
+    let events = events
+        .map(Some)
+        .chain(tokio_stream::once(None::<Result<pb::PluginEvent, Status>>));
+    let refused =
+        futures_util::stream::once(refusal).filter_map(|sent| sent.ok().map(|s| Some(Err(s))));
+    Box::pin(
+        events
+            .merge(refused)
+            .take_while(Option::is_some)
+            .filter_map(|item| item),
+    )
 }

@@ -81,9 +81,29 @@ export function examplePlugin(): Plugin {
     hooks.start++;
     failIfNamed(plugin.config, 'start');
   });
-  plugin.onStop(() => void hooks.stop++);
-  plugin.onDestroy(() => void hooks.destroy++);
-  plugin.method('hooks', () => ({ ...hooks }), { description: 'how many times each lifecycle hook ran' });
+  // A config's `say_hooks` has the stop and destroy hooks each write a line to stderr: how
+  // the conformance suite sees that they ran once the process is gone.
+  const sayIfAsked = (hook: string): void => {
+    if (plugin.config.say_hooks === true) process.stderr.write(`example: ${hook} hook ran\n`);
+  };
+  plugin.onStop(() => {
+    hooks.stop++;
+    sayIfAsked('stop');
+  });
+  plugin.onDestroy(() => {
+    hooks.destroy++;
+    sayIfAsked('destroy');
+  });
+  plugin.method(
+    'hooks',
+    async (params, ctx) => {
+      // Counted later: whether a stop ran the hooks under a call still in flight.
+      const p = new Params(params ?? {}, 'hooks');
+      if ('after_ms' in p.values) await ctx.sleep(p.int('after_ms', { min: 0 }));
+      return { ...hooks };
+    },
+    { description: 'how many times each lifecycle hook ran, counted `after_ms` from now' },
+  );
 
   plugin.on('ping', (data) => plugin.emit('pong', data));
   // A handler that fails: the SDK logs it at ERROR and goes on.

@@ -292,23 +292,38 @@ async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: 
   process.stdin.resume();
 }
 
-/** Stop once on any of `signals`: health off, stop/destroy hooks if the host did not, drain, exit. */
+/**
+ * How long the calls in flight at a stop may take to finish before they are cut off and the
+ * plugin's stop and destroy hooks run: 5 s, as in every SDK (docs/protocol.md, "Stopping
+ * while called").
+ */
+export const STOP_GRACE_MS = 5_000;
+
+/**
+ * Stop once on any of `signals`: health off, drain the calls in flight (`STOP_GRACE_MS` at
+ * most), then the stop/destroy hooks the host did not run, then exit. Hooks last: a stop
+ * hook that closes what the calls use must not pull it from under calls still running.
+ */
 function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer, tracing: Tracing | undefined): () => void {
   let stopping = false;
   const stop = (): void => {
     if (stopping) return;
     stopping = true;
     server.setServing(false);
-    const hooks = plugin.close().catch((error: unknown) => {
-      log.error(`stop/destroy failed: ${String(error)}`);
-    });
-    const bounded = Promise.race([hooks, new Promise((resolve) => setTimeout(resolve, 5000).unref())]);
+    const hooks = (): Promise<unknown> =>
+      Promise.race([
+        plugin.close().catch((error: unknown) => {
+          log.error(`stop/destroy failed: ${String(error)}`);
+        }),
+        new Promise((resolve) => setTimeout(resolve, 5000).unref()),
+      ]);
     // Spans last: the drained calls' are buffered by then; bounded, a dead collector must
     // not keep the plugin from exiting.
     const flush = (): Promise<unknown> =>
       tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, 5000).unref())]);
-    void bounded
-      .then(() => server.shutdown(2000))
+    void server
+      .shutdown(STOP_GRACE_MS)
+      .then(hooks)
       .then(flush)
       .then(() => process.exit(0));
   };

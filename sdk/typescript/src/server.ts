@@ -295,6 +295,8 @@ export class PluginServer {
   private readonly tracing: Tracing | undefined;
   /** The hosts attached now: the last to leave runs the stop and destroy hooks. */
   private readonly hosts = new AttachedHosts();
+  /** What ends each open Events stream: they never end by themselves, so `shutdown` ends them. */
+  private readonly eventStreams = new Set<() => void>();
 
   constructor(plugin: Plugin, options: PluginServerOptions) {
     this.plugin = plugin;
@@ -323,8 +325,12 @@ export class PluginServer {
     });
   }
 
-  /** Graceful stop, forced after `graceMs`. */
+  /**
+   * Graceful stop: no new call, the Events streams ended (a graceful stop would wait for them
+   * as for calls), the calls in flight let finish; forced after `graceMs`.
+   */
   shutdown(graceMs = 5000): Promise<void> {
+    for (const end of [...this.eventStreams]) end();
     return new Promise((resolve) => {
       const force = setTimeout(() => {
         this.server.forceShutdown();
@@ -561,12 +567,18 @@ export class PluginServer {
           });
         });
         const close = (): void => {
+          this.eventStreams.delete(close);
           unsubscribe();
           if (!call.cancelled && call.writable) call.end();
         };
+        const gone = (): void => {
+          this.eventStreams.delete(close);
+          unsubscribe();
+        };
+        this.eventStreams.add(close);
         call.on('end', close);
-        call.on('cancelled', unsubscribe);
-        call.on('error', unsubscribe);
+        call.on('cancelled', gone);
+        call.on('error', gone);
       },
     };
   }

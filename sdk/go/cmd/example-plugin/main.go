@@ -8,6 +8,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -32,6 +34,17 @@ func failIfNamed(config json.RawMessage, hook string) error {
 	return nil
 }
 
+// sayIfAsked: a config's "say_hooks" has the stop and destroy hooks each write a line to
+// stderr, how the conformance suite sees that they ran once the process is gone.
+func sayIfAsked(config json.RawMessage, hook string) {
+	var asked struct {
+		SayHooks bool `json:"say_hooks"`
+	}
+	if json.Unmarshal(config, &asked) == nil && asked.SayHooks {
+		fmt.Fprintf(os.Stderr, "example: %s hook ran\n", hook)
+	}
+}
+
 func main() {
 	p := plugin.New("example", "1.0.0")
 	var hooks hookCounts
@@ -40,8 +53,8 @@ func main() {
 		return failIfNamed(config, "init")
 	})
 	p.OnStart(func(context.Context) error { hooks.start.Add(1); return failIfNamed(p.Config(), "start") })
-	p.OnStop(func(context.Context) error { hooks.stop.Add(1); return nil })
-	p.OnDestroy(func(context.Context) error { hooks.destroy.Add(1); return nil })
+	p.OnStop(func(context.Context) error { hooks.stop.Add(1); sayIfAsked(p.Config(), "stop"); return nil })
+	p.OnDestroy(func(context.Context) error { hooks.destroy.Add(1); sayIfAsked(p.Config(), "destroy"); return nil })
 
 	p.Method("echo", "returns the params unchanged", func(_ context.Context, call *plugin.Call) (any, error) {
 		return call.Params, nil
@@ -138,7 +151,24 @@ func main() {
 		return p.Config(), nil
 	})
 
-	p.Method("hooks", "how many times each lifecycle hook ran", func(context.Context, *plugin.Call) (any, error) {
+	p.Method("hooks", "how many times each lifecycle hook ran, counted after_ms from now", func(ctx context.Context, call *plugin.Call) (any, error) {
+		var params struct {
+			AfterMs int64 `json:"after_ms"`
+		}
+		if err := call.Bind(&params); err != nil {
+			return nil, err
+		}
+		if params.AfterMs < 0 {
+			return nil, plugin.InvalidParams("after_ms must not be negative, got %d", params.AfterMs)
+		}
+		// Counted later: whether a stop ran the hooks under a call still in flight.
+		timer := time.NewTimer(time.Duration(params.AfterMs) * time.Millisecond)
+		defer timer.Stop()
+		select {
+		case <-timer.C:
+		case <-ctx.Done():
+			return nil, plugin.DeadlineExceeded("hooks: the call's deadline passed before after_ms")
+		}
 		return map[string]int64{
 			"init": hooks.init.Load(), "start": hooks.start.Load(),
 			"stop": hooks.stop.Load(), "destroy": hooks.destroy.Load(),

@@ -35,7 +35,9 @@ import java.nio.charset.StandardCharsets;
 import java.util.ArrayDeque;
 import java.util.ArrayList;
 import java.util.List;
+import java.util.Set;
 import java.util.concurrent.CompletableFuture;
+import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.Future;
@@ -95,6 +97,8 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   private final ScheduledExecutorService timers = Executors.newSingleThreadScheduledExecutor(daemonThreads("plugin-deadline"));
   /** The hosts attached now: the last to leave runs the stop and destroy hooks. */
   private final AttachedHosts hosts = new AttachedHosts();
+  /** What ends each open Events stream ({@link #endEvents}). */
+  private final Set<Runnable> eventStreams = ConcurrentHashMap.newKeySet();
 
   public PluginService(Plugin plugin, HealthStatusManager health, boolean servingFromStart) {
     this(plugin, health, servingFromStart, Serve.MAX_MESSAGE_BYTES);
@@ -121,6 +125,14 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     ServingStatus status = serving ? ServingStatus.SERVING : ServingStatus.NOT_SERVING;
     health.setStatus("", status);
     health.setStatus(SERVICE_NAME, status);
+  }
+
+  /**
+   * Ends every open Events stream, at the start of a stop: they never end by themselves, and
+   * a graceful shutdown would wait for them as for calls in flight.
+   */
+  public void endEvents() {
+    for (Runnable end : List.copyOf(eventStreams)) end.run();
   }
 
   /** Ends the SDK's threads; methods still running are interrupted. */
@@ -415,15 +427,31 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     ServerCallStreamObserver<PluginEvent> out = (ServerCallStreamObserver<PluginEvent>) observer;
     AtomicBoolean closed = new AtomicBoolean();
     Runnable[] unsubscribe = new Runnable[1];
+    // What ends this stream at a stop (endEvents), as the host's own end does.
+    Runnable[] end = new Runnable[1];
     out.setOnCancelHandler(() -> {
       closed.set(true);
       if (unsubscribe[0] != null) unsubscribe[0].run();
+      if (end[0] != null) eventStreams.remove(end[0]);
     });
     // onNext never blocks: for a host that does not read, grpc-java buffered every event
     // (20,000 pongs of 16 KB: +540 MB). Events wait here while the transport is not ready,
     // at most EVENTS_PER_STREAM of them, the oldest dropped first (docs/protocol.md).
     ArrayDeque<PluginEvent> waiting = new ArrayDeque<>();
     AtomicBoolean told = new AtomicBoolean();
+    end[0] = () -> {
+      eventStreams.remove(end[0]);
+      if (unsubscribe[0] != null) unsubscribe[0].run();
+      synchronized (out) {
+        if (closed.compareAndSet(false, true)) {
+          try {
+            out.onCompleted();
+          } catch (RuntimeException cancelled) {
+            // the host went away first
+          }
+        }
+      }
+    };
     Runnable flush = () -> {
       synchronized (out) {
         while (!closed.get() && !out.isCancelled() && out.isReady() && !waiting.isEmpty()) {
@@ -449,6 +477,8 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       }
       flush.run();
     });
+    eventStreams.add(end[0]);
+    if (closed.get()) eventStreams.remove(end[0]); // cancelled meanwhile
     return new StreamObserver<>() {
       @Override
       public void onNext(HostEvent event) {
@@ -465,20 +495,12 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       public void onError(Throwable error) {
         closed.set(true);
         unsubscribe[0].run();
+        eventStreams.remove(end[0]);
       }
 
       @Override
       public void onCompleted() {
-        unsubscribe[0].run();
-        synchronized (out) {
-          if (closed.compareAndSet(false, true)) {
-            try {
-              out.onCompleted();
-            } catch (RuntimeException cancelled) {
-              // the host went away first
-            }
-          }
-        }
+        end[0].run();
       }
     };
   }

@@ -88,6 +88,13 @@ public final class Serve {
    */
   public static final int MAX_MESSAGE_BYTES = 64 << 20;
 
+  /**
+   * How long the calls in flight at a stop may take to finish before they are cut off and the
+   * plugin's stop and destroy hooks run: 5 s, as in every SDK (docs/protocol.md, "Stopping while
+   * called").
+   */
+  public static final long STOP_GRACE_SECONDS = 5;
+
   public static void serve(Plugin plugin, String[] args) {
     Log.formatRootConsoleUnlessConfigured();
     Log.quietStreamErrors();
@@ -128,10 +135,22 @@ public final class Serve {
       this.cleanup = cleanup;
     }
 
-    /** Health off, stop/destroy hooks if the host did not run them, drain, release. Once. */
+    /**
+     * Health off, Events streams ended, drain the calls in flight ({@link #STOP_GRACE_SECONDS} at
+     * most), then the stop/destroy hooks the host did not run, then release. Once. Hooks last: a
+     * stop hook that closes what the calls use must not pull it from under calls still running.
+     */
     void stop() {
       if (!stopping.compareAndSet(false, true)) return;
       service.setServing(false);
+      service.endEvents();
+      server.shutdown();
+      try {
+        if (!server.awaitTermination(STOP_GRACE_SECONDS, TimeUnit.SECONDS)) server.shutdownNow();
+      } catch (InterruptedException interrupted) {
+        server.shutdownNow();
+        Thread.currentThread().interrupt();
+      }
       Thread hooks = new Thread(() -> {
         try {
           plugin.close();
@@ -142,10 +161,7 @@ public final class Serve {
       hooks.start();
       try {
         hooks.join(5000);
-        server.shutdown();
-        if (!server.awaitTermination(2, TimeUnit.SECONDS)) server.shutdownNow();
       } catch (InterruptedException interrupted) {
-        server.shutdownNow();
         Thread.currentThread().interrupt();
       }
       service.close();

@@ -31,6 +31,17 @@ public final class ExamplePlugin {
     }
   }
 
+  /**
+   * A config's {@code say_hooks} has the stop and destroy hooks each write a line to stderr: how
+   * the conformance suite sees that they ran once the process is gone.
+   */
+  static void sayIfAsked(JsonObject config, String hook) {
+    if (config != null && config.has("say_hooks") && config.get("say_hooks").isJsonPrimitive()
+        && config.get("say_hooks").getAsJsonPrimitive().isBoolean() && config.get("say_hooks").getAsBoolean()) {
+      System.err.println("example: " + hook + " hook ran");
+    }
+  }
+
   /** Hex of SHA-256 applied {@code rounds} times, each round hashing the previous digest. */
   public static String digest(String data, long rounds) throws NoSuchAlgorithmException {
     MessageDigest sha256 = MessageDigest.getInstance("SHA-256");
@@ -87,10 +98,20 @@ public final class ExamplePlugin {
           hooks.get("start").incrementAndGet();
           failIfNamed(plugin.config(), "start");
         })
-        .onStop(() -> hooks.get("stop").incrementAndGet())
-        .onDestroy(() -> hooks.get("destroy").incrementAndGet());
+        .onStop(() -> {
+          hooks.get("stop").incrementAndGet();
+          sayIfAsked(plugin.config(), "stop");
+        })
+        .onDestroy(() -> {
+          hooks.get("destroy").incrementAndGet();
+          sayIfAsked(plugin.config(), "destroy");
+        });
 
-    plugin.method("hooks", "how many times each lifecycle hook ran", (params, ctx) -> {
+    plugin.method("hooks", "how many times each lifecycle hook ran, counted `after_ms` from now", (params, ctx) -> {
+      // Counted later: whether a stop ran the hooks under a call still in flight.
+      if (params != null && params.isJsonObject() && params.getAsJsonObject().has("after_ms")) {
+        ctx.sleep(new Params(params, "hooks").integer("after_ms", 0, Long.MAX_VALUE));
+      }
       Map<String, Integer> counts = new LinkedHashMap<>();
       hooks.forEach((hook, count) -> counts.put(hook, count.get()));
       return counts;

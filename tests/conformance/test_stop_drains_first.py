@@ -1,0 +1,111 @@
+"""A plugin told to stop lets its calls in flight finish, then runs its hooks, in every SDK.
+
+docs/protocol.md ("Stopping while called") promises the same stop everywhere: on SIGTERM
+a plugin takes no new call, gives the calls it has started ``STOP_GRACE`` (5 s) to finish,
+and only then runs its ``stop`` and ``destroy`` hooks (those its host did not run). Before,
+the Python, TypeScript and Java SDKs cut a call off after 2 s, and the Rust, Go, Java and
+TypeScript (gRPC) SDKs ran the hooks first, under the calls still running: a hook that
+closes a database broke them.
+
+Each case starts the example plugin (as ``test_graceful_stop`` does: ``provider: grpc``
+with ``lifecycle: dispatcher``, and each WebSocket binding the SDK has), sends one call,
+and sends the plugin SIGTERM while it runs. What the call answers says what happened: the
+``sleep`` call answers only if it was let finish; ``hooks`` with ``after_ms`` counts the
+hooks that had run by the time it finished. With ``say_hooks`` in its config the example
+plugin's hooks each write a line to stderr, which says that they ran after all, and in
+which order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher
+from tests.conformance.conftest import CONFIG, _dialling_in, executable
+from tests.conformance.test_graceful_stop import CASES, _plugin
+from tests.conformance.test_java_sdk import manifest
+
+pytestmark = [pytest.mark.toolchain, pytest.mark.slow]
+
+#: The grace every SDK gives its calls in flight at a stop.
+STOP_GRACE = 5.0
+#: How long the call runs before the plugin is told to stop: it is in the plugin's hands.
+IN_FLIGHT_BEFORE_STOP = 0.5
+
+
+@dataclass
+class Stopped:
+    """What one call across a stop saw."""
+
+    #: The call's result.
+    result: Any
+    #: How long after the SIGTERM the plugin exited.
+    exited_after: float
+    #: The lines the plugin wrote to stderr.
+    said: list[str]
+
+
+async def _call_across_a_stop(
+    binding: str, language: str, method: str, params: dict[str, Any]
+) -> Stopped:
+    """Call ``method`` on a freshly started plugin, SIGTERM the plugin while the call runs."""
+    piped = asyncio.subprocess.PIPE
+    config = {**CONFIG, "say_hooks": True}
+    async with (
+        _plugin(binding, language, stderr=piped, config=config) as (target, service),
+        Dispatcher(manifest(target, config, methods=("sleep", "hooks"))) as dispatcher,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        if service is None:  # it dials the gateway
+            service = await stack.enter_async_context(
+                _dialling_in(executable(language), dispatcher, stderr=piped, config=config)
+            )
+        assert service.stderr is not None
+        said = asyncio.create_task(service.stderr.read())  # read all along: a full pipe blocks
+        call = asyncio.create_task(dispatcher.call("example", method, params, timeout=15))
+        await asyncio.sleep(IN_FLIGHT_BEFORE_STOP)
+        assert not call.done(), call
+        stopped_at = time.monotonic()
+        service.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(STOP_GRACE + 10):
+            result = await call
+            await service.wait()
+            exited_after = time.monotonic() - stopped_at
+            lines = (await said).decode(errors="replace").splitlines()
+        return Stopped(result, exited_after, lines)
+
+
+@pytest.mark.parametrize(
+    ("binding", "language"), CASES, ids=[f"{binding}-{language}" for binding, language in CASES]
+)
+async def test_a_call_in_flight_at_a_stop_has_the_grace_to_finish(
+    binding: str, language: str
+) -> None:
+    # Longer than the 2 s some SDKs gave, well within the grace from the SIGTERM.
+    ms = 3_500
+    stopped = await _call_across_a_stop(binding, language, "sleep", {"ms": ms})
+    assert stopped.result == {"slept_ms": ms}
+    # The stop waited for the call, and no longer than the grace past it.
+    assert ms / 1000 - IN_FLIGHT_BEFORE_STOP <= stopped.exited_after < STOP_GRACE + 3, stopped
+
+
+@pytest.mark.parametrize(
+    ("binding", "language"), CASES, ids=[f"{binding}-{language}" for binding, language in CASES]
+)
+async def test_the_stop_hooks_run_after_the_calls_in_flight_finished(
+    binding: str, language: str
+) -> None:
+    stopped = await _call_across_a_stop(binding, language, "hooks", {"after_ms": 1_500})
+    # The plugin was started (its own lifecycle over WebSocket, the dispatcher's over gRPC)
+    # and, when the call finished, not yet stopped.
+    assert stopped.result == {"init": 1, "start": 1, "stop": 0, "destroy": 0}
+    # Then it was: stop, then destroy, once each.
+    hooks = [line for line in stopped.said if line.startswith("example: ")]
+    assert hooks == ["example: stop hook ran", "example: destroy hook ran"], stopped.said

@@ -1,0 +1,107 @@
+"""The Python SDK's WebSocket session (``linchkit_plugin._ws_session``) under a host that
+reads slowly and cancels: its real server on loopback, a raw aiohttp client as the host.
+
+aiohttp (3.14) has every writer waiting for the socket to drain await one shared future,
+and keeps it once a waiter is cancelled: every later wait on it raises ``CancelledError``
+at once. When each call task wrote its own answer, the host cancelling one call whose
+answer waited for the socket ended another call's stream there, without its answer. One
+writer task per session now writes every frame; a cancelled call only gives up its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from linchkit_plugin import Plugin
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.ws_server import WebSocketPluginServer
+
+#: An answer large enough to fill the loopback socket's buffers while the host reads nothing.
+BIG = 6 * 1024 * 1024
+#: Chunks of this size go over aiohttp's write limit (256 KiB for a server's WebSocket) by
+#: the third: that one waits for the socket to drain.
+CHUNK = 100_000
+CHUNKS = 8
+
+
+class BlobPlugin(Plugin):
+    id = "blobs"
+    version = "1.0.0"
+
+    async def blob(self, size: int) -> str:
+        return "x" * size
+
+    async def blobs(self, n: int, size: int) -> AsyncIterator[str]:
+        for _ in range(n):
+            yield "y" * size
+
+
+def _frame(kind: str, call_id: int, method: str = "", params: Any = None) -> bytes:
+    frame: dict[str, Any] = {"type": kind, "id": call_id}
+    if method:
+        frame["request"] = {"v": 1, "plugin": "blobs", "method": method, "params": params}
+    return orjson.dumps(frame)
+
+
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - the server's state, polled
+            await asyncio.sleep(0.005)
+
+
+async def test_a_call_cancelled_while_its_answer_waits_for_the_socket_breaks_no_other() -> None:
+    server = WebSocketPluginServer(PluginHost(BlobPlugin()), plugin_id="blobs", version="1.0.0")
+    url = await server.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.ws_connect(url, max_msg_size=0) as socket,
+        ):
+            assert orjson.loads((await socket.receive()).data)["type"] == "hello"
+            (session,) = server.sessions
+            writing = session.socket._writer  # aiohttp's, for its transport's flow control
+            assert writing is not None
+            # The host reads nothing from here on: aiohttp's reader stops taking from the
+            # socket once a whole answer waits in its queue. Large answers fill the
+            # socket's buffers until the last one waits for them to drain.
+            big = [1, 3, 5, 7]
+            for call_id in big:
+                await socket.send_bytes(_frame("call", call_id, "blob", {"size": BIG}))
+                await asyncio.sleep(0.3)  # written, and taken by the socket if it can
+                if writing.protocol.writing_paused:
+                    break
+            assert writing.protocol.writing_paused
+            # Stream 2 starts behind them; then the host cancels the large calls.
+            await socket.send_bytes(_frame("stream", 2, "blobs", {"n": CHUNKS, "size": CHUNK}))
+            await _until(lambda: 2 in session._tasks)
+            await asyncio.sleep(0.1)  # stream 2's first chunk waits to go out
+            for call_id in big:
+                await socket.send_bytes(_frame("cancel", call_id))
+            await _until(lambda: not set(big) & set(session._tasks))
+            await asyncio.sleep(0.1)  # stream 2 goes on: before, it ended here
+            await socket.send_bytes(_frame("health", 9))
+
+            # The host reads again: stream 2 is whole and answered, and the session serves.
+            chunks = 0
+            answered: dict[str, Any] = {}
+            health: dict[str, Any] = {}
+            async with asyncio.timeout(10):
+                while not (answered and health):
+                    frame = orjson.loads((await socket.receive()).data)
+                    if frame["type"] == "chunk" and frame["id"] == 2:
+                        chunks += 1
+                    elif frame["type"] == "response" and frame["id"] == 2:
+                        answered = frame["response"]
+                    elif frame["type"] == "health":
+                        health = frame
+            assert chunks == CHUNKS
+            assert answered == {"ok": True, "result": None}
+            assert health["status"] == "serving"
+            assert not session._tasks
+    finally:
+        await server.aclose(grace=0.5)
