@@ -24,6 +24,7 @@ from dispatcher._jobs import job_status as decoded_status
 from dispatcher._public_errors import ErrorDetail
 from dispatcher._routes import Route, checked_timeout
 from dispatcher._text import checked_text
+from dispatcher.policies.idempotency import checked_idempotency_key
 from dispatcher.state import (
     ANY_VERSION,
     Claim,
@@ -43,7 +44,6 @@ from providers.invocation import new_request_id
 
 __all__ = [
     "Submission",
-    "checked_idempotency_key",
     "job_result",
     "job_status",
     "job_store_of",
@@ -72,12 +72,6 @@ def job_store_of(backend: StateBackend | None) -> JobStore:
             "with this process)"
         )
     return store
-
-
-def checked_idempotency_key(key: object) -> str | None:
-    if key is None or (isinstance(key, str) and 0 < len(key) <= 255 and key.isprintable()):
-        return key
-    raise InvalidParams("idempotency_key must be a string of 1 to 255 printable characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +105,7 @@ def new_submission(
     return Submission(
         new_request_id(),
         {} if params is None else params,
-        checked_idempotency_key(idempotency_key),
+        None if idempotency_key is None else checked_idempotency_key(idempotency_key),
         None if callback_url is None else checked_callback_url(callback_url, egress),
         error_detail,
     )

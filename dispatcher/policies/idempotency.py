@@ -67,7 +67,7 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.wire import encode_json
 from providers.invocation import Invocation
 
-__all__ = ["IdempotencyStep"]
+__all__ = ["MAX_KEY_LENGTH", "IdempotencyStep", "checked_idempotency_key"]
 
 Next = Callable[[Invocation], Awaitable[Any]]
 
@@ -75,12 +75,27 @@ Next = Callable[[Invocation], Awaitable[Any]]
 LEASE_MARGIN_SECONDS = 1.0
 #: Waiters look again at least this often, even if no notification came.
 POLL_SECONDS = 0.1
+#: The longest idempotency key, in characters (``checked_idempotency_key``).
 MAX_KEY_LENGTH = 255
 #: The deadline of the writes after a call has its outcome: none, so the backend's
 #: operation timeout alone bounds them (the call's deadline may have passed while its
 #: outcome is worth keeping).
 NO_DEADLINE = math.inf
 _NEVER_RAN = (RateLimited, CircuitOpen, Overloaded, StateUnavailable)
+
+
+def checked_idempotency_key(key: object, name: str = "idempotency_key") -> str:
+    """``key`` if it is a string of 1 to ``MAX_KEY_LENGTH`` printable characters; else the
+    refusal, naming the argument, header or field (``name``) it came in. The one rule of
+    every surface: a keyed call, a submission, the gateway's header and its gRPC field. A
+    call and a submission are two requests under one key's promise (a job's call carries
+    its key), and a call accepted where a submission, or the gateway, refused the same key
+    made one surface's key the other's error; a control character would also reach the
+    plugin's context, the stores and the audit log. A lone surrogate is not printable
+    either: no store could encode it."""
+    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH and key.isprintable():
+        return key
+    raise InvalidParams(f"{name} is 1-{MAX_KEY_LENGTH} printable UTF-8 characters")
 
 
 def never_ran(error: DispatchError) -> bool:
@@ -122,10 +137,7 @@ class IdempotencyStep:
         return self._once(invocation, invocation.idempotency_key)
 
     async def _once(self, invocation: Invocation, raw_key: str) -> Any:
-        if not isinstance(raw_key, str) or not 0 < len(raw_key) <= MAX_KEY_LENGTH:
-            raise InvalidParams(
-                f"idempotency_key must be a string of 1 to {MAX_KEY_LENGTH} characters"
-            )
+        checked_idempotency_key(raw_key)  # a keyed call only: no cost to the others
         caller = invocation.caller
         key = digest(
             invocation.plugin,
