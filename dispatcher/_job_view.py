@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from dispatcher._job_callbacks import checked_callback_url
 from dispatcher._jobs import (
@@ -32,7 +35,6 @@ from dispatcher.state import (
     JobStore,
     StateBackend,
     StateUnavailable,
-    decode_outcome,
     digest,
     encode_result,
 )
@@ -53,6 +55,8 @@ __all__ = [
     "queue_job_once",
 ]
 
+#: A job id as a dispatcher makes one (``new_request_id``), and as the gateway reads one.
+_JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 #: How often ``job_result`` reads the record again when no notification came.
 _POLL_SECONDS = 0.5
 #: How long a keyed submission waits for another of the same key that is being queued
@@ -191,18 +195,7 @@ async def queue_job_once(
         if claimed.claim is Claim.RUN:
             break
         if claimed.claim is Claim.DONE and claimed.outcome is not None:
-            what = f"the job recorded for idempotency key {raw_key!r:.80}"
-            job_id = decode_outcome(claimed.outcome, what)
-            if isinstance(job_id, str):
-                return job_id
-            # A record done is done: waiting for it to change would end in a deadline
-            # that says to submit again, which meets the same record.
-            raise ProviderError(
-                f"{what} in the state store is not one a dispatcher wrote (no job id); the"
-                " job it records may have been queued, so none is queued again: a new"
-                " request needs a new key",
-                details={"stage": "state"},
-            )
+            return recorded_job_id(claimed.outcome, raw_key)
         if claimed.claim is Claim.MISMATCH:
             versions = " or ".join((route.version, *route.once.other_versions))
             other = f" or at another version than {versions}" if version_named else ""
@@ -229,6 +222,30 @@ async def queue_job_once(
     with contextlib.suppress(StateUnavailable):
         await idempotency.complete(key, claimed.token, encode_result(job_id), retention, math.inf)
     return job_id
+
+
+def recorded_job_id(outcome: bytes, raw_key: str) -> str:
+    """The job id a submission's idempotency record holds; ``ProviderError``, final, for
+    any record a dispatcher does not write: one holds the id it queued, nothing else. An
+    error or a size read as the call's outcome (``decode_outcome``) answered a record that
+    stays as it is as retryable ("come again", for ever) or as a result too large; an id
+    no dispatcher makes went out as the job's ``Location``, a line break in it a header
+    of the forger's (the gateway failed the request with a traceback). A record done is
+    done: waiting for it to change would end in a deadline that says to submit again,
+    which meets the same record."""
+    try:
+        document = orjson.loads(outcome)
+    except orjson.JSONDecodeError:
+        document = None
+    job_id = document.get("result") if isinstance(document, dict) and document.get("ok") else None
+    if isinstance(job_id, str) and _JOB_ID.match(job_id):
+        return job_id
+    raise ProviderError(
+        f"the job recorded for idempotency key {raw_key!r:.80} in the state store is not one"
+        " a dispatcher wrote (no job id); the job it records may have been queued, so none"
+        " is queued again: a new request needs a new key",
+        details={"stage": "state"},
+    )
 
 
 def checked_job_id(job_id: object) -> str:

@@ -13,11 +13,15 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher, InvalidParams
+from dispatcher import Dispatcher, InvalidParams, ProviderError
 from dispatcher.config import load_manifest
 from dispatcher.gateway import call_headers
 from dispatcher.policies import idempotency
+from dispatcher.state import digest
+from linchkit_plugin.wire import encode_json
 from tests.services import Redis
+from tests.test_gateway_jobs import jobs_gateway, send
+from tests.test_gateway_security import ADMIN_KEY
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 COUNTING = {
@@ -105,3 +109,121 @@ async def test_a_key_the_gateway_takes_is_taken_by_a_call_and_a_submission(
 def test_the_rule_has_one_home() -> None:
     """The gateway's check is the dispatcher's own, not a copy that may drift."""
     assert call_headers.checked_idempotency_key is idempotency.checked_idempotency_key
+
+
+# -- a key's record no dispatcher wrote --------------------------------------------------------
+
+
+def submission_record(prefix: str, plugin: str, method: str, caller: str | None, key: str) -> str:
+    """The Redis key of a submission's idempotency record, built as ``queue_job_once`` and
+    ``RedisState`` build it (not read back from a submission: none is made)."""
+    scope = "\0" if caller is None else "\1" + caller
+    return f"{prefix}:idem:" + digest("submit", plugin, method, scope, key)
+
+
+def call_record(prefix: str, plugin: str, method: str, caller: str | None, key: str) -> str:
+    """The same for a keyed call's record (``IdempotencyStep``)."""
+    scope = "\0" if caller is None else "\1" + caller
+    return f"{prefix}:idem:" + digest(plugin, method, scope, key)
+
+
+def fingerprint(params: Any) -> str:
+    return digest(encode_json(params, sort_keys=True))
+
+
+#: Records a dispatcher never writes for a submission: not a hash; an outcome that is not
+#: JSON; an error (a submission records the id it queued, or nothing); an id no dispatcher
+#: makes (a line break would be a header of the forger's in the gateway's ``Location``).
+CORRUPT_SUBMISSIONS = {
+    "string": None,
+    "not-json": b"{garbage",
+    "error": json.dumps(
+        {"ok": False, "error": {"type": "target_unavailable", "message": "down", "retryable": True}}
+    ).encode(),
+    "too-large": json.dumps({"ok": False, "too_large": 10**9, "limit": 16}).encode(),
+    "crlf-id": json.dumps({"ok": True, "result": "a\r\nSet-Cookie: session=forged"}).encode(),
+    "long-id": json.dumps({"ok": True, "result": "j" * 5000}).encode(),
+}
+
+
+async def forge(client: aioredis.Redis, name: str, params: Any, outcome: bytes | None) -> None:
+    """A record under ``name``: a string when ``outcome`` is None, else a hash a claim
+    reads as done with ``params`` (their fingerprint, any version) and ``outcome``."""
+    if outcome is None:
+        await client.set(name, "forged")
+    else:
+        fields = {"fp": fingerprint(params), "token": "t", "version": "1.0.0"}
+        await client.hset(name, mapping={**fields, "outcome": outcome})
+
+
+@pytest.mark.parametrize("corrupt", list(CORRUPT_SUBMISSIONS))
+async def test_the_gateway_answers_a_corrupt_submission_record_final_and_queues_nothing(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, corrupt: str
+) -> None:
+    """What a ``:submit`` meeting a record no dispatcher wrote answers: 502
+    ``provider_error``, not retryable, no ``Retry-After`` (the record stays: a retry
+    meets it again), told as the job store's; no job is queued, nothing leaks."""
+    name = submission_record(redis_prefix, "jobs", "work", "admin-svc", "order-17")
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        await forge(client, name, {"n": 1}, CORRUPT_SUBMISSIONS[corrupt])
+        async with jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (
+            base,
+            session,
+        ):
+            status, body, headers = await send(
+                session,
+                "POST",
+                f"{base}/v1/plugins/jobs/methods/work:submit",
+                ADMIN_KEY,
+                json={"n": 1},
+                headers={"Idempotency-Key": "order-17"},
+            )
+        assert await client.xlen(f"{redis_prefix}:jobs") == 0
+        assert await client.zcard(f"{redis_prefix}:jobs:recent") == 0
+    assert status == 502, body
+    error = body["error"]
+    assert (error["type"], error["retryable"]) == ("provider_error", False), error
+    assert "Retry-After" not in headers and "Location" not in headers
+    assert error["message"] == (
+        "jobs.work:submit: the job store holds an entry no dispatcher wrote"
+        " (the gateway logs the detail)"
+    )
+    assert "Set-Cookie" not in json.dumps(body) and "garbage" not in json.dumps(body)
+
+
+@pytest.mark.parametrize("corrupt", list(CORRUPT_SUBMISSIONS))
+async def test_an_in_process_submission_meeting_a_corrupt_record_queues_nothing(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, corrupt: str
+) -> None:
+    params = {"amount": 1}
+    name = submission_record(redis_prefix, "counter", "charge", None, "order-17")
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        await forge(client, name, params, CORRUPT_SUBMISSIONS[corrupt])
+        async with counter(tmp_path, redis_server.url, redis_prefix) as dispatcher:
+            for _ in range(2):  # the record stays: so does the answer
+                with pytest.raises(ProviderError, match=r"order-17.*new key") as caught:
+                    await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")
+                assert caught.value.retryable is False
+                assert "Set-Cookie" not in caught.value.message
+        assert await client.xlen(f"{redis_prefix}:jobs") == 0
+        assert await client.zcard(f"{redis_prefix}:jobs:recent") == 0
+
+
+@pytest.mark.parametrize("corrupt", ["string", "not-json"])
+async def test_a_keyed_call_meeting_a_corrupt_record_runs_nothing(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, corrupt: str
+) -> None:
+    params = {"amount": 1, "delay": 0}
+    name = call_record(redis_prefix, "counter", "charge", "billing", "order-17")
+    async with aioredis.Redis.from_url(redis_server.url) as client:
+        await forge(client, name, params, CORRUPT_SUBMISSIONS[corrupt])
+        async with counter(tmp_path, redis_server.url, redis_prefix) as dispatcher:
+            for _ in range(2):
+                with pytest.raises(ProviderError, match=r"order-17.*new key") as caught:
+                    await dispatcher.call(
+                        "counter", "charge", params, caller="billing", idempotency_key="order-17"
+                    )
+                assert caught.value.retryable is False
+            assert await dispatcher.call("counter", "counts") == {"charges": 0, "reads": 0}
+            state = dispatcher.stats()["state"]
+            assert state["failures"] == 0 and state["fallbacks"] == 0
