@@ -143,17 +143,22 @@ CORRUPT_SUBMISSIONS = {
     "too-large": json.dumps({"ok": False, "too_large": 10**9, "limit": 16}).encode(),
     "crlf-id": json.dumps({"ok": True, "result": "a\r\nSet-Cookie: session=forged"}).encode(),
     "long-id": json.dumps({"ok": True, "result": "j" * 5000}).encode(),
+    # Claimed, never ended, and kept for ever: a claim always expires with its lease.
+    "claimed-for-ever": b"",
 }
 
 
 async def forge(client: aioredis.Redis, name: str, params: Any, outcome: bytes | None) -> None:
     """A record under ``name``: a string when ``outcome`` is None, else a hash a claim
-    reads as done with ``params`` (their fingerprint, any version) and ``outcome``."""
+    reads as done with ``params`` (their fingerprint, any version) and ``outcome``, or
+    as running (no outcome, empty) with no expiry."""
     if outcome is None:
         await client.set(name, "forged")
-    else:
-        fields = {"fp": fingerprint(params), "token": "t", "version": "1.0.0"}
-        await client.hset(name, mapping={**fields, "outcome": outcome})
+        return
+    fields: dict[str, str | bytes] = {"fp": fingerprint(params), "token": "t", "version": "1.0.0"}
+    if outcome:
+        fields["outcome"] = outcome
+    await client.hset(name, mapping=fields)
 
 
 @pytest.mark.parametrize("corrupt", list(CORRUPT_SUBMISSIONS))
@@ -209,7 +214,7 @@ async def test_an_in_process_submission_meeting_a_corrupt_record_queues_nothing(
         assert await client.zcard(f"{redis_prefix}:jobs:recent") == 0
 
 
-@pytest.mark.parametrize("corrupt", ["string", "not-json"])
+@pytest.mark.parametrize("corrupt", ["string", "not-json", "claimed-for-ever"])
 async def test_a_keyed_call_meeting_a_corrupt_record_runs_nothing(
     tmp_path: Path, redis_server: Redis, redis_prefix: str, corrupt: str
 ) -> None:
@@ -221,7 +226,12 @@ async def test_a_keyed_call_meeting_a_corrupt_record_runs_nothing(
             for _ in range(2):
                 with pytest.raises(ProviderError, match=r"order-17.*new key") as caught:
                     await dispatcher.call(
-                        "counter", "charge", params, caller="billing", idempotency_key="order-17"
+                        "counter",
+                        "charge",
+                        params,
+                        caller="billing",
+                        idempotency_key="order-17",
+                        timeout=2,
                     )
                 assert caught.value.retryable is False
             assert await dispatcher.call("counter", "counts") == {"charges": 0, "reads": 0}

@@ -231,7 +231,9 @@ return 0
 #: of another type than a hash is a record no dispatcher wrote: {'done', ''}, an outcome
 #: that is none of ours (the call it stands for may have run: it is not run again). Before,
 #: its WRONGTYPE was Redis unavailable: fail_open ran the call again on this replica's
-#: records.
+#: records. So is a claim without an outcome that never expires: every claim is written
+#: with its lease's expiry, and one kept for ever answered {'busy'} for ever (a keyed call
+#: waited out its deadline, a submission its 5 s, each told to come again; 2026-12-05).
 #:
 #: The version is a field of its own beside ``fp`` (the params' fingerprint), not part of
 #: it, so records stay readable both ways during a rolling deploy: a dispatcher from before
@@ -262,7 +264,10 @@ if version then
   end
   if not known then return {'mismatch'} end
 end
-if redis.call('HEXISTS', KEYS[1], 'outcome') == 0 then return {'busy'} end
+if redis.call('HEXISTS', KEYS[1], 'outcome') == 0 then
+  if redis.call('PTTL', KEYS[1]) == -1 then return {'done', ''} end
+  return {'busy'}
+end
 local size = redis.call('HSTRLEN', KEYS[1], 'outcome')
 if size > tonumber(ARGV[4]) then return {'done', size} end
 return {'done', redis.call('HGET', KEYS[1], 'outcome')}
