@@ -649,7 +649,8 @@ class Dispatcher:
         idempotency_key: str | None,
         wait_at_most: float | None = None,
     ) -> Invocation:
-        """Check the params and fix the deadline of one call of ``route``."""
+        """Check the params (a keyed call's: its idempotency step, ``Route.once``) and
+        fix the deadline of one call of ``route``."""
         if not (
             caller is None
             and request_id is None
@@ -659,7 +660,9 @@ class Dispatcher:
             checked_call_text(caller, request_id, traceparent, idempotency_key)
         if params is None:
             params = {}
-        if route.validate is not None:
+        # A keyed call's params are checked by its idempotency step, once its key's record
+        # is read: a retry is answered by its record whatever the schema where it landed.
+        if route.validate is not None and idempotency_key is None:
             route.validate(params)
         budget = route.timeout if timeout is None else checked_timeout(timeout, route.name)
         if wait_at_most is not None and wait_at_most < budget:

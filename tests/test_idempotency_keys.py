@@ -237,3 +237,84 @@ async def test_a_keyed_call_meeting_a_corrupt_record_runs_nothing(
             assert await dispatcher.call("counter", "counts") == {"charges": 0, "reads": 0}
             state = dispatcher.stats()["state"]
             assert state["failures"] == 0 and state["fallbacks"] == 0
+
+
+# -- a key's record at another version ----------------------------------------------------------
+
+#: ``charge``'s params at 1.0.0, and two 2.0.0s: one whose schema still takes what 1.0.0
+#: took (a bound added), and one that requires a field 1.0.0 never had.
+SCHEMA_1 = {
+    "type": "object",
+    "properties": {"amount": {"type": "integer"}, "delay": {"type": "number"}},
+    "required": ["amount"],
+}
+SCHEMA_2_TAKES = {
+    "type": "object",
+    "properties": {"amount": {"type": "integer", "maximum": 1000}, "delay": {"type": "number"}},
+    "required": ["amount"],
+}
+SCHEMA_2_REQUIRES = {
+    "type": "object",
+    "properties": {"amount": {"type": "integer"}, "currency": {"type": "string"}},
+    "required": ["amount", "currency"],
+}
+
+
+def deployed(
+    folder: Path, url: str, prefix: str, versions: dict[str, dict[str, Any]]
+) -> Dispatcher:
+    """A replica with ``charge`` at each of ``versions`` (its params schema), on Redis."""
+    plugins = [
+        {
+            "id": "counter",
+            "version": version,
+            "target": COUNTING,
+            "methods": {"charge": {"params_schema": schema}, "counts": {}},
+        }
+        for version, schema in versions.items()
+    ]
+    folder.mkdir(exist_ok=True)
+    path = folder / "plugins.json"
+    state = {"backend": "redis", "url": url, "key_prefix": prefix}
+    path.write_text(json.dumps({"version": 1, "state": state, "plugins": plugins}))
+    return Dispatcher(load_manifest(path))
+
+
+@pytest.mark.parametrize("schema", ["takes", "requires"])
+async def test_a_retry_after_a_deploy_replays_its_record_whatever_the_new_schema(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, schema: str
+) -> None:
+    """A keyed call naming no version ran at 1.0.0; its retry (the same bytes, so the
+    same fingerprint) reaches a replica where 2.0.0 is the highest. Its record answers
+    it (``ANY_VERSION``): the call ran, and what it returned is its answer. With a 2.0.0
+    whose schema requires a field 1.0.0 never had, the retry was refused first by that
+    schema (``invalid_params``, final): told its params were wrong when its first call
+    had run, a client that "fixed" them met its key spent on other params, and one that
+    took a new key ran the charge twice. A keyed call's params are checked once its
+    key's record is read now: a key whose record is absent is checked as before."""
+    params = {"amount": 5, "delay": 0}
+    second = SCHEMA_2_TAKES if schema == "takes" else SCHEMA_2_REQUIRES
+    url = redis_server.url
+    async with deployed(tmp_path / "old", url, redis_prefix, {"1.0.0": SCHEMA_1}) as old:
+        first = await old.call("counter", "charge", params, idempotency_key="order-17")
+    assert first == {"charged": 5, "run": 1}
+    versions = {"1.0.0": SCHEMA_1, "2.0.0": second}
+    async with deployed(tmp_path / "new", url, redis_prefix, versions) as new:
+        again = await new.call("counter", "charge", params, idempotency_key="order-17")
+        assert again == first
+        for version in versions:
+            counts = await new.call("counter", "counts", version=version)
+            assert counts == {"charges": 0, "reads": 0}, version
+        # A call naming 2.0.0 is another request: refused, as before.
+        with pytest.raises(InvalidParams, match=r"order-17.*another version"):
+            await new.call("counter", "charge", params, version="2.0.0", idempotency_key="order-17")
+        # A new key is a new request, and 2.0.0's schema is its check; the refusal
+        # keeps no record (the key is free for params that pass).
+        if schema == "requires":
+            with pytest.raises(InvalidParams, match="currency"):
+                await new.call("counter", "charge", params, idempotency_key="order-18")
+            async with aioredis.Redis.from_url(url) as client:
+                record = call_record(redis_prefix, "counter", "charge", None, "order-18")
+                assert await client.exists(record) == 0
+        counts = await new.call("counter", "counts", version="2.0.0")
+        assert counts == {"charges": 0, "reads": 0}

@@ -70,6 +70,8 @@ from providers.invocation import Invocation
 __all__ = ["MAX_KEY_LENGTH", "IdempotencyStep", "checked_idempotency_key"]
 
 Next = Callable[[Invocation], Awaitable[Any]]
+#: A method's params check (its ``params_schema``): raises ``InvalidParams``.
+Validate = Callable[[Any], None]
 
 #: How long past its deadline a claim outlives a first call that never ended it.
 LEASE_MARGIN_SECONDS = 1.0
@@ -103,7 +105,7 @@ def never_ran(error: DispatchError) -> bool:
 
 
 class IdempotencyStep:
-    __slots__ = ("backend", "local", "name", "next", "other_versions", "retention")
+    __slots__ = ("backend", "local", "name", "next", "other_versions", "retention", "validate")
 
     def __init__(
         self,
@@ -112,6 +114,7 @@ class IdempotencyStep:
         retention: float,
         next_step: Next,
         other_versions: tuple[str, ...] = (),
+        validate: Validate | None = None,
     ):
         self.name = name
         self.backend = backend
@@ -120,16 +123,34 @@ class IdempotencyStep:
         #: Versions besides the call's own whose record answers it too: a rollout's
         #: other side, for the calls the rollout routes.
         self.other_versions = other_versions
+        #: The route's params check, made once the key's record is read (a keyed call's
+        #: params are not checked before it): a record answers the retry it stands for,
+        #: whatever the schema of the version the retry reached (the record may be at
+        #: another, ``other_versions``); a call that runs is checked before it runs.
+        self.validate = validate
         #: This replica's calls per record, ``[fingerprint, shared]``: its duplicates share
         #: one claim. ``shared`` is None until a duplicate joins (most calls have none),
         #: then the future the duplicates wait on. A step serves one route, so one version:
         #: the fingerprint of its params tells its duplicates apart.
         self.local: dict[str, list[Any]] = {}
 
-    def around(self, next_step: Next, other_versions: tuple[str, ...] = ()) -> IdempotencyStep:
+    def around(
+        self,
+        next_step: Next,
+        other_versions: tuple[str, ...] = (),
+        validate: Validate | None = None,
+    ) -> IdempotencyStep:
         """This step in front of ``next_step`` (the chain as a rollout or a shadow wraps
-        it), answering also from records at ``other_versions``."""
-        return IdempotencyStep(self.name, self.backend, self.retention, next_step, other_versions)
+        it), answering also from records at ``other_versions``, checking params with
+        ``validate`` (None: this step's check)."""
+        return IdempotencyStep(
+            self.name,
+            self.backend,
+            self.retention,
+            next_step,
+            other_versions,
+            self.validate if validate is None else validate,
+        )
 
     def __call__(self, invocation: Invocation) -> Awaitable[Any]:
         if invocation.idempotency_key is None:
@@ -217,6 +238,12 @@ class IdempotencyStep:
                 raise self._late(raw_key)
             await store.changed(key, min(POLL_SECONDS, remaining))
         token = claimed.token
+        if self.validate is not None:
+            try:
+                self.validate(invocation.params)
+            except InvalidParams:
+                await self._end(store, key, token, None)  # nothing ran: the key is free
+                raise
         try:
             result = await self.next(invocation)
         except DispatchError as error:
