@@ -6,6 +6,7 @@ process.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher, InvalidParams, ProviderError
+from dispatcher import Dispatcher, InvalidParams, JobNotFound, ProviderError
 from dispatcher.config import load_manifest
 from dispatcher.gateway import call_headers
 from dispatcher.policies import idempotency
@@ -318,3 +319,40 @@ async def test_a_retry_after_a_deploy_replays_its_record_whatever_the_new_schema
                 assert await client.exists(record) == 0
         counts = await new.call("counter", "counts", version="2.0.0")
         assert counts == {"charges": 0, "reads": 0}
+
+
+# -- a key's job whose record expired --------------------------------------------------------------
+
+
+async def test_a_resubmission_after_its_jobs_record_expired_is_answered_that_job_not_run_again(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """A job submitted with a key and naming no version ran; its record expired
+    (``jobs.result_ttl_ms`` shorter than ``state.idempotency_retention_ms``, which keeps
+    the submission's record). Submitted again with the key, it is answered the same job
+    id, which now answers ``JobNotFound`` ("never submitted, or its record expired"), and
+    nothing runs again: the key promised one run, and a second job would be a second
+    charge. (docs/gateway.md says so; a new request needs a new key.)"""
+    params = {"amount": 1, "delay": 0}
+    jobs = {"workers": 1, "result_ttl_ms": 50, "backoff_ms": 10}
+    async with (
+        counter(tmp_path, redis_server.url, redis_prefix, jobs=jobs) as dispatcher,
+        aioredis.Redis.from_url(redis_server.url) as client,
+    ):
+        job_id = await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")
+        assert await dispatcher.result(job_id, wait=10) == {"charged": 1, "run": 1}
+        for _ in range(250):  # the record expires 50 ms after the job ended
+            if not await client.exists(f"{redis_prefix}:job:{job_id}"):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the job's record did not expire")
+        submission = submission_record(redis_prefix, "counter", "charge", None, "order-17")
+        assert await client.exists(submission) == 1
+        again = await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")
+        assert again == job_id
+        with pytest.raises(JobNotFound, match="never submitted, or its record expired"):
+            await dispatcher.job(again)
+        await asyncio.sleep(0.3)  # a job queued again would have run by now
+        assert await dispatcher.call("counter", "counts") == {"charges": 1, "reads": 0}
+        assert await client.xlen(f"{redis_prefix}:jobs") <= 1
