@@ -723,9 +723,7 @@ class Dispatcher:
         ):
             route = self._routes.find(plugin, method, version, self._state, submission.split_key)
             caller_id = caller if isinstance(caller, str) else None
-            return await self._queue_job(
-                store, submission, route, caller_id, limit, version_named=version is not None
-            )
+            return await self._queue_job(store, submission, route, caller_id, limit, named=version)
         entry = self._guard.begin(
             "submit", caller, plugin, version, method, submission.job_id, None, submission.params
         )
@@ -742,9 +740,7 @@ class Dispatcher:
                 entry,
                 submission.split_key,
             )
-            return await self._queue_job(
-                store, submission, route, caller_id, limit, version_named=version is not None
-            )
+            return await self._queue_job(store, submission, route, caller_id, limit, named=version)
         except BaseException as error:
             failure = error
             raise
@@ -759,9 +755,10 @@ class Dispatcher:
         caller_id: str | None,
         limit: int,
         *,
-        version_named: bool,
+        named: str | None,
     ) -> str:
-        """Queue the job, once per idempotency key (``queue_job_once``)."""
+        """Queue the job, once per idempotency key (``queue_job_once``); ``named``: the
+        version or range the submission named."""
         backend = self.state_backend
         assert backend is not None  # job_store_of found the store on it
         return await queue_job_once(
@@ -772,7 +769,8 @@ class Dispatcher:
             route,
             caller_id,
             limit,
-            version_named=version_named,
+            version_named=named is not None,
+            wanted=None if named is None or named == route.version else named,
         )
 
     async def job(self, job_id: str) -> dict[str, Any]:

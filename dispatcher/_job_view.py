@@ -27,6 +27,7 @@ from dispatcher._jobs import job_status as decoded_status
 from dispatcher._public_errors import ErrorDetail
 from dispatcher._routes import Route, checked_timeout
 from dispatcher._text import checked_text
+from dispatcher._versions import in_range
 from dispatcher.policies.idempotency import checked_idempotency_key
 from dispatcher.state import (
     ANY_VERSION,
@@ -158,13 +159,15 @@ async def queue_job_once(
     max_params_bytes: int,
     *,
     version_named: bool = True,
+    wanted: str | None = None,
 ) -> str:
     """``queue_job``, once per idempotency key: a submission with the key of an earlier
     one (the same method, version, caller and params) is that job, its id answered again,
     for ``retention`` seconds (``state.idempotency_retention_ms``, as a keyed call's
     outcome is kept); with other params or naming another version it is refused as a
     keyed call is. Without ``version_named`` (the submission named none) the earlier
-    one's version does not matter, as for a keyed call naming none. Without a key, or before, every submission queued a job of its own (the
+    one's version does not matter, as for a keyed call naming none; ``wanted``: the range it
+    named (not an exact version), whose versions' records answer it, as a keyed call's. Without a key, or before, every submission queued a job of its own (the
     plugin's result replayed under each new id: the key also goes with the job, to its
     call)."""
     checked_text(caller_id, "caller")  # kept in the record, and in the key's below
@@ -180,6 +183,10 @@ async def queue_job_once(
     fingerprint = digest(encode_json(submission.params, sort_keys=True))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _SUBMIT_WAIT_SECONDS
+    # A rollout chose the version (the key's side of its split): a record of the key at
+    # its other version is the same submission, as for a keyed call; and at any version
+    # when the submission named none.
+    other_versions = route.once.other_versions if version_named else (ANY_VERSION,)
     while True:
         claimed = await idempotency.claim(
             key,
@@ -187,16 +194,22 @@ async def queue_job_once(
             _SUBMIT_WAIT_SECONDS,
             deadline,
             version=route.version,
-            # A rollout chose the version (the key's side of its split): a record of the
-            # key at its other version is the same submission, as for a keyed call; and
-            # at any version when the submission named none.
-            other_versions=route.once.other_versions if version_named else (ANY_VERSION,),
+            other_versions=other_versions,
         )
         if claimed.claim is Claim.RUN:
             break
         if claimed.claim is Claim.DONE and claimed.outcome is not None:
             return recorded_job_id(claimed.outcome, raw_key)
         if claimed.claim is Claim.MISMATCH:
+            recorded = claimed.version
+            if (
+                wanted is not None
+                and recorded is not None
+                and recorded not in other_versions
+                and in_range(recorded, wanted)
+            ):  # at a version the range the submission named takes: the same submission
+                other_versions = (*other_versions, recorded)
+                continue
             versions = " or ".join((route.version, *route.once.other_versions))
             other = f" or at another version than {versions}" if version_named else ""
             raise InvalidParams(

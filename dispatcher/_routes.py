@@ -11,7 +11,7 @@ follows the routes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -110,9 +110,15 @@ class Route:
             gate.stream, open_stream=self.stream
         )
 
-    def keyed(self, version: str | None) -> IdempotencyStep:
-        """The chain of a call carrying an idempotency key that named ``version`` (or none)."""
-        return self.once if version is not None else self.once_unversioned
+    def keyed(self, version: str | None) -> Callable[[Invocation], Awaitable[Any]]:
+        """The chain of a call carrying an idempotency key that named ``version`` (or none):
+        a range (``version`` is not this route's own) is answered from the key's record at
+        any version it takes."""
+        if version is None:
+            return self.once_unversioned
+        if version == self.version:
+            return self.once
+        return partial(self.once.in_range, version)
 
     def with_invoke(self, invoke: Step, other_versions: tuple[str, ...] = ()) -> Route:
         """This route with ``invoke`` around its chain (a rollout measures, a shadow

@@ -7,7 +7,9 @@ process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,12 @@ import redis.asyncio as aioredis
 
 from dispatcher import Dispatcher, InvalidParams, JobNotFound, ProviderError
 from dispatcher.config import load_manifest
+from dispatcher.config.state import StateConfig
 from dispatcher.gateway import call_headers
 from dispatcher.policies import idempotency
-from dispatcher.state import digest
+from dispatcher.state import Claim, digest
+from dispatcher.state.memory import MemoryIdempotency
+from dispatcher.state.redis_store import RedisState
 from linchkit_plugin.wire import encode_json
 from tests.services import Redis
 from tests.test_gateway_jobs import jobs_gateway, send
@@ -262,9 +267,10 @@ SCHEMA_2_REQUIRES = {
 
 
 def deployed(
-    folder: Path, url: str, prefix: str, versions: dict[str, dict[str, Any]]
+    folder: Path, url: str, prefix: str, versions: dict[str, dict[str, Any]], jobs: bool = False
 ) -> Dispatcher:
-    """A replica with ``charge`` at each of ``versions`` (its params schema), on Redis."""
+    """A replica with ``charge`` at each of ``versions`` (its params schema), on Redis;
+    with ``jobs``, its jobs kept there (no worker)."""
     plugins = [
         {
             "id": "counter",
@@ -277,7 +283,10 @@ def deployed(
     folder.mkdir(exist_ok=True)
     path = folder / "plugins.json"
     state = {"backend": "redis", "url": url, "key_prefix": prefix}
-    path.write_text(json.dumps({"version": 1, "state": state, "plugins": plugins}))
+    document: dict[str, Any] = {"version": 1, "state": state, "plugins": plugins}
+    if jobs:
+        document["jobs"] = {"workers": 0}
+    path.write_text(json.dumps(document))
     return Dispatcher(load_manifest(path))
 
 
@@ -358,28 +367,69 @@ async def test_a_resubmission_after_its_jobs_record_expired_is_answered_that_job
         assert await client.xlen(f"{redis_prefix}:jobs") <= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a keyed call naming a range is held to the exact version it resolved to (the"
-    " claim compares versions by equality): not fixed yet",
-)
 async def test_a_retry_naming_a_range_after_a_deploy_is_answered_by_its_record(
     tmp_path: Path, redis_server: Redis, redis_prefix: str
 ) -> None:
     """A keyed call naming ``^1.0`` ran at 1.0.0; 1.1.0 is deployed beside it, and the
     retry, naming ``^1.0`` again, resolves to 1.1.0. Its key's record, at 1.0.0, is at a
     version the range the caller named takes, chosen by the dispatcher as for a call
-    naming none; but it is refused as "at another version than 1.1.0", and so is the
-    same submission."""
+    naming none: it answers (it was refused "at another version than 1.1.0", and so was
+    the same submission). A range that does not take the record's version is still
+    refused, as is a call naming 1.1.0 itself."""
     params = {"amount": 5, "delay": 0}
     url = redis_server.url
-    async with deployed(tmp_path / "old", url, redis_prefix, {"1.0.0": SCHEMA_1}) as old:
+    old_manifest = {"1.0.0": SCHEMA_1}
+    async with deployed(tmp_path / "old", url, redis_prefix, old_manifest, jobs=True) as old:
         first = await old.call(
             "counter", "charge", params, version="^1.0", idempotency_key="order-17"
         )
+        job_id = await old.submit(
+            "counter", "charge", params, version="^1.0", idempotency_key="order-17"
+        )
     versions = {"1.0.0": SCHEMA_1, "1.1.0": SCHEMA_1}
-    async with deployed(tmp_path / "new", url, redis_prefix, versions) as new:
+    async with deployed(tmp_path / "new", url, redis_prefix, versions, jobs=True) as new:
         again = await new.call(
             "counter", "charge", params, version="^1.0", idempotency_key="order-17"
         )
-    assert again == first
+        assert again == first
+        resubmitted = await new.submit(
+            "counter", "charge", params, version="^1.0", idempotency_key="order-17"
+        )
+        assert resubmitted == job_id
+        for wanted in ("1.1.0", ">=1.1.0"):
+            with pytest.raises(InvalidParams, match=r"order-17.*another version than 1\.1\.0"):
+                await new.call(
+                    "counter", "charge", params, version=wanted, idempotency_key="order-17"
+                )
+            with pytest.raises(InvalidParams, match=r"order-17.*another version than 1\.1\.0"):
+                await new.submit(
+                    "counter", "charge", params, version=wanted, idempotency_key="order-17"
+                )
+        for version in versions:
+            counts = await new.call("counter", "counts", version=version)
+            assert counts == {"charges": 0, "reads": 0}, version
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_a_claim_tells_the_records_version_when_it_alone_differs(
+    redis_server: Redis, redis_prefix: str, backend: str
+) -> None:
+    """What lets a call naming a range take a record at a version in it: the claim says
+    the record's version on a mismatch of versions alone, and nothing on other params."""
+    if backend == "memory":
+        store: Any = MemoryIdempotency(time.monotonic)
+        work = contextlib.nullcontext()
+    else:
+        config = StateConfig(backend="redis", url=redis_server.url, key_prefix=redis_prefix)
+        store = work = RedisState(config, time.monotonic)
+    async with work:
+        far = asyncio.get_running_loop().time() + 5
+        run = await store.claim("k", "fp", 5, far, version="1.0.0")
+        assert run.claim is Claim.RUN
+        await store.complete("k", run.token, b'{"ok": true, "result": 1}', 60, far)
+        other = await store.claim("k", "fp", 5, far, version="1.1.0")
+        assert (other.claim, other.version) == (Claim.MISMATCH, "1.0.0")
+        params = await store.claim("k", "other", 5, far, version="1.1.0")
+        assert (params.claim, params.version) == (Claim.MISMATCH, None)
+        taken = await store.claim("k", "fp", 5, far, version="1.1.0", other_versions=("1.0.0",))
+        assert taken.claim is Claim.DONE

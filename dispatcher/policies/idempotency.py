@@ -45,6 +45,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from dispatcher._versions import in_range
 from dispatcher.state import (
     ANY_VERSION,
     Claim,
@@ -157,7 +158,16 @@ class IdempotencyStep:
             return self.next(invocation)
         return self._once(invocation, invocation.idempotency_key)
 
-    async def _once(self, invocation: Invocation, raw_key: str) -> Any:
+    def in_range(self, wanted: str, invocation: Invocation) -> Awaitable[Any]:
+        """A call that named the range ``wanted`` (``Route.keyed``): also answered from its
+        key's record at any version the range takes. The dispatcher chose the version in
+        it, as for a call naming none: a retry after a newer version in the range was
+        deployed is the same request, and the record's version was one the caller took."""
+        if invocation.idempotency_key is None:
+            return self.next(invocation)
+        return self._once(invocation, invocation.idempotency_key, wanted)
+
+    async def _once(self, invocation: Invocation, raw_key: str, wanted: str | None = None) -> Any:
         checked_idempotency_key(raw_key)  # a keyed call only: no cost to the others
         caller = invocation.caller
         key = digest(
@@ -188,7 +198,7 @@ class IdempotencyStep:
                 continue
         mine = self.local[key] = [fingerprint, None]
         try:
-            result = await self._claim_and_run(invocation, key, fingerprint, raw_key)
+            result = await self._claim_and_run(invocation, key, fingerprint, raw_key, wanted)
         except BaseException as error:
             del self.local[key]
             shared = mine[1]
@@ -204,9 +214,15 @@ class IdempotencyStep:
         return result
 
     async def _claim_and_run(
-        self, invocation: Invocation, key: str, fingerprint: str, raw_key: str
+        self,
+        invocation: Invocation,
+        key: str,
+        fingerprint: str,
+        raw_key: str,
+        wanted: str | None = None,
     ) -> Any:
         store: IdempotencyStore = self.backend.idempotency
+        other_versions = self.other_versions
         while True:
             lease = max(invocation.remaining(), 0.0) + LEASE_MARGIN_SECONDS
             try:
@@ -216,7 +232,7 @@ class IdempotencyStep:
                     lease,
                     invocation.deadline,
                     version=invocation.version,
-                    other_versions=self.other_versions,
+                    other_versions=other_versions,
                 )
             except StateUnavailable as error:
                 if not self.backend.fail_open or store is self.backend.local_idempotency:
@@ -232,6 +248,15 @@ class IdempotencyStep:
                     claimed.outcome, f"the outcome of idempotency key {raw_key!r:.80}"
                 )
             if claimed.claim is Claim.MISMATCH:
+                recorded = claimed.version
+                if (
+                    wanted is not None
+                    and recorded is not None
+                    and recorded not in other_versions
+                    and in_range(recorded, wanted)
+                ):  # the record is at a version the range the call named takes
+                    other_versions = (*other_versions, recorded)
+                    continue
                 raise self._mismatch(raw_key, invocation.version)
             remaining = invocation.remaining()
             if remaining <= 0:

@@ -225,7 +225,8 @@ return 0
 #: KEYS[1] the record; ARGV fingerprint, token, lease_ms, max bytes, version, then the
 #: other versions whose record answers the claim too (a rollout's other side; ``*``: any
 #: version, for a call that named none). Returns
-#: {'run'}, {'done', outcome}, {'busy'} or {'mismatch'}; {'done', its size} for an outcome
+#: {'run'}, {'done', outcome}, {'busy'} or {'mismatch'} ({'mismatch', version} when only the
+#: version differs: the record's, for a call naming a range); {'done', its size} for an outcome
 #: over max bytes, which no dispatcher records (read whole, it would cost every duplicate
 #: its transfer, and one outlasting the operation timeout made the store look down). A key
 #: of another type than a hash is a record no dispatcher wrote: {'done', ''}, an outcome
@@ -262,7 +263,7 @@ if version then
       break
     end
   end
-  if not known then return {'mismatch'} end
+  if not known then return {'mismatch', version} end
 end
 if redis.call('HEXISTS', KEYS[1], 'outcome') == 0 then
   if redis.call('PTTL', KEYS[1]) == -1 then return {'done', ''} end
