@@ -649,7 +649,8 @@ class Dispatcher:
         idempotency_key: str | None,
         wait_at_most: float | None = None,
     ) -> Invocation:
-        """Check the params and fix the deadline of one call of ``route``."""
+        """Check the params (a keyed call's: its idempotency step, ``Route.once``) and
+        fix the deadline of one call of ``route``."""
         if not (
             caller is None
             and request_id is None
@@ -659,7 +660,9 @@ class Dispatcher:
             checked_call_text(caller, request_id, traceparent, idempotency_key)
         if params is None:
             params = {}
-        if route.validate is not None:
+        # A keyed call's params are checked by its idempotency step, once its key's record
+        # is read: a retry is answered by its record whatever the schema where it landed.
+        if route.validate is not None and idempotency_key is None:
             route.validate(params)
         budget = route.timeout if timeout is None else checked_timeout(timeout, route.name)
         if wait_at_most is not None and wait_at_most < budget:
@@ -720,9 +723,7 @@ class Dispatcher:
         ):
             route = self._routes.find(plugin, method, version, self._state, submission.split_key)
             caller_id = caller if isinstance(caller, str) else None
-            return await self._queue_job(
-                store, submission, route, caller_id, limit, version_named=version is not None
-            )
+            return await self._queue_job(store, submission, route, caller_id, limit, named=version)
         entry = self._guard.begin(
             "submit", caller, plugin, version, method, submission.job_id, None, submission.params
         )
@@ -739,9 +740,7 @@ class Dispatcher:
                 entry,
                 submission.split_key,
             )
-            return await self._queue_job(
-                store, submission, route, caller_id, limit, version_named=version is not None
-            )
+            return await self._queue_job(store, submission, route, caller_id, limit, named=version)
         except BaseException as error:
             failure = error
             raise
@@ -756,9 +755,10 @@ class Dispatcher:
         caller_id: str | None,
         limit: int,
         *,
-        version_named: bool,
+        named: str | None,
     ) -> str:
-        """Queue the job, once per idempotency key (``queue_job_once``)."""
+        """Queue the job, once per idempotency key (``queue_job_once``); ``named``: the
+        version or range the submission named."""
         backend = self.state_backend
         assert backend is not None  # job_store_of found the store on it
         return await queue_job_once(
@@ -769,7 +769,8 @@ class Dispatcher:
             route,
             caller_id,
             limit,
-            version_named=version_named,
+            version_named=named is not None,
+            wanted=None if named is None or named == route.version else named,
         )
 
     async def job(self, job_id: str) -> dict[str, Any]:

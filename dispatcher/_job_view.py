@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from dispatcher._job_callbacks import checked_callback_url
 from dispatcher._jobs import (
@@ -24,6 +27,8 @@ from dispatcher._jobs import job_status as decoded_status
 from dispatcher._public_errors import ErrorDetail
 from dispatcher._routes import Route, checked_timeout
 from dispatcher._text import checked_text
+from dispatcher._versions import in_range
+from dispatcher.policies.idempotency import checked_idempotency_key
 from dispatcher.state import (
     ANY_VERSION,
     Claim,
@@ -31,7 +36,6 @@ from dispatcher.state import (
     JobStore,
     StateBackend,
     StateUnavailable,
-    decode_outcome,
     digest,
     encode_result,
 )
@@ -43,7 +47,6 @@ from providers.invocation import new_request_id
 
 __all__ = [
     "Submission",
-    "checked_idempotency_key",
     "job_result",
     "job_status",
     "job_store_of",
@@ -53,6 +56,8 @@ __all__ = [
     "queue_job_once",
 ]
 
+#: A job id as a dispatcher makes one (``new_request_id``), and as the gateway reads one.
+_JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 #: How often ``job_result`` reads the record again when no notification came.
 _POLL_SECONDS = 0.5
 #: How long a keyed submission waits for another of the same key that is being queued
@@ -72,12 +77,6 @@ def job_store_of(backend: StateBackend | None) -> JobStore:
             "with this process)"
         )
     return store
-
-
-def checked_idempotency_key(key: object) -> str | None:
-    if key is None or (isinstance(key, str) and 0 < len(key) <= 255 and key.isprintable()):
-        return key
-    raise InvalidParams("idempotency_key must be a string of 1 to 255 printable characters")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +110,7 @@ def new_submission(
     return Submission(
         new_request_id(),
         {} if params is None else params,
-        checked_idempotency_key(idempotency_key),
+        None if idempotency_key is None else checked_idempotency_key(idempotency_key),
         None if callback_url is None else checked_callback_url(callback_url, egress),
         error_detail,
     )
@@ -160,13 +159,15 @@ async def queue_job_once(
     max_params_bytes: int,
     *,
     version_named: bool = True,
+    wanted: str | None = None,
 ) -> str:
     """``queue_job``, once per idempotency key: a submission with the key of an earlier
     one (the same method, version, caller and params) is that job, its id answered again,
     for ``retention`` seconds (``state.idempotency_retention_ms``, as a keyed call's
     outcome is kept); with other params or naming another version it is refused as a
     keyed call is. Without ``version_named`` (the submission named none) the earlier
-    one's version does not matter, as for a keyed call naming none. Without a key, or before, every submission queued a job of its own (the
+    one's version does not matter, as for a keyed call naming none; ``wanted``: the range it
+    named (not an exact version), whose versions' records answer it, as a keyed call's. Without a key, or before, every submission queued a job of its own (the
     plugin's result replayed under each new id: the key also goes with the job, to its
     call)."""
     checked_text(caller_id, "caller")  # kept in the record, and in the key's below
@@ -182,6 +183,10 @@ async def queue_job_once(
     fingerprint = digest(encode_json(submission.params, sort_keys=True))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + _SUBMIT_WAIT_SECONDS
+    # A rollout chose the version (the key's side of its split): a record of the key at
+    # its other version is the same submission, as for a keyed call; and at any version
+    # when the submission named none.
+    other_versions = route.once.other_versions if version_named else (ANY_VERSION,)
     while True:
         claimed = await idempotency.claim(
             key,
@@ -189,27 +194,22 @@ async def queue_job_once(
             _SUBMIT_WAIT_SECONDS,
             deadline,
             version=route.version,
-            # A rollout chose the version (the key's side of its split): a record of the
-            # key at its other version is the same submission, as for a keyed call; and
-            # at any version when the submission named none.
-            other_versions=route.once.other_versions if version_named else (ANY_VERSION,),
+            other_versions=other_versions,
         )
         if claimed.claim is Claim.RUN:
             break
         if claimed.claim is Claim.DONE and claimed.outcome is not None:
-            what = f"the job recorded for idempotency key {raw_key!r:.80}"
-            job_id = decode_outcome(claimed.outcome, what)
-            if isinstance(job_id, str):
-                return job_id
-            # A record done is done: waiting for it to change would end in a deadline
-            # that says to submit again, which meets the same record.
-            raise ProviderError(
-                f"{what} in the state store is not one a dispatcher wrote (no job id); the"
-                " job it records may have been queued, so none is queued again: a new"
-                " request needs a new key",
-                details={"stage": "state"},
-            )
+            return recorded_job_id(claimed.outcome, raw_key)
         if claimed.claim is Claim.MISMATCH:
+            recorded = claimed.version
+            if (
+                wanted is not None
+                and recorded is not None
+                and recorded not in other_versions
+                and in_range(recorded, wanted)
+            ):  # at a version the range the submission named takes: the same submission
+                other_versions = (*other_versions, recorded)
+                continue
             versions = " or ".join((route.version, *route.once.other_versions))
             other = f" or at another version than {versions}" if version_named else ""
             raise InvalidParams(
@@ -235,6 +235,30 @@ async def queue_job_once(
     with contextlib.suppress(StateUnavailable):
         await idempotency.complete(key, claimed.token, encode_result(job_id), retention, math.inf)
     return job_id
+
+
+def recorded_job_id(outcome: bytes, raw_key: str) -> str:
+    """The job id a submission's idempotency record holds; ``ProviderError``, final, for
+    any record a dispatcher does not write: one holds the id it queued, nothing else. An
+    error or a size read as the call's outcome (``decode_outcome``) answered a record that
+    stays as it is as retryable ("come again", for ever) or as a result too large; an id
+    no dispatcher makes went out as the job's ``Location``, a line break in it a header
+    of the forger's (the gateway failed the request with a traceback). A record done is
+    done: waiting for it to change would end in a deadline that says to submit again,
+    which meets the same record."""
+    try:
+        document = orjson.loads(outcome)
+    except orjson.JSONDecodeError:
+        document = None
+    job_id = document.get("result") if isinstance(document, dict) and document.get("ok") else None
+    if isinstance(job_id, str) and _JOB_ID.match(job_id):
+        return job_id
+    raise ProviderError(
+        f"the job recorded for idempotency key {raw_key!r:.80} in the state store is not one"
+        " a dispatcher wrote (no job id); the job it records may have been queued, so none"
+        " is queued again: a new request needs a new key",
+        details={"stage": "state"},
+    )
 
 
 def checked_job_id(job_id: object) -> str:

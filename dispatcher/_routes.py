@@ -11,7 +11,7 @@ follows the routes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -87,12 +87,14 @@ class Route:
         self.validate = _params_validator(plugin.methods[method].params_schema)
         self.invoke = invoke
         #: The chain of a call carrying an idempotency key: ``invoke`` behind the
-        #: idempotency step (dispatcher.policies.idempotency).
-        self.once = once
+        #: idempotency step (dispatcher.policies.idempotency), which checks the params
+        #: once the key's record is read (``Dispatcher._invocation`` leaves them to it).
+        self.once = once.around(once.next, once.other_versions, self.validate)
         #: The same for a call that named no version: its key's record at any version of
         #: the method answers it (a retry after a newer version was deployed, after a
-        #: rollout that placed it left the manifest, is the same request).
-        self.once_unversioned = once.around(once.next, (ANY_VERSION,))
+        #: rollout that placed it left the manifest, is the same request, whatever the
+        #: schema of the version it reaches now).
+        self.once_unversioned = self.once.around(once.next, (ANY_VERSION,))
         self.gate = gate
         #: For the audit log: whether its records carry params, what serves the method.
         self.audit_params = bool(policies.audit_params)
@@ -108,9 +110,15 @@ class Route:
             gate.stream, open_stream=self.stream
         )
 
-    def keyed(self, version: str | None) -> IdempotencyStep:
-        """The chain of a call carrying an idempotency key that named ``version`` (or none)."""
-        return self.once if version is not None else self.once_unversioned
+    def keyed(self, version: str | None) -> Callable[[Invocation], Awaitable[Any]]:
+        """The chain of a call carrying an idempotency key that named ``version`` (or none):
+        a range (``version`` is not this route's own) is answered from the key's record at
+        any version it takes."""
+        if version is None:
+            return self.once_unversioned
+        if version == self.version:
+            return self.once
+        return partial(self.once.in_range, version)
 
     def with_invoke(self, invoke: Step, other_versions: tuple[str, ...] = ()) -> Route:
         """This route with ``invoke`` around its chain (a rollout measures, a shadow

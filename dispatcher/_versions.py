@@ -20,7 +20,7 @@ from semantic_version import NpmSpec, Version
 from linchkit_plugin.errors import InvalidParams, ProviderError
 from linchkit_plugin.wire import PROTOCOL_VERSION
 
-__all__ = ["SUPPORTED_PROTOCOLS", "check_protocol", "highest_in_range", "version_key"]
+__all__ = ["SUPPORTED_PROTOCOLS", "check_protocol", "highest_in_range", "in_range", "version_key"]
 
 #: The plugin protocol versions this dispatcher speaks (``docs/protocol.md``).
 SUPPORTED_PROTOCOLS: frozenset[int] = frozenset({PROTOCOL_VERSION})
@@ -73,3 +73,13 @@ def highest_in_range(versions: Iterable[str], wanted: str) -> str | None:
         if spec.match(parsed) and (best_parsed is None or parsed > best_parsed):
             best, best_parsed = version, parsed
     return best
+
+
+def in_range(version: str, wanted: str) -> bool:
+    """Whether ``version`` satisfies the range ``wanted``; False for a string that is no
+    version (one a store holds may be another writer's)."""
+    try:
+        parsed = Version(version)
+    except ValueError:
+        return False
+    return bool(_spec(wanted).match(parsed))

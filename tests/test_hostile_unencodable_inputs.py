@@ -157,7 +157,7 @@ async def test_a_lone_surrogate_in_a_submission_or_a_job_read_is_refused(
         job_id = await dispatcher.submit("counter", "ping", caller="someone")
         with pytest.raises(InvalidParams, match=r"^caller is not text UTF-8 can encode"):
             await dispatcher.submit("counter", "ping", caller=LONE)
-        with pytest.raises(InvalidParams, match=r"^idempotency_key must be"):
+        with pytest.raises(InvalidParams, match=r"^idempotency_key is 1-255 printable"):
             await dispatcher.submit("counter", "ping", idempotency_key=LONE)
         with pytest.raises(InvalidParams, match=r"^caller is not text UTF-8 can encode"):
             await dispatcher.job_for(job_id, LONE)

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 
 from dispatcher._versions import MAX_RANGE_LENGTH
-from dispatcher.policies.idempotency import MAX_KEY_LENGTH
+from dispatcher.policies.idempotency import checked_idempotency_key
 from linchkit_plugin.errors import InvalidParams
 
 __all__ = [
@@ -91,12 +91,3 @@ def idempotency_key_of(headers: Mapping[str, str]) -> str | None:
     can encode: refused here, not a 500 there."""
     key: str | None = headers.get("Idempotency-Key")
     return None if key is None else checked_idempotency_key(key, "Idempotency-Key")
-
-
-def checked_idempotency_key(key: str, name: str) -> str:
-    """``key`` if it is 1 to ``MAX_KEY_LENGTH`` printable characters; else the refusal,
-    naming the header or field (``name``) it came in. One rule for every port: a control
-    character would reach the plugin's context, the stores and the audit log."""
-    if not (0 < len(key) <= MAX_KEY_LENGTH and key.isprintable()):
-        raise InvalidParams(f"{name} is 1-{MAX_KEY_LENGTH} printable UTF-8 characters")
-    return key

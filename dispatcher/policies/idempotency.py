@@ -45,6 +45,7 @@ import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from dispatcher._versions import in_range
 from dispatcher.state import (
     ANY_VERSION,
     Claim,
@@ -67,14 +68,17 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.wire import encode_json
 from providers.invocation import Invocation
 
-__all__ = ["IdempotencyStep"]
+__all__ = ["MAX_KEY_LENGTH", "IdempotencyStep", "checked_idempotency_key"]
 
 Next = Callable[[Invocation], Awaitable[Any]]
+#: A method's params check (its ``params_schema``): raises ``InvalidParams``.
+Validate = Callable[[Any], None]
 
 #: How long past its deadline a claim outlives a first call that never ended it.
 LEASE_MARGIN_SECONDS = 1.0
 #: Waiters look again at least this often, even if no notification came.
 POLL_SECONDS = 0.1
+#: The longest idempotency key, in characters (``checked_idempotency_key``).
 MAX_KEY_LENGTH = 255
 #: The deadline of the writes after a call has its outcome: none, so the backend's
 #: operation timeout alone bounds them (the call's deadline may have passed while its
@@ -83,12 +87,26 @@ NO_DEADLINE = math.inf
 _NEVER_RAN = (RateLimited, CircuitOpen, Overloaded, StateUnavailable)
 
 
+def checked_idempotency_key(key: object, name: str = "idempotency_key") -> str:
+    """``key`` if it is a string of 1 to ``MAX_KEY_LENGTH`` printable characters; else the
+    refusal, naming the argument, header or field (``name``) it came in. The one rule of
+    every surface: a keyed call, a submission, the gateway's header and its gRPC field. A
+    call and a submission are two requests under one key's promise (a job's call carries
+    its key), and a call accepted where a submission, or the gateway, refused the same key
+    made one surface's key the other's error; a control character would also reach the
+    plugin's context, the stores and the audit log. A lone surrogate is not printable
+    either: no store could encode it."""
+    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH and key.isprintable():
+        return key
+    raise InvalidParams(f"{name} is 1-{MAX_KEY_LENGTH} printable UTF-8 characters")
+
+
 def never_ran(error: DispatchError) -> bool:
     return isinstance(error, _NEVER_RAN) or error.details.get("stage") in ("connect", "refused")
 
 
 class IdempotencyStep:
-    __slots__ = ("backend", "local", "name", "next", "other_versions", "retention")
+    __slots__ = ("backend", "local", "name", "next", "other_versions", "retention", "validate")
 
     def __init__(
         self,
@@ -97,6 +115,7 @@ class IdempotencyStep:
         retention: float,
         next_step: Next,
         other_versions: tuple[str, ...] = (),
+        validate: Validate | None = None,
     ):
         self.name = name
         self.backend = backend
@@ -105,27 +124,51 @@ class IdempotencyStep:
         #: Versions besides the call's own whose record answers it too: a rollout's
         #: other side, for the calls the rollout routes.
         self.other_versions = other_versions
+        #: The route's params check, made once the key's record is read (a keyed call's
+        #: params are not checked before it): a record answers the retry it stands for,
+        #: whatever the schema of the version the retry reached (the record may be at
+        #: another, ``other_versions``); a call that runs is checked before it runs.
+        self.validate = validate
         #: This replica's calls per record, ``[fingerprint, shared]``: its duplicates share
         #: one claim. ``shared`` is None until a duplicate joins (most calls have none),
         #: then the future the duplicates wait on. A step serves one route, so one version:
         #: the fingerprint of its params tells its duplicates apart.
         self.local: dict[str, list[Any]] = {}
 
-    def around(self, next_step: Next, other_versions: tuple[str, ...] = ()) -> IdempotencyStep:
+    def around(
+        self,
+        next_step: Next,
+        other_versions: tuple[str, ...] = (),
+        validate: Validate | None = None,
+    ) -> IdempotencyStep:
         """This step in front of ``next_step`` (the chain as a rollout or a shadow wraps
-        it), answering also from records at ``other_versions``."""
-        return IdempotencyStep(self.name, self.backend, self.retention, next_step, other_versions)
+        it), answering also from records at ``other_versions``, checking params with
+        ``validate`` (None: this step's check)."""
+        return IdempotencyStep(
+            self.name,
+            self.backend,
+            self.retention,
+            next_step,
+            other_versions,
+            self.validate if validate is None else validate,
+        )
 
     def __call__(self, invocation: Invocation) -> Awaitable[Any]:
         if invocation.idempotency_key is None:
             return self.next(invocation)
         return self._once(invocation, invocation.idempotency_key)
 
-    async def _once(self, invocation: Invocation, raw_key: str) -> Any:
-        if not isinstance(raw_key, str) or not 0 < len(raw_key) <= MAX_KEY_LENGTH:
-            raise InvalidParams(
-                f"idempotency_key must be a string of 1 to {MAX_KEY_LENGTH} characters"
-            )
+    def in_range(self, wanted: str, invocation: Invocation) -> Awaitable[Any]:
+        """A call that named the range ``wanted`` (``Route.keyed``): also answered from its
+        key's record at any version the range takes. The dispatcher chose the version in
+        it, as for a call naming none: a retry after a newer version in the range was
+        deployed is the same request, and the record's version was one the caller took."""
+        if invocation.idempotency_key is None:
+            return self.next(invocation)
+        return self._once(invocation, invocation.idempotency_key, wanted)
+
+    async def _once(self, invocation: Invocation, raw_key: str, wanted: str | None = None) -> Any:
+        checked_idempotency_key(raw_key)  # a keyed call only: no cost to the others
         caller = invocation.caller
         key = digest(
             invocation.plugin,
@@ -155,7 +198,7 @@ class IdempotencyStep:
                 continue
         mine = self.local[key] = [fingerprint, None]
         try:
-            result = await self._claim_and_run(invocation, key, fingerprint, raw_key)
+            result = await self._claim_and_run(invocation, key, fingerprint, raw_key, wanted)
         except BaseException as error:
             del self.local[key]
             shared = mine[1]
@@ -171,9 +214,15 @@ class IdempotencyStep:
         return result
 
     async def _claim_and_run(
-        self, invocation: Invocation, key: str, fingerprint: str, raw_key: str
+        self,
+        invocation: Invocation,
+        key: str,
+        fingerprint: str,
+        raw_key: str,
+        wanted: str | None = None,
     ) -> Any:
         store: IdempotencyStore = self.backend.idempotency
+        other_versions = self.other_versions
         while True:
             lease = max(invocation.remaining(), 0.0) + LEASE_MARGIN_SECONDS
             try:
@@ -183,7 +232,7 @@ class IdempotencyStep:
                     lease,
                     invocation.deadline,
                     version=invocation.version,
-                    other_versions=self.other_versions,
+                    other_versions=other_versions,
                 )
             except StateUnavailable as error:
                 if not self.backend.fail_open or store is self.backend.local_idempotency:
@@ -199,12 +248,27 @@ class IdempotencyStep:
                     claimed.outcome, f"the outcome of idempotency key {raw_key!r:.80}"
                 )
             if claimed.claim is Claim.MISMATCH:
+                recorded = claimed.version
+                if (
+                    wanted is not None
+                    and recorded is not None
+                    and recorded not in other_versions
+                    and in_range(recorded, wanted)
+                ):  # the record is at a version the range the call named takes
+                    other_versions = (*other_versions, recorded)
+                    continue
                 raise self._mismatch(raw_key, invocation.version)
             remaining = invocation.remaining()
             if remaining <= 0:
                 raise self._late(raw_key)
             await store.changed(key, min(POLL_SECONDS, remaining))
         token = claimed.token
+        if self.validate is not None:
+            try:
+                self.validate(invocation.params)
+            except InvalidParams:
+                await self._end(store, key, token, None)  # nothing ran: the key is free
+                raise
         try:
             result = await self.next(invocation)
         except DispatchError as error:

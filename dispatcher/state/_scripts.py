@@ -225,13 +225,16 @@ return 0
 #: KEYS[1] the record; ARGV fingerprint, token, lease_ms, max bytes, version, then the
 #: other versions whose record answers the claim too (a rollout's other side; ``*``: any
 #: version, for a call that named none). Returns
-#: {'run'}, {'done', outcome}, {'busy'} or {'mismatch'}; {'done', its size} for an outcome
+#: {'run'}, {'done', outcome}, {'busy'} or {'mismatch'} ({'mismatch', version} when only the
+#: version differs: the record's, for a call naming a range); {'done', its size} for an outcome
 #: over max bytes, which no dispatcher records (read whole, it would cost every duplicate
 #: its transfer, and one outlasting the operation timeout made the store look down). A key
 #: of another type than a hash is a record no dispatcher wrote: {'done', ''}, an outcome
 #: that is none of ours (the call it stands for may have run: it is not run again). Before,
 #: its WRONGTYPE was Redis unavailable: fail_open ran the call again on this replica's
-#: records.
+#: records. So is a claim without an outcome that never expires: every claim is written
+#: with its lease's expiry, and one kept for ever answered {'busy'} for ever (a keyed call
+#: waited out its deadline, a submission its 5 s, each told to come again; 2026-12-05).
 #:
 #: The version is a field of its own beside ``fp`` (the params' fingerprint), not part of
 #: it, so records stay readable both ways during a rolling deploy: a dispatcher from before
@@ -260,9 +263,12 @@ if version then
       break
     end
   end
-  if not known then return {'mismatch'} end
+  if not known then return {'mismatch', version} end
 end
-if redis.call('HEXISTS', KEYS[1], 'outcome') == 0 then return {'busy'} end
+if redis.call('HEXISTS', KEYS[1], 'outcome') == 0 then
+  if redis.call('PTTL', KEYS[1]) == -1 then return {'done', ''} end
+  return {'busy'}
+end
 local size = redis.call('HSTRLEN', KEYS[1], 'outcome')
 if size > tonumber(ARGV[4]) then return {'done', size} end
 return {'done', redis.call('HGET', KEYS[1], 'outcome')}

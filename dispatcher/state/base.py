@@ -153,6 +153,9 @@ class Claimed:
     claim: Claim
     token: str = ""
     outcome: bytes | None = None
+    #: ``MISMATCH`` for the version alone (the params' fingerprint is the same): the version
+    #: the record is at, for a call that named a range to tell whether the range takes it.
+    version: str | None = None
 
 
 def encode_result(result: Any) -> bytes:
@@ -223,7 +226,8 @@ class IdempotencyStore(ABC):
         version it runs at, kept beside it in the record: a record with another
         fingerprint, or at another version than ``version`` and ``other_versions``, is
         ``MISMATCH`` (``ANY_VERSION`` among them: at any version, only the fingerprint
-        counts). ``deadline`` (the loop's clock) bounds the operation."""
+        counts), the record's version in ``Claimed.version`` when the fingerprint is the
+        same. ``deadline`` (the loop's clock) bounds the operation."""
 
     @abstractmethod
     async def complete(

@@ -83,12 +83,14 @@ class MemoryIdempotency(IdempotencyStore):
             token = str(next(self._tokens))
             self._records[key] = _Record(fingerprint, version, token, now + lease)
             return Claimed(Claim.RUN, token)
-        if record.fingerprint != fingerprint or (
+        if record.fingerprint != fingerprint:
+            return Claimed(Claim.MISMATCH)
+        if (
             record.version != version
             and record.version not in other_versions
             and ANY_VERSION not in other_versions
         ):
-            return Claimed(Claim.MISMATCH)
+            return Claimed(Claim.MISMATCH, version=record.version)
         if record.outcome is not None:
             return Claimed(Claim.DONE, outcome=record.outcome)
         return Claimed(Claim.BUSY)

@@ -298,6 +298,11 @@ class RedisState(StateBackend, SharedStore, IdempotencyStore):
         claim = Claim(answer[0].decode())
         if claim is Claim.RUN:
             return Claimed(claim, token)
+        if claim is Claim.MISMATCH:
+            recorded = answer[1] if len(answer) > 1 else None
+            if isinstance(recorded, bytes):  # the version alone differs: the record's
+                return Claimed(claim, version=recorded.decode("utf-8", "replace"))
+            return Claimed(claim)
         outcome = answer[1] if len(answer) > 1 else None
         if isinstance(outcome, int):  # its size: over the bound, not sent (another writer's)
             outcome = encode_too_large(outcome, MAX_VALUE_BYTES)
