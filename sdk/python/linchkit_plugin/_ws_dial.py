@@ -26,7 +26,7 @@ import aiohttp
 
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of, identity_of
-from linchkit_plugin.host import PluginHost
+from linchkit_plugin.host import STOP_HOOKS_SECONDS, PluginHost
 from linchkit_plugin.ws_protocol import (
     CLOSE_WRONG_PLUGIN,
     DEFAULT_HEARTBEAT,
@@ -173,7 +173,7 @@ async def dial(
                     await asyncio.wait_for(stopping.wait(), random.uniform(0, backoff))
                 backoff = min(backoff * 2, max_backoff)
     finally:
-        await host.close()
+        await host.close_within(STOP_HOOKS_SECONDS)
 
 
 async def _serve_until(session: PluginSession, stopping: asyncio.Event) -> None:

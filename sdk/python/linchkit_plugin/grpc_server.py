@@ -62,7 +62,7 @@ from linchkit_plugin.handshake import (
     MAGIC_COOKIE_KEY,
     MAGIC_COOKIE_VALUE,
 )
-from linchkit_plugin.host import PluginHost
+from linchkit_plugin.host import STOP_HOOKS_SECONDS, PluginHost
 from linchkit_plugin.wire import PROTOCOL_VERSION
 
 # isort: split
@@ -405,8 +405,7 @@ class PluginServer:
             await self.health.enter_graceful_shutdown()
             self._events.end_all()  # Events streams never end by themselves
             await server.stop(grace=max(0.0, grace_ends - loop.time()))
-            with contextlib.suppress(Exception):
-                await self.host.close()
+            await self.host.close_within(STOP_HOOKS_SECONDS)
 
 
 def main(
