@@ -30,10 +30,14 @@ from linchkit_plugin.plugin import LIFECYCLE_HOOKS, _current_context
 from linchkit_plugin.tracing import AVAILABLE as _TRACING
 from linchkit_plugin.tracing import continued_trace
 
-__all__ = ["STOP_HOOKS_SECONDS", "PluginHost", "load_plugin_class"]
+__all__ = ["STOP_GRACE_SECONDS", "STOP_HOOKS_SECONDS", "PluginHost", "load_plugin_class"]
 
 log = logging.getLogger("dispatcher.plugin")
 
+#: How long the calls in flight at a stop may run on, counted from the stop (SIGTERM, the
+#: host gone), before they are cut off and the plugin's ``stop`` and ``destroy`` hooks run:
+#: 5 s, as in every SDK and every binding (docs/protocol.md, "Stopping while called").
+STOP_GRACE_SECONDS = 5.0
 #: How long the ``stop`` and ``destroy`` hooks may take together when a plugin stops (after
 #: its calls in flight were drained): 5 s, as in every SDK (docs/protocol.md, "Stopping
 #: while called"). A hook still running then is abandoned, so that the process exits.
