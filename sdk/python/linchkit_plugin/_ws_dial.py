@@ -139,7 +139,12 @@ async def dial(
                     log.info("cannot reach %s: %s; retrying", url, type(error).__name__)
                 else:
                     session = PluginSession(
-                        host, socket, outbox, hello=hello, max_in_flight=max_in_flight
+                        host,
+                        socket,
+                        outbox,
+                        hello=hello,
+                        max_in_flight=max_in_flight,
+                        heartbeat=heartbeat,
                     )
                     if on_connected is not None:
                         outcome = on_connected()

@@ -180,7 +180,12 @@ class WebSocketPluginServer:
             )
         await socket.prepare(request)
         session = PluginSession(
-            self.host, socket, self.outbox, hello=self.hello, max_in_flight=self.max_in_flight
+            self.host,
+            socket,
+            self.outbox,
+            hello=self.hello,
+            max_in_flight=self.max_in_flight,
+            heartbeat=self.heartbeat,
         )
         self.sessions.add(session)
         try:
