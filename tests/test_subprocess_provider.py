@@ -496,6 +496,24 @@ async def test_a_plugin_that_will_not_exit_is_killed_after_the_grace_period() ->
     assert process.exit_code == -signal.SIGKILL
 
 
+async def test_a_stop_hook_within_the_sdks_cap_finishes_before_the_default_grace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Every SDK gives its stop and destroy hooks 5 s at a stop; the host's default grace
+    # covers that and more (STOP_GRACE_MS). At 3 s, a stop hook of 4 s was SIGKILLed
+    # half-way and the plugin's destroy hook never ran.
+    dispatcher = Dispatcher(manifest(crashing(env={"STOP_HOOK_MS": "4000"})))
+    with caplog.at_level(logging.INFO, logger="dispatcher.plugin"):
+        async with dispatcher:
+            pid = await dispatcher.call("crashing", "pid")
+            process = the_process(dispatcher)
+    assert not alive(pid)
+    assert process.exit_code == 0
+    said = [record.getMessage() for record in caplog.records]
+    assert any("stop hook ran" in line for line in said), said
+    assert any("destroy hook ran" in line for line in said), said
+
+
 def test_the_handshake_is_the_one_docs_protocol_md_describes() -> None:
     # The Go, Rust, Java and TypeScript SDKs speak these bytes: they are not ours to change.
     from linchkit_plugin import handshake

@@ -11,11 +11,15 @@ writer task per session now writes every frame; a cancelled call only gives up i
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from linchkit_plugin import Plugin
 from linchkit_plugin.host import PluginHost
@@ -103,5 +107,82 @@ async def test_a_call_cancelled_while_its_answer_waits_for_the_socket_breaks_no_
             assert answered == {"ok": True, "result": None}
             assert health["status"] == "serving"
             assert not session._tasks
+    finally:
+        await server.aclose(grace=0.5)
+
+
+def _client_frame(payload: bytes) -> bytes:
+    """``payload`` as a masked text frame, as a client sends it (RFC 6455, section 5.2)."""
+    length = len(payload)
+    if length < 126:
+        head = bytes([0x81, 0x80 | length])
+    elif length < 1 << 16:
+        head = bytes([0x81, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        head = bytes([0x81, 0x80 | 127]) + length.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return head + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+
+
+async def test_a_host_that_stops_reading_is_dropped_after_one_and_a_half_heartbeats() -> None:
+    # The host stops reading while the plugin writes it a large answer, and goes on
+    # sending (frames the session takes and answers nothing to), which keeps aiohttp's
+    # heartbeat from finding it: before, the session's writer waited for it for ever,
+    # and so did every answer behind it. A write it takes nothing of for 1.5 heartbeats
+    # now drops the connection, as the dispatcher drops a plugin that does so.
+    heartbeat = 0.4
+    server = WebSocketPluginServer(
+        PluginHost(BlobPlugin()), plugin_id="blobs", version="1.0.0", heartbeat=heartbeat
+    )
+    url = await server.start()
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    peer.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(peer, (host, int(port)))
+        key = base64.b64encode(os.urandom(16)).decode()
+        upgrade = (
+            f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await loop.sock_sendall(peer, upgrade.encode())
+        answer = b""
+        async with asyncio.timeout(10):
+            while b"\r\n\r\n" not in answer:
+                answer += await loop.sock_recv(peer, 1024)
+        assert answer.startswith(b"HTTP/1.1 101"), answer
+        await _until(lambda: len(server.sessions) == 1)
+        (session,) = server.sessions
+        assert session.stall_after == pytest.approx(1.5 * heartbeat)
+        # From here the host reads nothing.
+        await loop.sock_sendall(peer, _client_frame(_frame("call", 1, "blob", {"size": BIG})))
+        await _until(lambda: session._draining)
+        stalled_at = loop.time()
+        keep_sending = _client_frame(orjson.dumps({"type": "credit", "id": 99, "n": 1}))
+        dropped = None
+        async with asyncio.timeout(10):
+            while dropped is None:
+                try:
+                    await loop.sock_sendall(peer, keep_sending)
+                except OSError as error:  # reset: the plugin dropped the connection
+                    dropped = error
+                await asyncio.sleep(0.05)
+        assert loop.time() - stalled_at < 1.5 * heartbeat + 1.0
+        await _until(lambda: not server.sessions)
+        assert session.ended.is_set()
+    finally:
+        peer.close()
+    try:
+        # The plugin serves on: a host that reads is answered.
+        async with (
+            aiohttp.ClientSession() as client,
+            client.ws_connect(url, max_msg_size=0) as good,
+        ):
+            assert orjson.loads((await good.receive()).data)["type"] == "hello"
+            await good.send_bytes(_frame("health", 2))
+            assert orjson.loads((await good.receive()).data)["status"] == "serving"
     finally:
         await server.aclose(grace=0.5)

@@ -13,10 +13,17 @@ from providers._event_rate import DEFAULT_MAX_EVENTS_PER_SECOND
 from providers.model import Argv, EnvVars
 from providers.target import ManifestPath, StrictModel, TargetConfig
 
-__all__ = ["MINIMAL_ENV", "SubprocessSandbox", "SubprocessTarget"]
+__all__ = ["MINIMAL_ENV", "STOP_GRACE_MS", "SubprocessSandbox", "SubprocessTarget"]
 
 #: What a child gets of the dispatcher's environment by default (with every ``LC_*``).
 MINIMAL_ENV = ("PATH", "HOME", "LANG", "LANGUAGE", "TZ")
+#: The default bound of a plugin's whole stop, before SIGKILL: what every SDK may take
+#: once told to stop (docs/protocol.md, "Stopping while called"): 5 s for its calls in
+#: flight, then 5 s for its stop and destroy hooks, and 2 s to exit. The host's ``Stop``
+#: and ``Destroy`` run those hooks within it too; a plugin that took a signal of its own
+#: (the dispatcher's process group stopped at once) may be draining when it is detached.
+#: It was 3 s: a stop hook of 4 s was killed half-way, its ``destroy`` never ran.
+STOP_GRACE_MS = 12_000
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
 
@@ -82,7 +89,11 @@ class SubprocessTarget(TargetConfig):
     restart_window_s: float = Field(default=60.0, gt=0)
     restart_backoff_ms: int = Field(default=100, gt=0)
     restart_backoff_max_ms: int = Field(default=5_000, gt=0)
-    stop_grace_ms: int = Field(default=3_000, gt=0)
+    stop_grace_ms: int = Field(
+        default=STOP_GRACE_MS,
+        gt=0,
+        description="The bound of a whole stop (Stop, Destroy, SIGTERM) before SIGKILL.",
+    )
     events: bool = True
     max_events_per_second: int = Field(
         default=DEFAULT_MAX_EVENTS_PER_SECOND,

@@ -13,7 +13,8 @@ and sends the plugin SIGTERM while it runs. What the call answers says what happ
 ``sleep`` call answers only if it was let finish; ``hooks`` with ``after_ms`` counts the
 hooks that had run by the time it finished. With ``say_hooks`` in its config the example
 plugin's hooks each write a line to stderr, which says that they ran after all, and in
-which order.
+which order; with ``stall_hook`` one never returns, and the plugin must exit all the same,
+once the hooks' ``STOP_HOOKS_CAP`` (5 s) has passed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ pytestmark = [pytest.mark.toolchain, pytest.mark.slow]
 
 #: The grace every SDK gives its calls in flight at a stop.
 STOP_GRACE = 5.0
+#: How long every SDK lets the stop and destroy hooks run at a stop, after the drain.
+STOP_HOOKS_CAP = 5.0
 #: How long the call runs before the plugin is told to stop: it is in the plugin's hands.
 IN_FLIGHT_BEFORE_STOP = 0.5
 
@@ -53,11 +56,16 @@ class Stopped:
 
 
 async def _call_across_a_stop(
-    binding: str, language: str, method: str, params: dict[str, Any]
+    binding: str,
+    language: str,
+    method: str,
+    params: dict[str, Any],
+    config: dict[str, Any] | None = None,
 ) -> Stopped:
-    """Call ``method`` on a freshly started plugin, SIGTERM the plugin while the call runs."""
+    """Call ``method`` on a freshly started plugin (its config ``CONFIG``, ``say_hooks``
+    and ``config``), SIGTERM the plugin while the call runs."""
     piped = asyncio.subprocess.PIPE
-    config = {**CONFIG, "say_hooks": True}
+    config = {**CONFIG, "say_hooks": True, **(config or {})}
     async with (
         _plugin(binding, language, stderr=piped, config=config) as (target, service),
         Dispatcher(manifest(target, config, methods=("sleep", "hooks"))) as dispatcher,
@@ -74,7 +82,7 @@ async def _call_across_a_stop(
         assert not call.done(), call
         stopped_at = time.monotonic()
         service.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(STOP_GRACE + 10):
+        async with asyncio.timeout(STOP_GRACE + STOP_HOOKS_CAP + 10):
             result = await call
             await service.wait()
             exited_after = time.monotonic() - stopped_at
@@ -109,3 +117,23 @@ async def test_the_stop_hooks_run_after_the_calls_in_flight_finished(
     # Then it was: stop, then destroy, once each.
     hooks = [line for line in stopped.said if line.startswith("example: ")]
     assert hooks == ["example: stop hook ran", "example: destroy hook ran"], stopped.said
+
+
+@pytest.mark.parametrize(
+    ("binding", "language"), CASES, ids=[f"{binding}-{language}" for binding, language in CASES]
+)
+async def test_a_stop_hook_that_never_returns_does_not_keep_the_plugin(
+    binding: str, language: str
+) -> None:
+    # Before, the Python SDK waited for the hook for ever (and the Go SDK for a hook
+    # that ignores its context): SIGKILL was the only way out.
+    ms = 1_000
+    stopped = await _call_across_a_stop(
+        binding, language, "sleep", {"ms": ms}, config={"stall_hook": "stop"}
+    )
+    assert stopped.result == {"slept_ms": ms}  # the drain came first
+    assert "example: stop hook ran" in stopped.said, stopped.said
+    # The hook had its cap after the call finished, and the plugin exited then.
+    hooks_from = ms / 1000 - IN_FLIGHT_BEFORE_STOP
+    assert hooks_from + STOP_HOOKS_CAP - 0.5 <= stopped.exited_after, stopped
+    assert stopped.exited_after < hooks_from + STOP_HOOKS_CAP + 3, stopped

@@ -3,6 +3,8 @@
 It says hello on stderr (the host must log it), serves like any plugin, and when
 ``CRASH_AFTER_MS`` is set it dies abruptly (``os._exit(3)``) that long after ``Start``.
 With ``HANG_ON_EXIT`` it ignores SIGTERM and hangs while exiting: only SIGKILL ends it.
+With ``STOP_HOOK_MS`` its stop hook takes that long (a flush to a slow store); its stop
+and destroy hooks each say on stderr when they have run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ class CrashingPlugin(Plugin):
         crash_after = os.environ.get("CRASH_AFTER_MS")
         if crash_after:
             asyncio.get_running_loop().call_later(int(crash_after) / 1000, os._exit, 3)
+
+    async def stop(self) -> None:
+        await asyncio.sleep(int(os.environ.get("STOP_HOOK_MS", "0")) / 1000)
+        print("crashing plugin: stop hook ran", file=sys.stderr, flush=True)
+
+    async def destroy(self) -> None:
+        print("crashing plugin: destroy hook ran", file=sys.stderr, flush=True)
 
     async def pid(self) -> int:
         return os.getpid()

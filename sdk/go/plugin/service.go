@@ -157,25 +157,57 @@ func (s *service) stopServing() {
 	close(s.closing)
 }
 
+// stopHooksCap is how long the stop and destroy hooks may take together at a stop, after
+// the calls in flight were drained: 5 s, as in every SDK (docs/protocol.md, "Stopping
+// while called").
+const stopHooksCap = 5 * time.Second
+
 // runRemainingHooks runs the stop and destroy hooks the host did not call, so a plugin
 // ended by SIGTERM or by its host's death still cleans up. It comes after the drain: a stop
 // hook that closes what the calls use must not pull it from under calls still running.
+// Both together get stopHooksCap; a hook still running then is abandoned with a warning.
 func (s *service) runRemainingHooks() {
 	s.mu.Lock()
 	needStop := s.started && !s.stopped
 	needDestroy := s.inited && !s.destroyed
 	s.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), stopHooksCap)
 	defer cancel()
-	if needStop {
-		if err := s.runLifecycle(ctx, "stop", s.plugin.onStop, &s.stopped); err != nil {
+	hooks := []struct {
+		needed bool
+		name   string
+		hook   Hook
+		done   *bool
+	}{{needStop, "stop", s.plugin.onStop, &s.stopped}, {needDestroy, "destroy", s.plugin.onDestroy, &s.destroyed}}
+	for _, each := range hooks {
+		if !each.needed {
+			continue
+		}
+		finished, err := withinCap(ctx, each.name, func() error {
+			return s.runLifecycle(ctx, each.name, each.hook, each.done)
+		})
+		if !finished {
+			return
+		}
+		if err != nil {
 			sdkLog.Error("linchkit plugin: " + err.Error())
 		}
 	}
-	if needDestroy {
-		if err := s.runLifecycle(ctx, "destroy", s.plugin.onDestroy, &s.destroyed); err != nil {
-			sdkLog.Error("linchkit plugin: " + err.Error())
-		}
+}
+
+// withinCap runs a stop-time hook until ctx is done. A hook that ignores its context (stuck
+// on a peer that does not answer) must not keep the process from exiting: it is left to its
+// goroutine, which ends with the process, and the hooks after it do not run.
+func withinCap(ctx context.Context, name string, run func() error) (finished bool, err error) {
+	done := make(chan error, 1)
+	go func() { done <- run() }()
+	select {
+	case err := <-done:
+		return true, err
+	case <-ctx.Done():
+		sdkLog.Warn(fmt.Sprintf("linchkit plugin: the %s hook did not finish within %s of the stop; exiting without it",
+			name, stopHooksCap))
+		return false, nil
 	}
 }
 

@@ -205,14 +205,20 @@ func refusedAtUpgrade(status int) bool {
 	return status == 400 || status == 401 || status == 403 || status == 404
 }
 
+// stopHooks runs the stop and destroy hooks at a stop, both within stopHooksCap.
 func (p *Plugin) stopHooks() {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), stopHooksCap)
 	defer cancel()
-	if hook := p.onStop; hook != nil {
-		_ = hook(ctx)
-	}
-	if hook := p.onDestroy; hook != nil {
-		_ = hook(ctx)
+	for _, each := range []struct {
+		name string
+		hook Hook
+	}{{"stop", p.onStop}, {"destroy", p.onDestroy}} {
+		if each.hook == nil {
+			continue
+		}
+		if finished, _ := withinCap(ctx, each.name, func() error { return runMethod(func() error { return each.hook(ctx) }) }); !finished {
+			return
+		}
 	}
 }
 

@@ -52,10 +52,18 @@ class ExamplePlugin(Plugin):
     async def stop(self) -> None:
         self._hooks["stop"] += 1
         self._say("stop")
+        await self._stall_if_named("stop")
 
     async def destroy(self) -> None:
         self._hooks["destroy"] += 1
         self._say("destroy")
+        await self._stall_if_named("destroy")
+
+    async def _stall_if_named(self, hook: str) -> None:
+        """A config's ``stall_hook`` has that hook never return (a close stuck on a peer
+        that does not answer): how the suite sees that a stop does not wait for it."""
+        if getattr(self, "_config", {}).get("stall_hook") == hook:
+            await asyncio.Event().wait()
 
     def _say(self, hook: str) -> None:
         """A config's ``say_hooks`` has the stop and destroy hooks each write a line to

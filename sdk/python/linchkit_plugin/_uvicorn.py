@@ -48,6 +48,7 @@ from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from linchkit_plugin.errors import InvalidParams
+from linchkit_plugin.host import STOP_GRACE_SECONDS
 from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.wire import error_response
 
@@ -239,6 +240,10 @@ def server_config(
         # The head timer and the connection cap above do what limit_concurrency cannot;
         # a request admitted past them is bounded by the plugin's own deadlines.
         limit_concurrency=None,
+        # The calls in flight at a stop get the grace every binding gives them, then are
+        # cancelled; the lifespan's shutdown (the stop and destroy hooks) runs after.
+        # uvicorn's default waited for them without a bound.
+        timeout_graceful_shutdown=STOP_GRACE_SECONDS,  # type: ignore[arg-type]  # a float works
         ssl_certfile=tls_cert,
         ssl_keyfile=tls_key,
         ssl_ca_certs=client_ca,

@@ -26,7 +26,7 @@ import aiohttp
 
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of, identity_of
-from linchkit_plugin.host import PluginHost
+from linchkit_plugin.host import STOP_HOOKS_SECONDS, PluginHost
 from linchkit_plugin.ws_protocol import (
     CLOSE_WRONG_PLUGIN,
     DEFAULT_HEARTBEAT,
@@ -139,7 +139,12 @@ async def dial(
                     log.info("cannot reach %s: %s; retrying", url, type(error).__name__)
                 else:
                     session = PluginSession(
-                        host, socket, outbox, hello=hello, max_in_flight=max_in_flight
+                        host,
+                        socket,
+                        outbox,
+                        hello=hello,
+                        max_in_flight=max_in_flight,
+                        heartbeat=heartbeat,
                     )
                     if on_connected is not None:
                         outcome = on_connected()
@@ -173,7 +178,7 @@ async def dial(
                     await asyncio.wait_for(stopping.wait(), random.uniform(0, backoff))
                 backoff = min(backoff * 2, max_backoff)
     finally:
-        await host.close()
+        await host.close_within(STOP_HOOKS_SECONDS)
 
 
 async def _serve_until(session: PluginSession, stopping: asyncio.Event) -> None:

@@ -11,7 +11,10 @@ then what ``credit`` frames grant).
 One writer task per session writes every frame, in order (``_write``); the call tasks, the
 reader and the events sender queue theirs (``_send``), and wait for a frame to go out only
 while the writer waits for the socket to drain, so a host that reads slowly slows the
-plugin's answers instead of growing a buffer here.
+plugin's answers instead of growing a buffer here. A host that reads nothing at all is
+not waited for for ever: a write it takes nothing of for ``STALL_HEARTBEATS`` heartbeats
+drops the connection, as the dispatcher drops a plugin that does so
+(``providers/websocket/writer.py``); the session ends, and a dialling plugin dials again.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import error_response, ok_response, parse_request
 from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
+    DEFAULT_HEARTBEAT,
     GOAWAY_GRACE,
     STREAM_WINDOW,
     FrameError,
@@ -41,7 +45,7 @@ from linchkit_plugin.ws_protocol import (
     shown_close_reason,
 )
 
-__all__ = ["PluginSession", "Socket", "hello_of", "identity_of"]
+__all__ = ["STALL_HEARTBEATS", "PluginSession", "Socket", "hello_of", "identity_of"]
 
 log = logging.getLogger("linchkit_plugin.websocket")
 
@@ -51,6 +55,12 @@ Socket = web.WebSocketResponse[Any] | aiohttp.ClientWebSocketResponse[Any]
 _SESSION_EVENT_QUEUE = 1024
 #: Frames given up by their senders that may wait in the writer's queue before it is pruned.
 _GIVEN_UP_KEPT = 64
+#: Heartbeats a write may wait for the host to take anything before the connection is
+#: dropped: as long as the heartbeat takes to find a silent peer gone (a ping after one
+#: heartbeat of silence, its pong due within half of one). The heartbeat alone does not
+#: find a host that stops reading but goes on sending: any frame it sends puts aiohttp's
+#: ping off. The dispatcher's bound on a plugin, the same way round.
+STALL_HEARTBEATS = 1.5
 
 
 class _Window:
@@ -84,7 +94,10 @@ class PluginSession:
         *,
         hello: bytes,
         max_in_flight: int = 1024,
+        heartbeat: float | None = DEFAULT_HEARTBEAT,
     ) -> None:
+        """``heartbeat``: the connection's (seconds); a write may wait ``STALL_HEARTBEATS``
+        of it for the host to take anything (None: for ever)."""
         self.host = host
         self.socket = socket
         self.outbox = outbox
@@ -107,6 +120,8 @@ class PluginSession:
         self._draining = False
         self._writer: asyncio.Task[None] | None = None
         self._writing_ended = False
+        #: How long one write may wait for the socket to drain (None: no bound).
+        self.stall_after = None if heartbeat is None else STALL_HEARTBEATS * heartbeat
         #: Set when ``run`` has ended (the connection closed).
         self.ended = asyncio.Event()
         #: The reason in the peer's close frame: why the host closed (a reload replaced
@@ -328,13 +343,35 @@ class PluginSession:
                 continue  # its sender gave up before its turn: it is never written
             self._draining = True
             try:
-                await self.socket.send_frame(data, WSMsgType.TEXT)
+                async with asyncio.timeout(self.stall_after):
+                    await self.socket.send_frame(data, WSMsgType.TEXT)
             except (ConnectionError, RuntimeError):
                 pass  # the connection is closing: ``run`` ends the session
+            except TimeoutError:
+                self._stalled()
+                return
             finally:
                 self._draining = False
             if not written.done():
                 written.set_result(None)
+
+    def _stalled(self) -> None:
+        """The host took nothing of a write for ``stall_after`` seconds: drop the
+        connection. Its transport is aborted, not closed: asyncio keeps a closed
+        transport's socket open until what is buffered for it drains, which a host that
+        reads nothing never lets happen. The reader then sees the connection gone, and
+        ``run`` ends the session."""
+        log.warning(
+            "the host took nothing written to it for %g s; dropping the connection",
+            self.stall_after,
+        )
+        self._end_writing()
+        # aiohttp (3.14) offers no abort of a WebSocket; both of its WebSocket classes
+        # write through a writer whose ``transport`` is the connection's. No close frame:
+        # behind a full buffer it would never reach the host.
+        transport = getattr(getattr(self.socket, "_writer", None), "transport", None)
+        if transport is not None and hasattr(transport, "abort"):
+            transport.abort()
 
     def _end_writing(self) -> None:
         """No frame goes out any more: the senders still waiting are let go."""

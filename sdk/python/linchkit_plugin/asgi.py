@@ -55,7 +55,7 @@ from linchkit_plugin.errors import (
     ProviderError,
     Unauthorized,
 )
-from linchkit_plugin.host import PluginHost
+from linchkit_plugin.host import STOP_HOOKS_SECONDS, PluginHost
 from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.wire import (
     MAX_PARAMS_DEPTH,
@@ -150,7 +150,7 @@ class PluginApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.host.close()
+                await self.host.close_within(STOP_HOOKS_SECONDS)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -62,7 +62,7 @@ from linchkit_plugin.handshake import (
     MAGIC_COOKIE_KEY,
     MAGIC_COOKIE_VALUE,
 )
-from linchkit_plugin.host import PluginHost
+from linchkit_plugin.host import STOP_GRACE_SECONDS, STOP_HOOKS_SECONDS, PluginHost
 from linchkit_plugin.wire import PROTOCOL_VERSION
 
 # isort: split
@@ -120,10 +120,6 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: down (at most ``STOP_QUIET_MOST_SECONDS``): see ``linchkit_plugin._grpc_drain``.
 STOP_QUIET_SECONDS = 0.1
 STOP_QUIET_MOST_SECONDS = 2.0
-#: How long the calls in flight at a stop may run on, counted from the stop (SIGTERM, the
-#: host gone), before they are cut off and the plugin's ``stop`` and ``destroy`` hooks run:
-#: 5 s, as in every SDK (docs/protocol.md, "Stopping while called").
-STOP_GRACE_SECONDS = 5.0
 
 
 class PluginServer:
@@ -405,8 +401,7 @@ class PluginServer:
             await self.health.enter_graceful_shutdown()
             self._events.end_all()  # Events streams never end by themselves
             await server.stop(grace=max(0.0, grace_ends - loop.time()))
-            with contextlib.suppress(Exception):
-                await self.host.close()
+            await self.host.close_within(STOP_HOOKS_SECONDS)
 
 
 def main(

@@ -7,10 +7,13 @@ class, so a plugin behaves the same whether it runs inside the host or as a func
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import importlib
 import inspect
 import logging
 import sys
+import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,18 @@ from linchkit_plugin.plugin import LIFECYCLE_HOOKS, _current_context
 from linchkit_plugin.tracing import AVAILABLE as _TRACING
 from linchkit_plugin.tracing import continued_trace
 
-__all__ = ["PluginHost", "load_plugin_class"]
+__all__ = ["STOP_GRACE_SECONDS", "STOP_HOOKS_SECONDS", "PluginHost", "load_plugin_class"]
 
 log = logging.getLogger("dispatcher.plugin")
+
+#: How long the calls in flight at a stop may run on, counted from the stop (SIGTERM, the
+#: host gone), before they are cut off and the plugin's ``stop`` and ``destroy`` hooks run:
+#: 5 s, as in every SDK and every binding (docs/protocol.md, "Stopping while called").
+STOP_GRACE_SECONDS = 5.0
+#: How long the ``stop`` and ``destroy`` hooks may take together when a plugin stops (after
+#: its calls in flight were drained): 5 s, as in every SDK (docs/protocol.md, "Stopping
+#: while called"). A hook still running then is abandoned, so that the process exits.
+STOP_HOOKS_SECONDS = 5.0
 
 EventSink = Callable[[str, Any], None]
 
@@ -144,17 +156,19 @@ class PluginHost:
         await self._hook("start")
         self._state = "started"
 
-    async def stop(self) -> None:
+    async def stop(self, *, detached: bool = False) -> None:
+        """Run the plugin's ``stop()`` once; ``detached``: a sync hook in a thread of its
+        own that does not hold the process's exit (``close_within``)."""
         if self._state in {"stopped", "closed"}:
             return
         self._state = "stopped"
-        await self._hook("stop")
+        await self._hook("stop", detached=detached)
 
-    async def destroy(self) -> None:
+    async def destroy(self, *, detached: bool = False) -> None:
         if self._state == "closed":
             return
         self._state = "closed"
-        await self._hook("destroy")
+        await self._hook("destroy", detached=detached)
 
     async def deliver(self, event: str, data: Any) -> None:
         """Hand a host event to the plugin's ``on_event(event, data)``, if it has one."""
@@ -203,6 +217,29 @@ class PluginHost:
             await self.stop()
         finally:
             await self.destroy()
+
+    async def close_within(self, seconds: float = STOP_HOOKS_SECONDS) -> bool:
+        """``close()`` at a stop: both hooks within ``seconds`` together, their failures
+        logged. A hook still running then is abandoned with a warning, and ``destroy``
+        does not run after an abandoned ``stop``: an async hook is cancelled, a sync one
+        is left to its thread, which does not hold the process's exit. True when both
+        hooks finished."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        for name, step in (("stop", self.stop), ("destroy", self.destroy)):
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await step(detached=True)
+            except TimeoutError:
+                log.warning(
+                    "the plugin's %s hook did not finish within %g s of the stop; "
+                    "exiting without it",
+                    name,
+                    seconds,
+                )
+                return False
+            except Exception:
+                log.exception("the plugin's %s hook failed at the stop", name)
+        return True
 
     async def health(self) -> tuple[bool, str]:
         if self._state != "started":
@@ -267,21 +304,52 @@ class PluginHost:
                 f"{method!r} did not finish within {timeout * 1000:.0f} ms"
             ) from None
 
-    async def _hook(self, name: str, *args: Any) -> Any:
+    async def _hook(self, name: str, *args: Any, detached: bool = False) -> Any:
         hook: Callable[..., Any] | None = getattr(self.plugin, name, None)
         if hook is None:
             return True if name == "health_check" else None
-        result = (
-            hook(*args)
-            if inspect.iscoroutinefunction(hook)
-            else await asyncio.to_thread(hook, *args)
-        )
+        if inspect.iscoroutinefunction(hook):
+            result = hook(*args)
+        elif detached:
+            result = await _in_daemon_thread(f"plugin-{name}-hook", hook, *args)
+        else:
+            result = await asyncio.to_thread(hook, *args)
         if isinstance(result, Awaitable):
             result = await result
         return result
 
     def __repr__(self) -> str:
         return f"<PluginHost {type(self.plugin).__name__} {self._state} methods={sorted(self.methods)}>"
+
+
+def _in_daemon_thread(name: str, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """``function(*args)`` in a daemon thread: unlike ``asyncio.to_thread``'s executor, whose
+    threads the interpreter joins at exit, one stuck forever does not keep the process."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(error: BaseException | None, result: Any) -> None:
+        if future.done():  # the stop gave up on the hook
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        result = None
+        try:
+            result = context.run(function, *args)
+        except BaseException as raised:  # handed to the awaiting task, as to_thread does
+            error = raised
+        # The loop may have closed: nobody waits for the hook any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, error, result)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def _arguments_for(

@@ -45,7 +45,7 @@ from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.auth import BearerToken
 from linchkit_plugin.errors import InvalidParams, Unauthorized
-from linchkit_plugin.host import PluginHost
+from linchkit_plugin.host import STOP_HOOKS_SECONDS, PluginHost
 from linchkit_plugin.listen import address_mistake, host_and_port
 from linchkit_plugin.wire import error_response
 from linchkit_plugin.ws_protocol import (
@@ -154,7 +154,7 @@ class WebSocketPluginServer:
         await self.host.open(self.config)
 
     async def _close(self, app: web.Application) -> None:
-        await self.host.close()
+        await self.host.close_within(STOP_HOOKS_SECONDS)
 
     async def _going_away(self, app: web.Application) -> None:
         await asyncio.gather(
@@ -180,7 +180,12 @@ class WebSocketPluginServer:
             )
         await socket.prepare(request)
         session = PluginSession(
-            self.host, socket, self.outbox, hello=self.hello, max_in_flight=self.max_in_flight
+            self.host,
+            socket,
+            self.outbox,
+            hello=self.hello,
+            max_in_flight=self.max_in_flight,
+            heartbeat=self.heartbeat,
         )
         self.sessions.add(session)
         try:

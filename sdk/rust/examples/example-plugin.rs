@@ -104,6 +104,7 @@ struct HookCounts {
     destroy: AtomicU64,
     fail_hook: Mutex<Option<String>>,
     say_hooks: AtomicBool,
+    stall_hook: Mutex<Option<String>>,
 }
 
 #[derive(Deserialize)]
@@ -111,6 +112,7 @@ struct HookConfig {
     fail_hook: Option<String>,
     #[serde(default)]
     say_hooks: bool,
+    stall_hook: Option<String>,
 }
 
 impl HookCounts {
@@ -125,6 +127,13 @@ impl HookCounts {
         if self.say_hooks.load(Ordering::SeqCst) {
             eprintln!("example: {hook} hook ran");
         }
+    }
+
+    /// A config's `stall_hook` has that hook never return (a close stuck on a peer that
+    /// does not answer): how the conformance suite sees that a stop does not wait for it.
+    fn stalls(&self, hook: &str) -> bool {
+        let named = self.stall_hook.lock().unwrap_or_else(|p| p.into_inner());
+        named.as_deref() == Some(hook)
     }
 
     /// Fails the hook the config's `fail_hook` names: how the conformance suite sees what
@@ -190,6 +199,8 @@ fn main() {
             let asked = config.decode::<HookConfig>().ok();
             let say = asked.as_ref().is_some_and(|c| c.say_hooks);
             on_init.say_hooks.store(say, Ordering::SeqCst);
+            let stall = asked.as_ref().and_then(|c| c.stall_hook.clone());
+            *on_init.stall_hook.lock().unwrap_or_else(|p| p.into_inner()) = stall;
             let named = asked.and_then(|c| c.fail_hook);
             *on_init.fail_hook.lock().unwrap_or_else(|p| p.into_inner()) = named;
             let ran = ran.and_then(|()| on_init.fail_if_named("init"));
@@ -203,12 +214,24 @@ fn main() {
         .on_stop(move || {
             let ran = HookCounts::ran(&on_stop.stop);
             on_stop.say_if_asked("stop");
-            async move { ran }
+            let stall = on_stop.stalls("stop");
+            async move {
+                if stall {
+                    std::future::pending::<()>().await;
+                }
+                ran
+            }
         })
         .on_destroy(move || {
             let ran = HookCounts::ran(&on_destroy.destroy);
             on_destroy.say_if_asked("destroy");
-            async move { ran }
+            let stall = on_destroy.stalls("destroy");
+            async move {
+                if stall {
+                    std::future::pending::<()>().await;
+                }
+                ran
+            }
         })
         .on_event("ping", |data, events| events.emit("pong", data))
         // A handler that fails: the SDK logs it at ERROR and goes on.

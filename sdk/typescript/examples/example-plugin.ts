@@ -86,13 +86,24 @@ export function examplePlugin(): Plugin {
   const sayIfAsked = (hook: string): void => {
     if (plugin.config.say_hooks === true) process.stderr.write(`example: ${hook} hook ran\n`);
   };
+  // A config's `stall_hook` has that hook never return (a close stuck on a peer that does
+  // not answer, its socket keeping the process alive: a timer here): how the suite sees
+  // that a stop does not wait for it.
+  const stallIfNamed = (hook: string): Promise<void> =>
+    plugin.config.stall_hook === hook
+      ? new Promise<void>(() => {
+          setInterval(() => undefined, 60_000);
+        })
+      : Promise.resolve();
   plugin.onStop(() => {
     hooks.stop++;
     sayIfAsked('stop');
+    return stallIfNamed('stop');
   });
   plugin.onDestroy(() => {
     hooks.destroy++;
     sayIfAsked('destroy');
+    return stallIfNamed('destroy');
   });
   plugin.method(
     'hooks',

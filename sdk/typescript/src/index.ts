@@ -7,7 +7,7 @@ export { Params, expectObject, isObject } from './params';
 export type { JsonObject } from './params';
 export { Logger } from './log';
 export type { Level, Sink } from './log';
-export { serve, STOP_GRACE_MS } from './serve';
+export { serve, STOP_GRACE_MS, STOP_HOOKS_MS } from './serve';
 export type { ServeOptions } from './serve';
 export { PluginServer, PROTOCOL_VERSION, SERVICE_NAME } from './server';
 export * as handshake from './handshake';

@@ -150,7 +150,7 @@ async function startLifecycle(plugin: Plugin, configText: string | undefined, wi
     stopping = true;
     void windDown()
       .catch(() => undefined)
-      .then(() => plugin.close())
+      .then(() => closeWithin(plugin))
       .finally(() => process.exit(0));
   };
   process.on('SIGTERM', stop);
@@ -300,6 +300,33 @@ async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: 
 export const STOP_GRACE_MS = 5_000;
 
 /**
+ * How long the stop and destroy hooks may take together at a stop, after the drain: 5 s, as
+ * in every SDK. A hook still running then is abandoned with a warning; the process exits.
+ */
+export const STOP_HOOKS_MS = 5_000;
+
+/**
+ * The plugin's stop and destroy hooks at a stop, `STOP_HOOKS_MS` at most: a hook still running
+ * then is abandoned with a warning, so that the process exits without it.
+ */
+async function closeWithin(plugin: Plugin): Promise<void> {
+  let finished = false;
+  await Promise.race([
+    plugin
+      .close()
+      .catch((error: unknown) => {
+        log.error(`stop/destroy failed: ${String(error)}`);
+      })
+      .finally(() => {
+        finished = true;
+      }),
+    new Promise((resolve) => setTimeout(resolve, STOP_HOOKS_MS).unref()).then(() => {
+      if (!finished) log.warn(`the stop/destroy hooks did not finish within ${STOP_HOOKS_MS} ms of the stop; exiting without them`);
+    }),
+  ]);
+}
+
+/**
  * Stop once on any of `signals`: health off, drain the calls in flight (`STOP_GRACE_MS` at
  * most), then the stop/destroy hooks the host did not run, then exit. Hooks last: a stop
  * hook that closes what the calls use must not pull it from under calls still running.
@@ -310,20 +337,13 @@ function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer,
     if (stopping) return;
     stopping = true;
     server.setServing(false);
-    const hooks = (): Promise<unknown> =>
-      Promise.race([
-        plugin.close().catch((error: unknown) => {
-          log.error(`stop/destroy failed: ${String(error)}`);
-        }),
-        new Promise((resolve) => setTimeout(resolve, 5000).unref()),
-      ]);
     // Spans last: the drained calls' are buffered by then; bounded, a dead collector must
     // not keep the plugin from exiting.
     const flush = (): Promise<unknown> =>
       tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, 5000).unref())]);
     void server
       .shutdown(STOP_GRACE_MS)
-      .then(hooks)
+      .then(() => closeWithin(plugin))
       .then(flush)
       .then(() => process.exit(0));
   };

@@ -45,6 +45,18 @@ func sayIfAsked(config json.RawMessage, hook string) {
 	}
 }
 
+// stallIfNamed: a config's "stall_hook" has that hook never return, its context ignored (a
+// close stuck on a peer that does not answer), how the conformance suite sees that a stop
+// does not wait for it.
+func stallIfNamed(config json.RawMessage, hook string) {
+	var asked struct {
+		StallHook string `json:"stall_hook"`
+	}
+	if json.Unmarshal(config, &asked) == nil && asked.StallHook == hook {
+		select {}
+	}
+}
+
 func main() {
 	p := plugin.New("example", "1.0.0")
 	var hooks hookCounts
@@ -53,8 +65,18 @@ func main() {
 		return failIfNamed(config, "init")
 	})
 	p.OnStart(func(context.Context) error { hooks.start.Add(1); return failIfNamed(p.Config(), "start") })
-	p.OnStop(func(context.Context) error { hooks.stop.Add(1); sayIfAsked(p.Config(), "stop"); return nil })
-	p.OnDestroy(func(context.Context) error { hooks.destroy.Add(1); sayIfAsked(p.Config(), "destroy"); return nil })
+	p.OnStop(func(context.Context) error {
+		hooks.stop.Add(1)
+		sayIfAsked(p.Config(), "stop")
+		stallIfNamed(p.Config(), "stop")
+		return nil
+	})
+	p.OnDestroy(func(context.Context) error {
+		hooks.destroy.Add(1)
+		sayIfAsked(p.Config(), "destroy")
+		stallIfNamed(p.Config(), "destroy")
+		return nil
+	})
 
 	p.Method("echo", "returns the params unchanged", func(_ context.Context, call *plugin.Call) (any, error) {
 		return call.Params, nil

@@ -42,6 +42,17 @@ public final class ExamplePlugin {
     }
   }
 
+  /**
+   * A config's {@code stall_hook} has that hook never return (a close stuck on a peer that does
+   * not answer): how the conformance suite sees that a stop does not wait for it.
+   */
+  static void stallIfNamed(JsonObject config, String hook) throws InterruptedException {
+    if (config != null && config.has("stall_hook") && config.get("stall_hook").isJsonPrimitive()
+        && hook.equals(config.get("stall_hook").getAsString())) {
+      Thread.sleep(Long.MAX_VALUE);
+    }
+  }
+
   /** Hex of SHA-256 applied {@code rounds} times, each round hashing the previous digest. */
   public static String digest(String data, long rounds) throws NoSuchAlgorithmException {
     MessageDigest sha256 = MessageDigest.getInstance("SHA-256");
@@ -101,10 +112,12 @@ public final class ExamplePlugin {
         .onStop(() -> {
           hooks.get("stop").incrementAndGet();
           sayIfAsked(plugin.config(), "stop");
+          stallIfNamed(plugin.config(), "stop");
         })
         .onDestroy(() -> {
           hooks.get("destroy").incrementAndGet();
           sayIfAsked(plugin.config(), "destroy");
+          stallIfNamed(plugin.config(), "destroy");
         });
 
     plugin.method("hooks", "how many times each lifecycle hook ran, counted `after_ms` from now", (params, ctx) -> {

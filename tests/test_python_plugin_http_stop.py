@@ -1,0 +1,156 @@
+"""``dispatcher-plugin serve`` (the HTTP binding, uvicorn) stops as the other bindings do.
+
+On SIGTERM it takes no new connection, gives the calls in flight ``STOP_GRACE_SECONDS``
+(5 s) to finish, cancels what still runs then, and only after that runs the plugin's
+``stop`` and ``destroy`` hooks (the ASGI lifespan's shutdown), 5 s at most together
+(docs/protocol.md, "Stopping while called"). Before, uvicorn waited for the calls in
+flight without a bound (a call of 30 s held the stop 30 s) and the lifespan awaited the
+hooks without one (a stuck hook held it for ever).
+
+The plugin is the Python example (``sdk/python/examples``), served over real HTTP on
+127.0.0.1 and called with httpx; with ``say_hooks`` in its config its hooks each write
+a line to stderr, which says that they ran, and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from linchkit_plugin.host import STOP_GRACE_SECONDS, STOP_HOOKS_SECONDS
+from tests.conftest import ROOT
+
+SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python")])
+#: How long the call runs before the plugin is told to stop.
+IN_FLIGHT_BEFORE_STOP = 0.5
+
+
+@dataclass
+class Stopped:
+    """What one call across a stop saw."""
+
+    #: The call's answer (its JSON body), or the error it ended in.
+    answer: Any
+    #: How long after the SIGTERM the plugin exited.
+    exited_after: float
+    #: The lines the plugin wrote to stderr, each with when (seconds after the SIGTERM).
+    said: list[tuple[float, str]]
+    #: When the call ended, seconds after the SIGTERM.
+    answered_after: float
+
+
+@asynccontextmanager
+async def _serving(config: dict[str, Any]) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "linchkit_plugin.cli",
+        "serve",
+        "example_plugin:ExamplePlugin",
+        "--path",
+        str(ROOT / "sdk" / "python" / "examples"),
+        "--port",
+        "0",
+        "--config",
+        orjson.dumps(config).decode(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH},
+    )
+    try:
+        assert process.stderr is not None
+        line = (await asyncio.wait_for(process.stderr.readline(), 30)).decode()
+        found = re.search(r"listening on (http://[0-9.:]+)", line)
+        assert found, line
+        yield process, found.group(1)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _call_across_a_stop(
+    method: str, params: dict[str, Any], config: dict[str, Any] | None = None
+) -> Stopped:
+    async with _serving({"say_hooks": True, **(config or {})}) as (process, url):
+        assert process.stderr is not None
+        stderr = process.stderr
+        stopped_at = 0.0
+        said: list[tuple[float, str]] = []
+
+        async def read_stderr() -> None:
+            async for line in stderr:
+                said.append((time.monotonic() - stopped_at, line.decode(errors="replace")))
+
+        async def call() -> tuple[Any, float]:
+            envelope = {"v": 1, "plugin": "example", "method": method, "params": params}
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                try:
+                    response = await client.post("/invoke", json=envelope)
+                except httpx.HTTPError as error:
+                    return error, time.monotonic() - stopped_at
+            try:
+                answer: Any = response.json()
+            except ValueError:  # not the binding's envelope: uvicorn's own answer
+                answer = (response.status_code, response.text)
+            return answer, time.monotonic() - stopped_at
+
+        reading = asyncio.create_task(read_stderr())
+        calling = asyncio.create_task(call())
+        await asyncio.sleep(IN_FLIGHT_BEFORE_STOP)
+        assert not calling.done(), calling
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(STOP_GRACE_SECONDS + STOP_HOOKS_SECONDS + 10):
+            answer, answered_after = await calling
+            await process.wait()
+            exited_after = time.monotonic() - stopped_at
+            await reading
+    return Stopped(answer, exited_after, said, answered_after)
+
+
+def _hooks(stopped: Stopped) -> list[tuple[float, str]]:
+    return [(at, line.strip()) for at, line in stopped.said if line.startswith("example: ")]
+
+
+async def test_a_call_in_flight_at_a_stop_is_answered_and_the_hooks_run_after_it() -> None:
+    stopped = await _call_across_a_stop("hooks", {"after_ms": 2_000})
+    # Started by the lifespan, not yet stopped when the call finished.
+    assert stopped.answer == {
+        "ok": True,
+        "result": {"init": 1, "start": 1, "stop": 0, "destroy": 0},
+    }
+    hooks = _hooks(stopped)
+    assert [line for _, line in hooks] == ["example: stop hook ran", "example: destroy hook ran"]
+    assert all(at >= stopped.answered_after for at, _ in hooks), (stopped, hooks)
+
+
+async def test_a_call_past_the_grace_is_cut_off_then_the_hooks_run() -> None:
+    stopped = await _call_across_a_stop("sleep", {"ms": 30_000})
+    # Cancelled at the end of the grace: uvicorn answers it 500 (it had not answered yet).
+    assert stopped.answer == (500, "Internal Server Error"), stopped
+    assert STOP_GRACE_SECONDS - 1 <= stopped.answered_after < STOP_GRACE_SECONDS + 1, stopped
+    assert STOP_GRACE_SECONDS - 1 <= stopped.exited_after < STOP_GRACE_SECONDS + 3, stopped
+    hooks = [line for _, line in _hooks(stopped)]
+    assert hooks == ["example: stop hook ran", "example: destroy hook ran"], stopped.said
+
+
+async def test_a_stop_hook_that_never_returns_does_not_keep_the_server() -> None:
+    ms = 1_000
+    stopped = await _call_across_a_stop("sleep", {"ms": ms}, {"stall_hook": "stop"})
+    assert stopped.answer == {"ok": True, "result": {"slept_ms": ms}}
+    assert "example: stop hook ran" in [line for _, line in _hooks(stopped)]
+    assert any("stop hook did not finish within 5 s" in line for _, line in stopped.said)
+    hooks_from = ms / 1000 - IN_FLIGHT_BEFORE_STOP
+    assert stopped.exited_after < hooks_from + STOP_HOOKS_SECONDS + 3, stopped
