@@ -53,6 +53,14 @@ class Stopped:
     exited_after: float
     #: The lines the plugin wrote to stderr.
     said: list[str]
+    #: How long the call had been under way when the SIGTERM was sent: at least
+    #: ``IN_FLIGHT_BEFORE_STOP``, more when the loop's sleep overran on a busy machine.
+    in_flight_for: float = IN_FLIGHT_BEFORE_STOP
+
+    def left_of(self, seconds: float) -> float:
+        """What was left of a call of ``seconds`` at the SIGTERM, at most (the plugin began
+        it after the host sent it)."""
+        return seconds - self.in_flight_for
 
 
 async def _call_across_a_stop(
@@ -77,6 +85,7 @@ async def _call_across_a_stop(
             )
         assert service.stderr is not None
         said = asyncio.create_task(service.stderr.read())  # read all along: a full pipe blocks
+        called_at = time.monotonic()
         call = asyncio.create_task(dispatcher.call("example", method, params, timeout=15))
         await asyncio.sleep(IN_FLIGHT_BEFORE_STOP)
         assert not call.done(), call
@@ -87,7 +96,7 @@ async def _call_across_a_stop(
             await service.wait()
             exited_after = time.monotonic() - stopped_at
             lines = (await said).decode(errors="replace").splitlines()
-        return Stopped(result, exited_after, lines)
+        return Stopped(result, exited_after, lines, stopped_at - called_at)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +110,7 @@ async def test_a_call_in_flight_at_a_stop_has_the_grace_to_finish(
     stopped = await _call_across_a_stop(binding, language, "sleep", {"ms": ms})
     assert stopped.result == {"slept_ms": ms}
     # The stop waited for the call, and no longer than the grace past it.
-    assert ms / 1000 - IN_FLIGHT_BEFORE_STOP <= stopped.exited_after < STOP_GRACE + 3, stopped
+    assert stopped.left_of(ms / 1000) <= stopped.exited_after < STOP_GRACE + 3, stopped
 
 
 @pytest.mark.parametrize(
@@ -134,6 +143,6 @@ async def test_a_stop_hook_that_never_returns_does_not_keep_the_plugin(
     assert stopped.result == {"slept_ms": ms}  # the drain came first
     assert "example: stop hook ran" in stopped.said, stopped.said
     # The hook had its cap after the call finished, and the plugin exited then.
-    hooks_from = ms / 1000 - IN_FLIGHT_BEFORE_STOP
+    hooks_from = stopped.left_of(ms / 1000)
     assert hooks_from + STOP_HOOKS_CAP - 0.5 <= stopped.exited_after, stopped
     assert stopped.exited_after < hooks_from + STOP_HOOKS_CAP + 3, stopped
