@@ -27,8 +27,7 @@ from dispatcher._jobs import job_status as decoded_status
 from dispatcher._public_errors import ErrorDetail
 from dispatcher._routes import Route, checked_timeout
 from dispatcher._text import checked_text
-from dispatcher._versions import in_range
-from dispatcher.policies.idempotency import checked_idempotency_key
+from dispatcher.policies.idempotency import checked_idempotency_key, with_range_version
 from dispatcher.state import (
     ANY_VERSION,
     Claim,
@@ -201,14 +200,9 @@ async def queue_job_once(
         if claimed.claim is Claim.DONE and claimed.outcome is not None:
             return recorded_job_id(claimed.outcome, raw_key)
         if claimed.claim is Claim.MISMATCH:
-            recorded = claimed.version
-            if (
-                wanted is not None
-                and recorded is not None
-                and recorded not in other_versions
-                and in_range(recorded, wanted)
-            ):  # at a version the range the submission named takes: the same submission
-                other_versions = (*other_versions, recorded)
+            widened = with_range_version(claimed, wanted, other_versions)
+            if widened is not None:  # the record is at a version the named range takes
+                other_versions = widened
                 continue
             versions = " or ".join((route.version, *route.once.other_versions))
             other = f" or at another version than {versions}" if version_named else ""

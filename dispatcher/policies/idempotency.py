@@ -49,6 +49,7 @@ from dispatcher._versions import in_range
 from dispatcher.state import (
     ANY_VERSION,
     Claim,
+    Claimed,
     IdempotencyStore,
     StateBackend,
     StateUnavailable,
@@ -103,6 +104,19 @@ def checked_idempotency_key(key: object, name: str = "idempotency_key") -> str:
 
 def never_ran(error: DispatchError) -> bool:
     return isinstance(error, _NEVER_RAN) or error.details.get("stage") in ("connect", "refused")
+
+
+def with_range_version(
+    claimed: Claimed, wanted: str | None, other_versions: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    """``other_versions`` and the version of the record a claim ``MISMATCH``ed on, when the
+    range ``wanted`` the call or submission named takes that version (the same request:
+    the range was the caller's, the version the dispatcher's choice); None when the
+    mismatch stands (other params, no range, a version outside it)."""
+    recorded = claimed.version
+    if wanted is None or recorded is None or recorded in other_versions:
+        return None
+    return (*other_versions, recorded) if in_range(recorded, wanted) else None
 
 
 class IdempotencyStep:
@@ -248,16 +262,11 @@ class IdempotencyStep:
                     claimed.outcome, f"the outcome of idempotency key {raw_key!r:.80}"
                 )
             if claimed.claim is Claim.MISMATCH:
-                recorded = claimed.version
-                if (
-                    wanted is not None
-                    and recorded is not None
-                    and recorded not in other_versions
-                    and in_range(recorded, wanted)
-                ):  # the record is at a version the range the call named takes
-                    other_versions = (*other_versions, recorded)
-                    continue
-                raise self._mismatch(raw_key, invocation.version)
+                widened = with_range_version(claimed, wanted, other_versions)
+                if widened is None:
+                    raise self._mismatch(raw_key, invocation.version)
+                other_versions = widened
+                continue
             remaining = invocation.remaining()
             if remaining <= 0:
                 raise self._late(raw_key)
