@@ -184,12 +184,7 @@ class GatewayServicer:
                 ok=False, error=error_message(error), request_id=request_id
             )
         except DispatchError as error:
-            told = self._told(error, request, request_id)
-            await context.abort(
-                STATUS_BY_TYPE.get(error.type, grpc.StatusCode.FAILED_PRECONDITION),
-                status_message(told.message),
-                trailing_metadata=trailers(told),
-            )
+            await self._abort(context, error, request, request_id)
         except TypeError as error:  # a result JSON cannot carry
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -220,12 +215,22 @@ class GatewayServicer:
         except PluginError as error:
             yield gateway_pb2.GatewayStreamItem(error=error_message(error))
         except DispatchError as error:
-            told = self._told(error, request, request_id)
-            await context.abort(
-                STATUS_BY_TYPE.get(error.type, grpc.StatusCode.FAILED_PRECONDITION),
-                status_message(told.message),
-                trailing_metadata=trailers(told),
-            )
+            await self._abort(context, error, request, request_id)
+
+    async def _abort(
+        self,
+        context: grpc.aio.ServicerContext,
+        error: DispatchError,
+        request: gateway_pb2.GatewayCall | None,
+        request_id: str,
+    ) -> None:
+        """End the call with ``error``'s status, told as the gateway tells it (its trailers)."""
+        told = self._told(error, request, request_id)
+        await context.abort(
+            STATUS_BY_TYPE.get(error.type, grpc.StatusCode.FAILED_PRECONDITION),
+            status_message(told.message),
+            trailing_metadata=trailers(told),
+        )
 
     async def _request(self, context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayCall:
         """The call's one message, parsed, before anything else is done for it.
