@@ -307,14 +307,22 @@ class EtcdPrefix:
         async for chunk in stream.iter_any():
             pending += chunk
             while (end := pending.find(b"\n")) >= 0:
+                # A line that came whole in one read is held to the limit too: checked only
+                # while it was unfinished, it passed or not as the socket cut the stream.
+                if end > self._max_bytes:
+                    raise RegistryFailure(self._line_over)
                 line = bytes(pending[:end]).strip()
                 del pending[: end + 1]
                 if line:
                     yield line
             if len(pending) > self._max_bytes:
-                raise RegistryFailure(f"a line of etcd's watch is over {self._max_bytes} bytes")
+                raise RegistryFailure(self._line_over)
         if pending.strip():
             yield bytes(pending).strip()
+
+    @property
+    def _line_over(self) -> str:
+        return f"a line of etcd's watch is over {self._max_bytes} bytes"
 
     def _decode(self, body: bytes, what: str) -> dict[str, Any]:
         try:
