@@ -13,6 +13,7 @@ import base64
 import contextlib
 import gc
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -619,3 +620,49 @@ def test_on_uvloop(test: Any) -> None:
     uvloop = pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(test())
+
+
+async def test_a_channel_closed_before_it_reads_leaves_no_read_watch_behind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A channel closed before its reader ran (a dial cancelled after the hello) then ran
+    ``run``, which armed the read watch: ``_closed`` runs once, so nothing stopped it, and
+    it probed and 'dropped' a connection long closed, with a warning."""
+    from providers.websocket.channel import Channel
+
+    async def accept(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", accept)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"http://{host}:{port}/ws") as socket_,
+        ):
+            channel = Channel(
+                socket_,
+                "test plugin",
+                heartbeat=0.1,
+                max_in_flight=8,
+                max_message_bytes=1 << 20,
+                max_events_per_second=100,
+                sink=None,
+            )
+            await channel.close()
+            with caplog.at_level(logging.WARNING, "dispatcher.providers.websocket"):
+                await channel.run()
+                await asyncio.sleep(0.5)  # three bounds of 0.15 s
+            assert channel._read_watch._handle is None
+            assert not [r for r in caplog.records if "dropping" in r.getMessage()]
+    finally:
+        await runner.cleanup()

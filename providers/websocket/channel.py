@@ -398,6 +398,7 @@ class Channel:
         except ConnectionError as error:
             reason = f"the connection failed: {type(error).__name__}"
         finally:
+            watch.stop()  # also when the channel was closed before it read (_closed: once)
             code = self.socket.close_code
             self._closed(f"{reason} (close code {code})" if code else reason)
 
