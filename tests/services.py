@@ -8,6 +8,11 @@ its fixture ends, so nothing outlives the test session.
   (``etcd_prefix``).
 * ``own_etcd`` (function): an etcd a test may ``stop()`` and ``start()`` again on the
   same ports and data folder, for "the registry is down" cases.
+* ``secure_etcd`` (function): an etcd on ``https://`` that asks for a client certificate
+  and has etcd's authentication on (``SecureEtcd``: its CA, the client pairs it trusts,
+  users ``root`` and ``reader``, the latter allowed to read ``READER_PREFIX`` only); its
+  simple tokens expire after ``TOKEN_TTL`` seconds, so a client that keeps one too long
+  finds out within a test.
 * ``redis_server`` (session) and ``own_redis`` (function): redis-server on a free loopback
   port with no persistence (nothing written to disk); ``own_redis`` may be ``stop()``ped
   (killed), ``pause()``d (SIGSTOP: a Redis that accepts connections and never answers)
@@ -25,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -74,13 +80,22 @@ def port_free_on(*hosts: str) -> int:
 class Etcd:
     """One etcd process on loopback; ``stop`` and ``start`` keep its ports and data."""
 
+    scheme = "http"
+
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.client_port = free_port()
         self.peer_port = free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.url = f"{self.scheme}://127.0.0.1:{self.client_port}"
         self.process: subprocess.Popen[bytes] | None = None
         self._log = data_dir.parent / f"{data_dir.name}.log"
+
+    def _server_flags(self) -> list[str]:
+        """What a variant of this etcd adds to its command line."""
+        return []
+
+    def _open(self, request: urllib.request.Request | str, timeout: float) -> Any:
+        return urllib.request.urlopen(request, timeout=timeout)
 
     def start(self) -> None:
         if not Path(ETCD).exists():
@@ -98,6 +113,7 @@ class Etcd:
             # No metrics endpoint, no periodic snapshot of a large WAL: a quiet test server.
             "--listen-metrics-urls=",
             "--log-level=warn",
+            *self._server_flags(),
         ]
         with self._log.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -106,7 +122,7 @@ class Etcd:
             if self.process.poll() is not None:
                 pytest.fail(f"etcd exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                with self._open(f"{self.url}/health", timeout=2) as answer:
                     if json.loads(answer.read()).get("health") == "true":
                         return
             except (OSError, ValueError):
@@ -138,11 +154,17 @@ class Etcd:
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         request = urllib.request.Request(
-            f"{self.url}{path}", data=json.dumps(body).encode(), method="POST"
+            f"{self.url}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers=self._headers(),
         )
-        with urllib.request.urlopen(request, timeout=10) as answer:
+        with self._open(request, timeout=10) as answer:
             result: dict[str, Any] = json.loads(answer.read())
             return result
+
+    def _headers(self) -> dict[str, str]:
+        return {}
 
     def put(self, key: str, value: str | bytes, *, lease: int | None = None) -> None:
         raw = value.encode() if isinstance(value, str) else value
@@ -171,6 +193,120 @@ class Etcd:
 
     def grant(self, ttl: int) -> int:
         return int(self.call("/v3/lease/grant", {"TTL": ttl})["ID"])
+
+
+#: The prefix ``SecureEtcd``'s ``reader`` may read (and nothing else).
+READER_PREFIX = "/linchkit-secure"
+#: Seconds a ``SecureEtcd`` token lives unused: short, so keeping one too long shows.
+TOKEN_TTL = 2
+
+
+class SecureEtcd(Etcd):
+    """An etcd as a careful operator runs it: TLS on its client port, a client certificate
+    required (``--client-cert-auth``), and etcd's users and roles on, with short-lived
+    simple tokens. ``root`` may do anything (the test client below is ``root``);
+    ``reader`` (password ``reader_password``) may read keys under ``READER_PREFIX``.
+    ``client_pair`` is a certificate and key the server accepts, ``stranger_pair`` one
+    from another CA."""
+
+    scheme = "https"
+    reader_password = "reader-pw-7a1c"
+    _root_password = "root-pw-19fe"
+
+    def __init__(self, data_dir: Path) -> None:
+        import trustme
+
+        super().__init__(data_dir)
+        folder = data_dir.parent / "tls"
+        folder.mkdir(exist_ok=True)
+        self.ca = trustme.CA()
+        self.ca_file = folder / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        server = self.ca.issue_cert("127.0.0.1", "localhost", "etcd.test")
+        self._server_pair = _written(folder, "server", server)
+        self.client_pair = _written(folder, "client", self.ca.issue_cert("linchkit-client"))
+        self.stranger_pair = _written(
+            folder, "stranger", trustme.CA().issue_cert("linchkit-client")
+        )
+        self._context = ssl.create_default_context(cafile=str(self.ca_file))
+        self._context.load_cert_chain(*self.client_pair)
+        self._token: str | None = None
+
+    def _server_flags(self) -> list[str]:
+        cert, key = self._server_pair
+        return [
+            f"--cert-file={cert}",
+            f"--key-file={key}",
+            f"--trusted-ca-file={self.ca_file}",
+            "--client-cert-auth",
+            "--auth-token=simple",
+            f"--auth-token-ttl={TOKEN_TTL}",
+        ]
+
+    def start(self) -> None:
+        super().start()
+        if self._token is None:  # the first start; a restart keeps the data, users and all
+            self._enable_auth()
+
+    def _open(self, request: urllib.request.Request | str, timeout: float) -> Any:
+        return urllib.request.urlopen(request, timeout=timeout, context=self._context)
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": self._token} if self._token else {}
+
+    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """As root; a token that expired is replaced once."""
+        try:
+            return super().call(path, body)
+        except urllib.error.HTTPError as error:
+            if error.code != 401 or self._token is None:
+                raise
+        self._token = None
+        self._token = self.authenticate("root", self._root_password)
+        return super().call(path, body)
+
+    def authenticate(self, name: str, password: str) -> str:
+        answer = Etcd.call(self, "/v3/auth/authenticate", {"name": name, "password": password})
+        return str(answer["token"])
+
+    def _enable_auth(self) -> None:
+        # A fresh etcd answers its health check before its cluster version is settled, and
+        # until then refuses every auth request as "not capable" (HTTP 412).
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                self.call("/v3/auth/user/add", {"name": "root", "password": self._root_password})
+                break
+            except urllib.error.HTTPError as error:
+                if error.code != 412 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.call("/v3/auth/user/add", {"name": "reader", "password": self.reader_password})
+        self.call("/v3/auth/role/add", {"name": "root"})
+        self.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self.call("/v3/auth/role/add", {"name": "reader"})
+        self.call(
+            "/v3/auth/role/grant",
+            {
+                "name": "reader",
+                "perm": {
+                    "permType": "READ",
+                    "key": _b64(f"{READER_PREFIX}/".encode()),
+                    "range_end": _b64(f"{READER_PREFIX}0".encode()),
+                },
+            },
+        )
+        self.call("/v3/auth/user/grant", {"user": "reader", "role": "reader"})
+        self.call("/v3/auth/enable", {})
+        self._token = self.authenticate("root", self._root_password)
+
+
+def _written(folder: Path, name: str, cert: Any) -> tuple[Path, Path]:
+    """``cert`` (a trustme leaf) as PEM files ``<name>.pem`` and ``<name>.key``."""
+    cert_file, key_file = folder / f"{name}.pem", folder / f"{name}.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    return cert_file, key_file
 
 
 def _b64(raw: bytes) -> str:
@@ -225,6 +361,18 @@ def own_etcd() -> Iterator[Etcd]:
     """An etcd of this test's own, which it may stop and start again."""
     with tempfile.TemporaryDirectory(prefix="linchkit-etcd-") as folder:
         yield from _running_etcd(folder)
+
+
+@pytest.fixture
+def secure_etcd() -> Iterator[SecureEtcd]:
+    """An etcd of this test's own behind TLS, client certificates and etcd's users."""
+    with tempfile.TemporaryDirectory(prefix="linchkit-etcd-") as folder:
+        server = SecureEtcd(Path(folder) / "data")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture
