@@ -47,6 +47,7 @@ from dispatcher.fleet.sources.etcd_client import Change, EtcdPrefix, PrefixRead,
 from dispatcher.fleet.sources.first_keys import FirstKeys
 from providers._log_lines import sparingly
 from providers.base import Health
+from providers.tls import ClientTlsContext
 
 __all__ = ["RegistryEntries"]
 
@@ -80,6 +81,8 @@ class RegistryEntries:
             config.prefix,
             timeout=config.timeout_ms / 1000,
             retry=config.retry_ms / 1000,
+            tls=None if config.tls is None else ClientTlsContext(config.tls),
+            auth=config.auth,
         )
         self._kept = _Kept(FirstKeys(config.trust.max_entries))
         #: Overflows so far, what their log lines are spared by (``sparingly``): keys

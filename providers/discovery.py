@@ -16,8 +16,9 @@ target turns each into a concrete target with ``TargetConfig.instance_at``. This
 holds the manifest's models, checked when the manifest loads, and the seam; the sources
 that watch DNS and etcd live in ``dispatcher.fleet.sources``, and a provider whose
 instances it knows itself (plugins that connect in) offers one through
-``Provider.instance_source``. It imports nothing of the rest of the providers package, so
-``providers.target`` can build on it.
+``Provider.instance_source``. It imports nothing of the rest of the providers package but
+the models' leaves (``providers.model``, ``providers.tls``), so ``providers.target`` can
+build on it.
 
 The registry contract (what a plugin writes, what the dispatcher reads) is one etcd key
 per instance under the prefix, ``<prefix>/<instance id>``, attached to a lease the
@@ -30,9 +31,10 @@ that (``linchkit_plugin.registry``, ``sdk/go/plugin/registry.go``; docs/registry
 from __future__ import annotations
 
 import abc
+import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AnyHttpUrl,
@@ -40,17 +42,22 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SecretStr,
     Tag,
     field_validator,
     model_validator,
 )
 
 from providers._headers import BaseUrl
+from providers.model import StrictModel
+from providers.tls import ClientTls
 
 __all__ = [
     "DnsDiscovery",
     "DnsInstance",
     "Endpoint",
+    "EtcdAccess",
+    "EtcdAuth",
     "InstanceSource",
     "RegistryDiscovery",
     "RegistryInstance",
@@ -179,25 +186,82 @@ class DnsDiscovery(_Spec):
         return f"dns {self.type} {self.name}{where}"
 
 
-class RegistryDiscovery(_Spec):
-    """Instances from an etcd registry: every key under ``prefix``, watched."""
+class EtcdAuth(StrictModel):
+    """``auth:`` etcd's own users: the dispatcher asks ``/v3/auth/authenticate`` for a token
+    and sends it with every request, asking again once the token has expired."""
+
+    username: str = Field(min_length=1, max_length=256)
+    password: SecretStr = Field(
+        min_length=1,
+        description="Write it as ${NAME} and keep it in the environment: a manifest is read"
+        " by many.",
+    )
+
+
+class EtcdAccess(StrictModel):
+    """How the dispatcher reaches an etcd: its URL, TLS towards it, and the user it is.
+
+    With ``tls``, the URL is ``https://``: ``ca_file`` verifies etcd (instead of the
+    system's roots), ``cert_file``/``key_file`` are presented to an etcd that asks for a
+    client certificate (``--client-cert-auth``; etcd may also take the certificate's
+    common name as the user); the files are read again when they change. With ``auth``,
+    a password never crosses a network in clear: ``http://`` only to a loopback address.
+    """
 
     etcd: BaseUrl = Field(description="Base URL of etcd's client API (v3 JSON gateway).")
+    tls: ClientTls | None = Field(
+        default=None, description="TLS towards etcd (an https:// URL): CA, client certificate."
+    )
+    auth: EtcdAuth | None = Field(default=None, description="etcd user and password.")
+
+    @field_validator("etcd")
+    @classmethod
+    def _no_credentials(cls, value: AnyHttpUrl) -> AnyHttpUrl:
+        if value.username or value.password:
+            raise ValueError(
+                "etcd credentials do not go in the URL (it shows in logs and health):"
+                " use auth: {username, password}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _secrets_cross_no_network_in_clear(self) -> Self:
+        if self.etcd.scheme == "https":
+            return self
+        if self.tls is not None:
+            raise ValueError("tls needs an https:// etcd URL")
+        if self.auth is not None and not _loopback(self.etcd.host):
+            raise ValueError(
+                "auth over http:// would send the password in clear: use an https:// etcd"
+                " URL (http:// is allowed to a loopback address only)"
+            )
+        return self
+
+    def describe(self) -> str:
+        return f"etcd {str(self.etcd).rstrip('/')}"
+
+
+def _loopback(host: str | None) -> bool:
+    name = (host or "").strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class RegistryDiscovery(EtcdAccess):
+    """Instances from an etcd registry: every key under ``prefix``, watched."""
+
     prefix: str = Field(min_length=2, pattern=r"^/[^\s]*[^/\s]$")
     timeout_ms: int = Field(default=2_000, ge=10, le=60_000)
     retry_ms: int = Field(
         default=1_000, ge=10, description="Wait before reading again after the registry failed."
     )
 
-    @field_validator("etcd")
-    @classmethod
-    def _no_credentials(cls, value: AnyHttpUrl) -> AnyHttpUrl:
-        if value.username or value.password:
-            raise ValueError("etcd authentication by URL credentials is not supported")
-        return value
-
     def describe(self) -> str:
-        return f"etcd {str(self.etcd).rstrip('/')} {self.prefix}"
+        return f"{super().describe()} {self.prefix}"
 
 
 class DnsInstance(_Spec):

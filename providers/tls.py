@@ -28,7 +28,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from linchkit_plugin.errors import ProviderError
-from providers.target import ManifestPath, StrictModel
+from providers.model import ManifestPath, StrictModel
 
 __all__ = ["ClientTls", "ClientTlsContext", "files_stamp"]
 

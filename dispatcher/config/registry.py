@@ -33,11 +33,11 @@ from typing import Annotated, Any
 
 import orjson
 import yaml
-from pydantic import AnyHttpUrl, Field, field_validator
+from pydantic import Field
 
 from dispatcher.config.includes import parse_yaml
 from linchkit_plugin.wire import nested_deeper_than
-from providers._headers import BaseUrl
+from providers.discovery import EtcdAccess
 from providers.target import StrictModel
 
 __all__ = ["EntryTrust", "RegistryConfig", "entry_item"]
@@ -73,10 +73,9 @@ class EntryTrust(StrictModel):
     )
 
 
-class RegistryConfig(StrictModel):
+class RegistryConfig(EtcdAccess):
     """``registry:``: where plugin entries are published and how they are followed."""
 
-    etcd: BaseUrl = Field(description="Base URL of etcd's client API (v3 JSON gateway).")
     prefix: str = Field(min_length=2, pattern=r"^/[^\s]*[^/\s]$")
     debounce_ms: int = Field(
         default=500, ge=0, le=60_000, description="Changes within this window apply together."
@@ -87,15 +86,8 @@ class RegistryConfig(StrictModel):
     )
     trust: EntryTrust = Field(default_factory=EntryTrust)
 
-    @field_validator("etcd")
-    @classmethod
-    def _no_credentials(cls, value: AnyHttpUrl) -> AnyHttpUrl:
-        if value.username or value.password:
-            raise ValueError("etcd authentication by URL credentials is not supported")
-        return value
-
     def describe(self) -> str:
-        return f"etcd {str(self.etcd).rstrip('/')} {self.prefix}"
+        return f"{super().describe()} {self.prefix}"
 
 
 def entry_item(key: str, value: bytes, config: RegistryConfig) -> dict[str, Any]:

@@ -63,6 +63,7 @@ from dispatcher.fleet.sources.first_keys import FirstKeys
 from dispatcher.fleet.sources.health import ReadHealth
 from providers._log_lines import sparingly
 from providers.discovery import Endpoint, RegistryDiscovery
+from providers.tls import ClientTlsContext
 
 __all__ = ["EtcdSource", "RegistryFailure", "parse_registration"]
 
@@ -169,6 +170,8 @@ class EtcdSource(InstanceSource):
             timeout=spec.timeout_ms / 1000,
             retry=spec.retry_ms / 1000,
             max_message_bytes=max_message_bytes,
+            tls=None if spec.tls is None else ClientTlsContext(spec.tls),
+            auth=spec.auth,
         )
         self._kept = _Kept()
         #: The list last reported (None: none yet), not reported again while it holds.

@@ -30,6 +30,15 @@ keys go backwards (each page must start after the last), the watch stream ending
 cancelled or a page's revision compacted between two pages. The reader keeps what it had: nothing here reports an
 empty set because etcd went away. A silent watch is a quiet registry, not a failure; a
 half-open connection is caught by TCP keepalive.
+
+TLS and etcd's users (``EtcdAccess``: an ``https://`` URL, ``tls``, ``auth``): every request
+goes with the current ``ssl.SSLContext`` of the target's TLS files (``ClientTlsContext``,
+read again when they change: the connections opened after a rotation present the new
+certificate) and, with ``auth``, the user's token (``etcd_login``). A token etcd no longer
+takes is asked for again and the request repeated once: a range page answered HTTP 401, a
+watch cancelled for its token as it is created. A password etcd refuses, a user without
+permission on the prefix and a certificate either side refuses are failures as above,
+each saying so (never quoting a password or a token), and the reader keeps what it had.
 """
 
 from __future__ import annotations
@@ -41,11 +50,21 @@ import contextlib
 import math
 import socket
 from collections.abc import AsyncGenerator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
+
+from dispatcher.fleet.sources.etcd_login import (
+    EtcdLogin,
+    LoginFailure,
+    cancelled_for_token,
+    token_refused,
+)
+from providers.discovery import EtcdAuth
+from providers.tls import ClientTlsContext
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -112,8 +131,12 @@ class EtcdPrefix:
         timeout: float,
         retry: float,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        tls: ClientTlsContext | None = None,
+        auth: EtcdAuth | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
+        self._tls = tls
+        self._login = EtcdLogin(auth) if auth is not None else None
         self._timeout = timeout
         self._retry = retry
         self._max_bytes = max_message_bytes
@@ -149,8 +172,7 @@ class EtcdPrefix:
             except TimeoutError:
                 on_failure(f"no answer within {self._timeout * 1000:g} ms", delay)
             except (aiohttp.ClientError, OSError) as failure:
-                reason = one_line(str(failure)) or type(failure).__name__
-                on_failure(f"cannot reach etcd: {reason}", delay)
+                on_failure(_unreachable(failure), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, _BACKOFF_CAP * self._retry)
 
@@ -163,7 +185,7 @@ class EtcdPrefix:
         except TimeoutError:
             return f"no answer within {self._timeout * 1000:g} ms"
         except (aiohttp.ClientError, OSError) as failure:
-            return f"cannot reach etcd: {one_line(str(failure)) or type(failure).__name__}"
+            return _unreachable(failure)
         return None
 
     async def read(self, into: PrefixRead) -> int:
@@ -212,45 +234,70 @@ class EtcdPrefix:
                 raise RegistryFailure("etcd's range answer says more keys follow but holds none")
 
     async def _range_page(self, request: dict[str, Any]) -> dict[str, Any]:
-        async with asyncio.timeout(self._timeout):
-            async with self._http().post(
-                f"{self._base}/v3/kv/range", data=orjson.dumps(request)
-            ) as answer:
-                body = await self._bounded_body(answer)
-        document = self._decode(body, "the range read")
-        if answer.status != 200:
-            raise RegistryFailure(
-                f"etcd answered HTTP {answer.status} to the range read{_why(document)}"
-            )
-        return document
+        body = orjson.dumps(request)
+        for first in (True, False):
+            async with asyncio.timeout(self._timeout):
+                token = await self._token()
+                async with self._post("/v3/kv/range", body, token) as answer:
+                    raw = await self._bounded_body(answer)
+            document = self._decode(raw, "the range read")
+            if first and self._token_failed(token, answer.status, document):
+                continue  # asked again with a new token
+            if answer.status != 200:
+                raise RegistryFailure(
+                    f"etcd answered HTTP {answer.status} to the range read{self._why(document)}"
+                )
+            return document
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _watch(self, start_revision: int, on_change: OnChange) -> bool:
         """Follow the watch until it ends (False) or ``on_change`` asks for a read (True)."""
         request = {"create_request": {**self._range, "start_revision": str(start_revision)}}
-        async with self._http().post(
-            f"{self._base}/v3/watch",
-            data=orjson.dumps(request),
-            # No total: a watch lasts as long as the registry does. Connecting and the
-            # "created" answer are bounded below.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
-        ) as answer:
-            if answer.status != 200:
-                async with asyncio.timeout(self._timeout):
-                    body = await self._bounded_body(answer)
-                raise RegistryFailure(
-                    f"etcd answered HTTP {answer.status} to the watch{_why(self._decode(body, 'the watch'))}"
-                )
-            if answer.connection is not None and answer.connection.transport is not None:
-                _keep_alive(answer.connection.transport.get_extra_info("socket"))
-            async with contextlib.aclosing(self._lines(answer.content)) as lines:
-                async with asyncio.timeout(self._timeout):
-                    created = await anext(lines, None)
-                if created is None:
-                    return False  # ended before it began: follow() says so
-                self._changes(created)
-                async for line in lines:
-                    if (changes := self._changes(line)) and on_change(changes):
-                        return True
+        body = orjson.dumps(request)
+        for first in (True, False):
+            async with asyncio.timeout(self._timeout):
+                token = await self._token()
+            async with self._post(
+                "/v3/watch",
+                body,
+                token,
+                # No total: a watch lasts as long as the registry does. Connecting and the
+                # "created" answer are bounded below.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
+            ) as answer:
+                if answer.status != 200:
+                    async with asyncio.timeout(self._timeout):
+                        document = self._decode(await self._bounded_body(answer), "the watch")
+                    if first and self._token_failed(token, answer.status, document):
+                        continue
+                    raise RegistryFailure(
+                        f"etcd answered HTTP {answer.status} to the watch{self._why(document)}"
+                    )
+                if answer.connection is not None and answer.connection.transport is not None:
+                    _keep_alive(answer.connection.transport.get_extra_info("socket"))
+                async with contextlib.aclosing(self._lines(answer.content)) as lines:
+                    async with asyncio.timeout(self._timeout):
+                        created = await anext(lines, None)
+                    if created is None:
+                        return False  # ended before it began: follow() says so
+                    if first and self._watch_refused_token(token, created):
+                        continue
+                    self._changes(created)
+                    async for line in lines:
+                        if (changes := self._changes(line)) and on_change(changes):
+                            return True
+            return False
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _watch_refused_token(self, token: str | None, created: bytes) -> bool:
+        """Whether etcd cancelled the watch for its token as it created it (the watch
+        stream answers 200 and says so in its first line); if so, the token is dropped."""
+        if self._login is None or token is None:
+            return False
+        result = self._decode(created, "the watch").get("result")
+        if isinstance(result, dict) and cancelled_for_token(result):
+            self._login.failed(token)
+            return True
         return False
 
     def _changes(self, line: bytes) -> list[Change]:
@@ -292,6 +339,47 @@ class EtcdPrefix:
                 headers={"content-type": "application/json"},
             )
         return self._session
+
+    def _post(
+        self, path: str, body: bytes, token: str | None, **options: Any
+    ) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """A POST to etcd with the current TLS context and, with ``auth``, ``token``."""
+        if token is not None:
+            options["headers"] = {"authorization": token}
+        if self._tls is not None:
+            options["ssl"] = self._tls.current()
+            options["server_hostname"] = self._tls.server_name
+        return self._http().post(f"{self._base}{path}", data=body, **options)
+
+    async def _token(self) -> str | None:
+        """The user's token (None without ``auth``); asked for now if there is none."""
+        if self._login is None:
+            return None
+        try:
+            return await self._login.token(self._post_without_token)
+        except LoginFailure as failure:
+            raise RegistryFailure(str(failure)) from None
+
+    async def _post_without_token(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        async with self._post(path, body, None) as answer:
+            raw = await self._bounded_body(answer)
+        return answer.status, self._decode(raw, "the authentication")
+
+    def _token_failed(self, token: str | None, status: int, document: dict[str, Any]) -> bool:
+        """Whether etcd refused ``token``; if so, the next request asks for a new one."""
+        if self._login is None or token is None or not token_refused(status, document):
+            return False
+        self._login.failed(token)
+        return True
+
+    def _why(self, document: dict[str, Any]) -> str:
+        """``: <etcd's message>``, and what the message means for this reader's settings."""
+        why = _why(document)
+        if self._login is None and "user name is empty" in why:
+            return f"{why} (etcd has authentication on: give the dispatcher auth: {{username, password}})"
+        if self._login is not None and "permission denied" in why:
+            return f"{why} (user {self._login.username!r} may not read this prefix)"
+        return why
 
     async def _bounded_body(self, answer: aiohttp.ClientResponse) -> bytes:
         body = bytearray()
@@ -343,6 +431,27 @@ def one_line(text: str, limit: int = 200) -> str:
     """``text`` flattened to one line of at most ``limit`` characters."""
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+#: What OpenSSL names the alerts of a server refusing our certificate (or its absence) by.
+_CERTIFICATE_REFUSED = (
+    "ALERT_BAD_CERTIFICATE",
+    "CERTIFICATE_REQUIRED",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_CERTIFICATE_UNKNOWN",
+    "ALERT_CERTIFICATE_EXPIRED",
+    "ALERT_CERTIFICATE_REVOKED",
+)
+
+
+def _unreachable(failure: BaseException) -> str:
+    """Why etcd could not be reached, in one line; a TLS refusal says which side refused."""
+    reason = one_line(str(failure)) or type(failure).__name__
+    if any(alert in reason for alert in _CERTIFICATE_REFUSED):
+        return f"etcd refused the client certificate (tls.cert_file, or none given): {reason}"
+    if "CERTIFICATE_VERIFY_FAILED" in reason:
+        return f"etcd's certificate is not trusted (tls.ca_file, tls.server_name): {reason}"
+    return f"cannot reach etcd: {reason}"
 
 
 def _b64(raw: bytes) -> str:
