@@ -2,13 +2,18 @@
 
 A plugin runs on its targets only once each target's provider has *attached* it (started
 its process, opened its client, deployed it…); the dispatcher must *detach* every such
-attachment, in reverse order, before it closes the providers. This module keeps that
-ledger, so start, reload and close share one account of what is attached:
+attachment, in reverse order where that matters, before it closes the providers. This
+module keeps that ledger, so start, reload and close share one account of what is attached:
 
 - ``attach`` at start, every instance of every target of a plugin;
 - ``attach_new`` at a reload, what the new manifest adds, all or none;
 - ``retire`` what a reloaded manifest no longer uses (detached once its calls are done);
 - ``aclose`` everything, then the providers.
+
+Detaching many (a close, a reload that removes several plugins) goes by queue
+(``Provider.detach_queue``): within one, one after another, newest first, for its
+detaches depend on each other's order (entries at one gRPC address); the queues at once,
+for they share nothing: plugins that hang cost about one stop grace together, not one each.
 
 A provider no plugin used at start is made and started when a reload first needs it.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any, NamedTuple
 
 from dispatcher._reload import ReloadPlan
@@ -41,6 +46,10 @@ class Attachment(NamedTuple):
 
     def key(self) -> tuple[str, str]:
         return self.plugin.key, self.target.key
+
+    def queue(self) -> tuple[str, Hashable]:
+        """The attachments whose detaches run in turn with this one's (``detach_queue``)."""
+        return self.provider.name, self.provider.detach_queue(self.plugin, self.target)
 
 
 def instances_of(plugin: PluginSpec[Any]) -> list[TargetConfig]:
@@ -111,18 +120,14 @@ class Attachments:
                 await provider.attach(plugin, instance)
                 attached.append(Attachment(provider, plugin, instance))
         except BaseException:
-            for each in reversed(attached):
-                try:
-                    await each.provider.detach(each.plugin, each.target)
-                except Exception:
-                    log.exception("detaching %s after a failed reload failed", each.plugin.key)
+            await self.detach_unadopted(attached)
             raise
         return attached
 
     async def detach_unadopted(self, attached: list[Attachment]) -> None:
-        """Detach what ``attach_new`` attached and nothing adopted, newest first."""
-        for each in reversed(attached):
-            await _detached(each)
+        """Detach what ``attach_new`` attached and nothing adopted, newest first in each
+        queue; a failure is logged, not raised."""
+        await _in_queues(reversed(attached), _detached)
 
     def adopt(self, attached: Iterable[Attachment]) -> None:
         self._attached.extend(attached)
@@ -145,40 +150,49 @@ class Attachments:
         return bool(self._retired)
 
     async def detach_retired(self) -> None:
-        """Detach what reloads retired, newest first: this reload's, and what one whose
-        caller gave up after its swap left; a failure is logged, not raised. Those a close
-        detached meanwhile are not detached again, and once a close has begun none is
-        started here: the close waits only for the detach under way, then does the rest."""
-        while self._retired and not self._closing:
-            each = self._retired.pop()
-            detach = asyncio.ensure_future(_detached(each))
-            self._detaching.add(detach)
-            try:
-                detached = await detach
-            finally:
-                self._detaching.discard(detach)
-            if detached:
-                log.info("reload: detached %s from %s", each.plugin.key, each.target.describe())
+        """Detach what reloads retired, newest first in each queue: this reload's, and
+        what one whose caller gave up after its swap left; a failure is logged, not
+        raised. Those a close detached meanwhile are not detached again, and once a close
+        has begun none is started here: the close waits only for the detaches under way,
+        then does the rest."""
+        while self._retired and not self._closing:  # and what a reload retired meanwhile
+            await _in_queues(list(reversed(self._retired)), self._detach_retired)
+
+    async def _detach_retired(self, each: Attachment) -> None:
+        if self._closing or not _taken(self._retired, each):
+            return
+        detach = asyncio.ensure_future(_detached(each))
+        self._detaching.add(detach)
+        try:
+            detached = await detach
+        finally:
+            self._detaching.discard(detach)
+        if detached:
+            log.info("reload: detached %s from %s", each.plugin.key, each.target.describe())
 
     async def aclose(self) -> None:
-        """Detach everything, newest first, then close the started providers, last first.
-        What a reload retired and has not detached yet goes first: it is on its way out,
-        and what stays must not be handed its place (a service at one address keeps the
-        config of the entry detached last). A reload's detach under way ends first: its
-        provider closed under it would cut it in half (a ``Stop`` without its ``Destroy``)."""
+        """Detach everything, newest first in each queue (the queues at once), then close
+        the started providers, last first. What a reload retired and has not detached yet
+        goes first in its queue: it is on its way out, and what stays must not be handed
+        its place (a service at one address keeps the config of the entry detached last).
+        A reload's detach under way ends first: its provider closed under it would cut it
+        in half (a ``Stop`` without its ``Destroy``). A cancel lets the detaches under way
+        end, starts no other, and is raised then: what is left stays in the ledger."""
         self._closing = True
         if self._detaching:
             await asyncio.gather(*self._detaching, return_exceptions=True)
-        while self._retired:
-            await _detached(self._retired.pop())
-        while self._attached:
-            await _detached(self._attached.pop())
+        while self._retired or self._attached:  # and what a reload adopted meanwhile
+            await _in_queues([*reversed(self._retired), *reversed(self._attached)], self._detach)
         while self._started:
             provider = self._started.pop()
             try:
                 await provider.aclose()
             except Exception:
                 log.exception("closing provider %s failed", provider.name)
+
+    async def _detach(self, each: Attachment) -> None:
+        if _taken(self._retired, each) or _taken(self._attached, each):
+            await _detached(each)
 
     async def _started_provider(self, name: str) -> Provider[Any]:
         """The provider ``name``, made and started now if no plugin used it until this reload."""
@@ -197,6 +211,54 @@ def _wanted(plan: ReloadPlan) -> list[tuple[PluginSpec[Any], TargetConfig]]:
         had = {instance.key for instance in instances_of(old)}
         wanted.extend((new, each) for each in instances_of(new) if each.key not in had)
     return wanted
+
+
+async def _in_queues(
+    attachments: Iterable[Attachment], detach: Callable[[Attachment], Awaitable[object]]
+) -> None:
+    """``detach`` each of ``attachments``: one after another, in their order, within a
+    queue (``Attachment.queue``), the queues at once, so slow detaches that share nothing
+    cost the slowest one, not their sum. ``detach`` must not raise for a detach that
+    failed (``_detached`` logs it): one queue's failure stops none of the others.
+
+    A cancel cuts no detach in half (a process taken out of its provider's hands and not
+    stopped, a service with its ``Stop`` and no ``Destroy``): the detaches under way end,
+    none starts after it, then it is raised."""
+    queues: dict[tuple[str, Hashable], list[Attachment]] = {}
+    for each in attachments:
+        queues.setdefault(each.queue(), []).append(each)
+    given_up = False
+
+    async def in_turn(queue: list[Attachment]) -> None:
+        for each in queue:
+            if given_up:
+                return
+            await detach(each)
+
+    # Every queue to its end before anything is raised: a provider must not be closed
+    # under a detach still running in another queue.
+    everything = asyncio.gather(
+        *(in_turn(queue) for queue in queues.values()), return_exceptions=True
+    )
+    while not everything.done():
+        try:
+            await asyncio.shield(everything)
+        except asyncio.CancelledError:
+            given_up = True
+    for outcome in everything.result():
+        if isinstance(outcome, BaseException):  # not a failed detach (``_detached``)
+            raise outcome
+    if given_up:
+        raise asyncio.CancelledError
+
+
+def _taken(ledger: list[Attachment], each: Attachment) -> bool:
+    """Take ``each`` out of ``ledger`` (False: a close or a reload took it already)."""
+    for index in range(len(ledger) - 1, -1, -1):  # the newest are taken first
+        if ledger[index] is each:
+            del ledger[index]
+            return True
+    return False
 
 
 async def _detached(each: Attachment) -> bool:

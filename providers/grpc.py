@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections.abc import AsyncGenerator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Hashable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -377,6 +377,12 @@ class GrpcProvider(Provider[GrpcTarget]):
         be, on the same service)."""
         async with service.steps:
             await lifecycle.again(connection, service.initialised or plugin)
+
+    def detach_queue(self, plugin: PluginInfo, target: GrpcTarget) -> Hashable:
+        # One address is one service: the order its entries leave in decides the config
+        # it keeps (``_hand_over``), so they leave one after another; services at other
+        # addresses are stopped meanwhile.
+        return target.connect_address()
 
     async def detach(self, plugin: PluginInfo, target: GrpcTarget) -> None:
         users = self._users.get(target.key)

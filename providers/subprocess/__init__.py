@@ -25,7 +25,8 @@ Modelled on hashicorp/go-plugin (``docs/protocol.md``, "Subprocess plugins"):
    exits within ``restart_window_s`` is a crash loop: the plugin is left down and calls
    fail with ``TargetUnavailable``.
 7. Stopping: ``Stop``, ``Destroy``, close stdin, SIGTERM, and SIGKILL for anything still
-   running once ``stop_grace_ms`` (the bound of the whole stop) is over.
+   running once ``stop_grace_ms`` (the bound of the whole stop) is over. Each process is
+   its own (``detach_queue``): the dispatcher stops them all at once.
 
 No child outlives the dispatcher: the child's stdin is a pipe whose write end only the
 dispatcher holds (end-of-file when it dies, however it dies: plugins exit on it), and on

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from linchkit_plugin.errors import TargetUnavailable
@@ -52,6 +52,11 @@ class SubprocessProvider(Provider[SubprocessTarget]):
         process = self._processes.pop((plugin.id, plugin.version, target.key), None)
         if process is not None:
             await process.stop()
+
+    def detach_queue(self, plugin: PluginInfo, target: SubprocessTarget) -> Hashable:
+        # One process per plugin and target, sharing nothing with the others: a close
+        # stops them all at once, in about one ``stop_grace_ms`` however many hang.
+        return plugin.id, plugin.version, target.key
 
     async def aclose(self) -> None:
         processes, self._processes = self._processes, {}

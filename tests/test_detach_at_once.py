@@ -1,0 +1,227 @@
+"""A close, or a reload that removes several plugins, detaches plugins that share nothing
+at once: plugins that hang cost about one stop grace together, not one each.
+
+Plugins that share something whose state the order of their detaches decides (entries at
+one gRPC address: the service keeps the config of the entry detached last) are still
+detached one after another, newest first. Real subprocess plugins that ignore ``Stop`` and
+SIGTERM (``tests/plugins/crashing_plugin.py``), and real SDK gRPC services in this loop
+(``tests.recorded_grpc``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher, ProviderError
+from providers.subprocess import SubprocessProvider
+from tests.conftest import LOCAL_TARGET, echo_plugin, manifest
+from tests.recorded_grpc import (
+    Serve,
+    connections_to,
+    served_fixture,  # noqa: F401  (the fixture `served`)
+)
+from tests.services import free_port, until
+from tests.test_reload_grpc import entry
+from tests.test_subprocess_provider import alive, crashing
+
+GRACE_S = 1.0
+#: Three plugins that hang cost three graces one after another (3 s and more); at once,
+#: one grace and what starting the stops costs. Generous for a slow, busy machine.
+AT_ONCE_S = 2.5
+
+
+def hung(plugin_id: str) -> dict[str, Any]:
+    """A subprocess plugin whose ``Stop`` outlasts the grace (its stop hook is slower)
+    and which ignores SIGTERM and then hangs while exiting: only the SIGKILL at the end
+    of ``stop_grace_ms`` ends it."""
+    target = {
+        "env": {"HANG_ON_EXIT": "1", "STOP_HOOK_MS": "60000"},
+        "stop_grace_ms": int(GRACE_S * 1000),
+    }
+    return {**crashing(**target), "id": plugin_id}
+
+
+HUNG_IDS = ("hung-0", "hung-1", "hung-2")
+
+
+async def pids_of(dispatcher: Dispatcher) -> list[int]:
+    return [await dispatcher.call(plugin_id, "pid") for plugin_id in HUNG_IDS]
+
+
+def kill_left(pids: list[int]) -> None:
+    """What a failing test left running goes, so the next test does not pay for it."""
+    for pid in pids:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_closing_with_three_hung_plugins_costs_one_grace_not_three() -> None:
+    dispatcher = Dispatcher(manifest(*(hung(plugin_id) for plugin_id in HUNG_IDS)))
+    await dispatcher.start()
+    pids: list[int] = []
+    try:
+        pids = await pids_of(dispatcher)
+        started = time.monotonic()
+        await dispatcher.aclose()
+        elapsed = time.monotonic() - started
+        # Before: 3.0 s and more, one grace per plugin, one after another.
+        assert elapsed < AT_ONCE_S, f"aclose took {elapsed:.2f} s"
+        assert not [pid for pid in pids if alive(pid)]
+    finally:
+        kill_left(pids)
+
+
+async def test_a_reload_removing_three_hung_plugins_costs_one_grace_not_three() -> None:
+    kept = echo_plugin("echo", LOCAL_TARGET)
+    dispatcher = Dispatcher(manifest(kept, *(hung(plugin_id) for plugin_id in HUNG_IDS)))
+    pids: list[int] = []
+    async with dispatcher:
+        try:
+            pids = await pids_of(dispatcher)
+            started = time.monotonic()
+            summary = await dispatcher.reload(manifest(kept), grace=5)
+            elapsed = time.monotonic() - started
+            assert sorted(summary["removed"]) == [f"{each}@1.0.0" for each in HUNG_IDS]
+            # Before: 3.0 s and more, the retired plugins detached one after another.
+            assert elapsed < AT_ONCE_S, f"the reload took {elapsed:.2f} s"
+            assert not [pid for pid in pids if alive(pid)]
+        finally:
+            kill_left(pids)
+
+
+async def test_a_reload_undone_after_adding_three_hung_plugins_costs_one_grace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reload adds three plugins that hang, then one it cannot start (its executable's
+    digest differs): it undoes what it attached, the three at once."""
+    caplog.set_level(logging.INFO, logger="dispatcher.plugin")
+    kept = echo_plugin("echo", LOCAL_TARGET)
+    refused = {**crashing(sha256="0" * 64), "id": "refused"}
+    pids: list[int] = []
+    async with Dispatcher(manifest(kept)) as dispatcher:
+        try:
+            with pytest.raises(ProviderError, match="SHA-256"):
+                await dispatcher.reload(
+                    manifest(kept, *(hung(plugin_id) for plugin_id in HUNG_IDS), refused)
+                )
+            started = [
+                record
+                for record in caplog.records
+                if re.fullmatch(r"crashing plugin \d+ started", record.getMessage())
+            ]
+            pids = [int(record.getMessage().split()[2]) for record in started]
+            assert len(pids) == len(HUNG_IDS)
+            # From the last one's start: the refusal, then the detaches. Before: 3.0 s and
+            # more, one after another.
+            elapsed = time.time() - max(record.created for record in started)
+            assert elapsed < AT_ONCE_S, f"undoing the reload took {elapsed:.2f} s"
+            assert not [pid for pid in pids if alive(pid)]
+        finally:
+            kill_left(pids)
+
+
+async def test_a_cancelled_close_lets_the_stops_under_way_end() -> None:
+    """The host gives up on ``aclose`` while the three plugins are being stopped: each
+    stop runs to its end (its SIGKILL once the grace is over), then the cancel is raised.
+    Before, the cancel cut the stop under way: its process, already out of the provider's
+    hands, ran on."""
+    dispatcher = Dispatcher(manifest(*(hung(plugin_id) for plugin_id in HUNG_IDS)))
+    await dispatcher.start()
+    pids: list[int] = []
+    try:
+        pids = await pids_of(dispatcher)
+        provider = dispatcher.providers["subprocess"]
+        assert isinstance(provider, SubprocessProvider)
+        closing = asyncio.create_task(dispatcher.aclose())
+        await until(lambda: not provider._processes, "every stop under way", timeout=10)
+        await asyncio.sleep(0.1)  # each has sent its Stop: the grace runs
+        started = time.monotonic()
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert time.monotonic() - started < AT_ONCE_S
+        assert not [pid for pid in pids if alive(pid)]
+    finally:
+        kill_left(pids)
+
+
+async def test_closing_with_services_at_three_addresses_stops_them_at_once(
+    served: Serve,
+) -> None:
+    """Each service takes a second over its ``Stop``: their detaches share nothing, so
+    the close costs about one second. Each still gets ``Stop`` and ``Destroy``, once."""
+    services = [await served("127.0.0.1", free_port(), "1.0.0", f"svc-{n}") for n in range(3)]
+    entries = [
+        entry("1.0.0", each.address, plugin_id=f"svc-{n}") for n, each in enumerate(services)
+    ]
+    dispatcher = Dispatcher(manifest(*entries))
+    await dispatcher.start()
+    for each in services:
+        each.plugin.stop_takes = GRACE_S
+    started = time.monotonic()
+    await dispatcher.aclose()
+    elapsed = time.monotonic() - started
+    # Before: 3.0 s and more, one Stop after another.
+    assert elapsed < AT_ONCE_S, f"aclose took {elapsed:.2f} s"
+    for each in services:
+        assert each.plugin.steps == ["init", "start", "stop", "destroy"]
+    addresses = [each.address for each in services]
+    await until(lambda: not any(map(connections_to, addresses)), "every channel closed")
+
+
+def two_at_one_address(address: str) -> list[dict[str, Any]]:
+    """Two entries at one address whose targets differ (two channels, one service)."""
+    one = {**entry("1.0.0", address, plugin_id="one"), "config": {"who": "one"}}
+    two = {
+        **entry("1.0.0", address, plugin_id="two", connect_timeout_ms=9_000),
+        "config": {"who": "two"},
+    }
+    return [one, two]
+
+
+async def test_two_entries_at_one_address_are_detached_newest_first(served: Serve) -> None:
+    """``two``, attached last, had the service's last ``Init``: it leaves first and hands
+    the service to ``one`` (``Init`` and ``Start`` with its config), which then ends it,
+    once. Detached oldest first, ``one`` would leave while ``two``'s config ran, and
+    ``two`` end the service with no hand-over."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    dispatcher = Dispatcher(manifest(*two_at_one_address(service.address)))
+    await dispatcher.start()
+    assert service.plugin.configs == [{"who": "one"}, {"who": "two"}]
+    await dispatcher.aclose()
+    assert service.plugin.steps == ["init", "start"] * 3 + ["stop", "destroy"]
+    assert service.plugin.configs[-1] == {"who": "one"}
+    await until(lambda: not connections_to(service.address), "both channels closed")
+
+
+async def test_a_cancelled_close_ends_the_detach_under_way_and_starts_no_other(
+    served: Serve,
+) -> None:
+    """The close is cancelled while ``two`` hands the service to ``one`` (its ``Init``
+    takes a while): the hand-over ends (``Start`` follows its ``Init``), and ``one`` is
+    not detached after the cancel. Before, the cancel cut the hand-over after ``Init``."""
+    service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
+    dispatcher = Dispatcher(manifest(*two_at_one_address(service.address)))
+    await dispatcher.start()
+    recording = service.plugin
+    recording.init_takes = 0.5
+    closing = asyncio.create_task(dispatcher.aclose())
+    try:
+        await until(lambda: recording.steps.count("init") == 3, "the hand-over's Init")
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert recording.steps == ["init", "start"] * 3
+        assert recording.configs[-1] == {"who": "one"}
+    finally:
+        await dispatcher.providers["grpc"].aclose()  # the channels the cancel left open
