@@ -104,6 +104,13 @@ class Call:
     timeout: float | None = None
 
 
+def _log_failure(teardown: asyncio.Future[None]) -> None:
+    """The end of a close its caller stopped waiting for: a failure is logged, since
+    nobody else will hear of it."""
+    if not teardown.cancelled() and (error := teardown.exception()) is not None:
+        log.error("closing the dispatcher failed", exc_info=error)
+
+
 class Dispatcher:
     """Calls plugin methods on their function targets.
 
@@ -152,6 +159,9 @@ class Dispatcher:
         self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
         self._drained: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] | None = None
+        #: The close under way or done (``aclose``): a task of its own, so a cancelled
+        #: ``aclose`` leaves no half-closed dispatcher behind.
+        self._teardown: asyncio.Future[None] | None = None
         self._signal_drain = SignalDrain(lambda grace: self.aclose(grace=grace))
         #: The file ``reload_from_file`` reads again (``from_file`` sets it).
         self.manifest_path: str | None = None
@@ -266,13 +276,41 @@ class Dispatcher:
         Without it, batch items still queued are sent, and every call still in flight ends
         in ``ShuttingDown``, ``details["stage"] == "cut_off"``: one whose target closes
         under it (raised from the provider's error), one still running after that (an
-        in-process plugin's) cut off. A second ``aclose`` while the first runs waits for it.
+        in-process plugin's) cut off. A second ``aclose`` while the first runs waits for
+        it. A cancelled ``aclose`` stops waiting, not closing: the close goes on to its
+        end (a close cut in half would leave plugins running that nothing stops any
+        more), and a later ``aclose`` or ``wait_closed`` waits for that end.
         """
-        if self._state == "closed":
-            await self._wait_closed_by_another()
-            return
-        if grace is not None and self._state in ("running", "draining"):
+        teardown = self._teardown
+        if teardown is None and grace is not None and self._state in ("running", "draining"):
             await self.drain(grace)
+            teardown = self._teardown  # another aclose may have begun while this drained
+        if teardown is None:
+            closer = asyncio.current_task()
+            teardown = self._teardown = asyncio.ensure_future(self._tear_down(closer))
+            try:
+                await asyncio.shield(teardown)  # its failure is this caller's
+            except asyncio.CancelledError:
+                teardown.add_done_callback(_log_failure)  # nobody waits for it now
+                raise
+            return
+        signalled = self._signal_drain.task
+        if teardown is asyncio.current_task() or (
+            signalled is not None and signalled is asyncio.current_task()
+        ):
+            return  # called from within the close itself: waiting would never end
+        await asyncio.wait([teardown])  # another caller's close: its failure is the other's
+
+    async def _tear_down(self, closer: asyncio.Task[Any] | None) -> None:
+        """What ``aclose`` does, in a task of its own that a cancelled caller leaves running;
+        ``closer`` (the first ``aclose``'s caller) is not cut off as a call in flight."""
+        try:
+            await self._close_parts(closer)
+        finally:
+            if self._closed is not None and not self._closed.done():
+                self._closed.set_result(None)
+
+    async def _close_parts(self, closer: asyncio.Task[Any] | None) -> None:
         drained = self._drained is not None
         if self.registry is not None:
             await self.registry.aclose()  # first: no registry change applies while closing
@@ -296,7 +334,7 @@ class Dispatcher:
         if self.fleets is not None:
             await self.fleets.detach_all()  # the instances discovery brought
         await self._attachments.aclose()  # every plugin detached, then every provider closed
-        await self._cut_off_in_flight()  # what outlived its target: an in-process plugin's
+        await self._cut_off_in_flight(closer)  # what outlived its target: an in-process plugin's
         if self.authenticator is not None:
             await self.authenticator.aclose()
         if self._guard.audit is not None:
@@ -304,25 +342,13 @@ class Dispatcher:
         self._signal_drain.forget()
         if self.telemetry is not None:
             await self.telemetry.aclose()  # spans of the last calls are sent
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
 
-    async def _cut_off_in_flight(self) -> None:
+    async def _cut_off_in_flight(self, closer: asyncio.Task[Any] | None) -> None:
         """What still runs once every target has gone is cut off: a call of an in-process
         plugin ran on after ``aclose`` had stopped its plugin, and answered."""
         if self._in_flight.count:
-            cut = await self._in_flight.cut_off_and_wait(
-                asyncio.current_task(), "the dispatcher closed"
-            )
+            cut = await self._in_flight.cut_off_and_wait(closer, "the dispatcher closed")
             log.info("closing: cut off %d calls and streams still in flight", cut)
-
-    async def _wait_closed_by_another(self) -> None:
-        closed = self._closed
-        signalled = self._signal_drain.task
-        if signalled is not None and signalled is asyncio.current_task():
-            return
-        if closed is not None and not closed.done():
-            await asyncio.shield(closed)
 
     async def wait_closed(self) -> None:
         """Return once the dispatcher has closed: for a host that waits for a signal

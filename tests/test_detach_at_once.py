@@ -130,11 +130,13 @@ async def test_a_reload_undone_after_adding_three_hung_plugins_costs_one_grace(
             kill_left(pids)
 
 
-async def test_a_cancelled_close_lets_the_stops_under_way_end() -> None:
-    """The host gives up on ``aclose`` while the three plugins are being stopped: each
-    stop runs to its end (its SIGKILL once the grace is over), then the cancel is raised.
-    Before, the cancel cut the stop under way: its process, already out of the provider's
-    hands, ran on."""
+async def test_a_cancelled_close_goes_on_and_a_second_close_waits_for_its_end() -> None:
+    """The host gives up on ``aclose`` while the three plugins are being stopped: it hears
+    the cancel at once, and the close goes on (each stop to its end, its SIGKILL once the
+    grace is over). A second ``aclose`` and ``wait_closed`` wait for that end. Before, the
+    cancel cut the stop under way (its process, already out of the provider's hands, ran
+    on), and then the second ``aclose`` waited for ever: the close it waited for had no
+    one left to finish it."""
     dispatcher = Dispatcher(manifest(*(hung(plugin_id) for plugin_id in HUNG_IDS)))
     await dispatcher.start()
     pids: list[int] = []
@@ -149,7 +151,10 @@ async def test_a_cancelled_close_lets_the_stops_under_way_end() -> None:
         closing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await closing
-        assert time.monotonic() - started < AT_ONCE_S
+        assert time.monotonic() - started < GRACE_S / 2  # the caller stopped waiting
+        async with asyncio.timeout(AT_ONCE_S):
+            await dispatcher.aclose()
+            await dispatcher.wait_closed()
         assert not [pid for pid in pids if alive(pid)]
     finally:
         kill_left(pids)
@@ -204,24 +209,25 @@ async def test_two_entries_at_one_address_are_detached_newest_first(served: Serv
     await until(lambda: not connections_to(service.address), "both channels closed")
 
 
-async def test_a_cancelled_close_ends_the_detach_under_way_and_starts_no_other(
+async def test_a_cancelled_close_still_hands_over_and_ends_the_service(
     served: Serve,
 ) -> None:
     """The close is cancelled while ``two`` hands the service to ``one`` (its ``Init``
-    takes a while): the hand-over ends (``Start`` follows its ``Init``), and ``one`` is
-    not detached after the cancel. Before, the cancel cut the hand-over after ``Init``."""
+    takes a while): the close goes on, so the hand-over ends (``Start`` follows its
+    ``Init``) and ``one`` then ends the service, once. A cancel that cut the hand-over
+    after ``Init`` left a service with a config and no ``Start``."""
     service = await served("127.0.0.1", free_port(), "1.0.0", "svc")
     dispatcher = Dispatcher(manifest(*two_at_one_address(service.address)))
     await dispatcher.start()
     recording = service.plugin
     recording.init_takes = 0.5
     closing = asyncio.create_task(dispatcher.aclose())
-    try:
-        await until(lambda: recording.steps.count("init") == 3, "the hand-over's Init")
-        closing.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await closing
-        assert recording.steps == ["init", "start"] * 3
-        assert recording.configs[-1] == {"who": "one"}
-    finally:
-        await dispatcher.providers["grpc"].aclose()  # the channels the cancel left open
+    await until(lambda: recording.steps.count("init") == 3, "the hand-over's Init")
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    async with asyncio.timeout(10):
+        await dispatcher.wait_closed()
+    assert recording.steps == ["init", "start"] * 3 + ["stop", "destroy"]
+    assert recording.configs[-1] == {"who": "one"}
+    await until(lambda: not connections_to(service.address), "both channels closed")
