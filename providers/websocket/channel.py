@@ -21,10 +21,15 @@ stays bounded on both ways:
   is cancelled); events beyond ``max_events_per_second`` are dropped and counted.
 
 Answers for ids not in flight (late ones after a deadline, or made up) are counted in
-``unknown_ids`` and dropped: a result reaches its caller once or not at all. Frames that
-cannot be used are counted in ``protocol_errors`` and logged sparingly (the first, the
-1,000th, every 100,000th; what the plugin wrote escaped and cut): how many a plugin sends
-is its to decide, how many lines the host writes is not.
+``unknown_ids`` and dropped: a result reaches its caller once or not at all. A reply is
+matched by what its id asked: a ``response`` answers a call or ends a stream, a ``chunk``
+belongs to a stream, a ``health`` answers a health probe (an ``error`` may answer any).
+One of another kind (a ``health`` naming a call, a ``response`` naming a probe) answers
+nothing: it is a protocol error, and what its id asked still waits for its own answer.
+Frames that cannot be used are counted in ``protocol_errors`` and logged sparingly (the
+first, the 1,000th, every 100,000th; what the plugin wrote escaped and cut): how many a
+plugin sends is its to decide, how many lines the host writes is not. None costs the
+connection: the calls on it that the plugin answers properly go on.
 
 A plugin that is stopping sends ``goaway``: from then on no call or stream is sent on the
 channel (``going_away``; a call is refused as never sent), the ones in flight are
@@ -143,8 +148,10 @@ class Channel:
         self._sink = sink
         self._events = EventRate(max_events_per_second, describe, log)
         self._loop = asyncio.get_running_loop()
-        #: Unary calls and health probes in flight: id → the future of their answer.
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        #: Unary calls in flight: id → the future of their response.
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        #: Health probes in flight (``health``): id → the future of their ``health`` frame.
+        self._probes: dict[int, asyncio.Future[Any]] = {}
         #: Streams in flight: id → the queue of their chunks (and the final response).
         self._streams: dict[int, asyncio.Queue[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -184,7 +191,7 @@ class Channel:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending) + len(self._streams)
+        return len(self._calls) + len(self._probes) + len(self._streams)
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -216,7 +223,7 @@ class Channel:
         call_id, now = self._admit(invocation)
         data = self._frame("call", call_id, invocation, now)
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[call_id] = future
+        self._calls[call_id] = future
         written = self._writer.queue(data, call_id)
         try:
             # One deadline over the send and the answer: a plugin that stops reading
@@ -233,7 +240,7 @@ class Channel:
                 f"{self.describe} {invocation.plugin}.{invocation.method} did not answer in time"
             ) from None
         except asyncio.CancelledError:
-            if self._pending.pop(call_id, None) is not None:
+            if self._calls.pop(call_id, None) is not None:
                 self._writer.cancel(call_id, written)  # the caller gave up: so may the plugin
             raise
         except TargetUnavailable:
@@ -244,7 +251,7 @@ class Channel:
     def _forget(self, call_id: int, future: asyncio.Future[Any]) -> None:
         """Drop a call that failed before its answer, reading whatever the reader may have
         set on its future meanwhile (an unread exception would be logged as lost)."""
-        self._pending.pop(call_id, None)
+        self._calls.pop(call_id, None)
         if future.done() and not future.cancelled():
             future.exception()
 
@@ -298,7 +305,7 @@ class Channel:
             return Health("not_serving", "going away: the plugin is stopping")
         call_id = next(self._ids)
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[call_id] = future
+        self._probes[call_id] = future
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
@@ -311,7 +318,7 @@ class Channel:
         except DispatchError as error:
             return Health("not_serving", error.message)
         finally:
-            self._pending.pop(call_id, None)
+            self._probes.pop(call_id, None)
         latency_ms = (time.perf_counter() - started) * 1000
         status = answer.get("status") if type(answer) is dict else None
         detail = str(answer.get("detail", ""))[:500] if type(answer) is dict else ""
@@ -355,7 +362,7 @@ class Channel:
     def _frame_never_sent(self, call_id: int, error: BaseException) -> None:
         """The frame of call ``call_id`` will never go out: the call fails as never sent."""
         never_sent = self._never_sent(": the connection closed", error)
-        future = self._pending.pop(call_id, None)
+        future = self._calls.pop(call_id, None)
         if future is not None and not future.done():
             future.set_exception(never_sent)
         queue = self._streams.pop(call_id, None)
@@ -432,25 +439,9 @@ class Channel:
         kind = frame["type"]
         raw_id = frame.get("id")
         call_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
-        if kind == "response" or kind == "health":
-            future = self._pending.pop(call_id, None) if call_id is not None else None
-            if future is not None:
-                if not future.done():
-                    future.set_result(frame.get("response") if kind == "response" else frame)
-                return
-            queue = self._streams.get(call_id) if call_id is not None else None
-            if queue is not None and call_id is not None and kind == "response":
-                self._to_stream(call_id, queue, frame)
-                return
-            if kind == "health" and call_id is not None and call_id == self._probe_id:
-                return  # the answer to the read watch's probe: its coming was the point
-            self.unknown_ids += 1
-        elif kind == "chunk":
-            queue = self._streams.get(call_id) if call_id is not None else None
-            if queue is None or call_id is None:
-                self.unknown_ids += 1
-            else:
-                self._to_stream(call_id, queue, frame)
+        if kind == "response" or kind == "chunk" or kind == "health":
+            if call_id is None or not self._answered(kind, call_id, frame):
+                self._unanswered(kind, call_id)
         elif kind == "event":
             self._event(frame)
         elif kind == "error":
@@ -483,6 +474,58 @@ class Channel:
                 kind,
                 self.protocol_errors,
             )
+
+    def _answered(self, kind: str, call_id: int, frame: dict[str, Any]) -> bool:
+        """Hand a reply to what its id asked, if its kind answers that: a ``response`` a
+        call or a stream, a ``chunk`` a stream, a ``health`` a health probe."""
+        if kind == "response":
+            future = self._calls.pop(call_id, None)
+            if future is not None:
+                if not future.done():
+                    future.set_result(frame.get("response"))
+                return True
+        elif kind == "health":
+            future = self._probes.pop(call_id, None)
+            if future is not None:
+                if not future.done():
+                    future.set_result(frame)
+                return True
+            # The answer to the read watch's probe: its coming was the point.
+            return call_id == self._probe_id
+        queue = self._streams.get(call_id)
+        if queue is None:
+            return False
+        self._to_stream(call_id, queue, frame)
+        return True
+
+    def _unanswered(self, kind: str, call_id: int | None) -> None:
+        """A reply that answers nothing in flight. For an id not in flight (a late answer,
+        a made-up id): counted as unknown. For an id that asked something else: a
+        protocol error, as any frame this side cannot use is; what that id asked keeps
+        waiting for its own answer, so a plugin's lie neither becomes a result nor fails
+        a call with an error the plugin never sent."""
+        asked = None if call_id is None else self._asked(call_id)
+        if asked is None:
+            self.unknown_ids += 1
+        elif self._count_protocol_error():
+            log.warning(
+                "%s answered %s %d with a %.40r frame (%d unusable frames so far)",
+                self.describe,
+                asked,
+                call_id,
+                kind,
+                self.protocol_errors,
+            )
+
+    def _asked(self, call_id: int) -> str | None:
+        """What id ``call_id`` asked the plugin, if it is in flight."""
+        if call_id in self._calls:
+            return "call"
+        if call_id in self._streams:
+            return "stream"
+        if call_id in self._probes or call_id == self._probe_id:
+            return "health probe"
+        return None
 
     def _count_protocol_error(self) -> bool:
         """Count a frame from the plugin that this side cannot use; whether to log it."""
@@ -555,7 +598,9 @@ class Channel:
 
     def _peer_error(self, frame: dict[str, Any], call_id: Any) -> None:
         error = error_from_wire(frame.get("error"))
-        future = self._pending.pop(call_id, None) if type(call_id) is int else None
+        future = None
+        if type(call_id) is int:
+            future = self._calls.pop(call_id, None) or self._probes.pop(call_id, None)
         if future is not None and not future.done():
             future.set_exception(error)
             return
@@ -579,9 +624,10 @@ class Channel:
         self.leaving.set()
         self._read_watch.stop()
         self._writer.stop(reason)  # what is still queued fails as never sent
-        pending, self._pending = self._pending, {}
+        pending = [*self._calls.values(), *self._probes.values()]
+        self._calls, self._probes = {}, {}
         streams, self._streams = self._streams, {}
-        for future in pending.values():
+        for future in pending:
             if not future.done():
                 future.set_exception(self._cut_off(reason))
         for queue in streams.values():
