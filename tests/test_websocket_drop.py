@@ -287,8 +287,13 @@ async def dialled_channel(dispatcher: Dispatcher) -> Any:
 
 @contextlib.asynccontextmanager
 async def gateway_of(
-    heartbeat: float = 20.0, max_message_bytes: int = 32 * 1024 * 1024
+    heartbeat: float = 20.0,
+    max_message_bytes: int = 32 * 1024 * 1024,
+    *,
+    heartbeat_ms: int = 200,
 ) -> AsyncIterator[tuple[Dispatcher, tuple[str, int]]]:
+    """A gateway pinging its event subscribers every ``heartbeat`` seconds, serving the
+    inbound target of plugin ``raw`` (``heartbeat_ms``, ``max_message_bytes``)."""
     plugins = manifest(
         {
             "id": "raw",
@@ -297,7 +302,7 @@ async def gateway_of(
                 "provider": "websocket",
                 "mode": "inbound",
                 "token": TOKEN,
-                "heartbeat_ms": 200,
+                "heartbeat_ms": heartbeat_ms,
                 "max_message_bytes": max_message_bytes,
             },
             "defaults": {"timeout_ms": 10_000},
@@ -432,10 +437,10 @@ async def test_a_dialled_plugin_sending_fragments_between_pings_is_cut_off() -> 
 
 
 async def test_a_plugin_dialled_in_trickling_a_frame_is_cut_off_within_the_heartbeat() -> None:
-    """The same on the gateway's side: the bound follows the gateway's heartbeat, which
-    pings the plugins connected in (0.2 s here)."""
+    """The same on the gateway's side: the bound follows the inbound target's heartbeat
+    (0.2 s here), which the gateway pings the plugins connected in by too."""
     async with (
-        gateway_of(heartbeat=0.2) as (dispatcher, address),
+        gateway_of() as (dispatcher, address),
         raw_plugin_client(address, trickling(masked=True)) as plugin,
     ):
         await until(lambda: inbound_channel(dispatcher) is not None, 5)
@@ -453,7 +458,7 @@ async def test_a_plugin_dialled_in_that_is_idle_but_reads_is_kept_past_the_bound
     answers the gateway's pings and the health probes of its read watch (docs/protocol.md)
     stays connected for many heartbeats, and its answers are not counted as unknown."""
     async with (
-        gateway_of(heartbeat=0.1) as (dispatcher, address),
+        gateway_of() as (dispatcher, address),
         aiohttp.ClientSession() as session,
         session.ws_connect(
             f"http://{address[0]}:{address[1]}/v1/plugins/connect",
@@ -478,12 +483,119 @@ async def test_a_plugin_dialled_in_that_is_idle_but_reads_is_kept_past_the_bound
         try:
             await until(lambda: inbound_channel(dispatcher) is not None, 5)
             channel = inbound_channel(dispatcher)
-            await asyncio.sleep(1.5)  # fifteen of the gateway's heartbeats, five bounds
+            await asyncio.sleep(1.5)  # seven of its target's heartbeats, five bounds
             assert not channel.closed, channel.close_reason
             assert channel.unknown_ids == 0
         finally:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def pinged_plugin(
+    address: tuple[str, int], *, pong_after: float | None
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """Plugin ``raw`` dialled in with aiohttp, answering each ping ``pong_after`` seconds
+    late (None: never) and every health probe at once."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            f"http://{address[0]}:{address[1]}/v1/plugins/connect",
+            headers={
+                PLUGIN_ID_HEADER: "raw",
+                PLUGIN_VERSION_HEADER: "1.0.0",
+                "Authorization": f"Bearer {TOKEN}",
+            },
+            heartbeat=None,
+            autoping=False,
+        ) as plugin,
+    ):
+        await plugin.send_bytes(hello_frame("raw", "1.0.0", ["echo"]))
+        pongs: set[asyncio.Task[None]] = set()
+
+        async def pong_later(payload: bytes, delay: float) -> None:
+            await asyncio.sleep(delay)
+            await plugin.pong(payload)
+
+        async def read() -> None:
+            async for message in plugin:
+                if message.type == aiohttp.WSMsgType.PING:
+                    if pong_after is not None:
+                        pongs.add(asyncio.ensure_future(pong_later(message.data, pong_after)))
+                    continue
+                frame = orjson.loads(message.data)
+                if frame.get("type") == "health":
+                    answer = {"type": "health", "id": frame["id"], "status": "serving"}
+                    await plugin.send_bytes(orjson.dumps(answer))
+
+        reading = asyncio.ensure_future(read())
+        try:
+            yield plugin
+        finally:
+            for task in (reading, *pongs):
+                task.cancel()
+            await asyncio.gather(reading, *pongs, return_exceptions=True)
+
+
+async def test_a_plugin_dialled_in_is_pinged_by_its_targets_heartbeat_not_the_gateways() -> None:
+    """The gateway pings every 0.2 s, the plugin's target says a heartbeat of 1 s, and
+    the plugin's pongs take 0.3 s (a slow link): within the target's bound, which gives a
+    pong half a heartbeat. Before: the gateway's heartbeat pinged plugins connected in
+    (while the read watch and the write stall followed the target's), and found the
+    plugin gone at its first ping, a pong being due within 0.1 s."""
+    async with (
+        gateway_of(heartbeat=0.2, heartbeat_ms=1_000) as (dispatcher, address),
+        pinged_plugin(address, pong_after=0.3),
+    ):
+        await until(lambda: inbound_channel(dispatcher) is not None, 5)
+        channel = inbound_channel(dispatcher)
+        await asyncio.sleep(2.5)  # two of the target's pings, twelve of the gateway's
+        assert not channel.closed, channel.close_reason
+
+
+async def test_a_plugin_dialled_in_that_answers_no_ping_is_found_by_its_targets_heartbeat() -> None:
+    """The other way round: the target says 0.2 s, the gateway 30 s, and the plugin
+    answers its health probes (so its read watch keeps it) but no ping. Before: nothing
+    pinged it for 30 s, and a half-open connection that still looked alive would have
+    held its calls that long. Now it is found gone within its target's heartbeat."""
+    async with (
+        gateway_of(heartbeat=30.0, heartbeat_ms=200) as (dispatcher, address),
+        pinged_plugin(address, pong_after=None),
+    ):
+        await until(lambda: inbound_channel(dispatcher) is not None, 5)
+        channel = inbound_channel(dispatcher)
+        await until(lambda: channel.closed, 2)
+        assert "1006" in channel.close_reason, channel.close_reason
+
+
+async def test_a_plugin_whose_methods_name_several_inbound_targets_gets_the_shortest() -> None:
+    """One connection serves every inbound target its plugin's methods name: it is pinged
+    by the shortest heartbeat they ask (``connection_heartbeat``, which the provider's
+    channel bounds the connection's reads and writes by too)."""
+    from dispatcher.identity import Credentials
+
+    def inbound(heartbeat_ms: int) -> dict[str, Any]:
+        return {
+            "provider": "websocket",
+            "mode": "inbound",
+            "token": TOKEN,
+            "heartbeat_ms": heartbeat_ms,
+        }
+
+    plugins = manifest(
+        {
+            "id": "raw",
+            "version": "1.0.0",
+            "target": inbound(1_000),
+            "methods": {"echo": {}, "slow": {"target": inbound(300)}},
+        }
+    )
+    async with Dispatcher(plugins) as dispatcher:
+        admission = await dispatcher.admit_plugin(
+            "raw", "1.0.0", Credentials(authorization=f"Bearer {TOKEN}")
+        )
+    assert len(admission.targets) == 2
+    assert admission.heartbeat == 0.3
 
 
 async def silent(send: Callable[[bytes], Awaitable[None]]) -> None:
