@@ -778,3 +778,116 @@ async def test_a_channel_closed_before_it_reads_leaves_no_read_watch_behind(
             assert not [r for r in caplog.records if "dropping" in r.getMessage()]
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def closing_first(
+    *, reads: bool
+) -> AsyncIterator[tuple[str, asyncio.Event, asyncio.Future[None], list[bytes]]]:
+    """A raw WebSocket peer at 127.0.0.6 with a small receive buffer that reads nothing
+    until told (the event), then sends its close frame (1000) first. ``reads``: it then
+    reads everything sent to it into the list, to the end (the future is done then); else
+    it reads nothing ever."""
+    loop = asyncio.get_running_loop()
+    listener = small_receive_buffer()
+    listener.bind(("127.0.0.6", 0))
+    listener.listen()
+    told = asyncio.Event()
+    received: list[bytes] = []
+    accepted: list[socket.socket] = []
+
+    async def serve() -> None:
+        conn, _ = await loop.sock_accept(listener)
+        accepted.append(conn)
+        request = await read_head(conn)
+        key = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", request)
+        assert key is not None
+        accept = base64.b64encode(hashlib.sha1(key.group(1) + _GUID).digest())
+        await loop.sock_sendall(
+            conn,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n",
+        )
+        await told.wait()
+        await loop.sock_sendall(conn, ws_frame((1000).to_bytes(2, "big"), masked=False, opcode=8))
+        if not reads:
+            await asyncio.Event().wait()
+        while chunk := await loop.sock_recv(conn, 1 << 20):
+            received.append(chunk)
+
+    serving = asyncio.ensure_future(serve())
+    host, port = listener.getsockname()
+    try:
+        yield f"http://{host}:{port}/", told, serving, received
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        for each in (listener, *accepted):
+            each.close()
+
+
+@contextlib.asynccontextmanager
+async def channel_filled_and_closed_first(
+    url: str, told: asyncio.Event
+) -> AsyncIterator[tuple[Any, int]]:
+    """A channel to the peer at ``url`` with a 16 MiB event stuck in its buffers when the
+    peer's close frame arrives, its reader ended by that close; and its socket's inode."""
+    from providers.websocket.channel import Channel
+
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as socket_:
+        channel = Channel(
+            socket_,
+            "test plugin",
+            heartbeat=1.0,  # a grace of 1.5 s; no write stalls that long here
+            max_in_flight=8,
+            max_message_bytes=64 << 20,
+            max_events_per_second=100,
+            sink=None,
+        )
+        inode = tcp_inode(socket_.get_extra_info("sockname"), socket_.get_extra_info("peername"))
+        assert inode is not None
+        reader = asyncio.ensure_future(channel.run())
+        event = orjson.dumps({"type": "event", "event": "big", "data": BLOB})
+        sending = asyncio.ensure_future(channel.send_event(event))
+        await until(lambda: channel._writer.draining, 2)  # the peer's buffers are full
+        told.set()
+        await asyncio.wait_for(reader, 2)  # the peer's close frame ended it
+        try:
+            yield channel, inode
+        finally:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+
+
+async def test_a_channel_closed_after_its_plugin_closed_first_leaves_nothing_running() -> None:
+    """The plugin closes first with data still buffered for it and reads nothing more.
+    Before: the channel's close returned at once and left a loop timer behind, not the
+    channel's, holding the socket (and 16 MiB) to abort it 1.5 heartbeats later, however
+    long ago the channel was closed. Now the channel owns that grace: its close ends it,
+    and once the close returns the socket is let go and nothing of the channel runs."""
+    async with (
+        closing_first(reads=False) as (url, told, _, _),
+        channel_filled_and_closed_first(url, told) as (channel, inode),
+    ):
+        assert held(inode)
+        started = asyncio.get_running_loop().time()
+        await channel.close()
+        assert asyncio.get_running_loop().time() - started < 1.5 + 0.5  # its grace at most
+        assert not held(inode), "the closed channel's socket is still open"
+
+
+async def test_a_plugin_that_closed_first_and_reads_gets_the_rest_and_the_close_frame() -> None:
+    """The grace is kept: a plugin that closed first and then reads takes everything
+    buffered for it and the channel's close frame after it, not an abort, and the close
+    returns once it has (not after the whole grace)."""
+    async with (
+        closing_first(reads=True) as (url, told, read_to_the_end, received),
+        channel_filled_and_closed_first(url, told) as (channel, _),
+    ):
+        started = asyncio.get_running_loop().time()
+        await channel.close()
+        assert asyncio.get_running_loop().time() - started < 1.0
+        await asyncio.wait_for(read_to_the_end, 2)
+        data = b"".join(received)
+        assert len(data) > len(BLOB)
+        assert data[-8:-6] == bytes([0x88, 0x82]), data[-8:]  # a masked close frame, code only

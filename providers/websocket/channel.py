@@ -71,7 +71,7 @@ from providers._event_rate import EventRate
 from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
-from providers.websocket.closing import close_socket, hang_up
+from providers.websocket.closing import close_socket, hang_up, let_go
 from providers.websocket.read_watch import ReadWatch
 from providers.websocket.writer import FrameWriter, Socket
 
@@ -155,6 +155,9 @@ class Channel:
         #: Streams in flight: id → the queue of their chunks (and the final response).
         self._streams: dict[int, asyncio.Queue[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        #: The grace after a graceful close (``closing.let_go``): the channel's own, so
+        #: ``close`` ends it and nothing of the channel outlives ``close``.
+        self._letting_go: asyncio.Task[None] | None = None
         self._refusals_waiting = 0
         self.closed = False
         self.close_reason = ""
@@ -385,7 +388,12 @@ class Channel:
         await self._close_socket(code, reason)  # aiohttp's own state: closed, timers off
 
     async def _close_socket(self, code: int, reason: str) -> None:
-        await close_socket(self.socket, code, reason, stall_after=self._writer.stall_after)
+        buffered = await close_socket(self.socket, code, reason)
+        if buffered is not None and self._letting_go is None:
+            # As long as a write may wait for the plugin to take anything.
+            self._letting_go = self._loop.create_task(
+                let_go(buffered, self._writer.stall_after), name=f"letting go of {self.describe}"
+            )
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -644,7 +652,13 @@ class Channel:
     async def close(self, code: int = 1000, reason: str = "", *, at_once: bool = False) -> None:
         """Close the connection with ``code`` and ``reason`` (what the peer reads: it decides
         whether to dial again), failing what is still in flight on it. ``at_once``: drop
-        it (``hang_up``), not waiting for the plugin's close frame."""
+        it (``hang_up``), not waiting for the plugin's close frame.
+
+        Once it returns nothing of the channel runs, and its socket is let go: a plugin
+        that closed first with data still buffered for it has had its grace (it read the
+        rest, or 1.5 heartbeats passed and the socket was aborted). A loop timer used to
+        abort it after ``close`` had returned, holding the socket and what was buffered
+        for as long, whoever had let go of the channel."""
         self._closed(
             f"the dispatcher closed the connection ({code}: {reason})"
             if reason
@@ -654,6 +668,8 @@ class Channel:
             await self._drop(code, reason)
         else:
             await self._close_socket(code, reason)
+        if self._letting_go is not None:
+            await self._letting_go  # within 1.5 heartbeats; a cancelled close aborts it
         tasks = [*self._background, self._writer.task]
         for task in tasks:
             task.cancel()
