@@ -17,19 +17,18 @@ stays bounded on both ways:
   call gets no ``cancel``); a ``cancel`` is a queued frame, not a task. A write that the
   plugin takes nothing of for 1.5 heartbeats drops the connection (``_stalled``);
 * in: aiohttp refuses a message over ``max_message_bytes`` (the connection closes, 1009);
-  a stream's chunks queue up to ``_STREAM_QUEUE`` (then the stream fails ``Overloaded`` and
+  a stream's chunks queue up to ``STREAM_QUEUE`` (then the stream fails ``Overloaded`` and
   is cancelled); events beyond ``max_events_per_second`` are dropped and counted.
 
+What is in flight, and which reply answers it, is kept by ``InFlight`` (``in_flight.py``).
 Answers for ids not in flight (late ones after a deadline, or made up) are counted in
-``unknown_ids`` and dropped: a result reaches its caller once or not at all. A reply is
-matched by what its id asked: a ``response`` answers a call or ends a stream, a ``chunk``
-belongs to a stream, a ``health`` answers a health probe (an ``error`` may answer any).
-One of another kind (a ``health`` naming a call, a ``response`` naming a probe) answers
-nothing: it is a protocol error, and what its id asked still waits for its own answer.
-Frames that cannot be used are counted in ``protocol_errors`` and logged sparingly (the
-first, the 1,000th, every 100,000th; what the plugin wrote escaped and cut): how many a
-plugin sends is its to decide, how many lines the host writes is not. None costs the
-connection: the calls on it that the plugin answers properly go on.
+``unknown_ids`` and dropped: a result reaches its caller once or not at all. A reply of a
+kind that does not answer what its id asked (a ``health`` naming a call) is a protocol
+error, and what its id asked still waits for its own answer. Frames that cannot be used are
+counted in ``protocol_errors`` and logged sparingly (the first, the 1,000th, every
+100,000th; what the plugin wrote escaped and cut): how many a plugin sends is its to
+decide, how many lines the host writes is not. None costs the connection: the calls on it
+that the plugin answers properly go on.
 
 A plugin that is stopping sends ``goaway``: from then on no call or stream is sent on the
 channel (``going_away``; a call is refused as never sent), the ones in flight are
@@ -72,6 +71,7 @@ from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.websocket.closing import close_socket, hang_up, let_go
+from providers.websocket.in_flight import InFlight
 from providers.websocket.read_watch import ReadWatch
 from providers.websocket.writer import FrameWriter, Socket
 
@@ -90,16 +90,8 @@ log = logging.getLogger("dispatcher.providers.websocket")
 #: ``sink(event, data)``: where the plugin's events go.
 EventSink = Callable[[str, Any], None]
 
-#: Chunks of one stream held for its consumer: the plugin's window (it sends no more
-#: until granted ``credit``) and some to spare. A plugin that ignores the window fills it,
-#: and its stream fails ``Overloaded``. The stream's queue holds one more item: whatever
-#: ends the stream (its response, an error frame, ``Overloaded``, the connection's end)
-#: always finds a place, so its reader learns of it after the chunks it has, not at its
-#: deadline.
-_STREAM_QUEUE = STREAM_WINDOW + 8
 #: Consumed chunks that earn the plugin a ``credit`` frame: half a window at a time.
 _CREDIT_EVERY = STREAM_WINDOW // 2
-_END = object()
 #: How often a channel that was told ``goaway`` looks whether its last call has ended.
 _DRAIN_POLL_SECONDS = 0.01
 #: Refusals of a plugin's own calls waiting to be sent: past these a call frame is counted
@@ -148,12 +140,6 @@ class Channel:
         self._sink = sink
         self._events = EventRate(max_events_per_second, describe, log)
         self._loop = asyncio.get_running_loop()
-        #: Unary calls in flight: id → the future of their response.
-        self._calls: dict[int, asyncio.Future[Any]] = {}
-        #: Health probes in flight (``health``): id → the future of their ``health`` frame.
-        self._probes: dict[int, asyncio.Future[Any]] = {}
-        #: Streams in flight: id → the queue of their chunks (and the final response).
-        self._streams: dict[int, asyncio.Queue[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
         #: The grace after a graceful close (``closing.let_go``): the channel's own, so
         #: ``close`` ends it and nothing of the channel outlives ``close``.
@@ -178,6 +164,7 @@ class Channel:
             stalled=self._stalled,
             lost=self._closed,
         )
+        self._in_flight = InFlight(describe, overflowed=self._writer.queue_cancel)
         #: Whole frames read, looked at once every 1.5 heartbeats (``read_watch``).
         self._read_watch = ReadWatch(
             self._loop,
@@ -185,7 +172,6 @@ class Channel:
             probe=self._probe,
             stalled=self._read_stalled,
         )
-        self._probe_id: int | None = None
 
     @property
     def usable(self) -> bool:
@@ -194,7 +180,7 @@ class Channel:
 
     @property
     def in_flight(self) -> int:
-        return len(self._calls) + len(self._probes) + len(self._streams)
+        return len(self._in_flight)
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -225,8 +211,7 @@ class Channel:
     async def call(self, invocation: Invocation) -> Any:
         call_id, now = self._admit(invocation)
         data = self._frame("call", call_id, invocation, now)
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._calls[call_id] = future
+        future = self._in_flight.call(call_id)
         written = self._writer.queue(data, call_id)
         try:
             # One deadline over the send and the answer: a plugin that stops reading
@@ -243,7 +228,7 @@ class Channel:
                 f"{self.describe} {invocation.plugin}.{invocation.method} did not answer in time"
             ) from None
         except asyncio.CancelledError:
-            if self._calls.pop(call_id, None) is not None:
+            if self._in_flight.forget_call(call_id):
                 self._writer.cancel(call_id, written)  # the caller gave up: so may the plugin
             raise
         except TargetUnavailable:
@@ -254,15 +239,14 @@ class Channel:
     def _forget(self, call_id: int, future: asyncio.Future[Any]) -> None:
         """Drop a call that failed before its answer, reading whatever the reader may have
         set on its future meanwhile (an unread exception would be logged as lost)."""
-        self._calls.pop(call_id, None)
+        self._in_flight.forget_call(call_id)
         if future.done() and not future.cancelled():
             future.exception()
 
     async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
         call_id, now = self._admit(invocation)
         data = self._frame("stream", call_id, invocation, now)
-        queue: asyncio.Queue[Any] = asyncio.Queue(_STREAM_QUEUE + 1)
-        self._streams[call_id] = queue
+        queue = self._in_flight.stream(call_id)
         written = self._writer.queue(data, call_id)
         what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
         finished = False
@@ -298,7 +282,7 @@ class Channel:
                     )
                 yield item.get("data") if type(item) is dict else None
         finally:
-            if self._streams.pop(call_id, None) is not None and not finished:
+            if self._in_flight.forget_stream(call_id) and not finished:
                 self._writer.cancel(call_id, written)
 
     async def health(self, timeout: float) -> Health:
@@ -307,8 +291,7 @@ class Channel:
         if self.going_away:
             return Health("not_serving", "going away: the plugin is stopping")
         call_id = next(self._ids)
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._probes[call_id] = future
+        future = self._in_flight.probe(call_id)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
@@ -321,7 +304,7 @@ class Channel:
         except DispatchError as error:
             return Health("not_serving", error.message)
         finally:
-            self._probes.pop(call_id, None)
+            self._in_flight.forget_probe(call_id)
         latency_ms = (time.perf_counter() - started) * 1000
         status = answer.get("status") if type(answer) is dict else None
         detail = str(answer.get("detail", ""))[:500] if type(answer) is dict else ""
@@ -364,13 +347,7 @@ class Channel:
 
     def _frame_never_sent(self, call_id: int, error: BaseException) -> None:
         """The frame of call ``call_id`` will never go out: the call fails as never sent."""
-        never_sent = self._never_sent(": the connection closed", error)
-        future = self._calls.pop(call_id, None)
-        if future is not None and not future.done():
-            future.set_exception(never_sent)
-        queue = self._streams.pop(call_id, None)
-        if queue is not None:
-            self._end_stream(queue, never_sent)
+        self._in_flight.fail(call_id, self._never_sent(": the connection closed", error))
 
     async def _send_quietly(self, data: bytes) -> None:
         # The connection is gone, and whatever this was about with it.
@@ -419,8 +396,8 @@ class Channel:
 
     def _probe(self) -> None:
         """No whole frame for a bound: ask for one (``ReadWatch``), its answer unused."""
-        self._probe_id = next(self._ids)
-        self._spawn(self._send_quietly(encode_frame({"type": "health", "id": self._probe_id})))
+        probe_id = self._in_flight.watch_probe = next(self._ids)
+        self._spawn(self._send_quietly(encode_frame({"type": "health", "id": probe_id})))
 
     def _read_stalled(self) -> None:
         log.warning("%s: %s; dropping the connection", self.describe, READ_STALLED_REASON)
@@ -448,7 +425,7 @@ class Channel:
         raw_id = frame.get("id")
         call_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
         if kind == "response" or kind == "chunk" or kind == "health":
-            if call_id is None or not self._answered(kind, call_id, frame):
+            if call_id is None or not self._in_flight.reply(kind, call_id, frame):
                 self._unanswered(kind, call_id)
         elif kind == "event":
             self._event(frame)
@@ -483,36 +460,13 @@ class Channel:
                 self.protocol_errors,
             )
 
-    def _answered(self, kind: str, call_id: int, frame: dict[str, Any]) -> bool:
-        """Hand a reply to what its id asked, if its kind answers that: a ``response`` a
-        call or a stream, a ``chunk`` a stream, a ``health`` a health probe."""
-        if kind == "response":
-            future = self._calls.pop(call_id, None)
-            if future is not None:
-                if not future.done():
-                    future.set_result(frame.get("response"))
-                return True
-        elif kind == "health":
-            future = self._probes.pop(call_id, None)
-            if future is not None:
-                if not future.done():
-                    future.set_result(frame)
-                return True
-            # The answer to the read watch's probe: its coming was the point.
-            return call_id == self._probe_id
-        queue = self._streams.get(call_id)
-        if queue is None:
-            return False
-        self._to_stream(call_id, queue, frame)
-        return True
-
     def _unanswered(self, kind: str, call_id: int | None) -> None:
         """A reply that answers nothing in flight. For an id not in flight (a late answer,
         a made-up id): counted as unknown. For an id that asked something else: a
         protocol error, as any frame this side cannot use is; what that id asked keeps
         waiting for its own answer, so a plugin's lie neither becomes a result nor fails
         a call with an error the plugin never sent."""
-        asked = None if call_id is None else self._asked(call_id)
+        asked = None if call_id is None else self._in_flight.asked(call_id)
         if asked is None:
             self.unknown_ids += 1
         elif self._count_protocol_error():
@@ -524,16 +478,6 @@ class Channel:
                 kind,
                 self.protocol_errors,
             )
-
-    def _asked(self, call_id: int) -> str | None:
-        """What id ``call_id`` asked the plugin, if it is in flight."""
-        if call_id in self._calls:
-            return "call"
-        if call_id in self._streams:
-            return "stream"
-        if call_id in self._probes or call_id == self._probe_id:
-            return "health probe"
-        return None
 
     def _count_protocol_error(self) -> bool:
         """Count a frame from the plugin that this side cannot use; whether to log it."""
@@ -563,31 +507,6 @@ class Channel:
             await asyncio.sleep(_DRAIN_POLL_SECONDS)
         await self._close_socket(1000, "")  # ends ``run``
 
-    def _to_stream(self, call_id: int, queue: asyncio.Queue[Any], frame: dict[str, Any]) -> None:
-        if frame["type"] == "chunk" and queue.qsize() >= _STREAM_QUEUE:
-            # The consumer reads slower than the plugin writes: end the stream rather than
-            # hold its chunks without bound, or stall the reader every other call shares.
-            self._streams.pop(call_id, None)
-            self._end_stream(
-                queue,
-                Overloaded(
-                    f"{self.describe} stream {call_id}: its reader fell {_STREAM_QUEUE} chunks behind"
-                ),
-            )
-            self._writer.queue_cancel(call_id)  # its frame went out: the plugin is sending chunks
-            return
-        if frame["type"] == "chunk":
-            queue.put_nowait(frame)
-        else:
-            self._end_stream(queue, frame)
-
-    @staticmethod
-    def _end_stream(queue: asyncio.Queue[Any], end: Any) -> None:
-        """Queue what ends a stream, in the place its queue keeps for it (chunks never take
-        it). Full only when an end is queued already, which the reader stops at."""
-        with contextlib.suppress(asyncio.QueueFull):
-            queue.put_nowait(end)
-
     @property
     def events_dropped(self) -> int:
         """The plugin's events beyond ``max_events_per_second``, dropped."""
@@ -604,17 +523,9 @@ class Channel:
         except Exception:  # one bad handler must not end the connection
             log.exception("%s: delivering event %r failed", self.describe, name)
 
-    def _peer_error(self, frame: dict[str, Any], call_id: Any) -> None:
+    def _peer_error(self, frame: dict[str, Any], call_id: int | None) -> None:
         error = error_from_wire(frame.get("error"))
-        future = None
-        if type(call_id) is int:
-            future = self._calls.pop(call_id, None) or self._probes.pop(call_id, None)
-        if future is not None and not future.done():
-            future.set_exception(error)
-            return
-        queue = self._streams.pop(call_id, None) if type(call_id) is int else None
-        if queue is not None:
-            self._end_stream(queue, error)
+        if call_id is not None and self._in_flight.fail(call_id, error):
             return
         if self._count_protocol_error():
             log.warning(
@@ -632,14 +543,7 @@ class Channel:
         self.leaving.set()
         self._read_watch.stop()
         self._writer.stop(reason)  # what is still queued fails as never sent
-        pending = [*self._calls.values(), *self._probes.values()]
-        self._calls, self._probes = {}, {}
-        streams, self._streams = self._streams, {}
-        for future in pending:
-            if not future.done():
-                future.set_exception(self._cut_off(reason))
-        for queue in streams.values():
-            self._end_stream(queue, self._cut_off(reason))
+        self._in_flight.cut_off(lambda: self._cut_off(reason))
 
     def _cut_off(self, reason: str) -> TargetUnavailable:
         # Sent and maybe run: retryable, but only the retry policy (idempotent methods)
