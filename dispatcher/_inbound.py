@@ -29,7 +29,7 @@ from dispatcher.config import Manifest, PluginSpec
 from dispatcher.identity import ChainAuthenticator, Credentials
 from linchkit_plugin.errors import DispatchError, PluginNotFound, Unauthorized
 from providers.base import Provider
-from providers.target import TargetConfig
+from providers.target import TargetConfig, connection_heartbeat
 
 __all__ = ["WRONG_CREDENTIALS", "Admission", "admit"]
 
@@ -55,6 +55,13 @@ class Admission:
         targets allow (``TargetConfig.inbound_message_limit``); None if none says."""
         limits = [limit for t in self.targets if (limit := t.inbound_message_limit())]
         return max(limits) if limits else None
+
+    @property
+    def heartbeat(self) -> float | None:
+        """Seconds between pings of the plugin's connection: the heartbeat its provider
+        bounds the connection's other liveness checks by (``connection_heartbeat``);
+        None if its targets do not say."""
+        return connection_heartbeat(self.targets)
 
     async def serve(self, connection: Any, peer: tuple[str, int]) -> None:
         await self.provider.accept(self.plugin, self.targets, connection, peer)

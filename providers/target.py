@@ -56,6 +56,7 @@ __all__ = [
     "PluginInfo",
     "StrictModel",
     "TargetConfig",
+    "connection_heartbeat",
     "masked_url",
 ]
 
@@ -229,6 +230,11 @@ class TargetConfig(StrictModel):
         (the gateway reads none larger); None, the default, for the gateway's own."""
         return None
 
+    def inbound_heartbeat(self) -> float | None:
+        """Seconds between pings of a plugin connected as an instance of this target
+        (``connection_heartbeat``); None, the default, for the gateway's own."""
+        return None
+
     def is_fleet(self) -> bool:
         return bool(self.instance_sources()) or len(self.instance_targets()) > 1
 
@@ -320,3 +326,14 @@ class PluginInfo(Protocol):
     def capabilities(self) -> Capabilities:
         """What the plugin may touch where a provider sandboxes it (defaults deny)."""
         ...
+
+
+def connection_heartbeat(targets: Sequence[TargetConfig]) -> float | None:
+    """The heartbeat of one plugin connection serving ``targets`` (reverse mode), in
+    seconds: the gateway pings the connection by it, and its provider bounds the
+    connection's other liveness checks (a read that stalls, a write that stalls) by it
+    too, so one setting decides when the plugin is gone. The shortest any target asks:
+    each says a plugin silent for 1.5 of its heartbeats is gone, and the one connection
+    serves them all. None if none says."""
+    heartbeats = [heartbeat for target in targets if (heartbeat := target.inbound_heartbeat())]
+    return min(heartbeats) if heartbeats else None

@@ -287,8 +287,13 @@ async def dialled_channel(dispatcher: Dispatcher) -> Any:
 
 @contextlib.asynccontextmanager
 async def gateway_of(
-    heartbeat: float = 20.0, max_message_bytes: int = 32 * 1024 * 1024
+    heartbeat: float = 20.0,
+    max_message_bytes: int = 32 * 1024 * 1024,
+    *,
+    heartbeat_ms: int = 200,
 ) -> AsyncIterator[tuple[Dispatcher, tuple[str, int]]]:
+    """A gateway pinging its event subscribers every ``heartbeat`` seconds, serving the
+    inbound target of plugin ``raw`` (``heartbeat_ms``, ``max_message_bytes``)."""
     plugins = manifest(
         {
             "id": "raw",
@@ -297,7 +302,7 @@ async def gateway_of(
                 "provider": "websocket",
                 "mode": "inbound",
                 "token": TOKEN,
-                "heartbeat_ms": 200,
+                "heartbeat_ms": heartbeat_ms,
                 "max_message_bytes": max_message_bytes,
             },
             "defaults": {"timeout_ms": 10_000},
@@ -432,10 +437,10 @@ async def test_a_dialled_plugin_sending_fragments_between_pings_is_cut_off() -> 
 
 
 async def test_a_plugin_dialled_in_trickling_a_frame_is_cut_off_within_the_heartbeat() -> None:
-    """The same on the gateway's side: the bound follows the gateway's heartbeat, which
-    pings the plugins connected in (0.2 s here)."""
+    """The same on the gateway's side: the bound follows the inbound target's heartbeat
+    (0.2 s here), which the gateway pings the plugins connected in by too."""
     async with (
-        gateway_of(heartbeat=0.2) as (dispatcher, address),
+        gateway_of() as (dispatcher, address),
         raw_plugin_client(address, trickling(masked=True)) as plugin,
     ):
         await until(lambda: inbound_channel(dispatcher) is not None, 5)
@@ -453,7 +458,7 @@ async def test_a_plugin_dialled_in_that_is_idle_but_reads_is_kept_past_the_bound
     answers the gateway's pings and the health probes of its read watch (docs/protocol.md)
     stays connected for many heartbeats, and its answers are not counted as unknown."""
     async with (
-        gateway_of(heartbeat=0.1) as (dispatcher, address),
+        gateway_of() as (dispatcher, address),
         aiohttp.ClientSession() as session,
         session.ws_connect(
             f"http://{address[0]}:{address[1]}/v1/plugins/connect",
@@ -478,12 +483,119 @@ async def test_a_plugin_dialled_in_that_is_idle_but_reads_is_kept_past_the_bound
         try:
             await until(lambda: inbound_channel(dispatcher) is not None, 5)
             channel = inbound_channel(dispatcher)
-            await asyncio.sleep(1.5)  # fifteen of the gateway's heartbeats, five bounds
+            await asyncio.sleep(1.5)  # seven of its target's heartbeats, five bounds
             assert not channel.closed, channel.close_reason
             assert channel.unknown_ids == 0
         finally:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def pinged_plugin(
+    address: tuple[str, int], *, pong_after: float | None
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """Plugin ``raw`` dialled in with aiohttp, answering each ping ``pong_after`` seconds
+    late (None: never) and every health probe at once."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            f"http://{address[0]}:{address[1]}/v1/plugins/connect",
+            headers={
+                PLUGIN_ID_HEADER: "raw",
+                PLUGIN_VERSION_HEADER: "1.0.0",
+                "Authorization": f"Bearer {TOKEN}",
+            },
+            heartbeat=None,
+            autoping=False,
+        ) as plugin,
+    ):
+        await plugin.send_bytes(hello_frame("raw", "1.0.0", ["echo"]))
+        pongs: set[asyncio.Task[None]] = set()
+
+        async def pong_later(payload: bytes, delay: float) -> None:
+            await asyncio.sleep(delay)
+            await plugin.pong(payload)
+
+        async def read() -> None:
+            async for message in plugin:
+                if message.type == aiohttp.WSMsgType.PING:
+                    if pong_after is not None:
+                        pongs.add(asyncio.ensure_future(pong_later(message.data, pong_after)))
+                    continue
+                frame = orjson.loads(message.data)
+                if frame.get("type") == "health":
+                    answer = {"type": "health", "id": frame["id"], "status": "serving"}
+                    await plugin.send_bytes(orjson.dumps(answer))
+
+        reading = asyncio.ensure_future(read())
+        try:
+            yield plugin
+        finally:
+            for task in (reading, *pongs):
+                task.cancel()
+            await asyncio.gather(reading, *pongs, return_exceptions=True)
+
+
+async def test_a_plugin_dialled_in_is_pinged_by_its_targets_heartbeat_not_the_gateways() -> None:
+    """The gateway pings every 0.2 s, the plugin's target says a heartbeat of 1 s, and
+    the plugin's pongs take 0.3 s (a slow link): within the target's bound, which gives a
+    pong half a heartbeat. Before: the gateway's heartbeat pinged plugins connected in
+    (while the read watch and the write stall followed the target's), and found the
+    plugin gone at its first ping, a pong being due within 0.1 s."""
+    async with (
+        gateway_of(heartbeat=0.2, heartbeat_ms=1_000) as (dispatcher, address),
+        pinged_plugin(address, pong_after=0.3),
+    ):
+        await until(lambda: inbound_channel(dispatcher) is not None, 5)
+        channel = inbound_channel(dispatcher)
+        await asyncio.sleep(2.5)  # two of the target's pings, twelve of the gateway's
+        assert not channel.closed, channel.close_reason
+
+
+async def test_a_plugin_dialled_in_that_answers_no_ping_is_found_by_its_targets_heartbeat() -> None:
+    """The other way round: the target says 0.2 s, the gateway 30 s, and the plugin
+    answers its health probes (so its read watch keeps it) but no ping. Before: nothing
+    pinged it for 30 s, and a half-open connection that still looked alive would have
+    held its calls that long. Now it is found gone within its target's heartbeat."""
+    async with (
+        gateway_of(heartbeat=30.0, heartbeat_ms=200) as (dispatcher, address),
+        pinged_plugin(address, pong_after=None),
+    ):
+        await until(lambda: inbound_channel(dispatcher) is not None, 5)
+        channel = inbound_channel(dispatcher)
+        await until(lambda: channel.closed, 2)
+        assert "1006" in channel.close_reason, channel.close_reason
+
+
+async def test_a_plugin_whose_methods_name_several_inbound_targets_gets_the_shortest() -> None:
+    """One connection serves every inbound target its plugin's methods name: it is pinged
+    by the shortest heartbeat they ask (``connection_heartbeat``, which the provider's
+    channel bounds the connection's reads and writes by too)."""
+    from dispatcher.identity import Credentials
+
+    def inbound(heartbeat_ms: int) -> dict[str, Any]:
+        return {
+            "provider": "websocket",
+            "mode": "inbound",
+            "token": TOKEN,
+            "heartbeat_ms": heartbeat_ms,
+        }
+
+    plugins = manifest(
+        {
+            "id": "raw",
+            "version": "1.0.0",
+            "target": inbound(1_000),
+            "methods": {"echo": {}, "slow": {"target": inbound(300)}},
+        }
+    )
+    async with Dispatcher(plugins) as dispatcher:
+        admission = await dispatcher.admit_plugin(
+            "raw", "1.0.0", Credentials(authorization=f"Bearer {TOKEN}")
+        )
+    assert len(admission.targets) == 2
+    assert admission.heartbeat == 0.3
 
 
 async def silent(send: Callable[[bytes], Awaitable[None]]) -> None:
@@ -666,3 +778,116 @@ async def test_a_channel_closed_before_it_reads_leaves_no_read_watch_behind(
             assert not [r for r in caplog.records if "dropping" in r.getMessage()]
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def closing_first(
+    *, reads: bool
+) -> AsyncIterator[tuple[str, asyncio.Event, asyncio.Future[None], list[bytes]]]:
+    """A raw WebSocket peer at 127.0.0.6 with a small receive buffer that reads nothing
+    until told (the event), then sends its close frame (1000) first. ``reads``: it then
+    reads everything sent to it into the list, to the end (the future is done then); else
+    it reads nothing ever."""
+    loop = asyncio.get_running_loop()
+    listener = small_receive_buffer()
+    listener.bind(("127.0.0.6", 0))
+    listener.listen()
+    told = asyncio.Event()
+    received: list[bytes] = []
+    accepted: list[socket.socket] = []
+
+    async def serve() -> None:
+        conn, _ = await loop.sock_accept(listener)
+        accepted.append(conn)
+        request = await read_head(conn)
+        key = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", request)
+        assert key is not None
+        accept = base64.b64encode(hashlib.sha1(key.group(1) + _GUID).digest())
+        await loop.sock_sendall(
+            conn,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n",
+        )
+        await told.wait()
+        await loop.sock_sendall(conn, ws_frame((1000).to_bytes(2, "big"), masked=False, opcode=8))
+        if not reads:
+            await asyncio.Event().wait()
+        while chunk := await loop.sock_recv(conn, 1 << 20):
+            received.append(chunk)
+
+    serving = asyncio.ensure_future(serve())
+    host, port = listener.getsockname()
+    try:
+        yield f"http://{host}:{port}/", told, serving, received
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        for each in (listener, *accepted):
+            each.close()
+
+
+@contextlib.asynccontextmanager
+async def channel_filled_and_closed_first(
+    url: str, told: asyncio.Event
+) -> AsyncIterator[tuple[Any, int]]:
+    """A channel to the peer at ``url`` with a 16 MiB event stuck in its buffers when the
+    peer's close frame arrives, its reader ended by that close; and its socket's inode."""
+    from providers.websocket.channel import Channel
+
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as socket_:
+        channel = Channel(
+            socket_,
+            "test plugin",
+            heartbeat=1.0,  # a grace of 1.5 s; no write stalls that long here
+            max_in_flight=8,
+            max_message_bytes=64 << 20,
+            max_events_per_second=100,
+            sink=None,
+        )
+        inode = tcp_inode(socket_.get_extra_info("sockname"), socket_.get_extra_info("peername"))
+        assert inode is not None
+        reader = asyncio.ensure_future(channel.run())
+        event = orjson.dumps({"type": "event", "event": "big", "data": BLOB})
+        sending = asyncio.ensure_future(channel.send_event(event))
+        await until(lambda: channel._writer.draining, 2)  # the peer's buffers are full
+        told.set()
+        await asyncio.wait_for(reader, 2)  # the peer's close frame ended it
+        try:
+            yield channel, inode
+        finally:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+
+
+async def test_a_channel_closed_after_its_plugin_closed_first_leaves_nothing_running() -> None:
+    """The plugin closes first with data still buffered for it and reads nothing more.
+    Before: the channel's close returned at once and left a loop timer behind, not the
+    channel's, holding the socket (and 16 MiB) to abort it 1.5 heartbeats later, however
+    long ago the channel was closed. Now the channel owns that grace: its close ends it,
+    and once the close returns the socket is let go and nothing of the channel runs."""
+    async with (
+        closing_first(reads=False) as (url, told, _, _),
+        channel_filled_and_closed_first(url, told) as (channel, inode),
+    ):
+        assert held(inode)
+        started = asyncio.get_running_loop().time()
+        await channel.close()
+        assert asyncio.get_running_loop().time() - started < 1.5 + 0.5  # its grace at most
+        assert not held(inode), "the closed channel's socket is still open"
+
+
+async def test_a_plugin_that_closed_first_and_reads_gets_the_rest_and_the_close_frame() -> None:
+    """The grace is kept: a plugin that closed first and then reads takes everything
+    buffered for it and the channel's close frame after it, not an abort, and the close
+    returns once it has (not after the whole grace)."""
+    async with (
+        closing_first(reads=True) as (url, told, read_to_the_end, received),
+        channel_filled_and_closed_first(url, told) as (channel, _),
+    ):
+        started = asyncio.get_running_loop().time()
+        await channel.close()
+        assert asyncio.get_running_loop().time() - started < 1.0
+        await asyncio.wait_for(read_to_the_end, 2)
+        data = b"".join(received)
+        assert len(data) > len(BLOB)
+        assert data[-8:-6] == bytes([0x88, 0x82]), data[-8:]  # a masked close frame, code only

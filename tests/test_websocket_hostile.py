@@ -445,3 +445,83 @@ async def test_an_error_frame_for_a_stream_whose_queue_is_full_ends_the_stream_a
         assert raised.value.remote_type == "DiskFull"
         assert elapsed < 1.0, elapsed
         assert received == list(range(held + 1))
+
+
+@pytest.mark.parametrize("lie", ["health", "chunk"])
+async def test_a_reply_of_another_kind_for_a_calls_id_is_counted_and_the_call_gets_its_own(
+    lie: str,
+) -> None:
+    """Before its response, the plugin sends a ``health`` (or ``chunk``) frame naming the
+    call's id: no answer to what that id asked. Before: the ``health`` frame was taken
+    for the call's response and the call failed (``ProviderError``: not a response
+    envelope); the chunk was counted as an unknown id. Now both are the protocol errors
+    they are: counted, dropped, and the call gets the answer the plugin sent for it."""
+    lies = {
+        "health": lambda call_id: {"type": "health", "id": call_id, "status": "serving"},
+        "chunk": lambda call_id: {"type": "chunk", "id": call_id, "data": "stolen"},
+    }
+    async with scripted(
+        lambda ws: answer_calls(ws, lambda call_id: [orjson.dumps(lies[lie](call_id))])
+    ) as d:
+        assert await d.call("liar", "echo", {"i": 1}) == {"i": 1}
+        channel = channel_of(d)
+        assert (channel.protocol_errors, channel.unknown_ids) == (1, 0)
+        assert not channel.closed  # one frame that answers nothing does not cost the others
+        assert await d.call("liar", "echo", {"i": 2}) == {"i": 2}
+
+
+async def test_a_health_frame_for_a_streams_id_is_counted_and_the_stream_goes_on() -> None:
+    async def streaming(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(HELLO)
+        async for message in ws:
+            frame = orjson.loads(message.data)
+            if frame["type"] != "stream":
+                continue
+            stream_id = frame["id"]
+            for reply in (
+                {"type": "chunk", "id": stream_id, "data": 1},
+                {"type": "health", "id": stream_id, "status": "not_serving"},
+                {"type": "chunk", "id": stream_id, "data": 2},
+                {"type": "response", "id": stream_id, "response": {"ok": True, "result": None}},
+            ):
+                await ws.send_bytes(orjson.dumps(reply))
+
+    async with scripted(streaming) as d:
+        assert [chunk async for chunk in d.stream("liar", "echo", {})] == [1, 2]
+        channel = channel_of(d)
+        assert (channel.protocol_errors, channel.unknown_ids) == (1, 0)
+
+
+async def test_a_response_frame_for_a_health_probes_id_is_not_read_as_its_health() -> None:
+    """The plugin answers a health probe with a ``response`` frame whose payload says
+    ``serving``, then with the ``health`` frame it owes, which says ``not_serving``.
+    Before: the response was read as the probe's answer, and the plugin reported
+    serving. Now it is a protocol error, counted and dropped: the health is the
+    plugin's own answer to the probe."""
+
+    async def lying_health(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(HELLO)
+        async for message in ws:
+            frame = orjson.loads(message.data)
+            if frame["type"] == "health":
+                lie = {"type": "response", "id": frame["id"], "response": {"status": "serving"}}
+                await ws.send_bytes(orjson.dumps(lie))
+                truth = {
+                    "type": "health",
+                    "id": frame["id"],
+                    "status": "not_serving",
+                    "detail": "draining",
+                }
+                await ws.send_bytes(orjson.dumps(truth))
+            elif frame["type"] == "call":
+                response = {"ok": True, "result": None}
+                await ws.send_bytes(
+                    orjson.dumps({"type": "response", "id": frame["id"], "response": response})
+                )
+
+    async with scripted(lying_health) as d:
+        await d.call("liar", "echo", {})  # connected
+        channel = channel_of(d)
+        health = await channel.health(2.0)
+        assert (health.status, health.detail) == ("not_serving", "draining")
+        assert (channel.protocol_errors, channel.unknown_ids) == (1, 0)

@@ -264,7 +264,7 @@ async def test_a_slow_stream_reader_holds_its_stream_not_the_connection(rig: Rig
     received = [await anext(stream)]
     await asyncio.sleep(0.5)  # the plugin fills its window, then waits
     channel = rig.dialed().channel
-    (queue,) = channel._streams.values()
+    (queue,) = channel._in_flight.streams.values()
     assert STREAM_WINDOW // 2 <= queue.qsize() <= STREAM_WINDOW
     assert await d.call("sock", "echo", {"value": "meanwhile"}) == "meanwhile"
     received += [chunk async for chunk in stream]

@@ -75,7 +75,8 @@ class GatewaySettings:
     #: Events one subscriber may leave unsent from one look of the hub to the next (a
     #: second, ``events.PATIENCE``) before it is cut off as too slow (``dispatcher.gateway.events``).
     max_pending_events: int = 1000
-    #: Seconds between WebSocket pings; a peer that does not answer one in time is closed.
+    #: Seconds between WebSocket pings of event subscribers; a peer that does not answer
+    #: one in time is closed. A plugin connected in is pinged by its target's heartbeat.
     heartbeat: float = 20.0
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -138,7 +138,14 @@ class WebSocketRoutes:
         except DispatchError as error:
             return error_answer(error)
         ws = web.WebSocketResponse(
-            heartbeat=self.settings.heartbeat,
+            # Pinged by the heartbeat of the plugin's target, not the gateway's: the
+            # provider bounds the connection's reads and writes by that one (a trickled
+            # frame, a plugin that stops reading), and with two settings a plugin was
+            # found gone by one while the other still kept it, or the other way round.
+            # The target's, because it is the plugin's: written beside its other limits,
+            # per version, and the same a dialled plugin's connection goes by. The
+            # gateway's heartbeat is its event subscribers'.
+            heartbeat=admission.heartbeat or self.settings.heartbeat,
             # No receive timeout (a timer per message): the channel's read watch finds a
             # plugin trickling a frame, as a dialled one's does (providers.websocket.read_watch).
             # The plugin's target's max_message_bytes, as a dialled plugin's: a message

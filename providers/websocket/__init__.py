@@ -1,11 +1,12 @@
 """``provider: websocket``: plugins over one WebSocket, dialled or dialling in.
 
 ``target`` holds the manifest's model, ``channel`` one open connection's multiplexed calls,
-``writer`` the one task that writes a connection's frames, in order, ``closing`` how a
-connection is closed or dropped at once, ``hello`` the first frame of a new connection,
-``dialer`` dial mode's reconnecting connection, ``inbound`` the connections of reverse mode
-and their instance source, ``provider`` the driver. aiohttp is imported with this package,
-which the dispatcher loads only for manifests that use it.
+``in_flight`` what a connection has asked and which reply answers it, ``writer`` the one
+task that writes a connection's frames, in order, ``read_watch`` whether its frames still
+come whole, ``closing`` how a connection is closed or dropped at once, ``hello`` the first
+frame of a new connection, ``dialer`` dial mode's reconnecting connection, ``inbound`` the
+connections of reverse mode and their instance source, ``provider`` the driver. aiohttp is
+imported with this package, which the dispatcher loads only for manifests that use it.
 """
 
 from __future__ import annotations

@@ -17,14 +17,18 @@ stays bounded on both ways:
   call gets no ``cancel``); a ``cancel`` is a queued frame, not a task. A write that the
   plugin takes nothing of for 1.5 heartbeats drops the connection (``_stalled``);
 * in: aiohttp refuses a message over ``max_message_bytes`` (the connection closes, 1009);
-  a stream's chunks queue up to ``_STREAM_QUEUE`` (then the stream fails ``Overloaded`` and
+  a stream's chunks queue up to ``STREAM_QUEUE`` (then the stream fails ``Overloaded`` and
   is cancelled); events beyond ``max_events_per_second`` are dropped and counted.
 
+What is in flight, and which reply answers it, is kept by ``InFlight`` (``in_flight.py``).
 Answers for ids not in flight (late ones after a deadline, or made up) are counted in
-``unknown_ids`` and dropped: a result reaches its caller once or not at all. Frames that
-cannot be used are counted in ``protocol_errors`` and logged sparingly (the first, the
-1,000th, every 100,000th; what the plugin wrote escaped and cut): how many a plugin sends
-is its to decide, how many lines the host writes is not.
+``unknown_ids`` and dropped: a result reaches its caller once or not at all. A reply of a
+kind that does not answer what its id asked (a ``health`` naming a call) is a protocol
+error, and what its id asked still waits for its own answer. Frames that cannot be used are
+counted in ``protocol_errors`` and logged sparingly (the first, the 1,000th, every
+100,000th; what the plugin wrote escaped and cut): how many a plugin sends is its to
+decide, how many lines the host writes is not. None costs the connection: the calls on it
+that the plugin answers properly go on.
 
 A plugin that is stopping sends ``goaway``: from then on no call or stream is sent on the
 channel (``going_away``; a call is refused as never sent), the ones in flight are
@@ -66,7 +70,8 @@ from providers._event_rate import EventRate
 from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
-from providers.websocket.closing import close_socket, hang_up
+from providers.websocket.closing import close_socket, hang_up, let_go
+from providers.websocket.in_flight import InFlight
 from providers.websocket.read_watch import ReadWatch
 from providers.websocket.writer import FrameWriter, Socket
 
@@ -85,16 +90,8 @@ log = logging.getLogger("dispatcher.providers.websocket")
 #: ``sink(event, data)``: where the plugin's events go.
 EventSink = Callable[[str, Any], None]
 
-#: Chunks of one stream held for its consumer: the plugin's window (it sends no more
-#: until granted ``credit``) and some to spare. A plugin that ignores the window fills it,
-#: and its stream fails ``Overloaded``. The stream's queue holds one more item: whatever
-#: ends the stream (its response, an error frame, ``Overloaded``, the connection's end)
-#: always finds a place, so its reader learns of it after the chunks it has, not at its
-#: deadline.
-_STREAM_QUEUE = STREAM_WINDOW + 8
 #: Consumed chunks that earn the plugin a ``credit`` frame: half a window at a time.
 _CREDIT_EVERY = STREAM_WINDOW // 2
-_END = object()
 #: How often a channel that was told ``goaway`` looks whether its last call has ended.
 _DRAIN_POLL_SECONDS = 0.01
 #: Refusals of a plugin's own calls waiting to be sent: past these a call frame is counted
@@ -143,11 +140,10 @@ class Channel:
         self._sink = sink
         self._events = EventRate(max_events_per_second, describe, log)
         self._loop = asyncio.get_running_loop()
-        #: Unary calls and health probes in flight: id → the future of their answer.
-        self._pending: dict[int, asyncio.Future[Any]] = {}
-        #: Streams in flight: id → the queue of their chunks (and the final response).
-        self._streams: dict[int, asyncio.Queue[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        #: The grace after a graceful close (``closing.let_go``): the channel's own, so
+        #: ``close`` ends it and nothing of the channel outlives ``close``.
+        self._letting_go: asyncio.Task[None] | None = None
         self._refusals_waiting = 0
         self.closed = False
         self.close_reason = ""
@@ -168,6 +164,7 @@ class Channel:
             stalled=self._stalled,
             lost=self._closed,
         )
+        self._in_flight = InFlight(describe, overflowed=self._writer.queue_cancel)
         #: Whole frames read, looked at once every 1.5 heartbeats (``read_watch``).
         self._read_watch = ReadWatch(
             self._loop,
@@ -175,7 +172,6 @@ class Channel:
             probe=self._probe,
             stalled=self._read_stalled,
         )
-        self._probe_id: int | None = None
 
     @property
     def usable(self) -> bool:
@@ -184,7 +180,7 @@ class Channel:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending) + len(self._streams)
+        return len(self._in_flight)
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -215,8 +211,7 @@ class Channel:
     async def call(self, invocation: Invocation) -> Any:
         call_id, now = self._admit(invocation)
         data = self._frame("call", call_id, invocation, now)
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[call_id] = future
+        future = self._in_flight.call(call_id)
         written = self._writer.queue(data, call_id)
         try:
             # One deadline over the send and the answer: a plugin that stops reading
@@ -233,7 +228,7 @@ class Channel:
                 f"{self.describe} {invocation.plugin}.{invocation.method} did not answer in time"
             ) from None
         except asyncio.CancelledError:
-            if self._pending.pop(call_id, None) is not None:
+            if self._in_flight.forget_call(call_id):
                 self._writer.cancel(call_id, written)  # the caller gave up: so may the plugin
             raise
         except TargetUnavailable:
@@ -244,15 +239,14 @@ class Channel:
     def _forget(self, call_id: int, future: asyncio.Future[Any]) -> None:
         """Drop a call that failed before its answer, reading whatever the reader may have
         set on its future meanwhile (an unread exception would be logged as lost)."""
-        self._pending.pop(call_id, None)
+        self._in_flight.forget_call(call_id)
         if future.done() and not future.cancelled():
             future.exception()
 
     async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
         call_id, now = self._admit(invocation)
         data = self._frame("stream", call_id, invocation, now)
-        queue: asyncio.Queue[Any] = asyncio.Queue(_STREAM_QUEUE + 1)
-        self._streams[call_id] = queue
+        queue = self._in_flight.stream(call_id)
         written = self._writer.queue(data, call_id)
         what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
         finished = False
@@ -288,7 +282,7 @@ class Channel:
                     )
                 yield item.get("data") if type(item) is dict else None
         finally:
-            if self._streams.pop(call_id, None) is not None and not finished:
+            if self._in_flight.forget_stream(call_id) and not finished:
                 self._writer.cancel(call_id, written)
 
     async def health(self, timeout: float) -> Health:
@@ -297,8 +291,7 @@ class Channel:
         if self.going_away:
             return Health("not_serving", "going away: the plugin is stopping")
         call_id = next(self._ids)
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._pending[call_id] = future
+        future = self._in_flight.probe(call_id)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
@@ -311,7 +304,7 @@ class Channel:
         except DispatchError as error:
             return Health("not_serving", error.message)
         finally:
-            self._pending.pop(call_id, None)
+            self._in_flight.forget_probe(call_id)
         latency_ms = (time.perf_counter() - started) * 1000
         status = answer.get("status") if type(answer) is dict else None
         detail = str(answer.get("detail", ""))[:500] if type(answer) is dict else ""
@@ -354,13 +347,7 @@ class Channel:
 
     def _frame_never_sent(self, call_id: int, error: BaseException) -> None:
         """The frame of call ``call_id`` will never go out: the call fails as never sent."""
-        never_sent = self._never_sent(": the connection closed", error)
-        future = self._pending.pop(call_id, None)
-        if future is not None and not future.done():
-            future.set_exception(never_sent)
-        queue = self._streams.pop(call_id, None)
-        if queue is not None:
-            self._end_stream(queue, never_sent)
+        self._in_flight.fail(call_id, self._never_sent(": the connection closed", error))
 
     async def _send_quietly(self, data: bytes) -> None:
         # The connection is gone, and whatever this was about with it.
@@ -378,7 +365,12 @@ class Channel:
         await self._close_socket(code, reason)  # aiohttp's own state: closed, timers off
 
     async def _close_socket(self, code: int, reason: str) -> None:
-        await close_socket(self.socket, code, reason, stall_after=self._writer.stall_after)
+        buffered = await close_socket(self.socket, code, reason)
+        if buffered is not None and self._letting_go is None:
+            # As long as a write may wait for the plugin to take anything.
+            self._letting_go = self._loop.create_task(
+                let_go(buffered, self._writer.stall_after), name=f"letting go of {self.describe}"
+            )
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -404,8 +396,8 @@ class Channel:
 
     def _probe(self) -> None:
         """No whole frame for a bound: ask for one (``ReadWatch``), its answer unused."""
-        self._probe_id = next(self._ids)
-        self._spawn(self._send_quietly(encode_frame({"type": "health", "id": self._probe_id})))
+        probe_id = self._in_flight.watch_probe = next(self._ids)
+        self._spawn(self._send_quietly(encode_frame({"type": "health", "id": probe_id})))
 
     def _read_stalled(self) -> None:
         log.warning("%s: %s; dropping the connection", self.describe, READ_STALLED_REASON)
@@ -432,25 +424,9 @@ class Channel:
         kind = frame["type"]
         raw_id = frame.get("id")
         call_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
-        if kind == "response" or kind == "health":
-            future = self._pending.pop(call_id, None) if call_id is not None else None
-            if future is not None:
-                if not future.done():
-                    future.set_result(frame.get("response") if kind == "response" else frame)
-                return
-            queue = self._streams.get(call_id) if call_id is not None else None
-            if queue is not None and call_id is not None and kind == "response":
-                self._to_stream(call_id, queue, frame)
-                return
-            if kind == "health" and call_id is not None and call_id == self._probe_id:
-                return  # the answer to the read watch's probe: its coming was the point
-            self.unknown_ids += 1
-        elif kind == "chunk":
-            queue = self._streams.get(call_id) if call_id is not None else None
-            if queue is None or call_id is None:
-                self.unknown_ids += 1
-            else:
-                self._to_stream(call_id, queue, frame)
+        if kind == "response" or kind == "chunk" or kind == "health":
+            if call_id is None or not self._in_flight.reply(kind, call_id, frame):
+                self._unanswered(kind, call_id)
         elif kind == "event":
             self._event(frame)
         elif kind == "error":
@@ -484,6 +460,25 @@ class Channel:
                 self.protocol_errors,
             )
 
+    def _unanswered(self, kind: str, call_id: int | None) -> None:
+        """A reply that answers nothing in flight. For an id not in flight (a late answer,
+        a made-up id): counted as unknown. For an id that asked something else: a
+        protocol error, as any frame this side cannot use is; what that id asked keeps
+        waiting for its own answer, so a plugin's lie neither becomes a result nor fails
+        a call with an error the plugin never sent."""
+        asked = None if call_id is None else self._in_flight.asked(call_id)
+        if asked is None:
+            self.unknown_ids += 1
+        elif self._count_protocol_error():
+            log.warning(
+                "%s answered %s %d with a %.40r frame (%d unusable frames so far)",
+                self.describe,
+                asked,
+                call_id,
+                kind,
+                self.protocol_errors,
+            )
+
     def _count_protocol_error(self) -> bool:
         """Count a frame from the plugin that this side cannot use; whether to log it."""
         self.protocol_errors += 1
@@ -512,31 +507,6 @@ class Channel:
             await asyncio.sleep(_DRAIN_POLL_SECONDS)
         await self._close_socket(1000, "")  # ends ``run``
 
-    def _to_stream(self, call_id: int, queue: asyncio.Queue[Any], frame: dict[str, Any]) -> None:
-        if frame["type"] == "chunk" and queue.qsize() >= _STREAM_QUEUE:
-            # The consumer reads slower than the plugin writes: end the stream rather than
-            # hold its chunks without bound, or stall the reader every other call shares.
-            self._streams.pop(call_id, None)
-            self._end_stream(
-                queue,
-                Overloaded(
-                    f"{self.describe} stream {call_id}: its reader fell {_STREAM_QUEUE} chunks behind"
-                ),
-            )
-            self._writer.queue_cancel(call_id)  # its frame went out: the plugin is sending chunks
-            return
-        if frame["type"] == "chunk":
-            queue.put_nowait(frame)
-        else:
-            self._end_stream(queue, frame)
-
-    @staticmethod
-    def _end_stream(queue: asyncio.Queue[Any], end: Any) -> None:
-        """Queue what ends a stream, in the place its queue keeps for it (chunks never take
-        it). Full only when an end is queued already, which the reader stops at."""
-        with contextlib.suppress(asyncio.QueueFull):
-            queue.put_nowait(end)
-
     @property
     def events_dropped(self) -> int:
         """The plugin's events beyond ``max_events_per_second``, dropped."""
@@ -553,15 +523,9 @@ class Channel:
         except Exception:  # one bad handler must not end the connection
             log.exception("%s: delivering event %r failed", self.describe, name)
 
-    def _peer_error(self, frame: dict[str, Any], call_id: Any) -> None:
+    def _peer_error(self, frame: dict[str, Any], call_id: int | None) -> None:
         error = error_from_wire(frame.get("error"))
-        future = self._pending.pop(call_id, None) if type(call_id) is int else None
-        if future is not None and not future.done():
-            future.set_exception(error)
-            return
-        queue = self._streams.pop(call_id, None) if type(call_id) is int else None
-        if queue is not None:
-            self._end_stream(queue, error)
+        if call_id is not None and self._in_flight.fail(call_id, error):
             return
         if self._count_protocol_error():
             log.warning(
@@ -579,13 +543,7 @@ class Channel:
         self.leaving.set()
         self._read_watch.stop()
         self._writer.stop(reason)  # what is still queued fails as never sent
-        pending, self._pending = self._pending, {}
-        streams, self._streams = self._streams, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(self._cut_off(reason))
-        for queue in streams.values():
-            self._end_stream(queue, self._cut_off(reason))
+        self._in_flight.cut_off(lambda: self._cut_off(reason))
 
     def _cut_off(self, reason: str) -> TargetUnavailable:
         # Sent and maybe run: retryable, but only the retry policy (idempotent methods)
@@ -598,7 +556,13 @@ class Channel:
     async def close(self, code: int = 1000, reason: str = "", *, at_once: bool = False) -> None:
         """Close the connection with ``code`` and ``reason`` (what the peer reads: it decides
         whether to dial again), failing what is still in flight on it. ``at_once``: drop
-        it (``hang_up``), not waiting for the plugin's close frame."""
+        it (``hang_up``), not waiting for the plugin's close frame.
+
+        Once it returns nothing of the channel runs, and its socket is let go: a plugin
+        that closed first with data still buffered for it has had its grace (it read the
+        rest, or 1.5 heartbeats passed and the socket was aborted). A loop timer used to
+        abort it after ``close`` had returned, holding the socket and what was buffered
+        for as long, whoever had let go of the channel."""
         self._closed(
             f"the dispatcher closed the connection ({code}: {reason})"
             if reason
@@ -608,6 +572,8 @@ class Channel:
             await self._drop(code, reason)
         else:
             await self._close_socket(code, reason)
+        if self._letting_go is not None:
+            await self._letting_go  # within 1.5 heartbeats; a cancelled close aborts it
         tasks = [*self._background, self._writer.task]
         for task in tasks:
             task.cancel()

@@ -1,9 +1,10 @@
 """How the dispatcher ends a WebSocket connection: ``close_socket`` closes it without
-waiting for what is buffered to drain, and lets go of the socket once the plugin had as
-long as a write may stall to read the rest; ``hang_up`` drops it at once, waiting neither
-for the plugin's close frame nor for it to read; ``close_message`` is a close frame's
-reason as it fits. Used by the channel (a close, a drain, a stalled or trickling plugin)
-and by the provider (a refused hello).
+waiting for what is buffered to drain, and ``let_go`` then gives a plugin that may still
+be reading the rest a grace to take it, aborting the socket at its end; ``hang_up`` drops
+it at once, waiting neither for the plugin's close frame nor for it to read;
+``close_message`` is a close frame's reason as it fits. Used by the channel (a close, a
+drain, a stalled or trickling plugin), which owns the grace, and by the provider (a
+refused hello).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from providers.websocket.writer import Socket, cancelled_by_owner
 
-__all__ = ["close_message", "close_socket", "hang_up"]
+__all__ = ["close_message", "close_socket", "hang_up", "let_go"]
+
+#: How often a grace (``let_go``) looks whether the plugin has taken what was buffered.
+_LET_GO_POLL_SECONDS = 0.02
 
 
 def close_message(reason: str) -> bytes:
@@ -56,42 +60,56 @@ async def hang_up(socket: Socket, code: int, reason: str) -> None:
     transport.abort()
 
 
-async def close_socket(socket: Socket, code: int, reason: str, *, stall_after: float) -> None:
+async def close_socket(socket: Socket, code: int, reason: str) -> asyncio.Transport | None:
     """Close the socket, not waiting for its buffer to drain: a plugin that does not
-    read would hold the close for good (aiohttp's server waits by default). What is
-    still buffered for it then is dropped (``_let_go``); ``stall_after``: as long as a
-    write may wait for the plugin to take anything."""
+    read would hold the close for good (aiohttp's server waits by default).
+
+    asyncio keeps a closed transport's socket open until what is buffered for it drains,
+    which a plugin that reads nothing never lets happen. One aiohttp found gone (1006:
+    no pong, a read timeout), or whose close was cancelled, is aborted now. One that may
+    still be reading what is buffered (the close frame is at its end) is returned: its
+    caller gives it a grace (``let_go``). None when nothing is left to let go."""
     message = close_message(reason)
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        try:
-            if isinstance(socket, web.WebSocketResponse):
-                await socket.close(code=code, message=message, drain=False)
-            else:
-                await socket.close(code=code, message=message)
-        except asyncio.CancelledError:
-            # Not ours: aiohttp's close awaited the drain future a stalled write
-            # cancelled; it has closed the transport all the same.
-            if cancelled_by_owner():
-                raise
-        finally:
-            _let_go(socket, stall_after)
-
-
-def _let_go(socket: Socket, stall_after: float) -> None:
-    """After a graceful close: asyncio keeps a closed transport's socket open until
-    what is buffered for it drains, which a plugin that reads nothing never lets
-    happen. One aiohttp found gone (1006: no pong, a read timeout) is aborted now; one
-    that may still be reading gets as long as a write may stall to take the rest
-    (the close frame is at its end), then is aborted."""
+    try:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            try:
+                if isinstance(socket, web.WebSocketResponse):
+                    await socket.close(code=code, message=message, drain=False)
+                else:
+                    await socket.close(code=code, message=message)
+            except asyncio.CancelledError:
+                # Not ours: aiohttp's close awaited the drain future a stalled write
+                # cancelled; it has closed the transport all the same.
+                if cancelled_by_owner():
+                    raise
+    except BaseException:
+        _abort_if_buffered(_transport_of(socket))  # nobody is left to give it a grace
+        raise
     transport = _transport_of(socket)
     if transport is None or transport.get_write_buffer_size() == 0:
-        return
+        return None
     if socket.close_code == WSCloseCode.ABNORMAL_CLOSURE:
         transport.abort()
-    else:
-        asyncio.get_running_loop().call_later(stall_after, _abort_if_open, transport)
+        return None
+    return transport
 
 
-def _abort_if_open(transport: asyncio.Transport) -> None:
-    if transport.get_write_buffer_size() > 0:
+async def let_go(transport: asyncio.Transport, within: float) -> None:
+    """The grace after a graceful close: give a plugin that may still be reading up to
+    ``within`` seconds to take what is buffered for it, then abort the transport; abort
+    it at once if cancelled. Ends as soon as the buffer is empty."""
+    loop = asyncio.get_running_loop()
+    due = loop.time() + within
+    try:
+        # Looked at, not awaited: asyncio tells only the transport's protocol (aiohttp's)
+        # when a closed transport's buffer has drained. A grace is rare (a plugin that
+        # closed first with data still buffered for it) and short.
+        while transport.get_write_buffer_size() > 0 and loop.time() < due:  # noqa: ASYNC110
+            await asyncio.sleep(_LET_GO_POLL_SECONDS)
+    finally:
+        _abort_if_buffered(transport)
+
+
+def _abort_if_buffered(transport: asyncio.Transport | None) -> None:
+    if transport is not None and transport.get_write_buffer_size() > 0:
         transport.abort()

@@ -50,6 +50,7 @@ from providers.base import Health, Provider
 from providers.discovery import InstanceSource
 from providers.invocation import Invocation
 from providers.served import served_names
+from providers.target import connection_heartbeat
 from providers.websocket.inbound import ConnectionSource, Inbound, InboundConnection
 from providers.websocket.target import WebSocketTarget
 
@@ -246,7 +247,8 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         channel = Channel(
             socket,
             f"websocket inbound {key}",
-            heartbeat=first.heartbeat_ms / 1000,
+            # The one the gateway pings the connection by (``Admission.heartbeat``).
+            heartbeat=connection_heartbeat(targets) or first.heartbeat_ms / 1000,
             max_in_flight=first.max_in_flight,
             max_message_bytes=first.max_message_bytes,
             max_events_per_second=first.max_events_per_second,

@@ -83,7 +83,8 @@ class WebSocketTarget(TargetConfig):
         description="Ping this often; a peer silent for 1.5x this is gone (half-open TCP),"
         " and so is one that takes nothing written to it for 1.5x this, or sends no whole"
         " frame for 1.5x this and then none in answer to a health probe for 1.5x this"
-        " again (inbound: pings follow the gateway's heartbeat; the rest, this).",
+        " again. inbound: the gateway pings the plugin by this too, not by its own"
+        " heartbeat (that is for event subscribers).",
     )
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=1 << 30)
     max_in_flight: int = Field(
@@ -202,6 +203,9 @@ class WebSocketTarget(TargetConfig):
 
     def inbound_message_limit(self) -> int | None:
         return self.max_message_bytes if self.accepts_connections() else None
+
+    def inbound_heartbeat(self) -> float | None:
+        return self.heartbeat_ms / 1000 if self.accepts_connections() else None
 
     def is_fleet(self) -> bool:
         return self.accepts_connections()

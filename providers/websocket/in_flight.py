@@ -1,0 +1,181 @@
+"""What one connection has asked its plugin and not yet had answered, by id, and which
+of the plugin's replies answers it (``InFlight``).
+
+    call ─────► future ◄── response
+    health ───► future ◄── health          (the read watch's probe: its id, no future)
+    stream ───► queue  ◄── chunk …, then response
+    any of them        ◄── error (the plugin could not use the frame)
+
+A reply answers its id only if its kind answers what that id asked. One of another kind
+(a ``health`` naming a call, a ``response`` naming a probe, a ``chunk`` naming a call)
+answers nothing: the channel counts it as a protocol error, and what its id asked goes on
+waiting for its own answer, so a lie never becomes a result, nor fails a call the plugin
+may still answer. A reply naming an id not in flight (a late one, a made-up one) is the
+channel's to count too.
+
+A stream's queue holds its chunks up to ``STREAM_QUEUE``, and one place more for what
+ends it (its response, an error, ``Overloaded``, the connection's end), which chunks never
+take: its reader learns of its end right after the chunks it has, not at its deadline.
+The channel waits on these futures and queues with its callers' deadlines; nothing here
+does I/O or keeps time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from linchkit_plugin.errors import Overloaded
+from linchkit_plugin.ws_protocol import STREAM_WINDOW
+
+__all__ = ["STREAM_QUEUE", "InFlight"]
+
+#: Chunks of one stream held for its consumer: the plugin's window (it sends no more
+#: until granted ``credit``) and some to spare. A plugin that ignores the window fills it,
+#: and its stream fails ``Overloaded``.
+STREAM_QUEUE = STREAM_WINDOW + 8
+
+
+class InFlight:
+    """The calls, health probes and streams in flight on one connection, by id."""
+
+    __slots__ = ("_calls", "_describe", "_overflowed", "_probes", "streams", "watch_probe")
+
+    def __init__(self, describe: str, *, overflowed: Callable[[int], None]) -> None:
+        """``overflowed(call_id)``: stream ``call_id`` was failed for a reader that fell
+        ``STREAM_QUEUE`` chunks behind; its plugin is still sending (cancel it)."""
+        self._describe = describe
+        self._overflowed = overflowed
+        #: Unary calls: id → the future of their response.
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        #: Health probes a caller waits on: id → the future of their ``health`` frame.
+        self._probes: dict[int, asyncio.Future[Any]] = {}
+        #: Streams: id → the queue of their chunks and what ends them.
+        self.streams: dict[int, asyncio.Queue[Any]] = {}
+        #: The id of the read watch's last probe: its answer is wanted, not waited on.
+        self.watch_probe: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._calls) + len(self._probes) + len(self.streams)
+
+    # -- what this side asks ---------------------------------------------------------------
+
+    def call(self, call_id: int) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        return future
+
+    def probe(self, call_id: int) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._probes[call_id] = future
+        return future
+
+    def stream(self, call_id: int) -> asyncio.Queue[Any]:
+        queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_QUEUE + 1)
+        self.streams[call_id] = queue
+        return queue
+
+    def forget_call(self, call_id: int) -> bool:
+        """Stop waiting for call ``call_id``; whether it was still in flight."""
+        return self._calls.pop(call_id, None) is not None
+
+    def forget_probe(self, call_id: int) -> None:
+        self._probes.pop(call_id, None)
+
+    def forget_stream(self, call_id: int) -> bool:
+        """Stop waiting for stream ``call_id``; whether it was still in flight."""
+        return self.streams.pop(call_id, None) is not None
+
+    # -- what the plugin replies -----------------------------------------------------------
+
+    def reply(self, kind: str, call_id: int, frame: dict[str, Any]) -> bool:
+        """Hand a ``response``, ``chunk`` or ``health`` frame to what its id asked, if its
+        kind answers that: a ``response`` a call or a stream, a ``chunk`` a stream, a
+        ``health`` a health probe. Whether it did."""
+        if kind == "response":
+            future = self._calls.pop(call_id, None)
+            if future is not None:
+                if not future.done():
+                    future.set_result(frame.get("response"))
+                return True
+        elif kind == "health":
+            future = self._probes.pop(call_id, None)
+            if future is not None:
+                if not future.done():
+                    future.set_result(frame)
+                return True
+            # The answer to the read watch's probe: its coming was the point.
+            return call_id == self.watch_probe
+        queue = self.streams.get(call_id)
+        if queue is None:
+            return False
+        self._to_stream(call_id, queue, frame)
+        return True
+
+    def asked(self, call_id: int) -> str | None:
+        """What id ``call_id`` asked the plugin, if it is in flight."""
+        if call_id in self._calls:
+            return "call"
+        if call_id in self.streams:
+            return "stream"
+        if call_id in self._probes or call_id == self.watch_probe:
+            return "health probe"
+        return None
+
+    def fail(self, call_id: int, error: BaseException) -> bool:
+        """End what ``call_id`` asked with ``error`` (the plugin's ``error`` frame, or its
+        frame never went out); whether anything was in flight under it."""
+        future = self._calls.pop(call_id, None) or self._probes.pop(call_id, None)
+        if future is not None:
+            if not future.done():
+                future.set_exception(error)
+            return True
+        queue = self.streams.pop(call_id, None)
+        if queue is None:
+            return False
+        end_stream(queue, error)
+        return True
+
+    def cut_off(self, error: Callable[[], BaseException]) -> None:
+        """The connection ended: everything in flight fails, each with an ``error()``."""
+        futures = [*self._calls.values(), *self._probes.values()]
+        queues = list(self.streams.values())
+        self._calls, self._probes, self.streams = {}, {}, {}
+        for future in futures:
+            if not future.done():
+                future.set_exception(error())
+        for queue in queues:
+            end_stream(queue, error())
+
+    def _to_stream(self, call_id: int, queue: asyncio.Queue[Any], frame: dict[str, Any]) -> None:
+        if frame["type"] != "chunk":
+            end_stream(queue, frame)
+            return
+        if queue.qsize() < STREAM_QUEUE:
+            queue.put_nowait(frame)
+            return
+        # The consumer reads slower than the plugin writes: end the stream rather than
+        # hold its chunks without bound, or stall the reader every other call shares.
+        self.streams.pop(call_id, None)
+        end_stream(
+            queue,
+            Overloaded(
+                f"{self._describe} stream {call_id}: its reader fell {STREAM_QUEUE} chunks behind"
+            ),
+        )
+        self._overflowed(call_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"<InFlight calls={len(self._calls)} probes={len(self._probes)}"
+            f" streams={len(self.streams)}>"
+        )
+
+
+def end_stream(queue: asyncio.Queue[Any], end: Any) -> None:
+    """Queue what ends a stream, in the place its queue keeps for it (chunks never take
+    it). Full only when an end is queued already, which the reader stops at."""
+    with contextlib.suppress(asyncio.QueueFull):
+        queue.put_nowait(end)
