@@ -572,8 +572,16 @@ class Channel:
             await self._drop(code, reason)
         else:
             await self._close_socket(code, reason)
-        if self._letting_go is not None:
-            await self._letting_go  # within 1.5 heartbeats; a cancelled close aborts it
+        letting_go = self._letting_go
+        if letting_go is not None:
+            # Within 1.5 heartbeats. Waited for, not awaited: two close at once (the reader
+            # as it ends, and the provider), and a cancel of one must not reach the grace
+            # through its await and fail the other's close. A cancelled close aborts it.
+            try:
+                await asyncio.wait([letting_go])
+            except asyncio.CancelledError:
+                letting_go.cancel()
+                raise
         tasks = [*self._background, self._writer.task]
         for task in tasks:
             task.cancel()
