@@ -13,6 +13,7 @@ Errors, as a tree::
 
     DispatchError (linchkit_plugin.errors)
     ├── JobNotFound      no record of that id: never submitted, or kept past result_ttl_ms
+    ├── JobExpired       a keyed submission whose key's job is no longer kept (final)
     ├── JobNotFinished   ``result(wait=…)`` ran out of time first (retryable: ask again)
     ├── ResultTooLarge   the job's result was over ``jobs.max_result_bytes``: not kept
     │                    (defined in ``providers.base``: a provider reads it back too)
@@ -55,6 +56,7 @@ from providers.egress import EgressPolicy
 
 __all__ = [
     "OWN_ERROR_TYPES",
+    "JobExpired",
     "JobNotFinished",
     "JobNotFound",
     "JobWorkers",
@@ -78,6 +80,15 @@ STOP_GRACE_SECONDS = 5.0
 
 class JobNotFound(DispatchError):
     type = "job_not_found"
+
+
+class JobExpired(DispatchError):
+    """A submission repeated with the idempotency key of a job whose record is no longer
+    kept (evicted, purged, or expired under an older manifest: ``jobs.result_ttl_ms`` at
+    least ``state.idempotency_retention_ms`` is checked at load). Final: the key's record
+    stays for its retention, and so does this answer. ``details["job_id"]``: that job."""
+
+    type = "job_expired"
 
 
 class JobNotFinished(DispatchError):

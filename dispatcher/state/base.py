@@ -380,6 +380,15 @@ class JobStore(ABC):
         its value is not read."""
         return _if_owned(await self.record(job_id), caller)
 
+    async def kept(self, job_id: str) -> bool:
+        """Whether the store still holds anything under ``job_id``'s record (whatever it
+        holds: a key no dispatcher wrote is there too). A store that can tell without
+        reading the record overrides this: a record may hold megabytes of result."""
+        try:
+            return await self.record(job_id) is not None
+        except ProviderError:  # unreadable_record's: something is there
+            return True
+
     @abstractmethod
     async def recent(self, limit: int) -> list[dict[str, str]]:
         """The latest submitted jobs still kept, newest first, as listing rows: what a
@@ -449,6 +458,13 @@ class JobRecords(ABC):
     async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
         """As ``JobStore.owned_record``."""
         return _if_owned(await self.record(job_id), caller)
+
+    async def kept(self, job_id: str) -> bool:
+        """As ``JobStore.kept``."""
+        try:
+            return await self.record(job_id) is not None
+        except ProviderError:
+            return True
 
     @abstractmethod
     async def recent(self, limit: int) -> list[dict[str, str]]:

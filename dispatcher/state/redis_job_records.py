@@ -97,6 +97,9 @@ class RedisJobRecords(JobRecords):
     async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
         return await self._jobs.owned_record(job_id, caller)
 
+    async def kept(self, job_id: str) -> bool:
+        return await self._jobs.kept(job_id)
+
     async def recent(self, limit: int) -> list[dict[str, str]]:
         return await self._jobs.recent(limit)
 

@@ -245,6 +245,11 @@ class RedisJobs(JobStore):
     async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
         return await self._record(job_id, ("0", "") if caller is None else ("1", caller))
 
+    async def kept(self, job_id: str) -> bool:
+        key = self.record_key(job_id)
+        found = await self.op("a job record", lambda: self._client.exists(key))
+        return bool(found)
+
     async def _record(self, job_id: str, args: tuple[str, str]) -> dict[str, str] | None:
         keys = (self.record_key(job_id),)
         answer = await self.op("a job record", lambda: self._owned(keys=keys, args=args))

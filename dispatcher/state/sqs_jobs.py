@@ -292,6 +292,11 @@ class SqsJobs(JobStore):
         view = self._view(f"job {job_id!r:.80}'s status")
         return await view.owned_record(job_id, caller)
 
+    async def kept(self, job_id: str) -> bool:
+        # Without a job view no record is kept to be gone: the id is all there is of a
+        # job, and reading it says why not (JobsUnavailable).
+        return True if self.records is None else await self.records.kept(job_id)
+
     async def recent(self, limit: int) -> list[dict[str, str]]:
         return await self._view("listing jobs").recent(limit)
 
