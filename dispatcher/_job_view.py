@@ -188,14 +188,21 @@ async def queue_job_once(
     # when the submission named none.
     other_versions = route.once.other_versions if version_named else (ANY_VERSION,)
     while True:
-        claimed = await idempotency.claim(
-            key,
-            fingerprint,
-            _SUBMIT_WAIT_SECONDS,
-            deadline,
-            version=route.version,
-            other_versions=other_versions,
-        )
+        try:
+            claimed = await idempotency.claim(
+                key,
+                fingerprint,
+                _SUBMIT_WAIT_SECONDS,
+                deadline,
+                version=route.version,
+                other_versions=other_versions,
+            )
+        except StateUnavailable:
+            # No record answers it, and no job is queued without the store: params no
+            # schema takes are told first, as a keyed call's are (``IdempotencyStep``).
+            if route.validate is not None:
+                route.validate(submission.params)
+            raise
         if claimed.claim is Claim.RUN:
             break
         if claimed.claim is Claim.DONE and claimed.outcome is not None:

@@ -27,11 +27,11 @@ from dispatcher.config import ManifestError, load_manifest
 from dispatcher.config.state import StateConfig
 from dispatcher.gateway import call_headers
 from dispatcher.policies import idempotency
-from dispatcher.state import Claim, digest
+from dispatcher.state import Claim, StateUnavailable, digest
 from dispatcher.state.memory import MemoryIdempotency
 from dispatcher.state.redis_store import RedisState
 from linchkit_plugin.wire import encode_json
-from tests.services import Redis
+from tests.services import Redis, free_port
 from tests.test_gateway_jobs import jobs_gateway, send
 from tests.test_gateway_security import ADMIN_KEY
 
@@ -334,6 +334,55 @@ async def test_a_retry_after_a_deploy_replays_its_record_whatever_the_new_schema
                 assert await client.exists(record) == 0
         counts = await new.call("counter", "counts", version="2.0.0")
         assert counts == {"charges": 0, "reads": 0}
+
+
+# -- a store that cannot answer ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fail_closed", "fail_open"])
+async def test_invalid_params_are_told_first_when_the_store_cannot_answer(
+    tmp_path: Path, redis_prefix: str, mode: str
+) -> None:
+    """A keyed call's params are checked once its key's record is read (a record answers
+    its retry whatever the schema): with the store down and ``fail_closed``, a call whose
+    params no schema takes was told ``StateUnavailable`` (retryable: "come again"), and
+    came again with the same wrong params until the store was back, to hear only then what
+    was wrong with it. Nothing can be read, so the params are checked first now; params
+    that pass still hear that the store is down. A keyed submission alike (a job is not
+    queued without its store either way). ``fail_open`` already checked them against this
+    replica's own records."""
+    url = f"redis://127.0.0.1:{free_port()}"  # nothing listens: every operation fails
+    state = {"backend": "redis", "url": url, "key_prefix": redis_prefix, "on_unavailable": mode}
+    document = {
+        "version": 1,
+        "state": state,
+        "plugins": [
+            {
+                "id": "counter",
+                "version": "1.0.0",
+                "target": COUNTING,
+                "methods": {"charge": {"params_schema": SCHEMA_1}, "counts": {}},
+            }
+        ],
+    }
+    path = tmp_path / "plugins.json"
+    path.write_text(json.dumps(document))
+    wrong = {"amount": "five", "delay": 0}
+    async with Dispatcher(load_manifest(path)) as dispatcher:
+        for _ in range(2):  # the second finds the store skipped (retry_after_ms): the same
+            with pytest.raises(InvalidParams, match="five"):
+                await dispatcher.call("counter", "charge", wrong, idempotency_key="order-17")
+            with pytest.raises(InvalidParams, match="five"):
+                await dispatcher.submit("counter", "charge", wrong, idempotency_key="order-17")
+        with pytest.raises(StateUnavailable):
+            await dispatcher.submit("counter", "charge", {"amount": 5}, idempotency_key="o-18")
+        right = {"amount": 5, "delay": 0}
+        if mode == "fail_closed":
+            with pytest.raises(StateUnavailable):
+                await dispatcher.call("counter", "charge", right, idempotency_key="order-18")
+            assert await dispatcher.call("counter", "counts") == {"charges": 0, "reads": 0}
+        else:
+            assert await dispatcher.call("counter", "charge", right, idempotency_key="order-18")
 
 
 # -- a key's job whose record expired --------------------------------------------------------------

@@ -250,6 +250,10 @@ class IdempotencyStep:
                 )
             except StateUnavailable as error:
                 if not self.backend.fail_open or store is self.backend.local_idempotency:
+                    # No record can be read, so none answers this call: params no schema
+                    # takes are the caller's to fix, whatever the store says, and told
+                    # first (a retry with them would only meet the same refusal later).
+                    self._check_params(invocation)
                     raise
                 self.backend.fell_back(f"the idempotency record of {self.name}", error)
                 store = self.backend.local_idempotency
@@ -272,12 +276,11 @@ class IdempotencyStep:
                 raise self._late(raw_key)
             await store.changed(key, min(POLL_SECONDS, remaining))
         token = claimed.token
-        if self.validate is not None:
-            try:
-                self.validate(invocation.params)
-            except InvalidParams:
-                await self._end(store, key, token, None)  # nothing ran: the key is free
-                raise
+        try:
+            self._check_params(invocation)
+        except InvalidParams:
+            await self._end(store, key, token, None)  # nothing ran: the key is free
+            raise
         try:
             result = await self.next(invocation)
         except DispatchError as error:
@@ -300,6 +303,10 @@ class IdempotencyStep:
         except StateUnavailable as error:
             self.backend.fell_back(f"the idempotency record of {self.name}", error)
         return result
+
+    def _check_params(self, invocation: Invocation) -> None:
+        if self.validate is not None:
+            self.validate(invocation.params)
 
     async def _end(
         self, store: IdempotencyStore, key: str, token: str, outcome: bytes | None
