@@ -39,7 +39,7 @@ from dispatcher.state import (
     digest,
     encode_result,
 )
-from dispatcher.state.base import TERMINAL_STATES
+from dispatcher.state.job_store import TERMINAL_STATES
 from linchkit_plugin.errors import DeadlineExceeded, InvalidParams, ProviderError
 from linchkit_plugin.wire import encode_json
 from providers.egress import EgressPolicy

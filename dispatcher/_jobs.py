@@ -19,7 +19,7 @@ Errors, as a tree::
     │                    (defined in ``providers.base``: a provider reads it back too)
     └── JobsUnavailable  this dispatcher's state backend keeps no jobs (memory)
 
-(``JobsUnavailable`` lives with the stores, ``dispatcher.state.base``, which raise it
+(``JobsUnavailable`` lives with the stores, ``dispatcher.state.errors``, which raise it
 too), and a submission to an unreachable Redis (or SQS) raises ``StateUnavailable`` (retryable) whatever
 ``on_unavailable`` says: a job kept in this process's memory would not be durable.
 """
@@ -42,13 +42,8 @@ from dispatcher._job_callbacks import JobCallbacks, new_delivery_id
 from dispatcher._outage_log import OutageLog
 from dispatcher._public_errors import ErrorDetail
 from dispatcher.config import JobsConfig
-from dispatcher.state.base import (
-    TERMINAL_STATES,
-    Delivery,
-    JobStore,
-    JobsUnavailable,
-    StateUnavailable,
-)
+from dispatcher.state.errors import JobsUnavailable, StateUnavailable
+from dispatcher.state.job_store import TERMINAL_STATES, Delivery, JobStore
 from linchkit_plugin.errors import DispatchError, ProviderError, error_from_wire
 from linchkit_plugin.wire import encode_json
 from providers.base import ResultTooLarge

@@ -14,7 +14,7 @@ from typing import Any
 
 from dispatcher.state._job_scripts import RECORD_BEGIN, REQUEUE
 from dispatcher.state._redis_replies import now_ms, reply_fields
-from dispatcher.state.base import JobRecords
+from dispatcher.state.job_store import JobRecords
 from dispatcher.state.redis_jobs import RedisJobs
 
 __all__ = ["RedisJobRecords"]

@@ -62,7 +62,8 @@ from dispatcher.state._job_summaries import (
     ErrorBudget,
 )
 from dispatcher.state._redis_replies import now_ms, reply_fields, reply_text
-from dispatcher.state.base import CallbackOutbox, Delivery, JobStore, unreadable_record
+from dispatcher.state.callback_outbox import CallbackOutbox
+from dispatcher.state.job_store import Delivery, JobStore, unreadable_record
 from dispatcher.state.redis_callbacks import RedisCallbacks
 from dispatcher.state.redis_connection import LateRead, Run
 

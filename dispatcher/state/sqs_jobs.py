@@ -47,18 +47,11 @@ from typing import Any
 
 from dispatcher.config import JobsConfig, SqsJobsConfig
 from dispatcher.state._job_summaries import ErrorBudget, summary
-from dispatcher.state.base import (
-    TERMINAL_STATES,
-    Delivery,
-    IdempotencyStore,
-    JobRecords,
-    JobStore,
-    JobsUnavailable,
-    JobTooLarge,
-    SharedStore,
-    StateBackend,
-    StateUnavailable,
-)
+from dispatcher.state.base import StateBackend
+from dispatcher.state.errors import JobsUnavailable, JobTooLarge, StateUnavailable
+from dispatcher.state.idempotency_store import IdempotencyStore
+from dispatcher.state.job_store import TERMINAL_STATES, Delivery, JobRecords, JobStore
+from dispatcher.state.shared_store import SharedStore
 from dispatcher.state.sqs_queue import RECEIVE_MAX, Message, SqsQueue
 
 __all__ = ["SqsJobs", "SqsJobsState"]
