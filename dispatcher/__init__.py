@@ -9,7 +9,13 @@ async with Dispatcher.from_file("plugins.yaml") as d:
 from __future__ import annotations
 
 from dispatcher._dispatcher import Call, Dispatcher, TargetHealth
-from dispatcher._jobs import JobNotFinished, JobNotFound, JobsUnavailable, ResultTooLarge
+from dispatcher._jobs import (
+    JobExpired,
+    JobNotFinished,
+    JobNotFound,
+    JobsUnavailable,
+    ResultTooLarge,
+)
 from dispatcher._rollout import RolloutEvent
 from dispatcher.config import (
     Manifest,
@@ -50,6 +56,7 @@ __all__ = [
     "Forbidden",
     "InvalidParams",
     "Invocation",
+    "JobExpired",
     "JobNotFinished",
     "JobNotFound",
     "JobsUnavailable",

@@ -223,6 +223,7 @@ class Dispatcher:
             breaker_sync=config.breaker_sync_ms / 1000,
             idempotency_retention=config.idempotency_retention_ms / 1000,
             boundary=None if telemetry is None else telemetry.boundary,
+            refused=None if telemetry is None else telemetry.refused,
         )
         self._build = RouteBuilder(self.policies, self._providers, self._fallbacks.wrap, telemetry)
         self._reload_steps = ReloadSteps(

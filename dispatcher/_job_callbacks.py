@@ -56,7 +56,8 @@ import orjson
 from dispatcher._outage_log import OutageLog
 from dispatcher._public_errors import public_job
 from dispatcher.config import JobsConfig
-from dispatcher.state.base import CallbackOutbox, PendingCallback, StateUnavailable
+from dispatcher.state.callback_outbox import CallbackOutbox, PendingCallback
+from dispatcher.state.errors import StateUnavailable
 from linchkit_plugin.errors import InvalidParams
 from providers._aiohttp import open_session
 from providers.egress import EgressPolicy, EgressRefused

@@ -17,6 +17,7 @@ import orjson
 
 from dispatcher._job_callbacks import checked_callback_url
 from dispatcher._jobs import (
+    JobExpired,
     JobNotFinished,
     JobNotFound,
     JobsUnavailable,
@@ -38,7 +39,7 @@ from dispatcher.state import (
     digest,
     encode_result,
 )
-from dispatcher.state.base import TERMINAL_STATES
+from dispatcher.state.job_store import TERMINAL_STATES
 from linchkit_plugin.errors import DeadlineExceeded, InvalidParams, ProviderError
 from linchkit_plugin.wire import encode_json
 from providers.egress import EgressPolicy
@@ -163,8 +164,8 @@ async def queue_job_once(
     """``queue_job``, once per idempotency key: a submission with the key of an earlier
     one (the same method, version, caller and params) is that job, its id answered again,
     for ``retention`` seconds (``state.idempotency_retention_ms``, as a keyed call's
-    outcome is kept); with other params or naming another version it is refused as a
-    keyed call is. Without ``version_named`` (the submission named none) the earlier
+    outcome is kept; ``JobExpired`` once that job's record is gone); with other params or
+    naming another version it is refused as a keyed call is. Without ``version_named`` (the submission named none) the earlier
     one's version does not matter, as for a keyed call naming none; ``wanted``: the range it
     named (not an exact version), whose versions' records answer it, as a keyed call's. Without a key, or before, every submission queued a job of its own (the
     plugin's result replayed under each new id: the key also goes with the job, to its
@@ -187,18 +188,25 @@ async def queue_job_once(
     # when the submission named none.
     other_versions = route.once.other_versions if version_named else (ANY_VERSION,)
     while True:
-        claimed = await idempotency.claim(
-            key,
-            fingerprint,
-            _SUBMIT_WAIT_SECONDS,
-            deadline,
-            version=route.version,
-            other_versions=other_versions,
-        )
+        try:
+            claimed = await idempotency.claim(
+                key,
+                fingerprint,
+                _SUBMIT_WAIT_SECONDS,
+                deadline,
+                version=route.version,
+                other_versions=other_versions,
+            )
+        except StateUnavailable:
+            # No record answers it, and no job is queued without the store: params no
+            # schema takes are told first, as a keyed call's are (``IdempotencyStep``).
+            if route.validate is not None:
+                route.validate(submission.params)
+            raise
         if claimed.claim is Claim.RUN:
             break
         if claimed.claim is Claim.DONE and claimed.outcome is not None:
-            return recorded_job_id(claimed.outcome, raw_key)
+            return await kept_job_id(store, recorded_job_id(claimed.outcome, raw_key), raw_key)
         if claimed.claim is Claim.MISMATCH:
             widened = with_range_version(claimed, wanted, other_versions)
             if widened is not None:  # the record is at a version the named range takes
@@ -229,6 +237,23 @@ async def queue_job_once(
     with contextlib.suppress(StateUnavailable):
         await idempotency.complete(key, claimed.token, encode_result(job_id), retention, math.inf)
     return job_id
+
+
+async def kept_job_id(store: JobStore, job_id: str, raw_key: str) -> str:
+    """``job_id``, the job a repeated submission's key names, if its record is still kept;
+    else ``JobExpired``. Not that id: it answered ``JobNotFound`` from then on. Nor a new
+    job: the key's record promises one job per key for its retention, and a second would
+    run again what the first ran (a job's call holds the key too, but its record is
+    given back by a retryable failure, and a dead-lettered job ended on those). The
+    caller is told its job is gone, and that a new request needs a new key."""
+    if await store.kept(job_id):
+        return job_id
+    raise JobExpired(
+        f"idempotency key {raw_key!r:.80} names job {job_id}, whose record is no longer"
+        " kept (it expired, or was evicted or purged); its outcome is gone and it is not"
+        " queued again: a new request needs a new key",
+        details={"stage": "jobs", "job_id": job_id},
+    )
 
 
 def recorded_job_id(outcome: bytes, raw_key: str) -> str:

@@ -13,12 +13,13 @@ Errors, as a tree::
 
     DispatchError (linchkit_plugin.errors)
     ├── JobNotFound      no record of that id: never submitted, or kept past result_ttl_ms
+    ├── JobExpired       a keyed submission whose key's job is no longer kept (final)
     ├── JobNotFinished   ``result(wait=…)`` ran out of time first (retryable: ask again)
     ├── ResultTooLarge   the job's result was over ``jobs.max_result_bytes``: not kept
     │                    (defined in ``providers.base``: a provider reads it back too)
     └── JobsUnavailable  this dispatcher's state backend keeps no jobs (memory)
 
-(``JobsUnavailable`` lives with the stores, ``dispatcher.state.base``, which raise it
+(``JobsUnavailable`` lives with the stores, ``dispatcher.state.errors``, which raise it
 too), and a submission to an unreachable Redis (or SQS) raises ``StateUnavailable`` (retryable) whatever
 ``on_unavailable`` says: a job kept in this process's memory would not be durable.
 """
@@ -41,13 +42,8 @@ from dispatcher._job_callbacks import JobCallbacks, new_delivery_id
 from dispatcher._outage_log import OutageLog
 from dispatcher._public_errors import ErrorDetail
 from dispatcher.config import JobsConfig
-from dispatcher.state.base import (
-    TERMINAL_STATES,
-    Delivery,
-    JobStore,
-    JobsUnavailable,
-    StateUnavailable,
-)
+from dispatcher.state.errors import JobsUnavailable, StateUnavailable
+from dispatcher.state.job_store import TERMINAL_STATES, Delivery, JobStore
 from linchkit_plugin.errors import DispatchError, ProviderError, error_from_wire
 from linchkit_plugin.wire import encode_json
 from providers.base import ResultTooLarge
@@ -55,6 +51,7 @@ from providers.egress import EgressPolicy
 
 __all__ = [
     "OWN_ERROR_TYPES",
+    "JobExpired",
     "JobNotFinished",
     "JobNotFound",
     "JobWorkers",
@@ -78,6 +75,15 @@ STOP_GRACE_SECONDS = 5.0
 
 class JobNotFound(DispatchError):
     type = "job_not_found"
+
+
+class JobExpired(DispatchError):
+    """A submission repeated with the idempotency key of a job whose record is no longer
+    kept (evicted, purged, or expired under an older manifest: ``jobs.result_ttl_ms`` at
+    least ``state.idempotency_retention_ms`` is checked at load). Final: the key's record
+    stays for its retention, and so does this answer. ``details["job_id"]``: that job."""
+
+    type = "job_expired"
 
 
 class JobNotFinished(DispatchError):

@@ -257,6 +257,44 @@ async def test_an_idempotency_record_of_another_type_runs_nothing(
         assert state["failures"] == 0 and state["fallbacks"] == 0
 
 
+@pytest.mark.parametrize("surface", ["call", "submit"])
+async def test_an_idempotency_hash_no_dispatcher_wrote_is_never_taken_over(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis, surface: str
+) -> None:
+    """A hash where a key's record belongs, without the params' fingerprint (``fp``) that
+    every claim writes: it was read as no record at all, and the claim wrote its own
+    fields into it, set it to expire with its lease and ran the call (a submission queued
+    a second job); what the other writer kept there was merged into a record, then gone.
+    It is a record no dispatcher wrote, as one of another type is: a typed, final error,
+    nothing runs or is queued, and the hash stays as it was."""
+    params = {"amount": 1, "delay": 0}
+    async with counter(tmp_path, redis_server.url, redis_prefix) as dispatcher:
+
+        async def keyed() -> Any:
+            if surface == "call":
+                return await dispatcher.call("counter", "charge", params, idempotency_key="o-17")
+            return await dispatcher.submit("counter", "charge", params, idempotency_key="o-17")
+
+        await keyed()
+        key = await only_key(writer, f"{redis_prefix}:idem:*")
+        await writer.delete(key)
+        foreign = {b"owner": b"billing-v0", b"status": b"paid"}
+        await writer.hset(key, mapping=foreign)
+        for _ in range(2):  # the hash stays: so does the answer
+            with pytest.raises(ProviderError, match=r"o-17.*new key") as caught:
+                await keyed()
+            assert caught.value.retryable is False
+        assert await writer.hgetall(key) == foreign
+        assert await writer.pttl(key) == -1  # no lease's expiry set on it
+        if surface == "call":
+            again = await dispatcher.call("counter", "charge", params, idempotency_key="o-18")
+            assert again == {"charged": 1, "run": 2}  # o-17 ran once
+        else:
+            assert await writer.xlen(f"{redis_prefix}:jobs") == 1
+        state = dispatcher.stats()["state"]
+        assert state["failures"] == 0 and state["fallbacks"] == 0
+
+
 @pytest.mark.parametrize("kind", ["limit", "breaker"])
 async def test_a_limit_or_breaker_of_another_type_is_refused_as_a_garbled_one(
     tmp_path: Path, redis_server: Redis, redis_prefix: str, writer: aioredis.Redis, kind: str

@@ -16,16 +16,22 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher, InvalidParams, JobNotFound, ProviderError
-from dispatcher.config import load_manifest
+from dispatcher import (
+    DeadlineExceeded,
+    Dispatcher,
+    InvalidParams,
+    JobExpired,
+    ProviderError,
+)
+from dispatcher.config import ManifestError, load_manifest
 from dispatcher.config.state import StateConfig
 from dispatcher.gateway import call_headers
 from dispatcher.policies import idempotency
-from dispatcher.state import Claim, digest
+from dispatcher.state import Claim, StateUnavailable, digest
 from dispatcher.state.memory import MemoryIdempotency
 from dispatcher.state.redis_store import RedisState
 from linchkit_plugin.wire import encode_json
-from tests.services import Redis
+from tests.services import Redis, free_port
 from tests.test_gateway_jobs import jobs_gateway, send
 from tests.test_gateway_security import ADMIN_KEY
 
@@ -330,41 +336,173 @@ async def test_a_retry_after_a_deploy_replays_its_record_whatever_the_new_schema
         assert counts == {"charges": 0, "reads": 0}
 
 
+# -- a store that cannot answer ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fail_closed", "fail_open"])
+async def test_invalid_params_are_told_first_when_the_store_cannot_answer(
+    tmp_path: Path, redis_prefix: str, mode: str
+) -> None:
+    """A keyed call's params are checked once its key's record is read (a record answers
+    its retry whatever the schema): with the store down and ``fail_closed``, a call whose
+    params no schema takes was told ``StateUnavailable`` (retryable: "come again"), and
+    came again with the same wrong params until the store was back, to hear only then what
+    was wrong with it. Nothing can be read, so the params are checked first now; params
+    that pass still hear that the store is down. A keyed submission alike (a job is not
+    queued without its store either way). ``fail_open`` already checked them against this
+    replica's own records."""
+    url = f"redis://127.0.0.1:{free_port()}"  # nothing listens: every operation fails
+    state = {"backend": "redis", "url": url, "key_prefix": redis_prefix, "on_unavailable": mode}
+    document = {
+        "version": 1,
+        "state": state,
+        "plugins": [
+            {
+                "id": "counter",
+                "version": "1.0.0",
+                "target": COUNTING,
+                "methods": {"charge": {"params_schema": SCHEMA_1}, "counts": {}},
+            }
+        ],
+    }
+    path = tmp_path / "plugins.json"
+    path.write_text(json.dumps(document))
+    wrong = {"amount": "five", "delay": 0}
+    async with Dispatcher(load_manifest(path)) as dispatcher:
+        for _ in range(2):  # the second finds the store skipped (retry_after_ms): the same
+            with pytest.raises(InvalidParams, match="five"):
+                await dispatcher.call("counter", "charge", wrong, idempotency_key="order-17")
+            with pytest.raises(InvalidParams, match="five"):
+                await dispatcher.submit("counter", "charge", wrong, idempotency_key="order-17")
+        with pytest.raises(StateUnavailable):
+            await dispatcher.submit("counter", "charge", {"amount": 5}, idempotency_key="o-18")
+        right = {"amount": 5, "delay": 0}
+        if mode == "fail_closed":
+            with pytest.raises(StateUnavailable):
+                await dispatcher.call("counter", "charge", right, idempotency_key="order-18")
+            assert await dispatcher.call("counter", "counts") == {"charges": 0, "reads": 0}
+        else:
+            assert await dispatcher.call("counter", "charge", right, idempotency_key="order-18")
+
+
 # -- a key's job whose record expired --------------------------------------------------------------
 
 
-async def test_a_resubmission_after_its_jobs_record_expired_is_answered_that_job_not_run_again(
-    tmp_path: Path, redis_server: Redis, redis_prefix: str
+def charging(folder: Path, url: str, prefix: str, **jobs: Any) -> Dispatcher:
+    """``counter.charge`` with a 200 ms deadline, its jobs run by one worker here."""
+    document = {
+        "version": 1,
+        "state": {"backend": "redis", "url": url, "key_prefix": prefix},
+        "jobs": {"workers": 1, "backoff_ms": 10, **jobs},
+        "plugins": [
+            {
+                "id": "counter",
+                "version": "1.0.0",
+                "target": COUNTING,
+                "methods": {"charge": {"timeout_ms": 200}, "counts": {}},
+            }
+        ],
+    }
+    path = folder / "plugins.json"
+    path.write_text(json.dumps(document))
+    return Dispatcher(load_manifest(path))
+
+
+@pytest.mark.parametrize("gone", ["evicted", "purged"])
+async def test_a_resubmission_whose_job_is_no_longer_kept_is_told_so_and_runs_nothing(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str, gone: str
 ) -> None:
-    """A job submitted with a key and naming no version ran; its record expired
-    (``jobs.result_ttl_ms`` shorter than ``state.idempotency_retention_ms``, which keeps
-    the submission's record). Submitted again with the key, it is answered the same job
-    id, which now answers ``JobNotFound`` ("never submitted, or its record expired"), and
-    nothing runs again: the key promised one run, and a second job would be a second
-    charge. (docs/gateway.md says so; a new request needs a new key.)"""
-    params = {"amount": 1, "delay": 0}
-    jobs = {"workers": 1, "result_ttl_ms": 50, "backoff_ms": 10}
+    """A job submitted with a key ended, and its record is gone while the key's record
+    still names it: evicted (a Redis at its memory limit drops keys that expire), or
+    dead-lettered and purged. Submitted again with the key, it was answered that job's
+    id, which then answered ``JobNotFound``: an id handed out as live that never was
+    again. It is told ``JobExpired`` now (final, naming the job), and nothing is queued
+    or run again: the key promised one job, and a second would be a second charge."""
+    delay = 0 if gone == "evicted" else 1  # over the 200 ms deadline: dead at once
+    params = {"amount": 1, "delay": delay}
     async with (
-        counter(tmp_path, redis_server.url, redis_prefix, jobs=jobs) as dispatcher,
+        charging(tmp_path, redis_server.url, redis_prefix, max_attempts=1) as dispatcher,
         aioredis.Redis.from_url(redis_server.url) as client,
     ):
         job_id = await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")
-        assert await dispatcher.result(job_id, wait=10) == {"charged": 1, "run": 1}
-        for _ in range(250):  # the record expires 50 ms after the job ended
-            if not await client.exists(f"{redis_prefix}:job:{job_id}"):
-                break
-            await asyncio.sleep(0.02)
+        if gone == "evicted":
+            assert await dispatcher.result(job_id, wait=10) == {"charged": 1, "run": 1}
+            await client.delete(f"{redis_prefix}:job:{job_id}")
         else:
-            raise AssertionError("the job's record did not expire")
+            with pytest.raises(DeadlineExceeded):
+                await dispatcher.result(job_id, wait=10)
+            assert (await dispatcher.job(job_id))["state"] == "dead"
+            jobs = dispatcher.state_backend.jobs  # what `dispatcher dlq purge` does
+            assert jobs is not None and await jobs.purge([job_id]) == 1
         submission = submission_record(redis_prefix, "counter", "charge", None, "order-17")
         assert await client.exists(submission) == 1
-        again = await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")
-        assert again == job_id
-        with pytest.raises(JobNotFound, match="never submitted, or its record expired"):
-            await dispatcher.job(again)
+        for _ in range(2):  # the key's record stays: so does the answer
+            with pytest.raises(JobExpired, match=rf"order-17.*{job_id}.*new key") as caught:
+                await dispatcher.submit("counter", "charge", params, idempotency_key="order-17")
+            assert caught.value.type == "job_expired"
+            assert caught.value.retryable is False
+            assert caught.value.details == {"stage": "jobs", "job_id": job_id}
         await asyncio.sleep(0.3)  # a job queued again would have run by now
+        assert await client.zcard(f"{redis_prefix}:jobs:recent") == 1
         assert await dispatcher.call("counter", "counts") == {"charges": 1, "reads": 0}
-        assert await client.xlen(f"{redis_prefix}:jobs") <= 1
+        # A job still kept is answered as before.
+        kept = await dispatcher.submit("counter", "charge", params, idempotency_key="order-18")
+        again = await dispatcher.submit("counter", "charge", params, idempotency_key="order-18")
+        assert again == kept
+
+
+async def test_the_gateway_answers_a_resubmission_whose_job_is_gone_410(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """The same through ``:submit``: ``410 job_expired``, final (no ``Retry-After``), no
+    ``Location`` (there is no job to read), the job named in ``details``."""
+    async with (
+        jobs_gateway(tmp_path, redis_server.url, redis_prefix, workers=0) as (base, session),
+        aioredis.Redis.from_url(redis_server.url) as client,
+    ):
+        submit = f"{base}/v1/plugins/jobs/methods/work:submit"
+        options = {"json": {"n": 1}, "headers": {"Idempotency-Key": "order-17"}}
+        status, body, _ = await send(session, "POST", submit, ADMIN_KEY, **options)
+        assert status == 202, body
+        job_id = body["job_id"]
+        await client.delete(f"{redis_prefix}:job:{job_id}")
+        status, body, headers = await send(session, "POST", submit, ADMIN_KEY, **options)
+        assert await client.xlen(f"{redis_prefix}:jobs") == 1
+    assert status == 410, body
+    error = body["error"]
+    assert (error["type"], error["retryable"]) == ("job_expired", False), error
+    assert error["details"] == {"stage": "jobs", "job_id": job_id}
+    assert "Retry-After" not in headers and "Location" not in headers
+
+
+def jobs_settings(state: dict[str, Any], jobs: dict[str, Any]) -> str:
+    document = {"version": 1, "state": state, "jobs": jobs, "plugins": []}
+    return json.dumps(document)
+
+
+def test_a_job_record_kept_shorter_than_its_key_is_refused_at_load(
+    tmp_path: Path, redis_server: Redis
+) -> None:
+    """``jobs.result_ttl_ms`` shorter than ``state.idempotency_retention_ms`` made every
+    keyed submission repeated between the two answer a job that no longer exists: the
+    manifest saying so is refused, naming both settings and their values. Equal is fine
+    (a job's record, kept from its end, outlives its key's record, kept from its
+    submission), and so is the memory backend, which keeps no jobs."""
+    path = tmp_path / "plugins.json"
+    redis = {"backend": "redis", "url": redis_server.url}
+    path.write_text(jobs_settings(redis, {"result_ttl_ms": 3_600_000}))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    message = str(caught.value)
+    assert "jobs.result_ttl_ms (3600000)" in message, message
+    assert "state.idempotency_retention_ms (86400000)" in message, message
+    path.write_text(jobs_settings({**redis, "idempotency_retention_ms": 3_600_000}, {}))
+    load_manifest(path)  # the default result_ttl_ms: a day
+    retention = {**redis, "idempotency_retention_ms": 60_000}
+    path.write_text(jobs_settings(retention, {"result_ttl_ms": 60_000}))
+    load_manifest(path)
+    path.write_text(jobs_settings({"backend": "memory"}, {"result_ttl_ms": 60_000}))
+    load_manifest(path)
 
 
 async def test_a_retry_naming_a_range_after_a_deploy_is_answered_by_its_record(

@@ -31,7 +31,13 @@ from dispatcher import Dispatcher, parse_manifest
 from dispatcher.config import ManifestError, TelemetryEnvironmentError, TracingSettings
 from dispatcher.config.errors import ENVIRONMENT
 from dispatcher.telemetry import CallStep, metrics_handler
-from linchkit_plugin.errors import CircuitOpen, DispatchError, PluginError, TargetUnavailable
+from linchkit_plugin.errors import (
+    CircuitOpen,
+    DispatchError,
+    InvalidParams,
+    PluginError,
+    TargetUnavailable,
+)
 from tests.conftest import EXAMPLES, ROOT, bound_socket
 
 TRACED_TARGET = {
@@ -707,6 +713,79 @@ async def test_errors_before_the_chain_are_counted_but_not_kept() -> None:
         # choose; no entry kept: there was no invocation, and the message is theirs.
         assert d.telemetry.errors.counts == {("?", "plugin_not_found"): 1}
         assert not d.telemetry.errors.recent
+
+
+SAY_SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string"}},
+    "required": ["text"],
+}
+
+
+def echo(**state: Any) -> dict[str, Any]:
+    """The echo plugin, its ``say`` checked by a schema, with metrics on; ``state``: the
+    manifest's state section (none: memory)."""
+    document: dict[str, Any] = {
+        "version": 1,
+        "telemetry": {"metrics": {"enabled": True}},
+        "plugins": [
+            {
+                "id": "echo",
+                "version": "1.0.0",
+                "target": ECHO_TARGET,
+                "methods": {"say": {"params_schema": SAY_SCHEMA}},
+            }
+        ],
+    }
+    if state:
+        document["state"] = state
+    return document
+
+
+async def test_the_refusals_of_a_keyed_call_are_counted_as_a_call_s_refusals_are() -> None:
+    """A keyed call's params are checked by its idempotency step, outside the chain's
+    telemetry, and so is its key: a call refused there (the key used with other params,
+    params no schema takes) was counted nowhere, while the same params without a key were
+    ``dispatcher_calls_total{outcome="invalid_params"}``. Counted as those are now: the
+    same series, no latency, the error counted and its message not kept."""
+    async with Dispatcher(parse_manifest(echo(), base_dir=ROOT)) as d:
+        said = await d.call("echo", "say", {"text": "hi"}, idempotency_key="k-1")
+        assert said["text"] == "hi"
+        with pytest.raises(InvalidParams, match=r"k-1.*already used"):
+            await d.call("echo", "say", {"text": "other"}, idempotency_key="k-1")
+        with pytest.raises(InvalidParams, match="text"):
+            await d.call("echo", "say", {"words": "hi"}, idempotency_key="k-2")
+        with pytest.raises(InvalidParams, match="text"):  # without a key: counted before
+            await d.call("echo", "say", {"words": "hi"})
+        found = samples(await scrape(d))
+        assert d.telemetry is not None
+        assert d.telemetry.errors.counts == {("echo", "invalid_params"): 3}
+        assert not d.telemetry.errors.recent
+    refused = {"plugin": "echo", "method": "say", "outcome": "invalid_params"}
+    assert value(found, "dispatcher_calls_total", **refused) == 3
+    assert value(found, "dispatcher_call_duration_seconds_count", **refused) == 3
+    assert value(found, "dispatcher_call_duration_seconds_sum", **refused) == 0
+    ok = {"plugin": "echo", "method": "say", "outcome": "ok"}
+    assert value(found, "dispatcher_calls_total", **ok) == 1
+
+
+async def test_a_keyed_call_refused_for_a_store_that_cannot_answer_is_counted() -> None:
+    """``fail_closed`` with the store down: the refusal of a keyed call, which its
+    idempotency step makes before the chain, is counted as the chain counts a shared
+    limit's (``target_unavailable``)."""
+    port = closed_port()
+    state = {
+        "backend": "redis",
+        "url": f"redis://127.0.0.1:{port}",
+        "on_unavailable": "fail_closed",
+    }
+    async with Dispatcher(parse_manifest(echo(**state), base_dir=ROOT)) as d:
+        for _ in range(2):
+            with pytest.raises(TargetUnavailable, match="state store"):
+                await d.call("echo", "say", {"text": "hi"}, idempotency_key="k-1")
+        found = samples(await scrape(d))
+    refused = {"plugin": "echo", "method": "say", "outcome": "target_unavailable"}
+    assert value(found, "dispatcher_calls_total", **refused) == 2
 
 
 def test_a_log_level_is_read_in_any_case_as_the_command_line_reads_it() -> None:

@@ -40,7 +40,8 @@ from dispatcher.cli._app import (
 )
 from dispatcher.config import Manifest
 from dispatcher.state import JobStore, new_backend
-from dispatcher.state.base import CALLBACK_STATES, JOB_STATES, TERMINAL_STATES
+from dispatcher.state.callback_outbox import CALLBACK_STATES
+from dispatcher.state.job_store import JOB_STATES, TERMINAL_STATES
 from linchkit_plugin.errors import DispatchError
 from providers._log_lines import printable
 

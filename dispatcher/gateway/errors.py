@@ -12,6 +12,8 @@ SDK's HTTP server and the HTTP provider's mapping (``providers/http.py``):
     forbidden                           403
     plugin_not_found, method_not_found, 404
     job_not_found (or another caller's)
+    job_expired                         410     a submission's Idempotency-Key names a
+                                                job no longer kept
     rate_limited                        429     Retry-After
     plugin_error (the plugin raised)    500     the plugin's own type in the envelope
     result_too_large                    500     a job's result over jobs.max_result_bytes
@@ -48,6 +50,7 @@ STATUS_BY_TYPE: Mapping[str, int] = {
     "plugin_not_found": 404,
     "method_not_found": 404,
     "job_not_found": 404,
+    "job_expired": 410,
     "rate_limited": 429,
     "plugin_error": 500,
     "result_too_large": 500,

@@ -32,7 +32,7 @@ from dispatcher.gateway.disclosure import Disclosure
 from dispatcher.gateway.errors import error_answer
 from dispatcher.gateway.settings import GatewaySettings
 from dispatcher.identity import Credentials, Principal
-from dispatcher.state.base import TERMINAL_STATES
+from dispatcher.state.job_store import TERMINAL_STATES
 from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,

@@ -170,6 +170,8 @@ _STATUS_TEXT = {
     502: "The target broke the contract",
     503: "Unavailable, circuit open, overloaded or shutting down: retry after Retry-After seconds",
     501: "The gateway's state backend keeps no jobs (memory)",
+    410: "The job the submission's Idempotency-Key names is no longer kept (error.type"
+    " job_expired, error.details.job_id): a new request needs a new key",
     504: "The call's deadline passed",
 }
 
@@ -285,8 +287,9 @@ def _headers(max_timeout_ms: int | None) -> dict[str, dict[str, Any]]:
 def _operation(plugin: PluginSpec[Any], method: str, component: str) -> dict[str, Any]:
     spec = plugin.methods[method]
     timeout_ms = plugin.policies_of(method).timeout_ms or DEFAULT_TIMEOUT_MS
-    # 501 (jobs_unavailable) is a job route's answer only: not a call's.
-    statuses = sorted({*STATUS_BY_TYPE.values(), 408, 413, 415} - {501})
+    # 501 (jobs_unavailable) is a job route's answer only, 410 (job_expired) a
+    # submission's: not a call's.
+    statuses = sorted({*STATUS_BY_TYPE.values(), 408, 413, 415} - {501, 410})
     return {
         "operationId": _operation_id(plugin.id, method),
         "summary": spec.description or f"Call {plugin.id}.{method}",
@@ -318,6 +321,7 @@ def _submit_operation(plugin: PluginSpec[Any], method: str, component: str) -> d
     wanted = ("PluginVersion", "IdempotencyKey", "CallbackUrl")
     operation["parameters"] = [{"$ref": f"#/components/parameters/{name}"} for name in wanted]
     operation["responses"]["501"] = {"$ref": "#/components/responses/501"}
+    operation["responses"]["410"] = {"$ref": "#/components/responses/410"}
     responses = operation["responses"]
     del responses["200"]
     responses["202"] = {
@@ -349,7 +353,7 @@ def _job_operation(operation_id: str, text: str, envelope: str) -> dict[str, Any
                 "application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}
             },
         }
-        for status in sorted({*STATUS_BY_TYPE.values()}):
+        for status in sorted({*STATUS_BY_TYPE.values()} - {410}):  # a job's own error
             responses.setdefault(str(status), {"$ref": f"#/components/responses/{status}"})
     return {
         "operationId": operation_id,

@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from dispatcher._versions import in_range
 from dispatcher.state import (
@@ -69,11 +69,19 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.wire import encode_json
 from providers.invocation import Invocation
 
-__all__ = ["MAX_KEY_LENGTH", "IdempotencyStep", "checked_idempotency_key"]
+__all__ = ["MAX_KEY_LENGTH", "IdempotencyStep", "Refused", "checked_idempotency_key"]
 
 Next = Callable[[Invocation], Awaitable[Any]]
 #: A method's params check (its ``params_schema``): raises ``InvalidParams``.
 Validate = Callable[[Any], None]
+
+
+class Refused(Protocol):
+    """Where a call this step refuses is counted, as a call refused before its chain is
+    (``TelemetryRuntime.refused``)."""
+
+    def __call__(self, plugin: str, method: str, error: DispatchError, /) -> None: ...
+
 
 #: How long past its deadline a claim outlives a first call that never ended it.
 LEASE_MARGIN_SECONDS = 1.0
@@ -120,7 +128,16 @@ def with_range_version(
 
 
 class IdempotencyStep:
-    __slots__ = ("backend", "local", "name", "next", "other_versions", "retention", "validate")
+    __slots__ = (
+        "backend",
+        "local",
+        "name",
+        "next",
+        "other_versions",
+        "refused",
+        "retention",
+        "validate",
+    )
 
     def __init__(
         self,
@@ -130,11 +147,16 @@ class IdempotencyStep:
         next_step: Next,
         other_versions: tuple[str, ...] = (),
         validate: Validate | None = None,
+        refused: Refused | None = None,
     ):
         self.name = name
         self.backend = backend
         self.retention = retention
         self.next = next_step
+        #: This step is outside the chain's telemetry (``CallStep``), which counts what
+        #: ``next`` raises: the calls it refuses itself are counted here (None: no
+        #: telemetry). A replayed outcome is not a refusal, nor counted again.
+        self.refused = refused
         #: Versions besides the call's own whose record answers it too: a rollout's
         #: other side, for the calls the rollout routes.
         self.other_versions = other_versions
@@ -165,6 +187,7 @@ class IdempotencyStep:
             next_step,
             other_versions,
             self.validate if validate is None else validate,
+            self.refused,
         )
 
     def __call__(self, invocation: Invocation) -> Awaitable[Any]:
@@ -199,7 +222,7 @@ class IdempotencyStep:
             if mine is None:
                 break
             if mine[0] != fingerprint:
-                raise self._mismatch(raw_key, invocation.version)
+                raise self._told(invocation, self._mismatch(raw_key, invocation.version))
             shared = mine[1]
             if shared is None:
                 shared = mine[1] = asyncio.get_running_loop().create_future()
@@ -207,7 +230,7 @@ class IdempotencyStep:
                 async with asyncio.timeout(max(invocation.remaining(), 0.0)):
                     return await asyncio.shield(shared)
             except TimeoutError:
-                raise self._late(raw_key) from None
+                raise self._told(invocation, self._late(raw_key)) from None
             except _LeaderGone:
                 continue
         mine = self.local[key] = [fingerprint, None]
@@ -250,6 +273,11 @@ class IdempotencyStep:
                 )
             except StateUnavailable as error:
                 if not self.backend.fail_open or store is self.backend.local_idempotency:
+                    # No record can be read, so none answers this call: params no schema
+                    # takes are the caller's to fix, whatever the store says, and told
+                    # first (a retry with them would only meet the same refusal later).
+                    self._check_params(invocation)
+                    self._told(invocation, error)
                     raise
                 self.backend.fell_back(f"the idempotency record of {self.name}", error)
                 store = self.backend.local_idempotency
@@ -264,20 +292,19 @@ class IdempotencyStep:
             if claimed.claim is Claim.MISMATCH:
                 widened = with_range_version(claimed, wanted, other_versions)
                 if widened is None:
-                    raise self._mismatch(raw_key, invocation.version)
+                    raise self._told(invocation, self._mismatch(raw_key, invocation.version))
                 other_versions = widened
                 continue
             remaining = invocation.remaining()
             if remaining <= 0:
-                raise self._late(raw_key)
+                raise self._told(invocation, self._late(raw_key))
             await store.changed(key, min(POLL_SECONDS, remaining))
         token = claimed.token
-        if self.validate is not None:
-            try:
-                self.validate(invocation.params)
-            except InvalidParams:
-                await self._end(store, key, token, None)  # nothing ran: the key is free
-                raise
+        try:
+            self._check_params(invocation)
+        except InvalidParams:
+            await self._end(store, key, token, None)  # nothing ran: the key is free
+            raise
         try:
             result = await self.next(invocation)
         except DispatchError as error:
@@ -300,6 +327,20 @@ class IdempotencyStep:
         except StateUnavailable as error:
             self.backend.fell_back(f"the idempotency record of {self.name}", error)
         return result
+
+    def _check_params(self, invocation: Invocation) -> None:
+        if self.validate is not None:
+            try:
+                self.validate(invocation.params)
+            except InvalidParams as error:
+                self._told(invocation, error)
+                raise
+
+    def _told(self, invocation: Invocation, error: DispatchError) -> DispatchError:
+        """``error``, the refusal of ``invocation`` by this step, counted."""
+        if self.refused is not None:
+            self.refused(invocation.plugin, invocation.method, error)
+        return error
 
     async def _end(
         self, store: IdempotencyStore, key: str, token: str, outcome: bytes | None

@@ -30,7 +30,7 @@ from dispatcher.policies.cache import CacheStep, ResultCache
 from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
 from dispatcher.policies.gate import Gate
 from dispatcher.policies.hedge import HedgeStep
-from dispatcher.policies.idempotency import IdempotencyStep
+from dispatcher.policies.idempotency import IdempotencyStep, Refused
 from dispatcher.policies.ratelimit import Bucket, Limit, RateLimitStep, new_limiter
 from dispatcher.policies.retry import RetryBudget, RetryStep
 from dispatcher.policies.shared import (
@@ -81,9 +81,12 @@ class PolicyRuntime:
         breaker_sync: float = 0.1,
         idempotency_retention: float = 86_400.0,
         boundary: ProviderBoundary | None = None,
+        refused: Refused | None = None,
     ) -> None:
         self.clock = clock
         self.boundary = boundary
+        #: Where the idempotency steps count the calls they refuse (telemetry's).
+        self.refused = refused
         self.state = state if state is not None else MemoryState(clock)
         self.breaker_sync = breaker_sync
         self.idempotency_retention = idempotency_retention
@@ -181,7 +184,11 @@ class PolicyRuntime:
         ``invoke`` (the whole chain, fallback included) behind the idempotency step.
         Kept off ``invoke`` so calls without a key pay nothing for it."""
         return IdempotencyStep(
-            f"{plugin.id}.{method}", self.state, self.idempotency_retention, invoke
+            f"{plugin.id}.{method}",
+            self.state,
+            self.idempotency_retention,
+            invoke,
+            refused=self.refused,
         )
 
     def _fleet_end(

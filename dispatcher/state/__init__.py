@@ -1,8 +1,9 @@
 """Where the policies keep their state: this process, or Redis shared by every replica.
 
 ``new_backend(manifest.state, clock)`` makes the backend the manifest names (``base`` has
-the seam and the error tree; ``memory`` the default; ``redis_store`` the shared one;
-``sqs_jobs`` async jobs on SQS). redis-py is imported only when a manifest chooses Redis,
+the seam, ``errors`` the error tree, ``shared_store``, ``idempotency_store``,
+``job_store`` and ``callback_outbox`` what a backend is made of; ``memory`` the default;
+``redis_store`` the shared one; ``sqs_jobs`` async jobs on SQS). redis-py is imported only when a manifest chooses Redis,
 aiobotocore only when it queues jobs on SQS.
 """
 
@@ -11,28 +12,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dispatcher.config import JobsConfig, StateConfig
-from dispatcher.state.base import (
+from dispatcher.state.base import StateBackend, digest
+from dispatcher.state.errors import JobsUnavailable, JobTooLarge, StateUnavailable
+from dispatcher.state.idempotency_store import (
     ANY_VERSION,
-    Admission,
-    BreakerPolicyArgs,
-    BreakerView,
     Claim,
     Claimed,
-    Delivery,
     IdempotencyStore,
-    JobRecords,
-    JobStore,
-    JobsUnavailable,
-    JobTooLarge,
-    SharedStore,
-    StateBackend,
-    StateUnavailable,
     decode_outcome,
-    digest,
     encode_error,
     encode_result,
 )
+from dispatcher.state.job_store import Delivery, JobRecords, JobStore
 from dispatcher.state.memory import MemoryIdempotency, MemoryState
+from dispatcher.state.shared_store import Admission, BreakerPolicyArgs, BreakerView, SharedStore
 
 __all__ = [
     "ANY_VERSION",

@@ -232,9 +232,12 @@ return 0
 #: of another type than a hash is a record no dispatcher wrote: {'done', ''}, an outcome
 #: that is none of ours (the call it stands for may have run: it is not run again). Before,
 #: its WRONGTYPE was Redis unavailable: fail_open ran the call again on this replica's
-#: records. So is a claim without an outcome that never expires: every claim is written
-#: with its lease's expiry, and one kept for ever answered {'busy'} for ever (a keyed call
-#: waited out its deadline, a submission its 5 s, each told to come again; 2026-12-05).
+#: records. So is a hash without ``fp``, which every claim writes: it was taken for no
+#: record, and the claim wrote its fields into another writer's hash, set it to expire and
+#: ran the call (2026-12-05). So is a claim without an outcome that never expires: every
+#: claim is written with its lease's expiry, and one kept for ever answered {'busy'} for
+#: ever (a keyed call waited out its deadline, a submission its 5 s, each told to come
+#: again; 2026-12-05).
 #:
 #: The version is a field of its own beside ``fp`` (the params' fingerprint), not part of
 #: it, so records stay readable both ways during a rolling deploy: a dispatcher from before
@@ -249,6 +252,7 @@ if kind ~= 'hash' and kind ~= 'none' then return {'done', ''} end
 local record = redis.call('HMGET', KEYS[1], 'fp', 'version')
 local fp = record[1]
 if not fp then
+  if kind == 'hash' then return {'done', ''} end
   redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'token', ARGV[2], 'version', ARGV[5])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return {'run'}

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from itertools import count, islice
 from typing import Any
 
-from dispatcher.state.base import ANY_VERSION, Claim, Claimed, IdempotencyStore, StateBackend
+from dispatcher.state.base import StateBackend
+from dispatcher.state.idempotency_store import ANY_VERSION, Claim, Claimed, IdempotencyStore
 
 __all__ = ["EVICTION_BATCH", "MAX_RECORDS", "MemoryIdempotency", "MemoryState"]
 

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.state import _scripts
-from dispatcher.state.base import BreakerPolicyArgs, BreakerView
 from dispatcher.state.redis_connection import Run
+from dispatcher.state.shared_store import BreakerPolicyArgs, BreakerView
 from linchkit_plugin.errors import DispatchError
 
 __all__ = ["BREAKER_TTL_MS", "RedisBreakers"]

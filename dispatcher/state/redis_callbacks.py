@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dispatcher.state._redis_replies import now_ms, reply_fields, reply_text
-from dispatcher.state.base import CallbackOutbox, PendingCallback
+from dispatcher.state.callback_outbox import CallbackOutbox, PendingCallback
 
 __all__ = ["RedisCallbacks"]
 

@@ -31,7 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dispatcher.config import StateConfig
-from dispatcher.state.base import StateUnavailable
+from dispatcher.state.errors import StateUnavailable
 from linchkit_plugin.errors import DeadlineExceeded
 
 __all__ = ["CLOSE_SECONDS", "LOG_EVERY_SECONDS", "LateRead", "RedisConnection", "Run"]

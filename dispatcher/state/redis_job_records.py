@@ -14,7 +14,7 @@ from typing import Any
 
 from dispatcher.state._job_scripts import RECORD_BEGIN, REQUEUE
 from dispatcher.state._redis_replies import now_ms, reply_fields
-from dispatcher.state.base import JobRecords
+from dispatcher.state.job_store import JobRecords
 from dispatcher.state.redis_jobs import RedisJobs
 
 __all__ = ["RedisJobRecords"]
@@ -96,6 +96,9 @@ class RedisJobRecords(JobRecords):
 
     async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
         return await self._jobs.owned_record(job_id, caller)
+
+    async def kept(self, job_id: str) -> bool:
+        return await self._jobs.kept(job_id)
 
     async def recent(self, limit: int) -> list[dict[str, str]]:
         return await self._jobs.recent(limit)

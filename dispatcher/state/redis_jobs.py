@@ -62,7 +62,8 @@ from dispatcher.state._job_summaries import (
     ErrorBudget,
 )
 from dispatcher.state._redis_replies import now_ms, reply_fields, reply_text
-from dispatcher.state.base import CallbackOutbox, Delivery, JobStore, unreadable_record
+from dispatcher.state.callback_outbox import CallbackOutbox
+from dispatcher.state.job_store import Delivery, JobStore, unreadable_record
 from dispatcher.state.redis_callbacks import RedisCallbacks
 from dispatcher.state.redis_connection import LateRead, Run
 
@@ -244,6 +245,11 @@ class RedisJobs(JobStore):
 
     async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
         return await self._record(job_id, ("0", "") if caller is None else ("1", caller))
+
+    async def kept(self, job_id: str) -> bool:
+        key = self.record_key(job_id)
+        found = await self.op("a job record", lambda: self._client.exists(key))
+        return bool(found)
 
     async def _record(self, job_id: str, args: tuple[str, str]) -> dict[str, str] | None:
         keys = (self.record_key(job_id),)

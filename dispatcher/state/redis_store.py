@@ -28,25 +28,16 @@ from typing import Any
 from dispatcher.config import StateConfig
 from dispatcher.state import _scripts
 from dispatcher.state._redis_replies import reply_text
-from dispatcher.state.base import (
-    Admission,
-    BreakerPolicyArgs,
-    BreakerView,
-    Claim,
-    Claimed,
-    IdempotencyStore,
-    JobRecords,
-    JobStore,
-    SharedStore,
-    StateBackend,
-    StateUnavailable,
-    encode_too_large,
-)
+from dispatcher.state.base import StateBackend
+from dispatcher.state.errors import StateUnavailable
+from dispatcher.state.idempotency_store import Claim, Claimed, IdempotencyStore, encode_too_large
+from dispatcher.state.job_store import JobRecords, JobStore
 from dispatcher.state.memory import MemoryIdempotency
 from dispatcher.state.redis_breakers import RedisBreakers
 from dispatcher.state.redis_connection import CLOSE_SECONDS, RedisConnection
 from dispatcher.state.redis_job_records import RedisJobRecords
 from dispatcher.state.redis_jobs import RedisJobs
+from dispatcher.state.shared_store import Admission, BreakerPolicyArgs, BreakerView, SharedStore
 from providers._log_lines import sparingly
 
 __all__ = ["RedisState"]

@@ -47,18 +47,11 @@ from typing import Any
 
 from dispatcher.config import JobsConfig, SqsJobsConfig
 from dispatcher.state._job_summaries import ErrorBudget, summary
-from dispatcher.state.base import (
-    TERMINAL_STATES,
-    Delivery,
-    IdempotencyStore,
-    JobRecords,
-    JobStore,
-    JobsUnavailable,
-    JobTooLarge,
-    SharedStore,
-    StateBackend,
-    StateUnavailable,
-)
+from dispatcher.state.base import StateBackend
+from dispatcher.state.errors import JobsUnavailable, JobTooLarge, StateUnavailable
+from dispatcher.state.idempotency_store import IdempotencyStore
+from dispatcher.state.job_store import TERMINAL_STATES, Delivery, JobRecords, JobStore
+from dispatcher.state.shared_store import SharedStore
 from dispatcher.state.sqs_queue import RECEIVE_MAX, Message, SqsQueue
 
 __all__ = ["SqsJobs", "SqsJobsState"]
@@ -291,6 +284,11 @@ class SqsJobs(JobStore):
     async def owned_record(self, job_id: str, caller: str | None) -> dict[str, str] | None:
         view = self._view(f"job {job_id!r:.80}'s status")
         return await view.owned_record(job_id, caller)
+
+    async def kept(self, job_id: str) -> bool:
+        # Without a job view no record is kept to be gone: the id is all there is of a
+        # job, and reading it says why not (JobsUnavailable).
+        return True if self.records is None else await self.records.kept(job_id)
 
     async def recent(self, limit: int) -> list[dict[str, str]]:
         return await self._view("listing jobs").recent(limit)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.config import SqsJobsConfig
-from dispatcher.state.base import StateUnavailable
+from dispatcher.state.errors import StateUnavailable
 
 __all__ = ["Message", "SqsQueue"]
 
