@@ -228,20 +228,3 @@ class Manifest(StrictModel, Generic[TargetT]):
                 "or 'jobs: {backend: sqs}'"
             )
         return self
-
-    @model_validator(mode="after")
-    def _job_records_outlive_their_keys(self) -> Manifest[TargetT]:
-        # A keyed submission repeated within the retention is answered its key's job: a
-        # record that expired before the key's (kept from its end, the key's from its
-        # submission) made that answer an id that no longer exists. Only Redis keeps job
-        # records that expire (the memory backend keeps no jobs; SQS without it no view).
-        jobs, state = self.jobs, self.state
-        if state.backend == "redis" and jobs.result_ttl_ms < state.idempotency_retention_ms:
-            raise ValueError(
-                f"jobs.result_ttl_ms ({jobs.result_ttl_ms}) is shorter than"
-                f" state.idempotency_retention_ms ({state.idempotency_retention_ms}): a job"
-                " submitted with an idempotency key would be forgotten while its key still"
-                " answers it; keep jobs.result_ttl_ms at least the retention (raise it, or"
-                " lower state.idempotency_retention_ms)"
-            )
-        return self
