@@ -71,6 +71,12 @@ RunJob = Callable[[dict[str, str], Any], Awaitable[Any]]
 #: How long ``aclose`` lets the jobs in flight finish before cancelling them (their
 #: entries stay pending and another worker takes them after the visibility timeout).
 STOP_GRACE_SECONDS = 5.0
+#: What ``JobWorkers.stats()["routes"]`` counts for each route: jobs ended each way, and
+#: attempts that failed and were retried.
+ROUTE_OUTCOMES = ("succeeded", "failed", "dead", "retried")
+#: Routes counted apart at most; the others share ``OTHER_ROUTES``.
+MAX_COUNTED_ROUTES = 1000
+OTHER_ROUTES = "(other)"
 
 
 class JobNotFound(DispatchError):
@@ -297,6 +303,9 @@ class JobWorkers:
             "deferred": 0,
         }
         self.running = 0
+        #: Jobs ended and attempts retried by route (``plugin@version.method``, the version
+        #: an attempt ran at), for telemetry: ``ROUTE_OUTCOMES`` each.
+        self.by_route: dict[str, dict[str, int]] = {}
         #: The store's outages, logged as they begin and end rather than per failed poll:
         #: taking entries and recording runs apart, since one can fail while the other
         #: works (SQS jobs whose Redis job view is down) and a shared log would flap.
@@ -436,7 +445,7 @@ class JobWorkers:
             fields = self._dead(f"job {job_id} ran out of attempts: {reason}", attempts)
             if last is not None:
                 fields["error"] = last
-            self.counts["dead"] += 1
+            self._count(record, "dead")
             await self._ended(entry, record, fields)
             return
         try:
@@ -478,7 +487,7 @@ class JobWorkers:
             return
         fields = {"state": "succeeded", "result": encoded, "finished_at": _now_ms(), **moved}
         await self._ended(entry, record, fields)
-        self.counts["succeeded"] += 1
+        self._count(record, "succeeded")
 
     async def _ended(self, entry: str, record: dict[str, str], fields: dict[str, str]) -> None:
         """Store the job's end, with its pending callback if it asked for one (one atomic
@@ -515,12 +524,27 @@ class JobWorkers:
             delay = backoff(self.config, attempts, error.retry_after)
             fields = {"state": "retrying", "error": wire, **moved}
             await self.store.retry_later(entry, job_id, fields, delay)
-            self.counts["retried"] += 1
+            self._count({**record, **moved}, "retried")
             return
         state = "dead" if error.retryable else "failed"
         fields = {"state": state, "error": wire, "finished_at": _now_ms(), **moved}
         await self._ended(entry, record, fields)
-        self.counts[state] += 1
+        self._count({**record, **moved}, state)
+
+    def _count(self, record: dict[str, str], outcome: str) -> None:
+        """Count ``outcome`` in all and for the record's route. Routes past
+        ``MAX_COUNTED_ROUTES`` share one row: records are read from a store others may
+        write, and each name would be a series of the host's metrics."""
+        self.counts[outcome] += 1
+        route = f"{record.get('plugin')}@{record.get('version')}.{record.get('method')}"
+        counts = self.by_route.get(route)
+        if counts is None:
+            if len(self.by_route) >= MAX_COUNTED_ROUTES:
+                route = OTHER_ROUTES
+                counts = self.by_route.get(route)
+            if counts is None:
+                counts = self.by_route[route] = dict.fromkeys(ROUTE_OUTCOMES, 0)
+        counts[outcome] += 1
 
     @staticmethod
     def _dead(message: str, attempts: int) -> dict[str, str]:
@@ -537,6 +561,7 @@ class JobWorkers:
             "workers": len(self._tasks),
             "running": self.running,
             **self.counts,
+            "routes": {route: dict(counts) for route, counts in self.by_route.items()},
             "callbacks": self.callbacks.stats(),
         }
 

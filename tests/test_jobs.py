@@ -590,3 +590,59 @@ async def test_idle_workers_on_the_default_bound_never_make_redis_look_down(
         assert await d.result(job_id, wait=30) == {"n": 1, "runs": 1}
     waits = [record for record in caplog.records if "new jobs" in record.getMessage()]
     assert waits == []
+
+
+# -- telemetry -----------------------------------------------------------------------------------
+
+
+async def test_job_outcomes_are_metrics_by_route(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """What an operator of job workers watches: jobs ended by route and state, attempts
+    retried, entries not run, workers and attempts running, on the replica's /metrics
+    (before, none of it was exported)."""
+    from tests.test_telemetry import scrape
+
+    path = manifest_file(tmp_path, redis_server.url, redis_prefix, workers=1, max_attempts=2)
+    document = json.loads(path.read_text())
+    document["telemetry"] = {"metrics": {"enabled": True}}
+    path.write_text(json.dumps(document))
+    async with Dispatcher(load_manifest(path)) as d:
+        done = [await d.submit("jobs", "work", {"n": n}) for n in (1, 2)]
+        refused = await d.submit("jobs", "refuse")
+        busy = await d.submit("jobs", "busy")
+        for job_id in done:
+            await d.result(job_id, wait=30)
+        for job_id, error in ((refused, PluginError), (busy, TargetUnavailable)):
+            with pytest.raises(error):
+                await d.result(job_id, wait=30)
+        text = await scrape(d)
+    route = "jobs@1.0.0"
+    for line in (
+        f'dispatcher_jobs_ended_total{{route="{route}.work",state="succeeded"}} 2.0',
+        f'dispatcher_jobs_ended_total{{route="{route}.refuse",state="failed"}} 1.0',
+        f'dispatcher_jobs_ended_total{{route="{route}.busy",state="dead"}} 1.0',
+        f'dispatcher_jobs_ended_total{{route="{route}.busy",state="succeeded"}} 0.0',
+        f'dispatcher_job_retries_total{{route="{route}.busy"}} 1.0',
+        f'dispatcher_job_retries_total{{route="{route}.work"}} 0.0',
+        'dispatcher_job_entries_not_run_total{reason="malformed"} 0.0',
+        "dispatcher_job_workers 1.0",
+        "dispatcher_jobs_running 0.0",
+    ):
+        assert line in text.splitlines(), line
+
+
+def test_routes_read_from_the_store_are_counted_apart_up_to_a_bound() -> None:
+    """A record's plugin and method come from a store others may write: past
+    ``MAX_COUNTED_ROUTES`` names, the rest share one row, so a writer cannot fill the
+    host's metrics with series."""
+    from dispatcher._jobs import MAX_COUNTED_ROUTES, OTHER_ROUTES, JobWorkers
+
+    workers = JobWorkers.__new__(JobWorkers)  # only its counters are used here
+    workers.counts = dict.fromkeys(("succeeded", "failed", "dead", "retried"), 0)
+    workers.by_route = {}
+    for n in range(MAX_COUNTED_ROUTES + 500):
+        workers._count({"plugin": f"p{n}", "version": "1.0.0", "method": "m"}, "dead")
+    assert len(workers.by_route) == MAX_COUNTED_ROUTES + 1
+    assert workers.by_route[OTHER_ROUTES]["dead"] == 500
+    assert workers.counts["dead"] == MAX_COUNTED_ROUTES + 500
