@@ -10,7 +10,8 @@ its fixture ends, so nothing outlives the test session.
   same ports and data folder, for "the registry is down" cases.
 * ``secure_etcd`` (function): an etcd on ``https://`` that asks for a client certificate
   and has etcd's authentication on (``SecureEtcd``: its CA, the client pairs it trusts,
-  users ``root`` and ``reader``, the latter allowed to read ``READER_PREFIX`` only); its
+  users ``root``, ``reader``, allowed to read ``READER_PREFIX`` only, and ``registrar``,
+  allowed to read and write ``REGISTRAR_PREFIX`` only, as a plugin that registers is); its
   simple tokens expire after ``TOKEN_TTL`` seconds, so a client that keeps one too long
   finds out within a test.
 * ``redis_server`` (session) and ``own_redis`` (function): redis-server on a free loopback
@@ -197,6 +198,9 @@ class Etcd:
 
 #: The prefix ``SecureEtcd``'s ``reader`` may read (and nothing else).
 READER_PREFIX = "/linchkit-secure"
+#: The prefix ``SecureEtcd``'s ``registrar`` may read and write (and nothing else): where
+#: plugins register themselves.
+REGISTRAR_PREFIX = "/linchkit-registry"
 #: Seconds a ``SecureEtcd`` token lives unused: short, so keeping one too long shows.
 TOKEN_TTL = 2
 
@@ -205,12 +209,15 @@ class SecureEtcd(Etcd):
     """An etcd as a careful operator runs it: TLS on its client port, a client certificate
     required (``--client-cert-auth``), and etcd's users and roles on, with short-lived
     simple tokens. ``root`` may do anything (the test client below is ``root``);
-    ``reader`` (password ``reader_password``) may read keys under ``READER_PREFIX``.
+    ``reader`` (password ``reader_password``) may read keys under ``READER_PREFIX``;
+    ``registrar`` (password ``registrar_password``) may read and write keys under
+    ``REGISTRAR_PREFIX``, and revoke the leases of its own keys.
     ``client_pair`` is a certificate and key the server accepts, ``stranger_pair`` one
     from another CA."""
 
     scheme = "https"
     reader_password = "reader-pw-7a1c"
+    registrar_password = "registrar-pw-3b8d"
     _root_password = "root-pw-19fe"
 
     def __init__(self, data_dir: Path) -> None:
@@ -269,6 +276,23 @@ class SecureEtcd(Etcd):
         answer = Etcd.call(self, "/v3/auth/authenticate", {"name": name, "password": password})
         return str(answer["token"])
 
+    def takes_token(self, token: str, key: str) -> bool:
+        """Whether etcd still takes ``token`` for reading ``key`` (False: it expired). A
+        use keeps a simple token alive for another ``TOKEN_TTL``, so ask once, at the end."""
+        request = urllib.request.Request(
+            f"{self.url}/v3/kv/range",
+            data=json.dumps({"key": _b64(key.encode())}).encode(),
+            method="POST",
+            headers={"Authorization": token},
+        )
+        try:
+            with self._open(request, timeout=10):
+                return True
+        except urllib.error.HTTPError as error:
+            if error.code == 401:
+                return False
+            raise
+
     def _enable_auth(self) -> None:
         # A fresh etcd answers its health check before its cluster version is settled, and
         # until then refuses every auth request as "not capable" (HTTP 412).
@@ -297,8 +321,24 @@ class SecureEtcd(Etcd):
             },
         )
         self.call("/v3/auth/user/grant", {"user": "reader", "role": "reader"})
+        self.call("/v3/auth/user/add", {"name": "registrar", "password": self.registrar_password})
+        self.call("/v3/auth/role/add", {"name": "registrar"})
+        self.call(
+            "/v3/auth/role/grant",
+            {"name": "registrar", "perm": readwrite_permission(REGISTRAR_PREFIX)},
+        )
+        self.call("/v3/auth/user/grant", {"user": "registrar", "role": "registrar"})
         self.call("/v3/auth/enable", {})
         self._token = self.authenticate("root", self._root_password)
+
+
+def readwrite_permission(prefix: str) -> dict[str, str]:
+    """etcd's permission to read and write every key under ``prefix + "/"``."""
+    return {
+        "permType": "READWRITE",
+        "key": _b64(f"{prefix}/".encode()),
+        "range_end": _b64(f"{prefix}0".encode()),
+    }
 
 
 def _written(folder: Path, name: str, cert: Any) -> tuple[Path, Path]:

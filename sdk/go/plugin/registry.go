@@ -4,15 +4,16 @@ package plugin
 // (docs/registry.md). The contract is the dispatcher's: one key <prefix>/<instance id>
 // per instance, on a lease the instance keeps alive, whose value is JSON
 // {"address": "host:port"} for a gRPC server. etcd is reached through its v3 JSON
-// gateway with net/http, so the SDK needs no etcd client module.
+// gateway with net/http (etcdgateway.go: TLS, a client certificate, one of etcd's users
+// and its token), so the SDK needs no etcd client module.
 //
-// An etcd that does not answer is not fatal: the plugin serves, says so once on stderr
-// and keeps trying; it registers again if etcd lost its lease. On SIGTERM or SIGINT the
+// An etcd that does not answer, or turns the plugin away (its certificate, its user's
+// password or permission), is not fatal: the plugin serves, says so once on stderr and
+// keeps trying; it registers again if etcd lost its lease. On SIGTERM or SIGINT the
 // key is deleted and the lease revoked, the server keeps serving LINCHKIT_LEAVE_DELAY
 // seconds (1) while dispatchers learn it left, and then the calls in flight are drained.
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -20,10 +21,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/url"
 	"os"
 	"strconv"
@@ -51,11 +50,10 @@ const (
 )
 
 type registration struct {
-	base    string
+	etcd    *etcdGateway
 	key     string
 	value   []byte
 	ttl     int64
-	client  *http.Client
 	log     *slog.Logger
 	lease   int64
 	written bool
@@ -103,18 +101,22 @@ func registrationFromEnv(getenv func(string) string, listening net.Addr, log *sl
 	value, _ := json.Marshal(map[string]string{"address": address})
 	// Each request is bounded well inside a renewal period.
 	timeout := time.Duration(min(max(ttl/3, 1), 5)) * time.Second
-	return &registration{
-		base:  strings.TrimRight(base, "/"),
-		key:   prefix + "/" + instanceID(),
-		value: value,
-		ttl:   ttl,
-		// No proxy: a registry is reached directly, as the dispatcher reaches it.
-		client:     &http.Client{Timeout: timeout, Transport: &http.Transport{Proxy: nil}},
+	r := &registration{
+		key:        prefix + "/" + instanceID(),
+		value:      value,
+		ttl:        ttl,
 		log:        log,
 		leaveDelay: leaveDelay,
 		stop:       make(chan struct{}),
 		done:       make(chan struct{}),
-	}, nil
+	}
+	r.etcd, err = etcdGatewayFromEnv(parsed, getenv, timeout, func(format string, args ...any) {
+		r.say(slog.LevelWarn, format, args...)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
 }
 
 // leaveDelayFrom reads LINCHKIT_LEAVE_DELAY: seconds in [0, 600], 1 when unset.
@@ -180,7 +182,9 @@ func (r *registration) deregister() {
 	close(r.stop)
 	select {
 	case <-r.done:
-	case <-time.After(4*r.client.Timeout + time.Second):
+	// A new token costs two quick requests more; an etcd that hangs is not waited for
+	// past this bound.
+	case <-time.After(4*r.etcd.client.Timeout + time.Second):
 	}
 	time.Sleep(r.leaveDelay)
 }
@@ -191,18 +195,26 @@ func (r *registration) say(level slog.Level, format string, args ...any) {
 
 func (r *registration) run() {
 	defer close(r.done)
-	failing := false
+	// Said once, not per retry; said again when the trouble changes (etcd answers again,
+	// and now turns the plugin away), so what the operator sees is current.
+	const fine, unavailable, refused = 0, 1, 2
+	failing := fine
 	for {
 		wait := time.Duration(r.ttl) * time.Second / 3
 		if err := r.renew(); err != nil {
-			if !failing {
+			kind := unavailable
+			var refusal *etcdRefused
+			if errors.As(err, &refusal) {
+				kind = refused
+			}
+			if kind != failing {
 				r.say(slog.LevelWarn, "cannot register %s in etcd: %v; serving anyway and trying again", r.key, err)
 			}
-			failing = true
+			failing = kind
 			wait = min(wait, time.Second)
-		} else if failing {
+		} else if failing != fine {
 			r.say(slog.LevelInfo, "etcd answers again: %s is registered", r.key)
-			failing = false
+			failing = fine
 		}
 		select {
 		case <-r.stop:
@@ -215,7 +227,7 @@ func (r *registration) run() {
 
 func (r *registration) renew() error {
 	if r.lease != 0 {
-		answer, err := r.post("/v3/lease/keepalive", map[string]any{"ID": strconv.FormatInt(r.lease, 10)})
+		answer, err := r.etcd.post("/v3/lease/keepalive", map[string]any{"ID": strconv.FormatInt(r.lease, 10)})
 		if err != nil {
 			return err
 		}
@@ -229,7 +241,7 @@ func (r *registration) renew() error {
 		}
 	}
 	if r.lease == 0 {
-		answer, err := r.post("/v3/lease/grant", map[string]any{"TTL": r.ttl})
+		answer, err := r.etcd.post("/v3/lease/grant", map[string]any{"TTL": r.ttl})
 		if err != nil {
 			return err
 		}
@@ -238,7 +250,7 @@ func (r *registration) renew() error {
 		}
 	}
 	if !r.written {
-		answer, err := r.post("/v3/kv/put", map[string]any{
+		answer, err := r.etcd.post("/v3/kv/put", map[string]any{
 			"key":   base64.StdEncoding.EncodeToString([]byte(r.key)),
 			"value": base64.StdEncoding.EncodeToString(r.value),
 			"lease": strconv.FormatInt(r.lease, 10),
@@ -251,7 +263,7 @@ func (r *registration) renew() error {
 			return fmt.Errorf("etcd refused the registration%s", why(answer))
 		}
 		r.written = true
-		r.say(slog.LevelInfo, "registered %s in etcd at %s", r.key, r.base)
+		r.say(slog.LevelInfo, "registered %s in etcd at %s", r.key, r.etcd.base)
 	}
 	return nil
 }
@@ -260,37 +272,19 @@ func (r *registration) leave() {
 	if r.lease == 0 {
 		return
 	}
+	lease := map[string]any{"ID": strconv.FormatInt(r.lease, 10)}
+	if !r.written { // a lease for a key etcd refused (permission): let it go quietly
+		_, _ = r.etcd.post("/v3/lease/revoke", lease)
+		return
+	}
 	// The key first: a dispatcher stops calling this instance from that moment.
-	_, _ = r.post("/v3/kv/deleterange", map[string]any{"key": base64.StdEncoding.EncodeToString([]byte(r.key))})
-	if _, err := r.post("/v3/lease/revoke", map[string]any{"ID": strconv.FormatInt(r.lease, 10)}); err != nil {
+	_, _ = r.etcd.post("/v3/kv/deleterange", map[string]any{"key": base64.StdEncoding.EncodeToString([]byte(r.key))})
+	if _, err := r.etcd.post("/v3/lease/revoke", lease); err != nil {
 		r.say(slog.LevelWarn, "cannot deregister %s: %v; it leaves the registry when its lease ends, within %d s",
 			r.key, err, r.ttl)
 		return
 	}
 	r.say(slog.LevelInfo, "deregistered %s", r.key)
-}
-
-// post sends one request to etcd's JSON gateway; its error answers are JSON too.
-func (r *registration) post(path string, body map[string]any) (map[string]any, error) {
-	payload, _ := json.Marshal(body)
-	response, err := r.client.Post(r.base+path, "application/json", bytes.NewReader(payload))
-	if err != nil {
-		var netErr net.Error
-		if errors.As(err, &netErr) && netErr.Timeout() {
-			return nil, fmt.Errorf("%s does not answer within %s", r.base, r.client.Timeout)
-		}
-		return nil, fmt.Errorf("%s does not answer (%v)", r.base, errors.Unwrap(err))
-	}
-	defer response.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(response.Body, maxEtcdAnswer))
-	if err != nil {
-		return nil, fmt.Errorf("%s: the answer broke off (%v)", r.base, err)
-	}
-	var answer map[string]any
-	if err := json.Unmarshal(raw, &answer); err != nil {
-		return nil, fmt.Errorf("%s answered something that is not JSON", r.base)
-	}
-	return answer, nil
 }
 
 // number reads the gateway's int64s, which it writes as strings.
@@ -305,12 +299,10 @@ func number(value any) int64 {
 	return 0
 }
 
+// why is etcd's message in an error answer as ": <message>" to append, or "".
 func why(answer map[string]any) string {
-	if message, ok := answer["message"].(string); ok && message != "" {
-		if len(message) > 200 {
-			message = message[:200]
-		}
-		return ": " + strings.Join(strings.Fields(message), " ")
+	if text := message(answer); text != "" {
+		return ": " + text
 	}
 	return ""
 }

@@ -3,6 +3,8 @@ package plugin
 import (
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -80,5 +82,56 @@ func TestRegistrationSettingsAreCheckedBeforeServing(t *testing.T) {
 	}
 	if r, err := registrationFromEnv(func(string) string { return "" }, listening, newLogger(io.Discard)); r != nil || err != nil {
 		t.Errorf("no settings: %v, %v; want no registration", r, err)
+	}
+}
+
+// How etcd is reached is checked before serving too; each mistake names its variable and
+// never quotes the password. The loopback cases are those where a password may go over
+// plain http://: it crosses no network.
+func TestEtcdAccessSettingsAreCheckedBeforeServing(t *testing.T) {
+	listening := &net.TCPAddr{IP: net.ParseIP("127.0.0.2"), Port: 50051}
+	notPEM := filepath.Join(t.TempDir(), "not.pem")
+	if err := os.WriteFile(notPEM, []byte("not a certificate\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const secret = "SECRET-pw"
+	cases := []struct {
+		settings map[string]string
+		wrong    string // the variable the refusal names; "" when the settings are fine
+	}{
+		{map[string]string{EnvRegisterEtcd: "http://127.0.0.1:2379", EnvRegisterEtcdCAFile: notPEM}, EnvRegisterEtcdCAFile},
+		{map[string]string{EnvRegisterEtcd: "http://127.0.0.1:2379", EnvRegisterEtcdCertFile: notPEM, EnvRegisterEtcdKeyFile: notPEM}, EnvRegisterEtcdCertFile},
+		{map[string]string{EnvRegisterEtcd: "http://10.0.0.5:2379", EnvRegisterEtcdUser: "registrar", EnvRegisterEtcdPassword: secret}, EnvRegisterEtcdPassword},
+		{map[string]string{EnvRegisterEtcd: "http://etcd.internal:2379", EnvRegisterEtcdUser: "registrar", EnvRegisterEtcdPassword: secret}, EnvRegisterEtcdPassword},
+		{map[string]string{EnvRegisterEtcd: "http://localhost.example:2379", EnvRegisterEtcdUser: "registrar", EnvRegisterEtcdPassword: secret}, EnvRegisterEtcdPassword},
+		{map[string]string{EnvRegisterEtcd: "https://10.0.0.5:2379", EnvRegisterEtcdUser: "registrar"}, EnvRegisterEtcdPassword},
+		{map[string]string{EnvRegisterEtcd: "https://10.0.0.5:2379", EnvRegisterEtcdPassword: secret}, EnvRegisterEtcdUser},
+		{map[string]string{EnvRegisterEtcd: "https://10.0.0.5:2379", EnvRegisterEtcdCertFile: notPEM}, EnvRegisterEtcdKeyFile},
+		{map[string]string{EnvRegisterEtcd: "https://10.0.0.5:2379", EnvRegisterEtcdKeyFile: notPEM}, EnvRegisterEtcdCertFile},
+		{map[string]string{EnvRegisterEtcd: "https://10.0.0.5:2379", EnvRegisterEtcdCAFile: notPEM + ".missing"}, EnvRegisterEtcdCAFile},
+		{map[string]string{EnvRegisterEtcd: "https://10.0.0.5:2379", EnvRegisterEtcdCAFile: notPEM}, EnvRegisterEtcdCAFile},
+		{map[string]string{EnvRegisterEtcd: "https://10.0.0.5:2379", EnvRegisterEtcdCertFile: notPEM, EnvRegisterEtcdKeyFile: notPEM}, EnvRegisterEtcdCertFile},
+		{map[string]string{EnvRegisterEtcd: "http://127.0.0.1:2379", EnvRegisterEtcdUser: "registrar", EnvRegisterEtcdPassword: secret}, ""},
+		{map[string]string{EnvRegisterEtcd: "http://127.8.9.10:2379", EnvRegisterEtcdUser: "registrar", EnvRegisterEtcdPassword: secret}, ""},
+		{map[string]string{EnvRegisterEtcd: "http://localhost:2379", EnvRegisterEtcdUser: "registrar", EnvRegisterEtcdPassword: secret}, ""},
+		{map[string]string{EnvRegisterEtcd: "http://[::1]:2379", EnvRegisterEtcdUser: "registrar", EnvRegisterEtcdPassword: secret}, ""},
+		{map[string]string{EnvRegisterEtcd: "https://10.0.0.5:2379", EnvRegisterEtcdUser: "registrar", EnvRegisterEtcdPassword: secret}, ""},
+	}
+	for _, c := range cases {
+		env := map[string]string{EnvRegisterPrefix: "/linchkit/plugins/echo"}
+		for k, v := range c.settings {
+			env[k] = v
+		}
+		r, err := registrationFromEnv(func(k string) string { return env[k] }, listening, newLogger(io.Discard))
+		switch {
+		case c.wrong == "" && err != nil:
+			t.Errorf("%v: %v, want it accepted", c.settings, err)
+		case c.wrong == "" && (r.etcd.user != "registrar" || r.etcd.password != secret):
+			t.Errorf("%v: the gateway has user %q, want registrar and the password", c.settings, r.etcd.user)
+		case c.wrong != "" && (err == nil || !strings.Contains(err.Error(), c.wrong)):
+			t.Errorf("%v: error %v, want one naming %s", c.settings, err, c.wrong)
+		case err != nil && strings.Contains(err.Error(), secret):
+			t.Errorf("%v: the error quotes the password: %v", c.settings, err)
+		}
 	}
 }

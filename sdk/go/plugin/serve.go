@@ -121,6 +121,12 @@ environment (docs/registry.md, docs/security.md, docs/observability.md):
   %s, %s
       register {"address": "host:port"} in this etcd, under this prefix, while serving
   %s
+      https://: PEM roots that verify etcd (default: the system's)
+  %s, %s
+      https://: the client certificate to present to etcd, and its unencrypted key
+  %s, %s
+      register as this etcd user (over http:// only to a loopback etcd)
+  %s
       the host:port dispatchers reach (required when listening on 0.0.0.0 or ::)
   %s
       the lease's seconds, at least 2 (default %d)
@@ -128,8 +134,9 @@ environment (docs/registry.md, docs/security.md, docs/observability.md):
       seconds served on after leaving the registry on SIGTERM, 0-600 (default %g)
   OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
       export a span per call over OTLP/HTTP
-`, EnvTokenFile, EnvToken, EnvRegisterEtcd, EnvRegisterPrefix, EnvAdvertise, EnvRegisterTTL,
-	defaultRegisterTTL, EnvLeaveDelay, defaultLeaveDelay.Seconds())
+`, EnvTokenFile, EnvToken, EnvRegisterEtcd, EnvRegisterPrefix, EnvRegisterEtcdCAFile,
+	EnvRegisterEtcdCertFile, EnvRegisterEtcdKeyFile, EnvRegisterEtcdUser, EnvRegisterEtcdPassword,
+	EnvAdvertise, EnvRegisterTTL, defaultRegisterTTL, EnvLeaveDelay, defaultLeaveDelay.Seconds())
 
 func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	flags := flag.NewFlagSet("serve", flag.ContinueOnError)

@@ -24,7 +24,12 @@ from linchkit_plugin.registry import (
     DEFAULT_LEAVE_DELAY,
     DEFAULT_TTL,
     LEAVE_DELAY_ENV,
+    REGISTER_ETCD_CA_FILE_ENV,
+    REGISTER_ETCD_CERT_FILE_ENV,
     REGISTER_ETCD_ENV,
+    REGISTER_ETCD_KEY_FILE_ENV,
+    REGISTER_ETCD_PASSWORD_ENV,
+    REGISTER_ETCD_USER_ENV,
     REGISTER_PREFIX_ENV,
     REGISTER_TTL_ENV,
 )
@@ -42,6 +47,12 @@ environment (docs/registry.md, docs/security.md):
       the bearer token every call must carry (without it anyone may call)
   {REGISTER_ETCD_ENV}, {REGISTER_PREFIX_ENV}
       register {{"address": "host:port"}} in this etcd, under this prefix, while serving
+  {REGISTER_ETCD_CA_FILE_ENV}
+      https://: PEM roots that verify etcd (default: the system's)
+  {REGISTER_ETCD_CERT_FILE_ENV}, {REGISTER_ETCD_KEY_FILE_ENV}
+      https://: the client certificate to present to etcd, and its unencrypted key
+  {REGISTER_ETCD_USER_ENV}, {REGISTER_ETCD_PASSWORD_ENV}
+      register as this etcd user (over http:// only to a loopback etcd)
   {ADVERTISE_ENV}
       the host:port dispatchers reach (required when listening on 0.0.0.0 or ::)
   {REGISTER_TTL_ENV}

@@ -40,6 +40,7 @@ from linchkit_plugin.registry import (
     REGISTER_ETCD_ENV,
     REGISTER_PREFIX_ENV,
     REGISTER_TTL_ENV,
+    EtcdAccess,
     Registration,
     advertised_value,
 )
@@ -117,12 +118,13 @@ def _registration_from_environment(host: str) -> _Registering | None:
         raise ValueError(
             f"{LEAVE_DELAY_ENV} is a number of seconds in [0, 600], not {leave_delay!r}"
         )
+    access = EtcdAccess.from_environment()
 
     def registration(port: int) -> Registration:
         value = advertised_value(advertise, host=host, port=port, kind="address")
-        return Registration(etcd, prefix, value, ttl=ttl)
+        return Registration(etcd, prefix, value, ttl=ttl, access=access)
 
-    registration(1)  # checks the URL, prefix, TTL and address; starts nothing
+    registration(1)  # checks the URL, prefix, TTL, address and etcd access; starts nothing
     return _Registering(registration, seconds)
 
 

@@ -28,9 +28,15 @@ from linchkit_plugin.registry import (
     DEFAULT_LEAVE_DELAY,
     DEFAULT_TTL,
     LEAVE_DELAY_ENV,
+    REGISTER_ETCD_CA_FILE_ENV,
+    REGISTER_ETCD_CERT_FILE_ENV,
     REGISTER_ETCD_ENV,
+    REGISTER_ETCD_KEY_FILE_ENV,
+    REGISTER_ETCD_PASSWORD_ENV,
+    REGISTER_ETCD_USER_ENV,
     REGISTER_PREFIX_ENV,
     REGISTER_TTL_ENV,
+    EtcdAccess,
     Registration,
     advertised_value,
 )
@@ -38,6 +44,16 @@ from linchkit_plugin.tracing import configure_from_env
 
 _ENV = "LINCHKIT_PLUGIN_"
 _DEFAULTS = ServerLimits()
+
+#: How messages name the etcd access settings: by flag; the password has none (``ps``
+#: would show it), only its variable.
+_ETCD_ACCESS_NAMES = {
+    "ca_file": "--register-etcd-ca-file",
+    "cert_file": "--register-etcd-cert-file",
+    "key_file": "--register-etcd-key-file",
+    "user": "--register-etcd-user",
+    "password": REGISTER_ETCD_PASSWORD_ENV,
+}
 
 # (option, ServerLimits field, type, what it guards): each also reads LINCHKIT_PLUGIN_<FIELD>.
 _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
@@ -188,6 +204,32 @@ def _parser() -> argparse.ArgumentParser:
         default=env(REGISTER_ETCD_ENV),
         metavar="URL",
         help=f"register in the etcd at URL while serving [{REGISTER_ETCD_ENV}]",
+    )
+    registry.add_argument(
+        "--register-etcd-ca-file",
+        default=env(REGISTER_ETCD_CA_FILE_ENV),
+        metavar="PEM",
+        help="https://: PEM roots that verify etcd (default: the system's)"
+        f" [{REGISTER_ETCD_CA_FILE_ENV}]",
+    )
+    registry.add_argument(
+        "--register-etcd-cert-file",
+        default=env(REGISTER_ETCD_CERT_FILE_ENV),
+        metavar="PEM",
+        help=f"https://: the client certificate to present to etcd [{REGISTER_ETCD_CERT_FILE_ENV}]",
+    )
+    registry.add_argument(
+        "--register-etcd-key-file",
+        default=env(REGISTER_ETCD_KEY_FILE_ENV),
+        metavar="PEM",
+        help=f"the unencrypted key of --register-etcd-cert-file [{REGISTER_ETCD_KEY_FILE_ENV}]",
+    )
+    registry.add_argument(
+        "--register-etcd-user",
+        default=env(REGISTER_ETCD_USER_ENV),
+        metavar="NAME",
+        help=f"register as this etcd user, whose password is read from {REGISTER_ETCD_PASSWORD_ENV}"
+        f" only [{REGISTER_ETCD_USER_ENV}]",
     )
     registry.add_argument(
         "--register-prefix",
@@ -383,7 +425,11 @@ def serve(options: argparse.Namespace) -> None:
         value = advertised_value(options.advertise, host=host, port=port, kind="url")
         registration.append(
             Registration(
-                options.register_etcd, options.register_prefix, value, ttl=options.register_ttl
+                options.register_etcd,
+                options.register_prefix,
+                value,
+                ttl=options.register_ttl,
+                access=_etcd_access(options),
             )
         )
         registration[0].start()
@@ -457,13 +503,28 @@ def _check_registration(options: argparse.Namespace) -> bool:
             port=0 if options.uds else 1,
             kind="url",
         )
-        # Checks the URL, the prefix and the TTL; starts nothing.
+        # Checks the URL, the prefix, the TTL and how etcd is reached; starts nothing.
         Registration(
-            options.register_etcd, options.register_prefix, value, ttl=options.register_ttl
+            options.register_etcd,
+            options.register_prefix,
+            value,
+            ttl=options.register_ttl,
+            access=_etcd_access(options),
         )
     except ValueError as error:
         _fail(str(error))
     return True
+
+
+def _etcd_access(options: argparse.Namespace) -> EtcdAccess:
+    return EtcdAccess(
+        ca_file=options.register_etcd_ca_file or None,
+        cert_file=options.register_etcd_cert_file or None,
+        key_file=options.register_etcd_key_file or None,
+        user=options.register_etcd_user or None,
+        password=os.environ.get(REGISTER_ETCD_PASSWORD_ENV) or None,
+        names=_ETCD_ACCESS_NAMES,
+    )
 
 
 def _identity(name: str) -> str:

@@ -12,7 +12,8 @@ Run the executable:
   ``authorization: Bearer <token>`` (else ``UNAUTHENTICATED``); without either it serves
   anyone and warns on stderr. With ``LINCHKIT_REGISTER_ETCD`` and ``_PREFIX`` set it
   registers ``{"address": …}`` in that etcd while it serves (``linchkit_plugin.registry``,
-  docs/registry.md) and leaves it on SIGTERM, serving ``LINCHKIT_LEAVE_DELAY`` seconds (1)
+  docs/registry.md; TLS and etcd's users by ``LINCHKIT_REGISTER_ETCD_CA_FILE``, ``_CERT_FILE``,
+  ``_KEY_FILE``, ``_USER`` and ``_PASSWORD``) and leaves it on SIGTERM, serving ``LINCHKIT_LEAVE_DELAY`` seconds (1)
   more while dispatchers learn it left, before draining.
 * started by a host with the handshake environment (``docs/protocol.md``) — a subprocess
   plugin: checks the magic cookie, negotiates the protocol version, listens on a Unix

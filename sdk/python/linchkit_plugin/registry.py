@@ -8,9 +8,11 @@ the lease ends (``ttl`` seconds); one that stops gracefully deletes its key and 
 its lease first, so no dispatcher sends it another call.
 
 The SDK depends on orjson only, so etcd is reached through its v3 JSON gateway with
-urllib, on one thread of its own (``Registration``): no asyncio loop is needed, and the
-plugin's loop never waits for etcd. An etcd that does not answer is not fatal: the plugin
-serves, says so once on stderr, and keeps trying; it registers once etcd answers, and
+urllib (``_etcd_gateway``: TLS, a client certificate, one of etcd's users and its token),
+on one thread of its own (``Registration``): no asyncio loop is needed, and the plugin's
+loop never waits for etcd. An etcd that does not answer, or turns the plugin away (its
+certificate, its user's password or permission), is not fatal: the plugin serves, says
+so once on stderr, and keeps trying; it registers once etcd answers and admits it, and
 registers again if etcd lost its lease (an etcd restarted without its data).
 """
 
@@ -23,21 +25,39 @@ import secrets
 import socket
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
+from linchkit_plugin._etcd_gateway import (
+    REGISTER_ETCD_CA_FILE_ENV,
+    REGISTER_ETCD_CERT_FILE_ENV,
+    REGISTER_ETCD_KEY_FILE_ENV,
+    REGISTER_ETCD_PASSWORD_ENV,
+    REGISTER_ETCD_USER_ENV,
+    EtcdAccess,
+    EtcdRefused,
+    EtcdUnavailable,
+    Gateway,
+    why,
+)
+
 __all__ = [
     "ADVERTISE_ENV",
     "DEFAULT_LEAVE_DELAY",
     "LEAVE_DELAY_ENV",
+    "REGISTER_ETCD_CA_FILE_ENV",
+    "REGISTER_ETCD_CERT_FILE_ENV",
     "REGISTER_ETCD_ENV",
+    "REGISTER_ETCD_KEY_FILE_ENV",
+    "REGISTER_ETCD_PASSWORD_ENV",
+    "REGISTER_ETCD_USER_ENV",
     "REGISTER_PREFIX_ENV",
     "REGISTER_TTL_ENV",
+    "EtcdAccess",
+    "EtcdRefused",
     "EtcdUnavailable",
     "Registration",
     "advertised_value",
@@ -57,12 +77,11 @@ DEFAULT_TTL = 10
 #: idle connections (met by a reset, a call that may not be retried would fail).
 DEFAULT_LEAVE_DELAY = 1.0
 
+#: Seconds each request of leaving (delete, revoke) may take: a stop must not wait long.
+_LEAVE_TIMEOUT = 2.0
+
 #: Addresses that mean "every interface": a dispatcher cannot call them.
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
-
-
-class EtcdUnavailable(Exception):
-    """etcd did not answer, or answered something that is not its gateway's JSON."""
 
 
 def instance_id() -> str:
@@ -126,51 +145,13 @@ def _stderr(message: str) -> None:
     print(f"dispatcher-plugin: {message}", file=sys.stderr, flush=True)
 
 
-class _Gateway:
-    """etcd's v3 JSON gateway over urllib: one POST, one JSON object back."""
-
-    def __init__(self, etcd: str, timeout: float) -> None:
-        parts = urlsplit(etcd)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"the etcd to register in must be an http(s):// URL: {etcd!r}")
-        if parts.username or parts.password:
-            raise ValueError("etcd authentication by URL credentials is not supported")
-        self.base = etcd.rstrip("/")
-        self.timeout = timeout
-        # No proxy: a registry is reached directly, as the dispatcher reaches it.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        request = urllib.request.Request(
-            self.base + path,
-            data=orjson.dumps(body),
-            headers={"content-type": "application/json"},
-            method="POST",
-        )
-        try:
-            with self._opener.open(request, timeout=timeout or self.timeout) as answer:
-                raw = answer.read(1024 * 1024)
-        except urllib.error.HTTPError as error:  # the gateway's errors are JSON too
-            raw = error.read(1024 * 1024)
-            error.close()
-        except (OSError, ValueError) as error:  # refused, timed out, reset; a bad URL
-            reason = getattr(error, "reason", None) or error
-            raise EtcdUnavailable(f"{self.base} does not answer ({reason})") from None
-        try:
-            document = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise EtcdUnavailable(f"{self.base} answered something that is not JSON") from None
-        if not isinstance(document, dict):
-            raise EtcdUnavailable(f"{self.base} answered something that is not a JSON object")
-        return document
-
-
 class Registration:
     """This instance's key in the registry, kept while the plugin serves.
 
     ``start()`` returns at once; a thread grants a lease, puts the key and renews the
     lease every ``ttl / 3`` seconds. ``stop()`` deletes the key, revokes the lease and
-    returns once that is done (or etcd failed to answer in time).
+    returns once that is done (or etcd failed to answer in time). ``access``: how to
+    reach an etcd behind TLS and its users (checked here: ValueError names the setting).
     """
 
     def __init__(
@@ -182,13 +163,14 @@ class Registration:
         ttl: int = DEFAULT_TTL,
         instance: str | None = None,
         say: Callable[[str], None] = _stderr,
+        access: EtcdAccess | None = None,
     ) -> None:
         if ttl < 2:
             raise ValueError(f"the registration TTL must be at least 2 seconds, got {ttl}")
         self.key = f"{check_prefix(prefix)}/{instance or instance_id()}"
         self.value = orjson.dumps(value)
         self.ttl = ttl
-        self._gateway = _Gateway(etcd, timeout=max(1.0, min(5.0, ttl / 3)))
+        self._gateway = Gateway(etcd, timeout=max(1.0, min(5.0, ttl / 3)), access=access, say=say)
         self._say = say
         self._lease: int | None = None
         self._written = False
@@ -208,24 +190,27 @@ class Registration:
         self._stopping.set()
         if self._thread.is_alive():
             # The thread finishes a request in flight (bounded by the timeout), then
-            # deregisters: two more bounded requests.
+            # deregisters: two more bounded requests. A new token costs two quick ones
+            # more; an etcd that hangs is not waited for past this bound.
             self._thread.join(timeout=4 * self._gateway.timeout + 1)
 
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        failing: str | None = None
+        # Said once, not per retry; said again when the trouble changes (etcd answers
+        # again, and now turns the plugin away), so what the operator sees is current.
+        failing: type[EtcdUnavailable] | None = None
         while not self._stopping.is_set():
             try:
                 self._renew()
             except EtcdUnavailable as error:
                 self.registered.clear()
-                if failing is None:
+                if failing is not type(error):
                     self._say(
                         f"warning: cannot register {self.key} in etcd: {error}; serving"
                         " anyway and trying again"
                     )
-                failing = str(error)
+                failing = type(error)
                 wait = min(1.0, self.ttl / 3)
             else:
                 if failing is not None:
@@ -244,7 +229,7 @@ class Registration:
             try:
                 self._lease = int(answer["ID"])
             except (KeyError, TypeError, ValueError):
-                raise EtcdUnavailable(f"etcd granted no lease{_why(answer)}") from None
+                raise EtcdUnavailable(f"etcd granted no lease{why(answer)}") from None
         if not self._written:
             self._put()
             self._written = True
@@ -256,7 +241,7 @@ class Registration:
         answer = self._gateway.post("/v3/lease/keepalive", {"ID": str(lease)})
         result = answer.get("result")
         if not isinstance(result, dict):
-            raise EtcdUnavailable(f"etcd did not renew the lease{_why(answer)}")
+            raise EtcdUnavailable(f"etcd did not renew the lease{why(answer)}")
         return int(result.get("TTL") or 0) > 0
 
     def _put(self) -> None:
@@ -266,18 +251,26 @@ class Registration:
         )
         if "header" not in answer:  # e.g. the lease ended between grant and put
             self._lease = None
-            raise EtcdUnavailable(f"etcd refused the registration{_why(answer)}")
+            raise EtcdUnavailable(f"etcd refused the registration{why(answer)}")
 
     def _deregister(self) -> None:
         self.registered.clear()
-        if self._lease is None:
+        lease, written = self._lease, self._written
+        self._lease, self._written = None, False
+        if lease is None:
+            return
+        if not written:  # a lease for a key etcd refused (permission): let it go quietly
+            with contextlib.suppress(EtcdUnavailable):
+                self._gateway.post("/v3/lease/revoke", {"ID": str(lease)}, timeout=_LEAVE_TIMEOUT)
             return
         # The key first: a dispatcher stops calling this instance from that moment; the
         # lease's revocation would delete it too, but it is the key that matters.
         with contextlib.suppress(EtcdUnavailable):
-            self._gateway.post("/v3/kv/deleterange", {"key": _b64(self.key)}, timeout=2.0)
+            self._gateway.post(
+                "/v3/kv/deleterange", {"key": _b64(self.key)}, timeout=_LEAVE_TIMEOUT
+            )
         try:
-            self._gateway.post("/v3/lease/revoke", {"ID": str(self._lease)}, timeout=2.0)
+            self._gateway.post("/v3/lease/revoke", {"ID": str(lease)}, timeout=_LEAVE_TIMEOUT)
         except EtcdUnavailable as error:
             self._say(
                 f"warning: cannot deregister {self.key}: {error}; it leaves the registry"
@@ -285,13 +278,7 @@ class Registration:
             )
         else:
             self._say(f"deregistered {self.key}")
-        self._lease = None
 
     def __repr__(self) -> str:
         state = "registered" if self.registered.is_set() else "not registered"
         return f"<Registration {self.key} ttl={self.ttl} {state}>"
-
-
-def _why(answer: dict[str, Any]) -> str:
-    message = answer.get("message") or answer.get("error")
-    return f": {' '.join(str(message).split())[:200]}" if message else ""

@@ -1,0 +1,380 @@
+"""Plugins register themselves in an etcd run as a careful operator runs it: TLS with a
+client certificate, etcd's users on, simple tokens that expire after ``TOKEN_TTL`` (2 s)
+unused (``tests.services.SecureEtcd``). Real plugin processes of the Python SDK (the
+HTTP server, and its gRPC service) and of the Go SDK (its example plugin).
+
+The plugin proves itself with ``registrar``'s certificate and password; what is asserted
+is where its key is, what its stderr says and what it never says (the password).
+"""
+
+from __future__ import annotations
+
+import base64
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from linchkit_plugin.registry import EtcdAccess
+from tests.services import (
+    CLEAN_ENVIRONMENT,
+    REGISTRAR_PREFIX,
+    TOKEN_TTL,
+    Etcd,
+    SecureEtcd,
+    free_port,
+    readwrite_permission,
+)
+from tests.test_plugin_registry import GO_EXAMPLE, PLUGIN, PYTHON_GRPC_EXAMPLE, health, only_key
+
+PREFIX = f"{REGISTRAR_PREFIX}/echo"
+WRONG_PASSWORD = "wrong-pw-5e2a"
+LANGUAGES = ["http", "python-grpc", pytest.param("go", marks=pytest.mark.toolchain)]
+#: Where the Python HTTP server and the Go plugin differ; the Python gRPC service shares
+#: the HTTP server's registration code and is started in the first test only.
+HTTP_AND_GO = ["http", pytest.param("go", marks=pytest.mark.toolchain)]
+
+#: The settings as the Python HTTP server's flags, and as every SDK's variables.
+FLAGS = {
+    "ca_file": "--register-etcd-ca-file",
+    "cert_file": "--register-etcd-cert-file",
+    "key_file": "--register-etcd-key-file",
+    "user": "--register-etcd-user",
+}
+VARIABLES = {
+    "etcd": "LINCHKIT_REGISTER_ETCD",
+    "ca_file": "LINCHKIT_REGISTER_ETCD_CA_FILE",
+    "cert_file": "LINCHKIT_REGISTER_ETCD_CERT_FILE",
+    "key_file": "LINCHKIT_REGISTER_ETCD_KEY_FILE",
+    "user": "LINCHKIT_REGISTER_ETCD_USER",
+    "password": "LINCHKIT_REGISTER_ETCD_PASSWORD",
+}
+HOSTS = {"http": "127.0.0.2", "python-grpc": "127.0.0.2", "go": "127.0.0.3"}
+
+
+def command(language: str, address: str) -> list[str]:
+    """``language``'s plugin serving on ``address`` (host:port)."""
+    host, port = address.rsplit(":", 1)
+    if language == "http":
+        return [*PLUGIN, "--host", host, "--port", port]
+    if language == "python-grpc":
+        return [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--address", address]
+    if not GO_EXAMPLE.exists():
+        pytest.fail(f"{GO_EXAMPLE} is missing: run `make sdks` (sdk/go/build.sh)")
+    return [str(GO_EXAMPLE), "serve", "--address", address]
+
+
+def arguments(language: str, settings: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``settings`` (keys of ``VARIABLES``, and ``prefix``, ``ttl``) as flags for the HTTP
+    server, whose flags win over its environment, and as variables for the others. The
+    password is a variable for every one: no flag takes it."""
+    if language != "http":
+        environment = {
+            VARIABLES[name]: value for name, value in settings.items() if name in VARIABLES
+        }
+        environment["LINCHKIT_REGISTER_PREFIX"] = settings.get("prefix", PREFIX)
+        environment["LINCHKIT_REGISTER_TTL"] = settings.get("ttl", "10")
+        return [], environment
+    flags = [
+        "--register-etcd",
+        settings["etcd"],
+        "--register-prefix",
+        settings.get("prefix", PREFIX),
+        "--register-ttl",
+        settings.get("ttl", "10"),
+    ]
+    for name, flag in FLAGS.items():
+        if name in settings:
+            flags += [flag, settings[name]]
+    environment = {}
+    if "password" in settings:
+        environment[VARIABLES["password"]] = settings["password"]
+    return flags, environment
+
+
+def start(
+    plugins: Any,
+    language: str,
+    etcd: SecureEtcd,
+    *,
+    pair: tuple[Path, Path] | None = None,
+    user: str = "registrar",
+    password: str | None = None,
+    ttl: int = 10,
+    decoys: Mapping[str, str] | None = None,
+) -> tuple[Any, str]:
+    """``language``'s plugin registering in ``etcd`` as ``user``; the plugin and where it
+    serves. ``decoys``: variables its flags must win over (HTTP server only)."""
+    cert, key = pair or etcd.client_pair
+    settings = {
+        "etcd": etcd.url,
+        "ca_file": str(etcd.ca_file),
+        "cert_file": str(cert),
+        "key_file": str(key),
+        "user": user,
+        "password": password if password is not None else etcd.registrar_password,
+        "ttl": str(ttl),
+    }
+    flags, environment = arguments(language, settings)
+    address = f"{HOSTS[language]}:{free_port(HOSTS[language])}"
+    plugin = plugins([*command(language, address), *flags], **{**(decoys or {}), **environment})
+    return plugin, address
+
+
+def serving(language: str, address: str) -> bool:
+    """Whether the plugin at ``address`` answers its health check."""
+    if language == "http":
+        return health(f"http://{address}")
+    with grpc.insecure_channel(address) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def registered_value(language: str, address: str) -> dict[str, str]:
+    return {"url": f"http://{address}"} if language == "http" else {"address": address}
+
+
+def never_registers(etcd: SecureEtcd, seconds: float) -> None:
+    """No key appears under ``PREFIX`` for ``seconds`` (several of the plugin's retries)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert etcd.keys(PREFIX) == {}
+        time.sleep(0.2)
+
+
+def stays(etcd: SecureEtcd, key: str, seconds: float) -> None:
+    """``key`` is in the registry all along ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert etcd.get(key) is not None, f"{key} left the registry"
+        time.sleep(0.2)
+
+
+def lease_of(etcd: SecureEtcd, key: str) -> int:
+    answer = etcd.call("/v3/kv/range", {"key": etcd_key(key)})
+    return int(answer["kvs"][0]["lease"])
+
+
+def etcd_key(key: str) -> str:
+    return base64.b64encode(key.encode()).decode()
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_plugin_registers_in_a_secure_etcd_and_leaves_on_sigterm(
+    secure_etcd: SecureEtcd, plugins: Any, language: str
+) -> None:
+    # The HTTP server's flags win over its variables: these would be refused.
+    stranger_cert, stranger_key = secure_etcd.stranger_pair
+    decoys = {
+        VARIABLES["user"]: "reader",
+        VARIABLES["cert_file"]: str(stranger_cert),
+        VARIABLES["key_file"]: str(stranger_key),
+    }
+    plugin, address = start(
+        plugins, language, secure_etcd, decoys=decoys if language == "http" else None
+    )
+    plugin.wait_said("registered ")
+    key, value = only_key(secure_etcd, PREFIX)
+    assert value == registered_value(language, address)
+    assert serving(language, address)
+
+    plugin.signal(signal.SIGTERM)
+    assert secure_etcd.keys(PREFIX) == {}, "the key is deleted before the process ends"
+    assert f"deregistered {key}" in plugin.stderr
+    assert secure_etcd.registrar_password not in plugin.stderr
+
+
+@pytest.mark.parametrize("language", HTTP_AND_GO)
+def test_an_expired_token_is_replaced_and_the_registration_kept(
+    secure_etcd: SecureEtcd, plugins: Any, language: str
+) -> None:
+    """The plugin's token expires while it serves (``TOKEN_TTL``, 2 s unused); the next
+    request that needs one authenticates again. etcd 3.4 renews a lease without looking
+    at the token, so the renewals (every second, TTL 3) keep the key whatever the token;
+    what needs a token is putting the key again and leaving, both done here after the
+    token expired."""
+    plugin, _ = start(plugins, language, secure_etcd, ttl=3)
+    plugin.wait_said("registered ")
+    # Issued after the plugin's own: once this one has expired, so has the plugin's.
+    probe = secure_etcd.authenticate("registrar", secure_etcd.registrar_password)
+    key, value = only_key(secure_etcd, PREFIX)
+    stays(secure_etcd, key, TOKEN_TTL + 1.5)
+    assert not secure_etcd.takes_token(probe, key), "the plugin's token has expired by now"
+
+    # The lease revoked under the plugin: it grants another and puts the key again.
+    secure_etcd.call("/v3/lease/revoke", {"ID": str(lease_of(secure_etcd, key))})
+    plugin.wait_said("registering again")
+    assert only_key(secure_etcd, PREFIX) == (key, value)
+    probe = secure_etcd.authenticate("registrar", secure_etcd.registrar_password)
+    stays(secure_etcd, key, TOKEN_TTL + 1.5)
+    assert not secure_etcd.takes_token(probe, key)
+
+    plugin.signal(signal.SIGTERM)
+    assert secure_etcd.keys(PREFIX) == {}, "deleted with a new token, not left to the lease"
+    said = plugin.stderr
+    assert f"deregistered {key}" in said and "cannot deregister" not in said
+    assert "cannot register" not in said, "an expired token is routine, not worth a warning"
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "refusal"),
+    [
+        ("registrar", WRONG_PASSWORD, "authentication failed"),
+        ("reader", SecureEtcd.reader_password, "permission denied"),
+    ],
+    ids=["wrong-password", "no-permission"],
+)
+@pytest.mark.parametrize("language", HTTP_AND_GO)
+def test_refused_credentials_are_said_once_and_retried_while_serving(
+    secure_etcd: SecureEtcd, plugins: Any, language: str, user: str, password: str, refusal: str
+) -> None:
+    plugin, address = start(plugins, language, secure_etcd, user=user, password=password)
+    said = plugin.wait_said("cannot register")
+    assert refusal in said and f"'{user}'" in said
+    assert serving(language, address)
+    never_registers(secure_etcd, 2.5)  # a retry about every second
+    assert plugin.stderr.count("cannot register") == 1, "said once, not per retry"
+
+    # The operator mends etcd's side: the plugin registers at its next retry.
+    if refusal == "authentication failed":
+        secure_etcd.call("/v3/auth/user/changepw", {"name": user, "password": password})
+    else:
+        secure_etcd.call(
+            "/v3/auth/role/grant",
+            {"name": "reader", "perm": readwrite_permission(REGISTRAR_PREFIX)},
+        )
+    plugin.wait_said("etcd answers again")
+    only_key(secure_etcd, PREFIX)
+    plugin.signal(signal.SIGTERM)
+    assert secure_etcd.keys(PREFIX) == {}
+    assert password not in plugin.stderr and "Traceback" not in plugin.stderr
+
+
+@pytest.mark.parametrize("language", HTTP_AND_GO)
+def test_a_client_certificate_etcd_does_not_trust_is_said_and_the_plugin_serves(
+    secure_etcd: SecureEtcd, plugins: Any, language: str
+) -> None:
+    plugin, address = start(plugins, language, secure_etcd, pair=secure_etcd.stranger_pair)
+    said = plugin.wait_said("cannot register")
+    assert "TLS handshake" in said and "serving anyway" in said
+    assert serving(language, address)
+    never_registers(secure_etcd, 2.5)
+    assert plugin.stderr.count("cannot register") == 1
+    assert secure_etcd.registrar_password not in plugin.stderr
+
+
+@pytest.mark.parametrize("language", HTTP_AND_GO)
+def test_a_user_for_an_etcd_without_authentication_registers_as_etcds_clients_do(
+    etcd: Etcd, etcd_prefix: str, plugins: Any, language: str
+) -> None:
+    """etcd's own clients (etcdctl --user) go on without a token when etcd's
+    authentication is off; so do the SDKs, saying so once. A password over http:// to a
+    loopback etcd crosses no network, and is taken."""
+    settings = {"etcd": etcd.url, "prefix": etcd_prefix, "user": "registrar", "password": SECRET}
+    flags, environment = arguments(language, settings)
+    address = f"{HOSTS[language]}:{free_port(HOSTS[language])}"
+    plugin = plugins([*command(language, address), *flags], **environment)
+    plugin.wait_said("registered ")
+    assert only_key(etcd, etcd_prefix)[1] == registered_value(language, address)
+    time.sleep(1.5)  # renewals, each without a token
+    plugin.signal(signal.SIGTERM)
+    assert etcd.keys(etcd_prefix) == {}
+    said = plugin.stderr
+    assert said.count("authentication off") == 1 and "'registrar'" in said, said
+    assert SECRET not in said and "cannot register" not in said
+
+
+SECRET = "SECRET-pw-0d41"
+
+
+def mistakes(folder: Path) -> list[tuple[dict[str, str], str]]:
+    """Settings that are refused before serving, and which setting the refusal names."""
+    pem = folder / "ca.pem"
+    pem.write_text("not a certificate\n")
+    secure = "https://127.0.0.1:1"
+    return [
+        ({"etcd": "http://127.0.0.1:1", "ca_file": str(pem)}, "ca_file"),
+        ({"etcd": "http://127.0.0.1:1", "cert_file": str(pem), "key_file": str(pem)}, "cert_file"),
+        ({"etcd": "http://10.1.2.3:2379", "user": "registrar", "password": SECRET}, "password"),
+        ({"etcd": "http://etcd.example:2379", "user": "registrar", "password": SECRET}, "password"),
+        ({"etcd": secure, "user": "registrar"}, "password"),
+        ({"etcd": secure, "password": SECRET}, "user"),
+        ({"etcd": secure, "cert_file": str(pem)}, "key_file"),
+        ({"etcd": secure, "key_file": str(pem)}, "cert_file"),
+        ({"etcd": secure, "ca_file": str(folder / "missing.pem")}, "ca_file"),
+        ({"etcd": secure, "ca_file": str(pem)}, "ca_file"),
+        ({"etcd": secure, "cert_file": str(pem), "key_file": str(pem)}, "cert_file"),
+    ]
+
+
+MISTAKES = [
+    "tls-file-over-http",
+    "client-pair-over-http",
+    "password-over-http-to-an-address",
+    "password-over-http-to-a-name",
+    "user-without-password",
+    "password-without-user",
+    "cert-without-key",
+    "key-without-cert",
+    "missing-ca-file",
+    "ca-file-not-pem",
+    "client-pair-not-pem",
+]
+
+
+@pytest.mark.parametrize("mistake", range(len(MISTAKES)), ids=MISTAKES)
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_registry_access_mistakes_exit_before_serving(
+    tmp_path: Path, language: str, mistake: int
+) -> None:
+    settings, named = mistakes(tmp_path)[mistake]
+    flags, environment = arguments(language, settings)
+    address = f"{HOSTS[language]}:0"
+    done = subprocess.run(
+        [*command(language, address), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**CLEAN_ENVIRONMENT, **environment},
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    name = FLAGS[named] if language == "http" and named in FLAGS else VARIABLES[named]
+    assert name in done.stderr, done.stderr
+    assert SECRET not in done.stderr
+    assert "Traceback" not in done.stderr and "panic" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("localhost", True),
+        ("[::1]", True),
+        ("[::ffff:127.0.0.1]", True),
+        ("10.0.0.5", False),
+        ("[fd00::5]", False),
+        ("localhost.example", False),
+        ("127.0.0.1.nip.io", False),
+    ],
+)
+def test_a_password_goes_over_http_only_to_a_loopback_etcd(host: str, loopback: bool) -> None:
+    access = EtcdAccess(user="registrar", password=SECRET)
+    if loopback:
+        assert access.tls_context(f"http://{host}:2379") is None
+    else:
+        with pytest.raises(ValueError, match="LINCHKIT_REGISTER_ETCD_PASSWORD") as refused:
+            access.tls_context(f"http://{host}:2379")
+        assert SECRET not in str(refused.value)
+    assert access.tls_context(f"https://{host}:2379") is not None, "over TLS from anywhere"
+    assert SECRET not in repr(access)
