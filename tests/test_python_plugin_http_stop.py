@@ -7,9 +7,15 @@ On SIGTERM it takes no new connection, gives the calls in flight ``STOP_GRACE_SE
 flight without a bound (a call of 30 s held the stop 30 s) and the lifespan awaited the
 hooks without one (a stuck hook held it for ever).
 
+A call cut off at the end of the grace is answered with the binding's error envelope,
+``503`` and ``target_unavailable`` (retryable) with ``details["stage"] == "in_flight"``:
+the plugin is going away and the call may have run, as the WebSocket provider says of a
+call cut off by its plugin's goaway. Before, uvicorn answered it a plain-text ``500``,
+which the host could not tell from the plugin crashing.
+
 The plugin is the Python example (``sdk/python/examples``), served over real HTTP on
-127.0.0.1 and called with httpx; with ``say_hooks`` in its config its hooks each write
-a line to stderr, which says that they ran, and when.
+127.0.0.1 and called with httpx or the dispatcher; with ``say_hooks`` in its config its
+hooks each write a line to stderr, which says that they ran, and when.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from typing import Any
 import httpx
 import orjson
 
+from dispatcher import Dispatcher, DispatchError, TargetUnavailable
 from linchkit_plugin.host import STOP_GRACE_SECONDS, STOP_HOOKS_SECONDS
-from tests.conftest import ROOT
+from tests.conftest import ROOT, manifest
 
 SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python")])
 #: How long the call runs before the plugin is told to stop.
@@ -42,6 +49,8 @@ class Stopped:
 
     #: The call's answer (its JSON body), or the error it ended in.
     answer: Any
+    #: The answer's HTTP status (0 when the call ended in an error).
+    status: int
     #: How long after the SIGTERM the plugin exited.
     exited_after: float
     #: The lines the plugin wrote to stderr, each with when (seconds after the SIGTERM).
@@ -81,8 +90,14 @@ async def _serving(config: dict[str, Any]) -> AsyncIterator[tuple[asyncio.subpro
 
 
 async def _call_across_a_stop(
-    method: str, params: dict[str, Any], config: dict[str, Any] | None = None
+    method: str,
+    params: dict[str, Any],
+    config: dict[str, Any] | None = None,
+    *,
+    through_dispatcher: bool = False,
 ) -> Stopped:
+    """Call ``method`` with httpx (or, ``through_dispatcher``, with a dispatcher's ``http``
+    target), SIGTERM the plugin while the call runs."""
     async with _serving({"say_hooks": True, **(config or {})}) as (process, url):
         assert process.stderr is not None
         stderr = process.stderr
@@ -93,31 +108,45 @@ async def _call_across_a_stop(
             async for line in stderr:
                 said.append((time.monotonic() - stopped_at, line.decode(errors="replace")))
 
-        async def call() -> tuple[Any, float]:
+        async def call() -> tuple[Any, int, float]:
             envelope = {"v": 1, "plugin": "example", "method": method, "params": params}
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 try:
                     response = await client.post("/invoke", json=envelope)
                 except httpx.HTTPError as error:
-                    return error, time.monotonic() - stopped_at
+                    return error, 0, time.monotonic() - stopped_at
             try:
                 answer: Any = response.json()
             except ValueError:  # not the binding's envelope: uvicorn's own answer
-                answer = (response.status_code, response.text)
-            return answer, time.monotonic() - stopped_at
+                answer = response.text
+            return answer, response.status_code, time.monotonic() - stopped_at
+
+        async def call_through_dispatcher() -> tuple[Any, int, float]:
+            plugin = {
+                "id": "example",
+                "version": "1.0.0",
+                "target": {"provider": "http", "url": url},
+                "methods": {method: {}},
+            }
+            async with Dispatcher(manifest(plugin)) as dispatcher:
+                try:
+                    result = await dispatcher.call("example", method, params, timeout=60)
+                except DispatchError as error:
+                    return error, 0, time.monotonic() - stopped_at
+            return result, 200, time.monotonic() - stopped_at
 
         reading = asyncio.create_task(read_stderr())
-        calling = asyncio.create_task(call())
+        calling = asyncio.create_task(call_through_dispatcher() if through_dispatcher else call())
         await asyncio.sleep(IN_FLIGHT_BEFORE_STOP)
         assert not calling.done(), calling
         stopped_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(STOP_GRACE_SECONDS + STOP_HOOKS_SECONDS + 10):
-            answer, answered_after = await calling
+            answer, status, answered_after = await calling
             await process.wait()
             exited_after = time.monotonic() - stopped_at
             await reading
-    return Stopped(answer, exited_after, said, answered_after)
+    return Stopped(answer, status, exited_after, said, answered_after)
 
 
 def _hooks(stopped: Stopped) -> list[tuple[float, str]]:
@@ -138,8 +167,17 @@ async def test_a_call_in_flight_at_a_stop_is_answered_and_the_hooks_run_after_it
 
 async def test_a_call_past_the_grace_is_cut_off_then_the_hooks_run() -> None:
     stopped = await _call_across_a_stop("sleep", {"ms": 30_000})
-    # Cancelled at the end of the grace: uvicorn answers it 500 (it had not answered yet).
-    assert stopped.answer == (500, "Internal Server Error"), stopped
+    # Cancelled at the end of the grace, and answered so in the binding's envelope (before,
+    # uvicorn's plain-text 500): the plugin is going away, and the call may have run.
+    assert stopped.status == 503, stopped
+    error = stopped.answer["error"]
+    assert stopped.answer["ok"] is False, stopped
+    assert (error["type"], error["retryable"], error["details"]) == (
+        "target_unavailable",
+        True,
+        {"stage": "in_flight"},
+    ), stopped
+    assert "stopping" in error["message"], stopped
     assert STOP_GRACE_SECONDS - 1 <= stopped.answered_after < STOP_GRACE_SECONDS + 1, stopped
     assert STOP_GRACE_SECONDS - 1 <= stopped.exited_after < STOP_GRACE_SECONDS + 3, stopped
     hooks = [line for _, line in _hooks(stopped)]
@@ -154,3 +192,16 @@ async def test_a_stop_hook_that_never_returns_does_not_keep_the_server() -> None
     assert any("stop hook did not finish within 5 s" in line for _, line in stopped.said)
     hooks_from = ms / 1000 - IN_FLIGHT_BEFORE_STOP
     assert stopped.exited_after < hooks_from + STOP_HOOKS_SECONDS + 3, stopped
+
+
+async def test_a_call_cut_off_by_the_stop_reaches_the_dispatcher_as_a_typed_error() -> None:
+    stopped = await _call_across_a_stop("sleep", {"ms": 30_000}, through_dispatcher=True)
+    # The plugin's own words, not a status the provider guesses from ("failed with HTTP
+    # 500", as a crash reads): retryable, and not "never sent", so only a retry policy
+    # (for a method safe to run twice) sends it again, and a fleet does not fail it over.
+    error = stopped.answer
+    assert isinstance(error, TargetUnavailable), stopped
+    assert error.retryable, error
+    assert error.details == {"stage": "in_flight"}, error
+    assert "the plugin is stopping" in error.message, error
+    assert STOP_GRACE_SECONDS - 1 <= stopped.answered_after < STOP_GRACE_SECONDS + 1, stopped

@@ -4,8 +4,10 @@ A plugin told to stop drains its calls, then runs the hooks its host did not: to
 within ``STOP_HOOKS_SECONDS`` (5 s), as in every SDK. A hook still running then is
 abandoned with a warning and the process exits without it: before, the SDK awaited the
 hooks with no bound, and a hook stuck on a peer that never answers kept the plugin alive
-until its host killed it. An async hook is cancelled; a sync one runs in a daemon thread,
-which, unlike ``asyncio.to_thread``'s executor (joined at exit), does not hold the exit.
+until its host killed it. An async hook is cancelled, and closed ``ABANDONED_HOOK_SECONDS``
+later if it swallowed the cancellation (before, the stop awaited such a hook for ever); a
+sync one runs in a daemon thread, which, unlike ``asyncio.to_thread``'s executor (joined
+at exit), does not hold the exit.
 Every SDK over every binding: tests/conformance/test_stop_drains_first.py.
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from linchkit_plugin.host import STOP_HOOKS_SECONDS, PluginHost
+from linchkit_plugin.host import ABANDONED_HOOK_SECONDS, STOP_HOOKS_SECONDS, PluginHost
 from tests.conftest import ROOT
 
 SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python")])
@@ -35,6 +37,29 @@ class StuckAsync:
 
     async def stop(self) -> None:
         await asyncio.Event().wait()
+
+    async def destroy(self) -> None:
+        self.destroyed = True
+
+
+class SwallowsCancellation:
+    """A stop hook that catches its cancellation and awaits on (a close retried on a peer
+    that never answers): only closing its coroutine ends it."""
+
+    def __init__(self) -> None:
+        self.cancellations = 0
+        self.ended = asyncio.Event()
+        self.destroyed = False
+
+    async def stop(self) -> None:
+        try:
+            while True:
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    self.cancellations += 1
+        finally:
+            self.ended.set()
 
     async def destroy(self) -> None:
         self.destroyed = True
@@ -70,6 +95,48 @@ async def test_an_async_hook_past_the_cap_is_cancelled_with_a_warning(
     assert time.monotonic() - started < 1.0
     assert not plugin.destroyed  # the cap is for both: destroy does not run after it
     assert "stop hook did not finish within 0.2 s" in caplog.text
+
+
+async def test_an_async_hook_that_swallows_its_cancellation_does_not_hold_the_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before, the stop awaited the hook past its cancellation, for ever (and a timeout
+    # around it could not end it either: the hook swallowed that cancellation too).
+    plugin = SwallowsCancellation()
+    started = time.monotonic()
+    closing = asyncio.create_task(PluginHost(plugin).close_within(0.2))
+    await asyncio.wait({closing}, timeout=5)
+    if not closing.done():
+        closing.get_coro().close()  # ends the hook it awaits, or the test's loop never closes
+        pytest.fail("the stop still awaited the hook 5 s after its 0.2 s cap")
+    assert closing.result() is False
+    assert time.monotonic() - started < 0.2 + ABANDONED_HOOK_SECONDS + 0.5
+    assert not plugin.destroyed
+    assert "stop hook did not finish within 0.2 s" in caplog.text
+    # Cancelled at the cap, then closed: ended before the stop returned, since
+    # asyncio.run waits for every task left when the plugin's main coroutine returns, and
+    # a hook task still pending would hold the exit all the same.
+    assert plugin.cancellations >= 1
+    assert plugin.ended.is_set()
+    assert not [task for task in asyncio.all_tasks() if task.get_name() == "plugin-stop-hook"]
+    assert "stop hook went on after its cancellation; closing it" in caplog.text
+
+
+async def test_an_async_hook_cancelled_at_the_cap_may_clean_up_briefly() -> None:
+    class CleansUp:
+        cleaned = False
+
+        async def stop(self) -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)  # a connection aborted, say
+                self.cleaned = True
+                raise
+
+    plugin = CleansUp()
+    assert await PluginHost(plugin).close_within(0.2) is False
+    assert plugin.cleaned
 
 
 async def test_a_sync_hook_past_the_cap_is_left_to_a_thread_that_does_not_hold_the_exit(
@@ -113,28 +180,57 @@ sys.exit(main(Stuck, plugin_id="stuck", version="1.0.0"))
 """
 
 
-async def test_a_plugin_whose_sync_stop_hook_never_returns_exits_after_the_cap(
-    tmp_path: Path,
-) -> None:
-    script = tmp_path / "stuck_plugin.py"
-    script.write_text(textwrap.dedent(STUCK_PLUGIN))
+SWALLOWING_PLUGIN = """
+import asyncio, sys
+from linchkit_plugin.grpc_server import main
+from linchkit_plugin.ws_server import main as websocket_main
+
+class Stubborn:
+    async def echo(self, value=None):
+        return value
+
+    async def stop(self):
+        sys.stderr.write("stuck: stop hook ran\\n")
+        sys.stderr.flush()
+        while True:  # a close retried, its cancellation swallowed, on a peer that never answers
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                pass
+
+if __name__ == "__main__":
+    if "--websocket" in sys.argv:
+        sys.exit(websocket_main(Stubborn, sys.argv[1:], plugin_id="stuck", version="1.0.0"))
+    sys.exit(main(Stubborn, plugin_id="stuck", version="1.0.0"))
+"""
+
+
+async def _exit_after_a_stop(
+    command: list[str], tmp_path: Path, *, ready_on_stderr: bool = False
+) -> tuple[float, str]:
+    """Start ``command``, SIGTERM it once it serves; how long it took to exit after the
+    signal, and what it wrote to stderr."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(script),
-        "serve",
-        "--address",
-        "127.0.0.1:0",
+        *command,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": SOURCE_PATH},
     )
     try:
         assert process.stdout is not None and process.stderr is not None
         async with asyncio.timeout(30):
-            handshake = await process.stdout.readline()
-        assert handshake.startswith(b"1|1|tcp|127.0.0.1:"), handshake
+            if ready_on_stderr:  # dispatcher-plugin serve: "… listening on http://…"
+                ready = await process.stderr.readline()
+                assert b"listening on http://127.0.0.1:" in ready, ready
+            else:  # the handshake line
+                ready = await process.stdout.readline()
+                assert ready.startswith(b"1|1|tcp|127.0.0.1:"), ready
         said = asyncio.create_task(process.stderr.read())
+        # The WebSocket server prints its line before it handles SIGTERM: a signal sent at
+        # once would end it by the default action, its stop never run.
+        await asyncio.sleep(0.3)
         stopped_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(STOP_HOOKS_SECONDS + 10):
@@ -145,6 +241,38 @@ async def test_a_plugin_whose_sync_stop_hook_never_returns_exits_after_the_cap(
         if process.returncode is None:
             process.kill()
             await process.wait()
+    return exited_after, lines
+
+
+async def test_a_plugin_whose_sync_stop_hook_never_returns_exits_after_the_cap(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "stuck_plugin.py"
+    script.write_text(textwrap.dedent(STUCK_PLUGIN))
+    command = [sys.executable, str(script), "serve", "--address", "127.0.0.1:0"]
+    exited_after, lines = await _exit_after_a_stop(command, tmp_path)
+    assert "stuck: stop hook ran" in lines
+    assert "stop hook did not finish within 5 s of the stop" in lines, lines
+    assert STOP_HOOKS_SECONDS - 0.5 <= exited_after < STOP_HOOKS_SECONDS + 3
+
+
+SERVED_AS = {
+    "grpc": ["stubborn_plugin.py", "serve", "--address", "127.0.0.1:0"],
+    "websocket": ["stubborn_plugin.py", "serve", "--websocket", "--address", "127.0.0.1:0"],
+    "http": ["-m", "linchkit_plugin.cli", "serve", "stubborn_plugin:Stubborn", "--port", "0"],
+}
+
+
+@pytest.mark.parametrize("served_as", list(SERVED_AS))
+async def test_a_plugin_whose_async_stop_hook_swallows_its_cancellation_exits_after_the_cap(
+    tmp_path: Path, served_as: str
+) -> None:
+    # Before, it never exited: the stop awaited the hook past its cancellation.
+    (tmp_path / "stubborn_plugin.py").write_text(textwrap.dedent(SWALLOWING_PLUGIN))
+    command = [sys.executable, *SERVED_AS[served_as]]
+    exited_after, lines = await _exit_after_a_stop(
+        command, tmp_path, ready_on_stderr=served_as == "http"
+    )
     assert "stuck: stop hook ran" in lines
     assert "stop hook did not finish within 5 s of the stop" in lines, lines
     assert STOP_HOOKS_SECONDS - 0.5 <= exited_after < STOP_HOOKS_SECONDS + 3

@@ -7,7 +7,7 @@ Routes (``docs/protocol.md``):
   malformed envelope or params nested too deep; 401 without the bearer token; 408 when
   the body does not arrive within ``body_timeout``; 413 for a body over
   ``max_body_bytes`` or a batch over ``max_batch_items``; 415 for a body that is not
-  ``application/json``.
+  ``application/json``; 503 for a call the server cut off as it stopped.
   A body may come in ``Content-Encoding: gzip`` or ``zstd`` (``linchkit_plugin.encodings``):
   decoded with its output capped at ``max_body_bytes`` (413 past it, so a bomb costs at most
   the limit), 400 when it is not valid in its coding or cut short, 415 for another coding.
@@ -24,7 +24,10 @@ rest is never taken for the next request.
 
 A client that disconnects while its call runs (the dispatcher closes the connection of a
 call its caller cancelled) cancels the method, which sees ``CancelledError``, and nothing
-is answered: ``_unless_disconnected``.
+is answered: ``_unless_disconnected``. A call the server cancels (a stopping server cuts
+off what outlived its grace: uvicorn's ``timeout_graceful_shutdown``) is answered ``503``
+``target_unavailable`` with ``details["stage"] == "in_flight"``: the plugin is going
+away, and the call may have run.
 
 The ASGI lifespan runs the plugin's ``init``/``start`` at startup and ``stop``/``destroy``
 at shutdown. Written against raw ASGI, without a framework, because this is a hot path
@@ -53,6 +56,7 @@ from linchkit_plugin.errors import (
     DispatchError,
     InvalidParams,
     ProviderError,
+    TargetUnavailable,
     Unauthorized,
 )
 from linchkit_plugin.host import STOP_HOOKS_SECONDS, PluginHost
@@ -175,6 +179,19 @@ class PluginApp:
             status, body, headers = refused.status, error_response(refused.error), refused.headers
         except _Disconnected:
             return
+        except asyncio.CancelledError:
+            # The server cancelled the call (not the client, _unless_disconnected): it is
+            # stopping, and the call outlived the grace it gives the calls in flight. Left to
+            # uvicorn, the answer was a plain-text 500, which the host reads as the plugin
+            # failing; this one it maps, and the task goes on to send it.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            status, body, headers = (
+                503,
+                error_response(_cut_off_by_the_stop()),
+                _CLOSING_JSON_HEADERS,
+            )
         payload = _encode_answer(body)
         if len(payload) >= self.limits.compress_min_bytes:
             payload, headers = await self._compressed(scope, payload, headers)
@@ -395,6 +412,17 @@ async def _unless_disconnected(receive: Receive, running: Awaitable[_T]) -> _T:
         raise
     finally:
         watcher.cancel()
+
+
+def _cut_off_by_the_stop() -> TargetUnavailable:
+    # "in_flight", as the WebSocket provider says of a call its stopping plugin cut off:
+    # retryable, but it may have run, so only a retry policy (for a method safe to run
+    # twice) sends it again; a fleet fails over only what was never sent ("connect").
+    return TargetUnavailable(
+        "the plugin is stopping: the call was cut off at the end of the grace its calls in"
+        " flight get, and may have run",
+        details={"stage": "in_flight"},
+    )
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -30,7 +30,13 @@ from linchkit_plugin.plugin import LIFECYCLE_HOOKS, _current_context
 from linchkit_plugin.tracing import AVAILABLE as _TRACING
 from linchkit_plugin.tracing import continued_trace
 
-__all__ = ["STOP_GRACE_SECONDS", "STOP_HOOKS_SECONDS", "PluginHost", "load_plugin_class"]
+__all__ = [
+    "ABANDONED_HOOK_SECONDS",
+    "STOP_GRACE_SECONDS",
+    "STOP_HOOKS_SECONDS",
+    "PluginHost",
+    "load_plugin_class",
+]
 
 log = logging.getLogger("dispatcher.plugin")
 
@@ -42,6 +48,11 @@ STOP_GRACE_SECONDS = 5.0
 #: its calls in flight were drained): 5 s, as in every SDK (docs/protocol.md, "Stopping
 #: while called"). A hook still running then is abandoned, so that the process exits.
 STOP_HOOKS_SECONDS = 5.0
+#: How long an async hook cancelled at that cap may take to end: time for its own clean-up
+#: on the cancellation, bounded. One still running then swallowed its cancellation, and
+#: its coroutine is closed: ``asyncio.run`` waits for every task still pending when the
+#: plugin's main coroutine returns, so that hook would hold the exit for ever.
+ABANDONED_HOOK_SECONDS = 0.5
 
 EventSink = Callable[[str, Any], None]
 
@@ -221,24 +232,35 @@ class PluginHost:
     async def close_within(self, seconds: float = STOP_HOOKS_SECONDS) -> bool:
         """``close()`` at a stop: both hooks within ``seconds`` together, their failures
         logged. A hook still running then is abandoned with a warning, and ``destroy``
-        does not run after an abandoned ``stop``: an async hook is cancelled, a sync one
+        does not run after an abandoned ``stop``: an async hook is cancelled and given
+        ``ABANDONED_HOOK_SECONDS`` more to end (then its coroutine is closed), a sync one
         is left to its thread, which does not hold the process's exit. True when both
         hooks finished."""
-        deadline = asyncio.get_running_loop().time() + seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
         for name, step in (("stop", self.stop), ("destroy", self.destroy)):
+            # In a task of its own, waited for until the deadline: awaited here under a
+            # timeout, a hook that swallowed its cancellation (caught CancelledError and
+            # awaited on) held the stop for ever, the cap with it.
+            hook = asyncio.create_task(step(detached=True), name=f"plugin-{name}-hook")
             try:
-                async with asyncio.timeout_at(deadline):
-                    await step(detached=True)
-            except TimeoutError:
+                await asyncio.wait({hook}, timeout=max(0.0, deadline - loop.time()))
+            except asyncio.CancelledError:
+                hook.cancel()
+                raise
+            if not hook.done():
                 log.warning(
                     "the plugin's %s hook did not finish within %g s of the stop; "
                     "exiting without it",
                     name,
                     seconds,
                 )
+                await _abandon(hook, name)
                 return False
-            except Exception:
-                log.exception("the plugin's %s hook failed at the stop", name)
+            if hook.cancelled():  # the hook raised CancelledError itself
+                log.error("the plugin's %s hook was cancelled at the stop", name)
+            elif (error := hook.exception()) is not None:
+                log.error("the plugin's %s hook failed at the stop", name, exc_info=error)
         return True
 
     async def health(self) -> tuple[bool, str]:
@@ -320,6 +342,24 @@ class PluginHost:
 
     def __repr__(self) -> str:
         return f"<PluginHost {type(self.plugin).__name__} {self._state} methods={sorted(self.methods)}>"
+
+
+async def _abandon(hook: asyncio.Task[Any], name: str) -> None:
+    """Give up on ``hook`` at the stop: cancel it, and give it ``ABANDONED_HOOK_SECONDS`` to
+    end. One still running then swallowed its cancellation: its coroutine is closed
+    (GeneratorExit at the await it is stuck in, as for a generator its consumer drops), which
+    ends the task on the loop's next turn, before ``asyncio.run`` would wait for it. Only a
+    hook that awaits again on GeneratorExit too can hold the exit then."""
+    hook.cancel()
+    await asyncio.wait({hook}, timeout=ABANDONED_HOOK_SECONDS)
+    if not hook.done():
+        log.warning("the plugin's %s hook went on after its cancellation; closing it", name)
+        with contextlib.suppress(RuntimeError):  # it awaited again on GeneratorExit
+            hook.get_coro().close()
+        hook.cancel()  # wakes the task, which finds its coroutine closed and ends
+        await asyncio.wait({hook}, timeout=ABANDONED_HOOK_SECONDS)
+    if hook.done() and not hook.cancelled():
+        hook.exception()  # taken here: nobody else awaits it, and it is no news
 
 
 def _in_daemon_thread(name: str, function: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:

@@ -703,6 +703,64 @@ async fn service_mode_stops_at_shutdown_what_any_host_started() {
     assert_eq!(counted(), (1, 1));
 }
 
+/// A stop and a destroy hook that never return (each stuck on a peer that does not answer)
+/// hold a stop once, for the 5 s cap the two share, as in every SDK: the destroy hook is not
+/// begun after the stop hook was given up on. Before, each hook had 5 s of its own, and the
+/// two held the exit 10 s.
+#[tokio::test]
+async fn hooks_that_never_return_hold_the_stop_for_one_cap() {
+    let stops = Arc::new(AtomicUsize::new(0));
+    let destroys = Arc::new(AtomicUsize::new(0));
+    let (on_stop, on_destroy) = (stops.clone(), destroys.clone());
+    let plugin = Plugin::new("stuck", "0.1.0")
+        .method("echo", "", |call: Call| async move {
+            Ok(call.raw_params().clone())
+        })
+        .on_stop(move || {
+            on_stop.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<(), Error>>()
+        })
+        .on_destroy(move || {
+            on_destroy.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<(), Error>>()
+        });
+    let mut running = start_plugin(plugin, &["serve", "--address", "127.0.0.1:0"], &[]).await;
+    let (mut client, health_client) = running.client().await;
+    client
+        .init(pb::InitRequest {
+            config_json: b"{}".to_vec(),
+        })
+        .await
+        .unwrap();
+    client.start(pb::LifecycleRequest {}).await.unwrap();
+    drop(client);
+    drop(health_client);
+
+    let stopped_at = Instant::now();
+    let _ = running.stop.take().unwrap().send(());
+    let outcome = tokio::time::timeout(Duration::from_secs(20), running.task).await;
+    let took = stopped_at.elapsed();
+    assert!(
+        matches!(outcome, Ok(Ok(Ok(())))),
+        "plugin did not stop cleanly"
+    );
+    assert!(
+        took >= Duration::from_millis(4_500),
+        "the hooks got {took:?}, not their 5 s"
+    );
+    assert!(
+        took < Duration::from_secs(7),
+        "two stuck hooks held the stop {took:?}"
+    );
+    assert_eq!(
+        (
+            stops.load(Ordering::SeqCst),
+            destroys.load(Ordering::SeqCst)
+        ),
+        (1, 0)
+    );
+}
+
 /// One HTTP/2 frame, as a test client writes it or reads it.
 struct Frame {
     kind: u8,

@@ -3,6 +3,7 @@ package dev.linchkit.plugin.sdk;
 import java.util.logging.ConsoleHandler;
 import java.util.logging.Handler;
 import java.util.logging.Level;
+import java.util.logging.LogRecord;
 import java.util.logging.Logger;
 import java.util.logging.SimpleFormatter;
 
@@ -23,6 +24,22 @@ final class Log {
     logger.addHandler(console);
     logger.setUseParentHandlers(false); // the root's console would write each record twice
     return logger;
+  }
+
+  /**
+   * A record of the SDK's written straight to stderr, in {@link OneLineFormatter}'s shape: for
+   * what a stop says. The stop runs in a shutdown hook, and the JVM's {@code LogManager} resets
+   * every logger in a shutdown hook of its own, which runs alongside it and takes their
+   * handlers away: a record logged through {@link #SDK} once the stop is under way is dropped
+   * without a word (the stop hooks' failures and their abandonment were).
+   */
+  static void atExit(Level level, String message, Throwable thrown) {
+    if (!SDK.isLoggable(level)) return;
+    LogRecord record = new LogRecord(level, message);
+    record.setLoggerName(SDK.getName());
+    record.setThrown(thrown);
+    System.err.print(new OneLineFormatter().format(record));
+    System.err.flush();
   }
 
   /** grpc-java's server transport, which logs a failed stream with its whole stack. */

@@ -18,6 +18,7 @@ import java.util.TreeSet;
 import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.CopyOnWriteArrayList;
 import java.util.function.BiConsumer;
+import java.util.function.Consumer;
 
 /**
  * What a plugin author writes against: methods, lifecycle hooks and event handlers, then
@@ -230,6 +231,14 @@ public final class Plugin {
    * Destroy when not destroyed since the last Init; both even if one fails.
    */
   void close() throws Exception {
+    close(hook -> {});
+  }
+
+  /**
+   * {@link #close()}, telling {@code starting} the name of each hook ("stop", "destroy") as it
+   * begins: a stop that gives up on a hook still running names it.
+   */
+  void close(Consumer<String> starting) throws Exception {
     boolean needStop;
     boolean needDestroy;
     synchronized (done) {
@@ -237,9 +246,15 @@ public final class Plugin {
       needDestroy = !done.contains(Phase.DESTROY);
     }
     try {
-      if (needStop) stop();
+      if (needStop) {
+        starting.accept("stop");
+        stop();
+      }
     } finally {
-      if (needDestroy) destroy();
+      if (needDestroy) {
+        starting.accept("destroy");
+        destroy();
+      }
     }
   }
 

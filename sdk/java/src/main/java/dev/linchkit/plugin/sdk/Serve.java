@@ -28,6 +28,7 @@ import java.util.Comparator;
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicReference;
 import java.util.logging.Level;
 import java.util.stream.Stream;
 
@@ -95,6 +96,13 @@ public final class Serve {
    */
   public static final long STOP_GRACE_SECONDS = 5;
 
+  /**
+   * How long the plugin's stop and destroy hooks may take together at a stop, after the calls in
+   * flight were drained: 5 s, as in every SDK. A hook still running then is abandoned, with a
+   * warning naming it, and the process exits without it.
+   */
+  public static final long STOP_HOOKS_SECONDS = 5;
+
   public static void serve(Plugin plugin, String[] args) {
     Log.formatRootConsoleUnlessConfigured();
     Log.quietStreamErrors();
@@ -137,8 +145,9 @@ public final class Serve {
 
     /**
      * Health off, Events streams ended, drain the calls in flight ({@link #STOP_GRACE_SECONDS} at
-     * most), then the stop/destroy hooks the host did not run, then release. Once. Hooks last: a
-     * stop hook that closes what the calls use must not pull it from under calls still running.
+     * most), then the stop/destroy hooks the host did not run ({@link #STOP_HOOKS_SECONDS} at most),
+     * then release. Once. Hooks last: a stop hook that closes what the calls use must not pull it
+     * from under calls still running.
      */
     void stop() {
       if (!stopping.compareAndSet(false, true)) return;
@@ -151,18 +160,25 @@ public final class Serve {
         server.shutdownNow();
         Thread.currentThread().interrupt();
       }
+      AtomicReference<String> running = new AtomicReference<>("stop/destroy");
       Thread hooks = new Thread(() -> {
         try {
-          plugin.close();
+          plugin.close(running::set);
         } catch (Exception error) {
-          Log.SDK.log(Level.SEVERE, "stop/destroy failed", error);
+          Log.atExit(Level.SEVERE, "stop/destroy failed", error);
         }
       }, "plugin-close");
+      // A hook stuck on a peer that never answers must not keep the JVM once the stop is done.
+      hooks.setDaemon(true);
       hooks.start();
       try {
-        hooks.join(5000);
+        hooks.join(TimeUnit.SECONDS.toMillis(STOP_HOOKS_SECONDS));
       } catch (InterruptedException interrupted) {
         Thread.currentThread().interrupt();
+      }
+      if (hooks.isAlive()) {
+        Log.atExit(Level.WARNING, "the " + running.get() + " hook did not finish within " + STOP_HOOKS_SECONDS
+            + " s of the stop; exiting without it", null);
       }
       service.close();
       for (EventLoopGroup loop : loops) loop.shutdownGracefully(0, 1, TimeUnit.SECONDS);
