@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -223,14 +224,14 @@ async def _exit_after_a_stop(
         async with asyncio.timeout(30):
             if ready_on_stderr:  # dispatcher-plugin serve: "… listening on http://…"
                 ready = await process.stderr.readline()
-                assert b"listening on http://127.0.0.1:" in ready, ready
+                assert re.search(rb"listening on (http|ws)://127\.0\.0\.1:", ready), ready
             else:  # the handshake line
                 ready = await process.stdout.readline()
                 assert ready.startswith(b"1|1|tcp|127.0.0.1:"), ready
         said = asyncio.create_task(process.stderr.read())
-        # The WebSocket server prints its line before it handles SIGTERM: a signal sent at
-        # once would end it by the default action, its stop never run.
-        await asyncio.sleep(0.3)
+        # At once: a server that says it serves handles SIGTERM from then on (the WebSocket
+        # one printed its line first, and a signal this soon ended it by the default
+        # action, its stop hooks never run).
         stopped_at = time.monotonic()
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(STOP_HOOKS_SECONDS + 10):
@@ -260,6 +261,10 @@ SERVED_AS = {
     "grpc": ["stubborn_plugin.py", "serve", "--address", "127.0.0.1:0"],
     "websocket": ["stubborn_plugin.py", "serve", "--websocket", "--address", "127.0.0.1:0"],
     "http": ["-m", "linchkit_plugin.cli", "serve", "stubborn_plugin:Stubborn", "--port", "0"],
+    "cli-websocket": [
+        *("-m", "linchkit_plugin.cli", "serve", "stubborn_plugin:Stubborn", "--websocket"),
+        *("--port", "0", "--id", "stuck", "--version", "1.0.0"),
+    ],
 }
 
 
@@ -271,7 +276,7 @@ async def test_a_plugin_whose_async_stop_hook_swallows_its_cancellation_exits_af
     (tmp_path / "stubborn_plugin.py").write_text(textwrap.dedent(SWALLOWING_PLUGIN))
     command = [sys.executable, *SERVED_AS[served_as]]
     exited_after, lines = await _exit_after_a_stop(
-        command, tmp_path, ready_on_stderr=served_as == "http"
+        command, tmp_path, ready_on_stderr=served_as.startswith(("http", "cli-"))
     )
     assert "stuck: stop hook ran" in lines
     assert "stop hook did not finish within 5 s of the stop" in lines, lines

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import ssl
 import sys
 from typing import Any
@@ -37,6 +35,10 @@ def serve_websocket(
     identity: tuple[str, str],
 ) -> None:
     async def main() -> None:
+        # Watched before the line that says it serves: a SIGTERM right after that line
+        # ended it by the default action, its stop hooks never run.
+        stop = asyncio.Event()
+        stop_on_signals(stop)
         server = WebSocketPluginServer(
             host, config=config, token=token, plugin_id=identity[0], version=identity[1]
         )
@@ -56,7 +58,7 @@ def serve_websocket(
                 flush=True,
             )
         try:
-            await _until_signalled()
+            await stop.wait()
         finally:
             await server.aclose()
 
@@ -125,17 +127,3 @@ def tls_context(
     if cert_file is not None and key_file is not None:
         context.load_cert_chain(cert_file, key_file)
     return context
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for each in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):  # not on Windows
-            loop.add_signal_handler(each, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for each in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.remove_signal_handler(each)

@@ -282,6 +282,11 @@ def main(
         return 1
 
     async def serve() -> int:
+        # Signals watched before the handshake line says it serves: a host or supervisor
+        # may stop it the moment it reads that line, and a SIGTERM before the handlers
+        # ended it by the default action, its stop hooks never run.
+        stop = asyncio.Event()
+        stop_on_signals(stop)
         server = WebSocketPluginServer(
             host, config=config, token=token, plugin_id=plugin_id, version=version
         )
@@ -293,10 +298,6 @@ def main(
             sys.stderr.write(f"serve: cannot listen on {options.address}: {reason}\n")
             return 1
         print(f"1|1|tcp|{url.removeprefix('ws://')}|websocket|", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for each in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(each, stop.set)
         try:
             await stop.wait()
         finally:
