@@ -788,6 +788,31 @@ async def test_a_keyed_call_refused_for_a_store_that_cannot_answer_is_counted() 
     assert value(found, "dispatcher_calls_total", **refused) == 2
 
 
+async def test_keyed_calls_answered_without_running_are_counted_by_route() -> None:
+    """Keyed calls the idempotency step answered without running: replayed from their
+    key's record, or joined to the same key's call in flight. Neither reaches the chain
+    nor its telemetry, so a client retrying a lot showed as nothing at all (and the
+    plugin's own counts could not be squared with the host's)."""
+    document = echo()
+    document["plugins"][0]["methods"]["sleep"] = {}
+    async with Dispatcher(parse_manifest(document, base_dir=ROOT)) as d:
+        for _ in range(3):  # the first runs; the next two are answered from its record
+            await d.call("echo", "say", {"text": "hi"}, idempotency_key="k-1")
+        answers = await asyncio.gather(
+            *(
+                d.call("echo", "sleep", {"seconds": 0.3}, idempotency_key="k-2")
+                for _ in range(4)
+            )
+        )  # one runs, three wait for it
+        assert len(set(answers)) == 1  # the one run's answer, four times
+        found = samples(await scrape(d))
+    assert value(found, "dispatcher_idempotency_replays_total", route="echo@1.0.0.say") == 2
+    assert value(found, "dispatcher_idempotency_joined_total", route="echo@1.0.0.say") == 0
+    assert value(found, "dispatcher_idempotency_joined_total", route="echo@1.0.0.sleep") == 3
+    ok = {"plugin": "echo", "method": "say", "outcome": "ok"}
+    assert value(found, "dispatcher_calls_total", **ok) == 1  # the one that ran
+
+
 def test_a_log_level_is_read_in_any_case_as_the_command_line_reads_it() -> None:
     for written in ("info", "Info", "INFO"):
         manifest = telemetry_manifest({"logs": {"format": "json", "level": written}}, traced())

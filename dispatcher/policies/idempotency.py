@@ -69,11 +69,30 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.wire import encode_json
 from providers.invocation import Invocation
 
-__all__ = ["MAX_KEY_LENGTH", "IdempotencyStep", "Refused", "checked_idempotency_key"]
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "IdempotencyStep",
+    "KeyedCalls",
+    "Refused",
+    "checked_idempotency_key",
+]
 
 Next = Callable[[Invocation], Awaitable[Any]]
 #: A method's params check (its ``params_schema``): raises ``InvalidParams``.
 Validate = Callable[[Any], None]
+
+
+class KeyedCalls:
+    """What one method's keyed calls were answered without running, in this replica:
+    ``replayed`` from their key's record (the first call had ended, here or on another
+    replica), ``joined`` by waiting for the same key's call in flight here. Shared by the
+    steps a rollout or a shadow puts around the method's chain (``around``)."""
+
+    __slots__ = ("joined", "replayed")
+
+    def __init__(self) -> None:
+        self.replayed = 0
+        self.joined = 0
 
 
 class Refused(Protocol):
@@ -130,6 +149,7 @@ def with_range_version(
 class IdempotencyStep:
     __slots__ = (
         "backend",
+        "counts",
         "local",
         "name",
         "next",
@@ -148,8 +168,11 @@ class IdempotencyStep:
         other_versions: tuple[str, ...] = (),
         validate: Validate | None = None,
         refused: Refused | None = None,
+        counts: KeyedCalls | None = None,
     ):
         self.name = name
+        #: Calls answered without running (telemetry reads them from ``stats()``).
+        self.counts = counts if counts is not None else KeyedCalls()
         self.backend = backend
         self.retention = retention
         self.next = next_step
@@ -188,6 +211,7 @@ class IdempotencyStep:
             other_versions,
             self.validate if validate is None else validate,
             self.refused,
+            self.counts,
         )
 
     def __call__(self, invocation: Invocation) -> Awaitable[Any]:
@@ -228,7 +252,12 @@ class IdempotencyStep:
                 shared = mine[1] = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(max(invocation.remaining(), 0.0)):
-                    return await asyncio.shield(shared)
+                    result = await asyncio.shield(shared)
+                self.counts.joined += 1
+                return result
+            except DispatchError:
+                self.counts.joined += 1  # the first call's answer, an error: this one's too
+                raise
             except TimeoutError:
                 raise self._told(invocation, self._late(raw_key)) from None
             except _LeaderGone:
@@ -286,6 +315,7 @@ class IdempotencyStep:
                 break
             if claimed.claim is Claim.DONE:
                 assert claimed.outcome is not None
+                self.counts.replayed += 1  # a result or an error, answered as it was kept
                 return decode_outcome(
                     claimed.outcome, f"the outcome of idempotency key {raw_key!r:.80}"
                 )

@@ -30,7 +30,7 @@ from dispatcher.policies.cache import CacheStep, ResultCache
 from dispatcher.policies.concurrency import Bulkhead, BulkheadStep
 from dispatcher.policies.gate import Gate
 from dispatcher.policies.hedge import HedgeStep
-from dispatcher.policies.idempotency import IdempotencyStep, Refused
+from dispatcher.policies.idempotency import IdempotencyStep, KeyedCalls, Refused
 from dispatcher.policies.ratelimit import Bucket, Limit, RateLimitStep, new_limiter
 from dispatcher.policies.retry import RetryBudget, RetryStep
 from dispatcher.policies.shared import (
@@ -111,6 +111,9 @@ class PolicyRuntime:
         self.method_limits: dict[tuple[str, str], tuple[Limit | SharedLimit, ...]] = {}
         self.method_bulkheads: dict[tuple[str, str], Bulkhead] = {}
         self.retries: dict[str, RetryStep] = {}
+        #: Keyed calls answered without running, by ``"plugin@version.method"``: kept
+        #: across a rebuild of the method, as its breaker is.
+        self.keyed: dict[str, KeyedCalls] = {}
         #: Batchers a rebuilt method replaced: closed once its calls in flight have ended.
         self._replaced: list[Batcher] = []
 
@@ -189,6 +192,7 @@ class PolicyRuntime:
             self.idempotency_retention,
             invoke,
             refused=self.refused,
+            counts=self.keyed.setdefault(f"{plugin.key}.{method}", KeyedCalls()),
         )
 
     def _fleet_end(
@@ -238,6 +242,7 @@ class PolicyRuntime:
                 self.method_limits.pop(owner, None)
                 self.method_bulkheads.pop(owner, None)
                 self.retries.pop(name, None)
+                self.keyed.pop(name, None)
                 self.hedges.pop(name, None)
                 batcher = self.batchers.pop(owner, None)
                 if batcher is not None:
@@ -379,6 +384,10 @@ class PolicyRuntime:
                 for budget in self.budgets.values()
             },
             "retries": {name: step.retries for name, step in self.retries.items()},
+            "idempotency": {
+                name: {"replayed": counts.replayed, "joined": counts.joined}
+                for name, counts in self.keyed.items()
+            },
             "rate_limits": [
                 {
                     "name": limit.name,

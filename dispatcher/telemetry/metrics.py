@@ -222,6 +222,7 @@ class StatsCollector(Collector):
         yield from _breakers(stats.get("breakers", {}))
         yield from _batchers(stats.get("batchers", {}))
         yield from _retries(stats.get("retry_budgets", {}), stats.get("retries", {}))
+        yield from _idempotency(stats.get("idempotency", {}))
         yield from _rate_limits(stats.get("rate_limits", []))
         yield from _bulkheads(stats.get("bulkheads", {}))
         yield from _hedges(stats.get("hedges", {}))
@@ -353,6 +354,25 @@ def _retries(budgets: Mapping[str, Any], retries: Mapping[str, int]) -> Iterator
     for route, count in retries.items():
         attempts.add_metric([route], count)
     yield from (spent, refused, attempts)
+
+
+def _idempotency(stats: Mapping[str, Any]) -> Iterator[Metric]:
+    replayed = _counter(
+        "dispatcher_idempotency_replays",
+        "Keyed calls answered from their key's record without running (the first call"
+        " had ended), by route.",
+        ["route"],
+    )
+    joined = _counter(
+        "dispatcher_idempotency_joined",
+        "Keyed calls that waited for the same key's call in flight in this replica and"
+        " got its answer, by route.",
+        ["route"],
+    )
+    for route, each in stats.items():
+        replayed.add_metric([route], each["replayed"])
+        joined.add_metric([route], each["joined"])
+    yield from (replayed, joined)
 
 
 def _rate_limits(stats: list[Mapping[str, Any]]) -> Iterator[Metric]:
