@@ -42,6 +42,7 @@ from dispatcher._health import TargetHealth, probe_targets
 from dispatcher._inbound import Admission, admit
 from dispatcher._job_view import (
     Submission,
+    Submissions,
     job_result,
     job_status,
     job_store_of,
@@ -132,6 +133,7 @@ class Dispatcher:
         )
         self.fleets: FleetRuntime | None = None
         self.jobs: JobWorkers | None = None  # workers of async jobs (dispatcher._jobs)
+        self._submissions = Submissions()  # jobs submitted here, by route and outcome
         self._events_out: EventSender | None = None  # host events to plugins (dispatcher._publish)
         self._circuit_listeners: list[CircuitListener] = []
         self._events = EventHandlers()
@@ -788,17 +790,24 @@ class Dispatcher:
         version or range the submission named."""
         backend = self.state_backend
         assert backend is not None  # job_store_of found the store on it
-        return await queue_job_once(
-            store,
-            backend.idempotency,
-            self.manifest.state.idempotency_retention_ms / 1000,
-            submission,
-            route,
-            caller_id,
-            limit,
-            version_named=named is not None,
-            wanted=None if named is None or named == route.version else named,
-        )
+        try:
+            job_id = await queue_job_once(
+                store,
+                backend.idempotency,
+                self.manifest.state.idempotency_retention_ms / 1000,
+                submission,
+                route,
+                caller_id,
+                limit,
+                version_named=named is not None,
+                wanted=None if named is None or named == route.version else named,
+            )
+        except DispatchError as error:
+            self._submissions.count(route, error.type)
+            raise
+        # An id other than the one this submission made: its key's earlier job.
+        self._submissions.count(route, "queued" if job_id == submission.job_id else "replayed")
+        return job_id
 
     async def job(self, job_id: str) -> dict[str, Any]:
         """The status record of job ``job_id``: state, attempts, error, times (integers, ms
@@ -1033,6 +1042,8 @@ class Dispatcher:
         stats.update(self._guard.stats())  # "access" and "audit", when configured
         if self.jobs is not None:
             stats["jobs"] = self.jobs.stats()
+        if self._submissions.counts:
+            stats["job_submissions"] = self._submissions.stats()
         if self.registry is not None:
             stats["registry"] = self.registry.stats()
         stats["cold_starts"] = {

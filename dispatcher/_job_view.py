@@ -47,6 +47,7 @@ from providers.invocation import new_request_id
 
 __all__ = [
     "Submission",
+    "Submissions",
     "job_result",
     "job_status",
     "job_store_of",
@@ -55,6 +56,26 @@ __all__ = [
     "queue_job",
     "queue_job_once",
 ]
+
+
+class Submissions:
+    """This replica's submissions by route and outcome, for telemetry: ``queued`` (a new
+    job), ``replayed`` (a keyed submission answered its earlier job's id), or the type of
+    the error that refused it. Routes are the manifest's, outcomes a few words."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def count(self, route: Route, outcome: str) -> None:
+        name = f"{route.plugin}@{route.version}.{route.method}"
+        by_outcome = self.counts.setdefault(name, {})
+        by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        return {route: dict(each) for route, each in self.counts.items()}
+
 
 #: A job id as a dispatcher makes one (``new_request_id``), and as the gateway reads one.
 _JOB_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")

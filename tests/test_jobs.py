@@ -23,7 +23,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from dispatcher import Dispatcher, JobNotFinished, JobNotFound, JobsUnavailable
+from dispatcher import (
+    Dispatcher,
+    InvalidParams,
+    JobNotFinished,
+    JobNotFound,
+    JobsUnavailable,
+)
 from dispatcher.config import ManifestError, load_manifest
 from dispatcher.state import StateUnavailable, digest, encode_result
 from linchkit_plugin.errors import PluginError, TargetUnavailable
@@ -598,7 +604,8 @@ async def test_idle_workers_on_the_default_bound_never_make_redis_look_down(
 async def test_job_outcomes_are_metrics_by_route(
     tmp_path: Path, redis_server: Redis, redis_prefix: str
 ) -> None:
-    """What an operator of job workers watches: jobs ended by route and state, attempts
+    """What an operator of job workers watches: jobs submitted by route and outcome (a
+    keyed one answered its earlier job, one refused), ended by route and state, attempts
     retried, entries not run, workers and attempts running, on the replica's /metrics
     (before, none of it was exported)."""
     from tests.test_telemetry import scrape
@@ -616,10 +623,18 @@ async def test_job_outcomes_are_metrics_by_route(
         for job_id, error in ((refused, PluginError), (busy, TargetUnavailable)):
             with pytest.raises(error):
                 await d.result(job_id, wait=30)
+        keyed = await d.submit("jobs", "work", {"n": 3}, idempotency_key="k-1")
+        assert await d.submit("jobs", "work", {"n": 3}, idempotency_key="k-1") == keyed
+        with pytest.raises(InvalidParams):  # the key, other params
+            await d.submit("jobs", "work", {"n": 4}, idempotency_key="k-1")
+        await d.result(keyed, wait=30)
         text = await scrape(d)
     route = "jobs@1.0.0"
     for line in (
-        f'dispatcher_jobs_ended_total{{route="{route}.work",state="succeeded"}} 2.0',
+        f'dispatcher_jobs_ended_total{{route="{route}.work",state="succeeded"}} 3.0',
+        f'dispatcher_job_submissions_total{{outcome="queued",route="{route}.work"}} 3.0',
+        f'dispatcher_job_submissions_total{{outcome="replayed",route="{route}.work"}} 1.0',
+        f'dispatcher_job_submissions_total{{outcome="invalid_params",route="{route}.work"}} 1.0',
         f'dispatcher_jobs_ended_total{{route="{route}.refuse",state="failed"}} 1.0',
         f'dispatcher_jobs_ended_total{{route="{route}.busy",state="dead"}} 1.0',
         f'dispatcher_jobs_ended_total{{route="{route}.busy",state="succeeded"}} 0.0',

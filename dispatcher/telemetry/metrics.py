@@ -232,6 +232,7 @@ class StatsCollector(Collector):
         yield from _rollouts(stats.get("rollouts", {}))
         yield from _cold_starts(stats.get("cold_starts", {}))
         yield from _jobs(stats.get("jobs", {}))
+        yield from _job_submissions(stats.get("job_submissions", {}))
 
 
 class ConnectionsCollector(Collector):
@@ -630,3 +631,17 @@ def _jobs(stats: Mapping[str, Any]) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "dispatcher_job_callbacks_sending", "Callbacks being sent now.", callbacks["sending"]
         )
+
+
+def _job_submissions(stats: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
+    submitted = _counter(
+        "dispatcher_job_submissions",
+        "Jobs submitted to this replica, by route and outcome: queued (a new job), replayed"
+        " (a keyed submission answered its earlier job), or the type of the error that"
+        " refused it.",
+        ["route", "outcome"],
+    )
+    for route, outcomes in stats.items():
+        for outcome, count in outcomes.items():
+            submitted.add_metric([route, outcome], count)
+    yield submitted
