@@ -55,7 +55,7 @@ def hostile(**limits: Any) -> dict[str, Any]:
             "limits": {"memory_mb": 96, "pids": 48, "cpus": 1.0, **limits},
         },
         "capabilities": {"files": [{"path": str(HOSTILE_FOLDER), "mode": "ro"}]},
-        "methods": {"fill": {}, "litter": {}, "crash": {}, "stop_listening": {}},
+        "methods": {"fill": {}, "litter": {}, "crash": {}, "stop_listening": {}, "deaf": {}},
     }
 
 
@@ -452,3 +452,26 @@ async def _the_impostor_hears_nothing(port: int, seen: list[dict[str, str | None
             answer = await dispatcher.call("unruly", "whoami")
     assert seen == [], f"an impostor received the container's calls, token and all: {seen}"
     assert answer != "forged"
+
+
+async def test_closing_with_three_deaf_containers_costs_one_stop_timeout_not_three() -> None:
+    """Three plugin versions' containers ignore SIGTERM: each is stopped by the SIGKILL
+    after its ``stop_timeout_s``. Their pools share nothing, so a close stops them at
+    once: about one timeout. Before, one after another (6 s and more here)."""
+    plugins = []
+    for n in range(3):
+        plugin = hostile()
+        plugin["id"] = f"deaf-{n}"
+        plugin["target"]["stop_timeout_s"] = 2
+        plugin["target"]["max_instances"] = 1
+        plugins.append(plugin)
+    dispatcher = Dispatcher(manifest(*plugins))
+    await dispatcher.start()
+    try:
+        for n in range(3):
+            await dispatcher.call(f"deaf-{n}", "deaf")
+    finally:
+        started = time.monotonic()
+        await dispatcher.aclose()
+        elapsed = time.monotonic() - started
+    assert 2.0 <= elapsed < 5.0, f"aclose took {elapsed:.1f} s"

@@ -33,7 +33,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Sequence
 from functools import partial
 from typing import Any
 
@@ -144,6 +144,12 @@ class DockerProvider(Provider[DockerTarget]):
         pool = self._pools.pop((plugin.id, plugin.version, target.key), None)
         if pool is not None:
             await self._require().close_pool(pool)
+
+    def detach_queue(self, plugin: PluginInfo, target: DockerTarget) -> Hashable:
+        # A pool of containers per plugin version and target, sharing nothing with the
+        # others: a close stops them all at once, in about one stop_timeout_s however
+        # many ignore their SIGTERM (its pool's containers already stop together).
+        return plugin.id, plugin.version, target.key
 
     async def aclose(self) -> None:
         reaper, self._reaper = self._reaper, None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 from typing import Any
 
 from linchkit_plugin import Plugin
@@ -39,6 +40,11 @@ class HostilePlugin(Plugin):
 
     def crash(self) -> None:
         os._exit(3)
+
+    async def deaf(self) -> int:
+        """Ignore SIGTERM from now on: only the SIGKILL after stop_timeout_s ends it."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return os.getpid()
 
     async def stop_listening(self) -> int:
         """Close this server's listening sockets and keep serving the connections open,
