@@ -281,3 +281,75 @@ async def test_a_plugin_whose_async_stop_hook_swallows_its_cancellation_exits_af
     assert "stuck: stop hook ran" in lines
     assert "stop hook did not finish within 5 s of the stop" in lines, lines
     assert STOP_HOOKS_SECONDS - 0.5 <= exited_after < STOP_HOOKS_SECONDS + 3
+
+
+BLOCKING_PLUGIN = """
+import sys, time
+from linchkit_plugin.grpc_server import main
+from linchkit_plugin.ws_server import main as websocket_main
+
+class Blocking:
+    def block(self, seconds: float) -> float:
+        time.sleep(seconds)  # a plain method stuck for good: a socket that never answers
+        return seconds
+
+if __name__ == "__main__":
+    if "--websocket" in sys.argv:
+        sys.exit(websocket_main(Blocking, sys.argv[1:], plugin_id="blk", version="1.0.0"))
+    sys.exit(main(Blocking, plugin_id="blk", version="1.0.0"))
+"""
+
+
+@pytest.mark.parametrize("served_as", ["grpc", "websocket"])
+async def test_a_plain_method_stuck_for_good_does_not_hold_the_exit(
+    tmp_path: Path, served_as: str
+) -> None:
+    """A call of a plain (not async) method that never returns is in flight at SIGTERM:
+    the stop drains for its cap, the call ends typed, and the process exits. Before, it
+    never exited: the method's thread was the default executor's, which the interpreter
+    and ``asyncio.run`` wait for at exit."""
+    from dispatcher import Dispatcher, DispatchError, parse_manifest
+
+    (tmp_path / "blocking_plugin.py").write_text(textwrap.dedent(BLOCKING_PLUGIN))
+    command = [sys.executable, "blocking_plugin.py", "serve", "--address", "127.0.0.1:0"]
+    if served_as == "websocket":
+        command.append("--websocket")
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH},
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            address = (await process.stdout.readline()).decode().split("|")[3]
+        target = (
+            {"provider": "grpc", "address": address}
+            if served_as == "grpc"
+            else {"provider": "websocket", "url": f"ws://{address}/"}
+        )
+        plugin = {
+            "id": "blk",
+            "version": "1.0.0",
+            "target": target,
+            "methods": {"block": {"timeout_ms": 120_000}},
+        }
+        async with Dispatcher(parse_manifest({"plugins": [plugin]})) as dispatcher:
+            call = asyncio.ensure_future(dispatcher.call("blk", "block", {"seconds": 3600}))
+            await asyncio.sleep(1.0)  # the method is running
+            stopped_at = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(STOP_HOOKS_SECONDS + 15):
+                await process.wait()
+            exited_after = time.monotonic() - stopped_at
+            with pytest.raises(DispatchError):
+                await asyncio.wait_for(call, 10)
+        assert exited_after < STOP_HOOKS_SECONDS + 5, exited_after  # the drain's cap, and a margin
+        assert process.returncode == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

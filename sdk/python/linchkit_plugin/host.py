@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
+from linchkit_plugin._method_threads import method_threads
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
@@ -300,7 +301,7 @@ class PluginHost:
         try:
             if self._is_async[method]:
                 return await function(*args, **kwargs)
-            return await asyncio.to_thread(function, *args, **kwargs)
+            return await method_threads(function, *args, **kwargs)
         except DispatchError:
             raise
         except TypeError as error:
