@@ -111,7 +111,8 @@ class Etcd:
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=default={peer}",
-            # No metrics endpoint, no periodic snapshot of a large WAL: a quiet test server.
+            # No metrics endpoint of its own (the client port's /metrics is enough), no
+            # periodic snapshot of a large WAL: a quiet test server.
             "--listen-metrics-urls=",
             "--log-level=warn",
             *self._server_flags(),
@@ -194,6 +195,25 @@ class Etcd:
 
     def grant(self, ttl: int) -> int:
         return int(self.call("/v3/lease/grant", {"TTL": ttl})["ID"])
+
+    def handled(self, method: str, code: str) -> int:
+        """How many requests for gRPC ``method`` (``Authenticate``, ``Put``) etcd has
+        answered with ``code`` (``InvalidArgument``, ``PermissionDenied``): etcd's own
+        count (``grpc_server_handled_total`` at ``/metrics``), which its JSON gateway's
+        requests reach too, as they go through its gRPC server."""
+        with self._open(f"{self.url}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        wanted = {"grpc_method": method, "grpc_code": code}
+        total = 0
+        for line in text.splitlines():
+            name, _, rest = line.partition("{")
+            if name != "grpc_server_handled_total":
+                continue
+            labels, _, value = rest.partition("} ")
+            pairs = dict(pair.split("=", 1) for pair in labels.split(","))
+            if all(pairs.get(label) == f'"{want}"' for label, want in wanted.items()):
+                total += int(float(value))
+        return total
 
 
 #: The prefix ``SecureEtcd``'s ``reader`` may read (and nothing else).

@@ -4,17 +4,20 @@ unused (``tests.services.SecureEtcd``). Real plugin processes of the Python SDK 
 HTTP server, and its gRPC service) and of the Go SDK (its example plugin).
 
 The plugin proves itself with ``registrar``'s certificate and password; what is asserted
-is where its key is, what its stderr says and what it never says (the password).
+is where its key is, what its stderr says and what it never says (the password), and how
+often etcd had to refuse it (etcd's own count, ``SecureEtcd.handled``).
 """
 
 from __future__ import annotations
 
 import base64
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from linchkit_plugin.registry import EtcdAccess
+from linchkit_plugin.registry import REFUSED_RETRY_CAP, EtcdAccess, refused_retry_wait
 from tests.services import (
     CLEAN_ENVIRONMENT,
     REGISTRAR_PREFIX,
@@ -31,6 +34,7 @@ from tests.services import (
     SecureEtcd,
     free_port,
     readwrite_permission,
+    wait_for,
 )
 from tests.test_plugin_registry import GO_EXAMPLE, PLUGIN, PYTHON_GRPC_EXAMPLE, health, only_key
 
@@ -241,22 +245,157 @@ def test_refused_credentials_are_said_once_and_retried_while_serving(
     said = plugin.wait_said("cannot register")
     assert refusal in said and f"'{user}'" in said
     assert serving(language, address)
-    never_registers(secure_etcd, 2.5)  # a retry about every second
+    never_registers(secure_etcd, 2.5)  # a few retries
     assert plugin.stderr.count("cannot register") == 1, "said once, not per retry"
 
     # The operator mends etcd's side: the plugin registers at its next retry.
-    if refusal == "authentication failed":
-        secure_etcd.call("/v3/auth/user/changepw", {"name": user, "password": password})
-    else:
-        secure_etcd.call(
-            "/v3/auth/role/grant",
-            {"name": "reader", "perm": readwrite_permission(REGISTRAR_PREFIX)},
-        )
+    mend(secure_etcd, user, password)
     plugin.wait_said("etcd answers again")
     only_key(secure_etcd, PREFIX)
     plugin.signal(signal.SIGTERM)
     assert secure_etcd.keys(PREFIX) == {}
     assert password not in plugin.stderr and "Traceback" not in plugin.stderr
+
+
+def mend(etcd: SecureEtcd, user: str, password: str) -> None:
+    """What the operator does for ``user`` that etcd turned away: its password becomes
+    ``password`` (``registrar``), or its role may write the registry (``reader``)."""
+    if user == "registrar":
+        etcd.call("/v3/auth/user/changepw", {"name": user, "password": password})
+    else:
+        etcd.call(
+            "/v3/auth/role/grant",
+            {"name": "reader", "perm": readwrite_permission(REGISTRAR_PREFIX)},
+        )
+
+
+#: Seconds over which etcd counts a plugin's refused tries, and the most it may count:
+#: backing off from about a second and doubling, a plugin tries at 0 s and then no sooner
+#: than 1, 3, 7 and 15 s; retrying every second, it would try about 12 times.
+REFUSAL_WINDOW = 12.0
+MOST_REFUSALS = 5
+#: Slack on a busy machine: a request's round trip, the plugin's stderr read.
+MARGIN = 5.0
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "refusal"),
+    [
+        ("registrar", WRONG_PASSWORD, ("Authenticate", "InvalidArgument")),
+        ("reader", SecureEtcd.reader_password, ("Put", "PermissionDenied")),
+    ],
+    ids=["wrong-password", "no-permission"],
+)
+@pytest.mark.parametrize("language", HTTP_AND_GO)
+def test_a_plugin_turned_away_backs_off_and_registers_soon_once_etcd_is_mended(
+    secure_etcd: SecureEtcd,
+    plugins: Any,
+    language: str,
+    user: str,
+    password: str,
+    refusal: tuple[str, str],
+) -> None:
+    """etcd checks a password with bcrypt, tens of milliseconds of a core each: a fleet
+    deployed with a wrong password or role must thin out its tries, not keep etcd busy
+    refusing it. etcd itself counts the tries it refused (a refused authentication; a
+    refused put, which once the waits outlast a token, 2 s here, follows a new one).
+    Once mended, the plugin registers within the wait it had reached."""
+    plugin, address = start(plugins, language, secure_etcd, user=user, password=password)
+    wait_for(lambda: secure_etcd.handled(*refusal), what=f"etcd refusing a {refusal[0]}")
+    time.sleep(REFUSAL_WINDOW)
+    refusals = secure_etcd.handled(*refusal)
+    assert 3 <= refusals <= MOST_REFUSALS, (
+        f"etcd refused {refusals} tries in {REFUSAL_WINDOW:g} s:\n{plugin.stderr}"
+    )
+
+    # After k refusals in a row a plugin waits at most 2^k s (a second doubled k times),
+    # and never longer than the cap, 30 s in both SDKs. k is counted once etcd is mended,
+    # in case a try came between the count above and the mending.
+    mended = time.monotonic()
+    mend(secure_etcd, user, password)
+    waiting_at_most = min(REFUSED_RETRY_CAP, 2.0 ** secure_etcd.handled(*refusal))
+    plugin.wait_said("etcd answers again")
+    took = time.monotonic() - mended
+    assert took <= waiting_at_most + MARGIN, f"registered {took:.1f} s after etcd was mended"
+    assert only_key(secure_etcd, PREFIX)[1] == registered_value(language, address)
+    said = plugin.stderr
+    assert said.count("cannot register") == 1, "said once, however long the waits"
+    assert "registering again" not in said, "a lease no key was put on expires unsaid"
+    plugin.signal(signal.SIGTERM)
+    assert secure_etcd.keys(PREFIX) == {}
+    assert password not in plugin.stderr and "Traceback" not in plugin.stderr
+
+
+def test_the_waits_after_refusals_double_to_the_cap_and_are_spread() -> None:
+    """From the pace of an etcd that does not answer (about a second), doubled at each
+    refusal in a row up to the cap, never below that pace; the random part spreads each
+    over its upper half, so a fleet turned away at once does not try again in step."""
+
+    def longest() -> float:
+        return 0.0
+
+    def shortest() -> float:
+        return 0.999999
+
+    ceilings = [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert [refused_retry_wait(n, 1.0, draw=longest) for n in range(1, 7)] == ceilings
+    for refusals, ceiling in enumerate(ceilings, start=1):
+        assert refused_retry_wait(refusals, 1.0, draw=shortest) == pytest.approx(
+            ceiling / 2, abs=1e-4
+        )
+    assert refused_retry_wait(1, 2 / 3, draw=longest) == pytest.approx(4 / 3), "TTL 2 s"
+    for refusals in (31, 32, 64, 10**6):
+        assert refused_retry_wait(refusals, 1.0, draw=longest) == REFUSED_RETRY_CAP
+    assert refused_retry_wait(5, 1.0, draw=lambda: 0.5) == 22.5
+    draws = {refused_retry_wait(5, 1.0) for _ in range(20)}
+    assert len(draws) > 1 and all(15.0 < wait <= 30.0 for wait in draws)
+
+
+@pytest.fixture
+def silent_etcd() -> Iterator[tuple[str, list[float]]]:
+    """Where an etcd would be, on 127.0.0.4: a port that takes each connection and closes
+    it at once, and when it took each one (a plugin's tries, one connection each)."""
+    taken: list[float] = []
+    server = socket.create_server(("127.0.0.4", 0))
+    server.settimeout(0.2)
+    stopping = threading.Event()
+
+    def take() -> None:
+        while not stopping.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            taken.append(time.monotonic())
+            connection.close()
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.4:{server.getsockname()[1]}", taken
+    finally:
+        stopping.set()
+        thread.join()
+        server.close()
+
+
+@pytest.mark.parametrize("language", HTTP_AND_GO)
+def test_an_etcd_that_does_not_answer_is_still_tried_about_every_second(
+    silent_etcd: tuple[str, list[float]], plugins: Any, language: str
+) -> None:
+    """Only a refusal backs off: a try spends nothing of an etcd that does not answer,
+    and a plugin should register within a second of etcd coming back."""
+    url, taken = silent_etcd
+    flags, environment = arguments(language, {"etcd": url})
+    address = f"{HOSTS[language]}:{free_port(HOSTS[language])}"
+    plugin = plugins([*command(language, address), *flags], **environment)
+    said = plugin.wait_said("cannot register")
+    assert "does not answer" in said or "not JSON" in said, said
+    wait_for(lambda: taken, what="the plugin's first try")
+    time.sleep(6)
+    tries = len(taken)
+    assert 5 <= tries <= 9, f"{tries} tries in about 6 s"
+    assert plugin.stderr.count("cannot register") == 1
 
 
 @pytest.mark.parametrize("language", HTTP_AND_GO)

@@ -9,9 +9,11 @@ package plugin
 //
 // An etcd that does not answer, or turns the plugin away (its certificate, its user's
 // password or permission), is not fatal: the plugin serves, says so once on stderr and
-// keeps trying; it registers again if etcd lost its lease. On SIGTERM or SIGINT the
-// key is deleted and the lease revoked, the server keeps serving LINCHKIT_LEAVE_DELAY
-// seconds (1) while dispatchers learn it left, and then the calls in flight are drained.
+// keeps trying, about every second while etcd does not answer, after waits that double
+// up to refusedRetryCap while it turns the plugin away (refusedRetryWait); it registers
+// again if etcd lost its lease. On SIGTERM or SIGINT the key is deleted and the lease
+// revoked, the server keeps serving LINCHKIT_LEAVE_DELAY seconds (1) while dispatchers
+// learn it left, and then the calls in flight are drained.
 
 import (
 	"context"
@@ -22,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	mathrand "math/rand/v2"
 	"net"
 	"net/url"
 	"os"
@@ -47,6 +50,14 @@ const (
 	maxLeaveDelay     = 600 * time.Second
 	// The largest answer read from etcd: its answers here are a few hundred bytes.
 	maxEtcdAnswer = 1 << 20
+	// The longest wait between two tries while etcd turns the plugin away. etcd checks a
+	// password with bcrypt, tens of milliseconds of a core each time, and a wrong one
+	// stays wrong until an operator mends it: a hundred plugins deployed with it and
+	// retrying every second would keep several of etcd's cores busy refusing them; at
+	// this cap (waits drawn between 15 and 30 s) they cost it about four checks a second.
+	// Longer would save little more and keep a mended fleet out of the registry longer:
+	// at 30 s every plugin is back within half a minute of the fix.
+	refusedRetryCap = 30 * time.Second
 )
 
 type registration struct {
@@ -193,12 +204,29 @@ func (r *registration) say(level slog.Level, format string, args ...any) {
 	r.log.Log(context.Background(), level, fmt.Sprintf("linchkit plugin: "+format, args...))
 }
 
+// refusedRetryWait is the wait after the refusals-th refusal in a row (1, 2, ...): pace,
+// the wait after an etcd that does not answer, doubled at each refusal up to
+// refusedRetryCap, less a random part of up to half of it, so that a fleet turned away
+// at once does not try again in step. Never less than pace. draw gives a number in
+// [0, 1), the random part.
+func refusedRetryWait(refusals int, pace time.Duration, draw func() float64) time.Duration {
+	ceiling := refusedRetryCap
+	if refusals < 32 && pace<<refusals < refusedRetryCap {
+		ceiling = pace << refusals
+	}
+	return time.Duration(float64(ceiling) * (1 - draw()/2))
+}
+
 func (r *registration) run() {
 	defer close(r.done)
 	// Said once, not per retry; said again when the trouble changes (etcd answers again,
 	// and now turns the plugin away), so what the operator sees is current.
 	const fine, unavailable, refused = 0, 1, 2
 	failing := fine
+	// Refusals since etcd last admitted the plugin: an outage between two of them does
+	// not start the waits again from a second, the credentials are as wrong.
+	refusals := 0
+	pace := min(time.Duration(r.ttl)*time.Second/3, time.Second)
 	for {
 		wait := time.Duration(r.ttl) * time.Second / 3
 		if err := r.renew(); err != nil {
@@ -211,10 +239,16 @@ func (r *registration) run() {
 				r.say(slog.LevelWarn, "cannot register %s in etcd: %v; serving anyway and trying again", r.key, err)
 			}
 			failing = kind
-			wait = min(wait, time.Second)
-		} else if failing != fine {
-			r.say(slog.LevelInfo, "etcd answers again: %s is registered", r.key)
-			failing = fine
+			wait = pace
+			if kind == refused {
+				refusals++
+				wait = refusedRetryWait(refusals, pace, mathrand.Float64)
+			}
+		} else {
+			if failing != fine {
+				r.say(slog.LevelInfo, "etcd answers again: %s is registered", r.key)
+			}
+			failing, refusals = fine, 0
 		}
 		select {
 		case <-r.stop:
@@ -236,7 +270,11 @@ func (r *registration) renew() error {
 			return fmt.Errorf("etcd did not renew the lease%s", why(answer))
 		}
 		if number(result["TTL"]) <= 0 {
-			r.say(slog.LevelWarn, "etcd lost the lease of %s (restarted?): registering again", r.key)
+			// A lease no key was put on (etcd refused the key) ends unrenewed while the
+			// plugin waits to try again, as expected: only a registered key is news.
+			if r.written {
+				r.say(slog.LevelWarn, "etcd lost the lease of %s (restarted?): registering again", r.key)
+			}
 			r.lease, r.written = 0, false
 		}
 	}

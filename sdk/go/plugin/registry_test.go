@@ -135,3 +135,36 @@ func TestEtcdAccessSettingsAreCheckedBeforeServing(t *testing.T) {
 		}
 	}
 }
+
+// The waits after refusals in a row double from the pace of an etcd that does not answer
+// up to refusedRetryCap, never below that pace, and the random part spreads them over
+// the upper half of each, so a fleet turned away at once does not try again in step.
+func TestWaitsAfterRefusalsDoubleToTheCapAndAreSpread(t *testing.T) {
+	longest := func() float64 { return 0 }
+	shortest := func() float64 { return 0.999999 }
+	want := []time.Duration{2, 4, 8, 16, 30, 30}
+	for i, seconds := range want {
+		refusals := i + 1
+		if got := refusedRetryWait(refusals, time.Second, longest); got != seconds*time.Second {
+			t.Errorf("after %d refusals: at most %v, want %v", refusals, got, seconds*time.Second)
+		}
+		if got := refusedRetryWait(refusals, time.Second, shortest); got < seconds*time.Second/2-time.Millisecond {
+			t.Errorf("after %d refusals: at least %v, want %v", refusals, got, seconds*time.Second/2)
+		}
+	}
+	if got := refusedRetryWait(1, time.Second, shortest); got < time.Second-time.Millisecond {
+		t.Errorf("the first wait after a refusal is %v, shorter than an outage's pace", got)
+	}
+	if pace := 2 * time.Second / 3; refusedRetryWait(1, pace, longest) != 2*pace {
+		t.Errorf("with a TTL of 2 s (pace 2/3 s), the first wait is at most %v, want twice the pace",
+			refusedRetryWait(1, pace, longest))
+	}
+	for _, refusals := range []int{31, 32, 64, 1 << 20} {
+		if got := refusedRetryWait(refusals, time.Second, longest); got != refusedRetryCap {
+			t.Errorf("after %d refusals: %v, want the cap", refusals, got)
+		}
+	}
+	if half := refusedRetryWait(5, time.Second, func() float64 { return 0.5 }); half != 22500*time.Millisecond {
+		t.Errorf("a draw of 0.5 at the cap waits %v, want 22.5s", half)
+	}
+}

@@ -13,7 +13,9 @@ on one thread of its own (``Registration``): no asyncio loop is needed, and the 
 loop never waits for etcd. An etcd that does not answer, or turns the plugin away (its
 certificate, its user's password or permission), is not fatal: the plugin serves, says
 so once on stderr, and keeps trying; it registers once etcd answers and admits it, and
-registers again if etcd lost its lease (an etcd restarted without its data).
+registers again if etcd lost its lease (an etcd restarted without its data). An etcd
+that does not answer is tried again about every second; one that turns the plugin away,
+after waits that double up to ``REFUSED_RETRY_CAP`` (``refused_retry_wait``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import random
 import secrets
 import socket
 import sys
@@ -48,6 +51,7 @@ __all__ = [
     "ADVERTISE_ENV",
     "DEFAULT_LEAVE_DELAY",
     "LEAVE_DELAY_ENV",
+    "REFUSED_RETRY_CAP",
     "REGISTER_ETCD_CA_FILE_ENV",
     "REGISTER_ETCD_CERT_FILE_ENV",
     "REGISTER_ETCD_ENV",
@@ -63,6 +67,7 @@ __all__ = [
     "advertised_value",
     "check_prefix",
     "instance_id",
+    "refused_retry_wait",
 ]
 
 REGISTER_ETCD_ENV = "LINCHKIT_REGISTER_ETCD"
@@ -79,6 +84,15 @@ DEFAULT_LEAVE_DELAY = 1.0
 
 #: Seconds each request of leaving (delete, revoke) may take: a stop must not wait long.
 _LEAVE_TIMEOUT = 2.0
+
+#: The longest wait, in seconds, between two tries while etcd turns the plugin away.
+#: etcd checks a password with bcrypt, tens of milliseconds of a core each time, and a
+#: wrong one stays wrong until an operator mends it: a hundred plugins deployed with it
+#: and retrying every second would keep several of etcd's cores busy refusing them; at
+#: this cap (waits drawn between 15 and 30 s) they cost it about four checks a second.
+#: Longer would save little more and keep a mended fleet out of the registry longer: at
+#: 30 s every plugin is back within half a minute of the fix.
+REFUSED_RETRY_CAP = 30.0
 
 #: Addresses that mean "every interface": a dispatcher cannot call them.
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
@@ -135,6 +149,18 @@ def _check_host_port(text: str) -> None:
         raise ValueError(f"--advertise must be a URL or host:port, got {text!r}")
     if host.strip("[]") in _WILDCARDS:
         raise ValueError(f"--advertise must name an address others can call, not {host}")
+
+
+def refused_retry_wait(
+    refusals: int, pace: float, *, draw: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait after the ``refusals``-th refusal in a row (1, 2, …): ``pace``, the
+    wait after an etcd that does not answer, doubled at each refusal up to
+    ``REFUSED_RETRY_CAP``, less a random part of up to half of it, so that a fleet turned
+    away at once does not try again in step. Never less than ``pace``. ``draw``: a number
+    in [0, 1), the random part (tests pass their own)."""
+    ceiling = min(REFUSED_RETRY_CAP, pace * 2.0 ** min(refusals, 32))
+    return ceiling * (1.0 - draw() / 2.0)
 
 
 def _b64(raw: str | bytes) -> str:
@@ -200,6 +226,10 @@ class Registration:
         # Said once, not per retry; said again when the trouble changes (etcd answers
         # again, and now turns the plugin away), so what the operator sees is current.
         failing: type[EtcdUnavailable] | None = None
+        # Refusals since etcd last admitted the plugin: an outage between two of them
+        # does not start the waits again from a second, the credentials are as wrong.
+        refusals = 0
+        pace = min(1.0, self.ttl / 3)
         while not self._stopping.is_set():
             try:
                 self._renew()
@@ -211,18 +241,25 @@ class Registration:
                         " anyway and trying again"
                     )
                 failing = type(error)
-                wait = min(1.0, self.ttl / 3)
+                if isinstance(error, EtcdRefused):
+                    refusals += 1
+                    wait = refused_retry_wait(refusals, pace)
+                else:
+                    wait = pace
             else:
                 if failing is not None:
                     self._say(f"etcd answers again: {self.key} is registered")
-                failing = None
+                failing, refusals = None, 0
                 wait = self.ttl / 3
             self._stopping.wait(wait)
         self._deregister()
 
     def _renew(self) -> None:
         if self._lease is not None and not self._keep_alive(self._lease):
-            self._say(f"etcd lost the lease of {self.key} (restarted?): registering again")
+            # A lease no key was put on (etcd refused the key) ends unrenewed while the
+            # plugin waits to try again, as expected: only a registered key is news.
+            if self._written:
+                self._say(f"etcd lost the lease of {self.key} (restarted?): registering again")
             self._lease, self._written = None, False
         if self._lease is None:
             answer = self._gateway.post("/v3/lease/grant", {"TTL": self.ttl})
