@@ -234,9 +234,11 @@ async def test_scales_up_to_max_instances_under_concurrent_calls() -> None:
     async with Dispatcher(plugins) as dispatcher:
         # Six calls, one per container at a time: exactly three containers start (the
         # waiting calls count the starts already under way), and each call naps long
-        # enough that a slow start still gets its share of the calls.
+        # enough that a slow start still gets its share of the calls: 5 s, for under a
+        # full run on two cores the third container was seen ready more than 3 s after
+        # the first two, and the calls of both rounds had gone to those.
         answers = await asyncio.gather(
-            *(dispatcher.call("unruly", "nap", {"seconds": 3.0}) for _ in range(6))
+            *(dispatcher.call("unruly", "nap", {"seconds": 5.0}) for _ in range(6))
         )
         assert len(containers(owner_of(dispatcher))) == 3
         hosts = {answer["hostname"] for answer in answers}
