@@ -263,6 +263,7 @@ class Dispatcher:
                     self._run_job,
                     config.retry_after_ms / 1000,
                     egress=self.manifest.egress,
+                    key_retention=config.idempotency_retention_ms / 1000,
                 )
                 self.jobs.start()
         except BaseException:

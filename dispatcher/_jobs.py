@@ -85,9 +85,10 @@ class JobNotFound(DispatchError):
 
 class JobExpired(DispatchError):
     """A submission repeated with the idempotency key of a job whose record is no longer
-    kept (evicted, purged, or expired under an older manifest: ``jobs.result_ttl_ms`` at
-    least ``state.idempotency_retention_ms`` is checked at load). Final: the key's record
-    stays for its retention, and so does this answer. ``details["job_id"]``: that job."""
+    kept: evicted by a Redis at its memory limit, dead-lettered and purged, or expired
+    under a dispatcher before 2026-12-05 (a keyed job's record is kept as long as its key
+    now). Final: the key's record stays for its retention, and so does this answer.
+    ``details["job_id"]``: that job."""
 
     type = "job_expired"
 
@@ -278,6 +279,7 @@ class JobWorkers:
         pause: float,
         *,
         egress: EgressPolicy | None = None,
+        key_retention: float = 0.0,
     ) -> None:
         self.store = store
         self.pause = max(pause, 0.05)  # after Redis failed: the backend skips it this long
@@ -290,6 +292,9 @@ class JobWorkers:
         self.run = run
         self.visibility = config.visibility_timeout_ms / 1000
         self.result_ttl = config.result_ttl_ms / 1000
+        #: How long a keyed submission's key answers its job (the state's idempotency
+        #: retention): a keyed job's record is kept at least that long (``_kept_for``).
+        self.key_retention = key_retention
         self._name = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._tasks: list[asyncio.Task[None]] = []
         self._taking = True
@@ -431,7 +436,7 @@ class JobWorkers:
             return
         record["id"] = job_id  # what _ended and _failed name it by
         if record.get("state") in TERMINAL_STATES:  # already ended: only the ack was missing
-            await store.finish(entry, job_id, {"state": record["state"]}, self.result_ttl)
+            await store.finish(entry, job_id, {"state": record["state"]}, self._kept_for(record))
             return
         attempts = _attempts_of(record)
         if attempts is None:  # not a record a dispatcher wrote: nothing to count on
@@ -502,7 +507,7 @@ class JobWorkers:
                 "callback_id": new_delivery_id(),  # one per end: a redriven job's is new
                 "callback_attempts": "0",
             }
-        await self.store.finish(entry, job_id, fields, self.result_ttl)
+        await self.store.finish(entry, job_id, fields, self._kept_for(record))
         if durable:
             self.callbacks.wake()
         elif url is not None:
@@ -530,6 +535,15 @@ class JobWorkers:
         fields = {"state": state, "error": wire, "finished_at": _now_ms(), **moved}
         await self._ended(entry, record, fields)
         self._count({**record, **moved}, state)
+
+    def _kept_for(self, record: dict[str, str]) -> float:
+        """Seconds an ended job's record is kept: ``result_ttl_ms``, and for a job submitted
+        with an idempotency key at least as long as the key answers with its id. A shorter
+        ``result_ttl_ms`` (to spare Redis) left a resubmission within the retention answered
+        an id that no longer existed, then ``JobExpired``; kept, it is answered the job."""
+        if record.get("idempotency_key") is None:
+            return self.result_ttl
+        return max(self.result_ttl, self.key_retention)
 
     def _count(self, record: dict[str, str], outcome: str) -> None:
         """Count ``outcome`` in all and for the record's route. Routes past

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,14 @@ from dispatcher import (
     Dispatcher,
     InvalidParams,
     JobExpired,
+    JobNotFound,
     ProviderError,
 )
-from dispatcher.config import load_manifest, parse_manifest
+from dispatcher.config import load_manifest
 from dispatcher.config.state import StateConfig
 from dispatcher.gateway import call_headers
 from dispatcher.policies import idempotency
-from dispatcher.state import Claim, StateUnavailable, digest, new_backend
+from dispatcher.state import Claim, StateUnavailable, digest
 from dispatcher.state.memory import MemoryIdempotency
 from dispatcher.state.redis_store import RedisState
 from linchkit_plugin.wire import encode_json
@@ -409,6 +409,34 @@ def charging(folder: Path, url: str, prefix: str, **jobs: Any) -> Dispatcher:
     return Dispatcher(load_manifest(path))
 
 
+async def test_a_keyed_job_s_record_is_kept_as_long_as_its_key_answers_with_its_id(
+    tmp_path: Path, redis_server: Redis, redis_prefix: str
+) -> None:
+    """``jobs.result_ttl_ms`` shorter than the keys' retention (results kept briefly to
+    spare Redis): a keyed job's record is kept as long as its key answers with its id, so
+    a resubmission after the result TTL is answered a job that exists, not one that has
+    expired (``JobExpired``, before: an id that answered 404). A job without a key keeps
+    the short TTL."""
+    params = {"amount": 1, "delay": 0}
+    async with (
+        charging(tmp_path, redis_server.url, redis_prefix, result_ttl_ms=500) as dispatcher,
+        aioredis.Redis.from_url(redis_server.url) as client,
+    ):
+        keyed = await dispatcher.submit("counter", "charge", params, idempotency_key="order-1")
+        plain = await dispatcher.submit("counter", "charge", params)
+        for job_id in (keyed, plain):
+            await dispatcher.result(job_id, wait=10)
+        assert 500 < await client.pttl(f"{redis_prefix}:job:{keyed}") <= 86_400_000
+        assert 0 < await client.pttl(f"{redis_prefix}:job:{plain}") <= 500
+        await asyncio.sleep(0.8)  # past the result TTL
+        again = await dispatcher.submit("counter", "charge", params, idempotency_key="order-1")
+        assert again == keyed
+        assert (await dispatcher.job(keyed))["state"] == "succeeded"
+        with pytest.raises(JobNotFound):
+            await dispatcher.job(plain)
+        assert await dispatcher.call("counter", "counts") == {"charges": 2, "reads": 0}
+
+
 @pytest.mark.parametrize("gone", ["evicted", "purged"])
 async def test_a_resubmission_whose_job_is_no_longer_kept_is_told_so_and_runs_nothing(
     tmp_path: Path, redis_server: Redis, redis_prefix: str, gone: str
@@ -474,32 +502,6 @@ async def test_the_gateway_answers_a_resubmission_whose_job_is_gone_410(
     assert (error["type"], error["retryable"]) == ("job_expired", False), error
     assert error["details"] == {"stage": "jobs", "job_id": job_id}
     assert "Retry-After" not in headers and "Location" not in headers
-
-
-def test_a_job_record_kept_shorter_than_its_key_is_said_at_start(
-    redis_server: Redis, caplog: pytest.LogCaptureFixture
-) -> None:
-    """``jobs.result_ttl_ms`` shorter than ``state.idempotency_retention_ms``: a keyed
-    submission repeated between the two is refused ``job_expired`` (above). Said once
-    when the backend is made, naming both settings; not refused, for a host that submits
-    no keyed jobs loses nothing by it. Equal is quiet (a job's record, kept from its end,
-    outlives its key's, kept from its submission), and so is the memory backend, which
-    keeps no jobs."""
-    caplog.set_level(logging.WARNING, "dispatcher.state")
-
-    def warned(state: dict[str, Any], jobs: dict[str, Any]) -> list[str]:
-        caplog.clear()
-        manifest = parse_manifest({"version": 1, "state": state, "jobs": jobs, "plugins": []})
-        new_backend(manifest.state, time.monotonic, manifest.jobs)
-        return [record.getMessage() for record in caplog.records]
-
-    redis = {"backend": "redis", "url": redis_server.url}
-    (message,) = warned(redis, {"result_ttl_ms": 3_600_000})
-    assert "jobs.result_ttl_ms (3600000)" in message, message
-    assert "state.idempotency_retention_ms (86400000)" in message, message
-    assert warned({**redis, "idempotency_retention_ms": 3_600_000}, {}) == []
-    assert warned({**redis, "idempotency_retention_ms": 60_000}, {"result_ttl_ms": 60_000}) == []
-    assert warned({"backend": "memory"}, {"result_ttl_ms": 60_000}) == []
 
 
 async def test_a_retry_naming_a_range_after_a_deploy_is_answered_by_its_record(

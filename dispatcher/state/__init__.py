@@ -9,7 +9,6 @@ aiobotocore only when it queues jobs on SQS.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from dispatcher.config import JobsConfig, StateConfig
@@ -53,8 +52,6 @@ __all__ = [
     "new_backend",
 ]
 
-log = logging.getLogger("dispatcher.state")
-
 
 def new_backend(
     config: StateConfig, clock: Callable[[], float], jobs: JobsConfig | None = None
@@ -62,30 +59,11 @@ def new_backend(
     """The backend ``config`` names; with ``jobs: {backend: sqs}`` its async jobs queue on
     SQS (``sqs_jobs``), their job view on this backend when it keeps one (Redis)."""
     backend = _state_backend(config, clock)
-    if jobs is not None:
-        _warn_if_job_records_end_before_their_keys(config, jobs)
     if jobs is None or jobs.backend != "sqs":
         return backend
     from dispatcher.state.sqs_jobs import SqsJobs, SqsJobsState  # aiobotocore: on open
 
     return SqsJobsState(backend, SqsJobs(jobs, backend.job_records, clock))
-
-
-def _warn_if_job_records_end_before_their_keys(config: StateConfig, jobs: JobsConfig) -> None:
-    """A keyed submission repeated within the retention is answered its key's job; with
-    job records kept shorter than keys (Redis only: the memory backend keeps no jobs), one
-    repeated after its job's record expired is refused ``JobExpired``. Said once at start,
-    not refused: a host that submits no keyed jobs loses nothing by a short
-    ``result_ttl_ms``, and manifests written before this check keep loading."""
-    if config.backend == "redis" and jobs.result_ttl_ms < config.idempotency_retention_ms:
-        log.warning(
-            "jobs.result_ttl_ms (%d) is shorter than state.idempotency_retention_ms (%d):"
-            " a keyed submission repeated after its job's record expired is refused"
-            " job_expired; keep jobs.result_ttl_ms at least the retention if jobs are"
-            " submitted with idempotency keys",
-            jobs.result_ttl_ms,
-            config.idempotency_retention_ms,
-        )
 
 
 def _state_backend(config: StateConfig, clock: Callable[[], float]) -> StateBackend:
