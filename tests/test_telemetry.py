@@ -799,10 +799,7 @@ async def test_keyed_calls_answered_without_running_are_counted_by_route() -> No
         for _ in range(3):  # the first runs; the next two are answered from its record
             await d.call("echo", "say", {"text": "hi"}, idempotency_key="k-1")
         answers = await asyncio.gather(
-            *(
-                d.call("echo", "sleep", {"seconds": 0.3}, idempotency_key="k-2")
-                for _ in range(4)
-            )
+            *(d.call("echo", "sleep", {"seconds": 0.3}, idempotency_key="k-2") for _ in range(4))
         )  # one runs, three wait for it
         assert len(set(answers)) == 1  # the one run's answer, four times
         found = samples(await scrape(d))
