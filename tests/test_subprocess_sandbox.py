@@ -115,6 +115,21 @@ async def answers_again(dispatcher: Dispatcher, plugin: str = "hostile") -> dict
             await asyncio.sleep(0.05)
 
 
+async def spawned_to_the_limit(dispatcher: Dispatcher) -> dict[str, Any]:
+    """``spawn`` to the plugin's process limit, holding what started. At the limit itself
+    the Go runtime of the plugin may need a thread of its own and die ("failed to create
+    new OS thread": its children go with it); the plugin is restarted and asked again,
+    at most twice, so the test goes on from a plugin that holds its limit."""
+    for attempt in range(3):
+        try:
+            return await call(dispatcher, "spawn", n=500, hold=True)  # type: ignore[no-any-return]
+        except TargetUnavailable:
+            if attempt == 2:
+                raise
+            await answers_again(dispatcher)
+    raise AssertionError("unreachable")
+
+
 async def test_the_plugin_runs_unprivileged_in_its_own_namespaces(dispatcher: Dispatcher) -> None:
     me = await call(dispatcher, "whoami")
     assert me["no_new_privs"] == "1"
@@ -193,7 +208,7 @@ async def test_a_plugin_holding_its_process_limit_keeps_no_other_plugin_from_sta
     bomber = sandboxed(hostile_executable, {"pids": 32}, sandbox=sandbox)
     other = {**sandboxed(hostile_executable, {"pids": 32}, sandbox=sandbox), "id": "other"}
     async with Dispatcher(manifest(bomber)) as first:
-        held = await call(first, "spawn", n=500, hold=True)
+        held = await spawned_to_the_limit(first)
         assert "resource temporarily unavailable" in held["error"]
         async with Dispatcher(manifest(other)) as second:  # a launch
             me = await second.call("other", "whoami", {}, timeout=20)
