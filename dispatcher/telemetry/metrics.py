@@ -37,6 +37,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from dispatcher.config import MetricsSettings
+from dispatcher.telemetry.job_metrics import job_families
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -231,8 +232,7 @@ class StatsCollector(Collector):
         yield from _state(stats.get("state", {}))
         yield from _rollouts(stats.get("rollouts", {}))
         yield from _cold_starts(stats.get("cold_starts", {}))
-        yield from _jobs(stats.get("jobs", {}))
-        yield from _job_submissions(stats.get("job_submissions", {}))
+        yield from job_families(stats)
 
 
 class ConnectionsCollector(Collector):
@@ -581,67 +581,3 @@ def _cold_starts(stats: Mapping[str, Any]) -> Iterator[Metric]:
             count.add_metric([provider, target], each["count"])
             seconds.add_metric([provider, target], each["seconds"])
     yield from (count, seconds)
-
-
-def _jobs(stats: Mapping[str, Any]) -> Iterator[Metric]:
-    """This replica's job workers (``JobWorkers.stats``): none without ``jobs.workers``."""
-    if not stats:
-        return
-    yield GaugeMetricFamily(
-        "dispatcher_job_workers", "Job workers this replica runs.", stats["workers"]
-    )
-    yield GaugeMetricFamily(
-        "dispatcher_jobs_running", "Job attempts running on this replica now.", stats["running"]
-    )
-    ended = _counter(
-        "dispatcher_jobs_ended",
-        "Jobs this replica's workers ended, by route (the version the last attempt ran at)"
-        " and state: succeeded, failed (a final error), dead (out of attempts).",
-        ["route", "state"],
-    )
-    retried = _counter(
-        "dispatcher_job_retries",
-        "Job attempts that failed retryably and were queued again, by route.",
-        ["route"],
-    )
-    for route, counts in stats.get("routes", {}).items():
-        for state in ("succeeded", "failed", "dead"):
-            ended.add_metric([route, state], counts[state])
-        retried.add_metric([route], counts["retried"])
-    entries = _counter(
-        "dispatcher_job_entries_not_run",
-        "Queue entries a worker could not run: malformed (dead-lettered: no job record, an"
-        " unreadable one) or deferred (the store could not record the start; taken again"
-        " after the visibility timeout).",
-        ["reason"],
-    )
-    for reason in ("malformed", "deferred"):
-        entries.add_metric([reason], stats[reason])
-    yield from (ended, retried, entries)
-    callbacks = stats.get("callbacks")
-    if callbacks:
-        sent = _counter(
-            "dispatcher_job_callbacks",
-            "Callbacks of ended jobs: delivered, failed (given up), retried (attempts again).",
-            ["outcome"],
-        )
-        for outcome in ("delivered", "failed", "retried"):
-            sent.add_metric([outcome], callbacks[outcome])
-        yield sent
-        yield GaugeMetricFamily(
-            "dispatcher_job_callbacks_sending", "Callbacks being sent now.", callbacks["sending"]
-        )
-
-
-def _job_submissions(stats: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
-    submitted = _counter(
-        "dispatcher_job_submissions",
-        "Jobs submitted to this replica, by route and outcome: queued (a new job), replayed"
-        " (a keyed submission answered its earlier job), or the type of the error that"
-        " refused it.",
-        ["route", "outcome"],
-    )
-    for route, outcomes in stats.items():
-        for outcome, count in outcomes.items():
-            submitted.add_metric([route, outcome], count)
-    yield submitted
