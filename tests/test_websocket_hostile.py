@@ -525,3 +525,47 @@ async def test_a_response_frame_for_a_health_probes_id_is_not_read_as_its_health
         health = await channel.health(2.0)
         assert (health.status, health.detail) == ("not_serving", "draining")
         assert (channel.protocol_errors, channel.unknown_ids) == (1, 0)
+
+
+async def test_a_read_watch_probe_answered_after_the_next_one_went_out_is_no_stray() -> None:
+    """The read watch probes a plugin silent for 1.5 heartbeats (0.3 s here). This plugin
+    shows it is alive at once (an event) but answers that first probe only once the
+    watch, finding it silent again, has sent a second: then it answers both, in order.
+    Before: the channel remembered the last probe's id only, and counted the first
+    probe's answer as a reply to nothing (``unknown_ids``), a plugin's stray. Now every
+    probe still outstanding is answered by its own reply: no stray, no protocol error,
+    and the connection stays."""
+    answered = asyncio.Event()
+
+    async def late_health(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(HELLO)
+        held: list[int] = []
+        async for message in ws:
+            frame = orjson.loads(message.data)
+            if frame["type"] == "call":
+                response = {"ok": True, "result": frame["request"]["params"]}
+                await ws.send_bytes(
+                    orjson.dumps({"type": "response", "id": frame["id"], "response": response})
+                )
+            elif frame["type"] == "health" and not answered.is_set():
+                held.append(frame["id"])
+                if len(held) == 1:  # alive, but the probe's answer is slow to come
+                    await ws.send_bytes(orjson.dumps({"type": "event", "event": "busy"}))
+                    continue
+                for probe_id in held:
+                    health = {"type": "health", "id": probe_id, "status": "serving"}
+                    await ws.send_bytes(orjson.dumps(health))
+                answered.set()
+            elif frame["type"] == "health":
+                health = {"type": "health", "id": frame["id"], "status": "serving"}
+                await ws.send_bytes(orjson.dumps(health))
+
+    async with scripted(late_health, heartbeat_ms=200) as d:
+        assert await d.call("liar", "echo", {"i": 1}) == {"i": 1}
+        channel = channel_of(d)
+        async with asyncio.timeout(10):
+            await answered.wait()
+        # Answered after both health frames, on the same connection: they have been read.
+        assert await d.call("liar", "echo", {"i": 2}) == {"i": 2}
+        assert (channel.unknown_ids, channel.protocol_errors) == (0, 0)
+        assert not channel.closed, channel.close_reason

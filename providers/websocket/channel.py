@@ -396,7 +396,8 @@ class Channel:
 
     def _probe(self) -> None:
         """No whole frame for a bound: ask for one (``ReadWatch``), its answer unused."""
-        probe_id = self._in_flight.watch_probe = next(self._ids)
+        probe_id = next(self._ids)
+        self._in_flight.watch_probe(probe_id)
         self._spawn(self._send_quietly(encode_frame({"type": "health", "id": probe_id})))
 
     def _read_stalled(self) -> None:

@@ -2,7 +2,7 @@
 of the plugin's replies answers it (``InFlight``).
 
     call ─────► future ◄── response
-    health ───► future ◄── health          (the read watch's probe: its id, no future)
+    health ───► future ◄── health          (the read watch's probes: their ids, no future)
     stream ───► queue  ◄── chunk …, then response
     any of them        ◄── error (the plugin could not use the frame)
 
@@ -12,6 +12,12 @@ answers nothing: the channel counts it as a protocol error, and what its id aske
 waiting for its own answer, so a lie never becomes a result, nor fails a call the plugin
 may still answer. A reply naming an id not in flight (a late one, a made-up one) is the
 channel's to count too.
+
+The read watch's probes are waited on by nobody: their answers' coming is the point
+(``read_watch``). Every probe not yet answered is kept (the last ``WATCH_PROBES_KEPT``),
+not only the last one sent: a plugin may answer one after the watch, having seen other
+frames from it meanwhile, has sent the next, and that answer is then still an answer, not
+a stray. Each is answered once.
 
 A stream's queue holds its chunks up to ``STREAM_QUEUE``, and one place more for what
 ends it (its response, an error, ``Overloaded``, the connection's end), which chunks never
@@ -30,18 +36,23 @@ from typing import Any
 from linchkit_plugin.errors import Overloaded
 from linchkit_plugin.ws_protocol import STREAM_WINDOW
 
-__all__ = ["STREAM_QUEUE", "InFlight"]
+__all__ = ["STREAM_QUEUE", "WATCH_PROBES_KEPT", "InFlight"]
 
 #: Chunks of one stream held for its consumer: the plugin's window (it sends no more
 #: until granted ``credit``) and some to spare. A plugin that ignores the window fills it,
 #: and its stream fails ``Overloaded``.
 STREAM_QUEUE = STREAM_WINDOW + 8
+#: The read watch's probes kept waiting for their answers. The watch sends one at most
+#: every two of its bounds, and only after a silence: more than a few outstanding is a
+#: plugin that does not answer ``health`` at all (its other frames keep it), whose
+#: probes are then forgotten oldest first rather than kept for the connection's life.
+WATCH_PROBES_KEPT = 16
 
 
 class InFlight:
     """The calls, health probes and streams in flight on one connection, by id."""
 
-    __slots__ = ("_calls", "_describe", "_overflowed", "_probes", "streams", "watch_probe")
+    __slots__ = ("_calls", "_describe", "_overflowed", "_probes", "_watch_probes", "streams")
 
     def __init__(self, describe: str, *, overflowed: Callable[[int], None]) -> None:
         """``overflowed(call_id)``: stream ``call_id`` was failed for a reader that fell
@@ -54,8 +65,9 @@ class InFlight:
         self._probes: dict[int, asyncio.Future[Any]] = {}
         #: Streams: id → the queue of their chunks and what ends them.
         self.streams: dict[int, asyncio.Queue[Any]] = {}
-        #: The id of the read watch's last probe: its answer is wanted, not waited on.
-        self.watch_probe: int | None = None
+        #: The read watch's probes not yet answered, oldest first: their answers are
+        #: wanted, not waited on (the values are unused).
+        self._watch_probes: dict[int, None] = {}
 
     def __len__(self) -> int:
         return len(self._calls) + len(self._probes) + len(self.streams)
@@ -71,6 +83,14 @@ class InFlight:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._probes[call_id] = future
         return future
+
+    def watch_probe(self, call_id: int) -> None:
+        """The read watch sent health probe ``call_id``: its answer is one, whenever it
+        comes, while the last ``WATCH_PROBES_KEPT`` probes are kept."""
+        probes = self._watch_probes
+        if len(probes) >= WATCH_PROBES_KEPT:
+            del probes[next(iter(probes))]
+        probes[call_id] = None
 
     def stream(self, call_id: int) -> asyncio.Queue[Any]:
         queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_QUEUE + 1)
@@ -106,8 +126,8 @@ class InFlight:
                 if not future.done():
                     future.set_result(frame)
                 return True
-            # The answer to the read watch's probe: its coming was the point.
-            return call_id == self.watch_probe
+            # The answer to one of the read watch's probes: its coming was the point.
+            return self._watch_probe_answered(call_id)
         queue = self.streams.get(call_id)
         if queue is None:
             return False
@@ -120,7 +140,7 @@ class InFlight:
             return "call"
         if call_id in self.streams:
             return "stream"
-        if call_id in self._probes or call_id == self.watch_probe:
+        if call_id in self._probes or call_id in self._watch_probes:
             return "health probe"
         return None
 
@@ -133,9 +153,19 @@ class InFlight:
                 future.set_exception(error)
             return True
         queue = self.streams.pop(call_id, None)
-        if queue is None:
+        if queue is not None:
+            end_stream(queue, error)
+            return True
+        # A plugin that could not use one of the read watch's probes said so: an answer,
+        # and its coming was the point.
+        return self._watch_probe_answered(call_id)
+
+    def _watch_probe_answered(self, call_id: int) -> bool:
+        """Whether ``call_id`` is one of the read watch's probes not yet answered; it is
+        answered now."""
+        if call_id not in self._watch_probes:
             return False
-        end_stream(queue, error)
+        del self._watch_probes[call_id]
         return True
 
     def cut_off(self, error: Callable[[], BaseException]) -> None:
@@ -143,6 +173,7 @@ class InFlight:
         futures = [*self._calls.values(), *self._probes.values()]
         queues = list(self.streams.values())
         self._calls, self._probes, self.streams = {}, {}, {}
+        self._watch_probes.clear()
         for future in futures:
             if not future.done():
                 future.set_exception(error())
@@ -170,7 +201,7 @@ class InFlight:
     def __repr__(self) -> str:
         return (
             f"<InFlight calls={len(self._calls)} probes={len(self._probes)}"
-            f" streams={len(self.streams)}>"
+            f" streams={len(self.streams)} watch_probes={len(self._watch_probes)}>"
         )
 
 
