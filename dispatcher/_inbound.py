@@ -52,7 +52,8 @@ class Admission:
     @property
     def max_message_bytes(self) -> int | None:
         """The largest message the plugin may send on its connection: the largest its
-        targets allow (``TargetConfig.inbound_message_limit``); None if none says."""
+        targets allow (``TargetConfig.inbound_message_limit``), the answer to each call
+        then held to its own target's by the provider; None if none says."""
         limits = [limit for t in self.targets if (limit := t.inbound_message_limit())]
         return max(limits) if limits else None
 

@@ -235,6 +235,16 @@ class TargetConfig(StrictModel):
         (``connection_heartbeat``); None, the default, for the gateway's own."""
         return None
 
+    def connection_settings(self) -> Mapping[str, object]:
+        """The settings of this inbound target that hold for a plugin's whole connection
+        rather than per call, and that no rule can combine, by name. One connection serves
+        every inbound target of its plugin version, so the manifest refuses a plugin whose
+        inbound targets set one of them differently (``dispatcher.config.loader``). Those
+        with a rule are not listed: the heartbeat (``connection_heartbeat``: the shortest)
+        and the largest message read (``inbound_message_limit``: the largest, each call
+        then held to its own target's). The default: none."""
+        return {}
+
     def is_fleet(self) -> bool:
         return bool(self.instance_sources()) or len(self.instance_targets()) > 1
 

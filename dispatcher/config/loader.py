@@ -394,6 +394,7 @@ def _semantic_problems(
     yield from fallback_problems(manifest)
     yield from _rollout_problems(manifest, describe)
     yield from _host_module_problems(manifest, describe)
+    yield from _connection_setting_problems(manifest)
 
 
 def _written_targets(plugin: PluginSpec[Any]) -> Iterator[tuple[str, TargetConfig]]:
@@ -429,6 +430,29 @@ def _host_module_problems(
                 " target would run that code. Give one module another name, or run one"
                 " out of process (provider: subprocess)",
             )
+
+
+def _connection_setting_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
+    """A plugin whose inbound targets set a setting of its one connection differently
+    (``TargetConfig.connection_settings``): a plugin dialling in serves them all over one
+    connection, which can hold to one value only, and no rule says which."""
+    for index, plugin in enumerate(manifest.plugins):
+        # Not ``plugin.targets()``: a method with no target at all is reported above.
+        used = [method.target or plugin.target for method in plugin.methods.values()]
+        first: dict[str, tuple[object, str]] = {}
+        for field, target in _written_targets(plugin):
+            if target not in used:
+                continue  # a default target every method overrides: never connected to
+            for name, value in target.connection_settings().items():
+                seen = first.setdefault(name, (value, field))
+                if seen[0] == value:
+                    continue
+                yield ManifestProblem(
+                    f"plugins[{index}].{field}.{name}",
+                    f"{plugin.key} dials in over one connection serving all its inbound"
+                    f" targets, and {name} is that connection's: {value!r} here,"
+                    f" {seen[0]!r} on its {seen[1]}. Set the same {name} on each",
+                )
 
 
 def _rollout_problems(

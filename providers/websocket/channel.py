@@ -11,12 +11,17 @@ the sink, so a slow caller never stalls it. One writer task per channel writes e
 stays bounded on both ways:
 
 * out: at most ``max_in_flight`` calls (then ``Overloaded``), each message at most
-  ``max_message_bytes`` (``InvalidParams`` for that call), and every frame waits for the
+  ``max_message_bytes`` (``InvalidParams`` for that call), both those of the call's target
+  (``CallLimits``: a plugin dialling in serves several targets over one connection, each
+  held to its own), and every frame waits for the
   socket to drain before the next goes, so a plugin that reads slowly slows its callers,
   not the heap. A frame whose sender gave up before its turn is never written (and its
   call gets no ``cancel``); a ``cancel`` is a queued frame, not a task. A write that the
   plugin takes nothing of for 1.5 heartbeats drops the connection (``_stalled``);
-* in: aiohttp refuses a message over ``max_message_bytes`` (the connection closes, 1009);
+* in: aiohttp refuses a message over the connection's ``max_message_bytes`` (the connection
+  closes, 1009), the largest of its targets'; an answer over the bound of its own call's
+  target, which is smaller, fails that call ``ProviderError`` (a stream is cancelled) and
+  is counted as a protocol error, the connection stays;
   a stream's chunks queue up to ``STREAM_QUEUE`` (then the stream fails ``Overloaded`` and
   is cancelled); events beyond ``max_events_per_second`` are dropped and counted.
 
@@ -55,6 +60,7 @@ from linchkit_plugin.errors import (
     Forbidden,
     InvalidParams,
     Overloaded,
+    ProviderError,
     TargetUnavailable,
     error_from_wire,
 )
@@ -71,7 +77,7 @@ from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.websocket.closing import close_socket, hang_up, let_go
-from providers.websocket.in_flight import InFlight
+from providers.websocket.in_flight import CallLimits, InFlight
 from providers.websocket.read_watch import ReadWatch
 from providers.websocket.writer import FrameWriter, Socket
 
@@ -131,12 +137,19 @@ class Channel:
         sink: EventSink | None,
     ) -> None:
         """``heartbeat``: the connection's, in seconds; a write the plugin takes nothing of
-        for ``STALL_HEARTBEATS`` of it drops the connection."""
+        for ``STALL_HEARTBEATS`` of it drops the connection. ``max_message_bytes``: the
+        largest message the socket reads (its own bound, aiohttp's); with ``max_in_flight``
+        also the limits of a call made without ``CallLimits`` of its own."""
         self.socket = socket
         self.describe = describe
         self._ids = ids if ids is not None else itertools.count(1)
-        self._max_in_flight = max_in_flight
-        self._max_message_bytes = max_message_bytes
+        self._limits = CallLimits(max_in_flight=max_in_flight, max_message_bytes=max_message_bytes)
+        #: The smallest bound of any call made: a frame no larger answers within its
+        #: call's bound, and is not looked at for it (``_over_bound``).
+        self._tightest_bound = max_message_bytes
+        #: Calls and streams in flight whose target's bound is below the socket's: id →
+        #: that bound.
+        self._bounds: dict[int, int] = {}
         self._sink = sink
         self._events = EventRate(max_events_per_second, describe, log)
         self._loop = asyncio.get_running_loop()
@@ -184,56 +197,81 @@ class Channel:
 
     # -- calls -----------------------------------------------------------------------------
 
-    def _frame(self, kind: str, call_id: int, invocation: Invocation, now: float) -> bytes:
+    def _frame(
+        self, kind: str, call_id: int, invocation: Invocation, now: float, limits: CallLimits
+    ) -> bytes:
         data = encode_frame({"type": kind, "id": call_id, "request": invocation.request_wire(now)})
-        if len(data) > self._max_message_bytes:
+        if len(data) > limits.max_message_bytes:
             raise InvalidParams(
                 f"{invocation.plugin}.{invocation.method}: the call is {len(data)} bytes,"
-                f" over max_message_bytes={self._max_message_bytes} of {self.describe}"
+                f" over its target's max_message_bytes={limits.max_message_bytes}"
+                f" ({self.describe})"
             )
         return data
 
-    def _admit(self, invocation: Invocation) -> tuple[int, float]:
+    def _admit(self, invocation: Invocation, limits: CallLimits) -> tuple[int, float]:
+        """An id for a call or stream of a target with ``limits``, counted there as in
+        flight: the caller uncounts it (``_release``) once it ends."""
         if self.closed or self.going_away:
             reason = (
                 "is going away" if not self.closed else f"is not connected: {self.close_reason}"
             )
             raise TargetUnavailable(f"{self.describe} {reason}", details={"stage": "connect"})
-        if self.in_flight >= self._max_in_flight:
+        if limits.in_flight >= limits.max_in_flight:
             raise Overloaded(
-                f"{self.describe} has {self.in_flight} calls in flight (max_in_flight)"
+                f"{self.describe} has {limits.in_flight} calls of"
+                f" {invocation.plugin}.{invocation.method}'s target in flight"
+                f" (its max_in_flight)"
             )
         now = self._loop.time()
         if invocation.deadline <= now:
             raise DeadlineExceeded(f"deadline passed before calling {self.describe}")
-        return next(self._ids), now
+        call_id = next(self._ids)
+        limits.in_flight += 1
+        if limits.max_message_bytes < self._limits.max_message_bytes:
+            self._bounds[call_id] = limits.max_message_bytes
+            self._tightest_bound = min(self._tightest_bound, limits.max_message_bytes)
+        return call_id, now
 
-    async def call(self, invocation: Invocation) -> Any:
-        call_id, now = self._admit(invocation)
-        data = self._frame("call", call_id, invocation, now)
-        future = self._in_flight.call(call_id)
-        written = self._writer.queue(data, call_id)
+    def _release(self, call_id: int, limits: CallLimits) -> None:
+        limits.in_flight -= 1
+        if self._bounds:
+            self._bounds.pop(call_id, None)
+
+    async def call(self, invocation: Invocation, limits: CallLimits | None = None) -> Any:
+        """``invocation``'s answer; ``limits``: its target's (the connection's own if
+        None: a dialled connection serves one target)."""
+        if limits is None:
+            limits = self._limits
+        call_id, now = self._admit(invocation, limits)
         try:
-            # One deadline over the send and the answer: a plugin that stops reading
-            # blocks the send (the socket does not drain), and must not hold the caller
-            # past its deadline there either.
-            async with asyncio.timeout_at(invocation.deadline):
-                if self._writer.draining:  # backpressure: wait for the call to go out
-                    await self._sent(written, invocation)
-                response = await future
-        except TimeoutError:
-            self._forget(call_id, future)
-            self._writer.cancel(call_id, written)  # the plugin may stop working on it
-            raise DeadlineExceeded(
-                f"{self.describe} {invocation.plugin}.{invocation.method} did not answer in time"
-            ) from None
-        except asyncio.CancelledError:
-            if self._in_flight.forget_call(call_id):
-                self._writer.cancel(call_id, written)  # the caller gave up: so may the plugin
-            raise
-        except TargetUnavailable:
-            self._forget(call_id, future)
-            raise
+            data = self._frame("call", call_id, invocation, now, limits)
+            future = self._in_flight.call(call_id)
+            written = self._writer.queue(data, call_id)
+            try:
+                # One deadline over the send and the answer: a plugin that stops reading
+                # blocks the send (the socket does not drain), and must not hold the caller
+                # past its deadline there either.
+                async with asyncio.timeout_at(invocation.deadline):
+                    if self._writer.draining:  # backpressure: wait for the call to go out
+                        await self._sent(written, invocation)
+                    response = await future
+            except TimeoutError:
+                self._forget(call_id, future)
+                self._writer.cancel(call_id, written)  # the plugin may stop working on it
+                raise DeadlineExceeded(
+                    f"{self.describe} {invocation.plugin}.{invocation.method}"
+                    " did not answer in time"
+                ) from None
+            except asyncio.CancelledError:
+                if self._in_flight.forget_call(call_id):
+                    self._writer.cancel(call_id, written)  # the caller gave up: so may the plugin
+                raise
+            except TargetUnavailable:
+                self._forget(call_id, future)
+                raise
+        finally:
+            self._release(call_id, limits)
         return decode_response(response)
 
     def _forget(self, call_id: int, future: asyncio.Future[Any]) -> None:
@@ -243,9 +281,18 @@ class Channel:
         if future.done() and not future.cancelled():
             future.exception()
 
-    async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
-        call_id, now = self._admit(invocation)
-        data = self._frame("stream", call_id, invocation, now)
+    async def stream(
+        self, invocation: Invocation, limits: CallLimits | None = None
+    ) -> AsyncIterator[Any]:
+        """``invocation``'s chunks; ``limits`` as ``call``'s."""
+        if limits is None:
+            limits = self._limits
+        call_id, now = self._admit(invocation, limits)
+        try:
+            data = self._frame("stream", call_id, invocation, now, limits)
+        except BaseException:
+            self._release(call_id, limits)
+            raise
         queue = self._in_flight.stream(call_id)
         written = self._writer.queue(data, call_id)
         what = f"{self.describe} {invocation.plugin}.{invocation.method} stream"
@@ -282,6 +329,7 @@ class Channel:
                     )
                 yield item.get("data") if type(item) is dict else None
         finally:
+            self._release(call_id, limits)
             if self._in_flight.forget_stream(call_id) and not finished:
                 self._writer.cancel(call_id, written)
 
@@ -425,6 +473,12 @@ class Channel:
         kind = frame["type"]
         raw_id = frame.get("id")
         call_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
+        if (
+            call_id is not None
+            and len(data) > self._tightest_bound
+            and self._over_bound(kind, call_id, len(data))
+        ):
+            return
         if kind == "response" or kind == "chunk" or kind == "health":
             if call_id is None or not self._in_flight.reply(kind, call_id, frame):
                 self._unanswered(kind, call_id)
@@ -460,6 +514,37 @@ class Channel:
                 kind,
                 self.protocol_errors,
             )
+
+    def _over_bound(self, kind: str, call_id: int, size: int) -> bool:
+        """Whether a reply of ``size`` bytes that answers call or stream ``call_id`` is over
+        the bound of the target it was made for (below the connection's, which the socket
+        enforces). It then fails the call ``ProviderError`` (a stream is cancelled) and
+        is counted, as a frame this side cannot use is; the connection stays, for the
+        calls of targets that allow it."""
+        bound = self._bounds.get(call_id)
+        if bound is None or size <= bound:
+            return False
+        asked = self._in_flight.asked(call_id)
+        if (
+            asked is None
+            or kind not in ("response", "chunk", "error")
+            or (kind == "chunk" and asked != "stream")
+        ):
+            return False  # answers nothing in flight: counted as such (``_unanswered``)
+        error = ProviderError(
+            f"{self.describe} answered {asked} {call_id} with a message of {size} bytes,"
+            f" over its target's max_message_bytes={bound}"
+        )
+        if self._in_flight.fail(call_id, error) and asked == "stream":
+            self._writer.queue_cancel(call_id)  # the plugin may be sending more
+        if self._count_protocol_error():
+            log.warning(
+                "%s: %s (%d unusable frames so far)",
+                self.describe,
+                error.message,
+                self.protocol_errors,
+            )
+        return True
 
     def _unanswered(self, kind: str, call_id: int | None) -> None:
         """A reply that answers nothing in flight. For an id not in flight (a late answer,

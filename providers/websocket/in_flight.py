@@ -19,6 +19,10 @@ not only the last one sent: a plugin may answer one after the watch, having seen
 frames from it meanwhile, has sent the next, and that answer is then still an answer, not
 a stray. Each is answered once.
 
+How many calls one target may have in flight on a connection, and how large a message
+each may send and take, is a ``CallLimits``: a dialled connection serves one target, a
+plugin dialling in serves all its inbound targets over one, each held to its own.
+
 A stream's queue holds its chunks up to ``STREAM_QUEUE``, and one place more for what
 ends it (its response, an error, ``Overloaded``, the connection's end), which chunks never
 take: its reader learns of its end right after the chunks it has, not at its deadline.
@@ -36,7 +40,7 @@ from typing import Any
 from linchkit_plugin.errors import Overloaded
 from linchkit_plugin.ws_protocol import STREAM_WINDOW
 
-__all__ = ["STREAM_QUEUE", "WATCH_PROBES_KEPT", "InFlight"]
+__all__ = ["STREAM_QUEUE", "WATCH_PROBES_KEPT", "CallLimits", "InFlight"]
 
 #: Chunks of one stream held for its consumer: the plugin's window (it sends no more
 #: until granted ``credit``) and some to spare. A plugin that ignores the window fills it,
@@ -47,6 +51,25 @@ STREAM_QUEUE = STREAM_WINDOW + 8
 #: plugin that does not answer ``health`` at all (its other frames keep it), whose
 #: probes are then forgotten oldest first rather than kept for the connection's life.
 WATCH_PROBES_KEPT = 16
+
+
+class CallLimits:
+    """What one target allows its calls and streams on one connection: at most
+    ``max_in_flight`` at once (``in_flight`` counts them), each message at most
+    ``max_message_bytes``, the calls' own and the plugin's answers to them."""
+
+    __slots__ = ("in_flight", "max_in_flight", "max_message_bytes")
+
+    def __init__(self, *, max_in_flight: int, max_message_bytes: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.max_message_bytes = max_message_bytes
+        self.in_flight = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<CallLimits in_flight={self.in_flight}/{self.max_in_flight}"
+            f" max_message_bytes={self.max_message_bytes}>"
+        )
 
 
 class InFlight:

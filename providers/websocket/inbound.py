@@ -8,6 +8,15 @@
 fleet's target); ``ConnectionSource`` is the ``InstanceSource`` of one such target, which
 reports the whole list each time it changes, as DNS and etcd sources do. The fleet layer
 does the rest: balancing, outlier ejection, health checks, ``dispatcher health``.
+
+One connection serves every inbound target of its plugin version (its methods may name
+several). What can be held per call is each target's own: a call is held to the
+``max_in_flight`` and ``max_message_bytes`` of the target it was made through
+(``InboundConnection.limits_of``), its answer too. What is one per connection is not:
+the heartbeat is the shortest the targets ask (``providers.target.connection_heartbeat``),
+the largest message the socket reads the largest they allow, and the plugin's event rate
+one they must agree on (``WebSocketTarget.connection_settings``, refused as the manifest
+loads otherwise).
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from providers.discovery import Endpoint, InstanceSource, Report
+from providers.websocket.in_flight import CallLimits
 
 if TYPE_CHECKING:
     from providers.websocket.channel import Channel
+    from providers.websocket.target import WebSocketTarget
 
 __all__ = ["ConnectionSource", "Inbound", "InboundConnection"]
 
@@ -39,9 +50,24 @@ class InboundConnection:
     hello: dict[str, Any] = field(default_factory=dict)
     #: The methods that ``hello`` listed (``providers.served``).
     served: frozenset[str] | None = None
+    #: The limits of the calls of each target served, by the key of its instance target
+    #: (the concrete target naming this connection, which calls come through).
+    limits: dict[str, CallLimits] = field(default_factory=dict)
 
     def endpoint(self) -> Endpoint:
         return Endpoint(host=self.peer[0], port=self.peer[1], key=self.key)
+
+    def limits_of(self, target: WebSocketTarget) -> CallLimits:
+        """The limits that the calls of ``target`` (an instance target naming this
+        connection) are held to on it, counted across them: one per target. Two targets
+        that differ only in their fleet's settings (``balance``, ``health_check``,
+        ``outlier``) have one instance target, and share it, as equal targets share one."""
+        limits = self.limits.get(target.key)
+        if limits is None:
+            limits = self.limits[target.key] = CallLimits(
+                max_in_flight=target.max_in_flight, max_message_bytes=target.max_message_bytes
+            )
+        return limits
 
 
 class Inbound:

@@ -18,7 +18,15 @@ Errors, as every provider maps them here and nowhere else:
 * deadline → ``DeadlineExceeded`` (and a ``cancel`` frame to the plugin);
 * ``max_in_flight`` calls already on the connection → ``Overloaded``;
 * a call over ``max_message_bytes`` → ``InvalidParams``; the plugin's own errors come back
-  in the response envelope, as on every transport.
+  in the response envelope, as on every transport;
+* an answer over its target's ``max_message_bytes`` but not the connection's (a plugin
+  dialling in, whose other targets allow more) → ``ProviderError``.
+
+A plugin dialling in serves all its inbound targets over one connection: a call is held
+to the ``max_in_flight`` and ``max_message_bytes`` of the target it came through
+(``InboundConnection.limits_of``), the connection to the shortest ``heartbeat_ms`` and the
+largest ``max_message_bytes`` of them, and to their ``max_events_per_second``, which the
+manifest refuses unless they agree (``WebSocketTarget.connection_settings``).
 
 A plugin connected in may not call the host: a ``call`` frame from it is answered with a
 ``forbidden`` error frame.
@@ -141,14 +149,21 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         return connection
 
     async def invoke(self, target: WebSocketTarget, invocation: Invocation) -> Any:
-        channel = await self._channel(target, invocation)
-        return await channel.call(invocation)
+        if target.mode == "dial":
+            channel = await self._channel(target, invocation)
+            return await channel.call(invocation)
+        connection = self._connected(target)
+        return await connection.channel.call(invocation, connection.limits_of(target))
 
     async def stream(
         self, target: WebSocketTarget, invocation: Invocation
     ) -> AsyncGenerator[Any, None]:
-        channel = await self._channel(target, invocation)
-        async for chunk in channel.stream(invocation):
+        if target.mode == "dial":
+            chunks = (await self._channel(target, invocation)).stream(invocation)
+        else:
+            connection = self._connected(target)
+            chunks = connection.channel.stream(invocation, connection.limits_of(target))
+        async for chunk in chunks:
             yield chunk
 
     async def send_event(
@@ -249,8 +264,11 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             f"websocket inbound {key}",
             # The one the gateway pings the connection by (``Admission.heartbeat``).
             heartbeat=connection_heartbeat(targets) or first.heartbeat_ms / 1000,
-            max_in_flight=first.max_in_flight,
-            max_message_bytes=first.max_message_bytes,
+            # The largest message the gateway reads of it (``Admission.max_message_bytes``);
+            # each call is held to its own target's limits (``limits_of``).
+            max_in_flight=max(target.max_in_flight for target in targets),
+            max_message_bytes=max(target.max_message_bytes for target in targets),
+            # One the targets agree on: the manifest refuses them otherwise.
             max_events_per_second=first.max_events_per_second,
             sink=self.event_sink_of(plugin),
         )

@@ -21,6 +21,7 @@ fleet's health checks) is then that version's too, with no second key to keep in
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -84,16 +85,29 @@ class WebSocketTarget(TargetConfig):
         " and so is one that takes nothing written to it for 1.5x this, or sends no whole"
         " frame for 1.5x this and then none in answer to a health probe for 1.5x this"
         " again. inbound: the gateway pings the plugin by this too, not by its own"
-        " heartbeat (that is for event subscribers).",
+        " heartbeat (that is for event subscribers); a plugin whose methods name several"
+        " inbound targets has one connection, held to the shortest of theirs.",
     )
-    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=1 << 30)
+    max_message_bytes: int = Field(
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        ge=1024,
+        le=1 << 30,
+        description="The largest message of a call, and of its answer (a call over it:"
+        " invalid_params; an answer: the connection closes, 1009). inbound, with several"
+        " targets: the connection reads up to the largest of theirs, and an answer over"
+        " its own call's target's fails that call (provider_error).",
+    )
     max_in_flight: int = Field(
-        default=4096, ge=1, le=1_000_000, description="Calls at once on one connection."
+        default=4096,
+        ge=1,
+        le=1_000_000,
+        description="Calls of this target at once on one connection (then overloaded).",
     )
     max_events_per_second: int = Field(
         default=DEFAULT_MAX_EVENTS_PER_SECOND,
         ge=1,
-        description="Plugin events beyond this rate are dropped, counted.",
+        description="Plugin events beyond this rate are dropped, counted. inbound: one rate"
+        " for the plugin's connection: its inbound targets must set the same.",
     )
     event_buffer: int = Field(
         default=1000,
@@ -206,6 +220,12 @@ class WebSocketTarget(TargetConfig):
 
     def inbound_heartbeat(self) -> float | None:
         return self.heartbeat_ms / 1000 if self.accepts_connections() else None
+
+    def connection_settings(self) -> Mapping[str, object]:
+        # The plugin's events are the connection's, not any method's: one rate for them.
+        if not self.accepts_connections():
+            return {}
+        return {"max_events_per_second": self.max_events_per_second}
 
     def is_fleet(self) -> bool:
         return self.accepts_connections()

@@ -1,0 +1,297 @@
+"""A plugin dialling in whose methods name several inbound targets: one connection serves
+them all, and each setting has one rule (README, ``websocket`` targets):
+
+* ``max_message_bytes`` and ``max_in_flight``: per target. A call is held to its own
+  target's, and so is its answer; the connection reads messages up to the largest.
+* ``heartbeat_ms``: the connection's, the shortest of the targets'; the gateway's pings,
+  the read watch and the write stall all go by it.
+* ``max_events_per_second``: the connection's, and no rule combines it: the manifest is
+  refused unless the targets agree.
+
+The plugin is aiohttp on loopback speaking the frames raw, so it can answer over a
+bound, hold calls, and leave pings unanswered, which the SDKs never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from dispatcher import Dispatcher, InvalidParams, ManifestError, Overloaded, ProviderError
+from dispatcher.gateway import GatewaySettings
+from dispatcher.gateway.app import create_app
+from linchkit_plugin.ws_protocol import PLUGIN_ID_HEADER, PLUGIN_VERSION_HEADER, hello_frame
+from tests.conftest import manifest
+
+TOKEN = "several-targets-token-0123456789"
+#: The bounds of the two targets: a message of ``BETWEEN`` bytes is over one, under the other.
+NARROW_BYTES, WIDE_BYTES, BETWEEN = 4096, 1024 * 1024, 20_000
+NARROW_IN_FLIGHT = 2
+
+
+def inbound(**settings: Any) -> dict[str, Any]:
+    return {"provider": "websocket", "mode": "inbound", "token": TOKEN, **settings}
+
+
+def several(*, narrow_first: bool, **plugin: Any) -> dict[str, Any]:
+    """Plugin ``multi``: method ``wide`` on its default target, ``narrow`` on a target of
+    its own with a small message bound and few calls at once. ``narrow_first``: the
+    narrow target is the first of the plugin's targets (its methods' order)."""
+    narrow = {"target": inbound(max_message_bytes=NARROW_BYTES, max_in_flight=NARROW_IN_FLIGHT)}
+    methods = {"narrow": narrow, "wide": {}} if narrow_first else {"wide": {}, "narrow": narrow}
+    return {
+        "id": "multi",
+        "version": "1.0.0",
+        "target": inbound(max_message_bytes=WIDE_BYTES),
+        "defaults": {"timeout_ms": 10_000},
+        "methods": methods,
+        **plugin,
+    }
+
+
+@contextlib.asynccontextmanager
+async def gateway_of(entry: dict[str, Any]) -> AsyncIterator[tuple[Dispatcher, str]]:
+    async with Dispatcher(manifest(entry)) as dispatcher:
+        runner = web.AppRunner(
+            create_app(dispatcher, GatewaySettings(heartbeat=30.0)),
+            handle_signals=False,
+            shutdown_timeout=1,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        try:
+            yield dispatcher, f"http://{host}:{port}/v1/plugins/connect"
+        finally:
+            await runner.cleanup()
+
+
+class RawPlugin:
+    """Plugin ``multi`` dialled in: a call's params say what it answers (``size``: a
+    string of that many bytes, else the params) and whether it waits for ``release``
+    first (``hold``); a stream sends one chunk of ``size`` bytes. Health probes are
+    answered at once; pings only if ``pongs``."""
+
+    def __init__(self, socket: aiohttp.ClientWebSocketResponse, *, pongs: bool) -> None:
+        self.socket = socket
+        self.pongs = pongs
+        self.held: list[int] = []
+        self.release = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self) -> None:
+        await self.socket.send_bytes(hello_frame("multi", "1.0.0", ["wide", "narrow"]))
+        async for message in self.socket:
+            if message.type == aiohttp.WSMsgType.PING:
+                if self.pongs:
+                    await self.socket.pong(message.data)
+                continue
+            frame = orjson.loads(message.data)
+            if frame["type"] in ("call", "stream"):
+                task = asyncio.ensure_future(self._answer(frame))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif frame["type"] == "health":
+                answer = {"type": "health", "id": frame["id"], "status": "serving"}
+                await self.socket.send_bytes(orjson.dumps(answer))
+
+    async def _answer(self, frame: dict[str, Any]) -> None:
+        params = frame["request"]["params"]
+        if params.get("hold"):
+            self.held.append(frame["id"])
+            await self.release.wait()
+        result = "a" * params["size"] if "size" in params else params
+        if frame["type"] == "stream":
+            chunk = {"type": "chunk", "id": frame["id"], "data": result}
+            await self.socket.send_bytes(orjson.dumps(chunk))
+            result = None
+        response = {
+            "type": "response",
+            "id": frame["id"],
+            "response": {"ok": True, "result": result},
+        }
+        with contextlib.suppress(ConnectionError):
+            await self.socket.send_bytes(orjson.dumps(response))
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def dialled_in(
+    dispatcher: Dispatcher, url: str, *, pongs: bool = True
+) -> AsyncIterator[RawPlugin]:
+    """Plugin ``multi`` connected, an instance of both its targets' fleets."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            url,
+            headers={
+                PLUGIN_ID_HEADER: "multi",
+                PLUGIN_VERSION_HEADER: "1.0.0",
+                "Authorization": f"Bearer {TOKEN}",
+            },
+            heartbeat=None,
+            autoping=False,
+            max_msg_size=8 * WIDE_BYTES,
+        ) as socket,
+    ):
+        plugin = RawPlugin(socket, pongs=pongs)
+        serving = asyncio.ensure_future(plugin.serve())
+        try:
+            assert dispatcher.fleets is not None
+            fleets = list(dispatcher.fleets.fleets.values())
+            assert len(fleets) == 2
+            await until(lambda: all(fleet.instances for fleet in fleets), 10)
+            yield plugin
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+            await plugin.aclose()
+
+
+async def until(condition: Any, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - state of other objects, polled
+            await asyncio.sleep(0.01)
+
+
+def channel_of(dispatcher: Dispatcher) -> Any:
+    (connection,) = dispatcher.providers["websocket"].inbound.all()  # type: ignore[attr-defined]
+    return connection.channel
+
+
+# -- max_message_bytes: each call its own target's -----------------------------------------
+
+
+@pytest.mark.parametrize("narrow_first", [True, False], ids=["narrow first", "wide first"])
+async def test_an_answer_over_its_methods_bound_fails_that_call_and_no_other(
+    narrow_first: bool,
+) -> None:
+    """The plugin answers ``narrow`` with 20 kB, over its target's 4 kB but under the
+    other target's 1 MiB, which the connection reads up to. Before: the answer was taken
+    (the connection's bound, the largest, was the only one). Now that call fails
+    ``provider_error``; the connection stays, and ``wide`` takes 20 kB answers."""
+    async with (
+        gateway_of(several(narrow_first=narrow_first)) as (dispatcher, url),
+        dialled_in(dispatcher, url),
+    ):
+        with pytest.raises(ProviderError, match="max_message_bytes=4096"):
+            await dispatcher.call("multi", "narrow", {"size": BETWEEN})
+        assert len(await dispatcher.call("multi", "wide", {"size": BETWEEN})) == BETWEEN
+        assert await dispatcher.call("multi", "narrow", {"size": 100}) == "a" * 100
+        with pytest.raises(ProviderError, match="max_message_bytes=4096"):
+            [chunk async for chunk in dispatcher.stream("multi", "narrow", {"size": BETWEEN})]
+        wide = [chunk async for chunk in dispatcher.stream("multi", "wide", {"size": BETWEEN})]
+        assert [len(chunk) for chunk in wide] == [BETWEEN]
+        channel = channel_of(dispatcher)
+        assert not channel.closed, channel.close_reason
+        assert channel.protocol_errors == 2  # the two over their bound, counted
+        assert channel.in_flight == 0
+
+
+@pytest.mark.parametrize("narrow_first", [True, False], ids=["narrow first", "wide first"])
+async def test_a_call_is_refused_over_its_own_methods_bound_before_it_is_sent(
+    narrow_first: bool,
+) -> None:
+    """A call of 20 kB: over ``narrow``'s bound, under ``wide``'s. Before: every call on
+    the connection was held to the first target's bound, so one of the two was wrong
+    (``narrow``'s sent when ``wide`` came first, ``wide``'s refused when ``narrow`` did)."""
+    blob = "b" * BETWEEN
+    async with (
+        gateway_of(several(narrow_first=narrow_first)) as (dispatcher, url),
+        dialled_in(dispatcher, url),
+    ):
+        with pytest.raises(InvalidParams, match="max_message_bytes=4096"):
+            await dispatcher.call("multi", "narrow", {"blob": blob})
+        assert await dispatcher.call("multi", "wide", {"blob": blob}) == {"blob": blob}
+
+
+# -- max_in_flight: each target's calls capped by its own ----------------------------------
+
+
+@pytest.mark.parametrize("narrow_first", [True, False], ids=["narrow first", "wide first"])
+async def test_calls_in_flight_are_capped_per_target(narrow_first: bool) -> None:
+    """``narrow`` allows 2 calls at once, ``wide`` the default 4096. Before: the first
+    target's cap held for both, so ``narrow`` took a third call when ``wide`` came first,
+    and ``wide`` was refused its third when ``narrow`` did."""
+    async with (
+        gateway_of(several(narrow_first=narrow_first)) as (dispatcher, url),
+        dialled_in(dispatcher, url) as plugin,
+    ):
+        narrow = [
+            asyncio.ensure_future(dispatcher.call("multi", "narrow", {"hold": True, "n": n}))
+            for n in range(NARROW_IN_FLIGHT)
+        ]
+        await until(lambda: len(plugin.held) == NARROW_IN_FLIGHT, 5)
+        with pytest.raises(Overloaded, match="max_in_flight"):
+            await dispatcher.call("multi", "narrow", {"n": "one too many"})
+        wide = [
+            asyncio.ensure_future(dispatcher.call("multi", "wide", {"hold": True, "n": n}))
+            for n in range(5)
+        ]
+        await until(lambda: len(plugin.held) == NARROW_IN_FLIGHT + 5, 5)
+        plugin.release.set()
+        answers = await asyncio.gather(*narrow, *wide)
+        assert [answer["n"] for answer in answers] == [0, 1, 0, 1, 2, 3, 4]
+        assert await dispatcher.call("multi", "narrow", {"n": "after"}) == {"n": "after"}
+
+
+# -- heartbeat_ms: the connection's, the shortest ------------------------------------------
+
+
+async def test_a_plugin_with_two_heartbeats_is_held_to_the_shortest_everywhere() -> None:
+    """``wide`` says a heartbeat of 5 s, ``narrow`` 0.2 s; the plugin answers its health
+    probes (so its read watch keeps it) but no ping. The connection goes by the shortest
+    in all its liveness checks: pinged every 0.2 s, found gone within it rather than
+    within the 7.5 s the other target would allow; its read watch and write stall bound
+    at 1.5 of it."""
+    entry = several(narrow_first=False)
+    entry["target"] = inbound(heartbeat_ms=5_000)
+    entry["methods"]["narrow"] = {"target": inbound(heartbeat_ms=200)}
+    async with (
+        gateway_of(entry) as (dispatcher, url),
+        dialled_in(dispatcher, url, pongs=False),
+    ):
+        channel = channel_of(dispatcher)
+        assert channel._read_watch._bound == pytest.approx(0.3)
+        assert channel._writer.stall_after == pytest.approx(0.3)
+        await until(lambda: channel.closed, 3)
+        assert "1006" in channel.close_reason, channel.close_reason
+
+
+# -- max_events_per_second: the connection's, the targets must agree ------------------------
+
+
+def test_inbound_targets_that_disagree_on_the_event_rate_are_refused_at_load() -> None:
+    """Events are the plugin's, not a method's: one rate for the connection. Before: the
+    first target's rate held, and the manifest did not say which that was."""
+    entry = several(narrow_first=False)
+    entry["methods"]["narrow"]["target"]["max_events_per_second"] = 500
+    with pytest.raises(ManifestError) as raised:
+        manifest(entry)
+    (problem,) = raised.value.problems
+    assert problem.path == "plugins[0].methods.narrow.target.max_events_per_second"
+    assert "multi@1.0.0" in problem.message
+    assert "500 here, 10000 on its target" in problem.message
+
+
+def test_inbound_targets_that_agree_on_the_event_rate_load() -> None:
+    """Agreeing: written alike, or one written as the default the other leaves unset. A
+    default target that every method overrides serves no call: it is not compared."""
+    entry = several(narrow_first=False)
+    entry["methods"]["narrow"]["target"]["max_events_per_second"] = 10_000
+    manifest(entry)
+    entry["target"]["max_events_per_second"] = 500
+    entry["methods"]["wide"] = {"target": inbound(max_events_per_second=10_000)}
+    manifest(entry)
