@@ -5,8 +5,9 @@ Plugins that share something whose state the order of their detaches decides (en
 one gRPC address: the service keeps the config of the entry detached last) are still
 detached one after another, newest first. The same holds for the instances DNS discovery
 brings to a fleet, at a close and when they leave it. Real subprocess plugins that ignore
-``Stop`` and SIGTERM (``tests/plugins/crashing_plugin.py``), and real SDK gRPC services in
-this loop (``tests.recorded_grpc``; a fleet's on 127.0.0.2 and up) with a real dnsmasq.
+``Stop`` and SIGTERM (``tests/plugins/crashing_plugin.py``), real SDK gRPC services in this
+loop (``tests.recorded_grpc``; a fleet's on 127.0.0.2 and up), a real dnsmasq, and
+in-process plugins whose ``stop`` hangs.
 """
 
 from __future__ import annotations
@@ -240,6 +241,30 @@ async def test_a_cancelled_close_still_hands_over_and_ends_the_service(
     assert recording.steps == ["init", "start"] * 3 + ["stop", "destroy"]
     assert recording.configs[-1] == {"who": "one"}
     await until(lambda: not connections_to(service.address), "both channels closed")
+
+
+async def test_closing_with_three_in_process_plugins_slow_to_stop_costs_one_stop_timeout() -> None:
+    """Three in-process plugins whose ``stop`` outlasts ``stop_timeout_ms``: each is its
+    own instance, so the close stops them at once. Before: the local provider kept the
+    one queue of the default, and the close waited for each in turn."""
+    slow = [
+        {
+            "id": f"slow-{n}",
+            "version": "1.0.0",
+            "lifecycle": {"stop_timeout_ms": int(GRACE_S * 1000)},
+            "target": {"provider": "local", "entrypoint": "recording_plugin:SlowToStopPlugin"},
+            "methods": {"ping": {}},
+        }
+        for n in range(3)
+    ]
+    dispatcher = Dispatcher(manifest(*slow))
+    await dispatcher.start()
+    assert [await dispatcher.call(each["id"], "ping") for each in slow] == ["pong"] * 3
+    started = time.monotonic()
+    await dispatcher.aclose()
+    elapsed = time.monotonic() - started
+    # Before: 3.0 s and more, one stop timeout per plugin.
+    assert elapsed < AT_ONCE_S, f"aclose took {elapsed:.2f} s"
 
 
 # -- fleets: the instances discovery brings --------------------------------------------------
