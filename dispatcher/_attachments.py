@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 from dispatcher._reload import ReloadPlan
 from dispatcher.config import Manifest, PluginSpec
 from providers import provider_classes
+from providers._detach_queues import in_queues
 from providers.base import Provider, ServedReport
 from providers.egress import EgressPolicy
 from providers.target import TargetConfig
@@ -216,40 +217,10 @@ def _wanted(plan: ReloadPlan) -> list[tuple[PluginSpec[Any], TargetConfig]]:
 async def _in_queues(
     attachments: Iterable[Attachment], detach: Callable[[Attachment], Awaitable[object]]
 ) -> None:
-    """``detach`` each of ``attachments``: one after another, in their order, within a
-    queue (``Attachment.queue``), the queues at once, so slow detaches that share nothing
-    cost the slowest one, not their sum. ``detach`` must not raise for a detach that
-    failed (``_detached`` logs it): one queue's failure stops none of the others.
-
-    A cancel cuts no detach in half (a process taken out of its provider's hands and not
-    stopped, a service with its ``Stop`` and no ``Destroy``): the detaches under way end,
-    none starts after it, then it is raised."""
-    queues: dict[tuple[str, Hashable], list[Attachment]] = {}
-    for each in attachments:
-        queues.setdefault(each.queue(), []).append(each)
-    given_up = False
-
-    async def in_turn(queue: list[Attachment]) -> None:
-        for each in queue:
-            if given_up:
-                return
-            await detach(each)
-
-    # Every queue to its end before anything is raised: a provider must not be closed
-    # under a detach still running in another queue.
-    everything = asyncio.gather(
-        *(in_turn(queue) for queue in queues.values()), return_exceptions=True
-    )
-    while not everything.done():
-        try:
-            await asyncio.shield(everything)
-        except asyncio.CancelledError:
-            given_up = True
-    for outcome in everything.result():
-        if isinstance(outcome, BaseException):  # not a failed detach (``_detached``)
-            raise outcome
-    if given_up:
-        raise asyncio.CancelledError
+    """``detach`` each of ``attachments`` by queue (``Attachment.queue``): one after
+    another, in their order, within a queue, the queues at once (``in_queues``: a cancel
+    lets the detaches under way end and starts no other)."""
+    await in_queues(attachments, Attachment.queue, detach)
 
 
 def _taken(ledger: list[Attachment], each: Attachment) -> bool:

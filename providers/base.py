@@ -33,9 +33,11 @@ Contract, for implementers:
   dispatcher through ``report_served``, which logs the routed methods it lacks.
 * ``detach_queue`` says which detaches depend on each other's order: the dispatcher
   runs those of one queue one after another, newest attachment first, and different
-  queues at once. The default, one queue for all of a provider's attachments, is always
-  right; a provider whose attachments share nothing says so, so that a close with many
-  plugins that hang costs about one stop, not one each.
+  queues at once (its plugins at a close or a reload, and a fleet's instances that
+  discovery brought, at a close or as they leave). The default, one queue for all of a
+  provider's attachments, is always right; a provider whose attachments share nothing
+  says so, so that a close with many plugins that hang costs about one stop, not one
+  each. A provider whose detach never waits may keep the default.
 """
 
 from __future__ import annotations

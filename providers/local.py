@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Hashable
 from functools import cached_property
 from importlib.machinery import PathFinder
 from pathlib import Path
@@ -180,6 +180,13 @@ class LocalProvider(Provider[LocalTarget]):
         host = self._hosts.pop(key, None)
         if host is not None:
             await self._close(host, plugin)
+
+    def detach_queue(self, plugin: PluginInfo, target: LocalTarget) -> Hashable:
+        # One instance per plugin version and class, sharing nothing with the others
+        # (``_put_back_for`` reads them and ``sys.modules`` with no await between): its
+        # ``stop`` may take up to the plugin's ``stop_timeout_ms`` and its host events up
+        # to ``EVENTS_GRACE_SECONDS``, so a close stops them all at once.
+        return _host_key(plugin.id, plugin.version, target)
 
     def _put_back_for(self, key: _HostKey) -> None:
         """Undo the module swap of ``key``'s attach when its detach undoes the attach: its

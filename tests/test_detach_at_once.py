@@ -3,9 +3,11 @@ at once: plugins that hang cost about one stop grace together, not one each.
 
 Plugins that share something whose state the order of their detaches decides (entries at
 one gRPC address: the service keeps the config of the entry detached last) are still
-detached one after another, newest first. Real subprocess plugins that ignore ``Stop`` and
-SIGTERM (``tests/plugins/crashing_plugin.py``), and real SDK gRPC services in this loop
-(``tests.recorded_grpc``).
+detached one after another, newest first. The same holds for the instances DNS discovery
+brings to a fleet, at a close and when they leave it. Real subprocess plugins that ignore
+``Stop`` and SIGTERM (``tests/plugins/crashing_plugin.py``), real SDK gRPC services in this
+loop (``tests.recorded_grpc``; a fleet's on 127.0.0.2 and up), a real dnsmasq, and
+in-process plugins whose ``stop`` hangs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,12 +27,19 @@ import pytest
 from dispatcher import Dispatcher, ProviderError
 from providers.subprocess import SubprocessProvider
 from tests.conftest import LOCAL_TARGET, echo_plugin, manifest
+from tests.dns_server import (
+    Dnsmasq,
+    Zone,
+    dnsmasq_fixture,  # noqa: F401  (the fixture `dnsmasq`)
+    needs_dnsmasq,
+)
 from tests.recorded_grpc import (
+    Instance,
     Serve,
     connections_to,
     served_fixture,  # noqa: F401  (the fixture `served`)
 )
-from tests.services import free_port, until
+from tests.services import free_port, port_free_on, until
 from tests.test_reload_grpc import entry
 from tests.test_subprocess_provider import alive, crashing
 
@@ -231,3 +241,131 @@ async def test_a_cancelled_close_still_hands_over_and_ends_the_service(
     assert recording.steps == ["init", "start"] * 3 + ["stop", "destroy"]
     assert recording.configs[-1] == {"who": "one"}
     await until(lambda: not connections_to(service.address), "both channels closed")
+
+
+async def test_closing_with_three_in_process_plugins_slow_to_stop_costs_one_stop_timeout() -> None:
+    """Three in-process plugins whose ``stop`` outlasts ``stop_timeout_ms``: each is its
+    own instance, so the close stops them at once. Before: the local provider kept the
+    one queue of the default, and the close waited for each in turn."""
+    slow = [
+        {
+            "id": f"slow-{n}",
+            "version": "1.0.0",
+            "lifecycle": {"stop_timeout_ms": int(GRACE_S * 1000)},
+            "target": {"provider": "local", "entrypoint": "recording_plugin:SlowToStopPlugin"},
+            "methods": {"ping": {}},
+        }
+        for n in range(3)
+    ]
+    dispatcher = Dispatcher(manifest(*slow))
+    await dispatcher.start()
+    assert [await dispatcher.call(each["id"], "ping") for each in slow] == ["pong"] * 3
+    started = time.monotonic()
+    await dispatcher.aclose()
+    elapsed = time.monotonic() - started
+    # Before: 3.0 s and more, one stop timeout per plugin.
+    assert elapsed < AT_ONCE_S, f"aclose took {elapsed:.2f} s"
+
+
+# -- fleets: the instances discovery brings --------------------------------------------------
+
+StartDnsmasq = Callable[[Zone], Dnsmasq]
+#: Three instances that hang, and one that stays when they leave.
+HUNG_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+STAYING_HOST = "127.0.0.5"
+
+
+def found_by_dns(port: int, server: str) -> dict[str, Any]:
+    """A gRPC fleet whose instances DNS lists, each ``Stop`` given ``GRACE_S``."""
+    return {
+        "id": "fleet",
+        "version": "1.0.0",
+        "lifecycle": {"stop_timeout_ms": int(GRACE_S * 1000)},
+        "target": {
+            "provider": "grpc",
+            "instances": [
+                {"dns": {"name": "fleet.test", "type": "A", "port": port, "server": server}}
+            ],
+            "lifecycle": "dispatcher",
+            "connect_timeout_ms": 10_000,
+        },
+        "methods": {"whoami": {"timeout_ms": 10_000}},
+    }
+
+
+def members_of(dispatcher: Dispatcher) -> list[str]:
+    (fleet,) = dispatcher.stats()["fleets"].values()
+    return sorted(each["target"] for each in fleet["instances"])
+
+
+class Timed:
+    """When each instance's ``Stop`` began and its ``Destroy`` came (a ``Stop`` that
+    hangs: the dispatcher's ``stop_timeout_ms`` cuts it off)."""
+
+    def __init__(self, instances: list[Instance]) -> None:
+        self.stops: list[float] = []
+        self.destroys: list[float] = []
+        for each in instances:
+            self._hang(each.plugin)
+
+    def _hang(self, recording: Any) -> None:
+        async def stop() -> None:
+            recording.steps.append("stop")
+            self.stops.append(time.monotonic())
+            await asyncio.sleep(60)
+
+        async def destroy() -> None:
+            recording.steps.append("destroy")
+            self.destroys.append(time.monotonic())
+
+        recording.stop = stop
+        recording.destroy = destroy
+
+
+@needs_dnsmasq
+async def test_closing_with_three_hung_discovered_instances_costs_one_stop_timeout(
+    dnsmasq: StartDnsmasq, served: Serve
+) -> None:
+    """Three instances DNS brought hang on their ``Stop`` until the stop timeout: the
+    close ends them at once. Before: one after another, as ``detach_all`` went."""
+    port = port_free_on(*HUNG_HOSTS)
+    instances = [await served(host, port) for host in HUNG_HOSTS]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(HUNG_HOSTS)}, local_ttl=60))
+    dispatcher = Dispatcher(manifest(found_by_dns(port, dns.server)))
+    await dispatcher.start()
+    assert members_of(dispatcher) == [f"grpc {each.address}" for each in instances]
+    timed = Timed(instances)
+    started = time.monotonic()
+    await dispatcher.aclose()
+    elapsed = time.monotonic() - started
+    # Before: 3.0 s and more, one stop timeout per instance.
+    assert elapsed < AT_ONCE_S, f"aclose took {elapsed:.2f} s"
+    assert len(timed.destroys) == len(instances)
+    for each in instances:
+        assert each.plugin.steps == ["init", "start", "stop", "destroy"]
+
+
+@needs_dnsmasq
+async def test_three_hung_instances_that_leave_together_cost_one_stop_timeout(
+    dnsmasq: StartDnsmasq, served: Serve
+) -> None:
+    """DNS stops listing three instances that hang on their ``Stop``: they leave the
+    fleet and are detached at once, while the fleet calls the one it still lists.
+    Before: each waited for the one before it to be detached (one at a time, fleet-wide)."""
+    port = port_free_on(*HUNG_HOSTS, STAYING_HOST)
+    hung = [await served(host, port) for host in HUNG_HOSTS]
+    staying = await served(STAYING_HOST, port)
+    dns = dnsmasq(Zone(hosts={"fleet.test": [*HUNG_HOSTS, STAYING_HOST]}, local_ttl=1))
+    async with Dispatcher(manifest(found_by_dns(port, dns.server))) as dispatcher:
+        assert len(members_of(dispatcher)) == 4
+        timed = Timed(hung)
+        dns.set_hosts({"fleet.test": [STAYING_HOST]})
+        await until(lambda: len(timed.destroys) == len(hung), "every Destroy", timeout=30)
+        # From the first Stop to the last Destroy. Before: 3.0 s and more.
+        elapsed = max(timed.destroys) - min(timed.stops)
+        assert elapsed < AT_ONCE_S, f"detaching the three took {elapsed:.2f} s"
+        assert members_of(dispatcher) == [f"grpc {staying.address}"]
+        assert await dispatcher.call("fleet", "whoami", {}) == STAYING_HOST
+    for each in hung:
+        assert each.plugin.steps == ["init", "start", "stop", "destroy"]
+    assert staying.plugin.steps == ["init", "start", "stop", "destroy"]

@@ -1,17 +1,31 @@
 """A fleet's membership after its close: what retires an instance then leaves nothing
-running behind (``dispatcher.fleet.membership``)."""
+running behind (``dispatcher.fleet.membership``); and how the instances discovery brought
+are detached (``dispatcher.fleet.discovered``): at once by the provider's queues, in turn
+within one, a bounded number together, none lost to another's failure.
+
+Real gRPC services that hang on their ``Stop`` show the time this saves
+(``tests/test_detach_at_once.py``); here a provider whose detach fails or waits on cue
+says what runs beside what, which no real provider can be made to do on cue.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+import pytest
+
 from dispatcher.fleet import Fleet
+from dispatcher.fleet.discovered import DiscoveredAttachments
 from dispatcher.fleet.membership import Membership
 from providers.discovery import Endpoint, InstanceSource, Report
 from providers.http import HttpProvider, HttpTarget
-from providers.target import TargetConfig
+from providers.target import PluginInfo, TargetConfig
+from tests.conftest import LOCAL_TARGET, echo_plugin, manifest
+from tests.services import until
 
 
 class _Listing(InstanceSource):
@@ -51,10 +65,10 @@ class _Recorded:
     async def _attach(self, instance: TargetConfig) -> Any:
         self.attached.append(instance.key)
 
-    async def _detach(self, instance: TargetConfig) -> Any:
-        self.detaching.append(instance.key)
+    async def _detach(self, instances: Sequence[TargetConfig]) -> Any:
+        self.detaching.extend(each.key for each in instances)
         await asyncio.sleep(self.detach_takes)
-        self.detached.append(instance.key)
+        self.detached.extend(each.key for each in instances)
 
 
 async def test_an_instance_retired_after_the_close_starts_no_task_of_its_own() -> None:
@@ -99,3 +113,136 @@ async def test_a_close_lets_a_retired_instance_s_detach_under_way_end() -> None:
     await membership.detach_all()
 
     assert recorded.detached == [member.key]
+
+
+async def test_an_attach_waits_for_the_detach_of_an_instance_that_left() -> None:
+    # Detaches of instances that left run together, but never beside an attach or a
+    # version added or released: those take the fleet alone, once they end.
+    recorded = _Recorded(detach_takes=0.2)
+    membership = recorded.membership
+    await membership.start(first_read_timeout=1.0)
+    (member,) = recorded.fleet.instances
+    membership.retire_member(member.key)
+    await until(lambda: recorded.detaching, "the detach under way")
+
+    async def alone() -> list[str]:
+        return list(recorded.detached)
+
+    assert await membership.exclusively(alone) == [member.key]
+    await membership.aclose()
+    await membership.detach_all()
+
+
+# -- DiscoveredAttachments: detaching the instances discovery brought ----------------------
+
+
+class _Cued(HttpProvider):
+    """An HTTP provider whose detaches wait for ``go`` and fail for the instances named in
+    ``failing``, recording which run at once; ``queue_of`` is its ``detach_queue``."""
+
+    def __init__(self, queue_of: Callable[[TargetConfig], Hashable]) -> None:
+        super().__init__()
+        self.queue_of = queue_of
+        self.go = asyncio.Event()
+        self.failing: set[str] = set()
+        self.under_way: list[str] = []
+        self.detached: list[str] = []
+        self.most_at_once = 0
+
+    def detach_queue(self, plugin: PluginInfo, target: Any) -> Hashable:
+        return self.queue_of(target)
+
+    async def detach(self, plugin: PluginInfo, target: Any) -> None:
+        where = target.describe()
+        self.under_way.append(where)
+        self.most_at_once = max(self.most_at_once, len(self.under_way))
+        try:
+            await self.go.wait()
+            if where in self.failing:
+                raise RuntimeError(f"{where} would not stop")
+            self.detached.append(where)
+        finally:
+            self.under_way.remove(where)
+
+
+def _instances(count: int) -> list[TargetConfig]:
+    return [
+        HttpTarget.model_validate({"provider": "http", "url": f"http://127.0.0.{n + 2}:9"})
+        for n in range(count)
+    ]
+
+
+async def _attached(provider: _Cued, count: int, **at_once: int) -> Any:
+    discovered = DiscoveredAttachments(provider, **at_once)
+    discovered.serving.append(manifest(echo_plugin("echo", LOCAL_TARGET)).plugins[0])
+    instances = _instances(count)
+    for each in instances:
+        await discovered.attach(each)
+    return discovered, instances
+
+
+def _apart(target: TargetConfig) -> Hashable:
+    return target.key
+
+
+async def test_a_failed_detach_loses_none_of_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    provider = _Cued(_apart)
+    discovered, instances = await _attached(provider, 5)
+    provider.failing = {instances[2].describe()}
+    provider.go.set()
+
+    await discovered.detach(instances)
+
+    assert sorted(provider.detached) == sorted(
+        each.describe() for each in instances if each is not instances[2]
+    )
+    (failure,) = [each for each in caplog.records if each.levelno >= logging.WARNING]
+    assert failure.getMessage() == f"detaching echo@1.0.0 from {instances[2].describe()} failed"
+    assert failure.exc_info is not None  # logged with its traceback, as the close does
+
+
+async def test_detaches_that_share_nothing_run_at_once_a_bounded_number_together() -> None:
+    provider = _Cued(_apart)
+    discovered, instances = await _attached(provider, 5, at_once=2)
+    detaching = asyncio.create_task(discovered.detach(instances))
+    await until(lambda: len(provider.under_way) == 2, "two detaches under way")
+    await asyncio.sleep(0.05)  # a third would have begun by now, were it let
+    assert len(provider.under_way) == 2
+    provider.go.set()
+    await detaching
+    assert len(provider.detached) == 5
+    assert provider.most_at_once == 2
+
+
+async def test_detaches_of_one_queue_go_in_turn_newest_first_even_from_two_calls() -> None:
+    # A close while an instance that left is detached: the two calls share the queue.
+    provider = _Cued(lambda target: "one service")
+    discovered, instances = await _attached(provider, 3)
+    first, second, third = (each.describe() for each in instances)
+    leaving = asyncio.create_task(discovered.detach(instances[:1]))
+    await until(lambda: provider.under_way == [first], "the first detach under way")
+    closing = asyncio.create_task(discovered.detach(instances[1:]))
+    await asyncio.sleep(0.05)  # the others would have begun by now, were they let
+    assert provider.under_way == [first]
+    provider.go.set()
+    await asyncio.gather(leaving, closing)
+    assert provider.detached == [first, third, second]
+    assert provider.most_at_once == 1
+    assert "detach_queues=0" in repr(discovered)  # a queue no detach waits for is let go
+
+
+async def test_a_cancel_lets_the_detaches_under_way_end_and_starts_no_other() -> None:
+    # The loop ending while a close detaches a thousand instances, ``at_once`` at a time:
+    # what runs ends (a Stop with its Destroy), what waits for a slot never starts.
+    provider = _Cued(_apart)
+    discovered, instances = await _attached(provider, 4, at_once=2)
+    detaching = asyncio.create_task(discovered.detach(instances))
+    await until(lambda: len(provider.under_way) == 2, "two detaches under way")
+    detaching.cancel()
+    await asyncio.sleep(0.05)
+    assert not detaching.done()  # the two under way are not cut off
+    provider.go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await detaching
+    assert len(provider.detached) == 2
+    assert provider.most_at_once == 2

@@ -31,6 +31,7 @@ from dispatcher import (
     parse_manifest,
 )
 from providers.capabilities import Capabilities
+from providers.wasm import pool as wasm_pool
 from providers.wasm.pool import InstancePool, _run
 from providers.wasm.runtime import CallFailed, Compiled
 from providers.wasm.sandbox import sandbox_of
@@ -211,6 +212,28 @@ async def test_closing_does_not_wait_for_a_module_asleep_in_a_host_call(module: 
             await dispatcher.call("hostile", "nap", None, timeout=0.2)
         closing = time.perf_counter()
     assert time.perf_counter() - closing < NAP_SECONDS / 3
+
+
+async def test_closing_three_plugins_asleep_in_host_calls_waits_for_them_at_once(
+    module: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each plugin's pool waits ``CLOSE_WAIT_SECONDS`` (1 s here, clear of the noise) for
+    its thread asleep in a host call: the pools share nothing, so the close waits about
+    once. Before: the wasm provider kept the one queue of the default, and the close
+    waited for each pool in turn (2.8 s: the third's nap ends before its full wait)."""
+    monkeypatch.setattr(wasm_pool, "CLOSE_WAIT_SECONDS", 1.0)
+    entries = [{**plugin(module), "id": f"hostile-{n}"} for n in range(3)]
+    dispatcher = Dispatcher(manifest(*entries))
+    await dispatcher.start()
+    try:
+        naps = [dispatcher.call(each["id"], "nap", None, timeout=0.2) for each in entries]
+        outcomes = await asyncio.gather(*naps, return_exceptions=True)
+        assert all(isinstance(each, DeadlineExceeded) for each in outcomes), outcomes
+    finally:
+        started = time.perf_counter()
+        await dispatcher.aclose()
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2.0, f"aclose took {elapsed:.2f} s"
 
 
 async def test_a_module_asleep_in_a_host_call_holds_up_neither_the_close_nor_the_exit(

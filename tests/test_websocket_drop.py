@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import socket
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -252,25 +253,25 @@ async def raw_plugin_client(
 
 
 def dialling(address: tuple[str, int], heartbeat_ms: int) -> Dispatcher:
+    return Dispatcher(manifest(dialled("raw", address, heartbeat_ms)))
+
+
+def dialled(plugin_id: str, address: tuple[str, int], heartbeat_ms: int) -> dict[str, Any]:
     host, port = address
-    return Dispatcher(
-        manifest(
-            {
-                "id": "raw",
-                "version": "1.0.0",
-                "target": {
-                    "provider": "websocket",
-                    "url": f"ws://{host}:{port}/",
-                    "heartbeat_ms": heartbeat_ms,
-                    "max_message_bytes": 32 * 1024 * 1024,
-                    "reconnect_backoff_ms": 5_000,
-                    "reconnect_backoff_max_ms": 5_000,
-                },
-                "defaults": {"timeout_ms": 10_000},
-                "methods": {"echo": {}},
-            }
-        )
-    )
+    return {
+        "id": plugin_id,
+        "version": "1.0.0",
+        "target": {
+            "provider": "websocket",
+            "url": f"ws://{host}:{port}/",
+            "heartbeat_ms": heartbeat_ms,
+            "max_message_bytes": 32 * 1024 * 1024,
+            "reconnect_backoff_ms": 5_000,
+            "reconnect_backoff_max_ms": 5_000,
+        },
+        "defaults": {"timeout_ms": 10_000},
+        "methods": {"echo": {}},
+    }
 
 
 async def until(condition: Callable[[], Any], timeout: float) -> None:
@@ -635,6 +636,33 @@ async def test_a_dialled_plugin_whose_hello_lies_is_let_go_at_once() -> None:
         dialled = tcp_inodes_to(plugin)
         await until(lambda: not any(held(inode) for inode in dialled), 2)
         assert "impostor" in dialed.last_error, dialed.last_error
+
+
+async def test_closing_three_dialled_plugins_that_never_answer_the_close_waits_for_none() -> None:
+    """Three dialled plugins that neither read nor answer the close frame, with a 10 s
+    heartbeat (aiohttp's wait for a close frame): the provider keeps the one detach queue
+    of the default because no detach waits on its plugin (its readers are cancelled
+    first, and the close aborts the socket). A detach that waited would cost 10 s each,
+    one after another."""
+    hosts = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+    async with contextlib.AsyncExitStack() as stack:
+        plugins = [
+            await stack.enter_async_context(raw_plugin_server(host, silent, plugin_id=f"raw-{n}"))
+            for n, host in enumerate(hosts)
+        ]
+        entries = [dialled(f"raw-{n}", each, 10_000) for n, each in enumerate(plugins)]
+        dispatcher = Dispatcher(manifest(*entries))
+        await dispatcher.start()
+        try:
+            dialed = dispatcher.providers["websocket"]._dialed.values()  # type: ignore[attr-defined]
+            await until(lambda: all(each.channel is not None for each in dialed), 5)
+        finally:
+            started = time.monotonic()
+            await dispatcher.aclose()
+        elapsed = time.monotonic() - started
+        assert elapsed < 2.0, f"aclose took {elapsed:.2f} s"
+        for each in plugins:
+            assert not any(held(inode) for inode in tcp_inodes_to(each))
 
 
 async def test_a_plugin_dialled_in_is_held_to_its_targets_max_message_bytes() -> None:

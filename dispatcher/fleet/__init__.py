@@ -19,13 +19,14 @@ A target with one fixed instance and no discovery source is not a fleet: its cha
 the provider as before, with no step added. ``FleetRuntime`` holds the fleets of one
 dispatcher (one per target, shared by every method and plugin calling it) and owns their
 tasks (health checks, sources, membership): ``start`` starts them, ``aclose`` ends them,
-``detach_all`` detaches the instances discovery brought.
+``detach_all`` detaches the instances discovery brought: every fleet's at once, and
+within one fleet at once where they share nothing (``DiscoveredAttachments``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -236,7 +237,9 @@ class FleetRuntime:
     async def forget(self, used: set[str]) -> None:
         """Stop watching the fleets whose target key is not in ``used`` (a reload removed
         every plugin calling them): their health checks and discovery end, and the
-        instances discovery attached are detached."""
+        instances discovery attached are detached: the fleets' at once."""
+        tasks: list[asyncio.Task[None]] = []
+        memberships: list[Membership] = []
         for key in [key for key in self.fleets if key not in used]:
             fleet = self.fleets.pop(key)
             self._watched.discard(key)
@@ -245,11 +248,13 @@ class FleetRuntime:
             task = self._tasks.pop(key, None)
             if task is not None:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                tasks.append(task)
             membership = self.memberships.pop(key, None)
             if membership is not None:
-                await membership.aclose()
-                await membership.detach_all()
+                memberships.append(membership)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _each_at_once(memberships, Membership.aclose)
+        await _each_at_once(memberships, Membership.detach_all)
 
     async def aclose(self) -> None:
         """End every task; discovered instances stay attached until ``detach_all``."""
@@ -258,12 +263,12 @@ class FleetRuntime:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for membership in self.memberships.values():
-            await membership.aclose()
+        await _each_at_once(list(self.memberships.values()), Membership.aclose)
 
     async def detach_all(self) -> None:
-        for membership in self.memberships.values():
-            await membership.detach_all()
+        """Detach the instances discovery brought to every fleet, the fleets at once (a
+        failure is logged, and the other detaches go on)."""
+        await _each_at_once(list(self.memberships.values()), Membership.detach_all)
 
     def stats(self) -> dict[str, Any]:
         return {fleet.name: fleet.stats() for fleet in self.fleets.values()}
@@ -289,3 +294,16 @@ class FleetRuntime:
 
     def __repr__(self) -> str:
         return f"<FleetRuntime fleets={len(self.fleets)} tasks={len(self._tasks)}>"
+
+
+async def _each_at_once(
+    memberships: list[Membership], step: Callable[[Membership], Awaitable[None]]
+) -> None:
+    """``step`` of each of ``memberships`` at once, each to its end before anything is
+    raised: a provider must not close under a detach still running in another fleet. A
+    cancel reaches each one's detaches (``in_queues``: those under way end, no other
+    starts), and is raised once they have ended."""
+    outcomes = await asyncio.gather(*(step(each) for each in memberships), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome

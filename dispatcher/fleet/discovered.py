@@ -14,33 +14,63 @@ instances with discovery, so:
 - a version a reload removed is detached from every instance once its calls are done
   (``release``); the provider keeps a service another version still uses running.
 
-``Membership`` runs each of these under its lock, so none interleaves with another.
+Detaches go at once, by the provider's queues (``Provider.detach_queue``), as the
+dispatcher's own close detaches its plugins: instances that hang on their ``Stop`` cost
+about one ``stop_timeout_ms`` together, not one each, and a failure is logged while the
+others go on. Two instances of one queue still go one after another, newest first, even
+when two calls detach them (two instances that left the fleet one after the other), and
+no more than ``DETACHES_AT_ONCE`` run at once (a fleet may have a thousand instances).
+
+``Membership`` runs these so that none interleaves with another, except the detaches of
+instances that left: those run together (``Membership``'s turns).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Hashable, Sequence
 from typing import Any
 
+from providers._detach_queues import in_queues
 from providers.base import Provider
 from providers.target import PluginInfo, TargetConfig
 
-__all__ = ["DiscoveredAttachments"]
+__all__ = ["DETACHES_AT_ONCE", "DiscoveredAttachments"]
 
 log = logging.getLogger("dispatcher.fleet")
+
+#: Detaches of one fleet's instances under way at once, at most: enough that a close
+#: with many hung instances costs a few stop timeouts, bounded so that a fleet of a
+#: thousand does not open a thousand ``Stop`` calls (or container stops) together.
+DETACHES_AT_ONCE = 32
+
+
+class _Turn:
+    """The detaches waiting for, or holding, one queue of the provider."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 class DiscoveredAttachments:
     """The plugin versions serving one fleet, and those each discovered instance has."""
 
-    def __init__(self, provider: Provider[Any]) -> None:
+    def __init__(self, provider: Provider[Any], *, at_once: int = DETACHES_AT_ONCE) -> None:
         self.provider = provider
         #: The versions calling the fleet now, in the order they came.
         self.serving: list[PluginInfo] = []
         #: Each attached instance's target and the versions it is attached for, by key.
         self._attached: dict[str, tuple[TargetConfig, list[PluginInfo]]] = {}
+        #: The provider's queues some detach holds or waits for, across calls; a queue
+        #: is forgotten once none does.
+        self._turns: dict[Hashable, _Turn] = {}
+        #: Detaches under way, ``at_once`` at most.
+        self._slots = asyncio.Semaphore(at_once)
 
     def serves(self, plugin: PluginInfo) -> bool:
         return any(each.key == plugin.key for each in self.serving)
@@ -64,11 +94,14 @@ class DiscoveredAttachments:
             raise
         self._attached[target.key] = (target, attached)
 
-    async def detach(self, target: TargetConfig) -> None:
-        """Detach the leaving instance ``target`` for the versions it was attached for."""
-        _, plugins = self._attached.pop(target.key, (target, []))
-        for plugin in reversed(plugins):
-            await self.provider.detach(plugin, target)
+    async def detach(self, targets: Sequence[TargetConfig]) -> None:
+        """Detach the leaving instances ``targets`` (in the order they were attached) for
+        the versions each was attached for, at once (``_detach_units``)."""
+        units: list[tuple[PluginInfo, TargetConfig]] = []
+        for target in reversed(targets):
+            _, plugins = self._attached.pop(target.key, (target, []))
+            units.extend((plugin, target) for plugin in reversed(plugins))
+        await self._detach_units(units)
 
     async def add(self, plugin: PluginInfo) -> list[str]:
         """Serve ``plugin`` too, attached to every instance there; the keys of the
@@ -105,16 +138,45 @@ class DiscoveredAttachments:
         def leaving(plugin: PluginInfo) -> bool:
             return plugin.key not in serving and (only is None or plugin.key in only)
 
-        for target, plugins in list(self._attached.values()):
+        units: list[tuple[PluginInfo, TargetConfig]] = []
+        for target, plugins in reversed(self._attached.values()):
             for plugin in [each for each in reversed(plugins) if leaving(each)]:
                 plugins.remove(plugin)
-                try:
-                    await self.provider.detach(plugin, target)
-                except Exception:
-                    log.exception("detaching %s from %s failed", plugin.key, target.describe())
+                units.append((plugin, target))
+        await self._detach_units(units)
+
+    async def _detach_units(self, units: Sequence[tuple[PluginInfo, TargetConfig]]) -> None:
+        """Detach each (version, instance) of ``units``, newest first: at once, but one
+        after another within a queue of the provider (``Provider.detach_queue``: the
+        entries at one gRPC address), in this call and across the calls under way (each
+        instance that left the fleet is detached by a call of its own); no more than
+        ``at_once`` together. A failure is logged and the others go on, as the
+        dispatcher's close does."""
+        await in_queues(units, self._queue_of, self._detach_unit, slots=self._slots)
+
+    def _queue_of(self, unit: tuple[PluginInfo, TargetConfig]) -> Hashable:
+        plugin, target = unit
+        return self.provider.detach_queue(plugin, target)
+
+    async def _detach_unit(self, unit: tuple[PluginInfo, TargetConfig]) -> None:
+        plugin, target = unit
+        queue = self._queue_of(unit)
+        turn = self._turns.get(queue)
+        if turn is None:
+            turn = self._turns[queue] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                await self.provider.detach(plugin, target)
+        except Exception:
+            log.exception("detaching %s from %s failed", plugin.key, target.describe())
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[queue]
 
     def __repr__(self) -> str:
         return (
             f"<DiscoveredAttachments serving={[each.key for each in self.serving]}"
-            f" instances={len(self._attached)}>"
+            f" instances={len(self._attached)} detach_queues={len(self._turns)}>"
         )

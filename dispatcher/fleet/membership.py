@@ -5,7 +5,11 @@
         gone:    Fleet.leave (no new calls) ─► calls in flight finish ─► detach
 
 Reports are synchronous and only record what a source lists; one task per fleet
-reconciles, so attaches and detaches never race and a burst of reports costs one pass.
+reconciles, so attaches never race and a burst of reports costs one pass. Attaching, and
+changing which versions the instances serve, take turns with everything else; the
+detaches of instances that left take theirs together (``_Turns``), and detach at once
+what shares nothing (``DiscoveredAttachments``): instances that leave together and hang
+on their ``Stop`` cost about one stop timeout, as they do at a close (``detach_all``).
 An instance listed by several sources (or also fixed) is one instance: the first to list
 it names its source and weight. Fixed instances never leave; the dispatcher attached
 them and detaches them. An endpoint the target cannot turn into a valid target, or that
@@ -20,8 +24,10 @@ otherwise wait for the next one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -33,12 +39,15 @@ from linchkit_plugin.errors import DispatchError
 from providers.discovery import Endpoint
 from providers.target import TargetConfig
 
-__all__ = ["Attach", "Membership"]
+__all__ = ["Attach", "Detach", "Membership"]
 
 log = logging.getLogger("dispatcher.fleet")
 
-#: Attach (or detach) every plugin on a fleet to (from) one of its instances.
+#: Attach every plugin on a fleet to one of its instances.
 Attach = Callable[[TargetConfig], Awaitable[None]]
+#: Detach every plugin on a fleet from some of its instances (in the order they were
+#: attached), at once where they share nothing; a failure is logged, not raised.
+Detach = Callable[[Sequence[TargetConfig]], Awaitable[None]]
 
 #: How often a leaving instance is checked for calls still in flight.
 _IDLE_POLL = 0.05
@@ -60,7 +69,7 @@ class Membership:
         sources: Sequence[InstanceSource],
         *,
         attach: Attach,
-        detach: Attach,
+        detach: Detach,
         drain_timeout: float,
     ) -> None:
         self.fleet = fleet
@@ -87,9 +96,9 @@ class Membership:
         #: Those of ``_retiring`` detaching now: the close lets them end, since the
         #: instance is off ``attached`` and ``detach_all`` would not detach it again.
         self._detaching: set[asyncio.Task[None]] = set()
-        #: Attaches and detaches of this fleet happen one at a time: an instance listed
-        #: again while it is being detached attaches after the detach, not during it.
-        self._lock = asyncio.Lock()
+        #: Attaches and detaches of this fleet take turns: an instance listed again while
+        #: it is being detached attaches after the detach, not during it.
+        self._turns = _Turns()
         #: One pass at a time: ``start``'s own pass and the task's would otherwise both
         #: find an instance absent while the other attaches it, and join it twice.
         self._reconciling = asyncio.Lock()
@@ -141,7 +150,7 @@ class Membership:
 
     async def exclusively(self, action: Callable[[], Awaitable[T]]) -> T:
         """Run ``action`` while no instance of this fleet is being attached or detached."""
-        async with self._lock:
+        async with self._turns.alone():
             return await action()
 
     def retire_member(self, key: str) -> None:
@@ -153,10 +162,13 @@ class Membership:
             self._retry_soon()
 
     async def detach_all(self) -> None:
-        """Detach every discovered instance still attached (the dispatcher is closing)."""
+        """Detach every discovered instance still attached (the dispatcher is closing, or
+        a reload removed the fleet): at once, but in turn within a queue of the provider
+        (``DiscoveredAttachments``); a failure is logged and the others go on."""
         attached, self.attached = self.attached, {}
-        for target in attached.values():
-            await self._safely(self._detach, target, "detaching")
+        if attached:
+            targets = list(attached.values())
+            await self._safely(partial(self._detach, targets), "detaching", targets)
 
     # -- reports -------------------------------------------------------------------------
 
@@ -230,10 +242,12 @@ class Membership:
             self._retry_delay = _RETRY_FIRST
 
     async def _join(self, target: TargetConfig, weight: int, source_name: str) -> bool:
-        if self._closed or not await self._safely(self._attach, target, "attaching"):
+        if self._closed or not await self._safely(
+            partial(self._attach, target), "attaching", [target]
+        ):
             return False  # left out; the next pass tries again
         if self._closed:  # closed during the attach, after ``detach_all``
-            await self._safely(self._detach, target, "detaching")
+            await self._safely(partial(self._detach, [target]), "detaching", [target])
             return False
         self.attached[target.key] = target
         self.fleet.join(target, weight=weight, source=source_name)
@@ -278,23 +292,80 @@ class Membership:
             assert task is not None
             self._detaching.add(task)
             try:
-                await self._safely(self._detach, instance.target, "detaching")
+                # Beside the other instances that left, not after them (``_Turns``).
+                await self._safely(
+                    partial(self._detach, [instance.target]),
+                    "detaching",
+                    [instance.target],
+                    together=True,
+                )
             finally:
                 self._detaching.discard(task)
 
-    async def _safely(self, action: Attach, target: TargetConfig, doing: str) -> bool:
+    async def _safely(
+        self,
+        action: Callable[[], Awaitable[None]],
+        doing: str,
+        targets: Sequence[TargetConfig],
+        *,
+        together: bool = False,
+    ) -> bool:
+        """Run ``action`` in its turn (``together``: beside other detaches of instances
+        that left); False, logged, if it failed."""
         try:
-            async with self._lock:
-                await action(target)
+            async with self._turns.together() if together else self._turns.alone():
+                await action()
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            log.warning("%s: %s %s failed: %s", self.fleet.name, doing, target.describe(), error)
+            described = ", ".join(target.describe() for target in targets)
+            log.warning("%s: %s %s failed: %s", self.fleet.name, doing, described, error)
             return False
         return True
 
     def __repr__(self) -> str:
         return (
             f"<Membership {self.fleet.name} sources={len(self.sources)}"
-            f" attached={len(self.attached)} retiring={len(self._retiring)}>"
+            f" attached={len(self.attached)} retiring={len(self._retiring)} {self._turns!r}>"
         )
+
+
+class _Turns:
+    """Whose turn it is to change a fleet's attachments: one holder ``alone`` (an attach,
+    a version added or released, the close's ``detach_all``), or any number of detaches
+    of instances that left ``together``, never both.
+
+    Instances that left are detached together: what must still go in order among them
+    (the provider's queues) ``DiscoveredAttachments`` orders. One at a time, instances
+    that left together and hang on their ``Stop`` cost one stop timeout each. A holder
+    ``alone`` waits for the detaches under way, and none starts while it waits (a burst
+    of instances leaving cannot hold off an attach for good)."""
+
+    def __init__(self) -> None:
+        self._alone = asyncio.Lock()
+        self._together = 0
+        #: Set while no detach runs ``together``.
+        self._none_together = asyncio.Event()
+        self._none_together.set()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._alone:
+            await self._none_together.wait()
+            yield
+
+    @contextlib.asynccontextmanager
+    async def together(self) -> AsyncIterator[None]:
+        async with self._alone:  # waits for a holder alone, and for those waiting before
+            self._together += 1
+            self._none_together.clear()
+        try:
+            yield
+        finally:
+            self._together -= 1
+            if not self._together:
+                self._none_together.set()
+
+    def __repr__(self) -> str:
+        held = "alone" if self._alone.locked() else f"together={self._together}"
+        return f"<turns {held}>"

@@ -42,6 +42,7 @@ import importlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +185,12 @@ class WasmProvider(Provider[WasmTarget]):
         attached = self._attached.pop((plugin.id, plugin.version, target.key), None)
         if attached is not None:
             await attached.pool.aclose()
+
+    def detach_queue(self, plugin: PluginInfo, target: WasmTarget) -> Hashable:
+        # A pool of instances per plugin version and target, sharing nothing with the
+        # others; its close waits up to ``CLOSE_WAIT_SECONDS`` for a thread in a host call
+        # (a WASI sleep, an HTTP request): a close stops them all at once.
+        return plugin.id, plugin.version, target.key
 
     async def aclose(self) -> None:
         attached, self._attached = self._attached, {}

@@ -125,6 +125,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         dialed.start()
 
     async def detach(self, plugin: PluginInfo, target: WebSocketTarget) -> None:
+        # One detach queue will do: none waits on the plugin (readers cancelled, the close aborts).
         dialed = self._dialed.pop(target.key, None)
         if dialed is not None:
             await dialed.close()

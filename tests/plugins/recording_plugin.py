@@ -98,3 +98,14 @@ class StubbornPlugin(Plugin):
         except asyncio.CancelledError:
             await asyncio.sleep(seconds)  # ignores it, then finishes anyway
         return "done anyway"
+
+
+class SlowToStopPlugin(Plugin):
+    """A plugin whose ``stop`` outlasts its stop timeout: only the host's
+    ``stop_timeout_ms`` ends it (``tests/test_detach_at_once.py``)."""
+
+    async def stop(self) -> None:
+        await asyncio.sleep(60)
+
+    async def ping(self) -> str:
+        return "pong"
