@@ -47,6 +47,9 @@ STOPS = 3
 #: How long the calls run before the plugin is told to stop, and on after it has exited.
 LOAD_BEFORE_STOP = 0.4
 LOAD_AFTER_EXIT = 0.2
+#: How long a call waits for a dialled plugin that has exited to be back (its target's
+#: ``connect_timeout_ms``, once the plugin is up).
+GONE_WAIT_MS = 1000
 
 
 CASES = [("grpc", language) for language in LANGUAGES] + [
@@ -76,6 +79,9 @@ async def _plugin(
         }
     else:
         service, _, target = await _start_websocket_service(path, stderr=stderr, config=config)
+        # Once the plugin has exited, each call waits up to this for the redial that never
+        # comes, then fails never sent: what is checked is how it fails, not how late.
+        target = {**target, "connect_timeout_ms": GONE_WAIT_MS}
     try:
         yield target, service
     finally:
