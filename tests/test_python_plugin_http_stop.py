@@ -57,6 +57,8 @@ class Stopped:
     said: list[tuple[float, str]]
     #: When the call ended, seconds after the SIGTERM.
     answered_after: float
+    #: The plugin's exit status.
+    returncode: int | None = None
 
 
 @asynccontextmanager
@@ -146,7 +148,7 @@ async def _call_across_a_stop(
             await process.wait()
             exited_after = time.monotonic() - stopped_at
             await reading
-    return Stopped(answer, status, exited_after, said, answered_after)
+    return Stopped(answer, status, exited_after, said, answered_after, process.returncode)
 
 
 def _hooks(stopped: Stopped) -> list[tuple[float, str]]:
@@ -163,6 +165,10 @@ async def test_a_call_in_flight_at_a_stop_is_answered_and_the_hooks_run_after_it
     hooks = _hooks(stopped)
     assert [line for _, line in hooks] == ["example: stop hook ran", "example: destroy hook ran"]
     assert all(at >= stopped.answered_after for at, _ in hooks), (stopped, hooks)
+    # A graceful stop exits 0, as the SDK's gRPC and WebSocket executables do. Before, 143:
+    # uvicorn raised the SIGTERM again once it had shut down, and its default action ended
+    # the process.
+    assert stopped.returncode == 0, stopped
 
 
 async def test_a_call_past_the_grace_is_cut_off_then_the_hooks_run() -> None:
@@ -192,6 +198,8 @@ async def test_a_stop_hook_that_never_returns_does_not_keep_the_server() -> None
     assert any("stop hook did not finish within 5 s" in line for _, line in stopped.said)
     hooks_from = ms / 1000 - IN_FLIGHT_BEFORE_STOP
     assert stopped.exited_after < hooks_from + STOP_HOOKS_SECONDS + 3, stopped
+    # A stop that gave up on a hook exits 0 too, as in the other executables.
+    assert stopped.returncode == 0, stopped
 
 
 async def test_a_call_cut_off_by_the_stop_reaches_the_dispatcher_as_a_typed_error() -> None:

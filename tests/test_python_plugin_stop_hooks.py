@@ -7,7 +7,10 @@ hooks with no bound, and a hook stuck on a peer that never answers kept the plug
 until its host killed it. An async hook is cancelled, and closed ``ABANDONED_HOOK_SECONDS``
 later if it swallowed the cancellation (before, the stop awaited such a hook for ever); a
 sync one runs in a daemon thread, which, unlike ``asyncio.to_thread``'s executor (joined
-at exit), does not hold the exit.
+at exit), does not hold the exit. What an abandoned hook still does after that (awaits a
+thread, catches ``GeneratorExit`` too and blocks) does not hold an SDK executable's exit
+either: it ends ``ABANDONED_EXIT_SECONDS`` later, with exit status 0 as after every
+graceful stop (before, such a plugin never exited).
 Every SDK over every binding: tests/conformance/test_stop_drains_first.py.
 """
 
@@ -26,7 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from linchkit_plugin.host import ABANDONED_HOOK_SECONDS, STOP_HOOKS_SECONDS, PluginHost
+from linchkit_plugin.host import (
+    ABANDONED_EXIT_SECONDS,
+    ABANDONED_HOOK_SECONDS,
+    STOP_HOOKS_SECONDS,
+    PluginHost,
+)
 from tests.conftest import ROOT
 
 SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python")])
@@ -208,9 +216,9 @@ if __name__ == "__main__":
 
 async def _exit_after_a_stop(
     command: list[str], tmp_path: Path, *, ready_on_stderr: bool = False
-) -> tuple[float, str]:
+) -> tuple[float, str, int | None]:
     """Start ``command``, SIGTERM it once it serves; how long it took to exit after the
-    signal, and what it wrote to stderr."""
+    signal, what it wrote to stderr, and its exit status."""
     process = await asyncio.create_subprocess_exec(
         *command,
         stdin=asyncio.subprocess.PIPE,
@@ -242,7 +250,7 @@ async def _exit_after_a_stop(
         if process.returncode is None:
             process.kill()
             await process.wait()
-    return exited_after, lines
+    return exited_after, lines, process.returncode
 
 
 async def test_a_plugin_whose_sync_stop_hook_never_returns_exits_after_the_cap(
@@ -251,7 +259,7 @@ async def test_a_plugin_whose_sync_stop_hook_never_returns_exits_after_the_cap(
     script = tmp_path / "stuck_plugin.py"
     script.write_text(textwrap.dedent(STUCK_PLUGIN))
     command = [sys.executable, str(script), "serve", "--address", "127.0.0.1:0"]
-    exited_after, lines = await _exit_after_a_stop(command, tmp_path)
+    exited_after, lines, _ = await _exit_after_a_stop(command, tmp_path)
     assert "stuck: stop hook ran" in lines
     assert "stop hook did not finish within 5 s of the stop" in lines, lines
     assert STOP_HOOKS_SECONDS - 0.5 <= exited_after < STOP_HOOKS_SECONDS + 3
@@ -275,12 +283,71 @@ async def test_a_plugin_whose_async_stop_hook_swallows_its_cancellation_exits_af
     # Before, it never exited: the stop awaited the hook past its cancellation.
     (tmp_path / "stubborn_plugin.py").write_text(textwrap.dedent(SWALLOWING_PLUGIN))
     command = [sys.executable, *SERVED_AS[served_as]]
-    exited_after, lines = await _exit_after_a_stop(
+    exited_after, lines, returncode = await _exit_after_a_stop(
         command, tmp_path, ready_on_stderr=served_as.startswith(("http", "cli-"))
     )
     assert "stuck: stop hook ran" in lines
     assert "stop hook did not finish within 5 s of the stop" in lines, lines
     assert STOP_HOOKS_SECONDS - 0.5 <= exited_after < STOP_HOOKS_SECONDS + 3
+    # A stop that gave up on a hook exits 0 in every executable (before, 143 over HTTP:
+    # uvicorn raised the SIGTERM again once it had shut down).
+    assert returncode == 0, lines
+
+
+CLINGING_PLUGIN = """
+import asyncio, os, sys, time
+from linchkit_plugin.grpc_server import main
+from linchkit_plugin.ws_server import main as websocket_main
+
+class Stubborn:
+    async def echo(self, value=None):
+        return value
+
+    async def stop(self):
+        sys.stderr.write("clinging: stop hook ran\\n")
+        sys.stderr.flush()
+        while True:  # a close retried whatever ends it, GeneratorExit too
+            try:
+                if os.environ["CLINGS_BY"] == "thread":  # a client that blocks, on a thread
+                    await asyncio.to_thread(time.sleep, 3600)
+                else:
+                    await asyncio.sleep(3600)
+            except (asyncio.CancelledError, GeneratorExit) as error:
+                if os.environ["CLINGS_BY"] == "blocking" and isinstance(error, GeneratorExit):
+                    time.sleep(3600)  # the event loop with it
+
+if __name__ == "__main__":
+    if "--websocket" in sys.argv:
+        sys.exit(websocket_main(Stubborn, sys.argv[1:], plugin_id="stuck", version="1.0.0"))
+    sys.exit(main(Stubborn, plugin_id="stuck", version="1.0.0"))
+"""
+
+#: Where the process may take longest to exit after the SIGTERM: the hooks' cap, the
+#: cancelled hook's time and its closed coroutine's, then what the exit may take after.
+EXIT_BOUND = STOP_HOOKS_SECONDS + 2 * ABANDONED_HOOK_SECONDS + ABANDONED_EXIT_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("served_as", "clings_by"),
+    [*((served_as, "thread") for served_as in SERVED_AS), ("grpc", "blocking")],
+)
+async def test_a_plugin_whose_async_stop_hook_also_swallows_its_closing_exits_after_the_cap(
+    tmp_path: Path, served_as: str, clings_by: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hook catches GeneratorExit as well as CancelledError and goes on: on a thread it
+    # awaits again (asyncio.run waits for the default executor's threads, the interpreter
+    # joins them), or blocking the event loop. Before, the process never exited.
+    (tmp_path / "stubborn_plugin.py").write_text(textwrap.dedent(CLINGING_PLUGIN))
+    monkeypatch.setenv("CLINGS_BY", clings_by)
+    command = [sys.executable, *SERVED_AS[served_as]]
+    exited_after, lines, returncode = await _exit_after_a_stop(
+        command, tmp_path, ready_on_stderr=served_as.startswith(("http", "cli-"))
+    )
+    assert "clinging: stop hook ran" in lines
+    assert "stop hook did not finish within 5 s of the stop" in lines, lines
+    assert "exiting now" in lines, lines
+    assert STOP_HOOKS_SECONDS - 0.5 <= exited_after < EXIT_BOUND + 3, lines
+    assert returncode == 0, lines
 
 
 BLOCKING_PLUGIN = """

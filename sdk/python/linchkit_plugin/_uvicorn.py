@@ -37,9 +37,10 @@ knows was never sent (``tests/test_python_plugin_server.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -287,11 +288,22 @@ class _AnnouncingServer(uvicorn.Server):
             self._on_listening([sock for server in self.servers for sock in server.sockets])
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # Here, not after run(): uvicorn raises the stopping signal again once it has
-        # shut down, so the process ends the moment run() would return.
         if self._on_stopping is not None:
             await self._on_stopping()
         await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, less raising the signal that stopped the server again once it has
+        shut down: with SIGTERM's default action back, that ended the process as killed
+        by it (exit status 143) after a graceful stop. The stop is over by then (the
+        calls drained, the hooks run or abandoned): the process exits 0, as the SDK's
+        gRPC and WebSocket executables do."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:  # before uvicorn's own exit, which raises what it captured
+                self._captured_signals.clear()
 
 
 def run(

@@ -324,7 +324,9 @@ def _plugin_of(
     try:
         token = BearerToken.configured(options.token_file)
         config: Any = orjson.loads(options.config_json)
-        plugin_host = PluginHost.load(options.entrypoint, os.path.abspath(options.search_path))
+        plugin_host = PluginHost.load(
+            options.entrypoint, os.path.abspath(options.search_path), owns_process=True
+        )
     except (orjson.JSONDecodeError, ProviderError, TokenError, ValueError) as error:
         _fail(str(error))
     if not isinstance(config, dict):
@@ -366,7 +368,9 @@ def serve(options: argparse.Namespace) -> None:
         )
         token = BearerToken.configured(options.token_file)
         config: Any = orjson.loads(options.config_json)
-        plugin_host = PluginHost.load(options.entrypoint, os.path.abspath(options.search_path))
+        plugin_host = PluginHost.load(
+            options.entrypoint, os.path.abspath(options.search_path), owns_process=True
+        )
     except (orjson.JSONDecodeError, ProviderError, TokenError, ValueError) as error:
         _fail(str(error))
     if not isinstance(config, dict):

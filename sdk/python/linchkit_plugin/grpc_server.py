@@ -422,7 +422,7 @@ def main(
         # stderr keeps it: a WARNING here stays one there. A plugin that configured its
         # own logging before ``main`` keeps its own.
         logging.basicConfig(format=LOG_FORMAT)
-    host = PluginHost(plugin_class())
+    host = PluginHost(plugin_class(), owns_process=True)
     server = PluginServer(
         host,
         plugin_id=plugin_id,

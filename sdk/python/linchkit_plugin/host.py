@@ -12,6 +12,7 @@ import contextvars
 import importlib
 import inspect
 import logging
+import os
 import sys
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
@@ -32,6 +33,7 @@ from linchkit_plugin.tracing import AVAILABLE as _TRACING
 from linchkit_plugin.tracing import continued_trace
 
 __all__ = [
+    "ABANDONED_EXIT_SECONDS",
     "ABANDONED_HOOK_SECONDS",
     "STOP_GRACE_SECONDS",
     "STOP_HOOKS_SECONDS",
@@ -54,6 +56,14 @@ STOP_HOOKS_SECONDS = 5.0
 #: its coroutine is closed: ``asyncio.run`` waits for every task still pending when the
 #: plugin's main coroutine returns, so that hook would hold the exit for ever.
 ABANDONED_HOOK_SECONDS = 0.5
+#: How long the process of an SDK executable (a host that ``owns_process``) may take to
+#: exit once its stop gave up on a hook and closed it: what the hook left behind can hold
+#: the exit for ever all the same (a thread it awaited, which ``asyncio.run`` and the
+#: interpreter join; an ``except GeneratorExit`` that waits on; a hook that blocks the
+#: event loop, which then cannot even give up on it), so the process ends without it then,
+#: ``STOP_HOOKS_SECONDS + 2 * ABANDONED_HOOK_SECONDS + ABANDONED_EXIT_SECONDS`` after the
+#: hooks began at most.
+ABANDONED_EXIT_SECONDS = 1.0
 
 EventSink = Callable[[str, Any], None]
 
@@ -114,9 +124,14 @@ class PluginHost:
         *,
         emit: EventSink | None = None,
         methods: Collection[str] | None = None,
+        owns_process: bool = False,
     ) -> None:
-        """``methods``: expose only these of the plugin's methods (default: all of them)."""
+        """``methods``: expose only these of the plugin's methods (default: all of them).
+        ``owns_process``: the plugin is the process's one job (an SDK executable), which
+        ends once a stop that gave up on a hook is over, whatever the hook still does
+        (``close_within``); never for a plugin hosted inside another program."""
         self.plugin = plugin
+        self.owns_process = owns_process
         self.methods = _exposed_methods(plugin, methods)
         self._is_async = {
             name: inspect.iscoroutinefunction(fn) for name, fn in self.methods.items()
@@ -137,10 +152,11 @@ class PluginHost:
         *,
         emit: EventSink | None = None,
         methods: Collection[str] | None = None,
+        owns_process: bool = False,
     ) -> PluginHost:
         plugin_class = load_plugin_class(entrypoint, path)
         try:
-            return cls(plugin_class(), emit=emit, methods=methods)
+            return cls(plugin_class(), emit=emit, methods=methods, owns_process=owns_process)
         except Exception as error:
             raise ProviderError(f"cannot instantiate plugin {entrypoint!r}: {error!r}") from error
 
@@ -236,10 +252,27 @@ class PluginHost:
         does not run after an abandoned ``stop``: an async hook is cancelled and given
         ``ABANDONED_HOOK_SECONDS`` more to end (then its coroutine is closed), a sync one
         is left to its thread, which does not hold the process's exit. True when both
-        hooks finished."""
+        hooks finished.
+
+        A host that ``owns_process`` ends its process, with exit status 0 as after any
+        graceful stop, once ``ABANDONED_EXIT_SECONDS`` have passed after the closing of a
+        hook it gave up on, if the process is still there (``_ExitDeadline``)."""
+        exit_deadline = (
+            _ExitDeadline(seconds, seconds + 2 * ABANDONED_HOOK_SECONDS + ABANDONED_EXIT_SECONDS)
+            if self.owns_process
+            else None
+        )
+        finished = await self._close_within(seconds, exit_deadline)
+        if finished and exit_deadline is not None:
+            exit_deadline.release()
+        return finished
+
+    async def _close_within(self, seconds: float, exit_deadline: _ExitDeadline | None) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         for name, step in (("stop", self.stop), ("destroy", self.destroy)):
+            if exit_deadline is not None:
+                exit_deadline.hook = name
             # In a task of its own, waited for until the deadline: awaited here under a
             # timeout, a hook that swallowed its cancellation (caught CancelledError and
             # awaited on) held the stop for ever, the cap with it.
@@ -250,12 +283,9 @@ class PluginHost:
                 hook.cancel()
                 raise
             if not hook.done():
-                log.warning(
-                    "the plugin's %s hook did not finish within %g s of the stop; "
-                    "exiting without it",
-                    name,
-                    seconds,
-                )
+                if exit_deadline is not None:
+                    exit_deadline.abandoned = True
+                _say_abandoned(name, seconds)
                 await _abandon(hook, name)
                 return False
             if hook.cancelled():  # the hook raised CancelledError itself
@@ -345,12 +375,68 @@ class PluginHost:
         return f"<PluginHost {type(self.plugin).__name__} {self._state} methods={sorted(self.methods)}>"
 
 
+def _say_abandoned(name: str, seconds: float) -> None:
+    log.warning(
+        "the plugin's %s hook did not finish within %g s of the stop; exiting without it",
+        name,
+        seconds,
+    )
+
+
+class _ExitDeadline:
+    """The latest an SDK executable's process exits after its stop began running the hooks
+    (``PluginHost.close_within``): a daemon thread that, unless released (both hooks
+    finished), ends the process then with ``os._exit(0)``. The event loop cannot bound what
+    an abandoned hook leaves: a thread it awaited (``asyncio.run`` waits for the default
+    executor, the interpreter joins its threads), a coroutine that awaits again on
+    ``GeneratorExit`` too, a hook that blocks the loop itself (then this thread says the
+    warning the loop could not)."""
+
+    def __init__(self, cap: float, seconds: float) -> None:
+        self.cap = cap
+        #: The hook under way, and whether the stop already said it gave up on it.
+        self.hook = "stop"
+        self.abandoned = False
+        self._released = threading.Event()
+        watch = threading.Thread(
+            target=self._watch, args=(seconds,), name="plugin-exit-deadline", daemon=True
+        )
+        watch.start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released.is_set() else "armed"
+        return f"<_ExitDeadline {state} {self.hook} hook abandoned={self.abandoned}>"
+
+    def _watch(self, seconds: float) -> None:
+        if self._released.wait(seconds):
+            return
+        if not self.abandoned:  # the loop is blocked: it never got to give up on the hook
+            _say_abandoned(self.hook, self.cap)
+        log.warning(
+            "the process is still there %g s after the stop gave up on the plugin's %s hook;"
+            " exiting now",
+            seconds - self.cap,
+            self.hook,
+        )
+        for handler in (*log.handlers, *logging.getLogger().handlers):
+            with contextlib.suppress(Exception):
+                handler.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
+
+
 async def _abandon(hook: asyncio.Task[Any], name: str) -> None:
     """Give up on ``hook`` at the stop: cancel it, and give it ``ABANDONED_HOOK_SECONDS`` to
     end. One still running then swallowed its cancellation: its coroutine is closed
     (GeneratorExit at the await it is stuck in, as for a generator its consumer drops), which
-    ends the task on the loop's next turn, before ``asyncio.run`` would wait for it. Only a
-    hook that awaits again on GeneratorExit too can hold the exit then."""
+    ends the task on the loop's next turn, before ``asyncio.run`` would wait for it. What
+    can still hold the exit after that (a thread the hook awaited, a hook that blocks the
+    loop on GeneratorExit) does not hold an SDK executable's: ``_ExitDeadline``."""
     hook.cancel()
     await asyncio.wait({hook}, timeout=ABANDONED_HOOK_SECONDS)
     if not hook.done():

@@ -243,7 +243,7 @@ def main(
     except (TokenError, orjson.JSONDecodeError) as error:
         sys.stderr.write(f"{argv[0]}: {error}\n")
         return 1
-    host = PluginHost(plugin_class())
+    host = PluginHost(plugin_class(), owns_process=True)
     if argv[0] == "connect":
         if not options.url:
             sys.stderr.write("connect: --url is required\n")

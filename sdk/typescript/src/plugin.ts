@@ -182,11 +182,19 @@ export class Plugin {
     }
   }
 
-  /** @internal Stop then destroy, both even if one fails, when the host did not. */
-  async close(): Promise<void> {
+  /**
+   * @internal Stop then destroy, both even if one fails, when the host did not. `starting`
+   * hears the name of each hook as it begins: a stop that gives up on a hook still running
+   * names it.
+   */
+  async close(starting: (phase: 'stop' | 'destroy') => void = () => undefined): Promise<void> {
     try {
-      if (this.done.has('start')) await this.runPhase('stop');
+      if (this.done.has('start')) {
+        starting('stop');
+        await this.runPhase('stop');
+      }
     } finally {
+      starting('destroy');
       await this.runPhase('destroy');
     }
   }

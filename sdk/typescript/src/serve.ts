@@ -306,24 +306,32 @@ export const STOP_GRACE_MS = 5_000;
 export const STOP_HOOKS_MS = 5_000;
 
 /**
- * The plugin's stop and destroy hooks at a stop, `STOP_HOOKS_MS` at most: a hook still running
- * then is abandoned with a warning, so that the process exits without it.
+ * @internal The plugin's stop and destroy hooks at a stop, `capMs` (`STOP_HOOKS_MS`) at most
+ * together: a hook still running then is abandoned with a warning naming it, as every SDK
+ * words it, so that the process exits without it.
  */
-async function closeWithin(plugin: Plugin): Promise<void> {
+export async function closeWithin(plugin: Plugin, capMs: number = STOP_HOOKS_MS, logger: Logger = log): Promise<void> {
   let finished = false;
+  let running: 'stop' | 'destroy' | undefined;
+  let timer: NodeJS.Timeout | undefined;
   await Promise.race([
     plugin
-      .close()
+      .close((phase) => {
+        running = phase;
+      })
       .catch((error: unknown) => {
-        log.error(`stop/destroy failed: ${String(error)}`);
+        logger.error(`stop/destroy failed: ${String(error)}`);
       })
       .finally(() => {
         finished = true;
       }),
-    new Promise((resolve) => setTimeout(resolve, STOP_HOOKS_MS).unref()).then(() => {
-      if (!finished) log.warn(`the stop/destroy hooks did not finish within ${STOP_HOOKS_MS} ms of the stop; exiting without them`);
+    new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, capMs).unref();
+    }).then(() => {
+      if (!finished) logger.warn(`the ${running ?? 'stop/destroy'} hook did not finish within ${capMs / 1000} s of the stop; exiting without it`);
     }),
   ]);
+  clearTimeout(timer);
 }
 
 /**

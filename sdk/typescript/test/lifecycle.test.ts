@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { Plugin } from '@linchkit/plugin-sdk';
+import { Logger, Plugin } from '@linchkit/plugin-sdk';
+import { closeWithin } from '#internal/serve';
 
 function counted(): { plugin: Plugin; ran: string[] } {
   const ran: string[] = [];
@@ -54,4 +55,26 @@ test('a start that failed runs again at the next Start, and the plugin is not st
   await plugin.runPhase('start'); // before: answered at once, the hook never run again
   assert.deepEqual(ran, ['start', 'start']);
   assert.equal(plugin.started, true);
+});
+
+test('a hook still running at the stop cap is abandoned with a warning naming it alone', async () => {
+  const never = (): Promise<void> => new Promise<void>(() => undefined);
+  // The hooks' timer is unref'd, as it is when the plugin stops: this keeps the test alive.
+  const alive = setInterval(() => undefined, 1_000);
+  try {
+    for (const stalled of ['stop', 'destroy'] as const) {
+      const plugin = new Plugin({ id: 'p', version: '1' });
+      if (stalled === 'stop') plugin.onStop(never);
+      else plugin.onDestroy(never);
+      await plugin.runPhase('init', {});
+      await plugin.runPhase('start');
+      const lines: string[] = [];
+      await closeWithin(plugin, 100, new Logger('linchkit plugin', (line) => lines.push(line)));
+      assert.equal(lines.length, 1, lines.join(''));
+      // As the Java, Rust, Go and Python SDKs word it; before, "the stop/destroy hooks".
+      assert.ok(lines[0]!.endsWith(` WARN linchkit plugin: the ${stalled} hook did not finish within 0.1 s of the stop; exiting without it\n`), lines[0]);
+    }
+  } finally {
+    clearInterval(alive);
+  }
 });

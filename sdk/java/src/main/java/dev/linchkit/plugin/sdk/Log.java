@@ -28,10 +28,11 @@ final class Log {
 
   /**
    * A record of the SDK's written straight to stderr, in {@link OneLineFormatter}'s shape: for
-   * what a stop says. The stop runs in a shutdown hook, and the JVM's {@code LogManager} resets
-   * every logger in a shutdown hook of its own, which runs alongside it and takes their
-   * handlers away: a record logged through {@link #SDK} once the stop is under way is dropped
-   * without a word (the stop hooks' failures and their abandonment were).
+   * what a stop says. A stop the SDK starts (a signal, stdin closed) runs before the JVM exits,
+   * but one that the plugin's own {@code System.exit} starts runs in a shutdown hook, and the
+   * JVM's {@code LogManager} resets every logger in a shutdown hook of its own, which runs
+   * alongside it and takes their handlers away: a record logged through {@link #SDK} then is
+   * dropped without a word (the stop hooks' failures and their abandonment were).
    */
   static void atExit(Level level, String message, Throwable thrown) {
     if (!SDK.isLoggable(level)) return;

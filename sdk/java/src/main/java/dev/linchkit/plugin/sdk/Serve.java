@@ -26,6 +26,7 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.Comparator;
 import java.util.Map;
+import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicReference;
@@ -134,6 +135,7 @@ public final class Serve {
     private final EventLoopGroup[] loops;
     private final Path cleanup;
     private final AtomicBoolean stopping = new AtomicBoolean();
+    private final CountDownLatch stopped = new CountDownLatch(1);
 
     Running(Plugin plugin, PluginService service, Server server, EventLoopGroup[] loops, Path cleanup) {
       this.plugin = plugin;
@@ -146,11 +148,46 @@ public final class Serve {
     /**
      * Health off, Events streams ended, drain the calls in flight ({@link #STOP_GRACE_SECONDS} at
      * most), then the stop/destroy hooks the host did not run ({@link #STOP_HOOKS_SECONDS} at most),
-     * then release. Once. Hooks last: a stop hook that closes what the calls use must not pull it
-     * from under calls still running.
+     * then release. Once: a later call waits for the first to end. Hooks last: a stop hook that
+     * closes what the calls use must not pull it from under calls still running.
      */
     void stop() {
-      if (!stopping.compareAndSet(false, true)) return;
+      if (!stopping.compareAndSet(false, true)) {
+        awaitStopped();
+        return;
+      }
+      try {
+        release();
+      } finally {
+        stopped.countDown();
+      }
+    }
+
+    /**
+     * Stop, then exit the JVM with 0, rather than the JVM's 143 for SIGTERM. In this order, not
+     * in a shutdown hook: {@code System.exit} starts {@code LogManager}'s own shutdown hook as
+     * well, which takes every logger's handlers away while the stop runs, and the lines the
+     * plugin's stop and destroy hooks log were dropped.
+     */
+    void stopAndExit() {
+      stop();
+      System.exit(0);
+    }
+
+    private void awaitStopped() {
+      boolean interrupted = false;
+      while (true) {
+        try {
+          stopped.await();
+          break;
+        } catch (InterruptedException again) {
+          interrupted = true; // the stop is bounded: wait for it all the same
+        }
+      }
+      if (interrupted) Thread.currentThread().interrupt();
+    }
+
+    private void release() {
       service.setServing(false);
       service.endEvents();
       server.shutdown();
@@ -185,8 +222,10 @@ public final class Serve {
       if (cleanup != null) deleteRecursively(cleanup);
     }
 
+    /** Until a stop has ended: the server terminates within the stop, whose hooks run after. */
     void awaitTermination() throws InterruptedException {
       server.awaitTermination();
+      stopped.await();
     }
   }
 
@@ -338,7 +377,7 @@ public final class Serve {
       } catch (IOException closed) {
         // same as end-of-file
       }
-      System.exit(0); // the shutdown hook stops the server
+      running.stopAndExit();
     }, "plugin-stdin-watch");
     watcher.setDaemon(true);
     watcher.start();
@@ -346,14 +385,16 @@ public final class Serve {
 
   @SuppressWarnings("removal")
   private static void stopOnSignals(Running running) {
-    // Exit 0 on SIGTERM/SIGINT, rather than the JVM's 143; the shutdown hook stops gracefully.
+    // SIGTERM/SIGINT: stop gracefully, then exit 0 (Running.stopAndExit).
     for (String name : new String[] {"TERM", "INT"}) {
       try {
-        sun.misc.Signal.handle(new sun.misc.Signal(name), signal -> System.exit(0));
+        sun.misc.Signal.handle(new sun.misc.Signal(name), signal -> running.stopAndExit());
       } catch (IllegalArgumentException unavailable) {
         // fall back to the shutdown hook below
       }
     }
+    // Any other exit (the plugin's own System.exit) still stops, in a shutdown hook: there the
+    // records the hooks log may be dropped, since LogManager resets alongside it.
     Runtime.getRuntime().addShutdownHook(new Thread(running::stop, "plugin-shutdown"));
   }
 
