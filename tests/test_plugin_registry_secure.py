@@ -11,8 +11,10 @@ often etcd had to refuse it (etcd's own count, ``SecureEtcd.handled``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -25,7 +27,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from linchkit_plugin.registry import REFUSED_RETRY_CAP, EtcdAccess, refused_retry_wait
+from linchkit_plugin._etcd_gateway import Gateway
+from linchkit_plugin.registry import (
+    REFUSED_RETRY_CAP,
+    EtcdAccess,
+    EtcdRefused,
+    EtcdUnavailable,
+    refused_retry_wait,
+)
 from tests.services import (
     CLEAN_ENVIRONMENT,
     REGISTRAR_PREFIX,
@@ -113,12 +122,14 @@ def start(
     password: str | None = None,
     ttl: int = 10,
     decoys: Mapping[str, str] | None = None,
+    url: str | None = None,
 ) -> tuple[Any, str]:
     """``language``'s plugin registering in ``etcd`` as ``user``; the plugin and where it
-    serves. ``decoys``: variables its flags must win over (HTTP server only)."""
+    serves. ``decoys``: variables its flags must win over (HTTP server only); ``url``:
+    where the plugin reaches etcd, if not at its own address."""
     cert, key = pair or etcd.client_pair
     settings = {
-        "etcd": etcd.url,
+        "etcd": url or etcd.url,
         "ca_file": str(etcd.ca_file),
         "cert_file": str(cert),
         "key_file": str(key),
@@ -403,6 +414,148 @@ def test_an_etcd_that_does_not_answer_is_still_tried_about_every_second(
     tries = len(taken)
     assert 5 <= tries <= 9, f"{tries} tries in about 6 s"
     assert plugin.stderr.count("cannot register") == 1
+
+
+class HandshakeCutter:
+    """A port in front of an etcd, as a flaky load balancer would be: it first takes each
+    connection, reads the client's first TLS message and closes the connection mid-handshake
+    (``reset``: with a TCP reset, else with a FIN), and once ``mend()`` is called forwards
+    every new connection to etcd's port. ``cut``: when it cut each handshake."""
+
+    def __init__(self, etcd_port: int, *, reset: bool) -> None:
+        self._etcd_port = etcd_port
+        self._reset = reset
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        # The etcd's certificate names 127.0.0.1: a plugin verifies it through this port.
+        self.url = f"https://127.0.0.1:{self._server.getsockname()[1]}"
+        self.cut: list[float] = []
+        self._forwarding = threading.Event()
+        self._stopping = threading.Event()
+        self._open: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def mend(self) -> None:
+        self._forwarding.set()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            if self._forwarding.is_set():
+                self._forward(connection)
+                continue
+            connection.settimeout(5)
+            with contextlib.suppress(OSError):
+                connection.recv(65536)  # the ClientHello
+            if self._reset:
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+            self.cut.append(time.monotonic())
+
+    def _forward(self, connection: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self._etcd_port), timeout=10)
+        upstream.settimeout(None)
+        self._open += [connection, upstream]
+        for source, sink in ((connection, upstream), (upstream, connection)):
+            thread = threading.Thread(target=_pipe, args=(source, sink), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def close(self) -> None:
+        self._stopping.set()
+        for each in self._open:
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for each in [self._server, *self._open]:
+            each.close()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+@pytest.mark.parametrize("language", HTTP_AND_GO)
+def test_an_etcd_that_cuts_tls_handshakes_is_tried_about_every_second(
+    secure_etcd: SecureEtcd, plugins: Any, language: str, reset: bool
+) -> None:
+    """A handshake the peer cuts is an etcd that does not answer, not one that turned the
+    plugin away: tried about every second, so the plugin registers within about a second
+    of etcd answering again, not after a wait backed off up to 30 s."""
+    cutter = HandshakeCutter(secure_etcd.client_port, reset=reset)
+    try:
+        plugin, address = start(plugins, language, secure_etcd, url=cutter.url)
+        said = plugin.wait_said("cannot register")
+        assert "does not answer" in said, said
+        wait_for(lambda: cutter.cut, what="the plugin's first try")
+        time.sleep(6)
+        tries = len(cutter.cut)
+        # Backing off as from a refusal, it would try 3 times at most (0, 1-2, 3-6 s).
+        assert 5 <= tries <= 9, f"{tries} tries in about 6 s:\n{plugin.stderr}"
+
+        cutter.mend()
+        mended = time.monotonic()
+        plugin.wait_said("etcd answers again")
+        took = time.monotonic() - mended
+        assert took <= 1 + MARGIN, f"registered {took:.1f} s after etcd answered again"
+        assert only_key(secure_etcd, PREFIX)[1] == registered_value(language, address)
+        assert plugin.stderr.count("cannot register") == 1, "said once, not per cut"
+        plugin.signal(signal.SIGTERM)
+        assert secure_etcd.keys(PREFIX) == {}
+    finally:
+        cutter.close()
+
+
+def test_the_gateway_tells_what_etcd_refused_from_a_handshake_cut_off(
+    secure_etcd: SecureEtcd,
+) -> None:
+    """How soon a plugin tries again rests on this. With TLS 1.3 etcd judges a client's
+    certificate once the client's side of the handshake is over, and its alert often
+    reaches the client as the request being written fails with an EOF, as a cut
+    handshake's does: each of these tries must still be read as etcd's refusal."""
+    ca = str(secure_etcd.ca_file)
+    key = {"key": etcd_key(f"{PREFIX}/x")}
+
+    def gateway(url: str, pair: tuple[Path, Path] | None, ca_file: str | None = ca) -> Gateway:
+        cert, private_key = (str(pair[0]), str(pair[1])) if pair else (None, None)
+        access = EtcdAccess(
+            ca_file=ca_file,
+            cert_file=cert,
+            key_file=private_key,
+            user="registrar",
+            password=secure_etcd.registrar_password,
+        )
+        return Gateway(url, timeout=10, access=access)
+
+    for pair in (secure_etcd.stranger_pair, None):
+        refused = gateway(secure_etcd.url, pair)
+        for _ in range(20):
+            with pytest.raises(EtcdRefused, match=r"TLS handshake .* failed .*ALERT"):
+                refused.post("/v3/kv/range", key)
+    with pytest.raises(EtcdRefused, match="cannot verify etcd's certificate"):
+        gateway(secure_etcd.url, secure_etcd.client_pair, ca_file=None).post("/v3/kv/range", key)
+    for reset in (False, True):
+        cutter = HandshakeCutter(secure_etcd.client_port, reset=reset)
+        try:
+            cut = gateway(cutter.url, secure_etcd.client_pair)
+            for _ in range(3):
+                with pytest.raises(EtcdUnavailable, match="does not answer") as outage:
+                    cut.post("/v3/kv/range", key)
+                assert not isinstance(outage.value, EtcdRefused), outage.value
+            cutter.mend()
+            assert "header" in cut.post("/v3/kv/range", key), "etcd answers through it"
+        finally:
+            cutter.close()
 
 
 @pytest.mark.parametrize("language", HTTP_AND_GO)
