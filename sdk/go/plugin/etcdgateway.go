@@ -265,8 +265,8 @@ func (g *etcdGateway) exchange(path string, body map[string]any, token string) (
 	return response.StatusCode, answer, nil
 }
 
-// failure says why a request got no answer: a timeout, a TLS handshake either side
-// refused, or a connection that failed.
+// failure says why a request got no answer: etcd turned the plugin away (an etcdRefused,
+// after which it waits longer to try again), or it does not answer.
 func (g *etcdGateway) failure(err error) error {
 	var netErr net.Error
 	if errors.As(err, &netErr) && netErr.Timeout() {
@@ -280,22 +280,25 @@ func (g *etcdGateway) failure(err error) error {
 		}
 		return &etcdRefused{fmt.Sprintf("cannot verify etcd's certificate at %s (%v): %s", g.base, unverified.Err, hint)}
 	}
-	// etcd drops a client whose certificate it does not trust with a TLS alert (a
-	// "remote error"), or without a word mid-handshake; crypto/tls names the handshake
-	// in its other errors.
+	// etcd's word, a TLS alert (a "remote error"): it does not trust the client's
+	// certificate, or got none. net/http reads it even when it comes after the client's
+	// side of a TLS 1.3 handshake is over, as the request is written.
 	var opErr *net.OpError
-	if strings.HasPrefix(g.base, "https://") &&
-		((errors.As(err, &opErr) && opErr.Op == "remote error") || strings.Contains(err.Error(), "handshake")) {
+	if errors.As(err, &opErr) && opErr.Op == "remote error" {
 		hint := "etcd may require a client certificate (" + g.names.certFile + ")"
 		if g.certFile != "" {
 			hint = "does etcd trust the certificate of " + g.names.certFile + "?"
 		}
-		reason := err
-		if opErr != nil {
-			reason = opErr.Err
-		}
-		return &etcdRefused{fmt.Sprintf("the TLS handshake with etcd at %s failed (%v): %s", g.base, reason, hint)}
+		return &etcdRefused{fmt.Sprintf("the TLS handshake with etcd at %s failed (%v): %s", g.base, opErr.Err, hint)}
 	}
+	// What answered does not speak TLS (an http:// etcd, another service).
+	var header tls.RecordHeaderError
+	if errors.Is(err, http.ErrSchemeMismatch) || errors.As(err, &header) {
+		return &etcdRefused{fmt.Sprintf("the TLS handshake with etcd at %s failed (%v): "+
+			"is it etcd's TLS port, speaking TLS 1.2 or later?", g.base, errors.Unwrap(err))}
+	}
+	// Anything else is an etcd that does not answer: a connection refused or reset, or
+	// closed mid-handshake (an EOF) by a flaky etcd or load balancer, tried again soon.
 	return fmt.Errorf("%s does not answer (%v)", g.base, errors.Unwrap(err))
 }
 
