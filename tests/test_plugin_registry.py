@@ -221,6 +221,46 @@ def test_a_prefix_is_required() -> None:
     assert done.returncode == 1 and "needs --register-prefix" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "environment", "named"),
+    [
+        (
+            [*PLUGIN, "--port", "0", "--websocket", "--register-etcd", "http://127.0.0.1:1"],
+            {"LINCHKIT_REGISTER_PREFIX": "/p"},
+            "--register-etcd",
+        ),
+        (
+            [*PLUGIN, "--port", "0", "--websocket"],
+            {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1"},
+            "LINCHKIT_REGISTER_ETCD",
+        ),
+        (
+            [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--websocket"],
+            {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1", "LINCHKIT_REGISTER_PREFIX": "/p"},
+            "LINCHKIT_REGISTER_ETCD",
+        ),
+    ],
+    ids=["dispatcher-plugin-flag", "dispatcher-plugin-variable", "executable-variable"],
+)
+def test_a_websocket_server_told_to_register_says_it_cannot_and_does_not_start(
+    command: list[str], environment: dict[str, str], named: str
+) -> None:
+    """A dispatcher dials a websocket target at its one url and finds none in a registry:
+    a WebSocket server told to register would be found by nobody, so it refuses rather
+    than let the operator believe it registered."""
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**CLEAN_ENVIRONMENT, **environment},
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"{named}: a WebSocket server is not registered in etcd" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
 @pytest.mark.parametrize("delay", ["-1", "nan", "601", "soon"])
 @pytest.mark.parametrize("language", ["python", pytest.param("go", marks=pytest.mark.toolchain)])
 def test_the_grpc_services_refuse_a_bad_leave_delay_before_serving(
@@ -245,19 +285,37 @@ def test_the_grpc_services_refuse_a_bad_leave_delay_before_serving(
     assert "Traceback" not in done.stderr and "panic" not in done.stderr
 
 
-def test_the_python_grpc_services_help_names_what_it_reads_from_the_environment() -> None:
+REGISTRY_FLAGS = (
+    "--register-etcd",
+    "--register-prefix",
+    "--advertise",
+    "--register-ttl",
+    "--leave-delay",
+    "--register-etcd-ca-file",
+    "--register-etcd-cert-file",
+    "--register-etcd-key-file",
+    "--register-etcd-user",
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[*PLUGIN[:2], "--help"], [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--help"]],
+    ids=["dispatcher-plugin", "grpc-service"],
+)
+def test_every_python_serve_s_help_names_the_registry_flags_and_their_variables(
+    command: list[str],
+) -> None:
     done = subprocess.run(
-        [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=CLEAN_ENVIRONMENT,
-        check=True,
+        command, capture_output=True, text=True, timeout=60, env=CLEAN_ENVIRONMENT, check=True
     )
-    for suffix in ("PLUGIN_TOKEN_FILE", "PLUGIN_TOKEN", "ADVERTISE", "LEAVE_DELAY"):
-        assert f"LINCHKIT_{suffix}" in done.stdout
-    for suffix in ("ETCD", "PREFIX", "TTL"):
+    for flag in REGISTRY_FLAGS:
+        assert f"{flag} " in done.stdout, flag
+    for suffix in ("ETCD", "PREFIX", "TTL", "ETCD_CA_FILE", "ETCD_USER", "ETCD_PASSWORD"):
         assert f"LINCHKIT_REGISTER_{suffix}" in done.stdout
+    for suffix in ("ADVERTISE", "LEAVE_DELAY", "PLUGIN_TOKEN_FILE"):
+        assert f"LINCHKIT_{suffix}" in done.stdout
+    assert "--register-etcd-password" not in done.stdout, "there only to be refused"
 
 
 def test_the_python_grpc_service_registers_its_address(

@@ -54,7 +54,18 @@ LANGUAGES = ["http", "python-grpc", pytest.param("go", marks=pytest.mark.toolcha
 #: the HTTP server's registration code and is started in the first test only.
 HTTP_AND_GO = ["http", pytest.param("go", marks=pytest.mark.toolchain)]
 
-#: The settings as the Python HTTP server's flags, and as every SDK's variables.
+#: Each entry point with its registry settings given as flags (the password still a
+#: variable: no flag takes it), or as variables (the HTTP server's variables are
+#: test_plugin_registry.py's).
+ENTRY_POINTS = [
+    pytest.param("http", "flags", id="http-flags"),
+    pytest.param("python-grpc", "flags", id="python-grpc-flags"),
+    pytest.param("python-grpc", "variables", id="python-grpc-variables"),
+    pytest.param("go", "flags", id="go-flags", marks=pytest.mark.toolchain),
+    pytest.param("go", "variables", id="go-variables", marks=pytest.mark.toolchain),
+]
+
+#: The settings as every SDK's flags, and as its variables.
 FLAGS = {
     "ca_file": "--register-etcd-ca-file",
     "cert_file": "--register-etcd-cert-file",
@@ -84,11 +95,13 @@ def command(language: str, address: str) -> list[str]:
     return [str(GO_EXAMPLE), "serve", "--address", address]
 
 
-def arguments(language: str, settings: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """``settings`` (keys of ``VARIABLES``, and ``prefix``, ``ttl``) as flags for the HTTP
-    server, whose flags win over its environment, and as variables for the others. The
-    password is a variable for every one: no flag takes it."""
-    if language != "http":
+def arguments(
+    language: str, settings: Mapping[str, str], via: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """``settings`` (keys of ``VARIABLES``, and ``prefix``, ``ttl``) ``via`` flags, which win
+    over the environment, or variables: by default flags for the HTTP server, variables
+    for the others. The password is a variable for every one: no flag takes it."""
+    if (via or ("flags" if language == "http" else "variables")) == "variables":
         environment = {
             VARIABLES[name]: value for name, value in settings.items() if name in VARIABLES
         }
@@ -123,10 +136,12 @@ def start(
     ttl: int = 10,
     decoys: Mapping[str, str] | None = None,
     url: str | None = None,
+    via: str | None = None,
 ) -> tuple[Any, str]:
-    """``language``'s plugin registering in ``etcd`` as ``user``; the plugin and where it
-    serves. ``decoys``: variables its flags must win over (HTTP server only); ``url``:
-    where the plugin reaches etcd, if not at its own address."""
+    """``language``'s plugin registering in ``etcd`` as ``user``, its settings ``via``
+    flags or variables (``arguments``); the plugin and where it serves. ``decoys``:
+    variables its flags must win over; ``url``: where the plugin reaches etcd, if not at
+    its own address."""
     cert, key = pair or etcd.client_pair
     settings = {
         "etcd": url or etcd.url,
@@ -137,7 +152,7 @@ def start(
         "password": password if password is not None else etcd.registrar_password,
         "ttl": str(ttl),
     }
-    flags, environment = arguments(language, settings)
+    flags, environment = arguments(language, settings, via)
     address = f"{HOSTS[language]}:{free_port(HOSTS[language])}"
     plugin = plugins([*command(language, address), *flags], **{**(decoys or {}), **environment})
     return plugin, address
@@ -183,19 +198,20 @@ def etcd_key(key: str) -> str:
     return base64.b64encode(key.encode()).decode()
 
 
-@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize(("language", "via"), ENTRY_POINTS)
 def test_a_plugin_registers_in_a_secure_etcd_and_leaves_on_sigterm(
-    secure_etcd: SecureEtcd, plugins: Any, language: str
+    secure_etcd: SecureEtcd, plugins: Any, language: str, via: str
 ) -> None:
-    # The HTTP server's flags win over its variables: these would be refused.
+    # Flags win over variables: these would be refused.
     stranger_cert, stranger_key = secure_etcd.stranger_pair
     decoys = {
         VARIABLES["user"]: "reader",
         VARIABLES["cert_file"]: str(stranger_cert),
         VARIABLES["key_file"]: str(stranger_key),
+        "LINCHKIT_REGISTER_PREFIX": "/somewhere/else",
     }
     plugin, address = start(
-        plugins, language, secure_etcd, decoys=decoys if language == "http" else None
+        plugins, language, secure_etcd, decoys=decoys if via == "flags" else None, via=via
     )
     plugin.wait_said("registered ")
     key, value = only_key(secure_etcd, PREFIX)
@@ -631,12 +647,12 @@ MISTAKES = [
 
 
 @pytest.mark.parametrize("mistake", range(len(MISTAKES)), ids=MISTAKES)
-@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize(("language", "via"), ENTRY_POINTS)
 def test_registry_access_mistakes_exit_before_serving(
-    tmp_path: Path, language: str, mistake: int
+    tmp_path: Path, language: str, via: str, mistake: int
 ) -> None:
     settings, named = mistakes(tmp_path)[mistake]
-    flags, environment = arguments(language, settings)
+    flags, environment = arguments(language, settings, via)
     address = f"{HOSTS[language]}:0"
     done = subprocess.run(
         [*command(language, address), *flags],
@@ -647,9 +663,37 @@ def test_registry_access_mistakes_exit_before_serving(
         check=False,
     )
     assert done.returncode == 1, done.stderr
-    name = FLAGS[named] if language == "http" and named in FLAGS else VARIABLES[named]
+    # As given: a setting given neither way is named both ways.
+    name = FLAGS[named] if via == "flags" and named in FLAGS else VARIABLES[named]
     assert name in done.stderr, done.stderr
     assert SECRET not in done.stderr
+    assert "Traceback" not in done.stderr and "panic" not in done.stderr
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["separate", "joined"])
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_password_on_the_command_line_is_refused_and_not_repeated(
+    language: str, joined: bool
+) -> None:
+    """A command line shows in the process list: no flag takes etcd's password, and the
+    one that looks like it is refused by name, before serving, pointing at the variable."""
+    flags, _ = arguments(language, {"etcd": "https://127.0.0.1:1", "user": "registrar"}, "flags")
+    password = (
+        [f"--register-etcd-password={SECRET}"] if joined else ["--register-etcd-password", SECRET]
+    )
+    done = subprocess.run(
+        [*command(language, f"{HOSTS[language]}:0"), *flags, *password],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=CLEAN_ENVIRONMENT,
+        check=False,
+    )
+    # argparse's usage error (2) in Python, 1 in Go, as for any other flag refused.
+    assert done.returncode in (1, 2), done.stderr
+    assert "register-etcd-password" in done.stderr and VARIABLES["password"] in done.stderr
+    assert SECRET not in done.stderr + done.stdout
+    assert "listening" not in done.stderr and done.stdout == "", "it must not serve"
     assert "Traceback" not in done.stderr and "panic" not in done.stderr
 
 
