@@ -212,8 +212,11 @@ class Gateway:
             raise ValueError("etcd authentication by URL credentials is not supported")
         try:
             port = parts.port
-        except ValueError:
-            raise ValueError("the port of the etcd to register in must be in 1-65535") from None
+            parts.hostname.encode("idna")  # as the socket layer will: an empty label fails
+        except ValueError:  # UnicodeError too
+            raise ValueError(
+                "the etcd to register in must have a valid host name and a port in 1-65535"
+            ) from None
         self.access = access or EtcdAccess()
         self._context = self.access.tls_context(etcd)
         self.base = etcd.rstrip("/")
@@ -298,13 +301,13 @@ class Gateway:
         try:
             try:
                 connection.connect()  # TCP, and the TLS handshake over https://
-            except OSError as error:  # refused, timed out, reset; TLS
+            except (OSError, ValueError) as error:  # refused, timed out, reset; TLS; a name
                 raise self._failure(error) from None
             try:
                 connection.request("POST", self._path + path, orjson.dumps(body), headers)
                 answer = connection.getresponse()
                 status, raw = answer.status, answer.read(_MAX_ANSWER)
-            except (OSError, http.client.HTTPException) as error:
+            except (OSError, ValueError, http.client.HTTPException) as error:
                 cut = isinstance(error, (*_CUT, ConnectionError))
                 alert = _pending_alert(connection) if cut else None
                 raise self._failure(alert or error) from None
