@@ -7,6 +7,7 @@ it holds, never how fast.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from dispatcher.fleet.sources.etcd import EtcdSource
+from linchkit_plugin._registry_options import add_registry_options, registry_settings
 from providers.discovery import Endpoint, RegistryDiscovery
 from tests.conftest import EXAMPLES, ROOT
 from tests.sdk_toolchains import BIN
@@ -209,6 +211,45 @@ def test_registration_mistakes_fail_before_serving(arguments: list[str], message
     assert done.returncode == 1, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert "SECRET" not in done.stderr
+
+
+def test_registry_flags_win_over_variables_and_mistakes_are_named_as_given() -> None:
+    """One definition for every Python serve (``_registry_options``): a flag wins over its
+    variable, an empty one too, and a message names the setting the way it came."""
+    parser = argparse.ArgumentParser()
+    add_registry_options(parser, kind="address")
+    environment = {
+        "LINCHKIT_REGISTER_ETCD": "https://10.9.9.9:2379",
+        "LINCHKIT_REGISTER_PREFIX": "/from/env",
+        "LINCHKIT_REGISTER_TTL": "ten",
+    }
+
+    def settings(*flags: str, **changes: str) -> Any:
+        return registry_settings(
+            parser.parse_args(flags),
+            kind="address",
+            host="127.0.0.2",
+            environment={**environment, **changes},
+        )
+
+    assert settings("--register-etcd", "", "--register-ttl", "4") is None, "turned off"
+    chosen = settings("--register-etcd", "http://127.0.0.1:2379", "--register-ttl", "4")
+    assert (chosen.etcd, chosen.prefix, chosen.ttl) == ("http://127.0.0.1:2379", "/from/env", 4)
+    assert chosen.registration("127.0.0.2", 50051).value == b'{"address":"127.0.0.2:50051"}'
+    with pytest.raises(ValueError, match=r"^LINCHKIT_REGISTER_TTL must be a whole number"):
+        settings()
+    with pytest.raises(ValueError, match=r"^--register-ttl must be at least 2 seconds"):
+        settings("--register-ttl", "1")
+    with pytest.raises(
+        ValueError, match=r"^--register-prefix: the registry prefix must start with /"
+    ):
+        settings("--register-prefix", "/ends/", "--register-ttl", "4")
+    with pytest.raises(
+        ValueError,
+        match=r"^LINCHKIT_REGISTER_ETCD_PASSWORD needs --register-etcd-user"
+        r" \(or LINCHKIT_REGISTER_ETCD_USER\) too",
+    ):
+        settings("--register-ttl", "4", LINCHKIT_REGISTER_ETCD_PASSWORD="SECRET")
 
 
 def test_a_prefix_is_required() -> None:

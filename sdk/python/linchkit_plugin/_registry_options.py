@@ -41,6 +41,7 @@ from linchkit_plugin.registry import (
     EtcdAccess,
     Registration,
     advertised_value,
+    check_prefix,
 )
 
 __all__ = ["RegistrySettings", "add_registry_options", "registry_settings", "websocket_refusal"]
@@ -228,6 +229,10 @@ def registry_settings(
     prefix = given.value(_PREFIX)
     if prefix is None:
         raise ValueError(f"{given.name(_ETCD)} needs {given.name(_PREFIX)}")
+    try:
+        check_prefix(prefix)
+    except ValueError as error:
+        raise ValueError(f"{given.name(_PREFIX)}: {error}") from None
     ttl_text = given.value(_TTL) or str(DEFAULT_TTL)
     try:
         ttl = int(ttl_text)
