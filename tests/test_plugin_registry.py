@@ -7,6 +7,7 @@ it holds, never how fast.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from dispatcher.fleet.sources.etcd import EtcdSource
+from linchkit_plugin._registry_options import add_registry_options, registry_settings
 from providers.discovery import Endpoint, RegistryDiscovery
 from tests.conftest import EXAMPLES, ROOT
 from tests.sdk_toolchains import BIN
@@ -189,6 +191,8 @@ def test_a_lease_lost_with_etcd_s_data_is_registered_again(own_etcd: Etcd, plugi
         (["--leave-delay", "nan"], "--leave-delay is a number of seconds in [0, 600]"),
         (["--register-etcd", "unix:///x"], "http(s):// URL"),
         (["--register-etcd", "http://user:SECRET@127.0.0.1:1"], "credentials"),
+        (["--register-etcd", "http://etcd..internal:2379"], "valid host name"),
+        (["--register-etcd", "http://127.0.0.1:99999"], "port in 1-65535"),
     ],
 )
 def test_registration_mistakes_fail_before_serving(arguments: list[str], message: str) -> None:
@@ -209,6 +213,45 @@ def test_registration_mistakes_fail_before_serving(arguments: list[str], message
     assert "SECRET" not in done.stderr
 
 
+def test_registry_flags_win_over_variables_and_mistakes_are_named_as_given() -> None:
+    """One definition for every Python serve (``_registry_options``): a flag wins over its
+    variable, an empty one too, and a message names the setting the way it came."""
+    parser = argparse.ArgumentParser()
+    add_registry_options(parser, kind="address")
+    environment = {
+        "LINCHKIT_REGISTER_ETCD": "https://10.9.9.9:2379",
+        "LINCHKIT_REGISTER_PREFIX": "/from/env",
+        "LINCHKIT_REGISTER_TTL": "ten",
+    }
+
+    def settings(*flags: str, **changes: str) -> Any:
+        return registry_settings(
+            parser.parse_args(flags),
+            kind="address",
+            host="127.0.0.2",
+            environment={**environment, **changes},
+        )
+
+    assert settings("--register-etcd", "", "--register-ttl", "4") is None, "turned off"
+    chosen = settings("--register-etcd", "http://127.0.0.1:2379", "--register-ttl", "4")
+    assert (chosen.etcd, chosen.prefix, chosen.ttl) == ("http://127.0.0.1:2379", "/from/env", 4)
+    assert chosen.registration("127.0.0.2", 50051).value == b'{"address":"127.0.0.2:50051"}'
+    with pytest.raises(ValueError, match=r"^LINCHKIT_REGISTER_TTL must be a whole number"):
+        settings()
+    with pytest.raises(ValueError, match=r"^--register-ttl must be at least 2 seconds"):
+        settings("--register-ttl", "1")
+    with pytest.raises(
+        ValueError, match=r"^--register-prefix: the registry prefix must start with /"
+    ):
+        settings("--register-prefix", "/ends/", "--register-ttl", "4")
+    with pytest.raises(
+        ValueError,
+        match=r"^LINCHKIT_REGISTER_ETCD_PASSWORD needs --register-etcd-user"
+        r" \(or LINCHKIT_REGISTER_ETCD_USER\) too",
+    ):
+        settings("--register-ttl", "4", LINCHKIT_REGISTER_ETCD_PASSWORD="SECRET")
+
+
 def test_a_prefix_is_required() -> None:
     done = subprocess.run(
         [*PLUGIN, "--port", "0", "--register-etcd", "http://127.0.0.1:1"],
@@ -219,6 +262,46 @@ def test_a_prefix_is_required() -> None:
         check=False,
     )
     assert done.returncode == 1 and "needs --register-prefix" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "environment", "named"),
+    [
+        (
+            [*PLUGIN, "--port", "0", "--websocket", "--register-etcd", "http://127.0.0.1:1"],
+            {"LINCHKIT_REGISTER_PREFIX": "/p"},
+            "--register-etcd",
+        ),
+        (
+            [*PLUGIN, "--port", "0", "--websocket"],
+            {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1"},
+            "LINCHKIT_REGISTER_ETCD",
+        ),
+        (
+            [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--websocket"],
+            {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1", "LINCHKIT_REGISTER_PREFIX": "/p"},
+            "LINCHKIT_REGISTER_ETCD",
+        ),
+    ],
+    ids=["dispatcher-plugin-flag", "dispatcher-plugin-variable", "executable-variable"],
+)
+def test_a_websocket_server_told_to_register_says_it_cannot_and_does_not_start(
+    command: list[str], environment: dict[str, str], named: str
+) -> None:
+    """A dispatcher dials a websocket target at its one url and finds none in a registry:
+    a WebSocket server told to register would be found by nobody, so it refuses rather
+    than let the operator believe it registered."""
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**CLEAN_ENVIRONMENT, **environment},
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"{named}: a WebSocket server is not registered in etcd" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
 
 
 @pytest.mark.parametrize("delay", ["-1", "nan", "601", "soon"])
@@ -245,19 +328,37 @@ def test_the_grpc_services_refuse_a_bad_leave_delay_before_serving(
     assert "Traceback" not in done.stderr and "panic" not in done.stderr
 
 
-def test_the_python_grpc_services_help_names_what_it_reads_from_the_environment() -> None:
+REGISTRY_FLAGS = (
+    "--register-etcd",
+    "--register-prefix",
+    "--advertise",
+    "--register-ttl",
+    "--leave-delay",
+    "--register-etcd-ca-file",
+    "--register-etcd-cert-file",
+    "--register-etcd-key-file",
+    "--register-etcd-user",
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[*PLUGIN[:2], "--help"], [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--help"]],
+    ids=["dispatcher-plugin", "grpc-service"],
+)
+def test_every_python_serve_s_help_names_the_registry_flags_and_their_variables(
+    command: list[str],
+) -> None:
     done = subprocess.run(
-        [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=CLEAN_ENVIRONMENT,
-        check=True,
+        command, capture_output=True, text=True, timeout=60, env=CLEAN_ENVIRONMENT, check=True
     )
-    for suffix in ("PLUGIN_TOKEN_FILE", "PLUGIN_TOKEN", "ADVERTISE", "LEAVE_DELAY"):
-        assert f"LINCHKIT_{suffix}" in done.stdout
-    for suffix in ("ETCD", "PREFIX", "TTL"):
+    for flag in REGISTRY_FLAGS:
+        assert f"{flag} " in done.stdout, flag
+    for suffix in ("ETCD", "PREFIX", "TTL", "ETCD_CA_FILE", "ETCD_USER", "ETCD_PASSWORD"):
         assert f"LINCHKIT_REGISTER_{suffix}" in done.stdout
+    for suffix in ("ADVERTISE", "LEAVE_DELAY", "PLUGIN_TOKEN_FILE"):
+        assert f"LINCHKIT_{suffix}" in done.stdout
+    assert "--register-etcd-password" not in done.stdout, "there only to be refused"
 
 
 def test_the_python_grpc_service_registers_its_address(

@@ -11,8 +11,10 @@ often etcd had to refuse it (etcd's own count, ``SecureEtcd.handled``).
 from __future__ import annotations
 
 import base64
+import contextlib
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -25,7 +27,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from linchkit_plugin.registry import REFUSED_RETRY_CAP, EtcdAccess, refused_retry_wait
+from linchkit_plugin._etcd_gateway import Gateway
+from linchkit_plugin.registry import (
+    REFUSED_RETRY_CAP,
+    EtcdAccess,
+    EtcdRefused,
+    EtcdUnavailable,
+    refused_retry_wait,
+)
 from tests.services import (
     CLEAN_ENVIRONMENT,
     REGISTRAR_PREFIX,
@@ -45,7 +54,18 @@ LANGUAGES = ["http", "python-grpc", pytest.param("go", marks=pytest.mark.toolcha
 #: the HTTP server's registration code and is started in the first test only.
 HTTP_AND_GO = ["http", pytest.param("go", marks=pytest.mark.toolchain)]
 
-#: The settings as the Python HTTP server's flags, and as every SDK's variables.
+#: Each entry point with its registry settings given as flags (the password still a
+#: variable: no flag takes it), or as variables (the HTTP server's variables are
+#: test_plugin_registry.py's).
+ENTRY_POINTS = [
+    pytest.param("http", "flags", id="http-flags"),
+    pytest.param("python-grpc", "flags", id="python-grpc-flags"),
+    pytest.param("python-grpc", "variables", id="python-grpc-variables"),
+    pytest.param("go", "flags", id="go-flags", marks=pytest.mark.toolchain),
+    pytest.param("go", "variables", id="go-variables", marks=pytest.mark.toolchain),
+]
+
+#: The settings as every SDK's flags, and as its variables.
 FLAGS = {
     "ca_file": "--register-etcd-ca-file",
     "cert_file": "--register-etcd-cert-file",
@@ -75,11 +95,13 @@ def command(language: str, address: str) -> list[str]:
     return [str(GO_EXAMPLE), "serve", "--address", address]
 
 
-def arguments(language: str, settings: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """``settings`` (keys of ``VARIABLES``, and ``prefix``, ``ttl``) as flags for the HTTP
-    server, whose flags win over its environment, and as variables for the others. The
-    password is a variable for every one: no flag takes it."""
-    if language != "http":
+def arguments(
+    language: str, settings: Mapping[str, str], via: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """``settings`` (keys of ``VARIABLES``, and ``prefix``, ``ttl``) ``via`` flags, which win
+    over the environment, or variables: by default flags for the HTTP server, variables
+    for the others. The password is a variable for every one: no flag takes it."""
+    if (via or ("flags" if language == "http" else "variables")) == "variables":
         environment = {
             VARIABLES[name]: value for name, value in settings.items() if name in VARIABLES
         }
@@ -113,12 +135,16 @@ def start(
     password: str | None = None,
     ttl: int = 10,
     decoys: Mapping[str, str] | None = None,
+    url: str | None = None,
+    via: str | None = None,
 ) -> tuple[Any, str]:
-    """``language``'s plugin registering in ``etcd`` as ``user``; the plugin and where it
-    serves. ``decoys``: variables its flags must win over (HTTP server only)."""
+    """``language``'s plugin registering in ``etcd`` as ``user``, its settings ``via``
+    flags or variables (``arguments``); the plugin and where it serves. ``decoys``:
+    variables its flags must win over; ``url``: where the plugin reaches etcd, if not at
+    its own address."""
     cert, key = pair or etcd.client_pair
     settings = {
-        "etcd": etcd.url,
+        "etcd": url or etcd.url,
         "ca_file": str(etcd.ca_file),
         "cert_file": str(cert),
         "key_file": str(key),
@@ -126,7 +152,7 @@ def start(
         "password": password if password is not None else etcd.registrar_password,
         "ttl": str(ttl),
     }
-    flags, environment = arguments(language, settings)
+    flags, environment = arguments(language, settings, via)
     address = f"{HOSTS[language]}:{free_port(HOSTS[language])}"
     plugin = plugins([*command(language, address), *flags], **{**(decoys or {}), **environment})
     return plugin, address
@@ -172,19 +198,20 @@ def etcd_key(key: str) -> str:
     return base64.b64encode(key.encode()).decode()
 
 
-@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize(("language", "via"), ENTRY_POINTS)
 def test_a_plugin_registers_in_a_secure_etcd_and_leaves_on_sigterm(
-    secure_etcd: SecureEtcd, plugins: Any, language: str
+    secure_etcd: SecureEtcd, plugins: Any, language: str, via: str
 ) -> None:
-    # The HTTP server's flags win over its variables: these would be refused.
+    # Flags win over variables: these would be refused.
     stranger_cert, stranger_key = secure_etcd.stranger_pair
     decoys = {
         VARIABLES["user"]: "reader",
         VARIABLES["cert_file"]: str(stranger_cert),
         VARIABLES["key_file"]: str(stranger_key),
+        "LINCHKIT_REGISTER_PREFIX": "/somewhere/else",
     }
     plugin, address = start(
-        plugins, language, secure_etcd, decoys=decoys if language == "http" else None
+        plugins, language, secure_etcd, decoys=decoys if via == "flags" else None, via=via
     )
     plugin.wait_said("registered ")
     key, value = only_key(secure_etcd, PREFIX)
@@ -405,6 +432,148 @@ def test_an_etcd_that_does_not_answer_is_still_tried_about_every_second(
     assert plugin.stderr.count("cannot register") == 1
 
 
+class HandshakeCutter:
+    """A port in front of an etcd, as a flaky load balancer would be: it first takes each
+    connection, reads the client's first TLS message and closes the connection mid-handshake
+    (``reset``: with a TCP reset, else with a FIN), and once ``mend()`` is called forwards
+    every new connection to etcd's port. ``cut``: when it cut each handshake."""
+
+    def __init__(self, etcd_port: int, *, reset: bool) -> None:
+        self._etcd_port = etcd_port
+        self._reset = reset
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        # The etcd's certificate names 127.0.0.1: a plugin verifies it through this port.
+        self.url = f"https://127.0.0.1:{self._server.getsockname()[1]}"
+        self.cut: list[float] = []
+        self._forwarding = threading.Event()
+        self._stopping = threading.Event()
+        self._open: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def mend(self) -> None:
+        self._forwarding.set()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                connection, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            if self._forwarding.is_set():
+                self._forward(connection)
+                continue
+            connection.settimeout(5)
+            with contextlib.suppress(OSError):
+                connection.recv(65536)  # the ClientHello
+            if self._reset:
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            connection.close()
+            self.cut.append(time.monotonic())
+
+    def _forward(self, connection: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self._etcd_port), timeout=10)
+        upstream.settimeout(None)
+        self._open += [connection, upstream]
+        for source, sink in ((connection, upstream), (upstream, connection)):
+            thread = threading.Thread(target=_pipe, args=(source, sink), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def close(self) -> None:
+        self._stopping.set()
+        for each in self._open:
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for each in [self._server, *self._open]:
+            each.close()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+@pytest.mark.parametrize("language", HTTP_AND_GO)
+def test_an_etcd_that_cuts_tls_handshakes_is_tried_about_every_second(
+    secure_etcd: SecureEtcd, plugins: Any, language: str, reset: bool
+) -> None:
+    """A handshake the peer cuts is an etcd that does not answer, not one that turned the
+    plugin away: tried about every second, so the plugin registers within about a second
+    of etcd answering again, not after a wait backed off up to 30 s."""
+    cutter = HandshakeCutter(secure_etcd.client_port, reset=reset)
+    try:
+        plugin, address = start(plugins, language, secure_etcd, url=cutter.url)
+        said = plugin.wait_said("cannot register")
+        assert "does not answer" in said, said
+        wait_for(lambda: cutter.cut, what="the plugin's first try")
+        time.sleep(6)
+        tries = len(cutter.cut)
+        # Backing off as from a refusal, it would try 3 times at most (0, 1-2, 3-6 s).
+        assert 5 <= tries <= 9, f"{tries} tries in about 6 s:\n{plugin.stderr}"
+
+        cutter.mend()
+        mended = time.monotonic()
+        plugin.wait_said("etcd answers again")
+        took = time.monotonic() - mended
+        assert took <= 1 + MARGIN, f"registered {took:.1f} s after etcd answered again"
+        assert only_key(secure_etcd, PREFIX)[1] == registered_value(language, address)
+        assert plugin.stderr.count("cannot register") == 1, "said once, not per cut"
+        plugin.signal(signal.SIGTERM)
+        assert secure_etcd.keys(PREFIX) == {}
+    finally:
+        cutter.close()
+
+
+def test_the_gateway_tells_what_etcd_refused_from_a_handshake_cut_off(
+    secure_etcd: SecureEtcd,
+) -> None:
+    """How soon a plugin tries again rests on this. With TLS 1.3 etcd judges a client's
+    certificate once the client's side of the handshake is over, and its alert often
+    reaches the client as the request being written fails with an EOF, as a cut
+    handshake's does: each of these tries must still be read as etcd's refusal."""
+    ca = str(secure_etcd.ca_file)
+    key = {"key": etcd_key(f"{PREFIX}/x")}
+
+    def gateway(url: str, pair: tuple[Path, Path] | None, ca_file: str | None = ca) -> Gateway:
+        cert, private_key = (str(pair[0]), str(pair[1])) if pair else (None, None)
+        access = EtcdAccess(
+            ca_file=ca_file,
+            cert_file=cert,
+            key_file=private_key,
+            user="registrar",
+            password=secure_etcd.registrar_password,
+        )
+        return Gateway(url, timeout=10, access=access)
+
+    for pair in (secure_etcd.stranger_pair, None):
+        refused = gateway(secure_etcd.url, pair)
+        for _ in range(20):
+            with pytest.raises(EtcdRefused, match=r"TLS handshake .* failed .*ALERT"):
+                refused.post("/v3/kv/range", key)
+    with pytest.raises(EtcdRefused, match="cannot verify etcd's certificate"):
+        gateway(secure_etcd.url, secure_etcd.client_pair, ca_file=None).post("/v3/kv/range", key)
+    for reset in (False, True):
+        cutter = HandshakeCutter(secure_etcd.client_port, reset=reset)
+        try:
+            cut = gateway(cutter.url, secure_etcd.client_pair)
+            for _ in range(3):
+                with pytest.raises(EtcdUnavailable, match="does not answer") as outage:
+                    cut.post("/v3/kv/range", key)
+                assert not isinstance(outage.value, EtcdRefused), outage.value
+            cutter.mend()
+            assert "header" in cut.post("/v3/kv/range", key), "etcd answers through it"
+        finally:
+            cutter.close()
+
+
 @pytest.mark.parametrize("language", HTTP_AND_GO)
 def test_a_client_certificate_etcd_does_not_trust_is_said_and_the_plugin_serves(
     secure_etcd: SecureEtcd, plugins: Any, language: str
@@ -478,12 +647,12 @@ MISTAKES = [
 
 
 @pytest.mark.parametrize("mistake", range(len(MISTAKES)), ids=MISTAKES)
-@pytest.mark.parametrize("language", LANGUAGES)
+@pytest.mark.parametrize(("language", "via"), ENTRY_POINTS)
 def test_registry_access_mistakes_exit_before_serving(
-    tmp_path: Path, language: str, mistake: int
+    tmp_path: Path, language: str, via: str, mistake: int
 ) -> None:
     settings, named = mistakes(tmp_path)[mistake]
-    flags, environment = arguments(language, settings)
+    flags, environment = arguments(language, settings, via)
     address = f"{HOSTS[language]}:0"
     done = subprocess.run(
         [*command(language, address), *flags],
@@ -494,9 +663,37 @@ def test_registry_access_mistakes_exit_before_serving(
         check=False,
     )
     assert done.returncode == 1, done.stderr
-    name = FLAGS[named] if language == "http" and named in FLAGS else VARIABLES[named]
+    # As given: a setting given neither way is named both ways.
+    name = FLAGS[named] if via == "flags" and named in FLAGS else VARIABLES[named]
     assert name in done.stderr, done.stderr
     assert SECRET not in done.stderr
+    assert "Traceback" not in done.stderr and "panic" not in done.stderr
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["separate", "joined"])
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_a_password_on_the_command_line_is_refused_and_not_repeated(
+    language: str, joined: bool
+) -> None:
+    """A command line shows in the process list: no flag takes etcd's password, and the
+    one that looks like it is refused by name, before serving, pointing at the variable."""
+    flags, _ = arguments(language, {"etcd": "https://127.0.0.1:1", "user": "registrar"}, "flags")
+    password = (
+        [f"--register-etcd-password={SECRET}"] if joined else ["--register-etcd-password", SECRET]
+    )
+    done = subprocess.run(
+        [*command(language, f"{HOSTS[language]}:0"), *flags, *password],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=CLEAN_ENVIRONMENT,
+        check=False,
+    )
+    # argparse's usage error (2) in Python, 1 in Go, as for any other flag refused.
+    assert done.returncode in (1, 2), done.stderr
+    assert "register-etcd-password" in done.stderr and VARIABLES["password"] in done.stderr
+    assert SECRET not in done.stderr + done.stdout
+    assert "listening" not in done.stderr and done.stdout == "", "it must not serve"
     assert "Traceback" not in done.stderr and "panic" not in done.stderr
 
 

@@ -58,6 +58,9 @@ type etcdRefused struct{ message string }
 
 func (e *etcdRefused) Error() string { return e.message }
 
+// accessNames: how messages name the settings of etcd's access, as they were given.
+type accessNames struct{ caFile, certFile, keyFile, user string }
+
 // etcdGateway posts to etcd's JSON gateway as the configured user. Not safe for
 // concurrent use: the registration's goroutine alone uses it.
 type etcdGateway struct {
@@ -68,28 +71,35 @@ type etcdGateway struct {
 	token    string
 	certFile string // whether a client certificate is presented, for messages
 	caFile   string
+	names    accessNames
 	// authenticationOff: etcd answered that its authentication is off, so requests go
 	// without a token.
 	authenticationOff bool
 	say               func(format string, args ...any)
 }
 
-// etcdGatewayFromEnv checks how etcd at base (parsed: an http(s) URL) is reached, and
-// returns a gateway whose requests are bounded by timeout; say tells what is worth
-// knowing but not a failure.
-func etcdGatewayFromEnv(base *url.URL, getenv func(string) string, timeout time.Duration,
+// etcdGatewayFrom checks how etcd at base (parsed: an http(s) URL) is reached, as config
+// says, and returns a gateway whose requests are bounded by timeout; say tells what is
+// worth knowing but not a failure. Messages name each setting as it was given.
+func etcdGatewayFrom(base *url.URL, config registryConfig, timeout time.Duration,
 	say func(format string, args ...any)) (*etcdGateway, error) {
-	caFile, certFile, keyFile := getenv(EnvRegisterEtcdCAFile), getenv(EnvRegisterEtcdCertFile), getenv(EnvRegisterEtcdKeyFile)
-	user, password := getenv(EnvRegisterEtcdUser), getenv(EnvRegisterEtcdPassword)
+	caFile, certFile, keyFile := config.value(settingCAFile), config.value(settingCertFile), config.value(settingKeyFile)
+	user, password := config.value(settingUser), config.getenv(EnvRegisterEtcdPassword)
+	names := accessNames{
+		caFile:   config.name(settingCAFile),
+		certFile: config.name(settingCertFile),
+		keyFile:  config.name(settingKeyFile),
+		user:     config.name(settingUser),
+	}
 	if (user == "") != (password == "") {
-		given, missing := EnvRegisterEtcdUser, EnvRegisterEtcdPassword
+		given, missing := names.user, EnvRegisterEtcdPassword
 		if user == "" {
 			given, missing = missing, given
 		}
 		return nil, fmt.Errorf("%s needs %s too: etcd takes both or neither", given, missing)
 	}
 	if (certFile == "") != (keyFile == "") {
-		given, missing := EnvRegisterEtcdCertFile, EnvRegisterEtcdKeyFile
+		given, missing := names.certFile, names.keyFile
 		if certFile == "" {
 			given, missing = missing, given
 		}
@@ -98,7 +108,7 @@ func etcdGatewayFromEnv(base *url.URL, getenv func(string) string, timeout time.
 	// No proxy: a registry is reached directly, as the dispatcher reaches it.
 	transport := &http.Transport{Proxy: nil}
 	if base.Scheme != "https" {
-		for _, file := range [][2]string{{EnvRegisterEtcdCAFile, caFile}, {EnvRegisterEtcdCertFile, certFile}, {EnvRegisterEtcdKeyFile, keyFile}} {
+		for _, file := range [][2]string{{names.caFile, caFile}, {names.certFile, certFile}, {names.keyFile, keyFile}} {
 			if file[1] != "" {
 				return nil, fmt.Errorf("%s is for an https:// etcd, and %s is not: use https:// or leave it unset", file[0], base)
 			}
@@ -108,27 +118,27 @@ func etcdGatewayFromEnv(base *url.URL, getenv func(string) string, timeout time.
 				"reach etcd over https://, or on a loopback address", EnvRegisterEtcdPassword, base)
 		}
 	} else {
-		config := &tls.Config{MinVersion: tls.VersionTLS12}
+		tlsConfig := &tls.Config{MinVersion: tls.VersionTLS12}
 		if caFile != "" {
 			pem, err := os.ReadFile(caFile)
 			if err != nil {
-				return nil, fmt.Errorf("%s: cannot read %s (%v)", EnvRegisterEtcdCAFile, caFile, pathErrorReason(err))
+				return nil, fmt.Errorf("%s: cannot read %s (%v)", names.caFile, caFile, pathErrorReason(err))
 			}
 			roots := x509.NewCertPool()
 			if !roots.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("%s: %s holds no PEM certificate", EnvRegisterEtcdCAFile, caFile)
+				return nil, fmt.Errorf("%s: %s holds no PEM certificate", names.caFile, caFile)
 			}
-			config.RootCAs = roots
+			tlsConfig.RootCAs = roots
 		}
 		if certFile != "" {
 			pair, err := tls.LoadX509KeyPair(certFile, keyFile)
 			if err != nil {
 				return nil, fmt.Errorf("%s and %s: cannot read %s and %s as a PEM certificate and its unencrypted key (%v)",
-					EnvRegisterEtcdCertFile, EnvRegisterEtcdKeyFile, certFile, keyFile, pathErrorReason(err))
+					names.certFile, names.keyFile, certFile, keyFile, pathErrorReason(err))
 			}
-			config.Certificates = []tls.Certificate{pair}
+			tlsConfig.Certificates = []tls.Certificate{pair}
 		}
-		transport.TLSClientConfig = config
+		transport.TLSClientConfig = tlsConfig
 	}
 	return &etcdGateway{
 		base:     strings.TrimRight(base.String(), "/"),
@@ -137,6 +147,7 @@ func etcdGatewayFromEnv(base *url.URL, getenv func(string) string, timeout time.
 		password: password,
 		certFile: certFile,
 		caFile:   caFile,
+		names:    names,
 		say:      say,
 	}, nil
 }
@@ -209,7 +220,7 @@ func (g *etcdGateway) authenticate() error {
 	case codeFailedPrecondition: // "authentication is not enabled"
 		g.authenticationOff = true
 		g.say("etcd at %s has authentication off: registering without user '%s' (%s can be unset)",
-			g.base, g.user, EnvRegisterEtcdUser)
+			g.base, g.user, g.names.user)
 		return nil
 	}
 	return fmt.Errorf("etcd at %s did not authenticate user '%s'%s", g.base, g.user, why(answer))
@@ -219,7 +230,7 @@ func (g *etcdGateway) refusal(path string, code int64, answer map[string]any) er
 	switch {
 	case g.user == "":
 		return &etcdRefused{fmt.Sprintf("etcd at %s requires a user (%s): set %s and %s",
-			g.base, message(answer), EnvRegisterEtcdUser, EnvRegisterEtcdPassword)}
+			g.base, message(answer), g.names.user, EnvRegisterEtcdPassword)}
 	case code == codePermissionDenied:
 		return &etcdRefused{fmt.Sprintf("etcd at %s denies user '%s' %s (permission denied): "+
 			"grant the user's role READWRITE on the registry prefix", g.base, g.user, path)}
@@ -254,8 +265,8 @@ func (g *etcdGateway) exchange(path string, body map[string]any, token string) (
 	return response.StatusCode, answer, nil
 }
 
-// failure says why a request got no answer: a timeout, a TLS handshake either side
-// refused, or a connection that failed.
+// failure says why a request got no answer: etcd turned the plugin away (an etcdRefused,
+// after which it waits longer to try again), or it does not answer.
 func (g *etcdGateway) failure(err error) error {
 	var netErr net.Error
 	if errors.As(err, &netErr) && netErr.Timeout() {
@@ -263,28 +274,31 @@ func (g *etcdGateway) failure(err error) error {
 	}
 	var unverified *tls.CertificateVerificationError
 	if errors.As(err, &unverified) {
-		hint := "name the CA that issued it with " + EnvRegisterEtcdCAFile
+		hint := "name the CA that issued it with " + g.names.caFile
 		if g.caFile != "" {
-			hint = "is " + EnvRegisterEtcdCAFile + " the CA that issued it?"
+			hint = "is " + g.names.caFile + " the CA that issued it?"
 		}
 		return &etcdRefused{fmt.Sprintf("cannot verify etcd's certificate at %s (%v): %s", g.base, unverified.Err, hint)}
 	}
-	// etcd drops a client whose certificate it does not trust with a TLS alert (a
-	// "remote error"), or without a word mid-handshake; crypto/tls names the handshake
-	// in its other errors.
+	// etcd's word, a TLS alert (a "remote error"): it does not trust the client's
+	// certificate, or got none. net/http reads it even when it comes after the client's
+	// side of a TLS 1.3 handshake is over, as the request is written.
 	var opErr *net.OpError
-	if strings.HasPrefix(g.base, "https://") &&
-		((errors.As(err, &opErr) && opErr.Op == "remote error") || strings.Contains(err.Error(), "handshake")) {
-		hint := "etcd may require a client certificate (" + EnvRegisterEtcdCertFile + ")"
+	if errors.As(err, &opErr) && opErr.Op == "remote error" {
+		hint := "etcd may require a client certificate (" + g.names.certFile + ")"
 		if g.certFile != "" {
-			hint = "does etcd trust the certificate of " + EnvRegisterEtcdCertFile + "?"
+			hint = "does etcd trust the certificate of " + g.names.certFile + "?"
 		}
-		reason := err
-		if opErr != nil {
-			reason = opErr.Err
-		}
-		return &etcdRefused{fmt.Sprintf("the TLS handshake with etcd at %s failed (%v): %s", g.base, reason, hint)}
+		return &etcdRefused{fmt.Sprintf("the TLS handshake with etcd at %s failed (%v): %s", g.base, opErr.Err, hint)}
 	}
+	// What answered does not speak TLS (an http:// etcd, another service).
+	var header tls.RecordHeaderError
+	if errors.Is(err, http.ErrSchemeMismatch) || errors.As(err, &header) {
+		return &etcdRefused{fmt.Sprintf("the TLS handshake with etcd at %s failed (%v): "+
+			"is it etcd's TLS port, speaking TLS 1.2 or later?", g.base, errors.Unwrap(err))}
+	}
+	// Anything else is an etcd that does not answer: a connection refused or reset, or
+	// closed mid-handshake (an EOF) by a flaky etcd or load balancer, tried again soon.
 	return fmt.Errorf("%s does not answer (%v)", g.base, errors.Unwrap(err))
 }
 

@@ -188,8 +188,36 @@ func TestServeHelpNamesTheEnvironmentAndAMistakeSaysWhereToLook(t *testing.T) {
 			t.Errorf("serve -help does not name %s:\n%s", name, out)
 		}
 	}
+	for _, flag := range []string{"-register-etcd ", "-register-prefix ", "-register-etcd-ca-file ", "-register-etcd-user ",
+		EnvRegisterEtcdPassword} {
+		if !strings.Contains(out, flag) {
+			t.Errorf("serve -help does not name %s:\n%s", flag, out)
+		}
+	}
+	if strings.Contains(out, "-"+passwordFlag) {
+		t.Errorf("serve -help shows -%s, a flag there only to be refused:\n%s", passwordFlag, out)
+	}
 	if _, err := runWith("serve", "-port", "1"); err == nil || !strings.Contains(err.Error(), "serve -help") {
 		t.Errorf("serve -port 1: %v, want an error pointing at serve -help", err)
+	}
+}
+
+// A password on the command line shows in the process list: refused before serving,
+// naming the variable to use, never repeating it, however it was written.
+func TestServeRefusesAPasswordOnTheCommandLine(t *testing.T) {
+	const secret = "SECRET-pw-77"
+	for _, args := range [][]string{
+		{"serve", "-register-etcd-password", secret},
+		{"serve", "--register-etcd-password=" + secret, "-address", "127.0.0.1:0"},
+		{"serve", "-address", "127.0.0.1:0", "--register-etcd", "http://127.0.0.1:2379", "--register-etcd-password", secret},
+	} {
+		out, err := runWith(args...)
+		if err == nil || !strings.Contains(err.Error(), EnvRegisterEtcdPassword) || strings.Contains(err.Error(), secret) {
+			t.Errorf("%v: %v, want a refusal naming %s and not quoting the password", args, err, EnvRegisterEtcdPassword)
+		}
+		if out != "" {
+			t.Errorf("%v: wrote %q, want no handshake line: it must not serve", args, out)
+		}
 	}
 }
 

@@ -12,8 +12,9 @@ package plugin
 // keeps trying, about every second while etcd does not answer, after waits that double
 // up to refusedRetryCap while it turns the plugin away (refusedRetryWait); it registers
 // again if etcd lost its lease. On SIGTERM or SIGINT the key is deleted and the lease
-// revoked, the server keeps serving LINCHKIT_LEAVE_DELAY seconds (1) while dispatchers
-// learn it left, and then the calls in flight are drained.
+// revoked, the server keeps serving -leave-delay (LINCHKIT_LEAVE_DELAY) seconds (1) while
+// dispatchers learn it left, and then the calls in flight are drained. Every setting has
+// a flag of serve's and a variable (registryflags.go).
 
 import (
 	"context"
@@ -74,38 +75,41 @@ type registration struct {
 	done       chan struct{}
 }
 
-// registrationFromEnv is nil without LINCHKIT_REGISTER_ETCD; otherwise every setting is
-// checked, so a mistake stops the plugin before it serves.
-func registrationFromEnv(getenv func(string) string, listening net.Addr, log *slog.Logger) (*registration, error) {
-	base := getenv(EnvRegisterEtcd)
+// registrationFrom is nil without an etcd (-register-etcd, LINCHKIT_REGISTER_ETCD);
+// otherwise every setting is checked, so a mistake stops the plugin before it serves.
+func registrationFrom(config registryConfig, listening net.Addr, log *slog.Logger) (*registration, error) {
+	base := config.value(settingEtcd)
 	if base == "" {
 		return nil, nil
 	}
 	parsed, err := url.Parse(base)
 	if err != nil || (parsed.Scheme != "http" && parsed.Scheme != "https") || parsed.Host == "" {
-		return nil, fmt.Errorf("%s must be an http(s):// URL", EnvRegisterEtcd)
+		return nil, fmt.Errorf("%s must be an http(s):// URL", config.name(settingEtcd))
 	}
 	if parsed.User != nil {
-		return nil, fmt.Errorf("%s: etcd authentication by URL credentials is not supported", EnvRegisterEtcd)
+		return nil, fmt.Errorf("%s: etcd authentication by URL credentials is not supported", config.name(settingEtcd))
 	}
-	prefix := getenv(EnvRegisterPrefix)
+	prefix := config.value(settingPrefix)
+	if prefix == "" {
+		return nil, fmt.Errorf("%s needs %s", config.name(settingEtcd), config.name(settingPrefix))
+	}
 	if len(prefix) < 2 || !strings.HasPrefix(prefix, "/") || strings.HasSuffix(prefix, "/") ||
 		strings.ContainsAny(prefix, " \t\r\n") {
 		return nil, fmt.Errorf("%s must start with / and not end with one, e.g. /linchkit/plugins/echo; got %q",
-			EnvRegisterPrefix, prefix)
+			config.name(settingPrefix), prefix)
 	}
 	ttl := int64(defaultRegisterTTL)
-	if text := getenv(EnvRegisterTTL); text != "" {
+	if text := config.value(settingTTL); text != "" {
 		ttl, err = strconv.ParseInt(text, 10, 64)
 		if err != nil || ttl < 2 {
-			return nil, fmt.Errorf("%s must be a whole number of seconds, at least 2; got %q", EnvRegisterTTL, text)
+			return nil, fmt.Errorf("%s must be a whole number of seconds, at least 2; got %q", config.name(settingTTL), text)
 		}
 	}
-	leaveDelay, err := leaveDelayFrom(getenv(EnvLeaveDelay))
+	leaveDelay, err := leaveDelayFrom(config.value(settingLeaveDelay), config.name(settingLeaveDelay))
 	if err != nil {
 		return nil, err
 	}
-	address, err := advertisedAddress(getenv(EnvAdvertise), listening)
+	address, err := advertisedAddress(config.value(settingAdvertise), config.name(settingAdvertise), listening)
 	if err != nil {
 		return nil, err
 	}
@@ -121,7 +125,7 @@ func registrationFromEnv(getenv func(string) string, listening net.Addr, log *sl
 		stop:       make(chan struct{}),
 		done:       make(chan struct{}),
 	}
-	r.etcd, err = etcdGatewayFromEnv(parsed, getenv, timeout, func(format string, args ...any) {
+	r.etcd, err = etcdGatewayFrom(parsed, config, timeout, func(format string, args ...any) {
 		r.say(slog.LevelWarn, format, args...)
 	})
 	if err != nil {
@@ -130,39 +134,40 @@ func registrationFromEnv(getenv func(string) string, listening net.Addr, log *sl
 	return r, nil
 }
 
-// leaveDelayFrom reads LINCHKIT_LEAVE_DELAY: seconds in [0, 600], 1 when unset.
-func leaveDelayFrom(text string) (time.Duration, error) {
+// leaveDelayFrom reads the leave delay (named name in a message): seconds in [0, 600],
+// 1 when unset.
+func leaveDelayFrom(text, name string) (time.Duration, error) {
 	if text == "" {
 		return defaultLeaveDelay, nil
 	}
 	seconds, err := strconv.ParseFloat(text, 64)
 	delay := time.Duration(seconds * float64(time.Second))
 	if err != nil || !(seconds >= 0 && delay <= maxLeaveDelay) { // NaN fails too
-		return 0, fmt.Errorf("%s must be a number of seconds in [0, 600]; got %q", EnvLeaveDelay, text)
+		return 0, fmt.Errorf("%s must be a number of seconds in [0, 600]; got %q", name, text)
 	}
 	return delay, nil
 }
 
-// advertisedAddress is LINCHKIT_ADVERTISE (host:port) or where the server listens,
-// unless that is every interface, which no dispatcher can call.
-func advertisedAddress(advertise string, listening net.Addr) (string, error) {
+// advertisedAddress is the address to advertise (host:port, named name in a message) or
+// where the server listens, unless that is every interface, which no dispatcher can call.
+func advertisedAddress(advertise, name string, listening net.Addr) (string, error) {
 	if advertise != "" {
 		if strings.Contains(advertise, "://") {
-			return "", fmt.Errorf("%s: advertise a gRPC server as host:port, not a URL", EnvAdvertise)
+			return "", fmt.Errorf("%s: advertise a gRPC server as host:port, not a URL", name)
 		}
 		host, port, err := net.SplitHostPort(advertise)
 		if n, perr := strconv.Atoi(port); err != nil || perr != nil || host == "" || n < 1 || n > 65535 {
-			return "", fmt.Errorf("%s must be host:port, got %q", EnvAdvertise, advertise)
+			return "", fmt.Errorf("%s must be host:port, got %q", name, advertise)
 		}
 		if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
-			return "", fmt.Errorf("%s must name an address others can call, not %s", EnvAdvertise, host)
+			return "", fmt.Errorf("%s must name an address others can call, not %s", name, host)
 		}
 		return advertise, nil
 	}
 	tcp, ok := listening.(*net.TCPAddr)
 	if !ok || tcp.IP == nil || tcp.IP.IsUnspecified() {
 		return "", fmt.Errorf("this server listens on %s, which no dispatcher can call: "+
-			"say where it is reached with %s, e.g. 10.0.0.5:50051", listening, EnvAdvertise)
+			"say where it is reached with %s, e.g. 10.0.0.5:50051", listening, name)
 	}
 	return tcp.String(), nil
 }

@@ -1,6 +1,7 @@
 package plugin
 
 import (
+	"flag"
 	"io"
 	"net"
 	"os"
@@ -9,6 +10,11 @@ import (
 	"testing"
 	"time"
 )
+
+// registryConfigFromEnv is the settings of a process given no registry flag.
+func registryConfigFromEnv(getenv func(string) string) registryConfig {
+	return registryConfig{getenv: getenv}
+}
 
 func TestAdvertisedAddress(t *testing.T) {
 	listening := &net.TCPAddr{IP: net.ParseIP("127.0.0.2"), Port: 50051}
@@ -31,7 +37,7 @@ func TestAdvertisedAddress(t *testing.T) {
 		{"0.0.0.0:9000", listening, "", "others can call"},
 	}
 	for _, c := range cases {
-		got, err := advertisedAddress(c.advertise, c.listening)
+		got, err := advertisedAddress(c.advertise, EnvAdvertise, c.listening)
 		if c.wrong == "" && (err != nil || got != c.want) {
 			t.Errorf("advertisedAddress(%q, %v) = %q, %v; want %q", c.advertise, c.listening, got, err, c.want)
 		}
@@ -49,7 +55,7 @@ func TestRegistrationSettingsAreCheckedBeforeServing(t *testing.T) {
 	}{
 		{EnvRegisterEtcd, "unix:///x", "http(s)://"},
 		{EnvRegisterEtcd, "http://user:SECRET@127.0.0.1:2379", "credentials"},
-		{EnvRegisterPrefix, "", "must start with /"},
+		{EnvRegisterPrefix, "", "needs --register-prefix (or " + EnvRegisterPrefix + ")"},
 		{EnvRegisterPrefix, "/ends/", "must start with /"},
 		{EnvRegisterTTL, "1", "at least 2"},
 		{EnvRegisterTTL, "ten", "whole number"},
@@ -64,12 +70,12 @@ func TestRegistrationSettingsAreCheckedBeforeServing(t *testing.T) {
 			env[k] = v
 		}
 		env[c.name] = c.value
-		_, err := registrationFromEnv(func(k string) string { return env[k] }, listening, newLogger(io.Discard))
+		_, err := registrationFrom(registryConfigFromEnv(func(k string) string { return env[k] }), listening, newLogger(io.Discard))
 		if err == nil || !strings.Contains(err.Error(), c.wrong) || strings.Contains(err.Error(), "SECRET") {
 			t.Errorf("%s=%q: error %v, want one saying %q", c.name, c.value, err, c.wrong)
 		}
 	}
-	r, err := registrationFromEnv(func(k string) string { return good[k] }, listening, newLogger(io.Discard))
+	r, err := registrationFrom(registryConfigFromEnv(func(k string) string { return good[k] }), listening, newLogger(io.Discard))
 	if err != nil || !strings.HasPrefix(r.key, "/linchkit/plugins/echo/") || string(r.value) != `{"address":"127.0.0.2:50051"}` {
 		t.Errorf("good settings: %v, %v", r, err)
 	}
@@ -77,10 +83,10 @@ func TestRegistrationSettingsAreCheckedBeforeServing(t *testing.T) {
 		t.Errorf("leave delay %v by default, want 1s", r.leaveDelay)
 	}
 	good[EnvLeaveDelay] = "0.25"
-	if r, err := registrationFromEnv(func(k string) string { return good[k] }, listening, newLogger(io.Discard)); err != nil || r.leaveDelay != 250*time.Millisecond {
+	if r, err := registrationFrom(registryConfigFromEnv(func(k string) string { return good[k] }), listening, newLogger(io.Discard)); err != nil || r.leaveDelay != 250*time.Millisecond {
 		t.Errorf("%s=0.25: %v, %v", EnvLeaveDelay, r, err)
 	}
-	if r, err := registrationFromEnv(func(string) string { return "" }, listening, newLogger(io.Discard)); r != nil || err != nil {
+	if r, err := registrationFrom(registryConfigFromEnv(func(string) string { return "" }), listening, newLogger(io.Discard)); r != nil || err != nil {
 		t.Errorf("no settings: %v, %v; want no registration", r, err)
 	}
 }
@@ -122,7 +128,7 @@ func TestEtcdAccessSettingsAreCheckedBeforeServing(t *testing.T) {
 		for k, v := range c.settings {
 			env[k] = v
 		}
-		r, err := registrationFromEnv(func(k string) string { return env[k] }, listening, newLogger(io.Discard))
+		r, err := registrationFrom(registryConfigFromEnv(func(k string) string { return env[k] }), listening, newLogger(io.Discard))
 		switch {
 		case c.wrong == "" && err != nil:
 			t.Errorf("%v: %v, want it accepted", c.settings, err)
@@ -166,5 +172,52 @@ func TestWaitsAfterRefusalsDoubleToTheCapAndAreSpread(t *testing.T) {
 	}
 	if half := refusedRetryWait(5, time.Second, func() float64 { return 0.5 }); half != 22500*time.Millisecond {
 		t.Errorf("a draw of 0.5 at the cap waits %v, want 22.5s", half)
+	}
+}
+
+// serve's registry flags win over the variables (an empty flag too: it says "none"), and
+// messages name each setting as it was given: the flag, the variable, or both when
+// neither was.
+func TestRegistryFlagsWinOverTheEnvironmentAndAreNamedAsGiven(t *testing.T) {
+	flags := flag.NewFlagSet("serve", flag.ContinueOnError)
+	flags.SetOutput(io.Discard)
+	read := addRegistryFlags(flags)
+	args := []string{"--register-etcd", "http://127.0.0.1:2379", "-register-ttl=4", "--register-etcd-user", ""}
+	if err := flags.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{EnvRegisterEtcd: "http://10.9.9.9:2379", EnvRegisterPrefix: "/from/env",
+		EnvRegisterTTL: "9", EnvRegisterEtcdUser: "reader"}
+	config, err := read(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	values := map[registrySetting]string{settingEtcd: "http://127.0.0.1:2379", settingPrefix: "/from/env",
+		settingTTL: "4", settingUser: "", settingCAFile: ""}
+	for setting, want := range values {
+		if got := config.value(setting); got != want {
+			t.Errorf("%s: %q, want %q", setting.flag, got, want)
+		}
+	}
+	names := map[registrySetting]string{settingEtcd: "--register-etcd", settingPrefix: EnvRegisterPrefix,
+		settingUser: "--register-etcd-user", settingCAFile: "--register-etcd-ca-file (or " + EnvRegisterEtcdCAFile + ")"}
+	for setting, want := range names {
+		if got := config.name(setting); got != want {
+			t.Errorf("%s is named %q, want %q", setting.flag, got, want)
+		}
+	}
+	listening := &net.TCPAddr{IP: net.ParseIP("127.0.0.2"), Port: 50051}
+	env[EnvRegisterPrefix] = "/ends/"
+	if _, err := registrationFrom(config, listening, newLogger(io.Discard)); err == nil ||
+		!strings.HasPrefix(err.Error(), EnvRegisterPrefix+" must start with /") {
+		t.Errorf("a bad prefix from the environment: %v, want an error naming %s", err, EnvRegisterPrefix)
+	}
+	if err := flags.Parse([]string{"--register-prefix", "/ends/"}); err != nil {
+		t.Fatal(err)
+	}
+	config, _ = read(func(k string) string { return env[k] })
+	if _, err := registrationFrom(config, listening, newLogger(io.Discard)); err == nil ||
+		!strings.HasPrefix(err.Error(), "--register-prefix must start with /") {
+		t.Errorf("a bad -register-prefix: %v, want an error naming the flag", err)
 	}
 }

@@ -118,33 +118,22 @@ var serveEnvironment = fmt.Sprintf(`
 environment (docs/registry.md, docs/security.md, docs/observability.md):
   %s, %s
       the bearer token every call must carry (without it anyone may call)
-  %s, %s
-      register {"address": "host:port"} in this etcd, under this prefix, while serving
   %s
-      https://: PEM roots that verify etcd (default: the system's)
-  %s, %s
-      https://: the client certificate to present to etcd, and its unencrypted key
-  %s, %s
-      register as this etcd user (over http:// only to a loopback etcd)
-  %s
-      the host:port dispatchers reach (required when listening on 0.0.0.0 or ::)
-  %s
-      the lease's seconds, at least 2 (default %d)
-  %s
-      seconds served on after leaving the registry on SIGTERM, 0-600 (default %g)
+      the password of -register-etcd-user: no flag takes it, a command line shows in ps
+  [LINCHKIT_...] after a flag above
+      the variable that flag reads when it is not given
   OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
       export a span per call over OTLP/HTTP
-`, EnvTokenFile, EnvToken, EnvRegisterEtcd, EnvRegisterPrefix, EnvRegisterEtcdCAFile,
-	EnvRegisterEtcdCertFile, EnvRegisterEtcdKeyFile, EnvRegisterEtcdUser, EnvRegisterEtcdPassword,
-	EnvAdvertise, EnvRegisterTTL, defaultRegisterTTL, EnvLeaveDelay, defaultLeaveDelay.Seconds())
+`, EnvTokenFile, EnvToken, EnvRegisterEtcdPassword)
 
 func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	flags := flag.NewFlagSet("serve", flag.ContinueOnError)
 	address := flags.String("address", "127.0.0.1:0", "host:port to serve gRPC on")
+	registryFlags := addRegistryFlags(flags)
 	flags.Usage = func() {
-		fmt.Fprintf(flags.Output(), "usage: %s serve [-address host:port]\n\n"+
+		fmt.Fprintf(flags.Output(), "usage: %s serve [-address host:port] [-register-etcd URL ...]\n\n"+
 			"Serve the plugin as a gRPC service until SIGTERM or Ctrl+C.\n\n", filepath.Base(os.Args[0]))
-		flags.PrintDefaults()
+		printFlags(flags)
 		fmt.Fprint(flags.Output(), serveEnvironment)
 	}
 	flags.SetOutput(io.Discard) // a mistake is returned (and printed once); help goes to stdout
@@ -155,6 +144,10 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 			return nil
 		}
 		return fmt.Errorf("serve: %w (serve -help lists the flags)", err)
+	}
+	registry, err := registryFlags(env.Getenv)
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
 	}
 	if !isHostPort(*address) {
 		return fmt.Errorf("serve: --address must be host:port with a port in 0-65535 "+
@@ -168,7 +161,7 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	if err != nil {
 		return fmt.Errorf("serve: cannot listen on %s: %w", *address, err)
 	}
-	registry, err := registrationFromEnv(env.Getenv, listener.Addr(), sdkLog)
+	registration, err := registrationFrom(registry, listener.Addr(), sdkLog)
 	if err != nil {
 		listener.Close()
 		return fmt.Errorf("serve: %w", err)
@@ -179,9 +172,9 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	}
 	line := handshakeLine(ProtocolVersion, "tcp", listener.Addr().String(), "")
 	var onStopping func()
-	if registry != nil {
-		registry.start()
-		onStopping = registry.deregister
+	if registration != nil {
+		registration.start()
+		onStopping = registration.deregister
 	}
 	return p.serveOn(ctx, listener, nil, token, true, line, env.Stdout, nil, onStopping)
 }

@@ -14,20 +14,28 @@ etcd's own clients do (said once); should it turn authentication on, the first r
 it refuses is sent once more with a token. Whatever else goes wrong is raised, the
 password never in a message:
 
-    EtcdUnavailable     etcd did not answer, or not with its gateway's JSON
-     └── EtcdRefused    etcd answered and turned this plugin away: the TLS handshake
-                        failed, or the user's name or password is wrong, or the user may
-                        not write the prefix
+    EtcdUnavailable     etcd did not answer, or not with its gateway's JSON: refused,
+     │                  reset or timed out, or a connection closed before etcd had its
+     │                  say, in the TLS handshake too (a flaky etcd or load balancer)
+     └── EtcdRefused    etcd answered and turned this plugin away: a TLS alert (etcd does
+                        not trust its certificate), a certificate of etcd's this plugin
+                        does not trust, a port that does not speak TLS, or the user's
+                        name or password is wrong, or the user may not write the prefix
+
+Which of the two a TLS failure is decides how soon the plugin tries again
+(``registry.Registration``), so it is read with care. With TLS 1.3 the client's side of
+the handshake is over before etcd has checked its certificate: etcd's alert and its close
+may then meet the request being written, which fails with an EOF; the alert is waiting on
+the socket all the same, and is read from there before the failure is called an outage.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import ipaddress
 import os
 import ssl
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +75,11 @@ ENVIRONMENT_NAMES: Mapping[str, str] = {
 
 #: etcd's answers are a few hundred bytes; a larger one is cut here.
 _MAX_ANSWER = 1024 * 1024
+#: Seconds to wait for the TLS alert that may follow a request etcd cut off (it is
+#: normally there already, having come before the close).
+_ALERT_WAIT = 1.0
+#: TLS failures that are a connection closed under the plugin, not something etcd said.
+_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
 #: gRPC status codes etcd's gateway reports (``code``; ``error.grpc_code`` on a stream).
 _INVALID_ARGUMENT = 3  # authentication failed: wrong user name or password
 _PERMISSION_DENIED = 7
@@ -181,8 +194,8 @@ def _reason(error: BaseException | str) -> str:
 
 
 class Gateway:
-    """etcd's v3 JSON gateway over urllib: one POST, one JSON object back. Not thread-safe:
-    one registration thread uses it."""
+    """etcd's v3 JSON gateway over http.client: one POST on a connection of its own, one
+    JSON object back. Not thread-safe: one registration thread uses it."""
 
     def __init__(
         self,
@@ -197,19 +210,23 @@ class Gateway:
             raise ValueError(f"the etcd to register in must be an http(s):// URL: {etcd!r}")
         if parts.username or parts.password:
             raise ValueError("etcd authentication by URL credentials is not supported")
+        try:
+            port = parts.port
+            parts.hostname.encode("idna")  # as the socket layer will: an empty label fails
+        except ValueError:  # UnicodeError too
+            raise ValueError(
+                "the etcd to register in must have a valid host name and a port in 1-65535"
+            ) from None
         self.access = access or EtcdAccess()
-        context = self.access.tls_context(etcd)
+        self._context = self.access.tls_context(etcd)
         self.base = etcd.rstrip("/")
+        # No proxy: a registry is reached directly, as the dispatcher reaches it.
+        self._host, self._port, self._path = parts.hostname, port, parts.path.rstrip("/")
         self.timeout = timeout
         self._say = say
         self._token: str | None = None
         #: etcd answered that its authentication is off: requests go without a token.
         self._authentication_off = False
-        # No proxy: a registry is reached directly, as the dispatcher reaches it.
-        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
-        if context is not None:
-            handlers.append(urllib.request.HTTPSHandler(context=context))
-        self._opener = urllib.request.build_opener(*handlers)
 
     def post(self, path: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """``body`` to ``path`` as the configured user; etcd's answer (its error answers
@@ -280,17 +297,22 @@ class Gateway:
         headers = {"content-type": "application/json"}
         if token is not None:
             headers["authorization"] = token
-        request = urllib.request.Request(
-            self.base + path, data=orjson.dumps(body), headers=headers, method="POST"
-        )
+        connection = self._connection(timeout)
         try:
-            with self._opener.open(request, timeout=timeout) as answer:
+            try:
+                connection.connect()  # TCP, and the TLS handshake over https://
+            except (OSError, ValueError) as error:  # refused, timed out, reset; TLS; a name
+                raise self._failure(error) from None
+            try:
+                connection.request("POST", self._path + path, orjson.dumps(body), headers)
+                answer = connection.getresponse()
                 status, raw = answer.status, answer.read(_MAX_ANSWER)
-        except urllib.error.HTTPError as error:  # the gateway's errors are JSON too
-            status, raw = error.code, error.read(_MAX_ANSWER)
-            error.close()
-        except (OSError, ValueError) as error:  # refused, timed out, reset; TLS; a bad URL
-            raise self._failure(error) from None
+            except (OSError, ValueError, http.client.HTTPException) as error:
+                cut = isinstance(error, (*_CUT, ConnectionError))
+                alert = _pending_alert(connection) if cut else None
+                raise self._failure(alert or error) from None
+        finally:
+            connection.close()
         try:
             document = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -299,8 +321,16 @@ class Gateway:
             raise EtcdUnavailable(f"{self.base} answered something that is not a JSON object")
         return status, document
 
-    def _failure(self, error: Exception) -> EtcdUnavailable:
-        cause = error.reason if isinstance(error, urllib.error.URLError) else error
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        if self._context is None:
+            return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        return http.client.HTTPSConnection(
+            self._host, self._port, timeout=timeout, context=self._context
+        )
+
+    def _failure(self, cause: BaseException) -> EtcdUnavailable:
+        """What ``cause`` says of etcd: an outage, or a refusal (``EtcdRefused``), which the
+        plugin waits longer to try again after."""
         names = self.access.names
         if isinstance(cause, ssl.SSLCertVerificationError):
             hint = (
@@ -311,23 +341,50 @@ class Gateway:
             return EtcdRefused(
                 f"cannot verify etcd's certificate at {self.base} ({cause.verify_message}): {hint}"
             )
-        if isinstance(cause, ssl.SSLError):
-            # etcd drops a client whose certificate it does not trust, with an alert or
-            # without a word (an EOF mid-handshake).
-            hint = (
-                f"does etcd trust the certificate of {names['cert_file']}?"
-                if self.access.cert_file
-                else f"etcd may require a client certificate ({names['cert_file']})"
-            )
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, _CUT):
+            if "ALERT" in str(cause.reason):
+                # etcd's word: it does not trust this plugin's certificate (or got none).
+                hint = (
+                    f"does etcd trust the certificate of {names['cert_file']}?"
+                    if self.access.cert_file
+                    else f"etcd may require a client certificate ({names['cert_file']})"
+                )
+            else:  # e.g. WRONG_VERSION_NUMBER: what answered does not speak TLS
+                hint = f"is {self.base} etcd's TLS port, speaking TLS 1.2 or later?"
             return EtcdRefused(
                 f"the TLS handshake with etcd at {self.base} failed"
                 f" ({cause.reason or _reason(cause)}): {hint}"
+            )
+        if isinstance(cause, _CUT):
+            # A connection closed before etcd had its say: a flaky etcd or load balancer,
+            # an etcd starting or stopping; tried again as one that is down (so is a reset).
+            return EtcdUnavailable(
+                f"{self.base} does not answer (it closed the connection during TLS:"
+                f" {cause.reason or _reason(cause)})"
             )
         return EtcdUnavailable(f"{self.base} does not answer ({_reason(cause)})")
 
     def __repr__(self) -> str:
         who = f" as '{self.access.user}'" if self.access.user else ""
         return f"<Gateway {self.base}{who} token={'yes' if self._token else 'no'}>"
+
+
+def _pending_alert(connection: http.client.HTTPConnection) -> ssl.SSLError | None:
+    """The TLS alert etcd sent before it closed ``connection``, if one is waiting there:
+    with TLS 1.3 etcd checks a client's certificate after the client's side of the
+    handshake is over, so its verdict may reach the socket only as the request being
+    written fails (an EOF), and is read here rather than taken for an outage."""
+    sock = connection.sock
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        sock.settimeout(_ALERT_WAIT)
+        sock.recv(1)
+    except ssl.SSLError as error:
+        return None if isinstance(error, _CUT) else error
+    except OSError:
+        return None
+    return None
 
 
 def _code(document: dict[str, Any]) -> int | None:

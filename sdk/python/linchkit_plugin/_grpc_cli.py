@@ -1,8 +1,10 @@
 """The plugin executable's command line (``linchkit_plugin.grpc_server.main``): which mode
 it runs in, read before the plugin is built.
 
-* ``serve [--address HOST:PORT]``: service mode, with the bearer token callers must
-  present (``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``, docs/security.md);
+* ``serve [--address HOST:PORT] [--register-etcd URL …]``: service mode, with the bearer
+  token callers must present (``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``,
+  docs/security.md) and the registry's flags, shared with ``dispatcher-plugin serve``
+  (``_registry_options``, docs/registry.md);
 * no arguments, with the magic cookie in the environment: subprocess mode, started by a
   host; no token is read, AutoMTLS admits only the host that launched the plugin;
 * anything else: a hint on stderr, for whoever ran it by hand.
@@ -16,23 +18,11 @@ import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from linchkit_plugin._registry_options import add_registry_options
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
 from linchkit_plugin.handshake import MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE
 from linchkit_plugin.listen import address_mistake, host_and_port
-from linchkit_plugin.registry import (
-    ADVERTISE_ENV,
-    DEFAULT_LEAVE_DELAY,
-    DEFAULT_TTL,
-    LEAVE_DELAY_ENV,
-    REGISTER_ETCD_CA_FILE_ENV,
-    REGISTER_ETCD_CERT_FILE_ENV,
-    REGISTER_ETCD_ENV,
-    REGISTER_ETCD_KEY_FILE_ENV,
-    REGISTER_ETCD_PASSWORD_ENV,
-    REGISTER_ETCD_USER_ENV,
-    REGISTER_PREFIX_ENV,
-    REGISTER_TTL_ENV,
-)
+from linchkit_plugin.registry import REGISTER_ETCD_PASSWORD_ENV
 
 __all__ = ["Launch", "read_command_line"]
 
@@ -45,20 +35,10 @@ _SERVE_ENVIRONMENT = f"""\
 environment (docs/registry.md, docs/security.md):
   {TOKEN_FILE_ENV}, {TOKEN_ENV}
       the bearer token every call must carry (without it anyone may call)
-  {REGISTER_ETCD_ENV}, {REGISTER_PREFIX_ENV}
-      register {{"address": "host:port"}} in this etcd, under this prefix, while serving
-  {REGISTER_ETCD_CA_FILE_ENV}
-      https://: PEM roots that verify etcd (default: the system's)
-  {REGISTER_ETCD_CERT_FILE_ENV}, {REGISTER_ETCD_KEY_FILE_ENV}
-      https://: the client certificate to present to etcd, and its unencrypted key
-  {REGISTER_ETCD_USER_ENV}, {REGISTER_ETCD_PASSWORD_ENV}
-      register as this etcd user (over http:// only to a loopback etcd)
-  {ADVERTISE_ENV}
-      the host:port dispatchers reach (required when listening on 0.0.0.0 or ::)
-  {REGISTER_TTL_ENV}
-      the lease's seconds, at least 2 (default {DEFAULT_TTL})
-  {LEAVE_DELAY_ENV}
-      seconds served on after leaving the registry on SIGTERM, 0-600 (default {DEFAULT_LEAVE_DELAY:g})
+  {REGISTER_ETCD_PASSWORD_ENV}
+      the password of --register-etcd-user: no flag takes it, a command line shows in ps
+  [LINCHKIT_...] after a flag above
+      the variable that flag reads when it is not given
 """
 
 
@@ -84,6 +64,7 @@ def read_command_line(argv: Sequence[str]) -> Launch | None:
         parser.add_argument(
             "--address", default="127.0.0.1:0", help="host:port to listen on (%(default)s)"
         )
+        add_registry_options(parser, kind="address")
         arguments = parser.parse_args(argv[1:])
         if host_and_port(arguments.address) is None:
             sys.stderr.write(address_mistake(arguments.address) + "\n")

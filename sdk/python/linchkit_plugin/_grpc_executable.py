@@ -2,9 +2,9 @@
 (``linchkit_plugin.grpc_server.main``), until SIGTERM or SIGINT:
 
 * service mode (``serve --address``): listen, print the handshake line with the bound
-  address, register in etcd while serving when ``LINCHKIT_REGISTER_ETCD`` says so
-  (docs/registry.md), and on a stop leave the registry and serve ``LINCHKIT_LEAVE_DELAY``
-  seconds more before draining;
+  address, register in etcd while serving when ``--register-etcd`` (or
+  ``LINCHKIT_REGISTER_ETCD``) says so (docs/registry.md), and on a stop leave the registry
+  and serve ``--leave-delay`` seconds more before draining;
 * subprocess mode (the handshake environment, docs/protocol.md): negotiate the protocol
   version, serve mutual TLS when the host sent its certificate (AutoMTLS), listen on a
   Unix socket (or TCP on loopback), print the handshake line, and stop when stdin reaches
@@ -22,8 +22,9 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
+from linchkit_plugin._registry_options import registry_settings
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV
 from linchkit_plugin.handshake import (
     CLIENT_CERT_ENV,
@@ -32,18 +33,7 @@ from linchkit_plugin.handshake import (
     SOCKET_DIR_ENV,
     HandshakeLine,
 )
-from linchkit_plugin.registry import (
-    ADVERTISE_ENV,
-    DEFAULT_LEAVE_DELAY,
-    DEFAULT_TTL,
-    LEAVE_DELAY_ENV,
-    REGISTER_ETCD_ENV,
-    REGISTER_PREFIX_ENV,
-    REGISTER_TTL_ENV,
-    EtcdAccess,
-    Registration,
-    advertised_value,
-)
+from linchkit_plugin.registry import Registration
 
 __all__ = ["Servable", "run"]
 
@@ -87,47 +77,6 @@ def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     threading.Thread(target=read_until_eof, name="stdin-eof", daemon=True).start()
 
 
-class _Registering(NamedTuple):
-    """How this service registers once its port is known, and how long it serves on
-    after leaving (``registry.DEFAULT_LEAVE_DELAY``)."""
-
-    registration: Callable[[int], Registration]
-    leave_delay: float
-
-
-def _registration_from_environment(host: str) -> _Registering | None:
-    """With ``LINCHKIT_REGISTER_ETCD`` set, how to register this service once its port is
-    known (``docs/registry.md``); every setting is checked now, before serving."""
-    etcd = os.environ.get(REGISTER_ETCD_ENV)
-    if not etcd:
-        return None
-    prefix = os.environ.get(REGISTER_PREFIX_ENV)
-    if not prefix:
-        raise ValueError(f"{REGISTER_ETCD_ENV} needs {REGISTER_PREFIX_ENV}")
-    advertise = os.environ.get(ADVERTISE_ENV)
-    try:
-        ttl = int(os.environ.get(REGISTER_TTL_ENV) or DEFAULT_TTL)
-    except ValueError:
-        raise ValueError(f"{REGISTER_TTL_ENV} must be a whole number of seconds") from None
-    leave_delay = os.environ.get(LEAVE_DELAY_ENV) or str(DEFAULT_LEAVE_DELAY)
-    try:
-        seconds = float(leave_delay)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 <= seconds <= 600:  # NaN fails too
-        raise ValueError(
-            f"{LEAVE_DELAY_ENV} is a number of seconds in [0, 600], not {leave_delay!r}"
-        )
-    access = EtcdAccess.from_environment()
-
-    def registration(port: int) -> Registration:
-        value = advertised_value(advertise, host=host, port=port, kind="address")
-        return Registration(etcd, prefix, value, ttl=ttl, access=access)
-
-    registration(1)  # checks the URL, prefix, TTL, address and etcd access; starts nothing
-    return _Registering(registration, seconds)
-
-
 def _handshake(protocol_version: int, network: str, address: str, certificate: str) -> None:
     line = HandshakeLine.of(protocol_version, network, address, certificate)
     sys.stdout.write(f"{line}\n")
@@ -157,7 +106,7 @@ async def run(
         address = arguments.address
         host_part = address.rsplit(":", 1)[0]
         try:
-            registering = _registration_from_environment(host_part)
+            registering = registry_settings(arguments, kind="address", host=host_part)
         except ValueError as error:
             sys.stderr.write(f"serve: {error}\n")
             return 1
@@ -173,7 +122,7 @@ async def run(
                 sys.stderr.flush()
             _handshake(protocol_version, "tcp", f"{host_part}:{port}", "")
             if registering is not None:
-                registrations.append(registering.registration(port))
+                registrations.append(registering.registration(host_part, port))
                 registrations[-1].start()
 
         async def deregister() -> None:

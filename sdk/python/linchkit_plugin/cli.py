@@ -2,8 +2,10 @@
 
 argparse, not click: a deployed plugin installs nothing it does not need. Every option
 can also come from a ``LINCHKIT_PLUGIN_*`` variable, because the docker provider and
-container orchestrators configure a server through its environment; the bearer token
-can only come from a file or the environment, never the command line (``ps`` shows it).
+container orchestrators configure a server through its environment (the registry's from
+``LINCHKIT_REGISTER_*`` ones: ``_registry_options``, shared with the gRPC service); the
+bearer token and etcd's password can only come from a file or the environment, never the
+command line (``ps`` shows it).
 """
 
 from __future__ import annotations
@@ -18,42 +20,22 @@ from typing import Any, NoReturn
 
 import orjson
 
+from linchkit_plugin._registry_options import (
+    RegistrySettings,
+    add_registry_options,
+    registry_settings,
+    websocket_refusal,
+)
 from linchkit_plugin.asgi import PluginApp
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
 from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.limits import ServerLimits
-from linchkit_plugin.registry import (
-    ADVERTISE_ENV,
-    DEFAULT_LEAVE_DELAY,
-    DEFAULT_TTL,
-    LEAVE_DELAY_ENV,
-    REGISTER_ETCD_CA_FILE_ENV,
-    REGISTER_ETCD_CERT_FILE_ENV,
-    REGISTER_ETCD_ENV,
-    REGISTER_ETCD_KEY_FILE_ENV,
-    REGISTER_ETCD_PASSWORD_ENV,
-    REGISTER_ETCD_USER_ENV,
-    REGISTER_PREFIX_ENV,
-    REGISTER_TTL_ENV,
-    EtcdAccess,
-    Registration,
-    advertised_value,
-)
+from linchkit_plugin.registry import Registration
 from linchkit_plugin.tracing import configure_from_env
 
 _ENV = "LINCHKIT_PLUGIN_"
 _DEFAULTS = ServerLimits()
-
-#: How messages name the etcd access settings: by flag; the password has none (``ps``
-#: would show it), only its variable.
-_ETCD_ACCESS_NAMES = {
-    "ca_file": "--register-etcd-ca-file",
-    "cert_file": "--register-etcd-cert-file",
-    "key_file": "--register-etcd-key-file",
-    "user": "--register-etcd-user",
-    "password": REGISTER_ETCD_PASSWORD_ENV,
-}
 
 # (option, ServerLimits field, type, what it guards): each also reads LINCHKIT_PLUGIN_<FIELD>.
 _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
@@ -196,69 +178,7 @@ def _parser() -> argparse.ArgumentParser:
         default=env(_ENV + "VERSION", ""),
         help="--websocket: the plugin version its hello says [LINCHKIT_PLUGIN_VERSION]",
     )
-    registry = serve.add_argument_group(
-        "registry (a dispatcher fleet finds this server in etcd; docs/registry.md)"
-    )
-    registry.add_argument(
-        "--register-etcd",
-        default=env(REGISTER_ETCD_ENV),
-        metavar="URL",
-        help=f"register in the etcd at URL while serving [{REGISTER_ETCD_ENV}]",
-    )
-    registry.add_argument(
-        "--register-etcd-ca-file",
-        default=env(REGISTER_ETCD_CA_FILE_ENV),
-        metavar="PEM",
-        help="https://: PEM roots that verify etcd (default: the system's)"
-        f" [{REGISTER_ETCD_CA_FILE_ENV}]",
-    )
-    registry.add_argument(
-        "--register-etcd-cert-file",
-        default=env(REGISTER_ETCD_CERT_FILE_ENV),
-        metavar="PEM",
-        help=f"https://: the client certificate to present to etcd [{REGISTER_ETCD_CERT_FILE_ENV}]",
-    )
-    registry.add_argument(
-        "--register-etcd-key-file",
-        default=env(REGISTER_ETCD_KEY_FILE_ENV),
-        metavar="PEM",
-        help=f"the unencrypted key of --register-etcd-cert-file [{REGISTER_ETCD_KEY_FILE_ENV}]",
-    )
-    registry.add_argument(
-        "--register-etcd-user",
-        default=env(REGISTER_ETCD_USER_ENV),
-        metavar="NAME",
-        help=f"register as this etcd user, whose password is read from {REGISTER_ETCD_PASSWORD_ENV}"
-        f" only [{REGISTER_ETCD_USER_ENV}]",
-    )
-    registry.add_argument(
-        "--register-prefix",
-        default=env(REGISTER_PREFIX_ENV),
-        metavar="PREFIX",
-        help=f"under this key prefix, e.g. /linchkit/plugins/echo [{REGISTER_PREFIX_ENV}]",
-    )
-    registry.add_argument(
-        "--advertise",
-        default=env(ADVERTISE_ENV),
-        metavar="URL_OR_ADDRESS",
-        help=f"where dispatchers reach this server (default: where it listens) [{ADVERTISE_ENV}]",
-    )
-    registry.add_argument(
-        "--register-ttl",
-        type=int,
-        default=int(env(REGISTER_TTL_ENV, DEFAULT_TTL)),
-        metavar="SECONDS",
-        help="a killed server leaves the registry this long after its last renewal"
-        f" [{REGISTER_TTL_ENV}] (default: %(default)s)",
-    )
-    registry.add_argument(
-        "--leave-delay",
-        type=float,
-        default=env(LEAVE_DELAY_ENV, str(DEFAULT_LEAVE_DELAY)),  # argparse applies type
-        metavar="SECONDS",
-        help="on SIGTERM, keep answering this long after leaving the registry, while"
-        f" dispatchers learn it left [{LEAVE_DELAY_ENV}] (default: %(default)s)",
-    )
+    add_registry_options(serve, kind="url")
     connect = commands.add_parser(
         "connect",
         help="dial a dispatcher's gateway and take calls over that connection (reverse mode)",
@@ -356,6 +276,9 @@ def _serve_websocket(options: argparse.Namespace) -> None:
 def serve(options: argparse.Namespace) -> None:
     _check_listening(options)
     if options.websocket:
+        refusal = websocket_refusal(options)
+        if refusal is not None:
+            _fail(refusal)
         _serve_websocket(options)
         return
     try:
@@ -375,7 +298,7 @@ def serve(options: argparse.Namespace) -> None:
         _fail(str(error))
     if not isinstance(config, dict):
         _fail("--config must be a JSON object")
-    registering = _check_registration(options)
+    registering = _registry_settings(options)
     configure_from_env()  # OTEL_* variables: spans of traced calls go to their collector
     if options.http != "auto" and options.http not in HTTP_IMPLEMENTATIONS:
         _fail(f"--http {options.http} is not installed: pip install {options.http}")
@@ -423,26 +346,17 @@ def serve(options: argparse.Namespace) -> None:
     registration: list[Registration] = []
 
     def register(sockets: Sequence[socket.socket]) -> None:
-        if not registering:
+        if registering is None:
             return
         host, port = ("", 0) if options.uds else sockets[0].getsockname()[:2]
-        value = advertised_value(options.advertise, host=host, port=port, kind="url")
-        registration.append(
-            Registration(
-                options.register_etcd,
-                options.register_prefix,
-                value,
-                ttl=options.register_ttl,
-                access=_etcd_access(options),
-            )
-        )
+        registration.append(registering.registration(host, port))
         registration[0].start()
 
     async def deregister() -> None:
         for each in registration:  # before draining: no dispatcher sends another call
             await asyncio.to_thread(each.stop)
-        if registration:  # ... once each has seen it leave (registry.DEFAULT_LEAVE_DELAY)
-            await asyncio.sleep(options.leave_delay)
+        if registering is not None and registration:  # ... once each has seen it leave
+            await asyncio.sleep(registering.leave_delay)
 
     run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
 
@@ -490,45 +404,13 @@ def _try_unix_socket(path: str) -> None:
         _fail(f"cannot listen on the Unix socket {path}: {error.strerror or error}")
 
 
-def _check_registration(options: argparse.Namespace) -> bool:
-    """Whether to register in etcd; every registry option checked before serving, so a
-    mistake fails at once rather than after the server started."""
-    if not options.register_etcd:
-        return False
-    if not options.register_prefix:
-        _fail(f"--register-etcd needs --register-prefix (or {REGISTER_PREFIX_ENV})")
-    if not 0 <= options.leave_delay <= 600:  # NaN fails too
-        _fail(f"--leave-delay is a number of seconds in [0, 600], not {options.leave_delay}")
+def _registry_settings(options: argparse.Namespace) -> RegistrySettings | None:
+    """How to register in etcd, if at all; every registry setting checked before serving,
+    so a mistake fails at once rather than after the server started."""
     try:
-        # The real port is known once listening; any port stands in for it here.
-        value = advertised_value(
-            options.advertise,
-            host="" if options.uds else options.host,
-            port=0 if options.uds else 1,
-            kind="url",
-        )
-        # Checks the URL, the prefix, the TTL and how etcd is reached; starts nothing.
-        Registration(
-            options.register_etcd,
-            options.register_prefix,
-            value,
-            ttl=options.register_ttl,
-            access=_etcd_access(options),
-        )
+        return registry_settings(options, kind="url", host=None if options.uds else options.host)
     except ValueError as error:
         _fail(str(error))
-    return True
-
-
-def _etcd_access(options: argparse.Namespace) -> EtcdAccess:
-    return EtcdAccess(
-        ca_file=options.register_etcd_ca_file or None,
-        cert_file=options.register_etcd_cert_file or None,
-        key_file=options.register_etcd_key_file or None,
-        user=options.register_etcd_user or None,
-        password=os.environ.get(REGISTER_ETCD_PASSWORD_ENV) or None,
-        names=_ETCD_ACCESS_NAMES,
-    )
 
 
 def _identity(name: str) -> str:

@@ -10,10 +10,12 @@ Run the executable:
   plain gRPC until SIGTERM. With ``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``
   set, every RPC but health's and reflection's needs metadata
   ``authorization: Bearer <token>`` (else ``UNAUTHENTICATED``); without either it serves
-  anyone and warns on stderr. With ``LINCHKIT_REGISTER_ETCD`` and ``_PREFIX`` set it
-  registers ``{"address": …}`` in that etcd while it serves (``linchkit_plugin.registry``,
-  docs/registry.md; TLS and etcd's users by ``LINCHKIT_REGISTER_ETCD_CA_FILE``, ``_CERT_FILE``,
-  ``_KEY_FILE``, ``_USER`` and ``_PASSWORD``) and leaves it on SIGTERM, serving ``LINCHKIT_LEAVE_DELAY`` seconds (1)
+  anyone and warns on stderr. With ``--register-etcd`` and ``--register-prefix`` (or
+  ``LINCHKIT_REGISTER_ETCD`` and ``_PREFIX``) it registers ``{"address": …}`` in that etcd
+  while it serves (``linchkit_plugin.registry``, docs/registry.md; TLS and etcd's users by
+  ``--register-etcd-ca-file``, ``-cert-file``, ``-key-file``, ``-user`` and
+  ``LINCHKIT_REGISTER_ETCD_PASSWORD``: the flags of ``dispatcher-plugin serve``, from
+  ``_registry_options``) and leaves it on SIGTERM, serving ``--leave-delay`` seconds (1)
   more while dispatchers learn it left, before draining.
 * started by a host with the handshake environment (``docs/protocol.md``) — a subprocess
   plugin: checks the magic cookie, negotiates the protocol version, listens on a Unix

@@ -8,14 +8,15 @@ the lease ends (``ttl`` seconds); one that stops gracefully deletes its key and 
 its lease first, so no dispatcher sends it another call.
 
 The SDK depends on orjson only, so etcd is reached through its v3 JSON gateway with
-urllib (``_etcd_gateway``: TLS, a client certificate, one of etcd's users and its token),
+http.client (``_etcd_gateway``: TLS, a client certificate, one of etcd's users and its token),
 on one thread of its own (``Registration``): no asyncio loop is needed, and the plugin's
 loop never waits for etcd. An etcd that does not answer, or turns the plugin away (its
 certificate, its user's password or permission), is not fatal: the plugin serves, says
 so once on stderr, and keeps trying; it registers once etcd answers and admits it, and
 registers again if etcd lost its lease (an etcd restarted without its data). An etcd
-that does not answer is tried again about every second; one that turns the plugin away,
-after waits that double up to ``REFUSED_RETRY_CAP`` (``refused_retry_wait``).
+that does not answer (a connection refused, reset, timed out or closed, mid-TLS-handshake
+too) is tried again about every second; one that turns the plugin away, after waits that
+double up to ``REFUSED_RETRY_CAP`` (``refused_retry_wait``).
 """
 
 from __future__ import annotations

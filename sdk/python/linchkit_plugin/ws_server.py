@@ -40,6 +40,7 @@ from typing import Any
 
 from aiohttp import web
 
+from linchkit_plugin._registry_options import websocket_refusal
 from linchkit_plugin._ws_dial import Refused, dial
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of
@@ -279,6 +280,10 @@ def main(
     where = host_and_port(options.address)
     if where is None:
         sys.stderr.write(address_mistake(options.address) + "\n")
+        return 1
+    refusal = websocket_refusal(None)  # LINCHKIT_REGISTER_ETCD, meant for the gRPC service
+    if refusal is not None:
+        sys.stderr.write(f"serve: {refusal}\n")
         return 1
 
     async def serve() -> int:
