@@ -27,7 +27,6 @@ import logging
 import random
 import ssl
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -39,6 +38,7 @@ from providers.invocation import Invocation
 from providers.served import served_names
 from providers.websocket.channel import Channel, EventSink
 from providers.websocket.hello import read_hello
+from providers.websocket.sharing import DialUsers
 from providers.websocket.target import WebSocketTarget
 
 __all__ = ["DialedPlugin"]
@@ -47,22 +47,25 @@ log = logging.getLogger("dispatcher.providers.websocket")
 
 
 class DialedPlugin:
-    """The connection of one dial-mode target and the task that keeps it up."""
+    """The connection of one dial-mode target and the task that keeps it up, for the
+    versions of one plugin attached over it (``users``: ``providers.websocket.sharing``)."""
 
     def __init__(
         self,
         target: WebSocketTarget,
-        plugin_id: str,
         session: aiohttp.ClientSession,
-        sink: EventSink | None,
-        report_served: Callable[[frozenset[str] | None], None] | None = None,
+        users: DialUsers,
+        *,
+        events: bool = True,
     ) -> None:
-        """``report_served``: told what each connection's ``hello`` listed."""
+        """``users``: told what each connection's ``hello`` said; ``events``: whether
+        the plugin's events are taken (to ``users``) or ignored."""
         self.target = target
-        self.plugin_id = plugin_id
+        self.users = users
+        self.plugin_id = users.plugin_id
         self.describe = target.describe()
         self._session = session
-        self._sink = sink
+        self._sink: EventSink | None = users.emit if events else None
         self._ids = itertools.count(1)  # across reconnects: an id never names two calls
         self.channel: Channel | None = None
         self._up = asyncio.Event()
@@ -79,7 +82,6 @@ class DialedPlugin:
         self.hello: dict[str, Any] = {}
         #: The methods that ``hello`` listed (``providers.served``).
         self.served: frozenset[str] | None = None
-        self._report_served = report_served
 
     def start(self) -> None:
         if self._task is None:
@@ -257,8 +259,7 @@ class DialedPlugin:
             raise ProviderError(f"is plugin {hello['id']!r:.80}, not {self.plugin_id!r}")
         self.hello = hello
         self.served = served_names(hello.get("methods", ()))
-        if self._report_served is not None:
-            self._report_served(self.served)
+        self.users.heard(hello["version"], self.served)
 
     async def _flush_events(self, channel: Channel) -> None:
         try:

@@ -1,14 +1,19 @@
 """``provider: websocket``: calls, streams and events in both directions over one WebSocket.
 
-Dial mode (``url``): one ``DialedPlugin`` per target keeps a connection to the plugin's
-endpoint up, reconnecting with backoff and jitter. Reverse mode (``mode: inbound``): the
-gateway admits a plugin (``admit``: its token or principal) and hands the upgraded
-connection to ``accept``, which checks the plugin's ``hello`` and registers it as an
-instance of the target's fleet (``instance_source``); the fleet layer balances over them.
-An inbound target names its plugin version (``WebSocketTarget.plugin``): its fleet holds
-that version's connections only. A reload that leaves such a target out closes its
-connections once their calls are done (``close_connections``): 1012 when the plugin's id
-still takes connections (dial again), 1001 when it is gone.
+Dial mode (``url``): one ``DialedPlugin`` per plugin id and target keeps a connection to
+the plugin's endpoint up, reconnecting with backoff and jitter. A connection is one
+plugin id's (its ``hello`` must name it) and no one version's: the versions of a plugin
+on equal targets (a rollout, a reload adding version 2 beside version 1) share it, and
+it closes when the last of them is detached (``providers.websocket.sharing``).
+
+Reverse mode (``mode: inbound``): the gateway admits a plugin (``admit``: its token or
+principal) and hands the upgraded connection to ``accept``, which checks the plugin's
+``hello`` and registers it as an instance of the target's fleet (``instance_source``);
+the fleet layer balances over them. An inbound target names its plugin version
+(``WebSocketTarget.plugin``): its fleet holds that version's connections only. A reload
+that leaves such a target out closes its connections once their calls are done
+(``close_connections``): 1012 when the plugin's id still takes connections (dial again),
+1001 when it is gone.
 
 Errors, as every provider maps them here and nowhere else:
 
@@ -60,6 +65,7 @@ from providers.invocation import Invocation
 from providers.served import served_names
 from providers.target import connection_heartbeat
 from providers.websocket.inbound import ConnectionSource, Inbound, InboundConnection
+from providers.websocket.sharing import DialUsers
 from providers.websocket.target import WebSocketTarget
 
 if TYPE_CHECKING:
@@ -80,8 +86,9 @@ class WebSocketProvider(Provider[WebSocketTarget]):
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
-        #: Dial mode, by ``target.key``: equal targets share one connection.
-        self._dialed: dict[str, DialedPlugin] = {}
+        #: Dial mode, by plugin id and ``target.key``: the versions of a plugin on equal
+        #: targets share one connection (``DialedPlugin.users``).
+        self._dialed: dict[tuple[str, str], DialedPlugin] = {}
         self.inbound = Inbound()
         #: Inbound targets a reload left out, by key: the close code and reason their
         #: connections got, for one whose handshake ends after that (``close_connections``).
@@ -106,39 +113,57 @@ class WebSocketProvider(Provider[WebSocketTarget]):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def attach(self, plugin: PluginInfo, target: WebSocketTarget) -> None:
-        if target.mode != "dial" or target.key in self._dialed:
+        # No await: who uses a connection changes at once with it (a detach on another
+        # task sees all of this attach or none).
+        if target.mode != "dial":
             return  # an inbound connection attaches by connecting
+        key = (plugin.id, target.key)
+        dialed = self._dialed.get(key)
+        if dialed is None:
+            dialed = self._dial(plugin.id, target)
+            self._dialed[key] = dialed
+            dialed.start()
+        elif dialed.served is not None:
+            # Joining an open connection: told what its hello listed, as the others were.
+            self.report_served(plugin, target, dialed.served)
+        dialed.users.join(plugin, self.event_sink_of(plugin))
+
+    def _dial(self, plugin_id: str, target: WebSocketTarget) -> DialedPlugin:
         for destination in target.destinations():
             self.egress.check(destination)  # names are checked again as they resolve
         if self._session is None:
             raise TargetUnavailable(f"{target.describe()}: the provider is not started")
         from providers.websocket.dialer import DialedPlugin
 
-        dialed = DialedPlugin(
-            target,
-            plugin.id,
-            self._session,
-            self.event_sink_of(plugin),
-            report_served=lambda served: self.report_served(plugin, target, served),
-        )
-        self._dialed[target.key] = dialed
-        dialed.start()
+        def report(plugin: PluginInfo, served: frozenset[str] | None) -> None:
+            self.report_served(plugin, target, served)
+
+        users = DialUsers(plugin_id, report)
+        return DialedPlugin(target, self._session, users, events=self.event_sink is not None)
 
     async def detach(self, plugin: PluginInfo, target: WebSocketTarget) -> None:
-        # One detach queue will do: none waits on the plugin (readers cancelled, the close aborts).
-        dialed = self._dialed.pop(target.key, None)
-        if dialed is not None:
-            await dialed.close()
+        # One detach queue will do: a detach that leaves another version on the
+        # connection awaits nothing, and the last one's close waits on no plugin (its
+        # readers are cancelled, the close aborts).
+        if target.mode != "dial":
+            return
+        key = (plugin.id, target.key)
+        dialed = self._dialed.get(key)
+        if dialed is None or not dialed.users.leave(plugin):
+            return  # not attached here (detached already, or never dialled)
+        if dialed.users:
+            return  # another version still calls over it
+        del self._dialed[key]  # before the await: an attach from now on dials anew
+        await dialed.close()
 
     # -- calls -----------------------------------------------------------------------------
 
-    async def _channel(self, target: WebSocketTarget, invocation: Invocation | None) -> Channel:
-        if target.mode == "dial":
-            dialed = self._dialed.get(target.key)
-            if dialed is None:
-                raise TargetUnavailable(f"{target.describe()} is not attached")
-            return await dialed.ready(invocation)
-        return self._connected(target).channel
+    async def _channel(self, target: WebSocketTarget, invocation: Invocation) -> Channel:
+        """The dialled connection the call's plugin has on ``target``."""
+        dialed = self._dialed.get((invocation.plugin, target.key))
+        if dialed is None:
+            raise TargetUnavailable(f"{target.describe()} is not attached")
+        return await dialed.ready(invocation)
 
     def _connected(self, target: WebSocketTarget) -> InboundConnection:
         """The inbound connection a concrete inbound target names."""
@@ -171,13 +196,13 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         self, plugin: PluginInfo, target: WebSocketTarget, event: str, data: Any
     ) -> None:
         """Send the host event to ``plugin`` over the target's connection. A dialled URL
-        is one plugin process, whichever entries name it (they share the connection):
-        sending on it is sending to ``plugin``. An inbound connection is one plugin
-        process too, admitted as ``plugin``: the fleet of an inbound target is that of
-        one plugin version (``WebSocketTarget.plugin``), so its connections are all
-        ``plugin``'s."""
+        is one plugin process, whichever versions of it name the URL (they share the
+        connection): sending on it is sending to ``plugin``. An inbound connection is
+        one plugin process too, admitted as ``plugin``: the fleet of an inbound target
+        is that of one plugin version (``WebSocketTarget.plugin``), so its connections
+        are all ``plugin``'s."""
         if target.mode == "dial":
-            dialed = self._dialed.get(target.key)
+            dialed = self._dialed.get((plugin.id, target.key))
             if dialed is None:
                 raise TargetUnavailable(f"{target.describe()} is not attached")
             await dialed.send_event(event, data)
@@ -189,10 +214,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
     async def health(self, target: WebSocketTarget) -> Health:
         timeout = max(target.heartbeat_ms / 1000, 1.0)
         if target.mode == "dial":
-            dialed = self._dialed.get(target.key)
-            if dialed is None:
-                return Health("not_serving", "not attached")
-            return await dialed.health(timeout)
+            return await self._dialed_health(target, timeout)
         if target.connection is None:
             connected = len(self.inbound.of_fleet(target.key))
             detail = f"{connected} plugin(s) connected"
@@ -200,10 +222,25 @@ class WebSocketProvider(Provider[WebSocketTarget]):
                 return Health("serving", detail, extra={"connected": connected})
             return Health("not_serving", detail, extra={"connected": connected})
         try:
-            channel = await self._channel(target, None)
+            channel = self._connected(target).channel
         except DispatchError as error:
             return Health("not_serving", error.message)
         return await channel.health(timeout)
+
+    async def _dialed_health(self, target: WebSocketTarget, timeout: float) -> Health:
+        dialed = [each for (_, key), each in self._dialed.items() if key == target.key]
+        if not dialed:
+            return Health("not_serving", "not attached")
+        if len(dialed) == 1:
+            return await dialed[0].health(timeout)
+        healths = await asyncio.gather(*(each.health(timeout) for each in dialed))
+        # Plugins of several ids dial this URL, each its own connection: one hello names
+        # one id, so one of them at most is served. The target is not, as a whole.
+        for each, health in zip(dialed, healths, strict=True):
+            if not health.ok:
+                detail = f"as plugin {each.plugin_id}: {health.detail}"
+                return Health(health.status, detail, health.latency_ms, health.extra)
+        return healths[0]
 
     async def served_methods(
         self, plugin: PluginInfo, target: WebSocketTarget, *, timeout: float
@@ -211,7 +248,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         """What the ``hello`` of the target's connection listed (dialled: the last one;
         inbound: that connection's)."""
         if target.mode == "dial":
-            dialed = self._dialed.get(target.key)
+            dialed = self._dialed.get((plugin.id, target.key))
             return None if dialed is None else dialed.served
         connection = self.inbound.get(target.connection) if target.connection else None
         return None if connection is None else connection.served

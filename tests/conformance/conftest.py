@@ -138,11 +138,16 @@ class SocketView:
         target = self.example.target()
         if self.example.mode == "inbound":
             return self.provider.inbound.get(target.connection).hello  # type: ignore[no-any-return]
-        return self.provider._dialed[target.key].hello  # type: ignore[no-any-return]
+        return self._dialled(target.key).hello  # type: ignore[no-any-return]
+
+    def _dialled(self, target_key: str) -> Any:
+        """The dialled connection to the target (one plugin dials it: by id and target)."""
+        (dialed,) = [each for (_, key), each in self.provider._dialed.items() if key == target_key]
+        return dialed
 
     async def describe_plugin(self, timeout: float) -> dict[str, Any]:
         if self.example.mode == "websocket":  # dialled: wait for the connection and its hello
-            await self.provider._dialed[self.example.target().key].ready(None)
+            await self._dialled(self.example.target().key).ready(None)
         hello = self._hello()
         streaming = set(hello.get("streaming", ()))
         return {
