@@ -245,6 +245,14 @@ class TargetConfig(StrictModel):
         then held to its own target's). The default: none."""
         return {}
 
+    def one_plugin_endpoint(self) -> str | None:
+        """Where this target reaches a process that serves a single plugin id, which it
+        names when the dispatcher connects (a dialled WebSocket plugin's ``hello``); None,
+        the default, where one endpoint may serve several plugins or none is reached. The
+        manifest refuses two plugin ids at one such endpoint (``dispatcher.config.loader``):
+        the second's every call would be refused there."""
+        return None
+
     def is_fleet(self) -> bool:
         return bool(self.instance_sources()) or len(self.instance_targets()) > 1
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from socket_plugin import SocketPlugin
 
-from dispatcher import Dispatcher, ProviderError, TargetUnavailable
+from dispatcher import Dispatcher, ManifestError, ProviderError, TargetUnavailable
 from dispatcher.config import parse_manifest
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_server import WebSocketPluginServer
@@ -174,13 +174,28 @@ async def test_a_version_that_joins_an_open_connection_hears_what_its_hello_list
             assert plugin.proxy.connections == 1
 
 
-async def test_another_plugin_id_at_the_same_url_gets_its_own_connection_and_hello() -> None:
+def test_two_plugin_ids_at_one_dialled_url_are_refused_at_load() -> None:
+    """The process at a dialled URL serves one plugin id: a manifest that sends a second
+    to it is refused when it loads, naming both entries; versions of one plugin may."""
+    sock, twin = entry(8999, "1.0.0"), entry(8999, "1.0.0", "twin")
+    with pytest.raises(ManifestError) as raised:
+        parse_manifest({"plugins": [sock, twin]})
+    (problem,) = raised.value.problems
+    assert problem.path == "plugins[1].target"
+    assert "twin@1.0.0 is sent to ws://127.0.0.1:8999/" in problem.message
+    assert "plugins[0].target sends plugin 'sock'" in problem.message
+    parse_manifest({"plugins": [sock, entry(8999, "2.0.0")]})  # one plugin, two versions
+
+
+async def test_another_plugin_id_at_the_same_process_gets_its_own_connection_and_hello() -> None:
     """A dialled connection is one plugin id's (its ``hello`` must name it). Before, a
     second plugin on an equal target rode the first's connection unchecked: its calls
     ran in a process that said it was ``sock``. Now it dials its own, whose hello is
-    refused; its calls fail typed, and ``sock``'s go on."""
+    refused; its calls fail typed, and ``sock``'s go on. (Two URLs to one process: the
+    manifest refuses one URL named by two plugin ids.)"""
     async with served() as plugin:
         sock, twin = entry(plugin.port, "1.0.0"), entry(plugin.port, "1.0.0", "twin")
+        twin["target"]["url"] += "twin"  # the SDK's server answers on any path
         async with Dispatcher(manifest(sock, twin)) as dispatcher:
             await answers(dispatcher, "1.0.0")
             ran = len(plugin.plugin.ran)
@@ -189,11 +204,11 @@ async def test_another_plugin_id_at_the_same_url_gets_its_own_connection_and_hel
             assert "not 'twin'" in raised.value.message
             assert len(plugin.plugin.ran) == ran  # it never reached the plugin
             await answers(dispatcher, "1.0.0")
-            # Health is asked of the target, which one of the two ids at most can be
-            # served at: it says which is not.
+            # Each target's health says what its connection found.
             reports = {r.plugin: r.health for r in await dispatcher.health(timeout=5)}
             assert not reports["twin"].ok
-            assert "as plugin twin" in reports["twin"].detail
+            assert "is plugin 'sock', not 'twin'" in reports["twin"].detail
+            assert reports["sock"].ok
 
 
 async def test_a_detach_that_leaves_another_version_attached_never_waits() -> None:

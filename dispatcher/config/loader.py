@@ -395,6 +395,7 @@ def _semantic_problems(
     yield from _rollout_problems(manifest, describe)
     yield from _host_module_problems(manifest, describe)
     yield from _connection_setting_problems(manifest)
+    yield from _shared_endpoint_problems(manifest, describe)
 
 
 def _written_targets(plugin: PluginSpec[Any]) -> Iterator[tuple[str, TargetConfig]]:
@@ -453,6 +454,31 @@ def _connection_setting_problems(manifest: Manifest[Any]) -> Iterator[ManifestPr
                     f" targets, and {name} is that connection's: {value!r} here,"
                     f" {seen[0]!r} on its {seen[1]}. Set the same {name} on each",
                 )
+
+
+def _shared_endpoint_problems(
+    manifest: Manifest[Any], describe: Callable[[str, int], str]
+) -> Iterator[ManifestProblem]:
+    """Two plugin ids sent to one endpoint whose process serves a single plugin id
+    (``TargetConfig.one_plugin_endpoint``): it names one id when connected to, and every
+    call of the other would be refused there. Versions of one plugin may share it."""
+    first: dict[str, tuple[str, int, str]] = {}
+    for index, plugin in enumerate(manifest.plugins):
+        for field, target in _written_targets(plugin):
+            endpoint = target.one_plugin_endpoint()
+            if endpoint is None:
+                continue
+            seen = first.setdefault(endpoint, (plugin.id, index, field))
+            if seen[0] == plugin.id:
+                continue
+            entry, of, source = describe("plugins", seen[1]).partition(" of ")
+            yield ManifestProblem(
+                f"plugins[{index}].{field}",
+                f"{plugin.key} is sent to {endpoint}, which {entry}.{seen[2]}{of}{source}"
+                f" sends plugin {seen[0]!r} to: the process there serves one plugin, named"
+                " when it is connected to, so the calls of the other would all be refused."
+                " Give each plugin a URL of its own",
+            )
 
 
 def _rollout_problems(

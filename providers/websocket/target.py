@@ -227,6 +227,10 @@ class WebSocketTarget(TargetConfig):
             return {}
         return {"max_events_per_second": self.max_events_per_second}
 
+    def one_plugin_endpoint(self) -> str | None:
+        # The plugin's hello names its one id, which the dialled connection checks.
+        return None if self.accepts_connections() else self.url
+
     def is_fleet(self) -> bool:
         return self.accepts_connections()
 
