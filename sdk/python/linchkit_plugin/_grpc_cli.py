@@ -6,6 +6,9 @@ it runs in, read before the plugin is built.
 * no arguments, with the magic cookie in the environment: subprocess mode, started by a
   host; no token is read, AutoMTLS admits only the host that launched the plugin;
 * anything else: a hint on stderr, for whoever ran it by hand.
+
+Either mode reads how long its stop waits (``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and
+``_STOP_HOOKS_MS``, ``linchkit_plugin.stopping``); a malformed value ends it at start.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from linchkit_plugin.registry import (
     REGISTER_PREFIX_ENV,
     REGISTER_TTL_ENV,
 )
+from linchkit_plugin.stopping import MAX_STOP_MS, STOP_GRACE_ENV, STOP_HOOKS_ENV, StopCaps
 
 __all__ = ["Launch", "read_command_line"]
 
@@ -59,15 +63,20 @@ environment (docs/registry.md, docs/security.md):
       the lease's seconds, at least 2 (default {DEFAULT_TTL})
   {LEAVE_DELAY_ENV}
       seconds served on after leaving the registry on SIGTERM, 0-600 (default {DEFAULT_LEAVE_DELAY:g})
+  {STOP_GRACE_ENV}, {STOP_HOOKS_ENV}
+      on SIGTERM, the milliseconds the calls in flight get to finish, then the stop and
+      destroy hooks together, 0-{MAX_STOP_MS} (default 5000 each; 0 does not wait)
 """
 
 
 class Launch(NamedTuple):
     """How the executable runs: service mode (``arguments``, ``serve``'s, and the token
-    callers must present, if one is configured) or subprocess mode (``arguments`` None)."""
+    callers must present, if one is configured) or subprocess mode (``arguments`` None),
+    and how long its stop waits (``stop_caps``)."""
 
     arguments: argparse.Namespace | None
     token: BearerToken | None
+    stop_caps: StopCaps = StopCaps()
 
 
 def read_command_line(argv: Sequence[str]) -> Launch | None:
@@ -98,4 +107,9 @@ def read_command_line(argv: Sequence[str]) -> Launch | None:
         except TokenError as error:
             sys.stderr.write(f"serve: {error}\n")
             return None
-    return Launch(arguments, token)
+    try:
+        stop_caps = StopCaps.from_environment()
+    except ValueError as error:
+        sys.stderr.write(f"{'serve: ' if arguments is not None else ''}{error}\n")
+        return None
+    return Launch(arguments, token, stop_caps)

@@ -63,7 +63,8 @@ from linchkit_plugin.handshake import (
     MAGIC_COOKIE_KEY,
     MAGIC_COOKIE_VALUE,
 )
-from linchkit_plugin.host import STOP_GRACE_SECONDS, STOP_HOOKS_SECONDS, PluginHost
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.stopping import StopCaps
 from linchkit_plugin.wire import PROTOCOL_VERSION
 
 # isort: split
@@ -135,7 +136,11 @@ class PluginServer:
         runtime: str = "python",
         serving_from_start: bool = False,
         token: BearerToken | None = None,
+        stop_caps: StopCaps | None = None,
     ) -> None:
+        """``stop_caps``: how long a stop gives the calls in flight, then the hooks
+        (default 5 s each; the executable reads ``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and
+        ``_STOP_HOOKS_MS``: ``linchkit_plugin.stopping``)."""
         from grpc_health.v1 import health_pb2
         from grpc_health.v1._async import HealthServicer
 
@@ -150,6 +155,7 @@ class PluginServer:
         self.health = HealthServicer()
         self._serving_from_start = serving_from_start
         self._token = token
+        self.stop_caps = stop_caps or StopCaps()
         self._events = EventStreams()
         self._config: Any = {}
         #: Counts the calls that reach the service; once stopping, they are answered not run.
@@ -357,8 +363,9 @@ class PluginServer:
     ) -> None:
         """Listen on ``address``, call ``on_ready(bound_port)``, serve until ``stop`` is set;
         then await ``on_stopping`` (leave a registry) before draining the calls in flight
-        (``STOP_GRACE_SECONDS`` at most), and only then run the hooks the host did not: a
-        ``stop`` hook that closes what the calls use must not pull it from under them."""
+        (``stop_caps.grace`` at most), and only then run the hooks the host did not
+        (``stop_caps.hooks`` at most): a ``stop`` hook that closes what the calls use must
+        not pull it from under them."""
         import grpc.aio
         from grpc_health.v1 import health_pb2_grpc
 
@@ -397,12 +404,12 @@ class PluginServer:
                 await on_stopping()
         finally:
             loop = asyncio.get_running_loop()
-            grace_ends = loop.time() + STOP_GRACE_SECONDS  # the calls run on meanwhile
+            grace_ends = loop.time() + self.stop_caps.grace  # the calls run on meanwhile
             await self._wind_down()
             await self.health.enter_graceful_shutdown()
             self._events.end_all()  # Events streams never end by themselves
             await server.stop(grace=max(0.0, grace_ends - loop.time()))
-            await self.host.close_within(STOP_HOOKS_SECONDS)
+            await self.host.close_within(self.stop_caps.hooks)
 
 
 def main(
@@ -430,6 +437,7 @@ def main(
         runtime=runtime,
         serving_from_start=launch.arguments is not None,
         token=launch.token,
+        stop_caps=launch.stop_caps,
     )
     # The version Describe reports, read here so that the handshake line says the same.
     return asyncio.run(
