@@ -153,3 +153,30 @@ async def test_hooks_of_0_are_not_waited_for_and_their_clean_up_follows_the_cap(
     assert await PluginHost(_SwallowsCancellation()).close_within(0) is False
     assert time.monotonic() - started < 0.4
     assert "stop hook did not finish within 0 s of the stop" in caplog.text
+
+
+async def test_the_grpc_servers_quiet_wait_stays_within_a_shorter_grace() -> None:
+    # A stopping gRPC server refuses calls as not run until none has arrived for 0.1 s,
+    # at most 2 s (linchkit_plugin._grpc_drain), counted in the grace. Before, under calls
+    # that kept coming it waited those 2 s whatever the grace: a grace set to 0.3 s let
+    # the stop drain 2 s.
+    from linchkit_plugin.grpc_server import PluginServer
+
+    server = PluginServer(
+        PluginHost(_Plain()), plugin_id="p", version="1", stop_caps=StopCaps(grace=0.3)
+    )
+
+    async def keep_calling() -> None:
+        while True:
+            server._gate.arrive()
+            await asyncio.sleep(0.02)
+
+    calling = asyncio.create_task(keep_calling())
+    try:
+        started = time.monotonic()
+        await server._wind_down()
+        assert time.monotonic() - started < 1.0
+    finally:
+        calling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await calling

@@ -119,7 +119,8 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: is refused with RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: A stopping server waits until no call has reached it for this long before it shuts
-#: down (at most ``STOP_QUIET_MOST_SECONDS``): see ``linchkit_plugin._grpc_drain``.
+#: down (at most ``STOP_QUIET_MOST_SECONDS``, or the stop's grace when shorter: the wait is
+#: part of it): see ``linchkit_plugin._grpc_drain``.
 STOP_QUIET_SECONDS = 0.1
 STOP_QUIET_MOST_SECONDS = 2.0
 
@@ -333,12 +334,14 @@ class PluginServer:
 
     async def _wind_down(self) -> None:
         """Refuse new calls as not run until none has arrived for ``STOP_QUIET_SECONDS``
-        (at most ``STOP_QUIET_MOST_SECONDS``), so that shutting down cancels no call the
+        (at most ``STOP_QUIET_MOST_SECONDS``, or ``stop_caps.grace`` when shorter: the wait
+        is part of the grace), so that shutting down cancels no call the
         host cannot tell from one cut off mid-run: why, in ``linchkit_plugin._grpc_drain``.
         """
         self._gate.stopping = True
         await self._set_serving(False)
-        await self._gate.until_quiet(quiet=STOP_QUIET_SECONDS, most=STOP_QUIET_MOST_SECONDS)
+        most = min(STOP_QUIET_MOST_SECONDS, self.stop_caps.grace)  # the grace counts it
+        await self._gate.until_quiet(quiet=STOP_QUIET_SECONDS, most=most)
 
     async def _lifecycle(self, context: Any, step: str, *args: Any) -> None:
         import grpc
