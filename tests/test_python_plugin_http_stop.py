@@ -15,7 +15,10 @@ which the host could not tell from the plugin crashing.
 
 The plugin is the Python example (``sdk/python/examples``), served over real HTTP on
 127.0.0.1 and called with httpx or the dispatcher; with ``say_hooks`` in its config its
-hooks each write a line to stderr, which says that they ran, and when.
+hooks each write a line to stderr, which says that they ran, and when. The grace and the
+hooks' cap are 5 s unless ``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and ``_STOP_HOOKS_MS`` set
+them: a call past the grace is cut off at the default 5 s (pinned here), the other stops
+that wait for a cap wait the 1 s these variables set.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ import orjson
 
 from dispatcher import Dispatcher, DispatchError, TargetUnavailable
 from linchkit_plugin.host import STOP_GRACE_SECONDS, STOP_HOOKS_SECONDS
+from linchkit_plugin.stopping import STOP_GRACE_ENV, STOP_HOOKS_ENV
 from tests.conftest import ROOT, manifest
 
 SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python")])
 #: How long the call runs before the plugin is told to stop.
 IN_FLIGHT_BEFORE_STOP = 0.5
+#: The grace or the hooks' cap a stop is given where it is set (1 s).
+CONFIGURED_CAP = 1.0
 
 
 @dataclass
@@ -62,7 +68,9 @@ class Stopped:
 
 
 @asynccontextmanager
-async def _serving(config: dict[str, Any]) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+async def _serving(
+    config: dict[str, Any], env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -77,7 +85,7 @@ async def _serving(config: dict[str, Any]) -> AsyncIterator[tuple[asyncio.subpro
         orjson.dumps(config).decode(),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": SOURCE_PATH},
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH, **(env or {})},
     )
     try:
         assert process.stderr is not None
@@ -97,10 +105,11 @@ async def _call_across_a_stop(
     config: dict[str, Any] | None = None,
     *,
     through_dispatcher: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Stopped:
     """Call ``method`` with httpx (or, ``through_dispatcher``, with a dispatcher's ``http``
-    target), SIGTERM the plugin while the call runs."""
-    async with _serving({"say_hooks": True, **(config or {})}) as (process, url):
+    target), SIGTERM the plugin (started with ``env`` added to ours) while the call runs."""
+    async with _serving({"say_hooks": True, **(config or {})}, env) as (process, url):
         assert process.stderr is not None
         stderr = process.stderr
         stopped_at = 0.0
@@ -172,6 +181,7 @@ async def test_a_call_in_flight_at_a_stop_is_answered_and_the_hooks_run_after_it
 
 
 async def test_a_call_past_the_grace_is_cut_off_then_the_hooks_run() -> None:
+    # No LINCHKIT_PLUGIN_STOP_GRACE_MS: the default grace, pinned here.
     stopped = await _call_across_a_stop("sleep", {"ms": 30_000})
     # Cancelled at the end of the grace, and answered so in the binding's envelope (before,
     # uvicorn's plain-text 500): the plugin is going away, and the call may have run.
@@ -192,18 +202,31 @@ async def test_a_call_past_the_grace_is_cut_off_then_the_hooks_run() -> None:
 
 async def test_a_stop_hook_that_never_returns_does_not_keep_the_server() -> None:
     ms = 1_000
-    stopped = await _call_across_a_stop("sleep", {"ms": ms}, {"stall_hook": "stop"})
+    stopped = await _call_across_a_stop(
+        "sleep",
+        {"ms": ms},
+        {"stall_hook": "stop"},
+        env={STOP_HOOKS_ENV: str(int(CONFIGURED_CAP * 1000))},
+    )
     assert stopped.answer == {"ok": True, "result": {"slept_ms": ms}}
     assert "example: stop hook ran" in [line for _, line in _hooks(stopped)]
-    assert any("stop hook did not finish within 5 s" in line for _, line in stopped.said)
+    # Abandoned at the configured cap, which the warning names.
+    assert any("stop hook did not finish within 1 s" in line for _, line in stopped.said)
     hooks_from = ms / 1000 - IN_FLIGHT_BEFORE_STOP
-    assert stopped.exited_after < hooks_from + STOP_HOOKS_SECONDS + 3, stopped
+    assert hooks_from + CONFIGURED_CAP - 0.5 <= stopped.exited_after, stopped
+    assert stopped.exited_after < hooks_from + CONFIGURED_CAP + 3, stopped
     # A stop that gave up on a hook exits 0 too, as in the other executables.
     assert stopped.returncode == 0, stopped
 
 
 async def test_a_call_cut_off_by_the_stop_reaches_the_dispatcher_as_a_typed_error() -> None:
-    stopped = await _call_across_a_stop("sleep", {"ms": 30_000}, through_dispatcher=True)
+    # At the end of a grace of 1 s, as LINCHKIT_PLUGIN_STOP_GRACE_MS sets it.
+    stopped = await _call_across_a_stop(
+        "sleep",
+        {"ms": 30_000},
+        through_dispatcher=True,
+        env={STOP_GRACE_ENV: str(int(CONFIGURED_CAP * 1000))},
+    )
     # The plugin's own words, not a status the provider guesses from ("failed with HTTP
     # 500", as a crash reads): retryable, and not "never sent", so only a retry policy
     # (for a method safe to run twice) sends it again, and a fleet does not fail it over.
@@ -212,4 +235,4 @@ async def test_a_call_cut_off_by_the_stop_reaches_the_dispatcher_as_a_typed_erro
     assert error.retryable, error
     assert error.details == {"stage": "in_flight"}, error
     assert "the plugin is stopping" in error.message, error
-    assert STOP_GRACE_SECONDS - 1 <= stopped.answered_after < STOP_GRACE_SECONDS + 1, stopped
+    assert CONFIGURED_CAP - 0.5 <= stopped.answered_after < CONFIGURED_CAP + 2, stopped

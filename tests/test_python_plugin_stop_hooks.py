@@ -12,6 +12,11 @@ thread, catches ``GeneratorExit`` too and blocks) does not hold an SDK executabl
 either: it ends ``ABANDONED_EXIT_SECONDS`` later, with exit status 0 as after every
 graceful stop (before, such a plugin never exited).
 Every SDK over every binding: tests/conformance/test_stop_drains_first.py.
+
+The executables here stop with the hooks' cap set to 1 s (``LINCHKIT_PLUGIN_STOP_HOOKS_MS``)
+and the drain's to 1 s (``LINCHKIT_PLUGIN_STOP_GRACE_MS``), as an operator sets them; one
+test keeps the default 5 s (a sync stop hook that never returns, over gRPC), so the default
+stays pinned. Before, each of them waited 5 s.
 """
 
 from __future__ import annotations
@@ -35,9 +40,14 @@ from linchkit_plugin.host import (
     STOP_HOOKS_SECONDS,
     PluginHost,
 )
+from linchkit_plugin.stopping import STOP_GRACE_ENV, STOP_HOOKS_ENV
 from tests.conftest import ROOT
 
 SOURCE_PATH = os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python")])
+#: The caps the executables below stop with, but for the one that pins the default.
+HOOKS_CAP = 1.0
+GRACE = 1.0
+CONFIGURED = {STOP_HOOKS_ENV: str(int(HOOKS_CAP * 1000)), STOP_GRACE_ENV: str(int(GRACE * 1000))}
 
 
 class StuckAsync:
@@ -215,17 +225,21 @@ if __name__ == "__main__":
 
 
 async def _exit_after_a_stop(
-    command: list[str], tmp_path: Path, *, ready_on_stderr: bool = False
+    command: list[str],
+    tmp_path: Path,
+    *,
+    ready_on_stderr: bool = False,
+    env: dict[str, str] | None = None,
 ) -> tuple[float, str, int | None]:
-    """Start ``command``, SIGTERM it once it serves; how long it took to exit after the
-    signal, what it wrote to stderr, and its exit status."""
+    """Start ``command`` (with ``env`` added to ours), SIGTERM it once it serves; how long
+    it took to exit after the signal, what it wrote to stderr, and its exit status."""
     process = await asyncio.create_subprocess_exec(
         *command,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": SOURCE_PATH},
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH, **(env or {})},
     )
     try:
         assert process.stdout is not None and process.stderr is not None
@@ -253,9 +267,10 @@ async def _exit_after_a_stop(
     return exited_after, lines, process.returncode
 
 
-async def test_a_plugin_whose_sync_stop_hook_never_returns_exits_after_the_cap(
+async def test_a_plugin_whose_sync_stop_hook_never_returns_exits_after_the_default_cap(
     tmp_path: Path,
 ) -> None:
+    # No LINCHKIT_PLUGIN_STOP_HOOKS_MS: the default 5 s, pinned here.
     script = tmp_path / "stuck_plugin.py"
     script.write_text(textwrap.dedent(STUCK_PLUGIN))
     command = [sys.executable, str(script), "serve", "--address", "127.0.0.1:0"]
@@ -284,11 +299,12 @@ async def test_a_plugin_whose_async_stop_hook_swallows_its_cancellation_exits_af
     (tmp_path / "stubborn_plugin.py").write_text(textwrap.dedent(SWALLOWING_PLUGIN))
     command = [sys.executable, *SERVED_AS[served_as]]
     exited_after, lines, returncode = await _exit_after_a_stop(
-        command, tmp_path, ready_on_stderr=served_as.startswith(("http", "cli-"))
+        command, tmp_path, ready_on_stderr=served_as.startswith(("http", "cli-")), env=CONFIGURED
     )
     assert "stuck: stop hook ran" in lines
-    assert "stop hook did not finish within 5 s of the stop" in lines, lines
-    assert STOP_HOOKS_SECONDS - 0.5 <= exited_after < STOP_HOOKS_SECONDS + 3
+    # The configured cap, in the wait and in the words.
+    assert "stop hook did not finish within 1 s of the stop" in lines, lines
+    assert HOOKS_CAP - 0.5 <= exited_after < HOOKS_CAP + 3
     # A stop that gave up on a hook exits 0 in every executable (before, 143 over HTTP:
     # uvicorn raised the SIGTERM again once it had shut down).
     assert returncode == 0, lines
@@ -324,7 +340,7 @@ if __name__ == "__main__":
 
 #: Where the process may take longest to exit after the SIGTERM: the hooks' cap, the
 #: cancelled hook's time and its closed coroutine's, then what the exit may take after.
-EXIT_BOUND = STOP_HOOKS_SECONDS + 2 * ABANDONED_HOOK_SECONDS + ABANDONED_EXIT_SECONDS
+EXIT_BOUND = HOOKS_CAP + 2 * min(ABANDONED_HOOK_SECONDS, HOOKS_CAP) + ABANDONED_EXIT_SECONDS
 
 
 @pytest.mark.parametrize(
@@ -341,12 +357,13 @@ async def test_a_plugin_whose_async_stop_hook_also_swallows_its_closing_exits_af
     monkeypatch.setenv("CLINGS_BY", clings_by)
     command = [sys.executable, *SERVED_AS[served_as]]
     exited_after, lines, returncode = await _exit_after_a_stop(
-        command, tmp_path, ready_on_stderr=served_as.startswith(("http", "cli-"))
+        command, tmp_path, ready_on_stderr=served_as.startswith(("http", "cli-")), env=CONFIGURED
     )
     assert "clinging: stop hook ran" in lines
-    assert "stop hook did not finish within 5 s of the stop" in lines, lines
+    assert "stop hook did not finish within 1 s of the stop" in lines, lines
     assert "exiting now" in lines, lines
-    assert STOP_HOOKS_SECONDS - 0.5 <= exited_after < EXIT_BOUND + 3, lines
+    # The process ends by the configured cap too, not the default's 7 s.
+    assert HOOKS_CAP - 0.5 <= exited_after < EXIT_BOUND + 3, lines
     assert returncode == 0, lines
 
 
@@ -372,9 +389,9 @@ async def test_a_plain_method_stuck_for_good_does_not_hold_the_exit(
     tmp_path: Path, served_as: str
 ) -> None:
     """A call of a plain (not async) method that never returns is in flight at SIGTERM:
-    the stop drains for its cap, the call ends typed, and the process exits. Before, it
-    never exited: the method's thread was the default executor's, which the interpreter
-    and ``asyncio.run`` wait for at exit."""
+    the stop drains for its grace (1 s, configured), the call ends typed, and the process
+    exits. Before, it never exited: the method's thread was the default executor's, which
+    the interpreter and ``asyncio.run`` wait for at exit."""
     from dispatcher import Dispatcher, DispatchError, parse_manifest
 
     (tmp_path / "blocking_plugin.py").write_text(textwrap.dedent(BLOCKING_PLUGIN))
@@ -387,7 +404,7 @@ async def test_a_plain_method_stuck_for_good_does_not_hold_the_exit(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": SOURCE_PATH},
+        env={**os.environ, "PYTHONPATH": SOURCE_PATH, **CONFIGURED},
     )
     try:
         assert process.stdout is not None
@@ -414,7 +431,7 @@ async def test_a_plain_method_stuck_for_good_does_not_hold_the_exit(
             exited_after = time.monotonic() - stopped_at
             with pytest.raises(DispatchError):
                 await asyncio.wait_for(call, 10)
-        assert exited_after < STOP_HOOKS_SECONDS + 5, exited_after  # the drain's cap, and a margin
+        assert exited_after < GRACE + 5, exited_after  # the drain's grace, and a margin
         assert process.returncode == 0
     finally:
         if process.returncode is None:

@@ -219,12 +219,16 @@ async def _start_service(
 
 
 async def _start_websocket_service(
-    path: Path, stderr: int | None = None, config: dict[str, Any] = CONFIG
+    path: Path,
+    stderr: int | None = None,
+    config: dict[str, Any] = CONFIG,
+    env: dict[str, str] | None = None,
 ) -> tuple[asyncio.subprocess.Process, str, dict[str, Any]]:
-    """``path serve --websocket`` with ``config``: the process, its address and a target
-    dialling it."""
+    """``path serve --websocket`` with ``config`` (in ``env``, else ours): the process, its
+    address and a target dialling it."""
     service, address = await _start_service(
         path,
+        env=env,
         stderr=stderr,
         protocol="websocket",
         extra=("--websocket", "--config", orjson.dumps(config).decode()),
@@ -304,21 +308,23 @@ async def _dialling_in(
     dispatcher: Dispatcher,
     stderr: int | None = None,
     config: dict[str, Any] = CONFIG,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """A gateway on port 0 and ``path connect --config config`` dialling it (its stderr to
-    ``stderr``, else ours); yields the process once it is an instance."""
+    ``stderr``, else ours; ``env`` added to our environment); yields the process once it is
+    an instance."""
     runner = web.AppRunner(create_app(dispatcher), handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    env = {**os.environ, "LINCHKIT_PLUGIN_TOKEN": INBOUND_TOKEN}
-    env.pop("LINCHKIT_PLUGIN_TOKEN_FILE", None)
+    environment = {**os.environ, **(env or {}), "LINCHKIT_PLUGIN_TOKEN": INBOUND_TOKEN}
+    environment.pop("LINCHKIT_PLUGIN_TOKEN_FILE", None)
     process = await asyncio.create_subprocess_exec(
         str(path), "connect",
         "--url", f"ws://127.0.0.1:{port}/v1/plugins/connect",
         "--config", orjson.dumps(config).decode(),
-        stdin=asyncio.subprocess.PIPE, stderr=stderr, env=env,
+        stdin=asyncio.subprocess.PIPE, stderr=stderr, env=environment,
     )  # fmt: skip
     try:
         target: Any = dispatcher.manifest.plugins[0].target

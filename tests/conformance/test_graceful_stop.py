@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -59,18 +60,23 @@ CASES = [("grpc", language) for language in LANGUAGES] + [
 
 @contextlib.asynccontextmanager
 async def _plugin(
-    binding: str, language: str, stderr: int | None = None, config: dict[str, Any] = CONFIG
+    binding: str,
+    language: str,
+    stderr: int | None = None,
+    config: dict[str, Any] = CONFIG,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[tuple[dict[str, Any], asyncio.subprocess.Process | None]]:
     """The target of a plugin to serve over ``binding``, and its process when that one
     is started here (a plugin dialling in is started once the dispatcher runs), its stderr
-    to ``stderr`` (else ours); ``config`` is what a WebSocket plugin runs its own
-    lifecycle with."""
+    to ``stderr`` (else ours), ``env`` added to our environment; ``config`` is what a
+    WebSocket plugin runs its own lifecycle with."""
     path = executable(language)
     if binding == "inbound":
         yield {"provider": "websocket", "mode": "inbound", "token": INBOUND_TOKEN}, None
         return
+    environment = {**os.environ, **env} if env else None
     if binding == "grpc":
-        service, address = await _start_service(path, stderr=stderr)
+        service, address = await _start_service(path, env=environment, stderr=stderr)
         target = {
             "provider": "grpc",
             "address": address,
@@ -78,7 +84,9 @@ async def _plugin(
             "connect_timeout_ms": int(START_TIMEOUT * 1000),
         }
     else:
-        service, _, target = await _start_websocket_service(path, stderr=stderr, config=config)
+        service, _, target = await _start_websocket_service(
+            path, stderr=stderr, config=config, env=environment
+        )
         # Once the plugin has exited, each call waits up to this for the redial that never
         # comes, then fails never sent: what is checked is how it fails, not how late.
         target = {**target, "connect_timeout_ms": GONE_WAIT_MS}

@@ -92,6 +92,9 @@ def test_help_shows_the_flags_and_the_environment(language: str) -> None:
     done = serve(language, "--help")
     assert done.returncode == 0, done.stderr
     assert "address" in done.stdout and "LINCHKIT_PLUGIN_TOKEN" in done.stdout, done.stdout
+    # How long a stop waits, which an operator sets (tests/conformance/test_stop_drains_first.py).
+    for variable in ("LINCHKIT_PLUGIN_STOP_GRACE_MS", "LINCHKIT_PLUGIN_STOP_HOOKS_MS"):
+        assert variable in done.stdout, done.stdout
     assert not any(crash in done.stdout + done.stderr for crash in CRASHES)
 
 

@@ -183,7 +183,7 @@ func TestServeHelpNamesTheEnvironmentAndAMistakeSaysWhereToLook(t *testing.T) {
 	if err != nil {
 		t.Fatalf("serve -help: %v, want no error (exit 0)", err)
 	}
-	for _, name := range []string{"-address", EnvToken, EnvRegisterEtcd, EnvAdvertise, EnvLeaveDelay} {
+	for _, name := range []string{"-address", EnvToken, EnvRegisterEtcd, EnvAdvertise, EnvLeaveDelay, EnvStopGraceMs, EnvStopHooksMs} {
 		if !strings.Contains(out, name) {
 			t.Errorf("serve -help does not name %s:\n%s", name, out)
 		}

@@ -41,10 +41,8 @@ const (
 	CoreVersion = 1
 )
 
-// gracePeriod bounds how long the calls in flight at a stop may take to finish before
-// they are cut off and the plugin's stop and destroy hooks run: 5 s, as in every SDK
-// (docs/protocol.md, "Stopping while called").
-const gracePeriod = 5 * time.Second
+// spanFlushCap bounds how long a stop sends the spans still buffered, after the hooks.
+const spanFlushCap = 5 * time.Second
 
 // ErrNotLaunchedByHost is returned when the plugin runs without the handshake
 // environment and without `serve`.
@@ -89,7 +87,7 @@ func (p *Plugin) Run(ctx context.Context, env Environment) error {
 	defer func() {
 		// After the server drained: the last calls' spans are buffered by then. Its own
 		// deadline, as ctx is already done at a graceful stop.
-		flush, cancel := context.WithTimeout(context.Background(), gracePeriod)
+		flush, cancel := context.WithTimeout(context.Background(), spanFlushCap)
 		defer cancel()
 		traces.shutdown(flush)
 	}()
@@ -122,9 +120,13 @@ environment (docs/registry.md, docs/security.md, docs/observability.md):
       the password of -register-etcd-user: no flag takes it, a command line shows in ps
   [LINCHKIT_...] after a flag above
       the variable that flag reads when it is not given
+  %s, %s
+      on SIGTERM, the milliseconds the calls in flight get to finish, then the stop and
+      destroy hooks together, 0-%d (default %d each; 0 does not wait)
   OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
       export a span per call over OTLP/HTTP
-`, EnvTokenFile, EnvToken, EnvRegisterEtcdPassword)
+`, EnvTokenFile, EnvToken, EnvRegisterEtcdPassword,
+	EnvStopGraceMs, EnvStopHooksMs, maxStopMs, defaultStopCaps.hooks.Milliseconds())
 
 func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	flags := flag.NewFlagSet("serve", flag.ContinueOnError)
@@ -157,6 +159,10 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	caps, err := stopCapsFromEnv(env.Getenv)
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
 	listener, err := net.Listen("tcp", *address)
 	if err != nil {
 		return fmt.Errorf("serve: cannot listen on %s: %w", *address, err)
@@ -176,7 +182,7 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 		registration.start()
 		onStopping = registration.deregister
 	}
-	return p.serveOn(ctx, listener, nil, token, true, line, env.Stdout, nil, onStopping)
+	return p.serveOn(ctx, listener, nil, token, true, line, env.Stdout, nil, onStopping, caps)
 }
 
 func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
@@ -184,6 +190,10 @@ func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
 		return ErrNotLaunchedByHost
 	}
 	version, err := negotiateVersion(env.Getenv(EnvProtocolVersions))
+	if err != nil {
+		return err
+	}
+	caps, err := stopCapsFromEnv(env.Getenv)
 	if err != nil {
 		return err
 	}
@@ -222,7 +232,7 @@ func (p *Plugin) runSubprocess(ctx context.Context, env Environment) error {
 	}()
 	line := handshakeLine(version, network, listener.Addr().String(), serverCert)
 	// No token here: AutoMTLS already admits only the host that launched us.
-	return p.serveOn(ctx, listener, creds, nil, false, line, env.Stdout, stdinClosed, nil)
+	return p.serveOn(ctx, listener, creds, nil, false, line, env.Stdout, stdinClosed, nil, caps)
 }
 
 // MaxMessageBytes is the largest gRPC message the plugin takes or sends (Call, CallBatch,
@@ -233,11 +243,12 @@ const MaxMessageBytes = 64 << 20
 
 // serveOn serves on listener, prints the handshake line once serving, and stops
 // gracefully when ctx is done or stdinClosed closes: onStopping (leave a registry), then
-// the calls in flight are drained (gracePeriod at most), then the hooks the host did not
-// call run. With a token, every RPC but health's and reflection's must carry it.
+// the calls in flight are drained (caps.grace at most), then the hooks the host did not
+// call run (caps.hooks at most). With a token, every RPC but health's and reflection's
+// must carry it.
 func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds credentials.TransportCredentials,
 	token *bearerToken, servingFromStart bool, line string, stdout io.Writer, stdinClosed <-chan struct{},
-	onStopping func()) error {
+	onStopping func(), caps stopCaps) error {
 	options := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxSendMsgSize(MaxMessageBytes),
@@ -277,10 +288,10 @@ func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds crede
 	go func() { server.GracefulStop(); close(stopped) }()
 	select {
 	case <-stopped:
-	case <-time.After(gracePeriod):
+	case <-time.After(caps.grace):
 		server.Stop()
 	}
-	svc.runRemainingHooks()
+	svc.runRemainingHooks(caps.hooks)
 	return nil
 }
 

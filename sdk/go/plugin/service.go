@@ -157,21 +157,17 @@ func (s *service) stopServing() {
 	close(s.closing)
 }
 
-// stopHooksCap is how long the stop and destroy hooks may take together at a stop, after
-// the calls in flight were drained: 5 s, as in every SDK (docs/protocol.md, "Stopping
-// while called").
-const stopHooksCap = 5 * time.Second
-
 // runRemainingHooks runs the stop and destroy hooks the host did not call, so a plugin
 // ended by SIGTERM or by its host's death still cleans up. It comes after the drain: a stop
 // hook that closes what the calls use must not pull it from under calls still running.
-// Both together get stopHooksCap; a hook still running then is abandoned with a warning.
-func (s *service) runRemainingHooks() {
+// Both together get hooksCap (the stop's hooks cap, 5 s unless LINCHKIT_PLUGIN_STOP_HOOKS_MS
+// sets it); a hook still running then is abandoned with a warning.
+func (s *service) runRemainingHooks(hooksCap time.Duration) {
 	s.mu.Lock()
 	needStop := s.started && !s.stopped
 	needDestroy := s.inited && !s.destroyed
 	s.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), stopHooksCap)
+	ctx, cancel := context.WithTimeout(context.Background(), hooksCap)
 	defer cancel()
 	hooks := []struct {
 		needed bool
@@ -183,7 +179,7 @@ func (s *service) runRemainingHooks() {
 		if !each.needed {
 			continue
 		}
-		finished, err := withinCap(ctx, each.name, func() error {
+		finished, err := withinCap(ctx, each.name, hooksCap, func() error {
 			return s.runLifecycle(ctx, each.name, each.hook, each.done)
 		})
 		if !finished {
@@ -195,10 +191,11 @@ func (s *service) runRemainingHooks() {
 	}
 }
 
-// withinCap runs a stop-time hook until ctx is done. A hook that ignores its context (stuck
-// on a peer that does not answer) must not keep the process from exiting: it is left to its
-// goroutine, which ends with the process, and the hooks after it do not run.
-func withinCap(ctx context.Context, name string, run func() error) (finished bool, err error) {
+// withinCap runs a stop-time hook until ctx is done (hooksCap after the hooks began). A hook that
+// ignores its context (stuck on a peer that does not answer) must not keep the process from
+// exiting: it is left to its goroutine, which ends with the process, and the hooks after it
+// do not run.
+func withinCap(ctx context.Context, name string, hooksCap time.Duration, run func() error) (finished bool, err error) {
 	done := make(chan error, 1)
 	go func() { done <- run() }()
 	select {
@@ -206,7 +203,7 @@ func withinCap(ctx context.Context, name string, run func() error) (finished boo
 		return true, err
 	case <-ctx.Done():
 		sdkLog.Warn(fmt.Sprintf("linchkit plugin: the %s hook did not finish within %s of the stop; exiting without it",
-			name, stopHooksCap))
+			name, hooksCap))
 		return false, nil
 	}
 }

@@ -14,7 +14,8 @@ package plugin
 //
 // Stopping loses no call: on SIGTERM the plugin says goaway, stops redialling and goes on
 // answering what arrives; the host sends nothing new and closes the connection (1000) once
-// its calls are answered. After goawayGrace the plugin closes it itself (1001).
+// its calls are answered. After the stop's grace (5 s, unless
+// LINCHKIT_PLUGIN_STOP_GRACE_MS sets it) the plugin closes it itself (1001).
 
 import (
 	"context"
@@ -51,10 +52,6 @@ const (
 	// maxFrameDepth: a call's params may nest MaxParamsDepth levels under the frame's
 	// object and its request's.
 	maxFrameDepth = MaxParamsDepth + 2
-	// goawayGrace: how long a stopping plugin waits, after goaway, for the host to answer
-	// its calls and close the connection, before closing it with what still runs (as
-	// GOAWAY_GRACE in the Python SDK).
-	goawayGrace = 5 * time.Second
 	// closeWrongPlugin: the gateway upgraded the connection but not the hello, which names
 	// another id or version than the one it admitted (CLOSE_WRONG_PLUGIN in the Python SDK).
 	closeWrongPlugin websocket.StatusCode = 4403
@@ -121,8 +118,10 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 				"Dial the dispatcher's gateway and take calls over that connection until SIGTERM.\n\n",
 				filepath.Base(os.Args[0]))
 			flags.PrintDefaults()
-			fmt.Fprintf(env.Stdout, "\nenvironment:\n  %s, %s\n      the bearer token presented to the gateway\n",
-				EnvTokenFile, EnvToken)
+			fmt.Fprintf(env.Stdout, "\nenvironment:\n  %s, %s\n      the bearer token presented to the gateway\n"+
+				"  %s, %s\n      on SIGTERM, the milliseconds the gateway gets to finish its calls after goaway,\n"+
+				"      then the stop and destroy hooks together, 0-%d (default %d each; 0 does not wait)\n",
+				EnvTokenFile, EnvToken, EnvStopGraceMs, EnvStopHooksMs, maxStopMs, defaultStopCaps.hooks.Milliseconds())
 			return nil
 		}
 		return fmt.Errorf("connect: %w (connect -help lists the flags)", err)
@@ -135,6 +134,10 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			"(e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '%s'", *url)
 	}
 	token, err := configuredToken(env.Getenv)
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	caps, err := stopCapsFromEnv(env.Getenv)
 	if err != nil {
 		return fmt.Errorf("connect: %w", err)
 	}
@@ -153,7 +156,7 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			return fmt.Errorf("connect: start hook: %w", err)
 		}
 	}
-	defer p.stopHooks()
+	defer p.stopHooks(caps.hooks)
 	header := http.Header{}
 	header.Set("X-Plugin-Id", p.id)
 	header.Set("X-Plugin-Version", p.version)
@@ -173,7 +176,7 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			sdkLog.Warn("linchkit plugin: cannot reach the gateway; retrying", "url", *url, "err", err)
 		} else {
 			conn.SetReadLimit(maxMessageBytes)
-			session := &wsSession{plugin: p, conn: conn, grace: goawayGrace}
+			session := &wsSession{plugin: p, conn: conn, grace: caps.grace}
 			session.run(ctx)
 			// Reset only once the gateway welcomed this plugin: one that closes every
 			// connection at once was otherwise redialled 20 times a second.
@@ -205,9 +208,9 @@ func refusedAtUpgrade(status int) bool {
 	return status == 400 || status == 401 || status == 403 || status == 404
 }
 
-// stopHooks runs the stop and destroy hooks at a stop, both within stopHooksCap.
-func (p *Plugin) stopHooks() {
-	ctx, cancel := context.WithTimeout(context.Background(), stopHooksCap)
+// stopHooks runs the stop and destroy hooks at a stop, both within hooksCap.
+func (p *Plugin) stopHooks(hooksCap time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), hooksCap)
 	defer cancel()
 	for _, each := range []struct {
 		name string
@@ -216,7 +219,7 @@ func (p *Plugin) stopHooks() {
 		if each.hook == nil {
 			continue
 		}
-		if finished, _ := withinCap(ctx, each.name, func() error { return runMethod(func() error { return each.hook(ctx) }) }); !finished {
+		if finished, _ := withinCap(ctx, each.name, hooksCap, func() error { return runMethod(func() error { return each.hook(ctx) }) }); !finished {
 			return
 		}
 	}
@@ -265,7 +268,7 @@ type wsSession struct {
 	slots   chan struct{} // one per call running: at most maxInFlight
 	// welcomed: the gateway accepted the hello; only then the redial backoff resets.
 	welcomed bool
-	// grace: how long the host has, after goaway, to close the connection (goawayGrace).
+	// grace: how long the host has, after goaway, to close the connection (the stop's grace).
 	grace time.Duration
 	// closeCode and closeReason: the host's close frame, once run has returned (-1 and ""
 	// when the connection ended without one).

@@ -8,6 +8,9 @@ it runs in, read before the plugin is built.
 * no arguments, with the magic cookie in the environment: subprocess mode, started by a
   host; no token is read, AutoMTLS admits only the host that launched the plugin;
 * anything else: a hint on stderr, for whoever ran it by hand.
+
+Either mode reads how long its stop waits (``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and
+``_STOP_HOOKS_MS``, ``linchkit_plugin.stopping``); a malformed value ends it at start.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenEr
 from linchkit_plugin.handshake import MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE
 from linchkit_plugin.listen import address_mistake, host_and_port
 from linchkit_plugin.registry import REGISTER_ETCD_PASSWORD_ENV
+from linchkit_plugin.stopping import MAX_STOP_MS, STOP_GRACE_ENV, STOP_HOOKS_ENV, StopCaps
 
 __all__ = ["Launch", "read_command_line"]
 
@@ -39,15 +43,20 @@ environment (docs/registry.md, docs/security.md):
       the password of --register-etcd-user: no flag takes it, a command line shows in ps
   [LINCHKIT_...] after a flag above
       the variable that flag reads when it is not given
+  {STOP_GRACE_ENV}, {STOP_HOOKS_ENV}
+      on SIGTERM, the milliseconds the calls in flight get to finish, then the stop and
+      destroy hooks together, 0-{MAX_STOP_MS} (default 5000 each; 0 does not wait)
 """
 
 
 class Launch(NamedTuple):
     """How the executable runs: service mode (``arguments``, ``serve``'s, and the token
-    callers must present, if one is configured) or subprocess mode (``arguments`` None)."""
+    callers must present, if one is configured) or subprocess mode (``arguments`` None),
+    and how long its stop waits (``stop_caps``)."""
 
     arguments: argparse.Namespace | None
     token: BearerToken | None
+    stop_caps: StopCaps = StopCaps()
 
 
 def read_command_line(argv: Sequence[str]) -> Launch | None:
@@ -79,4 +88,9 @@ def read_command_line(argv: Sequence[str]) -> Launch | None:
         except TokenError as error:
             sys.stderr.write(f"serve: {error}\n")
             return None
-    return Launch(arguments, token)
+    try:
+        stop_caps = StopCaps.from_environment()
+    except ValueError as error:
+        sys.stderr.write(f"{'serve: ' if arguments is not None else ''}{error}\n")
+        return None
+    return Launch(arguments, token, stop_caps)

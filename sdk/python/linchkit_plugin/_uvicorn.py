@@ -49,8 +49,8 @@ from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from linchkit_plugin.errors import InvalidParams
-from linchkit_plugin.host import STOP_GRACE_SECONDS
 from linchkit_plugin.limits import ServerLimits
+from linchkit_plugin.stopping import STOP_GRACE_SECONDS
 from linchkit_plugin.wire import error_response
 
 __all__ = ["DRAIN_IDLE_SECONDS", "HTTP_IMPLEMENTATIONS", "run", "server_config"]
@@ -214,8 +214,10 @@ def server_config(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     client_ca: str | None = None,
+    stop_grace: float = STOP_GRACE_SECONDS,
 ) -> uvicorn.Config:
-    """A uvicorn ``Config`` serving ``app`` with every guard of ``limits`` in place.
+    """A uvicorn ``Config`` serving ``app`` with every guard of ``limits`` in place; at a
+    stop, the calls in flight get ``stop_grace`` seconds, then are cancelled.
 
     ``tls_cert``/``tls_key``: serve HTTPS. ``client_ca``: require every client to present
     a certificate signed by it (mTLS); the handshake of a client without one fails, so an
@@ -244,7 +246,7 @@ def server_config(
         # The calls in flight at a stop get the grace every binding gives them, then are
         # cancelled; the lifespan's shutdown (the stop and destroy hooks) runs after.
         # uvicorn's default waited for them without a bound.
-        timeout_graceful_shutdown=STOP_GRACE_SECONDS,  # type: ignore[arg-type]  # a float works
+        timeout_graceful_shutdown=stop_grace,  # type: ignore[arg-type]  # a float works
         ssl_certfile=tls_cert,
         ssl_keyfile=tls_key,
         ssl_ca_certs=client_ca,

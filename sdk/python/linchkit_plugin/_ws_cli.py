@@ -40,7 +40,12 @@ def serve_websocket(
         stop = asyncio.Event()
         stop_on_signals(stop)
         server = WebSocketPluginServer(
-            host, config=config, token=token, plugin_id=identity[0], version=identity[1]
+            host,
+            config=config,
+            token=token,
+            plugin_id=identity[0],
+            version=identity[1],
+            stop_caps=options.stop_caps,
         )
         url = await server.start(options.host, options.port)
         methods = ", ".join(sorted(host.methods)) or "no methods"
@@ -101,6 +106,7 @@ def connect(
                 config=config,
                 ssl=context,
                 stopping=stopping,
+                stop_caps=options.stop_caps,
             )
         except Refused as refused:
             print(f"Error: {refused}", file=sys.stderr)

@@ -26,7 +26,8 @@ import aiohttp
 
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of, identity_of
-from linchkit_plugin.host import STOP_HOOKS_SECONDS, PluginHost
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.stopping import StopCaps
 from linchkit_plugin.ws_protocol import (
     CLOSE_WRONG_PLUGIN,
     DEFAULT_HEARTBEAT,
@@ -93,17 +94,21 @@ async def dial(
     max_backoff: float = 10.0,
     on_connected: Callable[[], Awaitable[None] | None] | None = None,
     stopping: asyncio.Event | None = None,
+    stop_caps: StopCaps | None = None,
 ) -> None:
     """Reverse mode: dial the gateway at ``url`` (``ws[s]://…/v1/plugins/connect``) as
     ``plugin_id@version`` (empty: the plugin class's own ``id``, ``version``) and take
     calls over that connection, reconnecting after every
     drop (exponential backoff with full jitter, reset once a connection came up), until
     cancelled, or until ``stopping`` is set: then it says ``goaway``, answers the calls the
-    gateway still sends until it closes the connection (at most ``GOAWAY_GRACE``), and
-    returns. Runs the plugin's lifecycle around it. Raises ``Refused`` on a 400/401/403/404 at
-    the upgrade, and on a close 4403 after the ``hello``.
+    gateway still sends until it closes the connection (at most ``stop_caps.grace``), and
+    returns. Runs the plugin's lifecycle around it, the ``stop`` and ``destroy`` hooks
+    within ``stop_caps.hooks`` (``stop_caps``: 5 s each by default; the executables read
+    ``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and ``_STOP_HOOKS_MS``). Raises ``Refused`` on a
+    400/401/403/404 at the upgrade, and on a close 4403 after the ``hello``.
     """
     stopping = stopping or asyncio.Event()
+    stop_caps = stop_caps or StopCaps()
     checked_gateway_url(url)
     outbox = EventOutbox(max_buffered_events)
     if hasattr(host.plugin, "emit"):
@@ -151,7 +156,7 @@ async def dial(
                         if outcome is not None:
                             await outcome
                     try:
-                        await _serve_until(session, stopping)
+                        await _serve_until(session, stopping, stop_caps.grace)
                     finally:
                         await socket.close()
                     if stopping.is_set():
@@ -178,18 +183,19 @@ async def dial(
                     await asyncio.wait_for(stopping.wait(), random.uniform(0, backoff))
                 backoff = min(backoff * 2, max_backoff)
     finally:
-        await host.close_within(STOP_HOOKS_SECONDS)
+        await host.close_within(stop_caps.hooks)
 
 
-async def _serve_until(session: PluginSession, stopping: asyncio.Event) -> None:
+async def _serve_until(session: PluginSession, stopping: asyncio.Event, grace: float) -> None:
     """Serve ``session`` until its connection closes; if ``stopping`` is set first, go
-    away on it (``PluginSession.go_away``) and return once it has closed."""
+    away on it (``PluginSession.go_away``, ``grace`` seconds at most) and return once it
+    has closed."""
     running = asyncio.ensure_future(session.run())
     told = asyncio.ensure_future(stopping.wait())
     try:
         await asyncio.wait([running, told], return_when=asyncio.FIRST_COMPLETED)
         if not running.done():
-            await session.go_away()
+            await session.go_away(grace)
         await running
     finally:
         for task in (running, told):

@@ -30,7 +30,7 @@ off what outlived its grace: uvicorn's ``timeout_graceful_shutdown``) is answere
 away, and the call may have run.
 
 The ASGI lifespan runs the plugin's ``init``/``start`` at startup and ``stop``/``destroy``
-at shutdown. Written against raw ASGI, without a framework, because this is a hot path
+at shutdown, ``stop_caps.hooks`` at most together. Written against raw ASGI, without a framework, because this is a hot path
 with three routes.
 """
 
@@ -59,8 +59,9 @@ from linchkit_plugin.errors import (
     TargetUnavailable,
     Unauthorized,
 )
-from linchkit_plugin.host import STOP_HOOKS_SECONDS, PluginHost
+from linchkit_plugin.host import PluginHost
 from linchkit_plugin.limits import ServerLimits
+from linchkit_plugin.stopping import StopCaps
 from linchkit_plugin.wire import (
     MAX_PARAMS_DEPTH,
     PROTOCOL_VERSION,
@@ -114,6 +115,9 @@ class PluginApp:
 
     ``token``: the bearer token every call must carry; ``None`` serves anyone (local
     development only). ``limits``: what one request may cost (``ServerLimits``).
+    ``stop_caps``: the ``hooks`` of it bound the ``stop`` and ``destroy`` hooks at the
+    lifespan's shutdown (its ``grace`` is the server's to give the calls in flight:
+    ``dispatcher-plugin serve`` gives it to uvicorn).
     """
 
     def __init__(
@@ -125,11 +129,13 @@ class PluginApp:
         limits: ServerLimits | None = None,
         plugin_id: str = "",
         version: str = "",
+        stop_caps: StopCaps | None = None,
     ) -> None:
         self.host = host
         self.config = config or {}
         self.token = token
         self.limits = limits or ServerLimits()
+        self.stop_caps = stop_caps or StopCaps()
         self.plugin_id = plugin_id or str(getattr(host.plugin, "id", "") or "")
         self.version = version or str(getattr(host.plugin, "version", "") or "")
 
@@ -154,7 +160,7 @@ class PluginApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.host.close_within(STOP_HOOKS_SECONDS)
+                await self.host.close_within(self.stop_caps.hooks)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

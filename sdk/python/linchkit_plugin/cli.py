@@ -5,7 +5,9 @@ can also come from a ``LINCHKIT_PLUGIN_*`` variable, because the docker provider
 container orchestrators configure a server through its environment (the registry's from
 ``LINCHKIT_REGISTER_*`` ones: ``_registry_options``, shared with the gRPC service); the
 bearer token and etcd's password can only come from a file or the environment, never the
-command line (``ps`` shows it).
+command line (``ps`` shows it). How long a stop waits comes from the environment alone
+(``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and ``_STOP_HOOKS_MS``, ``linchkit_plugin.stopping``),
+as in every executable of every SDK.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from linchkit_plugin.errors import ProviderError
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.registry import Registration
+from linchkit_plugin.stopping import MAX_STOP_MS, STOP_GRACE_ENV, STOP_HOOKS_ENV, StopCaps
 from linchkit_plugin.tracing import configure_from_env
 
 _ENV = "LINCHKIT_PLUGIN_"
@@ -90,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
             " LINCHKIT_PLUGIN_HOST, _PORT, _UDS and _CONFIG: that is how the docker provider"
             " tells a plugin container where to listen and what to pass to init()."
             " Every other option reads LINCHKIT_PLUGIN_<OPTION> (e.g. _MAX_BODY_BYTES)."
+            f" On SIGTERM the calls in flight get {STOP_GRACE_ENV} milliseconds to finish,"
+            f" then the stop and destroy hooks {STOP_HOOKS_ENV} together"
+            f" (0-{MAX_STOP_MS}; default 5000 each; 0 does not wait)."
             f" Calls need 'Authorization: Bearer <token>' when a token is configured:"
             f" --token-file, {TOKEN_FILE_ENV} or {TOKEN_ENV}; without one anybody who can"
             " reach the server can call the plugin, which suits local development only."
@@ -187,6 +193,9 @@ def _parser() -> argparse.ArgumentParser:
             " --id at --version, and serve calls over that connection, reconnecting after"
             " every drop. The manifest declares it with provider: websocket, mode: inbound."
             f" The token comes from --token-file, {TOKEN_FILE_ENV} or {TOKEN_ENV}."
+            f" On SIGTERM it says goaway and gives the gateway {STOP_GRACE_ENV} milliseconds"
+            f" to finish its calls, then the stop and destroy hooks {STOP_HOOKS_ENV}"
+            f" (0-{MAX_STOP_MS}; default 5000 each)."
         ),
     )
     connect.add_argument("entrypoint", metavar="ENTRYPOINT")
@@ -233,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         options = _parser().parse_args(argv)
     except ValueError as error:  # a LINCHKIT_PLUGIN_* variable that is not a number
         _fail(f"a LINCHKIT_PLUGIN_* setting is not a number: {error}")
+    try:  # read once, at start: a malformed value ends the command before anything runs
+        options.stop_caps = StopCaps.from_environment()
+    except ValueError as error:
+        _fail(str(error))
     if options.command == "connect":
         raise SystemExit(connect(options))
     serve(options)
@@ -309,6 +322,7 @@ def serve(options: argparse.Namespace) -> None:
         limits=limits,
         plugin_id=_identity("ID"),
         version=_identity("VERSION"),
+        stop_caps=options.stop_caps,
     )
     try:
         uvicorn_config = server_config(
@@ -323,6 +337,7 @@ def serve(options: argparse.Namespace) -> None:
             tls_cert=options.tls_cert,
             tls_key=options.tls_key,
             client_ca=options.client_ca,
+            stop_grace=options.stop_caps.grace,
         )
     except ValueError as error:
         _fail(str(error))

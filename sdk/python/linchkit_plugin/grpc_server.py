@@ -65,7 +65,8 @@ from linchkit_plugin.handshake import (
     MAGIC_COOKIE_KEY,
     MAGIC_COOKIE_VALUE,
 )
-from linchkit_plugin.host import STOP_GRACE_SECONDS, STOP_HOOKS_SECONDS, PluginHost
+from linchkit_plugin.host import PluginHost
+from linchkit_plugin.stopping import StopCaps
 from linchkit_plugin.wire import PROTOCOL_VERSION
 
 # isort: split
@@ -120,7 +121,8 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: is refused with RESOURCE_EXHAUSTED.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 #: A stopping server waits until no call has reached it for this long before it shuts
-#: down (at most ``STOP_QUIET_MOST_SECONDS``): see ``linchkit_plugin._grpc_drain``.
+#: down (at most ``STOP_QUIET_MOST_SECONDS``, or the stop's grace when shorter: the wait is
+#: part of it): see ``linchkit_plugin._grpc_drain``.
 STOP_QUIET_SECONDS = 0.1
 STOP_QUIET_MOST_SECONDS = 2.0
 
@@ -137,7 +139,11 @@ class PluginServer:
         runtime: str = "python",
         serving_from_start: bool = False,
         token: BearerToken | None = None,
+        stop_caps: StopCaps | None = None,
     ) -> None:
+        """``stop_caps``: how long a stop gives the calls in flight, then the hooks
+        (default 5 s each; the executable reads ``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and
+        ``_STOP_HOOKS_MS``: ``linchkit_plugin.stopping``)."""
         from grpc_health.v1 import health_pb2
         from grpc_health.v1._async import HealthServicer
 
@@ -152,6 +158,7 @@ class PluginServer:
         self.health = HealthServicer()
         self._serving_from_start = serving_from_start
         self._token = token
+        self.stop_caps = stop_caps or StopCaps()
         self._events = EventStreams()
         self._config: Any = {}
         #: Counts the calls that reach the service; once stopping, they are answered not run.
@@ -329,12 +336,14 @@ class PluginServer:
 
     async def _wind_down(self) -> None:
         """Refuse new calls as not run until none has arrived for ``STOP_QUIET_SECONDS``
-        (at most ``STOP_QUIET_MOST_SECONDS``), so that shutting down cancels no call the
+        (at most ``STOP_QUIET_MOST_SECONDS``, or ``stop_caps.grace`` when shorter: the wait
+        is part of the grace), so that shutting down cancels no call the
         host cannot tell from one cut off mid-run: why, in ``linchkit_plugin._grpc_drain``.
         """
         self._gate.stopping = True
         await self._set_serving(False)
-        await self._gate.until_quiet(quiet=STOP_QUIET_SECONDS, most=STOP_QUIET_MOST_SECONDS)
+        most = min(STOP_QUIET_MOST_SECONDS, self.stop_caps.grace)  # the grace counts it
+        await self._gate.until_quiet(quiet=STOP_QUIET_SECONDS, most=most)
 
     async def _lifecycle(self, context: Any, step: str, *args: Any) -> None:
         import grpc
@@ -359,8 +368,9 @@ class PluginServer:
     ) -> None:
         """Listen on ``address``, call ``on_ready(bound_port)``, serve until ``stop`` is set;
         then await ``on_stopping`` (leave a registry) before draining the calls in flight
-        (``STOP_GRACE_SECONDS`` at most), and only then run the hooks the host did not: a
-        ``stop`` hook that closes what the calls use must not pull it from under them."""
+        (``stop_caps.grace`` at most), and only then run the hooks the host did not
+        (``stop_caps.hooks`` at most): a ``stop`` hook that closes what the calls use must
+        not pull it from under them."""
         import grpc.aio
         from grpc_health.v1 import health_pb2_grpc
 
@@ -399,12 +409,12 @@ class PluginServer:
                 await on_stopping()
         finally:
             loop = asyncio.get_running_loop()
-            grace_ends = loop.time() + STOP_GRACE_SECONDS  # the calls run on meanwhile
+            grace_ends = loop.time() + self.stop_caps.grace  # the calls run on meanwhile
             await self._wind_down()
             await self.health.enter_graceful_shutdown()
             self._events.end_all()  # Events streams never end by themselves
             await server.stop(grace=max(0.0, grace_ends - loop.time()))
-            await self.host.close_within(STOP_HOOKS_SECONDS)
+            await self.host.close_within(self.stop_caps.hooks)
 
 
 def main(
@@ -432,6 +442,7 @@ def main(
         runtime=runtime,
         serving_from_start=launch.arguments is not None,
         token=launch.token,
+        stop_caps=launch.stop_caps,
     )
     # The version Describe reports, read here so that the handshake line says the same.
     return asyncio.run(

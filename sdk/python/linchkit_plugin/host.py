@@ -29,6 +29,7 @@ from linchkit_plugin.errors import (
     ProviderError,
 )
 from linchkit_plugin.plugin import LIFECYCLE_HOOKS, _current_context
+from linchkit_plugin.stopping import STOP_GRACE_SECONDS, STOP_HOOKS_SECONDS
 from linchkit_plugin.tracing import AVAILABLE as _TRACING
 from linchkit_plugin.tracing import continued_trace
 
@@ -43,17 +44,10 @@ __all__ = [
 
 log = logging.getLogger("dispatcher.plugin")
 
-#: How long the calls in flight at a stop may run on, counted from the stop (SIGTERM, the
-#: host gone), before they are cut off and the plugin's ``stop`` and ``destroy`` hooks run:
-#: 5 s, as in every SDK and every binding (docs/protocol.md, "Stopping while called").
-STOP_GRACE_SECONDS = 5.0
-#: How long the ``stop`` and ``destroy`` hooks may take together when a plugin stops (after
-#: its calls in flight were drained): 5 s, as in every SDK (docs/protocol.md, "Stopping
-#: while called"). A hook still running then is abandoned, so that the process exits.
-STOP_HOOKS_SECONDS = 5.0
-#: How long an async hook cancelled at that cap may take to end: time for its own clean-up
-#: on the cancellation, bounded. One still running then swallowed its cancellation, and
-#: its coroutine is closed: ``asyncio.run`` waits for every task still pending when the
+#: How long an async hook cancelled at the hooks' cap may take to end: time for its own
+#: clean-up on the cancellation, bounded; never longer than the cap itself (a cap of 0
+#: waits for nothing). One still running then swallowed its cancellation, and its
+#: coroutine is closed: ``asyncio.run`` waits for every task still pending when the
 #: plugin's main coroutine returns, so that hook would hold the exit for ever.
 ABANDONED_HOOK_SECONDS = 0.5
 #: How long the process of an SDK executable (a host that ``owns_process``) may take to
@@ -61,8 +55,9 @@ ABANDONED_HOOK_SECONDS = 0.5
 #: the exit for ever all the same (a thread it awaited, which ``asyncio.run`` and the
 #: interpreter join; an ``except GeneratorExit`` that waits on; a hook that blocks the
 #: event loop, which then cannot even give up on it), so the process ends without it then,
-#: ``STOP_HOOKS_SECONDS + 2 * ABANDONED_HOOK_SECONDS + ABANDONED_EXIT_SECONDS`` after the
-#: hooks began at most.
+#: ``cap + 2 * min(ABANDONED_HOOK_SECONDS, cap) + ABANDONED_EXIT_SECONDS`` after the hooks
+#: began at most, the cap being the one the stop gives the hooks (``STOP_HOOKS_SECONDS``
+#: unless ``LINCHKIT_PLUGIN_STOP_HOOKS_MS`` sets it: ``linchkit_plugin.stopping``).
 ABANDONED_EXIT_SECONDS = 1.0
 
 EventSink = Callable[[str, Any], None]
@@ -250,15 +245,17 @@ class PluginHost:
         """``close()`` at a stop: both hooks within ``seconds`` together, their failures
         logged. A hook still running then is abandoned with a warning, and ``destroy``
         does not run after an abandoned ``stop``: an async hook is cancelled and given
-        ``ABANDONED_HOOK_SECONDS`` more to end (then its coroutine is closed), a sync one
-        is left to its thread, which does not hold the process's exit. True when both
-        hooks finished.
+        ``ABANDONED_HOOK_SECONDS`` more to end, ``seconds`` if shorter (then its coroutine
+        is closed), a sync one is left to its thread, which does not hold the process's
+        exit. ``seconds`` 0 waits for neither hook: one that does not finish in its first
+        step is abandoned at once. True when both hooks finished.
 
         A host that ``owns_process`` ends its process, with exit status 0 as after any
         graceful stop, once ``ABANDONED_EXIT_SECONDS`` have passed after the closing of a
         hook it gave up on, if the process is still there (``_ExitDeadline``)."""
+        cleaning_up = min(ABANDONED_HOOK_SECONDS, seconds)
         exit_deadline = (
-            _ExitDeadline(seconds, seconds + 2 * ABANDONED_HOOK_SECONDS + ABANDONED_EXIT_SECONDS)
+            _ExitDeadline(seconds, seconds + 2 * cleaning_up + ABANDONED_EXIT_SECONDS)
             if self.owns_process
             else None
         )
@@ -286,7 +283,7 @@ class PluginHost:
                 if exit_deadline is not None:
                     exit_deadline.abandoned = True
                 _say_abandoned(name, seconds)
-                await _abandon(hook, name)
+                await _abandon(hook, name, min(ABANDONED_HOOK_SECONDS, seconds))
                 return False
             if hook.cancelled():  # the hook raised CancelledError itself
                 log.error("the plugin's %s hook was cancelled at the stop", name)
@@ -430,21 +427,22 @@ class _ExitDeadline:
         os._exit(0)
 
 
-async def _abandon(hook: asyncio.Task[Any], name: str) -> None:
-    """Give up on ``hook`` at the stop: cancel it, and give it ``ABANDONED_HOOK_SECONDS`` to
-    end. One still running then swallowed its cancellation: its coroutine is closed
-    (GeneratorExit at the await it is stuck in, as for a generator its consumer drops), which
-    ends the task on the loop's next turn, before ``asyncio.run`` would wait for it. What
+async def _abandon(hook: asyncio.Task[Any], name: str, seconds: float) -> None:
+    """Give up on ``hook`` at the stop: cancel it, and give it ``seconds`` to end
+    (``ABANDONED_HOOK_SECONDS``, or the hooks' cap when shorter). One still running then
+    swallowed its cancellation: its coroutine is closed (GeneratorExit at the await it is
+    stuck in, as for a generator its consumer drops), which ends the task on the loop's
+    next turn, before ``asyncio.run`` would wait for it. What
     can still hold the exit after that (a thread the hook awaited, a hook that blocks the
     loop on GeneratorExit) does not hold an SDK executable's: ``_ExitDeadline``."""
     hook.cancel()
-    await asyncio.wait({hook}, timeout=ABANDONED_HOOK_SECONDS)
+    await asyncio.wait({hook}, timeout=seconds)
     if not hook.done():
         log.warning("the plugin's %s hook went on after its cancellation; closing it", name)
         with contextlib.suppress(RuntimeError):  # it awaited again on GeneratorExit
             hook.get_coro().close()
         hook.cancel()  # wakes the task, which finds its coroutine closed and ends
-        await asyncio.wait({hook}, timeout=ABANDONED_HOOK_SECONDS)
+        await asyncio.wait({hook}, timeout=seconds)
     if hook.done() and not hook.cancelled():
         hook.exception()  # taken here: nobody else awaits it, and it is no news
 

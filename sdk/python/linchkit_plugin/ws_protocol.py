@@ -67,7 +67,9 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
 #: half-open TCP connection (no FIN ever comes) within 1.5 heartbeats.
 DEFAULT_HEARTBEAT: Final = 10.0
 #: How long a stopping plugin waits, after ``goaway``, for the host to finish its calls and
-#: close the connection, before closing it itself (1001) with whatever is still running.
+#: close the connection, before closing it itself (1001) with whatever is still running:
+#: the stop's grace, which ``LINCHKIT_PLUGIN_STOP_GRACE_MS`` sets in the SDK's executables
+#: (``linchkit_plugin.stopping``).
 GOAWAY_GRACE: Final = 5.0
 #: Seconds a new connection has to send its ``hello``.
 HELLO_TIMEOUT: Final = 10.0

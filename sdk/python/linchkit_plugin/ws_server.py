@@ -13,7 +13,8 @@ followed by a ``dropped`` frame with the count lost, if any.
 
 Stopping loses no call: the plugin sends ``goaway`` on each connection (and stops taking
 new ones), goes on answering whatever arrives, and the host closes the connection once
-its calls are answered; after ``GOAWAY_GRACE`` seconds the plugin closes it itself.
+its calls are answered; after the stop's grace (``GOAWAY_GRACE``, 5 s, unless
+``LINCHKIT_PLUGIN_STOP_GRACE_MS`` sets it) the plugin closes it itself.
 
 Reverse mode (``dial``) reconnects after every drop with exponential backoff and full
 jitter; a refusal is not retried: at the upgrade (400, 401, 403, 404: a malformed id or version, wrong token, another
@@ -46,14 +47,14 @@ from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.auth import BearerToken
 from linchkit_plugin.errors import InvalidParams, Unauthorized
-from linchkit_plugin.host import STOP_HOOKS_SECONDS, PluginHost
+from linchkit_plugin.host import PluginHost
 from linchkit_plugin.listen import address_mistake, host_and_port
+from linchkit_plugin.stopping import StopCaps
 from linchkit_plugin.wire import error_response
 from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_MESSAGE_BYTES,
-    GOAWAY_GRACE,
 )
 
 # isort: split
@@ -93,6 +94,9 @@ class WebSocketPluginServer:
     The plugin's ``init``/``start`` run when the server starts, ``stop``/``destroy``
     when it stops, as the HTTP server does. With a token, the upgrade needs
     ``Authorization: Bearer <token>`` and is otherwise answered 401 before it upgrades.
+    ``stop_caps``: how long a stop gives the host to finish its calls after ``goaway``,
+    then the hooks (default 5 s each; the executables read ``LINCHKIT_PLUGIN_STOP_GRACE_MS``
+    and ``_STOP_HOOKS_MS``: ``linchkit_plugin.stopping``).
     """
 
     def __init__(
@@ -107,9 +111,11 @@ class WebSocketPluginServer:
         heartbeat: float = DEFAULT_HEARTBEAT,
         max_in_flight: int = 1024,
         max_buffered_events: int = 1000,
+        stop_caps: StopCaps | None = None,
     ) -> None:
         self.host = host
         self.config = config or {}
+        self.stop_caps = stop_caps or StopCaps()
         self.token = token
         self.max_message_bytes = max_message_bytes
         self.heartbeat = heartbeat
@@ -140,9 +146,11 @@ class WebSocketPluginServer:
         host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]  # IPv6: host:port needs brackets
         return f"ws://{host}:{bound[1]}"
 
-    async def aclose(self, grace: float = GOAWAY_GRACE) -> None:
+    async def aclose(self, grace: float | None = None) -> None:
         """Stop: take no new connection, say ``goaway`` on each open one and let the host
-        finish its calls there (at most ``grace`` seconds), then close what is left."""
+        finish its calls there (at most ``grace`` seconds, default ``stop_caps.grace``),
+        then close what is left."""
+        grace = self.stop_caps.grace if grace is None else grace
         runner, self._runner = self._runner, None
         if runner is None:
             return
@@ -155,7 +163,7 @@ class WebSocketPluginServer:
         await self.host.open(self.config)
 
     async def _close(self, app: web.Application) -> None:
-        await self.host.close_within(STOP_HOOKS_SECONDS)
+        await self.host.close_within(self.stop_caps.hooks)
 
     async def _going_away(self, app: web.Application) -> None:
         await asyncio.gather(
@@ -218,7 +226,9 @@ def main(
     * ``connect --url URL [--config JSON]``: reverse mode, dialling the gateway.
 
     The token comes from ``LINCHKIT_PLUGIN_TOKEN_FILE`` or ``LINCHKIT_PLUGIN_TOKEN``: for
-    ``serve``, the one callers must present; for ``connect``, the one it presents.
+    ``serve``, the one callers must present; for ``connect``, the one it presents. How
+    long a stop waits comes from ``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and ``_STOP_HOOKS_MS``
+    (``linchkit_plugin.stopping``).
     """
     import argparse
     import os
@@ -241,7 +251,8 @@ def main(
     try:
         token = BearerToken.configured(os.environ.get(TOKEN_FILE_ENV) or None)
         config = orjson.loads(options.config)
-    except (TokenError, orjson.JSONDecodeError) as error:
+        stop_caps = StopCaps.from_environment()
+    except (TokenError, orjson.JSONDecodeError, ValueError) as error:
         sys.stderr.write(f"{argv[0]}: {error}\n")
         return 1
     host = PluginHost(plugin_class(), owns_process=True)
@@ -266,6 +277,7 @@ def main(
                 token=token.secret() if token is not None else None,
                 config=config,
                 stopping=stopping,
+                stop_caps=stop_caps,
             )
 
         try:
@@ -293,7 +305,12 @@ def main(
         stop = asyncio.Event()
         stop_on_signals(stop)
         server = WebSocketPluginServer(
-            host, config=config, token=token, plugin_id=plugin_id, version=version
+            host,
+            config=config,
+            token=token,
+            plugin_id=plugin_id,
+            version=version,
+            stop_caps=stop_caps,
         )
         try:
             url = await server.start(*where)

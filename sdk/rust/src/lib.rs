@@ -28,6 +28,7 @@ mod params;
 mod serve;
 mod service;
 mod size_status;
+mod stop;
 mod tls;
 
 use std::collections::HashMap;
@@ -44,6 +45,7 @@ pub use auth::{ENV_TOKEN, ENV_TOKEN_FILE};
 pub use error::{types, Error};
 pub use events::Emitter;
 pub use serve::{Environment, ServeError};
+pub use stop::{ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
 
 /// The protocol's generated types and gRPC service (package `linchkit.plugin.v1`).
 pub mod pb {

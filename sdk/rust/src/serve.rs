@@ -24,6 +24,7 @@ use crate::late_streams::LateStreams;
 use crate::pb::plugin_service_server::PluginServiceServer;
 use crate::service::{Service, Shared};
 use crate::size_status::SizeStatus;
+use crate::stop::{StopCaps, ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
 use crate::{tls, Plugin, PROTOCOL_VERSION};
 
 pub const ENV_MAGIC_COOKIE: &str = "LINCHKIT_PLUGIN_MAGIC_COOKIE";
@@ -42,11 +43,6 @@ pub const CORE_VERSION: u32 = 1;
 /// (tonic's OUT_OF_RANGE restated by [`SizeStatus`]); a larger reply with tonic's
 /// OUT_OF_RANGE, which the dispatcher reads by its words.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
-
-/// How long the calls in flight at a stop may take to finish before they are cut off and
-/// the plugin's stop and destroy hooks run: 5 s, as in every SDK (docs/protocol.md,
-/// "Stopping while called").
-const GRACE_PERIOD: Duration = Duration::from_secs(5);
 
 /// Why a plugin could not serve.
 #[derive(Debug)]
@@ -142,6 +138,8 @@ impl Plugin {
             };
             let token = BearerToken::configured(|name| env.var(name).to_string())
                 .map_err(|err| ServeError::Failed(format!("serve: {err}")))?;
+            let caps = StopCaps::from_vars(|name| env.var(name))
+                .map_err(|err| ServeError::Failed(format!("serve: {err}")))?;
             let listener = TcpListener::bind(&address)
                 .await
                 .map_err(failed(&format!("serve: cannot listen on {address}")))?;
@@ -164,6 +162,7 @@ impl Plugin {
                 TcpListenerStream::new(listener),
                 None,
                 shutdown,
+                caps,
             )
             .await;
         }
@@ -173,6 +172,7 @@ impl Plugin {
         }
         let version =
             negotiate_version(env.var(ENV_PROTOCOL_VERSIONS)).map_err(ServeError::Failed)?;
+        let caps = StopCaps::from_vars(|name| env.var(name)).map_err(ServeError::Failed)?;
         let network = match env.var(ENV_NETWORK) {
             "" => "unix".to_string(),
             other => other.to_string(),
@@ -219,6 +219,7 @@ impl Plugin {
                     UnixListenerStream::new(listener),
                     acceptor,
                     stop,
+                    caps,
                 )
                 .await;
                 let _ = std::fs::remove_file(&path);
@@ -243,6 +244,7 @@ impl Plugin {
                     TcpListenerStream::new(listener),
                     acceptor,
                     stop,
+                    caps,
                 )
                 .await
             }
@@ -303,7 +305,8 @@ async fn build(
 
 /// Serves on `incoming` (through TLS when there is an acceptor) until `stop` completes,
 /// then ends the plugin's streams, stops gracefully (the calls in flight have
-/// `GRACE_PERIOD` to finish) and only then runs the plugin's remaining hooks. Each
+/// `caps.grace` to finish) and only then runs the plugin's remaining hooks (`caps.hooks`
+/// at most). Each
 /// connection is read through [`LateStreams`], so a call the client sent too late for the
 /// stop cannot make h2 close the connection under the calls still running on it.
 async fn serve_on<St, IO>(
@@ -312,6 +315,7 @@ async fn serve_on<St, IO>(
     incoming: St,
     acceptor: Option<TlsAcceptor>,
     stop: impl Future<Output = ()>,
+    caps: StopCaps,
 ) -> Result<(), ServeError>
 where
     St: Stream<Item = io::Result<IO>> + Send + Unpin + 'static,
@@ -342,14 +346,14 @@ where
     }
     shared.stop_serving().await;
     let _ = stop_server.send(());
-    let served = match tokio::time::timeout(GRACE_PERIOD, &mut server).await {
+    let served = match tokio::time::timeout(caps.grace, &mut server).await {
         Ok(done) => outcome(done),
         Err(_) => {
             server.abort();
             Ok(())
         }
     };
-    shared.run_remaining_hooks().await;
+    shared.run_remaining_hooks(caps.hooks).await;
     served
 }
 
@@ -459,9 +463,10 @@ pub(crate) fn negotiate_version(offered: &str) -> Result<u32, String> {
 /// The address `serve` listens on when not told otherwise: loopback only, any free port.
 const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
 
-/// What `serve --help` prints on stdout. In service mode the plugin reads only the token
-/// from its environment; the handshake variables (LINCHKIT_PLUGIN_MAGIC_COOKIE,
-/// LINCHKIT_PLUGIN_CLIENT_CERT, ...) belong to subprocess mode, so they are not listed.
+/// What `serve --help` prints on stdout. In service mode the plugin reads the token and
+/// the stop's caps from its environment; the handshake variables
+/// (LINCHKIT_PLUGIN_MAGIC_COOKIE, LINCHKIT_PLUGIN_CLIENT_CERT, ...) belong to subprocess
+/// mode, so they are not listed.
 fn serve_help() -> String {
     format!(
         "usage: {program} serve [--address HOST:PORT]
@@ -482,6 +487,9 @@ environment (docs/protocol.md, \"Authentication (service mode)\"):
   {ENV_TOKEN}
       the bearer token itself; set one of the two, not both (without a token anybody
       who can reach the address may call the plugin)
+  {ENV_STOP_GRACE_MS}, {ENV_STOP_HOOKS_MS}
+      on SIGTERM, the milliseconds the calls in flight get to finish, then the stop and
+      destroy hooks together, 0-{MAX_STOP_MS} (default 5000 each; 0 does not wait)
 ",
         program = program_name(),
     )
@@ -670,6 +678,8 @@ mod tests {
             "--help",
             ENV_TOKEN_FILE,
             ENV_TOKEN,
+            ENV_STOP_GRACE_MS,
+            ENV_STOP_HOOKS_MS,
         ] {
             assert!(help.contains(needed), "{needed} missing from:\n{help}");
         }

@@ -28,11 +28,6 @@ use crate::{
     PROTOCOL_VERSION, SERVICE_NAME,
 };
 
-/// How long the stop and destroy hooks may take together at a stop, after the calls in
-/// flight were drained: 5 s, as in every SDK (docs/protocol.md, "Stopping while called").
-/// A hook still running then is abandoned, so that the process exits.
-pub(crate) const STOP_HOOKS_CAP: Duration = Duration::from_secs(5);
-
 /// What the lifecycle RPCs left behind; one lock, as tonic runs RPCs concurrently.
 #[derive(Default)]
 struct Lifecycle {
@@ -103,9 +98,10 @@ impl Shared {
     /// Runs the stop and destroy hooks the host did not call, so a plugin ended by SIGTERM
     /// or by its host's death still cleans up. It comes after the drain: a stop hook that
     /// closes what the calls use must not pull it from under calls still running. Both
-    /// together get [`STOP_HOOKS_CAP`]; a hook still running then is abandoned with a
-    /// warning, and the destroy hook is not begun after an abandoned stop hook.
-    pub(crate) async fn run_remaining_hooks(&self) {
+    /// together get `cap` (the stop's hooks cap: 5 s unless `LINCHKIT_PLUGIN_STOP_HOOKS_MS`
+    /// sets it, `crate::stop`); a hook still running then is abandoned with a warning, and
+    /// the destroy hook is not begun after an abandoned stop hook.
+    pub(crate) async fn run_remaining_hooks(&self, cap: Duration) {
         let (need_stop, need_destroy) = {
             let state = self.lifecycle.lock().unwrap();
             (state.started, state.inited)
@@ -116,7 +112,7 @@ impl Shared {
         ];
         // One deadline for both: each hook's own 5 s let a stuck stop hook and a stuck
         // destroy hook hold the exit 10 s, past what a host waits for before it kills.
-        let deadline = Instant::now() + STOP_HOOKS_CAP;
+        let deadline = Instant::now() + cap;
         for (needed, name, hook) in hooks {
             if let (true, Some(hook)) = (needed, hook) {
                 let hook = hook.clone();
@@ -130,7 +126,7 @@ impl Shared {
                         crate::log::warn(&format!(
                             "the {name} hook did not finish within {}s of the stop; \
                              exiting without it",
-                            STOP_HOOKS_CAP.as_secs()
+                            crate::stop::seconds(cap)
                         ));
                         return;
                     }

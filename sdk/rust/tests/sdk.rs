@@ -10,7 +10,8 @@ use base64::Engine;
 use linchkit_plugin::pb::plugin_service_client::PluginServiceClient;
 use linchkit_plugin::pb::{self, stream_item};
 use linchkit_plugin::{
-    Call, ChunkSender, Environment, Error, Json, Plugin, ServeError, SERVICE_NAME,
+    Call, ChunkSender, Environment, Error, Json, Plugin, ServeError, ENV_STOP_GRACE_MS,
+    ENV_STOP_HOOKS_MS, SERVICE_NAME,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -420,6 +421,49 @@ async fn subprocess_mode_refuses_a_host_it_cannot_speak_to() {
     assert!(matches!(outcome, Err(ServeError::Failed(message)) if message.contains("speaks 1")));
 }
 
+/// Both modes read how long a stop waits at start: a malformed value is refused then, in one
+/// line naming the variable, before the handshake line (which a host takes for serving).
+#[tokio::test]
+async fn a_malformed_stop_cap_is_refused_at_start_in_both_modes() {
+    let subprocess = [
+        ("LINCHKIT_PLUGIN_MAGIC_COOKIE", "d1spatch3r-pl4g1n"),
+        ("LINCHKIT_PLUGIN_PROTOCOL_VERSIONS", "1"),
+    ];
+    for (args, vars, prefix) in [
+        (
+            vec!["serve", "--address", "127.0.0.1:0"],
+            &[][..],
+            "serve: ",
+        ),
+        (vec![], &subprocess[..], ""),
+    ] {
+        for (name, value) in [(ENV_STOP_GRACE_MS, "1.5"), (ENV_STOP_HOOKS_MS, "5s")] {
+            let (stdout_plugin, mut stdout_host) = tokio::io::duplex(4096);
+            let env = Environment {
+                args: args.iter().map(|s| s.to_string()).collect(),
+                vars: vars
+                    .iter()
+                    .chain([(name, value)].iter())
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                stdin: Box::new(tokio::io::empty()),
+                stdout: Box::new(stdout_plugin),
+            };
+            let outcome = test_plugin().run(env, std::future::pending()).await;
+            let expected = format!("{prefix}{name} must be a whole number of milliseconds");
+            assert!(
+                matches!(&outcome, Err(ServeError::Failed(message)) if message.starts_with(&expected) && message.contains(value)),
+                "{args:?} {name}={value}: {outcome:?}"
+            );
+            let mut written = String::new();
+            tokio::io::AsyncReadExt::read_to_string(&mut stdout_host, &mut written)
+                .await
+                .unwrap();
+            assert_eq!(written, "", "a line written before the refusal");
+        }
+    }
+}
+
 /// The host's side of AutoMTLS in a test: trusts exactly the certificate of the handshake.
 #[derive(Debug)]
 struct PinnedServer(CertificateDer<'static>);
@@ -704,9 +748,10 @@ async fn service_mode_stops_at_shutdown_what_any_host_started() {
 }
 
 /// A stop and a destroy hook that never return (each stuck on a peer that does not answer)
-/// hold a stop once, for the 5 s cap the two share, as in every SDK: the destroy hook is not
-/// begun after the stop hook was given up on. Before, each hook had 5 s of its own, and the
-/// two held the exit 10 s.
+/// hold a stop once, for the cap the two share (`LINCHKIT_PLUGIN_STOP_HOOKS_MS`, 2 s here;
+/// 5 s by default, as in every SDK: tests/conformance/test_stop_drains_first.py): the
+/// destroy hook is not begun after the stop hook was given up on. Before, each hook had
+/// 5 s of its own, and the two held the exit 10 s.
 #[tokio::test]
 async fn hooks_that_never_return_hold_the_stop_for_one_cap() {
     let stops = Arc::new(AtomicUsize::new(0));
@@ -724,7 +769,12 @@ async fn hooks_that_never_return_hold_the_stop_for_one_cap() {
             on_destroy.fetch_add(1, Ordering::SeqCst);
             std::future::pending::<Result<(), Error>>()
         });
-    let mut running = start_plugin(plugin, &["serve", "--address", "127.0.0.1:0"], &[]).await;
+    let mut running = start_plugin(
+        plugin,
+        &["serve", "--address", "127.0.0.1:0"],
+        &[(ENV_STOP_HOOKS_MS, "2000")],
+    )
+    .await;
     let (mut client, health_client) = running.client().await;
     client
         .init(pb::InitRequest {
@@ -745,11 +795,11 @@ async fn hooks_that_never_return_hold_the_stop_for_one_cap() {
         "plugin did not stop cleanly"
     );
     assert!(
-        took >= Duration::from_millis(4_500),
-        "the hooks got {took:?}, not their 5 s"
+        took >= Duration::from_millis(1_800),
+        "the hooks got {took:?}, not their 2 s"
     );
     assert!(
-        took < Duration::from_secs(7),
+        took < Duration::from_millis(3_500),
         "two stuck hooks held the stop {took:?}"
     );
     assert_eq!(

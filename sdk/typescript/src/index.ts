@@ -9,6 +9,8 @@ export { Logger } from './log';
 export type { Level, Sink } from './log';
 export { serve, STOP_GRACE_MS, STOP_HOOKS_MS } from './serve';
 export type { ServeOptions } from './serve';
+export { MAX_STOP_MS, STOP_GRACE_ENV, STOP_HOOKS_ENV } from './stopcaps';
+export type { StopCaps } from './stopcaps';
 export { PluginServer, PROTOCOL_VERSION, SERVICE_NAME } from './server';
 export * as handshake from './handshake';
 export { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV, tokenInterceptor } from './auth';

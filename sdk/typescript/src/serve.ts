@@ -17,7 +17,10 @@
  * The WebSocket modes run the plugin's own lifecycle with `--config` (no Init RPC there).
  * `serve --help` prints the flags and the environment; a mistyped `--address` or a failed
  * listen ends in one line on stderr and exit 1 (listen.ts), as in every SDK.
- * All stop gracefully on SIGTERM or SIGINT. With an OTLP endpoint in the environment
+ * All stop gracefully on SIGTERM or SIGINT, waiting `LINCHKIT_PLUGIN_STOP_GRACE_MS` for the
+ * calls in flight and `LINCHKIT_PLUGIN_STOP_HOOKS_MS` for the hooks (stopcaps.ts: 5 s each
+ * unless set; read once at start, a malformed value refused in one line and exit 1). With an
+ * OTLP endpoint in the environment
  * (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), gRPC calls are
  * traced (tracing.ts) and the last spans are sent before exiting.
  */
@@ -34,22 +37,37 @@ import type { Plugin } from './plugin';
 import { PluginServer } from './server';
 import { OTLP_ENDPOINT_ENV, OTLP_TRACES_ENDPOINT_ENV, Tracing } from './tracing';
 import { generateServerCertificate } from './tls';
+import { MAX_STOP_MS, STOP_GRACE_ENV, STOP_HOOKS_ENV, STOP_HOOKS_MS, type StopCaps, stopCapsFrom } from './stopcaps';
 import { Refused, WebSocketPluginServer, dial } from './websocket';
+
+export { STOP_GRACE_MS, STOP_HOOKS_MS } from './stopcaps';
 
 export interface ServeOptions {
   argv?: readonly string[];
   env?: NodeJS.ProcessEnv;
+  /**
+   * The plugin's own stop grace, in whole milliseconds (default `STOP_GRACE_MS`, 5 s): how long
+   * the calls in flight get at a stop. `LINCHKIT_PLUGIN_STOP_GRACE_MS` overrides it.
+   */
+  stopGraceMs?: number;
+  /**
+   * The plugin's own cap on the stop and destroy hooks together, in whole milliseconds (default
+   * `STOP_HOOKS_MS`, 5 s). `LINCHKIT_PLUGIN_STOP_HOOKS_MS` overrides it.
+   */
+  stopHooksMs?: number;
 }
 
 /** Serve `plugin` until the host stops it; never returns normally (the process exits), but for `serve --help`. */
 export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise<void> {
   const argv = options.argv ?? process.argv.slice(2);
   const env = options.env ?? process.env;
+  // Read once, at start, in every mode: a malformed value ends the plugin before it serves.
+  const caps = (prefix: string): StopCaps => stopCapsFrom(env, { graceMs: options.stopGraceMs, hooksMs: options.stopHooksMs }, prefix);
   try {
     if (argv[0] === 'connect') {
       const command = parseConnectCommand(argv);
       if (command.mode === 'help') process.stdout.write(connectHelp());
-      else await connectToGateway(plugin, command.url, command.config, env);
+      else await connectToGateway(plugin, command.url, command.config, env, caps('connect: '));
       return;
     }
     const command = parseCommand(argv);
@@ -58,12 +76,13 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
       return;
     }
     if (command.mode === 'websocket') {
-      await serveOverWebSocket(plugin, command.address, command.config, env);
+      await serveOverWebSocket(plugin, command.address, command.config, env, caps('serve: '));
       return;
     }
+    const stopCaps = caps(command.mode === 'service' ? 'serve: ' : '');
     const tracing = Tracing.fromEnv(env, plugin);
-    if (command.mode === 'service') await serveService(plugin, command.address, BearerToken.configured(env), tracing);
-    else await serveSubprocess(plugin, env, tracing);
+    if (command.mode === 'service') await serveService(plugin, command.address, BearerToken.configured(env), tracing, stopCaps);
+    else await serveSubprocess(plugin, env, tracing, stopCaps);
   } catch (error) {
     process.stderr.write(`${messageFor(error)}\n`);
     process.exit(1);
@@ -103,6 +122,9 @@ environment (docs/security.md, docs/observability.md):
   OTEL_SERVICE_NAME, OTEL_SDK_DISABLED, OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*
       the traced service's name (default the plugin id), true to turn tracing off, the
       collector's headers, span batching
+  ${STOP_GRACE_ENV}, ${STOP_HOOKS_ENV}
+      on SIGTERM, the milliseconds the calls in flight get to finish, then the stop and
+      destroy hooks together, 0-${MAX_STOP_MS} (default ${STOP_HOOKS_MS} each; 0 does not wait)
   LINCHKIT_PLUGIN_PROTO
       where plugin.proto is, when not next to the SDK
 `;
@@ -127,14 +149,18 @@ environment (docs/security.md):
   ${TOKEN_FILE_ENV}, ${TOKEN_ENV}
       the bearer token the plugin presents to the gateway, from a file (a mounted secret)
       or the variable, not both
+  ${STOP_GRACE_ENV}, ${STOP_HOOKS_ENV}
+      on SIGTERM, the milliseconds the gateway gets to finish its calls after goaway, then
+      the stop and destroy hooks together, 0-${MAX_STOP_MS} (default ${STOP_HOOKS_MS} each)
 `;
 }
 
 /**
  * The WebSocket modes run the plugin's own lifecycle: init with `--config`, start, and on a
- * signal `windDown` (the connections' calls finish on a started plugin), then stop and exit.
+ * signal `windDown` (the connections' calls finish on a started plugin), then stop (the hooks
+ * `hooksMs` at most) and exit.
  */
-async function startLifecycle(plugin: Plugin, configText: string | undefined, windDown: () => Promise<void>): Promise<void> {
+async function startLifecycle(plugin: Plugin, configText: string | undefined, hooksMs: number, windDown: () => Promise<void>): Promise<void> {
   let config: unknown;
   try {
     config = JSON.parse(configText ?? '{}');
@@ -150,7 +176,7 @@ async function startLifecycle(plugin: Plugin, configText: string | undefined, wi
     stopping = true;
     void windDown()
       .catch(() => undefined)
-      .then(() => closeWithin(plugin))
+      .then(() => closeWithin(plugin, hooksMs))
       .finally(() => process.exit(0));
   };
   process.on('SIGTERM', stop);
@@ -158,16 +184,16 @@ async function startLifecycle(plugin: Plugin, configText: string | undefined, wi
 }
 
 /** `url` is checked already (connect.ts): a gateway that does not answer yet is retried. */
-async function connectToGateway(plugin: Plugin, url: string, config: string | undefined, env: NodeJS.ProcessEnv): Promise<void> {
+async function connectToGateway(plugin: Plugin, url: string, config: string | undefined, env: NodeJS.ProcessEnv, caps: StopCaps): Promise<void> {
   const token = BearerToken.configured(env);
   const stopping = new AbortController();
   let dialling: Promise<void> = Promise.resolve();
   // A stop: no redial, goaway on the connection; `dial` resolves once the gateway closed it.
-  await startLifecycle(plugin, config, () => {
+  await startLifecycle(plugin, config, caps.hooksMs, () => {
     stopping.abort();
     return dialling;
   });
-  dialling = dial(plugin, url, { token: token?.secret(), signal: stopping.signal });
+  dialling = dial(plugin, url, { token: token?.secret(), signal: stopping.signal, graceMs: caps.graceMs });
   try {
     await dialling;
   } catch (error) {
@@ -182,10 +208,10 @@ async function closeQuietly(plugin: Plugin): Promise<void> {
   await plugin.close().catch(() => undefined);
 }
 
-async function serveOverWebSocket(plugin: Plugin, address: string, config: string | undefined, env: NodeJS.ProcessEnv): Promise<void> {
+async function serveOverWebSocket(plugin: Plugin, address: string, config: string | undefined, env: NodeJS.ProcessEnv, caps: StopCaps): Promise<void> {
   const token = BearerToken.configured(env);
   const server = new WebSocketPluginServer(plugin, token);
-  await startLifecycle(plugin, config, () => server.close()); // a stop: no new connection, goaway on each
+  await startLifecycle(plugin, config, caps.hooksMs, () => server.close(caps.graceMs)); // a stop: no new connection, goaway on each
   let bound: string;
   try {
     bound = await server.listen(address);
@@ -204,6 +230,7 @@ async function serveService(
   address: string,
   token: BearerToken | undefined,
   tracing: Tracing | undefined,
+  caps: StopCaps,
 ): Promise<void> {
   const server = new PluginServer(plugin, { servingFromStart: true, token, tracing });
   const port = await bindService(server, address);
@@ -213,7 +240,7 @@ async function serveService(
       `no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): ` + `anybody who can reach ${host}:${port} can call this plugin`,
     );
   }
-  stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing); // before the line: the host may stop us at once
+  stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing, caps); // before the line: the host may stop us at once
   process.stdout.write(handshakeLine(1, 'tcp', `${host}:${port}`) + '\n');
 }
 
@@ -239,7 +266,7 @@ function grpcLogVerbosity(env: NodeJS.ProcessEnv): grpc.logVerbosity {
   return known.includes(name as (typeof known)[number]) ? grpc.logVerbosity[name as (typeof known)[number]] : grpc.logVerbosity.ERROR;
 }
 
-async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: Tracing | undefined): Promise<void> {
+async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: Tracing | undefined, caps: StopCaps): Promise<void> {
   const config = readHandshakeEnv(env);
   const server = new PluginServer(plugin, { servingFromStart: false, tracing });
 
@@ -277,7 +304,7 @@ async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: 
   }
   process.on('exit', () => cleanup());
 
-  const stop = stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing); // before the line: the host may stop us at once
+  const stop = stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing, caps); // before the line: the host may stop us at once
   process.stdout.write(handshakeLine(config.appVersion, config.network, address, certDer) + '\n');
   // The host reads no more of stdout: a pipe nobody drains would block the event loop. The
   // console goes to stderr, each record one line that says its level (log.ts): the host
@@ -293,22 +320,9 @@ async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: 
 }
 
 /**
- * How long the calls in flight at a stop may take to finish before they are cut off and the
- * plugin's stop and destroy hooks run: 5 s, as in every SDK (docs/protocol.md, "Stopping
- * while called").
- */
-export const STOP_GRACE_MS = 5_000;
-
-/**
- * How long the stop and destroy hooks may take together at a stop, after the drain: 5 s, as
- * in every SDK. A hook still running then is abandoned with a warning; the process exits.
- */
-export const STOP_HOOKS_MS = 5_000;
-
-/**
- * @internal The plugin's stop and destroy hooks at a stop, `capMs` (`STOP_HOOKS_MS`) at most
- * together: a hook still running then is abandoned with a warning naming it, as every SDK
- * words it, so that the process exits without it.
+ * @internal The plugin's stop and destroy hooks at a stop, `capMs` (`STOP_HOOKS_MS` unless
+ * set) at most together: a hook still running then is abandoned with a warning naming it and
+ * the cap, as every SDK words it, so that the process exits without it. 0 waits for neither.
  */
 export async function closeWithin(plugin: Plugin, capMs: number = STOP_HOOKS_MS, logger: Logger = log): Promise<void> {
   let finished = false;
@@ -335,11 +349,12 @@ export async function closeWithin(plugin: Plugin, capMs: number = STOP_HOOKS_MS,
 }
 
 /**
- * Stop once on any of `signals`: health off, drain the calls in flight (`STOP_GRACE_MS` at
- * most), then the stop/destroy hooks the host did not run, then exit. Hooks last: a stop
- * hook that closes what the calls use must not pull it from under calls still running.
+ * Stop once on any of `signals`: health off, drain the calls in flight (`caps.graceMs` at
+ * most), then the stop/destroy hooks the host did not run (`caps.hooksMs` at most), then
+ * exit. Hooks last: a stop hook that closes what the calls use must not pull it from under
+ * calls still running.
  */
-function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer, tracing: Tracing | undefined): () => void {
+function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer, tracing: Tracing | undefined, caps: StopCaps): () => void {
   let stopping = false;
   const stop = (): void => {
     if (stopping) return;
@@ -350,8 +365,8 @@ function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer,
     const flush = (): Promise<unknown> =>
       tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, 5000).unref())]);
     void server
-      .shutdown(STOP_GRACE_MS)
-      .then(() => closeWithin(plugin))
+      .shutdown(caps.graceMs)
+      .then(() => closeWithin(plugin, caps.hooksMs))
       .then(flush)
       .then(() => process.exit(0));
   };

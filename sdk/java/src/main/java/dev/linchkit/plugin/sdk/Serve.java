@@ -74,6 +74,9 @@ public final class Serve {
       "      the bearer token itself, when there is no file; set one of the two, not both",
       "  Without either, anybody who can reach the address may call the plugin (a warning",
       "  says so on stderr). Health and reflection answer without the token.",
+      "  " + Serve.STOP_GRACE_ENV + ", " + Serve.STOP_HOOKS_ENV,
+      "      on SIGTERM, the milliseconds the calls in flight get to finish, then the stop and",
+      "      destroy hooks together, 0-" + Serve.MAX_STOP_MS + " (default 5000 each; 0 does not wait)",
       "");
 
   /**
@@ -92,17 +95,37 @@ public final class Serve {
 
   /**
    * How long the calls in flight at a stop may take to finish before they are cut off and the
-   * plugin's stop and destroy hooks run: 5 s, as in every SDK (docs/protocol.md, "Stopping while
-   * called").
+   * plugin's stop and destroy hooks run, unless {@link #STOP_GRACE_ENV} sets it: 5 s, as in every
+   * SDK (docs/protocol.md, "Stopping while called").
    */
   public static final long STOP_GRACE_SECONDS = 5;
 
   /**
    * How long the plugin's stop and destroy hooks may take together at a stop, after the calls in
-   * flight were drained: 5 s, as in every SDK. A hook still running then is abandoned, with a
-   * warning naming it, and the process exits without it.
+   * flight were drained, unless {@link #STOP_HOOKS_ENV} sets it: 5 s, as in every SDK. A hook
+   * still running then is abandoned, with a warning naming it and the cap, and the process exits
+   * without it.
    */
   public static final long STOP_HOOKS_SECONDS = 5;
+
+  /**
+   * The stop's grace in whole milliseconds, 0 to {@link #MAX_STOP_MS}; read once at start in both
+   * modes, a malformed value refused then in one line (exit 1). 0 cuts the calls in flight off at
+   * once.
+   */
+  public static final String STOP_GRACE_ENV = "LINCHKIT_PLUGIN_STOP_GRACE_MS";
+
+  /**
+   * The cap on the stop and destroy hooks together in whole milliseconds, 0 to
+   * {@link #MAX_STOP_MS}; read as {@link #STOP_GRACE_ENV} is. 0 abandons the hooks at once.
+   */
+  public static final String STOP_HOOKS_ENV = "LINCHKIT_PLUGIN_STOP_HOOKS_MS";
+
+  /**
+   * The most either may be set to: 10 minutes, past any platform's wait between SIGTERM and
+   * SIGKILL (more is a mistake in the unit, seconds for milliseconds).
+   */
+  public static final long MAX_STOP_MS = 600_000;
 
   public static void serve(Plugin plugin, String[] args) {
     Log.formatRootConsoleUnlessConfigured();
@@ -114,9 +137,10 @@ public final class Serve {
         System.out.flush();
         System.exit(0);
       }
+      StopCaps caps = stopCaps(System.getenv(), command.isService() ? "serve: " : "");
       Running running = command.isService()
-          ? serveService(plugin, command.serviceAddress(), BearerToken.configured(System.getenv()))
-          : serveSubprocess(plugin, System.getenv());
+          ? serveService(plugin, command.serviceAddress(), BearerToken.configured(System.getenv()), caps)
+          : serveSubprocess(plugin, System.getenv(), caps);
       running.awaitTermination();
     } catch (Handshake.HandshakeException error) {
       System.err.println(error.getMessage());
@@ -127,6 +151,15 @@ public final class Serve {
     }
   }
 
+  /** How long a stop waits, from {@code env}; its refusal says {@code prefix} (the command's) first. */
+  static StopCaps stopCaps(Map<String, String> env, String prefix) throws Handshake.HandshakeException {
+    try {
+      return StopCaps.fromEnv(env);
+    } catch (Handshake.HandshakeException malformed) {
+      throw new Handshake.HandshakeException(prefix + malformed.getMessage());
+    }
+  }
+
   /** A started server and what stopping it takes. */
   private static final class Running {
     private final Plugin plugin;
@@ -134,21 +167,23 @@ public final class Serve {
     private final Server server;
     private final EventLoopGroup[] loops;
     private final Path cleanup;
+    private final StopCaps caps;
     private final AtomicBoolean stopping = new AtomicBoolean();
     private final CountDownLatch stopped = new CountDownLatch(1);
 
-    Running(Plugin plugin, PluginService service, Server server, EventLoopGroup[] loops, Path cleanup) {
+    Running(Plugin plugin, PluginService service, Server server, EventLoopGroup[] loops, Path cleanup, StopCaps caps) {
       this.plugin = plugin;
       this.service = service;
       this.server = server;
       this.loops = loops;
       this.cleanup = cleanup;
+      this.caps = caps;
     }
 
     /**
-     * Health off, Events streams ended, drain the calls in flight ({@link #STOP_GRACE_SECONDS} at
-     * most), then the stop/destroy hooks the host did not run ({@link #STOP_HOOKS_SECONDS} at most),
-     * then release. Once: a later call waits for the first to end. Hooks last: a stop hook that
+     * Health off, Events streams ended, drain the calls in flight ({@code caps.graceMs()} at most,
+     * {@link #STOP_GRACE_SECONDS} unless set), then the stop/destroy hooks the host did not run
+     * ({@code caps.hooksMs()} at most, {@link #STOP_HOOKS_SECONDS} unless set), then release. Once: a later call waits for the first to end. Hooks last: a stop hook that
      * closes what the calls use must not pull it from under calls still running.
      */
     void stop() {
@@ -192,7 +227,7 @@ public final class Serve {
       service.endEvents();
       server.shutdown();
       try {
-        if (!server.awaitTermination(STOP_GRACE_SECONDS, TimeUnit.SECONDS)) server.shutdownNow();
+        if (!server.awaitTermination(caps.graceMs(), TimeUnit.MILLISECONDS)) server.shutdownNow();
       } catch (InterruptedException interrupted) {
         server.shutdownNow();
         Thread.currentThread().interrupt();
@@ -209,13 +244,13 @@ public final class Serve {
       hooks.setDaemon(true);
       hooks.start();
       try {
-        hooks.join(TimeUnit.SECONDS.toMillis(STOP_HOOKS_SECONDS));
+        if (caps.hooksMs() > 0) hooks.join(caps.hooksMs()); // join(0) would wait for ever
       } catch (InterruptedException interrupted) {
         Thread.currentThread().interrupt();
       }
       if (hooks.isAlive()) {
-        Log.atExit(Level.WARNING, "the " + running.get() + " hook did not finish within " + STOP_HOOKS_SECONDS
-            + " s of the stop; exiting without it", null);
+        Log.atExit(Level.WARNING, "the " + running.get() + " hook did not finish within "
+            + StopCaps.seconds(caps.hooksMs()) + " s of the stop; exiting without it", null);
       }
       service.close();
       for (EventLoopGroup loop : loops) loop.shutdownGracefully(0, 1, TimeUnit.SECONDS);
@@ -229,8 +264,8 @@ public final class Serve {
     }
   }
 
-  private static Running serveService(Plugin plugin, Handshake.ServiceAddress address, BearerToken token)
-      throws Handshake.HandshakeException {
+  private static Running serveService(Plugin plugin, Handshake.ServiceAddress address, BearerToken token,
+      StopCaps caps) throws Handshake.HandshakeException {
     String host = address.host();
     InetSocketAddress bindAddress = new InetSocketAddress(address.bindHost(), address.port());
     if (bindAddress.isUnresolved()) throw cannotListen(address, "unknown host");
@@ -252,7 +287,7 @@ public final class Serve {
           + " or " + BearerToken.TOKEN_ENV + "): anybody who can reach " + host + ":" + server.getPort()
           + " can call this plugin");
     }
-    Running running = new Running(plugin, service, server, new EventLoopGroup[0], null);
+    Running running = new Running(plugin, service, server, new EventLoopGroup[0], null, caps);
     stopOnSignals(running);
     announce(Handshake.line(1, "tcp", host + ":" + server.getPort(), null));
     return running;
@@ -300,7 +335,7 @@ public final class Serve {
     return message.substring(message.lastIndexOf(": ") + 1).strip();
   }
 
-  private static Running serveSubprocess(Plugin plugin, Map<String, String> env) throws Exception {
+  private static Running serveSubprocess(Plugin plugin, Map<String, String> env, StopCaps caps) throws Exception {
     Handshake.Config config = Handshake.readEnv(env);
     HealthStatusManager health = new HealthStatusManager();
     PluginService service = new PluginService(plugin, health, false);
@@ -351,7 +386,7 @@ public final class Serve {
         .start();
     if (address == null) address = "127.0.0.1:" + server.getPort();
 
-    Running running = new Running(plugin, service, server, loops, cleanup);
+    Running running = new Running(plugin, service, server, loops, cleanup, caps);
     stopOnSignals(running);
     announce(Handshake.line(config.appVersion(), config.network(), address, certDer));
     watchStdin(running);
