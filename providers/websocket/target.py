@@ -122,8 +122,10 @@ class WebSocketTarget(TargetConfig):
     reconnect_backoff_max_ms: int = Field(default=5_000, ge=1)
     compress: bool = Field(
         default=False,
-        description="Offer permessage-deflate: every message is then compressed; pays for"
-        " large JSON over slow links, costs CPU on fast ones.",
+        description="permessage-deflate: every message is then compressed; pays for large"
+        " JSON over slow links, costs CPU on fast ones. dial: offered; inbound: accepted"
+        " when the plugin offers it, and one for the plugin's connection: its inbound"
+        " targets must set the same.",
     )
     connection: str | None = Field(
         default=None, description="Set by the dispatcher: one inbound connection."
@@ -221,11 +223,17 @@ class WebSocketTarget(TargetConfig):
     def inbound_heartbeat(self) -> float | None:
         return self.heartbeat_ms / 1000 if self.accepts_connections() else None
 
+    def inbound_compression(self) -> bool | None:
+        return self.compress if self.accepts_connections() else None
+
     def connection_settings(self) -> Mapping[str, object]:
         # The plugin's events are the connection's, not any method's: one rate for them.
+        # permessage-deflate is negotiated once, at the upgrade, for every message of the
+        # connection: compressing one target's calls and not another's cannot be done,
+        # and neither choice is right for the target that asked the other.
         if not self.accepts_connections():
             return {}
-        return {"max_events_per_second": self.max_events_per_second}
+        return {"max_events_per_second": self.max_events_per_second, "compress": self.compress}
 
     def one_plugin_endpoint(self) -> str | None:
         # The plugin's hello names its one id, which the dialled connection checks.
