@@ -64,6 +64,13 @@ class Admission:
         None if its targets do not say."""
         return connection_heartbeat(self.targets)
 
+    @property
+    def compress(self) -> bool:
+        """Whether the gateway accepts permessage-deflate on the plugin's connection, when
+        the plugin offers it: as its targets say (``TargetConfig.inbound_compression``;
+        the manifest refuses targets of one plugin that disagree), else not."""
+        return any(target.inbound_compression() for target in self.targets)
+
     async def serve(self, connection: Any, peer: tuple[str, int]) -> None:
         await self.provider.accept(self.plugin, self.targets, connection, peer)
 

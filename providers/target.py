@@ -235,6 +235,12 @@ class TargetConfig(StrictModel):
         (``connection_heartbeat``); None, the default, for the gateway's own."""
         return None
 
+    def inbound_compression(self) -> bool | None:
+        """Whether the gateway agrees to compress the messages of a plugin connected as an
+        instance of this target (permessage-deflate, when the plugin's upgrade offers it);
+        None, the default, where the target does not say (then it does not)."""
+        return None
+
     def connection_settings(self) -> Mapping[str, object]:
         """The settings of this inbound target that hold for a plugin's whole connection
         rather than per call, and that no rule can combine, by name. One connection serves

@@ -447,3 +447,96 @@ def test_images_as_docker_writes_them_load(image: str) -> None:
         {**KNATIVE, "deploy": {"image": image}},
     ):
         manifest({"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}})
+
+
+_INBOUND = {"provider": "websocket", "mode": "inbound", "token": "inbound-token-0123456789"}
+_DIAL = {"provider": "websocket", "url": "ws://127.0.0.1:9/"}
+
+
+@pytest.mark.parametrize(
+    ("target", "field", "why"),
+    [
+        ({**_INBOUND, "event_buffer": 10}, "event_buffer", "host events wait in it"),
+        ({**_INBOUND, "event_buffer": 1000}, "event_buffer", "host events"),  # the default
+        ({**_INBOUND, "connect_timeout_ms": 2_000}, "connect_timeout_ms", "own dial"),
+        ({**_INBOUND, "reconnect_backoff_ms": 20}, "reconnect_backoff_ms", "redials"),
+        ({**_INBOUND, "reconnect_backoff_max_ms": 200}, "reconnect_backoff_max_ms", "redials"),
+        ({**_DIAL, "principal": "billing"}, "principal", "who may dial the gateway"),
+        ({**_DIAL, "balance": "round_robin"}, "balance", "not a fleet"),
+        ({**_DIAL, "health_check": {}}, "health_check", "not a fleet"),
+        ({**_DIAL, "outlier": {"consecutive_failures": 2}}, "outlier", "not a fleet"),
+    ],
+)
+def test_a_websocket_setting_its_mode_would_not_use_is_refused_at_load(
+    target: dict[str, object], field: str, why: str
+) -> None:
+    """Each loaded and did nothing: the dispatcher's dial settings on a target whose
+    plugins dial the gateway, and the settings of plugins dialling in (their principal,
+    their fleet's) on a dialled url, which is one connection. Now each is refused where it
+    is written, naming it and why; its default, left unwritten, is fine (below)."""
+    from tests.conftest import manifest
+
+    plugin = {"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}}
+    with pytest.raises(ManifestError) as caught:
+        manifest(plugin)
+    (problem,) = caught.value.problems
+    assert problem.path == "plugins[0].target"
+    assert f"{field} is for " in problem.message
+    assert "would not use it" in problem.message and why in problem.message
+
+
+def test_several_such_settings_are_named_in_one_refusal() -> None:
+    from tests.conftest import manifest
+
+    target = {**_INBOUND, "event_buffer": 10, "reconnect_backoff_ms": 20}
+    plugin = {"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}}
+    with pytest.raises(ManifestError) as caught:
+        manifest(plugin)
+    (problem,) = caught.value.problems
+    assert "event_buffer, reconnect_backoff_ms are for a dialled url" in problem.message
+    assert "mode: inbound would not use them" in problem.message
+
+
+def test_websocket_targets_writing_only_what_their_mode_uses_load() -> None:
+    """Every setting each mode uses, written; the other mode's left to their defaults,
+    which the loaded targets (an inbound one copied for its plugin version, and the
+    instance target of one of its connections) still read and never refuse."""
+    from providers.discovery import Endpoint
+    from tests.conftest import manifest
+
+    both = {
+        "token": "both-modes-token-0123456789",
+        "heartbeat_ms": 2_000,
+        "max_message_bytes": 65_536,
+        "max_in_flight": 64,
+        "max_events_per_second": 500,
+        "compress": True,
+    }
+    inbound = {
+        "provider": "websocket",
+        "mode": "inbound",
+        "principal": "billing",
+        "balance": "round_robin",
+        "health_check": {"interval_ms": 1_000, "timeout_ms": 500},
+        "outlier": {"consecutive_failures": 2},
+        **both,
+    }
+    dial = {
+        **_DIAL,
+        "event_buffer": 10,
+        "connect_timeout_ms": 2_000,
+        "reconnect_backoff_ms": 20,
+        "reconnect_backoff_max_ms": 200,
+        **both,
+    }
+    loaded = manifest(
+        {"id": "in", "version": "1.0.0", "target": inbound, "methods": {"say": {}}},
+        {"id": "out", "version": "1.0.0", "target": dial, "methods": {"say": {}}},
+    )
+    fleet, dialled = (plugin.target for plugin in loaded.plugins)
+    assert fleet is not None and dialled is not None
+    assert fleet.plugin == "in@1.0.0" and fleet.fleet_settings().balance == "round_robin"
+    assert fleet.event_buffer == 1000 and fleet.connect_timeout_ms == 5_000  # defaults
+    instance = fleet.instance_at(Endpoint(host="127.0.0.1", port=1, key="in#1@127.0.0.1:1"))
+    assert instance.connection == "in#1@127.0.0.1:1" and instance.compress
+    assert dialled.principal is None and dialled.event_buffer == 10

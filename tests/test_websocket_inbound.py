@@ -60,19 +60,26 @@ def _manifest() -> Any:
 
 @contextlib.asynccontextmanager
 async def gateway(
-    plugins: Any = None, *, upgrades: list[str] | None = None
+    plugins: Any = None,
+    *,
+    upgrades: list[str] | None = None,
+    extensions: list[str | None] | None = None,
 ) -> AsyncIterator[tuple[Dispatcher, str]]:
     """The dispatcher's gateway on loopback; ``upgrades`` gets the ``X-Plugin-Id`` of each
-    connection it upgrades."""
+    connection it upgrades, ``extensions`` the ``Sec-WebSocket-Extensions`` it answered
+    each with (None: none)."""
     async with Dispatcher(plugins or _manifest()) as dispatcher:
         app = create_app(dispatcher)
-        if upgrades is not None:
 
-            async def count(request: web.Request, response: web.StreamResponse) -> None:
-                if response.status == 101:
-                    upgrades.append(request.headers.get(PLUGIN_ID_HEADER, ""))
+        async def count(request: web.Request, response: web.StreamResponse) -> None:
+            if response.status != 101:
+                return
+            if upgrades is not None:
+                upgrades.append(request.headers.get(PLUGIN_ID_HEADER, ""))
+            if extensions is not None:
+                extensions.append(response.headers.get("Sec-WebSocket-Extensions"))
 
-            app.on_response_prepare.append(count)
+        app.on_response_prepare.append(count)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -778,9 +785,12 @@ RELOADS = {
 
 
 @contextlib.asynccontextmanager
-async def one_connection(url: str, plugin_id: str, token: str) -> AsyncIterator[PluginSession]:
+async def one_connection(
+    url: str, plugin_id: str, token: str, *, compress: int = 0
+) -> AsyncIterator[PluginSession]:
     """One connection of a real plugin (the SDK's session serving a SocketPlugin, version
-    1.0.0), which is not dialled again when it closes: the test reads how it ended."""
+    1.0.0), which is not dialled again when it closes: the test reads how it ended.
+    ``compress``: the permessage-deflate window its upgrade offers (0: none)."""
     host = PluginHost(SocketPlugin())
     await host.open({})
     headers = {
@@ -789,7 +799,7 @@ async def one_connection(url: str, plugin_id: str, token: str) -> AsyncIterator[
         "Authorization": f"Bearer {token}",
     }
     async with aiohttp.ClientSession() as client:
-        socket = await client.ws_connect(url, headers=headers, decode_text=False)
+        socket = await client.ws_connect(url, headers=headers, decode_text=False, compress=compress)
         hello = hello_of(host, plugin_id, "1.0.0")
         session = PluginSession(host, socket, EventOutbox(), hello=hello)
         running = asyncio.ensure_future(session.run())
@@ -967,3 +977,47 @@ async def test_a_plugin_connected_with_a_token_that_expires_is_closed_then(
             dialling.cancel()
             with contextlib.suppress(asyncio.CancelledError, Refused):
                 await dialling
+
+
+# -- compress: as the target says, as a dialled plugin's connection -------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "negotiated"),
+    [({}, False), ({"compress": False}, False), ({"compress": True}, True)],
+    ids=["unset", "false", "true"],
+)
+async def test_the_gateway_compresses_a_plugins_connection_as_its_target_says(
+    written: dict[str, bool], negotiated: bool
+) -> None:
+    """A plugin's upgrade offers permessage-deflate (aiohttp's ``compress=15``, as the
+    TypeScript SDK's ``ws`` does by default). Before: the gateway took the offer whatever
+    the target said (aiohttp's default), so ``compress: false`` (the default) deflated
+    every message of the connection all the same. Now it is negotiated only where the
+    target says ``compress: true``, as a dialled plugin's connection offers it only then;
+    calls go through the connection either way."""
+    loaded = manifest(
+        {
+            "id": "sock",
+            "version": "1.0.0",
+            "target": {"provider": "websocket", "mode": "inbound", "token": TOKEN, **written},
+            "defaults": {"timeout_ms": 5_000},
+            "methods": {"echo": {}, "count": {}},
+        }
+    )
+    extensions: list[str | None] = []
+    big = "deflate me " * 2_000  # 22 kB of text: deflated to a few hundred bytes
+    async with (
+        gateway(loaded, extensions=extensions) as (dispatcher, url),
+        one_connection(url, "sock", TOKEN, compress=15) as sock,
+    ):
+        await until(lambda: connected(dispatcher) == 1)
+        await instances(dispatcher, 1)
+        assert await dispatcher.call("sock", "echo", {"value": big}) == big
+        assert [c async for c in dispatcher.stream("sock", "count", {"n": 3})] == [0, 1, 2]
+        assert bool(sock.socket.compress) is negotiated
+    (extension,) = extensions
+    if negotiated:
+        assert extension is not None and extension.startswith("permessage-deflate")
+    else:
+        assert extension is None

@@ -5,8 +5,8 @@ them all, and each setting has one rule (README, ``websocket`` targets):
   target's, and so is its answer; the connection reads messages up to the largest.
 * ``heartbeat_ms``: the connection's, the shortest of the targets'; the gateway's pings,
   the read watch and the write stall all go by it.
-* ``max_events_per_second``: the connection's, and no rule combines it: the manifest is
-  refused unless the targets agree.
+* ``max_events_per_second`` and ``compress``: the connection's, and no rule combines
+  them: the manifest is refused unless the targets agree.
 
 The plugin is aiohttp on loopback speaking the frames raw, so it can answer over a
 bound, hold calls, and leave pings unanswered, which the SDKs never do.
@@ -129,9 +129,10 @@ class RawPlugin:
 
 @contextlib.asynccontextmanager
 async def dialled_in(
-    dispatcher: Dispatcher, url: str, *, pongs: bool = True
+    dispatcher: Dispatcher, url: str, *, pongs: bool = True, compress: int = 0
 ) -> AsyncIterator[RawPlugin]:
-    """Plugin ``multi`` connected, an instance of both its targets' fleets."""
+    """Plugin ``multi`` connected, an instance of both its targets' fleets; ``compress``:
+    the permessage-deflate window its upgrade offers (0: none)."""
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(
@@ -144,6 +145,7 @@ async def dialled_in(
             heartbeat=None,
             autoping=False,
             max_msg_size=8 * WIDE_BYTES,
+            compress=compress,
         ) as socket,
     ):
         plugin = RawPlugin(socket, pongs=pongs)
@@ -295,3 +297,35 @@ def test_inbound_targets_that_agree_on_the_event_rate_load() -> None:
     entry["target"]["max_events_per_second"] = 500
     entry["methods"]["wide"] = {"target": inbound(max_events_per_second=10_000)}
     manifest(entry)
+
+
+# -- compress: the connection's, the targets must agree -------------------------------------
+
+
+def test_inbound_targets_that_disagree_on_compress_are_refused_at_load() -> None:
+    """permessage-deflate is negotiated once, at the upgrade, for every message of the
+    connection: one target's calls cannot go deflated and another's not, and neither
+    choice is right for the target that asked the other. Before: the gateway took the
+    plugin's offer whatever either said."""
+    entry = several(narrow_first=False)
+    entry["methods"]["narrow"]["target"]["compress"] = True
+    with pytest.raises(ManifestError) as raised:
+        manifest(entry)
+    (problem,) = raised.value.problems
+    assert problem.path == "plugins[0].methods.narrow.target.compress"
+    assert "True here, False on its target" in problem.message
+
+
+async def test_inbound_targets_that_agree_on_compress_have_it_negotiated() -> None:
+    """Both targets say ``compress: true``: the plugin's offer is taken, and calls of
+    both go over the deflated connection."""
+    entry = several(narrow_first=False)
+    entry["target"]["compress"] = True
+    entry["methods"]["narrow"]["target"]["compress"] = True
+    async with (
+        gateway_of(entry) as (dispatcher, url),
+        dialled_in(dispatcher, url, compress=15) as plugin,
+    ):
+        assert plugin.socket.compress == 15
+        assert await dispatcher.call("multi", "wide", {"size": BETWEEN}) == "a" * BETWEEN
+        assert await dispatcher.call("multi", "narrow", {"n": 1}) == {"n": 1}

@@ -151,6 +151,10 @@ class WebSocketRoutes:
             # The plugin's target's max_message_bytes, as a dialled plugin's: a message
             # over it closes the connection (1009).
             max_msg_size=admission.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+            # The target's compress, as a dialled plugin's connection offers it or not:
+            # aiohttp's default accepted permessage-deflate whenever the plugin offered it,
+            # deflating every message whatever the manifest said.
+            compress=admission.compress,
             decode_text=False,
         )
         if not ws.can_prepare(request).ok:

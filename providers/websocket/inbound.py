@@ -15,8 +15,8 @@ several). What can be held per call is each target's own: a call is held to the
 (``InboundConnection.limits_of``), its answer too. What is one per connection is not:
 the heartbeat is the shortest the targets ask (``providers.target.connection_heartbeat``),
 the largest message the socket reads the largest they allow, and the plugin's event rate
-one they must agree on (``WebSocketTarget.connection_settings``, refused as the manifest
-loads otherwise).
+and whether the gateway takes its offer of permessage-deflate one they must agree on
+(``WebSocketTarget.connection_settings``, refused as the manifest loads otherwise).
 """
 
 from __future__ import annotations

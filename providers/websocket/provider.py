@@ -30,7 +30,8 @@ Errors, as every provider maps them here and nowhere else:
 A plugin dialling in serves all its inbound targets over one connection: a call is held
 to the ``max_in_flight`` and ``max_message_bytes`` of the target it came through
 (``InboundConnection.limits_of``), the connection to the shortest ``heartbeat_ms`` and the
-largest ``max_message_bytes`` of them, and to their ``max_events_per_second``, which the
+largest ``max_message_bytes`` of them, and to their ``max_events_per_second`` and
+``compress`` (the gateway's answer to a plugin offering permessage-deflate), which the
 manifest refuses unless they agree (``WebSocketTarget.connection_settings``).
 
 A plugin connected in may not call the host: a ``call`` frame from it is answered with a

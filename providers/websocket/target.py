@@ -16,6 +16,13 @@ health checks, host events and stats of a version see its own connections and no
 other's. Keyed by the target and not by (plugin, target) beside it, because everything
 else keyed by a target (breakers, retry budgets, bulkheads, target-scoped limits, the
 fleet's health checks) is then that version's too, with no second key to keep in step.
+
+Each mode refuses, as the manifest loads, what only the other would use: the dial's own
+settings (``url``, its TLS files, ``event_buffer``, ``connect_timeout_ms``, the redial
+backoff) on an inbound target, and those of plugins dialling in (``principal``, the
+fleet's ``balance``, ``health_check``, ``outlier``) on a dialled url. Only what is
+written is refused (``model_fields_set``): the defaults are the model's either way, so
+the copies this module makes pass on what was written and no more.
 """
 
 from __future__ import annotations
@@ -46,6 +53,29 @@ __all__ = ["WebSocketTarget"]
 
 #: Fields that describe the fleet rather than one of its connections.
 _FLEET_FIELDS = frozenset({"balance", "health_check", "outlier"})
+
+#: Settings of the dispatcher's own dial, by name, each with why an inbound target, whose
+#: plugins dial the gateway, would not use it (``url`` and the TLS files are refused
+#: with reasons of their own).
+_DIAL_ONLY = {
+    "event_buffer": "host events wait in it while a dialled connection is down, and an"
+    " inbound target's go to the plugins connected at the time",
+    "connect_timeout_ms": "it bounds a call's wait for the dispatcher's own dial, and an"
+    " inbound target's calls go to the plugins connected at the time",
+    "reconnect_backoff_ms": "it paces the dispatcher's redials, and a plugin dialling in"
+    " redials by its SDK's own backoff",
+    "reconnect_backoff_max_ms": "it paces the dispatcher's redials, and a plugin dialling in"
+    " redials by its SDK's own backoff",
+}
+
+#: Settings of plugins dialling in, by name, each with why a dialled url would not use it.
+_INBOUND_ONLY = {
+    "principal": "it names who may dial the gateway as this plugin, through the manifest's"
+    " auth, and a dialled plugin is reached at its url, sent token",
+    "balance": "a dialled url is one connection, not a fleet of connected plugins",
+    "health_check": "a dialled url is one connection, not a fleet of connected plugins",
+    "outlier": "a dialled url is one connection, not a fleet of connected plugins",
+}
 
 
 class WebSocketTarget(TargetConfig):
@@ -113,17 +143,25 @@ class WebSocketTarget(TargetConfig):
         default=1000,
         ge=0,
         le=1_000_000,
-        description="dial: host events kept while disconnected, delivered on reconnect.",
+        description="dial only: host events kept while disconnected, delivered on reconnect.",
     )
     connect_timeout_ms: int = Field(
-        default=5_000, ge=10, description="How long a call waits for a connection to come up."
+        default=5_000,
+        ge=10,
+        description="dial only: how long a call waits for a connection to come up.",
     )
-    reconnect_backoff_ms: int = Field(default=100, ge=1)
-    reconnect_backoff_max_ms: int = Field(default=5_000, ge=1)
+    reconnect_backoff_ms: int = Field(
+        default=100, ge=1, description="dial only: the first wait before dialling again."
+    )
+    reconnect_backoff_max_ms: int = Field(
+        default=5_000, ge=1, description="dial only: the longest wait before dialling again."
+    )
     compress: bool = Field(
         default=False,
-        description="Offer permessage-deflate: every message is then compressed; pays for"
-        " large JSON over slow links, costs CPU on fast ones.",
+        description="permessage-deflate: every message is then compressed; pays for large"
+        " JSON over slow links, costs CPU on fast ones. dial: offered; inbound: accepted"
+        " when the plugin offers it, and one for the plugin's connection: its inbound"
+        " targets must set the same.",
     )
     connection: str | None = Field(
         default=None, description="Set by the dispatcher: one inbound connection."
@@ -133,9 +171,16 @@ class WebSocketTarget(TargetConfig):
         description="Set by the dispatcher: inbound: the plugin version (id@version) whose"
         " connections are this target's instances.",
     )
-    balance: Balance = "least_request"
-    health_check: HealthCheck | None = None
-    outlier: OutlierDetection = Field(default_factory=OutlierDetection)
+    balance: Balance = Field(
+        default="least_request", description="inbound only: how calls spread over connections."
+    )
+    health_check: HealthCheck | None = Field(
+        default=None, description="inbound only: active checks of each connection."
+    )
+    outlier: OutlierDetection = Field(
+        default_factory=OutlierDetection,
+        description="inbound only: a connection failing calls in a row is ejected a while.",
+    )
 
     secret_fields = frozenset({"token"})
 
@@ -153,10 +198,10 @@ class WebSocketTarget(TargetConfig):
         if self.mode == "dial":
             if self.url is None:
                 raise ValueError("a websocket target in dial mode needs url (ws:// or wss://)")
-            if self.principal is not None or self.connection is not None:
-                raise ValueError("principal is for mode: inbound")
-            if self.plugin is not None:
-                raise ValueError("plugin is set by the dispatcher, for mode: inbound only")
+            _refuse_unused(self, _INBOUND_ONLY, "mode: inbound", "a dialled url (dial mode)")
+            for name in ("connection", "plugin"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is set by the dispatcher, for mode: inbound only")
         else:
             if self.url is not None:
                 raise ValueError("mode: inbound takes no url: plugins connect to the gateway")
@@ -164,6 +209,7 @@ class WebSocketTarget(TargetConfig):
                 raise ValueError(
                     "mode: inbound needs token or principal: who may connect as this plugin"
                 )
+            _refuse_unused(self, _DIAL_ONLY, "a dialled url (dial mode)", "mode: inbound")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
         if not self.dials_tls and (self.ca_file or self.cert_file) is not None:
@@ -221,11 +267,17 @@ class WebSocketTarget(TargetConfig):
     def inbound_heartbeat(self) -> float | None:
         return self.heartbeat_ms / 1000 if self.accepts_connections() else None
 
+    def inbound_compression(self) -> bool | None:
+        return self.compress if self.accepts_connections() else None
+
     def connection_settings(self) -> Mapping[str, object]:
         # The plugin's events are the connection's, not any method's: one rate for them.
+        # permessage-deflate is negotiated once, at the upgrade, for every message of the
+        # connection: compressing one target's calls and not another's cannot be done,
+        # and neither choice is right for the target that asked the other.
         if not self.accepts_connections():
             return {}
-        return {"max_events_per_second": self.max_events_per_second}
+        return {"max_events_per_second": self.max_events_per_second, "compress": self.compress}
 
     def one_plugin_endpoint(self) -> str | None:
         # The plugin's hello names its one id, which the dialled connection checks.
@@ -238,7 +290,8 @@ class WebSocketTarget(TargetConfig):
         if self.mode != "inbound" or self.plugin == plugin_key:
             return self  # a dialled URL is one place, whoever calls it
         # Validated again, not model_copy'd: a copy would carry the cached ``key`` along.
-        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        # The fields written, not every field: what is set stays set (``_mode_fits``).
+        fields = {name: getattr(self, name) for name in self.model_fields_set}
         return type(self).model_validate({**fields, "plugin": plugin_key})
 
     def instance_targets(self) -> tuple[WebSocketTarget, ...]:
@@ -249,9 +302,7 @@ class WebSocketTarget(TargetConfig):
         if not self.accepts_connections():
             raise TypeError("only an inbound websocket target has connections as instances")
         fields = {
-            name: getattr(self, name)
-            for name in type(self).model_fields
-            if name not in _FLEET_FIELDS
+            name: getattr(self, name) for name in self.model_fields_set if name not in _FLEET_FIELDS
         }
         return type(self).model_validate({**fields, "connection": endpoint.key})
 
@@ -259,3 +310,23 @@ class WebSocketTarget(TargetConfig):
         return FleetSettings(
             balance=self.balance, health_check=self.health_check, outlier=self.outlier
         )
+
+
+def _refuse_unused(
+    target: WebSocketTarget, unused: Mapping[str, str], used_by: str, mode: str
+) -> None:
+    """Refuse the fields of ``unused`` that ``target`` writes (its defaults are fine): each
+    is for ``used_by``, and a target of ``mode`` would silently not use it."""
+    written = [name for name in unused if name in target.model_fields_set]
+    if not written:
+        return
+    reasons = list(dict.fromkeys(unused[name] for name in written))
+    why = (
+        reasons[0]
+        if len(reasons) == 1
+        else "; ".join(f"{name}: {unused[name]}" for name in written)
+    )
+    names = ", ".join(written)
+    if len(written) == 1:
+        raise ValueError(f"{names} is for {used_by}; {mode} would not use it ({why}). Remove it")
+    raise ValueError(f"{names} are for {used_by}; {mode} would not use them ({why}). Remove them")
