@@ -11,7 +11,11 @@ what they do alike, so the three agree on it:
   registry's etcd (the egress policy checks them when the manifest loads);
 * each instance becomes a single-address target of the same model with the fleet's
   own fields left out, so it equals (shares its pool, channel and breaker with) a plain
-  target of that address.
+  target of that address;
+* the fleet's own settings (``balance``, ``health_check``, ``outlier``) are refused on
+  a target that is no fleet (one place, no discovery source), which would not use them.
+  Only when written (``model_fields_set``): an instance's target, made here without
+  them, has its defaults and loads.
 
 A subclass declares its fields as it likes (``instances``, ``balance``,
 ``health_check``, ``outlier`` and its address field are expected) and says, in class
@@ -38,6 +42,10 @@ from providers.target import (
 )
 
 __all__ = ["InstanceListing"]
+
+#: The settings of a fleet as a whole (``fleet_settings()``): a target that names one
+#: place is no fleet and would not use them.
+_FLEET_FIELDS = ("balance", "health_check", "outlier")
 
 
 class InstanceListing(TargetConfig):
@@ -69,6 +77,22 @@ class InstanceListing(TargetConfig):
                 raise ValueError(f"instance {masked_url(place)} is listed twice")
             seen.add(place)
         return self
+
+    @model_validator(mode="after")
+    def _fleet_settings_need_a_fleet(self) -> Self:
+        written = [name for name in _FLEET_FIELDS if name in self.model_fields_set]
+        # An ``instances`` list of one is no fleet (``is_fleet``: it is called as a plain
+        # target) but keeps them: a fleet scaled down to one and up again is one edit of
+        # its list, not two.
+        if not written or self.instances or self.is_fleet():
+            return self
+        names = ", ".join(written)
+        verb, them = ("is", "it") if len(written) == 1 else ("are", "them")
+        raise ValueError(
+            f"{names} {verb} for a target with several instances (instances, or a discovery"
+            f" source); this one has one address and would not use {them}. Remove {them},"
+            " or list the instances"
+        )
 
     # -- what subclasses use -------------------------------------------------------------
 
@@ -114,6 +138,10 @@ class InstanceListing(TargetConfig):
 
     # -- TargetConfig's fleet methods -----------------------------------------------------
 
+    def is_fleet(self) -> bool:
+        # TargetConfig's answer, without building every instance's target to count them.
+        return len(self.fixed_places()) > 1 or bool(self.instance_sources())
+
     def instance_targets(self) -> tuple[Self, ...]:
         return tuple(target for target, _ in self.weighted_instances())
 
@@ -142,7 +170,8 @@ class InstanceListing(TargetConfig):
         # Validated again, not model_copy'd: a copy would carry the cached ``key`` along.
         # The fleet's own settings are left out, so an instance equals (shares its pool
         # and breaker with) a plain target of the same place.
-        fleet_fields = {self.address_field, "instances", "balance", "health_check", "outlier"}
+        # Left out, they are not written, so the instance, no fleet, does not refuse them.
+        fleet_fields = {self.address_field, "instances", *_FLEET_FIELDS}
         fields = {
             name: getattr(self, name)
             for name in type(self).model_fields

@@ -420,3 +420,123 @@ def test_source_outages_are_logged_once_each_and_rate_limited(
         "reading dns A echo.test:80 again after 0.0 s (1 failed read); 3 instances",
     ]
     assert source.failed_reads == 9
+
+
+# -- a fleet's settings on a target that is no fleet -------------------------------------
+
+#: One target of each provider whose targets list instances, less the one place it names.
+_BASE: dict[str, dict[str, Any]] = {
+    "http": {"provider": "http"},
+    "grpc": {"provider": "grpc"},
+    "knative": {"provider": "knative", "service": "echo"},
+}
+#: The field that names a target's one place, and the key of an ``instances:`` item's.
+_PLACE = {"http": ("url", "url"), "grpc": ("address", "address"), "knative": ("ingress", "url")}
+_HERE = {"http": "http://127.0.0.1:9", "grpc": "127.0.0.1:9", "knative": "http://127.0.0.1:9"}
+_THERE = {"http": "http://127.0.0.2:9", "grpc": "127.0.0.2:9", "knative": "http://127.0.0.2:9"}
+
+#: Each fleet setting, written as a fleet would write it.
+_WRITTEN: dict[str, Any] = {
+    "balance": "round_robin",
+    "health_check": {"interval_ms": 1_000, "timeout_ms": 500},
+    "outlier": {"consecutive_failures": 2},
+}
+#: Each fleet setting, written as its default: written is written.
+_AT_DEFAULT: dict[str, Any] = {"balance": "least_request", "health_check": None, "outlier": {}}
+
+
+def _single(provider: str) -> dict[str, Any]:
+    return {**_BASE[provider], _PLACE[provider][0]: _HERE[provider]}
+
+
+def _listing(provider: str, *places: str) -> dict[str, Any]:
+    key = _PLACE[provider][1]
+    return {**_BASE[provider], "instances": [{key: place} for place in places]}
+
+
+def _load(target: dict[str, Any]) -> Any:
+    from tests.conftest import manifest
+
+    plugin = {"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}}
+    return manifest(plugin).plugins[0].target
+
+
+def _refusal(target: dict[str, Any]) -> str:
+    from dispatcher import ManifestError
+
+    with pytest.raises(ManifestError) as caught:
+        _load(target)
+    (problem,) = caught.value.problems
+    assert problem.path == "plugins[0].target"
+    return problem.message
+
+
+@pytest.mark.parametrize("provider", sorted(_BASE))
+@pytest.mark.parametrize("field", sorted(_WRITTEN))
+@pytest.mark.parametrize("values", [_WRITTEN, _AT_DEFAULT], ids=["set", "default"])
+def test_a_fleet_setting_on_a_target_with_one_address_is_refused_at_load(
+    provider: str, field: str, values: dict[str, Any]
+) -> None:
+    """It loaded and did nothing: a target naming one place is no fleet, so nothing was
+    balanced, probed or ejected. Now it is refused, naming it and why, even written as its
+    default; left unwritten, its default is fine."""
+    message = _refusal({**_single(provider), field: values[field]})
+    assert message.startswith(f"{field} is for a target with several instances")
+    assert "this one has one address and would not use it" in message
+    assert message.endswith("Remove it, or list the instances")
+    assert _load(_single(provider)).fleet_settings() == FleetSettings()
+
+
+@pytest.mark.parametrize("provider", sorted(_BASE))
+def test_a_list_of_one_instance_keeps_them_for_when_it_grows(provider: str) -> None:
+    """A list of one is called as a plain target (``is_fleet``), but a fleet scaled down
+    to one instance keeps its settings: scaling up again is one edit of the list."""
+    target = _load({**_listing(provider, _HERE[provider]), **_WRITTEN})
+    assert not target.is_fleet()
+    assert target.fleet_settings().balance == "round_robin"
+
+
+def test_the_refusal_shows_no_credential_of_the_target() -> None:
+    message = _refusal(
+        {
+            "provider": "http",
+            "url": "http://user:url-password-0451@127.0.0.1:9",
+            "headers": {"X-Api-Key": "header-secret-0451"},
+            "balance": "round_robin",
+        }
+    )
+    assert "balance is for" in message and "0451" not in message
+
+
+@pytest.mark.parametrize("provider", sorted(_BASE))
+@pytest.mark.parametrize(
+    "source",
+    [
+        None,
+        {"dns": {"name": "_echo._tcp.plugins.internal"}},
+        {"registry": {"etcd": "http://127.0.0.1:2379", "prefix": "/linchkit/echo"}},
+    ],
+    ids=["fixed", "dns", "etcd"],
+)
+def test_a_fleet_takes_its_settings_and_its_instances_load_without_them(
+    provider: str, source: dict[str, Any] | None
+) -> None:
+    """Two fixed instances, or one place and a discovery source: a fleet. Its instances'
+    targets, fixed (``instance_targets``) or discovered (``instance_at``), are no fleet
+    and are made without its settings: they load, and each equals a plain target of its
+    place (one pool, channel and breaker with it)."""
+    from providers.discovery import Endpoint
+
+    if source is None:
+        target = _listing(provider, _THERE[provider], _HERE[provider])
+    else:
+        target = {**_single(provider), "instances": [source]}
+    fleet = _load({**target, **_WRITTEN})
+    assert fleet.is_fleet()
+    assert fleet.fleet_settings() == FleetSettings.model_validate(_WRITTEN)
+    made = [*fleet.instance_targets(), fleet.instance_at(Endpoint("127.0.0.1", 9))]
+    for instance in made:
+        assert not instance.is_fleet() and instance.fleet_settings() == FleetSettings()
+        assert not set(_WRITTEN) & instance.model_fields_set
+    plain = _load(_single(provider)).key
+    assert made[-1].key == plain and made[-2].key == plain

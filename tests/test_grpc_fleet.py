@@ -164,9 +164,8 @@ def test_a_grpc_target_lists_instances_instead_of_or_besides_its_address() -> No
     assert both.is_fleet()
     assert both.fleet_settings().balance == "least_request"
 
-    (single,) = (
-        fleet_manifest(["127.0.0.3:2"], balance="round_robin").plugins[0].target.instance_targets()
-    )
+    fleet = fleet_manifest(["127.0.0.3:2", "127.0.0.4:2"], balance="round_robin").plugins[0]
+    single, _ = fleet.target.instance_targets()
     plain = manifest(
         {
             "id": "p",

@@ -210,7 +210,7 @@ class KnativeTarget(InstanceListing):
     def at_place(self, place: str) -> KnativeTarget:
         instance = super().at_place(place)
         # A list of one is no fleet: nothing else to turn to, so it waits like a plain target.
-        instance._in_fleet = len(self.fixed_places()) > 1 or bool(self.instance_sources())
+        instance._in_fleet = self.is_fleet()
         return instance
 
     @property
