@@ -449,6 +449,19 @@ def test_images_as_docker_writes_them_load(image: str) -> None:
         manifest({"id": "p", "version": "1.0.0", "target": target, "methods": {"say": {}}})
 
 
+def test_the_default_stop_of_a_container_outlasts_a_plugin_s_own() -> None:
+    """SIGTERM to SIGKILL, by default, is at least what every SDK's stop may take by its
+    defaults (its calls in flight, then its hooks): 5 s of it killed a plugin while it still
+    drained, before its hooks ran. As long as a subprocess plugin's whole stop."""
+    from linchkit_plugin.stopping import STOP_GRACE_SECONDS, STOP_HOOKS_SECONDS
+    from providers.docker import DockerTarget
+    from providers.subprocess.target import STOP_GRACE_MS
+
+    target = DockerTarget(provider="docker", image="echo:1")
+    assert target.stop_timeout_s > STOP_GRACE_SECONDS + STOP_HOOKS_SECONDS
+    assert target.stop_timeout_s == STOP_GRACE_MS / 1000
+
+
 _INBOUND = {"provider": "websocket", "mode": "inbound", "token": "inbound-token-0123456789"}
 _DIAL = {"provider": "websocket", "url": "ws://127.0.0.1:9/"}
 

@@ -67,6 +67,14 @@ class DockerBuild(StrictModel):
         return self
 
 
+#: The default time between a container's SIGTERM and its SIGKILL: what every SDK may
+#: take once told to stop (docs/protocol.md, "Stopping while called"), 5 s for its calls
+#: in flight, then 5 s for its stop and destroy hooks, and 2 s to exit, as a subprocess
+#: plugin's ``stop_grace_ms``. It was 5 s: a plugin still draining was killed before its
+#: hooks ran.
+STOP_TIMEOUT_S = 12
+
+
 class DockerTarget(TargetConfig):
     """``provider: docker``: a plugin image run as local, sandboxed containers."""
 
@@ -94,7 +102,11 @@ class DockerTarget(TargetConfig):
     concurrency: int = Field(default=32, ge=1, description="Calls in flight per container.")
     idle_timeout_s: float = Field(default=300.0, gt=0)
     ready_timeout_s: float = Field(default=30.0, gt=0)
-    stop_timeout_s: int = Field(default=5, ge=0, description="SIGTERM to SIGKILL.")
+    stop_timeout_s: int = Field(
+        default=STOP_TIMEOUT_S,
+        ge=0,
+        description="SIGTERM to SIGKILL: at least the plugin's drain and hooks (10 s by default).",
+    )
     health_interval_s: float = Field(
         default=10.0,
         ge=0,
