@@ -54,8 +54,9 @@ services-prereqs:
 
 # pytest on two workers (pytest-xdist), a test file each at a time: most tests wait on
 # processes, containers and sockets, so two workers took half the time of one (27 -> 12 min
-# when last measured; the suite has grown since: 21 min on 2026-12-04). Not more workers: timing-bound tests are written for a 2-core machine with
-# one other thing running. Each file keeps its module fixtures on one worker.
+# when last measured; the suite has grown since: 15 min for ~4,250 tests on 2026-12-05).
+# Not more workers: timing-bound tests are written for a 2-core machine with one other
+# thing running. Each file keeps its module fixtures on one worker.
 test: $(STAMP) sdks docker-prereqs services-prereqs lambda-runtime
 	$(BIN)/ruff check .
 	$(BIN)/mypy
