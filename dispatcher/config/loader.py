@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, NamedTuple, Union
 
 import yaml
 from pydantic import Field, ValidationError
@@ -413,24 +413,49 @@ def _host_module_problems(
     """Targets whose folders hold two modules of one name, both to be imported into this
     process (local targets differing only in ``path``; two versions in two folders):
     Python would import the first alone, and every one of them would run its code."""
-    first: dict[str, tuple[str, int, str]] = {}
+
+    def claim(plugin: PluginSpec[Any], target: TargetConfig) -> tuple[str, str] | None:
+        return target.host_module()  # (module, where its code is)
+
+    for index, field, module, code, first in _conflicting_claims(manifest, claim):
+        yield ManifestProblem(
+            f"plugins[{index}].{field}.path",
+            f"imports module {module!r} from {code}, but {first.where(describe)}"
+            f" imports it from {first.owner}: a process holds one module of a name, so this"
+            " target would run that code. Give one module another name, or run one"
+            " out of process (provider: subprocess)",
+        )
+
+
+class _Claim(NamedTuple):
+    """Who first claimed something in a manifest, and where it is written."""
+
+    owner: str
+    entry: int
+    field: str
+
+    def where(self, describe: Callable[[str, int], str]) -> str:
+        entry, of, source = describe("plugins", self.entry).partition(" of ")
+        return f"{entry}.{self.field}{of}{source}"
+
+
+def _conflicting_claims(
+    manifest: Manifest[Any],
+    claim: Callable[[PluginSpec[Any], TargetConfig], tuple[str, str] | None],
+) -> Iterator[tuple[int, str, str, str, _Claim]]:
+    """Each written target whose ``claim`` (what it claims, and whose it says it is) meets
+    an earlier claim of the same thing by another owner: its entry's index, its field,
+    the thing, its owner, and the first claim."""
+    first: dict[str, _Claim] = {}
     for index, plugin in enumerate(manifest.plugins):
         for field, target in _written_targets(plugin):
-            imported = target.host_module()
-            if imported is None:
+            claimed = claim(plugin, target)
+            if claimed is None:
                 continue
-            module, code = imported
-            seen = first.setdefault(module, (code, index, field))
-            if seen[0] == code:
-                continue
-            entry, of, source = describe("plugins", seen[1]).partition(" of ")
-            yield ManifestProblem(
-                f"plugins[{index}].{field}.path",
-                f"imports module {module!r} from {code}, but {entry}.{seen[2]}{of}{source}"
-                f" imports it from {seen[0]}: a process holds one module of a name, so this"
-                " target would run that code. Give one module another name, or run one"
-                " out of process (provider: subprocess)",
-            )
+            thing, owner = claimed
+            earlier = first.setdefault(thing, _Claim(owner, index, field))
+            if earlier.owner != owner:
+                yield index, field, thing, owner, earlier
 
 
 def _connection_setting_problems(manifest: Manifest[Any]) -> Iterator[ManifestProblem]:
@@ -462,23 +487,19 @@ def _shared_endpoint_problems(
     """Two plugin ids sent to one endpoint whose process serves a single plugin id
     (``TargetConfig.one_plugin_endpoint``): it names one id when connected to, and every
     call of the other would be refused there. Versions of one plugin may share it."""
-    first: dict[str, tuple[str, int, str]] = {}
-    for index, plugin in enumerate(manifest.plugins):
-        for field, target in _written_targets(plugin):
-            endpoint = target.one_plugin_endpoint()
-            if endpoint is None:
-                continue
-            seen = first.setdefault(endpoint, (plugin.id, index, field))
-            if seen[0] == plugin.id:
-                continue
-            entry, of, source = describe("plugins", seen[1]).partition(" of ")
-            yield ManifestProblem(
-                f"plugins[{index}].{field}",
-                f"{plugin.key} is sent to {endpoint}, which {entry}.{seen[2]}{of}{source}"
-                f" sends plugin {seen[0]!r} to: the process there serves one plugin, named"
-                " when it is connected to, so the calls of the other would all be refused."
-                " Give each plugin a URL of its own",
-            )
+
+    def claim(plugin: PluginSpec[Any], target: TargetConfig) -> tuple[str, str] | None:
+        endpoint = target.one_plugin_endpoint()
+        return None if endpoint is None else (endpoint, plugin.id)
+
+    for index, field, endpoint, _, first in _conflicting_claims(manifest, claim):
+        yield ManifestProblem(
+            f"plugins[{index}].{field}",
+            f"{manifest.plugins[index].key} is sent to {endpoint}, which"
+            f" {first.where(describe)} sends plugin {first.owner!r} to: the process there"
+            " serves one plugin, named when it is connected to, so the calls of the other"
+            " would all be refused. Give each plugin a URL of its own",
+        )
 
 
 def _rollout_problems(
