@@ -265,14 +265,24 @@ async def test_each_inbound_connection_is_checked_by_its_hello(
                 while not [r for r in await dispatcher.health() if r.state == "healthy"]:  # noqa: ASYNC110 - a fleet joining, polled
                     await asyncio.sleep(0.02)
             (report,) = [r for r in await dispatcher.health() if r.state == "healthy"]
+            # A reload that changes the entry and keeps the target: the connection stays,
+            # its hello is checked against the new entry's methods.
+            await dispatcher.reload(manifest(entry("sock", target, "echo", "ohce")), grace=1)
+            async with asyncio.timeout(15):
+                while not [r for r in await dispatcher.health() if r.state == "healthy"]:  # noqa: ASYNC110 - a fleet joining, polled
+                    await asyncio.sleep(0.02)
+            (again,) = [r for r in await dispatcher.health() if r.state == "healthy"]
         finally:
             dialling.cancel()
             await asyncio.gather(dialling, return_exceptions=True)
             await runner.cleanup()
     assert report.missing_methods == ("ehco",)
-    (warning,) = route_warnings(caplog)
+    assert again.missing_methods == ("ohce",)
+    assert again.target == report.target  # the same connection
+    warning, changed = route_warnings(caplog)
     assert warning.startswith("sock@1.0.0: the manifest routes ehco to websocket inbound sock#1@")
     assert warning.endswith("it serves: burst, count, echo, fail, sleep")
+    assert changed == warning.replace("ehco", "ohce")
 
 
 # -- targets that cannot say ---------------------------------------------------------------
