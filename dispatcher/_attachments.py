@@ -8,6 +8,7 @@ module keeps that ledger, so start, reload and close share one account of what i
 - ``attach`` at start, every instance of every target of a plugin;
 - ``attach_new`` at a reload, what the new manifest adds, all or none;
 - ``retire`` what a reloaded manifest no longer uses (detached once its calls are done);
+- ``update`` the entries of versions a reload changed on the targets they kept;
 - ``aclose`` everything, then the providers.
 
 Detaching many (a close, a reload that removes several plugins) goes by queue
@@ -145,6 +146,26 @@ class Attachments:
         self._attached = [each for each in self._attached if each.key() in used]
         self._retired.extend(retired)
 
+    def update(self, plan: ReloadPlan) -> None:
+        """Hand the providers the new entries of the versions ``plan`` changed, where
+        their targets stayed equal (``Provider.update``): attached with the old entry and
+        not attached again, they would be checked against its methods. The ledger takes
+        the new entries too. Call it once ``retire`` has taken out the targets they left;
+        a failure is logged, not raised (the reload is done)."""
+        changed = {new.key: new for _, new in plan.changed}
+        for index, each in enumerate(self._attached):
+            new = changed.get(each.plugin.key)
+            if new is None or each.plugin is new:
+                continue  # another version, or attached with the new entry by this reload
+            self._attached[index] = Attachment(each.provider, new, each.target)
+            _update(each.provider, new, each.target)
+        for old, new in plan.changed:  # inbound targets: attached by their connections
+            had = {target.key for target in old.targets()}
+            for target in new.targets():
+                provider = self.providers.get(target.provider)
+                if provider is not None and target.accepts_connections() and target.key in had:
+                    _update(provider, new, target)
+
     @property
     def retiring(self) -> bool:
         """Whether some attachment a reload retired is still attached."""
@@ -230,6 +251,13 @@ def _taken(ledger: list[Attachment], each: Attachment) -> bool:
             del ledger[index]
             return True
     return False
+
+
+def _update(provider: Provider[Any], plugin: PluginSpec[Any], target: TargetConfig) -> None:
+    try:
+        provider.update(plugin, target)
+    except Exception:
+        log.exception("reload: updating %s on %s failed", plugin.key, target.describe())
 
 
 async def _detached(each: Attachment) -> bool:

@@ -20,7 +20,9 @@ to happen to the parts around that install is here, in the order the dispatcher 
 3. ``serve``: fallbacks point at the installed table; fleets stop serving the targets of
    removed and changed versions and serve those of added and changed ones;
 4. ``finish``: take the new attachments into the ledger, retire what the manifest no
-   longer uses, log what the reload did. If anything is no longer used, wait until the calls in flight at the swap
+   longer uses, hand the providers the new entries of changed versions on the targets
+   they kept (``Provider.update``: the plugin's served methods are checked again against
+   them, nothing reconnects), log what the reload did. If anything is no longer used, wait until the calls in flight at the swap
    have ended (``grace`` seconds at most: then calls still using it fail as it goes),
    close the connections of plugins that dialled in on targets no longer used (nothing
    calls them any more: each plugin is told whether its id is still served, so that it
@@ -153,6 +155,7 @@ class ReloadSteps:
         attachments, fleets = self._attachments, self._fleets
         attachments.adopt(attached)
         attachments.retire(manifest)
+        attachments.update(plan)  # changed versions, on the targets they kept
         log.info("%s", plan.in_words(source))
         await fleets.watch_new()  # discovery and health checks of fleets it made
         used = {target.key for plugin in manifest.plugins for target in plugin.targets()}

@@ -31,6 +31,10 @@ Contract, for implementers:
   ``hello``) and asks the plugin only where it learnt nothing, within ``timeout``. A
   provider that learns the list by itself (at start, on a connection) tells the
   dispatcher through ``report_served``, which logs the routed methods it lacks.
+* ``update`` takes the new manifest entry of a plugin version a reload changed on a
+  target it left equal (nothing is attached again there): the provider holds that entry
+  from then on and reports again what the plugin last said it serves, so the dispatcher
+  checks it against the new entry's routes. No connection or process is touched.
 * ``detach_queue`` says which detaches depend on each other's order: the dispatcher
   runs those of one queue one after another, newest attachment first, and different
   queues at once (its plugins at a close or a reload, and a fleet's instances that
@@ -180,6 +184,19 @@ class Provider(abc.ABC, Generic[TargetT]):
 
     async def detach(self, plugin: PluginInfo, target: TargetT) -> None:
         """Undo ``attach``: stop and destroy what the provider started."""
+
+    def update(self, plugin: PluginInfo, target: TargetT) -> None:
+        """A reload changed the manifest entry of ``plugin`` (same id and version: its
+        methods, their policies) and left ``target`` equal, so ``plugin`` is not attached
+        there again: hold this entry from now on in place of the one attached, and report
+        again what the plugin last said it serves (``report_served``), so it is checked
+        against this entry's routes, now and when the plugin says it again. Nothing is
+        reconnected or restarted: what the plugin started with (``config``, ``lifecycle``,
+        ``runtime``, ``protocol``) cannot change under one version (a reload refuses it).
+
+        No await: the dispatcher calls it once the new routes are installed. The default
+        does nothing, for a provider that keeps no entry past ``attach``.
+        """
 
     def detach_queue(self, plugin: PluginInfo, target: TargetT) -> Hashable:
         """Which of this provider's queues the dispatcher detaches ``plugin`` on ``target``

@@ -378,6 +378,29 @@ class GrpcProvider(Provider[GrpcTarget]):
         async with service.steps:
             await lifecycle.again(connection, service.initialised or plugin)
 
+    def update(self, plugin: PluginInfo, target: GrpcTarget) -> None:
+        """A reload changed ``plugin``'s entry and kept ``target``: the connection's and
+        the address's records hold the new entry, and what the plugin's ``Describe`` at
+        start listed is reported again (``lifecycle: dispatcher``, as ``_begin`` does; a
+        service running its own lifecycle is asked by health alone). Its config is the
+        same (a reload refuses another): the service is sent nothing."""
+        users = self._users.get(target.key)
+        if users is None or plugin.key not in users.plugins:
+            return  # not attached here
+        users.plugins[plugin.key] = plugin
+        service = self._services.get(target.connect_address())
+        if service is not None:
+            use = service.uses.get((plugin.key, target.key))
+            if use is not None:
+                service.uses[(plugin.key, target.key)] = Use(
+                    plugin, target.key, runs_lifecycle=use.runs_lifecycle
+                )
+            if service.initialised is not None and service.initialised.key == plugin.key:
+                service.initialised = plugin
+        connection = self._connections.get(target.key)
+        if target.lifecycle == "dispatcher" and connection is not None:
+            self.report_served(plugin, target, connection.served)
+
     def detach_queue(self, plugin: PluginInfo, target: GrpcTarget) -> Hashable:
         # One address is one service: the order its entries leave in decides the config
         # it keeps (``_hand_over``), so they leave one after another; services at other

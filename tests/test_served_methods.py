@@ -156,6 +156,50 @@ async def test_a_correct_manifest_logs_nothing_and_health_passes(
     assert report.ok
 
 
+@pytest.mark.parametrize("kind", ["grpc", "subprocess", "websocket"])
+async def test_a_reload_that_changes_the_methods_on_an_unchanged_target_is_checked_again(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload changes the entry of a running version (a method added, then removed)
+    and leaves its target equal: nothing is attached again, and the connection stays.
+    Before: the provider kept the old entry, so the added method the plugin lacks was
+    never said (it is now, as at a start) and what the plugin said later was checked
+    against the old method list."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    async with example_address(kind) as address:
+        target = example_target(kind, address)
+        async with Dispatcher(manifest(entry("example", target, "echo"))) as dispatcher:
+            assert report_of(await dispatcher.health()).missing_methods == ()
+            provider = dispatcher.providers[target["provider"]]
+            connected = _connections_of(provider)
+            summary = await dispatcher.reload(
+                manifest(entry("example", target, "echo", "ecoh")), grace=1
+            )
+            assert summary["changed"] == ["example@1.0.0"]
+            described = dispatcher.manifest.plugins[0].targets()[0].describe()
+            assert route_warnings(caplog) == [
+                f"example@1.0.0: the manifest routes ecoh to {described}, which does not"
+                f" serve it; it serves: {EXAMPLE_SERVES}"
+            ]
+            assert report_of(await dispatcher.health()).missing_methods == ("ecoh",)
+            summary = await dispatcher.reload(manifest(entry("example", target, "echo")), grace=1)
+            assert summary["changed"] == ["example@1.0.0"]
+            assert report_of(await dispatcher.health()).missing_methods == ()
+            assert await dispatcher.call("example", "echo", {"a": 1}) == {"a": 1}
+            # Neither reload attached anew: the same connection (or process) throughout.
+            assert _connections_of(provider) == connected
+    assert len(route_warnings(caplog)) == 1  # the method removed is not said again
+
+
+def _connections_of(provider: Any) -> list[int]:
+    """What ``provider`` holds open for its plugins, by identity."""
+    for name in ("_connections", "_dialed", "_processes"):
+        held = getattr(provider, name, None)
+        if held:
+            return [id(each) for each in held.values()]
+    raise AssertionError(f"{provider!r} holds nothing open")
+
+
 async def test_a_grpc_service_running_its_own_lifecycle_is_asked_by_health_alone(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -221,14 +265,24 @@ async def test_each_inbound_connection_is_checked_by_its_hello(
                 while not [r for r in await dispatcher.health() if r.state == "healthy"]:  # noqa: ASYNC110 - a fleet joining, polled
                     await asyncio.sleep(0.02)
             (report,) = [r for r in await dispatcher.health() if r.state == "healthy"]
+            # A reload that changes the entry and keeps the target: the connection stays,
+            # its hello is checked against the new entry's methods.
+            await dispatcher.reload(manifest(entry("sock", target, "echo", "ohce")), grace=1)
+            async with asyncio.timeout(15):
+                while not [r for r in await dispatcher.health() if r.state == "healthy"]:  # noqa: ASYNC110 - a fleet joining, polled
+                    await asyncio.sleep(0.02)
+            (again,) = [r for r in await dispatcher.health() if r.state == "healthy"]
         finally:
             dialling.cancel()
             await asyncio.gather(dialling, return_exceptions=True)
             await runner.cleanup()
     assert report.missing_methods == ("ehco",)
-    (warning,) = route_warnings(caplog)
+    assert again.missing_methods == ("ohce",)
+    assert again.target == report.target  # the same connection
+    warning, changed = route_warnings(caplog)
     assert warning.startswith("sock@1.0.0: the manifest routes ehco to websocket inbound sock#1@")
     assert warning.endswith("it serves: burst, count, echo, fail, sleep")
+    assert changed == warning.replace("ehco", "ohce")
 
 
 # -- targets that cannot say ---------------------------------------------------------------

@@ -259,6 +259,39 @@ async def test_a_refused_reload_that_attached_a_version_leaves_the_running_one_c
             assert plugin.proxy.connections == 1
 
 
+async def test_a_reload_that_changes_an_entry_keeps_its_connection_and_checks_the_new_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """1.0.0's entry routes ``ehco``, which the plugin lacks; a reload routes ``ohce``
+    instead, keeping the target equal. The reload dials nothing: the connection takes the
+    new entry, what its hello listed is checked against it at once, and the hello of a
+    connection dialled again later too. Before: the connection kept the entry it was
+    attached with, so the reload said nothing of ``ohce`` and each later hello said
+    again that the plugin lacks ``ehco``, which the manifest no longer routes."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "the manifest routes" in r.getMessage()]
+
+    async with served() as plugin:
+        routed = manifest(entry(plugin.port, "1.0.0", ehco={}))
+        async with Dispatcher(routed) as dispatcher:
+            await answers(dispatcher, "1.0.0")  # after the hello: calls wait for it
+            (ehco,) = warnings()
+            assert ehco.startswith("sock@1.0.0: the manifest routes ehco to websocket ws://")
+            summary = await dispatcher.reload(
+                manifest(entry(plugin.port, "1.0.0", ohce={})), grace=1
+            )
+            assert summary["changed"] == ["sock@1.0.0"]
+            assert warnings()[1:] == [ehco.replace("ehco", "ohce")]
+            await answers(dispatcher, "1.0.0")
+            assert plugin.proxy.connections == 1
+            plugin.proxy.drop()  # dialled again: a new hello, listing what it did
+            await until(lambda: plugin.proxy.connections == 2)
+            await answers(dispatcher, "1.0.0")
+            assert len(warnings()) == 2
+
+
 def test_the_events_of_a_shared_connection_go_to_the_version_its_hello_names() -> None:
     """``DialUsers`` without I/O: the version the hello names while it is attached, else
     the newest attached, else nowhere; a second leave of one version is no leave."""

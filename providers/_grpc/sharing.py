@@ -21,7 +21,10 @@ attaches version 2 before it detaches version 1, so the two overlap. Hence:
   event names a version still served;
 - the lifecycle steps sent to the service run one sequence at a time (``steps``): a
   service found again after its connection was lost gets the ``Init`` of the entry that
-  had the last one when its turn comes, not one read before a new version's ``Init``.
+  had the last one when its turn comes, not one read before a new version's ``Init``;
+- a reload that changes an entry (its methods) and keeps its target equal does not attach
+  it again: the records above take the new entry in place of the old
+  (``GrpcProvider.update``), so what the plugin listed is checked against its methods.
 """
 
 from __future__ import annotations

@@ -43,10 +43,20 @@ class SubprocessProvider(Provider[SubprocessTarget]):
             plugin,
             target,
             event_sink=self.event_sink_of(plugin),
-            report_served=lambda served: self.report_served(plugin, target, served),
+            # The entry the process holds: a reload may change it (``update``).
+            report_served=lambda served: self.report_served(process.plugin, target, served),
         )
         await process.start()
         self._processes[key] = process
+
+    def update(self, plugin: PluginInfo, target: SubprocessTarget) -> None:
+        """A reload changed ``plugin``'s entry and kept ``target``: its process holds the
+        new entry (each launch's ``Describe`` is reported for it), and what the running
+        launch listed is reported again. Nothing restarts: its config is the same."""
+        process = self._processes.get((plugin.id, plugin.version, target.key))
+        if process is not None:
+            process.plugin = plugin
+            self.report_served(plugin, target, process.served)
 
     async def detach(self, plugin: PluginInfo, target: SubprocessTarget) -> None:
         process = self._processes.pop((plugin.id, plugin.version, target.key), None)

@@ -129,6 +129,20 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             self.report_served(plugin, target, dialed.served)
         dialed.users.join(plugin, self.event_sink_of(plugin))
 
+    def update(self, plugin: PluginInfo, target: WebSocketTarget) -> None:
+        """A reload changed ``plugin``'s entry and kept ``target``: the dialled connection
+        holds the new entry, and what its last ``hello`` listed is reported again; each
+        inbound connection's ``hello`` is reported again for it."""
+        if target.mode == "dial":
+            dialed = self._dialed.get((plugin.id, target.key))
+            if dialed is not None and dialed.users.update(plugin) and dialed.served is not None:
+                self.report_served(plugin, target, dialed.served)
+            return
+        for connection in self.inbound.of_fleet(target.key):
+            if connection.version == plugin.version:
+                place = f"websocket inbound {connection.key}"
+                self.report_served(plugin, target, connection.served, place=place)
+
     def _dial(self, plugin_id: str, target: WebSocketTarget) -> DialedPlugin:
         for destination in target.destinations():
             self.egress.check(destination)  # names are checked again as they resolve

@@ -15,7 +15,10 @@ dials its own, held to its own ``hello``. Hence:
   newest, as on gRPC: ``providers._grpc.sharing``);
 - what each ``hello`` lists is reported for every version attached, each having its own
   routes; a version that joins an open connection is told what the last one listed
-  (``WebSocketProvider.attach``).
+  (``WebSocketProvider.attach``);
+- a reload that changes a version's entry (its methods) and keeps its target equal does
+  not attach it again: the connection takes the new entry (``update``), and what the last
+  ``hello`` listed is reported for it again (``WebSocketProvider.update``).
 """
 
 from __future__ import annotations
@@ -57,6 +60,15 @@ class DialUsers:
         if sink is not None:
             self._sinks[plugin.version] = sink
         self._choose()
+
+    def update(self, plugin: PluginInfo) -> bool:
+        """A reload changed the entry of ``plugin``'s version: keep the new one (its
+        methods are what the next ``hello`` is checked against); False when that version
+        is not attached here."""
+        if plugin.version not in self.plugins:
+            return False
+        self.plugins[plugin.version] = plugin  # its place, oldest first, is kept
+        return True
 
     def leave(self, plugin: PluginInfo) -> bool:
         """Take ``plugin`` off; False when it was not attached here."""
