@@ -138,10 +138,16 @@ public final class Serve {
         System.out.flush();
         System.exit(0);
       }
-      StopCaps caps = stopCaps(System.getenv(), command.isService() ? "serve: " : "");
-      Running running = command.isService()
-          ? serveService(plugin, command.serviceAddress(), BearerToken.configured(System.getenv()), caps)
-          : serveSubprocess(plugin, System.getenv(), caps);
+      Running running;
+      if (command.isService()) {
+        StopCaps caps = stopCaps(System.getenv(), "serve: ");
+        running = serveService(plugin, command.serviceAddress(), BearerToken.configured(System.getenv()), caps);
+      } else {
+        // The handshake first, as every SDK does: run by hand, without the cookie, the plugin
+        // says that the dispatcher starts it, whatever else the environment holds.
+        Handshake.Config config = Handshake.readEnv(System.getenv());
+        running = serveSubprocess(plugin, config, stopCaps(System.getenv(), ""));
+      }
       running.awaitTermination();
     } catch (Handshake.HandshakeException error) {
       System.err.println(error.getMessage());
@@ -349,8 +355,7 @@ public final class Serve {
     return message.substring(message.lastIndexOf(": ") + 1).strip();
   }
 
-  private static Running serveSubprocess(Plugin plugin, Map<String, String> env, StopCaps caps) throws Exception {
-    Handshake.Config config = Handshake.readEnv(env);
+  private static Running serveSubprocess(Plugin plugin, Handshake.Config config, StopCaps caps) throws Exception {
     HealthStatusManager health = new HealthStatusManager();
     PluginService service = new PluginService(plugin, health, false);
 
