@@ -325,6 +325,12 @@ async function serveSubprocess(plugin: Plugin, config: HandshakeConfig, tracing:
 }
 
 /**
+ * The least a stop gives the spans still buffered after its hooks: they get what remains of
+ * the hooks' cap, or this when less remains, so a whole stop ends within grace + hooks + 1 s.
+ */
+export const SPAN_FLUSH_MARGIN_MS = 1_000;
+
+/**
  * @internal The plugin's stop and destroy hooks at a stop, `capMs` (`STOP_HOOKS_MS` unless
  * set) at most together: a hook still running then is abandoned with a warning naming it and
  * the cap, as every SDK words it, so that the process exits without it. 0 waits for neither.
@@ -365,13 +371,18 @@ function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer,
     if (stopping) return;
     stopping = true;
     server.setServing(false);
-    // Spans last: the drained calls' are buffered by then; bounded, a dead collector must
-    // not keep the plugin from exiting.
-    const flush = (): Promise<unknown> =>
-      tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, 5000).unref())]);
+    // Spans last: the drained calls' are buffered by then. Bounded by what remains of the
+    // hooks' cap (SPAN_FLUSH_MARGIN_MS at least): a dead collector must not keep the plugin
+    // past grace + hooks + the margin, where a container may be killed.
+    const flush = (flushMs: number): Promise<unknown> =>
+      tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, flushMs).unref())]);
     void server
       .shutdown(caps.graceMs)
-      .then(() => closeWithin(plugin, caps.hooksMs))
+      .then(async () => {
+        const hooksBegan = Date.now();
+        await closeWithin(plugin, caps.hooksMs);
+        return Math.max(caps.hooksMs - (Date.now() - hooksBegan), SPAN_FLUSH_MARGIN_MS);
+      })
       .then(flush)
       .then(() => process.exit(0));
   };
