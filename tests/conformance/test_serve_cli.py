@@ -88,6 +88,30 @@ def test_a_port_already_taken_is_refused_in_one_line(language: str) -> None:
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
+def test_run_by_hand_the_hint_comes_before_a_malformed_stop_cap(language: str) -> None:
+    """Without the handshake cookie a plugin says how to run it by hand, even when a stop
+    cap is malformed: every SDK checks the cookie first (Java and TypeScript refused the
+    cap first until 2026-12-05, and the hint never showed)."""
+    done = subprocess.run(
+        [str(executable(language))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **{k: v for k, v in CLEAN_ENVIRONMENT.items() if not k.startswith("LINCHKIT_PLUGIN_")},
+            "LINCHKIT_PLUGIN_STOP_GRACE_MS": "soon",
+        },
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == ""
+    assert not any(crash in done.stderr for crash in CRASHES), done.stderr
+    assert "serve --address" in done.stderr, done.stderr
+    assert "LINCHKIT_PLUGIN_STOP_GRACE_MS" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
 def test_help_shows_the_flags_and_the_environment(language: str) -> None:
     done = serve(language, "--help")
     assert done.returncode == 0, done.stderr

@@ -25,6 +25,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 )
 
 // ProtocolVersion is the version of the plugin protocol this SDK speaks.
@@ -120,6 +121,9 @@ type Plugin struct {
 	events *eventHub
 	// tracing exports each call's span; nil (off) unless Run found an OTLP endpoint.
 	tracing *tracing
+	// hooksLeft is what remained of the stop's hooks cap when its hooks ended: the spans
+	// still buffered may take that long to send (spanFlushMargin at least).
+	hooksLeft time.Duration
 
 	mu     sync.Mutex
 	config json.RawMessage

@@ -75,6 +75,20 @@ type registration struct {
 	done       chan struct{}
 }
 
+// validEtcdHostPort: the URL names a host, and its port, when it has one, is in 1-65535
+// (url.Parse takes any run of digits).
+func validEtcdHostPort(parsed *url.URL) bool {
+	if parsed.Hostname() == "" {
+		return false
+	}
+	port := parsed.Port()
+	if port == "" {
+		return true // the scheme's own
+	}
+	n, err := strconv.Atoi(port)
+	return err == nil && n >= 1 && n <= 65535
+}
+
 // registrationFrom is nil without an etcd (-register-etcd, LINCHKIT_REGISTER_ETCD);
 // otherwise every setting is checked, so a mistake stops the plugin before it serves.
 func registrationFrom(config registryConfig, listening net.Addr, log *slog.Logger) (*registration, error) {
@@ -88,6 +102,11 @@ func registrationFrom(config registryConfig, listening net.Addr, log *slog.Logge
 	}
 	if parsed.User != nil {
 		return nil, fmt.Errorf("%s: etcd authentication by URL credentials is not supported", config.name(settingEtcd))
+	}
+	if !validEtcdHostPort(parsed) {
+		// Dialled, a port over 65535 fails as an outage would, retried every second for ever.
+		return nil, fmt.Errorf("%s: the etcd to register in must have a valid host name and a port in 1-65535",
+			config.name(settingEtcd))
 	}
 	prefix := config.value(settingPrefix)
 	if prefix == "" {

@@ -55,6 +55,10 @@ func TestRegistrationSettingsAreCheckedBeforeServing(t *testing.T) {
 	}{
 		{EnvRegisterEtcd, "unix:///x", "http(s)://"},
 		{EnvRegisterEtcd, "http://user:SECRET@127.0.0.1:2379", "credentials"},
+		{EnvRegisterEtcd, "http://127.0.0.1:65536", "a valid host name and a port in 1-65535"},
+		{EnvRegisterEtcd, "http://127.0.0.1:99999999999999999999", "a port in 1-65535"},
+		{EnvRegisterEtcd, "https://127.0.0.1:0", "a port in 1-65535"},
+		{EnvRegisterEtcd, "http://:2379", "a valid host name"},
 		{EnvRegisterPrefix, "", "needs --register-prefix (or " + EnvRegisterPrefix + ")"},
 		{EnvRegisterPrefix, "/ends/", "must start with /"},
 		{EnvRegisterTTL, "1", "at least 2"},

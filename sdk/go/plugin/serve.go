@@ -41,8 +41,10 @@ const (
 	CoreVersion = 1
 )
 
-// spanFlushCap bounds how long a stop sends the spans still buffered, after the hooks.
-const spanFlushCap = 5 * time.Second
+// spanFlushMargin is the least a stop gives the spans still buffered, after the hooks: they
+// get what remains of the hooks' cap, or this when less remains, so a whole stop stays
+// within grace + hooks + this margin (a dead collector must not outlast the operator's caps).
+const spanFlushMargin = time.Second
 
 // ErrNotLaunchedByHost is returned when the plugin runs without the handshake
 // environment and without `serve`.
@@ -87,7 +89,7 @@ func (p *Plugin) Run(ctx context.Context, env Environment) error {
 	defer func() {
 		// After the server drained: the last calls' spans are buffered by then. Its own
 		// deadline, as ctx is already done at a graceful stop.
-		flush, cancel := context.WithTimeout(context.Background(), spanFlushCap)
+		flush, cancel := context.WithTimeout(context.Background(), max(p.hooksLeft, spanFlushMargin))
 		defer cancel()
 		traces.shutdown(flush)
 	}()
@@ -291,7 +293,7 @@ func (p *Plugin) serveOn(ctx context.Context, listener net.Listener, creds crede
 	case <-time.After(caps.grace):
 		server.Stop()
 	}
-	svc.runRemainingHooks(caps.hooks)
+	p.hooksLeft = svc.runRemainingHooks(caps.hooks)
 	return nil
 }
 

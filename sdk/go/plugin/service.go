@@ -161,8 +161,9 @@ func (s *service) stopServing() {
 // ended by SIGTERM or by its host's death still cleans up. It comes after the drain: a stop
 // hook that closes what the calls use must not pull it from under calls still running.
 // Both together get hooksCap (the stop's hooks cap, 5 s unless LINCHKIT_PLUGIN_STOP_HOOKS_MS
-// sets it); a hook still running then is abandoned with a warning.
-func (s *service) runRemainingHooks(hooksCap time.Duration) {
+// sets it); a hook still running then is abandoned with a warning. It returns what remains
+// of hooksCap.
+func (s *service) runRemainingHooks(hooksCap time.Duration) time.Duration {
 	s.mu.Lock()
 	needStop := s.started && !s.stopped
 	needDestroy := s.inited && !s.destroyed
@@ -183,12 +184,19 @@ func (s *service) runRemainingHooks(hooksCap time.Duration) {
 			return s.runLifecycle(ctx, each.name, each.hook, each.done)
 		})
 		if !finished {
-			return
+			return 0
 		}
 		if err != nil {
 			sdkLog.Error("linchkit plugin: " + err.Error())
 		}
 	}
+	return timeLeft(ctx)
+}
+
+// timeLeft is how long remains until ctx's deadline, 0 when it has passed.
+func timeLeft(ctx context.Context) time.Duration {
+	deadline, _ := ctx.Deadline()
+	return max(time.Until(deadline), 0)
 }
 
 // withinCap runs a stop-time hook until ctx is done (hooksCap after the hooks began). A hook that

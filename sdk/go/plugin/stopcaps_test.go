@@ -92,7 +92,9 @@ func TestAStuckStopHookIsAbandonedAtTheConfiguredCap(t *testing.T) {
 	svc := newService(p, true)
 	svc.inited, svc.started = true, true
 	began := time.Now()
-	svc.runRemainingHooks(200 * time.Millisecond)
+	if left := svc.runRemainingHooks(200 * time.Millisecond); left != 0 {
+		t.Errorf("%v of the cap left after an abandoned hook, want none", left)
+	}
 	if took := time.Since(began); took < 150*time.Millisecond || took > 3*time.Second {
 		t.Errorf("the stop waited %v for a stuck hook, want about the 200ms cap", took)
 	}
@@ -101,5 +103,14 @@ func TestAStuckStopHookIsAbandonedAtTheConfiguredCap(t *testing.T) {
 	}
 	if !strings.Contains(out.String(), "the stop hook did not finish within 200ms of the stop; exiting without it") {
 		t.Errorf("warning %q, want one naming the hook and the 200ms cap", out.String())
+	}
+}
+
+// Hooks that end early leave the rest of their cap to the spans still buffered.
+func TestHooksThatEndEarlyLeaveTheRestOfTheirCap(t *testing.T) {
+	svc := newService(New("quick", "0.1.0"), true)
+	svc.inited, svc.started = true, true
+	if left := svc.runRemainingHooks(10 * time.Second); left < 5*time.Second || left > 10*time.Second {
+		t.Errorf("%v of a 10s cap left after hooks that do nothing, want most of it", left)
 	}
 }

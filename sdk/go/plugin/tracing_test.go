@@ -1,10 +1,13 @@
 package plugin
 
 import (
+	"bufio"
 	"context"
+	"io"
 	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -207,4 +210,56 @@ func serveOnLoopback(t *testing.T, s *service) *grpc.ClientConn {
 	}
 	t.Cleanup(func() { conn.Close() })
 	return conn
+}
+
+// A collector that accepts and never answers keeps the stop no longer than grace + hooks +
+// spanFlushMargin: the spans still buffered get what remains of the hooks' cap (here none),
+// not a fixed 5 s past the operator's caps.
+func TestASilentCollectorDoesNotOutlastTheStopsCaps(t *testing.T) {
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { silent.Close() })
+	go func() {
+		for {
+			conn, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { conn.Close() }) // held open, never answered
+		}
+	}()
+	vars := map[string]string{
+		EnvOTLPTracesEndpoint: "http://" + silent.Addr().String() + "/v1/traces",
+		EnvStopGraceMs:        "0",
+		EnvStopHooksMs:        "0",
+	}
+	reader, writer := io.Pipe()
+	env := Environment{Args: []string{"serve", "--address", "127.0.0.1:0"}, Getenv: func(k string) string { return vars[k] },
+		Stdin: strings.NewReader(""), Stdout: writer}
+	p := testPlugin()
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	returned := make(chan error, 1)
+	go func() { returned <- p.Run(ctx, env) }()
+	if _, err := bufio.NewReader(reader).ReadString('\n'); err != nil { // the handshake line
+		t.Fatal(err)
+	}
+	go func() { _, _ = io.Copy(io.Discard, reader) }()
+	tracedCall(p, "echo", "") // one span buffered for the flush at the stop
+	began := time.Now()
+	stop()
+	select {
+	case err := <-returned:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the plugin did not stop within 30 s")
+	}
+	// The margin is 1 s; the rest is slack for a slow machine, well short of the old 5 s.
+	if took := time.Since(began); took > spanFlushMargin+2500*time.Millisecond {
+		t.Errorf("the stop took %v with a silent collector, want about grace + hooks + %v", took, spanFlushMargin)
+	}
 }

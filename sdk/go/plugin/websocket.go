@@ -208,7 +208,8 @@ func refusedAtUpgrade(status int) bool {
 	return status == 400 || status == 401 || status == 403 || status == 404
 }
 
-// stopHooks runs the stop and destroy hooks at a stop, both within hooksCap.
+// stopHooks runs the stop and destroy hooks at a stop, both within hooksCap, and keeps what
+// remains of it for the spans still buffered (hooksLeft).
 func (p *Plugin) stopHooks(hooksCap time.Duration) {
 	ctx, cancel := context.WithTimeout(context.Background(), hooksCap)
 	defer cancel()
@@ -220,9 +221,11 @@ func (p *Plugin) stopHooks(hooksCap time.Duration) {
 			continue
 		}
 		if finished, _ := withinCap(ctx, each.name, hooksCap, func() error { return runMethod(func() error { return each.hook(ctx) }) }); !finished {
+			p.hooksLeft = 0
 			return
 		}
 	}
+	p.hooksLeft = timeLeft(ctx)
 }
 
 // window counts the chunks a stream may still send before the host grants more.

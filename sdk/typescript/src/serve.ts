@@ -29,7 +29,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV } from './auth';
-import { HandshakeError, SERVE_USAGE, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
+import { type HandshakeConfig, HandshakeError, SERVE_USAGE, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
 import { CONNECT_USAGE, parseConnectCommand } from './connect';
 import { DEFAULT_ADDRESS, ListenError, cannotListen } from './listen';
 import { Logger, log, routeConsole } from './log';
@@ -79,10 +79,16 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
       await serveOverWebSocket(plugin, command.address, command.config, env, caps('serve: '));
       return;
     }
-    const stopCaps = caps(command.mode === 'service' ? 'serve: ' : '');
-    const tracing = Tracing.fromEnv(env, plugin);
-    if (command.mode === 'service') await serveService(plugin, command.address, BearerToken.configured(env), tracing, stopCaps);
-    else await serveSubprocess(plugin, env, tracing, stopCaps);
+    if (command.mode === 'service') {
+      const stopCaps = caps('serve: ');
+      await serveService(plugin, command.address, BearerToken.configured(env), Tracing.fromEnv(env, plugin), stopCaps);
+    } else {
+      // The handshake first, as every SDK does: run by hand, without the cookie, the plugin
+      // says that the dispatcher starts it, whatever else the environment holds.
+      const config = readHandshakeEnv(env);
+      const stopCaps = caps('');
+      await serveSubprocess(plugin, config, Tracing.fromEnv(env, plugin), stopCaps);
+    }
   } catch (error) {
     process.stderr.write(`${messageFor(error)}\n`);
     process.exit(1);
@@ -266,8 +272,7 @@ function grpcLogVerbosity(env: NodeJS.ProcessEnv): grpc.logVerbosity {
   return known.includes(name as (typeof known)[number]) ? grpc.logVerbosity[name as (typeof known)[number]] : grpc.logVerbosity.ERROR;
 }
 
-async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: Tracing | undefined, caps: StopCaps): Promise<void> {
-  const config = readHandshakeEnv(env);
+async function serveSubprocess(plugin: Plugin, config: HandshakeConfig, tracing: Tracing | undefined, caps: StopCaps): Promise<void> {
   const server = new PluginServer(plugin, { servingFromStart: false, tracing });
 
   let credentials = grpc.ServerCredentials.createInsecure();
@@ -320,6 +325,12 @@ async function serveSubprocess(plugin: Plugin, env: NodeJS.ProcessEnv, tracing: 
 }
 
 /**
+ * The least a stop gives the spans still buffered after its hooks: they get what remains of
+ * the hooks' cap, or this when less remains, so a whole stop ends within grace + hooks + 1 s.
+ */
+export const SPAN_FLUSH_MARGIN_MS = 1_000;
+
+/**
  * @internal The plugin's stop and destroy hooks at a stop, `capMs` (`STOP_HOOKS_MS` unless
  * set) at most together: a hook still running then is abandoned with a warning naming it and
  * the cap, as every SDK words it, so that the process exits without it. 0 waits for neither.
@@ -360,13 +371,18 @@ function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer,
     if (stopping) return;
     stopping = true;
     server.setServing(false);
-    // Spans last: the drained calls' are buffered by then; bounded, a dead collector must
-    // not keep the plugin from exiting.
-    const flush = (): Promise<unknown> =>
-      tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, 5000).unref())]);
+    // Spans last: the drained calls' are buffered by then. Bounded by what remains of the
+    // hooks' cap (SPAN_FLUSH_MARGIN_MS at least): a dead collector must not keep the plugin
+    // past grace + hooks + the margin, where a container may be killed.
+    const flush = (flushMs: number): Promise<unknown> =>
+      tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, flushMs).unref())]);
     void server
       .shutdown(caps.graceMs)
-      .then(() => closeWithin(plugin, caps.hooksMs))
+      .then(async () => {
+        const hooksBegan = Date.now();
+        await closeWithin(plugin, caps.hooksMs);
+        return Math.max(caps.hooksMs - (Date.now() - hooksBegan), SPAN_FLUSH_MARGIN_MS);
+      })
       .then(flush)
       .then(() => process.exit(0));
   };

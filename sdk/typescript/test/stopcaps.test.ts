@@ -66,6 +66,18 @@ test('every mode refuses a malformed cap at start, in one line and exit 1', () =
   }
 });
 
+test('run by hand, without the cookie, the plugin says the dispatcher starts it, even with a malformed cap', () => {
+  // The cookie is checked first, as every SDK does: the caps' refusal hid the hint.
+  const done = spawnSync(PLUGIN, [], {
+    encoding: 'utf8',
+    env: { ...ENV, [STOP_GRACE_ENV]: 'soon' },
+    timeout: 30_000,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const line = assertOneLineFailure({ status: done.status, stdout: done.stdout, stderr: done.stderr });
+  assert.match(line, /started by the dispatcher, not by hand/);
+});
+
 test('hooks of 0 ms are not waited for: a stuck hook is abandoned at once, the warning naming 0 s', async () => {
   const plugin = new Plugin({ id: 'p', version: '1' }).onStop(() => new Promise<void>(() => undefined));
   await plugin.runPhase('init', {});

@@ -235,23 +235,38 @@ public final class Plugin {
   }
 
   /**
+   * The hooks a {@link #close()} now owes, in the order it runs them: "stop" when started and
+   * not stopped since, "destroy" when not destroyed since the last Init.
+   */
+  List<String> owedAtClose() {
+    List<String> owed = new ArrayList<>(2);
+    synchronized (done) {
+      if (done.contains(Phase.START) && !done.contains(Phase.STOP)) owed.add("stop");
+      if (!done.contains(Phase.DESTROY)) owed.add("destroy");
+    }
+    return owed;
+  }
+
+  /**
    * {@link #close()}, telling {@code starting} the name of each hook ("stop", "destroy") as it
    * begins: a stop that gives up on a hook still running names it.
    */
   void close(Consumer<String> starting) throws Exception {
-    boolean needStop;
-    boolean needDestroy;
-    synchronized (done) {
-      needStop = done.contains(Phase.START) && !done.contains(Phase.STOP);
-      needDestroy = !done.contains(Phase.DESTROY);
-    }
+    close(owedAtClose(), starting);
+  }
+
+  /**
+   * The hooks in {@code owed} (from {@link #owedAtClose()}), both even if one fails, telling
+   * {@code starting} each one's name as it begins.
+   */
+  void close(List<String> owed, Consumer<String> starting) throws Exception {
     try {
-      if (needStop) {
+      if (owed.contains("stop")) {
         starting.accept("stop");
         stop();
       }
     } finally {
-      if (needDestroy) {
+      if (owed.contains("destroy")) {
         starting.accept("destroy");
         destroy();
       }

@@ -25,6 +25,7 @@ import java.net.SocketAddress;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.Comparator;
+import java.util.List;
 import java.util.Map;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
@@ -137,10 +138,16 @@ public final class Serve {
         System.out.flush();
         System.exit(0);
       }
-      StopCaps caps = stopCaps(System.getenv(), command.isService() ? "serve: " : "");
-      Running running = command.isService()
-          ? serveService(plugin, command.serviceAddress(), BearerToken.configured(System.getenv()), caps)
-          : serveSubprocess(plugin, System.getenv(), caps);
+      Running running;
+      if (command.isService()) {
+        StopCaps caps = stopCaps(System.getenv(), "serve: ");
+        running = serveService(plugin, command.serviceAddress(), BearerToken.configured(System.getenv()), caps);
+      } else {
+        // The handshake first, as every SDK does: run by hand, without the cookie, the plugin
+        // says that the dispatcher starts it, whatever else the environment holds.
+        Handshake.Config config = Handshake.readEnv(System.getenv());
+        running = serveSubprocess(plugin, config, stopCaps(System.getenv(), ""));
+      }
       running.awaitTermination();
     } catch (Handshake.HandshakeException error) {
       System.err.println(error.getMessage());
@@ -232,24 +239,9 @@ public final class Serve {
         server.shutdownNow();
         Thread.currentThread().interrupt();
       }
-      AtomicReference<String> running = new AtomicReference<>("stop/destroy");
-      Thread hooks = new Thread(() -> {
-        try {
-          plugin.close(running::set);
-        } catch (Exception error) {
-          Log.atExit(Level.SEVERE, "stop/destroy failed", error);
-        }
-      }, "plugin-close");
-      // A hook stuck on a peer that never answers must not keep the JVM once the stop is done.
-      hooks.setDaemon(true);
-      hooks.start();
-      try {
-        if (caps.hooksMs() > 0) hooks.join(caps.hooksMs()); // join(0) would wait for ever
-      } catch (InterruptedException interrupted) {
-        Thread.currentThread().interrupt();
-      }
-      if (hooks.isAlive()) {
-        Log.atExit(Level.WARNING, "the " + running.get() + " hook did not finish within "
+      String abandoned = runHooks(plugin, caps.hooksMs());
+      if (abandoned != null) {
+        Log.atExit(Level.WARNING, "the " + abandoned + " hook did not finish within "
             + StopCaps.seconds(caps.hooksMs()) + " s of the stop; exiting without it", null);
       }
       service.close();
@@ -262,6 +254,34 @@ public final class Serve {
       server.awaitTermination();
       stopped.await();
     }
+  }
+
+  /**
+   * The stop and destroy hooks {@code plugin} still owes, for {@code hooksMs} at most (0: not
+   * waited for at all); the name of the hook abandoned still running, or null when they ended.
+   * The first owed hook is named before its thread starts: a hook abandoned before its thread
+   * ran at all is the one that was about to run.
+   */
+  static String runHooks(Plugin plugin, long hooksMs) {
+    List<String> owed = plugin.owedAtClose();
+    if (owed.isEmpty()) return null;
+    AtomicReference<String> running = new AtomicReference<>(owed.get(0));
+    Thread hooks = new Thread(() -> {
+      try {
+        plugin.close(owed, running::set);
+      } catch (Exception error) {
+        Log.atExit(Level.SEVERE, "stop/destroy failed", error);
+      }
+    }, "plugin-close");
+    // A hook stuck on a peer that never answers must not keep the JVM once the stop is done.
+    hooks.setDaemon(true);
+    hooks.start();
+    try {
+      if (hooksMs > 0) hooks.join(hooksMs); // join(0) would wait for ever
+    } catch (InterruptedException interrupted) {
+      Thread.currentThread().interrupt();
+    }
+    return hooks.isAlive() ? running.get() : null;
   }
 
   private static Running serveService(Plugin plugin, Handshake.ServiceAddress address, BearerToken token,
@@ -335,8 +355,7 @@ public final class Serve {
     return message.substring(message.lastIndexOf(": ") + 1).strip();
   }
 
-  private static Running serveSubprocess(Plugin plugin, Map<String, String> env, StopCaps caps) throws Exception {
-    Handshake.Config config = Handshake.readEnv(env);
+  private static Running serveSubprocess(Plugin plugin, Handshake.Config config, StopCaps caps) throws Exception {
     HealthStatusManager health = new HealthStatusManager();
     PluginService service = new PluginService(plugin, health, false);
 

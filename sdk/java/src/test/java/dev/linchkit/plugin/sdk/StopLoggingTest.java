@@ -81,7 +81,7 @@ class StopLoggingTest {
   }
 
   /** HOST:PORT from the handshake line {@code 1|1|tcp|HOST:PORT|grpc|}, 60 s at most. */
-  private static String handshakeAddress(Process plugin, Path stdout) throws Exception {
+  static String handshakeAddress(Process plugin, Path stdout) throws Exception {
     long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(60);
     while (System.nanoTime() < deadline) {
       String text = Files.readString(stdout, StandardCharsets.UTF_8);
