@@ -193,6 +193,7 @@ def test_a_lease_lost_with_etcd_s_data_is_registered_again(own_etcd: Etcd, plugi
         (["--register-etcd", "http://user:SECRET@127.0.0.1:1"], "credentials"),
         (["--register-etcd", "http://etcd..internal:2379"], "valid host name"),
         (["--register-etcd", "http://127.0.0.1:99999"], "port in 1-65535"),
+        (["--register-etcd", "http://127.0.0.1:0"], "port in 1-65535"),
     ],
 )
 def test_registration_mistakes_fail_before_serving(arguments: list[str], message: str) -> None:

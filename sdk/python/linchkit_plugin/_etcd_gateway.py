@@ -210,13 +210,14 @@ class Gateway:
             raise ValueError(f"the etcd to register in must be an http(s):// URL: {etcd!r}")
         if parts.username or parts.password:
             raise ValueError("etcd authentication by URL credentials is not supported")
+        mistake = "the etcd to register in must have a valid host name and a port in 1-65535"
         try:
             port = parts.port
             parts.hostname.encode("idna")  # as the socket layer will: an empty label fails
         except ValueError:  # UnicodeError too
-            raise ValueError(
-                "the etcd to register in must have a valid host name and a port in 1-65535"
-            ) from None
+            raise ValueError(mistake) from None
+        if port == 0:  # a port nothing can be dialled at (Go's SDK refuses it too)
+            raise ValueError(mistake)
         self.access = access or EtcdAccess()
         self._context = self.access.tls_context(etcd)
         self.base = etcd.rstrip("/")
