@@ -151,6 +151,17 @@ class LocalProvider(Provider[LocalTarget]):
             self._put_aside[key] = put_aside
         self.report_served(plugin, target, _served_by(host, plugin))
 
+    def update(self, plugin: PluginInfo, target: LocalTarget) -> None:
+        """A reload changed ``plugin``'s entry and kept ``target``: its instance exposes
+        the new entry's methods (a method added is bound, one removed no longer is), and
+        what the class serves is reported again, so a method it lacks is said as at
+        attach. The instance is the same: no new object, no ``init`` or ``start``."""
+        host = self._hosts.get(_host_key(plugin.id, plugin.version, target))
+        if host is None:
+            return  # not attached here
+        host.expose(plugin.methods)
+        self.report_served(plugin, target, _served_by(host, plugin))
+
     async def _opened(self, plugin: PluginInfo, target: LocalTarget) -> PluginHost:
         # Only the methods the manifest lists: nothing else can be routed to, and a wide
         # class would otherwise cost its every public method per plugin.

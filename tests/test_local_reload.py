@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from dispatcher import Dispatcher, ProviderError
+from dispatcher import Dispatcher, MethodNotFound, ProviderError
 from providers.local import ModuleConflict
 from tests.conftest import manifest
 
@@ -221,3 +222,95 @@ async def test_a_reload_that_fails_after_a_module_was_swapped_puts_it_back(
         # running version (or a reload keeping the old path) got the new folder's code.
         assert sys.modules[module_name] is loaded
         assert await dispatcher.call("answer", "which") == "old"
+
+
+# A plugin with more methods than its first entry lists; it counts its inits and starts.
+COUNTING = """
+STARTED = []
+
+class Counting:
+    def init(self, config: dict) -> None:
+        STARTED.append("init")
+
+    def start(self) -> None:
+        STARTED.append("start")
+
+    def which(self) -> str:
+        return "which"
+
+    def extra(self) -> str:
+        return "extra"
+
+    async def chunks(self, count: int):
+        for index in range(count):
+            yield index
+"""
+
+
+def counting_entry(folder: Path, entrypoint: str, *methods: str) -> dict[str, Any]:
+    return {
+        "id": "counting",
+        "version": "1.0.0",
+        "target": {"provider": "local", "entrypoint": entrypoint, "path": str(folder)},
+        "methods": {name: {} for name in methods},
+    }
+
+
+def route_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "dispatcher" and "the manifest routes" in record.getMessage()
+    ]
+
+
+async def test_a_reload_that_changes_the_methods_on_the_same_target_rebinds_them(
+    tmp_path: Path, module_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload adds and removes methods of a running version and leaves its target
+    equal: the version is not attached again (the same instance, init and start run
+    once), and its methods are those of the new entry. Before: the instance kept the
+    methods its attach bound, so a method the reload added failed MethodNotFound though
+    the class has it, and one the class lacks was never said."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    (tmp_path / f"{module_name}.py").write_text(COUNTING)
+    entrypoint = f"{module_name}:Counting"
+    async with Dispatcher(manifest(counting_entry(tmp_path, entrypoint, "which"))) as dispatcher:
+        provider = dispatcher.providers["local"]
+        (host,) = provider._hosts.values()
+        summary = await dispatcher.reload(
+            manifest(counting_entry(tmp_path, entrypoint, "which", "extra", "chunks"))
+        )
+        assert summary["changed"] == ["counting@1.0.0"]
+        assert await dispatcher.call("counting", "extra") == "extra"
+        assert await dispatcher.call("counting", "chunks", {"count": 2}) == [0, 1]
+        assert [chunk async for chunk in dispatcher.stream("counting", "chunks", {"count": 3})] == [
+            0,
+            1,
+            2,
+        ]
+        assert route_warnings(caplog) == []
+
+        # A method the class lacks: said as at a start, and named by health.
+        await dispatcher.reload(manifest(counting_entry(tmp_path, entrypoint, "which", "absent")))
+        (warning,) = route_warnings(caplog)
+        assert warning.startswith(
+            f"counting@1.0.0: the manifest routes absent to local {entrypoint}"
+        )
+        assert warning.endswith("it serves: chunks, extra, which")
+        (report,) = await dispatcher.health()
+        assert report.missing_methods == ("absent",)
+        with pytest.raises(MethodNotFound):
+            await dispatcher.call("counting", "absent")
+        with pytest.raises(MethodNotFound):  # removed by this reload
+            await dispatcher.call("counting", "extra")
+        assert await dispatcher.call("counting", "which") == "which"
+
+        # Removed from the entry: no longer served by the plugin either.
+        await dispatcher.reload(manifest(counting_entry(tmp_path, entrypoint, "which")))
+        (report,) = await dispatcher.health()
+        assert report.missing_methods == ()
+        assert sorted(host.methods) == ["which"]
+        assert list(provider._hosts.values()) == [host]  # never attached again
+        assert sys.modules[module_name].STARTED == ["init", "start"]
+    assert len(route_warnings(caplog)) == 1

@@ -8,6 +8,7 @@ granted, a panic; and the dispatcher must answer each call typed and keep servin
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -17,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from dispatcher import DeadlineExceeded, Dispatcher, PluginError, ProviderError
+from dispatcher import DeadlineExceeded, Dispatcher, MethodNotFound, PluginError, ProviderError
 from providers.capabilities import LimitExceeded
 from providers.wasm import ModuleRefused
-from providers.wasm.module import read_pinned
+from providers.wasm.module import exported_functions, read_pinned
 from tests.conftest import manifest
-from tests.wasm_support import build_hostile, wasm_plugin
+from tests.wasm_support import HOSTILE_METHODS, build_hostile, wasm_plugin
 
 pytestmark = pytest.mark.toolchain
 
@@ -184,6 +185,43 @@ async def test_a_method_the_module_does_not_export_is_refused_at_attach(
             pass
 
 
+async def test_a_reload_that_changes_the_methods_on_the_same_target_checks_the_exports(
+    hostile_module: Path, compile_cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload adds methods to a running version and leaves its target equal: nothing is
+    attached again (the same pool), and the new entry's methods are checked against the
+    module's exports. Before: the callable methods were those of the attach, so a method
+    the reload added failed MethodNotFound though the module exports it, and one it does
+    not export was never said. The reload cannot be refused by then: the missing one is
+    said as a method the target does not serve, and named by health."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    first = hostile(hostile_module, compile_cache, methods=("echo",))
+    async with Dispatcher(manifest(first)) as dispatcher:
+        provider = dispatcher.providers["wasm"]
+        (pool,) = [each.pool for each in provider._attached.values()]
+        added = hostile(hostile_module, compile_cache, methods=("echo", "environ"))
+        summary = await dispatcher.reload(manifest(added))
+        assert summary["changed"] == ["hostile@1.0.0"]
+        assert await dispatcher.call("hostile", "environ", None) == ""
+
+        missing = hostile(hostile_module, compile_cache, methods=("echo", "launch_missiles"))
+        await dispatcher.reload(manifest(missing))
+        (warning,) = [
+            record.getMessage()
+            for record in caplog.records
+            if "the manifest routes" in record.getMessage()
+        ]
+        assert warning.startswith("hostile@1.0.0: the manifest routes launch_missiles to wasm")
+        (report,) = await dispatcher.health()
+        assert report.missing_methods == ("launch_missiles",)
+        with pytest.raises(MethodNotFound, match="launch_missiles"):
+            await dispatcher.call("hostile", "launch_missiles", None)
+        with pytest.raises(MethodNotFound):  # removed by this reload
+            await dispatcher.call("hostile", "environ", None)
+        assert await dispatcher.call("hostile", "echo", "still") == "still"
+        assert [each.pool for each in provider._attached.values()] == [pool]
+
+
 async def test_1000_concurrent_calls_to_a_pooled_plugin_each_answer_their_caller(
     dispatcher: Dispatcher,
 ) -> None:
@@ -253,3 +291,32 @@ async def test_one_calls_deadline_does_not_stop_another_running_beside_it(
     with pytest.raises(DeadlineExceeded):
         await long
     assert time.perf_counter() - started >= 1.45
+
+
+def test_the_exported_functions_are_read_from_the_module(hostile_module: Path) -> None:
+    exported = exported_functions(hostile_module.read_bytes())
+    assert set(HOSTILE_METHODS) <= exported
+    assert "launch_missiles" not in exported
+
+
+# A module of one export section: ``echo`` a function, ``memory`` a memory.
+EXPORTS = b"\x02\x04echo\x00\x00\x06memory\x02\x00"
+PREAMBLE = b"\x00asm\x01\x00\x00\x00"
+
+
+@pytest.mark.parametrize(
+    ("code", "refused"),
+    [
+        (b"\x7fELF", "not a core WebAssembly module"),
+        (PREAMBLE + b"\x07\x30" + EXPORTS, "ends inside a section"),  # its size lies
+        (PREAMBLE + b"\x07\x0a" + EXPORTS[:10], "ends inside a section"),
+        (PREAMBLE + b"\x07\x12" + EXPORTS + b"\x00", "does not add up"),
+        (PREAMBLE + b"\x07\x06\x01\x02\xff\xfe\x00\x00", "not UTF-8"),
+        (PREAMBLE + b"\x07\xff\xff\xff\xff\xff\x01", "longer than 32 bits"),
+    ],
+    ids=["not-wasm", "section-past-the-end", "cut-short", "trailing-bytes", "name", "number"],
+)
+def test_a_malformed_module_s_exports_are_refused_typed(code: bytes, refused: str) -> None:
+    assert exported_functions(PREAMBLE + b"\x07\x11" + EXPORTS) == {"echo"}
+    with pytest.raises(ModuleRefused, match=refused):
+        exported_functions(code)

@@ -13,7 +13,10 @@ instances; calls run on the pool's threads. Error mapping, at this boundary:
     ``cpu_s`` of its capabilities used up       LimitExceeded(limit="cpu_s")
     linear memory past ``memory_mb``            LimitExceeded(limit="memory_mb")
     a trap or an exit (Go panic, unreachable)   ProviderError; the dispatcher keeps serving
-    a method the module does not export         MethodNotFound
+    a method the module does not export         MethodNotFound (refused at attach; a
+                                                reload adding one to an attached version
+                                                says it, as for any plugin that does not
+                                                serve a routed method: ``update``)
     a module missing, unreadable, not pinned    ModuleRefused (a ProviderError) at attach
     an HTTP request refused (not granted, a     NetworkRefused / EgressRefused (ProviderErrors,
     malformed one, the egress policy)           naming the host), logged as a security
@@ -59,8 +62,9 @@ from linchkit_plugin.errors import (
 from linchkit_plugin.wire import encode_json
 from providers.base import CONNECT_STAGE, Health, Provider
 from providers.capabilities import LimitExceeded, Translation
+from providers.served import served_names
 from providers.wasm.http_host import HttpGrant, is_refusal
-from providers.wasm.module import read_pinned
+from providers.wasm.module import exported_functions, read_pinned
 from providers.wasm.pool import CallResult, InstancePool
 from providers.wasm.resolver import Resolver
 from providers.wasm.sandbox import sandbox_of
@@ -89,6 +93,9 @@ class _Attached:
         self.memory_mb = memory_mb
         self.cpu_s = cpu_s
         self.translation = translation
+        #: The functions the module exports (``exported_functions``).
+        self.exported: frozenset[str] = frozenset()
+        #: The manifest's methods, and whether the module exports each.
         self.exports: dict[str, bool] = {}
 
 
@@ -178,8 +185,26 @@ class WasmProvider(Provider[WasmTarget]):
                 f"{plugin.key}: the module {module.path.name} exports no function for the "
                 f"manifest's method(s) {', '.join(missing)}"
             )
+        try:
+            attached.exported = exported_functions(module.code)
+        except BaseException:
+            await pool.aclose()
+            raise
         attached.exports = {name: True for name in plugin.methods}
         self._attached[key] = attached
+
+    def update(self, plugin: PluginInfo, target: WasmTarget) -> None:
+        """A reload changed ``plugin``'s entry and kept ``target``: its calls go to the
+        new entry's methods, each checked against the module's exports. The reload is done
+        by now, so a method the module does not export is not refused as at attach: it is
+        reported as one the target does not serve (the dispatcher says so, and health
+        names it) and its calls fail ``MethodNotFound``. The pool is the same."""
+        attached = self._attached.get((plugin.id, plugin.version, target.key))
+        if attached is None:
+            return  # not attached here
+        exported = attached.exported
+        attached.exports = {name: name in exported for name in plugin.methods}
+        self.report_served(plugin, target, served_names(exported))
 
     async def detach(self, plugin: PluginInfo, target: WasmTarget) -> None:
         attached = self._attached.pop((plugin.id, plugin.version, target.key), None)
@@ -208,13 +233,23 @@ class WasmProvider(Provider[WasmTarget]):
             return attached.translation
         return sandbox_of(plugin.capabilities, plugin.config).translation
 
+    async def served_methods(
+        self, plugin: PluginInfo, target: WasmTarget, *, timeout: float
+    ) -> frozenset[str] | None:
+        attached = self._attached.get((plugin.id, plugin.version, target.key))
+        return None if attached is None else served_names(attached.exported)
+
     async def invoke(self, target: WasmTarget, invocation: Invocation) -> Any:
         attached = self._attached.get((invocation.plugin, invocation.version, target.key))
         if attached is None:
             raise TargetUnavailable(f"{invocation.plugin}@{invocation.version} is not started")
-        if invocation.method not in attached.exports:
+        exported = attached.exports.get(invocation.method)
+        if not exported:
             raise MethodNotFound(
                 f"{invocation.plugin} has no method {invocation.method!r} in its manifest"
+                if exported is None
+                else f"{invocation.plugin}: the module exports no function for the"
+                f" manifest's method {invocation.method!r}"
             )
         payload = encode_json(invocation.params)
         remaining = invocation.remaining()

@@ -127,14 +127,7 @@ class PluginHost:
         (``close_within``); never for a plugin hosted inside another program."""
         self.plugin = plugin
         self.owns_process = owns_process
-        self.methods = _exposed_methods(plugin, methods)
-        self._is_async = {
-            name: inspect.iscoroutinefunction(fn) for name, fn in self.methods.items()
-        }
-        #: Streaming methods: async generator functions; a unary call gets their chunks as a list.
-        self.streaming = frozenset(
-            name for name, fn in self.methods.items() if inspect.isasyncgenfunction(fn)
-        )
+        self.expose(methods)
         self._state = "created"
         if emit is not None and hasattr(plugin, "emit"):
             plugin._emit = emit
@@ -154,6 +147,21 @@ class PluginHost:
             return cls(plugin_class(), emit=emit, methods=methods, owns_process=owns_process)
         except Exception as error:
             raise ProviderError(f"cannot instantiate plugin {entrypoint!r}: {error!r}") from error
+
+    def expose(self, methods: Collection[str] | None = None) -> None:
+        """Expose these of the plugin's methods from now on (default: all of them), in
+        place of those exposed so far: a host embedding the plugin whose manifest entry
+        changed rebinds them without making the plugin again or running its hooks. A
+        call already running goes on with the method it started."""
+        exposed = _exposed_methods(self.plugin, methods)
+        is_async = {name: inspect.iscoroutinefunction(fn) for name, fn in exposed.items()}
+        streaming = frozenset(
+            name for name, fn in exposed.items() if inspect.isasyncgenfunction(fn)
+        )
+        # All three at once (no await between): a call looks a method up in each.
+        self.methods, self._is_async = exposed, is_async
+        #: Streaming methods: async generator functions; a unary call gets their chunks as a list.
+        self.streaming = streaming
 
     @property
     def state(self) -> str:
