@@ -318,5 +318,6 @@ PREAMBLE = b"\x00asm\x01\x00\x00\x00"
 )
 def test_a_malformed_module_s_exports_are_refused_typed(code: bytes, refused: str) -> None:
     assert exported_functions(PREAMBLE + b"\x07\x11" + EXPORTS) == {"echo"}
+    assert exported_functions(b' (module (func (export "echo")))') is None  # text: not read
     with pytest.raises(ModuleRefused, match=refused):
         exported_functions(code)

@@ -53,11 +53,14 @@ _EXPORT_SECTION = 7
 _FUNCTION_EXPORT = 0
 
 
-def exported_functions(code: bytes) -> frozenset[str]:
+def exported_functions(code: bytes) -> frozenset[str] | None:
     """The names of the functions the core module ``code`` exports (its export section,
     the names ``function_exists`` of the runtime finds); the other sections are skipped
-    by their sizes, not read. ``ModuleRefused`` when ``code`` is not a well-formed module
-    this far."""
+    by their sizes, not read. None for a module in WebAssembly's text format (a ``.wat``,
+    which the runtime compiles as well), whose exports are not parsed here. ``ModuleRefused``
+    when ``code`` is not a well-formed module this far."""
+    if code.lstrip().startswith(b"("):
+        return None
     if not code.startswith(_PREAMBLE):
         raise ModuleRefused("the wasm module is not a core WebAssembly module (version 1)")
     view = memoryview(code)

@@ -93,8 +93,9 @@ class _Attached:
         self.memory_mb = memory_mb
         self.cpu_s = cpu_s
         self.translation = translation
-        #: The functions the module exports (``exported_functions``).
-        self.exported: frozenset[str] = frozenset()
+        #: The functions the module exports (``exported_functions``); None for a module
+        #: in the text format, whose exports only its instances can say.
+        self.exported: frozenset[str] | None = frozenset()
         #: The manifest's methods, and whether the module exports each.
         self.exports: dict[str, bool] = {}
 
@@ -203,6 +204,11 @@ class WasmProvider(Provider[WasmTarget]):
         if attached is None:
             return  # not attached here
         exported = attached.exported
+        if exported is None:
+            # A text-format module: what attach checked stays; a method added is left
+            # to its call, where the runtime fails it typed if the module lacks it.
+            attached.exports = {name: attached.exports.get(name, True) for name in plugin.methods}
+            return
         attached.exports = {name: name in exported for name in plugin.methods}
         self.report_served(plugin, target, served_names(exported))
 
@@ -237,7 +243,9 @@ class WasmProvider(Provider[WasmTarget]):
         self, plugin: PluginInfo, target: WasmTarget, *, timeout: float
     ) -> frozenset[str] | None:
         attached = self._attached.get((plugin.id, plugin.version, target.key))
-        return None if attached is None else served_names(attached.exported)
+        if attached is None or attached.exported is None:
+            return None
+        return served_names(attached.exported)
 
     async def invoke(self, target: WasmTarget, invocation: Invocation) -> Any:
         attached = self._attached.get((invocation.plugin, invocation.version, target.key))
