@@ -81,6 +81,15 @@ def echo_plugin(plugin_id: str, target: dict[str, Any], **extra: Any) -> dict[st
 LOCAL_TARGET = {"provider": "local", "entrypoint": "echo_plugin:EchoPlugin", "path": str(EXAMPLES)}
 
 
+def route_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the dispatcher said of methods a manifest routes that a plugin does not serve."""
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "dispatcher" and "the manifest routes" in record.getMessage()
+    ]
+
+
 # Garbage is collected after every test, so that what a test leaves unclosed (a
 # transport, a coroutine never awaited) warns, and fails, in that test and not a later
 # one (``filterwarnings = error``). A whole collection looks at every object alive in the

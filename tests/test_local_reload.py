@@ -21,7 +21,7 @@ import pytest
 
 from dispatcher import Dispatcher, MethodNotFound, ProviderError
 from providers.local import ModuleConflict
-from tests.conftest import manifest
+from tests.conftest import manifest, route_warnings
 
 # A plugin whose answer names its folder; ``slow`` answers after a nap, from the module's
 # globals as they are when it answers.
@@ -254,14 +254,6 @@ def counting_entry(folder: Path, entrypoint: str, *methods: str) -> dict[str, An
         "target": {"provider": "local", "entrypoint": entrypoint, "path": str(folder)},
         "methods": {name: {} for name in methods},
     }
-
-
-def route_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.name == "dispatcher" and "the manifest routes" in record.getMessage()
-    ]
 
 
 async def test_a_reload_that_changes_the_methods_on_the_same_target_rebinds_them(

@@ -40,7 +40,7 @@ from linchkit_plugin.ws_server import dial
 from providers._grpc import lifecycle
 from providers.base import ServedReport
 from providers.served import MAX_METHOD_NAME, MAX_SERVED_METHODS, served_names
-from tests.conftest import LOCAL_TARGET, ROOT, manifest, serve_asgi
+from tests.conftest import LOCAL_TARGET, ROOT, manifest, route_warnings, serve_asgi
 
 EXAMPLE = ROOT / "sdk" / "python" / "dist" / "example-plugin"
 #: What the example plugin serves (docs/protocol.md, "The example plugin").
@@ -57,14 +57,6 @@ def entry(plugin_id: str, target: dict[str, Any], *methods: str) -> dict[str, An
         "defaults": {"timeout_ms": 10_000},
         "methods": {name: {} for name in methods},
     }
-
-
-def route_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        record.getMessage()
-        for record in caplog.records
-        if record.name == "dispatcher" and "the manifest routes" in record.getMessage()
-    ]
 
 
 def report_of(reports: list[TargetHealth], plugin: str = "example") -> TargetHealth:
