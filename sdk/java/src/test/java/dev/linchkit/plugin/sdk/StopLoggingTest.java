@@ -13,6 +13,7 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.List;
+import java.util.Map;
 import java.util.concurrent.TimeUnit;
 import java.util.logging.Logger;
 import org.junit.jupiter.api.Test;
@@ -45,38 +46,49 @@ class StopLoggingTest {
   @Test
   void theLinesTheStopHooksLogReachStderrAtEveryStop(@TempDir Path dir) throws Exception {
     for (int stop = 1; stop <= STOPS; stop++) {
-      Path stdout = dir.resolve("stdout-" + stop);
-      Path stderr = dir.resolve("stderr-" + stop);
-      Process plugin = new ProcessBuilder(
-              Path.of(System.getProperty("java.home"), "bin", "java").toString(),
-              "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
-              "-cp", System.getProperty("java.class.path"),
-              LoggingPlugin.class.getName(), "serve", "--address", "127.0.0.1:0")
-          .redirectOutput(stdout.toFile())
-          .redirectError(stderr.toFile())
-          .start();
+      List<String> said = startedThenStopped(LoggingPlugin.class, Map.of(), dir.resolve("run-" + stop));
+      String where = "stop " + stop + " of " + STOPS + "; stderr: " + said;
+      assertTrue(said.stream().anyMatch(line -> line.endsWith(STOP_LINE)), where);
+      assertTrue(said.stream().anyMatch(line -> line.endsWith(DESTROY_LINE)), where);
+    }
+  }
+
+  /**
+   * {@code main serve} in a JVM of its own with {@code environment} added, started by a host as
+   * the dispatcher starts it (Init, Start: the stop then owes both hooks), then sent SIGTERM: it
+   * must exit 0 within 30 s. Its stderr's lines; its output files in {@code dir}.
+   */
+  static List<String> startedThenStopped(Class<?> main, Map<String, String> environment, Path dir)
+      throws Exception {
+    Files.createDirectories(dir);
+    Path stdout = dir.resolve("stdout");
+    Path stderr = dir.resolve("stderr");
+    ProcessBuilder builder = new ProcessBuilder(
+            Path.of(System.getProperty("java.home"), "bin", "java").toString(),
+            "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+            "-cp", System.getProperty("java.class.path"),
+            main.getName(), "serve", "--address", "127.0.0.1:0")
+        .redirectOutput(stdout.toFile())
+        .redirectError(stderr.toFile());
+    builder.environment().putAll(environment);
+    Process plugin = builder.start();
+    try {
+      String address = handshakeAddress(plugin, stdout);
+      ManagedChannel channel = NettyChannelBuilder.forTarget(address).usePlaintext().build();
       try {
-        String address = handshakeAddress(plugin, stdout);
-        ManagedChannel channel = NettyChannelBuilder.forTarget(address).usePlaintext().build();
-        try {
-          // Started by a host, as the dispatcher starts it: the stop then owes both hooks.
-          PluginServiceGrpc.PluginServiceBlockingStub stub = PluginServiceGrpc.newBlockingStub(channel)
-              .withDeadlineAfter(30, TimeUnit.SECONDS);
-          stub.init(InitRequest.newBuilder().setConfigJson(ByteString.copyFromUtf8("{}")).build());
-          stub.start(LifecycleRequest.getDefaultInstance());
-        } finally {
-          channel.shutdownNow();
-        }
-        plugin.destroy(); // SIGTERM
-        assertTrue(plugin.waitFor(30, TimeUnit.SECONDS), "the plugin did not exit 30 s after SIGTERM");
-        assertEquals(0, plugin.exitValue());
-        List<String> said = Files.readAllLines(stderr, StandardCharsets.UTF_8);
-        String where = "stop " + stop + " of " + STOPS + "; stderr: " + said;
-        assertTrue(said.stream().anyMatch(line -> line.endsWith(STOP_LINE)), where);
-        assertTrue(said.stream().anyMatch(line -> line.endsWith(DESTROY_LINE)), where);
+        PluginServiceGrpc.PluginServiceBlockingStub stub = PluginServiceGrpc.newBlockingStub(channel)
+            .withDeadlineAfter(30, TimeUnit.SECONDS);
+        stub.init(InitRequest.newBuilder().setConfigJson(ByteString.copyFromUtf8("{}")).build());
+        stub.start(LifecycleRequest.getDefaultInstance());
       } finally {
-        plugin.destroyForcibly();
+        channel.shutdownNow();
       }
+      plugin.destroy(); // SIGTERM
+      assertTrue(plugin.waitFor(30, TimeUnit.SECONDS), "the plugin did not exit 30 s after SIGTERM");
+      assertEquals(0, plugin.exitValue());
+      return Files.readAllLines(stderr, StandardCharsets.UTF_8);
+    } finally {
+      plugin.destroyForcibly();
     }
   }
 
