@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,14 @@ async def h2c_server(
         yield f"{'http' if tls is None else 'https'}://127.0.0.1:{port}"
     finally:
         stop.set()
-        await asyncio.wait_for(server, 10)
+        try:
+            await asyncio.wait_for(server, 10)
+        except ssl.SSLError as error:
+            # hypercorn's TLS shutdown raises when the client's last frame (h2's GOAWAY as
+            # it closes) crosses the server's close_notify: a race of the two ends' closes
+            # at teardown (2 runs of 5 of this test here), not what any test checks.
+            if error.reason != "APPLICATION_DATA_AFTER_CLOSE_NOTIFY":
+                raise
 
 
 def h2_target(url: str, **extra: Any) -> dict[str, Any]:
