@@ -77,7 +77,7 @@ from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.websocket.closing import close_socket, hang_up, let_go
-from providers.websocket.in_flight import CallLimits, InFlight
+from providers.websocket.in_flight import CallBounds, CallLimits, InFlight
 from providers.websocket.read_watch import ReadWatch
 from providers.websocket.writer import FrameWriter, Socket
 
@@ -143,13 +143,9 @@ class Channel:
         self.socket = socket
         self.describe = describe
         self._ids = ids if ids is not None else itertools.count(1)
-        self._limits = CallLimits(max_in_flight=max_in_flight, max_message_bytes=max_message_bytes)
-        #: The smallest bound of any call made: a frame no larger answers within its
-        #: call's bound, and is not looked at for it (``_over_bound``).
-        self._tightest_bound = max_message_bytes
-        #: Calls and streams in flight whose target's bound is below the socket's: id →
-        #: that bound.
-        self._bounds: dict[int, int] = {}
+        self._bounds = CallBounds(
+            CallLimits(max_in_flight=max_in_flight, max_message_bytes=max_message_bytes)
+        )
         self._sink = sink
         self._events = EventRate(max_events_per_second, describe, log)
         self._loop = asyncio.get_running_loop()
@@ -211,7 +207,7 @@ class Channel:
 
     def _admit(self, invocation: Invocation, limits: CallLimits) -> tuple[int, float]:
         """An id for a call or stream of a target with ``limits``, counted there as in
-        flight: the caller uncounts it (``_release``) once it ends."""
+        flight: the caller releases it (``CallBounds.release``) once it ends."""
         if self.closed or self.going_away:
             reason = (
                 "is going away" if not self.closed else f"is not connected: {self.close_reason}"
@@ -227,22 +223,14 @@ class Channel:
         if invocation.deadline <= now:
             raise DeadlineExceeded(f"deadline passed before calling {self.describe}")
         call_id = next(self._ids)
-        limits.in_flight += 1
-        if limits.max_message_bytes < self._limits.max_message_bytes:
-            self._bounds[call_id] = limits.max_message_bytes
-            self._tightest_bound = min(self._tightest_bound, limits.max_message_bytes)
+        self._bounds.count(call_id, limits)
         return call_id, now
-
-    def _release(self, call_id: int, limits: CallLimits) -> None:
-        limits.in_flight -= 1
-        if self._bounds:
-            self._bounds.pop(call_id, None)
 
     async def call(self, invocation: Invocation, limits: CallLimits | None = None) -> Any:
         """``invocation``'s answer; ``limits``: its target's (the connection's own if
         None: a dialled connection serves one target)."""
         if limits is None:
-            limits = self._limits
+            limits = self._bounds.own
         call_id, now = self._admit(invocation, limits)
         try:
             data = self._frame("call", call_id, invocation, now, limits)
@@ -271,7 +259,7 @@ class Channel:
                 self._forget(call_id, future)
                 raise
         finally:
-            self._release(call_id, limits)
+            self._bounds.release(call_id, limits)
         return decode_response(response)
 
     def _forget(self, call_id: int, future: asyncio.Future[Any]) -> None:
@@ -286,12 +274,12 @@ class Channel:
     ) -> AsyncIterator[Any]:
         """``invocation``'s chunks; ``limits`` as ``call``'s."""
         if limits is None:
-            limits = self._limits
+            limits = self._bounds.own
         call_id, now = self._admit(invocation, limits)
         try:
             data = self._frame("stream", call_id, invocation, now, limits)
         except BaseException:
-            self._release(call_id, limits)
+            self._bounds.release(call_id, limits)
             raise
         queue = self._in_flight.stream(call_id)
         written = self._writer.queue(data, call_id)
@@ -329,7 +317,7 @@ class Channel:
                     )
                 yield item.get("data") if type(item) is dict else None
         finally:
-            self._release(call_id, limits)
+            self._bounds.release(call_id, limits)
             if self._in_flight.forget_stream(call_id) and not finished:
                 self._writer.cancel(call_id, written)
 
@@ -475,7 +463,7 @@ class Channel:
         call_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
         if (
             call_id is not None
-            and len(data) > self._tightest_bound
+            and len(data) > self._bounds.tightest
             and self._over_bound(kind, call_id, len(data))
         ):
             return
@@ -521,7 +509,7 @@ class Channel:
         enforces). It then fails the call ``ProviderError`` (a stream is cancelled) and
         is counted, as a frame this side cannot use is; the connection stays, for the
         calls of targets that allow it."""
-        bound = self._bounds.get(call_id)
+        bound = self._bounds.bound_of(call_id)
         if bound is None or size <= bound:
             return False
         asked = self._in_flight.asked(call_id)

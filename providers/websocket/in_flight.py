@@ -40,7 +40,7 @@ from typing import Any
 from linchkit_plugin.errors import Overloaded
 from linchkit_plugin.ws_protocol import STREAM_WINDOW
 
-__all__ = ["STREAM_QUEUE", "WATCH_PROBES_KEPT", "CallLimits", "InFlight"]
+__all__ = ["STREAM_QUEUE", "WATCH_PROBES_KEPT", "CallBounds", "CallLimits", "InFlight"]
 
 #: Chunks of one stream held for its consumer: the plugin's window (it sends no more
 #: until granted ``credit``) and some to spare. A plugin that ignores the window fills it,
@@ -69,6 +69,53 @@ class CallLimits:
         return (
             f"<CallLimits in_flight={self.in_flight}/{self.max_in_flight}"
             f" max_message_bytes={self.max_message_bytes}>"
+        )
+
+
+class CallBounds:
+    """Each call's target limits on one connection: its calls in flight counted against
+    their target's ``CallLimits``, and the message bound of each whose target allows less
+    than the socket reads (the socket enforces its own bound; the channel these).
+
+    ``own`` is the connection's: a dialled one serves one target, whose calls use it. A
+    plugin dialling in serves all its inbound targets over one connection, each held to
+    its own ``CallLimits``.
+    """
+
+    __slots__ = ("_below_socket", "own", "tightest")
+
+    def __init__(self, own: CallLimits) -> None:
+        self.own = own
+        #: Calls and streams in flight whose target's bound is below the socket's: id →
+        #: that bound.
+        self._below_socket: dict[int, int] = {}
+        #: The smallest bound of any call made: a reply no larger is within its call's
+        #: bound, and is not looked up (``bound_of``).
+        self.tightest = own.max_message_bytes
+
+    def count(self, call_id: int, limits: CallLimits) -> None:
+        """Call ``call_id`` of a target with ``limits`` is in flight (until ``release``)."""
+        limits.in_flight += 1
+        bound = limits.max_message_bytes
+        if bound < self.own.max_message_bytes:
+            self._below_socket[call_id] = bound
+            if bound < self.tightest:
+                self.tightest = bound
+
+    def release(self, call_id: int, limits: CallLimits) -> None:
+        """Call ``call_id`` (counted with ``limits``) has ended."""
+        limits.in_flight -= 1
+        if self._below_socket:
+            self._below_socket.pop(call_id, None)
+
+    def bound_of(self, call_id: int) -> int | None:
+        """The bound of call ``call_id``'s messages, if its target's is below the socket's."""
+        return self._below_socket.get(call_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"<CallBounds own={self.own!r} below_socket={len(self._below_socket)}"
+            f" tightest={self.tightest}>"
         )
 
 
