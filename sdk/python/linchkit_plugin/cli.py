@@ -35,7 +35,7 @@ from linchkit_plugin.host import PluginHost
 from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.registry import Registration
 from linchkit_plugin.stopping import MAX_STOP_MS, STOP_GRACE_ENV, STOP_HOOKS_ENV, StopCaps
-from linchkit_plugin.tracing import configure_from_env
+from linchkit_plugin.tracing import SPAN_FLUSH_MARGIN_SECONDS, configure_from_env, flush_within
 
 _ENV = "LINCHKIT_PLUGIN_"
 _DEFAULTS = ServerLimits()
@@ -374,6 +374,10 @@ def serve(options: argparse.Namespace) -> None:
             await asyncio.sleep(registering.leave_delay)
 
     run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
+    # The spans still buffered go last (the hooks' own among them), for what remains of the
+    # hooks' cap: a collector that never answers keeps the stop within grace + hooks + the
+    # margin, not the exporter's 10 s past the operator's caps.
+    flush_within(max(app.hooks_left, SPAN_FLUSH_MARGIN_SECONDS))
 
 
 def _check_listening(options: argparse.Namespace) -> None:

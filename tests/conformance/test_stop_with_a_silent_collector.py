@@ -1,0 +1,104 @@
+"""A plugin told where to send its spans stops within its caps, whatever the collector does, in every SDK.
+
+The stop's caps (``LINCHKIT_PLUGIN_STOP_GRACE_MS``, ``_STOP_HOOKS_MS``) bound what a
+SIGTERM waits for: the calls in flight, then the stop and destroy hooks. A plugin with
+the standard ``OTEL_EXPORTER_OTLP_*`` variables also holds spans to send, and an SDK that
+exports them sends those still buffered at the stop. A collector that accepts the
+connection and never answers (or an endpoint that drops every packet) must not keep the
+plugin past grace + hooks + ``SPAN_FLUSH_MARGIN`` (1 s): a platform kills it then, and a
+host waits on it until then (docs/protocol.md, "Stopping while called").
+
+Each case starts the example plugin of one SDK as a gRPC service (``serve --address``),
+its variables naming a TCP server here that accepts and never answers, both caps 0 and
+spans sent only at the stop; makes one call with a ``traceparent`` through the
+dispatcher (a span buffered, in an SDK that traces), SIGTERMs the plugin and times its
+exit. The Go and TypeScript SDKs send the span for the 1 s margin and give up
+(``sdk/go/plugin/tracing_test.go``, ``sdk/typescript/test/tracing-stop.test.ts``); the
+Rust and Java SDKs have no exporter: the variables change nothing, and this case is what
+holds them to the caps should one come. The Python SDK exports from ``dispatcher-plugin
+serve`` (``tests/test_python_plugin_tracing_stop.py``); its gRPC executable, run here,
+installs no exporter. The collector's URL and the exporter's headers carry a secret that
+no SDK may print.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dispatcher import Dispatcher
+from tests.conformance.conftest import LANGUAGES, _start_service, executable
+from tests.services import CLEAN_ENVIRONMENT
+from tests.test_telemetry_tracing import sdk_manifest
+
+pytestmark = [pytest.mark.toolchain, pytest.mark.slow]
+
+#: What every SDK gives the spans still buffered at the least, after its hooks.
+SPAN_FLUSH_MARGIN = 1.0
+#: Slack past grace + hooks + the margin (both caps are 0 here) for a slow, loaded machine
+#: (a JVM's exit included); well short of the 5 s Go and TypeScript once gave the spans and
+#: of the exporters' own 10 s.
+SLACK = 2.5
+SECRET = "s3cret-collector-token"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.fixture
+async def silent_collector() -> AsyncIterator[str]:
+    """An OTLP/HTTP traces URL whose server accepts every connection and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://collector:{SECRET}@127.0.0.1:{port}/v1/traces"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_a_silent_collector_keeps_the_stop_within_the_caps(
+    language: str, silent_collector: str
+) -> None:
+    env = {k: v for k, v in CLEAN_ENVIRONMENT.items() if not k.startswith("OTEL_")} | {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": silent_collector,
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"authorization=Bearer%20{SECRET}",
+        # Nothing sent before the stop: the call's span waits in the buffer for it.
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",
+        "LINCHKIT_PLUGIN_STOP_GRACE_MS": "0",
+        "LINCHKIT_PLUGIN_STOP_HOOKS_MS": "0",
+    }
+    process, address = await _start_service(
+        executable(language), env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        said = asyncio.create_task(process.stderr.read())  # read all along: a full pipe blocks
+        async with Dispatcher(sdk_manifest(address, None)) as dispatcher:
+            result = await dispatcher.call(
+                "example", "echo", {"text": "traced"}, traceparent=TRACEPARENT
+            )
+        assert result == {"text": "traced"}
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            await process.wait()
+            took = time.monotonic() - began
+            stderr = (await said).decode(errors="replace")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert took < SPAN_FLUSH_MARGIN + SLACK, (language, took, stderr)
+    assert process.returncode == 0, (language, stderr)
+    assert SECRET not in stderr, (language, stderr)

@@ -1,0 +1,142 @@
+"""``dispatcher-plugin serve`` with tracing on stops within its caps, whatever the collector does.
+
+With ``OTEL_EXPORTER_OTLP_*`` set, the plugin's spans are buffered and sent in batches
+(``linchkit_plugin.tracing``); a stop sends those still buffered after the stop and
+destroy hooks, for what remains of the hooks' cap or ``SPAN_FLUSH_MARGIN_SECONDS`` when
+less remains, as the Go and TypeScript SDKs do. A collector that accepts the connection
+and never answers (or an endpoint that drops every packet) keeps the whole stop within
+grace + hooks + that margin: the spans are dropped then, and the plugin says so in one
+line that names neither the exporter's headers nor the endpoint's credentials. Before,
+the flush ran at the interpreter's exit, for the exporter's own timeout (10 s) past the
+operator's caps, where a platform may kill the process.
+
+The collector here is a TCP server on 127.0.0.1 that accepts and never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from linchkit_plugin import tracing
+from linchkit_plugin.stopping import STOP_GRACE_ENV, STOP_HOOKS_ENV
+from linchkit_plugin.tracing import SPAN_FLUSH_MARGIN_SECONDS
+from tests.test_python_plugin_http_stop import _serving
+from tests.test_telemetry_tracing import Collector, until
+from tests.test_telemetry_tracing import collector as collector  # the fixture
+
+pytestmark = pytest.mark.slow
+
+#: What the exporter is told to send with each request, and must never be printed.
+SECRET = "s3cret-collector-token"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+#: Slack past grace + hooks + the margin for a slow, loaded machine; well short of the
+#: exporter's own 10 s.
+SLACK = 2.5
+
+
+@pytest.fixture
+async def silent_collector() -> AsyncIterator[str]:
+    """An OTLP endpoint that accepts every connection and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://collector:{SECRET}@127.0.0.1:{port}/v1/traces"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def _stop_with_a_span_buffered(
+    collector: str, caps_ms: int | None
+) -> tuple[float, int | None, str]:
+    """Serve the example with tracing to ``collector`` and both caps ``caps_ms`` (None: the
+    defaults), make one traced call, SIGTERM the plugin: how long it took to exit, its
+    status, its stderr."""
+    env = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector,
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"authorization=Bearer%20{SECRET}",
+        # Nothing sent before the stop: the call's span waits in the buffer for it.
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",
+    }
+    if caps_ms is not None:
+        env |= {STOP_GRACE_ENV: str(caps_ms), STOP_HOOKS_ENV: str(caps_ms)}
+    async with _serving({}, env) as (process, url):
+        assert process.stderr is not None
+        envelope = {
+            "v": 1,
+            "plugin": "example",
+            "method": "echo",
+            "params": {"text": "traced"},
+            "context": {"request_id": "r1", "traceparent": TRACEPARENT},
+        }
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            response = await client.post("/invoke", json=envelope)
+        assert response.json()["ok"] is True, response.text
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            said = (await process.stderr.read()).decode(errors="replace")
+            await process.wait()
+        return time.monotonic() - began, process.returncode, said
+
+
+async def test_a_silent_collector_keeps_the_stop_within_grace_hooks_and_the_margin(
+    silent_collector: str,
+) -> None:
+    took, returncode, said = await _stop_with_a_span_buffered(silent_collector, 0)
+    assert took < SPAN_FLUSH_MARGIN_SECONDS + SLACK, (took, said)
+    assert returncode == 0, said
+    dropped = [line for line in said.splitlines() if "spans" in line and "dropped" in line]
+    assert len(dropped) == 1, said
+    assert "127.0.0.1" in dropped[0], dropped
+    assert SECRET not in said, said
+
+
+async def test_the_flush_gets_what_remains_of_the_hooks_cap(silent_collector: str) -> None:
+    # Hooks that end at once leave most of a 2 s cap to the spans: the stop takes about
+    # 2 s, not the 1 s margin alone, and not the exporter's 10 s.
+    took, returncode, said = await _stop_with_a_span_buffered(silent_collector, 2_000)
+    assert 2.0 - 0.5 <= took < 2.0 + SLACK, (took, said)
+    assert returncode == 0, said
+    assert SECRET not in said, said
+
+
+async def test_a_collector_that_answers_gets_the_spans_buffered_at_the_stop(
+    collector: tuple[Collector, str],
+) -> None:
+    received, base = collector
+    took, returncode, said = await _stop_with_a_span_buffered(f"{base}/v1/traces", None)
+    await until(lambda: received.named("ExamplePlugin.echo"), "the span sent at the stop")
+    assert returncode == 0, said
+    assert "dropped" not in said, said
+    # Sent as soon as the collector took it, not after the rest of the hooks' cap.
+    assert took < SPAN_FLUSH_MARGIN_SECONDS + SLACK, (took, said)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:pass@collector:4318/v1/traces?token=t", "http://collector:4318"),
+        ("https://[::1]:4318/v1/traces", "https://[::1]:4318"),
+        ("http://collector/v1/traces", "http://collector"),
+        ("http://collector:99999/v1/traces", "(its URL is malformed)"),
+    ],
+)
+def test_the_warning_names_the_collector_by_scheme_host_and_port_only(
+    monkeypatch: pytest.MonkeyPatch, url: str, shown: str
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)
+    assert tracing._collector_shown() == shown
