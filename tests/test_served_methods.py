@@ -510,6 +510,30 @@ def test_a_gap_is_logged_once_per_place_until_it_changes(
     )
 
 
+def test_a_place_that_no_longer_says_what_it_serves_is_told_once_and_checked_anew(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """None after a list: said once, whether the list had a gap or not; None before any
+    list (a plugin that never says) or after None: nothing; the next list: checked anew."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    spec = manifest(entry("example", LOCAL_TARGET, "echo", "ecoh")).plugins[0]
+    target = spec.targets()[0]
+    check = ServedCheck()
+    said: list[frozenset[str] | None] = [None, {"echo"}, None, None, {"echo"}]
+    said += [{"echo", "ecoh"}, None, {"echo", "ecoh"}]
+    for served in said:
+        check(ServedReport(spec, target, None if served is None else frozenset(served), "here"))
+    no_longer = "example@1.0.0: here no longer says which methods it serves"
+    assert [record.getMessage() for record in caplog.records] == [
+        "example@1.0.0: the manifest routes ecoh to here, which does not serve it; it serves: echo",
+        f"{no_longer} (it last lacked ecoh): the methods routed there are not checked"
+        " against it until it says again",
+        "example@1.0.0: the manifest routes ecoh to here, which does not serve it; it serves: echo",
+        f"{no_longer}: the methods routed there are not checked against it until it says again",
+    ]
+    assert repr(check) == "<ServedCheck places=1 with_missing=0>"
+
+
 # -- the CLI, as a user runs it --------------------------------------------------------------
 
 
