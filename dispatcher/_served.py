@@ -6,9 +6,14 @@ method before the build that serves it is rolled out. It is said instead, as soo
 dispatcher knows it:
 
 * ``ServedCheck`` takes what providers report as they learn it (``Provider.report_served``:
-  a ``Describe`` at start, a WebSocket ``hello``) and logs one warning per plugin, place
-  and set of missing methods, e.g. ``greeter@1.0.0: the manifest routes greets to grpc
-  127.0.0.1:50051, which does not serve it; it serves: greet, shout``;
+  a ``Describe`` at start or after a lost connection, a WebSocket ``hello``) and logs one
+  warning per plugin, place and set of missing methods, e.g. ``greeter@1.0.0: the manifest
+  routes greets to grpc 127.0.0.1:50051, which does not serve it; it serves: greet,
+  shout``. A place that said what it serves and then says nothing believable (a
+  redeployed build whose ``Describe`` fails or lies) gets one warning that it is no longer
+  checked, not silence: what the process before said is not held against the one there
+  now (a false alarm if the new build serves it), nor dropped without a word. Its next
+  list is checked, and its gap said, as the first was;
 * ``dispatcher._health`` asks ``Provider.served_methods`` and reports the gap in
   ``TargetHealth.missing_methods`` (``dispatcher health`` exits 1).
 
@@ -35,8 +40,9 @@ log = logging.getLogger("dispatcher")
 SHOWN_NAMES = 20
 #: How many characters of one name a message shows.
 SHOWN_NAME_LENGTH = 64
-#: How many (plugin, place) pairs ``ServedCheck`` remembers it warned about; past that it
-#: forgets them all (one more warning each, rather than memory growing with connections).
+#: How many (plugin, place) pairs ``ServedCheck`` remembers the gap of (none, for a place
+#: that serves every routed method); past that it forgets them all (one more warning each,
+#: rather than memory growing with connections).
 REMEMBERED_PLACES = 4096
 
 
@@ -71,22 +77,35 @@ def _short(name: str) -> str:
 
 class ServedCheck:
     """The dispatcher's ``Provider.served_sink``: warns of the routed methods a plugin
-    says it does not serve, once per plugin, place and set of missing methods."""
+    says it does not serve, once per plugin, place and set of missing methods; and once
+    when a place that said what it serves no longer does (module docstring)."""
 
     def __init__(self) -> None:
-        self._warned: dict[tuple[str, str], tuple[str, ...]] = {}
+        #: The routed methods each place lacked by its last list; no entry: it said nothing.
+        self._gaps: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def __call__(self, report: ServedReport) -> None:
         plugin = report.plugin
         if not isinstance(plugin, PluginSpec):
             return  # providers are handed the manifest's plugins; anything else has no routes
-        missing = missing_methods(methods_routed_to(plugin, report.target), report.served)
         place = (plugin.key, report.place)
-        if self._warned.get(place, ()) == missing:
-            return  # said already (a restart, a reconnect), or nothing to say
-        if len(self._warned) >= REMEMBERED_PLACES:
-            self._warned.clear()
-        self._warned[place] = missing
+        if report.served is None:
+            said = self._gaps.pop(place, None)
+            if said is not None:  # it did say: that it no longer does is a change
+                log.warning(
+                    "%s: %s no longer says which methods it serves%s: the methods routed"
+                    " there are not checked against it until it says again",
+                    plugin.key,
+                    report.place,
+                    f" (it last lacked {listed(said)})" if said else "",
+                )
+            return
+        missing = missing_methods(methods_routed_to(plugin, report.target), report.served)
+        if self._gaps.get(place) == missing:
+            return  # said already (a restart, a reconnect)
+        if len(self._gaps) >= REMEMBERED_PLACES:
+            self._gaps.clear()
+        self._gaps[place] = missing
         if missing:
             log.warning(
                 "%s: the manifest routes %s to %s, which does not serve %s; it serves: %s",
@@ -98,5 +117,5 @@ class ServedCheck:
             )
 
     def __repr__(self) -> str:
-        gaps = sum(1 for missing in self._warned.values() if missing)
-        return f"<ServedCheck places={len(self._warned)} with_missing={gaps}>"
+        gaps = sum(1 for missing in self._gaps.values() if missing)
+        return f"<ServedCheck places={len(self._gaps)} with_missing={gaps}>"

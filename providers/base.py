@@ -29,8 +29,10 @@ Contract, for implementers:
   listed them (``providers.served`` bounds the list), or None where the binding cannot
   say; it reuses what the provider learnt (a ``Describe`` at start, a WebSocket
   ``hello``) and asks the plugin only where it learnt nothing, within ``timeout``. A
-  provider that learns the list by itself (at start, on a connection) tells the
-  dispatcher through ``report_served``, which logs the routed methods it lacks.
+  provider that learns the list by itself (at start, on a connection, on a connection
+  found again) tells the dispatcher through ``report_served``, which logs the routed
+  methods it lacks; None there is a plugin asked that said nothing believable, which the
+  dispatcher remarks only where that plugin had said what it serves.
 * ``update`` takes the new manifest entry of a plugin version a reload changed on a
   target it left equal (nothing is attached again there): the provider holds that entry
   from then on and reports again what the plugin last said it serves, so the dispatcher
@@ -121,7 +123,8 @@ class ServedReport:
     plugin: PluginInfo
     #: The manifest's target, or one of its instances.
     target: TargetConfig
-    served: frozenset[str]
+    #: None: the plugin was asked and said nothing believable (``providers.served``).
+    served: frozenset[str] | None
     #: Where the plugin said it, for messages: the target, or one connection to it.
     place: str
 
@@ -284,10 +287,11 @@ class Provider(abc.ABC, Generic[TargetT]):
         place: str | None = None,
     ) -> None:
         """Tell the dispatcher what ``plugin`` on ``target`` said it serves, when the
-        provider learnt it by itself (a ``Describe`` at start, a WebSocket ``hello``);
-        ``place`` names where, when not the target (one inbound connection)."""
+        provider learnt it by itself (a ``Describe`` at start or after a lost connection,
+        a WebSocket ``hello``); None when the plugin was asked and said nothing
+        believable. ``place`` names where, when not the target (one inbound connection)."""
         sink = self.served_sink
-        if sink is not None and served is not None:
+        if sink is not None:
             sink(ServedReport(plugin, target, served, place or target.describe()))
 
     def logs(

@@ -10,8 +10,9 @@ manifest's ``config``) and ``Start`` when it attaches, ``Stop`` and ``Destroy`` 
 detaches (the sequence of ``providers._grpc.lifecycle``, as for subprocess plugins); with
 ``remote`` (the default) the service runs its own lifecycle. With ``dispatcher``, a
 service found again after its connection was lost (a redeploy at the same address) gets
-``Describe``, ``Init`` and ``Start`` again before calls go to it
-(``providers._grpc.restarts``; docs/grpc-and-subprocess.md says what is left).
+``Describe``, ``Init`` and ``Start`` again before calls go to it, and what that
+``Describe`` lists is reported as at a start: a redeploy may bring a build serving other
+methods (``providers._grpc.restarts``; docs/grpc-and-subprocess.md says what is left).
 
 Instances: ``instances: [{address: …, weight: …}, {dns: …}, {registry: …}]`` (instead of
 ``address``, or besides it: ``address`` is then the first instance) makes the target a
@@ -354,7 +355,7 @@ class GrpcProvider(Provider[GrpcTarget]):
             )
             service.initialised = plugin
             self.report_served(plugin, target, connection.served)
-            connection.restarts.watch(partial(self._again, connection, service, plugin))
+            connection.restarts.watch(partial(self._again, connection, service, plugin, target))
             return
         if plugin.config and plugin.key not in self._config_unsent:
             # Not a manifest problem: the service may have its own copy; but a config
@@ -370,13 +371,33 @@ class GrpcProvider(Provider[GrpcTarget]):
             connection.open_events(sink)
 
     async def _again(
-        self, connection: PluginConnection, service: ServiceUsers, plugin: PluginInfo
+        self,
+        connection: PluginConnection,
+        service: ServiceUsers,
+        plugin: PluginInfo,
+        target: GrpcTarget,
     ) -> None:
         """A service found again: ``Init`` and ``Start`` with the config of the entry that
         had the last ``Init`` once no other step is under way (a new version's start may
-        be, on the same service)."""
+        be, on the same service). What its ``Describe`` listed is reported for every entry
+        over the connection, as at their start: a redeploy may have brought a build that
+        serves other methods, or none it says (None: the dispatcher says it no longer
+        knows). Reported whether or not ``Init`` and ``Start`` succeeded: it is what
+        answers at the address now; not when cancelled (the connection is closing)."""
         async with service.steps:
-            await lifecycle.again(connection, service.initialised or plugin)
+            try:
+                await lifecycle.again(connection, service.initialised or plugin)
+            except DispatchError:
+                self._report_served_over(connection, target)
+                raise
+            self._report_served_over(connection, target)
+
+    def _report_served_over(self, connection: PluginConnection, target: GrpcTarget) -> None:
+        """Report what ``connection``'s plugin last listed for each entry attached over it."""
+        users = self._users.get(target.key)
+        if users is not None and self._connections.get(target.key) is connection:
+            for plugin in list(users.plugins.values()):
+                self.report_served(plugin, target, connection.served)
 
     def update(self, plugin: PluginInfo, target: GrpcTarget) -> None:
         """A reload changed ``plugin``'s entry and kept ``target``: the connection's and
@@ -539,9 +560,10 @@ class GrpcProvider(Provider[GrpcTarget]):
     async def served_methods(
         self, plugin: PluginInfo, target: GrpcTarget, *, timeout: float
     ) -> frozenset[str] | None:
-        """What the plugin's ``Describe`` at start listed (``lifecycle: dispatcher``); a
-        service that runs its own lifecycle may be redeployed under the dispatcher, so it
-        is asked again each time."""
+        """What the plugin's last ``Describe`` listed (``lifecycle: dispatcher``: at start
+        and each time its connection is found again), asked again when it said nothing;
+        a service that runs its own lifecycle may be redeployed under the dispatcher
+        unseen, so it is asked again each time."""
         connection = self._connections.get(target.key)
         if connection is None:
             return None

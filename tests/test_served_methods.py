@@ -1,10 +1,11 @@
-"""Methods the manifest routes to a plugin that does not serve them: said at start and by
-``dispatcher health``, never a false alarm, bounded against a plugin that lies.
+"""Methods the manifest routes to a plugin that does not serve them: said at start, after a
+redeploy and by ``dispatcher health``, never a false alarm, bounded against a plugin that
+lies.
 
 Real plugins: the Python SDK's example plugin (``sdk/python/dist/example-plugin``) as a gRPC
-service, a subprocess and a WebSocket server; the SDK's HTTP and WebSocket servers and its
-dialler in this loop. Hostile plugins are real servers on loopback whose ``Describe``,
-``hello`` or ``/describe`` the test writes.
+service, a subprocess and a WebSocket server; the SDK's gRPC, HTTP and WebSocket servers
+and its dialler in this loop. Hostile plugins are real servers on loopback whose
+``Describe``, ``hello`` or ``/describe`` the test writes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -32,8 +34,9 @@ from socket_plugin import SocketPlugin
 from dispatcher import Dispatcher, MethodNotFound, TargetHealth
 from dispatcher._served import ServedCheck, listed
 from dispatcher.gateway.app import create_app
-from linchkit_plugin import PluginApp, PluginHost
+from linchkit_plugin import Plugin, PluginApp, PluginHost
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
+from linchkit_plugin.grpc_server import PluginServer
 from linchkit_plugin.handshake import HEALTH_SERVICE
 from linchkit_plugin.ws_protocol import encode_frame, hello_frame
 from linchkit_plugin.ws_server import dial
@@ -508,6 +511,255 @@ def test_a_gap_is_logged_once_per_place_until_it_changes(
         listed([f"n{i}" for i in range(25)])
         == ", ".join(f"n{i}" for i in range(20)) + " and 5 more"
     )
+
+
+# -- a gRPC service redeployed behind the dispatcher ------------------------------------------
+#
+# ``lifecycle: dispatcher``: the process at the address is replaced and the connection comes
+# back; the dispatcher asks the new process's ``Describe`` before its ``Init`` and says what
+# it serves as it does at a start. Each process is a real gRPC server in this loop on a
+# fixed port; the test knows the dispatcher has found the new one when its ``Start`` runs,
+# and that the restart is over when a call returns (calls wait for it).
+
+
+class Redeployed(Plugin):
+    """A build of the plugin ``redeployed``: which of ``a``, ``b``, ``c`` it serves is its
+    class's ``methods``; ``started`` is set when the host's ``Start`` reaches it."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        self.started.set()
+
+    async def a(self) -> str:
+        return "a"
+
+    async def b(self) -> str:
+        return "b"
+
+    async def c(self) -> str:
+        return "c"
+
+
+class ServesAB(Redeployed):
+    methods = ("a", "b")
+
+
+class ServesAC(Redeployed):
+    methods = ("a", "c")
+
+
+class StartedDescribing(DescribingPlugin):
+    """A raw ``PluginService`` whose ``Describe`` the test writes (``DescribingPlugin``),
+    and whose ``Start`` sets ``started``."""
+
+    def __init__(self, methods: list[str] | None, *, hang: bool = False) -> None:
+        super().__init__(methods, hang=hang)
+        self.started = asyncio.Event()
+
+    async def Start(self, request: Any, context: Any) -> Any:
+        self.started.set()
+        return plugin_pb2.LifecycleReply()
+
+
+class Deployment:
+    """One process of the service at ``address``: the SDK's gRPC server for ``plugin``, or
+    a raw server for a ``StartedDescribing``. A redeploy ends one and starts another."""
+
+    def __init__(
+        self, address: str, plugin: Redeployed | StartedDescribing, version: str = "1.0.0"
+    ) -> None:
+        self.plugin = plugin
+        self.stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.bound: asyncio.Future[int] = loop.create_future()
+        if isinstance(plugin, Redeployed):
+            server = PluginServer(PluginHost(plugin), plugin_id="redeployed", version=version)
+            serving = server.serve(address, on_ready=self.bound.set_result, stop=self.stop)
+        else:
+            serving = self._serve_raw(address, plugin)
+        self.task = loop.create_task(serving)
+
+    async def _serve_raw(self, address: str, servicer: StartedDescribing) -> None:
+        server = grpc.aio.server()
+        plugin_pb2_grpc.add_PluginServiceServicer_to_server(servicer, server)
+        health = HealthServicer()
+        await health.set(HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        port = server.add_insecure_port(address)
+        await server.start()
+        self.bound.set_result(port)
+        try:
+            await self.stop.wait()
+        finally:
+            await server.stop(grace=None)
+
+    async def ready(self) -> Deployment:
+        """Wait until it listens (its server failing to bind fails this, at once)."""
+        await asyncio.wait({self.bound, self.task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if self.task.done():
+            self.task.result()  # raises why it did not start
+        assert self.bound.done(), "the service did not listen within 10 s"
+        return self
+
+    async def found(self) -> None:
+        """Wait until the dispatcher has found this process (its ``Start`` came)."""
+        await asyncio.wait_for(self.plugin.started.wait(), 30)
+
+    async def end(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 10)
+
+
+@contextlib.asynccontextmanager
+async def deployments() -> AsyncIterator[list[Deployment]]:
+    """Where a test keeps the processes it starts: each is ended at the end."""
+    running: list[Deployment] = []
+    try:
+        yield running
+    finally:
+        for each in running:
+            if not each.task.done():
+                await each.end()
+
+
+async def redeploy(
+    running: list[Deployment],
+    address: str,
+    plugin: Redeployed | StartedDescribing,
+    version: str = "1.0.0",
+) -> Deployment:
+    """End the process at ``address`` and start ``plugin`` there; return once the
+    dispatcher has found it (``Start``)."""
+    if running:
+        await running[-1].end()
+    running.append(Deployment(address, plugin, version))
+    await running[-1].ready()
+    await running[-1].found()
+    return running[-1]
+
+
+def free_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def redeployed_at(address: str) -> Any:
+    """The manifest: ``redeployed`` at ``address`` with methods ``a``, ``b`` and ``c``."""
+    target = {"provider": "grpc", "address": address, "lifecycle": "dispatcher"}
+    return manifest(entry("redeployed", target, "a", "b", "c"))
+
+
+def gap(address: str, missing: str, serves: str) -> str:
+    return (
+        f"redeployed@1.0.0: the manifest routes {missing} to grpc {address}, which does not"
+        f" serve it; it serves: {serves}"
+    )
+
+
+def messages(caplog: pytest.LogCaptureFixture, part: str) -> list[str]:
+    return [record.getMessage() for record in caplog.records if part in record.getMessage()]
+
+
+async def test_a_service_redeployed_with_other_methods_is_checked_as_at_a_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: the new process's ``Describe`` was asked and kept, but not said: the log
+    still named ``c`` missing (which the new build serves) and never ``b`` (which it
+    dropped), and a new build's version went unremarked."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    address = free_address()
+    async with deployments() as running:
+        running.append(await Deployment(address, ServesAB()).ready())
+        async with Dispatcher(redeployed_at(address)) as dispatcher:
+            assert route_warnings(caplog) == [gap(address, "c", "a, b")]
+            assert report_of(await dispatcher.health(), "redeployed").missing_methods == ("c",)
+
+            await redeploy(running, address, ServesAC(), version="2.0.0")
+            assert await dispatcher.call("redeployed", "a", {}) == "a"  # the restart is over
+            assert route_warnings(caplog) == [gap(address, "c", "a, b"), gap(address, "b", "a, c")]
+            assert report_of(await dispatcher.health(), "redeployed").missing_methods == ("b",)
+            assert await dispatcher.call("redeployed", "c", {}) == "c"
+            (told,) = messages(caplog, "reports itself as")
+            assert (
+                "redeployed version 2.0.0, the manifest names it redeployed version 1.0.0" in told
+            )
+
+            # The same build once more (a restart, a lost connection): nothing new to say.
+            await redeploy(running, address, ServesAC(), version="2.0.0")
+            assert await dispatcher.call("redeployed", "c", {}) == "c"
+            assert len(route_warnings(caplog)) == 2
+            assert len(messages(caplog, "reports itself as")) == 1
+            assert report_of(await dispatcher.health(), "redeployed").missing_methods == ("b",)
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [
+        None,  # Describe unimplemented by the new build
+        [f"method_{i}" for i in range(MAX_SERVED_METHODS + 1)],  # more than is believed
+        ["a", "x" * (MAX_METHOD_NAME + 1)],  # a name longer than any kept
+        [],  # lists nothing
+    ],
+    ids=["unimplemented", "too-many", "long-name", "empty"],
+)
+async def test_a_service_redeployed_with_a_describe_not_believed_is_said_unknown(
+    listing: list[str] | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The old process's list is not held against the new one (this one serves ``c``: a
+    gap said from the old list would be a false alarm), and the gap said before is not
+    dropped without a word: the dispatcher says it no longer knows. Calls go on. A later
+    build that says what it serves is checked again, its gap said anew."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    address = free_address()
+    async with deployments() as running:
+        running.append(await Deployment(address, ServesAB()).ready())
+        async with Dispatcher(redeployed_at(address)) as dispatcher:
+            assert route_warnings(caplog) == [gap(address, "c", "a, b")]
+
+            await redeploy(running, address, StartedDescribing(listing))
+            assert await dispatcher.call("redeployed", "c", {"x": 1}) == {"x": 1}
+            report = report_of(await dispatcher.health(), "redeployed")
+            assert report.health.ok and report.missing_methods == () and report.ok
+            assert route_warnings(caplog) == [gap(address, "c", "a, b")]
+            (unknown,) = messages(caplog, "no longer says")
+            assert unknown == (
+                f"redeployed@1.0.0: grpc {address} no longer says which methods it serves"
+                " (it last lacked c): the methods routed there are not checked against it"
+                " until it says again"
+            )
+
+            await redeploy(running, address, ServesAB())
+            assert await dispatcher.call("redeployed", "a", {}) == "a"
+            assert route_warnings(caplog) == [gap(address, "c", "a, b")] * 2
+            assert report_of(await dispatcher.health(), "redeployed").missing_methods == ("c",)
+            assert len(messages(caplog, "no longer says")) == 1
+
+
+def test_a_place_that_no_longer_says_what_it_serves_is_told_once_and_checked_anew(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """None after a list: said once, whether the list had a gap or not; None before any
+    list (a plugin that never says) or after None: nothing; the next list: checked anew."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    spec = manifest(entry("example", LOCAL_TARGET, "echo", "ecoh")).plugins[0]
+    target = spec.targets()[0]
+    check = ServedCheck()
+    said: list[frozenset[str] | None] = [None, {"echo"}, None, None, {"echo"}]
+    said += [{"echo", "ecoh"}, None, {"echo", "ecoh"}]
+    for served in said:
+        check(ServedReport(spec, target, None if served is None else frozenset(served), "here"))
+    no_longer = "example@1.0.0: here no longer says which methods it serves"
+    assert [record.getMessage() for record in caplog.records] == [
+        "example@1.0.0: the manifest routes ecoh to here, which does not serve it; it serves: echo",
+        f"{no_longer} (it last lacked ecoh): the methods routed there are not checked"
+        " against it until it says again",
+        "example@1.0.0: the manifest routes ecoh to here, which does not serve it; it serves: echo",
+        f"{no_longer}: the methods routed there are not checked against it until it says again",
+    ]
+    assert repr(check) == "<ServedCheck places=1 with_missing=0>"
 
 
 # -- the CLI, as a user runs it --------------------------------------------------------------

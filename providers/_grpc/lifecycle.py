@@ -85,8 +85,11 @@ async def begin(
 
 
 async def again(connection: PluginConnection, plugin: PluginInfo) -> None:
-    """``Describe`` (the protocol check as in ``begin``), ``Init``, ``Start``: for a plugin
-    its connection found again after it was lost (``providers._grpc.restarts``).
+    """``Describe`` (the protocol check and the identity warning as in ``begin``),
+    ``Init``, ``Start``: for a plugin its connection found again after it was lost
+    (``providers._grpc.restarts``). What the connection kept of the last ``Describe``
+    (``served``, ``identity``) is that of the plugin found again, or None when it does not
+    say: the provider reports it as after ``begin``, whether or not ``Init`` then fails.
 
     The protocol gives a process no identity of its own, so a lost connection to the same
     process (a proxy's reset, a server's maximum connection age) also gets them: a
@@ -98,11 +101,15 @@ async def again(connection: PluginConnection, plugin: PluginInfo) -> None:
         plugin.key,
         connection.describe,
     )
+    # What the process before said of itself holds no longer: the one found again may be
+    # another build. Its own Describe says it again, or it stays unknown (None).
+    connection.served = connection.identity = None
     init_timeout = plugin.lifecycle.init_timeout_ms / 1000
     if plugin.protocol is not None:
         await _check_protocol(connection, plugin, init_timeout)
     else:
         await _describe_quietly(connection, plugin, min(init_timeout, DESCRIBE_WAIT))
+    _tell_identity(connection, plugin)
     try:
         await _init_and_start(connection, plugin, init_timeout)
     except DispatchError as error:
