@@ -19,13 +19,17 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
+from dispatcher import Dispatcher, parse_manifest
 from linchkit_plugin import tracing
 from linchkit_plugin.stopping import STOP_GRACE_ENV, STOP_HOOKS_ENV
 from linchkit_plugin.tracing import SPAN_FLUSH_MARGIN_SECONDS
+from tests.conformance.conftest import _start_service, executable
+from tests.services import CLEAN_ENVIRONMENT
 from tests.test_python_plugin_http_stop import _serving
 from tests.test_telemetry_tracing import Collector, until
 from tests.test_telemetry_tracing import collector as collector  # the fixture
@@ -140,3 +144,96 @@ def test_the_warning_names_the_collector_by_scheme_host_and_port_only(
 ) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url)
     assert tracing._collector_shown() == shown
+
+
+# -- the plugin executable's own modes ---------------------------------------------------
+# ``linchkit_plugin.grpc_server.main`` (a gRPC service) and ``linchkit_plugin.ws_server.main``
+# (``serve --websocket``) read the same variables as ``dispatcher-plugin serve``: before,
+# they installed no exporter, and a plugin served so sent no span at all.
+
+
+def _example_manifest(mode: str, address: str) -> Any:
+    target = (
+        {"provider": "grpc", "address": address, "lifecycle": "dispatcher"}
+        if mode == "grpc"
+        else {"provider": "websocket", "url": f"ws://{address}/"}
+    )
+    return parse_manifest(
+        {
+            "plugins": [
+                {
+                    "id": "example",
+                    "version": "1.0.0",
+                    "target": target,
+                    "defaults": {"timeout_ms": 20_000},
+                    "methods": {"echo": {}},
+                }
+            ]
+        }
+    )
+
+
+async def _executable_stopped_after_a_traced_call(
+    mode: str, collector: str, caps_ms: int | None
+) -> tuple[float, int | None, str]:
+    """The Python example executable in ``mode`` with tracing to ``collector``, one traced
+    call through the dispatcher, then SIGTERM: how long it took to exit, its status, its
+    stderr."""
+    env = {k: v for k, v in CLEAN_ENVIRONMENT.items() if not k.startswith("OTEL_")} | {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector,
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"authorization=Bearer%20{SECRET}",
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",  # nothing sent before the stop
+    }
+    if caps_ms is not None:
+        env |= {STOP_GRACE_ENV: str(caps_ms), STOP_HOOKS_ENV: str(caps_ms)}
+    extra = ("--websocket",) if mode == "websocket" else ()
+    process, address = await _start_service(
+        executable("python"), env, asyncio.subprocess.PIPE, protocol=mode, extra=extra
+    )
+    try:
+        assert process.stderr is not None
+        said = asyncio.create_task(process.stderr.read())  # read all along: a full pipe blocks
+        async with Dispatcher(_example_manifest(mode, address)) as dispatcher:
+            result = await dispatcher.call(
+                "example", "echo", {"text": "traced"}, traceparent=TRACEPARENT
+            )
+        assert result == {"text": "traced"}
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            await process.wait()
+            took = time.monotonic() - began
+            stderr = (await said).decode(errors="replace")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return took, process.returncode, stderr
+
+
+@pytest.mark.parametrize("mode", ["grpc", "websocket"])
+async def test_the_executable_s_own_modes_send_the_spans_of_traced_calls(
+    mode: str, collector: tuple[Collector, str]
+) -> None:
+    received, base = collector
+    took, returncode, said = await _executable_stopped_after_a_traced_call(
+        mode, f"{base}/v1/traces", None
+    )
+    await until(lambda: received.named("ExamplePlugin.echo"), f"the {mode} plugin's span")
+    (span,) = received.named("ExamplePlugin.echo")
+    assert span.trace_id == TRACEPARENT.split("-")[1]
+    assert returncode == 0, said
+    assert took < SPAN_FLUSH_MARGIN_SECONDS + SLACK, (took, said)
+
+
+@pytest.mark.parametrize("mode", ["grpc", "websocket"])
+async def test_the_executable_s_own_modes_stop_within_the_caps_with_a_silent_collector(
+    mode: str, silent_collector: str
+) -> None:
+    took, returncode, said = await _executable_stopped_after_a_traced_call(
+        mode, silent_collector, 0
+    )
+    assert took < SPAN_FLUSH_MARGIN_SECONDS + SLACK, (took, said)
+    assert returncode == 0, said
+    assert SECRET not in said, said
+    assert "spans dropped at the stop" in said, said

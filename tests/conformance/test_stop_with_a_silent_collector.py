@@ -15,9 +15,9 @@ dispatcher (a span buffered, in an SDK that traces), SIGTERMs the plugin and tim
 exit. The Go and TypeScript SDKs send the span for the 1 s margin and give up
 (``sdk/go/plugin/tracing_test.go``, ``sdk/typescript/test/tracing-stop.test.ts``); the
 Rust and Java SDKs have no exporter: the variables change nothing, and this case is what
-holds them to the caps should one come. The Python SDK exports from ``dispatcher-plugin
-serve`` (``tests/test_python_plugin_tracing_stop.py``); its gRPC executable, run here,
-installs no exporter. The collector's URL and the exporter's headers carry a secret that
+holds them to the caps should one come. The Python SDK's gRPC executable, run here,
+exports and flushes as its other entry points do (``tests/test_python_plugin_tracing_stop.py``
+holds ``dispatcher-plugin serve`` and the executable's WebSocket mode). The collector's URL and the exporter's headers carry a secret that
 no SDK may print.
 """
 

@@ -117,9 +117,7 @@ class PluginApp:
     development only). ``limits``: what one request may cost (``ServerLimits``).
     ``stop_caps``: the ``hooks`` of it bound the ``stop`` and ``destroy`` hooks at the
     lifespan's shutdown (its ``grace`` is the server's to give the calls in flight:
-    ``dispatcher-plugin serve`` gives it to uvicorn). What remains of that cap once the
-    hooks ended is ``hooks_left``: ``dispatcher-plugin serve`` sends the spans still
-    buffered for that long (``linchkit_plugin.tracing.flush_within``).
+    ``dispatcher-plugin serve`` gives it to uvicorn).
     """
 
     def __init__(
@@ -140,9 +138,6 @@ class PluginApp:
         self.stop_caps = stop_caps or StopCaps()
         self.plugin_id = plugin_id or str(getattr(host.plugin, "id", "") or "")
         self.version = version or str(getattr(host.plugin, "version", "") or "")
-        #: Seconds of the hooks' cap left when the hooks ended at the lifespan's shutdown
-        #: (0 until then, and after hooks abandoned at the cap).
-        self.hooks_left = 0.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -165,10 +160,7 @@ class PluginApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                loop = asyncio.get_running_loop()
-                hooks_end = loop.time() + self.stop_caps.hooks
                 await self.host.close_within(self.stop_caps.hooks)
-                self.hooks_left = max(0.0, hooks_end - loop.time())
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -35,7 +35,7 @@ from linchkit_plugin.host import PluginHost
 from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.registry import Registration
 from linchkit_plugin.stopping import MAX_STOP_MS, STOP_GRACE_ENV, STOP_HOOKS_ENV, StopCaps
-from linchkit_plugin.tracing import SPAN_FLUSH_MARGIN_SECONDS, configure_from_env, flush_within
+from linchkit_plugin.tracing import configure_from_env, flush_at_stop
 
 _ENV = "LINCHKIT_PLUGIN_"
 _DEFAULTS = ServerLimits()
@@ -277,13 +277,20 @@ def _websocket_cli() -> Any:
 
 def connect(options: argparse.Namespace) -> int:
     plugin_host, config, token = _plugin_of(options)
-    return int(_websocket_cli().connect(options, plugin_host, config, token))
+    ws_cli = _websocket_cli()
+    configure_from_env()  # as ``serve``: spans of traced calls go to their collector
+    status = int(ws_cli.connect(options, plugin_host, config, token))
+    flush_at_stop(plugin_host.hooks_left)
+    return status
 
 
 def _serve_websocket(options: argparse.Namespace) -> None:
     plugin_host, config, token = _plugin_of(options)
     identity = (options.plugin_id, options.plugin_version)
-    _websocket_cli().serve_websocket(options, plugin_host, config, token, identity)
+    ws_cli = _websocket_cli()
+    configure_from_env()
+    ws_cli.serve_websocket(options, plugin_host, config, token, identity)
+    flush_at_stop(plugin_host.hooks_left)
 
 
 def serve(options: argparse.Namespace) -> None:
@@ -377,7 +384,7 @@ def serve(options: argparse.Namespace) -> None:
     # The spans still buffered go last (the hooks' own among them), for what remains of the
     # hooks' cap: a collector that never answers keeps the stop within grace + hooks + the
     # margin, not the exporter's 10 s past the operator's caps.
-    flush_within(max(app.hooks_left, SPAN_FLUSH_MARGIN_SECONDS))
+    flush_at_stop(plugin_host.hooks_left)
 
 
 def _check_listening(options: argparse.Namespace) -> None:

@@ -67,6 +67,7 @@ from linchkit_plugin.handshake import (
 )
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.stopping import StopCaps
+from linchkit_plugin.tracing import configure_from_env, flush_at_stop
 from linchkit_plugin.wire import PROTOCOL_VERSION
 
 # isort: split
@@ -444,8 +445,9 @@ def main(
         token=launch.token,
         stop_caps=launch.stop_caps,
     )
+    configure_from_env()  # OTEL_* variables: spans of traced calls go to their collector
     # The version Describe reports, read here so that the handshake line says the same.
-    return asyncio.run(
+    status = asyncio.run(
         run(
             server,
             launch.arguments,
@@ -453,3 +455,5 @@ def main(
             token_configured=launch.token is not None,
         )
     )
+    flush_at_stop(host.hooks_left)
+    return status

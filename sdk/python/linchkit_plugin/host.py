@@ -127,6 +127,10 @@ class PluginHost:
         (``close_within``); never for a plugin hosted inside another program."""
         self.plugin = plugin
         self.owns_process = owns_process
+        #: Seconds of its cap ``close_within`` left unused when both hooks had ended (0
+        #: before, and after a hook it gave up on): what a stop gives the spans still
+        #: buffered next (``linchkit_plugin.tracing.flush_at_stop``).
+        self.hooks_left = 0.0
         self.expose(methods)
         self._state = "created"
         if emit is not None and hasattr(plugin, "emit"):
@@ -267,9 +271,13 @@ class PluginHost:
             if self.owns_process
             else None
         )
+        loop = asyncio.get_running_loop()
+        hooks_end = loop.time() + seconds
         finished = await self._close_within(seconds, exit_deadline)
-        if finished and exit_deadline is not None:
-            exit_deadline.release()
+        if finished:
+            self.hooks_left = max(0.0, hooks_end - loop.time())
+            if exit_deadline is not None:
+                exit_deadline.release()
         return finished
 
     async def _close_within(self, seconds: float, exit_deadline: _ExitDeadline | None) -> bool:

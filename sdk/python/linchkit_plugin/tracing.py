@@ -42,6 +42,7 @@ __all__ = [
     "SPAN_FLUSH_MARGIN_SECONDS",
     "configure_from_env",
     "continued_trace",
+    "flush_at_stop",
     "flush_within",
 ]
 
@@ -198,6 +199,12 @@ def flush_within(seconds: float) -> bool:
         round(seconds, 1),
     )
     return False
+
+
+def flush_at_stop(hooks_left: float) -> bool:
+    """A stop's last step, after the plugin's hooks: ``flush_within`` what remains of the
+    hooks' cap (``PluginHost.hooks_left``), or ``SPAN_FLUSH_MARGIN_SECONDS`` when less."""
+    return flush_within(max(hooks_left, SPAN_FLUSH_MARGIN_SECONDS))
 
 
 def _collector_shown() -> str:

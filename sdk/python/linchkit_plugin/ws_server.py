@@ -50,6 +50,7 @@ from linchkit_plugin.errors import InvalidParams, Unauthorized
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.listen import address_mistake, host_and_port
 from linchkit_plugin.stopping import StopCaps
+from linchkit_plugin.tracing import configure_from_env, flush_at_stop
 from linchkit_plugin.wire import error_response
 from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
@@ -265,6 +266,7 @@ def main(
         except ValueError as error:
             sys.stderr.write(f"connect: {error}\n")
             return 1
+        configure_from_env()  # OTEL_* variables: spans of traced calls go to their collector
 
         async def connect() -> None:
             stopping = asyncio.Event()
@@ -287,6 +289,8 @@ def main(
             return 1
         except KeyboardInterrupt:
             return 0
+        finally:
+            flush_at_stop(host.hooks_left)
         return 0
 
     where = host_and_port(options.address)
@@ -326,4 +330,8 @@ def main(
             await server.aclose()
         return 0
 
-    return asyncio.run(serve())
+    configure_from_env()
+    try:
+        return asyncio.run(serve())
+    finally:
+        flush_at_stop(host.hooks_left)
