@@ -47,12 +47,10 @@ REMEMBERED_PLACES = 4096
 
 
 def methods_routed_to(plugin: PluginSpec[Any], target: TargetConfig) -> tuple[str, ...]:
-    """The methods of ``plugin`` the manifest routes to ``target``, or to the target of
-    which ``target`` is a fixed instance, in manifest order."""
+    """The methods of ``plugin`` the manifest routes to ``target``, or to the fleet of
+    which ``target`` is an instance (fixed, or found by discovery), in manifest order."""
     places = {
-        each.key
-        for each in plugin.targets()
-        if each.key == target.key or any(i.key == target.key for i in each.instance_targets())
+        each.key for each in plugin.targets() if each.key == target.key or each.has_instance(target)
     }
     return tuple(name for name in plugin.methods if plugin.target_of(name).key in places)
 

@@ -160,6 +160,18 @@ class InstanceListing(TargetConfig):
     def instance_at(self, endpoint: Endpoint) -> Self:
         return self.at_place(self.place_of(endpoint))
 
+    def has_instance(self, target: TargetConfig) -> bool:
+        # A discovered instance is this target's fields at the place it was found: one of
+        # the same model, at one place, equal to this target made at that place.
+        if super().has_instance(target):
+            return True
+        if not (self.instance_sources() and isinstance(target, InstanceListing)):
+            return False
+        if type(target) is not type(self) or not target.is_single():
+            return False
+        place = str(getattr(target, self.address_field))
+        return self.at_place(place).key == target.key
+
     def fleet_settings(self) -> FleetSettings:
         return FleetSettings(
             balance=self.balance, health_check=self.health_check, outlier=self.outlier

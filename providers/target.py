@@ -219,6 +219,12 @@ class TargetConfig(StrictModel):
         """The concrete target of an instance a discovery source found at ``endpoint``."""
         raise TypeError(f"{self.provider} targets have no discovered instances")
 
+    def has_instance(self, target: TargetConfig) -> bool:
+        """Whether ``target`` is one of this target's concrete targets: one it expands
+        into (``instance_targets``), or one its discovery sources may find
+        (``instance_at``). The default knows only the first kind."""
+        return any(each.key == target.key for each in self.instance_targets())
+
     def accepts_connections(self) -> bool:
         """Whether plugins connect to the dispatcher as instances of this target (reverse
         mode: ``Provider.admit``/``accept``); the default, for targets the dispatcher

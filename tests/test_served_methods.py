@@ -32,7 +32,7 @@ from grpc_health.v1._async import HealthServicer
 from socket_plugin import SocketPlugin
 
 from dispatcher import Dispatcher, MethodNotFound, TargetHealth
-from dispatcher._served import ServedCheck, listed
+from dispatcher._served import ServedCheck, listed, methods_routed_to
 from dispatcher.gateway.app import create_app
 from linchkit_plugin import Plugin, PluginApp, PluginHost
 from linchkit_plugin._proto import plugin_pb2, plugin_pb2_grpc
@@ -42,6 +42,9 @@ from linchkit_plugin.ws_protocol import encode_frame, hello_frame
 from linchkit_plugin.ws_server import dial
 from providers._grpc import lifecycle
 from providers.base import ServedReport
+from providers.discovery import Endpoint
+from providers.grpc import GrpcTarget
+from providers.http import HttpTarget
 from providers.served import MAX_METHOD_NAME, MAX_SERVED_METHODS, served_names
 from tests.conftest import LOCAL_TARGET, ROOT, manifest, route_warnings, serve_asgi
 
@@ -511,6 +514,44 @@ def test_a_gap_is_logged_once_per_place_until_it_changes(
         listed([f"n{i}" for i in range(25)])
         == ", ".join(f"n{i}" for i in range(20)) + " and 5 more"
     )
+
+
+def test_the_methods_routed_to_a_fleet_are_checked_on_each_instance_discovery_finds() -> None:
+    """What a plugin serves is reported for one instance (``ServedReport.target``): one
+    the manifest lists, or one a discovery source found, which only ``instance_at`` makes.
+    Before, only the first kind was known: a discovered instance that lacks a routed
+    method was never said. A target that merely looks like an instance is none."""
+    dns = {"dns": {"name": "fleet.test", "type": "A", "port": 7000}}
+    grpc_fleet = {
+        "provider": "grpc",
+        "lifecycle": "dispatcher",
+        "instances": [{"address": "127.0.0.4:7000"}, dns],
+    }
+    spec = manifest(entry("fleet", grpc_fleet, "whoami", "nope")).plugins[0]
+    (fleet,) = spec.targets()
+    (fixed,) = fleet.instance_targets()
+    found = fleet.instance_at(Endpoint("127.0.0.2", 7000))
+    assert methods_routed_to(spec, fixed) == ("whoami", "nope")
+    assert methods_routed_to(spec, found) == ("whoami", "nope")
+    at_that_place = {"provider": "grpc", "address": "127.0.0.2:7000"}
+    alike = [
+        GrpcTarget.model_validate(at_that_place),  # lifecycle: remote
+        GrpcTarget.model_validate({**at_that_place, "lifecycle": "dispatcher", "tls": True}),
+        GrpcTarget.model_validate(
+            {**at_that_place, "lifecycle": "dispatcher", "metadata": {"tenant": "other"}}
+        ),
+        HttpTarget.model_validate({"provider": "http", "url": "http://127.0.0.2:7000"}),
+    ]
+    assert [methods_routed_to(spec, each) for each in alike] == [()] * len(alike)
+    # A fleet that names no discovery source has no instance but those it lists.
+    listed_only = {**grpc_fleet, "instances": [{"address": "127.0.0.4:7000"}, {"address": "x:1"}]}
+    only = manifest(entry("fleet", listed_only, "whoami")).plugins[0]
+    assert methods_routed_to(only, found) == ()
+    # URL-addressed instances too.
+    http_fleet = {"provider": "http", "instances": [dns]}
+    spec = manifest(entry("fleet", http_fleet, "whoami")).plugins[0]
+    (fleet,) = spec.targets()
+    assert methods_routed_to(spec, fleet.instance_at(Endpoint("127.0.0.2", 7000))) == ("whoami",)
 
 
 # -- a gRPC service redeployed behind the dispatcher ------------------------------------------
