@@ -8,7 +8,8 @@ module keeps that ledger, so start, reload and close share one account of what i
 - ``attach`` at start, every instance of every target of a plugin;
 - ``attach_new`` at a reload, what the new manifest adds, all or none;
 - ``retire`` what a reloaded manifest no longer uses (detached once its calls are done);
-- ``update`` the entries of versions a reload changed on the targets they kept;
+- ``update`` the entries of versions a reload changed on the targets they kept (the
+  instances discovery brought to a fleet are the fleet runtime's: ``FleetRuntime.update``);
 - ``aclose`` everything, then the providers.
 
 Detaching many (a close, a reload that removes several plugins) goes by queue
@@ -30,6 +31,7 @@ from dispatcher._reload import ReloadPlan
 from dispatcher.config import Manifest, PluginSpec
 from providers import provider_classes
 from providers._detach_queues import in_queues
+from providers._entry_updates import updated
 from providers.base import Provider, ServedReport
 from providers.egress import EgressPolicy
 from providers.target import TargetConfig
@@ -158,13 +160,13 @@ class Attachments:
             if new is None or each.plugin is new:
                 continue  # another version, or attached with the new entry by this reload
             self._attached[index] = Attachment(each.provider, new, each.target)
-            _update(each.provider, new, each.target)
+            updated(each.provider, new, each.target)
         for old, new in plan.changed:  # inbound targets: attached by their connections
             had = {target.key for target in old.targets()}
             for target in new.targets():
                 provider = self.providers.get(target.provider)
                 if provider is not None and target.accepts_connections() and target.key in had:
-                    _update(provider, new, target)
+                    updated(provider, new, target)
 
     @property
     def retiring(self) -> bool:
@@ -251,13 +253,6 @@ def _taken(ledger: list[Attachment], each: Attachment) -> bool:
             del ledger[index]
             return True
     return False
-
-
-def _update(provider: Provider[Any], plugin: PluginSpec[Any], target: TargetConfig) -> None:
-    try:
-        provider.update(plugin, target)
-    except Exception:
-        log.exception("reload: updating %s on %s failed", plugin.key, target.describe())
 
 
 async def _detached(each: Attachment) -> bool:

@@ -21,15 +21,18 @@ to happen to the parts around that install is here, in the order the dispatcher 
    removed and changed versions and serve those of added and changed ones;
 4. ``finish``: take the new attachments into the ledger, retire what the manifest no
    longer uses, hand the providers the new entries of changed versions on the targets
-   they kept (``Provider.update``: the plugin's served methods are checked again against
-   them, nothing reconnects), log what the reload did. If anything is no longer used, wait until the calls in flight at the swap
-   have ended (``grace`` seconds at most: then calls still using it fail as it goes),
-   close the connections of plugins that dialled in on targets no longer used (nothing
-   calls them any more: each plugin is told whether its id is still served, so that it
-   dials again, or is gone), and detach the rest: retired attachments (with any an
-   earlier reload retired and left when its caller gave up after its swap), discovered
-   instances from the versions no longer calling them, fleets, the policy state of
-   removed versions. A caller giving up once the wait is over waits for these to end.
+   they kept and on the instances discovery brought to their fleets (``Provider.update``:
+   the plugin's served methods are checked again against them, nothing reconnects; an
+   instance found that cannot take one leaves its fleet and joins again with it,
+   ``FleetRuntime.update``), log what the reload did. If anything is no longer used,
+   wait until the calls in flight at the swap have ended (``grace`` seconds at most:
+   then calls still using it fail as it goes), close the connections of plugins that
+   dialled in on targets no longer used (nothing calls them any more: each plugin is
+   told whether its id is still served, so that it dials again, or is gone), and
+   detach the rest: retired attachments (with any an earlier reload retired and left
+   when its caller gave up after its swap), discovered instances from the versions no
+   longer calling them, fleets, the policy state of removed versions. A caller giving
+   up once the wait is over waits for these to end.
 """
 
 from __future__ import annotations
@@ -156,6 +159,9 @@ class ReloadSteps:
         attachments.adopt(attached)
         attachments.retire(manifest)
         attachments.update(plan)  # changed versions, on the targets they kept
+        for _, new in plan.changed:  # and on the instances discovery brought to their fleets
+            for target in new.targets():
+                fleets.update(new, target)
         log.info("%s", plan.in_words(source))
         await fleets.watch_new()  # discovery and health checks of fleets it made
         used = {target.key for plugin in manifest.plugins for target in plugin.targets()}

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher
+from providers.target import PluginInfo, TargetConfig
 from tests.conftest import manifest, route_warnings
 from tests.dns_server import (
     Dnsmasq,
@@ -29,7 +30,7 @@ from tests.dns_server import (
     needs_dnsmasq,
 )
 from tests.recorded_grpc import served_fixture  # noqa: F401  (the fixture `served`)
-from tests.services import port_free_on
+from tests.services import port_free_on, until
 
 pytestmark = needs_dnsmasq
 
@@ -69,6 +70,29 @@ def said(caplog: pytest.LogCaptureFixture) -> dict[str, list[str]]:
     return by_host
 
 
+def update_failures(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [each for each in caplog.records if each.getMessage().startswith("reload: updating")]
+
+
+def members(dispatcher: Dispatcher) -> list[str]:
+    (stats,) = dispatcher.stats()["fleets"].values()
+    return sorted(each["target"] for each in stats["instances"])
+
+
+def fail_update_on(dispatcher: Dispatcher, address: str) -> None:
+    """Make the gRPC provider's ``update`` raise for the instance at ``address``, as a bug
+    or a lost record would: no real provider's fails on cue."""
+    provider = dispatcher.providers["grpc"]
+    real_update = provider.update
+
+    def update(plugin: PluginInfo, target: TargetConfig) -> None:
+        if target.describe() == f"grpc {address}":
+            raise RuntimeError("the record of this instance is gone")
+        real_update(plugin, target)
+
+    provider.update = update  # type: ignore[method-assign]
+
+
 async def whoever_answers(dispatcher: Dispatcher, calls: int = 6) -> set[str]:
     return {await dispatcher.call("fleet", "whoami", {}) for _ in range(calls)}
 
@@ -90,3 +114,124 @@ async def test_each_instance_discovery_finds_is_told_of_the_methods_it_lacks(
     async with Dispatcher(manifest(entry(instances, "whoami", "nope"))) as dispatcher:
         assert said(caplog) == {host: ["nope"] for host in (*FOUND_HOSTS, FIXED_HOST)}
         assert await whoever_answers(dispatcher) == {*FOUND_HOSTS, FIXED_HOST}
+
+
+async def test_a_reload_that_changes_the_methods_reaches_every_instance_of_the_fleet(
+    dnsmasq: StartDnsmasq, served: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reload adds ``other``: each instance is said to lack it, those DNS found as
+    well as the one listed, and none is attached again. Before, only the listed one took
+    the new entry: the found ones kept the old, and were checked against it. An instance
+    DNS lists after the reload is attached with the new entry."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    port = port_free_on(*ALL_HOSTS)
+    servers = {host: await served(host, port) for host in ALL_HOSTS}
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(FOUND_HOSTS)}, local_ttl=1))
+    instances = [
+        {"address": f"{FIXED_HOST}:{port}"},
+        {"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}},
+    ]
+    async with Dispatcher(manifest(entry(instances, "whoami", "nope"))) as dispatcher:
+        summary = await dispatcher.reload(
+            manifest(entry(instances, "whoami", "nope", "other")), grace=1
+        )
+        assert summary["changed"] == ["fleet@1.0.0"]
+        running = (*FOUND_HOSTS, FIXED_HOST)
+        assert said(caplog) == {host: ["nope", "nope, other"] for host in running}
+        assert update_failures(caplog) == []
+        # Updated in place: no Stop, no second Init.
+        assert [servers[host].plugin.steps for host in running] == [["init", "start"]] * 3
+        assert await whoever_answers(dispatcher) == set(running)
+
+        dns.set_hosts({"fleet.test": [*FOUND_HOSTS, LATE_HOST]})
+        await until(lambda: LATE_HOST in said(caplog), "the late instance checked", timeout=15)
+        assert said(caplog)[LATE_HOST] == ["nope, other"]
+
+
+@pytest.mark.parametrize("taken", [True, False], ids=["taken", "refused"])
+async def test_an_instance_attaching_as_the_routes_swap_takes_the_new_entry(
+    dnsmasq: StartDnsmasq, served: Any, caplog: pytest.LogCaptureFixture, taken: bool
+) -> None:
+    """DNS lists a second instance, whose ``Init`` takes two seconds; the reload swaps
+    its routes meanwhile, when the instance is not yet attached for the reload's update
+    to find it. As its attach ends, it takes the entry serving then. Before, it kept the
+    entry it was attached with for as long as it stayed in the fleet. One whose provider
+    fails to take it (``refused``) is logged as a reload's update is, detached, and
+    attached again by the next pass, with the new entry."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    port = port_free_on(*FOUND_HOSTS)
+    first, late = [await served(host, port) for host in FOUND_HOSTS]
+    late.plugin.init_takes = 2.0
+    dns = dnsmasq(Zone(hosts={"fleet.test": [FOUND_HOSTS[0]]}, local_ttl=1))
+    instances = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    async with Dispatcher(manifest(entry(instances, "whoami", "nope"))) as dispatcher:
+        if not taken:
+            fail_update_on(dispatcher, late.address)
+        dns.set_hosts({"fleet.test": list(FOUND_HOSTS)})
+        await until(lambda: late.plugin.steps == ["init"], "the late instance's Init", timeout=15)
+        await dispatcher.reload(manifest(entry(instances, "whoami", "nope", "other")), grace=1)
+        again = [] if taken else ["stop", "destroy", "init", "start"]
+        steps = ["init", "start", *again]
+        await until(lambda: late.plugin.steps == steps, "the late instance attached", timeout=15)
+        await until(lambda: len(members(dispatcher)) == 2, "the late instance in", timeout=15)
+        assert said(caplog) == {host: ["nope", "nope, other"] for host in FOUND_HOSTS}
+        assert first.plugin.steps == ["init", "start"]
+        assert [each.getMessage() for each in update_failures(caplog)] == (
+            [] if taken else [f"reload: updating fleet@1.0.0 on grpc {late.address} failed"]
+        )
+        assert await whoever_answers(dispatcher, 4) == set(FOUND_HOSTS)
+
+
+@pytest.mark.parametrize("failing", [FOUND_HOSTS[1], FIXED_HOST], ids=["found", "listed"])
+async def test_an_instance_that_fails_to_take_the_new_entry_is_logged_and_the_rest_take_it(
+    dnsmasq: StartDnsmasq, served: Any, caplog: pytest.LogCaptureFixture, failing: str
+) -> None:
+    """The gRPC provider's ``update`` fails for one instance (``fail_update_on``). The
+    reload stands; the failure is logged alike for an instance found
+    and one listed (its name, its traceback); every other instance takes the entry. One
+    DNS found leaves the fleet and joins again, attached with the new entry; one the
+    manifest lists cannot, and keeps what it had."""
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    running = (*FOUND_HOSTS, FIXED_HOST)
+    port = port_free_on(*running)
+    servers = {host: await served(host, port) for host in running}
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(FOUND_HOSTS)}, local_ttl=60))
+    instances = [
+        {"address": f"{FIXED_HOST}:{port}"},
+        {"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}},
+    ]
+    async with Dispatcher(manifest(entry(instances, "whoami", "nope"))) as dispatcher:
+        fail_update_on(dispatcher, f"{failing}:{port}")
+        summary = await dispatcher.reload(
+            manifest(entry(instances, "whoami", "nope", "other")), grace=1
+        )
+        assert summary["changed"] == ["fleet@1.0.0"]
+        (failure,) = update_failures(caplog)
+        assert (
+            failure.getMessage() == f"reload: updating fleet@1.0.0 on grpc {failing}:{port} failed"
+        )
+        assert (failure.name, failure.levelname) == ("dispatcher", "ERROR")
+        assert failure.exc_info is not None
+        others = [host for host in running if host != failing]
+        assert {host: said(caplog)[host] for host in others} == {
+            host: ["nope", "nope, other"] for host in others
+        }
+        steps = servers[failing].plugin.steps
+        leaves = [
+            each.getMessage() for each in caplog.records if "leaves the fleet" in each.getMessage()
+        ]
+        if failing == FIXED_HOST:
+            assert said(caplog)[failing] == ["nope"]
+            assert steps == ["init", "start"]
+            assert leaves == []
+        else:
+            assert leaves == [
+                f"fleet@1.0.0 on grpc {failing}:{port}: the instance leaves the fleet, and joins"
+                " again with the new entry"
+            ]
+            again = ["init", "start", "stop", "destroy", "init", "start"]
+            await until(lambda: steps == again, "the instance gone and back", timeout=15)
+            await until(lambda: len(members(dispatcher)) == 3, "the instance back", timeout=15)
+            assert said(caplog)[failing] == ["nope", "nope, other"]
+        assert await whoever_answers(dispatcher) == set(running)
+        assert len(update_failures(caplog)) == 1

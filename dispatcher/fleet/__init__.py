@@ -143,6 +143,20 @@ class FleetRuntime:
         for key in failed:
             membership.retire_member(key)
 
+    def update(self, plugin: PluginInfo, target: TargetConfig) -> None:
+        """Once a reload's routes swap: the entry of ``plugin``, a version the reload
+        changed that still calls the fleet of ``target``, goes to the instances discovery
+        brought (``Provider.update``), as ``Attachments.update`` hands it to those the
+        manifest lists. An instance whose provider fails to take it (logged as for
+        those) leaves the fleet, and joins again at the next pass with the new entry."""
+        discovered = self._discovered.get(target.key)
+        membership = self.memberships.get(target.key)
+        if self._closed or discovered is None:
+            return
+        for key in discovered.update(plugin):
+            if membership is not None:
+                membership.retire_member(key)
+
     def make_for(self, plugin: PluginInfo, target: TargetConfig, provider: Provider[Any]) -> None:
         """Before a reload's routes swap: make the fleet of ``target`` if no running
         version calls it yet, served by ``plugin``, for ``watch_new`` to fill before calls

@@ -12,7 +12,14 @@ instances with discovery, so:
 - a version a reload adds is attached to every instance already there, before its routes
   take calls (``add``); an instance it cannot be attached to is reported, and leaves;
 - a version a reload removed is detached from every instance once its calls are done
-  (``release``); the provider keeps a service another version still uses running.
+  (``release``); the provider keeps a service another version still uses running;
+- a version whose entry a reload changed (its methods), calling the fleet still, is not
+  attached again: each instance attached for its old entry is handed the new one
+  (``update``, by ``Provider.update``), as the dispatcher hands the targets the manifest
+  lists. One whose attach was under way as the routes swapped takes it as its attach
+  ends. An instance whose provider cannot take it leaves the fleet and joins again, for
+  every version, with the entries serving then: a fixed instance cannot, and keeps its
+  state; the failure is logged the same way for both (``providers._entry_updates``).
 
 Detaches go at once, by the provider's queues (``Provider.detach_queue``), as the
 dispatcher's own close detaches its plugins: instances that hang on their ``Stop`` cost
@@ -33,7 +40,9 @@ import logging
 from collections.abc import Collection, Hashable, Sequence
 from typing import Any
 
+from linchkit_plugin.errors import ProviderError
 from providers._detach_queues import in_queues
+from providers._entry_updates import updated
 from providers.base import Provider
 from providers.target import PluginInfo, TargetConfig
 
@@ -87,12 +96,49 @@ class DiscoveredAttachments:
             for plugin in list(self.serving):
                 await self.provider.attach(plugin, target)
                 attached.append(plugin)
+            self._take_changed_entries(target, attached)
         except BaseException:
             for plugin in reversed(attached):
                 with contextlib.suppress(Exception):
                     await self.provider.detach(plugin, target)
             raise
         self._attached[target.key] = (target, attached)
+
+    def _take_changed_entries(self, target: TargetConfig, attached: list[PluginInfo]) -> None:
+        """A reload swapped its routes while ``target`` was being attached, changing the
+        entry of a version attached with the old one (``update`` ran before this instance
+        was in): hand it the entry serving now. ``ProviderError`` if the provider cannot
+        take it: the attach fails, and the next pass tries again."""
+        for index, plugin in enumerate(attached):
+            now = next((each for each in self.serving if each.key == plugin.key), None)
+            if now is None or now is plugin:
+                continue  # no longer served (``release`` detaches it), or unchanged
+            attached[index] = now
+            if not updated(self.provider, now, target):
+                raise ProviderError(f"{now.key}: {target.describe()} did not take its new entry")
+
+    def update(self, plugin: PluginInfo) -> list[str]:
+        """``plugin``'s entry changed (a reload, same version) and it serves the fleet
+        still: every instance attached for an older entry of it holds this one, and the
+        provider is told (``Provider.update``). The keys of the instances whose provider
+        failed to take it (logged): they must leave, and join again with it."""
+        failed: list[str] = []
+        for key, (target, plugins) in self._attached.items():
+            older = [
+                i for i, each in enumerate(plugins) if each.key == plugin.key and each is not plugin
+            ]
+            if not older:
+                continue  # attached with this entry, or not for this version
+            for index in older:
+                plugins[index] = plugin
+            if not updated(self.provider, plugin, target):
+                log.warning(
+                    "%s on %s: the instance leaves the fleet, and joins again with the new entry",
+                    plugin.key,
+                    target.describe(),
+                )
+                failed.append(key)
+        return failed
 
     async def detach(self, targets: Sequence[TargetConfig]) -> None:
         """Detach the leaving instances ``targets`` (in the order they were attached) for
