@@ -4,8 +4,8 @@ nothing restarts), those discovery found as well as those the manifest lists, an
 that join later are attached with it.
 
 The fleet is real: the Python SDK's gRPC server (``tests.recorded_grpc``) on 127.0.0.2
-and .3 found by a real dnsmasq, on 127.0.0.4 listed in the manifest, all on one port, with
-``lifecycle: dispatcher``. What an instance holds of the entry is what the dispatcher
+and .3 found by a real dnsmasq (or registered in a real etcd), on 127.0.0.4 listed in the
+manifest, all on one port, with ``lifecycle: dispatcher``. What an instance holds of the entry is what the dispatcher
 checks the plugin's ``Describe`` against: the manifest routes ``nope``, which the plugin
 lacks, and each reload below adds ``other``, which it lacks too, so each instance's
 warning says which entry its provider record holds (``dispatcher._served``).
@@ -13,6 +13,7 @@ warning says which entry its provider record holds (``dispatcher._served``).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from tests.dns_server import (
     needs_dnsmasq,
 )
 from tests.recorded_grpc import served_fixture  # noqa: F401  (the fixture `served`)
-from tests.services import port_free_on, until
+from tests.services import Etcd, port_free_on, until
 
 pytestmark = needs_dnsmasq
 
@@ -116,21 +117,41 @@ async def test_each_instance_discovery_finds_is_told_of_the_methods_it_lacks(
         assert await whoever_answers(dispatcher) == {*FOUND_HOSTS, FIXED_HOST}
 
 
+@pytest.mark.parametrize("source", ["dns", "registry"])
 async def test_a_reload_that_changes_the_methods_reaches_every_instance_of_the_fleet(
-    dnsmasq: StartDnsmasq, served: Any, caplog: pytest.LogCaptureFixture
+    dnsmasq: StartDnsmasq,
+    served: Any,
+    caplog: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
+    source: str,
 ) -> None:
-    """The reload adds ``other``: each instance is said to lack it, those DNS found as
-    well as the one listed, and none is attached again. Before, only the listed one took
-    the new entry: the found ones kept the old, and were checked against it. An instance
-    DNS lists after the reload is attached with the new entry."""
+    """The reload adds ``other``: each instance is said to lack it, those discovery found
+    (by DNS, or in an etcd registry) as well as the one listed, and none is attached
+    again. Before, only the listed one took the new entry: the found ones kept the old,
+    and were checked against it. An instance found after the reload is attached with the
+    new entry."""
     caplog.set_level(logging.WARNING, logger="dispatcher")
     port = port_free_on(*ALL_HOSTS)
     servers = {host: await served(host, port) for host in ALL_HOSTS}
-    dns = dnsmasq(Zone(hosts={"fleet.test": list(FOUND_HOSTS)}, local_ttl=1))
-    instances = [
-        {"address": f"{FIXED_HOST}:{port}"},
-        {"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}},
-    ]
+    if source == "dns":
+        dns = dnsmasq(Zone(hosts={"fleet.test": list(FOUND_HOSTS)}, local_ttl=1))
+        found: dict[str, Any] = {
+            "dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}
+        }
+
+        def list_late() -> None:
+            dns.set_hosts({"fleet.test": [*FOUND_HOSTS, LATE_HOST]})
+    else:
+        etcd: Etcd = request.getfixturevalue("etcd")
+        prefix: str = request.getfixturevalue("etcd_prefix")
+        for host in FOUND_HOSTS:
+            etcd.put(f"{prefix}/{host}", json.dumps({"address": f"{host}:{port}"}))
+        found = {"registry": {"etcd": etcd.url, "prefix": prefix, "retry_ms": 100}}
+
+        def list_late() -> None:
+            etcd.put(f"{prefix}/{LATE_HOST}", json.dumps({"address": f"{LATE_HOST}:{port}"}))
+
+    instances = [{"address": f"{FIXED_HOST}:{port}"}, found]
     async with Dispatcher(manifest(entry(instances, "whoami", "nope"))) as dispatcher:
         summary = await dispatcher.reload(
             manifest(entry(instances, "whoami", "nope", "other")), grace=1
@@ -143,7 +164,7 @@ async def test_a_reload_that_changes_the_methods_reaches_every_instance_of_the_f
         assert [servers[host].plugin.steps for host in running] == [["init", "start"]] * 3
         assert await whoever_answers(dispatcher) == set(running)
 
-        dns.set_hosts({"fleet.test": [*FOUND_HOSTS, LATE_HOST]})
+        list_late()
         await until(lambda: LATE_HOST in said(caplog), "the late instance checked", timeout=15)
         assert said(caplog)[LATE_HOST] == ["nope, other"]
 
