@@ -3,8 +3,9 @@
 ``drop()`` closes every connection through it (a FIN to both sides); ``delay`` holds each
 chunk that long; ``blackhole()`` stops forwarding and keeps the sockets open (a half-open
 peer: no FIN ever comes); ``cut_next(direction)`` forwards half of the next chunk going
-that way and then closes both sides (a frame cut in half). Real sockets on loopback; it
-owns its tasks and ends them in ``aclose``.
+that way and then closes both sides (a frame cut in half); ``forwarded`` counts the bytes
+it passed on each way (what a compressed connection saves shows there). Real sockets on
+loopback; it owns its tasks and ends them in ``aclose``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class FaultProxy:
         self.upstream = (upstream_host, upstream_port)
         self.delay = 0.0
         self.connections = 0
+        #: Bytes passed on so far, by direction (``to_plugin``: from whoever connected).
+        self.forwarded: dict[Direction, int] = {"to_plugin": 0, "to_host": 0}
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,6 +117,7 @@ class FaultProxy:
                     await sink.drain()
                     break
                 sink.write(chunk)
+                self.forwarded[direction] += len(chunk)
                 await sink.drain()
         except (ConnectionError, OSError):
             pass

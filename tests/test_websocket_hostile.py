@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -108,6 +109,33 @@ async def test_an_oversized_message_closes_the_connection_and_fails_the_call_typ
     ) as d:
         with pytest.raises(TargetUnavailable) as raised:
             await d.call("liar", "echo", {})
+        assert raised.value.details["stage"] == "in_flight"
+        assert "1009" in raised.value.message or "too big" in raised.value.message.lower()
+
+
+async def test_a_deflated_answer_that_inflates_past_the_limit_closes_the_connection() -> None:
+    """``compress: true``, agreed: the plugin answers with one message of 65 KB on the wire
+    that inflates to 64 MiB. The dispatcher inflates it up to ``max_message_bytes`` only
+    and closes the connection (1009), failing the call typed, as for a plain message over
+    the limit: a bomb costs the limit, not what it would inflate to."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = b"".join(compressor.compress(b"x" * (1 << 20)) for _ in range(64))
+    bomb = (bomb + compressor.flush(zlib.Z_SYNC_FLUSH)).removesuffix(b"\x00\x00\xff\xff")
+    agreed: list[int] = []
+
+    async def script(ws: web.WebSocketResponse) -> None:
+        agreed.append(ws.compress)
+        await ws.send_bytes(HELLO)
+        async for message in ws:
+            if message.type == WSMsgType.TEXT and orjson.loads(message.data)["type"] == "call":
+                # Raw: FIN, RSV1 (deflated), text; a length within the limit.
+                header = bytes([0xC1, 127]) + len(bomb).to_bytes(8, "big")
+                ws._writer.transport.write(header + bomb)
+
+    async with scripted(script, compress=True, max_message_bytes=1024 * 1024) as d:
+        with pytest.raises(TargetUnavailable) as raised:
+            await d.call("liar", "echo", {})
+        assert agreed == [15]
         assert raised.value.details["stage"] == "in_flight"
         assert "1009" in raised.value.message or "too big" in raised.value.message.lower()
 

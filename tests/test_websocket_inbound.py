@@ -990,8 +990,8 @@ async def test_a_plugin_connected_with_a_token_that_expires_is_closed_then(
 async def test_the_gateway_compresses_a_plugins_connection_as_its_target_says(
     written: dict[str, bool], negotiated: bool
 ) -> None:
-    """A plugin's upgrade offers permessage-deflate (aiohttp's ``compress=15``, as the
-    TypeScript SDK's ``ws`` does by default). Before: the gateway took the offer whatever
+    """A plugin's upgrade offers permessage-deflate (aiohttp's ``compress=15``, as every
+    SDK's ``connect`` does). Before: the gateway took the offer whatever
     the target said (aiohttp's default), so ``compress: false`` (the default) deflated
     every message of the connection all the same. Now it is negotiated only where the
     target says ``compress: true``, as a dialled plugin's connection offers it only then;
@@ -1021,3 +1021,35 @@ async def test_the_gateway_compresses_a_plugins_connection_as_its_target_says(
         assert extension is not None and extension.startswith("permessage-deflate")
     else:
         assert extension is None
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["true", "false"])
+async def test_the_sdks_dial_offers_deflate_and_the_target_decides(compress: bool) -> None:
+    """The SDK's ``dial`` (what ``dispatcher-plugin connect`` runs) offers permessage-deflate
+    on every upgrade, and the gateway takes it where the target says ``compress: true``.
+    Before, ``dial`` never offered it: the test above offered it by hand, and ``compress:
+    true`` deflated nothing for a real Python plugin."""
+    loaded = manifest(
+        {
+            "id": "sock",
+            "version": "1.0.0",
+            "target": {
+                "provider": "websocket",
+                "mode": "inbound",
+                "token": TOKEN,
+                "compress": compress,
+            },
+            "defaults": {"timeout_ms": 5_000},
+            "methods": {"echo": {}},
+        }
+    )
+    extensions: list[str | None] = []
+    big = "deflate me " * 2_000
+    async with gateway(loaded, extensions=extensions) as (dispatcher, url), plugins(url, 1):
+        await instances(dispatcher, 1)
+        assert await dispatcher.call("sock", "echo", {"value": big}) == big
+        provider: Any = dispatcher.providers["websocket"]
+        (connection,) = provider.inbound.all()
+        assert connection.channel.socket.compress == (15 if compress else 0)
+    (extension,) = extensions
+    assert (extension or "").startswith("permessage-deflate") is compress

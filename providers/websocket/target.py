@@ -159,9 +159,10 @@ class WebSocketTarget(TargetConfig):
     compress: bool = Field(
         default=False,
         description="permessage-deflate: every message is then compressed; pays for large"
-        " JSON over slow links, costs CPU on fast ones. dial: offered; inbound: accepted"
-        " when the plugin offers it, and one for the plugin's connection: its inbound"
-        " targets must set the same.",
+        " JSON over slow links, costs CPU on fast ones. dial: offered (the SDKs' servers"
+        " accept it); inbound: accepted when the plugin offers it (every SDK's connect"
+        " does), and one for the plugin's connection: its inbound targets must set the"
+        " same.",
     )
     connection: str | None = Field(
         default=None, description="Set by the dispatcher: one inbound connection."

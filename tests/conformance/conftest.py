@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,15 +309,19 @@ async def _dialling_in(
     stderr: int | None = None,
     config: dict[str, Any] = CONFIG,
     env: dict[str, str] | None = None,
+    relay: Callable[[int], Awaitable[int]] | None = None,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """A gateway on port 0 and ``path connect --config config`` dialling it (its stderr to
-    ``stderr``, else ours; ``env`` added to our environment); yields the process once it is
-    an instance."""
+    ``stderr``, else ours; ``env`` added to our environment; through the port ``relay``
+    returns for the gateway's, e.g. a proxy's, else straight); yields the process once it
+    is an instance."""
     runner = web.AppRunner(create_app(dispatcher), handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
+    if relay is not None:
+        port = await relay(port)
     environment = {**os.environ, **(env or {}), "LINCHKIT_PLUGIN_TOKEN": INBOUND_TOKEN}
     environment.pop("LINCHKIT_PLUGIN_TOKEN_FILE", None)
     process = await asyncio.create_subprocess_exec(

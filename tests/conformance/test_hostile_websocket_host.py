@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import tempfile
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,11 @@ class Link:
     client: aiohttp.ClientSession | None = None
     #: connect mode: what the gateway does with the next upgrade.
     behaviour: str = "normal"
+    #: The next connection agrees to permessage-deflate: serve mode offers it, connect mode
+    #: accepts the plugin's offer. Off otherwise, so the other cases' frames go plain.
+    deflate: bool = False
+    #: connect mode: whether the gateway would agree to deflate, by upgraded connection.
+    deflating: dict[int, bool] = field(default_factory=dict)
     arrivals: asyncio.Queue[web.WebSocketResponse] = field(default_factory=asyncio.Queue)
     upgrades: int = 0
     current: Any = None
@@ -73,11 +80,21 @@ class Link:
         if self.mode == "serve":
             assert self.client is not None
             ws = await self.client.ws_connect(
-                f"ws://{self.address}/", max_msg_size=64 * 1024 * 1024, autoping=True
+                f"ws://{self.address}/",
+                max_msg_size=64 * 1024 * 1024,
+                autoping=True,
+                compress=15 if self.deflate else 0,
             )
         else:
             async with asyncio.timeout(TIMEOUT):
-                ws = await self.arrivals.get()
+                while True:
+                    ws = await self.arrivals.get()
+                    if self.deflating.pop(id(ws)) == self.deflate:
+                        break
+                    # Upgraded before the case said otherwise (the plugin dials at once):
+                    # let it go, and take the next.
+                    self.current = ws
+                    await self.close()
         self.current = ws
         hello = await frame(ws)
         assert hello["type"] == "hello", hello
@@ -185,7 +202,8 @@ async def link(request: pytest.FixtureRequest) -> AsyncIterator[Link]:
             async def gateway(http: web.Request) -> web.WebSocketResponse:
                 found = holder[0]
                 found.upgrades += 1
-                ws = web.WebSocketResponse(max_msg_size=64 * 1024 * 1024)
+                ws = web.WebSocketResponse(max_msg_size=64 * 1024 * 1024, compress=found.deflate)
+                found.deflating[id(ws)] = found.deflate
                 await ws.prepare(http)
                 if found.behaviour == "close":
                     await ws.close()
@@ -344,6 +362,50 @@ async def test_a_message_over_the_size_limit_closes_with_1009(link: Link) -> Non
 async def _closed(ws: Any) -> None:
     while (await ws.receive()).type not in (WSMsgType.CLOSE, WSMsgType.CLOSED):
         pass
+
+
+BOMB_MIB = 256
+
+
+@functools.cache
+def deflated_bomb() -> bytes:
+    """The payload of one text message of ``BOMB_MIB`` MiB of one letter, deflated as RFC
+    7692 sends it (raw deflate, the closing ``00 00 ff ff`` left off): 0.25 MB."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = b"x" * (1 << 20)
+    body = b"".join(compressor.compress(chunk) for _ in range(BOMB_MIB))
+    body += compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert body.endswith(b"\x00\x00\xff\xff")
+    return body[:-4]
+
+
+async def test_a_deflated_message_that_inflates_past_the_limit_closes_with_1009(
+    link: Link,
+) -> None:
+    """permessage-deflate agreed (a plugin's connect offers it, its server accepts it): one
+    message of 0.25 MB on the wire that inflates to 256 MiB. The plugin stops inflating at
+    its message limit and closes 1009, as for a plain message over it; its memory grows by
+    what that limit holds, not by the bomb."""
+    link.deflate = True
+    try:
+        ws = await link.connect()
+    finally:
+        link.deflate = False
+    assert ws.compress == 15, "permessage-deflate was not agreed: nothing is inflated"
+    bomb = deflated_bomb()
+    pid = link.process.pid
+    before = rss_kib(pid)
+    # Written raw: RSV1 set (a deflated message), one frame whose length is within the
+    # limit, so only what it inflates to can be refused. A client masks (zero key here).
+    masked = link.mode == "serve"
+    header = bytes([0xC1, (0x80 if masked else 0) | 127]) + len(bomb).to_bytes(8, "big")
+    ws._writer.transport.write(header + (b"\0" * 4 if masked else b"") + bomb)
+    async with asyncio.timeout(TIMEOUT):
+        await _closed(ws)
+    assert ws.close_code == 1009, ws.close_code
+    grown = (rss_kib(pid) - before) / 1024
+    assert grown < 100, f"the plugin grew {grown:.0f} MiB inflating a {BOMB_MIB} MiB bomb"
+    await link.still_serving()
 
 
 async def test_a_burst_over_the_bound_waits_instead_of_starting_all(link: Link) -> None:

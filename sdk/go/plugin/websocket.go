@@ -165,7 +165,7 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	}
 	backoff := initialConnectBackoff
 	for {
-		conn, response, err := websocket.Dial(ctx, *url, &websocket.DialOptions{HTTPHeader: header})
+		conn, response, err := websocket.Dial(ctx, *url, gatewayDialOptions(header))
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -199,6 +199,20 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 		case <-time.After(time.Duration(rand.Int64N(int64(backoff) + 1))):
 		}
 		backoff = min(backoff*2, maxConnectBackoff)
+	}
+}
+
+// gatewayDialOptions: how connect dials the gateway. permessage-deflate is offered on every
+// dial, the gateway deciding: it accepts only where the plugin's inbound target says
+// `compress: true`, so the manifest is the one place that says, as it is for a plugin the
+// dispatcher dials; declined, the offer costs a header. Context takeover, as the gateway's
+// own side keeps it: repetitive JSON calls deflate best against the ones before. A deflated
+// message is inflated up to the read limit only (coder/websocket counts the inflated bytes,
+// and closes 1009 past it, as for a plain one): no bomb.
+func gatewayDialOptions(header http.Header) *websocket.DialOptions {
+	return &websocket.DialOptions{
+		HTTPHeader:      header,
+		CompressionMode: websocket.CompressionContextTakeover,
 	}
 }
 

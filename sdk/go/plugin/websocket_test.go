@@ -1,10 +1,17 @@
 package plugin
 
 import (
+	"bufio"
+	"bytes"
+	"compress/flate"
 	"context"
+	"crypto/sha1"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -268,4 +275,194 @@ func TestConnectEndsOnA400AtTheUpgrade(t *testing.T) {
 	if n := requests.Load(); n != 1 {
 		t.Errorf("%d requests, want 1: a refusal is not dialled again", n)
 	}
+}
+
+// deflateGateway stands in for a gateway whose target says `compress: true`: it accepts
+// the plugin's permessage-deflate offer, if any. It hands the test each connection with
+// the Sec-WebSocket-Extensions header the dial offered.
+func deflateGateway(t *testing.T) (string, <-chan *websocket.Conn, <-chan string) {
+	t.Helper()
+	conns, offers := make(chan *websocket.Conn, 4), make(chan string, 4)
+	gateway := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		offers <- r.Header.Get("Sec-WebSocket-Extensions")
+		conn, err := websocket.Accept(w, r, &websocket.AcceptOptions{CompressionMode: websocket.CompressionContextTakeover})
+		if err != nil {
+			return
+		}
+		conn.SetReadLimit(maxMessageBytes)
+		conns <- conn
+		<-r.Context().Done() // the test holds the connection
+	}))
+	t.Cleanup(gateway.Close)
+	return "ws" + strings.TrimPrefix(gateway.URL, "http") + "/v1/plugins/connect", conns, offers
+}
+
+// connect offers permessage-deflate on every dial, the gateway deciding (it accepts only
+// for a target with `compress: true`). Before, it never offered it, so such a target
+// deflated nothing for a Go plugin. Calls and answers go through the deflated connection.
+func TestConnectOffersDeflateAndIsServedOverIt(t *testing.T) {
+	url, conns, offers := deflateGateway(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	env := Environment{Args: []string{"connect", "-url", url}, Getenv: func(string) string { return "" },
+		Stdin: strings.NewReader(""), Stdout: io.Discard}
+	ended := make(chan error, 1)
+	go func() { ended <- testPlugin().Run(ctx, env) }()
+	var host *websocket.Conn
+	select {
+	case host = <-conns:
+	case err := <-ended:
+		t.Fatalf("connect ended: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("connect did not dial within 10 s")
+	}
+	defer host.CloseNow()
+	if offer := <-offers; !strings.HasPrefix(offer, "permessage-deflate") {
+		t.Fatalf("the dial offered Sec-WebSocket-Extensions %q, want permessage-deflate", offer)
+	}
+	if f := readFrame(t, host); f["type"] != "hello" {
+		t.Fatalf("first frame: %v, want hello", f)
+	}
+	writeFrame(t, host, `{"type":"welcome","instance":"x"}`)
+	text := strings.Repeat("deflate me ", 20_000)
+	writeFrame(t, host, `{"type":"call","id":1,"request":{"v":1,"plugin":"test","method":"echo","params":"`+text+`","context":{}}}`)
+	f := readFrame(t, host)
+	if f["type"] != "response" || f["response"].(map[string]any)["result"] != text {
+		t.Fatalf("the echo over a deflated connection: %.200v", f)
+	}
+	cancel()
+	host.CloseNow() // not waited for after goaway
+	waitRun(t, ended)
+}
+
+// waitRun waits for a Run that was stopped to return nil.
+func waitRun(t *testing.T, ended <-chan error) {
+	t.Helper()
+	select {
+	case err := <-ended:
+		if err != nil {
+			t.Fatalf("connect, stopped: %v, want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("connect still runs 10 s after its stop")
+	}
+}
+
+// rawFrame writes one WebSocket frame from the gateway (unmasked) as it is given: the test
+// says whether it is deflated (RSV1) and what its payload is, byte for byte.
+func rawFrame(first byte, payload []byte) []byte {
+	frame := []byte{first, 127}
+	frame = binary.BigEndian.AppendUint64(frame, uint64(len(payload)))
+	return append(frame, payload...)
+}
+
+// readCloseCode reads the plugin's frames (masked: it is the client) until its close frame,
+// and returns that frame's status code.
+func readCloseCode(t *testing.T, conn net.Conn) int {
+	t.Helper()
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	reader := bufio.NewReader(conn)
+	for {
+		var head [2]byte
+		if _, err := io.ReadFull(reader, head[:]); err != nil {
+			t.Fatalf("reading the plugin's frames: %v, before its close frame", err)
+		}
+		length := uint64(head[1] & 0x7f)
+		switch length {
+		case 126:
+			var n [2]byte
+			_, _ = io.ReadFull(reader, n[:])
+			length = uint64(binary.BigEndian.Uint16(n[:]))
+		case 127:
+			var n [8]byte
+			_, _ = io.ReadFull(reader, n[:])
+			length = binary.BigEndian.Uint64(n[:])
+		}
+		var mask [4]byte
+		if head[1]&0x80 != 0 {
+			_, _ = io.ReadFull(reader, mask[:])
+		}
+		payload := make([]byte, length)
+		if _, err := io.ReadFull(reader, payload); err != nil {
+			t.Fatalf("reading a frame of %d bytes: %v", length, err)
+		}
+		for i := range payload {
+			payload[i] ^= mask[i%4]
+		}
+		if head[0]&0x0f == 8 { // close
+			if len(payload) < 2 {
+				t.Fatalf("a close frame without a code")
+			}
+			return int(binary.BigEndian.Uint16(payload))
+		}
+	}
+}
+
+// A gateway that agreed to permessage-deflate sends one message of 65 KB on the wire that
+// inflates to 64 MiB: connect inflates it up to its read limit (8 MiB) only and closes the
+// connection 1009, as for a plain message over the limit, instead of inflating the bomb.
+func TestConnectRefusesADeflatedBombPastItsReadLimit(t *testing.T) {
+	var bomb bytes.Buffer
+	deflater, _ := flate.NewWriter(&bomb, flate.BestCompression)
+	chunk := bytes.Repeat([]byte("x"), 1<<20)
+	for range 64 {
+		_, _ = deflater.Write(chunk)
+	}
+	_ = deflater.Flush() // a sync flush: RFC 7692 leaves off its closing 00 00 ff ff
+	payload := bytes.TrimSuffix(bomb.Bytes(), []byte{0, 0, 0xff, 0xff})
+
+	conns, offers := make(chan net.Conn, 64), make(chan string, 64)
+	t.Cleanup(func() { // the hijacked connections are the test's to close, redials' too
+		for {
+			select {
+			case conn := <-conns:
+				conn.Close()
+			default:
+				return
+			}
+		}
+	})
+	gateway := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Upgraded by hand, so what the test writes is what the plugin reads.
+		offers <- r.Header.Get("Sec-WebSocket-Extensions")
+		sum := sha1.Sum([]byte(r.Header.Get("Sec-WebSocket-Key") + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+		conn, buffered, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		_, _ = buffered.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+			"Sec-WebSocket-Accept: " + base64.StdEncoding.EncodeToString(sum[:]) + "\r\n" +
+			"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+		_ = buffered.Flush()
+		conns <- conn
+	}))
+	t.Cleanup(gateway.Close)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	env := Environment{Args: []string{"connect", "-url", "ws" + strings.TrimPrefix(gateway.URL, "http")},
+		Getenv: func(string) string { return "" }, Stdin: strings.NewReader(""), Stdout: io.Discard}
+	ended := make(chan error, 1)
+	go func() { ended <- testPlugin().Run(ctx, env) }()
+	var conn net.Conn
+	select {
+	case conn = <-conns:
+	case err := <-ended:
+		t.Fatalf("connect ended: %v (offered %q)", err, <-offers)
+	case <-time.After(10 * time.Second):
+		t.Fatal("connect did not dial within 10 s")
+	}
+	defer conn.Close()
+	if offer := <-offers; !strings.HasPrefix(offer, "permessage-deflate") {
+		t.Fatalf("the dial offered Sec-WebSocket-Extensions %q, want permessage-deflate", offer)
+	}
+	// FIN, RSV1 (deflated), text: a length within the limit, so only what it inflates to
+	// can be refused.
+	if _, err := conn.Write(rawFrame(0xC1, payload)); err != nil {
+		t.Fatalf("writing the bomb (%d bytes): %v", len(payload), err)
+	}
+	if code := readCloseCode(t, conn); code != int(websocket.StatusMessageTooBig) {
+		t.Fatalf("the plugin closed with %d, want 1009 (message too big)", code)
+	}
+	cancel()
+	waitRun(t, ended)
 }

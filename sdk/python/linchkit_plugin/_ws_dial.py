@@ -132,6 +132,13 @@ async def dial(
                         headers=headers,
                         heartbeat=heartbeat,
                         max_msg_size=max_message_bytes,
+                        # permessage-deflate offered on every dial, the gateway deciding:
+                        # it accepts only where the plugin's inbound target says
+                        # ``compress: true``, so the manifest is the one place that says,
+                        # as it is for a dialled plugin. Declined, the offer costs a header.
+                        # A deflated message is inflated up to max_msg_size only (aiohttp
+                        # stops there and closes 1009, as for a plain one): no bomb.
+                        compress=15,
                         ssl=ssl,
                         decode_text=False,
                         timeout=aiohttp.ClientWSTimeout(ws_close=5.0),

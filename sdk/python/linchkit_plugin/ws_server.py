@@ -181,6 +181,10 @@ class WebSocketPluginServer:
         socket = web.WebSocketResponse(
             heartbeat=self.heartbeat,
             max_msg_size=self.max_message_bytes,
+            # permessage-deflate accepted when the dispatcher offers it (a target with
+            # ``compress: true``), declined when it does not: the manifest decides. Inflated
+            # up to max_msg_size only (aiohttp stops there and closes 1009): no bomb.
+            compress=True,
             decode_text=False,
         )
         if not socket.can_prepare(request).ok:

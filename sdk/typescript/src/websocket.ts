@@ -349,7 +349,12 @@ function keepAlive(socket: WebSocket, intervalMs: number): void {
  */
 export class WebSocketPluginServer {
   private readonly server: http.Server;
-  private readonly sockets = new WebSocketServer({ noServer: true, maxPayload: MAX_MESSAGE_BYTES });
+  /**
+   * permessage-deflate accepted when the dispatcher offers it (a target with `compress: true`),
+   * declined when it does not: the manifest decides. `ws` inflates a message up to
+   * `maxPayload` only and closes 1009 past it, as for a plain one: no bomb.
+   */
+  private readonly sockets = new WebSocketServer({ noServer: true, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: true });
   private readonly sessions = new Set<Session>();
   private closing = false;
 
@@ -469,7 +474,11 @@ export async function dial(plugin: Plugin, url: string, options: DialOptions = {
  */
 function connection(plugin: Plugin, url: string, headers: Record<string, string>, options: DialOptions): Promise<'welcomed' | 'closed' | 'failed' | Refused> {
   return new Promise((resolve) => {
-    const socket = new WebSocket(url, { headers, maxPayload: MAX_MESSAGE_BYTES });
+    // permessage-deflate offered on every dial, the gateway deciding: it accepts only where
+    // the plugin's inbound target says `compress: true`, so the manifest is the one place
+    // that says, as it is for a plugin the dispatcher dials; declined, the offer costs a
+    // header. Inflated up to maxPayload only (1009 past it): no bomb.
+    const socket = new WebSocket(url, { headers, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: true });
     let session: Session | undefined;
     const stop = (): void => {
       if (session === undefined) socket.terminate();
