@@ -400,3 +400,29 @@ async def test_a_plugin_admitted_before_that_reload_saying_hello_after_connects_
         assert "a reload changed the inbound targets of multi@1.0.0" in closing.extra
         provider = dispatcher.providers["websocket"]
         await until(lambda: not provider.inbound.all(), 5)  # type: ignore[attr-defined]
+
+
+# -- a stream its caller closes ends then, on every target ----------------------------------
+
+
+async def test_a_stream_its_caller_closes_is_no_longer_in_flight_once_the_close_returns() -> None:
+    """The caller takes one chunk of a ``narrow`` stream and closes it. Before: the
+    provider's and the fleet's wrappers left the channel's stream to the garbage
+    collector, so when the close returned it still counted against ``narrow``'s
+    ``max_in_flight`` (and the plugin was told to stop only later): two such streams and
+    a call of ``narrow`` straight after could be refused ``overloaded``. Now the close
+    ends it at once, and nothing is left in flight."""
+    async with (
+        gateway_of(several(narrow_first=False)) as (dispatcher, url),
+        dialled_in(dispatcher, url),
+    ):
+        channel = channel_of(dispatcher)
+        (connection,) = dispatcher.providers["websocket"].inbound.all()  # type: ignore[attr-defined]
+        for _ in range(NARROW_IN_FLIGHT):
+            async with contextlib.aclosing(
+                dispatcher.stream("multi", "narrow", {"size": 10})
+            ) as chunks:
+                assert await anext(chunks) == "a" * 10
+            assert channel.in_flight == 0
+            assert [limits.in_flight for limits in connection.limits.values()] == [0]
+        assert await dispatcher.call("multi", "narrow", {"n": 1}) == {"n": 1}

@@ -49,7 +49,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from typing import Any
 
 from aiohttp import WSMsgType
@@ -271,7 +271,7 @@ class Channel:
 
     async def stream(
         self, invocation: Invocation, limits: CallLimits | None = None
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """``invocation``'s chunks; ``limits`` as ``call``'s."""
         if limits is None:
             limits = self._bounds.own

@@ -210,8 +210,14 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         else:
             connection = self._connected(target)
             chunks = connection.channel.stream(invocation, connection.limits_of(target))
-        async for chunk in chunks:
-            yield chunk
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            # Now, when this stream is closed, not when the garbage collector finds the
+            # channel's: until it ends it counts against its target's max_in_flight,
+            # and the plugin, which its end sends a cancel, goes on streaming.
+            await chunks.aclose()
 
     async def send_event(
         self, plugin: PluginInfo, target: WebSocketTarget, event: str, data: Any
