@@ -317,6 +317,54 @@ def test_inbound_targets_that_agree_on_the_event_rate_load() -> None:
     manifest(entry)
 
 
+# -- token and principal: the upgrade's, every target must admit them -----------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "other"),
+    [("token", "a-token-of-another-target-0123456789"), ("principal", "another-principal")],
+)
+def test_inbound_targets_no_one_credential_admits_are_refused_at_load(
+    setting: str, other: str
+) -> None:
+    """The plugin's upgrade presents one token and is one principal, and each of its
+    inbound targets must admit it. Before: two targets writing two tokens (a rotation
+    written on one method's target) loaded, and the plugin was refused 401 at every
+    upgrade, whichever token it held: not one call of any of its methods was served.
+    The token is never shown."""
+    entry = several(narrow_first=False)
+    if setting == "principal":
+        entry["target"]["principal"] = "the-principal"
+    entry["methods"]["narrow"]["target"][setting] = other
+    with pytest.raises(ManifestError) as raised:
+        manifest(entry)
+    (problem,) = raised.value.problems
+    assert problem.path == f"plugins[0].methods.narrow.target.{setting}"
+    assert "multi@1.0.0 dials in over one connection" in problem.message
+    if setting == "token":
+        assert "this token is not the one on its target" in problem.message
+        assert TOKEN not in problem.message and other not in problem.message
+    else:
+        assert "'another-principal' here, 'the-principal' on its target" in problem.message
+
+
+def test_inbound_targets_may_leave_a_credential_to_another() -> None:
+    """One target with the token alone, another with it and a principal too: one
+    upgrade (that token, authenticated as that principal) is admitted by both."""
+    entry = several(narrow_first=False)
+    entry["methods"]["narrow"]["target"]["principal"] = "the-principal"
+    manifest(entry)
+
+
+async def test_inbound_targets_agreeing_on_their_token_admit_the_plugin() -> None:
+    """Both targets write the same token: the plugin connects (as every test here does),
+    and calls of both methods are served."""
+    entry = several(narrow_first=False)
+    assert entry["methods"]["narrow"]["target"]["token"] == entry["target"]["token"]
+    async with gateway_of(entry) as (dispatcher, url), dialled_in(dispatcher, url):
+        assert await dispatcher.call("multi", "narrow", {"n": 1}) == {"n": 1}
+
+
 # -- compress: the connection's, the targets must agree -------------------------------------
 
 
