@@ -352,7 +352,8 @@ class Provider(abc.ABC, Generic[TargetT]):
         that ``accepts_connections`` are now ``targets``, another set than it was admitted
         to: a plugin connected in serves all of them over one connection, joined to each
         one's fleet when it is admitted, so close those connections admitted to another
-        set (and any such that completes its handshake later), telling each plugin to
+        set once their calls in flight have ended, sending them none meanwhile (and any
+        such that completes its handshake later, at once), telling each plugin to
         connect again: it is admitted to ``targets``. Called after ``close_connections``,
         once the calls in flight at the reload's swap have ended. The default: nothing,
         as nothing connects."""

@@ -25,7 +25,14 @@ import orjson
 import pytest
 from aiohttp import web
 
-from dispatcher import Dispatcher, InvalidParams, ManifestError, Overloaded, ProviderError
+from dispatcher import (
+    Dispatcher,
+    InvalidParams,
+    ManifestError,
+    Overloaded,
+    ProviderError,
+    TargetUnavailable,
+)
 from dispatcher.gateway import GatewaySettings
 from dispatcher.gateway.app import create_app
 from linchkit_plugin.ws_protocol import PLUGIN_ID_HEADER, PLUGIN_VERSION_HEADER, hello_frame
@@ -412,13 +419,20 @@ async def test_a_reload_adding_an_inbound_target_has_the_plugin_connect_again_to
     routes a new method, ``third``, to a third inbound target. Before: the connection
     stayed open, joined to the two fleets it was admitted to and never to the new one,
     and every call of ``third`` failed ``has no instance`` for as long as the plugin
-    stayed connected. Now the reload closes it 1012 (connect again), as one whose target
-    it leaves out; dialled again, the plugin is admitted to all three."""
+    stayed connected. Now the connection goes away: no new call is sent on it, the call
+    it runs past the reload's grace is answered, and then it closes 1012 (connect
+    again); dialled again, the plugin is admitted to all three."""
     entry = several(narrow_first=False)
     async with gateway_of(entry) as (dispatcher, url):
         async with dialled_in(dispatcher, url) as plugin:
-            assert await dispatcher.call("multi", "wide", {"n": 1}) == {"n": 1}
-            await dispatcher.reload(manifest(with_third(entry)), grace=1)
+            held = asyncio.ensure_future(dispatcher.call("multi", "wide", {"hold": True}))
+            await until(lambda: plugin.held, 5)
+            await dispatcher.reload(manifest(with_third(entry)), grace=0.1)
+            assert not plugin.socket.closed  # a call runs on it: it is answered first
+            with pytest.raises(TargetUnavailable):  # it takes no new call meanwhile
+                await dispatcher.call("multi", "wide", {"n": 1})
+            plugin.release.set()
+            assert await held == {"hold": True}
             await until(lambda: plugin.socket.closed, 5)
             assert plugin.socket.close_code == 1012
         async with dialled_in(dispatcher, url, methods=("wide", "narrow", "third")):

@@ -14,8 +14,9 @@ the fleet layer balances over them. An inbound target names its plugin version
 that leaves such a target out closes its connections once their calls are done
 (``close_connections``): 1012 when the plugin's id still takes connections (dial again),
 1001 when it is gone. One that gives a version other inbound targets, keeping some, closes
-its connections with 1012 too (``retarget_connections``): each joined the fleets of the
-targets it was admitted to, and is admitted to the new ones when it dials again.
+its connections with 1012 too, once their calls are done (``retarget_connections``): each
+joined the fleets of the targets it was admitted to, and is admitted to the new ones when
+it dials again.
 
 Errors, as every provider maps them here and nowhere else:
 
@@ -412,24 +413,20 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         when it was admitted, and settled its heartbeat, message bound and compression
         from them: one left open would never be called through a target added (its
         fleet empty for as long as the plugin stays connected: every call failing "no
-        instance"). So each is closed with 1012, as one whose target is left out is, and
-        is admitted to ``targets`` when its plugin dials again; one admitted before the
-        reload whose ``hello`` comes after is closed likewise (``accept``)."""
+        instance"). So each goes away: it leaves its fleets now, its calls in flight
+        finish (the targets it serves are still called, unlike one a reload leaves out:
+        closed at once, a call made since the reload's swap would fail ``in_flight``),
+        then it closes with 1012, and is admitted to ``targets`` when its plugin dials
+        again. One admitted before the reload whose ``hello`` comes after is closed at
+        once (``accept``): nothing was sent on it."""
         wanted = frozenset(target.key for target in targets)
         self._retargeted[plugin.key] = wanted
-        stale = [
-            each
-            for each in self.inbound.all()
-            if each.plugin_id == plugin.id
-            and each.version == plugin.version
-            and each.fleets != wanted
-            and not each.channel.closed
-        ]
-        if not stale:
-            return
         reason = _retargeted_reason(plugin.key)
-        log.info("%s: closing %d connection(s), 1012: %s", plugin.key, len(stale), reason)
-        await asyncio.gather(*(each.channel.close(CLOSE_SERVICE_RESTART, reason) for each in stale))
+        for each in self.inbound.all():
+            if (each.plugin_id, each.version) == (plugin.id, plugin.version) and (
+                each.fleets != wanted and each.channel.usable
+            ):
+                each.channel.go_away(CLOSE_SERVICE_RESTART, reason)
 
     async def _hello(self, socket: Any, plugin: PluginInfo) -> dict[str, Any] | None:
         """The plugin's ``hello``, checked against the plugin admitted; None (and the
