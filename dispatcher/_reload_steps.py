@@ -28,10 +28,11 @@ to happen to the parts around that install is here, in the order the dispatcher 
    wait until the calls in flight at the swap have ended (``grace`` seconds at most:
    then calls still using it fail as it goes), close the connections of plugins that
    dialled in on targets no longer used (nothing calls them any more: each plugin is
-   told whether its id is still served, so that it dials again, or is gone), and
-   detach the rest: retired attachments (with any an earlier reload retired and left
-   when its caller gave up after its swap), discovered instances from the versions no
-   longer calling them, fleets, the policy state of removed versions. A caller giving
+   told whether its id is still served, so that it dials again, or is gone) or whose
+   version now has other inbound targets (it dials again, and joins all their fleets),
+   and detach the rest: retired attachments (with any an earlier reload retired and
+   left when its caller gave up after its swap), discovered instances from the versions
+   no longer calling them, fleets, the policy state of removed versions. A caller giving
    up once the wait is over waits for these to end.
 """
 
@@ -184,7 +185,9 @@ class ReloadSteps:
         self, manifest: Manifest[Any], plan: ReloadPlan, used: set[str]
     ) -> None:
         """Close the plugin connections of the inbound targets of removed and changed
-        versions that ``manifest`` no longer uses (those it keeps stay connected)."""
+        versions that ``manifest`` no longer uses (those it keeps stay connected), and
+        those of changed versions whose inbound targets are now others (they connect
+        again, admitted to the new ones)."""
         served = {
             plugin.id
             for plugin in manifest.plugins
@@ -199,6 +202,22 @@ class ReloadSteps:
                     await provider.close_connections(target, replaced=plugin.id in served)
                 except Exception:  # as a failed detach: logged, the reload is done
                     log.exception("reload: closing the connections of %s failed", plugin.key)
+        for old, new in plan.changed:
+            # A connection serves every inbound target of its version, joined to their
+            # fleets when admitted: one whose version gained a target would never be
+            # called through it (that fleet stayed empty while the plugin stayed
+            # connected), so it connects again (``Provider.retarget_connections``).
+            had = {target.key for target in old.targets() if target.accepts_connections()}
+            has = [target for target in new.targets() if target.accepts_connections()]
+            if not had or not has or {target.key for target in has} == had:
+                continue  # none admitted, none taken now (closed above), or the same
+            provider = self._attachments.providers.get(has[0].provider)
+            if provider is None:
+                continue
+            try:
+                await provider.retarget_connections(new, has)
+            except Exception:  # as a failed detach: logged, the reload is done
+                log.exception("reload: closing the connections of %s failed", new.key)
 
     async def _settle(self, grace: float) -> None:
         """Wait until the calls in flight now have ended, ``grace`` seconds at most."""

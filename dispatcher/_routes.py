@@ -12,6 +12,7 @@ follows the routes.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from functools import partial
 from typing import Any, Protocol
 
@@ -179,8 +180,11 @@ def _bind_fleet_stream(
         instance.in_flight += 1
         instance.calls += 1
         try:
-            async for chunk in stream(instance.target, invocation):
-                yield chunk
+            # Closed with this stream, not left to the garbage collector: the provider's
+            # stream holds what it counts (a connection's calls in flight) until it ends.
+            async with aclosing(stream(instance.target, invocation)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             instance.in_flight -= 1
 

@@ -351,6 +351,17 @@ class Provider(abc.ABC, Generic[TargetT]):
         otherwise the plugin is gone. Called once the calls in flight at the reload's swap
         have ended (or its grace passed). The default: nothing, as nothing connects."""
 
+    async def retarget_connections(self, plugin: PluginInfo, targets: Sequence[TargetT]) -> None:
+        """A reload changed ``plugin`` (same id and version) so that the targets of it
+        that ``accepts_connections`` are now ``targets``, another set than it was admitted
+        to: a plugin connected in serves all of them over one connection, joined to each
+        one's fleet when it is admitted, so close those connections admitted to another
+        set once their calls in flight have ended, sending them none meanwhile (and any
+        such that completes its handshake later, at once), telling each plugin to
+        connect again: it is admitted to ``targets``. Called after ``close_connections``,
+        once the calls in flight at the reload's swap have ended. The default: nothing,
+        as nothing connects."""
+
     def deployer(self) -> Deployer[TargetT] | None:
         """How this provider deploys its targets (``dispatcher deploy``); None if it cannot."""
         return None

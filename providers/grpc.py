@@ -49,6 +49,7 @@ import logging
 import re
 import secrets
 from collections.abc import AsyncGenerator, Coroutine, Hashable, Sequence
+from contextlib import aclosing
 from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -538,8 +539,11 @@ class GrpcProvider(Provider[GrpcTarget]):
         return await self._connection(target).call_batch(invocations)
 
     async def stream(self, target: GrpcTarget, invocation: Invocation) -> AsyncGenerator[Any, None]:
-        async for chunk in self._connection(target).stream(invocation):
-            yield chunk
+        # Closed with this stream, not left to the garbage collector: its RPC stays open,
+        # the plugin streaming, until the connection's stream ends.
+        async with aclosing(self._connection(target).stream(invocation)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def send_event(
         self, plugin: PluginInfo, target: GrpcTarget, event: str, data: Any

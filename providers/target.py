@@ -251,10 +251,12 @@ class TargetConfig(StrictModel):
         """The settings of this inbound target that hold for a plugin's whole connection
         rather than per call, and that no rule can combine, by name. One connection serves
         every inbound target of its plugin version, so the manifest refuses a plugin whose
-        inbound targets set one of them differently (``dispatcher.config.loader``). Those
-        with a rule are not listed: the heartbeat (``connection_heartbeat``: the shortest)
-        and the largest message read (``inbound_message_limit``: the largest, each call
-        then held to its own target's). The default: none."""
+        inbound targets set one of them differently (``dispatcher.config.shared_targets``;
+        one a target leaves unset, not listed, is the others' to say; one of
+        ``secret_fields`` is never shown). Those with a rule are not listed: the heartbeat
+        (``connection_heartbeat``: the shortest) and the largest message read
+        (``inbound_message_limit``: the largest, each call then held to its own target's).
+        The default: none."""
         return {}
 
     def one_plugin_endpoint(self) -> str | None:

@@ -502,6 +502,23 @@ async def test_stream_yields_chunks_then_raises_the_error_item(
     assert chunks == [0, 1, 2]
 
 
+async def test_a_stream_its_caller_closes_is_no_longer_open_once_the_close_returns(
+    scripted: tuple[ScriptedPlugin, str, HealthServicer],
+) -> None:
+    """The caller takes one chunk and closes the stream. Before: the provider left the
+    connection's stream to the garbage collector, so when the close returned its RPC was
+    still open (cancelled only later). Now it is closed with the caller's stream."""
+    _, address, _ = scripted
+    provider = GrpcProvider()
+    async with Dispatcher(
+        manifest(plugin({"provider": "grpc", "address": address})), providers={"grpc": provider}
+    ) as d:
+        (connection,) = provider._connections.values()
+        async with contextlib.aclosing(d.stream("scripted", "stream", {})) as chunks:
+            assert await anext(chunks) == 0
+        assert not connection._open_streams
+
+
 def _without_streams_or_events() -> dict[str, Any]:
     """A provider with the base's defaults for streams and events: the in-process one
     without its own (it has both)."""

@@ -5,6 +5,7 @@ Against the Python example plugin as a real subprocess plugin (its ``count`` str
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -94,3 +95,16 @@ async def test_publish_refuses_an_odd_timeout_by_name() -> None:
         for timeout in (0.0, -1.0, float("nan"), float("inf"), 1e300):
             with pytest.raises((DeadlineExceeded, InvalidParams), match="timeout"):
                 await dispatcher.publish("example", "ping", timeout=timeout)
+
+
+async def test_a_stream_its_caller_closes_is_no_longer_open_once_the_close_returns() -> None:
+    """The caller takes one chunk and closes the stream. Before: the provider left the
+    process's stream to the garbage collector, so when the close returned its RPC was
+    still open (cancelled only later). Now it is closed with the caller's stream."""
+    async with Dispatcher(manifest(example())) as dispatcher:
+        provider = dispatcher.providers["subprocess"]
+        (process,) = provider._processes.values()  # type: ignore[attr-defined]
+        connection = await process.connection()
+        async with contextlib.aclosing(dispatcher.stream("example", "count", {"n": 3})) as chunks:
+            assert await anext(chunks) == {"i": 0}
+        assert not connection._open_streams

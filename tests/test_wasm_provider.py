@@ -305,6 +305,30 @@ PREAMBLE = b"\x00asm\x01\x00\x00\x00"
 
 
 @pytest.mark.parametrize(
+    "before",
+    [b"", b" \n\t", b";; licence: MIT\n;; the echo module\n\n", b"(; a block comment ;)\n"],
+    ids=["nothing", "blanks", "line-comments", "block-comment"],
+)
+async def test_a_module_in_the_text_format_attaches_whatever_comment_comes_first(
+    tmp_path: Path, before: bytes
+) -> None:
+    """A ``.wat`` may begin with comments, which the runtime compiles past. Before: one
+    that began with a line comment (a licence header) was refused at attach, after the
+    runtime had compiled it and its instance had every method, as "not a core
+    WebAssembly module" (its exports were read as a binary module's). Now it attaches
+    (and runs: this one writes no output, which its call says)."""
+    module = tmp_path / "echo.wat"
+    module.write_bytes(before + b'(module (func (export "echo") (result i32) i32.const 0))')
+    assert exported_functions(module.read_bytes()) is None
+    async with Dispatcher(manifest(wasm_plugin(module, methods=("echo",)))) as dispatcher:
+        with pytest.raises(ProviderError, match="output is not JSON"):
+            await dispatcher.call("hostile", "echo", {})
+    for not_a_module in (b";; a comment and nothing else", b";; a comment\n\x7fELF"):
+        with pytest.raises(ModuleRefused, match="not a core WebAssembly module"):
+            exported_functions(not_a_module)
+
+
+@pytest.mark.parametrize(
     ("code", "refused"),
     [
         (b"\x7fELF", "not a core WebAssembly module"),

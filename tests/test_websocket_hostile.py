@@ -597,3 +597,32 @@ async def test_a_read_watch_probe_answered_after_the_next_one_went_out_is_no_str
         assert await d.call("liar", "echo", {"i": 2}) == {"i": 2}
         assert (channel.unknown_ids, channel.protocol_errors) == (0, 0)
         assert not channel.closed, channel.close_reason
+
+
+async def test_a_stream_its_caller_closes_is_no_longer_in_flight_once_the_close_returns() -> None:
+    """A plugin that sends a stream's first chunk and then nothing; the caller takes the
+    chunk and closes the stream. Before: the provider left the channel's stream to the
+    garbage collector, so when the close returned it was still in flight (counted
+    against ``max_in_flight``, its ``cancel`` not yet sent). Now it has ended, and the
+    plugin is told to stop."""
+    cancelled: list[int] = []
+
+    async def one_chunk_then_silence(ws: web.WebSocketResponse) -> None:
+        await ws.send_bytes(HELLO)
+        async for message in ws:
+            frame = orjson.loads(message.data)
+            if frame["type"] == "stream":
+                chunk = {"type": "chunk", "id": frame["id"], "data": "first"}
+                await ws.send_bytes(orjson.dumps(chunk))
+            elif frame["type"] == "cancel":
+                cancelled.append(frame["id"])
+
+    async with scripted(one_chunk_then_silence) as dispatcher:
+        async with contextlib.aclosing(dispatcher.stream("liar", "echo", {})) as chunks:
+            assert await anext(chunks) == "first"
+        channel = channel_of(dispatcher)
+        assert channel.in_flight == 0
+        assert channel._bounds.own.in_flight == 0
+        async with asyncio.timeout(5):
+            while not cancelled:  # noqa: ASYNC110 - the plugin's side, polled
+                await asyncio.sleep(0.01)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +25,14 @@ import orjson
 import pytest
 from aiohttp import web
 
-from dispatcher import Dispatcher, InvalidParams, ManifestError, Overloaded, ProviderError
+from dispatcher import (
+    Dispatcher,
+    InvalidParams,
+    ManifestError,
+    Overloaded,
+    ProviderError,
+    TargetUnavailable,
+)
 from dispatcher.gateway import GatewaySettings
 from dispatcher.gateway.app import create_app
 from linchkit_plugin.ws_protocol import PLUGIN_ID_HEADER, PLUGIN_VERSION_HEADER, hello_frame
@@ -34,6 +42,14 @@ TOKEN = "several-targets-token-0123456789"
 #: The bounds of the two targets: a message of ``BETWEEN`` bytes is over one, under the other.
 NARROW_BYTES, WIDE_BYTES, BETWEEN = 4096, 1024 * 1024, 20_000
 NARROW_IN_FLIGHT = 2
+
+
+#: The upgrade of plugin ``multi``: who it is, its token.
+MULTI_HEADERS = {
+    PLUGIN_ID_HEADER: "multi",
+    PLUGIN_VERSION_HEADER: "1.0.0",
+    "Authorization": f"Bearer {TOKEN}",
+}
 
 
 def inbound(**settings: Any) -> dict[str, Any]:
@@ -80,15 +96,22 @@ class RawPlugin:
     first (``hold``); a stream sends one chunk of ``size`` bytes. Health probes are
     answered at once; pings only if ``pongs``."""
 
-    def __init__(self, socket: aiohttp.ClientWebSocketResponse, *, pongs: bool) -> None:
+    def __init__(
+        self,
+        socket: aiohttp.ClientWebSocketResponse,
+        *,
+        pongs: bool,
+        methods: tuple[str, ...] = ("wide", "narrow"),
+    ) -> None:
         self.socket = socket
         self.pongs = pongs
+        self.methods = methods
         self.held: list[int] = []
         self.release = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
-        await self.socket.send_bytes(hello_frame("multi", "1.0.0", ["wide", "narrow"]))
+        await self.socket.send_bytes(hello_frame("multi", "1.0.0", list(self.methods)))
         async for message in self.socket:
             if message.type == aiohttp.WSMsgType.PING:
                 if self.pongs:
@@ -129,31 +152,33 @@ class RawPlugin:
 
 @contextlib.asynccontextmanager
 async def dialled_in(
-    dispatcher: Dispatcher, url: str, *, pongs: bool = True, compress: int = 0
+    dispatcher: Dispatcher,
+    url: str,
+    *,
+    pongs: bool = True,
+    compress: int = 0,
+    methods: tuple[str, ...] = ("wide", "narrow"),
 ) -> AsyncIterator[RawPlugin]:
-    """Plugin ``multi`` connected, an instance of both its targets' fleets; ``compress``:
-    the permessage-deflate window its upgrade offers (0: none)."""
+    """Plugin ``multi`` connected, an instance of each of its targets' fleets (one per
+    target of ``methods``); ``compress``: the permessage-deflate window its upgrade
+    offers (0: none)."""
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(
             url,
-            headers={
-                PLUGIN_ID_HEADER: "multi",
-                PLUGIN_VERSION_HEADER: "1.0.0",
-                "Authorization": f"Bearer {TOKEN}",
-            },
+            headers=MULTI_HEADERS,
             heartbeat=None,
             autoping=False,
             max_msg_size=8 * WIDE_BYTES,
             compress=compress,
         ) as socket,
     ):
-        plugin = RawPlugin(socket, pongs=pongs)
+        plugin = RawPlugin(socket, pongs=pongs, methods=methods)
         serving = asyncio.ensure_future(plugin.serve())
         try:
             assert dispatcher.fleets is not None
             fleets = list(dispatcher.fleets.fleets.values())
-            assert len(fleets) == 2
+            assert len(fleets) == len(methods)
             await until(lambda: all(fleet.instances for fleet in fleets), 10)
             yield plugin
         finally:
@@ -299,6 +324,54 @@ def test_inbound_targets_that_agree_on_the_event_rate_load() -> None:
     manifest(entry)
 
 
+# -- token and principal: the upgrade's, every target must admit them -----------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "other"),
+    [("token", "a-token-of-another-target-0123456789"), ("principal", "another-principal")],
+)
+def test_inbound_targets_no_one_credential_admits_are_refused_at_load(
+    setting: str, other: str
+) -> None:
+    """The plugin's upgrade presents one token and is one principal, and each of its
+    inbound targets must admit it. Before: two targets writing two tokens (a rotation
+    written on one method's target) loaded, and the plugin was refused 401 at every
+    upgrade, whichever token it held: not one call of any of its methods was served.
+    The token is never shown."""
+    entry = several(narrow_first=False)
+    if setting == "principal":
+        entry["target"]["principal"] = "the-principal"
+    entry["methods"]["narrow"]["target"][setting] = other
+    with pytest.raises(ManifestError) as raised:
+        manifest(entry)
+    (problem,) = raised.value.problems
+    assert problem.path == f"plugins[0].methods.narrow.target.{setting}"
+    assert "multi@1.0.0 dials in over one connection" in problem.message
+    if setting == "token":
+        assert "this token is not the one on its target" in problem.message
+        assert TOKEN not in problem.message and other not in problem.message
+    else:
+        assert "'another-principal' here, 'the-principal' on its target" in problem.message
+
+
+def test_inbound_targets_may_leave_a_credential_to_another() -> None:
+    """One target with the token alone, another with it and a principal too: one
+    upgrade (that token, authenticated as that principal) is admitted by both."""
+    entry = several(narrow_first=False)
+    entry["methods"]["narrow"]["target"]["principal"] = "the-principal"
+    manifest(entry)
+
+
+async def test_inbound_targets_agreeing_on_their_token_admit_the_plugin() -> None:
+    """Both targets write the same token: the plugin connects (as every test here does),
+    and calls of both methods are served."""
+    entry = several(narrow_first=False)
+    assert entry["methods"]["narrow"]["target"]["token"] == entry["target"]["token"]
+    async with gateway_of(entry) as (dispatcher, url), dialled_in(dispatcher, url):
+        assert await dispatcher.call("multi", "narrow", {"n": 1}) == {"n": 1}
+
+
 # -- compress: the connection's, the targets must agree -------------------------------------
 
 
@@ -328,4 +401,90 @@ async def test_inbound_targets_that_agree_on_compress_have_it_negotiated() -> No
     ):
         assert plugin.socket.compress == 15
         assert await dispatcher.call("multi", "wide", {"size": BETWEEN}) == "a" * BETWEEN
+        assert await dispatcher.call("multi", "narrow", {"n": 1}) == {"n": 1}
+
+
+# -- a reload that gives the version another inbound target ---------------------------------
+
+
+def with_third(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` (the same version) with method ``third`` on an inbound target of its own."""
+    changed = copy.deepcopy(entry)
+    changed["methods"]["third"] = {"target": inbound(max_in_flight=3)}
+    return changed
+
+
+async def test_a_reload_adding_an_inbound_target_has_the_plugin_connect_again_to_serve_it() -> None:
+    """Plugin ``multi`` is connected for its two targets; a reload of the same version
+    routes a new method, ``third``, to a third inbound target. Before: the connection
+    stayed open, joined to the two fleets it was admitted to and never to the new one,
+    and every call of ``third`` failed ``has no instance`` for as long as the plugin
+    stayed connected. Now the connection goes away: no new call is sent on it, the call
+    it runs past the reload's grace is answered, and then it closes 1012 (connect
+    again); dialled again, the plugin is admitted to all three."""
+    entry = several(narrow_first=False)
+    async with gateway_of(entry) as (dispatcher, url):
+        async with dialled_in(dispatcher, url) as plugin:
+            held = asyncio.ensure_future(dispatcher.call("multi", "wide", {"hold": True}))
+            await until(lambda: plugin.held, 5)
+            await dispatcher.reload(manifest(with_third(entry)), grace=0.1)
+            assert not plugin.socket.closed  # a call runs on it: it is answered first
+            with pytest.raises(TargetUnavailable):  # it takes no new call meanwhile
+                await dispatcher.call("multi", "wide", {"n": 1})
+            plugin.release.set()
+            assert await held == {"hold": True}
+            await until(lambda: plugin.socket.closed, 5)
+            assert plugin.socket.close_code == 1012
+        async with dialled_in(dispatcher, url, methods=("wide", "narrow", "third")):
+            assert await dispatcher.call("multi", "third", {"n": 3}) == {"n": 3}
+            assert await dispatcher.call("multi", "narrow", {"n": 2}) == {"n": 2}
+            channel = channel_of(dispatcher)
+            assert not channel.closed, channel.close_reason
+            assert channel.in_flight == 0
+
+
+async def test_a_plugin_admitted_before_that_reload_saying_hello_after_connects_again() -> None:
+    """Admitted at the upgrade to the version's two targets, the plugin says its hello
+    only after the reload added the third: it is closed 1012 right after its welcome,
+    not registered in the two fleets alone."""
+    entry = several(narrow_first=False)
+    async with (
+        gateway_of(entry) as (dispatcher, url),
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, headers=MULTI_HEADERS) as socket,
+    ):
+        await dispatcher.reload(manifest(with_third(entry)), grace=1)
+        await socket.send_bytes(hello_frame("multi", "1.0.0", ["wide", "narrow", "third"]))
+        welcome = await socket.receive(timeout=5)
+        assert orjson.loads(welcome.data)["type"] == "welcome"
+        closing = await socket.receive(timeout=5)
+        assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1012)
+        assert "a reload changed the inbound targets of multi@1.0.0" in closing.extra
+        provider = dispatcher.providers["websocket"]
+        await until(lambda: not provider.inbound.all(), 5)  # type: ignore[attr-defined]
+
+
+# -- a stream its caller closes ends then, on every target ----------------------------------
+
+
+async def test_a_stream_its_caller_closes_is_no_longer_in_flight_once_the_close_returns() -> None:
+    """The caller takes one chunk of a ``narrow`` stream and closes it. Before: the
+    provider's and the fleet's wrappers left the channel's stream to the garbage
+    collector, so when the close returned it still counted against ``narrow``'s
+    ``max_in_flight`` (and the plugin was told to stop only later): two such streams and
+    a call of ``narrow`` straight after could be refused ``overloaded``. Now the close
+    ends it at once, and nothing is left in flight."""
+    async with (
+        gateway_of(several(narrow_first=False)) as (dispatcher, url),
+        dialled_in(dispatcher, url),
+    ):
+        channel = channel_of(dispatcher)
+        (connection,) = dispatcher.providers["websocket"].inbound.all()  # type: ignore[attr-defined]
+        for _ in range(NARROW_IN_FLIGHT):
+            async with contextlib.aclosing(
+                dispatcher.stream("multi", "narrow", {"size": 10})
+            ) as chunks:
+                assert await anext(chunks) == "a" * 10
+            assert channel.in_flight == 0
+            assert [limits.in_flight for limits in connection.limits.values()] == [0]
         assert await dispatcher.call("multi", "narrow", {"n": 1}) == {"n": 1}

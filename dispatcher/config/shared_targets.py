@@ -105,11 +105,16 @@ def _connection_setting_problems(manifest: Manifest[Any]) -> Iterator[ManifestPr
                 seen = first.setdefault(name, (value, field))
                 if seen[0] == value:
                     continue
+                differ = (
+                    f"this {name} is not the one on its {seen[1]}"  # a token: never shown
+                    if name in target.secret_fields
+                    else f"{value!r} here, {seen[0]!r} on its {seen[1]}"
+                )
                 yield ManifestProblem(
                     f"plugins[{index}].{field}.{name}",
                     f"{plugin.key} dials in over one connection serving all its inbound"
-                    f" targets, and {name} is that connection's: {value!r} here,"
-                    f" {seen[0]!r} on its {seen[1]}. Set the same {name} on each",
+                    f" targets, and {name} is that connection's: {differ}."
+                    f" Set the same {name} on each",
                 )
 
 

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -401,7 +401,7 @@ class PluginConnection:
                 outcomes.append(Outcome(error=error))
         return outcomes
 
-    async def stream(self, invocation: Invocation) -> AsyncIterator[Any]:
+    async def stream(self, invocation: Invocation) -> AsyncGenerator[Any, None]:
         """The chunks of a streaming method; its error item, or a failed RPC, raises."""
         if self._stopping is not None:
             raise self._not_sent_while_stopping()

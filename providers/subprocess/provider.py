@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Hashable, Sequence
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from linchkit_plugin.errors import TargetUnavailable
@@ -110,8 +111,11 @@ class SubprocessProvider(Provider[SubprocessTarget]):
     ) -> AsyncGenerator[Any, None]:
         process = self.process(invocation.plugin, invocation.version, target)
         connection = await process.connection(invocation)
-        async for chunk in connection.stream(invocation):
-            yield chunk
+        # Closed with this stream, not left to the garbage collector: its RPC stays open,
+        # the plugin streaming, until the connection's stream ends.
+        async with aclosing(connection.stream(invocation)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def send_event(
         self, plugin: PluginInfo, target: SubprocessTarget, event: str, data: Any

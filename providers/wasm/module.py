@@ -9,6 +9,7 @@ version is checked against them without an instance, on the event loop.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def exported_functions(code: bytes) -> frozenset[str] | None:
     by their sizes, not read. None for a module in WebAssembly's text format (a ``.wat``,
     which the runtime compiles as well), whose exports are not parsed here. ``ModuleRefused``
     when ``code`` is not a well-formed module this far."""
-    if code.lstrip().startswith(b"("):
+    if _text_format(code):
         return None
     if not code.startswith(_PREAMBLE):
         raise ModuleRefused("the wasm module is not a core WebAssembly module (version 1)")
@@ -78,6 +79,27 @@ def exported_functions(code: bytes) -> frozenset[str] | None:
     except IndexError:
         raise ModuleRefused("the wasm module ends inside a section") from None
     return frozenset()
+
+
+#: What the text format allows before its first ``(``, besides line comments.
+_BLANKS = re.compile(rb"\s*")
+
+
+def _text_format(code: bytes) -> bool:
+    """Whether ``code`` is in WebAssembly's text format: a ``(`` (of the module, or of a
+    block comment) after blanks and line comments. Not the ``(`` first alone: a ``.wat``
+    that begins with a line comment (a licence header) compiles all the same, and was
+    refused at attach as no core module after the runtime had compiled it. Linear: each
+    comment is skipped by one search for its line's end."""
+    at = 0
+    while True:
+        blanks = _BLANKS.match(code, at)
+        at = at if blanks is None else blanks.end()
+        if not code.startswith(b";;", at):
+            return code.startswith(b"(", at)
+        at = code.find(b"\n", at)
+        if at < 0:
+            return False  # a comment and nothing else
 
 
 def _function_names(section: memoryview) -> frozenset[str]:

@@ -49,7 +49,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from typing import Any
 
 from aiohttp import WSMsgType
@@ -271,7 +271,7 @@ class Channel:
 
     async def stream(
         self, invocation: Invocation, limits: CallLimits | None = None
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """``invocation``'s chunks; ``limits`` as ``call``'s."""
         if limits is None:
             limits = self._bounds.own
@@ -569,17 +569,31 @@ class Channel:
         """The plugin is stopping: send it nothing new, close once its calls are answered."""
         if self.going_away or self.closed:
             return
+        log.info("%s is going away: its %d calls in flight finish", self.describe, self.in_flight)
+        self._drain_then_close(1000, "")
+
+    def go_away(self, code: int, reason: str) -> None:
+        """This side's goaway: send the plugin nothing new (``leaving`` is set: the owner
+        stops using the channel), and close with ``code`` and ``reason`` once the calls
+        and streams in flight have ended, by their answers or their deadlines."""
+        if self.going_away or self.closed:
+            return
+        log.info(
+            "%s: %s; its %d calls in flight finish first", self.describe, reason, self.in_flight
+        )
+        self._drain_then_close(code, reason)
+
+    def _drain_then_close(self, code: int, reason: str) -> None:
         self.going_away = True
         self.leaving.set()
-        log.info("%s is going away: its %d calls in flight finish", self.describe, self.in_flight)
-        self._spawn(self._close_when_drained())
+        self._spawn(self._close_when_drained(code, reason))
 
-    async def _close_when_drained(self) -> None:
+    async def _close_when_drained(self, code: int, reason: str) -> None:
         # Calls end by their answers, deadlines or cancellation, in several places: looked
         # at rather than signalled from each (a drain happens once per connection).
         while self.in_flight and not self.closed:  # noqa: ASYNC110
             await asyncio.sleep(_DRAIN_POLL_SECONDS)
-        await self._close_socket(1000, "")  # ends ``run``
+        await self._close_socket(code, reason)  # ends ``run``
 
     @property
     def events_dropped(self) -> int:

@@ -53,6 +53,9 @@ class InboundConnection:
     #: The limits of the calls of each target served, by the key of its instance target
     #: (the concrete target naming this connection, which calls come through).
     limits: dict[str, CallLimits] = field(default_factory=dict)
+    #: The keys of the inbound targets it was admitted to, whose fleets it joined: a
+    #: reload that changes them has it connect again (``retarget_connections``).
+    fleets: frozenset[str] = frozenset()
 
     def endpoint(self) -> Endpoint:
         return Endpoint(host=self.peer[0], port=self.peer[1], key=self.key)

@@ -13,7 +13,10 @@ the fleet layer balances over them. An inbound target names its plugin version
 (``WebSocketTarget.plugin``): its fleet holds that version's connections only. A reload
 that leaves such a target out closes its connections once their calls are done
 (``close_connections``): 1012 when the plugin's id still takes connections (dial again),
-1001 when it is gone.
+1001 when it is gone. One that gives a version other inbound targets, keeping some, closes
+its connections with 1012 too, once their calls are done (``retarget_connections``): each
+joined the fleets of the targets it was admitted to, and is admitted to the new ones when
+it dials again.
 
 Errors, as every provider maps them here and nowhere else:
 
@@ -94,6 +97,10 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         #: Inbound targets a reload left out, by key: the close code and reason their
         #: connections got, for one whose handshake ends after that (``close_connections``).
         self._left_out: dict[str, tuple[int, str]] = {}
+        #: Plugin versions a reload gave other inbound targets, by ``id@version``: the
+        #: keys of those targets, which a connection must have been admitted to
+        #: (``retarget_connections``), until a reload makes their fleets anew.
+        self._retargeted: dict[str, frozenset[str]] = {}
 
     async def start(self) -> None:
         # aiohttp and the modules built on it load here, not with the target model.
@@ -204,8 +211,14 @@ class WebSocketProvider(Provider[WebSocketTarget]):
         else:
             connection = self._connected(target)
             chunks = connection.channel.stream(invocation, connection.limits_of(target))
-        async for chunk in chunks:
-            yield chunk
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            # Now, when this stream is closed, not when the garbage collector finds the
+            # channel's: until it ends it counts against its target's max_in_flight,
+            # and the plugin, which its end sends a cancel, goes on streaming.
+            await chunks.aclose()
 
     async def send_event(
         self, plugin: PluginInfo, target: WebSocketTarget, event: str, data: Any
@@ -273,8 +286,11 @@ class WebSocketProvider(Provider[WebSocketTarget]):
     def instance_source(self, target: WebSocketTarget) -> InstanceSource | None:
         if not target.accepts_connections():
             return None
-        # Its fleet is watched (again): a reload that left the target out was undone.
+        # Its fleet is watched (again): a reload that left the target out was undone,
+        # and one that adds the target, or its version again, says its targets anew.
         self._left_out.pop(target.key, None)
+        if target.plugin is not None:
+            self._retargeted.pop(target.plugin, None)
         return ConnectionSource(
             self.inbound, target.key, f"inbound connections ({target.describe()})"
         )
@@ -326,18 +342,28 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             sink=self.event_sink_of(plugin),
         )
         served = served_names(hello.get("methods", ()))
-        inbound = InboundConnection(key, channel, plugin.id, plugin.version, peer, hello, served)
+        fleets = frozenset(target.key for target in targets)
+        inbound = InboundConnection(
+            key, channel, plugin.id, plugin.version, peer, hello, served, fleets=fleets
+        )
         try:
             await channel.send_event(encode_frame({"type": "welcome", "instance": key}))
         except TargetUnavailable:
             await channel.close()  # and its writer with it
             raise
-        # No await from here to the registration: a reload's ``close_connections`` either
-        # ran before (and is read here) or finds the connection registered.
+        # No await from here to the registration: a reload's ``close_connections`` (or
+        # ``retarget_connections``) either ran before (and is read here) or finds the
+        # connection registered.
         left_out = next((self._left_out[t.key] for t in targets if t.key in self._left_out), None)
+        retargeted = self._retargeted.get(plugin.key)
+        if left_out is None and retargeted is not None and retargeted != fleets:
+            # Admitted to the targets its version had before a reload gave it others:
+            # it would be missing from the fleets of the targets added.
+            left_out = CLOSE_SERVICE_RESTART, _retargeted_reason(plugin.key)
         if left_out is not None:
-            # Admitted before a reload left its target out, said hello after: closed as
-            # the connections open then were, or it would serve a fleet nothing calls.
+            # Admitted before a reload left its target out (or gave its version other
+            # targets), said hello after: closed as the connections open then were, or
+            # it would serve a fleet nothing calls (or miss one that is).
             await channel.close(*left_out)
             log.info("%s closed at once: %s", key, channel.close_reason)
             return
@@ -379,6 +405,29 @@ class WebSocketProvider(Provider[WebSocketTarget]):
             )
         await asyncio.gather(*(each.channel.close(code, reason) for each in connections))
 
+    async def retarget_connections(
+        self, plugin: PluginInfo, targets: Sequence[WebSocketTarget]
+    ) -> None:
+        """A reload gave ``plugin``'s version the inbound ``targets``, another set than its
+        connections were admitted to. Each connection joined the fleets of its targets
+        when it was admitted, and settled its heartbeat, message bound and compression
+        from them: one left open would never be called through a target added (its
+        fleet empty for as long as the plugin stays connected: every call failing "no
+        instance"). So each goes away: it leaves its fleets now, its calls in flight
+        finish (the targets it serves are still called, unlike one a reload leaves out:
+        closed at once, a call made since the reload's swap would fail ``in_flight``),
+        then it closes with 1012, and is admitted to ``targets`` when its plugin dials
+        again. One admitted before the reload whose ``hello`` comes after is closed at
+        once (``accept``): nothing was sent on it."""
+        wanted = frozenset(target.key for target in targets)
+        self._retargeted[plugin.key] = wanted
+        reason = _retargeted_reason(plugin.key)
+        for each in self.inbound.all():
+            if (each.plugin_id, each.version) == (plugin.id, plugin.version) and (
+                each.fleets != wanted and each.channel.usable
+            ):
+                each.channel.go_away(CLOSE_SERVICE_RESTART, reason)
+
     async def _hello(self, socket: Any, plugin: PluginInfo) -> dict[str, Any] | None:
         """The plugin's ``hello``, checked against the plugin admitted; None (and the
         connection closed with the reason) when it is not one."""
@@ -417,7 +466,7 @@ class WebSocketProvider(Provider[WebSocketTarget]):
     def __repr__(self) -> str:
         return (
             f"<WebSocketProvider 'websocket' dialed={len(self._dialed)} {self.inbound!r}"
-            f" left_out={len(self._left_out)}>"
+            f" left_out={len(self._left_out)} retargeted={len(self._retargeted)}>"
         )
 
 
@@ -427,6 +476,11 @@ async def _refuse(socket: Any, code: int, reason: str) -> None:
 
     await hang_up(socket, code, reason)
     await socket.close(code=code, message=close_message(reason))  # returns at once now
+
+
+def _retargeted_reason(plugin_key: str) -> str:
+    """The close reason of a connection whose version a reload gave other inbound targets."""
+    return f"a reload changed the inbound targets of {plugin_key}; connect again"
 
 
 def _reload_close(target: WebSocketTarget, replaced: bool) -> tuple[int, str]:

@@ -278,7 +278,19 @@ class WebSocketTarget(TargetConfig):
         # and neither choice is right for the target that asked the other.
         if not self.accepts_connections():
             return {}
-        return {"max_events_per_second": self.max_events_per_second, "compress": self.compress}
+        settings: dict[str, object] = {
+            "max_events_per_second": self.max_events_per_second,
+            "compress": self.compress,
+        }
+        # The upgrade presents one token and is one principal, which every target must
+        # admit (``dispatcher._inbound.admit``): two tokens, or two principals, and no
+        # connection of the plugin was ever admitted (401 to each, for any method). One
+        # a target leaves unset is the others' to say.
+        if self.token is not None:
+            settings["token"] = self.token
+        if self.principal is not None:
+            settings["principal"] = self.principal
+        return settings
 
     def one_plugin_endpoint(self) -> str | None:
         # The plugin's hello names its one id, which the dialled connection checks.
