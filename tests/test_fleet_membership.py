@@ -45,7 +45,7 @@ class _Recorded:
     """One discovered instance's fleet and membership, recording its attaches and detaches
     (a detach takes ``detach_takes`` seconds, and is recorded as begun and as ended)."""
 
-    def __init__(self, detach_takes: float = 0.0) -> None:
+    def __init__(self, detach_takes: float = 0.0, drain_timeout: float = 1.0) -> None:
         target = HttpTarget.model_validate(
             {"provider": "http", "instances": [{"dns": {"name": "echo.test", "type": "SRV"}}]}
         )
@@ -53,19 +53,23 @@ class _Recorded:
         self.attached: list[str] = []
         self.detaching: list[str] = []
         self.detached: list[str] = []
+        #: Attaches and detaches, in the order they began.
+        self.events: list[str] = []
         self.detach_takes = detach_takes
         self.membership = Membership(
             self.fleet,
             [_Listing(Endpoint("127.0.0.1", 9))],
             attach=self._attach,
             detach=self._detach,
-            drain_timeout=1.0,
+            drain_timeout=drain_timeout,
         )
 
     async def _attach(self, instance: TargetConfig) -> Any:
+        self.events.append("attach")
         self.attached.append(instance.key)
 
     async def _detach(self, instances: Sequence[TargetConfig]) -> Any:
+        self.events.append("detach")
         self.detaching.extend(each.key for each in instances)
         await asyncio.sleep(self.detach_takes)
         self.detached.extend(each.key for each in instances)
@@ -246,3 +250,27 @@ async def test_a_cancel_lets_the_detaches_under_way_end_and_starts_no_other() ->
         await detaching
     assert len(provider.detached) == 2
     assert provider.most_at_once == 2
+
+
+async def test_an_instance_listed_again_while_it_drains_joins_once_detached() -> None:
+    # An instance that left (a source that flapped, one sent out to take a reload's new
+    # entry afresh) still drains its calls, attached. A pass that found it listed again
+    # attached it a second time over the live attachment (a gRPC service got a second
+    # Init and Start), and its drain then skipped the detach: the first attach was never
+    # undone. Now it stays out until detached, then joins again, attached anew.
+    recorded = _Recorded(drain_timeout=30.0)
+    events = recorded.events
+    membership = recorded.membership
+    await membership.start(first_read_timeout=1.0)
+    (member,) = recorded.fleet.instances
+    member.in_flight += 1  # a call it still answers
+    membership.retire_member(member.key)
+    await asyncio.sleep(1.2)  # passes come 0.5 s and 1 s after: the source lists it still
+    assert events == ["attach"]
+    assert recorded.fleet.member(member.key) is None
+    member.in_flight -= 1  # the call ended
+    await until(lambda: recorded.fleet.member(member.key) is not None, "the instance back")
+    assert events == ["attach", "detach", "attach"]
+    await membership.aclose()
+    await membership.detach_all()
+    assert events == ["attach", "detach", "attach", "detach"]

@@ -18,7 +18,10 @@ each endpoint became is kept from one report to the next, so a report costs what
 changed, not the whole list); an instance whose attach fails is left
 out and tried again by a pass 0.5 s later, then 1 s, 2 s … up to 30 s while it fails
 (sources report only changes: an instance listed before its server is up would
-otherwise wait for the next one).
+otherwise wait for the next one). An instance that left and is listed again while it
+still drains its calls joins again once its detach has ended, attached anew: never
+attached twice over (a source that flaps, an instance sent out to take a reload's entry
+afresh).
 """
 
 from __future__ import annotations
@@ -229,7 +232,13 @@ class Membership:
         left_out = False
         for key, (target, weight, source_name) in wanted.items():
             instance = present.get(key)
-            if instance is None:
+            if instance is None and key in self.attached:
+                # It left and still drains its calls, attached: attached again now, its
+                # plugins would get a second attach over the live one (a gRPC service a
+                # second Init and Start), and its detach would be skipped. It joins
+                # again, attached anew, once its detach has ended (``_detach_when_idle``).
+                left_out = True
+            elif instance is None:
                 left_out |= not await self._join(target, weight, source_name)
             elif instance.source != FIXED and instance.weight != weight:
                 fleet.reweigh(instance, weight)
@@ -301,6 +310,7 @@ class Membership:
                 )
             finally:
                 self._detaching.discard(task)
+            self._changed.set()  # a source listing it still: it joins again, attached anew
 
     async def _safely(
         self,
