@@ -445,3 +445,36 @@ async def test_a_fleet_source_follows_plugins_that_come_and_go(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await source.aclose()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [
+            str(BIN / "dispatcher-plugin"),
+            *("connect", "echo_plugin:EchoPlugin", "--path", str(EXAMPLES)),
+            *("--url", "ws://127.0.0.1:1/", "--id", "example", "--version", "1.0.0"),
+        ],
+        [sys.executable, str(PYTHON_GRPC_EXAMPLE), "connect", "--url", "ws://127.0.0.1:1/"],
+    ],
+    ids=["dispatcher-plugin", "executable"],
+)
+def test_a_plugin_that_dials_the_gateway_told_to_register_says_it_cannot(
+    command: list[str],
+) -> None:
+    """A plugin that dials the gateway (connect) is known by its connection and dialled by
+    no dispatcher: told to register, it was silently not registered; it refuses now, in
+    one line, before it dials."""
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**CLEAN_ENVIRONMENT, "LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1"},
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "LINCHKIT_REGISTER_ETCD: a plugin that dials the gateway (connect) is not" in (
+        done.stderr
+    ), done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""

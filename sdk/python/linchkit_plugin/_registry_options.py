@@ -275,13 +275,24 @@ def registry_settings(
 
 
 def websocket_refusal(
-    options: argparse.Namespace | None, environment: Mapping[str, str] | None = None
+    options: argparse.Namespace | None,
+    environment: Mapping[str, str] | None = None,
+    *,
+    dialling: bool = False,
 ) -> str | None:
-    """Why a WebSocket server told to register (``options``' flags, if it has them, or
-    the environment) must not start; None when it was not told to."""
+    """Why a WebSocket server (or, ``dialling``, a plugin that dials the gateway:
+    ``connect``) told to register (``options``' flags, if it has them, or the
+    environment) must not start; None when it was not told to. Refused, not ignored: an
+    operator who set it expects the plugin to be found there."""
     given = _Given(options, os.environ if environment is None else environment)
     if given.value(_ETCD) is None:
         return None
+    if dialling:
+        return (
+            f"{given.name(_ETCD)}: a plugin that dials the gateway (connect) is not"
+            " registered in etcd, as no dispatcher dials it: the gateway knows it by its"
+            " connection. Serve over HTTP or gRPC to be found there, or leave it unset"
+        )
     return (
         f"{given.name(_ETCD)}: a WebSocket server is not registered in etcd, as a"
         " dispatcher dials a websocket target at its one url and finds none in a registry:"

@@ -276,6 +276,9 @@ def _websocket_cli() -> Any:
 
 
 def connect(options: argparse.Namespace) -> int:
+    refusal = websocket_refusal(options, dialling=True)
+    if refusal is not None:
+        _fail(refusal)
     plugin_host, config, token = _plugin_of(options)
     ws_cli = _websocket_cli()
     configure_from_env()  # as ``serve``: spans of traced calls go to their collector

@@ -270,6 +270,10 @@ def main(
         except ValueError as error:
             sys.stderr.write(f"connect: {error}\n")
             return 1
+        refusal = websocket_refusal(None, dialling=True)
+        if refusal is not None:
+            sys.stderr.write(f"connect: {refusal}\n")
+            return 1
         configure_from_env()  # OTEL_* variables: spans of traced calls go to their collector
 
         async def connect() -> None:
