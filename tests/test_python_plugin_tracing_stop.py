@@ -18,49 +18,30 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
 
-from dispatcher import Dispatcher, parse_manifest
 from linchkit_plugin import tracing
-from linchkit_plugin.stopping import STOP_GRACE_ENV, STOP_HOOKS_ENV
 from linchkit_plugin.tracing import SPAN_FLUSH_MARGIN_SECONDS
-from tests.conformance.conftest import _start_service, executable
-from tests.services import CLEAN_ENVIRONMENT
+from tests.conformance.test_stop_with_a_silent_collector import (
+    SECRET,
+    TRACEPARENT,
+    stopped_after_a_traced_call,
+    traced_environment,
+)
+from tests.conformance.test_stop_with_a_silent_collector import (
+    silent_collector as silent_collector,  # the fixture
+)
 from tests.test_python_plugin_http_stop import _serving
 from tests.test_telemetry_tracing import Collector, until
 from tests.test_telemetry_tracing import collector as collector  # the fixture
 
 pytestmark = pytest.mark.slow
 
-#: What the exporter is told to send with each request, and must never be printed.
-SECRET = "s3cret-collector-token"
-TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 #: Slack past grace + hooks + the margin for a slow, loaded machine; well short of the
 #: exporter's own 10 s.
 SLACK = 2.5
-
-
-@pytest.fixture
-async def silent_collector() -> AsyncIterator[str]:
-    """An OTLP endpoint that accepts every connection and never answers."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://collector:{SECRET}@127.0.0.1:{port}/v1/traces"
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def _stop_with_a_span_buffered(
@@ -69,15 +50,7 @@ async def _stop_with_a_span_buffered(
     """Serve the example with tracing to ``collector`` and both caps ``caps_ms`` (None: the
     defaults), make one traced call, SIGTERM the plugin: how long it took to exit, its
     status, its stderr."""
-    env = {
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector,
-        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"authorization=Bearer%20{SECRET}",
-        # Nothing sent before the stop: the call's span waits in the buffer for it.
-        "OTEL_BSP_SCHEDULE_DELAY": "600000",
-    }
-    if caps_ms is not None:
-        env |= {STOP_GRACE_ENV: str(caps_ms), STOP_HOOKS_ENV: str(caps_ms)}
-    async with _serving({}, env) as (process, url):
+    async with _serving({}, traced_environment(collector, caps_ms)) as (process, url):
         assert process.stderr is not None
         envelope = {
             "v": 1,
@@ -152,72 +125,13 @@ def test_the_warning_names_the_collector_by_scheme_host_and_port_only(
 # they installed no exporter, and a plugin served so sent no span at all.
 
 
-def _example_manifest(mode: str, address: str) -> Any:
-    target = (
-        {"provider": "grpc", "address": address, "lifecycle": "dispatcher"}
-        if mode == "grpc"
-        else {"provider": "websocket", "url": f"ws://{address}/"}
-    )
-    return parse_manifest(
-        {
-            "plugins": [
-                {
-                    "id": "example",
-                    "version": "1.0.0",
-                    "target": target,
-                    "defaults": {"timeout_ms": 20_000},
-                    "methods": {"echo": {}},
-                }
-            ]
-        }
-    )
-
-
-async def _executable_stopped_after_a_traced_call(
-    mode: str, collector: str, caps_ms: int | None
-) -> tuple[float, int | None, str]:
-    """The Python example executable in ``mode`` with tracing to ``collector``, one traced
-    call through the dispatcher, then SIGTERM: how long it took to exit, its status, its
-    stderr."""
-    env = {k: v for k, v in CLEAN_ENVIRONMENT.items() if not k.startswith("OTEL_")} | {
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector,
-        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"authorization=Bearer%20{SECRET}",
-        "OTEL_BSP_SCHEDULE_DELAY": "600000",  # nothing sent before the stop
-    }
-    if caps_ms is not None:
-        env |= {STOP_GRACE_ENV: str(caps_ms), STOP_HOOKS_ENV: str(caps_ms)}
-    extra = ("--websocket",) if mode == "websocket" else ()
-    process, address = await _start_service(
-        executable("python"), env, asyncio.subprocess.PIPE, protocol=mode, extra=extra
-    )
-    try:
-        assert process.stderr is not None
-        said = asyncio.create_task(process.stderr.read())  # read all along: a full pipe blocks
-        async with Dispatcher(_example_manifest(mode, address)) as dispatcher:
-            result = await dispatcher.call(
-                "example", "echo", {"text": "traced"}, traceparent=TRACEPARENT
-            )
-        assert result == {"text": "traced"}
-        began = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(60):
-            await process.wait()
-            took = time.monotonic() - began
-            stderr = (await said).decode(errors="replace")
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    return took, process.returncode, stderr
-
-
 @pytest.mark.parametrize("mode", ["grpc", "websocket"])
 async def test_the_executable_s_own_modes_send_the_spans_of_traced_calls(
     mode: str, collector: tuple[Collector, str]
 ) -> None:
     received, base = collector
-    took, returncode, said = await _executable_stopped_after_a_traced_call(
-        mode, f"{base}/v1/traces", None
+    took, returncode, said = await stopped_after_a_traced_call(
+        "python", traced_environment(f"{base}/v1/traces", None), mode=mode
     )
     await until(lambda: received.named("ExamplePlugin.echo"), f"the {mode} plugin's span")
     (span,) = received.named("ExamplePlugin.echo")
@@ -230,8 +144,8 @@ async def test_the_executable_s_own_modes_send_the_spans_of_traced_calls(
 async def test_the_executable_s_own_modes_stop_within_the_caps_with_a_silent_collector(
     mode: str, silent_collector: str
 ) -> None:
-    took, returncode, said = await _executable_stopped_after_a_traced_call(
-        mode, silent_collector, 0
+    took, returncode, said = await stopped_after_a_traced_call(
+        "python", traced_environment(silent_collector, 0), mode=mode
     )
     assert took < SPAN_FLUSH_MARGIN_SECONDS + SLACK, (took, said)
     assert returncode == 0, said

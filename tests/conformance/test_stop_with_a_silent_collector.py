@@ -27,10 +27,11 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from dispatcher import Dispatcher
+from dispatcher import Dispatcher, parse_manifest
 from tests.conformance.conftest import LANGUAGES, _start_service, executable
 from tests.services import CLEAN_ENVIRONMENT
 from tests.test_telemetry_tracing import sdk_manifest
@@ -66,25 +67,43 @@ async def silent_collector() -> AsyncIterator[str]:
         await server.wait_closed()
 
 
-@pytest.mark.parametrize("language", LANGUAGES)
-async def test_a_silent_collector_keeps_the_stop_within_the_caps(
-    language: str, silent_collector: str
-) -> None:
+def traced_environment(collector: str, caps_ms: int | None) -> dict[str, str]:
+    """A plugin's environment sending its spans to ``collector`` (with a secret header)
+    only at the stop, both caps ``caps_ms`` (None: the defaults)."""
     env = {k: v for k, v in CLEAN_ENVIRONMENT.items() if not k.startswith("OTEL_")} | {
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": silent_collector,
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": collector,
         "OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"authorization=Bearer%20{SECRET}",
         # Nothing sent before the stop: the call's span waits in the buffer for it.
         "OTEL_BSP_SCHEDULE_DELAY": "600000",
-        "LINCHKIT_PLUGIN_STOP_GRACE_MS": "0",
-        "LINCHKIT_PLUGIN_STOP_HOOKS_MS": "0",
     }
+    if caps_ms is not None:
+        env |= {"LINCHKIT_PLUGIN_STOP_GRACE_MS": str(caps_ms)}
+        env |= {"LINCHKIT_PLUGIN_STOP_HOOKS_MS": str(caps_ms)}
+    return env
+
+
+def _manifest(mode: str, address: str) -> Any:
+    if mode == "grpc":
+        return sdk_manifest(address, None)
+    target = {"provider": "websocket", "url": f"ws://{address}/"}
+    plugin = {"id": "example", "version": "1.0.0", "target": target, "methods": {"echo": {}}}
+    return parse_manifest({"plugins": [{**plugin, "defaults": {"timeout_ms": 20_000}}]})
+
+
+async def stopped_after_a_traced_call(
+    language: str, env: dict[str, str], *, mode: str = "grpc"
+) -> tuple[float, int | None, str]:
+    """The example plugin of ``language`` served in ``mode`` (``grpc``, ``websocket``)
+    in ``env``, one call with a ``traceparent`` through the dispatcher, then SIGTERM: how
+    long it took to exit, its exit status, its stderr."""
+    extra = ("--websocket",) if mode == "websocket" else ()
     process, address = await _start_service(
-        executable(language), env, stderr=asyncio.subprocess.PIPE
+        executable(language), env, asyncio.subprocess.PIPE, protocol=mode, extra=extra
     )
     try:
         assert process.stderr is not None
         said = asyncio.create_task(process.stderr.read())  # read all along: a full pipe blocks
-        async with Dispatcher(sdk_manifest(address, None)) as dispatcher:
+        async with Dispatcher(_manifest(mode, address)) as dispatcher:
             result = await dispatcher.call(
                 "example", "echo", {"text": "traced"}, traceparent=TRACEPARENT
             )
@@ -99,6 +118,16 @@ async def test_a_silent_collector_keeps_the_stop_within_the_caps(
         if process.returncode is None:
             process.kill()
             await process.wait()
+    return took, process.returncode, stderr
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_a_silent_collector_keeps_the_stop_within_the_caps(
+    language: str, silent_collector: str
+) -> None:
+    took, returncode, stderr = await stopped_after_a_traced_call(
+        language, traced_environment(silent_collector, 0)
+    )
     assert took < SPAN_FLUSH_MARGIN + SLACK, (language, took, stderr)
-    assert process.returncode == 0, (language, stderr)
+    assert returncode == 0, (language, stderr)
     assert SECRET not in stderr, (language, stderr)
