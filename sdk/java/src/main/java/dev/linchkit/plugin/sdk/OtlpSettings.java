@@ -230,7 +230,8 @@ record OtlpSettings(
       if (value >= min && value <= max) return value;
     }
     String shown = text.length() > 40 ? text.substring(0, 40) + "…" : text;
-    warn.accept(name + " must be a whole number from " + min + " to " + max + ", not '"
+    String rule = max == Long.MAX_VALUE ? " of milliseconds, " + min + " or more" : " from " + min + " to " + max;
+    warn.accept(name + " must be a whole number" + rule + ", not '"
         + shown.replaceAll("\\p{Cntrl}", "?") + "'; using the default");
     return null;
   }

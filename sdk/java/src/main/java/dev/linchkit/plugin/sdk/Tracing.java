@@ -121,15 +121,16 @@ final class Tracing {
           + ") is not an http:// or https:// URL");
       return null;
     }
-    settings.headers().forEach(exporter::addHeader);
-    if (settings.timeoutMs() != null) exporter.setTimeout(settings.timeoutMs(), TimeUnit.MILLISECONDS);
-    if (settings.compression() != null) exporter.setCompression(settings.compression());
     try {
+      settings.headers().forEach(exporter::addHeader);
+      if (settings.timeoutMs() != null) exporter.setTimeout(settings.timeoutMs(), TimeUnit.MILLISECONDS);
+      if (settings.compression() != null) exporter.setCompression(settings.compression());
       if (settings.certificateFile() != null) exporter.setTrustedCertificates(read(settings.certificateFile()));
       if (settings.clientKeyFile() != null || settings.clientCertificateFile() != null) {
         if (settings.clientKeyFile() == null || settings.clientCertificateFile() == null) {
-          Log.SDK.warning("serving without tracing: a client key for the trace collector needs its certificate,"
-              + " and a certificate its key (OTEL_EXPORTER_OTLP_CLIENT_KEY, OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE)");
+          Log.SDK.warning("serving without tracing: a client key for the trace collector at " + settings.collectorShown()
+              + " needs its certificate, and a certificate its key (OTEL_EXPORTER_OTLP_CLIENT_KEY,"
+              + " OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE)");
           return null;
         }
         exporter.setClientTls(read(settings.clientKeyFile()), read(settings.clientCertificateFile()));

@@ -46,6 +46,8 @@ import java.util.Set;
 import java.util.concurrent.CopyOnWriteArrayList;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicReference;
+import java.util.logging.Handler;
+import java.util.logging.LogRecord;
 import org.junit.jupiter.api.AfterEach;
 import org.junit.jupiter.api.Test;
 
@@ -303,6 +305,53 @@ class TracingTest {
       assertEquals(1, said.lines().count(), said);
       assertFalse(said.contains(SECRET), said);
       for (Socket socket : held) socket.close();
+    }
+  }
+
+  /** The SDK's warnings while {@code body} runs. */
+  private static List<String> warningsOf(Runnable body) {
+    List<String> said = new CopyOnWriteArrayList<>();
+    Handler keep = new Handler() {
+      @Override
+      public void publish(LogRecord record) {
+        said.add(record.getMessage());
+      }
+
+      @Override
+      public void flush() {}
+
+      @Override
+      public void close() {}
+    };
+    Log.SDK.addHandler(keep);
+    try {
+      body.run();
+    } finally {
+      Log.SDK.removeHandler(keep);
+    }
+    return said;
+  }
+
+  /**
+   * An exporter that cannot be made leaves the plugin untraced, with one warning that names the
+   * collector without the password in its URL: tracing is an aid, not the plugin's job.
+   */
+  @Test
+  void anExporterThatCannotBeMadeLeavesThePluginUntracedWithoutItsSecrets() {
+    List<Map<String, String>> broken = List.of(
+        Map.of("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://collector:" + SECRET + "@127.0.0.1:4318/v1/traces"),
+        Map.of("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:" + SECRET + "@127.0.0.1:4318/v1/traces",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/" + "ca.pem"),
+        Map.of("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:" + SECRET + "@127.0.0.1:4318/v1/traces",
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY", "/nonexistent/client.key"));
+    for (Map<String, String> env : broken) {
+      Tracing[] made = {null};
+      List<String> said = warningsOf(() -> made[0] = Tracing.exporting(OtlpSettings.fromEnv(env, "test", w -> {}), plugin()));
+      assertNull(made[0], env.toString());
+      assertEquals(1, said.size(), said.toString());
+      assertTrue(said.get(0).startsWith("serving without tracing: "), said.get(0));
+      assertTrue(said.get(0).contains("127.0.0.1:4318"), said.get(0));
+      assertFalse(said.get(0).contains(SECRET), said.get(0));
     }
   }
 
