@@ -12,10 +12,11 @@ Each case starts the example plugin of one SDK as a gRPC service (``serve --addr
 its variables naming a TCP server here that accepts and never answers, both caps 0 and
 spans sent only at the stop; makes one call with a ``traceparent`` through the
 dispatcher (a span buffered, in an SDK that traces), SIGTERMs the plugin and times its
-exit. The Go and TypeScript SDKs send the span for the 1 s margin and give up
-(``sdk/go/plugin/tracing_test.go``, ``sdk/typescript/test/tracing-stop.test.ts``); the
-Rust and Java SDKs have no exporter: the variables change nothing, and this case is what
-holds them to the caps should one come. The Python SDK's gRPC executable, run here,
+exit. The Go, TypeScript and Java SDKs send the span for the 1 s margin and give up
+(``sdk/go/plugin/tracing_test.go``, ``sdk/typescript/test/tracing-stop.test.ts``,
+``sdk/java/src/test/.../TracingStopTest.java`` for a subprocess whose stdin closes); the
+Rust SDK has no exporter: the variables change nothing, and this case is what
+holds it to the caps should one come. The Python SDK's gRPC executable, run here,
 exports and flushes as its other entry points do (``tests/test_python_plugin_tracing_stop.py``
 holds ``dispatcher-plugin serve`` and the executable's WebSocket mode). The collector's URL and the exporter's headers carry a secret that
 no SDK may print.

@@ -47,6 +47,7 @@ import java.util.concurrent.ThreadFactory;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicInteger;
+import java.util.concurrent.atomic.AtomicReference;
 import java.util.logging.Level;
 
 /**
@@ -92,6 +93,8 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   private final boolean servingFromStart;
   /** The largest reply this service sends: the host refuses a larger one (docs/protocol.md). */
   private final int maxReplyBytes;
+  /** Each call's span ({@link Tracing}); null when the environment names no collector. */
+  private final Tracing tracing;
   private final ExecutorService workers = Executors.newCachedThreadPool(daemonThreads("plugin-method"));
   private final HostEventRunner hostEvents = new HostEventRunner(daemonThreads("plugin-host-event"));
   private final ScheduledExecutorService timers = Executors.newSingleThreadScheduledExecutor(daemonThreads("plugin-deadline"));
@@ -105,10 +108,16 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   }
 
   PluginService(Plugin plugin, HealthStatusManager health, boolean servingFromStart, int maxReplyBytes) {
+    this(plugin, health, servingFromStart, maxReplyBytes, null);
+  }
+
+  PluginService(Plugin plugin, HealthStatusManager health, boolean servingFromStart, int maxReplyBytes,
+      Tracing tracing) {
     this.plugin = plugin;
     this.health = health;
     this.servingFromStart = servingFromStart;
     this.maxReplyBytes = maxReplyBytes;
+    this.tracing = tracing;
     setServing(servingFromStart);
   }
 
@@ -248,10 +257,17 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     }
     CallContext ctx = contextOf(request);
     CompletableFuture<CallReply> reply = new CompletableFuture<>();
+    Tracing.CallSpan span = tracing == null ? null : tracing.start(ctx);
+    if (span != null) {
+      // Ended with what the host gets: the method's answer, or the deadline's when that came first.
+      reply.thenAccept(answer -> span.end(answer.getOk() ? null : answer.getError()));
+    }
     Future<?> task = workers.submit(() -> {
       CallReply answer;
       try {
-        JsonElement result = plugin.invoke(request.getMethod(), params, ctx);
+        JsonElement result = span == null
+            ? plugin.invoke(request.getMethod(), params, ctx)
+            : span.within(() -> plugin.invoke(request.getMethod(), params, ctx));
         answer = CallReply.newBuilder().setOk(true).setResultJson(encodeJson(result)).build();
       } catch (Throwable error) {
         answer = errorReply(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error);
@@ -351,9 +367,13 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
         readiness.notifyAll();
       }
     });
+    // The call's span, once it has one: ended with the stream.
+    AtomicReference<Tracing.CallSpan> span = new AtomicReference<>();
     // Ends the stream once: with an error item when `error` is not null.
     java.util.function.Consumer<Throwable> end = error -> {
       if (!ended.compareAndSet(false, true)) return;
+      Tracing.CallSpan traced = span.get();
+      if (traced != null) traced.end(error == null ? null : Errors.toWire(error));
       synchronized (out) {
         try {
           if (error != null) {
@@ -387,6 +407,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
       end.accept(error);
       return;
     }
+    if (tracing != null) span.set(tracing.start(ctx));
     Plugin.ChunkSink sink = chunk -> {
       // Flow control: a method that produces faster than the host reads waits here.
       while (!ended.get() && !out.isReady()) {
@@ -410,7 +431,15 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     };
     Future<?> task = workers.submit(() -> {
       try {
-        plugin.invokeStream(request.getMethod(), params, ctx, sink);
+        Tracing.CallSpan traced = span.get();
+        if (traced == null) {
+          plugin.invokeStream(request.getMethod(), params, ctx, sink);
+        } else {
+          traced.within(() -> {
+            plugin.invokeStream(request.getMethod(), params, ctx, sink);
+            return null;
+          });
+        }
         end.accept(null);
       } catch (Throwable error) {
         end.accept(ctx.isOver() && error instanceof InterruptedException ? ctx.overError() : error);

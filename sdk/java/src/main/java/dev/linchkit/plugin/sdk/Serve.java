@@ -49,7 +49,9 @@ import java.util.stream.Stream;
  * </ul>
  * Both serve health and gRPC server reflection (v1 and v1alpha) outside the token: reflection
  * tells only the schema, which proto/plugin.proto publishes anyway. Both stop gracefully on
- * SIGTERM or SIGINT and exit 0.
+ * SIGTERM or SIGINT and exit 0. With {@code OTEL_EXPORTER_OTLP_ENDPOINT} or
+ * {@code OTEL_EXPORTER_OTLP_TRACES_ENDPOINT} set, both trace each call and send the spans over
+ * OTLP/HTTP, the last ones at the end of the stop ({@link Tracing}).
  */
 public final class Serve {
   private Serve() {}
@@ -78,6 +80,8 @@ public final class Serve {
       "  " + Serve.STOP_GRACE_ENV + ", " + Serve.STOP_HOOKS_ENV,
       "      on SIGTERM, the milliseconds the calls in flight get to finish, then the stop and",
       "      destroy hooks together, 0-" + Serve.MAX_STOP_MS + " (default 5000 each; 0 does not wait)",
+      "  " + OtlpSettings.OTLP_ENDPOINT_ENV + ", " + OtlpSettings.OTLP_TRACES_ENDPOINT_ENV,
+      "      export a span per call over OTLP/HTTP (docs/observability.md)",
       "");
 
   /**
@@ -158,6 +162,15 @@ public final class Serve {
     }
   }
 
+  /**
+   * Span export for {@code plugin} as {@code env}'s OpenTelemetry variables ask, or null (tracing
+   * off). Without an endpoint nothing of OpenTelemetry is loaded: {@link Tracing} is not touched.
+   */
+  static Tracing tracing(Plugin plugin, Map<String, String> env) {
+    OtlpSettings settings = OtlpSettings.fromEnv(env, plugin.id(), ignored -> Log.SDK.warning("tracing: " + ignored));
+    return settings == null ? null : Tracing.exporting(settings, plugin);
+  }
+
   /** How long a stop waits, from {@code env}; its refusal says {@code prefix} (the command's) first. */
   static StopCaps stopCaps(Map<String, String> env, String prefix) throws Handshake.HandshakeException {
     try {
@@ -175,23 +188,30 @@ public final class Serve {
     private final EventLoopGroup[] loops;
     private final Path cleanup;
     private final StopCaps caps;
+    /** The spans to send at the end of the stop; null when tracing is off. */
+    private final Tracing tracing;
     private final AtomicBoolean stopping = new AtomicBoolean();
     private final CountDownLatch stopped = new CountDownLatch(1);
 
-    Running(Plugin plugin, PluginService service, Server server, EventLoopGroup[] loops, Path cleanup, StopCaps caps) {
+    Running(Plugin plugin, PluginService service, Server server, EventLoopGroup[] loops, Path cleanup, StopCaps caps,
+        Tracing tracing) {
       this.plugin = plugin;
       this.service = service;
       this.server = server;
       this.loops = loops;
       this.cleanup = cleanup;
       this.caps = caps;
+      this.tracing = tracing;
     }
 
     /**
      * Health off, Events streams ended, drain the calls in flight ({@code caps.graceMs()} at most,
      * {@link #STOP_GRACE_SECONDS} unless set), then the stop/destroy hooks the host did not run
-     * ({@code caps.hooksMs()} at most, {@link #STOP_HOOKS_SECONDS} unless set), then release. Once: a later call waits for the first to end. Hooks last: a stop hook that
-     * closes what the calls use must not pull it from under calls still running.
+     * ({@code caps.hooksMs()} at most, {@link #STOP_HOOKS_SECONDS} unless set), then release, and
+     * last send the spans still buffered, for what remains of the hooks' cap or 1 s when less
+     * remains ({@link Tracing#flushAtStop}). Once: a later call waits for the first to end. Hooks
+     * last: a stop hook that closes what the calls use must not pull it from under calls still
+     * running.
      */
     void stop() {
       if (!stopping.compareAndSet(false, true)) {
@@ -239,7 +259,11 @@ public final class Serve {
         server.shutdownNow();
         Thread.currentThread().interrupt();
       }
+      long hooksBegan = System.nanoTime();
       String abandoned = runHooks(plugin, caps.hooksMs());
+      // What remains of the hooks' cap: nothing once one was abandoned, all of it with no hook owed.
+      long hooksLeftMs = abandoned != null ? 0
+          : Math.max(0, caps.hooksMs() - TimeUnit.NANOSECONDS.toMillis(System.nanoTime() - hooksBegan));
       if (abandoned != null) {
         Log.atExit(Level.WARNING, "the " + abandoned + " hook did not finish within "
             + StopCaps.seconds(caps.hooksMs()) + " s of the stop; exiting without it", null);
@@ -247,6 +271,8 @@ public final class Serve {
       service.close();
       for (EventLoopGroup loop : loops) loop.shutdownGracefully(0, 1, TimeUnit.SECONDS);
       if (cleanup != null) deleteRecursively(cleanup);
+      // Last: the calls' spans are all buffered by now, the hooks' own included.
+      if (tracing != null) tracing.flushAtStop(hooksLeftMs);
     }
 
     /** Until a stop has ended: the server terminates within the stop, whose hooks run after. */
@@ -290,7 +316,8 @@ public final class Serve {
     InetSocketAddress bindAddress = new InetSocketAddress(address.bindHost(), address.port());
     if (bindAddress.isUnresolved()) throw cannotListen(address, "unknown host");
     HealthStatusManager health = new HealthStatusManager();
-    PluginService service = new PluginService(plugin, health, true);
+    Tracing tracing = tracing(plugin, System.getenv());
+    PluginService service = new PluginService(plugin, health, true, MAX_MESSAGE_BYTES, tracing);
     // The last interceptor runs first: the token is checked before anything else.
     ServerInterceptor[] interceptors = token == null
         ? new ServerInterceptor[] {PluginService.HEADERS_INTERCEPTOR}
@@ -307,7 +334,7 @@ public final class Serve {
           + " or " + BearerToken.TOKEN_ENV + "): anybody who can reach " + host + ":" + server.getPort()
           + " can call this plugin");
     }
-    Running running = new Running(plugin, service, server, new EventLoopGroup[0], null, caps);
+    Running running = new Running(plugin, service, server, new EventLoopGroup[0], null, caps, tracing);
     stopOnSignals(running);
     announce(Handshake.line(1, "tcp", host + ":" + server.getPort(), null));
     return running;
@@ -357,7 +384,8 @@ public final class Serve {
 
   private static Running serveSubprocess(Plugin plugin, Handshake.Config config, StopCaps caps) throws Exception {
     HealthStatusManager health = new HealthStatusManager();
-    PluginService service = new PluginService(plugin, health, false);
+    Tracing tracing = tracing(plugin, System.getenv());
+    PluginService service = new PluginService(plugin, health, false, MAX_MESSAGE_BYTES, tracing);
 
     byte[] certDer = null;
     SslContext tls = null;
@@ -405,7 +433,7 @@ public final class Serve {
         .start();
     if (address == null) address = "127.0.0.1:" + server.getPort();
 
-    Running running = new Running(plugin, service, server, loops, cleanup, caps);
+    Running running = new Running(plugin, service, server, loops, cleanup, caps, tracing);
     stopOnSignals(running);
     announce(Handshake.line(config.appVersion(), config.network(), address, certDer));
     watchStdin(running);

@@ -54,6 +54,23 @@ class StopLoggingTest {
   }
 
   /**
+   * With a trace collector named, the SDK sets up OpenTelemetry, which logs through
+   * {@code java.util.logging} too and whose autoconfigure module would add a shutdown hook of its
+   * own: the hooks' lines still reach stderr, and with no call made no span is left to drop.
+   */
+  @Test
+  void theLinesTheStopHooksLogReachStderrWithTracingOn(@TempDir Path dir) throws Exception {
+    for (int stop = 1; stop <= 2; stop++) {
+      List<String> said = startedThenStopped(LoggingPlugin.class,
+          Map.of("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:9/v1/traces"), dir.resolve("run-" + stop));
+      String where = "stop " + stop + " with tracing on; stderr: " + said;
+      assertTrue(said.stream().anyMatch(line -> line.endsWith(STOP_LINE)), where);
+      assertTrue(said.stream().anyMatch(line -> line.endsWith(DESTROY_LINE)), where);
+      assertTrue(said.stream().noneMatch(line -> line.contains("spans dropped")), where);
+    }
+  }
+
+  /**
    * {@code main serve} in a JVM of its own with {@code environment} added, started by a host as
    * the dispatcher starts it (Init, Start: the stop then owes both hooks), then sent SIGTERM: it
    * must exit 0 within 30 s. Its stderr's lines; its output files in {@code dir}.

@@ -1,0 +1,242 @@
+package dev.linchkit.plugin.sdk;
+
+import java.io.ByteArrayOutputStream;
+import java.net.URI;
+import java.net.URISyntaxException;
+import java.nio.ByteBuffer;
+import java.nio.charset.CharacterCodingException;
+import java.nio.charset.CodingErrorAction;
+import java.nio.charset.StandardCharsets;
+import java.util.HexFormat;
+import java.util.LinkedHashMap;
+import java.util.Locale;
+import java.util.Map;
+import java.util.function.Consumer;
+
+/**
+ * Where and how a plugin sends its spans, from the standard OpenTelemetry variables
+ * (docs/observability.md, "Java plugins"). Only reading and checking: {@link Tracing} makes the
+ * exporter from it, so nothing here loads OpenTelemetry.
+ *
+ * <p>Tracing is on when {@code OTEL_EXPORTER_OTLP_TRACES_ENDPOINT} (the full URL) or
+ * {@code OTEL_EXPORTER_OTLP_ENDPOINT} (a base, {@code /v1/traces} appended) is set, unless
+ * {@code OTEL_SDK_DISABLED} is {@code true}. The rest is read as the OpenTelemetry specification
+ * says, the signal-specific {@code _TRACES_} variable over the general one: headers
+ * ({@code key=value,...}, values percent-decoded), timeout (ms), compression ({@code gzip} or
+ * {@code none}), the collector's CA certificate and a client key and certificate (PEM files),
+ * {@code OTEL_SERVICE_NAME} and {@code OTEL_RESOURCE_ATTRIBUTES}, and the batch processor's
+ * {@code OTEL_BSP_*}. A malformed value is ignored with one warning naming the variable (never
+ * the value of a header, which holds credentials); the library's default stands for it.
+ *
+ * @param endpoint the OTLP/HTTP traces URL, as given (it may hold a password: never logged)
+ * @param collectorShown the collector as a log line may name it ({@link #collectorShown(String)})
+ * @param headers the exporter's request headers (credentials: never logged)
+ * @param timeoutMs the exporter's timeout per request, null for the library's (10 s)
+ * @param compression {@code gzip} or {@code none}, null for the library's (none)
+ * @param certificateFile a PEM file of the CA certificates to trust, or null
+ * @param clientKeyFile a PEM file of the client's private key (mutual TLS), or null
+ * @param clientCertificateFile a PEM file of the client's certificate chain, or null
+ * @param serviceName {@code service.name}: {@code OTEL_SERVICE_NAME}, else the one in
+ *     {@code OTEL_RESOURCE_ATTRIBUTES}, else the plugin's id
+ * @param resourceAttributes {@code OTEL_RESOURCE_ATTRIBUTES}, decoded
+ * @param scheduleDelayMs {@code OTEL_BSP_SCHEDULE_DELAY}, null for the library's (5 s)
+ * @param exportTimeoutMs {@code OTEL_BSP_EXPORT_TIMEOUT}, null for the library's (30 s)
+ * @param maxQueueSize {@code OTEL_BSP_MAX_QUEUE_SIZE}, null for the library's (2048)
+ * @param maxExportBatchSize {@code OTEL_BSP_MAX_EXPORT_BATCH_SIZE}, null for the library's (512)
+ */
+record OtlpSettings(
+    String endpoint,
+    String collectorShown,
+    Map<String, String> headers,
+    Long timeoutMs,
+    String compression,
+    String certificateFile,
+    String clientKeyFile,
+    String clientCertificateFile,
+    String serviceName,
+    Map<String, String> resourceAttributes,
+    Long scheduleDelayMs,
+    Long exportTimeoutMs,
+    Integer maxQueueSize,
+    Integer maxExportBatchSize) {
+
+  static final String OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT";
+  static final String OTLP_TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+  static final String SERVICE_NAME_ENV = "OTEL_SERVICE_NAME";
+  static final String RESOURCE_ATTRIBUTES_ENV = "OTEL_RESOURCE_ATTRIBUTES";
+  static final String SDK_DISABLED_ENV = "OTEL_SDK_DISABLED";
+
+  /** What a log line says for a collector URL it cannot take apart. */
+  static final String MALFORMED_URL = "(its URL is malformed)";
+
+  /** The OTLP/HTTP traces URL {@code env} names, or null: tracing is off. */
+  static String tracesEndpoint(Map<String, String> env) {
+    if ("true".equals(env.getOrDefault(SDK_DISABLED_ENV, "").strip().toLowerCase(Locale.ROOT))) return null;
+    String traces = env.getOrDefault(OTLP_TRACES_ENDPOINT_ENV, "").strip();
+    if (!traces.isEmpty()) return traces; // the signal-specific variable is the full URL (OTel spec)
+    String base = env.getOrDefault(OTLP_ENDPOINT_ENV, "").strip();
+    if (base.isEmpty()) return null;
+    return base.replaceFirst("/+$", "") + "/v1/traces";
+  }
+
+  /**
+   * The settings {@code env} asks for, or null when it names no endpoint (tracing off: nothing
+   * else is read). {@code warn} gets one line per value ignored.
+   */
+  static OtlpSettings fromEnv(Map<String, String> env, String pluginId, Consumer<String> warn) {
+    String endpoint = tracesEndpoint(env);
+    if (endpoint == null) return null;
+    Map<String, String> resource = pairs(env, RESOURCE_ATTRIBUTES_ENV, warn);
+    String service = env.getOrDefault(SERVICE_NAME_ENV, "").strip();
+    if (service.isEmpty()) service = resource.getOrDefault("service.name", "");
+    if (service.isEmpty()) service = pluginId;
+    String compression = traces(env, "COMPRESSION");
+    if (compression != null) {
+      compression = compression.strip().toLowerCase(Locale.ROOT);
+      if (!compression.equals("gzip") && !compression.equals("none")) {
+        warn.accept(tracesName(env, "COMPRESSION") + " must be gzip or none; sending uncompressed");
+        compression = null;
+      }
+    }
+    return new OtlpSettings(
+        endpoint,
+        collectorShown(endpoint),
+        headers(env, warn),
+        whole(env, tracesName(env, "TIMEOUT"), 0, Long.MAX_VALUE, warn),
+        compression,
+        file(env, "CERTIFICATE"),
+        file(env, "CLIENT_KEY"),
+        file(env, "CLIENT_CERTIFICATE"),
+        service,
+        resource,
+        whole(env, "OTEL_BSP_SCHEDULE_DELAY", 0, Long.MAX_VALUE, warn),
+        whole(env, "OTEL_BSP_EXPORT_TIMEOUT", 0, Long.MAX_VALUE, warn),
+        intOrNull(whole(env, "OTEL_BSP_MAX_QUEUE_SIZE", 1, Integer.MAX_VALUE, warn)),
+        intOrNull(whole(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 1, Integer.MAX_VALUE, warn)));
+  }
+
+  /** Neither the URL nor the headers: they may hold credentials. */
+  @Override
+  public String toString() {
+    return "OtlpSettings[collector=" + collectorShown + ", headers=" + headers.size() + ", service=" + serviceName + "]";
+  }
+
+  /**
+   * {@code url} as a log line may name it: {@code scheme://host:port}. A password in it, its path
+   * and its query stay out ({@link #MALFORMED_URL} when it has no host to show).
+   */
+  static String collectorShown(String url) {
+    URI uri;
+    try {
+      uri = new URI(url.strip());
+    } catch (URISyntaxException malformed) {
+      return MALFORMED_URL;
+    }
+    // A host URI cannot parse (an underscore, say) leaves the whole authority, userinfo and
+    // all, to getAuthority(): nothing of it is shown then.
+    if (uri.getScheme() == null || uri.getHost() == null) return MALFORMED_URL;
+    return uri.getScheme().toLowerCase(Locale.ROOT) + "://" + uri.getHost() + (uri.getPort() >= 0 ? ":" + uri.getPort() : "");
+  }
+
+  /** The variable of {@code suffix} the exporter goes by: {@code _TRACES_} when set, else the general one. */
+  private static String tracesName(Map<String, String> env, String suffix) {
+    String traces = "OTEL_EXPORTER_OTLP_TRACES_" + suffix;
+    return env.getOrDefault(traces, "").isBlank() ? "OTEL_EXPORTER_OTLP_" + suffix : traces;
+  }
+
+  /** The value of {@link #tracesName}, or null when neither is set. */
+  private static String traces(Map<String, String> env, String suffix) {
+    String value = env.getOrDefault(tracesName(env, suffix), "");
+    return value.isBlank() ? null : value;
+  }
+
+  private static String file(Map<String, String> env, String suffix) {
+    String path = traces(env, suffix);
+    return path == null ? null : path.strip();
+  }
+
+  /** The exporter's headers: {@code OTEL_EXPORTER_OTLP_TRACES_HEADERS} when set, else the general one. */
+  private static Map<String, String> headers(Map<String, String> env, Consumer<String> warn) {
+    return pairs(env, tracesName(env, "HEADERS"), warn);
+  }
+
+  /**
+   * {@code key=value} pairs separated by commas (headers, resource attributes), keys trimmed,
+   * values trimmed and percent-decoded ({@code %20}; a {@code +} stays a plus). An entry without
+   * {@code =} or a key, or with a broken escape, is left out, with one warning for the variable
+   * that names neither the entry nor its value.
+   */
+  static Map<String, String> pairs(Map<String, String> env, String name, Consumer<String> warn) {
+    Map<String, String> found = new LinkedHashMap<>();
+    String text = env.getOrDefault(name, "");
+    int skipped = 0;
+    for (String entry : text.split(",", -1)) {
+      if (entry.isBlank()) continue;
+      int equals = entry.indexOf('=');
+      String key = equals < 0 ? "" : entry.substring(0, equals).strip();
+      String value = equals < 0 ? null : percentDecoded(entry.substring(equals + 1).strip());
+      if (key.isEmpty() || value == null) {
+        skipped++;
+        continue;
+      }
+      found.put(key, value);
+    }
+    if (skipped > 0) {
+      warn.accept(name + ": " + skipped + (skipped == 1 ? " entry is" : " entries are")
+          + " not key=value with a valid percent-encoding; left out");
+    }
+    return Map.copyOf(found);
+  }
+
+  /** {@code text} with its {@code %XX} escapes decoded as UTF-8; null when one is broken. */
+  static String percentDecoded(String text) {
+    if (text.indexOf('%') < 0) return text;
+    ByteArrayOutputStream bytes = new ByteArrayOutputStream(text.length());
+    for (int i = 0; i < text.length(); ) {
+      char c = text.charAt(i);
+      if (c != '%') {
+        int end = text.offsetByCodePoints(i, 1);
+        bytes.writeBytes(text.substring(i, end).getBytes(StandardCharsets.UTF_8));
+        i = end;
+        continue;
+      }
+      if (i + 2 >= text.length()) return null; // a '%' without two digits after it
+      char high = text.charAt(i + 1);
+      char low = text.charAt(i + 2);
+      if (!HexFormat.isHexDigit(high) || !HexFormat.isHexDigit(low)) return null;
+      bytes.write(HexFormat.fromHexDigit(high) * 16 + HexFormat.fromHexDigit(low));
+      i += 3;
+    }
+    try {
+      return StandardCharsets.UTF_8.newDecoder()
+          .onMalformedInput(CodingErrorAction.REPORT)
+          .onUnmappableCharacter(CodingErrorAction.REPORT)
+          .decode(ByteBuffer.wrap(bytes.toByteArray()))
+          .toString();
+    } catch (CharacterCodingException notUtf8) {
+      return null;
+    }
+  }
+
+  /**
+   * The whole number {@code name} holds, from {@code min} to {@code max}; null when unset, or
+   * when malformed (with a warning: these hold numbers, never credentials, so it quotes them).
+   */
+  private static Long whole(Map<String, String> env, String name, long min, long max, Consumer<String> warn) {
+    String text = env.getOrDefault(name, "").strip();
+    if (text.isEmpty()) return null;
+    if (text.chars().allMatch(c -> c >= '0' && c <= '9') && text.length() <= 18) {
+      long value = Long.parseLong(text);
+      if (value >= min && value <= max) return value;
+    }
+    String shown = text.length() > 40 ? text.substring(0, 40) + "…" : text;
+    String rule = max == Long.MAX_VALUE ? " of milliseconds, " + min + " or more" : " from " + min + " to " + max;
+    warn.accept(name + " must be a whole number" + rule + ", not '"
+        + shown.replaceAll("\\p{Cntrl}", "?") + "'; using the default");
+    return null;
+  }
+
+  private static Integer intOrNull(Long value) {
+    return value == null ? null : Math.toIntExact(value);
+  }
+}

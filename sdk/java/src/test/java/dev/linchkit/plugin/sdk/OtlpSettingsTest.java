@@ -1,0 +1,127 @@
+package dev.linchkit.plugin.sdk;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertNull;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import java.util.ArrayList;
+import java.util.HashMap;
+import java.util.List;
+import java.util.Map;
+import org.junit.jupiter.api.Test;
+
+/** Reading the standard OpenTelemetry variables: the endpoint, and what a log line may show of it. */
+class OtlpSettingsTest {
+  private static final String SECRET = "s3cret-collector-token";
+
+  private final List<String> warnings = new ArrayList<>();
+
+  private OtlpSettings settings(Map<String, String> env) {
+    return OtlpSettings.fromEnv(env, "example", warnings::add);
+  }
+
+  @Test
+  void theTracesEndpointIsTheSignalsUrlOrTheBaseWithV1Traces() {
+    assertEquals("http://collector:4318/v1/traces",
+        OtlpSettings.tracesEndpoint(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")));
+    assertEquals("http://collector:4318/v1/traces",
+        OtlpSettings.tracesEndpoint(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", " http://collector:4318 ")));
+    assertEquals("http://b:9/traces", OtlpSettings.tracesEndpoint(Map.of(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://b:9/traces")));
+    assertNull(OtlpSettings.tracesEndpoint(Map.of()));
+    assertNull(OtlpSettings.tracesEndpoint(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", "  ")));
+    assertNull(OtlpSettings.tracesEndpoint(Map.of(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4318", "OTEL_SDK_DISABLED", "TRUE")));
+  }
+
+  @Test
+  void withoutAnEndpointNothingElseIsRead() {
+    assertNull(settings(Map.of("OTEL_BSP_SCHEDULE_DELAY", "soon", "OTEL_EXPORTER_OTLP_HEADERS", "broken")));
+    assertEquals(List.of(), warnings);
+  }
+
+  @Test
+  void theCollectorIsShownBySchemeHostAndPortOnly() {
+    assertEquals("http://127.0.0.1:4318",
+        OtlpSettings.collectorShown("http://collector:" + SECRET + "@127.0.0.1:4318/v1/traces?token=" + SECRET));
+    assertEquals("https://collector.example", OtlpSettings.collectorShown("HTTPS://user@collector.example/v1/traces"));
+    assertEquals("http://[::1]:4318", OtlpSettings.collectorShown("http://[::1]:4318/v1/traces"));
+    for (String malformed : new String[] {
+        "http://collector:" + SECRET + "@ho_st:4318/v1/traces", // no host URI can parse: the authority, password and all
+        "http://collector:" + SECRET + " @127.0.0.1/", // not a URI at all
+        "collector:" + SECRET, // no host
+        "",
+    }) {
+      String shown = OtlpSettings.collectorShown(malformed);
+      assertEquals(OtlpSettings.MALFORMED_URL, shown, malformed);
+    }
+  }
+
+  @Test
+  void headersArePercentDecodedAndABrokenEntryIsLeftOutWithoutItsValue() {
+    OtlpSettings read = settings(Map.of(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318",
+        "OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20" + SECRET + ", x-tenant = a+b%2Cc ,"
+            + SECRET + ",=nokey,x-broken=%zz" + SECRET + ",x-cut=%2"));
+    assertEquals(Map.of("authorization", "Bearer " + SECRET, "x-tenant", "a+b,c"), read.headers());
+    assertEquals(1, warnings.size(), warnings.toString());
+    assertTrue(warnings.get(0).startsWith("OTEL_EXPORTER_OTLP_HEADERS: 4 entries are not key=value"), warnings.get(0));
+    assertFalse(warnings.get(0).contains(SECRET), warnings.get(0));
+    assertFalse(read.toString().contains(SECRET), read.toString());
+  }
+
+  @Test
+  void theTracesVariablesWinOverTheGeneralOnes() {
+    Map<String, String> env = new HashMap<>(Map.of(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318",
+        "OTEL_EXPORTER_OTLP_HEADERS", "a=general",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "b=traces",
+        "OTEL_EXPORTER_OTLP_TIMEOUT", "1000",
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "2500",
+        "OTEL_EXPORTER_OTLP_COMPRESSION", "gzip",
+        "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "NONE"));
+    OtlpSettings read = settings(env);
+    assertEquals(Map.of("b", "traces"), read.headers());
+    assertEquals(2500L, read.timeoutMs());
+    assertEquals("none", read.compression());
+    assertEquals(List.of(), warnings);
+  }
+
+  @Test
+  void aMalformedNumberKeepsTheDefaultWithAWarningNamingTheVariable() {
+    OtlpSettings read = settings(Map.of(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318",
+        "OTEL_BSP_SCHEDULE_DELAY", "50",
+        "OTEL_BSP_EXPORT_TIMEOUT", "5s",
+        "OTEL_BSP_MAX_QUEUE_SIZE", "0",
+        "OTEL_EXPORTER_OTLP_COMPRESSION", "brotli"));
+    assertEquals(50L, read.scheduleDelayMs());
+    assertNull(read.exportTimeoutMs());
+    assertNull(read.maxQueueSize());
+    assertNull(read.compression());
+    assertEquals(3, warnings.size(), warnings.toString());
+    assertTrue(warnings.stream().anyMatch(line -> line.startsWith("OTEL_BSP_EXPORT_TIMEOUT must be")), warnings.toString());
+    assertTrue(warnings.stream().anyMatch(line -> line.startsWith("OTEL_BSP_MAX_QUEUE_SIZE must be")), warnings.toString());
+    assertTrue(warnings.stream().anyMatch(line -> line.startsWith("OTEL_EXPORTER_OTLP_COMPRESSION must be")), warnings.toString());
+  }
+
+  @Test
+  void theServiceNameIsTheVariablesThenTheResourcesThenThePluginId() {
+    String endpoint = "http://collector:4318";
+    assertEquals("example", settings(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)).serviceName());
+    assertEquals("from-resource", settings(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint,
+        "OTEL_RESOURCE_ATTRIBUTES", "service.name=from-resource,deployment.environment=test")).serviceName());
+    assertEquals("named", settings(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint, "OTEL_SERVICE_NAME", "named",
+        "OTEL_RESOURCE_ATTRIBUTES", "service.name=from-resource")).serviceName());
+  }
+
+  @Test
+  void percentDecodingTakesUtf8AndRefusesWhatIsNot() {
+    assertEquals("é x", OtlpSettings.percentDecoded("%C3%A9%20x"));
+    assertEquals("a+b", OtlpSettings.percentDecoded("a+b"));
+    assertNull(OtlpSettings.percentDecoded("%C3"), "half a character");
+    assertNull(OtlpSettings.percentDecoded("%"), "an escape cut short");
+    assertNull(OtlpSettings.percentDecoded("%\uff10\uff10"), "fullwidth digits are not hex digits");
+  }
+}
