@@ -165,8 +165,16 @@ class LocalProvider(Provider[LocalTarget]):
     async def _opened(self, plugin: PluginInfo, target: LocalTarget) -> PluginHost:
         # Only the methods the manifest lists: nothing else can be routed to, and a wide
         # class would otherwise cost its every public method per plugin.
+        # Its calls' spans name the manifest's id, as the dispatcher's own spans of them
+        # do; they join the traces the dispatcher continues and start none: it traced (or
+        # chose not to trace, sample_ratio) each call itself.
         host = PluginHost.load(
-            target.entrypoint, target.path, emit=self.event_sink_of(plugin), methods=plugin.methods
+            target.entrypoint,
+            target.path,
+            emit=self.event_sink_of(plugin),
+            methods=plugin.methods,
+            plugin_id=plugin.id,
+            new_traces=False,
         )
         try:
             async with asyncio.timeout(plugin.lifecycle.init_timeout_ms / 1000):

@@ -129,7 +129,8 @@ _TOOLCHAIN_TESTS = {
     # The Go example plugin in an etcd registry (tests/test_plugin_registry.py).
     "test_the_go_example_plugin_registers_and_leaves_on_sigterm",
     "test_the_go_example_plugin_refuses_to_advertise_every_interface",
-    # The Go and TypeScript example plugins continuing a trace (tests/test_telemetry_tracing.py).
+    # The Go, TypeScript and Java example plugins continuing a trace
+    # (tests/test_telemetry_tracing.py; its Python case needs none).
     "test_one_trace_spans_the_dispatcher_and_an_sdk_plugin",
     "test_an_sdk_plugin_starts_a_new_trace_for_a_malformed_traceparent",
     "test_an_sdk_plugin_without_otel_variables_exports_nothing",
@@ -144,10 +145,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         name = getattr(item, "originalname", item.name)
         if fixtures & _DOCKER_FIXTURES or name in _DOCKER_TESTS:
             item.add_marker(pytest.mark.docker)
-        if name in _TOOLCHAIN_TESTS or _needs_toolchain(item):
+        toolchain_test = name in _TOOLCHAIN_TESTS and _language_of(item) != "python"
+        if toolchain_test or _needs_toolchain(item):
             item.add_marker(pytest.mark.toolchain)
         if name in _DOCKER_TESTS:
             item.add_marker(pytest.mark.slow)
+
+
+def _language_of(item: pytest.Item) -> str | None:
+    """The SDK a test parametrized by ``language`` runs, if it is."""
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("language") if callspec else None
 
 
 def _needs_toolchain(item: pytest.Item) -> bool:

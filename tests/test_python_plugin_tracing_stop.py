@@ -96,7 +96,7 @@ async def test_a_collector_that_answers_gets_the_spans_buffered_at_the_stop(
 ) -> None:
     received, base = collector
     took, returncode, said = await _stop_with_a_span_buffered(f"{base}/v1/traces", None)
-    await until(lambda: received.named("ExamplePlugin.echo"), "the span sent at the stop")
+    await until(lambda: received.named("linchkit.plugin/echo"), "the span sent at the stop")
     assert returncode == 0, said
     assert "dropped" not in said, said
     # Sent as soon as the collector took it, not after the rest of the hooks' cap.
@@ -133,9 +133,11 @@ async def test_the_executable_s_own_modes_send_the_spans_of_traced_calls(
     took, returncode, said = await stopped_after_a_traced_call(
         "python", traced_environment(f"{base}/v1/traces", None), mode=mode
     )
-    await until(lambda: received.named("ExamplePlugin.echo"), f"the {mode} plugin's span")
-    (span,) = received.named("ExamplePlugin.echo")
+    await until(lambda: received.named("linchkit.plugin/echo"), f"the {mode} plugin's span")
+    (span,) = received.named("linchkit.plugin/echo")
     assert span.trace_id == TRACEPARENT.split("-")[1]
+    assert span.attributes["linchkit.plugin"] == "example"
+    assert span.service == "example"  # no OTEL_SERVICE_NAME: the plugin's id
     assert returncode == 0, said
     assert took < SPAN_FLUSH_MARGIN_SECONDS + SLACK, (took, said)
 

@@ -3,8 +3,9 @@
 The collector is a small aiohttp server in the test, decoding OTLP/HTTP protobuf with
 opentelemetry-proto; the dispatcher sends with the SDK's OTLP/HTTP exporter (its manifest
 names the endpoint); the plugin is the example served by ``dispatcher-plugin serve`` in its
-own process, exporting through the standard ``OTEL_*`` variables. The Go, TypeScript and
-Java SDKs' example plugins (``make sdks``) are held to the same as gRPC services.
+own process, exporting through the standard ``OTEL_*`` variables. The example plugin of
+each SDK (``make sdks``: Python's too) is held to the same as a gRPC service: one span
+``linchkit.plugin/<method>`` per call, with the same attributes in every language.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class ReceivedSpan:
     parent_span_id: str
     kind: int
     attributes: dict[str, Any]
+    #: OTLP's status code (0 unset, 1 ok, 2 error) and message.
+    status: tuple[int, str] = (0, "")
 
 
 class Collector:
@@ -90,6 +93,7 @@ class Collector:
                             span.parent_span_id.hex(),
                             span.kind,
                             {a.key: _value(a.value) for a in span.attributes},
+                            (span.status.code, span.status.message),
                         )
                     )
         return web.Response(
@@ -177,11 +181,11 @@ async def test_one_trace_spans_host_dispatcher_and_a_python_plugin_process(
     await asyncio.to_thread(host.shutdown)
     assert result["text"] == "traced"
 
-    await until(lambda: received.named("EchoPlugin.say"), "the plugin's span")
+    await until(lambda: received.named("linchkit.plugin/say"), "the plugin's span")
     (host_received,) = received.named("handle request")
     (call,) = received.named("echo.say")
     (attempt,) = received.named("echo.say attempt")
-    (in_plugin,) = received.named("EchoPlugin.say")
+    (in_plugin,) = received.named("linchkit.plugin/say")
     trace_id = f"{host_span.get_span_context().trace_id:032x}"
     assert {s.trace_id for s in (host_received, call, attempt, in_plugin)} == {trace_id}
     assert call.parent_span_id == host_received.span_id
@@ -195,6 +199,11 @@ async def test_one_trace_spans_host_dispatcher_and_a_python_plugin_process(
     assert in_plugin.kind == trace.SpanKind.SERVER.value + 1  # OTLP's enum counts from UNSPECIFIED
     assert call.attributes["linchkit.plugin"] == "echo"
     assert attempt.attributes["linchkit.instance"] == f"http http://127.0.0.1:{port}/invoke"
+    # Served over HTTP with no id of its own, the plugin names the id its envelope carries.
+    assert in_plugin.attributes["linchkit.plugin"] == "echo"
+    assert in_plugin.attributes["linchkit.method"] == "say"
+    assert in_plugin.attributes["linchkit.outcome"] == "ok"
+    assert in_plugin.attributes["code.namespace"] == "EchoPlugin"
 
 
 @pytest.mark.parametrize(
@@ -214,11 +223,11 @@ async def test_the_sdk_runs_a_call_with_a_malformed_traceparent_untraced(tracepa
     assert result["text"] == "hi"
 
 
-# -- the Go, TypeScript and Java SDKs --------------------------------------------------------
-# Their example plugins (built by `make sdks`) served as gRPC services, as the conformance
-# suite runs them, with or without the standard OTel variables.
+# -- every SDK's example plugin --------------------------------------------------------------
+# Built by `make sdks`, served as gRPC services as the conformance suite runs them, with or
+# without the standard OTel variables.
 
-SDK_LANGUAGES = ("go", "typescript", "java")
+SDK_LANGUAGES = ("go", "typescript", "java", "python")
 TRACEPARENT_MALFORMED = ["garbage", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "x" * 4096]
 
 
@@ -295,6 +304,7 @@ async def test_one_trace_spans_the_dispatcher_and_an_sdk_plugin(
     assert in_plugin.service == service
     assert in_plugin.kind == trace.SpanKind.SERVER.value + 1  # OTLP's enum counts from UNSPECIFIED
     assert in_plugin.attributes["linchkit.method"] == "echo"
+    assert in_plugin.attributes["linchkit.plugin"] == "example"
     assert in_plugin.attributes["linchkit.request_id"] == "req-traced"
     assert in_plugin.attributes["linchkit.outcome"] == "ok"
 
@@ -303,6 +313,9 @@ async def test_one_trace_spans_the_dispatcher_and_an_sdk_plugin(
     assert failed.parent_span_id == failed_attempt.span_id
     assert failed.attributes["linchkit.outcome"] == "ExampleFailure"
     assert failed.attributes["error.type"] == "ExampleFailure"
+    assert failed.attributes["linchkit.plugin"] == "example"
+    assert failed.status == (2, "no")  # ERROR, with the error's message
+    assert in_plugin.status[0] != 2
 
 
 @pytest.mark.parametrize("language", SDK_LANGUAGES)

@@ -117,6 +117,7 @@ async def dial(
     # header (the gateway admitted the highest it serves) while the hello named the
     # plugin class's, and the gateway closed the connection 4403, for good.
     plugin_id, version = identity_of(host, plugin_id, version)
+    host.plugin_id = plugin_id  # the id the calls' spans name
     hello = hello_of(host, plugin_id, version)
     headers = {PLUGIN_ID_HEADER: plugin_id, PLUGIN_VERSION_HEADER: version}
     if token is not None:

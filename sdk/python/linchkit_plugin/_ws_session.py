@@ -389,13 +389,14 @@ class PluginSession:
 
 
 def identity_of(host: PluginHost, plugin_id: str, version: str) -> tuple[str, str]:
-    """The id and version ``host``'s plugin goes by: those given, else the plugin class's
-    own (``id``, ``version``), else its class name and ``0.0.0``. A dial names these in its
-    upgrade headers and in its ``hello`` alike: the gateway closes a connection whose
-    ``hello`` names another plugin than the one it admitted."""
+    """The id and version ``host``'s plugin goes by: those given, else the host's id (the
+    plugin class's own ``id`` unless it was given one) and the class's ``version``, else its
+    class name and ``0.0.0``. A dial names these in its upgrade headers and in its ``hello``
+    alike: the gateway closes a connection whose ``hello`` names another plugin than the
+    one it admitted."""
     plugin = host.plugin
     return (
-        plugin_id or str(getattr(plugin, "id", "") or type(plugin).__name__),
+        plugin_id or host.plugin_id or type(plugin).__name__,
         version or str(getattr(plugin, "version", "") or "0.0.0"),
     )
 

@@ -136,7 +136,9 @@ class PluginApp:
         self.token = token
         self.limits = limits or ServerLimits()
         self.stop_caps = stop_caps or StopCaps()
-        self.plugin_id = plugin_id or str(getattr(host.plugin, "id", "") or "")
+        if plugin_id:  # the id the calls' spans name; else the envelope's ``plugin``
+            host.plugin_id = plugin_id
+        self.plugin_id = host.plugin_id
         self.version = version or str(getattr(host.plugin, "version", "") or "")
 
     @property
@@ -336,7 +338,7 @@ class PluginApp:
         timeout = deadline_ms / 1000 if deadline_ms is not None else None
         try:
             result = await self.host.call_with_deadline(
-                request.method, request.params, request.context, timeout
+                request.method, request.params, request.context, timeout, plugin=request.plugin
             )
         except DispatchError as error:
             return error_response(error)

@@ -95,7 +95,7 @@ class LambdaPlugin:
             timeout = max(timeout, 0.001)
         try:
             result = await self.host.call_with_deadline(
-                request.method, request.params, call_context, timeout
+                request.method, request.params, call_context, timeout, plugin=request.plugin
             )
         except DispatchError as error:
             return error_response(error)

@@ -281,7 +281,8 @@ def connect(options: argparse.Namespace) -> int:
         _fail(refusal)
     plugin_host, config, token = _plugin_of(options)
     ws_cli = _websocket_cli()
-    configure_from_env()  # as ``serve``: spans of traced calls go to their collector
+    # As ``serve``: spans of traced calls go to their collector.
+    configure_from_env(plugin_id=options.plugin_id, version=options.plugin_version)
     status = int(ws_cli.connect(options, plugin_host, config, token))
     flush_at_stop(plugin_host.hooks_left)
     return status
@@ -291,7 +292,9 @@ def _serve_websocket(options: argparse.Namespace) -> None:
     plugin_host, config, token = _plugin_of(options)
     identity = (options.plugin_id, options.plugin_version)
     ws_cli = _websocket_cli()
-    configure_from_env()
+    configure_from_env(
+        plugin_id=options.plugin_id or plugin_host.plugin_id, version=options.plugin_version
+    )
     ws_cli.serve_websocket(options, plugin_host, config, token, identity)
     flush_at_stop(plugin_host.hooks_left)
 
@@ -322,7 +325,10 @@ def serve(options: argparse.Namespace) -> None:
     if not isinstance(config, dict):
         _fail("--config must be a JSON object")
     registering = _registry_settings(options)
-    configure_from_env()  # OTEL_* variables: spans of traced calls go to their collector
+    # OTEL_* variables: spans of traced calls go to their collector.
+    configure_from_env(
+        plugin_id=_identity("ID") or plugin_host.plugin_id, version=_identity("VERSION")
+    )
     if options.http != "auto" and options.http not in HTTP_IMPLEMENTATIONS:
         _fail(f"--http {options.http} is not installed: pip install {options.http}")
     app = PluginApp(

@@ -152,6 +152,8 @@ class PluginServer:
 
         self.host = host
         self.plugin_id = plugin_id
+        if plugin_id:  # the id the calls' spans name: the one Describe says
+            host.plugin_id = plugin_id
         self.version = version
         self.runtime = runtime
         self._pb = plugin_pb2
@@ -445,7 +447,7 @@ def main(
         token=launch.token,
         stop_caps=launch.stop_caps,
     )
-    configure_from_env()  # OTEL_* variables: spans of traced calls go to their collector
+    configure_from_env(plugin_id=plugin_id, version=version)  # OTEL_*: spans to their collector
     # The version Describe reports, read here so that the handshake line says the same.
     status = asyncio.run(
         run(

@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import enum
 import importlib
 import inspect
 import logging
 import os
 import sys
 import threading
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 from linchkit_plugin._method_threads import method_threads
 from linchkit_plugin.errors import (
@@ -30,8 +31,7 @@ from linchkit_plugin.errors import (
 )
 from linchkit_plugin.plugin import LIFECYCLE_HOOKS, _current_context
 from linchkit_plugin.stopping import STOP_GRACE_SECONDS, STOP_HOOKS_SECONDS
-from linchkit_plugin.tracing import AVAILABLE as _TRACING
-from linchkit_plugin.tracing import continued_trace
+from linchkit_plugin.tracing import MAX_PLUGIN_ID, CallSpan, CallTracing, call_tracing
 
 __all__ = [
     "ABANDONED_EXIT_SECONDS",
@@ -61,6 +61,15 @@ ABANDONED_HOOK_SECONDS = 0.5
 ABANDONED_EXIT_SECONDS = 1.0
 
 EventSink = Callable[[str, Any], None]
+
+
+class _Undecided(enum.Enum):
+    """Whether a host traces its calls is decided at its first call (``PluginHost.call``)."""
+
+    AT_FIRST_CALL = enum.auto()
+
+
+_UNDECIDED: Final = _Undecided.AT_FIRST_CALL
 
 
 def load_plugin_class(entrypoint: str, path: str | Path | None = None) -> type[Any]:
@@ -120,13 +129,27 @@ class PluginHost:
         emit: EventSink | None = None,
         methods: Collection[str] | None = None,
         owns_process: bool = False,
+        plugin_id: str = "",
+        tracer_provider: Any = None,
+        new_traces: bool = True,
     ) -> None:
         """``methods``: expose only these of the plugin's methods (default: all of them).
         ``owns_process``: the plugin is the process's one job (an SDK executable), which
         ends once a stop that gave up on a hook is over, whatever the hook still does
-        (``close_within``); never for a plugin hosted inside another program."""
+        (``close_within``); never for a plugin hosted inside another program.
+
+        Tracing (``linchkit_plugin.tracing``): ``plugin_id`` is the id the calls' spans name
+        (``linchkit.plugin``; default: the plugin class's ``id``, and the servers set the
+        one they serve it as); ``tracer_provider``, the OpenTelemetry provider they go to
+        (default: the process's global one, if it has one); ``new_traces``, whether a call
+        without a valid ``traceparent`` starts a trace (``tracing.CallTracing``)."""
         self.plugin = plugin
         self.owns_process = owns_process
+        self.plugin_id = plugin_id or str(getattr(plugin, "id", "") or "")
+        self._tracer_provider = tracer_provider
+        self._new_traces = new_traces
+        #: The spans of the calls: None when untraced (a call pays this one check).
+        self._tracing: CallTracing | Literal[_Undecided.AT_FIRST_CALL] | None = _UNDECIDED
         #: Seconds of its cap ``close_within`` left unused when both hooks had ended (0
         #: before, and after a hook it gave up on): what a stop gives the spans still
         #: buffered next (``linchkit_plugin.tracing.flush_at_stop``).
@@ -145,10 +168,19 @@ class PluginHost:
         emit: EventSink | None = None,
         methods: Collection[str] | None = None,
         owns_process: bool = False,
+        plugin_id: str = "",
+        new_traces: bool = True,
     ) -> PluginHost:
         plugin_class = load_plugin_class(entrypoint, path)
         try:
-            return cls(plugin_class(), emit=emit, methods=methods, owns_process=owns_process)
+            return cls(
+                plugin_class(),
+                emit=emit,
+                methods=methods,
+                owns_process=owns_process,
+                plugin_id=plugin_id,
+                new_traces=new_traces,
+            )
         except Exception as error:
             raise ProviderError(f"cannot instantiate plugin {entrypoint!r}: {error!r}") from error
 
@@ -212,39 +244,59 @@ class PluginHost:
     async def stream(
         self, method: str, params: Any, context: dict[str, Any] | None = None
     ) -> AsyncGenerator[Any, None]:
-        """The chunks of streaming ``method``; a unary method yields its one result."""
+        """The chunks of streaming ``method``; a unary method yields its one result.
+
+        Traced, a streaming method's span lasts the whole stream and is current around
+        each step of the plugin's generator."""
         if method not in self.streaming:
             yield await self.call(method, params, context)
             return
-        args, kwargs = _arguments_for(self.methods[method], params)
+        tracing = self._tracing
+        if tracing is _UNDECIDED:
+            tracing = self._decide_tracing()
+        span = None if tracing is None else self._begin(tracing, method, context, "")
+        failure: BaseException | None = None
         try:
-            chunks = self.methods[method](*args, **kwargs)
-        except TypeError as error:
-            raise _binding_error(self.methods[method], args, kwargs, error) from error
-        # The call's context is set around each step of the plugin's generator, never
-        # across a yield: a host that runs the plugin in its own process (``local``) then
-        # does not see it between chunks, and may close the stream from another context
-        # (a task of its own, the collector's finalizer) without a ContextVar error.
-        try:
-            while True:
+            args, kwargs = _arguments_for(self.methods[method], params)
+            try:
+                chunks = self.methods[method](*args, **kwargs)
+            except TypeError as error:
+                raise _binding_error(self.methods[method], args, kwargs, error) from error
+            # The call's context (and span) is set around each step of the plugin's
+            # generator, never across a yield: a host that runs the plugin in its own
+            # process (``local``) then does not see it between chunks, and may close the
+            # stream from another context (a task of its own, the collector's finalizer)
+            # without a ContextVar error.
+            try:
+                while True:
+                    token = _current_context.set(context)
+                    current = None if span is None else span.enter()
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        if span is not None and current is not None:
+                            span.leave(current)
+                        _current_context.reset(token)
+                    yield chunk
+            except DispatchError:
+                raise
+            except Exception as error:
+                raise _plugin_error(error) from error
+            finally:
                 token = _current_context.set(context)
                 try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    return
+                    await chunks.aclose()
                 finally:
                     _current_context.reset(token)
-                yield chunk
-        except DispatchError:
+        except BaseException as error:  # GeneratorExit, CancelledError: the host ended it
+            failure = error
             raise
-        except Exception as error:
-            raise _plugin_error(error) from error
         finally:
-            token = _current_context.set(context)
-            try:
-                await chunks.aclose()
-            finally:
-                _current_context.reset(token)
+            if span is not None:
+                span.end(failure)
+            failure = None  # no cycle through the traceback
 
     async def close(self) -> None:
         """Run ``stop()`` then ``destroy()``; both run even if one fails."""
@@ -318,15 +370,68 @@ class PluginHost:
             return bool(answer.get("ok", answer.get("healthy", True))), str(answer)
         return answer is not False, ""
 
-    async def call(self, method: str, params: Any, context: dict[str, Any] | None = None) -> Any:
+    async def call(
+        self, method: str, params: Any, context: dict[str, Any] | None = None, *, plugin: str = ""
+    ) -> Any:
         """Run ``method`` with ``params``; any failure is raised as a ``DispatchError``.
 
-        A call whose context has a ``traceparent`` runs in a span continuing the
-        dispatcher's trace, when OpenTelemetry is installed (``linchkit_plugin.tracing``)."""
-        if _TRACING and context is not None and "traceparent" in context:
-            with continued_trace(method, context, type(self.plugin).__name__):
-                return await self._call(method, params, context)
-        return await self._call(method, params, context)
+        Traced (``linchkit_plugin.tracing``), the call runs in its span, which continues
+        the context's ``traceparent``. ``plugin``: the id the caller's envelope names, for
+        the span of a host that was given none (``plugin_id``)."""
+        tracing = self._tracing
+        if tracing is None:
+            return await self._call(method, params, context)
+        return await self._traced(
+            tracing, method, context, plugin, self._call(method, params, context)
+        )
+
+    async def _traced(
+        self,
+        tracing: CallTracing | Literal[_Undecided.AT_FIRST_CALL],
+        method: str,
+        context: dict[str, Any] | None,
+        plugin: str,
+        running: Coroutine[Any, Any, Any],
+    ) -> Any:
+        """Await ``running``, the call of ``method``, in its span."""
+        if tracing is _UNDECIDED:
+            decided = self._decide_tracing()
+            if decided is None:
+                return await running
+            tracing = decided
+        # No span for a method the plugin lacks: its name is the caller's (Go, TypeScript).
+        span = self._begin(tracing, method, context, plugin) if method in self.methods else None
+        if span is None:
+            return await running
+        current = span.enter()
+        try:
+            result = await running
+        except BaseException as error:  # CancelledError too: the host cancelled the call
+            span.end(error)
+            raise
+        else:
+            span.end(None)
+            return result
+        finally:
+            span.leave(current)
+
+    def _decide_tracing(self) -> CallTracing | None:
+        """Whether this host traces its calls, decided once, at its first call: by then a
+        plugin that sets up its own tracer provider (at import, in ``init``) has, and the
+        SDK's servers have called ``configure_from_env``."""
+        try:
+            tracing = call_tracing(self._tracer_provider, new_traces=self._new_traces)
+        except Exception:  # tracing never fails a call: the calls go untraced
+            log.warning("could not set up the tracing of the plugin's calls", exc_info=True)
+            tracing = None
+        self._tracing = tracing
+        return tracing
+
+    def _begin(
+        self, tracing: CallTracing, method: str, context: dict[str, Any] | None, plugin: str
+    ) -> CallSpan | None:
+        plugin_id = self.plugin_id or plugin[:MAX_PLUGIN_ID] or type(self.plugin).__name__
+        return tracing.begin(method, context, plugin_id, type(self.plugin).__name__)
 
     async def _call(self, method: str, params: Any, context: dict[str, Any] | None) -> Any:
         function = self.methods.get(method)
@@ -355,16 +460,32 @@ class PluginHost:
             _current_context.reset(token)
 
     async def call_with_deadline(
+        self,
+        method: str,
+        params: Any,
+        context: dict[str, Any],
+        timeout: float | None,
+        *,
+        plugin: str = "",
+    ) -> Any:
+        """``call`` bounded by ``timeout`` seconds (a sync method's thread runs on, unobserved).
+        Traced, its span records a call the deadline ended as ``deadline_exceeded``."""
+        tracing = self._tracing
+        if tracing is None:
+            return await self._call_within(method, params, context, timeout)
+        running = self._call_within(method, params, context, timeout)
+        return await self._traced(tracing, method, context, plugin, running)
+
+    async def _call_within(
         self, method: str, params: Any, context: dict[str, Any], timeout: float | None
     ) -> Any:
-        """``call`` bounded by ``timeout`` seconds (a sync method's thread runs on, unobserved)."""
         if timeout is None:
-            return await self.call(method, params, context)
+            return await self._call(method, params, context)
         if timeout <= 0:
             raise DeadlineExceeded(f"deadline passed before {method!r} started")
         try:
             async with asyncio.timeout(timeout):
-                return await self.call(method, params, context)
+                return await self._call(method, params, context)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"{method!r} did not finish within {timeout * 1000:.0f} ms"

@@ -124,6 +124,7 @@ class KnativeFunction:
                 request.params,
                 request.context,
                 deadline_ms / 1000 if deadline_ms is not None else None,
+                plugin=request.plugin,
             )
         except DispatchError as error:
             return 200, error_response(error)
