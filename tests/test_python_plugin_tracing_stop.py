@@ -16,7 +16,9 @@ The collector here is a TCP server on 127.0.0.1 that accepts and never answers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import sys
 import time
 
 import httpx
@@ -153,3 +155,32 @@ async def test_the_executable_s_own_modes_stop_within_the_caps_with_a_silent_col
     assert returncode == 0, said
     assert SECRET not in said, said
     assert "spans dropped at the stop" in said, said
+
+
+def test_a_collector_named_without_opentelemetry_installed_is_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The variables name a collector and OpenTelemetry's API is missing: before, the
+    # plugin served untraced and said nothing (the TypeScript SDK warns).
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://u:{SECRET}@127.0.0.1:4318")
+    monkeypatch.setattr(tracing, "AVAILABLE", False)
+    with caplog.at_level(logging.WARNING, logger="linchkit_plugin.tracing"):
+        assert tracing.configure_from_env() is False
+    (said,) = [record.getMessage() for record in caplog.records]
+    assert "not installed: no span is sent" in said, said
+    assert "http://127.0.0.1:4318" in said and SECRET not in said, said
+
+
+def test_a_collector_named_without_the_exporter_installed_is_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The API alone (a library brought it) and no SDK or exporter: the same.
+    from opentelemetry import trace
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:4318/v1/traces")
+    monkeypatch.setattr(trace, "get_tracer_provider", trace.ProxyTracerProvider)
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    with caplog.at_level(logging.WARNING, logger="linchkit_plugin.tracing"):
+        assert tracing.configure_from_env() is False
+    (said,) = [record.getMessage() for record in caplog.records]
+    assert "not installed: no span is sent" in said, said

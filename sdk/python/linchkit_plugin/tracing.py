@@ -277,12 +277,15 @@ def configure_from_env(*, plugin_id: str = "", version: str = "") -> bool:
     ``OTEL_SERVICE_NAME``, else ``plugin_id``, else ``linchkit-plugin``; its
     ``service.version`` is ``version`` when given (as the Go and TypeScript SDKs name
     theirs)."""
-    if not AVAILABLE or _disabled():
+    if _disabled():
         return False
     if not (
         os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     ):
+        return False
+    if not AVAILABLE:
+        _say_not_installed()
         return False
     from opentelemetry import trace as _trace
 
@@ -294,6 +297,7 @@ def configure_from_env(*, plugin_id: str = "", version: str = "") -> bool:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
+        _say_not_installed()
         return False
     # Ours win over OTEL_RESOURCE_ATTRIBUTES', which Resource.create merges in.
     resource = {
@@ -310,6 +314,17 @@ def configure_from_env(*, plugin_id: str = "", version: str = "") -> bool:
     global _installed
     _installed = _Installed(provider, _collector_shown())
     return True
+
+
+def _say_not_installed() -> None:
+    """The variables name a collector and nothing here can send to it: said once, at
+    start, as the TypeScript SDK says it, rather than a plugin served untraced unseen."""
+    log.warning(
+        "linchkit plugin: OTEL_EXPORTER_OTLP_* names a trace collector (%s) but OpenTelemetry's"
+        " SDK and OTLP/HTTP exporter are not installed: no span is sent. Install them with"
+        " pip install 'linchkit-plugin[tracing]', or unset the variables",
+        _collector_shown(),
+    )
 
 
 def flush_within(seconds: float) -> bool:
