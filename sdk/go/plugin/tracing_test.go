@@ -263,3 +263,85 @@ func TestASilentCollectorDoesNotOutlastTheStopsCaps(t *testing.T) {
 		t.Errorf("the stop took %v with a silent collector, want about grace + hooks + %v", took, spanFlushMargin)
 	}
 }
+
+// Over WebSocket a call and a stream are traced as over gRPC: one span each, child of the
+// attempt, a stream's lasting until its last chunk and ending with its outcome.
+func TestWebSocketCallsAndStreamsAreTraced(t *testing.T) {
+	p, exporter := tracedPlugin(t)
+	p.StreamingMethod("breaks", "", func(_ context.Context, _ *Call, send func(any) error) error {
+		if err := send(1); err != nil {
+			return err
+		}
+		return &Error{Type: "Overdrawn", Message: "balance is 100"}
+	})
+	host, _, _ := dialledSession(t, p, time.Minute)
+	traceparent := "00-" + parentTrace + "-" + parentSpan + "-01"
+	writeFrame(t, host, `{"type":"call","id":1,"request":{"v":1,"plugin":"test","method":"echo","params":{"n":1},"context":{"request_id":"r1","traceparent":"`+traceparent+`"}}}`)
+	if f := readFrame(t, host); f["type"] != "response" || f["id"] != 1.0 {
+		t.Fatalf("the call's answer: %v", f)
+	}
+	writeFrame(t, host, `{"type":"stream","id":2,"request":{"v":1,"plugin":"test","method":"count","params":null,"context":{"request_id":"r2","traceparent":"`+traceparent+`"}}}`)
+	for {
+		if f := readFrame(t, host); f["type"] == "response" {
+			break
+		}
+	}
+	long := strings.Repeat("r", 300)
+	writeFrame(t, host, `{"type":"stream","id":3,"request":{"v":1,"plugin":"test","method":"breaks","params":null,"context":{"request_id":"`+long+`","traceparent":"garbage"}}}`)
+	for {
+		if f := readFrame(t, host); f["type"] == "response" {
+			break
+		}
+	}
+
+	spans := exporter.GetSpans()
+	if len(spans) != 3 {
+		t.Fatalf("%d spans, want 3 (a call, a stream, a failed stream): %+v", len(spans), spans)
+	}
+	for i, want := range []struct {
+		method, requestID, outcome string
+		child                      bool
+	}{{"echo", "r1", "ok", true}, {"count", "r2", "ok", true}, {"breaks", long[:128], "Overdrawn", false}} {
+		span := spans[i]
+		if span.Name != "linchkit.plugin/"+want.method || span.SpanKind != trace.SpanKindServer {
+			t.Errorf("span %d: %q of kind %v", i, span.Name, span.SpanKind)
+		}
+		if want.child && (span.SpanContext.TraceID().String() != parentTrace || span.Parent.SpanID().String() != parentSpan) {
+			t.Errorf("span %d: trace %s parent %s, want the attempt span %s", i, span.SpanContext.TraceID(), span.Parent.SpanID(), parentSpan)
+		}
+		if !want.child && (span.Parent.IsValid() || span.SpanContext.TraceID().String() == parentTrace) {
+			t.Errorf("span %d: a malformed traceparent, yet parent %v", i, span.Parent)
+		}
+		got := attributes(span)
+		expected := map[attribute.Key]string{attrMethod: want.method, attrPlugin: "test", attrRequestID: want.requestID, attrOutcome: want.outcome}
+		if want.outcome != "ok" {
+			expected[attrErrorType] = want.outcome
+		}
+		for key, value := range expected {
+			if got[key] != value {
+				t.Errorf("span %d: %s = %q, want %q", i, key, got[key], value)
+			}
+		}
+		if failed := span.Status.Code.String() == "Error"; failed != (want.outcome != "ok") {
+			t.Errorf("span %d: status %v with outcome %s", i, span.Status, want.outcome)
+		}
+	}
+}
+
+// Untraced (no OTLP variables), a WebSocket stream runs with no span in its ctx.
+func TestAnUntracedWebSocketStreamHasNoSpan(t *testing.T) {
+	p := testPlugin()
+	seen := make(chan trace.SpanContext, 1)
+	p.StreamingMethod("sees", "", func(ctx context.Context, _ *Call, _ func(any) error) error {
+		seen <- trace.SpanContextFromContext(ctx)
+		return nil
+	})
+	host, _, _ := dialledSession(t, p, time.Minute)
+	writeFrame(t, host, `{"type":"stream","id":1,"request":{"v":1,"plugin":"test","method":"sees","params":null,"context":{"traceparent":"00-`+parentTrace+`-`+parentSpan+`-01"}}}`)
+	if f := readFrame(t, host); f["type"] != "response" {
+		t.Fatalf("the stream's end: %v", f)
+	}
+	if inHandler := <-seen; inHandler.IsValid() {
+		t.Errorf("tracing off, yet the stream's ctx carries %v", inHandler)
+	}
+}

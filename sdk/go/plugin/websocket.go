@@ -551,6 +551,10 @@ func (s *wsSession) call(callCtx, connCtx context.Context, id int64, rawRequest 
 		s.respond(connCtx, id, errorReply(callErr))
 		return
 	}
+	// One span for the whole stream, as over gRPC (service.go's CallStream): it ends with
+	// the stream's outcome, before the last frame goes out, so a host that read it sees
+	// the span ended.
+	ctx, span := s.plugin.tracing.start(ctx, s.plugin.id, call)
 	send := func(chunk any) error {
 		raw, err := encodeJSON(chunk)
 		if err != nil {
@@ -573,12 +577,15 @@ func (s *wsSession) call(callCtx, connCtx context.Context, id int64, rawRequest 
 		}
 	}
 	if err != nil {
+		failure := toError(err)
+		endSpan(span, failure)
 		if errors.Is(callCtx.Err(), context.Canceled) {
 			return // the host cancelled it: nobody waits for an answer
 		}
-		s.respond(connCtx, id, errorReply(toError(err)))
+		s.respond(connCtx, id, errorReply(failure))
 		return
 	}
+	endSpan(span, nil)
 	s.respond(connCtx, id, &pluginpb.CallReply{Ok: true, ResultJson: json.RawMessage("null")})
 }
 
