@@ -21,8 +21,8 @@
  * calls in flight and `LINCHKIT_PLUGIN_STOP_HOOKS_MS` for the hooks (stopcaps.ts: 5 s each
  * unless set; read once at start, a malformed value refused in one line and exit 1). With an
  * OTLP endpoint in the environment
- * (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), gRPC calls are
- * traced (tracing.ts) and the last spans are sent before exiting.
+ * (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), calls and streams
+ * are traced in every mode (tracing.ts) and the last spans are sent before exiting.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import * as os from 'node:os';
@@ -67,7 +67,7 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
     if (argv[0] === 'connect') {
       const command = parseConnectCommand(argv);
       if (command.mode === 'help') process.stdout.write(connectHelp());
-      else await connectToGateway(plugin, command.url, command.config, env, caps('connect: '));
+      else await connectToGateway(plugin, command.url, command.config, env, caps('connect: '), Tracing.fromEnv(env, plugin));
       return;
     }
     const command = parseCommand(argv);
@@ -76,7 +76,7 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
       return;
     }
     if (command.mode === 'websocket') {
-      await serveOverWebSocket(plugin, command.address, command.config, env, caps('serve: '));
+      await serveOverWebSocket(plugin, command.address, command.config, env, caps('serve: '), Tracing.fromEnv(env, plugin));
       return;
     }
     if (command.mode === 'service') {
@@ -123,8 +123,8 @@ environment (docs/security.md, docs/observability.md):
       the bearer token every call must carry, from a file (a mounted secret) or the
       variable, not both; without either anybody who can reach the address may call
   ${OTLP_TRACES_ENDPOINT_ENV}, ${OTLP_ENDPOINT_ENV}
-      gRPC service: export a span per call over OTLP/HTTP (the first is the full URL,
-      the second a base URL + /v1/traces)
+      export a span per call and per stream over OTLP/HTTP, gRPC and WebSocket alike
+      (the first is the full URL, the second a base URL + /v1/traces)
   OTEL_SERVICE_NAME, OTEL_SDK_DISABLED, OTEL_EXPORTER_OTLP_HEADERS, OTEL_BSP_*
       the traced service's name (default the plugin id), true to turn tracing off, the
       collector's headers, span batching
@@ -151,10 +151,14 @@ options:
   --config JSON  the object the plugin's init hooks get (default {})
   -h, --help     this help
 
-environment (docs/security.md):
+environment (docs/security.md, docs/observability.md):
   ${TOKEN_FILE_ENV}, ${TOKEN_ENV}
       the bearer token the plugin presents to the gateway, from a file (a mounted secret)
       or the variable, not both
+  ${OTLP_TRACES_ENDPOINT_ENV}, ${OTLP_ENDPOINT_ENV}
+      export a span per call and per stream over OTLP/HTTP (the first is the full URL,
+      the second a base URL + /v1/traces); OTEL_SERVICE_NAME, OTEL_SDK_DISABLED,
+      OTEL_EXPORTER_OTLP_HEADERS and OTEL_BSP_* as for serve
   ${STOP_GRACE_ENV}, ${STOP_HOOKS_ENV}
       on SIGTERM, the milliseconds the gateway gets to finish its calls after goaway, then
       the stop and destroy hooks together, 0-${MAX_STOP_MS} (default ${STOP_HOOKS_MS} each)
@@ -164,9 +168,15 @@ environment (docs/security.md):
 /**
  * The WebSocket modes run the plugin's own lifecycle: init with `--config`, start, and on a
  * signal `windDown` (the connections' calls finish on a started plugin), then stop (the hooks
- * `hooksMs` at most) and exit.
+ * `hooksMs` at most), send the spans still buffered (`flushSpans`) and exit.
  */
-async function startLifecycle(plugin: Plugin, configText: string | undefined, hooksMs: number, windDown: () => Promise<void>): Promise<void> {
+async function startLifecycle(
+  plugin: Plugin,
+  configText: string | undefined,
+  hooksMs: number,
+  tracing: Tracing | undefined,
+  windDown: () => Promise<void>,
+): Promise<void> {
   let config: unknown;
   try {
     config = JSON.parse(configText ?? '{}');
@@ -182,7 +192,11 @@ async function startLifecycle(plugin: Plugin, configText: string | undefined, ho
     stopping = true;
     void windDown()
       .catch(() => undefined)
-      .then(() => closeWithin(plugin, hooksMs))
+      .then(async () => {
+        const hooksBegan = Date.now();
+        await closeWithin(plugin, hooksMs);
+        await flushSpans(tracing, Math.max(hooksMs - (Date.now() - hooksBegan), SPAN_FLUSH_MARGIN_MS));
+      })
       .finally(() => process.exit(0));
   };
   process.on('SIGTERM', stop);
@@ -190,16 +204,23 @@ async function startLifecycle(plugin: Plugin, configText: string | undefined, ho
 }
 
 /** `url` is checked already (connect.ts): a gateway that does not answer yet is retried. */
-async function connectToGateway(plugin: Plugin, url: string, config: string | undefined, env: NodeJS.ProcessEnv, caps: StopCaps): Promise<void> {
+async function connectToGateway(
+  plugin: Plugin,
+  url: string,
+  config: string | undefined,
+  env: NodeJS.ProcessEnv,
+  caps: StopCaps,
+  tracing: Tracing | undefined,
+): Promise<void> {
   const token = BearerToken.configured(env);
   const stopping = new AbortController();
   let dialling: Promise<void> = Promise.resolve();
   // A stop: no redial, goaway on the connection; `dial` resolves once the gateway closed it.
-  await startLifecycle(plugin, config, caps.hooksMs, () => {
+  await startLifecycle(plugin, config, caps.hooksMs, tracing, () => {
     stopping.abort();
     return dialling;
   });
-  dialling = dial(plugin, url, { token: token?.secret(), signal: stopping.signal, graceMs: caps.graceMs });
+  dialling = dial(plugin, url, { token: token?.secret(), signal: stopping.signal, graceMs: caps.graceMs, tracing });
   try {
     await dialling;
   } catch (error) {
@@ -214,10 +235,17 @@ async function closeQuietly(plugin: Plugin): Promise<void> {
   await plugin.close().catch(() => undefined);
 }
 
-async function serveOverWebSocket(plugin: Plugin, address: string, config: string | undefined, env: NodeJS.ProcessEnv, caps: StopCaps): Promise<void> {
+async function serveOverWebSocket(
+  plugin: Plugin,
+  address: string,
+  config: string | undefined,
+  env: NodeJS.ProcessEnv,
+  caps: StopCaps,
+  tracing: Tracing | undefined,
+): Promise<void> {
   const token = BearerToken.configured(env);
-  const server = new WebSocketPluginServer(plugin, token);
-  await startLifecycle(plugin, config, caps.hooksMs, () => server.close(caps.graceMs)); // a stop: no new connection, goaway on each
+  const server = new WebSocketPluginServer(plugin, token, tracing);
+  await startLifecycle(plugin, config, caps.hooksMs, tracing, () => server.close(caps.graceMs)); // a stop: no new connection, goaway on each
   let bound: string;
   try {
     bound = await server.listen(address);
@@ -330,6 +358,11 @@ async function serveSubprocess(plugin: Plugin, config: HandshakeConfig, tracing:
  */
 export const SPAN_FLUSH_MARGIN_MS = 1_000;
 
+/** The spans still buffered, sent within `flushMs` at most: a dead collector does not hold the stop. */
+function flushSpans(tracing: Tracing | undefined, flushMs: number): Promise<unknown> {
+  return tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, flushMs).unref())]);
+}
+
 /**
  * @internal The plugin's stop and destroy hooks at a stop, `capMs` (`STOP_HOOKS_MS` unless
  * set) at most together: a hook still running then is abandoned with a warning naming it and
@@ -374,8 +407,6 @@ function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer,
     // Spans last: the drained calls' are buffered by then. Bounded by what remains of the
     // hooks' cap (SPAN_FLUSH_MARGIN_MS at least): a dead collector must not keep the plugin
     // past grace + hooks + the margin, where a container may be killed.
-    const flush = (flushMs: number): Promise<unknown> =>
-      tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, flushMs).unref())]);
     void server
       .shutdown(caps.graceMs)
       .then(async () => {
@@ -383,7 +414,7 @@ function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer,
         await closeWithin(plugin, caps.hooksMs);
         return Math.max(caps.hooksMs - (Date.now() - hooksBegan), SPAN_FLUSH_MARGIN_MS);
       })
-      .then(flush)
+      .then((flushMs) => flushSpans(tracing, flushMs))
       .then(() => process.exit(0));
   };
   for (const signal of signals) process.on(signal, stop);

@@ -63,15 +63,15 @@ export class Tracing {
   static fromEnv(env: NodeJS.ProcessEnv, plugin: { id: string; version: string }): Tracing | undefined {
     const url = tracesEndpoint(env);
     if (url === undefined) return undefined;
-    let api: typeof Api, core: typeof Core, otlp: typeof OtlpProto, resources: typeof Resources;
-    let base: typeof TraceBase, node: typeof TraceNode;
+    let otlp: typeof OtlpProto, base: typeof TraceBase;
     try {
-      api = require('@opentelemetry/api');
-      core = require('@opentelemetry/core');
       otlp = require('@opentelemetry/exporter-trace-otlp-proto');
-      resources = require('@opentelemetry/resources');
       base = require('@opentelemetry/sdk-trace-base');
-      node = require('@opentelemetry/sdk-trace-node');
+      // Loaded here too, so that a missing one is said once and the plugin serves untraced.
+      require('@opentelemetry/api');
+      require('@opentelemetry/core');
+      require('@opentelemetry/resources');
+      require('@opentelemetry/sdk-trace-node');
     } catch (error) {
       log.warn(
         `${OTLP_ENDPOINT_ENV} is set but OpenTelemetry is not installed ` +
@@ -79,18 +79,29 @@ export class Tracing {
       );
       return undefined;
     }
-    const resource = resources.defaultResource().merge(
-      resources.resourceFromAttributes({
-        'service.name': env.OTEL_SERVICE_NAME || plugin.id,
-        'service.version': plugin.version,
-      }),
-    );
     // Batched, so a call never waits on the collector; OTEL_BSP_* tune it. The exporter
     // reads OTEL_EXPORTER_OTLP_HEADERS and its timeouts itself.
-    const provider = new node.NodeTracerProvider({
-      resource,
-      spanProcessors: [new base.BatchSpanProcessor(new otlp.OTLPTraceExporter({ url }))],
-    });
+    return Tracing.exportingTo(new base.BatchSpanProcessor(new otlp.OTLPTraceExporter({ url })), env.OTEL_SERVICE_NAME || plugin.id, plugin);
+  }
+
+  /**
+   * @internal Tracing that hands each span to `exporter` as it ends, the environment unread:
+   * for tests, which look at the spans in process (the OTLP export is tested end to end).
+   */
+  static withExporter(exporter: TraceBase.SpanExporter, plugin: { id: string; version: string }): Tracing {
+    const base: typeof TraceBase = require('@opentelemetry/sdk-trace-base');
+    return Tracing.exportingTo(new base.SimpleSpanProcessor(exporter), plugin.id, plugin);
+  }
+
+  private static exportingTo(processor: TraceBase.SpanProcessor, service: string, plugin: { id: string; version: string }): Tracing {
+    const api: typeof Api = require('@opentelemetry/api');
+    const core: typeof Core = require('@opentelemetry/core');
+    const resources: typeof Resources = require('@opentelemetry/resources');
+    const node: typeof TraceNode = require('@opentelemetry/sdk-trace-node');
+    const resource = resources.defaultResource().merge(
+      resources.resourceFromAttributes({ 'service.name': service, 'service.version': plugin.version }),
+    );
+    const provider = new node.NodeTracerProvider({ resource, spanProcessors: [processor] });
     // Global, with the AsyncLocalStorage context manager: the author's own tracer (the
     // API's `trace.getTracer`) sees the call's span as active and nests under it.
     provider.register();

@@ -14,7 +14,9 @@
  * frame runs with its own AbortController (deadline from `context.deadline_ms`, `cancel`
  * frames abort it), streams honour the host's `credit` (a window of 256 chunks), `health`
  * is answered, host `event`s reach `plugin.on` handlers and the plugin's events go out.
- * Events emitted while no host is connected wait in the plugin's own bounded buffer.
+ * Events emitted while no host is connected wait in the plugin's own bounded buffer. Given
+ * a `Tracing`, each call and each stream runs in its span, as over gRPC (tracing.ts): a
+ * stream's lasts until its last chunk and ends with its outcome.
  *
  * Stopping loses no call: the plugin says `goaway` on each connection (having stopped
  * listening, or redialling), goes on answering what still arrives, and the host closes the
@@ -31,6 +33,7 @@ import { log, shown } from './log';
 import { isObject, type JsonObject } from './params';
 import type { CallContext, Plugin } from './plugin';
 import { decodeJson, encodeJson } from './server';
+import type { CallSpan, Tracing } from './tracing';
 import { MAX_DEPTH } from './wirejson';
 
 export const STREAM_WINDOW = 256;
@@ -96,6 +99,8 @@ export class Session {
   constructor(
     private readonly plugin: Plugin,
     private readonly socket: WebSocket,
+    /** Each call and stream runs in a span continuing its traceparent; undefined: untraced. */
+    private readonly tracing?: Tracing,
   ) {
     this.ended = new Promise((resolve) => socket.once('close', () => resolve()));
   }
@@ -226,6 +231,7 @@ export class Session {
     const controller = new AbortController();
     this.calls.set(id, controller);
     let timer: NodeJS.Timeout | undefined;
+    let span: CallSpan | undefined;
     try {
       if (!isObject(request) || request.v !== PROTOCOL_VERSION) {
         throw new ProviderError(`unsupported envelope; this plugin speaks v${PROTOCOL_VERSION}`);
@@ -254,8 +260,16 @@ export class Session {
       });
       over.catch(() => undefined);
       const ctx = callContext(method, context, deadline, controller.signal);
+      if (this.tracing !== undefined) {
+        this.plugin.lookup(method); // no span named after a method that does not exist
+        span = this.tracing.begin(ctx);
+      }
+      const traced = span;
+      const within = <T>(fn: () => T): T => (traced === undefined ? fn() : traced.within(fn));
       if (kind === 'call') {
-        const result = await Promise.race([this.plugin.invoke(method, request.params ?? null, ctx), over]);
+        const result = await Promise.race([within(() => this.plugin.invoke(method, request.params ?? null, ctx)), over]);
+        span?.end();
+        span = undefined;
         this.send({ type: 'response', id, response: { ok: true, result: result === undefined ? null : result } });
       } else {
         const window = new Window();
@@ -263,7 +277,8 @@ export class Session {
         try {
           const chunks = this.plugin.invokeStream(method, request.params ?? null, ctx);
           for (;;) {
-            const next = await Promise.race([chunks.next(), over]);
+            // A generator's body runs in the context of whoever calls next(): each step in the span.
+            const next = await Promise.race([within(() => chunks.next()), over]);
             if (next.done) break;
             await window.take(controller.signal);
             this.send({ type: 'chunk', id, data: next.value === undefined ? null : next.value });
@@ -271,9 +286,12 @@ export class Session {
         } finally {
           this.windows.delete(id);
         }
+        span?.end();
+        span = undefined;
         this.send({ type: 'response', id, response: { ok: true, result: null } });
       }
     } catch (error) {
+      span?.end({ thrown: error });
       if (this.socket.readyState === WebSocket.OPEN && !(controller.signal.aborted && isCancel(controller.signal.reason))) {
         this.send({ type: 'response', id, response: { ok: false, error: toWireError(error) } });
       }
@@ -361,6 +379,8 @@ export class WebSocketPluginServer {
   constructor(
     private readonly plugin: Plugin,
     private readonly token: BearerToken | undefined,
+    /** Each call and stream runs in a span (tracing.ts); undefined: untraced. */
+    private readonly tracing?: Tracing,
   ) {
     this.server = http.createServer((_, response) => {
       response.writeHead(426, { 'Content-Type': 'application/json' });
@@ -399,7 +419,7 @@ export class WebSocketPluginServer {
     }
     this.sockets.handleUpgrade(request, socket, head, (ws) => {
       keepAlive(ws, 10_000);
-      const session = new Session(this.plugin, ws);
+      const session = new Session(this.plugin, ws, this.tracing);
       this.sessions.add(session);
       void session.run().then(() => this.sessions.delete(session));
     });
@@ -411,8 +431,8 @@ export class WebSocketPluginServer {
  * address. A mistyped address or a failed listen rejects with a `ListenError` (listen.ts).
  * `WebSocketPluginServer` is the same with a graceful `close`.
  */
-export async function serveWebSocket(plugin: Plugin, address: string, token: BearerToken | undefined): Promise<string> {
-  return new WebSocketPluginServer(plugin, token).listen(address);
+export async function serveWebSocket(plugin: Plugin, address: string, token: BearerToken | undefined, tracing?: Tracing): Promise<string> {
+  return new WebSocketPluginServer(plugin, token, tracing).listen(address);
 }
 
 export interface DialOptions {
@@ -424,6 +444,8 @@ export interface DialOptions {
   signal?: AbortSignal;
   /** How long a stop waits for the gateway to close the connection (`GOAWAY_GRACE`). */
   graceMs?: number;
+  /** Each call and stream runs in a span (tracing.ts); undefined: untraced. */
+  tracing?: Tracing;
 }
 
 /** The most of a peer's close reason shown, once escaped: a reason is at most 123 bytes,
@@ -506,7 +528,7 @@ function connection(plugin: Plugin, url: string, headers: Record<string, string>
     });
     socket.once('open', () => {
       keepAlive(socket, options.heartbeatMs ?? 10_000);
-      const opened = new Session(plugin, socket);
+      const opened = new Session(plugin, socket, options.tracing);
       session = opened;
       void opened.run().then(() => done(refusal ?? (opened.welcomed ? 'welcomed' : 'closed')));
     });
