@@ -5,7 +5,9 @@ opentelemetry-proto; the dispatcher sends with the SDK's OTLP/HTTP exporter (its
 names the endpoint); the plugin is the example served by ``dispatcher-plugin serve`` in its
 own process, exporting through the standard ``OTEL_*`` variables. The example plugin of
 each SDK (``make sdks``: Python's too) is held to the same as a gRPC service: one span
-``linchkit.plugin/<method>`` per call, with the same attributes in every language.
+``linchkit.plugin/<method>`` per call, with the same attributes in every language; over
+WebSocket (TypeScript's ``serve --websocket`` and ``connect``, Go's ``connect``; Python's
+in tests/test_python_plugin_spans.py) a call and a stream are traced the same.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from dispatcher import Dispatcher, PluginError, parse_manifest
 from linchkit_plugin import PluginHost
+from tests.conformance.conftest import INBOUND_TOKEN, _dialling_in, executable
 from tests.conformance.conftest import _start_service as start_service
+from tests.conformance.conftest import _start_websocket_service as start_websocket_service
 from tests.conformance.conftest import _stop_service as stop_service
-from tests.conformance.conftest import executable
 from tests.conftest import EXAMPLES, ROOT, bound_socket
 from tests.services import free_port
 
@@ -355,3 +358,136 @@ async def test_an_sdk_plugin_without_otel_variables_exports_nothing(
         assert await dispatcher.call("example", "echo", {"n": 1}) == {"n": 1}
     await until(lambda: received.named("example.echo attempt"), "the dispatcher's spans")
     assert {span.service for span in received.spans} == {"the-dispatcher"}
+
+
+# -- the example plugin over WebSocket -------------------------------------------------------
+# `serve --websocket` dialled by a `provider: websocket` target, or `connect` dialling the
+# gateway of an inbound one. The dispatcher is untraced: it passes the caller's traceparent
+# on as it came, so the plugin's span is the child of the span that traceparent names.
+
+WEBSOCKET_CASES = [
+    ("typescript", "serve --websocket"),
+    ("typescript", "connect"),
+    ("go", "connect"),
+]
+WEBSOCKET_IDS = [f"{language}-{mode}" for language, mode in WEBSOCKET_CASES]
+WS_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+WS_PARENT_ID = "00f067aa0ba902b7"
+WS_TRACEPARENT = f"00-{WS_TRACE_ID}-{WS_PARENT_ID}-01"
+
+
+def websocket_manifest(target: dict[str, Any]) -> Any:
+    return parse_manifest(
+        {
+            "version": 1,
+            "plugins": [
+                {
+                    "id": "example",
+                    "version": "1.0.0",
+                    "target": target,
+                    "defaults": {"timeout_ms": 20_000},
+                    "methods": {"echo": {}, "fail": {}, "count": {}},
+                }
+            ],
+        },
+        base_dir=ROOT,
+    )
+
+
+@asynccontextmanager
+async def websocket_sdk_plugin(language: str, mode: str, **otel: str) -> AsyncIterator[Dispatcher]:
+    """The example plugin of ``language`` over WebSocket (``mode``) with ``otel`` (and no
+    other ``OTEL_*`` variable), and an untraced dispatcher in front of it; the plugin
+    stopped (SIGTERM, which flushes its spans) on leaving."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | otel
+    if mode == "connect":
+        inbound = {"provider": "websocket", "mode": "inbound", "token": INBOUND_TOKEN}
+        async with (
+            Dispatcher(websocket_manifest(inbound)) as dispatcher,
+            # Its env is added to ours: the OTEL_* variables of ours are emptied.
+            _dialling_in(
+                executable(language),
+                dispatcher,
+                config={},
+                env={k: "" for k in os.environ if k.startswith("OTEL_")} | otel,
+            ),
+        ):
+            yield dispatcher
+        return
+    process, _, target = await start_websocket_service(executable(language), config={}, env=env)
+    try:
+        async with Dispatcher(websocket_manifest(target)) as dispatcher:
+            yield dispatcher
+    finally:
+        await stop_service(process)
+
+
+@pytest.mark.parametrize(("language", "mode"), WEBSOCKET_CASES, ids=WEBSOCKET_IDS)
+async def test_an_sdk_plugin_over_websocket_traces_its_calls_and_streams(
+    language: str, mode: str, collector: tuple[Collector, str]
+) -> None:
+    received, base = collector
+    service = f"{language}-websocket"
+    async with websocket_sdk_plugin(
+        language,
+        mode,
+        OTEL_EXPORTER_OTLP_ENDPOINT=base,
+        OTEL_SERVICE_NAME=service,
+        OTEL_BSP_SCHEDULE_DELAY="50",
+    ) as dispatcher:
+        assert await dispatcher.call(
+            "example", "echo", {"n": 1}, request_id="ws-call", traceparent=WS_TRACEPARENT
+        ) == {"n": 1}
+        chunks = [
+            chunk
+            async for chunk in dispatcher.stream(
+                "example", "count", {"n": 3}, request_id="ws-stream", traceparent=WS_TRACEPARENT
+            )
+        ]
+        assert chunks == [{"i": 0}, {"i": 1}, {"i": 2}]
+        with pytest.raises(PluginError):
+            await dispatcher.call(
+                "example", "fail", {"message": "no"}, request_id="ws-fail", traceparent="garbage"
+            )
+        await until(lambda: len(received.spans) == 3, f"the {language} {mode} plugin's spans")
+
+    assert {span.service for span in received.spans} == {service}
+    assert {span.kind for span in received.spans} == {trace.SpanKind.SERVER.value + 1}
+    assert {span.attributes["linchkit.plugin"] for span in received.spans} == {"example"}
+    by_request = {span.attributes["linchkit.request_id"]: span for span in received.spans}
+    for request_id, method in (("ws-call", "echo"), ("ws-stream", "count")):
+        span = by_request[request_id]
+        assert (span.name, span.trace_id, span.parent_span_id) == (
+            f"linchkit.plugin/{method}",
+            WS_TRACE_ID,
+            WS_PARENT_ID,
+        )
+        assert span.attributes["linchkit.method"] == method
+        assert span.attributes["linchkit.outcome"] == "ok"
+        assert "error.type" not in span.attributes
+        assert span.status[0] != 2
+    failed = by_request["ws-fail"]
+    assert (failed.name, failed.parent_span_id) == ("linchkit.plugin/fail", "")
+    assert failed.trace_id not in (WS_TRACE_ID, "0" * 32)
+    assert failed.attributes["linchkit.outcome"] == "ExampleFailure"
+    assert failed.attributes["error.type"] == "ExampleFailure"
+    assert failed.status == (2, "no")
+
+
+@pytest.mark.parametrize(("language", "mode"), WEBSOCKET_CASES, ids=WEBSOCKET_IDS)
+async def test_an_sdk_plugin_over_websocket_without_otel_variables_exports_nothing(
+    language: str, mode: str, collector: tuple[Collector, str]
+) -> None:
+    received, _ = collector
+    async with websocket_sdk_plugin(language, mode) as dispatcher:
+        assert await dispatcher.call("example", "echo", {"n": 1}, traceparent=WS_TRACEPARENT) == {
+            "n": 1
+        }
+        assert [
+            chunk
+            async for chunk in dispatcher.stream(
+                "example", "count", {"n": 1}, traceparent=WS_TRACEPARENT
+            )
+        ] == [{"i": 0}]
+    # Stopped: a traced plugin would have flushed by now.
+    assert received.requests == 0
