@@ -788,3 +788,26 @@ async def test_a_type_error_of_the_plugin_s_own_stays_a_plugin_error() -> None:
     async with plugin_server() as port:
         answer = await call(port, envelope("broken", {"a": 1}))
         assert answer.json()["error"]["type"] == "TypeError"
+
+
+def test_the_unix_socket_check_never_makes_the_served_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check that the folder takes a socket made its probe at the served path, then
+    removed it: a host pinning the first socket it found there (the Docker provider) saw
+    it removed, read the plugin as tampering with its socket, and refused every call of
+    the container (a full run of the suite caught it). The probe goes beside it now."""
+    from linchkit_plugin import cli
+
+    bound: list[str] = []
+    bind = socket.socket.bind
+
+    def recording(self: socket.socket, address: Any) -> None:
+        bound.append(str(address))
+        bind(self, address)
+
+    monkeypatch.setattr(socket.socket, "bind", recording)
+    path = tmp_path / "plugin.sock"
+    cli._try_unix_socket(str(path))
+    assert bound and str(path) not in bound, bound
+    assert list(tmp_path.iterdir()) == []  # the probe is gone too

@@ -426,17 +426,34 @@ def _try_binding(address: tuple[Any, ...]) -> None:
 
 
 def _try_unix_socket(path: str) -> None:
-    """Make the Unix socket ``path`` and take it away again: a folder that is missing, not
-    writable or full fails here, in one line and exit 1, rather than as the event loop's
-    traceback. A path already there is left to the server (a socket of an earlier run)."""
+    """Make a Unix socket beside ``path`` and take it away again: a folder that is
+    missing, not writable or full fails here, in one line and exit 1, rather than as the
+    event loop's traceback. A path already there is left to the server (a socket of an
+    earlier run).
+
+    Beside it, under a name of its own, never at ``path``: a host may be watching that
+    name for the plugin's socket (the Docker provider pins the first socket it finds
+    there), and a probe it found there, then removed, read as the plugin tampering with
+    its socket: the container refused every call and was replaced."""
     if os.path.lexists(path):
         return
+    folder, name = os.path.split(path)
+    # No longer than the served name, so a path the server can bind the probe can too.
+    probe_path = os.path.join(folder, f".{os.getpid()}"[: max(len(name), 1)])
+    if probe_path == path or os.path.lexists(probe_path):
+        probe_path = os.path.join(folder, f".{os.getpid()}-probe")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.bind(path)
-        os.unlink(path)
+            probe.bind(probe_path)
+        os.unlink(probe_path)
+        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            raise OSError("AF_UNIX path too long")
     except OSError as error:
         _fail(f"cannot listen on the Unix socket {path}: {error.strerror or error}")
+
+
+#: The longest path a Unix socket takes (``sun_path``, 108 bytes on Linux).
+_UNIX_PATH_MAX = 108
 
 
 def _registry_settings(options: argparse.Namespace) -> RegistrySettings | None:
