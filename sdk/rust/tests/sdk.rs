@@ -811,6 +811,61 @@ async fn hooks_that_never_return_hold_the_stop_for_one_cap() {
     );
 }
 
+/// A collector that accepts and never answers keeps the stop no longer than grace + hooks +
+/// the span flush margin (1 s): the spans still buffered get what remains of the hooks' cap
+/// (here none), then are dropped (docs/protocol.md, "Stopping while called").
+#[tokio::test]
+async fn a_silent_collector_does_not_outlast_the_stops_caps() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!(
+        "http://collector:s3cret@{}/v1/traces",
+        silent.local_addr().unwrap()
+    );
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket); // held open, never answered
+        }
+    });
+    let mut running = start(
+        &["serve", "--address", "127.0.0.1:0"],
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"), // sent only at the stop
+            (ENV_STOP_GRACE_MS, "0"),
+            (ENV_STOP_HOOKS_MS, "0"),
+        ],
+    )
+    .await;
+    let (mut client, _) = running.client().await;
+    let reply = client
+        .call(request("echo", "{}", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.ok, "{reply:?}");
+    drop(client);
+
+    let stopped_at = Instant::now();
+    let _ = running.stop.take().unwrap().send(());
+    let outcome = tokio::time::timeout(Duration::from_secs(20), running.task).await;
+    let took = stopped_at.elapsed();
+    assert!(
+        matches!(outcome, Ok(Ok(Ok(())))),
+        "plugin did not stop cleanly"
+    );
+    // The margin is 1 s; the rest is slack for a slow machine.
+    assert!(
+        took >= Duration::from_millis(900),
+        "the spans got {took:?}, not the 1 s margin"
+    );
+    assert!(
+        took < Duration::from_millis(3_500),
+        "a silent collector held the stop {took:?}"
+    );
+    held.abort();
+}
+
 /// One HTTP/2 frame, as a test client writes it or reads it.
 struct Frame {
     kind: u8,
