@@ -3,8 +3,8 @@
 The collector is a small aiohttp server in the test, decoding OTLP/HTTP protobuf with
 opentelemetry-proto; the dispatcher sends with the SDK's OTLP/HTTP exporter (its manifest
 names the endpoint); the plugin is the example served by ``dispatcher-plugin serve`` in its
-own process, exporting through the standard ``OTEL_*`` variables. The Go and TypeScript
-SDKs' example plugins (``make sdks``) are held to the same as gRPC services.
+own process, exporting through the standard ``OTEL_*`` variables. The Go, TypeScript and
+Rust SDKs' example plugins (``make sdks``) are held to the same as gRPC services.
 """
 
 from __future__ import annotations
@@ -214,11 +214,11 @@ async def test_the_sdk_runs_a_call_with_a_malformed_traceparent_untraced(tracepa
     assert result["text"] == "hi"
 
 
-# -- the Go and TypeScript SDKs ------------------------------------------------------------
+# -- the Go, TypeScript and Rust SDKs -------------------------------------------------------
 # Their example plugins (built by `make sdks`) served as gRPC services, as the conformance
 # suite runs them, with or without the standard OTel variables.
 
-SDK_LANGUAGES = ("go", "typescript")
+SDK_LANGUAGES = ("go", "typescript", "rust")
 TRACEPARENT_MALFORMED = ["garbage", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "x" * 4096]
 
 
