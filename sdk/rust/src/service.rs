@@ -634,3 +634,85 @@ fn ended_by(events: EventStream, refusal: oneshot::Receiver<Status>) -> EventStr
             .filter_map(|item| item),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracing::Tracer;
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn traced_request(method: &str) -> pb::CallRequest {
+        pb::CallRequest {
+            v: 1,
+            method: method.to_string(),
+            context: Some(pb::CallContext {
+                traceparent: PARENT.to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn streamed_and_batched_calls_are_traced_too() {
+        let plugin = Plugin::new("test", "0.1.0")
+            .streaming_method("count", "", |_: Call, chunks: ChunkSender| async move {
+                for i in 0..3 {
+                    chunks.send(serde_json::json!({ "i": i })).await?;
+                }
+                Ok(())
+            })
+            .method("sees", "", |call: Call| async move {
+                Json::encode(&call.span_traceparent().map(str::to_string))
+            });
+        let (tracer, mut spans) = Tracer::capturing("test");
+        let (health, _) = tonic_health::server::health_reporter();
+        let service = Service(Shared::new(plugin, health, true, Some(tracer)).await);
+
+        let mut items = service
+            .call_stream(Request::new(traced_request("count")))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut chunks = 0;
+        while let Some(item) = items.next().await {
+            assert!(matches!(
+                item.unwrap().item,
+                Some(pb::stream_item::Item::ChunkJson(_))
+            ));
+            chunks += 1;
+        }
+        assert_eq!(chunks, 3);
+        let span = spans.recv().await.unwrap();
+        assert_eq!(span.name, "linchkit.plugin/count");
+        assert_eq!(
+            span.parent_span_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+
+        let batch = pb::BatchRequest {
+            calls: vec![traced_request("sees"), traced_request("sees")],
+        };
+        let replies = service
+            .call_batch(Request::new(batch))
+            .await
+            .unwrap()
+            .into_inner();
+        for reply in replies.results {
+            // The method sees its own span, a child in the dispatcher's trace.
+            let seen: Option<String> = serde_json::from_slice(&reply.result_json).unwrap();
+            let seen = seen.unwrap();
+            assert!(
+                seen.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+                "{seen}"
+            );
+            assert_ne!(seen, PARENT);
+            let span = spans.recv().await.unwrap();
+            assert_eq!(span.name, "linchkit.plugin/sees");
+        }
+        // A call the SDK cannot route has no span.
+        service.0.invoke(traced_request("nope")).await;
+        assert!(spans.try_recv().is_err());
+    }
+}

@@ -238,6 +238,19 @@ impl Tracer {
     }
 }
 
+#[cfg(test)]
+impl Tracer {
+    /// A tracer whose spans stay in the returned queue, for tests of what a span holds.
+    pub(crate) fn capturing(plugin: &str) -> (Tracer, tokio::sync::mpsc::Receiver<otlp::Span>) {
+        let (pipeline, spans) = Pipeline::capturing();
+        let tracer = Tracer(Arc::new(Inner {
+            plugin: plugin.to_string(),
+            pipeline,
+        }));
+        (tracer, spans)
+    }
+}
+
 /// The span one call runs in, from [`Tracer::start`]: [`end`](CallSpan::end) it with the
 /// call's outcome. One dropped without being ended is of a call its host stopped waiting
 /// for, and ends as `cancelled`.
@@ -406,14 +419,8 @@ mod tests {
         assert_ne!(a, b);
     }
 
-    /// A tracer whose spans stay in the returned queue.
     fn capturing() -> (Tracer, tokio::sync::mpsc::Receiver<otlp::Span>) {
-        let (pipeline, spans) = Pipeline::capturing();
-        let tracer = Tracer(Arc::new(Inner {
-            plugin: "test".to_string(),
-            pipeline,
-        }));
-        (tracer, spans)
+        Tracer::capturing("test")
     }
 
     fn call(method: &str, traceparent: &str) -> Call {
