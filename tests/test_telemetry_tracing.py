@@ -230,7 +230,7 @@ async def test_the_sdk_runs_a_call_with_a_malformed_traceparent_untraced(tracepa
 # Built by `make sdks`, served as gRPC services as the conformance suite runs them, with or
 # without the standard OTel variables.
 
-SDK_LANGUAGES = ("go", "typescript", "java", "python")
+SDK_LANGUAGES = ("go", "typescript", "java", "python", "rust")
 TRACEPARENT_MALFORMED = ["garbage", "00-" + "0" * 32 + "-" + "0" * 16 + "-01", "x" * 4096]
 
 

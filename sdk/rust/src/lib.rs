@@ -24,12 +24,14 @@ mod events;
 mod hosts;
 mod late_streams;
 mod log;
+mod otlp;
 mod params;
 mod serve;
 mod service;
 mod size_status;
 mod stop;
 mod tls;
+mod tracing;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -117,6 +119,8 @@ pub struct Call {
     /// When the call's deadline passes (from `deadline_ms`). The SDK stops waiting for the
     /// method then and answers `deadline_exceeded`; CPU-bound code may check it to stop early.
     pub deadline: Option<Instant>,
+    /// The traceparent of the span the call runs in, with tracing on (docs/observability.md).
+    span_traceparent: Option<String>,
     params: Json,
     config: Arc<Json>,
     emitter: Emitter,
@@ -142,6 +146,15 @@ impl Call {
     /// The config JSON the host passed to `Init` (`{}` before `Init`).
     pub fn config(&self) -> &Json {
         &self.config
+    }
+
+    /// The W3C `traceparent` of the SERVER span the SDK runs this call in, when the
+    /// plugin's environment names an OTLP endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`): the parent for the spans the method starts
+    /// and the requests it sends, so they continue the trace under the call's span. `None`
+    /// with tracing off; [`traceparent`](Call::traceparent) is what the host sent.
+    pub fn span_traceparent(&self) -> Option<&str> {
+        self.span_traceparent.as_deref()
     }
 
     /// Sends a plugin event to the host (see [`Emitter::emit`]).

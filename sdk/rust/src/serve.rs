@@ -25,6 +25,7 @@ use crate::pb::plugin_service_server::PluginServiceServer;
 use crate::service::{Service, Shared};
 use crate::size_status::SizeStatus;
 use crate::stop::{StopCaps, ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
+use crate::tracing::{Tracer, ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
 use crate::{tls, Plugin, PROTOCOL_VERSION};
 
 pub const ENV_MAGIC_COOKIE: &str = "LINCHKIT_PLUGIN_MAGIC_COOKIE";
@@ -92,6 +93,18 @@ impl Environment {
     fn var(&self, name: &str) -> &str {
         self.vars.get(name).map(String::as_str).unwrap_or("")
     }
+
+    /// The tracer the OTEL_* variables ask for (`crate::tracing`), or none. Settings it
+    /// cannot use leave the plugin serving untraced, with a warning: tracing is an aid,
+    /// not the plugin's job.
+    fn tracer(&self, plugin: &Plugin) -> Option<Tracer> {
+        Tracer::from_vars(|name| self.var(name), &plugin.id, &plugin.version).unwrap_or_else(
+            |err| {
+                crate::log::warn(&format!("serving without tracing: {err}"));
+                None
+            },
+        )
+    }
 }
 
 impl Plugin {
@@ -150,7 +163,8 @@ impl Plugin {
                      anybody who can reach {bound} can call this plugin"
                 ));
             }
-            let (shared, router) = build(self, true, token).await;
+            let tracer = env.tracer(&self);
+            let (shared, router) = build(self, true, token, tracer).await;
             write_line(
                 &mut env.stdout,
                 &handshake_line(PROTOCOL_VERSION, "tcp", &bound, ""),
@@ -186,7 +200,8 @@ impl Plugin {
         };
         let socket_dir = env.var(ENV_SOCKET_DIR).to_string();
         // No token here: AutoMTLS already admits only the host that launched us.
-        let (shared, router) = build(self, false, None).await;
+        let tracer = env.tracer(&self);
+        let (shared, router) = build(self, false, None, tracer).await;
 
         // The host holds our stdin's write end: end-of-file means it is gone, however it died.
         let mut stdin = env.stdin;
@@ -265,9 +280,10 @@ async fn build(
     plugin: Plugin,
     serving_from_start: bool,
     token: Option<BearerToken>,
+    tracer: Option<Tracer>,
 ) -> (Arc<Shared>, Router) {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let shared = Shared::new(plugin, health, serving_from_start).await;
+    let shared = Shared::new(plugin, health, serving_from_start, tracer).await;
     // gRPC's gzip: the dispatcher sends large calls in it (docs/protocol.md,
     // "Compression"); tonic caps the decompressed message at its decoding limit
     // (MAX_MESSAGE_BYTES). Answers stay plain: tonic's send_compressed has no size threshold and
@@ -306,7 +322,8 @@ async fn build(
 /// Serves on `incoming` (through TLS when there is an acceptor) until `stop` completes,
 /// then ends the plugin's streams, stops gracefully (the calls in flight have
 /// `caps.grace` to finish) and only then runs the plugin's remaining hooks (`caps.hooks`
-/// at most). Each
+/// at most), then sends the spans still buffered (what remains of the hooks' cap, 1 s at
+/// least; docs/protocol.md, "Stopping while called"). Each
 /// connection is read through [`LateStreams`], so a call the client sent too late for the
 /// stop cannot make h2 close the connection under the calls still running on it.
 async fn serve_on<St, IO>(
@@ -353,7 +370,8 @@ where
             Ok(())
         }
     };
-    shared.run_remaining_hooks(caps.hooks).await;
+    let hooks_left = shared.run_remaining_hooks(caps.hooks).await;
+    shared.flush_spans(hooks_left).await;
     served
 }
 
@@ -490,6 +508,8 @@ environment (docs/protocol.md, \"Authentication (service mode)\"):
   {ENV_STOP_GRACE_MS}, {ENV_STOP_HOOKS_MS}
       on SIGTERM, the milliseconds the calls in flight get to finish, then the stop and
       destroy hooks together, 0-{MAX_STOP_MS} (default 5000 each; 0 does not wait)
+  {ENV_OTLP_ENDPOINT}, {ENV_OTLP_TRACES_ENDPOINT}
+      export a span per call over OTLP/HTTP (docs/observability.md)
 ",
         program = program_name(),
     )
@@ -680,6 +700,8 @@ mod tests {
             ENV_TOKEN,
             ENV_STOP_GRACE_MS,
             ENV_STOP_HOOKS_MS,
+            ENV_OTLP_ENDPOINT,
+            ENV_OTLP_TRACES_ENDPOINT,
         ] {
             assert!(help.contains(needed), "{needed} missing from:\n{help}");
         }

@@ -19,6 +19,7 @@ use crate::events::EventStream;
 use crate::hosts::{host_of, AttachedHosts, MAX_HOSTS};
 use crate::pb::plugin_service_server::PluginService;
 use crate::size_status::restated;
+use crate::tracing::{CallSpan, Tracer};
 
 /// The most calls one `CallBatch` may carry: the dispatcher's batcher sends at most this
 /// many (docs/protocol.md).
@@ -53,6 +54,9 @@ pub(crate) struct Shared {
     lifecycle: Mutex<Lifecycle>,
     /// A service (`serve --address`) outlives its hosts: SERVING until it shuts down.
     service: bool,
+    /// Each call's span goes here; `None` (tracing off) unless the environment names an
+    /// OTLP endpoint.
+    tracer: Option<Tracer>,
 }
 
 impl Shared {
@@ -60,6 +64,7 @@ impl Shared {
         plugin: Plugin,
         health: HealthReporter,
         serving_from_start: bool,
+        tracer: Option<Tracer>,
     ) -> Arc<Self> {
         let shared = Arc::new(Shared {
             id: plugin.id,
@@ -73,6 +78,7 @@ impl Shared {
             health,
             lifecycle: Mutex::default(),
             service: serving_from_start,
+            tracer,
         });
         shared.set_serving(serving_from_start).await;
         shared
@@ -100,8 +106,9 @@ impl Shared {
     /// closes what the calls use must not pull it from under calls still running. Both
     /// together get `cap` (the stop's hooks cap: 5 s unless `LINCHKIT_PLUGIN_STOP_HOOKS_MS`
     /// sets it, `crate::stop`); a hook still running then is abandoned with a warning, and
-    /// the destroy hook is not begun after an abandoned stop hook.
-    pub(crate) async fn run_remaining_hooks(&self, cap: Duration) {
+    /// the destroy hook is not begun after an abandoned stop hook. What remains of `cap`
+    /// when they end (none when one was abandoned) is for the spans still buffered.
+    pub(crate) async fn run_remaining_hooks(&self, cap: Duration) -> Duration {
         let (need_stop, need_destroy) = {
             let state = self.lifecycle.lock().unwrap();
             (state.started, state.inited)
@@ -128,11 +135,25 @@ impl Shared {
                              exiting without it",
                             crate::stop::seconds(cap)
                         ));
-                        return;
+                        return Duration::ZERO;
                     }
                 }
             }
         }
+        deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// The last step of a stop, after the hooks: sends the spans still buffered, for
+    /// `hooks_left` or the span flush margin when less remains (`crate::tracing`).
+    pub(crate) async fn flush_spans(&self, hooks_left: Duration) {
+        if let Some(tracer) = &self.tracer {
+            tracer.flush_at_stop(hooks_left).await;
+        }
+    }
+
+    /// Opens the span `call` runs in, with tracing on.
+    fn start_span(&self, call: &mut Call) -> Option<CallSpan> {
+        self.tracer.as_ref().map(|tracer| tracer.start(call))
     }
 
     fn mark<T>(&self, set: impl FnOnce(&mut Lifecycle) -> T) -> T {
@@ -205,6 +226,7 @@ impl Shared {
             traceparent: context.traceparent,
             idempotency_key: context.idempotency_key,
             deadline,
+            span_traceparent: None,
             params,
             config: self.config(),
             emitter: self.emitter.clone(),
@@ -212,15 +234,20 @@ impl Shared {
         Ok((call, method.handler.clone()))
     }
 
-    /// Runs one unary call; never fails: every failure is a `CallReply` error.
+    /// Runs one unary call; never fails: every failure is a `CallReply` error. A call the
+    /// SDK cannot route (no such method, bad params) gets no span, as in the Go SDK.
     pub(crate) async fn invoke(&self, request: pb::CallRequest) -> pb::CallReply {
-        let outcome = match self.prepare(request) {
-            Err(err) => Err(err),
-            Ok((call, Handler::Unary(method))) => {
+        let (mut call, handler) = match self.prepare(request) {
+            Ok(prepared) => prepared,
+            Err(err) => return error_reply(&err),
+        };
+        let span = self.start_span(&mut call);
+        let outcome = match (call, handler) {
+            (call, Handler::Unary(method)) => {
                 let deadline = call.deadline;
                 within(deadline, guarded(method(call))).await
             }
-            Ok((call, Handler::Stream(method))) => {
+            (call, Handler::Stream(method)) => {
                 // A streaming method called once: the list of its chunks.
                 let deadline = call.deadline;
                 let (sender, mut receiver) = mpsc::channel::<Json>(64);
@@ -243,6 +270,9 @@ impl Shared {
                 .await
             }
         };
+        if let Some(span) = span {
+            span.end(outcome.as_ref().err());
+        }
         match outcome {
             Ok(result) => pb::CallReply {
                 ok: true,
@@ -496,7 +526,7 @@ impl PluginService for Service {
         request: Request<pb::CallRequest>,
     ) -> Result<Response<ItemStream>, Status> {
         let (items, receiver) = mpsc::channel(64);
-        let (call, handler) = match self.0.prepare(request.into_inner()) {
+        let (mut call, handler) = match self.0.prepare(request.into_inner()) {
             Ok(prepared) => prepared,
             Err(err) => {
                 let _ = items.try_send(Ok(error_item(&err)));
@@ -504,6 +534,8 @@ impl PluginService for Service {
             }
         };
         let deadline = call.deadline;
+        // Dropped unended when the host goes away: the span then ends as cancelled.
+        let span = self.0.start_span(&mut call);
         tokio::spawn(async move {
             let (chunks, mut chunk_receiver) = mpsc::channel::<Json>(64);
             let run = async move {
@@ -528,6 +560,9 @@ impl PluginService for Service {
                 // The host went away: dropping `run` aborts the method's task.
                 () = items.closed() => return,
             };
+            if let Some(span) = span {
+                span.end(outcome.as_ref().err());
+            }
             if let Err(err) = outcome {
                 let _ = items.send(Ok(error_item(&err))).await;
             }
@@ -598,4 +633,86 @@ fn ended_by(events: EventStream, refusal: oneshot::Receiver<Status>) -> EventStr
             .take_while(Option::is_some)
             .filter_map(|item| item),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracing::Tracer;
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn traced_request(method: &str) -> pb::CallRequest {
+        pb::CallRequest {
+            v: 1,
+            method: method.to_string(),
+            context: Some(pb::CallContext {
+                traceparent: PARENT.to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn streamed_and_batched_calls_are_traced_too() {
+        let plugin = Plugin::new("test", "0.1.0")
+            .streaming_method("count", "", |_: Call, chunks: ChunkSender| async move {
+                for i in 0..3 {
+                    chunks.send(serde_json::json!({ "i": i })).await?;
+                }
+                Ok(())
+            })
+            .method("sees", "", |call: Call| async move {
+                Json::encode(&call.span_traceparent().map(str::to_string))
+            });
+        let (tracer, mut spans) = Tracer::capturing("test");
+        let (health, _) = tonic_health::server::health_reporter();
+        let service = Service(Shared::new(plugin, health, true, Some(tracer)).await);
+
+        let mut items = service
+            .call_stream(Request::new(traced_request("count")))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut chunks = 0;
+        while let Some(item) = items.next().await {
+            assert!(matches!(
+                item.unwrap().item,
+                Some(pb::stream_item::Item::ChunkJson(_))
+            ));
+            chunks += 1;
+        }
+        assert_eq!(chunks, 3);
+        let span = spans.recv().await.unwrap();
+        assert_eq!(span.name, "linchkit.plugin/count");
+        assert_eq!(
+            span.parent_span_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+
+        let batch = pb::BatchRequest {
+            calls: vec![traced_request("sees"), traced_request("sees")],
+        };
+        let replies = service
+            .call_batch(Request::new(batch))
+            .await
+            .unwrap()
+            .into_inner();
+        for reply in replies.results {
+            // The method sees its own span, a child in the dispatcher's trace.
+            let seen: Option<String> = serde_json::from_slice(&reply.result_json).unwrap();
+            let seen = seen.unwrap();
+            assert!(
+                seen.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+                "{seen}"
+            );
+            assert_ne!(seen, PARENT);
+            let span = spans.recv().await.unwrap();
+            assert_eq!(span.name, "linchkit.plugin/sees");
+        }
+        // A call the SDK cannot route has no span.
+        service.0.invoke(traced_request("nope")).await;
+        assert!(spans.try_recv().is_err());
+    }
 }

@@ -403,6 +403,68 @@ async fn subprocess_mode_negotiates_and_exits_when_stdin_closes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A collector that takes one OTLP/HTTP request and answers 200: the request's body.
+async fn collect_one(listener: tokio::net::TcpListener) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (socket, _) = listener.accept().await.unwrap();
+    let mut socket = BufReader::new(socket);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        socket.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    socket.read_exact(&mut body).await.unwrap();
+    socket
+        .get_mut()
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    body
+}
+
+#[tokio::test]
+async fn subprocess_mode_sends_the_spans_buffered_when_its_host_goes() {
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    let received = tokio::spawn(collect_one(collector));
+    let mut running = start(
+        &[],
+        &[
+            ("LINCHKIT_PLUGIN_MAGIC_COOKIE", "d1spatch3r-pl4g1n"),
+            ("LINCHKIT_PLUGIN_NETWORK", "tcp"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"), // sent only at the stop
+        ],
+    )
+    .await;
+    let (mut client, _) = running.client().await;
+    let mut traced = request("echo", "{}", 0);
+    traced.context.as_mut().unwrap().traceparent =
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into();
+    assert!(client.call(traced).await.unwrap().into_inner().ok);
+    drop(client);
+
+    drop(running.stdin.take()); // the host died
+    let outcome = tokio::time::timeout(Duration::from_secs(20), &mut running.task).await;
+    assert!(matches!(outcome, Ok(Ok(Ok(())))), "plugin did not stop");
+    let body = tokio::time::timeout(Duration::from_secs(5), received)
+        .await
+        .expect("the span was sent at the stop")
+        .unwrap();
+    let has = |text: &[u8]| body.windows(text.len()).any(|window| window == text);
+    assert!(has(b"linchkit.plugin/echo"), "{body:?}");
+    assert!(has(
+        &hex::decode("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+    ));
+}
+
 #[tokio::test]
 async fn subprocess_mode_refuses_a_host_it_cannot_speak_to() {
     let env = Environment {
@@ -809,6 +871,61 @@ async fn hooks_that_never_return_hold_the_stop_for_one_cap() {
         ),
         (1, 0)
     );
+}
+
+/// A collector that accepts and never answers keeps the stop no longer than grace + hooks +
+/// the span flush margin (1 s): the spans still buffered get what remains of the hooks' cap
+/// (here none), then are dropped (docs/protocol.md, "Stopping while called").
+#[tokio::test]
+async fn a_silent_collector_does_not_outlast_the_stops_caps() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!(
+        "http://collector:s3cret@{}/v1/traces",
+        silent.local_addr().unwrap()
+    );
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket); // held open, never answered
+        }
+    });
+    let mut running = start(
+        &["serve", "--address", "127.0.0.1:0"],
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"), // sent only at the stop
+            (ENV_STOP_GRACE_MS, "0"),
+            (ENV_STOP_HOOKS_MS, "0"),
+        ],
+    )
+    .await;
+    let (mut client, _) = running.client().await;
+    let reply = client
+        .call(request("echo", "{}", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.ok, "{reply:?}");
+    drop(client);
+
+    let stopped_at = Instant::now();
+    let _ = running.stop.take().unwrap().send(());
+    let outcome = tokio::time::timeout(Duration::from_secs(20), running.task).await;
+    let took = stopped_at.elapsed();
+    assert!(
+        matches!(outcome, Ok(Ok(Ok(())))),
+        "plugin did not stop cleanly"
+    );
+    // The margin is 1 s; the rest is slack for a slow machine.
+    assert!(
+        took >= Duration::from_millis(900),
+        "the spans got {took:?}, not the 1 s margin"
+    );
+    assert!(
+        took < Duration::from_millis(3_500),
+        "a silent collector held the stop {took:?}"
+    );
+    held.abort();
 }
 
 /// One HTTP/2 frame, as a test client writes it or reads it.
