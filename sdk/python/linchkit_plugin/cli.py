@@ -35,7 +35,7 @@ from linchkit_plugin.host import PluginHost
 from linchkit_plugin.limits import ServerLimits
 from linchkit_plugin.registry import Registration
 from linchkit_plugin.stopping import MAX_STOP_MS, STOP_GRACE_ENV, STOP_HOOKS_ENV, StopCaps
-from linchkit_plugin.tracing import configure_from_env, flush_at_stop
+from linchkit_plugin.tracing import exporting
 
 _ENV = "LINCHKIT_PLUGIN_"
 _DEFAULTS = ServerLimits()
@@ -281,22 +281,24 @@ def connect(options: argparse.Namespace) -> int:
         _fail(refusal)
     plugin_host, config, token = _plugin_of(options)
     ws_cli = _websocket_cli()
-    # As ``serve``: spans of traced calls go to their collector.
-    configure_from_env(plugin_id=options.plugin_id, version=options.plugin_version)
-    status = int(ws_cli.connect(options, plugin_host, config, token))
-    flush_at_stop(plugin_host.hooks_left)
-    return status
+    with exporting(
+        lambda: plugin_host.hooks_left,
+        plugin_id=options.plugin_id,
+        version=options.plugin_version,
+    ):
+        return int(ws_cli.connect(options, plugin_host, config, token))
 
 
 def _serve_websocket(options: argparse.Namespace) -> None:
     plugin_host, config, token = _plugin_of(options)
     identity = (options.plugin_id, options.plugin_version)
     ws_cli = _websocket_cli()
-    configure_from_env(
-        plugin_id=options.plugin_id or plugin_host.plugin_id, version=options.plugin_version
-    )
-    ws_cli.serve_websocket(options, plugin_host, config, token, identity)
-    flush_at_stop(plugin_host.hooks_left)
+    with exporting(
+        lambda: plugin_host.hooks_left,
+        plugin_id=options.plugin_id or plugin_host.plugin_id,
+        version=options.plugin_version,
+    ):
+        ws_cli.serve_websocket(options, plugin_host, config, token, identity)
 
 
 def serve(options: argparse.Namespace) -> None:
@@ -325,10 +327,6 @@ def serve(options: argparse.Namespace) -> None:
     if not isinstance(config, dict):
         _fail("--config must be a JSON object")
     registering = _registry_settings(options)
-    # OTEL_* variables: spans of traced calls go to their collector.
-    configure_from_env(
-        plugin_id=_identity("ID") or plugin_host.plugin_id, version=_identity("VERSION")
-    )
     if options.http != "auto" and options.http not in HTTP_IMPLEMENTATIONS:
         _fail(f"--http {options.http} is not installed: pip install {options.http}")
     app = PluginApp(
@@ -389,11 +387,16 @@ def serve(options: argparse.Namespace) -> None:
         if registering is not None and registration:  # ... once each has seen it leave
             await asyncio.sleep(registering.leave_delay)
 
-    run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
-    # The spans still buffered go last (the hooks' own among them), for what remains of the
-    # hooks' cap: a collector that never answers keeps the stop within grace + hooks + the
-    # margin, not the exporter's 10 s past the operator's caps.
-    flush_at_stop(plugin_host.hooks_left)
+    # OTEL_* variables: spans of traced calls go to their collector. Those still buffered
+    # go last (the hooks' own among them), for what remains of the hooks' cap: a collector
+    # that never answers keeps the stop within grace + hooks + the margin, not the
+    # exporter's 10 s past the operator's caps.
+    with exporting(
+        lambda: plugin_host.hooks_left,
+        plugin_id=_identity("ID") or plugin_host.plugin_id,
+        version=_identity("VERSION"),
+    ):
+        run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
 
 
 def _check_listening(options: argparse.Namespace) -> None:

@@ -67,7 +67,7 @@ from linchkit_plugin.handshake import (
 )
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.stopping import StopCaps
-from linchkit_plugin.tracing import configure_from_env, flush_at_stop
+from linchkit_plugin.tracing import exporting
 from linchkit_plugin.wire import PROTOCOL_VERSION
 
 # isort: split
@@ -447,15 +447,14 @@ def main(
         token=launch.token,
         stop_caps=launch.stop_caps,
     )
-    configure_from_env(plugin_id=plugin_id, version=version)  # OTEL_*: spans to their collector
-    # The version Describe reports, read here so that the handshake line says the same.
-    status = asyncio.run(
-        run(
-            server,
-            launch.arguments,
-            protocol_version=PROTOCOL_VERSION,
-            token_configured=launch.token is not None,
+    # OTEL_* variables: spans of traced calls go to their collector.
+    with exporting(lambda: host.hooks_left, plugin_id=plugin_id, version=version):
+        # The version Describe reports, read here so that the handshake line says the same.
+        return asyncio.run(
+            run(
+                server,
+                launch.arguments,
+                protocol_version=PROTOCOL_VERSION,
+                token_configured=launch.token is not None,
+            )
         )
-    )
-    flush_at_stop(host.hooks_left)
-    return status

@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import importlib.util
 import logging
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -65,6 +67,7 @@ __all__ = [
     "CallTracing",
     "call_tracing",
     "configure_from_env",
+    "exporting",
     "flush_at_stop",
     "flush_within",
 ]
@@ -364,6 +367,21 @@ def flush_at_stop(hooks_left: float) -> bool:
     """A stop's last step, after the plugin's hooks: ``flush_within`` what remains of the
     hooks' cap (``PluginHost.hooks_left``), or ``SPAN_FLUSH_MARGIN_SECONDS`` when less."""
     return flush_within(max(hooks_left, SPAN_FLUSH_MARGIN_SECONDS))
+
+
+@contextlib.contextmanager
+def exporting(
+    hooks_left: Callable[[], float], *, plugin_id: str = "", version: str = ""
+) -> Iterator[None]:
+    """A served plugin's spans from its start to its stop, as every way the SDK serves one
+    runs it: ``configure_from_env`` first, then, however serving ends (a stop, a refusal,
+    an interrupt), ``flush_at_stop`` for what ``hooks_left()`` says the hooks left. Ended
+    otherwise, the spans went at the interpreter's exit, for the exporter's 10 s."""
+    configure_from_env(plugin_id=plugin_id, version=version)
+    try:
+        yield
+    finally:
+        flush_at_stop(hooks_left())
 
 
 def _collector_shown() -> str:

@@ -50,7 +50,7 @@ from linchkit_plugin.errors import InvalidParams, Unauthorized
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.listen import address_mistake, host_and_port
 from linchkit_plugin.stopping import StopCaps
-from linchkit_plugin.tracing import configure_from_env, flush_at_stop
+from linchkit_plugin.tracing import exporting
 from linchkit_plugin.wire import error_response
 from linchkit_plugin.ws_protocol import (
     CLOSE_GOING_AWAY,
@@ -276,8 +276,6 @@ def main(
         if refusal is not None:
             sys.stderr.write(f"connect: {refusal}\n")
             return 1
-        # OTEL_* variables: spans of traced calls go to their collector
-        configure_from_env(plugin_id=plugin_id, version=version)
 
         async def connect() -> None:
             stopping = asyncio.Event()
@@ -293,15 +291,15 @@ def main(
                 stop_caps=stop_caps,
             )
 
-        try:
-            asyncio.run(connect())
-        except Refused as refused:
-            sys.stderr.write(f"connect: {refused}\n")
-            return 1
-        except KeyboardInterrupt:
-            return 0
-        finally:
-            flush_at_stop(host.hooks_left)
+        # OTEL_* variables: spans of traced calls go to their collector.
+        with exporting(lambda: host.hooks_left, plugin_id=plugin_id, version=version):
+            try:
+                asyncio.run(connect())
+            except Refused as refused:
+                sys.stderr.write(f"connect: {refused}\n")
+                return 1
+            except KeyboardInterrupt:
+                return 0
         return 0
 
     where = host_and_port(options.address)
@@ -341,8 +339,5 @@ def main(
             await server.aclose()
         return 0
 
-    configure_from_env(plugin_id=plugin_id, version=version)
-    try:
+    with exporting(lambda: host.hooks_left, plugin_id=plugin_id, version=version):
         return asyncio.run(serve())
-    finally:
-        flush_at_stop(host.hooks_left)
