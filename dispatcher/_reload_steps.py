@@ -139,9 +139,17 @@ class ReloadSteps:
     def serve(self, routes: RouteTable, plan: ReloadPlan) -> None:
         """Step 3, once ``routes`` is installed: fallbacks and fleets follow it."""
         self._fallbacks.point_at(routes)
-        for plugin in [*plan.removed, *(old for old, _ in plan.changed)]:
+        for plugin in plan.removed:
             for target in plugin.targets():
                 self._fleets.unserve(plugin, target)
+        # A changed version keeps its place in the fleets it still calls (``serve`` puts
+        # the new entry where the old one was): instances that join later are attached
+        # for the versions in the order they came, as those there already were.
+        for old, new in plan.changed:
+            kept = {target.key for target in new.targets()}
+            for target in old.targets():
+                if target.key not in kept:
+                    self._fleets.unserve(old, target)
         for plugin in [*plan.added, *(new for _, new in plan.changed)]:
             for target in plugin.targets():
                 self._fleets.serve(plugin, target)

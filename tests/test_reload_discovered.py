@@ -256,3 +256,31 @@ async def test_an_instance_that_fails_to_take_the_new_entry_is_logged_and_the_re
             assert said(caplog)[failing] == ["nope", "nope, other"]
         assert await whoever_answers(dispatcher) == set(running)
         assert len(update_failures(caplog)) == 1
+
+
+async def test_a_changed_version_keeps_its_place_for_the_instances_that_join_later(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    """Two versions share one fleet, and so one service on each instance, which runs
+    with the config of the last ``Init`` it had: each instance is attached for 1.0.0,
+    then 2.0.0, as the manifest lists them, and runs with 2.0.0's config. A reload changes
+    1.0.0's config; an instance found after it is attached in the same order, and runs
+    with 2.0.0's config as the others do. Before, the reload put the changed version last
+    (no longer served, then served again): the late instance ran with 1.0.0's."""
+    port = port_free_on(*FOUND_HOSTS)
+    first, late = [await served(host, port) for host in FOUND_HOSTS]
+    dns = dnsmasq(Zone(hosts={"fleet.test": [FOUND_HOSTS[0]]}, local_ttl=1))
+    instances = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+
+    def versions(*first_methods: str) -> Any:
+        first = {**entry(instances, *first_methods), "config": {"entry": "one"}}
+        second = {**entry(instances, "whoami"), "version": "2.0.0", "config": {"entry": "two"}}
+        return manifest(first, second)
+
+    async with Dispatcher(versions("whoami")) as dispatcher:
+        assert first.plugin.configs == [{"entry": "one"}, {"entry": "two"}]
+        summary = await dispatcher.reload(versions("whoami", "linger"), grace=1)
+        assert summary["changed"] == ["fleet@1.0.0"]
+        dns.set_hosts({"fleet.test": list(FOUND_HOSTS)})
+        await until(lambda: len(members(dispatcher)) == 2, "the late instance in", timeout=15)
+        assert late.plugin.configs == first.plugin.configs

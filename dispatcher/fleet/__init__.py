@@ -114,10 +114,10 @@ class FleetRuntime:
 
     def serve(self, plugin: PluginInfo, target: TargetConfig) -> None:
         """``plugin`` calls the fleet of ``target``: instances discovery brings are
-        attached for it too."""
+        attached for it too (a new entry of a version serving already takes its place)."""
         discovered = self._discovered_of(target)
-        if discovered is not None and not discovered.serves(plugin):
-            discovered.serving.append(plugin)
+        if discovered is not None:
+            discovered.serve(plugin)
 
     def unserve(self, plugin: PluginInfo, target: TargetConfig) -> None:
         """``plugin`` no longer calls the fleet of ``target`` (a reload removed it):

@@ -84,6 +84,16 @@ class DiscoveredAttachments:
     def serves(self, plugin: PluginInfo) -> bool:
         return any(each.key == plugin.key for each in self.serving)
 
+    def serve(self, plugin: PluginInfo) -> None:
+        """``plugin`` calls the fleet: instances that join are attached for it, in the
+        order the versions came. A new entry of a version serving already (a reload
+        changed it) takes the old one's place; those attached have it from ``update``."""
+        for index, each in enumerate(self.serving):
+            if each.key == plugin.key:
+                self.serving[index] = plugin
+                return
+        self.serving.append(plugin)
+
     def stop_serving(self, plugin: PluginInfo) -> None:
         """``plugin`` no longer calls the fleet: instances that join are not attached for
         it; those attached for it are detached by ``release`` (or when they leave)."""
