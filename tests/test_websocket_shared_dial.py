@@ -311,3 +311,34 @@ def test_the_events_of_a_shared_connection_go_to_the_version_its_hello_names() -
     assert users.leave(first) and not users
     users.emit("e", 5)
     assert got == [("2.0.0", 1), ("1.0.0", 2), ("2.0.0", 3), ("1.0.0", 4)]
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("ws://plugin.test:8999/", "ws://PLUGIN.Test:8999/"),
+        ("ws://plugin.test:8999/", "ws://plugin.test:8999"),
+        ("ws://plugin.test:8999/", "ws://user:secret@plugin.test:8999/"),
+    ],
+    ids=["host-case", "no-path", "credentials"],
+)
+def test_two_spellings_of_one_dialled_url_are_one_place(first: str, second: str) -> None:
+    """Another way of writing the URL the first plugin is sent to reaches the same
+    process: the second plugin is refused at load all the same (before, only the same
+    string was), and the message names the place without the credentials."""
+    sock, twin = entry(8999, "1.0.0"), entry(8999, "1.0.0", "twin")
+    sock["target"]["url"], twin["target"]["url"] = first, second
+    with pytest.raises(ManifestError) as raised:
+        parse_manifest({"plugins": [sock, twin]})
+    (problem,) = raised.value.problems
+    assert "twin@1.0.0 is sent to ws://plugin.test:8999/" in problem.message
+    assert "secret" not in str(raised.value)
+
+
+def test_the_default_port_is_the_port_the_scheme_implies() -> None:
+    sock, twin = entry(80, "1.0.0"), entry(80, "1.0.0", "twin")
+    twin["target"]["url"] = "ws://127.0.0.1/"
+    with pytest.raises(ManifestError):
+        parse_manifest({"plugins": [sock, twin]})
+    twin["target"]["url"] = "wss://127.0.0.1/"  # port 443: another place
+    parse_manifest({"plugins": [sock, twin]})

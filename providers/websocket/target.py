@@ -294,7 +294,9 @@ class WebSocketTarget(TargetConfig):
 
     def one_plugin_endpoint(self) -> str | None:
         # The plugin's hello names its one id, which the dialled connection checks.
-        return None if self.accepts_connections() else self.url
+        if self.accepts_connections() or self.url is None:
+            return None
+        return _endpoint_of(self.url)
 
     def is_fleet(self) -> bool:
         return self.accepts_connections()
@@ -343,3 +345,18 @@ def _refuse_unused(
     if len(written) == 1:
         raise ValueError(f"{names} is for {used_by}; {mode} would not use it ({why}). Remove it")
     raise ValueError(f"{names} are for {used_by}; {mode} would not use them ({why}). Remove them")
+
+
+def _endpoint_of(url: str) -> str:
+    """The place ``url`` dials, one spelling for every way of writing it: the scheme and
+    host in lower case, the port the scheme implies written out, an empty path as ``/``,
+    and no credentials (they say who dials, not where). ``WS://Host/`` and
+    ``ws://host:80`` reach one process, which serves one plugin id."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal, bracketed again as a URL writes it
+    port = parts.port or (443 if scheme == "wss" else 80)
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{scheme}://{host}:{port}{parts.path or '/'}{query}"
