@@ -567,16 +567,20 @@ class GrpcProvider(Provider[GrpcTarget]):
         """What the plugin's last ``Describe`` listed (``lifecycle: dispatcher``: at start
         and each time its connection is found again), asked again when it said nothing;
         a service that runs its own lifecycle may be redeployed under the dispatcher
-        unseen, so it is asked again each time."""
+        unseen, so it is asked again each time. A list first had here is reported as a
+        start's is (``report_served``): its gap is warned of, not only in the report."""
         connection = self._connections.get(target.key)
         if connection is None:
             return None
-        if target.lifecycle == "dispatcher" and connection.served is not None:
+        managed = target.lifecycle == "dispatcher"
+        if managed and connection.served is not None:
             return connection.served
         try:
             await connection.identify(timeout)
         except DispatchError:
             return None
+        if managed and connection.served is not None:
+            self._report_served_over(connection, target)
         return connection.served
 
     def _open(self, target: GrpcTarget) -> PluginConnection:

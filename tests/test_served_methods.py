@@ -383,6 +383,27 @@ async def start_and_probe(target: dict[str, Any], *methods: str) -> TargetHealth
         return report_of(await dispatcher.health(), "liar")
 
 
+async def test_a_describe_first_answered_for_health_is_checked_as_at_a_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plugin's ``Describe`` hung at start (nothing known), and answers when health
+    asks again: the routed method it lacks is in the report and warned of, as a start's
+    list is (before: the report alone said it, and the log never did)."""
+    monkeypatch.setattr(lifecycle, "DESCRIBE_WAIT", 0.3)
+    caplog.set_level(logging.WARNING, logger="dispatcher")
+    servicer = DescribingPlugin(["echo"], hang=True)
+    async with describing(servicer) as address:
+        target = {"provider": "grpc", "address": address, "lifecycle": "dispatcher"}
+        async with Dispatcher(manifest(entry("liar", target, "echo", "missing"))) as dispatcher:
+            assert route_warnings(caplog) == []
+            servicer.hang = False
+            for _ in range(2):  # said once, however often health asks
+                report = report_of(await dispatcher.health(), "liar")
+                assert report.missing_methods == ("missing",)
+            (warning,) = route_warnings(caplog)
+            assert f"routes missing to grpc {address}, which does not serve it" in warning
+
+
 @pytest.mark.parametrize(
     "listing",
     [
