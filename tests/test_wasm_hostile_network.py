@@ -683,17 +683,6 @@ def start_code_module(
 @pytest.mark.parametrize(
     ("kind", "host_function"),
     [
-        pytest.param(
-            "reactor",
-            "http_request",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="libextism's wrapper of a host function reads its arguments through"
-                " the instance's store pointer, null while start code runs as the module is"
-                " linked: SIGSEGV before the dispatcher's function is reached (as with"
-                " libextism's own http_request, config_get or var_get)",
-            ),
-        ),
         ("reactor", "http_status_code"),
         ("reactor", "http_headers"),
         ("command", "http_request"),
@@ -726,6 +715,57 @@ asyncio.run(main())
 """
     done = _in_a_process_of_its_own(script)
     assert done.stdout.split() == ["served", "served"]
+    assert server.connections == []
+
+
+@pytest.mark.parametrize("host_function", ["http_request", "config_get"])
+def test_start_code_that_would_end_the_process_as_it_links_is_refused_at_attach(
+    tmp_path: Path, server: Server, host_function: str
+) -> None:
+    """libextism's wrapper of a host function reads its arguments through the instance's
+    store pointer, null while a reactor's start code runs as the module is linked: such
+    start code that calls ``http_request`` (the dispatcher's) or ``config_get``
+    (libextism's own) ended the dispatcher's process with SIGSEGV as the plugin attached,
+    before any function of the dispatcher's was reached. A first instance is now made in
+    a child process (``providers.wasm.trial``): the module is refused at attach, typed,
+    saying why, and the dispatcher's process goes on (a plugin beside it still serves)."""
+    url = f"http://localhost:{server.port}/public"
+    if host_function == "config_get":
+        module = tmp_path / "start-config-get.wat"
+        module.write_text(
+            """(module
+  (import "extism:host/env" "config_get" (func $config_get (param i64) (result i64)))
+  (memory (export "memory") 1)
+  (func (export "_initialize") (drop (call $config_get (i64.const 0))))
+  (func (export "fetch") (result i32) (i32.const 0)))"""
+        )
+    else:
+        module = start_code_module(tmp_path, url, host_function, "reactor")
+    beside = start_code_module(tmp_path, url, "http_status_code", "reactor")
+    script = f"""
+import asyncio
+from tests.test_wasm_hostile_network import dispatcher_of, fetcher
+from pathlib import Path
+
+async def main():
+    crashing = {{**fetcher(Path({str(module)!r}), ["localhost"]), "methods": {{"fetch": {{}}}}}}
+    try:
+        async with dispatcher_of(crashing):
+            print("attached")
+    except Exception as error:
+        print(type(error).__name__, error)
+    fine = {{**fetcher(Path({str(beside)!r}), ["localhost"]), "methods": {{"fetch": {{}}}}}}
+    async with dispatcher_of(fine) as dispatcher:
+        print(await dispatcher.call("fetcher", "fetch", None))
+
+asyncio.run(main())
+"""
+    done = _in_a_process_of_its_own(script)
+    refusal, served = done.stdout.strip().splitlines()[-2:]
+    assert "ModuleRefused" in refusal or "ended a process of its own" in refusal, refusal
+    assert "ended a process of its own (SIGSEGV) as its first instance was made" in refusal
+    assert "move that work from start code into the plugin's methods" in refusal
+    assert served == "served"
     assert server.connections == []
 
 

@@ -69,6 +69,7 @@ from providers.wasm.pool import CallResult, InstancePool
 from providers.wasm.resolver import Resolver
 from providers.wasm.sandbox import sandbox_of
 from providers.wasm.target import WasmTarget
+from providers.wasm.trial import link_in_a_child
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -147,6 +148,7 @@ class WasmProvider(Provider[WasmTarget]):
             if sandbox.hosts or sandbox.networks
             else None
         )
+        cache_dir = target.cache_dir or self._scratch
         pool = InstancePool(
             plugin.key,
             functools.partial(
@@ -154,7 +156,7 @@ class WasmProvider(Provider[WasmTarget]):
                 module.code,
                 module.sha256,
                 sandbox.manifest_options,
-                target.cache_dir or self._scratch,
+                cache_dir,
                 network,
             ),
             sandbox.config,
@@ -165,6 +167,8 @@ class WasmProvider(Provider[WasmTarget]):
         attached = _Attached(pool, sandbox.memory_mb, sandbox.cpu_s, sandbox.translation)
         try:
             async with asyncio.timeout(target.start_timeout_ms / 1000):
+                # Start code that would end this process ends a child's instead.
+                await link_in_a_child(module, sandbox.manifest_options, sandbox.config, cache_dir)
                 instance = await pool.warm()
             missing = [name for name in plugin.methods if not instance.exports(name)]
         except BaseException as error:

@@ -44,10 +44,12 @@ on (``Instance.call``). Four things about Python host functions shape them:
   its request are not freed then (that reaches the instance too), and need not be:
   libextism resets Extism's memory as a call sets its input, every block freed, and the
   call that ran the start code does so right after it. Not
-  mended here: start code that libextism runs as it links the module (a reactor's
+  mendable here: start code that libextism runs as it links the module (a reactor's
   ``_initialize``) and that calls a host function with arguments (``http_request``, or
   libextism's own ``config_get``) ends the process inside libextism, whose wrapper reads
-  the arguments through the null pointer before any function of ours is reached.
+  the arguments through the null pointer before any function of ours is reached. The
+  provider makes a module's first instance in a child process first
+  (``providers.wasm.trial``) and refuses a module that ends it.
 """
 
 from __future__ import annotations
