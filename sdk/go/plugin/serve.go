@@ -89,9 +89,7 @@ func (p *Plugin) Run(ctx context.Context, env Environment) error {
 	defer func() {
 		// After the server drained: the last calls' spans are buffered by then. Its own
 		// deadline, as ctx is already done at a graceful stop.
-		flush, cancel := context.WithTimeout(context.Background(), max(p.hooksLeft, spanFlushMargin))
-		defer cancel()
-		traces.shutdown(flush)
+		traces.shutdown(max(p.hooksLeft, spanFlushMargin))
 	}()
 	if len(env.Args) > 0 && env.Args[0] == "serve" {
 		return p.runService(ctx, env)

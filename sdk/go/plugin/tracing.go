@@ -10,11 +10,21 @@ package plugin
 // plugin author starts from ctx nest under it. Without those variables nothing is set up:
 // a call pays one nil check. A missing or malformed traceparent starts a new trace, never
 // fails the call (the W3C rule is to ignore what cannot be parsed).
+//
+// A stop sends the spans still buffered for what remains of the hooks' cap, or
+// spanFlushMargin when less remains: a collector that accepts the connection and never
+// answers must not keep the plugin past grace + hooks + the margin. The spans it could not
+// send are dropped then, with one warning that names the collector by scheme://host:port
+// only (collectorShown), as every SDK names it: never the userinfo, path or query of its
+// URL, nor the exporter's headers.
 
 import (
 	"context"
 	"fmt"
+	neturl "net/url"
+	"strconv"
 	"strings"
+	"time"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
@@ -52,6 +62,10 @@ const (
 type tracing struct {
 	provider *sdktrace.TracerProvider
 	tracer   trace.Tracer
+	// endpoint is the URL spans go to, which may hold credentials; collector is how a log
+	// line names it (collectorShown).
+	endpoint  string
+	collector string
 }
 
 // tracesEndpoint is the OTLP/HTTP traces URL the environment names, or "".
@@ -78,7 +92,9 @@ func tracingFromEnv(ctx context.Context, getenv func(string) string, p *Plugin) 
 	}
 	exporter, err := otlptracehttp.New(ctx, otlptracehttp.WithEndpointURL(endpoint))
 	if err != nil {
-		return nil, fmt.Errorf("tracing: OTLP exporter for %s: %w", endpoint, err)
+		// Its error may quote the URL, password and all: the collector as a line may name it.
+		return nil, fmt.Errorf("tracing: OTLP exporter for the trace collector at %s: %s",
+			collectorShown(endpoint), scrubbed(err, endpoint))
 	}
 	service := getenv(envServiceName)
 	if service == "" {
@@ -94,7 +110,8 @@ func tracingFromEnv(ctx context.Context, getenv func(string) string, p *Plugin) 
 	}
 	// Batched, so a call never waits on the collector; OTEL_BSP_* tune it.
 	provider := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exporter), sdktrace.WithResource(res))
-	return &tracing{provider: provider, tracer: provider.Tracer("linchkit.plugin")}, nil
+	return &tracing{provider: provider, tracer: provider.Tracer("linchkit.plugin"),
+		endpoint: endpoint, collector: collectorShown(endpoint)}, nil
 }
 
 // start opens the call's span, continuing call.Traceparent when it is a valid one, and
@@ -130,14 +147,73 @@ func endSpan(span trace.Span, failure *Error) {
 	span.End()
 }
 
-// shutdown sends the spans still buffered; called once the server has drained.
-func (t *tracing) shutdown(ctx context.Context) {
+// shutdown sends the spans still buffered, for within at most; called once the server has
+// drained. Spans it could not send are dropped, with one warning naming the collector.
+func (t *tracing) shutdown(within time.Duration) {
 	if t == nil {
 		return
 	}
-	if err := t.provider.Shutdown(ctx); err != nil {
-		sdkLog.Warn("linchkit plugin: tracing: could not send the last spans", "err", err)
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	err := t.provider.Shutdown(ctx)
+	switch {
+	case err == nil:
+	case ctx.Err() != nil:
+		sdkLog.Warn(fmt.Sprintf("linchkit plugin: spans dropped at the stop: the trace collector at %s did not take "+
+			"them within the %s s the stop's caps left; check that it is up and answers", t.collector, tenths(within)))
+	default:
+		// The exporter's own failure (a collector refusing a batch goes to OpenTelemetry's
+		// error handler instead, not here).
+		sdkLog.Warn(fmt.Sprintf("linchkit plugin: spans dropped at the stop: sending them to the trace collector at %s "+
+			"failed: %s", t.collector, scrubbed(err, t.endpoint)))
 	}
+}
+
+// malformedCollector is what a line says of a collector URL it cannot take apart.
+const malformedCollector = "(its URL is malformed)"
+
+// collectorShown is the collector a log line may name: scheme://host[:port], the port when
+// the URL gives one, as the other SDKs name it. Never the userinfo, path or query of
+// endpoint: they may hold a password or a token.
+func collectorShown(endpoint string) string {
+	parsed, err := neturl.Parse(strings.TrimSpace(endpoint))
+	if err != nil || parsed.Scheme == "" || parsed.Hostname() == "" {
+		return malformedCollector // url.Parse's error quotes the URL: not shown either
+	}
+	host := parsed.Hostname()
+	if strings.Contains(host, ":") {
+		host = "[" + host + "]"
+	}
+	shown := strings.ToLower(parsed.Scheme) + "://" + host
+	if port := parsed.Port(); port != "" {
+		shown += ":" + port
+	}
+	return shown
+}
+
+// scrubbed is err's text with endpoint, as written or as the exporter prints it, named as
+// collectorShown names it: the exporter's errors quote the URL it posted to ("failed to
+// send to http://user:password@host/…"). Should the password still show, the text is left
+// out.
+func scrubbed(err error, endpoint string) string {
+	text := err.Error()
+	shown := collectorShown(endpoint)
+	parsed, parseErr := neturl.Parse(strings.TrimSpace(endpoint))
+	if parseErr != nil {
+		return strings.ReplaceAll(text, strings.TrimSpace(endpoint), shown)
+	}
+	for _, form := range []string{parsed.String(), parsed.Redacted(), strings.TrimSpace(endpoint)} {
+		text = strings.ReplaceAll(text, form, shown)
+	}
+	if password, _ := parsed.User.Password(); password != "" && strings.Contains(text, password) {
+		return "(its error is not shown: it quotes the URL's password)"
+	}
+	return text
+}
+
+// tenths is d in seconds to a tenth, as few digits as it takes ("1", "4.2").
+func tenths(d time.Duration) string {
+	return strconv.FormatFloat(float64(d.Round(100*time.Millisecond))/float64(time.Second), 'f', -1, 64)
 }
 
 // truncate cuts text to at most limit bytes without splitting a character: OTLP's

@@ -3,6 +3,7 @@ package plugin
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -212,28 +213,24 @@ func serveOnLoopback(t *testing.T, s *service) *grpc.ClientConn {
 	return conn
 }
 
-// A collector that accepts and never answers keeps the stop no longer than grace + hooks +
-// spanFlushMargin: the spans still buffered get what remains of the hooks' cap (here none),
-// not a fixed 5 s past the operator's caps.
-func TestASilentCollectorDoesNotOutlastTheStopsCaps(t *testing.T) {
-	silent, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { silent.Close() })
-	go func() {
-		for {
-			conn, err := silent.Accept()
-			if err != nil {
-				return
-			}
-			t.Cleanup(func() { conn.Close() }) // held open, never answered
-		}
-	}()
+// collectorSecret is in the collector's URL (its password and its query) and headers: no
+// line may show it.
+const collectorSecret = "s3cret-collector-token"
+
+// stoppedAfterATracedCall serves testPlugin with its spans going to collector (both stop
+// caps 0, the secret in the headers too), makes one call (one span buffered for the flush
+// at the stop), stops it, and returns how long the stop took and what the SDK logged.
+func stoppedAfterATracedCall(t *testing.T, collector string) (time.Duration, string) {
+	t.Helper()
+	out := capture(t)
 	vars := map[string]string{
-		EnvOTLPTracesEndpoint: "http://" + silent.Addr().String() + "/v1/traces",
-		EnvStopGraceMs:        "0",
-		EnvStopHooksMs:        "0",
+		EnvOTLPTracesEndpoint:               collector,
+		"OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer%20" + collectorSecret,
+		EnvStopGraceMs:                      "0",
+		EnvStopHooksMs:                      "0",
+	}
+	for name, value := range vars {
+		t.Setenv(name, value) // the exporter reads its headers from the process's environment
 	}
 	reader, writer := io.Pipe()
 	env := Environment{Args: []string{"serve", "--address", "127.0.0.1:0"}, Getenv: func(k string) string { return vars[k] },
@@ -258,9 +255,99 @@ func TestASilentCollectorDoesNotOutlastTheStopsCaps(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the plugin did not stop within 30 s")
 	}
+	return time.Since(began), out.String() // Run has returned: nothing writes to out any more
+}
+
+// droppedLine is the one line of said that says spans were dropped, after checking it is
+// one, a warning, and shows nothing of the collector's URL but shown.
+func droppedLine(t *testing.T, said, shown string) string {
+	t.Helper()
+	var dropped []string
+	for _, line := range strings.Split(said, "\n") {
+		if strings.Contains(line, "spans dropped") {
+			dropped = append(dropped, line)
+		}
+	}
+	if len(dropped) != 1 {
+		t.Fatalf("want one line saying the spans were dropped, got %q", said)
+	}
+	line := dropped[0]
+	if match := slogLine.FindStringSubmatch(line); match == nil || match[1] != "WARN" {
+		t.Errorf("want a level=WARN line, got %q", line)
+	}
+	if !strings.Contains(line, "the trace collector at "+shown+" ") {
+		t.Errorf("want the collector named as %s, got %q", shown, line)
+	}
+	for _, hidden := range []string{collectorSecret, "/v1/traces", "collector@", "?"} {
+		if strings.Contains(line, hidden) {
+			t.Errorf("the line shows %q of the collector's URL: %q", hidden, line)
+		}
+	}
+	if strings.Contains(said, collectorSecret) {
+		t.Errorf("the secret shows in what the SDK said: %q", said)
+	}
+	return line
+}
+
+// A collector that accepts and never answers keeps the stop no longer than grace + hooks +
+// spanFlushMargin: the spans still buffered get what remains of the hooks' cap (here none),
+// not a fixed 5 s past the operator's caps. The spans are dropped then, with one line
+// naming the collector by scheme://host:port only, as every SDK names it.
+func TestASilentCollectorDoesNotOutlastTheStopsCaps(t *testing.T) {
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { silent.Close() })
+	go func() {
+		for {
+			conn, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { conn.Close() }) // held open, never answered
+		}
+	}()
+	took, said := stoppedAfterATracedCall(t,
+		"http://collector:"+collectorSecret+"@"+silent.Addr().String()+"/v1/traces?key="+collectorSecret)
 	// The margin is 1 s; the rest is slack for a slow machine, well short of the old 5 s.
-	if took := time.Since(began); took > spanFlushMargin+2500*time.Millisecond {
+	if took > spanFlushMargin+2500*time.Millisecond {
 		t.Errorf("the stop took %v with a silent collector, want about grace + hooks + %v", took, spanFlushMargin)
+	}
+	line := droppedLine(t, said, "http://"+silent.Addr().String())
+	if !strings.Contains(line, "did not take them within the 1 s the stop's caps left") {
+		t.Errorf("want the time the stop gave them, got %q", line)
+	}
+}
+
+func TestTheCollectorIsNamedByItsSchemeHostAndPortOnly(t *testing.T) {
+	for endpoint, want := range map[string]string{
+		"http://127.0.0.1:4318/v1/traces":                       "http://127.0.0.1:4318",
+		"https://user:pass@collector.example:443/v1/traces?k=v": "https://collector.example:443",
+		"HTTP://collector.example/v1/traces#frag":               "http://collector.example",
+		"http://[::1]:4318/v1/traces":                           "http://[::1]:4318",
+		" http://collector.example:4318 ":                       "http://collector.example:4318",
+		"collector.example:4318":                                malformedCollector,
+		"http://user:pass@/v1/traces":                           malformedCollector,
+		"http://collector.example:port/":                        malformedCollector,
+		"http://%zz@collector.example/":                         malformedCollector,
+		"":                                                      malformedCollector,
+	} {
+		if got := collectorShown(endpoint); got != want {
+			t.Errorf("collectorShown(%q) = %q, want %q", endpoint, got, want)
+		}
+	}
+}
+
+func TestScrubbedNeverShowsThePassword(t *testing.T) {
+	endpoint := "http://collector:" + collectorSecret + "@127.0.0.1:4318/v1/traces"
+	quoting := fmt.Errorf("failed to send to %s: 401 Unauthorized", endpoint)
+	if got, want := scrubbed(quoting, endpoint), "failed to send to http://127.0.0.1:4318: 401 Unauthorized"; got != want {
+		t.Errorf("scrubbed = %q, want %q", got, want)
+	}
+	elsewhere := fmt.Errorf("the password %s is wrong", collectorSecret)
+	if got := scrubbed(elsewhere, endpoint); strings.Contains(got, collectorSecret) {
+		t.Errorf("scrubbed shows the password: %q", got)
 	}
 }
 
