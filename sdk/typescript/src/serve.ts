@@ -358,9 +358,12 @@ async function serveSubprocess(plugin: Plugin, config: HandshakeConfig, tracing:
  */
 export const SPAN_FLUSH_MARGIN_MS = 1_000;
 
-/** The spans still buffered, sent within `flushMs` at most: a dead collector does not hold the stop. */
-function flushSpans(tracing: Tracing | undefined, flushMs: number): Promise<unknown> {
-  return tracing === undefined ? Promise.resolve() : Promise.race([tracing.shutdown(), new Promise((resolve) => setTimeout(resolve, flushMs).unref())]);
+/**
+ * The spans still buffered, sent within `flushMs` at most: a dead collector does not hold the
+ * stop. Those it could not take are dropped, with one warning naming it (`Tracing.flushWithin`).
+ */
+async function flushSpans(tracing: Tracing | undefined, flushMs: number): Promise<void> {
+  await tracing?.flushWithin(flushMs);
 }
 
 /**

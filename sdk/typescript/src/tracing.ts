@@ -13,6 +13,13 @@
  * cost per call (the server checks one `undefined`). If they are missing from the
  * plugin's install, it says so once and serves untraced. A missing or malformed
  * traceparent starts a new trace, never fails the call (W3C: ignore what cannot be parsed).
+ *
+ * A stop sends the spans still buffered for what remains of the hooks' cap, or 1 s when less
+ * remains (`flushWithin`, serve.ts): a collector that accepts the connection and never
+ * answers must not keep the plugin past grace + hooks + that margin. The spans it could not
+ * send are dropped then, with one warning that names the collector by scheme://host:port
+ * only (`collectorShown`), as every SDK names it: never the userinfo, path or query of its
+ * URL, nor the exporter's headers.
  */
 import type * as Api from '@opentelemetry/api';
 import type * as Core from '@opentelemetry/core';
@@ -39,6 +46,33 @@ export function tracesEndpoint(env: NodeJS.ProcessEnv): string | undefined {
   return base ? `${base.replace(/\/+$/, '')}/v1/traces` : undefined;
 }
 
+/** What a line says of a collector URL it cannot take apart. */
+export const MALFORMED_COLLECTOR = '(its URL is malformed)';
+
+/** `scheme://` and the authority, as written: the port is shown when the URL gives one. */
+const SCHEME_AND_AUTHORITY = /^([A-Za-z][A-Za-z0-9+.-]*):\/\/([^/?#]*)/;
+
+/**
+ * The collector a log line may name: scheme://host[:port], the port when the URL gives one
+ * (as the other SDKs name it). Never the userinfo, path or query of `url`: they may hold a
+ * password or a token.
+ */
+export function collectorShown(url: string): string {
+  const written = SCHEME_AND_AUTHORITY.exec(url.trim());
+  let parsed: URL;
+  try {
+    parsed = new URL(url.trim());
+  } catch {
+    return MALFORMED_COLLECTOR; // its message quotes the URL: not shown either
+  }
+  if (written === null || parsed.hostname === '') return MALFORMED_COLLECTOR;
+  const hostAndPort = (written[2] as string).slice((written[2] as string).lastIndexOf('@') + 1);
+  const port = /:(\d+)$/.exec(hostAndPort)?.[1];
+  // WHATWG's hostname keeps an IPv6 address's brackets, and leaves out a port that is the
+  // scheme's default, which the URL gave nonetheless.
+  return `${(written[1] as string).toLowerCase()}://${parsed.hostname}${port === undefined ? '' : `:${Number(port)}`}`;
+}
+
 /** One call's span: run the method `within` it, then `end` it with what it threw, if it failed. */
 export interface CallSpan {
   within<T>(fn: () => T): T;
@@ -55,6 +89,8 @@ export class Tracing {
     private readonly provider: TraceNode.NodeTracerProvider,
     private readonly tracer: Api.Tracer,
     private readonly pluginId: string,
+    /** The collector as a log line may name it (`collectorShown`). */
+    private readonly collector: string,
   ) {
     this.propagator = new core.W3CTraceContextPropagator();
   }
@@ -81,7 +117,12 @@ export class Tracing {
     }
     // Batched, so a call never waits on the collector; OTEL_BSP_* tune it. The exporter
     // reads OTEL_EXPORTER_OTLP_HEADERS and its timeouts itself.
-    return Tracing.exportingTo(new base.BatchSpanProcessor(new otlp.OTLPTraceExporter({ url })), env.OTEL_SERVICE_NAME || plugin.id, plugin);
+    return Tracing.exportingTo(
+      new base.BatchSpanProcessor(new otlp.OTLPTraceExporter({ url })),
+      env.OTEL_SERVICE_NAME || plugin.id,
+      plugin,
+      collectorShown(url),
+    );
   }
 
   /**
@@ -90,10 +131,15 @@ export class Tracing {
    */
   static withExporter(exporter: TraceBase.SpanExporter, plugin: { id: string; version: string }): Tracing {
     const base: typeof TraceBase = require('@opentelemetry/sdk-trace-base');
-    return Tracing.exportingTo(new base.SimpleSpanProcessor(exporter), plugin.id, plugin);
+    return Tracing.exportingTo(new base.SimpleSpanProcessor(exporter), plugin.id, plugin, '(in process)');
   }
 
-  private static exportingTo(processor: TraceBase.SpanProcessor, service: string, plugin: { id: string; version: string }): Tracing {
+  private static exportingTo(
+    processor: TraceBase.SpanProcessor,
+    service: string,
+    plugin: { id: string; version: string },
+    collector: string,
+  ): Tracing {
     const api: typeof Api = require('@opentelemetry/api');
     const core: typeof Core = require('@opentelemetry/core');
     const resources: typeof Resources = require('@opentelemetry/resources');
@@ -105,7 +151,7 @@ export class Tracing {
     // Global, with the AsyncLocalStorage context manager: the author's own tracer (the
     // API's `trace.getTracer`) sees the call's span as active and nests under it.
     provider.register();
-    return new Tracing(api, core, provider, provider.getTracer('linchkit.plugin'), plugin.id);
+    return new Tracing(api, core, provider, provider.getTracer('linchkit.plugin'), plugin.id, collector);
   }
 
   /** Open the span of a call, continuing `ctx.traceparent` when it is a valid one. */
@@ -139,12 +185,46 @@ export class Tracing {
     };
   }
 
-  /** Send the spans still buffered (at a graceful stop, after the calls drained). */
+  /** Send the spans still buffered and shut the provider down, however long the exporter takes. */
   async shutdown(): Promise<void> {
     try {
       await this.provider.shutdown();
     } catch (error) {
-      log.warn(`tracing: could not send the last spans: ${String(error)}`);
+      log.warn(`tracing: could not send the last spans to the trace collector at ${this.collector}: ${String(error)}`);
+    }
+  }
+
+  /**
+   * Send the spans still buffered and shut the provider down, `withinMs` at most: a stop's
+   * last step, after the calls drained and the hooks ran. True when they were sent (or there
+   * was nothing to send); false when they were dropped, said in one warning naming the
+   * collector (the sending goes on unawaited: the process may exit without it).
+   */
+  async flushWithin(withinMs: number): Promise<boolean> {
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<'late'>((resolve) => {
+      timer = setTimeout(() => resolve('late'), withinMs).unref();
+    });
+    const sent = this.provider.shutdown().then(
+      () => 'sent' as const,
+      (error: unknown) => error,
+    );
+    try {
+      const outcome = await Promise.race([sent, late]);
+      if (outcome === 'sent') return true;
+      if (outcome === 'late') {
+        log.warn(
+          `spans dropped at the stop: the trace collector at ${this.collector} did not take them within the ` +
+            `${Math.round(withinMs / 100) / 10} s the stop's caps left; check that it is up and answers`,
+        );
+      } else {
+        // The exporter's words, which do not quote its URL (nor its headers).
+        const said = outcome instanceof Error ? outcome.message : String(outcome);
+        log.warn(`spans dropped at the stop: sending them to the trace collector at ${this.collector} failed: ${said.split('\n')[0]}`);
+      }
+      return false;
+    } finally {
+      clearTimeout(timer);
     }
   }
 }
