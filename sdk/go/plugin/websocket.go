@@ -57,6 +57,14 @@ const (
 	closeWrongPlugin websocket.StatusCode = 4403
 )
 
+// errDiallingRegisters refuses LINCHKIT_REGISTER_ETCD to connect before anything runs, in
+// the words of every SDK: no dispatcher dials a plugin that dials the gateway, so no
+// registry could lead one to it; ignored, the operator who set it would believe it
+// registered.
+var errDiallingRegisters = fmt.Errorf("connect: %s: a plugin that dials the gateway (connect) is not registered in etcd, "+
+	"as no dispatcher dials it: the gateway knows it by its connection. Serve over gRPC (serve) to be found there, "+
+	"or leave it unset", EnvRegisterEtcd)
+
 // ErrRefused is returned when the gateway refuses the plugin: a 400, 401, 403 or 404 at the
 // upgrade, or a close 4403 after it (the error then carries the gateway's reason).
 var ErrRefused = errors.New("the gateway refused the connection")
@@ -132,6 +140,9 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	if !isGatewayURL(*url) {
 		return fmt.Errorf("connect: --url must be a ws:// or wss:// URL "+
 			"(e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '%s'", *url)
+	}
+	if env.Getenv(EnvRegisterEtcd) != "" {
+		return errDiallingRegisters
 	}
 	token, err := configuredToken(env.Getenv)
 	if err != nil {

@@ -253,6 +253,37 @@ func TestConnectDialsAgainAfterEveryOtherClose(t *testing.T) {
 	}
 }
 
+// A plugin that dials the gateway registers nowhere: told to (LINCHKIT_REGISTER_ETCD), connect
+// refuses in one line before its hooks run and before it dials, as every SDK's does.
+// Before, it ignored the variable, and the operator believed it registered.
+func TestConnectRefusesToRegisterInEtcdBeforeItDials(t *testing.T) {
+	var requests atomic.Int32
+	gateway := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		http.Error(w, "not a gateway", http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(gateway.Close)
+	vars := map[string]string{EnvRegisterEtcd: "http://127.0.0.1:2379", EnvRegisterPrefix: "/linchkit/plugins/test"}
+	env := Environment{Args: []string{"connect", "-url", "ws" + strings.TrimPrefix(gateway.URL, "http")},
+		Getenv: func(k string) string { return vars[k] }, Stdin: strings.NewReader(""), Stdout: io.Discard}
+	p := testPlugin()
+	var initialised atomic.Bool
+	p.OnInit(func(context.Context, json.RawMessage) error { initialised.Store(true); return nil })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := p.Run(ctx, env)
+	want := "connect: LINCHKIT_REGISTER_ETCD: a plugin that dials the gateway (connect) is not registered in etcd"
+	if err == nil || !strings.HasPrefix(err.Error(), want) || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("connect with %s set: %v, want one line starting %q", EnvRegisterEtcd, err, want)
+	}
+	if n := requests.Load(); n != 0 {
+		t.Errorf("%d requests reached the gateway, want none: the refusal comes before the dial", n)
+	}
+	if initialised.Load() {
+		t.Error("the init hook ran: the refusal comes before the plugin's hooks")
+	}
+}
+
 // A 400 at the upgrade (an id or version off the gateway's pattern) is what the same dial
 // would get again, as a 401, 403 or 404 is: connect ends. Before, it dialled again for ever.
 func TestConnectEndsOnA400AtTheUpgrade(t *testing.T) {
