@@ -4,6 +4,9 @@
  * test_serve_cli.py): a URL that can never reach a gateway (no scheme, not WebSocket, no
  * host) is one clear line and exit 1, never a stack trace nor retried for ever; a
  * well-formed URL whose gateway does not answer yet is retried (websocket.ts's `dial`).
+ * A plugin that dials the gateway registers nowhere: told to (`LINCHKIT_REGISTER_ETCD`), it
+ * refuses in one line before anything starts, as every SDK's `connect` does
+ * (`registrationRefusal`).
  */
 import { HandshakeError } from './handshake';
 
@@ -54,6 +57,23 @@ export function parseGatewayUrl(text: string): URL {
     throw new HandshakeError(`connect: --url must be a ws:// or wss:// URL (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '${text}'`);
   }
   return url;
+}
+
+/** The variable that names the etcd a served plugin registers in (docs/registry.md). */
+export const REGISTER_ETCD_ENV = 'LINCHKIT_REGISTER_ETCD';
+
+/**
+ * Why `connect` must not start in `env`, or undefined. Told to register (an empty variable
+ * counts as unset), a plugin that dials the gateway refuses, in every SDK's words, rather
+ * than ignore it: no dispatcher dials it, the gateway knows it by its connection, and the
+ * operator who set the variable would believe it registered.
+ */
+export function registrationRefusal(env: NodeJS.ProcessEnv): HandshakeError | undefined {
+  if (!env[REGISTER_ETCD_ENV]) return undefined;
+  return new HandshakeError(
+    `connect: ${REGISTER_ETCD_ENV}: a plugin that dials the gateway (connect) is not registered in etcd, as no ` +
+      'dispatcher dials it: the gateway knows it by its connection. Leave it unset: the TypeScript SDK registers no plugin in etcd',
+  );
 }
 
 function valueOf(flag: string, value: string | undefined): string {

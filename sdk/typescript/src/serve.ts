@@ -13,7 +13,8 @@
  * - `connect --url ws://gateway/v1/plugins/connect [--config JSON]`: reverse mode, the
  *   plugin dials the gateway with the token of the variables above (websocket.ts). A URL
  *   that can never reach a gateway (no scheme, not ws/wss, no host) ends in one line and
- *   exit 1 (connect.ts); an unreachable gateway is dialled again. `connect --help` too.
+ *   exit 1 (connect.ts), as does `LINCHKIT_REGISTER_ETCD` set (a plugin that dials the
+ *   gateway registers nowhere); an unreachable gateway is dialled again. `connect --help` too.
  * The WebSocket modes run the plugin's own lifecycle with `--config` (no Init RPC there).
  * `serve --help` prints the flags and the environment; a mistyped `--address` or a failed
  * listen ends in one line on stderr and exit 1 (listen.ts), as in every SDK.
@@ -30,7 +31,7 @@ import * as path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV } from './auth';
 import { type HandshakeConfig, HandshakeError, SERVE_USAGE, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
-import { CONNECT_USAGE, parseConnectCommand } from './connect';
+import { CONNECT_USAGE, parseConnectCommand, registrationRefusal } from './connect';
 import { DEFAULT_ADDRESS, ListenError, cannotListen } from './listen';
 import { Logger, log, routeConsole } from './log';
 import type { Plugin } from './plugin';
@@ -66,6 +67,8 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
   try {
     if (argv[0] === 'connect') {
       const command = parseConnectCommand(argv);
+      const refusal = command.mode === 'help' ? undefined : registrationRefusal(env);
+      if (refusal !== undefined) throw refusal; // before the hooks, before the dial
       if (command.mode === 'help') process.stdout.write(connectHelp());
       else await connectToGateway(plugin, command.url, command.config, env, caps('connect: '), Tracing.fromEnv(env, plugin));
       return;

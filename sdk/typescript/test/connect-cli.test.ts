@@ -2,13 +2,15 @@
  * `connect` (reverse mode) as an operator meets it (tests/conformance/test_serve_cli.py):
  * a `--url` that can never reach a gateway is one line on stderr and exit 1, at once, never
  * a stack trace; a well-formed URL whose gateway is not there yet is dialled again;
- * `--help` on stdout with exit 0.
+ * `--help` on stdout with exit 0; told to register in etcd, one line and exit 1 before it
+ * dials (a plugin that dials the gateway registers nowhere).
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
+import * as net from 'node:net';
 import { test } from 'node:test';
-import { CONNECT_USAGE, parseConnectCommand, parseGatewayUrl } from '#internal/connect';
+import { CONNECT_USAGE, REGISTER_ETCD_ENV, parseConnectCommand, parseGatewayUrl, registrationRefusal } from '#internal/connect';
 import { HandshakeError } from '#internal/handshake';
 import { CRASHES, ENV, PLUGIN, type Ran, assertOneLineFailure, runPlugin } from './cli-support';
 
@@ -70,4 +72,34 @@ test('example-plugin connect: a well-formed URL whose gateway is not there yet i
   await exited;
   assert.ok(stillRunning, `connect ended instead of dialling again: ${stderr}`);
   for (const crash of CRASHES) assert.ok(!stderr.includes(crash), stderr);
+});
+
+test('connect told to register in etcd refuses in one line, exit 1, before it dials', async () => {
+  assert.equal(registrationRefusal({}), undefined);
+  assert.equal(registrationRefusal({ [REGISTER_ETCD_ENV]: '' }), undefined); // empty: unset
+  let connections = 0;
+  const gateway = net.createServer((socket) => {
+    connections += 1;
+    socket.destroy();
+  });
+  gateway.listen(0, '127.0.0.1');
+  await once(gateway, 'listening');
+  const url = `ws://127.0.0.1:${(gateway.address() as net.AddressInfo).port}/v1/plugins/connect`;
+  const child = spawn(PLUGIN, ['connect', '--url', url], {
+    env: { ...ENV, [REGISTER_ETCD_ENV]: 'http://127.0.0.1:2379', LINCHKIT_REGISTER_PREFIX: '/linchkit/plugins/example' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const done: Ran = { status: null, stdout: '', stderr: '' };
+  child.stdout.setEncoding('utf8').on('data', (chunk: string) => (done.stdout += chunk));
+  child.stderr.setEncoding('utf8').on('data', (chunk: string) => (done.stderr += chunk));
+  const killer = setTimeout(() => child.kill('SIGKILL'), 30_000);
+  try {
+    [done.status] = (await once(child, 'exit')) as [number | null];
+  } finally {
+    clearTimeout(killer);
+    gateway.close();
+  }
+  const line = assertOneLineFailure(done);
+  assert.match(line, /^connect: LINCHKIT_REGISTER_ETCD: a plugin that dials the gateway \(connect\) is not registered in etcd/);
+  assert.equal(connections, 0, 'the plugin dialled the gateway before refusing');
 });
