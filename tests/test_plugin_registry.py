@@ -37,6 +37,7 @@ PLUGIN = [
 ]
 PYTHON_GRPC_EXAMPLE = ROOT / "sdk" / "python" / "examples" / "example_plugin.py"
 GO_EXAMPLE = ROOT / "sdk" / "go" / "dist" / "example-plugin"
+TYPESCRIPT_EXAMPLE = ROOT / "sdk" / "typescript" / "dist" / "example-plugin"
 
 
 def only_key(etcd: Etcd, prefix: str) -> tuple[str, dict[str, Any]]:
@@ -303,6 +304,7 @@ def test_a_websocket_server_told_to_register_says_it_cannot_and_does_not_start(
     assert done.returncode == 1, done.stderr
     assert f"{named}: a WebSocket server is not registered in etcd" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 @pytest.mark.parametrize("delay", ["-1", "nan", "601", "soon"])
@@ -456,15 +458,20 @@ async def test_a_fleet_source_follows_plugins_that_come_and_go(
             *("--url", "ws://127.0.0.1:1/", "--id", "example", "--version", "1.0.0"),
         ],
         [sys.executable, str(PYTHON_GRPC_EXAMPLE), "connect", "--url", "ws://127.0.0.1:1/"],
+        [str(GO_EXAMPLE), "connect", "--url", "ws://127.0.0.1:1/"],
+        [str(TYPESCRIPT_EXAMPLE), "connect", "--url", "ws://127.0.0.1:1/"],
     ],
-    ids=["dispatcher-plugin", "executable"],
+    ids=["dispatcher-plugin", "executable", "go", "typescript"],
 )
 def test_a_plugin_that_dials_the_gateway_told_to_register_says_it_cannot(
     command: list[str],
 ) -> None:
     """A plugin that dials the gateway (connect) is known by its connection and dialled by
     no dispatcher: told to register, it was silently not registered; it refuses now, in
-    one line, before it dials."""
+    one line, before it dials, in every SDK that dials (the Go and TypeScript SDKs test
+    that no connection reaches the gateway)."""
+    if not os.access(command[0], os.X_OK):
+        pytest.fail(f"{command[0]} is missing: run `make sdks`")
     done = subprocess.run(
         command,
         capture_output=True,
@@ -478,3 +485,4 @@ def test_a_plugin_that_dials_the_gateway_told_to_register_says_it_cannot(
         done.stderr
     ), done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
