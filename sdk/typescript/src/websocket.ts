@@ -12,7 +12,9 @@
  *
  * One `Session` serves one connection either way: `hello` first, then each `call`/`stream`
  * frame runs with its own AbortController (deadline from `context.deadline_ms`, `cancel`
- * frames abort it), streams honour the host's `credit` (a window of 256 chunks), `health`
+ * frames abort it, as does the connection closing; a stream so cut off closes the plugin's
+ * generator, its `finally` run, as over gRPC), streams honour the host's `credit` (a window
+ * of 256 chunks), `health`
  * is answered, host `event`s reach `plugin.on` handlers and the plugin's events go out.
  * Events emitted while no host is connected wait in the plugin's own bounded buffer. Given
  * a `Tracing`, each call and each stream runs in its span, as over gRPC (tracing.ts): a
@@ -232,6 +234,7 @@ export class Session {
     this.calls.set(id, controller);
     let timer: NodeJS.Timeout | undefined;
     let span: CallSpan | undefined;
+    let chunks: AsyncGenerator<unknown> | undefined;
     try {
       if (!isObject(request) || request.v !== PROTOCOL_VERSION) {
         throw new ProviderError(`unsupported envelope; this plugin speaks v${PROTOCOL_VERSION}`);
@@ -275,10 +278,11 @@ export class Session {
         const window = new Window();
         this.windows.set(id, window);
         try {
-          const chunks = this.plugin.invokeStream(method, request.params ?? null, ctx);
+          const stream = this.plugin.invokeStream(method, request.params ?? null, ctx);
+          chunks = stream;
           for (;;) {
             // A generator's body runs in the context of whoever calls next(): each step in the span.
-            const next = await Promise.race([within(() => chunks.next()), over]);
+            const next = await Promise.race([within(() => stream.next()), over]);
             if (next.done) break;
             await window.take(controller.signal);
             this.send({ type: 'chunk', id, data: next.value === undefined ? null : next.value });
@@ -292,6 +296,10 @@ export class Session {
       }
     } catch (error) {
       span?.end({ thrown: error });
+      // Cut off (a cancel, the connection gone, the deadline) or failed: close the plugin's
+      // generator, so its `finally` runs, as the gRPC path does. Not awaited: a step still
+      // running ends first (return() waits for it), and may never end.
+      void chunks?.return(undefined).catch(() => undefined);
       if (this.socket.readyState === WebSocket.OPEN && !(controller.signal.aborted && isCancel(controller.signal.reason))) {
         this.send({ type: 'response', id, response: { ok: false, error: toWireError(error) } });
       }
