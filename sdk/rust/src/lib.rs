@@ -26,6 +26,7 @@ mod late_streams;
 mod log;
 mod otlp;
 mod params;
+mod sampler;
 mod serve;
 mod service;
 mod size_status;

@@ -12,9 +12,11 @@
 //!
 //! Without those variables nothing is set up: a call pays one `Option` check. A missing or
 //! malformed `traceparent` starts a new trace, never fails the call (the W3C rule is to
-//! ignore what cannot be parsed). Sampling follows the parent's flag, as OpenTelemetry's
-//! default `parentbased_always_on` sampler does: a call whose dispatcher did not sample it
-//! records no span (its children see the flag unset), a call without a parent is sampled.
+//! ignore what cannot be parsed). Which calls record a span is `OTEL_TRACES_SAMPLER`'s
+//! (and `_ARG`'s) to say, as in the other SDKs ([`crate::sampler`]); by default the
+//! parent's flag decides (`parentbased_always_on`): a call whose dispatcher did not sample
+//! it records no span, a call without a parent does. An unsampled call's own
+//! `traceparent` has the flag unset, so what the method starts is not sampled either.
 //!
 //! At a stop the spans still buffered are sent after the hooks, for what remains of the
 //! hooks' cap or [`SPAN_FLUSH_MARGIN`] when less remains, then dropped with one warning that
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustls::crypto::SecureRandom;
 
 use crate::otlp::{self, Pipeline};
+use crate::sampler::Sampler;
 use crate::{Call, Error};
 
 pub(crate) const ENV_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -165,6 +168,7 @@ pub(crate) struct Tracer(Arc<Inner>);
 
 struct Inner {
     plugin: String,
+    sampler: Sampler,
     pipeline: Pipeline,
 }
 
@@ -181,6 +185,10 @@ impl Tracer {
             return Ok(None);
         };
         let settings = otlp::Settings::from_vars(&endpoint, &var)?;
+        let (sampler, warning) = Sampler::from_vars(&var);
+        if let Some(warning) = warning {
+            crate::log::warn(&warning);
+        }
         let service = match var(ENV_SERVICE_NAME).trim() {
             "" => plugin,
             name => name,
@@ -189,6 +197,7 @@ impl Tracer {
         let pipeline = Pipeline::start(settings, resource)?;
         Ok(Some(Tracer(Arc::new(Inner {
             plugin: plugin.to_string(),
+            sampler,
             pipeline,
         }))))
     }
@@ -199,11 +208,21 @@ impl Tracer {
         let parent = Some(call.traceparent.as_str())
             .filter(|text| !text.is_empty())
             .and_then(parse_traceparent);
+        let trace_id = parent.map_or_else(random_id, |p| p.trace_id);
+        let sampled = self
+            .0
+            .sampler
+            .sampled(parent.map(|p| p.sampled()), &trace_id);
+        // The parent's other flags as they were; the sampled one as decided here.
+        let flags = parent.map_or(0, |p| p.flags & !SpanContext::SAMPLED);
         let context = SpanContext {
-            trace_id: parent.map_or_else(random_id, |p| p.trace_id),
+            trace_id,
             span_id: random_id(),
-            // A root is sampled; a child follows its parent's flag.
-            flags: parent.map_or(SpanContext::SAMPLED, |p| p.flags),
+            flags: if sampled {
+                flags | SpanContext::SAMPLED
+            } else {
+                flags
+            },
         };
         call.span_traceparent = Some(context.traceparent());
         let mut attributes = vec![
@@ -242,9 +261,18 @@ impl Tracer {
 impl Tracer {
     /// A tracer whose spans stay in the returned queue, for tests of what a span holds.
     pub(crate) fn capturing(plugin: &str) -> (Tracer, tokio::sync::mpsc::Receiver<otlp::Span>) {
+        Tracer::sampling(plugin, Sampler::default())
+    }
+
+    /// [`Tracer::capturing`], its calls sampled by `sampler`.
+    pub(crate) fn sampling(
+        plugin: &str,
+        sampler: Sampler,
+    ) -> (Tracer, tokio::sync::mpsc::Receiver<otlp::Span>) {
         let (pipeline, spans) = Pipeline::capturing();
         let tracer = Tracer(Arc::new(Inner {
             plugin: plugin.to_string(),
+            sampler,
             pipeline,
         }));
         (tracer, spans)
@@ -522,6 +550,50 @@ mod tests {
         assert!(spans.try_recv().is_err());
         let own = parse_traceparent(call.span_traceparent().unwrap()).unwrap();
         assert_eq!((hex(&own.trace_id), own.flags), (TRACE.to_string(), 0));
+    }
+
+    fn sampler(name: &str) -> Sampler {
+        let (sampler, warning) = Sampler::from_vars(|var| match var {
+            crate::sampler::ENV_SAMPLER => name,
+            _ => "",
+        });
+        assert_eq!(warning, None);
+        sampler
+    }
+
+    #[tokio::test]
+    async fn the_sampler_decides_and_the_calls_own_traceparent_says_so() {
+        let (tracer, mut spans) = Tracer::sampling("test", sampler("always_off"));
+        let mut sampled_parent = call("echo", &format!("00-{TRACE}-{SPAN}-01"));
+        tracer.start(&mut sampled_parent).end(None);
+        assert!(
+            spans.try_recv().is_err(),
+            "always_off: no span, whatever the parent"
+        );
+        let own = parse_traceparent(sampled_parent.span_traceparent().unwrap()).unwrap();
+        assert_eq!((hex(&own.trace_id), own.flags), (TRACE.to_string(), 0));
+
+        let (tracer, mut spans) = Tracer::sampling("test", sampler("always_on"));
+        let mut unsampled_parent = call("echo", &format!("00-{TRACE}-{SPAN}-00"));
+        tracer.start(&mut unsampled_parent).end(None);
+        let span = spans
+            .try_recv()
+            .expect("always_on: a span, whatever the parent");
+        assert_eq!(span.flags, 0x301, "sampled, its parent remote");
+        assert_eq!(hex(&span.parent_span_id), SPAN);
+        let own = parse_traceparent(unsampled_parent.span_traceparent().unwrap()).unwrap();
+        assert_eq!(own.flags, 1);
+
+        let (tracer, mut spans) = Tracer::sampling("test", sampler("parentbased_always_off"));
+        tracer.start(&mut call("echo", "")).end(None);
+        assert!(
+            spans.try_recv().is_err(),
+            "parentbased_always_off: no root span"
+        );
+        tracer
+            .start(&mut call("echo", &format!("00-{TRACE}-{SPAN}-01")))
+            .end(None);
+        assert!(spans.try_recv().is_ok(), "... but a sampled parent's child");
     }
 
     #[tokio::test]
