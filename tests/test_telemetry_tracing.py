@@ -360,6 +360,67 @@ async def test_an_sdk_plugin_without_otel_variables_exports_nothing(
     assert {span.service for span in received.spans} == {"the-dispatcher"}
 
 
+# OTEL_TRACES_SAMPLER(_ARG) as OpenTelemetry's SDKs read it: a call without a parent, one
+# whose parent was sampled and one whose parent was not, each by its request id; and the
+# calls whose span reaches the collector. A parent-based sampler follows the parent's flag
+# and asks its root sampler only for a call without one; the others never look at it. An
+# unknown sampler is parentbased_always_on, an argument that is no ratio 1.0 (with a
+# warning, in every SDK but TypeScript, which says it to OpenTelemetry's diag logger).
+SAMPLED_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+UNSAMPLED_PARENT = "00-5cf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+SAMPLER_CALLS = {"root": None, "sampled": SAMPLED_PARENT, "unsampled": UNSAMPLED_PARENT}
+SAMPLER_CASES: dict[str, tuple[dict[str, str], set[str]]] = {
+    "always_off": ({"OTEL_TRACES_SAMPLER": "always_off"}, set()),
+    "traceidratio-0": (
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+        set(),
+    ),
+    "always_on": ({"OTEL_TRACES_SAMPLER": "always_on"}, {"root", "sampled", "unsampled"}),
+    "parentbased_always_on": (
+        {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+        {"root", "sampled"},
+    ),
+    "parentbased_traceidratio-0": (
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+        {"sampled"},
+    ),
+    "unknown-sampler": ({"OTEL_TRACES_SAMPLER": "sometimes"}, {"root", "sampled"}),
+    "traceidratio-not-a-ratio": (
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "lots"},
+        {"root", "sampled", "unsampled"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SAMPLER_CASES)
+@pytest.mark.parametrize("language", SDK_LANGUAGES)
+async def test_an_sdk_plugin_samples_as_otel_traces_sampler_says(
+    language: str, case: str, collector: tuple[Collector, str]
+) -> None:
+    sampler, traced = SAMPLER_CASES[case]
+    received, base = collector
+    # The dispatcher untraced passes each caller's traceparent through as it came.
+    async with (
+        sdk_plugin(
+            language, OTEL_EXPORTER_OTLP_ENDPOINT=base, OTEL_BSP_SCHEDULE_DELAY="50", **sampler
+        ) as address,
+        Dispatcher(sdk_manifest(address, None)) as dispatcher,
+    ):
+        for request_id, traceparent in SAMPLER_CALLS.items():
+            result = await dispatcher.call(
+                "example", "echo", {"n": 1}, request_id=request_id, traceparent=traceparent
+            )
+            assert result == {"n": 1}
+    # Stopped (SIGTERM, and waited for): every SDK sends the spans it buffered first.
+    spans = received.named("linchkit.plugin/echo")
+    assert {span.attributes["linchkit.request_id"] for span in spans} == traced
+    assert len(spans) == len(traced)
+    for span in spans:
+        parent = SAMPLER_CALLS[span.attributes["linchkit.request_id"]]
+        if parent is not None:
+            assert (span.trace_id, span.parent_span_id) == tuple(parent.split("-")[1:3])
+
+
 # -- the example plugin over WebSocket -------------------------------------------------------
 # `serve --websocket` dialled by a `provider: websocket` target, or `connect` dialling the
 # gateway of an inbound one. The dispatcher is untraced: it passes the caller's traceparent

@@ -12,6 +12,7 @@ import java.util.LinkedHashMap;
 import java.util.Locale;
 import java.util.Map;
 import java.util.function.Consumer;
+import java.util.regex.Pattern;
 
 /**
  * Where and how a plugin sends its spans, from the standard OpenTelemetry variables
@@ -24,9 +25,15 @@ import java.util.function.Consumer;
  * says, the signal-specific {@code _TRACES_} variable over the general one: headers
  * ({@code key=value,...}, values percent-decoded), timeout (ms), compression ({@code gzip} or
  * {@code none}), the collector's CA certificate and a client key and certificate (PEM files),
- * {@code OTEL_SERVICE_NAME} and {@code OTEL_RESOURCE_ATTRIBUTES}, and the batch processor's
- * {@code OTEL_BSP_*}. A malformed value is ignored with one warning naming the variable (never
+ * {@code OTEL_SERVICE_NAME} and {@code OTEL_RESOURCE_ATTRIBUTES}, the batch processor's
+ * {@code OTEL_BSP_*}, and the sampler, {@code OTEL_TRACES_SAMPLER} and {@code _ARG}
+ * ({@link Sampling}). A malformed value is ignored with one warning naming the variable (never
  * the value of a header, which holds credentials); the library's default stands for it.
+ *
+ * <p>{@code OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL} is read only to say so when it asks for what
+ * the SDK does not send: spans go as {@code http/protobuf} whatever it says, as in the
+ * TypeScript and Python SDKs (OpenTelemetry Java's exporter without autoconfigure knows no
+ * other), with one warning for another value ({@code grpc}, {@code http/json}).
  *
  * @param endpoint the OTLP/HTTP traces URL, as given (it may hold a password: never logged)
  * @param collectorShown the collector as a log line may name it ({@link #collectorShown(String)})
@@ -43,6 +50,7 @@ import java.util.function.Consumer;
  * @param exportTimeoutMs {@code OTEL_BSP_EXPORT_TIMEOUT}, null for the library's (30 s)
  * @param maxQueueSize {@code OTEL_BSP_MAX_QUEUE_SIZE}, null for the library's (2048)
  * @param maxExportBatchSize {@code OTEL_BSP_MAX_EXPORT_BATCH_SIZE}, null for the library's (512)
+ * @param sampling which calls record a span: {@code OTEL_TRACES_SAMPLER} and {@code _ARG}
  */
 record OtlpSettings(
     String endpoint,
@@ -58,13 +66,37 @@ record OtlpSettings(
     Long scheduleDelayMs,
     Long exportTimeoutMs,
     Integer maxQueueSize,
-    Integer maxExportBatchSize) {
+    Integer maxExportBatchSize,
+    Sampling sampling) {
 
   static final String OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT";
   static final String OTLP_TRACES_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
   static final String SERVICE_NAME_ENV = "OTEL_SERVICE_NAME";
   static final String RESOURCE_ATTRIBUTES_ENV = "OTEL_RESOURCE_ATTRIBUTES";
   static final String SDK_DISABLED_ENV = "OTEL_SDK_DISABLED";
+  static final String SAMPLER_ENV = "OTEL_TRACES_SAMPLER";
+  static final String SAMPLER_ARG_ENV = "OTEL_TRACES_SAMPLER_ARG";
+  /** The one {@code OTEL_EXPORTER_OTLP_PROTOCOL} the SDK sends. */
+  static final String HTTP_PROTOBUF = "http/protobuf";
+
+  /**
+   * A sampler as {@code OTEL_TRACES_SAMPLER} names it, read as OpenTelemetry's SDKs read it (the
+   * Go, TypeScript and Python plugin SDKs use theirs); {@link Tracing} makes OpenTelemetry's
+   * sampler of it. {@code always_on}, {@code always_off} and {@code traceidratio} decide every
+   * call alike; {@code parentbased_always_on} (the default), {@code parentbased_always_off} and
+   * {@code parentbased_traceidratio} follow the sampled flag of the call's {@code traceparent}
+   * and ask {@code root} only for a call without a valid one.
+   *
+   * @param parentBased whether a call with a parent follows its flag
+   * @param root what decides the other calls
+   * @param ratio {@code traceidratio}'s share of traces, from 0 to 1 ({@code OTEL_TRACES_SAMPLER_ARG})
+   */
+  record Sampling(boolean parentBased, Root root, double ratio) {
+    enum Root { ALWAYS_ON, ALWAYS_OFF, TRACE_ID_RATIO }
+
+    /** {@code parentbased_always_on}: OpenTelemetry's default. */
+    static final Sampling DEFAULT = new Sampling(true, Root.ALWAYS_ON, 1.0);
+  }
 
   /** What a log line says for a collector URL it cannot take apart. */
   static final String MALFORMED_URL = "(its URL is malformed)";
@@ -90,6 +122,7 @@ record OtlpSettings(
     String service = env.getOrDefault(SERVICE_NAME_ENV, "").strip();
     if (service.isEmpty()) service = resource.getOrDefault("service.name", "");
     if (service.isEmpty()) service = pluginId;
+    checkProtocol(env, collectorShown(endpoint), warn);
     String compression = traces(env, "COMPRESSION");
     if (compression != null) {
       compression = compression.strip().toLowerCase(Locale.ROOT);
@@ -112,13 +145,67 @@ record OtlpSettings(
         whole(env, "OTEL_BSP_SCHEDULE_DELAY", 0, Long.MAX_VALUE, warn),
         whole(env, "OTEL_BSP_EXPORT_TIMEOUT", 0, Long.MAX_VALUE, warn),
         intOrNull(whole(env, "OTEL_BSP_MAX_QUEUE_SIZE", 1, Integer.MAX_VALUE, warn)),
-        intOrNull(whole(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 1, Integer.MAX_VALUE, warn)));
+        intOrNull(whole(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 1, Integer.MAX_VALUE, warn)),
+        sampling(env, warn));
+  }
+
+  /** Says so when {@code OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL} asks for another than http/protobuf. */
+  private static void checkProtocol(Map<String, String> env, String collectorShown, Consumer<String> warn) {
+    String protocol = traces(env, "PROTOCOL");
+    if (protocol == null || protocol.strip().equals(HTTP_PROTOBUF)) return;
+    warn.accept(tracesName(env, "PROTOCOL") + " is " + quoted(protocol.strip()) + ", but this SDK sends spans as "
+        + HTTP_PROTOBUF + " only (OTLP over HTTP); sending them so to " + collectorShown);
+  }
+
+  /**
+   * The sampler {@code OTEL_TRACES_SAMPLER} and {@code _ARG} name: an unknown one is
+   * {@code parentbased_always_on} and an argument that is no ratio from 0 to 1 is 1.0, each with
+   * a warning, as OpenTelemetry's Go and Python SDKs take them. An unset argument is 1.0.
+   */
+  static Sampling sampling(Map<String, String> env, Consumer<String> warn) {
+    String name = env.getOrDefault(SAMPLER_ENV, "").strip().toLowerCase(Locale.ROOT);
+    Sampling.Root root;
+    boolean parentBased = name.startsWith("parentbased_");
+    switch (name) {
+      case "", "parentbased_always_on", "always_on" -> root = Sampling.Root.ALWAYS_ON;
+      case "always_off", "parentbased_always_off" -> root = Sampling.Root.ALWAYS_OFF;
+      case "traceidratio", "parentbased_traceidratio" -> root = Sampling.Root.TRACE_ID_RATIO;
+      default -> {
+        warn.accept(SAMPLER_ENV + " must be always_on, always_off, traceidratio, parentbased_always_on,"
+            + " parentbased_always_off or parentbased_traceidratio, not " + quoted(name)
+            + "; using parentbased_always_on");
+        return Sampling.DEFAULT;
+      }
+    }
+    if (name.isEmpty()) return Sampling.DEFAULT;
+    double ratio = 1.0;
+    if (root == Sampling.Root.TRACE_ID_RATIO) {
+      String arg = env.getOrDefault(SAMPLER_ARG_ENV, "").strip();
+      if (!arg.isEmpty()) {
+        // A decimal number as the other SDKs parse one: not Java's "1d", "0x1p-1" or "NaN".
+        ratio = DECIMAL.matcher(arg).matches() ? Double.parseDouble(arg) : Double.NaN;
+        if (!(ratio >= 0.0 && ratio <= 1.0)) { // NaN too
+          warn.accept(SAMPLER_ARG_ENV + " must be a ratio from 0 to 1, not " + quoted(arg) + "; using 1.0");
+          ratio = 1.0;
+        }
+      }
+    }
+    return new Sampling(parentBased, root, ratio);
+  }
+
+  private static final Pattern DECIMAL = Pattern.compile("[+-]?(\\d+\\.?\\d*|\\.\\d+)([eE][+-]?\\d+)?");
+
+  /** {@code text} as a warning quotes a value that is no secret: cut to 40, control characters as {@code ?}. */
+  private static String quoted(String text) {
+    String shown = text.length() > 40 ? text.substring(0, 40) + "…" : text;
+    return "'" + shown.replaceAll("\\p{Cntrl}", "?") + "'";
   }
 
   /** Neither the URL nor the headers: they may hold credentials. */
   @Override
   public String toString() {
-    return "OtlpSettings[collector=" + collectorShown + ", headers=" + headers.size() + ", service=" + serviceName + "]";
+    return "OtlpSettings[collector=" + collectorShown + ", headers=" + headers.size() + ", service=" + serviceName
+        + ", sampling=" + sampling + "]";
   }
 
   /**
@@ -229,10 +316,8 @@ record OtlpSettings(
       long value = Long.parseLong(text);
       if (value >= min && value <= max) return value;
     }
-    String shown = text.length() > 40 ? text.substring(0, 40) + "…" : text;
     String rule = max == Long.MAX_VALUE ? " of milliseconds, " + min + " or more" : " from " + min + " to " + max;
-    warn.accept(name + " must be a whole number" + rule + ", not '"
-        + shown.replaceAll("\\p{Cntrl}", "?") + "'; using the default");
+    warn.accept(name + " must be a whole number" + rule + ", not " + quoted(text) + "; using the default");
     return null;
   }
 

@@ -23,6 +23,7 @@ import io.opentelemetry.sdk.resources.Resource;
 import io.opentelemetry.sdk.trace.SdkTracerProvider;
 import io.opentelemetry.sdk.trace.export.BatchSpanProcessor;
 import io.opentelemetry.sdk.trace.export.BatchSpanProcessorBuilder;
+import io.opentelemetry.sdk.trace.samplers.Sampler;
 import java.io.IOException;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -48,6 +49,10 @@ import java.util.logging.Level;
  * runs with the span current ({@link Context#makeCurrent()} on its thread), so spans its author
  * starts nest under it; the provider is also made the global one ({@link GlobalOpenTelemetry})
  * unless the plugin set its own.
+ *
+ * <p>Which calls record a span is {@code OTEL_TRACES_SAMPLER}'s to say ({@link OtlpSettings.Sampling}),
+ * {@code parentbased_always_on} by default: a call whose dispatcher did not sample it records no
+ * span, and the method sees its span's sampled flag unset.
  *
  * <p>Without those variables this class is never initialised, and no OpenTelemetry class is
  * loaded: a call pays one null check. A missing or malformed traceparent starts a new trace and
@@ -142,6 +147,7 @@ final class Tracing {
       if (settings.maxExportBatchSize() != null) batches.setMaxExportBatchSize(settings.maxExportBatchSize());
       SdkTracerProvider provider = SdkTracerProvider.builder()
           .setResource(Resource.getDefault().merge(Resource.create(resource(settings, plugin))))
+          .setSampler(sampler(settings.sampling()))
           .addSpanProcessor(batches.build())
           .build();
       makeGlobal(provider);
@@ -153,6 +159,16 @@ final class Tracing {
           + settings.collectorShown() + ": " + Errors.namedClass(broken.getClass()) + ": " + said);
       return null;
     }
+  }
+
+  /** OpenTelemetry's sampler for {@code sampling}. */
+  static Sampler sampler(OtlpSettings.Sampling sampling) {
+    Sampler root = switch (sampling.root()) {
+      case ALWAYS_ON -> Sampler.alwaysOn();
+      case ALWAYS_OFF -> Sampler.alwaysOff();
+      case TRACE_ID_RATIO -> Sampler.traceIdRatioBased(sampling.ratio());
+    };
+    return sampling.parentBased() ? Sampler.parentBased(root) : root;
   }
 
   private static byte[] read(String file) throws IOException {

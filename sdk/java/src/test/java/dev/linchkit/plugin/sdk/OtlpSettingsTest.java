@@ -116,6 +116,69 @@ class OtlpSettingsTest {
         "OTEL_RESOURCE_ATTRIBUTES", "service.name=from-resource")).serviceName());
   }
 
+  private OtlpSettings.Sampling sampling(String sampler, String arg) {
+    Map<String, String> env = new HashMap<>(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"));
+    if (sampler != null) env.put("OTEL_TRACES_SAMPLER", sampler);
+    if (arg != null) env.put("OTEL_TRACES_SAMPLER_ARG", arg);
+    return settings(env).sampling();
+  }
+
+  @Test
+  void theSamplerIsReadAsOpenTelemetryReadsIt() {
+    OtlpSettings.Sampling.Root on = OtlpSettings.Sampling.Root.ALWAYS_ON;
+    OtlpSettings.Sampling.Root off = OtlpSettings.Sampling.Root.ALWAYS_OFF;
+    OtlpSettings.Sampling.Root ratio = OtlpSettings.Sampling.Root.TRACE_ID_RATIO;
+    assertEquals(OtlpSettings.Sampling.DEFAULT, sampling(null, "0.5"));
+    assertEquals(new OtlpSettings.Sampling(true, on, 1.0), OtlpSettings.Sampling.DEFAULT);
+    assertEquals(new OtlpSettings.Sampling(false, on, 1.0), sampling("always_on", null));
+    assertEquals(new OtlpSettings.Sampling(false, off, 1.0), sampling(" ALWAYS_OFF ", null));
+    assertEquals(new OtlpSettings.Sampling(false, ratio, 0.0), sampling("traceidratio", "0"));
+    assertEquals(new OtlpSettings.Sampling(false, ratio, 1.0), sampling("traceidratio", null));
+    assertEquals(new OtlpSettings.Sampling(false, ratio, 0.25), sampling("traceidratio", " 2.5e-1 "));
+    assertEquals(new OtlpSettings.Sampling(true, on, 1.0), sampling("parentbased_always_on", null));
+    assertEquals(new OtlpSettings.Sampling(true, off, 1.0), sampling("parentbased_always_off", null));
+    assertEquals(new OtlpSettings.Sampling(true, ratio, 0.5), sampling("parentbased_traceidratio", ".5"));
+    assertEquals(List.of(), warnings);
+  }
+
+  @Test
+  void anUnknownSamplerIsParentBasedAlwaysOnWithAWarning() {
+    assertEquals(OtlpSettings.Sampling.DEFAULT, sampling("sometimes\n", null));
+    assertEquals(List.of("OTEL_TRACES_SAMPLER must be always_on, always_off, traceidratio, parentbased_always_on,"
+        + " parentbased_always_off or parentbased_traceidratio, not 'sometimes'; using parentbased_always_on"), warnings);
+  }
+
+  @Test
+  void anArgumentThatIsNoRatioIsOneWithAWarning() {
+    for (String arg : new String[] {"lots", "1.5", "-0.1", "NaN", "Infinity", "1d", "0x1p-1"}) {
+      warnings.clear();
+      assertEquals(new OtlpSettings.Sampling(true, OtlpSettings.Sampling.Root.TRACE_ID_RATIO, 1.0),
+          sampling("parentbased_traceidratio", arg), arg);
+      assertEquals(List.of("OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1, not '" + arg + "'; using 1.0"),
+          warnings, arg);
+    }
+    warnings.clear();
+    sampling("always_off", "lots");
+    assertEquals(List.of(), warnings, "only a ratio sampler reads the argument");
+  }
+
+  @Test
+  void aProtocolOtherThanHttpProtobufIsSaidOnceAndSpansGoAsHttpProtobuf() {
+    String endpoint = "http://collector:" + SECRET + "@127.0.0.1:4318";
+    assertTrue(settings(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")) != null);
+    assertEquals(List.of(), warnings);
+    settings(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"));
+    assertEquals(List.of("OTEL_EXPORTER_OTLP_PROTOCOL is 'grpc', but this SDK sends spans as http/protobuf only"
+        + " (OTLP over HTTP); sending them so to http://127.0.0.1:4318"), warnings);
+    warnings.clear();
+    settings(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"));
+    assertEquals(1, warnings.size(), warnings.toString());
+    assertTrue(warnings.get(0).startsWith("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL is 'http/json'"), warnings.get(0));
+    assertFalse(warnings.get(0).contains(SECRET), warnings.get(0));
+  }
+
   @Test
   void percentDecodingTakesUtf8AndRefusesWhatIsNot() {
     assertEquals("é x", OtlpSettings.percentDecoded("%C3%A9%20x"));

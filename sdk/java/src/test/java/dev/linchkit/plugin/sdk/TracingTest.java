@@ -210,6 +210,47 @@ class TracingTest {
     assertEquals(malformed.length, traces.size(), "each a new trace");
   }
 
+  /** The request ids of the calls that recorded a span, under {@code OTEL_TRACES_SAMPLER=sampler}. */
+  private Set<String> sampledUnder(String sampler, String arg) throws Exception {
+    Map<String, String> env = new java.util.HashMap<>(Map.of("OTEL_TRACES_SAMPLER", sampler));
+    if (arg != null) env.put("OTEL_TRACES_SAMPLER_ARG", arg);
+    Kept mine = new Kept();
+    SdkTracerProvider sampling = SdkTracerProvider.builder()
+        .setSampler(Tracing.sampler(OtlpSettings.sampling(env, warning -> {})))
+        .addSpanProcessor(SimpleSpanProcessor.create(mine))
+        .build();
+    cleanups.add(() -> sampling.shutdown().join(5, TimeUnit.SECONDS));
+    PluginService service = service(new Tracing(sampling, "test", "http://collector:4318"));
+    Map<String, String> calls = Map.of(
+        "root", "",
+        "sampled", TRACEPARENT,
+        "unsampled", "00-" + PARENT_TRACE + "-" + PARENT_SPAN + "-00");
+    Set<String> seenSampled = new HashSet<>();
+    for (Map.Entry<String, String> call : calls.entrySet()) {
+      CallRequest.Builder request = request("sees", call.getValue()).toBuilder();
+      request.getContextBuilder().setRequestId(call.getKey());
+      assertTrue(service.answer(request.build()).get(30, TimeUnit.SECONDS).getOk());
+      if (seen.get().isSampled()) seenSampled.add(call.getKey());
+    }
+    // A span ends as its reply completes: waited for. The method saw the flag as decided.
+    Set<String> recorded = new HashSet<>();
+    for (SpanData span : mine.await(seenSampled.size())) recorded.add(attribute(span, "linchkit.request_id"));
+    assertEquals(seenSampled, recorded);
+    return recorded;
+  }
+
+  @Test
+  void theSamplerTheVariablesNameDecidesWhichCallsRecordASpan() throws Exception {
+    assertEquals(Set.of(), sampledUnder("always_off", null));
+    assertEquals(Set.of(), sampledUnder("traceidratio", "0"));
+    assertEquals(Set.of("root", "sampled", "unsampled"), sampledUnder("always_on", null));
+    assertEquals(Set.of("root", "sampled"), sampledUnder("parentbased_always_on", null));
+    assertEquals(Set.of("sampled"), sampledUnder("parentbased_always_off", null));
+    assertEquals(Set.of("sampled"), sampledUnder("parentbased_traceidratio", "0"));
+    assertEquals(Set.of("root", "sampled"), sampledUnder("sometimes", null));
+    assertEquals(Set.of("root", "sampled", "unsampled"), sampledUnder("traceidratio", "lots"));
+  }
+
   @Test
   void withoutTracingTheMethodSeesNoSpan() throws Exception {
     CallReply reply = service(null).answer(request("sees", TRACEPARENT)).get(30, TimeUnit.SECONDS);
