@@ -21,12 +21,15 @@ import io.opentelemetry.exporter.otlp.http.trace.OtlpHttpSpanExporterBuilder;
 import io.opentelemetry.sdk.common.CompletableResultCode;
 import io.opentelemetry.sdk.resources.Resource;
 import io.opentelemetry.sdk.trace.SdkTracerProvider;
+import io.opentelemetry.sdk.trace.data.SpanData;
 import io.opentelemetry.sdk.trace.export.BatchSpanProcessor;
 import io.opentelemetry.sdk.trace.export.BatchSpanProcessorBuilder;
+import io.opentelemetry.sdk.trace.export.SpanExporter;
 import io.opentelemetry.sdk.trace.samplers.Sampler;
 import java.io.IOException;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.util.Collection;
 import java.util.List;
 import java.util.concurrent.Callable;
 import java.util.concurrent.CountDownLatch;
@@ -34,6 +37,7 @@ import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicReference;
 import java.util.logging.Level;
+import java.util.logging.Logger;
 
 /**
  * Continues the dispatcher's trace inside the plugin: the one file of the SDK that uses
@@ -53,6 +57,11 @@ import java.util.logging.Level;
  * <p>Which calls record a span is {@code OTEL_TRACES_SAMPLER}'s to say ({@link OtlpSettings.Sampling}),
  * {@code parentbased_always_on} by default: a call whose dispatcher did not sample it records no
  * span, and the method sees its span's sampled flag unset.
+ *
+ * <p>A collector that does not take the spans is said once per outage, in one line naming it by
+ * {@code scheme://host:port} ({@link Reporting}); OpenTelemetry's own record of each failed
+ * batch (logger {@link #OTLP_EXPORTER_LOGGER}, SEVERE, with a stack) is not shown unless the
+ * plugin's logging configuration gives that logger a level.
  *
  * <p>Without those variables this class is never initialised, and no OpenTelemetry class is
  * loaded: a call pays one null check. A missing or malformed traceparent starts a new trace and
@@ -84,6 +93,15 @@ final class Tracing {
   static final AttributeKey<String> REQUEST_ID = AttributeKey.stringKey("linchkit.request_id");
   static final AttributeKey<String> OUTCOME = AttributeKey.stringKey("linchkit.outcome");
   static final AttributeKey<String> ERROR_TYPE = AttributeKey.stringKey("error.type");
+
+  /** The logger OpenTelemetry's OTLP/HTTP exporter says each failed batch to. */
+  static final String OTLP_EXPORTER_LOGGER = "io.opentelemetry.exporter.otlp.internal.HttpExporter";
+
+  /**
+   * That logger, held: {@code java.util.logging} keeps loggers weakly, and one collected would
+   * come back without the level set here.
+   */
+  private static final Logger OTLP_EXPORTER = Logger.getLogger(OTLP_EXPORTER_LOGGER);
 
   /** Reads the one header a traceparent is: the dispatcher sends no tracestate. */
   private static final TextMapGetter<String> TRACEPARENT = new TextMapGetter<>() {
@@ -117,6 +135,7 @@ final class Tracing {
    * aid, not the plugin's job, so the plugin serves untraced rather than not at all.
    */
   static Tracing exporting(OtlpSettings settings, Plugin plugin) {
+    quietExporterLog();
     OtlpHttpSpanExporterBuilder exporter = OtlpHttpSpanExporter.builder();
     try {
       exporter.setEndpoint(settings.endpoint());
@@ -140,7 +159,8 @@ final class Tracing {
         }
         exporter.setClientTls(read(settings.clientKeyFile()), read(settings.clientCertificateFile()));
       }
-      BatchSpanProcessorBuilder batches = BatchSpanProcessor.builder(exporter.build());
+      BatchSpanProcessorBuilder batches =
+          BatchSpanProcessor.builder(new Reporting(exporter.build(), settings.collectorShown()));
       if (settings.scheduleDelayMs() != null) batches.setScheduleDelay(settings.scheduleDelayMs(), TimeUnit.MILLISECONDS);
       if (settings.exportTimeoutMs() != null) batches.setExporterTimeout(settings.exportTimeoutMs(), TimeUnit.MILLISECONDS);
       if (settings.maxQueueSize() != null) batches.setMaxQueueSize(settings.maxQueueSize());
@@ -161,6 +181,17 @@ final class Tracing {
     }
   }
 
+  /**
+   * OpenTelemetry's exporter logs each batch a collector did not take at SEVERE, a stack of 30
+   * lines with it, five a minute: a collector down for an hour fills a plugin's stderr (a
+   * subprocess plugin's host logs each line again). {@link Reporting} says it once per outage
+   * instead. Only that logger is quieted, and only when the plugin's logging configuration gave
+   * it no level of its own: a plugin that asks for those records gets them.
+   */
+  static void quietExporterLog() {
+    if (OTLP_EXPORTER.getLevel() == null) OTLP_EXPORTER.setLevel(Level.OFF);
+  }
+
   /** OpenTelemetry's sampler for {@code sampling}. */
   static Sampler sampler(OtlpSettings.Sampling sampling) {
     Sampler root = switch (sampling.root()) {
@@ -169,6 +200,76 @@ final class Tracing {
       case TRACE_ID_RATIO -> Sampler.traceIdRatioBased(sampling.ratio());
     };
     return sampling.parentBased() ? Sampler.parentBased(root) : root;
+  }
+
+  /**
+   * The exporter, and one line per outage of its collector: the first batch it does not take
+   * says so (a WARNING naming the collector by {@code scheme://host:port} and the failure's class,
+   * never its message, which may quote the URL), and the next one it takes says how many spans
+   * were dropped meanwhile (INFO), as the Rust SDK says them.
+   */
+  static final class Reporting implements SpanExporter {
+    private final SpanExporter exporter;
+    private final String collectorShown;
+    /** Spans dropped since the collector last took a batch; -1 while it takes them. */
+    private long lost = -1;
+
+    Reporting(SpanExporter exporter, String collectorShown) {
+      this.exporter = exporter;
+      this.collectorShown = collectorShown;
+    }
+
+    @Override
+    public CompletableResultCode export(Collection<SpanData> spans) {
+      CompletableResultCode result = exporter.export(spans);
+      int count = spans.size();
+      result.whenComplete(() -> {
+        if (result.isSuccess()) {
+          taken();
+        } else {
+          dropped(count, result.getFailureThrowable());
+        }
+      });
+      return result;
+    }
+
+    private synchronized void taken() {
+      if (lost < 0) return;
+      Log.SDK.info("the trace collector at " + collectorShown + " takes spans again; " + lost
+          + " were dropped while it did not");
+      lost = -1;
+    }
+
+    private synchronized void dropped(int count, Throwable failure) {
+      if (lost >= 0) {
+        lost += count;
+        return;
+      }
+      lost = count;
+      Log.SDK.warning("could not send " + count + " spans to the trace collector at " + collectorShown
+          + (failure == null ? "" : " (" + Errors.namedClass(reason(failure).getClass()) + ")")
+          + "; they are dropped, and so are later ones until it takes them again");
+    }
+
+    /** What went wrong: the exporter's failure wraps it (a ConnectException, a timeout), if anything. */
+    private static Throwable reason(Throwable failure) {
+      return failure.getCause() != null ? failure.getCause() : failure;
+    }
+
+    @Override
+    public CompletableResultCode flush() {
+      return exporter.flush();
+    }
+
+    @Override
+    public CompletableResultCode shutdown() {
+      return exporter.shutdown();
+    }
+
+    @Override
+    public synchronized String toString() {
+      return "Reporting[collector=" + collectorShown + ", lost=" + Math.max(lost, 0) + "]";
+    }
   }
 
   private static byte[] read(String file) throws IOException {

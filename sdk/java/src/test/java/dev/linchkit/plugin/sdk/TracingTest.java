@@ -251,6 +251,56 @@ class TracingTest {
     assertEquals(Set.of("root", "sampled", "unsampled"), sampledUnder("traceidratio", "lots"));
   }
 
+  /** An exporter whose batches fail or succeed as told. */
+  private static final class Scripted implements SpanExporter {
+    final java.util.Deque<CompletableResultCode> results = new java.util.ArrayDeque<>();
+
+    @Override
+    public CompletableResultCode export(Collection<SpanData> batch) {
+      return results.removeFirst();
+    }
+
+    @Override
+    public CompletableResultCode flush() {
+      return CompletableResultCode.ofSuccess();
+    }
+
+    @Override
+    public CompletableResultCode shutdown() {
+      return CompletableResultCode.ofSuccess();
+    }
+  }
+
+  @Test
+  void aCollectorOutageIsSaidOnceAndItsEndCountsTheSpansDropped() {
+    Scripted scripted = new Scripted();
+    Tracing.Reporting reporting = new Tracing.Reporting(scripted, "http://127.0.0.1:4318");
+    scripted.results.add(CompletableResultCode.ofExceptionalFailure(
+        new IllegalStateException("http://collector:" + SECRET + "@127.0.0.1:4318", new java.net.ConnectException())));
+    scripted.results.add(CompletableResultCode.ofFailure());
+    CompletableResultCode pending = new CompletableResultCode();
+    scripted.results.add(pending);
+    List<SpanData> two = List.of(span(), span());
+    List<String> said = warningsOf(() -> {
+      reporting.export(two);
+      reporting.export(List.of(span()));
+    });
+    assertEquals(List.of("could not send 2 spans to the trace collector at http://127.0.0.1:4318 (ConnectException);"
+        + " they are dropped, and so are later ones until it takes them again"), said);
+    said = warningsOf(() -> {
+      reporting.export(List.of(span()));
+      pending.succeed();
+    });
+    assertEquals(List.of("the trace collector at http://127.0.0.1:4318 takes spans again; 3 were dropped while it did not"),
+        said);
+  }
+
+  /** A span as the exporter gets one. */
+  private SpanData span() {
+    provider.get("test").spanBuilder("s").startSpan().end();
+    return kept.spans.remove(0);
+  }
+
   @Test
   void withoutTracingTheMethodSeesNoSpan() throws Exception {
     CallReply reply = service(null).answer(request("sees", TRACEPARENT)).get(30, TimeUnit.SECONDS);
