@@ -81,13 +81,13 @@ def _plugin_environment(collector_base: str) -> dict[str, str]:
     }
 
 
-def _manifest(target: dict[str, Any]) -> Any:
+def _manifest(target: dict[str, Any], plugin_id: str = "example") -> Any:
     return parse_manifest(
         {
             "version": 1,
             "plugins": [
                 {
-                    "id": "example",
+                    "id": plugin_id,
                     "version": "1.0.0",
                     "target": target,
                     "lifecycle": {"init_timeout_ms": int(PATIENCE * 1000)},
@@ -230,6 +230,37 @@ async def test_every_way_the_sdk_serves_names_and_parents_its_spans_as_every_sdk
     assert failed.attributes["linchkit.outcome"] == "ExampleFailure"
     assert failed.attributes["error.type"] == "ExampleFailure"
     assert failed.status == (2, "no")
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["http", "websocket"])
+async def test_dispatcher_plugin_serve_given_no_id_names_its_service_by_the_plugin_class(
+    websocket: bool, collector: tuple[Collector, str]
+) -> None:
+    # No LINCHKIT_PLUGIN_ID, no --id, no OTEL_SERVICE_NAME, and a class without an ``id``:
+    # the service is the name its WebSocket hello gives it, the class's, as the gRPC
+    # executable's is the id it was built with; before, it was ``linchkit-plugin`` for all.
+    # (A WebSocket target's manifest id is the one its hello says.)
+    received, base = collector
+    plugin_id = "ExamplePlugin" if websocket else "example"
+    env = {k: v for k, v in _plugin_environment(base).items() if k != "LINCHKIT_PLUGIN_ID"}
+    if websocket:
+        command = _cli("serve", "--websocket", "--port", "0")
+        said = r"listening on (ws://\S+)"
+    else:
+        port = free_port()
+        command = _cli("serve", "--port", str(port))
+        said = r"(listening)"
+    async with _listening(command, env, said) as url:
+        target = (
+            {"provider": "websocket", "url": url}
+            if websocket
+            else {"provider": "http", "url": f"http://127.0.0.1:{port}"}
+        )
+        async with Dispatcher(_manifest(target, plugin_id)) as dispatcher:
+            assert await dispatcher.call(plugin_id, "echo", {"n": 1}) == {"n": 1}
+        await until(lambda: len(_of(received)) == 1, "the plugin's span")
+    (span,) = _of(received)
+    assert span.service == "ExamplePlugin"
 
 
 def _of(received: Collector) -> list[ReceivedSpan]:

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from linchkit_plugin._ws_events import EventOutbox
-from linchkit_plugin._ws_session import PluginSession, hello_of, identity_of
+from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.stopping import StopCaps
 from linchkit_plugin.ws_protocol import (
@@ -116,7 +116,7 @@ async def dial(
     # One identity in the headers and the hello: an empty version named none in the
     # header (the gateway admitted the highest it serves) while the hello named the
     # plugin class's, and the gateway closed the connection 4403, for good.
-    plugin_id, version = identity_of(host, plugin_id, version)
+    plugin_id, version = host.identity(plugin_id, version)
     host.plugin_id = plugin_id  # the id the calls' spans name
     hello = hello_of(host, plugin_id, version)
     headers = {PLUGIN_ID_HEADER: plugin_id, PLUGIN_VERSION_HEADER: version}

@@ -45,7 +45,7 @@ from linchkit_plugin.ws_protocol import (
     shown_close_reason,
 )
 
-__all__ = ["STALL_HEARTBEATS", "PluginSession", "Socket", "hello_of", "identity_of"]
+__all__ = ["STALL_HEARTBEATS", "PluginSession", "Socket", "hello_of"]
 
 log = logging.getLogger("linchkit_plugin.websocket")
 
@@ -388,20 +388,9 @@ class PluginSession:
         )
 
 
-def identity_of(host: PluginHost, plugin_id: str, version: str) -> tuple[str, str]:
-    """The id and version ``host``'s plugin goes by: those given, else the host's id (the
-    plugin class's own ``id`` unless it was given one) and the class's ``version``, else its
-    class name and ``0.0.0``. A dial names these in its upgrade headers and in its ``hello``
-    alike: the gateway closes a connection whose ``hello`` names another plugin than the
-    one it admitted."""
-    plugin = host.plugin
-    return (
-        plugin_id or host.plugin_id or type(plugin).__name__,
-        version or str(getattr(plugin, "version", "") or "0.0.0"),
-    )
-
-
 def hello_of(host: PluginHost, plugin_id: str, version: str) -> bytes:
-    """The ``hello`` frame every session of ``host`` opens with (``identity_of``)."""
-    plugin_id, version = identity_of(host, plugin_id, version)
+    """The ``hello`` frame every session of ``host`` opens with (``PluginHost.identity``):
+    the gateway closes a connection whose ``hello`` names another plugin than the one it
+    admitted."""
+    plugin_id, version = host.identity(plugin_id, version)
     return hello_frame(plugin_id, version, list(host.methods), streaming=list(host.streaming))

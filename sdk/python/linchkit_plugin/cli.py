@@ -293,9 +293,10 @@ def _serve_websocket(options: argparse.Namespace) -> None:
     plugin_host, config, token = _plugin_of(options)
     identity = (options.plugin_id, options.plugin_version)
     ws_cli = _websocket_cli()
+    # Named as its hello names it (the class's id, else its name) when given no id.
     with exporting(
         lambda: plugin_host.hooks_left,
-        plugin_id=options.plugin_id or plugin_host.plugin_id,
+        plugin_id=plugin_host.identity(options.plugin_id)[0],
         version=options.plugin_version,
     ):
         ws_cli.serve_websocket(options, plugin_host, config, token, identity)
@@ -390,11 +391,13 @@ def serve(options: argparse.Namespace) -> None:
     # OTEL_* variables: spans of traced calls go to their collector. Those still buffered
     # go last (the hooks' own among them), for what remains of the hooks' cap: a collector
     # that never answers keeps the stop within grace + hooks + the margin, not the
-    # exporter's 10 s past the operator's caps.
+    # exporter's 10 s past the operator's caps. Given no id, the service is named as a
+    # WebSocket hello names the plugin (the class's id, else its name): each call's span
+    # names the id its envelope carries, but the service is named once, at start.
     with exporting(
         lambda: plugin_host.hooks_left,
-        plugin_id=_identity("ID") or plugin_host.plugin_id,
-        version=_identity("VERSION"),
+        plugin_id=plugin_host.identity(app.plugin_id)[0],
+        version=app.version,
     ):
         run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
 

@@ -203,6 +203,16 @@ class PluginHost:
     def state(self) -> str:
         return self._state
 
+    def identity(self, plugin_id: str = "", version: str = "") -> tuple[str, str]:
+        """The id and version the plugin goes by: those given, else the host's id (the
+        plugin class's own ``id`` unless it was given one) and the class's ``version``, else
+        its class name and ``0.0.0``. What a WebSocket ``hello`` names, and the
+        ``service.name`` of the spans of a plugin served with no id of its own."""
+        return (
+            plugin_id or self.plugin_id or type(self.plugin).__name__,
+            version or str(getattr(self.plugin, "version", "") or "0.0.0"),
+        )
+
     def served_method_names(self) -> list[str]:
         """Every method the plugin serves, by name, whichever ``methods`` this host
         exposes: what a host embedding it names when it routes one the plugin lacks.

@@ -44,7 +44,7 @@ from aiohttp import web
 from linchkit_plugin._registry_options import websocket_refusal
 from linchkit_plugin._ws_dial import Refused, dial
 from linchkit_plugin._ws_events import EventOutbox
-from linchkit_plugin._ws_session import PluginSession, hello_of, identity_of
+from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.auth import BearerToken
 from linchkit_plugin.errors import InvalidParams, Unauthorized
 from linchkit_plugin.host import PluginHost
@@ -125,7 +125,7 @@ class WebSocketPluginServer:
         host_emit: Callable[[str, Any], None] = self.outbox.emit
         if hasattr(host.plugin, "emit"):
             host.plugin._emit = host_emit
-        plugin_id, version = identity_of(host, plugin_id, version)
+        plugin_id, version = host.identity(plugin_id, version)
         host.plugin_id = plugin_id  # the id the calls' spans name
         self.hello = hello_of(host, plugin_id, version)
         self.sessions: set[PluginSession] = set()
