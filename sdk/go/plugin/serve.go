@@ -95,7 +95,7 @@ func (p *Plugin) Run(ctx context.Context, env Environment) error {
 		return p.runService(ctx, env)
 	}
 	if len(env.Args) > 0 && env.Args[0] == "connect" {
-		return p.runConnect(ctx, env) // reverse mode over WebSocket (websocket.go)
+		return p.runConnect(ctx, env) // reverse mode over WebSocket (wsconnect.go)
 	}
 	return p.runSubprocess(ctx, env)
 }

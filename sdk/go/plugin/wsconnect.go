@@ -1,0 +1,178 @@
+package plugin
+
+// Reverse mode over WebSocket (docs/protocol.md, "WebSocket binding"): the plugin dials
+// the dispatcher's gateway (`connect --url ws://gateway/v1/plugins/connect`) and takes
+// calls over that one connection (a wsSession, wssession.go), reconnecting after a drop
+// with exponential backoff and full jitter. A 400, 401, 403 or 404 at the upgrade is
+// final: the gateway refuses this plugin; so is a close 4403 after it (the hello names
+// another id or version than the one admitted, or speaks a protocol the gateway does
+// not), as the next connection would send the same hello. Every other close, 4400 (no
+// hello within 10 s: maybe a slow link) included, is redialled.
+//
+// On SIGTERM the session says goaway and the plugin stops redialling; it exits once the
+// gateway has closed the connection, or the stop's grace has passed.
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	neturl "net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+const (
+	initialConnectBackoff = 100 * time.Millisecond
+	maxConnectBackoff     = 10 * time.Second
+	// closeWrongPlugin: the gateway upgraded the connection but not the hello, which names
+	// another id or version than the one it admitted (CLOSE_WRONG_PLUGIN in the Python SDK).
+	closeWrongPlugin websocket.StatusCode = 4403
+)
+
+// errDiallingRegisters refuses LINCHKIT_REGISTER_ETCD to connect before anything runs, in
+// the words of every SDK: no dispatcher dials a plugin that dials the gateway, so no
+// registry could lead one to it; ignored, the operator who set it would believe it
+// registered.
+var errDiallingRegisters = fmt.Errorf("connect: %s: a plugin that dials the gateway (connect) is not registered in etcd, "+
+	"as no dispatcher dials it: the gateway knows it by its connection. Serve over gRPC (serve) to be found there, "+
+	"or leave it unset", EnvRegisterEtcd)
+
+// ErrRefused is returned when the gateway refuses the plugin: a 400, 401, 403 or 404 at the
+// upgrade, or a close 4403 after it (the error then carries the gateway's reason).
+var ErrRefused = errors.New("the gateway refused the connection")
+
+// isGatewayURL: a URL that can name a gateway (ws, wss, or http(s), which the WebSocket
+// client dials the same way) with a host and a port that is one. Anything else would be
+// retried for ever.
+func isGatewayURL(raw string) bool {
+	parsed, err := neturl.Parse(raw)
+	if err != nil || parsed.Hostname() == "" {
+		return false
+	}
+	if port := parsed.Port(); port != "" {
+		if n, err := strconv.Atoi(port); err != nil || n > 65535 {
+			return false
+		}
+	}
+	switch strings.ToLower(parsed.Scheme) {
+	case "ws", "wss", "http", "https":
+		return true
+	}
+	return false
+}
+
+func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
+	flags := flag.NewFlagSet("connect", flag.ContinueOnError)
+	url := flags.String("url", "", "the gateway's ws[s]://HOST/v1/plugins/connect")
+	config := flags.String("config", "{}", "JSON object for the init hook")
+	flags.SetOutput(io.Discard) // a mistake is returned (and printed once); help goes to stdout
+	if err := flags.Parse(env.Args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			flags.SetOutput(env.Stdout)
+			fmt.Fprintf(env.Stdout, "usage: %s connect -url ws://HOST/v1/plugins/connect [-config JSON]\n\n"+
+				"Dial the dispatcher's gateway and take calls over that connection until SIGTERM.\n\n",
+				filepath.Base(os.Args[0]))
+			flags.PrintDefaults()
+			fmt.Fprintf(env.Stdout, "\nenvironment:\n  %s, %s\n      the bearer token presented to the gateway\n"+
+				"  %s, %s\n      on SIGTERM, the milliseconds the gateway gets to finish its calls after goaway,\n"+
+				"      then the stop and destroy hooks together, 0-%d (default %d each; 0 does not wait)\n",
+				EnvTokenFile, EnvToken, EnvStopGraceMs, EnvStopHooksMs, maxStopMs, defaultStopCaps.hooks.Milliseconds())
+			return nil
+		}
+		return fmt.Errorf("connect: %w (connect -help lists the flags)", err)
+	}
+	if *url == "" {
+		return errors.New("connect: --url is required")
+	}
+	if !isGatewayURL(*url) {
+		return fmt.Errorf("connect: --url must be a ws:// or wss:// URL "+
+			"(e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '%s'", *url)
+	}
+	if env.Getenv(EnvRegisterEtcd) != "" {
+		return errDiallingRegisters
+	}
+	token, err := configuredToken(env.Getenv)
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	caps, err := stopCapsFromEnv(env.Getenv)
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	if err := p.startOwnLifecycle(ctx, "connect", *config); err != nil {
+		return err
+	}
+	defer p.stopHooks(caps.hooks)
+	header := http.Header{}
+	header.Set("X-Plugin-Id", p.id)
+	header.Set("X-Plugin-Version", p.version)
+	if token != nil {
+		header.Set("Authorization", "Bearer "+strings.TrimPrefix(string(token.expected), "bearer "))
+	}
+	backoff := initialConnectBackoff
+	for {
+		conn, response, err := websocket.Dial(ctx, *url, gatewayDialOptions(header))
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if response != nil && refusedAtUpgrade(response.StatusCode) {
+				return fmt.Errorf("connect: %w (%d)", ErrRefused, response.StatusCode)
+			}
+			sdkLog.Warn("linchkit plugin: cannot reach the gateway; retrying", "url", *url, "err", err)
+		} else {
+			conn.SetReadLimit(maxMessageBytes)
+			session := &wsSession{plugin: p, conn: conn, grace: caps.grace}
+			session.run(ctx)
+			// Reset only once the gateway welcomed this plugin: one that closes every
+			// connection at once was otherwise redialled 20 times a second.
+			if session.welcomed {
+				backoff = initialConnectBackoff
+			}
+			if ctx.Err() != nil {
+				return nil
+			}
+			if session.closeCode == closeWrongPlugin {
+				// The hello names another plugin than the upgrade admitted: the next
+				// connection would send the same hello and get the same close.
+				return fmt.Errorf("connect: %w (%d): %s", ErrRefused, closeWrongPlugin, session.closeReason)
+			}
+		}
+		// Full jitter: a gateway coming back is not hit by every plugin at once.
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(time.Duration(rand.Int64N(int64(backoff) + 1))):
+		}
+		backoff = min(backoff*2, maxConnectBackoff)
+	}
+}
+
+// gatewayDialOptions: how connect dials the gateway. permessage-deflate is offered on every
+// dial, the gateway deciding: it accepts only where the plugin's inbound target says
+// `compress: true`, so the manifest is the one place that says, as it is for a plugin the
+// dispatcher dials; declined, the offer costs a header. Context takeover, as the gateway's
+// own side keeps it: repetitive JSON calls deflate best against the ones before. A deflated
+// message is inflated up to the read limit only (coder/websocket counts the inflated bytes,
+// and closes 1009 past it, as for a plain one): no bomb.
+func gatewayDialOptions(header http.Header) *websocket.DialOptions {
+	return &websocket.DialOptions{
+		HTTPHeader:      header,
+		CompressionMode: websocket.CompressionContextTakeover,
+	}
+}
+
+// refusedAtUpgrade: the gateway's answers that the same dial would get again (a malformed
+// id or version, a wrong credential, another principal, no such inbound plugin).
+func refusedAtUpgrade(status int) bool {
+	return status == 400 || status == 401 || status == 403 || status == 404
+}
