@@ -497,3 +497,41 @@ func TestConnectRefusesADeflatedBombPastItsReadLimit(t *testing.T) {
 	cancel()
 	waitRun(t, ended)
 }
+
+// A gateway that neither reads nor closes after goaway (hung) is cut off at the grace and
+// closeHandshakeWait after it: before, connect's close waited coder/websocket's own 5 s
+// for the gateway's close frame, past the operator's caps.
+func TestConnectStopsWithinItsCapsWhenTheGatewayNeverAnswersTheClose(t *testing.T) {
+	const grace = 100 * time.Millisecond
+	upgraded := make(chan struct{}, 1)
+	gateway := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		conn, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer conn.CloseNow()
+		upgraded <- struct{}{}
+		<-r.Context().Done() // never reads: neither the goaway nor the close is answered
+	}))
+	t.Cleanup(gateway.Close)
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	env := Environment{Args: []string{"connect", "-url", "ws" + strings.TrimPrefix(gateway.URL, "http")},
+		Getenv: func(name string) string {
+			return map[string]string{EnvStopGraceMs: "100", EnvStopHooksMs: "100"}[name]
+		}, Stdin: strings.NewReader(""), Stdout: io.Discard}
+	ended := make(chan error, 1)
+	go func() { ended <- testPlugin().Run(ctx, env) }()
+	select {
+	case <-upgraded:
+	case <-time.After(10 * time.Second):
+		t.Fatal("connect did not dial within 10 s")
+	}
+	time.Sleep(100 * time.Millisecond) // the hello is out
+	stop()
+	began := time.Now()
+	waitRun(t, ended)
+	if took := time.Since(began); took > grace+closeHandshakeWait+2*time.Second {
+		t.Fatalf("the stop took %v, want the grace (%v) and the close's %v at most", took, grace, closeHandshakeWait)
+	}
+}

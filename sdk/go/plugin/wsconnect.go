@@ -19,12 +19,14 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	neturl "net/url"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/coder/websocket"
@@ -120,7 +122,9 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	}
 	backoff := initialConnectBackoff
 	for {
-		conn, response, err := websocket.Dial(ctx, *url, gatewayDialOptions(header))
+		dialled := &dialledConn{}
+		conn, response, err := websocket.Dial(ctx, *url, gatewayDialOptions(header, dialled))
+		dialled.idle() // a refused upgrade's connection is not kept for another request
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -131,7 +135,7 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			sdkLog.Warn("linchkit plugin: cannot reach the gateway; retrying", "url", *url, "err", err)
 		} else {
 			conn.SetReadLimit(maxMessageBytes)
-			session := &wsSession{plugin: p, conn: conn, grace: caps.grace}
+			session := &wsSession{plugin: p, conn: conn, grace: caps.grace, abort: dialled.abort}
 			session.run(ctx)
 			// Reset only once the gateway welcomed this plugin: one that closes every
 			// connection at once was otherwise redialled 20 times a second.
@@ -163,11 +167,56 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 // dispatcher dials; declined, the offer costs a header. Context takeover, as the gateway's
 // own side keeps it: repetitive JSON calls deflate best against the ones before. A deflated
 // message is inflated up to the read limit only (coder/websocket counts the inflated bytes,
-// and closes 1009 past it, as for a plain one): no bomb.
-func gatewayDialOptions(header http.Header) *websocket.DialOptions {
+// and closes 1009 past it, as for a plain one): no bomb. The dial's TCP connection is kept
+// in dialled, so a stop can cut it.
+func gatewayDialOptions(header http.Header, dialled *dialledConn) *websocket.DialOptions {
 	return &websocket.DialOptions{
 		HTTPHeader:      header,
 		CompressionMode: websocket.CompressionContextTakeover,
+		HTTPClient:      &http.Client{Transport: dialled.newTransport()},
+	}
+}
+
+// dialledConn keeps the TCP connection one dial opened (to the gateway, or to the proxy
+// that tunnels to it), which coder/websocket does not show: closing it cuts the WebSocket
+// at once, where a close handshake would wait for a gateway that neither reads nor closes.
+type dialledConn struct {
+	mu        sync.Mutex
+	conn      net.Conn
+	transport *http.Transport
+}
+
+// newTransport dials as http.DefaultTransport does (its proxy from the environment, its
+// timeouts), keeping the connection.
+func (d *dialledConn) newTransport() *http.Transport {
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	d.transport = transport
+	dialer := &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}
+	transport.DialContext = func(ctx context.Context, network, address string) (net.Conn, error) {
+		conn, err := dialer.DialContext(ctx, network, address)
+		if err == nil {
+			d.mu.Lock()
+			d.conn = conn
+			d.mu.Unlock()
+		}
+		return conn, err
+	}
+	return transport
+}
+
+// idle closes what the dial's transport keeps for another request: an upgraded
+// connection is the WebSocket's, a refused one nobody's.
+func (d *dialledConn) idle() {
+	if d.transport != nil {
+		d.transport.CloseIdleConnections()
+	}
+}
+
+func (d *dialledConn) abort() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.conn != nil {
+		_ = d.conn.Close()
 	}
 }
 

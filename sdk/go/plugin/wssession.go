@@ -18,7 +18,8 @@ package plugin
 // Stopping loses no call: on SIGTERM the session says goaway and goes on answering what
 // arrives; the host sends nothing new and closes the connection (1000) once its calls are
 // answered. After the stop's grace (5 s, unless LINCHKIT_PLUGIN_STOP_GRACE_MS sets it) the
-// plugin closes it itself (1001).
+// plugin closes it itself (1001), and a host that does not answer that close within
+// closeHandshakeWait is cut off: the stop stays within its caps.
 
 import (
 	"context"
@@ -46,6 +47,12 @@ const (
 	// maxFrameDepth: a call's params may nest MaxParamsDepth levels under the frame's
 	// object and its request's.
 	maxFrameDepth = MaxParamsDepth + 2
+	// closeHandshakeWait is how long a close the plugin sends waits for the host's close
+	// frame before the connection is cut: coder/websocket alone waits up to 5 s to write
+	// the close and 5 s more for the answer, which a host that neither reads nor closes
+	// would have added to every stop, past the operator's caps. The same margin the spans
+	// get (spanFlushMargin).
+	closeHandshakeWait = time.Second
 )
 
 type wireContext struct {
@@ -118,6 +125,9 @@ type wsSession struct {
 	welcomed bool
 	// grace: how long the host has, after goaway, to close the connection (the stop's grace).
 	grace time.Duration
+	// abort cuts the connection's transport at once, without a close handshake (the mode
+	// knows it: the hijacked or dialled net.Conn); nil when it does not.
+	abort func()
 	// closeCode and closeReason: the host's close frame, once run has returned (-1 and ""
 	// when the connection ended without one).
 	closeCode   websocket.StatusCode
@@ -270,8 +280,30 @@ func (s *wsSession) goAway(ctx, stopping context.Context) {
 	defer grace.Stop()
 	select {
 	case <-grace.C:
-		_ = s.conn.Close(websocket.StatusGoingAway, "the plugin is stopping")
+		s.closeWithin(websocket.StatusGoingAway, "the plugin is stopping", closeHandshakeWait)
 	case <-ctx.Done():
+	}
+}
+
+// closeWithin closes the connection with code and reason, and cuts it (abort) when the
+// host has not answered the close within wait: one that neither reads nor closes would
+// otherwise hold the close, and the stop behind it, for up to 10 s more.
+func (s *wsSession) closeWithin(code websocket.StatusCode, reason string, wait time.Duration) {
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		_ = s.conn.Close(code, reason)
+	}()
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	select {
+	case <-closed:
+	case <-timer.C:
+		if s.abort != nil {
+			s.abort()
+		} else {
+			_ = s.conn.CloseNow()
+		}
 	}
 }
 
