@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -533,5 +534,177 @@ func TestConnectStopsWithinItsCapsWhenTheGatewayNeverAnswersTheClose(t *testing.
 	waitRun(t, ended)
 	if took := time.Since(began); took > grace+closeHandshakeWait+2*time.Second {
 		t.Fatalf("the stop took %v, want the grace (%v) and the close's %v at most", took, grace, closeHandshakeWait)
+	}
+}
+
+// A host that stops reading (hung, or reading nothing while it sends) is found: its pong
+// never comes, or, once the session runs maxInFlight calls and reads no more (no pong
+// either), no answer goes out for 1.5 heartbeats. The connection is dropped, the writes
+// waiting for it (answers no one reads) are cut off with it, and the calls end.
+func TestASessionDropsAHostThatStopsReading(t *testing.T) {
+	t.Run("a few calls", func(t *testing.T) { dropsAHostThatStopsReading(t, 20, 200*time.Millisecond) })
+	// The calls are all read, and the reader parked, well before the first ping, on a
+	// loaded machine too.
+	t.Run("more than it runs at once", func(t *testing.T) {
+		dropsAHostThatStopsReading(t, maxInFlight+10, 1500*time.Millisecond)
+	})
+}
+
+func dropsAHostThatStopsReading(t *testing.T, calls int, heartbeat time.Duration) {
+	p := testPlugin()
+	// More than the sockets hold in all (small buffers, below): each write waits for the
+	// host, which never reads.
+	answer := strings.Repeat("y", 10<<10)
+	p.Method("large", "", func(context.Context, *Call) (any, error) { return answer, nil })
+	accepted := make(chan *websocket.Conn, 1)
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpServer := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		conn, err := websocket.Accept(w, r, nil)
+		if err == nil {
+			accepted <- conn
+		}
+	})}
+	go func() { _ = httpServer.Serve(smallBuffers{listener}) }()
+	t.Cleanup(func() { httpServer.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// The plugin's side is the dialling one here; the host is the server that stops reading.
+	dialSmall := func(ctx context.Context, network, address string) (net.Conn, error) {
+		conn, err := (&net.Dialer{}).DialContext(ctx, network, address)
+		if err == nil {
+			_ = conn.(*net.TCPConn).SetWriteBuffer(4096)
+		}
+		return conn, err
+	}
+	conn, _, err := websocket.Dial(ctx, "ws://"+listener.Addr().String(),
+		&websocket.DialOptions{HTTPClient: &http.Client{Transport: &http.Transport{DialContext: dialSmall}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := <-accepted
+	t.Cleanup(func() { host.CloseNow() })
+	session := &wsSession{plugin: p, conn: conn, grace: time.Second, heartbeat: heartbeat}
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		session.run(context.Background())
+	}()
+	readFrame(t, host) // the hello; then calls whose answers the host never reads
+	for id := range calls {
+		writeFrame(t, host, `{"type":"call","id":`+strconv.Itoa(id+1)+
+			`,"request":{"v":1,"plugin":"test","method":"large","params":null,"context":{}}}`)
+	}
+	select {
+	case <-ended:
+	case <-time.After(10 * heartbeat):
+		t.Fatalf("the session still runs %v after its host stopped reading (heartbeat %v)", 10*heartbeat, heartbeat)
+	}
+	if parked := session.parks.Load() > 0; parked != (calls > maxInFlight) {
+		t.Fatalf("the session parked its reader: %t, want %t (%d calls)", parked, calls > maxInFlight, calls)
+	}
+	// What the sockets held is still there to read; then the connection is gone.
+	for {
+		if _, _, err := host.Read(ctx); err != nil {
+			if errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("the host's side after the drop: %v, want the connection gone", err)
+			}
+			break
+		}
+	}
+}
+
+// smallBuffers accepts connections with a small receive buffer: what the peer writes and
+// the host does not read fills it after a few KB, not megabytes.
+type smallBuffers struct{ net.Listener }
+
+func (l smallBuffers) Accept() (net.Conn, error) {
+	conn, err := l.Listener.Accept()
+	if err == nil {
+		_ = conn.(*net.TCPConn).SetReadBuffer(4096)
+	}
+	return conn, err
+}
+
+// A session running maxInFlight calls stops reading, so TCP pushes back on the host; it
+// reads no pong then either, and must not take the host for gone: before, a burst of
+// over 1,024 calls longer than 1.5 heartbeats dropped the connection (15 s by default)
+// and every call on it, with a host that answered every ping.
+func TestASessionFullOfCallsKeepsAHostThatAnswersItsPings(t *testing.T) {
+	// A pong within half of it on a loaded machine; the calls hold six of them.
+	const heartbeat = 500 * time.Millisecond
+	p := testPlugin()
+	p.Method("holds", "", func(ctx context.Context, _ *Call) (any, error) {
+		select {
+		case <-time.After(6 * heartbeat):
+			return "held", nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	})
+	accepted := make(chan *websocket.Conn, 1)
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpServer := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if conn, err := websocket.Accept(w, r, nil); err == nil {
+			accepted <- conn
+		}
+	})}
+	go func() { _ = httpServer.Serve(listener) }()
+	t.Cleanup(func() { httpServer.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, _, err := websocket.Dial(ctx, "ws://"+listener.Addr().String(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := <-accepted
+	t.Cleanup(func() { host.CloseNow() })
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		(&wsSession{plugin: p, conn: conn, grace: time.Second, heartbeat: heartbeat}).run(context.Background())
+	}()
+	answers := make(chan map[string]any, 2*maxInFlight)
+	go func() { // the host reads all along: it answers every ping
+		for {
+			_, data, err := host.Read(ctx)
+			if err != nil {
+				close(answers)
+				return
+			}
+			var f map[string]any
+			_ = json.Unmarshal(data, &f)
+			answers <- f
+		}
+	}()
+	const calls = maxInFlight + 50
+	for id := 1; id <= calls; id++ {
+		if err := host.Write(ctx, websocket.MessageText, []byte(`{"type":"call","id":`+strconv.Itoa(id)+
+			`,"request":{"v":1,"plugin":"test","method":"holds","params":null,"context":{}}}`)); err != nil {
+			t.Fatalf("writing call %d: %v", id, err)
+		}
+	}
+	held := 0
+	for held < calls {
+		f, open := <-answers
+		if !open {
+			t.Fatalf("the connection ended after %d of %d answers", held, calls)
+		}
+		if f["type"] == "response" {
+			if result := f["response"].(map[string]any)["result"]; result != "held" {
+				t.Fatalf("an answer: %v, want held", f)
+			}
+			held++
+		}
+	}
+	select {
+	case <-ended:
+		t.Fatal("the session ended with its host still there")
+	default:
 	}
 }

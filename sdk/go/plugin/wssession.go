@@ -13,7 +13,10 @@ package plugin
 // the same; streams wait for the host's credit (a window of 256 chunks).
 //
 // Both sides ping every heartbeat (10 s) and a pong that has not come within half of it
-// ends the connection: a half-open one is found within 1.5 heartbeats.
+// ends the connection: a half-open one, and a host that stops reading (its pong never
+// comes, and the writes waiting for it are cut off with the connection). While
+// maxInFlight calls run the session reads nothing, pongs included: a host is then taken
+// for gone only once answers wait and none has gone out for 1.5 heartbeats.
 //
 // Stopping loses no call: on SIGTERM the session says goaway and goes on answering what
 // arrives; the host sends nothing new and closes the connection (1000) once its calls are
@@ -29,6 +32,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -125,9 +129,19 @@ type wsSession struct {
 	welcomed bool
 	// grace: how long the host has, after goaway, to close the connection (the stop's grace).
 	grace time.Duration
+	// heartbeat: how often the session pings the host (websocketHeartbeat when 0); a pong
+	// not back within half of it ends the connection.
+	heartbeat time.Duration
 	// abort cuts the connection's transport at once, without a close handshake (the mode
 	// knows it: the hijacked or dialled net.Conn); nil when it does not.
 	abort func()
+	// parked: the reader waits for a call to end (maxInFlight run), so it reads no pong;
+	// parks counts the times it began to.
+	parked atomic.Bool
+	parks  atomic.Int64
+	// writing: the sends under way; wrote: when the last one ended (Unix nanoseconds).
+	writing atomic.Int64
+	wrote   atomic.Int64
 	// closeCode and closeReason: the host's close frame, once run has returned (-1 and ""
 	// when the connection ended without one).
 	closeCode   websocket.StatusCode
@@ -174,7 +188,15 @@ func (s *wsSession) send(ctx context.Context, v any) {
 	if err != nil {
 		return
 	}
+	s.writing.Add(1)
 	_ = s.conn.Write(ctx, websocket.MessageText, raw)
+	s.wrote.Store(time.Now().UnixNano())
+	s.writing.Add(-1)
+}
+
+// stalled: writes wait, and none has gone out for stallAfter: the host reads nothing.
+func (s *wsSession) stalled(stallAfter time.Duration) bool {
+	return s.writing.Load() > 0 && time.Since(time.Unix(0, s.wrote.Load())) > stallAfter
 }
 
 // run serves the connection until it closes. The end of stopping (SIGTERM) is not the
@@ -187,6 +209,7 @@ func (s *wsSession) run(stopping context.Context) {
 	s.calls = map[int64]context.CancelFunc{}
 	s.windows = map[int64]*window{}
 	s.slots = make(chan struct{}, maxInFlight)
+	s.wrote.Store(time.Now().UnixNano())
 	p := s.plugin
 	methods, streaming := []string{}, []string{}
 	for _, name := range p.order {
@@ -216,15 +239,40 @@ func (s *wsSession) run(stopping context.Context) {
 		}
 	}()
 	go s.goAway(ctx, stopping)
-	go func() { // keepalive: a half-open connection ends within two heartbeats
-		ticker := time.NewTicker(websocketHeartbeat)
+	heartbeat := s.heartbeat
+	if heartbeat <= 0 {
+		heartbeat = websocketHeartbeat
+	}
+	go func() {
+		// Keepalive: a half-open connection, or a host that stops reading (its pong never
+		// comes), ends within 1.5 heartbeats; cancelling ctx cuts off the writes waiting
+		// for it too (coder/websocket closes a connection whose write's context ends).
+		// Not by its pong while the reader is parked, or was during the ping: a pong is
+		// read only by a Read, and a session full of calls would take a host answering
+		// every ping for gone. Then the host is gone when answers wait to go out and none
+		// has for 1.5 heartbeats (as in the Python SDK); otherwise the calls end (at their
+		// deadlines at the latest), and reading resumes.
+		stallAfter := heartbeat * 3 / 2
+		ticker := time.NewTicker(heartbeat)
 		defer ticker.Stop()
 		for {
 			select {
 			case <-ticker.C:
-				pingCtx, done := context.WithTimeout(ctx, websocketHeartbeat/2)
+				if s.parked.Load() {
+					if s.stalled(stallAfter) {
+						cancel()
+						return
+					}
+					continue
+				}
+				parks := s.parks.Load()
+				pingCtx, done := context.WithTimeout(ctx, heartbeat/2)
 				err := s.conn.Ping(pingCtx)
 				done()
+				if err != nil && ctx.Err() == nil && (s.parked.Load() || s.parks.Load() != parks) &&
+					!s.stalled(stallAfter) {
+					continue
+				}
 				if err != nil {
 					cancel()
 					return
@@ -322,10 +370,17 @@ func (s *wsSession) handle(ctx context.Context, f frame) {
 			s.send(ctx, map[string]any{"type": "error", "id": id, "error": map[string]any{"type": TypeProviderError, "message": f.Type + " needs a new integer id"}})
 			return
 		}
-		select { // full: stop reading until a call ends
+		select {
 		case s.slots <- struct{}{}:
-		case <-ctx.Done():
-			return
+		default: // full: stop reading until a call ends (parked: no pong is read meanwhile)
+			s.parks.Add(1)
+			s.parked.Store(true)
+			select {
+			case s.slots <- struct{}{}:
+				s.parked.Store(false)
+			case <-ctx.Done():
+				return
+			}
 		}
 		callCtx, stop := context.WithCancel(ctx)
 		s.mu.Lock()
