@@ -6,7 +6,7 @@ names the endpoint); the plugin is the example served by ``dispatcher-plugin ser
 own process, exporting through the standard ``OTEL_*`` variables. The example plugin of
 each SDK (``make sdks``: Python's too) is held to the same as a gRPC service: one span
 ``linchkit.plugin/<method>`` per call, with the same attributes in every language; over
-WebSocket (TypeScript's ``serve --websocket`` and ``connect``, Go's ``connect``; Python's
+WebSocket (TypeScript's and Go's ``serve --websocket`` and ``connect``; Python's
 in tests/test_python_plugin_spans.py) a call and a stream are traced the same.
 """
 
@@ -429,6 +429,7 @@ async def test_an_sdk_plugin_samples_as_otel_traces_sampler_says(
 WEBSOCKET_CASES = [
     ("typescript", "serve --websocket"),
     ("typescript", "connect"),
+    ("go", "serve --websocket"),
     ("go", "connect"),
 ]
 WEBSOCKET_IDS = [f"{language}-{mode}" for language, mode in WEBSOCKET_CASES]

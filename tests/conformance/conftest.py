@@ -56,7 +56,7 @@ MODES = ("service", "subprocess")
 WEBSOCKET_MODES = {
     "python": ("websocket", "inbound"),
     "typescript": ("websocket", "inbound"),
-    "go": ("inbound",),  # dials out; serving WebSocket is not built in Go yet
+    "go": ("websocket", "inbound"),
 }
 INBOUND_TOKEN = "conformance-inbound-token"
 

@@ -12,8 +12,10 @@ Each case starts the example plugin of one SDK as a gRPC service (``serve --addr
 its variables naming a TCP server here that accepts and never answers, both caps 0 and
 spans sent only at the stop; makes one call with a ``traceparent`` through the
 dispatcher (a span buffered, in an SDK that traces), SIGTERMs the plugin and times its
-exit. The Go, TypeScript, Java and Rust SDKs send the span for the 1 s margin and give
-up (``sdk/go/plugin/tracing_test.go``, ``sdk/typescript/test/tracing-stop.test.ts``,
+exit; the SDKs that serve WebSocket are stopped the same way as ``serve --websocket``
+(dialled by a ``provider: websocket`` target). The Go, TypeScript, Java and Rust SDKs send
+the span for the 1 s margin and give up (``sdk/go/plugin/tracing_test.go``,
+``sdk/typescript/test/tracing-stop.test.ts``,
 ``sdk/java/src/test/.../TracingStopTest.java`` for a subprocess whose stdin closes,
 ``sdk/rust/tests/sdk.rs``). The Python SDK's gRPC executable, run here, exports and
 flushes as its other entry points do (``tests/test_python_plugin_tracing_stop.py`` holds
@@ -35,7 +37,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from dispatcher import Dispatcher, parse_manifest
-from tests.conformance.conftest import LANGUAGES, _start_service, executable
+from tests.conformance.conftest import LANGUAGES, WEBSOCKET_MODES, _start_service, executable
 from tests.services import CLEAN_ENVIRONMENT
 from tests.test_telemetry_tracing import sdk_manifest
 
@@ -48,6 +50,10 @@ SPAN_FLUSH_MARGIN = 1.0
 #: of the exporters' own 10 s.
 SLACK = 2.5
 SECRET = "s3cret-collector-token"
+#: The SDKs whose executable serves WebSocket (``serve --websocket``), stopped the same way.
+SERVING_WEBSOCKET = sorted(
+    language for language, modes in WEBSOCKET_MODES.items() if "websocket" in modes
+)
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -134,6 +140,26 @@ async def test_a_silent_collector_keeps_the_stop_within_the_caps(
     assert took < SPAN_FLUSH_MARGIN + SLACK, (language, took, stderr)
     assert returncode == 0, (language, stderr)
     assert SECRET not in stderr, (language, stderr)
+    said_once_naming_the_collector(language, stderr, silent_collector)
+
+
+@pytest.mark.parametrize("language", SERVING_WEBSOCKET)
+async def test_a_silent_collector_keeps_a_websocket_server_s_stop_within_the_caps(
+    language: str, silent_collector: str
+) -> None:
+    """``serve --websocket`` runs its own stop (goaway, the hooks) and sends its spans after
+    it, within the same bound as the gRPC service."""
+    took, returncode, stderr = await stopped_after_a_traced_call(
+        language, traced_environment(silent_collector, 0), mode="websocket"
+    )
+    assert took < SPAN_FLUSH_MARGIN + SLACK, (language, took, stderr)
+    assert returncode == 0, (language, stderr)
+    assert SECRET not in stderr, (language, stderr)
+    said_once_naming_the_collector(language, stderr, silent_collector)
+
+
+def said_once_naming_the_collector(language: str, stderr: str, silent_collector: str) -> None:
+    """One line for the spans dropped, naming the collector by scheme://host:port only."""
     collector = urlsplit(silent_collector)
     shown = f"{collector.scheme}://{collector.hostname}:{collector.port}"
     warnings = [line for line in stderr.splitlines() if "spans dropped" in line]

@@ -14,8 +14,9 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// The bearer token of service mode (docs/protocol.md, "gRPC binding"): from a file (a
-// mounted secret) or the variable, never from a command-line argument, which `ps` shows.
+// The bearer token of service mode (docs/protocol.md, "gRPC binding") and of `serve
+// --websocket` (checked on the upgrade, wsserve.go): from a file (a mounted secret) or the
+// variable, never from a command-line argument, which `ps` shows.
 const (
 	EnvToken     = "LINCHKIT_PLUGIN_TOKEN"
 	EnvTokenFile = "LINCHKIT_PLUGIN_TOKEN_FILE"
@@ -73,7 +74,13 @@ func newBearerToken(token string) (*bearerToken, error) {
 // admits tells, in constant time for a given length, whether ctx's metadata carries the token.
 func (t *bearerToken) admits(ctx context.Context) bool {
 	md, _ := metadata.FromIncomingContext(ctx)
-	values := md.Get("authorization")
+	return t.admitsAuthorization(md.Get("authorization"))
+}
+
+// admitsAuthorization tells, in constant time for a given length, whether the values of
+// an Authorization header (gRPC metadata or HTTP: the WebSocket upgrade) are exactly one,
+// `Bearer <token>`, the scheme in any case.
+func (t *bearerToken) admitsAuthorization(values []string) bool {
 	if len(values) != 1 {
 		return false
 	}

@@ -2,7 +2,9 @@
 // lifecycle hooks and event handlers on a Plugin, then call Serve. The SDK speaks the
 // plugin protocol (docs/protocol.md) over gRPC, either as a subprocess plugin started by
 // the host with the handshake environment, or as a network service
-// (`example-plugin serve --address 127.0.0.1:0`).
+// (`example-plugin serve --address 127.0.0.1:0`), and over WebSocket, served
+// (`serve --websocket`, wsserve.go) or dialling the dispatcher's gateway (`connect`,
+// wsconnect.go).
 //
 //	p := plugin.New("example", "1.0.0")
 //	p.Method("echo", "returns its params", func(ctx context.Context, call *plugin.Call) (any, error) {

@@ -52,9 +52,11 @@ var ErrNotLaunchedByHost = errors.New("this is a LinchKit dispatcher plugin: the
 	"to run it by hand as a gRPC service use `serve --address 127.0.0.1:0`")
 
 // Serve runs the plugin until it is told to stop, then exits the process. With the
-// arguments `serve [--address HOST:PORT]` it is a gRPC service on that address; otherwise
-// it expects the handshake environment of a subprocess plugin and exits with status 1
-// without it. It stops gracefully on SIGTERM or SIGINT, and as a subprocess also when its
+// arguments `serve [--address HOST:PORT]` it is a gRPC service on that address, with
+// `serve --websocket [--address HOST:PORT] [--config JSON]` a WebSocket server the
+// dispatcher dials (wsserve.go), with `connect --url URL [--config JSON]` it dials the
+// dispatcher's gateway (wsconnect.go); otherwise it expects the handshake environment of
+// a subprocess plugin and exits with status 1 without it. It stops gracefully on SIGTERM or SIGINT, and as a subprocess also when its
 // stdin reaches end-of-file (the host died).
 func (p *Plugin) Serve() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -115,7 +117,8 @@ func isHostPort(address string) bool {
 var serveEnvironment = fmt.Sprintf(`
 environment (docs/registry.md, docs/security.md, docs/observability.md):
   %s, %s
-      the bearer token every call must carry (without it anyone may call)
+      the bearer token every call (with -websocket: every upgrade) must carry, from a file
+      (a mounted secret) or the variable, not both (without either anyone may call)
   %s
       the password of -register-etcd-user: no flag takes it, a command line shows in ps
   [LINCHKIT_...] after a flag above
@@ -130,11 +133,17 @@ environment (docs/registry.md, docs/security.md, docs/observability.md):
 
 func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	flags := flag.NewFlagSet("serve", flag.ContinueOnError)
-	address := flags.String("address", "127.0.0.1:0", "host:port to serve gRPC on")
+	address := flags.String("address", "127.0.0.1:0", "host:port to serve on")
+	websocket := flags.Bool("websocket", false, "serve the WebSocket binding instead of gRPC: the dispatcher dials it "+
+		"(provider: websocket, url: ws://HOST:PORT/)")
+	config := flags.String("config", "{}", "with -websocket: the `JSON` object the init hook gets; "+
+		"a gRPC service gets it from the dispatcher's Init call")
 	registryFlags := addRegistryFlags(flags)
 	flags.Usage = func() {
-		fmt.Fprintf(flags.Output(), "usage: %s serve [-address host:port] [-register-etcd URL ...]\n\n"+
-			"Serve the plugin as a gRPC service until SIGTERM or Ctrl+C.\n\n", filepath.Base(os.Args[0]))
+		fmt.Fprintf(flags.Output(), "usage: %s serve [-address host:port] [-websocket [-config JSON]] [-register-etcd URL ...]\n\n"+
+			"Serve the plugin until SIGTERM or Ctrl+C: a gRPC service, or with -websocket a WebSocket server\n"+
+			"the dispatcher dials. Once listening it prints one line: 1|1|tcp|HOST:PORT|grpc| (or |websocket|).\n\n",
+			filepath.Base(os.Args[0]))
 		printFlags(flags)
 		fmt.Fprint(flags.Output(), serveEnvironment)
 	}
@@ -154,6 +163,20 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	if !isHostPort(*address) {
 		return fmt.Errorf("serve: --address must be host:port with a port in 0-65535 "+
 			"(e.g. 127.0.0.1:50051), not '%s'", *address)
+	}
+	if *websocket {
+		if registry.value(settingEtcd) != "" {
+			// Refused, not ignored: an operator who set it expects the plugin to be found there.
+			return fmt.Errorf("serve: %s: a WebSocket server is not registered in etcd, as a dispatcher dials "+
+				"a websocket target at its one url and finds none in a registry: serve over gRPC to be found "+
+				"there, or leave it unset", registry.name(settingEtcd))
+		}
+		return p.runWebSocketServer(ctx, env, *address, *config)
+	}
+	configGiven := false
+	flags.Visit(func(f *flag.Flag) { configGiven = configGiven || f.Name == "config" })
+	if configGiven {
+		return errors.New("serve: --config needs --websocket (a gRPC service gets its config from the Init call)")
 	}
 	token, err := configuredToken(env.Getenv)
 	if err != nil {
