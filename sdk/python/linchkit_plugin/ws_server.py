@@ -243,7 +243,7 @@ def main(
 
     import orjson
 
-    from linchkit_plugin.auth import TOKEN_FILE_ENV, TokenError
+    from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, TokenError
 
     if not argv or argv[0] not in ("serve", "connect"):
         return None
@@ -332,6 +332,12 @@ def main(
             reason = error.strerror or error
             sys.stderr.write(f"serve: cannot listen on {options.address}: {reason}\n")
             return 1
+        if token is None:  # as the gRPC service mode and `dispatcher-plugin serve` say it
+            sys.stderr.write(
+                f"linchkit plugin: warning: no bearer token configured ({TOKEN_FILE_ENV} or"
+                f" {TOKEN_ENV}): anybody who can reach {url} can call this plugin\n"
+            )
+            sys.stderr.flush()
         print(f"1|1|tcp|{url.removeprefix('ws://')}|websocket|", flush=True)
         try:
             await stop.wait()
