@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
@@ -173,7 +173,7 @@ impl Plugin {
             return serve_on(
                 shared,
                 router,
-                TcpListenerStream::new(listener),
+                accepted_without_delay(listener),
                 None,
                 shutdown,
                 caps,
@@ -256,7 +256,7 @@ impl Plugin {
                 serve_on(
                     shared,
                     router,
-                    TcpListenerStream::new(listener),
+                    accepted_without_delay(listener),
                     acceptor,
                     stop,
                     caps,
@@ -373,6 +373,25 @@ where
     let hooks_left = shared.run_remaining_hooks(caps.hooks).await;
     shared.flush_spans(hooks_left).await;
     served
+}
+
+/// The connections `listener` accepts, each with `TCP_NODELAY` set before TLS or gRPC reads
+/// it. Tonic sets it only on the listeners it binds itself, not on a stream handed to
+/// `serve_with_incoming`; without it Nagle's algorithm holds a reply's last small write (the
+/// trailers after a large DATA frame) until the host acknowledges the one before, and the
+/// host delays that acknowledgement: a call then took 40 ms instead of a fraction of one.
+fn accepted_without_delay(
+    listener: TcpListener,
+) -> impl Stream<Item = io::Result<TcpStream>> + Send + Unpin + 'static {
+    TcpListenerStream::new(listener).map(|accepted| {
+        if let Ok(stream) = &accepted {
+            if let Err(err) = stream.set_nodelay(true) {
+                // Still served, only slower: not a reason to refuse the connection.
+                crate::log::warn(&format!("cannot set TCP_NODELAY on a connection: {err}"));
+            }
+        }
+        accepted
+    })
 }
 
 fn late_streams<IO>(accepted: io::Result<IO>) -> io::Result<LateStreams<IO>> {
@@ -687,6 +706,18 @@ mod tests {
         let missing = request(&["--address"]).unwrap_err().to_string();
         assert!(missing.contains("--address needs HOST:PORT"), "{missing}");
         assert!(!missing.contains('\n') && !unknown.contains('\n'));
+    }
+
+    /// The conformance suite checks it on the real plugin's sockets
+    /// (tests/conformance/test_tcp_nodelay.py); this is the function both TCP modes use.
+    #[tokio::test]
+    async fn accepted_connections_send_without_delay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut incoming = accepted_without_delay(listener);
+        let _client = TcpStream::connect(address).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap(), "Nagle's algorithm left on");
     }
 
     #[test]
