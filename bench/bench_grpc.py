@@ -22,6 +22,22 @@ Figures:
   CPU-heavy method (20,000 SHA-256 rounds) run in the host's worker threads vs in the
   subprocess plugin, 8 at a time, with the worst event-loop delay seen meanwhile.
 
+The other SDKs' servers, beside Go's (each ``<sdk>`` of ``rust`` and ``java`` whose
+``sdk/<sdk>/dist/example-plugin`` is built, or ``BENCH_GRPC_<SDK>_PLUGIN`` names; skipped
+otherwise, and all of them when the main server is not Go's or off Linux), called by the
+same raw stub, the sides interleaved round by round (calls/s) and call by call (p50):
+* ``grpc_<sdk>_raw_c{1,64}_calls_per_s`` and ``grpc_<sdk>_raw_c64_ratio_to_go`` (the median of
+  the rounds' ratios);
+* ``grpc_<sdk>_raw_c64_server_cpu_us``, ``grpc_go_raw_c64_server_cpu_us``: the plugin
+  process's CPU per call (every thread), steadier than calls/s on a busy machine;
+* ``grpc_<sdk>_raw_c1_p50_us``, ``grpc_<sdk>_raw_c1_p50_over_go_us``: median latency alone,
+  and its difference from Go's;
+* ``grpc_<sdk>_raw_c1_p50_10kb_us``, ``..._10kb_over_go_us``, ``grpc_go_raw_c1_p50_10kb_us``:
+  the same for an echo of 10 KB, whose reply a server with Nagle's algorithm left on holds
+  until the client's delayed ACK (40 ms, as the Rust SDK's did before it set
+  ``TCP_NODELAY``). A JVM is warmed first (``SDK_WARMUP_CALLS``), so the figures are its
+  server's, not its compilers'.
+
 Runs under ``python -m bench`` (``run(options)``) or alone: ``python bench/bench_grpc.py``.
 """
 
@@ -34,11 +50,18 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CPU, CLIENT_CPU = 0, 1
+#: The other SDKs measured beside Go's, and the calls each gets before it is measured: the
+#: JVM compiles the call path during its first tens of thousands of calls, and until then
+#: 2 % of its calls at c1 waited 3-6 ms for its compiler threads on the server's one CPU.
+SDK_WARMUP_CALLS = {"rust": 0, "java": 50_000}
+#: The params of the echo a delayed ACK would show in (``grpc_<sdk>_raw_c1_p50_10kb_us``).
+PARAMS_10KB = {"blob": "x" * 10_000}
 
 try:  # the harness's Goal, when it is there
     from bench._core import Goal
@@ -64,6 +87,26 @@ def _plugin_executable() -> tuple[Path, bool]:
     return python, False
 
 
+def _sdk_executables() -> dict[str, Path]:
+    """The other SDKs' example plugins that are built, by SDK."""
+    found: dict[str, Path] = {}
+    for sdk in SDK_WARMUP_CALLS:
+        chosen = os.environ.get(f"BENCH_GRPC_{sdk.upper()}_PLUGIN")  # another build
+        path = Path(chosen) if chosen else ROOT / "sdk" / sdk / "dist" / "example-plugin"
+        if os.access(path, os.X_OK):
+            found[sdk] = path
+        elif chosen:
+            raise SystemExit(f"BENCH_GRPC_{sdk.upper()}_PLUGIN={chosen} is not an executable")
+    return found
+
+
+def _process_cpu_s(pid: int) -> float:
+    """The CPU seconds process ``pid`` has used (every thread), from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pin(pid: int, cpu: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
         if {SERVER_CPU, CLIENT_CPU} <= os.sched_getaffinity(0) | {cpu}:
@@ -87,7 +130,8 @@ def _client_pinned() -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _service(executable: Path) -> AsyncIterator[str]:
+async def _service(executable: Path) -> AsyncIterator[tuple[str, int]]:
+    """``executable serve`` on a free port, pinned to the server's CPU: its address and pid."""
     process = await asyncio.create_subprocess_exec(
         str(executable),
         "serve",
@@ -101,7 +145,7 @@ async def _service(executable: Path) -> AsyncIterator[str]:
         async with asyncio.timeout(60):
             line = (await process.stdout.readline()).decode().strip()
         _pin(process.pid, SERVER_CPU)
-        yield line.split("|")[3]
+        yield line.split("|")[3], process.pid
     finally:
         process.terminate()
         await process.wait()
@@ -227,6 +271,59 @@ async def _compare(
     return figures
 
 
+@dataclass(frozen=True)
+class _Side:
+    """One SDK's server as the raw stub calls it: an echo of the benchmark's params, one of
+    ``PARAMS_10KB``, and the server's pid (for its CPU)."""
+
+    sdk: str
+    pid: int
+    echo: Callable[[], Awaitable[Any]]
+    echo_10kb: Callable[[], Awaitable[Any]]
+
+
+async def _compare_sdks(
+    go: _Side, others: list[_Side], calls: int, quick: bool
+) -> dict[str, float]:
+    """Go's server and the other SDKs', interleaved round by round (calls/s, the server's CPU
+    per call) and call by call (p50s), so drift on a shared machine hits them alike."""
+    figures: dict[str, float] = {}
+    sides = [go, *others]
+    for side in others:
+        warmup = SDK_WARMUP_CALLS[side.sdk] // (25 if quick else 1)
+        if warmup:
+            await _throughput(side.echo, warmup, 16)
+    for concurrency in (1, 64):
+        rounds: dict[str, list[tuple[float, float]]] = {side.sdk: [] for side in sides}
+        for _ in range(1 if quick else 5):
+            for side in sides:
+                cpu_started = _process_cpu_s(side.pid)
+                rate, _ = await _rate_and_cpu(side.echo, calls, concurrency)
+                # _rate_and_cpu warms up with min(200, calls) calls first: the server ran them too.
+                served = calls + min(200, calls)
+                cpu = (_process_cpu_s(side.pid) - cpu_started) / served * 1e6
+                rounds[side.sdk].append((rate, cpu))
+        for side in others:
+            mine = rounds[side.sdk]
+            name = f"grpc_{side.sdk}_raw_c{concurrency}"
+            figures[f"{name}_calls_per_s"] = statistics.median(rate for rate, _ in mine)
+            if concurrency == 64:
+                figures[f"{name}_ratio_to_go"] = _median_ratio(mine, rounds[go.sdk])
+                figures[f"{name}_server_cpu_us"] = statistics.median(cpu for _, cpu in mine)
+        if concurrency == 64:
+            go_cpu = statistics.median(cpu for _, cpu in rounds[go.sdk])
+            figures["grpc_go_raw_c64_server_cpu_us"] = go_cpu
+    p50s = await _p50s_us(min(calls, 2_000), *(side.echo for side in sides))
+    p50s_10kb = await _p50s_us(min(calls, 1_000), *(side.echo_10kb for side in sides))
+    figures["grpc_go_raw_c1_p50_10kb_us"] = p50s_10kb[0]
+    for index, side in enumerate(others, start=1):
+        figures[f"grpc_{side.sdk}_raw_c1_p50_us"] = p50s[index]
+        figures[f"grpc_{side.sdk}_raw_c1_p50_over_go_us"] = p50s[index] - p50s[0]
+        figures[f"grpc_{side.sdk}_raw_c1_p50_10kb_us"] = p50s_10kb[index]
+        figures[f"grpc_{side.sdk}_raw_c1_p50_10kb_over_go_us"] = p50s_10kb[index] - p50s_10kb[0]
+    return figures
+
+
 async def run(options: Any = None) -> dict[str, float]:
     import grpc.aio
 
@@ -245,12 +342,12 @@ async def run(options: Any = None) -> dict[str, float]:
     params = {"id": 12345, "name": "benchmark", "tags": ["a", "b"]}
 
     with _client_pinned():
-        async with _service(executable) as address:
+        async with _service(executable) as (address, pid):
             channel = grpc.aio.insecure_channel(address)
             stub = plugin_pb2_grpc.PluginServiceStub(channel)
             import orjson
 
-            def request() -> Any:
+            def request(params: Any = params) -> Any:
                 return plugin_pb2.CallRequest(
                     v=1,
                     plugin="example",
@@ -261,6 +358,14 @@ async def run(options: Any = None) -> dict[str, float]:
 
             def raw() -> Awaitable[Any]:
                 return stub.Call(request(), timeout=30)
+
+            def side(sdk: str, stub: Any, pid: int) -> _Side:
+                return _Side(
+                    sdk,
+                    pid,
+                    lambda: stub.Call(request(), timeout=30),
+                    lambda: stub.Call(request(PARAMS_10KB), timeout=30),
+                )
 
             def raw_with_metadata() -> Awaitable[Any]:
                 metadata = grpc.aio.Metadata(("x-request-id", new_request_id()))
@@ -276,6 +381,18 @@ async def run(options: Any = None) -> dict[str, float]:
                 figures["grpc_raw_c1_p50_us"] = raw_p50
                 figures["grpc_dispatcher_c1_p50_us"] = through_p50
                 figures["grpc_c1_p50_added_us"] = through_p50 - raw_p50
+            others = _sdk_executables() if is_go and sys.platform == "linux" else {}
+            if others:
+                async with contextlib.AsyncExitStack() as stack:
+                    sides = []
+                    for sdk, path in others.items():
+                        other, other_pid = await stack.enter_async_context(_service(path))
+                        other_channel = grpc.aio.insecure_channel(other)
+                        stack.push_async_callback(other_channel.close)
+                        other_stub = plugin_pb2_grpc.PluginServiceStub(other_channel)
+                        sides.append(side(sdk, other_stub, other_pid))
+                    go = side("go", stub, pid)
+                    figures.update(await _compare_sdks(go, sides, calls, quick))
             await channel.close()
         figures["grpc_load_average_1min_at_end"] = os.getloadavg()[0]
 

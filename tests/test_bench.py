@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,3 +109,36 @@ def test_a_tiny_client_comparison_produces_every_figure() -> None:
             assert figures[f"{prefix}_cpu_us_per_call"] > 0
         assert figures[f"http_clients_c{concurrency}_dispatcher_reqwest_ratio_to_aiohttp"] > 0
     assert set(goals) <= set(figures)
+
+
+async def test_the_grpc_sdk_variants_produce_every_figure() -> None:
+    """``bench grpc``'s other SDKs beside Go's, here with answers ready at once and this
+    process's CPU standing for each server's: the figures, not their values."""
+    from bench import bench_grpc
+
+    async def answer() -> None:
+        return None
+
+    def side(sdk: str) -> Any:
+        return bench_grpc._Side(sdk, os.getpid(), answer, answer)
+
+    figures = await bench_grpc._compare_sdks(
+        side("go"), [side("rust"), side("java")], calls=20, quick=True
+    )
+    expected = {"grpc_go_raw_c64_server_cpu_us", "grpc_go_raw_c1_p50_10kb_us"}
+    for sdk in ("rust", "java"):
+        expected |= {
+            f"grpc_{sdk}_raw_{figure}"
+            for figure in (
+                "c1_calls_per_s",
+                "c64_calls_per_s",
+                "c64_ratio_to_go",
+                "c64_server_cpu_us",
+                "c1_p50_us",
+                "c1_p50_over_go_us",
+                "c1_p50_10kb_us",
+                "c1_p50_10kb_over_go_us",
+            )
+        }
+    assert set(figures) == expected
+    assert figures["grpc_rust_raw_c64_calls_per_s"] > 0
