@@ -41,8 +41,8 @@ import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.ExecutorService;
 import java.util.concurrent.Executors;
 import java.util.concurrent.Future;
-import java.util.concurrent.ScheduledExecutorService;
 import java.util.concurrent.ScheduledFuture;
+import java.util.concurrent.ScheduledThreadPoolExecutor;
 import java.util.concurrent.ThreadFactory;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicBoolean;
@@ -97,7 +97,7 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
   private final Tracing tracing;
   private final ExecutorService workers = Executors.newCachedThreadPool(daemonThreads("plugin-method"));
   private final HostEventRunner hostEvents = new HostEventRunner(daemonThreads("plugin-host-event"));
-  private final ScheduledExecutorService timers = Executors.newSingleThreadScheduledExecutor(daemonThreads("plugin-deadline"));
+  private final ScheduledThreadPoolExecutor timers = deadlineTimers();
   /** The hosts attached now: the last to leave runs the stop and destroy hooks. */
   private final AttachedHosts hosts = new AttachedHosts();
   /** What ends each open Events stream ({@link #endEvents}). */
@@ -119,6 +119,22 @@ public final class PluginService extends PluginServiceGrpc.PluginServiceImplBase
     this.maxReplyBytes = maxReplyBytes;
     this.tracing = tracing;
     setServing(servingFromStart);
+  }
+
+  /**
+   * One thread for every call's deadline. A call that ends first cancels its timer, which
+   * then leaves the queue at once: by default a cancelled timer stayed queued until its
+   * deadline (about 210,000 of them at 7,000 calls/s with 30 s deadlines).
+   */
+  private static ScheduledThreadPoolExecutor deadlineTimers() {
+    ScheduledThreadPoolExecutor timers = new ScheduledThreadPoolExecutor(1, daemonThreads("plugin-deadline"));
+    timers.setRemoveOnCancelPolicy(true);
+    return timers;
+  }
+
+  /** Deadline timers still queued (tests: a call that ended leaves none). */
+  int deadlineTimersQueued() {
+    return timers.getQueue().size();
   }
 
   private static ThreadFactory daemonThreads(String prefix) {

@@ -84,6 +84,23 @@ class PluginServiceTest {
   }
 
   @Test
+  void aCallThatEndsBeforeItsDeadlineLeavesNoTimerQueued() throws Exception {
+    // Before: each cancelled deadline timer stayed queued until its deadline, so a busy
+    // plugin held every call's timer of the last 60 s here.
+    Plugin plugin = new Plugin("p", "1");
+    plugin.method("echo", (params, ctx) -> params);
+    Running running = serve(plugin, true, Serve.MAX_MESSAGE_BYTES);
+    for (int i = 0; i < 200; i++) {
+      assertTrue(running.stub().withDeadlineAfter(60, TimeUnit.SECONDS).call(request("echo", "{}")).getOk());
+    }
+    long giveUp = System.nanoTime() + TimeUnit.SECONDS.toNanos(10);
+    while (running.service().deadlineTimersQueued() > 0 && System.nanoTime() < giveUp) {
+      Thread.sleep(10);
+    }
+    assertEquals(0, running.service().deadlineTimersQueued());
+  }
+
+  @Test
   void anErrorWithoutATypeIsAnsweredAtOnceNotAtTheDeadline() throws Exception {
     Plugin plugin = new Plugin("p", "1");
     plugin.method("untyped", (params, ctx) -> {
