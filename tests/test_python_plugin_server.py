@@ -478,6 +478,33 @@ def test_serve_refuses_where_it_cannot_listen_as_asked(where: list[str], said: s
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("given", "environment", "said"),
+    [
+        (["--tls-cert", "c.pem", "--tls-key", "k.pem"], {}, "--tls-cert, --tls-key:"),
+        (["--client-ca", "ca.pem"], {}, "--client-ca:"),
+        ([], {"LINCHKIT_PLUGIN_TLS_CERT": "c.pem"}, "LINCHKIT_PLUGIN_TLS_CERT:"),
+        (["--uds", "/tmp/linchkit-never.sock"], {}, "--uds:"),
+    ],
+    ids=["tls-pair", "client-ca", "tls-variable", "uds"],
+)
+def test_serve_websocket_refuses_what_only_the_http_server_does(
+    given: list[str], environment: dict[str, str], said: str
+) -> None:
+    """Before: ``serve --websocket`` dropped the TLS files and the Unix socket unsaid, and
+    served plain ws:// on --host/--port: an operator who asked for TLS got none."""
+    done = subprocess.run(
+        serve_command("--websocket", "--port", "0", *given),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **environment},
+    )
+    assert done.returncode == 1, done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr
+    assert "listening" not in done.stderr
+
+
 @pytest.mark.parametrize("websocket", [False, True], ids=["http", "websocket"])
 def test_serve_on_a_port_in_use_says_so_in_one_line(websocket: bool) -> None:
     """As every SDK's serve: one line, exit 1 (it was uvicorn's log line and exit 3)."""

@@ -303,11 +303,12 @@ def _serve_websocket(options: argparse.Namespace) -> None:
 
 
 def serve(options: argparse.Namespace) -> None:
-    _check_listening(options)
     if options.websocket:
-        refusal = websocket_refusal(options)
+        refusal = websocket_refusal(options) or _http_only_refusal(options)
         if refusal is not None:
             _fail(refusal)
+    _check_listening(options)
+    if options.websocket:
         _serve_websocket(options)
         return
     try:
@@ -400,6 +401,33 @@ def serve(options: argparse.Namespace) -> None:
         version=app.version,
     ):
         run(uvicorn_config, on_listening=announce, on_sockets=register, on_stopping=deregister)
+
+
+#: ``serve`` settings only its HTTP server takes: (option, variable, attribute).
+_HTTP_ONLY = (
+    ("--tls-cert", _ENV + "TLS_CERT", "tls_cert"),
+    ("--tls-key", _ENV + "TLS_KEY", "tls_key"),
+    ("--client-ca", _ENV + "CLIENT_CA", "client_ca"),
+    ("--uds", _ENV + "UDS", "uds"),
+)
+
+
+def _http_only_refusal(options: argparse.Namespace) -> str | None:
+    """Why ``serve --websocket`` must not start with TLS files or a Unix socket: its
+    server listens on --host/--port and serves plain ws://, as every SDK's WebSocket
+    server does; starting anyway would serve without the TLS the operator asked for."""
+    given = [
+        name if os.environ.get(variable) != getattr(options, field) else variable
+        for name, variable, field in _HTTP_ONLY
+        if getattr(options, field)
+    ]
+    if not given:
+        return None
+    return (
+        f"{', '.join(given)}: serve --websocket listens on --host/--port and serves plain"
+        " ws:// only; put a TLS terminator in front of it for wss://, or serve over HTTP"
+        " (without --websocket) for HTTPS, client certificates or a Unix socket"
+    )
 
 
 def _check_listening(options: argparse.Namespace) -> None:
