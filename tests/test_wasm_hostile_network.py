@@ -39,6 +39,7 @@ from dispatcher import DeadlineExceeded, Dispatcher, ProviderError, parse_manife
 from linchkit_plugin.wire import encode_json
 from providers.capabilities import Capabilities, LimitExceeded
 from providers.egress import EgressRefused
+from providers.wasm import trial
 from providers.wasm.http_host import NetworkRefused
 from providers.wasm.resolver import Resolver, ResolverBusy
 from providers.wasm.sandbox import sandbox_of
@@ -767,6 +768,27 @@ asyncio.run(main())
     assert "move that work from start code into the plugin's methods" in refusal
     assert served == "served"
     assert server.connections == []
+
+
+async def test_without_an_interpreter_to_try_modules_in_the_attach_goes_on_and_says_so(
+    tmp_path: Path,
+    server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A host whose ``sys.executable`` cannot be run (an embedded Python) makes no trial:
+    its plugins attach as before, and the dispatcher says once what that leaves open."""
+    monkeypatch.setattr(trial.sys, "executable", str(tmp_path / "no-python-here"))
+    monkeypatch.setattr(trial, "_LINKED", set())
+    monkeypatch.setattr(trial, "_UNTRIED_SAID", False)
+    url = f"http://localhost:{server.port}/public"
+    module = start_code_module(tmp_path, url, "http_status_code", "reactor")
+    plugin = {**fetcher(module, ["localhost"]), "methods": {"fetch": {}}}
+    for _ in range(2):
+        async with dispatcher_of(plugin) as dispatcher:
+            assert await dispatcher.call("fetcher", "fetch", None) == "served"
+    said = [r.getMessage() for r in caplog.records if "not tried in a child" in r.getMessage()]
+    assert len(said) == 1 and "would end this process" in said[0]
 
 
 def test_the_blocks_of_a_request_in_start_code_do_not_outlive_it(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import signal
 import sys
@@ -50,6 +51,9 @@ __all__ = ["link_in_a_child"]
 #: Verdicts kept before they are forgotten (one more trial each, not memory growing).
 _KEPT = 1024
 _LINKED: set[str] = set()
+_UNTRIED_SAID = False
+
+log = logging.getLogger("dispatcher.providers.wasm")
 
 
 async def link_in_a_child(
@@ -62,15 +66,19 @@ async def link_in_a_child(
         return
     unseen = {**options, "allowed_paths": {}}
     header = orjson.dumps({"options": unseen, "config": config, "cache_dir": str(cache_dir)})
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        __name__,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)},
-    )
+    try:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            __name__,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)},
+        )
+    except (OSError, ValueError) as error:  # no interpreter to run (an embedded Python)
+        _say_untried(error)
+        return
     try:
         await child.communicate(header + b"\n" + module.code)
     except BaseException:
@@ -83,6 +91,18 @@ async def link_in_a_child(
     if len(_LINKED) >= _KEPT:
         _LINKED.clear()
     _LINKED.add(verdict)
+
+
+def _say_untried(error: BaseException) -> None:
+    global _UNTRIED_SAID
+    if not _UNTRIED_SAID:
+        _UNTRIED_SAID = True
+        log.warning(
+            "wasm modules are not tried in a child process first (%s cannot be run: %s):"
+            " start code that libextism cannot link would end this process",
+            sys.executable or "no Python interpreter",
+            type(error).__name__,
+        )
 
 
 def _verdict_key(module: PinnedModule, options: dict[str, Any], config: dict[str, str]) -> str:
