@@ -261,17 +261,7 @@ func (s *service) CallStream(req *pluginpb.CallRequest, stream pluginpb.PluginSe
 		}
 		return stream.Send(&pluginpb.StreamItem{Item: &pluginpb.StreamItem_ChunkJson{ChunkJson: raw}})
 	}
-	var err error
-	if m.stream != nil {
-		err = runMethod(func() error { return m.stream(ctx, call, send) })
-	} else {
-		// A unary method streamed: its result is the one chunk.
-		var result any
-		err = runMethod(func() (e error) { result, e = m.unary(ctx, call); return e })
-		if err == nil {
-			err = send(result)
-		}
-	}
+	err := m.runStreamed(ctx, call, send)
 	if err != nil {
 		failure = toError(err)
 		if stream.Context().Err() != nil {
@@ -408,6 +398,20 @@ func errorReply(e *Error) *pluginpb.CallReply {
 
 // runMethod turns a panic in plugin code into an error, so one bad call cannot end the
 // plugin.
+// runStreamed runs m for a stream, over gRPC or WebSocket: a streaming method sends its
+// chunks itself, a unary method's result is the one chunk.
+func (m *method) runStreamed(ctx context.Context, call *Call, send func(any) error) error {
+	if m.stream != nil {
+		return runMethod(func() error { return m.stream(ctx, call, send) })
+	}
+	var result any
+	err := runMethod(func() (e error) { result, e = m.unary(ctx, call); return e })
+	if err == nil {
+		err = send(result)
+	}
+	return err
+}
+
 func runMethod(fn func() error) (err error) {
 	defer func() {
 		if r := recover(); r != nil {

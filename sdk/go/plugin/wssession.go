@@ -484,16 +484,7 @@ func (s *wsSession) call(callCtx, connCtx context.Context, id int64, rawRequest 
 		s.send(connCtx, map[string]any{"type": "chunk", "id": id, "data": raw})
 		return nil
 	}
-	var err error
-	if m.stream != nil {
-		err = runMethod(func() error { return m.stream(ctx, call, send) })
-	} else {
-		var result any
-		err = runMethod(func() (e error) { result, e = m.unary(ctx, call); return e })
-		if err == nil {
-			err = send(result)
-		}
-	}
+	err := m.runStreamed(ctx, call, send)
 	if err != nil {
 		failure := toError(err)
 		endSpan(span, failure)
