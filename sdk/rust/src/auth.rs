@@ -62,6 +62,13 @@ impl BearerToken {
         }
     }
 
+    /// The `Authorization` value that presents the token: what a plugin dialling the
+    /// gateway sends (`connect`).
+    pub(crate) fn authorization(&self) -> String {
+        let token = &self.expected["bearer ".len()..];
+        format!("Bearer {}", String::from_utf8_lossy(token))
+    }
+
     /// Whether an `authorization` value carries the token (constant time for equal lengths).
     pub(crate) fn admits(&self, authorization: Option<&[u8]>) -> bool {
         let Some(value) = authorization else {

@@ -30,6 +30,9 @@ pub(crate) type EventStream =
 struct Hub {
     subscribers: Vec<Subscriber>,
     pending: VecDeque<pb::PluginEvent>,
+    /// Events dropped from `pending` since a WebSocket session last said how many
+    /// (`dropped` frame); the gRPC binding has no frame for it.
+    dropped: u64,
     closed: bool,
 }
 
@@ -53,6 +56,7 @@ impl Emitter {
         if hub.subscribers.is_empty() {
             if hub.pending.len() == EVENT_LIMIT {
                 hub.pending.pop_front();
+                hub.dropped += 1;
             }
             hub.pending.push_back(event);
             return;
@@ -88,6 +92,12 @@ impl Emitter {
                 }
             }),
         )
+    }
+
+    /// How many events were dropped while no host listened, since this was last asked:
+    /// a WebSocket session tells its host after the events that waited for it.
+    pub(crate) fn take_dropped(&self) -> u64 {
+        std::mem::take(&mut self.0.lock().unwrap().dropped)
     }
 
     /// Ends every open stream, at shutdown: the host's `Events` calls return.

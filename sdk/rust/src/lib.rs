@@ -33,6 +33,7 @@ mod size_status;
 mod stop;
 mod tls;
 mod tracing;
+mod websocket;
 
 use std::collections::HashMap;
 use std::future::Future;

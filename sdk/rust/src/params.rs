@@ -18,6 +18,12 @@ pub const MAX_PARAMS_DEPTH: usize = 250;
 /// an integer of 5,000 digits), a lone surrogate escape (`"\ud800"`), nesting 100,000
 /// deep. One pass without recursion; the message never quotes the params.
 pub fn check(raw: &[u8]) -> Option<String> {
+    check_nesting(raw, MAX_PARAMS_DEPTH)
+}
+
+/// [`check`] with another bound on nesting: a WebSocket frame holds a call's params two
+/// levels down (`crate::websocket::protocol`).
+pub(crate) fn check_nesting(raw: &[u8], max_depth: usize) -> Option<String> {
     if std::str::from_utf8(raw).is_err() {
         return Some("are not UTF-8".into());
     }
@@ -31,8 +37,8 @@ pub fn check(raw: &[u8]) -> Option<String> {
             },
             b'[' | b'{' => {
                 depth += 1;
-                if depth > MAX_PARAMS_DEPTH {
-                    return Some(format!("are nested deeper than {MAX_PARAMS_DEPTH} levels"));
+                if depth > max_depth {
+                    return Some(format!("are nested deeper than {max_depth} levels"));
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),

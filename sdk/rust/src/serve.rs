@@ -144,6 +144,9 @@ impl Plugin {
         mut env: Environment,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
+        if crate::websocket::asked_for(&env.args) {
+            return crate::websocket::run(self, env, shutdown).await;
+        }
         if env.args.first().map(String::as_str) == Some("serve") {
             let address = match serve_request(&env.args[1..])? {
                 ServeRequest::ShowHelp => return write_help(&mut env.stdout).await,
@@ -498,7 +501,7 @@ pub(crate) fn negotiate_version(offered: &str) -> Result<u32, String> {
 }
 
 /// The address `serve` listens on when not told otherwise: loopback only, any free port.
-const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
+pub(crate) const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
 
 /// What `serve --help` prints on stdout. In service mode the plugin reads the token and
 /// the stop's caps from its environment; the handshake variables
@@ -535,7 +538,7 @@ environment (docs/protocol.md, \"Authentication (service mode)\"):
 }
 
 /// This executable's file name, so the usage line reads as the operator typed it.
-fn program_name() -> String {
+pub(crate) fn program_name() -> String {
     std::env::args_os()
         .next()
         .map(PathBuf::from)
@@ -587,7 +590,7 @@ fn serve_request(args: &[String]) -> Result<ServeRequest, ServeError> {
 /// Refuses a mistyped address before listening: left to the resolver, an empty host would
 /// listen on every interface and `::1:50051` would fail with a message naming neither the
 /// flag nor the expected form.
-fn check_address(address: &str) -> Result<(), ServeError> {
+pub(crate) fn check_address(address: &str) -> Result<(), ServeError> {
     let well_formed = address
         .rsplit_once(':')
         .is_some_and(|(host, port)| is_host(host) && is_port(port));

@@ -635,6 +635,75 @@ fn ended_by(events: EventStream, refusal: oneshot::Receiver<Status>) -> EventStr
     )
 }
 
+/// What the WebSocket binding (`crate::websocket`) runs through besides
+/// [`Shared::invoke`]: the plugin's own lifecycle (no host runs it there: `--config` is its
+/// config), the lists its `hello` names, streams sent as the host's credit allows, and
+/// host events.
+impl Shared {
+    /// Runs the init hook with `config`, then the start hook, as a host's `Init` and
+    /// `Start` would; a hook that fails is named with its error ("init hook failed: …").
+    pub(crate) async fn open(&self, config: Json) -> Result<(), String> {
+        *self.config.write().unwrap() = Arc::new(config.clone());
+        if let Some(hook) = self.hooks.init.clone() {
+            guarded(async move { hook(config).await })
+                .await
+                .map_err(|err| format!("init hook failed: {err}"))?;
+        }
+        self.mark(|state| state.inited = true);
+        if let Some(hook) = self.hooks.start.clone() {
+            guarded(async move { hook().await })
+                .await
+                .map_err(|err| format!("start hook failed: {err}"))?;
+        }
+        self.mark(|state| state.started = true);
+        Ok(())
+    }
+
+    /// The plugin's id and version.
+    pub(crate) fn identity(&self) -> (&str, &str) {
+        (&self.id, &self.version)
+    }
+
+    /// The plugin's methods, and those of them that stream.
+    pub(crate) fn method_names(&self) -> (Vec<&str>, Vec<&str>) {
+        let streaming = self
+            .order
+            .iter()
+            .filter(|name| matches!(self.methods[*name].handler, Handler::Stream(_)))
+            .map(String::as_str)
+            .collect();
+        (self.order.iter().map(String::as_str).collect(), streaming)
+    }
+
+    /// [`Shared::prepare`], for a stream the binding runs itself.
+    pub(crate) fn prepared(&self, request: pb::CallRequest) -> Result<(Call, Handler), Error> {
+        self.prepare(request)
+    }
+
+    /// The span a call the binding runs itself goes in, with tracing on.
+    pub(crate) fn span_of(&self, call: &mut Call) -> Option<CallSpan> {
+        self.start_span(call)
+    }
+
+    pub(crate) fn emitter(&self) -> &Emitter {
+        &self.emitter
+    }
+
+    /// Hands a host event to its handler, if the plugin has one; a handler that panics
+    /// loses its one event, logged, as on the gRPC binding's `Events` stream.
+    pub(crate) fn deliver(&self, name: &str, data: Json) {
+        if let Some(handler) = self.handlers.get(name) {
+            let run = AssertUnwindSafe(|| handler(data, &self.emitter));
+            if std::panic::catch_unwind(run).is_err() {
+                crate::log::error(&format!(
+                    "the handler of host event {} panicked; the connection goes on",
+                    crate::params::shown_name(name)
+                ));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

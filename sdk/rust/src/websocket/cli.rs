@@ -1,0 +1,378 @@
+//! The WebSocket modes' command lines, as every SDK's executable takes them
+//! (docs/protocol.md, "The example plugin, in every language"):
+//!
+//! * `serve --websocket [--address HOST:PORT] [--config JSON]`: serve; the dispatcher
+//!   dials in (`provider: websocket`, `url: ws://…`);
+//! * `connect --url ws://HOST/v1/plugins/connect [--config JSON]`: dial the gateway
+//!   (`provider: websocket`, `mode: inbound`).
+//!
+//! A mistake is one line naming the flag and what it takes, before anything starts.
+
+use crate::auth::{ENV_TOKEN, ENV_TOKEN_FILE};
+use crate::serve::{check_address, program_name, ServeError, DEFAULT_ADDRESS};
+use crate::stop::{ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
+use crate::tracing::{ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
+
+const SERVE_USAGE: &str = "serve --websocket [--address HOST:PORT] [--config JSON] [--help]";
+const CONNECT_USAGE: &str =
+    "connect --url ws://HOST:PORT/v1/plugins/connect [--config JSON] [--help]";
+
+/// What the arguments ask for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Command {
+    /// Print this text on stdout and exit 0.
+    Help(String),
+    /// Serve on `address` (checked), the plugin's lifecycle run with `config` (unchecked).
+    Serve { address: String, config: String },
+    /// Dial the gateway at `url`.
+    Connect { url: GatewayUrl, config: String },
+}
+
+/// Whether `args` ask for a WebSocket mode: `connect`, or `serve` with `--websocket`.
+pub(crate) fn asked_for(args: &[String]) -> bool {
+    match args.first().map(String::as_str) {
+        Some("connect") => true,
+        Some("serve") => args[1..].iter().any(|arg| arg == "--websocket"),
+        _ => false,
+    }
+}
+
+/// Reads `args` (`serve …` or `connect …`, as [`asked_for`] took them).
+pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
+    let connecting = args.first().map(String::as_str) == Some("connect");
+    let (mode, usage) = if connecting {
+        ("connect", CONNECT_USAGE)
+    } else {
+        ("serve", SERVE_USAGE)
+    };
+    let mistake = |what: String| ServeError::Failed(format!("{mode}: {what}; usage: {usage}"));
+    let mut address = DEFAULT_ADDRESS.to_string();
+    let mut url = None;
+    let mut config = "{}".to_string();
+    let mut help = false;
+    let mut args = args[1..].iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = |flag: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next().cloned())
+                .ok_or_else(|| mistake(format!("{flag} needs a value")))
+        };
+        match flag {
+            "--help" | "-h" => help = true,
+            "--websocket" if !connecting && inline.is_none() => {}
+            "--address" if !connecting => address = value(flag)?,
+            "--url" if connecting => url = Some(value(flag)?),
+            "--config" => config = value(flag)?,
+            _ => return Err(mistake(format!("unknown argument {arg:?}"))),
+        }
+    }
+    if help {
+        return Ok(Command::Help(if connecting {
+            connect_help()
+        } else {
+            serve_help()
+        }));
+    }
+    if !connecting {
+        check_address(&address)?;
+        return Ok(Command::Serve { address, config });
+    }
+    let Some(url) = url else {
+        return Err(mistake("--url is required".into()));
+    };
+    let url = GatewayUrl::parse(&url).ok_or_else(|| {
+        ServeError::Failed(format!(
+            "connect: --url must be a ws:// or wss:// URL \
+             (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '{url}'"
+        ))
+    })?;
+    Ok(Command::Connect { url, config })
+}
+
+/// A gateway's URL, as the plugin dials it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct GatewayUrl {
+    /// `wss` (or `https`): TLS, the gateway verified by the system's roots.
+    pub(crate) secure: bool,
+    /// The host to reach and to verify: a name or an address, without brackets.
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    /// The `Host` header: the authority as written.
+    pub(crate) authority: String,
+    /// The path and query the upgrade asks for.
+    pub(crate) path: String,
+}
+
+impl GatewayUrl {
+    /// `text` as a URL that can name a gateway: `ws`, `wss` (or `http`, `https`, dialled
+    /// alike) with a host and a port that is one; `None` for anything else, which would be
+    /// dialled for ever in vain. No spaces or control characters (they would end up in
+    /// the upgrade's head) and no user and password (the token is for credentials).
+    pub(crate) fn parse(text: &str) -> Option<GatewayUrl> {
+        if text.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return None;
+        }
+        let (scheme, rest) = text.split_once("://")?;
+        let secure = match scheme.to_ascii_lowercase().as_str() {
+            "ws" | "http" => false,
+            "wss" | "https" => true,
+            _ => return None,
+        };
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        if authority.contains('@') {
+            return None;
+        }
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(bracketed) => {
+                let (inside, after) = bracketed.split_once(']')?;
+                inside.parse::<std::net::Ipv6Addr>().ok()?;
+                match after {
+                    "" => (inside, None),
+                    _ => (inside, Some(after.strip_prefix(':')?)),
+                }
+            }
+            None => match authority.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            },
+        };
+        if host.is_empty() || (!authority.starts_with('[') && host.contains(['[', ']'])) {
+            return None;
+        }
+        let default = if secure { 443 } else { 80 };
+        let port = match port {
+            None | Some("") => default,
+            Some(digits) if digits.bytes().all(|b| b.is_ascii_digit()) => digits.parse().ok()?,
+            Some(_) => return None,
+        };
+        let tail = tail.split('#').next().unwrap_or("");
+        let path = if tail.starts_with('/') {
+            tail.to_string()
+        } else {
+            format!("/{tail}")
+        };
+        Some(GatewayUrl {
+            secure,
+            host: host.to_string(),
+            port,
+            authority: authority.to_string(),
+            path,
+        })
+    }
+
+    /// The URL as a log line shows it.
+    pub(crate) fn shown(&self) -> String {
+        let scheme = if self.secure { "wss" } else { "ws" };
+        format!("{scheme}://{}{}", self.authority, self.path)
+    }
+}
+
+fn environment_help(token: &str, grace: &str) -> String {
+    format!(
+        "environment:
+  {ENV_TOKEN_FILE}
+      a file holding the bearer token {token} (a mounted secret)
+  {ENV_TOKEN}
+      the bearer token itself; set one of the two, not both
+  {ENV_STOP_GRACE_MS}, {ENV_STOP_HOOKS_MS}
+      on SIGTERM, the milliseconds {grace},
+      then the stop and destroy hooks together, 0-{MAX_STOP_MS} (default 5000 each; 0 does not wait)
+  {ENV_OTLP_ENDPOINT}, {ENV_OTLP_TRACES_ENDPOINT}
+      export a span per call over OTLP/HTTP (docs/observability.md)
+"
+    )
+}
+
+fn serve_help() -> String {
+    format!(
+        "usage: {program} {SERVE_USAGE}
+
+Serve the plugin over WebSocket until SIGTERM or Ctrl+C: the dispatcher dials it
+(provider: websocket, url: ws://HOST:PORT/). The first line on stdout is the handshake
+line, which names the address it listens on. The plugin runs its own lifecycle: its
+init and start hooks with --config before it serves, its stop and destroy hooks after.
+
+flags:
+  --address HOST:PORT
+      where to listen: a name, an IPv4 address or an [IPv6] address, and a port
+      (0 for any free one; default {DEFAULT_ADDRESS})
+  --config JSON
+      the config its init hook gets (default {{}})
+  -h, --help
+      print this help and exit
+
+{}",
+        environment_help(
+            "every upgrade must carry (without one anybody who can reach the address may call the plugin)",
+            "the dispatcher gets to finish its calls after goaway"
+        ),
+        program = program_name(),
+    )
+}
+
+fn connect_help() -> String {
+    format!(
+        "usage: {program} {CONNECT_USAGE}
+
+Dial the dispatcher's gateway (provider: websocket, mode: inbound) and take calls over
+that connection until SIGTERM or Ctrl+C, dialling again with backoff when it drops. A
+refusal (401, 403 or 404 at the upgrade, or a close 4403 after the hello) ends it with
+status 1. The plugin runs its own lifecycle, as with serve --websocket.
+
+flags:
+  --url ws://HOST:PORT/v1/plugins/connect
+      the gateway (wss:// verifies it by the system's certificates)
+  --config JSON
+      the config its init hook gets (default {{}})
+  -h, --help
+      print this help and exit
+
+{}",
+        environment_help(
+            "presented to the gateway",
+            "the gateway gets to finish its calls after goaway"
+        ),
+        program = program_name(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command_of(args: &[&str]) -> Result<Command, String> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        command(&args).map_err(|err| err.to_string())
+    }
+
+    #[test]
+    fn the_modes_are_asked_for_by_connect_or_websocket() {
+        let asked =
+            |args: &[&str]| asked_for(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        assert!(asked(&["connect"]));
+        assert!(asked(&["serve", "--address", "x:0", "--websocket"]));
+        assert!(!asked(&["serve", "--address", "127.0.0.1:0"]));
+        assert!(!asked(&[]));
+    }
+
+    #[test]
+    fn serve_reads_its_flags() {
+        assert_eq!(
+            command_of(&["serve", "--websocket"]),
+            Ok(Command::Serve {
+                address: DEFAULT_ADDRESS.into(),
+                config: "{}".into()
+            })
+        );
+        assert_eq!(
+            command_of(&[
+                "serve",
+                "--address=[::1]:0",
+                "--websocket",
+                "--config",
+                "{\"a\":1}"
+            ]),
+            Ok(Command::Serve {
+                address: "[::1]:0".into(),
+                config: "{\"a\":1}".into()
+            })
+        );
+        let wrong = command_of(&["serve", "--websocket", "--address", "::1:50051"]).unwrap_err();
+        assert!(
+            wrong.contains("--address")
+                && wrong.contains("host:port")
+                && wrong.contains("::1:50051"),
+            "{wrong}"
+        );
+        let unknown = command_of(&["serve", "--websocket", "--url", "ws://x"]).unwrap_err();
+        assert!(
+            unknown.starts_with("serve: unknown argument \"--url\"") && !unknown.contains('\n'),
+            "{unknown}"
+        );
+        assert!(command_of(&["serve", "--websocket", "--config"])
+            .unwrap_err()
+            .contains("--config needs a value"));
+        assert!(
+            matches!(command_of(&["serve", "--websocket", "-h"]), Ok(Command::Help(help)) if help.contains("--config"))
+        );
+    }
+
+    #[test]
+    fn connect_reads_its_flags_and_refuses_a_url_that_names_no_gateway() {
+        match command_of(&[
+            "connect",
+            "--url",
+            "ws://127.0.0.1:8080/v1/plugins/connect?x=1#f",
+        ])
+        .unwrap()
+        {
+            Command::Connect { url, config } => {
+                assert_eq!(config, "{}");
+                assert_eq!(
+                    (url.host.as_str(), url.port, url.secure),
+                    ("127.0.0.1", 8080, false)
+                );
+                assert_eq!(url.path, "/v1/plugins/connect?x=1");
+                assert_eq!(url.authority, "127.0.0.1:8080");
+            }
+            other => panic!("{other:?}"),
+        }
+        let missing = command_of(&["connect"]).unwrap_err();
+        assert!(missing.contains("--url is required"), "{missing}");
+        for url in [
+            "not-a-url",
+            "ftp://127.0.0.1/v1/plugins/connect",
+            "ws://",
+            "ws//127.0.0.1:8080/v1/plugins/connect",
+            "ws://h:99999/",
+            "ws://h:http/",
+            "ws://u:p@h/",
+            "ws://h /",
+            "ws://::1/",
+        ] {
+            let said = command_of(&["connect", "--url", url]).unwrap_err();
+            assert!(
+                said.contains("--url") && said.contains("ws://") && said.contains(url),
+                "{said}"
+            );
+        }
+        assert!(
+            matches!(command_of(&["connect", "--help"]), Ok(Command::Help(help)) if help.contains("LINCHKIT_PLUGIN_TOKEN"))
+        );
+    }
+
+    #[test]
+    fn a_gateway_url_reads_its_parts() {
+        let url = GatewayUrl::parse("WSS://[::1]/").unwrap();
+        assert_eq!(
+            (url.host.as_str(), url.port, url.secure, url.path.as_str()),
+            ("::1", 443, true, "/")
+        );
+        let url = GatewayUrl::parse("http://gw.example:81?q").unwrap();
+        assert_eq!(
+            (url.port, url.path.as_str(), url.authority.as_str()),
+            (81, "/?q", "gw.example:81")
+        );
+        assert_eq!(url.shown(), "ws://gw.example:81/?q");
+    }
+
+    #[test]
+    fn help_names_the_environment() {
+        for help in [serve_help(), connect_help()] {
+            for needed in [
+                ENV_TOKEN_FILE,
+                ENV_TOKEN,
+                ENV_STOP_GRACE_MS,
+                ENV_STOP_HOOKS_MS,
+            ] {
+                assert!(help.contains(needed), "{needed} missing from:\n{help}");
+            }
+        }
+    }
+}

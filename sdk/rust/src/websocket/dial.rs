@@ -1,0 +1,269 @@
+//! `connect`: the plugin dials the dispatcher's gateway (`provider: websocket`, `mode:
+//! inbound`) with `X-Plugin-Id`, `X-Plugin-Version` and its bearer token, and takes calls
+//! over that connection, dialling again after every drop with exponential backoff and full
+//! jitter (100 ms doubling to 10 s, reset only once the gateway welcomed the plugin: one
+//! that closes every connection at once is not dialled 20 times a second).
+//!
+//! A refusal is final, as the same dial would get the same answer: a `400`, `401`, `403` or
+//! `404` at the upgrade (a malformed id or version, a wrong token, another principal, no
+//! such inbound plugin), or a close `4403` after the `hello` (it names another id or
+//! version than the one admitted, or a protocol the gateway does not speak). Every other
+//! close is dialled again, `4400` too (a `hello` that took over 10 s may have been a slow
+//! link), as are a gateway not up yet and an answer that is no upgrade.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::cli::GatewayUrl;
+use super::frames::Role;
+use super::handshake::{self, Answer};
+use super::server::{read_head, HeadError};
+use super::session::{self, Opened, Socket, Stopping};
+use super::Core;
+
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long one dial may take, TCP, TLS and the upgrade together.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The close code of a gateway that upgraded the connection but not the hello.
+pub(crate) const CLOSE_WRONG_PLUGIN: u16 = 4403;
+
+/// The gateway refused the plugin: its HTTP status at the upgrade, or the close code 4403
+/// with the gateway's reason (made safe to show).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Refused {
+    pub(crate) status: u16,
+    pub(crate) reason: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the gateway refused the connection ({})", self.status)?;
+        if !self.reason.is_empty() {
+            write!(f, ": {}", self.reason)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why one dial did not open a connection.
+enum Failed {
+    Refused(u16),
+    Again(String),
+}
+
+/// Dials `url` and serves each connection until the plugin stops (then the connection in
+/// use winds down: `goaway`, the gateway's close or the grace) or the gateway refuses it.
+pub(crate) async fn dial(
+    core: Arc<Core>,
+    url: GatewayUrl,
+    headers: Vec<(String, String)>,
+    mut stopping: Stopping,
+) -> Result<(), Refused> {
+    let mut backoff = INITIAL_BACKOFF;
+    loop {
+        if stopping.borrow().is_some() {
+            return Ok(());
+        }
+        let attempt = tokio::select! {
+            attempt = open(&url, &headers) => attempt,
+            _ = stopping.wait_for(Option::is_some) => return Ok(()),
+        };
+        match attempt {
+            Err(Failed::Refused(status)) => {
+                return Err(Refused {
+                    status,
+                    reason: String::new(),
+                });
+            }
+            Err(Failed::Again(why)) => {
+                crate::log::info(&format!(
+                    "cannot reach the gateway at {}: {why}; retrying",
+                    url.shown()
+                ));
+            }
+            Ok(opened) => {
+                let ended = session::serve(core.clone(), opened, stopping.clone()).await;
+                if stopping.borrow().is_some() {
+                    return Ok(());
+                }
+                match ended.close {
+                    // The hello names another plugin than the upgrade admitted: the next
+                    // connection would send the same hello and get the same close.
+                    Some((CLOSE_WRONG_PLUGIN, reason)) => {
+                        return Err(Refused {
+                            status: CLOSE_WRONG_PLUGIN,
+                            reason,
+                        });
+                    }
+                    Some((code, reason)) => {
+                        let said = if reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {reason}")
+                        };
+                        crate::log::info(&format!(
+                            "connection to {} closed ({code}{said}); reconnecting",
+                            url.shown()
+                        ));
+                    }
+                    None => crate::log::info(&format!(
+                        "connection to {} dropped; reconnecting",
+                        url.shown()
+                    )),
+                }
+                if ended.welcomed {
+                    backoff = INITIAL_BACKOFF;
+                }
+            }
+        }
+        // Full jitter: a gateway coming back is not hit by every plugin at once.
+        tokio::select! {
+            () = tokio::time::sleep(jitter(backoff)) => {}
+            _ = stopping.wait_for(Option::is_some) => return Ok(()),
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A wait drawn evenly from zero to `backoff`.
+fn jitter(backoff: Duration) -> Duration {
+    static SEED: OnceLock<std::hash::RandomState> = OnceLock::new();
+    let mut hasher = SEED.get_or_init(std::hash::RandomState::new).build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    backoff.mul_f64((hasher.finish() >> 11) as f64 / (1u64 << 53) as f64)
+}
+
+/// One dial: TCP, TLS for `wss`, the upgrade.
+async fn open(url: &GatewayUrl, headers: &[(String, String)]) -> Result<Opened, Failed> {
+    let dialled = async {
+        let tcp = TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(|err| Failed::Again(err.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let mut socket: Box<dyn Socket> = if url.secure {
+            let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                .map_err(|_| Failed::Again("the URL's host is no TLS server name".into()))?;
+            let tls = connector()
+                .map_err(Failed::Again)?
+                .connect(name, tcp)
+                .await
+                .map_err(|err| Failed::Again(format!("TLS: {err}")))?;
+            Box::new(tls)
+        } else {
+            Box::new(tcp)
+        };
+        let key = handshake::new_key();
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let request = handshake::upgrade_request(&url.authority, &url.path, &key, &headers);
+        socket
+            .write_all(&request)
+            .await
+            .map_err(|err| Failed::Again(err.to_string()))?;
+        socket
+            .flush()
+            .await
+            .map_err(|err| Failed::Again(err.to_string()))?;
+        let (head, leftover) = read_head(&mut socket).await.map_err(|err| match err {
+            HeadError::TooLarge => Failed::Again("the answer's head is too large".into()),
+            HeadError::Closed => Failed::Again("the connection closed before an answer".into()),
+        })?;
+        match handshake::read_answer(&head, &key) {
+            Answer::Upgraded(deflate) => Ok(Opened {
+                socket,
+                role: Role::Client,
+                deflate,
+                leftover,
+            }),
+            Answer::NotUpgraded(status @ (400 | 401 | 403 | 404), _) => {
+                Err(Failed::Refused(status))
+            }
+            Answer::NotUpgraded(0, why) => Err(Failed::Again(why.into())),
+            Answer::NotUpgraded(status, _) => {
+                Err(Failed::Again(format!("the gateway answered {status}")))
+            }
+        }
+    };
+    tokio::time::timeout(DIAL_TIMEOUT, dialled)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failed::Again(format!(
+                "no upgrade within {} s",
+                DIAL_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+/// The TLS client of a `wss` gateway, checked by the system's roots; made once.
+fn connector() -> Result<TlsConnector, String> {
+    static CONNECTOR: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert); // one the system trusts but rustls cannot read
+            }
+            if roots.is_empty() {
+                return Err(
+                    "no root certificate to check a wss:// gateway with: the system has none"
+                        .into(),
+                );
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|err| format!("TLS: {err}"))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(TlsConnector::from(Arc::new(config)))
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_the_backoff() {
+        let waits: Vec<Duration> = (0..100)
+            .map(|_| jitter(Duration::from_millis(100)))
+            .collect();
+        assert!(waits.iter().all(|w| *w <= Duration::from_millis(100)));
+        assert!(waits.iter().any(|w| *w != waits[0]), "drawn, not fixed");
+    }
+
+    #[test]
+    fn a_refusal_says_its_status_and_the_gateways_reason() {
+        let at_upgrade = Refused {
+            status: 401,
+            reason: String::new(),
+        };
+        assert_eq!(
+            at_upgrade.to_string(),
+            "the gateway refused the connection (401)"
+        );
+        let closed = Refused {
+            status: 4403,
+            reason: "admitted as version 2.0.0, said '1.0.0'".into(),
+        };
+        assert_eq!(
+            closed.to_string(),
+            "the gateway refused the connection (4403): admitted as version 2.0.0, said '1.0.0'"
+        );
+    }
+}

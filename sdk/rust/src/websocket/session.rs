@@ -1,0 +1,1006 @@
+//! One open WebSocket serving the plugin, whichever side dialled (docs/protocol.md,
+//! "WebSocket binding"): the plugin's `hello` first, then each `call` and `stream` as a
+//! task of its own (at most [`MAX_IN_FLIGHT`] at once: past that the session stops
+//! reading, so TCP pushes back on the host), `cancel` aborting its task, `credit` feeding
+//! a stream's window, `health` answered, host events handed to the plugin's handlers and
+//! the plugin's events sent.
+//!
+//! One writer task writes every frame, in order, control frames (pong, ping, close) ahead
+//! of the queued messages; the tasks queue theirs in a bounded queue and wait while it is
+//! full, so a host that reads slowly slows the plugin's answers instead of growing a
+//! buffer. A host that takes nothing of a write for [`STALL_HEARTBEATS`] heartbeats is
+//! dropped, as the dispatcher drops a plugin that does so; the heartbeat (a ping every
+//! [`HEARTBEAT`], nothing read within half of one after it) finds a host that is gone.
+//!
+//! Stopping loses no call: told to stop, the session says `goaway` and goes on serving
+//! what arrives, and the host closes the connection once its calls are answered; at the
+//! stop's grace it closes the connection itself (1001), cutting off what still runs.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+
+use super::frames::{Decoder, Deflate, Encoder, Incoming, Role, CLOSE_GOING_AWAY, CLOSE_NORMAL};
+use super::protocol::{self, Frame, FrameError};
+use super::Core;
+use crate::service::guarded;
+use crate::{pb, types, ChunkSender, Error, Handler, Json};
+
+/// The largest message either side sends or takes, inflated: the envelope's 8 MiB.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 8 << 20;
+/// Calls one connection runs at once; past it the session stops reading.
+pub(crate) const MAX_IN_FLIGHT: usize = 1024;
+/// Chunks a stream may send before the host grants more (`credit`).
+pub(crate) const STREAM_WINDOW: usize = 256;
+/// How often the session pings; a host that sends nothing within half of it after a ping
+/// is gone (a half-open connection is found within 1.5 heartbeats).
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(10);
+/// Heartbeats a write may wait for the host to take it before the connection is dropped.
+pub(crate) const STALL_HEARTBEATS: f64 = 1.5;
+/// After this side's close frame, how long it waits for the host's before letting go.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// Messages waiting for the writer; a sender waits while it is full.
+const MESSAGE_QUEUE: usize = 64;
+/// Pongs and pings waiting for the writer; past it a pong is dropped (the next answers).
+const CONTROL_QUEUE: usize = 16;
+const READ_BYTES: usize = 64 * 1024;
+
+/// Anything a WebSocket runs over: TCP, or TLS over it.
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Socket for T {}
+
+/// A connection whose upgrade is done.
+pub(crate) struct Opened {
+    pub(crate) socket: Box<dyn Socket>,
+    pub(crate) role: Role,
+    pub(crate) deflate: Option<Deflate>,
+    /// Bytes read past the upgrade's head: the start of the host's first frames.
+    pub(crate) leftover: Vec<u8>,
+}
+
+/// How a session ended.
+#[derive(Debug, Default)]
+pub(crate) struct Ended {
+    /// The host's close frame: its code, and its reason made safe to show.
+    pub(crate) close: Option<(u16, String)>,
+    /// The gateway welcomed the plugin's hello (reverse mode).
+    pub(crate) welcomed: bool,
+}
+
+/// When the plugin was told to stop: `None` until then, then the end of its grace.
+pub(crate) type Stopping = watch::Receiver<Option<Instant>>;
+
+enum Control {
+    Pong(Vec<u8>),
+    Ping,
+}
+
+/// Why the writer stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum WriterEnd {
+    /// It wrote this side's close frame.
+    Closed,
+    /// The host took nothing of a write for the stall bound.
+    Stalled,
+    /// The socket failed, or every sender is gone.
+    Gone,
+}
+
+/// When the last ping went out (milliseconds since the session began; 0: none waiting).
+struct Liveness {
+    began: Instant,
+    ping_written: AtomicU64,
+}
+
+impl Liveness {
+    fn millis(&self, at: Instant) -> u64 {
+        (at.saturating_duration_since(self.began).as_millis() as u64).max(1)
+    }
+}
+
+/// A call or stream running on the connection.
+struct Running {
+    task: AbortHandle,
+    window: Option<Arc<Semaphore>>,
+}
+
+type Calls = Arc<Mutex<HashMap<i64, Running>>>;
+
+/// Takes the call out of the connection's map when its task ends, however it ends.
+struct Leaving {
+    calls: Calls,
+    id: i64,
+}
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        self.calls.lock().unwrap().remove(&self.id);
+    }
+}
+
+/// A call read while every slot was taken: it starts once one frees.
+struct Pending {
+    stream: bool,
+    id: i64,
+    request: Result<pb::CallRequest, Error>,
+}
+
+/// Serves the plugin over `opened` until the connection ends; `stopping` says when the
+/// plugin stops (then the session says `goaway`, and closes at the grace's end).
+pub(crate) async fn serve(core: Arc<Core>, opened: Opened, stopping: Stopping) -> Ended {
+    Session::new(core).run(opened, stopping).await
+}
+
+struct Session {
+    core: Arc<Core>,
+    calls: Calls,
+    slots: Arc<Semaphore>,
+    messages: mpsc::Sender<Vec<u8>>,
+    message_queue: Option<mpsc::Receiver<Vec<u8>>>,
+    ended: Ended,
+}
+
+impl Session {
+    fn new(core: Arc<Core>) -> Self {
+        let (messages, message_queue) = mpsc::channel(MESSAGE_QUEUE);
+        Session {
+            core,
+            calls: Calls::default(),
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            messages,
+            message_queue: Some(message_queue),
+            ended: Ended::default(),
+        }
+    }
+
+    async fn run(mut self, opened: Opened, mut stopping: Stopping) -> Ended {
+        let Opened {
+            socket,
+            role,
+            deflate,
+            leftover,
+        } = opened;
+        let (mut reader, write_half) = tokio::io::split(socket);
+        let mut decoder = Decoder::new(role, MAX_MESSAGE_BYTES, deflate);
+        decoder.feed(&leftover);
+        let (close, close_queue) = oneshot::channel::<(u16, String)>();
+        let mut close = Some(close);
+        let (control, control_queue) = mpsc::channel(CONTROL_QUEUE);
+        let liveness = Arc::new(Liveness {
+            began: Instant::now(),
+            ping_written: AtomicU64::new(0),
+        });
+        let mut writer = tokio::spawn(write(
+            write_half,
+            Encoder::new(role, deflate),
+            close_queue,
+            control_queue,
+            self.message_queue.take().expect("one run per session"),
+            liveness.clone(),
+        ));
+        let mut writer_done = None;
+
+        let _ = self.messages.send(self.core.hello.clone()).await;
+        let events = tokio::spawn(send_events(self.core.clone(), self.messages.clone()));
+        let mut goaway: Option<JoinHandle<()>> = None;
+        let mut grace: Option<Instant> = *stopping.borrow();
+        let mut stop_watch_open = true;
+        if grace.is_some() {
+            goaway = Some(self.say_goaway());
+        }
+        // Set once this side's close frame is queued: from then on what comes is read only
+        // for the host's close, until `CLOSE_WAIT` has passed.
+        let mut closing: Option<Instant> = None;
+        // Broken framing: the rest is not read as frames any more.
+        let mut broken = false;
+        let mut pending: Option<Pending> = None;
+        let mut last_read = Instant::now();
+        let mut pings = tokio::time::interval_at(Instant::now() + HEARTBEAT / 2, HEARTBEAT / 2);
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ping_next = true; // the first tick only checks: a ping every heartbeat
+        let mut buffer = vec![0u8; READ_BYTES];
+
+        'serving: loop {
+            while pending.is_none() && !broken {
+                match decoder.next() {
+                    Ok(None) => break,
+                    // Once this side's close is queued, nothing new is started or answered.
+                    Ok(Some(Incoming::Message(_) | Incoming::Ping(_))) if close.is_none() => {}
+                    Ok(Some(Incoming::Message(message))) => {
+                        pending = self.on_message(&message).await;
+                        if let Some(waiting) = pending.take() {
+                            match self.slots.clone().try_acquire_owned() {
+                                Ok(slot) => self.start(waiting, slot),
+                                Err(_) => pending = Some(waiting), // full: stop reading
+                            }
+                        }
+                    }
+                    Ok(Some(Incoming::Ping(payload))) => {
+                        let _ = control.try_send(Control::Pong(payload));
+                    }
+                    Ok(Some(Incoming::Pong)) => {}
+                    Ok(Some(Incoming::Close(code, reason))) => {
+                        self.ended.close =
+                            code.map(|code| (code, protocol::shown_close_reason(&reason)));
+                        if let Some(close) = close.take() {
+                            let _ = close.send((code.unwrap_or(CLOSE_NORMAL), String::new()));
+                        }
+                        break 'serving;
+                    }
+                    Err(violation) => {
+                        crate::log::warn(&format!(
+                            "closing the connection ({}): the host sent {}",
+                            violation.close_code(),
+                            violation.reason()
+                        ));
+                        if let Some(close) = close.take() {
+                            let _ = close.send((violation.close_code(), violation.reason().into()));
+                        }
+                        broken = true;
+                        closing.get_or_insert(Instant::now() + CLOSE_WAIT);
+                    }
+                }
+            }
+            let paused = pending.is_some();
+            tokio::select! {
+                biased;
+                slot = self.slots.clone().acquire_owned(), if pending.is_some() => {
+                    if let (Ok(slot), Some(waiting)) = (slot, pending.take()) {
+                        self.start(waiting, slot);
+                    }
+                }
+                read = reader.read(&mut buffer), if pending.is_none() => match read {
+                    Ok(0) | Err(_) => break 'serving, // the host is gone
+                    Ok(read) => {
+                        last_read = Instant::now();
+                        if !broken {
+                            decoder.feed(&buffer[..read]);
+                        }
+                    }
+                },
+                done = &mut writer, if writer_done.is_none() => {
+                    let done = done.unwrap_or(WriterEnd::Gone);
+                    let closed = done == WriterEnd::Closed;
+                    writer_done = Some(done);
+                    // Our close is out: what the host still sends is read (not run) until
+                    // its close, its end or `CLOSE_WAIT`, so that no reset overtakes ours.
+                    if !closed {
+                        break 'serving;
+                    }
+                }
+                changed = stopping.changed(), if stop_watch_open && grace.is_none() => {
+                    match changed {
+                        Ok(()) => {
+                            grace = *stopping.borrow();
+                            if grace.is_some() {
+                                goaway = Some(self.say_goaway());
+                            }
+                        }
+                        Err(_) => stop_watch_open = false,
+                    }
+                }
+                () = sleep_until(grace), if grace.is_some() && closing.is_none() => {
+                    // The host has not closed within the grace: cut off what still runs.
+                    if let Some(close) = close.take() {
+                        let _ = close.send((CLOSE_GOING_AWAY, "the plugin is stopping".into()));
+                    }
+                    closing = Some(Instant::now() + CLOSE_WAIT);
+                }
+                () = sleep_until(closing), if closing.is_some() => break 'serving,
+                _ = pings.tick(), if closing.is_none() => {
+                    let written = liveness.ping_written.load(Ordering::Relaxed);
+                    let answered = written == 0 || liveness.millis(last_read) >= written;
+                    let due = liveness.millis(Instant::now()).saturating_sub(written) >= (HEARTBEAT / 2).as_millis() as u64;
+                    if !answered && due && !paused {
+                        crate::log::warn(&format!(
+                            "the host answered no ping within {} s; dropping the connection",
+                            (HEARTBEAT / 2).as_secs_f64()
+                        ));
+                        break 'serving;
+                    }
+                    if answered {
+                        liveness.ping_written.store(0, Ordering::Relaxed);
+                    }
+                    ping_next = !ping_next;
+                    if ping_next && answered {
+                        let _ = control.try_send(Control::Ping);
+                    }
+                }
+            }
+        }
+
+        // The connection is over: nobody waits for the answers of what still runs.
+        let running: Vec<AbortHandle> = self
+            .calls
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, r)| r.task)
+            .collect();
+        for task in running {
+            task.abort();
+        }
+        events.abort();
+        if let Some(goaway) = goaway {
+            goaway.abort();
+        }
+        if writer_done.is_none() {
+            if close.is_none() {
+                // Our close frame is queued: let it out, briefly.
+                let _ = tokio::time::timeout(CLOSE_WAIT, &mut writer).await;
+            }
+            writer.abort();
+        }
+        self.ended
+    }
+
+    /// Says `goaway` without holding up the reader: the queue may be full.
+    fn say_goaway(&self) -> JoinHandle<()> {
+        self.core.stop_serving();
+        let messages = self.messages.clone();
+        tokio::spawn(async move {
+            let _ = messages.send(protocol::goaway()).await;
+        })
+    }
+
+    async fn send(&self, frame: Vec<u8>) {
+        let _ = self.messages.send(frame).await;
+    }
+
+    /// Handles one message from the host; a call to start, when it is one.
+    async fn on_message(&mut self, message: &[u8]) -> Option<Pending> {
+        let frame = match protocol::read_frame(message) {
+            Ok(frame) => frame,
+            Err(FrameError(why)) => {
+                self.send(protocol::error(None, &why)).await;
+                return None;
+            }
+        };
+        match frame {
+            Frame::Call {
+                stream,
+                id,
+                request,
+            } => {
+                if self.calls.lock().unwrap().contains_key(&id) {
+                    // A second call under one id would take over the first one's answer;
+                    // no id in the error, which would end the call in flight.
+                    let kind = if stream { "stream" } else { "call" };
+                    self.send(protocol::error(
+                        None,
+                        &format!("{kind} needs a new integer id"),
+                    ))
+                    .await;
+                    return None;
+                }
+                let request = protocol::call_request(request);
+                return Some(Pending {
+                    stream,
+                    id,
+                    request,
+                });
+            }
+            Frame::Cancel(Some(id)) => {
+                let running = self.calls.lock().unwrap().remove(&id);
+                if let Some(running) = running {
+                    running.task.abort(); // its span ends as cancelled; nothing is answered
+                }
+            }
+            Frame::Credit { id: Some(id), n } => {
+                let window = self
+                    .calls
+                    .lock()
+                    .unwrap()
+                    .get(&id)
+                    .and_then(|r| r.window.clone());
+                if let Some(window) = window {
+                    window.add_permits(n as usize);
+                }
+            }
+            Frame::Health(id) => self.send(protocol::health(id, self.core.serving())).await,
+            Frame::Event {
+                name: Some(name),
+                data,
+            } => {
+                let data = data.map_or_else(|| Json::raw("null"), |d| Json::raw(d.get()));
+                self.core.shared.deliver(&name, data);
+            }
+            Frame::Welcome => self.ended.welcomed = true,
+            Frame::Unknown { kind, id } => {
+                let message = format!("unknown frame type {}", crate::params::shown_name(&kind));
+                self.send(protocol::error(id, &message)).await;
+            }
+            // The host could not use a frame of ours (one that predates `goaway` says so of
+            // it): never answered, or two peers could trade errors for ever.
+            Frame::Error
+            | Frame::Dropped
+            | Frame::Cancel(None)
+            | Frame::Credit { .. }
+            | Frame::Event { .. } => {}
+        }
+        None
+    }
+
+    /// Starts a call in a task of its own, holding one of the connection's slots.
+    fn start(&self, pending: Pending, slot: OwnedSemaphorePermit) {
+        let Pending {
+            stream,
+            id,
+            request,
+        } = pending;
+        let window = stream.then(|| Arc::new(Semaphore::new(STREAM_WINDOW)));
+        let mut calls = self.calls.lock().unwrap();
+        let leaving = Leaving {
+            calls: self.calls.clone(),
+            id,
+        };
+        let (core, messages) = (self.core.clone(), self.messages.clone());
+        // Inserted before the lock is let go: the task takes itself out under it.
+        let task = match window.clone() {
+            None => tokio::spawn(async move {
+                let _held = (slot, leaving);
+                run_call(core, id, request, messages).await
+            }),
+            Some(window) => tokio::spawn(async move {
+                let _held = (slot, leaving);
+                run_stream(core, id, request, window, messages).await
+            }),
+        };
+        calls.insert(
+            id,
+            Running {
+                task: task.abort_handle(),
+                window,
+            },
+        );
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The one task that writes: this side's close first, then pongs and pings, then the
+/// queued messages, each written whole within the stall bound.
+async fn write(
+    mut socket: WriteHalf<Box<dyn Socket>>,
+    mut encoder: Encoder,
+    close: oneshot::Receiver<(u16, String)>,
+    mut control: mpsc::Receiver<Control>,
+    mut messages: mpsc::Receiver<Vec<u8>>,
+    liveness: Arc<Liveness>,
+) -> WriterEnd {
+    let stall = HEARTBEAT.mul_f64(STALL_HEARTBEATS);
+    let mut close = Some(close);
+    loop {
+        let (bytes, closing, ping) = tokio::select! {
+            biased;
+            asked = async { close.as_mut().expect("guarded").await }, if close.is_some() => {
+                close = None;
+                match asked {
+                    Ok((code, reason)) => (encoder.close(code, &reason), true, false),
+                    Err(_) => continue, // no close asked for
+                }
+            }
+            Some(control) = control.recv() => match control {
+                Control::Pong(payload) => (encoder.pong(&payload), false, false),
+                Control::Ping => (encoder.ping(b""), false, true),
+            },
+            message = messages.recv() => match message {
+                Some(message) => (encoder.message(&message), false, false),
+                None => return WriterEnd::Gone,
+            },
+        };
+        let written = tokio::time::timeout(stall, async {
+            socket.write_all(&bytes).await?;
+            socket.flush().await
+        })
+        .await;
+        match written {
+            Err(_) => {
+                crate::log::warn(&format!(
+                    "the host took nothing written to it for {} s; dropping the connection",
+                    stall.as_secs_f64()
+                ));
+                return WriterEnd::Stalled;
+            }
+            Ok(Err(_)) => return WriterEnd::Gone,
+            Ok(Ok(())) => {}
+        }
+        if ping {
+            liveness
+                .ping_written
+                .store(liveness.millis(Instant::now()), Ordering::Relaxed);
+        }
+        if closing {
+            let _ = tokio::time::timeout(CLOSE_WAIT, socket.shutdown()).await;
+            return WriterEnd::Closed;
+        }
+    }
+}
+
+/// The plugin's events to the host: those that waited for a host first (and how many
+/// were dropped meanwhile), then each as it is emitted. Data JSON cannot carry is not
+/// sent (said once).
+async fn send_events(core: Arc<Core>, messages: mpsc::Sender<Vec<u8>>) {
+    let emitter = core.shared.emitter();
+    let mut events = emitter.subscribe();
+    let dropped = emitter.take_dropped();
+    if dropped > 0 && messages.send(protocol::dropped(dropped)).await.is_err() {
+        return;
+    }
+    let mut told = false;
+    while let Some(Ok(event)) = events.next().await {
+        let data: &[u8] = if event.data_json.is_empty() {
+            b"null"
+        } else {
+            &event.data_json
+        };
+        if let Some(why) = crate::params::check(data) {
+            if !std::mem::replace(&mut told, true) {
+                crate::log::warn(&format!(
+                    "event {} not sent: its data {why}",
+                    crate::params::shown_name(&event.name)
+                ));
+            }
+            continue;
+        }
+        if messages
+            .send(protocol::event(&event.name, data))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Runs one unary call and answers it, as the gRPC binding's `Call` does (deadline, span,
+/// a panic answered as `PluginError`).
+async fn run_call(
+    core: Arc<Core>,
+    id: i64,
+    request: Result<pb::CallRequest, Error>,
+    messages: mpsc::Sender<Vec<u8>>,
+) {
+    let reply = match request {
+        Ok(request) => core.shared.invoke(request).await,
+        Err(err) => failed(&err),
+    };
+    let frame = protocol::response(id, &reply);
+    drop(reply); // held while the frame waits: once, not twice
+    let _ = messages.send(frame).await;
+}
+
+fn failed(err: &Error) -> pb::CallReply {
+    pb::CallReply {
+        ok: false,
+        result_json: Vec::new(),
+        error: Some(err.to_proto()),
+    }
+}
+
+/// Runs one stream: each chunk sent as the host's credit allows, then its end (`result:
+/// null`) or its error, in one span, as the gRPC binding's `CallStream`. A unary method
+/// streamed sends its result as the one chunk.
+async fn run_stream(
+    core: Arc<Core>,
+    id: i64,
+    request: Result<pb::CallRequest, Error>,
+    window: Arc<Semaphore>,
+    messages: mpsc::Sender<Vec<u8>>,
+) {
+    let streamed = async {
+        let (mut call, handler) = core.shared.prepared(request?)?;
+        let deadline = call.deadline;
+        // Dropped unended when the task is aborted (a cancel, the connection gone): the
+        // span then ends as cancelled.
+        let span = core.shared.span_of(&mut call);
+        let (chunks, mut receiver) = mpsc::channel::<Json>(16);
+        let run = async move {
+            match handler {
+                Handler::Stream(method) => guarded(method(call, ChunkSender(chunks))).await,
+                Handler::Unary(method) => {
+                    let result = guarded(method(call)).await?;
+                    ChunkSender(chunks).send(result).await
+                }
+            }
+        };
+        let forward = async {
+            while let Some(chunk) = receiver.recv().await {
+                if let Some(why) = crate::params::check(chunk.as_bytes()) {
+                    return Err(Error::new(
+                        types::PROVIDER_ERROR,
+                        format!("a chunk of the stream cannot be sent: its contents {why}"),
+                    ));
+                }
+                window
+                    .acquire()
+                    .await
+                    .map_err(|_| Error::deadline_exceeded("the connection closed"))?
+                    .forget();
+                let frame = protocol::chunk(id, chunk.as_bytes());
+                drop(chunk);
+                messages
+                    .send(frame)
+                    .await
+                    .map_err(|_| Error::deadline_exceeded("the connection closed"))?;
+            }
+            Ok(())
+        };
+        let outcome = within(deadline, async {
+            tokio::try_join!(run, forward).map(|_| ())
+        })
+        .await;
+        if let Some(span) = span {
+            span.end(outcome.as_ref().err());
+        }
+        outcome
+    };
+    let reply = match streamed.await {
+        Ok(()) => pb::CallReply {
+            ok: true,
+            result_json: b"null".to_vec(),
+            error: None,
+        },
+        Err(err) => failed(&err),
+    };
+    let _ = messages.send(protocol::response(id, &reply)).await;
+}
+
+/// Bounds `work` by the call's deadline: past it the work is dropped and the answer is
+/// `deadline_exceeded`.
+async fn within<T>(
+    deadline: Option<Instant>,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match deadline {
+        None => work.await,
+        Some(deadline) => tokio::time::timeout_at(deadline, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::deadline_exceeded(
+                    "the call's deadline passed before the stream ended",
+                ))
+            }),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! A session over an in-memory pipe, a test host on the other end writing and reading
+    //! raw frames: what the plugin answers, and that it goes on.
+
+    use super::*;
+    use crate::websocket::frames::{Decoder, Encoder};
+    use crate::{Call, Plugin};
+    use serde_json::{json, Value};
+    use tokio::io::ReadHalf;
+
+    pub(crate) struct Host {
+        read: ReadHalf<tokio::io::DuplexStream>,
+        write: WriteHalf<tokio::io::DuplexStream>,
+        decoder: Decoder,
+        encoder: Encoder,
+        pub(crate) stop: watch::Sender<Option<Instant>>,
+        pub(crate) session: JoinHandle<Ended>,
+    }
+
+    pub(crate) fn plugin() -> Plugin {
+        Plugin::new("test", "0.1.0")
+            .method("echo", "", |call: Call| async move {
+                Ok(call.raw_params().clone())
+            })
+            .method("waits", "", |_: Call| async move {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(Json::raw("null"))
+            })
+            .method("bad", "", |_: Call| async move { Ok(Json::raw("[1e400]")) })
+            .streaming_method("count", "", |call: Call, chunks: ChunkSender| async move {
+                let n = call.params::<Value>()?["n"].as_u64().unwrap_or(3);
+                for i in 0..n {
+                    chunks.send(json!({ "i": i })).await?;
+                }
+                Ok(())
+            })
+            .on_event("ping", |data, events| events.emit("pong", data))
+    }
+
+    pub(crate) async fn host(deflate: Option<Deflate>) -> Host {
+        let core = Core::ready(plugin()).await;
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (stop, stopping) = watch::channel(None);
+        let opened = Opened {
+            socket: Box::new(theirs),
+            role: Role::Server,
+            deflate,
+            leftover: Vec::new(),
+        };
+        let session = tokio::spawn(serve(core, opened, stopping));
+        let (read, write) = tokio::io::split(ours);
+        Host {
+            read,
+            write,
+            decoder: Decoder::new(Role::Client, 64 << 20, deflate),
+            encoder: Encoder::new(Role::Client, deflate),
+            stop,
+            session,
+        }
+    }
+
+    impl Host {
+        pub(crate) async fn send(&mut self, frame: &Value) {
+            self.send_raw(frame.to_string().as_bytes()).await;
+        }
+
+        pub(crate) async fn send_raw(&mut self, message: &[u8]) {
+            let bytes = self.encoder.message(message);
+            self.write.write_all(&bytes).await.unwrap();
+        }
+
+        pub(crate) async fn write_bytes(&mut self, bytes: &[u8]) {
+            self.write.write_all(bytes).await.unwrap();
+        }
+
+        /// The next frame or close, skipping pings and events unless asked.
+        pub(crate) async fn next(&mut self) -> Incoming {
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                if let Some(incoming) = self.decoder.next().unwrap() {
+                    return incoming;
+                }
+                let read =
+                    tokio::time::timeout(Duration::from_secs(10), self.read.read(&mut buffer))
+                        .await
+                        .expect("the plugin answers within 10 s")
+                        .unwrap();
+                if read == 0 {
+                    return Incoming::Close(None, b"(the connection ended)".to_vec());
+                }
+                self.decoder.feed(&buffer[..read]);
+            }
+        }
+
+        pub(crate) async fn frame(&mut self) -> Value {
+            loop {
+                match self.next().await {
+                    Incoming::Message(message) => {
+                        let frame: Value = serde_json::from_slice(&message).unwrap();
+                        if frame["type"] != "event" {
+                            return frame;
+                        }
+                    }
+                    Incoming::Close(code, reason) => {
+                        panic!("closed: {code:?} {}", String::from_utf8_lossy(&reason))
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        pub(crate) async fn closed(&mut self) -> Option<u16> {
+            loop {
+                if let Incoming::Close(code, _) = self.next().await {
+                    return code;
+                }
+            }
+        }
+    }
+
+    fn call(id: i64, method: &str, params: Value) -> Value {
+        json!({"type": "call", "id": id, "request": {"v": 1, "method": method, "params": params, "context": {}}})
+    }
+
+    #[tokio::test]
+    async fn hello_then_calls_streams_health_and_events() {
+        let mut host = host(None).await;
+        let hello = host.frame().await;
+        assert_eq!(hello["type"], "hello");
+        assert_eq!(hello["methods"], json!(["bad", "count", "echo", "waits"]));
+        assert_eq!(hello["streaming"], json!(["count"]));
+        host.send(&call(1, "echo", json!({"x": 1}))).await;
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "response", "id": 1, "response": {"ok": true, "result": {"x": 1}}})
+        );
+        host.send(
+            &json!({"type": "stream", "id": 2, "request": {"method": "count", "params": {"n": 2}}}),
+        )
+        .await;
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "chunk", "id": 2, "data": {"i": 0}})
+        );
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "chunk", "id": 2, "data": {"i": 1}})
+        );
+        assert_eq!(
+            host.frame().await["response"],
+            json!({"ok": true, "result": null})
+        );
+        host.send(&json!({"type": "health", "id": 3})).await;
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "health", "id": 3, "status": "serving", "detail": ""})
+        );
+        host.send(&json!({"type": "event", "event": "ping", "data": {"seq": 1}}))
+            .await;
+        loop {
+            if let Incoming::Message(message) = host.next().await {
+                let frame: Value = serde_json::from_slice(&message).unwrap();
+                if frame["type"] == "event" {
+                    assert_eq!(
+                        frame,
+                        json!({"type": "event", "event": "pong", "data": {"seq": 1}})
+                    );
+                    break;
+                }
+            }
+        }
+        host.send(&call(4, "no_such", json!(null))).await;
+        assert_eq!(
+            host.frame().await["response"]["error"]["type"],
+            "method_not_found"
+        );
+        host.send(&call(5, "bad", json!(null))).await;
+        assert_eq!(
+            host.frame().await["response"]["error"]["type"],
+            "provider_error"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_waits_for_credit() {
+        let mut host = host(None).await;
+        host.frame().await;
+        host.send(&json!({"type": "stream", "id": 1, "request": {"method": "count", "params": {"n": 300}}})).await;
+        for i in 0..STREAM_WINDOW {
+            assert_eq!(host.frame().await["data"]["i"], i);
+        }
+        host.send(&call(2, "echo", json!(2))).await;
+        // The window is spent: the echo answers, the stream waits.
+        assert_eq!(host.frame().await["id"], 2);
+        host.send(&json!({"type": "credit", "id": 1, "n": 128}))
+            .await;
+        for i in STREAM_WINDOW..300 {
+            assert_eq!(host.frame().await["data"]["i"], i);
+        }
+        assert_eq!(host.frame().await["response"]["ok"], true);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_ends_the_call_unanswered_and_a_duplicate_id_is_refused() {
+        let mut host = host(None).await;
+        host.frame().await;
+        host.send(&call(1, "waits", json!(null))).await;
+        host.send(&call(1, "echo", json!("again"))).await;
+        let refused = host.frame().await;
+        assert_eq!(refused["type"], "error");
+        assert!(refused.get("id").is_none(), "{refused}");
+        host.send(&json!({"type": "cancel", "id": 1})).await;
+        host.send(&json!({"type": "cancel", "id": 99})).await;
+        host.send(&call(2, "echo", json!(2))).await;
+        assert_eq!(
+            host.frame().await,
+            json!({"type": "response", "id": 2, "response": {"ok": true, "result": 2}})
+        );
+        // The cancelled id is free again, and no answer of it ever came.
+        host.send(&call(1, "echo", json!(1))).await;
+        assert_eq!(host.frame().await["id"], 1);
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_error_frames_and_the_session_goes_on() {
+        let mut host = host(None).await;
+        host.frame().await;
+        for message in [
+            &b"{not json"[..],
+            b"\xff\xfe",
+            b"",
+            b"[1]",
+            br#"{"type":"call","id":"7"}"#,
+        ] {
+            host.send_raw(message).await;
+            let frame = host.frame().await;
+            assert_eq!(
+                (frame["type"].as_str(), frame["error"]["type"].as_str()),
+                (Some("error"), Some("provider_error"))
+            );
+        }
+        host.send(&json!({"type": "no-such-frame", "id": 5})).await;
+        assert_eq!(host.frame().await["id"], 5);
+        host.send(&json!({"type": "call", "id": 6, "request": ["x"]}))
+            .await;
+        assert_eq!(
+            host.frame().await["response"]["error"]["type"],
+            "provider_error"
+        );
+        host.send(&call(7, "echo", json!(7))).await;
+        assert_eq!(host.frame().await["response"]["result"], 7);
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_bound_closes_1009_before_it_is_read() {
+        let mut host = host(None).await;
+        host.frame().await;
+        let mut header = vec![0x81, 0x80 | 127];
+        header.extend_from_slice(&((MAX_MESSAGE_BYTES + 1024) as u64).to_be_bytes());
+        header.extend_from_slice(&[0, 0, 0, 0]);
+        header.extend_from_slice(&[b'x'; 1024]);
+        host.write_bytes(&header).await;
+        assert_eq!(host.closed().await, Some(1009));
+        let ended = tokio::time::timeout(Duration::from_secs(5), host.session)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(ended.close.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_hosts_close_is_answered_and_ends_the_session() {
+        let mut host = host(None).await;
+        host.frame().await;
+        host.send(&call(1, "waits", json!(null))).await;
+        let close = host.encoder.close(4403, "admitted as 2.0.0 \x1b[2J");
+        host.write_bytes(&close).await;
+        assert_eq!(host.closed().await, Some(4403));
+        let ended = host.session.await.unwrap();
+        assert_eq!(
+            ended.close,
+            Some((4403, "admitted as 2.0.0 \\x1b[2J".to_string()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_says_goaway_serves_on_and_closes_1001_at_the_grace() {
+        let mut host = host(None).await;
+        host.frame().await;
+        host.send(&call(1, "waits", json!(null))).await;
+        host.stop
+            .send(Some(Instant::now() + Duration::from_millis(300)))
+            .unwrap();
+        assert_eq!(host.frame().await, json!({"type": "goaway"}));
+        host.send(&call(2, "echo", json!("after"))).await;
+        assert_eq!(host.frame().await["response"]["result"], "after");
+        host.send(&json!({"type": "health", "id": 3})).await;
+        assert_eq!(host.frame().await["status"], "not_serving");
+        assert_eq!(host.closed().await, Some(1001));
+    }
+
+    #[tokio::test]
+    async fn deflated_both_ways_when_agreed() {
+        let mut host = host(Some(Deflate::default())).await;
+        assert_eq!(host.frame().await["type"], "hello");
+        let rows: Vec<Value> = (0..10_000)
+            .map(|n| json!({"name": "row", "value": n % 10}))
+            .collect();
+        host.send(&call(1, "echo", json!(rows))).await;
+        assert_eq!(host.frame().await["response"]["result"], json!(rows));
+    }
+
+    #[tokio::test]
+    async fn a_deflate_bomb_closes_1009() {
+        let mut host = host(Some(Deflate::default())).await;
+        host.frame().await;
+        let mut compressor = flate2::Compress::new(flate2::Compression::best(), false);
+        let body = crate::websocket::frames::deflate(&mut compressor, &vec![b'x'; 64 << 20]);
+        let mut frame = vec![0xC1, 0x80 | 127];
+        frame.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(&body);
+        host.write_bytes(&frame).await;
+        assert_eq!(host.closed().await, Some(1009));
+    }
+}
