@@ -431,6 +431,8 @@ WEBSOCKET_CASES = [
     ("typescript", "connect"),
     ("go", "serve --websocket"),
     ("go", "connect"),
+    ("rust", "serve --websocket"),
+    ("rust", "connect"),
 ]
 WEBSOCKET_IDS = [f"{language}-{mode}" for language, mode in WEBSOCKET_CASES]
 WS_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

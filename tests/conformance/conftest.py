@@ -57,6 +57,7 @@ WEBSOCKET_MODES = {
     "python": ("websocket", "inbound"),
     "typescript": ("websocket", "inbound"),
     "go": ("websocket", "inbound"),
+    "rust": ("websocket", "inbound"),
 }
 INBOUND_TOKEN = "conformance-inbound-token"
 

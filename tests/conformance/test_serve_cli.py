@@ -142,6 +142,38 @@ def test_serve_websocket_holds_to_the_same_address_rule(language: str, address: 
     assert line.startswith(f"serve: cannot listen on {busy}"), line
 
 
+#: The SDKs whose WebSocket modes refuse ``LINCHKIT_REGISTER_ETCD`` (no dispatcher finds a
+#: WebSocket plugin in a registry): the Go and TypeScript SDKs do not read it there.
+REFUSING_ETCD = [
+    (language, mode)
+    for language in ("python", "rust")
+    if language in LANGUAGES
+    for mode in WEBSOCKET_MODES.get(language, ())
+]
+
+
+@pytest.mark.parametrize(("language", "mode"), REFUSING_ETCD)
+def test_a_websocket_mode_refuses_to_register_in_etcd(language: str, mode: str) -> None:
+    """Told to register, a WebSocket plugin ends before it listens or dials, in one line
+    naming the variable: an operator who set it expects the plugin to be found there."""
+    command, arguments = {
+        "websocket": ("serve", ["--websocket", "--address", "127.0.0.1:0"]),
+        "inbound": ("connect", ["--url", "ws://127.0.0.1:9/v1/plugins/connect"]),
+    }[mode]
+    done = subprocess.run(
+        [str(executable(language)), command, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**CLEAN_ENVIRONMENT, "LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:2379"},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    line = one_clear_line(done)
+    assert line.startswith(f"{command}: LINCHKIT_REGISTER_ETCD: "), line
+    assert "not registered in etcd" in line, line
+
+
 @pytest.mark.parametrize("language", DIALLING)
 async def test_connect_ends_when_the_gateway_closes_the_hello_4403(language: str) -> None:
     """The hello names another id or version than the gateway admitted at the upgrade: it

@@ -10,8 +10,8 @@ reads what the dispatcher's side of the handshake agreed (``compress``, the wind
 deflated, both ways carry a small fraction of the payload; not, both carry all of it.
 
 Before, the Python and Go SDKs' ``connect`` never offered it and the TypeScript SDK's
-server never accepted it: ``compress: true`` deflated nothing there. The Rust and Java SDKs
-speak neither WebSocket mode (``WEBSOCKET_MODES``).
+server never accepted it: ``compress: true`` deflated nothing there. The Java SDK speaks
+neither WebSocket mode (``WEBSOCKET_MODES``).
 """
 
 from __future__ import annotations
