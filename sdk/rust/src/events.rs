@@ -94,10 +94,15 @@ impl Emitter {
         )
     }
 
-    /// How many events were dropped while no host listened, since this was last asked:
-    /// a WebSocket session tells its host after the events that waited for it.
-    pub(crate) fn take_dropped(&self) -> u64 {
-        std::mem::take(&mut self.0.lock().unwrap().dropped)
+    /// A WebSocket session's queue ([`subscribe`](Emitter::subscribe)), with how many
+    /// events wait for it and how many were dropped while no host listened: it sends the
+    /// waiting ones, then a `dropped` frame with the count.
+    pub(crate) fn join(&self) -> (usize, u64, EventStream) {
+        let (waiting, dropped) = {
+            let mut hub = self.0.lock().unwrap();
+            (hub.pending.len(), std::mem::take(&mut hub.dropped))
+        };
+        (waiting, dropped, self.subscribe())
     }
 
     /// Ends every open stream, at shutdown: the host's `Events` calls return.

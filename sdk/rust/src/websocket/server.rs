@@ -110,7 +110,13 @@ async fn connection(
     stopping: Stopping,
 ) {
     let _ = socket.set_nodelay(true);
-    let (head, leftover) = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut socket)).await {
+    let mut watching = stopping.clone();
+    let head = tokio::select! {
+        head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut socket)) => head,
+        // Not upgraded yet: nothing of it to drain, and a stop does not wait for it.
+        _ = watching.wait_for(Option::is_some) => return,
+    };
+    let (head, leftover) = match head {
         Ok(Ok(read)) => read,
         Ok(Err(HeadError::TooLarge)) => {
             let too_large = Refusal {

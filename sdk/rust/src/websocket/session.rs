@@ -530,18 +530,23 @@ async fn write(
     }
 }
 
-/// The plugin's events to the host: those that waited for a host first (and how many
-/// were dropped meanwhile), then each as it is emitted. Data JSON cannot carry is not
+/// The plugin's events to the host: those that waited for a host first, then a `dropped`
+/// frame with how many were lost meanwhile (if any), then each as it is emitted. Data JSON cannot carry is not
 /// sent (said once).
 async fn send_events(core: Arc<Core>, messages: mpsc::Sender<Vec<u8>>) {
-    let emitter = core.shared.emitter();
-    let mut events = emitter.subscribe();
-    let dropped = emitter.take_dropped();
-    if dropped > 0 && messages.send(protocol::dropped(dropped)).await.is_err() {
-        return;
-    }
+    let (mut waiting, mut dropped, mut events) = core.shared.emitter().join();
     let mut told = false;
-    while let Some(Ok(event)) = events.next().await {
+    loop {
+        if waiting == 0 && dropped > 0 {
+            let count = std::mem::take(&mut dropped);
+            if messages.send(protocol::dropped(count)).await.is_err() {
+                return;
+            }
+        }
+        let Some(Ok(event)) = events.next().await else {
+            return;
+        };
+        waiting = waiting.saturating_sub(1);
         let data: &[u8] = if event.data_json.is_empty() {
             b"null"
         } else {
@@ -718,7 +723,11 @@ pub(crate) mod tests {
     }
 
     pub(crate) async fn host(deflate: Option<Deflate>) -> Host {
-        let core = Core::ready(plugin()).await;
+        host_of(plugin(), deflate).await
+    }
+
+    pub(crate) async fn host_of(plugin: Plugin, deflate: Option<Deflate>) -> Host {
+        let core = Core::ready(plugin).await;
         let (ours, theirs) = tokio::io::duplex(1 << 20);
         let (stop, stopping) = watch::channel(None);
         let opened = Opened {
@@ -859,6 +868,31 @@ pub(crate) mod tests {
             host.frame().await["response"]["error"]["type"],
             "provider_error"
         );
+    }
+
+    #[tokio::test]
+    async fn events_that_waited_for_a_host_come_first_then_how_many_were_dropped() {
+        let plugin = plugin();
+        let emitter = plugin.emitter();
+        for i in 0..1030 {
+            emitter.emit("tick", Json::from(json!(i)));
+        }
+        let mut host = host_of(plugin, None).await;
+        assert_eq!(host.frame().await["type"], "hello");
+        let mut seen = Vec::new();
+        while seen.len() < 1024 {
+            if let Incoming::Message(message) = host.next().await {
+                let frame: Value = serde_json::from_slice(&message).unwrap();
+                assert_eq!(frame["type"], "event", "{frame}");
+                seen.push(frame["data"].as_i64().unwrap());
+            }
+        }
+        assert_eq!(
+            seen,
+            (6..1030).collect::<Vec<i64>>(),
+            "the oldest dropped, in order"
+        );
+        assert_eq!(host.frame().await, json!({"type": "dropped", "count": 6}));
     }
 
     #[tokio::test]
