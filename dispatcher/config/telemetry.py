@@ -23,6 +23,7 @@ from urllib.parse import unquote
 from pydantic import Field, field_validator, model_validator
 
 from dispatcher.config.gateway import GatewayTls
+from linchkit_plugin._span_export import ExportSettings, ExportSettingsError, read_export_settings
 from providers._headers import (
     HeaderFields,
     checked_header_value,
@@ -254,10 +255,14 @@ class TracingSettings(StrictModel):
         endpoint = self.otlp_endpoint or _endpoint_from(env)
         if endpoint is None and not self.enabled:
             return None
+        export = ExportSettings()
         if endpoint is not None:  # an exporter: it reads the headers' variables too
             _check_headers_from(env)
+            with _export_refusal():
+                export = read_export_settings(env)
         return ResolvedTracing(
             endpoint=endpoint,
+            export=export,
             headers=dict(self.headers),
             sample_ratio=self.sample_ratio
             if self.sample_ratio is not None
@@ -318,6 +323,16 @@ def _check_header_item(item: str) -> None:
 
 
 @contextlib.contextmanager
+def _export_refusal() -> Iterator[None]:
+    """An ``ExportSettingsError`` (an ``OTEL_*`` variable of the export, named, its value
+    never), as the ``TelemetryEnvironmentError`` the manifest's checks report."""
+    try:
+        yield
+    except ExportSettingsError as error:
+        raise TelemetryEnvironmentError(error.variable, error.reason) from None
+
+
+@contextlib.contextmanager
 def _refusal_naming(variable: str) -> Iterator[None]:
     """A ``ValueError`` of the checks, as the ``TelemetryEnvironmentError`` of ``variable``
     (their messages name what is wrong, never the value)."""
@@ -335,6 +350,9 @@ class ResolvedTracing(StrictModel):
     """
 
     endpoint: str | None
+    #: The exporter's timeout and the batch processor's settings the ``OTEL_*`` variables
+    #: set, read once and checked (``linchkit_plugin._span_export``).
+    export: ExportSettings = Field(default_factory=ExportSettings)
     headers: dict[str, str]
     sample_ratio: float
     service_name: str

@@ -29,6 +29,8 @@ extension, Lambda payload context). Items of a batch keep their own call span's 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -38,7 +40,6 @@ from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -46,6 +47,12 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from dispatcher.config import ResolvedTracing
 from dispatcher.telemetry.errors import error_type
 from dispatcher.telemetry.logs import CURRENT_TRACE_ID
+from linchkit_plugin._span_export import (
+    collector_shown,
+    new_batch_processor,
+    new_span_exporter,
+    other_protocol,
+)
 from linchkit_plugin.errors import DispatchError, PluginError
 from providers.invocation import Invocation, Outcome
 from providers.target import TargetConfig, masked_url
@@ -60,6 +67,8 @@ InvokeBatch = Callable[[TargetConfig, Sequence[Invocation]], Awaitable[list[Outc
 MAX_STATUS_CHARS = 512
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+
+log = logging.getLogger("dispatcher")
 
 
 class CallSpan:
@@ -124,10 +133,26 @@ class Tracing:
             sampler=ParentBased(ALWAYS_ON),
         )
         if settings.endpoint is not None:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter(endpoint=settings.endpoint, headers=settings.headers)
-            self.provider.add_span_processor(BatchSpanProcessor(exporter))
+            # Through a session no collector can hold or flood, with the settings the
+            # manifest's load read and checked (the exporter and the batch processor
+            # would read the variables again, and fail on a bad one at the first export).
+            collector = collector_shown(settings.endpoint)
+            if (protocol := other_protocol(os.environ)) is not None:
+                log.warning(
+                    "%s names a protocol the dispatcher does not send: spans go to %s over"
+                    " OTLP/HTTP (protobuf), which a collector's gRPC port does not take",
+                    protocol,
+                    collector,
+                )
+            exporter = new_span_exporter(
+                settings.export,
+                collector=collector,
+                log=log,
+                endpoint=settings.endpoint,
+                headers=settings.headers,
+                environ=os.environ,
+            )
+            self.provider.add_span_processor(new_batch_processor(exporter, settings.export))
         for processor in processors:
             self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("linchkit.dispatcher")

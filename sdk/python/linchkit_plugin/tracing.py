@@ -50,8 +50,15 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
+from linchkit_plugin._span_export import (
+    ExportSettingsError,
+    collector_shown,
+    new_batch_processor,
+    new_span_exporter,
+    other_protocol,
+    read_export_settings,
+)
 from linchkit_plugin.errors import DispatchError
 
 if TYPE_CHECKING:
@@ -295,27 +302,46 @@ def configure_from_env(*, plugin_id: str = "", version: str = "") -> bool:
     if not isinstance(_trace.get_tracer_provider(), _trace.ProxyTracerProvider):
         return False  # the plugin set up its own
     try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError:
         _say_not_installed()
         return False
+    collector = _collector_shown()
+    try:
+        settings = read_export_settings(os.environ)
+    except ExportSettingsError as error:  # names the variable, never its value
+        log.warning(
+            "linchkit plugin: %s: no span is sent to the trace collector at %s. Fix or"
+            " unset the variable",
+            error,
+            collector,
+        )
+        return False
+    if (protocol := other_protocol(os.environ)) is not None:
+        log.warning(
+            "linchkit plugin: %s names a protocol this SDK does not send: spans go to %s"
+            " over OTLP/HTTP (protobuf), which a collector's gRPC port does not take",
+            protocol,
+            collector,
+        )
     # Ours win over OTEL_RESOURCE_ATTRIBUTES', which Resource.create merges in.
     resource = {
         "service.name": os.environ.get("OTEL_SERVICE_NAME") or plugin_id or "linchkit-plugin"
     }
     if version:
         resource["service.version"] = version
-    # The exporter reads the endpoint, headers and timeouts from the same variables; the
-    # provider shuts down (sending what is buffered) at a stop, flush_within, or else when
-    # the process exits.
+    # The exporter reads the endpoint and headers from the same variables (checked above:
+    # none is printed) and sends through a session no collector can hold or flood
+    # (linchkit_plugin._collector_session); the provider shuts down (sending what is
+    # buffered) at a stop, flush_within, or else when the process exits.
     provider = TracerProvider(resource=Resource.create(resource))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    exporter = new_span_exporter(settings, collector=collector, log=log, environ=os.environ)
+    provider.add_span_processor(new_batch_processor(exporter, settings))
     _trace.set_tracer_provider(provider)
     global _installed
-    _installed = _Installed(provider, _collector_shown())
+    _installed = _Installed(provider, collector)
     return True
 
 
@@ -387,15 +413,7 @@ def exporting(
 def _collector_shown() -> str:
     """The collector the exporter sends to, as scheme://host:port: a password in the URL,
     its path and query stay out of a log line."""
-    url = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT", ""
+    return collector_shown(
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     )
-    try:
-        parts = urlsplit(url.strip())
-        host = parts.hostname or ""
-        port = parts.port
-    except ValueError:  # the exporter refuses it, or fails each send: nothing to show
-        return "(its URL is malformed)"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
