@@ -7,7 +7,10 @@ module keeps that ledger, so start, reload and close share one account of what i
 
 - ``attach`` at start, every instance of every target of a plugin;
 - ``attach_new`` at a reload, what the new manifest adds, all or none;
-- ``retire`` what a reloaded manifest no longer uses (detached once its calls are done);
+- ``retire`` what a reloaded manifest no longer uses (detached once its calls are done),
+  and take back what it uses again before that detach came (a reload given up in its
+  wait, then one going back): ``attach_new`` does not attach those a second time, whose
+  detach would then end the attachment the manifest uses;
 - ``update`` the entries of versions a reload changed on the targets they kept (the
   instances discovery brought to a fleet are the fleet runtime's: ``FleetRuntime.update``);
 - ``aclose`` everything, then the providers.
@@ -120,6 +123,8 @@ class Attachments:
         attached: list[Attachment] = []
         try:
             for plugin, instance in _wanted(plan):
+                if self._retired_as(plugin.key, instance.key) is not None:
+                    continue  # attached still: ``retire`` takes it back
                 provider = await self._started_provider(instance.provider)
                 await provider.attach(plugin, instance)
                 attached.append(Attachment(provider, plugin, instance))
@@ -138,15 +143,40 @@ class Attachments:
 
     def retire(self, manifest: Manifest[Any]) -> None:
         """Take the attachments ``manifest`` no longer uses out of the ledger, for
-        ``detach_retired`` (or the close) to detach."""
+        ``detach_retired`` (or the close) to detach; take back into it those an earlier
+        reload retired that ``manifest`` uses again, with its entry (handed to the
+        provider when it is another: ``Provider.update``)."""
         used = {
-            (plugin.key, instance.key)
+            (plugin.key, instance.key): plugin
             for plugin in manifest.plugins
             for instance in instances_of(plugin)
         }
+        back = [each for each in self._retired if each.key() in used]
+        self._retired = [each for each in self._retired if each.key() not in used]
+        for each in back:
+            entry = used[each.key()]
+            if entry != each.plugin:
+                updated(each.provider, entry, each.target)
+            self._attached.append(Attachment(each.provider, entry, each.target))
         retired = [each for each in self._attached if each.key() not in used]
         self._attached = [each for each in self._attached if each.key() in used]
         self._retired.extend(retired)
+
+    def still_attached(self, manifest: Manifest[Any]) -> dict[str, PluginSpec[Any]]:
+        """The entries, by key, of the retired attachments (not detached yet) that
+        ``manifest`` uses again: a reload to it takes them back, and so cannot change
+        what they were started with (``plan_reload``)."""
+        return {
+            plugin.key: retired.plugin
+            for plugin in manifest.plugins
+            for instance in instances_of(plugin)
+            if (retired := self._retired_as(plugin.key, instance.key)) is not None
+        }
+
+    def _retired_as(self, plugin_key: str, instance_key: str) -> Attachment | None:
+        return next(
+            (each for each in self._retired if each.key() == (plugin_key, instance_key)), None
+        )
 
     def update(self, plan: ReloadPlan) -> None:
         """Hand the providers the new entries of the versions ``plan`` changed, where

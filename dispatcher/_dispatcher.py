@@ -459,7 +459,12 @@ class Dispatcher:
             file_manifest = manifest
             if self.registry is not None:  # the registry's entries stay through a file reload
                 manifest = self.registry.merge(file_manifest, self.manifest, source=source)
-            plan = plan_reload(self.manifest, manifest, source=source)
+            plan = plan_reload(
+                self.manifest,
+                manifest,
+                source=source,
+                still_attached=self._attachments.still_attached(manifest),
+            )
             steps = self._reload_steps  # carried out on the parts (dispatcher._reload_steps)
             assert steps is not None
             attached = await steps.attach(plan)

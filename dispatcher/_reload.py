@@ -16,10 +16,15 @@ decides it, so every rule below is tested without starting anything.
   is refused — publish a new version instead.
 - A version only in the new manifest is **added** (attached before routes swap), one
   only in the old is **removed** (drained, then detached).
+- A version added back on a target where it is still attached (a reload that removed it
+  was given up while its calls in flight ran, and nothing detached it since) takes that
+  attachment back rather than attaching again: so what it was started with cannot change
+  either, as for a running version.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,8 +86,16 @@ def fixed_changes(running: PluginSpec[Any], new: PluginSpec[Any]) -> list[str]:
     return [name for name in _FIXED_PLUGIN_FIELDS if getattr(running, name) != getattr(new, name)]
 
 
-def plan_reload(old: Manifest[Any], new: Manifest[Any], *, source: str) -> ReloadPlan:
-    """The plan from ``old`` to ``new``; ``ManifestError`` naming every refusal."""
+def plan_reload(
+    old: Manifest[Any],
+    new: Manifest[Any],
+    *,
+    source: str,
+    still_attached: Mapping[str, PluginSpec[Any]] | None = None,
+) -> ReloadPlan:
+    """The plan from ``old`` to ``new``; ``ManifestError`` naming every refusal.
+    ``still_attached``: the entries, by key, of versions ``old`` no longer has that are
+    still attached on a target ``new`` gives them again (``Attachments.still_attached``)."""
     problems = [
         ManifestProblem(
             name, "cannot change while the dispatcher runs; restart it to apply this section"
@@ -97,6 +110,16 @@ def plan_reload(old: Manifest[Any], new: Manifest[Any], *, source: str) -> Reloa
         previous = before.get(plugin.key)
         if previous is None:
             plan.added.append(plugin)
+            waiting = (still_attached or {}).get(plugin.key)
+            problems.extend(
+                ManifestProblem(
+                    f"plugins[{index}].{name}",
+                    f"{plugin.key} is still running there with another {name}: a reload that"
+                    " removed it was given up before its calls in flight ended. Reload again"
+                    " once they have, or publish it as a new version",
+                )
+                for name in ([] if waiting is None else fixed_changes(waiting, plugin))
+            )
         elif previous == plugin:
             plan.kept.append(plugin)
         else:

@@ -174,7 +174,13 @@ class ReloadSteps:
         log.info("%s", plan.in_words(source))
         await fleets.watch_new()  # discovery and health checks of fleets it made
         used = {target.key for plugin in manifest.plugins for target in plugin.targets()}
-        if attachments.retiring or plan.removed or plan.changed or fleets.unused(used):
+        if (
+            attachments.retiring
+            or fleets.retiring  # what a reload given up in its wait left attached
+            or plan.removed
+            or plan.changed
+            or fleets.unused(used)
+        ):
             await self._settle(grace)
             # A caller giving up from here would cut a detach in half (a service with its
             # Stop and no Destroy, and a channel open until the close, for nothing ends

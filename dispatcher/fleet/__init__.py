@@ -244,6 +244,13 @@ class FleetRuntime:
                 checker.run(), name=f"health checks of {fleet.name}"
             )
 
+    @property
+    def retiring(self) -> bool:
+        """Whether some discovered instance is still attached for a version that no
+        longer calls its fleet (a reload given up in its wait left it): ``release``
+        detaches it."""
+        return any(each.retiring for each in self._discovered.values())
+
     def unused(self, used: set[str]) -> bool:
         """Whether some fleet's target key is not in ``used`` (``forget`` would end it)."""
         return any(key not in used for key in self.fleets)

@@ -10,7 +10,11 @@ instances with discovery, so:
 - one that leaves is detached for the versions it was attached for, whoever serves the
   fleet by then (``detach``);
 - a version a reload adds is attached to every instance already there, before its routes
-  take calls (``add``); an instance it cannot be attached to is reported, and leaves;
+  take calls (``add``); an instance it cannot be attached to is reported, and leaves. One
+  still attached for it (a reload that removed it was given up while its calls ran, and
+  ``release`` has not come since) keeps that attachment, not a second (a second ``Init``
+  and ``Start`` of a running service), when the entry is the same; with another, it
+  leaves and joins again with the new one;
 - a version a reload removed is detached from every instance once its calls are done
   (``release``); the provider keeps a service another version still uses running;
 - a version whose entry a reload changed (its methods), calling the fleet still, is not
@@ -167,6 +171,13 @@ class DiscoveredAttachments:
         for key, (target, plugins) in list(self._attached.items()):
             if key not in self._attached:
                 continue  # detached since (every instance is, as the dispatcher closes)
+            waiting = next((i for i, each in enumerate(plugins) if each.key == plugin.key), None)
+            if waiting is not None:  # attached still, for an entry no longer serving
+                if plugins[waiting] == plugin:
+                    plugins[waiting] = plugin
+                else:
+                    failed.append(key)  # another entry: it joins again with this one
+                continue
             try:
                 await self.provider.attach(plugin, target)
             except Exception as error:
@@ -185,6 +196,15 @@ class DiscoveredAttachments:
                 continue
             plugins.append(plugin)
         return failed
+
+    @property
+    def retiring(self) -> bool:
+        """Whether some instance is attached for a version that no longer serves the
+        fleet (``release`` would detach it)."""
+        serving = {each.key for each in self.serving}
+        return any(
+            each.key not in serving for _, plugins in self._attached.values() for each in plugins
+        )
 
     async def release(self, *, only: Collection[str] | None = None) -> None:
         """Detach every instance from the versions that no longer serve the fleet (of

@@ -1,0 +1,171 @@
+"""A reload given up while it waits for the calls in flight at its swap, then another.
+
+A reload that removes a version swaps its routes, then waits for the calls in flight
+(``grace``) before it detaches what the new manifest no longer uses. A caller that gives
+up during that wait leaves the swap standing and the removed version still attached,
+for a later reload to detach once its own wait covers those calls. What that later
+reload must do with them, when it:
+
+- goes back (the previous manifest again, the removed version added back where it is
+  still attached): take that attachment back, neither attaching it a second time (a
+  second ``Init`` and ``Start`` of a running service) nor detaching it afterwards as
+  retired, which ended the version the manifest now routes to: before, every call to it
+  failed ``TargetUnavailable`` ("is not attached") after a ``Stop`` and ``Destroy``;
+- goes back with another config for it: refuse, as for a running version, naming it;
+- is the same reload again: detach the removed version from the instances discovery
+  found, even when nothing else is left to detach. Before, it stayed attached until the
+  fleet ended, and the service kept running with its config.
+
+The services are the Python SDK's gRPC server recording its lifecycle
+(``tests.recorded_grpc``), with ``lifecycle: dispatcher``, found by a real dnsmasq or
+listed in the manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher, ManifestError
+from tests.conftest import manifest
+from tests.dns_server import (
+    Dnsmasq,
+    Zone,
+    dnsmasq_fixture,  # noqa: F401  (the fixture `dnsmasq`)
+    needs_dnsmasq,
+)
+from tests.recorded_grpc import served_fixture  # noqa: F401  (the fixture `served`)
+from tests.services import port_free_on, until
+from tests.test_reload_fleet import METHODS, on_one_address, versioned
+
+StartDnsmasq = Callable[[Zone], Dnsmasq]
+FOUND_HOSTS = ("127.0.0.2", "127.0.0.3")
+ELSEWHERE = "127.0.0.4"
+LINGERING = {**METHODS, "linger": {"timeout_ms": 10_000}}
+
+
+async def _give_up_while_it_waits(
+    dispatcher: Dispatcher, to: Any, started: Any
+) -> asyncio.Task[Any]:
+    """Reload ``dispatcher`` to ``to`` while a call of the running version lingers, and
+    give that reload up once its routes swapped (``started()``: the new version is up):
+    the lingering call, still in flight."""
+    lingering = asyncio.create_task(dispatcher.call("fleet", "linger", {"seconds": 1.5}))
+    await until(lambda: dispatcher.stats()["dispatcher"]["calls_in_flight"], "the call")
+    reload = asyncio.create_task(dispatcher.reload(to, grace=10))
+    await until(started, "the new version started")
+    await asyncio.sleep(0.05)  # the swap is done: the reload waits for the call
+    reload.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reload
+    return lingering
+
+
+async def test_going_back_takes_the_version_still_attached_back(served: Any) -> None:
+    there = await served("127.0.0.2", port_free_on("127.0.0.2"))
+    elsewhere = await served(ELSEWHERE, port_free_on(ELSEWHERE), "2.0.0")
+    one = {
+        **on_one_address("1.0.0", there.address),
+        "methods": LINGERING,
+        "config": {"version": "1.0.0"},
+    }
+    async with Dispatcher(manifest(one)) as dispatcher:
+        lingering = await _give_up_while_it_waits(
+            dispatcher,
+            manifest(on_one_address("2.0.0", elsewhere.address)),
+            lambda: elsewhere.plugin.steps == ["init", "start"],
+        )
+        summary = await dispatcher.reload(manifest(one), grace=10)
+        assert summary["added"] == ["fleet@1.0.0"]
+        assert await lingering == "127.0.0.2"
+        # Before: "grpc 127.0.0.2:… is not attached", the service stopped under it.
+        assert await dispatcher.call("fleet", "whoami", {}) == "127.0.0.2"
+        assert there.plugin.steps == ["init", "start"]  # attached once, never ended
+        assert elsewhere.plugin.steps == ["init", "start", "stop", "destroy"]
+    assert there.plugin.steps == ["init", "start", "stop", "destroy"]
+
+
+async def test_going_back_with_another_config_is_refused_naming_it(served: Any) -> None:
+    there = await served("127.0.0.2", port_free_on("127.0.0.2"))
+    elsewhere = await served(ELSEWHERE, port_free_on(ELSEWHERE), "2.0.0")
+    one = {
+        **on_one_address("1.0.0", there.address),
+        "methods": LINGERING,
+        "config": {"version": "1.0.0"},
+    }
+    two = manifest(on_one_address("2.0.0", elsewhere.address))
+    async with Dispatcher(manifest(one)) as dispatcher:
+        lingering = await _give_up_while_it_waits(
+            dispatcher, two, lambda: elsewhere.plugin.steps == ["init", "start"]
+        )
+        with pytest.raises(ManifestError, match=r"plugins\[0\]\.config: fleet@1\.0\.0 is still"):
+            await dispatcher.reload(manifest({**one, "config": {"version": "other"}}), grace=10)
+        assert dispatcher.manifest is two  # nothing changed
+        assert await lingering == "127.0.0.2"
+        # Once its calls have ended and a reload detached it, it may come back changed.
+        assert (await dispatcher.reload(two, grace=10))["kept"] == ["fleet@2.0.0"]
+        assert there.plugin.steps == ["init", "start", "stop", "destroy"]
+        changed = manifest({**one, "config": {"version": "other"}})
+        assert (await dispatcher.reload(changed, grace=10))["added"] == ["fleet@1.0.0"]
+        assert there.plugin.configs[-1] == {"version": "other"}
+        assert await dispatcher.call("fleet", "whoami", {}) == "127.0.0.2"
+
+
+@needs_dnsmasq
+async def test_going_back_keeps_each_found_instance_attached_once(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    port = port_free_on(*FOUND_HOSTS)
+    found = [await served(host, port) for host in FOUND_HOSTS]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(FOUND_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    one = manifest({**versioned("1.0.0", source), "methods": LINGERING})
+    elsewhere = await served(ELSEWHERE, port_free_on(ELSEWHERE), "2.0.0")
+    async with Dispatcher(one) as dispatcher:
+        lingering = await _give_up_while_it_waits(
+            dispatcher,
+            manifest(on_one_address("2.0.0", elsewhere.address)),
+            lambda: elsewhere.plugin.steps == ["init", "start"],
+        )
+        assert (await dispatcher.reload(one, grace=10))["added"] == ["fleet@1.0.0"]
+        assert await lingering in FOUND_HOSTS
+        # Before: a second Init and Start of each running service.
+        assert [each.plugin.steps for each in found] == [["init", "start"]] * 2
+        hosts = {await dispatcher.call("fleet", "whoami", {}) for _ in range(4)}
+        assert hosts == set(FOUND_HOSTS)
+    assert [each.plugin.steps for each in found] == [["init", "start", "stop", "destroy"]] * 2
+
+
+@needs_dnsmasq
+async def test_the_same_reload_again_detaches_what_the_given_up_one_left(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    # Version 1, attached last, gives each service its config; a reload removing it
+    # (version 2 stays on the fleet) is given up as it waits for a call of version 1.
+    port = port_free_on(*FOUND_HOSTS)
+    found = [await served(host, port) for host in FOUND_HOSTS]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(FOUND_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    one = {**versioned("1.0.0", source), "methods": LINGERING}
+    two = manifest(versioned("2.0.0", source))
+    async with Dispatcher(manifest(versioned("2.0.0", source), one)) as dispatcher:
+        assert [each.plugin.configs[-1] for each in found] == [{"version": "1.0.0"}] * 2
+        lingering = asyncio.create_task(
+            dispatcher.call("fleet", "linger", {"seconds": 1.0}, version="1.0.0")
+        )
+        await until(lambda: dispatcher.stats()["dispatcher"]["calls_in_flight"], "the call")
+        reload = asyncio.create_task(dispatcher.reload(two, grace=10))
+        await asyncio.sleep(0.3)  # swapped (nothing to attach): it waits for the call
+        reload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reload
+        assert await lingering in FOUND_HOSTS
+        assert (await dispatcher.reload(two, grace=10))["kept"] == ["fleet@2.0.0"]
+        # Version 1 detached: each service handed over to version 2, with its config.
+        # Before: version 1 stayed attached, and its config ran, until the fleet ended.
+        assert [each.plugin.configs[-1] for each in found] == [{"version": "2.0.0"}] * 2
+        assert all("stop" not in each.plugin.steps for each in found)
+        assert await dispatcher.call("fleet", "whoami", {}) in FOUND_HOSTS
