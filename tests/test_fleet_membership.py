@@ -274,3 +274,96 @@ async def test_an_instance_listed_again_while_it_drains_joins_once_detached() ->
     await membership.aclose()
     await membership.detach_all()
     assert events == ["attach", "detach", "attach", "detach"]
+
+
+class _Flapping(InstanceSource):
+    """A source whose listing the test changes (``list``), reported at once."""
+
+    def __init__(self, *endpoints: Endpoint) -> None:
+        super().__init__("flapping")
+        self._listed = list(endpoints)
+        self._report: Report | None = None
+
+    async def run(self, report: Report) -> None:
+        self._report = report
+        report(self._listed)
+        self.reads += 1
+        await asyncio.Event().wait()
+
+    def list(self, *endpoints: Endpoint) -> None:
+        assert self._report is not None
+        self._report(list(endpoints))
+
+
+async def test_an_instance_a_source_lists_again_while_it_drains_takes_calls_again_as_it_is() -> (
+    None
+):
+    # The only instance listed flaps: listed as "b", then as "a" instead (b drains a
+    # call), then as "b" again. Before, the pass that listed b again left it out until
+    # its call ended and its detach was done (so as not to attach it twice), and retired
+    # a: the fleet had no instance, and every call failed TargetUnavailable meanwhile.
+    # Now b takes calls again as it is: no second attach, no detach.
+    recorded = _Recorded(drain_timeout=30.0)
+    a, b = Endpoint("127.0.0.2", 9), Endpoint("127.0.0.3", 9)
+    source = _Flapping(b)
+    membership = Membership(
+        recorded.fleet,
+        [source],
+        attach=recorded._attach,
+        detach=recorded._detach,
+        drain_timeout=30.0,
+    )
+    await membership.start(first_read_timeout=1.0)
+    (first_b,) = recorded.fleet.instances
+    first_b.in_flight += 1  # a call it still answers
+    source.list(a)
+    await until(
+        lambda: len(recorded.attached) == 2 and recorded.fleet.member(first_b.key) is None,
+        "a in, b out",
+    )
+    source.list(b)
+    await until(lambda: recorded.fleet.member(first_b.key) is not None, "b back")
+    assert [each.key for each in recorded.fleet.instances] == [first_b.key]
+    await until(lambda: recorded.detached, "a detached")
+    first_b.in_flight -= 1  # its call ended: its drain finds it back, and leaves it
+    await asyncio.sleep(0.2)
+    assert recorded.events == ["attach", "attach", "detach"]  # b once, a in and out
+    assert recorded.detached == [recorded.attached[1]]
+    await membership.aclose()
+    await membership.detach_all()
+    assert sorted(recorded.detached) == sorted(recorded.attached)
+
+
+async def test_an_instance_that_flaps_twice_is_detached_once_its_last_calls_end() -> None:
+    # b leaves with a call in flight, is listed again and takes another call, and leaves
+    # again. The first drain must not detach it under the second call, which came after.
+    recorded = _Recorded(drain_timeout=30.0)
+    a, b = Endpoint("127.0.0.2", 9), Endpoint("127.0.0.3", 9)
+    source = _Flapping(b)
+    membership = Membership(
+        recorded.fleet,
+        [source],
+        attach=recorded._attach,
+        detach=recorded._detach,
+        drain_timeout=30.0,
+    )
+    await membership.start(first_read_timeout=1.0)
+    (first_b,) = recorded.fleet.instances
+    first_b.in_flight += 1
+    source.list(a)
+    await until(lambda: recorded.fleet.member(first_b.key) is None, "b out")
+    source.list(b)
+    await until(lambda: recorded.fleet.member(first_b.key) is not None, "b back")
+    second_b = recorded.fleet.member(first_b.key)
+    assert second_b is not None and second_b is not first_b
+    second_b.in_flight += 1
+    source.list(a)
+    await until(lambda: recorded.fleet.member(first_b.key) is None, "b out again")
+    first_b.in_flight -= 1  # the first call ends: the second still runs on b
+    await asyncio.sleep(0.3)
+    assert first_b.key not in recorded.detaching
+    second_b.in_flight -= 1
+    await until(lambda: first_b.key in recorded.detached, "b detached")
+    assert recorded.detaching.count(first_b.key) == 1
+    await membership.aclose()
+    await membership.detach_all()

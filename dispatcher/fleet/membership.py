@@ -19,9 +19,11 @@ changed, not the whole list); an instance whose attach fails is left
 out and tried again by a pass 0.5 s later, then 1 s, 2 s … up to 30 s while it fails
 (sources report only changes: an instance listed before its server is up would
 otherwise wait for the next one). An instance that left and is listed again while it
-still drains its calls joins again once its detach has ended, attached anew: never
-attached twice over (a source that flaps, an instance sent out to take a reload's entry
-afresh).
+still drains its calls, attached, takes calls again as it is: a source that flaps costs
+its calls nothing (before, a fleet whose one listed instance flapped had none until that
+instance's calls ended, and every call failed meanwhile). One sent out to take a
+reload's entry afresh (``retire_member``) joins again once its detach has ended,
+attached anew. Neither is ever attached twice over.
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ class Membership:
         #: Set by ``aclose``: a pass still to come (``start``'s, from a reload the close
         #: overtook) attaches nothing more, which no one would detach.
         self._closed = False
+        #: Instances sent out to be attached anew (``retire_member``), by key: listed
+        #: still, they join again only once detached.
+        self._anew: set[str] = set()
+        #: The instance that left last, by key, while it drains: an instance listed again
+        #: and gone again has two drains, and only the last one's end may detach it.
+        self._last_left: dict[str, Instance] = {}
 
     async def start(self, first_read_timeout: float) -> None:
         """Watch every source; return once each has answered once (or the timeout passed),
@@ -161,6 +169,7 @@ class Membership:
         next pass joins it again if a source still lists it."""
         instance = self.fleet.member(key)
         if instance is not None and instance.source != FIXED:
+            self._anew.add(key)
             self._retire(instance)
             self._retry_soon()
 
@@ -232,12 +241,19 @@ class Membership:
         left_out = False
         for key, (target, weight, source_name) in wanted.items():
             instance = present.get(key)
-            if instance is None and key in self.attached:
-                # It left and still drains its calls, attached: attached again now, its
-                # plugins would get a second attach over the live one (a gRPC service a
-                # second Init and Start), and its detach would be skipped. It joins
-                # again, attached anew, once its detach has ended (``_detach_when_idle``).
+            if instance is None and key in self.attached and key in self._anew:
+                # Sent out to be attached anew, and still draining its calls: attached
+                # again now, its plugins would get a second attach over the live one (a
+                # gRPC service a second Init and Start). It joins again once its detach
+                # has ended (``_detach_when_idle``).
                 left_out = True
+            elif instance is None and key in self.attached:
+                # It left (a source flapped) and still drains its calls, attached for the
+                # versions serving the fleet (a reload's add, update and release reach the
+                # instances draining too): it takes calls again as it is, and its drain,
+                # finding it back, does not detach it.
+                self._last_left.pop(key, None)
+                fleet.join(target, weight=weight, source=source_name)
             elif instance is None:
                 left_out |= not await self._join(target, weight, source_name)
             elif instance.source != FIXED and instance.weight != weight:
@@ -278,6 +294,7 @@ class Membership:
 
     def _retire(self, instance: Instance) -> None:
         self.fleet.leave(instance)
+        self._last_left[instance.key] = instance
         if self._closed:  # ``detach_all`` detaches it; a task now would be nobody's
             return
         task = asyncio.get_running_loop().create_task(
@@ -296,6 +313,9 @@ class Membership:
             await asyncio.sleep(_IDLE_POLL)
         if self.fleet.member(instance.key) is not None:
             return  # listed again meanwhile: a new instance of the same target took over
+        if self._last_left.get(instance.key) is not instance:
+            return  # back and gone again since: the last drain detaches it
+        del self._last_left[instance.key]
         if self.attached.pop(instance.key, None) is not None:
             task = asyncio.current_task()
             assert task is not None
@@ -310,6 +330,7 @@ class Membership:
                 )
             finally:
                 self._detaching.discard(task)
+            self._anew.discard(instance.key)
             self._changed.set()  # a source listing it still: it joins again, attached anew
 
     async def _safely(
