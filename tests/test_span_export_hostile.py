@@ -40,10 +40,12 @@ from typing import Any
 
 import pytest
 
+from dispatcher import Dispatcher
 from dispatcher.config.telemetry import ResolvedTracing, TelemetryEnvironmentError, TracingSettings
 from dispatcher.telemetry.tracing import Tracing
 from linchkit_plugin._span_export import ExportSettingsError, read_export_settings
 from tests.services import CLEAN_ENVIRONMENT
+from tests.test_telemetry import telemetry_manifest, traced
 
 pytestmark = pytest.mark.slow
 
@@ -354,6 +356,40 @@ async def test_the_dispatcher_s_close_is_not_held_by_a_dripping_collector(serve:
     # The last export ends at its timeout (before: the batch processor's 30 s wait).
     assert time.monotonic() - began < PATIENCE
     assert heads
+
+
+async def _held(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, heads: list[bytes]
+) -> None:
+    """A collector that takes each request and never answers."""
+    await _read_request(reader, heads)
+    await asyncio.Event().wait()
+
+
+async def test_the_dispatcher_s_close_gives_the_spans_the_exporter_s_timeout_at_most(
+    serve: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A collector that never answers, and spans for many batches buffered at the close:
+    # each batch took the exporter's timeout, one after another, until OpenTelemetry's
+    # batch processor stopped waiting for them (30 s).
+    port, heads = await serve(_held)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", str(TIMEOUT))
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
+    endpoint = f"http://u:{SECRET}@127.0.0.1:{port}/v1/traces"
+    dispatcher = Dispatcher(telemetry_manifest({"tracing": {"otlp_endpoint": endpoint}}, traced()))
+    await dispatcher.start()
+    assert dispatcher.telemetry is not None and dispatcher.telemetry.tracing is not None
+    for each in range(50):
+        dispatcher.telemetry.tracing.tracer.start_span(f"buffered-{each}").end()
+    began = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="dispatcher"):
+        async with asyncio.timeout(60):
+            await dispatcher.aclose()
+    assert time.monotonic() - began < TIMEOUT + PATIENCE
+    (line,) = [each.getMessage() for each in caplog.records if "spans dropped" in each.getMessage()]
+    assert f"http://127.0.0.1:{port}" in line and SECRET not in line, line
+    assert heads  # it was sent to
 
 
 async def test_the_dispatcher_never_prints_a_token_in_the_endpoint_s_query(

@@ -20,7 +20,6 @@ Where it hooks in: ``around_call`` wraps each route's chain when the route is bu
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -202,9 +201,9 @@ class TelemetryRuntime:
     async def aclose(self) -> None:
         """Send the spans still buffered, stop the exporter, remove the log handler."""
         if self.tracing is not None:
-            # The SDK's shutdown blocks until the exporter has sent (bounded by its own
-            # timeouts): off the loop, so calls of other dispatchers go on meanwhile.
-            await asyncio.to_thread(self.tracing.shutdown)
+            # Off the loop, so calls of other dispatchers go on meanwhile; for the
+            # exporter's timeout at most, whatever the collector does.
+            await self.tracing.aclose()
         if self._log_handler is not None:
             uninstall(self._log_handler)
             self._log_handler = None

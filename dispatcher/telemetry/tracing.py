@@ -28,10 +28,13 @@ extension, Lambda payload context). Items of a batch keep their own call span's 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import random
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -65,6 +68,8 @@ InvokeBatch = Callable[[TargetConfig, Sequence[Invocation]], Awaitable[list[Outc
 
 #: Longest error message a span keeps (plugin messages are unbounded).
 MAX_STATUS_CHARS = 512
+#: What a close gives the spans still buffered past the exporter's timeout (seconds).
+CLOSE_MARGIN_SECONDS = 1.0
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -340,6 +345,41 @@ class Tracing:
     def shutdown(self) -> None:
         """Send what is buffered and stop the exporter (blocking: run it in a thread)."""
         self.provider.shutdown()
+
+    async def aclose(self) -> bool:
+        """``shutdown`` for the exporter's timeout at most, plus ``CLOSE_MARGIN_SECONDS``:
+        True when the spans still buffered were sent. A collector that does not take them
+        (silent, or slow) held a dispatcher's close up to 30 s (OpenTelemetry's batch
+        processor waits that long for its thread, one batch after another): they are
+        dropped then, with one warning naming it by scheme, host and port. The sending
+        goes on in a daemon thread, which holds neither the loop nor the process's exit."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def shut_down() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(settle)
+
+        threading.Thread(target=shut_down, name="linchkit-span-flush", daemon=True).start()
+        bound = self.settings.export.timeout + CLOSE_MARGIN_SECONDS
+        try:
+            await asyncio.wait_for(asyncio.shield(done), bound)
+        except TimeoutError:
+            log.warning(
+                "spans dropped at the close: the trace collector at %s did not take them"
+                " within %g s (the exporter's timeout); check that it is up and answers",
+                collector_shown(self.settings.endpoint or ""),
+                round(bound, 1),
+            )
+            return False
+        return True
 
     def _shown_endpoint(self) -> str | None:
         """The endpoint without its password: a user and password in it are the
