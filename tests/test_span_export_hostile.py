@@ -233,8 +233,8 @@ async def test_an_answer_dripped_a_byte_at_a_time_ends_at_the_timeout_every_time
 
 
 async def test_a_token_in_the_endpoint_s_query_never_prints() -> None:
-    # Nothing listens there: the exporter warns with its error before it retries (3 s
-    # leave time for one), naming the collector.
+    # Nothing listens there: the outage is said, naming the collector (and the exporter
+    # tries again within its 3 s).
     closed = _closed_port()
     outcome, said = await _plugin_exporting(
         {
@@ -325,6 +325,32 @@ async def test_a_redirect_is_said_once_and_not_followed(serve: Any) -> None:
     assert SECRET not in said, said
 
 
+async def test_an_outage_is_said_once_and_its_end_once(serve: Any) -> None:
+    # Before: OpenTelemetry's line for every failed batch (a busy plugin: 16 a second
+    # while a collector answered 500).
+    answers = [500, 500, 500]  # then 200s (not 503 nor 429: those may be retried)
+
+    async def failing_then_fine(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, heads: list[bytes]
+    ) -> None:
+        while True:
+            await _read_request(reader, heads)
+            status = answers.pop(0) if answers else 200
+            writer.write(b"HTTP/1.1 %d Whatever\r\nContent-Length: 0\r\n\r\n" % status)
+            await writer.drain()
+
+    port, heads = await serve(failing_then_fine)
+    outcome, said = await _plugin_exporting(
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces"}, rounds=5
+    )
+    assert None not in outcome["flushes"], (outcome, said)
+    assert len(heads) == 5, heads
+    lines = said.splitlines()
+    assert len(lines) == 2, said
+    assert "not reaching the trace collector" in lines[0] and "500" in lines[0], said
+    assert lines[1].endswith(f"the trace collector at http://127.0.0.1:{port} takes spans again")
+
+
 async def test_a_collector_that_answers_still_gets_every_span(serve: Any) -> None:
     port, heads = await serve(_answer_ok)
     outcome, said = await _plugin_exporting(
@@ -396,7 +422,7 @@ async def test_the_dispatcher_never_prints_a_token_in_the_endpoint_s_query(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     closed = _closed_port()
-    # Time for a retry, before which the exporter warns with the error it got.
+    # Time for a retry: the outage is said once, naming the collector.
     environ = {"OTEL_EXPORTER_OTLP_TIMEOUT": "3", "OTEL_BSP_SCHEDULE_DELAY": "600000"}
     tracing = _tracing(f"http://127.0.0.1:{closed}/v1/traces?api_key={SECRET}", environ)
     tracing.tracer.start_span("buffered").end()

@@ -14,7 +14,12 @@
 - keeps no cookie a collector sets (each would stay for the process's life);
 - fails with an error of the same ``requests`` type whose message names the collector by
   scheme, host and port only: ``requests``' own put the URL's path and query in it, and the
-  exporter logs it, a token in the query with it.
+  exporter logs it, a token in the query with it;
+- says an outage once: OpenTelemetry logs a line per failed batch (and per retry), which
+  a collector answering 500 to a busy plugin made 16 lines a second. The session says
+  when the collector stops taking spans and when it takes them again; OpenTelemetry's
+  lines for the exports it made are dropped (``_OutageLines``: only on the thread that
+  just made a failed request through a session, so another exporter's lines stay).
 """
 
 from __future__ import annotations
@@ -111,6 +116,26 @@ class _WatchedAdapter(HTTPAdapter):
         }
 
 
+#: How OpenTelemetry's OTLP/HTTP exporters (1.25 and later) begin the lines they log for
+#: a failed export, and for each retry of one.
+_EXPORT_FAILURE_LINES = ("Failed to export", "Transient error")
+#: The loggers they log them with: the span exporter's module's.
+_EXPORTER_LOGGERS = ("opentelemetry.exporter.otlp.proto.http.trace_exporter",)
+
+
+class _OutageLines(logging.Filter):
+    """Drops OpenTelemetry's line for an export that failed through a ``CollectorSession``
+    (the last request made on the logging thread failed): the session says the outage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(_requesting, "failed", False) and isinstance(record.msg, str):
+            return not record.msg.startswith(_EXPORT_FAILURE_LINES)
+        return True
+
+
+_OUTAGE_LINES = _OutageLines()
+
+
 class CollectorSession(requests.Session):
     """The exporter's ``requests`` session, bounded as the module says. ``collector``: the
     collector as scheme://host:port, what its errors and lines name; ``log``: where the
@@ -126,6 +151,10 @@ class CollectorSession(requests.Session):
         adapter = _WatchedAdapter()
         self.mount("http://", adapter)
         self.mount("https://", adapter)
+        #: The collector has not taken the last request (said once, until it takes one).
+        self._failing = False
+        for name in _EXPORTER_LOGGERS:
+            logging.getLogger(name).addFilter(_OUTAGE_LINES)  # once: filters are a set
 
     def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
         kwargs["allow_redirects"] = False
@@ -140,10 +169,13 @@ class CollectorSession(requests.Session):
             if deadline.fired:  # an answer cut short, its status line or headers too
                 raise requests.exceptions.ReadTimeout()
         except requests.RequestException as error:
-            raise _scrubbed(error, self.collector, deadline) from None
+            scrubbed = _scrubbed(error, self.collector, deadline)
+            self._outcome(str(scrubbed).removeprefix(f"the trace collector at {self.collector}: "))
+            raise scrubbed from None
         finally:
             deadline.cancel()
             _requesting.deadline = None
+        self._outcome(None if response.status_code < 400 else f"it answered {response.status_code}")
         if 300 <= response.status_code < 400 and not self._redirect_said:
             self._redirect_said = True
             self._log.warning(
@@ -155,8 +187,24 @@ class CollectorSession(requests.Session):
             )
         return response
 
+    def _outcome(self, failure: str | None) -> None:
+        """Say when the collector stops taking spans (``failure``: what happened) and
+        when it takes them again; mark the thread for ``_OutageLines``."""
+        _requesting.failed = failure is not None
+        if failure is not None and not self._failing:
+            self._failing = True
+            self._log.warning(
+                "spans are not reaching the trace collector at %s: %s. Those sent until it"
+                " takes them again are dropped (said once)",
+                self.collector,
+                failure,
+            )
+        elif failure is None and self._failing:
+            self._failing = False
+            self._log.warning("the trace collector at %s takes spans again", self.collector)
+
     def __repr__(self) -> str:
-        return f"<CollectorSession {self.collector}>"
+        return f"<CollectorSession {self.collector} failing={self._failing}>"
 
 
 def _total_seconds(timeout: Any) -> float:
