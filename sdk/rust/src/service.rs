@@ -321,6 +321,22 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// Runs plugin code in its own task, so a panic answers a `PluginError` instead of
 /// ending the plugin.
+/// Runs a method for a stream, over gRPC or WebSocket: a streaming method sends its chunks
+/// itself, a unary method's result is the one chunk.
+pub(crate) async fn run_streamed(
+    handler: Handler,
+    call: Call,
+    chunks: mpsc::Sender<Json>,
+) -> Result<(), Error> {
+    match handler {
+        Handler::Stream(method) => guarded(method(call, ChunkSender(chunks))).await,
+        Handler::Unary(method) => {
+            let result = guarded(method(call)).await?;
+            ChunkSender(chunks).send(result).await
+        }
+    }
+}
+
 pub(crate) async fn guarded<T: Send + 'static>(
     work: impl Future<Output = Result<T, Error>> + Send + 'static,
 ) -> Result<T, Error> {
@@ -538,16 +554,7 @@ impl PluginService for Service {
         let span = self.0.start_span(&mut call);
         tokio::spawn(async move {
             let (chunks, mut chunk_receiver) = mpsc::channel::<Json>(64);
-            let run = async move {
-                match handler {
-                    Handler::Stream(method) => guarded(method(call, ChunkSender(chunks))).await,
-                    // A unary method streamed: its result is the one chunk.
-                    Handler::Unary(method) => {
-                        let result = guarded(method(call)).await?;
-                        ChunkSender(chunks).send(result).await
-                    }
-                }
-            };
+            let run = run_streamed(handler, call, chunks);
             let forward = async {
                 while let Some(chunk) = chunk_receiver.recv().await {
                     if items.send(Ok(chunk_item(chunk))).await.is_err() {

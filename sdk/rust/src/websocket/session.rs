@@ -31,8 +31,8 @@ use tokio_stream::StreamExt;
 use super::frames::{Decoder, Deflate, Encoder, Incoming, Role, CLOSE_GOING_AWAY, CLOSE_NORMAL};
 use super::protocol::{self, Frame, FrameError};
 use super::Core;
-use crate::service::guarded;
-use crate::{pb, types, ChunkSender, Error, Handler, Json};
+use crate::service::run_streamed;
+use crate::{pb, types, Error, Json};
 
 /// The largest message either side sends or takes, inflated: the envelope's 8 MiB.
 pub(crate) const MAX_MESSAGE_BYTES: usize = 8 << 20;
@@ -613,15 +613,7 @@ async fn run_stream(
         // span then ends as cancelled.
         let span = core.shared.span_of(&mut call);
         let (chunks, mut receiver) = mpsc::channel::<Json>(16);
-        let run = async move {
-            match handler {
-                Handler::Stream(method) => guarded(method(call, ChunkSender(chunks))).await,
-                Handler::Unary(method) => {
-                    let result = guarded(method(call)).await?;
-                    ChunkSender(chunks).send(result).await
-                }
-            }
-        };
+        let run = run_streamed(handler, call, chunks);
         let forward = async {
             while let Some(chunk) = receiver.recv().await {
                 if let Some(why) = crate::params::check(chunk.as_bytes()) {
@@ -689,7 +681,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::websocket::frames::{Decoder, Encoder};
-    use crate::{Call, Plugin};
+    use crate::{Call, ChunkSender, Plugin};
     use serde_json::{json, Value};
     use tokio::io::ReadHalf;
 
