@@ -7,22 +7,52 @@ import (
 	"github.com/linchkit/dispatcher/sdk/go/internal/pluginpb"
 )
 
-// Bounds on events waiting for the host: kept while no Events stream is open (the host
-// may open it a moment after the first call that emits), and queued per open stream.
+// Bounds on events waiting for the host: kept while no host takes them (the host may open
+// its Events stream a moment after the first call that emits; a WebSocket host may be
+// between two connections), and queued per host that does.
 const (
 	pendingEventLimit = 1024
 	streamQueueLimit  = 1024
+	// websocketEventBuffer: the events the WebSocket modes keep while no host is connected,
+	// as the Python SDK's max_buffered_events (docs/protocol.md, "Events while
+	// disconnected"): the next host gets them and a dropped frame with the count lost.
+	websocketEventBuffer = 1000
 )
 
-// eventHub fans plugin events out to the open Events streams.
+// eventHub fans plugin events out to the hosts that take them: gRPC Events streams or
+// WebSocket sessions.
 type eventHub struct {
 	mu          sync.Mutex
-	subscribers map[chan *pluginpb.PluginEvent]int // each open stream's queue: events it dropped
+	subscribers map[chan *pluginpb.PluginEvent]int // each host's queue: events it dropped
 	pending     []*pluginpb.PluginEvent
+	// pendingLimit bounds pending, the oldest dropped past it; lost counts those dropped
+	// since a host last took what waited.
+	pendingLimit int
+	lost         int
+}
+
+// subscription is one host's share of the events: those that waited for a host (oldest
+// first) and the count lost from them, which it takes before what its queue brings.
+type subscription struct {
+	queue  chan *pluginpb.PluginEvent
+	events []*pluginpb.PluginEvent
+	lost   int
 }
 
 func newEventHub() *eventHub {
-	return &eventHub{subscribers: map[chan *pluginpb.PluginEvent]int{}}
+	return &eventHub{subscribers: map[chan *pluginpb.PluginEvent]int{}, pendingLimit: pendingEventLimit}
+}
+
+// keepAtMost bounds the events kept while no host takes them to limit, dropping (and
+// counting) the oldest of those waiting beyond it.
+func (h *eventHub) keepAtMost(limit int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.pendingLimit = limit
+	if over := len(h.pending) - limit; over > 0 {
+		h.pending = h.pending[over:]
+		h.lost += over
+	}
 }
 
 func (h *eventHub) publish(name string, data json.RawMessage) {
@@ -30,8 +60,9 @@ func (h *eventHub) publish(name string, data json.RawMessage) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if len(h.subscribers) == 0 {
-		if len(h.pending) == pendingEventLimit {
+		if len(h.pending) >= h.pendingLimit {
 			h.pending = h.pending[1:]
+			h.lost++
 		}
 		h.pending = append(h.pending, event)
 		return
@@ -59,17 +90,15 @@ func (h *eventHub) publish(name string, data json.RawMessage) {
 	}
 }
 
-// subscribe opens a queue for one Events stream, holding the events that waited for it.
-func (h *eventHub) subscribe() chan *pluginpb.PluginEvent {
+// subscribe opens a queue for one host, which takes the events that waited for a host and
+// the count lost from them: the next host to subscribe gets neither.
+func (h *eventHub) subscribe() subscription {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	queue := make(chan *pluginpb.PluginEvent, streamQueueLimit+pendingEventLimit)
-	for _, event := range h.pending {
-		queue <- event
-	}
-	h.pending = nil
-	h.subscribers[queue] = 0
-	return queue
+	taken := subscription{queue: make(chan *pluginpb.PluginEvent, streamQueueLimit), events: h.pending, lost: h.lost}
+	h.pending, h.lost = nil, 0
+	h.subscribers[taken.queue] = 0
+	return taken
 }
 
 func (h *eventHub) unsubscribe(queue chan *pluginpb.PluginEvent) {

@@ -187,8 +187,10 @@ func (p *Plugin) OnDestroy(fn Hook) { p.onDestroy = fn }
 // OnEvent sets the handler of host events with this name; other names are ignored.
 func (p *Plugin) OnEvent(name string, fn EventHandler) { p.handlers[name] = fn }
 
-// Emit sends a plugin event to the host over the Events stream. Events emitted while no
-// stream is open are kept (up to a bound) and delivered when the host opens one.
+// Emit sends a plugin event to every host connected (each open Events stream, each
+// WebSocket connection). Events emitted while none is are kept (up to a bound: 1,000 in the
+// WebSocket modes, which then send a dropped frame with the count lost) and delivered to
+// the next host to connect.
 func (p *Plugin) Emit(name string, data any) error {
 	raw, err := encodeJSON(data)
 	if err != nil {

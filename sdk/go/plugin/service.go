@@ -273,8 +273,8 @@ func (s *service) CallStream(req *pluginpb.CallRequest, stream pluginpb.PluginSe
 }
 
 func (s *service) Events(stream pluginpb.PluginService_EventsServer) error {
-	queue := s.plugin.events.subscribe()
-	defer s.plugin.events.unsubscribe(queue)
+	events := s.plugin.events.subscribe()
+	defer s.plugin.events.unsubscribe(events.queue)
 	// Headers now: the host knows the stream is registered, so no later emit is lost
 	// (docs/protocol.md); grpc-go would otherwise hold them until the first event.
 	if err := stream.SendHeader(metadata.MD{}); err != nil {
@@ -297,9 +297,15 @@ func (s *service) Events(stream pluginpb.PluginService_EventsServer) error {
 			}
 		}
 	}()
+	// The events that waited for a host first (gRPC has no frame for the count lost).
+	for _, event := range events.events {
+		if err := stream.Send(event); err != nil {
+			return err
+		}
+	}
 	for {
 		select {
-		case event := <-queue:
+		case event := <-events.queue:
 			if err := stream.Send(event); err != nil {
 				return err
 			}

@@ -110,6 +110,9 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	if err != nil {
 		return fmt.Errorf("connect: %w", err)
 	}
+	// Events emitted while no host is connected wait for the next, as many as the Python
+	// SDK keeps (its hooks' events included).
+	p.events.keepAtMost(websocketEventBuffer)
 	if err := p.startOwnLifecycle(ctx, "connect", *config); err != nil {
 		return err
 	}

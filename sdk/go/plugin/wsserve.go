@@ -66,6 +66,9 @@ func (p *Plugin) runWebSocketServer(ctx context.Context, env Environment, addres
 	if err != nil {
 		return fmt.Errorf("serve: cannot listen on %s: %w", address, err)
 	}
+	// Events emitted while no host is connected wait for the next, as many as the Python
+	// SDK keeps (its hooks' events included).
+	p.events.keepAtMost(websocketEventBuffer)
 	if err := p.startOwnLifecycle(ctx, "serve", config); err != nil {
 		listener.Close()
 		return err

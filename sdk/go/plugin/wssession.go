@@ -222,22 +222,9 @@ func (s *wsSession) run(stopping context.Context) {
 		"type": "hello", "protocol": ProtocolVersion, "id": p.id, "version": p.version,
 		"runtime": p.runtime, "methods": methods, "streaming": streaming,
 	})
-	queue := p.events.subscribe()
-	defer p.events.unsubscribe(queue)
-	go func() {
-		for {
-			select {
-			case event := <-queue:
-				data := json.RawMessage(event.GetDataJson())
-				if len(data) == 0 {
-					data = json.RawMessage("null")
-				}
-				s.send(ctx, map[string]any{"type": "event", "event": event.GetName(), "data": data})
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
+	events := p.events.subscribe()
+	defer p.events.unsubscribe(events.queue)
+	go s.sendEvents(ctx, events)
 	go s.goAway(ctx, stopping)
 	heartbeat := s.heartbeat
 	if heartbeat <= 0 {
@@ -310,6 +297,36 @@ func (s *wsSession) run(stopping context.Context) {
 			continue
 		}
 		s.handle(ctx, f)
+	}
+}
+
+// sendEvents sends the plugin's events until the connection ends: first those that waited
+// for a host (the outbox of the Python SDK's EventOutbox) and a dropped frame with the count
+// lost from them, if any, then each as it is emitted.
+func (s *wsSession) sendEvents(ctx context.Context, events subscription) {
+	sendEvent := func(event *pluginpb.PluginEvent) {
+		data := json.RawMessage(event.GetDataJson())
+		if len(data) == 0 {
+			data = json.RawMessage("null")
+		}
+		s.send(ctx, map[string]any{"type": "event", "event": event.GetName(), "data": data})
+	}
+	for _, event := range events.events {
+		if ctx.Err() != nil {
+			return
+		}
+		sendEvent(event)
+	}
+	if events.lost > 0 {
+		s.send(ctx, map[string]any{"type": "dropped", "count": events.lost})
+	}
+	for {
+		select {
+		case event := <-events.queue:
+			sendEvent(event)
+		case <-ctx.Done():
+			return
+		}
 	}
 }
 
