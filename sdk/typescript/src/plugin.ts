@@ -53,7 +53,10 @@ type Registered =
 
 type Phase = 'init' | 'start' | 'stop' | 'destroy';
 
-/** Events emitted while no host listens are kept, up to this many, for the first listener. */
+/**
+ * Events emitted while no host listens are kept, up to this many, for the first listener
+ * (the WebSocket modes keep fewer: `keepAtMost`).
+ */
 const PENDING_EVENTS_LIMIT = 1024;
 
 export interface PluginOptions {
@@ -76,6 +79,9 @@ export class Plugin {
   private readonly eventHandlers = new Map<string, EventHandler[]>();
   private readonly sinks = new Set<EventSink>();
   private pending: Array<[string, unknown]> = [];
+  private pendingLimit = PENDING_EVENTS_LIMIT;
+  /** Events dropped from `pending` (the oldest, past its bound) since a listener last took it. */
+  private lost = 0;
 
   constructor(options: PluginOptions) {
     this.id = options.id;
@@ -127,7 +133,10 @@ export class Plugin {
   /** Send event `name` with JSON `data` to the host's handlers. */
   emit(name: string, data: unknown = null): void {
     if (this.sinks.size === 0) {
-      if (this.pending.length >= PENDING_EVENTS_LIMIT) this.pending.shift();
+      if (this.pending.length >= this.pendingLimit) {
+        this.pending.shift();
+        this.lost += 1;
+      }
       this.pending.push([name, data]);
       return;
     }
@@ -144,13 +153,33 @@ export class Plugin {
 
   // ---- used by the server binding -------------------------------------------------
 
-  /** @internal Where emitted events go; returns the unsubscribe function. */
-  addEventSink(sink: EventSink): () => void {
+  /**
+   * @internal Where emitted events go: first those that waited for a listener, then `lost`
+   * with the count dropped from them (if any: a WebSocket session's `dropped` frame), then
+   * each as it is emitted. Returns the unsubscribe function.
+   */
+  addEventSink(sink: EventSink, lost?: (count: number) => void): () => void {
     this.sinks.add(sink);
     const pending = this.pending;
+    const dropped = this.lost;
     this.pending = [];
+    this.lost = 0;
     for (const [name, data] of pending) sink(name, data);
+    if (dropped > 0) lost?.(dropped);
     return () => this.sinks.delete(sink);
+  }
+
+  /**
+   * @internal Keep at most `limit` events while no host listens, dropping (and counting) the
+   * oldest past it: the WebSocket modes' bound, as every SDK's.
+   */
+  keepAtMost(limit: number): void {
+    this.pendingLimit = limit;
+    const over = this.pending.length - limit;
+    if (over > 0) {
+      this.pending.splice(0, over);
+      this.lost += over;
+    }
   }
 
   /** @internal A host event reaching the plugin. */

@@ -16,7 +16,8 @@
  * generator, its `finally` run, as over gRPC), streams honour the host's `credit` (a window
  * of 256 chunks), `health`
  * is answered, host `event`s reach `plugin.on` handlers and the plugin's events go out.
- * Events emitted while no host is connected wait in the plugin's own bounded buffer. Given
+ * Events emitted while no host is connected wait, the newest `MAX_BUFFERED_EVENTS` of them, and
+ * go to the next host followed by a `dropped` frame with the count lost, if any. Given
  * a `Tracing`, each call and each stream runs in its span, as over gRPC (tracing.ts): a
  * stream's lasts until its last chunk and ends with its outcome.
  *
@@ -47,6 +48,11 @@ const MAX_FRAME_DEPTH = MAX_DEPTH + 2;
 /** Bytes queued on a socket the host does not read before the session stops reading calls. */
 const MAX_BUFFERED_BYTES = 16 * 1024 * 1024;
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/**
+ * Events the plugin keeps while no host is connected, the oldest dropped and counted past
+ * it (docs/protocol.md, "Events while disconnected"; `max_buffered_events` in the Python SDK).
+ */
+export const MAX_BUFFERED_EVENTS = 1000;
 const PROTOCOL_VERSION = 1;
 /**
  * Milliseconds a stopping plugin waits, after `goaway`, for the host to finish its calls and
@@ -120,7 +126,10 @@ export class Session {
       methods: methods.map((method) => method.name).sort(),
       streaming: methods.filter((method) => method.streaming).map((method) => method.name).sort(),
     });
-    this.unsubscribe = plugin.addEventSink((name, data) => this.send({ type: 'event', event: name, data }));
+    this.unsubscribe = plugin.addEventSink(
+      (name, data) => this.send({ type: 'event', event: name, data }),
+      (count) => this.send({ type: 'dropped', count }),
+    );
     this.socket.on('message', (data: RawData) => {
       // pause() stops the socket, not the messages ws already read: those wait here.
       if (this.paused || this.backlog.length > 0) this.backlog.push(data);
@@ -395,6 +404,7 @@ export class WebSocketPluginServer {
       response.end(encodeJson({ ok: false, error: toWireError(new InvalidParams('this plugin speaks WebSocket: send an upgrade')) }));
     });
     this.server.on('upgrade', (request, socket, head) => this.upgrade(request, socket, head));
+    plugin.keepAtMost(MAX_BUFFERED_EVENTS);
   }
 
   /** Listen at `address` (host:port); resolves to the bound address. A mistyped address or a failed listen rejects with a `ListenError` (listen.ts). */
@@ -483,6 +493,7 @@ export class Refused extends Error {
 export async function dial(plugin: Plugin, url: string, options: DialOptions = {}): Promise<void> {
   const headers: Record<string, string> = { 'X-Plugin-Id': plugin.id, 'X-Plugin-Version': plugin.version };
   if (options.token !== undefined) headers.Authorization = `Bearer ${options.token}`;
+  plugin.keepAtMost(MAX_BUFFERED_EVENTS);
   const initial = options.initialBackoffMs ?? 100;
   let backoff = initial;
   while (options.signal?.aborted !== true) {
