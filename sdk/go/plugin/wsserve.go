@@ -9,7 +9,8 @@ package plugin
 // An upgrade is refused before it happens, in a JSON error envelope that quotes nothing
 // sent: 401 (WWW-Authenticate: Bearer) without the token of LINCHKIT_PLUGIN_TOKEN_FILE or
 // LINCHKIT_PLUGIN_TOKEN, compared in constant time; 426 to a request that is no upgrade;
-// 503 once the plugin is stopping. permessage-deflate is accepted when the dispatcher
+// 503 once the plugin is stopping, and 503 (overloaded, Retry-After: 1) past
+// maxWebSocketConnections connections. permessage-deflate is accepted when the dispatcher
 // offers it (a target with `compress: true`) and declined when it does not, so the
 // manifest decides; a deflated message is inflated up to the 8 MiB read limit only
 // (coder/websocket counts the inflated bytes and closes 1009 past it): no bomb. No TLS, as
@@ -46,6 +47,11 @@ const (
 	maxUpgradeHeaderBytes = 64 << 10
 	// notUpgradedIdleTimeout: how long a connection that asked for no upgrade may sit idle.
 	notUpgradedIdleTimeout = 75 * time.Second
+	// maxWebSocketConnections: the connections served at once, as `dispatcher-plugin
+	// serve` holds its HTTP ones (--max-connections, 1000). Past it an upgrade is refused
+	// 503 before it happens: each connection holds a goroutine, its buffers and a
+	// descriptor, and a dispatcher needs one per plugin id, so a thousand more are a flood.
+	maxWebSocketConnections = 1000
 )
 
 // runWebSocketServer is `serve --websocket`: address and config are the flags, checked
@@ -112,21 +118,27 @@ type webSocketServer struct {
 	stopping context.Context
 	stopAll  context.CancelFunc
 
+	// maxConnections: the sessions served at once; past them an upgrade is refused.
+	maxConnections int
+
 	mu       sync.Mutex
 	closing  bool
 	sessions sync.WaitGroup
 	open     int // sessions running now
+	refused  int // upgrades refused past maxConnections
 }
 
 func newWebSocketServer(ctx context.Context, p *Plugin, token *bearerToken, grace time.Duration) *webSocketServer {
 	stopping, stopAll := context.WithCancel(ctx)
-	return &webSocketServer{plugin: p, token: token, grace: grace, stopping: stopping, stopAll: stopAll}
+	return &webSocketServer{plugin: p, token: token, grace: grace, stopping: stopping, stopAll: stopAll,
+		maxConnections: maxWebSocketConnections}
 }
 
 func (s *webSocketServer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return fmt.Sprintf("<webSocketServer %s sessions=%d closing=%t token=%t>", s.plugin.id, s.open, s.closing, s.token != nil)
+	return fmt.Sprintf("<webSocketServer %s sessions=%d/%d refused=%d closing=%t token=%t>",
+		s.plugin.id, s.open, s.maxConnections, s.refused, s.closing, s.token != nil)
 }
 
 // stop takes no new connection (the listener closes, and so do connections not yet
@@ -160,6 +172,19 @@ func (s *webSocketServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		refuseUpgrade(w, http.StatusServiceUnavailable, &Error{Type: TypeTargetUnavailable, Message: "the plugin is stopping", Retryable: true})
 		return
 	}
+	if s.open >= s.maxConnections {
+		s.refused++
+		first := s.refused == 1
+		s.mu.Unlock()
+		if first { // once: a flood would otherwise write a line per upgrade
+			sdkLog.Warn(fmt.Sprintf("linchkit plugin: serve --websocket holds %d connections, its most; "+
+				"refusing more with 503 until one closes", s.maxConnections))
+		}
+		w.Header().Set("Retry-After", "1")
+		refuseUpgrade(w, http.StatusServiceUnavailable, &Error{Type: TypeOverloaded, Retryable: true, RetryAfter: 1,
+			Message: fmt.Sprintf("this plugin holds as many WebSocket connections as it takes (%d): dial again shortly", s.maxConnections)})
+		return
+	}
 	s.sessions.Add(1)
 	s.open++
 	s.mu.Unlock()
@@ -187,6 +212,9 @@ func (s *webSocketServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // refuseUpgrade answers a request that is not upgraded with the protocol's error envelope.
 func refuseUpgrade(w http.ResponseWriter, status int, e *Error) {
 	wire := map[string]any{"type": e.Type, "message": e.Message, "retryable": e.Retryable}
+	if e.RetryAfter > 0 {
+		wire["retry_after"] = e.RetryAfter
+	}
 	body, _ := json.Marshal(map[string]any{"ok": false, "error": wire})
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Connection", "close")

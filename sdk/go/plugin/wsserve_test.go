@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -374,5 +375,72 @@ func TestServeWebSocketRefusesWhatItWouldNotUse(t *testing.T) {
 				t.Errorf("it printed %q: a handshake line before refusing", stdout.String())
 			}
 		})
+	}
+}
+
+// Past its cap of connections (1,000, as `dispatcher-plugin serve` holds its HTTP ones)
+// an upgrade is refused 503 before it happens, in a short overloaded envelope a
+// dispatcher dials again on; a connection that closes frees its place. Before, every
+// upgrade was taken, each holding a goroutine, buffers and a descriptor.
+func TestServeWebSocketRefusesConnectionsPastItsCap(t *testing.T) {
+	if maxWebSocketConnections != 1000 {
+		t.Fatalf("the cap is %d, want the Python SDK's 1000", maxWebSocketConnections)
+	}
+	p := testPlugin()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	server := newWebSocketServer(ctx, p, nil, time.Second)
+	server.maxConnections = 2
+	httpServer := httptest.NewServer(server)
+	t.Cleanup(func() { server.stop(httpServer.Config); httpServer.Close() })
+	url := "ws" + strings.TrimPrefix(httpServer.URL, "http") + "/"
+	first, second := dialServed(t, url, nil), dialServed(t, url, nil)
+	readFrame(t, first)
+	readFrame(t, second)
+
+	dialCtx, dialCancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer dialCancel()
+	conn, response, err := websocket.Dial(dialCtx, url, nil)
+	if err == nil {
+		conn.CloseNow()
+		t.Fatal("a third connection was upgraded past a cap of 2")
+	}
+	if response == nil || response.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("the answer past the cap: %v, %v; want 503", response, err)
+	}
+	if got := response.Header.Get("Retry-After"); got != "1" {
+		t.Errorf("Retry-After: %q, want 1", got)
+	}
+	body, _ := io.ReadAll(response.Body)
+	var envelope struct {
+		Ok    bool `json:"ok"`
+		Error struct {
+			Type       string  `json:"type"`
+			Message    string  `json:"message"`
+			Retryable  bool    `json:"retryable"`
+			RetryAfter float64 `json:"retry_after"`
+		} `json:"error"`
+	}
+	if json.Unmarshal(body, &envelope) != nil || envelope.Ok || envelope.Error.Type != TypeOverloaded ||
+		!envelope.Error.Retryable || envelope.Error.RetryAfter != 1 || len(body) > 300 {
+		t.Fatalf("the body: %s, want a short, retryable overloaded envelope", body)
+	}
+
+	// A connection that ends frees its place.
+	_ = first.Close(websocket.StatusNormalClosure, "")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		conn, _, err := websocket.Dial(dialCtx, url, nil)
+		if err == nil {
+			t.Cleanup(func() { conn.CloseNow() })
+			if f := readFrame(t, conn); f["type"] != "hello" {
+				t.Fatalf("a connection once one closed: %v, want the hello", f)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no connection taken 10 s after one of two closed: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
