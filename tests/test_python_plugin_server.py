@@ -339,6 +339,32 @@ async def test_with_a_token_configured_calls_without_it_are_refused_and_nothing_
         assert answer.json() == {"ok": True, "result": {"x": 1}}
 
 
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_more_than_one_authorization_header_is_refused_whatever_they_say(http: str) -> None:
+    """Two ``Authorization`` headers, the first the token, were let in: the server read the
+    first only. Now refused 401, as the gRPC service and every WebSocket server refuse two."""
+    async with (
+        plugin_server(token=TOKEN, http=http) as port,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
+    ):
+        body = orjson.dumps(envelope("anything", {"x": 1}))
+        for second in ("Bearer wrong-token", f"Bearer {TOKEN}"):
+            headers = [
+                ("Content-Type", "application/json"),
+                ("Authorization", f"Bearer {TOKEN}"),
+                ("Authorization", second),
+            ]
+            answer = await client.post("/invoke", content=body, headers=headers)
+            assert answer.status_code == 401, (second, answer.text)
+            assert answer.json()["error"]["type"] == "unauthorized"
+            assert TOKEN not in answer.text
+            assert (await client.get("/describe", headers=headers)).status_code == 401
+            assert (await client.get("/health", headers=headers)).json() == {"status": "serving"}
+        one = [("Content-Type", "application/json"), ("Authorization", f"Bearer {TOKEN}")]
+        answer = await client.post("/invoke", content=body, headers=one)
+        assert answer.json() == {"ok": True, "result": {"x": 1}}
+
+
 async def test_the_http_provider_s_bearer_token_opens_a_protected_server() -> None:
     async with plugin_server(token=TOKEN) as port:
         url = f"http://127.0.0.1:{port}"

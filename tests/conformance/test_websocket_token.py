@@ -3,7 +3,8 @@
 
 The example plugin served with ``serve --websocket`` and ``LINCHKIT_PLUGIN_TOKEN`` or
 ``LINCHKIT_PLUGIN_TOKEN_FILE``: an upgrade without ``Authorization: Bearer <token>`` (none,
-another token, another scheme, the token cut short, another token first) is refused 401
+another token, another scheme, the token cut short), or with more than one ``Authorization``
+header (another token first or after it, the token twice), is refused 401
 before it upgrades, and neither what the plugin answers nor what it writes on stderr holds
 either token; a ``provider: websocket`` target with another ``token`` fails its calls
 ``TargetUnavailable``, one with the token is served (calls, streams, events). Without a
@@ -120,6 +121,10 @@ async def test_a_token_guards_the_upgrade(language: str, source: str, tmp_path: 
             [f"Bearer {token[:-1]}"],
             [f"Bearer {token}x"],
             [f"Bearer {wrong}", f"Bearer {token}"],
+            # More than one is refused whatever the others say, as over gRPC: the first
+            # right and another after it were let in by Python and TypeScript.
+            [f"Bearer {token}", f"Bearer {wrong}"],
+            [f"Bearer {token}", f"Bearer {token}"],
         ):
             status, body = await _upgrade_answer(url, authorization)
             assert status == 401, (authorization, status, body)

@@ -4,7 +4,8 @@ Routes (``docs/protocol.md``):
 
 * ``POST /invoke``  a request envelope, or ``{"batch": [...]}``; always answers an envelope.
   200 for every call the plugin handled, including the plugin's own errors; 400 for a
-  malformed envelope or params nested too deep; 401 without the bearer token; 408 when
+  malformed envelope or params nested too deep; 401 without the bearer token (or with
+  more than one ``Authorization`` header, whatever they say, as over gRPC); 408 when
   the body does not arrive within ``body_timeout``; 413 for a body over
   ``max_body_bytes`` or a batch over ``max_batch_items``; 415 for a body that is not
   ``application/json``; 503 for a call the server cut off as it stopped.
@@ -223,7 +224,7 @@ class PluginApp:
         return packed, [*headers, *encoded]
 
     def _authorize(self, scope: Scope) -> None:
-        if self.token is None or self.token.admits(_header(scope, b"authorization")):
+        if self.token is None or self.token.admits_headers(_headers(scope, b"authorization")):
             return
         # Never quote what the client sent: it may be a real token for something else.
         refusal = Unauthorized("this plugin requires 'Authorization: Bearer <token>'")
@@ -232,7 +233,7 @@ class PluginApp:
     async def _health(self, scope: Scope) -> tuple[int, dict[str, Any]]:
         healthy, detail = await self.host.health()
         body: dict[str, Any] = {"status": "serving" if healthy else "not_serving"}
-        if self.token is None or self.token.admits(_header(scope, b"authorization")):
+        if self.token is None or self.token.admits_headers(_headers(scope, b"authorization")):
             body["detail"] = detail
         return (200 if healthy else 503), body
 
@@ -438,6 +439,11 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
+
+
+def _headers(scope: Scope, name: bytes) -> list[bytes]:
+    """Every value of header ``name`` (lower case), in order: where a second one matters."""
+    return [bytes(value) for key, value in scope["headers"] if key == name]
 
 
 def _check_depth(params: Any) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["TOKEN_ENV", "TOKEN_FILE_ENV", "BearerToken", "TokenError"]
@@ -75,6 +75,13 @@ class BearerToken:
         scheme, _, credentials = authorization.strip().partition(b" ")
         presented = scheme.lower() + b" " + credentials.strip()
         return hmac.compare_digest(presented, self._expected)
+
+    def admits_headers(self, authorization: Sequence[bytes]) -> bool:
+        """Whether a request's ``Authorization`` headers, every one it sent, are exactly one
+        that carries this token. Two are refused whatever they say, as the gRPC service
+        refuses two ``authorization`` metadata values: one hop may read the first, another
+        the last, and a request is not let in on the one a server happened to read."""
+        return len(authorization) == 1 and self.admits(authorization[0])
 
     def __repr__(self) -> str:
         return "<BearerToken (hidden)>"

@@ -94,7 +94,7 @@ class WebSocketPluginServer:
 
     The plugin's ``init``/``start`` run when the server starts, ``stop``/``destroy``
     when it stops, as the HTTP server does. With a token, the upgrade needs
-    ``Authorization: Bearer <token>`` and is otherwise answered 401 before it upgrades.
+    ``Authorization: Bearer <token>``, once, and is otherwise answered 401 before it upgrades.
     ``stop_caps``: how long a stop gives the host to finish its calls after ``goaway``,
     then the hooks (default 5 s each; the executables read ``LINCHKIT_PLUGIN_STOP_GRACE_MS``
     and ``_STOP_HOOKS_MS``: ``linchkit_plugin.stopping``).
@@ -176,8 +176,9 @@ class WebSocketPluginServer:
 
     async def _connect(self, request: web.Request) -> web.StreamResponse:
         if self.token is not None:
-            authorization = request.headers.get("Authorization")
-            if not self.token.admits(authorization.encode() if authorization else None):
+            # Every Authorization header, not the first: two are refused (admits_headers).
+            authorization = request.headers.getall("Authorization", [])
+            if not self.token.admits_headers([value.encode() for value in authorization]):
                 body = error_response(Unauthorized("missing or wrong bearer token"))
                 return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
         socket = web.WebSocketResponse(

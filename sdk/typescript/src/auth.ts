@@ -71,6 +71,16 @@ export class BearerToken {
     return presented.length === this.#expected.length && timingSafeEqual(presented, this.#expected);
   }
 
+  /**
+   * Whether a request's `authorization` headers, every one it sent, are exactly one that
+   * carries the token. Two are refused whatever they say, as over gRPC: one hop may read the
+   * first, another the last. (Node's `request.headers` keeps only the first: pass
+   * `request.headersDistinct.authorization`.)
+   */
+  admitsHeaders(authorization: readonly string[] | undefined): boolean {
+    return authorization !== undefined && authorization.length === 1 && this.admits(authorization[0]);
+  }
+
   toString(): string {
     return 'BearerToken(hidden)';
   }

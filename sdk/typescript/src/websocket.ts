@@ -431,7 +431,7 @@ export class WebSocketPluginServer {
       socket.end('HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       return;
     }
-    if (this.token !== undefined && !this.token.admits(request.headers.authorization)) {
+    if (this.token !== undefined && !this.token.admitsHeaders(request.headersDistinct.authorization)) {
       socket.end('HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       return;
     }

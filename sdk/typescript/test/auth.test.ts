@@ -22,6 +22,15 @@ test('admits only the token, and never shows it', () => {
   assert.ok(!String(token).includes('s3cret'));
 });
 
+test('admits exactly one authorization header that carries the token', () => {
+  const token = new BearerToken('s3cret');
+  assert.ok(token.admitsHeaders(['Bearer s3cret']));
+  // The first right and another after it: Node's request.headers kept only the first.
+  for (const sent of [undefined, [], ['Bearer s3cret', 'Bearer wrong'], ['Bearer s3cret', 'Bearer s3cret'], ['Bearer wrong', 'Bearer s3cret']]) {
+    assert.equal(token.admitsHeaders(sent), false, JSON.stringify(sent));
+  }
+});
+
 test('reads one source', () => {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'lk-token-'));
   try {
