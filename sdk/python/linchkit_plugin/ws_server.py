@@ -46,7 +46,7 @@ from linchkit_plugin._ws_dial import Refused, dial
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.auth import BearerToken
-from linchkit_plugin.errors import InvalidParams, Unauthorized
+from linchkit_plugin.errors import InvalidParams, Overloaded, Unauthorized
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.listen import address_mistake, host_and_port
 from linchkit_plugin.stopping import StopCaps
@@ -95,6 +95,9 @@ class WebSocketPluginServer:
     The plugin's ``init``/``start`` run when the server starts, ``stop``/``destroy``
     when it stops, as the HTTP server does. With a token, the upgrade needs
     ``Authorization: Bearer <token>``, once, and is otherwise answered 401 before it upgrades.
+    ``max_connections``: connections served at once (1000, as ``dispatcher-plugin serve``
+    holds its HTTP ones); past them an upgrade is refused 503 (``overloaded``,
+    ``Retry-After: 1``) before it upgrades, and a dispatcher dials again.
     ``stop_caps``: how long a stop gives the host to finish its calls after ``goaway``,
     then the hooks (default 5 s each; the executables read ``LINCHKIT_PLUGIN_STOP_GRACE_MS``
     and ``_STOP_HOOKS_MS``: ``linchkit_plugin.stopping``).
@@ -112,9 +115,17 @@ class WebSocketPluginServer:
         heartbeat: float = DEFAULT_HEARTBEAT,
         max_in_flight: int = 1024,
         max_buffered_events: int = 1000,
+        max_connections: int = 1000,
         stop_caps: StopCaps | None = None,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         self.host = host
+        self.max_connections = max_connections
+        #: Connections upgraded or upgrading now: counted before the upgrade's first await,
+        #: so upgrades arriving together cannot pass the cap between its check and the count.
+        self._connections = 0
+        self.refused = 0
         self.config = config or {}
         self.stop_caps = stop_caps or StopCaps()
         self.token = token
@@ -195,21 +206,48 @@ class WebSocketPluginServer:
                 error_response(InvalidParams("this plugin speaks WebSocket: send an upgrade")),
                 status=426,
             )
-        await socket.prepare(request)
-        session = PluginSession(
-            self.host,
-            socket,
-            self.outbox,
-            hello=self.hello,
-            max_in_flight=self.max_in_flight,
-            heartbeat=self.heartbeat,
-        )
-        self.sessions.add(session)
+        if self._connections >= self.max_connections:
+            return self._refuse_past_the_cap()
+        self._connections += 1
         try:
-            await session.run()
+            await socket.prepare(request)
+            session = PluginSession(
+                self.host,
+                socket,
+                self.outbox,
+                hello=self.hello,
+                max_in_flight=self.max_in_flight,
+                heartbeat=self.heartbeat,
+            )
+            self.sessions.add(session)
+            try:
+                await session.run()
+            finally:
+                self.sessions.discard(session)
         finally:
-            self.sessions.discard(session)
+            self._connections -= 1
         return socket
+
+    def _refuse_past_the_cap(self) -> web.Response:
+        self.refused += 1
+        if self.refused == 1:  # once: a flood would otherwise write a line per upgrade
+            log.warning(
+                "serving %d WebSocket connections, the most it takes; refusing more with 503"
+                " until one closes",
+                self.max_connections,
+            )
+        refusal = Overloaded(
+            f"this plugin holds as many WebSocket connections as it takes"
+            f" ({self.max_connections}): dial again shortly",
+            retry_after=1.0,
+        )
+        return web.json_response(error_response(refusal), status=503, headers={"Retry-After": "1"})
+
+    def __repr__(self) -> str:
+        return (
+            f"<WebSocketPluginServer connections={self._connections}/{self.max_connections}"
+            f" refused={self.refused} token={self.token is not None}>"
+        )
 
 
 def stop_on_signals(stopping: asyncio.Event) -> None:
