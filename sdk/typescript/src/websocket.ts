@@ -382,6 +382,18 @@ function keepAlive(socket: WebSocket, intervalMs: number): void {
  * The plugin served as a WebSocket at any path: the dispatcher dials in. `listen` binds it;
  * `close` stops it without losing a call (goaway on each connection, see `Session.goAway`).
  */
+/**
+ * Connections a `WebSocketPluginServer` serves at once, as `dispatcher-plugin serve` holds its
+ * HTTP ones: past them an upgrade is refused 503 (`overloaded`, `Retry-After: 1`) before it
+ * upgrades, and a dispatcher dials again. Each holds a session, its buffers and a descriptor.
+ */
+export const MAX_CONNECTIONS = 1000;
+
+export interface WebSocketServerOptions {
+  /** Connections served at once (`MAX_CONNECTIONS`). */
+  maxConnections?: number;
+}
+
 export class WebSocketPluginServer {
   private readonly server: http.Server;
   /**
@@ -392,13 +404,22 @@ export class WebSocketPluginServer {
   private readonly sockets = new WebSocketServer({ noServer: true, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: true });
   private readonly sessions = new Set<Session>();
   private closing = false;
+  private readonly maxConnections: number;
+  /** Sockets upgraded or upgrading now, counted until each closes. */
+  private connections = 0;
+  private refused = 0;
 
   constructor(
     private readonly plugin: Plugin,
     private readonly token: BearerToken | undefined,
     /** Each call and stream runs in a span (tracing.ts); undefined: untraced. */
     private readonly tracing?: Tracing,
+    options: WebSocketServerOptions = {},
   ) {
+    this.maxConnections = options.maxConnections ?? MAX_CONNECTIONS;
+    if (!Number.isInteger(this.maxConnections) || this.maxConnections < 1) {
+      throw new RangeError(`maxConnections must be a whole number of at least 1, not ${this.maxConnections}`);
+    }
     this.server = http.createServer((_, response) => {
       response.writeHead(426, { 'Content-Type': 'application/json' });
       response.end(encodeJson({ ok: false, error: toWireError(new InvalidParams('this plugin speaks WebSocket: send an upgrade')) }));
@@ -435,12 +456,36 @@ export class WebSocketPluginServer {
       socket.end('HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       return;
     }
+    if (this.connections >= this.maxConnections) {
+      this.refuseOverCap(socket);
+      return;
+    }
+    this.connections += 1;
+    socket.once('close', () => (this.connections -= 1));
     this.sockets.handleUpgrade(request, socket, head, (ws) => {
       keepAlive(ws, 10_000);
       const session = new Session(this.plugin, ws, this.tracing);
       this.sessions.add(session);
       void session.run().then(() => this.sessions.delete(session));
     });
+  }
+
+  private refuseOverCap(socket: Duplex): void {
+    this.refused += 1;
+    if (this.refused === 1) {
+      // Once: a flood would otherwise write a line per upgrade.
+      log.warn(`serving ${this.maxConnections} WebSocket connections, the most it takes; refusing more with 503 until one closes`);
+    }
+    const message = `this plugin holds as many WebSocket connections as it takes (${this.maxConnections}): dial again shortly`;
+    const body = encodeJson({ ok: false, error: { type: 'overloaded', message, retryable: true, retry_after: 1 } });
+    socket.end(
+      'HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n' +
+        `Content-Length: ${body.length}\r\nConnection: close\r\n\r\n${body.toString()}`,
+    );
+  }
+
+  toString(): string {
+    return `WebSocketPluginServer(${this.plugin.id}, connections ${this.connections}/${this.maxConnections}, refused ${this.refused})`;
   }
 }
 
