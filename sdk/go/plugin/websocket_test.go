@@ -708,3 +708,110 @@ func TestASessionFullOfCallsKeepsAHostThatAnswersItsPings(t *testing.T) {
 	default:
 	}
 }
+
+// A session whose calls all ran longer than 1.5 heartbeats sent nothing meanwhile; when they
+// end, their answers may wait a moment for a host slow to read. That wait is counted from
+// the first of them, not from the last frame sent before the calls began: before, the first
+// tick during it took the host for one that reads nothing, and dropped the connection and
+// every answer on it.
+func TestASessionQuietForLongWaitsForItsFirstAnswersFromWhenTheyBegin(t *testing.T) {
+	// The answers wait 1.05 heartbeats for the host: a tick falls in that wait, and 0.45
+	// heartbeats (0.7 s) are left before it would be a stall (1.5).
+	const heartbeat = 1500 * time.Millisecond
+	p := testPlugin()
+	// The first answer is larger than loopback's buffers hold (about 4 MB): its write waits
+	// for the host, and every other answer behind it, so no call ends and the reader stays
+	// parked (unparked, it would ping, and a host that does not read is rightly dropped).
+	// Small buffers would hold less, but drain a few KB per delayed ACK once read.
+	releaseFirst, releaseRest := make(chan struct{}), make(chan struct{})
+	large := strings.Repeat("y", 7<<20)
+	p.Method("held", "", func(ctx context.Context, call *Call) (any, error) {
+		release, answer := releaseRest, any("small")
+		if string(call.Params) == `"large"` {
+			release, answer = releaseFirst, large
+		}
+		select {
+		case <-release:
+			return answer, nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	})
+	accepted := make(chan *websocket.Conn, 1)
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpServer := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if conn, err := websocket.Accept(w, r, nil); err == nil {
+			accepted <- conn
+		}
+	})}
+	go func() { _ = httpServer.Serve(listener) }()
+	t.Cleanup(func() { httpServer.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, _, err := websocket.Dial(ctx, "ws://"+listener.Addr().String(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := <-accepted
+	host.SetReadLimit(8 << 20)
+	t.Cleanup(func() { host.CloseNow() })
+	session := &wsSession{plugin: p, conn: conn, grace: time.Second, heartbeat: heartbeat}
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		session.run(context.Background())
+	}()
+	readFrame(t, host) // the hello: the last frame the session sends before the answers
+	const calls = maxInFlight + 1
+	for id := 1; id <= calls; id++ {
+		params := `"small"`
+		if id == 1 {
+			params = `"large"`
+		}
+		writeFrame(t, host, `{"type":"call","id":`+strconv.Itoa(id)+
+			`,"request":{"v":1,"plugin":"test","method":"held","params":`+params+`,"context":{}}}`)
+	}
+	for session.parks.Load() == 0 { // every slot taken, the reader waits
+		select {
+		case <-ended:
+			t.Fatal("the session ended while its calls ran")
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	time.Sleep(2 * heartbeat) // quiet: nothing sent for more than 1.5 heartbeats
+	close(releaseFirst)
+	for session.writing.Load() == 0 { // the large answer's write has begun
+		time.Sleep(time.Millisecond)
+	}
+	close(releaseRest)
+	time.Sleep(heartbeat * 105 / 100) // the answers wait for a host that reads only now
+	responses := make(chan struct{}, calls)
+	go func() {
+		for {
+			_, data, err := host.Read(ctx)
+			if err != nil {
+				return
+			}
+			if strings.Contains(string(data), `"type":"response"`) {
+				responses <- struct{}{}
+			}
+		}
+	}()
+	for answered := 0; answered < calls; answered++ {
+		select {
+		case <-responses:
+		case <-ended:
+			t.Fatalf("the session dropped its host after %d of %d answers", answered, calls)
+		case <-ctx.Done():
+			t.Fatalf("%d of %d answers in 30 s", answered, calls)
+		}
+	}
+	select {
+	case <-ended:
+		t.Fatal("the session ended with its host still there")
+	default:
+	}
+}

@@ -139,7 +139,8 @@ type wsSession struct {
 	// parks counts the times it began to.
 	parked atomic.Bool
 	parks  atomic.Int64
-	// writing: the sends under way; wrote: when the last one ended (Unix nanoseconds).
+	// writing: the sends under way; wrote: when the last one ended, or one began with none
+	// under way (Unix nanoseconds).
 	writing atomic.Int64
 	wrote   atomic.Int64
 	// closeCode and closeReason: the host's close frame, once run has returned (-1 and ""
@@ -187,6 +188,12 @@ func (s *wsSession) send(ctx context.Context, v any) {
 	raw, err := json.Marshal(v)
 	if err != nil {
 		return
+	}
+	// The host is waited for from the first write after a quiet spell, not from the last
+	// one before it: a session whose calls all ran over 1.5 heartbeats took the first of
+	// their answers, waiting a moment for a host slow to read, for a stall.
+	if s.writing.Load() == 0 {
+		s.wrote.Store(time.Now().UnixNano())
 	}
 	s.writing.Add(1)
 	_ = s.conn.Write(ctx, websocket.MessageText, raw)
