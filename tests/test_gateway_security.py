@@ -18,6 +18,7 @@ import grpc
 import grpc.aio
 import orjson
 import pytest
+from multidict import CIMultiDict
 
 from dispatcher import Dispatcher
 from dispatcher.audit import verify
@@ -446,3 +447,33 @@ async def test_names_a_caller_made_up_are_logged_on_one_line_and_cut(
         assert "\n" not in line and "\r" not in line, line[:300]
         assert "shutting_down" in line and len(line) < 5_000, line[:300]
     assert "yyyy" in lines[1], lines[1][:300]
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "aiohttp"])
+async def test_a_credential_sent_twice_is_refused_whichever_comes_first(
+    tmp_path: Path, lane: bool
+) -> None:
+    """Two ``X-API-Key`` or two ``Authorization`` headers, the first one good: refused 401
+    (before, the first was taken and the second ignored, where a proxy in front may have
+    judged the request by the other). One of each kind still counts as before."""
+    signing = rsa_key("k1")
+    jwks_path = write_jwks(tmp_path / "jwks.json", signing)
+    loaded = parse_manifest(secured(tmp_path, jwks_path), base_dir=tmp_path)
+    token = signing.token(good_claims(sub="jwt-admin", roles=["admin"]))
+    async with (
+        Dispatcher(loaded) as dispatcher,
+        GatewayServer(dispatcher, GatewaySettings(port=0, call_lane=lane)) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        say = f"{server.url}/v1/plugins/echo/methods/say"
+
+        async def status_of(*headers: tuple[str, str]) -> int:
+            async with session.post(say, json={"text": "hi"}, headers=CIMultiDict(headers)) as got:
+                return got.status
+
+        assert await status_of(("X-API-Key", READER_KEY)) == 200
+        assert await status_of(("X-API-Key", READER_KEY), ("X-API-Key", "rk_live_guess")) == 401
+        assert await status_of(("X-API-Key", READER_KEY), ("X-API-Key", READER_KEY)) == 401
+        bearer = f"Bearer {token}"
+        assert await status_of(("Authorization", bearer)) == 200
+        assert await status_of(("Authorization", bearer), ("Authorization", "Bearer x")) == 401

@@ -33,11 +33,24 @@ def credentials_from(
     ``transport``; a certificate only if the TLS layer verified one."""
     names = _verified_certificate(transport)
     return Credentials(
-        authorization=headers.get("Authorization"),
-        api_key=headers.get("X-API-Key"),
+        authorization=_one(headers, "Authorization"),
+        api_key=_one(headers, "X-API-Key"),
         certificate_subject=None if names is None else names[0],
         certificate_sans=() if names is None else names[1],
     )
+
+
+def _one(headers: Mapping[str, str], name: str) -> str | None:
+    """The value of the one ``name`` header, None without one; sent twice, an empty value,
+    which no authenticator admits: which of the two counts is no longer clear (a proxy in
+    front may have judged the request by the other), so neither does."""
+    getall = getattr(headers, "getall", None)  # a multidict: every value the request sent
+    if getall is None:
+        return headers.get(name)
+    values = getall(name, [])
+    if len(values) > 1:
+        return ""
+    return values[0] if values else None
 
 
 def _verified_certificate(transport: asyncio.BaseTransport | None) -> CertificateNames | None:
