@@ -293,8 +293,8 @@ fn error_reply(err: &Error) -> pb::CallReply {
 }
 
 /// Bounds `work` by the call's deadline: past it the work is dropped (and its task
-/// aborted) and the answer is `deadline_exceeded`.
-async fn within<T>(
+/// aborted) and the answer is `deadline_exceeded`; over gRPC and WebSocket alike.
+pub(crate) async fn within<T>(
     deadline: Option<Instant>,
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {

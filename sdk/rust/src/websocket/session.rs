@@ -17,7 +17,6 @@
 //! stop's grace it closes the connection itself (1001), cutting off what still runs.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +30,7 @@ use tokio_stream::StreamExt;
 use super::frames::{Decoder, Deflate, Encoder, Incoming, Role, CLOSE_GOING_AWAY, CLOSE_NORMAL};
 use super::protocol::{self, Frame, FrameError};
 use super::Core;
-use crate::service::run_streamed;
+use crate::service::{run_streamed, within};
 use crate::{pb, types, Error, Json};
 
 /// The largest message either side sends or takes, inflated: the envelope's 8 MiB.
@@ -654,24 +653,6 @@ async fn run_stream(
         Err(err) => failed(&err),
     };
     let _ = messages.send(protocol::response(id, &reply)).await;
-}
-
-/// Bounds `work` by the call's deadline: past it the work is dropped and the answer is
-/// `deadline_exceeded`.
-async fn within<T>(
-    deadline: Option<Instant>,
-    work: impl Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    match deadline {
-        None => work.await,
-        Some(deadline) => tokio::time::timeout_at(deadline, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Error::deadline_exceeded(
-                    "the call's deadline passed before the stream ended",
-                ))
-            }),
-    }
 }
 
 #[cfg(test)]
