@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
@@ -37,21 +37,46 @@ __all__ = [
 #: What a secret prints as.
 MASK = "***"
 
+#: What a URL too broken to split prints as (its password could be anywhere in it).
+UNREADABLE_URL = "(a URL that does not parse)"
+
 
 def masked_url(url: str | AnyUrl) -> str:
-    """``url`` with its password replaced by ``***``, for messages and listings; a user
-    without a password is masked whole (it is sent as the credential: a token as user)."""
+    """``url`` as messages and listings show it: its password, its query's values and its
+    fragment replaced by ``***``. A user without a password is masked whole (it is sent as
+    the credential: a token as user); a query's names stay, since ``?token=``, a presigned
+    ``X-Amz-Signature=`` or an OAuth fragment are credentials as much as a password is."""
     text = str(url)
-    if "@" not in text:
-        return text
-    parts = urlsplit(text)
+    if "@" not in text and "?" not in text and "#" not in text:
+        return text  # the common case, without parsing
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # a bad IPv6 literal: nothing in it can be told apart safely
+        return UNREADABLE_URL
+    return urlunsplit(
+        parts._replace(
+            netloc=_masked_netloc(parts),
+            query=_masked_query(parts.query),
+            fragment=MASK if parts.fragment else "",
+        )
+    )
+
+
+def _masked_netloc(parts: SplitResult) -> str:
     if "@" not in parts.netloc:
-        return text
+        return parts.netloc
     host = parts.netloc.rpartition("@")[2]
     if parts.password is None:
-        return urlunsplit(parts._replace(netloc=f"{MASK}@{host}"))
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
+        return f"{MASK}@{host}"
+    return f"{parts.username or ''}:{MASK}@{host}"
+
+
+def _masked_query(query: str) -> str:
+    """Each ``name=value`` item as ``name=***``; an item without ``=`` is a value itself."""
+    if not query:
+        return ""
+    items = (item.partition("=") for item in query.split("&"))
+    return "&".join(f"{name}={MASK}" if equals else MASK for name, equals, _ in items)
 
 
 def _masked(value: Any) -> Any:

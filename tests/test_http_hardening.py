@@ -31,6 +31,8 @@ from providers.grpc import GrpcTarget
 from providers.http import HttpTarget
 from providers.knative.target import KnativeTarget
 from providers.subprocess.target import SubprocessTarget
+from providers.target import masked_url
+from providers.websocket.target import WebSocketTarget
 from tests.conftest import echo_plugin, manifest
 
 BIN = Path(sys.executable).parent
@@ -130,6 +132,37 @@ async def test_a_307_to_another_origin_is_a_provider_error_and_sends_nothing_the
     assert health.status == "not_serving"
     assert "/steal" in health.detail
     assert "hunter2" not in health.detail
+
+
+async def test_a_redirect_s_signed_query_is_not_repeated_in_messages() -> None:
+    """A Location carrying a signature or token in its query (a presigned URL) was printed
+    whole in the error and the health report: its keys are shown, never its values."""
+    template = "http://{host}:{port}/object?X-Amz-Signature=sig-Zq87secret&part=2#tok-Zq88secret"
+    async with redirect_pair(template) as (url, _, _):
+        plugins = manifest(
+            echo_plugin("remote", {"provider": "http", "url": url}, defaults={"timeout_ms": 2000})
+        )
+        async with Dispatcher(plugins) as dispatcher:
+            with pytest.raises(ProviderError) as caught:
+                await dispatcher.call("remote", "say", {"text": "hi"})
+            health = (await dispatcher.health())[0].health
+    for said in (str(caught.value), health.detail):
+        assert "/object?X-Amz-Signature=***&part=***#***" in said
+        assert "Zq87secret" not in said and "Zq88secret" not in said
+
+
+async def test_a_redirect_to_a_url_that_does_not_parse_is_still_a_typed_error() -> None:
+    """A Location no URL parser takes (a bad IPv6 literal after credentials) raised a bare
+    ValueError out of the message that should have named it."""
+    async with redirect_pair("http://u:tok-Zq86secret@[::1/x") as (url, _, second):
+        plugins = manifest(
+            echo_plugin("remote", {"provider": "http", "url": url}, defaults={"timeout_ms": 2000})
+        )
+        async with Dispatcher(plugins) as dispatcher:
+            with pytest.raises(ProviderError, match="307") as caught:
+                await dispatcher.call("remote", "say", {"text": "hi"})
+    assert second == []
+    assert "Zq86secret" not in str(caught.value)
 
 
 async def test_knative_never_follows_a_redirect_of_its_ingress() -> None:
@@ -514,6 +547,40 @@ def test_repr_and_str_of_targets_mask_every_secret() -> None:
     for target in targets:
         assert_no_secret(repr(target), str(target), target.describe(), f"{target!r:}")
     assert "X-Api-Key" in repr(targets[0])  # which headers there are still shows
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("ws://h:9/ws?token=tok-Zq86secret", "ws://h:9/ws?token=***"),
+        ("ws://h:9/ws?a=tok-Zq86secret&a=2&b=", "ws://h:9/ws?a=***&a=***&b=***"),
+        ("ws://h:9/ws?tok-Zq86secret", "ws://h:9/ws?***"),
+        ("https://h/cb#access_token=tok-Zq86secret", "https://h/cb#***"),
+        ("https://u:tok-Zq86secret@h/p?x=tok-Zq86secret", "https://u:***@h/p?x=***"),
+        ("http://h:9/plain", "http://h:9/plain"),
+        ("http://u:tok-Zq86secret@[::1/x", "(a URL that does not parse)"),
+    ],
+    ids=[
+        "token",
+        "repeated_and_empty",
+        "bare",
+        "fragment",
+        "userinfo_and_query",
+        "plain",
+        "broken",
+    ],
+)
+def test_masked_url_hides_query_values_and_fragments(url: str, shown: str) -> None:
+    """A token in a URL's query (``?token=…``, a presigned signature) or fragment is as much
+    a secret as a password: names stay readable, values do not."""
+    assert masked_url(url) == shown
+
+
+def test_a_websocket_target_s_token_in_its_query_never_shows() -> None:
+    target = WebSocketTarget(provider="websocket", url="ws://127.0.0.1:9/ws?token=tok-Zq86secret")  # type: ignore[arg-type]
+    for said in (repr(target), str(target), target.describe()):
+        assert "Zq86secret" not in said, said
+    assert "?token=***" in target.describe()
 
 
 @pytest.mark.parametrize(
