@@ -53,6 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SECRET = "s3cret-span-token"
 #: The exporter's timeout in these cases (seconds): each export ends within it.
 TIMEOUT = 1.0
+#: The same, as ``OTEL_EXPORTER_OTLP_TIMEOUT`` says it (milliseconds).
+TIMEOUT_MS = str(round(TIMEOUT * 1000))
 #: How long a case waits for an export that should end within ``TIMEOUT``; a slow, loaded
 #: machine's slack, well short of "for good".
 PATIENCE = 8.0
@@ -189,7 +191,7 @@ async def _plugin_exporting(env: dict[str, str], rounds: int = 1) -> tuple[dict[
     environment |= {
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "sdk" / "python")]),
         "OTEL_BSP_SCHEDULE_DELAY": "600000",
-        "OTEL_EXPORTER_OTLP_TIMEOUT": str(TIMEOUT),
+        "OTEL_EXPORTER_OTLP_TIMEOUT": TIMEOUT_MS,
     } | env
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -242,7 +244,7 @@ async def test_a_token_in_the_endpoint_s_query_never_prints() -> None:
     outcome, said = await _plugin_exporting(
         {
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{closed}/v1/traces?api_key={SECRET}",
-            "OTEL_EXPORTER_OTLP_TIMEOUT": "3",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "3000",
         }
     )
     assert outcome["configured"], said
@@ -376,7 +378,7 @@ def _tracing(endpoint: str, environ: dict[str, str]) -> Tracing:
 
 async def test_the_dispatcher_s_close_is_not_held_by_a_dripping_collector(serve: Any) -> None:
     port, heads = await serve(_dripped_headers)
-    environ = {"OTEL_EXPORTER_OTLP_TIMEOUT": str(TIMEOUT), "OTEL_BSP_SCHEDULE_DELAY": "600000"}
+    environ = {"OTEL_EXPORTER_OTLP_TIMEOUT": TIMEOUT_MS, "OTEL_BSP_SCHEDULE_DELAY": "600000"}
     tracing = _tracing(f"http://127.0.0.1:{port}/v1/traces", environ)
     tracing.tracer.start_span("buffered").end()
     began = time.monotonic()
@@ -402,7 +404,7 @@ async def test_the_dispatcher_s_close_gives_the_spans_the_exporter_s_timeout_at_
     # each batch took the exporter's timeout, one after another, until OpenTelemetry's
     # batch processor stopped waiting for them (30 s).
     port, heads = await serve(_held)
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", str(TIMEOUT))
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", TIMEOUT_MS)
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
     endpoint = f"http://u:{SECRET}@127.0.0.1:{port}/v1/traces"
@@ -426,7 +428,7 @@ async def test_the_dispatcher_never_prints_a_token_in_the_endpoint_s_query(
 ) -> None:
     closed = _closed_port()
     # Time for a retry: the outage is said once, naming the collector.
-    environ = {"OTEL_EXPORTER_OTLP_TIMEOUT": "3", "OTEL_BSP_SCHEDULE_DELAY": "600000"}
+    environ = {"OTEL_EXPORTER_OTLP_TIMEOUT": "3000", "OTEL_BSP_SCHEDULE_DELAY": "600000"}
     tracing = _tracing(f"http://127.0.0.1:{closed}/v1/traces?api_key={SECRET}", environ)
     tracing.tracer.start_span("buffered").end()
     with caplog.at_level(logging.WARNING):
@@ -461,22 +463,39 @@ def test_the_dispatcher_refuses_a_malformed_export_variable_naming_it(
 def test_export_settings_default_to_opentelemetry_s_and_follow_the_variables() -> None:
     assert read_export_settings({}) == read_export_settings({"OTEL_BSP_SCHEDULE_DELAY": ""})
     settings = read_export_settings(
-        {"OTEL_EXPORTER_OTLP_TIMEOUT": "2.5", "OTEL_BSP_MAX_QUEUE_SIZE": "100"}
+        {"OTEL_EXPORTER_OTLP_TIMEOUT": "2500", "OTEL_BSP_MAX_QUEUE_SIZE": "100"}
     )
     assert settings.timeout == 2.5
     # A queue under the batch size OpenTelemetry defaults to: batches of the queue.
     assert (settings.max_queue_size, settings.max_export_batch_size) == (100, 100)
     # The traces' own variable wins, as in the exporter.
-    both = {"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "3", "OTEL_EXPORTER_OTLP_TIMEOUT": "x"}
+    both = {"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "3000", "OTEL_EXPORTER_OTLP_TIMEOUT": "x"}
     assert read_export_settings(both).timeout == 3.0
     with pytest.raises(ExportSettingsError) as refused:
         read_export_settings({"OTEL_EXPORTER_OTLP_HEADERS": f"a=1,Authorization: {SECRET}"})
     assert SECRET not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"]
+)
+def test_the_export_timeout_is_read_in_milliseconds_as_every_sdk_reads_it(variable: str) -> None:
+    """OpenTelemetry's specification, and the Go, Rust, Java and TypeScript SDKs, read it in
+    milliseconds; OpenTelemetry's Python exporter reads seconds, so the ``10000`` a fleet's
+    operator sets for every plugin made a Python plugin (and the dispatcher) wait 2.8 hours
+    for a collector that does not answer."""
+    assert read_export_settings({variable: "10000"}).timeout == 10.0
+    assert read_export_settings({variable: "250"}).timeout == 0.25
+    resolved = TracingSettings(otlp_endpoint="http://127.0.0.1:4318/v1/traces").resolved(
+        {variable: "10000"}
+    )
+    assert isinstance(resolved, ResolvedTracing)
+    assert resolved.export.timeout == 10.0
+
+
 def test_resolved_tracing_carries_the_export_settings() -> None:
     resolved = TracingSettings(otlp_endpoint="http://127.0.0.1:4318/v1/traces").resolved(
-        {"OTEL_EXPORTER_OTLP_TIMEOUT": "4"}
+        {"OTEL_EXPORTER_OTLP_TIMEOUT": "4000"}
     )
     assert isinstance(resolved, ResolvedTracing)
     assert resolved.export.timeout == 4.0

@@ -109,17 +109,20 @@ def read_export_settings(environ: Mapping[str, str]) -> ExportSettings:
 
 
 def _timeout(environ: Mapping[str, str]) -> float:
+    """The exporter's timeout in seconds, from a variable in milliseconds: the
+    specification's unit and the other SDKs', where OpenTelemetry's Python exporter reads
+    seconds (``10000``, meant as 10 s for a whole fleet, would be 2.8 hours)."""
     for variable in _TIMEOUT_VARIABLES:
         if raw := environ.get(variable, "").strip():
             try:
-                seconds = float(raw)
+                millis = float(raw)
             except ValueError:
-                seconds = math.nan
-            if not (math.isfinite(seconds) and seconds > 0):
+                millis = math.nan
+            if not (math.isfinite(millis) and millis > 0):
                 raise ExportSettingsError(
-                    variable, "not a number of seconds greater than 0 (OpenTelemetry: 10)"
+                    variable, "not a number of milliseconds greater than 0 (OpenTelemetry: 10000)"
                 )
-            return seconds
+            return millis / 1000
     return DEFAULT_TIMEOUT_SECONDS
 
 
