@@ -493,6 +493,26 @@ def test_the_export_timeout_is_read_in_milliseconds_as_every_sdk_reads_it(variab
     assert resolved.export.timeout == 10.0
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("X%0D%0AInjected=1", "a header's name, decoded, is not a token"),
+        ("x%20key=v", "a header's name, decoded, is not a token"),
+        ("x-key=v%C3%A9", "printable ASCII"),
+        ("x-key=v%0D%0AX-Injected:%201", "printable ASCII"),
+    ],
+    ids=["name_crlf", "name_space", "value_utf8", "value_crlf"],
+)
+def test_a_header_decoded_into_what_no_header_carries_is_refused(value: str, problem: str) -> None:
+    """OpenTelemetry decodes a header's name as well as its value: ``X%0D%0AInjected``
+    passed the plugin's check (``%`` is a token character) and became a name holding CR LF
+    once decoded; the dispatcher refused it with a copy of the rules of its own."""
+    with pytest.raises(ExportSettingsError) as refused:
+        read_export_settings({"OTEL_EXPORTER_OTLP_HEADERS": value})
+    assert problem in refused.value.reason
+    assert "Injected" not in refused.value.reason and "%" not in refused.value.reason
+
+
 def test_resolved_tracing_carries_the_export_settings() -> None:
     resolved = TracingSettings(otlp_endpoint="http://127.0.0.1:4318/v1/traces").resolved(
         {"OTEL_EXPORTER_OTLP_TIMEOUT": "4000"}

@@ -18,7 +18,6 @@ import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Literal, Self
-from urllib.parse import unquote
 
 from pydantic import Field, field_validator, model_validator
 
@@ -26,10 +25,8 @@ from dispatcher.config.gateway import GatewayTls
 from linchkit_plugin._span_export import ExportSettings, ExportSettingsError, read_export_settings
 from providers._headers import (
     HeaderFields,
-    checked_header_value,
     checked_url,
     http_url_parts,
-    is_header_name,
 )
 from providers.target import ManifestPath, StrictModel
 
@@ -49,16 +46,9 @@ _TRACES_PATH = "/v1/traces"
 #: The variables naming the traces endpoint: the traces' own, or the collector's root.
 TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 ROOT_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
-#: The variables the OTLP exporter reads its headers from, the first one set winning; it
-#: adds them to the manifest's ``headers`` (which win for a header named in both).
-TRACES_HEADERS = "OTEL_EXPORTER_OTLP_TRACES_HEADERS"
-ROOT_HEADERS = "OTEL_EXPORTER_OTLP_HEADERS"
-#: How the exporter splits and reads those variables (``opentelemetry.util.re``):
-#: ``name=value`` items separated by commas, a value URL-encoded when it fits the strict
-#: form (decoded then), taken as written when it fits the liberal one (spaces allowed).
-_HEADER_SEPARATOR = re.compile(r"[ \t]*,[ \t]*")
-_ENCODED_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
-_LIBERAL_VALUE = re.compile(r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
+# The OTLP exporter adds the headers of OTEL_EXPORTER_OTLP_[TRACES_]HEADERS to the
+# manifest's ``headers`` (which win for a header named in both); ``read_export_settings``
+# holds those variables to the rules the manifest's are held to.
 
 
 class TelemetryEnvironmentError(ValueError):
@@ -257,7 +247,6 @@ class TracingSettings(StrictModel):
             return None
         export = ExportSettings()
         if endpoint is not None:  # an exporter: it reads the headers' variables too
-            _check_headers_from(env)
             with _export_refusal():
                 export = read_export_settings(env)
         return ResolvedTracing(
@@ -295,31 +284,6 @@ def _endpoint_from(env: Mapping[str, str]) -> str | None:
                 )
             return _checked_endpoint(root.rstrip("/") + _TRACES_PATH, "the collector's URL")
     return None
-
-
-def _check_headers_from(env: Mapping[str, str]) -> None:
-    """The headers the OTLP exporter will read from the environment, held to the rules of
-    the manifest's ``headers``: the exporter drops an item it cannot read with a warning
-    that prints it, token and all, and a decoded CR or LF would split the request."""
-    variable = TRACES_HEADERS if env.get(TRACES_HEADERS) else ROOT_HEADERS
-    with _refusal_naming(variable):
-        for item in _HEADER_SEPARATOR.split(env.get(variable, "").strip()):
-            if item:
-                _check_header_item(item)
-
-
-def _check_header_item(item: str) -> None:
-    name, equals, value = (part.strip() for part in item.partition("="))
-    if not (equals and is_header_name(name) and _LIBERAL_VALUE.fullmatch(value)):
-        raise ValueError(
-            "every header is name=value, separated by commas: the name a token (letters,"
-            " digits and !#$%&'*+-.^_`|~), the value URL-encoded"
-        )
-    if _ENCODED_VALUE.fullmatch(value):  # the exporter decodes it, and the name
-        name, value = unquote(name), unquote(value)
-        if not is_header_name(name):
-            raise ValueError("a header's name, decoded, is not a token")
-    checked_header_value(name, value)
 
 
 @contextlib.contextmanager

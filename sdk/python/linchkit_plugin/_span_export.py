@@ -156,29 +156,36 @@ def _batch_size(environ: Mapping[str, str], queue: int) -> int:
 
 
 def _check_headers(environ: Mapping[str, str]) -> None:
-    """The headers' variable the exporter reads (the traces' own, else the root one), each
-    item one it reads without a warning, and whose decoded value fits a header."""
+    """The headers' variable the exporter reads (the traces' own, else the root one): each
+    item one it reads without a warning (which would print it, token and all), whose name
+    and value, as it decodes them, a header can carry (a decoded CR or LF would split the
+    request). The dispatcher holds its own exporter to these same rules."""
     variable = next((name for name in _HEADER_VARIABLES if environ.get(name)), None)
     if variable is None:
         return
     for item in _HEADER_SEPARATOR.split(environ[variable].strip()):
-        if not item:
-            continue
-        name, equals, value = (part.strip() for part in item.partition("="))
-        if not (equals and _HEADER_NAME.fullmatch(name) and _LIBERAL_VALUE.fullmatch(value)):
-            raise ExportSettingsError(
-                variable,
-                "every header is name=value, separated by commas: the name a token (letters,"
-                " digits and !#$%&'*+-.^_`|~), the value URL-encoded",
-            )
-        if _ENCODED_VALUE.fullmatch(value):  # the exporter decodes it
-            value = unquote(value).strip()
-        if not _HEADER_VALUE.fullmatch(value):
-            raise ExportSettingsError(
-                variable,
-                f"the value of header {name[:40]!r}, decoded, holds a control character"
-                " (CR, LF, NUL...) that no header may carry",
-            )
+        if item:
+            _check_header_item(variable, item)
+
+
+def _check_header_item(variable: str, item: str) -> None:
+    name, equals, value = (part.strip() for part in item.partition("="))
+    if not (equals and _HEADER_NAME.fullmatch(name) and _LIBERAL_VALUE.fullmatch(value)):
+        raise ExportSettingsError(
+            variable,
+            "every header is name=value, separated by commas: the name a token (letters,"
+            " digits and !#$%&'*+-.^_`|~), the value URL-encoded",
+        )
+    if _ENCODED_VALUE.fullmatch(value):  # the exporter decodes it, and the name with it
+        name, value = unquote(name).strip(), unquote(value).strip()
+        if not _HEADER_NAME.fullmatch(name):
+            raise ExportSettingsError(variable, "a header's name, decoded, is not a token")
+    if not _HEADER_VALUE.fullmatch(value):
+        raise ExportSettingsError(
+            variable,
+            f"the value of header {name[:40]!r}, decoded, must be printable ASCII (no CR, LF"
+            " or other control characters)",
+        )
 
 
 def other_protocol(environ: Mapping[str, str]) -> str | None:
