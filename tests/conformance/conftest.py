@@ -110,14 +110,17 @@ class Example:
 
     def connection(self) -> Any:
         """The provider's own connection to the plugin (for Describe and raw checks)."""
-        target = self.dispatcher.manifest.plugins[0].target
+        manifest = self.dispatcher.manifest
+        assert manifest is not None, "the dispatcher has started"
+        target = manifest.plugins[0].target
+        assert target is not None, "the example plugin runs out of process"
         provider: Any = self.dispatcher.providers[target.provider]
         if self.mode in ("websocket", "inbound"):
             return SocketView(self, provider)
         if self.mode == "service":
-            return provider._connection(target)  # type: ignore[no-any-return]
+            return provider._connection(target)
         process = provider.process("example", "1.0.0", target)
-        return process._child.connection  # type: ignore[no-any-return]
+        return process._child.connection
 
     async def next_event(self, name: str, timeout: float = 10.0) -> Any:
         async with asyncio.timeout(timeout):
