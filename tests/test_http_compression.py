@@ -359,7 +359,7 @@ async def test_the_sdk_server_refuses_bodies_it_cannot_decode(plugin_url: str, c
 
 
 def test_grpc_compresses_across_a_network_only_unless_told() -> None:
-    from providers.grpc import GrpcCompression
+    from providers._grpc.target import GrpcCompression
 
     default = GrpcCompression()
     assert default.threshold("10.1.2.3:50051") == DEFAULT_MIN_BYTES
