@@ -35,8 +35,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 )
 
-// The OTel variables the SDK reads itself; the exporter reads the others (headers,
-// timeouts, compression) and the batch processor its OTEL_BSP_* ones.
+// The OTel variables that turn tracing on; spanexport.go reads the export's others.
 const (
 	EnvOTLPEndpoint       = "OTEL_EXPORTER_OTLP_ENDPOINT"
 	EnvOTLPTracesEndpoint = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
@@ -73,45 +72,80 @@ func tracesEndpoint(getenv func(string) string) string {
 	if strings.EqualFold(getenv(envSDKDisabled), "true") {
 		return ""
 	}
-	if url := getenv(EnvOTLPTracesEndpoint); url != "" {
+	if url := strings.TrimSpace(getenv(EnvOTLPTracesEndpoint)); url != "" {
 		return url // the signal-specific variable is the full URL, as the OTel spec says
 	}
-	if base := getenv(EnvOTLPEndpoint); base != "" {
-		return strings.TrimRight(base, "/") + "/v1/traces"
+	base := strings.TrimSpace(getenv(EnvOTLPEndpoint))
+	if base == "" {
+		return ""
 	}
-	return ""
+	// /v1/traces joins the base's path, before its query (which the collector gets).
+	if parsed, err := neturl.Parse(base); err == nil && parsed.RawQuery != "" {
+		parsed.Path = strings.TrimRight(parsed.Path, "/") + "/v1/traces"
+		parsed.RawPath = ""
+		return parsed.String()
+	}
+	return strings.TrimRight(base, "/") + "/v1/traces"
 }
 
 // tracingFromEnv sets up span export when the environment names an endpoint; nil
-// otherwise. The endpoint is passed explicitly (not left to the exporter's own reading of
-// os.Environ) so Run's Environment decides, as it does for everything else.
+// otherwise. Everything it is told comes from getenv, Run's Environment, never the
+// process's own environment: the endpoint, the export's settings (spanexport.go), the
+// sampler, the resource's attributes.
 func tracingFromEnv(ctx context.Context, getenv func(string) string, p *Plugin) (*tracing, error) {
 	endpoint := tracesEndpoint(getenv)
 	if endpoint == "" {
 		return nil, nil
 	}
-	exporter, err := otlptracehttp.New(ctx, otlptracehttp.WithEndpointURL(endpoint))
+	collector := collectorShown(endpoint)
+	settings, err := readExportSettings(getenv)
+	if err != nil { // names the variable, never its value
+		return nil, fmt.Errorf("tracing: %w: no span is sent to the trace collector at %s. Fix or unset the variable",
+			err, collector)
+	}
+	if settings.otherProtocol != "" {
+		sdkLog.Warn(fmt.Sprintf("linchkit plugin: %s names a protocol this SDK does not send: spans go to %s over "+
+			"OTLP/HTTP (protobuf), which a collector's gRPC port does not take", settings.otherProtocol, collector))
+	}
+	sampler, warning := samplerFromEnv(getenv)
+	if warning != "" {
+		sdkLog.Warn("linchkit plugin: " + warning)
+	}
+	client, transport := collectorClient(endpoint, settings)
+	options := []otlptracehttp.Option{
+		otlptracehttp.WithEndpointURL(endpoint),
+		otlptracehttp.WithHTTPClient(client),
+		otlptracehttp.WithTimeout(settings.timeout),
+		otlptracehttp.WithCompression(settings.compression),
+		otlptracehttp.WithEncoding(settings.encoding),
+		otlptracehttp.WithMaxResponseSize(maxAnswerBytes),
+		// Explicitly none when no variable names one: the exporter would read the process's.
+		otlptracehttp.WithHeaders(settings.headers),
+	}
+	exporter, err := otlptracehttp.New(ctx, options...)
 	if err != nil {
 		// Its error may quote the URL, password and all: the collector as a line may name it.
 		return nil, fmt.Errorf("tracing: OTLP exporter for the trace collector at %s: %s",
-			collectorShown(endpoint), scrubbed(err, endpoint))
+			collector, scrubbed(err, endpoint))
 	}
-	service := getenv(envServiceName)
+	service := strings.TrimSpace(getenv(envServiceName))
 	if service == "" {
 		service = p.id
 	}
-	// Default() first: it holds the SDK's and OTEL_RESOURCE_ATTRIBUTES' attributes; ours win.
-	res, err := resource.Merge(resource.Default(), resource.NewSchemaless(
-		attribute.String("service.name", service),
-		attribute.String("service.version", p.version),
-	))
+	// OTEL_RESOURCE_ATTRIBUTES' first (read from getenv, not by resource.Default from the
+	// process's environment); ours win.
+	attributes := append(settings.resource,
+		attribute.String("service.name", service), attribute.String("service.version", p.version))
+	res, err := resource.New(ctx, resource.WithTelemetrySDK(), resource.WithAttributes(attributes...))
 	if err != nil {
-		res = resource.Default() // schema URLs that disagree: keep the SDK's, still export
+		res = resource.NewSchemaless(attributes...) // cannot fail today; still export
 	}
 	// Batched, so a call never waits on the collector; OTEL_BSP_* tune it.
-	provider := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exporter), sdktrace.WithResource(res))
+	batcher := sdktrace.NewBatchSpanProcessor(saidExporter{exporter, transport, endpoint}, settings.batch.options()...)
+	provider := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(batcher), sdktrace.WithResource(res),
+		sdktrace.WithSampler(sampler))
 	return &tracing{provider: provider, tracer: provider.Tracer("linchkit.plugin"),
-		endpoint: endpoint, collector: collectorShown(endpoint)}, nil
+		endpoint: endpoint, collector: collector}, nil
 }
 
 // start opens the call's span, continuing call.Traceparent when it is a valid one, and
@@ -162,8 +196,8 @@ func (t *tracing) shutdown(within time.Duration) {
 		sdkLog.Warn(fmt.Sprintf("linchkit plugin: spans dropped at the stop: the trace collector at %s did not take "+
 			"them within the %s s the stop's caps left; check that it is up and answers", t.collector, tenths(within)))
 	default:
-		// The exporter's own failure (a collector refusing a batch goes to OpenTelemetry's
-		// error handler instead, not here).
+		// The exporter's own failure (a collector refusing a batch is said by the
+		// collector's transport instead, not here).
 		sdkLog.Warn(fmt.Sprintf("linchkit plugin: spans dropped at the stop: sending them to the trace collector at %s "+
 			"failed: %s", t.collector, scrubbed(err, t.endpoint)))
 	}
