@@ -97,7 +97,7 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 	}
 	if !isGatewayURL(*url) {
 		return fmt.Errorf("connect: --url must be a ws:// or wss:// URL "+
-			"(e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '%s'", *url)
+			"(e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '%s'", maskedURL(*url))
 	}
 	if env.Getenv(EnvRegisterEtcd) != "" {
 		return errDiallingRegisters
@@ -135,7 +135,9 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 			if response != nil && refusedAtUpgrade(response.StatusCode) {
 				return fmt.Errorf("connect: %w (%d)", ErrRefused, response.StatusCode)
 			}
-			sdkLog.Warn("linchkit plugin: cannot reach the gateway; retrying", "url", *url, "err", err)
+			// Masked: a token in the URL's query or userinfo is not for the log.
+			sdkLog.Warn("linchkit plugin: cannot reach the gateway; retrying", "url", maskedURL(*url),
+				"err", maskedText(err.Error(), *url))
 		} else {
 			conn.SetReadLimit(maxMessageBytes)
 			session := &wsSession{plugin: p, conn: conn, grace: caps.grace, abort: dialled.abort}
