@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from dispatcher import Dispatcher, ManifestError, TargetUnavailable, parse_manif
 from dispatcher.gateway import GatewayServer, GatewaySettings
 from dispatcher.gateway.app import create_app
 from linchkit_plugin import current_context
+from linchkit_plugin._ws_dial import checked_gateway_url, masked_url
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.host import PluginHost
@@ -1053,3 +1055,44 @@ async def test_the_sdks_dial_offers_deflate_and_the_target_decides(compress: boo
         assert connection.channel.socket.compress == (15 if compress else 0)
     (extension,) = extensions
     assert (extension or "").startswith("permessage-deflate") is compress
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("ws://127.0.0.1:1/v1/plugins/connect", "ws://127.0.0.1:1/v1/plugins/connect"),
+        (f"wss://gw.example/c?token={TOKEN}&region=eu", "wss://gw.example/c?token=***&region=***"),
+        (f"ws://me:{TOKEN}@gw.example/c?debug#frag", "ws://me:***@gw.example/c?debug"),
+        (f"ws://{TOKEN}@gw.example:8080/c", "ws://***@gw.example:8080/c"),
+    ],
+)
+def test_masked_url_hides_the_password_and_the_query_s_values(url: str, shown: str) -> None:
+    assert masked_url(url) == shown
+
+
+async def test_dial_never_logs_the_gateway_s_token(caplog: pytest.LogCaptureFixture) -> None:
+    """Before, ``cannot reach`` named the URL whole, at INFO, with each retry: a token in
+    its query or userinfo went to the log."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"ws://me:{TOKEN}@127.0.0.1:{port}/v1/plugins/connect?token={TOKEN}"
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.5, stopping.set)
+    with caplog.at_level(logging.INFO, logger="linchkit_plugin"):
+        await asyncio.wait_for(
+            dial(
+                PluginHost(SocketPlugin()),
+                url,
+                plugin_id="sock",
+                version="1.0.0",
+                stopping=stopping,
+            ),
+            30,
+        )
+    said = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"cannot reach ws://me:***@127.0.0.1:{port}/v1/plugins/connect?token=***" in said, said
+    assert TOKEN not in said
+    with pytest.raises(ValueError, match="--url must be") as refused:
+        checked_gateway_url(f"ftp://gw.example/?token={TOKEN}")
+    assert TOKEN not in str(refused.value) and "token=***" in str(refused.value)

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
+from linchkit_plugin._ws_dial import masked_url
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_server import (
@@ -92,7 +93,7 @@ def connect(
         stop_on_signals(stopping)
         print(
             f"dispatcher-plugin: {options.plugin_id}@{options.plugin_version} dialling"
-            f" {options.url} (Ctrl+C stops it)",
+            f" {masked_url(options.url)} (Ctrl+C stops it)",
             file=sys.stderr,
             flush=True,
         )

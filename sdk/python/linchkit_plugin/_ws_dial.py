@@ -20,7 +20,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -36,7 +36,7 @@ from linchkit_plugin.ws_protocol import (
     PLUGIN_VERSION_HEADER,
 )
 
-__all__ = ["Refused", "checked_gateway_url", "dial"]
+__all__ = ["Refused", "checked_gateway_url", "dial", "masked_url"]
 
 log = logging.getLogger("linchkit_plugin.websocket")
 
@@ -61,6 +61,33 @@ class Refused(Exception):
 _GATEWAY_SCHEMES = frozenset({"ws", "wss", "http", "https"})
 
 
+#: What stands for a credential in a URL a line shows.
+_MASK = "***"
+
+
+def masked_url(url: str) -> str:
+    """``url`` as a line or an error may show it: the password of its userinfo masked (a
+    user without a password whole: a token may be the user), the value of every query
+    parameter masked too (``?token=…``), no fragment. The dispatcher has its own
+    (``providers.model.masked_url``), which the SDK does not import."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that does not parse)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{_MASK}@{host}" if colon else f"{_MASK}@{host}"
+    query = "&".join(
+        f"{name}={_MASK}" if equals else name
+        for name, equals, _ in (item.partition("=") for item in parts.query.split("&"))
+    )
+    return urlunsplit(
+        parts._replace(netloc=netloc, query=query if parts.query else "", fragment="")
+    )
+
+
 def checked_gateway_url(url: str) -> str:
     """``url`` if it can name a gateway; else ``ValueError``: a URL that can never reach
     one would otherwise be retried for ever, quietly."""
@@ -72,7 +99,7 @@ def checked_gateway_url(url: str) -> str:
     if parts.scheme.lower() not in _GATEWAY_SCHEMES or not parts.hostname:
         raise ValueError(
             "--url must be a ws:// or wss:// URL"
-            f" (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not {url!r}"
+            f" (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not {masked_url(url)!r}"
         )
     return url
 
@@ -110,6 +137,7 @@ async def dial(
     stopping = stopping or asyncio.Event()
     stop_caps = stop_caps or StopCaps()
     checked_gateway_url(url)
+    shown = masked_url(url)
     outbox = EventOutbox(max_buffered_events)
     if hasattr(host.plugin, "emit"):
         host.plugin._emit = outbox.emit
@@ -149,7 +177,8 @@ async def dial(
                         raise Refused(error.status, error.message) from None
                     log.warning("the gateway answered %s; retrying", error.status)
                 except (aiohttp.ClientError, OSError) as error:
-                    log.info("cannot reach %s: %s; retrying", url, type(error).__name__)
+                    # Masked: a token in the URL's query or userinfo is not for the log.
+                    log.info("cannot reach %s: %s; retrying", shown, type(error).__name__)
                 else:
                     session = PluginSession(
                         host,
@@ -178,7 +207,7 @@ async def dial(
                     # 4400 (a hello that took over 10 s may have been a slow link).
                     log.info(
                         "connection to %s closed (%s%s); reconnecting",
-                        url,
+                        shown,
                         socket.close_code,
                         f": {session.close_reason}" if session.close_reason else "",
                     )
