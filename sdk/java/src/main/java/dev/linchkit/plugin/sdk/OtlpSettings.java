@@ -242,9 +242,30 @@ record OtlpSettings(
     return path == null ? null : path.strip();
   }
 
-  /** The exporter's headers: {@code OTEL_EXPORTER_OTLP_TRACES_HEADERS} when set, else the general one. */
+  /** An HTTP header's name: a token. */
+  private static final Pattern HEADER_NAME = Pattern.compile("[!#$%&'*+\\-.^_`|~0-9A-Za-z]+");
+  /** What a header's value may hold once decoded: printable ASCII and tabs, as every SDK takes it. */
+  private static final Pattern HEADER_VALUE = Pattern.compile("[\\x20-\\x7e\\t]*");
+
+  /**
+   * The exporter's headers: {@code OTEL_EXPORTER_OTLP_TRACES_HEADERS} when set, else the general one.
+   * An entry whose name is no token, or whose value decodes to a control character (a CR LF that
+   * would end the header), is left out with one warning naming the variable: given to the
+   * exporter, the JDK's client refused every request with it, and no span was sent.
+   */
   private static Map<String, String> headers(Map<String, String> env, Consumer<String> warn) {
-    return pairs(env, tracesName(env, "HEADERS"), warn);
+    String name = tracesName(env, "HEADERS");
+    Map<String, String> headers = new LinkedHashMap<>(pairs(env, name, warn));
+    int before = headers.size();
+    headers.entrySet().removeIf(header ->
+        !HEADER_NAME.matcher(header.getKey()).matches() || !HEADER_VALUE.matcher(header.getValue()).matches());
+    int unusable = before - headers.size();
+    if (unusable > 0) {
+      warn.accept(name + ": " + unusable + (unusable == 1 ? " header has" : " headers have")
+          + " a name that is no token or a value holding a control character (CR, LF, NUL...) once decoded;"
+          + " left out");
+    }
+    return Map.copyOf(headers);
   }
 
   /**

@@ -72,6 +72,20 @@ class OtlpSettingsTest {
   }
 
   @Test
+  void aHeaderThatDecodesToAControlCharacterIsLeftOutWithoutItsValue() {
+    // Before, the exporter was given it, and the JDK's client refused every request: no span sent.
+    OtlpSettings read = settings(Map.of(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318",
+        "OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20" + SECRET + "%0D%0AX-Injected:%201,"
+            + "x-nul=a%00" + SECRET + ",x-ok=fine%09tabbed,bad name=" + SECRET));
+    assertEquals(Map.of("x-ok", "fine\ttabbed"), read.headers());
+    assertEquals(1, warnings.size(), warnings.toString());
+    assertTrue(warnings.get(0).startsWith("OTEL_EXPORTER_OTLP_HEADERS: 3 headers have a name that is no token"),
+        warnings.get(0));
+    assertFalse(warnings.get(0).contains(SECRET), warnings.get(0));
+  }
+
+  @Test
   void theTracesVariablesWinOverTheGeneralOnes() {
     Map<String, String> env = new HashMap<>(Map.of(
         "OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318",
