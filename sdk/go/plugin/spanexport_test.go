@@ -91,3 +91,24 @@ func TestAnotherProtocolIsSaidOnce(t *testing.T) {
 		t.Errorf("the span was not sent over OTLP/HTTP")
 	}
 }
+
+// An endpoint that is no http(s) URL is refused before the exporter sees it: its parse
+// error went to OpenTelemetry's logger, the URL, password and all, in it.
+func TestAnEndpointThatIsNoHTTPURLIsRefusedWithoutItsPassword(t *testing.T) {
+	errs := handled(t)
+	for _, endpoint := range []string{
+		"http://collector:" + collectorSecret + "@127.0.0.1:4318/%zz",
+		"collector:" + collectorSecret,
+		"ftp://collector:" + collectorSecret + "@127.0.0.1/",
+	} {
+		vars := map[string]string{EnvOTLPTracesEndpoint: endpoint}
+		traces, err := tracingFromEnv(context.Background(), func(k string) string { return vars[k] }, testPlugin())
+		if traces != nil || err == nil || strings.Contains(err.Error(), collectorSecret) ||
+			!strings.Contains(err.Error(), "is not an http:// or https:// URL") {
+			t.Errorf("%s: tracing %v, error %v", endpoint, traces, err)
+		}
+	}
+	if got := errs(); len(got) != 0 {
+		t.Errorf("OpenTelemetry's error handler got %q", got)
+	}
+}

@@ -98,6 +98,12 @@ func tracingFromEnv(ctx context.Context, getenv func(string) string, p *Plugin) 
 		return nil, nil
 	}
 	collector := collectorShown(endpoint)
+	if parsed, err := neturl.Parse(endpoint); err != nil || parsed.Hostname() == "" ||
+		(!strings.EqualFold(parsed.Scheme, "http") && !strings.EqualFold(parsed.Scheme, "https")) {
+		// Not given to the exporter: its parse error's line would quote the URL, password and all.
+		return nil, fmt.Errorf("tracing: the trace collector's URL (%s) is not an http:// or https:// URL with a "+
+			"host: no span is sent", collector)
+	}
 	settings, err := readExportSettings(getenv)
 	if err != nil { // names the variable, never its value
 		return nil, fmt.Errorf("tracing: %w: no span is sent to the trace collector at %s. Fix or unset the variable",
