@@ -31,6 +31,8 @@ import asyncio
 import json
 import logging
 import os
+import re
+import signal
 import socket
 import sys
 import time
@@ -44,8 +46,10 @@ from dispatcher import Dispatcher
 from dispatcher.config.telemetry import ResolvedTracing, TelemetryEnvironmentError, TracingSettings
 from dispatcher.telemetry.tracing import Tracing
 from linchkit_plugin._span_export import ExportSettingsError, read_export_settings
+from tests.conformance.conftest import _start_service, executable
 from tests.services import CLEAN_ENVIRONMENT
 from tests.test_telemetry import telemetry_manifest, traced
+from tests.test_telemetry_tracing import sdk_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -364,6 +368,285 @@ async def test_a_collector_that_answers_still_gets_every_span(serve: Any) -> Non
     assert len(outcome["flushes"]) == 3 and None not in outcome["flushes"], (outcome, said)
     assert len(heads) == 3 and all(b"POST /v1/traces" in head for head in heads), heads
     assert said == "", said
+
+
+# -- the Go and Java SDKs: their example plugins against the same collectors -------------
+
+#: The SDKs whose example plugin (``sdk/<language>/dist/example-plugin``) is run here as a
+#: gRPC service; their exporters are their own (``sdk/go/plugin/collector.go``,
+#: ``sdk/java/.../Tracing.java``), read the same variables (timeouts in milliseconds, as
+#: the OpenTelemetry specification says, where Python's reads seconds) and are held to the
+#: same collectors.
+SDKS = ["go", "java"]
+#: The SDKs that refuse a malformed variable of the export, serving untraced with one line
+#: naming it (as Python's does); Java's ignores it with one warning naming it, its default
+#: standing in (docs/observability.md, "Java plugins").
+REFUSING = {"go"}
+#: What a case's plugin may reach at most (VmHWM): the example plugin, its runtime and a
+#: 64 KB answer; before, Go read 4 MB of an endless answer per batch, and Java's exporter
+#: would hold all of it.
+PEAK_MB = {"go": 150, "java": 600}
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def _example_exporting(
+    language: str,
+    env: dict[str, str],
+    *,
+    calls: int = 1,
+    until: Callable[[int, str], bool] | None = None,
+) -> tuple[str, int, int]:
+    """The example plugin of ``language`` served over gRPC in ``env`` (beside a clean
+    environment; its spans sent 100 ms after each call), ``calls`` calls with a
+    ``traceparent`` through a dispatcher, after each until ``until(call, stderr)`` holds
+    (``PATIENCE`` at most); then SIGTERM. Its stderr, exit status and peak memory (MB)."""
+    environment = {k: v for k, v in CLEAN_ENVIRONMENT.items() if not k.startswith("OTEL_")}
+    environment |= {
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": str(int(TIMEOUT * 1000)),
+        "LINCHKIT_PLUGIN_STOP_GRACE_MS": "0",
+        "LINCHKIT_PLUGIN_STOP_HOOKS_MS": "0",
+    } | env
+    process, address = await _start_service(
+        executable(language), environment, asyncio.subprocess.PIPE
+    )
+    said: list[bytes] = []
+
+    async def read_stderr() -> None:
+        assert process.stderr is not None
+        while chunk := await process.stderr.read(65536):
+            said.append(chunk)
+
+    reading = asyncio.create_task(read_stderr())
+    peak = 0
+    try:
+        async with Dispatcher(sdk_manifest(address, None)) as dispatcher:
+            for call in range(calls):
+                result = await dispatcher.call(
+                    "example", "echo", {"text": "traced"}, traceparent=TRACEPARENT
+                )
+                assert result == {"text": "traced"}
+                deadline = time.monotonic() + PATIENCE
+                while until is not None and time.monotonic() < deadline:
+                    if until(call, b"".join(said).decode(errors="replace")):
+                        break
+                    await asyncio.sleep(0.05)
+        peak = _peak_mb(process.pid)
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            await process.wait()
+            await reading
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        reading.cancel()
+    return b"".join(said).decode(errors="replace"), process.returncode, peak
+
+
+def _peak_mb(pid: int) -> int:
+    """The peak of a process's memory (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) // 1024
+
+
+#: How each SDK's lines carry their level: slog's text form (Go), the SDK's formatter (Java).
+_LEVELLED = re.compile(r"^time=\S+ level=(DEBUG|INFO|WARN|ERROR) |^\S+ (FINE|INFO|WARNING|SEVERE) ")
+
+
+def _unlevelled(said: str) -> list[str]:
+    """The lines of a plugin's stderr that carry no level: a host would log each at INFO
+    (before, OpenTelemetry's Go error handler wrote such a line for each failed batch)."""
+    return [line for line in said.splitlines() if line.strip() and not _LEVELLED.match(line)]
+
+
+def _lines_naming(said: str, port: int) -> list[str]:
+    """The lines naming the collector at ``port``, but for the stop's: the spans it
+    dropped, said by every SDK (tests/conformance/test_stop_with_a_silent_collector.py)."""
+    return [
+        line
+        for line in said.splitlines()
+        if f"127.0.0.1:{port}" in line and "spans dropped at the stop" not in line
+    ]
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("language", SDKS)
+async def test_an_sdk_cuts_an_endless_answer(serve: Any, language: str) -> None:
+    port, heads = await serve(_endless_body)
+    said, returncode, peak = await _example_exporting(
+        language,
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces"},
+        calls=2,
+        until=lambda call, _: len(heads) > call,
+    )
+    # Each export ended (the next one was sent), the answer was not held in memory, and
+    # at most one line says so: Go and Python take a 200 cut short as spans sent, Java's
+    # exporter as a batch failed, an outage said once. Before, Go said each batch failed,
+    # a plain line without a level.
+    assert len(heads) >= 2, (heads, said)
+    assert peak < PEAK_MB[language], (peak, said)
+    assert returncode == 0 and len(_lines_naming(said, port)) <= 1, said
+    assert not _unlevelled(said), said
+    assert "OutOfMemory" not in said and "panic" not in said, said
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("language", SDKS)
+async def test_an_sdk_s_export_ends_at_its_timeout_when_the_answer_drips(
+    serve: Any, language: str
+) -> None:
+    port, heads = await serve(_dripped_headers)
+    said, returncode, _ = await _example_exporting(
+        language,
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces"},
+        calls=2,
+        until=lambda call, _: len(heads) > call,
+    )
+    assert len(heads) >= 2, (heads, said)
+    assert returncode == 0, said
+    assert len(_lines_naming(said, port)) <= 1, said  # the outage, said once
+    assert not _unlevelled(said), said
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("language", SDKS)
+async def test_an_sdk_never_prints_a_token_in_the_endpoint_s_query(language: str) -> None:
+    closed = _closed_port()
+    said, returncode, _ = await _example_exporting(
+        language,
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{closed}/v1/traces?api_key={SECRET}"
+        },
+        calls=2,
+        until=lambda _, said: f"127.0.0.1:{closed}" in said,
+    )
+    assert returncode == 0, said
+    lines = _lines_naming(said, closed)
+    # One line for the outage, naming the collector by scheme, host and port (before, Go's
+    # OpenTelemetry printed a plain line for each batch, the collector's path in it).
+    assert len(lines) == 1 and f"http://127.0.0.1:{closed}" in lines[0], said
+    assert "/v1/traces" not in said and SECRET not in said and not _unlevelled(said), said
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("language", SDKS)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        f"Authorization: Bearer {SECRET}",  # a colon for the '='
+        f"authorization=Bearer%20{SECRET}%0D%0AX-Injected:%201",  # a CR LF, once decoded
+    ],
+)
+async def test_an_sdk_never_prints_a_header_it_cannot_read(
+    serve: Any, language: str, headers: str
+) -> None:
+    port, heads = await serve(_answer_ok)
+    variable = "OTEL_EXPORTER_OTLP_HEADERS"
+    said, returncode, _ = await _example_exporting(
+        language,
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces",
+            variable: headers,
+        },
+        until=lambda _, said: variable in said and (language in REFUSING or bool(heads)),
+    )
+    assert returncode == 0 and SECRET not in said, said
+    lines = [line for line in said.splitlines() if variable in line]
+    assert len(lines) == 1, said
+    if language in REFUSING:
+        assert "no span is sent" in lines[0] and not heads, said
+    assert not any(b"X-Injected" in head for head in heads), heads
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("language", SDKS)
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "-5"),  # before, Go: the batch processor panicked
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "lots"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "nan"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "-1"),
+    ],
+)
+async def test_an_sdk_says_a_malformed_export_variable_in_one_line(
+    serve: Any, language: str, variable: str, value: str
+) -> None:
+    port, heads = await serve(_answer_ok)
+    said, returncode, _ = await _example_exporting(
+        language,
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces",
+            variable: value,
+        },
+        until=lambda _, said: variable in said,
+    )
+    assert returncode == 0 and "panic" not in said and "Exception" not in said, said
+    lines = [line for line in said.splitlines() if variable in line]
+    assert len(lines) == 1, said
+    if language in REFUSING:
+        assert "no span is sent" in lines[0] and not heads, said
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("language", SDKS)
+async def test_an_sdk_follows_no_redirect(serve: Any, language: str) -> None:
+    elsewhere, heads_elsewhere = await serve(_answer_ok)
+
+    async def redirect(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, heads: list[bytes]
+    ) -> None:
+        while True:
+            await _read_request(reader, heads)
+            location = f"http://127.0.0.1:{elsewhere}/v1/traces"
+            writer.write(
+                f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n"
+                "Content-Length: 0\r\n\r\n".encode()
+            )
+            await writer.drain()
+
+    port, heads = await serve(redirect)
+    said, returncode, _ = await _example_exporting(
+        language,
+        {
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"x-api-key={SECRET}",
+        },
+        calls=2,
+        until=lambda call, _: len(heads) > call,
+    )
+    # Before, Go's client followed it, the token in the headers with it.
+    assert len(heads) == 2 and not heads_elsewhere, (heads, heads_elsewhere, said)
+    assert returncode == 0 and SECRET not in said, said
+    assert len(_lines_naming(said, port)) == 1, said
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("language", SDKS)
+async def test_an_sdk_says_an_outage_once_and_its_end_once(serve: Any, language: str) -> None:
+    answers = [500, 500, 500]  # then 200s (not 503 nor 429: those may be retried)
+
+    async def failing_then_fine(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, heads: list[bytes]
+    ) -> None:
+        while True:
+            await _read_request(reader, heads)
+            status = answers.pop(0) if answers else 200
+            writer.write(b"HTTP/1.1 %d Whatever\r\nContent-Length: 0\r\n\r\n" % status)
+            await writer.drain()
+
+    port, heads = await serve(failing_then_fine)
+    said, returncode, _ = await _example_exporting(
+        language,
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces"},
+        calls=5,
+        until=lambda call, said: len(heads) > call and (call < 3 or "again" in said),
+    )
+    assert len(heads) == 5 and returncode == 0, (heads, said)
+    lines = _lines_naming(said, port)
+    assert len(lines) == 2 and "takes spans again" in lines[1], said
+    assert "/v1/traces" not in said and not _unlevelled(said), said
 
 
 # -- the dispatcher's side -----------------------------------------------------------------
