@@ -59,6 +59,19 @@ type collectorTransport struct {
 	// accounted: the last request's outcome was said already (it failed, or redirected),
 	// so the exporter's error for it needs no line of its own.
 	accounted bool
+	// silent: the stop is over (tracing.shutdown); an export still running says nothing
+	// more: the stop said what it dropped.
+	silent bool
+}
+
+// silence ends what the transport says; a nil transport is ignored.
+func (c *collectorTransport) silence() {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.silent = true
 }
 
 // collectorClient is the exporter's client for endpoint, with settings' timeout and TLS.
@@ -116,14 +129,13 @@ func (c *collectorTransport) RoundTrip(request *http.Request) (*http.Response, e
 	}
 	if status >= 300 && status < 400 {
 		c.mu.Lock()
-		said := c.redirectSaid
-		c.redirectSaid = true
-		c.mu.Unlock()
-		if !said {
+		if !c.redirectSaid && !c.silent {
 			sdkLog.Warn(fmt.Sprintf("linchkit plugin: the trace collector at %s answered %d, a redirect, which is not "+
 				"followed: the spans sent there are lost (said once). Point the exporter's endpoint at the collector "+
 				"itself", c.collector, status))
 		}
+		c.redirectSaid = true
+		c.mu.Unlock()
 	}
 	return response, nil
 }
@@ -152,6 +164,9 @@ func (c *collectorTransport) outcome(failure string, redirected bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.accounted = failure != "" || redirected
+	if c.silent {
+		return
+	}
 	switch {
 	case failure != "" && !c.failing:
 		c.failing = true

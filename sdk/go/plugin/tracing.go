@@ -65,6 +65,9 @@ type tracing struct {
 	// line names it (collectorShown).
 	endpoint  string
 	collector string
+	// transport sends the spans and says an outage (collector.go); nil in tests that keep
+	// spans in memory.
+	transport *collectorTransport
 }
 
 // tracesEndpoint is the OTLP/HTTP traces URL the environment names, or "".
@@ -151,7 +154,7 @@ func tracingFromEnv(ctx context.Context, getenv func(string) string, p *Plugin) 
 	provider := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(batcher), sdktrace.WithResource(res),
 		sdktrace.WithSampler(sampler))
 	return &tracing{provider: provider, tracer: provider.Tracer("linchkit.plugin"),
-		endpoint: endpoint, collector: collector}, nil
+		endpoint: endpoint, collector: collector, transport: transport}, nil
 }
 
 // start opens the call's span, continuing call.Traceparent when it is a valid one, and
@@ -196,6 +199,8 @@ func (t *tracing) shutdown(within time.Duration) {
 	ctx, cancel := context.WithTimeout(context.Background(), within)
 	defer cancel()
 	err := t.provider.Shutdown(ctx)
+	// An export the stop gave up on may still end later: what it dropped is said below.
+	t.transport.silence()
 	switch {
 	case err == nil:
 	case ctx.Err() != nil:
