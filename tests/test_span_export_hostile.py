@@ -374,9 +374,8 @@ async def test_a_collector_that_answers_still_gets_every_span(serve: Any) -> Non
 
 #: The SDKs whose example plugin (``sdk/<language>/dist/example-plugin``) is run here as a
 #: gRPC service; their exporters are their own (``sdk/go/plugin/collector.go``,
-#: ``sdk/java/.../Tracing.java``), read the same variables (timeouts in milliseconds, as
-#: the OpenTelemetry specification says, where Python's reads seconds) and are held to the
-#: same collectors.
+#: ``sdk/java/.../Tracing.java``), read the same variables and are held to the same
+#: collectors.
 SDKS = ["go", "java"]
 #: The SDKs that refuse a malformed variable of the export, serving untraced with one line
 #: naming it (as Python's does); Java's ignores it with one warning naming it, its default
@@ -403,7 +402,7 @@ async def _example_exporting(
     environment = {k: v for k, v in CLEAN_ENVIRONMENT.items() if not k.startswith("OTEL_")}
     environment |= {
         "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OTEL_EXPORTER_OTLP_TIMEOUT": str(int(TIMEOUT * 1000)),
+        "OTEL_EXPORTER_OTLP_TIMEOUT": TIMEOUT_MS,
         "LINCHKIT_PLUGIN_STOP_GRACE_MS": "0",
         "LINCHKIT_PLUGIN_STOP_HOOKS_MS": "0",
     } | env
