@@ -45,6 +45,7 @@ from linchkit_plugin._registry_options import websocket_refusal
 from linchkit_plugin._ws_dial import Refused, dial
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of
+from linchkit_plugin._ws_waiting import HEADER_TIMEOUT, MAX_WAITING, WaitingConnections
 from linchkit_plugin.auth import BearerToken
 from linchkit_plugin.errors import InvalidParams, Overloaded, Unauthorized
 from linchkit_plugin.host import PluginHost
@@ -98,6 +99,11 @@ class WebSocketPluginServer:
     ``max_connections``: connections served at once (1000, as ``dispatcher-plugin serve``
     holds its HTTP ones); past them an upgrade is refused 503 (``overloaded``,
     ``Retry-After: 1``) before it upgrades, and a dispatcher dials again.
+    Connections that have not asked for an upgrade count too: at most ``max_waiting``
+    (100) wait for their head at once, the oldest closed to make room for a new one (so a
+    flood of idle sockets cannot keep a dispatcher out), and a head must be complete within
+    ``header_timeout`` (10 s, as ``dispatcher-plugin serve``'s ``--header-timeout``) of the
+    connection's opening. Every answer that is not an upgrade closes its connection.
     ``stop_caps``: how long a stop gives the host to finish its calls after ``goaway``,
     then the hooks (default 5 s each; the executables read ``LINCHKIT_PLUGIN_STOP_GRACE_MS``
     and ``_STOP_HOOKS_MS``: ``linchkit_plugin.stopping``).
@@ -116,12 +122,20 @@ class WebSocketPluginServer:
         max_in_flight: int = 1024,
         max_buffered_events: int = 1000,
         max_connections: int = 1000,
+        max_waiting: int = MAX_WAITING,
+        header_timeout: float = HEADER_TIMEOUT,
         stop_caps: StopCaps | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        if not header_timeout > 0:
+            raise ValueError(
+                f"header_timeout must be a positive number of seconds, not {header_timeout}"
+            )
         self.host = host
         self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.waiting = WaitingConnections(max_waiting)
         #: Connections upgraded or upgrading now: counted before the upgrade's first await,
         #: so upgrades arriving together cannot pass the cap between its check and the count.
         self._connections = 0
@@ -152,8 +166,17 @@ class WebSocketPluginServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen; return ``ws://host:port``."""
-        self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(
+            self.app(),
+            handle_signals=False,
+            access_log=None,
+            # Armed when a connection opens: one whose head is not complete by then is
+            # closed (an idle socket, a slowloris head). Every other answer closes its
+            # connection, and an upgraded one is the session's: no keep-alive to time.
+            keepalive_timeout=self.header_timeout,
+        )
         await self._runner.setup()
+        self.waiting.watch(self._runner.server)
         site = web.TCPSite(self._runner, host, port)
         await site.start()
         bound = self._runner.addresses[0]
@@ -186,6 +209,15 @@ class WebSocketPluginServer:
         )
 
     async def _connect(self, request: web.Request) -> web.StreamResponse:
+        self.waiting.taken(request.protocol)
+        answer = await self._answer(request)
+        if not isinstance(answer, web.WebSocketResponse):
+            # Not upgraded: the connection ends with the answer. Kept alive it could wait
+            # for another head, uncounted (and the peer learnt all it may already).
+            answer.force_close()
+        return answer
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         if self.token is not None:
             # Every Authorization header, not the first: two are refused (admits_headers).
             authorization = request.headers.getall("Authorization", [])
@@ -246,7 +278,7 @@ class WebSocketPluginServer:
     def __repr__(self) -> str:
         return (
             f"<WebSocketPluginServer connections={self._connections}/{self.max_connections}"
-            f" refused={self.refused} token={self.token is not None}>"
+            f" refused={self.refused} {self.waiting!r} token={self.token is not None}>"
         )
 
 
