@@ -176,6 +176,7 @@ class WebSocketPluginServer:
             keepalive_timeout=self.header_timeout,
         )
         await self._runner.setup()
+        assert self._runner.server is not None  # set up just above
         self.waiting.watch(self._runner.server)
         site = web.TCPSite(self._runner, host, port)
         await site.start()
