@@ -10,7 +10,9 @@ package plugin
 // sent: 401 (WWW-Authenticate: Bearer) without the token of LINCHKIT_PLUGIN_TOKEN_FILE or
 // LINCHKIT_PLUGIN_TOKEN, compared in constant time; 426 to a request that is no upgrade;
 // 503 once the plugin is stopping, and 503 (overloaded, Retry-After: 1) past
-// maxWebSocketConnections connections. permessage-deflate is accepted when the dispatcher
+// maxWebSocketConnections connections. Connections that have not sent a whole head count
+// too: at most maxWaitingConnections at once, the oldest closed to make room, and each
+// head must be complete within upgradeHeaderTimeout. permessage-deflate is accepted when the dispatcher
 // offers it (a target with `compress: true`) and declined when it does not, so the
 // manifest decides; a deflated message is inflated up to the 8 MiB read limit only
 // (coder/websocket counts the inflated bytes and closes 1009 past it): no bomb. No TLS, as
@@ -52,6 +54,10 @@ const (
 	// 503 before it happens: each connection holds a goroutine, its buffers and a
 	// descriptor, and a dispatcher needs one per plugin id, so a thousand more are a flood.
 	maxWebSocketConnections = 1000
+	// maxWaitingConnections: connections that have not sent a whole head yet, at once;
+	// past it the oldest of them closes to make room (waitingConns). Uncounted, 1,200 idle
+	// sockets held 1,200 descriptors and goroutines, each for upgradeHeaderTimeout.
+	maxWaitingConnections = 100
 )
 
 // runWebSocketServer is `serve --websocket`: address and config are the flags, checked
@@ -85,8 +91,10 @@ func (p *Plugin) runWebSocketServer(ctx context.Context, env Environment, addres
 			"anybody who can reach %s can call this plugin", EnvTokenFile, EnvToken, listener.Addr()))
 	}
 	server := newWebSocketServer(ctx, p, token, caps.grace)
+	listener = server.waiting.listener(listener)
 	httpServer := &http.Server{
 		Handler:           server,
+		ConnContext:       withConn,
 		ReadHeaderTimeout: upgradeHeaderTimeout,
 		MaxHeaderBytes:    maxUpgradeHeaderBytes,
 		IdleTimeout:       notUpgradedIdleTimeout,
@@ -120,6 +128,8 @@ type webSocketServer struct {
 
 	// maxConnections: the sessions served at once; past them an upgrade is refused.
 	maxConnections int
+	// waiting: the connections not past their head yet (a listener that counts them).
+	waiting *waitingConns
 
 	mu       sync.Mutex
 	closing  bool
@@ -131,14 +141,14 @@ type webSocketServer struct {
 func newWebSocketServer(ctx context.Context, p *Plugin, token *bearerToken, grace time.Duration) *webSocketServer {
 	stopping, stopAll := context.WithCancel(ctx)
 	return &webSocketServer{plugin: p, token: token, grace: grace, stopping: stopping, stopAll: stopAll,
-		maxConnections: maxWebSocketConnections}
+		maxConnections: maxWebSocketConnections, waiting: newWaitingConns(maxWaitingConnections)}
 }
 
 func (s *webSocketServer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return fmt.Sprintf("<webSocketServer %s sessions=%d/%d refused=%d closing=%t token=%t>",
-		s.plugin.id, s.open, s.maxConnections, s.refused, s.closing, s.token != nil)
+	return fmt.Sprintf("<webSocketServer %s sessions=%d/%d refused=%d %s closing=%t token=%t>",
+		s.plugin.id, s.open, s.maxConnections, s.refused, s.waiting, s.closing, s.token != nil)
 }
 
 // stop takes no new connection (the listener closes, and so do connections not yet
@@ -154,6 +164,7 @@ func (s *webSocketServer) stop(httpServer *http.Server) {
 }
 
 func (s *webSocketServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.waiting.taken(connOf(r))
 	// The token first: a caller without it learns nothing else, not even whether the
 	// plugin is stopping.
 	if s.token != nil && !s.token.admitsAuthorization(r.Header.Values("Authorization")) {
@@ -260,4 +271,100 @@ func (h *hijackRecorder) abort() {
 	if h.conn != nil {
 		_ = h.conn.Close()
 	}
+}
+
+// waitingConns counts the connections accepted and not yet past their head: at most
+// `most` at once, the oldest closed to make room for a new one. Closing the oldest, not
+// the newest, keeps the server reachable during a flood: a dispatcher's head follows its
+// connection within a round trip, long before `most` newer connections push it out,
+// while idle sockets are pushed out by the flood itself.
+type waitingConns struct {
+	mu        sync.Mutex
+	most      int
+	opened    uint64                  // connections accepted so far: each one's order
+	waiting   map[*waitingConn]uint64 // connection -> the order it opened in
+	pushedOut int
+}
+
+func newWaitingConns(most int) *waitingConns {
+	return &waitingConns{most: most, waiting: make(map[*waitingConn]uint64)}
+}
+
+func (w *waitingConns) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return fmt.Sprintf("waiting=%d/%d pushed_out=%d", len(w.waiting), w.most, w.pushedOut)
+}
+
+// listener: inner, each connection it accepts counted until its head is complete
+// (taken) or it closes.
+func (w *waitingConns) listener(inner net.Listener) net.Listener {
+	return &countingListener{Listener: inner, waiting: w}
+}
+
+func (w *waitingConns) add(c *waitingConn) {
+	w.mu.Lock()
+	w.opened++
+	w.waiting[c] = w.opened
+	var oldest *waitingConn
+	if len(w.waiting) > w.most {
+		for each, order := range w.waiting { // at most most+1 of them
+			if oldest == nil || order < w.waiting[oldest] {
+				oldest = each
+			}
+		}
+		delete(w.waiting, oldest)
+		w.pushedOut++
+	}
+	w.mu.Unlock()
+	if oldest != nil {
+		_ = oldest.Conn.Close() // its server goroutine sees the read fail and ends
+	}
+}
+
+// taken: c's head is complete, or c is closing: it waits no more.
+func (w *waitingConns) taken(c *waitingConn) {
+	if c == nil {
+		return
+	}
+	w.mu.Lock()
+	delete(w.waiting, c)
+	w.mu.Unlock()
+}
+
+type countingListener struct {
+	net.Listener
+	waiting *waitingConns
+}
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	conn, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	counted := &waitingConn{Conn: conn, waiting: l.waiting}
+	l.waiting.add(counted)
+	return counted, nil
+}
+
+type waitingConn struct {
+	net.Conn
+	waiting *waitingConns
+}
+
+func (c *waitingConn) Close() error {
+	c.waiting.taken(c)
+	return c.Conn.Close()
+}
+
+type connKey struct{}
+
+// withConn is the http.Server's ConnContext: the handler finds its connection (connOf).
+func withConn(ctx context.Context, c net.Conn) context.Context {
+	return context.WithValue(ctx, connKey{}, c)
+}
+
+func connOf(r *http.Request) *waitingConn {
+	c, _ := r.Context().Value(connKey{}).(*waitingConn)
+	return c
 }

@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -443,4 +444,47 @@ func TestServeWebSocketRefusesConnectionsPastItsCap(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// Connections that never send a whole head are counted: past maxWaitingConnections the
+// oldest closes to make room, so a flood of idle sockets neither holds a descriptor each
+// nor keeps a dispatcher out. Before, every one was held until its head timeout.
+func TestServeWebSocketClosesTheOldestConnectionsWaitingForAHead(t *testing.T) {
+	url, _, _ := servedPlugin(t, testPlugin(), nil)
+	address := strings.TrimSuffix(strings.TrimPrefix(url, "ws://"), "/")
+	flood := make([]net.Conn, 0, maxWaitingConnections+50)
+	t.Cleanup(func() {
+		for _, c := range flood {
+			c.Close()
+		}
+	})
+	for range maxWaitingConnections + 50 {
+		c, err := net.DialTimeout("tcp", address, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		flood = append(flood, c)
+	}
+	// Dialled after the flood, and served.
+	if f := readFrame(t, dialServed(t, url, nil)); f["type"] != "hello" {
+		t.Fatalf("a dispatcher after the flood: %v, want the hello", f)
+	}
+	// The oldest were closed: a read ends at once, where a waiting one would block.
+	// (Within 3 s, well inside the 10 s head timeout that closes them all in the end.)
+	closed, deadline := 0, time.Now().Add(3*time.Second)
+	for _, c := range flood[:50] {
+		_ = c.SetReadDeadline(deadline)
+		if _, err := c.Read(make([]byte, 1)); err != nil && !isTimeout(err) {
+			closed++
+		}
+	}
+	if closed != 50 {
+		t.Fatalf("%d of the 50 oldest waiting connections closed, want all", closed)
+	}
+}
+
+func isTimeout(err error) bool {
+	var timeout interface{ Timeout() bool }
+	ok := errors.As(err, &timeout)
+	return ok && timeout.Timeout()
 }
