@@ -14,7 +14,7 @@ export type { StopCaps } from './stopcaps';
 export { PluginServer, PROTOCOL_VERSION, SERVICE_NAME } from './server';
 export * as handshake from './handshake';
 export { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV, tokenInterceptor } from './auth';
-export { GOAWAY_GRACE, MAX_CONNECTIONS, Refused, Session, WebSocketPluginServer, dial, serveWebSocket, STREAM_WINDOW } from './websocket';
+export { GOAWAY_GRACE, HEADER_TIMEOUT_MS, MAX_CONNECTIONS, MAX_WAITING_CONNECTIONS, Refused, Session, WebSocketPluginServer, dial, serveWebSocket, STREAM_WINDOW } from './websocket';
 export type { DialOptions, WebSocketServerOptions } from './websocket';
 export { Tracing, tracesEndpoint, OTLP_ENDPOINT_ENV, OTLP_TRACES_ENDPOINT_ENV } from './tracing';
 export type { CallSpan } from './tracing';

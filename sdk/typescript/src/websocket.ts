@@ -388,6 +388,18 @@ function keepAlive(socket: WebSocket, intervalMs: number): void {
  * upgrades, and a dispatcher dials again. Each holds a session, its buffers and a descriptor.
  */
 export const MAX_CONNECTIONS = 1000;
+/**
+ * Connections that have not sent a whole head yet, at once: past it the oldest of them
+ * closes to make room. Closing the oldest, not the newest, keeps the server reachable during
+ * a flood: a dispatcher's head follows its connection within a round trip, long before a
+ * hundred newer ones push it out, while idle sockets are pushed out by the flood itself.
+ */
+export const MAX_WAITING_CONNECTIONS = 100;
+/** Milliseconds from a connection's opening to its whole head, as `dispatcher-plugin serve`'s --header-timeout. */
+export const HEADER_TIMEOUT_MS = 10_000;
+
+/** What an upgrade or a request without the token is answered, quoting nothing sent. */
+const UNAUTHORIZED = { type: 'unauthorized', message: 'missing or wrong bearer token', retryable: false };
 
 export interface WebSocketServerOptions {
   /** Connections served at once (`MAX_CONNECTIONS`). */
@@ -408,6 +420,9 @@ export class WebSocketPluginServer {
   /** Sockets upgraded or upgrading now, counted until each closes. */
   private connections = 0;
   private refused = 0;
+  /** Connections not past their head yet, oldest first (a Set keeps the order). */
+  private readonly waiting = new Set<Duplex>();
+  private pushedOut = 0;
 
   constructor(
     private readonly plugin: Plugin,
@@ -420,11 +435,17 @@ export class WebSocketPluginServer {
     if (!Number.isInteger(this.maxConnections) || this.maxConnections < 1) {
       throw new RangeError(`maxConnections must be a whole number of at least 1, not ${this.maxConnections}`);
     }
-    this.server = http.createServer((_, response) => {
-      response.writeHead(426, { 'Content-Type': 'application/json' });
-      response.end(encodeJson({ ok: false, error: toWireError(new InvalidParams('this plugin speaks WebSocket: send an upgrade')) }));
+    this.server = http.createServer(
+      // A head must be complete within HEADER_TIMEOUT_MS of the connection's opening (Node
+      // times it from there; by default 60 s, checked every 30 s).
+      { headersTimeout: HEADER_TIMEOUT_MS, requestTimeout: 2 * HEADER_TIMEOUT_MS, connectionsCheckingInterval: 1000 },
+      (request, response) => this.notUpgraded(request, response),
+    );
+    this.server.on('connection', (socket: Duplex) => this.opened(socket));
+    this.server.on('upgrade', (request, socket, head) => {
+      this.waiting.delete(socket);
+      this.upgrade(request, socket, head);
     });
-    this.server.on('upgrade', (request, socket, head) => this.upgrade(request, socket, head));
     plugin.keepAtMost(MAX_BUFFERED_EVENTS);
   }
 
@@ -445,15 +466,52 @@ export class WebSocketPluginServer {
     await Promise.all([...this.sessions].map((session) => session.goAway(graceMs)));
   }
 
+  /** A connection opened: it waits for its head, and the oldest waiting closes past the most. */
+  private opened(socket: Duplex): void {
+    this.waiting.add(socket);
+    socket.once('close', () => this.waiting.delete(socket));
+    if (this.waiting.size > MAX_WAITING_CONNECTIONS) {
+      const oldest = this.waiting.values().next().value as Duplex;
+      this.waiting.delete(oldest);
+      this.pushedOut += 1;
+      oldest.destroy();
+    }
+  }
+
+  /** Whether the request carries the token, when one is set. */
+  private admits(request: http.IncomingMessage): boolean {
+    return this.token === undefined || this.token.admitsHeaders(request.headersDistinct.authorization);
+  }
+
+  /**
+   * A request that asks for no upgrade: 401 without the token (a peer without it learns
+   * nothing else, as in every SDK), else 426. Either way the connection ends with the answer:
+   * kept alive, it could wait for another head, uncounted.
+   */
+  private notUpgraded(request: http.IncomingMessage, response: http.ServerResponse): void {
+    this.waiting.delete(request.socket);
+    const [status, headers, error] = this.admits(request)
+      ? [426, { Upgrade: 'websocket' }, toWireError(new InvalidParams('this plugin speaks WebSocket: send an upgrade'))]
+      : [401, { 'WWW-Authenticate': 'Bearer' }, UNAUTHORIZED];
+    const body = encodeJson({ ok: false, error });
+    response.writeHead(status, { ...headers, 'Content-Type': 'application/json', 'Content-Length': body.length, Connection: 'close' });
+    response.end(body);
+  }
+
   private upgrade(request: http.IncomingMessage, socket: Duplex, head: Buffer): void {
+    // The token first: a peer without it learns nothing else, not even that the plugin stops.
+    if (!this.admits(request)) {
+      const body = encodeJson({ ok: false, error: UNAUTHORIZED });
+      socket.end(
+        'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Type: application/json\r\n' +
+          `Content-Length: ${body.length}\r\nConnection: close\r\n\r\n${body.toString()}`,
+      );
+      return;
+    }
     // An upgrade on a connection accepted before `close`: the listener is closed already.
     // (handleUpgrade hands over the socket at once: none is upgraded after this check.)
     if (this.closing) {
       socket.end('HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
-      return;
-    }
-    if (this.token !== undefined && !this.token.admitsHeaders(request.headersDistinct.authorization)) {
-      socket.end('HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       return;
     }
     if (this.connections >= this.maxConnections) {
@@ -485,7 +543,10 @@ export class WebSocketPluginServer {
   }
 
   toString(): string {
-    return `WebSocketPluginServer(${this.plugin.id}, connections ${this.connections}/${this.maxConnections}, refused ${this.refused})`;
+    return (
+      `WebSocketPluginServer(${this.plugin.id}, connections ${this.connections}/${this.maxConnections}, refused ${this.refused},` +
+      ` waiting ${this.waiting.size}/${MAX_WAITING_CONNECTIONS}, pushed out ${this.pushedOut})`
+    );
   }
 }
 
