@@ -7,6 +7,7 @@
 use base64::Engine;
 
 use super::frames::Deflate;
+use crate::types;
 
 /// The most an upgrade's head (request or answer) may hold.
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -70,12 +71,7 @@ pub(crate) fn read_request(bytes: &[u8]) -> Request {
         }
         _ => return Request::Refused(refused(400, "a malformed HTTP request")),
     }
-    if request.method != Some("GET") {
-        return Request::Refused(refused(
-            405,
-            "this plugin speaks WebSocket: send a GET upgrade",
-        ));
-    }
+    let is_get = request.method == Some("GET");
     let values = |name: &str| -> Vec<&[u8]> {
         request
             .headers
@@ -89,6 +85,13 @@ pub(crate) fn read_request(bytes: &[u8]) -> Request {
         _ => None,
     };
     let upgrade = (|| {
+        // Refused after the token is checked, as everything a request could learn.
+        if !is_get {
+            return Err(refused(
+                405,
+                "this plugin speaks WebSocket: send a GET upgrade",
+            ));
+        }
         let upgrade = values("upgrade")
             .iter()
             .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case("websocket")));
@@ -207,6 +210,22 @@ pub(crate) fn switching_protocols(key: &str, deflate: Option<Deflate>) -> Vec<u8
     }
     head.push_str("\r\n");
     head.into_bytes()
+}
+
+/// The answer to an upgrade past the server's cap of connections: `503` with a short,
+/// retryable `overloaded` envelope and `Retry-After: 1`, closing the connection.
+pub(crate) fn overloaded(message: &str) -> Vec<u8> {
+    let body = serde_json::json!({
+        "ok": false,
+        "error": {"type": types::OVERLOADED, "message": message, "retryable": true, "retry_after": 1.0},
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// An answer refusing the request: `status` with the protocol's error envelope
