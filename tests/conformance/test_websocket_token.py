@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from dispatcher import Dispatcher, TargetUnavailable, parse_manifest
@@ -151,6 +152,47 @@ async def test_a_token_guards_the_upgrade(language: str, source: str, tmp_path: 
     assert token not in stderr
     assert wrong not in stderr
     assert WARNING not in stderr, stderr
+
+
+#: Requests a peer without the token may send, each answered 401 and nothing else: no 426
+#: for a plain GET (TypeScript's, until 2026-12-06), no 405 for another method (Python's
+#: and Rust's), no word on the upgrade's headers.
+UNAUTHENTICATED = {
+    "plain GET": b"GET / HTTP/1.1\r\nHost: plugin\r\n\r\n",
+    "POST": b"POST / HTTP/1.1\r\nHost: plugin\r\nContent-Length: 2\r\n\r\n{}",
+    "old version": (
+        b"GET / HTTP/1.1\r\nHost: plugin\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
+    ),
+    "no key": (
+        b"GET / HTTP/1.1\r\nHost: plugin\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    ),
+}
+
+
+async def test_a_peer_without_the_token_learns_nothing_else(language: str) -> None:
+    """Whatever it sends, a peer without the token is answered 401 in the ``unauthorized``
+    envelope, and the connection ends with the answer (kept alive, it waited for another
+    head: TypeScript's and Python's did)."""
+    token = "tok-" + secrets.token_urlsafe(24)
+    async with _served(language, LINCHKIT_PLUGIN_TOKEN=token) as (service, _):
+        host, port = service.address.rsplit(":", 1)
+        for what, request in UNAUTHENTICATED.items():
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(request)
+                async with asyncio.timeout(10):  # the server closes it: EOF
+                    answer = await reader.read()
+            finally:
+                writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            status_line, *headers = head.decode("latin-1").split("\r\n")
+            assert status_line.split(" ")[1] == "401", (what, answer)
+            names = {line.split(":", 1)[0].strip().lower(): line for line in headers}
+            assert "bearer" in names.get("www-authenticate", "").lower(), (what, answer)
+            error = orjson.loads(body)["error"]
+            assert error["type"] == "unauthorized", (what, answer)
 
 
 async def test_without_a_token_the_server_serves_anyone_and_warns(language: str) -> None:

@@ -158,7 +158,9 @@ class WebSocketPluginServer:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/{tail:.*}", self._connect)
+        # Every method, so that the token is checked first: a route for GET alone answered
+        # a POST 405 before it, telling a peer without the token what it takes.
+        app.router.add_route("*", "/{tail:.*}", self._connect)
         app.on_startup.append(self._open)
         app.on_shutdown.append(self._going_away)
         app.on_cleanup.append(self._close)
