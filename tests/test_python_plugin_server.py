@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 import pytest
@@ -529,6 +530,78 @@ def test_serve_websocket_refuses_what_only_the_http_server_does(
     assert done.returncode == 1, done.stderr
     assert said in done.stderr and "Traceback" not in done.stderr
     assert "listening" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "environment", "said"),
+    [
+        (["--max-body-bytes", "1000"], {}, "--max-body-bytes:"),
+        (
+            ["--keep-alive-timeout", "5", "--body-timeout", "3"],
+            {},
+            "--body-timeout, --keep-alive-timeout:",
+        ),
+        (["--max-header-bytes", "4096"], {}, "--max-header-bytes:"),
+        ([], {"LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES": "100"}, "LINCHKIT_PLUGIN_COMPRESS_MIN_BYTES:"),
+        (["--max-connections", "0"], {}, "max_connections must be at least 1"),
+        (["--header-timeout", "0"], {}, "header_timeout must be a positive number"),
+    ],
+    ids=["body", "timeouts", "header-bytes", "compress-variable", "no-connections", "no-time"],
+)
+def test_serve_websocket_refuses_a_limit_it_would_not_apply(
+    given: list[str], environment: dict[str, str], said: str
+) -> None:
+    """Before: ``serve --websocket`` took every limit of the HTTP server and applied none,
+    unsaid: an operator who set --max-body-bytes believed it in force."""
+    done = subprocess.run(
+        serve_command("--websocket", "--port", "0", *given),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **environment},
+    )
+    assert done.returncode == 1, done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "listening" not in done.stderr
+
+
+async def test_serve_websocket_applies_max_connections_and_header_timeout() -> None:
+    """``--max-connections`` is the WebSocket server's cap (an upgrade past it is refused
+    503) and ``--header-timeout`` the time a connection has for its head. Before, both were
+    dropped: 1,000 connections and 10 s whatever the operator said."""
+    process = await asyncio.create_subprocess_exec(
+        *serve_command("--websocket", "--port", "0", "--max-connections", "1", "--header-timeout", "1"),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            line = (await process.stderr.readline()).decode()
+        found = re.search(r"listening on (ws://\S+)", line)
+        assert found, line
+        url = found[1]
+        async with aiohttp.ClientSession() as client:
+            first = await client.ws_connect(url)
+            assert orjson.loads((await first.receive()).data)["type"] == "hello"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect(url)
+            assert refused.value.status == 503
+            await first.close()
+
+        host, port = url.removeprefix("ws://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            started = time.monotonic()
+            async with asyncio.timeout(8):  # the default 10 s would not be over
+                assert await reader.read() == b""
+            assert time.monotonic() - started < 8
+        finally:
+            writer.close()
+    finally:
+        process.terminate()
+        await process.wait()
 
 
 @pytest.mark.parametrize("websocket", [False, True], ids=["http", "websocket"])

@@ -46,6 +46,8 @@ def serve_websocket(
             token=token,
             plugin_id=identity[0],
             version=identity[1],
+            max_connections=options.max_connections,
+            header_timeout=options.header_timeout,
             stop_caps=options.stop_caps,
         )
         url = await server.start(options.host, options.port)

@@ -55,7 +55,7 @@ _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
         "header_timeout",
         float,
         "seconds for a request head to complete, from its first byte (or from a new"
-        " connection's opening); closed after",
+        " connection's opening); closed after (--websocket: from the connection's opening)",
     ),
     (
         "--keep-alive-timeout",
@@ -68,7 +68,8 @@ _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
         "--max-connections",
         "max_connections",
         int,
-        "open connections at most; more are closed as they are accepted",
+        "open connections at most; more are closed as they are accepted (--websocket:"
+        " upgraded ones; past them an upgrade is refused 503)",
     ),
     (
         "--compress-min-bytes",
@@ -304,9 +305,17 @@ def _serve_websocket(options: argparse.Namespace) -> None:
 
 def serve(options: argparse.Namespace) -> None:
     if options.websocket:
-        refusal = websocket_refusal(options) or _http_only_refusal(options)
+        refusal = (
+            websocket_refusal(options)
+            or _http_only_refusal(options)
+            or _http_limit_refusal(options)
+        )
         if refusal is not None:
             _fail(refusal)
+        try:  # the limits it takes, checked as the HTTP server's are
+            ServerLimits(**{field: getattr(options, field) for field in _WEBSOCKET_LIMITS})
+        except ValueError as error:
+            _fail(str(error))
     _check_listening(options)
     if options.websocket:
         _serve_websocket(options)
@@ -428,6 +437,43 @@ def _http_only_refusal(options: argparse.Namespace) -> str | None:
         " ws:// only; put a TLS terminator in front of it for wss://, or serve over HTTP"
         " (without --websocket) for HTTPS, client certificates or a Unix socket"
     )
+
+
+#: The limits ``serve --websocket`` applies: --max-connections, the sessions served at once
+#: (past them an upgrade is refused 503), and --header-timeout, the time a connection has
+#: for its upgrade's head. The others guard what a WebSocket server does not do (bodies,
+#: batches, keep-alive, compressed answers) or does otherwise (its heads' size is aiohttp's
+#: per-line limit): ``_http_limit_refusal`` refuses them.
+_WEBSOCKET_LIMITS = ("max_connections", "header_timeout")
+
+
+def _http_limit_refusal(options: argparse.Namespace) -> str | None:
+    """Why ``serve --websocket`` must not start with a limit it would not apply: the
+    operator would believe it in force. A limit at its default is not given."""
+    given = []
+    for option, field, kind, _ in _LIMIT_OPTIONS:
+        if field in _WEBSOCKET_LIMITS or getattr(options, field) == getattr(_DEFAULTS, field):
+            continue
+        variable = _ENV + field.upper()
+        from_environment = os.environ.get(variable)
+        by_variable = from_environment is not None and _parsed(kind, from_environment) == getattr(
+            options, field
+        )
+        given.append(variable if by_variable else option)
+    if not given:
+        return None
+    return (
+        f"{', '.join(given)}: serve --websocket does not apply it (of the limits it takes only"
+        " --max-connections and --header-timeout); leave it out, or serve over HTTP (without"
+        " --websocket)"
+    )
+
+
+def _parsed(kind: type[int] | type[float], text: str) -> int | float | None:
+    try:
+        return kind(text)
+    except ValueError:
+        return None
 
 
 def _check_listening(options: argparse.Namespace) -> None:
