@@ -205,6 +205,10 @@ func (s *webSocketServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.mu.Unlock()
 		s.sessions.Done()
 	}()
+	// An upgrade Accept refuses (a bad version or key) ends its connection with the answer,
+	// as every other refusal here: kept alive, it waited uncounted for another head.
+	// Accept sets `Connection: Upgrade` on the upgrades it takes.
+	w.Header().Set("Connection", "close")
 	hijacked := &hijackRecorder{ResponseWriter: w}
 	conn, err := websocket.Accept(hijacked, r, &websocket.AcceptOptions{
 		// Accepted when offered, declined when not: the dispatcher offers it only for a

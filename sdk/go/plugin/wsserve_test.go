@@ -488,3 +488,25 @@ func isTimeout(err error) bool {
 	ok := errors.As(err, &timeout)
 	return ok && timeout.Timeout()
 }
+
+// An upgrade that coder/websocket refuses (here an old version) ends its connection with
+// the answer; before, it was kept alive for another head, 75 s, uncounted.
+func TestServeWebSocketARefusedUpgradeEndsItsConnection(t *testing.T) {
+	url, _, _ := servedPlugin(t, testPlugin(), nil)
+	address := strings.TrimSuffix(strings.TrimPrefix(url, "ws://"), "/")
+	conn, err := net.DialTimeout("tcp", address, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_, _ = io.WriteString(conn, "GET / HTTP/1.1\r\nHost: p\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n")
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	answer, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("the connection was not closed after %q: %v", answer, err)
+	}
+	if !bytes.HasPrefix(answer, []byte("HTTP/1.1 400 ")) {
+		t.Fatalf("the answer: %q, want a 400", answer)
+	}
+}
