@@ -9,6 +9,7 @@
  * (`registrationRefusal`).
  */
 import { HandshakeError } from './handshake';
+import { REGISTER_ETCD_ENV } from './registryflags';
 
 /** The one-line reminder an argument mistake ends with; `connect --help` says more. */
 export const CONNECT_USAGE = 'connect --url ws://HOST:PORT/v1/plugins/connect [--config JSON] [--help]';
@@ -59,8 +60,7 @@ export function parseGatewayUrl(text: string): URL {
   return url;
 }
 
-/** The variable that names the etcd a served plugin registers in (docs/registry.md). */
-export const REGISTER_ETCD_ENV = 'LINCHKIT_REGISTER_ETCD';
+export { REGISTER_ETCD_ENV };
 
 /**
  * Why `connect` must not start in `env`, or undefined. Told to register (an empty variable
@@ -72,7 +72,7 @@ export function registrationRefusal(env: NodeJS.ProcessEnv): HandshakeError | un
   if (!env[REGISTER_ETCD_ENV]) return undefined;
   return new HandshakeError(
     `connect: ${REGISTER_ETCD_ENV}: a plugin that dials the gateway (connect) is not registered in etcd, as no ` +
-      'dispatcher dials it: the gateway knows it by its connection. Leave it unset: the TypeScript SDK registers no plugin in etcd',
+      'dispatcher dials it: the gateway knows it by its connection. Serve over gRPC (serve) to be found there, or leave it unset',
   );
 }
 

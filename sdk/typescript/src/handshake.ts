@@ -4,6 +4,7 @@
  */
 
 import { DEFAULT_ADDRESS, parseListenAddress } from './listen';
+import { PASSWORD_FLAG, PASSWORD_FLAG_REFUSAL, registrySettingNamed } from './registryflags';
 
 export const CORE_PROTOCOL_VERSION = 1;
 export const MAGIC_COOKIE_KEY = 'LINCHKIT_PLUGIN_MAGIC_COOKIE';
@@ -111,15 +112,17 @@ export function parseHandshakeLine(line: string): HandshakeLine {
 }
 
 /** The one-line reminder an argument mistake ends with; `serve --help` says more. */
-export const SERVE_USAGE = 'serve [--address HOST:PORT] [--websocket [--config JSON]] [--help]';
+export const SERVE_USAGE = 'serve [--address HOST:PORT] [--websocket [--config JSON]] [--register-etcd URL ...] [--help]';
 
 /**
  * `serve [--address HOST:PORT]` (a gRPC service), `serve --websocket [--address HOST:PORT]
  * [--config JSON]`, `serve --help`, or nothing (subprocess mode). `connect` is serve.ts's.
+ * `registry`: the registry flags given (registryflags.ts), by name without `--`, an empty
+ * value too; their values are checked by registry.ts.
  */
 export type Command =
-  | { mode: 'service'; address: string }
-  | { mode: 'websocket'; address: string; config: string | undefined }
+  | { mode: 'service'; address: string; registry: Map<string, string> }
+  | { mode: 'websocket'; address: string; config: string | undefined; registry: Map<string, string> }
   | { mode: 'help' }
   | { mode: 'subprocess' };
 
@@ -128,7 +131,11 @@ interface ServeFlags {
   websocket: boolean;
   config: string | undefined;
   help: boolean;
+  registry: Map<string, string>;
 }
+
+/** `--register-etcd-password`, joined to its value or not, with one dash or two. */
+const PASSWORD_ARGUMENT = new RegExp(`^--?${PASSWORD_FLAG}(=|$)`);
 
 export function parseCommand(argv: readonly string[]): Command {
   if (argv.length === 0) return { mode: 'subprocess' };
@@ -136,17 +143,24 @@ export function parseCommand(argv: readonly string[]): Command {
   const flags = parseServeFlags(argv.slice(1));
   if (flags.help) return { mode: 'help' };
   parseListenAddress(flags.address); // a mistyped address is refused before anything starts
-  if (flags.websocket) return { mode: 'websocket', address: flags.address, config: flags.config };
+  if (flags.websocket) return { mode: 'websocket', address: flags.address, config: flags.config, registry: flags.registry };
   if (flags.config !== undefined) {
     throw new HandshakeError(`serve: --config needs --websocket (a gRPC service gets its config from the Init call); usage: ${SERVE_USAGE}`);
   }
-  return { mode: 'service', address: flags.address };
+  return { mode: 'service', address: flags.address, registry: flags.registry };
 }
 
 function parseServeFlags(args: readonly string[]): ServeFlags {
-  const flags: ServeFlags = { address: DEFAULT_ADDRESS, websocket: false, config: undefined, help: false };
+  const flags: ServeFlags = { address: DEFAULT_ADDRESS, websocket: false, config: undefined, help: false, registry: new Map() };
   for (let i = 0; i < args.length; i++) {
     const arg = args[i] as string;
+    // Refused by name before anything else is read, its value (a password) never repeated.
+    if (PASSWORD_ARGUMENT.test(arg)) throw new HandshakeError(`serve: ${PASSWORD_FLAG_REFUSAL}`);
+    const registry = arg.startsWith('--') ? registryFlag(arg.slice(2)) : undefined;
+    if (registry !== undefined) {
+      flags.registry.set(registry.name, registry.joined ?? valueOf(arg, args[++i]));
+      continue;
+    }
     if (arg === '--help' || arg === '-h') flags.help = true;
     else if (arg === '--websocket') flags.websocket = true;
     else if (arg === '--address') flags.address = valueOf(arg, args[++i]);
@@ -156,6 +170,14 @@ function parseServeFlags(args: readonly string[]): ServeFlags {
     else throw new HandshakeError(`serve: unknown argument ${JSON.stringify(arg)}; usage: ${SERVE_USAGE}`);
   }
   return flags;
+}
+
+/** `name` or `name=value` when `name` is a registry flag (registryflags.ts); else undefined. */
+function registryFlag(text: string): { name: string; joined: string | undefined } | undefined {
+  const equals = text.indexOf('=');
+  const name = equals < 0 ? text : text.slice(0, equals);
+  if (registrySettingNamed(name) === undefined) return undefined;
+  return { name, joined: equals < 0 ? undefined : text.slice(equals + 1) };
 }
 
 function valueOf(flag: string, value: string | undefined): string {

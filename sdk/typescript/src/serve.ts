@@ -32,10 +32,13 @@ import * as grpc from '@grpc/grpc-js';
 import { BearerToken, TOKEN_ENV, TOKEN_FILE_ENV } from './auth';
 import { type HandshakeConfig, HandshakeError, SERVE_USAGE, handshakeLine, parseCommand, readHandshakeEnv } from './handshake';
 import { CONNECT_USAGE, parseConnectCommand, registrationRefusal } from './connect';
-import { DEFAULT_ADDRESS, ListenError, cannotListen } from './listen';
+import { DEFAULT_ADDRESS, ListenError, cannotListen, parseListenAddress } from './listen';
 import { Logger, log, routeConsole } from './log';
 import type { Plugin } from './plugin';
 import { PluginServer } from './server';
+import { RegistrySettingError } from './etcdgateway';
+import { type Registration, registrationFrom } from './registry';
+import { REGISTER_ETCD_PASSWORD_ENV, RegistryConfig, SETTING_ETCD, registryHelp } from './registryflags';
 import { OTLP_ENDPOINT_ENV, OTLP_TRACES_ENDPOINT_ENV, Tracing } from './tracing';
 import { generateServerCertificate } from './tls';
 import { MAX_STOP_MS, STOP_GRACE_ENV, STOP_HOOKS_ENV, STOP_HOOKS_MS, type StopCaps, stopCapsFrom } from './stopcaps';
@@ -79,12 +82,21 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
       return;
     }
     if (command.mode === 'websocket') {
+      const registry = new RegistryConfig(command.registry, env);
+      if (registry.value(SETTING_ETCD) !== '') {
+        // Refused, not ignored: an operator who set it expects the plugin to be found there.
+        throw new HandshakeError(
+          `serve: ${registry.name(SETTING_ETCD)}: a WebSocket server is not registered in etcd, as a dispatcher dials ` +
+            'a websocket target at its one url and finds none in a registry: serve over gRPC to be found there, or leave it unset',
+        );
+      }
       await serveOverWebSocket(plugin, command.address, command.config, env, caps('serve: '), Tracing.fromEnv(env, plugin));
       return;
     }
     if (command.mode === 'service') {
       const stopCaps = caps('serve: ');
-      await serveService(plugin, command.address, BearerToken.configured(env), Tracing.fromEnv(env, plugin), stopCaps);
+      const registry = new RegistryConfig(command.registry, env);
+      await serveService(plugin, command.address, registry, BearerToken.configured(env), Tracing.fromEnv(env, plugin), stopCaps);
     } else {
       // The handshake first, as every SDK does: run by hand, without the cookie, the plugin
       // says that the dispatcher starts it, whatever else the environment holds.
@@ -101,6 +113,7 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
 /** A mistake of the operator's or the host's is one line; anything else is a bug, with its stack. */
 function messageFor(error: unknown): string {
   if (error instanceof HandshakeError || error instanceof ListenError) return error.message;
+  if (error instanceof RegistrySettingError) return `serve: ${error.message}`;
   return String((error as Error)?.stack ?? error);
 }
 
@@ -121,10 +134,15 @@ options:
                        a gRPC service gets it from the dispatcher's Init call
   -h, --help           this help
 
-environment (docs/security.md, docs/observability.md):
+registering in etcd, where a dispatcher's fleet finds the gRPC service (docs/registry.md;
+each flag reads its variable when not given):
+${registryHelp()}
+environment (docs/registry.md, docs/security.md, docs/observability.md):
   ${TOKEN_FILE_ENV}, ${TOKEN_ENV}
       the bearer token every call must carry, from a file (a mounted secret) or the
       variable, not both; without either anybody who can reach the address may call
+  ${REGISTER_ETCD_PASSWORD_ENV}
+      the password of --register-etcd-user: no flag takes it, a command line shows in ps
   ${OTLP_TRACES_ENDPOINT_ENV}, ${OTLP_ENDPOINT_ENV}
       export a span per call and per stream over OTLP/HTTP, gRPC and WebSocket alike
       (the first is the full URL, the second a base URL + /v1/traces)
@@ -265,6 +283,7 @@ async function serveOverWebSocket(
 async function serveService(
   plugin: Plugin,
   address: string,
+  registry: RegistryConfig,
   token: BearerToken | undefined,
   tracing: Tracing | undefined,
   caps: StopCaps,
@@ -272,13 +291,16 @@ async function serveService(
   const server = new PluginServer(plugin, { servingFromStart: true, token, tracing });
   const port = await bindService(server, address);
   const host = address.slice(0, address.lastIndexOf(':'));
+  // Checked whole before the line is printed: a mistake ends the plugin with status 1.
+  const registration = registrationFrom(registry, { host: parseListenAddress(address).host, port });
   if (token === undefined) {
     log.warn(
       `no bearer token configured (${TOKEN_FILE_ENV} or ${TOKEN_ENV}): ` + `anybody who can reach ${host}:${port} can call this plugin`,
     );
   }
-  stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing, caps); // before the line: the host may stop us at once
+  stopOn(['SIGTERM', 'SIGINT'], plugin, server, tracing, caps, registration); // before the line: the host may stop us at once
   process.stdout.write(handshakeLine(1, 'tcp', `${host}:${port}`) + '\n');
+  registration?.start();
 }
 
 /**
@@ -399,22 +421,33 @@ export async function closeWithin(plugin: Plugin, capMs: number = STOP_HOOKS_MS,
 }
 
 /**
- * Stop once on any of `signals`: health off, drain the calls in flight (`caps.graceMs` at
- * most), then the stop/destroy hooks the host did not run (`caps.hooksMs` at most), then
- * exit. Hooks last: a stop hook that closes what the calls use must not pull it from under
- * calls still running.
+ * Stop once on any of `signals`: leave the registry (`registration`: the key deleted and the
+ * lease revoked, then `--leave-delay` still serving, while dispatchers learn it left),
+ * health off, drain the calls in flight (`caps.graceMs` at most), then the stop/destroy
+ * hooks the host did not run (`caps.hooksMs` at most), then exit. Hooks last: a stop hook
+ * that closes what the calls use must not pull it from under calls still running.
  */
-function stopOn(signals: NodeJS.Signals[], plugin: Plugin, server: PluginServer, tracing: Tracing | undefined, caps: StopCaps): () => void {
+function stopOn(
+  signals: NodeJS.Signals[],
+  plugin: Plugin,
+  server: PluginServer,
+  tracing: Tracing | undefined,
+  caps: StopCaps,
+  registration?: Registration,
+): () => void {
   let stopping = false;
   const stop = (): void => {
     if (stopping) return;
     stopping = true;
-    server.setServing(false);
     // Spans last: the drained calls' are buffered by then. Bounded by what remains of the
     // hooks' cap (SPAN_FLUSH_MARGIN_MS at least): a dead collector must not keep the plugin
     // past grace + hooks + the margin, where a container may be killed.
-    void server
-      .shutdown(caps.graceMs)
+    void (registration?.deregister() ?? Promise.resolve())
+      .catch((error: unknown) => log.warn(`cannot deregister: ${String(error)}`))
+      .then(() => {
+        server.setServing(false);
+        return server.shutdown(caps.graceMs);
+      })
       .then(async () => {
         const hooksBegan = Date.now();
         await closeWithin(plugin, caps.hooksMs);
