@@ -126,9 +126,6 @@ _DOCKER_FIXTURES = {
 _DOCKER_TESTS = {"test_the_demo_runs_end_to_end"}  # the demo starts sandboxed containers
 _TOOLCHAIN_TESTS = {
     "test_the_demo_runs_end_to_end",  # … and the Go example plugin
-    # The Go example plugin in an etcd registry (tests/test_plugin_registry.py).
-    "test_the_go_example_plugin_registers_and_leaves_on_sigterm",
-    "test_the_go_example_plugin_refuses_to_advertise_every_interface",
     # The Go, TypeScript and Java example plugins continuing a trace
     # (tests/test_telemetry_tracing.py; its Python case needs none).
     "test_one_trace_spans_the_dispatcher_and_an_sdk_plugin",

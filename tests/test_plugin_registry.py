@@ -38,6 +38,20 @@ PLUGIN = [
 PYTHON_GRPC_EXAMPLE = ROOT / "sdk" / "python" / "examples" / "example_plugin.py"
 GO_EXAMPLE = ROOT / "sdk" / "go" / "dist" / "example-plugin"
 TYPESCRIPT_EXAMPLE = ROOT / "sdk" / "typescript" / "dist" / "example-plugin"
+#: The example plugins of the SDKs other than Python's, each built by its toolchain.
+EXAMPLES_BY_LANGUAGE = {"go": GO_EXAMPLE, "typescript": TYPESCRIPT_EXAMPLE}
+#: The SDKs other than Python's that register their gRPC service.
+OTHER_SDKS = [
+    pytest.param(language, marks=pytest.mark.toolchain) for language in EXAMPLES_BY_LANGUAGE
+]
+
+
+def example(language: str) -> str:
+    """The example plugin of ``language``'s SDK (go, typescript), failing when not built."""
+    path = EXAMPLES_BY_LANGUAGE[language]
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{path} is missing: run `make sdks` (sdk/{language}/build.sh)")
+    return str(path)
 
 
 def only_key(etcd: Etcd, prefix: str) -> tuple[str, dict[str, Any]]:
@@ -284,8 +298,33 @@ def test_a_prefix_is_required() -> None:
             {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1", "LINCHKIT_REGISTER_PREFIX": "/p"},
             "LINCHKIT_REGISTER_ETCD",
         ),
+        pytest.param(
+            [str(GO_EXAMPLE), "serve", "--websocket"],
+            {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1", "LINCHKIT_REGISTER_PREFIX": "/p"},
+            "LINCHKIT_REGISTER_ETCD",
+            marks=pytest.mark.toolchain,
+        ),
+        pytest.param(
+            [str(TYPESCRIPT_EXAMPLE), "serve", "--websocket"],
+            {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1", "LINCHKIT_REGISTER_PREFIX": "/p"},
+            "LINCHKIT_REGISTER_ETCD",
+            marks=pytest.mark.toolchain,
+        ),
+        pytest.param(
+            [str(TYPESCRIPT_EXAMPLE), "serve", "--websocket", "--register-etcd", "http://[::1]:1"],
+            {"LINCHKIT_REGISTER_PREFIX": "/p"},
+            "--register-etcd",
+            marks=pytest.mark.toolchain,
+        ),
     ],
-    ids=["dispatcher-plugin-flag", "dispatcher-plugin-variable", "executable-variable"],
+    ids=[
+        "dispatcher-plugin-flag",
+        "dispatcher-plugin-variable",
+        "executable-variable",
+        "go-variable",
+        "typescript-variable",
+        "typescript-flag",
+    ],
 )
 def test_a_websocket_server_told_to_register_says_it_cannot_and_does_not_start(
     command: list[str], environment: dict[str, str], named: str
@@ -293,6 +332,8 @@ def test_a_websocket_server_told_to_register_says_it_cannot_and_does_not_start(
     """A dispatcher dials a websocket target at its one url and finds none in a registry:
     a WebSocket server told to register would be found by nobody, so it refuses rather
     than let the operator believe it registered."""
+    if not os.access(command[0], os.X_OK):
+        pytest.fail(f"{command[0]} is missing: run `make sdks`")
     done = subprocess.run(
         command,
         capture_output=True,
@@ -308,13 +349,15 @@ def test_a_websocket_server_told_to_register_says_it_cannot_and_does_not_start(
 
 
 @pytest.mark.parametrize("delay", ["-1", "nan", "601", "soon"])
-@pytest.mark.parametrize("language", ["python", pytest.param("go", marks=pytest.mark.toolchain)])
+@pytest.mark.parametrize("language", ["python", *OTHER_SDKS])
 def test_the_grpc_services_refuse_a_bad_leave_delay_before_serving(
     language: str, delay: str
 ) -> None:
-    command = {"python": [sys.executable, str(PYTHON_GRPC_EXAMPLE)], "go": [str(GO_EXAMPLE)]}
+    command = (
+        [sys.executable, str(PYTHON_GRPC_EXAMPLE)] if language == "python" else [example(language)]
+    )
     done = subprocess.run(
-        [*command[language], "serve", "--address", "127.0.0.2:0"],
+        [*command, "serve", "--address", "127.0.0.2:0"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -346,12 +389,19 @@ REGISTRY_FLAGS = (
 
 @pytest.mark.parametrize(
     "command",
-    [[*PLUGIN[:2], "--help"], [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--help"]],
-    ids=["dispatcher-plugin", "grpc-service"],
+    [
+        [*PLUGIN[:2], "--help"],
+        [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--help"],
+        pytest.param([str(TYPESCRIPT_EXAMPLE), "serve", "--help"], marks=pytest.mark.toolchain),
+    ],
+    ids=["dispatcher-plugin", "grpc-service", "typescript"],
 )
-def test_every_python_serve_s_help_names_the_registry_flags_and_their_variables(
+def test_every_serve_s_help_names_the_registry_flags_and_their_variables(
     command: list[str],
 ) -> None:
+    """Go's flag package writes its flags with one dash: its help is Go's own test's."""
+    if not os.access(command[0], os.X_OK):
+        pytest.fail(f"{command[0]} is missing: run `make sdks`")
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=60, env=CLEAN_ENVIRONMENT, check=True
     )
@@ -380,13 +430,12 @@ def test_the_python_grpc_service_registers_its_address(
     assert etcd.keys(etcd_prefix) == {}
 
 
-def test_the_go_example_plugin_registers_and_leaves_on_sigterm(
-    etcd: Etcd, etcd_prefix: str, plugins: Any
+@pytest.mark.parametrize("language", OTHER_SDKS)
+def test_the_sdk_example_plugins_register_and_leave_on_sigterm(
+    etcd: Etcd, etcd_prefix: str, plugins: Any, language: str
 ) -> None:
-    if not os.access(GO_EXAMPLE, os.X_OK):
-        pytest.fail(f"{GO_EXAMPLE} is missing: run `make sdks` (sdk/go/build.sh)")
     plugin = plugins(
-        [str(GO_EXAMPLE), "serve", "--address", "127.0.0.3:0"],
+        [example(language), "serve", "--address", "127.0.0.3:0"],
         LINCHKIT_REGISTER_ETCD=etcd.url,
         LINCHKIT_REGISTER_PREFIX=etcd_prefix,
         LINCHKIT_REGISTER_TTL="4",
@@ -401,11 +450,13 @@ def test_the_go_example_plugin_registers_and_leaves_on_sigterm(
     assert f"deregistered {key}" in plugin.stderr
 
 
-def test_the_go_example_plugin_refuses_to_advertise_every_interface(plugins: Any) -> None:
-    if not os.access(GO_EXAMPLE, os.X_OK):
-        pytest.fail(f"{GO_EXAMPLE} is missing: run `make sdks` (sdk/go/build.sh)")
+@pytest.mark.parametrize("address", ["0.0.0.0:0", "[::]:0"])
+@pytest.mark.parametrize("language", OTHER_SDKS)
+def test_the_sdk_example_plugins_refuse_to_advertise_every_interface(
+    language: str, address: str
+) -> None:
     done = subprocess.run(
-        [str(GO_EXAMPLE), "serve", "--address", "0.0.0.0:0"],
+        [example(language), "serve", "--address", address],
         capture_output=True,
         text=True,
         timeout=60,
@@ -416,7 +467,8 @@ def test_the_go_example_plugin_refuses_to_advertise_every_interface(plugins: Any
             "LINCHKIT_REGISTER_PREFIX": "/p",
         },
     )
-    assert done.returncode == 1 and "LINCHKIT_ADVERTISE" in done.stderr
+    assert done.returncode == 1 and "LINCHKIT_ADVERTISE" in done.stderr, done.stderr
+    assert "which no dispatcher can call" in done.stderr and done.stdout == ""
 
 
 async def test_a_fleet_source_follows_plugins_that_come_and_go(

@@ -1,7 +1,8 @@
 """Plugins register themselves in an etcd run as a careful operator runs it: TLS with a
 client certificate, etcd's users on, simple tokens that expire after ``TOKEN_TTL`` (2 s)
 unused (``tests.services.SecureEtcd``). Real plugin processes of the Python SDK (the
-HTTP server, and its gRPC service) and of the Go SDK (its example plugin).
+HTTP server, and its gRPC service) and of the Go and TypeScript SDKs (their example
+plugins).
 
 The plugin proves itself with ``registrar``'s certificate and password; what is asserted
 is where its key is, what its stderr says and what it never says (the password), and how
@@ -45,14 +46,17 @@ from tests.services import (
     readwrite_permission,
     wait_for,
 )
-from tests.test_plugin_registry import GO_EXAMPLE, PLUGIN, PYTHON_GRPC_EXAMPLE, health, only_key
+from tests.test_plugin_registry import PLUGIN, PYTHON_GRPC_EXAMPLE, example, health, only_key
 
 PREFIX = f"{REGISTRAR_PREFIX}/echo"
 WRONG_PASSWORD = "wrong-pw-5e2a"
-LANGUAGES = ["http", "python-grpc", pytest.param("go", marks=pytest.mark.toolchain)]
-#: Where the Python HTTP server and the Go plugin differ; the Python gRPC service shares
-#: the HTTP server's registration code and is started in the first test only.
-HTTP_AND_GO = ["http", pytest.param("go", marks=pytest.mark.toolchain)]
+GO = pytest.param("go", marks=pytest.mark.toolchain)
+TYPESCRIPT = pytest.param("typescript", marks=pytest.mark.toolchain)
+LANGUAGES = ["http", "python-grpc", GO, TYPESCRIPT]
+#: One entry per registration code: the Python HTTP server, the Go plugin and the
+#: TypeScript plugin; the Python gRPC service shares the HTTP server's registration code
+#: and is started in the first test only.
+DISTINCT_CODE = ["http", GO, TYPESCRIPT]
 
 #: Each entry point with its registry settings given as flags (the password still a
 #: variable: no flag takes it), or as variables (the HTTP server's variables are
@@ -63,6 +67,8 @@ ENTRY_POINTS = [
     pytest.param("python-grpc", "variables", id="python-grpc-variables"),
     pytest.param("go", "flags", id="go-flags", marks=pytest.mark.toolchain),
     pytest.param("go", "variables", id="go-variables", marks=pytest.mark.toolchain),
+    pytest.param("typescript", "flags", id="typescript-flags", marks=pytest.mark.toolchain),
+    pytest.param("typescript", "variables", id="typescript-variables", marks=pytest.mark.toolchain),
 ]
 
 #: The settings as every SDK's flags, and as its variables.
@@ -80,7 +86,12 @@ VARIABLES = {
     "user": "LINCHKIT_REGISTER_ETCD_USER",
     "password": "LINCHKIT_REGISTER_ETCD_PASSWORD",
 }
-HOSTS = {"http": "127.0.0.2", "python-grpc": "127.0.0.2", "go": "127.0.0.3"}
+HOSTS = {
+    "http": "127.0.0.2",
+    "python-grpc": "127.0.0.2",
+    "go": "127.0.0.3",
+    "typescript": "127.0.0.3",
+}
 
 
 def command(language: str, address: str) -> list[str]:
@@ -90,9 +101,7 @@ def command(language: str, address: str) -> list[str]:
         return [*PLUGIN, "--host", host, "--port", port]
     if language == "python-grpc":
         return [sys.executable, str(PYTHON_GRPC_EXAMPLE), "serve", "--address", address]
-    if not GO_EXAMPLE.exists():
-        pytest.fail(f"{GO_EXAMPLE} is missing: run `make sdks` (sdk/go/build.sh)")
-    return [str(GO_EXAMPLE), "serve", "--address", address]
+    return [example(language), "serve", "--address", address]
 
 
 def arguments(
@@ -224,7 +233,7 @@ def test_a_plugin_registers_in_a_secure_etcd_and_leaves_on_sigterm(
     assert secure_etcd.registrar_password not in plugin.stderr
 
 
-@pytest.mark.parametrize("language", HTTP_AND_GO)
+@pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_an_expired_token_is_replaced_and_the_registration_kept(
     secure_etcd: SecureEtcd, plugins: Any, language: str
 ) -> None:
@@ -264,7 +273,7 @@ def test_an_expired_token_is_replaced_and_the_registration_kept(
     ],
     ids=["wrong-password", "no-permission"],
 )
-@pytest.mark.parametrize("language", HTTP_AND_GO)
+@pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_refused_credentials_are_said_once_and_retried_while_serving(
     secure_etcd: SecureEtcd, plugins: Any, language: str, user: str, password: str, refusal: str
 ) -> None:
@@ -305,8 +314,8 @@ MOST_REFUSALS = 5
 MARGIN = 5.0
 
 
-# Each SDK once and each refusal once (both SDKs back off alike for either refusal): the
-# four pairs took 88 s of one worker, a wait of 12 s and a mend each.
+# Each SDK once and each refusal once (the SDKs back off alike for either refusal): the
+# six pairs would take 130 s of one worker, a wait of 12 s and a mend each.
 @pytest.mark.parametrize(
     ("language", "user", "password", "refusal"),
     [
@@ -318,8 +327,15 @@ MARGIN = 5.0
             ("Put", "PermissionDenied"),
             marks=pytest.mark.toolchain,
         ),
+        pytest.param(
+            "typescript",
+            "registrar",
+            WRONG_PASSWORD,
+            ("Authenticate", "InvalidArgument"),
+            marks=pytest.mark.toolchain,
+        ),
     ],
-    ids=["http-wrong-password", "go-no-permission"],
+    ids=["http-wrong-password", "go-no-permission", "typescript-wrong-password"],
 )
 def test_a_plugin_turned_away_backs_off_and_registers_soon_once_etcd_is_mended(
     secure_etcd: SecureEtcd,
@@ -343,7 +359,7 @@ def test_a_plugin_turned_away_backs_off_and_registers_soon_once_etcd_is_mended(
     )
 
     # After k refusals in a row a plugin waits at most 2^k s (a second doubled k times),
-    # and never longer than the cap, 30 s in both SDKs. k is counted once etcd is mended,
+    # and never longer than the cap, 30 s in every SDK. k is counted once etcd is mended,
     # in case a try came between the count above and the mending.
     mended = time.monotonic()
     mend(secure_etcd, user, password)
@@ -413,7 +429,7 @@ def silent_etcd() -> Iterator[tuple[str, list[float]]]:
         server.close()
 
 
-@pytest.mark.parametrize("language", HTTP_AND_GO)
+@pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_an_etcd_that_does_not_answer_is_still_tried_about_every_second(
     silent_etcd: tuple[str, list[float]], plugins: Any, language: str
 ) -> None:
@@ -501,7 +517,7 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
-@pytest.mark.parametrize("language", HTTP_AND_GO)
+@pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_an_etcd_that_cuts_tls_handshakes_is_tried_about_every_second(
     secure_etcd: SecureEtcd, plugins: Any, language: str, reset: bool
 ) -> None:
@@ -574,7 +590,7 @@ def test_the_gateway_tells_what_etcd_refused_from_a_handshake_cut_off(
             cutter.close()
 
 
-@pytest.mark.parametrize("language", HTTP_AND_GO)
+@pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_a_client_certificate_etcd_does_not_trust_is_said_and_the_plugin_serves(
     secure_etcd: SecureEtcd, plugins: Any, language: str
 ) -> None:
@@ -587,7 +603,7 @@ def test_a_client_certificate_etcd_does_not_trust_is_said_and_the_plugin_serves(
     assert secure_etcd.registrar_password not in plugin.stderr
 
 
-@pytest.mark.parametrize("language", HTTP_AND_GO)
+@pytest.mark.parametrize("language", DISTINCT_CODE)
 def test_a_user_for_an_etcd_without_authentication_registers_as_etcds_clients_do(
     etcd: Etcd, etcd_prefix: str, plugins: Any, language: str
 ) -> None:
