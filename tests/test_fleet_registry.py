@@ -27,7 +27,7 @@ from tests.conftest import ROOT, echo_plugin, manifest
 from tests.fault_proxy import FaultProxy
 from tests.services import Etcd, Plugin, free_port, until
 from tests.test_etcd_source import put_many
-from tests.test_plugin_registry import GO_EXAMPLE, PLUGIN, PYTHON_GRPC_EXAMPLE
+from tests.test_plugin_registry import OTHER_SDKS, PLUGIN, PYTHON_GRPC_EXAMPLE, example
 
 #: How late the dispatcher of the graceful-stop tests learns that a plugin left.
 LATE = 0.3
@@ -272,15 +272,17 @@ async def test_a_plugin_stopped_gracefully_loses_no_call_of_a_busy_fleet(
     assert set(members(dispatcher)) == {f"http {staying_url}"}
 
 
-@pytest.mark.parametrize("language", ["python", pytest.param("go", marks=pytest.mark.toolchain)])
+@pytest.mark.parametrize("language", ["python", *OTHER_SDKS])
 async def test_a_grpc_service_stopped_gracefully_loses_no_call_of_a_busy_fleet(
     etcd: Etcd, etcd_prefix: str, late_etcd: str, plugins: Any, started: Any, language: str
 ) -> None:
     """The same for the SDKs' gRPC services (``LINCHKIT_LEAVE_DELAY``, 1 s by default)."""
-    command = {"python": [sys.executable, str(PYTHON_GRPC_EXAMPLE)], "go": [str(GO_EXAMPLE)]}
+    command = (
+        [sys.executable, str(PYTHON_GRPC_EXAMPLE)] if language == "python" else [example(language)]
+    )
     services = [
         plugins(
-            [*command[language], "serve", "--address", f"{host}:0"],
+            [*command, "serve", "--address", f"{host}:0"],
             LINCHKIT_REGISTER_ETCD=etcd.url,
             LINCHKIT_REGISTER_PREFIX=etcd_prefix,
         )
