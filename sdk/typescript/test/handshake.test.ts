@@ -59,9 +59,9 @@ test('the handshake line: six fields, the certificate in unpadded base64', () =>
 
 test('the command line: serve --address, or nothing for subprocess mode', () => {
   assert.deepEqual(parseCommand([]), { mode: 'subprocess' });
-  assert.deepEqual(parseCommand(['serve', '--address', '127.0.0.1:0']), { mode: 'service', address: '127.0.0.1:0' });
-  assert.deepEqual(parseCommand(['serve', '--address=0.0.0.0:9']), { mode: 'service', address: '0.0.0.0:9' });
-  assert.deepEqual(parseCommand(['serve']), { mode: 'service', address: '127.0.0.1:0' });
+  assert.deepEqual(parseCommand(['serve', '--address', '127.0.0.1:0']), { mode: 'service', address: '127.0.0.1:0', registry: new Map() });
+  assert.deepEqual(parseCommand(['serve', '--address=0.0.0.0:9']), { mode: 'service', address: '0.0.0.0:9', registry: new Map() });
+  assert.deepEqual(parseCommand(['serve']), { mode: 'service', address: '127.0.0.1:0', registry: new Map() });
   assert.throws(() => parseCommand(['run']), HandshakeError);
   assert.throws(() => parseCommand(['serve', '--port', '1']), HandshakeError);
 });

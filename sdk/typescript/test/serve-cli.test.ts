@@ -51,8 +51,9 @@ test('the command line: serve --websocket, --config, --help, and mistakes in one
     mode: 'websocket',
     address: '[::1]:0',
     config: '{}',
+    registry: new Map(),
   });
-  assert.deepEqual(parseCommand(['serve', '--websocket']), { mode: 'websocket', address: '127.0.0.1:0', config: undefined });
+  assert.deepEqual(parseCommand(['serve', '--websocket']), { mode: 'websocket', address: '127.0.0.1:0', config: undefined, registry: new Map() });
   assert.throws(() => parseCommand(['serve', '--address', '127.0.0.1:99999']), ListenError);
   assert.throws(() => parseCommand(['serve', '--websocket', '--address=nope']), ListenError);
   assert.throws(() => parseCommand(['serve', '--address']), /--address needs a value; usage: serve /);
