@@ -20,13 +20,20 @@
  * send are dropped then, with one warning that names the collector by scheme://host:port
  * only (`collectorShown`), as every SDK names it: never the userinfo, path or query of its
  * URL, nor the exporter's headers.
+ *
+ * Spans go through `CollectorTransport` (collector.ts): the collector's URL as written, its
+ * query and user too, each request bounded, and one line when the collector stops taking
+ * spans and one when it takes them again. The sampler is `OTEL_TRACES_SAMPLER` and `_ARG`
+ * read here (`samplerFrom`), as OpenTelemetry's SDKs read them; one that cannot be used is
+ * said in one warning, as every SDK says it, where OpenTelemetry would tell its diagnostics
+ * (off) and nobody.
  */
 import type * as Api from '@opentelemetry/api';
 import type * as Core from '@opentelemetry/core';
-import type * as OtlpProto from '@opentelemetry/exporter-trace-otlp-proto';
 import type * as Resources from '@opentelemetry/resources';
 import type * as TraceBase from '@opentelemetry/sdk-trace-base';
 import type * as TraceNode from '@opentelemetry/sdk-trace-node';
+import { collectorExporter } from './collector';
 import { toWireError } from './errors';
 import { log } from './log';
 import type { CallContext } from './plugin';
@@ -44,6 +51,74 @@ export function tracesEndpoint(env: NodeJS.ProcessEnv): string | undefined {
   if (env[OTLP_TRACES_ENDPOINT_ENV]) return env[OTLP_TRACES_ENDPOINT_ENV];
   const base = env[OTLP_ENDPOINT_ENV];
   return base ? `${base.replace(/\/+$/, '')}/v1/traces` : undefined;
+}
+
+export const SAMPLER_ENV = 'OTEL_TRACES_SAMPLER';
+export const SAMPLER_ARG_ENV = 'OTEL_TRACES_SAMPLER_ARG';
+
+/** A sampler as `OTEL_TRACES_SAMPLER` names it: whether it follows a parent's flag, and its root's decision. */
+export interface SamplerChoice {
+  parentBased: boolean;
+  root: 'always_on' | 'always_off' | { ratio: number };
+  /** Why a variable was not used (the fallback is then in use); undefined when both were. */
+  warning?: string;
+}
+
+/** `text` for a warning: quoted, its control characters escaped, cut to 40 characters. */
+function quoted(text: string): string {
+  const cut = [...text].slice(0, 40).join('');
+  return `${JSON.stringify(cut)}${cut.length < text.length ? '…' : ''}`;
+}
+
+/** A ratio as OTel's SDKs write it: a decimal number (an exponent allowed). */
+const RATIO = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
+
+/**
+ * The sampler `OTEL_TRACES_SAMPLER` and `_ARG` name, as OpenTelemetry's SDKs read them: none
+ * is `parentbased_always_on`, as is an unknown one (with a warning); the ratio of
+ * `traceidratio` and `parentbased_traceidratio` is `_ARG`, 1 when unset, and 1 with a
+ * warning when it is no number from 0 to 1. The values are quoted, cut short, in the
+ * warning: they name a sampler or a ratio, never a credential.
+ */
+export function samplerFrom(env: NodeJS.ProcessEnv): SamplerChoice {
+  const name = (env[SAMPLER_ENV] ?? '').trim().toLowerCase();
+  const roots: Record<string, [boolean, 'always_on' | 'always_off' | 'traceidratio']> = {
+    '': [true, 'always_on'],
+    parentbased_always_on: [true, 'always_on'],
+    parentbased_always_off: [true, 'always_off'],
+    parentbased_traceidratio: [true, 'traceidratio'],
+    always_on: [false, 'always_on'],
+    always_off: [false, 'always_off'],
+    traceidratio: [false, 'traceidratio'],
+  };
+  const known = roots[name];
+  if (known === undefined) {
+    return {
+      parentBased: true,
+      root: 'always_on',
+      warning:
+        `${SAMPLER_ENV} must be always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off ` +
+        `or parentbased_traceidratio, not ${quoted(name)}; using parentbased_always_on`,
+    };
+  }
+  const [parentBased, root] = known;
+  if (root !== 'traceidratio') return { parentBased, root };
+  const arg = (env[SAMPLER_ARG_ENV] ?? '').trim();
+  if (arg === '') return { parentBased, root: { ratio: 1 } };
+  const ratio = RATIO.test(arg) ? Number(arg) : NaN;
+  if (ratio >= 0 && ratio <= 1) return { parentBased, root: { ratio } };
+  return { parentBased, root: { ratio: 1 }, warning: `${SAMPLER_ARG_ENV} must be a ratio from 0 to 1, not ${quoted(arg)}; using 1.0` };
+}
+
+/** OpenTelemetry's sampler for `choice`. */
+function samplerOf(base: typeof TraceBase, choice: SamplerChoice): TraceBase.Sampler {
+  const root =
+    choice.root === 'always_on'
+      ? new base.AlwaysOnSampler()
+      : choice.root === 'always_off'
+        ? new base.AlwaysOffSampler()
+        : new base.TraceIdRatioBasedSampler(choice.root.ratio);
+  return choice.parentBased ? new base.ParentBasedSampler({ root }) : root;
 }
 
 /** What a line says of a collector URL it cannot take apart. */
@@ -99,9 +174,10 @@ export class Tracing {
   static fromEnv(env: NodeJS.ProcessEnv, plugin: { id: string; version: string }): Tracing | undefined {
     const url = tracesEndpoint(env);
     if (url === undefined) return undefined;
-    let otlp: typeof OtlpProto, base: typeof TraceBase;
+    let base: typeof TraceBase;
     try {
-      otlp = require('@opentelemetry/exporter-trace-otlp-proto');
+      require('@opentelemetry/otlp-exporter-base');
+      require('@opentelemetry/otlp-transformer');
       base = require('@opentelemetry/sdk-trace-base');
       // Loaded here too, so that a missing one is said once and the plugin serves untraced.
       require('@opentelemetry/api');
@@ -115,13 +191,17 @@ export class Tracing {
       );
       return undefined;
     }
+    const sampling = samplerFrom(env);
+    if (sampling.warning !== undefined) log.warn(sampling.warning); // once: read once, at start
+    const collector = collectorShown(url);
     // Batched, so a call never waits on the collector; OTEL_BSP_* tune it. The exporter
     // reads OTEL_EXPORTER_OTLP_HEADERS and its timeouts itself.
     return Tracing.exportingTo(
-      new base.BatchSpanProcessor(new otlp.OTLPTraceExporter({ url })),
+      new base.BatchSpanProcessor(collectorExporter(url, collector)),
       env.OTEL_SERVICE_NAME || plugin.id,
       plugin,
-      collectorShown(url),
+      collector,
+      samplerOf(base, sampling),
     );
   }
 
@@ -139,6 +219,7 @@ export class Tracing {
     service: string,
     plugin: { id: string; version: string },
     collector: string,
+    sampler?: TraceBase.Sampler,
   ): Tracing {
     const api: typeof Api = require('@opentelemetry/api');
     const core: typeof Core = require('@opentelemetry/core');
@@ -147,7 +228,7 @@ export class Tracing {
     const resource = resources.defaultResource().merge(
       resources.resourceFromAttributes({ 'service.name': service, 'service.version': plugin.version }),
     );
-    const provider = new node.NodeTracerProvider({ resource, spanProcessors: [processor] });
+    const provider = new node.NodeTracerProvider({ resource, spanProcessors: [processor], ...(sampler ? { sampler } : {}) });
     // Global, with the AsyncLocalStorage context manager: the author's own tracer (the
     // API's `trace.getTracer`) sees the call's span as active and nests under it.
     provider.register();
