@@ -365,7 +365,7 @@ async def test_an_sdk_plugin_without_otel_variables_exports_nothing(
 # calls whose span reaches the collector. A parent-based sampler follows the parent's flag
 # and asks its root sampler only for a call without one; the others never look at it. An
 # unknown sampler is parentbased_always_on, an argument that is no ratio 1.0 (with a
-# warning, in every SDK but TypeScript, which says it to OpenTelemetry's diag logger).
+# warning, in every SDK: tests/conformance/test_collector_and_sampler_lines.py).
 SAMPLED_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 UNSAMPLED_PARENT = "00-5cf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
 SAMPLER_CALLS = {"root": None, "sampled": SAMPLED_PARENT, "unsampled": UNSAMPLED_PARENT}
