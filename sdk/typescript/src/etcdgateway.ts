@@ -29,6 +29,7 @@ import * as https from 'node:https';
 import { X509Certificate } from 'node:crypto';
 import { isIP } from 'node:net';
 import { createSecureContext } from 'node:tls';
+import { shown } from './log';
 import { type RegistryConfig, REGISTER_ETCD_PASSWORD_ENV, SETTING_CA_FILE, SETTING_CERT_FILE, SETTING_KEY_FILE, SETTING_USER } from './registryflags';
 
 /** The largest answer read from etcd: its answers here are a few hundred bytes. */
@@ -412,14 +413,15 @@ export function grpcCode(answer: Answer): number {
   return 0;
 }
 
-/** etcd's message in an error answer (a stream's is inside "error"), on one line and at most 200 characters. */
+/** etcd's message in an error answer (a stream's is inside "error"), on one line, its unprintable characters escaped, at most 200 characters. */
 export function message(answer: Answer): string {
   let text = typeof answer.message === 'string' ? answer.message : '';
   const stream = answer.error;
   if (text === '' && typeof stream === 'object' && stream !== null && typeof (stream as Answer).message === 'string') {
     text = (stream as Answer).message as string;
   }
-  return text.slice(0, 200).split(/\s+/).filter(Boolean).join(' ');
+  // One line, and nothing a terminal would run (etcd's text is what it says, or a liar's).
+  return shown(text.split(/\s+/).filter(Boolean).join(' '), 200);
 }
 
 /** etcd's message in an error answer as ": <message>" to append, or "". */

@@ -10,7 +10,7 @@ import { once } from 'node:events';
 import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
-import { EtcdGateway, EtcdRefused, EtcdUnavailable, RegistrySettingError, isLoopback } from '#internal/etcdgateway';
+import { EtcdGateway, EtcdRefused, EtcdUnavailable, RegistrySettingError, isLoopback, message } from '#internal/etcdgateway';
 import { HandshakeError, parseCommand } from '#internal/handshake';
 import { REFUSED_RETRY_CAP_MS, advertisedAddress, isUnspecified, leaveDelayFrom, refusedRetryWait, registrationFrom } from '#internal/registry';
 import { RegistryConfig, SETTING_ETCD, SETTING_PREFIX } from '#internal/registryflags';
@@ -106,6 +106,12 @@ test('the leave delay is seconds in [0, 600], 1 by default', () => {
   assert.equal(leaveDelayFrom('0.25', 'x'), 0.25);
   assert.equal(leaveDelayFrom('600', 'x'), 600);
   for (const text of ['-1', 'nan', 'NaN', '601', 'soon', 'Infinity', '1s', ' ']) assert.throws(() => leaveDelayFrom(text, 'x'), RegistrySettingError, text);
+});
+
+test("etcd's message in a line: one line, nothing a terminal runs, 200 characters at most", () => {
+  assert.equal(message({ message: 'permission\u001b[2J denied\n  now' }), 'permission\\x1b[2J denied now');
+  assert.equal(message({ error: { grpc_code: 16, message: 'invalid auth token' } }), 'invalid auth token');
+  assert.ok(message({ message: 'x'.repeat(10_000) }).length <= 201);
 });
 
 test('a password goes over http:// only to a loopback etcd', () => {
