@@ -5,7 +5,7 @@
  *
  * - goes to the collector's URL as written: its query too (OpenTelemetry's own transport
  *   sends the path alone, and dropped a query holding the collector's key without a word),
- *   and its user and password as HTTP basic authentication, as the Python and Go SDKs'
+ *   and its user and password as HTTP basic authentication, as the Python and Rust SDKs'
  *   exporters send them, unless `OTEL_EXPORTER_OTLP_*HEADERS` sets `authorization` itself;
  * - ends at its timeout (the exporter's, `OTEL_EXPORTER_OTLP_*TIMEOUT`), however the collector
  *   answers, reads at most `MAX_ANSWER_BYTES` of the answer, and follows no redirect;

@@ -4,12 +4,15 @@
  * - `serve --address 127.0.0.1:0`: a plain gRPC service; prints `1|1|tcp|ADDR|grpc|`. With
  *   `LINCHKIT_PLUGIN_TOKEN_FILE` or `LINCHKIT_PLUGIN_TOKEN` set, every RPC but health's needs
  *   `authorization: Bearer <token>` (auth.ts); without either it serves anyone and warns.
+ *   With `--register-etcd` (or `LINCHKIT_REGISTER_ETCD`) it registers in etcd while it serves
+ *   and leaves before it drains (registry.ts; every setting checked before serving).
  * - no arguments: a subprocess plugin started by the host with the handshake environment
  *   (docs/protocol.md): cookie, version negotiation, Unix socket or TCP, AutoMTLS. It exits
  *   when its stdin reaches end-of-file, which happens however the host dies. The token
  *   variables are not read: AutoMTLS admits only the host that launched the plugin.
  * - `serve --websocket --address 127.0.0.1:0 [--config JSON]`: a WebSocket server the
- *   dispatcher dials (`provider: websocket`); prints `1|1|tcp|ADDR|websocket|`.
+ *   dispatcher dials (`provider: websocket`); prints `1|1|tcp|ADDR|websocket|`. Told to
+ *   register in etcd, it refuses in one line: no dispatcher finds it in a registry.
  * - `connect --url ws://gateway/v1/plugins/connect [--config JSON]`: reverse mode, the
  *   plugin dials the gateway with the token of the variables above (websocket.ts). A URL
  *   that can never reach a gateway (no scheme, not ws/wss, no host) ends in one line and
