@@ -22,6 +22,7 @@ import (
 	"context"
 	"fmt"
 	neturl "net/url"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -117,7 +118,10 @@ func tracingFromEnv(ctx context.Context, getenv func(string) string, p *Plugin) 
 			"OTLP/HTTP (protobuf), which a collector's gRPC port does not take", settings.otherProtocol, collector))
 	}
 	sampler, warning := samplerFromEnv(getenv)
-	if warning != "" {
+	// OpenTelemetry's provider reads the process's variables as it is made, whatever sampler
+	// it is given, and says a bad one through its error handler: when it will, this line
+	// would be the same news twice.
+	if _, processWarning := samplerFromEnv(os.Getenv); warning != "" && warning != processWarning {
 		sdkLog.Warn("linchkit plugin: " + warning)
 	}
 	client, transport := collectorClient(endpoint, settings)

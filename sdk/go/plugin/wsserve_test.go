@@ -7,7 +7,6 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -481,12 +480,6 @@ func TestServeWebSocketClosesTheOldestConnectionsWaitingForAHead(t *testing.T) {
 	if closed != 50 {
 		t.Fatalf("%d of the 50 oldest waiting connections closed, want all", closed)
 	}
-}
-
-func isTimeout(err error) bool {
-	var timeout interface{ Timeout() bool }
-	ok := errors.As(err, &timeout)
-	return ok && timeout.Timeout()
 }
 
 // An upgrade that coder/websocket refuses (here an old version) ends its connection with
