@@ -37,9 +37,14 @@ PLUGIN = [
 ]
 PYTHON_GRPC_EXAMPLE = ROOT / "sdk" / "python" / "examples" / "example_plugin.py"
 GO_EXAMPLE = ROOT / "sdk" / "go" / "dist" / "example-plugin"
+JAVA_EXAMPLE = ROOT / "sdk" / "java" / "dist" / "example-plugin"
 TYPESCRIPT_EXAMPLE = ROOT / "sdk" / "typescript" / "dist" / "example-plugin"
 #: The example plugins of the SDKs other than Python's, each built by its toolchain.
-EXAMPLES_BY_LANGUAGE = {"go": GO_EXAMPLE, "typescript": TYPESCRIPT_EXAMPLE}
+EXAMPLES_BY_LANGUAGE = {
+    "go": GO_EXAMPLE,
+    "typescript": TYPESCRIPT_EXAMPLE,
+    "java": JAVA_EXAMPLE,
+}
 #: The SDKs other than Python's that register their gRPC service.
 OTHER_SDKS = [
     pytest.param(language, marks=pytest.mark.toolchain) for language in EXAMPLES_BY_LANGUAGE
@@ -47,7 +52,7 @@ OTHER_SDKS = [
 
 
 def example(language: str) -> str:
-    """The example plugin of ``language``'s SDK (go, typescript), failing when not built."""
+    """The example plugin of ``language``'s SDK (go, typescript, java), failing when not built."""
     path = EXAMPLES_BY_LANGUAGE[language]
     if not os.access(path, os.X_OK):
         pytest.fail(f"{path} is missing: run `make sdks` (sdk/{language}/build.sh)")

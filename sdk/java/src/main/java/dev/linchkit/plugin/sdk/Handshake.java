@@ -2,6 +2,7 @@ package dev.linchkit.plugin.sdk;
 
 import java.util.Arrays;
 import java.util.Base64;
+import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.OptionalInt;
@@ -38,13 +39,18 @@ public final class Handshake {
   /** The default of {@code serve --address}: loopback only, any free port. */
   public static final String DEFAULT_SERVICE_ADDRESS = "127.0.0.1:0";
 
-  static final String SERVE_USAGE = "usage: serve [--address HOST:PORT] [--help]";
+  static final String SERVE_USAGE = "usage: serve [--address HOST:PORT] [--register-etcd URL ...] [--help]";
 
   /**
-   * {@code serve --address HOST:PORT} (service mode, address non-null), {@code serve --help}
-   * ({@code helpWanted}), or nothing (subprocess mode).
+   * {@code serve --address HOST:PORT} (service mode, address non-null) with the registry flags given
+   * ({@code registryFlags}, by flag name without dashes: {@link RegistrySettings}), {@code serve
+   * --help} ({@code helpWanted}), or nothing (subprocess mode).
    */
-  public record Command(ServiceAddress serviceAddress, boolean helpWanted) {
+  public record Command(ServiceAddress serviceAddress, boolean helpWanted, Map<String, String> registryFlags) {
+    public Command(ServiceAddress serviceAddress, boolean helpWanted) {
+      this(serviceAddress, helpWanted, Map.of());
+    }
+
     public boolean isService() {
       return serviceAddress != null;
     }
@@ -141,17 +147,36 @@ public final class Handshake {
       throw new HandshakeException("unknown command '" + args[0] + "'; " + SERVE_USAGE);
     }
     String address = DEFAULT_SERVICE_ADDRESS;
+    Map<String, String> registry = new HashMap<>();
     for (int i = 1; i < args.length; i++) {
-      if (args[i].equals("--help") || args[i].equals("-h")) {
-        return new Command(null, true);
-      } else if (args[i].equals("--address") && i + 1 < args.length) {
-        address = args[++i];
-      } else if (args[i].startsWith("--address=")) {
-        address = args[i].substring("--address=".length());
-      } else {
-        throw new HandshakeException("unknown argument '" + args[i] + "'; " + SERVE_USAGE);
+      String arg = args[i];
+      // Refused by name before anything else is read, its value never repeated: a command line
+      // shows in the process list.
+      if (arg.equals(RegistrySettings.PASSWORD_FLAG) || arg.startsWith(RegistrySettings.PASSWORD_FLAG + "=")) {
+        throw new HandshakeException("serve: " + RegistrySettings.PASSWORD_FLAG_REFUSAL);
       }
     }
-    return new Command(ServiceAddress.parse(address), false);
+    for (int i = 1; i < args.length; i++) {
+      String arg = args[i];
+      int equals = arg.indexOf('=');
+      String flag = arg.startsWith("--") ? arg.substring(2, equals < 0 ? arg.length() : equals) : null;
+      RegistrySettings.Setting setting = flag == null ? null : RegistrySettings.Setting.ofFlag(flag);
+      if (arg.equals("--help") || arg.equals("-h")) {
+        return new Command(null, true);
+      } else if (arg.equals("--address") && i + 1 < args.length) {
+        address = args[++i];
+      } else if (arg.startsWith("--address=")) {
+        address = arg.substring("--address=".length());
+      } else if (setting != null && equals >= 0) {
+        registry.put(setting.flag, arg.substring(equals + 1));
+      } else if (setting != null && i + 1 < args.length) {
+        registry.put(setting.flag, args[++i]);
+      } else if (setting != null) {
+        throw new HandshakeException("serve: " + arg + " needs a value; " + SERVE_USAGE);
+      } else {
+        throw new HandshakeException("unknown argument '" + arg + "'; " + SERVE_USAGE);
+      }
+    }
+    return new Command(ServiceAddress.parse(address), false, registry);
   }
 }

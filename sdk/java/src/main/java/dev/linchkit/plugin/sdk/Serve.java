@@ -41,7 +41,9 @@ import java.util.stream.Stream;
  *   <li>{@code serve --address 127.0.0.1:0}: a plain gRPC service; prints {@code 1|1|tcp|ADDR|grpc|}.
  *       With {@code LINCHKIT_PLUGIN_TOKEN_FILE} or {@code LINCHKIT_PLUGIN_TOKEN} set, every RPC but
  *       health's and reflection's needs {@code authorization: Bearer <token>} ({@link BearerToken});
- *       without either it serves anyone and warns on stderr.
+ *       without either it serves anyone and warns on stderr. With {@code --register-etcd} or
+ *       {@code LINCHKIT_REGISTER_ETCD} it registers in etcd while it serves and leaves before it
+ *       drains ({@link Registration}, docs/registry.md).
  *   <li>no arguments: a subprocess plugin started by the host with the handshake environment
  *       (docs/protocol.md): cookie, version negotiation, Unix socket or TCP, AutoMTLS. It exits
  *       when its stdin reaches end-of-file, which happens however the host dies. The token
@@ -69,6 +71,10 @@ public final class Serve {
       "                       free port; an IPv6 address goes in brackets, e.g. [::1]:0",
       "  -h, --help           this help",
       "",
+      "registry flags (docs/registry.md): register the service in etcd while it serves; each",
+      "reads the variable in brackets when not given, and a flag wins over its variable:",
+      RegistrySettings.help().stripTrailing(),
+      "",
       "environment (docs/protocol.md, \"gRPC binding\"):",
       "  " + BearerToken.TOKEN_FILE_ENV,
       "      a file holding the bearer token (a mounted secret): every plugin call must then",
@@ -80,6 +86,8 @@ public final class Serve {
       "  " + Serve.STOP_GRACE_ENV + ", " + Serve.STOP_HOOKS_ENV,
       "      on SIGTERM, the milliseconds the calls in flight get to finish, then the stop and",
       "      destroy hooks together, 0-" + Serve.MAX_STOP_MS + " (default 5000 each; 0 does not wait)",
+      "  " + Registration.PASSWORD_ENV,
+      "      the password of --register-etcd-user: no flag takes it, a command line shows in ps",
       "  " + OtlpSettings.OTLP_ENDPOINT_ENV + ", " + OtlpSettings.OTLP_TRACES_ENDPOINT_ENV,
       "      export a span per call over OTLP/HTTP (docs/observability.md)",
       "");
@@ -145,7 +153,9 @@ public final class Serve {
       Running running;
       if (command.isService()) {
         StopCaps caps = stopCaps(System.getenv(), "serve: ");
-        running = serveService(plugin, command.serviceAddress(), BearerToken.configured(System.getenv()), caps);
+        RegistrySettings registry = new RegistrySettings(command.registryFlags(), System.getenv());
+        running = serveService(plugin, command.serviceAddress(), BearerToken.configured(System.getenv()), caps,
+            registry);
       } else {
         // The handshake first, as every SDK does: run by hand, without the cookie, the plugin
         // says that the dispatcher starts it, whatever else the environment holds.
@@ -190,11 +200,13 @@ public final class Serve {
     private final StopCaps caps;
     /** The spans to send at the end of the stop; null when tracing is off. */
     private final Tracing tracing;
+    /** Leaves the registry before the calls in flight are drained; null when not registered. */
+    private final Registration registration;
     private final AtomicBoolean stopping = new AtomicBoolean();
     private final CountDownLatch stopped = new CountDownLatch(1);
 
     Running(Plugin plugin, PluginService service, Server server, EventLoopGroup[] loops, Path cleanup, StopCaps caps,
-        Tracing tracing) {
+        Tracing tracing, Registration registration) {
       this.plugin = plugin;
       this.service = service;
       this.server = server;
@@ -202,6 +214,7 @@ public final class Serve {
       this.cleanup = cleanup;
       this.caps = caps;
       this.tracing = tracing;
+      this.registration = registration;
     }
 
     /**
@@ -250,6 +263,9 @@ public final class Serve {
     }
 
     private void release() {
+      // First: no dispatcher sends another call once the key is gone, and the server keeps
+      // answering the leave delay while they learn it.
+      if (registration != null) registration.deregister();
       service.setServing(false);
       service.endEvents();
       server.shutdown();
@@ -311,7 +327,7 @@ public final class Serve {
   }
 
   private static Running serveService(Plugin plugin, Handshake.ServiceAddress address, BearerToken token,
-      StopCaps caps) throws Handshake.HandshakeException {
+      StopCaps caps, RegistrySettings registry) throws Handshake.HandshakeException {
     String host = address.host();
     InetSocketAddress bindAddress = new InetSocketAddress(address.bindHost(), address.port());
     if (bindAddress.isUnresolved()) throw cannotListen(address, "unknown host");
@@ -329,12 +345,22 @@ public final class Serve {
     } catch (IOException error) {
       throw cannotListen(address, bindFailure(error));
     }
+    Registration registration;
+    try {
+      // The address bound, as given (0.0.0.0 stays IPv4), with the port the server got.
+      registration = Registration.from(registry, new InetSocketAddress(bindAddress.getAddress(), server.getPort()));
+    } catch (Handshake.HandshakeException mistake) {
+      server.shutdownNow();
+      throw new Handshake.HandshakeException("serve: " + mistake.getMessage());
+    }
     if (token == null) {
       Log.SDK.warning("no bearer token configured (" + BearerToken.TOKEN_FILE_ENV
           + " or " + BearerToken.TOKEN_ENV + "): anybody who can reach " + host + ":" + server.getPort()
           + " can call this plugin");
     }
-    Running running = new Running(plugin, service, server, new EventLoopGroup[0], null, caps, tracing);
+    Running running = new Running(plugin, service, server, new EventLoopGroup[0], null, caps, tracing, registration);
+    // Before a signal can stop it: a stop waits for the registration's thread to leave.
+    if (registration != null) registration.start();
     stopOnSignals(running);
     announce(Handshake.line(1, "tcp", host + ":" + server.getPort(), null));
     return running;
@@ -433,7 +459,7 @@ public final class Serve {
         .start();
     if (address == null) address = "127.0.0.1:" + server.getPort();
 
-    Running running = new Running(plugin, service, server, loops, cleanup, caps, tracing);
+    Running running = new Running(plugin, service, server, loops, cleanup, caps, tracing, null);
     stopOnSignals(running);
     announce(Handshake.line(config.appVersion(), config.network(), address, certDer));
     watchStdin(running);
