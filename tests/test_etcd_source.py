@@ -611,6 +611,8 @@ async def http_error(_path: str, writer: asyncio.StreamWriter) -> None:
         (endless_pages, "range answer holds a key out of order", 0),
         (http_error, "HTTP 503 to the range read: etcdserver: request timed out", 0),
         (then_watch(watch_hangs), "no answer within 300 ms", 1),
+        # etcd frozen (SIGSTOP, a paused VM) as the watch is made: not even a head.
+        pytest.param(then_watch(hang), "no answer within 300 ms", 1, id="watch-head-never-comes"),
         (then_watch(watch_then_garbage), "answer to the watch is not JSON", 1),
         (then_watch(watch_then_endless_line), "line of etcd's watch is over 1048576 bytes", 1),
         (then_watch(watch_compacted), "revisions up to 12 are compacted", 1),

@@ -255,16 +255,21 @@ class EtcdPrefix:
         request = {"create_request": {**self._range, "start_revision": str(start_revision)}}
         body = orjson.dumps(request)
         for first in (True, False):
-            async with asyncio.timeout(self._timeout):
-                token = await self._token()
-            async with self._post(
-                "/v3/watch",
-                body,
-                token,
-                # No total: a watch lasts as long as the registry does. Connecting and the
-                # "created" answer are bounded below.
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
-            ) as answer:
+            async with contextlib.AsyncExitStack() as stack:
+                # Bounded: the token, connecting, the answer's head (an etcd frozen as the
+                # watch is made sends none, and the watch waited for it for ever, the
+                # source saying nothing) and the "created" line below.
+                async with asyncio.timeout(self._timeout):
+                    token = await self._token()
+                    answer = await stack.enter_async_context(
+                        self._post(
+                            "/v3/watch",
+                            body,
+                            token,
+                            # No total: a watch lasts as long as the registry does.
+                            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
+                        )
+                    )
                 if answer.status != 200:
                     async with asyncio.timeout(self._timeout):
                         document = self._decode(await self._bounded_body(answer), "the watch")
