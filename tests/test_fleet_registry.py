@@ -335,3 +335,23 @@ async def test_a_grpc_fleet_follows_grpc_services_that_register(
         assert calls == [5, 5]
         chunks = [chunk async for chunk in dispatcher.stream("example", "count", {"n": 3})]
         assert len(chunks) == 3
+
+
+async def test_a_reload_while_etcd_is_down_keeps_the_instances_the_registry_listed(
+    own_etcd: Etcd, etcd_prefix: str, echo_url: str, started: Any
+) -> None:
+    """A reload that changes the fleet (its balance) makes a new fleet with a new source;
+    etcd down then, the new source read nothing and the fleet had no instance: every
+    call failed until etcd answered again, though the registry's last list is what a
+    failing source keeps. The new fleet starts from what the old one's source listed."""
+    own_etcd.put(f"{etcd_prefix}/one", json.dumps({"url": echo_url}))
+    dispatcher = await started(registry_manifest(own_etcd, etcd_prefix))
+    assert (await dispatcher.call("echo", "say", {"text": "before"}))["text"] == "before"
+    own_etcd.stop()
+    await dispatcher.reload(registry_manifest(own_etcd, etcd_prefix, balance="least_request"))
+    answer = await dispatcher.call("echo", "say", {"text": "after"}, timeout=5)
+    assert answer["text"] == "after"
+    assert _source_error(dispatcher) is not None  # the new source says it cannot read
+    own_etcd.start()
+    await until(lambda: _source_error(dispatcher) is None, "the new source read etcd")
+    assert set(members(dispatcher)) == {f"http {echo_url}/invoke"}

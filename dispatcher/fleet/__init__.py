@@ -233,6 +233,8 @@ class FleetRuntime:
             for fleet in fresh
             if (sources := self._sources_of(fleet))
         ]
+        for membership in memberships:
+            self._inherit(membership)
         await asyncio.gather(*(each.start(first_read_timeout) for each in memberships))
         for fleet in fresh:
             settings = fleet.settings.health_check
@@ -243,6 +245,19 @@ class FleetRuntime:
             self._tasks[fleet.target.key] = loop.create_task(
                 checker.run(), name=f"health checks of {fleet.name}"
             )
+
+    def _inherit(self, membership: Membership) -> None:
+        """A fleet a reload made (another balance, another timeout: another target) whose
+        source reads the place a running fleet's source reads starts from what that one
+        listed last: a source that cannot read as the reload comes (etcd or DNS down) keeps
+        those instances, as the running fleet's did. Made empty, the fleet had no instance
+        and every call failed until the source read again. Its first good read replaces
+        them."""
+        for index, spec in enumerate(membership.fleet.target.instance_sources()):
+            for other in self.memberships.values():
+                if other is not membership and (listed := other.listed_from(spec)):
+                    membership.inherit(index, listed)
+                    break
 
     @property
     def retiring(self) -> bool:

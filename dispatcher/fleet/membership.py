@@ -42,9 +42,9 @@ from dispatcher.fleet.instances import FIXED, Instance
 from dispatcher.fleet.sources import InstanceSource
 from linchkit_plugin.errors import DispatchError
 from providers.discovery import Endpoint
-from providers.target import TargetConfig
+from providers.target import Discovery, TargetConfig
 
-__all__ = ["Attach", "Detach", "Membership"]
+__all__ = ["Attach", "Detach", "Membership", "same_place"]
 
 log = logging.getLogger("dispatcher.fleet")
 
@@ -119,6 +119,19 @@ class Membership:
         #: The instance that left last, by key, while it drains: an instance listed again
         #: and gone again has two drains, and only the last one's end may detach it.
         self._last_left: dict[str, Instance] = {}
+
+    def listed_from(self, spec: Discovery) -> list[Endpoint]:
+        """What this fleet's source reading the same place as ``spec`` listed last (its
+        timing aside), or nothing when no source of it does."""
+        for index, each in enumerate(self.fleet.target.instance_sources()):
+            if same_place(each, spec):
+                return list(self._made[index])
+        return []
+
+    def inherit(self, index: int, endpoints: Sequence[Endpoint]) -> None:
+        """Before ``start``: source ``index`` lists ``endpoints`` until it reports a list
+        of its own, as if it had read them (``FleetRuntime.watch_new``)."""
+        self._reporter(index)(endpoints)
 
     async def start(self, first_read_timeout: float) -> None:
         """Watch every source; return once each has answered once (or the timeout passed),
@@ -359,6 +372,18 @@ class Membership:
             f"<Membership {self.fleet.name} sources={len(self.sources)}"
             f" attached={len(self.attached)} retiring={len(self._retiring)} {self._turns!r}>"
         )
+
+
+#: A source's settings of when and how long to read, not of what it reads.
+_TIMING = {"timeout_ms", "retry_ms", "min_refresh_ms", "max_refresh_ms"}
+
+
+def same_place(one: Discovery, other: Discovery) -> bool:
+    """Whether two sources read the same place (the same etcd prefix, the same DNS
+    records, asked of the same server), whatever their timing: they list the same."""
+    return type(one) is type(other) and one.model_dump(exclude=_TIMING) == other.model_dump(
+        exclude=_TIMING
+    )
 
 
 class _Turns:
