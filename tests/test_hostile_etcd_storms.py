@@ -1,0 +1,257 @@
+"""Storms over what etcd feeds a dispatcher: a fleet's instances (``instances: [{registry}]``)
+and the plugin entries of ``registry:``, churned while callers call and reloads come.
+
+Everything is real: etcd (``tests/services.py``), the plugin servers (the SDK's
+``PluginApp`` under uvicorn, in this loop, each counting what reaches it), a proxy that
+cuts etcd's connections mid-stream (``tests/fault_proxy.py``). Each storm lasts a few
+seconds; what is asserted is what happened to each call (answered once, or a typed
+error), never how fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from dispatcher import Dispatcher
+from dispatcher.config import Manifest
+from linchkit_plugin import Plugin, PluginApp, PluginHost
+from linchkit_plugin.errors import DispatchError
+from tests.conftest import manifest, serve_asgi
+from tests.fault_proxy import FaultProxy
+from tests.services import Etcd, until
+
+pytestmark = pytest.mark.slow
+
+#: How long each storm churns: short, so a busy 2-core machine gets through it.
+STORM_SECONDS = 8.0
+CALLERS = 8
+
+
+@dataclass
+class Server:
+    """One plugin server: its URL and every call that reached it (number, when)."""
+
+    name: str
+    url: str = ""
+    calls: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Tally(Plugin):
+    """Answers ``take(n)`` with its server's name, and notes that ``n`` reached it."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    async def take(self, n: int) -> str:
+        self.server.calls.append((n, time.monotonic()))
+        return self.server.name
+
+
+@contextlib.asynccontextmanager
+async def tally_servers(count: int) -> AsyncIterator[list[Server]]:
+    servers = [Server(f"s{index}") for index in range(count)]
+    async with contextlib.AsyncExitStack() as stack:
+        for server in servers:
+            app = PluginApp(PluginHost(Tally(server)))
+            serving = serve_asgi(app)
+            server.url = await anext(serving)
+            stack.push_async_callback(anext, serving, None)
+        yield servers
+
+
+@dataclass
+class Calls:
+    """What the callers sent and what came back."""
+
+    answered: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, BaseException] = field(default_factory=dict)
+    numbers: itertools.count[int] = field(default_factory=itertools.count)
+
+
+async def call_on(dispatcher: Dispatcher, calls: Calls, stop: asyncio.Event, plugin: str) -> None:
+    while not stop.is_set():
+        n = next(calls.numbers)
+        try:
+            calls.answered[n] = await dispatcher.call(plugin, "take", {"n": n}, timeout=15)
+        except Exception as error:
+            calls.failed[n] = error
+            # A call refused at once never yields to the loop: a caller calling again
+            # straight away would hold it for ever.
+            await asyncio.sleep(0.01)
+
+
+def check_each_call_went_once(calls: Calls, servers: list[Server]) -> None:
+    """Every answered call reached exactly one server once, the one that answered; a
+    failed one reached none twice; every failure is the dispatcher's typed error."""
+    reached: dict[int, list[str]] = {}
+    for server in servers:
+        for n, _ in server.calls:
+            reached.setdefault(n, []).append(server.name)
+    twice = {n: names for n, names in reached.items() if len(names) > 1}
+    assert not twice, f"calls sent twice: {dict(list(twice.items())[:5])}"
+    lost = {n: name for n, name in calls.answered.items() if reached.get(n) != [name]}
+    assert not lost, f"answered calls that no server (or another) took: {list(lost)[:5]}"
+    untyped = {n: e for n, e in calls.failed.items() if not isinstance(e, DispatchError)}
+    assert not untyped, f"untyped failures: {list(untyped.values())[:3]!r}"
+
+
+def failure_kinds(calls: Calls) -> dict[str, int]:
+    """How many calls failed with each error (its type and first words)."""
+    kinds: dict[str, int] = {}
+    for error in calls.failed.values():
+        kind = f"{type(error).__name__}: {str(error)[:100]}"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+async def reload_storm(
+    dispatcher: Dispatcher,
+    variants: list[Manifest[Any]],
+    stop: asyncio.Event,
+    rng: random.Random,
+    outcomes: dict[str, int],
+) -> None:
+    """Reload into a random variant, over and over; 40 % are cancelled partway."""
+    while not stop.is_set():
+        reload = asyncio.create_task(dispatcher.reload(rng.choice(variants), grace=5))
+        if rng.random() < 0.4:
+            await asyncio.sleep(rng.uniform(0, 0.05))
+            reload.cancel()
+        try:
+            await reload
+            outcomes["done"] += 1
+        except asyncio.CancelledError:
+            if not reload.cancelled():
+                raise
+            outcomes["cancelled"] += 1
+        except DispatchError:
+            outcomes["refused"] += 1
+        await asyncio.sleep(rng.uniform(0.05, 0.3))
+
+
+# -- a fleet whose instances etcd lists ----------------------------------------------------
+
+
+def fleet_entry(etcd_url: str, prefix: str, balance: str, retry_ms: int) -> dict[str, Any]:
+    registry = {"etcd": etcd_url, "prefix": prefix, "retry_ms": retry_ms, "timeout_ms": 1000}
+    return {
+        "id": "tally",
+        "version": "1.0.0",
+        "target": {"provider": "http", "instances": [{"registry": registry}], "balance": balance},
+        "methods": {"take": {"idempotent": False}},
+    }
+
+
+def registration(server: Server, weight: int = 1) -> str:
+    return json.dumps({"url": server.url, "weight": weight})
+
+
+async def churn_instances(
+    etcd: Etcd, prefix: str, servers: list[Server], stop: asyncio.Event, rng: random.Random
+) -> dict[str, float]:
+    """Register, deregister and let leases lapse, at random, among ``servers[1:]``
+    (``servers[0]`` stays registered: the fleet never runs out). Returns when each key
+    was last deleted (by the churn; a lapsed lease is not timed)."""
+    deleted: dict[str, float] = {}
+    while not stop.is_set():
+        server = rng.choice(servers[1:])
+        key = f"{prefix}/{server.name}"
+        action = rng.random()
+        try:
+            if action < 0.4:
+                await asyncio.to_thread(etcd.put, key, registration(server, rng.randint(1, 5)))
+                deleted.pop(key, None)
+            elif action < 0.7:
+                await asyncio.to_thread(etcd.delete, key)
+                deleted[key] = time.monotonic()
+            else:
+                lease = await asyncio.to_thread(etcd.grant, 2)
+                await asyncio.to_thread(etcd.put, key, registration(server), lease=lease)
+                deleted.pop(key, None)
+        except OSError:
+            pass  # etcd restarting: the churn goes on when it is back
+        await asyncio.sleep(rng.uniform(0.01, 0.15))
+    return deleted
+
+
+async def test_a_reload_storm_over_a_fleet_etcd_feeds_loses_no_call(
+    own_etcd: Etcd, etcd_prefix: str
+) -> None:
+    """Eight callers call a non-idempotent method of a fleet etcd lists while its
+    instances are registered, deregistered and their leases lapse; reloads change the
+    fleet (its balance, its registry's retry) and 40 % are cancelled; etcd is killed and
+    started again, and the watch's connection cut, mid-storm. No call is lost or sent
+    twice, every failure is typed; once the churn stops, calls go only to the instances
+    registered; the close ends."""
+    rng = random.Random(23)
+    proxy = FaultProxy("127.0.0.1", own_etcd.client_port)
+    port = await proxy.start()
+    etcd_url = f"http://127.0.0.1:{port}"
+    variants = [
+        manifest(fleet_entry(etcd_url, etcd_prefix, balance, retry_ms))
+        for balance in ("least_request", "round_robin", "weighted")
+        for retry_ms in (100, 150)
+    ]
+    async with tally_servers(5) as servers:
+        own_etcd.put(f"{etcd_prefix}/{servers[0].name}", registration(servers[0]))
+        dispatcher = Dispatcher(variants[0])
+        await dispatcher.start()
+        try:
+            calls, stop = Calls(), asyncio.Event()
+            outcomes = {"done": 0, "cancelled": 0, "refused": 0}
+            callers = [
+                asyncio.create_task(call_on(dispatcher, calls, stop, "tally"))
+                for _ in range(CALLERS)
+            ]
+            churn = asyncio.create_task(churn_instances(own_etcd, etcd_prefix, servers, stop, rng))
+            reloads = asyncio.create_task(reload_storm(dispatcher, variants, stop, rng, outcomes))
+            await asyncio.sleep(STORM_SECONDS / 4)
+            proxy.drop()  # every watch cut mid-stream
+            await asyncio.sleep(STORM_SECONDS / 4)
+            await asyncio.to_thread(own_etcd.stop)
+            await asyncio.sleep(1)
+            await asyncio.to_thread(own_etcd.start)
+            await asyncio.sleep(STORM_SECONDS / 4)
+            proxy.drop()
+            await asyncio.sleep(STORM_SECONDS / 4)
+            stop.set()
+            await asyncio.gather(*callers, reloads)
+            await churn
+            assert outcomes["done"] and outcomes["cancelled"], outcomes
+            check_each_call_went_once(calls, servers)
+            # servers[0] stayed registered throughout: the fleet always had an instance.
+            assert not calls.failed, failure_kinds(calls)
+
+            # Settled: the fleet lists what etcd lists, and only they are called.
+            await asyncio.sleep(2.5)  # the last leases lapse
+            registered = {key.rsplit("/", 1)[1] for key in own_etcd.keys(etcd_prefix)}
+            want = {f"http {s.url}/invoke" for s in servers if s.name in registered}
+
+            def listed() -> set[str]:
+                (fleet,) = dispatcher.stats()["fleets"].values()
+                return {each["target"] for each in fleet["instances"] if each["state"] != "leaving"}
+
+            await until(lambda: listed() == want, f"the fleet listing {sorted(registered)}")
+            since = time.monotonic()
+            answers = [await dispatcher.call("tally", "take", {"n": -1 - n}) for n in range(40)]
+            assert set(answers) <= registered, (set(answers), registered)
+            late = {
+                s.name
+                for s in servers
+                if s.name not in registered and any(at > since for _, at in s.calls)
+            }
+            assert not late, f"called after it left: {late}"
+        finally:
+            async with asyncio.timeout(20):  # the close is bounded, storm or not
+                await dispatcher.aclose()
+            await proxy.aclose()
