@@ -23,12 +23,15 @@ from typing import Any
 import pytest
 
 from dispatcher import Dispatcher
-from dispatcher.config import Manifest
+from dispatcher.config import Manifest, parse_manifest
+from dispatcher.fleet.sources import MAX_ENDPOINTS
+from dispatcher.fleet.sources.etcd import EtcdSource
 from linchkit_plugin import Plugin, PluginApp, PluginHost
-from linchkit_plugin.errors import DispatchError
-from tests.conftest import manifest, serve_asgi
+from linchkit_plugin.errors import DispatchError, PluginNotFound
+from tests.conftest import ROOT, manifest, serve_asgi
 from tests.fault_proxy import FaultProxy
 from tests.services import Etcd, until
+from tests.test_etcd_source import put_junk
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +171,9 @@ async def churn_instances(
         key = f"{prefix}/{server.name}"
         action = rng.random()
         try:
-            if action < 0.4:
+            if action < 0.1:  # one key whose address changes under it
+                await asyncio.to_thread(etcd.put, f"{prefix}/moving", registration(server))
+            elif action < 0.4:
                 await asyncio.to_thread(etcd.put, key, registration(server, rng.randint(1, 5)))
                 deleted.pop(key, None)
             elif action < 0.7:
@@ -215,6 +220,12 @@ async def test_a_reload_storm_over_a_fleet_etcd_feeds_loses_no_call(
             ]
             churn = asyncio.create_task(churn_instances(own_etcd, etcd_prefix, servers, stop, rng))
             reloads = asyncio.create_task(reload_storm(dispatcher, variants, stop, rng, outcomes))
+            # Values that lie: 10,000 keys off the contract, a weight of 1e308, 1 MB.
+            await asyncio.to_thread(put_junk, own_etcd, etcd_prefix, range(10_000))
+            huge = {"url": servers[0].url, "weight": 1e308}
+            await asyncio.to_thread(own_etcd.put, f"{etcd_prefix}/huge", json.dumps(huge))
+            heavy = {"url": servers[0].url, "padding": "x" * 1_000_000}
+            await asyncio.to_thread(own_etcd.put, f"{etcd_prefix}/heavy", json.dumps(heavy))
             await asyncio.sleep(STORM_SECONDS / 4)
             proxy.drop()  # every watch cut mid-stream
             await asyncio.sleep(STORM_SECONDS / 4)
@@ -234,7 +245,13 @@ async def test_a_reload_storm_over_a_fleet_etcd_feeds_loses_no_call(
 
             # Settled: the fleet lists what etcd lists, and only they are called.
             await asyncio.sleep(2.5)  # the last leases lapse
-            registered = {key.rsplit("/", 1)[1] for key in own_etcd.keys(etcd_prefix)}
+            by_url = {server.url: server.name for server in servers}
+            registered = set()
+            for value in own_etcd.keys(etcd_prefix).values():
+                with contextlib.suppress(ValueError):
+                    document = json.loads(value)
+                    if document.get("weight", 1) == 1 or isinstance(document["weight"], int):
+                        registered.add(by_url[document["url"]])
             want = {f"http {s.url}/invoke" for s in servers if s.name in registered}
 
             def listed() -> set[str]:
@@ -251,6 +268,172 @@ async def test_a_reload_storm_over_a_fleet_etcd_feeds_loses_no_call(
                 if s.name not in registered and any(at > since for _, at in s.calls)
             }
             assert not late, f"called after it left: {late}"
+            # The 10,000 keys off the contract cost a bounded list and a count.
+            assert dispatcher.fleets is not None
+            for membership in dispatcher.fleets.memberships.values():
+                (source,) = membership.sources
+                assert isinstance(source, EtcdSource)
+                assert len(source.skipped) <= MAX_ENDPOINTS, len(source.skipped)
+                assert len(source.skipped) + source.unlisted >= 10_000
+        finally:
+            async with asyncio.timeout(20):  # the close is bounded, storm or not
+                await dispatcher.aclose()
+            await proxy.aclose()
+
+
+# -- plugin entries published in etcd ------------------------------------------------------
+
+
+def tally_entry(server: Server, version: str) -> str:
+    return json.dumps(
+        {
+            "id": "tally",
+            "version": version,
+            "target": {"provider": "http", "url": server.url},
+            "methods": {"take": {"idempotent": False}},
+        }
+    )
+
+
+def entries_manifest(etcd_url: str, prefix: str, balance: str) -> Manifest[Any]:
+    """The file's manifest: a fleet of its own (its balance changes from reload to reload)
+    and the registry of entries."""
+    document = {
+        "version": 1,
+        "plugins": [
+            fleet_entry(etcd_url, f"{prefix}-instances", balance, 100) | {"id": "local-fleet"}
+        ],
+        "registry": {
+            "etcd": etcd_url,
+            "prefix": prefix,
+            "debounce_ms": 20,
+            "retry_ms": 100,
+            "timeout_ms": 1000,
+        },
+    }
+    return parse_manifest(document, base_dir=ROOT)
+
+
+async def churn_entries(
+    etcd: Etcd, prefix: str, servers: list[Server], stop: asyncio.Event, rng: random.Random
+) -> None:
+    """``tally@1.0.0`` republished on another server of ``servers[:2]``, ``tally@2.0.0``
+    flapping in and out, other plugins' entries put and deleted, fast."""
+    while not stop.is_set():
+        action = rng.random()
+        try:
+            if action < 0.3:
+                server = rng.choice(servers[:2])
+                await asyncio.to_thread(
+                    etcd.put, f"{prefix}/tally@1.0.0", tally_entry(server, "1.0.0")
+                )
+            elif action < 0.5:
+                server = rng.choice(servers[2:])
+                await asyncio.to_thread(
+                    etcd.put, f"{prefix}/tally@2.0.0", tally_entry(server, "2.0.0")
+                )
+            elif action < 0.7:
+                await asyncio.to_thread(etcd.delete, f"{prefix}/tally@2.0.0")
+            else:
+                other = f"other{rng.randint(0, 9)}@1.0.0"
+                if rng.random() < 0.5:
+                    entry = json.loads(tally_entry(rng.choice(servers), "1.0.0"))
+                    entry["id"] = other.split("@")[0]
+                    await asyncio.to_thread(etcd.put, f"{prefix}/{other}", json.dumps(entry))
+                else:
+                    await asyncio.to_thread(etcd.delete, f"{prefix}/{other}")
+        except OSError:
+            pass  # etcd unreachable for a moment: the churn goes on
+        await asyncio.sleep(rng.uniform(0.005, 0.05))
+
+
+async def test_entries_churned_in_etcd_while_callers_call_them_lose_no_call(
+    own_etcd: Etcd, etcd_prefix: str
+) -> None:
+    """Eight callers call ``tally@1.0.0`` (always published, its server changing under
+    the same key) and ``^2`` (flapping in and out) while entries are put and deleted
+    fast, file reloads come (40 % cancelled), and etcd becomes unreachable while every
+    entry changes, then answers again. A call to the version always published never
+    fails; no call is sent twice; every failure is typed; once settled, the dispatcher
+    serves what etcd holds; the close ends."""
+    rng = random.Random(23)
+    proxy = FaultProxy("127.0.0.1", own_etcd.client_port)
+    port = await proxy.start()
+    etcd_url = f"http://127.0.0.1:{port}"
+    variants = [
+        entries_manifest(etcd_url, etcd_prefix, b) for b in ("least_request", "round_robin")
+    ]
+    async with tally_servers(5) as servers:
+        own_etcd.put(f"{etcd_prefix}/tally@1.0.0", tally_entry(servers[0], "1.0.0"))
+        own_etcd.put(f"{etcd_prefix}-instances/s4", registration(servers[4]))
+        dispatcher = Dispatcher(variants[0])
+        await dispatcher.start()
+        try:
+            ones, twos, stop = Calls(), Calls(), asyncio.Event()
+            twos.numbers = itertools.count(1_000_000)
+
+            async def caller(calls: Calls, version: str) -> None:
+                while not stop.is_set():
+                    n = next(calls.numbers)
+                    try:
+                        answer = await dispatcher.call(
+                            "tally", "take", {"n": n}, version=version, timeout=15
+                        )
+                        calls.answered[n] = answer
+                    except Exception as error:
+                        calls.failed[n] = error
+                        await asyncio.sleep(0.01)
+
+            outcomes = {"done": 0, "cancelled": 0, "refused": 0}
+            callers = [
+                asyncio.create_task(caller(ones if i % 2 else twos, "1.0.0" if i % 2 else "^2"))
+                for i in range(CALLERS)
+            ]
+            churn_stop = asyncio.Event()
+            churn = asyncio.create_task(
+                churn_entries(own_etcd, etcd_prefix, servers, churn_stop, rng)
+            )
+            reloads = asyncio.create_task(reload_storm(dispatcher, variants, stop, rng, outcomes))
+            await asyncio.sleep(STORM_SECONDS / 2)
+            # etcd unreachable; meanwhile everything changes; then it answers again.
+            proxy.refusing = True
+            proxy.drop()
+            await asyncio.sleep(1)
+            churn_stop.set()
+            await churn
+            for key in own_etcd.keys(etcd_prefix):
+                await asyncio.to_thread(own_etcd.delete, key)
+            await asyncio.to_thread(
+                own_etcd.put, f"{etcd_prefix}/tally@1.0.0", tally_entry(servers[3], "1.0.0")
+            )
+            await asyncio.to_thread(
+                own_etcd.put, f"{etcd_prefix}/tally@2.1.0", tally_entry(servers[2], "2.1.0")
+            )
+            await asyncio.sleep(1)
+            proxy.refusing = False
+            await asyncio.sleep(STORM_SECONDS / 2)
+            stop.set()
+            await asyncio.gather(*callers, reloads)
+            assert outcomes["done"] and outcomes["cancelled"], outcomes
+            check_each_call_went_once(ones, servers)
+            check_each_call_went_once(twos, servers)
+            assert not ones.failed, failure_kinds(ones)
+            # ^2 is sometimes unpublished: then, and only then, it is not found.
+            assert all(isinstance(e, PluginNotFound) for e in twos.failed.values()), failure_kinds(
+                twos
+            )
+
+            # Settled: what etcd holds is served, and only it.
+            await until(
+                lambda: (
+                    {p.key for p in dispatcher.manifest.plugins}
+                    == {"local-fleet@1.0.0", "tally@1.0.0", "tally@2.1.0"}
+                ),
+                "the entries etcd holds",
+            )
+            one = await dispatcher.call("tally", "take", {"n": -1}, version="1.0.0")
+            two = await dispatcher.call("tally", "take", {"n": -2}, version="^2")
+            assert (one, two) == ("s3", "s2")
         finally:
             async with asyncio.timeout(20):  # the close is bounded, storm or not
                 await dispatcher.aclose()
