@@ -351,7 +351,9 @@ async def test_a_reload_while_etcd_is_down_keeps_the_instances_the_registry_list
     await dispatcher.reload(registry_manifest(own_etcd, etcd_prefix, balance="least_request"))
     answer = await dispatcher.call("echo", "say", {"text": "after"}, timeout=5)
     assert answer["text"] == "after"
-    assert _source_error(dispatcher) is not None  # the new source says it cannot read
+    said = _source_error(dispatcher)  # the new source says it cannot read, and not
+    assert said is not None and "reading again" in said  # that it keeps 0 instances:
+    assert "keeping the last" not in said, said  # the fleet calls the one it started from
     own_etcd.start()
     await until(lambda: _source_error(dispatcher) is None, "the new source read etcd")
     assert set(members(dispatcher)) == {f"http {echo_url}/invoke"}

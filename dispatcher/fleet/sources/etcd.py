@@ -231,10 +231,12 @@ class EtcdSource(InstanceSource):
         await self._etcd.follow(on_read, on_change, self._fail)
 
     def _fail(self, reason: str, delay: float) -> None:
-        kept = len(self._kept.found)
-        self.health.failed(
-            f"{reason}; keeping the last {kept} instance(s), reading again in {delay:.3g} s"
-        )
+        # Before its first read the source keeps nothing of its own: the fleet may call
+        # what another fleet's source of this prefix listed (``FleetRuntime._inherit``),
+        # and "keeping the last 0" would say it calls nobody.
+        kept = self._reported is not None
+        keeping = f"keeping the last {len(self._kept.found)} instance(s), " if kept else ""
+        self.health.failed(f"{reason}; {keeping}reading again in {delay:.3g} s")
 
     def _report(self, report: Report) -> None:
         """Report the first ``MAX_ENDPOINTS`` instances in key order, unless that is the
