@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -412,6 +413,33 @@ async def test_etcd_down_keeps_the_last_list_and_recovers(own_etcd: Etcd) -> Non
         # And the watch works again.
         await put(own_etcd, f"{prefix}/b", {"url": "http://127.0.0.3:8081"})
         await until(lambda: len(reports.last) == 2, "a put after the restart")
+
+
+async def test_an_etcd_frozen_under_a_silent_watch_is_an_error_and_the_list_stays(
+    own_etcd: Etcd,
+) -> None:
+    """etcd stopped (SIGSTOP: a paused VM, a process stuck) keeps its connections open
+    and its kernel answers TCP keepalive: the watch stayed silent, which is a quiet
+    registry, and the source said nothing for ever. After ``idle_probe`` of silence it
+    asks etcd a small read; unanswered, the watch ends as a failure."""
+    prefix = "/linchkit/plugins/echo"
+    await put(own_etcd, f"{prefix}/a", {"url": "http://127.0.0.2:8081"})
+    watcher = EtcdSource(spec(own_etcd.url, prefix, timeout_ms=500, retry_ms=100), idle_probe=0.5)
+    async with watching(watcher) as reports:
+        await until(lambda: watcher.reads == 1, "the first read")
+        await asyncio.sleep(1.5)  # silent, etcd answering: a quiet registry, no error
+        assert watcher.error is None and watcher.reads == 1
+        assert own_etcd.process is not None
+        own_etcd.process.send_signal(signal.SIGSTOP)
+        try:
+            error = await until(lambda: watcher.error, "the error")
+            assert "the watch went silent and etcd does not answer" in error, error
+            assert reports.lists == [[Endpoint("127.0.0.2", 8081)]]
+        finally:
+            own_etcd.process.send_signal(signal.SIGCONT)
+        await until(lambda: watcher.error is None, "a read once etcd runs again")
+        await put(own_etcd, f"{prefix}/b", {"url": "http://127.0.0.3:8081"})
+        await until(lambda: len(reports.last) == 2, "a put after it ran again")
 
 
 async def test_an_etcd_outage_is_logged_when_it_begins_and_when_it_ends(

@@ -53,6 +53,7 @@ import orjson
 
 from dispatcher.fleet.sources import MAX_ENDPOINTS, InstanceSource, Report
 from dispatcher.fleet.sources.etcd_client import (
+    IDLE_PROBE_SECONDS,
     MAX_MESSAGE_BYTES,
     Change,
     EtcdPrefix,
@@ -160,7 +161,11 @@ class EtcdSource(InstanceSource):
     """Reports the instances registered under ``spec.prefix`` and watches for changes."""
 
     def __init__(
-        self, spec: RegistryDiscovery, *, max_message_bytes: int = MAX_MESSAGE_BYTES
+        self,
+        spec: RegistryDiscovery,
+        *,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        idle_probe: float = IDLE_PROBE_SECONDS,
     ) -> None:
         super().__init__(spec.describe())
         self._spec = spec
@@ -172,6 +177,7 @@ class EtcdSource(InstanceSource):
             max_message_bytes=max_message_bytes,
             tls=None if spec.tls is None else ClientTlsContext(spec.tls),
             auth=spec.auth,
+            idle_probe=idle_probe,
         )
         self._kept = _Kept()
         #: The list last reported (None: none yet), not reported again while it holds.

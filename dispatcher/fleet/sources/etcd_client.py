@@ -29,7 +29,8 @@ JSON, a line over ``max_message_bytes`` or a value that is even alone, a range a
 keys go backwards (each page must start after the last), the watch stream ending, a watch
 cancelled or a page's revision compacted between two pages. The reader keeps what it had: nothing here reports an
 empty set because etcd went away. A silent watch is a quiet registry, not a failure; a
-half-open connection is caught by TCP keepalive.
+half-open connection is caught by TCP keepalive; a frozen etcd (whose kernel answers
+keepalive) by a small read after each ``idle_probe`` of silence, which it does not answer.
 
 TLS and etcd's users (``EtcdAccess``: an ``https://`` URL, ``tls``, ``auth``): every request
 goes with the current ``ssl.SSLContext`` of the target's TLS files (``ClientTlsContext``,
@@ -67,6 +68,7 @@ from providers.discovery import EtcdAuth
 from providers.tls import ClientTlsContext
 
 __all__ = [
+    "IDLE_PROBE_SECONDS",
     "MAX_MESSAGE_BYTES",
     "PAGE_KEYS",
     "Change",
@@ -85,6 +87,10 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 PAGE_KEYS = 512
 #: The longest wait between reads, as a multiple of ``retry``.
 _BACKOFF_CAP = 8
+#: A watch silent this long has etcd asked a small read (``_still_there``): an etcd
+#: frozen (SIGSTOP, a paused VM) keeps its connections open, and the kernel answers TCP
+#: keepalive for it, so its silence looked like a quiet registry for ever.
+IDLE_PROBE_SECONDS = 10.0
 
 
 class RegistryFailure(Exception):
@@ -133,8 +139,10 @@ class EtcdPrefix:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         tls: ClientTlsContext | None = None,
         auth: EtcdAuth | None = None,
+        idle_probe: float = IDLE_PROBE_SECONDS,
     ) -> None:
         self._base = base_url.rstrip("/")
+        self._idle_probe = idle_probe
         self._tls = tls
         self._login = EtcdLogin(auth) if auth is not None else None
         self._timeout = timeout
@@ -288,11 +296,62 @@ class EtcdPrefix:
                     if first and self._watch_refused_token(token, created):
                         continue
                     self._changes(created)
-                    async for line in lines:
-                        if (changes := self._changes(line)) and on_change(changes):
-                            return True
+                    return await self._follow_lines(answer, lines, on_change)
             return False
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    async def _follow_lines(
+        self,
+        answer: aiohttp.ClientResponse,
+        lines: AsyncGenerator[bytes, None],
+        on_change: OnChange,
+    ) -> bool:
+        """Hand each line's changes to ``on_change`` until the stream ends (False) or it
+        asks for a read (True); etcd is asked a small read after each ``idle_probe`` of
+        silence, and one it does not answer ends the watch (``RegistryFailure``)."""
+        loop = asyncio.get_running_loop()
+        heard = [loop.time()]
+        failed: list[str] = []
+        probe = asyncio.create_task(self._still_there(answer, heard, failed))
+        try:
+            async for line in lines:
+                heard[0] = loop.time()
+                if (changes := self._changes(line)) and on_change(changes):
+                    return True
+        except (aiohttp.ClientError, OSError):
+            if not failed:
+                raise
+        finally:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
+        if failed:
+            raise RegistryFailure(f"the watch went silent and etcd does not answer: {failed[0]}")
+        return False
+
+    async def _still_there(
+        self, answer: aiohttp.ClientResponse, heard: list[float], failed: list[str]
+    ) -> None:
+        """While the watch is silent, ask etcd to count the prefix's keys every
+        ``idle_probe``; if it does not answer, note why in ``failed`` and close the watch."""
+        loop = asyncio.get_running_loop()
+        request = {**self._range, "count_only": True}
+        while True:
+            await asyncio.sleep(max(0.0, heard[0] + self._idle_probe - loop.time()))
+            if loop.time() - heard[0] < self._idle_probe:
+                continue  # a line came meanwhile
+            try:
+                await self._range_page(request)
+            except RegistryFailure as failure:
+                failed.append(str(failure))
+            except TimeoutError:
+                failed.append(f"no answer within {self._timeout * 1000:g} ms")
+            except (aiohttp.ClientError, OSError) as failure:
+                failed.append(_unreachable(failure))
+            if failed:
+                answer.close()
+                return
+            heard[0] = loop.time()
 
     def _watch_refused_token(self, token: str | None, created: bytes) -> bool:
         """Whether etcd cancelled the watch for its token as it created it (the watch
