@@ -45,6 +45,7 @@ from dispatcher.config import Manifest, ManifestError, RegistryConfig, merge_ent
 from dispatcher.config.registry import entry_item
 from dispatcher.fleet.sources.etcd_client import Change, EtcdPrefix, PrefixRead, one_line
 from dispatcher.fleet.sources.first_keys import FirstKeys
+from dispatcher.fleet.sources.health import ReadHealth
 from providers._log_lines import sparingly
 from providers.base import Health
 from providers.tls import ClientTlsContext
@@ -93,9 +94,12 @@ class RegistryEntries:
         #: Keys the merge left out, with the reason.
         self._invalid: dict[str, str] = {}
         self._logged: dict[str, str] = {}
-        #: Why the last read failed (None once one succeeds); reads that succeeded.
+        #: Why the last read failed (None once one succeeds); reads that succeeded, and
+        #: failed. An outage is logged when it begins and when it ends, not per retry.
         self.error: str | None = None
         self.reads = 0
+        self.failed_reads = 0
+        self._health = ReadHealth(self, log, plural=("entry", "entries"))
         #: Why the last apply changed nothing (None once one succeeds); applies that did.
         self.apply_error: str | None = None
         self.applied = 0
@@ -238,8 +242,7 @@ class RegistryEntries:
 
         def done() -> None:
             previous, self._kept = self._kept, kept
-            self.error = None
-            self.reads += 1
+            self._health.succeeded(len(kept.items))
             # The same value read again keeps its verdict until the merge.
             self._invalid = {
                 key: why
@@ -302,8 +305,7 @@ class RegistryEntries:
 
     def _failed(self, reason: str, delay: float) -> None:
         retry = f", reading again in {delay:.3g} s" if delay else ""
-        self.error = f"{reason}; keeping the last {len(self._kept.items)} entries{retry}"
-        log.warning("registry %s: %s", self.name, self.error)
+        self._health.failed(f"{reason}; keeping the last {len(self._kept.items)} entries{retry}")
 
     def _log_skipped(self) -> None:
         dropped = self.dropped

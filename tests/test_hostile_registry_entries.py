@@ -253,3 +253,26 @@ def test_a_malformed_entry_bound_is_refused_at_load(bound: object) -> None:
     }
     with pytest.raises(ManifestError, match="max_entries"):
         parse_manifest(document, base_dir=ROOT)
+
+
+async def test_an_etcd_outage_is_logged_once_when_it_begins_and_once_when_it_ends(
+    own_etcd: Etcd, etcd_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The registry of entries logged a warning at every failed read: retrying every
+    50 ms, growing to 400 ms, a 2-second outage wrote a dozen lines, an hour-long one
+    at the defaults hundreds. As a fleet's source does: one when reads begin to fail,
+    one when they work again."""
+    caplog.set_level(logging.WARNING, logger="dispatcher.registry")
+    document = manifest_with_registry(own_etcd, etcd_prefix, timeout_ms=300, retry_ms=50)
+    async with dispatcher_for(document) as dispatcher:
+        registry = dispatcher.registry
+        assert registry is not None and registry.reads == 1
+        own_etcd.stop()
+        await until(lambda: registry.error is not None, "the registry's error")
+        await asyncio.sleep(2)  # many failed reads later
+        own_etcd.start()
+        await until(lambda: registry.error is None, "etcd read again", timeout=60)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"cannot read etcd {own_etcd.url}") and "entries" in lines[0]
+    assert "again after" in lines[1] and lines[1].endswith("0 entries"), lines[1]

@@ -23,13 +23,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
-from providers.discovery import InstanceSource
-
-__all__ = ["QUIET_SECONDS", "ReadHealth"]
+__all__ = ["QUIET_SECONDS", "ReadHealth", "Reader"]
 
 #: At most one outage's pair of lines per source this often.
 QUIET_SECONDS = 30.0
+
+
+class Reader(Protocol):
+    """What ``ReadHealth`` keeps the counts of: a discovery source (``InstanceSource``),
+    or the registry of plugin entries (``dispatcher._entries``)."""
+
+    name: str
+    error: str | None
+    reads: int
+    failed_reads: int
 
 
 class ReadHealth:
@@ -43,19 +52,23 @@ class ReadHealth:
         "_logged",
         "_unlogged",
         "log",
+        "plural",
         "quiet",
         "source",
     )
 
     def __init__(
         self,
-        source: InstanceSource,
+        source: Reader,
         log: logging.Logger,
         *,
         quiet: float = QUIET_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        plural: tuple[str, str] = ("instance", "instances"),
     ) -> None:
         self.source = source
+        #: What a read lists, one and many, for the line saying reads work again.
+        self.plural = plural
         self.log = log
         self.quiet = quiet
         self._clock = clock
@@ -107,7 +120,7 @@ class ReadHealth:
             self._failed_now,
             "read" if self._failed_now == 1 else "reads",
             instances,
-            "instance" if instances == 1 else "instances",
+            self.plural[0] if instances == 1 else self.plural[1],
         )
 
     def _folded(self) -> str:
