@@ -177,7 +177,9 @@ class Dispatcher:
             # in-process plugins alone never needs.
             from dispatcher._entries import RegistryEntries
 
-            self.registry = RegistryEntries(manifest.registry, self._apply_registry)
+            self.registry = RegistryEntries(
+                manifest.registry, self._apply_registry, waiting=self._reload_waiting
+            )
         # Who may call what, and the audit log (dispatcher._guard). ``_guarded``: every
         # call must pass the guard; without it the hot path is one attribute check.
         self.authenticator: ChainAuthenticator | None = authenticator_of(manifest)
@@ -484,6 +486,10 @@ class Dispatcher:
             self._file_manifest = file_manifest
             await steps.finish(manifest, plan, attached, grace, source)
             return plan.summary()
+
+    def _reload_waiting(self) -> asyncio.Task[Any] | None:
+        """The task whose reload waits now for the calls in flight at its swap, if any."""
+        return None if self._reload_steps is None else self._reload_steps.waiting
 
     async def _apply_registry(self) -> dict[str, list[str]]:
         return await self.reload(self._file_manifest, source="the registry")

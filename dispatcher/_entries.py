@@ -56,6 +56,10 @@ log = logging.getLogger("dispatcher.registry")
 
 #: ``apply()``: reload the dispatcher with the file's manifest and these entries.
 Apply = Callable[[], Awaitable[object]]
+#: ``waiting()``: the task whose reload waits now for the calls in flight at its swap.
+Waiting = Callable[[], "asyncio.Task[Any] | None"]
+#: How often an apply under way looks whether a newer change may overtake it.
+_OVERTAKE_POLL = 0.05
 
 
 @dataclass(slots=True)
@@ -73,10 +77,13 @@ class _Kept:
 class RegistryEntries:
     """The registry's plugin entries, as last read, and the task that follows them."""
 
-    def __init__(self, config: RegistryConfig, apply: Apply) -> None:
+    def __init__(
+        self, config: RegistryConfig, apply: Apply, *, waiting: Waiting = lambda: None
+    ) -> None:
         self.config = config
         self.name = config.describe()
         self._apply = apply
+        self._waiting = waiting
         self._etcd = EtcdPrefix(
             str(config.etcd),
             config.prefix,
@@ -332,7 +339,32 @@ class RegistryEntries:
             await self._changed.wait()
             await asyncio.sleep(debounce)  # changes arriving meanwhile apply together
             self._changed.clear()
-            await self._apply_once()
+            await self._apply_overtaken()
+
+    async def _apply_overtaken(self) -> None:
+        """``_apply_once``, given up in its wait if a newer change comes meanwhile.
+
+        A reload waits, after its routes swapped, for every call in flight at the swap
+        (up to its grace, 30 s) before it ends what it retired: one slow call or stream
+        anywhere, and the next change waited that long behind it (a version deleted and
+        published again went unserved all that time). The newer change stops that wait:
+        this apply's routes are in, and the next reload ends what it retired once the
+        calls in flight then are done (``Dispatcher.reload``: a reload given up in its
+        wait). Given up before its swap it is not: a registry changing without pause
+        would have none go through."""
+        apply = asyncio.create_task(self._apply_once(), name=f"registry apply {self.name}")
+        try:
+            while not apply.done():
+                await asyncio.wait({apply}, timeout=_OVERTAKE_POLL)
+                if self._changed.is_set() and not apply.done() and self._waiting() is apply:
+                    apply.cancel()
+                    await asyncio.wait({apply})
+                    self.applied += 1  # its swap is in: what it read is served
+                    self.apply_error = None
+        finally:
+            if not apply.done():  # the dispatcher closing: the reload ends first
+                apply.cancel()
+                await asyncio.wait({apply})
 
     async def _apply_once(self) -> None:
         try:

@@ -89,6 +89,9 @@ class ReloadSteps:
         self._in_flight = in_flight
         self._current_task = current_task
         self._draining = draining
+        #: The task whose reload waits now for the calls in flight at its swap: its routes
+        #: are in, and it may be given up (``dispatcher._entries``: a newer registry change).
+        self.waiting: asyncio.Task[Any] | None = None
 
     async def attach(self, plan: ReloadPlan) -> list[Attachment]:
         """Step 1: what the versions added or changed newly need, attached (not yet in
@@ -238,9 +241,11 @@ class ReloadSteps:
         loop = asyncio.get_running_loop()
         in_flight = self._in_flight
         in_flight.tell_left = True
+        self.waiting = asyncio.current_task()
         try:
             settled = await in_flight.wait_settled(loop.time() + grace, self._current_task())
         finally:
+            self.waiting = None
             in_flight.tell_left = self._draining()
         if not settled:
             log.warning(

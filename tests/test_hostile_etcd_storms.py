@@ -59,6 +59,11 @@ class Tally(Plugin):
         self.server.calls.append((n, time.monotonic()))
         return self.server.name
 
+    async def hold(self, seconds: float) -> str:
+        """A slow call: one in flight while its entry goes."""
+        await asyncio.sleep(seconds)
+        return self.server.name
+
 
 @contextlib.asynccontextmanager
 async def tally_servers(count: int) -> AsyncIterator[list[Server]]:
@@ -438,3 +443,57 @@ async def test_entries_churned_in_etcd_while_callers_call_them_lose_no_call(
             async with asyncio.timeout(20):  # the close is bounded, storm or not
                 await dispatcher.aclose()
             await proxy.aclose()
+
+
+def held_entry(server: Server, version: str) -> str:
+    return json.dumps(
+        {
+            "id": "tally",
+            "version": version,
+            "target": {"provider": "http", "url": server.url},
+            "methods": {"take": {}, "hold": {"timeout_ms": 60_000}},
+        }
+    )
+
+
+@pytest.mark.parametrize("slow", ["the deleted version", "a version kept"])
+async def test_an_entry_published_again_is_served_while_a_slow_call_drains(
+    etcd: Etcd, etcd_prefix: str, slow: str
+) -> None:
+    """A registry change waited behind the reload before it, which waits for every call
+    in flight at its swap (up to its 30 s grace): with one slow call anywhere, a version
+    deleted and published again (an entry flapping) went unserved that long, and every
+    change after it waited too. A change now stops that wait: the new routes swap at
+    once, and the slow call still ends well."""
+    async with tally_servers(2) as servers:
+        etcd.put(f"{etcd_prefix}/tally@1.0.0", held_entry(servers[0], "1.0.0"))
+        etcd.put(f"{etcd_prefix}/tally@2.0.0", held_entry(servers[1], "2.0.0"))
+        dispatcher = Dispatcher(entries_manifest(etcd.url, etcd_prefix, "round_robin"))
+        await dispatcher.start()
+        try:
+            version = "2.0.0" if slow == "the deleted version" else "1.0.0"
+            held = asyncio.create_task(
+                dispatcher.call("tally", "hold", {"seconds": 12}, version=version, timeout=60)
+            )
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(etcd.delete, f"{etcd_prefix}/tally@2.0.0")
+            await until(lambda: "tally@2.0.0" not in plugin_keys(dispatcher), "2.0.0 gone")
+            await asyncio.sleep(0.2)  # its reload now waits for the slow call
+            await asyncio.to_thread(
+                etcd.put, f"{etcd_prefix}/tally@2.0.0", held_entry(servers[1], "2.0.0")
+            )
+            # Well before the slow call ends (a bound on a busy machine, not a speed).
+            await until(lambda: "tally@2.0.0" in plugin_keys(dispatcher), "2.0.0 back", timeout=8)
+            assert not held.done()
+            assert await dispatcher.call("tally", "take", {"n": 1}, version="2.0.0") == "s1"
+            assert await held == ("s1" if version == "2.0.0" else "s0")
+            assert await dispatcher.call("tally", "take", {"n": 2}, version="2.0.0") == "s1"
+            registry = dispatcher.registry
+            assert registry is not None and registry.apply_error is None
+        finally:
+            async with asyncio.timeout(40):
+                await dispatcher.aclose()
+
+
+def plugin_keys(dispatcher: Dispatcher) -> set[str]:
+    return {plugin.key for plugin in dispatcher.manifest.plugins}
