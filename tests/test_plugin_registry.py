@@ -39,9 +39,11 @@ PYTHON_GRPC_EXAMPLE = ROOT / "sdk" / "python" / "examples" / "example_plugin.py"
 GO_EXAMPLE = ROOT / "sdk" / "go" / "dist" / "example-plugin"
 JAVA_EXAMPLE = ROOT / "sdk" / "java" / "dist" / "example-plugin"
 TYPESCRIPT_EXAMPLE = ROOT / "sdk" / "typescript" / "dist" / "example-plugin"
+RUST_EXAMPLE = ROOT / "sdk" / "rust" / "dist" / "example-plugin"
 #: The example plugins of the SDKs other than Python's, each built by its toolchain.
 EXAMPLES_BY_LANGUAGE = {
     "go": GO_EXAMPLE,
+    "rust": RUST_EXAMPLE,
     "typescript": TYPESCRIPT_EXAMPLE,
     "java": JAVA_EXAMPLE,
 }
@@ -52,7 +54,7 @@ OTHER_SDKS = [
 
 
 def example(language: str) -> str:
-    """The example plugin of ``language``'s SDK (go, typescript, java), failing when not built."""
+    """The example plugin of ``language``'s SDK (go, rust, typescript, java), failing when not built."""
     path = EXAMPLES_BY_LANGUAGE[language]
     if not os.access(path, os.X_OK):
         pytest.fail(f"{path} is missing: run `make sdks` (sdk/{language}/build.sh)")
@@ -419,6 +421,25 @@ def test_every_serve_s_help_names_the_registry_flags_and_their_variables(
     assert "--register-etcd-password" not in done.stdout, "there only to be refused"
 
 
+@pytest.mark.parametrize("language", OTHER_SDKS)
+def test_the_sdks_serve_help_names_the_registry_flags_and_their_variables(language: str) -> None:
+    done = subprocess.run(
+        [example(language), "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=CLEAN_ENVIRONMENT,
+        check=True,
+    )
+    for flag in REGISTRY_FLAGS:  # Go's flag package shows one dash
+        assert f"{flag.lstrip('-')} " in done.stdout, flag
+    for suffix in ("ETCD", "PREFIX", "TTL", "ETCD_CA_FILE", "ETCD_USER", "ETCD_PASSWORD"):
+        assert f"LINCHKIT_REGISTER_{suffix}" in done.stdout
+    for suffix in ("ADVERTISE", "LEAVE_DELAY", "PLUGIN_TOKEN_FILE"):
+        assert f"LINCHKIT_{suffix}" in done.stdout
+    assert "register-etcd-password" not in done.stdout, "there only to be refused"
+
+
 def test_the_python_grpc_service_registers_its_address(
     etcd: Etcd, etcd_prefix: str, plugins: Any
 ) -> None:
@@ -517,8 +538,9 @@ async def test_a_fleet_source_follows_plugins_that_come_and_go(
         [sys.executable, str(PYTHON_GRPC_EXAMPLE), "connect", "--url", "ws://127.0.0.1:1/"],
         [str(GO_EXAMPLE), "connect", "--url", "ws://127.0.0.1:1/"],
         [str(TYPESCRIPT_EXAMPLE), "connect", "--url", "ws://127.0.0.1:1/"],
+        [str(RUST_EXAMPLE), "connect", "--url", "ws://127.0.0.1:1/"],
     ],
-    ids=["dispatcher-plugin", "executable", "go", "typescript"],
+    ids=["dispatcher-plugin", "executable", "go", "typescript", "rust"],
 )
 def test_a_plugin_that_dials_the_gateway_told_to_register_says_it_cannot(
     command: list[str],

@@ -1,8 +1,8 @@
 """Plugins register themselves in an etcd run as a careful operator runs it: TLS with a
 client certificate, etcd's users on, simple tokens that expire after ``TOKEN_TTL`` (2 s)
 unused (``tests.services.SecureEtcd``). Real plugin processes of the Python SDK (the
-HTTP server, and its gRPC service) and of the Go, TypeScript and Java SDKs (their example
-plugins).
+HTTP server, and its gRPC service) and of the Go, Rust, TypeScript and Java SDKs (their
+example plugins).
 
 The plugin proves itself with ``registrar``'s certificate and password; what is asserted
 is where its key is, what its stderr says and what it never says (the password), and how
@@ -53,11 +53,12 @@ WRONG_PASSWORD = "wrong-pw-5e2a"
 GO = pytest.param("go", marks=pytest.mark.toolchain)
 TYPESCRIPT = pytest.param("typescript", marks=pytest.mark.toolchain)
 JAVA = pytest.param("java", marks=pytest.mark.toolchain)
-LANGUAGES = ["http", "python-grpc", GO, TYPESCRIPT, JAVA]
+RUST = pytest.param("rust", marks=pytest.mark.toolchain)
+LANGUAGES = ["http", "python-grpc", GO, RUST, TYPESCRIPT, JAVA]
 #: One entry per registration code: the Python HTTP server, the Go plugin and the
 #: TypeScript plugin; the Python gRPC service shares the HTTP server's registration code
 #: and is started in the first test only.
-DISTINCT_CODE = ["http", GO, TYPESCRIPT, JAVA]
+DISTINCT_CODE = ["http", GO, RUST, TYPESCRIPT, JAVA]
 
 #: Each entry point with its registry settings given as flags (the password still a
 #: variable: no flag takes it), or as variables (the HTTP server's variables are
@@ -72,6 +73,8 @@ ENTRY_POINTS = [
     pytest.param("typescript", "variables", id="typescript-variables", marks=pytest.mark.toolchain),
     pytest.param("java", "flags", id="java-flags", marks=pytest.mark.toolchain),
     pytest.param("java", "variables", id="java-variables", marks=pytest.mark.toolchain),
+    pytest.param("rust", "flags", id="rust-flags", marks=pytest.mark.toolchain),
+    pytest.param("rust", "variables", id="rust-variables", marks=pytest.mark.toolchain),
 ]
 
 #: The settings as every SDK's flags, and as its variables.
@@ -95,6 +98,7 @@ HOSTS = {
     "go": "127.0.0.3",
     "typescript": "127.0.0.3",
     "java": "127.0.0.3",
+    "rust": "127.0.0.3",
 }
 
 
@@ -345,12 +349,20 @@ MARGIN = 5.0
             ("Authenticate", "InvalidArgument"),
             marks=pytest.mark.toolchain,
         ),
+        pytest.param(
+            "rust",
+            "registrar",
+            WRONG_PASSWORD,
+            ("Authenticate", "InvalidArgument"),
+            marks=pytest.mark.toolchain,
+        ),
     ],
     ids=[
         "http-wrong-password",
         "go-no-permission",
         "typescript-wrong-password",
         "java-wrong-password",
+        "rust-wrong-password",
     ],
 )
 def test_a_plugin_turned_away_backs_off_and_registers_soon_once_etcd_is_mended(

@@ -421,6 +421,42 @@ async def test_an_sdk_plugin_samples_as_otel_traces_sampler_says(
             assert (span.trace_id, span.parent_span_id) == tuple(parent.split("-")[1:3])
 
 
+# The SDKs that send spans as http/protobuf only and say so, once at start, when
+# OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL asks for another protocol (docs/observability.md),
+# one a line.
+PROTOCOL_WARNING_LANGUAGES = [
+    "java",
+    "rust",
+]
+
+
+@pytest.mark.parametrize("language", PROTOCOL_WARNING_LANGUAGES)
+async def test_an_sdk_plugin_asked_for_grpc_says_so_once_and_sends_http_protobuf(
+    language: str, collector: tuple[Collector, str]
+) -> None:
+    received, base = collector
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": base,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    process, address = await start_service(executable(language), env, asyncio.subprocess.PIPE)
+    try:
+        async with Dispatcher(sdk_manifest(address, None)) as dispatcher:
+            for n in range(3):
+                assert await dispatcher.call("example", "echo", {"n": n}) == {"n": n}
+    finally:
+        await stop_service(process)
+    assert process.stderr is not None
+    said = (await process.stderr.read()).decode(errors="replace")
+    warning = (
+        "OTEL_EXPORTER_OTLP_PROTOCOL is 'grpc', but this SDK sends spans as http/protobuf only"
+    )
+    assert said.count(warning) == 1, said
+    assert base.split("://", 1)[1].split("/", 1)[0] in said, "it names the collector"
+    assert len(received.named("linchkit.plugin/echo")) == 3, "sent as http/protobuf all the same"
+
+
 # -- the example plugin over WebSocket -------------------------------------------------------
 # `serve --websocket` dialled by a `provider: websocket` target, or `connect` dialling the
 # gateway of an inbound one. The dispatcher is untraced: it passes the caller's traceparent

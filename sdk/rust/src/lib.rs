@@ -26,6 +26,7 @@ mod late_streams;
 mod log;
 mod otlp;
 mod params;
+mod registry;
 mod sampler;
 mod serve;
 mod service;

@@ -27,6 +27,10 @@
 //! | `OTEL_BSP_EXPORT_TIMEOUT`: one batch, retries included, in ms | 30000 |
 //! | `OTEL_RESOURCE_ATTRIBUTES`: `key=value,…` (the SDK's own `service.*` win) | none |
 //!
+//! Spans go as `http/protobuf` only: an `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL` asking for
+//! another (`grpc`, `http/json`) is said once at start and changes nothing, as in the Java
+//! SDK ([`protocol_warning`]).
+//!
 //! A user and password in the endpoint's URL are sent as HTTP basic authentication, unless
 //! the headers carry an `authorization` of their own. Nothing the SDK says names more of
 //! the collector than its scheme, host and port ([`Endpoint::shown`]): never a header, the
@@ -250,6 +254,9 @@ impl Settings {
                  https:// URL with a host"
             )
         })?;
+        if let Some(warning) = protocol_warning(var, &endpoint.shown()) {
+            crate::log::warn(&warning);
+        }
         let mut headers = HeaderMap::new();
         let (traces_headers, general_headers) = signal_var("HEADERS");
         // The general variable first: the signal's own overrides the same keys.
@@ -335,6 +342,48 @@ fn signal_value<'a>(var: &impl Fn(&str) -> &'a str, what: &str) -> (String, &'a 
         }
         value => (traces, value),
     }
+}
+
+/// The one protocol the SDK sends spans in.
+const HTTP_PROTOBUF: &str = "http/protobuf";
+
+/// What to say when `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` (the traces one when set) asks
+/// for another protocol than http/protobuf: the spans still go as http/protobuf to
+/// `collector` (as [`Endpoint::shown`] names it), so the operator who asked for `grpc`
+/// learns why a gRPC-only collector port gets nothing.
+pub(crate) fn protocol_warning<'a>(
+    var: &impl Fn(&str) -> &'a str,
+    collector: &str,
+) -> Option<String> {
+    let (traces, general) = signal_var("PROTOCOL");
+    let (name, value) = match var(&traces).trim() {
+        "" => (general.clone(), var(&general).trim()),
+        value => (traces, value),
+    };
+    if value.is_empty() || value == HTTP_PROTOBUF {
+        return None;
+    }
+    Some(format!(
+        "{name} is {}, but this SDK sends spans as {HTTP_PROTOBUF} only (OTLP over HTTP); \
+         sending them so to {collector}",
+        quoted(value)
+    ))
+}
+
+/// A value that is no secret as a warning quotes it: in quotes, cut to 40 characters,
+/// control characters as `?`.
+fn quoted(text: &str) -> String {
+    let shown: String = text
+        .chars()
+        .take(40)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    let cut = if text.chars().nth(40).is_some() {
+        "…"
+    } else {
+        ""
+    };
+    format!("'{shown}{cut}'")
 }
 
 /// Whole milliseconds, at least `least`; `default` when unset or malformed (with a warning).
@@ -973,6 +1022,55 @@ mod tests {
     fn settings(url: &str, vars: &[(&str, &str)]) -> Result<Settings, String> {
         let vars: HashMap<&str, &str> = vars.iter().copied().collect();
         Settings::from_vars(url, &|name: &str| vars.get(name).copied().unwrap_or(""))
+    }
+
+    fn protocol_said(vars: &[(&str, &str)]) -> Option<String> {
+        let vars: HashMap<&str, &str> = vars.iter().copied().collect();
+        protocol_warning(
+            &|name: &str| vars.get(name).copied().unwrap_or(""),
+            "http://127.0.0.1:4318",
+        )
+    }
+
+    /// As the Java SDK's OtlpSettingsTest has it.
+    #[test]
+    fn a_protocol_other_than_http_protobuf_is_said_and_spans_go_as_http_protobuf() {
+        assert_eq!(protocol_said(&[]), None);
+        assert_eq!(
+            protocol_said(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]),
+            None
+        );
+        assert_eq!(
+            protocol_said(&[("OTEL_EXPORTER_OTLP_PROTOCOL", " http/protobuf ")]),
+            None
+        );
+        assert_eq!(
+            protocol_said(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]).as_deref(),
+            Some(
+                "OTEL_EXPORTER_OTLP_PROTOCOL is 'grpc', but this SDK sends spans as \
+                 http/protobuf only (OTLP over HTTP); sending them so to http://127.0.0.1:4318"
+            )
+        );
+        let traces = protocol_said(&[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+        ])
+        .unwrap();
+        assert!(
+            traces.starts_with("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL is 'http/json'"),
+            "{traces}"
+        );
+        let traces_wins = protocol_said(&[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+        ]);
+        assert_eq!(traces_wins, None);
+        let odd = protocol_said(&[(
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            &format!("x\ny{}", "z".repeat(60)),
+        )])
+        .unwrap();
+        assert!(odd.contains(&format!("'x?y{}…'", "z".repeat(37))), "{odd}");
     }
 
     #[test]

@@ -22,6 +22,8 @@ use tonic::transport::Server;
 use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
 use crate::late_streams::LateStreams;
 use crate::pb::plugin_service_server::PluginServiceServer;
+use crate::registry::settings::{self as registry_settings, RegistryConfig};
+use crate::registry::{Registered, Registration};
 use crate::service::{Service, Shared};
 use crate::size_status::SizeStatus;
 use crate::stop::{StopCaps, ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
@@ -148,10 +150,11 @@ impl Plugin {
             return crate::websocket::run(self, env, shutdown).await;
         }
         if env.args.first().map(String::as_str) == Some("serve") {
-            let address = match serve_request(&env.args[1..])? {
+            let (address, registry) = match serve_request(&env.args[1..])? {
                 ServeRequest::ShowHelp => return write_help(&mut env.stdout).await,
-                ServeRequest::Listen(address) => address,
+                ServeRequest::Listen { address, registry } => (address, registry),
             };
+            let registry = RegistryConfig::new(registry, |name| env.var(name));
             let token = BearerToken::configured(|name| env.var(name).to_string())
                 .map_err(|err| ServeError::Failed(format!("serve: {err}")))?;
             let caps = StopCaps::from_vars(|name| env.var(name))
@@ -159,7 +162,11 @@ impl Plugin {
             let listener = TcpListener::bind(&address)
                 .await
                 .map_err(failed(&format!("serve: cannot listen on {address}")))?;
-            let bound = listener.local_addr().map_err(failed("serve"))?.to_string();
+            let listening = listener.local_addr().map_err(failed("serve"))?;
+            let bound = listening.to_string();
+            // Every registry setting is checked before serving.
+            let registration = Registration::from_config(&registry, listening)
+                .map_err(|err| ServeError::Failed(format!("serve: {err}")))?;
             if token.is_none() {
                 crate::log::warn(&format!(
                     "no bearer token configured ({ENV_TOKEN_FILE} or {ENV_TOKEN}): \
@@ -173,12 +180,14 @@ impl Plugin {
                 &handshake_line(PROTOCOL_VERSION, "tcp", &bound, ""),
             )
             .await?;
+            let registered = registration.map(Registration::start);
             return serve_on(
                 shared,
                 router,
                 accepted_without_delay(listener),
                 None,
                 shutdown,
+                registered,
                 caps,
             )
             .await;
@@ -237,6 +246,7 @@ impl Plugin {
                     UnixListenerStream::new(listener),
                     acceptor,
                     stop,
+                    None,
                     caps,
                 )
                 .await;
@@ -262,6 +272,7 @@ impl Plugin {
                     accepted_without_delay(listener),
                     acceptor,
                     stop,
+                    None,
                     caps,
                 )
                 .await
@@ -323,7 +334,8 @@ async fn build(
 }
 
 /// Serves on `incoming` (through TLS when there is an acceptor) until `stop` completes,
-/// then ends the plugin's streams, stops gracefully (the calls in flight have
+/// then leaves the registry (`registered`: the key deleted before the calls in flight are
+/// drained, the server answering the leave delay longer), then ends the plugin's streams, stops gracefully (the calls in flight have
 /// `caps.grace` to finish) and only then runs the plugin's remaining hooks (`caps.hooks`
 /// at most), then sends the spans still buffered (what remains of the hooks' cap, 1 s at
 /// least; docs/protocol.md, "Stopping while called"). Each
@@ -335,6 +347,7 @@ async fn serve_on<St, IO>(
     incoming: St,
     acceptor: Option<TlsAcceptor>,
     stop: impl Future<Output = ()>,
+    registered: Option<Registered>,
     caps: StopCaps,
 ) -> Result<(), ServeError>
 where
@@ -363,6 +376,9 @@ where
     tokio::select! {
         done = &mut server => return outcome(done),
         () = stop => {}
+    }
+    if let Some(registered) = registered {
+        registered.leave().await;
     }
     shared.stop_serving().await;
     let _ = stop_server.send(());
@@ -509,7 +525,7 @@ pub(crate) const DEFAULT_ADDRESS: &str = "127.0.0.1:0";
 /// mode, so they are not listed.
 fn serve_help() -> String {
     format!(
-        "usage: {program} serve [--address HOST:PORT]
+        "usage: {program} serve [--address HOST:PORT] [--register-etcd URL ...]
 
 Serve the plugin as a gRPC service until SIGTERM or Ctrl+C; the first line on stdout is
 the handshake line, which names the address it listens on.
@@ -521,6 +537,7 @@ flags:
   -h, --help
       print this help and exit
 
+{registry}
 environment (docs/protocol.md, \"Authentication (service mode)\"):
   {ENV_TOKEN_FILE}
       a file holding the bearer token every call must carry (a mounted secret)
@@ -534,6 +551,7 @@ environment (docs/protocol.md, \"Authentication (service mode)\"):
       export a span per call over OTLP/HTTP (docs/observability.md)
 ",
         program = program_name(),
+        registry = registry_settings::help(),
     )
 }
 
@@ -561,16 +579,40 @@ async fn write_help(stdout: &mut (dyn AsyncWrite + Send + Unpin)) -> Result<(), 
 #[derive(Debug, PartialEq)]
 enum ServeRequest {
     ShowHelp,
-    /// Listen on this address, already checked by [`check_address`].
-    Listen(String),
+    /// Listen on `address`, already checked by [`check_address`]; `registry`: the registry
+    /// flags given, each with its value (`crate::registry::settings`).
+    Listen {
+        address: String,
+        registry: Vec<(&'static str, String)>,
+    },
 }
 
 fn serve_request(args: &[String]) -> Result<ServeRequest, ServeError> {
+    // Before anything reads the arguments: no message may quote a password.
+    if registry_settings::password_flag_given(args) {
+        return Err(ServeError::Failed(format!(
+            "serve: {}",
+            registry_settings::password_flag_refusal()
+        )));
+    }
     let mut address = DEFAULT_ADDRESS.to_string();
+    let mut registry = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
+        let flag = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
         if arg == "--help" || arg == "-h" {
             return Ok(ServeRequest::ShowHelp);
+        } else if let Some(setting) = registry_settings::setting_of_flag(flag) {
+            let value = match arg.split_once('=') {
+                Some((_, value)) => value.to_string(),
+                None => args.next().cloned().ok_or_else(|| {
+                    ServeError::Failed(format!(
+                        "serve: {flag} needs {} (serve --help)",
+                        setting.value_name
+                    ))
+                })?,
+            };
+            registry.push((setting.flag, value));
         } else if let Some(value) = arg.strip_prefix("--address=") {
             address = value.to_string();
         } else if arg == "--address" {
@@ -579,12 +621,13 @@ fn serve_request(args: &[String]) -> Result<ServeRequest, ServeError> {
             })?;
         } else {
             return Err(ServeError::Failed(format!(
-                "serve: unknown argument {arg:?}; usage: serve [--address HOST:PORT] [--help]"
+                "serve: unknown argument {arg:?}; usage: serve [--address HOST:PORT] \
+                 [--register-etcd URL ...] [--help]"
             )));
         }
     }
     check_address(&address)?;
-    Ok(ServeRequest::Listen(address))
+    Ok(ServeRequest::Listen { address, registry })
 }
 
 /// Refuses a mistyped address before listening: left to the resolver, an empty host would
@@ -643,7 +686,10 @@ mod tests {
     }
 
     fn listen(address: &str) -> ServeRequest {
-        ServeRequest::Listen(address.to_string())
+        ServeRequest::Listen {
+            address: address.to_string(),
+            registry: Vec::new(),
+        }
     }
 
     #[test]
@@ -662,6 +708,45 @@ mod tests {
             request(&["--address", "h:65535"]).unwrap(),
             listen("h:65535")
         );
+    }
+
+    #[test]
+    fn the_registry_flags_are_read_in_either_form_and_the_password_flag_refused() {
+        let Ok(ServeRequest::Listen { registry, .. }) = request(&[
+            "--register-etcd",
+            "http://127.0.0.1:2379",
+            "--register-prefix=/p",
+            "--register-etcd-user",
+            "",
+        ]) else {
+            panic!("refused");
+        };
+        assert_eq!(
+            registry,
+            [
+                ("--register-etcd", "http://127.0.0.1:2379".to_string()),
+                ("--register-prefix", "/p".to_string()),
+                ("--register-etcd-user", String::new()),
+            ]
+        );
+        let missing = request(&["--register-ttl"]).unwrap_err().to_string();
+        assert_eq!(
+            missing,
+            "serve: --register-ttl needs SECONDS (serve --help)"
+        );
+        for password in [
+            &["--register-etcd-password", "SECRET"][..],
+            &["--register-etcd-password=SECRET"],
+            &["--address", "oops", "-register-etcd-password", "SECRET"],
+        ] {
+            let refused = request(password).unwrap_err().to_string();
+            assert!(
+                refused.starts_with("serve: --register-etcd-password: no flag takes")
+                    && refused.contains("LINCHKIT_REGISTER_ETCD_PASSWORD")
+                    && !refused.contains("SECRET"),
+                "{refused}"
+            );
+        }
     }
 
     #[test]
@@ -736,6 +821,9 @@ mod tests {
             ENV_STOP_HOOKS_MS,
             ENV_OTLP_ENDPOINT,
             ENV_OTLP_TRACES_ENDPOINT,
+            "--register-etcd URL",
+            "--leave-delay SECONDS",
+            "LINCHKIT_REGISTER_ETCD_PASSWORD",
         ] {
             assert!(help.contains(needed), "{needed} missing from:\n{help}");
         }

@@ -9,6 +9,7 @@
 //! A mistake is one line naming the flag and what it takes, before anything starts.
 
 use crate::auth::{ENV_TOKEN, ENV_TOKEN_FILE};
+use crate::registry::settings as registry_settings;
 use crate::serve::{check_address, program_name, ServeError, DEFAULT_ADDRESS};
 use crate::stop::{ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
 use crate::tracing::{ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
@@ -23,7 +24,13 @@ pub(crate) enum Command {
     /// Print this text on stdout and exit 0.
     Help(String),
     /// Serve on `address` (checked), the plugin's lifecycle run with `config` (unchecked).
-    Serve { address: String, config: String },
+    /// `registry`: the registry flags given (as a gRPC `serve` takes them), only for
+    /// `--register-etcd` to be refused by the name it came by.
+    Serve {
+        address: String,
+        config: String,
+        registry: Vec<(&'static str, String)>,
+    },
     /// Dial the gateway at `url`.
     Connect { url: GatewayUrl, config: String },
 }
@@ -46,6 +53,14 @@ pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
         ("serve", SERVE_USAGE)
     };
     let mistake = |what: String| ServeError::Failed(format!("{mode}: {what}; usage: {usage}"));
+    // Before anything reads the arguments: no message may quote a password.
+    if !connecting && registry_settings::password_flag_given(&args[1..]) {
+        return Err(ServeError::Failed(format!(
+            "{mode}: {}",
+            registry_settings::password_flag_refusal()
+        )));
+    }
+    let mut registry = Vec::new();
     let mut address = DEFAULT_ADDRESS.to_string();
     let mut url = None;
     let mut config = "{}".to_string();
@@ -68,6 +83,10 @@ pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
             "--address" if !connecting => address = value(flag)?,
             "--url" if connecting => url = Some(value(flag)?),
             "--config" => config = value(flag)?,
+            _ if !connecting && registry_settings::setting_of_flag(flag).is_some() => {
+                let setting = registry_settings::setting_of_flag(flag).expect("matched");
+                registry.push((setting.flag, value(flag)?));
+            }
             _ => return Err(mistake(format!("unknown argument {arg:?}"))),
         }
     }
@@ -80,7 +99,11 @@ pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
     }
     if !connecting {
         check_address(&address)?;
-        return Ok(Command::Serve { address, config });
+        return Ok(Command::Serve {
+            address,
+            config,
+            registry,
+        });
     }
     let Some(url) = url else {
         return Err(mistake("--url is required".into()));
@@ -267,7 +290,8 @@ mod tests {
             command_of(&["serve", "--websocket"]),
             Ok(Command::Serve {
                 address: DEFAULT_ADDRESS.into(),
-                config: "{}".into()
+                config: "{}".into(),
+                registry: Vec::new(),
             })
         );
         assert_eq!(
@@ -280,7 +304,8 @@ mod tests {
             ]),
             Ok(Command::Serve {
                 address: "[::1]:0".into(),
-                config: "{\"a\":1}".into()
+                config: "{\"a\":1}".into(),
+                registry: Vec::new(),
             })
         );
         let wrong = command_of(&["serve", "--websocket", "--address", "::1:50051"]).unwrap_err();

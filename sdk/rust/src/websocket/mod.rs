@@ -15,7 +15,9 @@
 //! Calls run through the gRPC binding's [`Shared`], so params, deadlines, errors and
 //! spans (`linchkit.plugin/<method>`) read the same on both bindings. Neither mode is
 //! registered in etcd (no dispatcher finds a WebSocket plugin in a registry):
-//! `LINCHKIT_REGISTER_ETCD` set is refused at start, as the Python SDK refuses it.
+//! `LINCHKIT_REGISTER_ETCD` set (or `serve --websocket --register-etcd URL`) is refused at
+//! start, as the Go and Python SDKs refuse it; only the gRPC `serve` registers
+//! (`crate::registry`).
 //!
 //! Where the parts live: the command lines in `cli`, the frames and permessage-deflate in
 //! `frames` and the upgrade in `handshake` (neither does I/O), the protocol's frames in
@@ -40,6 +42,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::auth::{BearerToken, ENV_TOKEN, ENV_TOKEN_FILE};
+use crate::registry::settings::{self as registry_settings, RegistryConfig};
 use crate::serve::{Environment, ServeError};
 use crate::service::Shared;
 use crate::stop::StopCaps;
@@ -50,7 +53,7 @@ pub(crate) use cli::asked_for;
 use cli::Command;
 
 /// What asks a plugin to register in etcd; the WebSocket modes refuse it.
-const ENV_REGISTER_ETCD: &str = "LINCHKIT_REGISTER_ETCD";
+const ENV_REGISTER_ETCD: &str = registry_settings::ENV_REGISTER_ETCD;
 
 /// The plugin as every connection serves it.
 pub(crate) struct Core {
@@ -121,8 +124,19 @@ pub(crate) async fn run(
     };
     let var = |name: &str| env.vars.get(name).map(String::as_str).unwrap_or("");
     let failed = |why: String| ServeError::Failed(format!("{mode}: {why}"));
-    if !var(ENV_REGISTER_ETCD).is_empty() {
-        return Err(failed(etcd_refusal(mode)));
+    // Refused, not ignored: an operator who set it expects the plugin to be found there.
+    // `serve --websocket` takes the flag too, which wins over the variable (an empty one
+    // turns it off), and is named as it was given.
+    let etcd = match &command {
+        Command::Serve { registry, .. } => {
+            let config = RegistryConfig::new(registry.iter().cloned(), var);
+            let named = config.name(registry_settings::ETCD);
+            (!config.value(registry_settings::ETCD).is_empty()).then_some(named)
+        }
+        _ => (!var(ENV_REGISTER_ETCD).is_empty()).then(|| ENV_REGISTER_ETCD.to_string()),
+    };
+    if let Some(named) = etcd {
+        return Err(failed(etcd_refusal(mode, &named)));
     }
     let token = BearerToken::configured(|name| var(name).to_string()).map_err(failed)?;
     let caps = StopCaps::from_vars(var).map_err(failed)?;
@@ -212,17 +226,17 @@ async fn stop(core: &Core, caps: StopCaps) {
     core.shared.flush_spans(hooks_left).await;
 }
 
-/// Why `LINCHKIT_REGISTER_ETCD` is refused in `mode`, in the Python SDK's words.
-fn etcd_refusal(mode: &str) -> String {
+/// Why registering (asked for by `named`) is refused in `mode`, in the Python SDK's words.
+fn etcd_refusal(mode: &str, named: &str) -> String {
     if mode == "connect" {
         format!(
-            "{ENV_REGISTER_ETCD}: a plugin that dials the gateway (connect) is not registered \
+            "{named}: a plugin that dials the gateway (connect) is not registered \
              in etcd, as no dispatcher dials it: the gateway knows it by its connection. Serve \
              over HTTP or gRPC to be found there, or leave it unset"
         )
     } else {
         format!(
-            "{ENV_REGISTER_ETCD}: a WebSocket server is not registered in etcd, as a dispatcher \
+            "{named}: a WebSocket server is not registered in etcd, as a dispatcher \
              dials a websocket target at its one url and finds none in a registry: serve over \
              HTTP or gRPC to be found there, or leave it unset"
         )
@@ -529,7 +543,7 @@ mod tests {
     async fn what_cannot_run_is_refused_in_one_line_before_serving() {
         /// Arguments, variables, and how the one line starts.
         type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-        let cases: [Case; 4] = [
+        let cases: [Case; 6] = [
             (
                 &["connect", "--url", "ws://127.0.0.1:9/"],
                 &[("LINCHKIT_REGISTER_ETCD", "http://e:2379")],
@@ -539,6 +553,16 @@ mod tests {
                 &["serve", "--websocket"],
                 &[("LINCHKIT_REGISTER_ETCD", "http://e:2379")],
                 "serve: LINCHKIT_REGISTER_ETCD: a WebSocket server is not registered",
+            ),
+            (
+                &["serve", "--websocket", "--register-etcd", "http://e:2379"],
+                &[],
+                "serve: --register-etcd: a WebSocket server is not registered",
+            ),
+            (
+                &["serve", "--websocket", "--register-etcd-password", "SECRET"],
+                &[],
+                "serve: --register-etcd-password: no flag takes etcd's password",
             ),
             (
                 &["serve", "--websocket", "--config", "{nope"],
