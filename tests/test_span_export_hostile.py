@@ -304,22 +304,27 @@ async def test_a_malformed_export_variable_is_one_line_naming_it(
     assert variable in line and "no span is sent" in line, said
 
 
-async def test_a_redirect_is_said_once_and_not_followed(serve: Any) -> None:
-    elsewhere, heads_elsewhere = await serve(_answer_ok)
+def _redirecting_to(port: int) -> Any:
+    """A collector's way of answering: every request a 307 to the collector at ``port``."""
 
     async def redirect(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, heads: list[bytes]
     ) -> None:
         while True:
             await _read_request(reader, heads)
-            location = f"http://127.0.0.1:{elsewhere}/v1/traces"
+            location = f"http://127.0.0.1:{port}/v1/traces"
             writer.write(
                 f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n"
                 "Content-Length: 0\r\n\r\n".encode()
             )
             await writer.drain()
 
-    port, heads = await serve(redirect)
+    return redirect
+
+
+async def test_a_redirect_is_said_once_and_not_followed(serve: Any) -> None:
+    elsewhere, heads_elsewhere = await serve(_answer_ok)
+    port, heads = await serve(_redirecting_to(elsewhere))
     outcome, said = await _plugin_exporting(
         {
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{port}/v1/traces",
@@ -592,20 +597,7 @@ async def test_an_sdk_says_a_malformed_export_variable_in_one_line(
 @pytest.mark.parametrize("language", SDKS)
 async def test_an_sdk_follows_no_redirect(serve: Any, language: str) -> None:
     elsewhere, heads_elsewhere = await serve(_answer_ok)
-
-    async def redirect(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, heads: list[bytes]
-    ) -> None:
-        while True:
-            await _read_request(reader, heads)
-            location = f"http://127.0.0.1:{elsewhere}/v1/traces"
-            writer.write(
-                f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n"
-                "Content-Length: 0\r\n\r\n".encode()
-            )
-            await writer.drain()
-
-    port, heads = await serve(redirect)
+    port, heads = await serve(_redirecting_to(elsewhere))
     said, returncode, _ = await _example_exporting(
         language,
         {
