@@ -427,6 +427,7 @@ async def test_an_sdk_plugin_samples_as_otel_traces_sampler_says(
 PROTOCOL_WARNING_LANGUAGES = [
     "java",
     "rust",
+    "typescript",
 ]
 
 

@@ -15,6 +15,10 @@
  *   the collector by scheme://host:port (`collectorShown`) and what happened, never the
  *   URL's user, password, path or query nor a header; the first it takes again is one more.
  *   OpenTelemetry itself says nothing of either (its diagnostics are off).
+ *
+ * Spans go as http/protobuf only: an `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` asking for another
+ * protocol (`grpc`, `http/json`) is said once at start (`protocolWarning`), in the words of the
+ * Rust and Java SDKs, and the spans go as http/protobuf all the same.
  */
 import { gzipSync } from 'node:zlib';
 import type * as http from 'node:http';
@@ -29,6 +33,31 @@ export const MAX_ANSWER_BYTES = 64 * 1024;
 const MAX_ATTEMPTS = 5;
 const INITIAL_BACKOFF_MS = 1000;
 const MAX_BACKOFF_MS = 5000;
+
+/** The one protocol this SDK sends spans in. */
+const HTTP_PROTOBUF = 'http/protobuf';
+
+/**
+ * What to say when `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` (the traces one when set) asks for
+ * another protocol than http/protobuf: the spans still go as http/protobuf to `collector` (as
+ * `collectorShown` names it), so the operator who asked for `grpc` learns why a gRPC-only
+ * collector port (4317) gets nothing. Undefined when neither asks for another.
+ */
+export function protocolWarning(env: NodeJS.ProcessEnv, collector: string): string | undefined {
+  const traces = 'OTEL_EXPORTER_OTLP_TRACES_PROTOCOL';
+  const general = 'OTEL_EXPORTER_OTLP_PROTOCOL';
+  const tracesValue = (env[traces] ?? '').trim();
+  const [name, value] = tracesValue !== '' ? [traces, tracesValue] : [general, (env[general] ?? '').trim()];
+  if (value === '' || value === HTTP_PROTOBUF) return undefined;
+  return `${name} is ${quoted(value)}, but this SDK sends spans as ${HTTP_PROTOBUF} only (OTLP over HTTP); sending them so to ${collector}`;
+}
+
+/** A value that is no secret as a warning quotes it: in single quotes, cut to 40 characters, control characters as `?`. */
+function quoted(text: string): string {
+  const characters = [...text];
+  const shown = characters.slice(0, 40).join('').replace(/[\u0000-\u001f\u007f-\u009f]/g, '?');
+  return `'${shown}${characters.length > 40 ? '…' : ''}'`;
+}
 
 type ExportResponse = ExporterBase.ExportResponse;
 /** What OpenTelemetry's `convertLegacyHttpOptions` (`@opentelemetry/otlp-exporter-base/node-http`, a

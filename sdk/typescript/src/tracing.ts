@@ -23,17 +23,18 @@
  *
  * Spans go through `CollectorTransport` (collector.ts): the collector's URL as written, its
  * query and user too, each request bounded, and one line when the collector stops taking
- * spans and one when it takes them again. The sampler is `OTEL_TRACES_SAMPLER` and `_ARG`
- * read here (`samplerFrom`), as OpenTelemetry's SDKs read them; one that cannot be used is
- * said in one warning, as every SDK says it, where OpenTelemetry would tell its diagnostics
- * (off) and nobody.
+ * spans and one when it takes them again. They go as http/protobuf only: an
+ * `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` asking for another is said once (`protocolWarning`).
+ * The sampler is `OTEL_TRACES_SAMPLER` and `_ARG` read here (`samplerFrom`), as
+ * OpenTelemetry's SDKs read them; one that cannot be used is said in one warning, as every
+ * SDK says it, where OpenTelemetry would tell its diagnostics (off) and nobody.
  */
 import type * as Api from '@opentelemetry/api';
 import type * as Core from '@opentelemetry/core';
 import type * as Resources from '@opentelemetry/resources';
 import type * as TraceBase from '@opentelemetry/sdk-trace-base';
 import type * as TraceNode from '@opentelemetry/sdk-trace-node';
-import { collectorExporter } from './collector';
+import { collectorExporter, protocolWarning } from './collector';
 import { toWireError } from './errors';
 import { log } from './log';
 import type { CallContext } from './plugin';
@@ -194,6 +195,8 @@ export class Tracing {
     const sampling = samplerFrom(env);
     if (sampling.warning !== undefined) log.warn(sampling.warning); // once: read once, at start
     const collector = collectorShown(url);
+    const protocol = protocolWarning(env, collector);
+    if (protocol !== undefined) log.warn(protocol); // once: read once, at start
     // Batched, so a call never waits on the collector; OTEL_BSP_* tune it. The exporter
     // reads OTEL_EXPORTER_OTLP_HEADERS and its timeouts itself.
     return Tracing.exportingTo(

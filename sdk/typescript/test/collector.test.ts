@@ -8,7 +8,7 @@ import { once } from 'node:events';
 import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
-import { CollectorTransport, MAX_ANSWER_BYTES, collectorExporter } from '#internal/collector';
+import { CollectorTransport, MAX_ANSWER_BYTES, collectorExporter, protocolWarning } from '#internal/collector';
 import { Logger } from '#internal/log';
 import { collectorShown, samplerFrom } from '#internal/tracing';
 
@@ -177,4 +177,25 @@ test('OTEL_TRACES_SAMPLER and _ARG as OpenTelemetry reads them, one that cannot 
     assert.deepEqual(bad.root, { ratio: 1 }, arg);
     assert.equal(bad.warning, `OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1, not ${JSON.stringify(arg)}; using 1.0`);
   }
+});
+
+test('a protocol other than http/protobuf is said, naming its variable and the collector', () => {
+  const collector = 'http://127.0.0.1:4317';
+  assert.equal(protocolWarning({}, collector), undefined);
+  assert.equal(protocolWarning({ OTEL_EXPORTER_OTLP_PROTOCOL: ' http/protobuf ' }, collector), undefined);
+  assert.equal(
+    protocolWarning({ OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc' }, collector),
+    "OTEL_EXPORTER_OTLP_PROTOCOL is 'grpc', but this SDK sends spans as http/protobuf only (OTLP over HTTP); " +
+      'sending them so to http://127.0.0.1:4317',
+  );
+  // The traces variable wins over the general one, either way.
+  const traces = protocolWarning({ OTEL_EXPORTER_OTLP_PROTOCOL: 'http/protobuf', OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: 'http/json' }, collector);
+  assert.ok(traces?.startsWith("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL is 'http/json'"), traces);
+  assert.equal(protocolWarning({ OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc', OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: 'http/protobuf' }, collector), undefined);
+  // A blank traces variable is unset: the general one is read.
+  assert.ok(protocolWarning({ OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc', OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: '  ' }, collector)?.startsWith('OTEL_EXPORTER_OTLP_PROTOCOL'));
+  // An odd value is quoted cut to 40 characters, its control characters as '?'.
+  const odd = protocolWarning({ OTEL_EXPORTER_OTLP_PROTOCOL: `grpc\n\u001b[31m${'x'.repeat(60)}` }, collector) ?? '';
+  assert.ok(odd.startsWith(`OTEL_EXPORTER_OTLP_PROTOCOL is 'grpc??[31m${'x'.repeat(30)}…', but`), odd);
+  assert.ok(!odd.includes('\n') && !odd.includes('\u001b'), odd);
 });
