@@ -37,9 +37,6 @@ SECRET = "s3cret-collector-token"
 #: The SDKs that say a collector's outage once and its end once: all of them (Go's said
 #: each failed batch through OpenTelemetry's default error handler until 2026-12-06).
 SAYING_OUTAGES = list(LANGUAGES)
-#: The SDKs whose exporter sends no basic authentication for the user and password in the
-#: collector's URL: OpenTelemetry Java's drops them without a word. Not yet mended.
-SENDING_NO_USER = {"java"}
 
 
 class FailingCollector:
@@ -144,8 +141,7 @@ async def test_a_collector_outage_is_said_once_and_its_end_once(
     # The URL as written: its query reaches the collector, its user as basic authentication.
     assert set(collector.requests) == {f"/v1/traces?key={SECRET}"}, (language, collector.requests)
     expected = "Basic " + base64.b64encode(f"collector:{SECRET}".encode()).decode()
-    if language not in SENDING_NO_USER:
-        assert set(collector.authorizations) == {expected}, (language, collector.authorizations)
+    assert set(collector.authorizations) == {expected}, (language, collector.authorizations)
     lines = [line for line in stderr.splitlines() if f"the trace collector at {shown}" in line]
     assert len(lines) == 2, (language, stderr)
     assert "takes spans again" not in lines[0] and "takes spans again" in lines[1], stderr

@@ -7,6 +7,7 @@ import java.nio.ByteBuffer;
 import java.nio.charset.CharacterCodingException;
 import java.nio.charset.CodingErrorAction;
 import java.nio.charset.StandardCharsets;
+import java.util.Base64;
 import java.util.HexFormat;
 import java.util.LinkedHashMap;
 import java.util.Locale;
@@ -32,12 +33,20 @@ import java.util.regex.Pattern;
  *
  * <p>{@code OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL} is read only to say so when it asks for what
  * the SDK does not send: spans go as {@code http/protobuf} whatever it says, as in the
- * TypeScript and Python SDKs (OpenTelemetry Java's exporter without autoconfigure knows no
- * other), with one warning for another value ({@code grpc}, {@code http/json}).
+ * other SDKs (OpenTelemetry Java's exporter without autoconfigure knows no other), with one
+ * warning for another value ({@code grpc}, {@code http/json}).
  *
- * @param endpoint the OTLP/HTTP traces URL, as given (it may hold a password: never logged)
+ * <p>A user and password in the collector's URL ({@code http://user:pass@host:4318/v1/traces})
+ * are sent as HTTP basic authentication, as the Python, Go, Rust and TypeScript SDKs send them,
+ * unless the headers variable sets {@code authorization} itself: OpenTelemetry Java's exporter
+ * drops them without a word. The exporter is given the URL without them, so no message of its
+ * quotes them.
+ *
+ * @param endpoint the OTLP/HTTP traces URL, as given but for its user and password (in
+ *     {@code headers} instead); its query may hold a token: never logged
  * @param collectorShown the collector as a log line may name it ({@link #collectorShown(String)})
- * @param headers the exporter's request headers (credentials: never logged)
+ * @param headers the exporter's request headers, the URL's user and password as
+ *     {@code Authorization: Basic} among them (credentials: never logged)
  * @param timeoutMs the exporter's timeout per request, null for the library's (10 s)
  * @param compression {@code gzip} or {@code none}, null for the library's (none)
  * @param certificateFile a PEM file of the CA certificates to trust, or null
@@ -131,10 +140,17 @@ record OtlpSettings(
         compression = null;
       }
     }
+    Map<String, String> headers = headers(env, warn);
+    String basic = basicAuthorization(endpoint);
+    if (basic != null && headers.keySet().stream().noneMatch("authorization"::equalsIgnoreCase)) {
+      Map<String, String> withBasic = new LinkedHashMap<>(headers);
+      withBasic.put("Authorization", basic);
+      headers = Map.copyOf(withBasic);
+    }
     return new OtlpSettings(
-        endpoint,
+        withoutUserinfo(endpoint),
         collectorShown(endpoint),
-        headers(env, warn),
+        headers,
         whole(env, tracesName(env, "TIMEOUT"), 0, Long.MAX_VALUE, warn),
         compression,
         file(env, "CERTIFICATE"),
@@ -223,6 +239,46 @@ record OtlpSettings(
     // all, to getAuthority(): nothing of it is shown then.
     if (uri.getScheme() == null || uri.getHost() == null) return MALFORMED_URL;
     return uri.getScheme().toLowerCase(Locale.ROOT) + "://" + uri.getHost() + (uri.getPort() >= 0 ? ":" + uri.getPort() : "");
+  }
+
+  /** Where {@code url}'s authority ends: at its path, query or fragment, or the end. */
+  private static int authorityEnd(String url, int start) {
+    int end = url.length();
+    for (char c : new char[] {'/', '?', '#'}) {
+      int at = url.indexOf(c, start);
+      if (at >= 0 && at < end) end = at;
+    }
+    return end;
+  }
+
+  /**
+   * {@code url} without the user and password of its authority (up to its last {@code @}), as
+   * written otherwise; {@code url} when it has none.
+   */
+  static String withoutUserinfo(String url) {
+    int start = url.indexOf("://");
+    if (start < 0) return url;
+    start += 3;
+    int at = url.lastIndexOf('@', authorityEnd(url, start) - 1);
+    return at < start ? url : url.substring(0, start) + url.substring(at + 1);
+  }
+
+  /**
+   * {@code url}'s user and password (percent-decoded) as an {@code Authorization: Basic} value,
+   * as the other SDKs send them; null when it has none, or when one decodes to no UTF-8 text.
+   */
+  static String basicAuthorization(String url) {
+    int start = url.indexOf("://");
+    if (start < 0) return null;
+    start += 3;
+    int at = url.lastIndexOf('@', authorityEnd(url, start) - 1);
+    if (at <= start) return null; // none, or an empty one
+    String userinfo = url.substring(start, at);
+    int colon = userinfo.indexOf(':');
+    String user = percentDecoded(colon < 0 ? userinfo : userinfo.substring(0, colon));
+    String password = percentDecoded(colon < 0 ? "" : userinfo.substring(colon + 1));
+    if (user == null || password == null) return null;
+    return "Basic " + Base64.getEncoder().encodeToString((user + ":" + password).getBytes(StandardCharsets.UTF_8));
   }
 
   /** The variable of {@code suffix} the exporter goes by: {@code _TRACES_} when set, else the general one. */

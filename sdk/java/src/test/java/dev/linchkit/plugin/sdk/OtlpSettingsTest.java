@@ -5,7 +5,9 @@ import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertNull;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import java.nio.charset.StandardCharsets;
 import java.util.ArrayList;
+import java.util.Base64;
 import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
@@ -56,6 +58,37 @@ class OtlpSettingsTest {
       String shown = OtlpSettings.collectorShown(malformed);
       assertEquals(OtlpSettings.MALFORMED_URL, shown, malformed);
     }
+  }
+
+  @Test
+  void theUrlsUserAndPasswordAreSentAsBasicAuthenticationAndGivenToNoExporter() {
+    OtlpSettings read = settings(Map.of("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "http://us%3Aer:p%40ss:" + SECRET + "@127.0.0.1:4318/v1/traces?key=k@y"));
+    String basic = "Basic " + Base64.getEncoder().encodeToString(
+        ("us:er:p@ss:" + SECRET).getBytes(StandardCharsets.UTF_8));
+    assertEquals(Map.of("Authorization", basic), read.headers());
+    assertEquals("http://127.0.0.1:4318/v1/traces?key=k@y", read.endpoint(), "the query stays as written");
+    assertEquals("http://127.0.0.1:4318", read.collectorShown());
+    assertFalse(read.toString().contains(SECRET), read.toString());
+    assertEquals(List.of(), warnings);
+    // A user alone is sent with an empty password, as the other SDKs send it.
+    assertEquals(Map.of("Authorization", "Basic " + Base64.getEncoder().encodeToString("user:".getBytes(StandardCharsets.UTF_8))),
+        settings(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", "https://user@collector.example")).headers());
+    // The headers variable's authorization wins, whatever its case; the URL is still given without the password.
+    OtlpSettings own = settings(Map.of(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://collector:" + SECRET + "@127.0.0.1:4318/v1/traces",
+        "OTEL_EXPORTER_OTLP_HEADERS", "AUTHORIZATION=Bearer%20mine"));
+    assertEquals(Map.of("AUTHORIZATION", "Bearer mine"), own.headers());
+    assertEquals("http://127.0.0.1:4318/v1/traces", own.endpoint());
+    // None, or an empty one: nothing is sent, the URL is as written but for the '@'.
+    assertEquals(Map.of(), settings(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")).headers());
+    assertEquals(Map.of(), settings(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", "http://@127.0.0.1:4318")).headers());
+    assertEquals("http://127.0.0.1:4318/v1/traces?to=a@b",
+        settings(Map.of("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:4318/v1/traces?to=a@b")).endpoint());
+    // A password that decodes to no UTF-8 text is not sent, and not given to the exporter either.
+    OtlpSettings broken = settings(Map.of("OTEL_EXPORTER_OTLP_ENDPOINT", "http://user:%ff" + SECRET + "@127.0.0.1:4318"));
+    assertEquals(Map.of(), broken.headers());
+    assertEquals("http://127.0.0.1:4318/v1/traces", broken.endpoint());
   }
 
   @Test
