@@ -112,20 +112,27 @@ def _value(value: Any) -> Any:
     return getattr(value, value.WhichOneof("value")) if value.WhichOneof("value") else None
 
 
-@pytest.fixture
-async def collector() -> AsyncIterator[tuple[Collector, str]]:
-    received = Collector()
+@asynccontextmanager
+async def traces_receiver(handle: Any) -> AsyncIterator[int]:
+    """An OTLP/HTTP collector on loopback whose ``POST /v1/traces`` is ``handle``; its port."""
     app = web.Application(client_max_size=16 * 1024 * 1024)
-    app.router.add_post("/v1/traces", received.handle)
+    app.router.add_post("/v1/traces", handle)
     runner = web.AppRunner(app)
     await runner.setup()
     sock = bound_socket()
     site = web.SockSite(runner, sock)
     await site.start()
     try:
-        yield received, f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield sock.getsockname()[1]
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[tuple[Collector, str]]:
+    received = Collector()
+    async with traces_receiver(received.handle) as port:
+        yield received, f"http://127.0.0.1:{port}"
 
 
 async def until(predicate: Any, what: str) -> None:

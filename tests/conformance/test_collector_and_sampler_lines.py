@@ -27,9 +27,8 @@ from aiohttp import web
 
 from dispatcher import Dispatcher
 from tests.conformance.conftest import LANGUAGES, _start_service, executable
-from tests.conftest import bound_socket
 from tests.services import CLEAN_ENVIRONMENT
-from tests.test_telemetry_tracing import sdk_manifest
+from tests.test_telemetry_tracing import sdk_manifest, traces_receiver
 
 pytestmark = [pytest.mark.toolchain, pytest.mark.slow]
 
@@ -62,17 +61,8 @@ class FailingCollector:
 @pytest.fixture
 async def failing_collector() -> AsyncIterator[tuple[FailingCollector, int]]:
     received = FailingCollector()
-    app = web.Application(client_max_size=16 * 1024 * 1024)
-    app.router.add_post("/v1/traces", received.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = bound_socket()
-    site = web.SockSite(runner, sock)
-    await site.start()
-    try:
-        yield received, sock.getsockname()[1]
-    finally:
-        await runner.cleanup()
+    async with traces_receiver(received.handle) as port:
+        yield received, port
 
 
 async def run_plugin(
