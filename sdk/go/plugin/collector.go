@@ -13,8 +13,9 @@ package plugin
 //     tokens included, wherever the collector pointed. A redirect is said once; like the
 //     Python SDK's, the spans sent there are lost;
 //   - carries the endpoint's query and, as basic authentication, the user and password of
-//     its URL, as the Python and Rust SDKs send them: OpenTelemetry's exporter keeps only
-//     the URL's host and path, and dropped them without a word;
+//     its URL (unless the headers' variable sets an authorization), as the Python and Rust
+//     SDKs send them: OpenTelemetry's exporter keeps only the URL's host and path, and
+//     dropped them without a word;
 //   - fails with an error that names the collector by scheme, host and port only.
 //
 // An outage is said once (saidExporter): OpenTelemetry's error handler printed a plain
@@ -106,7 +107,9 @@ func (c *collectorTransport) RoundTrip(request *http.Request) (*http.Response, e
 		if c.query != "" {
 			request.URL.RawQuery = c.query
 		}
-		if c.user != nil {
+		// The URL's user and password, unless the headers' variable set an authorization
+		// of its own (it wins, as in the other SDKs).
+		if c.user != nil && request.Header.Get("Authorization") == "" {
 			password, _ := c.user.Password()
 			request.SetBasicAuth(c.user.Username(), password)
 		}

@@ -174,6 +174,17 @@ func TestTheEndpointsQueryAndUserReachTheCollector(t *testing.T) {
 	if user, password, ok := request.BasicAuth(); !ok || user != "me" || password != collectorSecret {
 		t.Errorf("authorization %q, want the URL's user and password", seen[0].authorization)
 	}
+	// An authorization the headers' variable sets wins over the URL's user, as in the
+	// other SDKs (before, the URL's basic credentials replaced it).
+	bearer := newTestCollector(t)
+	withUser := strings.Replace(bearer.URL, "http://", "http://me:"+collectorSecret+"@", 1) + "/v1/traces"
+	traces = exportingTo(t, map[string]string{
+		EnvOTLPTracesEndpoint: withUser, "OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20t0ken",
+	})
+	exportOne(t, traces)
+	if seen := bearer.requests(); len(seen) != 1 || seen[0].authorization != "Bearer t0ken" {
+		t.Errorf("the collector was sent %v, want the headers' authorization", seen)
+	}
 	// The base variable: /v1/traces goes before the query.
 	base := newTestCollector(t)
 	traces = exportingTo(t, map[string]string{EnvOTLPEndpoint: base.URL + "/otlp/?tenant=t1"})
