@@ -140,6 +140,37 @@ async def test_a_collector_outage_is_said_once_and_its_end_once(
             assert hidden not in line, (language, hidden, stderr)
 
 
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_an_authorization_the_headers_set_wins_over_the_url_s_user(
+    language: str, failing_collector: tuple[FailingCollector, int]
+) -> None:
+    """Both given, the ``Authorization`` of ``OTEL_EXPORTER_OTLP_HEADERS`` is sent, never the
+    URL's user and password in its place (Python's ``requests`` and the Go SDK's transport
+    put the URL's there until 2026-12-06)."""
+    collector, port = failing_collector
+    collector.failing = False
+
+    async def calls(dispatcher: Dispatcher) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not collector.taken:
+            assert loop.time() < deadline, "no span reached the collector"
+            await dispatcher.call("example", "echo", {"n": 1})
+            await asyncio.sleep(0.2)
+
+    returncode, stderr = await run_plugin(
+        language,
+        otel_environment(
+            OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"http://collector:{SECRET}@127.0.0.1:{port}/v1/traces",
+            OTEL_EXPORTER_OTLP_HEADERS="Authorization=Bearer%20header-token",
+            OTEL_BSP_SCHEDULE_DELAY="50",
+        ),
+        calls,
+    )
+    assert returncode == 0, (language, stderr)
+    assert set(collector.authorizations) == {"Bearer header-token"}, (language, collector)
+
+
 @pytest.mark.parametrize(
     ("sampler", "echoed"),
     [

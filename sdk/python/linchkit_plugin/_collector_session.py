@@ -12,6 +12,9 @@
   exporter's headers, tokens included, wherever the collector pointed) and says once that
   the collector answered one (OpenTelemetry counts a 3xx as spans sent);
 - keeps no cookie a collector sets (each would stay for the process's life);
+- sends the ``Authorization`` the headers' variable sets rather than the URL's user and
+  password, which ``requests`` put in its place (the other SDKs send the URL's only when
+  no such header is set);
 - fails with an error of the same ``requests`` type whose message names the collector by
   scheme, host and port only: ``requests``' own put the URL's path and query in it, and the
   exporter logs it, a token in the query with it;
@@ -136,6 +139,16 @@ class _OutageLines(logging.Filter):
 _OUTAGE_LINES = _OutageLines()
 
 
+def _names_authorization(*headers: Any) -> bool:
+    """Whether any of ``headers`` (mappings, or None) sets ``Authorization``, in any case."""
+    return any(name.lower() == "authorization" for each in headers if each for name in each)
+
+
+def _headers_as_they_are(request: Any) -> Any:
+    """An ``auth`` of ``requests`` that changes nothing (see ``CollectorSession.request``)."""
+    return request
+
+
 class CollectorSession(requests.Session):
     """The exporter's ``requests`` session, bounded as the module says. ``collector``: the
     collector as scheme://host:port, what its errors and lines name; ``log``: where the
@@ -158,6 +171,11 @@ class CollectorSession(requests.Session):
 
     def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any) -> Any:
         kwargs["allow_redirects"] = False
+        if _names_authorization(self.headers, kwargs.get("headers")):
+            # The headers' variable set an authorization: it is sent, as every SDK sends
+            # it. ``requests`` puts the URL's user and password in its place unless the
+            # request carries an ``auth`` of its own: this one leaves the headers as they are.
+            kwargs["auth"] = _headers_as_they_are
         kwargs["stream"] = True  # the answer is read here, to a bound
         seconds = _total_seconds(kwargs.get("timeout"))
         deadline = _Deadline(seconds)
