@@ -124,6 +124,19 @@ async def test_a_deadline_that_ends_before_the_module_starts_still_stops_it(
         assert answer.output == b"1", answer
 
 
+async def test_a_call_whose_time_is_up_before_it_begins_never_begins(pool: InstancePool) -> None:
+    # ``nap`` sleeps in a host call no cancel reaches: begun, it would hold the pool's only
+    # slot NAP_SECONDS. libextism spends a cancel handled between its registering a call
+    # and arming its deadline, and the call then runs on for ever: a cancel that comes
+    # before the thread enters libextism must stay with the instance instead.
+    for _ in range(10):
+        result = await pool.call("nap", b"null", remaining=0.0, cpu_s=None)
+        assert result.cancelled_by == "deadline"
+        async with asyncio.timeout(5):
+            answer = await pool.call("one", b"null", remaining=1.0, cpu_s=None)
+        assert answer.output == b"1", answer
+
+
 async def test_a_call_waiting_for_a_busy_instance_ends_at_its_own_deadline(module: Path) -> None:
     async with Dispatcher(manifest(plugin(module, pool_size=1))) as dispatcher:
         napping = asyncio.create_task(dispatcher.call("hostile", "nap", None, timeout=0.2))

@@ -21,10 +21,12 @@ What survives a call:
 Deadlines: a call waits for a free slot, and for its instance's start code (which no
 cancel reaches), until its deadline at most; ``cancel`` is scheduled on the event loop at
 the call's end time and stops the module at its next instruction boundary (wasmtime epoch
-interruption inside libextism). libextism forgets a cancel that arrives before the call
-has started, and a deadline can fire before the thread has entered the module, so the
-cancel is repeated until the thread is back. Cancel and free both run on the loop, so a
-late cancel never reaches an instance that was freed or handed to the next call.
+interruption inside libextism). A cancel that comes before the thread enters libextism
+stays with the instance, and the call is not begun (``Instance.cancel``: libextism would
+forget it, or worse, spend it in the gap before it arms the call's deadline); one that
+comes inside libextism before the call has started is forgotten there, so the cancel is
+repeated until the thread is back. Cancel and free both run on the loop, so a late cancel
+never reaches an instance that was freed or handed to the next call.
 
 A thread that comes back after its caller was answered brings a failure nobody will be
 told: ``on_late_failure`` hears it (the provider logs a refused HTTP request there, a
@@ -48,9 +50,9 @@ __all__ = ["CallResult", "InstancePool", "LateFailure"]
 
 #: A cancelled call is cancelled again after this, then twice as long each time up to the
 #: maximum, until its thread is back (a module asleep in a host call may stay for long).
-#: A call whose cancel came before its thread entered the module (libextism drops that
-#: one) runs on until the next: the maximum bounds how long past its deadline it holds its
-#: slot and a core. At 1 s a deadline-0 call on a loaded machine held a pool's one slot
+#: A call whose cancel came before libextism started it (libextism drops that one) runs
+#: on until the next: the maximum bounds how long past its deadline it holds its slot and
+#: a core. At 1 s a deadline-0 call on a loaded machine held a pool's one slot
 #: past the 2 s the next call waited (tests/test_wasm_hostile_timing.py); a cancel every
 #: 0.1 s for a module asleep in a host call costs nothing that counts.
 _RECANCEL_SECONDS = 0.01
@@ -236,8 +238,8 @@ class InstancePool:
             if not cancelled:
                 cancelled.append("cpu" if cpu_capped else "deadline")
             instance.cancel()
-            # libextism drops a cancel that comes before the call has started (the thread
-            # may not have entered the module yet): again, until ``_settle`` stops it.
+            # libextism drops a cancel that comes before it has started the call (the
+            # thread may be inside it, the call not begun): again, until ``_settle``.
             timer[0] = loop.call_later(
                 again_after, cancel, min(again_after * 2, _RECANCEL_MAX_SECONDS)
             )

@@ -58,9 +58,10 @@ import contextlib
 import mmap
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -212,6 +213,11 @@ class Instance:
     _instantiated: bool = False
     #: The HTTP side of the call under way, told when the call is cancelled.
     _http: HttpState | None = None
+    #: Whether the thread is inside libextism's call, and whether a cancel came before it
+    #: got there: both read and set under ``_entry`` (``cancel``, ``_enter``).
+    _inside: bool = False
+    _stopped: bool = False
+    _entry: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._cancel = self._plugin.cancel_handle()
@@ -228,11 +234,14 @@ class Instance:
         output, failed = b"", None
         _calling.state = self._http = http
         try:
+            self._enter(ends)
             output = bytes(self._plugin.call(function, payload))
         except extism.Error as error:
             message = str(error)
             failed = CallFailed(_kind_of(message), message)
         finally:
+            with self._entry:
+                self._inside = self._stopped = False
             _calling.state = self._http = None
         # What the HTTP host functions saw comes first: they stopped the module for it, and
         # it may even have finished before the stop reached it.
@@ -261,11 +270,31 @@ class Instance:
                 raise CallFailed(_kind_of(message), message) from None
         self._instantiated = True
 
+    def _enter(self, ends: float) -> None:
+        """Refuse to begin a call whose time is up or that was cancelled already.
+
+        libextism registers a call with its timer thread before it arms the call's
+        deadline (1.x, ``Plugin::raw_call``), and a cancel handled in between is spent:
+        the deadline is armed past it and the registration is gone, so no later cancel
+        reaches the call, and a module in a loop runs on for ever on a core, its slot
+        taken. A cancel that comes before the thread gets here never goes to libextism,
+        so the only cancels that can fall in that gap are those of calls whose time ends
+        within microseconds of their start (a loaded machine can stretch them)."""
+        with self._entry:
+            if self._stopped or time.monotonic() >= ends:
+                raise CallFailed("cancelled", "timeout")
+            self._inside = True
+
     def cancel(self) -> None:
-        """Stop the running call at its next instruction boundary (any thread)."""
+        """Stop the running call at its next instruction boundary (any thread); a call
+        not begun yet is not begun."""
         http = self._http
         if http is not None:
             http.stopped = True
+        with self._entry:
+            if not self._inside:
+                self._stopped = True
+                return
         self._cancel.cancel()
 
     def close(self) -> None:
