@@ -137,6 +137,45 @@ async def test_a_call_whose_time_is_up_before_it_begins_never_begins(pool: Insta
         assert answer.output == b"1", answer
 
 
+class SpentCancel:
+    """What libextism does with a cancel it handled in the gap before it armed the call's
+    deadline (``Instance._enter``): nothing. That gap cannot be hit at will."""
+
+    def cancel(self) -> None:
+        pass
+
+
+async def test_a_cancel_libextism_lost_is_said_once(
+    pool: InstancePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    instance = pool._idle[0].instance
+    assert instance is not None
+    cancel_handle, instance._cancel = instance._cancel, SpentCancel()
+    try:
+        result = await pool.call("spin", b"null", remaining=0.1, cpu_s=None)
+        assert result.cancelled_by == "deadline"
+        await until(lambda: "libextism lost the cancel" in caplog.text, "lost cancel's line")
+        await asyncio.sleep(wasm_pool.LOST_CANCEL_SECONDS * 1.5)
+        assert caplog.text.count("libextism lost the cancel") == 1
+        assert "hostile: a call of spin runs on, on a core" in caplog.text
+    finally:
+        cancel_handle.cancel()  # its registration is whole: the module stops now
+    async with asyncio.timeout(5):
+        answer = await pool.call("one", b"null", remaining=2.0, cpu_s=None)
+    assert answer.output == b"1", answer
+
+
+async def test_a_module_asleep_in_a_host_call_is_not_taken_for_a_lost_cancel(
+    pool: InstancePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    result = await pool.call("nap", b"null", remaining=0.1, cpu_s=None)
+    assert result.cancelled_by == "deadline"
+    async with asyncio.timeout(NAP_SECONDS + 5):
+        answer = await pool.call("one", b"null", remaining=NAP_SECONDS + 2.0, cpu_s=None)
+    assert answer.output == b"1", answer
+    assert "lost the cancel" not in caplog.text
+
+
 async def test_a_call_waiting_for_a_busy_instance_ends_at_its_own_deadline(module: Path) -> None:
     async with Dispatcher(manifest(plugin(module, pool_size=1))) as dispatcher:
         napping = asyncio.create_task(dispatcher.call("hostile", "nap", None, timeout=0.2))

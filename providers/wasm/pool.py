@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from providers.wasm.runtime import CallFailed, Compiled, Instance
 from providers.wasm.workers import Workers
@@ -57,6 +57,12 @@ __all__ = ["CallResult", "InstancePool", "LateFailure"]
 #: 0.1 s for a module asleep in a host call costs nothing that counts.
 _RECANCEL_SECONDS = 0.01
 _RECANCEL_MAX_SECONDS = 0.1
+
+#: A call whose thread spent a quarter of this on a core in this long after a cancel, and
+#: is not back, is one libextism lost the cancel of (``Instance._enter``): said once, as
+#: nothing here can stop it. A module asleep in a host call spends no CPU meanwhile; a
+#: quarter leaves room for a core shared with the rest of a loaded machine.
+LOST_CANCEL_SECONDS = 1.0
 
 #: How long a close waits for its threads once it cancelled their calls: a cancel stops a
 #: module at its next instruction within milliseconds; a thread still out after this is
@@ -237,6 +243,7 @@ class InstancePool:
         def cancel(again_after: float = _RECANCEL_SECONDS) -> None:
             if not cancelled:
                 cancelled.append("cpu" if cpu_capped else "deadline")
+                self._watch_for_a_lost_cancel(function, instance, future)
             instance.cancel()
             # libextism drops a cancel that comes before it has started the call (the
             # thread may be inside it, the call not begun): again, until ``_settle``.
@@ -264,6 +271,36 @@ class InstancePool:
             # the same end, told the same way.
             cancelled.append("cpu" if cpu_capped else "deadline")
         return CallResult(output, failure, cancelled[0] if cancelled else None)
+
+    def _watch_for_a_lost_cancel(
+        self,
+        function: str,
+        instance: Instance,
+        future: asyncio.Future[Any],
+        spent_at_cancel: float | None = None,
+    ) -> None:
+        spent = instance.cpu_seconds()
+        if future.done() or spent is None:  # back, or never begun: nothing to stop
+            return
+        if spent_at_cancel is not None and spent - spent_at_cancel >= LOST_CANCEL_SECONDS / 4:
+            log.error(
+                "wasm plugin %s: a call of %s runs on, on a core, %g s after it was"
+                " cancelled: libextism lost the cancel (one that came as the call began)."
+                " Its slot and a core stay taken until the module returns, which a loop"
+                " never does: restart the process to end it",
+                self.name,
+                function,
+                LOST_CANCEL_SECONDS,
+            )
+            return
+        asyncio.get_running_loop().call_later(
+            LOST_CANCEL_SECONDS,
+            self._watch_for_a_lost_cancel,
+            function,
+            instance,
+            future,
+            spent,
+        )
 
     def _failed_late(
         self, function: str, future: asyncio.Future[tuple[bytes | None, CallFailed | None]]

@@ -218,6 +218,8 @@ class Instance:
     _inside: bool = False
     _stopped: bool = False
     _entry: threading.Lock = field(default_factory=threading.Lock)
+    #: The CPU clock of the thread inside libextism's call (``cpu_seconds``).
+    _clock: int | None = None
 
     def __post_init__(self) -> None:
         self._cancel = self._plugin.cancel_handle()
@@ -242,6 +244,7 @@ class Instance:
         finally:
             with self._entry:
                 self._inside = self._stopped = False
+                self._clock = None
             _calling.state = self._http = None
         # What the HTTP host functions saw comes first: they stopped the module for it, and
         # it may even have finished before the stop reached it.
@@ -284,6 +287,14 @@ class Instance:
             if self._stopped or time.monotonic() >= ends:
                 raise CallFailed("cancelled", "timeout")
             self._inside = True
+            self._clock = time.pthread_getcpuclockid(threading.get_ident())
+
+    def cpu_seconds(self) -> float | None:
+        """The CPU time of the thread running this instance's call, None between calls: a
+        module asleep in a host call spends none, one that a cancel missed spends a core."""
+        with self._entry:
+            clock = self._clock
+        return None if clock is None else time.clock_gettime(clock)
 
     def cancel(self) -> None:
         """Stop the running call at its next instruction boundary (any thread); a call
