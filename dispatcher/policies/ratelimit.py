@@ -58,10 +58,21 @@ class Bucket(AsyncLimiter):
         # ``self._leak()`` written out (the same arithmetic on the same state): every call
         # of a limited method comes here. With the buckets found at build time, the step
         # went from 0.6-0.9 to 0.6 µs per call (bench/compare_chain.py, 2026-12-02).
-        now = self._loop.time()
+        # The loop read from aiolimiter's slot, not its ``_loop`` property (which also
+        # checks, on every call, that the loop is not closed: a bucket used by a later
+        # loop, which ``acquire`` and the waker still recover from), and no ``max``:
+        # 335 → 179 ns per call in a tight loop.
+        try:
+            loop = self._event_loop
+        except AttributeError:  # the bucket's first use
+            loop = self._loop
+        now = loop.time()
         level = self._level
         if level:
-            level = self._level = max(level - (now - self._last_check) * self._rate_per_sec, 0)
+            level -= (now - self._last_check) * self._rate_per_sec
+            if level < 0:
+                level = 0
+            self._level = level
         self._last_check = now
         if level + 1 > self.max_rate:
             return False
