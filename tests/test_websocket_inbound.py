@@ -30,6 +30,7 @@ from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_protocol import PLUGIN_ID_HEADER, PLUGIN_VERSION_HEADER, hello_frame
 from linchkit_plugin.ws_server import Refused, dial
+from providers.model import masked_url as dispatcher_masked_url
 from tests.conftest import ROOT, manifest
 from tests.gateway_support import closing_gateway, raw_connection, read_answer
 from tests.identity_support import good_claims, jwt_config, rsa_key, write_jwks
@@ -1062,12 +1063,19 @@ async def test_the_sdks_dial_offers_deflate_and_the_target_decides(compress: boo
     [
         ("ws://127.0.0.1:1/v1/plugins/connect", "ws://127.0.0.1:1/v1/plugins/connect"),
         (f"wss://gw.example/c?token={TOKEN}&region=eu", "wss://gw.example/c?token=***&region=***"),
-        (f"ws://me:{TOKEN}@gw.example/c?debug#frag", "ws://me:***@gw.example/c?debug"),
+        (f"ws://me:{TOKEN}@gw.example/c?debug#frag", "ws://me:***@gw.example/c?***"),
         (f"ws://{TOKEN}@gw.example:8080/c", "ws://***@gw.example:8080/c"),
+        # An item without `=` is a value itself, as the dispatcher's masked_url reads it:
+        # before, `?TOKEN` showed as written.
+        (f"wss://gw.example/c?{TOKEN}&region=eu", "wss://gw.example/c?***&region=***"),
+        (f"ws://gw.example/c#{TOKEN}", "ws://gw.example/c"),
     ],
 )
 def test_masked_url_hides_the_password_and_the_query_s_values(url: str, shown: str) -> None:
     assert masked_url(url) == shown
+    assert TOKEN not in masked_url(url)
+    # The dispatcher's rule, but for the fragment, which the SDK leaves out.
+    assert masked_url(url) == dispatcher_masked_url(url.partition("#")[0])
 
 
 async def test_dial_never_logs_the_gateway_s_token(caplog: pytest.LogCaptureFixture) -> None:

@@ -68,7 +68,8 @@ _MASK = "***"
 def masked_url(url: str) -> str:
     """``url`` as a line or an error may show it: the password of its userinfo masked (a
     user without a password whole: a token may be the user), the value of every query
-    parameter masked too (``?token=…``), no fragment. The dispatcher has its own
+    parameter masked too (``?token=…``), and an item without ``=`` whole (``?TOKEN``: it is
+    a value itself), no fragment. The dispatcher has its own
     (``providers.model.masked_url``), which the SDK does not import."""
     try:
         parts = urlsplit(url)
@@ -80,7 +81,7 @@ def masked_url(url: str) -> str:
         user, colon, _ = userinfo.partition(":")
         netloc = f"{user}:{_MASK}@{host}" if colon else f"{_MASK}@{host}"
     query = "&".join(
-        f"{name}={_MASK}" if equals else name
+        f"{name}={_MASK}" if equals else _MASK
         for name, equals, _ in (item.partition("=") for item in parts.query.split("&"))
     )
     return urlunsplit(
