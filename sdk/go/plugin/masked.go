@@ -8,10 +8,12 @@ import (
 // urlMask stands for a credential in a URL a line shows.
 const urlMask = "***"
 
-// maskedURL is raw as a log line or an error may show it: the password of its userinfo
-// masked (a user without a password whole: a token may be the user), and the value of
-// every query parameter (a token in ?token=… or ?api_key=…). A URL that does not parse
-// is not shown at all: it may still hold what masking would have hidden.
+// maskedURL is raw as a log line or an error may show it, as the dispatcher shows one
+// (providers.model.masked_url): the password of its userinfo masked (a user without a
+// password whole: a token may be the user), the value of every query parameter (a token
+// in ?token=… or ?api_key=…) and an item without "=" whole (?TOKEN: it is a value
+// itself); no fragment. A URL that does not parse is not shown at all: it may still hold
+// what masking would have hidden.
 func maskedURL(raw string) string {
 	parsed, err := neturl.Parse(strings.TrimSpace(raw))
 	if err != nil {
@@ -30,7 +32,7 @@ func maskedURL(raw string) string {
 			if name, _, found := strings.Cut(item, "="); found {
 				masked = append(masked, name+"="+urlMask)
 			} else {
-				masked = append(masked, item)
+				masked = append(masked, urlMask)
 			}
 		}
 		parsed.RawQuery = strings.Join(masked, "&")
@@ -41,8 +43,9 @@ func maskedURL(raw string) string {
 }
 
 // maskedText is text with raw, as written or as Go's errors quote it (its password
-// redacted, its query kept), shown as maskedURL shows it. Should a credential of raw still
-// show (quoted some other way), the text is not shown at all.
+// redacted, its query and fragment kept: `Get "http://host/path?TOKEN#TOKEN"`), shown as
+// maskedURL shows it. Should a credential of raw still show (quoted some other way), the
+// text is not shown at all.
 func maskedText(text, raw string) string {
 	raw = strings.TrimSpace(raw)
 	parsed, err := neturl.Parse(raw)
@@ -55,6 +58,18 @@ func maskedText(text, raw string) string {
 		text = strings.ReplaceAll(text, "?"+parsed.RawQuery, "?"+masked.RawQuery)
 	}
 	var secrets []string
+	if parsed.Fragment != "" {
+		for _, fragment := range []string{parsed.EscapedFragment(), parsed.Fragment} {
+			text = strings.ReplaceAll(text, "#"+fragment, "")
+			secrets = append(secrets, fragment)
+		}
+	}
+	for _, item := range strings.Split(parsed.RawQuery, "&") {
+		if !strings.Contains(item, "=") { // an item without "=" is a value itself
+			unescaped, _ := neturl.QueryUnescape(item)
+			secrets = append(secrets, item, unescaped)
+		}
+	}
 	if parsed.User != nil {
 		if password, has := parsed.User.Password(); has {
 			text = strings.ReplaceAll(text, ":"+password+"@", ":"+urlMask+"@")
