@@ -111,7 +111,8 @@ pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
     let url = GatewayUrl::parse(&url).ok_or_else(|| {
         ServeError::Failed(format!(
             "connect: --url must be a ws:// or wss:// URL \
-             (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '{url}'"
+             (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '{}'",
+            masked_url(&url)
         ))
     })?;
     Ok(Command::Connect { url, config })
@@ -189,11 +190,54 @@ impl GatewayUrl {
         })
     }
 
-    /// The URL as a log line shows it.
+    /// The URL as a log line shows it: its query masked as `masked_url` masks it (the
+    /// authority holds no userinfo, the path no fragment: `parse` took neither).
     pub(crate) fn shown(&self) -> String {
         let scheme = if self.secure { "wss" } else { "ws" };
-        format!("{scheme}://{}{}", self.authority, self.path)
+        format!(
+            "{scheme}://{}",
+            masked_url(&format!("{}{}", self.authority, self.path))
+        )
     }
+}
+
+/// What stands for a credential in a URL a line shows.
+const URL_MASK: &str = "***";
+
+/// `text` (a URL, or what was meant as one) as a line may show it, as the dispatcher shows
+/// a URL (`providers.model.masked_url`): the password of its userinfo masked (a user
+/// without a password whole: a token may be the user), the value of every query item and
+/// an item without `=` whole (`?TOKEN`: it is a value itself); no fragment. Read as
+/// written, without a URL parser, so that text no parser takes is masked too.
+pub(crate) fn masked_url(text: &str) -> String {
+    let text = text.split('#').next().unwrap_or("");
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme, rest)) => (&text[..scheme.len() + 3], rest),
+        None => ("", text),
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:{URL_MASK}@{host}"),
+            None => format!("{URL_MASK}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let Some((path, query)) = tail.split_once('?') else {
+        return format!("{scheme}{authority}{tail}");
+    };
+    if query.is_empty() {
+        return format!("{scheme}{authority}{path}");
+    }
+    let query: Vec<String> = query
+        .split('&')
+        .map(|item| match item.split_once('=') {
+            Some((name, _)) => format!("{name}={URL_MASK}"),
+            None => URL_MASK.to_string(),
+        })
+        .collect();
+    format!("{scheme}{authority}{path}?{}", query.join("&"))
 }
 
 fn environment_help(token: &str, grace: &str) -> String {
@@ -357,13 +401,26 @@ mod tests {
             "ws//127.0.0.1:8080/v1/plugins/connect",
             "ws://h:99999/",
             "ws://h:http/",
-            "ws://u:p@h/",
             "ws://h /",
             "ws://::1/",
         ] {
             let said = command_of(&["connect", "--url", url]).unwrap_err();
             assert!(
                 said.contains("--url") && said.contains("ws://") && said.contains(url),
+                "{said}"
+            );
+        }
+        // A refused URL is shown masked: before, a token in it was quoted as written.
+        for (url, shown) in [
+            ("ws://u:t0ken@h/", "ws://u:***@h/"),
+            ("ws://t0ken@h/", "ws://***@h/"),
+            ("ftp://h/?token=t0ken", "ftp://h/?token=***"),
+            ("ws://h:99999/?t0ken", "ws://h:99999/?***"),
+            ("ftp://h/#t0ken", "ftp://h/"),
+        ] {
+            let said = command_of(&["connect", "--url", url]).unwrap_err();
+            assert!(
+                said.contains(&format!("not '{shown}'")) && !said.contains("t0ken"),
                 "{said}"
             );
         }
@@ -384,7 +441,39 @@ mod tests {
             (url.port, url.path.as_str(), url.authority.as_str()),
             (81, "/?q", "gw.example:81")
         );
-        assert_eq!(url.shown(), "ws://gw.example:81/?q");
+        assert_eq!(url.shown(), "ws://gw.example:81/?***");
+    }
+
+    #[test]
+    fn a_url_is_shown_as_the_dispatcher_shows_it() {
+        for (url, shown) in [
+            (
+                "ws://127.0.0.1:8080/v1/plugins/connect",
+                "ws://127.0.0.1:8080/v1/plugins/connect",
+            ),
+            (
+                "wss://gw.example/c?token=t0k&region=eu",
+                "wss://gw.example/c?token=***&region=***",
+            ),
+            (
+                "ws://me:t0k@gw.example/c?debug#frag",
+                "ws://me:***@gw.example/c?***",
+            ),
+            ("ws://t0k@gw.example:8080/c", "ws://***@gw.example:8080/c"),
+            (
+                "ws://gw.example/c?t0k&region=eu",
+                "ws://gw.example/c?***&region=***",
+            ),
+            ("ws://gw.example/c#t0k", "ws://gw.example/c"),
+            ("ws://gw.example?", "ws://gw.example"),
+            ("me:t0k@gw.example/c", "me:***@gw.example/c"),
+            ("not-a-url", "not-a-url"),
+        ] {
+            assert_eq!(masked_url(url), shown, "{url}");
+        }
+        // What a log line says of the URL it dials: the query masked, the fragment gone.
+        let url = GatewayUrl::parse("ws://gw.example/c?token=t0k&t1k#t2k").unwrap();
+        assert_eq!(url.shown(), "ws://gw.example/c?token=***&***");
     }
 
     #[test]
