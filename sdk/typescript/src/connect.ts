@@ -55,9 +55,42 @@ export function parseGatewayUrl(text: string): URL {
     url = undefined;
   }
   if (url === undefined || !SCHEMES.has(url.protocol) || url.hostname === '') {
-    throw new HandshakeError(`connect: --url must be a ws:// or wss:// URL (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '${text}'`);
+    throw new HandshakeError(`connect: --url must be a ws:// or wss:// URL (e.g. ws://127.0.0.1:8080/v1/plugins/connect), not '${maskedUrl(text)}'`);
   }
   return url;
+}
+
+/** What stands for a credential in a URL a line shows. */
+const URL_MASK = '***';
+
+/**
+ * `text` (a URL, or what was meant as one) as a line may show it, as the dispatcher shows a
+ * URL (`providers.model.masked_url`): the password of its userinfo masked (a user without a
+ * password whole: a token may be the user), the value of every query item and an item
+ * without `=` whole (`?TOKEN`: it is a value itself); no fragment. Read as written, not by
+ * WHATWG's parser, which rewrites what it reads and refuses what was refused here.
+ */
+export function maskedUrl(text: string): string {
+  const written = text.split('#', 1)[0] as string;
+  const schemeEnd = written.indexOf('://');
+  const scheme = schemeEnd < 0 ? '' : written.slice(0, schemeEnd + 3);
+  const rest = written.slice(scheme.length);
+  const authorityEnd = rest.search(/[/?]/);
+  let authority = authorityEnd < 0 ? rest : rest.slice(0, authorityEnd);
+  const tail = rest.slice(authority.length);
+  const at = authority.lastIndexOf('@');
+  if (at >= 0) {
+    const userinfo = authority.slice(0, at);
+    const colon = userinfo.indexOf(':');
+    authority = `${colon < 0 ? URL_MASK : `${userinfo.slice(0, colon)}:${URL_MASK}`}@${authority.slice(at + 1)}`;
+  }
+  const question = tail.indexOf('?');
+  if (question < 0) return `${scheme}${authority}${tail}`;
+  const query = tail.slice(question + 1);
+  const path = tail.slice(0, question);
+  if (query === '') return `${scheme}${authority}${path}`;
+  const items = query.split('&').map((item) => (item.includes('=') ? `${item.slice(0, item.indexOf('='))}=${URL_MASK}` : URL_MASK));
+  return `${scheme}${authority}${path}?${items.join('&')}`;
 }
 
 export { REGISTER_ETCD_ENV };

@@ -5,7 +5,8 @@
  *   `url: ws://…`); prints `1|1|tcp|ADDR|websocket|` once listening.
  * - `dial(plugin, url, options)`: reverse mode; the plugin dials the gateway's
  *   `/v1/plugins/connect` and takes calls over that connection, reconnecting after a drop
- *   with exponential backoff and full jitter. A 400/401/403/404 at the upgrade is not retried,
+ *   with exponential backoff and full jitter, each failed dial one INFO line naming the URL
+ *   masked (`maskedUrl`). A 400/401/403/404 at the upgrade is not retried,
  *   nor a close 4403 after it (the hello names another id or version than the one admitted,
  *   or speaks a protocol the gateway does not: the next connection would send the same
  *   hello); every other close, 4400 included, is.
@@ -30,6 +31,7 @@ import type { Duplex } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { WebSocket, WebSocketServer, type RawData } from 'ws';
 import type { BearerToken } from './auth';
+import { maskedUrl } from './connect';
 import { DeadlineExceeded, InvalidParams, ProviderError, toWireError } from './errors';
 import { formatListenAddress, listen, parseListenAddress } from './listen';
 import { log, shown } from './log';
@@ -600,11 +602,18 @@ export async function dial(plugin: Plugin, url: string, options: DialOptions = {
   const headers: Record<string, string> = { 'X-Plugin-Id': plugin.id, 'X-Plugin-Version': plugin.version };
   if (options.token !== undefined) headers.Authorization = `Bearer ${options.token}`;
   plugin.keepAtMost(MAX_BUFFERED_EVENTS);
+  // A fragment is never sent, and `ws` throws on one (a stack trace, not a dial); the
+  // other SDKs leave it out too.
+  const target = url.split('#', 1)[0] as string;
   const initial = options.initialBackoffMs ?? 100;
   let backoff = initial;
   while (options.signal?.aborted !== true) {
-    const outcome = await connection(plugin, url, headers, options);
+    const outcome = await connection(plugin, target, headers, options);
     if (outcome instanceof Refused) throw outcome;
+    if (outcome instanceof Unreachable && !stopped(options)) {
+      // Masked: a token in the URL's userinfo or query is not for the log.
+      log.info(`cannot reach the gateway at ${maskedUrl(target)}: ${outcome.why}; retrying`);
+    }
     // Reset only once the gateway welcomed this plugin: one that closes every
     // connection at once was otherwise redialled 20 times a second.
     if (outcome === 'welcomed') backoff = initial;
@@ -614,12 +623,22 @@ export async function dial(plugin: Plugin, url: string, options: DialOptions = {
   }
 }
 
+/** Whether the dial was told to stop (a dial it gave up on failed for that reason). */
+function stopped(options: DialOptions): boolean {
+  return options.signal?.aborted === true;
+}
+
+/** A dial that did not open a connection, and why (text that quotes no URL). */
+class Unreachable {
+  constructor(readonly why: string) {}
+}
+
 /**
  * One connection to the gateway, served until it closes ('welcomed' or 'closed'), or
- * 'failed' to open. Aborting `options.signal` winds it down: `goaway` once open, else the
- * dial is given up.
+ * `Unreachable` if it did not open. Aborting `options.signal` winds it down: `goaway` once
+ * open, else the dial is given up.
  */
-function connection(plugin: Plugin, url: string, headers: Record<string, string>, options: DialOptions): Promise<'welcomed' | 'closed' | 'failed' | Refused> {
+function connection(plugin: Plugin, url: string, headers: Record<string, string>, options: DialOptions): Promise<'welcomed' | 'closed' | Unreachable | Refused> {
   return new Promise((resolve) => {
     // permessage-deflate offered on every dial, the gateway deciding: it accepts only where
     // the plugin's inbound target says `compress: true`, so the manifest is the one place
@@ -632,18 +651,20 @@ function connection(plugin: Plugin, url: string, headers: Record<string, string>
       else void session.goAway(options.graceMs);
     };
     options.signal?.addEventListener('abort', stop, { once: true });
-    const done = (outcome: 'welcomed' | 'closed' | 'failed' | Refused): void => {
+    const done = (outcome: 'welcomed' | 'closed' | Unreachable | Refused): void => {
       options.signal?.removeEventListener('abort', stop);
       resolve(outcome);
     };
     socket.once('unexpected-response', (_, response) => {
       const status = response.statusCode ?? 0;
       socket.terminate();
-      done([400, 401, 403, 404].includes(status) ? new Refused(status) : 'failed');
+      done([400, 401, 403, 404].includes(status) ? new Refused(status) : new Unreachable(`the gateway answered ${status}`));
     });
     // Once open, an error ends in 'close' too: the session ends there (a stop still drains).
-    socket.once('error', () => {
-      if (session === undefined) done('failed');
+    // Before, the error is the request's (`connect ECONNREFUSED 127.0.0.1:1`) or the
+    // handshake's, whose text names no more of the URL than its host.
+    socket.once('error', (error: Error) => {
+      if (session === undefined) done(new Unreachable(shown(error.message, SHOWN_REASON_CHARS)));
     });
     let refusal: Refused | undefined;
     socket.once('close', (code: number, reason: Buffer) => {

@@ -10,7 +10,7 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import * as net from 'node:net';
 import { test } from 'node:test';
-import { CONNECT_USAGE, REGISTER_ETCD_ENV, parseConnectCommand, parseGatewayUrl, registrationRefusal } from '#internal/connect';
+import { CONNECT_USAGE, REGISTER_ETCD_ENV, maskedUrl, parseConnectCommand, parseGatewayUrl, registrationRefusal } from '#internal/connect';
 import { HandshakeError } from '#internal/handshake';
 import { CRASHES, ENV, PLUGIN, type Ran, assertOneLineFailure, runPlugin } from './cli-support';
 
@@ -30,6 +30,35 @@ test('a gateway URL is ws, wss, http or https with a host', () => {
 test('a URL that can never reach a gateway is refused with the flag, the form and the URL as given', () => {
   for (const url of BAD_URLS) {
     assert.throws(() => parseGatewayUrl(url), (error: unknown) => error instanceof HandshakeError && error.message === refusal(url), url);
+  }
+});
+
+test('a URL is shown as the dispatcher shows it: userinfo, query values, bare items masked, no fragment', () => {
+  for (const [url, shown] of [
+    ['ws://127.0.0.1:8080/v1/plugins/connect', 'ws://127.0.0.1:8080/v1/plugins/connect'],
+    ['wss://gw.example/c?token=t0k&region=eu', 'wss://gw.example/c?token=***&region=***'],
+    ['ws://me:t0k@gw.example/c?debug#frag', 'ws://me:***@gw.example/c?***'],
+    ['ws://t0k@gw.example:8080/c', 'ws://***@gw.example:8080/c'],
+    ['ws://gw.example/c?t0k&region=eu', 'ws://gw.example/c?***&region=***'],
+    ['ws://gw.example/c#t0k', 'ws://gw.example/c'],
+    ['ws://gw.example?', 'ws://gw.example'],
+    ['me:t0k@gw.example/c', 'me:***@gw.example/c'],
+    ['not-a-url', 'not-a-url'],
+  ]) {
+    assert.equal(maskedUrl(url as string), shown, url);
+  }
+});
+
+test('a refused URL is shown masked: a token in it never reaches the line', () => {
+  // Before, the refusal quoted the URL as written.
+  for (const [url, shown] of [
+    ['ftp://me:t0ken@h/', 'ftp://me:***@h/'],
+    ['ftp://t0ken@h/', 'ftp://***@h/'],
+    ['ws://h:99999/?token=t0ken', 'ws://h:99999/?token=***'],
+    ['ws://h:99999/?t0ken', 'ws://h:99999/?***'],
+    ['ftp://h/#t0ken', 'ftp://h/'],
+  ]) {
+    assert.throws(() => parseGatewayUrl(url as string), (error: unknown) => error instanceof HandshakeError && error.message === refusal(shown as string), url);
   }
 });
 
@@ -72,6 +101,34 @@ test('example-plugin connect: a well-formed URL whose gateway is not there yet i
   await exited;
   assert.ok(stillRunning, `connect ended instead of dialling again: ${stderr}`);
   for (const crash of CRASHES) assert.ok(!stderr.includes(crash), stderr);
+});
+
+test('example-plugin connect: a gateway not there is named masked at each dial, a fragment is left out', async () => {
+  // Before, nothing said the gateway could not be reached, and a URL with a fragment ended
+  // in a stack trace (`ws` throws on one).
+  const closed = net.createServer();
+  closed.listen(0, '127.0.0.1');
+  await once(closed, 'listening');
+  const port = (closed.address() as net.AddressInfo).port;
+  closed.close();
+  await once(closed, 'close');
+  const token = 'tok-never-shown';
+  const url = `ws://me:${token}@127.0.0.1:${port}/v1/plugins/connect?token=${token}&${token}#${token}`;
+  const child = spawn(PLUGIN, ['connect', '--url', url], { env: ENV, stdio: ['ignore', 'pipe', 'pipe'] });
+  let said = '';
+  child.stdout.setEncoding('utf8').on('data', (chunk: string) => (said += chunk));
+  child.stderr.setEncoding('utf8').on('data', (chunk: string) => (said += chunk));
+  const exited = once(child, 'exit');
+  const named = `cannot reach the gateway at ws://me:***@127.0.0.1:${port}/v1/plugins/connect?token=***&***: `;
+  const deadline = Date.now() + 30_000;
+  while (!said.includes(named) && child.exitCode === null && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
+  const stillRunning = child.exitCode === null;
+  child.kill('SIGTERM');
+  await exited;
+  assert.ok(stillRunning, `connect ended instead of dialling again: ${said}`);
+  assert.ok(said.includes(named), said);
+  assert.ok(!said.includes(token), said);
+  for (const crash of CRASHES) assert.ok(!said.includes(crash), said);
 });
 
 test('connect told to register in etcd refuses in one line, exit 1, before it dials', async () => {
