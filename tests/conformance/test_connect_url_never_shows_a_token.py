@@ -50,9 +50,9 @@ PLACES = {
     "bare query item": "{scheme}://{host}" + PATH + "?" + TOKEN,
     "fragment": "{scheme}://{host}" + PATH + "#" + TOKEN,
 }
-#: The SDKs whose example plugin says, at the level it prints, that it cannot reach the
-#: gateway (Python's says it at INFO, which its example plugin does not print).
-NAMING_AN_UNREACHABLE_GATEWAY = {"go", "rust", "typescript"}
+#: The SDKs whose example plugin says that it cannot reach the gateway: all of them (before,
+#: Python's said it at INFO, which ``dispatcher-plugin connect`` did not print).
+NAMING_AN_UNREACHABLE_GATEWAY = {"go", "python", "rust", "typescript"}
 #: The SDKs that take no credentials in the URL (the token is for them): a user or a
 #: password there is refused before dialling, as a URL that cannot name a gateway is.
 REFUSING_USERINFO = {"rust"}

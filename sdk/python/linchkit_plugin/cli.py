@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import orjson
 
+from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import (
     RegistrySettings,
     add_registry_options,
@@ -282,6 +283,7 @@ def connect(options: argparse.Namespace) -> int:
         _fail(refusal)
     plugin_host, config, token = _plugin_of(options)
     ws_cli = _websocket_cli()
+    log_to_stderr(info_from="linchkit_plugin.websocket")
     with exporting(
         lambda: plugin_host.hooks_left,
         plugin_id=options.plugin_id,

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -57,6 +56,7 @@ from linchkit_plugin._grpc_events import EventStreams, deliver_host_events
 from linchkit_plugin._grpc_executable import run
 from linchkit_plugin._grpc_hosts import MAX_HOSTS, AttachedHosts, host_of
 from linchkit_plugin._grpc_reflection import add_reflection
+from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin.auth import BearerToken
 from linchkit_plugin.errors import DeadlineExceeded, DispatchError, ProviderError
 from linchkit_plugin.handshake import (
@@ -115,7 +115,6 @@ HANDSHAKE_CORE_VERSION = CORE_VERSION
 MAX_BATCH_CALLS = 10_000
 #: How ``main`` formats the plugin's log lines on stderr when the plugin set up none: the
 #: level first, which the subprocess provider reads to log the line at the same level.
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: The largest gRPC message the plugin takes or sends (Call, CallBatch, CallStream items,
 #: Events), counted after decompression: 64 MiB, the dispatcher's own limit (its channel's
 #: ``grpc.max_receive_message_length`` and ``grpc.max_send_message_length``). A larger one
@@ -432,11 +431,7 @@ def main(
     launch = read_command_line(list(sys.argv[1:] if argv is None else argv))
     if launch is None:
         return 1
-    if not logging.getLogger().handlers:
-        # Each line the plugin logs starts with its level, so a host reading this process's
-        # stderr keeps it: a WARNING here stays one there. A plugin that configured its
-        # own logging before ``main`` keeps its own.
-        logging.basicConfig(format=LOG_FORMAT)
+    log_to_stderr()
     host = PluginHost(plugin_class(), owns_process=True)
     server = PluginServer(
         host,

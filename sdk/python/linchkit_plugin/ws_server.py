@@ -41,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
+from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import websocket_refusal
 from linchkit_plugin._ws_dial import Refused, dial
 from linchkit_plugin._ws_events import EventOutbox
@@ -329,6 +330,8 @@ def main(
     parser.add_argument("--url")
     parser.add_argument("--config", default="{}")
     options = parser.parse_args(argv[1:])
+    # As the gRPC executable's lines are; a dialling plugin's connection lines too.
+    log_to_stderr(info_from="linchkit_plugin.websocket" if argv[0] == "connect" else None)
     try:
         token = BearerToken.configured(os.environ.get(TOKEN_FILE_ENV) or None)
         config = orjson.loads(options.config)
