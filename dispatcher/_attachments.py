@@ -203,6 +203,11 @@ class Attachments:
         """Whether some attachment a reload retired is still attached."""
         return bool(self._retired)
 
+    def retired_versions(self) -> set[str]:
+        """The plugin versions (keys) of the attachments reloads retired and that are still
+        attached."""
+        return {each.plugin.key for each in self._retired}
+
     async def detach_retired(self) -> None:
         """Detach what reloads retired, newest first in each queue: this reload's, and
         what one whose caller gave up after its swap left; a failure is logged, not

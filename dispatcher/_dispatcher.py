@@ -579,13 +579,17 @@ class Dispatcher:
                 self._count_refused(plugin, method, route, refused)
             raise
         invoke = route.invoke if idempotency_key is None else route.keyed(version)
-        # In flight: the task in a set, so a drain can wait for it and cut it off
-        # (dispatcher._drain). InFlight.tracked, inlined: this is the per-call hot path.
+        # In flight: the task and what it may reach, so a drain can wait for it and cut it
+        # off, and a reload wait for it (dispatcher._drain). InFlight.tracked, inlined:
+        # this is the per-call hot path.
         task = self._current_task()
         calls = self._calls
-        if task is None or task in calls:  # a call from inside a call: the outer one counts
+        if task is None:
             return await invoke(invocation)
-        calls.add(task)
+        if task in calls:  # a call from inside a call: the outer one counts, reaching any
+            calls[task] = None
+            return await invoke(invocation)
+        calls[task] = route.reaches
         try:
             return await invoke(invocation)
         except (asyncio.CancelledError, DispatchError) as error:
@@ -599,7 +603,7 @@ class Dispatcher:
                 ) from error
             raise
         finally:
-            calls.discard(task)
+            calls.pop(task, None)
             if self._in_flight.tell_left:
                 self._in_flight.left(task)
 
@@ -656,7 +660,9 @@ class Dispatcher:
             )
             invoke = route.invoke if idempotency_key is None else route.keyed(version)
             chained = True  # from here on the chain's own telemetry step counts the call
-            return await self._in_flight.tracked(invoke(invocation), f"the call of {route.name}")
+            return await self._in_flight.tracked(
+                invoke(invocation), f"the call of {route.name}", route.reaches
+            )
         except BaseException as error:
             failure = error
             if self.telemetry is not None and not chained and isinstance(error, DispatchError):
@@ -858,7 +864,7 @@ class Dispatcher:
         )
         invoke = route.invoke if key is None else route.once
         return await self._in_flight.tracked(
-            invoke(invocation), f"job {record.get('id')} of {route.name}"
+            invoke(invocation), f"job {record.get('id')} of {route.name}", route.reaches
         )
 
     async def call_many(
@@ -939,7 +945,7 @@ class Dispatcher:
                 route, params, timeout, entry.request_id, caller_id, traceparent, None, wait_at_most
             )
             chunks = self._in_flight.tracked_stream(
-                route.open_stream(invocation), f"the stream of {route.name}"
+                route.open_stream(invocation), f"the stream of {route.name}", route.reaches
             )
             try:
                 async for chunk in chunks:

@@ -3,8 +3,11 @@
 ``Dispatcher.drain(grace)`` stops admitting work, lets what is in flight finish, and cuts
 off what is still running when ``grace`` has passed. For that the dispatcher has to know
 what is in flight, on the hot path of every call, without slowing it: ``InFlight`` is a
-set of the tasks inside ``Dispatcher.call`` (one ``add`` and one ``discard`` per call, no
-lock: everything runs on the loop's thread) and a set of the open streams.
+dict of the tasks inside ``Dispatcher.call`` (one store and one ``pop`` per call, no
+lock: everything runs on the loop's thread), each with the plugin versions its route may
+reach, and a set of the open streams. A reload waits only for those that may reach a
+version it retires (``wait_settled``): a long call or an open stream to a plugin it keeps
+does not hold up the detaching of one it removed.
 
 Cutting off a call cancels the task awaiting it, the only way to stop a chain wherever it
 waits (a rate limiter, a bulkhead, a batch, a socket) without each step knowing about
@@ -48,6 +51,7 @@ __all__ = [
     "CUT_OFF_SECONDS",
     "InFlight",
     "OpenStream",
+    "Reaches",
     "checked_grace",
     "current_task_getter",
 ]
@@ -81,14 +85,21 @@ def current_task_getter(
     return functools.partial(asyncio.current_task, loop)
 
 
+#: What a call or stream in flight may reach: plugin keys (``id@version``), or None for
+#: any (a fallback, a call made from inside a call, an event): ``Route.reaches``.
+Reaches = frozenset[str] | None
+
+
 class OpenStream:
-    """One stream in flight: the task waiting for its next chunk, if any, and whether it was cut."""
+    """One stream in flight: the task waiting for its next chunk, if any, whether it was
+    cut, and what it may reach."""
 
-    __slots__ = ("cut", "task")
+    __slots__ = ("cut", "reaches", "task")
 
-    def __init__(self) -> None:
+    def __init__(self, reaches: Reaches) -> None:
         self.task: asyncio.Task[Any] | None = None
         self.cut = False
+        self.reaches = reaches
 
 
 def checked_grace(grace: object) -> float:
@@ -114,7 +125,7 @@ class InFlight:
     )
 
     def __init__(self) -> None:
-        self.calls: set[asyncio.Task[Any]] = set()
+        self.calls: dict[asyncio.Task[Any], Reaches] = {}
         self.streams: set[OpenStream] = set()
         #: Tasks cancelled by a cut-off, so their call raises ``ShuttingDown``.
         self.cut: set[asyncio.Task[Any]] = set()
@@ -153,12 +164,21 @@ class InFlight:
         ):
             settled.set_result(None)
 
-    async def wait_settled(self, deadline: float, spare: asyncio.Task[Any] | None) -> bool:
-        """Wait until every call and stream in flight now has ended (those starting later
-        do not count; ``spare``: the waiting task itself), or the loop's clock reaches
+    async def wait_settled(
+        self, deadline: float, spare: asyncio.Task[Any] | None, retired: Reaches = None
+    ) -> bool:
+        """Wait until every call and stream in flight now that may reach one of the
+        ``retired`` plugin versions (None: any) has ended (those starting later do not
+        count; ``spare``: the waiting task itself), or the loop's clock reaches
         ``deadline``; settled? The caller must have ``left`` called meanwhile."""
-        self._settling = {task for task in self.calls if task is not spare}
-        self._settling_streams = set(self.streams)
+        self._settling = {
+            task
+            for task, reaches in self.calls.items()
+            if task is not spare and _may_reach(reaches, retired)
+        }
+        self._settling_streams = {
+            stream for stream in self.streams if _may_reach(stream.reaches, retired)
+        }
         if not self._settling and not self._settling_streams:
             return True
         self._settled = asyncio.get_running_loop().create_future()
@@ -252,15 +272,19 @@ class InFlight:
             details={"stage": "cut_off"},
         )
 
-    async def tracked(self, work: Awaitable[T], what: str) -> T:
-        """Await ``work`` as a call in flight: a drain waits for it and may cut it off (then
-        ``ShuttingDown``). A call from inside a call is not counted again: the outer one
-        counts. ``Dispatcher.call`` inlines the same on its hot path."""
+    async def tracked(self, work: Awaitable[T], what: str, reaches: Reaches = None) -> T:
+        """Await ``work`` as a call in flight that may reach ``reaches``: a drain waits for
+        it and may cut it off (then ``ShuttingDown``). A call from inside a call is not
+        counted again: the outer one counts, as one that may reach anything.
+        ``Dispatcher.call`` inlines the same on its hot path."""
         task = asyncio.current_task()
         calls = self.calls
-        if task is None or task in calls:
+        if task is None:
             return await work
-        calls.add(task)
+        if task in calls:
+            calls[task] = None
+            return await work
+        calls[task] = reaches
         try:
             return await work
         except (asyncio.CancelledError, DispatchError) as error:
@@ -270,16 +294,17 @@ class InFlight:
                 raise self.closed_under_error(what, error) from error
             raise
         finally:
-            calls.discard(task)
+            calls.pop(task, None)
             if self.tell_left:
                 self.left(task)
 
     async def tracked_stream(
-        self, chunks: AsyncGenerator[Any, None], what: str
+        self, chunks: AsyncGenerator[Any, None], what: str, reaches: Reaches = None
     ) -> AsyncGenerator[Any, None]:
-        """``chunks``, counted as a stream in flight: a drain waits for it and may cut it off
-        (then ``ShuttingDown``, as a call gets). ``chunks`` is closed when this ends."""
-        stream = OpenStream()
+        """``chunks``, counted as a stream in flight that may reach ``reaches``: a drain
+        waits for it and may cut it off (then ``ShuttingDown``, as a call gets).
+        ``chunks`` is closed when this ends."""
+        stream = OpenStream(reaches)
         self.streams.add(stream)
         try:
             while True:
@@ -311,3 +336,7 @@ class InFlight:
 
     def __repr__(self) -> str:
         return f"<InFlight calls={len(self.calls)} streams={len(self.streams)} cut={len(self.cut)}>"
+
+
+def _may_reach(reaches: Reaches, retired: Reaches) -> bool:
+    return reaches is None or retired is None or not reaches.isdisjoint(retired)

@@ -25,8 +25,9 @@ to happen to the parts around that install is here, in the order the dispatcher 
    the plugin's served methods are checked again against them, nothing reconnects; an
    instance found that cannot take one leaves its fleet and joins again with it,
    ``FleetRuntime.update``), log what the reload did. If anything is no longer used,
-   wait until the calls in flight at the swap have ended (``grace`` seconds at most:
-   then calls still using it fail as it goes), close the connections of plugins that
+   wait until the calls in flight at the swap that may reach a version it retires have
+   ended (``grace`` seconds at most: then calls still using it fail as it goes; a call
+   to a version kept whole does not hold it up: ``InFlight.wait_settled``), close the connections of plugins that
    dialled in on targets no longer used (nothing calls them any more: each plugin is
    told whether its id is still served, so that it dials again, or is gone) or whose
    version now has other inbound targets (it dials again, and joins all their fleets),
@@ -44,7 +45,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from dispatcher._attachments import Attachment, Attachments
-from dispatcher._drain import InFlight
+from dispatcher._drain import InFlight, Reaches
 from dispatcher._fallback import Fallbacks
 from dispatcher._reload import ReloadPlan
 from dispatcher._rollout import RolloutRuntime
@@ -184,7 +185,7 @@ class ReloadSteps:
             or plan.changed
             or fleets.unused(used)
         ):
-            await self._settle(grace)
+            await self._settle(grace, self._retired_versions(plan))
             # A caller giving up from here would cut a detach in half (a service with its
             # Stop and no Destroy, and a channel open until the close, for nothing ends
             # it again): the rest runs to its end, then the cancel goes on.
@@ -236,14 +237,33 @@ class ReloadSteps:
             except Exception:  # as a failed detach: logged, the reload is done
                 log.exception("reload: closing the connections of %s failed", new.key)
 
-    async def _settle(self, grace: float) -> None:
-        """Wait until the calls in flight now have ended, ``grace`` seconds at most."""
+    def _retired_versions(self, plan: ReloadPlan) -> Reaches:
+        """The plugin versions whose calls in flight what follows the wait may cut: those
+        ``plan`` removed or changed, and what earlier reloads retired and is still
+        attached. None (every call) while a fleet holds a discovered instance for a version
+        that no longer calls it, which no version here names."""
+        if self._fleets.retiring:
+            return None
+        return frozenset(
+            {
+                *self._attachments.retired_versions(),
+                *(plugin.key for plugin in plan.removed),
+                *(old.key for old, _ in plan.changed),
+            }
+        )
+
+    async def _settle(self, grace: float, retired: Reaches) -> None:
+        """Wait until the calls in flight now that may reach a ``retired`` version (None:
+        any) have ended, ``grace`` seconds at most: a call or stream to a version kept
+        whole does not hold up the detaching."""
         loop = asyncio.get_running_loop()
         in_flight = self._in_flight
         in_flight.tell_left = True
         self.waiting = asyncio.current_task()
         try:
-            settled = await in_flight.wait_settled(loop.time() + grace, self._current_task())
+            settled = await in_flight.wait_settled(
+                loop.time() + grace, self._current_task(), retired
+            )
         finally:
             self.waiting = None
             in_flight.tell_left = self._draining()

@@ -73,6 +73,8 @@ class RouteBuilder:
         gate = policies.gate(plugin, method)
         once = policies.once(plugin, method, invoke)
         route = Route(plugin, method, provider, invoke, once, gate, policies.fleets.get(target))
+        if plugin.policies_of(method).fallback is not None:  # it may reach another plugin
+            route.reaches = None
         if telemetry is not None:
             route.open_stream = telemetry.around_stream(
                 plugin.id, plugin.version, method, target.provider, route.open_stream

@@ -62,6 +62,7 @@ class Route:
         "once_unversioned",
         "open_stream",
         "plugin",
+        "reaches",
         "stream",
         "target",
         "timeout",
@@ -97,6 +98,10 @@ class Route:
         #: schema of the version it reaches now).
         self.once_unversioned = self.once.around(once.next, (ANY_VERSION,))
         self.gate = gate
+        #: The plugin versions (keys) a call of it may reach, or None when it may reach
+        #: others (a fallback): a reload waits for the calls in flight that may reach a
+        #: version it retires, not for the others (``InFlight.wait_settled``).
+        self.reaches: frozenset[str] | None = frozenset((plugin.key,))
         #: For the audit log: whether its records carry params, what serves the method.
         self.audit_params = bool(policies.audit_params)
         self.target = plugin.target_of(method).describe()
