@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator
@@ -34,8 +33,15 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from tests.conformance.conftest import LANGUAGES, START_TIMEOUT, WEBSOCKET_MODES, executable
+from tests.conformance.conftest import (
+    LANGUAGES,
+    START_TIMEOUT,
+    WEBSOCKET_MODES,
+    _stop_service,
+    executable,
+)
 from tests.conformance.test_serve_cli import CRASHES, one_clear_line
+from tests.hostile_peers import http_peer
 from tests.services import CLEAN_ENVIRONMENT
 
 DIALLING = [language for language in LANGUAGES if "inbound" in WEBSOCKET_MODES.get(language, ())]
@@ -154,14 +160,7 @@ async def _running(url: str, language: str) -> AsyncIterator[Running]:
     try:
         yield running
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await _stop_service(process)
         async with asyncio.timeout(10):
             await asyncio.gather(*readers)
 
@@ -201,16 +200,8 @@ async def _refusing_gateway() -> AsyncIterator[str]:
     async def refusing(request: web.Request) -> web.Response:
         return web.json_response({"ok": False}, status=401)
 
-    app = web.Application()
-    app.router.add_get(PATH, refusing)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with http_peer(PATH, refusing) as address:
+        yield address
 
 
 @pytest.mark.parametrize("place", PLACES)
