@@ -345,9 +345,10 @@ class RegistryEntries:
         """``_apply_once``, given up in its wait if a newer change comes meanwhile.
 
         A reload waits, after its routes swapped, for every call in flight at the swap
-        (up to its grace, 30 s) before it ends what it retired: one slow call or stream
-        anywhere, and the next change waited that long behind it (a version deleted and
-        published again went unserved all that time). The newer change stops that wait:
+        that may reach a version it retired (up to its grace, 30 s) before it ends that
+        version: one slow call or stream there, and the next change waited that long
+        behind it (a version deleted and published again went unserved all that time).
+        The newer change stops that wait:
         this apply's routes are in, and the next reload ends what it retired once the
         calls in flight then are done (``Dispatcher.reload``: a reload given up in its
         wait). Given up before its swap it is not: a registry changing without pause

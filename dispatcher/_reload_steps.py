@@ -27,10 +27,11 @@ to happen to the parts around that install is here, in the order the dispatcher 
    ``FleetRuntime.update``), log what the reload did. If anything is no longer used,
    wait until the calls in flight at the swap that may reach a version it retires have
    ended (``grace`` seconds at most: then calls still using it fail as it goes; a call
-   to a version kept whole does not hold it up: ``InFlight.wait_settled``), close the connections of plugins that
-   dialled in on targets no longer used (nothing calls them any more: each plugin is
-   told whether its id is still served, so that it dials again, or is gone) or whose
-   version now has other inbound targets (it dials again, and joins all their fleets),
+   to a version kept whole does not hold it up: ``InFlight.wait_settled``), close the
+   connections of plugins that dialled in on targets no longer used (nothing calls them
+   any more: each plugin is told whether its id is still served, so that it dials again,
+   or is gone) or whose version now has other inbound targets (it dials again, and joins
+   all their fleets),
    and detach the rest: retired attachments (with any an earlier reload retired and
    left when its caller gave up after its swap), discovered instances from the versions
    no longer calling them, fleets, the policy state of removed versions. A caller giving
