@@ -139,12 +139,28 @@ public final class Handshake {
     return CORE_PROTOCOL_VERSION + "|" + appVersion + "|" + network + "|" + address + "|grpc|" + cert;
   }
 
+  /**
+   * What a refusal says of {@code arg}, the {@code position}-th argument (as the shell counts
+   * {@code $1}, {@code $2}): an option by its name, never its value; anything else by its place,
+   * never its text. A command line can carry a secret where an operator slipped (a mistyped
+   * {@code --register-etcd-pasword=...}, a token pasted as an argument), and the message goes to
+   * stderr and on to the logs.
+   */
+  static String refused(String arg, int position) {
+    if (arg.startsWith("-") && arg.length() > 1) {
+      int equals = arg.indexOf('=');
+      return equals < 0 ? "unknown option " + arg : "unknown option " + arg.substring(0, equals) + " (its value is not shown)";
+    }
+    return "unexpected argument #" + position + " (its text is not shown)";
+  }
+
   public static Command parseCommand(String[] args) throws HandshakeException {
     if (args.length == 0) return new Command(null, false);
     // `example-plugin --help` asks what the executable takes: the same help as `serve --help`.
     if (args[0].equals("--help") || args[0].equals("-h")) return new Command(null, true);
     if (!args[0].equals("serve")) {
-      throw new HandshakeException("unknown command '" + args[0] + "'; " + SERVE_USAGE);
+      String what = args[0].startsWith("-") ? refused(args[0], 1) : "unknown command (argument #1, its text is not shown)";
+      throw new HandshakeException(what + "; " + SERVE_USAGE);
     }
     String address = DEFAULT_SERVICE_ADDRESS;
     Map<String, String> registry = new HashMap<>();
@@ -165,6 +181,8 @@ public final class Handshake {
         return new Command(null, true);
       } else if (arg.equals("--address") && i + 1 < args.length) {
         address = args[++i];
+      } else if (arg.equals("--address")) {
+        throw new HandshakeException("serve: --address needs a value; " + SERVE_USAGE);
       } else if (arg.startsWith("--address=")) {
         address = arg.substring("--address=".length());
       } else if (setting != null && equals >= 0) {
@@ -174,7 +192,7 @@ public final class Handshake {
       } else if (setting != null) {
         throw new HandshakeException("serve: " + arg + " needs a value; " + SERVE_USAGE);
       } else {
-        throw new HandshakeException("unknown argument '" + arg + "'; " + SERVE_USAGE);
+        throw new HandshakeException(refused(arg, i + 1) + "; " + SERVE_USAGE);
       }
     }
     return new Command(ServiceAddress.parse(address), false, registry);

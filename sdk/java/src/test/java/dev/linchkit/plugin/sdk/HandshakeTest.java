@@ -85,6 +85,36 @@ class HandshakeTest {
     assertTrue(unknown.getMessage().contains("--port") && unknown.getMessage().contains("usage: serve"), unknown.getMessage());
   }
 
+  /** A command line can carry a secret where an operator slipped: a refusal never repeats it. */
+  @Test
+  void refusesAnArgumentWithoutRepeatingWhatFollowedIt() {
+    String secret = "hunter2-5f1d";
+    String[][] mistakes = {
+        {"serve", "--register-etcd-pasword=" + secret},
+        {"serve", "--url=ws://me:" + secret + "@127.0.0.1:9/v1/plugins/connect"},
+        {"serve", "--address", "127.0.0.1:0", secret},
+        {"--url=ws://me:" + secret + "@127.0.0.1:9/"},
+        {secret},
+    };
+    String[] said = {
+        "unknown option --register-etcd-pasword (its value is not shown); usage: serve",
+        "unknown option --url (its value is not shown); usage: serve",
+        "unexpected argument #4 (its text is not shown); usage: serve",
+        "unknown option --url (its value is not shown); usage: serve",
+        "unknown command (argument #1, its text is not shown); usage: serve",
+    };
+    for (int i = 0; i < mistakes.length; i++) {
+      String[] mistake = mistakes[i];
+      var error = assertThrows(Handshake.HandshakeException.class, () -> parse(mistake), String.join(" ", mistake));
+      assertTrue(error.getMessage().startsWith(said[i]), error.getMessage());
+      assertFalse(error.getMessage().contains(secret), error.getMessage());
+    }
+    var bare = assertThrows(Handshake.HandshakeException.class, () -> parse("serve", "--no-such-flag"));
+    assertTrue(bare.getMessage().startsWith("unknown option --no-such-flag; usage: serve"), bare.getMessage());
+    var missing = assertThrows(Handshake.HandshakeException.class, () -> parse("serve", "--address"));
+    assertTrue(missing.getMessage().startsWith("serve: --address needs a value; usage: serve"), missing.getMessage());
+  }
+
   @Test
   void helpIsAskedForByEitherSpelling() throws Exception {
     for (String help : new String[] {"--help", "-h"}) {
