@@ -597,15 +597,16 @@ fn serve_request(args: &[String]) -> Result<ServeRequest, ServeError> {
     }
     let mut address = DEFAULT_ADDRESS.to_string();
     let mut registry = Vec::new();
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
+    // `args` follow `serve`: the first is the command line's second (`$2`).
+    let mut args = args.iter().zip(2..);
+    while let Some((arg, position)) = args.next() {
         let flag = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
         if arg == "--help" || arg == "-h" {
             return Ok(ServeRequest::ShowHelp);
         } else if let Some(setting) = registry_settings::setting_of_flag(flag) {
             let value = match arg.split_once('=') {
                 Some((_, value)) => value.to_string(),
-                None => args.next().cloned().ok_or_else(|| {
+                None => args.next().map(|(value, _)| value.clone()).ok_or_else(|| {
                     ServeError::Failed(format!(
                         "serve: {flag} needs {} (serve --help)",
                         setting.value_name
@@ -616,18 +617,34 @@ fn serve_request(args: &[String]) -> Result<ServeRequest, ServeError> {
         } else if let Some(value) = arg.strip_prefix("--address=") {
             address = value.to_string();
         } else if arg == "--address" {
-            address = args.next().cloned().ok_or_else(|| {
+            address = args.next().map(|(value, _)| value.clone()).ok_or_else(|| {
                 ServeError::Failed("serve: --address needs HOST:PORT (serve --help)".into())
             })?;
         } else {
             return Err(ServeError::Failed(format!(
-                "serve: unknown argument {arg:?}; usage: serve [--address HOST:PORT] \
-                 [--register-etcd URL ...] [--help]"
+                "serve: {}; usage: serve [--address HOST:PORT] \
+                 [--register-etcd URL ...] [--help]",
+                refused(arg, position)
             )));
         }
     }
     check_address(&address)?;
     Ok(ServeRequest::Listen { address, registry })
+}
+
+/// What a refusal says of `arg`, the `position`-th argument (as the shell counts `$1`,
+/// `$2`): an option by its name, never its value; anything else by its place, never its
+/// text. A command line can carry a secret where an operator slipped (a mistyped
+/// `--register-etcd-pasword=…`, a token pasted as an argument), and the message goes to
+/// stderr and on to the logs.
+pub(crate) fn refused(arg: &str, position: usize) -> String {
+    match arg.split_once('=') {
+        _ if !arg.starts_with('-') || arg == "-" => {
+            format!("unexpected argument #{position} (its text is not shown)")
+        }
+        Some((name, _)) => format!("unknown option {name} (its value is not shown)"),
+        None => format!("unknown option {arg}"),
+    }
 }
 
 /// Refuses a mistyped address before listening: left to the resolver, an empty host would
@@ -790,10 +807,38 @@ mod tests {
     #[test]
     fn unknown_arguments_and_a_missing_value_are_refused() {
         let unknown = request(&["--port", "1"]).unwrap_err().to_string();
-        assert!(unknown.contains("unknown argument \"--port\"") && unknown.contains("usage"));
+        assert!(
+            unknown.starts_with("serve: unknown option --port; usage") && unknown.contains("usage"),
+            "{unknown}"
+        );
         let missing = request(&["--address"]).unwrap_err().to_string();
         assert!(missing.contains("--address needs HOST:PORT"), "{missing}");
         assert!(!missing.contains('\n') && !unknown.contains('\n'));
+    }
+
+    /// A command line can carry a secret where an operator slipped: a refusal names the
+    /// option or the place, never the value (before, `unknown argument "--x=SECRET"`).
+    #[test]
+    fn a_refusal_never_repeats_a_value() {
+        let secret = "hunter2-5f1d";
+        for (args, said) in [
+            (
+                vec![format!("--register-etcd-pasword={secret}")],
+                "serve: unknown option --register-etcd-pasword (its value is not shown); usage",
+            ),
+            (
+                vec![format!("--url=ws://me:{secret}@127.0.0.1:9/")],
+                "serve: unknown option --url (its value is not shown); usage",
+            ),
+            (
+                vec!["--address".into(), "127.0.0.1:0".into(), secret.into()],
+                "serve: unexpected argument #4 (its text is not shown); usage",
+            ),
+        ] {
+            let refused = serve_request(&args).unwrap_err().to_string();
+            assert!(refused.starts_with(said), "{refused}");
+            assert!(!refused.contains(secret), "{refused}");
+        }
     }
 
     /// The conformance suite checks it on the real plugin's sockets

@@ -10,7 +10,7 @@
 
 use crate::auth::{ENV_TOKEN, ENV_TOKEN_FILE};
 use crate::registry::settings as registry_settings;
-use crate::serve::{check_address, program_name, ServeError, DEFAULT_ADDRESS};
+use crate::serve::{check_address, program_name, refused, ServeError, DEFAULT_ADDRESS};
 use crate::stop::{ENV_STOP_GRACE_MS, ENV_STOP_HOOKS_MS, MAX_STOP_MS};
 use crate::tracing::{ENV_OTLP_ENDPOINT, ENV_OTLP_TRACES_ENDPOINT};
 
@@ -65,8 +65,9 @@ pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
     let mut url = None;
     let mut config = "{}".to_string();
     let mut help = false;
-    let mut args = args[1..].iter();
-    while let Some(arg) = args.next() {
+    // After the mode: the first is the command line's second (`$2`).
+    let mut args = args[1..].iter().zip(2..);
+    while let Some((arg, position)) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_string())),
             _ => (arg.as_str(), None),
@@ -74,12 +75,17 @@ pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
         let mut value = |flag: &str| {
             inline
                 .clone()
-                .or_else(|| args.next().cloned())
+                .or_else(|| args.next().map(|(value, _)| value.clone()))
                 .ok_or_else(|| mistake(format!("{flag} needs a value")))
         };
         match flag {
             "--help" | "-h" => help = true,
             "--websocket" if !connecting && inline.is_none() => {}
+            "--websocket" if !connecting => {
+                return Err(mistake(
+                    "--websocket takes no value (its value is not shown)".into(),
+                ))
+            }
             "--address" if !connecting => address = value(flag)?,
             "--url" if connecting => url = Some(value(flag)?),
             "--config" => config = value(flag)?,
@@ -87,7 +93,7 @@ pub(crate) fn command(args: &[String]) -> Result<Command, ServeError> {
                 let setting = registry_settings::setting_of_flag(flag).expect("matched");
                 registry.push((setting.flag, value(flag)?));
             }
-            _ => return Err(mistake(format!("unknown argument {arg:?}"))),
+            _ => return Err(mistake(refused(arg, position))),
         }
     }
     if help {
@@ -361,9 +367,34 @@ mod tests {
         );
         let unknown = command_of(&["serve", "--websocket", "--url", "ws://x"]).unwrap_err();
         assert!(
-            unknown.starts_with("serve: unknown argument \"--url\"") && !unknown.contains('\n'),
+            unknown.starts_with("serve: unknown option --url; usage") && !unknown.contains('\n'),
             "{unknown}"
         );
+        // Named, never quoted: a token may sit in what was refused.
+        for (args, said) in [
+            (
+                &["serve", "--websocket", "--url=ws://me:t0ken@h/"][..],
+                "serve: unknown option --url (its value is not shown); usage",
+            ),
+            (
+                &["serve", "--websocket", "--websocket=t0ken"],
+                "serve: --websocket takes no value (its value is not shown); usage",
+            ),
+            (
+                &["connect", "--url", "ws://h/", "--token=t0ken"],
+                "connect: unknown option --token (its value is not shown); usage",
+            ),
+            (
+                &["connect", "--url", "ws://h/", "t0ken"],
+                "connect: unexpected argument #4 (its text is not shown); usage",
+            ),
+        ] {
+            let refused = command_of(args).unwrap_err();
+            assert!(
+                refused.starts_with(said) && !refused.contains("t0ken"),
+                "{refused}"
+            );
+        }
         assert!(command_of(&["serve", "--websocket", "--config"])
             .unwrap_err()
             .contains("--config needs a value"));
