@@ -8,7 +8,7 @@
  * refuses in one line before anything starts, as every SDK's `connect` does
  * (`registrationRefusal`).
  */
-import { HandshakeError } from './handshake';
+import { HandshakeError, refusedArgument } from './handshake';
 import { REGISTER_ETCD_ENV } from './registryflags';
 
 /** The one-line reminder an argument mistake ends with; `connect --help` says more. */
@@ -25,6 +25,7 @@ export function parseConnectCommand(argv: readonly string[]): ConnectCommand {
   let config: string | undefined;
   let help = false;
   const args = argv[0] === 'connect' ? argv.slice(1) : argv;
+  const first = argv.length - args.length + 1; // where args[0] stands on the command line ($N)
   for (let i = 0; i < args.length; i++) {
     const arg = args[i] as string;
     if (arg === '--help' || arg === '-h') help = true;
@@ -32,7 +33,7 @@ export function parseConnectCommand(argv: readonly string[]): ConnectCommand {
     else if (arg === '--config') config = valueOf(arg, args[++i]);
     else if (arg.startsWith('--url=')) url = arg.slice('--url='.length);
     else if (arg.startsWith('--config=')) config = arg.slice('--config='.length);
-    else throw new HandshakeError(`connect: unknown argument ${JSON.stringify(arg)}; usage: ${CONNECT_USAGE}`);
+    else throw new HandshakeError(`connect: ${refusedArgument(arg, i + first)}; usage: ${CONNECT_USAGE}`);
   }
   if (help) return { mode: 'help' };
   if (url === undefined) throw new HandshakeError(`connect: --url is required; usage: ${CONNECT_USAGE}`);

@@ -137,9 +137,25 @@ interface ServeFlags {
 /** `--register-etcd-password`, joined to its value or not, with one dash or two. */
 const PASSWORD_ARGUMENT = new RegExp(`^--?${PASSWORD_FLAG}(=|$)`);
 
+/**
+ * What a refusal says of `arg`, the `position`-th argument (as the shell counts `$1`, `$2`):
+ * an option by its name, never its value; anything else by its place, never its text. A
+ * command line can carry a secret where an operator slipped (a mistyped
+ * `--register-etcd-pasword=…`, a token pasted as an argument), and the message goes to
+ * stderr and on to the logs.
+ */
+export function refusedArgument(arg: string, position: number): string {
+  if (!arg.startsWith('-') || arg === '-') return `unexpected argument #${position} (its text is not shown)`;
+  const equals = arg.indexOf('=');
+  return equals < 0 ? `unknown option ${arg}` : `unknown option ${arg.slice(0, equals)} (its value is not shown)`;
+}
+
 export function parseCommand(argv: readonly string[]): Command {
   if (argv.length === 0) return { mode: 'subprocess' };
-  if (argv[0] !== 'serve') throw new HandshakeError(`unknown command ${JSON.stringify(argv[0])}; usage: ${SERVE_USAGE}`);
+  if (argv[0] !== 'serve') {
+    const what = (argv[0] as string).startsWith('-') ? refusedArgument(argv[0] as string, 1) : 'unknown command (argument #1, its text is not shown)';
+    throw new HandshakeError(`${what}; usage: ${SERVE_USAGE}`);
+  }
   const flags = parseServeFlags(argv.slice(1));
   if (flags.help) return { mode: 'help' };
   parseListenAddress(flags.address); // a mistyped address is refused before anything starts
@@ -167,7 +183,8 @@ function parseServeFlags(args: readonly string[]): ServeFlags {
     else if (arg === '--config') flags.config = valueOf(arg, args[++i]);
     else if (arg.startsWith('--address=')) flags.address = arg.slice('--address='.length);
     else if (arg.startsWith('--config=')) flags.config = arg.slice('--config='.length);
-    else throw new HandshakeError(`serve: unknown argument ${JSON.stringify(arg)}; usage: ${SERVE_USAGE}`);
+    else if (arg.startsWith('--websocket=')) throw new HandshakeError(`serve: --websocket takes no value (its value is not shown); usage: ${SERVE_USAGE}`);
+    else throw new HandshakeError(`serve: ${refusedArgument(arg, i + 2)}; usage: ${SERVE_USAGE}`); // after `serve`: $2 on
   }
   return flags;
 }

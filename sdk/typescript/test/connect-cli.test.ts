@@ -71,7 +71,18 @@ test('the connect command line: --url, --config, --help, and mistakes in one lin
   assert.throws(() => parseConnectCommand(['connect']), (error: unknown) => error instanceof HandshakeError && error.message === `connect: --url is required; usage: ${CONNECT_USAGE}`);
   assert.throws(() => parseConnectCommand(['connect', '--url']), /^HandshakeError: connect: --url needs a value; usage: connect /);
   assert.throws(() => parseConnectCommand(['connect', '--url', 'ftp://h/']), HandshakeError);
-  assert.throws(() => parseConnectCommand(['connect', '--uri', url]), /connect: unknown argument "--uri"; usage: connect /);
+  assert.throws(() => parseConnectCommand(['connect', '--uri', url]), /connect: unknown option --uri; usage: connect /);
+  // Named, never quoted: a token may sit in what was refused.
+  for (const [argv, said] of [
+    [['connect', '--uri=ws://me:t0ken@h/'], 'connect: unknown option --uri (its value is not shown); usage: connect '],
+    [['connect', '--url', url, 't0ken'], 'connect: unexpected argument #4 (its text is not shown); usage: connect '],
+  ] as const) {
+    assert.throws(
+      () => parseConnectCommand(argv),
+      (error: unknown) => error instanceof HandshakeError && error.message.startsWith(said) && !error.message.includes('t0ken'),
+      argv.join(' '),
+    );
+  }
 });
 
 test('example-plugin connect: a URL that can never reach a gateway is one line, exit 1', () => {

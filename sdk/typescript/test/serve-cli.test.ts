@@ -102,7 +102,26 @@ test('example-plugin serve: a mistyped address or an unknown argument is one lin
     const line = assertOneLineFailure(serveCli(...args));
     assert.ok(line.includes(`not '${args.at(-1)}'`), line);
   }
-  assert.match(assertOneLineFailure(serveCli('--port', '1')), /^serve: unknown argument "--port"; usage: serve /);
+  assert.match(assertOneLineFailure(serveCli('--port', '1')), /^serve: unknown option --port; usage: serve /);
+});
+
+test('a refused argument is named, never quoted: a token may sit in it', () => {
+  const secret = 'hunter2-5f1d';
+  const refusals: [string[], string][] = [
+    [['serve', `--register-etcd-pasword=${secret}`], 'serve: unknown option --register-etcd-pasword (its value is not shown); usage: serve '],
+    [['serve', `--url=ws://me:${secret}@127.0.0.1:9/`], 'serve: unknown option --url (its value is not shown); usage: serve '],
+    [['serve', '--address', '127.0.0.1:0', secret], 'serve: unexpected argument #4 (its text is not shown); usage: serve '],
+    [['serve', '--websocket', `--websocket=${secret}`], 'serve: --websocket takes no value (its value is not shown); usage: serve '],
+    [[`--url=ws://me:${secret}@127.0.0.1:9/`], 'unknown option --url (its value is not shown); usage: serve '],
+    [[secret], 'unknown command (argument #1, its text is not shown); usage: serve '],
+  ];
+  for (const [argv, said] of refusals) {
+    assert.throws(
+      () => parseCommand(argv),
+      (error: unknown) => error instanceof HandshakeError && error.message.startsWith(said) && !error.message.includes(secret),
+      argv.join(' '),
+    );
+  }
 });
 
 test('example-plugin serve: a port already taken is one line, exit 1, over gRPC and WebSocket', async () => {
