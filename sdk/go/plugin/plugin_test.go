@@ -202,6 +202,39 @@ func TestServeHelpNamesTheEnvironmentAndAMistakeSaysWhereToLook(t *testing.T) {
 	}
 }
 
+// A refusal names a flag or a place, never the text: a command line can carry a secret
+// where an operator slipped. Before, a stray argument was ignored (and every flag after it
+// with it: the plugin served on the default address), and -websocket=VALUE was quoted.
+func TestACommandLineMistakeIsRefusedWithoutItsText(t *testing.T) {
+	const secret = "hunter2-5f1d"
+	for _, test := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"serve", "--register-etcd-pasword=" + secret}, "serve: flag provided but not defined: -register-etcd-pasword"},
+		{[]string{"serve", secret, "-address", "127.0.0.1:0"}, "serve: unexpected argument #2 (its text is not shown)"},
+		{[]string{"serve", "-address", "127.0.0.1:0", secret}, "serve: unexpected argument #4 (its text is not shown)"},
+		{[]string{"serve", "-websocket=" + secret}, "serve: -websocket takes true or false (its value is not shown)"},
+		{[]string{"connect", "-url", "ws://127.0.0.1:9/", secret}, "connect: unexpected argument #4 (its text is not shown)"},
+		{[]string{"connect", "-token=" + secret}, "connect: flag provided but not defined: -token"},
+		{[]string{"serve", "---token=" + secret}, "serve: bad flag syntax (its text is not shown)"},
+	} {
+		// Bounded: before, a stray argument was served on.
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		var stdout strings.Builder
+		err := testPlugin().Run(ctx, Environment{Args: test.args, Getenv: func(string) string { return "" },
+			Stdin: strings.NewReader(""), Stdout: &stdout})
+		cancel()
+		out := stdout.String()
+		if err == nil || !strings.HasPrefix(err.Error(), test.want) || strings.Contains(err.Error(), secret) {
+			t.Errorf("%v: %v, want an error starting %q, without the text refused", test.args, err, test.want)
+		}
+		if out != "" {
+			t.Errorf("%v: wrote %q, want no handshake line: it must not serve", test.args, out)
+		}
+	}
+}
+
 // A password on the command line shows in the process list: refused before serving,
 // naming the variable to use, never repeating it, however it was written.
 func TestServeRefusesAPasswordOnTheCommandLine(t *testing.T) {

@@ -102,6 +102,47 @@ func (p *Plugin) Run(ctx context.Context, env Environment) error {
 	return p.runSubprocess(ctx, env)
 }
 
+// switchFlag is a bool flag (-websocket) that takes a value it cannot read without
+// quoting it: the flag package's own refusal does (invalid boolean value "…"), and what
+// follows the = may be anything an operator slipped in, a token too. leftOver refuses it.
+type switchFlag struct{ on, unreadable bool }
+
+func (f *switchFlag) String() string   { return strconv.FormatBool(f.on) }
+func (f *switchFlag) IsBoolFlag() bool { return true }
+func (f *switchFlag) Set(value string) error {
+	on, err := strconv.ParseBool(value)
+	f.on, f.unreadable = on, err != nil
+	return nil
+}
+
+// leftOver refuses what flags did not take from args (a command, then its flags), naming
+// it without its text: an argument that is no flag (the flag package stops at it and
+// ignores the rest, so -address after it went unread) by its place, as the shell counts
+// $1, $2; a switch given a value it cannot read, by its name. A command line can carry a
+// secret where an operator slipped, and the message goes to stderr and on to the logs.
+// (The flag package names an unknown flag without its value.)
+func leftOver(flags *flag.FlagSet, args []string) error {
+	if flags.NArg() > 0 {
+		return fmt.Errorf("unexpected argument #%d (its text is not shown)", len(args)-flags.NArg()+1)
+	}
+	var err error
+	flags.Visit(func(f *flag.Flag) {
+		if s, ok := f.Value.(*switchFlag); ok && s.unreadable && err == nil {
+			err = fmt.Errorf("-%s takes true or false (its value is not shown)", f.Name)
+		}
+	})
+	return err
+}
+
+// withoutText is the flag package's refusal err, without the argument it quotes whole
+// when its syntax is bad (`---token=…`, `-=…`); the others name a flag, not its value.
+func withoutText(err error) error {
+	if strings.HasPrefix(err.Error(), "bad flag syntax: ") {
+		return errors.New("bad flag syntax (its text is not shown)")
+	}
+	return err
+}
+
 // isHostPort: a host (a name, an IPv4 address or a bracketed IPv6 one) and a port in
 // 0-65535. net.Listen takes "" and ":50051" as every interface, and a port by name.
 func isHostPort(address string) bool {
@@ -134,7 +175,8 @@ environment (docs/registry.md, docs/security.md, docs/observability.md):
 func (p *Plugin) runService(ctx context.Context, env Environment) error {
 	flags := flag.NewFlagSet("serve", flag.ContinueOnError)
 	address := flags.String("address", "127.0.0.1:0", "host:port to serve on")
-	websocket := flags.Bool("websocket", false, "serve the WebSocket binding instead of gRPC: the dispatcher dials it "+
+	websocket := &switchFlag{}
+	flags.Var(websocket, "websocket", "serve the WebSocket binding instead of gRPC: the dispatcher dials it "+
 		"(provider: websocket, url: ws://HOST:PORT/)")
 	config := flags.String("config", "{}", "with -websocket: the `JSON` object the init hook gets; "+
 		"a gRPC service gets it from the dispatcher's Init call")
@@ -154,17 +196,20 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 			flags.Usage()
 			return nil
 		}
-		return fmt.Errorf("serve: %w (serve -help lists the flags)", err)
+		return fmt.Errorf("serve: %w (serve -help lists the flags)", withoutText(err))
 	}
-	registry, err := registryFlags(env.Getenv)
+	registry, err := registryFlags(env.Getenv) // a password flag first, with what followed it
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
+	}
+	if err := leftOver(flags, env.Args); err != nil {
+		return fmt.Errorf("serve: %w (serve -help lists the flags)", err)
 	}
 	if !isHostPort(*address) {
 		return fmt.Errorf("serve: --address must be host:port with a port in 0-65535 "+
 			"(e.g. 127.0.0.1:50051), not '%s'", *address)
 	}
-	if *websocket {
+	if websocket.on {
 		if registry.value(settingEtcd) != "" {
 			// Refused, not ignored: an operator who set it expects the plugin to be found there.
 			return fmt.Errorf("serve: %s: a WebSocket server is not registered in etcd, as a dispatcher dials "+
