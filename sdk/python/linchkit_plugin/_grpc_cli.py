@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from linchkit_plugin._argument_parser import RedactingArgumentParser
 from linchkit_plugin._registry_options import add_registry_options
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
 from linchkit_plugin.handshake import MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE
@@ -64,8 +65,9 @@ def read_command_line(argv: Sequence[str]) -> Launch | None:
     it cannot run is on stderr (exit status 1). ``--help`` exits, as argparse does."""
     arguments: argparse.Namespace | None = None
     if argv and argv[0] == "serve":
-        parser = argparse.ArgumentParser(
+        parser = RedactingArgumentParser(  # refuses without quoting a value
             prog=f"{os.path.basename(sys.argv[0])} serve",
+            first_position=2,
             description="Serve the plugin as a gRPC service until SIGTERM or Ctrl+C.",
             epilog=_SERVE_ENVIRONMENT,
             formatter_class=argparse.RawDescriptionHelpFormatter,

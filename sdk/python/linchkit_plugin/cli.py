@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 import orjson
 
+from linchkit_plugin._argument_parser import RedactingArgumentParser
 from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import (
     RegistrySettings,
@@ -82,7 +83,8 @@ _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # Its refusals never quote a value (_argument_parser): a token may sit in a mistyped option.
+    parser = RedactingArgumentParser(
         prog="dispatcher-plugin", description="Tools for plugin authors."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -23,13 +23,13 @@ Run it with ``python -m linchkit_plugin.knative package.module:Class [--path DIR
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
 
+from linchkit_plugin._argument_parser import RedactingArgumentParser
 from linchkit_plugin.errors import DispatchError, ProviderError
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import error_response, ok_response, parse_request
@@ -154,7 +154,7 @@ def serve(function: KnativeFunction) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = RedactingArgumentParser(  # refuses without quoting a value
         prog="python -m linchkit_plugin.knative",
         description="Serve a plugin class as a Knative Function (CloudEvents, func-python).",
     )

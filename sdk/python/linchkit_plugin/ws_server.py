@@ -312,19 +312,22 @@ def main(
     long a stop waits comes from ``LINCHKIT_PLUGIN_STOP_GRACE_MS`` and ``_STOP_HOOKS_MS``
     (``linchkit_plugin.stopping``).
     """
-    import argparse
     import os
     import sys
 
     import orjson
 
+    from linchkit_plugin._argument_parser import RedactingArgumentParser
     from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, TokenError
 
     if not argv or argv[0] not in ("serve", "connect"):
         return None
     if argv[0] == "serve" and "--websocket" not in argv:
         return None
-    parser = argparse.ArgumentParser(prog=f"{os.path.basename(sys.argv[0])} {argv[0]}")
+    # Refuses without quoting a value: a token may sit in a mistyped option.
+    parser = RedactingArgumentParser(
+        prog=f"{os.path.basename(sys.argv[0])} {argv[0]}", first_position=2
+    )
     parser.add_argument("--websocket", action="store_true")
     parser.add_argument("--address", default="127.0.0.1:0")
     parser.add_argument("--url")
