@@ -10,6 +10,7 @@ import argparse
 import pytest
 
 from linchkit_plugin._argument_parser import RedactingArgumentParser, refused_arguments
+from linchkit_plugin._etcd_gateway import Gateway
 
 SECRET = "hunter2-5f1d"
 
@@ -132,3 +133,13 @@ def test_refused_arguments_finds_each_at_its_own_place() -> None:
     assert refused_arguments(given, ["--x=1", "a"], first=2) == (
         "unknown option --x (its value is not shown); unexpected argument #6 (its text is not shown)"
     )
+
+
+@pytest.mark.parametrize(
+    "etcd", [f"ftp://me:{SECRET}@127.0.0.1:1", f"http://me:{SECRET}@127.0.0.1:1"]
+)
+def test_an_etcd_url_refused_is_shown_masked(etcd: str) -> None:
+    """Before, a URL whose scheme was refused was quoted whole, credentials and all."""
+    with pytest.raises(ValueError, match="etcd") as refused:
+        Gateway(etcd, 1.0)
+    assert SECRET not in str(refused.value)

@@ -43,6 +43,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from linchkit_plugin._masked_url import masked_url
+
 __all__ = [
     "ENVIRONMENT_NAMES",
     "REGISTER_ETCD_CA_FILE_ENV",
@@ -103,7 +105,8 @@ class EtcdAccess:
 
     ``ca_file``: PEM roots that verify etcd (default: the system's); ``cert_file`` and
     ``key_file``: the client certificate to present; ``user`` and ``password``: one of
-    etcd's users. ``names`` says how messages name each setting (a flag or a variable).
+    etcd's users. ``names`` says how messages name each setting (a flag or a variable);
+    ``etcd``, the URL's, when the caller knows it.
     """
 
     ca_file: str | None = None
@@ -148,12 +151,14 @@ class EtcdAccess:
             for setting in ("ca_file", "cert_file", "key_file"):
                 if getattr(self, setting):
                     raise ValueError(
-                        f"{names[setting]} is for an https:// etcd, and {etcd} is not: use"
+                        f"{names[setting]} is for an https:// etcd, and {masked_url(etcd)} is"
+                        " not: use"
                         " https:// or leave it unset"
                     )
             if self.password and not _loopback(parts.hostname or ""):
                 raise ValueError(
-                    f"{names['password']} would cross the network in clear to {etcd}:"
+                    f"{names['password']} would cross the network in clear to"
+                    f" {masked_url(etcd)}:"
                     " reach etcd over https://, or on a loopback address"
                 )
             return None
@@ -205,12 +210,20 @@ class Gateway:
         *,
         say: Callable[[str], None] = lambda _message: None,
     ) -> None:
+        self.access = access or EtcdAccess()
+        # The setting as it was given (``--register-etcd`` or its variable), when known.
+        setting = f"{self.access.names['etcd']}: " if "etcd" in self.access.names else ""
         parts = urlsplit(etcd)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"the etcd to register in must be an http(s):// URL: {etcd!r}")
+            # Masked: the credentials refused below may be in it (before, they were quoted).
+            raise ValueError(
+                f"{setting}the etcd to register in must be an http(s):// URL: {masked_url(etcd)!r}"
+            )
         if parts.username or parts.password:
-            raise ValueError("etcd authentication by URL credentials is not supported")
-        mistake = "the etcd to register in must have a valid host name and a port in 1-65535"
+            raise ValueError(f"{setting}etcd authentication by URL credentials is not supported")
+        mistake = (
+            f"{setting}the etcd to register in must have a valid host name and a port in 1-65535"
+        )
         try:
             port = parts.port
             parts.hostname.encode("idna")  # as the socket layer will: an empty label fails
@@ -218,9 +231,8 @@ class Gateway:
             raise ValueError(mistake) from None
         if port == 0:  # a port nothing can be dialled at (Go's SDK refuses it too)
             raise ValueError(mistake)
-        self.access = access or EtcdAccess()
         self._context = self.access.tls_context(etcd)
-        self.base = etcd.rstrip("/")
+        self.base = masked_url(etcd).rstrip("/")  # as lines show it; requests use the parts
         # No proxy: a registry is reached directly, as the dispatcher reaches it.
         self._host, self._port, self._path = parts.hostname, port, parts.path.rstrip("/")
         self.timeout = timeout

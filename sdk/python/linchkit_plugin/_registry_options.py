@@ -260,6 +260,7 @@ def registry_settings(
         names={
             **{field: given.name(option) for field, option in _ACCESS.items()},
             "password": REGISTER_ETCD_PASSWORD_ENV,
+            "etcd": given.name(_ETCD),
         },
     )
     settings = RegistrySettings(

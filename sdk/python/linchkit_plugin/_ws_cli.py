@@ -14,7 +14,7 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-from linchkit_plugin._ws_dial import masked_url
+from linchkit_plugin._masked_url import masked_url
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.ws_server import (

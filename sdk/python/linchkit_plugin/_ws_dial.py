@@ -20,10 +20,11 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from linchkit_plugin._masked_url import masked_url
 from linchkit_plugin._ws_events import EventOutbox
 from linchkit_plugin._ws_session import PluginSession, hello_of
 from linchkit_plugin.host import PluginHost
@@ -59,34 +60,6 @@ class Refused(Exception):
 
 #: The schemes a gateway's WebSocket URL may have (aiohttp dials http(s) as ws(s)).
 _GATEWAY_SCHEMES = frozenset({"ws", "wss", "http", "https"})
-
-
-#: What stands for a credential in a URL a line shows.
-_MASK = "***"
-
-
-def masked_url(url: str) -> str:
-    """``url`` as a line or an error may show it: the password of its userinfo masked (a
-    user without a password whole: a token may be the user), the value of every query
-    parameter masked too (``?token=…``), and an item without ``=`` whole (``?TOKEN``: it is
-    a value itself), no fragment. The dispatcher has its own
-    (``providers.model.masked_url``), which the SDK does not import."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(a URL that does not parse)"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:{_MASK}@{host}" if colon else f"{_MASK}@{host}"
-    query = "&".join(
-        f"{name}={_MASK}" if equals else _MASK
-        for name, equals, _ in (item.partition("=") for item in parts.query.split("&"))
-    )
-    return urlunsplit(
-        parts._replace(netloc=netloc, query=query if parts.query else "", fragment="")
-    )
 
 
 def checked_gateway_url(url: str) -> str:
