@@ -17,6 +17,7 @@ never as a traceback.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import importlib
 import logging
 import math
@@ -34,6 +35,7 @@ from dispatcher.config import Manifest, ManifestError, load_manifest
 from dispatcher.identity import Credentials
 from dispatcher.telemetry import CallContextFilter, formatter_for
 from dispatcher.telemetry.logs import OneLineFormatter
+from linchkit_plugin._argument_parser import refused_arguments
 from linchkit_plugin.errors import DispatchError
 from providers._log_lines import printable
 
@@ -108,7 +110,42 @@ def logging_options() -> list[click.Option]:
     ]
 
 
-class _Command(click.Command):
+#: ``Context.meta`` key (shared by every context of a run): the arguments ``dispatcher``
+#: was given, so that a refusal says where an argument stands without quoting it.
+_COMMAND_LINE = "dispatcher.command_line"
+
+
+def _first_position(context: click.Context, arguments: Sequence[str]) -> int:
+    """Where ``arguments[0]`` stands on the command line, counted as the shell counts
+    ``$1``, ``$2``…: ``arguments`` are what is left of it once the group and the command
+    names before them are read (from the command's own first argument when unknown)."""
+    line: list[str] = context.meta.get(_COMMAND_LINE, [])
+    before = len(line) - len(arguments)
+    return before + 1 if before >= 0 and line[before:] == list(arguments) else 1
+
+
+class _RefusingWithoutText(click.Command):
+    """Refuses an argument it does not expect without quoting it: click's ``Got unexpected
+    extra argument (…)`` and ``No such command '…'`` repeated it, and a token pasted in
+    the wrong place went to stderr and the logs with them. An unknown option is named
+    without its value by click itself (``No such option: --name``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:  # the whole command line, for the positions of the others
+            ctx.meta.setdefault(_COMMAND_LINE, list(args))
+        given = list(args)
+        allowed = ctx.allow_extra_args
+        ctx.allow_extra_args = True  # what is left is refused here, not by click
+        try:
+            rest = super().parse_args(ctx, args)
+        finally:
+            ctx.allow_extra_args = allowed
+        if rest and not allowed and not ctx.resilient_parsing:
+            ctx.fail(f"Got {refused_arguments(given, rest, _first_position(ctx, given))}.")
+        return rest
+
+
+class _Command(_RefusingWithoutText):
     """A ``dispatcher`` command: takes ``logging_options`` after its name."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -116,7 +153,7 @@ class _Command(click.Command):
         self.params.extend(logging_options())
 
 
-class _Group(click.Group):
+class _Group(_RefusingWithoutText, click.Group):
     """The ``dispatcher`` group, and the groups under it (``dlq``, ``rollout``): each takes
     ``logging_options``, and so does every command and group made from it."""
 
@@ -126,6 +163,18 @@ class _Group(click.Group):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.params.extend(logging_options())
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        unknown = not name.startswith("-") and self.get_command(ctx, name) is None
+        if unknown and not ctx.resilient_parsing:  # named without its text (the class's)
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=3)
+            suggestion = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            position = _first_position(ctx, args)
+            ctx.fail(f"No such command (argument #{position}, its text is not shown).{suggestion}")
+        return super().resolve_command(ctx, args)
 
 
 class _Commands(_Group):
