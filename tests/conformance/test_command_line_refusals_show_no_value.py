@@ -1,0 +1,205 @@
+"""A command line refused never has what was refused repeated, in any executable of the
+project: every SDK's example plugin (``serve``, ``serve --websocket``, ``connect``),
+``dispatcher-plugin`` and the ``dispatcher`` CLI.
+
+A command line can carry a secret where an operator slipped: a mistyped
+``--register-etcd-pasword=hunter2``, a gateway URL with its token given to an option that
+does not exist, a token pasted as a stray argument. The refusal goes to stderr and from
+there to the logs. So an unknown option is named without its value (``unknown option
+--name (its value is not shown)``; Go's flag package says ``flag provided but not
+defined: -name``), and an unexpected positional argument by its place, counted as the
+shell counts ``$1``, ``$2``… (``unexpected argument #4 (its text is not shown)``), never
+by its text. The exit status stays what it was: 1, argparse's and click's usage error 2.
+
+Before, the Java, Rust and TypeScript SDKs quoted the whole argument (``unknown argument
+'--url=ws://me:TOKEN@…'``), argparse (the Python SDK, ``dispatcher-plugin``) listed it
+(``unrecognized arguments: …``), click (the ``dispatcher`` CLI) quoted a stray argument
+and an unknown command's name, and the Go SDK ignored a stray argument, and every flag
+after it, and served.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import pytest
+
+from tests.conformance.conftest import LANGUAGES, START_TIMEOUT, WEBSOCKET_MODES, executable
+from tests.conformance.test_serve_cli import CRASHES
+from tests.conftest import ROOT
+from tests.services import CLEAN_ENVIRONMENT
+
+#: Distinctive enough that no other text holds it.
+SECRET = "s3cr3t" + secrets.token_hex(8)
+URL = "ws://127.0.0.1:9/v1/plugins/connect"
+#: The exit status of a refused command line: argparse's usage error in Python.
+STATUS = {"python": 2}
+DIALLING = [language for language in LANGUAGES if "inbound" in WEBSOCKET_MODES.get(language, ())]
+SERVING_WEBSOCKET = [
+    language for language in LANGUAGES if "websocket" in WEBSOCKET_MODES.get(language, ())
+]
+ENVIRONMENT = {
+    **CLEAN_ENVIRONMENT,
+    # dispatcher-plugin and the dispatcher CLI as this checkout has them.
+    "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), str(ROOT / "sdk" / "python"), CLEAN_ENVIRONMENT.get("PYTHONPATH", "")]
+    ),
+}
+
+
+def refused(command: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """``command`` run to its end; one that takes the command line and runs on is a
+    failure (stopped, with what it printed)."""
+    process = subprocess.Popen(
+        list(command),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENVIRONMENT,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{command} took its command line and ran:\n{stdout}{stderr}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def assert_refused_naming(
+    done: subprocess.CompletedProcess[str],
+    status: int,
+    named: str,
+    crashes: Sequence[str] = CRASHES,
+) -> None:
+    """Refused with ``status``, ``named`` in what it said, the secret nowhere, no crash."""
+    said = done.stdout + done.stderr
+    assert SECRET not in said, f"the refused text shows:\n{said}"
+    assert done.returncode == status, (done.returncode, said)
+    assert named in done.stderr, f"{named!r} is not named:\n{said}"
+    assert not any(crash in said for crash in crashes), said
+
+
+#: (the arguments after the example plugin, what its refusal must name) of each mistake.
+SERVE_MISTAKES = {
+    "unknown option": (["serve", f"--no-such-flag={SECRET}"], "no-such-flag"),
+    "mistyped password flag": (
+        ["serve", f"--register-etcd-pasword={SECRET}"],
+        "register-etcd-pasword",
+    ),
+    "token in a URL to an unknown option": (
+        ["serve", f"--url=ws://me:{SECRET}@127.0.0.1:9/v1/plugins/connect"],
+        "url",
+    ),
+    "stray argument": (["serve", "--address", "127.0.0.1:0", SECRET], "#4"),
+}
+WEBSOCKET_MISTAKES = {
+    "unknown option": (["serve", "--websocket", f"--no-such-flag={SECRET}"], "no-such-flag"),
+    "stray argument": (["serve", "--websocket", "--address", "127.0.0.1:0", SECRET], "#5"),
+}
+CONNECT_MISTAKES = {
+    "unknown option": (["connect", "--url", URL, f"--no-such-flag={SECRET}"], "no-such-flag"),
+    "stray argument": (["connect", "--url", URL, SECRET], "#4"),
+    "stray argument first": (["connect", SECRET, "--url", URL], "#2"),
+}
+
+
+def _cases(
+    mode: str, mistakes: dict[str, tuple[list[str], str]], languages: list[str]
+) -> list[object]:
+    return [
+        pytest.param(language, *mistakes[name], id=f"{language}-{mode}-{name}")
+        for language in languages
+        for name in mistakes
+    ]
+
+
+@pytest.mark.parametrize(
+    ("language", "arguments", "named"),
+    _cases("serve", SERVE_MISTAKES, LANGUAGES)
+    + _cases("websocket", WEBSOCKET_MISTAKES, SERVING_WEBSOCKET)
+    + _cases("connect", CONNECT_MISTAKES, DIALLING),
+)
+def test_an_example_plugin_names_what_it_refuses_without_its_text(
+    language: str, arguments: list[str], named: str
+) -> None:
+    done = refused([str(executable(language)), *arguments])
+    assert_refused_naming(done, STATUS.get(language, 1), named)
+    assert done.stdout == "", "no handshake line: it must not serve"
+
+
+PREFIX = "/linchkit/plugins/example"
+
+
+@pytest.mark.parametrize(
+    "etcd",
+    [
+        pytest.param(f"ftp://me:{SECRET}@127.0.0.1:1", id="not http"),
+        pytest.param(f"http://me:{SECRET}@127.0.0.1:1", id="credentials"),
+        pytest.param(f"http://{SECRET}@127.0.0.1:99999", id="user and a port past 65535"),
+    ],
+)
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_an_etcd_url_refused_is_not_repeated_with_its_credentials(language: str, etcd: str) -> None:
+    """A flag whose value is a URL shows it masked, or not at all, when it refuses it:
+    ``--register-etcd`` (before, Python's quoted a URL whose scheme it refused whole, the
+    credentials it would have refused next with it)."""
+    done = refused(
+        [str(executable(language)), "serve", f"--register-etcd={etcd}", "--register-prefix", PREFIX]
+    )
+    assert_refused_naming(done, 1, "register-etcd")
+    assert done.stdout == "", "no handshake line: it must not serve"
+
+
+PLUGIN_CLI = [sys.executable, "-m", "linchkit_plugin.cli"]
+ENTRY = ["echo_plugin:EchoPlugin", "--path", str(ROOT / "examples" / "python")]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        pytest.param(["serve", *ENTRY, f"--no-such-flag={SECRET}"], "--no-such-flag", id="option"),
+        pytest.param(["serve", *ENTRY, SECRET], "#5", id="stray argument"),
+        pytest.param([SECRET, *ENTRY], "COMMAND", id="unknown command"),
+        pytest.param(
+            ["serve", *ENTRY, f"--register-etcd-={SECRET}"],
+            "--register-etcd-",
+            id="ambiguous abbreviation",
+        ),
+        pytest.param(["serve", *ENTRY, f"--websocket={SECRET}"], "--websocket", id="switch value"),
+        pytest.param(
+            ["connect", *ENTRY, "--url", URL, "--id", "e", "--version", "1", SECRET],
+            "#11",
+            id="connect stray argument",
+        ),
+    ],
+)
+def test_dispatcher_plugin_names_what_it_refuses_without_its_text(
+    arguments: list[str], named: str
+) -> None:
+    assert_refused_naming(refused([*PLUGIN_CLI, *arguments]), 2, named)
+
+
+DISPATCHER_CLI = [sys.executable, "-m", "dispatcher.cli", "-m", str(ROOT / "plugins.yaml")]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        pytest.param(["validate", SECRET], "#4", id="stray argument"),
+        pytest.param(["list", "-o", "json", SECRET, "x"], "#6", id="two stray arguments"),
+        pytest.param([SECRET], "No such command (argument #3", id="unknown command"),
+        pytest.param(["validate", f"--no-such-flag={SECRET}"], "--no-such-flag", id="option"),
+        pytest.param(["call", "echo.echo", f"--tokn={SECRET}"], "--tokn", id="mistyped option"),
+    ],
+)
+def test_the_dispatcher_cli_names_what_it_refuses_without_its_text(
+    arguments: list[str], named: str
+) -> None:
+    # click's own refusal reads "Error: …": no crash.
+    assert_refused_naming(refused([*DISPATCHER_CLI, *arguments]), 2, named, ("Traceback",))
