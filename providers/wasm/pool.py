@@ -280,7 +280,9 @@ class InstancePool:
         spent_at_cancel: float | None = None,
     ) -> None:
         spent = instance.cpu_seconds()
-        if future.done() or spent is None:  # back, or never begun: nothing to stop
+        # Back, or never begun: nothing to stop. Closed: the close says what it left running,
+        # and no timer of the pool outlives it.
+        if future.done() or spent is None or self._closed:
             return
         if spent_at_cancel is not None and spent - spent_at_cancel >= LOST_CANCEL_SECONDS / 4:
             log.error(

@@ -33,6 +33,7 @@ from tests.conformance.conftest import (
     _stop_service,
     executable,
 )
+from tests.services import until
 
 MODES = {"websocket": "serve", "inbound": "connect"}
 CASES = [
@@ -537,6 +538,33 @@ async def test_a_gateway_sending_garbage_before_the_welcome(link: Link) -> None:
     finally:
         link.behaviour = "normal"
     await link.still_serving()
+
+
+#: Text a gateway controls, as a terminal would run it and a log would take it as a line.
+FORGED = "\x1b[2J\nINFO forged: the plugin stopped" + "x" * 100_000
+
+
+async def test_a_gateway_s_error_and_dropped_frames_reach_the_log_escaped_and_cut(
+    link: Link,
+) -> None:
+    _connect_only(link)
+    await link.close()
+    async with asyncio.timeout(TIMEOUT):
+        ws = await link.arrivals.get()
+    link.current = ws
+    assert (await frame(ws))["type"] == "hello"
+    await send(ws, {"type": "error", "id": None, "error": {"type": "x", "message": FORGED}})
+    await send(ws, {"type": "dropped", "count": 1, "note": FORGED})
+    await link.still_serving()
+
+    def said() -> str:
+        return os.pread(link.stderr.fileno(), 16 * 1024 * 1024, 0).decode(errors="replace")
+
+    if link.language in ("python", "typescript"):  # the SDKs that log an error frame
+        await until(lambda: "could not use a frame" in said(), "the error frame's line")
+    log = said()
+    assert "\x1b" not in log and "\nINFO forged" not in log, log[-2000:]
+    assert all(len(line) < 1000 for line in log.splitlines()), max(log.splitlines(), key=len)[:300]
 
 
 async def test_a_gateway_that_closes_at_once_is_redialled_with_backoff(link: Link) -> None:

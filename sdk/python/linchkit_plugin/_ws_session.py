@@ -220,11 +220,14 @@ class PluginSession:
         elif kind == "welcome":
             self.welcomed = True
         elif kind == "dropped":
-            log.info("host says: %s", frame)
+            # The peer's text, escaped and cut as a close reason is: printed by a dialling
+            # plugin's executable, it must neither forge a line nor run in a terminal.
+            log.info("host says: %s", shown_close_reason(str(frame)))
         elif kind == "error":
             # The host could not use a frame of ours (a host that predates ``goaway`` says
             # so of it): logged, never answered, or two peers could trade errors forever.
-            log.info("the host could not use a frame: %s", frame.get("error"))
+            error = shown_close_reason(str(frame.get("error")))
+            log.info("the host could not use a frame: %s", error)
         else:
             self.protocol_errors += 1
             await self._send(
