@@ -467,3 +467,32 @@ def _slow_version_2_init(recording: Any, seconds: float) -> None:
             await asyncio.sleep(seconds)
 
     recording.init = init
+
+
+async def test_a_remade_fleet_attaches_only_what_its_first_read_still_lists(
+    dnsmasq: StartDnsmasq, served: Any
+) -> None:
+    """A reload remakes the fleet (another target) and its new source starts from what
+    the running fleet's source listed last (in case it cannot read). An instance that
+    left since is not in the new source's first read: it must not be attached for the
+    remade fleet at all. Before, the inherited list was attached at once, before the
+    first read, and an instance gone got Init and Start, then Stop."""
+    port = port_free_on(*V1_HOSTS)
+    found = [await served(host, port) for host in V1_HOSTS]
+    dns = dnsmasq(Zone(hosts={"fleet.test": list(V1_HOSTS)}, local_ttl=60))
+    source = [{"dns": {"name": "fleet.test", "type": "A", "port": port, "server": dns.server}}]
+    v2 = versioned("2.0.0", source)
+    v2["target"]["connect_timeout_ms"] = 9_000
+    async with Dispatcher(manifest(versioned("1.0.0", source))) as dispatcher:
+        staying, leaving = found
+        dns.set_hosts({"fleet.test": [V1_HOSTS[0]]})  # read again by the new source only
+        await dispatcher.reload(manifest(v2), grace=10)
+        assert [each["target"] for each in members_of(dispatcher)] == [f"grpc {staying.address}"]
+        assert staying.plugin.configs == [{"version": "1.0.0"}, {"version": "2.0.0"}]
+        assert leaving.plugin.configs == [{"version": "1.0.0"}]
+        assert leaving.plugin.steps == ["init", "start", "stop", "destroy"]
+
+
+def members_of(dispatcher: Dispatcher) -> list[dict[str, Any]]:
+    (stats,) = dispatcher.stats()["fleets"].values()
+    return list(stats["instances"])

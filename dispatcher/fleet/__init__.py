@@ -251,8 +251,8 @@ class FleetRuntime:
         source reads the place a running fleet's source reads starts from what that one
         listed last: a source that cannot read as the reload comes (etcd or DNS down) keeps
         those instances, as the running fleet's did. Made empty, the fleet had no instance
-        and every call failed until the source read again. Its first good read replaces
-        them."""
+        and every call failed until the source read again. A first read in time replaces
+        them before anything is attached (``Membership.start``)."""
         for index, spec in enumerate(membership.fleet.target.instance_sources()):
             for other in self.memberships.values():
                 if other is not membership and (listed := other.listed_from(spec)):

@@ -96,6 +96,10 @@ class Membership:
         #: Discovered instances attached and not yet detached, by key.
         self.attached: dict[str, TargetConfig] = {}
         self._changed = asyncio.Event()
+        #: Set by ``start`` once each source has read once (or could not, or its time
+        #: is up), then by the reconciling task once its first pass has ended.
+        self._first_read = asyncio.Event()
+        self._first_pass = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._retiring: set[asyncio.Task[None]] = set()
         #: Those of ``_retiring`` detaching now: the close lets them end, since the
@@ -104,9 +108,6 @@ class Membership:
         #: Attaches and detaches of this fleet take turns: an instance listed again while
         #: it is being detached attaches after the detach, not during it.
         self._turns = _Turns()
-        #: One pass at a time: ``start``'s own pass and the task's would otherwise both
-        #: find an instance absent while the other attaches it, and join it twice.
-        self._reconciling = asyncio.Lock()
         #: The pass scheduled after one that left an instance out, and the wait before it.
         self._retry: asyncio.Task[None] | None = None
         self._retry_delay = _RETRY_FIRST
@@ -130,7 +131,8 @@ class Membership:
 
     def inherit(self, index: int, endpoints: Sequence[Endpoint]) -> None:
         """Before ``start``: source ``index`` lists ``endpoints`` until it reports a list
-        of its own, as if it had read them (``FleetRuntime.watch_new``)."""
+        of its own, as if it had read them (``FleetRuntime.watch_new``). Nothing is
+        attached before the sources' first read, which replaces them if it comes in time."""
         self._reporter(index)(endpoints)
 
     async def start(self, first_read_timeout: float) -> None:
@@ -141,15 +143,29 @@ class Membership:
             self._tasks.append(
                 loop.create_task(source.run(self._reporter(index)), name=f"{source.name}")
             )
-        self._tasks.append(
-            loop.create_task(self._reconcile_forever(), name=f"membership of {self.fleet.name}")
+        reconciling = loop.create_task(
+            self._reconcile_forever(), name=f"membership of {self.fleet.name}"
         )
+        self._tasks.append(reconciling)
         deadline = loop.time() + first_read_timeout
         while any(not source.reads and not source.error for source in self.sources):
-            if loop.time() >= deadline:
+            if loop.time() >= deadline or self._closed:
                 break
             await asyncio.sleep(0.01)
-        await self._reconcile()
+        self._first_read.set()
+        await self._first_pass_of(reconciling)
+
+    async def _first_pass_of(self, reconciling: asyncio.Task[None]) -> None:
+        """Return once the reconciling task's first pass has ended, or the task has (a
+        close cancelled it: the close waits for it, so nothing it attached outlives
+        ``detach_all``; a pass of ``start``'s own would not be waited for)."""
+        passed = asyncio.ensure_future(self._first_pass.wait())
+        try:
+            await asyncio.wait([passed, reconciling], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            passed.cancel()
+        if reconciling.done() and not reconciling.cancelled():
+            reconciling.result()  # raises what ended it; it never ends otherwise
 
     async def aclose(self) -> None:
         """Stop watching; instances stay attached until ``detach_all``. A retired
@@ -234,17 +250,19 @@ class Membership:
     # -- reconciling ---------------------------------------------------------------------
 
     async def _reconcile_forever(self) -> None:
+        # Not before the first read: a list inherited from another fleet (``inherit``) is
+        # what to call should the read fail, and attached at once it gave the instances
+        # that left in between an Init and a Start for nothing.
+        await self._first_read.wait()
         while True:
-            await self._changed.wait()
             self._changed.clear()
             await self._reconcile()
+            self._first_pass.set()
+            await self._changed.wait()
 
     async def _reconcile(self) -> None:
-        async with self._reconciling:
-            if not self._closed:
-                await self._reconcile_now()
-
-    async def _reconcile_now(self) -> None:
+        """One pass, only ever run by the reconciling task: two passes at once would both
+        find an instance absent while the other attaches it, and join it twice."""
         fleet = self.fleet
         wanted: dict[str, tuple[TargetConfig, int, str]] = {}
         for source, listed in zip(self.sources, self._listed, strict=True):
