@@ -622,54 +622,42 @@ class Dispatcher:
         wait_at_most: float | None,
     ) -> Any:
         """``call`` through authentication, access checks and the audit log (``_guard``)."""
-        entry = self._guard.begin(
-            "call",
-            caller,
-            plugin,
-            version,
-            method,
-            request_id or new_request_id(),
-            traceparent,
-            params,
-        )
-        failure: BaseException | None = None
-        chained = False
-        try:
-            if self._draining:
-                raise self._refused(f"call of {plugin}.{method}")
-            route, caller_id = await self._guard.resolve(
-                self._routes,
-                self._state,
-                plugin,
-                method,
-                version,
-                caller,
-                credentials,
-                entry,
-                idempotency_key,
-            )
-            invocation = self._invocation(
-                route,
-                params,
-                timeout,
-                entry.request_id,
-                caller_id,
-                traceparent,
-                idempotency_key,
-                wait_at_most,
-            )
+        request_id = request_id or new_request_id()
+        with self._guard.begin(
+            "call", caller, plugin, version, method, request_id, traceparent, params
+        ) as entry:
+            try:
+                if self._draining:
+                    raise self._refused(f"call of {plugin}.{method}")
+                route, caller_id = await self._guard.resolve(
+                    self._routes,
+                    self._state,
+                    plugin,
+                    method,
+                    version,
+                    caller,
+                    credentials,
+                    entry,
+                    idempotency_key,
+                )
+                invocation = self._invocation(
+                    route,
+                    params,
+                    timeout,
+                    request_id,
+                    caller_id,
+                    traceparent,
+                    idempotency_key,
+                    wait_at_most,
+                )
+            except DispatchError as refused:
+                if self.telemetry is not None:  # refused before the chain, which counts the rest
+                    self._count_refused(plugin, method, entry.route, refused)
+                raise
             invoke = route.invoke if idempotency_key is None else route.keyed(version)
-            chained = True  # from here on the chain's own telemetry step counts the call
             return await self._in_flight.tracked(
                 invoke(invocation), f"the call of {route.name}", route.reaches
             )
-        except BaseException as error:
-            failure = error
-            if self.telemetry is not None and not chained and isinstance(error, DispatchError):
-                self._count_refused(plugin, method, entry.route, error)
-            raise
-        finally:
-            self._guard.end(entry, failure)
 
     def _count_refused(
         self, plugin: str, method: str, route: Route | None, error: DispatchError
@@ -771,11 +759,9 @@ class Dispatcher:
             route = self._routes.find(plugin, method, version, self._state, submission.split_key)
             caller_id = caller if isinstance(caller, str) else None
             return await self._queue_job(store, submission, route, caller_id, limit, named=version)
-        entry = self._guard.begin(
+        with self._guard.begin(
             "submit", caller, plugin, version, method, submission.job_id, None, submission.params
-        )
-        failure: BaseException | None = None
-        try:
+        ) as entry:
             route, caller_id = await self._guard.resolve(
                 self._routes,
                 self._state,
@@ -788,11 +774,6 @@ class Dispatcher:
                 submission.split_key,
             )
             return await self._queue_job(store, submission, route, caller_id, limit, named=version)
-        except BaseException as error:
-            failure = error
-            raise
-        finally:
-            self._guard.end(entry, failure)
 
     async def _queue_job(
         self,
@@ -924,25 +905,17 @@ class Dispatcher:
         without streaming raises ``ProviderError``; a failure mid-stream raises its
         ``DispatchError`` after the chunks already yielded.
         """
-        entry = self._guard.begin(
-            "stream",
-            caller,
-            plugin,
-            version,
-            method,
-            request_id or new_request_id(),
-            traceparent,
-            params,
-        )
-        failure: BaseException | None = None
-        try:
+        request_id = request_id or new_request_id()
+        with self._guard.begin(
+            "stream", caller, plugin, version, method, request_id, traceparent, params
+        ) as entry:
             if self._draining:
                 raise self._refused(f"stream of {plugin}.{method}")
             route, caller_id = await self._guard.resolve(
                 self._routes, self._state, plugin, method, version, caller, credentials, entry
             )
             invocation = self._invocation(
-                route, params, timeout, entry.request_id, caller_id, traceparent, None, wait_at_most
+                route, params, timeout, request_id, caller_id, traceparent, None, wait_at_most
             )
             chunks = self._in_flight.tracked_stream(
                 route.open_stream(invocation), f"the stream of {route.name}", route.reaches
@@ -952,11 +925,6 @@ class Dispatcher:
                     yield chunk
             finally:  # now, not when the collector finds it: a drain counts open streams
                 await chunks.aclose()
-        except BaseException as error:
-            failure = error
-            raise
-        finally:
-            self._guard.end(entry, failure)
 
     async def publish(
         self,
@@ -983,9 +951,7 @@ class Dispatcher:
                 self._publish(plugin, event, data, version, timeout), f"event {event!r} to {plugin}"
             )
             return
-        entry = guard.begin("event", caller, plugin, version, event, new_request_id())
-        failure: BaseException | None = None
-        try:
+        with guard.begin("event", caller, plugin, version, event, new_request_id()) as entry:
             if self._draining:
                 raise self._refused(f"event {event!r} to {plugin}")
             guard.caller_id(caller)
@@ -999,11 +965,6 @@ class Dispatcher:
             await self._in_flight.tracked(
                 self._publish(plugin, event, data, wanted, timeout), f"event {event!r} to {plugin}"
             )
-        except BaseException as error:
-            failure = error
-            raise
-        finally:
-            guard.end(entry, failure)
 
     def _publish(
         self, plugin: str, event: str, data: Any, version: str | None, timeout: float

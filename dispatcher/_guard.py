@@ -29,7 +29,8 @@ import re
 from collections.abc import Callable
 from contextvars import Token
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from dispatcher._routes import Route, RouteTable
 from dispatcher._text import encodable_text
@@ -56,8 +57,12 @@ Caller = str | Principal | None
 @dataclass(slots=True)
 class Audited:
     """What the audit record of one call, stream or event will say; the dispatcher fills in
-    ``caller`` (once authenticated) and ``route`` (once resolved) as the call goes."""
+    ``caller`` (once authenticated) and ``route`` (once resolved) as the call goes.
 
+    A context manager: leaving its block, however it is left, writes the one record
+    (``Guard.end``) with what ended it."""
+
+    guard: Guard
     kind: str  # "call", "stream" or "event"
     caller: Caller
     plugin: str
@@ -69,6 +74,17 @@ class Audited:
     started: float
     served: tuple[list[Instance], Token[list[Instance] | None]] | None
     route: Route | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.guard.end(self, error)
 
 
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -202,8 +218,9 @@ class Guard:
         traceparent: str | None = None,
         params: Any = None,
     ) -> Audited:
-        """Open the audit entry of a call, stream or event starting now; ``end`` writes it.
-        A call also notes which fleet instances serve it (audited calls only).
+        """Open the audit entry of a call, stream or event starting now; ``end``, or
+        leaving the entry's ``with`` block, writes it. A call also notes which fleet
+        instances serve it (audited calls only).
 
         ``Overloaded`` when the audit log is behind its sink (``AuditLog.behind``): what
         cannot be recorded does not run; the log counts the refusal instead."""
@@ -220,7 +237,17 @@ class Guard:
             served = instances, SERVED_BY.set(instances)
         started = self.clock()
         return Audited(
-            kind, caller, plugin, version, method, request_id, traceparent, params, started, served
+            self,
+            kind,
+            caller,
+            plugin,
+            version,
+            method,
+            request_id,
+            traceparent,
+            params,
+            started,
+            served,
         )
 
     def end(self, entry: Audited, error: BaseException | None) -> None:
