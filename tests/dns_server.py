@@ -168,11 +168,33 @@ class Dnsmasq:
             process.stderr.close()
 
     def set_hosts(self, hosts: dict[str, list[str]]) -> None:
-        """Change addresses while running: rewrite the file, SIGHUP (re-read, cache emptied)."""
+        """Change addresses while running: rewrite the file, SIGHUP (re-read, cache
+        emptied), and return once dnsmasq answers the new ones: it re-reads after the
+        signal, and a source asking at once on a loaded machine was told the old ones."""
         assert self.process is not None
         self.zone.hosts = hosts
         self._write_config()
         self.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10.0
+        while any(self._addresses(name) != set(each) for name, each in hosts.items()):
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"dnsmasq did not answer {hosts} within 10 s of its SIGHUP")
+            time.sleep(0.02)
+
+    def _addresses(self, name: str) -> set[str] | None:
+        """The A records dnsmasq answers for ``name`` now (None: no answer in time)."""
+        try:
+            answer = dns.query.udp(
+                dns.message.make_query(name, "A"), "127.0.0.1", port=self.port, timeout=0.2
+            )
+        except (dns.exception.Timeout, OSError):
+            return None
+        return {
+            record.to_text()
+            for rrset in answer.answer
+            if rrset.rdtype == dns.rdatatype.A
+            for record in rrset
+        }
 
     def set_srv(self, srv: list[Srv]) -> None:
         """Change SRV records: they are options, so dnsmasq restarts on the same port."""
