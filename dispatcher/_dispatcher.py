@@ -48,7 +48,6 @@ from dispatcher._job_view import (
     job_store_of,
     new_submission,
     owned_job_status,
-    queue_job_once,
 )
 from dispatcher._jobs import JobWorkers
 from dispatcher._public_errors import ErrorDetail
@@ -137,7 +136,6 @@ class Dispatcher:
         self._events_out: EventSender | None = None  # host events to plugins (dispatcher._publish)
         self._circuit_listeners: list[CircuitListener] = []
         self._events = EventHandlers()
-        self._events_lost_warned: set[str] = set()  # plugins Dispatcher.on warned about
         #: Providers and what each has attached (dispatcher._attachments).
         self._attachments = Attachments(
             providers if providers is not None else providers_for(manifest),
@@ -750,7 +748,6 @@ class Dispatcher:
         submission = new_submission(
             params, idempotency_key, callback_url, self.manifest.egress, error_detail
         )
-        limit = self.manifest.jobs.max_params_bytes
         if not (
             self._guarded
             or credentials is not None
@@ -758,7 +755,7 @@ class Dispatcher:
         ):
             route = self._routes.find(plugin, method, version, self._state, submission.split_key)
             caller_id = caller if isinstance(caller, str) else None
-            return await self._queue_job(store, submission, route, caller_id, limit, named=version)
+            return await self._queue(store, submission, route, caller_id, named=version)
         with self._guard.begin(
             "submit", caller, plugin, version, method, submission.job_id, None, submission.params
         ) as entry:
@@ -773,40 +770,29 @@ class Dispatcher:
                 entry,
                 submission.split_key,
             )
-            return await self._queue_job(store, submission, route, caller_id, limit, named=version)
+            return await self._queue(store, submission, route, caller_id, named=version)
 
-    async def _queue_job(
+    async def _queue(
         self,
         store: JobStore,
         submission: Submission,
         route: Route,
         caller_id: str | None,
-        limit: int,
         *,
         named: str | None,
     ) -> str:
-        """Queue the job, once per idempotency key (``queue_job_once``); ``named``: the
-        version or range the submission named."""
         backend = self.state_backend
         assert backend is not None  # job_store_of found the store on it
-        try:
-            job_id = await queue_job_once(
-                store,
-                backend.idempotency,
-                self.manifest.state.idempotency_retention_ms / 1000,
-                submission,
-                route,
-                caller_id,
-                limit,
-                version_named=named is not None,
-                wanted=None if named is None or named == route.version else named,
-            )
-        except DispatchError as error:
-            self._submissions.count(route, error.type)
-            raise
-        # An id other than the one this submission made: its key's earlier job.
-        self._submissions.count(route, "queued" if job_id == submission.job_id else "replayed")
-        return job_id
+        return await self._submissions.queue(
+            store,
+            backend.idempotency,
+            self.manifest.state.idempotency_retention_ms / 1000,
+            submission,
+            route,
+            caller_id,
+            self.manifest.jobs.max_params_bytes,
+            named=named,
+        )
 
     async def job(self, job_id: str) -> dict[str, Any]:
         """The status record of job ``job_id``: state, attempts, error, times (integers, ms
@@ -1109,30 +1095,7 @@ class Dispatcher:
         say: ``Provider.delivers_events``), the handler is never called; a WARNING says so,
         once per plugin."""
         self._events.on(plugin, event, handler)
-        self._warn_if_events_lost(plugin)
-
-    def _warn_if_events_lost(self, plugin_id: str) -> None:
-        if plugin_id in self._events_lost_warned:
-            return
-        bindings: set[str] = set()
-        for spec in self.manifest.plugins:
-            if spec.id != plugin_id:
-                continue
-            for target in spec.targets():
-                provider = self._providers.get(target.provider)
-                if provider is None or provider.delivers_events_on(target):
-                    return
-                bindings.add(target.provider)
-        if not bindings:
-            return  # not in the manifest (yet): a reload or the registry may add it
-        self._events_lost_warned.add(plugin_id)
-        log.warning(
-            "events of plugin %r never reach Dispatcher.on: its %s target has no channel"
-            " back to the host (events are delivered on local, subprocess and grpc targets"
-            " with events on, and websocket targets)",
-            plugin_id,
-            "/".join(sorted(bindings)),
-        )
+        self._events.warn_if_lost(plugin, self.manifest.plugins, self._providers)
 
     def on_event(self, listener: EventListener) -> None:
         """Call ``listener(plugin, version, event, data)`` for every event any plugin

@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from functools import partial
 from typing import Any, Protocol
 
+from dispatcher.config import PluginSpec
 from providers._log_lines import sparingly
+from providers.base import Provider
 
 __all__ = ["MAX_RUNNING_HANDLERS_PER_PLUGIN", "EventHandler", "EventHandlers", "EventListener"]
 
@@ -58,9 +60,43 @@ class EventHandlers:
         self._running: dict[str, int] = {}
         #: Events not handed to coroutine handlers: their plugin had as many running.
         self.dropped = 0
+        #: Plugins ``warn_if_lost`` has warned about.
+        self._lost_warned: set[str] = set()
 
     def on(self, plugin: str, event: str, handler: EventHandler) -> None:
         self._handlers[(plugin, event)].append(handler)
+
+    def warn_if_lost(
+        self,
+        plugin_id: str,
+        plugins: Iterable[PluginSpec[Any]],
+        providers: Mapping[str, Provider[Any]],
+    ) -> None:
+        """Warn, once per plugin, when none of ``plugin_id``'s targets can carry its
+        events back (``Provider.delivers_events_on``: an ``http`` target cannot), so its
+        handlers are never called. Not for a plugin the manifest does not have yet: a
+        reload or the registry may add it."""
+        if plugin_id in self._lost_warned:
+            return
+        bindings: set[str] = set()
+        for spec in plugins:
+            if spec.id != plugin_id:
+                continue
+            for target in spec.targets():
+                provider = providers.get(target.provider)
+                if provider is None or provider.delivers_events_on(target):
+                    return
+                bindings.add(target.provider)
+        if not bindings:
+            return
+        self._lost_warned.add(plugin_id)
+        log.warning(
+            "events of plugin %r never reach Dispatcher.on: its %s target has no channel"
+            " back to the host (events are delivered on local, subprocess and grpc targets"
+            " with events on, and websocket targets)",
+            plugin_id,
+            "/".join(sorted(bindings)),
+        )
 
     def listen(self, listener: EventListener) -> None:
         self._listeners.append(listener)

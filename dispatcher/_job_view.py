@@ -40,7 +40,7 @@ from dispatcher.state import (
     encode_result,
 )
 from dispatcher.state.job_store import TERMINAL_STATES
-from linchkit_plugin.errors import DeadlineExceeded, InvalidParams, ProviderError
+from linchkit_plugin.errors import DeadlineExceeded, DispatchError, InvalidParams, ProviderError
 from linchkit_plugin.wire import encode_json
 from providers.egress import EgressPolicy
 from providers.invocation import new_request_id
@@ -72,6 +72,39 @@ class Submissions:
         name = f"{route.plugin}@{route.version}.{route.method}"
         by_outcome = self.counts.setdefault(name, {})
         by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
+
+    async def queue(
+        self,
+        store: JobStore,
+        idempotency: IdempotencyStore,
+        retention: float,
+        submission: Submission,
+        route: Route,
+        caller_id: str | None,
+        max_params_bytes: int,
+        *,
+        named: str | None,
+    ) -> str:
+        """Queue the job, once per idempotency key (``queue_job_once``), and count how
+        it went; ``named``: the version or range the submission named."""
+        try:
+            job_id = await queue_job_once(
+                store,
+                idempotency,
+                retention,
+                submission,
+                route,
+                caller_id,
+                max_params_bytes,
+                version_named=named is not None,
+                wanted=None if named is None or named == route.version else named,
+            )
+        except DispatchError as error:
+            self.count(route, error.type)
+            raise
+        # An id other than the one this submission made: its key's earlier job.
+        self.count(route, "queued" if job_id == submission.job_id else "replayed")
+        return job_id
 
     def stats(self) -> dict[str, dict[str, int]]:
         return {route: dict(each) for route, each in self.counts.items()}
