@@ -91,6 +91,7 @@ class RegistryEntries:
             retry=config.retry_ms / 1000,
             tls=None if config.tls is None else ClientTlsContext(config.tls),
             auth=config.auth,
+            idle_probe=config.idle_probe_ms / 1000,
         )
         self._kept = _Kept(FirstKeys(config.trust.max_entries))
         #: Overflows so far, what their log lines are spared by (``sparingly``): keys

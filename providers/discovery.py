@@ -251,17 +251,31 @@ def _loopback(host: str | None) -> bool:
         return False
 
 
-class RegistryDiscovery(EtcdAccess):
-    """Instances from an etcd registry: every key under ``prefix``, watched."""
+class EtcdWatch(EtcdAccess):
+    """An etcd prefix read and then watched: how long each request may take, how soon
+    a failed read is tried again, and how long a silent watch goes before etcd is asked
+    whether it still answers (a frozen etcd keeps its connections open, and its kernel
+    answers TCP keepalive)."""
 
     prefix: str = Field(min_length=2, pattern=r"^/[^\s]*[^/\s]$")
     timeout_ms: int = Field(default=2_000, ge=10, le=60_000)
     retry_ms: int = Field(
-        default=1_000, ge=10, description="Wait before reading again after the registry failed."
+        default=1_000, ge=10, description="Wait before reading again after etcd failed."
+    )
+    idle_probe_ms: int = Field(
+        default=10_000,
+        ge=100,
+        le=3_600_000,
+        description="Silence on the watch after which etcd is asked a small read; one not"
+        " answered within timeout_ms fails the watch, which is read again.",
     )
 
     def describe(self) -> str:
         return f"{super().describe()} {self.prefix}"
+
+
+class RegistryDiscovery(EtcdWatch):
+    """Instances from an etcd registry: every key under ``prefix``, watched."""
 
 
 class DnsInstance(_Spec):

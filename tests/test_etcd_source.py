@@ -420,11 +420,11 @@ async def test_an_etcd_frozen_under_a_silent_watch_is_an_error_and_the_list_stay
 ) -> None:
     """etcd stopped (SIGSTOP: a paused VM, a process stuck) keeps its connections open
     and its kernel answers TCP keepalive: the watch stayed silent, which is a quiet
-    registry, and the source said nothing for ever. After ``idle_probe`` of silence it
-    asks etcd a small read; unanswered, the watch ends as a failure."""
+    registry, and the source said nothing for ever. After ``idle_probe_ms`` of silence
+    it asks etcd a small read; unanswered, the watch ends as a failure."""
     prefix = "/linchkit/plugins/echo"
     await put(own_etcd, f"{prefix}/a", {"url": "http://127.0.0.2:8081"})
-    watcher = EtcdSource(spec(own_etcd.url, prefix, timeout_ms=500, retry_ms=100), idle_probe=0.5)
+    watcher = source(own_etcd.url, prefix, timeout_ms=500, retry_ms=100, idle_probe_ms=500)
     async with watching(watcher) as reports:
         await until(lambda: watcher.reads == 1, "the first read")
         await asyncio.sleep(1.5)  # silent, etcd answering: a quiet registry, no error

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -240,6 +241,35 @@ async def test_etcd_going_away_keeps_the_entries_and_its_return_applies_again(
         own_etcd.put(f"{etcd_prefix}/echo@1.1.0", entry(greeters["two"], "1.1.0"))
         await until(lambda: "echo@1.1.0" in keys(dispatcher), "a change after etcd returned")
         assert await greeting(dispatcher) == "two"
+
+
+async def test_an_etcd_frozen_under_the_entries_watch_is_said_after_idle_probe_ms(
+    own_etcd: Etcd, etcd_prefix: str, greeters: dict[str, str]
+) -> None:
+    """A frozen etcd (SIGSTOP) keeps its connections open and the watch silent: after
+    ``idle_probe_ms`` of silence the registry asks etcd a small read, and one unanswered
+    is the registry's error; the entries stay in use, and a change once etcd runs again
+    applies. Before the setting, the probe came after a fixed 10 s."""
+    document = manifest_with_registry(
+        own_etcd, etcd_prefix, timeout_ms=300, retry_ms=50, idle_probe_ms=400
+    )
+    own_etcd.put(f"{etcd_prefix}/echo@1.0.0", entry(greeters["one"]))
+    async with dispatcher_for(document) as dispatcher:
+        registry = dispatcher.registry
+        assert registry is not None
+        await asyncio.sleep(1.0)  # silent, etcd answering: a quiet registry, no error
+        assert registry.error is None
+        assert own_etcd.process is not None
+        own_etcd.process.send_signal(signal.SIGSTOP)
+        try:
+            said = await until(lambda: registry.error, "the registry's error", timeout=5)
+            assert "the watch went silent and etcd does not answer" in said, said
+            assert await greeting(dispatcher) == "one"
+        finally:
+            own_etcd.process.send_signal(signal.SIGCONT)
+        await until(lambda: registry.error is None, "etcd read again", timeout=30)
+        own_etcd.put(f"{etcd_prefix}/echo@1.1.0", entry(greeters["two"], "1.1.0"))
+        await until(lambda: "echo@1.1.0" in keys(dispatcher), "a change after etcd ran again")
 
 
 async def test_a_dispatcher_starts_without_its_registry_and_takes_entries_later(

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from dispatcher.config.includes import parse_yaml
 from linchkit_plugin.wire import nested_deeper_than
-from providers.discovery import EtcdAccess
+from providers.discovery import EtcdWatch
 from providers.target import StrictModel
 
 __all__ = ["EntryTrust", "RegistryConfig", "entry_item"]
@@ -73,21 +73,13 @@ class EntryTrust(StrictModel):
     )
 
 
-class RegistryConfig(EtcdAccess):
+class RegistryConfig(EtcdWatch):
     """``registry:``: where plugin entries are published and how they are followed."""
 
-    prefix: str = Field(min_length=2, pattern=r"^/[^\s]*[^/\s]$")
     debounce_ms: int = Field(
         default=500, ge=0, le=60_000, description="Changes within this window apply together."
     )
-    timeout_ms: int = Field(default=2_000, ge=10, le=60_000)
-    retry_ms: int = Field(
-        default=1_000, ge=10, description="Wait before reading again after etcd failed."
-    )
     trust: EntryTrust = Field(default_factory=EntryTrust)
-
-    def describe(self) -> str:
-        return f"{super().describe()} {self.prefix}"
 
 
 def entry_item(key: str, value: bytes, config: RegistryConfig) -> dict[str, Any]:

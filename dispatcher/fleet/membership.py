@@ -393,7 +393,7 @@ class Membership:
 
 
 #: A source's settings of when and how long to read, not of what it reads.
-_TIMING = {"timeout_ms", "retry_ms", "min_refresh_ms", "max_refresh_ms"}
+_TIMING = {"timeout_ms", "retry_ms", "idle_probe_ms", "min_refresh_ms", "max_refresh_ms"}
 
 
 def same_place(one: Discovery, other: Discovery) -> bool:

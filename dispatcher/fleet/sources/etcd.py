@@ -53,7 +53,6 @@ import orjson
 
 from dispatcher.fleet.sources import MAX_ENDPOINTS, InstanceSource, Report
 from dispatcher.fleet.sources.etcd_client import (
-    IDLE_PROBE_SECONDS,
     MAX_MESSAGE_BYTES,
     Change,
     EtcdPrefix,
@@ -165,7 +164,6 @@ class EtcdSource(InstanceSource):
         spec: RegistryDiscovery,
         *,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
-        idle_probe: float = IDLE_PROBE_SECONDS,
     ) -> None:
         super().__init__(spec.describe())
         self._spec = spec
@@ -177,7 +175,7 @@ class EtcdSource(InstanceSource):
             max_message_bytes=max_message_bytes,
             tls=None if spec.tls is None else ClientTlsContext(spec.tls),
             auth=spec.auth,
-            idle_probe=idle_probe,
+            idle_probe=spec.idle_probe_ms / 1000,
         )
         self._kept = _Kept()
         #: The list last reported (None: none yet), not reported again while it holds.
