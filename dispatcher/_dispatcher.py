@@ -492,6 +492,11 @@ class Dispatcher:
     async def _apply_registry(self) -> dict[str, list[str]]:
         return await self.reload(self._file_manifest, source="the registry")
 
+    def _routing(self) -> tuple[RouteTable, str]:
+        """The routing table and the state now, for ``Guard.resolve`` to read once the
+        caller is authenticated: a reload may swap the table while that awaits."""
+        return self._routes, self._state
+
     def _refused(self, what: str) -> ShuttingDown:
         return ShuttingDown(
             f"the dispatcher is {self._state}: {what} refused; send it to another replica",
@@ -628,8 +633,7 @@ class Dispatcher:
                 if self._draining:
                     raise self._refused(f"call of {plugin}.{method}")
                 route, caller_id = await self._guard.resolve(
-                    self._routes,
-                    self._state,
+                    self._routing,
                     plugin,
                     method,
                     version,
@@ -760,8 +764,7 @@ class Dispatcher:
             "submit", caller, plugin, version, method, submission.job_id, None, submission.params
         ) as entry:
             route, caller_id = await self._guard.resolve(
-                self._routes,
-                self._state,
+                self._routing,
                 plugin,
                 method,
                 version,
@@ -898,7 +901,7 @@ class Dispatcher:
             if self._draining:
                 raise self._refused(f"stream of {plugin}.{method}")
             route, caller_id = await self._guard.resolve(
-                self._routes, self._state, plugin, method, version, caller, credentials, entry
+                self._routing, plugin, method, version, caller, credentials, entry
             )
             invocation = self._invocation(
                 route, params, timeout, request_id, caller_id, traceparent, None, wait_at_most

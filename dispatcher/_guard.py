@@ -138,8 +138,7 @@ class Guard:
 
     async def resolve(
         self,
-        routes: RouteTable,
-        state: str,
+        routing: Callable[[], tuple[RouteTable, str]],
         plugin: str,
         method: str,
         version: str | None,
@@ -149,13 +148,17 @@ class Guard:
         idempotency_key: str | None = None,
     ) -> tuple[Route, str | None]:
         """The route of a guarded call and the caller id its invocation carries: the caller
-        authenticated, then authorized for what the name resolves to. ``entry``, when the
-        call is audited, learns the principal and the route as soon as they are known.
+        authenticated, then authorized for what the name resolves to. ``routing``: the
+        dispatcher's routing table and state, read once the caller is authenticated (that
+        may wait for a key set: a reload swapping the table meanwhile must route the call,
+        for it waits only for those routed at its swap). ``entry``, when the call is
+        audited, learns the principal and the route as soon as they are known.
         ``idempotency_key``: the call's, which a rollout splits by (``RouteTable.find``)."""
         principal = await self.principal_of(caller, credentials)
         if entry is not None:
             entry.caller = principal
         caller_id = self.caller_id(principal)
+        routes, state = routing()
         route = self.authorized_route(
             routes, state, plugin, method, version, principal, idempotency_key
         )

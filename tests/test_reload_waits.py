@@ -15,20 +15,35 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
-from dispatcher import Dispatcher
-from tests.conftest import manifest
+from dispatcher import Credentials, Dispatcher, parse_manifest
+from tests.conftest import ROOT, manifest
+from tests.identity_support import jwks, jwt_config, rsa_key
 
 PLUGIN = '''
 import asyncio
 
 #: Set by the test: the dispatcher a relay calls through.
 DISPATCHER = None
+#: How each nap ended, ``(tag, "whole")`` or ``(tag, "cut")``: cut when its plugin was
+#: stopped (detached) while it still ran, as a process would have been.
+ENDS = []
 
 
 class Waits:
+    async def init(self, config):
+        self.config = config
+        self.stopped = False
+
+    async def stop(self):
+        self.stopped = True
+
     async def nap(self, seconds):
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(seconds + self.config.get("slower_by", 0))
+        ENDS.append((self.config.get("tag"), "cut" if self.stopped else "whole"))
+        if self.stopped:
+            raise RuntimeError("stopped while a call still ran")
         return seconds
 
     async def ticks(self, count, every):
@@ -138,6 +153,63 @@ async def test_a_call_with_a_fallback_is_waited_for(folder: Path) -> None:
         await asyncio.sleep(0.2)
         assert await reload_time(dispatcher, kept, other) >= 0.6
         assert await napping == 1.0
+
+
+class HeldKeys:
+    """A JWKS server whose fetches after the first wait until the test lets them answer."""
+
+    def __init__(self, first: dict[str, Any], later: dict[str, Any]) -> None:
+        self.documents = [first, later]
+        self.fetches = 0
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.fetches += 1
+        if self.fetches > 1:
+            self.held.set()
+            await self.release.wait()
+        return web.json_response(self.documents[min(self.fetches, 2) - 1])
+
+
+async def test_a_call_authenticating_across_the_swap_is_routed_by_the_new_routes(
+    folder: Path,
+) -> None:
+    # A gateway's call whose bearer token names a key the issuer just rotated in: the
+    # dispatcher fetches the key set again while a reload replaces 1.0.0 by 2.0.0.
+    # Before, the call was routed in the table read before it authenticated, to 1.0.0,
+    # which the reload had detached meanwhile (nothing in flight reached it): it failed
+    # "svc@1.0.0 is not started" instead of going to 2.0.0.
+    old_key, new_key = rsa_key("before"), rsa_key("rotated")
+    server = HeldKeys(jwks(old_key), jwks(old_key, new_key))
+    app = web.Application()
+    app.router.add_get("/jwks.json", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    auth = {"jwt": jwt_config(f"http://127.0.0.1:{port}/jwks.json", refetch_min_interval_s=0)}
+    first, second = plugin(folder, "svc"), {**plugin(folder, "svc"), "version": "2.0.0"}
+
+    def authenticated(*plugins: dict[str, Any]) -> Any:
+        return parse_manifest({"version": 1, "plugins": list(plugins), "auth": auth}, base_dir=ROOT)
+
+    try:
+        async with Dispatcher(authenticated(first)) as dispatcher:
+            bearer = Credentials(authorization=f"Bearer {new_key.token()}")
+            calling = asyncio.create_task(
+                dispatcher.call("svc", "nap", {"seconds": 0.1}, credentials=bearer)
+            )
+            async with asyncio.timeout(10):
+                await server.held.wait()  # the call waits for the key set now
+            await dispatcher.reload(authenticated(second), grace=10)
+            server.release.set()
+            async with asyncio.timeout(10):
+                assert await calling == 0.1
+    finally:
+        server.release.set()
+        await runner.cleanup()
 
 
 @pytest.fixture(autouse=True)
