@@ -254,17 +254,22 @@ class ReloadSteps:
         )
 
     async def _settle(self, grace: float, retired: Reaches) -> None:
-        """Wait until the calls in flight now that may reach a ``retired`` version (None:
-        any) have ended, ``grace`` seconds at most: a call or stream to a version kept
-        whole does not hold up the detaching."""
+        """Wait until the calls in flight now and the shadow calls running now that may
+        reach a ``retired`` version (None: any) have ended, ``grace`` seconds at most: a
+        call or stream to a version kept whole does not hold up the detaching."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         in_flight = self._in_flight
         in_flight.tell_left = True
         self.waiting = asyncio.current_task()
+        # Shadow calls are no calls in flight; those starting after the swap go to the
+        # routes installed (``Shadow.ended``).
+        mirrors = self._rollouts.mirrors(retired)
         try:
-            settled = await in_flight.wait_settled(
-                loop.time() + grace, self._current_task(), retired
-            )
+            settled = await in_flight.wait_settled(deadline, self._current_task(), retired)
+            if mirrors:
+                _, running = await asyncio.wait(mirrors, timeout=max(0.0, deadline - loop.time()))
+                settled = settled and not running
         finally:
             self.waiting = None
             in_flight.tell_left = self._draining()

@@ -39,7 +39,12 @@ is sent again to the shadow version in a task this runtime owns (at most
 differences say when, which request, what kind (``result_differs``, ``shadow_failed``
 with the error's type) and how long each side took, never a value: its stats are shown
 to every caller who may call the method, and a call's params and results are its
-caller's alone. The two answers of a difference go to the log, at DEBUG.
+caller's alone. The two answers of a difference go to the log, at DEBUG. A reload that
+retires the shadow version waits for the mirrors running (``RolloutRuntime.mirrors``) as
+for calls: detached under a mirror, the version would be charged with a failure of the
+reload's. A shadow a reload replaces or ends starts no more mirrors (``Shadow.ended``):
+a call routed to it before that reload's swap and answered after it is not mirrored,
+for its shadow version may be on its way out.
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ _LOGGED_CHARS = 200
 Status = Literal["running", "paused", "completed", "rolled_back", "aborted"]
 Action = Literal["pause", "resume", "abort"]
 Invoke = Callable[[Invocation], Awaitable[Any]]
+#: The shadow calls running, each with the plugin versions it may reach (``Route.reaches``).
+Mirrors = dict[asyncio.Task[None], frozenset[str] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,9 +345,7 @@ class Rollout:
 class Shadow:
     """Calls go to ``from``; a share of them is mirrored to the shadow version and compared."""
 
-    def __init__(
-        self, spec: RolloutSpec, clock: Callable[[], float], tasks: set[asyncio.Task[None]]
-    ) -> None:
+    def __init__(self, spec: RolloutSpec, clock: Callable[[], float], tasks: Mirrors) -> None:
         assert spec.shadow is not None
         self.spec = spec
         self.shadow = spec.shadow
@@ -349,6 +354,10 @@ class Shadow:
         self._covers = _Covers((spec.from_version, spec.shadow.version))
         self._count = 0
         self._in_flight = 0
+        #: A reload replaced or ended this shadow: the calls routed to it before start no
+        #: more mirrors, whose version that reload may be detaching (it waits only for the
+        #: mirrors running at its swap, and the calls to the primary do not hold it up).
+        self.ended = False
         self._primary: Route | None = None
         self._other: Route | None = None
         self.counts = {"mirrored": 0, "equal": 0, "different": 0, "failed": 0, "skipped": 0}
@@ -382,14 +391,17 @@ class Shadow:
         return mirrored
 
     def _mirror(self, invocation: Invocation, result: Any, seconds: float) -> None:
+        if self.ended:  # a call routed before a reload that took this shadow away
+            return
         if self._in_flight >= self.shadow.max_in_flight:
             self.counts["skipped"] += 1
             return
         self._in_flight += 1
         self.counts["mirrored"] += 1
         task = asyncio.get_running_loop().create_task(self._compare(invocation, result, seconds))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        assert self._other is not None
+        self._tasks[task] = self._other.reaches
+        task.add_done_callback(self._tasks.pop)
 
     async def _compare(self, invocation: Invocation, expected: Any, primary_seconds: float) -> None:
         other = self._other
@@ -491,7 +503,7 @@ class RolloutRuntime:
         self.clock = clock
         self.listeners: list[RolloutListener] = []
         self._controllers: dict[str, Rollout | Shadow] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: Mirrors = {}
 
     def configure(self, specs: list[RolloutSpec], routes: RouteTable) -> None:
         """Install ``specs`` on ``routes`` (a table about to be used): an unchanged rollout
@@ -511,6 +523,9 @@ class RolloutRuntime:
             )
             routes.split(spec.plugin, spec.method, controller)
             controllers[spec.name] = controller
+        for name, replaced in self._controllers.items():
+            if isinstance(replaced, Shadow) and controllers.get(name) is not replaced:
+                replaced.ended = True
         self._controllers = controllers
 
     def _notify(self, event: RolloutEvent) -> None:
@@ -531,6 +546,15 @@ class RolloutRuntime:
 
     def stats(self) -> dict[str, Any]:
         return {name: each.stats() for name, each in self._controllers.items()}
+
+    def mirrors(self, versions: frozenset[str] | None) -> list[asyncio.Task[None]]:
+        """The shadow calls running now that may reach one of ``versions`` (plugin keys;
+        None: any): a reload retiring those versions waits for them, as for calls."""
+        return [
+            task
+            for task, reaches in self._tasks.items()
+            if reaches is None or versions is None or not reaches.isdisjoint(versions)
+        ]
 
     async def aclose(self) -> None:
         """Cancel the shadow calls still running (their callers were answered long ago)."""

@@ -155,6 +155,53 @@ async def test_a_call_with_a_fallback_is_waited_for(folder: Path) -> None:
         assert await napping == 1.0
 
 
+def shadowed(folder: Path) -> tuple[dict[str, Any], Any]:
+    """The entry of svc 1.0.0, and a manifest where 2.0.0 (slower by a second) shadows it."""
+    primary = plugin(folder, "svc", config={"tag": "1.0.0"})
+    primary["methods"]["nap"] = {"pure": True}
+    shadow = {**primary, "version": "2.0.0", "config": {"tag": "2.0.0", "slower_by": 1.0}}
+    mirrored = {
+        "plugin": "svc",
+        "method": "nap",
+        "from": "1.0.0",
+        "shadow": {"version": "2.0.0", "percent": 100},
+    }
+    document = {"version": 1, "plugins": [primary, shadow], "rollouts": [mirrored]}
+    return primary, parse_manifest(document, base_dir=ROOT)
+
+
+async def test_a_shadow_s_mirror_running_at_the_swap_is_waited_for(folder: Path) -> None:
+    # The reload ends the shadow and removes its version. The mirror of a call answered
+    # just before is no call in flight: before, the version was detached under it.
+    primary, manifest_with_shadow = shadowed(folder)
+    async with Dispatcher(manifest_with_shadow) as dispatcher:
+        module = sys.modules["waits_plugin"]
+        assert await dispatcher.call("svc", "nap", {"seconds": 0.05}) == 0.05
+        took = await reload_time(dispatcher, primary)
+        assert module.ENDS == [("1.0.0", "whole"), ("2.0.0", "whole")]
+        assert took >= 0.6, f"the reload detached the shadow version after {took:.1f} s"
+
+
+async def test_a_shadowed_call_in_flight_at_the_swap_mirrors_nothing_to_a_version_gone(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its version is kept, so it does not hold the reload up; answered after the swap, it
+    # starts no mirror to the version the reload is detaching (before, one started and
+    # failed: "svc@2.0.0 is not started", or met the version in its stop).
+    primary, manifest_with_shadow = shadowed(folder)
+    async with Dispatcher(manifest_with_shadow) as dispatcher:
+        module = sys.modules["waits_plugin"]
+        napping = asyncio.create_task(dispatcher.call("svc", "nap", {"seconds": LONG}))
+        await asyncio.sleep(0.2)
+        with caplog.at_level(logging.DEBUG, logger="dispatcher.rollout"):
+            took = await reload_time(dispatcher, primary)
+            assert await napping == LONG
+            await asyncio.sleep(0.2)  # a mirror it started would have failed by now
+        assert took < PROMPT, f"the reload waited {took:.1f} s for a call to a kept version"
+        assert "shadow failed" not in caplog.text
+        assert module.ENDS == [("1.0.0", "whole")]
+
+
 class HeldKeys:
     """A JWKS server whose fetches after the first wait until the test lets them answer."""
 
