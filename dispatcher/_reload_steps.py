@@ -241,13 +241,15 @@ class ReloadSteps:
     def _retired_versions(self, plan: ReloadPlan) -> Reaches:
         """The plugin versions whose calls in flight what follows the wait may cut: those
         ``plan`` removed or changed, and what earlier reloads retired and is still
-        attached. None (every call) while a fleet holds a discovered instance for a version
-        that no longer calls it, which no version here names."""
+        attached or open (a replaced batcher: a reload given up in its wait left it).
+        None (every call) while a fleet holds a discovered instance for a version that no
+        longer calls it, which no version here names."""
         if self._fleets.retiring:
             return None
         return frozenset(
             {
                 *self._attachments.retired_versions(),
+                *self._policies.replaced_versions(),
                 *(plugin.key for plugin in plan.removed),
                 *(old.key for old, _ in plan.changed),
             }

@@ -20,6 +20,7 @@ from aiohttp import web
 from dispatcher import Credentials, Dispatcher, parse_manifest
 from tests.conftest import ROOT, manifest
 from tests.identity_support import jwks, jwt_config, rsa_key
+from tests.services import until
 
 PLUGIN = '''
 import asyncio
@@ -153,6 +154,31 @@ async def test_a_call_with_a_fallback_is_waited_for(folder: Path) -> None:
         await asyncio.sleep(0.2)
         assert await reload_time(dispatcher, kept, other) >= 0.6
         assert await napping == 1.0
+
+
+async def test_a_batch_of_a_version_a_given_up_reload_changed_is_waited_for_by_the_next(
+    folder: Path,
+) -> None:
+    # The first reload changes svc's batching (a new chain, a new batcher) and is given up
+    # in its wait; the old batcher, with svc's batch in it, is left for the next reload to
+    # close. That one removes another plugin: before, it waited only for the calls to that
+    # plugin and closed the old batcher under svc's batch (5 s at most, then cut:
+    # "the dispatcher closed mid-batch").
+    seconds = 6.0  # a batch longer than a closing batcher waits for it
+    batched, removed = plugin(folder, "svc"), plugin(folder, "removed")
+    batched["methods"]["nap"] = {"batch": {"max_size": 1}, "timeout_ms": 30_000}
+    rebatched = {**batched, "methods": {**batched["methods"], "nap": {"batch": {"max_size": 2}}}}
+    async with Dispatcher(manifest(batched, removed)) as dispatcher:
+        napping = asyncio.create_task(dispatcher.call("svc", "nap", {"seconds": seconds}))
+        await until(lambda: dispatcher.stats()["dispatcher"]["calls_in_flight"], "the call")
+        changed = manifest(rebatched, removed)
+        reloading = asyncio.create_task(dispatcher.reload(changed, grace=30))
+        await until(lambda: dispatcher.manifest is changed, "the swap")
+        reloading.cancel()  # given up in its wait for the call
+        with pytest.raises(asyncio.CancelledError):
+            await reloading
+        await dispatcher.reload(manifest(rebatched), grace=30)
+        assert await napping == seconds
 
 
 def shadowed(folder: Path) -> tuple[dict[str, Any], Any]:

@@ -114,8 +114,9 @@ class PolicyRuntime:
         #: Keyed calls answered without running, by ``"plugin@version.method"``: kept
         #: across a rebuild of the method, as its breaker is.
         self.keyed: dict[str, KeyedCalls] = {}
-        #: Batchers a rebuilt method replaced: closed once its calls in flight have ended.
-        self._replaced: list[Batcher] = []
+        #: Batchers a rebuilt method replaced, with its plugin version (key): closed once
+        #: its calls in flight have ended.
+        self._replaced: list[tuple[str, Batcher]] = []
 
     def chain(
         self, plugin: PluginSpec[Any], method: str, provider: Provider[Any], target: TargetConfig
@@ -222,7 +223,7 @@ class PolicyRuntime:
     def _batcher(self, owner: tuple[str, str], batcher: Batcher) -> Batcher:
         replaced = self.batchers.get(owner)
         if replaced is not None:
-            self._replaced.append(replaced)
+            self._replaced.append((owner[0], replaced))
         self.batchers[owner] = batcher
         return batcher
 
@@ -231,7 +232,7 @@ class PolicyRuntime:
         away and their calls in flight have ended): caches and their entries, limits,
         bulkheads, retry and hedge counters; batch tasks end. Kept, they would grow the
         process and ``stats()`` with every reload, for good."""
-        closing = self._replaced
+        closing = [batcher for _, batcher in self._replaced]
         self._replaced = []
         for plugin in removed:
             for method in plugin.methods:
@@ -330,15 +331,20 @@ class PolicyRuntime:
             and (method is None or name == method)
         ]
 
+    def replaced_versions(self) -> set[str]:
+        """The plugin versions (keys) of the replaced batchers not closed yet: a reload's
+        (``forget``), or one given up in its wait left them for the next to close."""
+        return {key for key, _ in self._replaced}
+
     def flush_batches(self) -> None:
         """Send every queued batch now, without waiting out its window (a drain began)."""
-        for batcher in (*self.batchers.values(), *self._replaced):
+        for batcher in (*self.batchers.values(), *(each for _, each in self._replaced)):
             batcher.flush_now()
 
     async def aclose(self, *, grace: float | None = None) -> None:
         """Send queued batches and end every batch task, waiting at most ``grace`` seconds
         for batches in flight (default: the batcher's own bound)."""
-        for batcher in (*self.batchers.values(), *self._replaced):
+        for batcher in (*self.batchers.values(), *(each for _, each in self._replaced)):
             await batcher.aclose(grace=grace)
 
     def stats(self) -> dict[str, Any]:
