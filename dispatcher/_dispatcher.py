@@ -494,7 +494,10 @@ class Dispatcher:
 
     def _routing(self) -> tuple[RouteTable, str]:
         """The routing table and the state now, for ``Guard.resolve`` to read once the
-        caller is authenticated: a reload may swap the table while that awaits."""
+        caller is authenticated: a reload may swap the table while that awaits, and a
+        drain may begin (and end: nothing counted the call yet), so it is refused then."""
+        if self._draining:
+            raise self._refused("a call whose caller was still being authenticated")
         return self._routes, self._state
 
     def _refused(self, what: str) -> ShuttingDown:

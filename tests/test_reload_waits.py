@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from dispatcher import Credentials, Dispatcher, parse_manifest
+from linchkit_plugin.errors import ShuttingDown
 from tests.conftest import ROOT, manifest
 from tests.identity_support import jwks, jwt_config, rsa_key
 from tests.services import until
@@ -280,6 +281,43 @@ async def test_a_call_authenticating_across_the_swap_is_routed_by_the_new_routes
             server.release.set()
             async with asyncio.timeout(10):
                 assert await calling == 0.1
+    finally:
+        server.release.set()
+        await runner.cleanup()
+
+
+async def test_a_call_authenticating_as_a_drain_begins_and_ends_is_refused(
+    folder: Path,
+) -> None:
+    # A drain counts what is in flight; a call still fetching its caller's key set is
+    # not yet. Before, the drain returned at once and the call ran after it, on targets
+    # the close that follows a drain goes on to stop.
+    old_key, new_key = rsa_key("before"), rsa_key("rotated")
+    server = HeldKeys(jwks(old_key), jwks(old_key, new_key))
+    app = web.Application()
+    app.router.add_get("/jwks.json", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    auth = {"jwt": jwt_config(f"http://127.0.0.1:{port}/jwks.json", refetch_min_interval_s=0)}
+    manifest = parse_manifest(
+        {"version": 1, "plugins": [plugin(folder, "svc")], "auth": auth}, base_dir=ROOT
+    )
+    try:
+        async with Dispatcher(manifest) as dispatcher:
+            bearer = Credentials(authorization=f"Bearer {new_key.token()}")
+            calling = asyncio.create_task(
+                dispatcher.call("svc", "nap", {"seconds": 0.1}, credentials=bearer)
+            )
+            async with asyncio.timeout(10):
+                await server.held.wait()  # the call waits for the key set now
+                await dispatcher.drain(grace=5)
+            server.release.set()
+            with pytest.raises(ShuttingDown, match="draining"):
+                async with asyncio.timeout(10):
+                    await calling
     finally:
         server.release.set()
         await runner.cleanup()
