@@ -1,16 +1,20 @@
 """The Python SDK's command lines refuse without repeating what they refused
-(``linchkit_plugin._argument_parser``): each shape of argparse's refusal that quoted an
+(``linchkit_plugin.argument_parser``): each shape of argparse's refusal that quoted an
 argument, in process. tests/conformance/test_command_line_refusals_show_no_value.py runs
 the executables of every SDK."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 
 import pytest
 
-from linchkit_plugin._argument_parser import RedactingArgumentParser, refused_arguments
+import linchkit_plugin._argument_parser as former_home
+import linchkit_plugin.argument_parser as public_home
 from linchkit_plugin._etcd_gateway import Gateway
+from linchkit_plugin.argument_parser import RedactingArgumentParser, refused_arguments
+from tests.conftest import ROOT
 
 SECRET = "hunter2-5f1d"
 
@@ -143,3 +147,31 @@ def test_an_etcd_url_refused_is_shown_masked(etcd: str) -> None:
     with pytest.raises(ValueError, match="etcd") as refused:
         Gateway(etcd, 1.0)
     assert SECRET not in str(refused.value)
+
+
+def test_the_parser_is_public_and_its_former_home_still_answers() -> None:
+    """The dispatcher's CLI says what it refuses with ``refused_arguments``: the SDK is its
+    dependency, so that is a public module of the SDK, each name documented; code that
+    imported the private module before gets the same objects from it."""
+    assert public_home.__doc__
+    assert set(public_home.__all__) == {"RedactingArgumentParser", "refused_arguments"}
+    for name in former_home.__all__:
+        assert getattr(public_home, name).__doc__, name
+        assert getattr(former_home, name) is getattr(public_home, name), name
+    private = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for folder in ("dispatcher", "providers")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if former_home.__name__ in _imported(node)
+    ]
+    assert private == [], "the host imports the SDK's private module"
+
+
+def _imported(node: ast.AST) -> list[str]:
+    """The modules an import statement names (none for any other node)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module is not None:
+        return [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return []

@@ -35,7 +35,7 @@ from dispatcher.config import Manifest, ManifestError, load_manifest
 from dispatcher.identity import Credentials
 from dispatcher.telemetry import CallContextFilter, formatter_for
 from dispatcher.telemetry.logs import OneLineFormatter
-from linchkit_plugin._argument_parser import refused_arguments
+from linchkit_plugin.argument_parser import refused_arguments
 from linchkit_plugin.errors import DispatchError
 from providers._log_lines import printable
 

@@ -21,8 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from linchkit_plugin._argument_parser import RedactingArgumentParser
 from linchkit_plugin._registry_options import add_registry_options
+from linchkit_plugin.argument_parser import RedactingArgumentParser
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
 from linchkit_plugin.handshake import MAGIC_COOKIE_KEY, MAGIC_COOKIE_VALUE
 from linchkit_plugin.listen import address_mistake, host_and_port

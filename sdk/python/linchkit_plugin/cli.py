@@ -22,7 +22,6 @@ from typing import Any, NoReturn
 
 import orjson
 
-from linchkit_plugin._argument_parser import RedactingArgumentParser
 from linchkit_plugin._log_setup import log_to_stderr
 from linchkit_plugin._registry_options import (
     RegistrySettings,
@@ -30,6 +29,7 @@ from linchkit_plugin._registry_options import (
     registry_settings,
     websocket_refusal,
 )
+from linchkit_plugin.argument_parser import RedactingArgumentParser
 from linchkit_plugin.asgi import PluginApp
 from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, BearerToken, TokenError
 from linchkit_plugin.errors import ProviderError
@@ -83,7 +83,7 @@ _LIMIT_OPTIONS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    # Its refusals never quote a value (_argument_parser): a token may sit in a mistyped option.
+    # Its refusals never quote a value (argument_parser): a token may sit in a mistyped option.
     parser = RedactingArgumentParser(
         prog="dispatcher-plugin", description="Tools for plugin authors."
     )

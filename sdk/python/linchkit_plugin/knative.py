@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from linchkit_plugin._argument_parser import RedactingArgumentParser
+from linchkit_plugin.argument_parser import RedactingArgumentParser
 from linchkit_plugin.errors import DispatchError, ProviderError
 from linchkit_plugin.host import PluginHost
 from linchkit_plugin.wire import error_response, ok_response, parse_request

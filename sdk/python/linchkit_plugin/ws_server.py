@@ -317,7 +317,7 @@ def main(
 
     import orjson
 
-    from linchkit_plugin._argument_parser import RedactingArgumentParser
+    from linchkit_plugin.argument_parser import RedactingArgumentParser
     from linchkit_plugin.auth import TOKEN_ENV, TOKEN_FILE_ENV, TokenError
 
     if not argv or argv[0] not in ("serve", "connect"):
