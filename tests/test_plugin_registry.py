@@ -22,7 +22,11 @@ from typing import Any
 import pytest
 
 from dispatcher.fleet.sources.etcd import EtcdSource
-from linchkit_plugin._registry_options import add_registry_options, registry_settings
+from linchkit_plugin._registry_options import (
+    add_registry_options,
+    registry_settings,
+    websocket_refusal,
+)
 from providers.discovery import Endpoint, RegistryDiscovery
 from tests.conftest import EXAMPLES, ROOT
 from tests.sdk_toolchains import BIN
@@ -353,6 +357,33 @@ def test_a_websocket_server_told_to_register_says_it_cannot_and_does_not_start(
     assert f"{named}: a WebSocket server is not registered in etcd" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_websocket_server_refuses_every_registry_flag_given_a_value() -> None:
+    """Not only --register-etcd: any registry flag tells a WebSocket server something it
+    will not do, and was dropped before. An empty flag says "none" (over a variable) and
+    stays allowed; a plugin that dials the gateway takes no registry flag at all."""
+    parser = argparse.ArgumentParser()
+    add_registry_options(parser, kind="url")
+    variable = {"LINCHKIT_REGISTER_ETCD": "http://127.0.0.1:1"}
+    for flags, environment, named in [
+        (["--register-prefix", "/p"], {}, "--register-prefix"),
+        (
+            ["--register-etcd=", "--advertise", "h:1", "--register-ttl", "4"],
+            variable,
+            "--advertise",
+        ),
+        (["--leave-delay=2"], {}, "--leave-delay"),
+    ]:
+        refusal = websocket_refusal(parser.parse_args(flags), environment)
+        assert refusal is not None, flags
+        assert refusal.startswith(f"{named}: a WebSocket server is not registered, "), refusal
+    assert (
+        websocket_refusal(parser.parse_args(["--register-etcd=", "--advertise="]), variable) is None
+    )
+    assert (
+        websocket_refusal(parser.parse_args(["--register-prefix", "/p"]), {}, dialling=True) is None
+    )
 
 
 @pytest.mark.parametrize("delay", ["-1", "nan", "601", "soon"])

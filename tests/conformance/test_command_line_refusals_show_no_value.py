@@ -135,6 +135,44 @@ def test_an_example_plugin_names_what_it_refuses_without_its_text(
 
 PREFIX = "/linchkit/plugins/example"
 
+#: A flag of one WebSocket mode given to the other, or a registry flag to a WebSocket
+#: server (no dispatcher finds one in a registry): refused, by the flag's name, never
+#: dropped. Before, Python's ``serve --websocket`` served past a ``--url`` and its
+#: ``connect`` dialled past an ``--address`` or a ``--websocket``; Go's, Rust's and
+#: TypeScript's ``serve --websocket`` served past every registry flag but
+#: ``--register-etcd``.
+WEBSOCKET_MODE_MISTAKES = {
+    "connect's url": (["serve", "--websocket", "--url", URL], "url"),
+    "connect's url with a token": (
+        ["serve", "--websocket", f"--url=ws://me:{SECRET}@127.0.0.1:9/v1/plugins/connect"],
+        "url",
+    ),
+    "registry prefix": (["serve", "--websocket", "--register-prefix", PREFIX], "register-prefix"),
+    "advertised address": (
+        ["serve", "--websocket", f"--advertise={SECRET}.example:1"],
+        "advertise",
+    ),
+}
+CONNECT_MODE_MISTAKES = {
+    "serve's address": (["connect", "--url", URL, "--address", "127.0.0.1:0"], "address"),
+    "serve's port": (["connect", "--url", URL, "--port", "1"], "port"),
+    "serve's switch": (["connect", "--url", URL, "--websocket"], "websocket"),
+    "a registry flag": (["connect", "--url", URL, "--register-prefix", PREFIX], "register-prefix"),
+}
+
+
+@pytest.mark.parametrize(
+    ("language", "arguments", "named"),
+    _cases("websocket", WEBSOCKET_MODE_MISTAKES, SERVING_WEBSOCKET)
+    + _cases("connect", CONNECT_MODE_MISTAKES, DIALLING),
+)
+def test_a_flag_of_another_mode_is_refused_not_dropped(
+    language: str, arguments: list[str], named: str
+) -> None:
+    done = refused([str(executable(language)), *arguments])
+    assert_refused_naming(done, STATUS.get(language, 1), named)
+    assert done.stdout == "", "no handshake line: it must not serve"
+
 
 @pytest.mark.parametrize(
     "etcd",
@@ -183,6 +221,22 @@ def test_dispatcher_plugin_names_what_it_refuses_without_its_text(
     arguments: list[str], named: str
 ) -> None:
     assert_refused_naming(refused([*PLUGIN_CLI, *arguments]), 2, named)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        pytest.param(["--register-prefix", PREFIX], id="registry prefix"),
+        pytest.param([f"--advertise=http://{SECRET}.example:1"], id="advertised URL"),
+    ],
+)
+def test_dispatcher_plugin_serve_websocket_refuses_a_registry_flag(arguments: list[str]) -> None:
+    """Refused as ``serve --websocket`` refuses ``--register-etcd`` and the HTTP server's
+    options (status 1), rather than dropped: before, it served."""
+    done = refused([*PLUGIN_CLI, "serve", *ENTRY, "--websocket", "--port", "0", *arguments])
+    # Its refusals read "Error: …": no crash.
+    assert_refused_naming(done, 1, arguments[0].split("=")[0], ("Traceback",))
+    assert "listening" not in done.stderr, "it must not serve"
 
 
 DISPATCHER_CLI = [sys.executable, "-m", "dispatcher.cli", "-m", str(ROOT / "plugins.yaml")]

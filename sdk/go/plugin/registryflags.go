@@ -64,6 +64,17 @@ func (c registryConfig) value(s registrySetting) string {
 	return c.getenv(s.env)
 }
 
+// firstFlagGiven is the first registry setting (in -help's order) whose flag was given a
+// value on the command line; an empty one says "none", over a variable, and is not counted.
+func (c registryConfig) firstFlagGiven() (registrySetting, bool) {
+	for _, s := range registrySettingsInOrder {
+		if c.given[s.flag] != "" {
+			return s, true
+		}
+	}
+	return registrySetting{}, false
+}
+
 // name is how a message names the setting: as it was given.
 func (c registryConfig) name(s registrySetting) string {
 	if _, ok := c.given[s.flag]; ok {

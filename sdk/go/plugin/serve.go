@@ -216,6 +216,12 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 				"a websocket target at its one url and finds none in a registry: serve over gRPC to be found "+
 				"there, or leave it unset", registry.name(settingEtcd))
 		}
+		if s, given := registry.firstFlagGiven(); given {
+			// Refused, not dropped: the operator would believe it in force.
+			return fmt.Errorf("serve: %s: a WebSocket server is not registered, as a dispatcher dials a "+
+				"websocket target at its one url and finds none in a registry: serve over gRPC to be "+
+				"registered, or leave the flag out", registry.name(s))
+		}
 		return p.runWebSocketServer(ctx, env, *address, *config)
 	}
 	configGiven := false

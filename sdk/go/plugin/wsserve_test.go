@@ -342,6 +342,15 @@ func TestServeWebSocketRefusesWhatItWouldNotUse(t *testing.T) {
 			args: []string{"serve", "-websocket", "-register-etcd", "http://127.0.0.1:2379"},
 			want: "--register-etcd: a WebSocket server is not registered in etcd",
 		},
+		// Before, served: every registry flag but -register-etcd was dropped.
+		"a registry prefix": {
+			args: []string{"serve", "-websocket", "-register-prefix", "/linchkit/plugins/echo"},
+			want: "serve: --register-prefix: a WebSocket server is not registered",
+		},
+		"an advertised address, after an empty etcd flag": {
+			args: []string{"serve", "-websocket", "-register-etcd=", "--advertise=" + serveToken},
+			want: "serve: --advertise: a WebSocket server is not registered",
+		},
 		"a registry variable": {
 			args: []string{"serve", "-websocket"}, env: map[string]string{EnvRegisterEtcd: "http://127.0.0.1:2379"},
 			want: EnvRegisterEtcd + ": a WebSocket server is not registered in etcd",

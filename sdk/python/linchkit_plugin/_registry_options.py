@@ -284,9 +284,18 @@ def websocket_refusal(
     """Why a WebSocket server (or, ``dialling``, a plugin that dials the gateway:
     ``connect``) told to register (``options``' flags, if it has them, or the
     environment) must not start; None when it was not told to. Refused, not ignored: an
-    operator who set it expects the plugin to be found there."""
+    operator who set it expects the plugin to be found there. A server given any other
+    registry flag with a value is refused too, rather than have it dropped; an empty one
+    says "none", over a variable."""
     given = _Given(options, os.environ if environment is None else environment)
     if given.value(_ETCD) is None:
+        flagged = [option for option in _OPTIONS if getattr(options, option.dest, None)]
+        if flagged and not dialling:
+            return (
+                f"{flagged[0].flag}: a WebSocket server is not registered, as a dispatcher"
+                " dials a websocket target at its one url and finds none in a registry:"
+                " serve over HTTP or gRPC to be registered, or leave the flag out"
+            )
         return None
     if dialling:
         return (

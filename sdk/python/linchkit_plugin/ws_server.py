@@ -324,13 +324,16 @@ def main(
         return None
     if argv[0] == "serve" and "--websocket" not in argv:
         return None
-    # Refuses without quoting a value: a token may sit in a mistyped option.
+    # Refuses without quoting a value: a token may sit in a mistyped option. Each mode
+    # takes its own flags only: one of the other's is refused, not dropped.
     parser = RedactingArgumentParser(
         prog=f"{os.path.basename(sys.argv[0])} {argv[0]}", first_position=2
     )
-    parser.add_argument("--websocket", action="store_true")
-    parser.add_argument("--address", default="127.0.0.1:0")
-    parser.add_argument("--url")
+    if argv[0] == "serve":
+        parser.add_argument("--websocket", action="store_true")
+        parser.add_argument("--address", default="127.0.0.1:0")
+    else:
+        parser.add_argument("--url")
     parser.add_argument("--config", default="{}")
     options = parser.parse_args(argv[1:])
     # As the gRPC executable's lines are; a dialling plugin's connection lines too.

@@ -93,6 +93,15 @@ export async function serve(plugin: Plugin, options: ServeOptions = {}): Promise
             'a websocket target at its one url and finds none in a registry: serve over gRPC to be found there, or leave it unset',
         );
       }
+      // Any other registry flag with a value: refused too, not dropped (the operator would
+      // believe it in force). An empty one says "none", over a variable.
+      const flag = [...command.registry].find(([, value]) => value !== '')?.[0];
+      if (flag !== undefined) {
+        throw new HandshakeError(
+          `serve: --${flag}: a WebSocket server is not registered, as a dispatcher dials a websocket target at its ` +
+            'one url and finds none in a registry: serve over gRPC to be registered, or leave the flag out',
+        );
+      }
       await serveOverWebSocket(plugin, command.address, command.config, env, caps('serve: '), Tracing.fromEnv(env, plugin));
       return;
     }

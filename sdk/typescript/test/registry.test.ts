@@ -224,4 +224,10 @@ test('example-plugin serve: a registry mistake is one line and exit 1, before se
   assert.equal(line, 'serve: --register-ttl must be a whole number of seconds, at least 2; got "1"');
   const refused = assertOneLineFailure(runPlugin('serve', '--websocket', '--register-etcd', 'http://127.0.0.1:1'));
   assert.match(refused, /^serve: --register-etcd: a WebSocket server is not registered in etcd/);
+  // Every other registry flag too: before, it was dropped and the server served.
+  const prefix = assertOneLineFailure(runPlugin('serve', '--websocket', '--register-prefix', '/p'));
+  assert.match(prefix, /^serve: --register-prefix: a WebSocket server is not registered, /);
+  const advertise = assertOneLineFailure(runPlugin('serve', '--websocket', '--register-etcd=', '--advertise=SECRET.example:1'));
+  assert.match(advertise, /^serve: --advertise: a WebSocket server is not registered, /);
+  assert.ok(!advertise.includes('SECRET'), advertise);
 });

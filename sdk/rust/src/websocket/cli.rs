@@ -24,8 +24,8 @@ pub(crate) enum Command {
     /// Print this text on stdout and exit 0.
     Help(String),
     /// Serve on `address` (checked), the plugin's lifecycle run with `config` (unchecked).
-    /// `registry`: the registry flags given (as a gRPC `serve` takes them), only for
-    /// `--register-etcd` to be refused by the name it came by.
+    /// `registry`: the registry flags given (as a gRPC `serve` takes them), only to be
+    /// refused by the name they came by (`websocket::run`).
     Serve {
         address: String,
         config: String,

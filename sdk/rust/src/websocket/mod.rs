@@ -15,9 +15,9 @@
 //! Calls run through the gRPC binding's [`Shared`], so params, deadlines, errors and
 //! spans (`linchkit.plugin/<method>`) read the same on both bindings. Neither mode is
 //! registered in etcd (no dispatcher finds a WebSocket plugin in a registry):
-//! `LINCHKIT_REGISTER_ETCD` set (or `serve --websocket --register-etcd URL`) is refused at
-//! start, as the Go and Python SDKs refuse it; only the gRPC `serve` registers
-//! (`crate::registry`).
+//! `LINCHKIT_REGISTER_ETCD` set (or `serve --websocket --register-etcd URL`, or any other
+//! registry flag given a value) is refused at start, as the Go and Python SDKs refuse it;
+//! only the gRPC `serve` registers (`crate::registry`).
 //!
 //! Where the parts live: the command lines in `cli`, the frames and permessage-deflate in
 //! `frames` and the upgrade in `handshake` (neither does I/O), the protocol's frames in
@@ -137,6 +137,17 @@ pub(crate) async fn run(
     };
     if let Some(named) = etcd {
         return Err(failed(etcd_refusal(mode, &named)));
+    }
+    // Any other registry flag with a value: refused too, not dropped (the operator would
+    // believe it in force). An empty one says "none", over a variable.
+    if let Command::Serve { registry, .. } = &command {
+        if let Some((flag, _)) = registry.iter().find(|(_, value)| !value.is_empty()) {
+            return Err(failed(format!(
+                "{flag}: a WebSocket server is not registered, as a dispatcher dials a websocket \
+                 target at its one url and finds none in a registry: serve over gRPC to be \
+                 registered, or leave the flag out"
+            )));
+        }
     }
     let token = BearerToken::configured(|name| var(name).to_string()).map_err(failed)?;
     let caps = StopCaps::from_vars(var).map_err(failed)?;
@@ -543,7 +554,7 @@ mod tests {
     async fn what_cannot_run_is_refused_in_one_line_before_serving() {
         /// Arguments, variables, and how the one line starts.
         type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
-        let cases: [Case; 6] = [
+        let cases: [Case; 8] = [
             (
                 &["connect", "--url", "ws://127.0.0.1:9/"],
                 &[("LINCHKIT_REGISTER_ETCD", "http://e:2379")],
@@ -558,6 +569,22 @@ mod tests {
                 &["serve", "--websocket", "--register-etcd", "http://e:2379"],
                 &[],
                 "serve: --register-etcd: a WebSocket server is not registered",
+            ),
+            // Before, served: every registry flag but --register-etcd was dropped.
+            (
+                &["serve", "--websocket", "--register-prefix", "/p"],
+                &[],
+                "serve: --register-prefix: a WebSocket server is not registered",
+            ),
+            (
+                &[
+                    "serve",
+                    "--websocket",
+                    "--register-etcd=",
+                    "--advertise=h:1",
+                ],
+                &[("LINCHKIT_REGISTER_ETCD", "http://e:2379")],
+                "serve: --advertise: a WebSocket server is not registered",
             ),
             (
                 &["serve", "--websocket", "--register-etcd-password", "SECRET"],
