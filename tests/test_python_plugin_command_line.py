@@ -60,6 +60,23 @@ def _refusal(argv: list[str], capsys: pytest.CaptureFixture[str], first: int = 1
             "plugin: error: unexpected argument #3 (its text is not shown)",
             id="stray argument",
         ),
+        # Before, named as an option: a token pasted after a dash was shown whole.
+        pytest.param(
+            ["serve", "e:P", f"-x{SECRET}"],
+            "plugin: error: unknown option (argument #3, its text is not shown)",
+            id="single dash",
+        ),
+        pytest.param(
+            ["serve", f"-x{SECRET}=1", "e:P", "--no-such-flag"],
+            "plugin: error: unknown option (argument #2, its text is not shown);"
+            " unknown option --no-such-flag",
+            id="single dash with a value, then two dashes",
+        ),
+        pytest.param(
+            ["serve", "e:P", f"-h{SECRET}"],
+            "plugin serve: error: argument -h/--help: takes no value (its value is not shown)",
+            id="a known short option given a value",
+        ),
         pytest.param(
             [SECRET, "e:P"],
             "plugin: error: argument COMMAND: invalid choice (its text is not shown;"

@@ -9,7 +9,9 @@ there to the logs. So an unknown option is named without its value (``unknown op
 --name (its value is not shown)``; Go's flag package says ``flag provided but not
 defined: -name``), and an unexpected positional argument by its place, counted as the
 shell counts ``$1``, ``$2``… (``unexpected argument #4 (its text is not shown)``), never
-by its text. The exit status stays what it was: 1, argparse's and click's usage error 2.
+by its text. An unknown option given with a single dash is named by its place too
+(``unknown option (argument #2, its text is not shown)``): what follows the dash may be
+anything pasted after it, and before, every SDK showed it whole. The exit status stays what it was: 1, argparse's and click's usage error 2.
 
 Before, the Java, Rust and TypeScript SDKs quoted the whole argument (``unknown argument
 '--url=ws://me:TOKEN@…'``), argparse (the Python SDK, ``dispatcher-plugin``) listed it
@@ -97,15 +99,20 @@ SERVE_MISTAKES = {
         "url",
     ),
     "stray argument": (["serve", "--address", "127.0.0.1:0", SECRET], "#4"),
+    # What follows a single dash may be anything pasted after it, a token too: by its place.
+    "single dash": (["serve", f"-{SECRET}"], "#2"),
+    "single dash with a value": (["serve", "--address", "127.0.0.1:0", f"-{SECRET}=1"], "#4"),
 }
 WEBSOCKET_MISTAKES = {
     "unknown option": (["serve", "--websocket", f"--no-such-flag={SECRET}"], "no-such-flag"),
     "stray argument": (["serve", "--websocket", "--address", "127.0.0.1:0", SECRET], "#5"),
+    "single dash": (["serve", "--websocket", f"-{SECRET}"], "#3"),
 }
 CONNECT_MISTAKES = {
     "unknown option": (["connect", "--url", URL, f"--no-such-flag={SECRET}"], "no-such-flag"),
     "stray argument": (["connect", "--url", URL, SECRET], "#4"),
     "stray argument first": (["connect", SECRET, "--url", URL], "#2"),
+    "single dash": (["connect", "--url", URL, f"-{SECRET}"], "#4"),
 }
 
 
@@ -203,6 +210,7 @@ ENTRY = ["echo_plugin:EchoPlugin", "--path", str(ROOT / "examples" / "python")]
     [
         pytest.param(["serve", *ENTRY, f"--no-such-flag={SECRET}"], "--no-such-flag", id="option"),
         pytest.param(["serve", *ENTRY, SECRET], "#5", id="stray argument"),
+        pytest.param(["serve", *ENTRY, f"-{SECRET}"], "#5", id="single dash"),
         pytest.param([SECRET, *ENTRY], "COMMAND", id="unknown command"),
         pytest.param(
             ["serve", *ENTRY, f"--register-etcd-={SECRET}"],
@@ -249,6 +257,8 @@ DISPATCHER_CLI = [sys.executable, "-m", "dispatcher.cli", "-m", str(ROOT / "plug
         pytest.param(["list", "-o", "json", SECRET, "x"], "#6", id="two stray arguments"),
         pytest.param([SECRET], "No such command (argument #3", id="unknown command"),
         pytest.param(["validate", f"--no-such-flag={SECRET}"], "--no-such-flag", id="option"),
+        # click names the first letter it does not take as a short option, no more.
+        pytest.param(["validate", f"-{SECRET}"], "No such option", id="single dash"),
         pytest.param(["call", "echo.echo", f"--tokn={SECRET}"], "--tokn", id="mistyped option"),
     ],
 )

@@ -216,7 +216,11 @@ func TestACommandLineMistakeIsRefusedWithoutItsText(t *testing.T) {
 		{[]string{"serve", "-address", "127.0.0.1:0", secret}, "serve: unexpected argument #4 (its text is not shown)"},
 		{[]string{"serve", "-websocket=" + secret}, "serve: -websocket takes true or false (its value is not shown)"},
 		{[]string{"connect", "-url", "ws://127.0.0.1:9/", secret}, "connect: unexpected argument #4 (its text is not shown)"},
-		{[]string{"connect", "-token=" + secret}, "connect: flag provided but not defined: -token"},
+		{[]string{"connect", "--token=" + secret}, "connect: flag provided but not defined: -token"},
+		// One dash: by its place. Before, "-hunter2-5f1d" was named whole, as a flag.
+		{[]string{"connect", "-url", "ws://127.0.0.1:9/", "-token=" + secret},
+			"connect: flag provided but not defined (argument #4, its text is not shown)"},
+		{[]string{"serve", "-" + secret}, "serve: flag provided but not defined (argument #2, its text is not shown)"},
 		{[]string{"serve", "---token=" + secret}, "serve: bad flag syntax (its text is not shown)"},
 	} {
 		// Bounded: before, a stray argument was served on.

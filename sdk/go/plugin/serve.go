@@ -134,11 +134,20 @@ func leftOver(flags *flag.FlagSet, args []string) error {
 	return err
 }
 
-// withoutText is the flag package's refusal err, without the argument it quotes whole
-// when its syntax is bad (`---token=…`, `-=…`); the others name a flag, not its value.
-func withoutText(err error) error {
+// withoutText is the flag package's refusal err of args (a command, then the flags flags
+// parsed), without the argument it quotes: whole when its syntax is bad (`---token=…`,
+// `-=…`), and the name of an unknown flag given with a single dash, named by its place
+// instead, as the shell counts $1, $2: what follows one dash may be anything pasted after
+// it, a token too. An unknown flag given with two dashes is named, never its value.
+func withoutText(err error, flags *flag.FlagSet, args []string) error {
 	if strings.HasPrefix(err.Error(), "bad flag syntax: ") {
 		return errors.New("bad flag syntax (its text is not shown)")
+	}
+	// The flag package stops at the flag it refuses: the argument before what it left.
+	at := len(args) - flags.NArg() - 1
+	if strings.HasPrefix(err.Error(), "flag provided but not defined: ") &&
+		at > 0 && at < len(args) && !strings.HasPrefix(args[at], "--") {
+		return fmt.Errorf("flag provided but not defined (argument #%d, its text is not shown)", at+1)
 	}
 	return err
 }
@@ -196,7 +205,7 @@ func (p *Plugin) runService(ctx context.Context, env Environment) error {
 			flags.Usage()
 			return nil
 		}
-		return fmt.Errorf("serve: %w (serve -help lists the flags)", withoutText(err))
+		return fmt.Errorf("serve: %w (serve -help lists the flags)", withoutText(err, flags, env.Args))
 	}
 	registry, err := registryFlags(env.Getenv) // a password flag first, with what followed it
 	if err != nil {

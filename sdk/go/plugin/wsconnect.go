@@ -90,7 +90,7 @@ func (p *Plugin) runConnect(ctx context.Context, env Environment) error {
 				EnvTokenFile, EnvToken, EnvStopGraceMs, EnvStopHooksMs, maxStopMs, defaultStopCaps.hooks.Milliseconds())
 			return nil
 		}
-		return fmt.Errorf("connect: %w (connect -help lists the flags)", withoutText(err))
+		return fmt.Errorf("connect: %w (connect -help lists the flags)", withoutText(err, flags, env.Args))
 	}
 	if err := leftOver(flags, env.Args); err != nil {
 		return fmt.Errorf("connect: %w (connect -help lists the flags)", err)

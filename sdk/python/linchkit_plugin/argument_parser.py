@@ -13,12 +13,17 @@ positional), and that line goes to stderr and on to the logs.
 ``RedactingArgumentParser`` names what is wrong instead, as every SDK's executable does
 (tests/conformance/test_command_line_refusals_show_no_value.py):
 
-* an option it does not know: its name, never its value (``unknown option --foo (its
-  value is not shown)``);
+* an option it does not know, given with two dashes: its name, never its value
+  (``unknown option --foo (its value is not shown)``);
+* one given with a single dash: where it stands, not its text (``unknown option
+  (argument #3, its text is not shown)``). What follows one dash may be anything pasted
+  after it (a token may itself begin with one); the names of the options an executable
+  takes begin with two, ``-h`` aside;
 * a positional argument it does not expect: that there is one and where, counted as the
   shell counts ``$1``, ``$2``… (``unexpected argument #3 (its text is not shown)``);
 * an option that takes no value given one, or an abbreviation that matches several: the
-  option's name, without the value.
+  option's name, without the value (a known short option's too: ``-hVALUE`` is
+  ``argument -h/--help: takes no value``).
 
 A value refused by its own option (a port that is no number, a mode not among the
 choices) is still quoted: it cannot be a credential, and it is what the operator must
@@ -51,8 +56,9 @@ def option_name(argument: str) -> str:
 
 def refused_arguments(given: Sequence[str], refused: Sequence[str], first: int = 1) -> str:
     """What is wrong with ``refused`` (arguments of ``given``, in order), without a value:
-    ``unknown option --name (its value is not shown)``, ``unexpected argument #N (its text
-    is not shown)``. ``first``: the position of ``given[0]`` on the command line."""
+    ``unknown option --name (its value is not shown)``, ``unknown option (argument #N, its
+    text is not shown)`` for one given with a single dash, ``unexpected argument #N (its
+    text is not shown)``. ``first``: the position of ``given[0]`` on the command line."""
     # Each at its own place, found from the end: ``given`` may hold the same text earlier,
     # as an option's value.
     places: list[int] = []
@@ -62,9 +68,11 @@ def refused_arguments(given: Sequence[str], refused: Sequence[str], first: int =
         places.insert(0, end)
     said: list[str] = []
     for argument, place in zip(refused, places, strict=True):
-        if argument.startswith("-") and argument != "-":
+        if argument.startswith("--"):
             hidden = " (its value is not shown)" if "=" in argument else ""
             said.append(f"unknown option {option_name(argument)}{hidden}")
+        elif argument.startswith("-") and argument != "-":  # one dash: by its place only
+            said.append(f"unknown option (argument #{first + place}, its text is not shown)")
         else:
             said.append(f"unexpected argument #{first + place} (its text is not shown)")
     return "; ".join(said)

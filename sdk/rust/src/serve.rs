@@ -633,14 +633,18 @@ fn serve_request(args: &[String]) -> Result<ServeRequest, ServeError> {
 }
 
 /// What a refusal says of `arg`, the `position`-th argument (as the shell counts `$1`,
-/// `$2`): an option by its name, never its value; anything else by its place, never its
-/// text. A command line can carry a secret where an operator slipped (a mistyped
-/// `--register-etcd-pasword=…`, a token pasted as an argument), and the message goes to
-/// stderr and on to the logs.
+/// `$2`): an option by its name, never its value; one given with a single dash, and
+/// anything else, by its place, never its text. A command line can carry a secret where
+/// an operator slipped (a mistyped `--register-etcd-pasword=…`, a token pasted as an
+/// argument, or after a dash: a token may begin with one), and the message goes to stderr
+/// and on to the logs.
 pub(crate) fn refused(arg: &str, position: usize) -> String {
     match arg.split_once('=') {
         _ if !arg.starts_with('-') || arg == "-" => {
             format!("unexpected argument #{position} (its text is not shown)")
+        }
+        _ if !arg.starts_with("--") => {
+            format!("unknown option (argument #{position}, its text is not shown)")
         }
         Some((name, _)) => format!("unknown option {name} (its value is not shown)"),
         None => format!("unknown option {arg}"),
@@ -833,6 +837,15 @@ mod tests {
             (
                 vec!["--address".into(), "127.0.0.1:0".into(), secret.into()],
                 "serve: unexpected argument #4 (its text is not shown); usage",
+            ),
+            // One dash: by its place (before, named whole, as an option).
+            (
+                vec![format!("-{secret}")],
+                "serve: unknown option (argument #2, its text is not shown); usage",
+            ),
+            (
+                vec!["--address=127.0.0.1:0".into(), format!("-{secret}=1")],
+                "serve: unknown option (argument #3, its text is not shown); usage",
             ),
         ] {
             let refused = serve_request(&args).unwrap_err().to_string();

@@ -139,13 +139,14 @@ const PASSWORD_ARGUMENT = new RegExp(`^--?${PASSWORD_FLAG}(=|$)`);
 
 /**
  * What a refusal says of `arg`, the `position`-th argument (as the shell counts `$1`, `$2`):
- * an option by its name, never its value; anything else by its place, never its text. A
- * command line can carry a secret where an operator slipped (a mistyped
- * `--register-etcd-pasword=…`, a token pasted as an argument), and the message goes to
- * stderr and on to the logs.
+ * an option by its name, never its value; one given with a single dash, and anything else,
+ * by its place, never its text. A command line can carry a secret where an operator slipped
+ * (a mistyped `--register-etcd-pasword=…`, a token pasted as an argument, or after a dash: a
+ * token may begin with one), and the message goes to stderr and on to the logs.
  */
 export function refusedArgument(arg: string, position: number): string {
   if (!arg.startsWith('-') || arg === '-') return `unexpected argument #${position} (its text is not shown)`;
+  if (!arg.startsWith('--')) return `unknown option (argument #${position}, its text is not shown)`;
   const equals = arg.indexOf('=');
   return equals < 0 ? `unknown option ${arg}` : `unknown option ${arg.slice(0, equals)} (its value is not shown)`;
 }

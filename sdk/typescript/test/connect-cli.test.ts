@@ -76,6 +76,7 @@ test('the connect command line: --url, --config, --help, and mistakes in one lin
   for (const [argv, said] of [
     [['connect', '--uri=ws://me:t0ken@h/'], 'connect: unknown option --uri (its value is not shown); usage: connect '],
     [['connect', '--url', url, 't0ken'], 'connect: unexpected argument #4 (its text is not shown); usage: connect '],
+    [['connect', '--url', url, '-t0ken'], 'connect: unknown option (argument #4, its text is not shown); usage: connect '],
   ] as const) {
     assert.throws(
       () => parseConnectCommand(argv),

@@ -114,6 +114,10 @@ test('a refused argument is named, never quoted: a token may sit in it', () => {
     [['serve', '--websocket', `--websocket=${secret}`], 'serve: --websocket takes no value (its value is not shown); usage: serve '],
     [[`--url=ws://me:${secret}@127.0.0.1:9/`], 'unknown option --url (its value is not shown); usage: serve '],
     [[secret], 'unknown command (argument #1, its text is not shown); usage: serve '],
+    // One dash: by its place (before, named whole, as an option).
+    [['serve', `-${secret}`], 'serve: unknown option (argument #2, its text is not shown); usage: serve '],
+    [['serve', '--address=127.0.0.1:0', `-${secret}=1`], 'serve: unknown option (argument #3, its text is not shown); usage: serve '],
+    [[`-${secret}`], 'unknown option (argument #1, its text is not shown); usage: serve '],
   ];
   for (const [argv, said] of refusals) {
     assert.throws(

@@ -388,6 +388,10 @@ mod tests {
                 &["connect", "--url", "ws://h/", "t0ken"],
                 "connect: unexpected argument #4 (its text is not shown); usage",
             ),
+            (
+                &["connect", "--url", "ws://h/", "-t0ken"],
+                "connect: unknown option (argument #4, its text is not shown); usage",
+            ),
         ] {
             let refused = command_of(args).unwrap_err();
             assert!(

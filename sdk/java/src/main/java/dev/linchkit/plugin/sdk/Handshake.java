@@ -141,12 +141,16 @@ public final class Handshake {
 
   /**
    * What a refusal says of {@code arg}, the {@code position}-th argument (as the shell counts
-   * {@code $1}, {@code $2}): an option by its name, never its value; anything else by its place,
-   * never its text. A command line can carry a secret where an operator slipped (a mistyped
-   * {@code --register-etcd-pasword=...}, a token pasted as an argument), and the message goes to
-   * stderr and on to the logs.
+   * {@code $1}, {@code $2}): an option by its name, never its value; one given with a single dash,
+   * and anything else, by its place, never its text. A command line can carry a secret where an
+   * operator slipped (a mistyped {@code --register-etcd-pasword=...}, a token pasted as an
+   * argument, or after a dash: a token may begin with one), and the message goes to stderr and on
+   * to the logs.
    */
   static String refused(String arg, int position) {
+    if (arg.startsWith("-") && !arg.startsWith("--") && arg.length() > 1) {
+      return "unknown option (argument #" + position + ", its text is not shown)";
+    }
     if (arg.startsWith("-") && arg.length() > 1) {
       int equals = arg.indexOf('=');
       return equals < 0 ? "unknown option " + arg : "unknown option " + arg.substring(0, equals) + " (its value is not shown)";

@@ -95,6 +95,10 @@ class HandshakeTest {
         {"serve", "--address", "127.0.0.1:0", secret},
         {"--url=ws://me:" + secret + "@127.0.0.1:9/"},
         {secret},
+        // One dash: by its place (before, named whole, as an option).
+        {"serve", "-" + secret},
+        {"serve", "--address=127.0.0.1:0", "-" + secret + "=1"},
+        {"-" + secret},
     };
     String[] said = {
         "unknown option --register-etcd-pasword (its value is not shown); usage: serve",
@@ -102,6 +106,9 @@ class HandshakeTest {
         "unexpected argument #4 (its text is not shown); usage: serve",
         "unknown option --url (its value is not shown); usage: serve",
         "unknown command (argument #1, its text is not shown); usage: serve",
+        "unknown option (argument #2, its text is not shown); usage: serve",
+        "unknown option (argument #3, its text is not shown); usage: serve",
+        "unknown option (argument #1, its text is not shown); usage: serve",
     };
     for (int i = 0; i < mistakes.length; i++) {
       String[] mistake = mistakes[i];
