@@ -17,20 +17,23 @@ import logging
 import os
 import re
 import socket
+import ssl
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
 import pytest
+import trustme
 from aiohttp import web
 
 from dispatcher import Dispatcher, TargetUnavailable
 from dispatcher.gateway import GatewaySettings
 from dispatcher.gateway.app import create_app
 from linchkit_plugin.ws_protocol import PLUGIN_ID_HEADER, PLUGIN_VERSION_HEADER, hello_frame
+from providers.websocket.closing import let_go
 from tests.conftest import manifest
 
 pytestmark = pytest.mark.skipif(
@@ -921,3 +924,35 @@ async def test_a_plugin_that_closed_first_and_reads_gets_the_rest_and_the_close_
         data = b"".join(received)
         assert len(data) > len(BLOB)
         assert data[-8:-6] == bytes([0x88, 0x82]), data[-8:]  # a masked close frame, code only
+
+
+async def test_a_tls_connection_closed_twice_is_let_go_without_an_error() -> None:
+    """asyncio's TLS transport closed a second time forgets its TLS protocol, and asking it
+    what it still holds raises ``AttributeError`` (CPython 3.11, the version here).
+    aiohttp closes it on the dispatcher's close and again as the plugin's side goes, which
+    a plugin that answers a close at once does within that close: the gateway's closing
+    task failed with a traceback each time such a plugin left over ``wss://``
+    (tests/conformance/test_connect_over_wss.py). A transport in that state holds nothing:
+    the grace ends at once, without an error."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    accepted: asyncio.Future[asyncio.StreamWriter] = asyncio.Future()
+    server = await asyncio.start_server(
+        lambda _, writer: accepted.set_result(writer), "127.0.0.1", 0, ssl=server_context
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, client = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context, server_hostname="localhost"
+        )
+        transport = cast(asyncio.Transport, (await asyncio.wait_for(accepted, 10)).transport)
+        transport.close()
+        transport.close()  # as aiohttp's connection_lost does after its WebSocket's close
+        async with asyncio.timeout(1):
+            await let_go(transport, within=5.0)
+        client.close()
+    finally:
+        server.close()

@@ -51,7 +51,7 @@ async def hang_up(socket: Socket, code: int, reason: str) -> None:
     transport = _transport_of(socket)
     if transport is None or transport.is_closing():
         return
-    if transport.get_write_buffer_size() == 0:
+    if _buffered(transport) == 0:
         # Nothing ahead of it: aiohttp writes it to the socket without waiting. Behind a
         # full buffer it would never reach the plugin before the abort.
         frame = code.to_bytes(2, "big") + close_message(reason)
@@ -86,7 +86,7 @@ async def close_socket(socket: Socket, code: int, reason: str) -> asyncio.Transp
         _abort_if_buffered(_transport_of(socket))  # nobody is left to give it a grace
         raise
     transport = _transport_of(socket)
-    if transport is None or transport.get_write_buffer_size() == 0:
+    if transport is None or _buffered(transport) == 0:
         return None
     if socket.close_code == WSCloseCode.ABNORMAL_CLOSURE:
         transport.abort()
@@ -104,12 +104,25 @@ async def let_go(transport: asyncio.Transport, within: float) -> None:
         # Looked at, not awaited: asyncio tells only the transport's protocol (aiohttp's)
         # when a closed transport's buffer has drained. A grace is rare (a plugin that
         # closed first with data still buffered for it) and short.
-        while transport.get_write_buffer_size() > 0 and loop.time() < due:  # noqa: ASYNC110
+        while _buffered(transport) > 0 and loop.time() < due:  # noqa: ASYNC110
             await asyncio.sleep(_LET_GO_POLL_SECONDS)
     finally:
         _abort_if_buffered(transport)
 
 
 def _abort_if_buffered(transport: asyncio.Transport | None) -> None:
-    if transport is not None and transport.get_write_buffer_size() > 0:
+    if transport is not None and _buffered(transport) > 0:
         transport.abort()
+
+
+def _buffered(transport: asyncio.Transport) -> int:
+    """The bytes ``transport`` still holds for the plugin. asyncio's TLS transport closed a
+    second time forgets its TLS protocol, and asking it then raises ``AttributeError``
+    (CPython 3.11, the version here): aiohttp closes it on this side's close, and again
+    as the plugin's side goes, which a plugin that answers a close at once (over
+    ``wss://``, inbound connections and dialled ones alike) does within that close. It is
+    gone then, and holds nothing."""
+    try:
+        return transport.get_write_buffer_size()
+    except AttributeError:
+        return 0
