@@ -158,7 +158,7 @@ async fn open(url: &GatewayUrl, headers: &[(String, String)]) -> Result<Opened, 
                 .map_err(Failed::Again)?
                 .connect(name, tcp)
                 .await
-                .map_err(|err| Failed::Again(format!("TLS: {err}")))?;
+                .map_err(|err| Failed::Again(tls_failure(&err)))?;
             Box::new(tls)
         } else {
             Box::new(tcp)
@@ -207,7 +207,28 @@ async fn open(url: &GatewayUrl, headers: &[(String, String)]) -> Result<Opened, 
         })
 }
 
-/// The TLS client of a `wss` gateway, checked by the system's roots; made once.
+/// Why the TLS handshake with the gateway failed, as the line of a dial that could not
+/// reach it says. rustls shows some certificate errors by their variant's name
+/// (`invalid peer certificate: UnknownIssuer`); the commonest, a certificate no root this
+/// plugin trusts signed (a private CA it was not given, a self-signed certificate), is put
+/// in words that say where its roots come from. Its other errors read as rustls writes them
+/// (`certificate expired: …`, `certificate not valid for name "gw"; …`).
+fn tls_failure(err: &std::io::Error) -> String {
+    let refused = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match refused {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
+            "TLS: the gateway's certificate has an unknown issuer: no root this plugin trusts \
+             signed it (the system's, or those SSL_CERT_FILE or SSL_CERT_DIR name)"
+                .into()
+        }
+        _ => format!("TLS: {err}"),
+    }
+}
+
+/// The TLS client of a `wss` gateway, checked by the system's roots (`SSL_CERT_FILE` and
+/// `SSL_CERT_DIR` name others instead: rustls-native-certs); made once.
 fn connector() -> Result<TlsConnector, String> {
     static CONNECTOR: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
     CONNECTOR
@@ -245,6 +266,25 @@ mod tests {
             .collect();
         assert!(waits.iter().all(|w| *w <= Duration::from_millis(100)));
         assert!(waits.iter().any(|w| *w != waits[0]), "drawn, not fixed");
+    }
+
+    #[test]
+    fn an_unknown_issuer_is_said_in_words_and_other_tls_errors_as_rustls_says_them() {
+        let unknown = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        let said = tls_failure(&unknown);
+        assert!(said.contains("unknown issuer"), "{said}");
+        assert!(said.contains("SSL_CERT_FILE"), "{said}");
+        assert!(!said.contains("UnknownIssuer"), "{said}");
+        let expired = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired),
+        );
+        assert!(tls_failure(&expired).starts_with("TLS: invalid peer certificate"));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(tls_failure(&reset).starts_with("TLS: "));
     }
 
     #[test]
