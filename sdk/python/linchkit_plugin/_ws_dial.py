@@ -35,6 +35,7 @@ from linchkit_plugin.ws_protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PLUGIN_ID_HEADER,
     PLUGIN_VERSION_HEADER,
+    shown_close_reason,
 )
 
 __all__ = ["Refused", "checked_gateway_url", "dial", "masked_url"]
@@ -152,7 +153,7 @@ async def dial(
                     log.warning("the gateway answered %s; retrying", error.status)
                 except (aiohttp.ClientError, OSError) as error:
                     # Masked: a token in the URL's query or userinfo is not for the log.
-                    log.info("cannot reach %s: %s; retrying", shown, type(error).__name__)
+                    log.info("cannot reach %s: %s; retrying", shown, _unreachable_reason(error))
                 else:
                     session = PluginSession(
                         host,
@@ -195,6 +196,24 @@ async def dial(
                 backoff = min(backoff * 2, max_backoff)
     finally:
         await host.close_within(stop_caps.hooks)
+
+
+def _unreachable_reason(error: BaseException) -> str:
+    """Why a dial did not reach the gateway, in words that quote no URL: for a ``wss://``
+    gateway whose certificate does not verify, which check failed (OpenSSL's words:
+    ``certificate has expired``, ``self-signed certificate``, ``unable to get local issuer
+    certificate``, a host name mismatch), so that an operator can tell a private CA not
+    trusted yet from a certificate that should be replaced; else the error's class (the
+    text of aiohttp's errors names the host and port, already on the line)."""
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        refused = error.certificate_error
+        why = getattr(refused, "verify_message", None) or getattr(refused, "reason", None)
+        said = f": {shown_close_reason(str(why).rstrip('.'))}" if why else ""
+        return f"TLS: the gateway's certificate does not verify{said}"
+    if isinstance(error, aiohttp.ClientSSLError):
+        why = getattr(error, "reason", None)  # an ssl.SSLError's: WRONG_VERSION_NUMBER, …
+        return f"TLS: {shown_close_reason(str(why))}" if why else "TLS handshake failed"
+    return type(error).__name__
 
 
 async def _serve_until(session: PluginSession, stopping: asyncio.Event, grace: float) -> None:
