@@ -23,7 +23,8 @@ stays bounded on both ways:
   target, which is smaller, fails that call ``ProviderError`` (a stream is cancelled) and
   is counted as a protocol error, the connection stays;
   a stream's chunks queue up to ``STREAM_QUEUE`` (then the stream fails ``Overloaded`` and
-  is cancelled); events beyond ``max_events_per_second`` are dropped and counted.
+  is cancelled); events beyond ``max_events_per_second`` are dropped and counted
+  (``PluginEvents``, ``events.py``).
 
 What is in flight, and which reply answers it, is kept by ``InFlight`` (``in_flight.py``).
 Answers for ids not in flight (late ones after a deadline, or made up) are counted in
@@ -49,7 +50,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Iterator
 from typing import Any
 
 from aiohttp import WSMsgType
@@ -72,11 +73,11 @@ from linchkit_plugin.ws_protocol import (
     encode_frame,
     error_frame,
 )
-from providers._event_rate import EventRate
 from providers._log_lines import sparingly
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.websocket.closing import close_socket, hang_up, let_go
+from providers.websocket.events import EventSink, PluginEvents
 from providers.websocket.in_flight import CallBounds, CallLimits, InFlight
 from providers.websocket.read_watch import ReadWatch
 from providers.websocket.writer import FrameWriter, Socket
@@ -92,9 +93,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("dispatcher.providers.websocket")
-
-#: ``sink(event, data)``: where the plugin's events go.
-EventSink = Callable[[str, Any], None]
 
 #: Consumed chunks that earn the plugin a ``credit`` frame: half a window at a time.
 _CREDIT_EVERY = STREAM_WINDOW // 2
@@ -146,8 +144,9 @@ class Channel:
         self._bounds = CallBounds(
             CallLimits(max_in_flight=max_in_flight, max_message_bytes=max_message_bytes)
         )
-        self._sink = sink
-        self._events = EventRate(max_events_per_second, describe, log)
+        self._events = PluginEvents(
+            sink, max_events_per_second=max_events_per_second, describe=describe
+        )
         self._loop = asyncio.get_running_loop()
         self._background: set[asyncio.Task[None]] = set()
         #: The grace after a graceful close (``closing.let_go``): the channel's own, so
@@ -163,8 +162,6 @@ class Channel:
         #: Counters, for ``health`` and tests: what the peer sent that could not be used.
         self.unknown_ids = 0
         self.protocol_errors = 0
-        self.events_dropped_by_plugin = 0
-        self._dropped_frames = 0
         self._writer = FrameWriter(
             socket,
             describe,
@@ -471,7 +468,7 @@ class Channel:
             if call_id is None or not self._in_flight.reply(kind, call_id, frame):
                 self._unanswered(kind, call_id)
         elif kind == "event":
-            self._event(frame)
+            self._events.deliver(frame)
         elif kind == "error":
             self._peer_error(frame, call_id)
         elif kind in ("call", "stream"):
@@ -484,17 +481,7 @@ class Channel:
         elif kind == "goaway":
             self._go_away()
         elif kind == "dropped":
-            count = frame.get("count")
-            if type(count) is int and count > 0:
-                self.events_dropped_by_plugin += count
-                self._dropped_frames += 1
-                if sparingly(self._dropped_frames):
-                    log.warning(
-                        "%s dropped %d events while disconnected (%d in all)",
-                        self.describe,
-                        count,
-                        self.events_dropped_by_plugin,
-                    )
+            self._events.plugin_dropped(frame)
         elif self._count_protocol_error():
             log.warning(
                 "%s sent an unknown frame type %.40r (%d unusable frames so far)",
@@ -600,16 +587,10 @@ class Channel:
         """The plugin's events beyond ``max_events_per_second``, dropped."""
         return self._events.dropped
 
-    def _event(self, frame: dict[str, Any]) -> None:
-        name = frame.get("event")
-        if type(name) is not str or self._sink is None:
-            return
-        if not self._events.admit():
-            return
-        try:
-            self._sink(name, frame.get("data"))
-        except Exception:  # one bad handler must not end the connection
-            log.exception("%s: delivering event %r failed", self.describe, name)
+    @property
+    def events_dropped_by_plugin(self) -> int:
+        """The events the plugin said it dropped while disconnected."""
+        return self._events.dropped_by_plugin
 
     def _peer_error(self, frame: dict[str, Any], call_id: int | None) -> None:
         error = error_from_wire(frame.get("error"))

@@ -36,7 +36,8 @@ from linchkit_plugin.ws_protocol import encode_frame
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.served import served_names
-from providers.websocket.channel import Channel, EventSink
+from providers.websocket.channel import Channel
+from providers.websocket.events import EventSink
 from providers.websocket.hello import read_hello
 from providers.websocket.sharing import DialUsers
 from providers.websocket.target import WebSocketTarget

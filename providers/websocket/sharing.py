@@ -26,9 +26,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from providers.websocket.events import EventSink
+
 if TYPE_CHECKING:
     from providers.target import PluginInfo
-    from providers.websocket.channel import EventSink
 
 __all__ = ["DialUsers"]
 
