@@ -236,7 +236,7 @@ async def test_a_plugin_flooding_calls_it_never_reads_refusals_of_costs_bounded_
     host holds at most ``MAX_REFUSALS_WAITING`` refusals waiting for it. Before: a task
     and an error frame per call frame (some 1.3 kB of the host's memory each), over
     100,000 waiting here, and cancelling them as the dispatcher closed took half a minute."""
-    from providers.websocket.channel import MAX_REFUSALS_WAITING
+    from providers.websocket.reader import MAX_REFUSALS_WAITING
 
     flood = 150_000
     reading = asyncio.Event()

@@ -4,11 +4,11 @@
     deadline (asyncio.timeout_at) ─► DeadlineExceeded to the caller, {type: cancel, id} out
     socket closes ─► every call in flight: TargetUnavailable (stage "in_flight")
 
-A call costs two futures, one timeout and one dict entry; no task. The reader runs in
-the task that owns the connection (``run``) and only resolves futures and hands events to
-the sink, so a slow caller never stalls it. One writer task per channel writes every frame
-(``FrameWriter``, ``writer.py``), in order; a sender waits for its frame to go out. Memory
-stays bounded on both ways:
+A call costs two futures, one timeout and one dict entry; no task. The reader
+(``FrameReader``, ``reader.py``) runs in the task that owns the connection (``run``) and
+only resolves futures and hands events to the sink, so a slow caller never stalls it. One
+writer task per channel writes every frame (``FrameWriter``, ``writer.py``), in order; a
+sender waits for its frame to go out. Memory stays bounded on both ways:
 
 * out: at most ``max_in_flight`` calls (then ``Overloaded``), each message at most
   ``max_message_bytes`` (``InvalidParams`` for that call), both those of the call's target
@@ -18,23 +18,14 @@ stays bounded on both ways:
   not the heap. A frame whose sender gave up before its turn is never written (and its
   call gets no ``cancel``); a ``cancel`` is a queued frame, not a task. A write that the
   plugin takes nothing of for 1.5 heartbeats drops the connection (``_stalled``);
-* in: aiohttp refuses a message over the connection's ``max_message_bytes`` (the connection
-  closes, 1009), the largest of its targets'; an answer over the bound of its own call's
-  target, which is smaller, fails that call ``ProviderError`` (a stream is cancelled) and
-  is counted as a protocol error, the connection stays;
-  a stream's chunks queue up to ``STREAM_QUEUE`` (then the stream fails ``Overloaded`` and
-  is cancelled); events beyond ``max_events_per_second`` are dropped and counted
-  (``PluginEvents``, ``events.py``).
+* in: a message over the connection's ``max_message_bytes`` closes it (1009), one over its
+  call's target's fails that call (``reader.py``); a stream's chunks queue up to
+  ``STREAM_QUEUE`` (then the stream fails ``Overloaded`` and is cancelled); events beyond
+  ``max_events_per_second`` are dropped and counted (``PluginEvents``, ``events.py``).
 
-What is in flight, and which reply answers it, is kept by ``InFlight`` (``in_flight.py``).
-Answers for ids not in flight (late ones after a deadline, or made up) are counted in
-``unknown_ids`` and dropped: a result reaches its caller once or not at all. A reply of a
-kind that does not answer what its id asked (a ``health`` naming a call) is a protocol
-error, and what its id asked still waits for its own answer. Frames that cannot be used are
-counted in ``protocol_errors`` and logged sparingly (the first, the 1,000th, every
-100,000th; what the plugin wrote escaped and cut): how many a plugin sends is its to
-decide, how many lines the host writes is not. None costs the connection: the calls on it
-that the plugin answers properly go on.
+What is in flight, and which reply answers it, is kept by ``InFlight`` (``in_flight.py``);
+what the plugin sends that answers nothing is counted by the reader (``unknown_ids``,
+``protocol_errors``), and costs no call the plugin answers properly.
 
 A plugin that is stopping sends ``goaway``: from then on no call or stream is sent on the
 channel (``going_away``; a call is refused as never sent), the ones in flight are
@@ -53,33 +44,22 @@ import time
 from collections.abc import AsyncGenerator, Coroutine, Iterator
 from typing import Any
 
-from aiohttp import WSMsgType
-
 from linchkit_plugin.errors import (
     DeadlineExceeded,
     DispatchError,
-    Forbidden,
     InvalidParams,
     Overloaded,
-    ProviderError,
     TargetUnavailable,
-    error_from_wire,
 )
 from linchkit_plugin.wire import decode_response
-from linchkit_plugin.ws_protocol import (
-    STREAM_WINDOW,
-    FrameError,
-    decode_frame,
-    encode_frame,
-    error_frame,
-)
-from providers._log_lines import sparingly
+from linchkit_plugin.ws_protocol import STREAM_WINDOW, encode_frame
 from providers.base import Health
 from providers.invocation import Invocation
 from providers.websocket.closing import close_socket, hang_up, let_go
 from providers.websocket.events import EventSink, PluginEvents
 from providers.websocket.in_flight import CallBounds, CallLimits, InFlight
 from providers.websocket.read_watch import ReadWatch
+from providers.websocket.reader import MAX_REFUSALS_WAITING, FrameReader
 from providers.websocket.writer import FrameWriter, Socket
 
 __all__ = [
@@ -98,10 +78,6 @@ log = logging.getLogger("dispatcher.providers.websocket")
 _CREDIT_EVERY = STREAM_WINDOW // 2
 #: How often a channel that was told ``goaway`` looks whether its last call has ended.
 _DRAIN_POLL_SECONDS = 0.01
-#: Refusals of a plugin's own calls waiting to be sent: past these a call frame is counted
-#: and not answered. Each costs a task and an error frame: a plugin that sent calls and
-#: read nothing back had the host hold some 1.3 kB per call frame of 30 bytes it sent.
-MAX_REFUSALS_WAITING = 64
 #: Heartbeats a write may wait for the plugin to take anything before the connection is
 #: dropped: as long as the heartbeat takes to find a silent peer gone (a ping after one
 #: heartbeat of silence, its pong due within half of one). The heartbeat alone does not
@@ -152,16 +128,12 @@ class Channel:
         #: The grace after a graceful close (``closing.let_go``): the channel's own, so
         #: ``close`` ends it and nothing of the channel outlives ``close``.
         self._letting_go: asyncio.Task[None] | None = None
-        self._refusals_waiting = 0
         self.closed = False
         self.close_reason = ""
         #: The plugin said ``goaway``: nothing new is sent; the channel closes once drained.
         self.going_away = False
         #: Set on ``goaway`` or when the channel closes: its owner stops using it.
         self.leaving = asyncio.Event()
-        #: Counters, for ``health`` and tests: what the peer sent that could not be used.
-        self.unknown_ids = 0
-        self.protocol_errors = 0
         self._writer = FrameWriter(
             socket,
             describe,
@@ -178,6 +150,18 @@ class Channel:
             probe=self._probe,
             stalled=self._read_stalled,
         )
+        self._reader = FrameReader(
+            socket,
+            describe,
+            in_flight=self._in_flight,
+            bounds=self._bounds,
+            events=self._events,
+            watch=self._read_watch,
+            cancel=self._writer.queue_cancel,
+            goaway=self._go_away,
+            spawn=self._spawn,
+            send_quietly=self._send_quietly,
+        )
 
     @property
     def usable(self) -> bool:
@@ -187,6 +171,16 @@ class Channel:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    @property
+    def unknown_ids(self) -> int:
+        """Answers for ids not in flight (late, or made up), dropped (``FrameReader``)."""
+        return self._reader.unknown_ids
+
+    @property
+    def protocol_errors(self) -> int:
+        """Frames from the plugin that this side could not use (``FrameReader``)."""
+        return self._reader.protocol_errors
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -408,22 +402,12 @@ class Channel:
     # -- reading ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Read frames until the socket closes; then fail every call still in flight."""
+        """Read frames until the socket closes (``FrameReader``); then fail every call
+        still in flight."""
         reason = "the connection closed"
-        watch = self._read_watch
-        watch.start()
         try:
-            async for message in self.socket:
-                if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    watch.frames += 1
-                    self._received(message.data)
-                elif message.type == WSMsgType.ERROR:
-                    reason = f"the connection failed: {message.data}"
-                    break
-        except ConnectionError as error:
-            reason = f"the connection failed: {type(error).__name__}"
+            reason = await self._reader.run()
         finally:
-            watch.stop()  # also when the channel was closed before it read (_closed: once)
             code = self.socket.close_code
             self._closed(f"{reason} (close code {code})" if code else reason)
 
@@ -442,115 +426,6 @@ class Channel:
         task = self._loop.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    def _received(self, data: str | bytes) -> None:
-        try:
-            frame = decode_frame(data)
-        except FrameError as error:
-            if self._count_protocol_error():
-                log.warning(
-                    "%s sent %s (%d unusable frames so far)",
-                    self.describe,
-                    error.message,
-                    self.protocol_errors,
-                )
-            return
-        kind = frame["type"]
-        raw_id = frame.get("id")
-        call_id = raw_id if isinstance(raw_id, int) and not isinstance(raw_id, bool) else None
-        if (
-            call_id is not None
-            and len(data) > self._bounds.tightest
-            and self._over_bound(kind, call_id, len(data))
-        ):
-            return
-        if kind == "response" or kind == "chunk" or kind == "health":
-            if call_id is None or not self._in_flight.reply(kind, call_id, frame):
-                self._unanswered(kind, call_id)
-        elif kind == "event":
-            self._events.deliver(frame)
-        elif kind == "error":
-            self._peer_error(frame, call_id)
-        elif kind in ("call", "stream"):
-            # A plugin may not call the host over its connection (nor through it, the
-            # dispatcher's other plugins): refused, typed, the connection stays.
-            self.protocol_errors += 1
-            if self._refusals_waiting < MAX_REFUSALS_WAITING:
-                self._refusals_waiting += 1
-                self._spawn(self._refuse(call_id))
-        elif kind == "goaway":
-            self._go_away()
-        elif kind == "dropped":
-            self._events.plugin_dropped(frame)
-        elif self._count_protocol_error():
-            log.warning(
-                "%s sent an unknown frame type %.40r (%d unusable frames so far)",
-                self.describe,
-                kind,
-                self.protocol_errors,
-            )
-
-    def _over_bound(self, kind: str, call_id: int, size: int) -> bool:
-        """Whether a reply of ``size`` bytes that answers call or stream ``call_id`` is over
-        the bound of the target it was made for (below the connection's, which the socket
-        enforces). It then fails the call ``ProviderError`` (a stream is cancelled) and
-        is counted, as a frame this side cannot use is; the connection stays, for the
-        calls of targets that allow it."""
-        bound = self._bounds.bound_of(call_id)
-        if bound is None or size <= bound:
-            return False
-        asked = self._in_flight.asked(call_id)
-        if (
-            asked is None
-            or kind not in ("response", "chunk", "error")
-            or (kind == "chunk" and asked != "stream")
-        ):
-            return False  # answers nothing in flight: counted as such (``_unanswered``)
-        error = ProviderError(
-            f"{self.describe} answered {asked} {call_id} with a message of {size} bytes,"
-            f" over its target's max_message_bytes={bound}"
-        )
-        if self._in_flight.fail(call_id, error) and asked == "stream":
-            self._writer.queue_cancel(call_id)  # the plugin may be sending more
-        if self._count_protocol_error():
-            log.warning(
-                "%s: %s (%d unusable frames so far)",
-                self.describe,
-                error.message,
-                self.protocol_errors,
-            )
-        return True
-
-    def _unanswered(self, kind: str, call_id: int | None) -> None:
-        """A reply that answers nothing in flight. For an id not in flight (a late answer,
-        a made-up id): counted as unknown. For an id that asked something else: a
-        protocol error, as any frame this side cannot use is; what that id asked keeps
-        waiting for its own answer, so a plugin's lie neither becomes a result nor fails
-        a call with an error the plugin never sent."""
-        asked = None if call_id is None else self._in_flight.asked(call_id)
-        if asked is None:
-            self.unknown_ids += 1
-        elif self._count_protocol_error():
-            log.warning(
-                "%s answered %s %d with a %.40r frame (%d unusable frames so far)",
-                self.describe,
-                asked,
-                call_id,
-                kind,
-                self.protocol_errors,
-            )
-
-    def _count_protocol_error(self) -> bool:
-        """Count a frame from the plugin that this side cannot use; whether to log it."""
-        self.protocol_errors += 1
-        return sparingly(self.protocol_errors)
-
-    async def _refuse(self, call_id: int | None) -> None:
-        refusal = Forbidden(f"{self.describe}: a plugin connection may not call the host")
-        try:
-            await self._send_quietly(error_frame(refusal, call_id))
-        finally:
-            self._refusals_waiting -= 1
 
     def _go_away(self) -> None:
         """The plugin is stopping: send it nothing new, close once its calls are answered."""
@@ -591,18 +466,6 @@ class Channel:
     def events_dropped_by_plugin(self) -> int:
         """The events the plugin said it dropped while disconnected."""
         return self._events.dropped_by_plugin
-
-    def _peer_error(self, frame: dict[str, Any], call_id: int | None) -> None:
-        error = error_from_wire(frame.get("error"))
-        if call_id is not None and self._in_flight.fail(call_id, error):
-            return
-        if self._count_protocol_error():
-            log.warning(
-                "%s could not use a frame this side sent: %.200r (%d unusable frames so far)",
-                self.describe,
-                error.message,
-                self.protocol_errors,
-            )
 
     def _closed(self, reason: str) -> None:
         if self.closed:
