@@ -1,4 +1,5 @@
-"""One open WebSocket to one plugin instance, its calls multiplexed by id (``Channel``).
+"""One open WebSocket to one plugin instance, its calls multiplexed by id (``Channel``):
+what its callers send over it and how they wait for the answers, the parts put together.
 
     call ──frame {type: call, id, request}──► plugin ──{type: response, id, response}──► future
     deadline (asyncio.timeout_at) ─► DeadlineExceeded to the caller, {type: cancel, id} out
@@ -17,7 +18,7 @@ sender waits for its frame to go out. Memory stays bounded on both ways:
   socket to drain before the next goes, so a plugin that reads slowly slows its callers,
   not the heap. A frame whose sender gave up before its turn is never written (and its
   call gets no ``cancel``); a ``cancel`` is a queued frame, not a task. A write that the
-  plugin takes nothing of for 1.5 heartbeats drops the connection (``_stalled``);
+  plugin takes nothing of for 1.5 heartbeats drops the connection (``lifecycle.py``);
 * in: a message over the connection's ``max_message_bytes`` closes it (1009), one over its
   call's target's fails that call (``reader.py``); a stream's chunks queue up to
   ``STREAM_QUEUE`` (then the stream fails ``Overloaded`` and is cancelled); events beyond
@@ -27,11 +28,10 @@ What is in flight, and which reply answers it, is kept by ``InFlight`` (``in_fli
 what the plugin sends that answers nothing is counted by the reader (``unknown_ids``,
 ``protocol_errors``), and costs no call the plugin answers properly.
 
-A plugin that is stopping sends ``goaway``: from then on no call or stream is sent on the
-channel (``going_away``; a call is refused as never sent), the ones in flight are
-answered, and the channel closes itself (1000) once none is left. ``leaving`` is set then,
-or when the channel closes, so its owner can stop using it: the dialer dials anew, the
-gateway's fleet lets the instance go.
+Whether the channel is open, going away or closed, how it gets from one to the next and
+the tasks that takes are ``ChannelLifecycle``'s (``lifecycle.py``): a call on a channel
+going away or closed is refused as never sent (stage ``connect``), and ``leaving`` tells
+its owner to stop using it.
 """
 
 from __future__ import annotations
@@ -39,9 +39,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import time
-from collections.abc import AsyncGenerator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 from linchkit_plugin.errors import (
@@ -55,9 +54,14 @@ from linchkit_plugin.wire import decode_response
 from linchkit_plugin.ws_protocol import STREAM_WINDOW, encode_frame
 from providers.base import Health
 from providers.invocation import Invocation
-from providers.websocket.closing import close_socket, hang_up, let_go
 from providers.websocket.events import EventSink, PluginEvents
 from providers.websocket.in_flight import CallBounds, CallLimits, InFlight
+from providers.websocket.lifecycle import (
+    CLOSE_STALLED,
+    READ_STALLED_REASON,
+    STALL_HEARTBEATS,
+    ChannelLifecycle,
+)
 from providers.websocket.read_watch import ReadWatch
 from providers.websocket.reader import MAX_REFUSALS_WAITING, FrameReader
 from providers.websocket.writer import FrameWriter, Socket
@@ -72,27 +76,8 @@ __all__ = [
     "Socket",
 ]
 
-log = logging.getLogger("dispatcher.providers.websocket")
-
 #: Consumed chunks that earn the plugin a ``credit`` frame: half a window at a time.
 _CREDIT_EVERY = STREAM_WINDOW // 2
-#: How often a channel that was told ``goaway`` looks whether its last call has ended.
-_DRAIN_POLL_SECONDS = 0.01
-#: Heartbeats a write may wait for the plugin to take anything before the connection is
-#: dropped: as long as the heartbeat takes to find a silent peer gone (a ping after one
-#: heartbeat of silence, its pong due within half of one). The heartbeat alone does not
-#: find a plugin that stops reading but goes on sending: any frame it sends puts
-#: aiohttp's ping off.
-STALL_HEARTBEATS = 1.5
-#: The close code of a connection dropped because its writes stalled (policy violation:
-#: the plugin does not read what it is sent). It will most likely never read it either.
-CLOSE_STALLED = 1008
-#: Why a connection whose plugin sent no whole frame for 1.5 heartbeats, nor answered the
-#: health probe it was sent then within 1.5 more, was dropped (``read_watch``): one that
-#: trickles a frame would hold the reader (and every call) until its frame ends.
-READ_STALLED_REASON = (
-    "the plugin sent no whole frame for 1.5 heartbeats, nor answered a health probe in 1.5 more"
-)
 
 
 class Channel:
@@ -124,23 +109,15 @@ class Channel:
             sink, max_events_per_second=max_events_per_second, describe=describe
         )
         self._loop = asyncio.get_running_loop()
-        self._background: set[asyncio.Task[None]] = set()
-        #: The grace after a graceful close (``closing.let_go``): the channel's own, so
-        #: ``close`` ends it and nothing of the channel outlives ``close``.
-        self._letting_go: asyncio.Task[None] | None = None
-        self.closed = False
-        self.close_reason = ""
-        #: The plugin said ``goaway``: nothing new is sent; the channel closes once drained.
-        self.going_away = False
-        #: Set on ``goaway`` or when the channel closes: its owner stops using it.
-        self.leaving = asyncio.Event()
+        # The writer and the read watch tell the lifecycle of a stall or a loss, and the
+        # lifecycle is made of them: their callbacks look it up when they are called.
         self._writer = FrameWriter(
             socket,
             describe,
             stall_after=STALL_HEARTBEATS * heartbeat,
             never_sent=self._frame_never_sent,
-            stalled=self._stalled,
-            lost=self._closed,
+            stalled=lambda: self._life.writes_stalled(),
+            lost=lambda reason: self._life.end(reason),
         )
         self._in_flight = InFlight(describe, overflowed=self._writer.queue_cancel)
         #: Whole frames read, looked at once every 1.5 heartbeats (``read_watch``).
@@ -148,7 +125,14 @@ class Channel:
             self._loop,
             STALL_HEARTBEATS * heartbeat,
             probe=self._probe,
-            stalled=self._read_stalled,
+            stalled=lambda: self._life.reads_stalled(),
+        )
+        self._life = ChannelLifecycle(
+            socket,
+            describe,
+            writer=self._writer,
+            in_flight=self._in_flight,
+            read_watch=self._read_watch,
         )
         self._reader = FrameReader(
             socket,
@@ -158,15 +142,35 @@ class Channel:
             events=self._events,
             watch=self._read_watch,
             cancel=self._writer.queue_cancel,
-            goaway=self._go_away,
-            spawn=self._spawn,
+            goaway=self._life.plugin_goes_away,
+            spawn=self._life.spawn,
             send_quietly=self._send_quietly,
         )
 
     @property
     def usable(self) -> bool:
         """Open and not going away: new calls may be sent on it."""
-        return not self.closed and not self.going_away
+        life = self._life
+        return not life.closed and not life.going_away
+
+    @property
+    def closed(self) -> bool:
+        return self._life.closed
+
+    @property
+    def close_reason(self) -> str:
+        """Why the channel closed ("" while it is open)."""
+        return self._life.close_reason
+
+    @property
+    def going_away(self) -> bool:
+        """Either side said ``goaway``: nothing new is sent; it closes once drained."""
+        return self._life.going_away
+
+    @property
+    def leaving(self) -> asyncio.Event:
+        """Set on ``goaway`` or when the channel closes: its owner stops using it."""
+        return self._life.leaving
 
     @property
     def in_flight(self) -> int:
@@ -181,6 +185,16 @@ class Channel:
     def protocol_errors(self) -> int:
         """Frames from the plugin that this side could not use (``FrameReader``)."""
         return self._reader.protocol_errors
+
+    @property
+    def events_dropped(self) -> int:
+        """The plugin's events beyond ``max_events_per_second``, dropped."""
+        return self._events.dropped
+
+    @property
+    def events_dropped_by_plugin(self) -> int:
+        """The events the plugin said it dropped while disconnected."""
+        return self._events.dropped_by_plugin
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -199,9 +213,10 @@ class Channel:
     def _admit(self, invocation: Invocation, limits: CallLimits) -> tuple[int, float]:
         """An id for a call or stream of a target with ``limits``, counted there as in
         flight: the caller releases it (``CallBounds.release``) once it ends."""
-        if self.closed or self.going_away:
+        life = self._life
+        if life.closed or life.going_away:
             reason = (
-                "is going away" if not self.closed else f"is not connected: {self.close_reason}"
+                "is going away" if not life.closed else f"is not connected: {life.close_reason}"
             )
             raise TargetUnavailable(f"{self.describe} {reason}", details={"stage": "connect"})
         if limits.in_flight >= limits.max_in_flight:
@@ -381,24 +396,6 @@ class Channel:
         with contextlib.suppress(TargetUnavailable):
             await self._sent(self._writer.queue(data), None)
 
-    async def _stalled(self) -> None:
-        reason = f"the plugin took nothing written to it for {self._writer.stall_after:g} s"
-        log.warning("%s: %s; dropping the connection", self.describe, reason)
-        self._closed(f"{reason} (writes stalled)")
-        await self._drop(CLOSE_STALLED, reason)
-
-    async def _drop(self, code: int, reason: str) -> None:
-        await hang_up(self.socket, code, reason)
-        await self._close_socket(code, reason)  # aiohttp's own state: closed, timers off
-
-    async def _close_socket(self, code: int, reason: str) -> None:
-        buffered = await close_socket(self.socket, code, reason)
-        if buffered is not None and self._letting_go is None:
-            # As long as a write may wait for the plugin to take anything.
-            self._letting_go = self._loop.create_task(
-                let_go(buffered, self._writer.stall_after), name=f"letting go of {self.describe}"
-            )
-
     # -- reading ---------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -409,81 +406,21 @@ class Channel:
             reason = await self._reader.run()
         finally:
             code = self.socket.close_code
-            self._closed(f"{reason} (close code {code})" if code else reason)
+            self._life.end(f"{reason} (close code {code})" if code else reason)
 
     def _probe(self) -> None:
         """No whole frame for a bound: ask for one (``ReadWatch``), its answer unused."""
         probe_id = next(self._ids)
         self._in_flight.watch_probe(probe_id)
-        self._spawn(self._send_quietly(encode_frame({"type": "health", "id": probe_id})))
+        self._life.spawn(self._send_quietly(encode_frame({"type": "health", "id": probe_id})))
 
-    def _read_stalled(self) -> None:
-        log.warning("%s: %s; dropping the connection", self.describe, READ_STALLED_REASON)
-        self._closed(READ_STALLED_REASON)
-        self._spawn(self._drop(CLOSE_STALLED, READ_STALLED_REASON))
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = self._loop.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _go_away(self) -> None:
-        """The plugin is stopping: send it nothing new, close once its calls are answered."""
-        if self.going_away or self.closed:
-            return
-        log.info("%s is going away: its %d calls in flight finish", self.describe, self.in_flight)
-        self._drain_then_close(1000, "")
+    # -- ending (``ChannelLifecycle``) ------------------------------------------------------
 
     def go_away(self, code: int, reason: str) -> None:
         """This side's goaway: send the plugin nothing new (``leaving`` is set: the owner
         stops using the channel), and close with ``code`` and ``reason`` once the calls
         and streams in flight have ended, by their answers or their deadlines."""
-        if self.going_away or self.closed:
-            return
-        log.info(
-            "%s: %s; its %d calls in flight finish first", self.describe, reason, self.in_flight
-        )
-        self._drain_then_close(code, reason)
-
-    def _drain_then_close(self, code: int, reason: str) -> None:
-        self.going_away = True
-        self.leaving.set()
-        self._spawn(self._close_when_drained(code, reason))
-
-    async def _close_when_drained(self, code: int, reason: str) -> None:
-        # Calls end by their answers, deadlines or cancellation, in several places: looked
-        # at rather than signalled from each (a drain happens once per connection).
-        while self.in_flight and not self.closed:  # noqa: ASYNC110
-            await asyncio.sleep(_DRAIN_POLL_SECONDS)
-        await self._close_socket(code, reason)  # ends ``run``
-
-    @property
-    def events_dropped(self) -> int:
-        """The plugin's events beyond ``max_events_per_second``, dropped."""
-        return self._events.dropped
-
-    @property
-    def events_dropped_by_plugin(self) -> int:
-        """The events the plugin said it dropped while disconnected."""
-        return self._events.dropped_by_plugin
-
-    def _closed(self, reason: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.close_reason = reason
-        self.leaving.set()
-        self._read_watch.stop()
-        self._writer.stop(reason)  # what is still queued fails as never sent
-        self._in_flight.cut_off(lambda: self._cut_off(reason))
-
-    def _cut_off(self, reason: str) -> TargetUnavailable:
-        # Sent and maybe run: retryable, but only the retry policy (idempotent methods)
-        # may send it again; the fleet does not fail it over ("in_flight", not "connect").
-        return TargetUnavailable(
-            f"{self.describe}: {reason} with the call in flight; it may have run",
-            details={"stage": "in_flight"},
-        )
+        self._life.go_away(code, reason)
 
     async def close(self, code: int = 1000, reason: str = "", *, at_once: bool = False) -> None:
         """Close the connection with ``code`` and ``reason`` (what the peer reads: it decides
@@ -495,29 +432,7 @@ class Channel:
         rest, or 1.5 heartbeats passed and the socket was aborted). A loop timer used to
         abort it after ``close`` had returned, holding the socket and what was buffered
         for as long, whoever had let go of the channel."""
-        self._closed(
-            f"the dispatcher closed the connection ({code}: {reason})"
-            if reason
-            else "the dispatcher closed the connection"
-        )
-        if at_once:
-            await self._drop(code, reason)
-        else:
-            await self._close_socket(code, reason)
-        letting_go = self._letting_go
-        if letting_go is not None:
-            # Within 1.5 heartbeats. Waited for, not awaited: two close at once (the reader
-            # as it ends, and the provider), and a cancel of one must not reach the grace
-            # through its await and fail the other's close. A cancelled close aborts it.
-            try:
-                await asyncio.wait([letting_go])
-            except asyncio.CancelledError:
-                letting_go.cancel()
-                raise
-        tasks = [*self._background, self._writer.task]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._life.close(code, reason, at_once=at_once)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "going away" if self.going_away else "open"

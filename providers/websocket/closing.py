@@ -2,9 +2,9 @@
 waiting for what is buffered to drain, and ``let_go`` then gives a plugin that may still
 be reading the rest a grace to take it, aborting the socket at its end; ``hang_up`` drops
 it at once, waiting neither for the plugin's close frame nor for it to read;
-``close_message`` is a close frame's reason as it fits. Used by the channel (a close, a
-drain, a stalled or trickling plugin), which owns the grace, and by the provider (a
-refused hello).
+``close_message`` is a close frame's reason as it fits. Used by the channel's lifecycle (a
+close, a drain, a stalled or trickling plugin), which owns the grace, and by the provider
+(a refused hello).
 """
 
 from __future__ import annotations
