@@ -1,15 +1,24 @@
 """``provider: websocket``: plugins over one WebSocket, dialled or dialling in.
 
-``target`` holds the manifest's model, ``channel`` one open connection's multiplexed calls,
-``in_flight`` what a connection has asked and which reply answers it, ``writer`` the one
-task that writes a connection's frames, in order, ``reader`` what the plugin sends, each
-frame handed to what it answers, ``read_watch`` whether its frames still come whole,
-``events`` the plugin's events on their way to the host, ``lifecycle`` whether a connection
-is open, going away or closed and how it ends, ``closing`` how its socket is closed or
-dropped at once, ``hello`` the first frame of a new connection, ``dialer`` dial mode's
-reconnecting connection, ``inbound`` the connections of reverse mode and their instance
-source, ``provider`` the driver. aiohttp is imported with this package, which the
-dispatcher loads only for manifests that use it.
+One module per job, each using only those listed below it:
+
+    provider     the driver: dial and reverse mode, the errors it maps
+    dialer       dial mode: one connection kept up, redialled with backoff and jitter
+    inbound      reverse mode: the plugins connected in, an instance source per target
+    sharing      who uses a dialled connection: the versions of one plugin on it
+    hello        the first frame of a new connection, read and checked
+    channel      one open connection: its callers' calls, streams, probes and host events
+    lifecycle    whether a connection is open, going away or closed, and how it ends
+    reader       what the plugin sends, each frame handed to what it answers or counted
+    events       the plugin's events on their way to the host, at a bounded rate
+    in_flight    what a connection has asked and not had answered, and which reply answers it
+    read_watch   whether the plugin's frames still come whole
+    closing      how a connection's socket is closed, given a grace, or dropped at once
+    writer       the one task that writes a connection's frames, in order
+    target       the manifest's model
+
+aiohttp is imported with this package, which the dispatcher loads only for manifests that
+use it.
 """
 
 from __future__ import annotations
