@@ -150,8 +150,7 @@ class Channel:
     @property
     def usable(self) -> bool:
         """Open and not going away: new calls may be sent on it."""
-        life = self._life
-        return not life.closed and not life.going_away
+        return self._life.usable
 
     @property
     def closed(self) -> bool:
@@ -214,7 +213,7 @@ class Channel:
         """An id for a call or stream of a target with ``limits``, counted there as in
         flight: the caller releases it (``CallBounds.release``) once it ends."""
         life = self._life
-        if life.closed or life.going_away:
+        if not life.usable:
             reason = (
                 "is going away" if not life.closed else f"is not connected: {life.close_reason}"
             )

@@ -12,9 +12,10 @@ gateway's fleet lets the instance go.
 
 Once closed, every call still in flight fails ``TargetUnavailable`` (stage
 ``in_flight``), every frame still queued as never sent, and the read watch stops. A plugin
-that takes nothing written to it for ``STALL_HEARTBEATS`` (``writer.py``), or sends no
-whole frame for as long and then does not answer a probe (``read_watch.py``), is dropped
-at once with ``CLOSE_STALLED``: it will most likely never read a graceful close either.
+that takes nothing written to it for ``STALL_HEARTBEATS`` heartbeats (``writer.py``), or
+sends no whole frame for as long and then does not answer a probe (``read_watch.py``), is
+dropped at once with ``CLOSE_STALLED``: it will most likely never read a graceful close
+either.
 
 Every task the channel starts is this object's (the drain, the stall drops, the refusals
 and probes the reader sends, the grace after a close: ``closing.let_go``), and ``close``
@@ -87,6 +88,9 @@ class ChannelLifecycle:
         self.going_away = False
         #: Set on ``goaway`` or when the channel closes: its owner stops using it.
         self.leaving = asyncio.Event()
+        #: Open and not going away: new calls may be sent. Kept with the two flags above
+        #: (set where ``leaving`` is) so that every call reads one attribute, not two.
+        self.usable = True
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task of the channel's, which ``close`` cancels if it still runs."""
@@ -121,6 +125,7 @@ class ChannelLifecycle:
 
     def _drain_then_close(self, code: int, reason: str) -> None:
         self.going_away = True
+        self.usable = False
         self.leaving.set()
         self.spawn(self._close_when_drained(code, reason))
 
@@ -140,6 +145,7 @@ class ChannelLifecycle:
             return
         self.closed = True
         self.close_reason = reason
+        self.usable = False
         self.leaving.set()
         self._read_watch.stop()
         self._writer.stop(reason)  # what is still queued fails as never sent
