@@ -137,6 +137,23 @@ async def test_a_call_whose_time_is_up_before_it_begins_never_begins(pool: Insta
         assert answer.output == b"1", answer
 
 
+async def test_a_call_libextism_was_told_to_stop_takes_its_lane_s_module_with_it(
+    pool: InstancePool,
+) -> None:
+    # libextism's timer thread moves the epoch of the module's engine when it gets to a
+    # cancel, which can be after the call has returned: the next instance of that module
+    # then failed its first call's set-up ("unable to clear error message", seen in CI
+    # right after a call cut at its deadline). The next call gets a module of its own.
+    (lane,) = pool._lanes
+    result = await pool.call("spin", b"null", remaining=0.2, cpu_s=None)
+    assert result.cancelled_by == "deadline"
+    async with asyncio.timeout(5):
+        answer = await pool.call("one", b"null", remaining=2.0, cpu_s=None)
+    assert answer.output == b"1", answer
+    (now,) = pool._lanes
+    assert now is not lane and now.compiled is not lane.compiled
+
+
 class SpentCancel:
     """What libextism does with a cancel it handled in the gap before it armed the call's
     deadline (``Instance._enter``): nothing. That gap cannot be hit at will."""

@@ -16,7 +16,10 @@ What survives a call:
   instances, so a plugin may cache there but must not count on seeing its own state.
 * ``fresh``: nothing; every call gets a new instance and it is dropped after.
 * Either way an instance whose call was cancelled (deadline, cpu cap) or trapped
-  (memory limit, crash) is dropped: its state is whatever the interruption left.
+  (memory limit, crash) is dropped: its state is whatever the interruption left. A call
+  libextism was told to stop takes its lane's compiled module too: libextism's cancel
+  moves the epoch of the module's engine, which every instance made from it shares,
+  when its timer thread gets to it, and that may be after the call has returned.
 
 Deadlines: a call waits for a free slot, and for its instance's start code (which no
 cancel reaches), until its deadline at most; ``cancel`` is scheduled on the event loop at
@@ -319,6 +322,14 @@ class InstancePool:
         timer[0].cancel()
         self._running.discard(instance)
         if self._closed:  # its thread came back after the close: the lane goes now
+            _free(lane)
+        elif instance.cancel_sent:
+            # libextism's timer bumps the epoch of the lane's engine when it gets to the
+            # cancel, which may be after the call returned: an instance made from this
+            # module meanwhile failed its next call's set-up ("unable to clear error
+            # message"). The next call gets a lane of its own (a lookup in the compile
+            # cache, ~20 ms, on its worker thread); cancels are the rare path.
+            self._lanes.remove(lane)
             _free(lane)
         else:
             if not (keep and self._reuse and instance.healthy):

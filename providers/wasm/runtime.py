@@ -217,6 +217,10 @@ class Instance:
     #: got there: both read and set under ``_entry`` (``cancel``, ``_enter``).
     _inside: bool = False
     _stopped: bool = False
+    #: Whether libextism was told to stop a call of this instance: its timer thread bumps
+    #: the epoch of the module's engine when it gets to it, which may be after the call
+    #: has returned (``InstancePool._settle`` then retires the module with it).
+    cancel_sent: bool = False
     _entry: threading.Lock = field(default_factory=threading.Lock)
     #: The CPU clock of the thread inside libextism's call (``cpu_seconds``).
     _clock: int | None = None
@@ -306,6 +310,7 @@ class Instance:
             if not self._inside:
                 self._stopped = True
                 return
+            self.cancel_sent = True
         self._cancel.cancel()
 
     def close(self) -> None:
