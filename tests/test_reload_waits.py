@@ -10,7 +10,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -230,13 +230,16 @@ async def test_a_shadowed_call_in_flight_at_the_swap_mirrors_nothing_to_a_versio
 
 
 class HeldKeys:
-    """A JWKS server whose fetches after the first wait until the test lets them answer."""
+    """A JWKS server whose fetches after the first wait until the test lets them answer:
+    a key the issuer rotated in, which ``bearer`` is signed with, is fetched then."""
 
     def __init__(self, first: dict[str, Any], later: dict[str, Any]) -> None:
         self.documents = [first, later]
         self.fetches = 0
         self.held = asyncio.Event()
         self.release = asyncio.Event()
+        self.auth: dict[str, Any] = {}
+        self.bearer = Credentials()
 
     async def handle(self, request: web.Request) -> web.Response:
         self.fetches += 1
@@ -246,81 +249,74 @@ class HeldKeys:
         return web.json_response(self.documents[min(self.fetches, 2) - 1])
 
 
+@pytest.fixture(name="server")
+async def held_keys_server() -> AsyncIterator[HeldKeys]:
+    old_key, new_key = rsa_key("before"), rsa_key("rotated")
+    server = HeldKeys(jwks(old_key), jwks(old_key, new_key))
+    app = web.Application()
+    app.router.add_get("/jwks.json", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://127.0.0.1:{port}/jwks.json"
+    server.auth = {"jwt": jwt_config(url, refetch_min_interval_s=0)}
+    server.bearer = Credentials(authorization=f"Bearer {new_key.token()}")
+    try:
+        yield server
+    finally:
+        server.release.set()
+        await runner.cleanup()
+
+
 async def test_a_call_authenticating_across_the_swap_is_routed_by_the_new_routes(
-    folder: Path,
+    folder: Path, server: HeldKeys
 ) -> None:
     # A gateway's call whose bearer token names a key the issuer just rotated in: the
     # dispatcher fetches the key set again while a reload replaces 1.0.0 by 2.0.0.
     # Before, the call was routed in the table read before it authenticated, to 1.0.0,
     # which the reload had detached meanwhile (nothing in flight reached it): it failed
     # "svc@1.0.0 is not started" instead of going to 2.0.0.
-    old_key, new_key = rsa_key("before"), rsa_key("rotated")
-    server = HeldKeys(jwks(old_key), jwks(old_key, new_key))
-    app = web.Application()
-    app.router.add_get("/jwks.json", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    auth = {"jwt": jwt_config(f"http://127.0.0.1:{port}/jwks.json", refetch_min_interval_s=0)}
     first, second = plugin(folder, "svc"), {**plugin(folder, "svc"), "version": "2.0.0"}
 
     def authenticated(*plugins: dict[str, Any]) -> Any:
-        return parse_manifest({"version": 1, "plugins": list(plugins), "auth": auth}, base_dir=ROOT)
+        return parse_manifest(
+            {"version": 1, "plugins": list(plugins), "auth": server.auth}, base_dir=ROOT
+        )
 
-    try:
-        async with Dispatcher(authenticated(first)) as dispatcher:
-            bearer = Credentials(authorization=f"Bearer {new_key.token()}")
-            calling = asyncio.create_task(
-                dispatcher.call("svc", "nap", {"seconds": 0.1}, credentials=bearer)
-            )
-            async with asyncio.timeout(10):
-                await server.held.wait()  # the call waits for the key set now
-            await dispatcher.reload(authenticated(second), grace=10)
-            server.release.set()
-            async with asyncio.timeout(10):
-                assert await calling == 0.1
-    finally:
+    async with Dispatcher(authenticated(first)) as dispatcher:
+        calling = asyncio.create_task(
+            dispatcher.call("svc", "nap", {"seconds": 0.1}, credentials=server.bearer)
+        )
+        async with asyncio.timeout(10):
+            await server.held.wait()  # the call waits for the key set now
+        await dispatcher.reload(authenticated(second), grace=10)
         server.release.set()
-        await runner.cleanup()
+        async with asyncio.timeout(10):
+            assert await calling == 0.1
 
 
 async def test_a_call_authenticating_as_a_drain_begins_and_ends_is_refused(
-    folder: Path,
+    folder: Path, server: HeldKeys
 ) -> None:
     # A drain counts what is in flight; a call still fetching its caller's key set is
     # not yet. Before, the drain returned at once and the call ran after it, on targets
     # the close that follows a drain goes on to stop.
-    old_key, new_key = rsa_key("before"), rsa_key("rotated")
-    server = HeldKeys(jwks(old_key), jwks(old_key, new_key))
-    app = web.Application()
-    app.router.add_get("/jwks.json", server.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    auth = {"jwt": jwt_config(f"http://127.0.0.1:{port}/jwks.json", refetch_min_interval_s=0)}
     manifest = parse_manifest(
-        {"version": 1, "plugins": [plugin(folder, "svc")], "auth": auth}, base_dir=ROOT
+        {"version": 1, "plugins": [plugin(folder, "svc")], "auth": server.auth}, base_dir=ROOT
     )
-    try:
-        async with Dispatcher(manifest) as dispatcher:
-            bearer = Credentials(authorization=f"Bearer {new_key.token()}")
-            calling = asyncio.create_task(
-                dispatcher.call("svc", "nap", {"seconds": 0.1}, credentials=bearer)
-            )
-            async with asyncio.timeout(10):
-                await server.held.wait()  # the call waits for the key set now
-                await dispatcher.drain(grace=5)
-            server.release.set()
-            with pytest.raises(ShuttingDown, match="draining"):
-                async with asyncio.timeout(10):
-                    await calling
-    finally:
+    async with Dispatcher(manifest) as dispatcher:
+        calling = asyncio.create_task(
+            dispatcher.call("svc", "nap", {"seconds": 0.1}, credentials=server.bearer)
+        )
+        async with asyncio.timeout(10):
+            await server.held.wait()  # the call waits for the key set now
+            await dispatcher.drain(grace=5)
         server.release.set()
-        await runner.cleanup()
+        with pytest.raises(ShuttingDown, match="draining"):
+            async with asyncio.timeout(10):
+                await calling
 
 
 @pytest.fixture(autouse=True)

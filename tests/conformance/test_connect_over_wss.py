@@ -37,7 +37,6 @@ import ipaddress
 import re
 import secrets
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +59,8 @@ from tests.conformance.conftest import (
     WEBSOCKET_MODES,
     _manifest,
     _stop_service,
-    executable,
 )
-from tests.conformance.test_connect_url_never_shows_a_token import Running
+from tests.conformance.test_connect_url_never_shows_a_token import connecting
 from tests.conformance.test_serve_cli import CRASHES
 from tests.services import CLEAN_ENVIRONMENT
 
@@ -170,30 +168,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     }
 
 
-@contextlib.asynccontextmanager
-async def _connecting(
-    language: str, url: str, env: dict[str, str], config: str = "{}"
-) -> AsyncIterator[Running]:
-    """``connect --url url`` running in ``env``; stopped (SIGTERM, then SIGKILL) on the way
-    out, once all it printed is read."""
-    process = await asyncio.create_subprocess_exec(
-        str(executable(language)), "connect", "--url", url, "--config", config,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-    )  # fmt: skip
-    assert process.stdout is not None and process.stderr is not None
-    running = Running(process)
-    readers = [
-        asyncio.ensure_future(running.read(process.stdout, running.stdout)),
-        asyncio.ensure_future(running.read(process.stderr, running.stderr)),
-    ]
-    try:
-        yield running
-    finally:
-        await _stop_service(process)
-        async with asyncio.timeout(10):
-            await asyncio.gather(*readers)
-
-
 @pytest.mark.parametrize("language", DIALLING)
 async def test_trusting_the_ca_it_connects_over_wss_and_answers_a_call(
     language: str, pki: dict[str, Any]
@@ -209,7 +183,7 @@ async def test_trusting_the_ca_it_connects_over_wss_and_answers_a_call(
         url = f"wss://localhost:{port}{PATH}"
         config = orjson.dumps({"region": "eu"}).decode()
         environment = _environment(language, pki["ca_file"], INBOUND_TOKEN)
-        async with _connecting(language, url, environment, config) as running:
+        async with connecting(language, url, "--config", config, env=environment) as running:
             manifest_target: Any = dispatcher.manifest.plugins[0].target
             assert dispatcher.fleets is not None
             fleet = dispatcher.fleets.fleets[manifest_target.key]
@@ -314,7 +288,7 @@ async def test_a_gateway_it_cannot_verify_never_gets_its_token(
         host = f"localhost:{port}"
         url = f"wss://{host}{PATH}?token={URL_SECRET}"
         environment = _environment(language, pki["ca_file"], token)
-        async with _connecting(language, url, environment) as running:
+        async with connecting(language, url, "--config", "{}", env=environment) as running:
 
             def refused_twice() -> bool:
                 said = any("certificate" in line.lower() for line in running.stderr)

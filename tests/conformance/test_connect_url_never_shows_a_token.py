@@ -143,13 +143,14 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def _running(url: str, language: str) -> AsyncIterator[Running]:
-    """``connect --url url`` running; stopped (SIGTERM, then SIGKILL) on the way out, once
-    all it printed is read."""
+async def connecting(
+    language: str, url: str, *more: str, env: dict[str, str] = ENVIRONMENT
+) -> AsyncIterator[Running]:
+    """``connect --url url`` (and ``more`` arguments) running in ``env``; stopped
+    (SIGTERM, then SIGKILL) on the way out, once all it printed is read."""
     process = await asyncio.create_subprocess_exec(
-        str(executable(language)), "connect", "--url", url,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=ENVIRONMENT,
+        str(executable(language)), "connect", "--url", url, *more,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     assert process.stdout is not None and process.stderr is not None
     running = Running(process)
@@ -171,7 +172,7 @@ async def test_an_unreachable_gateway_is_named_masked(language: str, place: str)
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         host = f"127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once closed
-    async with _running(_url(place, host), language) as running:
+    async with connecting(language, _url(place, host)) as running:
         if _refused_before_dialling(language, place):
             async with asyncio.timeout(START_TIMEOUT):
                 await running.process.wait()
@@ -209,7 +210,7 @@ async def _refusing_gateway() -> AsyncIterator[str]:
 async def test_a_gateway_that_answers_401_ends_it_without_the_token(
     language: str, place: str
 ) -> None:
-    async with _refusing_gateway() as host, _running(_url(place, host), language) as running:
+    async with _refusing_gateway() as host, connecting(language, _url(place, host)) as running:
         async with asyncio.timeout(START_TIMEOUT):
             await running.process.wait()
     text = running.said()
