@@ -142,13 +142,10 @@ def test_serve_websocket_holds_to_the_same_address_rule(language: str, address: 
     assert line.startswith(f"serve: cannot listen on {busy}"), line
 
 
-#: The SDKs whose WebSocket modes refuse ``LINCHKIT_REGISTER_ETCD`` (no dispatcher finds a
-#: WebSocket plugin in a registry): the Go and TypeScript SDKs do not read it there.
+#: Every SDK's WebSocket modes refuse ``LINCHKIT_REGISTER_ETCD``: no dispatcher finds a
+#: WebSocket plugin in a registry.
 REFUSING_ETCD = [
-    (language, mode)
-    for language in ("python", "rust")
-    if language in LANGUAGES
-    for mode in WEBSOCKET_MODES.get(language, ())
+    (language, mode) for language in LANGUAGES for mode in WEBSOCKET_MODES.get(language, ())
 ]
 
 
